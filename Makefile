@@ -1,0 +1,46 @@
+# lockgate: make run (embedded stack + demo), make test, make bench, make proto
+SHELL := /bin/bash
+PY ?= python3
+UV := .venv/bin/uv
+VENV_PY := .venv/bin/python
+
+.PHONY: setup run up demo test unit integration bench proto lint clean
+
+# A fresh machine has only Python: bootstrap uv into the venv, then sync from uv.lock.
+.venv/bin/uv:
+	$(PY) -m venv .venv
+	.venv/bin/pip install -q "uv>=0.5"
+
+setup: .venv/bin/uv
+	$(UV) sync --frozen -q
+
+run: setup
+	.venv/bin/lockgate up --demo
+
+up: setup
+	.venv/bin/lockgate up
+
+demo: setup
+	.venv/bin/lockgate demo
+
+test: setup
+	$(VENV_PY) -m pytest -q tests
+
+unit: setup
+	$(VENV_PY) -m pytest -q tests/unit tests/contract
+
+integration: setup
+	$(VENV_PY) -m pytest -q tests/integration tests/e2e
+
+bench: setup
+	$(VENV_PY) -m tests.bench.run --out bench/results.json
+
+proto: setup
+	$(VENV_PY) -m grpc_tools.protoc -I proto --python_out=shared/lockgate/grpc --pyi_out=shared/lockgate/grpc \
+	  --grpc_python_out=shared/lockgate/grpc proto/lockgate/v1/*.proto
+
+lint: setup
+	.venv/bin/ruff check shared services tests
+
+clean:
+	rm -rf .venv .lockgate .pytest_cache

@@ -1,0 +1,266 @@
+"""The NATS edge: broker factory, topology, publish with idempotency headers, consumers with DLQ."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from faststream import AckPolicy
+from faststream.nats import JStream, NatsBroker, NatsMessage, NatsRouter, PullSub
+from nats.js.api import ConsumerConfig, StorageType, StreamConfig
+
+from lockgate import telemetry
+from lockgate.codec import Codec, encode
+from lockgate.contracts import DeadLetter, Event
+from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, Retryable
+from lockgate.subjects import Subjects
+
+log = logging.getLogger("lockgate.bus")
+
+
+@dataclass
+class Delivery:
+    """What a handler may know about the message it is processing."""
+
+    subject: str
+    msg_id: str
+    headers: dict[str, str]
+    deliveries: int
+    stream_seq: int
+    trace_context: Any = None
+
+
+@dataclass
+class BusStats:
+    """Counters the runtime reports; dead letters are also a metric."""
+
+    dead_letters: int = 0
+    by_origin: dict[str, int] = field(default_factory=dict)
+
+
+class Bus:
+    """One process's connection to NATS: FastStream broker for consumers, nats-py for the rest."""
+
+    def __init__(self, url: str, subjects: Subjects | None = None, *, name: str = "lockgate") -> None:
+        self.url = url
+        self.subjects = subjects or Subjects()
+        self.name = name
+        # FastStream logs every message at INFO; at 100k events/s that is the bottleneck.
+        self.broker = NatsBroker(url, logger=None, graceful_timeout=10.0)
+        self.nc: nats.NATS | None = None
+        self.js: Any = None
+        self.stats = BusStats()
+
+    async def connect(self) -> None:
+        """Connect, then create streams, KV buckets and the object store (idempotent)."""
+        try:
+            self.nc = await nats.connect(
+                self.url, name=self.name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True
+            )
+        except (OSError, nats.errors.Error) as exc:
+            raise BusUnavailable(f"cannot reach NATS at {self.url}: {exc}") from None
+        self.js = self.nc.jetstream()
+        await self.ensure_topology()
+
+    async def start(self) -> None:
+        """Connect and start every included router's consumers."""
+        if self.nc is None:
+            await self.connect()
+        await self.broker.start()
+
+    async def close(self) -> None:
+        """Stop consumers (finishing in-flight handlers), then drain the publisher connection."""
+        await self.broker.stop()
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def ensure_topology(self) -> None:
+        """Declare every stream and bucket from subjects.py; safe to run any number of times."""
+        for spec in self.subjects.streams.values():
+            cfg = StreamConfig(
+                name=spec.name,
+                subjects=list(spec.subjects),
+                storage=StorageType.FILE,
+                max_age=spec.max_age_s,
+                duplicate_window=spec.duplicate_window_s,
+            )
+            try:
+                await self.js.add_stream(cfg)
+            except nats.js.errors.BadRequestError:
+                await self.js.update_stream(cfg)
+        for bucket in (self.subjects.kv_gates, self.subjects.kv_routes):
+            await self.js.create_key_value(bucket=bucket, history=10)
+        await self.js.create_object_store(bucket=self.subjects.object_store)
+
+    async def kv(self, bucket: str) -> Any:
+        """A KV bucket handle (created at connect)."""
+        return await self.js.key_value(bucket)
+
+    async def objects(self) -> Any:
+        """The content-addressed artifact object store."""
+        return await self.js.object_store(self.subjects.object_store)
+
+    async def publish(
+        self,
+        subject: str,
+        payload: Event | Sequence[Event] | bytes,
+        *,
+        msg_id: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        """Publish to JetStream with Nats-Msg-Id (dedup) and the current traceparent; returns the PubAck."""
+        if isinstance(payload, bytes):
+            data = payload
+        else:
+            data = encode(payload)
+            if msg_id is None:
+                msg_id = payload.id if isinstance(payload, Event) else telemetry.batch_id(payload)
+        hdrs = {**(headers or {})}
+        if msg_id:
+            hdrs["Nats-Msg-Id"] = msg_id
+        telemetry.inject(hdrs)
+        try:
+            return await self.js.publish(subject, data, headers=hdrs, timeout=5)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"JetStream did not acknowledge publish to {subject}: {exc!r}") from None
+
+    async def dead_letter(
+        self,
+        origin: str,
+        *,
+        subject: str,
+        payload: bytes,
+        reason: str,
+        error: str = "",
+        headers: dict[str, str] | None = None,
+        deliveries: int = 1,
+    ) -> None:
+        """Send an unprocessable message to `<prefix>.dlq.<origin>` with the reason and original bytes."""
+        headers = {k: v for k, v in (headers or {}).items() if not k.lower().startswith("authorization")}
+        letter = DeadLetter(
+            origin=origin,
+            subject=subject,
+            reason=reason,
+            error=error[:2000],
+            payload=payload,
+            headers=headers,
+            deliveries=deliveries,
+        )
+        self.stats.dead_letters += 1
+        self.stats.by_origin[origin] = self.stats.by_origin.get(origin, 0) + 1
+        telemetry.count_dead_letter(origin)
+        log.warning("dead letter from %s on %s: %s", origin, subject, reason)
+        await self.publish(self.subjects.dlq(origin), letter)
+
+
+Handler = Callable[[Any, Delivery], Awaitable[None]]
+
+
+def _raw_decoder(msg: NatsMessage) -> bytes:
+    return msg.body
+
+
+def consume(
+    bus: Bus,
+    router: NatsRouter,
+    *,
+    subject: str,
+    stream: str,
+    durable: str,
+    wire_type: Any,
+    origin: str,
+    handler: Handler,
+    batch_size: int = 16,
+    max_deliver: int = 8,
+    ack_wait_s: float = 30.0,
+    max_workers: int = 1,
+) -> None:
+    """Register a durable pull consumer whose handler gets decoded Structs.
+
+    The edge owns acknowledgement: undecodable -> DLQ + ack; Retryable -> nack with
+    exponential backoff (DLQ after max_deliver); any other failure -> DLQ + ack, so one
+    bad message never stops the consumer.
+    """
+    codec: Codec[Any] = Codec(wire_type)
+    stream_name = bus.subjects.streams[stream].name
+
+    async def on_message(msg: NatsMessage) -> None:
+        raw = msg.raw_message
+        meta = raw.metadata
+        deliveries = meta.num_delivered if meta else 1
+        headers = dict(raw.headers or {})
+        body = raw.data
+        try:
+            value = codec.decode(body)
+        except InvalidEvent as exc:
+            await _dead_letter_and_ack(bus, msg, origin, body, headers, deliveries, "invalid event", exc.message)
+            return
+        delivery = Delivery(
+            subject=raw.subject,
+            msg_id=headers.get("Nats-Msg-Id", ""),
+            headers=headers,
+            deliveries=deliveries,
+            stream_seq=meta.sequence.stream if meta else 0,
+            trace_context=telemetry.extract(headers),
+        )
+        try:
+            await handler(value, delivery)
+        except Retryable as exc:
+            if deliveries >= max_deliver:
+                await _dead_letter_and_ack(
+                    bus, msg, origin, body, headers, deliveries, "retries exhausted", exc.message
+                )
+            else:
+                await msg.nack(delay=min(0.2 * 2**deliveries, 30.0))
+            return
+        except LockgateError as exc:
+            await _dead_letter_and_ack(bus, msg, origin, body, headers, deliveries, "rejected", exc.message)
+            return
+        except Exception as exc:  # a handler bug must not stop the consumer; keep the message
+            log.exception("handler for %s failed", origin)
+            await _dead_letter_and_ack(bus, msg, origin, body, headers, deliveries, "handler crashed", repr(exc))
+            return
+        await msg.ack()
+
+    router.subscriber(
+        subject,
+        stream=JStream(stream_name, declare=False),
+        durable=durable,
+        config=ConsumerConfig(ack_wait=ack_wait_s, max_deliver=max_deliver + 1),
+        pull_sub=PullSub(batch_size=batch_size, timeout=1.0),
+        ack_policy=AckPolicy.MANUAL,
+        decoder=_raw_decoder,
+        max_workers=max_workers,
+    )(on_message)
+
+
+async def _dead_letter_and_ack(
+    bus: Bus,
+    msg: NatsMessage,
+    origin: str,
+    body: bytes,
+    headers: dict[str, str],
+    deliveries: int,
+    reason: str,
+    error: str,
+) -> None:
+    try:
+        await bus.dead_letter(
+            origin,
+            subject=msg.raw_message.subject,
+            payload=body,
+            reason=reason,
+            error=error,
+            headers=headers,
+            deliveries=deliveries,
+        )
+    except BusUnavailable:
+        # Could not park it: leave it unacked so JetStream redelivers rather than lose it.
+        await msg.nack(delay=5.0)
+        return
+    await msg.ack()

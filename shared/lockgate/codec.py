@@ -1,0 +1,46 @@
+"""Typed msgspec decoding with errors that say what was wrong and where."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from lockgate.contracts import SCHEMA_VERSION, AnyEvent, Event
+from lockgate.errors import InvalidEvent, UnknownSchemaVersion
+
+T = TypeVar("T")
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(value: Any) -> bytes:
+    """JSON bytes of an event, a list of events, or any msgspec-encodable value."""
+    return _encoder.encode(value)
+
+
+class Codec(Generic[T]):
+    """Decoder for one wire type (an event type, a union, or a list of them)."""
+
+    def __init__(self, wire_type: Any) -> None:
+        self._decoder = msgspec.json.Decoder(wire_type)
+
+    def decode(self, data: bytes) -> T:
+        """Decode or raise InvalidEvent naming the problem (msgspec gives the JSON path)."""
+        try:
+            value = self._decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            msg = str(exc)
+            if "Invalid value" in msg and "`$.type`" in msg:
+                raise InvalidEvent(f"unknown event type: {msg}") from None
+            raise InvalidEvent(msg) from None
+        for event in value if isinstance(value, list) else (value,):
+            if isinstance(event, Event) and event.schema_version > SCHEMA_VERSION:
+                raise UnknownSchemaVersion(
+                    f"unknown schema_version {event.schema_version} for {type(event).__name__} "
+                    f"(this build reads up to {SCHEMA_VERSION})"
+                )
+        return value
+
+
+any_event: Codec[Any] = Codec(AnyEvent)

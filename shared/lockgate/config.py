@@ -1,0 +1,63 @@
+"""Settings for one process, from defaults, `LOCKGATE_*` environment variables and CLI flags."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgspec
+
+from lockgate.errors import ConfigError
+from lockgate.redact import RedactMode
+
+
+class Settings(msgspec.Struct, kw_only=True):
+    """Everything a service needs to know; the same code runs embedded or distributed."""
+
+    nats_url: str = "nats://127.0.0.1:4222"
+    clickhouse_url: str = "chdb://./.lockgate/clickhouse"
+    database: str = "lockgate"
+    prefix: str = "lg"
+    home: str = "./.lockgate"
+    host: str = "127.0.0.1"
+    router_port: int = 8080
+    grpc_port: int = 50051
+    sim_port: int = 9000
+    # router
+    stable_upstream: str = "http://127.0.0.1:9000/v1"
+    canary_upstream: str = "http://127.0.0.1:9000/v1"
+    deployment: str = "default"
+    app: str = "default"
+    rollout_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
+    rollout_step_interval_s: float = 5.0
+    # sink
+    redact: RedactMode = "scrub"
+    # drift
+    drift_reference_size: int = 500
+    drift_window_size: int = 500
+    drift_psi_threshold: float = 0.2
+    # cost
+    price_book: str = ""
+    # consumers
+    ack_wait_s: float = 30.0
+    trace_sample_ratio: float = 1.0
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some settings changed (None values are ignored)."""
+        return msgspec.structs.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def from_env(environ: dict[str, str] | None = None) -> Settings:
+    """Defaults overridden by LOCKGATE_<FIELD> variables (e.g. LOCKGATE_NATS_URL)."""
+    env = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    for name in Settings.__struct_fields__:
+        value = env.get(f"LOCKGATE_{name.upper()}")
+        if value is not None:
+            raw[name] = value
+    try:
+        base = msgspec.to_builtins(Settings())
+        base.update(raw)
+        return msgspec.convert(base, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"bad LOCKGATE_* setting: {exc}") from None

@@ -1,0 +1,71 @@
+"""Every event lockgate puts on the wire; one module per subject family."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import msgspec
+
+from lockgate.contracts.artifacts import ArtifactKind, ArtifactRegistered, LineageRun, ReleaseRegistered
+from lockgate.contracts.cost import CostRecord
+from lockgate.contracts.dlq import DeadLetter
+from lockgate.contracts.drift import DriftReport, FeatureDrift
+from lockgate.contracts.envelope import SCHEMA_VERSION, Event, utcnow
+from lockgate.contracts.evals import EvalCompleted, EvalRequested
+from lockgate.contracts.gates import GateDecided, RuleResult
+from lockgate.contracts.inference import InferenceEvent
+from lockgate.contracts.rollout import RolloutState
+from lockgate.contracts.telemetry import SpanBatch, SpanRecord
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    InferenceEvent,
+    ArtifactRegistered,
+    ReleaseRegistered,
+    LineageRun,
+    EvalRequested,
+    EvalCompleted,
+    GateDecided,
+    RolloutState,
+    DriftReport,
+    CostRecord,
+    DeadLetter,
+    SpanBatch,
+)
+
+AnyEvent = Union[EVENT_TYPES]  # noqa: UP007 - a runtime tagged union for msgspec
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "EVENT_TYPES",
+    "AnyEvent",
+    "ArtifactKind",
+    "ArtifactRegistered",
+    "CostRecord",
+    "DeadLetter",
+    "DriftReport",
+    "EvalCompleted",
+    "EvalRequested",
+    "Event",
+    "FeatureDrift",
+    "GateDecided",
+    "InferenceEvent",
+    "LineageRun",
+    "ReleaseRegistered",
+    "RolloutState",
+    "RuleResult",
+    "SpanBatch",
+    "SpanRecord",
+    "json_schema",
+    "utcnow",
+]
+
+
+def json_schema() -> dict:
+    """JSON Schema (2020-12) for every event type, generated from the Structs."""
+    schemas, components = msgspec.json.schema_components(EVENT_TYPES, ref_template="#/$defs/{name}")
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "lockgate events",
+        "oneOf": schemas,
+        "$defs": components,
+    }

@@ -1,0 +1,42 @@
+"""Artifacts, releases and lineage runs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lockgate.contracts.envelope import Event
+
+ArtifactKind = Literal["dataset", "prompt", "model_config", "tool", "environment", "eval_suite", "policy"]
+
+
+class ArtifactRegistered(Event, frozen=True, kw_only=True, tag="lockgate.artifact.registered"):
+    """An artifact version, addressed by the sha256 of its canonical content."""
+
+    kind: ArtifactKind
+    name: str
+    hash: str
+    size: int = 0
+    media_type: str = "application/json"
+    labels: dict[str, str] = {}
+    signature: str = ""
+    key_id: str = ""
+
+
+class ReleaseRegistered(Event, frozen=True, kw_only=True, tag="lockgate.release.registered"):
+    """A release: a named set of artifact versions (`kind/name` -> hash)."""
+
+    release: str
+    app: str
+    artifacts: dict[str, str]
+    parent: str = ""
+    description: str = ""
+
+
+class LineageRun(Event, frozen=True, kw_only=True, tag="lockgate.lineage.run"):
+    """A run (eval, gate, rollout) and what it used and produced."""
+
+    run_id: str
+    kind: str
+    release: str = ""
+    inputs: list[str] = []
+    outputs: list[str] = []

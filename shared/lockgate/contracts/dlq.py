@@ -1,0 +1,17 @@
+"""Dead letters: what could not be processed, why, and the original bytes."""
+
+from __future__ import annotations
+
+from lockgate.contracts.envelope import Event
+
+
+class DeadLetter(Event, frozen=True, kw_only=True, tag="lockgate.dlq"):
+    """An unprocessable message, kept whole so nothing is lost."""
+
+    origin: str
+    subject: str
+    reason: str
+    error: str = ""
+    payload: bytes = b""
+    headers: dict[str, str] = {}
+    deliveries: int = 1

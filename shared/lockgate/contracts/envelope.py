@@ -1,0 +1,28 @@
+"""The CloudEvents-style envelope every lockgate event carries."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+
+from lockgate.ids import uuid7
+
+SCHEMA_VERSION = 1
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now in UTC."""
+    return datetime.now(UTC)
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=False):
+    """Envelope: `type` is the tag, `id` (UUIDv7) the idempotency key."""
+
+    id: str = msgspec.field(default_factory=uuid7)
+    source: str = "lockgate"
+    time: datetime = msgspec.field(default_factory=utcnow)
+    tenant: str = "default"
+    trace_id: str = ""
+    span_id: str = ""
+    schema_version: int = SCHEMA_VERSION

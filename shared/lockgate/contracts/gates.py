@@ -1,0 +1,39 @@
+"""Gate decisions."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from lockgate.contracts.envelope import Event
+
+Verdict = Literal["PASS", "FAIL", "INCONCLUSIVE", "ERROR", "NO_DATA"]
+Decision = Literal["PASS", "BLOCK", "NEEDS_REVIEW"]
+
+
+class RuleResult(msgspec.Struct, frozen=True, kw_only=True):
+    """One rule's outcome: what was measured, against what, and the verdict."""
+
+    rule: str
+    metric: str
+    op: str
+    threshold: float
+    observed: float | None
+    verdict: Verdict
+    hint: str = ""
+
+
+class GateDecided(Event, frozen=True, kw_only=True, tag="lockgate.gate.decided"):
+    """The gate's decision for a release, with one RuleResult per rule."""
+
+    release: str
+    decision: Decision
+    rules: list[RuleResult]
+    eval_run: str = ""
+    policy: str = ""
+    baseline: str = ""
+    artifacts: dict[str, str] = {}
+    reason: str = ""
+    signature: str = ""
+    key_id: str = ""

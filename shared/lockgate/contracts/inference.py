@@ -1,0 +1,39 @@
+"""Inference events: one model call, named after the OpenTelemetry GenAI conventions."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from lockgate.contracts.envelope import Event
+
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+NonNegF = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference"):
+    """One call to a model. Field docs give the GenAI semantic-convention attribute."""
+
+    app: Annotated[str, msgspec.Meta(min_length=1, description="application name")]
+    deployment: str = ""
+    variant: str = "stable"
+    release: str = ""
+    model: Annotated[str, msgspec.Meta(description="gen_ai.request.model")] = ""
+    response_model: Annotated[str, msgspec.Meta(description="gen_ai.response.model")] = ""
+    provider: Annotated[str, msgspec.Meta(description="gen_ai.provider.name")] = ""
+    operation: Annotated[str, msgspec.Meta(description="gen_ai.operation.name")] = "chat"
+    input_tokens: Annotated[NonNeg, msgspec.Meta(description="gen_ai.usage.input_tokens")] = 0
+    output_tokens: Annotated[NonNeg, msgspec.Meta(description="gen_ai.usage.output_tokens")] = 0
+    cached_tokens: Annotated[NonNeg, msgspec.Meta(description="gen_ai.usage.cache_read.input_tokens")] = 0
+    latency_ms: NonNegF = 0.0
+    ttft_ms: Annotated[NonNegF, msgspec.Meta(description="time to first token")] = 0.0
+    status: str = "ok"
+    error_type: Annotated[str, msgspec.Meta(description="error.type")] = ""
+    finish_reason: Annotated[str, msgspec.Meta(description="gen_ai.response.finish_reasons[0]")] = ""
+    prompt: str | None = None
+    response: str | None = None
+    user_hash: str = ""
+    session_id: str = ""
+    attributes: dict[str, str] = {}
+    scores: dict[str, float] = {}

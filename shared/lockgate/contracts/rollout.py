@@ -1,0 +1,22 @@
+"""Rollout state of a deployment, as the router applies it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lockgate.contracts.envelope import Event
+
+Phase = Literal["idle", "progressing", "promoted", "aborted"]
+
+
+class RolloutState(Event, frozen=True, kw_only=True, tag="lockgate.rollout.state"):
+    """Weights after a change, and why the router made it."""
+
+    deployment: str
+    stable_release: str
+    canary_release: str = ""
+    canary_weight: float = 0.0
+    phase: Phase = "idle"
+    step: int = 0
+    reason: str = ""
+    decision_id: str = ""

@@ -1,0 +1,59 @@
+"""One error root. Each condition is a subclass with a fixed, helpful message."""
+
+from __future__ import annotations
+
+
+class LockgateError(Exception):
+    """Root of every error lockgate raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(LockgateError):
+    """A setting, URL or file given by the user is wrong."""
+
+    exit_code = 2
+
+
+class InvalidEvent(LockgateError):
+    """A message could not be decoded into a known contract (goes to the DLQ)."""
+
+
+class UnknownSchemaVersion(InvalidEvent):
+    """An event declares a schema_version this build does not understand."""
+
+
+class Retryable(LockgateError):
+    """A transient failure: the message is nacked with backoff and redelivered."""
+
+
+class StoreUnavailable(Retryable):
+    """ClickHouse could not be reached or refused the write."""
+
+
+class BusUnavailable(Retryable):
+    """NATS could not be reached or JetStream did not acknowledge."""
+
+
+class NotFound(LockgateError):
+    """A release, artifact, trace or decision asked for does not exist."""
+
+    exit_code = 3
+
+
+class UpstreamError(LockgateError):
+    """An upstream LLM endpoint failed or answered something unusable."""
+
+
+class PolicyError(ConfigError):
+    """A policy file is malformed."""
+
+
+class SignatureError(LockgateError):
+    """A signature is missing, malformed or does not verify."""
+
+    exit_code = 4

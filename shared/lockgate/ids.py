@@ -1,0 +1,50 @@
+"""Identifiers: UUIDv7 event ids and canonical content hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+
+import msgspec
+
+_last = 0
+
+
+def uuid7() -> str:
+    """A time-ordered UUIDv7 string (RFC 9562); monotonic within this process."""
+    global _last
+    ms = time.time_ns() // 1_000_000
+    _last = ms = max(ms, _last)
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & 0xFFFFFFFFFFFF) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 68) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & 0x3FFFFFFFFFFFFFFF
+    return str(uuid.UUID(int=value))
+
+
+_canon = msgspec.json.Encoder(order="sorted")
+
+
+def canonical_json(value: object) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace; the same content always gives the same bytes."""
+    return _canon.encode(value)
+
+
+def content_hash(data: bytes | object) -> str:
+    """sha256 of raw bytes, or of the canonical JSON of a value: 'sha256:<hex>'."""
+    raw = data if isinstance(data, bytes | bytearray) else canonical_json(data)
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def trace_id() -> str:
+    """A random 128-bit W3C trace id (32 hex)."""
+    return os.urandom(16).hex()
+
+
+def span_id() -> str:
+    """A random 64-bit W3C span id (16 hex)."""
+    return os.urandom(8).hex()

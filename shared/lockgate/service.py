@@ -1,0 +1,63 @@
+"""The shape every service has: a FastStream router plus optional background work."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from faststream.nats import NatsRouter
+
+from lockgate.bus import Bus
+from lockgate.config import Settings
+from lockgate.store import Store
+from lockgate.telemetry import Telemetry
+
+
+@dataclass
+class ServiceContext:
+    """What a service is given: the bus, the store, telemetry and settings."""
+
+    bus: Bus
+    store: Store
+    telemetry: Telemetry
+    settings: Settings
+
+
+class Service:
+    """Base for the six services and the sink. `app.py` builds one and wires its handlers."""
+
+    name = "service"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.router = NatsRouter()
+        self.tracer = ctx.telemetry.tracer(self.name)
+        self.log = logging.getLogger(f"lockgate.{self.name}")
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """Human-facing endpoints this service serves (printed by `lockgate up`)."""
+        return {}
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run background work that is cancelled on stop."""
+        task = asyncio.create_task(coro, name=f"{self.name}:{name}")
+        self._tasks.append(task)
+        return task
+
+    async def start(self) -> None:
+        """Called after the bus has started; start servers and background tasks here."""
+
+    async def stop(self) -> None:
+        """Cancel background tasks; subclasses flush buffers first, then call super()."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()

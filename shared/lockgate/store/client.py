@@ -1,0 +1,135 @@
+"""clickhouse-connect client from one URL: `chdb://PATH` (embedded) or `http(s)://host:8123`."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import clickhouse_connect
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from lockgate.errors import ConfigError, StoreUnavailable
+
+_DB = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _raw_client(url: str, database: str | None) -> Any:
+    parsed = urlparse(url)
+    if parsed.scheme == "chdb":
+        # chdb://relative/path and chdb:///abs/path both name a directory; one per process.
+        location = (parsed.netloc + parsed.path) if parsed.netloc else parsed.path
+        if location in ("", "memory", ":memory:"):
+            return clickhouse_connect.get_client(dsn="chdb://memory", database=database)
+        path = Path(location).expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return clickhouse_connect.get_client(dsn=f"chdb://{path}", database=database)
+    if parsed.scheme in ("http", "https"):
+        return clickhouse_connect.get_client(dsn=url, database=database or "default")
+    raise ConfigError(f"ClickHouse URL {url!r} must start with chdb://, http:// or https://")
+
+
+class Store:
+    """A ClickHouse database. Calls run in a worker thread so the event loop never blocks."""
+
+    def __init__(self, url: str, database: str = "lockgate") -> None:
+        if not _DB.match(database):
+            raise ConfigError(f"database name {database!r} must be an identifier")
+        self.url = url
+        self.database = database
+        try:
+            admin = _raw_client(url, None)
+            admin.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+            self._client = _raw_client(url, database)
+        except ClickHouseError as exc:
+            raise StoreUnavailable(f"cannot open ClickHouse at {url}: {exc}") from None
+        # clickhouse-connect clients are not safe for concurrent use (HTTP sessions lock).
+        self._lock = threading.Lock()
+
+    # synchronous API (CLI, tests, migrations)
+    def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        """Run a statement."""
+        with self._lock:
+            try:
+                return self._client.command(sql, parameters=parameters)
+            except ClickHouseError as exc:
+                raise StoreUnavailable(f"ClickHouse rejected statement: {_first_line(exc)}") from None
+
+    def rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Query and return rows as dicts."""
+        with self._lock:
+            try:
+                result = self._client.query(sql, parameters=parameters)
+            except ClickHouseError as exc:
+                raise StoreUnavailable(f"ClickHouse rejected query: {_first_line(exc)}") from None
+        names = result.column_names
+        return [dict(zip(names, row, strict=True)) for row in result.result_rows]
+
+    def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        """First column of the first row, or None."""
+        rows = self.rows(sql, parameters)
+        return next(iter(rows[0].values())) if rows else None
+
+    def insert_columns(
+        self, table: str, columns: Sequence[str], data: Sequence[Sequence[Any]], *, token: str | None
+    ) -> int:
+        """Insert column-oriented data; a repeated `token` is a no-op (deduplicated by ClickHouse)."""
+        if not data or not len(data[0]):
+            return 0
+        settings = {"insert_deduplication_token": token, "insert_deduplicate": 1} if token else None
+        with self._lock:
+            try:
+                self._client.insert(
+                    table, data, column_names=list(columns), column_oriented=True, settings=settings
+                )
+            except ClickHouseError as exc:
+                raise StoreUnavailable(f"insert into {table} failed: {_first_line(exc)}") from None
+        return len(data[0])
+
+    def insert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, token: str | None
+    ) -> int:
+        """Insert row-oriented data (small batches)."""
+        if not rows:
+            return 0
+        return self.insert_columns(table, columns, list(map(list, zip(*rows, strict=True))), token=token)
+
+    # async wrappers for services
+    async def ainsert_columns(
+        self, table: str, columns: Sequence[str], data: Sequence[Sequence[Any]], *, token: str | None
+    ) -> int:
+        """insert_columns off the event loop."""
+        return await asyncio.to_thread(self.insert_columns, table, columns, data, token=token)
+
+    async def ainsert_rows(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, token: str | None
+    ) -> int:
+        """insert_rows off the event loop."""
+        return await asyncio.to_thread(self.insert_rows, table, columns, rows, token=token)
+
+    async def arows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """rows off the event loop."""
+        return await asyncio.to_thread(self.rows, sql, parameters)
+
+    def close(self) -> None:
+        """Release the client."""
+        with self._lock:
+            self._client.close()
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:500] if str(exc).strip() else repr(exc)
+
+
+def open_store(url: str, database: str = "lockgate", *, migrate: bool = True) -> Store:
+    """Open a database and bring its schema up to date."""
+    from lockgate.store.migrate import apply_migrations
+
+    store = Store(url, database)
+    if migrate:
+        apply_migrations(store)
+    return store

@@ -1,0 +1,149 @@
+"""Every subject, stream, durable consumer and KV bucket name, derived from one prefix."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from lockgate.errors import ConfigError
+
+_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def token(value: str) -> str:
+    """Make a value safe as one subject token (no dots, spaces or wildcards)."""
+    return _TOKEN.sub("_", value) or "_"
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A JetStream stream: its name and the subjects it captures."""
+
+    name: str
+    subjects: tuple[str, ...]
+    max_age_s: float = 7 * 24 * 3600
+    duplicate_window_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Subjects:
+    """Names under one prefix (`lg` by default; tests use a unique prefix each)."""
+
+    prefix: str = "lg"
+    streams: dict[str, StreamSpec] = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.prefix):
+            raise ConfigError(f"subject prefix {self.prefix!r} must be letters, digits, '_' or '-'")
+        p, s = self.prefix, self.prefix.upper().replace("-", "_")
+        object.__setattr__(
+            self,
+            "streams",
+            {
+                "inference": StreamSpec(f"{s}_INFERENCE", (f"{p}.inference.>",)),
+                "events": StreamSpec(
+                    f"{s}_EVENTS",
+                    (
+                        f"{p}.artifact.>",
+                        f"{p}.lineage.>",
+                        f"{p}.eval.>",
+                        f"{p}.gate.>",
+                        f"{p}.rollout.>",
+                        f"{p}.drift.>",
+                        f"{p}.cost.>",
+                    ),
+                    max_age_s=90 * 24 * 3600,
+                ),
+                "telemetry": StreamSpec(f"{s}_TELEMETRY", (f"{p}.telemetry.>",), max_age_s=24 * 3600),
+                "dlq": StreamSpec(f"{s}_DLQ", (f"{p}.dlq.>",), max_age_s=30 * 24 * 3600),
+            },
+        )
+
+    # subjects
+    def inference(self, app: str) -> str:
+        return f"{self.prefix}.inference.{token(app)}"
+
+    @property
+    def inference_all(self) -> str:
+        return f"{self.prefix}.inference.>"
+
+    @property
+    def artifact_registered(self) -> str:
+        return f"{self.prefix}.artifact.registered"
+
+    @property
+    def release_registered(self) -> str:
+        return f"{self.prefix}.lineage.release"
+
+    @property
+    def lineage_run(self) -> str:
+        return f"{self.prefix}.lineage.run"
+
+    @property
+    def eval_requested(self) -> str:
+        return f"{self.prefix}.eval.requested"
+
+    @property
+    def eval_completed(self) -> str:
+        return f"{self.prefix}.eval.completed"
+
+    def gate_decided(self, release: str) -> str:
+        return f"{self.prefix}.gate.decided.{token(release)}"
+
+    @property
+    def gate_decided_all(self) -> str:
+        return f"{self.prefix}.gate.decided.>"
+
+    def rollout(self, deployment: str) -> str:
+        return f"{self.prefix}.rollout.{token(deployment)}"
+
+    @property
+    def rollout_all(self) -> str:
+        return f"{self.prefix}.rollout.>"
+
+    def drift(self, deployment: str) -> str:
+        return f"{self.prefix}.drift.{token(deployment)}"
+
+    @property
+    def drift_all(self) -> str:
+        return f"{self.prefix}.drift.>"
+
+    def cost(self, tenant: str) -> str:
+        return f"{self.prefix}.cost.{token(tenant)}"
+
+    @property
+    def cost_all(self) -> str:
+        return f"{self.prefix}.cost.>"
+
+    def dlq(self, origin: str) -> str:
+        return f"{self.prefix}.dlq.{token(origin)}"
+
+    @property
+    def dlq_all(self) -> str:
+        return f"{self.prefix}.dlq.>"
+
+    @property
+    def spans(self) -> str:
+        return f"{self.prefix}.telemetry.spans"
+
+    @property
+    def query(self) -> str:
+        """Request/reply subject on which the running stack answers operator queries."""
+        return f"{self.prefix}.query"
+
+    # durable consumers: one per (service, purpose)
+    def durable(self, service: str, purpose: str) -> str:
+        return f"{self.prefix}_{service}_{purpose}"
+
+    # KV buckets and object store
+    @property
+    def kv_gates(self) -> str:
+        return f"{self.prefix}_gates"
+
+    @property
+    def kv_routes(self) -> str:
+        return f"{self.prefix}_routes"
+
+    @property
+    def object_store(self) -> str:
+        return f"{self.prefix}_artifacts"

@@ -1,0 +1,123 @@
+"""Shared fixtures: one real nats-server and one chDB path per session; a unique subject
+prefix and ClickHouse database per test so tests never see each other's data."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from lockgate.bus import Bus
+from lockgate.config import Settings
+from lockgate.natsserver import NatsServer
+from lockgate.service import ServiceContext
+from lockgate.store import Store, open_store
+from lockgate.subjects import Subjects
+from lockgate.telemetry import Telemetry
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A real nats-server with JetStream on a free port and a temp store dir."""
+    server = NatsServer(tmp_path_factory.mktemp("jetstream"))
+    asyncio.run(server.start())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def chdb_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One chDB data path per test session (chDB allows one per process)."""
+    return f"chdb://{tmp_path_factory.mktemp('clickhouse')}"
+
+
+@pytest.fixture
+def unique() -> str:
+    """A short unique token for names in this test."""
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def store(chdb_url: str, unique: str) -> Iterator[Store]:
+    """A migrated ClickHouse database of this test's own."""
+    s = open_store(chdb_url, unique)
+    yield s
+    s.command(f"DROP DATABASE IF EXISTS {unique}")
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer, chdb_url: str, unique: str, tmp_path: Path) -> Settings:
+    """Settings pointing at the session's servers, with this test's prefix and database."""
+    return Settings(
+        nats_url=nats_server.url,
+        clickhouse_url=chdb_url,
+        database=unique,
+        prefix=unique,
+        home=str(tmp_path),
+        router_port=0,
+        grpc_port=0,
+        rollout_step_interval_s=0.05,
+        drift_reference_size=50,
+        drift_window_size=50,
+        ack_wait_s=2.0,
+    )
+
+
+@pytest.fixture
+async def bus(settings: Settings) -> AsyncIterator[Bus]:
+    """A connected bus with this test's streams and buckets."""
+    b = Bus(settings.nats_url, Subjects(settings.prefix), name="test")
+    await b.connect()
+    yield b
+    await b.close()
+    await _delete_topology(settings)
+
+
+@pytest.fixture
+def context(bus: Bus, store: Store, settings: Settings) -> ServiceContext:
+    """A ServiceContext on the real bus and store."""
+    return ServiceContext(bus=bus, store=store, telemetry=Telemetry(), settings=settings)
+
+
+async def _delete_topology(settings: Settings) -> None:
+    import nats
+
+    nc = await nats.connect(settings.nats_url)
+    js = nc.jetstream()
+    subjects = Subjects(settings.prefix)
+    for spec in subjects.streams.values():
+        try:
+            await js.delete_stream(spec.name)
+        except Exception:
+            pass
+    for bucket in (subjects.kv_gates, subjects.kv_routes):
+        try:
+            await js.delete_key_value(bucket)
+        except Exception:
+            pass
+    try:
+        await js.delete_object_store(subjects.object_store)
+    except Exception:
+        pass
+    await nc.close()
+
+
+@pytest.fixture
+async def run_services(context: ServiceContext) -> AsyncIterator:
+    """Factory: `svcs = await run_services("router", "drift")` starts them on the test's bus."""
+    from lockgate.services import ServiceSet
+
+    started: list[ServiceSet] = []
+
+    async def start(*names: str) -> ServiceSet:
+        svcs = ServiceSet(context, list(names))
+        await svcs.start()
+        started.append(svcs)
+        return svcs
+
+    yield start
+    for svcs in started:
+        await svcs.stop()

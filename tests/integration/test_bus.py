@@ -1,0 +1,71 @@
+"""The bus against a real nats-server: topology, idempotent publish, DLQ on bad input."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from lockgate.bus import Bus, Delivery, consume
+from lockgate.codec import Codec
+from lockgate.contracts import DeadLetter, InferenceEvent
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_topology_is_idempotent(bus: Bus) -> None:
+    await bus.ensure_topology()
+    await bus.ensure_topology()
+    info = await bus.js.stream_info(bus.subjects.streams["inference"].name)
+    assert info.config.subjects == [f"{bus.subjects.prefix}.inference.>"]
+
+
+async def test_same_event_published_twice_is_stored_once_by_jetstream(bus: Bus) -> None:
+    e = InferenceEvent(app="shop", model="m")
+    a1 = await bus.publish(bus.subjects.inference("shop"), e)
+    a2 = await bus.publish(bus.subjects.inference("shop"), e)
+    assert a2.duplicate and not a1.duplicate
+    info = await bus.js.stream_info(bus.subjects.streams["inference"].name)
+    assert info.state.messages == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason_part"),
+    [
+        (b"{not json", "malformed"),
+        (b'{"type":"lockgate.inference","app":"x","input_tokens":"many"}', "$.input_tokens"),
+        (b'{"type":"lockgate.nonsense","app":"x"}', "unknown event type"),
+    ],
+)
+async def test_bad_input_goes_to_dlq_and_consumer_keeps_going(bus: Bus, payload: bytes, reason_part: str) -> None:
+    good: asyncio.Queue[InferenceEvent] = asyncio.Queue()
+    letters: asyncio.Queue[DeadLetter] = asyncio.Queue()
+
+    async def handle(value: InferenceEvent, delivery: Delivery) -> None:
+        await good.put(value)
+
+    consume(
+        bus,
+        bus.broker,
+        subject=bus.subjects.inference_all,
+        stream="inference",
+        durable=bus.subjects.durable("test", "inference"),
+        wire_type=InferenceEvent,
+        origin="test",
+        handler=handle,
+    )
+    dlq_codec: Codec[DeadLetter] = Codec(DeadLetter)
+    sub = await bus.nc.subscribe(bus.subjects.dlq_all)
+    await bus.start()
+    await bus.publish(bus.subjects.inference("x"), payload, msg_id="bad-1")
+    ok = InferenceEvent(app="x")
+    await bus.publish(bus.subjects.inference("x"), ok)
+
+    msg = await sub.next_msg(timeout=10)
+    letter = dlq_codec.decode(msg.data)
+    assert letter.origin == "test"
+    assert letter.payload == payload
+    assert reason_part in letter.error
+    got = await asyncio.wait_for(good.get(), 10)
+    assert got.id == ok.id
+    assert bus.stats.dead_letters == 1
