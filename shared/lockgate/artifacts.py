@@ -1,0 +1,106 @@
+"""Content-addressed artifacts: bytes in the NATS object store, announced on the bus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lockgate.bus import Bus
+from lockgate.contracts import ArtifactKind, ArtifactRegistered, ReleaseRegistered
+from lockgate.errors import ConfigError, NotFound
+from lockgate.ids import canonical_json, content_hash
+
+_MEDIA = {".json": "application/json", ".jsonl": "application/jsonl", ".yaml": "application/yaml",
+          ".yml": "application/yaml", ".txt": "text/plain", ".md": "text/markdown"}
+
+
+def canonical_bytes(content: bytes | str | dict | list, media_type: str) -> bytes:
+    """Canonical form for hashing: structured content is re-encoded with sorted keys."""
+    if isinstance(content, dict | list):
+        return canonical_json(content)
+    raw = content.encode() if isinstance(content, str) else content
+    try:
+        if media_type == "application/json":
+            return canonical_json(json.loads(raw))
+        if media_type == "application/yaml":
+            return canonical_json(yaml.safe_load(raw))
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"artifact is not valid {media_type}: {exc}") from None
+    if media_type == "application/jsonl":
+        lines = [canonical_json(json.loads(ln)) for ln in raw.decode().splitlines() if ln.strip()]
+        return b"\n".join(lines) + b"\n"
+    return raw
+
+
+def parse(data: bytes, media_type: str) -> Any:
+    """Decode stored artifact bytes (canonical JSON for structured kinds)."""
+    if media_type in ("application/json", "application/yaml"):
+        return json.loads(data)
+    if media_type == "application/jsonl":
+        return [json.loads(ln) for ln in data.decode().splitlines() if ln.strip()]
+    return data.decode()
+
+
+async def register(
+    bus: Bus,
+    kind: ArtifactKind,
+    name: str,
+    content: bytes | str | dict | list,
+    *,
+    media_type: str = "application/json",
+    tenant: str = "default",
+    labels: dict[str, str] | None = None,
+) -> ArtifactRegistered:
+    """Store the canonical bytes under their sha256 and publish `artifact.registered`."""
+    data = canonical_bytes(content, media_type)
+    digest = content_hash(data)
+    store = await bus.objects()
+    await store.put(digest, data)
+    stored_type = "application/json" if media_type == "application/yaml" else media_type
+    event = ArtifactRegistered(
+        kind=kind, name=name, hash=digest, size=len(data), media_type=stored_type,
+        tenant=tenant, labels=labels or {},
+    )
+    await bus.publish(bus.subjects.artifact_registered, event, msg_id=f"artifact-{digest}-{kind}-{name}")
+    return event
+
+
+async def register_file(bus: Bus, kind: ArtifactKind, path: str | Path, *, name: str | None = None,
+                        tenant: str = "default") -> ArtifactRegistered:
+    """Register a file; the media type follows the extension."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"artifact file {p} does not exist")
+    media = _MEDIA.get(p.suffix.lower(), "application/octet-stream")
+    return await register(bus, kind, name or p.stem, p.read_bytes(), media_type=media, tenant=tenant)
+
+
+async def load(bus: Bus, digest: str) -> bytes:
+    """The bytes of an artifact by hash."""
+    store = await bus.objects()
+    try:
+        result = await store.get(digest)
+    except Exception as exc:  # nats.js.errors.ObjectNotFoundError and friends
+        raise NotFound(f"artifact {digest} is not in the object store ({type(exc).__name__})") from None
+    return result.data
+
+
+async def load_structured(bus: Bus, digest: str) -> Any:
+    """An artifact parsed as JSON (YAML and JSON artifacts are stored as canonical JSON)."""
+    data = await load(bus, digest)
+    try:
+        return json.loads(data)
+    except ValueError:
+        return [json.loads(ln) for ln in data.decode().splitlines() if ln.strip()]
+
+
+async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str, str], *,
+                           parent: str = "", description: str = "", tenant: str = "default") -> ReleaseRegistered:
+    """Announce a release as a set of artifact versions (`kind/name` -> hash)."""
+    event = ReleaseRegistered(release=release, app=app, artifacts=artifacts, parent=parent,
+                              description=description, tenant=tenant)
+    await bus.publish(bus.subjects.release_registered, event)
+    return event

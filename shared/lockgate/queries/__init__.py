@@ -1,0 +1,1 @@
+"""Read-side queries operators run (CLI, gRPC, query responder). Pure SQL over a Store."""
