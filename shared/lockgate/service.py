@@ -17,6 +17,25 @@ from lockgate.store import Store
 from lockgate.telemetry import Telemetry
 
 
+class Progress:
+    """A counter tests and benches can await instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._cond = asyncio.Condition()
+
+    async def bump(self, n: int = 1) -> None:
+        """Record `n` units of work done and wake waiters."""
+        async with self._cond:
+            self.count += n
+            self._cond.notify_all()
+
+    async def wait_for(self, target: int, timeout_s: float = 30.0) -> None:
+        """Wait until at least `target` units are done, or raise TimeoutError."""
+        async with self._cond:
+            await asyncio.wait_for(self._cond.wait_for(lambda: self.count >= target), timeout_s)
+
+
 @dataclass
 class ServiceContext:
     """What a service is given: the bus, the store, telemetry and settings."""

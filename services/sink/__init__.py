@@ -1,0 +1,1 @@
+"""Sink: persists inference events, spans and dead letters into ClickHouse."""
