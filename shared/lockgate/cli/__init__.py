@@ -1,0 +1,5 @@
+"""The `lockgate` command."""
+
+from lockgate.cli.main import main
+
+__all__ = ["main"]

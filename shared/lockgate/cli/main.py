@@ -1,0 +1,208 @@
+"""`lockgate`: run the stack, drive releases, and query what happened."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from lockgate.cli import access
+from lockgate.cli.render import err_console, output
+from lockgate.config import Settings, from_env
+from lockgate.errors import LockgateError
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj["settings"]
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """A user sees one line and an exit code, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except LockgateError as exc:
+            err_console.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--nats", "nats_url", envvar="LOCKGATE_NATS_URL", help="NATS URL of the stack.")
+@click.option("--clickhouse", "clickhouse_url", envvar="LOCKGATE_CLICKHOUSE_URL",
+              help="ClickHouse URL: chdb://PATH or http(s)://host:8123. Given to a query command, "
+                   "it reads ClickHouse directly instead of asking the running stack.")
+@click.option("--prefix", envvar="LOCKGATE_PREFIX", help="Subject prefix (default lg).")
+@click.option("--database", envvar="LOCKGATE_DATABASE", help="ClickHouse database (default lockgate).")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO.")
+@click.pass_context
+def cli(ctx: click.Context, nats_url: str | None, clickhouse_url: str | None, prefix: str | None,
+        database: str | None, verbose: bool) -> None:
+    """lockgate: CI/CD and runtime governance for language-model applications."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = from_env().replace(nats_url=nats_url, clickhouse_url=clickhouse_url, prefix=prefix,
+                                      database=database)
+    except LockgateError as exc:
+        err_console.print(f"[red]error:[/red] {exc.message}")
+        sys.exit(exc.exit_code)
+    ctx.obj = {"settings": settings, "direct": clickhouse_url is not None}
+
+
+def _query(ctx: click.Context, name: str, **args: Any) -> Any:
+    return access.query(_settings(ctx), name, direct=ctx.obj["direct"], **args)
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+
+
+@cli.command()
+@click.argument("trace_id", required=False)
+@click.option("--release", help="Traces touching this release.")
+@click.option("--service", help="Only traces that passed through this service (e.g. router).")
+@click.option("--limit", default=20, show_default=True)
+@json_option
+@click.pass_context
+@handle_errors
+def traces(ctx: click.Context, trace_id: str | None, release: str | None, service: str | None, limit: int,
+           as_json: bool) -> None:
+    """Recent traces, the traces of a release, or every span of one trace."""
+    if trace_id:
+        rows = _query(ctx, "trace", trace_id=trace_id)
+        output(rows, as_json, title=f"trace {trace_id}",
+               columns=["time", "service", "name", "kind", "duration_ms", "status", "span_id", "parent_span_id",
+                        "linked"])
+    elif release:
+        output(_query(ctx, "traces_for_release", release=release, limit=limit), as_json,
+               title=f"traces of {release}")
+    else:
+        output(_query(ctx, "recent_traces", limit=limit, service=service), as_json, title="recent traces")
+
+
+@cli.command()
+@click.option("--release", help="Only this release.")
+@click.option("--limit", default=20, show_default=True)
+@json_option
+@click.pass_context
+@handle_errors
+def decisions(ctx: click.Context, release: str | None, limit: int, as_json: bool) -> None:
+    """Gate decisions and their audit trail, newest first."""
+    rows = _query(ctx, "decisions", release=release, limit=limit)
+    if as_json:
+        output(rows, True)
+        return
+    flat = []
+    for r in rows:
+        rules = r.get("rules")
+        if isinstance(rules, str):
+            try:
+                rules = json.loads(rules)
+            except ValueError:
+                rules = []
+        failed = [x.get("rule", "?") for x in rules or [] if x.get("verdict") != "PASS"]
+        flat.append({k: r.get(k) for k in ("time", "release", "action", "decision", "actor", "eval_run")}
+                    | {"failing rules": ", ".join(failed) or "-", "reason": r.get("reason", "")})
+    output(flat, False, title="gate decisions")
+
+
+@cli.command()
+@click.option("--deployment", help="Only this deployment.")
+@click.option("--limit", default=30, show_default=True)
+@json_option
+@click.pass_context
+@handle_errors
+def drift(ctx: click.Context, deployment: str | None, limit: int, as_json: bool) -> None:
+    """Drift reports per deployment and feature."""
+    output(_query(ctx, "drift_reports", deployment=deployment, limit=limit), as_json, title="drift reports")
+
+
+@cli.command()
+@click.option("--by", default="tenant,app,deployment,day", show_default=True,
+              help="Comma-separated grouping: tenant, app, deployment, release, model, day.")
+@click.option("--tenant", help="Only this tenant.")
+@json_option
+@click.pass_context
+@handle_errors
+def cost(ctx: click.Context, by: str, tenant: str | None, as_json: bool) -> None:
+    """Spend rolled up from the cost ledger."""
+    groups = [g.strip() for g in by.split(",") if g.strip()]
+    output(_query(ctx, "cost_rollup", by=groups, tenant=tenant), as_json, title="cost")
+
+
+@cli.command()
+@click.argument("ref")
+@click.option("--depth", default=4, show_default=True)
+@json_option
+@click.pass_context
+@handle_errors
+def lineage(ctx: click.Context, ref: str, depth: int, as_json: bool) -> None:
+    """Upstream and downstream of a release, artifact hash, run or decision."""
+    view = _query(ctx, "lineage", ref=ref, depth=depth)
+    if as_json:
+        output(view, True)
+        return
+    err_console.print(f"[bold]{view.get('node', ref)}[/bold] ({view.get('kind', '?')})")
+    output(view.get("upstream", []), False, title="upstream (what it came from)", empty="no upstream")
+    output(view.get("downstream", []), False, title="downstream (what used it)", empty="no downstream")
+
+
+@cli.command()
+@click.option("--origin", help="Only letters from this origin (service).")
+@click.option("--limit", default=20, show_default=True)
+@json_option
+@click.pass_context
+@handle_errors
+def dlq(ctx: click.Context, origin: str | None, limit: int, as_json: bool) -> None:
+    """Dead letters: messages that could not be processed, with the reason."""
+    output(_query(ctx, "dead_letters", origin=origin, limit=limit), as_json, title="dead letters")
+
+
+@cli.command()
+@click.argument("query")
+@json_option
+@click.pass_context
+@handle_errors
+def sql(ctx: click.Context, query: str, as_json: bool) -> None:
+    """Run read-only SQL against lockgate's ClickHouse database."""
+    output(_query(ctx, "sql", query=query), as_json)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(dir_okay=False), help="Write to a file instead of stdout.")
+@handle_errors
+def schema(out: str | None) -> None:
+    """JSON Schema of every event type, generated from the contracts."""
+    from lockgate.contracts import json_schema
+
+    text = json.dumps(json_schema(), indent=2)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")
+    else:
+        click.echo(text)
+
+
+def _register_subcommands() -> None:
+    from lockgate.cli import stack, workflow
+
+    stack.register(cli)
+    workflow.register(cli)
+
+
+_register_subcommands()
+
+
+def main() -> None:
+    """Console entry point."""
+    cli(prog_name="lockgate")

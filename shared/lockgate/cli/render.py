@@ -1,0 +1,63 @@
+"""Results as terminal tables or JSON (`--json`) for scripts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.6g}"
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_cell(v) for v in value)
+    return "" if value is None else str(value)
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def emit_json(value: Any) -> None:
+    """Print JSON to stdout."""
+    sys.stdout.write(json.dumps(value, default=_default, indent=2) + "\n")
+
+
+def table(rows: Sequence[dict[str, Any]], *, title: str | None = None, columns: Sequence[str] | None = None,
+          empty: str = "nothing yet") -> None:
+    """Print rows as a table."""
+    if not rows:
+        console.print(f"[dim]{empty}[/dim]")
+        return
+    cols = list(columns or rows[0].keys())
+    t = Table(title=title, header_style="bold", show_lines=False)
+    for c in cols:
+        t.add_column(c, overflow="fold", justify="right" if isinstance(rows[0].get(c), int | float) else "left")
+    for r in rows:
+        t.add_row(*(_cell(r.get(c)) for c in cols))
+    console.print(t)
+
+
+def output(rows: Any, as_json: bool, **kwargs: Any) -> None:
+    """Table or JSON depending on --json."""
+    if as_json:
+        emit_json(rows)
+    else:
+        table(rows, **kwargs)

@@ -1,0 +1,179 @@
+"""`lockgate demo`: the whole loop on simulated models, told as a short story.
+
+Register a baseline and two candidates, evaluate all three, gate them (one is blocked, one
+passes), roll the good one out through the router under simulated traffic, and leave drift
+reports, costs and traces behind to query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from importlib import resources
+from typing import Any
+
+import aiohttp
+import yaml
+from rich.console import Console
+
+from lockgate import artifacts
+from lockgate.bus import Bus
+from lockgate.codec import Codec
+from lockgate.contracts import EvalRequested, GateDecided, RolloutState
+from lockgate.errors import LockgateError
+from lockgate.ids import uuid7
+from lockgate.sim import ModelSpec, SimConfig
+
+DEPLOYMENT = "shop-web"
+APP = "shop"
+BASELINE, BAD, GOOD = "shop-v1", "shop-v2-rc1", "shop-v2-rc2"
+MODELS = {BASELINE: "sim-stable", BAD: "sim-bad", GOOD: "sim-good"}
+
+
+def _data(name: str) -> bytes:
+    return resources.files("lockgate.demo_data").joinpath(name).read_bytes()
+
+
+def _cases() -> list[dict[str, Any]]:
+    return [json.loads(line) for line in _data("qa.jsonl").decode().splitlines() if line.strip()]
+
+
+def demo_sim_config() -> SimConfig:
+    """Simulated models: a correct stable one, a correct and chattier candidate, a wrong candidate."""
+    template = yaml.safe_load(_data("suite.yaml"))["prompt"]["template"]
+    right = {template.format(**c["vars"]): str(c["expected"]) for c in _cases()}
+    wrong = {q: ("I am not sure" if i % 2 else a) for i, (q, a) in enumerate(right.items())}
+    return SimConfig(
+        seed=7,
+        models={
+            "sim-stable": ModelSpec(answers=right, default="Thanks for asking, here is a short answer.",
+                                    latency_ms=20, jitter_ms=5, ttft_ms=5),
+            "sim-good": ModelSpec(answers=right, latency_ms=15, jitter_ms=5, ttft_ms=4,
+                                  default="Thanks for asking! Here is a longer, friendlier answer that explains "
+                                          "the options, the prices and the delivery times in more detail."),
+            "sim-bad": ModelSpec(answers=wrong, default="Sorry, something went wrong on my side.",
+                                 latency_ms=60, jitter_ms=20, error_rate=0.02),
+        },
+    )
+
+
+async def _register(bus: Bus) -> dict[str, dict[str, str]]:
+    dataset = await artifacts.register(bus, "dataset", "shop-qa", _data("qa.jsonl"), media_type="application/jsonl")
+    suite_doc = yaml.safe_load(_data("suite.yaml"))
+    suite_doc["dataset"] = dataset.hash
+    suite = await artifacts.register(bus, "eval_suite", "shop-qa", suite_doc)
+    policy = await artifacts.register(bus, "policy", "shop-release-policy", _data("policy.yaml"),
+                                      media_type="application/yaml")
+    prompt = await artifacts.register(bus, "prompt", "shop-answer", suite_doc["prompt"])
+    out = {}
+    for release, model in MODELS.items():
+        config = await artifacts.register(bus, "model_config", f"shop-{model}", {"model": model, "temperature": 0})
+        arts = {"dataset/shop-qa": dataset.hash, "eval_suite/shop-qa": suite.hash,
+                "policy/shop-release-policy": policy.hash, "prompt/shop-answer": prompt.hash,
+                f"model_config/shop-{model}": config.hash}
+        await artifacts.register_release(bus, release, APP, arts, parent="" if release == BASELINE else BASELINE)
+        out[release] = arts
+    return {"releases": out, "suite": {"hash": suite.hash}, "policy": {"hash": policy.hash}}
+
+
+async def _evaluate(bus: Bus, release: str, suite: str, policy: str, sim_url: str, baseline: str) -> GateDecided:
+    codec: Codec[GateDecided] = Codec(GateDecided)
+    sub = await bus.nc.subscribe(bus.subjects.gate_decided(release))
+    try:
+        await bus.publish(bus.subjects.eval_requested, EvalRequested(
+            run_id=uuid7(), release=release, suite=suite, policy=policy, endpoint=sim_url,
+            model=MODELS[release], baseline=baseline, concurrency=8))
+        msg = await sub.next_msg(timeout=120)
+        return codec.decode(msg.data)
+    finally:
+        await sub.unsubscribe()
+
+
+async def _put_route(http: aiohttp.ClientSession, router_url: str, body: dict[str, Any]) -> dict[str, Any]:
+    async with http.put(f"{router_url}/lockgate/v1/deployments/{DEPLOYMENT}", json=body) as resp:
+        data = await resp.json()
+        if resp.status >= 400:
+            raise LockgateError(f"router refused the rollout: {data}")
+        return data
+
+
+async def _traffic(http: aiohttp.ClientSession, router_url: str, done: asyncio.Event, minimum: int,
+                   traces: list[str]) -> int:
+    sent = 0
+
+    async def one(i: int) -> None:
+        trace_id = os.urandom(16).hex()
+        headers = {"x-lockgate-deployment": DEPLOYMENT, "x-lockgate-app": APP, "x-lockgate-user": f"user-{i % 97}",
+                   "traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"}
+        body = {"model": MODELS[BASELINE], "messages": [{"role": "user", "content": f"Do you ship item {i % 13}?"}]}
+        async with http.post(f"{router_url}/v1/chat/completions", json=body, headers=headers) as resp:
+            await resp.read()
+        if len(traces) < 5:
+            traces.append(trace_id)
+
+    while not done.is_set() or sent < minimum:
+        await asyncio.gather(*(one(sent + k) for k in range(16)), return_exceptions=True)
+        sent += 16
+    return sent
+
+
+def _verdicts(decision: GateDecided) -> str:
+    return ", ".join(f"{r.rule}={r.verdict}" + (f" ({r.observed:.3g} {r.op} {r.threshold:g})"
+                                                 if r.observed is not None else "") for r in decision.rules)
+
+
+async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
+                   traffic: int = 1200) -> dict[str, Any]:
+    """Drive the loop through a running stack and print what happened."""
+    say = console.print
+    say("\n[bold]1. Register[/bold] dataset, prompt, eval suite, policy and model configs (content-addressed)")
+    reg = await _register(bus)
+    for release, arts in reg["releases"].items():
+        say(f"   release [cyan]{release}[/cyan] = {len(arts)} artifact versions, model {MODELS[release]}")
+
+    say("\n[bold]2. Evaluate and gate[/bold] each release on the shop-qa suite (20 cases)")
+    decisions: dict[str, GateDecided] = {}
+    for release in (BASELINE, BAD, GOOD):
+        d = await _evaluate(bus, release, reg["suite"]["hash"], reg["policy"]["hash"], sim_url,
+                            "" if release == BASELINE else BASELINE)
+        decisions[release] = d
+        colour = "green" if d.decision == "PASS" else "red"
+        say(f"   {release:<12} [{colour}]{d.decision}[/{colour}]  {_verdicts(d)}")
+
+    rollouts: list[RolloutState] = []
+    rollout_codec: Codec[RolloutState] = Codec(RolloutState)
+    promoted = asyncio.Event()
+
+    async def on_rollout(msg: Any) -> None:
+        state = rollout_codec.decode(msg.data)
+        rollouts.append(state)
+        if state.phase == "promoted" and state.stable_release == GOOD:
+            promoted.set()
+
+    sub = await bus.nc.subscribe(bus.subjects.rollout(DEPLOYMENT), cb=on_rollout)
+    traces: list[str] = []
+    async with aiohttp.ClientSession() as http:
+        say(f"\n[bold]3. Canary {BAD}[/bold] through the router: the gate blocked it, so it gets 0% at once")
+        await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": BAD,
+                                            "canary_model": MODELS[BAD]})
+        say(f"\n[bold]4. Canary {GOOD}[/bold] under simulated traffic: the gate passed it, so it is promoted "
+            "step by step")
+        await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": GOOD,
+                                            "canary_model": MODELS[GOOD]})
+        sent = await asyncio.wait_for(_traffic(http, router_url, promoted, traffic, traces), 300)
+    await sub.unsubscribe()
+    for state in rollouts:
+        say(f"   {state.phase:<12} canary={state.canary_release or '-':<12} weight={state.canary_weight:>5.1f}%  "
+            f"{state.reason}")
+    say(f"   sent {sent} requests through the router ({router_url})")
+
+    say("\n[bold]5. Look deeper[/bold]")
+    for cmd in (f"lockgate decisions --release {BAD}",
+                f"lockgate lineage {GOOD}", f"lockgate traces --release {GOOD}",
+                f"lockgate traces {traces[0]}" if traces else "lockgate traces",
+                f"lockgate drift --deployment {DEPLOYMENT}", "lockgate cost --by app,deployment,model",
+                "lockgate dlq"):
+        say(f"   $ {cmd}")
+    return {"decisions": {r: d.decision for r, d in decisions.items()}, "requests": sent, "traces": traces,
+            "rollouts": [(s.phase, s.canary_weight) for s in rollouts]}

@@ -1,0 +1,76 @@
+"""Traces from `otel_traces`: recent, by id (including spans that link to it), by release."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from lockgate.errors import ConfigError, NotFound
+from lockgate.store import Store
+
+_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+
+_SUMMARY = """
+SELECT TraceId AS trace_id,
+       min(Timestamp) AS start,
+       round((max(toUnixTimestamp64Nano(Timestamp) + Duration) - min(toUnixTimestamp64Nano(Timestamp))) / 1e6, 3)
+           AS duration_ms,
+       count() AS spans,
+       arrayStringConcat(arraySort(groupUniqArray(ServiceName)), ',') AS services,
+       argMin(SpanName, Timestamp) AS root,
+       countIf(StatusCode = 'Error') AS errors
+FROM otel_traces
+WHERE {where}
+GROUP BY TraceId
+ORDER BY start DESC
+LIMIT {{limit:UInt32}}
+"""
+
+
+def recent_traces(store: Store, limit: int = 20, service: str | None = None) -> list[dict[str, Any]]:
+    """The newest traces with their span count, services and duration."""
+    where = "Timestamp > now() - INTERVAL 7 DAY"
+    params: dict[str, Any] = {"limit": limit}
+    if service:
+        where += " AND TraceId IN (SELECT TraceId FROM otel_traces WHERE ServiceName = {service:String})"
+        params["service"] = service if service.startswith("lockgate-") else f"lockgate-{service}"
+    return store.rows(_SUMMARY.format(where=where), params)
+
+
+def traces_for_release(store: Store, release: str, limit: int = 20) -> list[dict[str, Any]]:
+    """Traces whose spans are tagged with a release (router requests, evals, gate decisions)."""
+    where = ("TraceId IN (SELECT TraceId FROM otel_traces "
+             "WHERE SpanAttributes['lockgate.release'] = {release:String})")
+    return store.rows(_SUMMARY.format(where=where), {"release": release, "limit": limit})
+
+
+def trace(store: Store, trace_id: str) -> list[dict[str, Any]]:
+    """Every span of one trace, plus spans that link to it (a sink batch carrying this request)."""
+    trace_id = trace_id.strip().lower()
+    if not _TRACE_ID.match(trace_id):
+        raise ConfigError(f"trace id {trace_id!r} must be 32 hex characters")
+    rows = store.rows(
+        """
+        SELECT Timestamp AS time, TraceId AS trace_id, SpanId AS span_id, ParentSpanId AS parent_span_id,
+               ServiceName AS service, SpanName AS name, SpanKind AS kind,
+               round(Duration / 1e6, 3) AS duration_ms, StatusCode AS status,
+               SpanAttributes AS attributes, TraceId != {id:String} AS linked
+        FROM otel_traces
+        WHERE TraceId = {id:String} OR has(Links.TraceId, {id:String})
+        ORDER BY Timestamp
+        """,
+        {"id": trace_id},
+    )
+    if not rows:
+        raise NotFound(f"no spans for trace {trace_id} (spans arrive within a second of the request)")
+    return rows
+
+
+def dead_letters(store: Store, origin: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Newest dead letters with their reason."""
+    where = "origin = {origin:String}" if origin else "1"
+    return store.rows(
+        f"SELECT time, origin, subject, reason, error, deliveries, substring(payload, 1, 200) AS payload "
+        f"FROM dead_letters WHERE {where} ORDER BY time DESC LIMIT {{limit:UInt32}}",
+        {"origin": origin or "", "limit": limit},
+    )
