@@ -33,6 +33,8 @@ class Delivery:
     deliveries: int
     stream_seq: int
     trace_context: Any = None
+    # Resets JetStream's ack_wait timer; long handlers (an eval run) call it as a heartbeat.
+    in_progress: Callable[[], Awaitable[None]] | None = None
 
 
 @dataclass
@@ -51,7 +53,8 @@ class Bus:
         self.subjects = subjects or Subjects()
         self.name = name
         # FastStream logs every message at INFO; at 100k events/s that is the bottleneck.
-        self.broker = NatsBroker(url, logger=None, graceful_timeout=10.0)
+        self.servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: comma-separated URLs
+        self.broker = NatsBroker(self.servers, logger=None, graceful_timeout=10.0)
         self.nc: nats.NATS | None = None
         self.js: Any = None
         self.stats = BusStats()
@@ -60,7 +63,7 @@ class Bus:
         """Connect, then create streams, KV buckets and the object store (idempotent)."""
         try:
             self.nc = await nats.connect(
-                self.url, name=self.name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True
+                self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True
             )
         except (OSError, nats.errors.Error) as exc:
             raise BusUnavailable(f"cannot reach NATS at {self.url}: {exc}") from None
@@ -207,6 +210,7 @@ def consume(
             deliveries=deliveries,
             stream_seq=meta.sequence.stream if meta else 0,
             trace_context=telemetry.extract(headers),
+            in_progress=msg.in_progress,
         )
         try:
             await handler(value, delivery)

@@ -1,0 +1,13 @@
+# One image for every lockgate service; the command picks the service (`lockgate serve <name>`).
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 UV_COMPILE_BYTECODE=1
+WORKDIR /app
+RUN pip install --no-cache-dir "uv>=0.5"
+COPY pyproject.toml uv.lock README.md ./
+COPY shared ./shared
+COPY services ./services
+RUN uv sync --frozen --no-dev
+ENV PATH="/app/.venv/bin:$PATH"
+EXPOSE 8080 50051
+ENTRYPOINT ["lockgate"]
+CMD ["--help"]

@@ -1,0 +1,80 @@
+"""`make bench`: run every benchmark against one real nats-server + chDB, print figures, write JSON.
+
+Timing never decides a test; these figures are reported, with the machine they came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from tests.bench.common import bench_env
+
+BENCHES = ["bench_ingest", "bench_router", "bench_evaluator"]
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as fh:
+            kib = int(fh.readline().split()[1])
+            mem_gib = round(kib / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "memory_gib": mem_gib, "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.machine()}
+
+
+def _print(name: str, figures: dict[str, Any], indent: str = "  ") -> None:
+    for key, value in figures.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print(name, value, indent + "  ")
+        else:
+            print(f"{indent}{key}: {value:,.3f}" if isinstance(value, float) else f"{indent}{key}: {value}")
+
+
+async def main(out: Path, only: list[str]) -> int:
+    results: dict[str, Any] = {"machine": machine(), "command": "make bench",
+                               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "benches": {}}
+    failed = 0
+    async with bench_env() as env:
+        for name in only or BENCHES:
+            try:
+                module = importlib.import_module(f"tests.bench.{name}")
+            except ModuleNotFoundError:
+                continue
+            print(f"\n== {name}", flush=True)
+            started = time.perf_counter()
+            try:
+                figures = await module.run(env)
+            except Exception:
+                traceback.print_exc()
+                results["benches"][name] = {"error": traceback.format_exc(limit=3)}
+                failed += 1
+                continue
+            figures["wall_s"] = round(time.perf_counter() - started, 2)
+            results["benches"][name] = figures
+            _print(name, figures)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"\nwrote {out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
+    parser.add_argument("only", nargs="*", help="bench module names (default: all)")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main(args.out, args.only)))
