@@ -1,0 +1,62 @@
+"""Pure pieces of the foundation: ids, hashing, redaction, subjects, settings."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from lockgate.config import from_env
+from lockgate.errors import ConfigError
+from lockgate.ids import canonical_json, content_hash, uuid7
+from lockgate.redact import redact, scrub_secrets
+from lockgate.subjects import Subjects, token
+
+
+def test_uuid7_is_version_7_and_time_ordered() -> None:
+    ids = [uuid7() for _ in range(1000)]
+    parsed = [uuid.UUID(i) for i in ids]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert len(set(ids)) == 1000
+    stamps = [u.int >> 80 for u in parsed]
+    assert stamps == sorted(stamps)
+
+
+def test_content_hash_is_canonical() -> None:
+    assert content_hash({"b": 1, "a": [1, 2]}) == content_hash({"a": [1, 2], "b": 1})
+    assert canonical_json({"b": 1, "a": 2}) == b'{"a":2,"b":1}'
+    assert content_hash(b"x").startswith("sha256:") and len(content_hash(b"x")) == 71
+
+
+@pytest.mark.parametrize(
+    "secret",
+    ["sk-abcdefghijklmnopqrstuvwxyz123456", "AKIAABCDEFGHIJKLMNOP", "ghp_abcdefghijklmnopqrstuvwxyz012345",
+     "Bearer abcdefghijklmnopqrstuvwxyz", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.abcdefghijklmnop"],
+)
+def test_secrets_are_scrubbed(secret: str) -> None:
+    out = scrub_secrets(f"my token is {secret} ok")
+    assert secret not in out and "[REDACTED]" in out and out.endswith(" ok")
+
+
+def test_redaction_modes() -> None:
+    assert redact("hello", "scrub") == "hello"
+    assert redact("hello", "drop") is None
+    assert redact("hello", "hash").startswith("sha256:")
+    assert redact(None, "scrub") is None
+
+
+def test_subjects_are_prefixed_and_tokens_safe() -> None:
+    s = Subjects("t1")
+    assert s.inference("my.app name") == "t1.inference.my_app_name"
+    assert s.gate_decided("rel*1") == "t1.gate.decided.rel_1"
+    assert s.streams["inference"].name == "T1_INFERENCE"
+    assert token("") == "_"
+    with pytest.raises(ConfigError):
+        Subjects("bad.prefix")
+
+
+def test_settings_from_env() -> None:
+    s = from_env({"LOCKGATE_ROUTER_PORT": "9999", "LOCKGATE_PREFIX": "zz"})
+    assert s.router_port == 9999 and s.prefix == "zz"
+    with pytest.raises(ConfigError, match="router_port"):
+        from_env({"LOCKGATE_ROUTER_PORT": "many"})
