@@ -36,8 +36,8 @@ bench: setup
 	$(VENV_PY) -m tests.bench.run --out bench/results.json
 
 proto: setup
-	$(VENV_PY) -m grpc_tools.protoc -I proto --python_out=shared/lockgate/grpc --pyi_out=shared/lockgate/grpc \
-	  --grpc_python_out=shared/lockgate/grpc proto/lockgate/v1/*.proto
+	$(VENV_PY) -m grpc_tools.protoc -I proto --python_out=shared --pyi_out=shared \
+	  --grpc_python_out=shared proto/lockgate/v1/*.proto
 
 lint: setup
 	.venv/bin/ruff check shared services tests

@@ -1,0 +1,190 @@
+"""gRPC API (grpc.aio): ingest inference events, read and follow gate decisions.
+
+A thin edge over the bus: protos become Structs here, and nothing else knows about protobuf.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from datetime import UTC
+from typing import Any
+
+import grpc
+import msgspec
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from lockgate.bus import Bus
+from lockgate.client import get_decision, watch_decisions
+from lockgate.contracts import GateDecided, InferenceEvent
+from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent
+from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+
+log = logging.getLogger("lockgate.grpc")
+
+# Keeps each published message well under NATS' default 1 MB max_payload.
+PUBLISH_CHUNK = 500
+
+# Proto3 strings cannot be absent: an empty one means "use the contract's default".
+_STRING_FIELDS = tuple(
+    f
+    for f in InferenceEvent.__struct_fields__
+    if f in ingest_pb2.InferenceEvent.DESCRIPTOR.fields_by_name
+    and ingest_pb2.InferenceEvent.DESCRIPTOR.fields_by_name[f].type == FieldDescriptor.TYPE_STRING
+    and f not in ("prompt", "response")
+)
+_NUMBER_FIELDS = ("input_tokens", "output_tokens", "cached_tokens", "latency_ms", "ttft_ms")
+
+
+def event_from_proto(msg: ingest_pb2.InferenceEvent) -> InferenceEvent:
+    """Validate one proto event into the contract; raises InvalidEvent with the reason."""
+    if not msg.app:
+        raise InvalidEvent("app is required (the application that made the call)")
+    raw: dict[str, Any] = {f: getattr(msg, f) for f in _STRING_FIELDS if getattr(msg, f)}
+    raw.update({f: getattr(msg, f) for f in _NUMBER_FIELDS})
+    for f in ("prompt", "response"):
+        if msg.HasField(f):
+            raw[f] = getattr(msg, f)
+    if msg.HasField("time"):
+        raw["time"] = msg.time.ToDatetime(tzinfo=UTC)
+    raw["attributes"] = dict(msg.attributes)
+    raw["scores"] = dict(msg.scores)
+    try:
+        return msgspec.convert(raw, InferenceEvent)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(str(exc)) from None
+
+
+def decision_to_proto(d: GateDecided) -> gates_pb2.Decision:
+    """The contract's GateDecided as the API's Decision message."""
+    ts = Timestamp()
+    ts.FromDatetime(d.time)
+    return gates_pb2.Decision(
+        release=d.release,
+        decision=d.decision,
+        rules=[
+            gates_pb2.RuleResult(
+                rule=r.rule,
+                metric=r.metric,
+                op=r.op,
+                threshold=r.threshold,
+                observed=r.observed,
+                verdict=r.verdict,
+                hint=r.hint,
+            )
+            for r in d.rules
+        ],
+        eval_run=d.eval_run,
+        policy=d.policy,
+        reason=d.reason,
+        signature=d.signature,
+        key_id=d.key_id,
+        id=d.id,
+        time=ts,
+        tenant=d.tenant,
+        baseline=d.baseline,
+        artifacts=d.artifacts,
+    )
+
+
+class IngestServicer(ingest_pb2_grpc.IngestServicer):
+    """Ingest.Send: reject invalid events one by one, publish the rest grouped by app."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def Send(self, request: ingest_pb2.InferenceBatch, context: grpc.aio.ServicerContext) -> Any:
+        """Validate and publish a batch; UNAVAILABLE if JetStream does not acknowledge (safe to retry)."""
+        by_app: dict[str, list[InferenceEvent]] = {}
+        rejections = []
+        for index, msg in enumerate(request.events):
+            try:
+                event = event_from_proto(msg)
+            except InvalidEvent as exc:
+                rejections.append(ingest_pb2.Rejection(index=index, reason=exc.message))
+                continue
+            by_app.setdefault(event.app, []).append(event)
+        try:
+            for app, events in by_app.items():
+                for start in range(0, len(events), PUBLISH_CHUNK):
+                    # msg id = batch_id(chunk): a client retrying the same events is deduplicated.
+                    await self.bus.publish(
+                        self.bus.subjects.inference(app), events[start : start + PUBLISH_CHUNK]
+                    )
+        except BusUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
+        accepted = sum(map(len, by_app.values()))
+        return ingest_pb2.IngestReply(accepted=accepted, rejected=len(rejections), rejections=rejections)
+
+
+class GatesServicer(gates_pb2_grpc.GatesServicer):
+    """Gates: the latest decision per release (KV), and a stream of decisions (KV watch)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    async def GetDecision(
+        self, request: gates_pb2.GetDecisionRequest, context: grpc.aio.ServicerContext
+    ) -> Any:
+        """The latest decision for a release; NOT_FOUND if the gate never decided it."""
+        if not request.release:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "release is required")
+        decision = await get_decision(await self.bus.kv(self.bus.subjects.kv_gates), request.release)
+        if decision is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no gate decision for release {request.release!r} (not evaluated yet?)",
+            )
+        return decision_to_proto(decision)
+
+    async def WatchDecisions(
+        self, request: gates_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gates_pb2.Decision]:
+        """Current decisions, then each new one, until the client cancels."""
+        kv = await self.bus.kv(self.bus.subjects.kv_gates)
+        decisions = await watch_decisions(kv, request.release_prefix)
+        try:
+            # Initial metadata tells the client the watch is live: later decisions will arrive.
+            await context.send_initial_metadata((("lockgate-watch", "ready"),))
+            async for decision in decisions:
+                yield decision_to_proto(decision)
+        finally:
+            await decisions.aclose()
+
+
+class GrpcServer:
+    """The gRPC API on one port (0 picks a free one; read `.port` after start)."""
+
+    def __init__(self, bus: Bus, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.bus = bus
+        self.host = host
+        self.port = port
+        self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port to dial."""
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Bind and serve."""
+        server = grpc.aio.server()
+        ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(self.bus), server)
+        gates_pb2_grpc.add_GatesServicer_to_server(GatesServicer(self.bus), server)
+        try:
+            bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise ConfigError(f"cannot bind the gRPC API to {self.host}:{self.port} (port in use?)")
+        self.port = bound
+        await server.start()
+        self._server = server
+        log.info("gRPC API on %s", self.address)
+
+    async def stop(self, grace: float | None = 1.0) -> None:
+        """Stop accepting calls; running ones get `grace` seconds (open watches are then cancelled)."""
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None

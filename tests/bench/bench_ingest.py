@@ -1,0 +1,203 @@
+"""End-to-end ingest: SDK emit -> JetStream -> sink -> visible in ClickHouse, beside the raw limits.
+
+Run alone with `python -m tests.bench.bench_ingest [--events N]`; prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from typing import Any
+
+from lockgate.client import Client
+from lockgate.codec import encode
+from lockgate.contracts import InferenceEvent
+from lockgate.telemetry import batch_id
+from tests.bench.common import BenchEnv, Stack, bench_env, stack
+
+BATCH = 500
+IN_FLIGHT = 8
+
+
+def fields(i: int) -> dict[str, Any]:
+    """One realistic event's fields (about 250 bytes of content, plus the envelope)."""
+    return {
+        "deployment": "checkout",
+        "variant": "canary" if i % 10 == 0 else "stable",
+        "release": "shop-2025.06.1",
+        "model": "gpt-4o-mini",
+        "provider": "openai",
+        "input_tokens": 100 + i % 400,
+        "output_tokens": 20 + i % 200,
+        "latency_ms": 120.0 + i % 900,
+        "ttft_ms": 40.0 + i % 100,
+        "finish_reason": "stop",
+        "user_hash": f"u{i % 5000:05d}",
+        "session_id": f"s{i % 20000:06d}",
+        "attributes": {"route": "/v1/chat", "region": "eu-west-1"},
+        "scores": {"helpfulness": (i % 100) / 100},
+    }
+
+
+def _rate(n: int, seconds: float) -> float:
+    return round(n / seconds) if seconds > 0 else 0.0
+
+
+async def _count(st: Stack) -> int:
+    return int(await asyncio.to_thread(st.ctx.store.scalar, "SELECT count() FROM inference_events") or 0)
+
+
+_LATENCY_SQL = (
+    "SELECT quantiles(0.5, 0.9, 0.99)(d) AS q, max(d) AS mx FROM (SELECT"
+    " (toUnixTimestamp64Micro(ingested_at) - toUnixTimestamp64Micro(time)) / 1000.0 AS d"
+    " FROM inference_events WHERE release = {release:String})"
+)
+
+
+async def _latency(st: Stack, release: str) -> dict[str, float]:
+    # `time` is set at emit and `ingested_at` by ClickHouse at insert (ms precision):
+    # their difference is each event's emit-to-visible latency.
+    row = (await asyncio.to_thread(st.ctx.store.rows, _LATENCY_SQL, {"release": release}))[0]
+    q = row["q"]
+    return {
+        "p50_ms": round(q[0], 1),
+        "p90_ms": round(q[1], 1),
+        "p99_ms": round(q[2], 1),
+        "max_ms": round(row["mx"], 1),
+    }
+
+
+async def _wait_visible(st: Stack, n: int, deadline: float) -> int:
+    visible = 0
+    while visible < n and time.perf_counter() < deadline:
+        visible = await _count(st)
+        if visible < n:
+            await asyncio.sleep(0.01)  # polling interval of the measurement, not synchronisation
+    return visible
+
+
+async def end_to_end(env: BenchEnv, st: Stack, n: int, timeout_s: float) -> dict[str, Any]:
+    """Emit n events through the SDK as fast as possible; time until all are counted in ClickHouse."""
+    s = st.ctx.settings
+    client = Client(
+        env.nats_url, prefix=s.prefix, app="bench", max_buffer=n, batch_size=BATCH, max_in_flight=IN_FLIGHT
+    )
+    await client.start()
+    t0 = time.perf_counter()
+    for i in range(n):
+        client.emit(**fields(i))
+        if i % 2000 == 1999:
+            await asyncio.sleep(0)  # yield so the sender publishes while we emit, as an app would
+    t_emitted = time.perf_counter()
+    await client.flush()
+    t_published = time.perf_counter()
+    visible = await _wait_visible(st, n, t0 + timeout_s)
+    t_visible = time.perf_counter()
+    await client.close()
+    return {
+        "events": n,
+        "visible": visible,
+        "complete": visible >= n,
+        "sent": client.sent,
+        "dropped": client.dropped,
+        "failed": client.failed,
+        "emit_events_per_s": _rate(n, t_emitted - t0),
+        "published_events_per_s": _rate(n, t_published - t0),
+        "end_to_end_events_per_s": _rate(visible, t_visible - t0),
+        "end_to_end_s": round(t_visible - t0, 3),
+        "visibility_latency_under_flood": await _latency(st, fields(0)["release"]),
+    }
+
+
+async def paced_latency(
+    env: BenchEnv, st: Stack, n_before: int, probes: int = 200, rate: float = 200.0
+) -> dict:
+    """Emit-to-visible latency when the pipeline is not saturated (probes paced at `rate`/s)."""
+    s = st.ctx.settings
+    async with Client(env.nats_url, prefix=s.prefix, app="bench") as client:
+        for _ in range(probes):
+            client.emit(release="probe")
+            await asyncio.sleep(1 / rate)  # pacing the load, not synchronisation
+        await client.flush()
+        await _wait_visible(st, n_before + probes, time.perf_counter() + 60)
+    return {"probes": probes, "rate_per_s": rate, **await _latency(st, "probe")}
+
+
+async def raw_jetstream(st: Stack, events: list[InferenceEvent]) -> dict[str, Any]:
+    """Publish the same batches straight to a scratch stream, IN_FLIGHT acks pipelined."""
+    js, prefix = st.ctx.bus.js, st.ctx.settings.prefix
+    stream, subject = f"{prefix.upper()}_RAW_BENCH", f"{prefix}-raw.bench"
+    await js.add_stream(name=stream, subjects=[subject])
+    batches = [events[i : i + BATCH] for i in range(0, len(events), BATCH)]
+    payloads = [(encode(b), batch_id(b)) for b in batches]
+    slots = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(data: bytes, msg_id: str) -> None:
+        try:
+            await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id}, timeout=10)
+        finally:
+            slots.release()
+
+    t0 = time.perf_counter()
+    tasks = []
+    for data, msg_id in payloads:
+        await slots.acquire()
+        tasks.append(asyncio.create_task(one(data, msg_id)))
+    await asyncio.gather(*tasks)
+    seconds = time.perf_counter() - t0
+    stored = (await js.stream_info(stream)).state.messages
+    await js.delete_stream(stream)
+    return {
+        "events_per_s": _rate(len(events), seconds),
+        "messages": stored,
+        "batch": BATCH,
+        "in_flight": IN_FLIGHT,
+        "bytes_per_event": round(sum(len(p[0]) for p in payloads) / len(events)),
+    }
+
+
+async def raw_clickhouse(st: Stack, events: list[InferenceEvent]) -> dict[str, Any]:
+    """Column-oriented inserts of the same rows into a scratch copy of inference_events."""
+    from services.sink.domain import INFERENCE_COLUMNS, inference_columns
+
+    store = st.ctx.store
+    out: dict[str, Any] = {}
+    for rows_per_insert in (BATCH, 20_000):
+        table = f"inference_events_raw_{rows_per_insert}"
+        store.command(f"CREATE TABLE IF NOT EXISTS {table} AS inference_events")
+        chunks = [
+            inference_columns(events[i : i + rows_per_insert], st.ctx.settings.redact)
+            for i in range(0, len(events), rows_per_insert)
+        ]
+        t0 = time.perf_counter()
+        for k, cols in enumerate(chunks):
+            await store.ainsert_columns(table, INFERENCE_COLUMNS, cols, token=f"raw-{rows_per_insert}-{k}")
+        seconds = time.perf_counter() - t0
+        assert store.scalar(f"SELECT count() FROM {table}") == len(events)
+        store.command(f"DROP TABLE {table}")
+        out[f"rows_per_s_at_{rows_per_insert}_rows_per_insert"] = _rate(len(events), seconds)
+    return out
+
+
+async def run(env: BenchEnv, n: int = 200_000, timeout_s: float = 300.0) -> dict[str, Any]:
+    """Ingest figures: end-to-end events/s and visibility latency, with raw NATS and chDB rates."""
+    async with stack(env, "sink") as st:
+        e2e = await end_to_end(env, st, n, timeout_s)
+        e2e["visibility_latency_paced"] = await paced_latency(env, st, e2e["visible"])
+        same_rows = [InferenceEvent(app="bench", **fields(i)) for i in range(n)]
+        js = await raw_jetstream(st, same_rows)
+        ch = await raw_clickhouse(st, same_rows)
+    return {"bench": "ingest", "end_to_end": e2e, "raw_jetstream_publish": js, "raw_clickhouse_insert": ch}
+
+
+async def _main(n: int) -> None:
+    async with bench_env() as env:
+        print(json.dumps(await run(env, n), indent=2))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--events", type=int, default=200_000)
+    asyncio.run(_main(parser.parse_args().events))

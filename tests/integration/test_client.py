@@ -1,0 +1,150 @@
+"""The application SDK against a real nats-server: batching, exactly-once, flush, drops, decisions."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import nats.errors
+import pytest
+
+from lockgate.bus import Bus
+from lockgate.client import Client
+from lockgate.codec import Codec, encode
+from lockgate.config import Settings
+from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
+from lockgate.subjects import token
+from lockgate.telemetry import batch_id
+
+pytestmark = pytest.mark.timeout(60)
+
+events_codec: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
+
+
+def client(settings: Settings, **kw: Any) -> Client:
+    return Client(settings.nats_url, prefix=settings.prefix, app="shop", **kw)
+
+
+async def stored(bus: Bus) -> tuple[list[InferenceEvent], list[Any]]:
+    """Every event on the inference stream, and the messages that carried them."""
+    stream = bus.subjects.streams["inference"].name
+    total = (await bus.js.stream_info(stream)).state.messages
+    sub = await bus.js.pull_subscribe(bus.subjects.inference_all, stream=stream)
+    events: list[InferenceEvent] = []
+    msgs: list[Any] = []
+    while len(msgs) < total:
+        for msg in await sub.fetch(min(total - len(msgs), 256), timeout=5):
+            msgs.append(msg)
+            events.extend(events_codec.decode(msg.data))
+    await sub.unsubscribe()
+    return events, msgs
+
+
+async def test_ten_thousand_events_arrive_exactly_once_in_batches(bus: Bus, settings: Settings) -> None:
+    async with client(settings, batch_size=500) as c:
+        for i in range(10_000):
+            assert c.emit(model="m", input_tokens=i)
+            if i % 1000 == 0:
+                await asyncio.sleep(0)  # let the sender overlap with emitting, as in a real app
+    assert (c.sent, c.dropped, c.failed) == (10_000, 0, 0)
+    events, msgs = await stored(bus)
+    assert len(events) == 10_000
+    assert sorted(e.input_tokens for e in events) == list(range(10_000))
+    assert len({e.id for e in events}) == 10_000
+    assert all(len(events_codec.decode(m.data)) <= 500 for m in msgs)
+    assert all(m.headers["Nats-Msg-Id"] == batch_id(events_codec.decode(m.data)) for m in msgs)
+    assert {m.subject for m in msgs} == {bus.subjects.inference("shop")}
+
+
+async def test_close_publishes_what_the_timer_has_not(bus: Bus, settings: Settings) -> None:
+    c = client(settings, flush_interval_s=60)  # the timer never fires during this test
+    await c.start()
+    for _ in range(7):
+        c.emit(release="r1")
+    await c.close()
+    events, _ = await stored(bus)
+    assert [e.release for e in events] == ["r1"] * 7
+    assert c.sent == 7
+
+
+async def test_flush_waits_for_acks_and_routes_by_the_events_app(bus: Bus, settings: Settings) -> None:
+    async with client(settings, flush_interval_s=60) as c:
+        c.emit()
+        c.emit(InferenceEvent(app="search"))
+        await c.flush()
+        assert c.sent == 2
+        events, msgs = await stored(bus)
+    assert sorted(e.app for e in events) == ["search", "shop"]
+    assert sorted(m.subject for m in msgs) == sorted(bus.subjects.inference(a) for a in ("search", "shop"))
+
+
+async def test_a_full_buffer_drops_and_counts(bus: Bus, settings: Settings) -> None:
+    async with client(settings, max_buffer=10, batch_size=1000, flush_interval_s=60) as c:
+        accepted = [c.emit() for _ in range(15)]
+        assert accepted == [True] * 10 + [False] * 5
+        assert c.dropped == 5
+    events, _ = await stored(bus)
+    assert len(events) == 10
+
+
+async def test_a_lost_ack_is_retried_without_a_duplicate(bus: Bus, settings: Settings) -> None:
+    async with client(settings, flush_interval_s=60) as c:
+        real = c._js.publish
+        calls = 0
+
+        async def publish_then_lose_the_ack(*args: Any, **kw: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            ack = await real(*args, **kw)
+            if calls == 1:
+                raise nats.errors.TimeoutError
+            return ack
+
+        c._js.publish = publish_then_lose_the_ack
+        for _ in range(5):
+            c.emit()
+        await c.flush()
+    assert calls == 2 and (c.sent, c.failed) == (5, 0)
+    events, msgs = await stored(bus)
+    assert (len(events), len(msgs)) == (5, 1)
+
+
+async def test_publish_that_keeps_failing_is_counted_not_hung(settings: Settings, bus: Bus) -> None:
+    async with client(settings, flush_interval_s=60, max_attempts=2) as c:
+
+        async def unavailable(*args: Any, **kw: Any) -> Any:
+            raise nats.errors.NoRespondersError
+
+        c._js.publish = unavailable
+        c.emit()
+        c.emit()
+        await c.flush()
+        assert (c.sent, c.failed) == (0, 2)
+
+
+def gate(release: str, decision: str = "PASS") -> GateDecided:
+    rule = RuleResult(rule="q", metric="accuracy", op=">=", threshold=0.8, observed=0.9, verdict="PASS")
+    return GateDecided(release=release, decision=decision, rules=[rule])
+
+
+async def test_decision_reads_the_gate_bucket(bus: Bus, settings: Settings) -> None:
+    kv = await bus.kv(bus.subjects.kv_gates)
+    d = gate("shop/v2")
+    await kv.put(token(d.release), encode(d))
+    async with client(settings) as c:
+        assert await c.decision("shop/v2") == d
+        assert await c.decision("unknown") is None
+
+
+async def test_decisions_yields_current_then_new_for_a_prefix(bus: Bus, settings: Settings) -> None:
+    kv = await bus.kv(bus.subjects.kv_gates)
+    first = gate("shop-1")
+    await kv.put(token(first.release), encode(first))
+    async with client(settings) as c:
+        stream = c.decisions("shop-")
+        assert await asyncio.wait_for(anext(stream), 10) == first  # the watch is live from here
+        for d in (gate("search-1"), gate("shop-2", "BLOCK")):
+            await kv.put(token(d.release), encode(d))
+        got = await asyncio.wait_for(anext(stream), 10)
+        assert (got.release, got.decision) == ("shop-2", "BLOCK")
+        await stream.aclose()

@@ -1,0 +1,178 @@
+"""The gRPC API through a real channel, against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from lockgate.bus import Bus
+from lockgate.codec import Codec, encode
+from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
+from lockgate.grpc_server import GrpcServer
+from lockgate.subjects import token
+from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+
+pytestmark = pytest.mark.timeout(60)
+
+events_codec: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
+
+
+@pytest.fixture
+async def channel(bus: Bus) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to a GrpcServer on a free port."""
+    server = GrpcServer(bus, "127.0.0.1", 0)
+    await server.start()
+    assert server.port > 0
+    async with grpc.aio.insecure_channel(server.address) as ch:
+        yield ch
+    await server.stop(0)
+
+
+def decision(release: str, verdict: str = "PASS") -> GateDecided:
+    return GateDecided(
+        release=release,
+        decision="PASS" if verdict == "PASS" else "BLOCK",
+        rules=[
+            RuleResult(
+                rule="quality", metric="accuracy", op=">=", threshold=0.8, observed=0.91, verdict=verdict
+            ),
+            RuleResult(
+                rule="cost", metric="usd", op="<=", threshold=1.0, observed=None, verdict="NO_DATA", hint="x"
+            ),
+        ],
+        eval_run="run-1",
+        policy="default",
+        reason="all rules pass",
+        signature="sig",
+        key_id="k1",
+    )
+
+
+async def put_decision(bus: Bus, d: GateDecided) -> None:
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token(d.release), encode(d))
+
+
+async def stored_events(bus: Bus) -> dict[str, list[InferenceEvent]]:
+    """Every event on the inference stream, by subject."""
+    stream = bus.subjects.streams["inference"].name
+    info = await bus.js.stream_info(stream)
+    sub = await bus.js.pull_subscribe(bus.subjects.inference_all, stream=stream)
+    out: dict[str, list[InferenceEvent]] = {}
+    fetched = 0
+    while fetched < info.state.messages:
+        for msg in await sub.fetch(info.state.messages - fetched, timeout=5):
+            out.setdefault(msg.subject, []).extend(events_codec.decode(msg.data))
+            fetched += 1
+    await sub.unsubscribe()
+    return out
+
+
+async def test_send_rejects_invalid_events_and_publishes_the_rest_per_app(
+    bus: Bus, channel: grpc.aio.Channel
+) -> None:
+    stub = ingest_pb2_grpc.IngestStub(channel)
+    when = Timestamp()
+    when.FromDatetime(datetime(2025, 1, 2, 3, 4, 5, 600000, tzinfo=UTC))
+    batch = ingest_pb2.InferenceBatch(
+        events=[
+            ingest_pb2.InferenceEvent(
+                id="01900000-0000-7000-8000-000000000001",
+                app="shop",
+                model="m",
+                input_tokens=5,
+                time=when,
+                prompt="hi",
+                attributes={"k": "v"},
+                scores={"helpful": 0.5},
+            ),
+            ingest_pb2.InferenceEvent(app="shop", input_tokens=-1),
+            ingest_pb2.InferenceEvent(app="shop", model="m2"),
+            ingest_pb2.InferenceEvent(model="no app"),
+            ingest_pb2.InferenceEvent(app="search", tenant="acme"),
+        ]
+    )
+    reply = await stub.Send(batch, timeout=10)
+    assert (reply.accepted, reply.rejected) == (3, 2)
+    assert [r.index for r in reply.rejections] == [1, 3]
+    assert "$.input_tokens" in reply.rejections[0].reason
+    assert "app is required" in reply.rejections[1].reason
+
+    stored = await stored_events(bus)
+    assert sorted(stored) == [bus.subjects.inference("search"), bus.subjects.inference("shop")]
+    shop = stored[bus.subjects.inference("shop")]
+    assert [e.model for e in shop] == ["m", "m2"]
+    first = shop[0]
+    assert first.id == "01900000-0000-7000-8000-000000000001"
+    assert first.time == datetime(2025, 1, 2, 3, 4, 5, 600000, tzinfo=UTC)
+    assert (first.prompt, first.response, first.variant) == ("hi", None, "stable")
+    assert (first.attributes, first.scores) == ({"k": "v"}, {"helpful": 0.5})
+    assert [e.tenant for e in stored[bus.subjects.inference("search")]] == ["acme"]
+
+
+async def test_send_retried_with_the_same_ids_is_stored_once(bus: Bus, channel: grpc.aio.Channel) -> None:
+    stub = ingest_pb2_grpc.IngestStub(channel)
+    events = [InferenceEvent(app="shop") for _ in range(3)]
+    batch = ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(id=e.id, app=e.app) for e in events])
+    for _ in range(2):
+        assert (await stub.Send(batch, timeout=10)).accepted == 3
+    stored = await stored_events(bus)
+    assert [e.id for e in stored[bus.subjects.inference("shop")]] == [e.id for e in events]
+
+
+async def test_get_decision_returns_the_kv_value_or_not_found(bus: Bus, channel: grpc.aio.Channel) -> None:
+    stub = gates_pb2_grpc.GatesStub(channel)
+    d = decision("shop/v1.2")
+    await put_decision(bus, d)
+
+    got = await stub.GetDecision(gates_pb2.GetDecisionRequest(release="shop/v1.2"), timeout=10)
+    assert (got.release, got.decision, got.id, got.signature, got.key_id) == (
+        "shop/v1.2",
+        "PASS",
+        d.id,
+        "sig",
+        "k1",
+    )
+    assert (got.eval_run, got.policy, got.reason) == ("run-1", "default", "all rules pass")
+    assert got.time.ToDatetime(tzinfo=UTC) == d.time
+    quality, cost = got.rules
+    assert (quality.rule, quality.metric, quality.op, quality.threshold) == ("quality", "accuracy", ">=", 0.8)
+    assert quality.HasField("observed") and quality.observed == 0.91
+    assert not cost.HasField("observed") and (cost.verdict, cost.hint) == ("NO_DATA", "x")
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetDecision(gates_pb2.GetDecisionRequest(release="nope"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nope" in err.value.details()
+
+
+async def test_watch_streams_current_then_new_decisions_for_a_prefix(
+    bus: Bus, channel: grpc.aio.Channel
+) -> None:
+    stub = gates_pb2_grpc.GatesStub(channel)
+    await put_decision(bus, decision("shop-v1"))
+    call = stub.WatchDecisions(gates_pb2.WatchRequest(release_prefix="shop-"))
+    assert ("lockgate-watch", "ready") in tuple(await asyncio.wait_for(call.initial_metadata(), 10))
+    assert (await asyncio.wait_for(call.read(), 10)).release == "shop-v1"
+
+    await put_decision(bus, decision("search-v1"))  # filtered out by the prefix
+    await put_decision(bus, decision("shop-v2", verdict="FAIL"))
+    got = await asyncio.wait_for(call.read(), 10)
+    assert (got.release, got.decision) == ("shop-v2", "BLOCK")
+    call.cancel()
+
+
+async def test_watch_on_an_empty_bucket_sees_a_decision_made_after_it_started(
+    bus: Bus, channel: grpc.aio.Channel
+) -> None:
+    stub = gates_pb2_grpc.GatesStub(channel)
+    call = stub.WatchDecisions(gates_pb2.WatchRequest())
+    await asyncio.wait_for(call.initial_metadata(), 10)
+    await put_decision(bus, decision("any"))
+    assert (await asyncio.wait_for(call.read(), 10)).release == "any"
+    call.cancel()
