@@ -1,0 +1,1 @@
+"""Cost accountant: prices every inference event against a versioned price book."""

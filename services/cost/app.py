@@ -1,0 +1,30 @@
+"""Cost accountant wiring: the price book and one inference consumer."""
+
+from __future__ import annotations
+
+from lockgate.bus import consume
+from lockgate.contracts import InferenceEvent
+from lockgate.service import Service, ServiceContext
+
+from services.cost.handlers import CostHandlers
+from services.cost.pricebook import load_price_book
+
+
+class Cost(Service):
+    """Owns `cost_ledger`; publishes `cost.<tenant>`."""
+
+    name = "cost"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.price_book = load_price_book(ctx.settings.price_book)
+        self.handlers = CostHandlers(ctx, self.price_book)
+        s = ctx.bus.subjects
+        consume(ctx.bus, self.router, subject=s.inference_all, stream="inference", durable=s.durable("cost", "inference"),
+                wire_type=list[InferenceEvent] | InferenceEvent, origin="cost",
+                handler=self.handlers.on_inference, batch_size=64, ack_wait_s=ctx.settings.ack_wait_s)
+
+
+def create(ctx: ServiceContext) -> Cost:
+    """Build the cost accountant."""
+    return Cost(ctx)

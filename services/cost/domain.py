@@ -1,0 +1,117 @@
+"""Pure cost accounting: price book parsing, per-event pricing, per-group cost records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import msgspec
+from lockgate.contracts import CostRecord, InferenceEvent
+from lockgate.errors import ConfigError
+from lockgate.ids import content_hash
+
+Rate = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class PriceBookError(ConfigError):
+    """The price book is malformed."""
+
+
+class ModelPrice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """USD per million tokens; cached input falls back to the input rate."""
+
+    input_per_mtok: Rate
+    output_per_mtok: Rate
+    cached_input_per_mtok: Rate | None = None
+
+
+class PriceBook(msgspec.Struct, frozen=True):
+    """A versioned price list; `hash` identifies exactly which prices a ledger row used."""
+
+    version: str
+    models: dict[str, ModelPrice]
+    currency: str = "USD"
+    hash: str = ""
+
+
+def parse_price_book(data: Any) -> PriceBook:
+    """Validate a parsed YAML/JSON mapping into a PriceBook stamped with its content hash."""
+    try:
+        book = msgspec.convert(data, PriceBook, strict=False)
+    except msgspec.ValidationError as exc:
+        raise PriceBookError(f"price book is malformed: {exc}") from None
+    if book.currency != "USD":
+        raise PriceBookError(f"price book currency must be USD, not {book.currency!r}")
+    return msgspec.structs.replace(book, hash=content_hash(data))
+
+
+def event_cost(e: InferenceEvent, price: ModelPrice) -> float:
+    """Cached tokens at the cached rate, the rest of the input at the input rate, plus output."""
+    cached = min(e.cached_tokens, e.input_tokens)
+    cached_rate = price.input_per_mtok if price.cached_input_per_mtok is None else price.cached_input_per_mtok
+    return ((e.input_tokens - cached) * price.input_per_mtok + cached * cached_rate
+            + e.output_tokens * price.output_per_mtok) / 1e6
+
+
+LEDGER_COLUMNS = ("event_id", "time", "tenant", "app", "deployment", "release", "model", "input_tokens",
+                  "output_tokens", "cached_tokens", "cost_usd", "priced", "price_book")
+
+
+class Priced(msgspec.Struct):
+    """A priced batch: ledger columns (one row per event) and one CostRecord per group."""
+
+    columns: list[list[Any]]
+    records: list[CostRecord]
+    group_keys: list[tuple[str, str, str, str]]
+
+
+def price_events(events: Sequence[InferenceEvent], book: PriceBook) -> Priced:
+    """Price every event; unknown models cost 0 and count as unpriced."""
+    cols: list[list[Any]] = [[] for _ in LEDGER_COLUMNS]
+    (c_id, c_time, c_tenant, c_app, c_dep, c_rel, c_model, c_in, c_out, c_cached, c_cost, c_priced,
+     c_book) = cols
+    groups: dict[tuple[str, str, str, str], list[Any]] = {}
+    models = book.models
+    for e in events:
+        model = e.model if e.model in models else (e.response_model if e.response_model in models else "")
+        price = models.get(model) if model else None
+        cost = event_cost(e, price) if price else 0.0
+        model = model or e.model or e.response_model
+        c_id.append(e.id)
+        c_time.append(e.time)
+        c_tenant.append(e.tenant)
+        c_app.append(e.app)
+        c_dep.append(e.deployment)
+        c_rel.append(e.release)
+        c_model.append(model)
+        c_in.append(e.input_tokens)
+        c_out.append(e.output_tokens)
+        c_cached.append(e.cached_tokens)
+        c_cost.append(cost)
+        c_priced.append(price is not None)
+        c_book.append(book.hash)
+        key = (e.tenant, e.app, e.deployment, model)
+        g = groups.get(key)
+        if g is None:
+            groups[key] = [1, e.input_tokens, e.output_tokens, e.cached_tokens, cost, int(price is None),
+                           e.time, e.time]
+        else:
+            g[0] += 1
+            g[1] += e.input_tokens
+            g[2] += e.output_tokens
+            g[3] += e.cached_tokens
+            g[4] += cost
+            g[5] += price is None
+            g[6] = min(g[6], e.time)
+            g[7] = max(g[7], e.time)
+    keys = sorted(groups)
+    records = [
+        CostRecord(
+            tenant=t, app=a, deployment=d, model=m, source="lockgate-cost",
+            calls=g[0], input_tokens=g[1], output_tokens=g[2], cached_tokens=g[3], cost_usd=g[4],
+            unpriced_calls=g[5], price_book=book.hash, window_start=g[6], window_end=g[7],
+        )
+        for (t, a, d, m) in keys
+        for g in (groups[(t, a, d, m)],)
+    ]
+    return Priced(columns=cols, records=records, group_keys=keys)

@@ -1,0 +1,1 @@
+"""Drift monitor: reference vs current windows of inference features per deployment."""

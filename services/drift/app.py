@@ -1,0 +1,31 @@
+"""Drift monitor wiring: inference events and rollout promotions."""
+
+from __future__ import annotations
+
+from lockgate.bus import consume
+from lockgate.contracts import InferenceEvent, RolloutState
+from lockgate.service import Service, ServiceContext
+
+from services.drift.handlers import DriftHandlers
+
+
+class Drift(Service):
+    """Owns `drift_reports`; publishes `drift.<deployment>`."""
+
+    name = "drift"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.handlers = DriftHandlers(ctx)
+        s, bus = ctx.bus.subjects, ctx.bus
+        consume(bus, self.router, subject=s.inference_all, stream="inference", durable=s.durable("drift", "inference"),
+                wire_type=list[InferenceEvent] | InferenceEvent, origin="drift",
+                handler=self.handlers.on_inference, batch_size=64, ack_wait_s=ctx.settings.ack_wait_s)
+        consume(bus, self.router, subject=s.rollout_all, stream="events", durable=s.durable("drift", "rollout"),
+                wire_type=RolloutState, origin="drift", handler=self.handlers.on_rollout,
+                ack_wait_s=ctx.settings.ack_wait_s)
+
+
+def create(ctx: ServiceContext) -> Drift:
+    """Build the drift monitor."""
+    return Drift(ctx)

@@ -1,0 +1,135 @@
+"""Pure drift monitoring: per-deployment reference and sliding current windows in numpy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+from lockgate.contracts import DriftReport, FeatureDrift, InferenceEvent
+
+from services.drift import stats
+
+FEATURES = ("output_tokens", "latency_ms", "input_tokens")
+
+
+def deployment_of(event: InferenceEvent) -> str:
+    """Events without a deployment are watched per app."""
+    return event.deployment or event.app
+
+
+def feature_matrix(events: Sequence[InferenceEvent]) -> tuple[np.ndarray, np.ndarray]:
+    """(n x len(FEATURES)) feature values and the n event times as epoch seconds."""
+    values = np.array([(e.output_tokens, e.latency_ms, e.input_tokens) for e in events], dtype=np.float64)
+    times = np.array([e.time.timestamp() for e in events], dtype=np.float64)
+    return values.reshape(len(events), len(FEATURES)), times
+
+
+@dataclass
+class Windows:
+    """One deployment's reference (filled once) and current ring buffer."""
+
+    reference_size: int
+    window_size: int
+    app: str = ""
+    tenant: str = "default"
+    ref_n: int = 0
+    cur_n: int = 0
+    cur_pos: int = 0
+    since_report: int = 0
+    ref: np.ndarray = field(init=False)
+    cur: np.ndarray = field(init=False)
+    cur_times: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ref = np.empty((self.reference_size, len(FEATURES)))
+        self.cur = np.empty((self.window_size, len(FEATURES)))
+        self.cur_times = np.empty(self.window_size)
+
+
+class DriftMonitor:
+    """Feeds events into per-deployment windows; returns a DriftReport every `window_size` events."""
+
+    def __init__(self, reference_size: int, window_size: int, psi_threshold: float, bins: int = 10) -> None:
+        self.reference_size = max(1, reference_size)
+        self.window_size = max(1, window_size)
+        self.psi_threshold = psi_threshold
+        self.bins = bins
+        self.windows: dict[str, Windows] = {}
+
+    def reset(self, deployment: str) -> None:
+        """Forget a deployment's windows (after a promotion the new traffic is the reference)."""
+        self.windows.pop(deployment, None)
+
+    def observe_events(self, events: Sequence[InferenceEvent]) -> list[DriftReport]:
+        """Group a batch by deployment and observe each group."""
+        groups: dict[str, list[InferenceEvent]] = {}
+        for e in events:
+            groups.setdefault(deployment_of(e), []).append(e)
+        reports: list[DriftReport] = []
+        for deployment, group in groups.items():
+            values, times = feature_matrix(group)
+            last = group[-1]
+            reports += self.observe(deployment, values, times, app=last.app, tenant=last.tenant)
+        return reports
+
+    def observe(self, deployment: str, values: np.ndarray, times: np.ndarray, *, app: str = "",
+                tenant: str = "default") -> list[DriftReport]:
+        """Append rows to the deployment's windows; one report per `window_size` rows past the reference."""
+        w = self.windows.get(deployment)
+        if w is None:
+            w = self.windows[deployment] = Windows(self.reference_size, self.window_size)
+        w.app, w.tenant = app or w.app, tenant
+        n, i = len(values), 0
+        if w.ref_n < w.reference_size:
+            i = min(w.reference_size - w.ref_n, n)
+            w.ref[w.ref_n:w.ref_n + i] = values[:i]
+            w.ref_n += i
+        reports: list[DriftReport] = []
+        while i < n:
+            # Copy in chunks that end exactly at the next report boundary.
+            k = min(n - i, w.window_size - w.since_report)
+            slots = (w.cur_pos + np.arange(k)) % w.window_size
+            w.cur[slots] = values[i:i + k]
+            w.cur_times[slots] = times[i:i + k]
+            w.cur_pos = (w.cur_pos + k) % w.window_size
+            w.cur_n = min(w.cur_n + k, w.window_size)
+            w.since_report += k
+            i += k
+            if w.since_report >= w.window_size:
+                w.since_report = 0
+                reports.append(self.report(deployment, w))
+        return reports
+
+    def report(self, deployment: str, w: Windows) -> DriftReport:
+        """Compare the current window with the reference, feature by feature."""
+        ref, cur = w.ref[:w.ref_n], w.cur[:w.cur_n]
+        features = []
+        for j, name in enumerate(FEATURES):
+            psi = stats.psi(ref[:, j], cur[:, j], self.bins)
+            ks_stat, ks_p = stats.ks(ref[:, j], cur[:, j])
+            features.append(FeatureDrift(
+                feature=name, psi=psi, ks_stat=ks_stat, ks_pvalue=ks_p,
+                reference_mean=float(ref[:, j].mean()), current_mean=float(cur[:, j].mean()),
+                drifted=psi >= self.psi_threshold,
+            ))
+        t = w.cur_times[:w.cur_n]
+        return DriftReport(
+            deployment=deployment, app=w.app, tenant=w.tenant, source="lockgate-drift",
+            window_start=datetime.fromtimestamp(float(t.min()), UTC),
+            window_end=datetime.fromtimestamp(float(t.max()), UTC),
+            reference_n=int(w.ref_n), current_n=int(w.cur_n),
+            features=features, drifted=any(f.drifted for f in features),
+        )
+
+
+REPORT_COLUMNS = ("id", "time", "deployment", "app", "window_start", "window_end", "reference_n", "current_n",
+                  "feature", "psi", "ks_stat", "ks_pvalue", "reference_mean", "current_mean", "drifted")
+
+
+def report_rows(r: DriftReport) -> list[tuple]:
+    """One drift_reports row per feature."""
+    return [(r.id, r.time, r.deployment, r.app, r.window_start, r.window_end, r.reference_n, r.current_n,
+             f.feature, f.psi, f.ks_stat, f.ks_pvalue, f.reference_mean, f.current_mean, f.drifted)
+            for f in r.features]

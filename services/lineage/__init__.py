@@ -1,0 +1,1 @@
+"""Lineage recorder: artifacts, releases, runs, evals, gates and rollouts as one graph."""

@@ -1,0 +1,99 @@
+"""Pure lineage logic: which graph edges and table rows each event implies."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from lockgate.contracts import (
+    ArtifactRegistered,
+    EvalCompleted,
+    GateDecided,
+    LineageRun,
+    ReleaseRegistered,
+    RolloutState,
+)
+
+LineageEvent = ArtifactRegistered | ReleaseRegistered | LineageRun | EvalCompleted | GateDecided | RolloutState
+
+EDGE_COLUMNS = ("src", "src_kind", "dst", "dst_kind", "relation", "time", "event_id")
+ARTIFACT_COLUMNS = ("hash", "kind", "name", "size", "media_type", "labels", "tenant", "signature", "key_id",
+                    "event_id", "registered_at")
+RELEASE_COLUMNS = ("release", "app", "tenant", "artifacts", "parent", "description", "time", "event_id")
+RUN_COLUMNS = ("run_id", "kind", "release", "inputs", "outputs", "time", "event_id")
+
+
+class Edge(NamedTuple):
+    """A directed, labelled edge between two typed nodes."""
+
+    src: str
+    src_kind: str
+    dst: str
+    dst_kind: str
+    relation: str
+
+
+def artifact_kind_of(key: str) -> str:
+    """Kind of a release's artifact entry (`kind/name` -> kind); 'artifact' when the key has no kind."""
+    kind, sep, _ = key.partition("/")
+    return kind if sep and kind else "artifact"
+
+
+def node_kind_guess(node: str) -> str:
+    """Best kind for a node named only by id (run inputs/outputs carry no type)."""
+    return "artifact" if node.startswith("sha256:") else "node"
+
+
+def run_kind(kind: str) -> str:
+    """Node kind of a run: 'eval' -> 'eval_run', so an EvalCompleted run id gets the same label."""
+    return kind if kind.endswith("run") else f"{kind}_run"
+
+
+def edges_for(event: LineageEvent) -> list[Edge]:
+    """The edges one event adds to the lineage graph."""
+    match event:
+        case ReleaseRegistered():
+            out = [Edge(event.release, "release", h, artifact_kind_of(k), "uses")
+                   for k, h in sorted(event.artifacts.items())]
+            if event.parent:
+                out.append(Edge(event.parent, "release", event.release, "release", "parent_of"))
+            return out
+        case LineageRun():
+            rk = run_kind(event.kind)
+            out = [Edge(event.run_id, rk, i, node_kind_guess(i), "used") for i in event.inputs]
+            out += [Edge(event.run_id, rk, o, node_kind_guess(o), "produced") for o in event.outputs]
+            if event.release:
+                out.append(Edge(event.release, "release", event.run_id, rk, "ran"))
+            return out
+        case EvalCompleted():
+            return [Edge(event.release, "release", event.run_id, "eval_run", "evaluated_by")]
+        case GateDecided():
+            out = [Edge(event.release, "release", event.id, "decision", "decided")]
+            if event.eval_run:
+                out.insert(0, Edge(event.eval_run, "eval_run", event.id, "decision", "gated_by"))
+            return out
+        case RolloutState():
+            releases = {r for r in (event.stable_release, event.canary_release) if r}
+            return [Edge(r, "release", event.deployment, "deployment", "rolled_out") for r in sorted(releases)]
+        case _:
+            return []
+
+
+def edge_rows(event: LineageEvent) -> list[tuple]:
+    """lineage_edges rows for one event."""
+    return [(*e[:5], event.time, event.id) for e in edges_for(event)]
+
+
+def artifact_row(a: ArtifactRegistered) -> tuple:
+    """One `artifacts` row."""
+    return (a.hash, a.kind, a.name, a.size, a.media_type, dict(a.labels), a.tenant, a.signature, a.key_id,
+            a.id, a.time)
+
+
+def release_row(r: ReleaseRegistered) -> tuple:
+    """One `releases` row."""
+    return (r.release, r.app, r.tenant, dict(r.artifacts), r.parent, r.description, r.time, r.id)
+
+
+def run_row(r: LineageRun) -> tuple:
+    """One `lineage_runs` row."""
+    return (r.run_id, r.kind, r.release, list(r.inputs), list(r.outputs), r.time, r.id)

@@ -1,0 +1,30 @@
+"""Drift reports: the latest reports, one dict each with its per-feature rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lockgate.store import Store
+
+_FEATURE_FIELDS = ("feature", "psi", "ks_stat", "ks_pvalue", "reference_mean", "current_mean", "drifted")
+
+
+def drift_reports(store: Store, deployment: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Newest first: {id, time, deployment, app, window_*, reference_n, current_n, drifted, features}."""
+    where = "WHERE deployment = {d:String}" if deployment else ""
+    rows = store.rows(
+        "SELECT * FROM drift_reports WHERE id IN ("
+        f" SELECT id FROM drift_reports {where} GROUP BY id ORDER BY max(time) DESC LIMIT {{n:UInt32}}"
+        ") ORDER BY time DESC, id, feature",
+        {"d": deployment or "", "n": max(0, int(limit))},
+    )
+    reports: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        rep = reports.get(r["id"])
+        if rep is None:
+            rep = reports[r["id"]] = {k: v for k, v in r.items() if k not in _FEATURE_FIELDS}
+            rep["drifted"] = False
+            rep["features"] = []
+        rep["features"].append({k: r[k] for k in _FEATURE_FIELDS})
+        rep["drifted"] = rep["drifted"] or bool(r["drifted"])
+    return list(reports.values())

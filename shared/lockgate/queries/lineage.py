@@ -1,0 +1,112 @@
+"""Lineage: where a release, artifact, run or decision came from and what followed from it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+from lockgate.errors import LockgateError, NotFound
+from lockgate.store import Store
+
+# Edges point from consumer to dependency for these relations (release -uses-> artifact),
+# and from cause to effect for every other one (release -evaluated_by-> run).
+DEPENDS_ON = frozenset({"uses", "used"})
+MAX_DEPTH = 16
+
+Direction = Literal["upstream", "downstream"]
+Neighbours = Callable[[set[str]], Iterable[Mapping[str, Any]]]
+
+
+class AmbiguousReference(LockgateError):
+    """A hash prefix matches more than one artifact."""
+
+
+def orient(edge: Mapping[str, Any]) -> tuple[str, str]:
+    """(upstream node, downstream node) of an edge, whatever way it was recorded."""
+    if edge["relation"] in DEPENDS_ON:
+        return edge["dst"], edge["src"]
+    return edge["src"], edge["dst"]
+
+
+def traverse(start: str, depth: int, neighbours: Neighbours, direction: Direction) -> list[dict[str, Any]]:
+    """Breadth-first walk from `start` up to `depth` hops; each edge once, cycles stop at visited nodes."""
+    seen_nodes = {start}
+    seen_edges: set[tuple[str, str, str]] = set()
+    frontier = {start}
+    out: list[dict[str, Any]] = []
+    for level in range(1, max(0, depth) + 1):
+        if not frontier:
+            break
+        nxt: set[str] = set()
+        for edge in neighbours(frontier):
+            up, down = orient(edge)
+            here, there = (down, up) if direction == "upstream" else (up, down)
+            key = (edge["src"], edge["relation"], edge["dst"])
+            if here not in frontier or key in seen_edges:
+                continue
+            seen_edges.add(key)
+            out.append({"src": edge["src"], "src_kind": edge.get("src_kind", ""), "relation": edge["relation"],
+                        "dst": edge["dst"], "dst_kind": edge.get("dst_kind", ""), "depth": level})
+            if there not in seen_nodes:
+                seen_nodes.add(there)
+                nxt.add(there)
+        frontier = nxt
+    out.sort(key=lambda e: (e["depth"], e["relation"], e["src"], e["dst"]))
+    return out
+
+
+def _edges_touching(store: Store) -> Neighbours:
+    def fetch(nodes: set[str]) -> list[dict[str, Any]]:
+        return store.rows(
+            "SELECT DISTINCT src, src_kind, dst, dst_kind, relation FROM lineage_edges "
+            "WHERE src IN {n:Array(String)} OR dst IN {n:Array(String)}",
+            {"n": sorted(nodes)},
+        )
+
+    return fetch
+
+
+def resolve(store: Store, ref: str) -> tuple[str, str]:
+    """(node id, kind) for a release name, artifact hash or unique hash prefix, run id or decision id."""
+    kind = store.scalar("SELECT any(kind) FROM artifacts WHERE hash = {r:String}", {"r": ref})
+    if kind:
+        return ref, kind
+    if store.scalar("SELECT count() FROM releases WHERE release = {r:String}", {"r": ref}):
+        return ref, "release"
+    row = store.rows(
+        "SELECT if(src = {r:String}, src_kind, dst_kind) AS kind FROM lineage_edges "
+        "WHERE src = {r:String} OR dst = {r:String} LIMIT 1",
+        {"r": ref},
+    )
+    if row:
+        return ref, row[0]["kind"]
+    prefix = ref if ref.startswith("sha256:") else f"sha256:{ref}"
+    matches = store.rows(
+        "SELECT DISTINCT hash, kind FROM ("
+        " SELECT hash, kind FROM artifacts WHERE startsWith(hash, {p:String})"
+        " UNION ALL SELECT dst AS hash, dst_kind AS kind FROM lineage_edges WHERE startsWith(dst, {p:String})"
+        ") ORDER BY hash LIMIT 20",
+        {"p": prefix},
+    )
+    hashes = sorted({m["hash"] for m in matches})
+    if len(hashes) > 1:
+        raise AmbiguousReference(f"{ref!r} matches {len(hashes)} artifacts ({', '.join(hashes[:3])}, ...); "
+                                 "give more of the hash")
+    if not hashes:
+        raise NotFound(f"nothing in the lineage graph is named {ref!r} (release, artifact hash, run or decision id)")
+    # Prefer the artifacts table's kind over an edge label.
+    kinds = [m["kind"] for m in matches if m["kind"] not in ("artifact", "node")]
+    return hashes[0], (kinds[0] if kinds else matches[0]["kind"])
+
+
+def lineage(store: Store, ref: str, depth: int = 4) -> dict[str, Any]:
+    """The node named by `ref` with its upstream and downstream edges up to `depth` hops."""
+    node, kind = resolve(store, ref)
+    depth = min(max(depth, 0), MAX_DEPTH)
+    neighbours = _edges_touching(store)
+    return {
+        "node": node,
+        "kind": kind,
+        "upstream": traverse(node, depth, neighbours, "upstream"),
+        "downstream": traverse(node, depth, neighbours, "downstream"),
+    }

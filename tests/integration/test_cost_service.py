@@ -1,0 +1,113 @@
+"""Cost accountant on real NATS and chDB: exact ledger costs, cost records, rollups, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from lockgate.bus import Bus, Delivery
+from lockgate.codec import Codec
+from lockgate.contracts import CostRecord, DeadLetter, InferenceEvent
+from lockgate.queries.cost import UnknownDimension, cost_rollup
+from lockgate.service import ServiceContext
+from lockgate.store import Store
+
+from services.cost.handlers import CostHandlers
+from services.cost.pricebook import load_price_book
+
+pytestmark = pytest.mark.timeout(60)
+
+T0 = datetime(2025, 5, 1, 12, tzinfo=UTC)
+
+
+async def _poll(fetch: Any, ok: Any, timeout_s: float = 15.0) -> Any:
+    """Re-run `fetch` until `ok(result)`: rows land asynchronously after the publish."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await asyncio.to_thread(fetch)
+        if ok(result) or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.05)
+
+
+def _batch() -> list[InferenceEvent]:
+    # Shipped price book: sim-good 0.50 in / 0.25 cached / 1.50 out; sim-canary 0.40 / 0.20 / 1.20 per Mtok.
+    return [
+        InferenceEvent(app="shop", deployment="web", model="sim-good", input_tokens=1000, cached_tokens=200,
+                       output_tokens=500, time=T0),
+        InferenceEvent(app="shop", deployment="web", model="sim-good", input_tokens=2000, output_tokens=100,
+                       time=T0 + timedelta(hours=1)),
+        InferenceEvent(app="shop", deployment="web", model="sim-canary", input_tokens=1_000_000,
+                       output_tokens=1_000_000, time=T0 + timedelta(days=1)),
+        InferenceEvent(app="shop", deployment="web", model="homegrown", input_tokens=10, output_tokens=10,
+                       time=T0, tenant="acme"),
+    ]
+
+
+EXPECTED = [
+    (800 * 0.50 + 200 * 0.25 + 500 * 1.50) / 1e6,
+    (2000 * 0.50 + 100 * 1.50) / 1e6,
+    0.40 + 1.20,
+    0.0,
+]
+
+
+async def test_ledger_records_and_rollup(run_services, bus: Bus, store: Store) -> None:
+    records = await bus.nc.subscribe(bus.subjects.cost_all)
+    svcs = await run_services("cost")
+    events = _batch()
+    await bus.publish(bus.subjects.inference("shop"), events)
+
+    got = [Codec(CostRecord).decode((await records.next_msg(timeout=15)).data) for _ in range(3)]
+    by_model = {r.model: r for r in got}
+    assert by_model["sim-good"].calls == 2 and by_model["sim-good"].cost_usd == pytest.approx(sum(EXPECTED[:2]))
+    assert by_model["homegrown"].tenant == "acme" and by_model["homegrown"].unpriced_calls == 1
+    book = svcs["cost"].price_book
+    assert {r.price_book for r in got} == {book.hash}
+
+    rows = await _poll(lambda: store.rows("SELECT event_id, cost_usd, priced, price_book FROM cost_ledger"),
+                       lambda r: len(r) == 4)
+    cost = {r["event_id"]: r["cost_usd"] for r in rows}
+    assert [cost[e.id] for e in events] == pytest.approx(EXPECTED, rel=1e-12)
+    assert [r["priced"] for r in sorted(rows, key=lambda r: [e.id for e in events].index(r["event_id"]))] == [
+        True, True, True, False]
+
+    daily = await asyncio.to_thread(cost_rollup, store, ["tenant", "day"])
+    assert [(r["tenant"], str(r["day"]), r["calls"]) for r in daily] == [
+        ("default", "2025-05-02", 1), ("default", "2025-05-01", 2), ("acme", "2025-05-01", 1)]
+    assert daily[1]["cost_usd"] == pytest.approx(sum(EXPECTED[:2]))
+    assert daily[1]["tokens"] == 3600 and daily[2]["unpriced_calls"] == 1
+
+    later = await asyncio.to_thread(cost_rollup, store, ["model"], T0 + timedelta(hours=2), "default")
+    assert [(r["model"], r["calls"]) for r in later] == [("sim-canary", 1)]
+    with pytest.raises(UnknownDimension):
+        cost_rollup(store, ["tenant; DROP TABLE cost_ledger"])
+
+
+async def test_same_delivery_twice_gives_one_row_per_event(context: ServiceContext, store: Store) -> None:
+    handlers = CostHandlers(context, load_price_book(""))
+    events = _batch()
+    delivery = Delivery(subject="x", msg_id="b-same", headers={}, deliveries=1, stream_seq=7)
+    await handlers.on_inference(events, delivery)
+    await handlers.on_inference(events, Delivery(subject="x", msg_id="b-same", headers={}, deliveries=2,
+                                                 stream_seq=7))
+    assert store.scalar("SELECT count() FROM cost_ledger") == 4
+    assert store.scalar("SELECT uniqExact(event_id) FROM cost_ledger") == 4
+    # The republished cost records carry the same Nats-Msg-Id, so JetStream kept one of each.
+    info = await context.bus.js.stream_info(context.bus.subjects.streams["events"].name)
+    assert info.state.messages == 3
+
+
+async def test_malformed_message_goes_to_dlq_and_next_is_processed(run_services, bus: Bus, store: Store) -> None:
+    letters = await bus.nc.subscribe(bus.subjects.dlq("cost"))
+    svcs = await run_services("cost")
+    await bus.publish(bus.subjects.inference("shop"), b"{not json", msg_id="bad-1")
+    good = InferenceEvent(app="shop", model="sim-good", input_tokens=100)
+    await bus.publish(bus.subjects.inference("shop"), good)
+    letter = Codec(DeadLetter).decode((await letters.next_msg(timeout=15)).data)
+    assert letter.origin == "cost" and letter.payload == b"{not json"
+    await svcs["cost"].handlers.events.wait_for(1)
+    assert store.scalar("SELECT event_id FROM cost_ledger") == good.id

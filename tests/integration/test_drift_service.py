@@ -1,0 +1,111 @@
+"""Drift monitor on real NATS and chDB: a shifted window is reported, stored and queryable."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from lockgate.bus import Bus, Delivery
+from lockgate.codec import Codec
+from lockgate.contracts import DeadLetter, DriftReport, InferenceEvent, RolloutState
+from lockgate.queries.drift import drift_reports
+from lockgate.service import ServiceContext
+from lockgate.store import Store
+
+from services.drift.handlers import DriftHandlers
+
+pytestmark = pytest.mark.timeout(60)
+
+report_codec: Codec[DriftReport] = Codec(DriftReport)
+
+
+def _events(n: int, output: float, seed: int, deployment: str = "checkout") -> list[InferenceEvent]:
+    rng = np.random.default_rng(seed)
+    return [
+        InferenceEvent(app="shop", deployment=deployment, model="sim-good", output_tokens=int(o),
+                       input_tokens=int(i), latency_ms=float(lat))
+        for o, i, lat in zip(rng.normal(output, 10, n).clip(1), rng.normal(100, 10, n).clip(1),
+                             rng.normal(300, 30, n).clip(1), strict=True)
+    ]
+
+
+async def _poll(fetch: Any, ok: Any, timeout_s: float = 15.0) -> Any:
+    """Re-run `fetch` until `ok(result)`: rows land asynchronously after the publish."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await asyncio.to_thread(fetch)
+        if ok(result) or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.05)
+
+
+async def test_shifted_window_is_reported_and_stored(run_services, bus: Bus, store: Store, settings) -> None:
+    assert (settings.drift_reference_size, settings.drift_window_size) == (50, 50)
+    sub = await bus.nc.subscribe(bus.subjects.drift("checkout"))
+    await run_services("drift")
+    subject = bus.subjects.inference("shop")
+    await bus.publish(subject, _events(50, output=100, seed=1))  # one JSON array: the reference
+    await bus.publish(subject, _events(50, output=400, seed=2))  # the current window, shifted
+    msg = await sub.next_msg(timeout=15)
+    report = report_codec.decode(msg.data)
+    by_feature = {f.feature: f for f in report.features}
+    assert report.deployment == "checkout" and report.app == "shop"
+    assert (report.reference_n, report.current_n) == (50, 50)
+    assert report.drifted and by_feature["output_tokens"].drifted
+    assert by_feature["output_tokens"].psi > 1.0 and by_feature["output_tokens"].ks_pvalue < 1e-6
+    assert by_feature["output_tokens"].current_mean > 300 > by_feature["output_tokens"].reference_mean
+
+    stored = await _poll(lambda: drift_reports(store, "checkout"), lambda r: len(r) == 1)
+    assert len(stored) == 1 and stored[0]["id"] == report.id and stored[0]["drifted"]
+    assert {f["feature"] for f in stored[0]["features"]} == {"output_tokens", "latency_ms", "input_tokens"}
+    assert store.scalar("SELECT count() FROM drift_reports") == 3
+    assert await asyncio.to_thread(drift_reports, store, "elsewhere") == []
+
+
+async def test_promotion_resets_the_reference(run_services, bus: Bus, store: Store) -> None:
+    sub = await bus.nc.subscribe(bus.subjects.drift("checkout"))
+    svcs = await run_services("drift")
+    handlers = svcs["drift"].handlers
+    subject = bus.subjects.inference("shop")
+    await bus.publish(subject, _events(50, output=100, seed=1))
+    await handlers.events.wait_for(50)
+    await bus.publish(bus.subjects.rollout("checkout"),
+                      RolloutState(deployment="checkout", stable_release="rel-2", phase="promoted"))
+    await handlers.resets.wait_for(1)
+    # The promoted release's traffic is the new reference, so the same shift is no longer drift.
+    await bus.publish(subject, _events(50, output=400, seed=3))
+    await bus.publish(subject, _events(50, output=400, seed=4))
+    report = report_codec.decode((await sub.next_msg(timeout=15)).data)
+    out = next(f for f in report.features if f.feature == "output_tokens")
+    assert out.reference_mean > 300 and out.current_mean > 300
+    assert handlers.events.count == 150
+
+
+async def test_malformed_message_goes_to_dlq_and_next_is_processed(run_services, bus: Bus) -> None:
+    letters = await bus.nc.subscribe(bus.subjects.dlq("drift"))
+    svcs = await run_services("drift")
+    await bus.publish(bus.subjects.inference("shop"), b'[{"type":"lockgate.inference"}]', msg_id="bad-1")
+    await bus.publish(bus.subjects.inference("shop"), _events(3, output=100, seed=5))
+    letter = Codec(DeadLetter).decode((await letters.next_msg(timeout=15)).data)
+    assert letter.origin == "drift" and letter.payload == b'[{"type":"lockgate.inference"}]'
+    await svcs["drift"].handlers.events.wait_for(3)
+
+
+async def test_redelivered_message_is_observed_once(context: ServiceContext, store: Store) -> None:
+    handlers = DriftHandlers(context)
+    reference = _events(50, output=100, seed=1)
+    for attempt in (1, 2):
+        await handlers.on_inference(reference, Delivery(subject="s", msg_id="b-ref", headers={},
+                                                        deliveries=attempt, stream_seq=1))
+    assert handlers.events.count == 50
+    # Had the redelivery been counted, these 50 would have completed a second window already.
+    await handlers.on_inference(_events(49, output=100, seed=2), Delivery(subject="s", msg_id="b-2", headers={},
+                                                                          deliveries=1, stream_seq=2))
+    assert handlers.reports.count == 0
+    await handlers.on_inference(_events(1, output=100, seed=3), Delivery(subject="s", msg_id="b-3", headers={},
+                                                                         deliveries=1, stream_seq=3))
+    assert handlers.reports.count == 1
+    assert store.scalar("SELECT count() FROM drift_reports") == 3

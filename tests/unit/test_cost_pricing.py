@@ -1,0 +1,99 @@
+"""Pricing: cached tokens at the cached rate, unknown models unpriced, groups per message."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from lockgate.contracts import InferenceEvent
+
+from services.cost.domain import ModelPrice, PriceBookError, event_cost, parse_price_book, price_events
+from services.cost.pricebook import load_price_book
+
+pytestmark = pytest.mark.timeout(30)
+
+BOOK = {
+    "version": "t1",
+    "currency": "USD",
+    "models": {
+        "m-cache": {"input_per_mtok": 2.0, "output_per_mtok": 10.0, "cached_input_per_mtok": 0.5},
+        "m-plain": {"input_per_mtok": 1.0, "output_per_mtok": 3.0},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("model", "inp", "cached", "out", "expected"),
+    [
+        ("m-cache", 1_000_000, 0, 0, 2.0),
+        ("m-cache", 1000, 400, 200, (600 * 2.0 + 400 * 0.5 + 200 * 10.0) / 1e6),
+        ("m-plain", 1000, 400, 200, (1000 * 1.0 + 200 * 3.0) / 1e6),  # no cached rate: input rate
+        ("m-cache", 100, 500, 0, 100 * 0.5 / 1e6),  # cached beyond input is capped at input
+    ],
+)
+def test_event_cost(model: str, inp: int, cached: int, out: int, expected: float) -> None:
+    book = parse_price_book(BOOK)
+    e = InferenceEvent(app="a", model=model, input_tokens=inp, cached_tokens=cached, output_tokens=out)
+    assert event_cost(e, book.models[model]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_price_events_columns_and_groups() -> None:
+    book = parse_price_book(BOOK)
+    t0 = datetime(2025, 3, 1, tzinfo=UTC)
+    events = [
+        InferenceEvent(app="shop", deployment="d", model="m-cache", input_tokens=1000, cached_tokens=400,
+                       output_tokens=200, time=t0),
+        InferenceEvent(app="shop", deployment="d", model="m-cache", input_tokens=1000, output_tokens=0,
+                       time=t0 + timedelta(seconds=5)),
+        InferenceEvent(app="shop", deployment="d", model="mystery", input_tokens=99, output_tokens=9, time=t0),
+        InferenceEvent(app="shop", deployment="d", model="", response_model="m-plain", input_tokens=10, time=t0,
+                       tenant="acme"),
+    ]
+    priced = price_events(events, book)
+    cols = dict(zip(("event_id", "time", "tenant", "app", "deployment", "release", "model", "input_tokens",
+                     "output_tokens", "cached_tokens", "cost_usd", "priced", "price_book"), priced.columns,
+                    strict=True))
+    assert cols["event_id"] == [e.id for e in events]
+    assert cols["priced"] == [True, True, False, True]
+    assert cols["cost_usd"] == pytest.approx([0.0034, 0.002, 0.0, 0.00001])
+    assert cols["model"] == ["m-cache", "m-cache", "mystery", "m-plain"]
+    assert set(cols["price_book"]) == {book.hash} and book.hash.startswith("sha256:")
+    by_model = {(r.tenant, r.model): r for r in priced.records}
+    assert set(by_model) == {("default", "m-cache"), ("default", "mystery"), ("acme", "m-plain")}
+    r = by_model[("default", "m-cache")]
+    assert (r.calls, r.input_tokens, r.cached_tokens, r.output_tokens) == (2, 2000, 400, 200)
+    assert r.cost_usd == pytest.approx(0.0054)
+    assert (r.window_start, r.window_end) == (t0, t0 + timedelta(seconds=5))
+    assert by_model[("default", "mystery")].unpriced_calls == 1
+    assert by_model[("default", "mystery")].cost_usd == 0.0
+
+
+def test_price_book_hash_follows_content() -> None:
+    a = parse_price_book(BOOK)
+    b = parse_price_book({**BOOK, "version": "t2"})
+    assert a.hash != b.hash and a.hash == parse_price_book(dict(BOOK)).hash
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"version": "x", "models": {"m": {"input_per_mtok": -1, "output_per_mtok": 1}}},
+        {"version": "x", "models": {"m": {"input_per_mtok": 1}}},
+        {"version": "x", "currency": "EUR", "models": {}},
+        {"models": {}},
+    ],
+)
+def test_malformed_price_books_are_rejected(bad: dict) -> None:
+    with pytest.raises(PriceBookError):
+        parse_price_book(bad)
+
+
+def test_shipped_price_book_prices_the_simulator_models(tmp_path) -> None:
+    book = load_price_book("")
+    assert {"sim-good", "sim-bad", "sim-stable", "sim-canary", "gpt-4o"} <= set(book.models)
+    assert isinstance(book.models["gpt-4o"], ModelPrice)
+    with pytest.raises(PriceBookError):
+        load_price_book(str(tmp_path / "missing.yaml"))
+    (tmp_path / "bad.yaml").write_text("version: [unclosed")
+    with pytest.raises(PriceBookError):
+        load_price_book(str(tmp_path / "bad.yaml"))

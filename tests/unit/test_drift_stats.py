@@ -1,0 +1,105 @@
+"""PSI and KS on hand-checked examples; the drift monitor's window arithmetic."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+from lockgate.contracts import InferenceEvent
+
+from services.drift import stats
+from services.drift.domain import FEATURES, DriftMonitor
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_psi_matches_a_hand_computed_example() -> None:
+    ref = np.arange(100, dtype=float)  # deciles put exactly 10 values in each of 10 bins
+    cur = np.repeat(np.arange(50, dtype=float), 2)  # bins 0-4 hold 20% each, bins 5-9 are empty
+    eps = 0.5 / 100  # an empty bin counts as half an observation
+    expected = 5 * (0.2 - 0.1) * math.log(0.2 / 0.1) + 5 * (eps - 0.1) * math.log(eps / 0.1)
+    assert stats.psi(ref, cur) == pytest.approx(expected, rel=1e-12)
+
+
+def test_psi_from_proportions_formula() -> None:
+    p, q = np.array([0.5, 0.5]), np.array([0.25, 0.75])
+    expected = (0.25 - 0.5) * math.log(0.5) + (0.75 - 0.5) * math.log(1.5)
+    assert stats.psi_from_proportions(p, q) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_identical_distributions_have_psi_near_zero(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ref = rng.normal(100, 15, 5000)
+    assert stats.psi(ref, ref) == pytest.approx(0.0, abs=1e-12)
+    assert stats.psi(ref, rng.normal(100, 15, 5000)) < 0.02
+
+
+@pytest.mark.parametrize("shift", [15.0, 30.0])
+def test_shifted_distribution_flags_drift(shift: float) -> None:
+    rng = np.random.default_rng(7)
+    ref, cur = rng.normal(100, 15, 2000), rng.normal(100 + shift, 15, 2000)
+    assert stats.psi(ref, cur) > 0.2
+
+
+def test_discrete_reference_collapses_bins_without_error() -> None:
+    ref = np.array([1.0] * 90 + [2.0] * 10)
+    assert stats.psi(ref, ref) == pytest.approx(0.0, abs=1e-12)
+    assert stats.psi(ref, np.full(100, 5.0)) > 1.0
+
+
+def test_ks_matches_the_empirical_cdf_distance() -> None:
+    rng = np.random.default_rng(11)
+    a, b = rng.normal(0, 1, 300), rng.normal(0.5, 1, 400)
+    grid = np.sort(np.concatenate([a, b]))
+    ecdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
+    stat, p = stats.ks(a, b)
+    assert stat == pytest.approx(float(np.max(np.abs(ecdf(a) - ecdf(b)))))
+    assert p < 1e-3
+
+
+def _events(n: int, *, deployment: str = "d1", output: float = 100.0, start: int = 0) -> list[InferenceEvent]:
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    rng = np.random.default_rng(start)
+    outs = rng.normal(output, 10, n).clip(0)
+    return [
+        InferenceEvent(app="shop", deployment=deployment, output_tokens=int(o), input_tokens=50 + i % 7,
+                       latency_ms=200.0 + i % 13, time=t0 + timedelta(seconds=start + i))
+        for i, o in enumerate(outs)
+    ]
+
+
+def test_monitor_reports_every_window_after_the_reference() -> None:
+    m = DriftMonitor(reference_size=500, window_size=250, psi_threshold=0.2)
+    assert m.observe_events(_events(749)) == []
+    [first] = m.observe_events(_events(1, start=749))
+    assert (first.reference_n, first.current_n) == (500, 250)
+    assert [f.feature for f in first.features] == list(FEATURES)
+    assert not first.drifted
+    # One batch spanning two boundaries gives two reports.
+    assert len(m.observe_events(_events(500, start=750))) == 2
+
+
+def test_monitor_flags_a_shift_and_resets_on_promotion() -> None:
+    m = DriftMonitor(reference_size=100, window_size=50, psi_threshold=0.2)
+    m.observe_events(_events(100))
+    [report] = m.observe_events(_events(50, output=300.0, start=100))
+    out = next(f for f in report.features if f.feature == "output_tokens")
+    assert report.drifted and out.drifted and out.current_mean > out.reference_mean
+    assert report.window_start == datetime(2025, 1, 1, tzinfo=UTC) + timedelta(seconds=100)
+    assert report.window_end == datetime(2025, 1, 1, tzinfo=UTC) + timedelta(seconds=149)
+    m.reset("d1")
+    assert m.observe_events(_events(100, output=300.0, start=200)) == []
+    [after] = m.observe_events(_events(50, output=300.0, start=300))
+    assert after.reference_n == 100
+    out_after = next(f for f in after.features if f.feature == "output_tokens")
+    assert out_after.reference_mean == pytest.approx(out_after.current_mean, rel=0.05)
+
+
+def test_deployments_have_separate_windows() -> None:
+    m = DriftMonitor(reference_size=10, window_size=10, psi_threshold=0.2)
+    mixed = _events(20, deployment="a") + _events(15, deployment="b")
+    reports = m.observe_events(mixed)
+    assert [r.deployment for r in reports] == ["a"]
