@@ -1,0 +1,1 @@
+"""Evaluator service: eval suites, scorers and statistics."""

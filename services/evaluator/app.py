@@ -1,0 +1,36 @@
+"""Evaluator wiring: one durable consumer on `eval.requested`."""
+
+from __future__ import annotations
+
+from lockgate.bus import consume
+from lockgate.contracts import EvalRequested
+from lockgate.service import Service, ServiceContext
+
+from services.evaluator.handlers import EvalHandlers
+
+
+class Evaluator(Service):
+    """Runs eval suites against candidate endpoints and publishes `eval.completed`."""
+
+    name = "evaluator"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.handlers = EvalHandlers(ctx, self.tracer)
+        s = ctx.bus.subjects
+        # batch_size 1: an eval is long, so each instance pulls one at a time and siblings share the rest;
+        # max_workers lets one instance still run a few evals side by side.
+        consume(ctx.bus, self.router, subject=s.eval_requested, stream="events",
+                durable=s.durable("evaluator", "requests"), wire_type=EvalRequested, origin="evaluator",
+                handler=self.handlers.on_requested, batch_size=1, max_workers=4,
+                ack_wait_s=ctx.settings.ack_wait_s)
+
+    async def stop(self) -> None:
+        """Cancel in-flight evals (redelivered later) and close the HTTP pool."""
+        await self.handlers.close()
+        await super().stop()
+
+
+def create(ctx: ServiceContext) -> Evaluator:
+    """Build the evaluator."""
+    return Evaluator(ctx)

@@ -1,0 +1,145 @@
+"""Calls an OpenAI-compatible endpoint for every case: pooled, bounded, retried."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from lockgate.errors import LockgateError, UpstreamError
+
+from services.evaluator import domain
+
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One successful chat completion."""
+
+    text: str
+    latency_ms: float
+    input_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class CallPolicy:
+    """Timeouts and retries for one eval run."""
+
+    timeout_s: float = 30.0
+    max_retries: int = 3
+    backoff_s: float = 0.25
+    max_backoff_s: float = 5.0
+
+
+class _Transient(Exception):
+    """A failure worth retrying (429, 5xx, timeout, connection reset)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+async def complete(
+    session: aiohttp.ClientSession, endpoint: str, model: str, messages: list[dict[str, str]], policy: CallPolicy
+) -> Completion:
+    """One chat completion with retries and exponential backoff; raises UpstreamError when it gives up."""
+    url = endpoint.rstrip("/") + "/chat/completions"
+    body = {"model": model, "messages": messages, "temperature": 0}
+    last = ""
+    for attempt in range(policy.max_retries + 1):
+        try:
+            return await _call(session, url, body, policy.timeout_s)
+        except _Transient as exc:
+            last = str(exc)
+            if attempt == policy.max_retries:
+                break
+            delay = min(policy.backoff_s * 2**attempt, policy.max_backoff_s)
+            if exc.retry_after is not None:
+                delay = min(max(delay, exc.retry_after), policy.max_backoff_s)
+            await asyncio.sleep(delay)  # backoff between attempts, not synchronisation
+    raise UpstreamError(f"{last} (gave up after {policy.max_retries + 1} attempts)")
+
+
+async def _call(session: aiohttp.ClientSession, url: str, body: dict[str, Any], timeout_s: float) -> Completion:
+    started = time.perf_counter()
+    try:
+        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status in RETRYABLE_STATUS:
+                raise _Transient(f"HTTP {resp.status} from {url}", _retry_after(resp.headers.get("Retry-After")))
+            if resp.status >= 400:
+                text = (await resp.text())[:200]
+                raise UpstreamError(f"HTTP {resp.status} from {url}: {text}")
+            payload = await resp.json(content_type=None)
+    except TimeoutError:
+        raise _Transient(f"timed out after {timeout_s:g}s calling {url}") from None
+    except aiohttp.ClientError as exc:
+        raise _Transient(f"cannot reach {url}: {exc!r}") from None
+    except ValueError as exc:  # JSON decode
+        raise UpstreamError(f"{url} answered something that is not JSON: {exc}") from None
+    latency_ms = (time.perf_counter() - started) * 1000.0
+    try:
+        text = payload["choices"][0]["message"]["content"] or ""
+    except (KeyError, IndexError, TypeError):
+        raise UpstreamError(f"{url} answered without choices[0].message.content") from None
+    usage = payload.get("usage") or {}
+    return Completion(
+        text=str(text), latency_ms=latency_ms,
+        input_tokens=int(usage.get("prompt_tokens") or 0), output_tokens=int(usage.get("completion_tokens") or 0),
+    )
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
+Call = Callable[[list[dict[str, str]]], Awaitable[Completion]]
+
+
+async def run_cases(
+    suite: domain.Suite,
+    cases: Sequence[domain.Case],
+    call: Call,
+    *,
+    concurrency: int,
+    on_done: Callable[[], None] | None = None,
+) -> list[domain.CaseResult]:
+    """Run every (case, repeat) through `call` with at most `concurrency` in flight; results keep input order."""
+    sem = asyncio.Semaphore(max(1, concurrency))
+
+    async def one(case: domain.Case, repeat: int) -> domain.CaseResult:
+        messages = domain.render(suite, case)
+        prompt = messages[-1]["content"]
+        async with sem:
+            try:
+                done = await call(messages)
+            except LockgateError as exc:
+                result = domain.CaseResult(case_id=case.id, repeat=repeat, input=prompt, expected=case.expected,
+                                           error=exc.message)
+            else:
+                result = domain.CaseResult(
+                    case_id=case.id, repeat=repeat, input=prompt, expected=case.expected, output=done.text,
+                    scores=domain.score(suite, done.text, case.expected, case_id=case.id), latency_ms=done.latency_ms,
+                    input_tokens=done.input_tokens, output_tokens=done.output_tokens,
+                )
+        if on_done is not None:
+            on_done()
+        return result
+
+    # Render everything first so a template error fails the run before any call is made.
+    for case in cases:
+        domain.render(suite, case)
+    # A TaskGroup cancels the remaining calls if one raises (a scorer bug), leaving nothing orphaned.
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(one(case, r)) for case in cases for r in range(suite.repeats)]
+    except* domain.SuiteError as group_error:
+        raise group_error.exceptions[0] from None
+    return [t.result() for t in tasks]

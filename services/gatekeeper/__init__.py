@@ -1,0 +1,1 @@
+"""Gatekeeper service: threshold policies over eval results, decisions in KV and the audit log."""

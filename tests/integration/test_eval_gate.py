@@ -1,0 +1,175 @@
+"""Evaluator + gatekeeper on a real nats-server and chDB, against the OpenAI-compatible simulator."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lockgate import artifacts
+from lockgate.bus import Bus
+from lockgate.codec import Codec
+from lockgate.contracts import DeadLetter, EvalCompleted, EvalRequested, GateDecided, LineageRun
+from lockgate.ids import uuid7
+from lockgate.queries.decisions import decisions, latest_decision
+from lockgate.queries.evals import eval_cases, eval_runs
+from lockgate.sim import ModelSpec, SimConfig, SimServer
+from lockgate.store import Store
+from lockgate.subjects import token
+
+pytestmark = pytest.mark.timeout(90)
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+decided: Codec[GateDecided] = Codec(GateDecided)
+
+
+def qa_answers(wrong_every: int = 0) -> dict[str, str]:
+    """Simulator answers for qa.jsonl: all right, or every n-th one wrong."""
+    out = {}
+    for i, line in enumerate((FIXTURES / "suites" / "qa.jsonl").read_text().splitlines()):
+        case = json.loads(line)
+        wrong = wrong_every and i % wrong_every == 0
+        out[case["vars"]["question"]] = "I am not sure" if wrong else case["expected"]
+    return out
+
+
+async def register_qa(bus: Bus) -> tuple[str, str]:
+    """Register the fixture dataset, suite and default policy; returns (suite hash, policy hash)."""
+    await artifacts.register_file(bus, "dataset", FIXTURES / "suites" / "qa.jsonl")
+    suite = await artifacts.register_file(bus, "eval_suite", FIXTURES / "suites" / "qa.yaml")
+    policy = await artifacts.register_file(bus, "policy", FIXTURES / "policies" / "default.yaml")
+    return suite.hash, policy.hash
+
+
+@pytest.fixture
+async def subscribe(bus: Bus) -> AsyncIterator[Callable[[str], Any]]:
+    """Core NATS subscriptions that are dropped before the bus drains (unread messages would stall drain)."""
+    subs: list[Any] = []
+
+    async def sub(subject: str) -> Any:
+        subs.append(await bus.nc.subscribe(subject))
+        return subs[-1]
+
+    yield sub
+    for s in subs:
+        await s.unsubscribe()
+
+
+async def next_decision(sub: Any, timeout: float = 30) -> GateDecided:
+    return decided.decode((await sub.next_msg(timeout=timeout)).data)
+
+
+def request(**fields: Any) -> EvalRequested:
+    return EvalRequested(**{"run_id": uuid7(), "concurrency": 4, "timeout_s": 5.0, **fields})
+
+
+async def test_good_candidate_passes_and_regressed_one_is_blocked(
+    bus: Bus, store: Store, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
+) -> None:
+    suite, policy = await register_qa(bus)
+    config = SimConfig(models={"good": ModelSpec(answers=qa_answers(), latency_ms=2),
+                               "bad": ModelSpec(answers=qa_answers(wrong_every=2), latency_ms=2)})
+    gates = await subscribe(bus.subjects.gate_decided_all)
+    evals = await subscribe(bus.subjects.eval_completed)
+    lineage = await subscribe(bus.subjects.lineage_run)
+    async with SimServer(config) as sim:
+        await run_services("evaluator", "gatekeeper")
+        good = request(release="v-good", suite=suite, endpoint=sim.url, model="good", policy=policy)
+        await bus.publish(bus.subjects.eval_requested, good)
+        first = await next_decision(gates)
+        bad = request(release="v-bad", suite=suite, endpoint=sim.url, model="bad", policy=policy)
+        await bus.publish(bus.subjects.eval_requested, bad)
+        second = await next_decision(gates)
+        assert sim.requests == {"good": 20, "bad": 20}
+
+    assert (first.release, first.decision, first.eval_run) == ("v-good", "PASS", good.run_id)
+    assert [r.verdict for r in first.rules] == ["PASS", "PASS", "PASS"]
+    assert (second.release, second.decision) == ("v-bad", "BLOCK")
+    failing = [r for r in second.rules if r.verdict == "FAIL"]
+    assert [(r.rule, r.metric, r.observed) for r in failing] == [("accuracy", "exact_match", 0.5)]
+    assert "accuracy" in second.reason and second.artifacts == {"eval_suite": suite, "policy": policy}
+
+    done = Codec(EvalCompleted).decode((await evals.next_msg(timeout=5)).data)
+    assert done.status == "completed" and done.n_cases == 20 and done.metrics["exact_match"] == 1.0
+    assert {"score", "token_f1", "latency_p50_ms", "latency_p95_ms", "error_rate", "n"} <= set(done.metrics)
+    run = Codec(LineageRun).decode((await lineage.next_msg(timeout=5)).data)
+    dataset = json.loads((FIXTURES / "suites" / "qa.yaml").read_text().split("dataset: ")[1].split("\n")[0])
+    assert (run.kind, run.run_id, run.release, run.inputs, run.outputs) == (
+        "eval", good.run_id, "v-good", [suite, dataset], [good.run_id])
+
+    runs = {r["run_id"]: r for r in eval_runs(store)}
+    assert runs[good.run_id]["status"] == "completed" and runs[bad.run_id]["metrics"]["exact_match"] == 0.5
+    cases = eval_cases(store, bad.run_id)
+    assert len(cases) == 20 and sum(c["scores"]["exact_match"] for c in cases) == 10
+    assert next(c for c in cases if c["case_id"] == "capital-fr")["output"] == "I am not sure"
+
+    history = decisions(store)
+    assert [(d["release"], d["decision"], d["action"], d["actor"]) for d in history] == [
+        ("v-bad", "BLOCK", "decided", "gatekeeper"), ("v-good", "PASS", "decided", "gatekeeper")]
+    assert history[0]["rules"][0]["rule"] == "accuracy" and history[0]["id"] == second.id
+    assert latest_decision(store, "v-good")["eval_run"] == good.run_id
+    assert latest_decision(store, "v-none") is None
+
+    kv = await bus.kv(bus.subjects.kv_gates)
+    entry = await kv.get(token("v-bad"))
+    assert decided.decode(entry.value) == second
+
+
+async def test_malformed_request_goes_to_dlq_and_a_failed_eval_is_blocked(
+    bus: Bus, store: Store, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
+) -> None:
+    _, policy = await register_qa(bus)
+    dlq = await subscribe(bus.subjects.dlq_all)
+    gates = await subscribe(bus.subjects.gate_decided_all)
+    await run_services("evaluator", "gatekeeper")
+    await bus.publish(bus.subjects.eval_requested, b'{"type":"lockgate.eval.requested","run_id":1}', msg_id="bad")
+    missing = "sha256:" + "0" * 64
+    req = request(release="v-missing", suite=missing, endpoint="http://127.0.0.1:9/v1", model="m", policy=policy)
+    await bus.publish(bus.subjects.eval_requested, req)
+
+    letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=15)).data)
+    assert letter.origin == "evaluator" and "$.run_id" in letter.error
+    decision = await next_decision(gates)
+    assert decision.decision == "BLOCK" and decision.eval_run == req.run_id
+    assert f"eval run {req.run_id} failed" in decision.reason and missing in decision.reason
+    [run] = eval_runs(store, "v-missing")
+    assert run["status"] == "failed" and "not in the object store" in run["error"]
+
+
+async def test_bad_policy_blocks_naming_the_problem(
+    bus: Bus, store: Store, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
+) -> None:
+    suite, _ = await register_qa(bus)
+    broken = await artifacts.register(bus, "policy", "broken", {"name": "broken", "rules": [
+        {"name": "acc", "metric": "exact_match", "op": "=>", "threshold": 0.8}]})
+    gates = await subscribe(bus.subjects.gate_decided_all)
+    async with SimServer(SimConfig(models={"good": ModelSpec(answers=qa_answers())})) as sim:
+        await run_services("evaluator", "gatekeeper")
+        await bus.publish(bus.subjects.eval_requested,
+                          request(release="v1", suite=suite, endpoint=sim.url, model="good", policy=broken.hash))
+        decision = await next_decision(gates)
+    assert decision.decision == "BLOCK"
+    assert f"policy {broken.hash} is unusable" in decision.reason and "policy.rules[0].op" in decision.reason
+    assert latest_decision(store, "v1")["reason"] == decision.reason
+
+
+async def test_an_eval_longer_than_ack_wait_is_not_redelivered(
+    bus: Bus, settings: Any, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
+) -> None:
+    # settings.ack_wait_s is 2 s; 10 sequential calls of 300 ms outlast it, so only the heartbeat saves the run.
+    cases = [{"id": str(i), "input": f"q{i}", "expected": "ok"} for i in range(10)]
+    suite = await artifacts.register(bus, "eval_suite", "slow", {
+        "name": "slow", "prompt": {"template": "{input}"}, "dataset": cases, "scorers": ["exact_match"]})
+    policy = await artifacts.register(bus, "policy", "p", {"name": "p", "rules": [
+        {"metric": "exact_match", "op": ">=", "threshold": 1}]})
+    gates = await subscribe(bus.subjects.gate_decided_all)
+    assert settings.ack_wait_s < 10 * 0.3
+    async with SimServer(SimConfig(models={"slow": ModelSpec(latency_ms=300)})) as sim:
+        await run_services("evaluator", "gatekeeper")
+        req = request(release="v-slow", suite=suite.hash, endpoint=sim.url, model="slow", policy=policy.hash,
+                      concurrency=1)
+        await bus.publish(bus.subjects.eval_requested, req)
+        decision = await next_decision(gates)
+        assert sim.requests == {"slow": 10}
+    assert decision.decision == "PASS"

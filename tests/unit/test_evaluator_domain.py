@@ -1,0 +1,172 @@
+"""Suite validation, prompt rendering, scoring and aggregation: pure, no I/O."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from lockgate.artifacts import canonical_bytes
+from lockgate.ids import content_hash
+
+from services.evaluator import domain
+from services.evaluator.domain import Case, CaseResult, SuiteError
+
+pytestmark = pytest.mark.timeout(10)
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+
+
+def suite_doc(**changes: object) -> dict:
+    doc = {
+        "name": "qa",
+        "prompt": {"system": "Be brief.", "template": "Q: {question}"},
+        "dataset": [{"id": "a", "vars": {"question": "2+2?"}, "expected": "4"}],
+        "scorers": [{"name": "exact_match", "weight": 2}, {"name": "token_f1"}],
+    }
+    doc.update(changes)
+    return doc
+
+
+def test_valid_suite_parses_with_defaults() -> None:
+    suite = domain.parse_suite(suite_doc())
+    assert suite.name == "qa" and suite.repeats == 1 and suite.model == ""
+    assert [(s.name, s.weight) for s in suite.scorers] == [("exact_match", 2.0), ("token_f1", 1.0)]
+    assert suite.dataset == (Case(id="a", vars={"question": "2+2?"}, expected="4"),)
+
+
+def test_scorer_shorthand_and_hash_dataset() -> None:
+    suite = domain.parse_suite(suite_doc(scorers=["exact_match"], dataset="sha256:" + "0" * 64, repeats=3))
+    assert suite.scorers[0].name == "exact_match" and suite.dataset.startswith("sha256:") and suite.repeats == 3
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"name": None}, "suite.name: expected a string"),
+        ({"prompt": "hi"}, "suite.prompt: expected a mapping"),
+        ({"prompt": {"system": "x"}}, "suite.prompt: missing required field 'template'"),
+        ({"prompt": {"template": "  "}}, "suite.prompt.template: must not be empty"),
+        ({"prompt": {"template": "x", "system": 3}}, "suite.prompt.system: expected a string"),
+        ({"dataset": "data.jsonl"}, "suite.dataset: expected an artifact hash"),
+        ({"dataset": 7}, "suite.dataset: expected a string or a list"),
+        ({"dataset": []}, "suite.dataset: the dataset has no cases"),
+        ({"dataset": [{"vars": {}}]}, "suite.dataset[0]: missing required field 'expected'"),
+        ({"dataset": [{"expected": 1}]}, "suite.dataset[0]: needs 'vars'"),
+        ({"dataset": [{"vars": [1], "expected": 1}]}, "suite.dataset[0].vars: expected a mapping"),
+        ({"scorers": []}, "suite.scorers: at least one scorer"),
+        ({"scorers": [{"name": "vibes"}]}, "suite.scorers[0].name: unknown scorer 'vibes'"),
+        ({"scorers": [{"name": "exact_match", "weight": -1}]}, "suite.scorers[0].weight"),
+        ({"scorers": [{"name": "exact_match", "weight": 0}]}, "weight above 0"),
+        ({"scorers": ["exact_match", "exact_match"]}, "listed twice"),
+        ({"scorers": [{"name": "exact_match", "params": [1]}]}, "suite.scorers[0].params"),
+        ({"repeats": 0}, "suite.repeats"),
+        ({"repeats": True}, "suite.repeats"),
+        ({"model": 5}, "suite.model"),
+    ],
+)
+def test_invalid_suites_name_the_field(changes: dict, message: str) -> None:
+    with pytest.raises(SuiteError) as err:
+        domain.parse_suite(suite_doc(**changes))
+    assert message in err.value.message
+
+
+def test_missing_top_level_field_and_non_mapping() -> None:
+    doc = suite_doc()
+    del doc["scorers"]
+    with pytest.raises(SuiteError, match="suite: missing required field 'scorers'"):
+        domain.parse_suite(doc)
+    with pytest.raises(SuiteError, match="top level"):
+        domain.parse_suite(["not", "a", "suite"])
+
+
+def test_cases_accept_input_shorthand_and_default_ids() -> None:
+    cases = domain.parse_cases([{"input": "hello", "expected": "hi"}, {"vars": {"x": 1}, "expected": [1, 2]}])
+    assert cases == (Case(id="0", vars={"input": "hello"}, expected="hi"), Case(id="1", vars={"x": 1}, expected=[1, 2]))
+
+
+def test_duplicate_case_ids_and_non_list_dataset_are_rejected() -> None:
+    with pytest.raises(SuiteError, match="duplicate case id 'a'"):
+        domain.parse_cases([{"id": "a", "input": "x", "expected": 1}, {"id": "a", "input": "y", "expected": 2}])
+    with pytest.raises(SuiteError, match="expected a list of cases"):
+        domain.parse_cases({"id": "a"}, where="dataset sha256:x")
+
+
+def test_render_builds_chat_messages() -> None:
+    suite = domain.parse_suite(suite_doc())
+    assert domain.render(suite, suite.dataset[0]) == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Q: 2+2?"},
+    ]
+    no_system = domain.parse_suite(suite_doc(prompt={"template": "{input} {{literal}}"}))
+    assert domain.render(no_system, Case(id="z", vars={"input": "x"}, expected="")) == [
+        {"role": "user", "content": "x {literal}"}
+    ]
+
+
+def test_render_names_the_case_and_the_missing_variable() -> None:
+    suite = domain.parse_suite(suite_doc())
+    with pytest.raises(SuiteError, match=r"case 'b': template variable \{question\} is not in its vars \(q\)"):
+        domain.render(suite, Case(id="b", vars={"q": 1}, expected=""))
+
+
+def test_score_uses_every_suite_scorer_and_wraps_scorer_failures() -> None:
+    suite = domain.parse_suite(suite_doc())
+    assert domain.score(suite, "4", "4") == {"exact_match": 1.0, "token_f1": 1.0}
+    assert domain.score(suite, "five", "4")["exact_match"] == 0.0
+    bad = domain.parse_suite(suite_doc(scorers=[{"name": "regex", "params": {"pattern": "("}}]))
+    with pytest.raises(SuiteError, match="scorer 'regex' failed on case 'c7'"):
+        domain.score(bad, "x", None, case_id="c7")
+
+
+@pytest.mark.parametrize(
+    ("values", "q", "expected"),
+    [([5.0], 95, 5.0), ([1, 2, 3, 4], 50, 2.5), ([1, 2, 3, 4, 5], 95, 4.8), ([10, 0], 0, 0.0), ([3, 1, 2], 100, 3.0)],
+)
+def test_percentile_matches_linear_interpolation(values: list[float], q: float, expected: float) -> None:
+    assert domain.percentile(values, q) == pytest.approx(expected)
+
+
+def result(case: str, em: float, f1: float, latency: float, error: str = "") -> CaseResult:
+    scores = {} if error else {"exact_match": em, "token_f1": f1}
+    return CaseResult(case_id=case, repeat=0, input="", expected="", scores=scores, latency_ms=latency, error=error)
+
+
+def test_aggregate_weighted_score_latency_and_errors() -> None:
+    suite = domain.parse_suite(suite_doc())  # exact_match weight 2, token_f1 weight 1
+    results = [result("a", 1, 1, 10), result("b", 1, 0.5, 20), result("c", 0, 0.5, 30),
+               result("d", 0, 0, 0, error="HTTP 500")]
+    m = domain.aggregate(suite, results)
+    assert m["n"] == 4
+    assert m["exact_match"] == pytest.approx(0.5)  # the errored case counts as 0
+    assert m["token_f1"] == pytest.approx(0.5)
+    assert m["score"] == pytest.approx((2 * 0.5 + 1 * 0.5) / 3)
+    assert m["error_rate"] == pytest.approx(0.25)
+    assert m["latency_p50_ms"] == pytest.approx(20)  # over successful calls only
+    assert m["latency_p95_ms"] == pytest.approx(29)
+
+
+def test_aggregate_without_successes_has_no_latency_and_a_failure_summary() -> None:
+    suite = domain.parse_suite(suite_doc())
+    results = [result("a", 0, 0, 0, error="timed out"), result("b", 0, 0, 0, error="HTTP 503")]
+    m = domain.aggregate(suite, results)
+    assert m["error_rate"] == 1.0 and "latency_p95_ms" not in m
+    assert domain.failure_summary(results) == "all 2 calls failed; first error: timed out"
+    assert domain.failure_summary(results + [result("c", 1, 1, 5)]) == ""
+    assert domain.aggregate(suite, []) == {"n": 0.0}
+
+
+def test_case_rows_are_in_column_order_and_chunks_are_stable() -> None:
+    r = CaseResult(case_id="a", repeat=1, input="Q", expected={"k": 1}, output="o", scores={"exact_match": 1.0},
+                   latency_ms=3.5, input_tokens=2, output_tokens=1)
+    row = domain.case_rows("run", "rel", [r], now=None)[0]  # type: ignore[arg-type]
+    assert dict(zip(domain.CASE_COLUMNS, row, strict=True))["expected"] == '{"k": 1}'
+    assert [len(c) for c in domain.chunks(list(range(7)), 3)] == [3, 3, 1]
+
+
+def test_fixture_suite_is_valid_and_its_dataset_hash_is_current() -> None:
+    suite = domain.parse_suite(yaml.safe_load((FIXTURES / "suites" / "qa.yaml").read_text()))
+    raw = (FIXTURES / "suites" / "qa.jsonl").read_bytes()
+    assert suite.dataset == content_hash(canonical_bytes(raw, "application/jsonl"))
+    cases = domain.parse_cases([yaml.safe_load(line) for line in raw.decode().splitlines()])
+    assert len(cases) == 20
+    assert all(domain.render(suite, c)[-1]["content"] == c.vars["question"] for c in cases)

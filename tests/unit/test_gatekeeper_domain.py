@@ -1,0 +1,129 @@
+"""Threshold policies: parsing, every operator, fail-closed no-data, failed runs, bad policies."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+from lockgate.contracts import EvalCompleted
+from lockgate.errors import PolicyError
+
+from services.gatekeeper import domain
+from services.gatekeeper.domain import Rule
+
+pytestmark = pytest.mark.timeout(10)
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+
+
+def policy_doc(**changes: object) -> dict:
+    doc = {"name": "p", "rules": [{"name": "acc", "metric": "exact_match", "op": ">=", "threshold": 0.8}]}
+    doc.update(changes)
+    return doc
+
+
+def test_fixture_policy_parses() -> None:
+    policy = domain.parse_policy(yaml.safe_load((FIXTURES / "policies" / "default.yaml").read_text()))
+    assert policy.no_data == "fail"
+    assert [(r.name, r.metric, r.op, r.threshold) for r in policy.rules] == [
+        ("accuracy", "exact_match", ">=", 0.8), ("latency", "latency_p95_ms", "<=", 2000.0),
+        ("reliability", "error_rate", "<=", 0.05),
+    ]
+
+
+def test_rule_name_defaults_to_the_expression() -> None:
+    policy = domain.parse_policy(policy_doc(rules=[{"metric": "score", "op": ">", "threshold": 0.5}]))
+    assert policy.rules[0].name == "score > 0.5"
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        ("just text", "policy: expected a mapping"),
+        (policy_doc(name=""), "policy.name"),
+        (policy_doc(no_data="maybe"), "policy.no_data: expected 'fail' or 'pass'"),
+        (policy_doc(rules=[]), "policy.rules: required"),
+        (policy_doc(rules="x >= 1"), "policy.rules: required"),
+        (policy_doc(rules=["x >= 1"]), "policy.rules[0]: expected a mapping"),
+        (policy_doc(rules=[{"op": ">=", "threshold": 1}]), "policy.rules[0].metric"),
+        (policy_doc(rules=[{"metric": "m", "op": "=>", "threshold": 1}]), "policy.rules[0].op: expected one of"),
+        (policy_doc(rules=[{"metric": "m", "op": ">=", "threshold": "high"}]), "policy.rules[0].threshold"),
+        (policy_doc(rules=[{"metric": "m", "op": ">=", "threshold": True}]), "policy.rules[0].threshold"),
+        (policy_doc(rules=[{"metric": "m", "op": ">=", "threshold": float("nan")}]), "policy.rules[0].threshold"),
+        (policy_doc(rules=[{"name": "a", "metric": "m", "op": ">=", "threshold": 1},
+                           {"name": "a", "metric": "n", "op": ">=", "threshold": 1}]), "repeated: a"),
+    ],
+)
+def test_bad_policies_name_the_problem(doc: object, message: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        domain.parse_policy(doc)
+    assert message in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("op", "observed", "verdict"),
+    [
+        (">=", 0.8, "PASS"), (">=", 0.79, "FAIL"),
+        (">", 0.81, "PASS"), (">", 0.8, "FAIL"),
+        ("<=", 0.8, "PASS"), ("<=", 0.81, "FAIL"),
+        ("<", 0.79, "PASS"), ("<", 0.8, "FAIL"),
+        ("==", 0.8, "PASS"), ("==", 0.7, "FAIL"),
+    ],
+)
+def test_every_operator(op: str, observed: float, verdict: str) -> None:
+    result = domain.evaluate_rule(Rule(name="r", metric="m", op=op, threshold=0.8), {"m": observed})
+    assert (result.verdict, result.observed, result.op, result.threshold) == (verdict, observed, op, 0.8)
+    assert "m = " in result.hint
+
+
+@pytest.mark.parametrize("metrics", [{}, {"m": float("nan")}, {"other": 1.0}])
+def test_missing_metric_is_no_data(metrics: dict[str, float]) -> None:
+    result = domain.evaluate_rule(Rule(name="r", metric="m", op=">=", threshold=1), metrics)
+    assert result.verdict == "NO_DATA" and result.observed is None and "m was not measured" in result.hint
+
+
+def test_decision_passes_only_when_every_rule_passes() -> None:
+    policy = domain.parse_policy(yaml.safe_load((FIXTURES / "policies" / "default.yaml").read_text()))
+    good = domain.decide(policy, {"exact_match": 0.9, "latency_p95_ms": 150, "error_rate": 0.0})
+    assert good.decision == "PASS" and [r.verdict for r in good.rules] == ["PASS"] * 3
+    bad = domain.decide(policy, {"exact_match": 0.5, "latency_p95_ms": 150, "error_rate": 0.0})
+    assert bad.decision == "BLOCK" and [r.verdict for r in bad.rules] == ["FAIL", "PASS", "PASS"]
+    assert "1 of 3 rules failed: accuracy: exact_match = 0.5, needs >= 0.8" in bad.reason
+
+
+def test_no_data_fails_closed_by_default_and_can_be_allowed() -> None:
+    metrics = {"score": 0.9}
+    closed = domain.decide(domain.parse_policy(policy_doc()), metrics)
+    assert closed.decision == "BLOCK" and closed.rules[0].verdict == "NO_DATA"
+    lenient = domain.decide(domain.parse_policy(policy_doc(no_data="pass")), metrics)
+    assert lenient.decision == "PASS" and lenient.rules[0].verdict == "NO_DATA"
+
+
+def completed(**changes: object) -> EvalCompleted:
+    fields = {"run_id": "r1", "release": "v2", "suite": "sha256:s", "policy": "sha256:p",
+              "metrics": {"exact_match": 0.9}}
+    fields.update(changes)
+    return EvalCompleted(**fields)  # type: ignore[arg-type]
+
+
+def test_failed_eval_blocks_with_its_error_and_still_shows_rules() -> None:
+    policy = domain.parse_policy(policy_doc())
+    out = domain.decide_eval(policy, "", completed(status="failed", error="suite sha256:s not found", metrics={}))
+    assert out.decision == "BLOCK" and "eval run r1 failed: suite sha256:s not found" in out.reason
+    assert [r.verdict for r in out.rules] == ["NO_DATA"]
+
+
+def test_unusable_policy_blocks_with_the_reason() -> None:
+    out = domain.decide_eval(None, "policy sha256:p is unusable: policy.rules: required", completed())
+    assert out == domain.Outcome("BLOCK", (), "policy sha256:p is unusable: policy.rules: required")
+    assert domain.decide_eval(domain.parse_policy(policy_doc()), "", completed()).decision == "PASS"
+
+
+def test_decision_id_is_deterministic_uuid7_and_time_ordered_like_its_eval() -> None:
+    a = EvalCompleted(run_id="r", release="v", suite="s")
+    b = EvalCompleted(run_id="r", release="v", suite="s")
+    ida, idb = domain.decision_id(a.id), domain.decision_id(b.id)
+    assert ida == domain.decision_id(a.id) and ida != idb
+    assert uuid.UUID(ida).version == 7 and uuid.UUID(ida).int >> 80 == uuid.UUID(a.id).int >> 80
+    assert uuid.UUID(domain.decision_id("not-a-uuid")).version == 7
