@@ -94,6 +94,17 @@ class Subjects:
     def gate_decided_all(self) -> str:
         return f"{self.prefix}.gate.decided.>"
 
+    def gate_review(self, release: str) -> str:
+        return f"{self.prefix}.gate.review.{token(release)}"
+
+    @property
+    def gate_review_all(self) -> str:
+        return f"{self.prefix}.gate.review.>"
+
+    def eval_progress(self, run_id: str) -> str:
+        """Core-NATS progress ticks of a running eval (not persisted)."""
+        return f"{self.prefix}.progress.eval.{token(run_id)}"
+
     def rollout(self, deployment: str) -> str:
         return f"{self.prefix}.rollout.{token(deployment)}"
 

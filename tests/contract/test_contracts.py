@@ -18,6 +18,7 @@ from lockgate.contracts import (
     EvalRequested,
     FeatureDrift,
     GateDecided,
+    GateReview,
     InferenceEvent,
     LineageRun,
     ReleaseRegistered,
@@ -42,6 +43,7 @@ SAMPLES = [
     GateDecided(release="r1", decision="BLOCK", rules=[
         RuleResult(rule="q", metric="exact_match", op=">=", threshold=0.95, observed=0.9, verdict="FAIL"),
         RuleResult(rule="l", metric="latency_p95_ms", op="<=", threshold=100, observed=None, verdict="NO_DATA")]),
+    GateReview(release="r1", action="approve", actor="alice", reason="looked at the diff"),
     RolloutState(deployment="web", stable_release="r0", canary_release="r1", canary_weight=10.0,
                  phase="progressing"),
     DriftReport(deployment="web", window_start=NOW, window_end=NOW, reference_n=10, current_n=10, drifted=True,

@@ -11,8 +11,8 @@ from lockgate.contracts.cost import CostRecord
 from lockgate.contracts.dlq import DeadLetter
 from lockgate.contracts.drift import DriftReport, FeatureDrift
 from lockgate.contracts.envelope import SCHEMA_VERSION, Event, utcnow
-from lockgate.contracts.evals import EvalCompleted, EvalRequested
-from lockgate.contracts.gates import GateDecided, RuleResult
+from lockgate.contracts.evals import BaselineComparison, EvalCompleted, EvalRequested, MetricInterval
+from lockgate.contracts.gates import GateDecided, GateReview, RuleResult
 from lockgate.contracts.inference import InferenceEvent
 from lockgate.contracts.rollout import RolloutState
 from lockgate.contracts.telemetry import SpanBatch, SpanRecord
@@ -25,6 +25,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     EvalRequested,
     EvalCompleted,
     GateDecided,
+    GateReview,
     RolloutState,
     DriftReport,
     CostRecord,
@@ -40,6 +41,9 @@ __all__ = [
     "AnyEvent",
     "ArtifactKind",
     "ArtifactRegistered",
+    "BaselineComparison",
+    "GateReview",
+    "MetricInterval",
     "CostRecord",
     "DeadLetter",
     "DriftReport",

@@ -2,7 +2,36 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from lockgate.contracts.envelope import Event
+
+
+class MetricInterval(msgspec.Struct, frozen=True, kw_only=True):
+    """An aggregate with its confidence interval (None bounds: not estimable from this sample)."""
+
+    estimate: float
+    low: float | None = None
+    high: float | None = None
+    confidence: float = 0.95
+    method: str = ""
+    n: int = 0
+
+
+class BaselineComparison(msgspec.Struct, frozen=True, kw_only=True):
+    """Candidate vs baseline on the same cases: paired difference with its interval and test."""
+
+    metric: str
+    candidate: float
+    baseline: float
+    diff: float
+    diff_low: float | None = None
+    diff_high: float | None = None
+    p_value: float | None = None
+    effect_size: float | None = None
+    test: str = ""
+    n_pairs: int = 0
+    warning: str = ""
 
 
 class EvalRequested(Event, frozen=True, kw_only=True, tag="lockgate.eval.requested"):
@@ -17,6 +46,7 @@ class EvalRequested(Event, frozen=True, kw_only=True, tag="lockgate.eval.request
     policy: str = ""
     concurrency: int = 8
     timeout_s: float = 30.0
+    artifacts: dict[str, str] = {}
 
 
 class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.completed"):
@@ -32,3 +62,8 @@ class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.complet
     n_errors: int = 0
     metrics: dict[str, float] = {}
     error: str = ""
+    intervals: dict[str, MetricInterval] = {}
+    baseline_run: str = ""
+    comparisons: dict[str, BaselineComparison] = {}
+    warnings: list[str] = []
+    artifacts: dict[str, str] = {}

@@ -22,6 +22,11 @@ class RuleResult(msgspec.Struct, frozen=True, kw_only=True):
     observed: float | None
     verdict: Verdict
     hint: str = ""
+    low: float | None = None
+    high: float | None = None
+    baseline: float | None = None
+    dry_run: bool = False
+    explanation: str = ""
 
 
 class GateDecided(Event, frozen=True, kw_only=True, tag="lockgate.gate.decided"):
@@ -37,3 +42,15 @@ class GateDecided(Event, frozen=True, kw_only=True, tag="lockgate.gate.decided")
     reason: str = ""
     signature: str = ""
     key_id: str = ""
+    review_required: str = ""
+    reviewed_by: str = ""
+
+
+class GateReview(Event, frozen=True, kw_only=True, tag="lockgate.gate.review"):
+    """A human approval or rejection of a release waiting in NEEDS_REVIEW (or an override)."""
+
+    release: str
+    action: Literal["approve", "reject"]
+    actor: str
+    reason: str
+    decision_id: str = ""

@@ -1,0 +1,28 @@
+"""Wiring of the router service."""
+
+from __future__ import annotations
+
+from lockgate.bus import consume
+from lockgate.contracts import GateDecided
+from lockgate.service import Service, ServiceContext
+
+from services.router.handlers import gate_handler
+from services.router.server import RouterService
+
+
+def create(ctx: ServiceContext) -> Service:
+    """Build the router and subscribe it to gate decisions."""
+    svc = RouterService(ctx)
+    consume(
+        ctx.bus,
+        svc.router,
+        subject=ctx.bus.subjects.gate_decided_all,
+        stream="events",
+        durable=ctx.bus.subjects.durable("router", "gates"),
+        wire_type=GateDecided,
+        origin="router",
+        handler=gate_handler(svc.rollouts),
+        batch_size=1,  # decisions are rare and must act within milliseconds
+        ack_wait_s=ctx.settings.ack_wait_s,
+    )
+    return svc

@@ -1,0 +1,17 @@
+"""NATS edge of the router: gate decisions in, route changes out (via Rollouts)."""
+
+from __future__ import annotations
+
+from lockgate.bus import Delivery, Handler
+from lockgate.contracts import GateDecided
+
+from services.router.rollouts import Rollouts
+
+
+def gate_handler(rollouts: Rollouts) -> Handler:
+    """Handler for `gate.decided.>`: apply to matching canaries; persistence errors retry via nack."""
+
+    async def handle(decision: GateDecided, delivery: Delivery) -> None:
+        await rollouts.on_decision(decision)
+
+    return handle

@@ -1,0 +1,236 @@
+"""`POST /v1/chat/completions`: pick the variant, proxy to its upstream, record one event.
+
+Hot path: no logging, no blocking calls, the request body is forwarded as received unless
+the model must be overridden or stream usage requested; events go to the batcher.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from lockgate import telemetry
+from lockgate.config import Settings
+from lockgate.contracts import InferenceEvent
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+
+from services.router import domain
+from services.router.batcher import EventBatcher
+from services.router.rollouts import Rollouts
+from services.router.wire import (
+    ChatRequest,
+    error_response,
+    last_user_text,
+    openai_error,
+    parse_chunk,
+    parse_completion,
+    patch_body,
+)
+
+_FORWARD = ("Authorization", "OpenAI-Organization", "OpenAI-Project", "Accept")
+
+
+class Proxy:
+    """The OpenAI-compatible gateway handler."""
+
+    def __init__(self, settings: Settings, rollouts: Rollouts, batcher: EventBatcher, tracer: Tracer) -> None:
+        self.settings = settings
+        self.rollouts = rollouts
+        self.batcher = batcher
+        self.tracer = tracer
+        self.session: aiohttp.ClientSession | None = None
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """Proxy one chat completion to the stable or canary upstream."""
+        t0 = time.perf_counter()
+        body = await request.read()
+        try:
+            req = msgspec.json.decode(body, type=ChatRequest)
+        except msgspec.DecodeError as exc:
+            return error_response(400, f"invalid chat completion request: {exc}", "invalid_request_error")
+        h = request.headers
+        deployment = h.get("x-lockgate-deployment") or self.settings.deployment
+        user = req.user or h.get("x-lockgate-user") or request.remote or ""
+        route = self.rollouts.route(deployment)
+        variant, target = domain.choose(route, user)
+        model = target.model or req.model
+        want_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
+        # Streams without usage would leave token counts unknown: ask for them, hide them again.
+        inject_usage = req.stream and not want_usage
+        if (target.model and target.model != req.model) or inject_usage:
+            body = patch_body(body, model if target.model else None, inject_usage)
+
+        parent = telemetry.extract({"traceparent": h["traceparent"]}) if "traceparent" in h else None
+        span = self.tracer.start_span(f"chat {model}", context=parent, kind=SpanKind.SERVER)
+        sc = span.get_span_context()
+        trace_id, span_id = format(sc.trace_id, "032x"), format(sc.span_id, "016x")
+        up_headers = {"Content-Type": "application/json", "traceparent": f"00-{trace_id}-{span_id}-01"}
+        for name in _FORWARD:
+            value = h.get(name)
+            if value is not None:
+                up_headers[name] = value
+        out_headers = {"x-lockgate-variant": variant, "x-lockgate-release": target.release,
+                       "x-lockgate-trace-id": trace_id}
+        rec = _Record(status="ok")
+        try:
+            if req.stream:
+                response = await self._stream(request, target, body, up_headers, out_headers, want_usage, t0, rec)
+            else:
+                response = await self._once(target, body, up_headers, out_headers, rec)
+        finally:
+            latency_ms = (time.perf_counter() - t0) * 1000.0
+            event = InferenceEvent(
+                tenant=h.get("x-lockgate-tenant") or "default",
+                trace_id=trace_id,
+                span_id=span_id,
+                source="lockgate-router",
+                app=h.get("x-lockgate-app") or self.settings.app,
+                deployment=deployment,
+                variant=variant,
+                release=target.release,
+                model=model,
+                response_model=rec.response_model,
+                provider="openai",
+                operation="chat",
+                input_tokens=rec.input_tokens,
+                output_tokens=rec.output_tokens,
+                cached_tokens=rec.cached_tokens,
+                latency_ms=latency_ms,
+                ttft_ms=rec.ttft_ms,
+                status=rec.status,
+                error_type=rec.error_type,
+                finish_reason=rec.finish_reason,
+                prompt=last_user_text(req.messages),
+                response=rec.text if rec.status == "ok" or rec.text else None,
+                user_hash=domain.user_hash(user),
+            )
+            self.batcher.add(event)
+            _end_span(span, event)
+        return response
+
+    async def _once(self, target: domain.Target, body: bytes, up_headers: dict[str, str],
+                    out_headers: dict[str, str], rec: _Record) -> web.StreamResponse:
+        try:
+            async with self.session.post(f"{target.upstream}/chat/completions", data=body,
+                                         headers=up_headers) as resp:
+                data = await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return rec.fail(502, f"upstream {target.upstream} for release {target.release!r} is unreachable: "
+                                 f"{type(exc).__name__}", "upstream_unreachable", out_headers)
+        if status != 200:
+            return rec.upstream_failed(status, data, target, out_headers)
+        try:
+            parse_completion(data, rec)
+        except msgspec.DecodeError:
+            return rec.fail(502, f"upstream {target.upstream} answered a body that is not a chat completion",
+                            "upstream_bad_response", out_headers)
+        return web.Response(body=data, status=200, content_type="application/json", headers=out_headers)
+
+    async def _stream(self, request: web.Request, target: domain.Target, body: bytes,
+                      up_headers: dict[str, str], out_headers: dict[str, str], want_usage: bool,
+                      t0: float, rec: _Record) -> web.StreamResponse:
+        try:
+            resp = await self.session.post(f"{target.upstream}/chat/completions", data=body, headers=up_headers)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return rec.fail(502, f"upstream {target.upstream} for release {target.release!r} is unreachable: "
+                                 f"{type(exc).__name__}", "upstream_unreachable", out_headers)
+        async with resp:
+            if resp.status != 200:
+                return rec.upstream_failed(resp.status, await resp.read(), target, out_headers)
+            out = web.StreamResponse(headers={**out_headers, "Content-Type": "text/event-stream",
+                                              "Cache-Control": "no-cache"})
+            await out.prepare(request)
+            parts: list[str] = []
+            hiding = False
+            try:
+                async for line in resp.content:
+                    if hiding:  # the blank line that closes a hidden event
+                        hiding = False
+                        if not line.strip():
+                            continue
+                    if line.startswith(b"data:"):
+                        payload = line[5:].strip()
+                        if payload.startswith(b"{"):
+                            usage_only = parse_chunk(payload, rec, parts)
+                            if not rec.ttft_ms and parts:
+                                rec.ttft_ms = (time.perf_counter() - t0) * 1000.0
+                            if usage_only and not want_usage:
+                                hiding = True
+                                continue
+                    await out.write(line)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                rec.status, rec.error_type = "error", f"stream_interrupted:{type(exc).__name__}"
+            except ConnectionResetError:
+                rec.status, rec.error_type = "error", "client_disconnected"
+            except msgspec.DecodeError:
+                rec.status, rec.error_type = "error", "upstream_bad_chunk"
+            rec.text = "".join(parts)
+            if rec.status == "ok":
+                await out.write_eof()
+            return out
+
+
+class _Record:
+    """What the proxy learned about one call, for its event."""
+
+    __slots__ = (
+        "cached_tokens",
+        "error_type",
+        "finish_reason",
+        "input_tokens",
+        "output_tokens",
+        "response_model",
+        "status",
+        "text",
+        "ttft_ms",
+    )
+
+    def __init__(self, status: str) -> None:
+        self.status = status
+        self.error_type = ""
+        self.finish_reason = ""
+        self.input_tokens = self.output_tokens = self.cached_tokens = 0
+        self.response_model = ""
+        self.ttft_ms = 0.0
+        self.text = ""
+
+    def fail(self, http: int, message: str, type_: str, headers: dict[str, str]) -> web.Response:
+        self.status, self.error_type = "error", type_
+        return error_response(http, message, type_, headers=headers)
+
+    def upstream_failed(self, status: int, data: bytes, target: domain.Target,
+                        headers: dict[str, str]) -> web.Response:
+        """4xx are the caller's to see as they are; 5xx become a 502 naming the upstream."""
+        self.status, self.error_type = "error", str(status)
+        if 400 <= status < 500:
+            return web.Response(body=data, status=status, content_type="application/json", headers=headers)
+        return error_response(502, f"upstream {target.upstream} for release {target.release!r} failed with "
+                                   f"HTTP {status}: {openai_error(data)}", "upstream_error", headers=headers)
+
+
+def _end_span(span: Any, e: InferenceEvent) -> None:
+    try:
+        if span.is_recording():
+            span.set_attributes({
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": e.provider,
+                "gen_ai.request.model": e.model,
+                "gen_ai.response.model": e.response_model,
+                "gen_ai.usage.input_tokens": e.input_tokens,
+                "gen_ai.usage.output_tokens": e.output_tokens,
+                "gen_ai.response.finish_reasons": (e.finish_reason,) if e.finish_reason else (),
+                "lockgate.variant": e.variant,
+                "lockgate.release": e.release,
+                "lockgate.deployment": e.deployment,
+                "lockgate.app": e.app,
+            })
+            if e.status != "ok":
+                span.set_attribute("error.type", e.error_type)
+                span.set_status(Status(StatusCode.ERROR, e.error_type))
+        span.end()
+    except Exception:  # noqa: BLE001, S110 - telemetry never fails a request
+        pass

@@ -1,0 +1,75 @@
+"""The router service: aiohttp gateway + admin API, route table and event batcher."""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+from lockgate.service import Service, ServiceContext
+
+from services.router.admin import Admin
+from services.router.batcher import EventBatcher
+from services.router.proxy import Proxy
+from services.router.rollouts import Rollouts
+
+
+class RouterService(Service):
+    """OpenAI-compatible traffic router with progressive canary rollout."""
+
+    name = "router"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.rollouts = Rollouts(ctx)
+        self.batcher = EventBatcher(ctx.bus)
+        self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, self.tracer)
+        self.admin = Admin(self.rollouts)
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """The gateway's base URL."""
+        return {"router": self.url} if self.url else {}
+
+    def app(self) -> web.Application:
+        """The aiohttp application (gateway + admin)."""
+        app = web.Application(client_max_size=32 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self.proxy.chat)
+        app.router.add_get("/healthz", self._health)
+        self.admin.add_routes(app)
+        return app
+
+    async def start(self) -> None:
+        """Restore routes, open the upstream pool, then serve."""
+        await self.rollouts.restore()
+        self.proxy.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=60, ttl_dns_cache=300),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
+            auto_decompress=False,  # bodies pass through as the upstream sent them
+        )
+        self.spawn(self.batcher.run(), "batcher")
+        self.spawn(self.rollouts.run_timer(), "rollout-timer")
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await self._runner.setup()
+        s = self.ctx.settings
+        await web.TCPSite(self._runner, s.host, s.router_port).start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+
+    async def stop(self) -> None:
+        """Stop serving (in-flight requests finish), flush events and route changes, close the pool."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.batcher.flush()
+        try:
+            await self.rollouts.flush()
+        except Exception:
+            self.log.warning("route changes left unpersisted at stop", exc_info=True)
+        if self.proxy.session is not None:
+            await self.proxy.session.close()
+        await super().stop()
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "ready": self.rollouts.ready.is_set(),
+                                  "events_dropped": self.batcher.dropped})

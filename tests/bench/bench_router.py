@@ -1,0 +1,144 @@
+"""Router bench: added latency over a zero-latency simulator, and gate-decision reaction time.
+
+The simulator and the load generator run in their own processes, so the figures show the
+router's cost and not three servers sharing one event loop. Run alone:
+`python -m tests.bench.bench_router` (prints JSON).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from lockgate.contracts import GateDecided
+from lockgate.natsserver import free_port
+
+from tests.bench.common import BenchEnv, bench_env, percentiles, stack
+
+N_REQUESTS = 3000
+CONCURRENCY = 8
+TRIALS = 50
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+
+
+async def _load(session: aiohttp.ClientSession, url: str, n: int, concurrency: int) -> tuple[list[float], float]:
+    """n requests from `concurrency` workers; per-request ms and total seconds."""
+    samples: list[float] = []
+    todo = iter(range(n))
+
+    async def worker(w: int) -> None:
+        for i in todo:
+            body = {**BODY, "user": f"u{w}-{i}"}
+            t0 = time.perf_counter()
+            async with session.post(f"{url}/chat/completions", json=body) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}")
+            samples.append((time.perf_counter() - t0) * 1000.0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return samples, time.perf_counter() - t0
+
+
+@contextlib.asynccontextmanager
+async def _sim_process(env: BenchEnv) -> AsyncIterator[str]:
+    """The simulator in a child process; yields its base URL once it says it is serving."""
+    cfg = Path(env.home) / "bench-sim.yaml"
+    cfg.write_text("models:\n  m:\n    default: fine thanks\n")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lockgate.sim", "--config", str(cfg), "--port", str(port),
+        stdout=asyncio.subprocess.PIPE)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if b"serving" not in line:
+            raise RuntimeError(f"simulator did not start: {line!r}")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def _remote_load(url: str, n: int) -> tuple[list[float], float]:
+    """Run the load generator in a child process so its CPU does not slow the router."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.bench.bench_router", "--load", url, str(n), str(CONCURRENCY),
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    if proc.returncode:
+        raise RuntimeError("load generator failed")
+    data = json.loads(out)
+    return data["samples"], data["seconds"]
+
+
+async def _overhead(env: BenchEnv) -> dict[str, Any]:
+    async with _sim_process(env) as sim_url, stack(env, "router", stable_upstream=sim_url) as st:
+        router = st.services["router"]
+        await _remote_load(sim_url, 300)  # warm-up
+        await _remote_load(router.url + "/v1", 300)
+        direct, _ = await _remote_load(sim_url, N_REQUESTS)
+        routed, seconds = await _remote_load(router.url + "/v1", N_REQUESTS)
+        d, r = percentiles(direct), percentiles(routed)
+        return {
+            "requests": N_REQUESTS,
+            "concurrency": CONCURRENCY,
+            "direct": d,
+            "routed": r,
+            "overhead_p50_ms": round(r["p50_ms"] - d["p50_ms"], 3),
+            "overhead_p99_ms": round(r["p99_ms"] - d["p99_ms"], 3),
+            "routed_rps": round(N_REQUESTS / seconds, 1),
+            "events_published": router.batcher.published,
+            "events_dropped": router.batcher.dropped,
+        }
+
+
+async def _reaction(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, Any]:
+    async with stack(env, "router") as st:
+        router, bus = st.services["router"], st.ctx.bus
+        samples: list[float] = []
+        for i in range(TRIALS):
+            release = f"rel-{i}"
+            payload = {"stable_release": "base", "canary_release": release, "initial_weight": 50}
+            async with session.put(f"{router.url}/lockgate/v1/deployments/bench", json=payload) as resp:
+                assert resp.status == 200, await resp.text()
+            decision = GateDecided(release=release, decision="BLOCK", rules=[])
+            t0 = time.perf_counter()
+            await bus.publish(bus.subjects.gate_decided(release), decision)
+            await router.rollouts.wait_for(lambda routes, rel=release: routes["bench"].canary.release == rel
+                                           and routes["bench"].weight == 0.0, timeout=10)
+            samples.append((time.perf_counter() - t0) * 1000.0)
+        return {"trials": TRIALS, **percentiles(samples)}
+
+
+async def run(env: BenchEnv) -> dict[str, Any]:
+    """Router overhead vs. direct calls, and gate decision -> weight change latency."""
+    overhead = await _overhead(env)
+    async with aiohttp.ClientSession() as session:
+        reaction = await _reaction(env, session)
+    return {"overhead": overhead, "decision_to_weight": reaction}
+
+
+async def _load_main(url: str, n: int, concurrency: int) -> None:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
+        samples, seconds = await _load(session, url, n, concurrency)
+    print(json.dumps({"samples": samples, "seconds": seconds}))
+
+
+async def _main() -> None:
+    async with bench_env() as env:
+        print(json.dumps(await run(env), indent=2))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--load":
+        asyncio.run(_load_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    else:
+        asyncio.run(_main())

@@ -1,0 +1,227 @@
+"""The router against a real nats-server, chDB and the LLM simulator."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from lockgate.codec import Codec
+from lockgate.contracts import DeadLetter, GateDecided, InferenceEvent, RolloutState
+from lockgate.service import ServiceContext
+from lockgate.sim import ModelSpec, SimConfig, SimServer
+from lockgate.subjects import token
+
+from services.router.domain import Route, Target
+
+pytestmark = pytest.mark.timeout(60)
+
+STABLE = SimConfig(models={"m": ModelSpec(answers={"hi": "hello there"}, default="stable says hi"),
+                           "broken": ModelSpec(error_rate=1.0)})
+CANARY = SimConfig(models={"m": ModelSpec(default="canary says hi")})
+_events: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
+_states: Codec[RolloutState] = Codec(RolloutState)
+
+
+@pytest.fixture
+async def sims() -> AsyncIterator[tuple[SimServer, SimServer]]:
+    async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
+        yield stable, canary
+
+
+@pytest.fixture
+async def router(context: ServiceContext, run_services: Any, sims: tuple[SimServer, SimServer]) -> Any:
+    stable, canary = sims
+    context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
+                                                deployment="chat", app="shop")
+    svcs = await run_services("router")
+    return svcs["router"]
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def _chat(content: str = "hi", **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def _start_canary(http: aiohttp.ClientSession, router: Any, **body: Any) -> dict[str, Any]:
+    payload = {"stable_release": "r1", "canary_release": "r2", **body}
+    async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=payload) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+async def test_non_streaming_completion_and_event_with_incoming_trace(router: Any, http: aiohttp.ClientSession,
+                                                                      sims: Any) -> None:
+    bus = router.ctx.bus
+    sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", "Authorization": "Bearer sk-secret",
+               "x-lockgate-user": "alice", "x-lockgate-tenant": "acme"}
+    async with http.post(f"{router.url}/v1/chat/completions", json=_chat(), headers=headers) as resp:
+        assert resp.status == 200
+        data = await resp.json()
+        assert resp.headers["x-lockgate-variant"] == "stable"
+        assert resp.headers["x-lockgate-trace-id"] == trace_id
+    assert data["choices"][0]["message"]["content"] == "hello there"
+    assert sims[0].requests == {"m": 1}
+
+    msg = await sub.next_msg(timeout=10)
+    assert trace_id in msg.headers["traceparent"]
+    (event,) = _events.decode(msg.data)
+    assert (event.trace_id, event.tenant, event.app, event.deployment) == (trace_id, "acme", "shop", "chat")
+    assert (event.variant, event.model, event.response_model, event.status) == ("stable", "m", "m", "ok")
+    assert (event.input_tokens, event.output_tokens) == (data["usage"]["prompt_tokens"],
+                                                        data["usage"]["completion_tokens"])
+    assert (event.prompt, event.response, event.finish_reason) == ("hi", "hello there", "stop")
+    assert event.user_hash and "alice" not in event.user_hash
+    assert "sk-secret" not in msg.data.decode()
+    assert event.latency_ms > 0 and event.provider == "openai"
+
+
+async def test_streaming_completion_hides_injected_usage(router: Any, http: aiohttp.ClientSession) -> None:
+    bus = router.ctx.bus
+    sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
+    async with http.post(f"{router.url}/v1/chat/completions", json=_chat(stream=True)) as resp:
+        assert resp.status == 200
+        lines = [ln.decode().strip() async for ln in resp.content if ln.strip()]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(ln[6:]) for ln in lines[:-1]]
+    assert all(c["choices"] for c in chunks)  # the client did not ask for usage
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "hello there"
+
+    (event,) = _events.decode((await sub.next_msg(timeout=10)).data)
+    assert event.response == "hello there" and event.output_tokens > 0 and event.input_tokens > 0
+    assert event.ttft_ms > 0 and event.finish_reason == "stop"
+
+
+async def test_streaming_usage_kept_when_asked(router: Any, http: aiohttp.ClientSession) -> None:
+    body = _chat(stream=True, stream_options={"include_usage": True})
+    async with http.post(f"{router.url}/v1/chat/completions", json=body) as resp:
+        lines = [ln.decode().strip() async for ln in resp.content if ln.strip()]
+    assert json.loads(lines[-2][6:])["usage"]["completion_tokens"] > 0
+
+
+async def test_canary_split_by_weight_is_sticky(router: Any, http: aiohttp.ClientSession, sims: Any) -> None:
+    state = await _start_canary(http, router, initial_weight=30)
+    assert (state["weight"], state["phase"], state["canary"]["release"]) == (30.0, "idle", "r2")
+    seen: dict[str, str] = {}
+    for i in range(300):
+        body = _chat(user=f"user-{i}")
+        async with http.post(f"{router.url}/v1/chat/completions", json=body) as resp:
+            seen[f"user-{i}"] = resp.headers["x-lockgate-variant"]
+            text = (await resp.json())["choices"][0]["message"]["content"]
+            assert text == ("canary says hi" if seen[f"user-{i}"] == "canary" else "hello there")
+    share = sum(v == "canary" for v in seen.values()) / len(seen)
+    assert 0.2 < share < 0.4
+    assert sims[1].requests["m"] == sum(v == "canary" for v in seen.values())
+    for user in list(seen)[:20]:
+        async with http.post(f"{router.url}/v1/chat/completions", json=_chat(user=user)) as resp:
+            assert resp.headers["x-lockgate-variant"] == seen[user]
+
+
+async def test_gate_pass_promotes_step_by_step(router: Any, http: aiohttp.ClientSession) -> None:
+    bus, store = router.ctx.bus, router.ctx.store
+    sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
+    await _start_canary(http, router)
+    await bus.publish(bus.subjects.gate_decided("r2"), GateDecided(release="r2", decision="PASS", rules=[]))
+    states: list[RolloutState] = []
+    while not states or states[-1].phase != "promoted":
+        states.append(_states.decode((await sub.next_msg(timeout=10)).data))
+    assert [(s.phase, s.canary_weight) for s in states] == [
+        ("idle", 10.0), ("progressing", 25.0), ("progressing", 50.0), ("progressing", 100.0), ("promoted", 0.0)]
+    assert states[-1].stable_release == "r2"
+    await router.rollouts.flush()
+    rows = store.rows("SELECT phase, canary_weight, stable_release FROM rollout_events ORDER BY time")
+    assert [(r["phase"], r["canary_weight"]) for r in rows] == [(s.phase, s.canary_weight) for s in states]
+    kv = await bus.kv(bus.subjects.kv_routes)
+    persisted = msgspec.json.decode((await kv.get("chat")).value, type=Route)
+    assert persisted.phase == "promoted" and persisted.stable.release == "r2"
+    async with http.post(f"{router.url}/v1/chat/completions", json=_chat()) as resp:
+        assert resp.headers["x-lockgate-release"] == "r2"
+        assert (await resp.json())["choices"][0]["message"]["content"] == "canary says hi"
+
+
+async def test_gate_block_sends_canary_to_zero_at_once(router: Any, http: aiohttp.ClientSession) -> None:
+    bus = router.ctx.bus
+    await _start_canary(http, router, initial_weight=100)
+    decision = GateDecided(release="r2", decision="BLOCK", rules=[], reason="toxicity too high")
+    await bus.publish(bus.subjects.gate_decided("r2"), decision)
+    await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
+    route = router.rollouts.route("chat")
+    assert route.weight == 0.0 and route.decision_id == decision.id and "toxicity" in route.reason
+    async with http.post(f"{router.url}/v1/chat/completions", json=_chat()) as resp:
+        assert resp.headers["x-lockgate-variant"] == "stable"
+
+
+async def test_decision_already_in_kv_applies_when_canary_starts(router: Any, http: aiohttp.ClientSession) -> None:
+    bus = router.ctx.bus
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token("r2"), msgspec.json.encode(GateDecided(release="r2", decision="BLOCK", rules=[])))
+    state = await _start_canary(http, router)
+    assert (state["phase"], state["weight"]) == ("aborted", 0.0)
+
+
+async def test_malformed_gate_message_goes_to_dlq_and_router_keeps_working(
+    router: Any, http: aiohttp.ClientSession
+) -> None:
+    bus = router.ctx.bus
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("router"))
+    await _start_canary(http, router)
+    await bus.publish(bus.subjects.gate_decided("r2"), b'{"type":"lockgate.gate.decided","release":5}',
+                      msg_id="bad-gate")
+    letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=10)).data)
+    assert letter.origin == "router" and b'"release":5' in letter.payload
+    await bus.publish(bus.subjects.gate_decided("r2"), GateDecided(release="r2", decision="BLOCK", rules=[]))
+    await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
+
+
+async def test_upstream_failure_is_502_and_error_event(router: Any, http: aiohttp.ClientSession) -> None:
+    bus = router.ctx.bus
+    sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
+    async with http.post(f"{router.url}/v1/chat/completions", json={**_chat(), "model": "broken"}) as resp:
+        assert resp.status == 502
+        err = (await resp.json())["error"]
+    assert "HTTP 500" in err["message"] and "simulated" in err["message"]
+    async with http.post(f"{router.url}/v1/chat/completions", json={**_chat(), "model": "nope"}) as resp:
+        assert resp.status == 404  # the caller's mistake passes through as the upstream said it
+    events = _events.decode((await sub.next_msg(timeout=10)).data)
+    while len(events) < 2:
+        events += _events.decode((await sub.next_msg(timeout=10)).data)
+    assert [(e.status, e.error_type) for e in events] == [("error", "500"), ("error", "404")]
+
+
+@pytest.mark.parametrize(
+    ("body", "part"),
+    [({"stable_release": "r1"}, "canary_release"), ({"stable_release": "a", "canary_release": "a"}, "differ"),
+     ({"stable_release": "a", "canary_release": "b", "initial_weight": 300}, "initial_weight"),
+     ({"stable_release": "a", "canary_release": "b", "bogus": 1}, "bogus")],
+)
+async def test_admin_rejects_bad_canary_requests(router: Any, http: aiohttp.ClientSession, body: dict,
+                                                 part: str) -> None:
+    async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+        assert resp.status == 400
+        assert part in (await resp.json())["error"]["message"]
+
+
+async def test_routes_restored_from_kv(context: ServiceContext, run_services: Any, sims: Any,
+                                       http: aiohttp.ClientSession) -> None:
+    stable, canary = sims
+    route = Route(deployment="chat", stable=Target(release="r1", upstream=stable.url),
+                  canary=Target(release="r2", upstream=canary.url), weight=100.0)
+    kv = await context.bus.kv(context.bus.subjects.kv_routes)
+    await kv.put("chat", msgspec.json.encode(route))
+    router = (await run_services("router"))["router"]
+    async with http.get(f"{router.url}/lockgate/v1/deployments/chat") as resp:
+        assert (await resp.json())["weight"] == 100.0
+    async with http.post(f"{router.url}/v1/chat/completions", json=_chat(),
+                         headers={"x-lockgate-deployment": "chat"}) as resp:
+        assert resp.headers["x-lockgate-variant"] == "canary"
+    assert router.endpoints == {"router": router.url}
