@@ -93,7 +93,7 @@ async def _delete_topology(settings: Settings) -> None:
             await js.delete_stream(spec.name)
         except Exception:
             pass
-    for bucket in (subjects.kv_gates, subjects.kv_routes):
+    for bucket in (subjects.kv_gates, subjects.kv_routes, subjects.kv_keys, subjects.kv_eval_cache):
         try:
             await js.delete_key_value(bucket)
         except Exception:

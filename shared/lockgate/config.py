@@ -38,6 +38,12 @@ class Settings(msgspec.Struct, kw_only=True):
     drift_psi_threshold: float = 0.2
     # cost
     price_book: str = ""
+    # gatekeeper: Ed25519 key that signs decisions (generated under home/keys when empty)
+    signing_key: str = ""
+    # consumers of decisions trust these public keys (PEM files, comma-separated); empty = the KV keyring
+    trusted_keys: str = ""
+    # evaluator
+    eval_cache: bool = True
     # consumers
     ack_wait_s: float = 30.0
     trace_sample_ratio: float = 1.0

@@ -156,5 +156,15 @@ class Subjects:
         return f"{self.prefix}_routes"
 
     @property
+    def kv_keys(self) -> str:
+        """Public keys of decision signers (key id -> raw Ed25519 public key)."""
+        return f"{self.prefix}_keys"
+
+    @property
+    def kv_eval_cache(self) -> str:
+        """Evaluator response cache (request hash -> upstream response)."""
+        return f"{self.prefix}_eval_cache"
+
+    @property
     def object_store(self) -> str:
         return f"{self.prefix}_artifacts"
