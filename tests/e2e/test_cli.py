@@ -1,0 +1,104 @@
+"""The CLI as a user runs it: `lockgate up` in one process, queries and the demo from others."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lockgate.natsserver import free_port
+
+pytestmark = pytest.mark.timeout(300)
+
+LOCKGATE = [sys.executable, "-m", "lockgate.cli.__main__"]
+
+
+def run(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([*LOCKGATE, *args], capture_output=True, text=True, env=env, timeout=240)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"lockgate {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """`lockgate up` on free ports; yields the environment that points the CLI at it."""
+    home = tmp_path_factory.mktemp("home")
+    ports = {name: free_port() for name in ("nats", "router", "grpc", "sim")}
+    env = {**os.environ, "LOCKGATE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}", "LOCKGATE_ROLLOUT_STEP_INTERVAL_S": "0.2",
+           "LOCKGATE_DRIFT_REFERENCE_SIZE": "100", "LOCKGATE_DRIFT_WINDOW_SIZE": "100", "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [*LOCKGATE, "up", "--home", str(home), "--nats-port", str(ports["nats"]), "--router-port",
+         str(ports["router"]), "--grpc-port", str(ports["grpc"]), "--sim-port", str(ports["sim"])],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "lockgate is up" in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert ready.wait(120) and proc.poll() is None, "".join(lines)
+    env["E2E_ROUTER"] = f"http://127.0.0.1:{ports['router']}"
+    env["E2E_SIM"] = f"http://127.0.0.1:{ports['sim']}/v1"
+    env["E2E_HOME"] = str(home)
+    yield env
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0, "".join(lines)
+    assert "stopped cleanly" in "".join(lines)
+
+
+def test_demo_then_query_everything(stack: dict[str, str]) -> None:
+    demo = run("demo", "--router", stack["E2E_ROUTER"], "--sim", stack["E2E_SIM"], "--traffic", "300", env=stack)
+    assert "BLOCK" in demo.stdout and "promoted" in demo.stdout
+
+    decisions = json.loads(run("decisions", "--json", env=stack).stdout)
+    assert {d["release"]: d["decision"] for d in decisions}["shop-v2-rc1"] == "BLOCK"
+    table = run("decisions", env=stack).stdout
+    assert "answers-correct" in table  # the failing rule is named in the terminal table
+
+    lineage = json.loads(run("lineage", "shop-v2-rc2", "--json", env=stack).stdout)
+    assert any(e["dst"].startswith("sha256:") for e in lineage["upstream"] + lineage["downstream"])
+
+    cost = json.loads(run("cost", "--by", "app,deployment", "--json", env=stack).stdout)
+    assert cost and cost[0]["cost_usd"] > 0
+
+    recent = json.loads(run("traces", "--json", env=stack).stdout)
+    assert recent
+    spans = json.loads(run("traces", recent[0]["trace_id"], "--json", env=stack).stdout)
+    assert spans
+
+    count = json.loads(run("sql", "SELECT count() AS n FROM inference_events", "--json", env=stack).stdout)
+    assert count[0]["n"] >= 300
+
+
+def test_cli_errors_are_one_line_with_an_exit_code(stack: dict[str, str]) -> None:
+    bad = run("traces", "not-a-trace-id", env=stack, check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("error:") and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+    missing = run("lineage", "no-such-release", env=stack, check=False)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+
+    write = run("sql", "DROP TABLE inference_events", env=stack, check=False)
+    assert write.returncode != 0 and "Traceback" not in write.stderr
+
+
+def test_schema_command_writes_json_schema(tmp_path: Path) -> None:
+    out = tmp_path / "schema.json"
+    run("schema", "--out", str(out), env=dict(os.environ))
+    assert "InferenceEvent" in json.loads(out.read_text())["$defs"]
