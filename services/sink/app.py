@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lockgate.bus import consume
+from lockgate.bus import consume, consume_batch
 from lockgate.contracts import DeadLetter, InferenceEvent, SpanBatch
 from lockgate.service import Service, ServiceContext
 from services.sink.handlers import SinkHandlers
@@ -18,9 +18,9 @@ class Sink(Service):
         self.handlers = SinkHandlers(ctx, self.tracer)
         s, bus = ctx.bus.subjects, ctx.bus
         common = {"ack_wait_s": ctx.settings.ack_wait_s}
-        consume(bus, self.router, subject=s.inference_all, stream="inference",
-                durable=s.durable("sink", "inference"), wire_type=list[InferenceEvent] | InferenceEvent,
-                origin="sink", handler=self.handlers.on_inference, batch_size=64, **common)
+        consume_batch(bus, self.router, subject=s.inference_all, stream="inference",
+                      durable=s.durable("sink", "inference"), wire_type=list[InferenceEvent] | InferenceEvent,
+                      origin="sink", handler=self.handlers.on_inference, batch_size=32, **common)
         consume(bus, self.router, subject=s.spans, stream="telemetry", durable=s.durable("sink", "spans"),
                 wire_type=SpanBatch, origin="sink-spans", handler=self.handlers.on_spans, **common)
         consume(bus, self.router, subject=s.dlq_all, stream="dlq", durable=s.durable("sink", "dlq"),

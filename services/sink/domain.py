@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ INFERENCE_COLUMNS = (
     "id", "time", "tenant", "app", "deployment", "variant", "release", "model", "response_model",
     "provider", "operation", "input_tokens", "output_tokens", "cached_tokens", "latency_ms", "ttft_ms",
     "status", "error_type", "finish_reason", "prompt", "response", "user_hash", "session_id",
-    "trace_id", "span_id", "source", "attributes", "scores",
+    "trace_id", "span_id", "source", "attributes", "scores", "msg_id",
 )
 
 SPAN_COLUMNS = (
@@ -25,7 +26,8 @@ SPAN_COLUMNS = (
 DEAD_LETTER_COLUMNS = ("id", "time", "origin", "subject", "reason", "error", "payload", "headers", "deliveries")
 
 
-def inference_columns(events: Sequence[InferenceEvent], mode: RedactMode) -> list[list[Any]]:
+def inference_columns(events: Sequence[InferenceEvent], mode: RedactMode, msg_ids: Sequence[str]
+                      ) -> list[list[Any]]:
     """Column-oriented data for `inference_events`, prompts and responses redacted per `mode`."""
     return [
         [e.id for e in events],
@@ -56,6 +58,7 @@ def inference_columns(events: Sequence[InferenceEvent], mode: RedactMode) -> lis
         [e.source for e in events],
         [e.attributes for e in events],
         [e.scores for e in events],
+        list(msg_ids),
     ]
 
 
@@ -94,7 +97,13 @@ def dead_letter_row(letter: DeadLetter) -> list[Any]:
             letter.headers, letter.deliveries]
 
 
-def linked_traces(events: Sequence[InferenceEvent], parent_trace: str, limit: int = 32) -> list[tuple[str, str]]:
+def batch_token(msg_tokens: Sequence[str]) -> str:
+    """Deduplication token of an insert made of several messages (order-independent)."""
+    digest = hashlib.sha256("\n".join(sorted(msg_tokens)).encode()).hexdigest()
+    return f"batch-{digest[:40]}"
+
+
+def linked_traces(events: Sequence[InferenceEvent], parent_trace: str, limit: int = 128) -> list[tuple[str, str]]:
     """(trace_id, span_id) of other traces in a batch, so the sink's span links back to each request."""
     seen: set[str] = {parent_trace}
     out = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -164,6 +165,7 @@ class Bus:
 
 
 Handler = Callable[[Any, Delivery], Awaitable[None]]
+BatchHandler = Callable[[list[tuple[Any, Delivery]]], Awaitable[None]]
 
 
 def _raw_decoder(msg: NatsMessage) -> bytes:
@@ -243,6 +245,104 @@ def consume(
         decoder=_raw_decoder,
         max_workers=max_workers,
     )(on_message)
+
+
+def _delivery(raw: Any) -> Delivery:
+    meta = raw.metadata
+    headers = dict(raw.headers or {})
+    return Delivery(
+        subject=raw.subject,
+        msg_id=headers.get("Nats-Msg-Id", ""),
+        headers=headers,
+        deliveries=meta.num_delivered if meta else 1,
+        stream_seq=meta.sequence.stream if meta else 0,
+        trace_context=telemetry.extract(headers),
+        in_progress=raw.in_progress,
+    )
+
+
+def consume_batch(
+    bus: Bus,
+    router: NatsRouter,
+    *,
+    subject: str,
+    stream: str,
+    durable: str,
+    wire_type: Any,
+    origin: str,
+    handler: BatchHandler,
+    batch_size: int = 32,
+    max_wait_s: float = 0.05,
+    max_deliver: int = 8,
+    ack_wait_s: float = 30.0,
+) -> None:
+    """Like `consume`, but the handler gets every decodable message of one fetch at once, so a
+    sink can write one large insert instead of one per message.
+
+    Undecodable messages go to the DLQ on their own. If the handler fails with a non-retryable
+    error the batch is retried message by message, so only the poison message is dead-lettered.
+    """
+    codec: Codec[Any] = Codec(wire_type)
+    stream_name = bus.subjects.streams[stream].name
+
+    async def on_batch(msg: NatsMessage) -> None:
+        good: list[tuple[Any, Delivery, Any]] = []
+        for raw in msg.raw_message:
+            delivery = _delivery(raw)
+            try:
+                good.append((codec.decode(raw.data), delivery, raw))
+            except InvalidEvent as exc:
+                await _park(bus, raw, origin, delivery, "invalid event", exc.message)
+        if not good:
+            return
+        try:
+            await handler([(value, delivery) for value, delivery, _ in good])
+        except Retryable as exc:
+            for _, delivery, raw in good:
+                if delivery.deliveries >= max_deliver:
+                    await _park(bus, raw, origin, delivery, "retries exhausted", exc.message)
+                else:
+                    await raw.nak(delay=min(0.2 * 2**delivery.deliveries, 30.0))
+            return
+        except Exception:
+            if len(good) == 1:
+                value, delivery, raw = good[0]
+                await _park(bus, raw, origin, delivery, "handler crashed", repr(sys.exc_info()[1]))
+                return
+            log.warning("batch handler for %s failed; retrying %d messages one by one", origin, len(good))
+            for value, delivery, raw in good:
+                try:
+                    await handler([(value, delivery)])
+                except Retryable:
+                    await raw.nak(delay=1.0)
+                except Exception as exc:
+                    await _park(bus, raw, origin, delivery, "handler crashed", getattr(exc, "message", repr(exc)))
+                else:
+                    await raw.ack()
+            return
+        for _, _, raw in good:
+            await raw.ack()
+
+    router.subscriber(
+        subject,
+        stream=JStream(stream_name, declare=False),
+        durable=durable,
+        config=ConsumerConfig(ack_wait=ack_wait_s, max_deliver=max_deliver + 1),
+        pull_sub=PullSub(batch_size=batch_size, timeout=max_wait_s, batch=True),
+        ack_policy=AckPolicy.MANUAL,
+        decoder=_raw_decoder,
+    )(on_batch)
+
+
+async def _park(bus: Bus, raw: Any, origin: str, delivery: Delivery, reason: str, error: str) -> None:
+    """Dead-letter one raw message and ack it (nack it if the DLQ itself is unreachable)."""
+    try:
+        await bus.dead_letter(origin, subject=raw.subject, payload=raw.data, reason=reason, error=error,
+                              headers=delivery.headers, deliveries=delivery.deliveries)
+    except BusUnavailable:
+        await raw.nak(delay=5.0)
+        return
+    await raw.ack()
 
 
 async def _dead_letter_and_ack(

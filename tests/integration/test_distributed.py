@@ -38,7 +38,7 @@ def test_migrations_and_idempotent_insert_on_clickhouse_server() -> None:
         store = open_store(url, "lockgate_it")
         open_store(url, "lockgate_it")  # migrations are safe to run twice
         events = [InferenceEvent(app="shop", model="m", output_tokens=i) for i in range(100)]
-        columns = domain.inference_columns(events, "scrub")
+        columns = domain.inference_columns(events, "scrub", ["m1"] * len(events))
         for _ in range(2):
             store.insert_columns("inference_events", domain.INFERENCE_COLUMNS, columns, token="batch-1")
         assert store.scalar("SELECT count() FROM inference_events") == 100

@@ -41,28 +41,34 @@ async def test_batches_land_once_with_secrets_scrubbed(run_services, bus: Bus, s
 async def test_writer_killed_before_ack_gives_one_row_per_event(
     context: ServiceContext, bus: Bus, store: Store, settings
 ) -> None:
-    """Insert, die before the ack, restart: JetStream redelivers and the insert is deduplicated."""
+    """Insert a batch, die before the ack, restart: the redelivered messages arrive regrouped with a
+    new one, are recognised by msg_id and skipped; every event is stored exactly once."""
     first = ServiceSet(context, ["sink"])
     await first.start()  # creates the durable consumer
     await first.stop()
     await bus.broker.stop()
 
-    events = _events(50)
-    await bus.publish(bus.subjects.inference("shop"), events)
+    first_batch, second_batch, late = _events(50), _events(30), _events(20)
+    await bus.publish(bus.subjects.inference("shop"), first_batch)
+    await bus.publish(bus.subjects.inference("shop"), second_batch)
 
-    # The "writer" that dies: fetch from the sink's durable consumer, insert, never ack.
+    # The "writer" that dies: fetch two messages from the sink's durable consumer, insert them
+    # together in one batch, never ack.
     nc = await nats.connect(settings.nats_url)
     js = nc.jetstream()
     sub = await js.pull_subscribe_bind(bus.subjects.durable("sink", "inference"),
                                        stream=bus.subjects.streams["inference"].name)
-    (msg,) = await sub.fetch(1, timeout=5)
-    decoded = Codec(list[InferenceEvent]).decode(msg.data)
-    handlers = first["sink"].handlers
-    delivery = Delivery(subject=msg.subject, msg_id=msg.headers["Nats-Msg-Id"], headers=dict(msg.headers),
-                        deliveries=1, stream_seq=msg.metadata.sequence.stream)
-    await handlers.on_inference(decoded, delivery)
-    assert store.scalar("SELECT count() FROM inference_events") == 50
-    await nc.close()  # killed: the message stays unacknowledged
+    msgs = await sub.fetch(2, timeout=5)
+    assert len(msgs) == 2
+    items = [(Codec(list[InferenceEvent]).decode(m.data),
+              Delivery(subject=m.subject, msg_id=m.headers["Nats-Msg-Id"], headers=dict(m.headers), deliveries=1,
+                       stream_seq=m.metadata.sequence.stream)) for m in msgs]
+    await first["sink"].handlers.on_inference(items)
+    assert store.scalar("SELECT count() FROM inference_events") == 80
+    await nc.close()  # killed: both messages stay unacknowledged
+
+    # Meanwhile a new message arrives, so the redelivery is grouped differently than the first insert.
+    await bus.publish(bus.subjects.inference("shop"), late)
 
     # Restart: a fresh process-equivalent (new bus, same consumer) gets the redelivery.
     bus2 = Bus(settings.nats_url, Subjects(settings.prefix), name="restarted")
@@ -71,12 +77,14 @@ async def test_writer_killed_before_ack_gives_one_row_per_event(
     second = ServiceSet(ctx2, ["sink"])
     await second.start()
     try:
-        await second["sink"].handlers.events.wait_for(50, timeout_s=30)
+        await second["sink"].handlers.events.wait_for(100, timeout_s=30)
         info = await bus2.js.consumer_info(bus.subjects.streams["inference"].name,
                                            bus.subjects.durable("sink", "inference"))
-        # delivered twice (consumer seq 2) for one stream message: it really was redelivered
+        # more deliveries than stream messages: the first two really were redelivered
         assert info.delivered.consumer_seq > info.delivered.stream_seq
-        assert store.scalar("SELECT count() FROM inference_events") == 50
+        assert store.scalar("SELECT count() FROM inference_events") == 100
+        assert store.scalar("SELECT uniqExact(id) FROM inference_events") == 100
+        assert second["sink"].handlers.skipped_redeliveries == 2
     finally:
         await second.stop()
         await bus2.close()

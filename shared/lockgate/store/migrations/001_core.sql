@@ -31,9 +31,12 @@ CREATE TABLE IF NOT EXISTS inference_events (
     source LowCardinality(String),
     attributes Map(String, String),
     scores Map(String, Float64),
+    -- the NATS message (Nats-Msg-Id) the event arrived in: how the sink recognises a redelivery
+    msg_id String,
     ingested_at DateTime64(3, 'UTC') DEFAULT now64(3),
     INDEX idx_trace trace_id TYPE bloom_filter(0.001) GRANULARITY 4,
-    INDEX idx_id id TYPE bloom_filter(0.001) GRANULARITY 4
+    INDEX idx_id id TYPE bloom_filter(0.001) GRANULARITY 4,
+    INDEX idx_msg msg_id TYPE bloom_filter(0.001) GRANULARITY 4
 ) ENGINE = MergeTree
 PARTITION BY toYYYYMM(time)
 ORDER BY (tenant, app, deployment, time)
