@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,102 +247,95 @@ def consume(
     )(on_message)
 
 
-def _delivery(raw: Any) -> Delivery:
-    meta = raw.metadata
-    headers = dict(raw.headers or {})
-    return Delivery(
-        subject=raw.subject,
-        msg_id=headers.get("Nats-Msg-Id", ""),
-        headers=headers,
-        deliveries=meta.num_delivered if meta else 1,
-        stream_seq=meta.sequence.stream if meta else 0,
-        trace_context=telemetry.extract(headers),
-        in_progress=raw.in_progress,
-    )
+class Coalescer:
+    """Gathers items submitted by concurrent handlers into one flush (e.g. one ClickHouse insert).
+
+    Each `submit` returns when the flush holding its item finished, and raises what that flush
+    raised, so every message is acked only after its rows are stored. A flush of several items
+    that fails with a non-retryable error is retried item by item, so one poison message cannot
+    take the others down with it.
+    """
+
+    def __init__(self, flush: BatchHandler, *, max_items: int, max_wait_s: float) -> None:
+        self._flush = flush
+        self.max_items = max_items
+        self.max_wait_s = max_wait_s
+        self._pending: list[tuple[tuple[Any, Delivery], asyncio.Future[None]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+        # One flush at a time: what arrives meanwhile forms the next, larger batch, so batch
+        # size grows with load instead of the insert rate.
+        self._flushing = False
+
+    async def submit(self, value: Any, delivery: Delivery) -> None:
+        """Queue one decoded message and wait for the flush that stores it."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append(((value, delivery), fut))
+        if len(self._pending) >= self.max_items:
+            self._start_flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._start_flush)
+        await fut
+
+    def _start_flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._flushing or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        self._flushing = True
+        asyncio.create_task(self._run(batch))
+
+    async def _run(self, batch: list[tuple[tuple[Any, Delivery], asyncio.Future[None]]]) -> None:
+        try:
+            await self._flush_batch(batch)
+        finally:
+            self._flushing = False
+            if self._pending:
+                self._start_flush()
+
+    async def _flush_batch(self, batch: list[tuple[tuple[Any, Delivery], asyncio.Future[None]]]) -> None:
+        try:
+            await self._flush([item for item, _ in batch])
+        except Retryable as exc:
+            _settle(batch, exc)
+        except Exception as exc:
+            if len(batch) == 1:
+                _settle(batch, exc)
+                return
+            log.warning("batch of %d failed (%r); retrying one by one", len(batch), exc)
+            for item, fut in batch:
+                try:
+                    await self._flush([item])
+                except Exception as single:
+                    _settle([(item, fut)], single)
+                else:
+                    _settle([(item, fut)], None)
+        else:
+            _settle(batch, None)
+
+
+def _settle(batch: list[tuple[Any, asyncio.Future[None]]], exc: BaseException | None) -> None:
+    for _, fut in batch:
+        if not fut.done():
+            fut.set_exception(exc) if exc is not None else fut.set_result(None)
 
 
 def consume_batch(
     bus: Bus,
     router: NatsRouter,
     *,
-    subject: str,
-    stream: str,
-    durable: str,
-    wire_type: Any,
-    origin: str,
     handler: BatchHandler,
     batch_size: int = 32,
-    max_wait_s: float = 0.05,
-    max_deliver: int = 8,
-    ack_wait_s: float = 30.0,
-) -> None:
-    """Like `consume`, but the handler gets every decodable message of one fetch at once, so a
-    sink can write one large insert instead of one per message.
-
-    Undecodable messages go to the DLQ on their own. If the handler fails with a non-retryable
-    error the batch is retried message by message, so only the poison message is dead-lettered.
-    """
-    codec: Codec[Any] = Codec(wire_type)
-    stream_name = bus.subjects.streams[stream].name
-
-    async def on_batch(msg: NatsMessage) -> None:
-        good: list[tuple[Any, Delivery, Any]] = []
-        for raw in msg.raw_message:
-            delivery = _delivery(raw)
-            try:
-                good.append((codec.decode(raw.data), delivery, raw))
-            except InvalidEvent as exc:
-                await _park(bus, raw, origin, delivery, "invalid event", exc.message)
-        if not good:
-            return
-        try:
-            await handler([(value, delivery) for value, delivery, _ in good])
-        except Retryable as exc:
-            for _, delivery, raw in good:
-                if delivery.deliveries >= max_deliver:
-                    await _park(bus, raw, origin, delivery, "retries exhausted", exc.message)
-                else:
-                    await raw.nak(delay=min(0.2 * 2**delivery.deliveries, 30.0))
-            return
-        except Exception:
-            if len(good) == 1:
-                value, delivery, raw = good[0]
-                await _park(bus, raw, origin, delivery, "handler crashed", repr(sys.exc_info()[1]))
-                return
-            log.warning("batch handler for %s failed; retrying %d messages one by one", origin, len(good))
-            for value, delivery, raw in good:
-                try:
-                    await handler([(value, delivery)])
-                except Retryable:
-                    await raw.nak(delay=1.0)
-                except Exception as exc:
-                    await _park(bus, raw, origin, delivery, "handler crashed", getattr(exc, "message", repr(exc)))
-                else:
-                    await raw.ack()
-            return
-        for _, _, raw in good:
-            await raw.ack()
-
-    router.subscriber(
-        subject,
-        stream=JStream(stream_name, declare=False),
-        durable=durable,
-        config=ConsumerConfig(ack_wait=ack_wait_s, max_deliver=max_deliver + 1),
-        pull_sub=PullSub(batch_size=batch_size, timeout=max_wait_s, batch=True),
-        ack_policy=AckPolicy.MANUAL,
-        decoder=_raw_decoder,
-    )(on_batch)
-
-
-async def _park(bus: Bus, raw: Any, origin: str, delivery: Delivery, reason: str, error: str) -> None:
-    """Dead-letter one raw message and ack it (nack it if the DLQ itself is unreachable)."""
-    try:
-        await bus.dead_letter(origin, subject=raw.subject, payload=raw.data, reason=reason, error=error,
-                              headers=delivery.headers, deliveries=delivery.deliveries)
-    except BusUnavailable:
-        await raw.nak(delay=5.0)
-        return
-    await raw.ack()
+    max_wait_s: float = 0.005,
+    **options: Any,
+) -> Coalescer:
+    """Like `consume`, but the messages of one fetch (processed concurrently by FastStream) are
+    coalesced into one handler call, so a sink writes one large insert instead of one per message.
+    Acknowledgement and dead-lettering stay per message, in the `consume` edge."""
+    coalescer = Coalescer(handler, max_items=batch_size, max_wait_s=max_wait_s)
+    consume(bus, router, handler=coalescer.submit, batch_size=batch_size, max_workers=batch_size, **options)
+    return coalescer
 
 
 async def _dead_letter_and_ack(

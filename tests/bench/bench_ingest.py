@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import time
 from typing import Any
 
@@ -78,33 +79,53 @@ async def _wait_visible(st: Stack, n: int, deadline: float) -> int:
     return visible
 
 
+def _emitter(nats_url: str, prefix: str, n: int, conn: Any) -> None:
+    """The application: its own process, as in production, so it does not share the sink's CPU."""
+
+    async def go() -> None:
+        client = Client(nats_url, prefix=prefix, app="bench", max_buffer=n, batch_size=BATCH,
+                        max_in_flight=IN_FLIGHT)
+        await client.start()
+        conn.send("ready")
+        conn.recv()
+        t0 = time.time()
+        for i in range(n):
+            client.emit(**fields(i))
+            if i % 2000 == 1999:
+                await asyncio.sleep(0)  # yield so the sender publishes while we emit, as an app would
+        t_emitted = time.time()
+        await client.flush()
+        t_published = time.time()
+        await client.close()
+        conn.send({"t0": t0, "emitted": t_emitted, "published": t_published, "sent": client.sent,
+                   "dropped": client.dropped, "failed": client.failed})
+
+    asyncio.run(go())
+
+
 async def end_to_end(env: BenchEnv, st: Stack, n: int, timeout_s: float) -> dict[str, Any]:
-    """Emit n events through the SDK as fast as possible; time until all are counted in ClickHouse."""
-    s = st.ctx.settings
-    client = Client(
-        env.nats_url, prefix=s.prefix, app="bench", max_buffer=n, batch_size=BATCH, max_in_flight=IN_FLIGHT
-    )
-    await client.start()
-    t0 = time.perf_counter()
-    for i in range(n):
-        client.emit(**fields(i))
-        if i % 2000 == 1999:
-            await asyncio.sleep(0)  # yield so the sender publishes while we emit, as an app would
-    t_emitted = time.perf_counter()
-    await client.flush()
-    t_published = time.perf_counter()
-    visible = await _wait_visible(st, n, t0 + timeout_s)
-    t_visible = time.perf_counter()
-    await client.close()
+    """An application process emits n events through the SDK as fast as it can; time until all
+    are counted in ClickHouse."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_emitter, args=(env.nats_url, st.ctx.settings.prefix, n, child), daemon=True)
+    proc.start()
+    assert await asyncio.to_thread(parent.recv) == "ready"
+    parent.send("go")
+    t0 = time.time()
+    visible = await _wait_visible(st, n, time.perf_counter() + timeout_s)
+    t_visible = time.time()
+    app = await asyncio.to_thread(parent.recv)
+    await asyncio.to_thread(proc.join, 30)
     return {
         "events": n,
         "visible": visible,
         "complete": visible >= n,
-        "sent": client.sent,
-        "dropped": client.dropped,
-        "failed": client.failed,
-        "emit_events_per_s": _rate(n, t_emitted - t0),
-        "published_events_per_s": _rate(n, t_published - t0),
+        "sent": app["sent"],
+        "dropped": app["dropped"],
+        "failed": app["failed"],
+        "emit_events_per_s": _rate(n, app["emitted"] - app["t0"]),
+        "published_events_per_s": _rate(n, app["published"] - app["t0"]),
         "end_to_end_events_per_s": _rate(visible, t_visible - t0),
         "end_to_end_s": round(t_visible - t0, 3),
         "visibility_latency_under_flood": await _latency(st, fields(0)["release"]),
@@ -168,7 +189,8 @@ async def raw_clickhouse(st: Stack, events: list[InferenceEvent]) -> dict[str, A
         table = f"inference_events_raw_{rows_per_insert}"
         store.command(f"CREATE TABLE IF NOT EXISTS {table} AS inference_events")
         chunks = [
-            inference_columns(events[i : i + rows_per_insert], st.ctx.settings.redact)
+            inference_columns(events[i : i + rows_per_insert], st.ctx.settings.redact,
+                              [f"raw-{i}"] * len(events[i : i + rows_per_insert]))
             for i in range(0, len(events), rows_per_insert)
         ]
         t0 = time.perf_counter()
