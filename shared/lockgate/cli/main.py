@@ -29,7 +29,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except LockgateError as exc:
-            err_console.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             sys.exit(130)
@@ -55,9 +55,12 @@ def cli(ctx: click.Context, nats_url: str | None, clickhouse_url: str | None, pr
         settings = from_env().replace(nats_url=nats_url, clickhouse_url=clickhouse_url, prefix=prefix,
                                       database=database)
     except LockgateError as exc:
-        err_console.print(f"[red]error:[/red] {exc.message}")
+        err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    ctx.obj = {"settings": settings, "direct": clickhouse_url is not None}
+    # Only an explicit --clickhouse means "read ClickHouse yourself"; the environment variable just
+    # configures where the stack's ClickHouse lives.
+    explicit = ctx.get_parameter_source("clickhouse_url") == click.core.ParameterSource.COMMANDLINE
+    ctx.obj = {"settings": settings, "direct": explicit}
 
 
 def _query(ctx: click.Context, name: str, **args: Any) -> Any:
@@ -194,10 +197,11 @@ def schema(out: str | None) -> None:
 
 
 def _register_subcommands() -> None:
-    from lockgate.cli import stack, workflow
+    from lockgate.cli import gate, stack, workflow
 
     stack.register(cli)
     workflow.register(cli)
+    gate.register(cli)
 
 
 _register_subcommands()

@@ -76,7 +76,7 @@ def register(cli: click.Group) -> None:
         settings: Settings = ctx.obj["settings"]
         home_path = Path(home)
         clickhouse = settings.clickhouse_url
-        if not ctx.obj["direct"]:
+        if clickhouse == Settings().clickhouse_url:  # not configured: keep it beside JetStream's data
             clickhouse = f"chdb://{(home_path / 'clickhouse').resolve()}"
         settings = settings.replace(home=str(home_path), clickhouse_url=clickhouse,
                                     nats_url=f"nats://127.0.0.1:{nats_port}", router_port=router_port,

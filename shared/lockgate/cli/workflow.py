@@ -105,12 +105,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             emit_json(result)
             return
-        output([{"metric": k, "value": v} for k, v in result["metrics"].items()], False,
-               title=f"eval {result['run_id']} of {candidate}: {result['status']}")
-        if result.get("decision"):
-            d = result["decision"]
-            output(d["rules"], False, title=f"gate: {d['decision']}",
-                   columns=["rule", "metric", "op", "threshold", "observed", "verdict", "hint"])
+        _print_eval(result, candidate)
 
     @cli.command()
     @click.option("--router", "router_url", default="http://127.0.0.1:8080", show_default=True)
@@ -126,13 +121,43 @@ def register(cli: click.Group) -> None:
                                                              console=console, traffic=traffic))
 
 
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:,.4g}"
+
+
+def _print_eval(result: dict[str, Any], candidate: str) -> None:
+    """Metrics with intervals, the baseline comparison, warnings and the gate decision as tables."""
+    intervals = result.get("intervals", {})
+    rows = [{"metric": k, "value": v, "95% CI": (f"[{_fmt(intervals[k]['low'])}, {_fmt(intervals[k]['high'])}]"
+                                                   if k in intervals else ""),
+             "method": intervals.get(k, {}).get("method", "")} for k, v in result["metrics"].items()]
+    output(rows, False, title=f"eval {result['run_id']} of {candidate}: {result['status']}")
+    if result.get("error"):
+        console.print(f"[red]error:[/red] {result['error']}")
+    comps = result.get("comparisons", {})
+    if comps:
+        output([{"metric": k, "candidate": c["candidate"], "baseline": c["baseline"], "diff": c["diff"],
+                 "95% CI": f"[{_fmt(c['diff_low'])}, {_fmt(c['diff_high'])}]", "p": _fmt(c["p_value"]),
+                 "effect": _fmt(c["effect_size"]), "test": c["test"], "pairs": c["n_pairs"]}
+                for k, c in comps.items()], False, title=f"vs baseline run {result.get('baseline_run')}")
+    for warning in result.get("warnings", []):
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    if result.get("decision"):
+        d = result["decision"]
+        output(d["rules"], False, title=f"gate: {d['decision']}",
+               columns=["rule", "metric", "op", "threshold", "observed", "verdict", "hint"])
+
+
 async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpoint: str, model: str,
                 policy_path: str | None, concurrency: int, timeout_s: float) -> dict[str, Any]:
-    from rich.progress import Progress, SpinnerColumn, TimeElapsedColumn
+    import msgspec
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
 
     from lockgate import artifacts
     from lockgate.codec import Codec, encode
     from lockgate.contracts import EvalCompleted, EvalRequested, GateDecided
+    from lockgate.contracts.evals import EvalProgress
     from lockgate.errors import ConfigError, LockgateError
     from lockgate.ids import uuid7
 
@@ -147,36 +172,50 @@ async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpo
     suite = await artifacts.register(bus, "eval_suite", doc.get("name", suite_path.stem), doc)
     policy = await artifacts.register_file(bus, "policy", policy_path) if policy_path else None
     run_id = uuid7()
-    done = bus.subjects.eval_completed
-    sub = await bus.nc.subscribe(done)
-    gate_sub = await bus.nc.subscribe(bus.subjects.gate_decided(candidate)) if policy else None
+    events: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
+
+    async def feed(kind: str, msg: Any) -> None:
+        await events.put((kind, msg.data))
+
+    subs = [await bus.nc.subscribe(bus.subjects.eval_completed, cb=lambda m: feed("done", m)),
+            await bus.nc.subscribe(bus.subjects.eval_progress(run_id), cb=lambda m: feed("tick", m))]
+    if policy:
+        subs.append(await bus.nc.subscribe(bus.subjects.gate_decided(candidate), cb=lambda m: feed("gate", m)))
     completed: EvalCompleted | None = None
+    decision = None
     try:
         await bus.publish(bus.subjects.eval_requested, EvalRequested(
             run_id=run_id, release=candidate, suite=suite.hash, endpoint=endpoint, model=model, baseline=baseline,
             policy=policy.hash if policy else "", concurrency=concurrency))
         codec: Codec[EvalCompleted] = Codec(EvalCompleted)
-        with Progress(SpinnerColumn(), "[progress.description]{task.description}", TimeElapsedColumn(),
-                      console=console, transient=True) as progress:
-            progress.add_task(f"evaluating {candidate} ({run_id})", total=None)
+        ticks = msgspec.json.Decoder(EvalProgress)
+        columns = (SpinnerColumn(), "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                   "[red]{task.fields[errors]} errors", TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True) as progress:
+            bar = progress.add_task(f"evaluating {candidate}", total=None, errors=0)
             async with asyncio.timeout(timeout_s):
-                while completed is None:
-                    msg = await sub.next_msg(timeout=timeout_s)
-                    event = codec.decode(msg.data)
-                    if event.run_id == run_id:
-                        completed = event
-                decision = None
-                if gate_sub is not None:
-                    decision = Codec(GateDecided).decode((await gate_sub.next_msg(timeout=timeout_s)).data)
+                while completed is None or (policy and decision is None):
+                    kind, data = await events.get()
+                    if kind == "tick":
+                        tick = ticks.decode(data)
+                        progress.update(bar, total=tick.total, completed=tick.done, errors=tick.errors)
+                    elif kind == "done":
+                        event = codec.decode(data)
+                        if event.run_id == run_id:
+                            completed = event
+                    elif kind == "gate":
+                        decision = Codec(GateDecided).decode(data)
     except TimeoutError:
         raise LockgateError(f"eval {run_id} did not finish within {timeout_s:.0f}s; is the evaluator running?") \
             from None
     finally:
-        await sub.unsubscribe()
-        if gate_sub is not None:
-            await gate_sub.unsubscribe()
-    result: dict[str, Any] = {"run_id": run_id, "status": completed.status, "metrics": completed.metrics,
-                              "n_cases": completed.n_cases, "error": completed.error}
+        for sub in subs:
+            await sub.unsubscribe()
+    result: dict[str, Any] = {
+        "run_id": run_id, "status": completed.status, "metrics": completed.metrics, "n_cases": completed.n_cases,
+        "n_errors": completed.n_errors, "error": completed.error, "baseline_run": completed.baseline_run,
+        "intervals": msgspec.to_builtins(completed.intervals), "comparisons": msgspec.to_builtins(completed.comparisons),
+        "warnings": list(completed.warnings)}
     if decision is not None:
         result["decision"] = json.loads(encode(decision))
     return result

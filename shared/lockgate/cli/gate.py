@@ -1,0 +1,202 @@
+"""`lockgate gate ...`: explain, approve, reject and verify signed gate decisions."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import msgspec
+
+from lockgate.bus import Bus
+from lockgate.cli.main import handle_errors, json_option
+from lockgate.cli.render import console, emit_json, table
+from lockgate.codec import Codec, encode
+from lockgate.config import Settings
+from lockgate.contracts import GateDecided, GateReview
+from lockgate.errors import LockgateError, NotFound, SignatureError
+from lockgate.signing import Keyring, public_pem, trusted_paths
+from lockgate.subjects import Subjects, token
+
+T = TypeVar("T")
+_decided: Codec[GateDecided] = Codec(GateDecided)
+
+
+class ReviewRefused(LockgateError):
+    """An approval or rejection that the gate would not accept (nothing pending, or no answer)."""
+
+
+def _with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]]) -> T:
+    async def run() -> T:
+        bus = Bus(settings.nats_url, Subjects(settings.prefix), name="lockgate-cli")
+        await bus.connect()
+        try:
+            return await work(bus)
+        finally:
+            await bus.close()
+
+    return asyncio.run(run())
+
+
+async def current_decision(bus: Bus, release: str) -> GateDecided:
+    """The release's latest decision from KV `lg_gates`, or NotFound."""
+    import nats.js.errors
+
+    kv = await bus.kv(bus.subjects.kv_gates)
+    try:
+        entry = await kv.get(token(release))
+    except nats.js.errors.KeyNotFoundError:
+        raise NotFound(f"release {release!r} has no gate decision") from None
+    return _decided.decode(entry.value)
+
+
+def rule_rows(decision: GateDecided) -> list[dict[str, Any]]:
+    """One readable row per rule."""
+    def num(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4g}"
+
+    return [{"rule": r.rule + (" (dry-run)" if r.dry_run else ""), "verdict": r.verdict, "metric": r.metric,
+             "observed": num(r.observed), "interval": "-" if r.low is None else f"[{num(r.low)}, {num(r.high)}]",
+             "baseline": num(r.baseline), "threshold": f"{r.op} {num(r.threshold)}", "hint": r.hint}
+            for r in decision.rules]
+
+
+async def request_review(bus: Bus, release: str, action: str, actor: str, reason: str, timeout_s: float) -> GateDecided:
+    """Publish a GateReview as `lockgate gate approve|reject` does and wait for the gate's new decision."""
+    current = await current_decision(bus, release)
+    if action == "approve" and current.decision != "NEEDS_REVIEW":
+        raise ReviewRefused(f"cannot approve {release}: its latest decision is {current.decision}, not NEEDS_REVIEW "
+                            f"(approvals never override a BLOCK; re-run the eval instead)")
+    sub = await bus.nc.subscribe(bus.subjects.gate_decided(release))
+    try:
+        review = GateReview(release=release, action=action, actor=actor, reason=reason, decision_id=current.id,
+                            tenant=current.tenant)
+        await bus.publish(bus.subjects.gate_review(release), review)
+        async with asyncio.timeout(timeout_s):
+            while True:
+                new = _decided.decode((await sub.next_msg(timeout=timeout_s)).data)
+                if new.reviewed_by == actor and new.id != current.id:
+                    return new
+    except TimeoutError:
+        raise ReviewRefused(f"no new decision for {release} within {timeout_s:.0f}s; is the gatekeeper running? "
+                            f"See `lockgate decisions --release {release}` for a refusal") from None
+    finally:
+        await sub.unsubscribe()
+
+
+async def _keyring(bus: Bus | None, settings: Settings, keys: tuple[str, ...]) -> Keyring:
+    if keys or trusted_paths(settings):
+        return Keyring.from_pem_files(keys or trusted_paths(settings))
+    assert bus is not None
+    return await Keyring.from_kv(bus)
+
+
+def _verify(settings: Settings, release: str | None, path: str | None,
+            keys: tuple[str, ...]) -> tuple[GateDecided, str]:
+    """The decision (from a file or the stack) and the id of the trusted key that signed it."""
+    d: GateDecided | None = None
+    if path:
+        try:
+            d = msgspec.json.decode(Path(path).read_bytes(), type=GateDecided)
+        except msgspec.DecodeError as exc:
+            raise SignatureError(f"{path} is not a gate decision: {exc}") from None
+        if keys or trusted_paths(settings):
+            return d, asyncio.run(_keyring(None, settings, keys)).verify(d)
+
+    async def work(bus: Bus) -> tuple[GateDecided, str]:
+        dec = d or await current_decision(bus, release or "")
+        return dec, (await _keyring(bus, settings, keys)).verify(dec)
+
+    return _with_bus(settings, work)
+
+
+def register(cli: click.Group) -> None:
+    """Attach `gate` to the top-level group."""
+
+    @cli.group()
+    def gate() -> None:
+        """Explain, review and verify gate decisions."""
+
+    @gate.command("explain")
+    @click.argument("release")
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def explain(ctx: click.Context, release: str, as_json: bool) -> None:
+        """The latest decision for RELEASE, rule by rule, with hints."""
+        d = _with_bus(ctx.obj["settings"], lambda bus: current_decision(bus, release))
+        if as_json:
+            emit_json(json.loads(encode(d)))
+            return
+        console.print(f"[bold]{d.release}: {d.decision}[/bold]  decision {d.id} at {d.time:%Y-%m-%d %H:%M:%S}",
+                      highlight=False)
+        console.print(f"reason: {d.reason}", highlight=False)
+        for label, value in (("review required", d.review_required), ("reviewed by", d.reviewed_by),
+                             ("eval run", d.eval_run), ("policy", d.policy), ("baseline", d.baseline),
+                             ("signed by key", d.key_id or "UNSIGNED")):
+            if value:
+                console.print(f"{label}: {value}", highlight=False)
+        table(rule_rows(d), title="rules", empty="no rules were evaluated")
+        for r in d.rules:
+            if r.explanation:
+                console.print(f"- {r.explanation}", highlight=False)
+
+    def review_command(action: str) -> None:
+        @gate.command(action, help=f"{action.capitalize()} RELEASE: approve needs a pending NEEDS_REVIEW decision; "
+                                   "reject always blocks (an override when nothing is pending).")
+        @click.argument("release")
+        @click.option("--reason", required=True, help="Why (kept in the audit log).")
+        @click.option("--actor", default=lambda: os.environ.get("USER") or getpass.getuser(),
+                      show_default="current user", help="Who decides.")
+        @click.option("--timeout", "timeout_s", default=30.0, show_default=True)
+        @json_option
+        @click.pass_context
+        @handle_errors
+        def review(ctx: click.Context, release: str, reason: str, actor: str, timeout_s: float,
+                   as_json: bool) -> None:
+            new = _with_bus(ctx.obj["settings"], lambda bus: request_review(bus, release, action, actor, reason, timeout_s))
+            if as_json:
+                emit_json(json.loads(encode(new)))
+            else:
+                console.print(f"{release}: {new.decision} ({new.reason})", highlight=False)
+
+    review_command("approve")
+    review_command("reject")
+
+    @gate.command("verify")
+    @click.argument("release", required=False)
+    @click.option("--file", "path", type=click.Path(exists=True, dir_okay=False), help="A decision saved as JSON.")
+    @click.option("--key", "keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                  help="Trusted public key PEM (repeatable); default: settings.trusted_keys, else the stack's KV.")
+    @click.pass_context
+    @handle_errors
+    def verify(ctx: click.Context, release: str | None, path: str | None, keys: tuple[str, ...]) -> None:
+        """Check a decision's signature: offline (--file + --key) or against the running stack. Exit 4 if bad."""
+        settings: Settings = ctx.obj["settings"]
+        if bool(release) == bool(path):
+            raise LockgateError("give exactly one of RELEASE or --file")
+        try:
+            d, kid = _verify(settings, release, path, keys)
+        except SignatureError as exc:
+            # click.echo, not rich: scripts rely on exactly one line, which rich would wrap.
+            click.echo(f"error: {exc.message}", err=True)
+            sys.exit(exc.exit_code)
+        click.echo(f"ok: decision {d.id} ({d.release}: {d.decision}) is signed by key {kid}")
+
+    @gate.command("keys")
+    @click.pass_context
+    @handle_errors
+    def keys_cmd(ctx: click.Context) -> None:
+        """Print the public keys the stack's gatekeepers sign with (PEM), for offline `verify --key`."""
+        ring = _with_bus(ctx.obj["settings"], Keyring.from_kv)
+        if not ring.keys:
+            raise NotFound("no signing keys published; is the gatekeeper running?")
+        for kid, pub in sorted(ring.keys.items()):
+            click.echo(f"# key id {kid}")
+            click.echo(public_pem(pub).decode(), nl=False)

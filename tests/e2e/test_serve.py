@@ -1,0 +1,65 @@
+"""Distributed mode as an operator runs it: `lockgate serve sink` against an external NATS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lockgate.bus import Bus
+from lockgate.contracts import InferenceEvent
+from lockgate.natsserver import NatsServer
+from lockgate.subjects import Subjects
+
+pytestmark = pytest.mark.timeout(180)
+
+LOCKGATE = [sys.executable, "-m", "lockgate.cli"]
+
+
+def test_serve_one_service_against_external_nats(nats_server: NatsServer, tmp_path: Path, unique: str) -> None:
+    env = {**os.environ, "LOCKGATE_NATS_URL": nats_server.url, "LOCKGATE_PREFIX": unique,
+           "LOCKGATE_CLICKHOUSE_URL": f"chdb://{tmp_path / 'ch'}"}
+    proc = subprocess.Popen([*LOCKGATE, "serve", "sink"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "serving" in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert ready.wait(60) and proc.poll() is None, "".join(lines)
+
+        async def publish() -> None:
+            bus = Bus(nats_server.url, Subjects(unique))
+            await bus.connect()
+            await bus.publish(bus.subjects.inference("shop"), [InferenceEvent(app="shop") for _ in range(25)])
+            await bus.close()
+
+        asyncio.run(publish())
+        deadline = time.monotonic() + 60
+        count = 0
+        while count < 25 and time.monotonic() < deadline:
+            # each CLI call is a round trip to the served process, which answers from its chDB
+            out = subprocess.run([*LOCKGATE, "sql", "SELECT count() AS n FROM inference_events", "--json"],
+                                 capture_output=True, text=True, env=env, timeout=60)
+            assert out.returncode == 0, out.stderr
+            count = json.loads(out.stdout)[0]["n"]
+        assert count == 25
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 0, "".join(lines)
