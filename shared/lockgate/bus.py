@@ -168,6 +168,16 @@ Handler = Callable[[Any, Delivery], Awaitable[None]]
 BatchHandler = Callable[[list[tuple[Any, Delivery]]], Awaitable[None]]
 
 
+def _serialised(handler: Handler) -> Handler:
+    lock = asyncio.Lock()  # FIFO: waiters resume in the order the fetch started them
+
+    async def one_at_a_time(value: Any, delivery: Delivery) -> None:
+        async with lock:
+            await handler(value, delivery)
+
+    return one_at_a_time
+
+
 def _raw_decoder(msg: NatsMessage) -> bytes:
     return msg.body
 
@@ -186,8 +196,13 @@ def consume(
     max_deliver: int = 8,
     ack_wait_s: float = 30.0,
     max_workers: int = 1,
+    ordered: bool = True,
 ) -> None:
     """Register a durable pull consumer whose handler gets decoded Structs.
+
+    FastStream runs the messages of one fetch concurrently; with `ordered` (the default) the
+    handler still sees them one at a time in stream order, which stateful handlers (rollouts,
+    drift windows, gate decisions) rely on.
 
     The edge owns acknowledgement: undecodable -> DLQ + ack; Retryable -> nack with
     exponential backoff (DLQ after max_deliver); any other failure -> DLQ + ack, so one
@@ -195,6 +210,8 @@ def consume(
     """
     codec: Codec[Any] = Codec(wire_type)
     stream_name = bus.subjects.streams[stream].name
+    if ordered:
+        handler = _serialised(handler)
 
     async def on_message(msg: NatsMessage) -> None:
         raw = msg.raw_message
@@ -334,7 +351,8 @@ def consume_batch(
     coalesced into one handler call, so a sink writes one large insert instead of one per message.
     Acknowledgement and dead-lettering stay per message, in the `consume` edge."""
     coalescer = Coalescer(handler, max_items=batch_size, max_wait_s=max_wait_s)
-    consume(bus, router, handler=coalescer.submit, batch_size=batch_size, max_workers=batch_size, **options)
+    consume(bus, router, handler=coalescer.submit, batch_size=batch_size, max_workers=batch_size, ordered=False,
+            **options)
     return coalescer
 
 

@@ -69,3 +69,31 @@ async def test_bad_input_goes_to_dlq_and_consumer_keeps_going(bus: Bus, payload:
     got = await asyncio.wait_for(good.get(), 10)
     assert got.id == ok.id
     assert bus.stats.dead_letters == 1
+
+
+async def test_handlers_see_one_message_at_a_time_in_stream_order(bus: Bus) -> None:
+    """FastStream runs a fetch's messages concurrently; stateful handlers must not notice."""
+    seen: list[int] = []
+    in_flight = 0
+    max_in_flight = 0
+    done = asyncio.Event()
+
+    async def handle(value: InferenceEvent, delivery: Delivery) -> None:
+        nonlocal in_flight, max_in_flight
+        in_flight += 1
+        max_in_flight = max(max_in_flight, in_flight)
+        await asyncio.sleep(0)  # yield inside the handler, as any I/O would
+        seen.append(value.input_tokens)
+        in_flight -= 1
+        if len(seen) == 40:
+            done.set()
+
+    consume(bus, bus.broker, subject=bus.subjects.inference_all, stream="inference",
+            durable=bus.subjects.durable("test", "ordered"), wire_type=InferenceEvent, origin="test",
+            handler=handle, batch_size=16)
+    for i in range(40):
+        await bus.publish(bus.subjects.inference("x"), InferenceEvent(app="x", input_tokens=i))
+    await bus.start()
+    await asyncio.wait_for(done.wait(), 20)
+    assert seen == list(range(40))
+    assert max_in_flight == 1

@@ -127,7 +127,16 @@ def decisions(ctx: click.Context, release: str | None, limit: int, as_json: bool
 @handle_errors
 def drift(ctx: click.Context, deployment: str | None, limit: int, as_json: bool) -> None:
     """Drift reports per deployment and feature."""
-    output(_query(ctx, "drift_reports", deployment=deployment, limit=limit), as_json, title="drift reports")
+    reports = _query(ctx, "drift_reports", deployment=deployment, limit=limit)
+    if as_json:
+        output(reports, True)
+        return
+    rows = [{"time": r.get("time"), "deployment": r.get("deployment"), "window": f"{r.get('reference_n')} vs "
+             f"{r.get('current_n')}", "feature": f.get("feature"), "psi": f.get("psi"), "ks_pvalue": f.get("ks_pvalue"),
+             "reference_mean": f.get("reference_mean"), "current_mean": f.get("current_mean"),
+             "drifted": "DRIFT" if f.get("drifted") else "-"}
+            for r in reports for f in r.get("features", [])]
+    output(rows, False, title="drift reports (PSI >= threshold marks drift)")
 
 
 @cli.command()
@@ -140,7 +149,9 @@ def drift(ctx: click.Context, deployment: str | None, limit: int, as_json: bool)
 def cost(ctx: click.Context, by: str, tenant: str | None, as_json: bool) -> None:
     """Spend rolled up from the cost ledger."""
     groups = [g.strip() for g in by.split(",") if g.strip()]
-    output(_query(ctx, "cost_rollup", by=groups, tenant=tenant), as_json, title="cost")
+    rows = _query(ctx, "cost_rollup", by=groups, tenant=tenant)
+    columns = [*groups, "calls", "input_tokens", "output_tokens", "cost_usd", "unpriced_calls"]
+    output(rows, as_json, title="cost (USD)", columns=None if as_json else columns)
 
 
 @cli.command()

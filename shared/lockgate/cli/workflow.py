@@ -151,8 +151,14 @@ def _print_eval(result: dict[str, Any], candidate: str) -> None:
 async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpoint: str, model: str,
                 policy_path: str | None, concurrency: int, timeout_s: float) -> dict[str, Any]:
     import msgspec
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from lockgate import artifacts
     from lockgate.codec import Codec, encode
@@ -174,13 +180,16 @@ async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpo
     run_id = uuid7()
     events: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
 
-    async def feed(kind: str, msg: Any) -> None:
-        await events.put((kind, msg.data))
+    def feed(kind: str) -> Callable[[Any], Awaitable[None]]:
+        async def cb(msg: Any) -> None:  # nats-py wants a coroutine function, not a lambda
+            await events.put((kind, msg.data))
 
-    subs = [await bus.nc.subscribe(bus.subjects.eval_completed, cb=lambda m: feed("done", m)),
-            await bus.nc.subscribe(bus.subjects.eval_progress(run_id), cb=lambda m: feed("tick", m))]
+        return cb
+
+    subs = [await bus.nc.subscribe(bus.subjects.eval_completed, cb=feed("done")),
+            await bus.nc.subscribe(bus.subjects.eval_progress(run_id), cb=feed("tick"))]
     if policy:
-        subs.append(await bus.nc.subscribe(bus.subjects.gate_decided(candidate), cb=lambda m: feed("gate", m)))
+        subs.append(await bus.nc.subscribe(bus.subjects.gate_decided(candidate), cb=feed("gate")))
     completed: EvalCompleted | None = None
     decision = None
     try:
