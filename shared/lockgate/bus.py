@@ -168,16 +168,6 @@ Handler = Callable[[Any, Delivery], Awaitable[None]]
 BatchHandler = Callable[[list[tuple[Any, Delivery]]], Awaitable[None]]
 
 
-def _serialised(handler: Handler) -> Handler:
-    lock = asyncio.Lock()  # FIFO: waiters resume in the order the fetch started them
-
-    async def one_at_a_time(value: Any, delivery: Delivery) -> None:
-        async with lock:
-            await handler(value, delivery)
-
-    return one_at_a_time
-
-
 def _raw_decoder(msg: NatsMessage) -> bytes:
     return msg.body
 
@@ -200,9 +190,9 @@ def consume(
 ) -> None:
     """Register a durable pull consumer whose handler gets decoded Structs.
 
-    FastStream runs the messages of one fetch concurrently; with `ordered` (the default) the
-    handler still sees them one at a time in stream order, which stateful handlers (rollouts,
-    drift windows, gate decisions) rely on.
+    FastStream runs the messages of one fetch concurrently, in no guaranteed order; with
+    `ordered` (the default) it fetches one message at a time, so the handler sees them one by one
+    in stream order, which stateful handlers (rollouts, drift windows, gate decisions) rely on.
 
     The edge owns acknowledgement: undecodable -> DLQ + ack; Retryable -> nack with
     exponential backoff (DLQ after max_deliver); any other failure -> DLQ + ack, so one
@@ -211,7 +201,7 @@ def consume(
     codec: Codec[Any] = Codec(wire_type)
     stream_name = bus.subjects.streams[stream].name
     if ordered:
-        handler = _serialised(handler)
+        batch_size = 1
 
     async def on_message(msg: NatsMessage) -> None:
         raw = msg.raw_message
