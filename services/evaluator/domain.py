@@ -11,7 +11,7 @@ from typing import Any
 
 from lockgate.errors import ConfigError, LockgateError
 
-from services.evaluator.scorers import get_scorer
+from services.evaluator.scorers import ASYNC_SCORERS, check_scorer, get_scorer
 
 
 class SuiteError(ConfigError):
@@ -25,6 +25,12 @@ class ScorerSpec:
     name: str
     weight: float = 1.0
     params: Mapping[str, Any] = field(default_factory=dict)
+    threshold: float | None = None  # pass mark per case; None means a perfect 1.0
+
+    @property
+    def pass_mark(self) -> float:
+        """The score a case needs on this scorer to count as passed."""
+        return 1.0 if self.threshold is None else self.threshold
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,16 @@ class Case:
     id: str
     vars: Mapping[str, Any]
     expected: Any
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Where outputs come from: `call` the endpoint, or `recorded` inference events of app/release."""
+
+    type: str = "call"
+    app: str = ""
+    release: str = ""
+    since: str = ""
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,10 @@ class Suite:
     system: str = ""
     model: str = ""
     repeats: int = 1
+    margin: float = 0.05
+    rate_limit_rps: float = 0.0  # 0: unlimited
+    task: TaskSpec = TaskSpec()
+    price_book: str = ""  # artifact hash of a price book; "" uses the configured one
 
 
 @dataclass(frozen=True)
@@ -63,6 +83,7 @@ class CaseResult:
     input_tokens: int = 0
     output_tokens: int = 0
     error: str = ""
+    details: Mapping[str, Any] = field(default_factory=dict)  # judge replies, cache hits
 
 
 def _need(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -108,10 +129,43 @@ def parse_suite(raw: Any) -> Suite:
     repeats = raw.get("repeats", 1)
     if not isinstance(repeats, int) or isinstance(repeats, bool) or not 1 <= repeats <= 100:
         raise SuiteError(f"suite.repeats: expected an integer from 1 to 100, got {repeats!r}")
+    margin = raw.get("margin", 0.05)
+    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 < margin < 1:
+        raise SuiteError(f"suite.margin: expected a number between 0 and 1 (exclusive), got {margin!r}")
+    rps = raw.get("rate_limit_rps", 0) or 0
+    if isinstance(rps, bool) or not isinstance(rps, int | float) or rps < 0:
+        raise SuiteError(f"suite.rate_limit_rps: expected a number >= 0 (0 = unlimited), got {rps!r}")
+    price_book = raw.get("price_book") or ""
+    if not isinstance(price_book, str) or (price_book and not price_book.startswith("sha256:")):
+        raise SuiteError(f"suite.price_book: expected an artifact hash 'sha256:...', got {price_book!r}")
     return Suite(
         name=name, template=template, system=system, model=model, dataset=parsed_dataset,
-        scorers=_parse_scorers(_need(raw, "scorers", list, "suite")), repeats=repeats,
+        scorers=_parse_scorers(_need(raw, "scorers", list, "suite")), repeats=repeats, margin=float(margin),
+        rate_limit_rps=float(rps), task=_parse_task(raw.get("task")), price_book=price_book,
     )
+
+
+def _parse_task(raw: Any) -> TaskSpec:
+    if raw is None:
+        return TaskSpec()
+    if not isinstance(raw, Mapping):
+        raise SuiteError(f"suite.task: expected a mapping with 'type', got {type(raw).__name__}")
+    kind = raw.get("type", "call")
+    if kind == "call":
+        return TaskSpec()
+    if kind != "recorded":
+        raise SuiteError(f"suite.task.type: expected 'call' or 'recorded', got {kind!r}")
+    app = _need(raw, "app", str, "suite.task")
+    release = _need(raw, "release", str, "suite.task")
+    since = raw.get("since") or ""
+    if not isinstance(since, str):
+        since = since.isoformat() if hasattr(since, "isoformat") else str(since)
+    if since:
+        try:
+            datetime.fromisoformat(since)
+        except ValueError:
+            raise SuiteError(f"suite.task.since: expected an ISO-8601 time, got {since!r}") from None
+    return TaskSpec(type="recorded", app=app, release=release, since=since)
 
 
 def _parse_scorers(raw: list[Any]) -> tuple[ScorerSpec, ...]:
@@ -139,7 +193,16 @@ def _parse_scorers(raw: list[Any]) -> tuple[ScorerSpec, ...]:
         params = item.get("params") or {}
         if not isinstance(params, Mapping):
             raise SuiteError(f"{where}.params: expected a mapping, got {type(params).__name__}")
-        out.append(ScorerSpec(name=name, weight=float(weight), params=dict(params)))
+        threshold = item.get("threshold")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
+                                      or not 0 <= threshold <= 1):
+            raise SuiteError(f"{where}.threshold: expected a number from 0 to 1, got {threshold!r}")
+        try:
+            check_scorer(name, params)
+        except LockgateError as exc:
+            raise SuiteError(f"{where}: {exc.message}") from None
+        out.append(ScorerSpec(name=name, weight=float(weight), params=dict(params),
+                              threshold=None if threshold is None else float(threshold)))
     if not any(s.weight > 0 for s in out):
         raise SuiteError("suite.scorers: at least one scorer needs a weight above 0")
     return tuple(out)
@@ -197,6 +260,8 @@ def score(suite: Suite, output: str, expected: Any, *, case_id: str = "") -> dic
     """Every suite scorer's score for one output, clamped to [0, 1]; a scorer failure is a SuiteError."""
     out = {}
     for spec in suite.scorers:
+        if spec.name in ASYNC_SCORERS:  # scored by the runner, which can make calls
+            continue
         try:
             value = float(get_scorer(spec.name)(output, expected, spec.params))
         except Exception as exc:  # noqa: BLE001 - bad params, or an expected value the scorer cannot read
@@ -217,8 +282,21 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def aggregate(suite: Suite, results: Sequence[CaseResult]) -> dict[str, float]:
-    """Run metrics: per-scorer mean, weighted `score`, latency p50/p95, `error_rate`, `n`.
+def case_scores(suite: Suite, r: CaseResult) -> dict[str, float]:
+    """One row's score per scorer plus the weighted `score`; an errored row scores 0 everywhere."""
+    out = {spec.name: r.scores.get(spec.name, 0.0) for spec in suite.scorers}
+    total_weight = sum(s.weight for s in suite.scorers)
+    out["score"] = sum(s.weight * out[s.name] for s in suite.scorers) / total_weight
+    return out
+
+
+def passes(suite: Suite, r: CaseResult) -> dict[str, bool]:
+    """Per scorer: did this row reach the scorer's pass mark (threshold, or 1.0)?"""
+    return {spec.name: (not r.error) and r.scores.get(spec.name, 0.0) >= spec.pass_mark for spec in suite.scorers}
+
+
+def aggregate(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float] | None = None) -> dict[str, float]:
+    """Run metrics: per-scorer mean and pass rate, weighted `score`, latency p50/p95, `error_rate`, cost, `n`.
 
     An errored case scores 0 on every scorer, so a flaky endpoint cannot look accurate by
     answering only the easy cases. Latency is over successful calls only; when none
@@ -228,17 +306,27 @@ def aggregate(suite: Suite, results: Sequence[CaseResult]) -> dict[str, float]:
     metrics: dict[str, float] = {"n": float(n)}
     if n == 0:
         return metrics
+    rows = [case_scores(suite, r) for r in results]
     for spec in suite.scorers:
-        metrics[spec.name] = sum(r.scores.get(spec.name, 0.0) for r in results) / n
-    total_weight = sum(s.weight for s in suite.scorers)
-    metrics["score"] = sum(s.weight * metrics[s.name] for s in suite.scorers) / total_weight
+        metrics[spec.name] = sum(row[spec.name] for row in rows) / n
+        metrics[f"{spec.name}_pass_rate"] = sum(passes(suite, r)[spec.name] for r in results) / n
+    metrics["score"] = sum(row["score"] for row in rows) / n
+    agreement = [r.scores[JUDGE_AGREEMENT] for r in results if JUDGE_AGREEMENT in r.scores]
+    if agreement:
+        metrics[JUDGE_AGREEMENT] = sum(agreement) / len(agreement)
     errors = sum(1 for r in results if r.error)
     metrics["error_rate"] = errors / n
     latencies = [r.latency_ms for r in results if not r.error]
     if latencies:
         metrics["latency_p50_ms"] = percentile(latencies, 50)
         metrics["latency_p95_ms"] = percentile(latencies, 95)
+    if costs is not None:
+        metrics["cost_usd_total"] = float(sum(costs))
+        metrics["cost_usd_per_case"] = float(sum(costs)) / n
     return metrics
+
+
+JUDGE_AGREEMENT = "llm_judge_agreement"
 
 
 def expected_text(expected: Any) -> str:
@@ -254,14 +342,15 @@ def failure_summary(results: Sequence[CaseResult]) -> str:
 
 
 CASE_COLUMNS = ("run_id", "case_id", "repeat", "release", "input", "expected", "output", "scores",
-                "latency_ms", "input_tokens", "output_tokens", "error", "time")
+                "latency_ms", "input_tokens", "output_tokens", "error", "time", "details")
 
 
 def case_rows(run_id: str, release: str, results: Sequence[CaseResult], now: datetime) -> list[list[Any]]:
     """`eval_cases` rows, in CASE_COLUMNS order."""
     return [
         [run_id, r.case_id, r.repeat, release, r.input, expected_text(r.expected), r.output, dict(r.scores),
-         r.latency_ms, r.input_tokens, r.output_tokens, r.error, now]
+         r.latency_ms, r.input_tokens, r.output_tokens, r.error, now,
+         json.dumps(r.details, sort_keys=True) if r.details else ""]
         for r in results
     ]
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from lockgate.errors import LockgateError, UpstreamError
 
 from services.evaluator import domain
 
+T = TypeVar("T")
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
@@ -24,6 +25,7 @@ class Completion:
     latency_ms: float
     input_tokens: int = 0
     output_tokens: int = 0
+    cached: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,11 +47,12 @@ class _Transient(Exception):
 
 
 async def complete(
-    session: aiohttp.ClientSession, endpoint: str, model: str, messages: list[dict[str, str]], policy: CallPolicy
+    session: aiohttp.ClientSession, endpoint: str, model: str, messages: list[dict[str, str]], policy: CallPolicy,
+    params: dict[str, Any] | None = None,
 ) -> Completion:
     """One chat completion with retries and exponential backoff; raises UpstreamError when it gives up."""
     url = endpoint.rstrip("/") + "/chat/completions"
-    body = {"model": model, "messages": messages, "temperature": 0}
+    body = {"model": model, "messages": messages, "temperature": 0, **(params or {})}
     last = ""
     for attempt in range(policy.max_retries + 1):
         try:
@@ -101,6 +104,41 @@ def _retry_after(value: str | None) -> float | None:
 
 
 Call = Callable[[list[dict[str, str]]], Awaitable[Completion]]
+Judge = Callable[[domain.CaseResult], Awaitable[domain.CaseResult]]
+OnResult = Callable[[domain.CaseResult], Awaitable[None] | None]
+
+
+class Stopped(LockgateError):
+    """The run was asked to stop: cases in flight finished, the rest were not started."""
+
+
+async def _pool(items: Sequence[T], work: Callable[[T], Awaitable[domain.CaseResult]], concurrency: int,
+                on_result: OnResult | None, stopping: asyncio.Event | None) -> list[domain.CaseResult]:
+    """`concurrency` workers pulling items in order; results keep input order. A stop lets in-flight items finish."""
+    out: list[domain.CaseResult | None] = [None] * len(items)
+    todo = iter(enumerate(items))
+
+    async def worker() -> None:
+        for i, item in todo:
+            if stopping is not None and stopping.is_set():
+                return
+            result = await work(item)
+            out[i] = result
+            if on_result is not None:
+                maybe = on_result(result)
+                if maybe is not None:
+                    await maybe
+
+    # A TaskGroup cancels the other workers if one raises (a scorer bug), leaving nothing orphaned.
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(max(1, min(concurrency, len(items)))):
+                group.create_task(worker())
+    except* domain.SuiteError as group_error:
+        raise group_error.exceptions[0] from None
+    if any(r is None for r in out):
+        raise Stopped(f"stopped with {sum(r is None for r in out)} of {len(items)} cases not run")
+    return out  # type: ignore[return-value]
 
 
 async def run_cases(
@@ -110,36 +148,47 @@ async def run_cases(
     *,
     concurrency: int,
     on_done: Callable[[], None] | None = None,
+    skip: Collection[tuple[str, int]] = (),
+    on_result: OnResult | None = None,
+    judge: Judge | None = None,
+    stopping: asyncio.Event | None = None,
 ) -> list[domain.CaseResult]:
-    """Run every (case, repeat) through `call` with at most `concurrency` in flight; results keep input order."""
-    sem = asyncio.Semaphore(max(1, concurrency))
+    """Run every (case, repeat) not in `skip` through `call`, at most `concurrency` in flight; input order kept."""
+    # Render everything first so a template error fails the run before any call is made.
+    rendered = {case.id: domain.render(suite, case) for case in cases}
+    items = [(case, r) for case in cases for r in range(suite.repeats) if (case.id, r) not in skip]
 
-    async def one(case: domain.Case, repeat: int) -> domain.CaseResult:
-        messages = domain.render(suite, case)
+    async def one(item: tuple[domain.Case, int]) -> domain.CaseResult:
+        case, repeat = item
+        messages = rendered[case.id]
         prompt = messages[-1]["content"]
-        async with sem:
-            try:
-                done = await call(messages)
-            except LockgateError as exc:
-                result = domain.CaseResult(case_id=case.id, repeat=repeat, input=prompt, expected=case.expected,
-                                           error=exc.message)
-            else:
-                result = domain.CaseResult(
-                    case_id=case.id, repeat=repeat, input=prompt, expected=case.expected, output=done.text,
-                    scores=domain.score(suite, done.text, case.expected, case_id=case.id), latency_ms=done.latency_ms,
-                    input_tokens=done.input_tokens, output_tokens=done.output_tokens,
-                )
+        try:
+            done = await call(messages)
+        except LockgateError as exc:
+            return domain.CaseResult(case_id=case.id, repeat=repeat, input=prompt, expected=case.expected,
+                                     error=exc.message)
+        result = domain.CaseResult(
+            case_id=case.id, repeat=repeat, input=prompt, expected=case.expected, output=done.text,
+            scores=domain.score(suite, done.text, case.expected, case_id=case.id), latency_ms=done.latency_ms,
+            input_tokens=done.input_tokens, output_tokens=done.output_tokens,
+            details={"cached": True} if done.cached else {},
+        )
+        if judge is not None:
+            result = await judge(result)
         if on_done is not None:
             on_done()
         return result
 
-    # Render everything first so a template error fails the run before any call is made.
-    for case in cases:
-        domain.render(suite, case)
-    # A TaskGroup cancels the remaining calls if one raises (a scorer bug), leaving nothing orphaned.
-    try:
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(one(case, r)) for case in cases for r in range(suite.repeats)]
-    except* domain.SuiteError as group_error:
-        raise group_error.exceptions[0] from None
-    return [t.result() for t in tasks]
+    return await _pool(items, one, concurrency, on_result, stopping)
+
+
+async def judge_results(
+    results: Sequence[domain.CaseResult], judge: Judge | None, *, concurrency: int,
+    on_result: OnResult | None = None, stopping: asyncio.Event | None = None,
+) -> list[domain.CaseResult]:
+    """Apply the judge (if any) to results made without calls (recorded outputs), reporting each."""
+
+    async def one(result: domain.CaseResult) -> domain.CaseResult:
+        return await judge(result) if judge is not None and not result.error else result
+
+    return await _pool(results, one, concurrency, on_result, stopping)

@@ -17,7 +17,7 @@ from typing import Any
 
 from lockgate.errors import ConfigError
 
-from . import retrieval, safety
+from . import judge, retrieval, safety, semantic
 
 Scorer = Callable[[str, Any, Mapping[str, Any]], float]
 
@@ -349,10 +349,29 @@ SCORERS: dict[str, Scorer] = {
 }
 
 
+def _judge_placeholder(output: str, expected: Any, params: Mapping[str, Any]) -> float:
+    raise ScorerParamError("llm_judge makes calls: the runner scores it, not domain.score")
+
+
+# Kept apart from SCORERS (the pure, always-available, total ones): these need an extra or make calls.
+EXTRA_SCORERS: dict[str, Scorer] = {"semantic_similarity": semantic.semantic_similarity,
+                                    judge.NAME: _judge_placeholder}
+# Scorers that call out (the runner awaits them); domain.score skips them.
+ASYNC_SCORERS = frozenset({judge.NAME})
+
+
+def check_scorer(name: str, params: Mapping[str, Any]) -> None:
+    """Fail at suite load, before any call, when a scorer cannot run with these params here."""
+    if name == "semantic_similarity":
+        semantic.check_available(params)
+    elif name == judge.NAME:
+        judge.parse_params(params)
+
+
 def get_scorer(name: str) -> Scorer:
     """Return the scorer called `name` or raise UnknownScorer listing the known names."""
     try:
-        return SCORERS[name]
+        return SCORERS[name] if name in SCORERS else EXTRA_SCORERS[name]
     except KeyError:
-        known = ", ".join(sorted(SCORERS))
+        known = ", ".join(sorted([*SCORERS, *EXTRA_SCORERS]))
         raise UnknownScorer(f"unknown scorer {name!r}; known scorers: {known}") from None

@@ -67,3 +67,12 @@ class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.complet
     comparisons: dict[str, BaselineComparison] = {}
     warnings: list[str] = []
     artifacts: dict[str, str] = {}
+
+
+class EvalProgress(msgspec.Struct, frozen=True, kw_only=True):
+    """A core-NATS progress tick of a running eval (not persisted; at most ~10 a second)."""
+
+    run_id: str
+    done: int
+    total: int
+    errors: int = 0

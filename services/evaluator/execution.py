@@ -1,0 +1,222 @@
+"""One eval run end to end: load, resume, run (or read recorded outputs), summarise, compare, publish."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import aiohttp
+from lockgate import artifacts
+from lockgate.contracts import EvalCompleted, EvalRequested, LineageRun
+from lockgate.errors import ConfigError, NotFound
+from lockgate.service import ServiceContext
+
+from services.evaluator import domain, judge, persist, pricing, recorded, runner, summary
+from services.evaluator.cache import ResponseCache
+from services.evaluator.progress import Ticker
+from services.evaluator.ratelimit import TokenBucket
+from services.evaluator.upstream import Upstream, judge_step
+
+log = logging.getLogger("lockgate.evaluator")
+
+
+@dataclass
+class Loaded:
+    """A validated suite, its cases, and the artifacts it was built from."""
+
+    suite: domain.Suite
+    cases: tuple[domain.Case, ...]
+    inputs: list[str]
+    prices: dict[str, pricing.Price] = field(default_factory=dict)
+    price_source: str = ""
+
+
+@dataclass
+class Outcome:
+    """Everything EvalCompleted carries besides the request's identity."""
+
+    status: str
+    error: str = ""
+    results: list[domain.CaseResult] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    intervals: dict = field(default_factory=dict)
+    comparisons: dict = field(default_factory=dict)
+    baseline_run: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+class Execution:
+    """Runs EvalRequested messages; `stopping` makes running evals finish in-flight cases and stop."""
+
+    def __init__(self, ctx: ServiceContext, session: aiohttp.ClientSession, stopping: asyncio.Event) -> None:
+        self.ctx = ctx
+        self.session = session
+        self.stopping = stopping
+
+    async def load(self, req: EvalRequested) -> Loaded:
+        """Suite, dataset and price book; ConfigError/NotFound name what is wrong."""
+        suite = domain.parse_suite(await artifacts.load_structured(self.ctx.bus, req.suite))
+        if suite.task.type == "call":
+            if not req.endpoint:
+                raise ConfigError("EvalRequested.endpoint is empty; give the base URL of an OpenAI-compatible API")
+            if not (req.model or suite.model):
+                raise ConfigError(f"no model to evaluate: set EvalRequested.model or 'model' in suite {suite.name!r}")
+        inputs = [req.suite]
+        if isinstance(suite.dataset, str):
+            rows = await artifacts.load_structured(self.ctx.bus, suite.dataset)
+            cases = domain.parse_cases(rows, where=f"dataset {suite.dataset}")
+            inputs.append(suite.dataset)
+        else:
+            cases = suite.dataset
+        for case in cases:  # template errors fail the run up front, before any call
+            domain.render(suite, case)
+        if suite.price_book:
+            prices = pricing.parse(await artifacts.load_structured(self.ctx.bus, suite.price_book), suite.price_book)
+            inputs.append(suite.price_book)
+            source = suite.price_book
+        else:
+            prices = pricing.load_file(self.ctx.settings.price_book)
+            source = self.ctx.settings.price_book or "the shipped price book"
+        return Loaded(suite, cases, inputs, prices, source)
+
+    async def execute(self, req: EvalRequested, loaded: Loaded) -> Outcome:
+        """Run the cases not stored yet, then summarise all of them."""
+        suite, cases = loaded.suite, loaded.cases
+        keys = {(c.id, r) for c in cases for r in range(suite.repeats)}
+        finished = [r for r in await persist.run_cases(self.ctx.store, req.run_id) if (r.case_id, r.repeat) in keys]
+        skip = {(r.case_id, r.repeat) for r in finished}
+        if finished:
+            log.info("eval %s resumes: %d of %d cases already stored", req.run_id, len(finished), len(keys))
+        ticker = Ticker(self._progress_sink(req.run_id), req.run_id, len(keys), done=len(finished),
+                        errors=sum(1 for r in finished if r.error))
+        await ticker.send()
+        writer = persist.CaseWriter(self.ctx.store, req.run_id, req.release)
+        writer.start()
+
+        async def on_result(result: domain.CaseResult) -> None:
+            writer.add(result)
+            await ticker.step(bool(result.error))
+
+        cache = None
+        if self.ctx.settings.eval_cache:
+            cache = ResponseCache(await self.ctx.bus.kv(self.ctx.bus.subjects.kv_eval_cache))
+        try:
+            new = await self._run(req, loaded, skip, on_result, cache)
+        finally:
+            await writer.close()
+            if cache is not None:
+                await cache.flush()
+        order = {c.id: i for i, c in enumerate(cases)}
+        results = sorted([*finished, *new], key=lambda r: (order[r.case_id], r.repeat))
+        return await self._summarise(req, loaded, results)
+
+    async def _run(self, req: EvalRequested, loaded: Loaded, skip: set[tuple[str, int]],
+                   on_result: runner.OnResult, cache: ResponseCache | None) -> list[domain.CaseResult]:
+        suite, cases = loaded.suite, loaded.cases
+        policy = runner.CallPolicy(timeout_s=max(0.1, req.timeout_s))
+        judge_hook = None
+        spec = next((s for s in suite.scorers if s.name == judge.NAME), None)
+        if spec is not None:
+            params = judge.parse_params(spec.params)
+            upstream = Upstream(self.session, params.endpoint or req.endpoint, params.model, policy, cache)
+            judge_hook = judge_step(upstream, params)
+        if suite.task.type == "recorded":
+            t = suite.task
+            events = await persist.recorded_events(self.ctx.store, t.app, t.release, t.since)
+            made = recorded.results(suite, cases, events, skip)
+            return await runner.judge_results(made, judge_hook, concurrency=req.concurrency, on_result=on_result,
+                                              stopping=self.stopping)
+        bucket = TokenBucket(suite.rate_limit_rps) if suite.rate_limit_rps else None
+        call = Upstream(self.session, req.endpoint, req.model or suite.model, policy, cache, bucket)
+        return await runner.run_cases(suite, cases, call, concurrency=req.concurrency, skip=skip,
+                                      on_result=on_result, judge=judge_hook, stopping=self.stopping)
+
+    def _progress_sink(self, run_id: str):
+        subject = self.ctx.bus.subjects.eval_progress(run_id)
+
+        async def publish(data: bytes) -> None:
+            await self.ctx.bus.nc.publish(subject, data)
+
+        return publish
+
+    async def _summarise(self, req: EvalRequested, loaded: Loaded, results: list[domain.CaseResult]) -> Outcome:
+        suite = loaded.suite
+        warnings: list[str] = []
+        model = req.model or suite.model
+        costs = None
+        price = loaded.prices.get(model)
+        if price is not None:
+            costs = [price.cost(r.input_tokens, r.output_tokens) for r in results]
+        elif loaded.prices or model:
+            warnings.append(f"model {model!r} is not in {loaded.price_source}; cost metrics are omitted")
+        unparsed = sum(int(r.details.get(judge.NAME, {}).get("unparsed", 0)) for r in results)
+        failed = sum(1 for r in results if "error" in r.details.get(judge.NAME, {}))
+        if unparsed or failed:
+            warnings.append(f"llm_judge: {unparsed} replies without a readable score; {failed} cases got none "
+                            "(scored 0)")
+        metrics = domain.aggregate(suite, results, costs)
+        # Resampling is CPU work: off the loop so the heartbeat keeps beating.
+        intervals = await asyncio.to_thread(summary.intervals, suite, results, costs)
+        outcome = Outcome(status="completed", results=results, metrics=metrics, intervals=intervals,
+                          warnings=warnings, error=domain.failure_summary(results))
+        if outcome.error:
+            outcome.status = "failed"
+        if req.baseline:
+            await self._compare(req, suite, results, outcome)
+        return outcome
+
+    async def _compare(self, req: EvalRequested, suite: domain.Suite, results: Sequence[domain.CaseResult],
+                       outcome: Outcome) -> None:
+        base_run = await persist.baseline_run(self.ctx.store, req.baseline, req.suite)
+        if base_run is None:
+            outcome.warnings.append(f"baseline {req.baseline!r} has no completed run of suite {req.suite}; "
+                                    "nothing was compared")
+            return
+        base = await persist.run_cases(self.ctx.store, base_run)
+        outcome.baseline_run = base_run
+        comparisons, warnings = await asyncio.to_thread(summary.compare, suite, results, base)
+        outcome.comparisons = comparisons
+        outcome.warnings.extend(warnings)
+
+    async def stored_event_id(self, run_id: str) -> str | None:
+        """The EvalCompleted id of a run already stored (a redelivery after the run row was written)."""
+        rows = await self.ctx.store.arows(
+            "SELECT event_id FROM eval_runs WHERE run_id = {run_id:String} LIMIT 1", {"run_id": run_id})
+        return rows[0]["event_id"] if rows else None
+
+    async def finish(self, req: EvalRequested, outcome: Outcome, inputs: list[str],
+                     event_id: str | None = None) -> EvalCompleted:
+        """Store the run row (unless already stored), then publish EvalCompleted and the lineage run."""
+        n_errors = sum(1 for r in outcome.results if r.error)
+        done = EvalCompleted(
+            run_id=req.run_id, release=req.release, suite=req.suite, baseline=req.baseline, policy=req.policy,
+            status=outcome.status, n_cases=len(outcome.results), n_errors=n_errors, metrics=outcome.metrics,
+            error=outcome.error, intervals=outcome.intervals, baseline_run=outcome.baseline_run,
+            comparisons=outcome.comparisons, warnings=outcome.warnings, artifacts=dict(req.artifacts),
+            tenant=req.tenant, source="evaluator", **({"id": event_id} if event_id else {}),
+        )
+        row = [req.run_id, req.release, req.suite, req.baseline, req.policy, outcome.status, done.n_cases, n_errors,
+               outcome.metrics, outcome.error, datetime.now(UTC), done.id]
+        if event_id is None:
+            await persist.insert_run(self.ctx.store, row, req.run_id)
+        await self.publish(done, inputs)
+        if outcome.status == "failed":
+            log.warning("eval %s for %s failed: %s", req.run_id, req.release, outcome.error)
+        return done
+
+    async def publish(self, done: EvalCompleted, inputs: list[str]) -> None:
+        """EvalCompleted, then the lineage run linking the suite and dataset to the result."""
+        s = self.ctx.bus.subjects
+        await self.ctx.bus.publish(s.eval_completed, done, msg_id=f"eval-completed-{done.run_id}")
+        if inputs:
+            lineage = LineageRun(run_id=done.run_id, kind="eval", release=done.release, inputs=inputs,
+                                 outputs=[done.run_id], tenant=done.tenant, source="evaluator")
+            await self.ctx.bus.publish(s.lineage_run, lineage, msg_id=f"lineage-eval-{done.run_id}")
+
+
+def load_error(exc: ConfigError | NotFound) -> Outcome:
+    """A suite that cannot run still yields a (failed) result the gate blocks on: never silent."""
+    return Outcome(status="failed", error=exc.message)

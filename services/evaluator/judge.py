@@ -1,0 +1,144 @@
+"""LLM-as-judge: the rubric prompt, parsing a judge's reply, and aggregating n replies (pure)."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from lockgate.errors import ConfigError, LockgateError
+
+NAME = "llm_judge"
+AGREEMENT = "llm_judge_agreement"
+SYSTEM = (
+    "You are a strict, impartial grader. Grade the RESPONSE against the RUBRIC (and the REFERENCE when one "
+    'is given). Reply with JSON only: {"score": <a number from 0 to 1, or an integer from 1 to 5>, '
+    '"reason": "<one sentence>"}'
+)
+
+
+class JudgeConfigError(ConfigError):
+    """The llm_judge scorer's params are unusable."""
+
+
+class JudgeParseError(LockgateError):
+    """A judge reply held no score this parser can read."""
+
+
+@dataclass(frozen=True)
+class JudgeParams:
+    """Validated llm_judge params."""
+
+    model: str
+    rubric: str
+    n: int = 3
+    endpoint: str = ""  # "" judges with the evaluated endpoint
+    temperature: float = 0.7
+    pass_mark: float = 0.5  # a reply "passes" at or above this; agreement compares pass/fail votes
+
+
+def parse_params(params: Mapping[str, Any]) -> JudgeParams:
+    """Validate llm_judge params or raise JudgeConfigError naming the field."""
+    model, rubric = params.get("model"), params.get("rubric")
+    if not isinstance(model, str) or not model:
+        raise JudgeConfigError("llm_judge params.model: the judge model's name is required")
+    if not isinstance(rubric, str) or not rubric.strip():
+        raise JudgeConfigError("llm_judge params.rubric: a non-empty rubric is required")
+    n = params.get("n", 3)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 15:
+        raise JudgeConfigError(f"llm_judge params.n: expected an integer from 1 to 15, got {n!r}")
+    endpoint = params.get("endpoint") or ""
+    if not isinstance(endpoint, str):
+        raise JudgeConfigError("llm_judge params.endpoint: expected a base URL string")
+    temperature = params.get("temperature", 0.7)
+    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
+        raise JudgeConfigError(f"llm_judge params.temperature: expected 0..2, got {temperature!r}")
+    return JudgeParams(model=model, rubric=rubric, n=n, endpoint=endpoint, temperature=float(temperature),
+                       pass_mark=float(params.get("pass_mark", 0.5)))
+
+
+def messages(p: JudgeParams, prompt: str, output: str, expected: Any) -> list[dict[str, str]]:
+    """The chat messages asking the judge to grade one output."""
+    parts = [f"RUBRIC:\n{p.rubric.strip()}", f"PROMPT:\n{prompt}"]
+    if expected not in (None, "", []):
+        parts.append("REFERENCE:\n" + (expected if isinstance(expected, str) else json.dumps(expected)))
+    parts.append(f"RESPONSE:\n{output}")
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+_OBJECT = re.compile(r"\{.*\}", re.DOTALL)
+_LABELLED = re.compile(r"score\W{0,3}(-?\d+(?:\.\d+)?)\s*(?:/\s*(\d+))?", re.IGNORECASE)
+_FRACTION = re.compile(r"(-?\d+(?:\.\d+)?)\s*/\s*(5|10|100)\b")
+_BARE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*$")
+
+
+def _scale(value: float, out_of: float | None) -> float:
+    """0..1 as is; 1..5 (or an explicit /N) scaled onto 0..1."""
+    if out_of:
+        scaled = value / out_of if out_of != 5 else (value - 1) / 4
+    elif 0 <= value <= 1:
+        scaled = value
+    elif 1 < value <= 5:
+        scaled = (value - 1) / 4
+    else:
+        raise JudgeParseError(f"judge score {value:g} is outside 0..1 and 1..5")
+    if not 0 <= scaled <= 1:
+        raise JudgeParseError(f"judge score {value:g}/{out_of:g} is out of range")
+    return scaled
+
+
+def parse_reply(text: str) -> tuple[float, str]:
+    """(score in 0..1, reason) from a judge reply: JSON {score, reason}, 'Score: 4/5 ...', or a bare number."""
+    match = _OBJECT.search(text or "")
+    if match:
+        try:
+            obj = json.loads(match.group(0))
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("score"), int | float) and not isinstance(obj["score"], bool):
+            return _scale(float(obj["score"]), None), str(obj.get("reason") or "").strip()
+    for pattern in (_LABELLED, _FRACTION, _BARE):
+        m = pattern.search(text or "")
+        if m:
+            out_of = float(m.group(2)) if m.lastindex and m.lastindex >= 2 and m.group(2) else None
+            reason = (text[: m.start()] + text[m.end():]).strip(" \n:-.")
+            return _scale(float(m.group(1)), out_of), reason
+    raise JudgeParseError(f"no score in judge reply {text[:120]!r}")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """n judge replies combined: mean score, agreement with the majority vote, spread, reasons."""
+
+    score: float
+    agreement: float
+    stdev: float
+    scores: tuple[float, ...]
+    reasons: tuple[str, ...]
+    unparsed: int
+
+
+def aggregate(replies: Sequence[str], pass_mark: float = 0.5) -> Verdict:
+    """Combine replies; agreement is the share of parsed replies whose pass/fail vote matches the majority."""
+    scores: list[float] = []
+    reasons: list[str] = []
+    unparsed = 0
+    for reply in replies:
+        try:
+            value, reason = parse_reply(reply)
+        except JudgeParseError:
+            unparsed += 1
+            continue
+        scores.append(value)
+        reasons.append(reason)
+    if not scores:
+        raise JudgeParseError(f"none of {len(replies)} judge replies held a score; first: {(replies or [''])[0][:120]!r}")
+    votes = [s >= pass_mark for s in scores]
+    majority = sum(votes) * 2 >= len(votes)  # a tie counts as pass: the mean decides the score anyway
+    agreement = sum(v == majority for v in votes) / len(votes)
+    stdev = statistics.pstdev(scores) if len(scores) > 1 else 0.0
+    return Verdict(score=sum(scores) / len(scores), agreement=agreement, stdev=stdev, scores=tuple(scores),
+                   reasons=tuple(reasons), unparsed=unparsed)

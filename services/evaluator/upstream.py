@@ -1,0 +1,76 @@
+"""One evaluated (or judging) endpoint: response cache, rate limit, retries; plus the LLM-judge step."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import aiohttp
+from lockgate.errors import LockgateError
+
+from services.evaluator import domain, judge, runner
+from services.evaluator.cache import Cached, ResponseCache, request_key
+from services.evaluator.ratelimit import TokenBucket
+
+
+class Upstream:
+    """Calls `model` at `endpoint`: a cache hit costs no call; misses wait for the rate limit, then call."""
+
+    def __init__(self, session: aiohttp.ClientSession, endpoint: str, model: str, policy: runner.CallPolicy,
+                 cache: ResponseCache | None = None, bucket: TokenBucket | None = None) -> None:
+        self.session = session
+        self.endpoint = endpoint
+        self.model = model
+        self.policy = policy
+        self.cache = cache
+        self.bucket = bucket
+        self.calls = 0
+
+    async def __call__(self, messages: list[dict[str, str]], params: dict[str, Any] | None = None,
+                       salt: Mapping[str, Any] | None = None) -> runner.Completion:
+        """A completion; `salt` joins the cache key only (e.g. the judge replica, so n replies stay n)."""
+        key = ""
+        if self.cache is not None:
+            key = request_key(self.endpoint, self.model, messages, {**(params or {}), **(salt or {})})
+            hit = await self.cache.get(key)
+            if hit is not None:
+                return runner.Completion(text=hit.text, latency_ms=hit.latency_ms, input_tokens=hit.input_tokens,
+                                         output_tokens=hit.output_tokens, cached=True)
+        if self.bucket is not None:
+            await self.bucket.acquire()
+        self.calls += 1
+        done = await runner.complete(self.session, self.endpoint, self.model, messages, self.policy, params)
+        if self.cache is not None:
+            self.cache.put(key, Cached(done.text, done.latency_ms, done.input_tokens, done.output_tokens))
+        return done
+
+
+def judge_step(upstream: Upstream, params: judge.JudgeParams) -> runner.Judge:
+    """The runner hook that asks the judge n times and adds `llm_judge` and its agreement to a result."""
+
+    async def one(i: int, msgs: list[dict[str, str]]) -> str:
+        try:
+            reply = await upstream(msgs, {"temperature": params.temperature}, salt={"replica": i})
+        except LockgateError as exc:
+            return f"<judge call failed: {exc.message}>"
+        return reply.text
+
+    async def step(result: domain.CaseResult) -> domain.CaseResult:
+        if result.error:
+            return result
+        msgs = judge.messages(params, result.input, result.output, result.expected)
+        replies = await asyncio.gather(*(one(i, msgs) for i in range(params.n)))
+        try:
+            verdict = judge.aggregate(replies, params.pass_mark)
+        except judge.JudgeParseError as exc:
+            detail = {"replies": list(replies), "error": exc.message}
+            return replace(result, scores={**result.scores, judge.NAME: 0.0},
+                           details={**result.details, judge.NAME: detail})
+        detail = {"scores": list(verdict.scores), "reasons": list(verdict.reasons), "stdev": verdict.stdev,
+                  "unparsed": verdict.unparsed}
+        scores = {**result.scores, judge.NAME: verdict.score, judge.AGREEMENT: verdict.agreement}
+        return replace(result, scores=scores, details={**result.details, judge.NAME: detail})
+
+    return step

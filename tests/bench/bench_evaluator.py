@@ -1,0 +1,124 @@
+"""Evaluator bench: throughput and overhead per case at concurrency 64 against a 50 ms simulated upstream.
+
+overhead per case (ms) = (wall - ideal) * concurrency / cases, where ideal = cases / concurrency * 50 ms:
+the time each of the 64 lanes spends per case beyond the upstream's own latency (HTTP, scoring,
+cache, progress, per-case rows, statistics). The simulator runs in a child process so its CPU is
+not charged to the evaluator. Run alone: `python -m tests.bench.bench_evaluator` (prints JSON).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from lockgate import artifacts
+from lockgate.codec import Codec
+from lockgate.contracts import EvalCompleted, EvalRequested
+from lockgate.ids import uuid7
+from lockgate.natsserver import free_port
+
+from tests.bench.common import BenchEnv, bench_env, stack
+
+CASES = 1000
+CONCURRENCY = 64
+LATENCY_MS = 50.0
+
+
+@contextlib.asynccontextmanager
+async def _sim_process(env: BenchEnv) -> AsyncIterator[str]:
+    """The simulator (50 ms per answer) in a child process; yields its base URL."""
+    cfg = Path(env.home) / "bench-eval-sim.yaml"
+    cfg.write_text(f"models:\n  m:\n    default: answer\n    latency_ms: {LATENCY_MS}\n")
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lockgate.sim", "--config", str(cfg), "--port", str(port), stdout=asyncio.subprocess.PIPE)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if b"serving" not in line:
+            raise RuntimeError(f"simulator did not start: {line!r}")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def _direct(url: str) -> float:
+    """The same calls from a bare aiohttp loop: what the simulator and HTTP alone cost."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "q"}]}
+    todo = iter(range(CASES))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
+
+        async def lane() -> None:
+            for _ in todo:
+                async with session.post(f"{url}/chat/completions", json=body) as resp:
+                    await resp.read()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(lane() for _ in range(CONCURRENCY)))
+        return time.perf_counter() - t0
+
+
+async def _eval_once(env: BenchEnv, url: str, cache: bool) -> dict[str, Any]:
+    async with stack(env, "evaluator", eval_cache=cache) as st:
+        bus = st.ctx.bus
+        cases = [{"id": str(i), "input": f"question {i}", "expected": "answer"} for i in range(CASES)]
+        suite = await artifacts.register(bus, "eval_suite", "bench", {
+            "name": "bench", "prompt": {"template": "{input}"}, "dataset": cases,
+            "scorers": [{"name": "exact_match", "weight": 2}, "token_f1"]})
+        done: asyncio.Future[EvalCompleted] = asyncio.get_running_loop().create_future()
+        codec: Codec[EvalCompleted] = Codec(EvalCompleted)
+        run_id = uuid7()
+
+        async def on(msg: Any) -> None:
+            event = codec.decode(msg.data)
+            if event.run_id == run_id and not done.done():
+                done.set_result(event)
+
+        sub = await bus.nc.subscribe(bus.subjects.eval_completed, cb=on)
+        t0 = time.perf_counter()
+        await bus.publish(bus.subjects.eval_requested, EvalRequested(
+            run_id=run_id, release="bench", suite=suite.hash, endpoint=url, model="m", concurrency=CONCURRENCY))
+        event = await asyncio.wait_for(done, 120)
+        wall = time.perf_counter() - t0
+        await sub.unsubscribe()
+        if event.n_cases != CASES or event.n_errors:
+            raise RuntimeError(f"bench run incomplete: {event.n_cases} cases, {event.n_errors} errors")
+        return {"wall_s": wall}
+
+
+def _figures(wall: float) -> dict[str, float]:
+    ideal = CASES / CONCURRENCY * LATENCY_MS / 1000.0
+    return {"wall_s": round(wall, 3), "ideal_wall_s": round(ideal, 3), "cases_per_s": round(CASES / wall, 1),
+            "overhead_per_case_ms": round((wall - ideal) * 1000.0 * CONCURRENCY / CASES, 3)}
+
+
+async def run(env: BenchEnv) -> dict[str, Any]:
+    """Cases/s, wall vs ideal, and overhead per case, with the cache off and on, plus a bare-HTTP reference."""
+    async with _sim_process(env) as url:
+        await _direct(url)  # warm-up
+        direct = await _direct(url)
+        off = await _eval_once(env, url, cache=False)
+        on = await _eval_once(env, url, cache=True)
+    return {
+        "cases": CASES, "concurrency": CONCURRENCY, "upstream_latency_ms": LATENCY_MS,
+        "evaluator": _figures(off["wall_s"]),
+        "evaluator_with_cache_writes": _figures(on["wall_s"]),
+        "bare_http_reference": _figures(direct),
+        "note": "wall is publish of EvalRequested to receipt of EvalCompleted (includes statistics and storage)",
+    }
+
+
+async def _main() -> None:
+    async with bench_env() as env:
+        print(json.dumps(await run(env), indent=2))
+
+
+if __name__ == "__main__":
+    asyncio.run(_main())

@@ -1,0 +1,237 @@
+"""Evaluator runs in depth on real NATS + chDB: intervals, baseline comparison, cache, judge, recorded, resume."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import pytest
+from lockgate import artifacts
+from lockgate.bus import Bus
+from lockgate.codec import Codec
+from lockgate.config import Settings
+from lockgate.contracts import EvalCompleted, EvalRequested
+from lockgate.contracts.evals import EvalProgress
+from lockgate.ids import uuid7
+from lockgate.queries.evals import eval_cases
+from lockgate.service import ServiceContext
+from lockgate.services import ServiceSet
+from lockgate.sim import ModelSpec, SimConfig, SimServer
+from lockgate.store import Store
+from lockgate.subjects import Subjects
+from lockgate.telemetry import Telemetry
+
+pytestmark = pytest.mark.timeout(120)
+completed: Codec[EvalCompleted] = Codec(EvalCompleted)
+N = 30
+CASES = [{"id": f"c{i:02d}", "input": f"question {i}", "expected": f"answer {i}"} for i in range(N)]
+
+
+def answers(wrong: set[int] = frozenset()) -> dict[str, str]:  # type: ignore[assignment]
+    return {c["input"]: ("nope" if i in wrong else c["expected"]) for i, c in enumerate(CASES)}
+
+
+async def register_suite(bus: Bus, **extra: Any) -> str:
+    doc = {"name": "s", "prompt": {"template": "{input}"}, "dataset": CASES,
+           "scorers": [{"name": "exact_match", "weight": 2}, {"name": "token_f1", "threshold": 0.5}], **extra}
+    return (await artifacts.register(bus, "eval_suite", "s", doc)).hash
+
+
+def request(**fields: Any) -> EvalRequested:
+    return EvalRequested(**{"run_id": uuid7(), "release": "cand", "concurrency": 4, "timeout_s": 5.0, **fields})
+
+
+@pytest.fixture
+async def results(bus: Bus) -> AsyncIterator[Callable[[str], Any]]:
+    """`await wait(run_id)`: the EvalCompleted of that run (subscribed before anything is published)."""
+    queue: asyncio.Queue[EvalCompleted] = asyncio.Queue()
+
+    async def on(msg: Any) -> None:
+        await queue.put(completed.decode(msg.data))
+
+    sub = await bus.nc.subscribe(bus.subjects.eval_completed, cb=on)
+    seen: dict[str, EvalCompleted] = {}
+
+    async def wait(run_id: str, timeout: float = 60) -> EvalCompleted:
+        async with asyncio.timeout(timeout):
+            while run_id not in seen:
+                event = await queue.get()
+                seen[event.run_id] = event
+        return seen[run_id]
+
+    yield wait
+    await sub.unsubscribe()
+
+
+async def test_intervals_baseline_comparison_cost_and_cache(
+    bus: Bus, store: Store, run_services: Callable[..., Any], results: Callable[[str], Any]
+) -> None:
+    suite = await register_suite(bus)
+    config = SimConfig(models={"sim-good": ModelSpec(answers=answers()),
+                               "sim-bad": ModelSpec(answers=answers(wrong=set(range(0, N, 3))))})
+    async with SimServer(config) as sim:
+        await run_services("evaluator")
+        base = request(release="base", suite=suite, endpoint=sim.url, model="sim-good")
+        await bus.publish(bus.subjects.eval_requested, base)
+        first = await results(base.run_id)
+        cand = request(release="cand", suite=suite, endpoint=sim.url, model="sim-bad", baseline="base")
+        await bus.publish(bus.subjects.eval_requested, cand)
+        done = await results(cand.run_id)
+        again = request(release="cand", suite=suite, endpoint=sim.url, model="sim-bad", baseline="base")
+        await bus.publish(bus.subjects.eval_requested, again)
+        rerun = await results(again.run_id)
+        assert sim.requests == {"sim-good": N, "sim-bad": N}  # the re-run was answered from the cache
+
+    assert first.status == "completed" and first.comparisons == {} and first.warnings[:0] == []
+    assert done.baseline_run == base.run_id and done.metrics["exact_match"] == pytest.approx(2 / 3)
+    for name in ("exact_match", "token_f1", "score", "exact_match_pass_rate", "error_rate", "latency_p50_ms",
+                 "latency_p95_ms", "cost_usd_total", "cost_usd_per_case"):
+        iv = done.intervals[name]
+        assert iv.estimate == pytest.approx(done.metrics[name]), name
+        assert iv.low is None or iv.low <= iv.estimate <= (iv.high if iv.high is not None else iv.estimate)
+    assert done.intervals["exact_match_pass_rate"].method == "wilson"
+    assert done.intervals["latency_p95_ms"].method == "order-statistic"
+    em = done.comparisons["exact_match"]
+    assert (em.test, em.n_pairs, em.baseline, em.diff) == ("paired-bootstrap", N, 1.0, pytest.approx(-1 / 3))
+    assert em.diff_high < 0 and em.p_value < 0.01
+    mc = done.comparisons["exact_match_pass_rate"]
+    assert mc.test.startswith("mcnemar") and mc.p_value < 0.01 and mc.effect_size < 0
+    assert any("sample too small" in w for w in done.warnings)  # 30 cases cannot detect a 0.05 margin
+    assert done.metrics["cost_usd_total"] > 0
+    # JSON carries no inf/NaN anywhere in the event.
+    assert "Infinity" not in json.dumps(msgspec.to_builtins(done)) and "NaN" not in json.dumps(msgspec.to_builtins(done))
+    assert rerun.metrics == done.metrics
+    cached = store.rows("SELECT count() AS n FROM eval_cases WHERE run_id = {r:String} AND details LIKE '%cached%'",
+                        {"r": again.run_id})
+    assert cached[0]["n"] == N
+
+
+async def test_missing_baseline_is_a_warning_not_a_failure(
+    bus: Bus, run_services: Callable[..., Any], results: Callable[[str], Any]
+) -> None:
+    suite = await register_suite(bus)
+    async with SimServer(SimConfig(models={"m": ModelSpec(answers=answers())})) as sim:
+        await run_services("evaluator")
+        req = request(suite=suite, endpoint=sim.url, model="m", baseline="never-ran")
+        await bus.publish(bus.subjects.eval_requested, req)
+        done = await results(req.run_id)
+    assert done.status == "completed" and done.comparisons == {} and done.baseline_run == ""
+    assert any("'never-ran' has no completed run" in w for w in done.warnings)
+    assert any("'m' is not in" in w for w in done.warnings) and "cost_usd_total" not in done.metrics
+
+
+async def test_llm_judge_scores_with_agreement_and_stores_reasons(
+    bus: Bus, store: Store, run_services: Callable[..., Any], results: Callable[[str], Any]
+) -> None:
+    judge = {"name": "llm_judge", "weight": 1, "params": {"model": "judge", "rubric": "Is it correct?", "n": 3}}
+    suite = (await artifacts.register(bus, "eval_suite", "j", {
+        "name": "j", "prompt": {"template": "{input}"}, "dataset": CASES[:5],
+        "scorers": ["exact_match", judge]})).hash
+    config = SimConfig(models={"m": ModelSpec(answers=answers()),
+                               "judge": ModelSpec(default='{"score": 4, "reason": "close enough"}')})
+    async with SimServer(config) as sim:
+        await run_services("evaluator")
+        req = request(suite=suite, endpoint=sim.url, model="m")
+        await bus.publish(bus.subjects.eval_requested, req)
+        done = await results(req.run_id)
+        assert sim.requests == {"m": 5, "judge": 15}
+    assert done.metrics["llm_judge"] == pytest.approx(0.75) and done.metrics["llm_judge_agreement"] == 1.0
+    assert done.intervals["llm_judge"].estimate == pytest.approx(0.75)
+    row = store.rows("SELECT details FROM eval_cases WHERE run_id = {r:String} LIMIT 1", {"r": req.run_id})[0]
+    assert json.loads(row["details"])["llm_judge"]["reasons"] == ["close enough"] * 3
+
+
+async def test_recorded_task_scores_inference_events_without_calls(
+    bus: Bus, store: Store, run_services: Callable[..., Any], results: Callable[[str], Any]
+) -> None:
+    now = datetime.now(UTC).replace(tzinfo=None)
+    rows = [[f"e{i}", now, "shop", "r7", c["input"] + "  ", c["expected"] if i % 2 == 0 else "wrong", 12.5, 3, 2]
+            for i, c in enumerate(CASES[:4])]
+    store.insert_rows("inference_events", ["id", "time", "app", "release", "prompt", "response", "latency_ms",
+                                           "input_tokens", "output_tokens"], rows, token="rec")
+    suite = await register_suite(bus, dataset=CASES[:5], task={"type": "recorded", "app": "shop", "release": "r7"})
+    await run_services("evaluator")
+    req = request(suite=suite, endpoint="", model="")
+    await bus.publish(bus.subjects.eval_requested, req)
+    done = await results(req.run_id)
+    assert done.status == "completed" and done.n_cases == 5 and done.n_errors == 1
+    assert done.metrics["exact_match"] == pytest.approx(2 / 5) and done.metrics["latency_p50_ms"] == 12.5
+    cases = {c["case_id"]: c for c in eval_cases(store, req.run_id)}
+    assert cases["c04"]["error"] == "no recorded response for this prompt in shop/r7"
+    assert cases["c01"]["output"] == "wrong"
+
+
+@contextlib.asynccontextmanager
+async def evaluator_process(settings: Settings, store: Store) -> AsyncIterator[ServiceSet]:
+    """An evaluator on its own NATS connection, as a separate process would have; stopping it ends its consumer."""
+    bus = Bus(settings.nats_url, Subjects(settings.prefix), name="evaluator-proc")
+    await bus.connect()
+    ctx = ServiceContext(bus=bus, store=store, telemetry=Telemetry(), settings=settings)
+    services = ServiceSet(ctx, ["evaluator"])
+    await services.start()
+    try:
+        yield services
+    finally:
+        await services.stop()
+        await bus.close()
+
+
+async def test_a_stopped_run_resumes_without_recalling_finished_cases(
+    bus: Bus, store: Store, settings: Settings, results: Callable[[str], Any]
+) -> None:
+    suite = await register_suite(bus)
+    settings = settings.replace(eval_cache=False)  # only resumption may save calls here, not the cache
+    req_holder: dict[str, Any] = {}
+    ticks: asyncio.Queue[EvalProgress] = asyncio.Queue()
+    decoder = msgspec.json.Decoder(EvalProgress)
+    async with SimServer(SimConfig(models={"m": ModelSpec(answers=answers(), latency_ms=100)})) as sim:
+        req = request(suite=suite, endpoint=sim.url, model="m", concurrency=2)
+        req_holder["r"] = req
+
+        async def on_tick(msg: Any) -> None:
+            await ticks.put(decoder.decode(msg.data))
+
+        sub = await bus.nc.subscribe(bus.subjects.eval_progress(req.run_id), cb=on_tick)
+        async with evaluator_process(settings, store):
+            await bus.publish(bus.subjects.eval_requested, req)
+            async with asyncio.timeout(30):
+                while (await ticks.get()).done < 8:
+                    pass
+        # Stopped: in-flight cases finished and were stored, nothing else was started.
+        stored = len(eval_cases(store, req.run_id))
+        assert 8 <= stored < N and sim.requests["m"] == stored
+        await bus.nc.flush()
+        while not ticks.empty():  # the first run's ticks
+            ticks.get_nowait()
+        async with evaluator_process(settings, store):
+            done = await results(req.run_id)
+        await sub.unsubscribe()
+        assert sim.requests == {"m": N}  # no finished case was called again
+    assert done.status == "completed" and done.n_cases == N and done.metrics["exact_match"] == 1.0
+    keys = [(c["case_id"], c["repeat"]) for c in eval_cases(store, req.run_id)]
+    assert len(keys) == len(set(keys)) == N
+    resumed = []
+    while not ticks.empty():
+        resumed.append(ticks.get_nowait())
+    assert resumed and resumed[-1].done == N and resumed[0].done == stored and resumed[0].total == N
+
+
+async def test_cli_eval_run_follows_progress_and_reports_intervals(
+    bus: Bus, run_services: Callable[..., Any], tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lockgate.cli.workflow import _eval, _print_eval
+
+    (tmp_path / "s.yaml").write_text(json.dumps({
+        "name": "cli", "prompt": {"template": "{input}"}, "dataset": CASES[:6], "scorers": ["exact_match"]}))
+    async with SimServer(SimConfig(models={"m": ModelSpec(answers=answers())})) as sim:
+        await run_services("evaluator")
+        result = await _eval(bus, tmp_path / "s.yaml", "v1", "", sim.url, "m", None, 4, 60)
+    assert result["status"] == "completed" and result["intervals"]["exact_match"]["method"] == "degenerate"
+    _print_eval(result, "v1")
+    out = capsys.readouterr().out
+    assert "exact_match" in out and "95% CI" in out

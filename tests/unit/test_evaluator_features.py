@@ -1,0 +1,152 @@
+"""Pure parts of the evaluator's run features: judge parsing, summaries, suite fields, pricing, recorded, cache, progress."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import msgspec
+import pytest
+from lockgate.contracts.evals import EvalProgress
+
+from services.evaluator import domain, judge, pricing, progress, recorded, summary
+from services.evaluator.cache import request_key
+from services.evaluator.domain import CaseResult, SuiteError
+
+pytestmark = pytest.mark.timeout(20)
+
+
+def suite(**extra: object) -> domain.Suite:
+    cases = [{"id": f"c{i}", "input": f"q{i}", "expected": f"a{i}"} for i in range(40)]
+    return domain.parse_suite({"name": "s", "prompt": {"template": "{input}"}, "dataset": cases,
+                               "scorers": ["exact_match", {"name": "token_f1", "threshold": 0.5}], **extra})
+
+
+def rows(correct: set[int], n: int = 40) -> list[CaseResult]:
+    return [CaseResult(case_id=f"c{i}", repeat=0, input=f"q{i}", expected=f"a{i}",
+                       scores={"exact_match": float(i in correct), "token_f1": 1.0 if i in correct else 0.4},
+                       latency_ms=10.0 + i) for i in range(n)]
+
+
+@pytest.mark.parametrize(("reply", "score", "reason"), [
+    ('{"score": 0.8, "reason": "good"}', 0.8, "good"),
+    ('Sure! {"score": 5, "reason": "perfect"} hope that helps', 1.0, "perfect"),
+    ('{"score": 1, "reason": "worst on 1-5? no: 1 is within 0..1"}', 1.0, "worst on 1-5? no: 1 is within 0..1"),
+    ("Score: 3/5 - partially right", 0.5, "partially right"),
+    ("score = 7/10. Mostly fine", 0.7, "Mostly fine"),
+    ("0.25", 0.25, ""),
+    ("4/5 ünïcode reason ✓", 0.75, "ünïcode reason ✓"),
+])
+def test_judge_reply_parsing(reply: str, score: float, reason: str) -> None:
+    got, why = judge.parse_reply(reply)
+    assert got == pytest.approx(score) and why == reason
+
+
+@pytest.mark.parametrize("reply", ["", "I think it is fine", '{"score": "high"}', "score: 42"])
+def test_judge_reply_without_a_usable_score_is_an_error(reply: str) -> None:
+    with pytest.raises(judge.JudgeParseError):
+        judge.parse_reply(reply)
+
+
+def test_judge_aggregation_reports_majority_agreement_and_spread() -> None:
+    v = judge.aggregate(['{"score": 1}', '{"score": 0.9}', '{"score": 0.1}', "garbage"])
+    assert v.score == pytest.approx(2 / 3) and v.agreement == pytest.approx(2 / 3) and v.unparsed == 1
+    assert v.stdev > 0.3 and len(v.reasons) == 3
+    assert judge.aggregate(['{"score": 0.6}'] * 3).agreement == 1.0
+    with pytest.raises(judge.JudgeParseError, match="none of 2"):
+        judge.aggregate(["x", "y"])
+
+
+def test_judge_params_are_checked_when_the_suite_loads() -> None:
+    with pytest.raises(SuiteError, match="params.rubric"):
+        domain.parse_suite({"name": "s", "prompt": {"template": "{input}"}, "dataset": [{"input": "a", "expected": 1}],
+                            "scorers": [{"name": "llm_judge", "params": {"model": "j"}}]})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sentence_transformers") is not None, reason="the extra is installed")
+def test_semantic_similarity_without_the_extra_says_what_to_install() -> None:
+    with pytest.raises(SuiteError, match=r"pip install 'lockgate\[semantic\]'"):
+        domain.parse_suite({"name": "s", "prompt": {"template": "{input}"}, "dataset": [{"input": "a", "expected": "b"}],
+                            "scorers": ["semantic_similarity"]})
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"margin": 0}, "suite.margin"), ({"rate_limit_rps": -1}, "suite.rate_limit_rps"),
+    ({"task": {"type": "replay"}}, "suite.task.type"), ({"task": {"type": "recorded", "app": "a"}}, "'release'"),
+    ({"task": {"type": "recorded", "app": "a", "release": "r", "since": "yesterday"}}, "suite.task.since"),
+    ({"price_book": "prices.yaml"}, "suite.price_book"),
+])
+def test_bad_run_fields_name_the_field(changes: dict, message: str) -> None:
+    with pytest.raises(SuiteError, match=message):
+        suite(**changes)
+
+
+def test_run_fields_parse() -> None:
+    s = suite(margin=0.1, rate_limit_rps=5, task={"type": "recorded", "app": "a", "release": "r"})
+    assert (s.margin, s.rate_limit_rps, s.task.type, s.scorers[1].pass_mark, s.scorers[0].pass_mark) == (
+        0.1, 5.0, "recorded", 0.5, 1.0)
+
+
+def test_intervals_cover_every_metric_without_infinities() -> None:
+    s, results = suite(), rows(set(range(30)))
+    metrics = domain.aggregate(s, results, [0.001] * 40)
+    ivs = summary.intervals(s, results, [0.001] * 40)
+    assert set(metrics) - {"n"} == set(ivs)
+    for name, iv in ivs.items():
+        assert iv.estimate == pytest.approx(metrics[name]), name
+        assert all(b is None or math.isfinite(b) for b in (iv.low, iv.high))
+    assert ivs["exact_match_pass_rate"].method == "wilson" and ivs["token_f1_pass_rate"].estimate == 0.75
+    assert ivs["exact_match"].low < 0.75 < ivs["exact_match"].high
+
+
+def test_identical_runs_compare_as_no_change_and_regressions_are_found() -> None:
+    s = suite()
+    same, _ = summary.compare(s, rows(set(range(30))), rows(set(range(30))))
+    assert same["exact_match"].diff == 0 and same["exact_match"].p_value == 1.0
+    assert same["exact_match_pass_rate"].p_value == 1.0
+    worse, warnings = summary.compare(s, rows(set(range(10))), rows(set(range(40))))
+    assert worse["exact_match"].diff == pytest.approx(-0.75) and worse["exact_match"].diff_high < 0
+    assert worse["exact_match_pass_rate"].p_value < 1e-6 and worse["exact_match_pass_rate"].n_pairs == 40
+    assert any(w.startswith("exact_match: sample too small") for w in warnings)  # 40 cases vs a 0.05 margin
+
+
+def test_comparison_pairs_only_shared_cases() -> None:
+    comps, warnings = summary.compare(suite(), rows(set(range(40))), rows(set(range(40)), n=20))
+    assert comps["score"].n_pairs == 20 and "shares 20 of the candidate's 40" in warnings[0]
+
+
+def test_price_book_format_and_cost() -> None:
+    prices = pricing.parse({"version": "1", "models": {"m": {"input_per_mtok": 2, "output_per_mtok": 10}}}, "x")
+    assert prices["m"].cost(1000, 100) == pytest.approx(0.003)
+    assert "sim-good" in pricing.load_file()
+    with pytest.raises(pricing.PriceBookInvalid, match="models.m"):
+        pricing.parse({"models": {"m": {"input_per_mtok": "free"}}}, "x")
+
+
+def test_recorded_outputs_match_by_stripped_prompt_most_recent_first() -> None:
+    s = suite(repeats=2)
+    events = [{"id": "new", "prompt": " q1 ", "response": "a1"}, {"id": "old", "prompt": "q1", "response": "x"},
+              {"id": "n", "prompt": "q2", "response": None}]
+    out = recorded.results(s, s.dataset[:3], events, skip={("c0", 1)})
+    by = {(r.case_id, r.repeat): r for r in out}
+    assert by[("c1", 0)].output == "a1" and by[("c1", 1)].output == "x" and ("c0", 1) not in by
+    assert by[("c2", 0)].error.startswith("no recorded response") and by[("c1", 0)].scores["exact_match"] == 1.0
+
+
+def test_cache_key_is_canonical() -> None:
+    msgs = [{"role": "user", "content": "hi"}]
+    assert request_key("http://x/v1/", "m", msgs, {"b": 1, "a": 2}) == request_key("http://x/v1", "m", msgs,
+                                                                                    {"a": 2, "b": 1})
+    assert request_key("http://x/v1", "m", msgs, {"replica": 1}) != request_key("http://x/v1", "m", msgs, {})
+
+
+async def test_progress_ticks_are_throttled_but_the_last_is_always_sent() -> None:
+    sent: list[EvalProgress] = []
+
+    async def publish(data: bytes) -> None:
+        sent.append(msgspec.json.decode(data, type=EvalProgress))
+
+    ticker = progress.Ticker(publish, "r", total=50)
+    for i in range(50):
+        await ticker.step(error=i % 10 == 0)
+    assert 2 <= len(sent) < 50 and (sent[-1].done, sent[-1].errors) == (50, 5)
