@@ -1,9 +1,12 @@
 """Evaluator bench: throughput and overhead per case at concurrency 64 against a 50 ms simulated upstream.
 
-overhead per case (ms) = (wall - ideal) * concurrency / cases, where ideal = cases / concurrency * 50 ms:
-the time each of the 64 lanes spends per case beyond the upstream's own latency (HTTP, scoring,
-cache, progress, per-case rows, statistics). The simulator runs in a child process so its CPU is
-not charged to the evaluator. Run alone: `python -m tests.bench.bench_evaluator` (prints JSON).
+overhead per case (ms) = (evaluator wall - bare HTTP client wall) / cases, both against the same
+simulator at the same concurrency: what the evaluator adds per case on top of making the call
+(scoring, cache, progress, per-case rows, statistics, NATS). Also reported: the bench process's CPU
+time per case, and `lane_overhead_ms` = (wall - ideal) * concurrency / cases, the time each of the 64
+lanes spends per case beyond the upstream's 50 ms (this includes the HTTP client and the simulator's
+own queueing, so it is an upper bound). The simulator runs in a child process so its CPU is not
+charged to the evaluator. Run alone: `python -m tests.bench.bench_evaluator` (prints JSON).
 """
 
 from __future__ import annotations
@@ -82,21 +85,26 @@ async def _eval_once(env: BenchEnv, url: str, cache: bool) -> dict[str, Any]:
                 done.set_result(event)
 
         sub = await bus.nc.subscribe(bus.subjects.eval_completed, cb=on)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         await bus.publish(bus.subjects.eval_requested, EvalRequested(
             run_id=run_id, release="bench", suite=suite.hash, endpoint=url, model="m", concurrency=CONCURRENCY))
         event = await asyncio.wait_for(done, 120)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         await sub.unsubscribe()
         if event.n_cases != CASES or event.n_errors:
             raise RuntimeError(f"bench run incomplete: {event.n_cases} cases, {event.n_errors} errors")
-        return {"wall_s": wall}
+        return {"wall_s": wall, "cpu_s": cpu}
 
 
-def _figures(wall: float) -> dict[str, float]:
+def _figures(wall: float, reference: float | None = None, cpu: float | None = None) -> dict[str, float]:
     ideal = CASES / CONCURRENCY * LATENCY_MS / 1000.0
-    return {"wall_s": round(wall, 3), "ideal_wall_s": round(ideal, 3), "cases_per_s": round(CASES / wall, 1),
-            "overhead_per_case_ms": round((wall - ideal) * 1000.0 * CONCURRENCY / CASES, 3)}
+    out = {"wall_s": round(wall, 3), "ideal_wall_s": round(ideal, 3), "cases_per_s": round(CASES / wall, 1),
+           "lane_overhead_ms": round((wall - ideal) * 1000.0 * CONCURRENCY / CASES, 3)}
+    if reference is not None:
+        out["overhead_per_case_ms"] = round((wall - reference) * 1000.0 / CASES, 3)
+    if cpu is not None:
+        out["cpu_per_case_ms"] = round(cpu * 1000.0 / CASES, 3)
+    return out
 
 
 async def run(env: BenchEnv) -> dict[str, Any]:
@@ -108,8 +116,8 @@ async def run(env: BenchEnv) -> dict[str, Any]:
         on = await _eval_once(env, url, cache=True)
     return {
         "cases": CASES, "concurrency": CONCURRENCY, "upstream_latency_ms": LATENCY_MS,
-        "evaluator": _figures(off["wall_s"]),
-        "evaluator_with_cache_writes": _figures(on["wall_s"]),
+        "evaluator": _figures(off["wall_s"], direct, off["cpu_s"]),
+        "evaluator_with_cache_writes": _figures(on["wall_s"], direct, on["cpu_s"]),
         "bare_http_reference": _figures(direct),
         "note": "wall is publish of EvalRequested to receipt of EvalCompleted (includes statistics and storage)",
     }
