@@ -1,26 +1,35 @@
-"""Gatekeeper wiring: one durable consumer on `eval.completed`."""
+"""Gatekeeper wiring: durable consumers on `eval.completed` and `gate.review.>`, and the signing key."""
 
 from __future__ import annotations
 
 from lockgate.bus import consume
-from lockgate.contracts import EvalCompleted
+from lockgate.contracts import EvalCompleted, GateReview
 from lockgate.service import Service, ServiceContext
+from lockgate.signing import Signer, default_key_path
 
 from services.gatekeeper.handlers import GateHandlers
 
 
 class Gatekeeper(Service):
-    """Turns eval results into PASS/BLOCK decisions under threshold policies."""
+    """Turns eval results and human reviews into signed PASS/BLOCK/NEEDS_REVIEW decisions."""
 
     name = "gatekeeper"
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.handlers = GateHandlers(ctx, self.tracer)
+        self.signer = Signer.load_or_create(default_key_path(ctx.settings))
+        self.handlers = GateHandlers(ctx, self.tracer, self.signer)
         s = ctx.bus.subjects
         consume(ctx.bus, self.router, subject=s.eval_completed, stream="events",
                 durable=s.durable("gatekeeper", "evals"), wire_type=EvalCompleted, origin="gatekeeper",
                 handler=self.handlers.on_eval_completed, ack_wait_s=ctx.settings.ack_wait_s)
+        consume(ctx.bus, self.router, subject=s.gate_review_all, stream="events",
+                durable=s.durable("gatekeeper", "reviews"), wire_type=GateReview, origin="gatekeeper",
+                handler=self.handlers.on_review, ack_wait_s=ctx.settings.ack_wait_s)
+
+    async def start(self) -> None:
+        """Publish the public key so consumers can verify from the first decision on."""
+        await self.handlers.publish_key()
 
 
 def create(ctx: ServiceContext) -> Gatekeeper:

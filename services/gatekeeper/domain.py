@@ -1,130 +1,128 @@
-"""Pure gate logic: threshold policies, rule evaluation and the decision (no I/O)."""
+"""Pure gate logic: a policy's rules over an eval run's evidence, turned into one decision (no I/O)."""
 
 from __future__ import annotations
 
 import hashlib
-import math
-import operator
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
 
 from lockgate.contracts import EvalCompleted, RuleResult
 from lockgate.contracts.gates import Decision
-from lockgate.errors import PolicyError
 
-OPS: dict[str, Callable[[float, float], bool]] = {
-    ">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq,
-}
-NoData = Literal["fail", "pass"]
+from services.gatekeeper.policy import OPS, Limits, Policy, ReviewTrigger, Rule, parse_policy
+from services.gatekeeper.review import review_reasons
+from services.gatekeeper.rules import Evidence, evaluate_rule
 
-
-@dataclass(frozen=True)
-class Rule:
-    """`metric op threshold`, e.g. exact_match >= 0.8."""
-
-    name: str
-    metric: str
-    op: str
-    threshold: float
-
-
-@dataclass(frozen=True)
-class Policy:
-    """A threshold policy. Missing metrics fail the gate unless `no_data` is "pass"."""
-
-    name: str
-    rules: tuple[Rule, ...]
-    no_data: NoData = "fail"
-
-
-def parse_policy(raw: Any) -> Policy:
-    """Validate a policy document (parsed YAML/JSON) or raise PolicyError naming the field."""
-    if not isinstance(raw, Mapping):
-        raise PolicyError(f"policy: expected a mapping at the top level, got {type(raw).__name__}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise PolicyError("policy.name: required, a non-empty string")
-    no_data = raw.get("no_data", "fail")
-    if no_data not in ("fail", "pass"):
-        raise PolicyError(f"policy.no_data: expected 'fail' or 'pass', got {no_data!r}")
-    rules = raw.get("rules")
-    if not isinstance(rules, list) or not rules:
-        raise PolicyError("policy.rules: required, a non-empty list of {name, metric, op, threshold}")
-    parsed = tuple(_parse_rule(r, i) for i, r in enumerate(rules))
-    names = [r.name for r in parsed]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise PolicyError(f"policy.rules: rule names must be unique; repeated: {', '.join(dupes)}")
-    return Policy(name=name, rules=parsed, no_data=no_data)
-
-
-def _parse_rule(raw: Any, i: int) -> Rule:
-    at = f"policy.rules[{i}]"
-    if not isinstance(raw, Mapping):
-        raise PolicyError(f"{at}: expected a mapping, got {type(raw).__name__}")
-    metric = raw.get("metric")
-    if not isinstance(metric, str) or not metric:
-        raise PolicyError(f"{at}.metric: required, a non-empty string")
-    op = raw.get("op")
-    if op not in OPS:
-        raise PolicyError(f"{at}.op: expected one of {', '.join(OPS)}, got {op!r}")
-    threshold = raw.get("threshold")
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold):
-        raise PolicyError(f"{at}.threshold: expected a finite number, got {threshold!r}")
-    name = raw.get("name", f"{metric} {op} {threshold:g}")
-    if not isinstance(name, str) or not name:
-        raise PolicyError(f"{at}.name: expected a non-empty string, got {name!r}")
-    return Rule(name=name, metric=metric, op=op, threshold=float(threshold))
-
-
-def evaluate_rule(rule: Rule, metrics: Mapping[str, float]) -> RuleResult:
-    """One rule against observed metrics: PASS, FAIL, or NO_DATA (metric missing or NaN)."""
-    observed = metrics.get(rule.metric)
-    if observed is None or not math.isfinite(observed):
-        return RuleResult(rule=rule.name, metric=rule.metric, op=rule.op, threshold=rule.threshold,
-                          observed=None, verdict="NO_DATA",
-                          hint=f"{rule.metric} was not measured; known metrics: {', '.join(sorted(metrics)) or 'none'}")
-    ok = OPS[rule.op](observed, rule.threshold)
-    hint = (f"{rule.metric} = {observed:.4g} {rule.op} {rule.threshold:.4g}" if ok
-            else f"{rule.metric} = {observed:.4g}, needs {rule.op} {rule.threshold:.4g}")
-    return RuleResult(rule=rule.name, metric=rule.metric, op=rule.op, threshold=rule.threshold,
-                      observed=observed, verdict="PASS" if ok else "FAIL", hint=hint)
+__all__ = ["OPS", "Evidence", "Limits", "Outcome", "Policy", "ReviewTrigger", "Rule", "decide", "decide_eval",
+           "decision_id", "evaluate_rule", "parse_policy"]
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """The decision, each rule's result and a one-line reason."""
+    """The decision, each rule's result, a one-line reason, why review is needed, and whether a rule errored."""
 
     decision: Decision
     rules: tuple[RuleResult, ...]
     reason: str
+    review_required: str = ""
+    errored: bool = False
 
 
-def decide(policy: Policy, metrics: Mapping[str, float]) -> Outcome:
-    """PASS only if every rule passes (NO_DATA counts as a failure unless no_data is "pass")."""
-    results = tuple(evaluate_rule(r, metrics) for r in policy.rules)
-    failing = [r for r in results if r.verdict == "FAIL" or (r.verdict == "NO_DATA" and policy.no_data == "fail")]
-    if not failing:
-        return Outcome("PASS", results, f"all {len(results)} rules of policy {policy.name!r} passed")
-    detail = "; ".join(f"{r.rule}: {r.hint}" for r in failing)
-    return Outcome("BLOCK", results, f"{len(failing)} of {len(results)} rules failed: {detail}")
+def _short(r: RuleResult) -> str:
+    return f"{r.rule}: {r.hint.split('; ')[0]}"
 
 
-def decide_eval(policy: Policy | None, policy_error: str, done: EvalCompleted) -> Outcome:
+def decide(policy: Policy, evidence: Evidence | Mapping[str, float], *, prior_errors: int = 0,
+           review: list[str] | None = None) -> Outcome:
+    """Apply limits to the rules' verdicts. BLOCK beats NEEDS_REVIEW beats PASS; dry-run rules never count.
+
+    - FAIL (and NO_DATA under no_data: fail) beyond limits.max_failures blocks; a failing hard rule always blocks.
+    - INCONCLUSIVE beyond limits.max_inconclusive needs review: a human (or a bigger sample) must decide.
+    - ERROR needs review while this release's run of errored decisions is within max_consecutive_errors
+      (a broken measurement is not evidence of a regression), and blocks past it.
+    - review triggers that fired need review.
+    """
+    results = tuple(evaluate_rule(r, evidence) for r in policy.rules)
+    lim: Limits = policy.limits
+    live = [(rule, res) for rule, res in zip(policy.rules, results, strict=True) if not rule.dry_run]
+    failing = [(rule, res) for rule, res in live if res.verdict == "FAIL"
+               or (res.verdict == "NO_DATA" and (rule.no_data or policy.no_data) == "fail")]
+    inconclusive = [res for _, res in live if res.verdict == "INCONCLUSIVE"]
+    errors = [res for _, res in live if res.verdict == "ERROR"]
+    blocks: list[str] = []
+    holds: list[str] = []
+    notes: list[str] = []
+    hard = [res for rule, res in failing if rule.hard]
+    if hard:
+        blocks.append(f"hard gate failed: {'; '.join(_short(r) for r in hard)}")
+    if len(failing) > lim.max_failures:
+        soft = [res for rule, res in failing if not rule.hard]
+        detail = "; ".join(_short(r) for r in soft)
+        if soft or not hard:
+            blocks.append(f"{len(failing)} of {len(results)} rules failed: {detail}")
+    elif failing and not hard:
+        notes.append(f"{len(failing)} failure(s) tolerated by max_failures {lim.max_failures}: "
+                     f"{'; '.join(_short(r) for _, r in failing)}")
+    if len(inconclusive) > lim.max_inconclusive:
+        holds.append(f"{len(inconclusive)} rule(s) inconclusive (max_inconclusive {lim.max_inconclusive}): "
+                     f"{'; '.join(_short(r) for r in inconclusive)}")
+    elif inconclusive:
+        notes.append(f"{len(inconclusive)} inconclusive rule(s) tolerated by max_inconclusive {lim.max_inconclusive}")
+    if errors:
+        run = prior_errors + 1
+        detail = "; ".join(_short(r) for r in errors)
+        if run > lim.max_consecutive_errors:
+            blocks.append(f"{run} consecutive errored decisions exceed max_consecutive_errors "
+                          f"{lim.max_consecutive_errors}: {detail}")
+        else:
+            holds.append(f"rule error ({run} of {lim.max_consecutive_errors} consecutive allowed), re-run the eval: "
+                         f"{detail}")
+    if review:
+        holds.append(f"review required: {'; '.join(review)}")
+    dry = [res for rule, res in zip(policy.rules, results, strict=True) if rule.dry_run and res.verdict != "PASS"]
+    if dry:
+        notes.append(f"dry-run (not enforced): {'; '.join(f'{r.rule} {r.verdict}' for r in dry)}")
+    errored = bool(errors)
+    review_required = "; ".join(review or [])
+    if blocks:
+        return Outcome("BLOCK", results, "; ".join(blocks + notes), review_required, errored)
+    if holds:
+        return Outcome("NEEDS_REVIEW", results, "; ".join(holds + notes), review_required or "; ".join(holds),
+                       errored)
+    head = f"all {len(results)} rules of policy {policy.name!r} passed"
+    if dry or failing or inconclusive:
+        head = f"policy {policy.name!r} passed"
+    return Outcome("PASS", results, "; ".join([head, *notes]), "", errored)
+
+
+def evidence_of(done: EvalCompleted) -> Evidence:
+    """The evidence an EvalCompleted carries."""
+    return Evidence(metrics=done.metrics, intervals=done.intervals, comparisons=done.comparisons,
+                    run_id=done.run_id)
+
+
+def decide_eval(policy: Policy | None, policy_error: str, done: EvalCompleted, *, prior_errors: int = 0,
+                candidate_artifacts: Mapping[str, str] | None = None,
+                baseline_artifacts: Mapping[str, str] | None = None) -> Outcome:
     """The gate's outcome for a finished eval; a failed run or an unusable policy blocks (fail closed)."""
     if done.status != "completed":
         # Rules still shown when possible: "error_rate = 1" explains more than the status alone.
-        rules = decide(policy, done.metrics).rules if policy is not None else ()
+        rules = decide(policy, evidence_of(done)).rules if policy is not None else ()
         return Outcome("BLOCK", rules, f"eval run {done.run_id} {done.status}: {done.error or 'no error given'}")
     if policy is None:
         return Outcome("BLOCK", (), policy_error or "no policy to judge the eval by")
-    return decide(policy, done.metrics)
+    reasons = review_reasons(policy.review, done.comparisons, candidate_artifacts or done.artifacts,
+                             baseline_artifacts) if policy.review else []
+    out = decide(policy, evidence_of(done), prior_errors=prior_errors, review=reasons)
+    if done.warnings:
+        out = Outcome(out.decision, out.rules, f"{out.reason}; evaluator warnings: {'; '.join(done.warnings)}",
+                      out.review_required, out.errored)
+    return out
 
 
 def decision_id(eval_event_id: str) -> str:
-    """A UUIDv7-shaped id derived from the eval event, so a redelivered eval yields the same decision id.
+    """A UUIDv7-shaped id derived from an event (eval or review), so a redelivery yields the same decision id.
 
     The 48-bit time comes from the eval event's UUIDv7 (keeping ids time-ordered); the rest is a hash.
     """

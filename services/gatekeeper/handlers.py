@@ -1,56 +1,105 @@
-"""NATS edge of the gatekeeper: EvalCompleted in; GateDecided on the bus, in KV and in the audit log."""
+"""NATS edge of the gatekeeper: EvalCompleted and GateReview in; signed GateDecided out, in KV and audited."""
 
 from __future__ import annotations
 
-import json
 import logging
 
-import msgspec
-import nats.errors
-import nats.js.errors
 from lockgate import artifacts
 from lockgate.bus import Delivery
-from lockgate.codec import encode
-from lockgate.contracts import EvalCompleted, GateDecided
-from lockgate.errors import BusUnavailable, ConfigError, NotFound
+from lockgate.contracts import EvalCompleted, GateDecided, GateReview
+from lockgate.errors import ConfigError, NotFound, SignatureError
 from lockgate.service import ServiceContext
-from lockgate.subjects import token
+from lockgate.signing import Signer, Verifier, publish_key
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from services.gatekeeper import domain
+from services.gatekeeper.records import DECISION_COLUMNS, Records
+from services.gatekeeper.review import apply_review
 
+__all__ = ["DECISION_COLUMNS", "GateHandlers"]
 log = logging.getLogger("lockgate.gatekeeper")
-
-DECISION_COLUMNS = ("id", "time", "release", "action", "actor", "decision", "eval_run", "policy", "baseline",
-                    "rules", "reason", "signature", "key_id", "tenant")
 
 
 class GateHandlers:
-    """Decides a release from its eval result; every path ends in a published decision."""
+    """Decides a release from its eval result or a human review; every path ends in an audit row."""
 
-    def __init__(self, ctx: ServiceContext, tracer: trace.Tracer) -> None:
+    def __init__(self, ctx: ServiceContext, tracer: trace.Tracer, signer: Signer) -> None:
         self.ctx = ctx
         self.tracer = tracer
+        self.signer = signer
+        self.records = Records(ctx)
+        self.verifier = Verifier(ctx.bus, ctx.settings.replace(trusted_keys=""))
+        self._key_published = False
+
+    async def publish_key(self) -> None:
+        """Put our public key in the KV keyring before any decision it signs can be seen."""
+        if not self._key_published:
+            await publish_key(self.ctx.bus, self.signer)
+            self._key_published = True
 
     async def on_eval_completed(self, done: EvalCompleted, delivery: Delivery) -> None:
-        """Judge the eval by its policy, then record and announce the decision."""
+        """Judge the eval by its policy, then sign, record and announce the decision."""
         with self.tracer.start_as_current_span(
             "gatekeeper.decide", context=delivery.trace_context, kind=SpanKind.CONSUMER,
             attributes={"lockgate.release": done.release, "lockgate.run_id": done.run_id},
         ) as span:
             policy, policy_error = await self._policy(done)
-            outcome = domain.decide_eval(policy, policy_error, done)
+            prior, candidate, baseline = 0, None, None
+            if policy is not None and done.status == "completed":
+                prior = await self.records.consecutive_errors(done.release, done.run_id)
+                if policy.review:
+                    candidate = done.artifacts or await self.records.release_artifacts(done.release) or {}
+                    baseline = await self.records.release_artifacts(done.baseline)
+            outcome = domain.decide_eval(policy, policy_error, done, prior_errors=prior,
+                                         candidate_artifacts=candidate, baseline_artifacts=baseline)
             span.set_attribute("lockgate.decision", outcome.decision)
-            decision = GateDecided(
-                id=domain.decision_id(done.id), release=done.release, decision=outcome.decision, rules=list(outcome.rules), eval_run=done.run_id,
-                policy=done.policy, baseline=done.baseline, reason=outcome.reason,
-                artifacts={k: v for k, v in (("eval_suite", done.suite), ("policy", done.policy)) if v},
-                tenant=done.tenant, source="gatekeeper",
-            )
-            await self._record(decision)
+            arts = {**done.artifacts, **{k: v for k, v in (("eval_suite", done.suite), ("policy", done.policy)) if v}}
+            decision = self.signer.sign(GateDecided(
+                id=domain.decision_id(done.id), release=done.release, decision=outcome.decision,
+                rules=list(outcome.rules), eval_run=done.run_id, policy=done.policy, baseline=done.baseline,
+                reason=outcome.reason, artifacts=arts, review_required=outcome.review_required,
+                tenant=done.tenant, source="gatekeeper", trace_id=done.trace_id,
+            ))
+            key = f"gate-{decision.eval_run or decision.id}"
+            await self.publish_key()
+            await self.records.audit(decision, action="decided", actor="gatekeeper", key=key)
+            await self.records.announce(decision, key=key)
             if outcome.decision != "PASS":
-                log.info("release %s blocked: %s", done.release, outcome.reason)
+                log.info("release %s %s: %s", done.release, outcome.decision, outcome.reason)
+
+    async def on_review(self, review: GateReview, delivery: Delivery) -> None:
+        """Turn a pending NEEDS_REVIEW into a signed PASS/BLOCK (or refuse / override, see review.apply_review)."""
+        with self.tracer.start_as_current_span(
+            "gatekeeper.review", context=delivery.trace_context, kind=SpanKind.CONSUMER,
+            attributes={"lockgate.release": review.release, "lockgate.review": review.action},
+        ):
+            new_id = domain.decision_id(review.id)
+            key = f"gate-review-{review.id}"
+            current = await self.records.current(review.release)
+            if current is not None and current.id == new_id:
+                await self.records.announce(current, key=key)  # redelivered after KV was written
+                return
+            refusal = ""
+            if current is not None:
+                try:
+                    await self.verifier.verify(current)
+                except SignatureError as exc:
+                    # Never countersign content we cannot prove we decided.
+                    refusal = f"{review.action} by {review.actor} refused: the stored decision fails: {exc.message}"
+            outcome = apply_review(current, review, new_id)
+            if refusal or outcome.decision is None:
+                row = GateDecided(id=new_id, release=review.release, rules=[],
+                                  decision=current.decision if current else "BLOCK",
+                                  eval_run=current.eval_run if current else "", tenant=review.tenant)
+                await self.records.audit(row, action="refused", actor=review.actor, key=key,
+                                         reason=refusal or outcome.reason)
+                log.warning("%s", refusal or outcome.reason)
+                return
+            decision = self.signer.sign(outcome.decision)
+            await self.publish_key()
+            await self.records.audit(decision, action=outcome.action, actor=review.actor, key=key)
+            await self.records.announce(decision, key=key)
 
     async def _policy(self, done: EvalCompleted) -> tuple[domain.Policy | None, str]:
         """The parsed policy, or None and why not (the gate then fails closed)."""
@@ -62,19 +111,3 @@ class GateHandlers:
             return None, f"policy {done.policy} is unusable: {exc.message}"
         except ValueError as exc:  # stored bytes that are not JSON at all
             return None, f"policy {done.policy} is unusable: not JSON or YAML ({exc})"
-
-    async def _record(self, decision: GateDecided) -> None:
-        # Audit row first, KV second, event last: a retry after any failure repeats the rest, and
-        # the deterministic token / msg id keep the repeat from showing up twice.
-        key = f"gate-{decision.eval_run or decision.id}"
-        rules = json.dumps([msgspec.to_builtins(r) for r in decision.rules])
-        row = [decision.id, decision.time, decision.release, "decided", "gatekeeper", decision.decision, decision.eval_run, decision.policy,
-               decision.baseline, rules, decision.reason, decision.signature, decision.key_id, decision.tenant]
-        await self.ctx.store.ainsert_rows("gate_decisions", DECISION_COLUMNS, [row], token=key)
-        s = self.ctx.bus.subjects
-        try:
-            kv = await self.ctx.bus.kv(s.kv_gates)
-            await kv.put(token(decision.release), encode(decision))
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise BusUnavailable(f"cannot write decision for {decision.release} to KV {s.kv_gates}: {exc!r}") from None
-        await self.ctx.bus.publish(s.gate_decided(decision.release), decision, msg_id=key)

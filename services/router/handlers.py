@@ -9,9 +9,11 @@ from services.router.rollouts import Rollouts
 
 
 def gate_handler(rollouts: Rollouts) -> Handler:
-    """Handler for `gate.decided.>`: apply to matching canaries; persistence errors retry via nack."""
+    """Handler for `gate.decided.>`: verify, then apply to matching canaries; persistence errors retry via nack."""
 
     async def handle(decision: GateDecided, delivery: Delivery) -> None:
+        # SignatureError ("signature invalid: ...") sends the decision to the DLQ instead of acting on it.
+        await rollouts.verifier.verify(decision)
         await rollouts.on_decision(decision)
 
     return handle

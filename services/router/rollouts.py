@@ -13,8 +13,16 @@ import nats.js.errors
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, RolloutState
-from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, Retryable, StoreUnavailable
+from lockgate.errors import (
+    BusUnavailable,
+    InvalidEvent,
+    LockgateError,
+    Retryable,
+    SignatureError,
+    StoreUnavailable,
+)
 from lockgate.service import ServiceContext
+from lockgate.signing import Verifier
 from lockgate.subjects import token
 
 from services.router import domain
@@ -48,6 +56,8 @@ class Rollouts:
         self._outbox: deque[tuple[Route, RolloutState]] = deque()
         self._persist_lock = asyncio.Lock()
         self._kv = None
+        # Decisions move traffic, so only those signed by a trusted gatekeeper key are acted on.
+        self.verifier = Verifier(ctx.bus, s)
 
     # reads (hot path)
     def route(self, deployment: str) -> Route:
@@ -198,7 +208,9 @@ class Rollouts:
         if not entry.value:
             return None
         try:
-            return _gate_codec.decode(entry.value)
-        except InvalidEvent as exc:
-            log.warning("stored gate decision for %s is unreadable: %s", release, exc.message)
+            decision = _gate_codec.decode(entry.value)
+            await self.verifier.verify(decision)
+        except (InvalidEvent, SignatureError) as exc:
+            log.warning("ignoring stored gate decision for %s: %s", release, exc.message)
             return None
+        return decision

@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 from lockgate.contracts import GateDecided
 from lockgate.natsserver import free_port
+from lockgate.signing import Signer, publish_key
 
 from tests.bench.common import BenchEnv, bench_env, percentiles, stack
 
@@ -103,13 +104,15 @@ async def _overhead(env: BenchEnv) -> dict[str, Any]:
 async def _reaction(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, Any]:
     async with stack(env, "router") as st:
         router, bus = st.services["router"], st.ctx.bus
+        signer = Signer.generate()  # the router acts only on decisions signed by a key in the KV keyring
+        await publish_key(bus, signer)
         samples: list[float] = []
         for i in range(TRIALS):
             release = f"rel-{i}"
             payload = {"stable_release": "base", "canary_release": release, "initial_weight": 50}
             async with session.put(f"{router.url}/lockgate/v1/deployments/bench", json=payload) as resp:
                 assert resp.status == 200, await resp.text()
-            decision = GateDecided(release=release, decision="BLOCK", rules=[])
+            decision = signer.sign(GateDecided(release=release, decision="BLOCK", rules=[]))
             t0 = time.perf_counter()
             await bus.publish(bus.subjects.gate_decided(release), decision)
             await router.rollouts.wait_for(lambda routes, rel=release: routes["bench"].canary.release == rel

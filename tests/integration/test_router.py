@@ -12,6 +12,7 @@ import pytest
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, GateDecided, InferenceEvent, RolloutState
 from lockgate.service import ServiceContext
+from lockgate.signing import Signer, publish_key
 from lockgate.sim import ModelSpec, SimConfig, SimServer
 from lockgate.subjects import token
 
@@ -39,6 +40,19 @@ async def router(context: ServiceContext, run_services: Any, sims: tuple[SimServ
                                                 deployment="chat", app="shop")
     svcs = await run_services("router")
     return svcs["router"]
+
+
+@pytest.fixture
+async def signer(context: ServiceContext) -> Signer:
+    """A gatekeeper stand-in whose public key is in the KV keyring, so the router trusts its decisions."""
+    s = Signer.generate()
+    await publish_key(context.bus, s)
+    return s
+
+
+def gate(signer: Signer, **fields: Any) -> GateDecided:
+    """A signed decision (the router ignores unsigned ones)."""
+    return signer.sign(GateDecided(**{"release": "r2", "rules": [], **fields}))
 
 
 @pytest.fixture
@@ -127,11 +141,11 @@ async def test_canary_split_by_weight_is_sticky(router: Any, http: aiohttp.Clien
             assert resp.headers["x-lockgate-variant"] == seen[user]
 
 
-async def test_gate_pass_promotes_step_by_step(router: Any, http: aiohttp.ClientSession) -> None:
+async def test_gate_pass_promotes_step_by_step(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     bus, store = router.ctx.bus, router.ctx.store
     sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
     await _start_canary(http, router)
-    await bus.publish(bus.subjects.gate_decided("r2"), GateDecided(release="r2", decision="PASS", rules=[]))
+    await bus.publish(bus.subjects.gate_decided("r2"), gate(signer, decision="PASS"))
     states: list[RolloutState] = []
     while not states or states[-1].phase != "promoted":
         states.append(_states.decode((await sub.next_msg(timeout=10)).data))
@@ -149,10 +163,10 @@ async def test_gate_pass_promotes_step_by_step(router: Any, http: aiohttp.Client
         assert (await resp.json())["choices"][0]["message"]["content"] == "canary says hi"
 
 
-async def test_gate_block_sends_canary_to_zero_at_once(router: Any, http: aiohttp.ClientSession) -> None:
+async def test_gate_block_sends_canary_to_zero_at_once(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     bus = router.ctx.bus
     await _start_canary(http, router, initial_weight=100)
-    decision = GateDecided(release="r2", decision="BLOCK", rules=[], reason="toxicity too high")
+    decision = gate(signer, decision="BLOCK", reason="toxicity too high")
     await bus.publish(bus.subjects.gate_decided("r2"), decision)
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
     route = router.rollouts.route("chat")
@@ -161,16 +175,16 @@ async def test_gate_block_sends_canary_to_zero_at_once(router: Any, http: aiohtt
         assert resp.headers["x-lockgate-variant"] == "stable"
 
 
-async def test_decision_already_in_kv_applies_when_canary_starts(router: Any, http: aiohttp.ClientSession) -> None:
+async def test_decision_already_in_kv_applies_when_canary_starts(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     bus = router.ctx.bus
     kv = await bus.kv(bus.subjects.kv_gates)
-    await kv.put(token("r2"), msgspec.json.encode(GateDecided(release="r2", decision="BLOCK", rules=[])))
+    await kv.put(token("r2"), msgspec.json.encode(gate(signer, decision="BLOCK")))
     state = await _start_canary(http, router)
     assert (state["phase"], state["weight"]) == ("aborted", 0.0)
 
 
 async def test_malformed_gate_message_goes_to_dlq_and_router_keeps_working(
-    router: Any, http: aiohttp.ClientSession
+    router: Any, http: aiohttp.ClientSession, signer: Signer
 ) -> None:
     bus = router.ctx.bus
     dlq = await bus.nc.subscribe(bus.subjects.dlq("router"))
@@ -179,7 +193,7 @@ async def test_malformed_gate_message_goes_to_dlq_and_router_keeps_working(
                       msg_id="bad-gate")
     letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=10)).data)
     assert letter.origin == "router" and b'"release":5' in letter.payload
-    await bus.publish(bus.subjects.gate_decided("r2"), GateDecided(release="r2", decision="BLOCK", rules=[]))
+    await bus.publish(bus.subjects.gate_decided("r2"), gate(signer, decision="BLOCK"))
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
 
 

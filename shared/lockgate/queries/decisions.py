@@ -34,3 +34,33 @@ def latest_decision(store: Store, release: str) -> dict[str, Any] | None:
     """The most recent decision row for `release`, or None if it was never gated."""
     rows = decisions(store, release, limit=1)
     return rows[0] if rows else None
+
+
+def consecutive_errors(store: Store, release: str, exclude_run: str = "", scan: int = 50) -> int:
+    """How many of the release's latest gate decisions in a row had an enforced rule in ERROR."""
+    rows = store.rows(
+        "SELECT eval_run, rules FROM gate_decisions WHERE release = {release:String} AND action = 'decided' "
+        "AND eval_run != {run:String} ORDER BY time DESC, id DESC LIMIT {scan:UInt32}",
+        {"release": release, "run": exclude_run, "scan": scan},
+    )
+    count = 0
+    for row in rows:
+        try:
+            rules = json.loads(row["rules"]) if row["rules"] else []
+        except ValueError:
+            rules = []
+        if not any(r.get("verdict") == "ERROR" and not r.get("dry_run") for r in rules):
+            break
+        count += 1
+    return count
+
+
+def release_artifacts(store: Store, release: str) -> dict[str, str] | None:
+    """The artifacts (`kind/name` -> hash) a release was registered with, or None if it never was."""
+    if not release:
+        return None
+    rows = store.rows(
+        "SELECT artifacts FROM releases WHERE release = {release:String} ORDER BY time DESC LIMIT 1",
+        {"release": release},
+    )
+    return dict(rows[0]["artifacts"]) if rows else None

@@ -1,0 +1,80 @@
+"""Where decisions go: the append-only audit log, KV `lg_gates`, and the bus (adapter, translates errors)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from lockgate.codec import Codec, encode
+from lockgate.contracts import GateDecided
+from lockgate.errors import BusUnavailable, InvalidEvent, StoreUnavailable
+from lockgate.queries import decisions as q
+from lockgate.service import ServiceContext
+from lockgate.subjects import token
+
+DECISION_COLUMNS = ("id", "time", "release", "action", "actor", "decision", "eval_run", "policy", "baseline",
+                    "rules", "reason", "signature", "key_id", "tenant")
+_decided: Codec[GateDecided] = Codec(GateDecided)
+
+
+class Records:
+    """Audit rows first, KV second, event last: a retry repeats the rest, tokens and msg ids dedupe it."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    async def audit(self, decision: GateDecided, *, action: str, actor: str, key: str,
+                    reason: str | None = None) -> None:
+        """Append one audit row (deduplicated by `key` on redelivery)."""
+        rules = json.dumps([msgspec.to_builtins(r) for r in decision.rules])
+        row = [decision.id, decision.time, decision.release, action, actor, decision.decision, decision.eval_run,
+               decision.policy, decision.baseline, rules, decision.reason if reason is None else reason,
+               decision.signature, decision.key_id, decision.tenant]
+        await self.ctx.store.ainsert_rows("gate_decisions", DECISION_COLUMNS, [row], token=key)
+
+    async def announce(self, decision: GateDecided, *, key: str) -> None:
+        """Make the decision current in KV, then publish it."""
+        s = self.ctx.bus.subjects
+        try:
+            kv = await self.ctx.bus.kv(s.kv_gates)
+            await kv.put(token(decision.release), encode(decision))
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot write decision for {decision.release} to KV {s.kv_gates}: {exc!r}") from None
+        await self.ctx.bus.publish(s.gate_decided(decision.release), decision, msg_id=key)
+
+    async def current(self, release: str) -> GateDecided | None:
+        """The release's latest decision from KV (None if never gated or unreadable)."""
+        s = self.ctx.bus.subjects
+        try:
+            kv = await self.ctx.bus.kv(s.kv_gates)
+            entry = await kv.get(token(release))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot read decision for {release} from KV {s.kv_gates}: {exc!r}") from None
+        if not entry.value:
+            return None
+        try:
+            return _decided.decode(entry.value)
+        except InvalidEvent:
+            return None
+
+    async def _read(self, func: Any, *args: Any) -> Any:
+        try:
+            return await asyncio.to_thread(func, self.ctx.store, *args)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - driver errors become retryable at this boundary
+            raise StoreUnavailable(f"gatekeeper read failed: {exc!r}") from None
+
+    async def consecutive_errors(self, release: str, exclude_run: str) -> int:
+        """Errored decisions in a row for the release, from the audit log."""
+        return await self._read(q.consecutive_errors, release, exclude_run)
+
+    async def release_artifacts(self, release: str) -> dict[str, str] | None:
+        """A release's registered artifacts from the lineage `releases` table (None if unknown)."""
+        return await self._read(q.release_artifacts, release)

@@ -1,0 +1,199 @@
+"""One rule against the evidence of an eval run: verdict, explanation and a specific hint (no I/O)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from lockgate.contracts import BaselineComparison, MetricInterval, RuleResult
+
+from services.gatekeeper.policy import OPS, Rule
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What an eval run measured: point metrics, their intervals, paired comparisons with the baseline."""
+
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    intervals: Mapping[str, MetricInterval] = field(default_factory=dict)
+    comparisons: Mapping[str, BaselineComparison] = field(default_factory=dict)
+    run_id: str = ""
+
+
+def _finite(*xs: float | None) -> bool:
+    return all(x is not None and math.isfinite(x) for x in xs)
+
+
+def _ci(low: float | None, high: float | None, confidence: float = 0.95) -> str:
+    return f"{confidence:.0%} CI [{low:.4g}, {high:.4g}]"
+
+
+def _cases_hint(metric: str, run_id: str) -> str:
+    run = run_id or "<run id>"
+    return (f"inspect the weakest cases with `lockgate sql \"SELECT case_id, scores['{metric}'] AS s, output "
+            f"FROM eval_cases WHERE run_id = '{run}' ORDER BY s LIMIT 20\"`")
+
+
+def _sample_hint(n: int, half_width: float, distance: float) -> str:
+    """Half-widths shrink with 1/sqrt(n): the size at which the interval no longer reaches the threshold."""
+    if half_width <= 0 or distance <= half_width * 1e-3:  # ~1e6x the sample: not a useful suggestion
+        return "the estimate sits on the threshold; more cases alone may not resolve it - review the change"
+    factor = (half_width / distance) ** 2
+    if n > 0:
+        return f"increase the sample to about {math.ceil(round(n * factor * 1.1, 6))} cases (now {n}) to resolve INCONCLUSIVE"
+    return f"increase the sample about {factor * 1.1:.1f}x to resolve INCONCLUSIVE"
+
+
+def _no_data(rule: Rule, why: str) -> RuleResult:
+    return RuleResult(rule=rule.name, metric=rule.metric, op=rule.op, threshold=rule.threshold, observed=None,
+                      verdict="NO_DATA", dry_run=rule.dry_run, hint=why,
+                      explanation=f"{rule.name} could not be judged: {why.split(';')[0]}.")
+
+
+def _error(rule: Rule, why: str, **kw: float | None) -> RuleResult:
+    return RuleResult(rule=rule.name, metric=rule.metric, op=rule.op, threshold=rule.threshold, verdict="ERROR",
+                      dry_run=rule.dry_run, hint=f"{why}; check the evaluator output and the policy",
+                      explanation=f"{rule.name} errored: {why}.", **{"observed": None, **kw})
+
+
+def evaluate_rule(rule: Rule, evidence: Evidence | Mapping[str, float]) -> RuleResult:
+    """One rule against an eval run's evidence (or a plain metrics mapping)."""
+    ev = evidence if isinstance(evidence, Evidence) else Evidence(metrics=evidence)
+    if rule.kind == "absolute":
+        return _absolute(rule, ev)
+    comp = ev.comparisons.get(rule.metric)
+    if comp is None:
+        return _no_data(rule, f"{rule.metric} has no baseline comparison; run the eval with a baseline "
+                              f"(`lockgate eval run ... --baseline RELEASE`)")
+    if rule.kind == "relative":
+        return _relative(rule, comp, ev.run_id)
+    return _non_inferiority(rule, comp, ev.run_id)
+
+
+def _absolute(rule: Rule, ev: Evidence) -> RuleResult:
+    iv = ev.intervals.get(rule.metric)
+    observed = ev.metrics.get(rule.metric, iv.estimate if iv is not None else None)
+    if observed is None or not math.isfinite(observed):
+        known = ", ".join(sorted(ev.metrics)) or "none"
+        return _no_data(rule, f"{rule.metric} was not measured; known metrics: {known}; add a scorer that "
+                              f"produces it or set no_data: pass on the rule")
+    op, thr = rule.op, rule.threshold
+    low = high = None
+    if iv is not None and _finite(iv.low, iv.high):
+        low, high = iv.low, iv.high
+        if low > high:  # type: ignore[operator]
+            return _error(rule, f"{rule.metric} interval [{low:.4g}, {high:.4g}] is inverted", low=low, high=high)
+    base = {"rule": rule.name, "metric": rule.metric, "op": op, "threshold": thr, "observed": observed,
+            "low": low, "high": high, "dry_run": rule.dry_run}
+    if rule.use_interval and low is not None and high is not None and op != "==":
+        # The bound nearest the threshold decides PASS, the far bound decides FAIL; in between nobody can tell.
+        near, far = (low, high) if op in (">=", ">") else (high, low)
+        ci = _ci(low, high, iv.confidence)  # type: ignore[union-attr]
+        if OPS[op](near, thr):
+            return RuleResult(**base, verdict="PASS", hint=f"{rule.metric} = {observed:.4g} {op} {thr:.4g} ({ci})",
+                              explanation=f"{rule.metric} = {observed:.4g} ({ci}) is {op} {thr:.4g} across the "
+                                          f"whole interval.")
+        if not OPS[op](far, thr):
+            return RuleResult(**base, verdict="FAIL",
+                              hint=f"{rule.metric} = {observed:.4g}, needs {op} {thr:.4g} (whole {ci} misses it); "
+                                   f"{_cases_hint(rule.metric, ev.run_id)}",
+                              explanation=f"{rule.metric} = {observed:.4g} ({ci}) misses {op} {thr:.4g} across the "
+                                          f"whole interval.")
+        hint = _sample_hint(iv.n, (high - low) / 2, abs(observed - thr))  # type: ignore[union-attr]
+        return RuleResult(**base, verdict="INCONCLUSIVE", hint=f"{rule.metric} = {observed:.4g}, {ci} straddles "
+                                                               f"{thr:.4g}; {hint}",
+                          explanation=f"{rule.metric} = {observed:.4g} but its {ci} straddles the threshold "
+                                      f"{thr:.4g}, so this sample cannot tell.")
+    if OPS[op](observed, thr):
+        return RuleResult(**base, verdict="PASS", hint=f"{rule.metric} = {observed:.4g} {op} {thr:.4g}",
+                          explanation=f"{rule.metric} = {observed:.4g} meets {op} {thr:.4g}.")
+    return RuleResult(**base, verdict="FAIL",
+                      hint=f"{rule.metric} = {observed:.4g}, needs {op} {thr:.4g}; {_cases_hint(rule.metric, ev.run_id)}",
+                      explanation=f"{rule.metric} = {observed:.4g} misses {op} {thr:.4g}.")
+
+
+def _scaled(rule: Rule, comp: BaselineComparison) -> tuple[float, float | None, float | None] | str:
+    """The change (diff or diff/|baseline|) and its interval, or why it cannot be computed."""
+    if not _finite(comp.diff, comp.baseline, comp.candidate):
+        return f"{rule.metric} comparison has a non-finite value"
+    scale = 1.0
+    if rule.mode == "relative":
+        if comp.baseline == 0:
+            return f"relative change of {rule.metric} is undefined for a baseline of 0; use mode: absolute"
+        scale = abs(comp.baseline)
+    if not _finite(comp.diff_low, comp.diff_high):
+        return comp.diff / scale, None, None
+    if comp.diff_low > comp.diff_high:  # type: ignore[operator]
+        return f"{rule.metric} difference interval [{comp.diff_low:.4g}, {comp.diff_high:.4g}] is inverted"
+    return comp.diff / scale, comp.diff_low / scale, comp.diff_high / scale  # type: ignore[operator]
+
+
+def _moved(rule: Rule, comp: BaselineComparison) -> str:
+    verb = "rose" if comp.diff > 0 else "fell"
+    where = "above" if comp.diff > 0 else "below"
+    unit = f" ({comp.diff / comp.baseline:+.1%})" if rule.mode == "relative" and comp.baseline else ""
+    return (f"{rule.metric} {verb} {abs(comp.diff):.4g}{unit} {where} baseline "
+            f"({comp.baseline:.4g} -> {comp.candidate:.4g})")
+
+
+def _relative(rule: Rule, comp: BaselineComparison, run_id: str) -> RuleResult:
+    scaled = _scaled(rule, comp)
+    if isinstance(scaled, str):
+        return _error(rule, scaled, baseline=comp.baseline)
+    d, dl, dh = scaled
+    sign = 1.0 if rule.better == "higher" else -1.0
+    # Work on "improvement" (positive = better) so both directions share one comparison.
+    need = rule.change if rule.change_kind == "min_change" else -rule.change
+    op, thr = (">=", need) if sign > 0 else ("<=", -need)
+    base = {"rule": rule.name, "metric": rule.metric, "op": op, "threshold": thr, "observed": d, "low": dl,
+            "high": dh, "baseline": comp.baseline, "dry_run": rule.dry_run}
+    what = (f"an improvement of at least {rule.change:.4g}" if rule.change_kind == "min_change"
+            else f"a regression of at most {rule.change:.4g}")
+    if rule.mode == "relative":
+        what += " (relative)"
+    moved = _moved(rule, comp) + (f"; evaluator warns: {comp.warning}" if comp.warning else "")
+    imp = sign * d
+    if dl is None or dh is None:
+        ok = imp >= need
+        return RuleResult(**base, verdict="PASS" if ok else "FAIL",
+                          hint=moved if ok else f"{moved}; {_cases_hint(rule.metric, run_id)}",
+                          explanation=f"{moved}; the policy allows {what} (no interval reported, point estimate used).")
+    il, ih = sorted((sign * dl, sign * dh))
+    ci = _ci(dl, dh)
+    if il >= need:
+        return RuleResult(**base, verdict="PASS", hint=moved,
+                          explanation=f"{moved}; the {ci} of the change is within {what}.")
+    if ih < need:
+        return RuleResult(**base, verdict="FAIL", hint=f"{moved}, beyond {what}; {_cases_hint(rule.metric, run_id)}",
+                          explanation=f"{moved}; the whole {ci} of the change is beyond {what}.")
+    return RuleResult(**base, verdict="INCONCLUSIVE", hint=f"{moved}; {_sample_hint(comp.n_pairs, (ih - il) / 2, abs(imp - need))}",
+                      explanation=f"{moved}; the {ci} of the change straddles {what}, so this sample cannot tell.")
+
+
+def _non_inferiority(rule: Rule, comp: BaselineComparison, run_id: str) -> RuleResult:
+    scaled = _scaled(rule, comp)
+    if isinstance(scaled, str):
+        return _error(rule, scaled, baseline=comp.baseline)
+    d, dl, dh = scaled
+    op, thr = (">", -rule.margin) if rule.better == "higher" else ("<", rule.margin)
+    base = {"rule": rule.name, "metric": rule.metric, "op": op, "threshold": thr, "observed": d, "low": dl,
+            "high": dh, "baseline": comp.baseline, "dry_run": rule.dry_run}
+    moved = _moved(rule, comp)
+    if dl is None or dh is None:
+        return RuleResult(**base, verdict="INCONCLUSIVE",
+                          hint=f"{moved}; non-inferiority needs a confidence interval of the difference, and the "
+                               f"evaluator reported none",
+                          explanation=f"{moved}; without an interval non-inferiority cannot be shown.")
+    near, far = (dl, dh) if rule.better == "higher" else (dh, dl)
+    ci = _ci(dl, dh)
+    if OPS[op](near, thr):
+        return RuleResult(**base, verdict="PASS", hint=f"{moved}; non-inferior within margin {rule.margin:.4g}",
+                          explanation=f"{moved}; the {ci} clears the non-inferiority margin {rule.margin:.4g}.")
+    if not OPS[op](far, thr):
+        return RuleResult(**base, verdict="FAIL",
+                          hint=f"{moved}, worse than the margin {rule.margin:.4g}; {_cases_hint(rule.metric, run_id)}",
+                          explanation=f"{moved}; the whole {ci} is beyond the non-inferiority margin {rule.margin:.4g}.")
+    return RuleResult(**base, verdict="INCONCLUSIVE",
+                      hint=f"{moved}; {_sample_hint(comp.n_pairs, (dh - dl) / 2, abs(d - thr))}",
+                      explanation=f"{moved}; the {ci} straddles the non-inferiority margin {rule.margin:.4g}.")

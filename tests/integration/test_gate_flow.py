@@ -1,0 +1,218 @@
+"""Gatekeeper (+ router) on a real nats-server and chDB: eval results published directly, signed decisions out."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from click.testing import CliRunner
+from lockgate import artifacts
+from lockgate.bus import Bus
+from lockgate.cli.gate import current_decision, request_review
+from lockgate.cli.main import cli
+from lockgate.codec import Codec
+from lockgate.contracts import BaselineComparison, DeadLetter, EvalCompleted, GateDecided, MetricInterval
+from lockgate.queries.decisions import decisions
+from lockgate.service import ServiceContext
+from lockgate.signing import Keyring, public_pem
+from lockgate.store import Store
+
+pytestmark = pytest.mark.timeout(60)
+decided: Codec[GateDecided] = Codec(GateDecided)
+
+POLICY = {
+    "name": "release", "version": "1",
+    "rules": [
+        {"name": "no-regression", "metric": "exact_match", "relative": {"max_regression": 0.02}},
+        {"name": "accuracy", "metric": "exact_match", "op": ">=", "threshold": 0.8},
+        {"name": "latency", "metric": "latency_p95_ms", "op": "<=", "threshold": 2000},
+    ],
+    "review": {"require_when": [{"artifact_changed": "prompt/*"}]},
+}
+
+
+@pytest.fixture
+async def gates(bus: Bus) -> AsyncIterator[Any]:
+    sub = await bus.nc.subscribe(bus.subjects.gate_decided_all)
+    yield sub
+    await sub.unsubscribe()
+
+
+async def next_decision(sub: Any) -> GateDecided:
+    return decided.decode((await sub.next_msg(timeout=20)).data)
+
+
+def completed(release: str, policy: str, *, em: float, em_ci: tuple[float, float], diff: float,
+              diff_ci: tuple[float, float], n: int, **extra: Any) -> EvalCompleted:
+    cmp = BaselineComparison(metric="exact_match", candidate=0.9 + diff, baseline=0.9, diff=diff,
+                             diff_low=diff_ci[0], diff_high=diff_ci[1], n_pairs=n, test="paired_bootstrap")
+    return EvalCompleted(
+        run_id=f"run-{release}", release=release, suite="sha256:suite", baseline="v1", policy=policy, n_cases=n,
+        metrics={"exact_match": em, "latency_p95_ms": 120.0},
+        intervals={"exact_match": MetricInterval(estimate=em, low=em_ci[0], high=em_ci[1], n=n)},
+        comparisons={"exact_match": cmp}, **extra)
+
+
+async def register_policy(bus: Bus, doc: dict = POLICY) -> str:
+    return (await artifacts.register(bus, "policy", doc["name"], doc)).hash
+
+
+def register_release(store: Store, release: str, arts: dict[str, str]) -> None:
+    # The lineage service owns `releases`; writing the row directly stands in for it here.
+    store.insert_rows("releases", ("release", "app", "tenant", "artifacts", "parent", "description", "time",
+                                   "event_id"),
+                      [[release, "shop", "default", arts, "", "", dt.datetime.now(dt.UTC), release]], token=release)
+
+
+async def test_regression_is_blocked_naming_the_rule_and_the_decision_is_signed(
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any
+) -> None:
+    policy = await register_policy(bus)
+    await run_services("gatekeeper")
+    arts = {"prompt/system": "sha256:p1", "dataset/qa": "sha256:d1"}
+    done = completed("v2", policy, em=0.78, em_ci=(0.75, 0.81), diff=-0.12, diff_ci=(-0.15, -0.09), n=400,
+                     artifacts=arts)
+    register_release(store, "v1", arts)
+    await bus.publish(bus.subjects.eval_completed, done)
+    d = await next_decision(gates)
+
+    assert (d.decision, d.eval_run) == ("BLOCK", "run-v2")
+    assert [(r.rule, r.verdict) for r in d.rules] == [
+        ("no-regression", "FAIL"), ("accuracy", "INCONCLUSIVE"), ("latency", "PASS")]
+    assert "no-regression: exact_match fell 0.12 below baseline (0.9 -> 0.78)" in d.reason
+    assert d.rules[0].low == -0.15 and d.rules[0].baseline == 0.9 and "eval_cases" in d.rules[0].hint
+    assert d.artifacts == {**arts, "eval_suite": "sha256:suite", "policy": policy}
+    assert (await Keyring.from_kv(bus)).verify(d) == d.key_id
+    [row] = decisions(store, "v2")
+    assert (row["action"], row["decision"], row["signature"], row["key_id"]) == (
+        "decided", "BLOCK", d.signature, d.key_id)
+
+
+async def test_noisy_small_sample_is_inconclusive_and_needs_review(
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any
+) -> None:
+    # Documented choice: INCONCLUSIVE beyond limits.max_inconclusive (default 0) -> NEEDS_REVIEW, never PASS.
+    policy = await register_policy(bus, {k: v for k, v in POLICY.items() if k != "review"})
+    await run_services("gatekeeper")
+    await bus.publish(bus.subjects.eval_completed,
+                      completed("v3", policy, em=0.85, em_ci=(0.6, 1.0), diff=-0.05, diff_ci=(-0.3, 0.2), n=10))
+    d = await next_decision(gates)
+    assert d.decision == "NEEDS_REVIEW"
+    assert [(r.rule, r.verdict) for r in d.rules][:2] == [("no-regression", "INCONCLUSIVE"),
+                                                           ("accuracy", "INCONCLUSIVE")]
+    assert "2 rule(s) inconclusive" in d.reason and "increase the sample to about" in d.rules[1].hint
+
+
+async def test_consecutive_errors_are_counted_from_the_audit_log(
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any
+) -> None:
+    doc = {"name": "errs", "limits": {"max_consecutive_errors": 1},
+           "rules": [{"name": "lift", "metric": "exact_match", "relative": {"min_change": 0.1, "mode": "relative"}}]}
+    policy = await register_policy(bus, doc)
+    await run_services("gatekeeper")
+    seen = []
+    for i in range(2):
+        zero = BaselineComparison(metric="exact_match", candidate=0.1, baseline=0.0, diff=0.1)
+        await bus.publish(bus.subjects.eval_completed, EvalCompleted(
+            run_id=f"e{i}", release="v4", suite="s", policy=policy, metrics={"exact_match": 0.1},
+            comparisons={"exact_match": zero}))
+        seen.append(await next_decision(gates))
+    assert [d.decision for d in seen] == ["NEEDS_REVIEW", "BLOCK"]
+    assert "2 consecutive errored decisions exceed max_consecutive_errors 1" in seen[1].reason
+
+
+@pytest.fixture
+async def router(context: ServiceContext, run_services: Any) -> Any:
+    # No traffic flows in these tests, so the upstreams are never called.
+    context.settings = context.settings.replace(stable_upstream="http://127.0.0.1:9/v1",
+                                                canary_upstream="http://127.0.0.1:9/v1", deployment="chat")
+    svcs = await run_services("gatekeeper", "router")
+    return svcs["router"]
+
+
+async def test_high_risk_change_waits_for_approval_and_router_holds(
+    bus: Bus, store: Store, router: Any, gates: Any
+) -> None:
+    policy = await register_policy(bus)
+    register_release(store, "v1", {"prompt/system": "sha256:old"})
+    good = completed("v5", policy, em=0.9, em_ci=(0.88, 0.92), diff=0.0, diff_ci=(-0.01, 0.01), n=2000,
+                     artifacts={"prompt/system": "sha256:new"})
+    await bus.publish(bus.subjects.eval_completed, good)
+    held = await next_decision(gates)
+    assert held.decision == "NEEDS_REVIEW" and held.review_required == "artifact_changed prompt/*: prompt/system"
+    assert [r.verdict for r in held.rules] == ["PASS", "PASS", "PASS"]
+
+    async with aiohttp.ClientSession() as http:
+        body = {"stable_release": "v1", "canary_release": "v5"}
+        async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+            state = await resp.json()
+    # The canary started after the decision was in KV: the router read and verified it, and held.
+    assert (state["phase"], state["weight"]) == ("idle", 10.0)
+
+    approved = await request_review(bus, "v5", "approve", "ann", "prompt diff reviewed", timeout_s=20)
+    assert (approved.decision, approved.reviewed_by) == ("PASS", "ann") and "approved by ann" in approved.reason
+    assert (await Keyring.from_kv(bus)).verify(approved) == held.key_id
+    await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "promoted", timeout=20)
+    history = [(r["action"], r["decision"], r["actor"]) for r in decisions(store, "v5")]
+    assert history == [("approved", "PASS", "ann"), ("decided", "NEEDS_REVIEW", "gatekeeper")]
+
+    # A second approval has nothing pending: the CLI refuses it, and so does the gatekeeper.
+    with pytest.raises(Exception, match="not NEEDS_REVIEW"):
+        await request_review(bus, "v5", "approve", "ann", "again", timeout_s=5)
+
+
+async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
+    bus: Bus, store: Store, router: Any, gates: Any, settings: Any, tmp_path: Path
+) -> None:
+    policy = await register_policy(bus)
+    register_release(store, "v1", {})
+    await bus.publish(bus.subjects.eval_completed,
+                      completed("v6", policy, em=0.5, em_ci=(0.45, 0.55), diff=-0.4, diff_ci=(-0.45, -0.35), n=500))
+    genuine = await next_decision(gates)
+    assert genuine.decision == "BLOCK"
+    tampered = msgspec.structs.replace(genuine, decision="PASS")
+
+    key = tmp_path / "gatekeeper.pub.pem"
+    key.write_bytes(public_pem((await Keyring.from_kv(bus)).keys[genuine.key_id]))
+    good_file, bad_file = tmp_path / "good.json", tmp_path / "bad.json"
+    good_file.write_bytes(msgspec.json.encode(genuine))
+    bad_file.write_bytes(msgspec.json.encode(tampered))
+    base = ["--nats", settings.nats_url, "--prefix", settings.prefix, "gate", "verify"]
+    runner = CliRunner()
+
+    def run_all() -> list[Any]:
+        # One thread, one after another: CliRunner swaps the process-wide sys.stdout/stderr.
+        return [runner.invoke(cli, [*base, *args], catch_exceptions=False) for args in (
+            ("--file", str(good_file), "--key", str(key)), ("--file", str(bad_file), "--key", str(key)), ("v6",))]
+
+    ok, bad, stack = await asyncio.to_thread(run_all)
+    assert ok.exit_code == 0 and f"signed by key {genuine.key_id}" in ok.output
+    assert bad.exit_code == 4 and len(bad.stderr.splitlines()) == 1
+    assert bad.stderr.startswith("error: signature invalid") and "altered after signing" in bad.stderr
+    assert stack.exit_code == 0, stack.output
+
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("router"))
+    async with aiohttp.ClientSession() as http:
+        body = {"stable_release": "v1", "canary_release": "v6", "initial_weight": 0}
+        async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+            assert (await resp.json())["phase"] == "aborted"  # the genuine BLOCK from KV
+        body["canary_release"] = "v7"
+        async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+            assert (await resp.json())["phase"] == "idle"
+    forged = msgspec.structs.replace(genuine, release="v7", decision="PASS")
+    await bus.publish(bus.subjects.gate_decided("v7"), forged)
+    letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=10)).data)
+    await dlq.unsubscribe()
+    assert letter.origin == "router" and letter.error.startswith("signature invalid")
+    assert router.rollouts.route("chat").phase == "idle" and router.rollouts.route("chat").canary.release == "v7"
+    explained = await asyncio.to_thread(runner.invoke, cli, ["--nats", settings.nats_url, "--prefix",
+                                                             settings.prefix, "gate", "explain", "v6", "--json"])
+    assert json.loads(explained.output)["decision"] == "BLOCK"
+    assert (await current_decision(bus, "v6")) == genuine

@@ -1,0 +1,69 @@
+"""Ed25519 decision signatures: round trip, tampering, unknown keys, key files."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import msgspec
+import pytest
+from lockgate.config import Settings
+from lockgate.contracts import GateDecided, RuleResult
+from lockgate.errors import ConfigError, SignatureError
+from lockgate.signing import Keyring, Signer, canonical, default_key_path, public_pem
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def decision() -> GateDecided:
+    rule = RuleResult(rule="acc", metric="exact_match", op=">=", threshold=0.8, observed=0.91, verdict="PASS",
+                      low=0.85, high=0.95)
+    return GateDecided(release="v2", decision="PASS", rules=[rule], eval_run="run-1",
+                       artifacts={"prompt/system": "sha256:abc"})
+
+
+def test_round_trip_survives_the_wire() -> None:
+    signer = Signer.generate()
+    signed = signer.sign(decision())
+    assert signed.key_id == signer.key_id and len(signer.key_id) == 16 and signed.signature
+    wire = msgspec.json.decode(msgspec.json.encode(signed), type=GateDecided)
+    assert Keyring([signer.public]).verify(wire) == signer.key_id
+    assert canonical(signed) == canonical(msgspec.structs.replace(signed, signature="x"))
+
+
+@pytest.mark.parametrize("change", [
+    {"decision": "BLOCK"}, {"release": "v3"}, {"artifacts": {"prompt/system": "sha256:def"}},
+    {"rules": []}, {"key_id": "0" * 16}, {"signature": "not base64!"}, {"signature": ""},
+])
+def test_tampering_fails(change: dict) -> None:
+    signer = Signer.generate()
+    tampered = msgspec.structs.replace(signer.sign(decision()), **change)
+    with pytest.raises(SignatureError) as err:
+        Keyring([signer.public]).verify(tampered)
+    assert err.value.message.startswith("signature invalid:") and err.value.exit_code == 4
+
+
+def test_unknown_key_is_rejected() -> None:
+    signed = Signer.generate().sign(decision())
+    with pytest.raises(SignatureError, match="unknown key id"):
+        Keyring([Signer.generate().public]).verify(signed)
+
+
+def test_key_file_is_created_private_and_reloaded(tmp_path: Path) -> None:
+    path = default_key_path(Settings(home=str(tmp_path)))
+    assert path == tmp_path / "keys" / "gatekeeper.pem"
+    first = Signer.load_or_create(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert Signer.load_or_create(path).key_id == first.key_id
+    pub = tmp_path / "pub.pem"
+    pub.write_bytes(public_pem(first.public))
+    assert Keyring.from_pem_files([pub]).verify(first.sign(decision())) == first.key_id
+
+
+def test_bad_key_files_are_config_errors(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.pem"
+    junk.write_text("nope")
+    with pytest.raises(ConfigError, match="not an unencrypted PEM private key"):
+        Signer.load_or_create(junk)
+    with pytest.raises(ConfigError, match="not a PEM public key"):
+        Keyring.from_pem_files([junk])
