@@ -19,7 +19,8 @@ import nats.js.errors
 
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateDecided, InferenceEvent
-from lockgate.errors import BusUnavailable, InvalidEvent, NotFound
+from lockgate.errors import BusUnavailable, InvalidEvent, NotFound, SignatureError
+from lockgate.signing import Keyring
 from lockgate.subjects import Subjects, token
 from lockgate.telemetry import batch_id
 
@@ -84,6 +85,8 @@ class Client:
         flush_interval_s: float = 0.05,
         max_in_flight: int = 8,
         max_attempts: int = 10,
+        verify: bool = True,
+        trusted_keys: list[str] | None = None,
     ) -> None:
         self.nats_url = nats_url
         self.subjects = Subjects(prefix)
@@ -106,6 +109,12 @@ class Client:
         self._sender: asyncio.Task[None] | None = None
         self._nc: Any = None
         self._js: Any = None
+        # Decisions are acted on only when signed by a trusted gatekeeper key: pinned PEM files if
+        # given, else the keys the gatekeepers publish in KV (reloaded when a new key id shows up).
+        self.verify = verify
+        self._pinned = bool(trusted_keys)
+        self._keyring = Keyring.from_pem_files(trusted_keys or [])
+        self.rejected_decisions = 0
 
     @property
     def pending(self) -> int:
@@ -171,17 +180,40 @@ class Client:
             await asyncio.wait(set(self._inflight))
 
     async def decision(self, release: str) -> GateDecided | None:
-        """The latest gate decision for a release, or None if there is none."""
-        return await get_decision(await self._gates(), release)
+        """The latest gate decision for a release, or None; raises SignatureError if it does not verify."""
+        decision = await get_decision(await self._gates(), release)
+        if decision is not None:
+            await self._check(decision)
+        return decision
 
     async def decisions(self, release_prefix: str = "") -> AsyncIterator[GateDecided]:
-        """Current decisions, then each new one, for releases starting with `release_prefix`."""
+        """Current decisions, then each new one, for releases starting with `release_prefix`.
+
+        A decision whose signature does not verify is skipped, logged and counted in
+        `rejected_decisions`, never yielded."""
         decisions = await watch_decisions(await self._gates(), release_prefix)
         try:
             async for decision in decisions:
+                try:
+                    await self._check(decision)
+                except SignatureError as exc:
+                    self.rejected_decisions += 1
+                    log.warning("ignoring gate decision: %s", exc.message)
+                    continue
                 yield decision
         finally:
             await decisions.aclose()
+
+    async def kv(self, bucket: str) -> Any:
+        """A KV bucket handle (lets the Keyring load published keys through this client)."""
+        return await self._js.key_value(bucket)
+
+    async def _check(self, decision: GateDecided) -> None:
+        if not self.verify:
+            return
+        if not self._pinned and decision.key_id not in self._keyring.keys:
+            self._keyring = await Keyring.from_kv(self)
+        self._keyring.verify(decision)
 
     async def _gates(self) -> Any:
         if self._js is None:

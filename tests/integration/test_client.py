@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
 import nats.errors
 import pytest
 
@@ -13,6 +14,8 @@ from lockgate.client import Client
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
+from lockgate.errors import SignatureError
+from lockgate.signing import Signer, publish_key
 from lockgate.subjects import token
 from lockgate.telemetry import batch_id
 
@@ -122,12 +125,16 @@ async def test_publish_that_keeps_failing_is_counted_not_hung(settings: Settings
         assert (c.sent, c.failed) == (0, 2)
 
 
+SIGNER = Signer.generate()
+
+
 def gate(release: str, decision: str = "PASS") -> GateDecided:
     rule = RuleResult(rule="q", metric="accuracy", op=">=", threshold=0.8, observed=0.9, verdict="PASS")
-    return GateDecided(release=release, decision=decision, rules=[rule])
+    return SIGNER.sign(GateDecided(release=release, decision=decision, rules=[rule]))
 
 
 async def test_decision_reads_the_gate_bucket(bus: Bus, settings: Settings) -> None:
+    await publish_key(bus, SIGNER)
     kv = await bus.kv(bus.subjects.kv_gates)
     d = gate("shop/v2")
     await kv.put(token(d.release), encode(d))
@@ -137,6 +144,7 @@ async def test_decision_reads_the_gate_bucket(bus: Bus, settings: Settings) -> N
 
 
 async def test_decisions_yields_current_then_new_for_a_prefix(bus: Bus, settings: Settings) -> None:
+    await publish_key(bus, SIGNER)
     kv = await bus.kv(bus.subjects.kv_gates)
     first = gate("shop-1")
     await kv.put(token(first.release), encode(first))
@@ -147,4 +155,20 @@ async def test_decisions_yields_current_then_new_for_a_prefix(bus: Bus, settings
             await kv.put(token(d.release), encode(d))
         got = await asyncio.wait_for(anext(stream), 10)
         assert (got.release, got.decision) == ("shop-2", "BLOCK")
+        await stream.aclose()
+
+
+async def test_unsigned_or_tampered_decisions_are_not_acted_on(bus: Bus, settings: Settings) -> None:
+    await publish_key(bus, SIGNER)
+    kv = await bus.kv(bus.subjects.kv_gates)
+    tampered = msgspec.structs.replace(gate("shop-3", "BLOCK"), decision="PASS")
+    await kv.put(token(tampered.release), encode(tampered))
+    async with client(settings) as c:
+        with pytest.raises(SignatureError, match="signature invalid"):
+            await c.decision("shop-3")
+        stream = c.decisions("shop-")
+        good = gate("shop-4")
+        await kv.put(token(good.release), encode(good))
+        got = await asyncio.wait_for(anext(stream), 10)  # the tampered one is skipped, not yielded
+        assert got == good and c.rejected_decisions == 1
         await stream.aclose()
