@@ -102,3 +102,22 @@ def test_schema_command_writes_json_schema(tmp_path: Path) -> None:
     out = tmp_path / "schema.json"
     run("schema", "--out", str(out), env=dict(os.environ))
     assert "InferenceEvent" in json.loads(out.read_text())["$defs"]
+
+
+def test_gate_explain_verify_and_review_commands(stack: dict[str, str], tmp_path: Path) -> None:
+    # the demo (module-scoped stack) already produced decisions; explain the blocked candidate
+    run("demo", "--router", stack["E2E_ROUTER"], "--sim", stack["E2E_SIM"], "--traffic", "50", env=stack)
+    explained = run("gate", "explain", "shop-v2-rc1", env=stack).stdout
+    assert "answers-correct" in explained and "FAIL" in explained
+
+    assert run("gate", "verify", "shop-v2-rc2", env=stack).returncode == 0
+    decision = json.loads(run("gate", "explain", "shop-v2-rc2", "--json", env=stack).stdout)
+    decision["decision"] = "BLOCK" if decision["decision"] != "BLOCK" else "PASS"  # tamper with it
+    (tmp_path / "d.json").write_text(json.dumps(decision))
+    (tmp_path / "k.pem").write_text(run("gate", "keys", env=stack).stdout)
+    tampered = run("gate", "verify", "--file", str(tmp_path / "d.json"), "--key", str(tmp_path / "k.pem"),
+                   env=stack, check=False)
+    assert tampered.returncode == 4 and "signature invalid" in tampered.stderr
+
+    refused = run("gate", "approve", "shop-v2-rc1", "--reason", "ship it", env=stack, check=False)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
