@@ -49,14 +49,23 @@ class EventBatcher:
             except TimeoutError:
                 pass
             self._full.clear()
-            await self.flush()
+            # Only what is queued now: events that arrive while these publishes await their
+            # acks wait for the next tick, so a busy router sends a few large batches per
+            # interval instead of a stream of tiny ones (each is a JetStream round trip).
+            await self._flush(len(self._queue))
 
     async def flush(self) -> None:
         """Publish everything queued now: one message per app per batch. Never raises."""
+        while self._queue:
+            await self._flush(len(self._queue))
+
+    async def _flush(self, n: int) -> None:
         q = self._queue
-        while q:
+        while n > 0 and q:
             by_app: dict[str, list[InferenceEvent]] = {}
-            for _ in range(min(len(q), self.batch_size * 8)):
+            take = min(n, len(q), self.batch_size * 8)
+            n -= take
+            for _ in range(take):
                 e = q.popleft()
                 by_app.setdefault(e.app, []).append(e)
             batches = [
@@ -72,6 +81,6 @@ class EventBatcher:
         try:
             await self.bus.publish(self.bus.subjects.inference(first.app), events, headers=headers)
             self.published += len(events)
-        except Exception as exc:  # noqa: BLE001 - telemetry never fails a request; count and move on
+        except Exception as exc:
             self.dropped += len(events)
             log.warning("dropped %d inference events: %r", len(events), exc)

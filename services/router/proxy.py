@@ -6,17 +6,20 @@ the model must be overridden or stream usage requested; events go to the batcher
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
 import aiohttp
 import msgspec
 from aiohttp import web
+from opentelemetry.context import Context
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from yarl import URL
+
 from lockgate import telemetry
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
-
 from services.router import domain
 from services.router.batcher import EventBatcher
 from services.router.rollouts import Rollouts
@@ -31,6 +34,13 @@ from services.router.wire import (
 )
 
 _FORWARD = ("Authorization", "OpenAI-Organization", "OpenAI-Project", "Accept")
+# The router reads every body it forwards (usage, finish reason), and auto_decompress is off so
+# bytes pass through untouched: ask upstreams for identity encoding, never what the client accepts.
+_UP_BASE = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+# A server span is a root unless the caller sent a traceparent: an explicit empty context
+# skips the SDK's current-context lookups.
+_ROOT = Context()
+_chat_request = msgspec.json.Decoder(ChatRequest)
 
 
 class Proxy:
@@ -42,13 +52,22 @@ class Proxy:
         self.batcher = batcher
         self.tracer = tracer
         self.session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}  # parsed once per upstream, not per request
+
+    def _url(self, upstream: str) -> URL:
+        url = self._urls.get(upstream)
+        if url is None:
+            if len(self._urls) >= 1024:  # upstreams come from routes: bounded all the same
+                self._urls.clear()
+            url = self._urls[upstream] = URL(f"{upstream}/chat/completions")
+        return url
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """Proxy one chat completion to the stable or canary upstream."""
         t0 = time.perf_counter()
         body = await request.read()
         try:
-            req = msgspec.json.decode(body, type=ChatRequest)
+            req = _chat_request.decode(body)
         except msgspec.DecodeError as exc:
             return error_response(400, f"invalid chat completion request: {exc}", "invalid_request_error")
         h = request.headers
@@ -63,11 +82,13 @@ class Proxy:
         if (target.model and target.model != req.model) or inject_usage:
             body = patch_body(body, model if target.model else None, inject_usage)
 
-        parent = telemetry.extract({"traceparent": h["traceparent"]}) if "traceparent" in h else None
+        traceparent = h.get("traceparent")
+        parent = (telemetry.extract({"traceparent": traceparent}) if traceparent else None) or _ROOT
         span = self.tracer.start_span(f"chat {model}", context=parent, kind=SpanKind.SERVER)
         sc = span.get_span_context()
-        trace_id, span_id = format(sc.trace_id, "032x"), format(sc.span_id, "016x")
-        up_headers = {"Content-Type": "application/json", "traceparent": f"00-{trace_id}-{span_id}-01"}
+        trace_id, span_id = f"{sc.trace_id:032x}", f"{sc.span_id:016x}"
+        flags = "01" if sc.trace_flags.sampled else "00"
+        up_headers = {**_UP_BASE, "traceparent": f"00-{trace_id}-{span_id}-{flags}"}
         for name in _FORWARD:
             value = h.get(name)
             if value is not None:
@@ -77,11 +98,22 @@ class Proxy:
         rec = _Record(status="ok")
         try:
             if req.stream:
-                response = await self._stream(request, target, body, up_headers, out_headers, want_usage, t0, rec)
+                response = await self._stream(request, target, body, up_headers, out_headers, want_usage,
+                                              t0, rec)
             else:
                 response = await self._once(target, body, up_headers, out_headers, rec)
         finally:
-            latency_ms = (time.perf_counter() - t0) * 1000.0
+            rec.latency_ms = (time.perf_counter() - t0) * 1000.0
+            # The event and the span's attributes are bookkeeping: build them on the next loop
+            # turn, after aiohttp has handed the response to the socket, not before.
+            asyncio.get_running_loop().call_soon(
+                self._record, span, h, trace_id, span_id, deployment, variant, target, model, req, user, rec)
+        return response
+
+    def _record(self, span: Any, h: Any, trace_id: str, span_id: str, deployment: str, variant: str,
+                target: domain.Target, model: str, req: ChatRequest, user: str, rec: _Record) -> None:
+        """Queue the request's inference event and end its span (runs after the response is sent)."""
+        try:
             event = InferenceEvent(
                 tenant=h.get("x-lockgate-tenant") or "default",
                 trace_id=trace_id,
@@ -98,7 +130,7 @@ class Proxy:
                 input_tokens=rec.input_tokens,
                 output_tokens=rec.output_tokens,
                 cached_tokens=rec.cached_tokens,
-                latency_ms=latency_ms,
+                latency_ms=rec.latency_ms,
                 ttft_ms=rec.ttft_ms,
                 status=rec.status,
                 error_type=rec.error_type,
@@ -107,15 +139,16 @@ class Proxy:
                 response=rec.text if rec.status == "ok" or rec.text else None,
                 user_hash=domain.user_hash(user),
             )
-            self.batcher.add(event)
-            _end_span(span, event)
-        return response
+        except Exception:  # the request is answered already: end the span, let the loop log the bug
+            span.end()
+            raise
+        self.batcher.add(event)
+        _end_span(span, event)
 
     async def _once(self, target: domain.Target, body: bytes, up_headers: dict[str, str],
                     out_headers: dict[str, str], rec: _Record) -> web.StreamResponse:
         try:
-            async with self.session.post(f"{target.upstream}/chat/completions", data=body,
-                                         headers=up_headers) as resp:
+            async with self.session.post(self._url(target.upstream), data=body, headers=up_headers) as resp:
                 data = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -134,7 +167,7 @@ class Proxy:
                       up_headers: dict[str, str], out_headers: dict[str, str], want_usage: bool,
                       t0: float, rec: _Record) -> web.StreamResponse:
         try:
-            resp = await self.session.post(f"{target.upstream}/chat/completions", data=body, headers=up_headers)
+            resp = await self.session.post(self._url(target.upstream), data=body, headers=up_headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return rec.fail(502, f"upstream {target.upstream} for release {target.release!r} is unreachable: "
                                  f"{type(exc).__name__}", "upstream_unreachable", out_headers)
@@ -182,6 +215,7 @@ class _Record:
         "error_type",
         "finish_reason",
         "input_tokens",
+        "latency_ms",
         "output_tokens",
         "response_model",
         "status",
@@ -195,7 +229,7 @@ class _Record:
         self.finish_reason = ""
         self.input_tokens = self.output_tokens = self.cached_tokens = 0
         self.response_model = ""
-        self.ttft_ms = 0.0
+        self.ttft_ms = self.latency_ms = 0.0
         self.text = ""
 
     def fail(self, http: int, message: str, type_: str, headers: dict[str, str]) -> web.Response:
@@ -232,5 +266,5 @@ def _end_span(span: Any, e: InferenceEvent) -> None:
                 span.set_attribute("error.type", e.error_type)
                 span.set_status(Status(StatusCode.ERROR, e.error_type))
         span.end()
-    except Exception:  # noqa: BLE001, S110 - telemetry never fails a request
+    except Exception:  # telemetry never fails a request
         pass

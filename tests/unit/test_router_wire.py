@@ -25,8 +25,9 @@ def test_patch_body_overrides_model_and_requests_usage() -> None:
 
 
 def test_last_user_text_handles_content_parts() -> None:
+    parts = [{"type": "text", "text": "a"}, {"type": "image_url"}, {"text": "b"}]
     msgs = [Message(role="user", content="first"), Message(role="assistant", content="x"),
-            Message(role="user", content=[{"type": "text", "text": "a"}, {"type": "image_url"}, {"text": "b"}])]
+            Message(role="user", content=parts)]
     assert last_user_text(msgs) == "a b"
     assert last_user_text([Message(role="system", content="s")]) is None
 
