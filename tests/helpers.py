@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -26,3 +28,30 @@ async def eventually(check: Callable[[], bool], progress: Sequence[Progress], ti
             task.cancel()
         for task in done:
             task.exception()  # consume TimeoutError from a waiter; the deadline check above decides
+
+
+class Process:
+    """A long-running CLI process whose output is collected; `started` waits for a readiness line."""
+
+    def __init__(self, args: list[str], env: dict[str, str], ready_text: str) -> None:
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._ready_text = ready_text
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if self._ready_text in line:
+                self._ready.set()
+        self._ready.set()  # EOF: the process ended; `started` reports it
+
+    def started(self, timeout_s: float) -> bool:
+        """True once the readiness line was printed and the process is still running."""
+        return self._ready.wait(timeout_s) and self.proc.poll() is None
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from lockgate.bus import consume
 from lockgate.contracts import InferenceEvent
 from lockgate.service import Service, ServiceContext
-
 from services.cost.handlers import CostHandlers
 from services.cost.pricebook import load_price_book
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any
 
 import msgspec
+
 from lockgate.contracts import CostRecord, InferenceEvent
 from lockgate.errors import ConfigError
 from lockgate.ids import content_hash

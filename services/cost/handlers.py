@@ -6,7 +6,6 @@ from lockgate.bus import Delivery
 from lockgate.contracts import InferenceEvent
 from lockgate.ids import content_hash
 from lockgate.service import Progress, ServiceContext
-
 from services.cost import domain
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from lockgate.bus import consume
 from lockgate.contracts import InferenceEvent, RolloutState
 from lockgate.service import Service, ServiceContext
-
 from services.drift.handlers import DriftHandlers
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
-from lockgate.contracts import DriftReport, FeatureDrift, InferenceEvent
 
+from lockgate.contracts import DriftReport, FeatureDrift, InferenceEvent
 from services.drift import stats
 
 FEATURES = ("output_tokens", "latency_ms", "input_tokens")

@@ -7,7 +7,6 @@ from collections import OrderedDict
 from lockgate.bus import Delivery
 from lockgate.contracts import DriftReport, InferenceEvent, RolloutState
 from lockgate.service import Progress, ServiceContext
-
 from services.drift import domain
 
 _SEEN_MAX = 4096

@@ -5,7 +5,6 @@ from __future__ import annotations
 from lockgate.bus import consume
 from lockgate.contracts import EvalRequested
 from lockgate.service import Service, ServiceContext
-
 from services.evaluator.handlers import EvalHandlers
 
 

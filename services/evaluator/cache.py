@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 import msgspec
+
 from lockgate.ids import canonical_json
 
 log = logging.getLogger("lockgate.evaluator.cache")
@@ -43,7 +44,7 @@ class ResponseCache:
         """The cached response, or None."""
         try:
             entry = await self.kv.get(key)
-        except Exception:  # noqa: BLE001 - KeyNotFoundError and any NATS trouble are both a miss
+        except Exception:
             return None
         if not entry.value:
             return None
@@ -63,7 +64,7 @@ class ResponseCache:
     async def _put(self, key: str, data: bytes) -> None:
         try:
             await self.kv.put(key, data)
-        except Exception as exc:  # noqa: BLE001 - a lost cache write only costs a future call
+        except Exception as exc:
             log.debug("eval cache write failed: %r", exc)
 
     async def flush(self) -> None:

@@ -10,7 +10,6 @@ from datetime import datetime
 from typing import Any
 
 from lockgate.errors import ConfigError, LockgateError
-
 from services.evaluator.scorers import ASYNC_SCORERS, check_scorer, get_scorer
 
 
@@ -264,7 +263,7 @@ def score(suite: Suite, output: str, expected: Any, *, case_id: str = "") -> dic
             continue
         try:
             value = float(get_scorer(spec.name)(output, expected, spec.params))
-        except Exception as exc:  # noqa: BLE001 - bad params, or an expected value the scorer cannot read
+        except Exception as exc:
             detail = exc.message if isinstance(exc, LockgateError) else repr(exc)
             raise SuiteError(f"scorer {spec.name!r} failed on case {case_id!r}: {detail}") from None
         out[spec.name] = 0.0 if math.isnan(value) else min(1.0, max(0.0, value))

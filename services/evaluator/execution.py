@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import aiohttp
+
 from lockgate import artifacts
 from lockgate.contracts import EvalCompleted, EvalRequested, LineageRun
 from lockgate.errors import ConfigError, NotFound
 from lockgate.service import ServiceContext
-
 from services.evaluator import domain, judge, persist, pricing, recorded, runner, summary
 from services.evaluator.cache import ResponseCache
 from services.evaluator.progress import Ticker

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
 from lockgate.bus import Delivery
 from lockgate.contracts import EvalRequested
 from lockgate.errors import ConfigError, NotFound, Retryable
 from lockgate.service import ServiceContext
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind
-
 from services.evaluator import runner
 from services.evaluator.execution import Execution, load_error
 

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lockgate.store import Store
-
 from services.evaluator import domain
 
 log = logging.getLogger("lockgate.evaluator.persist")

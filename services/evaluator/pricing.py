@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from lockgate.errors import ConfigError
 
 # The price book shipped with lockgate (a data file, read not imported).

@@ -7,6 +7,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import msgspec
+
 from lockgate.contracts.evals import EvalProgress
 
 log = logging.getLogger("lockgate.evaluator.progress")
@@ -39,5 +40,5 @@ class Ticker:
         tick = EvalProgress(run_id=self.run_id, done=self.done, total=self.total, errors=self.errors)
         try:
             await self.publish(msgspec.json.encode(tick))
-        except Exception as exc:  # noqa: BLE001 - telemetry never fails a run
+        except Exception as exc:
             log.debug("progress publish failed: %r", exc)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
-from lockgate.errors import LockgateError, UpstreamError
 
+from lockgate.errors import LockgateError, UpstreamError
 from services.evaluator import domain
 
 T = TypeVar("T")

@@ -15,6 +15,7 @@ from importlib import resources
 from typing import Any
 
 import yaml
+
 from lockgate.errors import ConfigError
 
 

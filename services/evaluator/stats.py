@@ -11,9 +11,10 @@ from collections.abc import Sequence
 
 import msgspec
 import numpy as np
-from lockgate.errors import LockgateError
 from scipy import special
 from scipy import stats as sps
+
+from lockgate.errors import LockgateError
 
 
 class InsufficientData(LockgateError):

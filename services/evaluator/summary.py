@@ -7,7 +7,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from lockgate.contracts import BaselineComparison, MetricInterval
-
 from services.evaluator import stats
 from services.evaluator.domain import JUDGE_AGREEMENT, CaseResult, Suite, case_scores, passes
 

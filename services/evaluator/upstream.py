@@ -8,8 +8,8 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
-from lockgate.errors import LockgateError
 
+from lockgate.errors import LockgateError
 from services.evaluator import domain, judge, runner
 from services.evaluator.cache import Cached, ResponseCache, request_key
 from services.evaluator.ratelimit import TokenBucket

@@ -6,7 +6,6 @@ from lockgate.bus import consume
 from lockgate.contracts import EvalCompleted, GateReview
 from lockgate.service import Service, ServiceContext
 from lockgate.signing import Signer, default_key_path
-
 from services.gatekeeper.handlers import GateHandlers
 
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from lockgate.contracts import EvalCompleted, RuleResult
 from lockgate.contracts.gates import Decision
-
 from services.gatekeeper.policy import OPS, Limits, Policy, ReviewTrigger, Rule, parse_policy
 from services.gatekeeper.review import review_reasons
 from services.gatekeeper.rules import Evidence, evaluate_rule

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import logging
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
 from lockgate import artifacts
 from lockgate.bus import Delivery
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview
 from lockgate.errors import ConfigError, NotFound, SignatureError
 from lockgate.service import ServiceContext
 from lockgate.signing import Signer, Verifier, publish_key
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind
-
 from services.gatekeeper import domain
 from services.gatekeeper.records import DECISION_COLUMNS, Records
 from services.gatekeeper.review import apply_review

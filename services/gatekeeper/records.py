@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 import nats.errors
 import nats.js.errors
+
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateDecided
 from lockgate.errors import BusUnavailable, InvalidEvent, StoreUnavailable
@@ -68,7 +69,7 @@ class Records:
             return await asyncio.to_thread(func, self.ctx.store, *args)
         except StoreUnavailable:
             raise
-        except Exception as exc:  # noqa: BLE001 - driver errors become retryable at this boundary
+        except Exception as exc:
             raise StoreUnavailable(f"gatekeeper read failed: {exc!r}") from None
 
     async def consecutive_errors(self, release: str, exclude_run: str) -> int:

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from lockgate.contracts import BaselineComparison, GateDecided, GateReview
-
 from services.gatekeeper.policy import ReviewTrigger
 
 

@@ -12,7 +12,6 @@ from lockgate.contracts import (
     RolloutState,
 )
 from lockgate.service import Service, ServiceContext
-
 from services.lineage.handlers import LineageHandlers
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from lockgate.bus import Delivery
 from lockgate.contracts import ArtifactRegistered, LineageRun, ReleaseRegistered
 from lockgate.service import Progress, ServiceContext
-
 from services.lineage import domain
 
 

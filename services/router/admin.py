@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import msgspec
 from aiohttp import web
-from lockgate.errors import Retryable
 
+from lockgate.errors import Retryable
 from services.router.domain import CanaryRequest, InvalidRollout, Route
 from services.router.rollouts import Rollouts
 from services.router.wire import error_response

@@ -5,7 +5,6 @@ from __future__ import annotations
 from lockgate.bus import consume
 from lockgate.contracts import GateDecided
 from lockgate.service import Service, ServiceContext
-
 from services.router.handlers import gate_handler
 from services.router.server import RouterService
 

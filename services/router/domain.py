@@ -6,6 +6,7 @@ import hashlib
 from typing import Literal
 
 import msgspec
+
 from lockgate.contracts import GateDecided, RolloutState
 from lockgate.errors import LockgateError
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from lockgate.bus import Delivery, Handler
 from lockgate.contracts import GateDecided
-
 from services.router.rollouts import Rollouts
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import msgspec
 import nats.js.errors
+
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, RolloutState
@@ -24,7 +25,6 @@ from lockgate.errors import (
 from lockgate.service import ServiceContext
 from lockgate.signing import Verifier
 from lockgate.subjects import token
-
 from services.router import domain
 from services.router.domain import Route
 
@@ -188,7 +188,7 @@ class Rollouts:
             await store.ainsert_rows("rollout_events", ROLLOUT_COLUMNS, [row], token=state.id)
         except StoreUnavailable:
             raise
-        except Exception as exc:  # noqa: BLE001 - translate driver surprises so the consumer retries
+        except Exception as exc:
             raise StoreUnavailable(f"insert into rollout_events failed: {exc!r}") from None
 
     async def _await_ready(self) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import aiohttp
 from aiohttp import web
-from lockgate.service import Service, ServiceContext
 
+from lockgate.service import Service, ServiceContext
 from services.router.admin import Admin
 from services.router.batcher import EventBatcher
 from services.router.proxy import Proxy

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -72,10 +73,12 @@ async def register_file(bus: Bus, kind: ArtifactKind, path: str | Path, *, name:
                         tenant: str = "default") -> ArtifactRegistered:
     """Register a file; the media type follows the extension."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"artifact file {p} does not exist")
+    try:
+        data = await asyncio.to_thread(p.read_bytes)
+    except OSError as exc:
+        raise ConfigError(f"cannot read artifact file {p}: {exc.strerror}") from None
     media = _MEDIA.get(p.suffix.lower(), "application/octet-stream")
-    return await register(bus, kind, name or p.stem, p.read_bytes(), media_type=media, tenant=tenant)
+    return await register(bus, kind, name or p.stem, data, media_type=media, tenant=tenant)
 
 
 async def load(bus: Bus, digest: str) -> bytes:

@@ -50,7 +50,8 @@ class NatsServer:
     async def start(self, timeout_s: float = 20.0) -> None:
         """Start the server and wait until it reports ready."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
+        # Popen only forks and execs; the wait for readiness below runs in a thread.
+        self.proc = subprocess.Popen(  # noqa: ASYNC220
             [binary(), "-js", "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -90,7 +91,7 @@ class NatsServer:
             self.proc.wait()
 
 
-def threading_drain(stream) -> None:  # noqa: ANN001 - a binary file object
+def threading_drain(stream) -> None:
     """Read a pipe to EOF in a daemon thread."""
     import threading
 

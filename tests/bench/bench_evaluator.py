@@ -14,42 +14,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import sys
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
+
 from lockgate import artifacts
 from lockgate.codec import Codec
 from lockgate.contracts import EvalCompleted, EvalRequested
 from lockgate.ids import uuid7
-from lockgate.natsserver import free_port
-
-from tests.bench.common import BenchEnv, bench_env, stack
+from tests.bench.common import BenchEnv, bench_env, sim_process, stack
 
 CASES = 1000
 CONCURRENCY = 64
 LATENCY_MS = 50.0
 
 
-@contextlib.asynccontextmanager
-async def _sim_process(env: BenchEnv) -> AsyncIterator[str]:
-    """The simulator (50 ms per answer) in a child process; yields its base URL."""
-    cfg = Path(env.home) / "bench-eval-sim.yaml"
-    cfg.write_text(f"models:\n  m:\n    default: answer\n    latency_ms: {LATENCY_MS}\n")
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lockgate.sim", "--config", str(cfg), "--port", str(port), stdout=asyncio.subprocess.PIPE)
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        if b"serving" not in line:
-            raise RuntimeError(f"simulator did not start: {line!r}")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        await proc.wait()
+def _sim_process(env: BenchEnv) -> contextlib.AbstractAsyncContextManager[str]:
+    return sim_process(env, f"models:\n  m:\n    default: answer\n    latency_ms: {LATENCY_MS}\n")
 
 
 async def _direct(url: str) -> float:

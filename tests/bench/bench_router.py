@@ -12,16 +12,13 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-from lockgate.contracts import GateDecided
-from lockgate.natsserver import free_port
-from lockgate.signing import Signer, publish_key
 
-from tests.bench.common import BenchEnv, bench_env, percentiles, stack
+from lockgate.contracts import GateDecided
+from lockgate.signing import Signer, publish_key
+from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process, stack
 
 N_REQUESTS = 3000
 CONCURRENCY = 8
@@ -49,23 +46,8 @@ async def _load(session: aiohttp.ClientSession, url: str, n: int, concurrency: i
     return samples, time.perf_counter() - t0
 
 
-@contextlib.asynccontextmanager
-async def _sim_process(env: BenchEnv) -> AsyncIterator[str]:
-    """The simulator in a child process; yields its base URL once it says it is serving."""
-    cfg = Path(env.home) / "bench-sim.yaml"
-    cfg.write_text("models:\n  m:\n    default: fine thanks\n")
-    port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lockgate.sim", "--config", str(cfg), "--port", str(port),
-        stdout=asyncio.subprocess.PIPE)
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        if b"serving" not in line:
-            raise RuntimeError(f"simulator did not start: {line!r}")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        await proc.wait()
+def _sim_process(env: BenchEnv) -> contextlib.AbstractAsyncContextManager[str]:
+    return sim_process(env, "models:\n  m:\n    default: fine thanks\n")
 
 
 async def _remote_load(url: str, n: int, concurrency: int = CONCURRENCY) -> tuple[list[float], float]:

@@ -74,6 +74,33 @@ async def stack(env: BenchEnv, *names: str, **overrides: Any) -> AsyncIterator[S
         await bus.close()
 
 
+@contextlib.asynccontextmanager
+async def sim_process(env: BenchEnv, config_yaml: str) -> AsyncIterator[str]:
+    """The simulator in a child process (its CPU is not charged to what is measured); yields its
+    base URL once it says it is serving."""
+    import asyncio
+    import sys
+    from pathlib import Path
+
+    from lockgate.natsserver import free_port
+
+    cfg = Path(env.home) / f"sim-{uuid.uuid4().hex[:6]}.yaml"
+    cfg.write_text(config_yaml)
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lockgate.sim", "--config", str(cfg), "--port", str(port),
+        stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        if b"serving" not in line:
+            raise RuntimeError(f"simulator did not start: {line!r}")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
     """p50/p90/p99/max of a list of milliseconds."""
     if not samples_ms:

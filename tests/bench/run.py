@@ -44,6 +44,11 @@ def _print(name: str, figures: dict[str, Any], indent: str = "  ") -> None:
             print(f"{indent}{key}: {value:,.3f}" if isinstance(value, float) else f"{indent}{key}: {value}")
 
 
+def _write(out: Path, results: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+
 async def main(out: Path, only: list[str]) -> int:
     results: dict[str, Any] = {"machine": machine(), "command": "make bench",
                                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "benches": {}}
@@ -66,8 +71,7 @@ async def main(out: Path, only: list[str]) -> int:
             figures["wall_s"] = round(time.perf_counter() - started, 2)
             results["benches"][name] = figures
             _print(name, figures)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    await asyncio.to_thread(_write, out, results)
     print(f"\nwrote {out}")
     return 1 if failed else 0
 

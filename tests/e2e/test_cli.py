@@ -7,13 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from lockgate.natsserver import free_port
+from tests.helpers import Process
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -34,31 +34,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     ports = {name: free_port() for name in ("nats", "router", "grpc", "sim")}
     env = {**os.environ, "LOCKGATE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}", "LOCKGATE_ROLLOUT_STEP_INTERVAL_S": "0.2",
            "LOCKGATE_DRIFT_REFERENCE_SIZE": "100", "LOCKGATE_DRIFT_WINDOW_SIZE": "100", "COLUMNS": "200"}
-    proc = subprocess.Popen(
-        [*LOCKGATE, "up", "--home", str(home), "--nats-port", str(ports["nats"]), "--router-port",
-         str(ports["router"]), "--grpc-port", str(ports["grpc"]), "--sim-port", str(ports["sim"])],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "lockgate is up" in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    assert ready.wait(120) and proc.poll() is None, "".join(lines)
+    up = Process([*LOCKGATE, "up", "--home", str(home), "--nats-port", str(ports["nats"]), "--router-port",
+                  str(ports["router"]), "--grpc-port", str(ports["grpc"]), "--sim-port", str(ports["sim"])],
+                 env, "lockgate is up")
+    assert up.started(120), up.output
     env["E2E_ROUTER"] = f"http://127.0.0.1:{ports['router']}"
     env["E2E_SIM"] = f"http://127.0.0.1:{ports['sim']}/v1"
     env["E2E_HOME"] = str(home)
     yield env
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 0, "".join(lines)
-    assert "stopped cleanly" in "".join(lines)
+    up.proc.send_signal(signal.SIGINT)
+    assert up.proc.wait(60) == 0, up.output
+    assert "stopped cleanly" in up.output
 
 
 def test_demo_then_query_everything(stack: dict[str, str]) -> None:

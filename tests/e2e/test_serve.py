@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from lockgate.bus import Bus
 from lockgate.contracts import InferenceEvent
 from lockgate.natsserver import NatsServer
 from lockgate.subjects import Subjects
+from tests.helpers import Process
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,22 +27,9 @@ LOCKGATE = [sys.executable, "-m", "lockgate.cli"]
 def test_serve_one_service_against_external_nats(nats_server: NatsServer, tmp_path: Path, unique: str) -> None:
     env = {**os.environ, "LOCKGATE_NATS_URL": nats_server.url, "LOCKGATE_PREFIX": unique,
            "LOCKGATE_CLICKHOUSE_URL": f"chdb://{tmp_path / 'ch'}"}
-    proc = subprocess.Popen([*LOCKGATE, "serve", "sink"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if "serving" in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    served = Process([*LOCKGATE, "serve", "sink"], env, "serving")
     try:
-        assert ready.wait(60) and proc.poll() is None, "".join(lines)
+        assert served.started(60), served.output
 
         async def publish() -> None:
             bus = Bus(nats_server.url, Subjects(unique))
@@ -61,5 +48,5 @@ def test_serve_one_service_against_external_nats(nats_server: NatsServer, tmp_pa
             count = json.loads(out.stdout)[0]["n"]
         assert count == 25
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 0, "".join(lines)
+        served.proc.send_signal(signal.SIGINT)
+        assert served.proc.wait(60) == 0, served.output

@@ -39,7 +39,6 @@ async def test_same_event_published_twice_is_stored_once_by_jetstream(bus: Bus) 
 )
 async def test_bad_input_goes_to_dlq_and_consumer_keeps_going(bus: Bus, payload: bytes, reason_part: str) -> None:
     good: asyncio.Queue[InferenceEvent] = asyncio.Queue()
-    letters: asyncio.Queue[DeadLetter] = asyncio.Queue()
 
     async def handle(value: InferenceEvent, delivery: Delivery) -> None:
         await good.put(value)

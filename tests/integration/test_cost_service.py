@@ -8,13 +8,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+
 from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec
 from lockgate.contracts import CostRecord, DeadLetter, InferenceEvent
 from lockgate.queries.cost import UnknownDimension, cost_rollup
 from lockgate.service import ServiceContext
 from lockgate.store import Store
-
 from services.cost.handlers import CostHandlers
 from services.cost.pricebook import load_price_book
 

@@ -8,13 +8,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, DriftReport, InferenceEvent, RolloutState
 from lockgate.queries.drift import drift_reports
 from lockgate.service import ServiceContext
 from lockgate.store import Store
-
 from services.drift.handlers import DriftHandlers
 
 pytestmark = pytest.mark.timeout(60)

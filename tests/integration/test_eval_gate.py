@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.codec import Codec

@@ -11,6 +11,7 @@ from typing import Any
 
 import msgspec
 import pytest
+
 from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.codec import Codec

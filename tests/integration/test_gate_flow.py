@@ -13,6 +13,7 @@ import aiohttp
 import msgspec
 import pytest
 from click.testing import CliRunner
+
 from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.cli.gate import current_decision, request_review

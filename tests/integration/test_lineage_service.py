@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from lockgate.bus import Bus
 from lockgate.contracts import (
     ArtifactRegistered,

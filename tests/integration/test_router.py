@@ -9,13 +9,13 @@ from typing import Any
 import aiohttp
 import msgspec
 import pytest
+
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, GateDecided, InferenceEvent, RolloutState
 from lockgate.service import ServiceContext
 from lockgate.signing import Signer, publish_key
 from lockgate.sim import ModelSpec, SimConfig, SimServer
 from lockgate.subjects import token
-
 from services.router.domain import Route, Target
 
 pytestmark = pytest.mark.timeout(60)

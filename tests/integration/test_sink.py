@@ -6,13 +6,13 @@ import nats
 import pytest
 
 from lockgate.bus import Bus, Delivery
-from lockgate.codec import Codec, encode
+from lockgate.codec import Codec
 from lockgate.contracts import InferenceEvent
 from lockgate.service import ServiceContext
 from lockgate.services import ServiceSet
 from lockgate.store import Store
 from lockgate.subjects import Subjects
-from lockgate.telemetry import Telemetry, batch_id
+from lockgate.telemetry import Telemetry
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from lockgate.contracts import InferenceEvent
 
+from lockgate.contracts import InferenceEvent
 from services.cost.domain import ModelPrice, PriceBookError, event_cost, parse_price_book, price_events
 from services.cost.pricebook import load_price_book
 

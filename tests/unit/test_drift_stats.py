@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
-from lockgate.contracts import InferenceEvent
 
+from lockgate.contracts import InferenceEvent
 from services.drift import stats
 from services.drift.domain import FEATURES, DriftMonitor
 
@@ -54,7 +54,9 @@ def test_ks_matches_the_empirical_cdf_distance() -> None:
     rng = np.random.default_rng(11)
     a, b = rng.normal(0, 1, 300), rng.normal(0.5, 1, 400)
     grid = np.sort(np.concatenate([a, b]))
-    ecdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
+    def ecdf(x: np.ndarray) -> np.ndarray:
+        return np.searchsorted(np.sort(x), grid, side="right") / len(x)
+
     stat, p = stats.ks(a, b)
     assert stat == pytest.approx(float(np.max(np.abs(ecdf(a) - ecdf(b)))))
     assert p < 1e-3

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from lockgate.artifacts import canonical_bytes
 from lockgate.ids import content_hash
-
 from services.evaluator import domain
 from services.evaluator.domain import Case, CaseResult, SuiteError
 

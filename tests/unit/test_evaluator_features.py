@@ -7,8 +7,8 @@ import math
 
 import msgspec
 import pytest
-from lockgate.contracts.evals import EvalProgress
 
+from lockgate.contracts.evals import EvalProgress
 from services.evaluator import domain, judge, pricing, progress, recorded, summary
 from services.evaluator.cache import request_key
 from services.evaluator.domain import CaseResult, SuiteError

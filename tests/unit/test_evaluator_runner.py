@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 from aiohttp import web
-from lockgate.errors import UpstreamError
 
+from lockgate.errors import UpstreamError
 from services.evaluator import domain, runner
 
 pytestmark = pytest.mark.timeout(20)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from lockgate.contracts import EvalCompleted
 from lockgate.errors import PolicyError
-
 from services.gatekeeper import domain
 from services.gatekeeper.domain import Rule
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from lockgate.contracts import BaselineComparison, GateDecided, GateReview
 from lockgate.errors import PolicyError
-
 from services.gatekeeper import domain
 from services.gatekeeper.review import apply_review, review_reasons
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lockgate.contracts import BaselineComparison, MetricInterval
 
+from lockgate.contracts import BaselineComparison, MetricInterval
 from services.gatekeeper import domain
 from services.gatekeeper.rules import Evidence
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import pytest
+
 from lockgate.contracts import EvalCompleted, GateDecided, LineageRun, ReleaseRegistered, RolloutState
 from lockgate.queries.lineage import traverse
-
 from services.lineage.domain import Edge, edges_for
 
 pytestmark = pytest.mark.timeout(30)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from lockgate.contracts import GateDecided
 
+from lockgate.contracts import GateDecided
 from services.router import domain
 from services.router.domain import CanaryRequest, InvalidRollout, Route, Target
 

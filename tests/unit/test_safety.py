@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from lockgate.errors import ConfigError
 
+from lockgate.errors import ConfigError
 from services.evaluator.safety import (
     Probe,
     ProbeSetError,

@@ -7,8 +7,8 @@ from functools import cache
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from lockgate.errors import ConfigError, LockgateError
 
+from lockgate.errors import ConfigError, LockgateError
 from services.evaluator import scorers
 from services.evaluator.scorers import SCORERS, extract_number, get_scorer, rouge_l_f, validate_json
 

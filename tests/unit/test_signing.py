@@ -7,6 +7,7 @@ from pathlib import Path
 
 import msgspec
 import pytest
+
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, RuleResult
 from lockgate.errors import ConfigError, SignatureError

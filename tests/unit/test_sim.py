@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
 from lockgate.errors import ConfigError
 from lockgate.sim import ModelSpec, SimConfig, SimServer, count_tokens, load_config
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lockgate.errors import LockgateError
 from scipy import stats as sps
 
+from lockgate.errors import LockgateError
 from services.evaluator.stats import (
     InsufficientData,
     Interval,

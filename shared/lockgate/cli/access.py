@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import msgspec
 import nats
 import nats.errors
 
+from lockgate.bus import Bus
 from lockgate.config import Settings
 from lockgate.errors import ConfigError, LockgateError, NotFound, StoreUnavailable
 from lockgate.queries import registry
 from lockgate.subjects import Subjects
 
+T = TypeVar("T")
 _ERRORS = {"NotFound": NotFound, "ConfigError": ConfigError, "StoreUnavailable": StoreUnavailable}
 
 
@@ -37,6 +40,20 @@ def query(settings: Settings, name: str, direct: bool = False, **args: Any) -> A
     return registry.run(store, name, args)
 
 
+def with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]]) -> T:
+    """Run `work` with a connected Bus (a short-lived CLI connection) and return its result."""
+
+    async def run() -> T:
+        bus = Bus(settings.nats_url, Subjects(settings.prefix), name="lockgate-cli")
+        await bus.connect()
+        try:
+            return await work(bus)
+        finally:
+            await bus.close()
+
+    return asyncio.run(run())
+
+
 class _NoStack(Exception):
     pass
 
@@ -45,7 +62,7 @@ async def _over_nats(settings: Settings, name: str, args: dict[str, Any]) -> Any
     try:
         nc = await nats.connect(settings.nats_url, connect_timeout=1, max_reconnect_attempts=0,
                                 allow_reconnect=False)
-    except (OSError, nats.errors.Error, asyncio.TimeoutError):
+    except (TimeoutError, OSError, nats.errors.Error):
         raise _NoStack from None
     try:
         msg = await nc.request(Subjects(settings.prefix).query,

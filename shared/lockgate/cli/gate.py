@@ -7,14 +7,14 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import msgspec
 
 from lockgate.bus import Bus
+from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, table
 from lockgate.codec import Codec, encode
@@ -22,9 +22,8 @@ from lockgate.config import Settings
 from lockgate.contracts import GateDecided, GateReview
 from lockgate.errors import LockgateError, NotFound, SignatureError
 from lockgate.signing import Keyring, public_pem, trusted_paths
-from lockgate.subjects import Subjects, token
+from lockgate.subjects import token
 
-T = TypeVar("T")
 _decided: Codec[GateDecided] = Codec(GateDecided)
 
 
@@ -32,16 +31,6 @@ class ReviewRefused(LockgateError):
     """An approval or rejection that the gate would not accept (nothing pending, or no answer)."""
 
 
-def _with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]]) -> T:
-    async def run() -> T:
-        bus = Bus(settings.nats_url, Subjects(settings.prefix), name="lockgate-cli")
-        await bus.connect()
-        try:
-            return await work(bus)
-        finally:
-            await bus.close()
-
-    return asyncio.run(run())
 
 
 async def current_decision(bus: Bus, release: str) -> GateDecided:
@@ -113,7 +102,7 @@ def _verify(settings: Settings, release: str | None, path: str | None,
         dec = d or await current_decision(bus, release or "")
         return dec, (await _keyring(bus, settings, keys)).verify(dec)
 
-    return _with_bus(settings, work)
+    return with_bus(settings, work)
 
 
 def register(cli: click.Group) -> None:
@@ -130,7 +119,7 @@ def register(cli: click.Group) -> None:
     @handle_errors
     def explain(ctx: click.Context, release: str, as_json: bool) -> None:
         """The latest decision for RELEASE, rule by rule, with hints."""
-        d = _with_bus(ctx.obj["settings"], lambda bus: current_decision(bus, release))
+        d = with_bus(ctx.obj["settings"], lambda bus: current_decision(bus, release))
         if as_json:
             emit_json(json.loads(encode(d)))
             return
@@ -160,7 +149,7 @@ def register(cli: click.Group) -> None:
         @handle_errors
         def review(ctx: click.Context, release: str, reason: str, actor: str, timeout_s: float,
                    as_json: bool) -> None:
-            new = _with_bus(ctx.obj["settings"], lambda bus: request_review(bus, release, action, actor, reason, timeout_s))
+            new = with_bus(ctx.obj["settings"], lambda bus: request_review(bus, release, action, actor, reason, timeout_s))
             if as_json:
                 emit_json(json.loads(encode(new)))
             else:
@@ -194,7 +183,7 @@ def register(cli: click.Group) -> None:
     @handle_errors
     def keys_cmd(ctx: click.Context) -> None:
         """Print the public keys the stack's gatekeepers sign with (PEM), for offline `verify --key`."""
-        ring = _with_bus(ctx.obj["settings"], Keyring.from_kv)
+        ring = with_bus(ctx.obj["settings"], Keyring.from_kv)
         if not ring.keys:
             raise NotFound("no signing keys published; is the gatekeeper running?")
         for kid, pub in sorted(ring.keys.items()):

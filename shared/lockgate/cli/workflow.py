@@ -6,31 +6,19 @@ import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 import yaml
 
 from lockgate.bus import Bus
+from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, output
-from lockgate.config import Settings
-from lockgate.subjects import Subjects
 
-T = TypeVar("T")
 KINDS = ["dataset", "prompt", "model_config", "tool", "environment", "eval_suite", "policy"]
 
 
-def _with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]]) -> T:
-    async def run() -> T:
-        bus = Bus(settings.nats_url, Subjects(settings.prefix), name="lockgate-cli")
-        await bus.connect()
-        try:
-            return await work(bus)
-        finally:
-            await bus.close()
-
-    return asyncio.run(run())
 
 
 def register(cli: click.Group) -> None:
@@ -51,7 +39,7 @@ def register(cli: click.Group) -> None:
         """Register a file as an artifact version; prints its hash."""
         from lockgate import artifacts
 
-        event = _with_bus(ctx.obj["settings"], lambda bus: artifacts.register_file(bus, kind, path, name=name))
+        event = with_bus(ctx.obj["settings"], lambda bus: artifacts.register_file(bus, kind, path, name=name))
         row = {"kind": event.kind, "name": event.name, "hash": event.hash, "size": event.size}
         output([row], as_json)
 
@@ -77,7 +65,7 @@ def register(cli: click.Group) -> None:
             if not sep or "/" not in key or not value.startswith("sha256:"):
                 raise ConfigError(f"--artifact {pair!r} must look like kind/name=sha256:<hex>")
             arts[key] = value
-        _with_bus(ctx.obj["settings"], lambda bus: artifacts.register_release(bus, name, app, arts, parent=parent))
+        with_bus(ctx.obj["settings"], lambda bus: artifacts.register_release(bus, name, app, arts, parent=parent))
         console.print(f"release {name} recorded with {len(arts)} artifacts")
 
     @cli.group("eval")
@@ -100,7 +88,7 @@ def register(cli: click.Group) -> None:
     def eval_run(ctx: click.Context, suite: str, candidate: str, baseline: str, endpoint: str, model: str,
                  policy_path: str | None, concurrency: int, timeout_s: float, as_json: bool) -> None:
         """Register a suite (and its JSONL dataset), run it through the evaluator, wait for the result."""
-        result = _with_bus(ctx.obj["settings"], lambda bus: _eval(
+        result = with_bus(ctx.obj["settings"], lambda bus: _eval(
             bus, Path(suite), candidate, baseline, endpoint, model, policy_path, concurrency, timeout_s))
         if as_json:
             emit_json(result)
@@ -117,7 +105,7 @@ def register(cli: click.Group) -> None:
         """Run the demo against a running stack (`lockgate up` in another terminal)."""
         from lockgate.demo import run_demo
 
-        _with_bus(ctx.obj["settings"], lambda bus: run_demo(bus, router_url=router_url, sim_url=sim_url,
+        with_bus(ctx.obj["settings"], lambda bus: run_demo(bus, router_url=router_url, sim_url=sim_url,
                                                              console=console, traffic=traffic))
 
 
@@ -167,7 +155,7 @@ async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpo
     from lockgate.errors import ConfigError, LockgateError
     from lockgate.ids import uuid7
 
-    doc = yaml.safe_load(suite_path.read_text())
+    doc = yaml.safe_load(await asyncio.to_thread(suite_path.read_text))
     if not isinstance(doc, dict):
         raise ConfigError(f"{suite_path}: an eval suite must be a YAML mapping")
     dataset = doc.get("dataset")
