@@ -115,9 +115,22 @@ def decide_eval(policy: Policy | None, policy_error: str, done: EvalCompleted, *
                              baseline_artifacts) if policy.review else []
     out = decide(policy, evidence_of(done), prior_errors=prior_errors, review=reasons)
     if done.warnings:
-        out = Outcome(out.decision, out.rules, f"{out.reason}; evaluator warnings: {'; '.join(done.warnings)}",
+        out = Outcome(out.decision, out.rules, f"{out.reason}; {summarise_warnings(done.warnings)}",
                       out.review_required, out.errored)
     return out
+
+
+def summarise_warnings(warnings: list[str]) -> str:
+    """'metric: text' warnings grouped by text, so one small-sample warning is not repeated per metric."""
+    by_text: dict[str, list[str]] = {}
+    for w in warnings:
+        metric, sep, text = w.partition(": ")
+        if not sep:
+            metric, text = "", w
+        by_text.setdefault(text, []).append(metric)
+    parts = [f"{text} ({', '.join(m for m in metrics if m)})" if any(metrics) else text
+             for text, metrics in by_text.items()]
+    return "evaluator warning" + ("s" if len(parts) > 1 else "") + ": " + "; ".join(parts)
 
 
 def decision_id(eval_event_id: str) -> str:

@@ -60,7 +60,9 @@ def edges_for(event: LineageEvent) -> list[Edge]:
         case LineageRun():
             rk = run_kind(event.kind)
             out = [Edge(event.run_id, rk, i, node_kind_guess(i), "used") for i in event.inputs]
-            out += [Edge(event.run_id, rk, o, node_kind_guess(o), "produced") for o in event.outputs]
+            # a run listing itself as an output adds nothing but a self-loop
+            out += [Edge(event.run_id, rk, o, node_kind_guess(o), "produced") for o in event.outputs
+                    if o != event.run_id]
             if event.release:
                 out.append(Edge(event.release, "release", event.run_id, rk, "ran"))
             return out

@@ -164,12 +164,13 @@ async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
         sent = await asyncio.wait_for(_traffic(http, router_url, promoted, traffic, traces), 300)
     await sub.unsubscribe()
     for state in rollouts:
+        reason = state.reason.split("; evaluator warning")[0]  # the full text is in `lockgate gate explain`
         say(f"   {state.phase:<12} canary={state.canary_release or '-':<12} weight={state.canary_weight:>5.1f}%  "
-            f"{state.reason}")
+            f"{reason}")
     say(f"   sent {sent} requests through the router ({router_url})")
 
     say("\n[bold]5. Look deeper[/bold]")
-    for cmd in (f"lockgate decisions --release {BAD}",
+    for cmd in (f"lockgate gate explain {BAD}", "lockgate decisions",
                 f"lockgate lineage {GOOD}", f"lockgate traces --release {GOOD}",
                 f"lockgate traces {traces[0]}" if traces else "lockgate traces",
                 f"lockgate drift --deployment {DEPLOYMENT}", "lockgate cost --by app,deployment,model",

@@ -127,3 +127,12 @@ def test_decision_id_is_deterministic_uuid7_and_time_ordered_like_its_eval() -> 
     assert ida == domain.decision_id(a.id) and ida != idb
     assert uuid.UUID(ida).version == 7 and uuid.UUID(ida).int >> 80 == uuid.UUID(a.id).int >> 80
     assert uuid.UUID(domain.decision_id("not-a-uuid")).version == 7
+
+
+def test_evaluator_warnings_are_grouped_not_repeated_per_metric() -> None:
+    from services.gatekeeper.domain import summarise_warnings
+
+    text = "sample too small: 20 cases detect a change of 0.32"
+    out = summarise_warnings([f"exact_match: {text}", f"score: {text}", "no baseline run found"])
+    assert out.count(text) == 1
+    assert "(exact_match, score)" in out and "no baseline run found" in out
