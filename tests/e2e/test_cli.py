@@ -70,6 +70,10 @@ def test_demo_then_query_everything(stack: dict[str, str]) -> None:
     count = json.loads(run("sql", "SELECT count() AS n FROM inference_events", "--json", env=stack).stdout)
     assert count[0]["n"] >= 300
 
+    health = json.loads(run("status", "--json", env=stack).stdout)
+    assert {s["role"] for s in health["streams"]} == {"inference", "events", "telemetry", "dlq"}
+    assert any(c["consumer"] == "lg_sink_inference" for c in health["consumers"])
+
 
 def test_cli_errors_are_one_line_with_an_exit_code(stack: dict[str, str]) -> None:
     bad = run("traces", "not-a-trace-id", env=stack, check=False)

@@ -208,9 +208,10 @@ def schema(out: str | None) -> None:
 
 
 def _register_subcommands() -> None:
-    from lockgate.cli import gate, stack, workflow
+    from lockgate.cli import gate, stack, status, workflow
 
     stack.register(cli)
+    status.register(cli)
     workflow.register(cli)
     gate.register(cli)
 

@@ -1,0 +1,27 @@
+"""`lockgate status` reads backlog and dead letters straight from JetStream."""
+
+from __future__ import annotations
+
+import pytest
+
+from lockgate.bus import Bus
+from lockgate.contracts import InferenceEvent
+from lockgate.queries.status import status
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def test_status_shows_backlog_and_dead_letters_by_origin(run_services, bus: Bus) -> None:
+    svcs = await run_services("sink")
+    await bus.publish(bus.subjects.inference("shop"), [InferenceEvent(app="shop") for _ in range(5)])
+    await bus.publish(bus.subjects.inference("shop"), b"{broken", msg_id="poison")
+    sink = svcs["sink"].handlers
+    await sink.events.wait_for(5)
+    await sink.dead_letters.wait_for(1)
+
+    report = await status(bus)
+    by_role = {s["role"]: s for s in report["streams"]}
+    assert by_role["inference"]["messages"] == 2
+    consumer = next(c for c in report["consumers"] if c["consumer"] == bus.subjects.durable("sink", "inference"))
+    assert consumer["pending"] == 0
+    assert report["dead_letters"] == [{"origin": "sink", "dead_letters": 1}]
