@@ -21,6 +21,7 @@ class Cached(msgspec.Struct, frozen=True):
     latency_ms: float
     input_tokens: int = 0
     output_tokens: int = 0
+    logprobs: tuple[float, ...] | None = None
 
 
 def request_key(endpoint: str, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:

@@ -9,7 +9,10 @@ from typing import Literal
 import msgspec
 import numpy as np
 
-from .stats import InsufficientData
+from .stats import InsufficientData, Interval
+
+# Keep each resampling block near 4M cells however many cases there are.
+_BLOCK_CELLS = 4_000_000
 
 
 class CalibrationBin(msgspec.Struct, frozen=True):
@@ -36,6 +39,11 @@ def _pairs(confidences: Sequence[float], correct: Sequence[bool | float]) -> tup
     return p, y
 
 
+def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
+    # Round first: 0.7 * 10 is 7.000000000000001 in floating point and must stay in (0.6, 0.7].
+    return np.clip(np.ceil(np.round(p * n_bins, 9)).astype(int) - 1, 0, n_bins - 1)
+
+
 def reliability_bins(
     confidences: Sequence[float], correct: Sequence[bool | float], n_bins: int = 10
 ) -> list[CalibrationBin]:
@@ -43,8 +51,7 @@ def reliability_bins(
     if n_bins < 1:
         raise InsufficientData(f"n_bins must be at least 1, got {n_bins}")
     p, y = _pairs(confidences, correct)
-    # Round first: 0.7 * 10 is 7.000000000000001 in floating point and must stay in (0.6, 0.7].
-    idx = np.clip(np.ceil(np.round(p * n_bins, 9)).astype(int) - 1, 0, n_bins - 1)
+    idx = _bin_index(p, n_bins)
     bins = []
     for b in range(n_bins):
         mask = idx == b
@@ -68,6 +75,42 @@ def expected_calibration_error(
     bins = reliability_bins(confidences, correct, n_bins)
     n = sum(b.count for b in bins)
     return float(sum(b.count / n * abs(b.accuracy - b.confidence) for b in bins))
+
+
+def ece_interval(
+    confidences: Sequence[float], correct: Sequence[bool | float], groups: Sequence[str], n_bins: int = 10,
+    *, confidence: float = 0.95, n_resamples: int = 2000, seed: int = 0,
+) -> Interval:
+    """Percentile-bootstrap CI of the ECE, resampling groups (cases) so repeats of a case move together.
+
+    With fewer than two groups the bounds are NaN: there is nothing to resample.
+    """
+    if not 0 < confidence < 1:
+        raise InsufficientData(f"confidence must be between 0 and 1, got {confidence}")
+    p, y = _pairs(confidences, correct)
+    if len(groups) != p.size:
+        raise InsufficientData(f"ece_interval needs one group per confidence (got {len(groups)} and {p.size})")
+    est = expected_calibration_error(p, y, n_bins)
+    _, g = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    k = int(g.max()) + 1
+    if k < 2:
+        return Interval(est, math.nan, math.nan, confidence, "percentile", int(p.size))
+    # ECE = sum over bins of |sum(y) - sum(p)| / n, so per-group bin sums are all a resample needs.
+    diff = np.zeros((k, n_bins))
+    np.add.at(diff, (g, _bin_index(p, n_bins)), y - p)
+    rows = np.bincount(g, minlength=k).astype(float)
+    rng = np.random.default_rng(seed)
+    boot = np.empty(n_resamples)
+    block = max(1, _BLOCK_CELLS // k)
+    for start in range(0, n_resamples, block):
+        r = min(block, n_resamples - start)
+        draws = rng.integers(0, k, size=(r, k)) + (np.arange(r) * k)[:, None]
+        times = np.bincount(draws.ravel(), minlength=r * k).reshape(r, k).astype(float)
+        boot[start : start + r] = np.abs(times @ diff).sum(axis=1) / (times @ rows)
+    alpha = 1 - confidence
+    low, high = np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    # ECE is biased upward, so resamples can sit above the estimate; the interval still contains it.
+    return Interval(est, float(min(low, est)), float(max(high, est)), confidence, "percentile", int(p.size))
 
 
 def brier_score(confidences: Sequence[float], correct: Sequence[bool | float]) -> float:

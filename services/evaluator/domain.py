@@ -52,6 +52,20 @@ class TaskSpec:
 
 
 @dataclass(frozen=True)
+class CalibrationSpec:
+    """Where each case's confidence comes from, which scorer decides correctness, and the ECE bins."""
+
+    confidence: str  # "logprobs", or "field:<name>" of a JSON output
+    scorer: str
+    bins: int = 10
+
+    @property
+    def json_field(self) -> str:
+        """The JSON field holding the confidence ("" for logprobs)."""
+        return self.confidence.removeprefix("field:") if self.confidence.startswith("field:") else ""
+
+
+@dataclass(frozen=True)
 class Suite:
     """A validated eval suite. `dataset` is an artifact hash or inline cases."""
 
@@ -66,6 +80,7 @@ class Suite:
     rate_limit_rps: float = 0.0  # 0: unlimited
     task: TaskSpec = TaskSpec()
     price_book: str = ""  # artifact hash of a price book; "" uses the configured one
+    calibration: CalibrationSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -137,11 +152,40 @@ def parse_suite(raw: Any) -> Suite:
     price_book = raw.get("price_book") or ""
     if not isinstance(price_book, str) or (price_book and not price_book.startswith("sha256:")):
         raise SuiteError(f"suite.price_book: expected an artifact hash 'sha256:...', got {price_book!r}")
+    scorers = _parse_scorers(_need(raw, "scorers", list, "suite"))
+    task = _parse_task(raw.get("task"))
     return Suite(
         name=name, template=template, system=system, model=model, dataset=parsed_dataset,
-        scorers=_parse_scorers(_need(raw, "scorers", list, "suite")), repeats=repeats, margin=float(margin),
-        rate_limit_rps=float(rps), task=_parse_task(raw.get("task")), price_book=price_book,
+        scorers=scorers, repeats=repeats, margin=float(margin),
+        rate_limit_rps=float(rps), task=task, price_book=price_book,
+        calibration=_parse_calibration(raw.get("calibration"), scorers, task),
     )
+
+
+def _parse_calibration(raw: Any, scorers: tuple[ScorerSpec, ...], task: TaskSpec) -> CalibrationSpec | None:
+    if raw is None:
+        return None
+    where = "suite.calibration"
+    if not isinstance(raw, Mapping):
+        raise SuiteError(f"{where}: expected a mapping with 'confidence', got {type(raw).__name__}")
+    unknown = sorted(set(raw) - {"confidence", "scorer", "bins"})
+    if unknown:
+        raise SuiteError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
+                         "allowed: confidence, scorer, bins")
+    source = _need(raw, "confidence", str, where)
+    if source != "logprobs" and not (source.startswith("field:") and source.removeprefix("field:").strip()):
+        raise SuiteError(f"{where}.confidence: expected 'logprobs' or 'field:<name>', got {source!r}")
+    if source == "logprobs" and task.type == "recorded":
+        raise SuiteError(f"{where}.confidence: 'logprobs' needs task type 'call' (recorded outputs carry no "
+                         "logprobs); use 'field:<name>'")
+    names = [s.name for s in scorers]
+    scorer = raw.get("scorer", names[0])
+    if scorer not in names:
+        raise SuiteError(f"{where}.scorer: expected one of the suite's scorers ({', '.join(names)}), got {scorer!r}")
+    bins = raw.get("bins", 10)
+    if not isinstance(bins, int) or isinstance(bins, bool) or not 1 <= bins <= 100:
+        raise SuiteError(f"{where}.bins: expected an integer from 1 to 100, got {bins!r}")
+    return CalibrationSpec(confidence=source, scorer=scorer, bins=bins)
 
 
 def _parse_task(raw: Any) -> TaskSpec:
@@ -352,8 +396,3 @@ def case_rows(run_id: str, release: str, results: Sequence[CaseResult], now: dat
          json.dumps(r.details, sort_keys=True) if r.details else ""]
         for r in results
     ]
-
-
-def chunks(rows: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    """Fixed-size batches, so the same results always give the same batches (and insert tokens)."""
-    return [rows[i : i + size] for i in range(0, len(rows), size)]

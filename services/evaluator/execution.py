@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from lockgate import artifacts
 from lockgate.contracts import EvalCompleted, EvalRequested, LineageRun
 from lockgate.errors import ConfigError, NotFound
 from lockgate.service import ServiceContext
-from services.evaluator import domain, judge, persist, pricing, recorded, runner, summary
+from services.evaluator import calibrated, domain, judge, persist, pricing, recorded, runner, summary
 from services.evaluator.cache import ResponseCache
 from services.evaluator.progress import Ticker
 from services.evaluator.ratelimit import TokenBucket
@@ -130,7 +131,8 @@ class Execution:
             return await runner.judge_results(made, judge_hook, concurrency=req.concurrency, on_result=on_result,
                                               stopping=self.stopping)
         bucket = TokenBucket(suite.rate_limit_rps) if suite.rate_limit_rps else None
-        call = Upstream(self.session, req.endpoint, req.model or suite.model, policy, cache, bucket)
+        target = Upstream(self.session, req.endpoint, req.model or suite.model, policy, cache, bucket)
+        call = functools.partial(target, params=calibrated.request_params(suite))
         return await runner.run_cases(suite, cases, call, concurrency=req.concurrency, skip=skip,
                                       on_result=on_result, judge=judge_hook, stopping=self.stopping)
 
@@ -158,6 +160,9 @@ class Execution:
             warnings.append(f"llm_judge: {unparsed} replies without a readable score; {failed} cases got none "
                             "(scored 0)")
         metrics = domain.aggregate(suite, results, costs)
+        calibration_metrics, calibration_warnings = calibrated.metrics(suite, results)
+        metrics.update(calibration_metrics)
+        warnings.extend(calibration_warnings)
         # Resampling is CPU work: off the loop so the heartbeat keeps beating.
         intervals = await asyncio.to_thread(summary.intervals, suite, results, costs)
         outcome = Outcome(status="completed", results=results, metrics=metrics, intervals=intervals,

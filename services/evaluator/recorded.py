@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from services.evaluator import domain
+from services.evaluator import calibrated, domain
 
 
 def index(events: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
@@ -45,7 +45,8 @@ def results(suite: domain.Suite, cases: Sequence[domain.Case], events: Sequence[
             text = str(e["response"])
             out.append(domain.CaseResult(
                 case_id=case.id, repeat=r, input=prompt, expected=case.expected, output=text,
-                scores=domain.score(suite, text, case.expected, case_id=case.id),
+                scores=calibrated.with_confidence(suite, domain.score(suite, text, case.expected, case_id=case.id),
+                                                  text, None),
                 latency_ms=float(e.get("latency_ms") or 0.0), input_tokens=int(e.get("input_tokens") or 0),
                 output_tokens=int(e.get("output_tokens") or 0), details={"event_id": str(e.get("id", ""))}))
     return out

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from lockgate.errors import LockgateError, UpstreamError
-from services.evaluator import domain
+from services.evaluator import calibrated, domain
 
 T = TypeVar("T")
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -26,6 +26,7 @@ class Completion:
     input_tokens: int = 0
     output_tokens: int = 0
     cached: bool = False
+    logprobs: tuple[float, ...] | None = None  # token logprobs, when asked for and returned
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,18 @@ async def _call(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
     return Completion(
         text=str(text), latency_ms=latency_ms,
         input_tokens=int(usage.get("prompt_tokens") or 0), output_tokens=int(usage.get("completion_tokens") or 0),
+        logprobs=_token_logprobs(payload),
     )
+
+
+def _token_logprobs(payload: Any) -> tuple[float, ...] | None:
+    """choices[0].logprobs.content[*].logprob (OpenAI shape), or None when absent or malformed."""
+    try:
+        content = payload["choices"][0]["logprobs"]["content"]
+        values = tuple(float(t["logprob"]) for t in content)
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return values or None
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -169,7 +181,9 @@ async def run_cases(
                                      error=exc.message)
         result = domain.CaseResult(
             case_id=case.id, repeat=repeat, input=prompt, expected=case.expected, output=done.text,
-            scores=domain.score(suite, done.text, case.expected, case_id=case.id), latency_ms=done.latency_ms,
+            scores=calibrated.with_confidence(suite, domain.score(suite, done.text, case.expected, case_id=case.id),
+                                              done.text, done.logprobs),
+            latency_ms=done.latency_ms,
             input_tokens=done.input_tokens, output_tokens=done.output_tokens,
             details={"cached": True} if done.cached else {},
         )

@@ -7,7 +7,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from lockgate.contracts import BaselineComparison, MetricInterval
-from services.evaluator import stats
+from services.evaluator import calibrated, calibration, stats
 from services.evaluator.domain import JUDGE_AGREEMENT, CaseResult, Suite, case_scores, passes
 
 # 2,000 resamples keep a 95% interval's Monte Carlo error well under its width and cost ~10 ms at n=1,000.
@@ -67,7 +67,19 @@ def intervals(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float
             estimate=per_case.estimate * n, low=None if per_case.low is None else per_case.low * n,
             high=None if per_case.high is None else per_case.high * n, confidence=per_case.confidence,
             method=per_case.method, n=n)
+    out.update(_calibration(suite, results))
     return out
+
+
+def _calibration(suite: Suite, results: Sequence[CaseResult]) -> dict[str, MetricInterval]:
+    """ece (percentile bootstrap over cases) and brier (bootstrap of the mean) where rows have a confidence."""
+    p = calibrated.pairs(suite, results)
+    if suite.calibration is None or not p.confidences:
+        return {}
+    squared = [(c - float(y)) ** 2 for c, y in zip(p.confidences, p.correct, strict=True)]
+    ece = calibration.ece_interval(p.confidences, p.correct, [r.case_id for r in p.rows], suite.calibration.bins,
+                                   n_resamples=RESAMPLES)
+    return {"ece": _from(ece), "brier": _mean(p.rows, squared)}
 
 
 def _pairs(candidate: Sequence[CaseResult], baseline: Sequence[CaseResult]

@@ -37,13 +37,14 @@ class Upstream:
             hit = await self.cache.get(key)
             if hit is not None:
                 return runner.Completion(text=hit.text, latency_ms=hit.latency_ms, input_tokens=hit.input_tokens,
-                                         output_tokens=hit.output_tokens, cached=True)
+                                         output_tokens=hit.output_tokens, cached=True, logprobs=hit.logprobs)
         if self.bucket is not None:
             await self.bucket.acquire()
         self.calls += 1
         done = await runner.complete(self.session, self.endpoint, self.model, messages, self.policy, params)
         if self.cache is not None:
-            self.cache.put(key, Cached(done.text, done.latency_ms, done.input_tokens, done.output_tokens))
+            self.cache.put(key, Cached(done.text, done.latency_ms, done.input_tokens, done.output_tokens,
+                                       done.logprobs))
         return done
 
 

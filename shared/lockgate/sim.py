@@ -35,6 +35,7 @@ class ModelSpec(msgspec.Struct, kw_only=True):
     jitter_ms: float = 0.0
     error_rate: float = 0.0
     ttft_ms: float = 0.0
+    logprob: float = -0.1  # the natural-log probability reported for every token when `logprobs` is asked
 
     def __post_init__(self) -> None:
         # msgspec turns these into ValidationErrors naming the field path.
@@ -43,6 +44,8 @@ class ModelSpec(msgspec.Struct, kw_only=True):
         for name in ("latency_ms", "jitter_ms", "ttft_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
+        if not self.logprob <= 0:
+            raise ValueError(f"logprob must be <= 0 (a natural-log probability), got {self.logprob}")
 
 
 class SimConfig(msgspec.Struct, kw_only=True):
@@ -79,6 +82,17 @@ def _text(content: Any) -> str:
     if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
         return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
     return ""
+
+
+def _pieces(answer: str) -> list[str]:
+    """The answer as simulated tokens: one per word, later words with their leading space."""
+    return [w if i == 0 else " " + w for i, w in enumerate(answer.split(" "))] if answer else []
+
+
+def _logprobs(pieces: list[str], logprob: float) -> dict[str, Any]:
+    """OpenAI's choices[].logprobs: one {token, logprob, bytes, top_logprobs} per token."""
+    return {"content": [{"token": t, "logprob": logprob, "bytes": list(t.encode()), "top_logprobs": []}
+                        for t in pieces]}
 
 
 def _error(status: int, message: str, type_: str, code: str | None = None) -> web.Response:
@@ -186,11 +200,13 @@ class SimServer:
             "completion_tokens": count_tokens(answer),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        logprob = model.spec.logprob if body.get("logprobs") is True else None
         meta = {"id": "chatcmpl-" + uuid7().replace("-", "")[:24], "created": int(time.time()), "model": model.name}
         if body.get("stream"):
             opts = body.get("stream_options") or {}
             include_usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
-            return await self._stream(request, model, meta, answer, finish, usage, delay, failed, include_usage)
+            return await self._stream(request, model, meta, answer, finish, usage, delay, failed, include_usage,
+                                      logprob)
         if delay:
             await asyncio.sleep(delay)
         if failed:
@@ -199,7 +215,8 @@ class SimServer:
             **meta,
             "object": "chat.completion",
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "logprobs": None, "finish_reason": finish}],
+                         "logprobs": None if logprob is None else _logprobs(_pieces(answer), logprob),
+                         "finish_reason": finish}],
             "usage": usage,
         })
 
@@ -214,6 +231,7 @@ class SimServer:
         delay: float,
         failed: bool,
         include_usage: bool,
+        logprob: float | None = None,
     ) -> web.StreamResponse:
         ttft = model.spec.ttft_ms / 1000.0
         if ttft:
@@ -222,8 +240,7 @@ class SimServer:
             return _error(500, "The simulated server had an error processing your request", "server_error")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
-        words = answer.split(" ")
-        pieces = [w if i == 0 else " " + w for i, w in enumerate(words)] if answer else []
+        pieces = _pieces(answer)
         # the rest of the latency is spread over the tokens after the first
         gap = max(0.0, delay - ttft) / max(1, len(pieces) - 1) if len(pieces) > 1 else 0.0
 
@@ -235,7 +252,10 @@ class SimServer:
         for i, piece in enumerate(pieces):
             if i and gap:
                 await asyncio.sleep(gap)
-            await send([{"index": 0, "delta": {"content": piece}, "finish_reason": None}])
+            choice: dict[str, Any] = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+            if logprob is not None:
+                choice["logprobs"] = _logprobs([piece], logprob)
+            await send([choice])
         await send([{"index": 0, "delta": {}, "finish_reason": finish}])
         if include_usage:
             await send([], usage=usage)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -165,6 +166,39 @@ async def test_recorded_task_scores_inference_events_without_calls(
     cases = {c["case_id"]: c for c in eval_cases(store, req.run_id)}
     assert cases["c04"]["error"] == "no recorded response for this prompt in shop/r7"
     assert cases["c01"]["output"] == "wrong"
+
+
+async def test_calibration_from_logprobs_gives_ece_and_brier(
+    bus: Bus, store: Store, run_services: Callable[..., Any], results: Callable[[str], Any]
+) -> None:
+    # Every third answer is wrong and case 29 comes back empty (no tokens, so no logprobs, no confidence).
+    table = {**answers(wrong=set(range(0, N, 3))), CASES[29]["input"]: ""}
+    suite = await register_suite(bus, calibration={"confidence": "logprobs", "scorer": "exact_match"})
+    async with SimServer(SimConfig(models={"m": ModelSpec(answers=table, logprob=-0.2)})) as sim:
+        await run_services("evaluator")
+        req = request(suite=suite, endpoint=sim.url, model="m")
+        await bus.publish(bus.subjects.eval_requested, req)
+        done = await results(req.run_id)
+        again = request(suite=suite, endpoint=sim.url, model="m")
+        await bus.publish(bus.subjects.eval_requested, again)
+        rerun = await results(again.run_id)
+        assert sim.requests == {"m": N}  # the re-run came from the cache, logprobs included
+
+    # Hand computation over the 29 cases with a confidence: each is exp(-0.2) (geometric mean of equal
+    # token probabilities), all in one bin; 19 are right, 10 wrong.
+    p = math.exp(-0.2)
+    assert done.status == "completed"
+    assert done.metrics["ece"] == pytest.approx(abs(19 / 29 - p))
+    assert done.metrics["brier"] == pytest.approx((19 * (1 - p) ** 2 + 10 * p**2) / 29)
+    for name in ("ece", "brier"):
+        iv = done.intervals[name]
+        assert iv.estimate == pytest.approx(done.metrics[name]) and iv.n == 29
+        assert iv.low is not None and iv.high is not None and iv.low <= iv.estimate <= iv.high
+    assert "calibration: 1 cases had no confidence; ece and brier are over the other 29" in done.warnings
+    assert rerun.metrics == done.metrics
+    cases = {c["case_id"]: c for c in eval_cases(store, req.run_id)}
+    assert cases["c01"]["scores"]["confidence"] == pytest.approx(p)
+    assert "confidence" not in cases["c29"]["scores"]
 
 
 @contextlib.asynccontextmanager

@@ -155,14 +155,6 @@ def test_aggregate_without_successes_has_no_latency_and_a_failure_summary() -> N
     assert domain.aggregate(suite, []) == {"n": 0.0}
 
 
-def test_case_rows_are_in_column_order_and_chunks_are_stable() -> None:
-    r = CaseResult(case_id="a", repeat=1, input="Q", expected={"k": 1}, output="o", scores={"exact_match": 1.0},
-                   latency_ms=3.5, input_tokens=2, output_tokens=1)
-    row = domain.case_rows("run", "rel", [r], now=None)[0]  # type: ignore[arg-type]
-    assert dict(zip(domain.CASE_COLUMNS, row, strict=True))["expected"] == '{"k": 1}'
-    assert [len(c) for c in domain.chunks(list(range(7)), 3)] == [3, 3, 1]
-
-
 def test_fixture_suite_is_valid_and_its_dataset_hash_is_current() -> None:
     suite = domain.parse_suite(yaml.safe_load((FIXTURES / "suites" / "qa.yaml").read_text()))
     raw = (FIXTURES / "suites" / "qa.jsonl").read_bytes()

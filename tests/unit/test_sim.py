@@ -57,6 +57,26 @@ async def test_streaming_sse_with_usage_chunk() -> None:
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == count_tokens(text)
 
 
+async def test_logprobs_only_when_asked_in_openai_shape() -> None:
+    config = SimConfig(models={"m": ModelSpec(answers={"q": "it is four"}, logprob=-0.25)})
+    async with SimServer(config) as sim, aiohttp.ClientSession() as s:
+        msgs = [{"role": "user", "content": "q"}]
+        _, plain = await _post(s, sim.url, {"model": "m", "messages": msgs})
+        _, asked = await _post(s, sim.url, {"model": "m", "messages": msgs, "logprobs": True})
+        body = {"model": "m", "messages": msgs, "logprobs": True, "stream": True}
+        async with s.post(f"{sim.url}/chat/completions", json=body) as resp:
+            lines = [ln.decode().strip() async for ln in resp.content if ln.strip()]
+    assert plain["choices"][0]["logprobs"] is None
+    content = asked["choices"][0]["logprobs"]["content"]
+    assert [(t["token"], t["logprob"]) for t in content] == [("it", -0.25), (" is", -0.25), (" four", -0.25)]
+    streamed = [c["choices"][0]["logprobs"]["content"][0]["token"] for c in map(lambda ln: json.loads(ln[6:]), lines[:-1])
+                if c["choices"] and "logprobs" in c["choices"][0]]
+    assert streamed == ["it", " is", " four"]
+    assert ModelSpec().logprob == -0.1
+    with pytest.raises(ValueError, match="logprob must be <= 0"):
+        ModelSpec(logprob=0.5)
+
+
 async def test_unknown_model_is_openai_style_404_and_models_listed() -> None:
     async with SimServer(CONFIG) as sim, aiohttp.ClientSession() as s:
         status, data = await _post(s, sim.url, {"model": "nope", "messages": [{"role": "user", "content": "x"}]})
