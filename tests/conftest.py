@@ -4,6 +4,7 @@ prefix and ClickHouse database per test so tests never see each other's data."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -88,20 +89,15 @@ async def _delete_topology(settings: Settings) -> None:
     nc = await nats.connect(settings.nats_url)
     js = nc.jetstream()
     subjects = Subjects(settings.prefix)
+    # Best-effort cleanup: a test may not have created every stream or bucket.
     for spec in subjects.streams.values():
-        try:
+        with contextlib.suppress(Exception):
             await js.delete_stream(spec.name)
-        except Exception:
-            pass
     for bucket in (subjects.kv_gates, subjects.kv_routes, subjects.kv_keys, subjects.kv_eval_cache):
-        try:
+        with contextlib.suppress(Exception):
             await js.delete_key_value(bucket)
-        except Exception:
-            pass
-    try:
+    with contextlib.suppress(Exception):
         await js.delete_object_store(subjects.object_store)
-    except Exception:
-        pass
     await nc.close()
 
 

@@ -235,8 +235,9 @@ async def test_a_stopped_run_resumes_without_recalling_finished_cases(
         async with evaluator_process(settings, store):
             await bus.publish(bus.subjects.eval_requested, req)
             async with asyncio.timeout(30):
-                while (await ticks.get()).done < 8:
-                    pass
+                finished = 0
+                while finished < 8:  # wait for progress ticks until 8 cases have finished
+                    finished = (await ticks.get()).done
         # Stopped: in-flight cases finished and were stored, nothing else was started.
         stored = len(eval_cases(store, req.run_id))
         assert 8 <= stored < N and sim.requests["m"] == stored

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -24,10 +25,8 @@ def query(settings: Settings, name: str, direct: bool = False, **args: Any) -> A
     """Run a named query. chDB allows one process per data path, so while `lockgate up` runs the
     CLI asks it over NATS; with --clickhouse (or no stack running) it opens ClickHouse itself."""
     if not direct:
-        try:
+        with contextlib.suppress(_NoStack):
             return asyncio.run(_over_nats(settings, name, args))
-        except _NoStack:
-            pass
     from lockgate.store import open_store
 
     try:
@@ -55,7 +54,7 @@ def with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]]) -> T:
 
 
 class _NoStack(Exception):
-    pass
+    """Nothing answers queries at the NATS URL: fall back to opening ClickHouse directly."""
 
 
 async def _over_nats(settings: Settings, name: str, args: dict[str, Any]) -> Any:
