@@ -66,8 +66,7 @@ class Admin:
 
     async def _manual(self, request: web.Request, action: str) -> web.Response:
         try:
-            route = self.rollouts.manual(request.match_info["deployment"], action)
-            await self.rollouts.flush()
+            route = await self.rollouts.manual(request.match_info["deployment"], action)
         except InvalidRollout as exc:
             return error_response(409, exc.message, "conflict")
         except Retryable as exc:

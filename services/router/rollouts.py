@@ -1,12 +1,16 @@
-"""Route table of one router: in-memory state (read on every request), its persistence and the step timer."""
+"""Route table of one router replica: in-memory state (read on every request), kept in step with the
+routes KV bucket (watched; written with compare-and-set), its persistence and the step timer."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import msgspec
 import nats.js.errors
@@ -34,14 +38,33 @@ ROLLOUT_COLUMNS = ("id", "time", "deployment", "stable_release", "canary_release
                    "phase", "step", "reason", "decision_id")
 _route_decoder = msgspec.json.Decoder(Route)
 _gate_codec: Codec[GateDecided] = Codec(GateDecided)
+_MAX_ATTEMPTS = 5
 
 
 class RouterNotReady(Retryable):
     """The router has not restored its routes yet (the decision is redelivered later)."""
 
 
+class RouteContended(Retryable):
+    """Other replicas kept changing the route first (the decision is redelivered later)."""
+
+
+@dataclass
+class _Pending:
+    """A route change not yet fully persisted; revision is set once its KV write has won."""
+
+    route: Route
+    state: RolloutState
+    revision: int | None = None
+
+
 class Rollouts:
-    """Routes by deployment. Changes apply in memory at once; persistence follows in order."""
+    """Routes by deployment. Changes apply in memory at once; persistence follows in order.
+
+    KV is the source of truth shared by replicas: a watch applies every replica's writes here, and
+    writes are compare-and-set on the revision the change was based on, so of two replicas moving
+    the same deployment only one wins and announces it; the loser drops its change and reloads.
+    """
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -53,9 +76,13 @@ class Rollouts:
         self.ready = asyncio.Event()
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()
-        self._outbox: deque[tuple[Route, RolloutState]] = deque()
+        self._outbox: deque[_Pending] = deque()
         self._persist_lock = asyncio.Lock()
-        self._kv = None
+        self._kv: Any = None
+        self._watcher: Any = None
+        self._revisions: dict[str, int] = {}  # KV revision each in-memory route is based on
+        self._unpersisted: Counter[str] = Counter()  # outbox entries per deployment
+        self.conflicts = 0  # changes dropped because another replica's write won
         # Decisions move traffic, so only those signed by a trusted gatekeeper key are acted on.
         self.verifier = Verifier(ctx.bus, s)
 
@@ -80,22 +107,56 @@ class Rollouts:
 
     # lifecycle
     async def restore(self) -> None:
-        """Load persisted routes from KV, then accept decisions."""
-        self._kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_routes)
+        """Load persisted routes by watching the KV bucket (initial values), then accept decisions."""
         try:
-            keys = await self._kv.keys()
-        except nats.js.errors.NoKeysError:
-            keys = []
-        for key in keys:
-            try:
-                entry = await self._kv.get(key)
-                route = _route_decoder.decode(entry.value)
-            except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError) as exc:
-                log.warning("ignoring unreadable route %s: %s", key, exc)
-                continue
-            self.routes[route.deployment] = route
+            self._kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_routes)
+            self._watcher = await self._kv.watchall()
+            while (entry := await self._watcher.updates(timeout=30)) is not None:
+                self._on_entry(entry)
+        except nats.errors.Error as exc:
+            raise BusUnavailable(f"cannot load routes from KV: {exc!r}") from None
         self.ready.set()
         self._wake.set()
+
+    async def run_watch(self) -> None:
+        """Apply route changes written by any replica as they land in KV (runs until close())."""
+        watcher = self._watcher
+        if watcher is None:
+            return
+        async for entry in watcher:
+            if entry is not None:
+                self._on_entry(entry)
+
+    async def close(self) -> None:
+        """Stop watching KV."""
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+
+    def _on_entry(self, entry: Any) -> None:
+        key = entry.key
+        # Our own writes echo back at a known revision; and while we hold unpersisted changes for
+        # a deployment, its compare-and-set settles who wins, so the watch must not move it first.
+        if entry.revision <= self._revisions.get(key, 0) or self._unpersisted[key]:
+            return
+        if entry.operation in ("DEL", "PURGE"):
+            self._set(key, None, entry.revision)
+            return
+        try:
+            route = _route_decoder.decode(entry.value)
+        except msgspec.DecodeError as exc:
+            log.warning("ignoring unreadable route %s: %s", key, exc)
+            return
+        self._set(key, route, entry.revision)
+
+    def _set(self, key: str, route: Route | None, revision: int) -> None:
+        if route is None:
+            self.routes.pop(key, None)
+        else:
+            self.routes[key] = route
+        self._revisions[key] = revision
+        self._notify()
 
     async def run_timer(self) -> None:
         """Advance progressing canaries when their step is due (one loop for all deployments)."""
@@ -124,13 +185,15 @@ class Rollouts:
         """Start a canary; if the gate already decided its release (KV), act on that at once."""
         await self._await_ready()
         s = self.ctx.settings
-        new = domain.start_canary(self.route(deployment), req, default_canary_upstream=s.canary_upstream,
-                                  first_step=self.steps[0])
-        self._apply(new)
         decision = await self._stored_decision(req.canary_release)
-        if decision is not None:
-            self.apply_decision(decision)
-        await self.flush()
+
+        def change() -> None:
+            self._apply(domain.start_canary(self.route(deployment), req, first_step=self.steps[0],
+                                            default_canary_upstream=s.canary_upstream))
+            if decision is not None:
+                self.apply_decision(decision)
+
+        await self._until_won(change)
         return self.routes[deployment]
 
     def apply_decision(self, decision: GateDecided) -> int:
@@ -147,40 +210,73 @@ class Rollouts:
     async def on_decision(self, decision: GateDecided) -> None:
         """Handle a decision from the bus: apply in memory, then persist (retried via nack)."""
         await self._await_ready()
-        self.apply_decision(decision)
-        await self.flush()
+        await self._until_won(lambda: self.apply_decision(decision))
 
-    def manual(self, deployment: str, action: str) -> Route:
-        """Operator abort or promote of the current canary."""
-        route = self.route(deployment)
-        if route.phase in ("promoted", "aborted"):
-            raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
-        new = domain.abort(route, "by operator") if action == "abort" else domain.promote(route, "by operator")
-        self._apply(new)
-        return new
+    async def manual(self, deployment: str, action: str) -> Route:
+        """Operator abort or promote of the current canary, persisted."""
+        await self._await_ready()
+
+        def change() -> None:
+            route = self.route(deployment)
+            if route.phase in ("promoted", "aborted"):
+                raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
+            self._apply(domain.abort(route, "by operator") if action == "abort"
+                        else domain.promote(route, "by operator"))
+
+        await self._until_won(change)
+        return self.route(deployment)
+
+    async def _until_won(self, change: Callable[[], object]) -> None:
+        # A change that lost to another replica's write is recomputed on the reloaded route, so a
+        # decision or operator action is never silently dropped, only re-applied (or found moot).
+        for _ in range(_MAX_ATTEMPTS):
+            before = self.conflicts
+            change()
+            await self.flush()
+            if self.conflicts == before:
+                return
+        raise RouteContended(f"route kept changing under {_MAX_ATTEMPTS} attempts; retrying later")
 
     def _apply(self, route: Route) -> None:
         # Synchronous on purpose: the next request routed after this line sees the new weight.
         self.routes[route.deployment] = route
-        self._outbox.append((route, domain.to_state(route)))
+        self._outbox.append(_Pending(route, domain.to_state(route)))
+        self._unpersisted[route.deployment] += 1
+        self._notify()
+
+    def _notify(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
         self._wake.set()
 
     async def flush(self) -> None:
-        """Persist pending changes in order: KV route, RolloutState event, rollout_events row."""
+        """Persist pending changes in order: KV route (compare-and-set), RolloutState event, rollout_events row."""
         async with self._persist_lock:
             while self._outbox:
-                route, state = self._outbox[0]
-                await self._persist(route, state)
-                self._outbox.popleft()
+                item = self._outbox[0]
+                if await self._persist(item):
+                    self._outbox.popleft()
+                    self._unpersisted[item.route.deployment] -= 1
+                else:
+                    await self._lost(item.route.deployment)
 
-    async def _persist(self, route: Route, state: RolloutState) -> None:
+    async def _persist(self, item: _Pending) -> bool:
+        """Persist one change; False (nothing announced) if another replica moved the route first."""
         bus, store = self.ctx.bus, self.ctx.store
-        try:
-            await self._kv.put(route.deployment, msgspec.json.encode(route))
-        except nats.errors.Error as exc:
-            raise BusUnavailable(f"cannot write route {route.deployment!r} to KV: {exc!r}") from None
+        route, state = item.route, item.state
+        if item.revision is None:  # a retry after a later step failed must not write KV again
+            last = self._revisions.get(route.deployment, 0)
+            value = msgspec.json.encode(route)
+            try:
+                if last:
+                    item.revision = await self._kv.update(route.deployment, value, last=last)
+                else:
+                    item.revision = await self._kv.create(route.deployment, value)
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return False
+            except nats.errors.Error as exc:
+                raise BusUnavailable(f"cannot write route {route.deployment!r} to KV: {exc!r}") from None
+            self._revisions[route.deployment] = item.revision
         await bus.publish(bus.subjects.rollout(route.deployment), state)
         row = (state.id, state.time, state.deployment, state.stable_release, state.canary_release,
                state.canary_weight, state.phase, state.step, state.reason, state.decision_id)
@@ -190,6 +286,29 @@ class Rollouts:
             raise
         except Exception as exc:
             raise StoreUnavailable(f"insert into rollout_events failed: {exc!r}") from None
+        return True
+
+    async def _lost(self, deployment: str) -> None:
+        """Another replica's write won: drop our changes to this deployment and take KV's route."""
+        self.conflicts += 1
+        self._outbox = deque(p for p in self._outbox if p.route.deployment != deployment)
+        self._unpersisted.pop(deployment, None)
+        log.info("route %s changed by another replica; dropping our change and reloading", deployment)
+        try:
+            entry = await self._kv.get(deployment)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            self._set(deployment, None, 0)
+            return
+        except nats.errors.Error as exc:
+            # The next watch entry or compare-and-set attempt repairs the stale route.
+            raise BusUnavailable(f"cannot reload route {deployment!r} from KV: {exc!r}") from None
+        try:
+            route = _route_decoder.decode(entry.value)
+        except msgspec.DecodeError as exc:
+            log.warning("ignoring unreadable route %s: %s", deployment, exc)
+            self._revisions[deployment] = entry.revision
+            return
+        self._set(deployment, route, entry.revision)
 
     async def _await_ready(self) -> None:
         try:

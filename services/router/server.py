@@ -40,8 +40,9 @@ class RouterService(Service):
         return app
 
     async def start(self) -> None:
-        """Restore routes, open the upstream pool, then serve."""
+        """Restore routes and follow other replicas' changes, open the upstream pool, then serve."""
         await self.rollouts.restore()
+        self.spawn(self.rollouts.run_watch(), "route-watch")
         self.proxy.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=60, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
@@ -66,6 +67,7 @@ class RouterService(Service):
             await self.rollouts.flush()
         except Exception:
             self.log.warning("route changes left unpersisted at stop", exc_info=True)
+        await self.rollouts.close()
         if self.proxy.session is not None:
             await self.proxy.session.close()
         await super().stop()

@@ -1,0 +1,87 @@
+"""Two router replicas on one prefix: KV watch keeps their routes in step, CAS announces each step once."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from lockgate.bus import Bus
+from lockgate.codec import Codec
+from lockgate.config import Settings
+from lockgate.contracts import GateDecided, RolloutState
+from lockgate.service import ServiceContext
+from lockgate.services import ServiceSet
+from lockgate.signing import Signer, publish_key
+from lockgate.store import Store
+from lockgate.subjects import Subjects
+from lockgate.telemetry import Telemetry
+
+pytestmark = pytest.mark.timeout(60)
+
+_states: Codec[RolloutState] = Codec(RolloutState)
+
+
+@pytest.fixture
+async def replicas(settings: Settings, store: Store, bus: Bus) -> AsyncIterator[tuple[Any, Any]]:
+    """Two routers, each on its own connection (as two processes would be), sharing prefix and store."""
+    settings = settings.replace(stable_upstream="http://127.0.0.1:9", canary_upstream="http://127.0.0.1:9",
+                                deployment="chat", app="shop")
+    buses: list[Bus] = []
+    sets: list[ServiceSet] = []
+    try:
+        for name in ("router-a", "router-b"):
+            b = Bus(settings.nats_url, Subjects(settings.prefix), name=name)
+            await b.connect()
+            buses.append(b)
+            ctx = ServiceContext(bus=b, store=store, telemetry=Telemetry(), settings=settings)
+            svcs = ServiceSet(ctx, ["router"])
+            await svcs.start()
+            sets.append(svcs)
+        yield sets[0]["router"], sets[1]["router"]
+    finally:
+        for svcs in sets:
+            await svcs.stop()
+        for b in buses:
+            await b.close()
+
+
+async def test_canary_on_one_replica_is_routed_and_promoted_once_by_both(
+    replicas: tuple[Any, Any], bus: Bus, store: Store
+) -> None:
+    a, b = replicas
+    signer = Signer.generate()
+    await publish_key(bus, signer)
+    sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
+
+    async with aiohttp.ClientSession() as http:
+        body = {"stable_release": "r1", "canary_release": "r2"}
+        async with http.put(f"{a.url}/lockgate/v1/deployments/chat", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+    await b.rollouts.wait_for(lambda r: "chat" in r and r["chat"].canary is not None
+                              and r["chat"].canary.release == "r2", timeout=10)
+    assert b.rollouts.route("chat").weight == a.rollouts.route("chat").weight
+
+    await bus.publish(bus.subjects.gate_decided("r2"),
+                      signer.sign(GateDecided(release="r2", rules=[], decision="PASS")))
+    for router in (a, b):
+        await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
+        assert router.rollouts.route("chat").stable.release == "r2"
+    await a.rollouts.flush()
+    await b.rollouts.flush()
+
+    states: list[RolloutState] = []
+    while not states or states[-1].phase != "promoted":
+        states.append(_states.decode((await sub.next_msg(timeout=10)).data))
+    steps = [(s.phase, s.canary_weight, s.step) for s in states]
+    assert steps == [("idle", 10.0, 0), ("progressing", 25.0, 2), ("progressing", 50.0, 3),
+                     ("progressing", 100.0, 4), ("promoted", 0.0, 4)]
+    # The router's own flush has finished, so any duplicate announcement would already be here.
+    await bus.nc.flush()
+    assert sub.pending_msgs == 0
+
+    rows = store.rows("SELECT phase, canary_weight, step FROM rollout_events WHERE deployment = 'chat' "
+                      "ORDER BY time")
+    assert [(r["phase"], r["canary_weight"], r["step"]) for r in rows] == steps
