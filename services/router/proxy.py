@@ -20,6 +20,7 @@ from yarl import URL
 from lockgate import telemetry
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
+from lockgate.redact import scrub_event
 from services.router import domain
 from services.router.batcher import EventBatcher
 from services.router.rollouts import Rollouts
@@ -142,7 +143,7 @@ class Proxy:
         except Exception:  # the request is answered already: end the span, let the loop log the bug
             span.end()
             raise
-        self.batcher.add(event)
+        self.batcher.add(scrub_event(event))  # secrets never leave the router, not even on the bus
         _end_span(span, event)
 
     async def _once(self, target: domain.Target, body: bytes, up_headers: dict[str, str],

@@ -20,6 +20,7 @@ import nats.js.errors
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.errors import BusUnavailable, InvalidEvent, NotFound, SignatureError
+from lockgate.redact import scrub_event
 from lockgate.signing import Keyring
 from lockgate.subjects import Subjects, token
 from lockgate.telemetry import batch_id
@@ -260,7 +261,8 @@ class Client:
         try:
             by_app: dict[str, list[InferenceEvent]] = {}
             for e in batch:
-                by_app.setdefault(e.app, []).append(e)
+                # scrubbed here, off the application's request path, before anything leaves the process
+                by_app.setdefault(e.app, []).append(scrub_event(e))
             for app, events in by_app.items():
                 await self._publish(self.subjects.inference(app), events)
         except Exception:  # e.g. an unencodable attribute: count it rather than lose it silently

@@ -19,6 +19,7 @@ from lockgate.bus import Bus
 from lockgate.client import get_decision, watch_decisions
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent
+from lockgate.redact import scrub_event
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger("lockgate.grpc")
@@ -51,7 +52,7 @@ def event_from_proto(msg: ingest_pb2.InferenceEvent) -> InferenceEvent:
     raw["attributes"] = dict(msg.attributes)
     raw["scores"] = dict(msg.scores)
     try:
-        return msgspec.convert(raw, InferenceEvent)
+        return scrub_event(msgspec.convert(raw, InferenceEvent))
     except msgspec.ValidationError as exc:
         raise InvalidEvent(str(exc)) from None
 

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+import msgspec
+
+if TYPE_CHECKING:
+    from lockgate.contracts import InferenceEvent
 
 RedactMode = Literal["scrub", "hash", "drop"]
 
@@ -21,6 +26,15 @@ _SECRETS = re.compile(
 def scrub_secrets(text: str) -> str:
     """Replace API keys and tokens with a marker."""
     return _SECRETS.sub("[REDACTED]", text)
+
+
+def scrub_event(event: InferenceEvent) -> InferenceEvent:
+    """The event with secrets scrubbed from its prompt and response (the same object if none)."""
+    prompt = scrub_secrets(event.prompt) if event.prompt else event.prompt
+    response = scrub_secrets(event.response) if event.response else event.response
+    if prompt == event.prompt and response == event.response:
+        return event
+    return msgspec.structs.replace(event, prompt=prompt, response=response)
 
 
 def redact(text: str | None, mode: RedactMode) -> str | None:

@@ -59,6 +59,14 @@ async def test_ten_thousand_events_arrive_exactly_once_in_batches(bus: Bus, sett
     assert {m.subject for m in msgs} == {bus.subjects.inference("shop")}
 
 
+async def test_secrets_are_scrubbed_before_events_leave_the_process(bus: Bus, settings: Settings) -> None:
+    async with client(settings) as c:
+        c.emit(prompt="token: ghp_abcdefghijklmnopqrstuvwxyz0123", response="plain answer")
+    events, msgs = await stored(bus)
+    assert "ghp_" not in msgs[0].data.decode()
+    assert events[0].prompt == "token: [REDACTED]" and events[0].response == "plain answer"
+
+
 async def test_close_publishes_what_the_timer_has_not(bus: Bus, settings: Settings) -> None:
     c = client(settings, flush_interval_s=60)  # the timer never fires during this test
     await c.start()

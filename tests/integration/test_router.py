@@ -239,3 +239,16 @@ async def test_routes_restored_from_kv(context: ServiceContext, run_services: An
                          headers={"x-lockgate-deployment": "chat"}) as resp:
         assert resp.headers["x-lockgate-variant"] == "canary"
     assert router.endpoints == {"router": router.url}
+
+
+async def test_secrets_in_prompts_never_reach_the_bus(router: Any, http: aiohttp.ClientSession) -> None:
+    bus = router.ctx.bus
+    sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
+    secret = "sk-live0123456789abcdefghijkl"
+    body = {"model": "m", "messages": [{"role": "user", "content": f"my key is {secret}, keep it safe"}]}
+    async with http.post(f"{router.url}/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+    msg = await sub.next_msg(timeout=10)
+    (event,) = _events.decode(msg.data)
+    assert secret not in msg.data.decode()
+    assert event.prompt == "my key is [REDACTED], keep it safe"
