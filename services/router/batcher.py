@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 
@@ -44,10 +45,8 @@ class EventBatcher:
     async def run(self) -> None:
         """Flush periodically until cancelled (the owner calls flush() once more on stop)."""
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):  # the interval elapsed before the buffer filled
                 await asyncio.wait_for(self._full.wait(), self.interval_s)
-            except TimeoutError:
-                pass
             self._full.clear()
             # Only what is queued now: events that arrive while these publishes await their
             # acks wait for the next tick, so a busy router sends a few large batches per

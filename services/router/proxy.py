@@ -7,6 +7,7 @@ the model must be overridden or stream usage requested; events go to the batcher
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -248,7 +249,7 @@ class _Record:
 
 
 def _end_span(span: Any, e: InferenceEvent) -> None:
-    try:
+    with contextlib.suppress(Exception):  # telemetry never fails a request
         if span.is_recording():
             span.set_attributes({
                 "gen_ai.operation.name": "chat",
@@ -267,5 +268,3 @@ def _end_span(span: Any, e: InferenceEvent) -> None:
                 span.set_attribute("error.type", e.error_type)
                 span.set_status(Status(StatusCode.ERROR, e.error_type))
         span.end()
-    except Exception:  # telemetry never fails a request
-        pass

@@ -175,10 +175,8 @@ class Rollouts:
                 continue
             self._wake.clear()
             timeout = (min(due) - now) if due else None
-            try:
+            with contextlib.suppress(TimeoutError):  # a step fell due
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
 
     # changes
     async def start_canary(self, deployment: str, req: domain.CanaryRequest) -> Route:

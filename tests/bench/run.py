@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import json
 import os
@@ -25,12 +26,8 @@ BENCHES = ["bench_ingest", "bench_router", "bench_evaluator"]
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     mem_gib = None
-    try:
-        with open("/proc/meminfo") as fh:
-            kib = int(fh.readline().split()[1])
-            mem_gib = round(kib / 1024 / 1024, 1)
-    except OSError:
-        pass
+    with contextlib.suppress(OSError), open("/proc/meminfo") as fh:  # Linux only
+        mem_gib = round(int(fh.readline().split()[1]) / 1024 / 1024, 1)
     return {"cpus": os.cpu_count(), "memory_gib": mem_gib, "python": platform.python_version(),
             "platform": platform.platform(), "processor": platform.machine()}
 

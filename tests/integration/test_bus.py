@@ -81,7 +81,7 @@ async def test_handlers_see_one_message_at_a_time_in_stream_order(bus: Bus) -> N
         nonlocal in_flight, max_in_flight
         in_flight += 1
         max_in_flight = max(max_in_flight, in_flight)
-        await asyncio.sleep(0)  # yield inside the handler, as any I/O would
+        await bus.nc.flush()  # a real I/O round trip inside the handler
         seen.append(value.input_tokens)
         in_flight -= 1
         if len(seen) == 40:
