@@ -17,9 +17,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from lockgate.bus import Bus
 from lockgate.client import get_decision, watch_decisions
+from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
-from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent
+from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, SignatureError
 from lockgate.redact import scrub_event
+from lockgate.signing import Verifier
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger("lockgate.grpc")
@@ -120,10 +122,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
 
 
 class GatesServicer(gates_pb2_grpc.GatesServicer):
-    """Gates: the latest decision per release (KV), and a stream of decisions (KV watch)."""
+    """Gates: the latest decision per release (KV), and a stream of decisions (KV watch).
 
-    def __init__(self, bus: Bus) -> None:
+    Only decisions whose signature verifies are served: a client in any language can act on
+    what it receives (and still verify it again with the key from `lockgate gate keys`)."""
+
+    def __init__(self, bus: Bus, verifier: Verifier) -> None:
         self.bus = bus
+        self.verifier = verifier
 
     async def GetDecision(
         self, request: gates_pb2.GetDecisionRequest, context: grpc.aio.ServicerContext
@@ -137,6 +143,10 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"no gate decision for release {request.release!r} (not evaluated yet?)",
             )
+        try:
+            await self.verifier.verify(decision)
+        except SignatureError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
         return decision_to_proto(decision)
 
     async def WatchDecisions(
@@ -149,6 +159,11 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
             # Initial metadata tells the client the watch is live: later decisions will arrive.
             await context.send_initial_metadata((("lockgate-watch", "ready"),))
             async for decision in decisions:
+                try:
+                    await self.verifier.verify(decision)
+                except SignatureError as exc:
+                    log.warning("not streaming gate decision: %s", exc.message)
+                    continue
                 yield decision_to_proto(decision)
         finally:
             await decisions.aclose()
@@ -157,10 +172,12 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
 class GrpcServer:
     """The gRPC API on one port (0 picks a free one; read `.port` after start)."""
 
-    def __init__(self, bus: Bus, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, bus: Bus, host: str = "127.0.0.1", port: int = 0, settings: Settings | None = None) -> None:
         self.bus = bus
         self.host = host
         self.port = port
+        # trusted keys as configured, else the gatekeepers' keys published in KV
+        self.verifier = Verifier(bus, settings or Settings())
         self._server: grpc.aio.Server | None = None
 
     @property
@@ -172,7 +189,7 @@ class GrpcServer:
         """Bind and serve."""
         server = grpc.aio.server()
         ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(self.bus), server)
-        gates_pb2_grpc.add_GatesServicer_to_server(GatesServicer(self.bus), server)
+        gates_pb2_grpc.add_GatesServicer_to_server(GatesServicer(self.bus, self.verifier), server)
         try:
             bound = server.add_insecure_port(f"{self.host}:{self.port}")
         except RuntimeError:

@@ -88,7 +88,7 @@ class Runtime:
         if self.grpc_enabled:
             from lockgate.grpc_server import GrpcServer
 
-            self.grpc = GrpcServer(bus, s.host, s.grpc_port)
+            self.grpc = GrpcServer(bus, s.host, s.grpc_port, settings=s)
             await self.grpc.start()
 
     @property

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import grpc
+import msgspec
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -14,6 +15,7 @@ from lockgate.bus import Bus
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
 from lockgate.grpc_server import GrpcServer
+from lockgate.signing import Signer, publish_key
 from lockgate.subjects import token
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
@@ -33,8 +35,11 @@ async def channel(bus: Bus) -> AsyncIterator[grpc.aio.Channel]:
     await server.stop(0)
 
 
+SIGNER = Signer.generate()
+
+
 def decision(release: str, verdict: str = "PASS") -> GateDecided:
-    return GateDecided(
+    return SIGNER.sign(GateDecided(
         release=release,
         decision="PASS" if verdict == "PASS" else "BLOCK",
         rules=[
@@ -48,12 +53,11 @@ def decision(release: str, verdict: str = "PASS") -> GateDecided:
         eval_run="run-1",
         policy="default",
         reason="all rules pass",
-        signature="sig",
-        key_id="k1",
-    )
+    ))
 
 
 async def put_decision(bus: Bus, d: GateDecided) -> None:
+    await publish_key(bus, SIGNER)  # as the gatekeeper does before its first decision
     kv = await bus.kv(bus.subjects.kv_gates)
     await kv.put(token(d.release), encode(d))
 
@@ -135,8 +139,8 @@ async def test_get_decision_returns_the_kv_value_or_not_found(bus: Bus, channel:
         "shop/v1.2",
         "PASS",
         d.id,
-        "sig",
-        "k1",
+        d.signature,
+        SIGNER.key_id,
     )
     assert (got.eval_run, got.policy, got.reason) == ("run-1", "default", "all rules pass")
     assert got.time.ToDatetime(tzinfo=UTC) == d.time
@@ -149,6 +153,13 @@ async def test_get_decision_returns_the_kv_value_or_not_found(bus: Bus, channel:
         await stub.GetDecision(gates_pb2.GetDecisionRequest(release="nope"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "nope" in err.value.details()
+
+    tampered = msgspec.structs.replace(decision("shop/v9", "FAIL"), decision="PASS")
+    await put_decision(bus, tampered)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetDecision(gates_pb2.GetDecisionRequest(release="shop/v9"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "signature invalid" in err.value.details()
 
 
 async def test_watch_streams_current_then_new_decisions_for_a_prefix(
