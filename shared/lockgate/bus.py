@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import nats
@@ -40,10 +40,9 @@ class Delivery:
 
 @dataclass
 class BusStats:
-    """Counters the runtime reports; dead letters are also a metric."""
+    """In-process counters (dead letters are also an OTel metric and, per origin, `lockgate status`)."""
 
     dead_letters: int = 0
-    by_origin: dict[str, int] = field(default_factory=dict)
 
 
 class Bus:
@@ -158,7 +157,6 @@ class Bus:
             deliveries=deliveries,
         )
         self.stats.dead_letters += 1
-        self.stats.by_origin[origin] = self.stats.by_origin.get(origin, 0) + 1
         telemetry.count_dead_letter(origin)
         log.warning("dead letter from %s on %s: %s", origin, subject, reason)
         await self.publish(self.subjects.dlq(origin), letter)

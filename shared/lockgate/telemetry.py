@@ -123,7 +123,6 @@ class _QueueProcessor(SpanProcessor):
 
     def __init__(self, maxlen: int) -> None:
         self.spans: deque[ReadableSpan] = deque(maxlen=maxlen)
-        self.wakeup: asyncio.Event | None = None
 
     def on_end(self, span: ReadableSpan) -> None:
         self.spans.append(span)
