@@ -93,7 +93,8 @@ async def _delete_topology(settings: Settings) -> None:
     for spec in subjects.streams.values():
         with contextlib.suppress(Exception):
             await js.delete_stream(spec.name)
-    for bucket in (subjects.kv_gates, subjects.kv_routes, subjects.kv_keys, subjects.kv_eval_cache):
+    for bucket in (subjects.kv_gates, subjects.kv_routes, subjects.kv_keys, subjects.kv_drift,
+                   subjects.kv_eval_cache):
         with contextlib.suppress(Exception):
             await js.delete_key_value(bucket)
     with contextlib.suppress(Exception):

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import msgspec
 import numpy as np
 
 from lockgate.contracts import DriftReport, FeatureDrift, InferenceEvent
@@ -46,6 +47,41 @@ class Windows:
         self.ref = np.empty((self.reference_size, len(FEATURES)))
         self.cur = np.empty((self.window_size, len(FEATURES)))
         self.cur_times = np.empty(self.window_size)
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """A deployment's windows as stored in KV (oldest current row first)."""
+
+    deployment: str
+    app: str
+    tenant: str
+    reference: list[list[float]]
+    current: list[list[float]]
+    current_times: list[float]
+    since_report: int
+
+
+def snapshot(deployment: str, w: Windows) -> Snapshot:
+    """The windows in a form that survives a restart."""
+    order = (w.cur_pos - w.cur_n + np.arange(w.cur_n)) % w.window_size
+    return Snapshot(deployment=deployment, app=w.app, tenant=w.tenant, reference=w.ref[:w.ref_n].tolist(),
+                    current=w.cur[order].tolist(), current_times=w.cur_times[order].tolist(),
+                    since_report=w.since_report)
+
+
+def restore(s: Snapshot, reference_size: int, window_size: int) -> Windows:
+    """Windows from a snapshot; if the configured sizes changed, the newest rows that fit are kept."""
+    w = Windows(reference_size, window_size, app=s.app, tenant=s.tenant)
+    ref = np.asarray(s.reference, dtype=np.float64).reshape(-1, len(FEATURES))[:reference_size]
+    w.ref[:len(ref)] = ref
+    w.ref_n = len(ref)
+    cur = np.asarray(s.current, dtype=np.float64).reshape(-1, len(FEATURES))[-window_size:]
+    w.cur[:len(cur)] = cur
+    w.cur_times[:len(cur)] = np.asarray(s.current_times, dtype=np.float64)[-window_size:]
+    w.cur_n = len(cur)
+    w.cur_pos = len(cur) % window_size
+    w.since_report = min(s.since_report, window_size - 1)
+    return w
 
 
 class DriftMonitor:

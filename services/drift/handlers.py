@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
+
+import msgspec
+import nats.js.errors
 
 from lockgate.bus import Delivery
 from lockgate.contracts import DriftReport, InferenceEvent, RolloutState
 from lockgate.service import Progress, ServiceContext
+from lockgate.subjects import token
 from services.drift import domain
 
 _SEEN_MAX = 4096
+_snapshots = msgspec.json.Decoder(domain.Snapshot)
+log = logging.getLogger("lockgate.drift")
 
 
 class DriftHandlers:
@@ -26,16 +33,50 @@ class DriftHandlers:
         # and recently observed message tokens, so a redelivered message is not counted twice.
         self._pending: list[DriftReport] = []
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self._restored = False
+
+    async def _restore(self) -> None:
+        """Load saved windows before the first event, so a restart keeps its reference."""
+        if self._restored:
+            return
+        kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        for key in keys:
+            try:
+                snap = _snapshots.decode((await kv.get(key)).value)
+            except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError) as exc:
+                log.warning("ignoring unreadable drift windows %s: %s", key, exc)
+                continue
+            self.monitor.windows[snap.deployment] = domain.restore(snap, self.monitor.reference_size,
+                                                                   self.monitor.window_size)
+        self._restored = True
+
+    async def _save(self, deployments: set[str]) -> None:
+        """Persist the windows of deployments that reported or just completed their reference."""
+        kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
+        for deployment in deployments:
+            w = self.monitor.windows.get(deployment)
+            if w is not None:
+                await kv.put(token(deployment), msgspec.json.encode(domain.snapshot(deployment, w)))
 
     async def on_inference(self, value: list[InferenceEvent] | InferenceEvent, delivery: Delivery) -> None:
         """Observe a message's events once; emit any reports that came due."""
+        await self._restore()
         events = value if isinstance(value, list) else [value]
         token = delivery.msg_id or f"seq-{delivery.stream_seq}"
         if token not in self._seen:
-            self._pending += self.monitor.observe_events(events)
+            before = {d: w.ref_n for d, w in self.monitor.windows.items()}
+            reports = self.monitor.observe_events(events)
+            self._pending += reports
             self._seen[token] = None
             if len(self._seen) > _SEEN_MAX:
                 self._seen.popitem(last=False)
+            filled = {d for d, w in self.monitor.windows.items()
+                      if w.ref_n == w.reference_size and before.get(d, 0) < w.reference_size}
+            await self._save(filled | {r.deployment for r in reports})
             await self.events.bump(len(events))
         while self._pending:
             await self._emit(self._pending[0])
@@ -44,7 +85,10 @@ class DriftHandlers:
     async def on_rollout(self, state: RolloutState, delivery: Delivery) -> None:
         """A promotion makes the new traffic the reference."""
         if state.phase == "promoted":
+            await self._restore()
             self.monitor.reset(state.deployment)
+            kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
+            await kv.delete(token(state.deployment))
             await self.resets.bump()
 
     async def _emit(self, report: DriftReport) -> None:

@@ -161,6 +161,11 @@ class Subjects:
         return f"{self.prefix}_keys"
 
     @property
+    def kv_drift(self) -> str:
+        """Drift monitor windows per deployment, so a restart does not refill the reference."""
+        return f"{self.prefix}_drift"
+
+    @property
     def kv_eval_cache(self) -> str:
         """Evaluator response cache (request hash -> upstream response)."""
         return f"{self.prefix}_eval_cache"

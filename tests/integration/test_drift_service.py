@@ -12,7 +12,10 @@ from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, DriftReport, InferenceEvent, RolloutState
 from lockgate.queries.drift import drift_reports
 from lockgate.service import ServiceContext
+from lockgate.services import ServiceSet
 from lockgate.store import Store
+from lockgate.subjects import Subjects
+from lockgate.telemetry import Telemetry
 from services.drift.handlers import DriftHandlers
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,3 +101,29 @@ async def test_redelivered_message_is_observed_once(context: ServiceContext, sto
                                                                          deliveries=1, stream_seq=3))
     assert handlers.reports.count == 1
     assert store.scalar("SELECT count() FROM drift_reports") == 3
+
+
+async def test_a_restart_keeps_the_reference_window(context: ServiceContext, bus: Bus, settings) -> None:
+    sub = await bus.nc.subscribe(bus.subjects.drift("checkout"))
+    subject = bus.subjects.inference("shop")
+    first = ServiceSet(context, ["drift"])
+    await first.start()
+    await bus.publish(subject, _events(50, output=100, seed=1))  # the reference, then the process stops
+    await first["drift"].handlers.events.wait_for(50)
+    await first.stop()
+    await bus.broker.stop()
+
+    bus2 = Bus(settings.nats_url, Subjects(settings.prefix), name="restarted")
+    await bus2.connect()
+    second = ServiceSet(ServiceContext(bus=bus2, store=context.store, telemetry=Telemetry(), settings=settings),
+                        ["drift"])
+    await second.start()
+    try:
+        await bus2.publish(subject, _events(50, output=400, seed=2))  # only the shifted window after restart
+        report = report_codec.decode((await sub.next_msg(timeout=15)).data)
+        by_feature = {f.feature: f for f in report.features}
+        assert report.reference_n == 50 and report.drifted
+        assert by_feature["output_tokens"].reference_mean < 150 < by_feature["output_tokens"].current_mean
+    finally:
+        await second.stop()
+        await bus2.close()
