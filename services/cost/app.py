@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from lockgate.bus import consume
 from lockgate.contracts import InferenceEvent
+from lockgate.pricebook import load_price_book
 from lockgate.service import Service, ServiceContext
 from services.cost.handlers import CostHandlers
-from services.cost.pricebook import load_price_book
 
 
 class Cost(Service):

@@ -1,57 +1,20 @@
-"""Pure cost accounting: price book parsing, per-event pricing, per-group cost records."""
+"""Pure cost accounting: per-event pricing and per-group cost records (the price book is lockgate.pricebook)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 
 from lockgate.contracts import CostRecord, InferenceEvent
-from lockgate.errors import ConfigError
-from lockgate.ids import content_hash
+from lockgate.pricebook import ModelPrice, PriceBook, PriceBookError, parse_price_book
 
-Rate = Annotated[float, msgspec.Meta(ge=0)]
-
-
-class PriceBookError(ConfigError):
-    """The price book is malformed."""
-
-
-class ModelPrice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """USD per million tokens; cached input falls back to the input rate."""
-
-    input_per_mtok: Rate
-    output_per_mtok: Rate
-    cached_input_per_mtok: Rate | None = None
-
-
-class PriceBook(msgspec.Struct, frozen=True):
-    """A versioned price list; `hash` identifies exactly which prices a ledger row used."""
-
-    version: str
-    models: dict[str, ModelPrice]
-    currency: str = "USD"
-    hash: str = ""
-
-
-def parse_price_book(data: Any) -> PriceBook:
-    """Validate a parsed YAML/JSON mapping into a PriceBook stamped with its content hash."""
-    try:
-        book = msgspec.convert(data, PriceBook, strict=False)
-    except msgspec.ValidationError as exc:
-        raise PriceBookError(f"price book is malformed: {exc}") from None
-    if book.currency != "USD":
-        raise PriceBookError(f"price book currency must be USD, not {book.currency!r}")
-    return msgspec.structs.replace(book, hash=content_hash(data))
-
+__all__ = ["ModelPrice", "PriceBook", "PriceBookError", "event_cost", "parse_price_book", "price_events"]
 
 def event_cost(e: InferenceEvent, price: ModelPrice) -> float:
-    """Cached tokens at the cached rate, the rest of the input at the input rate, plus output."""
-    cached = min(e.cached_tokens, e.input_tokens)
-    cached_rate = price.input_per_mtok if price.cached_input_per_mtok is None else price.cached_input_per_mtok
-    return ((e.input_tokens - cached) * price.input_per_mtok + cached * cached_rate
-            + e.output_tokens * price.output_per_mtok) / 1e6
+    """What one inference event cost under `price`."""
+    return price.cost(e.input_tokens, e.output_tokens, e.cached_tokens)
 
 
 LEDGER_COLUMNS = ("event_id", "time", "tenant", "app", "deployment", "release", "model", "input_tokens",

@@ -31,7 +31,7 @@ class Loaded:
     suite: domain.Suite
     cases: tuple[domain.Case, ...]
     inputs: list[str]
-    prices: dict[str, pricing.Price] = field(default_factory=dict)
+    prices: dict[str, pricing.ModelPrice] = field(default_factory=dict)
     price_source: str = ""
 
 

@@ -10,11 +10,11 @@ import pytest
 from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec
 from lockgate.contracts import CostRecord, DeadLetter, InferenceEvent
+from lockgate.pricebook import load_price_book
 from lockgate.queries.cost import UnknownDimension, cost_rollup
 from lockgate.service import ServiceContext
 from lockgate.store import Store
 from services.cost.handlers import CostHandlers
-from services.cost.pricebook import load_price_book
 
 pytestmark = pytest.mark.timeout(60)
 

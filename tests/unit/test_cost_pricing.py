@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from lockgate.contracts import InferenceEvent
+from lockgate.pricebook import load_price_book
 from services.cost.domain import ModelPrice, PriceBookError, event_cost, parse_price_book, price_events
-from services.cost.pricebook import load_price_book
 
 pytestmark = pytest.mark.timeout(30)
 

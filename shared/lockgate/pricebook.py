@@ -1,0 +1,74 @@
+"""The versioned price book: one format, read by the cost accountant and the evaluator alike."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import yaml
+
+from lockgate.errors import ConfigError
+from lockgate.ids import content_hash
+
+Rate = Annotated[float, msgspec.Meta(ge=0)]
+SHIPPED = Path(__file__).with_name("pricebook.yaml")
+
+
+class PriceBookError(ConfigError):
+    """The price book is unreadable or malformed."""
+
+
+class ModelPrice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """USD per million tokens; cached input falls back to the input rate."""
+
+    input_per_mtok: Rate
+    output_per_mtok: Rate
+    cached_input_per_mtok: Rate | None = None
+
+    def cost(self, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> float:
+        """USD for one call: cached tokens at the cached rate, the rest of the input at the input rate."""
+        cached = min(cached_tokens, input_tokens)
+        cached_rate = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        return ((input_tokens - cached) * self.input_per_mtok + cached * cached_rate
+                + output_tokens * self.output_per_mtok) / 1e6
+
+
+class PriceBook(msgspec.Struct, frozen=True):
+    """A versioned price list; `hash` identifies exactly which prices a ledger row used."""
+
+    version: str
+    models: dict[str, ModelPrice]
+    currency: str = "USD"
+    hash: str = ""
+
+
+def parse_price_book(data: Any) -> PriceBook:
+    """Validate a parsed YAML/JSON mapping into a PriceBook stamped with its content hash."""
+    models = data.get("models") if isinstance(data, dict) else None
+    if isinstance(models, dict):
+        # Model by model, so the error names the model ("models.gpt-4o ...") rather than `$.models[...]`.
+        for name, rates in models.items():
+            try:
+                msgspec.convert(rates, ModelPrice, strict=False)
+            except msgspec.ValidationError as exc:
+                raise PriceBookError(f"price book is malformed: models.{name}: {exc}") from None
+    try:
+        book = msgspec.convert(data, PriceBook, strict=False)
+    except msgspec.ValidationError as exc:
+        raise PriceBookError(f"price book is malformed: {exc}") from None
+    if book.currency != "USD":
+        raise PriceBookError(f"price book currency must be USD, not {book.currency!r}")
+    return msgspec.structs.replace(book, hash=content_hash(data))
+
+
+def load_price_book(path: str = "") -> PriceBook:
+    """Read and validate a YAML price book; an empty path means the one shipped with lockgate."""
+    p = Path(path).expanduser() if path else SHIPPED
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as exc:
+        raise PriceBookError(f"cannot read price book {p}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise PriceBookError(f"price book {p} is not valid YAML: {exc}") from None
+    return parse_price_book(data)
