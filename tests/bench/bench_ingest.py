@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import time
@@ -71,12 +72,10 @@ async def _latency(st: Stack, release: str) -> dict[str, float]:
 
 
 async def _wait_visible(st: Stack, n: int, deadline: float) -> int:
-    visible = 0
-    while visible < n and time.perf_counter() < deadline:
-        visible = await _count(st)
-        if visible < n:
-            await asyncio.sleep(0.01)  # polling interval of the measurement, not synchronisation
-    return visible
+    """Wait until the sink reports n events handled (its insert precedes the report), then count."""
+    with contextlib.suppress(TimeoutError):
+        await st.services["sink"].handlers.events.wait_for(n, max(0.0, deadline - time.perf_counter()))
+    return await _count(st)
 
 
 def _emitter(nats_url: str, prefix: str, n: int, conn: Any) -> None:
