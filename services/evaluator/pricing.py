@@ -6,7 +6,7 @@ from typing import Any
 
 from lockgate.pricebook import ModelPrice, PriceBookError, load_price_book, parse_price_book
 
-PriceBookInvalid = PriceBookError  # the name the evaluator's callers and tests use
+__all__ = ["ModelPrice", "PriceBookError", "load_file", "parse"]
 
 
 def parse(doc: Any, where: str) -> dict[str, ModelPrice]:

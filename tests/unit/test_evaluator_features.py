@@ -119,7 +119,7 @@ def test_price_book_format_and_cost() -> None:
     prices = pricing.parse({"version": "1", "models": {"m": {"input_per_mtok": 2, "output_per_mtok": 10}}}, "x")
     assert prices["m"].cost(1000, 100) == pytest.approx(0.003)
     assert "sim-good" in pricing.load_file()
-    with pytest.raises(pricing.PriceBookInvalid, match="models.m"):
+    with pytest.raises(pricing.PriceBookError, match="models.m"):
         pricing.parse({"models": {"m": {"input_per_mtok": "free"}}}, "x")
 
 
