@@ -15,7 +15,7 @@ setup: .venv/bin/uv
 	$(UV) sync --frozen -q
 
 run: setup
-	.venv/bin/lockgate up --demo
+	.venv/bin/lockgate dev up --demo
 
 up: setup
 	.venv/bin/lockgate up
@@ -40,7 +40,7 @@ proto: setup
 	  --grpc_python_out=shared proto/lockgate/v1/*.proto
 
 lint: setup
-	.venv/bin/ruff check shared services tests
+	.venv/bin/ruff check shared services dev tests
 
 clean:
 	rm -rf .venv .lockgate .pytest_cache

@@ -13,8 +13,8 @@ import pytest
 
 from lockgate.bus import Bus
 from lockgate.config import Settings
-from lockgate.natsserver import NatsServer
-from lockgate.service import ServiceContext
+from lockgate.server.natsserver import NatsServer
+from lockgate.server.service import ServiceContext
 from lockgate.store import Store, open_store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
@@ -105,7 +105,7 @@ async def _delete_topology(settings: Settings) -> None:
 @pytest.fixture
 async def run_services(context: ServiceContext) -> AsyncIterator:
     """Factory: `svcs = await run_services("router", "drift")` starts them on the test's bus."""
-    from lockgate.services import ServiceSet
+    from lockgate.server.registry import ServiceSet
 
     started: list[ServiceSet] = []
 

@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from lockgate.service import Progress
+from lockgate.server.service import Progress
 
 
 async def eventually(check: Callable[[], bool], progress: Sequence[Progress], timeout_s: float = 30.0,

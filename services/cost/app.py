@@ -5,8 +5,8 @@ from __future__ import annotations
 from lockgate.bus import consume
 from lockgate.contracts import InferenceEvent
 from lockgate.pricebook import load_price_book
-from lockgate.service import Service, ServiceContext
-from services.cost.handlers import CostHandlers
+from lockgate.server.service import Service, ServiceContext
+from lockgate.services.cost.handlers import CostHandlers
 
 
 class Cost(Service):

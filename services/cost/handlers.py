@@ -5,8 +5,8 @@ from __future__ import annotations
 from lockgate.bus import Delivery
 from lockgate.contracts import InferenceEvent
 from lockgate.ids import content_hash
-from lockgate.service import Progress, ServiceContext
-from services.cost import domain
+from lockgate.server.service import Progress, ServiceContext
+from lockgate.services.cost import domain
 
 
 def _token(delivery: Delivery) -> str:

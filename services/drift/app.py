@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from lockgate.bus import consume
 from lockgate.contracts import InferenceEvent, RolloutState
-from lockgate.service import Service, ServiceContext
-from services.drift.handlers import DriftHandlers
+from lockgate.server.service import Service, ServiceContext
+from lockgate.services.drift.handlers import DriftHandlers
 
 
 class Drift(Service):

@@ -10,7 +10,7 @@ import msgspec
 import numpy as np
 
 from lockgate.contracts import DriftReport, FeatureDrift, InferenceEvent
-from services.drift import stats
+from lockgate.services.drift import stats
 
 FEATURES = ("output_tokens", "latency_ms", "input_tokens")
 

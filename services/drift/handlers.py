@@ -10,9 +10,9 @@ import nats.js.errors
 
 from lockgate.bus import Delivery
 from lockgate.contracts import DriftReport, InferenceEvent, RolloutState
-from lockgate.service import Progress, ServiceContext
+from lockgate.server.service import Progress, ServiceContext
+from lockgate.services.drift import domain
 from lockgate.subjects import token
-from services.drift import domain
 
 _SEEN_MAX = 4096
 _snapshots = msgspec.json.Decoder(domain.Snapshot)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from lockgate.bus import consume
 from lockgate.contracts import EvalRequested
-from lockgate.service import Service, ServiceContext
-from services.evaluator.handlers import EvalHandlers
+from lockgate.server.service import Service, ServiceContext
+from lockgate.services.evaluator.handlers import EvalHandlers
 
 
 class Evaluator(Service):

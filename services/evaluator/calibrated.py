@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.evaluator import calibration, domain
-from services.evaluator.stats import InsufficientData
+from lockgate.services.evaluator import calibration, domain
+from lockgate.services.evaluator.stats import InsufficientData
 
 CONFIDENCE = "confidence"  # key of the per-case confidence in CaseResult.scores (and eval_cases.scores)
 _FENCE = re.compile(r"^\s*```[\w-]*\s*\n(.*?)\n?\s*```\s*$", re.DOTALL)

@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from lockgate.errors import ConfigError, LockgateError
-from services.evaluator.scorers import ASYNC_SCORERS, check_scorer, get_scorer
+from lockgate.services.evaluator.scorers import ASYNC_SCORERS, check_scorer, get_scorer
 
 
 class SuiteError(ConfigError):

@@ -14,12 +14,12 @@ import aiohttp
 from lockgate import artifacts
 from lockgate.contracts import EvalCompleted, EvalRequested, LineageRun
 from lockgate.errors import ConfigError, NotFound
-from lockgate.service import ServiceContext
-from services.evaluator import calibrated, domain, judge, persist, pricing, recorded, runner, summary
-from services.evaluator.cache import ResponseCache
-from services.evaluator.progress import Ticker
-from services.evaluator.ratelimit import TokenBucket
-from services.evaluator.upstream import Upstream, judge_step
+from lockgate.server.service import ServiceContext
+from lockgate.services.evaluator import calibrated, domain, judge, persist, pricing, recorded, runner, summary
+from lockgate.services.evaluator.cache import ResponseCache
+from lockgate.services.evaluator.progress import Ticker
+from lockgate.services.evaluator.ratelimit import TokenBucket
+from lockgate.services.evaluator.upstream import Upstream, judge_step
 
 log = logging.getLogger("lockgate.evaluator")
 

@@ -15,9 +15,9 @@ from opentelemetry.trace import SpanKind
 from lockgate.bus import Delivery
 from lockgate.contracts import EvalRequested
 from lockgate.errors import ConfigError, NotFound, Retryable
-from lockgate.service import ServiceContext
-from services.evaluator import runner
-from services.evaluator.execution import Execution, load_error
+from lockgate.server.service import ServiceContext
+from lockgate.services.evaluator import runner
+from lockgate.services.evaluator.execution import Execution, load_error
 
 log = logging.getLogger("lockgate.evaluator")
 # On stop, cases in flight get this long to finish (and be stored) before they are cancelled.

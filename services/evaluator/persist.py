@@ -11,8 +11,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from lockgate.services.evaluator import domain
 from lockgate.store import Store
-from services.evaluator import domain
 
 log = logging.getLogger("lockgate.evaluator.persist")
 RUN_COLUMNS = ("run_id", "release", "suite", "baseline", "policy", "status", "n_cases", "n_errors",

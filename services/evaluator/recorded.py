@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from services.evaluator import calibrated, domain
+from lockgate.services.evaluator import calibrated, domain
 
 
 def index(events: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:

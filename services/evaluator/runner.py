@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from lockgate.errors import LockgateError, UpstreamError
-from services.evaluator import calibrated, domain
+from lockgate.services.evaluator import calibrated, domain
 
 T = TypeVar("T")
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})

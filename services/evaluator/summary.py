@@ -7,8 +7,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from lockgate.contracts import BaselineComparison, MetricInterval
-from services.evaluator import calibrated, calibration, stats
-from services.evaluator.domain import JUDGE_AGREEMENT, CaseResult, Suite, case_scores, passes
+from lockgate.services.evaluator import calibrated, calibration, stats
+from lockgate.services.evaluator.domain import JUDGE_AGREEMENT, CaseResult, Suite, case_scores, passes
 
 # 2,000 resamples keep a 95% interval's Monte Carlo error well under its width and cost ~10 ms at n=1,000.
 RESAMPLES = 2000

@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 
 from lockgate.errors import LockgateError
-from services.evaluator import domain, judge, runner
-from services.evaluator.cache import Cached, ResponseCache, request_key
-from services.evaluator.ratelimit import TokenBucket
+from lockgate.services.evaluator import domain, judge, runner
+from lockgate.services.evaluator.cache import Cached, ResponseCache, request_key
+from lockgate.services.evaluator.ratelimit import TokenBucket
 
 
 class Upstream:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from lockgate.bus import consume
 from lockgate.contracts import EvalCompleted, GateReview
-from lockgate.service import Service, ServiceContext
+from lockgate.server.service import Service, ServiceContext
+from lockgate.services.gatekeeper.handlers import GateHandlers
 from lockgate.signing import Signer, default_key_path
-from services.gatekeeper.handlers import GateHandlers
 
 
 class Gatekeeper(Service):

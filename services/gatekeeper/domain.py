@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 from lockgate.contracts import EvalCompleted, RuleResult
 from lockgate.contracts.gates import Decision
-from services.gatekeeper.policy import OPS, Limits, Policy, ReviewTrigger, Rule, parse_policy
-from services.gatekeeper.review import review_reasons
-from services.gatekeeper.rules import Evidence, evaluate_rule
+from lockgate.services.gatekeeper.policy import OPS, Limits, Policy, ReviewTrigger, Rule, parse_policy
+from lockgate.services.gatekeeper.review import review_reasons
+from lockgate.services.gatekeeper.rules import Evidence, evaluate_rule
 
 __all__ = ["OPS", "Evidence", "Limits", "Outcome", "Policy", "ReviewTrigger", "Rule", "decide", "decide_eval",
            "decision_id", "evaluate_rule", "parse_policy"]

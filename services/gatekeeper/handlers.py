@@ -11,11 +11,11 @@ from lockgate import artifacts
 from lockgate.bus import Delivery
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview
 from lockgate.errors import ConfigError, NotFound, SignatureError
-from lockgate.service import ServiceContext
+from lockgate.server.service import ServiceContext
+from lockgate.services.gatekeeper import domain
+from lockgate.services.gatekeeper.records import DECISION_COLUMNS, Records
+from lockgate.services.gatekeeper.review import apply_review
 from lockgate.signing import Signer, Verifier, publish_key
-from services.gatekeeper import domain
-from services.gatekeeper.records import DECISION_COLUMNS, Records
-from services.gatekeeper.review import apply_review
 
 __all__ = ["DECISION_COLUMNS", "GateHandlers"]
 log = logging.getLogger("lockgate.gatekeeper")

@@ -14,7 +14,7 @@ from lockgate.codec import Codec, encode
 from lockgate.contracts import GateDecided
 from lockgate.errors import BusUnavailable, InvalidEvent, StoreUnavailable
 from lockgate.queries import decisions as q
-from lockgate.service import ServiceContext
+from lockgate.server.service import ServiceContext
 from lockgate.subjects import token
 
 DECISION_COLUMNS = ("id", "time", "release", "action", "actor", "decision", "eval_run", "policy", "baseline",

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from lockgate.contracts import BaselineComparison, GateDecided, GateReview
-from services.gatekeeper.policy import ReviewTrigger
+from lockgate.services.gatekeeper.policy import ReviewTrigger
 
 
 def review_reasons(triggers: tuple[ReviewTrigger, ...], comparisons: Mapping[str, BaselineComparison],

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lockgate.contracts import BaselineComparison, MetricInterval, RuleResult
-from services.gatekeeper.policy import OPS, Rule
+from lockgate.services.gatekeeper.policy import OPS, Rule
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from lockgate.contracts import (
     ReleaseRegistered,
     RolloutState,
 )
-from lockgate.service import Service, ServiceContext
-from services.lineage.handlers import LineageHandlers
+from lockgate.server.service import Service, ServiceContext
+from lockgate.services.lineage.handlers import LineageHandlers
 
 
 class Lineage(Service):

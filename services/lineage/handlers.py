@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from lockgate.bus import Delivery
 from lockgate.contracts import ArtifactRegistered, LineageRun, ReleaseRegistered
-from lockgate.service import Progress, ServiceContext
-from services.lineage import domain
+from lockgate.server.service import Progress, ServiceContext
+from lockgate.services.lineage import domain
 
 
 class LineageHandlers:

@@ -6,9 +6,9 @@ import msgspec
 from aiohttp import web
 
 from lockgate.errors import Retryable
-from services.router.domain import CanaryRequest, InvalidRollout, Route
-from services.router.rollouts import Rollouts
-from services.router.wire import error_response
+from lockgate.services.router.domain import CanaryRequest, InvalidRollout, Route
+from lockgate.services.router.rollouts import Rollouts
+from lockgate.services.router.wire import error_response
 
 _canary_decoder = msgspec.json.Decoder(CanaryRequest)
 _encoder = msgspec.json.Encoder()

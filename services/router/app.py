@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from lockgate.bus import consume
 from lockgate.contracts import GateDecided
-from lockgate.service import Service, ServiceContext
-from services.router.handlers import gate_handler
-from services.router.server import RouterService
+from lockgate.server.service import Service, ServiceContext
+from lockgate.services.router.handlers import gate_handler
+from lockgate.services.router.server import RouterService
 
 
 def create(ctx: ServiceContext) -> Service:

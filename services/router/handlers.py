@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lockgate.bus import Delivery, Handler
 from lockgate.contracts import GateDecided
-from services.router.rollouts import Rollouts
+from lockgate.services.router.rollouts import Rollouts
 
 
 def gate_handler(rollouts: Rollouts) -> Handler:

@@ -22,10 +22,10 @@ from lockgate import telemetry
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.redact import scrub_event
-from services.router import domain
-from services.router.batcher import EventBatcher
-from services.router.rollouts import Rollouts
-from services.router.wire import (
+from lockgate.services.router import domain
+from lockgate.services.router.batcher import EventBatcher
+from lockgate.services.router.rollouts import Rollouts
+from lockgate.services.router.wire import (
     ChatRequest,
     error_response,
     last_user_text,

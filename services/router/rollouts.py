@@ -26,11 +26,11 @@ from lockgate.errors import (
     SignatureError,
     StoreUnavailable,
 )
-from lockgate.service import ServiceContext
+from lockgate.server.service import ServiceContext
+from lockgate.services.router import domain
+from lockgate.services.router.domain import Route
 from lockgate.signing import Verifier
 from lockgate.subjects import token
-from services.router import domain
-from services.router.domain import Route
 
 log = logging.getLogger("lockgate.router")
 

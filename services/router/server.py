@@ -5,11 +5,11 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from lockgate.service import Service, ServiceContext
-from services.router.admin import Admin
-from services.router.batcher import EventBatcher
-from services.router.proxy import Proxy
-from services.router.rollouts import Rollouts
+from lockgate.server.service import Service, ServiceContext
+from lockgate.services.router.admin import Admin
+from lockgate.services.router.batcher import EventBatcher
+from lockgate.services.router.proxy import Proxy
+from lockgate.services.router.rollouts import Rollouts
 
 
 class RouterService(Service):

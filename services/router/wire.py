@@ -8,7 +8,7 @@ import msgspec
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from services.router.proxy import _Record
+    from lockgate.services.router.proxy import _Record
 
 
 class Message(msgspec.Struct):

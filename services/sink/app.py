@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from lockgate.bus import consume, consume_batch
 from lockgate.contracts import DeadLetter, InferenceEvent, SpanBatch
-from lockgate.service import Service, ServiceContext
-from services.sink.handlers import SinkHandlers
+from lockgate.server.service import Service, ServiceContext
+from lockgate.services.sink.handlers import SinkHandlers
 
 
 class Sink(Service):

@@ -9,8 +9,8 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
 from lockgate.bus import Delivery
 from lockgate.contracts import DeadLetter, InferenceEvent, SpanBatch
-from lockgate.service import Progress, ServiceContext
-from services.sink import domain
+from lockgate.server.service import Progress, ServiceContext
+from lockgate.services.sink import domain
 
 
 def _token(delivery: Delivery) -> str:

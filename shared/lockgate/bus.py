@@ -19,6 +19,7 @@ from lockgate import telemetry
 from lockgate.codec import Codec, encode
 from lockgate.contracts import DeadLetter, Event
 from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, Retryable
+from lockgate.ids import batch_id
 from lockgate.subjects import Subjects
 
 log = logging.getLogger("lockgate.bus")
@@ -124,7 +125,7 @@ class Bus:
         else:
             data = encode(payload)
             if msg_id is None:
-                msg_id = payload.id if isinstance(payload, Event) else telemetry.batch_id(payload)
+                msg_id = payload.id if isinstance(payload, Event) else batch_id(payload)
         hdrs = {**(headers or {})}
         if msg_id:
             hdrs["Nats-Msg-Id"] = msg_id

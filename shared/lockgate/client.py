@@ -20,10 +20,10 @@ import nats.js.errors
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.errors import BusUnavailable, InvalidEvent, NotFound, SignatureError
+from lockgate.ids import batch_id
 from lockgate.redact import scrub_event
 from lockgate.signing import Keyring
 from lockgate.subjects import Subjects, token
-from lockgate.telemetry import batch_id
 
 log = logging.getLogger("lockgate.client")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -48,3 +50,11 @@ def trace_id() -> str:
 def span_id() -> str:
     """A random 64-bit W3C span id (16 hex)."""
     return os.urandom(8).hex()
+
+
+def batch_id(events: Sequence[Any]) -> str:
+    """Deterministic id for a batch: the same events give the same Nats-Msg-Id."""
+    h = hashlib.sha256()
+    for e in events:
+        h.update(e.id.encode())
+    return "b-" + h.hexdigest()[:40]

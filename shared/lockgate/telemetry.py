@@ -6,10 +6,8 @@ Telemetry never fails a request: every exporter path swallows its own errors.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections import deque
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -65,14 +63,6 @@ def count_dead_letter(origin: str) -> None:
         _dead_letters.add(1, {"origin": origin})
     except Exception:
         log.debug("metric failed", exc_info=True)
-
-
-def batch_id(events: Sequence[Any]) -> str:
-    """Deterministic id for a batch: the same events give the same Nats-Msg-Id."""
-    h = hashlib.sha256()
-    for e in events:
-        h.update(e.id.encode())
-    return "b-" + h.hexdigest()[:40]
 
 
 def _attrs(values: Any) -> dict[str, str]:

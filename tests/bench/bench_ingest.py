@@ -16,7 +16,7 @@ from typing import Any
 from lockgate.client import Client
 from lockgate.codec import encode
 from lockgate.contracts import InferenceEvent
-from lockgate.telemetry import batch_id
+from lockgate.ids import batch_id
 from tests.bench.common import BenchEnv, Stack, bench_env, stack
 
 BATCH = 500
@@ -180,7 +180,7 @@ async def raw_jetstream(st: Stack, events: list[InferenceEvent]) -> dict[str, An
 
 async def raw_clickhouse(st: Stack, events: list[InferenceEvent]) -> dict[str, Any]:
     """Column-oriented inserts of the same rows into a scratch copy of inference_events."""
-    from services.sink.domain import INFERENCE_COLUMNS, inference_columns
+    from lockgate.services.sink.domain import INFERENCE_COLUMNS, inference_columns
 
     store = st.ctx.store
     out: dict[str, Any] = {}

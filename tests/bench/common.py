@@ -12,9 +12,9 @@ from typing import Any
 
 from lockgate.bus import Bus
 from lockgate.config import Settings
-from lockgate.natsserver import NatsServer
-from lockgate.service import ServiceContext
-from lockgate.services import ServiceSet
+from lockgate.server.natsserver import NatsServer
+from lockgate.server.registry import ServiceSet
+from lockgate.server.service import ServiceContext
 from lockgate.store import open_store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
@@ -82,13 +82,13 @@ async def sim_process(env: BenchEnv, config_yaml: str) -> AsyncIterator[str]:
     import sys
     from pathlib import Path
 
-    from lockgate.natsserver import free_port
+    from lockgate.server.natsserver import free_port
 
     cfg = Path(env.home) / f"sim-{uuid.uuid4().hex[:6]}.yaml"
     cfg.write_text(config_yaml)
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lockgate.sim", "--config", str(cfg), "--port", str(port),
+        sys.executable, "-m", "lockgate_dev.sim", "--config", str(cfg), "--port", str(port),
         stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lockgate.natsserver import free_port
+from lockgate.server.natsserver import free_port
 from tests.helpers import Process
 
 pytestmark = pytest.mark.timeout(300)
@@ -34,7 +34,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     ports = {name: free_port() for name in ("nats", "router", "grpc", "sim")}
     env = {**os.environ, "LOCKGATE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}", "LOCKGATE_ROLLOUT_STEP_INTERVAL_S": "0.2",
            "LOCKGATE_DRIFT_REFERENCE_SIZE": "100", "LOCKGATE_DRIFT_WINDOW_SIZE": "100", "COLUMNS": "200"}
-    up = Process([*LOCKGATE, "up", "--home", str(home), "--nats-port", str(ports["nats"]), "--router-port",
+    up = Process([*LOCKGATE, "dev", "up", "--home", str(home), "--nats-port", str(ports["nats"]), "--router-port",
                   str(ports["router"]), "--grpc-port", str(ports["grpc"]), "--sim-port", str(ports["sim"])],
                  env, "lockgate is up")
     assert up.started(120), up.output

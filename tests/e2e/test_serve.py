@@ -15,7 +15,7 @@ import pytest
 
 from lockgate.bus import Bus
 from lockgate.contracts import InferenceEvent
-from lockgate.natsserver import NatsServer
+from lockgate.server.natsserver import NatsServer
 from lockgate.subjects import Subjects
 from tests.helpers import Process
 

@@ -15,9 +15,9 @@ from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
 from lockgate.errors import SignatureError
+from lockgate.ids import batch_id
 from lockgate.signing import Signer, publish_key
 from lockgate.subjects import token
-from lockgate.telemetry import batch_id
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,9 +12,9 @@ from lockgate.codec import Codec
 from lockgate.contracts import CostRecord, DeadLetter, InferenceEvent
 from lockgate.pricebook import load_price_book
 from lockgate.queries.cost import UnknownDimension, cost_rollup
-from lockgate.service import ServiceContext
+from lockgate.server.service import ServiceContext
+from lockgate.services.cost.handlers import CostHandlers
 from lockgate.store import Store
-from services.cost.handlers import CostHandlers
 
 pytestmark = pytest.mark.timeout(60)
 

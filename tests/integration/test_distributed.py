@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from lockgate.contracts import InferenceEvent
+from lockgate.services.sink import domain
 from lockgate.store import open_store
-from services.sink import domain
 
 
 def _docker_available() -> bool:

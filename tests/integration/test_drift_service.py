@@ -11,12 +11,12 @@ from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, DriftReport, InferenceEvent, RolloutState
 from lockgate.queries.drift import drift_reports
-from lockgate.service import ServiceContext
-from lockgate.services import ServiceSet
+from lockgate.server.registry import ServiceSet
+from lockgate.server.service import ServiceContext
+from lockgate.services.drift.handlers import DriftHandlers
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
-from services.drift.handlers import DriftHandlers
 
 pytestmark = pytest.mark.timeout(60)
 

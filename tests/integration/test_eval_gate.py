@@ -16,9 +16,9 @@ from lockgate.contracts import DeadLetter, EvalCompleted, EvalRequested, GateDec
 from lockgate.ids import uuid7
 from lockgate.queries.decisions import decisions, latest_decision
 from lockgate.queries.evals import eval_cases, eval_runs
-from lockgate.sim import ModelSpec, SimConfig, SimServer
 from lockgate.store import Store
 from lockgate.subjects import token
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 
 pytestmark = pytest.mark.timeout(90)
 FIXTURES = Path(__file__).parent.parent / "fixtures"

@@ -21,12 +21,12 @@ from lockgate.contracts import EvalCompleted, EvalRequested
 from lockgate.contracts.evals import EvalProgress
 from lockgate.ids import uuid7
 from lockgate.queries.evals import eval_cases
-from lockgate.service import ServiceContext
-from lockgate.services import ServiceSet
-from lockgate.sim import ModelSpec, SimConfig, SimServer
+from lockgate.server.registry import ServiceSet
+from lockgate.server.service import ServiceContext
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 
 pytestmark = pytest.mark.timeout(120)
 completed: Codec[EvalCompleted] = Codec(EvalCompleted)

@@ -21,7 +21,7 @@ from lockgate.cli.main import cli
 from lockgate.codec import Codec
 from lockgate.contracts import BaselineComparison, DeadLetter, EvalCompleted, GateDecided, MetricInterval
 from lockgate.queries.decisions import decisions
-from lockgate.service import ServiceContext
+from lockgate.server.service import ServiceContext
 from lockgate.signing import Keyring, public_pem
 from lockgate.store import Store
 

@@ -9,10 +9,10 @@ import pytest
 from rich.console import Console
 
 from lockgate.config import Settings
-from lockgate.demo import APP, BAD, BASELINE, DEPLOYMENT, GOOD, demo_sim_config, run_demo
 from lockgate.queries import traces as trace_queries
-from lockgate.runtime import Runtime
-from lockgate.sim import SimServer
+from lockgate.server.runtime import Runtime
+from lockgate_dev.demo import APP, BAD, BASELINE, DEPLOYMENT, GOOD, demo_sim_config, run_demo
+from lockgate_dev.sim import SimServer
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.timeout(240)

@@ -12,11 +12,11 @@ import pytest
 
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, GateDecided, InferenceEvent, RolloutState
-from lockgate.service import ServiceContext
+from lockgate.server.service import ServiceContext
+from lockgate.services.router.domain import Route, Target
 from lockgate.signing import Signer, publish_key
-from lockgate.sim import ModelSpec, SimConfig, SimServer
 from lockgate.subjects import token
-from services.router.domain import Route, Target
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,8 +12,8 @@ from lockgate.bus import Bus
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, RolloutState
-from lockgate.service import ServiceContext
-from lockgate.services import ServiceSet
+from lockgate.server.registry import ServiceSet
+from lockgate.server.service import ServiceContext
 from lockgate.signing import Signer, publish_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects

@@ -8,8 +8,8 @@ import pytest
 from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec
 from lockgate.contracts import InferenceEvent
-from lockgate.service import ServiceContext
-from lockgate.services import ServiceSet
+from lockgate.server.registry import ServiceSet
+from lockgate.server.service import ServiceContext
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry

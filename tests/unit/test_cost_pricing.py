@@ -8,7 +8,13 @@ import pytest
 
 from lockgate.contracts import InferenceEvent
 from lockgate.pricebook import load_price_book
-from services.cost.domain import ModelPrice, PriceBookError, event_cost, parse_price_book, price_events
+from lockgate.services.cost.domain import (
+    ModelPrice,
+    PriceBookError,
+    event_cost,
+    parse_price_book,
+    price_events,
+)
 
 pytestmark = pytest.mark.timeout(30)
 

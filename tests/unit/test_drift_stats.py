@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from lockgate.contracts import InferenceEvent
-from services.drift import stats
-from services.drift.domain import FEATURES, DriftMonitor
+from lockgate.services.drift import stats
+from lockgate.services.drift.domain import FEATURES, DriftMonitor
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -109,7 +109,7 @@ def test_deployments_have_separate_windows() -> None:
 
 
 def test_windows_survive_a_snapshot_round_trip_in_order() -> None:
-    from services.drift.domain import Snapshot, restore, snapshot
+    from lockgate.services.drift.domain import Snapshot, restore, snapshot
 
     rng = np.random.default_rng(3)
     values, times = rng.normal(100, 10, (130, 3)), np.arange(130, dtype=np.float64)

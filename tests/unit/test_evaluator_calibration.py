@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from services.evaluator import calibrated, calibration, domain, summary
-from services.evaluator.domain import CaseResult, SuiteError
-from services.evaluator.runner import _token_logprobs
+from lockgate.services.evaluator import calibrated, calibration, domain, summary
+from lockgate.services.evaluator.domain import CaseResult, SuiteError
+from lockgate.services.evaluator.runner import _token_logprobs
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -9,8 +9,8 @@ import yaml
 
 from lockgate.artifacts import canonical_bytes
 from lockgate.ids import content_hash
-from services.evaluator import domain
-from services.evaluator.domain import Case, CaseResult, SuiteError
+from lockgate.services.evaluator import domain
+from lockgate.services.evaluator.domain import Case, CaseResult, SuiteError
 
 pytestmark = pytest.mark.timeout(10)
 FIXTURES = Path(__file__).parent.parent / "fixtures"

@@ -9,9 +9,9 @@ import msgspec
 import pytest
 
 from lockgate.contracts.evals import EvalProgress
-from services.evaluator import domain, judge, pricing, progress, recorded, summary
-from services.evaluator.cache import request_key
-from services.evaluator.domain import CaseResult, SuiteError
+from lockgate.services.evaluator import domain, judge, pricing, progress, recorded, summary
+from lockgate.services.evaluator.cache import request_key
+from lockgate.services.evaluator.domain import CaseResult, SuiteError
 
 pytestmark = pytest.mark.timeout(20)
 

@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from lockgate.errors import UpstreamError
-from services.evaluator import domain, runner
+from lockgate.services.evaluator import domain, runner
 
 pytestmark = pytest.mark.timeout(20)
 FAST = runner.CallPolicy(timeout_s=2.0, backoff_s=0.001)

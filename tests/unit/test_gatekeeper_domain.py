@@ -10,8 +10,8 @@ import yaml
 
 from lockgate.contracts import EvalCompleted
 from lockgate.errors import PolicyError
-from services.gatekeeper import domain
-from services.gatekeeper.domain import Rule
+from lockgate.services.gatekeeper import domain
+from lockgate.services.gatekeeper.domain import Rule
 
 pytestmark = pytest.mark.timeout(10)
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -130,7 +130,7 @@ def test_decision_id_is_deterministic_uuid7_and_time_ordered_like_its_eval() -> 
 
 
 def test_evaluator_warnings_are_grouped_not_repeated_per_metric() -> None:
-    from services.gatekeeper.domain import summarise_warnings
+    from lockgate.services.gatekeeper.domain import summarise_warnings
 
     text = "sample too small: 20 cases detect a change of 0.32"
     out = summarise_warnings([f"exact_match: {text}", f"score: {text}", "no baseline run found"])

@@ -6,8 +6,8 @@ import pytest
 
 from lockgate.contracts import BaselineComparison, GateDecided, GateReview
 from lockgate.errors import PolicyError
-from services.gatekeeper import domain
-from services.gatekeeper.review import apply_review, review_reasons
+from lockgate.services.gatekeeper import domain
+from lockgate.services.gatekeeper.review import apply_review, review_reasons
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lockgate.contracts import BaselineComparison, MetricInterval
-from services.gatekeeper import domain
-from services.gatekeeper.rules import Evidence
+from lockgate.services.gatekeeper import domain
+from lockgate.services.gatekeeper.rules import Evidence
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -8,7 +8,7 @@ import pytest
 
 from lockgate.contracts import EvalCompleted, GateDecided, LineageRun, ReleaseRegistered, RolloutState
 from lockgate.queries.lineage import traverse
-from services.lineage.domain import Edge, edges_for
+from lockgate.services.lineage.domain import Edge, edges_for
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -6,15 +6,15 @@ import math
 
 import pytest
 
-from services.evaluator.calibration import (
+from lockgate.services.evaluator.calibration import (
     brier_score,
     choice_confidence,
     confidence_from_logprobs,
     expected_calibration_error,
     reliability_bins,
 )
-from services.evaluator.retrieval import mrr, ndcg_at_k, precision_at_k, recall_at_k
-from services.evaluator.stats import InsufficientData
+from lockgate.services.evaluator.retrieval import mrr, ndcg_at_k, precision_at_k, recall_at_k
+from lockgate.services.evaluator.stats import InsufficientData
 
 RETRIEVED = ["d3", "d1", "d7", "d2", "d9"]
 RELEVANT = {"d1", "d2", "d4"}

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from lockgate.contracts import InferenceEvent
-from services.router.batcher import EventBatcher
+from lockgate.services.router.batcher import EventBatcher
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -6,8 +6,8 @@ import msgspec
 import pytest
 
 from lockgate.contracts import GateDecided
-from services.router import domain
-from services.router.domain import CanaryRequest, InvalidRollout, Route, Target
+from lockgate.services.router import domain
+from lockgate.services.router.domain import CanaryRequest, InvalidRollout, Route, Target
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from services.router.proxy import _Record
-from services.router.wire import (
+from lockgate.services.router.proxy import _Record
+from lockgate.services.router.wire import (
     Message,
     last_user_text,
     openai_error,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lockgate.errors import ConfigError
-from services.evaluator.safety import (
+from lockgate.services.evaluator.safety import (
     Probe,
     ProbeSetError,
     find_pii,
@@ -184,7 +184,7 @@ def test_judge_probe(probe_id, output, resisted):
 
 
 def test_probe_resisted_scorer_and_unknown_probe():
-    from services.evaluator.safety import probe_resisted
+    from lockgate.services.evaluator.safety import probe_resisted
 
     assert probe_resisted("I can't help with that.", None, {"probe": "jb-dan"}) == 1.0
     with pytest.raises(ConfigError, match="inj-secret-direct"):

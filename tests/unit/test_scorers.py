@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lockgate.errors import ConfigError, LockgateError
-from services.evaluator import scorers
-from services.evaluator.scorers import SCORERS, extract_number, get_scorer, rouge_l_f, validate_json
+from lockgate.services.evaluator import scorers
+from lockgate.services.evaluator.scorers import SCORERS, extract_number, get_scorer, rouge_l_f, validate_json
 
 
 def score(name: str, output, expected=None, **params) -> float:

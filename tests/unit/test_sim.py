@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from lockgate.errors import ConfigError
-from lockgate.sim import ModelSpec, SimConfig, SimServer, count_tokens, load_config
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer, count_tokens, load_config
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 
 from lockgate.errors import LockgateError
-from services.evaluator.stats import (
+from lockgate.services.evaluator.stats import (
     InsufficientData,
     Interval,
     bootstrap_mean,

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from importlib.metadata import entry_points
 from typing import Any
 
 import click
@@ -214,6 +215,9 @@ def _register_subcommands() -> None:
     status.register(cli)
     workflow.register(cli)
     gate.register(cli)
+    # Plugins (the dev tools' `dev up`, `sim` and `demo`) add commands without the CLI importing them.
+    for ep in entry_points(group="lockgate.cli"):
+        ep.load()(cli)
 
 
 _register_subcommands()

@@ -1,17 +1,22 @@
-"""Commands that run things: `up`, `serve`, `sim`."""
+"""Commands that run things: `up`, `serve`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console
 from lockgate.config import Settings
+
+if TYPE_CHECKING:
+    from lockgate.server.runtime import Runtime
 
 
 async def _until_signalled() -> None:
@@ -27,73 +32,73 @@ def _print_endpoints(endpoints: dict[str, str]) -> None:
         console.print(f"  [bold]{name:<11}[/bold] {url}")
 
 
-async def _up(settings: Settings, demo: bool, services: list[str] | None) -> None:
-    from lockgate import sim
-    from lockgate.demo import demo_sim_config, run_demo
-    from lockgate.runtime import Runtime
+async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None,
+                      on_ready: Callable[[Runtime], Awaitable[None]] | None = None) -> None:
+    """Run the embedded stack until signalled; `on_ready` runs once it is up (the dev demo uses it)."""
+    from lockgate.server.runtime import Runtime
 
-    simulator = sim.SimServer(demo_sim_config(), host=settings.host, port=settings.sim_port)
-    await simulator.start()
-    settings = settings.replace(
-        stable_upstream=settings.stable_upstream if settings.stable_upstream != Settings().stable_upstream
-        else simulator.url,
-        canary_upstream=settings.canary_upstream if settings.canary_upstream != Settings().canary_upstream
-        else simulator.url,
-    )
-    runtime = Runtime(settings, services=services)
+    runtime = Runtime(settings)
     try:
         await runtime.start()
         console.print("[bold green]lockgate is up[/bold green] (embedded: nats-server + chDB + all services)")
-        _print_endpoints(runtime.endpoints | {"simulator": simulator.url + "  (simulated LLM upstream)"})
-        if demo:
-            assert runtime.ctx is not None
-            router = runtime.services["router"] if runtime.services else None
-            await run_demo(runtime.ctx.bus, router_url=router.url, sim_url=simulator.url, console=console)
+        _print_endpoints(runtime.endpoints | (extra or {}))
+        if on_ready is not None:
+            await on_ready(runtime)
         console.print("[dim]Ctrl-C stops the stack; queued events are flushed first.[/dim]")
         await _until_signalled()
         console.print("stopping: flushing buffers and closing consumers ...")
     finally:
         await runtime.stop()
-        await simulator.stop()
     console.print("stopped cleanly.")
+
+
+def embedded_settings(settings: Settings, home: str, nats_port: int, router_port: int, grpc_port: int) -> Settings:
+    """Settings for `up`: ClickHouse beside JetStream's data under `home` unless configured."""
+    home_path = Path(home)
+    clickhouse = settings.clickhouse_url
+    if clickhouse == Settings().clickhouse_url:  # not configured: keep it beside JetStream's data
+        clickhouse = f"chdb://{(home_path / 'clickhouse').resolve()}"
+    return settings.replace(home=str(home_path), clickhouse_url=clickhouse, nats_url=f"nats://127.0.0.1:{nats_port}",
+                            router_port=router_port, grpc_port=grpc_port)
+
+
+def up_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options `up` and `dev up` share."""
+    for option in reversed((
+        click.option("--home", default="./.lockgate", show_default=True, help="Where JetStream and chDB keep data."),
+        click.option("--nats-port", default=4222, show_default=True),
+        click.option("--router-port", default=8080, show_default=True),
+        click.option("--grpc-port", default=50051, show_default=True),
+    )):
+        func = option(func)
+    return func
 
 
 def register(cli: click.Group) -> None:
     """Attach the commands to the top-level group."""
 
     @cli.command()
-    @click.option("--home", default="./.lockgate", show_default=True, help="Where JetStream and chDB keep data.")
-    @click.option("--demo", is_flag=True, help="Run the demo once the stack is up.")
-    @click.option("--nats-port", default=4222, show_default=True)
-    @click.option("--router-port", default=8080, show_default=True)
-    @click.option("--grpc-port", default=50051, show_default=True)
-    @click.option("--sim-port", default=9000, show_default=True)
+    @up_options
     @click.pass_context
     @handle_errors
-    def up(ctx: click.Context, home: str, demo: bool, nats_port: int, router_port: int, grpc_port: int,
-           sim_port: int) -> None:
+    def up(ctx: click.Context, home: str, nats_port: int, router_port: int, grpc_port: int) -> None:
         """Start the embedded stack: nats-server, chDB and every service in one process."""
-        settings: Settings = ctx.obj["settings"]
-        home_path = Path(home)
-        clickhouse = settings.clickhouse_url
-        if clickhouse == Settings().clickhouse_url:  # not configured: keep it beside JetStream's data
-            clickhouse = f"chdb://{(home_path / 'clickhouse').resolve()}"
-        settings = settings.replace(home=str(home_path), clickhouse_url=clickhouse,
-                                    nats_url=f"nats://127.0.0.1:{nats_port}", router_port=router_port,
-                                    grpc_port=grpc_port, sim_port=sim_port)
+        settings = embedded_settings(ctx.obj["settings"], home, nats_port, router_port, grpc_port)
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_up(settings, demo, None))
+            asyncio.run(serve_stack(settings))
 
     @cli.command()
-    @click.argument("service", type=click.Choice(["sink", "lineage", "evaluator", "gatekeeper", "router",
-                                                  "drift", "cost"]))
+    @click.argument("service")
     @click.option("--grpc", "grpc_port", type=int, help="Also serve the gRPC API on this port.")
     @click.option("--router-port", type=int, help="HTTP port of the router.")
     @click.pass_context
     @handle_errors
     def serve(ctx: click.Context, service: str, grpc_port: int | None, router_port: int | None) -> None:
-        """Run one service against an external NATS and ClickHouse (distributed mode)."""
-        from lockgate.runtime import Runtime
+        """Run one SERVICE (sink, router, ...) against an external NATS and ClickHouse (distributed mode)."""
+        from lockgate.server.registry import factory
+        from lockgate.server.runtime import Runtime
+
+        factory(service)  # an unknown name fails here with the list of services
 
         settings: Settings = ctx.obj["settings"].replace(host="0.0.0.0", grpc_port=grpc_port,
                                                          router_port=router_port)
@@ -107,31 +112,6 @@ def register(cli: click.Group) -> None:
                 await _until_signalled()
             finally:
                 await runtime.stop()
-
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run())
-
-    @cli.command()
-    @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-                  help="YAML: models with answers, latency and error rate. Default: the demo models.")
-    @click.option("--host", default="127.0.0.1", show_default=True)
-    @click.option("--port", default=9000, show_default=True)
-    @handle_errors
-    def sim(config_path: str | None, host: str, port: int) -> None:
-        """Run the simulated OpenAI-compatible upstream (a SIMULATOR for demos and tests, not a model)."""
-        from lockgate import sim as simulator
-        from lockgate.demo import demo_sim_config
-
-        config = simulator.load_config(config_path) if config_path else demo_sim_config()
-
-        async def run() -> None:
-            server = simulator.SimServer(config, host=host, port=port)
-            await server.start()
-            console.print(f"simulator listening on {server.url} with models: {', '.join(config.models)}")
-            try:
-                await _until_signalled()
-            finally:
-                await server.stop()
 
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(run())

@@ -1,4 +1,4 @@
-"""Commands that drive releases through a running stack: artifacts, releases, evals, the demo."""
+"""Commands that drive releases through a running stack: artifacts, releases, evals."""
 
 from __future__ import annotations
 
@@ -94,19 +94,6 @@ def register(cli: click.Group) -> None:
             emit_json(result)
             return
         _print_eval(result, candidate)
-
-    @cli.command()
-    @click.option("--router", "router_url", default="http://127.0.0.1:8080", show_default=True)
-    @click.option("--sim", "sim_url", default="http://127.0.0.1:9000/v1", show_default=True)
-    @click.option("--traffic", default=1200, show_default=True, help="Minimum requests sent through the router.")
-    @click.pass_context
-    @handle_errors
-    def demo(ctx: click.Context, router_url: str, sim_url: str, traffic: int) -> None:
-        """Run the demo against a running stack (`lockgate up` in another terminal)."""
-        from lockgate.demo import run_demo
-
-        with_bus(ctx.obj["settings"], lambda bus: run_demo(bus, router_url=router_url, sim_url=sim_url,
-                                                             console=console, traffic=traffic))
 
 
 def _fmt(value: Any) -> str:

@@ -15,17 +15,17 @@ import msgspec
 
 from lockgate.bus import Bus
 from lockgate.config import Settings
-from lockgate.natsserver import NatsServer
 from lockgate.queries import registry
-from lockgate.service import ServiceContext
-from lockgate.services import REGISTRY, ServiceSet
+from lockgate.server.natsserver import NatsServer
+from lockgate.server.registry import ServiceSet, available
+from lockgate.server.service import ServiceContext
 from lockgate.store import open_store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
 
-log = logging.getLogger("lockgate.runtime")
+log = logging.getLogger("lockgate.server.runtime")
 
-ALL_SERVICES = list(REGISTRY)
+
 
 
 def _json_default(value: Any) -> Any:
@@ -49,7 +49,7 @@ class Runtime:
     def __init__(self, settings: Settings, *, services: list[str] | None = None, embedded_nats: bool = True,
                  grpc: bool = True, query_responder: bool = True) -> None:
         self.settings = settings
-        self.names = services or ALL_SERVICES
+        self.names = services or available()
         self.embedded_nats = embedded_nats
         self.grpc_enabled = grpc
         self.query_enabled = query_responder

@@ -266,14 +266,14 @@ class SimServer:
 
 
 async def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 9000) -> None:
-    """Run the simulator until cancelled (used by `python -m lockgate.sim`)."""
+    """Run the simulator until cancelled (used by `python -m lockgate_dev.sim`)."""
     async with SimServer(config, host, port) as sim:
         print(f"lockgate simulator (not a real model) serving {', '.join(config.models)} at {sim.url}", flush=True)
         await asyncio.Event().wait()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: `python -m lockgate.sim [--config sim.yaml] [--port 9000]`."""
+    """Command line: `python -m lockgate_dev.sim [--config sim.yaml] [--port 9000]`."""
     parser = argparse.ArgumentParser(description="Simulated OpenAI-compatible upstream (for demos and tests).")
     parser.add_argument("--config", help="YAML with `models:` and `seed:`; default: one model 'sim-model'")
     parser.add_argument("--host", default="127.0.0.1")

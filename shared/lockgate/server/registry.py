@@ -1,33 +1,39 @@
-"""Start and stop a set of services on one broker (embedded: all; distributed: one)."""
+"""Start and stop a set of services on one broker (embedded: all; distributed: one).
+
+Services are found through the `lockgate.services` entry points declared in pyproject.toml, so
+the lockgate package never imports a service module directly and `lockgate serve router` loads
+the router alone (not the evaluator's scipy or the sink's chDB).
+"""
 
 from __future__ import annotations
 
-import importlib
 import logging
+from collections.abc import Callable
+from importlib.metadata import entry_points
 
 from lockgate.errors import ConfigError
-from lockgate.service import Service, ServiceContext
+from lockgate.server.service import Service, ServiceContext
 
 log = logging.getLogger("lockgate.services")
 
-# Imported by name so the lockgate package never imports a service module directly.
-REGISTRY: dict[str, str] = {
-    "sink": "services.sink.app",
-    "lineage": "services.lineage.app",
-    "evaluator": "services.evaluator.app",
-    "gatekeeper": "services.gatekeeper.app",
-    "router": "services.router.app",
-    "drift": "services.drift.app",
-    "cost": "services.cost.app",
-}
+GROUP = "lockgate.services"
+
+# The order services start in: the store owner first, so facts published at start are persisted.
+ORDER = ("sink", "lineage", "evaluator", "gatekeeper", "router", "drift", "cost")
 
 
-def build(name: str, ctx: ServiceContext) -> Service:
-    """Instantiate one service by name."""
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown service {name!r}; choose from {', '.join(REGISTRY)}")
-    module = importlib.import_module(REGISTRY[name])
-    return module.create(ctx)
+def available() -> list[str]:
+    """Every registered service name, in start order."""
+    names = {ep.name for ep in entry_points(group=GROUP)}
+    return [n for n in ORDER if n in names] + sorted(names - set(ORDER))
+
+
+def factory(name: str) -> Callable[[ServiceContext], Service]:
+    """The `create(ctx)` function of one service."""
+    found = entry_points(group=GROUP, name=name)
+    if not found:
+        raise ConfigError(f"unknown service {name!r}; choose from {', '.join(available())}")
+    return next(iter(found)).load()
 
 
 class ServiceSet:
@@ -35,7 +41,7 @@ class ServiceSet:
 
     def __init__(self, ctx: ServiceContext, names: list[str]) -> None:
         self.ctx = ctx
-        self.services = [build(n, ctx) for n in names]
+        self.services = [factory(n)(ctx) for n in names]
         for svc in self.services:
             ctx.bus.broker.include_router(svc.router)
 

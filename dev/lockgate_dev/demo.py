@@ -23,7 +23,7 @@ from lockgate.codec import Codec
 from lockgate.contracts import EvalRequested, GateDecided, RolloutState
 from lockgate.errors import LockgateError
 from lockgate.ids import uuid7
-from lockgate.sim import ModelSpec, SimConfig
+from lockgate_dev.sim import ModelSpec, SimConfig
 
 DEPLOYMENT = "shop-web"
 APP = "shop"
@@ -32,7 +32,7 @@ MODELS = {BASELINE: "sim-stable", BAD: "sim-bad", GOOD: "sim-good"}
 
 
 def _data(name: str) -> bytes:
-    return resources.files("lockgate.demo_data").joinpath(name).read_bytes()
+    return resources.files("lockgate_dev.demo_data").joinpath(name).read_bytes()
 
 
 def _cases() -> list[dict[str, Any]]:

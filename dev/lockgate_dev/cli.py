@@ -1,0 +1,94 @@
+"""`lockgate dev up`, `lockgate sim` and `lockgate demo`: the simulator and the demo as CLI commands."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import click
+
+from lockgate.cli.access import with_bus
+from lockgate.cli.main import handle_errors
+from lockgate.cli.render import console
+from lockgate.cli.stack import _until_signalled, embedded_settings, serve_stack, up_options
+from lockgate.config import Settings
+from lockgate_dev import sim as simulator
+from lockgate_dev.demo import demo_sim_config, run_demo
+
+
+async def _dev_up(settings: Settings, sim_port: int, demo: bool) -> None:
+    server = simulator.SimServer(demo_sim_config(), host=settings.host, port=sim_port)
+    await server.start()
+    # Upstreams not configured by the operator point at the simulator.
+    default = Settings()
+    settings = settings.replace(
+        stable_upstream=server.url if settings.stable_upstream == default.stable_upstream else None,
+        canary_upstream=server.url if settings.canary_upstream == default.canary_upstream else None,
+    )
+
+    async def on_ready(runtime: object) -> None:
+        if demo:
+            assert runtime.ctx is not None  # type: ignore[attr-defined]
+            router = runtime.services["router"]  # type: ignore[attr-defined]
+            await run_demo(runtime.ctx.bus, router_url=router.url, sim_url=server.url,  # type: ignore[attr-defined]
+                           console=console)
+
+    try:
+        await serve_stack(settings, extra={"simulator": server.url + "  (simulated LLM upstream)"},
+                          on_ready=on_ready)
+    finally:
+        await server.stop()
+
+
+def register(cli: click.Group) -> None:
+    """Attach the dev commands to the `lockgate` group."""
+
+    @cli.group()
+    def dev() -> None:
+        """Development: the embedded stack with a simulated upstream, and the demo."""
+
+    @dev.command("up")
+    @up_options
+    @click.option("--sim-port", default=9000, show_default=True)
+    @click.option("--demo", is_flag=True, help="Run the demo once the stack is up.")
+    @click.pass_context
+    @handle_errors
+    def dev_up(ctx: click.Context, home: str, nats_port: int, router_port: int, grpc_port: int, sim_port: int,
+               demo: bool) -> None:
+        """Start the embedded stack with the simulator as its upstream (`make run` adds --demo)."""
+        settings = embedded_settings(ctx.obj["settings"], home, nats_port, router_port, grpc_port)
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_dev_up(settings, sim_port, demo))
+
+    @cli.command()
+    @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+                  help="YAML: models with answers, latency and error rate. Default: the demo models.")
+    @click.option("--host", default="127.0.0.1", show_default=True)
+    @click.option("--port", default=9000, show_default=True)
+    @handle_errors
+    def sim(config_path: str | None, host: str, port: int) -> None:
+        """Run the simulated OpenAI-compatible upstream (a SIMULATOR for demos and tests, not a model)."""
+        config = simulator.load_config(config_path) if config_path else demo_sim_config()
+
+        async def run() -> None:
+            server = simulator.SimServer(config, host=host, port=port)
+            await server.start()
+            console.print(f"simulator listening on {server.url} with models: {', '.join(config.models)}")
+            try:
+                await _until_signalled()
+            finally:
+                await server.stop()
+
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run())
+
+    @cli.command()
+    @click.option("--router", "router_url", default="http://127.0.0.1:8080", show_default=True)
+    @click.option("--sim", "sim_url", default="http://127.0.0.1:9000/v1", show_default=True)
+    @click.option("--traffic", default=1200, show_default=True, help="Minimum requests sent through the router.")
+    @click.pass_context
+    @handle_errors
+    def demo(ctx: click.Context, router_url: str, sim_url: str, traffic: int) -> None:
+        """Run the demo against a running stack (`lockgate dev up` in another terminal)."""
+        with_bus(ctx.obj["settings"], lambda bus: run_demo(bus, router_url=router_url, sim_url=sim_url,
+                                                             console=console, traffic=traffic))
