@@ -1,0 +1,223 @@
+"""The one batcher: items gathered by count, bytes and age, handed to one flush function.
+
+Every "buffer + timer + flush" in lockgate is this class: the router's and the SDK's inference
+events, gRPC ingest, the evaluator's case writer and the sink's inserts. Two ways in:
+
+- `add(item)`: fire and forget, never blocks; when the buffer holds `capacity` items the
+  overflow policy decides (`drop_newest` refuses the new item, `drop_oldest` evicts the oldest);
+  every loss is counted in `dropped`.
+- `await submit(item)`: returns when the flush holding the item finished and raises what that
+  flush raised, so a consumer acks a message only once its rows are stored.
+
+`await flush()` returns once everything added before the call is flushed; `await close()` stops
+the timer and really flushes what is left. At most `max_in_flight` flushes run at once, so a
+slow sink backs the buffer up instead of memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Generic, Literal, TypeVar
+
+T = TypeVar("T")
+Overflow = Literal["drop_newest", "drop_oldest"]
+
+log = logging.getLogger("lockgate.batcher")
+
+
+class Batcher(Generic[T]):
+    """Buffers items; flushes a batch when it has `max_items` items or `max_bytes` bytes, or its
+    oldest item is `max_age_s` old."""
+
+    def __init__(
+        self,
+        flush: Callable[[list[T]], Awaitable[None]],
+        *,
+        max_items: int = 500,
+        max_age_s: float = 0.05,
+        max_bytes: int | None = None,
+        size: Callable[[T], int] | None = None,
+        capacity: int = 100_000,
+        overflow: Overflow = "drop_newest",
+        max_in_flight: int = 1,
+        isolate: Callable[[BaseException], bool] | None = None,
+        name: str = "batcher",
+    ) -> None:
+        if max_bytes is not None and size is None:
+            raise ValueError("max_bytes needs a size function")
+        self._flush_fn = flush
+        self.max_items = max_items
+        self.max_age_s = max_age_s
+        self.max_bytes = max_bytes
+        self._size = size
+        self.capacity = capacity
+        self.overflow = overflow
+        # A failed batch of several items is flushed again one item at a time when `isolate`
+        # says so, so one poison item cannot fail the others.
+        self._isolate = isolate
+        self.name = name
+        self._items: deque[tuple[T, asyncio.Future[None] | None]] = deque()
+        self._bytes = 0
+        self._added = 0  # items ever accepted
+        self._taken = 0  # items ever handed to a flush
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._wake = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._runner: asyncio.Task[None] | None = None
+        self._closed = False
+        self.dropped = 0
+        self.flushed = 0
+        self.failed = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: T) -> bool:
+        """Queue one item without waiting; False when the overflow policy refused it."""
+        return self._append(item, None)
+
+    async def submit(self, item: T) -> None:
+        """Queue one item and wait for the flush that holds it (raising what it raised)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._append(item, fut):
+            raise OverflowError(f"{self.name}: buffer full ({self.capacity} items)")
+        await fut
+
+    async def flush(self) -> None:
+        """Return once every item added before this call has been flushed (or failed)."""
+        target = self._added
+        if self._taken < target:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append((target, fut))
+            self._ensure_runner()
+            self._wake.set()
+            await fut
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+
+    async def close(self) -> None:
+        """Flush everything left, wait for it, then stop the background task."""
+        self._closed = True
+        await self.flush()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+
+    def _append(self, item: T, fut: asyncio.Future[None] | None) -> bool:
+        if self._closed:
+            raise RuntimeError(f"{self.name} is closed")
+        if len(self._items) >= self.capacity:
+            if self.overflow == "drop_newest":
+                self.dropped += 1
+                return False
+            old, old_fut = self._items.popleft()
+            self._bytes -= self._size(old) if self._size else 0
+            self._taken += 1  # the evicted item will never be flushed: flush() must not wait on it
+            self.dropped += 1
+            if old_fut is not None and not old_fut.done():
+                old_fut.set_exception(OverflowError(f"{self.name}: evicted by newer items"))
+        self._items.append((item, fut))
+        self._added += 1
+        if self._size is not None:
+            self._bytes += self._size(item)
+        self._ensure_runner()
+        if len(self._items) == 1 or self._full():  # start the age clock, or flush now
+            self._wake.set()
+        return True
+
+    def _full(self) -> bool:
+        return len(self._items) >= self.max_items or (
+            self.max_bytes is not None and self._bytes >= self.max_bytes
+        )
+
+    def _ensure_runner(self) -> None:
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}:flush")
+
+    async def _run(self) -> None:
+        while True:
+            if not self._items and not self._waiters:
+                self._wake.clear()
+                await self._wake.wait()  # the first item, or a flush() call
+            if not self._full() and not self._waiters:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):  # the age limit passed before the batch filled
+                    await asyncio.wait_for(self._wake.wait(), self.max_age_s)
+            # Take a flush slot before the items, so the backlog waits in the buffer (bounded)
+            # rather than in tasks.
+            while self._items:
+                await self._slots.acquire()
+                batch = self._take()
+                task = asyncio.create_task(self._flush_batch(batch))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+                self._release_waiters()
+                if not self._full() and not self._waiters:
+                    break
+            self._release_waiters()
+
+    def _take(self) -> list[tuple[T, asyncio.Future[None] | None]]:
+        batch: list[tuple[T, asyncio.Future[None] | None]] = []
+        size = 0
+        while self._items and len(batch) < self.max_items:
+            if self.max_bytes is not None and batch and size >= self.max_bytes:
+                break
+            entry = self._items.popleft()
+            if self._size is not None:
+                n = self._size(entry[0])
+                size += n
+                self._bytes -= n
+            batch.append(entry)
+        self._taken += len(batch)
+        return batch
+
+    def _release_waiters(self) -> None:
+        still = []
+        for target, fut in self._waiters:
+            if self._taken >= target:
+                if not fut.done():
+                    fut.set_result(None)
+            else:
+                still.append((target, fut))
+        self._waiters = still
+
+    async def _flush_batch(self, batch: list[tuple[T, asyncio.Future[None] | None]]) -> None:
+        try:
+            await self._flush_fn([item for item, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1 and self._isolate is not None and self._isolate(exc):
+                log.warning("%s: batch of %d failed (%r); flushing one by one", self.name, len(batch), exc)
+                for entry in batch:
+                    await self._flush_one(entry)
+            else:
+                self._settle(batch, exc)
+        else:
+            self._settle(batch, None)
+        finally:
+            self._slots.release()
+
+    async def _flush_one(self, entry: tuple[T, asyncio.Future[None] | None]) -> None:
+        try:
+            await self._flush_fn([entry[0]])
+        except Exception as exc:
+            self._settle([entry], exc)
+        else:
+            self._settle([entry], None)
+
+    def _settle(self, batch: list[tuple[T, asyncio.Future[None] | None]], exc: BaseException | None) -> None:
+        if exc is None:
+            self.flushed += len(batch)
+        else:
+            self.failed += len(batch)
+            if all(fut is None for _, fut in batch):  # nobody awaits these items: say so here
+                log.warning("%s: flush of %d items failed: %r", self.name, len(batch), exc)
+        for _, fut in batch:
+            if fut is not None and not fut.done():
+                fut.set_exception(exc) if exc is not None else fut.set_result(None)
