@@ -7,6 +7,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lockgate.server.service import Progress
 
@@ -55,3 +56,18 @@ class Process:
     @property
     def output(self) -> str:
         return "".join(self.lines)
+
+
+def metric_points(reader: Any, name: str) -> dict[tuple[tuple[str, Any], ...], Any]:
+    """One metric's points from an InMemoryMetricReader, by sorted attributes: a counter's value or
+    a histogram's count."""
+    out: dict[tuple[tuple[str, Any], ...], Any] = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data else ():
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        value = point.value if hasattr(point, "value") else point.count
+                        out[tuple(sorted((point.attributes or {}).items()))] = value
+    return out

@@ -18,7 +18,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from yarl import URL
 
-from lockgate import telemetry
+from lockgate import metrics, telemetry
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.redact import scrub_event
@@ -145,6 +145,7 @@ class Proxy:
             span.end()
             raise
         self.batcher.add(scrub_event(event))  # secrets never leave the router, not even on the bus
+        metrics.router_request(variant, rec.status, rec.latency_ms / 1000.0)
         _end_span(span, event)
 
     async def _once(self, target: domain.Target, body: bytes, up_headers: dict[str, str],

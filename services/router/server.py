@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from lockgate import metrics
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.router.admin import Admin
 from lockgate.services.router.batcher import EventBatcher
@@ -36,6 +37,7 @@ class RouterService(Service):
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.proxy.chat)
         app.router.add_get("/healthz", self._health)
+        app.router.add_get("/metrics", metrics.serve_prometheus)  # on the gateway's port: no second listener
         self.admin.add_routes(app)
         return app
 

@@ -7,6 +7,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
+from lockgate import metrics
 from lockgate.bus import Delivery
 from lockgate.contracts import DeadLetter, InferenceEvent, SpanBatch
 from lockgate.server.service import Progress, ServiceContext
@@ -57,6 +58,7 @@ class SinkHandlers:
         """
         stored = await self._already_stored(items)
         self.skipped_redeliveries += len(stored)
+        metrics.redeliveries_skipped("sink", len(stored))
         events: list[InferenceEvent] = []
         msg_ids: list[str] = []
         spans = []

@@ -15,7 +15,7 @@ from faststream import AckPolicy
 from faststream.nats import JStream, NatsBroker, NatsMessage, NatsRouter, PullSub
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 
-from lockgate import telemetry
+from lockgate import metrics, telemetry
 from lockgate.codec import Codec, encode
 from lockgate.contracts import DeadLetter, Event
 from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, Retryable
@@ -158,7 +158,7 @@ class Bus:
             deliveries=deliveries,
         )
         self.stats.dead_letters += 1
-        telemetry.count_dead_letter(origin)
+        metrics.dead_letter(origin)
         log.warning("dead letter from %s on %s: %s", origin, subject, reason)
         await self.publish(self.subjects.dlq(origin), letter)
 

@@ -11,7 +11,7 @@ from collections import deque
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lockgate.telemetry")
 _propagator = TraceContextTextMapPropagator()
 _getter = DefaultGetter()
-_meter = metrics.get_meter("lockgate")
-_dead_letters = _meter.create_counter("lockgate.dead_letters", description="messages sent to the DLQ")
 
 _KIND = {
     SpanKind.INTERNAL: "Internal",
@@ -55,14 +53,6 @@ def extract(headers: dict[str, str]) -> Any:
         return _propagator.extract(headers, getter=_getter)
     except Exception:
         return None
-
-
-def count_dead_letter(origin: str) -> None:
-    """Count one dead letter in the metrics."""
-    try:
-        _dead_letters.add(1, {"origin": origin})
-    except Exception:
-        log.debug("metric failed", exc_info=True)
 
 
 def _attrs(values: Any) -> dict[str, str]:

@@ -8,11 +8,12 @@ import contextlib
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import msgspec
 
+from lockgate import metrics
 from lockgate.bus import Bus
 from lockgate.config import Settings
 from lockgate.queries import registry
@@ -22,6 +23,9 @@ from lockgate.server.service import ServiceContext
 from lockgate.store import open_store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
 
 log = logging.getLogger("lockgate.server.runtime")
 
@@ -58,6 +62,7 @@ class Runtime:
         self.ctx: ServiceContext | None = None
         self.grpc: Any = None
         self._exporter: asyncio.Task[None] | None = None
+        self._meters: MeterProvider | None = None
         self._query_sub: Any = None
 
     async def start(self) -> None:
@@ -75,6 +80,9 @@ class Runtime:
             self.nats = NatsServer(Path(s.home) / "nats", port=port, host=urlparse(s.nats_url).hostname or s.host)
             await self.nats.start()
             self.settings = s = s.replace(nats_url=self.nats.url)
+        # One MeterProvider per process; its service.name says which services the process hosts.
+        service_name = "lockgate" if len(self.names) > 1 else f"lockgate-{self.names[0]}"
+        self._meters = metrics.install(service_name, otlp_endpoint=s.otlp_endpoint)
         store = await asyncio.to_thread(open_store, s.clickhouse_url, s.database)
         bus = Bus(s.nats_url, Subjects(s.prefix), name="lockgate-" + "+".join(self.names))
         await bus.connect()
@@ -132,5 +140,8 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await self.ctx.bus.close()
             self.ctx.store.close()
+        if self._meters is not None:
+            await asyncio.to_thread(metrics.shutdown, self._meters)  # a last OTLP export, if configured
+            self._meters = None
         if self.nats is not None:
             self.nats.stop()
