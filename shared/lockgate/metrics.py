@@ -63,7 +63,8 @@ _provider: MeterProvider | None = None
 _registry: CollectorRegistry | None = None
 
 
-def install(service_name: str, *, otlp_endpoint: str = "", readers: Sequence[MetricReader] = ()) -> MeterProvider:
+def install(service_name: str, *, otlp_endpoint: str = "",
+            readers: Sequence[MetricReader] = ()) -> MeterProvider:
     """Make this process's MeterProvider (replacing an earlier one): Prometheus text always, OTLP if configured.
 
     `readers` adds more (tests pass an InMemoryMetricReader).
@@ -79,7 +80,8 @@ def install(service_name: str, *, otlp_endpoint: str = "", readers: Sequence[Met
         # Imported only when used: requests and protobuf are not worth their memory otherwise.
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-        all_readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(endpoint=_metrics_url(otlp_endpoint))))
+        exporter = OTLPMetricExporter(endpoint=_metrics_url(otlp_endpoint))
+        all_readers.append(PeriodicExportingMetricReader(exporter))
     provider = MeterProvider(
         metric_readers=all_readers,
         resource=Resource.create({"service.name": service_name, "service.version": __version__}),
@@ -91,7 +93,7 @@ def install(service_name: str, *, otlp_endpoint: str = "", readers: Sequence[Met
 
 
 def shutdown(provider: MeterProvider | None = None) -> None:
-    """Export once more and stop `provider` (default: the installed one); blocks on OTLP, so run it off the loop."""
+    """Export once more and stop `provider` (default: the installed one); blocks on OTLP, so not on the loop."""
     global _instruments, _provider, _registry
     provider = provider or _provider
     if provider is None:

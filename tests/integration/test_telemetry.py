@@ -1,24 +1,95 @@
-"""Metrics on a real nats-server and chDB: dead letters, and /metrics on a running router."""
+"""Spans over NATS behind the SDK's BatchSpanProcessor, and metrics, on a real nats-server and chDB."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExportResult
 from prometheus_client.parser import text_string_to_metric_families
 
 from lockgate.bus import Bus
 from lockgate.codec import Codec
-from lockgate.contracts import InferenceEvent
+from lockgate.config import Settings
+from lockgate.contracts import InferenceEvent, SpanBatch
 from lockgate.server.service import ServiceContext
+from lockgate.subjects import Subjects
+from lockgate.telemetry import NatsSpanExporter, Telemetry
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import metric_points
+from tests.helpers import eventually, metric_points
 
 pytestmark = pytest.mark.timeout(60)
 
+_spans: Codec[SpanBatch] = Codec(SpanBatch)
 _events: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
+
+
+async def test_force_flush_ships_ended_spans_to_the_subject(bus: Bus) -> None:
+    sub = await bus.nc.subscribe(bus.subjects.spans)
+    exporter = NatsSpanExporter(bus, asyncio.get_running_loop())
+    # The processor's own schedule is far beyond the test: only force_flush can ship these.
+    telemetry = Telemetry(exporter=exporter, schedule_delay_ms=600_000)
+    tracer = telemetry.tracer("test")
+    with tracer.start_as_current_span("parent"):
+        tracer.start_span("child").end()
+    assert await asyncio.to_thread(telemetry.force_flush) is True
+
+    batch = _spans.decode((await sub.next_msg(timeout=10)).data)
+    by_name = {s.name: s for s in batch.spans}
+    assert set(by_name) == {"parent", "child"}
+    assert by_name["child"].parent_span_id == by_name["parent"].span_id
+    assert by_name["child"].trace_id == by_name["parent"].trace_id
+    assert by_name["parent"].service == "lockgate-test"
+    assert exporter.exported == 2
+    await telemetry.shutdown()
+
+
+async def test_force_flush_on_the_event_loop_thread_does_not_block_it(bus: Bus) -> None:
+    sub = await bus.nc.subscribe(bus.subjects.spans)
+    exporter = NatsSpanExporter(bus, asyncio.get_running_loop())
+    telemetry = Telemetry(exporter=exporter, schedule_delay_ms=600_000)
+    telemetry.tracer("test").start_span("from the loop").end()
+    # Waiting for the publish here would block the loop that must do it: it is handed over instead.
+    assert telemetry.force_flush() is True
+    batch = _spans.decode((await sub.next_msg(timeout=10)).data)
+    assert [s.name for s in batch.spans] == ["from the loop"]
+    await telemetry.shutdown()
+
+
+async def test_shutdown_flushes_spans_into_otel_traces(context: ServiceContext, run_services: Any) -> None:
+    svcs = await run_services("sink")
+    sink = svcs["sink"].handlers
+    telemetry = Telemetry(exporter=NatsSpanExporter(context.bus, asyncio.get_running_loop()),
+                          schedule_delay_ms=600_000)
+    tracer = telemetry.tracer("router")
+    trace_ids = set()
+    for i in range(5):
+        span = tracer.start_span(f"chat {i}", attributes={"lockgate.release": "r1"})
+        trace_ids.add(format(span.get_span_context().trace_id, "032x"))
+        span.end()
+    await telemetry.shutdown()  # no force_flush: stopping must ship what is queued
+
+    def stored() -> bool:
+        return context.store.scalar("SELECT count() FROM otel_traces WHERE ServiceName = 'lockgate-router'") >= 5
+
+    await eventually(stored, [sink.spans], what="spans in otel_traces")
+    rows = context.store.rows("SELECT TraceId, SpanAttributes['lockgate.release'] AS release FROM otel_traces")
+    assert {r["TraceId"] for r in rows} == trace_ids
+    assert {r["release"] for r in rows} == {"r1"}
+
+
+async def test_export_to_a_closed_bus_fails_without_raising(settings: Settings) -> None:
+    gone = Bus(settings.nats_url, Subjects(settings.prefix), name="gone")
+    await gone.connect()
+    await gone.close()
+    exporter = NatsSpanExporter(gone, asyncio.get_running_loop(), timeout_s=2.0)
+    span = TracerProvider().get_tracer("t").start_span("lost")
+    span.end()
+    assert await asyncio.to_thread(exporter.export, [span]) is SpanExportResult.FAILURE
 
 
 async def test_dead_letters_are_counted_by_origin(bus: Bus, metric_reader: InMemoryMetricReader) -> None:
@@ -30,6 +101,9 @@ async def test_dead_letters_are_counted_by_origin(bus: Bus, metric_reader: InMem
     }
 
 
+_ROUTER_SAMPLES = ("lockgate_router_requests_total", "lockgate_router_request_duration_seconds_count")
+
+
 async def _scrape(http: aiohttp.ClientSession, base: str) -> dict[tuple[str, str, str], float]:
     """Router request samples from GET /metrics: (sample name, variant, status) -> value."""
     async with http.get(f"{base}/metrics") as resp:
@@ -39,7 +113,7 @@ async def _scrape(http: aiohttp.ClientSession, base: str) -> dict[tuple[str, str
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in ("lockgate_router_requests_total", "lockgate_router_request_duration_seconds_count"):
+            if sample.name in _ROUTER_SAMPLES:
                 out[(sample.name, sample.labels["variant"], sample.labels["status"])] = sample.value
     return out
 

@@ -1,4 +1,4 @@
-"""Metrics read back with an InMemoryMetricReader."""
+"""Metrics read back with an InMemoryMetricReader; spans flushed through the SDK's BatchSpanProcessor."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from lockgate import metrics
 from lockgate.batcher import Batcher
+from lockgate.telemetry import Telemetry, extract
 from tests.helpers import metric_points
 
 
@@ -30,7 +32,8 @@ async def test_batcher_drops_are_counted_by_reason(metric_reader: InMemoryMetric
     async def slow(items: list[int]) -> None:
         await gate.wait()
 
-    b: Batcher[int] = Batcher(slow, max_items=1, max_age_s=60, capacity=2, on_drop=metrics.drop_counter("router"))
+    b: Batcher[int] = Batcher(slow, max_items=1, max_age_s=60, capacity=2,
+                              on_drop=metrics.drop_counter("router"))
     assert [b.add(i) for i in range(5)] == [True, True, False, False, False]
     gate.set()
     await b.close()
@@ -125,6 +128,32 @@ def test_recording_never_raises(metric_reader: InMemoryMetricReader, monkeypatch
 def test_otlp_endpoint_is_a_base_url() -> None:
     assert metrics._metrics_url("http://collector:4318/") == "http://collector:4318/v1/metrics"
     assert metrics._metrics_url("http://collector:4318/v1/metrics") == "http://collector:4318/v1/metrics"
+
+
+def test_force_flush_exports_ended_spans_at_once() -> None:
+    exporter = InMemorySpanExporter()
+    # A schedule far beyond the test: only force_flush can have exported these.
+    telemetry = Telemetry(exporter=exporter, schedule_delay_ms=600_000)
+    tracer = telemetry.tracer("unit")
+    for name in ("a", "b", "c"):
+        tracer.start_span(name).end()
+    assert telemetry.force_flush() is True
+    spans = exporter.get_finished_spans()
+    assert sorted(s.name for s in spans) == ["a", "b", "c"]
+    assert {s.resource.attributes["service.name"] for s in spans} == {"lockgate-unit"}
+    asyncio.run(telemetry.shutdown())
+
+
+def test_sampling_ratio_zero_records_nothing_but_follows_a_sampled_parent() -> None:
+    exporter = InMemorySpanExporter()
+    telemetry = Telemetry(sample_ratio=0.0, exporter=exporter, schedule_delay_ms=600_000)
+    tracer = telemetry.tracer("unit")
+    tracer.start_span("root").end()
+    parent = extract({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    tracer.start_span("child", context=parent).end()
+    telemetry.force_flush()
+    assert [s.name for s in exporter.get_finished_spans()] == ["child"]
+    asyncio.run(telemetry.shutdown())
 
 
 def test_the_sdk_loads_no_telemetry_stack() -> None:

@@ -22,7 +22,7 @@ from lockgate.server.registry import ServiceSet, available
 from lockgate.server.service import ServiceContext
 from lockgate.store import open_store
 from lockgate.subjects import Subjects
-from lockgate.telemetry import Telemetry
+from lockgate.telemetry import NatsSpanExporter, Telemetry
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics import MeterProvider
@@ -61,7 +61,6 @@ class Runtime:
         self.services: ServiceSet | None = None
         self.ctx: ServiceContext | None = None
         self.grpc: Any = None
-        self._exporter: asyncio.Task[None] | None = None
         self._meters: MeterProvider | None = None
         self._query_sub: Any = None
 
@@ -86,11 +85,11 @@ class Runtime:
         store = await asyncio.to_thread(open_store, s.clickhouse_url, s.database)
         bus = Bus(s.nats_url, Subjects(s.prefix), name="lockgate-" + "+".join(self.names))
         await bus.connect()
-        telemetry = Telemetry(sample_ratio=s.trace_sample_ratio)
+        telemetry = Telemetry(sample_ratio=s.trace_sample_ratio,
+                              exporter=NatsSpanExporter(bus, asyncio.get_running_loop()))
         self.ctx = ServiceContext(bus=bus, store=store, telemetry=telemetry, settings=s)
         self.services = ServiceSet(self.ctx, self.names)
         await self.services.start()
-        self._exporter = asyncio.create_task(telemetry.run_exporter(bus), name="telemetry-exporter")
         if self.query_enabled:
             self._query_sub = await bus.nc.subscribe(bus.subjects.query, queue="lockgate-query", cb=self._on_query)
         if self.grpc_enabled:
@@ -132,11 +131,8 @@ class Runtime:
                 await self._query_sub.unsubscribe()
         if self.services is not None:
             await self.services.stop()
-        if self._exporter is not None:
-            self._exporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._exporter
         if self.ctx is not None:
+            await self.ctx.telemetry.shutdown()  # the services' last spans, while the bus still publishes
             with contextlib.suppress(Exception):
                 await self.ctx.bus.close()
             self.ctx.store.close()
