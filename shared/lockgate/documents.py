@@ -20,7 +20,7 @@ T = TypeVar("T")
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
 NonNegative = Annotated[float, msgspec.Meta(ge=0)]
 Count = Annotated[int, msgspec.Meta(ge=0)]
-ArtifactHash = Annotated[str, msgspec.Meta(pattern=r"^sha256:\S")]
+ArtifactHash = Annotated[str, msgspec.Meta(pattern="^sha256:")]
 
 
 def convert(raw: Any, type_: type[T], *, name: str, error: type[LockgateError] = ConfigError) -> T:
