@@ -132,7 +132,8 @@ class Suite(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     name: str
     prompt: Prompt
     dataset: ArtifactHash | Dataset
-    scorers: Annotated[tuple[str | ScorerSpec, ...], msgspec.Meta(min_length=1)]  # `- name` is {name: name}
+    # `- exact_match` is short for `- {name: exact_match}`; every item is a ScorerSpec once decoded
+    scorers: Annotated[tuple[str | ScorerSpec, ...], msgspec.Meta(min_length=1)]
     model: str = ""
     repeats: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
     margin: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.05
