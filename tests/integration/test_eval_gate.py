@@ -152,7 +152,7 @@ async def test_bad_policy_blocks_naming_the_problem(
                           request(release="v1", suite=suite, endpoint=sim.url, model="good", policy=broken.hash))
         decision = await next_decision(gates)
     assert decision.decision == "BLOCK"
-    assert f"policy {broken.hash} is unusable" in decision.reason and "policy.rules[0].op" in decision.reason
+    assert f"policy {broken.hash} is unusable" in decision.reason and "at `$.rules[0].op`" in decision.reason
     assert latest_decision(store, "v1")["reason"] == decision.reason
 
 
