@@ -34,8 +34,11 @@ class ScorerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
         return 1.0 if self.threshold is None else self.threshold
 
 
-class Case(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One dataset row: template variables (`vars`, or the shorthand `input`) and the expected answer."""
+class Case(msgspec.Struct, frozen=True, kw_only=True):
+    """One dataset row: template variables (`vars`, or the shorthand `input`) and the expected answer.
+
+    Unlike the suite and policy, extra columns are allowed: real datasets carry metadata (source,
+    tags, slice labels) beside the fields an eval reads."""
 
     expected: Any
     vars: dict[str, Any] | None = None  # always a mapping once decoded: `input` is folded into it
