@@ -105,6 +105,11 @@ def test_malformed_documents_name_the_path(name: str, parse: Callable[..., Any],
     assert message in err.value.message
 
 
+def test_dataset_rows_may_carry_metadata_columns() -> None:
+    cases = evaluator.parse_cases([{"input": "a", "expected": 1, "tags": ["x"], "source": "web"}], where="dataset")
+    assert [(c.id, c.vars, c.expected) for c in cases] == [("0", {"input": "a"}, 1)]
+
+
 @pytest.mark.parametrize(("rows", "message"), [
     ([{"input": "a", "expected": 1}, {"input": 2, "expected": 1}],
      "dataset sha256:d: Expected `str | null`, got `int` - at `$[1].input`"),
@@ -112,11 +117,6 @@ def test_malformed_documents_name_the_path(name: str, parse: Callable[..., Any],
     ([{"id": 7, "input": "a", "expected": 1}, {"id": "7", "input": "b", "expected": 2}],
      "dataset sha256:d: duplicate case id '7' - at `$[1].id`"),
 ])
-def test_dataset_rows_may_carry_metadata_columns() -> None:
-    cases = evaluator.parse_cases([{"input": "a", "expected": 1, "tags": ["x"], "source": "web"}], where="dataset")
-    assert [(c.id, c.vars, c.expected) for c in cases] == [("0", {"input": "a"}, 1)]
-
-
 def test_malformed_datasets_name_the_row(rows: list, message: str) -> None:
     with pytest.raises(SuiteError) as err:
         evaluator.parse_cases(rows, where="dataset sha256:d")
