@@ -247,20 +247,37 @@ class _PullLoop:
         """Create (or update) the durable consumer, bind to it and start fetching."""
         s = self.spec
         try:
-            await self._js.add_consumer(s.stream, config=s.config)  # create-or-update: settings stay current
+            try:
+                await self._js.add_consumer(s.stream, config=s.config)  # create-or-update: settings stay current
+            except nats.js.errors.APIError as exc:
+                # An existing consumer whose fixed settings differ (made by an older build) keeps
+                # its position rather than stop the service; without one, the error stands.
+                try:
+                    await self._js.consumer_info(s.stream, s.durable)
+                except nats.errors.Error:
+                    raise exc from None
+                log.warning("consumer %s kept as it is: %s", s.durable, exc.description)
             self._sub = await self._js.pull_subscribe_bind(durable=s.durable, stream=s.stream)
         except nats.errors.Error as exc:
             raise BusUnavailable(f"cannot create consumer {s.durable} on stream {s.stream}: {exc!r}") from None
         self._task = asyncio.create_task(self._run(), name=f"consume:{s.durable}")
+        self._task.add_done_callback(self._exited)
+
+    def _exited(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("consumer %s stopped fetching: %r", self.spec.durable, task.exception())
 
     async def _run(self) -> None:
         s = self.spec
         workers = 1 if s.ordered else s.max_workers
+        # Fetch again once half the workers (or a whole batch) are free: fetches stay large, and
+        # workers are not left idle until the slowest message of the last fetch is done.
+        room = min(s.batch_size, max(1, workers // 2))
         stop = asyncio.ensure_future(self._stopping.wait())
         failures = 0
         try:
             while not self._stopping.is_set():
-                if len(self._in_flight) >= workers:
+                if workers - len(self._in_flight) < room:
                     await asyncio.wait({*self._in_flight, stop}, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 # Ordered: one message at a time, so a slow handler never holds fetched messages

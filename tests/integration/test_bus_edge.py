@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from lockgate.bus import Bus, Delivery, consume, consume_batch
 from lockgate.codec import Codec
@@ -222,6 +223,26 @@ async def test_stop_finishes_the_handler_in_flight_and_acks_it(bus: Bus) -> None
     assert stopping is not None
     await asyncio.wait_for(stopping, 15)
     assert finished == [event.id]
+
+
+async def test_an_existing_consumer_with_other_fixed_settings_is_kept(bus: Bus) -> None:
+    """A durable made by an older build (here: deliver policy `new`) keeps its position."""
+    durable = bus.subjects.durable("test", "legacy")
+    stream = bus.subjects.streams["inference"].name
+    await bus.js.add_consumer(stream, ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.NEW,
+                                                     filter_subject=bus.subjects.inference_all))
+    got: asyncio.Queue[InferenceEvent] = asyncio.Queue()
+
+    async def handle(value: InferenceEvent, delivery: Delivery) -> None:
+        await got.put(value)
+
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+            wire_type=InferenceEvent, origin="test", handler=handle)
+    await bus.start()
+    event = InferenceEvent(app="x")
+    await bus.publish(bus.subjects.inference("x"), event)
+    assert (await asyncio.wait_for(got.get(), 10)).id == event.id
+    assert (await bus.js.consumer_info(stream, durable)).config.deliver_policy == DeliverPolicy.NEW
 
 
 # One connection per process: a nats-server of this test's own, with its monitoring port, so its
