@@ -323,9 +323,14 @@ class _PullLoop:
     async def stop(self) -> None:
         """Stop fetching, wait for in-flight handlers (at most GRACE_S), then unsubscribe."""
         self._stopping.set()
-        running = {t for t in (self._task, *self._in_flight) if t is not None}
+        clock = asyncio.get_running_loop()
+        deadline = clock.time() + GRACE_S
+        if self._task is not None:
+            # The loop first: a fetch that ended together with the stop still starts its handlers.
+            await asyncio.wait({self._task}, timeout=GRACE_S)
+        running = {t for t in (self._task, *self._in_flight) if t is not None and not t.done()}
         if running:
-            _, late = await asyncio.wait(running, timeout=GRACE_S)
+            _, late = await asyncio.wait(running, timeout=max(0.0, deadline - clock.time()))
             for task in late:
                 log.warning("consumer %s: handler still running after %.0fs; cancelled", self.spec.durable, GRACE_S)
                 task.cancel()
