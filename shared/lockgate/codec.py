@@ -34,6 +34,8 @@ class Codec(Generic[T]):
             if "Invalid value" in msg and "`$.type`" in msg:
                 raise InvalidEvent(f"unknown event type: {msg}") from None
             raise InvalidEvent(msg) from None
+        except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside strings with Python's codec
+            raise InvalidEvent(f"JSON is not valid UTF-8: {exc}") from None
         for event in value if isinstance(value, list) else (value,):
             if isinstance(event, Event) and event.schema_version > SCHEMA_VERSION:
                 raise UnknownSchemaVersion(

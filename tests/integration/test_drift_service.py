@@ -111,7 +111,7 @@ async def test_a_restart_keeps_the_reference_window(context: ServiceContext, bus
     await bus.publish(subject, _events(50, output=100, seed=1))  # the reference, then the process stops
     await first["drift"].handlers.events.wait_for(50)
     await first.stop()
-    await bus.broker.stop()
+    await bus.stop_consumers()
 
     bus2 = Bus(settings.nats_url, Subjects(settings.prefix), name="restarted")
     await bus2.connect()

@@ -1,4 +1,4 @@
-"""The shape every service has: a FastStream router plus optional background work."""
+"""The shape every service has: its durable consumers plus optional background work."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from faststream.nats import NatsRouter
-
-from lockgate.bus import Bus
+from lockgate.bus import Bus, Consumers
 from lockgate.config import Settings
 from lockgate.store import Store
 from lockgate.telemetry import Telemetry
@@ -53,7 +51,7 @@ class Service:
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.router = NatsRouter()
+        self.consumers = Consumers()  # registered by app.py with consume(); started by the bus
         self.tracer = ctx.telemetry.tracer(self.name)
         self.log = logging.getLogger(f"lockgate.{self.name}")
         self._tasks: list[asyncio.Task[Any]] = []
