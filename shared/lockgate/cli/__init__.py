@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import sys
 
+try:
+    from lockgate.cli.main import main
+except ModuleNotFoundError as _missing:  # a plain install: say what to install, not a traceback
+    _name = _missing.name
 
-def main() -> None:
-    """Console entry point; says what to install when the server extra is missing."""
-    try:
-        from lockgate.cli.main import main as run
-    except ModuleNotFoundError as exc:
-        sys.stderr.write(f"error: the lockgate command needs the server extra ({exc.name} is missing): "
+    def main() -> None:
+        """Console entry point of a plain install: the command needs the server extra."""
+        sys.stderr.write(f"error: the lockgate command needs the server extra ({_name} is missing): "
                          "pip install 'lockgate[server]'\n")
         sys.exit(2)
-    run()
 
 
 __all__ = ["main"]
