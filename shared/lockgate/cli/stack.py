@@ -62,13 +62,16 @@ def embedded_settings(settings: Settings, home: str, nats_port: int, router_port
                             router_port=router_port, grpc_port=grpc_port)
 
 
+_PORT_HELP = "0 picks a free port; the endpoints printed at start show the real one."
+
+
 def up_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options `up` and `dev up` share."""
     for option in reversed((
         click.option("--home", default="./.lockgate", show_default=True, help="Where JetStream and chDB keep data."),
-        click.option("--nats-port", default=4222, show_default=True),
-        click.option("--router-port", default=8080, show_default=True),
-        click.option("--grpc-port", default=50051, show_default=True),
+        click.option("--nats-port", default=4222, show_default=True, help=_PORT_HELP),
+        click.option("--router-port", default=8080, show_default=True, help=_PORT_HELP),
+        click.option("--grpc-port", default=50051, show_default=True, help=_PORT_HELP),
     )):
         func = option(func)
     return func

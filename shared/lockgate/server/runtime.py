@@ -71,8 +71,10 @@ class Runtime:
     async def _start(self) -> None:
         s = self.settings
         if self.embedded_nats:
-            port = urlparse(s.nats_url).port or 4222
-            self.nats = NatsServer(Path(s.home) / "nats", port=port, host=urlparse(s.nats_url).hostname or s.host)
+            url = urlparse(s.nats_url)
+            # port 0 asks nats-server for a free one; the real URL replaces the setting below
+            port = 4222 if url.port is None else url.port
+            self.nats = NatsServer(Path(s.home) / "nats", port=port, host=url.hostname or s.host)
             await self.nats.start()
             self.settings = s = s.replace(nats_url=self.nats.url)
         store = await asyncio.to_thread(open_store, s.clickhouse_url, s.database)
