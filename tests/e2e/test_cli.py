@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,13 +32,15 @@ def run(*args: str, env: dict[str, str], check: bool = True) -> subprocess.Compl
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """`lockgate up` on free ports; yields the environment that points the CLI at it."""
     home = tmp_path_factory.mktemp("home")
-    ports = {name: free_port() for name in ("nats", "router", "grpc", "sim")}
+    ports = {name: free_port() for name in ("nats", "router", "sim")}
     env = {**os.environ, "LOCKGATE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}", "LOCKGATE_ROLLOUT_STEP_INTERVAL_S": "0.2",
            "LOCKGATE_DRIFT_REFERENCE_SIZE": "100", "LOCKGATE_DRIFT_WINDOW_SIZE": "100", "COLUMNS": "200"}
     up = Process([*LOCKGATE, "dev", "up", "--home", str(home), "--nats-port", str(ports["nats"]), "--router-port",
-                  str(ports["router"]), "--grpc-port", str(ports["grpc"]), "--sim-port", str(ports["sim"])],
+                  str(ports["router"]), "--grpc-port", "0", "--sim-port", str(ports["sim"])],
                  env, "lockgate is up")
     assert up.started(120), up.output
+    # the gateway was asked for port 0 and reports the port it bound
+    assert re.search(r"grpc\s+127\.0\.0\.1:[1-9][0-9]*", up.output), up.output
     env["E2E_ROUTER"] = f"http://127.0.0.1:{ports['router']}"
     env["E2E_SIM"] = f"http://127.0.0.1:{ports['sim']}/v1"
     env["E2E_HOME"] = str(home)
