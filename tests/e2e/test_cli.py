@@ -37,7 +37,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
            "LOCKGATE_DRIFT_REFERENCE_SIZE": "100", "LOCKGATE_DRIFT_WINDOW_SIZE": "100", "COLUMNS": "200"}
     up = Process([*LOCKGATE, "dev", "up", "--home", str(home), "--nats-port", str(ports["nats"]), "--router-port",
                   str(ports["router"]), "--grpc-port", "0", "--sim-port", str(ports["sim"])],
-                 env, "lockgate is up")
+                 env, "Ctrl-C stops")  # printed after the endpoints
     assert up.started(120), up.output
     # the gateway was asked for port 0 and reports the port it bound
     assert re.search(r"grpc\s+127\.0\.0\.1:[1-9][0-9]*", up.output), up.output
