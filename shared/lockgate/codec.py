@@ -19,6 +19,24 @@ def encode(value: Any) -> bytes:
     return _encoder.encode(value)
 
 
+def _result_hook(value: Any) -> Any:
+    # msgspec itself writes datetimes and dates as ISO 8601, sets and tuples as arrays, bytes as
+    # base64 (lossless; ClickHouse strings arrive as str anyway), UUIDs and Decimals as strings.
+    # This hook only sees what msgspec cannot encode (an ipaddress, a numpy scalar, ...), which an
+    # operator reads best as its text.
+    return str(value)
+
+
+_result_encoder = msgspec.json.Encoder(enc_hook=_result_hook)
+
+
+def to_json(value: Any, *, indent: int = 0) -> bytes:
+    """JSON of query results and CLI output: the one encoder, so a result reads the same from a
+    running stack (the query service's reply) or straight from ClickHouse (`--clickhouse`)."""
+    data = _result_encoder.encode(value)
+    return msgspec.json.format(data, indent=indent) if indent else data
+
+
 class Codec(Generic[T]):
     """Decoder for one wire type (an event type, a union, or a list of them)."""
 

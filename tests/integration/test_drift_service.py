@@ -10,10 +10,10 @@ import pytest
 from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, DriftReport, InferenceEvent, RolloutState
-from lockgate.queries.drift import drift_reports
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
 from lockgate.services.drift.handlers import DriftHandlers
+from lockgate.services.query.drift import drift_reports
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry

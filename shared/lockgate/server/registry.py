@@ -18,8 +18,9 @@ log = logging.getLogger("lockgate.services")
 
 GROUP = "lockgate.services"
 
-# The order services start in: the store owner first, so facts published at start are persisted.
-ORDER = ("sink", "lineage", "evaluator", "gatekeeper", "router", "drift", "cost")
+# The order services start in: the store's owners first, so facts published at start are persisted
+# and reads at start are answered; the gateway last, so it takes calls once everything runs.
+ORDER = ("sink", "query", "lineage", "evaluator", "gatekeeper", "router", "drift", "cost", "gateway")
 
 
 def available() -> list[str]:

@@ -7,12 +7,14 @@ import contextlib
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lockgate.bus import Bus, Consumers
 from lockgate.config import Settings
-from lockgate.store import Store
 from lockgate.telemetry import Telemetry
+
+if TYPE_CHECKING:  # importing the store loads clickhouse-connect (and chDB): only its owners do
+    from lockgate.store import Store
 
 
 class Progress:
@@ -36,12 +38,17 @@ class Progress:
 
 @dataclass
 class ServiceContext:
-    """What a service is given: the bus, the store, telemetry and settings."""
+    """What a service is given: the bus, telemetry, settings, and the store where the process owns it.
+
+    Only the sink (which writes) and the query service (which reads) use `store`; every other
+    service reads through the query service (`lockgate.queryclient`) and gets None here when it
+    runs in a process of its own.
+    """
 
     bus: Bus
-    store: Store
     telemetry: Telemetry
     settings: Settings
+    store: Store | None = None
 
 
 class Service:

@@ -24,7 +24,7 @@ from lockgate.redact import scrub_event
 from lockgate.signing import Verifier
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
-log = logging.getLogger("lockgate.grpc")
+log = logging.getLogger("lockgate.gateway")
 
 # Keeps each published message well under NATS' default 1 MB max_payload.
 PUBLISH_CHUNK = 500
