@@ -57,3 +57,12 @@ class SignatureError(LockgateError):
     """A signature is missing, malformed or does not verify."""
 
     exit_code = 4
+
+
+class PublishFailed(BusUnavailable):
+    """JetStream did not acknowledge some events even after retries; `sent` of them were published."""
+
+    def __init__(self, message: str, *, sent: int, failed: int) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.failed = failed
