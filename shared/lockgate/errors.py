@@ -73,3 +73,12 @@ class QueryUnavailable(Retryable):
 
 class ReplyTooLarge(LockgateError):
     """A query's result does not fit in one NATS message; ask for fewer rows."""
+
+
+class PublishFailed(BusUnavailable):
+    """JetStream did not acknowledge some events even after retries; `sent` of them were published."""
+
+    def __init__(self, message: str, *, sent: int, failed: int) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.failed = failed
