@@ -1,7 +1,7 @@
 """SDK for applications: emit inference events without blocking, read and follow gate decisions.
 
-Uses nats-py directly so an application needs neither FastStream nor the services. The
-streams and buckets are created by the running stack (`Bus.ensure_topology`).
+Needs only `pip install lockgate` (nats-py, msgspec, cryptography): none of the services'
+dependencies. The streams and buckets are created by the running stack (`Bus.ensure_topology`).
 """
 
 from __future__ import annotations
