@@ -24,7 +24,7 @@ from lockgate.telemetry import Telemetry
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    """A real nats-server with JetStream on a free port and a temp store dir."""
+    """A real nats-server with JetStream on a port it picks itself (port 0) and a temp store dir."""
     server = NatsServer(tmp_path_factory.mktemp("jetstream"))
     asyncio.run(server.start())
     yield server

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import subprocess
 import threading
 import time
@@ -56,6 +57,15 @@ class Process:
     @property
     def output(self) -> str:
         return "".join(self.lines)
+
+
+# "  router      http://127.0.0.1:41234" as `lockgate up` and `lockgate dev up` print their endpoints
+_ENDPOINT = re.compile(r"^  (\w+)\s+([a-z][a-z0-9+.-]*://\S+|\S+:\d+)(?:\s|$)")
+
+
+def printed_endpoints(output: str) -> dict[str, str]:
+    """The endpoints a `lockgate up`-style command printed, by name (the URL without any note after it)."""
+    return {m[1]: m[2] for line in output.splitlines() if (m := _ENDPOINT.match(line))}
 
 
 def metric_points(reader: Any, name: str) -> dict[tuple[tuple[str, Any], ...], Any]:

@@ -49,7 +49,7 @@ def register(cli: click.Group) -> None:
 
     @dev.command("up")
     @up_options
-    @click.option("--sim-port", default=9000, show_default=True)
+    @click.option("--sim-port", default=9000, show_default=True, help="0 picks a free port (printed at start).")
     @click.option("--demo", is_flag=True, help="Run the demo once the stack is up.")
     @click.pass_context
     @handle_errors

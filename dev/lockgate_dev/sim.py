@@ -17,40 +17,30 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 import msgspec
-import yaml
 from aiohttp import web
 
 from lockgate import metrics
-from lockgate.errors import ConfigError
+from lockgate.documents import NonNegative, load_yaml
 from lockgate.ids import uuid7
 
 
-class ModelSpec(msgspec.Struct, kw_only=True):
+class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """How one simulated model answers."""
 
     answers: dict[str, str] = {}
     default: str = "ok"
-    latency_ms: float = 0.0
-    jitter_ms: float = 0.0
-    error_rate: float = 0.0
-    ttft_ms: float = 0.0
-    logprob: float = -0.1  # the natural-log probability reported for every token when `logprobs` is asked
-
-    def __post_init__(self) -> None:
-        # msgspec turns these into ValidationErrors naming the field path.
-        if not 0.0 <= self.error_rate <= 1.0:
-            raise ValueError(f"error_rate must be within [0, 1], got {self.error_rate}")
-        for name in ("latency_ms", "jitter_ms", "ttft_ms"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-        if not self.logprob <= 0:
-            raise ValueError(f"logprob must be <= 0 (a natural-log probability), got {self.logprob}")
+    latency_ms: NonNegative = 0.0
+    jitter_ms: NonNegative = 0.0
+    error_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+    ttft_ms: NonNegative = 0.0
+    # the natural-log probability reported for every token when `logprobs` is asked
+    logprob: Annotated[float, msgspec.Meta(le=0)] = -0.1
 
 
-class SimConfig(msgspec.Struct, kw_only=True):
+class SimConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The simulated models by name, and the seed that makes runs repeatable."""
 
     models: dict[str, ModelSpec]
@@ -58,18 +48,8 @@ class SimConfig(msgspec.Struct, kw_only=True):
 
 
 def load_config(path: str | Path) -> SimConfig:
-    """Read a simulator config from YAML; raises ConfigError saying what is wrong."""
-    p = Path(path)
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read simulator config {p}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"simulator config {p} is not valid YAML: {exc}") from None
-    try:
-        return msgspec.convert(raw, SimConfig)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"simulator config {p} is invalid: {exc}") from None
+    """Read a simulator config from YAML; raises ConfigError naming the path of what is wrong."""
+    return load_yaml(path, SimConfig, name="simulator config")
 
 
 def count_tokens(text: str) -> int:

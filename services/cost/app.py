@@ -19,7 +19,7 @@ class Cost(Service):
         self.price_book = load_price_book(ctx.settings.price_book)
         self.handlers = CostHandlers(ctx, self.price_book)
         s = ctx.bus.subjects
-        consume(ctx.bus, self.router, subject=s.inference_all, stream="inference", durable=s.durable("cost", "inference"),
+        consume(ctx.bus, self.consumers, subject=s.inference_all, stream="inference", durable=s.durable("cost", "inference"),
                 wire_type=list[InferenceEvent] | InferenceEvent, origin="cost",
                 handler=self.handlers.on_inference, batch_size=64, ack_wait_s=ctx.settings.ack_wait_s)
 

@@ -17,10 +17,10 @@ class Drift(Service):
         super().__init__(ctx)
         self.handlers = DriftHandlers(ctx)
         s, bus = ctx.bus.subjects, ctx.bus
-        consume(bus, self.router, subject=s.inference_all, stream="inference", durable=s.durable("drift", "inference"),
+        consume(bus, self.consumers, subject=s.inference_all, stream="inference", durable=s.durable("drift", "inference"),
                 wire_type=list[InferenceEvent] | InferenceEvent, origin="drift",
                 handler=self.handlers.on_inference, batch_size=64, ack_wait_s=ctx.settings.ack_wait_s)
-        consume(bus, self.router, subject=s.rollout_all, stream="events", durable=s.durable("drift", "rollout"),
+        consume(bus, self.consumers, subject=s.rollout_all, stream="events", durable=s.durable("drift", "rollout"),
                 wire_type=RolloutState, origin="drift", handler=self.handlers.on_rollout,
                 ack_wait_s=ctx.settings.ack_wait_s)
 

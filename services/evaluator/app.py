@@ -18,10 +18,11 @@ class Evaluator(Service):
         self.handlers = EvalHandlers(ctx, self.tracer)
         s = ctx.bus.subjects
         # batch_size 1: an eval is long, so each instance pulls one at a time and siblings share the rest;
-        # max_workers lets one instance still run a few evals side by side.
-        consume(ctx.bus, self.router, subject=s.eval_requested, stream="events",
+        # max_workers lets one instance still run a few evals side by side (requests are independent,
+        # so not ordered).
+        consume(ctx.bus, self.consumers, subject=s.eval_requested, stream="events",
                 durable=s.durable("evaluator", "requests"), wire_type=EvalRequested, origin="evaluator",
-                handler=self.handlers.on_requested, batch_size=1, max_workers=4,
+                handler=self.handlers.on_requested, batch_size=1, max_workers=4, ordered=False,
                 ack_wait_s=ctx.settings.ack_wait_s)
 
     async def stop(self) -> None:

@@ -1,4 +1,4 @@
-"""Pure eval logic: suite validation, prompt rendering, scoring and aggregation (no I/O)."""
+"""Pure eval logic: the suite document, prompt rendering, scoring and aggregation (no I/O)."""
 
 from __future__ import annotations
 
@@ -7,24 +7,26 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import msgspec
+
+from lockgate.documents import ArtifactHash, NonEmpty, NonNegative, at, convert, reroot
 from lockgate.errors import ConfigError, LockgateError
 from lockgate.services.evaluator.scorers import ASYNC_SCORERS, check_scorer, get_scorer
 
 
 class SuiteError(ConfigError):
-    """An eval suite or its dataset is malformed; the message names the field."""
+    """An eval suite or its dataset is malformed; the message names the path."""
 
 
-@dataclass(frozen=True)
-class ScorerSpec:
+class ScorerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One scorer of a suite, with its weight in the overall score."""
 
     name: str
-    weight: float = 1.0
-    params: Mapping[str, Any] = field(default_factory=dict)
-    threshold: float | None = None  # pass mark per case; None means a perfect 1.0
+    weight: NonNegative = 1.0
+    params: dict[str, Any] = {}
+    threshold: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None  # pass mark per case; None: a perfect 1.0
 
     @property
     def pass_mark(self) -> float:
@@ -32,32 +34,94 @@ class ScorerSpec:
         return 1.0 if self.threshold is None else self.threshold
 
 
-@dataclass(frozen=True)
-class Case:
-    """One dataset row: template variables and the expected answer."""
+class Case(msgspec.Struct, frozen=True, kw_only=True):
+    """One dataset row: template variables (`vars`, or the shorthand `input`) and the expected answer.
 
-    id: str
-    vars: Mapping[str, Any]
+    Unlike the suite and policy, extra columns are allowed: real datasets carry metadata (source,
+    tags, slice labels) beside the fields an eval reads."""
+
     expected: Any
+    vars: dict[str, Any] | None = None  # always a mapping once decoded: `input` is folded into it
+    id: str | int = ""  # "": the row's position in the dataset
+    input: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.input is not None:
+            if self.vars is not None:
+                raise ValueError("give 'vars' or 'input', not both")
+            msgspec.structs.force_setattr(self, "vars", {"input": self.input})
+            msgspec.structs.force_setattr(self, "input", None)
+        elif self.vars is None:
+            raise ValueError("needs 'vars' (a mapping) or 'input' (a string)")
+        if not isinstance(self.id, str):
+            msgspec.structs.force_setattr(self, "id", str(self.id))
 
 
-@dataclass(frozen=True)
-class TaskSpec:
-    """Where outputs come from: `call` the endpoint, or `recorded` inference events of app/release."""
+Dataset = Annotated[tuple[Case, ...], msgspec.Meta(min_length=1)]
 
-    type: str = "call"
-    app: str = ""
-    release: str = ""
+
+def _numbered(cases: tuple[Case, ...], path: str) -> tuple[Case, ...]:
+    """Rows without an id take their position; ids must be unique (results are keyed by them)."""
+    seen: set[str] = set()
+    for i, case in enumerate(cases):
+        if case.id == "":
+            msgspec.structs.force_setattr(case, "id", str(i))
+        if case.id in seen:
+            raise at(f"{path}[{i}].id", f"duplicate case id {case.id!r}")
+        seen.add(case.id)
+    return cases
+
+
+class Prompt(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The user message template (str.format over a case's vars) and an optional system message."""
+
+    template: str
+    system: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.template.strip():
+            raise ValueError("template must not be blank")
+
+
+class CallTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", tag="call"):
+    """Outputs come from calling the endpoint under evaluation."""
+
+    @property
+    def type(self) -> Literal["call"]:
+        """The task's tag."""
+        return "call"
+
+
+class RecordedTask(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", tag="recorded"):
+    """Outputs come from inference events already recorded for app/release (since a time)."""
+
+    app: NonEmpty
+    release: NonEmpty
     since: str = ""
 
+    def __post_init__(self) -> None:
+        if self.since:
+            try:
+                datetime.fromisoformat(self.since)
+            except ValueError:
+                raise ValueError(f"since: expected an ISO-8601 time, got {self.since!r}") from None
 
-@dataclass(frozen=True)
-class CalibrationSpec:
+    @property
+    def type(self) -> Literal["recorded"]:
+        """The task's tag."""
+        return "recorded"
+
+
+class CalibrationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Where each case's confidence comes from, which scorer decides correctness, and the ECE bins."""
 
     confidence: str  # "logprobs", or "field:<name>" of a JSON output
-    scorer: str
-    bins: int = 10
+    scorer: str = ""  # "": the suite's first scorer
+    bins: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+
+    def __post_init__(self) -> None:
+        if self.confidence != "logprobs" and not self.json_field.strip():
+            raise ValueError(f"confidence: expected 'logprobs' or 'field:<name>', got {self.confidence!r}")
 
     @property
     def json_field(self) -> str:
@@ -65,22 +129,67 @@ class CalibrationSpec:
         return self.confidence.removeprefix("field:") if self.confidence.startswith("field:") else ""
 
 
-@dataclass(frozen=True)
-class Suite:
-    """A validated eval suite. `dataset` is an artifact hash or inline cases."""
+class Suite(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An eval suite. `dataset` is an artifact hash or inline cases."""
 
     name: str
-    template: str
-    scorers: tuple[ScorerSpec, ...]
-    dataset: str | tuple[Case, ...]
-    system: str = ""
+    prompt: Prompt
+    dataset: ArtifactHash | Dataset
+    # `- exact_match` is short for `- {name: exact_match}`; every item is a ScorerSpec once decoded
+    scorers: Annotated[tuple[str | ScorerSpec, ...], msgspec.Meta(min_length=1)]
     model: str = ""
-    repeats: int = 1
-    margin: float = 0.05
-    rate_limit_rps: float = 0.0  # 0: unlimited
-    task: TaskSpec = TaskSpec()
-    price_book: str = ""  # artifact hash of a price book; "" uses the configured one
+    repeats: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
+    margin: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.05
+    rate_limit_rps: NonNegative = 0.0  # 0: unlimited
+    task: CallTask | RecordedTask = CallTask()
+    price_book: Annotated[str, msgspec.Meta(pattern="^(sha256:|$)")] = ""  # "": the configured price book
     calibration: CalibrationSpec | None = None
+
+    def __post_init__(self) -> None:
+        # Checks across fields and against the scorer registry; paths are written out (this is the root).
+        specs: list[ScorerSpec] = []
+        for i, item in enumerate(self.scorers):
+            spec = ScorerSpec(name=item) if isinstance(item, str) else item
+            where = f"$.scorers[{i}]"
+            try:
+                get_scorer(spec.name)
+            except LockgateError as exc:
+                raise at(where if isinstance(item, str) else f"{where}.name", exc.message) from None
+            if any(s.name == spec.name for s in specs):
+                raise at(where, f"scorer {spec.name!r} is listed twice")
+            try:
+                check_scorer(spec.name, spec.params)
+            except msgspec.ValidationError as exc:
+                raise ValueError(reroot(f"{where}.params", exc)) from None
+            except LockgateError as exc:
+                raise at(where, exc.message) from None
+            specs.append(spec)
+        if not any(s.weight > 0 for s in specs):
+            raise at("$.scorers", "at least one scorer needs a weight above 0")
+        msgspec.structs.force_setattr(self, "scorers", tuple(specs))
+        if not isinstance(self.dataset, str):
+            _numbered(self.dataset, "$.dataset")
+        cal = self.calibration
+        if cal is not None:
+            names = [s.name for s in specs]
+            if not cal.scorer:
+                msgspec.structs.force_setattr(cal, "scorer", names[0])
+            elif cal.scorer not in names:
+                raise at("$.calibration.scorer",
+                         f"expected one of the suite's scorers ({', '.join(names)}), got {cal.scorer!r}")
+            if cal.confidence == "logprobs" and self.task.type == "recorded":
+                raise at("$.calibration.confidence", "'logprobs' needs task type 'call' (recorded outputs carry "
+                                                     "no logprobs); use 'field:<name>'")
+
+    @property
+    def template(self) -> str:
+        """The user message template."""
+        return self.prompt.template
+
+    @property
+    def system(self) -> str:
+        """The system message ("" for none)."""
+        return self.prompt.system
 
 
 @dataclass(frozen=True)
@@ -100,187 +209,18 @@ class CaseResult:
     details: Mapping[str, Any] = field(default_factory=dict)  # judge replies, cache hits
 
 
-def _need(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if key not in raw:
-        raise SuiteError(f"{where}: missing required field '{key}'")
-    value = raw[key]
-    if not isinstance(value, kind):
-        raise SuiteError(f"{where}.{key}: expected {_kind_name(kind)}, got {type(value).__name__}")
-    return value
+def parse_suite(raw: Any, *, name: str = "suite") -> Suite:
+    """Decode a suite document (already parsed from YAML/JSON) or raise SuiteError naming the path."""
+    return convert(raw, Suite, name=name, error=SuiteError)
 
 
-def _as_tuple(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {str: "a string", dict: "a mapping", list: "a list", int: "an integer", float: "a number"}
-    return " or ".join(names.get(k, k.__name__) for k in _as_tuple(kind))
-
-
-def parse_suite(raw: Any) -> Suite:
-    """Validate a suite document (already parsed from YAML/JSON) or raise SuiteError naming the field."""
-    if not isinstance(raw, Mapping):
-        raise SuiteError(f"suite: expected a mapping at the top level, got {type(raw).__name__}")
-    name = _need(raw, "name", str, "suite")
-    prompt = _need(raw, "prompt", dict, "suite")
-    template = _need(prompt, "template", str, "suite.prompt")
-    if not template.strip():
-        raise SuiteError("suite.prompt.template: must not be empty")
-    system = prompt.get("system") or ""
-    if not isinstance(system, str):
-        raise SuiteError(f"suite.prompt.system: expected a string, got {type(system).__name__}")
-    model = raw.get("model") or ""
-    if not isinstance(model, str):
-        raise SuiteError(f"suite.model: expected a string, got {type(model).__name__}")
-    dataset = _need(raw, "dataset", (str, list), "suite")
-    if isinstance(dataset, str):
-        if not dataset.startswith("sha256:"):
-            raise SuiteError(f"suite.dataset: expected an artifact hash 'sha256:...', got {dataset!r}")
-        parsed_dataset: str | tuple[Case, ...] = dataset
-    else:
-        parsed_dataset = parse_cases(dataset, where="suite.dataset")
-    repeats = raw.get("repeats", 1)
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or not 1 <= repeats <= 100:
-        raise SuiteError(f"suite.repeats: expected an integer from 1 to 100, got {repeats!r}")
-    margin = raw.get("margin", 0.05)
-    if isinstance(margin, bool) or not isinstance(margin, int | float) or not 0 < margin < 1:
-        raise SuiteError(f"suite.margin: expected a number between 0 and 1 (exclusive), got {margin!r}")
-    rps = raw.get("rate_limit_rps", 0) or 0
-    if isinstance(rps, bool) or not isinstance(rps, int | float) or rps < 0:
-        raise SuiteError(f"suite.rate_limit_rps: expected a number >= 0 (0 = unlimited), got {rps!r}")
-    price_book = raw.get("price_book") or ""
-    if not isinstance(price_book, str) or (price_book and not price_book.startswith("sha256:")):
-        raise SuiteError(f"suite.price_book: expected an artifact hash 'sha256:...', got {price_book!r}")
-    scorers = _parse_scorers(_need(raw, "scorers", list, "suite"))
-    task = _parse_task(raw.get("task"))
-    return Suite(
-        name=name, template=template, system=system, model=model, dataset=parsed_dataset,
-        scorers=scorers, repeats=repeats, margin=float(margin),
-        rate_limit_rps=float(rps), task=task, price_book=price_book,
-        calibration=_parse_calibration(raw.get("calibration"), scorers, task),
-    )
-
-
-def _parse_calibration(raw: Any, scorers: tuple[ScorerSpec, ...], task: TaskSpec) -> CalibrationSpec | None:
-    if raw is None:
-        return None
-    where = "suite.calibration"
-    if not isinstance(raw, Mapping):
-        raise SuiteError(f"{where}: expected a mapping with 'confidence', got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"confidence", "scorer", "bins"})
-    if unknown:
-        raise SuiteError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
-                         "allowed: confidence, scorer, bins")
-    source = _need(raw, "confidence", str, where)
-    if source != "logprobs" and not (source.startswith("field:") and source.removeprefix("field:").strip()):
-        raise SuiteError(f"{where}.confidence: expected 'logprobs' or 'field:<name>', got {source!r}")
-    if source == "logprobs" and task.type == "recorded":
-        raise SuiteError(f"{where}.confidence: 'logprobs' needs task type 'call' (recorded outputs carry no "
-                         "logprobs); use 'field:<name>'")
-    names = [s.name for s in scorers]
-    scorer = raw.get("scorer", names[0])
-    if scorer not in names:
-        raise SuiteError(f"{where}.scorer: expected one of the suite's scorers ({', '.join(names)}), got {scorer!r}")
-    bins = raw.get("bins", 10)
-    if not isinstance(bins, int) or isinstance(bins, bool) or not 1 <= bins <= 100:
-        raise SuiteError(f"{where}.bins: expected an integer from 1 to 100, got {bins!r}")
-    return CalibrationSpec(confidence=source, scorer=scorer, bins=bins)
-
-
-def _parse_task(raw: Any) -> TaskSpec:
-    if raw is None:
-        return TaskSpec()
-    if not isinstance(raw, Mapping):
-        raise SuiteError(f"suite.task: expected a mapping with 'type', got {type(raw).__name__}")
-    kind = raw.get("type", "call")
-    if kind == "call":
-        return TaskSpec()
-    if kind != "recorded":
-        raise SuiteError(f"suite.task.type: expected 'call' or 'recorded', got {kind!r}")
-    app = _need(raw, "app", str, "suite.task")
-    release = _need(raw, "release", str, "suite.task")
-    since = raw.get("since") or ""
-    if not isinstance(since, str):
-        since = since.isoformat() if hasattr(since, "isoformat") else str(since)
-    if since:
-        try:
-            datetime.fromisoformat(since)
-        except ValueError:
-            raise SuiteError(f"suite.task.since: expected an ISO-8601 time, got {since!r}") from None
-    return TaskSpec(type="recorded", app=app, release=release, since=since)
-
-
-def _parse_scorers(raw: list[Any]) -> tuple[ScorerSpec, ...]:
-    if not raw:
-        raise SuiteError("suite.scorers: at least one scorer is required")
-    out = []
-    seen: set[str] = set()
-    for i, item in enumerate(raw):
-        where = f"suite.scorers[{i}]"
-        if isinstance(item, str):  # shorthand: `- exact_match`
-            item = {"name": item}
-        if not isinstance(item, Mapping):
-            raise SuiteError(f"{where}: expected a mapping with 'name', got {type(item).__name__}")
-        name = _need(item, "name", str, where)
-        try:
-            get_scorer(name)
-        except LockgateError as exc:
-            raise SuiteError(f"{where}.name: {exc.message}") from None
-        if name in seen:
-            raise SuiteError(f"{where}.name: scorer {name!r} is listed twice")
-        seen.add(name)
-        weight = item.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
-            raise SuiteError(f"{where}.weight: expected a number >= 0, got {weight!r}")
-        params = item.get("params") or {}
-        if not isinstance(params, Mapping):
-            raise SuiteError(f"{where}.params: expected a mapping, got {type(params).__name__}")
-        threshold = item.get("threshold")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
-                                      or not 0 <= threshold <= 1):
-            raise SuiteError(f"{where}.threshold: expected a number from 0 to 1, got {threshold!r}")
-        try:
-            check_scorer(name, params)
-        except LockgateError as exc:
-            raise SuiteError(f"{where}: {exc.message}") from None
-        out.append(ScorerSpec(name=name, weight=float(weight), params=dict(params),
-                              threshold=None if threshold is None else float(threshold)))
-    if not any(s.weight > 0 for s in out):
-        raise SuiteError("suite.scorers: at least one scorer needs a weight above 0")
-    return tuple(out)
-
-
-def parse_cases(rows: Sequence[Any], *, where: str = "dataset") -> tuple[Case, ...]:
-    """Validate dataset rows ({id?, vars: {...} | input: str, expected}) into Cases."""
-    if not isinstance(rows, list | tuple):
-        raise SuiteError(f"{where}: expected a list of cases (JSONL lines), got {type(rows).__name__}")
-    if not rows:
-        raise SuiteError(f"{where}: the dataset has no cases")
-    cases = []
-    ids: set[str] = set()
-    for i, row in enumerate(rows):
-        at = f"{where}[{i}]"
-        if not isinstance(row, Mapping):
-            raise SuiteError(f"{at}: expected a mapping, got {type(row).__name__}")
-        if "vars" in row:
-            variables = row["vars"]
-            if not isinstance(variables, Mapping):
-                raise SuiteError(f"{at}.vars: expected a mapping, got {type(variables).__name__}")
-        elif "input" in row:
-            if not isinstance(row["input"], str):
-                raise SuiteError(f"{at}.input: expected a string, got {type(row['input']).__name__}")
-            variables = {"input": row["input"]}
-        else:
-            raise SuiteError(f"{at}: needs 'vars' (a mapping) or 'input' (a string)")
-        if "expected" not in row:
-            raise SuiteError(f"{at}: missing required field 'expected'")
-        case_id = str(row.get("id", i))
-        if case_id in ids:
-            raise SuiteError(f"{at}.id: duplicate case id {case_id!r}")
-        ids.add(case_id)
-        cases.append(Case(id=case_id, vars=dict(variables), expected=row["expected"]))
-    return tuple(cases)
+def parse_cases(rows: Any, *, where: str = "dataset") -> tuple[Case, ...]:
+    """Decode dataset rows ({id?, vars: {...} | input: str, expected}) into Cases, or SuiteError naming the path."""
+    cases = convert(rows, Dataset, name=where, error=SuiteError)
+    try:
+        return _numbered(cases, "$")
+    except ValueError as exc:
+        raise SuiteError(f"{where}: {exc}") from None
 
 
 def render(suite: Suite, case: Case) -> list[dict[str, str]]:

@@ -87,7 +87,7 @@ class Execution:
         """Run the cases not stored yet, then summarise all of them."""
         suite, cases = loaded.suite, loaded.cases
         keys = {(c.id, r) for c in cases for r in range(suite.repeats)}
-        finished = [r for r in await persist.run_cases(self.ctx.store, req.run_id) if (r.case_id, r.repeat) in keys]
+        finished = [r for r in await persist.run_cases(self.ctx.bus, req.run_id) if (r.case_id, r.repeat) in keys]
         skip = {(r.case_id, r.repeat) for r in finished}
         if finished:
             log.info("eval %s resumes: %d of %d cases already stored", req.run_id, len(finished), len(keys))
@@ -126,7 +126,7 @@ class Execution:
             judge_hook = judge_step(upstream, params)
         if suite.task.type == "recorded":
             t = suite.task
-            events = await persist.recorded_events(self.ctx.store, t.app, t.release, t.since)
+            events = await persist.recorded_events(self.ctx.bus, t.app, t.release, t.since)
             made = recorded.results(suite, cases, events, skip)
             return await runner.judge_results(made, judge_hook, concurrency=req.concurrency, on_result=on_result,
                                               stopping=self.stopping)
@@ -175,12 +175,12 @@ class Execution:
 
     async def _compare(self, req: EvalRequested, suite: domain.Suite, results: Sequence[domain.CaseResult],
                        outcome: Outcome) -> None:
-        base_run = await persist.baseline_run(self.ctx.store, req.baseline, req.suite)
+        base_run = await persist.baseline_run(self.ctx.bus, req.baseline, req.suite)
         if base_run is None:
             outcome.warnings.append(f"baseline {req.baseline!r} has no completed run of suite {req.suite}; "
                                     "nothing was compared")
             return
-        base = await persist.run_cases(self.ctx.store, base_run)
+        base = await persist.run_cases(self.ctx.bus, base_run)
         outcome.baseline_run = base_run
         comparisons, warnings = await asyncio.to_thread(summary.compare, suite, results, base)
         outcome.comparisons = comparisons
@@ -188,9 +188,7 @@ class Execution:
 
     async def stored_event_id(self, run_id: str) -> str | None:
         """The EvalCompleted id of a run already stored (a redelivery after the run row was written)."""
-        rows = await self.ctx.store.arows(
-            "SELECT event_id FROM eval_runs WHERE run_id = {run_id:String} LIMIT 1", {"run_id": run_id})
-        return rows[0]["event_id"] if rows else None
+        return await persist.stored_event_id(self.ctx.bus, run_id)
 
     async def finish(self, req: EvalRequested, outcome: Outcome, inputs: list[str],
                      event_id: str | None = None) -> EvalCompleted:

@@ -7,8 +7,11 @@ import re
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
+
+from lockgate.documents import NonEmpty, convert
 from lockgate.errors import ConfigError, LockgateError
 
 NAME = "llm_judge"
@@ -28,36 +31,25 @@ class JudgeParseError(LockgateError):
     """A judge reply held no score this parser can read."""
 
 
-@dataclass(frozen=True)
-class JudgeParams:
-    """Validated llm_judge params."""
+class JudgeParams(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The llm_judge scorer's params in a suite."""
 
-    model: str
+    model: NonEmpty
     rubric: str
-    n: int = 3
+    n: Annotated[int, msgspec.Meta(ge=1, le=15)] = 3
     endpoint: str = ""  # "" judges with the evaluated endpoint
-    temperature: float = 0.7
-    pass_mark: float = 0.5  # a reply "passes" at or above this; agreement compares pass/fail votes
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 0.7
+    # a reply "passes" at or above pass_mark; agreement compares those pass/fail votes
+    pass_mark: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.rubric.strip():
+            raise ValueError("rubric must not be blank: it is what the judge grades against")
 
 
 def parse_params(params: Mapping[str, Any]) -> JudgeParams:
-    """Validate llm_judge params or raise JudgeConfigError naming the field."""
-    model, rubric = params.get("model"), params.get("rubric")
-    if not isinstance(model, str) or not model:
-        raise JudgeConfigError("llm_judge params.model: the judge model's name is required")
-    if not isinstance(rubric, str) or not rubric.strip():
-        raise JudgeConfigError("llm_judge params.rubric: a non-empty rubric is required")
-    n = params.get("n", 3)
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 15:
-        raise JudgeConfigError(f"llm_judge params.n: expected an integer from 1 to 15, got {n!r}")
-    endpoint = params.get("endpoint") or ""
-    if not isinstance(endpoint, str):
-        raise JudgeConfigError("llm_judge params.endpoint: expected a base URL string")
-    temperature = params.get("temperature", 0.7)
-    if isinstance(temperature, bool) or not isinstance(temperature, int | float) or not 0 <= temperature <= 2:
-        raise JudgeConfigError(f"llm_judge params.temperature: expected 0..2, got {temperature!r}")
-    return JudgeParams(model=model, rubric=rubric, n=n, endpoint=endpoint, temperature=float(temperature),
-                       pass_mark=float(params.get("pass_mark", 0.5)))
+    """Decode llm_judge params or raise JudgeConfigError naming the path."""
+    return convert(params, JudgeParams, name="llm_judge params", error=JudgeConfigError)
 
 
 def messages(p: JudgeParams, prompt: str, output: str, expected: Any) -> list[dict[str, str]]:

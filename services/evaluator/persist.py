@@ -1,4 +1,5 @@
-"""ClickHouse side of the evaluator: per-case rows as cases finish, resume, baseline and recorded outputs."""
+"""Stored side of the evaluator: per-case rows as cases finish; resume, baseline and recorded outputs are
+read through the query service (this process never opens ClickHouse for reading)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ import json
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lockgate.bus import Bus
+from lockgate.queryclient import ask, ask_pages
 from lockgate.services.evaluator import domain
-from lockgate.store import Store
+
+if TYPE_CHECKING:  # the store module loads clickhouse-connect; this process only holds a handle
+    from lockgate.store import Store
 
 log = logging.getLogger("lockgate.evaluator.persist")
 RUN_COLUMNS = ("run_id", "release", "suite", "baseline", "policy", "status", "n_cases", "n_errors",
                "metrics", "error", "time", "event_id")
-_CASE_SELECT = ("case_id, repeat, input, expected, output, scores, latency_ms, input_tokens, output_tokens, "
-                "error, details")
 
 
 class CaseWriter:
@@ -91,34 +94,31 @@ def _result(row: dict[str, Any]) -> domain.CaseResult:
         details=details)
 
 
-async def run_cases(store: Store, run_id: str) -> list[domain.CaseResult]:
-    """Stored per-case results of a run, one per (case, repeat)."""
-    rows = await store.arows(
-        f"SELECT {_CASE_SELECT} FROM eval_cases WHERE run_id = {{run_id:String}} "
-        "ORDER BY case_id, repeat LIMIT 1 BY case_id, repeat", {"run_id": run_id})
+async def run_cases(bus: Bus, run_id: str) -> list[domain.CaseResult]:
+    """Stored per-case results of a run, one per (case, repeat), in (case_id, repeat) order."""
+    rows = await ask_pages(bus, "eval_case_results", {"run_id": run_id},
+                           after=lambda r: {"after_case": r["case_id"], "after_repeat": r["repeat"]})
     return [_result(r) for r in rows]
 
 
-async def baseline_run(store: Store, release: str, suite: str) -> str | None:
+async def baseline_run(bus: Bus, release: str, suite: str) -> str | None:
     """The latest completed run of `suite` for `release`, or None."""
-    rows = await store.arows(
-        "SELECT run_id FROM eval_runs WHERE release = {release:String} AND suite = {suite:String} "
-        "AND status = 'completed' ORDER BY time DESC LIMIT 1", {"release": release, "suite": suite})
-    return rows[0]["run_id"] if rows else None
+    return await ask(bus, "baseline_run", {"release": release, "suite": suite}, into=str | None)
 
 
-async def recorded_events(store: Store, app: str, release: str, since: str) -> list[dict[str, Any]]:
+async def stored_event_id(bus: Bus, run_id: str) -> str | None:
+    """The EvalCompleted id stored with a run's summary row, or None if it was never stored."""
+    return await ask(bus, "eval_run_event_id", {"run_id": run_id}, into=str | None)
+
+
+async def recorded_events(bus: Bus, app: str, release: str, since: str) -> list[dict[str, Any]]:
     """Inference events with a prompt and response for app/release (since a time), most recent first."""
-    where = "app = {app:String} AND release = {release:String} AND prompt IS NOT NULL AND response IS NOT NULL"
-    params: dict[str, Any] = {"app": app, "release": release}
+    args: dict[str, Any] = {"app": app, "release": release}
     if since:
-        where += " AND time >= {since:DateTime64(6, 'UTC')}"
         at = datetime.fromisoformat(since)
-        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)  # naive times are UTC
-        params["since"] = at.replace(tzinfo=None)
-    return await store.arows(
-        "SELECT id, prompt, response, latency_ms, input_tokens, output_tokens FROM inference_events "
-        f"WHERE {where} ORDER BY time DESC LIMIT 1 BY id", params)
+        args["since"] = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)  # naive times are UTC
+    return await ask_pages(bus, "recorded_events", args,
+                           after=lambda r: {"before_us": r["time_us"], "before_id": r["id"]})
 
 
 async def insert_run(store: Store, row: Sequence[Any], run_id: str) -> None:

@@ -29,7 +29,8 @@ def results(suite: domain.Suite, cases: Sequence[domain.Case], events: Sequence[
             skip: set[tuple[str, int]]) -> list[domain.CaseResult]:
     """A scored CaseResult for every (case, repeat) not in `skip`."""
     by_prompt = index(events)
-    where = f"{suite.task.app}/{suite.task.release}"
+    task = suite.task
+    where = f"{task.app}/{task.release}" if isinstance(task, domain.RecordedTask) else "the recorded events"
     out = []
     for case in cases:
         prompt = domain.render(suite, case)[-1]["content"]

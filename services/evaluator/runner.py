@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from lockgate.errors import LockgateError, UpstreamError
+from lockgate.retry import RetryPolicy
 from lockgate.services.evaluator import calibrated, domain
 
 T = TypeVar("T")
@@ -38,6 +39,10 @@ class CallPolicy:
     backoff_s: float = 0.25
     max_backoff_s: float = 5.0
 
+    def retry(self) -> RetryPolicy:
+        """The shared retry policy with these limits (max_retries retries after the first try)."""
+        return RetryPolicy(attempts=self.max_retries + 1, initial_s=self.backoff_s, max_s=self.max_backoff_s)
+
 
 class _Transient(Exception):
     """A failure worth retrying (429, 5xx, timeout, connection reset)."""
@@ -54,19 +59,27 @@ async def complete(
     """One chat completion with retries and exponential backoff; raises UpstreamError when it gives up."""
     url = endpoint.rstrip("/") + "/chat/completions"
     body = {"model": model, "messages": messages, "temperature": 0, **(params or {})}
-    last = ""
-    for attempt in range(policy.max_retries + 1):
+    retry = policy.retry()
+    last: _Transient | None = None
+
+    async def attempt() -> Completion:
+        nonlocal last
         try:
             return await _call(session, url, body, policy.timeout_s)
         except _Transient as exc:
-            last = str(exc)
-            if attempt == policy.max_retries:
-                break
-            delay = min(policy.backoff_s * 2**attempt, policy.max_backoff_s)
-            if exc.retry_after is not None:
-                delay = min(max(delay, exc.retry_after), policy.max_backoff_s)
-            await asyncio.sleep(delay)  # backoff between attempts, not synchronisation
-    raise UpstreamError(f"{last} (gave up after {policy.max_retries + 1} attempts)")
+            last = exc
+            raise
+
+    async def wait(delay: float) -> None:
+        # An upstream that says when to come back (Retry-After) is waited for, within the cap.
+        if last is not None and last.retry_after is not None:
+            delay = min(max(delay, last.retry_after), policy.max_backoff_s)
+        await asyncio.sleep(delay)  # backoff between attempts, not synchronisation
+
+    try:
+        return await retry.call(attempt, retry_on=_Transient, what=f"call to {url}", sleep=wait)
+    except _Transient as exc:
+        raise UpstreamError(f"{exc} (gave up after {retry.attempts} attempts)") from None
 
 
 async def _call(session: aiohttp.ClientSession, url: str, body: dict[str, Any], timeout_s: float) -> Completion:

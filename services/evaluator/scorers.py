@@ -15,6 +15,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import msgspec
+
 from lockgate.errors import ConfigError
 
 from . import judge, retrieval, safety, semantic
@@ -361,11 +363,14 @@ ASYNC_SCORERS = frozenset({judge.NAME})
 
 
 def check_scorer(name: str, params: Mapping[str, Any]) -> None:
-    """Fail at suite load, before any call, when a scorer cannot run with these params here."""
+    """Fail at suite load, before any call, when a scorer cannot run with these params here.
+
+    Raises a LockgateError, or msgspec.ValidationError whose path is within `params` (the suite places it).
+    """
     if name == "semantic_similarity":
         semantic.check_available(params)
     elif name == judge.NAME:
-        judge.parse_params(params)
+        msgspec.convert(params, judge.JudgeParams)
 
 
 def get_scorer(name: str) -> Scorer:

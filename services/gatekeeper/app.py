@@ -19,10 +19,10 @@ class Gatekeeper(Service):
         self.signer = Signer.load_or_create(default_key_path(ctx.settings))
         self.handlers = GateHandlers(ctx, self.tracer, self.signer)
         s = ctx.bus.subjects
-        consume(ctx.bus, self.router, subject=s.eval_completed, stream="events",
+        consume(ctx.bus, self.consumers, subject=s.eval_completed, stream="events",
                 durable=s.durable("gatekeeper", "evals"), wire_type=EvalCompleted, origin="gatekeeper",
                 handler=self.handlers.on_eval_completed, ack_wait_s=ctx.settings.ack_wait_s)
-        consume(ctx.bus, self.router, subject=s.gate_review_all, stream="events",
+        consume(ctx.bus, self.consumers, subject=s.gate_review_all, stream="events",
                 durable=s.durable("gatekeeper", "reviews"), wire_type=GateReview, origin="gatekeeper",
                 handler=self.handlers.on_review, ack_wait_s=ctx.settings.ack_wait_s)
 

@@ -111,7 +111,7 @@ def decide_eval(policy: Policy | None, policy_error: str, done: EvalCompleted, *
         return Outcome("BLOCK", rules, f"eval run {done.run_id} {done.status}: {done.error or 'no error given'}")
     if policy is None:
         return Outcome("BLOCK", (), policy_error or "no policy to judge the eval by")
-    reasons = review_reasons(policy.review, done.comparisons, candidate_artifacts or done.artifacts,
+    reasons = review_reasons(policy.review.require_when, done.comparisons, candidate_artifacts or done.artifacts,
                              baseline_artifacts) if policy.review else []
     out = decide(policy, evidence_of(done), prior_errors=prior_errors, review=reasons)
     if done.warnings:

@@ -1,209 +1,179 @@
-"""Gate policies: the parsed shape and validation that names the offending field (no I/O)."""
+"""Gate policies: the document's Structs, decoded by msgspec so errors name the path (no I/O)."""
 
 from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
+import msgspec
+
+from lockgate.documents import Count, NonEmpty, NonNegative, at, convert
 from lockgate.errors import PolicyError
 
 OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt, "==": operator.eq,
 }
+Op = Literal[">=", ">", "<=", "<", "=="]
 NoData = Literal["fail", "pass"]
 Kind = Literal["absolute", "relative", "non_inferiority"]
+Better = Literal["higher", "lower"]
 
 
-@dataclass(frozen=True)
-class Rule:
-    """One check on one metric. `kind` picks the fields that matter (see docs in parse_policy)."""
+def _finite(value: float | None, field: str) -> None:
+    # msgspec has no "finite" constraint, and a NaN threshold would make every comparison False.
+    if value is not None and not math.isfinite(value):
+        raise ValueError(f"{field} must be a finite number, got {value}")
 
-    name: str
-    metric: str
-    op: str = ">="
-    threshold: float = 0.0
-    kind: Kind = "absolute"
-    use_interval: bool = True
-    # relative: the candidate must improve by >= change (min_change) or regress by <= change (max_regression)
-    change_kind: Literal["min_change", "max_regression"] = "max_regression"
-    change: float = 0.0
+
+class Relative(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The candidate must improve by >= min_change, or regress by <= max_regression, against the baseline."""
+
+    min_change: float | None = None
+    max_regression: NonNegative | None = None
     mode: Literal["absolute", "relative"] = "absolute"
-    better: Literal["higher", "lower"] = "higher"
-    margin: float = 0.0
+    better: Better = "higher"
+
+    def __post_init__(self) -> None:
+        if (self.min_change is None) == (self.max_regression is None):
+            raise ValueError("expected exactly one of min_change or max_regression")
+        _finite(self.min_change, "min_change")
+
+
+class NonInferiority(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """The candidate may be worse than the baseline by less than `margin`, shown by the whole interval."""
+
+    margin: NonNegative
+    better: Better = "higher"
+
+
+class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One check on one metric: absolute (`op` + `threshold`), `relative` or `non_inferiority`."""
+
+    metric: NonEmpty
+    name: str = ""  # "": the expression ("score >= 0.8") or "<metric> <kind>"
+    op: Op | None = None  # absolute rules only; relative ones derive theirs from the baseline
+    threshold: float | None = None
+    use_interval: bool | None = None  # None: the policy's use_interval (true by default)
+    relative: Relative | None = None
+    non_inferiority: NonInferiority | None = None
     hard: bool = False
     dry_run: bool = False
     no_data: NoData | None = None  # None: the policy's setting
 
+    def __post_init__(self) -> None:
+        if self.relative is not None and self.non_inferiority is not None:
+            raise ValueError("a rule is either relative or non_inferiority, not both")
+        if self.kind == "absolute":
+            if self.op is None or self.threshold is None:
+                raise ValueError("an absolute rule needs `op` and `threshold` (or use relative / non_inferiority)")
+            _finite(self.threshold, "threshold")
+        if not self.name:
+            name = f"{self.metric} {self.op} {self.threshold:g}" if self.kind == "absolute" else \
+                f"{self.metric} {self.kind}"
+            msgspec.structs.force_setattr(self, "name", name)
 
-@dataclass(frozen=True)
-class Limits:
+    @property
+    def kind(self) -> Kind:
+        """Which comparison the rule makes."""
+        if self.relative is not None:
+            return "relative"
+        return "non_inferiority" if self.non_inferiority is not None else "absolute"
+
+    @property
+    def change_kind(self) -> Literal["min_change", "max_regression"]:
+        """For a relative rule: a required improvement or a tolerated regression."""
+        return "min_change" if self.relative is not None and self.relative.min_change is not None \
+            else "max_regression"
+
+    @property
+    def change(self) -> float:
+        """For a relative rule: the size of the improvement or regression."""
+        rel = self.relative
+        if rel is None:
+            return 0.0
+        return rel.min_change if rel.min_change is not None else rel.max_regression or 0.0
+
+    @property
+    def mode(self) -> Literal["absolute", "relative"]:
+        """Whether a change is measured as a difference or as a fraction of the baseline."""
+        return self.relative.mode if self.relative is not None else "absolute"
+
+    @property
+    def better(self) -> Better:
+        """Which direction of the metric is an improvement."""
+        cmp = self.relative or self.non_inferiority
+        return cmp.better if cmp is not None else "higher"
+
+    @property
+    def margin(self) -> float:
+        """For a non-inferiority rule: how much worse the candidate may be."""
+        return self.non_inferiority.margin if self.non_inferiority is not None else 0.0
+
+
+class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How many non-passing rules a decision tolerates before it stops being PASS."""
 
-    max_failures: int = 0
-    max_inconclusive: int = 0
-    max_consecutive_errors: int = 3
+    max_failures: Count = 0
+    max_inconclusive: Count = 0
+    max_consecutive_errors: Count = 3
 
 
-@dataclass(frozen=True)
-class ReviewTrigger:
+class ReviewTrigger(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """`metric_moved: GLOB, by: X` or `artifact_changed: GLOB`: a human must approve when it fires."""
 
-    kind: Literal["metric_moved", "artifact_changed"]
-    pattern: str
-    by: float = 0.0
+    metric_moved: NonEmpty | None = None
+    by: NonNegative | None = None
+    artifact_changed: NonEmpty | None = None
+
+    def __post_init__(self) -> None:
+        if (self.metric_moved is None) == (self.artifact_changed is None):
+            raise ValueError("expected one of metric_moved (with by) or artifact_changed")
+        if self.metric_moved is not None and self.by is None:
+            raise ValueError("metric_moved needs `by`, the smallest move that requires review")
+        if self.artifact_changed is not None and self.by is not None:
+            raise ValueError("`by` applies to metric_moved, not artifact_changed")
+
+    @property
+    def kind(self) -> Literal["metric_moved", "artifact_changed"]:
+        """Which trigger this is."""
+        return "metric_moved" if self.metric_moved is not None else "artifact_changed"
+
+    @property
+    def pattern(self) -> str:
+        """The glob over metric names or artifact keys."""
+        return self.metric_moved if self.metric_moved is not None else self.artifact_changed or ""
 
 
-@dataclass(frozen=True)
-class Policy:
+class Review(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """When a human must approve a release the rules alone would pass."""
+
+    require_when: Annotated[tuple[ReviewTrigger, ...], msgspec.Meta(min_length=1)]
+
+
+class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A gate policy. Missing metrics fail the gate unless `no_data` is "pass"."""
 
-    name: str
-    rules: tuple[Rule, ...]
+    name: NonEmpty
+    rules: Annotated[tuple[Rule, ...], msgspec.Meta(min_length=1)]
     no_data: NoData = "fail"
-    version: str = ""
+    version: str | int | float = ""  # a number is kept as its text
+    use_interval: bool = True  # the default for absolute rules: judge the confidence interval, not the point
     limits: Limits = Limits()
-    review: tuple[ReviewTrigger, ...] = ()
+    review: Review | None = None
+
+    def __post_init__(self) -> None:
+        msgspec.structs.force_setattr(self, "version", str(self.version))
+        for rule in self.rules:
+            if rule.use_interval is None:
+                msgspec.structs.force_setattr(rule, "use_interval", self.use_interval)
+        names = [r.name for r in self.rules]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise at("$.rules", f"rule names must be unique; repeated: {', '.join(dupes)}")
 
 
-def _num(raw: Any, at: str, *, minimum: float | None = None) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
-        raise PolicyError(f"{at}: expected a finite number, got {raw!r}")
-    if minimum is not None and raw < minimum:
-        raise PolicyError(f"{at}: expected a number >= {minimum:g}, got {raw!r}")
-    return float(raw)
-
-
-def _int(raw: Any, at: str) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
-        raise PolicyError(f"{at}: expected a whole number >= 0, got {raw!r}")
-    return raw
-
-
-def _choice(raw: Any, at: str, choices: tuple[str, ...]) -> Any:
-    if raw not in choices:
-        raise PolicyError(f"{at}: expected one of {', '.join(repr(c) for c in choices)}, got {raw!r}")
-    return raw
-
-
-def _flag(raw: Mapping[str, Any], key: str, at: str, default: bool) -> bool:
-    value = raw.get(key, default)
-    if not isinstance(value, bool):
-        raise PolicyError(f"{at}.{key}: expected true or false, got {value!r}")
-    return value
-
-
-def _mapping(raw: Any, at: str) -> Mapping[str, Any]:
-    if not isinstance(raw, Mapping):
-        raise PolicyError(f"{at}: expected a mapping, got {type(raw).__name__}")
-    return raw
-
-
-def parse_policy(raw: Any) -> Policy:
-    """Validate a policy document (parsed YAML/JSON) or raise PolicyError naming the field."""
-    if not isinstance(raw, Mapping):
-        raise PolicyError(f"policy: expected a mapping at the top level, got {type(raw).__name__}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise PolicyError("policy.name: required, a non-empty string")
-    version = raw.get("version", "")
-    if not isinstance(version, str | int | float) or isinstance(version, bool):
-        raise PolicyError(f"policy.version: expected a string, got {version!r}")
-    no_data = raw.get("no_data", "fail")
-    if no_data not in ("fail", "pass"):
-        raise PolicyError(f"policy.no_data: expected 'fail' or 'pass', got {no_data!r}")
-    rules = raw.get("rules")
-    if not isinstance(rules, list) or not rules:
-        raise PolicyError("policy.rules: required, a non-empty list of {name, metric, op, threshold}")
-    use_interval = _flag(raw, "use_interval", "policy", True)
-    parsed = tuple(_parse_rule(r, i, use_interval) for i, r in enumerate(rules))
-    names = [r.name for r in parsed]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise PolicyError(f"policy.rules: rule names must be unique; repeated: {', '.join(dupes)}")
-    return Policy(name=name, rules=parsed, no_data=no_data, version=str(version),
-                  limits=_parse_limits(raw.get("limits", {})), review=_parse_review(raw.get("review")))
-
-
-def _parse_limits(raw: Any) -> Limits:
-    lim = _mapping(raw, "policy.limits")
-    unknown = sorted(set(lim) - {"max_failures", "max_inconclusive", "max_consecutive_errors"})
-    if unknown:
-        raise PolicyError(f"policy.limits.{unknown[0]}: unknown limit; known: max_failures, max_inconclusive, "
-                          "max_consecutive_errors")
-    d = Limits()
-    return Limits(**{k: _int(lim.get(k, getattr(d, k)), f"policy.limits.{k}")
-                     for k in ("max_failures", "max_inconclusive", "max_consecutive_errors")})
-
-
-def _parse_review(raw: Any) -> tuple[ReviewTrigger, ...]:
-    if raw is None:
-        return ()
-    when = _mapping(raw, "policy.review").get("require_when")
-    if not isinstance(when, list) or not when:
-        raise PolicyError("policy.review.require_when: required, a non-empty list of "
-                          "{metric_moved: GLOB, by: NUMBER} or {artifact_changed: GLOB}")
-    out = []
-    for i, item in enumerate(when):
-        at = f"policy.review.require_when[{i}]"
-        t = _mapping(item, at)
-        if "metric_moved" in t:
-            pattern = t["metric_moved"]
-            by = _num(t.get("by"), f"{at}.by", minimum=0)
-            kind = "metric_moved"
-        elif "artifact_changed" in t:
-            pattern, by, kind = t["artifact_changed"], 0.0, "artifact_changed"
-        else:
-            raise PolicyError(f"{at}: expected a metric_moved or artifact_changed key, got {sorted(t)}")
-        if not isinstance(pattern, str) or not pattern:
-            raise PolicyError(f"{at}.{kind}: expected a non-empty glob such as 'safety.*', got {pattern!r}")
-        out.append(ReviewTrigger(kind=kind, pattern=pattern, by=by))
-    return tuple(out)
-
-
-def _parse_rule(raw: Any, i: int, use_interval: bool = True) -> Rule:
-    at = f"policy.rules[{i}]"
-    r = _mapping(raw, at)
-    metric = r.get("metric")
-    if not isinstance(metric, str) or not metric:
-        raise PolicyError(f"{at}.metric: required, a non-empty string")
-    common: dict[str, Any] = {"metric": metric, "hard": _flag(r, "hard", at, False),
-                              "dry_run": _flag(r, "dry_run", at, False)}
-    if "no_data" in r:
-        common["no_data"] = _choice(r["no_data"], f"{at}.no_data", ("fail", "pass"))
-    kinds = [k for k in ("relative", "non_inferiority") if k in r]
-    if len(kinds) > 1:
-        raise PolicyError(f"{at}: a rule is either relative or non_inferiority, not both")
-    if kinds == ["relative"]:
-        rule = _relative(r["relative"], f"{at}.relative", common)
-    elif kinds == ["non_inferiority"]:
-        ni = _mapping(r["non_inferiority"], f"{at}.non_inferiority")
-        rule = Rule(name="", kind="non_inferiority", margin=_num(ni.get("margin"), f"{at}.non_inferiority.margin",
-                                                                  minimum=0),
-                    better=_choice(ni.get("better", "higher"), f"{at}.non_inferiority.better", ("higher", "lower")),
-                    **common)
-    else:
-        op = r.get("op")
-        if op not in OPS:
-            raise PolicyError(f"{at}.op: expected one of {', '.join(OPS)}, got {op!r}")
-        threshold = _num(r.get("threshold"), f"{at}.threshold")
-        rule = Rule(name=f"{metric} {op} {threshold:g}", op=op, threshold=threshold,
-                    use_interval=_flag(r, "use_interval", at, use_interval), **common)
-    name = r.get("name", rule.name or f"{metric} {rule.kind}")
-    if not isinstance(name, str) or not name:
-        raise PolicyError(f"{at}.name: expected a non-empty string, got {name!r}")
-    return replace(rule, name=name)
-
-
-def _relative(raw: Any, at: str, common: dict[str, Any]) -> Rule:
-    rel = _mapping(raw, at)
-    keys = [k for k in ("min_change", "max_regression") if k in rel]
-    if len(keys) != 1:
-        raise PolicyError(f"{at}: expected exactly one of min_change or max_regression, got {sorted(rel)}")
-    key = keys[0]
-    change = _num(rel[key], f"{at}.{key}", minimum=0 if key == "max_regression" else None)
-    return Rule(name="", kind="relative", change_kind=key, change=change,
-                mode=_choice(rel.get("mode", "absolute"), f"{at}.mode", ("absolute", "relative")),
-                better=_choice(rel.get("better", "higher"), f"{at}.better", ("higher", "lower")), **common)
+def parse_policy(raw: Any, *, name: str = "policy") -> Policy:
+    """Decode a policy document (parsed YAML/JSON) or raise PolicyError naming the path."""
+    return convert(raw, Policy, name=name, error=PolicyError)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-from typing import Any
 
 import msgspec
 import nats.errors
@@ -12,8 +10,8 @@ import nats.js.errors
 
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateDecided
-from lockgate.errors import BusUnavailable, InvalidEvent, StoreUnavailable
-from lockgate.queries import decisions as q
+from lockgate.errors import BusUnavailable, InvalidEvent
+from lockgate.queryclient import ask
 from lockgate.server.service import ServiceContext
 from lockgate.subjects import token
 
@@ -64,18 +62,11 @@ class Records:
         except InvalidEvent:
             return None
 
-    async def _read(self, func: Any, *args: Any) -> Any:
-        try:
-            return await asyncio.to_thread(func, self.ctx.store, *args)
-        except StoreUnavailable:
-            raise
-        except Exception as exc:
-            raise StoreUnavailable(f"gatekeeper read failed: {exc!r}") from None
-
     async def consecutive_errors(self, release: str, exclude_run: str) -> int:
-        """Errored decisions in a row for the release, from the audit log."""
-        return await self._read(q.consecutive_errors, release, exclude_run)
+        """Errored decisions in a row for the release, from the audit log (via the query service)."""
+        return await ask(self.ctx.bus, "consecutive_errors", {"release": release, "exclude_run": exclude_run},
+                         into=int)
 
     async def release_artifacts(self, release: str) -> dict[str, str] | None:
         """A release's registered artifacts from the lineage `releases` table (None if unknown)."""
-        return await self._read(q.release_artifacts, release)
+        return await ask(self.ctx.bus, "release_artifacts", {"release": release}, into=dict[str, str] | None)

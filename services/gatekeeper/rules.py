@@ -44,14 +44,21 @@ def _sample_hint(n: int, half_width: float, distance: float) -> str:
     return f"increase the sample about {factor * 1.1:.1f}x to resolve INCONCLUSIVE"
 
 
+def _shown(rule: Rule) -> dict[str, object]:
+    # Relative and non-inferiority rules have no op/threshold of their own until compared with a baseline.
+    if rule.kind == "absolute":
+        return {"op": rule.op, "threshold": rule.threshold}
+    return {"op": ">=", "threshold": 0.0}
+
+
 def _no_data(rule: Rule, why: str) -> RuleResult:
-    return RuleResult(rule=rule.name, metric=rule.metric, op=rule.op, threshold=rule.threshold, observed=None,
+    return RuleResult(rule=rule.name, metric=rule.metric, **_shown(rule), observed=None,
                       verdict="NO_DATA", dry_run=rule.dry_run, hint=why,
                       explanation=f"{rule.name} could not be judged: {why.split(';')[0]}.")
 
 
 def _error(rule: Rule, why: str, **kw: float | None) -> RuleResult:
-    return RuleResult(rule=rule.name, metric=rule.metric, op=rule.op, threshold=rule.threshold, verdict="ERROR",
+    return RuleResult(rule=rule.name, metric=rule.metric, **_shown(rule), verdict="ERROR",
                       dry_run=rule.dry_run, hint=f"{why}; check the evaluator output and the policy",
                       explanation=f"{rule.name} errored: {why}.", **{"observed": None, **kw})
 
@@ -85,7 +92,7 @@ def _absolute(rule: Rule, ev: Evidence) -> RuleResult:
             return _error(rule, f"{rule.metric} interval [{low:.4g}, {high:.4g}] is inverted", low=low, high=high)
     base = {"rule": rule.name, "metric": rule.metric, "op": op, "threshold": thr, "observed": observed,
             "low": low, "high": high, "dry_run": rule.dry_run}
-    if rule.use_interval and low is not None and high is not None and op != "==":
+    if rule.use_interval is not False and low is not None and high is not None and op != "==":
         # The bound nearest the threshold decides PASS, the far bound decides FAIL; in between nobody can tell.
         near, far = (low, high) if op in (">=", ">") else (high, low)
         ci = _ci(low, high, iv.confidence)  # type: ignore[union-attr]

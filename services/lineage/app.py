@@ -35,7 +35,7 @@ class Lineage(Service):
             (s.rollout_all, "rollout", RolloutState),
         ]
         for subject, purpose, wire_type in wiring:
-            consume(ctx.bus, self.router, subject=subject, stream="events", durable=s.durable("lineage", purpose),
+            consume(ctx.bus, self.consumers, subject=subject, stream="events", durable=s.durable("lineage", purpose),
                     wire_type=wire_type, origin="lineage", handler=self.handlers.on_event,
                     batch_size=64, ack_wait_s=ctx.settings.ack_wait_s)
 

@@ -6,11 +6,10 @@ import msgspec
 from aiohttp import web
 
 from lockgate.errors import Retryable
-from lockgate.services.router.domain import CanaryRequest, InvalidRollout, Route
+from lockgate.services.router.domain import InvalidRollout, Route, decode_canary
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import error_response
 
-_canary_decoder = msgspec.json.Decoder(CanaryRequest)
 _encoder = msgspec.json.Encoder()
 PREFIX = "/lockgate/v1/deployments"
 
@@ -43,12 +42,8 @@ class Admin:
 
     async def put(self, request: web.Request) -> web.Response:
         """Start a canary: {stable_release, canary_release, *_upstream?, canary_model?, initial_weight?}."""
-        body = await request.read()
         try:
-            req = _canary_decoder.decode(body)
-        except msgspec.DecodeError as exc:
-            return error_response(400, f"invalid canary request: {exc}", "invalid_request_error")
-        try:
+            req = decode_canary(await request.read())
             route = await self.rollouts.start_canary(request.match_info["deployment"], req)
         except InvalidRollout as exc:
             return error_response(400, exc.message, "invalid_request_error")

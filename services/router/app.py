@@ -14,7 +14,7 @@ def create(ctx: ServiceContext) -> Service:
     svc = RouterService(ctx)
     consume(
         ctx.bus,
-        svc.router,
+        svc.consumers,
         subject=ctx.bus.subjects.gate_decided_all,
         stream="events",
         durable=ctx.bus.subjects.durable("router", "gates"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -42,16 +42,36 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     version: int = 0
 
 
+Url = Annotated[str, msgspec.Meta(pattern="^https?://")]
+
+
 class CanaryRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Body of `PUT /lockgate/v1/deployments/{deployment}`."""
 
     stable_release: str
     canary_release: str
-    stable_upstream: str | None = None
-    canary_upstream: str | None = None
+    stable_upstream: Url | None = None
+    canary_upstream: Url | None = None
     stable_model: str | None = None
     canary_model: str | None = None
-    initial_weight: float | None = None
+    initial_weight: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None  # percent; None: the first step
+
+    def __post_init__(self) -> None:
+        if not self.canary_release.strip() or not self.stable_release.strip():
+            raise ValueError("stable_release and canary_release must be non-empty")
+        if self.canary_release == self.stable_release:
+            raise ValueError("canary_release must differ from stable_release")
+
+
+_canary_decoder = msgspec.json.Decoder(CanaryRequest)
+
+
+def decode_canary(body: bytes) -> CanaryRequest:
+    """A canary request from its JSON body, or InvalidRollout naming the path of what is wrong."""
+    try:
+        return _canary_decoder.decode(body)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        raise InvalidRollout(f"invalid canary request: {exc}") from None
 
 
 def normalize_steps(steps: tuple[float, ...] | list[float]) -> tuple[float, ...]:
@@ -93,18 +113,8 @@ def _bump(route: Route, **changes: object) -> Route:
 
 def start_canary(route: Route, req: CanaryRequest, *, default_canary_upstream: str,
                  first_step: float) -> Route:
-    """Begin a canary at its initial weight; it waits in phase `idle` for the gate decision."""
-    if not req.canary_release.strip() or not req.stable_release.strip():
-        raise InvalidRollout("stable_release and canary_release must be non-empty")
-    if req.canary_release == req.stable_release:
-        raise InvalidRollout("canary_release must differ from stable_release")
+    """Begin a canary at its initial weight; it waits in phase `idle` for the gate decision (`req` is decoded)."""
     weight = first_step if req.initial_weight is None else req.initial_weight
-    if not 0 <= weight <= 100:
-        raise InvalidRollout(f"initial_weight must be within [0, 100], got {weight}")
-    for name in ("stable_upstream", "canary_upstream"):
-        value = getattr(req, name)
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise InvalidRollout(f"{name} must be an http(s) URL, got {value!r}")
     same_stable = route.stable.release in ("", req.stable_release)
     stable = Target(
         release=req.stable_release,

@@ -21,9 +21,8 @@ from yarl import URL
 from lockgate import metrics, telemetry
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
-from lockgate.redact import scrub_event
+from lockgate.outbox import Outbox
 from lockgate.services.router import domain
-from lockgate.services.router.batcher import EventBatcher
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import (
     ChatRequest,
@@ -48,7 +47,7 @@ _chat_request = msgspec.json.Decoder(ChatRequest)
 class Proxy:
     """The OpenAI-compatible gateway handler."""
 
-    def __init__(self, settings: Settings, rollouts: Rollouts, batcher: EventBatcher, tracer: Tracer) -> None:
+    def __init__(self, settings: Settings, rollouts: Rollouts, batcher: Outbox, tracer: Tracer) -> None:
         self.settings = settings
         self.rollouts = rollouts
         self.batcher = batcher
@@ -144,7 +143,7 @@ class Proxy:
         except Exception:  # the request is answered already: end the span, let the loop log the bug
             span.end()
             raise
-        self.batcher.add(scrub_event(event))  # secrets never leave the router, not even on the bus
+        self.batcher.add(event)  # the outbox scrubs secrets off this path, before the event leaves the router
         metrics.router_request(variant, rec.status, rec.latency_ms / 1000.0)
         _end_span(span, event)
 

@@ -26,6 +26,7 @@ from lockgate.errors import (
     SignatureError,
     StoreUnavailable,
 )
+from lockgate.retry import RetryPolicy
 from lockgate.server.service import ServiceContext
 from lockgate.services.router import domain
 from lockgate.services.router.domain import Route
@@ -38,7 +39,9 @@ ROLLOUT_COLUMNS = ("id", "time", "deployment", "stable_release", "canary_release
                    "phase", "step", "reason", "decision_id")
 _route_decoder = msgspec.json.Decoder(Route)
 _gate_codec: Codec[GateDecided] = Codec(GateDecided)
-_MAX_ATTEMPTS = 5
+# A change that lost a compare-and-set is recomputed on the reloaded route and tried again; the
+# short jittered pause keeps contending replicas from colliding again in step.
+_CAS_RETRY = RetryPolicy(attempts=5, initial_s=0.005, max_s=0.1)
 
 
 class RouterNotReady(Retryable):
@@ -227,13 +230,14 @@ class Rollouts:
     async def _until_won(self, change: Callable[[], object]) -> None:
         # A change that lost to another replica's write is recomputed on the reloaded route, so a
         # decision or operator action is never silently dropped, only re-applied (or found moot).
-        for _ in range(_MAX_ATTEMPTS):
+        async def attempt() -> None:
             before = self.conflicts
             change()
             await self.flush()
-            if self.conflicts == before:
-                return
-        raise RouteContended(f"route kept changing under {_MAX_ATTEMPTS} attempts; retrying later")
+            if self.conflicts != before:
+                raise RouteContended(f"route kept changing under {_CAS_RETRY.attempts} attempts; retrying later")
+
+        await _CAS_RETRY.call(attempt, retry_on=RouteContended, what="route compare-and-set")
 
     def _apply(self, route: Route) -> None:
         # Synchronous on purpose: the next request routed after this line sees the new weight.

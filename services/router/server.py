@@ -6,9 +6,9 @@ import aiohttp
 from aiohttp import web
 
 from lockgate import metrics
+from lockgate.outbox import Outbox
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.router.admin import Admin
-from lockgate.services.router.batcher import EventBatcher
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
 
@@ -21,7 +21,9 @@ class RouterService(Service):
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
         self.rollouts = Rollouts(ctx)
-        self.batcher = EventBatcher(ctx.bus)
+        # The request path only adds; when the bus cannot keep up the oldest events go first
+        # (counted), so the freshest traffic is what drift and cost see.
+        self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, name="router-events")
         self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, self.tracer)
         self.admin = Admin(self.rollouts)
         self.url = ""
@@ -50,7 +52,7 @@ class RouterService(Service):
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
             auto_decompress=False,  # bodies pass through as the upstream sent them
         )
-        self.spawn(self.batcher.run(), "batcher")
+        self.batcher.start(self.ctx.bus.js)
         self.spawn(self.rollouts.run_timer(), "rollout-timer")
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
@@ -64,7 +66,7 @@ class RouterService(Service):
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        await self.batcher.flush()
+        await self.batcher.close()
         try:
             await self.rollouts.flush()
         except Exception:
@@ -76,4 +78,5 @@ class RouterService(Service):
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "ready": self.rollouts.ready.is_set(),
-                                  "events_dropped": self.batcher.dropped})
+                                  "events_dropped": self.batcher.dropped,
+                                  "events_failed": self.batcher.failed})

@@ -18,12 +18,12 @@ class Sink(Service):
         self.handlers = SinkHandlers(ctx, self.tracer)
         s, bus = ctx.bus.subjects, ctx.bus
         common = {"ack_wait_s": ctx.settings.ack_wait_s}
-        consume_batch(bus, self.router, subject=s.inference_all, stream="inference",
+        consume_batch(bus, self.consumers, subject=s.inference_all, stream="inference",
                       durable=s.durable("sink", "inference"), wire_type=list[InferenceEvent] | InferenceEvent,
                       origin="sink", handler=self.handlers.on_inference, batch_size=64, **common)
-        consume(bus, self.router, subject=s.spans, stream="telemetry", durable=s.durable("sink", "spans"),
+        consume(bus, self.consumers, subject=s.spans, stream="telemetry", durable=s.durable("sink", "spans"),
                 wire_type=SpanBatch, origin="sink-spans", handler=self.handlers.on_spans, **common)
-        consume(bus, self.router, subject=s.dlq_all, stream="dlq", durable=s.durable("sink", "dlq"),
+        consume(bus, self.consumers, subject=s.dlq_all, stream="dlq", durable=s.durable("sink", "dlq"),
                 wire_type=DeadLetter, origin="sink-dlq", handler=self.handlers.on_dead_letter, **common)
 
 

@@ -12,6 +12,9 @@ events, gRPC ingest, the evaluator's case writer and the sink's inserts. Two way
 `await flush()` returns once everything added before the call is flushed; `await close()` stops
 the timer and really flushes what is left. At most `max_in_flight` flushes run at once, so a
 slow sink backs the buffer up instead of memory.
+
+A batcher made with `autostart=False` only buffers (no event loop needed) until `start()`, for an
+owner that accepts items before its flush target exists (the SDK before it has connected).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ class Batcher(Generic[T]):
         max_in_flight: int = 1,
         isolate: Callable[[BaseException], bool] | None = None,
         name: str = "batcher",
+        autostart: bool = True,
     ) -> None:
         if max_bytes is not None and size is None:
             raise ValueError("max_bytes needs a size function")
@@ -75,12 +79,25 @@ class Batcher(Generic[T]):
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._runner: asyncio.Task[None] | None = None
         self._closed = False
+        self._started = autostart
         self.dropped = 0
         self.flushed = 0
         self.failed = 0
 
     def __len__(self) -> int:
         return len(self._items)
+
+    @property
+    def closed(self) -> bool:
+        """True once close() was called: add() and submit() refuse from then on."""
+        return self._closed
+
+    def start(self) -> None:
+        """Begin flushing what was buffered so far (needed only with autostart=False)."""
+        self._started = True
+        if self._items or self._waiters:
+            self._ensure_runner()
+            self._wake.set()
 
     def add(self, item: T) -> bool:
         """Queue one item without waiting; False when the overflow policy refused it."""
@@ -94,7 +111,9 @@ class Batcher(Generic[T]):
         await fut
 
     async def flush(self) -> None:
-        """Return once every item added before this call has been flushed (or failed)."""
+        """Return once every item added before this call has been flushed (or failed); starts the
+        batcher if it was not started, since the caller asks for the flush."""
+        self._started = True
         target = self._added
         if self._taken < target:
             fut = asyncio.get_running_loop().create_future()
@@ -152,6 +171,8 @@ class Batcher(Generic[T]):
         )
 
     def _ensure_runner(self) -> None:
+        if not self._started:
+            return
         if self._runner is None or self._runner.done():
             self._runner = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}:flush")
 

@@ -1,28 +1,42 @@
-"""The NATS edge: broker factory, topology, publish with idempotency headers, consumers with DLQ."""
+"""The NATS edge: one nats-py connection per process for topology, publish with idempotency headers,
+KV, object store, request/reply and the durable pull consumers, whose edge owns ack and the DLQ."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
 import nats.errors
 import nats.js.errors
-from faststream import AckPolicy
-from faststream.nats import JStream, NatsBroker, NatsMessage, NatsRouter, PullSub
-from nats.js.api import ConsumerConfig, StorageType, StreamConfig
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from lockgate import metrics, telemetry
+from lockgate.batcher import Batcher
 from lockgate.codec import Codec, encode
 from lockgate.contracts import DeadLetter, Event
 from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, Retryable
 from lockgate.ids import batch_id
+from lockgate.retry import RetryPolicy
 from lockgate.subjects import Subjects
 
 log = logging.getLogger("lockgate.bus")
+
+# Delay before JetStream redelivers a nacked message, by its delivery count (jittered, so the
+# messages of one failed batch do not all come back in the same instant).
+NACK_BACKOFF = RetryPolicy(initial_s=0.2, max_s=30.0)
+# Pause after a failed fetch (reconnecting, consumer gone), by consecutive failures.
+FETCH_BACKOFF = RetryPolicy(initial_s=0.1, max_s=5.0)
+# A pull request lives this long on the server, so one orphaned by a stop expires soon.
+FETCH_TIMEOUT_S = 1.0
+# How long a stop waits for in-flight handlers; what is still running then is cancelled, unacked,
+# and redelivered after ack_wait.
+GRACE_S = 10.0
 
 
 @dataclass
@@ -46,19 +60,59 @@ class BusStats:
     dead_letters: int = 0
 
 
+Handler = Callable[[Any, Delivery], Awaitable[None]]
+BatchHandler = Callable[[list[tuple[Any, Delivery]]], Awaitable[None]]
+
+
+@dataclass(frozen=True, eq=False)
+class ConsumerSpec:
+    """One durable pull consumer: where it reads, how much at once, and the edge run on each message."""
+
+    subject: str
+    stream: str  # the JetStream stream's name
+    durable: str
+    origin: str
+    config: ConsumerConfig
+    batch_size: int
+    max_workers: int
+    ordered: bool
+    on_message: Callable[[Msg], Awaitable[None]]
+    # Run after a stop, once in-flight handlers are done (e.g. close a batcher).
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+class Consumers:
+    """The durable consumers one service registers with `consume`; the bus it is included in starts them."""
+
+    def __init__(self) -> None:
+        self.specs: list[ConsumerSpec] = []
+
+    def add(self, spec: ConsumerSpec) -> None:
+        """Register one consumer."""
+        self.specs.append(spec)
+
+    def __iter__(self) -> Iterator[ConsumerSpec]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
 class Bus:
-    """One process's connection to NATS: FastStream broker for consumers, nats-py for the rest."""
+    """One process's connection to NATS: publishing, KV, objects, request/reply and pull consumers."""
 
     def __init__(self, url: str, subjects: Subjects | None = None, *, name: str = "lockgate") -> None:
         self.url = url
         self.subjects = subjects or Subjects()
         self.name = name
-        # FastStream logs every message at INFO; at 100k events/s that is the bottleneck.
         self.servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: comma-separated URLs
-        self.broker = NatsBroker(self.servers, logger=None, graceful_timeout=10.0)
         self.nc: nats.NATS | None = None
         self.js: Any = None
         self.stats = BusStats()
+        # Consumers registered on the bus itself (tools, tests); services bring theirs via include().
+        self.consumers = Consumers()
+        self._registries: list[Consumers] = [self.consumers]
+        self._loops: dict[ConsumerSpec, _PullLoop] = {}
 
     async def connect(self) -> None:
         """Connect, then create streams, KV buckets and the object store (idempotent)."""
@@ -71,15 +125,30 @@ class Bus:
         self.js = self.nc.jetstream()
         await self.ensure_topology()
 
+    def include(self, consumers: Consumers) -> None:
+        """Run a service's consumers on this bus (from the next `start`)."""
+        if all(c is not consumers for c in self._registries):
+            self._registries.append(consumers)
+
     async def start(self) -> None:
-        """Connect and start every included router's consumers."""
+        """Connect if needed, then start every registered consumer not yet running."""
         if self.nc is None:
             await self.connect()
-        await self.broker.start()
+        for registry in self._registries:
+            for spec in registry:
+                if spec not in self._loops:
+                    loop = _PullLoop(self.js, spec)
+                    await loop.start()
+                    self._loops[spec] = loop
+
+    async def stop_consumers(self) -> None:
+        """Stop fetching, let in-flight handlers finish, unsubscribe; the connection stays open."""
+        loops, self._loops = list(self._loops.values()), {}
+        await asyncio.gather(*(loop.stop() for loop in loops))
 
     async def close(self) -> None:
-        """Stop consumers (finishing in-flight handlers), then drain the publisher connection."""
-        await self.broker.stop()
+        """Stop consumers (finishing in-flight handlers), then drain the connection."""
+        await self.stop_consumers()
         if self.nc is not None and not self.nc.is_closed:
             await self.nc.drain()
 
@@ -163,17 +232,123 @@ class Bus:
         await self.publish(self.subjects.dlq(origin), letter)
 
 
-Handler = Callable[[Any, Delivery], Awaitable[None]]
-BatchHandler = Callable[[list[tuple[Any, Delivery]]], Awaitable[None]]
+class _PullLoop:
+    """Fetches from one durable consumer on the bus's connection and runs the edge on every message."""
 
+    def __init__(self, js: Any, spec: ConsumerSpec) -> None:
+        self.spec = spec
+        self._js = js
+        self._sub: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._in_flight: set[asyncio.Task[None]] = set()
 
-def _raw_decoder(msg: NatsMessage) -> bytes:
-    return msg.body
+    async def start(self) -> None:
+        """Create (or update) the durable consumer, bind to it and start fetching."""
+        s = self.spec
+        try:
+            try:
+                await self._js.add_consumer(s.stream, config=s.config)  # create-or-update: settings stay current
+            except nats.js.errors.APIError as exc:
+                # An existing consumer whose fixed settings differ (made by an older build) keeps
+                # its position rather than stop the service; without one, the error stands.
+                try:
+                    await self._js.consumer_info(s.stream, s.durable)
+                except nats.errors.Error:
+                    raise exc from None
+                log.warning("consumer %s kept as it is: %s", s.durable, exc.description)
+            self._sub = await self._js.pull_subscribe_bind(durable=s.durable, stream=s.stream)
+        except nats.errors.Error as exc:
+            raise BusUnavailable(f"cannot create consumer {s.durable} on stream {s.stream}: {exc!r}") from None
+        self._task = asyncio.create_task(self._run(), name=f"consume:{s.durable}")
+        self._task.add_done_callback(self._exited)
+
+    def _exited(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("consumer %s stopped fetching: %r", self.spec.durable, task.exception())
+
+    async def _run(self) -> None:
+        s = self.spec
+        workers = 1 if s.ordered else s.max_workers
+        # Fetch again once half the workers (or a whole batch) are free: fetches stay large, and
+        # workers are not left idle until the slowest message of the last fetch is done.
+        room = min(s.batch_size, max(1, workers // 2))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        failures = 0
+        try:
+            while not self._stopping.is_set():
+                if workers - len(self._in_flight) < room:
+                    await asyncio.wait({*self._in_flight, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                # Ordered: one message at a time, so a slow handler never holds fetched messages
+                # past their ack_wait; otherwise only as many as there are free workers.
+                want = 1 if s.ordered else min(s.batch_size, workers - len(self._in_flight))
+                fetch = asyncio.ensure_future(self._sub.fetch(want, timeout=FETCH_TIMEOUT_S))
+                await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    # Stopping: whatever this fetch would have brought is redelivered after ack_wait.
+                    fetch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await fetch
+                    return
+                try:
+                    msgs = fetch.result()
+                except TimeoutError:  # nothing new within the fetch timeout
+                    failures = 0
+                    continue
+                except nats.errors.ConnectionClosedError:
+                    return
+                except Exception as exc:  # reconnecting, or the consumer is gone: back off, keep going
+                    failures += 1
+                    log.warning("fetch from %s failed (%d in a row): %r", s.durable, failures, exc)
+                    await asyncio.wait({stop}, timeout=FETCH_BACKOFF.delay(failures))
+                    continue
+                failures = 0
+                for msg in msgs:
+                    if s.ordered:
+                        await self._handle(msg)
+                    else:
+                        task = asyncio.create_task(self._handle(msg))
+                        self._in_flight.add(task)
+                        task.add_done_callback(self._in_flight.discard)
+        finally:
+            stop.cancel()
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            await self.spec.on_message(msg)
+        except Exception:  # an ack or nack that failed (connection lost): JetStream redelivers
+            log.exception("consumer %s could not settle a message", self.spec.durable)
+
+    async def stop(self) -> None:
+        """Stop fetching, wait for in-flight handlers (at most GRACE_S), then unsubscribe."""
+        self._stopping.set()
+        clock = asyncio.get_running_loop()
+        deadline = clock.time() + GRACE_S
+        if self._task is not None:
+            # The loop first: a fetch that ended together with the stop still starts its handlers.
+            await asyncio.wait({self._task}, timeout=GRACE_S)
+        running = {t for t in (self._task, *self._in_flight) if t is not None and not t.done()}
+        if running:
+            _, late = await asyncio.wait(running, timeout=max(0.0, deadline - clock.time()))
+            for task in late:
+                log.warning("consumer %s: handler still running after %.0fs; cancelled", self.spec.durable, GRACE_S)
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        for hook in self.spec.on_stop:
+            try:
+                await hook()
+            except Exception:
+                log.exception("consumer %s: stop hook failed", self.spec.durable)
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
 
 
 def consume(
     bus: Bus,
-    router: NatsRouter,
+    consumers: Consumers,
     *,
     subject: str,
     stream: str,
@@ -186,39 +361,41 @@ def consume(
     ack_wait_s: float = 30.0,
     max_workers: int = 1,
     ordered: bool = True,
-) -> None:
+) -> ConsumerSpec:
     """Register a durable pull consumer whose handler gets decoded Structs.
 
-    FastStream runs the messages of one fetch concurrently, in no guaranteed order; with
-    `ordered` (the default) it fetches one message at a time, so the handler sees them one by one
-    in stream order, which stateful handlers (rollouts, drift windows, gate decisions) rely on.
+    With `ordered` (the default) the handler sees messages one by one in stream order, which
+    stateful handlers (rollouts, drift windows, gate decisions) rely on; otherwise up to
+    `max_workers` messages run concurrently, in no guaranteed order.
 
-    The edge owns acknowledgement: undecodable -> DLQ + ack; Retryable -> nack with
-    exponential backoff (DLQ after max_deliver); any other failure -> DLQ + ack, so one
-    bad message never stops the consumer.
+    The edge owns acknowledgement: undecodable -> DLQ + ack; Retryable -> nack with backoff
+    (DLQ after max_deliver); any other failure -> DLQ + ack, so one bad message never stops
+    the consumer. A message that cannot be dead-lettered is nacked, never lost.
     """
+    if ordered and max_workers > 1:
+        raise ValueError(f"consumer {durable}: ordered handling runs one message at a time; "
+                         "pass ordered=False to use max_workers")
     codec: Codec[Any] = Codec(wire_type)
-    stream_name = bus.subjects.streams[stream].name
-    if ordered:
-        batch_size = 1
 
-    async def on_message(msg: NatsMessage) -> None:
-        raw = msg.raw_message
-        meta = raw.metadata
-        deliveries = meta.num_delivered if meta else 1
-        headers = dict(raw.headers or {})
-        body = raw.data
+    async def on_message(msg: Msg) -> None:
+        meta = msg.metadata
+        deliveries = meta.num_delivered or 1
+        headers = dict(msg.headers or {})
+        body = msg.data
         try:
             value = codec.decode(body)
         except InvalidEvent as exc:
-            await _dead_letter_and_ack(bus, msg, origin, body, headers, deliveries, "invalid event", exc.message)
+            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", exc.message)
+            return
+        except Exception as exc:  # whatever the decoder trips on is bad input: park it, never leave it unacked
+            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", repr(exc))
             return
         delivery = Delivery(
-            subject=raw.subject,
+            subject=msg.subject,
             msg_id=headers.get("Nats-Msg-Id", ""),
             headers=headers,
             deliveries=deliveries,
-            stream_seq=meta.sequence.stream if meta else 0,
+            stream_seq=meta.sequence.stream,
             trace_context=telemetry.extract(headers),
             in_progress=msg.in_progress,
         )
@@ -226,130 +403,98 @@ def consume(
             await handler(value, delivery)
         except Retryable as exc:
             if deliveries >= max_deliver:
-                await _dead_letter_and_ack(
-                    bus, msg, origin, body, headers, deliveries, "retries exhausted", exc.message
-                )
+                await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "retries exhausted", exc.message)
             else:
-                await msg.nack(delay=min(0.2 * 2**deliveries, 30.0))
+                await msg.nak(delay=NACK_BACKOFF.delay(deliveries))
             return
         except LockgateError as exc:
-            await _dead_letter_and_ack(bus, msg, origin, body, headers, deliveries, "rejected", exc.message)
+            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "rejected", exc.message)
             return
         except Exception as exc:  # a handler bug must not stop the consumer; keep the message
             log.exception("handler for %s failed", origin)
-            await _dead_letter_and_ack(bus, msg, origin, body, headers, deliveries, "handler crashed", repr(exc))
+            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "handler crashed", repr(exc))
             return
         await msg.ack()
 
-    router.subscriber(
-        subject,
-        stream=JStream(stream_name, declare=False),
+    spec = ConsumerSpec(
+        subject=subject,
+        stream=bus.subjects.streams[stream].name,
         durable=durable,
-        config=ConsumerConfig(ack_wait=ack_wait_s, max_deliver=max_deliver + 1),
-        pull_sub=PullSub(batch_size=batch_size, timeout=1.0),
-        ack_policy=AckPolicy.MANUAL,
-        decoder=_raw_decoder,
-        max_workers=max_workers,
-    )(on_message)
+        origin=origin,
+        # One delivery beyond max_deliver, so the last failure can still be dead-lettered by the edge.
+        config=ConsumerConfig(
+            name=durable,
+            durable_name=durable,
+            filter_subject=subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait_s,
+            max_deliver=max_deliver + 1,
+        ),
+        batch_size=max(1, batch_size),
+        max_workers=max(1, max_workers),
+        ordered=ordered,
+        on_message=on_message,
+    )
+    consumers.add(spec)
+    return spec
 
 
-class Coalescer:
-    """Gathers items submitted by concurrent handlers into one flush (e.g. one ClickHouse insert).
+class _BatchEdge:
+    """Feeds the messages of concurrent handlers into one Batcher, so a sink writes one insert for
+    many messages while each message is still acked or dead-lettered on its own."""
 
-    Each `submit` returns when the flush holding its item finished, and raises what that flush
-    raised, so every message is acked only after its rows are stored. A flush of several items
-    that fails with a non-retryable error is retried item by item, so one poison message cannot
-    take the others down with it.
-    """
-
-    def __init__(self, flush: BatchHandler, *, max_items: int, max_wait_s: float) -> None:
+    def __init__(self, flush: BatchHandler, *, max_items: int, max_age_s: float, name: str) -> None:
         self._flush = flush
-        self.max_items = max_items
-        self.max_wait_s = max_wait_s
-        self._pending: list[tuple[tuple[Any, Delivery], asyncio.Future[None]]] = []
-        self._timer: asyncio.TimerHandle | None = None
-        # One flush at a time: what arrives meanwhile forms the next, larger batch, so batch
-        # size grows with load instead of the insert rate.
-        self._flushing = False
+        self._max_items = max_items
+        self._max_age_s = max_age_s
+        self._name = name
+        self._batcher: Batcher[tuple[Any, Delivery]] | None = None
 
     async def submit(self, value: Any, delivery: Delivery) -> None:
-        """Queue one decoded message and wait for the flush that stores it."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(((value, delivery), fut))
-        if len(self._pending) >= self.max_items:
-            self._start_flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.max_wait_s, self._start_flush)
-        await fut
+        """Queue one decoded message and wait for the flush that stores it (raising what it raised)."""
+        if self._batcher is None:  # made per start: a closed batcher cannot be reopened
+            self._batcher = Batcher(
+                self._flush,
+                max_items=self._max_items,
+                max_age_s=self._max_age_s,
+                # A retryable failure (store down) nacks the whole batch; anything else is retried
+                # item by item, so one poison message is dead-lettered alone.
+                isolate=lambda exc: not isinstance(exc, Retryable),
+                name=self._name,
+            )
+        await self._batcher.submit((value, delivery))
 
-    def _start_flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._flushing or not self._pending:
-            return
-        batch, self._pending = self._pending, []
-        self._flushing = True
-        asyncio.create_task(self._run(batch))
-
-    async def _run(self, batch: list[tuple[tuple[Any, Delivery], asyncio.Future[None]]]) -> None:
-        try:
-            await self._flush_batch(batch)
-        finally:
-            self._flushing = False
-            if self._pending:
-                self._start_flush()
-
-    async def _flush_batch(self, batch: list[tuple[tuple[Any, Delivery], asyncio.Future[None]]]) -> None:
-        try:
-            await self._flush([item for item, _ in batch])
-        except Retryable as exc:
-            _settle(batch, exc)
-        except Exception as exc:
-            if len(batch) == 1:
-                _settle(batch, exc)
-                return
-            log.warning("batch of %d failed (%r); retrying one by one", len(batch), exc)
-            for item, fut in batch:
-                try:
-                    await self._flush([item])
-                except Exception as single:
-                    _settle([(item, fut)], single)
-                else:
-                    _settle([(item, fut)], None)
-        else:
-            _settle(batch, None)
-
-
-def _settle(batch: list[tuple[Any, asyncio.Future[None]]], exc: BaseException | None) -> None:
-    for _, fut in batch:
-        if not fut.done():
-            fut.set_exception(exc) if exc is not None else fut.set_result(None)
+    async def close(self) -> None:
+        """Stop the batcher (its items are already flushed once every handler returned)."""
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            await batcher.close()
 
 
 def consume_batch(
     bus: Bus,
-    router: NatsRouter,
+    consumers: Consumers,
     *,
     handler: BatchHandler,
     batch_size: int = 32,
     max_wait_s: float = 0.005,
     **options: Any,
-) -> Coalescer:
-    """Like `consume`, but the messages of one fetch (processed concurrently by FastStream) are
-    coalesced into one handler call, so a sink writes one large insert instead of one per message.
-    Acknowledgement and dead-lettering stay per message, in the `consume` edge."""
-    coalescer = Coalescer(handler, max_items=batch_size, max_wait_s=max_wait_s)
-    consume(bus, router, handler=coalescer.submit, batch_size=batch_size, max_workers=batch_size, ordered=False,
-            **options)
-    return coalescer
+) -> ConsumerSpec:
+    """Like `consume`, but concurrently handled messages are gathered into one handler call, so a
+    sink writes one large insert instead of one per message. Acknowledgement and dead-lettering
+    stay per message, in the `consume` edge."""
+    edge = _BatchEdge(handler, max_items=batch_size, max_age_s=max_wait_s, name=f"consumer:{options['durable']}")
+    # Twice the batch in flight: one batch is written while the next one fills.
+    spec = consume(bus, consumers, handler=edge.submit, batch_size=batch_size, max_workers=2 * batch_size,
+                   ordered=False, **options)
+    spec.on_stop.append(edge.close)
+    return spec
 
 
 async def _dead_letter_and_ack(
     bus: Bus,
-    msg: NatsMessage,
+    msg: Msg,
     origin: str,
-    body: bytes,
     headers: dict[str, str],
     deliveries: int,
     reason: str,
@@ -358,8 +503,8 @@ async def _dead_letter_and_ack(
     try:
         await bus.dead_letter(
             origin,
-            subject=msg.raw_message.subject,
-            payload=body,
+            subject=msg.subject,
+            payload=msg.data,
             reason=reason,
             error=error,
             headers=headers,
@@ -367,6 +512,6 @@ async def _dead_letter_and_ack(
         )
     except BusUnavailable:
         # Could not park it: leave it unacked so JetStream redelivers rather than lose it.
-        await msg.nack(delay=5.0)
+        await msg.nak(delay=NACK_BACKOFF.delay(deliveries))
         return
     await msg.ack()

@@ -1,18 +1,17 @@
 """SDK for applications: emit inference events without blocking, read and follow gate decisions.
 
-Uses nats-py directly so an application needs neither FastStream nor the services. The
-streams and buckets are created by the running stack (`Bus.ensure_topology`).
+Needs only `pip install lockgate` (nats-py, msgspec, cryptography): none of the services'
+dependencies. The streams and buckets are created by the running stack (`Bus.ensure_topology`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Self
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -20,15 +19,29 @@ import nats.js.errors
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.errors import BusUnavailable, InvalidEvent, NotFound, SignatureError
-from lockgate.ids import batch_id
-from lockgate.redact import scrub_event
+from lockgate.outbox import Outbox
+from lockgate.retry import RetryPolicy
 from lockgate.signing import Keyring
 from lockgate.subjects import Subjects, token
 
 log = logging.getLogger("lockgate.client")
 
 _decisions: Codec[GateDecided] = Codec(GateDecided)
-_PUBLISH_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
+# The decoder the sink reads inference events with (msgspec checks `Meta` constraints only when
+# decoding, never when a Struct is constructed).
+_events: Codec[InferenceEvent] = Codec(InferenceEvent)
+
+
+def check_event(event: InferenceEvent) -> None:
+    """Raise InvalidEvent, naming the field, if the sink's decoder would refuse this event."""
+    try:
+        data = encode(event)
+    except (msgspec.EncodeError, TypeError) as exc:  # e.g. a non-string attribute value
+        raise InvalidEvent(f"invalid inference event: {exc}") from None
+    try:
+        _events.decode(data)
+    except InvalidEvent as exc:
+        raise InvalidEvent(f"invalid inference event: {exc.message}") from None
 
 
 async def get_decision(kv: Any, release: str) -> GateDecided | None:
@@ -70,8 +83,9 @@ async def _decisions_from(watcher: Any, release_prefix: str) -> AsyncIterator[Ga
 class Client:
     """Buffers events in memory and publishes them in pipelined JetStream batches.
 
-    `emit` never blocks and never raises for a full buffer: it returns False and counts
-    the event in `dropped`. Call it from the event loop's thread.
+    `emit` never blocks and never raises for a full buffer: it returns False and counts the event
+    in `dropped`. It raises InvalidEvent at once for an event the contract forbids, so one bad
+    event never reaches (and poisons) a batch. Call it from the event loop's thread.
     """
 
     def __init__(
@@ -97,17 +111,18 @@ class Client:
         self.batch_size = batch_size
         self.flush_interval_s = flush_interval_s
         self.max_attempts = max_attempts
-        self.sent = 0
-        self.dropped = 0
-        self.failed = 0
-        self._buf: deque[InferenceEvent] = deque()
-        self._accepted = 0  # events ever appended
-        self._taken = 0  # events ever moved from the buffer into a publish
-        self._taken_waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(max_in_flight)
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._sender: asyncio.Task[None] | None = None
+        # max_in_flight batches await their acks at once: pipelining is what makes JetStream fast.
+        self._outbox = Outbox(
+            self.subjects,
+            batch_size=batch_size,
+            max_age_s=flush_interval_s,
+            capacity=max_buffer,
+            overflow="drop_newest",
+            max_in_flight=max_in_flight,
+            retry=RetryPolicy(attempts=max_attempts, initial_s=0.05, max_s=2.0),
+            name="lockgate-sdk",
+        )
+        self._started = False
         self._nc: Any = None
         self._js: Any = None
         # Decisions are acted on only when signed by a trusted gatekeeper key: pinned PEM files if
@@ -118,12 +133,27 @@ class Client:
         self.rejected_decisions = 0
 
     @property
+    def sent(self) -> int:
+        """Events JetStream acknowledged."""
+        return self._outbox.sent
+
+    @property
+    def dropped(self) -> int:
+        """Events refused because the buffer was full (or the client closed)."""
+        return self._outbox.dropped
+
+    @property
+    def failed(self) -> int:
+        """Events given up on after `max_attempts` publishes."""
+        return self._outbox.failed
+
+    @property
     def pending(self) -> int:
         """Events buffered and not yet handed to a publish."""
-        return len(self._buf)
+        return len(self._outbox)
 
     async def start(self) -> None:
-        """Connect to NATS and start the background sender."""
+        """Connect to NATS and start publishing (events emitted before are sent now)."""
         try:
             self._nc = await nats.connect(
                 self.nats_url, name=f"lockgate-sdk-{self.app}", max_reconnect_attempts=-1, connect_timeout=5
@@ -131,16 +161,14 @@ class Client:
         except (OSError, nats.errors.Error) as exc:
             raise BusUnavailable(f"cannot reach NATS at {self.nats_url}: {exc}") from None
         self._js = self._nc.jetstream()
-        self._sender = asyncio.create_task(self._run(), name="lockgate-sdk-sender")
+        self._outbox.start(self._js)
+        self._started = True
 
     async def close(self) -> None:
         """Publish everything buffered, wait for the acks, then disconnect."""
-        if self._sender is not None:
-            await self.flush()
-            self._sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sender
-            self._sender = None
+        if self._started:
+            await self._outbox.close()
+            self._started = False
         if self._nc is not None and not self._nc.is_closed:
             await self._nc.close()
 
@@ -153,32 +181,21 @@ class Client:
 
     def emit(self, event: InferenceEvent | None = None, **fields: Any) -> bool:
         """Buffer one event (given, or built from fields with this client's app and tenant)."""
-        if len(self._buf) >= self.max_buffer:
-            self.dropped += 1
-            return False
         if event is None:
             fields.setdefault("app", self.app)
             fields.setdefault("tenant", self.tenant)
-            event = InferenceEvent(**fields)
-        self._buf.append(event)
-        self._accepted += 1
-        if len(self._buf) >= self.batch_size:
-            self._wake.set()
-        return True
+            try:
+                event = InferenceEvent(**fields)
+            except TypeError as exc:  # an unknown field name
+                raise InvalidEvent(f"invalid inference event: {exc}") from None
+        check_event(event)
+        return self._outbox.add(event)
 
     async def flush(self) -> None:
         """Return once every event emitted before this call is acknowledged (or counted failed)."""
-        if self._sender is None:
+        if not self._started:
             raise BusUnavailable("the lockgate client is not started; call start() or use `async with`")
-        target = self._accepted
-        if self._taken < target:
-            fut = asyncio.get_running_loop().create_future()
-            self._taken_waiters.append((target, fut))
-            self._wake.set()
-            await fut
-        # Every batch holding those events is now one of these tasks (retries happen inside).
-        if self._inflight:
-            await asyncio.wait(set(self._inflight))
+        await self._outbox.flush()
 
     async def decision(self, release: str) -> GateDecided | None:
         """The latest gate decision for a release, or None; raises SignatureError if it does not verify."""
@@ -226,63 +243,3 @@ class Client:
                 f"gate bucket {self.subjects.kv_gates!r} does not exist: is the lockgate stack running "
                 f"with prefix {self.subjects.prefix!r}?"
             ) from None
-
-    async def _run(self) -> None:
-        while True:
-            if len(self._buf) < self.batch_size and not self._taken_waiters:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
-            while self._buf:
-                # Take the slot before the events so the buffer, not memory, holds the backlog.
-                await self._slots.acquire()
-                n = min(self.batch_size, len(self._buf))
-                batch = [self._buf.popleft() for _ in range(n)]
-                self._taken += n
-                task = asyncio.create_task(self._publish_batch(batch))
-                self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
-                self._release_taken_waiters()
-            self._release_taken_waiters()
-
-    def _release_taken_waiters(self) -> None:
-        if not self._taken_waiters:
-            return
-        still = []
-        for target, fut in self._taken_waiters:
-            if self._taken >= target:
-                if not fut.done():
-                    fut.set_result(None)
-            else:
-                still.append((target, fut))
-        self._taken_waiters = still
-
-    async def _publish_batch(self, batch: list[InferenceEvent]) -> None:
-        try:
-            by_app: dict[str, list[InferenceEvent]] = {}
-            for e in batch:
-                # scrubbed here, off the application's request path, before anything leaves the process
-                by_app.setdefault(e.app, []).append(scrub_event(e))
-            for app, events in by_app.items():
-                await self._publish(self.subjects.inference(app), events)
-        except Exception:  # e.g. an unencodable attribute: count it rather than lose it silently
-            log.exception("publishing a batch of %d events failed", len(batch))
-            self.failed += len(batch)
-        finally:
-            self._slots.release()
-
-    async def _publish(self, subject: str, events: list[InferenceEvent]) -> None:
-        data = encode(events)
-        # The same events always give the same id, so a retry after a lost ack is deduplicated.
-        headers = {"Nats-Msg-Id": batch_id(events)}
-        for attempt in range(self.max_attempts):
-            try:
-                await self._js.publish(subject, data, headers=headers, timeout=5)
-                self.sent += len(events)
-                return
-            except _PUBLISH_ERRORS as exc:
-                if attempt + 1 == self.max_attempts:
-                    log.warning("dropping %d events after %d attempts: %r", len(events), attempt + 1, exc)
-                    break
-                await asyncio.sleep(min(0.05 * 2**attempt, 2.0))  # backoff, not synchronisation
-        self.failed += len(events)

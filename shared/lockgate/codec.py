@@ -19,6 +19,24 @@ def encode(value: Any) -> bytes:
     return _encoder.encode(value)
 
 
+def _result_hook(value: Any) -> Any:
+    # msgspec itself writes datetimes and dates as ISO 8601, sets and tuples as arrays, bytes as
+    # base64 (lossless; ClickHouse strings arrive as str anyway), UUIDs and Decimals as strings.
+    # This hook only sees what msgspec cannot encode (an ipaddress, a numpy scalar, ...), which an
+    # operator reads best as its text.
+    return str(value)
+
+
+_result_encoder = msgspec.json.Encoder(enc_hook=_result_hook)
+
+
+def to_json(value: Any, *, indent: int = 0) -> bytes:
+    """JSON of query results and CLI output: the one encoder, so a result reads the same from a
+    running stack (the query service's reply) or straight from ClickHouse (`--clickhouse`)."""
+    data = _result_encoder.encode(value)
+    return msgspec.json.format(data, indent=indent) if indent else data
+
+
 class Codec(Generic[T]):
     """Decoder for one wire type (an event type, a union, or a list of them)."""
 
@@ -34,6 +52,8 @@ class Codec(Generic[T]):
             if "Invalid value" in msg and "`$.type`" in msg:
                 raise InvalidEvent(f"unknown event type: {msg}") from None
             raise InvalidEvent(msg) from None
+        except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside strings with Python's codec
+            raise InvalidEvent(f"JSON is not valid UTF-8: {exc}") from None
         for event in value if isinstance(value, list) else (value,):
             if isinstance(event, Event) and event.schema_version > SCHEMA_VERSION:
                 raise UnknownSchemaVersion(

@@ -57,3 +57,28 @@ class SignatureError(LockgateError):
     """A signature is missing, malformed or does not verify."""
 
     exit_code = 4
+
+
+class AmbiguousReference(LockgateError):
+    """A hash prefix matches more than one artifact."""
+
+
+class UnknownDimension(ConfigError):
+    """A cost rollup was asked to group by something not in the allow-list."""
+
+
+class QueryUnavailable(Retryable):
+    """No query service answered on the bus (not started yet, or too busy to reply in time)."""
+
+
+class ReplyTooLarge(LockgateError):
+    """A query's result does not fit in one NATS message; ask for fewer rows."""
+
+
+class PublishFailed(BusUnavailable):
+    """JetStream did not acknowledge some events even after retries; `sent` of them were published."""
+
+    def __init__(self, message: str, *, sent: int, failed: int) -> None:
+        super().__init__(message)
+        self.sent = sent
+        self.failed = failed

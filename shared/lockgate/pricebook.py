@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import yaml
@@ -34,12 +34,12 @@ class ModelPrice(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
                 + output_tokens * self.output_per_mtok) / 1e6
 
 
-class PriceBook(msgspec.Struct, frozen=True):
+class PriceBook(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A versioned price list; `hash` identifies exactly which prices a ledger row used."""
 
     version: str
     models: dict[str, ModelPrice]
-    currency: str = "USD"
+    currency: Literal["USD"] = "USD"  # every cost lockgate reports is in USD; there is no conversion
     hash: str = ""
 
 
@@ -57,8 +57,6 @@ def parse_price_book(data: Any) -> PriceBook:
         book = msgspec.convert(data, PriceBook, strict=False)
     except msgspec.ValidationError as exc:
         raise PriceBookError(f"price book is malformed: {exc}") from None
-    if book.currency != "USD":
-        raise PriceBookError(f"price book currency must be USD, not {book.currency!r}")
     return msgspec.structs.replace(book, hash=content_hash(data))
 
 

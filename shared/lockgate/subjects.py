@@ -139,8 +139,13 @@ class Subjects:
 
     @property
     def query(self) -> str:
-        """Request/reply subject on which the running stack answers operator queries."""
+        """Request/reply subject on which the query service answers named queries."""
         return f"{self.prefix}.query"
+
+    @property
+    def query_group(self) -> str:
+        """Queue group of the query service's replicas: each request is answered by one of them."""
+        return f"{self.prefix}_query"
 
     # durable consumers: one per (service, purpose)
     def durable(self, service: str, purpose: str) -> str:

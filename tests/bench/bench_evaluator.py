@@ -51,7 +51,8 @@ async def _direct(url: str) -> float:
 
 
 async def _eval_once(env: BenchEnv, url: str, cache: bool) -> dict[str, Any]:
-    async with stack(env, "evaluator", eval_cache=cache) as st:
+    # the query service answers the evaluator's reads (resume, baseline), as in every deployment
+    async with stack(env, "query", "evaluator", eval_cache=cache) as st:
         bus = st.ctx.bus
         cases = [{"id": str(i), "input": f"question {i}", "expected": "answer"} for i in range(CASES)]
         suite = await artifacts.register(bus, "eval_suite", "bench", {

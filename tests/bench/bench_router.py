@@ -84,7 +84,7 @@ async def _overhead(env: BenchEnv) -> dict[str, Any]:
                 "routed_rps": round(N_REQUESTS / seconds, 1),
                 "router_cpu_per_request_ms": round(cpu * 1000.0 / N_REQUESTS, 3),
             }
-        out["events_published"] = router.batcher.published
+        out["events_published"] = router.batcher.sent
         out["events_dropped"] = router.batcher.dropped
         return out
 

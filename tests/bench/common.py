@@ -82,20 +82,17 @@ async def sim_process(env: BenchEnv, config_yaml: str) -> AsyncIterator[str]:
     import sys
     from pathlib import Path
 
-    from lockgate.server.natsserver import free_port
-
     cfg = Path(env.home) / f"sim-{uuid.uuid4().hex[:6]}.yaml"
     cfg.write_text(config_yaml)
-    port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lockgate_dev.sim", "--config", str(cfg), "--port", str(port),
+        sys.executable, "-m", "lockgate_dev.sim", "--config", str(cfg), "--port", "0",
         stdout=asyncio.subprocess.PIPE)
     try:
         assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        if b"serving" not in line:
+        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
+        if "serving" not in line:
             raise RuntimeError(f"simulator did not start: {line!r}")
-        yield f"http://127.0.0.1:{port}/v1"
+        yield line.rsplit(" at ", 1)[1].strip()  # the URL with the port it bound
     finally:
         proc.terminate()
         await proc.wait()

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lockgate.server.natsserver import free_port
-from tests.helpers import Process
+from tests.helpers import Process, printed_endpoints
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,17 +28,21 @@ def run(*args: str, env: dict[str, str], check: bool = True) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """`lockgate up` on free ports; yields the environment that points the CLI at it."""
+    """`lockgate dev up` with every server on port 0; yields the environment that points the CLI at the
+    endpoints it printed."""
     home = tmp_path_factory.mktemp("home")
-    ports = {name: free_port() for name in ("nats", "router", "grpc", "sim")}
-    env = {**os.environ, "LOCKGATE_NATS_URL": f"nats://127.0.0.1:{ports['nats']}", "LOCKGATE_ROLLOUT_STEP_INTERVAL_S": "0.2",
-           "LOCKGATE_DRIFT_REFERENCE_SIZE": "100", "LOCKGATE_DRIFT_WINDOW_SIZE": "100", "COLUMNS": "200"}
-    up = Process([*LOCKGATE, "dev", "up", "--home", str(home), "--nats-port", str(ports["nats"]), "--router-port",
-                  str(ports["router"]), "--grpc-port", str(ports["grpc"]), "--sim-port", str(ports["sim"])],
-                 env, "lockgate is up")
+    env = {**os.environ, "LOCKGATE_ROLLOUT_STEP_INTERVAL_S": "0.2", "LOCKGATE_DRIFT_REFERENCE_SIZE": "100",
+           "LOCKGATE_DRIFT_WINDOW_SIZE": "100", "COLUMNS": "200"}
+    # "Ctrl-C stops ..." follows the list of endpoints, so all of them have been printed by then.
+    up = Process([*LOCKGATE, "dev", "up", "--home", str(home), "--nats-port", "0", "--router-port", "0",
+                  "--grpc-port", "0", "--sim-port", "0"], env, "Ctrl-C stops the stack")
     assert up.started(120), up.output
-    env["E2E_ROUTER"] = f"http://127.0.0.1:{ports['router']}"
-    env["E2E_SIM"] = f"http://127.0.0.1:{ports['sim']}/v1"
+    endpoints = printed_endpoints(up.output)
+    assert all(not endpoints[n].removesuffix("/v1").endswith(":0") for n in ("nats", "router", "grpc", "simulator")), \
+        up.output  # the ports the servers bound, not the 0 they were asked for
+    env["LOCKGATE_NATS_URL"] = endpoints["nats"]
+    env["E2E_ROUTER"] = endpoints["router"]
+    env["E2E_SIM"] = endpoints["simulator"]
     env["E2E_HOME"] = str(home)
     yield env
     up.proc.send_signal(signal.SIGINT)

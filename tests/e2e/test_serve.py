@@ -27,7 +27,7 @@ LOCKGATE = [sys.executable, "-m", "lockgate.cli"]
 def test_serve_one_service_against_external_nats(nats_server: NatsServer, tmp_path: Path, unique: str) -> None:
     env = {**os.environ, "LOCKGATE_NATS_URL": nats_server.url, "LOCKGATE_PREFIX": unique,
            "LOCKGATE_CLICKHOUSE_URL": f"chdb://{tmp_path / 'ch'}"}
-    served = Process([*LOCKGATE, "serve", "sink"], env, "serving")
+    served = Process([*LOCKGATE, "serve", "sink", "query"], env, "serving")
     try:
         assert served.started(60), served.output
 
@@ -41,7 +41,8 @@ def test_serve_one_service_against_external_nats(nats_server: NatsServer, tmp_pa
         deadline = time.monotonic() + 60
         count = 0
         while count < 25 and time.monotonic() < deadline:
-            # each CLI call is a round trip to the served process, which answers from its chDB
+            # each CLI call is a round trip to the served query service, which answers from the chDB it
+            # shares with the sink (one process per chDB path)
             out = subprocess.run([*LOCKGATE, "sql", "SELECT count() AS n FROM inference_events", "--json"],
                                  capture_output=True, text=True, env=env, timeout=60)
             assert out.returncode == 0, out.stderr

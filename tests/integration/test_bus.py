@@ -45,7 +45,7 @@ async def test_bad_input_goes_to_dlq_and_consumer_keeps_going(bus: Bus, payload:
 
     consume(
         bus,
-        bus.broker,
+        bus.consumers,
         subject=bus.subjects.inference_all,
         stream="inference",
         durable=bus.subjects.durable("test", "inference"),
@@ -71,7 +71,8 @@ async def test_bad_input_goes_to_dlq_and_consumer_keeps_going(bus: Bus, payload:
 
 
 async def test_handlers_see_one_message_at_a_time_in_stream_order(bus: Bus) -> None:
-    """FastStream runs a fetch's messages concurrently; stateful handlers must not notice."""
+    """Messages published before the consumer starts are all waiting at once; stateful handlers
+    still see them one by one, in stream order."""
     seen: list[int] = []
     in_flight = 0
     max_in_flight = 0
@@ -87,7 +88,7 @@ async def test_handlers_see_one_message_at_a_time_in_stream_order(bus: Bus) -> N
         if len(seen) == 40:
             done.set()
 
-    consume(bus, bus.broker, subject=bus.subjects.inference_all, stream="inference",
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference",
             durable=bus.subjects.durable("test", "ordered"), wire_type=InferenceEvent, origin="test",
             handler=handle, batch_size=16)
     for i in range(40):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import msgspec
@@ -14,9 +15,10 @@ from lockgate.client import Client
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
-from lockgate.errors import SignatureError
+from lockgate.errors import InvalidEvent, SignatureError
 from lockgate.ids import batch_id
 from lockgate.signing import Signer, publish_key
+from lockgate.store import Store
 from lockgate.subjects import token
 
 pytestmark = pytest.mark.timeout(60)
@@ -87,6 +89,53 @@ async def test_flush_waits_for_acks_and_routes_by_the_events_app(bus: Bus, setti
         events, msgs = await stored(bus)
     assert sorted(e.app for e in events) == ["search", "shop"]
     assert sorted(m.subject for m in msgs) == sorted(bus.subjects.inference(a) for a in ("search", "shop"))
+
+
+async def test_emit_fills_defaults_from_the_client_and_keeps_a_given_event(bus: Bus, settings: Settings) -> None:
+    given = InferenceEvent(app="other", tenant="t2", model="g")
+    async with Client(settings.nats_url, prefix=settings.prefix, app="shop", tenant="acme") as c:
+        assert c.emit(model="m", input_tokens=3)
+        assert c.emit(given)
+    events, _ = await stored(bus)
+    built = next(e for e in events if e.model == "m")
+    assert (built.app, built.tenant, built.input_tokens) == ("shop", "acme", 3)
+    assert [e for e in events if e.model == "g"] == [given]
+
+
+async def test_events_emitted_before_start_are_sent_once_started(bus: Bus, settings: Settings) -> None:
+    c = client(settings, flush_interval_s=60)
+    assert c.emit(release="early") and c.pending == 1
+    async with c:
+        await c.flush()
+        assert (c.sent, c.pending) == (1, 0)
+    events, _ = await stored(bus)
+    assert [e.release for e in events] == ["early"]
+
+
+async def test_an_invalid_event_is_refused_and_the_batch_around_it_is_stored_whole(
+    run_services: Any, bus: Bus, settings: Settings, store: Store
+) -> None:
+    svcs = await run_services("sink")
+    async with client(settings, flush_interval_s=60) as c:
+        for i in range(10):
+            c.emit(model="m", input_tokens=i)
+        with pytest.raises(InvalidEvent, match=re.escape("$.input_tokens")):
+            c.emit(model="m", input_tokens=-1)
+        for i in range(10, 20):
+            c.emit(model="m", input_tokens=i)
+        await c.flush()
+        assert (c.sent, c.failed, c.dropped) == (20, 0, 0)
+    _, msgs = await stored(bus)
+    assert len(msgs) == 1  # the twenty went out together, as one batch the sink must take whole
+    await svcs["sink"].handlers.events.wait_for(20)
+    tokens = [r["input_tokens"] for r in store.rows("SELECT input_tokens FROM inference_events ORDER BY 1")]
+    assert tokens == list(range(20))
+
+
+async def test_close_refuses_later_events_and_counts_them(bus: Bus, settings: Settings) -> None:
+    async with client(settings) as c:
+        c.emit()
+    assert not c.emit() and (c.sent, c.dropped) == (1, 1)
 
 
 async def test_a_full_buffer_drops_and_counts(bus: Bus, settings: Settings) -> None:

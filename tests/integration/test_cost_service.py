@@ -11,9 +11,9 @@ from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec
 from lockgate.contracts import CostRecord, DeadLetter, InferenceEvent
 from lockgate.pricebook import load_price_book
-from lockgate.queries.cost import UnknownDimension, cost_rollup
 from lockgate.server.service import ServiceContext
 from lockgate.services.cost.handlers import CostHandlers
+from lockgate.services.query.cost import UnknownDimension, cost_rollup
 from lockgate.store import Store
 
 pytestmark = pytest.mark.timeout(60)

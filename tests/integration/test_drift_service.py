@@ -10,10 +10,10 @@ import pytest
 from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, DriftReport, InferenceEvent, RolloutState
-from lockgate.queries.drift import drift_reports
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
 from lockgate.services.drift.handlers import DriftHandlers
+from lockgate.services.query.drift import drift_reports
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
@@ -111,7 +111,7 @@ async def test_a_restart_keeps_the_reference_window(context: ServiceContext, bus
     await bus.publish(subject, _events(50, output=100, seed=1))  # the reference, then the process stops
     await first["drift"].handlers.events.wait_for(50)
     await first.stop()
-    await bus.broker.stop()
+    await bus.stop_consumers()
 
     bus2 = Bus(settings.nats_url, Subjects(settings.prefix), name="restarted")
     await bus2.connect()

@@ -14,8 +14,8 @@ from lockgate.bus import Bus
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, EvalCompleted, EvalRequested, GateDecided, LineageRun
 from lockgate.ids import uuid7
-from lockgate.queries.decisions import decisions, latest_decision
-from lockgate.queries.evals import eval_cases, eval_runs
+from lockgate.services.query.decisions import decisions, latest_decision
+from lockgate.services.query.evals import eval_cases, eval_runs
 from lockgate.store import Store
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
@@ -75,7 +75,7 @@ async def test_good_candidate_passes_and_regressed_one_is_blocked(
     evals = await subscribe(bus.subjects.eval_completed)
     lineage = await subscribe(bus.subjects.lineage_run)
     async with SimServer(config) as sim:
-        await run_services("evaluator", "gatekeeper")
+        await run_services("query", "evaluator", "gatekeeper")
         good = request(release="v-good", suite=suite, endpoint=sim.url, model="good", policy=policy)
         await bus.publish(bus.subjects.eval_requested, good)
         first = await next_decision(gates)
@@ -124,7 +124,7 @@ async def test_malformed_request_goes_to_dlq_and_a_failed_eval_is_blocked(
     _, policy = await register_qa(bus)
     dlq = await subscribe(bus.subjects.dlq_all)
     gates = await subscribe(bus.subjects.gate_decided_all)
-    await run_services("evaluator", "gatekeeper")
+    await run_services("query", "evaluator", "gatekeeper")
     await bus.publish(bus.subjects.eval_requested, b'{"type":"lockgate.eval.requested","run_id":1}', msg_id="bad")
     missing = "sha256:" + "0" * 64
     req = request(release="v-missing", suite=missing, endpoint="http://127.0.0.1:9/v1", model="m", policy=policy)
@@ -147,12 +147,12 @@ async def test_bad_policy_blocks_naming_the_problem(
         {"name": "acc", "metric": "exact_match", "op": "=>", "threshold": 0.8}]})
     gates = await subscribe(bus.subjects.gate_decided_all)
     async with SimServer(SimConfig(models={"good": ModelSpec(answers=qa_answers())})) as sim:
-        await run_services("evaluator", "gatekeeper")
+        await run_services("query", "evaluator", "gatekeeper")
         await bus.publish(bus.subjects.eval_requested,
                           request(release="v1", suite=suite, endpoint=sim.url, model="good", policy=broken.hash))
         decision = await next_decision(gates)
     assert decision.decision == "BLOCK"
-    assert f"policy {broken.hash} is unusable" in decision.reason and "policy.rules[0].op" in decision.reason
+    assert f"policy {broken.hash} is unusable" in decision.reason and "at `$.rules[0].op`" in decision.reason
     assert latest_decision(store, "v1")["reason"] == decision.reason
 
 
@@ -168,7 +168,7 @@ async def test_an_eval_longer_than_ack_wait_is_not_redelivered(
     gates = await subscribe(bus.subjects.gate_decided_all)
     assert settings.ack_wait_s < 10 * 0.3
     async with SimServer(SimConfig(models={"slow": ModelSpec(latency_ms=300)})) as sim:
-        await run_services("evaluator", "gatekeeper")
+        await run_services("query", "evaluator", "gatekeeper")
         req = request(release="v-slow", suite=suite.hash, endpoint=sim.url, model="slow", policy=policy.hash,
                       concurrency=1)
         await bus.publish(bus.subjects.eval_requested, req)

@@ -20,9 +20,9 @@ from lockgate.config import Settings
 from lockgate.contracts import EvalCompleted, EvalRequested
 from lockgate.contracts.evals import EvalProgress
 from lockgate.ids import uuid7
-from lockgate.queries.evals import eval_cases
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
+from lockgate.services.query.evals import eval_cases
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
@@ -77,7 +77,7 @@ async def test_intervals_baseline_comparison_cost_and_cache(
     config = SimConfig(models={"sim-good": ModelSpec(answers=answers()),
                                "sim-bad": ModelSpec(answers=answers(wrong=set(range(0, N, 3))))})
     async with SimServer(config) as sim:
-        await run_services("evaluator")
+        await run_services("query", "evaluator")
         base = request(release="base", suite=suite, endpoint=sim.url, model="sim-good")
         await bus.publish(bus.subjects.eval_requested, base)
         first = await results(base.run_id)
@@ -118,7 +118,7 @@ async def test_missing_baseline_is_a_warning_not_a_failure(
 ) -> None:
     suite = await register_suite(bus)
     async with SimServer(SimConfig(models={"m": ModelSpec(answers=answers())})) as sim:
-        await run_services("evaluator")
+        await run_services("query", "evaluator")
         req = request(suite=suite, endpoint=sim.url, model="m", baseline="never-ran")
         await bus.publish(bus.subjects.eval_requested, req)
         done = await results(req.run_id)
@@ -137,7 +137,7 @@ async def test_llm_judge_scores_with_agreement_and_stores_reasons(
     config = SimConfig(models={"m": ModelSpec(answers=answers()),
                                "judge": ModelSpec(default='{"score": 4, "reason": "close enough"}')})
     async with SimServer(config) as sim:
-        await run_services("evaluator")
+        await run_services("query", "evaluator")
         req = request(suite=suite, endpoint=sim.url, model="m")
         await bus.publish(bus.subjects.eval_requested, req)
         done = await results(req.run_id)
@@ -157,7 +157,7 @@ async def test_recorded_task_scores_inference_events_without_calls(
     store.insert_rows("inference_events", ["id", "time", "app", "release", "prompt", "response", "latency_ms",
                                            "input_tokens", "output_tokens"], rows, token="rec")
     suite = await register_suite(bus, dataset=CASES[:5], task={"type": "recorded", "app": "shop", "release": "r7"})
-    await run_services("evaluator")
+    await run_services("query", "evaluator")
     req = request(suite=suite, endpoint="", model="")
     await bus.publish(bus.subjects.eval_requested, req)
     done = await results(req.run_id)
@@ -175,7 +175,7 @@ async def test_calibration_from_logprobs_gives_ece_and_brier(
     table = {**answers(wrong=set(range(0, N, 3))), CASES[29]["input"]: ""}
     suite = await register_suite(bus, calibration={"confidence": "logprobs", "scorer": "exact_match"})
     async with SimServer(SimConfig(models={"m": ModelSpec(answers=table, logprob=-0.2)})) as sim:
-        await run_services("evaluator")
+        await run_services("query", "evaluator")
         req = request(suite=suite, endpoint=sim.url, model="m")
         await bus.publish(bus.subjects.eval_requested, req)
         done = await results(req.run_id)
@@ -217,8 +217,9 @@ async def evaluator_process(settings: Settings, store: Store) -> AsyncIterator[S
 
 
 async def test_a_stopped_run_resumes_without_recalling_finished_cases(
-    bus: Bus, store: Store, settings: Settings, results: Callable[[str], Any]
+    bus: Bus, store: Store, settings: Settings, results: Callable[[str], Any], run_services: Callable[..., Any]
 ) -> None:
+    await run_services("query")  # the resumed evaluator reads the stored cases through it
     suite = await register_suite(bus)
     settings = settings.replace(eval_cache=False)  # only resumption may save calls here, not the cache
     req_holder: dict[str, Any] = {}
@@ -265,7 +266,7 @@ async def test_cli_eval_run_follows_progress_and_reports_intervals(
     (tmp_path / "s.yaml").write_text(json.dumps({
         "name": "cli", "prompt": {"template": "{input}"}, "dataset": CASES[:6], "scorers": ["exact_match"]}))
     async with SimServer(SimConfig(models={"m": ModelSpec(answers=answers())})) as sim:
-        await run_services("evaluator")
+        await run_services("query", "evaluator")
         result = await _eval(bus, tmp_path / "s.yaml", "v1", "", sim.url, "m", None, 4, 60)
     assert result["status"] == "completed" and result["intervals"]["exact_match"]["method"] == "degenerate"
     _print_eval(result, "v1")

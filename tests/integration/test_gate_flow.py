@@ -20,8 +20,8 @@ from lockgate.cli.gate import current_decision, request_review
 from lockgate.cli.main import cli
 from lockgate.codec import Codec
 from lockgate.contracts import BaselineComparison, DeadLetter, EvalCompleted, GateDecided, MetricInterval
-from lockgate.queries.decisions import decisions
 from lockgate.server.service import ServiceContext
+from lockgate.services.query.decisions import decisions
 from lockgate.signing import Keyring, public_pem
 from lockgate.store import Store
 
@@ -76,7 +76,7 @@ async def test_regression_is_blocked_naming_the_rule_and_the_decision_is_signed(
     bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any
 ) -> None:
     policy = await register_policy(bus)
-    await run_services("gatekeeper")
+    await run_services("query", "gatekeeper")
     arts = {"prompt/system": "sha256:p1", "dataset/qa": "sha256:d1"}
     done = completed("v2", policy, em=0.78, em_ci=(0.75, 0.81), diff=-0.12, diff_ci=(-0.15, -0.09), n=400,
                      artifacts=arts)
@@ -101,7 +101,7 @@ async def test_noisy_small_sample_is_inconclusive_and_needs_review(
 ) -> None:
     # Documented choice: INCONCLUSIVE beyond limits.max_inconclusive (default 0) -> NEEDS_REVIEW, never PASS.
     policy = await register_policy(bus, {k: v for k, v in POLICY.items() if k != "review"})
-    await run_services("gatekeeper")
+    await run_services("query", "gatekeeper")
     await bus.publish(bus.subjects.eval_completed,
                       completed("v3", policy, em=0.85, em_ci=(0.6, 1.0), diff=-0.05, diff_ci=(-0.3, 0.2), n=10))
     d = await next_decision(gates)
@@ -117,7 +117,7 @@ async def test_consecutive_errors_are_counted_from_the_audit_log(
     doc = {"name": "errs", "limits": {"max_consecutive_errors": 1},
            "rules": [{"name": "lift", "metric": "exact_match", "relative": {"min_change": 0.1, "mode": "relative"}}]}
     policy = await register_policy(bus, doc)
-    await run_services("gatekeeper")
+    await run_services("query", "gatekeeper")
     seen = []
     for i in range(2):
         zero = BaselineComparison(metric="exact_match", candidate=0.1, baseline=0.0, diff=0.1)
@@ -134,7 +134,7 @@ async def router(context: ServiceContext, run_services: Any) -> Any:
     # No traffic flows in these tests, so the upstreams are never called.
     context.settings = context.settings.replace(stable_upstream="http://127.0.0.1:9/v1",
                                                 canary_upstream="http://127.0.0.1:9/v1", deployment="chat")
-    svcs = await run_services("gatekeeper", "router")
+    svcs = await run_services("query", "gatekeeper", "router")
     return svcs["router"]
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import grpc
 import msgspec
@@ -14,7 +15,6 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from lockgate.bus import Bus
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
-from lockgate.grpc_server import GrpcServer
 from lockgate.signing import Signer, publish_key
 from lockgate.subjects import token
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
@@ -25,14 +25,13 @@ events_codec: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
 
 
 @pytest.fixture
-async def channel(bus: Bus) -> AsyncIterator[grpc.aio.Channel]:
-    """A channel to a GrpcServer on a free port."""
-    server = GrpcServer(bus, "127.0.0.1", 0)
-    await server.start()
-    assert server.port > 0
-    async with grpc.aio.insecure_channel(server.address) as ch:
+async def channel(run_services: Callable[..., Any]) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the gateway service, which was given port 0 and reports the port it bound."""
+    gateway = (await run_services("gateway"))["gateway"]
+    address = gateway.endpoints["grpc"]
+    assert not address.endswith(":0")
+    async with grpc.aio.insecure_channel(address) as ch:
         yield ch
-    await server.stop(0)
 
 
 SIGNER = Signer.generate()

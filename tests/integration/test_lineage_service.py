@@ -17,7 +17,7 @@ from lockgate.contracts import (
     RuleResult,
 )
 from lockgate.errors import NotFound
-from lockgate.queries.lineage import AmbiguousReference, lineage
+from lockgate.services.query.lineage import AmbiguousReference, lineage
 from lockgate.store import Store
 
 pytestmark = pytest.mark.timeout(60)

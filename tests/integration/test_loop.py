@@ -9,8 +9,8 @@ import pytest
 from rich.console import Console
 
 from lockgate.config import Settings
-from lockgate.queries import traces as trace_queries
 from lockgate.server.runtime import Runtime
+from lockgate.services.query import traces as trace_queries
 from lockgate_dev.demo import APP, BAD, BASELINE, DEPLOYMENT, GOOD, demo_sim_config, run_demo
 from lockgate_dev.sim import SimServer
 from tests.helpers import eventually
@@ -22,7 +22,7 @@ async def test_release_goes_through_the_whole_loop(settings: Settings, bus) -> N
     sim = SimServer(demo_sim_config())
     await sim.start()
     runtime = Runtime(settings.replace(stable_upstream=sim.url, canary_upstream=sim.url),
-                      embedded_nats=False, grpc=False)
+                      embedded_nats=False)
     await runtime.start()
     try:
         assert runtime.services is not None and runtime.ctx is not None

@@ -46,7 +46,7 @@ async def test_writer_killed_before_ack_gives_one_row_per_event(
     first = ServiceSet(context, ["sink"])
     await first.start()  # creates the durable consumer
     await first.stop()
-    await bus.broker.stop()
+    await bus.stop_consumers()
 
     first_batch, second_batch, late = _events(50), _events(30), _events(20)
     await bus.publish(bus.subjects.inference("shop"), first_batch)

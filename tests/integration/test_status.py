@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lockgate.bus import Bus
+from lockgate.cli.status import read_status as status
 from lockgate.contracts import InferenceEvent
-from lockgate.queries.status import status
 
 pytestmark = pytest.mark.timeout(60)
 

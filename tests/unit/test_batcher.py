@@ -106,3 +106,23 @@ async def test_flush_waits_for_in_flight_batches() -> None:
     await asyncio.wait_for(flushing, 5)
     assert sum(map(len, sink.batches)) == 6
     await b.close()
+
+
+def test_without_autostart_add_buffers_outside_an_event_loop() -> None:
+    b: Batcher[int] = Batcher(Sink(), autostart=False)
+    assert b.add(1) and b.add(2)
+    assert len(b) == 2 and not b.closed
+
+
+async def test_without_autostart_nothing_flushes_until_start() -> None:
+    sink = Sink()
+    b: Batcher[int] = Batcher(sink, max_items=2, max_age_s=0.001, autostart=False)
+    for i in range(5):
+        b.add(i)  # full batches, and older than max_age_s: a started batcher would flush them
+    assert asyncio.all_tasks() == {asyncio.current_task()}  # no flush task was started
+    assert len(b) == 5
+    b.start()
+    await asyncio.wait_for(b.flush(), 5)
+    assert [i for batch in sink.batches for i in batch] == list(range(5))
+    await b.close()
+    assert b.closed

@@ -1,28 +1,45 @@
-"""The SDK's buffer without a broker: emit is synchronous, bounded, and never raises when full."""
+"""The SDK's buffer without a broker: emit is synchronous, bounded, never raises when full, and refuses
+what the contract forbids at once."""
 
 from __future__ import annotations
+
+import re
 
 import pytest
 
 from lockgate.client import Client
 from lockgate.contracts import InferenceEvent
-from lockgate.errors import BusUnavailable
+from lockgate.errors import BusUnavailable, InvalidEvent
 
 pytestmark = pytest.mark.timeout(10)
 
 
-def test_emit_fills_defaults_from_the_client() -> None:
-    c = Client("nats://127.0.0.1:1", prefix="p", app="shop", tenant="acme")
-    assert c.emit(model="m", input_tokens=3)
-    event = c._buf[0]
-    assert (event.app, event.tenant, event.model, event.input_tokens) == ("shop", "acme", "m", 3)
-
-
-def test_emit_keeps_a_given_event_as_is() -> None:
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [
+        ({"input_tokens": -1}, "$.input_tokens"),
+        ({"output_tokens": -5}, "$.output_tokens"),
+        ({"latency_ms": -0.5}, "$.latency_ms"),
+        ({"app": ""}, "$.app"),
+        ({"input_tokens": "3"}, "$.input_tokens"),  # constructing a Struct checks no types either
+    ],
+)
+def test_emit_refuses_an_event_the_sink_would_refuse_naming_the_field(fields: dict, path: str) -> None:
     c = Client("nats://127.0.0.1:1", app="shop")
-    given = InferenceEvent(app="other", tenant="t2")
-    assert c.emit(given)
-    assert c._buf[0] is given
+    with pytest.raises(InvalidEvent, match=re.escape(path)):
+        c.emit(**fields)
+    with pytest.raises(InvalidEvent, match=re.escape(path)):
+        c.emit(InferenceEvent(**{"app": "shop", **fields}))
+    assert (c.pending, c.dropped) == (0, 0)  # refused, not buffered and not counted as a drop
+
+
+def test_emit_refuses_unknown_fields_and_unencodable_values() -> None:
+    c = Client("nats://127.0.0.1:1", app="shop")
+    with pytest.raises(InvalidEvent, match="input_tokenz"):
+        c.emit(input_tokenz=3)
+    with pytest.raises(InvalidEvent, match="invalid inference event"):
+        c.emit(attributes={"k": object()})
+    assert c.emit(model="m", input_tokens=3) and c.pending == 1
 
 
 @pytest.mark.parametrize("max_buffer", [1, 5, 100])

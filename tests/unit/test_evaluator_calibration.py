@@ -37,15 +37,15 @@ def test_calibration_defaults_to_the_first_scorer_and_ten_bins() -> None:
 @pytest.mark.parametrize(
     ("calibration", "message"),
     [
-        ("logprobs", "suite.calibration: expected a mapping"),
-        ({}, "suite.calibration: missing required field 'confidence'"),
-        ({"confidence": 1}, "suite.calibration.confidence: expected a string"),
-        ({"confidence": "probs"}, "suite.calibration.confidence: expected 'logprobs' or 'field:<name>'"),
-        ({"confidence": "field:"}, "suite.calibration.confidence: expected 'logprobs' or 'field:<name>'"),
-        ({"confidence": "logprobs", "scorer": "rouge_l"}, "suite.calibration.scorer: expected one of the suite's"),
-        ({"confidence": "logprobs", "bins": 0}, "suite.calibration.bins: expected an integer from 1 to 100"),
-        ({"confidence": "logprobs", "bins": True}, "suite.calibration.bins: expected an integer"),
-        ({"confidence": "logprobs", "bin": 5}, "suite.calibration: unknown field(s) 'bin'"),
+        ("logprobs", "Expected `object | null`, got `str` - at `$.calibration`"),
+        ({}, "missing required field `confidence` - at `$.calibration`"),
+        ({"confidence": 1}, "Expected `str`, got `int` - at `$.calibration.confidence`"),
+        ({"confidence": "probs"}, "confidence: expected 'logprobs' or 'field:<name>', got 'probs' - at `$.calibration`"),
+        ({"confidence": "field:"}, "confidence: expected 'logprobs' or 'field:<name>', got 'field:'"),
+        ({"confidence": "logprobs", "scorer": "rouge_l"}, "expected one of the suite's scorers (exact_match, token_f1), got 'rouge_l' - at `$.calibration.scorer`"),
+        ({"confidence": "logprobs", "bins": 0}, "Expected `int` >= 1 - at `$.calibration.bins`"),
+        ({"confidence": "logprobs", "bins": True}, "Expected `int`, got `bool` - at `$.calibration.bins`"),
+        ({"confidence": "logprobs", "bin": 5}, "unknown field `bin` - at `$.calibration`"),
     ],
 )
 def test_calibration_errors_name_the_field(calibration: object, message: str) -> None:
@@ -56,7 +56,7 @@ def test_calibration_errors_name_the_field(calibration: object, message: str) ->
 
 def test_logprobs_confidence_needs_a_called_task() -> None:
     task = {"type": "recorded", "app": "a", "release": "r"}
-    with pytest.raises(SuiteError, match="suite.calibration.confidence: 'logprobs' needs task type 'call'"):
+    with pytest.raises(SuiteError, match=r"'logprobs' needs task type 'call' .* - at `\$.calibration.confidence`"):
         domain.parse_suite(suite_doc(task=task, calibration={"confidence": "logprobs"}))
     assert domain.parse_suite(suite_doc(task=task, calibration={"confidence": "field:c"})).calibration
 

@@ -42,26 +42,26 @@ def test_scorer_shorthand_and_hash_dataset() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"name": None}, "suite.name: expected a string"),
-        ({"prompt": "hi"}, "suite.prompt: expected a mapping"),
-        ({"prompt": {"system": "x"}}, "suite.prompt: missing required field 'template'"),
-        ({"prompt": {"template": "  "}}, "suite.prompt.template: must not be empty"),
-        ({"prompt": {"template": "x", "system": 3}}, "suite.prompt.system: expected a string"),
-        ({"dataset": "data.jsonl"}, "suite.dataset: expected an artifact hash"),
-        ({"dataset": 7}, "suite.dataset: expected a string or a list"),
-        ({"dataset": []}, "suite.dataset: the dataset has no cases"),
-        ({"dataset": [{"vars": {}}]}, "suite.dataset[0]: missing required field 'expected'"),
-        ({"dataset": [{"expected": 1}]}, "suite.dataset[0]: needs 'vars'"),
-        ({"dataset": [{"vars": [1], "expected": 1}]}, "suite.dataset[0].vars: expected a mapping"),
-        ({"scorers": []}, "suite.scorers: at least one scorer"),
-        ({"scorers": [{"name": "vibes"}]}, "suite.scorers[0].name: unknown scorer 'vibes'"),
-        ({"scorers": [{"name": "exact_match", "weight": -1}]}, "suite.scorers[0].weight"),
-        ({"scorers": [{"name": "exact_match", "weight": 0}]}, "weight above 0"),
-        ({"scorers": ["exact_match", "exact_match"]}, "listed twice"),
-        ({"scorers": [{"name": "exact_match", "params": [1]}]}, "suite.scorers[0].params"),
-        ({"repeats": 0}, "suite.repeats"),
-        ({"repeats": True}, "suite.repeats"),
-        ({"model": 5}, "suite.model"),
+        ({"name": None}, "Expected `str`, got `null` - at `$.name`"),
+        ({"prompt": "hi"}, "Expected `object`, got `str` - at `$.prompt`"),
+        ({"prompt": {"system": "x"}}, "missing required field `template` - at `$.prompt`"),
+        ({"prompt": {"template": "  "}}, "template must not be blank - at `$.prompt`"),
+        ({"prompt": {"template": "x", "system": 3}}, "Expected `str`, got `int` - at `$.prompt.system`"),
+        ({"dataset": "data.jsonl"}, "Expected `str` matching regex '^sha256:' - at `$.dataset`"),
+        ({"dataset": 7}, "Expected `str | array`, got `int` - at `$.dataset`"),
+        ({"dataset": []}, "Expected `array` of length >= 1 - at `$.dataset`"),
+        ({"dataset": [{"vars": {}}]}, "missing required field `expected` - at `$.dataset[0]`"),
+        ({"dataset": [{"expected": 1}]}, "needs 'vars' (a mapping) or 'input' (a string) - at `$.dataset[0]`"),
+        ({"dataset": [{"vars": [1], "expected": 1}]}, "got `array` - at `$.dataset[0].vars`"),
+        ({"scorers": []}, "Expected `array` of length >= 1 - at `$.scorers`"),
+        ({"scorers": [{"name": "vibes"}]}, "unknown scorer 'vibes'; known scorers: contains,"),
+        ({"scorers": [{"name": "exact_match", "weight": -1}]}, "Expected `float` >= 0.0 - at `$.scorers[0].weight`"),
+        ({"scorers": [{"name": "exact_match", "weight": 0}]}, "weight above 0 - at `$.scorers`"),
+        ({"scorers": ["exact_match", "exact_match"]}, "listed twice - at `$.scorers[1]`"),
+        ({"scorers": [{"name": "exact_match", "params": [1]}]}, "Expected `object`, got `array` - at `$.scorers[0].params`"),
+        ({"repeats": 0}, "Expected `int` >= 1 - at `$.repeats`"),
+        ({"repeats": True}, "Expected `int`, got `bool` - at `$.repeats`"),
+        ({"model": 5}, "Expected `str`, got `int` - at `$.model`"),
     ],
 )
 def test_invalid_suites_name_the_field(changes: dict, message: str) -> None:
@@ -73,9 +73,9 @@ def test_invalid_suites_name_the_field(changes: dict, message: str) -> None:
 def test_missing_top_level_field_and_non_mapping() -> None:
     doc = suite_doc()
     del doc["scorers"]
-    with pytest.raises(SuiteError, match="suite: missing required field 'scorers'"):
+    with pytest.raises(SuiteError, match="suite: Object missing required field `scorers`"):
         domain.parse_suite(doc)
-    with pytest.raises(SuiteError, match="top level"):
+    with pytest.raises(SuiteError, match="suite: Expected `object`, got `array`"):
         domain.parse_suite(["not", "a", "suite"])
 
 
@@ -85,9 +85,9 @@ def test_cases_accept_input_shorthand_and_default_ids() -> None:
 
 
 def test_duplicate_case_ids_and_non_list_dataset_are_rejected() -> None:
-    with pytest.raises(SuiteError, match="duplicate case id 'a'"):
+    with pytest.raises(SuiteError, match=r"duplicate case id 'a' - at `\$\[1\].id`"):
         domain.parse_cases([{"id": "a", "input": "x", "expected": 1}, {"id": "a", "input": "y", "expected": 2}])
-    with pytest.raises(SuiteError, match="expected a list of cases"):
+    with pytest.raises(SuiteError, match="dataset sha256:x: Expected `array`, got `object`"):
         domain.parse_cases({"id": "a"}, where="dataset sha256:x")
 
 

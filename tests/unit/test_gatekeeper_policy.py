@@ -17,22 +17,22 @@ def doc(rule: dict | None = None, **extra: object) -> dict:
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    (doc({"metric": "m", "relative": {}}), "policy.rules[0].relative: expected exactly one of min_change"),
-    (doc({"metric": "m", "relative": {"max_regression": -1}}), "policy.rules[0].relative.max_regression: expected a number >= 0"),
-    (doc({"metric": "m", "relative": {"min_change": 0.1, "better": "up"}}), "policy.rules[0].relative.better"),
-    (doc({"metric": "m", "relative": {"min_change": 0.1, "mode": "pct"}}), "policy.rules[0].relative.mode"),
-    (doc({"metric": "m", "non_inferiority": {"better": "higher"}}), "policy.rules[0].non_inferiority.margin"),
-    (doc({"metric": "m", "non_inferiority": {"margin": 1}, "relative": {"min_change": 1}}), "not both"),
-    (doc({"metric": "m", "op": ">=", "threshold": 1, "hard": "yes"}), "policy.rules[0].hard: expected true or false"),
-    (doc({"metric": "m", "op": ">=", "threshold": 1, "dry_run": 1}), "policy.rules[0].dry_run"),
-    (doc({"metric": "m", "op": ">=", "threshold": 1, "no_data": "skip"}), "policy.rules[0].no_data"),
-    (doc(limits={"max_failures": -1}), "policy.limits.max_failures: expected a whole number"),
-    (doc(limits={"max_fail": 1}), "policy.limits.max_fail: unknown limit"),
-    (doc(limits=[1]), "policy.limits: expected a mapping"),
-    (doc(review={"require_when": []}), "policy.review.require_when: required"),
-    (doc(review={"require_when": [{"metric_moved": "safety.*"}]}), "policy.review.require_when[0].by"),
-    (doc(review={"require_when": [{"artifact_changed": ""}]}), "policy.review.require_when[0].artifact_changed"),
-    (doc(review={"require_when": [{"prompt": "x"}]}), "policy.review.require_when[0]: expected a metric_moved"),
+    (doc({"metric": "m", "relative": {}}), "expected exactly one of min_change or max_regression - at `$.rules[0].relative`"),
+    (doc({"metric": "m", "relative": {"max_regression": -1}}), "Expected `float` >= 0.0 - at `$.rules[0].relative.max_regression`"),
+    (doc({"metric": "m", "relative": {"min_change": 0.1, "better": "up"}}), "Invalid enum value 'up' - at `$.rules[0].relative.better`"),
+    (doc({"metric": "m", "relative": {"min_change": 0.1, "mode": "pct"}}), "Invalid enum value 'pct' - at `$.rules[0].relative.mode`"),
+    (doc({"metric": "m", "non_inferiority": {"better": "higher"}}), "missing required field `margin` - at `$.rules[0].non_inferiority`"),
+    (doc({"metric": "m", "non_inferiority": {"margin": 1}, "relative": {"min_change": 1}}), "not both - at `$.rules[0]`"),
+    (doc({"metric": "m", "op": ">=", "threshold": 1, "hard": "yes"}), "Expected `bool`, got `str` - at `$.rules[0].hard`"),
+    (doc({"metric": "m", "op": ">=", "threshold": 1, "dry_run": 1}), "Expected `bool`, got `int` - at `$.rules[0].dry_run`"),
+    (doc({"metric": "m", "op": ">=", "threshold": 1, "no_data": "skip"}), "Invalid enum value 'skip' - at `$.rules[0].no_data`"),
+    (doc(limits={"max_failures": -1}), "Expected `int` >= 0 - at `$.limits.max_failures`"),
+    (doc(limits={"max_fail": 1}), "unknown field `max_fail` - at `$.limits`"),
+    (doc(limits=[1]), "Expected `object`, got `array` - at `$.limits`"),
+    (doc(review={"require_when": []}), "Expected `array` of length >= 1 - at `$.review.require_when`"),
+    (doc(review={"require_when": [{"metric_moved": "safety.*"}]}), "metric_moved needs `by`, the smallest move that requires review - at `$.review.require_when[0]`"),
+    (doc(review={"require_when": [{"artifact_changed": ""}]}), "Expected `str` of length >= 1 - at `$.review.require_when[0].artifact_changed`"),
+    (doc(review={"require_when": [{"prompt": "x"}]}), "unknown field `prompt` - at `$.review.require_when[0]`"),
 ])
 def test_malformed_policies_name_the_field(raw: dict, message: str) -> None:
     with pytest.raises(PolicyError) as err:
@@ -52,7 +52,7 @@ def test_full_policy_parses() -> None:
     assert [(r.name, r.kind) for r in p.rules] == [
         ("acc", "relative"), ("safety.pii <= 0", "absolute"), ("cost_usd_per_case <= 0.01", "absolute"),
         ("score non_inferiority", "non_inferiority")]
-    assert p.rules[1].hard and p.rules[2].dry_run and len(p.review) == 2
+    assert p.rules[1].hard and p.rules[2].dry_run and len(p.review.require_when) == 2
 
 
 def test_review_triggers() -> None:
@@ -61,11 +61,11 @@ def test_review_triggers() -> None:
     moved = {"safety.pii": BaselineComparison(metric="safety.pii", candidate=0.02, baseline=0.0, diff=0.02),
              "score": BaselineComparison(metric="score", candidate=0.5, baseline=0.9, diff=-0.4)}
     same = {"prompt/system": "sha256:a", "dataset/qa": "sha256:d"}
-    assert review_reasons(p.review, {}, same, same) == []
-    assert review_reasons(p.review, moved, same, same) == ["metric_moved safety.* by >= 0.01: safety.pii moved +0.02"]
-    changed = review_reasons(p.review, {}, {**same, "prompt/system": "sha256:b"}, same)
+    assert review_reasons(p.review.require_when, {}, same, same) == []
+    assert review_reasons(p.review.require_when, moved, same, same) == ["metric_moved safety.* by >= 0.01: safety.pii moved +0.02"]
+    changed = review_reasons(p.review.require_when, {}, {**same, "prompt/system": "sha256:b"}, same)
     assert changed == ["artifact_changed prompt/*: prompt/system"]
-    assert review_reasons(p.review, {}, same, None) == ["artifact_changed prompt/*: prompt/system (baseline unknown)"]
+    assert review_reasons(p.review.require_when, {}, same, None) == ["artifact_changed prompt/*: prompt/system (baseline unknown)"]
 
 
 def pending(decision: str = "NEEDS_REVIEW") -> GateDecided:

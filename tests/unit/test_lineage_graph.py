@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import pytest
 
 from lockgate.contracts import EvalCompleted, GateDecided, LineageRun, ReleaseRegistered, RolloutState
-from lockgate.queries.lineage import traverse
 from lockgate.services.lineage.domain import Edge, edges_for
+from lockgate.services.query.lineage import traverse
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -67,17 +67,18 @@ def test_start_canary_defaults() -> None:
 
 
 @pytest.mark.parametrize(
-    ("req", "part"),
+    ("body", "part"),
     [
-        (CanaryRequest(stable_release="a", canary_release="a"), "differ"),
-        (CanaryRequest(stable_release="a", canary_release=" "), "non-empty"),
-        (CanaryRequest(stable_release="a", canary_release="b", initial_weight=101), "initial_weight"),
-        (CanaryRequest(stable_release="a", canary_release="b", canary_upstream="ftp://x"), "http"),
+        ({"stable_release": "a", "canary_release": "a"}, "differ"),
+        ({"stable_release": "a", "canary_release": " "}, "non-empty"),
+        ({"stable_release": "a", "canary_release": "b", "initial_weight": 101}, r"<= 100.0 - at `\$.initial_weight`"),
+        ({"stable_release": "a", "canary_release": "b", "canary_upstream": "ftp://x"},
+         r"matching regex '\^https\?://' - at `\$.canary_upstream`"),
     ],
 )
-def test_start_canary_rejects_bad_requests(req: CanaryRequest, part: str) -> None:
+def test_bad_canary_requests_are_refused_when_decoded(body: dict, part: str) -> None:
     with pytest.raises(InvalidRollout, match=part):
-        domain.start_canary(domain.default_route("d", UP), req, default_canary_upstream=UP, first_step=10)
+        domain.decode_canary(msgspec.json.encode(body))
 
 
 def test_pass_progresses_step_by_step_then_promotes() -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 
 from lockgate.errors import ConfigError
@@ -73,8 +74,8 @@ async def test_logprobs_only_when_asked_in_openai_shape() -> None:
                 if c["choices"] and "logprobs" in c["choices"][0]]
     assert streamed == ["it", " is", " four"]
     assert ModelSpec().logprob == -0.1
-    with pytest.raises(ValueError, match="logprob must be <= 0"):
-        ModelSpec(logprob=0.5)
+    with pytest.raises(msgspec.ValidationError, match=r"Expected `float` <= 0.0 - at `\$.logprob`"):
+        msgspec.convert({"logprob": 0.5}, ModelSpec)
 
 
 async def test_unknown_model_is_openai_style_404_and_models_listed() -> None:

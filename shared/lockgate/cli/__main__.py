@@ -1,6 +1,6 @@
 """`python -m lockgate.cli`."""
 
-from lockgate.cli.main import main
+from lockgate.cli import main
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""How the CLI reaches data: ask the running stack over NATS, or open ClickHouse directly."""
+"""How the CLI reaches data: ask the query service over NATS, or open ClickHouse directly."""
 
 from __future__ import annotations
 
@@ -7,26 +7,31 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import msgspec
 import nats
 import nats.errors
 
+from lockgate import queryclient
 from lockgate.bus import Bus
+from lockgate.codec import to_json
 from lockgate.config import Settings
-from lockgate.errors import ConfigError, LockgateError, NotFound, StoreUnavailable
-from lockgate.queries import registry
+from lockgate.errors import StoreUnavailable
 from lockgate.subjects import Subjects
 
 T = TypeVar("T")
-_ERRORS = {"NotFound": NotFound, "ConfigError": ConfigError, "StoreUnavailable": StoreUnavailable}
 
 
 def query(settings: Settings, name: str, direct: bool = False, **args: Any) -> Any:
-    """Run a named query. chDB allows one process per data path, so while `lockgate up` runs the
-    CLI asks it over NATS; with --clickhouse (or no stack running) it opens ClickHouse itself."""
+    """Run a named query. chDB allows one process per data path, so while a stack runs the CLI asks
+    its query service over NATS; with --clickhouse (or no stack running) it opens ClickHouse itself."""
     if not direct:
         with contextlib.suppress(_NoStack):
             return asyncio.run(_over_nats(settings, name, args))
+    return _direct(settings, name, args)
+
+
+def _direct(settings: Settings, name: str, args: dict[str, Any]) -> Any:
+    # The query service's own registry, so both paths check arguments and build rows alike.
+    from lockgate.services.query import registry
     from lockgate.store import open_store
 
     try:
@@ -36,7 +41,13 @@ def query(settings: Settings, name: str, direct: bool = False, **args: Any) -> A
             f"no running stack at {settings.nats_url} and ClickHouse at {settings.clickhouse_url} "
             f"could not be opened ({exc.message}); start one with `lockgate up`"
         ) from None
-    return registry.run(store, name, args)
+    try:
+        rows = registry.run(store, name, args)
+    finally:
+        store.close()
+    # Through the one encoder and back, as a reply from the query service is: a datetime becomes
+    # the same ISO string either way, so output never depends on which path answered.
+    return queryclient.decode_reply(to_json({"rows": rows}), name)
 
 
 def with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]]) -> T:
@@ -64,15 +75,8 @@ async def _over_nats(settings: Settings, name: str, args: dict[str, Any]) -> Any
     except (TimeoutError, OSError, nats.errors.Error):
         raise _NoStack from None
     try:
-        msg = await nc.request(Subjects(settings.prefix).query,
-                               msgspec.json.encode({"query": name, "args": args}), timeout=30)
-    except nats.errors.NoRespondersError:
+        return await queryclient.request(nc, Subjects(settings.prefix).query, name, args)
+    except queryclient.NoQueryService:
         raise _NoStack from None
-    except nats.errors.TimeoutError:
-        raise LockgateError(f"the stack at {settings.nats_url} did not answer query {name!r} within 30 s") from None
     finally:
         await nc.close()
-    reply = msgspec.json.decode(msg.data)
-    if "error" in reply:
-        raise _ERRORS.get(reply.get("kind", ""), LockgateError)(reply["error"])
-    return reply["rows"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import json
 import os
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, table
-from lockgate.codec import Codec, encode
+from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, GateReview
 from lockgate.errors import LockgateError, NotFound, SignatureError
@@ -121,7 +120,7 @@ def register(cli: click.Group) -> None:
         """The latest decision for RELEASE, rule by rule, with hints."""
         d = with_bus(ctx.obj["settings"], lambda bus: current_decision(bus, release))
         if as_json:
-            emit_json(json.loads(encode(d)))
+            emit_json(d)
             return
         console.print(f"[bold]{d.release}: {d.decision}[/bold]  decision {d.id} at {d.time:%Y-%m-%d %H:%M:%S}",
                       highlight=False)
@@ -151,7 +150,7 @@ def register(cli: click.Group) -> None:
                    as_json: bool) -> None:
             new = with_bus(ctx.obj["settings"], lambda bus: request_review(bus, release, action, actor, reason, timeout_s))
             if as_json:
-                emit_json(json.loads(encode(new)))
+                emit_json(new)
             else:
                 console.print(f"{release}: {new.decision} ({new.reason})", highlight=False)
 

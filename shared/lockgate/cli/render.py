@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from lockgate.codec import to_json
 
 # Piped output (scripts, CI logs) gets a wide console instead of rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -28,17 +29,9 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _default(value: Any) -> Any:
-    if isinstance(value, dt.datetime | dt.date):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    return str(value)
-
-
 def emit_json(value: Any) -> None:
-    """Print JSON to stdout."""
-    sys.stdout.write(json.dumps(value, default=_default, indent=2) + "\n")
+    """Print JSON to stdout with the one result encoder (rows, Structs, reports alike)."""
+    sys.stdout.write(to_json(value, indent=2).decode() + "\n")
 
 
 def table(rows: Sequence[dict[str, Any]], *, title: str | None = None, columns: Sequence[str] | None = None,

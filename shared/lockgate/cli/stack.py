@@ -62,13 +62,16 @@ def embedded_settings(settings: Settings, home: str, nats_port: int, router_port
                             router_port=router_port, grpc_port=grpc_port)
 
 
+_PORT_HELP = "0 picks a free port; the endpoints printed at start show the real one."
+
+
 def up_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options `up` and `dev up` share."""
     for option in reversed((
         click.option("--home", default="./.lockgate", show_default=True, help="Where JetStream and chDB keep data."),
-        click.option("--nats-port", default=4222, show_default=True),
-        click.option("--router-port", default=8080, show_default=True),
-        click.option("--grpc-port", default=50051, show_default=True),
+        click.option("--nats-port", default=4222, show_default=True, help=_PORT_HELP),
+        click.option("--router-port", default=8080, show_default=True, help=_PORT_HELP),
+        click.option("--grpc-port", default=50051, show_default=True, help=_PORT_HELP),
     )):
         func = option(func)
     return func
@@ -88,26 +91,31 @@ def register(cli: click.Group) -> None:
             asyncio.run(serve_stack(settings))
 
     @cli.command()
-    @click.argument("service")
-    @click.option("--grpc", "grpc_port", type=int, help="Also serve the gRPC API on this port.")
-    @click.option("--router-port", type=int, help="HTTP port of the router.")
+    @click.argument("services", nargs=-1, required=True)
+    @click.option("--router-port", type=int, help="HTTP port of the router (0 picks a free one).")
+    @click.option("--grpc-port", type=int, help="Port of the gateway's gRPC API (0 picks a free one).")
     @click.pass_context
     @handle_errors
-    def serve(ctx: click.Context, service: str, grpc_port: int | None, router_port: int | None) -> None:
-        """Run one SERVICE (sink, router, ...) against an external NATS and ClickHouse (distributed mode)."""
+    def serve(ctx: click.Context, services: tuple[str, ...], router_port: int | None, grpc_port: int | None) -> None:
+        """Run SERVICES (sink, query, router, gateway, ...) against an external NATS (distributed mode).
+
+        Only the sink and the query service open ClickHouse; on chDB, whose data path one process
+        owns, run them together: `lockgate serve sink query`.
+        """
         from lockgate.server.registry import factory
         from lockgate.server.runtime import Runtime
 
-        factory(service)  # an unknown name fails here with the list of services
+        for name in services:
+            factory(name)  # an unknown name fails here with the list of services
 
         settings: Settings = ctx.obj["settings"].replace(host="0.0.0.0", grpc_port=grpc_port,
                                                          router_port=router_port)
 
         async def run() -> None:
-            runtime = Runtime(settings, services=[service], embedded_nats=False, grpc=grpc_port is not None)
+            runtime = Runtime(settings, services=list(dict.fromkeys(services)), embedded_nats=False)
             try:
                 await runtime.start()
-                console.print(f"[bold green]{service}[/bold green] serving")
+                console.print(f"[bold green]{' + '.join(services)}[/bold green] serving")
                 _print_endpoints(runtime.endpoints)
                 await _until_signalled()
             finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -27,24 +26,28 @@ def binary() -> str:
     return found
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """An unused TCP port on host."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+# Logged before "Server is ready", once the client listener is bound (stable since gnatsd).
+_LISTENING = "Listening for client connections on "
 
 
 class NatsServer:
-    """Start/stop a local nats-server; readiness is read from its log, not guessed."""
+    """Start/stop a local nats-server; readiness and the bound port are read from its log, not guessed.
 
-    def __init__(self, store_dir: str | Path, *, port: int | None = None, host: str = "127.0.0.1") -> None:
+    Port 0 lets the server pick a free port (`-p -1`), so nothing races for it; `port` and `url` hold
+    the real one after `start`, and a restart keeps it so that clients reconnect. The port is read from
+    the log line the server prints before "Server is ready": its `--ports_file_dir` file is written by a
+    goroutine after that line, with no line of its own, so reading it would mean polling.
+    """
+
+    def __init__(self, store_dir: str | Path, *, port: int = 0, host: str = "127.0.0.1") -> None:
         self.store_dir = Path(store_dir)
         self.host = host
-        self.port = port or free_port(host)
+        self.port = port
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        """The client URL (with the bound port once started)."""
         return f"nats://{self.host}:{self.port}"
 
     async def start(self, timeout_s: float = 20.0) -> None:
@@ -52,7 +55,7 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         # Popen only forks and execs; the wait for readiness below runs in a thread.
         self.proc = subprocess.Popen(  # noqa: ASYNC220
-            [binary(), "-js", "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port)],
+            [binary(), "-js", "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port or -1)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
@@ -60,7 +63,8 @@ class NatsServer:
             await asyncio.wait_for(asyncio.to_thread(self._wait_ready), timeout_s)
         except TimeoutError:
             self.stop()
-            raise ConfigError(f"nats-server did not start on {self.url} within {timeout_s:.0f}s") from None
+            where = f"port {self.port}" if self.port else "a free port"
+            raise ConfigError(f"nats-server did not start on {self.host}, {where}, within {timeout_s:.0f}s") from None
 
     def _wait_ready(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
@@ -68,6 +72,9 @@ class NatsServer:
         for raw in self.proc.stderr:
             line = raw.decode(errors="replace")
             lines.append(line)
+            if _LISTENING in line:
+                # "host:port", or "[::]:port" for IPv6
+                self.port = int(line.split(_LISTENING, 1)[1].strip().rpartition(":")[2])
             if "Server is ready" in line:
                 # keep draining the pipe so the server never blocks on a full stderr buffer
                 threading_drain(self.proc.stderr)

@@ -1,4 +1,4 @@
-"""Start and stop a set of services on one broker (embedded: all; distributed: one).
+"""Start and stop a set of services on one bus (embedded: all; distributed: one).
 
 Services are found through the `lockgate.services` entry points declared in pyproject.toml, so
 the lockgate package never imports a service module directly and `lockgate serve router` loads
@@ -18,8 +18,9 @@ log = logging.getLogger("lockgate.services")
 
 GROUP = "lockgate.services"
 
-# The order services start in: the store owner first, so facts published at start are persisted.
-ORDER = ("sink", "lineage", "evaluator", "gatekeeper", "router", "drift", "cost")
+# The order services start in: the store's owners first, so facts published at start are persisted
+# and reads at start are answered; the gateway last, so it takes calls once everything runs.
+ORDER = ("sink", "query", "lineage", "evaluator", "gatekeeper", "router", "drift", "cost", "gateway")
 
 
 def available() -> list[str]:
@@ -37,13 +38,13 @@ def factory(name: str) -> Callable[[ServiceContext], Service]:
 
 
 class ServiceSet:
-    """Services sharing one bus: routers included before the broker starts, stopped in reverse."""
+    """Services sharing one bus: their consumers included before the bus starts, stopped in reverse."""
 
     def __init__(self, ctx: ServiceContext, names: list[str]) -> None:
         self.ctx = ctx
         self.services = [factory(n)(ctx) for n in names]
         for svc in self.services:
-            ctx.bus.broker.include_router(svc.router)
+            ctx.bus.include(svc.consumers)
 
     def __getitem__(self, name: str) -> Service:
         for svc in self.services:

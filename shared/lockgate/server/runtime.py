@@ -5,22 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
-
-import msgspec
 
 from lockgate import metrics
 from lockgate.bus import Bus
 from lockgate.config import Settings
-from lockgate.queries import registry
 from lockgate.server.natsserver import NatsServer
 from lockgate.server.registry import ServiceSet, available
 from lockgate.server.service import ServiceContext
-from lockgate.store import open_store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import NatsSpanExporter, Telemetry
 
@@ -29,40 +24,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lockgate.server.runtime")
 
-
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, dt.datetime | dt.date):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", errors="replace")
-    if isinstance(value, set | tuple):
-        return list(value)
-    return str(value)
-
-
-def to_json(value: Any) -> bytes:
-    """JSON for query results (datetimes as ISO strings)."""
-    return msgspec.json.encode(value, enc_hook=_json_default)
+# The services that open ClickHouse: the sink writes it, the query service reads it. A process
+# hosting neither never imports the store (and so carries no chDB).
+STORE_OWNERS = frozenset({"sink", "query"})
 
 
 class Runtime:
-    """Owns the process: optional embedded nats-server, the store, the bus and the services."""
+    """Owns the process: optional embedded nats-server, the bus, the services, and the store when it
+    hosts the sink or the query service."""
 
-    def __init__(self, settings: Settings, *, services: list[str] | None = None, embedded_nats: bool = True,
-                 grpc: bool = True, query_responder: bool = True) -> None:
+    def __init__(self, settings: Settings, *, services: list[str] | None = None, embedded_nats: bool = True) -> None:
         self.settings = settings
         self.names = services or available()
         self.embedded_nats = embedded_nats
-        self.grpc_enabled = grpc
-        self.query_enabled = query_responder
         self.nats: NatsServer | None = None
         self.services: ServiceSet | None = None
         self.ctx: ServiceContext | None = None
-        self.grpc: Any = None
         self._meters: MeterProvider | None = None
-        self._query_sub: Any = None
 
     async def start(self) -> None:
         """Bring everything up; on failure, tear down what started."""
@@ -75,14 +53,20 @@ class Runtime:
     async def _start(self) -> None:
         s = self.settings
         if self.embedded_nats:
-            port = urlparse(s.nats_url).port or 4222
-            self.nats = NatsServer(Path(s.home) / "nats", port=port, host=urlparse(s.nats_url).hostname or s.host)
+            url = urlparse(s.nats_url)
+            # port 0 asks nats-server for a free one; the real URL replaces the setting below
+            port = 4222 if url.port is None else url.port
+            self.nats = NatsServer(Path(s.home) / "nats", port=port, host=url.hostname or s.host)
             await self.nats.start()
             self.settings = s = s.replace(nats_url=self.nats.url)
         # One MeterProvider per process; its service.name says which services the process hosts.
         service_name = "lockgate" if len(self.names) > 1 else f"lockgate-{self.names[0]}"
         self._meters = metrics.install(service_name, otlp_endpoint=s.otlp_endpoint)
-        store = await asyncio.to_thread(open_store, s.clickhouse_url, s.database)
+        store = None
+        if STORE_OWNERS & set(self.names):
+            from lockgate.store import open_store
+
+            store = await asyncio.to_thread(open_store, s.clickhouse_url, s.database)
         bus = Bus(s.nats_url, Subjects(s.prefix), name="lockgate-" + "+".join(self.names))
         await bus.connect()
         telemetry = Telemetry(sample_ratio=s.trace_sample_ratio,
@@ -90,52 +74,27 @@ class Runtime:
         self.ctx = ServiceContext(bus=bus, store=store, telemetry=telemetry, settings=s)
         self.services = ServiceSet(self.ctx, self.names)
         await self.services.start()
-        if self.query_enabled:
-            self._query_sub = await bus.nc.subscribe(bus.subjects.query, queue="lockgate-query", cb=self._on_query)
-        if self.grpc_enabled:
-            from lockgate.grpc_server import GrpcServer
-
-            self.grpc = GrpcServer(bus, s.host, s.grpc_port, settings=s)
-            await self.grpc.start()
 
     @property
     def endpoints(self) -> dict[str, str]:
         """Everything a user can connect to."""
-        out = {"nats": self.settings.nats_url, "clickhouse": self.settings.clickhouse_url}
+        out = {"nats": self.settings.nats_url}
+        if self.ctx is not None and self.ctx.store is not None:
+            out["clickhouse"] = self.settings.clickhouse_url
         if self.services:
             out.update(self.services.endpoints)
-        if self.grpc is not None:
-            out["grpc"] = self.grpc.address
         return out
 
-    async def _on_query(self, msg: Any) -> None:
-        """Answer `{"query": name, "args": {...}}` with `{"rows": ...}` or `{"error": ...}`."""
-        try:
-            request = msgspec.json.decode(msg.data)
-            assert self.ctx is not None
-            result = await asyncio.to_thread(registry.run, self.ctx.store, request["query"], request.get("args", {}))
-            reply = to_json({"rows": result})
-        except Exception as exc:  # the operator gets the message; the stack keeps serving
-            reply = to_json({"error": getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}",
-                             "kind": type(exc).__name__})
-        with contextlib.suppress(Exception):
-            await msg.respond(reply)
-
     async def stop(self) -> None:
-        """Stop in reverse: servers, services (flushing buffers), telemetry, bus, store, nats-server."""
-        if self.grpc is not None:
-            with contextlib.suppress(Exception):
-                await self.grpc.stop(2.0)
-        if self._query_sub is not None:
-            with contextlib.suppress(Exception):
-                await self._query_sub.unsubscribe()
+        """Stop in reverse: services (servers first, flushing buffers), telemetry, bus, store, nats-server."""
         if self.services is not None:
             await self.services.stop()
         if self.ctx is not None:
             await self.ctx.telemetry.shutdown()  # the services' last spans, while the bus still publishes
             with contextlib.suppress(Exception):
                 await self.ctx.bus.close()
-            self.ctx.store.close()
+            if self.ctx.store is not None:
+                self.ctx.store.close()
         if self._meters is not None:
             await asyncio.to_thread(metrics.shutdown, self._meters)  # a last OTLP export, if configured
             self._meters = None

@@ -1,4 +1,4 @@
-"""The shape every service has: a FastStream router plus optional background work."""
+"""The shape every service has: its durable consumers plus optional background work."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import contextlib
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from faststream.nats import NatsRouter
-
-from lockgate.bus import Bus
+from lockgate.bus import Bus, Consumers
 from lockgate.config import Settings
-from lockgate.store import Store
 from lockgate.telemetry import Telemetry
+
+if TYPE_CHECKING:  # importing the store loads clickhouse-connect (and chDB): only its owners do
+    from lockgate.store import Store
 
 
 class Progress:
@@ -38,12 +38,17 @@ class Progress:
 
 @dataclass
 class ServiceContext:
-    """What a service is given: the bus, the store, telemetry and settings."""
+    """What a service is given: the bus, telemetry, settings, and the store where the process owns it.
+
+    Only the sink (which writes) and the query service (which reads) use `store`; every other
+    service reads through the query service (`lockgate.queryclient`) and gets None here when it
+    runs in a process of its own.
+    """
 
     bus: Bus
-    store: Store
     telemetry: Telemetry
     settings: Settings
+    store: Store | None = None
 
 
 class Service:
@@ -53,7 +58,7 @@ class Service:
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
-        self.router = NatsRouter()
+        self.consumers = Consumers()  # registered by app.py with consume(); started by the bus
         self.tracer = ctx.telemetry.tracer(self.name)
         self.log = logging.getLogger(f"lockgate.{self.name}")
         self._tasks: list[asyncio.Task[Any]] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
-from lockgate.errors import LockgateError, NotFound
+from lockgate.errors import AmbiguousReference, NotFound
 from lockgate.store import Store
 
 # Edges point from consumer to dependency for these relations (release -uses-> artifact),
@@ -16,9 +16,7 @@ MAX_DEPTH = 16
 Direction = Literal["upstream", "downstream"]
 Neighbours = Callable[[set[str]], Iterable[Mapping[str, Any]]]
 
-
-class AmbiguousReference(LockgateError):
-    """A hash prefix matches more than one artifact."""
+__all__ = ["AmbiguousReference", "lineage", "orient", "resolve", "traverse"]
 
 
 def orient(edge: Mapping[str, Any]) -> tuple[str, str]:

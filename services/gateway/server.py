@@ -15,19 +15,18 @@ import msgspec
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from lockgate import telemetry
 from lockgate.bus import Bus
 from lockgate.client import get_decision, watch_decisions
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, SignatureError
+from lockgate.outbox import publish_events
 from lockgate.redact import scrub_event
 from lockgate.signing import Verifier
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
-log = logging.getLogger("lockgate.grpc")
-
-# Keeps each published message well under NATS' default 1 MB max_payload.
-PUBLISH_CHUNK = 500
+log = logging.getLogger("lockgate.gateway")
 
 # Proto3 strings cannot be absent: an empty one means "use the contract's default".
 _STRING_FIELDS = tuple(
@@ -99,25 +98,20 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
 
     async def Send(self, request: ingest_pb2.InferenceBatch, context: grpc.aio.ServicerContext) -> Any:
         """Validate and publish a batch; UNAVAILABLE if JetStream does not acknowledge (safe to retry)."""
-        by_app: dict[str, list[InferenceEvent]] = {}
+        events: list[InferenceEvent] = []
         rejections = []
         for index, msg in enumerate(request.events):
             try:
-                event = event_from_proto(msg)
+                events.append(event_from_proto(msg))
             except InvalidEvent as exc:
                 rejections.append(ingest_pb2.Rejection(index=index, reason=exc.message))
-                continue
-            by_app.setdefault(event.app, []).append(event)
+        headers: dict[str, str] = {}
+        telemetry.inject(headers)  # this call's trace, if any, continues on the bus
         try:
-            for app, events in by_app.items():
-                for start in range(0, len(events), PUBLISH_CHUNK):
-                    # msg id = batch_id(chunk): a client retrying the same events is deduplicated.
-                    await self.bus.publish(
-                        self.bus.subjects.inference(app), events[start : start + PUBLISH_CHUNK]
-                    )
+            # msg id = batch_id(chunk): a client retrying the same events is deduplicated.
+            accepted = await publish_events(self.bus.js, self.bus.subjects, events, headers=headers)
         except BusUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
-        accepted = sum(map(len, by_app.values()))
         return ingest_pb2.IngestReply(accepted=accepted, rejected=len(rejections), rejections=rejections)
 
 

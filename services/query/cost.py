@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from lockgate.errors import ConfigError
+from lockgate.errors import UnknownDimension
 from lockgate.store import Store
 
 # Only these expressions ever reach SQL; `by` names are keys, never interpolated themselves.
@@ -21,14 +22,12 @@ DIMENSIONS: dict[str, str] = {
     "month": "toStartOfMonth(time)",
 }
 
-
-class UnknownDimension(ConfigError):
-    """A rollup was asked to group by something not in the allow-list."""
+__all__ = ["DIMENSIONS", "UnknownDimension", "cost_rollup"]
 
 
 def cost_rollup(
     store: Store,
-    by: list[str] | tuple[str, ...] = ("tenant", "app", "deployment", "day"),
+    by: Sequence[str] = ("tenant", "app", "deployment", "day"),
     since: datetime | None = None,
     tenant: str | None = None,
 ) -> list[dict[str, Any]]:

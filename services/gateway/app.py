@@ -1,0 +1,39 @@
+"""Gateway wiring: the gRPC API on the configured host and port (0 binds a free port)."""
+
+from __future__ import annotations
+
+from lockgate.server.service import Service, ServiceContext
+from lockgate.services.gateway.server import GrpcServer
+
+
+class Gateway(Service):
+    """Serves the gRPC API; its endpoint reports the port it actually bound."""
+
+    name = "gateway"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        s = ctx.settings
+        self.server = GrpcServer(ctx.bus, s.host, s.grpc_port, settings=s)
+        self._serving = False
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """host:port of the gRPC API once bound."""
+        return {"grpc": self.server.address} if self._serving else {}
+
+    async def start(self) -> None:
+        """Bind and serve."""
+        await self.server.start()
+        self._serving = True
+
+    async def stop(self) -> None:
+        """Stop taking calls; running ones get two seconds (open watches are then cancelled)."""
+        self._serving = False
+        await self.server.stop(2.0)
+        await super().stop()
+
+
+def create(ctx: ServiceContext) -> Gateway:
+    """Build the gateway."""
+    return Gateway(ctx)

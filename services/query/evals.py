@@ -1,0 +1,76 @@
+"""Eval runs and their per-case results."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from lockgate.store import Store
+
+
+def eval_runs(store: Store, release: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    """Eval runs for one release or all, latest first (metrics as a dict)."""
+    where = "WHERE release = {release:String}" if release else ""
+    return store.rows(
+        "SELECT run_id, release, suite, baseline, policy, status, n_cases, n_errors, metrics, error, time, "
+        f"event_id FROM eval_runs {where} ORDER BY time DESC, run_id DESC LIMIT {{limit:UInt32}}",
+        {"release": release or "", "limit": max(0, int(limit))},
+    )
+
+
+def eval_cases(store: Store, run_id: str, limit: int = 1000) -> list[dict[str, Any]]:
+    """Per-case results of one run, in case order (errors included)."""
+    return store.rows(
+        "SELECT case_id, repeat, input, expected, output, scores, latency_ms, input_tokens, output_tokens, "
+        "error, time FROM eval_cases WHERE run_id = {run_id:String} ORDER BY case_id, repeat "
+        "LIMIT {limit:UInt32}",
+        {"run_id": run_id, "limit": max(0, int(limit))},
+    )
+
+
+# The services' reads: paged by key (never OFFSET), so a large run arrives in replies that each
+# fit in one NATS message and a page boundary never skips or repeats a row.
+
+def eval_case_results(store: Store, run_id: str, after_case: str = "", after_repeat: int = -1,
+                      limit: int = 500) -> list[dict[str, Any]]:
+    """Stored results of a run after (case_id, repeat), one row per (case, repeat), with details."""
+    return store.rows(
+        "SELECT case_id, repeat, input, expected, output, scores, latency_ms, input_tokens, output_tokens, "
+        "error, details FROM eval_cases WHERE run_id = {run_id:String} "
+        "AND (case_id, toInt32(repeat)) > ({after_case:String}, {after_repeat:Int32}) "
+        "ORDER BY case_id, repeat LIMIT 1 BY case_id, repeat LIMIT {limit:UInt32}",
+        {"run_id": run_id, "after_case": after_case, "after_repeat": after_repeat, "limit": max(0, limit)},
+    )
+
+
+def baseline_run(store: Store, release: str, suite: str) -> str | None:
+    """The latest completed run of `suite` for `release`, or None."""
+    rows = store.rows(
+        "SELECT run_id FROM eval_runs WHERE release = {release:String} AND suite = {suite:String} "
+        "AND status = 'completed' ORDER BY time DESC LIMIT 1", {"release": release, "suite": suite})
+    return rows[0]["run_id"] if rows else None
+
+
+def eval_run_event_id(store: Store, run_id: str) -> str | None:
+    """The EvalCompleted id stored with a run's summary row, or None if the run was never stored."""
+    rows = store.rows("SELECT event_id FROM eval_runs WHERE run_id = {run_id:String} LIMIT 1", {"run_id": run_id})
+    return rows[0]["event_id"] if rows else None
+
+
+def recorded_events(store: Store, app: str, release: str, since: datetime | None = None,
+                    before_us: int | None = None, before_id: str = "", limit: int = 500) -> list[dict[str, Any]]:
+    """Inference events with a prompt and response for app/release, most recent first, one per id;
+    paged by (time_us, id) before the last row of the previous page."""
+    where = "app = {app:String} AND release = {release:String} AND prompt IS NOT NULL AND response IS NOT NULL"
+    params: dict[str, Any] = {"app": app, "release": release, "limit": max(0, limit)}
+    if since is not None:
+        where += " AND time >= {since:DateTime64(6, 'UTC')}"
+        # naive times are UTC; the parameter is sent as naive UTC
+        params["since"] = (since.astimezone(UTC) if since.tzinfo else since).replace(tzinfo=None)
+    if before_us is not None:
+        where += " AND (toUnixTimestamp64Micro(time), id) < ({before_us:Int64}, {before_id:String})"
+        params |= {"before_us": before_us, "before_id": before_id}
+    return store.rows(
+        "SELECT id, toUnixTimestamp64Micro(time) AS time_us, prompt, response, latency_ms, input_tokens, "
+        f"output_tokens FROM inference_events WHERE {where} ORDER BY time DESC, id DESC LIMIT 1 BY id "
+        "LIMIT {limit:UInt32}", params)

@@ -1,0 +1,88 @@
+"""The named read-only queries, looked up by name and called with arguments checked against their
+signature, whether the request came over NATS or from the CLI's offline path (`--clickhouse`)."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from lockgate.errors import ConfigError
+from lockgate.store import Store
+
+# name -> (module, function). Modules are imported on use so one broken family never breaks the rest.
+_PKG = "lockgate.services.query"
+QUERIES: dict[str, tuple[str, str]] = {
+    # operators (CLI, Grafana, scripts)
+    "recent_traces": ("traces", "recent_traces"),
+    "traces_for_release": ("traces", "traces_for_release"),
+    "trace": ("traces", "trace"),
+    "dead_letters": ("traces", "dead_letters"),
+    "decisions": ("decisions", "decisions"),
+    "eval_runs": ("evals", "eval_runs"),
+    "eval_cases": ("evals", "eval_cases"),
+    "drift_reports": ("drift", "drift_reports"),
+    "cost_rollup": ("cost", "cost_rollup"),
+    "lineage": ("lineage", "lineage"),
+    "sql": ("registry", "readonly_sql"),
+    # services (the evaluator resumes and compares runs; the gatekeeper reads its audit log)
+    "eval_case_results": ("evals", "eval_case_results"),
+    "baseline_run": ("evals", "baseline_run"),
+    "eval_run_event_id": ("evals", "eval_run_event_id"),
+    "recorded_events": ("evals", "recorded_events"),
+    "consecutive_errors": ("decisions", "consecutive_errors"),
+    "release_artifacts": ("decisions", "release_artifacts"),
+}
+
+
+def resolve(name: str) -> Callable[..., Any]:
+    """The function behind a query name."""
+    if name not in QUERIES:
+        raise ConfigError(f"unknown query {name!r}; known: {', '.join(sorted(QUERIES))}")
+    module, func = QUERIES[name]
+    return getattr(importlib.import_module(f"{_PKG}.{module}"), func)
+
+
+@functools.cache
+def _parameters(name: str) -> dict[str, tuple[Any, bool]]:
+    func = resolve(name)
+    hints = typing.get_type_hints(func)
+    params = list(inspect.signature(func).parameters.values())[1:]  # the first is the store
+    return {p.name: (hints.get(p.name, Any), p.default is inspect.Parameter.empty) for p in params}
+
+
+def arguments(name: str, args: Any) -> dict[str, Any]:
+    """`args` checked and converted to the query's parameter types (a JSON string becomes a datetime)."""
+    params = _parameters(name)
+    if not isinstance(args, dict):
+        raise ConfigError(f"query {name!r} takes its arguments as an object, not {type(args).__name__}")
+    unknown = sorted(set(args) - set(params))
+    if unknown:
+        raise ConfigError(f"query {name!r} has no argument {', '.join(map(repr, unknown))}; "
+                          f"it takes {', '.join(params) or 'none'}")
+    missing = [p for p, (_, required) in params.items() if required and p not in args]
+    if missing:
+        raise ConfigError(f"query {name!r} needs {', '.join(map(repr, missing))}")
+    out = {}
+    for key, value in args.items():
+        try:
+            out[key] = msgspec.convert(value, params[key][0], strict=False)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"query {name!r} argument {key!r}: {exc}") from None
+    return out
+
+
+def run(store: Store, name: str, args: dict[str, Any]) -> Any:
+    """Run a named query with checked keyword arguments."""
+    func = resolve(name)
+    return func(store, **arguments(name, args))
+
+
+def readonly_sql(store: Store, query: str) -> list[dict[str, Any]]:
+    """Plain SQL for operators, executed with readonly=1 so it cannot change data."""
+    return store.rows(f"{query.rstrip().rstrip(';')} SETTINGS readonly = 1")

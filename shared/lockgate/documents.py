@@ -1,0 +1,61 @@
+"""Documents (suites, policies, configs) decoded into msgspec Structs; every error names the path.
+
+A document is declared once, as Structs with `forbid_unknown_fields=True` and `Meta` constraints;
+msgspec does the checking and its message already carries the path (`... - at `$.rules[2].threshold``).
+These helpers only prefix the document's name and raise the domain's error type.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+
+from lockgate.errors import ConfigError, LockgateError
+
+T = TypeVar("T")
+
+# Shared constraint vocabulary, so "non-empty" or "a content hash" means the same in every document.
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0)]
+ArtifactHash = Annotated[str, msgspec.Meta(pattern="^sha256:")]
+
+
+def convert(raw: Any, type_: type[T], *, name: str, error: type[LockgateError] = ConfigError) -> T:
+    """`raw` (parsed YAML/JSON) as `type_`, or `error("<name>: <what> - at `$.path`")`."""
+    try:
+        return msgspec.convert(raw, type_)
+    except msgspec.ValidationError as exc:
+        raise error(f"{name}: {exc}") from None
+
+
+def load_yaml(path: str | Path, type_: type[T], *, name: str, error: type[LockgateError] = ConfigError) -> T:
+    """A YAML file decoded straight into `type_`; unreadable, not YAML, or invalid each say so."""
+    p = Path(path).expanduser()
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise error(f"cannot read {name} {p}: {exc.strerror or exc}") from None
+    try:
+        return msgspec.yaml.decode(data, type=type_)
+    except msgspec.ValidationError as exc:
+        raise error(f"{name} {p} is invalid: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise error(f"{name} {p} is not valid YAML: {exc}") from None
+
+
+def at(path: str, message: str) -> ValueError:
+    """A check a Struct's `__post_init__` makes across fields, worded like msgspec's own (`... - at `$.x``).
+
+    Only for the document's root Struct: msgspec appends a nested Struct's path itself.
+    """
+    return ValueError(f"{message} - at `{path}`")
+
+
+def reroot(path: str, exc: msgspec.ValidationError | str) -> str:
+    """A sub-document's error message with its paths moved under `path` (`$.n` -> `$.scorers[1].params.n`)."""
+    message = str(exc)
+    head, sep, rest = message.rpartition(" - at `$")
+    return f"{head} - at `{path}{rest}" if sep else f"{message} - at `{path}`"

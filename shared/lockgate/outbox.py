@@ -1,0 +1,200 @@
+"""Inference events leaving the process: the one publish routine, and the Outbox that feeds it.
+
+Every producer of inference events (the SDK, the router, gRPC ingest) publishes through
+`publish_events`: secrets scrubbed, events grouped by app and chunked, one JetStream message per
+chunk on `subjects.inference(app)` with `Nats-Msg-Id = batch_id(chunk)` (so a chunk retried after
+a lost ack is dropped by JetStream as a duplicate), transient NATS errors retried with the one
+RetryPolicy. `Outbox` is the buffered way in: the one Batcher in front of that routine, for
+producers that must never wait on the bus.
+
+The SDK imports this module: it needs nothing beyond nats-py and msgspec.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+
+from lockgate.batcher import Batcher, Overflow
+from lockgate.codec import encode
+from lockgate.contracts import InferenceEvent
+from lockgate.errors import PublishFailed
+from lockgate.ids import batch_id
+from lockgate.redact import scrub_event
+from lockgate.retry import RetryPolicy
+from lockgate.subjects import Subjects
+
+log = logging.getLogger("lockgate.outbox")
+
+# Keeps each message well under NATS' default 1 MB max_payload (events are ~250 bytes to a few KB).
+BATCH_SIZE = 500
+
+# Errors after which the same publish can succeed: no ack in time, JetStream not (yet) answering,
+# a reconnect in progress. A closed connection, a payload over the limit or an unencodable event
+# fail the same way every time, so they are not retried.
+TRANSIENT: tuple[type[BaseException], ...] = (
+    TimeoutError,  # nats.errors.TimeoutError is one too
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.StaleConnectionError,
+    nats.errors.FlushTimeoutError,
+    nats.errors.UnexpectedEOF,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.ServerError,
+    OSError,
+)
+
+PUBLISH_RETRY = RetryPolicy(attempts=5, initial_s=0.05, max_s=2.0)
+
+
+def chunk_by_app(events: Sequence[InferenceEvent], batch_size: int = BATCH_SIZE) -> list[list[InferenceEvent]]:
+    """Events grouped by app (in first-seen order) and cut into chunks of at most `batch_size`."""
+    by_app: dict[str, list[InferenceEvent]] = {}
+    for event in events:
+        by_app.setdefault(event.app, []).append(event)
+    return [group[i : i + batch_size] for group in by_app.values() for i in range(0, len(group), batch_size)]
+
+
+async def publish_events(
+    js: Any,
+    subjects: Subjects,
+    events: Sequence[InferenceEvent],
+    *,
+    batch_size: int = BATCH_SIZE,
+    headers: Mapping[str, str] | None = None,
+    retry: RetryPolicy = PUBLISH_RETRY,
+    timeout_s: float = 5.0,
+) -> int:
+    """Publish events, one message per app and chunk; returns how many JetStream acknowledged.
+
+    Raises PublishFailed (carrying `sent` and `failed`) when any chunk was not acknowledged after
+    the retries; the other chunks are published all the same. `headers` go on every message; a
+    chunk without a `traceparent` there gets its first event's trace."""
+    # Scrubbed here, at the last step before the bytes leave the process and off any request path.
+    chunks = chunk_by_app([scrub_event(e) for e in events], batch_size)
+    errors = await asyncio.gather(
+        *(_publish_chunk(js, subjects.inference(c[0].app), c, headers, retry, timeout_s) for c in chunks)
+    )
+    failed = sum(len(c) for c, exc in zip(chunks, errors, strict=True) if exc is not None)
+    sent = len(events) - failed
+    if failed:
+        first = next(exc for exc in errors if exc is not None)
+        raise PublishFailed(
+            f"JetStream did not acknowledge {failed} of {len(events)} inference events "
+            f"after {retry.attempts} attempts ({first!r}); they are counted as failed",
+            sent=sent,
+            failed=failed,
+        )
+    return sent
+
+
+async def _publish_chunk(
+    js: Any,
+    subject: str,
+    chunk: list[InferenceEvent],
+    headers: Mapping[str, str] | None,
+    retry: RetryPolicy,
+    timeout_s: float,
+) -> Exception | None:
+    try:
+        data = encode(chunk)
+        hdrs = dict(headers or {})
+        first = chunk[0]
+        if "traceparent" not in hdrs and first.trace_id and first.span_id:
+            hdrs["traceparent"] = f"00-{first.trace_id}-{first.span_id}-01"
+        # The same events always give the same id, so a retry after a lost ack is deduplicated.
+        hdrs["Nats-Msg-Id"] = batch_id(chunk)
+        await retry.call(
+            lambda: js.publish(subject, data, headers=hdrs, timeout=timeout_s),
+            retry_on=TRANSIENT,
+            what=f"publish of {len(chunk)} events to {subject}",
+        )
+    except Exception as exc:  # counted by the caller, never lost silently
+        log.warning("%d inference events for %s not published: %r", len(chunk), subject, exc)
+        return exc
+    return None
+
+
+class Outbox:
+    """Inference events buffered by the one Batcher and published by `publish_events`.
+
+    `add` never blocks and never raises: when the buffer refuses an event (full under
+    `drop_newest`, evicted under `drop_oldest`, or the outbox closed) it counts in `dropped`.
+    `sent` counts events JetStream acknowledged, `failed` those given up after the retries.
+    Nothing is published before `start(js)`.
+    """
+
+    def __init__(
+        self,
+        subjects: Subjects,
+        *,
+        batch_size: int = BATCH_SIZE,
+        max_age_s: float = 0.05,
+        capacity: int = 100_000,
+        overflow: Overflow = "drop_newest",
+        max_in_flight: int = 1,
+        retry: RetryPolicy = PUBLISH_RETRY,
+        name: str = "outbox",
+    ) -> None:
+        self.subjects = subjects
+        self.batch_size = batch_size
+        self.retry = retry
+        self.js: Any = None
+        self.sent = 0
+        self.failed = 0
+        self._refused_closed = 0
+        self._batcher: Batcher[InferenceEvent] = Batcher(
+            self._publish,
+            max_items=batch_size,
+            max_age_s=max_age_s,
+            capacity=capacity,
+            overflow=overflow,
+            max_in_flight=max_in_flight,
+            name=name,
+            autostart=False,
+        )
+
+    @property
+    def dropped(self) -> int:
+        """Events the buffer refused or evicted."""
+        return self._batcher.dropped + self._refused_closed
+
+    def __len__(self) -> int:
+        return len(self._batcher)
+
+    def start(self, js: Any) -> None:
+        """Publish through this JetStream context from now on (events added before wait for it)."""
+        self.js = js
+        self._batcher.start()
+
+    def add(self, event: InferenceEvent) -> bool:
+        """Queue one event (O(1), never blocks); False if it was refused."""
+        if self._batcher.closed:  # e.g. a request finishing while the process shuts down
+            self._refused_closed += 1
+            return False
+        return self._batcher.add(event)
+
+    async def flush(self) -> None:
+        """Return once every event added before this call is acknowledged or counted failed."""
+        await self._batcher.flush()
+
+    async def close(self) -> None:
+        """Flush what is left and wait for the acks; later events are refused."""
+        await self._batcher.close()
+
+    async def _publish(self, events: list[InferenceEvent]) -> None:
+        try:
+            # Awaited before the add: `self.sent += await ...` would read the counter before the
+            # await and lose the counts of batches acknowledged meanwhile.
+            sent = await publish_events(self.js, self.subjects, events, batch_size=self.batch_size, retry=self.retry)
+        except PublishFailed as exc:
+            self.sent += exc.sent
+            self.failed += exc.failed
+        else:
+            self.sent += sent

@@ -1,0 +1,128 @@
+"""One fixed, fully populated instance of each event type: the source of its golden v1 payloads.
+
+Every field is set to a value other than its default (the envelope's `schema_version` aside: it is
+1 in v1), so a change of a field's type or name shows in the encoding; the `.defaults.json` golden,
+built from the required fields alone, shows a change of a default. Floats are not whole numbers, so
+a float that became an int shows too. A new event type adds its instance here, then runs
+`python -m tests.contract.golden TypeName`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from lockgate.contracts import (
+    ArtifactRegistered,
+    BaselineComparison,
+    CostRecord,
+    DeadLetter,
+    DriftReport,
+    EvalCompleted,
+    EvalRequested,
+    Event,
+    FeatureDrift,
+    GateDecided,
+    GateReview,
+    InferenceEvent,
+    LineageRun,
+    MetricInterval,
+    ReleaseRegistered,
+    RolloutState,
+    RuleResult,
+    SpanBatch,
+    SpanRecord,
+)
+
+# Microseconds are set so that the encoding of fractional seconds is pinned too.
+TIME = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+LATER = datetime(2026, 1, 2, 3, 9, 5, 123456, tzinfo=UTC)
+HASH = "sha256:" + "ab" * 32
+
+
+def envelope(n: int) -> dict[str, Any]:
+    """The envelope fields, fixed and non-default; `n` keeps ids distinct across types."""
+    return {
+        "id": f"01941f29-7c00-7000-8000-{n:012x}",
+        "source": "golden-source",
+        "time": TIME,
+        "tenant": "acme",
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+        "span_id": "00f067aa0ba902b7",
+    }
+
+
+SAMPLES: dict[str, Event] = {
+    e.__class__.__name__: e
+    for e in (
+        InferenceEvent(
+            **envelope(1), app="shop", deployment="web", variant="canary", release="shop-v2", model="gpt-x",
+            response_model="gpt-x-2026-01", provider="openai", operation="text_completion", input_tokens=12,
+            output_tokens=30, cached_tokens=4, latency_ms=123.5, ttft_ms=45.25, status="error",
+            error_type="timeout", finish_reason="length", prompt="héllo ☃ \"quoted\"\n", response="bonjour",
+            user_hash="u-5f3a", session_id="s-77", attributes={"k": "v", "ü": "ß"}, scores={"thumbs": 0.75},
+        ),
+        ArtifactRegistered(
+            **envelope(2), kind="eval_suite", name="qa-suite", hash=HASH, size=1024, media_type="application/yaml",
+            labels={"team": "search"}, signature="c2lnbmF0dXJl", key_id="key-1",
+        ),
+        ReleaseRegistered(
+            **envelope(3), release="shop-v2", app="shop", artifacts={"dataset/qa": HASH, "prompt/system": HASH},
+            parent="shop-v1", description="second release",
+        ),
+        LineageRun(**envelope(4), run_id="run-1", kind="eval", release="shop-v2", inputs=[HASH], outputs=["run:1"]),
+        EvalRequested(
+            **envelope(5), run_id="run-1", release="shop-v2", suite=HASH, endpoint="http://127.0.0.1:1/v1",
+            model="gpt-x", baseline="shop-v1", policy=HASH, concurrency=3, timeout_s=12.5,
+            artifacts={"eval_suite/qa": HASH},
+        ),
+        EvalCompleted(
+            **envelope(6), run_id="run-1", release="shop-v2", suite=HASH, baseline="shop-v1", policy=HASH,
+            status="failed", n_cases=100, n_errors=2, metrics={"exact_match": 0.875}, error="2 cases timed out",
+            intervals={"exact_match": MetricInterval(estimate=0.875, low=0.8125, high=0.9375, confidence=0.9,
+                                                     method="wilson", n=100)},
+            baseline_run="run-0",
+            comparisons={"exact_match": BaselineComparison(
+                metric="exact_match", candidate=0.875, baseline=0.9, diff=-0.025, diff_low=-0.0625, diff_high=0.0125,
+                p_value=0.125, effect_size=-0.5, test="mcnemar", n_pairs=100, warning="small sample")},
+            warnings=["small sample"], artifacts={"eval_suite/qa": HASH},
+        ),
+        GateDecided(
+            **envelope(7), release="shop-v2", decision="NEEDS_REVIEW",
+            rules=[RuleResult(rule="quality", metric="exact_match", op=">=", threshold=0.95, observed=0.875,
+                              verdict="FAIL", hint="raise accuracy", low=0.8125, high=0.9375, baseline=0.9,
+                              dry_run=True, explanation="0.875 < 0.95"),
+                   RuleResult(rule="latency", metric="latency_p95_ms", op="<=", threshold=100.5, observed=None,
+                              verdict="NO_DATA")],
+            eval_run="run-1", policy=HASH, baseline="shop-v1", artifacts={"policy/gate": HASH}, reason="quality",
+            signature="c2ln", key_id="key-1", review_required="approver", reviewed_by="alice",
+        ),
+        GateReview(**envelope(8), release="shop-v2", action="reject", actor="alice", reason="not yet",
+                   decision_id="01941f29-7c00-7000-8000-000000000007"),
+        RolloutState(**envelope(9), deployment="web", stable_release="shop-v1", canary_release="shop-v2",
+                     canary_weight=12.5, phase="progressing", step=2, reason="gate passed",
+                     decision_id="01941f29-7c00-7000-8000-000000000007"),
+        DriftReport(
+            **envelope(10), deployment="web", app="shop", window_start=TIME, window_end=LATER, reference_n=500,
+            current_n=250,
+            features=[FeatureDrift(feature="latency_ms", psi=0.3125, ks_stat=0.5, ks_pvalue=0.0125,
+                                   reference_mean=100.5, current_mean=150.25, drifted=True)],
+            drifted=True,
+        ),
+        CostRecord(
+            **envelope(11), app="shop", deployment="web", model="gpt-x", calls=7, input_tokens=300,
+            output_tokens=200, cached_tokens=50, cost_usd=0.0125, unpriced_calls=1, price_book=HASH,
+            window_start=TIME, window_end=LATER,
+        ),
+        DeadLetter(**envelope(12), origin="sink", subject="lg.inference.shop", reason="invalid event",
+                   error="Expected `str`, got `int` - at `$.app`", payload=b"\x00\xff{not json",
+                   headers={"Nats-Msg-Id": "x"}, deliveries=3),
+        SpanBatch(**envelope(13), spans=[SpanRecord(
+            timestamp=TIME, trace_id="4bf92f3577b34da6a3ce929d0e0e4736", span_id="00f067aa0ba902b7",
+            parent_span_id="00f067aa0ba902b6", trace_state="k=v", name="chat gpt-x", kind="Server",
+            service="lockgate-router", resource={"service.name": "lockgate-router"}, scope_name="lockgate",
+            scope_version="1", attributes={"gen_ai.request.model": "gpt-x"}, duration_ns=1_500_000,
+            status_code="Error", status_message="upstream timeout", events=[(LATER, "exception", {"a": "b"})],
+            links=[("5bf92f3577b34da6a3ce929d0e0e4736", "10f067aa0ba902b7", "k=v", {"c": "d"})])]),
+    )
+}

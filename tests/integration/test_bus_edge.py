@@ -1,0 +1,326 @@
+"""The consumer edge against a real nats-server: nack/retry, batch fallback, concurrency, graceful
+stop, and one NATS connection per process. Acks are observed on the wire: JetStream acks are plain
+messages on `$JS.ACK.<stream>.<consumer>.>` (empty = ack, `-NAK ...` = nack), so a test sees exactly
+what the edge told the server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from lockgate.bus import Bus, Delivery, consume, consume_batch
+from lockgate.codec import Codec
+from lockgate.contracts import DeadLetter, InferenceEvent
+from lockgate.errors import LockgateError, Retryable, StoreUnavailable
+from lockgate.server.natsserver import binary
+from lockgate.subjects import Subjects
+
+pytestmark = pytest.mark.timeout(60)
+
+letters: Codec[DeadLetter] = Codec(DeadLetter)
+
+
+async def _ack_wire(bus: Bus, durable: str, stream: str = "inference") -> Any:
+    """A subscription that sees every ack/nack sent for one durable consumer."""
+    return await bus.nc.subscribe(f"$JS.ACK.{bus.subjects.streams[stream].name}.{durable}.>")
+
+
+async def _settlements(sub: Any, n: int) -> list[str]:
+    """The next n settlements on the wire, as 'ack' or 'nak'."""
+    out = []
+    for _ in range(n):
+        data = (await sub.next_msg(timeout=10)).data
+        out.append("nak" if data.startswith(b"-NAK") else "ack" if data in (b"", b"+ACK") else data.decode())
+    return out
+
+
+async def test_retryable_twice_then_success_is_processed_once_and_acked(bus: Bus) -> None:
+    durable = bus.subjects.durable("test", "retry")
+    calls: list[int] = []
+    processed: list[str] = []
+
+    async def handle(value: InferenceEvent, delivery: Delivery) -> None:
+        calls.append(delivery.deliveries)
+        if len(calls) <= 2:
+            raise Retryable("store busy, try later")
+        processed.append(value.id)
+
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+            wire_type=InferenceEvent, origin="test", handler=handle, max_deliver=5)
+    wire = await _ack_wire(bus, durable)
+    await bus.start()
+    event = InferenceEvent(app="x")
+    await bus.publish(bus.subjects.inference("x"), event)
+
+    assert await _settlements(wire, 3) == ["nak", "nak", "ack"]
+    assert calls == [1, 2, 3]
+    assert processed == [event.id]
+    assert bus.stats.dead_letters == 0
+
+
+async def test_always_retryable_is_dead_lettered_after_max_deliver(bus: Bus) -> None:
+    durable = bus.subjects.durable("test", "exhaust")
+    calls: list[int] = []
+
+    async def handle(value: InferenceEvent, delivery: Delivery) -> None:
+        calls.append(delivery.deliveries)
+        raise Retryable("upstream still down")
+
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+            wire_type=InferenceEvent, origin="test", handler=handle, max_deliver=3)
+    wire = await _ack_wire(bus, durable)
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("test"))
+    await bus.start()
+    event = InferenceEvent(app="x")
+    await bus.publish(bus.subjects.inference("x"), event)
+
+    letter = letters.decode((await dlq.next_msg(timeout=10)).data)
+    assert letter.reason == "retries exhausted" and letter.deliveries == 3
+    assert letter.error == "upstream still down" and b'"app":"x"' in letter.payload
+    assert await _settlements(wire, 3) == ["nak", "nak", "ack"]
+    assert calls == [1, 2, 3]
+
+
+async def test_invalid_utf8_is_dead_lettered_and_the_consumer_goes_on(bus: Bus) -> None:
+    durable = bus.subjects.durable("test", "utf8")
+    good: asyncio.Queue[InferenceEvent] = asyncio.Queue()
+
+    async def handle(value: InferenceEvent, delivery: Delivery) -> None:
+        await good.put(value)
+
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+            wire_type=InferenceEvent, origin="test", handler=handle)
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("test"))
+    wire = await _ack_wire(bus, durable)
+    await bus.start()
+    bad = b'{"type":"lockgate.inference","app":"caf\xe9"}'  # latin-1, not UTF-8, inside a string
+    await bus.publish(bus.subjects.inference("x"), bad, msg_id="latin-1")
+    ok = InferenceEvent(app="x")
+    await bus.publish(bus.subjects.inference("x"), ok)
+
+    letter = letters.decode((await dlq.next_msg(timeout=10)).data)
+    assert letter.reason == "invalid event" and "UTF-8" in letter.error and letter.payload == bad
+    assert (await asyncio.wait_for(good.get(), 10)).id == ok.id
+    assert await _settlements(wire, 2) == ["ack", "ack"]
+
+
+async def test_batch_with_one_poison_item_dead_letters_only_that_message(bus: Bus) -> None:
+    durable = bus.subjects.durable("test", "batch")
+    stored: list[str] = []
+    batch_sizes: list[int] = []
+
+    async def write(items: list[tuple[InferenceEvent, Delivery]]) -> None:
+        batch_sizes.append(len(items))
+        if any(value.app == "poison" for value, _ in items):
+            raise LockgateError("column model refuses this row")  # the whole insert fails, nothing stored
+        stored.extend(value.id for value, _ in items)
+
+    events = [InferenceEvent(app="poison" if i == 7 else "shop", input_tokens=i) for i in range(20)]
+    for e in events:  # all waiting before the consumer starts, so they arrive in one fetch
+        await bus.publish(bus.subjects.inference("shop"), e)
+    consume_batch(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+                  wire_type=InferenceEvent, origin="test", handler=write, batch_size=32)
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("test"))
+    wire = await _ack_wire(bus, durable)
+    await bus.start()
+
+    assert await _settlements(wire, 20) == ["ack"] * 20
+    letter = letters.decode((await dlq.next_msg(timeout=10)).data)
+    assert letter.reason == "rejected" and b'"app":"poison"' in letter.payload
+    assert sorted(stored) == sorted(e.id for e in events if e.app != "poison")
+    assert batch_sizes[0] > 1  # one write for many messages, then the fallback one by one
+    assert bus.stats.dead_letters == 1
+
+
+async def test_batch_that_fails_retryably_is_nacked_whole_and_stored_on_redelivery(bus: Bus) -> None:
+    durable = bus.subjects.durable("test", "batchretry")
+    stored: list[str] = []
+    failures = 1
+
+    async def write(items: list[tuple[InferenceEvent, Delivery]]) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise StoreUnavailable("ClickHouse is restarting")
+        stored.extend(value.id for value, _ in items)
+
+    events = [InferenceEvent(app="shop", input_tokens=i) for i in range(5)]
+    for e in events:
+        await bus.publish(bus.subjects.inference("shop"), e)
+    consume_batch(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+                  wire_type=InferenceEvent, origin="test", handler=write, batch_size=32)
+    wire = await _ack_wire(bus, durable)
+    await bus.start()
+
+    assert sorted(await _settlements(wire, 10)) == ["ack"] * 5 + ["nak"] * 5
+    assert sorted(stored) == sorted(e.id for e in events)
+    assert bus.stats.dead_letters == 0
+
+
+async def test_unordered_consumer_runs_at_most_max_workers_at_once(bus: Bus) -> None:
+    durable = bus.subjects.durable("test", "workers")
+    in_flight = peak = 0
+    full = asyncio.Event()
+    done: list[int] = []
+    all_done = asyncio.Event()
+
+    async def handle(value: InferenceEvent, delivery: Delivery) -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        if in_flight == 4:
+            full.set()
+        await asyncio.wait_for(full.wait(), 10)  # hold until four run side by side
+        in_flight -= 1
+        done.append(value.input_tokens)
+        if len(done) == 12:
+            all_done.set()
+
+    for i in range(12):
+        await bus.publish(bus.subjects.inference("x"), InferenceEvent(app="x", input_tokens=i))
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+            wire_type=InferenceEvent, origin="test", handler=handle, batch_size=16, max_workers=4, ordered=False)
+    await bus.start()
+    await asyncio.wait_for(all_done.wait(), 20)
+    assert peak == 4
+    assert sorted(done) == list(range(12))
+
+
+def test_ordered_with_several_workers_is_refused(bus: Bus) -> None:
+    with pytest.raises(ValueError, match="ordered"):
+        consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference",
+                durable=bus.subjects.durable("test", "bad"), wire_type=InferenceEvent, origin="test",
+                handler=lambda v, d: asyncio.sleep(0), max_workers=4)
+
+
+async def test_stop_finishes_the_handler_in_flight_and_acks_it(bus: Bus) -> None:
+    durable = bus.subjects.durable("test", "stop")
+    stopping: asyncio.Task[None] | None = None
+    finished: list[str] = []
+
+    async def handle(value: InferenceEvent, delivery: Delivery) -> None:
+        nonlocal stopping
+        stopping = asyncio.create_task(bus.stop_consumers())
+        await bus.nc.flush()  # a real round trip: the stop begins while this handler still runs
+        assert stopping is not None and not stopping.done()
+        finished.append(value.id)
+
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+            wire_type=InferenceEvent, origin="test", handler=handle)
+    wire = await _ack_wire(bus, durable)
+    await bus.start()
+    event = InferenceEvent(app="x")
+    await bus.publish(bus.subjects.inference("x"), event)
+    assert await _settlements(wire, 1) == ["ack"]
+    assert stopping is not None
+    await asyncio.wait_for(stopping, 15)
+    assert finished == [event.id]
+
+
+async def test_an_existing_consumer_with_other_fixed_settings_is_kept(bus: Bus) -> None:
+    """A durable made by an older build (here: deliver policy `new`) keeps its position."""
+    durable = bus.subjects.durable("test", "legacy")
+    stream = bus.subjects.streams["inference"].name
+    await bus.js.add_consumer(stream, ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.NEW,
+                                                     filter_subject=bus.subjects.inference_all))
+    got: asyncio.Queue[InferenceEvent] = asyncio.Queue()
+
+    async def handle(value: InferenceEvent, delivery: Delivery) -> None:
+        await got.put(value)
+
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+            wire_type=InferenceEvent, origin="test", handler=handle)
+    await bus.start()
+    event = InferenceEvent(app="x")
+    await bus.publish(bus.subjects.inference("x"), event)
+    assert (await asyncio.wait_for(got.get(), 10)).id == event.id
+    assert (await bus.js.consumer_info(stream, durable)).config.deliver_policy == DeliverPolicy.NEW
+
+
+# One connection per process: a nats-server of this test's own, with its monitoring port, so its
+# /connz counts the connections of exactly one Bus.
+
+_LISTEN = re.compile(rb"Listening for client connections on ([\d.]+:\d+)")
+_MONITOR = re.compile(rb"Starting http monitor on ([\d.]+:\d+)")
+
+
+@pytest.fixture
+async def monitored_server(tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
+    """(nats url, monitoring base url) of a fresh nats-server on ports it picked itself."""
+    proc = await asyncio.create_subprocess_exec(
+        binary(), "-js", "-sd", str(tmp_path / "js"), "-a", "127.0.0.1", "-p", "-1", "-m", "-1",
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+    )
+    assert proc.stderr is not None
+    client = monitor = None
+    async with asyncio.timeout(20):
+        while True:
+            line = await proc.stderr.readline()
+            assert line, "nats-server exited during start"
+            if m := _LISTEN.search(line):
+                client = m.group(1).decode()
+            if m := _MONITOR.search(line):
+                monitor = m.group(1).decode()
+            if b"Server is ready" in line:
+                break
+    # Keep reading stderr so the server never blocks on a full pipe.
+    drain = asyncio.create_task(proc.stderr.read())
+    assert client and monitor
+    try:
+        yield f"nats://{client}", f"http://{monitor}"
+    finally:
+        proc.terminate()
+        await proc.wait()
+        drain.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await drain
+
+
+async def test_a_bus_with_consumers_holds_one_connection(monitored_server: tuple[str, str]) -> None:
+    url, monitor = monitored_server
+    bus = Bus(url, Subjects("one"), name="one-process")
+    await bus.connect()
+    handled = asyncio.Event()
+
+    async def handle(value: Any, delivery: Delivery) -> None:
+        handled.set()
+
+    async def write(items: list[tuple[Any, Delivery]]) -> None:
+        handled.set()
+
+    async def respond(msg: Any) -> None:
+        await msg.respond(b"pong")
+
+    s = bus.subjects
+    consume(bus, bus.consumers, subject=s.inference_all, stream="inference", durable=s.durable("t", "ordered"),
+            wire_type=InferenceEvent, origin="t", handler=handle)
+    consume(bus, bus.consumers, subject=s.rollout_all, stream="events", durable=s.durable("t", "workers"),
+            wire_type=InferenceEvent, origin="t", handler=handle, max_workers=3, ordered=False)
+    consume_batch(bus, bus.consumers, subject=s.inference_all, stream="inference", durable=s.durable("t", "batch"),
+                  wire_type=InferenceEvent, origin="t", handler=write)
+    try:
+        await bus.start()
+        await (await bus.kv(s.kv_routes)).put("k", b"v")  # KV, publish and request/reply share it too
+        await bus.nc.subscribe(s.query, cb=respond)
+        assert (await bus.nc.request(s.query, b"ping", timeout=5)).data == b"pong"
+        await bus.publish(s.inference("x"), InferenceEvent(app="x"))
+        await asyncio.wait_for(handled.wait(), 10)
+
+        async with aiohttp.ClientSession() as http, http.get(f"{monitor}/connz?subs=1") as resp:
+            connz = await resp.json()
+        assert connz["num_connections"] == 1
+        (conn,) = connz["connections"]
+        assert conn["name"] == "one-process"
+        # the three pull-consumer inboxes (the request mux is the wildcard one) and the query responder
+        assert sum(sub.startswith("_INBOX.") and "*" not in sub for sub in conn["subscriptions_list"]) == 3
+        assert s.query in conn["subscriptions_list"]
+    finally:
+        await bus.close()

@@ -1,0 +1,155 @@
+"""The query service on a real nats-server and chDB: the one reader of ClickHouse for the CLI and
+the other services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from lockgate.bus import Bus
+from lockgate.config import Settings
+from lockgate.errors import ConfigError, NotFound, QueryUnavailable, ReplyTooLarge, Retryable
+from lockgate.queryclient import NoQueryService, ask, ask_pages
+from lockgate.server.service import ServiceContext
+from lockgate.services.evaluator import persist
+from lockgate.store import Store
+
+pytestmark = pytest.mark.timeout(90)
+
+CASE_COLUMNS = ("run_id", "case_id", "repeat", "release", "input", "expected", "output", "scores", "latency_ms",
+                "input_tokens", "output_tokens", "error", "time", "details")
+
+# Every kind of value a result row carries: times, dates, maps, arrays, tuples, decimals, UUIDs,
+# NaN and text outside ASCII.
+TYPED_SQL = ("SELECT toDateTime64('2024-05-06 07:08:09.123456', 6, 'UTC') AS t, toDate('2024-05-06') AS d, "
+             "map('k', 1.5) AS m, [1, 2] AS arr, (1, 'é') AS tup, toDecimal64(1.5, 4) AS dec, nan AS n, "
+             "toUUID('00000000-0000-0000-0000-000000000001') AS u, 'naïve ✓' AS s, 0.1 + 0.2 AS f")
+
+
+def _cli(settings: Settings, *args: str) -> str:
+    from lockgate.cli.main import cli
+
+    env = {"LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
+           "LOCKGATE_DATABASE": settings.database, "LOCKGATE_CLICKHOUSE_URL": settings.clickhouse_url}
+    result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _decision_row(release: str, when: datetime) -> list[Any]:
+    rules = json.dumps([{"rule": "quality", "verdict": "FAIL", "observed": 0.5}])
+    return ["d-" + release, when, release, "decided", "gatekeeper", "BLOCK", "run-1", "policy", "", rules,
+            "quality below 0.8 — see the rule", "sig", "key-1", "acme"]
+
+
+async def test_same_query_prints_identical_json_from_the_stack_and_directly(
+    run_services: Callable[..., Any], store: Store, settings: Settings
+) -> None:
+    query = (await run_services("query"))["query"]
+    columns = ("id", "time", "release", "action", "actor", "decision", "eval_run", "policy", "baseline", "rules",
+               "reason", "signature", "key_id", "tenant")
+    store.insert_rows("gate_decisions", columns, [_decision_row("shop-v2", datetime(2024, 5, 6, 7, 8, 9, 123456))],
+                      token=None)
+    for args in (("sql", TYPED_SQL), ("decisions",), ("cost", "--by", "app,day")):
+        before = query.handlers.answered.count
+        # The CLI runs its own event loop, as it does from a shell; this loop keeps serving it.
+        through_stack = await asyncio.to_thread(_cli, settings, *args, "--json")
+        assert query.handlers.answered.count == before + 1  # the stack answered, not a fallback
+        direct = await asyncio.to_thread(_cli, settings, "--clickhouse", settings.clickhouse_url, *args, "--json")
+        assert through_stack == direct, args
+    row = json.loads(await asyncio.to_thread(_cli, settings, "sql", TYPED_SQL, "--json"))[0]
+    assert row["t"] == "2024-05-06T07:08:09.123456" and row["d"] == "2024-05-06"
+    assert row["m"] == {"k": 1.5} and row["tup"] == [1, "é"] and row["n"] is None and row["s"] == "naïve ✓"
+    decisions = json.loads(await asyncio.to_thread(_cli, settings, "decisions", "--json"))
+    assert decisions[0]["rules"][0]["rule"] == "quality" and decisions[0]["reason"].endswith("see the rule")
+
+
+async def test_errors_come_back_as_the_lockgate_error_they_were(run_services: Callable[..., Any], bus: Bus) -> None:
+    await run_services("query")
+    with pytest.raises(ConfigError, match="unknown query 'nope'"):
+        await ask(bus, "nope")
+    with pytest.raises(ConfigError, match="32 hex characters"):
+        await ask(bus, "trace", {"trace_id": "not-a-trace"})
+    with pytest.raises(NotFound, match="no spans for trace"):
+        await ask(bus, "trace", {"trace_id": "0" * 32})
+    with pytest.raises(ConfigError, match="no argument 'colour'"):
+        await ask(bus, "decisions", {"colour": "red"})
+    with pytest.raises(ConfigError, match="needs 'run_id'"):
+        await ask(bus, "eval_cases", {})
+    with pytest.raises(ConfigError, match="argument 'limit'"):
+        await ask(bus, "decisions", {"limit": "many"})
+    with pytest.raises(ConfigError, match="cannot group cost by 'colour'"):
+        await ask(bus, "cost_rollup", {"by": ["colour"]})
+    # a typed argument arrives as JSON text and is converted at the edge
+    since = datetime.now(UTC) - timedelta(days=1)
+    assert await ask(bus, "cost_rollup", {"by": ["app"], "since": since}) == []
+
+
+async def test_a_reply_too_large_for_one_message_is_an_error_not_silence(
+    run_services: Callable[..., Any], bus: Bus
+) -> None:
+    await run_services("query")
+    with pytest.raises(ReplyTooLarge, match=r"more than the [\d,]+ one NATS message may carry"):
+        await ask(bus, "sql", {"query": "SELECT repeat('x', 1000) AS s FROM numbers(2000)"})
+    # the service keeps answering afterwards
+    assert await ask(bus, "sql", {"query": "SELECT 1 AS one"}) == [{"one": 1}]
+
+
+async def test_large_runs_arrive_page_by_page_without_gaps_or_repeats(
+    run_services: Callable[..., Any], bus: Bus, store: Store
+) -> None:
+    await run_services("query")
+    now = datetime.now(UTC).replace(tzinfo=None)
+    # 40 cases x 60 kB do not fit in one 1 MB message; the case stored twice (a redelivered
+    # batch) is still read once.
+    rows = [["run-big", f"c{i:02d}", r, "v1", "in", "", "x" * 60_000, {"exact_match": 1.0}, 1.5, 3, 4, "", now, ""]
+            for i in range(20) for r in range(2)]
+    store.insert_rows("eval_cases", CASE_COLUMNS, rows, token=None)
+    store.insert_rows("eval_cases", CASE_COLUMNS, rows[7:8], token=None)
+    with pytest.raises(ReplyTooLarge):
+        await ask(bus, "eval_case_results", {"run_id": "run-big"})
+    results = await persist.run_cases(bus, "run-big")
+    assert [(r.case_id, r.repeat) for r in results] == [(f"c{i:02d}", r) for i in range(20) for r in range(2)]
+    assert results[0].scores == {"exact_match": 1.0} and results[0].output_tokens == 4
+
+    # recorded outputs page by (time, id), newest first, one row per event id
+    base = datetime(2024, 1, 1)
+    events = [[f"e{i:03d}", base + timedelta(seconds=i // 3), "shop", "v1", f"p{i}", "r" * 30_000]
+              for i in range(60)]
+    columns = ("id", "time", "app", "release", "prompt", "response")
+    store.insert_rows("inference_events", columns, events, token=None)
+    store.insert_rows("inference_events", columns, events[10:12], token=None)
+    got = await ask_pages(bus, "recorded_events", {"app": "shop", "release": "v1"}, page=7,
+                          after=lambda r: {"before_us": r["time_us"], "before_id": r["id"]})
+    assert [e["id"] for e in got] == [f"e{i:03d}" for i in reversed(range(60))]
+    since = await persist.recorded_events(bus, "shop", "v1", "2024-01-01T00:00:19")
+    assert {e["id"] for e in since} == {f"e{i:03d}" for i in range(57, 60)}
+
+
+async def test_replicas_in_one_queue_group_share_the_requests(
+    run_services: Callable[..., Any], context: ServiceContext, bus: Bus
+) -> None:
+    from lockgate.services.query.app import create
+
+    first = (await run_services("query"))["query"]
+    second = create(context)
+    await second.start()
+    try:
+        for _ in range(40):
+            assert await ask(bus, "sql", {"query": "SELECT 1 AS one"}) == [{"one": 1}]
+    finally:
+        await second.stop()
+    counts = (first.handlers.answered.count, second.handlers.answered.count)
+    assert sum(counts) == 40 and min(counts) > 0  # each request was answered once, by either replica
+
+
+async def test_without_a_query_service_a_read_is_retryable(bus: Bus) -> None:
+    with pytest.raises(NoQueryService) as err:
+        await ask(bus, "decisions")
+    assert isinstance(err.value, QueryUnavailable) and isinstance(err.value, Retryable)

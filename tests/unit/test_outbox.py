@@ -1,0 +1,210 @@
+"""The one publish routine and the Outbox: grouping, chunking, deterministic msg ids, traceparent,
+scrubbing, retry of transient failures, give-up, and counting (sent after the ack only).
+
+The JetStream double stands in only for the transport call (`js.publish`); the end-to-end paths
+through a real nats-server are in tests/integration/test_client.py, test_router.py and test_grpc.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+import nats.errors
+import pytest
+
+from lockgate.codec import Codec
+from lockgate.contracts import InferenceEvent
+from lockgate.errors import PublishFailed
+from lockgate.ids import batch_id
+from lockgate.outbox import Outbox, chunk_by_app, publish_events
+from lockgate.retry import RetryPolicy
+from lockgate.subjects import Subjects
+
+pytestmark = pytest.mark.timeout(30)
+
+SUBJECTS = Subjects("t")
+NO_WAIT = RetryPolicy(attempts=3, initial_s=0, max_s=0)  # retries without backoff: these tests wait on nothing
+decode = Codec(list[InferenceEvent]).decode
+
+
+class FakeJetStream:
+    """Records each publish; `fail` maps an app to the exceptions its next publishes raise, in
+    order; with `hold` set, each publish waits for it, like an ack that has not come back yet."""
+
+    def __init__(self, fail: dict[str, list[BaseException]] | None = None) -> None:
+        self.fail = {SUBJECTS.inference(app): list(excs) for app, excs in (fail or {}).items()}
+        self.calls: list[tuple[str, bytes, dict[str, str]]] = []
+        self.acked: list[tuple[str, list[InferenceEvent], dict[str, str]]] = []
+        self.hold: asyncio.Event | None = None
+        self.waiting = 0
+        self.arrived = asyncio.Event()
+
+    async def publish(self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float) -> object:
+        self.calls.append((subject, payload, dict(headers)))
+        if self.fail.get(subject):
+            raise self.fail[subject].pop(0)
+        if self.hold is not None:
+            self.waiting += 1
+            self.arrived.set()
+            await self.hold.wait()
+        self.acked.append((subject, decode(payload), dict(headers)))
+        return object()
+
+    def events(self) -> list[InferenceEvent]:
+        return [e for _, events, _ in self.acked for e in events]
+
+
+def event(app: str = "a", n: int = 0, **kw: Any) -> InferenceEvent:
+    return InferenceEvent(app=app, trace_id=f"{n + 1:032x}", span_id=f"{n + 1:016x}", input_tokens=n, **kw)
+
+
+@pytest.mark.parametrize(
+    ("apps", "batch_size", "expected"),
+    [
+        ("abababa", 3, [("a", 3), ("a", 1), ("b", 3)]),
+        ("aaaa", 2, [("a", 2), ("a", 2)]),
+        ("abc", 500, [("a", 1), ("b", 1), ("c", 1)]),
+        ("", 500, []),
+    ],
+)
+def test_chunk_by_app_groups_then_caps_each_chunk(apps: str, batch_size: int, expected: list) -> None:
+    events = [event(app, i) for i, app in enumerate(apps)]
+    chunks = chunk_by_app(events, batch_size)
+    assert [(c[0].app, len(c)) for c in chunks] == expected
+    assert all(len({e.app for e in c}) == 1 for c in chunks)
+    for app in set(apps):  # each app's events keep their order across its chunks
+        assert [e for c in chunks for e in c if e.app == app] == [e for e in events if e.app == app]
+
+
+async def test_one_message_per_app_and_chunk_with_the_chunks_batch_id() -> None:
+    js = FakeJetStream()
+    events = [event("a" if i % 2 == 0 else "b", i) for i in range(7)]
+    assert await publish_events(js, SUBJECTS, events, batch_size=3, retry=NO_WAIT) == 7
+    assert sorted((s, len(ev)) for s, ev, _ in js.acked) == [
+        (SUBJECTS.inference("a"), 1), (SUBJECTS.inference("a"), 3), (SUBJECTS.inference("b"), 3)
+    ]
+    assert all(h["Nats-Msg-Id"] == batch_id(ev) for _, ev, h in js.acked)
+    assert sorted(e.id for e in js.events()) == sorted(e.id for e in events)
+
+
+async def test_the_same_events_always_give_the_same_msg_ids() -> None:
+    events = [event("a", i) for i in range(5)] + [event("b", 9)]
+    first, again = FakeJetStream(), FakeJetStream()
+    await publish_events(first, SUBJECTS, events, batch_size=2, retry=NO_WAIT)
+    await publish_events(again, SUBJECTS, list(events), batch_size=2, retry=NO_WAIT)
+    ids = [h["Nats-Msg-Id"] for _, _, h in first.acked]
+    assert ids == [h["Nats-Msg-Id"] for _, _, h in again.acked]
+    assert len(set(ids)) == len(ids) == 4  # and different chunks never share one
+
+
+async def test_traceparent_from_the_caller_else_from_the_chunks_first_event() -> None:
+    js = FakeJetStream()
+    await publish_events(js, SUBJECTS, [event("a", 0), event("a", 1)], retry=NO_WAIT)
+    assert js.acked[0][2]["traceparent"] == f"00-{1:032x}-{1:016x}-01"
+
+    js = FakeJetStream()
+    given = {"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"}
+    await publish_events(js, SUBJECTS, [event("a"), event("b")], headers=given, retry=NO_WAIT)
+    assert [h["traceparent"] for _, _, h in js.acked] == [given["traceparent"]] * 2
+
+    js = FakeJetStream()
+    await publish_events(js, SUBJECTS, [InferenceEvent(app="a")], retry=NO_WAIT)
+    assert "traceparent" not in js.acked[0][2]  # no trace known: no made-up header
+
+
+async def test_secrets_are_scrubbed_before_the_bytes_leave() -> None:
+    js = FakeJetStream()
+    await publish_events(js, SUBJECTS, [event(prompt="key sk-abcdefghijklmnopqrstuvwx", response="ok")], retry=NO_WAIT)
+    payload = js.calls[0][1].decode()
+    assert "sk-abc" not in payload and "[REDACTED]" in payload
+
+
+async def test_a_transient_failure_is_retried_with_the_same_msg_id() -> None:
+    js = FakeJetStream(fail={"a": [nats.errors.TimeoutError(), nats.errors.NoRespondersError()]})
+    events = [event("a", i) for i in range(4)]
+    assert await publish_events(js, SUBJECTS, events, retry=NO_WAIT) == 4
+    assert len(js.calls) == 3 and len(js.acked) == 1
+    # Every attempt carries the same bytes and id, so an ack lost after a write is deduplicated.
+    assert len({(payload, h["Nats-Msg-Id"]) for _, payload, h in js.calls}) == 1
+
+
+async def test_given_up_chunks_are_reported_and_the_others_still_published() -> None:
+    js = FakeJetStream(fail={"b": [nats.errors.NoRespondersError()] * 3})  # all three attempts for b
+    events = [event("a", i) for i in range(3)] + [event("b", 5), event("b", 6)]
+    with pytest.raises(PublishFailed, match="2 of 5") as raised:
+        await publish_events(js, SUBJECTS, events, batch_size=2, retry=NO_WAIT)
+    assert (raised.value.sent, raised.value.failed) == (3, 2)
+    assert sorted(e.input_tokens for e in js.events()) == [0, 1, 2]
+
+
+async def test_an_error_that_cannot_heal_is_not_retried() -> None:
+    js = FakeJetStream(fail={"a": [nats.errors.MaxPayloadError()]})
+    with pytest.raises(PublishFailed) as raised:
+        await publish_events(js, SUBJECTS, [event()], retry=NO_WAIT)
+    assert (raised.value.sent, raised.value.failed, len(js.calls)) == (0, 1, 1)
+
+
+def outbox(**kw: Any) -> Outbox:
+    kw.setdefault("retry", NO_WAIT)
+    kw.setdefault("max_age_s", 60)  # only size, flush() and close() flush in these tests
+    return Outbox(SUBJECTS, **kw)
+
+
+async def test_outbox_publishes_nothing_before_start_and_everything_on_flush() -> None:
+    js = FakeJetStream()
+    box = outbox(batch_size=2, max_age_s=0.001)
+    for i in range(5):
+        assert box.add(event("a", i))
+    assert asyncio.all_tasks() == {asyncio.current_task()} and len(box) == 5  # buffered, no sender yet
+    box.start(js)
+    await box.flush()
+    assert (box.sent, box.failed, box.dropped, len(box)) == (5, 0, 0, 0)
+    assert [e.input_tokens for e in js.events()] == [0, 1, 2, 3, 4]
+    await box.close()
+
+
+async def test_outbox_counts_sent_only_after_the_ack_with_batches_in_flight() -> None:
+    js = FakeJetStream()
+    js.hold = asyncio.Event()
+    box = outbox(batch_size=2, max_in_flight=3)
+    box.start(js)
+    for i in range(6):
+        box.add(event("a", i))  # three full batches: all three publishes start
+    while js.waiting < 3:
+        js.arrived.clear()
+        await asyncio.wait_for(js.arrived.wait(), 5)
+    assert box.sent == 0  # written, but not acknowledged yet
+    js.hold.set()
+    await box.close()
+    assert (box.sent, box.failed) == (6, 0)
+
+
+async def test_outbox_counts_failed_after_retries_and_drops_when_refusing() -> None:
+    js = FakeJetStream(fail={"a": [nats.errors.NoRespondersError()] * 3})
+    box = outbox(capacity=3, overflow="drop_newest")
+    box.start(js)
+    assert [box.add(event("a", i)) for i in range(5)] == [True, True, True, False, False]
+    await box.flush()
+    assert (box.sent, box.failed, box.dropped) == (0, 3, 2)
+    await box.close()
+    assert not box.add(event()) and box.dropped == 3  # closed: refused and counted, never raised
+
+
+async def test_outbox_drop_oldest_keeps_the_newest() -> None:
+    js = FakeJetStream()
+    box = outbox(capacity=2, overflow="drop_oldest")
+    for i in range(5):
+        assert box.add(event("a", i))
+    box.start(js)
+    await box.close()
+    assert [e.input_tokens for e in js.events()] == [3, 4]
+    assert (box.sent, box.dropped) == (2, 3)
+
+
+def test_the_wire_is_a_json_list_of_events() -> None:
+    # What the sink decodes: the routine's payload must stay a plain list of tagged events.
+    js = FakeJetStream()
+    asyncio.run(publish_events(js, SUBJECTS, [event()], retry=NO_WAIT))
+    assert msgspec.json.decode(js.calls[0][1])[0]["type"] == "lockgate.inference"
