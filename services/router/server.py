@@ -23,7 +23,8 @@ class RouterService(Service):
         self.rollouts = Rollouts(ctx)
         # The request path only adds; when the bus cannot keep up the oldest events go first
         # (counted), so the freshest traffic is what drift and cost see.
-        self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, name="router-events")
+        self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, name="router-events",
+                              on_sent=metrics.events_out_counter("router"), on_drop=metrics.drop_counter("router"))
         self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, self.tracer)
         self.admin = Admin(self.rollouts)
         self.url = ""

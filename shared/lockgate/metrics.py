@@ -149,6 +149,15 @@ def events_out(service: str, n: int = 1) -> None:
     _add("events_out", n, {"service": service})
 
 
+def events_out_counter(service: str) -> Callable[[int], None]:
+    """An `on_sent` callback (e.g. for an Outbox) that counts events this service published."""
+
+    def on_sent(n: int) -> None:
+        events_out(service, n)
+
+    return on_sent
+
+
 def events_dropped(service: str, n: int = 1, reason: str = "overflow") -> None:
     """Count events a service lost, and why."""
     _add("events_dropped", n, {"service": service, "reason": reason})

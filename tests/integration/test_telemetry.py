@@ -155,6 +155,12 @@ async def test_router_metrics_move_with_requests(context: ServiceContext, run_se
         assert second[("lockgate_router_requests_total", "stable", "ok")] == 4
         assert second[("lockgate_router_requests_total", "stable", "error")] == 1
 
+        # The router's outbox counts what JetStream acknowledged as the router's published events.
+        await router.batcher.flush()
+        async with http.get(f"{router.url}/metrics") as resp:
+            text = await resp.text()
+        assert 'lockgate_events_published_total{' in text and 'service="router"} 5.0' in text
+
         # The simulator serves the same process's metrics on its own port.
         sim_base = sim.url.removesuffix("/v1")
         assert (await _scrape(http, sim_base))[("lockgate_router_requests_total", "stable", "ok")] == 4

@@ -162,3 +162,12 @@ def test_the_sdk_loads_no_telemetry_stack() -> None:
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'opentelemetry', 'prometheus_client'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]"
+
+
+def test_outbox_callbacks_count_a_services_events(metric_reader: InMemoryMetricReader) -> None:
+    metrics.events_out_counter("router")(500)
+    metrics.drop_counter("router")(2, "publish_failed")
+    assert metric_points(metric_reader, "lockgate.events.published") == {(("service", "router"),): 500}
+    assert metric_points(metric_reader, "lockgate.events.dropped") == {
+        (("reason", "publish_failed"), ("service", "router")): 2,
+    }
