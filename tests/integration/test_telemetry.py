@@ -12,6 +12,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
 from prometheus_client.parser import text_string_to_metric_families
 
+from lockgate import metrics
 from lockgate.bus import Bus
 from lockgate.codec import Codec
 from lockgate.config import Settings
@@ -164,3 +165,33 @@ async def test_router_metrics_move_with_requests(context: ServiceContext, run_se
         # The simulator serves the same process's metrics on its own port.
         sim_base = sim.url.removesuffix("/v1")
         assert (await _scrape(http, sim_base))[("lockgate_router_requests_total", "stable", "ok")] == 4
+
+
+async def test_metrics_are_exported_over_otlp_when_an_endpoint_is_set() -> None:
+    """A stand-in Collector (plain aiohttp) receives the OTLP/HTTP export with lockgate's metrics."""
+    from aiohttp import web
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    received: list[ExportMetricsServiceRequest] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        received.append(ExportMetricsServiceRequest.FromString(await request.read()))
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/metrics", collect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    try:
+        provider = metrics.install("lockgate-otlp-test", otlp_endpoint=f"http://{host}:{port}")
+        metrics.dead_letter("cost")
+        await asyncio.to_thread(metrics.shutdown, provider)  # the last export happens on shutdown
+    finally:
+        await runner.cleanup()
+    names = {m.name for r in received for rm in r.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    services = {a.value.string_value for r in received for rm in r.resource_metrics
+                for a in rm.resource.attributes if a.key == "service.name"}
+    assert "lockgate.dead_letters" in names
+    assert services == {"lockgate-otlp-test"}
