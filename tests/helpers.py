@@ -55,3 +55,9 @@ class Process:
     @property
     def output(self) -> str:
         return "".join(self.lines)
+
+
+async def sink_stored(sink: object, timeout_s: float = 30.0, **tables: int) -> None:
+    """Wait until the sink's handlers have handled at least N messages for each named table."""
+    for table, n in tables.items():
+        await sink.progress(table).wait_for(n, timeout_s)  # type: ignore[attr-defined]
