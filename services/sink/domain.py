@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from lockgate.contracts import (
     ReleaseRegistered,
     RolloutState,
 )
+from lockgate.redact import RedactMode, redact
 from lockgate.store import tables
 from lockgate.store.rows import Table
 from lockgate.subjects import Subjects
@@ -53,6 +55,12 @@ FACTS: tuple[Projection, ...] = (
 
 INFERENCE = Projection(tables.INFERENCE_EVENTS, lambda s: s.inference_all, "inference",
                        list[InferenceEvent] | InferenceEvent, check="redelivered")
+
+
+def redaction(mode: RedactMode) -> dict[str, Callable[[Any], Any]]:
+    """Column transforms that redact prompts and responses per `mode` on their way to `inference_events`."""
+    scrub = functools.partial(redact, mode=mode)
+    return {"prompt": scrub, "response": scrub}
 
 
 def new_rows(keys: Sequence[tuple[Any, ...]], origins: Sequence[int], stored: set[tuple[Any, ...]]) -> list[int]:

@@ -12,7 +12,6 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
 from lockgate.bus import Delivery
 from lockgate.contracts import DeadLetter, InferenceEvent, SpanBatch
-from lockgate.redact import redact
 from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.sink import domain
 from lockgate.store import Store
@@ -125,6 +124,7 @@ class SinkHandlers:
         self.spans = Progress()
         self.dead_letters = Progress()
         self.skipped_redeliveries = 0
+        self._redaction = domain.redaction(ctx.settings.redact)
 
     def progress(self, table: str) -> Progress:
         """Messages handled for one fact table; tests and benches await it instead of sleeping."""
@@ -135,11 +135,8 @@ class SinkHandlers:
         messages = [(value if isinstance(value, list) else [value], delivery) for value, delivery in items]
         msg_ids = [_token(d) for batch, d in messages for _ in batch]
         spans = [self._message_span(batch, d) for batch, d in messages if batch]
-        mode = self.ctx.settings.redact
         try:
-            written = await self.inference.write(
-                messages, extra={"msg_id": msg_ids},
-                transform={"prompt": lambda v: redact(v, mode), "response": lambda v: redact(v, mode)})
+            written = await self.inference.write(messages, extra={"msg_id": msg_ids}, transform=self._redaction)
         finally:
             for span in spans:
                 span.end()
