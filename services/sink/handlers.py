@@ -59,10 +59,11 @@ class Writer:
         if not keys:
             return set()
         key = self.table.key
-        first = sorted({k[0] for k in keys})
-        rows = await self.store.arows(
-            f"SELECT DISTINCT {', '.join(key)} FROM {self.table.name} WHERE {key[0]} IN {{ids:Array(String)}}",
-            {"ids": first})
+        # Each key column narrowed on its own (a superset of the keys), the exact tuples picked here.
+        types = ["String" if isinstance(v, str) else "Int64" for v in next(iter(keys))]
+        where = " AND ".join(f"{c} IN {{k{i}:Array({t})}}" for i, (c, t) in enumerate(zip(key, types, strict=True)))
+        params = {f"k{i}": sorted({k[i] for k in keys}) for i in range(len(key))}
+        rows = await self.store.arows(f"SELECT DISTINCT {', '.join(key)} FROM {self.table.name} WHERE {where}", params)
         return {t for r in rows if (t := tuple(r[c] for c in key)) in keys}
 
     async def write(
@@ -72,20 +73,17 @@ class Writer:
         transform: Mapping[str, Callable[[Any], Any]] | None = None,
     ) -> Written:
         """Insert the rows of these messages that are not stored yet."""
-        values: list[msgspec.Struct] = []
-        message_of: list[int] = []
-        for m, (vals, _) in enumerate(messages):
-            values.extend(vals)
-            message_of.extend([m] * len(vals))
+        values = [v for vals, _ in messages for v in vals]
         data = self.table.data(values, extra, transform)
         n = len(data[0]) if data else 0
         if n == 0:
             return Written()
         always = self.projection.check == "always"
         keys: list[tuple[Any, ...]] | None = None
-        keep: list[int] | None = None  # None: every row
+        skipped = 0
         if always or any(d.deliveries > 1 for _, d in messages):
             keys = self.table.keys(data)
+            message_of = [m for m, (vals, _) in enumerate(messages) for _ in vals]
             origins = [message_of[i] for i in self.table.origins(values)]
             candidates = {k for k, o in zip(keys, origins, strict=True) if always or messages[o][1].deliveries > 1}
             stored = await self._stored_keys(candidates)
@@ -99,11 +97,11 @@ class Writer:
                     keys = [keys[i] for i in keep]
         token = domain.batch_token(self._token_parts(data, keys))
         await self.store.ainsert_columns(self.table.name, self.table.columns, data, token=token)
-        return Written(rows=len(data[0]), skipped_messages=skipped if keep is not None else 0)
+        return Written(rows=len(data[0]), skipped_messages=skipped)
 
     def _token_parts(self, data: list[list[Any]], keys: list[tuple[Any, ...]] | None) -> list[str]:
         if keys is None and len(self.table.key) == 1:  # the hot path: one key column, nothing dropped
-            return list(set(map(str, data[self.table.index(self.table.key[0])])))
+            return [str(k) for k in set(data[self.table.index(self.table.key[0])])]
         return list({"\x00".join(map(str, k)) for k in (keys if keys is not None else self.table.keys(data))})
 
     async def on_facts(self, items: list[tuple[msgspec.Struct, Delivery]]) -> None:
