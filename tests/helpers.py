@@ -16,12 +16,13 @@ async def eventually(check: Callable[[], bool], progress: Sequence[Progress], ti
     """Re-check `check()` each time one of the services reports progress, until true or timeout."""
     deadline = time.monotonic() + timeout_s
     while True:
+        # Counts read before the check, so progress made while it runs wakes the wait below.
+        seen = [p.count for p in progress]
         if await asyncio.to_thread(check):
             return
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"{what} not reached within {timeout_s:.0f}s")
-        seen = [p.count for p in progress]
         waits = [asyncio.create_task(p.wait_for(c + 1, remaining)) for p, c in zip(progress, seen, strict=True)]
         done, pending = await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
