@@ -88,3 +88,8 @@ def metric_points(reader: Any, name: str) -> dict[tuple[tuple[str, Any], ...], A
                         value = point.value if hasattr(point, "value") else point.count
                         out[tuple(sorted((point.attributes or {}).items()))] = value
     return out
+
+
+def dead_letters(reader: Any) -> int:
+    """Dead letters counted by the metrics, all origins together."""
+    return int(sum(metric_points(reader, "lockgate.dead_letters").values()))

@@ -53,12 +53,6 @@ class Delivery:
     in_progress: Callable[[], Awaitable[None]] | None = None
 
 
-@dataclass
-class BusStats:
-    """In-process counters (dead letters are also an OTel metric and, per origin, `lockgate status`)."""
-
-    dead_letters: int = 0
-
 
 Handler = Callable[[Any, Delivery], Awaitable[None]]
 BatchHandler = Callable[[list[tuple[Any, Delivery]]], Awaitable[None]]
@@ -108,7 +102,6 @@ class Bus:
         self.servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: comma-separated URLs
         self.nc: nats.NATS | None = None
         self.js: Any = None
-        self.stats = BusStats()
         # Consumers registered on the bus itself (tools, tests); services bring theirs via include().
         self.consumers = Consumers()
         self._registries: list[Consumers] = [self.consumers]
@@ -226,7 +219,6 @@ class Bus:
             headers=headers,
             deliveries=deliveries,
         )
-        self.stats.dead_letters += 1
         metrics.dead_letter(origin)
         log.warning("dead letter from %s on %s: %s", origin, subject, reason)
         await self.publish(self.subjects.dlq(origin), letter)
@@ -390,6 +382,7 @@ def consume(
         except Exception as exc:  # whatever the decoder trips on is bad input: park it, never leave it unacked
             await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", repr(exc))
             return
+        metrics.events_in(origin, len(value) if isinstance(value, list) else 1)
         delivery = Delivery(
             subject=msg.subject,
             msg_id=headers.get("Nats-Msg-Id", ""),
