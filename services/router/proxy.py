@@ -21,13 +21,12 @@ from yarl import URL
 from lockgate import metrics, telemetry
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
+from lockgate.llmwire import ChatRequest, last_user_text
 from lockgate.outbox import Outbox
 from lockgate.services.router import domain
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import (
-    ChatRequest,
     error_response,
-    last_user_text,
     openai_error,
     parse_chunk,
     parse_completion,
