@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lockgate.contracts import DeadLetter, InferenceEvent, SpanRecord
-from lockgate.redact import RedactMode, redact
+from lockgate.redact import RedactMode, redact, scrub_bytes, scrub_mapping, scrub_secrets
 
 INFERENCE_COLUMNS = (
     "id", "time", "tenant", "app", "deployment", "variant", "release", "model", "response_model",
@@ -52,11 +52,12 @@ def inference_columns(events: Sequence[InferenceEvent], mode: RedactMode, msg_id
         [redact(e.prompt, mode) for e in events],
         [redact(e.response, mode) for e in events],
         [e.user_hash for e in events],
-        [e.session_id for e in events],
+        # Producers other than the SDK and the router may publish unscrubbed events: scrub here too.
+        [scrub_secrets(e.session_id) if e.session_id else "" for e in events],
         [e.trace_id for e in events],
         [e.span_id for e in events],
         [e.source for e in events],
-        [e.attributes for e in events],
+        [scrub_mapping(e.attributes) if e.attributes else {} for e in events],
         [e.scores for e in events],
         list(msg_ids),
     ]
@@ -91,10 +92,10 @@ def span_columns(spans: Sequence[SpanRecord]) -> list[list[Any]]:
 
 
 def dead_letter_row(letter: DeadLetter) -> list[Any]:
-    """One `dead_letters` row; the payload is kept as text when it is UTF-8, else escaped."""
-    payload = letter.payload.decode("utf-8", errors="backslashreplace")
-    return [letter.id, letter.time, letter.origin, letter.subject, letter.reason, letter.error, payload,
-            letter.headers, letter.deliveries]
+    """One `dead_letters` row, secrets scrubbed; the payload is kept as text when it is UTF-8, else escaped."""
+    payload = scrub_bytes(letter.payload).decode("utf-8", errors="backslashreplace")
+    return [letter.id, letter.time, letter.origin, letter.subject, scrub_secrets(letter.reason),
+            scrub_secrets(letter.error), payload, scrub_mapping(letter.headers), letter.deliveries]
 
 
 def batch_token(msg_tokens: Sequence[str]) -> str:
