@@ -9,9 +9,9 @@ Three independent layers, so that a gap in one is not a hole:
    SQL), refuses several statements and returns the canonical text without comments; only that
    canonical text is run, so comment tricks (`--`, `/* */`) have nothing left to hide behind;
 3. the statement's structure: `EXPLAIN AST` of the canonical text is walked node by node; the
-   statement kind must be on an allow-list (SELECT or DESCRIBE; list tables with SELECT name FROM system.tables), it may not carry
-   INTO OUTFILE, FORMAT or SETTINGS, and it may name no function that reaches files, the network,
-   processes or the host (readonly=1 alone does not stop the scalar `file()` nor INTO OUTFILE in chDB).
+   statement kind must be on an allow-list (SELECT, DESCRIBE), it may not carry INTO OUTFILE,
+   FORMAT or SETTINGS, and it may name no function that reaches files, the network, processes
+   or the host (readonly=1 alone does not stop the scalar `file()` nor INTO OUTFILE in chDB).
 """
 
 from __future__ import annotations

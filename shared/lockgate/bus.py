@@ -216,7 +216,7 @@ class Bus:
         headers: dict[str, str] | None = None,
         deliveries: int = 1,
     ) -> None:
-        """Send an unprocessable message to `<prefix>.dlq.<origin>` with the reason and its bytes, secrets scrubbed.
+        """Send an unprocessable message to `<prefix>.dlq.<origin>` with the reason and its scrubbed bytes.
 
         A dead letter is kept for people to read: credential headers (Authorization, X-Api-Key,
         Cookie, ...) are masked whole, and keys, tokens and passwords in the payload, the other
