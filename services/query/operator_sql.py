@@ -105,13 +105,12 @@ def readonly_sql(store: Store, query: str) -> list[dict[str, Any]]:
         raise QueryRefused(f"operator SQL is {len(query):,} characters, more than {MAX_SQL_CHARS:,}")
     try:
         canonical = _canonical(store, query)
-    except QueryRefused:
-        raise
-    except Exception as exc:
-        message = getattr(exc, "message", str(exc))
-        if "Multi-statements" in message:
+    except StoreUnavailable as exc:
+        if "Multi-statements" in exc.message:
             raise QueryRefused("operator SQL runs one statement at a time; remove the ';' and what follows") from None
-        raise QueryRefused(f"ClickHouse cannot parse the query: {message}") from None
+        if "SYNTAX_ERROR" in exc.message or "Syntax error" in exc.message:
+            raise QueryRefused(f"ClickHouse cannot parse the query: {exc.message}") from None
+        raise  # ClickHouse itself is unreachable: a retryable outage, not the operator's mistake
     # The canonical text is one statement printed by ClickHouse, so prefixing it is safe.
     try:
         explained = store.readonly_rows(f"EXPLAIN AST {canonical}")

@@ -15,8 +15,9 @@ from click.testing import CliRunner
 
 from lockgate.bus import Bus
 from lockgate.config import Settings
-from lockgate.errors import QueryRefused
+from lockgate.errors import QueryRefused, StoreUnavailable
 from lockgate.queryclient import ask
+from lockgate.server.service import ServiceContext
 from lockgate.store import Store
 
 pytestmark = pytest.mark.timeout(120)
@@ -116,3 +117,15 @@ def _cli(settings: Settings, *args: str) -> Any:
     env = {"LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
            "LOCKGATE_DATABASE": settings.database, "LOCKGATE_CLICKHOUSE_URL": settings.clickhouse_url}
     return CliRunner().invoke(cli, list(args), env=env)
+
+
+async def test_operator_sql_runs_where_clickhouse_readonly_url_points(
+    context: ServiceContext, run_services: Callable[..., Any], bus: Bus
+) -> None:
+    # Server mode points operator SQL at a read-only ClickHouse user; here the URL leads nowhere,
+    # which shows operator SQL uses it while the named queries keep the service's own session.
+    context.settings = context.settings.replace(clickhouse_readonly_url="http://127.0.0.1:1")
+    await run_services("query")
+    with pytest.raises(StoreUnavailable, match="127.0.0.1:1"):
+        await ask(bus, "sql", {"query": "SELECT 1"})
+    assert await ask(bus, "decisions", {}) == []

@@ -49,6 +49,9 @@ class Store:
             raise ConfigError(f"database name {database!r} must be an identifier")
         self.url = url
         self.database = database
+        # Where operator SQL runs: the same server as a read-only user in server mode (see
+        # deploy/clickhouse/users.d/lockgate.xml); its session is read-only whichever URL it is.
+        self.readonly_url = url
         try:
             admin = _raw_client(url, None)
             admin.command(f"CREATE DATABASE IF NOT EXISTS {database}")
@@ -84,7 +87,7 @@ class Store:
         with self._readonly_lock:
             try:
                 if self._readonly is None:
-                    self._readonly = _raw_client(self.url, self.database, READONLY_SETTINGS)
+                    self._readonly = _raw_client(self.readonly_url, self.database, READONLY_SETTINGS)
                 result = self._readonly.query(sql, parameters=parameters)
             except ClickHouseError as exc:
                 if "(READONLY)" in str(exc):  # ClickHouse's own refusal: final, not worth a retry
