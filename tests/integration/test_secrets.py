@@ -5,6 +5,7 @@ buckets included), in dead letters, spans, logs or any ClickHouse table."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import string
@@ -20,6 +21,7 @@ from lockgate.config import Settings
 from lockgate.redact import scrub_secrets
 from lockgate.server.service import ServiceContext
 from lockgate.store import Store
+from lockgate.telemetry import NatsSpanExporter, Telemetry
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 
 pytestmark = pytest.mark.timeout(90)
@@ -79,6 +81,9 @@ async def test_no_planted_secret_is_stored_anywhere(
     everything = "\n".join(texts)
     context.settings = context.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url,
                                                 deployment="chat", app="shop")
+    # Spans go to the bus (and so to the sink and otel_traces) only when force_flush ships them.
+    context.telemetry = Telemetry(exporter=NatsSpanExporter(context.bus, asyncio.get_running_loop()),
+                                  schedule_delay_ms=600_000)
     svcs = await run_services("router", "sink")
     router, sink = svcs["router"], svcs["sink"]
 
@@ -109,7 +114,7 @@ async def test_no_planted_secret_is_stored_anywhere(
 
     await sink.handlers.events.wait_for(3)
     await sink.handlers.dead_letters.wait_for(1)
-    await context.telemetry.flush(context.bus)  # the router's span goes to the bus and the sink
+    assert await asyncio.to_thread(context.telemetry.force_flush)  # the router's and sink's spans
     await sink.handlers.spans.wait_for(1)
 
     found: dict[str, list[str]] = {}
@@ -147,6 +152,7 @@ async def test_no_planted_secret_is_stored_anywhere(
     assert store.scalar("SELECT count() FROM inference_events WHERE session_id != ''") == 2
 
     search("logs", caplog.text)
+    await context.telemetry.shutdown()
     assert not found, f"secrets stored verbatim: {found}"
 
     # The flow still carries what is not secret: the marker shows where a secret was.
