@@ -21,7 +21,7 @@ from lockgate.contracts import (
     ReleaseRegistered,
     RolloutState,
 )
-from lockgate.redact import RedactMode, redact
+from lockgate.redact import RedactMode, redact, scrub_mapping, scrub_secrets
 from lockgate.store import tables
 from lockgate.store.rows import Table
 from lockgate.subjects import Subjects
@@ -58,9 +58,17 @@ INFERENCE = Projection(tables.INFERENCE_EVENTS, lambda s: s.inference_all, "infe
 
 
 def redaction(mode: RedactMode) -> dict[str, Callable[[Any], Any]]:
-    """Column transforms that redact prompts and responses per `mode` on their way to `inference_events`."""
+    """Column transforms on the way to `inference_events`: prompts and responses redacted per `mode`;
+    session ids and attributes scrubbed of secrets (producers other than the SDK and the router may
+    publish events that were never scrubbed)."""
     scrub = functools.partial(redact, mode=mode)
-    return {"prompt": scrub, "response": scrub}
+    return {"prompt": scrub, "response": scrub, "session_id": scrub_secrets, "attributes": scrub_mapping}
+
+
+# Dead letters are scrubbed where they are made (Bus.dead_letter); this scrubs those made elsewhere.
+DEAD_LETTER_SCRUB: dict[str, Callable[[Any], Any]] = {
+    "payload": scrub_secrets, "headers": scrub_mapping, "error": scrub_secrets, "reason": scrub_secrets,
+}
 
 
 def new_rows(keys: Sequence[tuple[Any, ...]], origins: Sequence[int], stored: set[tuple[Any, ...]]) -> list[int]:

@@ -162,6 +162,6 @@ class SinkHandlers:
 
     async def on_dead_letter(self, letter: DeadLetter, delivery: Delivery) -> None:
         """Make dead letters queryable."""
-        await self.ctx.store.ainsert_columns("dead_letters", DEAD_LETTERS.columns, DEAD_LETTERS.data([letter]),
-                                             token=letter.id)
+        data = DEAD_LETTERS.data([letter], transform=domain.DEAD_LETTER_SCRUB)
+        await self.ctx.store.ainsert_columns("dead_letters", DEAD_LETTERS.columns, data, token=letter.id)
         await self.dead_letters.bump()

@@ -17,6 +17,9 @@ class Settings(msgspec.Struct, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
     clickhouse_url: str = "chdb://./.lockgate/clickhouse"
     database: str = "lockgate"
+    # operator SQL runs as this ClickHouse user (server mode: the read-only `lockgate_reader` of
+    # deploy/clickhouse/users.d); empty = clickhouse_url, in a session opened with readonly=1
+    clickhouse_readonly_url: str = ""
     prefix: str = "lg"
     home: str = "./.lockgate"
     host: str = "127.0.0.1"
