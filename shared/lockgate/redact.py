@@ -80,6 +80,12 @@ _RUN_12, _RUN_40 = "a" * 12, "a" * 40
 _COMPILED = tuple((re.compile(pattern), triggers, name not in _NO_RUN_NEEDED)
                   for name, pattern, triggers, _ in PATTERNS)
 
+# Each distinct trigger word is looked for once per text (substring tests run at C speed; a regex
+# alternation of them would be tried at every position and costs far more on long text).
+_TRIGGERS = tuple(sorted({t for _, _, triggers, _ in PATTERNS for t in triggers}))
+# The shortest text that can hold a secret any pattern matches ("pwd=" and six characters).
+_MIN_SECRET = 10
+
 # Header and attribute names whose whole value is a credential (compared lower-case).
 SECRET_NAMES = re.compile(r"(?i)(?:^|[-_.])(?:authorization|auth|cookie|set-cookie|api[-_]?key|apikey|x-api-key|token|"
                           r"secret|password|passwd|credential|credentials|session[-_]?token|signature|private[-_]?key)"
@@ -98,10 +104,15 @@ def _mark_base64(m: re.Match[str]) -> str:
 
 def scrub_secrets(text: str) -> str:
     """Replace API keys, tokens, passwords and private keys with a marker (context words are kept)."""
+    if len(text) < _MIN_SECRET:
+        return text
     lower = text.lower()
+    found = {t for t in _TRIGGERS if t in lower}
+    if not found and len(text) < 40:  # no trigger, and too short for a bare AWS secret key
+        return text
     long_run = _RUN_12 in text.translate(_TOKEN_MAP)
     for pattern, triggers, needs_run in _COMPILED:
-        if (long_run or not needs_run) and any(t in lower for t in triggers):
+        if (long_run or not needs_run) and not found.isdisjoint(triggers):
             text = pattern.sub(_mark, text)
     if long_run and _RUN_40 in text.translate(_B64_MAP):
         text = _BASE64_40.sub(_mark_base64, text)
