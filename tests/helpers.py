@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lockgate.server.service import Progress
 
@@ -65,3 +66,25 @@ _ENDPOINT = re.compile(r"^  (\w+)\s+([a-z][a-z0-9+.-]*://\S+|\S+:\d+)(?:\s|$)")
 def printed_endpoints(output: str) -> dict[str, str]:
     """The endpoints a `lockgate up`-style command printed, by name (the URL without any note after it)."""
     return {m[1]: m[2] for line in output.splitlines() if (m := _ENDPOINT.match(line))}
+
+
+def admin_headers(home: str) -> dict[str, str]:
+    """Authorization of the admin key `lockgate up` would make in this home (made on first use)."""
+    from lockgate.server.apikeys import bootstrap
+
+    return {"Authorization": f"Bearer {bootstrap(home).admin_key}"}
+
+
+async def store_pass(bus: Any, release: str) -> None:
+    """A PASS for `release` in the gates KV, signed by a key put in the KV keyring (a gatekeeper stand-in)."""
+    import msgspec
+
+    from lockgate.contracts import GateDecided
+    from lockgate.signing import Signer, publish_key
+    from lockgate.subjects import token
+
+    signer = Signer.generate()
+    await publish_key(bus, signer)
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token(release), msgspec.json.encode(signer.sign(GateDecided(release=release, rules=[],
+                                                                             decision="PASS"))))

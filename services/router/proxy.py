@@ -22,6 +22,7 @@ from lockgate import telemetry
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.outbox import Outbox
+from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.services.router import domain
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import (
@@ -34,7 +35,9 @@ from lockgate.services.router.wire import (
     patch_body,
 )
 
-_FORWARD = ("Authorization", "OpenAI-Organization", "OpenAI-Project", "Accept")
+# The client's Authorization is a lockgate key, checked here and never forwarded: the provider's
+# key is lockgate's, added per endpoint from operator configuration.
+_FORWARD = ("OpenAI-Organization", "OpenAI-Project", "Accept")
 # The router reads every body it forwards (usage, finish reason), and auto_decompress is off so
 # bytes pass through untouched: ask upstreams for identity encoding, never what the client accepts.
 _UP_BASE = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
@@ -47,8 +50,10 @@ _chat_request = msgspec.json.Decoder(ChatRequest)
 class Proxy:
     """The OpenAI-compatible gateway handler."""
 
-    def __init__(self, settings: Settings, rollouts: Rollouts, batcher: Outbox, tracer: Tracer) -> None:
+    def __init__(self, settings: Settings, rollouts: Rollouts, batcher: Outbox, tracer: Tracer,
+                 keys: KeyStore) -> None:
         self.settings = settings
+        self.keys = keys
         self.rollouts = rollouts
         self.batcher = batcher
         self.tracer = tracer
@@ -66,12 +71,16 @@ class Proxy:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """Proxy one chat completion to the stable or canary upstream."""
         t0 = time.perf_counter()
+        h = request.headers
+        try:
+            key = self.keys.authenticate(bearer(h.get("Authorization")))
+        except AuthError as exc:
+            return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
         body = await request.read()
         try:
             req = _chat_request.decode(body)
         except msgspec.DecodeError as exc:
             return error_response(400, f"invalid chat completion request: {exc}", "invalid_request_error")
-        h = request.headers
         deployment = h.get("x-lockgate-deployment") or self.settings.deployment
         user = req.user or h.get("x-lockgate-user") or request.remote or ""
         route = self.rollouts.route(deployment)
@@ -108,19 +117,19 @@ class Proxy:
             # The event and the span's attributes are bookkeeping: build them on the next loop
             # turn, after aiohttp has handed the response to the socket, not before.
             asyncio.get_running_loop().call_soon(
-                self._record, span, h, trace_id, span_id, deployment, variant, target, model, req, user, rec)
+                self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user, rec)
         return response
 
-    def _record(self, span: Any, h: Any, trace_id: str, span_id: str, deployment: str, variant: str,
+    def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
                 target: domain.Target, model: str, req: ChatRequest, user: str, rec: _Record) -> None:
         """Queue the request's inference event and end its span (runs after the response is sent)."""
         try:
             event = InferenceEvent(
-                tenant=h.get("x-lockgate-tenant") or "default",
+                tenant=key.tenant,  # from the key, never from a header the client chooses
                 trace_id=trace_id,
                 span_id=span_id,
                 source="lockgate-router",
-                app=h.get("x-lockgate-app") or self.settings.app,
+                app=key.app,
                 deployment=deployment,
                 variant=variant,
                 release=target.release,

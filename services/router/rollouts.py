@@ -182,15 +182,33 @@ class Rollouts:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     # changes
-    async def start_canary(self, deployment: str, req: domain.CanaryRequest) -> Route:
-        """Start a canary; if the gate already decided its release (KV), act on that at once."""
+    async def start_canary(self, deployment: str, req: domain.CanaryRequest,
+                           override: domain.Override | None = None) -> Route:
+        """Start a canary at 0%; if a verified decision already allows its release (KV), act on it at once.
+
+        A new stable release takes all traffic, so it too needs a decision that allows it; a canary
+        asked to start at a weight needs one as well. Either without one is NotAdmitted, unless an
+        admin's break-glass `override` is given.
+        """
         await self._await_ready()
         s = self.ctx.settings
         decision = await self._stored_decision(req.canary_release)
+        current = self.route(deployment).stable.release
+        if override is None:
+            if req.stable_release != current and not domain.allows(
+                    await self._stored_decision(req.stable_release), req.stable_release):
+                raise domain.NotAdmitted(
+                    f"refused: stable release {req.stable_release!r} has no verified gate decision allowing it "
+                    f"(the current stable is {current or 'none'!r}); an admin may override with break_glass")
+            if req.initial_weight and not domain.allows(decision, req.canary_release):
+                raise domain.NotAdmitted(
+                    f"refused: canary {req.canary_release!r} has no verified gate decision allowing it, so it "
+                    "cannot start at a weight; start it without initial_weight (it waits at 0%) or an admin "
+                    "may override with break_glass")
 
         def change() -> None:
             self._apply(domain.start_canary(self.route(deployment), req, first_step=self.steps[0],
-                                            default_canary_upstream=s.canary_upstream))
+                                            default_canary_upstream=s.canary_upstream, override=override))
             if decision is not None:
                 self.apply_decision(decision)
 
@@ -213,16 +231,20 @@ class Rollouts:
         await self._await_ready()
         await self._until_won(lambda: self.apply_decision(decision))
 
-    async def manual(self, deployment: str, action: str) -> Route:
-        """Operator abort or promote of the current canary, persisted."""
+    async def manual(self, deployment: str, action: str, override: domain.Override | None = None) -> Route:
+        """Operator abort (always allowed), promote (only an admitted canary, or break-glass) or clear-override."""
         await self._await_ready()
 
         def change() -> None:
             route = self.route(deployment)
-            if route.phase in ("promoted", "aborted"):
-                raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
-            self._apply(domain.abort(route, "by operator") if action == "abort"
-                        else domain.promote(route, "by operator"))
+            if action == "clear-override":
+                self._apply(domain.clear_override(route))
+            elif action == "abort":
+                if route.phase in ("promoted", "aborted"):
+                    raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
+                self._apply(domain.abort(route, "by operator"))
+            else:
+                self._apply(domain.manual_promote(route, override))
 
         await self._until_won(change)
         return self.route(deployment)
@@ -333,5 +355,8 @@ class Rollouts:
             await self.verifier.verify(decision)
         except (InvalidEvent, SignatureError) as exc:
             log.warning("ignoring stored gate decision for %s: %s", release, exc.message)
+            return None
+        if decision.release != release:  # a decision only ever speaks for the release it names
+            log.warning("ignoring stored gate decision under %s: it is for %s", release, decision.release)
             return None
         return decision

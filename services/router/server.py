@@ -6,6 +6,7 @@ import aiohttp
 from aiohttp import web
 
 from lockgate.outbox import Outbox
+from lockgate.server.apikeys import KeyStore
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.router.admin import Admin
 from lockgate.services.router.proxy import Proxy
@@ -23,8 +24,9 @@ class RouterService(Service):
         # The request path only adds; when the bus cannot keep up the oldest events go first
         # (counted), so the freshest traffic is what drift and cost see.
         self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, name="router-events")
-        self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, self.tracer)
-        self.admin = Admin(self.rollouts)
+        self.keys = KeyStore(ctx.settings.home)  # clients and operators authenticate with these
+        self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, self.tracer, self.keys)
+        self.admin = Admin(self.rollouts, self.keys)
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -35,7 +37,7 @@ class RouterService(Service):
 
     def app(self) -> web.Application:
         """The aiohttp application (gateway + admin)."""
-        app = web.Application(client_max_size=32 * 1024 * 1024)
+        app = web.Application(client_max_size=32 * 1024 * 1024, middlewares=[self.admin.middleware])
         app.router.add_post("/v1/chat/completions", self.proxy.chat)
         app.router.add_get("/healthz", self._health)
         self.admin.add_routes(app)
