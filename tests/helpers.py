@@ -88,3 +88,13 @@ async def store_pass(bus: Any, release: str) -> None:
     kv = await bus.kv(bus.subjects.kv_gates)
     await kv.put(token(release), msgspec.json.encode(signer.sign(GateDecided(release=release, rules=[],
                                                                              decision="PASS"))))
+
+
+async def register_model_release(bus: Any, release: str, model: str = "m", endpoint: str = "default",
+                                 **params: Any) -> None:
+    """Register a release whose model config sends it to `endpoint` with `model` (the router serves it so)."""
+    from lockgate import artifacts
+
+    config = await artifacts.register(bus, "model_config", f"{release}-config",
+                                      {"model": model, "endpoint": endpoint, **params})
+    await artifacts.register_release(bus, release, "shop", {f"model_config/{release}-config": config.hash})

@@ -68,7 +68,8 @@ async def _register(bus: Bus) -> dict[str, dict[str, str]]:
     prompt = await artifacts.register(bus, "prompt", "shop-answer", suite_doc["prompt"])
     out = {}
     for release, model in MODELS.items():
-        config = await artifacts.register(bus, "model_config", f"shop-{model}", {"model": model, "temperature": 0})
+        config = await artifacts.register(bus, "model_config", f"shop-{model}", {"model": model, "endpoint": "default",
+                                                                                     "temperature": 0})
         arts = {"dataset/shop-qa": dataset.hash, "eval_suite/shop-qa": suite.hash,
                 "policy/shop-release-policy": policy.hash, "prompt/shop-answer": prompt.hash,
                 f"model_config/shop-{model}": config.hash}
@@ -157,12 +158,12 @@ async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
     traces: list[str] = []
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {app_key}"}) as http:
         say(f"\n[bold]3. Canary {BAD}[/bold] through the router: the gate blocked it, so it gets 0% at once")
-        await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": BAD,
-                                            "canary_model": MODELS[BAD]}, admin_key)
+        await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": BAD},
+                        admin_key)
         say(f"\n[bold]4. Canary {GOOD}[/bold] under simulated traffic: the gate passed it, so it is promoted "
             "step by step")
-        await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": GOOD,
-                                            "canary_model": MODELS[GOOD]}, admin_key)
+        await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": GOOD},
+                        admin_key)
         sent = await asyncio.wait_for(_traffic(http, router_url, promoted, traffic, traces), 300)
     await sub.unsubscribe()
     for state in rollouts:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -20,11 +20,16 @@ class InvalidRollout(LockgateError):
 
 
 class Target(msgspec.Struct, frozen=True, kw_only=True):
-    """Where one variant's traffic goes."""
+    """Where one variant's traffic goes: exactly as its release's model config says.
+
+    `endpoint` is an id from the operator's allow-list (never a URL); `model` and `params` override
+    what the client asked for. A target without a release (the default route) passes the client's model.
+    """
 
     release: str
-    upstream: str
+    endpoint: str = "default"
     model: str = ""
+    params: dict[str, Any] = {}
 
 
 class Override(msgspec.Struct, frozen=True, kw_only=True):
@@ -62,9 +67,6 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     override: Override | None = None
 
 
-Url = Annotated[str, msgspec.Meta(pattern="^https?://")]
-
-
 class BreakGlass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """An admin's explicit override of the admission invariant, with the reason recorded."""
 
@@ -81,11 +83,7 @@ class CanaryRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Body of `PUT /lockgate/v1/deployments/{deployment}`."""
 
     stable_release: str
-    canary_release: str
-    stable_upstream: Url | None = None
-    canary_upstream: Url | None = None
-    stable_model: str | None = None
-    canary_model: str | None = None
+    canary_release: str  # releases only: endpoint and model come from each release's model config
     initial_weight: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None  # percent; None: the first step
     break_glass: BreakGlass | None = None
 
@@ -155,28 +153,23 @@ def user_hash(user: str) -> str:
     return hashlib.sha256(user.encode()).hexdigest()[:16] if user else ""
 
 
-def default_route(deployment: str, upstream: str) -> Route:
-    """A deployment nobody configured: all traffic to the default upstream."""
-    return Route(deployment=deployment, stable=Target(release="", upstream=upstream), reason="default route")
+def default_route(deployment: str) -> Route:
+    """A deployment nobody configured: all traffic to the `default` endpoint with the client's model."""
+    return Route(deployment=deployment, stable=Target(release=""), reason="default route")
 
 
 def _bump(route: Route, **changes: object) -> Route:
     return msgspec.structs.replace(route, version=route.version + 1, **changes)
 
 
-def start_canary(route: Route, req: CanaryRequest, *, default_canary_upstream: str,
-                 first_step: float, override: Override | None = None) -> Route:
-    """Begin a canary at 0%, waiting for a decision that allows it; with an override, at its initial weight."""
+def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Target, first_step: float,
+                 override: Override | None = None) -> Route:
+    """Begin a canary at 0%, waiting for a decision that allows it; with an override, at its initial weight.
+
+    `stable` and `canary` are the targets the releases' bundles resolve to.
+    """
     asked = first_step if req.initial_weight is None else req.initial_weight
     weight = asked if override is not None else 0.0
-    same_stable = route.stable.release in ("", req.stable_release)
-    stable = Target(
-        release=req.stable_release,
-        upstream=req.stable_upstream or route.stable.upstream,
-        model=req.stable_model if req.stable_model is not None else (route.stable.model if same_stable else ""),
-    )
-    canary = Target(release=req.canary_release, upstream=req.canary_upstream or default_canary_upstream,
-                    model=req.canary_model or "")
     why = (f"BREAK-GLASS by {override.actor}: {override.reason}" if override is not None
            else "0% until a verified gate decision allows it")
     return _bump(route, stable=stable, canary=canary, weight=float(weight), phase="idle", step=0,

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import nats.js.errors
 
+from lockgate import artifacts
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, RolloutState
@@ -22,6 +23,7 @@ from lockgate.errors import (
     BusUnavailable,
     InvalidEvent,
     LockgateError,
+    NotFound,
     Retryable,
     SignatureError,
     StoreUnavailable,
@@ -30,6 +32,7 @@ from lockgate.retry import RetryPolicy
 from lockgate.server.service import ServiceContext
 from lockgate.services.router import domain
 from lockgate.services.router.domain import Route
+from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.signing import Verifier
 from lockgate.subjects import token
 
@@ -42,6 +45,9 @@ _gate_codec: Codec[GateDecided] = Codec(GateDecided)
 # A change that lost a compare-and-set is recomputed on the reloaded route and tried again; the
 # short jittered pause keeps contending replicas from colliding again in step.
 _CAS_RETRY = RetryPolicy(attempts=5, initial_s=0.005, max_s=0.1)
+# Sampling parameters a model config may fix for its release (they override the client's).
+_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "presence_penalty",
+           "frequency_penalty", "stop")
 
 
 class RouterNotReady(Retryable):
@@ -69,8 +75,9 @@ class Rollouts:
     the same deployment only one wins and announces it; the loser drops its change and reloads.
     """
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, endpoints: Endpoints) -> None:
         self.ctx = ctx
+        self.endpoints = endpoints
         s: Settings = ctx.settings
         self.steps = domain.normalize_steps(s.rollout_steps)
         self.interval_s = s.rollout_step_interval_s
@@ -99,7 +106,7 @@ class Rollouts:
                 # Unconfigured deployments are cached apart, bounded, so odd headers cannot grow memory.
                 if len(self._defaults) >= 1024:
                     self._defaults.clear()
-                r = self._defaults[deployment] = domain.default_route(deployment, self.ctx.settings.stable_upstream)
+                r = self._defaults[deployment] = domain.default_route(deployment)
         return r
 
     async def wait_for(self, predicate: Callable[[dict[str, Route]], bool], timeout: float) -> None:
@@ -191,7 +198,7 @@ class Rollouts:
         admin's break-glass `override` is given.
         """
         await self._await_ready()
-        s = self.ctx.settings
+        stable, canary = await self.target(req.stable_release), await self.target(req.canary_release)
         decision = await self._stored_decision(req.canary_release)
         current = self.route(deployment).stable.release
         if override is None:
@@ -207,8 +214,8 @@ class Rollouts:
                     "may override with break_glass")
 
         def change() -> None:
-            self._apply(domain.start_canary(self.route(deployment), req, first_step=self.steps[0],
-                                            default_canary_upstream=s.canary_upstream, override=override))
+            self._apply(domain.start_canary(self.route(deployment), req, stable=stable, canary=canary,
+                                            first_step=self.steps[0], override=override))
             if decision is not None:
                 self.apply_decision(decision)
 
@@ -339,6 +346,36 @@ class Rollouts:
             await asyncio.wait_for(self.ready.wait(), 30)
         except TimeoutError:
             raise RouterNotReady("router routes not restored within 30 s") from None
+
+    async def target(self, release: str) -> domain.Target:
+        """Where a release's traffic goes, exactly as its bound bundle's model config says.
+
+        The release must be registered (its name bound to one bundle in the releases KV) with one
+        `model_config/...` artifact naming a model and, optionally, an endpoint id of the allow-list
+        (default `default`) and sampling parameters. Anything else is InvalidRollout.
+        """
+        try:
+            bundle = await artifacts.release_of(self.ctx.bus, release)
+        except NotFound as exc:
+            raise domain.InvalidRollout(exc.message) from None
+        configs = [h for k, h in bundle["artifacts"].items() if k.startswith("model_config/")]
+        if len(configs) != 1:
+            raise domain.InvalidRollout(f"release {release!r} must carry exactly one model_config artifact "
+                                        f"(it has {len(configs)}): the router serves a release as it says")
+        try:
+            config = await artifacts.load_structured(self.ctx.bus, configs[0])
+        except NotFound as exc:
+            raise domain.InvalidRollout(f"model config of release {release!r}: {exc.message}") from None
+        model = config.get("model") if isinstance(config, dict) else None
+        if not isinstance(model, str) or not model:
+            raise domain.InvalidRollout(f"model config {configs[0]} of release {release!r} names no model")
+        endpoint = config.get("endpoint", "default")
+        try:
+            self.endpoints.get(str(endpoint))
+        except UnknownEndpoint as exc:
+            raise domain.InvalidRollout(f"release {release!r}: {exc.message}") from None
+        params = {k: config[k] for k in _PARAMS if k in config}
+        return domain.Target(release=release, endpoint=str(endpoint), model=model, params=params)
 
     async def _stored_decision(self, release: str) -> GateDecided | None:
         try:

@@ -78,11 +78,13 @@ def last_user_text(messages: list[Message]) -> str | None:
     return None
 
 
-def patch_body(body: bytes, model: str | None, include_usage: bool) -> bytes:
-    """Re-encode the request with a model override and/or stream usage requested."""
+def patch_body(body: bytes, model: str | None, include_usage: bool, params: dict[str, Any] | None = None) -> bytes:
+    """Re-encode the request with the release's model and parameters and/or stream usage requested."""
     data = msgspec.json.decode(body)
     if model:
         data["model"] = model
+    if params:
+        data.update(params)
     if include_usage:
         opts = data.get("stream_options") or {}
         data["stream_options"] = {**opts, "include_usage": True}

@@ -21,6 +21,7 @@ from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import bootstrap
 from lockgate.signing import Signer, publish_key
 from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process, stack
+from tests.helpers import register_model_release
 
 N_REQUESTS = 3000
 CONCURRENCY = 8
@@ -103,8 +104,10 @@ async def _reaction(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, 
         signer = Signer.generate()  # the router acts only on decisions signed by a key in the KV keyring
         await publish_key(bus, signer)
         samples: list[float] = []
+        await register_model_release(bus, "base")
         for i in range(TRIALS):
             release = f"rel-{i}"
+            await register_model_release(bus, release)  # a rollout names registered releases only
             # Never gated: only an admin's break-glass gives it a weight (admission holds in the bench too).
             payload = {"stable_release": "base", "canary_release": release, "initial_weight": 50,
                        "break_glass": {"reason": "bench"}}

@@ -24,7 +24,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.query.decisions import decisions
 from lockgate.signing import Keyring, public_pem
 from lockgate.store import Store
-from tests.helpers import admin_headers, store_pass
+from tests.helpers import admin_headers, register_model_release, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 decided: Codec[GateDecided] = Codec(GateDecided)
@@ -136,6 +136,8 @@ async def router(context: ServiceContext, run_services: Any) -> Any:
     context.settings = context.settings.replace(stable_upstream="http://127.0.0.1:9/v1",
                                                 canary_upstream="http://127.0.0.1:9/v1", deployment="chat")
     svcs = await run_services("query", "gatekeeper", "router")
+    for release in ("v1", "v5", "v6", "v7"):  # the releases rolled out below, each with its model config
+        await register_model_release(context.bus, release)
     await store_pass(context.bus, "v1")  # the stable the canaries start from passed its gate
     return svcs["router"]
 

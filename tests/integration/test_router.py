@@ -18,6 +18,7 @@ from lockgate.services.router.domain import Route, Target
 from lockgate.signing import Signer, publish_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import register_model_release, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -38,6 +39,10 @@ async def sims() -> AsyncIterator[tuple[SimServer, SimServer]]:
 async def router(context: ServiceContext, run_services: Any, sims: tuple[SimServer, SimServer],
                  signer: Signer) -> Any:
     stable, canary = sims
+    # r1 (stable) and r2 (canary) are registered releases whose model configs send them to the two
+    # simulators (the `default` and `canary` endpoints the upstream settings define).
+    await register_model_release(context.bus, "r1", "m", "default")
+    await register_model_release(context.bus, "r2", "m", "canary")
     # r1, the stable release the tests start from, passed its gate (a new stable needs an allowing decision).
     kv = await context.bus.kv(context.bus.subjects.kv_gates)
     await kv.put(token("r1"), msgspec.json.encode(gate(signer, release="r1", decision="PASS")))
@@ -248,8 +253,8 @@ async def test_admin_rejects_bad_canary_requests(router: Any, http: aiohttp.Clie
 async def test_routes_restored_from_kv(context: ServiceContext, run_services: Any, sims: Any,
                                        http: aiohttp.ClientSession) -> None:
     stable, canary = sims
-    route = Route(deployment="chat", stable=Target(release="r1", upstream=stable.url),
-                  canary=Target(release="r2", upstream=canary.url), weight=100.0)
+    route = Route(deployment="chat", stable=Target(release="r1", endpoint="default", model="m"),
+                  canary=Target(release="r2", endpoint="canary", model="m"), weight=100.0)
     kv = await context.bus.kv(context.bus.subjects.kv_routes)
     await kv.put("chat", msgspec.json.encode(route))
     router = (await run_services("router"))["router"]
@@ -361,6 +366,7 @@ async def test_blocked_canary_cannot_be_promoted(router: Any, http: aiohttp.Clie
 
 
 async def test_new_stable_without_decision_is_refused(router: Any, http: aiohttp.ClientSession) -> None:
+    await register_model_release(router.ctx.bus, "r0")
     status, err = await _put(http, router, stable_release="r0", canary_release="r2")
     assert status == 409 and "stable release 'r0'" in err["error"]["message"]
 
@@ -434,3 +440,84 @@ async def test_break_glass_is_admin_only_recorded_and_shown_until_cleared(
         assert resp.status == 403
     async with http.delete(f"{router.url}/lockgate/v1/deployments/chat/break-glass") as resp:
         assert resp.status == 200 and (await resp.json())["override"] is None
+
+
+
+# Endpoints come from operator configuration; releases are immutable and served as they say.
+
+
+@pytest.mark.parametrize("field", [{"canary_upstream": "http://attacker.example/v1"}, {"canary_model": "other"},
+                                   {"stable_upstream": "http://attacker.example/v1"}, {"stable_model": "x"}])
+async def test_rollout_cannot_name_an_upstream_or_a_model(router: Any, http: aiohttp.ClientSession,
+                                                          field: dict) -> None:
+    # Before: a write to a deployment sent traffic (and the client's key) to the attacker's URL, or
+    # rolled a release out on another model than it passed with.
+    status, err = await _put(http, router, **field)
+    assert status == 400 and next(iter(field)) in err["error"]["message"]
+
+
+async def test_release_naming_an_unknown_endpoint_is_refused(router: Any, http: aiohttp.ClientSession) -> None:
+    await register_model_release(router.ctx.bus, "r9", "m", "attacker")
+    status, err = await _put(http, router, canary_release="r9")
+    assert status == 400 and "endpoint 'attacker' is not configured" in err["error"]["message"]
+    status, err = await _put(http, router, canary_release="never-registered")
+    assert status == 400 and "not registered" in err["error"]["message"]
+
+
+async def test_canary_is_served_with_its_releases_model_and_params(router: Any, http: aiohttp.ClientSession,
+                                                                   sims: Any, signer: Signer) -> None:
+    bus = router.ctx.bus
+    await register_model_release(bus, "r5", "m", "canary", temperature=0)
+    await _put(http, router, canary_release="r5")
+    await bus.publish(bus.subjects.gate_decided("r5"), gate(signer, release="r5", decision="PASS"))
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
+    # The client asks for another model: the release's model config decides.
+    async with http.post(f"{router.url}/v1/chat/completions", json={**_chat(), "model": "gpt-whatever"}) as resp:
+        assert resp.status == 200 and resp.headers["x-lockgate-release"] == "r5"
+        assert (await resp.json())["choices"][0]["message"]["content"] == "canary says hi"
+    assert sims[1].requests == {"m": 1}
+
+
+async def test_release_name_cannot_be_rebound_to_other_content(router: Any) -> None:
+    # Before: re-registering a release name with different content was accepted and the newer won.
+    from lockgate import artifacts
+    from lockgate.errors import ReleaseConflict
+
+    bus = router.ctx.bus
+    await register_model_release(bus, "r1", "m", "default")  # the same content again: accepted
+    with pytest.raises(ReleaseConflict, match="already registered with other content"):
+        await register_model_release(bus, "r1", "m", "canary")
+    assert (await router.rollouts.target("r1")).endpoint == "default"
+    bundle = await artifacts.release_of(bus, "r1")
+    assert list(bundle["artifacts"]) == ["model_config/r1-config"]
+
+
+async def test_provider_key_comes_from_lockgate_config_never_from_the_client(
+    context: ServiceContext, run_services: Any, sims: Any, keys: Bootstrap, tmp_path: Any
+) -> None:
+    stable, _ = sims
+    (tmp_path / "endpoints.yaml").write_text(
+        f"endpoints:\n  openai-prod: {{url: {stable.url}, credential: PROVIDER_KEY}}\n")
+    (tmp_path / "secrets.yaml").write_text("PROVIDER_KEY: sk-provider-held-by-lockgate\n")
+    context.settings = context.settings.replace(endpoints_file=str(tmp_path / "endpoints.yaml"),
+                                                secrets_file=str(tmp_path / "secrets.yaml"), deployment="chat")
+    router = (await run_services("router"))["router"]
+    assert list(router.upstreams.by_id) == ["openai-prod"]  # the allow-list replaces the built-in pair
+    async with aiohttp.ClientSession() as c, c.post(
+            f"{router.url}/v1/chat/completions", json=_chat(), headers=bearer(keys.app_key)) as resp:
+        # The default route's `default` endpoint is not in this allow-list: refused, nothing sent.
+        assert resp.status == 502 and "not configured" in (await resp.json())["error"]["message"]
+    await register_model_release(context.bus, "p1", "m", "openai-prod")
+    await store_pass(context.bus, "p1")
+    async with aiohttp.ClientSession(headers=bearer(keys.admin_key)) as c:
+        async with c.put(f"{router.url}/lockgate/v1/deployments/chat",
+                         json={"stable_release": "p1", "canary_release": "r1"}) as resp:
+            assert resp.status == 400  # r1 is not registered in this test's bus
+        await register_model_release(context.bus, "p2", "m", "openai-prod")
+        async with c.put(f"{router.url}/lockgate/v1/deployments/chat",
+                         json={"stable_release": "p1", "canary_release": "p2"}) as resp:
+            assert resp.status == 200, await resp.text()
+        async with c.post(f"{router.url}/v1/chat/completions", json=_chat(),
+                          headers=bearer(keys.app_key)) as resp:
+            assert resp.status == 200
+    assert stable.authorizations == ["Bearer sk-provider-held-by-lockgate"]

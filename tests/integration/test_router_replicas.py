@@ -18,7 +18,7 @@ from lockgate.signing import Signer, publish_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
-from tests.helpers import admin_headers, store_pass
+from tests.helpers import admin_headers, register_model_release, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,6 +57,8 @@ async def test_canary_on_one_replica_is_routed_and_promoted_once_by_both(
     await publish_key(bus, signer)
     sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
 
+    await register_model_release(bus, "r1")
+    await register_model_release(bus, "r2")
     await store_pass(bus, "r1")  # the stable release passed its gate
     async with aiohttp.ClientSession(headers=admin_headers(a.ctx.settings.home)) as http:
         body = {"stable_release": "r1", "canary_release": "r2"}

@@ -12,13 +12,14 @@ from lockgate.services.router.domain import CanaryRequest, InvalidRollout, Route
 pytestmark = pytest.mark.timeout(30)
 
 STEPS = domain.normalize_steps((10, 25, 50, 100))
-UP = "http://up/v1"
+STABLE = Target(release="r1", endpoint="default", model="m1")
+CANARY = Target(release="r2", endpoint="canary", model="m2")
 
 
 def _canary(weight: float = 10, phase: str = "idle") -> Route:
-    base = domain.default_route("d", UP)
+    base = domain.default_route("d")
     r = domain.start_canary(base, CanaryRequest(stable_release="r1", canary_release="r2", initial_weight=weight),
-                            default_canary_upstream="http://canary/v1", first_step=STEPS[0])
+                            stable=STABLE, canary=CANARY, first_step=STEPS[0])
     return msgspec.structs.replace(r, phase=phase)
 
 
@@ -46,8 +47,9 @@ def test_split_is_sticky_and_monotone() -> None:
 
 
 def test_no_canary_routes_stable() -> None:
-    route = domain.default_route("d", UP)
+    route = domain.default_route("d")
     assert domain.choose(route, "x") == ("stable", route.stable)
+    assert (route.stable.endpoint, route.stable.model) == ("default", "")  # the client's model, default endpoint
 
 
 def test_user_hash_is_pseudonymous() -> None:
@@ -61,8 +63,7 @@ def test_normalize_steps_ends_at_100() -> None:
 
 def test_start_canary_defaults() -> None:
     r = _canary(weight=10)
-    assert r.stable == Target(release="r1", upstream=UP)
-    assert r.canary == Target(release="r2", upstream="http://canary/v1")
+    assert (r.stable, r.canary) == (STABLE, CANARY)
     # no decision allows r2 yet: it waits at 0%, remembering the weight asked for
     assert (r.weight, r.start_weight, r.phase, r.version, r.admitted) == (0.0, 10.0, "idle", 1, "")
 
@@ -73,8 +74,9 @@ def test_start_canary_defaults() -> None:
         ({"stable_release": "a", "canary_release": "a"}, "differ"),
         ({"stable_release": "a", "canary_release": " "}, "non-empty"),
         ({"stable_release": "a", "canary_release": "b", "initial_weight": 101}, r"<= 100.0 - at `\$.initial_weight`"),
-        ({"stable_release": "a", "canary_release": "b", "canary_upstream": "ftp://x"},
-         r"matching regex '\^https\?://' - at `\$.canary_upstream`"),
+        # a rollout names releases only: never an upstream URL or a model
+        ({"stable_release": "a", "canary_release": "b", "canary_upstream": "http://x"}, "canary_upstream"),
+        ({"stable_release": "a", "canary_release": "b", "canary_model": "other"}, "canary_model"),
     ],
 )
 def test_bad_canary_requests_are_refused_when_decoded(body: dict, part: str) -> None:
@@ -147,8 +149,8 @@ def test_break_glass_promotes_and_stays_until_cleared() -> None:
     r = domain.manual_promote(_canary(), glass)
     assert r.phase == "promoted" and r.override == glass and "BREAK-GLASS" in r.reason
     assert domain.clear_override(r).override is None
-    held = domain.start_canary(domain.default_route("d", UP), CanaryRequest(
-        stable_release="r1", canary_release="r2", initial_weight=30), default_canary_upstream=UP,
+    held = domain.start_canary(domain.default_route("d"), CanaryRequest(
+        stable_release="r1", canary_release="r2", initial_weight=30), stable=STABLE, canary=CANARY,
         first_step=10.0, override=glass)
     assert held.weight == 30.0
     cleared = domain.clear_override(held)
@@ -167,5 +169,5 @@ def test_decisions_for_other_releases_redeliveries_and_terminal_states_are_ignor
 
 def test_manual_abort_and_promote_need_a_canary() -> None:
     with pytest.raises(InvalidRollout):
-        domain.abort(domain.default_route("d", UP), "x")
+        domain.abort(domain.default_route("d"), "x")
     assert domain.promote(_canary(), "by operator").stable.release == "r2"
