@@ -98,3 +98,21 @@ async def register_model_release(bus: Any, release: str, model: str = "m", endpo
     config = await artifacts.register(bus, "model_config", f"{release}-config",
                                       {"model": model, "endpoint": endpoint, **params})
     await artifacts.register_release(bus, release, "shop", {f"model_config/{release}-config": config.hash})
+
+
+def grpc_key(key: str) -> list[Any]:
+    """Client interceptors that present `key` as `authorization: Bearer ...` on unary gRPC calls.
+
+    Streaming calls pass `metadata=` themselves: an intercepted stream hides its initial metadata.
+    """
+    import grpc
+
+    class _Auth(grpc.aio.UnaryUnaryClientInterceptor):
+        def _details(self, d: Any) -> Any:
+            metadata = grpc.aio.Metadata(*(d.metadata or ()), ("authorization", f"Bearer {key}"))
+            return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
+
+        async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            return await continuation(self._details(details), request)
+
+    return [_Auth()]
