@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from lockgate import artifacts
 from lockgate.bus import Delivery
 from lockgate.contracts import ArtifactRegistered, LineageRun, ReleaseRegistered
 from lockgate.server.service import Progress, ServiceContext
@@ -24,6 +25,11 @@ class LineageHandlers:
                 await store.ainsert_rows("artifacts", domain.ARTIFACT_COLUMNS, [domain.artifact_row(event)],
                                          token=event.id)
             case ReleaseRegistered():
+                # The name -> bundle binding (create-only KV) is the authority: an event that reached
+                # the bus without `register_release`, or rebinds a name, is refused (ReleaseConflict,
+                # dead-lettered) instead of recorded; a first sighting binds the name here.
+                await artifacts.bind_release(self.ctx.bus, artifacts.release_bundle(
+                    event.release, event.app, event.artifacts, parent=event.parent, tenant=event.tenant))
                 await store.ainsert_rows("releases", domain.RELEASE_COLUMNS, [domain.release_row(event)],
                                          token=event.id)
             case LineageRun():
