@@ -22,6 +22,7 @@ from typing import Annotated, Any, Self
 import msgspec
 from aiohttp import web
 
+from lockgate import metrics
 from lockgate.documents import NonNegative, load_yaml
 from lockgate.ids import uuid7
 
@@ -128,6 +129,7 @@ class SimServer:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._list_models)
+        app.router.add_get("/metrics", metrics.serve_prometheus)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)

@@ -17,7 +17,7 @@ from aiohttp import web
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
-from lockgate import telemetry
+from lockgate import metrics, telemetry
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.outbox import Outbox
@@ -151,6 +151,7 @@ class Proxy:
             span.end()
             raise
         self.batcher.add(event)  # the outbox scrubs secrets off this path, before the event leaves the router
+        metrics.router_request(variant, rec.status, rec.latency_ms / 1000.0)
         _end_span(span, event)
 
     async def _once(self, endpoint: Endpoint, target: domain.Target, body: bytes, up_headers: dict[str, str],

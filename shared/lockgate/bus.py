@@ -16,7 +16,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from lockgate import telemetry
+from lockgate import metrics, telemetry
 from lockgate.batcher import Batcher
 from lockgate.codec import Codec, encode
 from lockgate.contracts import DeadLetter, Event
@@ -52,12 +52,6 @@ class Delivery:
     # Resets JetStream's ack_wait timer; long handlers (an eval run) call it as a heartbeat.
     in_progress: Callable[[], Awaitable[None]] | None = None
 
-
-@dataclass
-class BusStats:
-    """In-process counters (dead letters are also an OTel metric and, per origin, `lockgate status`)."""
-
-    dead_letters: int = 0
 
 
 Handler = Callable[[Any, Delivery], Awaitable[None]]
@@ -108,7 +102,6 @@ class Bus:
         self.servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: comma-separated URLs
         self.nc: nats.NATS | None = None
         self.js: Any = None
-        self.stats = BusStats()
         # Consumers registered on the bus itself (tools, tests); services bring theirs via include().
         self.consumers = Consumers()
         self._registries: list[Consumers] = [self.consumers]
@@ -228,8 +221,7 @@ class Bus:
             headers=headers,
             deliveries=deliveries,
         )
-        self.stats.dead_letters += 1
-        telemetry.count_dead_letter(origin)
+        metrics.dead_letter(origin)
         log.warning("dead letter from %s on %s: %s", origin, subject, reason)
         await self.publish(self.subjects.dlq(origin), letter)
 
@@ -392,6 +384,7 @@ def consume(
         except Exception as exc:  # whatever the decoder trips on is bad input: park it, never leave it unacked
             await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", repr(exc))
             return
+        metrics.events_in(origin, len(value) if isinstance(value, list) else 1)
         delivery = Delivery(
             subject=msg.subject,
             msg_id=headers.get("Nats-Msg-Id", ""),

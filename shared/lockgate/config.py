@@ -53,7 +53,11 @@ class Settings(msgspec.Struct, kw_only=True):
     eval_cache: bool = True
     # consumers
     ack_wait_s: float = 30.0
+    # telemetry: the share of new traces recorded (a caller's sampled traceparent is always followed)
     trace_sample_ratio: float = 1.0
+    # OTLP/HTTP base URL of a Collector (e.g. http://otel-collector:4318); metrics are exported
+    # there when set, and are always served as Prometheus text at /metrics
+    otlp_endpoint: str = ""
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some settings changed (None values are ignored)."""
