@@ -69,6 +69,56 @@ def printed_endpoints(output: str) -> dict[str, str]:
     return {m[1]: m[2] for line in output.splitlines() if (m := _ENDPOINT.match(line))}
 
 
+def admin_headers(home: str) -> dict[str, str]:
+    """Authorization of the admin key `lockgate up` would make in this home (made on first use)."""
+    from lockgate.server.apikeys import bootstrap
+
+    return {"Authorization": f"Bearer {bootstrap(home).admin_key}"}
+
+
+async def store_pass(bus: Any, release: str) -> None:
+    """A PASS for `release` in the gates KV, signed by a key put in the KV keyring (a gatekeeper stand-in)."""
+    import msgspec
+
+    from lockgate.contracts import GateDecided
+    from lockgate.signing import Signer, publish_key
+    from lockgate.subjects import token
+
+    signer = Signer.generate()
+    await publish_key(bus, signer)
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token(release), msgspec.json.encode(signer.sign(GateDecided(release=release, rules=[],
+                                                                             decision="PASS"))))
+
+
+async def register_model_release(bus: Any, release: str, model: str = "m", endpoint: str = "default",
+                                 **params: Any) -> None:
+    """Register a release whose model config sends it to `endpoint` with `model` (the router serves it so)."""
+    from lockgate import artifacts
+
+    config = await artifacts.register(bus, "model_config", f"{release}-config",
+                                      {"model": model, "endpoint": endpoint, **params})
+    await artifacts.register_release(bus, release, "shop", {f"model_config/{release}-config": config.hash})
+
+
+def grpc_key(key: str) -> list[Any]:
+    """Client interceptors that present `key` as `authorization: Bearer ...` on unary gRPC calls.
+
+    Streaming calls pass `metadata=` themselves: an intercepted stream hides its initial metadata.
+    """
+    import grpc
+
+    class _Auth(grpc.aio.UnaryUnaryClientInterceptor):
+        def _details(self, d: Any) -> Any:
+            metadata = grpc.aio.Metadata(*(d.metadata or ()), ("authorization", f"Bearer {key}"))
+            return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
+
+        async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            return await continuation(self._details(details), request)
+
+    return [_Auth()]
+
+
 async def sink_stored(sink: object, timeout_s: float = 30.0, **tables: int) -> None:
     """Wait until the sink's handlers have handled at least N messages for each named table."""
     for table, n in tables.items():

@@ -100,6 +100,9 @@ class SimServer:
         self.host = host
         self.port = port
         self.requests: dict[str, int] = {}
+        # The Authorization header of each chat request, in order: lets tests see which key reached
+        # the upstream (lockgate's provider credential, never the client's lockgate key).
+        self.authorizations: list[str | None] = []
         self._models = {n: _Model(n, s, config.seed) for n, s in config.models.items()}
         self._runner: web.AppRunner | None = None
         self._created = int(time.time())
@@ -145,6 +148,7 @@ class SimServer:
         return web.json_response({"object": "list", "data": data})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.authorizations.append(request.headers.get("Authorization"))
         try:
             body = decode_request(await request.read())
         except msgspec.ValidationError as exc:

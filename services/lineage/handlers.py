@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from lockgate import artifacts
 from lockgate.bus import Delivery
+from lockgate.contracts import ReleaseRegistered
 from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.lineage import domain
 
@@ -18,6 +20,12 @@ class LineageHandlers:
     async def on_event(self, event: domain.LineageEvent, delivery: Delivery) -> None:
         """Publish the edges the event implies (the fact's id derives from the event's, so JetStream and
         the sink drop a republished copy)."""
+        if isinstance(event, ReleaseRegistered):
+            # The name -> bundle binding (create-only KV) is the authority: an event that reached the
+            # bus without `register_release` and rebinds a name is refused (ReleaseConflict,
+            # dead-lettered), so its edges never join the graph; a first sighting binds the name here.
+            await artifacts.bind_release(self.ctx.bus, artifacts.release_bundle(
+                event.release, event.app, event.artifacts, parent=event.parent, tenant=event.tenant))
         fact = domain.edges_fact(event)
         if fact is not None:
             bus = self.ctx.bus

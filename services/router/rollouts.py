@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import nats.js.errors
 
+from lockgate import artifacts
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, RolloutState
@@ -22,6 +23,7 @@ from lockgate.errors import (
     BusUnavailable,
     InvalidEvent,
     LockgateError,
+    NotFound,
     Retryable,
     SignatureError,
 )
@@ -29,6 +31,7 @@ from lockgate.retry import RetryPolicy
 from lockgate.server.service import ServiceContext
 from lockgate.services.router import domain
 from lockgate.services.router.domain import Route
+from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.signing import Verifier
 from lockgate.subjects import token
 
@@ -39,6 +42,9 @@ _gate_codec: Codec[GateDecided] = Codec(GateDecided)
 # A change that lost a compare-and-set is recomputed on the reloaded route and tried again; the
 # short jittered pause keeps contending replicas from colliding again in step.
 _CAS_RETRY = RetryPolicy(attempts=5, initial_s=0.005, max_s=0.1)
+# Sampling parameters a model config may fix for its release (they override the client's).
+_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "presence_penalty",
+           "frequency_penalty", "stop")
 
 
 class RouterNotReady(Retryable):
@@ -66,8 +72,9 @@ class Rollouts:
     the same deployment only one wins and announces it; the loser drops its change and reloads.
     """
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, endpoints: Endpoints) -> None:
         self.ctx = ctx
+        self.endpoints = endpoints
         s: Settings = ctx.settings
         self.steps = domain.normalize_steps(s.rollout_steps)
         self.interval_s = s.rollout_step_interval_s
@@ -96,7 +103,7 @@ class Rollouts:
                 # Unconfigured deployments are cached apart, bounded, so odd headers cannot grow memory.
                 if len(self._defaults) >= 1024:
                     self._defaults.clear()
-                r = self._defaults[deployment] = domain.default_route(deployment, self.ctx.settings.stable_upstream)
+                r = self._defaults[deployment] = domain.default_route(deployment)
         return r
 
     async def wait_for(self, predicate: Callable[[dict[str, Route]], bool], timeout: float) -> None:
@@ -179,15 +186,33 @@ class Rollouts:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     # changes
-    async def start_canary(self, deployment: str, req: domain.CanaryRequest) -> Route:
-        """Start a canary; if the gate already decided its release (KV), act on that at once."""
+    async def start_canary(self, deployment: str, req: domain.CanaryRequest,
+                           override: domain.Override | None = None) -> Route:
+        """Start a canary at 0%; if a verified decision already allows its release (KV), act on it at once.
+
+        A new stable release takes all traffic, so it too needs a decision that allows it; a canary
+        asked to start at a weight needs one as well. Either without one is NotAdmitted, unless an
+        admin's break-glass `override` is given.
+        """
         await self._await_ready()
-        s = self.ctx.settings
+        stable, canary = await self.target(req.stable_release), await self.target(req.canary_release)
         decision = await self._stored_decision(req.canary_release)
+        current = self.route(deployment).stable.release
+        if override is None:
+            if req.stable_release != current and not domain.allows(
+                    await self._stored_decision(req.stable_release), req.stable_release):
+                raise domain.NotAdmitted(
+                    f"refused: stable release {req.stable_release!r} has no verified gate decision allowing it "
+                    f"(the current stable is {current or 'none'!r}); an admin may override with break_glass")
+            if req.initial_weight and not domain.allows(decision, req.canary_release):
+                raise domain.NotAdmitted(
+                    f"refused: canary {req.canary_release!r} has no verified gate decision allowing it, so it "
+                    "cannot start at a weight; start it without initial_weight (it waits at 0%) or an admin "
+                    "may override with break_glass")
 
         def change() -> None:
-            self._apply(domain.start_canary(self.route(deployment), req, first_step=self.steps[0],
-                                            default_canary_upstream=s.canary_upstream))
+            self._apply(domain.start_canary(self.route(deployment), req, stable=stable, canary=canary,
+                                            first_step=self.steps[0], override=override))
             if decision is not None:
                 self.apply_decision(decision)
 
@@ -210,16 +235,20 @@ class Rollouts:
         await self._await_ready()
         await self._until_won(lambda: self.apply_decision(decision))
 
-    async def manual(self, deployment: str, action: str) -> Route:
-        """Operator abort or promote of the current canary, persisted."""
+    async def manual(self, deployment: str, action: str, override: domain.Override | None = None) -> Route:
+        """Operator abort (always allowed), promote (only an admitted canary, or break-glass) or clear-override."""
         await self._await_ready()
 
         def change() -> None:
             route = self.route(deployment)
-            if route.phase in ("promoted", "aborted"):
-                raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
-            self._apply(domain.abort(route, "by operator") if action == "abort"
-                        else domain.promote(route, "by operator"))
+            if action == "clear-override":
+                self._apply(domain.clear_override(route))
+            elif action == "abort":
+                if route.phase in ("promoted", "aborted"):
+                    raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
+                self._apply(domain.abort(route, "by operator"))
+            else:
+                self._apply(domain.manual_promote(route, override))
 
         await self._until_won(change)
         return self.route(deployment)
@@ -308,6 +337,36 @@ class Rollouts:
         except TimeoutError:
             raise RouterNotReady("router routes not restored within 30 s") from None
 
+    async def target(self, release: str) -> domain.Target:
+        """Where a release's traffic goes, exactly as its bound bundle's model config says.
+
+        The release must be registered (its name bound to one bundle in the releases KV) with one
+        `model_config/...` artifact naming a model and, optionally, an endpoint id of the allow-list
+        (default `default`) and sampling parameters. Anything else is InvalidRollout.
+        """
+        try:
+            bundle = await artifacts.release_of(self.ctx.bus, release)
+        except NotFound as exc:
+            raise domain.InvalidRollout(exc.message) from None
+        configs = [h for k, h in bundle["artifacts"].items() if k.startswith("model_config/")]
+        if len(configs) != 1:
+            raise domain.InvalidRollout(f"release {release!r} must carry exactly one model_config artifact "
+                                        f"(it has {len(configs)}): the router serves a release as it says")
+        try:
+            config = await artifacts.load_structured(self.ctx.bus, configs[0])
+        except NotFound as exc:
+            raise domain.InvalidRollout(f"model config of release {release!r}: {exc.message}") from None
+        model = config.get("model") if isinstance(config, dict) else None
+        if not isinstance(model, str) or not model:
+            raise domain.InvalidRollout(f"model config {configs[0]} of release {release!r} names no model")
+        endpoint = config.get("endpoint", "default")
+        try:
+            self.endpoints.get(str(endpoint))
+        except UnknownEndpoint as exc:
+            raise domain.InvalidRollout(f"release {release!r}: {exc.message}") from None
+        params = {k: config[k] for k in _PARAMS if k in config}
+        return domain.Target(release=release, endpoint=str(endpoint), model=model, params=params)
+
     async def _stored_decision(self, release: str) -> GateDecided | None:
         try:
             kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_gates)
@@ -323,5 +382,8 @@ class Rollouts:
             await self.verifier.verify(decision)
         except (InvalidEvent, SignatureError) as exc:
             log.warning("ignoring stored gate decision for %s: %s", release, exc.message)
+            return None
+        if decision.release != release:  # a decision only ever speaks for the release it names
+            log.warning("ignoring stored gate decision under %s: it is for %s", release, decision.release)
             return None
         return decision

@@ -3,7 +3,7 @@ request patches, error bodies."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
@@ -22,11 +22,13 @@ if TYPE_CHECKING:
 _encoder = msgspec.json.Encoder()
 
 
-def patch_body(body: bytes, model: str | None, include_usage: bool) -> bytes:
-    """Re-encode the request with a model override and/or stream usage requested."""
+def patch_body(body: bytes, model: str | None, include_usage: bool, params: dict[str, Any] | None = None) -> bytes:
+    """Re-encode the request with the release's model and parameters and/or stream usage requested."""
     data = msgspec.json.decode(body)
     if model:
         data["model"] = model
+    if params:
+        data.update(params)
     if include_usage:
         opts = data.get("stream_options") or {}
         data["stream_options"] = {**opts, "include_usage": True}

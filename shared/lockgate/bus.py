@@ -162,6 +162,8 @@ class Bus:
                 await self.js.update_stream(cfg)
         for bucket in (self.subjects.kv_gates, self.subjects.kv_routes, self.subjects.kv_keys, self.subjects.kv_drift):
             await self.js.create_key_value(bucket=bucket, history=10)
+        # One value per release name, written once (create) and never updated.
+        await self.js.create_key_value(bucket=self.subjects.kv_releases, history=1)
         # Cached upstream responses expire so a stale answer never outlives a model update for long.
         await self.js.create_key_value(bucket=self.subjects.kv_eval_cache, history=1, ttl=7 * 24 * 3600)
         await self.js.create_object_store(bucket=self.subjects.object_store)

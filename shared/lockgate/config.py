@@ -33,6 +33,13 @@ class Settings(msgspec.Struct, kw_only=True):
     app: str = "default"
     rollout_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
     rollout_step_interval_s: float = 5.0
+    # upstream allow-list (YAML `endpoints: {id: {url, credential}}`); empty: `default` and `canary` from
+    # the two upstream settings above. Credentials are looked up by name in the environment, then here:
+    endpoints_file: str = ""
+    secrets_file: str = ""  # YAML mapping NAME: secret (keep it 0600)
+    # gateway: TLS for the gRPC API when both are set (PEM files); plaintext otherwise
+    grpc_tls_cert: str = ""
+    grpc_tls_key: str = ""
     # sink
     redact: RedactMode = "scrub"
     # drift

@@ -86,3 +86,7 @@ class PublishFailed(BusUnavailable):
         super().__init__(message)
         self.sent = sent
         self.failed = failed
+
+
+class ReleaseConflict(LockgateError):
+    """A release name is already bound to other content; releases are immutable, register a new name."""

@@ -200,5 +200,10 @@ class Subjects:
         return f"{self.prefix}_eval_cache"
 
     @property
+    def kv_releases(self) -> str:
+        """Release name -> its immutable bundle (create-only: a name is bound to one content forever)."""
+        return f"{self.prefix}_releases"
+
+    @property
     def object_store(self) -> str:
         return f"{self.prefix}_artifacts"

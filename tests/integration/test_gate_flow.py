@@ -24,7 +24,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.query.decisions import decisions
 from lockgate.signing import Keyring, public_pem
 from lockgate.store import Store
-from tests.helpers import sink_stored
+from tests.helpers import admin_headers, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 decided: Codec[GateDecided] = Codec(GateDecided)
@@ -138,7 +138,11 @@ async def services(context: ServiceContext, run_services: Any) -> Any:
     # No traffic flows in these tests, so the upstreams are never called.
     context.settings = context.settings.replace(stable_upstream="http://127.0.0.1:9/v1",
                                                 canary_upstream="http://127.0.0.1:9/v1", deployment="chat")
-    return await run_services("sink", "query", "gatekeeper", "router")
+    svcs = await run_services("sink", "query", "gatekeeper", "router")
+    for release in ("v1", "v5", "v6", "v7"):  # the releases rolled out below, each with its model config
+        await register_model_release(context.bus, release)
+    await store_pass(context.bus, "v1")  # the stable the canaries start from passed its gate
+    return svcs
 
 
 @pytest.fixture
@@ -158,12 +162,12 @@ async def test_high_risk_change_waits_for_approval_and_router_holds(
     assert held.decision == "NEEDS_REVIEW" and held.review_required == "artifact_changed prompt/*: prompt/system"
     assert [r.verdict for r in held.rules] == ["PASS", "PASS", "PASS"]
 
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
         body = {"stable_release": "v1", "canary_release": "v5"}
         async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
             state = await resp.json()
     # The canary started after the decision was in KV: the router read and verified it, and held.
-    assert (state["phase"], state["weight"]) == ("idle", 10.0)
+    assert (state["phase"], state["weight"]) == ("idle", 0.0)  # awaiting review takes no traffic
 
     approved = await request_review(bus, "v5", "approve", "ann", "prompt diff reviewed", timeout_s=20)
     assert (approved.decision, approved.reviewed_by) == ("PASS", "ann") and "approved by ann" in approved.reason
@@ -209,7 +213,7 @@ async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
     assert stack.exit_code == 0, stack.output
 
     dlq = await bus.nc.subscribe(bus.subjects.dlq("router"))
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
         body = {"stable_release": "v1", "canary_release": "v6", "initial_weight": 0}
         async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
             assert (await resp.json())["phase"] == "aborted"  # the genuine BLOCK from KV

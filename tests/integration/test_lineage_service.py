@@ -107,3 +107,26 @@ async def test_redelivered_event_adds_no_rows(run_services, bus: Bus, store: Sto
     await sink_stored(svcs["sink"].handlers, releases=2, lineage_edges=1)
     assert store.scalar("SELECT count() FROM releases") == 1
     assert store.scalar("SELECT count() FROM lineage_edges") == 1
+
+
+async def test_release_rebound_on_the_bus_is_refused_not_linked(run_services, bus: Bus, store: Store) -> None:
+    # Before: re-registering a release name with different content was accepted, and the newer won.
+    from lockgate import artifacts
+    from lockgate.codec import Codec
+    from lockgate.contracts import DeadLetter
+    from lockgate.errors import ReleaseConflict
+
+    svcs = await run_services("sink", "lineage")
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("lineage"))
+    await artifacts.register_release(bus, "rel-y", "shop", {"dataset/qa": DATA})
+    with pytest.raises(ReleaseConflict, match="already registered with other content"):
+        await artifacts.register_release(bus, "rel-y", "shop", {"dataset/qa": PROMPT})
+    # Published straight on the bus, bypassing register_release: lineage checks the binding itself.
+    forged = ReleaseRegistered(release="rel-y", app="shop", artifacts={"dataset/qa": PROMPT})
+    await bus.publish(bus.subjects.release_registered, forged)
+    letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=20)).data)
+    assert "already registered with other content" in letter.error
+    await svcs["lineage"].handlers.processed.wait_for(1, timeout_s=30)
+    await sink_stored(svcs["sink"].handlers, lineage_edges=1)
+    assert store.scalar("SELECT count() FROM lineage_edges WHERE dst = {h:String}", {"h": PROMPT}) == 0
+    assert (await artifacts.release_of(bus, "rel-y"))["artifacts"] == {"dataset/qa": DATA}

@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from lockgate.config import Settings
+from lockgate.server.apikeys import bootstrap
 from lockgate.server.runtime import Runtime
 from lockgate.services.query import traces as trace_queries
 from lockgate_dev.demo import APP, BAD, BASELINE, DEPLOYMENT, GOOD, demo_sim_config, run_demo
@@ -29,8 +30,10 @@ async def test_release_goes_through_the_whole_loop(settings: Settings, bus) -> N
         store = runtime.ctx.store
         sink = runtime.services["sink"].handlers
         drift_sub = await bus.nc.subscribe(bus.subjects.drift(DEPLOYMENT))
+        keys = bootstrap(settings.home, app=APP)  # what `lockgate dev up --demo` makes and prints
         story = await run_demo(runtime.ctx.bus, router_url=runtime.services["router"].url, sim_url=sim.url,
-                               console=Console(quiet=True), traffic=240)
+                               console=Console(quiet=True), traffic=240, admin_key=keys.admin_key,
+                               app_key=keys.app_key)
 
         # gate: the wrong candidate is blocked naming its failing rule, the good one passes
         assert story["decisions"] == {BASELINE: "PASS", BAD: "BLOCK", GOOD: "PASS"}

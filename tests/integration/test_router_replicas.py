@@ -18,7 +18,7 @@ from lockgate.signing import Signer, publish_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
-from tests.helpers import sink_stored
+from tests.helpers import admin_headers, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -63,7 +63,10 @@ async def test_canary_on_one_replica_is_routed_and_promoted_once_by_both(
     await publish_key(bus, signer)
     sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
 
-    async with aiohttp.ClientSession() as http:
+    await register_model_release(bus, "r1")
+    await register_model_release(bus, "r2")
+    await store_pass(bus, "r1")  # the stable release passed its gate
+    async with aiohttp.ClientSession(headers=admin_headers(a.ctx.settings.home)) as http:
         body = {"stable_release": "r1", "canary_release": "r2"}
         async with http.put(f"{a.url}/lockgate/v1/deployments/chat", json=body) as resp:
             assert resp.status == 200, await resp.text()
@@ -83,7 +86,7 @@ async def test_canary_on_one_replica_is_routed_and_promoted_once_by_both(
     while not states or states[-1].phase != "promoted":
         states.append(_states.decode((await sub.next_msg(timeout=10)).data))
     steps = [(s.phase, s.canary_weight, s.step) for s in states]
-    assert steps == [("idle", 10.0, 0), ("progressing", 25.0, 2), ("progressing", 50.0, 3),
+    assert steps == [("idle", 0.0, 0), ("progressing", 10.0, 1), ("progressing", 25.0, 2), ("progressing", 50.0, 3),
                      ("progressing", 100.0, 4), ("promoted", 0.0, 4)]
     # The router's own flush has finished, so any duplicate announcement would already be here.
     await bus.nc.flush()

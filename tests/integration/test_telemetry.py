@@ -17,6 +17,7 @@ from lockgate.bus import Bus
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent, SpanBatch
+from lockgate.server.apikeys import bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.subjects import Subjects
 from lockgate.telemetry import NatsSpanExporter, Telemetry
@@ -126,13 +127,15 @@ async def test_router_metrics_move_with_requests(context: ServiceContext, run_se
         context.settings = context.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url,
                                                     deployment="chat", app="shop")
         router = (await run_services("router"))["router"]
+        auth = {"Authorization": f"Bearer {bootstrap(context.settings.home, app='shop').app_key}"}
         bus = context.bus
         events = await bus.nc.subscribe(bus.subjects.inference("shop"))
         assert await _scrape(http, router.url) == {}
 
         async def chat(model: str) -> int:
             body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
-            async with http.post(f"{router.url}/v1/chat/completions", json=body) as resp:
+            # The router takes only API keys; the event's app (its subject) comes from the key.
+            async with http.post(f"{router.url}/v1/chat/completions", json=body, headers=auth) as resp:
                 await resp.read()
                 return resp.status
 

@@ -35,6 +35,7 @@ def _print_endpoints(endpoints: dict[str, str]) -> None:
 async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None,
                       on_ready: Callable[[Runtime], Awaitable[None]] | None = None) -> None:
     """Run the embedded stack until signalled; `on_ready` runs once it is up (the dev demo uses it)."""
+    from lockgate.server.apikeys import bootstrap
     from lockgate.server.runtime import Runtime
 
     runtime = Runtime(settings)
@@ -42,6 +43,11 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
         await runtime.start()
         console.print("[bold green]lockgate is up[/bold green] (embedded: nats-server + chDB + all services)")
         _print_endpoints(runtime.endpoints | (extra or {}))
+        # The router and the gRPC gateway take only API keys: make the first ones and say where they
+        # are (files 0600; the keys themselves are never printed or logged).
+        keys = bootstrap(settings.home, app=settings.app)
+        console.print(f"  [bold]{'admin key':<11}[/bold] {keys.admin_file}  (role admin: router admin API, `lockgate keys`)")
+        console.print(f"  [bold]{'app key':<11}[/bold] {keys.app_file}  (send as `Authorization: Bearer <key>`)")
         if on_ready is not None:
             await on_ready(runtime)
         console.print("[dim]Ctrl-C stops the stack; queued events are flushed first.[/dim]")
