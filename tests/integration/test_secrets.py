@@ -19,6 +19,7 @@ import pytest
 from lockgate.client import Client
 from lockgate.config import Settings
 from lockgate.redact import scrub_secrets
+from lockgate.server.apikeys import bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.store import Store
 from lockgate.telemetry import NatsSpanExporter, Telemetry
@@ -91,7 +92,11 @@ async def test_no_planted_secret_is_stored_anywhere(
     body = {"model": "m", "messages": [{"role": "system", "content": texts[0]},
                                        {"role": "user", "content": f"please keep these safe:\n{everything}"}],
             "user": texts[1], "metadata": {"api_key": texts[2], "note": everything}}
-    headers = {"Authorization": f"Bearer {secrets_['bearer token'][1]}", "X-Api-Key": texts[3],
+    # The lockgate key the client presents is a secret too: it must not be stored or forwarded either.
+    app_key = bootstrap(context.settings.home, tenant="acme", app="shop").app_key
+    secrets_["lockgate api key"] = (app_key, app_key)
+    headers = {"Authorization": f"Bearer {app_key}", "X-Api-Key": texts[3],
+               "Proxy-Authorization": f"Bearer {secrets_['bearer token'][1]}",
                "Cookie": f"session={texts[4]}", "x-lockgate-user": texts[5]}
     async with aiohttp.ClientSession() as http, \
             http.post(f"{router.url}/v1/chat/completions", json=body, headers=headers) as resp:
