@@ -20,7 +20,7 @@ from lockgate.bus import Bus
 from lockgate.client import get_decision, watch_decisions
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
-from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, SignatureError
+from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, SignatureError
 from lockgate.outbox import publish_events
 from lockgate.redact import scrub_event
 from lockgate.signing import Verifier
@@ -131,7 +131,12 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
         """The latest decision for a release; NOT_FOUND if the gate never decided it."""
         if not request.release:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "release is required")
-        decision = await get_decision(await self.bus.kv(self.bus.subjects.kv_gates), request.release)
+        try:
+            decision = await get_decision(await self.bus.kv(self.bus.subjects.kv_gates), request.release)
+        except InvalidName as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+        except SignatureError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
         if decision is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from lockgate.errors import Retryable
+from lockgate.contracts.names import check_name
+from lockgate.errors import InvalidName, Retryable
 from lockgate.services.router.domain import InvalidRollout, Route, decode_canary
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import error_response
@@ -38,14 +39,19 @@ class Admin:
 
     async def get(self, request: web.Request) -> web.Response:
         """One deployment's current route (the default route if never configured)."""
-        return _json(self.rollouts.route(request.match_info["deployment"]))
+        try:
+            deployment = check_name(request.match_info["deployment"], "deployment")
+        except InvalidName as exc:
+            return error_response(400, exc.message, "invalid_request_error")
+        return _json(self.rollouts.route(deployment))
 
     async def put(self, request: web.Request) -> web.Response:
         """Start a canary: {stable_release, canary_release, *_upstream?, canary_model?, initial_weight?}."""
         try:
+            deployment = check_name(request.match_info["deployment"], "deployment")
             req = decode_canary(await request.read())
-            route = await self.rollouts.start_canary(request.match_info["deployment"], req)
-        except InvalidRollout as exc:
+            route = await self.rollouts.start_canary(deployment, req)
+        except (InvalidName, InvalidRollout) as exc:
             return error_response(400, exc.message, "invalid_request_error")
         except Retryable as exc:
             return error_response(503, f"canary applied but not yet persisted: {exc.message}", "unavailable")
@@ -61,7 +67,11 @@ class Admin:
 
     async def _manual(self, request: web.Request, action: str) -> web.Response:
         try:
-            route = await self.rollouts.manual(request.match_info["deployment"], action)
+            deployment = check_name(request.match_info["deployment"], "deployment")
+        except InvalidName as exc:
+            return error_response(400, exc.message, "invalid_request_error")
+        try:
+            route = await self.rollouts.manual(deployment, action)
         except InvalidRollout as exc:
             return error_response(409, exc.message, "conflict")
         except Retryable as exc:

@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from lockgate.contracts import GateDecided, RolloutState
+from lockgate.contracts.names import Name
 from lockgate.errors import LockgateError
 
 Phase = Literal["idle", "progressing", "promoted", "aborted"]
@@ -48,8 +49,8 @@ Url = Annotated[str, msgspec.Meta(pattern="^https?://")]
 class CanaryRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Body of `PUT /lockgate/v1/deployments/{deployment}`."""
 
-    stable_release: str
-    canary_release: str
+    stable_release: Name
+    canary_release: Name
     stable_upstream: Url | None = None
     canary_upstream: Url | None = None
     stable_model: str | None = None

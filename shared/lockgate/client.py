@@ -18,6 +18,7 @@ import nats.js.errors
 
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateDecided, InferenceEvent
+from lockgate.contracts.names import check_name
 from lockgate.errors import BusUnavailable, InvalidEvent, NotFound, SignatureError
 from lockgate.outbox import Outbox
 from lockgate.retry import RetryPolicy
@@ -45,12 +46,22 @@ def check_event(event: InferenceEvent) -> None:
 
 
 async def get_decision(kv: Any, release: str) -> GateDecided | None:
-    """The latest decision for `release` in the gates KV bucket, or None."""
+    """The latest decision for `release` in the gates KV bucket, or None.
+
+    Raises InvalidName for a name outside the grammar, and SignatureError if the stored decision is
+    for another release (a signature alone does not say it answers the question asked)."""
+    check_name(release, "release")
     try:
         entry = await kv.get(token(release))
     except nats.js.errors.KeyNotFoundError:  # also covers deleted/purged keys
         return None
-    return _decisions.decode(entry.value) if entry.value else None
+    if not entry.value:
+        return None
+    decision = _decisions.decode(entry.value)
+    if decision.release != release:
+        raise SignatureError(f"decision {decision.id} stored for release {release!r} is for "
+                             f"{decision.release!r}: refusing it")
+    return decision
 
 
 async def watch_decisions(kv: Any, release_prefix: str = "") -> AsyncIterator[GateDecided]:
@@ -198,7 +209,10 @@ class Client:
         await self._outbox.flush()
 
     async def decision(self, release: str) -> GateDecided | None:
-        """The latest gate decision for a release, or None; raises SignatureError if it does not verify."""
+        """The latest gate decision for a release, or None.
+
+        Raises InvalidName for a bad name, SignatureError if the decision does not verify or is not
+        for `release`."""
         decision = await get_decision(await self._gates(), release)
         if decision is not None:
             await self._check(decision)

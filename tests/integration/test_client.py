@@ -15,8 +15,10 @@ from lockgate.client import Client
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
-from lockgate.errors import InvalidEvent, SignatureError
+from lockgate.errors import InvalidEvent, InvalidName, SignatureError
 from lockgate.ids import batch_id
+from lockgate.server.service import ServiceContext
+from lockgate.services.gatekeeper.records import Records
 from lockgate.signing import Signer, publish_key
 from lockgate.store import Store
 from lockgate.subjects import token
@@ -229,3 +231,27 @@ async def test_unsigned_or_tampered_decisions_are_not_acted_on(bus: Bus, setting
         got = await asyncio.wait_for(anext(stream), 10)  # the tampered one is skipped, not yielded
         assert got == good and c.rejected_decisions == 1
         await stream.aclose()
+
+
+async def test_names_that_used_to_share_a_key_get_their_own_decision(
+    context: ServiceContext, settings: Settings
+) -> None:
+    # Issue 7: `shop.v3`, `shop_v3`, `shop v3` and `shop*v3` shared one KV key. Written through the
+    # gatekeeper's own write path, each valid name now reads back its own decision.
+    await publish_key(context.bus, SIGNER)
+    records = Records(context)
+    blocked, passed = gate("shop.v3", "BLOCK"), gate("shop_v3")
+    await records.announce(blocked, key="k-blocked")
+    await records.announce(passed, key="k-passed")
+    async with client(settings) as c:
+        assert await c.decision("shop.v3") == blocked
+        assert await c.decision("shop_v3") == passed
+        assert await c.decision("shop-v3") is None
+        for bad in ("shop v3", "shop*v3"):
+            with pytest.raises(InvalidName, match="no spaces or wildcards"):
+                await c.decision(bad)
+        # A signed decision copied under another release's key does not answer for that release.
+        kv = await context.bus.kv(context.bus.subjects.kv_gates)
+        await kv.put(token("shop-v3"), encode(passed))
+        with pytest.raises(SignatureError, match="is for 'shop_v3'"):
+            await c.decision("shop-v3")

@@ -15,6 +15,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from lockgate.bus import Bus
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
+from lockgate.server.service import ServiceContext
+from lockgate.services.gatekeeper.records import Records
 from lockgate.signing import Signer, publish_key
 from lockgate.subjects import token
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
@@ -186,3 +188,42 @@ async def test_watch_on_an_empty_bucket_sees_a_decision_made_after_it_started(
     await put_decision(bus, decision("any"))
     assert (await asyncio.wait_for(call.read(), 10)).release == "any"
     call.cancel()
+
+
+async def test_names_that_used_to_share_a_key_get_their_own_decision(
+    context: ServiceContext, channel: grpc.aio.Channel
+) -> None:
+    # Issue 7: `shop.v3` and `shop_v3` mapped to one KV key, so asking for the BLOCKed `shop.v3`
+    # returned `shop_v3`'s PASS. Both are written through the gatekeeper's own write path.
+    stub = gates_pb2_grpc.GatesStub(channel)
+    await publish_key(context.bus, SIGNER)
+    records = Records(context)
+    blocked, passed = decision("shop.v3", "FAIL"), decision("shop_v3")
+    await records.announce(blocked, key="k-blocked")
+    await records.announce(passed, key="k-passed")
+
+    for release, want in (("shop.v3", blocked), ("shop_v3", passed)):
+        got = await stub.GetDecision(gates_pb2.GetDecisionRequest(release=release), timeout=10)
+        assert (got.release, got.decision, got.id) == (release, want.decision, want.id)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetDecision(gates_pb2.GetDecisionRequest(release="shop-v3"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # Names outside the grammar are refused at the edge, never mapped onto someone else's key.
+    for bad in ("shop v3", "shop*v3", "shop>v3"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetDecision(gates_pb2.GetDecisionRequest(release=bad), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "invalid release" in err.value.details() and "no spaces or wildcards" in err.value.details()
+
+
+async def test_a_decision_stored_under_another_release_is_refused(bus: Bus, channel: grpc.aio.Channel) -> None:
+    # A validly signed PASS for `shop_v3`, copied under `shop.v3`'s key, must not answer for `shop.v3`.
+    stub = gates_pb2_grpc.GatesStub(channel)
+    await publish_key(bus, SIGNER)
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token("shop.v3"), encode(decision("shop_v3")))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetDecision(gates_pb2.GetDecisionRequest(release="shop.v3"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is for 'shop_v3'" in err.value.details()

@@ -252,3 +252,49 @@ async def test_secrets_in_prompts_never_reach_the_bus(router: Any, http: aiohttp
     (event,) = _events.decode(msg.data)
     assert secret not in msg.data.decode()
     assert event.prompt == "my key is [REDACTED], keep it safe"
+
+
+async def test_bad_deployment_names_are_refused_and_later_changes_still_apply(
+    router: Any, http: aiohttp.ClientSession, context: ServiceContext
+) -> None:
+    # Issue 7: a deployment named `a*b` stuck at the head of the route outbox and every later
+    # route change failed until restart. Now it is refused at the edge with a clear 400.
+    base = f"{router.url}/lockgate/v1/deployments"
+    body = {"stable_release": "r1", "canary_release": "r2"}
+    for bad in ("a%2Ab", "a%20b", "a%3Eb", ".a"):
+        async with http.put(f"{base}/{bad}", json=body) as resp:
+            assert resp.status == 400, await resp.text()
+            assert "invalid deployment" in (await resp.json())["error"]["message"]
+        async with http.post(f"{base}/{bad}/promote") as resp:
+            assert resp.status == 400
+    async with http.put(f"{base}/chat", json={"stable_release": "r1", "canary_release": "r*2"}) as resp:
+        assert resp.status == 400 and "canary_release" in (await resp.json())["error"]["message"]
+    async with http.post(f"{router.url}/v1/chat/completions", json=_chat(),
+                         headers={"x-lockgate-deployment": "a*b"}) as resp:
+        assert resp.status == 400 and "x-lockgate-deployment" in (await resp.json())["error"]["message"]
+
+    # A later valid change applies, and a dotted name gets a key of its own, not `chat_eu`'s.
+    for name in ("chat.eu", "chat_eu"):
+        async with http.put(f"{base}/{name}", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["deployment"] == name
+    kv = await context.bus.kv(context.bus.subjects.kv_routes)
+    for name in ("chat.eu", "chat_eu"):
+        stored = msgspec.json.decode((await kv.get(token(name))).value, type=Route)
+        assert (stored.deployment, stored.canary.release) == (name, "r2")
+
+
+async def test_routes_with_escaped_keys_are_restored_under_their_names(
+    context: ServiceContext, run_services: Any, sims: Any, http: aiohttp.ClientSession
+) -> None:
+    stable, canary = sims
+    route = Route(deployment="chat.eu", stable=Target(release="r1", upstream=stable.url),
+                  canary=Target(release="r2", upstream=canary.url), weight=100.0)
+    kv = await context.bus.kv(context.bus.subjects.kv_routes)
+    await kv.put(token("chat.eu"), msgspec.json.encode(route))
+    router = (await run_services("router"))["router"]
+    async with http.get(f"{router.url}/lockgate/v1/deployments/chat.eu") as resp:
+        assert (await resp.json())["weight"] == 100.0
+    async with http.post(f"{router.url}/v1/chat/completions", json=_chat(),
+                         headers={"x-lockgate-deployment": "chat.eu"}) as resp:
+        assert resp.headers["x-lockgate-variant"] == "canary"

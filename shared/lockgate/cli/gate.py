@@ -16,12 +16,12 @@ from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, table
+from lockgate.client import get_decision
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, GateReview
 from lockgate.errors import LockgateError, NotFound, SignatureError
 from lockgate.signing import Keyring, public_pem, trusted_paths
-from lockgate.subjects import token
 
 _decided: Codec[GateDecided] = Codec(GateDecided)
 
@@ -33,15 +33,11 @@ class ReviewRefused(LockgateError):
 
 
 async def current_decision(bus: Bus, release: str) -> GateDecided:
-    """The release's latest decision from KV `lg_gates`, or NotFound."""
-    import nats.js.errors
-
-    kv = await bus.kv(bus.subjects.kv_gates)
-    try:
-        entry = await kv.get(token(release))
-    except nats.js.errors.KeyNotFoundError:
-        raise NotFound(f"release {release!r} has no gate decision") from None
-    return _decided.decode(entry.value)
+    """The release's latest decision from KV `lg_gates`, or NotFound (InvalidName for a bad name)."""
+    decision = await get_decision(await bus.kv(bus.subjects.kv_gates), release)
+    if decision is None:
+        raise NotFound(f"release {release!r} has no gate decision")
+    return decision
 
 
 def rule_rows(decision: GateDecided) -> list[dict[str, Any]]:
