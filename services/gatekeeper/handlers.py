@@ -29,7 +29,8 @@ class GateHandlers:
         self.tracer = tracer
         self.signer = signer
         self.records = Records(ctx)
-        self.verifier = Verifier(ctx.bus, ctx.settings.replace(trusted_keys=""))
+        # Before countersigning a stored decision (a review), it must be ours or the configured roots'.
+        self.verifier = Verifier(ctx.bus, ctx.settings, also=[signer.public])
         self._key_published = False
 
     async def publish_key(self) -> None:

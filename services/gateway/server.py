@@ -175,7 +175,7 @@ class GrpcServer:
         self.bus = bus
         self.host = host
         self.port = port
-        # trusted keys as configured, else the gatekeepers' keys published in KV
+        # the configured trust roots only (trust file, pinned PEMs), never keys published on the bus
         self.verifier = Verifier(bus, settings or Settings())
         self._server: grpc.aio.Server | None = None
 

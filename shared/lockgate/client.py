@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any, Self
 
@@ -17,12 +18,13 @@ import nats.errors
 import nats.js.errors
 
 from lockgate.codec import Codec, encode
+from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
 from lockgate.errors import BusUnavailable, InvalidEvent, NotFound, SignatureError
 from lockgate.outbox import Outbox
 from lockgate.retry import RetryPolicy
-from lockgate.signing import Keyring
+from lockgate.signing import Verifier
 from lockgate.subjects import Subjects, token
 
 log = logging.getLogger("lockgate.client")
@@ -113,6 +115,7 @@ class Client:
         max_attempts: int = 10,
         verify: bool = True,
         trusted_keys: list[str] | None = None,
+        trust_file: str | None = None,
     ) -> None:
         self.nats_url = nats_url
         self.subjects = Subjects(prefix)
@@ -136,11 +139,14 @@ class Client:
         self._started = False
         self._nc: Any = None
         self._js: Any = None
-        # Decisions are acted on only when signed by a trusted gatekeeper key: pinned PEM files if
-        # given, else the keys the gatekeepers publish in KV (reloaded when a new key id shows up).
+        # Decisions are acted on only when signed by a trusted gatekeeper key: the trust file
+        # (`trust_file`, LOCKGATE_TRUST_FILE, else {LOCKGATE_HOME or ./.lockgate}/trust.json) and
+        # pinned PEM files. Never keys learnt from the bus: anyone who can publish could add one.
         self.verify = verify
-        self._pinned = bool(trusted_keys)
-        self._keyring = Keyring.from_pem_files(trusted_keys or [])
+        home = os.environ.get("LOCKGATE_HOME") or Settings().home
+        self._verifier = Verifier(None, Settings(
+            home=home, trust_file=trust_file or os.environ.get("LOCKGATE_TRUST_FILE", ""),
+            trusted_keys=",".join(trusted_keys or [])))
         self.rejected_decisions = 0
 
     @property
@@ -236,16 +242,10 @@ class Client:
         finally:
             await decisions.aclose()
 
-    async def kv(self, bucket: str) -> Any:
-        """A KV bucket handle (lets the Keyring load published keys through this client)."""
-        return await self._js.key_value(bucket)
-
     async def _check(self, decision: GateDecided) -> None:
         if not self.verify:
             return
-        if not self._pinned and decision.key_id not in self._keyring.keys:
-            self._keyring = await Keyring.from_kv(self)
-        self._keyring.verify(decision)
+        await self._verifier.verify(decision)
 
     async def _gates(self) -> Any:
         if self._js is None:

@@ -44,6 +44,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     env["E2E_ROUTER"] = endpoints["router"]
     env["E2E_SIM"] = endpoints["simulator"]
     env["E2E_HOME"] = str(home)
+    env["LOCKGATE_HOME"] = str(home)  # where `dev up` wrote the trust file the CLI verifies with
     yield env
     up.proc.send_signal(signal.SIGINT)
     assert up.proc.wait(60) == 0, up.output

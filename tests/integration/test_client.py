@@ -19,7 +19,7 @@ from lockgate.errors import InvalidEvent, InvalidName, SignatureError
 from lockgate.ids import batch_id
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper.records import Records
-from lockgate.signing import Signer, publish_key
+from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import token
 
@@ -29,6 +29,7 @@ events_codec: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
 
 
 def client(settings: Settings, **kw: Any) -> Client:
+    kw.setdefault("trust_file", str(trust_file_path(settings)))
     return Client(settings.nats_url, prefix=settings.prefix, app="shop", **kw)
 
 
@@ -187,13 +188,18 @@ async def test_publish_that_keeps_failing_is_counted_not_hung(settings: Settings
 SIGNER = Signer.generate()
 
 
+@pytest.fixture(autouse=True)
+def _trusted(settings: Settings) -> None:
+    """SIGNER stands in for the gatekeeper: its key is in the trust file the SDK reads."""
+    trust_key(trust_file_path(settings), SIGNER.public)
+
+
 def gate(release: str, decision: str = "PASS") -> GateDecided:
     rule = RuleResult(rule="q", metric="accuracy", op=">=", threshold=0.8, observed=0.9, verdict="PASS")
     return SIGNER.sign(GateDecided(release=release, decision=decision, rules=[rule]))
 
 
 async def test_decision_reads_the_gate_bucket(bus: Bus, settings: Settings) -> None:
-    await publish_key(bus, SIGNER)
     kv = await bus.kv(bus.subjects.kv_gates)
     d = gate("shop/v2")
     await kv.put(token(d.release), encode(d))
@@ -203,7 +209,6 @@ async def test_decision_reads_the_gate_bucket(bus: Bus, settings: Settings) -> N
 
 
 async def test_decisions_yields_current_then_new_for_a_prefix(bus: Bus, settings: Settings) -> None:
-    await publish_key(bus, SIGNER)
     kv = await bus.kv(bus.subjects.kv_gates)
     first = gate("shop-1")
     await kv.put(token(first.release), encode(first))
@@ -218,7 +223,6 @@ async def test_decisions_yields_current_then_new_for_a_prefix(bus: Bus, settings
 
 
 async def test_unsigned_or_tampered_decisions_are_not_acted_on(bus: Bus, settings: Settings) -> None:
-    await publish_key(bus, SIGNER)
     kv = await bus.kv(bus.subjects.kv_gates)
     tampered = msgspec.structs.replace(gate("shop-3", "BLOCK"), decision="PASS")
     await kv.put(token(tampered.release), encode(tampered))
@@ -238,7 +242,6 @@ async def test_names_that_used_to_share_a_key_get_their_own_decision(
 ) -> None:
     # Issue 7: `shop.v3`, `shop_v3`, `shop v3` and `shop*v3` shared one KV key. Written through the
     # gatekeeper's own write path, each valid name now reads back its own decision.
-    await publish_key(context.bus, SIGNER)
     records = Records(context)
     blocked, passed = gate("shop.v3", "BLOCK"), gate("shop_v3")
     await records.announce(blocked, key="k-blocked")
@@ -255,3 +258,24 @@ async def test_names_that_used_to_share_a_key_get_their_own_decision(
         await kv.put(token("shop-v3"), encode(passed))
         with pytest.raises(SignatureError, match="is for 'shop_v3'"):
             await c.decision("shop-v3")
+
+
+async def test_decisions_by_unknown_or_revoked_keys_are_refused(bus: Bus, settings: Settings) -> None:
+    # A key announced in the open keys bucket is not trusted; a revoked key no longer is.
+    rogue, retired = Signer.generate(), Signer.generate()
+    await publish_key(bus, rogue)
+    trust_key(trust_file_path(settings), retired.public)
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token("shop-5"), encode(rogue.sign(GateDecided(release="shop-5", decision="PASS", rules=[]))))
+    await kv.put(token("shop-6"), encode(retired.sign(GateDecided(release="shop-6", decision="PASS", rules=[]))))
+    async with client(settings) as c:
+        assert (await c.decision("shop-6")).key_id == retired.key_id
+        revoke_key(trust_file_path(settings), retired.key_id)
+        with pytest.raises(SignatureError, match="unknown key id"):
+            await c.decision("shop-5")
+        with pytest.raises(SignatureError, match="revoked key id"):
+            await c.decision("shop-6")
+    # No trust roots at all: nothing is trusted, rather than whatever the bus offers.
+    async with client(settings, trust_file=str(settings.home) + "/missing.json") as c:
+        with pytest.raises(SignatureError, match="missing"):
+            await c.decision("shop-5")

@@ -19,10 +19,11 @@ from lockgate.bus import Bus
 from lockgate.cli.gate import current_decision, request_review
 from lockgate.cli.main import cli
 from lockgate.codec import Codec
+from lockgate.config import Settings
 from lockgate.contracts import BaselineComparison, DeadLetter, EvalCompleted, GateDecided, MetricInterval
 from lockgate.server.service import ServiceContext
 from lockgate.services.query.decisions import decisions
-from lockgate.signing import Keyring, public_pem
+from lockgate.signing import Keyring, ensure_signer_trusted, public_pem, trust_file_path
 from lockgate.store import Store
 
 pytestmark = pytest.mark.timeout(60)
@@ -37,6 +38,13 @@ POLICY = {
     ],
     "review": {"require_when": [{"artifact_changed": "prompt/*"}]},
 }
+
+
+@pytest.fixture(autouse=True)
+def trusted(settings: Settings) -> Keyring:
+    """The gatekeeper's key in the trust file, as `lockgate up` writes it; the consumers' keyring."""
+    ensure_signer_trusted(settings)
+    return Keyring.from_settings(settings)
 
 
 @pytest.fixture
@@ -73,7 +81,7 @@ def register_release(store: Store, release: str, arts: dict[str, str]) -> None:
 
 
 async def test_regression_is_blocked_naming_the_rule_and_the_decision_is_signed(
-    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, trusted: Keyring
 ) -> None:
     policy = await register_policy(bus)
     await run_services("query", "gatekeeper")
@@ -90,7 +98,7 @@ async def test_regression_is_blocked_naming_the_rule_and_the_decision_is_signed(
     assert "no-regression: exact_match fell 0.12 below baseline (0.9 -> 0.78)" in d.reason
     assert d.rules[0].low == -0.15 and d.rules[0].baseline == 0.9 and "eval_cases" in d.rules[0].hint
     assert d.artifacts == {**arts, "eval_suite": "sha256:suite", "policy": policy}
-    assert (await Keyring.from_kv(bus)).verify(d) == d.key_id
+    assert trusted.verify(d) == d.key_id
     [row] = decisions(store, "v2")
     assert (row["action"], row["decision"], row["signature"], row["key_id"]) == (
         "decided", "BLOCK", d.signature, d.key_id)
@@ -139,7 +147,7 @@ async def router(context: ServiceContext, run_services: Any) -> Any:
 
 
 async def test_high_risk_change_waits_for_approval_and_router_holds(
-    bus: Bus, store: Store, router: Any, gates: Any
+    bus: Bus, store: Store, router: Any, gates: Any, trusted: Keyring
 ) -> None:
     policy = await register_policy(bus)
     register_release(store, "v1", {"prompt/system": "sha256:old"})
@@ -159,7 +167,7 @@ async def test_high_risk_change_waits_for_approval_and_router_holds(
 
     approved = await request_review(bus, "v5", "approve", "ann", "prompt diff reviewed", timeout_s=20)
     assert (approved.decision, approved.reviewed_by) == ("PASS", "ann") and "approved by ann" in approved.reason
-    assert (await Keyring.from_kv(bus)).verify(approved) == held.key_id
+    assert trusted.verify(approved) == held.key_id
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "promoted", timeout=20)
     history = [(r["action"], r["decision"], r["actor"]) for r in decisions(store, "v5")]
     assert history == [("approved", "PASS", "ann"), ("decided", "NEEDS_REVIEW", "gatekeeper")]
@@ -170,7 +178,7 @@ async def test_high_risk_change_waits_for_approval_and_router_holds(
 
 
 async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
-    bus: Bus, store: Store, router: Any, gates: Any, settings: Any, tmp_path: Path
+    bus: Bus, store: Store, router: Any, gates: Any, settings: Any, tmp_path: Path, trusted: Keyring
 ) -> None:
     policy = await register_policy(bus)
     register_release(store, "v1", {})
@@ -181,7 +189,7 @@ async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
     tampered = msgspec.structs.replace(genuine, decision="PASS")
 
     key = tmp_path / "gatekeeper.pub.pem"
-    key.write_bytes(public_pem((await Keyring.from_kv(bus)).keys[genuine.key_id]))
+    key.write_bytes(public_pem(trusted.keys[genuine.key_id]))
     good_file, bad_file = tmp_path / "good.json", tmp_path / "bad.json"
     good_file.write_bytes(msgspec.json.encode(genuine))
     bad_file.write_bytes(msgspec.json.encode(tampered))
@@ -190,7 +198,8 @@ async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
 
     def run_all() -> list[Any]:
         # One thread, one after another: CliRunner swaps the process-wide sys.stdout/stderr.
-        return [runner.invoke(cli, [*base, *args], catch_exceptions=False) for args in (
+        env = {"LOCKGATE_TRUST_FILE": str(trust_file_path(settings))}  # the stack's trust roots
+        return [runner.invoke(cli, [*base, *args], catch_exceptions=False, env=env) for args in (
             ("--file", str(good_file), "--key", str(key)), ("--file", str(bad_file), "--key", str(key)), ("v6",))]
 
     ok, bad, stack = await asyncio.to_thread(run_all)

@@ -14,7 +14,7 @@ from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, GateDecided, InferenceEvent, RolloutState
 from lockgate.server.service import ServiceContext
 from lockgate.services.router.domain import Route, Target
-from lockgate.signing import Signer, publish_key
+from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 
@@ -44,9 +44,9 @@ async def router(context: ServiceContext, run_services: Any, sims: tuple[SimServ
 
 @pytest.fixture
 async def signer(context: ServiceContext) -> Signer:
-    """A gatekeeper stand-in whose public key is in the KV keyring, so the router trusts its decisions."""
+    """A gatekeeper stand-in whose public key is in the trust file, so the router trusts its decisions."""
     s = Signer.generate()
-    await publish_key(context.bus, s)
+    trust_key(trust_file_path(context.settings), s.public)
     return s
 
 
@@ -298,3 +298,36 @@ async def test_routes_with_escaped_keys_are_restored_under_their_names(
     async with http.post(f"{router.url}/v1/chat/completions", json=_chat(),
                          headers={"x-lockgate-deployment": "chat.eu"}) as resp:
         assert resp.headers["x-lockgate-variant"] == "canary"
+
+
+async def test_untrusted_decisions_move_no_traffic_and_are_dead_lettered(
+    router: Any, http: aiohttp.ClientSession, signer: Signer, context: ServiceContext
+) -> None:
+    # Issue 7: a PASS signed with a freshly generated key, announced in the open keys bucket, moved
+    # a canary from 10% to 25%. Trust now comes only from the trust file; the bucket is never read.
+    bus = router.ctx.bus
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("router"))
+    await _start_canary(http, router)
+    rogue, retired = Signer.generate(), Signer.generate()
+    await publish_key(bus, rogue)
+    trust_file = trust_file_path(context.settings)
+    trust_key(trust_file, retired.public)
+    revoke_key(trust_file, retired.key_id)
+    attacks = [
+        (rogue.sign(GateDecided(release="r2", decision="PASS", rules=[])), "unknown key id"),
+        (GateDecided(release="r2", decision="PASS", rules=[]), "is not signed"),
+        (retired.sign(GateDecided(release="r2", decision="PASS", rules=[])), "revoked key id"),
+        # A genuine PASS for r1 replayed on r2's subject must not count for r2 either.
+        (gate(signer, release="r1", decision="PASS"), "arrived on"),
+    ]
+    for forged, _ in attacks:
+        await bus.publish(bus.subjects.gate_decided("r2"), forged)
+    for forged, reason in attacks:
+        letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=10)).data)
+        assert letter.error.startswith("signature invalid") or "refusing it" in letter.error, letter.error
+        assert reason in letter.error and forged.id in letter.error
+    route = router.rollouts.route("chat")
+    assert (route.phase, route.weight) == ("idle", 10.0)
+    # The consumer is still acting on trusted decisions.
+    await bus.publish(bus.subjects.gate_decided("r2"), gate(signer, decision="BLOCK"))
+    await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)

@@ -54,6 +54,12 @@ class Runtime:
             self.nats = NatsServer(Path(s.home) / "nats", port=port, host=url.hostname or s.host)
             await self.nats.start()
             self.settings = s = s.replace(nats_url=self.nats.url)
+        if "gatekeeper" in self.names:
+            # Trust roots are configuration: `lockgate up` writes the gatekeeper's persistent key
+            # into the trust file every consumer reads, before any decision can be signed.
+            from lockgate.signing import ensure_signer_trusted
+
+            await asyncio.to_thread(ensure_signer_trusted, s)
         store = None
         if STORE_OWNERS & set(self.names):
             from lockgate.store import open_store
