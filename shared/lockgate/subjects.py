@@ -197,6 +197,11 @@ class Subjects:
         return f"{self.prefix}_drift"
 
     @property
+    def kv_eval_runs(self) -> str:
+        """Eval requests the evaluator accepted (run id -> EvalRequested): what the gatekeeper may decide on."""
+        return f"{self.prefix}_eval_runs"
+
+    @property
     def kv_eval_cache(self) -> str:
         """Evaluator response cache (request hash -> upstream response)."""
         return f"{self.prefix}_eval_cache"

@@ -20,7 +20,16 @@ from lockgate.cli.gate import current_decision, request_review
 from lockgate.cli.main import cli
 from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import BaselineComparison, DeadLetter, EvalCompleted, GateDecided, MetricInterval
+from lockgate.contracts import (
+    BaselineComparison,
+    DeadLetter,
+    EvalCompleted,
+    EvalRequested,
+    GateDecided,
+    MetricInterval,
+)
+from lockgate.evalruns import record_request
+from lockgate.ids import uuid7
 from lockgate.server.service import ServiceContext
 from lockgate.services.query.decisions import decisions
 from lockgate.signing import Keyring, ensure_signer_trusted, public_pem, trust_file_path
@@ -69,6 +78,19 @@ def completed(release: str, policy: str, *, em: float, em_ci: tuple[float, float
         comparisons={"exact_match": cmp}, **extra)
 
 
+def request_of(done: EvalCompleted, **changes: Any) -> EvalRequested:
+    """The request `done` answers (the gatekeeper refuses results for runs nobody requested)."""
+    fields = {"run_id": done.run_id, "release": done.release, "suite": done.suite, "policy": done.policy,
+              "baseline": done.baseline, "endpoint": "http://127.0.0.1:9/v1", **changes}
+    return EvalRequested(**fields)
+
+
+async def finish_eval(bus: Bus, done: EvalCompleted) -> None:
+    """What the evaluator does for a run: record the accepted request, later publish its result."""
+    await record_request(bus, request_of(done))
+    await bus.publish(bus.subjects.eval_completed, done)
+
+
 async def register_policy(bus: Bus, doc: dict = POLICY) -> str:
     return (await artifacts.register(bus, "policy", doc["name"], doc)).hash
 
@@ -89,7 +111,7 @@ async def test_regression_is_blocked_naming_the_rule_and_the_decision_is_signed(
     done = completed("v2", policy, em=0.78, em_ci=(0.75, 0.81), diff=-0.12, diff_ci=(-0.15, -0.09), n=400,
                      artifacts=arts)
     register_release(store, "v1", arts)
-    await bus.publish(bus.subjects.eval_completed, done)
+    await finish_eval(bus, done)
     d = await next_decision(gates)
 
     assert (d.decision, d.eval_run) == ("BLOCK", "run-v2")
@@ -110,7 +132,7 @@ async def test_noisy_small_sample_is_inconclusive_and_needs_review(
     # Documented choice: INCONCLUSIVE beyond limits.max_inconclusive (default 0) -> NEEDS_REVIEW, never PASS.
     policy = await register_policy(bus, {k: v for k, v in POLICY.items() if k != "review"})
     await run_services("query", "gatekeeper")
-    await bus.publish(bus.subjects.eval_completed,
+    await finish_eval(bus,
                       completed("v3", policy, em=0.85, em_ci=(0.6, 1.0), diff=-0.05, diff_ci=(-0.3, 0.2), n=10))
     d = await next_decision(gates)
     assert d.decision == "NEEDS_REVIEW"
@@ -129,7 +151,7 @@ async def test_consecutive_errors_are_counted_from_the_audit_log(
     seen = []
     for i in range(2):
         zero = BaselineComparison(metric="exact_match", candidate=0.1, baseline=0.0, diff=0.1)
-        await bus.publish(bus.subjects.eval_completed, EvalCompleted(
+        await finish_eval(bus, EvalCompleted(
             run_id=f"e{i}", release="v4", suite="s", policy=policy, metrics={"exact_match": 0.1},
             comparisons={"exact_match": zero}))
         seen.append(await next_decision(gates))
@@ -153,7 +175,7 @@ async def test_high_risk_change_waits_for_approval_and_router_holds(
     register_release(store, "v1", {"prompt/system": "sha256:old"})
     good = completed("v5", policy, em=0.9, em_ci=(0.88, 0.92), diff=0.0, diff_ci=(-0.01, 0.01), n=2000,
                      artifacts={"prompt/system": "sha256:new"})
-    await bus.publish(bus.subjects.eval_completed, good)
+    await finish_eval(bus, good)
     held = await next_decision(gates)
     assert held.decision == "NEEDS_REVIEW" and held.review_required == "artifact_changed prompt/*: prompt/system"
     assert [r.verdict for r in held.rules] == ["PASS", "PASS", "PASS"]
@@ -182,7 +204,7 @@ async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
 ) -> None:
     policy = await register_policy(bus)
     register_release(store, "v1", {})
-    await bus.publish(bus.subjects.eval_completed,
+    await finish_eval(bus,
                       completed("v6", policy, em=0.5, em_ci=(0.45, 0.55), diff=-0.4, diff_ci=(-0.45, -0.35), n=500))
     genuine = await next_decision(gates)
     assert genuine.decision == "BLOCK"
@@ -226,3 +248,33 @@ async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
                                                              settings.prefix, "gate", "explain", "v6", "--json"])
     assert json.loads(explained.output)["decision"] == "BLOCK"
     assert (await current_decision(bus, "v6")) == genuine
+
+
+async def test_forged_eval_results_get_no_decision_and_are_dead_lettered(
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any
+) -> None:
+    # Issue 7: a forged EvalCompleted published on the bus was signed PASS by the real gatekeeper.
+    policy = await register_policy(bus)
+    register_release(store, "v1", {})
+    await run_services("query", "gatekeeper")
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("gatekeeper"))
+    great = {"em": 0.99, "em_ci": (0.98, 1.0), "diff": 0.0, "diff_ci": (-0.01, 0.01), "n": 2000}
+
+    unrequested = completed("v8", policy, **great)  # no evaluator ever accepted run-v8
+    await bus.publish(bus.subjects.eval_completed, unrequested)
+    other = completed("v9", policy, **great)  # a real request for v9, answered with v8-evil's result
+    await record_request(bus, request_of(other))
+    swapped = msgspec.structs.replace(other, release="v8-evil", id=uuid7())
+    await bus.publish(bus.subjects.eval_completed, swapped)
+
+    letters = [Codec(DeadLetter).decode((await dlq.next_msg(timeout=20)).data) for _ in range(2)]
+    errors = {forged.id: next(lt.error for lt in letters if forged.id in lt.error) for forged in (unrequested, swapped)}
+    assert "no evaluator recorded a request" in errors[unrequested.id]
+    assert "release 'v8-evil' != requested 'v9'" in errors[swapped.id]
+    assert {lt.origin for lt in letters} == {"gatekeeper"}
+    # The genuine result for the requested run is still judged, and it is the only decision made.
+    await bus.publish(bus.subjects.eval_completed, other)
+    d = await next_decision(gates)
+    assert (d.release, d.eval_run) == ("v9", "run-v9")
+    assert [r["release"] for r in store.rows("SELECT release FROM gate_decisions")] == ["v9"]
+    await dlq.unsubscribe()
