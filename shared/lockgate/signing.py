@@ -239,6 +239,25 @@ def trust_key(path: str | Path, public: Ed25519PublicKey) -> str:
     return kid
 
 
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    """The Ed25519 public key of a PEM file holding a public key or an (unencrypted) private key."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"key {p} cannot be read: {exc.strerror}") from None
+    try:
+        key: Any = serialization.load_pem_public_key(data)
+    except ValueError:
+        try:
+            key = serialization.load_pem_private_key(data, password=None).public_key()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"key {p} is neither a PEM public key nor an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"key {p} is {type(key).__name__}, expected Ed25519")
+    return key
+
+
 def revoke_key(path: str | Path, kid: str) -> None:
     """Revoke a key id in a trust file: decisions it signed are refused from the next verification on."""
     p = Path(path)

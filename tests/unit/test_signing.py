@@ -87,3 +87,22 @@ def test_trust_file_keys_rotation_and_revocation(tmp_path: Path) -> None:
     assert ring.verify(d_new) == new.key_id
     with pytest.raises(ConfigError, match="revoked"):
         trust_key(path, old.public)
+
+
+def test_cli_trust_and_revoke_edit_the_trust_file(tmp_path: Path) -> None:
+    """`lockgate gate trust KEY` and `gate revoke ID`: how an operator rotates and revokes keys."""
+    from click.testing import CliRunner
+
+    from lockgate.cli.main import cli
+
+    signer = Signer.load_or_create(tmp_path / "gatekeeper.pem")
+    env = {"LOCKGATE_TRUST_FILE": str(tmp_path / "trust.json")}
+    runner = CliRunner()
+    added = runner.invoke(cli, ["gate", "trust", str(tmp_path / "gatekeeper.pem")], env=env)
+    assert added.exit_code == 0 and f"trusted key {signer.key_id}" in added.output, added.output
+    assert signer.key_id in Keyring.from_trust_file(tmp_path / "trust.json").keys
+    listed = runner.invoke(cli, ["gate", "keys"], env=env)
+    assert listed.exit_code == 0 and f"# key id {signer.key_id}" in listed.output
+    gone = runner.invoke(cli, ["gate", "revoke", signer.key_id], env=env)
+    assert gone.exit_code == 0
+    assert Keyring.from_trust_file(tmp_path / "trust.json").revoked == {signer.key_id}

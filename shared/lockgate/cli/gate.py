@@ -21,7 +21,7 @@ from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, GateReview
 from lockgate.errors import LockgateError, NotFound, SignatureError
-from lockgate.signing import Keyring, public_pem, trust_file_path
+from lockgate.signing import Keyring, load_public_key, public_pem, revoke_key, trust_file_path, trust_key
 
 _decided: Codec[GateDecided] = Codec(GateDecided)
 
@@ -169,6 +169,26 @@ def register(cli: click.Group) -> None:
             click.echo(f"error: {exc.message}", err=True)
             sys.exit(exc.exit_code)
         click.echo(f"ok: decision {d.id} ({d.release}: {d.decision}) is signed by key {kid}")
+
+    @gate.command("trust")
+    @click.argument("key", type=click.Path(exists=True, dir_okay=False))
+    @click.pass_context
+    @handle_errors
+    def trust_cmd(ctx: click.Context, key: str) -> None:
+        """Trust KEY (a PEM public or private Ed25519 key) in the trust file; prints its key id."""
+        path = trust_file_path(ctx.obj["settings"])
+        kid = trust_key(path, load_public_key(key))
+        click.echo(f"trusted key {kid} in {path}")
+
+    @gate.command("revoke")
+    @click.argument("key_id")
+    @click.pass_context
+    @handle_errors
+    def revoke_cmd(ctx: click.Context, key_id: str) -> None:
+        """Revoke KEY_ID in the trust file: decisions it signed are refused from then on."""
+        path = trust_file_path(ctx.obj["settings"])
+        revoke_key(path, key_id)
+        click.echo(f"revoked key {key_id} in {path}")
 
     @gate.command("keys")
     @click.pass_context

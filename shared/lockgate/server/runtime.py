@@ -54,9 +54,10 @@ class Runtime:
             self.nats = NatsServer(Path(s.home) / "nats", port=port, host=url.hostname or s.host)
             await self.nats.start()
             self.settings = s = s.replace(nats_url=self.nats.url)
-        if "gatekeeper" in self.names:
+        if "gatekeeper" in self.names and not s.trust_file:
             # Trust roots are configuration: `lockgate up` writes the gatekeeper's persistent key
-            # into the trust file every consumer reads, before any decision can be signed.
+            # into {home}/trust.json, which every consumer reads, before any decision is signed. An
+            # explicit LOCKGATE_TRUST_FILE (k8s: a mounted ConfigMap) is the operator's, never written.
             from lockgate.signing import ensure_signer_trusted
 
             await asyncio.to_thread(ensure_signer_trusted, s)
