@@ -1,4 +1,4 @@
-"""NATS edge of the evaluator: EvalRequested in; eval rows, EvalCompleted and LineageRun out."""
+"""NATS edge of the evaluator: EvalRequested in; case facts, EvalCompleted and LineageRun out."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ async def heartbeat(delivery: Delivery, interval_s: float) -> AsyncIterator[None
 
 
 class EvalHandlers:
-    """Runs one eval per EvalRequested; the message is acked only once results are stored and published."""
+    """Runs one eval per EvalRequested; the message is acked only once its results are published."""
 
     def __init__(self, ctx: ServiceContext, tracer: trace.Tracer) -> None:
         self.ctx = ctx

@@ -14,11 +14,11 @@ from lockgate.errors import ConfigError, NotFound, SignatureError
 from lockgate.evalruns import check_result, requested_run
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain
-from lockgate.services.gatekeeper.records import DECISION_COLUMNS, Records
+from lockgate.services.gatekeeper.records import Records
 from lockgate.services.gatekeeper.review import apply_review
 from lockgate.signing import Signer, Verifier, publish_key
 
-__all__ = ["DECISION_COLUMNS", "GateHandlers"]
+__all__ = ["GateHandlers"]
 log = logging.getLogger("lockgate.gatekeeper")
 
 

@@ -18,17 +18,16 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from yarl import URL
 
-from lockgate import telemetry
+from lockgate import metrics, telemetry
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.contracts.names import NAME_RULE, is_name
+from lockgate.llmwire import ChatRequest, last_user_text
 from lockgate.outbox import Outbox
 from lockgate.services.router import domain
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import (
-    ChatRequest,
     error_response,
-    last_user_text,
     openai_error,
     parse_chunk,
     parse_completion,
@@ -150,6 +149,7 @@ class Proxy:
             span.end()
             raise
         self.batcher.add(event)  # the outbox scrubs secrets off this path, before the event leaves the router
+        metrics.router_request(variant, rec.status, rec.latency_ms / 1000.0)
         _end_span(span, event)
 
     async def _once(self, target: domain.Target, body: bytes, up_headers: dict[str, str],

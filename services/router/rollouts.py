@@ -24,7 +24,6 @@ from lockgate.errors import (
     LockgateError,
     Retryable,
     SignatureError,
-    StoreUnavailable,
 )
 from lockgate.retry import RetryPolicy
 from lockgate.server.service import ServiceContext
@@ -35,8 +34,6 @@ from lockgate.subjects import token, untoken
 
 log = logging.getLogger("lockgate.router")
 
-ROLLOUT_COLUMNS = ("id", "time", "deployment", "stable_release", "canary_release", "canary_weight",
-                   "phase", "step", "reason", "decision_id")
 _route_decoder = msgspec.json.Decoder(Route)
 _gate_codec: Codec[GateDecided] = Codec(GateDecided)
 # A change that lost a compare-and-set is recomputed on the reloaded route and tried again; the
@@ -266,7 +263,8 @@ class Rollouts:
         self._wake.set()
 
     async def flush(self) -> None:
-        """Persist pending changes in order: KV route (compare-and-set), RolloutState event, rollout_events row."""
+        """Persist pending changes in order: KV route (compare-and-set), then the RolloutState event (the sink
+        stores it in `rollout_events`)."""
         async with self._persist_lock:
             while self._outbox:
                 item = self._outbox[0]
@@ -299,7 +297,7 @@ class Rollouts:
 
     async def _persist(self, item: _Pending) -> bool:
         """Persist one change; False (nothing announced) if another replica moved the route first."""
-        bus, store = self.ctx.bus, self.ctx.store
+        bus = self.ctx.bus
         route, state = item.route, item.state
         if item.revision is None:  # a retry after a later step failed must not write KV again
             last = self._revisions.get(route.deployment, 0)
@@ -315,14 +313,6 @@ class Rollouts:
                 raise BusUnavailable(f"cannot write route {route.deployment!r} to KV: {exc!r}") from None
             self._revisions[route.deployment] = item.revision
         await bus.publish(bus.subjects.rollout(route.deployment), state)
-        row = (state.id, state.time, state.deployment, state.stable_release, state.canary_release,
-               state.canary_weight, state.phase, state.step, state.reason, state.decision_id)
-        try:
-            await store.ainsert_rows("rollout_events", ROLLOUT_COLUMNS, [row], token=state.id)
-        except StoreUnavailable:
-            raise
-        except Exception as exc:
-            raise StoreUnavailable(f"insert into rollout_events failed: {exc!r}") from None
         return True
 
     async def _lost(self, deployment: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from lockgate import metrics
 from lockgate.outbox import Outbox
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.router.admin import Admin
@@ -22,7 +23,8 @@ class RouterService(Service):
         self.rollouts = Rollouts(ctx)
         # The request path only adds; when the bus cannot keep up the oldest events go first
         # (counted), so the freshest traffic is what drift and cost see.
-        self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, name="router-events")
+        self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, name="router-events",
+                              on_sent=metrics.events_out_counter("router"), on_drop=metrics.drop_counter("router"))
         self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, self.tracer)
         self.admin = Admin(self.rollouts)
         self.url = ""
@@ -38,6 +40,7 @@ class RouterService(Service):
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.proxy.chat)
         app.router.add_get("/healthz", self._health)
+        app.router.add_get("/metrics", metrics.serve_prometheus)  # on the gateway's port: no second listener
         self.admin.add_routes(app)
         return app
 

@@ -17,6 +17,9 @@ class Settings(msgspec.Struct, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
     clickhouse_url: str = "chdb://./.lockgate/clickhouse"
     database: str = "lockgate"
+    # operator SQL runs as this ClickHouse user (server mode: the read-only `lockgate_reader` of
+    # deploy/clickhouse/users.d); empty = clickhouse_url, in a session opened with readonly=1
+    clickhouse_readonly_url: str = ""
     prefix: str = "lg"
     home: str = "./.lockgate"
     host: str = "127.0.0.1"
@@ -48,7 +51,11 @@ class Settings(msgspec.Struct, kw_only=True):
     eval_cache: bool = True
     # consumers
     ack_wait_s: float = 30.0
+    # telemetry: the share of new traces recorded (a caller's sampled traceparent is always followed)
     trace_sample_ratio: float = 1.0
+    # OTLP/HTTP base URL of a Collector (e.g. http://otel-collector:4318); metrics are exported
+    # there when set, and are always served as Prometheus text at /metrics
+    otlp_endpoint: str = ""
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some settings changed (None values are ignored)."""

@@ -75,6 +75,10 @@ class QueryUnavailable(Retryable):
     """No query service answered on the bus (not started yet, or too busy to reply in time)."""
 
 
+class QueryRefused(ConfigError):
+    """Operator SQL that is not one read-only statement over lockgate's tables (it is never run)."""
+
+
 class ReplyTooLarge(LockgateError):
     """A query's result does not fit in one NATS message; ask for fewer rows."""
 

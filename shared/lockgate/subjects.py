@@ -80,6 +80,9 @@ class Subjects:
                     ),
                     max_age_s=90 * 24 * 3600,
                 ),
+                # Rows that have no event of their own, published for the sink (the store owner) alone;
+                # kept only as long as the inference stream, because the table is their durable copy.
+                "facts": StreamSpec(f"{s}_FACTS", (f"{p}.fact.>",)),
                 "telemetry": StreamSpec(f"{s}_TELEMETRY", (f"{p}.telemetry.>",), max_age_s=24 * 3600),
                 "dlq": StreamSpec(f"{s}_DLQ", (f"{p}.dlq.>",), max_age_s=30 * 24 * 3600),
             },
@@ -158,6 +161,27 @@ class Subjects:
     @property
     def dlq_all(self) -> str:
         return f"{self.prefix}.dlq.>"
+
+    # facts: one subject per table they are projected into
+    @property
+    def eval_cases(self) -> str:
+        """Batches of finished eval cases (EvalCasesRecorded)."""
+        return f"{self.prefix}.fact.eval_cases"
+
+    @property
+    def gate_audit(self) -> str:
+        """Rows of the gate audit log (GateAudited)."""
+        return f"{self.prefix}.fact.gate_audit"
+
+    @property
+    def lineage_edges(self) -> str:
+        """Edges the lineage recorder derived from an event (LineageEdges)."""
+        return f"{self.prefix}.fact.lineage_edges"
+
+    @property
+    def cost_ledger(self) -> str:
+        """Per-event costs of one inference message (CostLedger)."""
+        return f"{self.prefix}.fact.cost_ledger"
 
     @property
     def spans(self) -> str:

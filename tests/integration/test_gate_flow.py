@@ -34,6 +34,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.query.decisions import decisions
 from lockgate.signing import Keyring, ensure_signer_trusted, public_pem, trust_file_path
 from lockgate.store import Store
+from tests.helpers import sink_stored
 
 pytestmark = pytest.mark.timeout(60)
 decided: Codec[GateDecided] = Codec(GateDecided)
@@ -96,7 +97,7 @@ async def register_policy(bus: Bus, doc: dict = POLICY) -> str:
 
 
 def register_release(store: Store, release: str, arts: dict[str, str]) -> None:
-    # The lineage service owns `releases`; writing the row directly stands in for it here.
+    # The sink stores `releases` from ReleaseRegistered; writing the row directly stands in for both here.
     store.insert_rows("releases", ("release", "app", "tenant", "artifacts", "parent", "description", "time",
                                    "event_id"),
                       [[release, "shop", "default", arts, "", "", dt.datetime.now(dt.UTC), release]], token=release)
@@ -106,7 +107,7 @@ async def test_regression_is_blocked_naming_the_rule_and_the_decision_is_signed(
     bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, trusted: Keyring
 ) -> None:
     policy = await register_policy(bus)
-    await run_services("query", "gatekeeper")
+    svcs = await run_services("sink", "query", "gatekeeper")
     arts = {"prompt/system": "sha256:p1", "dataset/qa": "sha256:d1"}
     done = completed("v2", policy, em=0.78, em_ci=(0.75, 0.81), diff=-0.12, diff_ci=(-0.15, -0.09), n=400,
                      artifacts=arts)
@@ -121,6 +122,7 @@ async def test_regression_is_blocked_naming_the_rule_and_the_decision_is_signed(
     assert d.rules[0].low == -0.15 and d.rules[0].baseline == 0.9 and "eval_cases" in d.rules[0].hint
     assert d.artifacts == {**arts, "eval_suite": "sha256:suite", "policy": policy}
     assert trusted.verify(d) == d.key_id
+    await sink_stored(svcs["sink"].handlers, gate_decisions=1)
     [row] = decisions(store, "v2")
     assert (row["action"], row["decision"], row["signature"], row["key_id"]) == (
         "decided", "BLOCK", d.signature, d.key_id)
@@ -147,7 +149,7 @@ async def test_consecutive_errors_are_counted_from_the_audit_log(
     doc = {"name": "errs", "limits": {"max_consecutive_errors": 1},
            "rules": [{"name": "lift", "metric": "exact_match", "relative": {"min_change": 0.1, "mode": "relative"}}]}
     policy = await register_policy(bus, doc)
-    await run_services("query", "gatekeeper")
+    svcs = await run_services("sink", "query", "gatekeeper")
     seen = []
     for i in range(2):
         zero = BaselineComparison(metric="exact_match", candidate=0.1, baseline=0.0, diff=0.1)
@@ -155,21 +157,27 @@ async def test_consecutive_errors_are_counted_from_the_audit_log(
             run_id=f"e{i}", release="v4", suite="s", policy=policy, metrics={"exact_match": 0.1},
             comparisons={"exact_match": zero}))
         seen.append(await next_decision(gates))
+        # the count comes from the audit log, so the next eval waits for the sink to store this decision
+        await sink_stored(svcs["sink"].handlers, gate_decisions=i + 1)
     assert [d.decision for d in seen] == ["NEEDS_REVIEW", "BLOCK"]
     assert "2 consecutive errored decisions exceed max_consecutive_errors 1" in seen[1].reason
 
 
 @pytest.fixture
-async def router(context: ServiceContext, run_services: Any) -> Any:
+async def services(context: ServiceContext, run_services: Any) -> Any:
     # No traffic flows in these tests, so the upstreams are never called.
     context.settings = context.settings.replace(stable_upstream="http://127.0.0.1:9/v1",
                                                 canary_upstream="http://127.0.0.1:9/v1", deployment="chat")
-    svcs = await run_services("query", "gatekeeper", "router")
-    return svcs["router"]
+    return await run_services("sink", "query", "gatekeeper", "router")
+
+
+@pytest.fixture
+def router(services: Any) -> Any:
+    return services["router"]
 
 
 async def test_high_risk_change_waits_for_approval_and_router_holds(
-    bus: Bus, store: Store, router: Any, gates: Any, trusted: Keyring
+    bus: Bus, store: Store, router: Any, services: Any, gates: Any, trusted: Keyring
 ) -> None:
     policy = await register_policy(bus)
     register_release(store, "v1", {"prompt/system": "sha256:old"})
@@ -191,6 +199,7 @@ async def test_high_risk_change_waits_for_approval_and_router_holds(
     assert (approved.decision, approved.reviewed_by) == ("PASS", "ann") and "approved by ann" in approved.reason
     assert trusted.verify(approved) == held.key_id
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "promoted", timeout=20)
+    await sink_stored(services["sink"].handlers, gate_decisions=2)
     history = [(r["action"], r["decision"], r["actor"]) for r in decisions(store, "v5")]
     assert history == [("approved", "PASS", "ann"), ("decided", "NEEDS_REVIEW", "gatekeeper")]
 
@@ -256,7 +265,7 @@ async def test_forged_eval_results_get_no_decision_and_are_dead_lettered(
     # Issue 7: a forged EvalCompleted published on the bus was signed PASS by the real gatekeeper.
     policy = await register_policy(bus)
     register_release(store, "v1", {})
-    await run_services("query", "gatekeeper")
+    svcs = await run_services("sink", "query", "gatekeeper")
     dlq = await bus.nc.subscribe(bus.subjects.dlq("gatekeeper"))
     great = {"em": 0.99, "em_ci": (0.98, 1.0), "diff": 0.0, "diff_ci": (-0.01, 0.01), "n": 2000}
 
@@ -276,5 +285,6 @@ async def test_forged_eval_results_get_no_decision_and_are_dead_lettered(
     await bus.publish(bus.subjects.eval_completed, other)
     d = await next_decision(gates)
     assert (d.release, d.eval_run) == ("v9", "run-v9")
+    await sink_stored(svcs["sink"].handlers, gate_decisions=1)
     assert [r["release"] for r in store.rows("SELECT release FROM gate_decisions")] == ["v9"]
     await dlq.unsubscribe()

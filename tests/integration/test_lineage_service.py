@@ -19,6 +19,7 @@ from lockgate.contracts import (
 from lockgate.errors import NotFound
 from lockgate.services.query.lineage import AmbiguousReference, lineage
 from lockgate.store import Store
+from tests.helpers import sink_stored
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,9 +50,12 @@ def _triples(edges: list[dict]) -> set[tuple[str, str, str, int]]:
 
 
 async def test_release_lineage_upstream_and_downstream(run_services, bus: Bus, store: Store) -> None:
-    svcs = await run_services("lineage")
+    svcs = await run_services("sink", "lineage")
     gate = await _publish_history(bus)
-    await svcs["lineage"].handlers.processed.wait_for(7, timeout_s=30)
+    await svcs["lineage"].handlers.processed.wait_for(5, timeout_s=30)
+    # The sink stores the events' own rows and the edges the recorder derived from five of them.
+    await sink_stored(svcs["sink"].handlers, artifacts=2, releases=1, lineage_runs=1, eval_runs=1,
+                      rollout_events=1, lineage_edges=5)
 
     got = await asyncio.to_thread(lineage, store, "rel-2")
     assert (got["node"], got["kind"]) == ("rel-2", "release")
@@ -94,11 +98,12 @@ async def test_release_lineage_upstream_and_downstream(run_services, bus: Bus, s
 
 
 async def test_redelivered_event_adds_no_rows(run_services, bus: Bus, store: Store) -> None:
-    svcs = await run_services("lineage")
+    svcs = await run_services("sink", "lineage")
     rel = ReleaseRegistered(release="rel-x", app="shop", artifacts={"dataset/qa": DATA})
     # Different Nats-Msg-Ids, so JetStream delivers both; the event id still guards the inserts.
     await bus.publish(bus.subjects.release_registered, rel, msg_id="first")
     await bus.publish(bus.subjects.release_registered, rel, msg_id="second")
     await svcs["lineage"].handlers.processed.wait_for(2, timeout_s=30)
+    await sink_stored(svcs["sink"].handlers, releases=2, lineage_edges=1)
     assert store.scalar("SELECT count() FROM releases") == 1
     assert store.scalar("SELECT count() FROM lineage_edges") == 1

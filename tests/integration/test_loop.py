@@ -28,13 +28,16 @@ async def test_release_goes_through_the_whole_loop(settings: Settings, bus) -> N
         assert runtime.services is not None and runtime.ctx is not None
         store = runtime.ctx.store
         sink = runtime.services["sink"].handlers
-        cost = runtime.services["cost"].handlers
         drift_sub = await bus.nc.subscribe(bus.subjects.drift(DEPLOYMENT))
         story = await run_demo(runtime.ctx.bus, router_url=runtime.services["router"].url, sim_url=sim.url,
                                console=Console(quiet=True), traffic=240)
 
         # gate: the wrong candidate is blocked naming its failing rule, the good one passes
         assert story["decisions"] == {BASELINE: "PASS", BAD: "BLOCK", GOOD: "PASS"}
+        # every table is the sink's projection of a stream, so each check waits for the sink first
+        await eventually(lambda: store.scalar("SELECT count() FROM gate_decisions WHERE release = {r:String}",
+                                              {"r": BAD}) > 0, [sink.progress("gate_decisions")],
+                         what="the blocked decision stored")
         blocked = store.rows("SELECT rules FROM gate_decisions WHERE release = {r:String}", {"r": BAD})
         failing = [r["rule"] for r in json.loads(blocked[0]["rules"]) if r["verdict"] != "PASS"]
         assert "answers-correct" in failing
@@ -57,16 +60,18 @@ async def test_release_goes_through_the_whole_loop(settings: Settings, bus) -> N
         assert {"stable", "canary"} <= variants
 
         # drift and cost were computed from the same events
-        await drift_sub.next_msg(timeout=60)  # the drift monitor stores a report before publishing it
-        assert store.scalar("SELECT count() FROM drift_reports WHERE deployment = {d:String}",
-                            {"d": DEPLOYMENT}) > 0
+        await drift_sub.next_msg(timeout=60)
+        await eventually(lambda: store.scalar("SELECT count() FROM drift_reports WHERE deployment = {d:String}",
+                                              {"d": DEPLOYMENT}) > 0, [sink.progress("drift_reports")],
+                         what="a drift report stored")
         await eventually(lambda: store.scalar("SELECT count() FROM cost_ledger") >= story["requests"],
-                         [cost.events], what="cost ledger rows")
+                         [sink.progress("cost_ledger")], what="cost ledger rows")
         assert store.scalar("SELECT sum(cost_usd) FROM cost_ledger WHERE app = {a:String}", {"a": APP}) > 0
 
         # lineage links the release to its artifacts and its gate decision
         for table in ("artifacts", "releases", "lineage_edges", "eval_cases", "eval_runs", "rollout_events"):
-            assert store.scalar(f"SELECT count() FROM {table}") > 0, table
+            await eventually(lambda t=table: store.scalar(f"SELECT count() FROM {t}") > 0, [sink.progress(table)],
+                             what=f"rows in {table}")
 
         # one trace id links the router's span and the sink's span
         trace_id = story["traces"][0]

@@ -17,6 +17,7 @@ from lockgate.services.router.domain import Route, Target
 from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import sink_stored
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,12 +35,17 @@ async def sims() -> AsyncIterator[tuple[SimServer, SimServer]]:
 
 
 @pytest.fixture
-async def router(context: ServiceContext, run_services: Any, sims: tuple[SimServer, SimServer]) -> Any:
+async def services(context: ServiceContext, run_services: Any, sims: tuple[SimServer, SimServer]) -> Any:
+    """The router, and the sink that stores what it announces."""
     stable, canary = sims
     context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
                                                 deployment="chat", app="shop")
-    svcs = await run_services("router")
-    return svcs["router"]
+    return await run_services("sink", "router")
+
+
+@pytest.fixture
+def router(services: Any) -> Any:
+    return services["router"]
 
 
 @pytest.fixture
@@ -141,7 +147,8 @@ async def test_canary_split_by_weight_is_sticky(router: Any, http: aiohttp.Clien
             assert resp.headers["x-lockgate-variant"] == seen[user]
 
 
-async def test_gate_pass_promotes_step_by_step(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+async def test_gate_pass_promotes_step_by_step(router: Any, services: Any, http: aiohttp.ClientSession,
+                                               signer: Signer) -> None:
     bus, store = router.ctx.bus, router.ctx.store
     sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
     await _start_canary(http, router)
@@ -153,6 +160,7 @@ async def test_gate_pass_promotes_step_by_step(router: Any, http: aiohttp.Client
         ("idle", 10.0), ("progressing", 25.0), ("progressing", 50.0), ("progressing", 100.0), ("promoted", 0.0)]
     assert states[-1].stable_release == "r2"
     await router.rollouts.flush()
+    await sink_stored(services["sink"].handlers, rollout_events=len(states))
     rows = store.rows("SELECT phase, canary_weight, stable_release FROM rollout_events ORDER BY time")
     assert [(r["phase"], r["canary_weight"]) for r in rows] == [(s.phase, s.canary_weight) for s in states]
     kv = await bus.kv(bus.subjects.kv_routes)

@@ -18,6 +18,7 @@ from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
+from tests.helpers import sink_stored
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,8 +49,14 @@ async def replicas(settings: Settings, store: Store, bus: Bus) -> AsyncIterator[
             await b.close()
 
 
+@pytest.fixture
+async def sink(run_services: Any) -> Any:
+    """The store owner on the test's own connection: it stores what the replicas announce."""
+    return (await run_services("sink"))["sink"].handlers
+
+
 async def test_canary_on_one_replica_is_routed_and_promoted_once_by_both(
-    replicas: tuple[Any, Any], bus: Bus, store: Store
+    replicas: tuple[Any, Any], bus: Bus, store: Store, sink: Any
 ) -> None:
     a, b = replicas
     signer = Signer.generate()
@@ -82,6 +89,7 @@ async def test_canary_on_one_replica_is_routed_and_promoted_once_by_both(
     await bus.nc.flush()
     assert sub.pending_msgs == 0
 
+    await sink_stored(sink, rollout_events=len(states))
     rows = store.rows("SELECT phase, canary_weight, step FROM rollout_events WHERE deployment = 'chat' "
                       "ORDER BY time")
     assert [(r["phase"], r["canary_weight"], r["step"]) for r in rows] == steps

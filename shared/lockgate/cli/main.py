@@ -189,7 +189,7 @@ def dlq(ctx: click.Context, origin: str | None, limit: int, as_json: bool) -> No
 @click.pass_context
 @handle_errors
 def sql(ctx: click.Context, query: str, as_json: bool) -> None:
-    """Run read-only SQL against lockgate's ClickHouse database."""
+    """Run one read-only SELECT or DESCRIBE on lockgate's ClickHouse (writes and file/network functions refused)."""
     output(_query(ctx, "sql", query=query), as_json)
 
 

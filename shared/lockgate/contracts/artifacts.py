@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import msgspec
+
 from lockgate.contracts.envelope import Event
 from lockgate.contracts.names import Name, OptName
 
@@ -41,3 +43,20 @@ class LineageRun(Event, frozen=True, kw_only=True, tag="lockgate.lineage.run"):
     release: str = ""
     inputs: list[str] = []
     outputs: list[str] = []
+
+
+class LineageEdge(msgspec.Struct, frozen=True, kw_only=True):
+    """A directed, labelled edge between two typed nodes of the lineage graph."""
+
+    src: str
+    src_kind: str
+    dst: str
+    dst_kind: str
+    relation: str
+
+
+class LineageEdges(Event, frozen=True, kw_only=True, tag="lockgate.lineage.edges"):
+    """The edges one event adds to the lineage graph; `time` is that event's time."""
+
+    event_id: str
+    edges: list[LineageEdge]

@@ -55,3 +55,22 @@ class GateReview(Event, frozen=True, kw_only=True, tag="lockgate.gate.review"):
     actor: str
     reason: str
     decision_id: str = ""
+
+
+class GateAudited(Event, frozen=True, kw_only=True, tag="lockgate.gate.audited"):
+    """One row of the append-only audit log: a decision, approval, rejection, override or refusal.
+
+    `id` is the id of the decision it records (of the refused one's would-be decision for a refusal).
+    """
+
+    release: str
+    action: str
+    actor: str
+    decision: Decision
+    eval_run: str = ""
+    policy: str = ""
+    baseline: str = ""
+    rules: list[RuleResult] = []
+    reason: str = ""
+    signature: str = ""
+    key_id: str = ""

@@ -7,15 +7,20 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from lockgate import metrics
 from lockgate.bus import Bus
 from lockgate.config import Settings
 from lockgate.server.natsserver import NatsServer
 from lockgate.server.registry import ServiceSet, available
 from lockgate.server.service import ServiceContext
 from lockgate.subjects import Subjects
-from lockgate.telemetry import Telemetry
+from lockgate.telemetry import NatsSpanExporter, Telemetry
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
 
 log = logging.getLogger("lockgate.server.runtime")
 
@@ -35,7 +40,7 @@ class Runtime:
         self.nats: NatsServer | None = None
         self.services: ServiceSet | None = None
         self.ctx: ServiceContext | None = None
-        self._exporter: asyncio.Task[None] | None = None
+        self._meters: MeterProvider | None = None
 
     async def start(self) -> None:
         """Bring everything up; on failure, tear down what started."""
@@ -54,6 +59,9 @@ class Runtime:
             self.nats = NatsServer(Path(s.home) / "nats", port=port, host=url.hostname or s.host)
             await self.nats.start()
             self.settings = s = s.replace(nats_url=self.nats.url)
+        # One MeterProvider per process; its service.name says which services the process hosts.
+        service_name = "lockgate" if len(self.names) > 1 else f"lockgate-{self.names[0]}"
+        self._meters = metrics.install(service_name, otlp_endpoint=s.otlp_endpoint)
         if "gatekeeper" in self.names and not s.trust_file:
             # Trust roots are configuration: `lockgate up` writes the gatekeeper's persistent key
             # into {home}/trust.json, which every consumer reads, before any decision is signed. An
@@ -68,11 +76,11 @@ class Runtime:
             store = await asyncio.to_thread(open_store, s.clickhouse_url, s.database)
         bus = Bus(s.nats_url, Subjects(s.prefix), name="lockgate-" + "+".join(self.names))
         await bus.connect()
-        telemetry = Telemetry(sample_ratio=s.trace_sample_ratio)
+        telemetry = Telemetry(sample_ratio=s.trace_sample_ratio,
+                              exporter=NatsSpanExporter(bus, asyncio.get_running_loop()))
         self.ctx = ServiceContext(bus=bus, store=store, telemetry=telemetry, settings=s)
         self.services = ServiceSet(self.ctx, self.names)
         await self.services.start()
-        self._exporter = asyncio.create_task(telemetry.run_exporter(bus), name="telemetry-exporter")
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -88,14 +96,14 @@ class Runtime:
         """Stop in reverse: services (servers first, flushing buffers), telemetry, bus, store, nats-server."""
         if self.services is not None:
             await self.services.stop()
-        if self._exporter is not None:
-            self._exporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._exporter
         if self.ctx is not None:
+            await self.ctx.telemetry.shutdown()  # the services' last spans, while the bus still publishes
             with contextlib.suppress(Exception):
                 await self.ctx.bus.close()
             if self.ctx.store is not None:
                 self.ctx.store.close()
+        if self._meters is not None:
+            await asyncio.to_thread(metrics.shutdown, self._meters)  # a last OTLP export, if configured
+            self._meters = None
         if self.nats is not None:
             self.nats.stop()
