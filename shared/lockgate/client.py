@@ -86,6 +86,11 @@ async def _decisions_from(watcher: Any, release_prefix: str) -> AsyncIterator[Ga
                 # One bad value in the bucket must not end every watcher.
                 log.warning("skipping undecodable gate decision %s: %s", entry.key, exc.message)
                 continue
+            if entry.key != token(decision.release):
+                # A decision copied under another release's key must not answer for that release.
+                log.warning("skipping gate decision %s for %r stored under key %s", decision.id, decision.release,
+                            entry.key)
+                continue
             if decision.release.startswith(release_prefix):
                 yield decision
     finally:

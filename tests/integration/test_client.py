@@ -258,6 +258,14 @@ async def test_names_that_used_to_share_a_key_get_their_own_decision(
         await kv.put(token("shop-v3"), encode(passed))
         with pytest.raises(SignatureError, match="is for 'shop_v3'"):
             await c.decision("shop-v3")
+        # The watch skips it too: only the two decisions under their own keys are yielded.
+        stream = c.decisions("shop")
+        got = [await asyncio.wait_for(anext(stream), 10) for _ in range(2)]
+        assert sorted(d.release for d in got) == ["shop.v3", "shop_v3"]
+        relisted = gate("shop-v4")
+        await kv.put(token("shop-v4"), encode(relisted))
+        assert await asyncio.wait_for(anext(stream), 10) == relisted
+        await stream.aclose()
 
 
 async def test_decisions_by_unknown_or_revoked_keys_are_refused(bus: Bus, settings: Settings) -> None:
