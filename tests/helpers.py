@@ -76,16 +76,17 @@ def admin_headers(home: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {bootstrap(home).admin_key}"}
 
 
-async def store_pass(bus: Any, release: str) -> None:
-    """A PASS for `release` in the gates KV, signed by a key put in the KV keyring (a gatekeeper stand-in)."""
+async def store_pass(bus: Any, release: str, settings: Any) -> None:
+    """A PASS for `release` in the gates KV, signed by a key the settings' trust file trusts (a gatekeeper
+    stand-in)."""
     import msgspec
 
     from lockgate.contracts import GateDecided
-    from lockgate.signing import Signer, publish_key
+    from lockgate.signing import Signer, trust_file_path, trust_key
     from lockgate.subjects import token
 
     signer = Signer.generate()
-    await publish_key(bus, signer)
+    trust_key(trust_file_path(settings), signer.public)
     kv = await bus.kv(bus.subjects.kv_gates)
     await kv.put(token(release), msgspec.json.encode(signer.sign(GateDecided(release=release, rules=[],
                                                                              decision="PASS"))))

@@ -57,9 +57,11 @@ class Records:
         if not entry.value:
             return None
         try:
-            return _decided.decode(entry.value)
+            decision = _decided.decode(entry.value)
         except InvalidEvent:
             return None
+        # A review must never countersign a decision about another release stored under this key.
+        return decision if decision.release == release else None
 
     async def consecutive_errors(self, release: str, exclude_run: str) -> int:
         """Errored decisions in a row for the release, from the audit log (via the query service)."""

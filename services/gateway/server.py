@@ -21,7 +21,7 @@ from lockgate.bus import Bus
 from lockgate.client import get_decision, watch_decisions
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
-from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, SignatureError
+from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, SignatureError
 from lockgate.outbox import publish_events
 from lockgate.redact import scrub_event
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
@@ -155,7 +155,12 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
         await authenticate(self.keys, context)
         if not request.release:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "release is required")
-        decision = await get_decision(await self.bus.kv(self.bus.subjects.kv_gates), request.release)
+        try:
+            decision = await get_decision(await self.bus.kv(self.bus.subjects.kv_gates), request.release)
+        except InvalidName as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+        except SignatureError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
         if decision is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
@@ -208,7 +213,7 @@ class GrpcServer:
         self.bus = bus
         self.host = host
         self.port = port
-        # trusted keys as configured, else the gatekeepers' keys published in KV
+        # the configured trust roots only (trust file, pinned PEMs), never keys published on the bus
         self.settings = settings or Settings()
         self.verifier = Verifier(bus, self.settings)
         self.keys = KeyStore(self.settings.home)  # every call presents one of these API keys

@@ -8,7 +8,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from lockgate.errors import Retryable
+from lockgate.contracts.names import check_name
+from lockgate.errors import InvalidName, Retryable
 from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer, require_role
 from lockgate.services.router.domain import (
     BreakGlass,
@@ -71,19 +72,24 @@ class Admin:
 
     async def get(self, request: web.Request) -> web.Response:
         """One deployment's current route (the default route if never configured)."""
-        return _json(self.rollouts.route(request.match_info["deployment"]))
+        try:
+            deployment = check_name(request.match_info["deployment"], "deployment")
+        except InvalidName as exc:
+            return error_response(400, exc.message, "invalid_request_error")
+        return _json(self.rollouts.route(deployment))
 
     async def put(self, request: web.Request) -> web.Response:
         """Start a canary: {stable_release, canary_release, canary_model?, initial_weight?, break_glass?}."""
         try:
+            deployment = check_name(request.match_info["deployment"], "deployment")
             req = decode_canary(await request.read())
             override = _override(request, req.break_glass, req.canary_release, "canary")
-            route = await self.rollouts.start_canary(request.match_info["deployment"], req, override)
+            route = await self.rollouts.start_canary(deployment, req, override)
         except Forbidden as exc:
             return error_response(403, exc.message, "permission_denied", code="insufficient_role")
         except NotAdmitted as exc:
             return error_response(409, exc.message, "conflict", code="not_admitted")
-        except InvalidRollout as exc:
+        except (InvalidName, InvalidRollout) as exc:
             return error_response(400, exc.message, "invalid_request_error")
         except Retryable as exc:
             return error_response(503, f"canary applied but not yet persisted: {exc.message}", "unavailable")
@@ -102,7 +108,10 @@ class Admin:
         return await self._manual(request, "clear-override")
 
     async def _manual(self, request: web.Request, action: str) -> web.Response:
-        deployment = request.match_info["deployment"]
+        try:
+            deployment = check_name(request.match_info["deployment"], "deployment")
+        except InvalidName as exc:
+            return error_response(400, exc.message, "invalid_request_error")
         try:
             body = decode_manual(await request.read())
             override = None

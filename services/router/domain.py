@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from lockgate.contracts import GateDecided, RolloutState
+from lockgate.contracts.names import Name
 from lockgate.errors import LockgateError
 
 Phase = Literal["idle", "progressing", "promoted", "aborted"]
@@ -82,8 +83,8 @@ class ManualRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 class CanaryRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Body of `PUT /lockgate/v1/deployments/{deployment}`."""
 
-    stable_release: str
-    canary_release: str  # releases only: endpoint and model come from each release's model config
+    stable_release: Name
+    canary_release: Name  # releases only: endpoint and model come from each release's model config
     initial_weight: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None  # percent; None: the first step
     break_glass: BreakGlass | None = None
 

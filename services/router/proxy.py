@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 from lockgate import metrics, telemetry
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
+from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.llmwire import ChatRequest, last_user_text
 from lockgate.outbox import Outbox
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
@@ -73,6 +74,11 @@ class Proxy:
         except msgspec.DecodeError as exc:
             return error_response(400, f"invalid chat completion request: {exc}", "invalid_request_error")
         deployment = h.get("x-lockgate-deployment") or self.settings.deployment
+        # Names become subjects and KV keys downstream: refuse a bad one here, not as a dead letter later.
+        for header, value in (("x-lockgate-deployment", deployment), ("x-lockgate-app", h.get("x-lockgate-app")),
+                              ("x-lockgate-tenant", h.get("x-lockgate-tenant"))):
+            if value and not is_name(value):
+                return error_response(400, f"invalid {header} {value!r}: {NAME_RULE}", "invalid_request_error")
         user = req.user or h.get("x-lockgate-user") or request.remote or ""
         route = self.rollouts.route(deployment)
         variant, target = domain.choose(route, user)

@@ -33,7 +33,7 @@ from lockgate.services.router import domain
 from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.signing import Verifier
-from lockgate.subjects import token
+from lockgate.subjects import token, untoken
 
 log = logging.getLogger("lockgate.router")
 
@@ -90,6 +90,7 @@ class Rollouts:
         self._revisions: dict[str, int] = {}  # KV revision each in-memory route is based on
         self._unpersisted: Counter[str] = Counter()  # outbox entries per deployment
         self.conflicts = 0  # changes dropped because another replica's write won
+        self._poisoned: dict[str, str] = {}  # deployment -> why its last change was dropped unpersisted
         # Decisions move traffic, so only those signed by a trusted gatekeeper key are acted on.
         self.verifier = Verifier(ctx.bus, s)
 
@@ -142,7 +143,11 @@ class Rollouts:
                 await watcher.stop()
 
     def _on_entry(self, entry: Any) -> None:
-        key = entry.key
+        try:
+            key = untoken(entry.key)  # KV keys are tokens of deployment names (one-to-one)
+        except LockgateError:
+            log.warning("ignoring route under a key no deployment maps to: %r", entry.key)
+            return
         # Our own writes echo back at a known revision; and while we hold unpersisted changes for
         # a deployment, its compare-and-set settles who wins, so the watch must not move it first.
         if entry.revision <= self._revisions.get(key, 0) or self._unpersisted[key]:
@@ -216,8 +221,10 @@ class Rollouts:
             if decision is not None:
                 self.apply_decision(decision)
 
+        self._poisoned.pop(deployment, None)
         await self._until_won(change)
-        return self.routes[deployment]
+        self._raise_if_poisoned(deployment)
+        return self.route(deployment)
 
     def apply_decision(self, decision: GateDecided) -> int:
         """Apply a gate decision to every deployment canarying its release; returns how many changed."""
@@ -250,8 +257,15 @@ class Rollouts:
             else:
                 self._apply(domain.manual_promote(route, override))
 
+        self._poisoned.pop(deployment, None)
         await self._until_won(change)
+        self._raise_if_poisoned(deployment)
         return self.route(deployment)
+
+    def _raise_if_poisoned(self, deployment: str) -> None:
+        reason = self._poisoned.pop(deployment, None)
+        if reason is not None:
+            raise domain.InvalidRollout(f"route change for {deployment!r} was dropped: {reason}")
 
     async def _until_won(self, change: Callable[[], object]) -> None:
         # A change that lost to another replica's write is recomputed on the reloaded route, so a
@@ -283,11 +297,32 @@ class Rollouts:
         async with self._persist_lock:
             while self._outbox:
                 item = self._outbox[0]
-                if await self._persist(item):
+                try:
+                    persisted = await self._persist(item)
+                except Retryable:
+                    raise
+                except Exception as exc:
+                    await self._drop_poison(item, exc)
+                    continue
+                if persisted:
                     self._outbox.popleft()
                     self._unpersisted[item.route.deployment] -= 1
                 else:
                     await self._lost(item.route.deployment)
+
+    async def _drop_poison(self, item: _Pending, exc: Exception) -> None:
+        """A change that can never persist is dead-lettered and dropped; the route is reloaded from KV."""
+        self._outbox.popleft()
+        self._unpersisted[item.route.deployment] -= 1
+        reason = exc.message if isinstance(exc, LockgateError) else repr(exc)
+        log.error("dropping route change for %r that cannot be persisted: %s", item.route.deployment, reason)
+        with contextlib.suppress(LockgateError):  # the DLQ is best effort; the next change must still go
+            await self.ctx.bus.dead_letter("router", subject=self.ctx.bus.subjects.rollout_all,
+                                           payload=msgspec.json.encode(item.state),
+                                           reason=f"route change cannot be persisted: {reason}")
+        self._poisoned[item.route.deployment] = reason
+        if not self._unpersisted[item.route.deployment]:
+            await self._reload(item.route.deployment)
 
     async def _persist(self, item: _Pending) -> bool:
         """Persist one change; False (nothing announced) if another replica moved the route first."""
@@ -298,9 +333,9 @@ class Rollouts:
             value = msgspec.json.encode(route)
             try:
                 if last:
-                    item.revision = await self._kv.update(route.deployment, value, last=last)
+                    item.revision = await self._kv.update(token(route.deployment), value, last=last)
                 else:
-                    item.revision = await self._kv.create(route.deployment, value)
+                    item.revision = await self._kv.create(token(route.deployment), value)
             except nats.js.errors.KeyWrongLastSequenceError:
                 return False
             except nats.errors.Error as exc:
@@ -315,8 +350,12 @@ class Rollouts:
         self._outbox = deque(p for p in self._outbox if p.route.deployment != deployment)
         self._unpersisted.pop(deployment, None)
         log.info("route %s changed by another replica; dropping our change and reloading", deployment)
+        await self._reload(deployment)
+
+    async def _reload(self, deployment: str) -> None:
+        """Take KV's route for a deployment (none if it has no key)."""
         try:
-            entry = await self._kv.get(deployment)
+            entry = await self._kv.get(token(deployment))
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             self._set(deployment, None, 0)
             return
@@ -379,6 +418,8 @@ class Rollouts:
             return None
         try:
             decision = _gate_codec.decode(entry.value)
+            if decision.release != release:
+                raise SignatureError(f"decision {decision.id} stored for {release!r} is for {decision.release!r}")
             await self.verifier.verify(decision)
         except (InvalidEvent, SignatureError) as exc:
             log.warning("ignoring stored gate decision for %s: %s", release, exc.message)

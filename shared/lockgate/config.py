@@ -50,7 +50,9 @@ class Settings(msgspec.Struct, kw_only=True):
     price_book: str = ""
     # gatekeeper: Ed25519 key that signs decisions (generated under home/keys when empty)
     signing_key: str = ""
-    # consumers of decisions trust these public keys (PEM files, comma-separated); empty = the KV keyring
+    # consumers of decisions trust the keys of the trust file ({home}/trust.json when empty: key ids ->
+    # PEM public keys, and revoked ids) plus these PEM files (comma-separated); never keys from the bus
+    trust_file: str = ""
     trusted_keys: str = ""
     # evaluator
     eval_cache: bool = True

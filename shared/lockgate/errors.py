@@ -23,6 +23,10 @@ class InvalidEvent(LockgateError):
     """A message could not be decoded into a known contract (goes to the DLQ)."""
 
 
+class InvalidName(InvalidEvent):
+    """A tenant, app, deployment or release name breaks the name grammar (lockgate.contracts.names)."""
+
+
 class UnknownSchemaVersion(InvalidEvent):
     """An event declares a schema_version this build does not understand."""
 

@@ -45,7 +45,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     env["E2E_ROUTER"] = endpoints["router"]
     env["E2E_SIM"] = endpoints["simulator"]
     env["E2E_HOME"] = str(home)
-    env["LOCKGATE_HOME"] = str(home)  # the CLI finds the API keys `dev up` made there
+    env["LOCKGATE_HOME"] = str(home)  # the CLI finds the API keys and the trust file `dev up` made there
     yield env
     up.proc.send_signal(signal.SIGINT)
     assert up.proc.wait(60) == 0, up.output

@@ -17,7 +17,9 @@ from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
 from lockgate.server.apikeys import Bootstrap, bootstrap
-from lockgate.signing import Signer, publish_key
+from lockgate.server.service import ServiceContext
+from lockgate.services.gatekeeper.records import Records
+from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 from tests.helpers import grpc_key
@@ -56,6 +58,12 @@ def _auth(keys: Bootstrap) -> tuple[tuple[str, str], ...]:
 SIGNER = Signer.generate()
 
 
+@pytest.fixture(autouse=True)
+def _trusted(settings: Settings) -> None:
+    """SIGNER stands in for the gatekeeper: its key is in the trust file the gateway reads."""
+    trust_key(trust_file_path(settings), SIGNER.public)
+
+
 def decision(release: str, verdict: str = "PASS") -> GateDecided:
     return SIGNER.sign(GateDecided(
         release=release,
@@ -75,7 +83,6 @@ def decision(release: str, verdict: str = "PASS") -> GateDecided:
 
 
 async def put_decision(bus: Bus, d: GateDecided) -> None:
-    await publish_key(bus, SIGNER)  # as the gatekeeper does before its first decision
     kv = await bus.kv(bus.subjects.kv_gates)
     await kv.put(token(d.release), encode(d))
 
@@ -278,3 +285,60 @@ async def test_tls_when_configured(context: Any, run_services: Callable[..., Any
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await gates_pb2_grpc.GatesStub(plain).GetDecision(gates_pb2.GetDecisionRequest(release="x"), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_names_that_used_to_share_a_key_get_their_own_decision(
+    context: ServiceContext, channel: grpc.aio.Channel
+) -> None:
+    # Issue 7: `shop.v3` and `shop_v3` mapped to one KV key, so asking for the BLOCKed `shop.v3`
+    # returned `shop_v3`'s PASS. Both are written through the gatekeeper's own write path.
+    stub = gates_pb2_grpc.GatesStub(channel)
+    records = Records(context)
+    blocked, passed = decision("shop.v3", "FAIL"), decision("shop_v3")
+    await records.announce(blocked, key="k-blocked")
+    await records.announce(passed, key="k-passed")
+
+    for release, want in (("shop.v3", blocked), ("shop_v3", passed)):
+        got = await stub.GetDecision(gates_pb2.GetDecisionRequest(release=release), timeout=10)
+        assert (got.release, got.decision, got.id) == (release, want.decision, want.id)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetDecision(gates_pb2.GetDecisionRequest(release="shop-v3"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # Names outside the grammar are refused at the edge, never mapped onto someone else's key.
+    for bad in ("shop v3", "shop*v3", "shop>v3"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetDecision(gates_pb2.GetDecisionRequest(release=bad), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "invalid release" in err.value.details() and "no spaces or wildcards" in err.value.details()
+
+
+async def test_a_decision_stored_under_another_release_is_refused(bus: Bus, channel: grpc.aio.Channel) -> None:
+    # A validly signed PASS for `shop_v3`, copied under `shop.v3`'s key, must not answer for `shop.v3`.
+    stub = gates_pb2_grpc.GatesStub(channel)
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token("shop.v3"), encode(decision("shop_v3")))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetDecision(gates_pb2.GetDecisionRequest(release="shop.v3"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is for 'shop_v3'" in err.value.details()
+
+
+async def test_get_decision_refuses_unknown_revoked_and_unsigned_keys(
+    bus: Bus, settings: Settings, channel: grpc.aio.Channel
+) -> None:
+    stub = gates_pb2_grpc.GatesStub(channel)
+    rogue, retired = Signer.generate(), Signer.generate()
+    await publish_key(bus, rogue)  # announced on the bus: must make no difference
+    trust_key(trust_file_path(settings), retired.public)
+    revoke_key(trust_file_path(settings), retired.key_id)
+    kv = await bus.kv(bus.subjects.kv_gates)
+    cases = {"r-rogue": (rogue.sign, "unknown key id"), "r-retired": (retired.sign, "revoked key id"),
+             "r-unsigned": (lambda d: d, "is not signed")}
+    for release, (sign, _) in cases.items():
+        await kv.put(token(release), encode(sign(GateDecided(release=release, decision="PASS", rules=[]))))
+    for release, (_, reason) in cases.items():
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetDecision(gates_pb2.GetDecisionRequest(release=release), timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert reason in err.value.details()

@@ -15,7 +15,7 @@ from lockgate.contracts import DeadLetter, GateDecided, InferenceEvent, RolloutS
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.services.router.domain import Route, Target
-from lockgate.signing import Signer, publish_key
+from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import register_model_release, sink_stored, store_pass
@@ -59,9 +59,9 @@ def router(services: Any) -> Any:
 
 @pytest.fixture
 async def signer(context: ServiceContext) -> Signer:
-    """A gatekeeper stand-in whose public key is in the KV keyring, so the router trusts its decisions."""
+    """A gatekeeper stand-in whose public key is in the trust file, so the router trusts its decisions."""
     s = Signer.generate()
-    await publish_key(context.bus, s)
+    trust_key(trust_file_path(context.settings), s.public)
     return s
 
 
@@ -515,7 +515,7 @@ async def test_provider_key_comes_from_lockgate_config_never_from_the_client(
         # The default route's `default` endpoint is not in this allow-list: refused, nothing sent.
         assert resp.status == 502 and "not configured" in (await resp.json())["error"]["message"]
     await register_model_release(context.bus, "p1", "m", "openai-prod")
-    await store_pass(context.bus, "p1")
+    await store_pass(context.bus, "p1", context.settings)
     async with aiohttp.ClientSession(headers=bearer(keys.admin_key)) as c:
         async with c.put(f"{router.url}/lockgate/v1/deployments/chat",
                          json={"stable_release": "p1", "canary_release": "r1"}) as resp:
@@ -528,3 +528,82 @@ async def test_provider_key_comes_from_lockgate_config_never_from_the_client(
                           headers=bearer(keys.app_key)) as resp:
             assert resp.status == 200
     assert stable.authorizations == ["Bearer sk-provider-held-by-lockgate"]
+
+
+async def test_bad_deployment_names_are_refused_and_later_changes_still_apply(
+    router: Any, http: aiohttp.ClientSession, context: ServiceContext
+) -> None:
+    # Issue 7: a deployment named `a*b` stuck at the head of the route outbox and every later
+    # route change failed until restart. Now it is refused at the edge with a clear 400.
+    base = f"{router.url}/lockgate/v1/deployments"
+    body = {"stable_release": "r1", "canary_release": "r2"}
+    for bad in ("a%2Ab", "a%20b", "a%3Eb", ".a"):
+        async with http.put(f"{base}/{bad}", json=body) as resp:
+            assert resp.status == 400, await resp.text()
+            assert "invalid deployment" in (await resp.json())["error"]["message"]
+        async with http.post(f"{base}/{bad}/promote") as resp:
+            assert resp.status == 400
+    async with http.put(f"{base}/chat", json={"stable_release": "r1", "canary_release": "r*2"}) as resp:
+        assert resp.status == 400 and "canary_release" in (await resp.json())["error"]["message"]
+    async with http.post(f"{router.url}/v1/chat/completions", json=_chat(),
+                         headers={"x-lockgate-deployment": "a*b"}) as resp:
+        assert resp.status == 400 and "x-lockgate-deployment" in (await resp.json())["error"]["message"]
+
+    # A later valid change applies, and a dotted name gets a key of its own, not `chat_eu`'s.
+    for name in ("chat.eu", "chat_eu"):
+        async with http.put(f"{base}/{name}", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["deployment"] == name
+    kv = await context.bus.kv(context.bus.subjects.kv_routes)
+    for name in ("chat.eu", "chat_eu"):
+        stored = msgspec.json.decode((await kv.get(token(name))).value, type=Route)
+        assert (stored.deployment, stored.canary.release) == (name, "r2")
+
+
+async def test_routes_with_escaped_keys_are_restored_under_their_names(
+    context: ServiceContext, run_services: Any, sims: Any, http: aiohttp.ClientSession
+) -> None:
+    stable, canary = sims
+    route = Route(deployment="chat.eu", stable=Target(release="r1"), canary=Target(release="r2", endpoint="canary"),
+                  weight=100.0)
+    kv = await context.bus.kv(context.bus.subjects.kv_routes)
+    await kv.put(token("chat.eu"), msgspec.json.encode(route))
+    router = (await run_services("router"))["router"]
+    async with http.get(f"{router.url}/lockgate/v1/deployments/chat.eu") as resp:
+        assert (await resp.json())["weight"] == 100.0
+    async with http.post(f"{router.url}/v1/chat/completions", json=_chat(),
+                         headers={"x-lockgate-deployment": "chat.eu"}) as resp:
+        assert resp.headers["x-lockgate-variant"] == "canary"
+
+
+async def test_untrusted_decisions_move_no_traffic_and_are_dead_lettered(
+    router: Any, http: aiohttp.ClientSession, signer: Signer, context: ServiceContext
+) -> None:
+    # Issue 7: a PASS signed with a freshly generated key, announced in the open keys bucket, moved
+    # a canary from 10% to 25%. Trust now comes only from the trust file; the bucket is never read.
+    bus = router.ctx.bus
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("router"))
+    await _start_canary(http, router)
+    rogue, retired = Signer.generate(), Signer.generate()
+    await publish_key(bus, rogue)
+    trust_file = trust_file_path(context.settings)
+    trust_key(trust_file, retired.public)
+    revoke_key(trust_file, retired.key_id)
+    attacks = [
+        (rogue.sign(GateDecided(release="r2", decision="PASS", rules=[])), "unknown key id"),
+        (GateDecided(release="r2", decision="PASS", rules=[]), "is not signed"),
+        (retired.sign(GateDecided(release="r2", decision="PASS", rules=[])), "revoked key id"),
+        # A genuine PASS for r1 replayed on r2's subject must not count for r2 either.
+        (gate(signer, release="r1", decision="PASS"), "arrived on"),
+    ]
+    for forged, _ in attacks:
+        await bus.publish(bus.subjects.gate_decided("r2"), forged)
+    for forged, reason in attacks:
+        letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=10)).data)
+        assert letter.error.startswith("signature invalid") or "refusing it" in letter.error, letter.error
+        assert reason in letter.error and forged.id in letter.error
+    route = router.rollouts.route("chat")
+    assert (route.phase, route.weight) == ("idle", 0.0)  # r2 was never gated: no forged PASS admits it
+    # The consumer is still acting on trusted decisions.
+    await bus.publish(bus.subjects.gate_decided("r2"), gate(signer, decision="BLOCK"))
+    await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)

@@ -14,7 +14,7 @@ from lockgate.config import Settings
 from lockgate.contracts import GateDecided, RolloutState
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
-from lockgate.signing import Signer, publish_key
+from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
@@ -60,12 +60,12 @@ async def test_canary_on_one_replica_is_routed_and_promoted_once_by_both(
 ) -> None:
     a, b = replicas
     signer = Signer.generate()
-    await publish_key(bus, signer)
+    trust_key(trust_file_path(a.ctx.settings), signer.public)
     sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
 
     await register_model_release(bus, "r1")
     await register_model_release(bus, "r2")
-    await store_pass(bus, "r1")  # the stable release passed its gate
+    await store_pass(bus, "r1", a.ctx.settings)  # the stable release passed its gate
     async with aiohttp.ClientSession(headers=admin_headers(a.ctx.settings.home)) as http:
         body = {"stable_release": "r1", "canary_release": "r2"}
         async with http.put(f"{a.url}/lockgate/v1/deployments/chat", json=body) as resp:

@@ -72,7 +72,9 @@ def test_start_canary_defaults() -> None:
     ("body", "part"),
     [
         ({"stable_release": "a", "canary_release": "a"}, "differ"),
-        ({"stable_release": "a", "canary_release": " "}, "non-empty"),
+        # Blank and wildcard names break the name grammar (they once shared KV keys with others).
+        ({"stable_release": "a", "canary_release": " "}, r"at `\$.canary_release`"),
+        ({"stable_release": "a*b", "canary_release": "b"}, r"at `\$.stable_release`"),
         ({"stable_release": "a", "canary_release": "b", "initial_weight": 101}, r"<= 100.0 - at `\$.initial_weight`"),
         # a rollout names releases only: never an upstream URL or a model
         ({"stable_release": "a", "canary_release": "b", "canary_upstream": "http://x"}, "canary_upstream"),

@@ -7,6 +7,7 @@ from typing import Literal
 import msgspec
 
 from lockgate.contracts.envelope import Event
+from lockgate.contracts.names import Name, OptName
 
 ArtifactKind = Literal["dataset", "prompt", "model_config", "tool", "environment", "eval_suite", "policy"]
 
@@ -27,10 +28,10 @@ class ArtifactRegistered(Event, frozen=True, kw_only=True, tag="lockgate.artifac
 class ReleaseRegistered(Event, frozen=True, kw_only=True, tag="lockgate.release.registered"):
     """A release: a named set of artifact versions (`kind/name` -> hash)."""
 
-    release: str
-    app: str
+    release: Name
+    app: Name
     artifacts: dict[str, str]
-    parent: str = ""
+    parent: OptName = ""
     description: str = ""
 
 

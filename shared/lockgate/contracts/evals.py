@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from lockgate.contracts.envelope import Event
+from lockgate.contracts.names import Name, OptName
 
 
 class MetricInterval(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,11 +41,11 @@ class EvalRequested(Event, frozen=True, kw_only=True, tag="lockgate.eval.request
     """Run the suite artifact `suite` against `endpoint` for `release`."""
 
     run_id: str
-    release: str
+    release: Name
     suite: str
     endpoint: str
     model: str = ""
-    baseline: str = ""
+    baseline: OptName = ""
     policy: str = ""
     concurrency: int = 8
     timeout_s: float = 30.0
@@ -55,9 +56,9 @@ class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.complet
     """Aggregates of a finished eval run; per-case rows are in `eval_cases`."""
 
     run_id: str
-    release: str
+    release: Name
     suite: str
-    baseline: str = ""
+    baseline: OptName = ""
     policy: str = ""
     status: str = "completed"
     n_cases: int = 0

@@ -7,6 +7,7 @@ from typing import Literal
 import msgspec
 
 from lockgate.contracts.envelope import Event
+from lockgate.contracts.names import Name, OptName
 
 Verdict = Literal["PASS", "FAIL", "INCONCLUSIVE", "ERROR", "NO_DATA"]
 Decision = Literal["PASS", "BLOCK", "NEEDS_REVIEW"]
@@ -32,12 +33,12 @@ class RuleResult(msgspec.Struct, frozen=True, kw_only=True):
 class GateDecided(Event, frozen=True, kw_only=True, tag="lockgate.gate.decided"):
     """The gate's decision for a release, with one RuleResult per rule."""
 
-    release: str
+    release: Name
     decision: Decision
     rules: list[RuleResult]
     eval_run: str = ""
     policy: str = ""
-    baseline: str = ""
+    baseline: OptName = ""
     artifacts: dict[str, str] = {}
     reason: str = ""
     signature: str = ""
@@ -49,7 +50,7 @@ class GateDecided(Event, frozen=True, kw_only=True, tag="lockgate.gate.decided")
 class GateReview(Event, frozen=True, kw_only=True, tag="lockgate.gate.review"):
     """A human approval or rejection of a release waiting in NEEDS_REVIEW (or an override)."""
 
-    release: str
+    release: Name
     action: Literal["approve", "reject"]
     actor: str
     reason: str
