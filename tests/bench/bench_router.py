@@ -19,7 +19,7 @@ import aiohttp
 
 from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import bootstrap
-from lockgate.signing import Signer, publish_key
+from lockgate.signing import Signer, trust_file_path, trust_key
 from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process, stack
 from tests.helpers import register_model_release
 
@@ -101,8 +101,8 @@ async def _overhead(env: BenchEnv) -> dict[str, Any]:
 async def _reaction(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, Any]:
     async with stack(env, "router") as st:
         router, bus = st.services["router"], st.ctx.bus
-        signer = Signer.generate()  # the router acts only on decisions signed by a key in the KV keyring
-        await publish_key(bus, signer)
+        signer = Signer.generate()  # the router acts only on decisions signed by a key its trust file holds
+        trust_key(trust_file_path(st.ctx.settings), signer.public)
         samples: list[float] = []
         await register_model_release(bus, "base")
         for i in range(TRIALS):
