@@ -11,6 +11,7 @@ the secret, so a scrubbed text still says what was there.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import string
@@ -106,6 +107,19 @@ def scrub_secrets(text: str) -> str:
     """Replace API keys, tokens, passwords and private keys with a marker (context words are kept)."""
     if len(text) < _MIN_SECRET:
         return text
+    # Short values (attribute values, session ids, routes) repeat across events: remember their result.
+    return _scrub_short(text) if len(text) <= _SHORT else _scrub(text)
+
+
+_SHORT = 256
+
+
+@functools.lru_cache(maxsize=65_536)
+def _scrub_short(text: str) -> str:
+    return _scrub(text)
+
+
+def _scrub(text: str) -> str:
     lower = text.lower()
     found = {t for t in _TRIGGERS if t in lower}
     if not found and len(text) < 40:  # no trigger, and too short for a bare AWS secret key
@@ -126,18 +140,20 @@ def scrub_bytes(data: bytes) -> bytes:
     return data if scrubbed == text else scrubbed.encode("utf-8", "surrogateescape")
 
 
+@functools.lru_cache(maxsize=4096)
 def secret_name(name: str) -> bool:
     """Whether a header or attribute name says its value is a credential (Authorization, X-Api-Key, ...)."""
     return SECRET_NAMES.search(name) is not None
 
 
-def scrub_mapping(values: Mapping[str, str]) -> dict[str, str]:
-    """Keys and values scrubbed; the value of a credential-named key is masked whole."""
-    if not any(secret_name(key) for key in values):
-        # One scrub pass over everything joined is much cheaper than one per key and value.
-        joined = "\x00".join(f"{key}\x00{value}" for key, value in values.items())
-        if scrub_secrets(joined) == joined:
-            return dict(values)
+def scrub_mapping(values: Mapping[str, str]) -> Mapping[str, str]:
+    """Keys and values scrubbed (the same mapping back when nothing changed); the value of a
+    credential-named key is masked whole."""
+    for key, value in values.items():
+        if secret_name(key) or scrub_secrets(key) != key or scrub_secrets(str(value)) != value:
+            break
+    else:
+        return values
     out: dict[str, str] = {}
     for key, value in values.items():
         out[scrub_secrets(key)] = MARK if secret_name(key) else scrub_secrets(str(value))
