@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +12,28 @@ import sysconfig
 from pathlib import Path
 
 from lockgate.errors import ConfigError
+from lockgate.permissions import IDENTITIES, grant
+from lockgate.subjects import Subjects
+
+
+def auth_config(subjects: Subjects, passwords: dict[str, str], *, tls_cert: str = "", tls_key: str = "",
+                tls_ca: str = "") -> str:
+    """nats-server configuration: one user per identity with the permissions of permissions.py,
+    and TLS on the client listener when a certificate is given. JSON is valid NATS config."""
+    users = []
+    for identity in IDENTITIES:
+        g = grant(subjects, identity)
+        perms: dict[str, object] = {"publish": {"allow": g.publish}, "subscribe": {"allow": g.subscribe}}
+        if g.responses:
+            perms["allow_responses"] = True
+        users.append({"user": identity, "password": passwords[identity], "permissions": perms})
+    conf: dict[str, object] = {"authorization": {"users": users}}
+    if tls_cert and tls_key:
+        tls: dict[str, object] = {"cert_file": tls_cert, "key_file": tls_key}
+        if tls_ca:
+            tls |= {"ca_file": tls_ca, "verify": True}
+        conf["tls"] = tls
+    return json.dumps(conf, indent=1)
 
 
 def binary() -> str:
@@ -39,23 +63,36 @@ class NatsServer:
     goroutine after that line, with no line of its own, so reading it would mean polling.
     """
 
-    def __init__(self, store_dir: str | Path, *, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(self, store_dir: str | Path, *, port: int = 0, host: str = "127.0.0.1", config: str = "",
+                 tls: bool = False) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port
+        # Users, permissions and TLS (auth_config); empty runs an open server (the test suite's shared one).
+        self.config = config
+        self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         """The client URL (with the bound port once started)."""
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
 
     async def start(self, timeout_s: float = 20.0) -> None:
         """Start the server and wait until it reports ready."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        args = [binary(), "-js", "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port or -1)]
+        if self.config:
+            # The file holds passwords: created 0600, rewritten each start so it follows the table.
+            path = self.store_dir / "server.conf"
+            path.unlink(missing_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(self.config)
+            args += ["-c", str(path)]
         # Popen only forks and execs; the wait for readiness below runs in a thread.
         self.proc = subprocess.Popen(  # noqa: ASYNC220
-            [binary(), "-js", "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port or -1)],
+            args,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
