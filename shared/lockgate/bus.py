@@ -159,7 +159,7 @@ class Bus:
 
     def refused(self, subject: str, action: str = "publish to") -> NotAllowed | None:
         """A NotAllowed error if the server refused `subject` to this connection, else None."""
-        if subject in self.denied:
+        if subject.lower() in (d.lower() for d in self.denied):  # nats-py lowercases the server's message
             who = self.auth.user or "this connection"
             return NotAllowed(f"{who!r} may not {action} {subject} (NATS permissions violation)")
         return None

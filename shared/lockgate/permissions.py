@@ -43,7 +43,8 @@ def inbox(identity: str) -> str:
 
 def _base(identity: str) -> Grant:
     # Every connection reads its own replies (requests, JetStream API, pull fetches, KV watches).
-    return Grant(publish=["$JS.API.INFO"], subscribe=[f"{inbox(identity)}.>"])
+    # STREAM.NAMES (names only) is how nats-py finds the stream behind an object-store subject.
+    return Grant(publish=["$JS.API.INFO", "$JS.API.STREAM.NAMES"], subscribe=[f"{inbox(identity)}.>"])
 
 
 def _read_stream(stream: str) -> Grant:
