@@ -161,7 +161,8 @@ class Bus:
         """A NotAllowed error if the server refused `subject` to this connection, else None."""
         if subject.lower() in (d.lower() for d in self.denied):  # nats-py lowercases the server's message
             who = self.auth.user or "this connection"
-            return NotAllowed(f"{who!r} may not {action} {subject} (NATS permissions violation)")
+            return NotAllowed(f"{who!r} may not {action} {subject} (NATS permissions violation); "
+                              "from the CLI, a role that may: --role approver for reviews, operator for runs")
         return None
 
     def include(self, consumers: Consumers) -> None:
