@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -145,6 +146,9 @@ class Bus:
             # Raised from the callback, it ends nats-py's first-connect loop, which would otherwise
             # retry wrong credentials forever (max_reconnect_attempts=-1).
             raise self._bad_credentials()
+        if self.nc is None and isinstance(exc, ssl.SSLError):
+            # A certificate that does not verify will not verify on the next attempt either.
+            raise BusUnavailable(f"TLS to NATS at {self.url} failed: {exc} (check LOCKGATE_TLS_CA)")
         if "permissions violation" in text.lower():
             # 'nats: Permissions Violation for Publish to "lg.gate.decided.x"': keep the subject
             self.denied.append(text.rpartition(" to ")[2].strip().strip('"'))

@@ -16,6 +16,7 @@ from lockgate.client import Client
 from lockgate.config import Settings
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview, InferenceEvent
 from lockgate.credentials import NotAllowed
+from lockgate.errors import BusUnavailable
 from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.subjects import Subjects
 
@@ -135,3 +136,58 @@ async def test_an_sdk_application_sends_inference_events_only(secured) -> None:
             await bus.publish(bus.subjects.gate_decided("shop-v2"), _decision("shop-v2"))
     finally:
         await bus.close()
+
+
+def _tls_files(where: Path) -> tuple[str, str, str]:
+    """A CA and a server certificate for 127.0.0.1, written as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(name: str, key, issuer_name: str, issuer_key, ca: bool) -> x509.Certificate:
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(hours=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("lockgate test CA", ca_key, "lockgate test CA", ca_key, True)
+    server = cert("127.0.0.1", server_key, "lockgate test CA", ca_key, False)
+    paths = (where / "ca.pem", where / "server.pem", where / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return tuple(str(p) for p in paths)  # type: ignore[return-value]
+
+
+async def test_tls_is_configurable_for_server_and_clients(tmp_path: Path, unique: str) -> None:
+    ca, cert, key = _tls_files(tmp_path)
+    config = auth_config(Subjects(unique), credentials.ensure(tmp_path), tls_cert=cert, tls_key=key)
+    server = NatsServer(tmp_path / "nats", config=config, tls=True)
+    await server.start()
+    try:
+        assert server.url.startswith("tls://")
+        settings = Settings(prefix=unique, home=str(tmp_path), nats_url=server.url, tls_ca=ca)
+        admin = await _bus(settings, "admin")  # verifies the server against the configured CA
+        await admin.close()
+        # without the CA the server's certificate is not trusted: no connection
+        plain = credentials.for_identity(settings.replace(tls_ca=""), "admin").options()
+        with pytest.raises((OSError, nats.errors.Error)):
+            await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5,
+                               **plain)
+        with pytest.raises(BusUnavailable, match="TLS to NATS"):  # and the bus says so instead of retrying
+            await _bus(settings.replace(tls_ca=""), "admin")
+    finally:
+        server.stop()
