@@ -113,6 +113,7 @@ class Bus:
         self.manage_topology = manage_topology
         # Subjects the server refused this connection (permissions violations arrive asynchronously).
         self.denied: list[str] = []
+        self._waiters: list[tuple[str, asyncio.Future[None]]] = []
         self.servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: comma-separated URLs
         self.nc: nats.NATS | None = None
         self.js: Any = None
@@ -151,8 +152,13 @@ class Bus:
             raise BusUnavailable(f"TLS to NATS at {self.url} failed: {exc} (check LOCKGATE_TLS_CA)")
         if "permissions violation" in text.lower():
             # 'nats: Permissions Violation for Publish to "lg.gate.decided.x"': keep the subject
-            self.denied.append(text.rpartition(" to ")[2].strip().strip('"'))
-            log.warning("%s: %s", self.name, text)
+            subject = text.rpartition(" to ")[2].strip().strip('"')
+            self.denied.append(subject)
+            for waiting, fut in self._waiters:
+                if waiting == subject.lower() and not fut.done():
+                    fut.set_result(None)
+            # A refused publish raises NotAllowed to its caller; a refused subscription has no caller to tell.
+            log.log(logging.INFO if "for publish" in text.lower() else logging.WARNING, "%s: %s", self.name, text)
         else:
             log.debug("%s: NATS error %s", self.name, text)
 
@@ -243,15 +249,21 @@ class Bus:
         if msg_id:
             hdrs["Nats-Msg-Id"] = msg_id
         telemetry.inject(hdrs)
+        if refused := self.refused(subject):  # permissions do not change while connected
+            raise refused
         pub = asyncio.ensure_future(self.js.publish(subject, data, headers=hdrs, timeout=5))
         if self.auth.enabled:
-            # The server answers a refused publish with -ERR before the PONG of this flush, so a
-            # permissions violation is known now instead of after the publish's timeout.
-            with contextlib.suppress(nats.errors.Error, TimeoutError):
-                await self.nc.flush(timeout=5)
-            if refused := self.refused(subject):
+            # A refused publish gets no acknowledgement, only an -ERR: wait for whichever comes
+            # first, so a permissions violation is reported at once instead of after the timeout.
+            denied = asyncio.get_running_loop().create_future()
+            self._waiters.append((subject.lower(), denied))
+            try:
+                await asyncio.wait({pub, denied}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._waiters.remove((subject.lower(), denied))
+            if denied.done():
                 pub.cancel()
-                raise refused
+                raise self.refused(subject) or NotAllowed(f"NATS refused a publish to {subject}")
         try:
             return await pub
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
