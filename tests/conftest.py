@@ -10,7 +10,9 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from lockgate import metrics
 from lockgate.bus import Bus
 from lockgate.config import Settings
 from lockgate.server.natsserver import NatsServer
@@ -39,6 +41,15 @@ def chdb_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 def unique() -> str:
     """A short unique token for names in this test."""
     return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def metric_reader() -> Iterator[InMemoryMetricReader]:
+    """This test's own MeterProvider (as a runtime installs one), read in memory and at /metrics."""
+    reader = InMemoryMetricReader()
+    provider = metrics.install("lockgate-test", readers=[reader])
+    yield reader
+    metrics.shutdown(provider)
 
 
 @pytest.fixture
@@ -94,7 +105,7 @@ async def _delete_topology(settings: Settings) -> None:
         with contextlib.suppress(Exception):
             await js.delete_stream(spec.name)
     for bucket in (subjects.kv_gates, subjects.kv_routes, subjects.kv_keys, subjects.kv_drift,
-                   subjects.kv_eval_cache):
+                   subjects.kv_eval_cache, subjects.kv_releases, subjects.kv_eval_runs):
         with contextlib.suppress(Exception):
             await js.delete_key_value(bucket)
     with contextlib.suppress(Exception):

@@ -8,6 +8,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lockgate.server.service import Progress
 
@@ -17,12 +18,13 @@ async def eventually(check: Callable[[], bool], progress: Sequence[Progress], ti
     """Re-check `check()` each time one of the services reports progress, until true or timeout."""
     deadline = time.monotonic() + timeout_s
     while True:
+        # Counts read before the check, so progress made while it runs wakes the wait below.
+        seen = [p.count for p in progress]
         if await asyncio.to_thread(check):
             return
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError(f"{what} not reached within {timeout_s:.0f}s")
-        seen = [p.count for p in progress]
         waits = [asyncio.create_task(p.wait_for(c + 1, remaining)) for p, c in zip(progress, seen, strict=True)]
         done, pending = await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
@@ -65,3 +67,80 @@ _ENDPOINT = re.compile(r"^  (\w+)\s+([a-z][a-z0-9+.-]*://\S+|\S+:\d+)(?:\s|$)")
 def printed_endpoints(output: str) -> dict[str, str]:
     """The endpoints a `lockgate up`-style command printed, by name (the URL without any note after it)."""
     return {m[1]: m[2] for line in output.splitlines() if (m := _ENDPOINT.match(line))}
+
+
+def admin_headers(home: str) -> dict[str, str]:
+    """Authorization of the admin key `lockgate up` would make in this home (made on first use)."""
+    from lockgate.server.apikeys import bootstrap
+
+    return {"Authorization": f"Bearer {bootstrap(home).admin_key}"}
+
+
+async def store_pass(bus: Any, release: str, settings: Any) -> None:
+    """A PASS for `release` in the gates KV, signed by a key the settings' trust file trusts (a gatekeeper
+    stand-in)."""
+    import msgspec
+
+    from lockgate.contracts import GateDecided
+    from lockgate.signing import Signer, trust_file_path, trust_key
+    from lockgate.subjects import token
+
+    signer = Signer.generate()
+    trust_key(trust_file_path(settings), signer.public)
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token(release), msgspec.json.encode(signer.sign(GateDecided(release=release, rules=[],
+                                                                             decision="PASS"))))
+
+
+async def register_model_release(bus: Any, release: str, model: str = "m", endpoint: str = "default",
+                                 **params: Any) -> None:
+    """Register a release whose model config sends it to `endpoint` with `model` (the router serves it so)."""
+    from lockgate import artifacts
+
+    config = await artifacts.register(bus, "model_config", f"{release}-config",
+                                      {"model": model, "endpoint": endpoint, **params})
+    await artifacts.register_release(bus, release, "shop", {f"model_config/{release}-config": config.hash})
+
+
+def grpc_key(key: str) -> list[Any]:
+    """Client interceptors that present `key` as `authorization: Bearer ...` on unary gRPC calls.
+
+    Streaming calls pass `metadata=` themselves: an intercepted stream hides its initial metadata.
+    """
+    import grpc
+
+    class _Auth(grpc.aio.UnaryUnaryClientInterceptor):
+        def _details(self, d: Any) -> Any:
+            metadata = grpc.aio.Metadata(*(d.metadata or ()), ("authorization", f"Bearer {key}"))
+            return grpc.aio.ClientCallDetails(d.method, d.timeout, metadata, d.credentials, d.wait_for_ready)
+
+        async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+            return await continuation(self._details(details), request)
+
+    return [_Auth()]
+
+
+async def sink_stored(sink: object, timeout_s: float = 30.0, **tables: int) -> None:
+    """Wait until the sink's handlers have handled at least N messages for each named table."""
+    for table, n in tables.items():
+        await sink.progress(table).wait_for(n, timeout_s)  # type: ignore[attr-defined]
+
+
+def metric_points(reader: Any, name: str) -> dict[tuple[tuple[str, Any], ...], Any]:
+    """One metric's points from an InMemoryMetricReader, by sorted attributes: a counter's value or
+    a histogram's count."""
+    out: dict[tuple[tuple[str, Any], ...], Any] = {}
+    data = reader.get_metrics_data()
+    for rm in data.resource_metrics if data else ():
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        value = point.value if hasattr(point, "value") else point.count
+                        out[tuple(sorted((point.attributes or {}).items()))] = value
+    return out
+
+
+def dead_letters(reader: Any) -> int:
+    """Dead letters counted by the metrics, all origins together."""
+    return int(sum(metric_points(reader, "lockgate.dead_letters").values()))

@@ -12,8 +12,9 @@ from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console
 from lockgate.cli.stack import _until_signalled, embedded_settings, serve_stack, up_options
 from lockgate.config import Settings
+from lockgate.server.apikeys import FILE, KeyStore, read_credential
 from lockgate_dev import sim as simulator
-from lockgate_dev.demo import demo_sim_config, run_demo
+from lockgate_dev.demo import APP, demo_sim_config, run_demo
 
 
 async def _dev_up(settings: Settings, sim_port: int, demo: bool) -> None:
@@ -24,20 +25,32 @@ async def _dev_up(settings: Settings, sim_port: int, demo: bool) -> None:
     settings = settings.replace(
         stable_upstream=server.url if settings.stable_upstream == default.stable_upstream else None,
         canary_upstream=server.url if settings.canary_upstream == default.canary_upstream else None,
+        app=APP if demo and settings.app == default.app else None,  # the first app key is the demo's
     )
 
     async def on_ready(runtime: object) -> None:
         if demo:
             assert runtime.ctx is not None  # type: ignore[attr-defined]
             router = runtime.services["router"]  # type: ignore[attr-defined]
+            admin_key, app_key = _demo_keys(settings.home)
             await run_demo(runtime.ctx.bus, router_url=router.url, sim_url=server.url,  # type: ignore[attr-defined]
-                           console=console)
+                           console=console, admin_key=admin_key, app_key=app_key)
 
     try:
         await serve_stack(settings, extra={"simulator": server.url + "  (simulated LLM upstream)"},
                           on_ready=on_ready)
     finally:
         await server.stop()
+
+
+def _demo_keys(home: str) -> tuple[str, str]:
+    """The admin key `up` made, and an app key for the demo's app (made once if the first is another app's)."""
+    creds = f"{home}/credentials"
+    admin_key, app_key = read_credential(f"{creds}/router-admin.key"), read_credential(f"{creds}/router-app.key")
+    store = KeyStore(home)
+    if store.authenticate(app_key).app != APP:
+        app_key, _ = store.create("default", APP, description="demo traffic")
+    return admin_key, app_key
 
 
 def register(cli: click.Group) -> None:
@@ -86,10 +99,13 @@ def register(cli: click.Group) -> None:
     @click.option("--router", "router_url", default="http://127.0.0.1:8080", show_default=True)
     @click.option("--sim", "sim_url", default="http://127.0.0.1:9000/v1", show_default=True)
     @click.option("--traffic", default=1200, show_default=True, help="Minimum requests sent through the router.")
+    @click.option("--home", default=None, help=f"The stack's home (its {FILE} and credentials/); default: settings.")
     @click.pass_context
     @handle_errors
-    def demo(ctx: click.Context, router_url: str, sim_url: str, traffic: int) -> None:
+    def demo(ctx: click.Context, router_url: str, sim_url: str, traffic: int, home: str | None) -> None:
         """Run the demo against a running stack (`lockgate dev up` in another terminal)."""
+        admin_key, app_key = _demo_keys(home or ctx.obj["settings"].home)
         with_bus(ctx.obj["settings"], lambda bus: run_demo(bus, router_url=router_url, sim_url=sim_url,
-                                                             console=console, traffic=traffic),
+                                                             console=console, traffic=traffic, admin_key=admin_key,
+                                                             app_key=app_key),
                  role="admin")  # the demo plays every part: registers, evaluates, approves

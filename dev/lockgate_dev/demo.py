@@ -68,7 +68,8 @@ async def _register(bus: Bus) -> dict[str, dict[str, str]]:
     prompt = await artifacts.register(bus, "prompt", "shop-answer", suite_doc["prompt"])
     out = {}
     for release, model in MODELS.items():
-        config = await artifacts.register(bus, "model_config", f"shop-{model}", {"model": model, "temperature": 0})
+        config = await artifacts.register(bus, "model_config", f"shop-{model}", {"model": model, "endpoint": "default",
+                                                                                     "temperature": 0})
         arts = {"dataset/shop-qa": dataset.hash, "eval_suite/shop-qa": suite.hash,
                 "policy/shop-release-policy": policy.hash, "prompt/shop-answer": prompt.hash,
                 f"model_config/shop-{model}": config.hash}
@@ -90,8 +91,10 @@ async def _evaluate(bus: Bus, release: str, suite: str, policy: str, sim_url: st
         await sub.unsubscribe()
 
 
-async def _put_route(http: aiohttp.ClientSession, router_url: str, body: dict[str, Any]) -> dict[str, Any]:
-    async with http.put(f"{router_url}/lockgate/v1/deployments/{DEPLOYMENT}", json=body) as resp:
+async def _put_route(http: aiohttp.ClientSession, router_url: str, body: dict[str, Any],
+                     admin_key: str) -> dict[str, Any]:
+    async with http.put(f"{router_url}/lockgate/v1/deployments/{DEPLOYMENT}", json=body,
+                        headers={"Authorization": f"Bearer {admin_key}"}) as resp:
         data = await resp.json()
         if resp.status >= 400:
             raise LockgateError(f"router refused the rollout: {data}")
@@ -104,7 +107,7 @@ async def _traffic(http: aiohttp.ClientSession, router_url: str, done: asyncio.E
 
     async def one(i: int) -> None:
         trace_id = os.urandom(16).hex()
-        headers = {"x-lockgate-deployment": DEPLOYMENT, "x-lockgate-app": APP, "x-lockgate-user": f"user-{i % 97}",
+        headers = {"x-lockgate-deployment": DEPLOYMENT, "x-lockgate-user": f"user-{i % 97}",
                    "traceparent": f"00-{trace_id}-{os.urandom(8).hex()}-01"}
         body = {"model": MODELS[BASELINE], "messages": [{"role": "user", "content": f"Do you ship item {i % 13}?"}]}
         async with http.post(f"{router_url}/v1/chat/completions", json=body, headers=headers) as resp:
@@ -123,9 +126,9 @@ def _verdicts(decision: GateDecided) -> str:
                                                  if r.observed is not None else "") for r in decision.rules)
 
 
-async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
+async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console, admin_key: str, app_key: str,
                    traffic: int = 1200) -> dict[str, Any]:
-    """Drive the loop through a running stack and print what happened."""
+    """Drive the loop through a running stack and print what happened (admin key for routes, app key for traffic)."""
     say = console.print
     say("\n[bold]1. Register[/bold] dataset, prompt, eval suite, policy and model configs (content-addressed)")
     reg = await _register(bus)
@@ -153,14 +156,14 @@ async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
 
     sub = await bus.nc.subscribe(bus.subjects.rollout(DEPLOYMENT), cb=on_rollout)
     traces: list[str] = []
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {app_key}"}) as http:
         say(f"\n[bold]3. Canary {BAD}[/bold] through the router: the gate blocked it, so it gets 0% at once")
-        await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": BAD,
-                                            "canary_model": MODELS[BAD]})
+        await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": BAD},
+                        admin_key)
         say(f"\n[bold]4. Canary {GOOD}[/bold] under simulated traffic: the gate passed it, so it is promoted "
             "step by step")
-        await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": GOOD,
-                                            "canary_model": MODELS[GOOD]})
+        await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": GOOD},
+                        admin_key)
         sent = await asyncio.wait_for(_traffic(http, router_url, promoted, traffic, traces), 300)
     await sub.unsubscribe()
     for state in rollouts:

@@ -22,8 +22,10 @@ from typing import Annotated, Any, Self
 import msgspec
 from aiohttp import web
 
+from lockgate import metrics
 from lockgate.documents import NonNegative, load_yaml
 from lockgate.ids import uuid7
+from lockgate.llmwire import decode_request, last_user_text, text_of
 
 
 class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -55,14 +57,6 @@ def count_tokens(text: str) -> int:
     """Rough token count (~1.3 tokens per word), at least 1 for non-empty text."""
     words = len(text.split())
     return max(1, math.ceil(words * 1.3)) if text.strip() else 0
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
 
 
 def _pieces(answer: str) -> list[str]:
@@ -106,6 +100,9 @@ class SimServer:
         self.host = host
         self.port = port
         self.requests: dict[str, int] = {}
+        # The Authorization header of each chat request, in order: lets tests see which key reached
+        # the upstream (lockgate's provider credential, never the client's lockgate key).
+        self.authorizations: list[str | None] = []
         self._models = {n: _Model(n, s, config.seed) for n, s in config.models.items()}
         self._runner: web.AppRunner | None = None
         self._created = int(time.time())
@@ -125,6 +122,7 @@ class SimServer:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_get("/v1/models", self._list_models)
+        app.router.add_get("/metrics", metrics.serve_prometheus)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -150,28 +148,25 @@ class SimServer:
         return web.json_response({"object": "list", "data": data})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.authorizations.append(request.headers.get("Authorization"))
         try:
-            body = await request.json()
-        except ValueError:
+            body = decode_request(await request.read())
+        except msgspec.ValidationError as exc:
+            return _error(400, f"invalid request: {exc}", "invalid_request_error")
+        except msgspec.DecodeError:
             return _error(400, "request body is not valid JSON", "invalid_request_error")
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+        if not body.messages:
             return _error(400, "'messages' must be a non-empty list", "invalid_request_error")
-        name = body.get("model")
-        model = self._models.get(name) if isinstance(name, str) else None
+        model = self._models.get(body.model)
         if model is None:
-            return _error(404, f"The model '{name}' does not exist", "invalid_request_error", "model_not_found")
+            return _error(404, f"The model '{body.model}' does not exist", "invalid_request_error", "model_not_found")
         self.requests[model.name] = self.requests.get(model.name, 0) + 1
         delay, failed = model.draw()
-        messages = body["messages"]
-        prompt_text = " ".join(_text(m.get("content")) for m in messages if isinstance(m, dict))
-        last_user = next(
-            (_text(m.get("content")) for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
-            "",
-        )
-        answer = model.answers.get(last_user.strip(), model.spec.default)
+        prompt_text = " ".join(text_of(m.content) for m in body.messages)
+        answer = model.answers.get((last_user_text(body.messages) or "").strip(), model.spec.default)
         finish = "stop"
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
-        if isinstance(max_tokens, int) and max_tokens > 0:
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is not None and max_tokens > 0:
             words = answer.split()
             limit = max(1, int(max_tokens / 1.3))
             if len(words) > limit:
@@ -181,11 +176,10 @@ class SimServer:
             "completion_tokens": count_tokens(answer),
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        logprob = model.spec.logprob if body.get("logprobs") is True else None
+        logprob = model.spec.logprob if body.logprobs is True else None
         meta = {"id": "chatcmpl-" + uuid7().replace("-", "")[:24], "created": int(time.time()), "model": model.name}
-        if body.get("stream"):
-            opts = body.get("stream_options") or {}
-            include_usage = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
             return await self._stream(request, model, meta, answer, finish, usage, delay, failed, include_usage,
                                       logprob)
         if delay:

@@ -10,7 +10,7 @@ from lockgate.services.cost.handlers import CostHandlers
 
 
 class Cost(Service):
-    """Owns `cost_ledger`; publishes `cost.<tenant>`."""
+    """Prices inference events; publishes the `cost_ledger` fact and `cost.<tenant>` records."""
 
     name = "cost"
 

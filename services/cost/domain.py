@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from lockgate.contracts import CostRecord, InferenceEvent
+from lockgate.contracts import CostEntry, CostRecord, InferenceEvent
 from lockgate.pricebook import ModelPrice, PriceBook, PriceBookError, parse_price_book
 
 __all__ = ["ModelPrice", "PriceBook", "PriceBookError", "event_cost", "parse_price_book", "price_events"]
@@ -17,23 +17,17 @@ def event_cost(e: InferenceEvent, price: ModelPrice) -> float:
     return price.cost(e.input_tokens, e.output_tokens, e.cached_tokens)
 
 
-LEDGER_COLUMNS = ("event_id", "time", "tenant", "app", "deployment", "release", "model", "input_tokens",
-                  "output_tokens", "cached_tokens", "cost_usd", "priced", "price_book")
-
-
 class Priced(msgspec.Struct):
-    """A priced batch: ledger columns (one row per event) and one CostRecord per group."""
+    """A priced batch: one ledger entry per event and one CostRecord per group."""
 
-    columns: list[list[Any]]
+    entries: list[CostEntry]
     records: list[CostRecord]
     group_keys: list[tuple[str, str, str, str]]
 
 
 def price_events(events: Sequence[InferenceEvent], book: PriceBook) -> Priced:
     """Price every event; unknown models cost 0 and count as unpriced."""
-    cols: list[list[Any]] = [[] for _ in LEDGER_COLUMNS]
-    (c_id, c_time, c_tenant, c_app, c_dep, c_rel, c_model, c_in, c_out, c_cached, c_cost, c_priced,
-     c_book) = cols
+    entries: list[CostEntry] = []
     groups: dict[tuple[str, str, str, str], list[Any]] = {}
     models = book.models
     for e in events:
@@ -41,19 +35,10 @@ def price_events(events: Sequence[InferenceEvent], book: PriceBook) -> Priced:
         price = models.get(model) if model else None
         cost = event_cost(e, price) if price else 0.0
         model = model or e.model or e.response_model
-        c_id.append(e.id)
-        c_time.append(e.time)
-        c_tenant.append(e.tenant)
-        c_app.append(e.app)
-        c_dep.append(e.deployment)
-        c_rel.append(e.release)
-        c_model.append(model)
-        c_in.append(e.input_tokens)
-        c_out.append(e.output_tokens)
-        c_cached.append(e.cached_tokens)
-        c_cost.append(cost)
-        c_priced.append(price is not None)
-        c_book.append(book.hash)
+        entries.append(CostEntry(
+            event_id=e.id, time=e.time, tenant=e.tenant, app=e.app, deployment=e.deployment, release=e.release,
+            model=model, input_tokens=e.input_tokens, output_tokens=e.output_tokens,
+            cached_tokens=e.cached_tokens, cost_usd=cost, priced=price is not None))
         key = (e.tenant, e.app, e.deployment, model)
         g = groups.get(key)
         if g is None:
@@ -78,4 +63,4 @@ def price_events(events: Sequence[InferenceEvent], book: PriceBook) -> Priced:
         for (t, a, d, m) in keys
         for g in (groups[(t, a, d, m)],)
     ]
-    return Priced(columns=cols, records=records, group_keys=keys)
+    return Priced(entries=entries, records=records, group_keys=keys)

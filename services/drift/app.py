@@ -9,7 +9,7 @@ from lockgate.services.drift.handlers import DriftHandlers
 
 
 class Drift(Service):
-    """Owns `drift_reports`; publishes `drift.<deployment>`."""
+    """Watches inference events for drift; publishes `drift.<deployment>` reports (the sink stores them)."""
 
     name = "drift"
 

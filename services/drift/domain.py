@@ -159,13 +159,3 @@ class DriftMonitor:
             features=features, drifted=any(f.drifted for f in features),
         )
 
-
-REPORT_COLUMNS = ("id", "time", "deployment", "app", "window_start", "window_end", "reference_n", "current_n",
-                  "feature", "psi", "ks_stat", "ks_pvalue", "reference_mean", "current_mean", "drifted")
-
-
-def report_rows(r: DriftReport) -> list[tuple]:
-    """One drift_reports row per feature."""
-    return [(r.id, r.time, r.deployment, r.app, r.window_start, r.window_end, r.reference_n, r.current_n,
-             f.feature, f.psi, f.ks_stat, f.ks_pvalue, f.reference_mean, f.current_mean, f.drifted)
-            for f in r.features]

@@ -1,4 +1,4 @@
-"""NATS edge of the drift monitor: inference batches in, drift reports stored and published."""
+"""NATS edge of the drift monitor: inference batches in, drift reports published (the sink stores them)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ log = logging.getLogger("lockgate.drift")
 
 
 class DriftHandlers:
-    """Feeds the in-memory monitor; persists and announces each report it yields."""
+    """Feeds the in-memory monitor; announces each report it yields."""
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
@@ -29,7 +29,7 @@ class DriftHandlers:
         self.events = Progress()
         self.reports = Progress()
         self.resets = Progress()
-        # Reports computed but not yet stored and published (a failed emit is retried on redelivery),
+        # Reports computed but not yet published (a failed emit is retried on redelivery),
         # and recently observed message tokens, so a redelivered message is not counted twice.
         self._pending: list[DriftReport] = []
         self._seen: OrderedDict[str, None] = OrderedDict()
@@ -92,7 +92,5 @@ class DriftHandlers:
             await self.resets.bump()
 
     async def _emit(self, report: DriftReport) -> None:
-        await self.ctx.store.ainsert_rows("drift_reports", domain.REPORT_COLUMNS, domain.report_rows(report),
-                                          token=report.id)
         await self.ctx.bus.publish(self.ctx.bus.subjects.drift(report.deployment), report)
         await self.reports.bump()

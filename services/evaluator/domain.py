@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from lockgate.contracts import EvalCaseResult
 from lockgate.documents import ArtifactHash, NonEmpty, NonNegative, at, convert, reroot
 from lockgate.errors import ConfigError, LockgateError
 from lockgate.services.evaluator.scorers import ASYNC_SCORERS, check_scorer, get_scorer
@@ -324,15 +325,9 @@ def failure_summary(results: Sequence[CaseResult]) -> str:
     return f"all {len(results)} calls failed; first error: {results[0].error}"
 
 
-CASE_COLUMNS = ("run_id", "case_id", "repeat", "release", "input", "expected", "output", "scores",
-                "latency_ms", "input_tokens", "output_tokens", "error", "time", "details")
-
-
-def case_rows(run_id: str, release: str, results: Sequence[CaseResult], now: datetime) -> list[list[Any]]:
-    """`eval_cases` rows, in CASE_COLUMNS order."""
-    return [
-        [run_id, r.case_id, r.repeat, release, r.input, expected_text(r.expected), r.output, dict(r.scores),
-         r.latency_ms, r.input_tokens, r.output_tokens, r.error, now,
-         json.dumps(r.details, sort_keys=True) if r.details else ""]
-        for r in results
-    ]
+def case_fact(r: CaseResult) -> EvalCaseResult:
+    """One case as published for `eval_cases` (the expected value as text)."""
+    return EvalCaseResult(case_id=r.case_id, repeat=r.repeat, input=r.input, expected=expected_text(r.expected),
+                          output=r.output, scores=dict(r.scores), latency_ms=r.latency_ms,
+                          input_tokens=r.input_tokens, output_tokens=r.output_tokens, error=r.error,
+                          details=dict(r.details))

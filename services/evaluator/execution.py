@@ -7,7 +7,6 @@ import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import aiohttp
 
@@ -94,8 +93,8 @@ class Execution:
         ticker = Ticker(self._progress_sink(req.run_id), req.run_id, len(keys), done=len(finished),
                         errors=sum(1 for r in finished if r.error))
         await ticker.send()
-        writer = persist.CaseWriter(self.ctx.store, req.run_id, req.release)
-        writer.start()
+        writer = persist.CaseWriter(self.ctx.bus, req.run_id, req.release, tenant=req.tenant,
+                                    capacity=max(1, len(keys) - len(finished)))
 
         async def on_result(result: domain.CaseResult) -> None:
             writer.add(result)
@@ -107,7 +106,8 @@ class Execution:
         try:
             new = await self._run(req, loaded, skip, on_result, cache)
         finally:
-            await writer.close()
+            # Publish what finished even when cancelled, so a resume does not call those cases again.
+            await asyncio.shield(writer.close())
             if cache is not None:
                 await cache.flush()
         order = {c.id: i for i, c in enumerate(cases)}
@@ -192,7 +192,7 @@ class Execution:
 
     async def finish(self, req: EvalRequested, outcome: Outcome, inputs: list[str],
                      event_id: str | None = None) -> EvalCompleted:
-        """Store the run row (unless already stored), then publish EvalCompleted and the lineage run."""
+        """Publish EvalCompleted (the sink stores it as the run's `eval_runs` row) and the lineage run."""
         n_errors = sum(1 for r in outcome.results if r.error)
         done = EvalCompleted(
             run_id=req.run_id, release=req.release, suite=req.suite, baseline=req.baseline, policy=req.policy,
@@ -201,10 +201,6 @@ class Execution:
             comparisons=outcome.comparisons, warnings=outcome.warnings, artifacts=dict(req.artifacts),
             tenant=req.tenant, source="evaluator", **({"id": event_id} if event_id else {}),
         )
-        row = [req.run_id, req.release, req.suite, req.baseline, req.policy, outcome.status, done.n_cases, n_errors,
-               outcome.metrics, outcome.error, datetime.now(UTC), done.id]
-        if event_id is None:
-            await persist.insert_run(self.ctx.store, row, req.run_id)
         await self.publish(done, inputs)
         if outcome.status == "failed":
             log.warning("eval %s for %s failed: %s", req.run_id, req.release, outcome.error)

@@ -1,4 +1,4 @@
-"""NATS edge of the evaluator: EvalRequested in; eval rows, EvalCompleted and LineageRun out."""
+"""NATS edge of the evaluator: EvalRequested in; case facts, EvalCompleted and LineageRun out."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from opentelemetry.trace import SpanKind
 from lockgate.bus import Delivery
 from lockgate.contracts import EvalRequested
 from lockgate.errors import ConfigError, NotFound, Retryable
+from lockgate.evalruns import record_request
 from lockgate.server.service import ServiceContext
 from lockgate.services.evaluator import runner
 from lockgate.services.evaluator.execution import Execution, load_error
@@ -49,7 +50,7 @@ async def heartbeat(delivery: Delivery, interval_s: float) -> AsyncIterator[None
 
 
 class EvalHandlers:
-    """Runs one eval per EvalRequested; the message is acked only once results are stored and published."""
+    """Runs one eval per EvalRequested; the message is acked only once its results are published."""
 
     def __init__(self, ctx: ServiceContext, tracer: trace.Tracer) -> None:
         self.ctx = ctx
@@ -81,6 +82,8 @@ class EvalHandlers:
         """Run the eval with a heartbeat; a stop mid-run nacks so it resumes here or on another instance."""
         if self.stopping.is_set():
             raise EvaluatorStopping(f"evaluator is stopping; eval {req.run_id} will be redelivered")
+        # Recorded before the run, so the gatekeeper knows this run was requested when its result lands.
+        await record_request(self.ctx.bus, req)
         task = asyncio.create_task(self._run(req, delivery))
         self._inflight.add(task)
         try:

@@ -1,85 +1,75 @@
-"""Stored side of the evaluator: per-case rows as cases finish; resume, baseline and recorded outputs are
-read through the query service (this process never opens ClickHouse for reading)."""
+"""Where eval results go: finished cases published as facts for the sink; resume, baseline and recorded
+outputs read through the query service (this process never opens ClickHouse)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import hashlib
 import json
 import logging
-from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from lockgate.batcher import Batcher
 from lockgate.bus import Bus
+from lockgate.contracts import EvalCaseResult, EvalCasesRecorded
+from lockgate.errors import BusUnavailable
+from lockgate.ids import derived_id
 from lockgate.queryclient import ask, ask_pages
+from lockgate.retry import RetryPolicy
 from lockgate.services.evaluator import domain
 
 if TYPE_CHECKING:  # the store module loads clickhouse-connect; this process only holds a handle
-    from lockgate.store import Store
+    pass
 
 log = logging.getLogger("lockgate.evaluator.persist")
-RUN_COLUMNS = ("run_id", "release", "suite", "baseline", "policy", "status", "n_cases", "n_errors",
-               "metrics", "error", "time", "event_id")
 
 
 class CaseWriter:
-    """Buffers finished cases and inserts them in small batches (by size or every `interval_s`).
+    """Publishes finished cases in batches (by count, or every `interval_s`) for the sink to store.
 
-    Each batch's dedup token is the hash of its (case, repeat) keys, so re-sending a batch after a
-    failed insert never duplicates rows, and a resumed run (which skips stored cases) never
-    produces the same token for different rows.
+    A batch's id, its Nats-Msg-Id, derives from the run and the batch's (case, repeat) keys, so a batch
+    published again is dropped by JetStream; a case published again in another batch (a resumed run
+    re-running a case the sink had not stored yet) is dropped by the sink, which stores each
+    (run, case, repeat) once. So no path, cancellation included, stores a case twice.
     """
 
-    def __init__(self, store: Store, run_id: str, release: str, *, batch: int = 256, interval_s: float = 0.25) -> None:
-        self.store = store
+    def __init__(self, bus: Bus, run_id: str, release: str, *, tenant: str = "default", batch: int = 256,
+                 interval_s: float = 0.25, capacity: int = 100_000, retry: RetryPolicy | None = None) -> None:
+        self.bus = bus
         self.run_id = run_id
         self.release = release
-        self.batch = batch
-        self.interval_s = interval_s
+        self.tenant = tenant
         self.written = 0
-        self._pending: list[domain.CaseResult] = []
-        self._full = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
-
-    def start(self) -> None:
-        """Start the background flusher."""
-        self._task = asyncio.create_task(self._loop())
+        self._retry = retry or RetryPolicy()
+        # Sized by the caller to the whole run, so no finished case is ever refused.
+        self._batcher: Batcher[EvalCaseResult] = Batcher(
+            self._publish, max_items=batch, max_age_s=interval_s, capacity=capacity, name=f"eval-cases:{run_id}")
 
     def add(self, result: domain.CaseResult) -> None:
-        """Queue one finished case."""
-        self._pending.append(result)
-        if len(self._pending) >= self.batch:
-            self._full.set()
+        """Queue one finished case (never waits)."""
+        if not self._batcher.add(domain.case_fact(result)):
+            log.warning("eval %s: case %s/%d not queued (buffer full); a resume runs it again",
+                        self.run_id, result.case_id, result.repeat)
 
-    async def _loop(self) -> None:
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._full.wait(), self.interval_s)  # a flush timer, not synchronisation
-            self._full.clear()
-            await self.flush()
+    def fact(self, cases: list[EvalCaseResult]) -> EvalCasesRecorded:
+        """The fact one batch is published as; the same cases always give the same id."""
+        keys = sorted(f"{c.case_id}\x00{c.repeat}" for c in cases)
+        return EvalCasesRecorded(id=derived_id("eval-cases", self.run_id, *keys), run_id=self.run_id,
+                                 release=self.release, cases=cases, tenant=self.tenant, source="evaluator")
 
-    async def flush(self) -> None:
-        """Insert everything queued; on failure the rows stay queued for the next flush."""
-        async with self._lock:
-            while self._pending:
-                batch = self._pending[: self.batch]
-                keys = "\n".join(f"{r.case_id}\x00{r.repeat}" for r in batch)
-                token = f"eval-cases-{self.run_id}-{hashlib.sha256(keys.encode()).hexdigest()[:32]}"
-                rows = domain.case_rows(self.run_id, self.release, batch, datetime.now(UTC))
-                await self.store.ainsert_rows("eval_cases", domain.CASE_COLUMNS, rows, token=token)
-                del self._pending[: len(batch)]
-                self.written += len(batch)
+    async def _publish(self, cases: list[EvalCaseResult]) -> None:
+        fact = self.fact(cases)
+        await self._retry.call(lambda: self.bus.publish(self.bus.subjects.eval_cases, fact),
+                               retry_on=BusUnavailable, what=f"publish of eval {self.run_id} cases")
+        self.written += len(cases)
 
     async def close(self) -> None:
-        """Stop the flusher and write what is left (also on cancellation, so finished work is kept)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-        await asyncio.shield(self.flush())
+        """Publish what is left and wait for it; raises BusUnavailable if any case could not be published
+        (the eval is then redelivered and resumes from what the sink stored)."""
+        await self._batcher.close()
+        if self._batcher.failed or self._batcher.dropped:
+            raise BusUnavailable(f"eval {self.run_id}: {self._batcher.failed + self._batcher.dropped} case "
+                                 "results were not published")
 
 
 def _result(row: dict[str, Any]) -> domain.CaseResult:
@@ -120,7 +110,3 @@ async def recorded_events(bus: Bus, app: str, release: str, since: str) -> list[
     return await ask_pages(bus, "recorded_events", args,
                            after=lambda r: {"before_us": r["time_us"], "before_id": r["id"]})
 
-
-async def insert_run(store: Store, row: Sequence[Any], run_id: str) -> None:
-    """The run's summary row (idempotent per run)."""
-    await store.ainsert_rows("eval_runs", RUN_COLUMNS, [list(row)], token=f"eval-run-{run_id}")

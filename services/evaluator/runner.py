@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
+import msgspec
 
 from lockgate.errors import LockgateError, UpstreamError
+from lockgate.llmwire import Usage, decode_completion
 from lockgate.retry import RetryPolicy
 from lockgate.services.evaluator import calibrated, domain
 
@@ -91,34 +93,25 @@ async def _call(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
             if resp.status >= 400:
                 text = (await resp.text())[:200]
                 raise UpstreamError(f"HTTP {resp.status} from {url}: {text}")
-            payload = await resp.json(content_type=None)
+            data = await resp.read()
     except TimeoutError:
         raise _Transient(f"timed out after {timeout_s:g}s calling {url}") from None
     except aiohttp.ClientError as exc:
         raise _Transient(f"cannot reach {url}: {exc!r}") from None
-    except ValueError as exc:  # JSON decode
-        raise UpstreamError(f"{url} answered something that is not JSON: {exc}") from None
     latency_ms = (time.perf_counter() - started) * 1000.0
     try:
-        text = payload["choices"][0]["message"]["content"] or ""
-    except (KeyError, IndexError, TypeError):
-        raise UpstreamError(f"{url} answered without choices[0].message.content") from None
-    usage = payload.get("usage") or {}
+        completion = decode_completion(data)
+    except msgspec.DecodeError as exc:
+        raise UpstreamError(f"{url} answered something that is not a chat completion: {exc}") from None
+    first = completion.choices[0] if completion.choices else None
+    if first is None or first.message is None:
+        raise UpstreamError(f"{url} answered without choices[0].message") from None
+    usage = completion.usage or Usage()
     return Completion(
-        text=str(text), latency_ms=latency_ms,
-        input_tokens=int(usage.get("prompt_tokens") or 0), output_tokens=int(usage.get("completion_tokens") or 0),
-        logprobs=_token_logprobs(payload),
+        text=first.message.content or "", latency_ms=latency_ms,
+        input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+        logprobs=first.token_logprobs(),
     )
-
-
-def _token_logprobs(payload: Any) -> tuple[float, ...] | None:
-    """choices[0].logprobs.content[*].logprob (OpenAI shape), or None when absent or malformed."""
-    try:
-        content = payload["choices"][0]["logprobs"]["content"]
-        values = tuple(float(t["logprob"]) for t in content)
-    except (KeyError, IndexError, TypeError, ValueError):
-        return None
-    return values or None
 
 
 def _retry_after(value: str | None) -> float | None:

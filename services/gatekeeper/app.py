@@ -27,7 +27,7 @@ class Gatekeeper(Service):
                 handler=self.handlers.on_review, ack_wait_s=ctx.settings.ack_wait_s)
 
     async def start(self) -> None:
-        """Publish the public key so consumers can verify from the first decision on."""
+        """Copy the public key to KV for information (consumers trust only their trust file)."""
         await self.handlers.publish_key()
 
 

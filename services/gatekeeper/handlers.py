@@ -11,13 +11,14 @@ from lockgate import artifacts
 from lockgate.bus import Delivery
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview
 from lockgate.errors import ConfigError, NotFound, SignatureError
+from lockgate.evalruns import check_result, requested_run
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain
-from lockgate.services.gatekeeper.records import DECISION_COLUMNS, Records
+from lockgate.services.gatekeeper.records import Records
 from lockgate.services.gatekeeper.review import apply_review
 from lockgate.signing import Signer, Verifier, publish_key
 
-__all__ = ["DECISION_COLUMNS", "GateHandlers"]
+__all__ = ["GateHandlers"]
 log = logging.getLogger("lockgate.gatekeeper")
 
 
@@ -29,7 +30,8 @@ class GateHandlers:
         self.tracer = tracer
         self.signer = signer
         self.records = Records(ctx)
-        self.verifier = Verifier(ctx.bus, ctx.settings.replace(trusted_keys=""))
+        # Before countersigning a stored decision (a review), it must be ours or the configured roots'.
+        self.verifier = Verifier(ctx.bus, ctx.settings, also=[signer.public])
         self._key_published = False
 
     async def publish_key(self) -> None:
@@ -44,6 +46,10 @@ class GateHandlers:
             "gatekeeper.decide", context=delivery.trace_context, kind=SpanKind.CONSUMER,
             attributes={"lockgate.release": done.release, "lockgate.run_id": done.run_id},
         ) as span:
+            # Only a result for a run the evaluator accepted, with the request's release, suite, policy
+            # and baseline, is judged; anything else raises UntrustedEvalResult and is dead-lettered.
+            # (That only the evaluator can record runs is the NATS permissions' job.)
+            check_result(done, await requested_run(self.ctx.bus, done.run_id))
             policy, policy_error = await self._policy(done)
             prior, candidate, baseline = 0, None, None
             if policy is not None and done.status == "completed":

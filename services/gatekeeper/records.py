@@ -1,39 +1,38 @@
-"""Where decisions go: the append-only audit log, KV `lg_gates`, and the bus (adapter, translates errors)."""
+"""Where decisions go: the append-only audit log (a fact the sink stores), KV `lg_gates`, and the bus
+(adapter, translates errors)."""
 
 from __future__ import annotations
 
-import json
-
-import msgspec
 import nats.errors
 import nats.js.errors
 
 from lockgate.codec import Codec, encode
-from lockgate.contracts import GateDecided
+from lockgate.contracts import GateAudited, GateDecided
 from lockgate.errors import BusUnavailable, InvalidEvent
 from lockgate.queryclient import ask
 from lockgate.server.service import ServiceContext
 from lockgate.subjects import token
 
-DECISION_COLUMNS = ("id", "time", "release", "action", "actor", "decision", "eval_run", "policy", "baseline",
-                    "rules", "reason", "signature", "key_id", "tenant")
 _decided: Codec[GateDecided] = Codec(GateDecided)
 
 
 class Records:
-    """Audit rows first, KV second, event last: a retry repeats the rest, tokens and msg ids dedupe it."""
+    """Audit fact first, KV second, event last: a retry repeats the rest; msg ids and the sink's lookup of
+    the decision id dedupe it."""
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
 
     async def audit(self, decision: GateDecided, *, action: str, actor: str, key: str,
                     reason: str | None = None) -> None:
-        """Append one audit row (deduplicated by `key` on redelivery)."""
-        rules = json.dumps([msgspec.to_builtins(r) for r in decision.rules])
-        row = [decision.id, decision.time, decision.release, action, actor, decision.decision, decision.eval_run,
-               decision.policy, decision.baseline, rules, decision.reason if reason is None else reason,
-               decision.signature, decision.key_id, decision.tenant]
-        await self.ctx.store.ainsert_rows("gate_decisions", DECISION_COLUMNS, [row], token=key)
+        """Publish one audit row for the sink (deduplicated by `key` on redelivery)."""
+        row = GateAudited(
+            id=decision.id, time=decision.time, release=decision.release, action=action, actor=actor,
+            decision=decision.decision, eval_run=decision.eval_run, policy=decision.policy,
+            baseline=decision.baseline, rules=list(decision.rules),
+            reason=decision.reason if reason is None else reason, signature=decision.signature,
+            key_id=decision.key_id, tenant=decision.tenant, source="gatekeeper", trace_id=decision.trace_id)
+        await self.ctx.bus.publish(self.ctx.bus.subjects.gate_audit, row, msg_id=f"audit-{key}")
 
     async def announce(self, decision: GateDecided, *, key: str) -> None:
         """Make the decision current in KV, then publish it."""
@@ -58,9 +57,11 @@ class Records:
         if not entry.value:
             return None
         try:
-            return _decided.decode(entry.value)
+            decision = _decided.decode(entry.value)
         except InvalidEvent:
             return None
+        # A review must never countersign a decision about another release stored under this key.
+        return decision if decision.release == release else None
 
     async def consecutive_errors(self, release: str, exclude_run: str) -> int:
         """Errored decisions in a row for the release, from the audit log (via the query service)."""

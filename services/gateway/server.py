@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,9 +21,10 @@ from lockgate.bus import Bus
 from lockgate.client import get_decision, watch_decisions
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
-from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, SignatureError
+from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, SignatureError
 from lockgate.outbox import publish_events
 from lockgate.redact import scrub_event
+from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.signing import Verifier
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
@@ -39,11 +41,12 @@ _STRING_FIELDS = tuple(
 _NUMBER_FIELDS = ("input_tokens", "output_tokens", "cached_tokens", "latency_ms", "ttft_ms")
 
 
-def event_from_proto(msg: ingest_pb2.InferenceEvent) -> InferenceEvent:
-    """Validate one proto event into the contract; raises InvalidEvent with the reason."""
+def event_from_proto(msg: ingest_pb2.InferenceEvent, tenant: str = "default") -> InferenceEvent:
+    """Validate one proto event into the contract (tenant: the caller's key's); raises InvalidEvent with the reason."""
     if not msg.app:
         raise InvalidEvent("app is required (the application that made the call)")
     raw: dict[str, Any] = {f: getattr(msg, f) for f in _STRING_FIELDS if getattr(msg, f)}
+    raw["tenant"] = tenant  # Send refused any event naming another tenant before this
     raw.update({f: getattr(msg, f) for f in _NUMBER_FIELDS})
     for f in ("prompt", "response"):
         if msg.HasField(f):
@@ -90,19 +93,38 @@ def decision_to_proto(d: GateDecided) -> gates_pb2.Decision:
     )
 
 
+async def authenticate(keys: KeyStore, context: grpc.aio.ServicerContext) -> ApiKey:
+    """The caller's API key from `authorization: Bearer lg-...` metadata; aborts UNAUTHENTICATED otherwise."""
+    metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    try:
+        return keys.authenticate(bearer(metadata.get("authorization")))
+    except AuthError as exc:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+        raise  # abort raises; this keeps type checkers and readers sure nothing follows
+
+
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
     """Ingest.Send: reject invalid events one by one, publish the rest grouped by app."""
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, keys: KeyStore) -> None:
         self.bus = bus
+        self.keys = keys
 
     async def Send(self, request: ingest_pb2.InferenceBatch, context: grpc.aio.ServicerContext) -> Any:
         """Validate and publish a batch; UNAVAILABLE if JetStream does not acknowledge (safe to retry)."""
+        key = await authenticate(self.keys, context)
+        # Ingest keys are tenant-scoped: one event for another tenant refuses the whole batch, so a
+        # key can never add to another tenant's ledger.
+        for index, msg in enumerate(request.events):
+            if msg.tenant and msg.tenant != key.tenant:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"event {index} is for tenant {msg.tenant!r}; {key.label} may only ingest "
+                                    f"for tenant {key.tenant!r}")
         events: list[InferenceEvent] = []
         rejections = []
         for index, msg in enumerate(request.events):
             try:
-                events.append(event_from_proto(msg))
+                events.append(event_from_proto(msg, key.tenant))
             except InvalidEvent as exc:
                 rejections.append(ingest_pb2.Rejection(index=index, reason=exc.message))
         headers: dict[str, str] = {}
@@ -121,17 +143,24 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
     Only decisions whose signature verifies are served: a client in any language can act on
     what it receives (and still verify it again with the key from `lockgate gate keys`)."""
 
-    def __init__(self, bus: Bus, verifier: Verifier) -> None:
+    def __init__(self, bus: Bus, verifier: Verifier, keys: KeyStore) -> None:
         self.bus = bus
         self.verifier = verifier
+        self.keys = keys
 
     async def GetDecision(
         self, request: gates_pb2.GetDecisionRequest, context: grpc.aio.ServicerContext
     ) -> Any:
         """The latest decision for a release; NOT_FOUND if the gate never decided it."""
+        await authenticate(self.keys, context)
         if not request.release:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "release is required")
-        decision = await get_decision(await self.bus.kv(self.bus.subjects.kv_gates), request.release)
+        try:
+            decision = await get_decision(await self.bus.kv(self.bus.subjects.kv_gates), request.release)
+        except InvalidName as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+        except SignatureError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
         if decision is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
@@ -147,6 +176,7 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
         self, request: gates_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gates_pb2.Decision]:
         """Current decisions, then each new one, until the client cancels."""
+        await authenticate(self.keys, context)
         kv = await self.bus.kv(self.bus.subjects.kv_gates)
         decisions = await watch_decisions(kv, request.release_prefix)
         try:
@@ -163,6 +193,19 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
             await decisions.aclose()
 
 
+def tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """Server TLS credentials from the cert/key settings (both or neither), or None for plaintext."""
+    if bool(settings.grpc_tls_cert) != bool(settings.grpc_tls_key):
+        raise ConfigError("gRPC TLS needs both grpc_tls_cert and grpc_tls_key (PEM files)")
+    if not settings.grpc_tls_cert:
+        return None
+    try:
+        pair = (Path(settings.grpc_tls_key).read_bytes(), Path(settings.grpc_tls_cert).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read the gRPC TLS certificate or key: {exc}") from None
+    return grpc.ssl_server_credentials([pair])
+
+
 class GrpcServer:
     """The gRPC API on one port (0 picks a free one; read `.port` after start)."""
 
@@ -170,8 +213,10 @@ class GrpcServer:
         self.bus = bus
         self.host = host
         self.port = port
-        # trusted keys as configured, else the gatekeepers' keys published in KV
-        self.verifier = Verifier(bus, settings or Settings())
+        # the configured trust roots only (trust file, pinned PEMs), never keys published on the bus
+        self.settings = settings or Settings()
+        self.verifier = Verifier(bus, self.settings)
+        self.keys = KeyStore(self.settings.home)  # every call presents one of these API keys
         self._server: grpc.aio.Server | None = None
 
     @property
@@ -182,10 +227,14 @@ class GrpcServer:
     async def start(self) -> None:
         """Bind and serve."""
         server = grpc.aio.server()
-        ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(self.bus), server)
-        gates_pb2_grpc.add_GatesServicer_to_server(GatesServicer(self.bus, self.verifier), server)
+        ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(self.bus, self.keys), server)
+        gates_pb2_grpc.add_GatesServicer_to_server(GatesServicer(self.bus, self.verifier, self.keys), server)
+        tls = tls_credentials(self.settings)
         try:
-            bound = server.add_insecure_port(f"{self.host}:{self.port}")
+            if tls is not None:
+                bound = server.add_secure_port(f"{self.host}:{self.port}", tls)
+            else:
+                bound = server.add_insecure_port(f"{self.host}:{self.port}")
         except RuntimeError:
             bound = 0
         if bound == 0:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from lockgate.bus import consume
 from lockgate.contracts import (
-    ArtifactRegistered,
     EvalCompleted,
     GateDecided,
     LineageRun,
@@ -16,7 +15,7 @@ from lockgate.services.lineage.handlers import LineageHandlers
 
 
 class Lineage(Service):
-    """Owns `artifacts`, `releases`, `lineage_runs` and `lineage_edges`."""
+    """Derives the lineage graph from artifact, release, run, eval, gate and rollout events."""
 
     name = "lineage"
 
@@ -25,9 +24,8 @@ class Lineage(Service):
         self.handlers = LineageHandlers(ctx)
         s = ctx.bus.subjects
         # The events stream also carries drift and cost records, so subscribe per subject
-        # rather than decode (and dead-letter) everything on the stream.
+        # rather than decode (and dead-letter) everything on the stream. Artifacts add no edge.
         wiring = [
-            (s.artifact_registered, "artifact", ArtifactRegistered),
             (s.release_registered, "release", ReleaseRegistered),
             (s.lineage_run, "run", LineageRun),
             (s.eval_completed, "eval", EvalCompleted),

@@ -1,4 +1,4 @@
-"""Pure lineage logic: which graph edges and table rows each event implies."""
+"""Pure lineage logic: which graph edges each event implies."""
 
 from __future__ import annotations
 
@@ -8,19 +8,15 @@ from lockgate.contracts import (
     ArtifactRegistered,
     EvalCompleted,
     GateDecided,
+    LineageEdge,
+    LineageEdges,
     LineageRun,
     ReleaseRegistered,
     RolloutState,
 )
+from lockgate.ids import derived_id
 
 LineageEvent = ArtifactRegistered | ReleaseRegistered | LineageRun | EvalCompleted | GateDecided | RolloutState
-
-EDGE_COLUMNS = ("src", "src_kind", "dst", "dst_kind", "relation", "time", "event_id")
-ARTIFACT_COLUMNS = ("hash", "kind", "name", "size", "media_type", "labels", "tenant", "signature", "key_id",
-                    "event_id", "registered_at")
-RELEASE_COLUMNS = ("release", "app", "tenant", "artifacts", "parent", "description", "time", "event_id")
-RUN_COLUMNS = ("run_id", "kind", "release", "inputs", "outputs", "time", "event_id")
-
 
 class Edge(NamedTuple):
     """A directed, labelled edge between two typed nodes."""
@@ -80,22 +76,13 @@ def edges_for(event: LineageEvent) -> list[Edge]:
             return []
 
 
-def edge_rows(event: LineageEvent) -> list[tuple]:
-    """lineage_edges rows for one event."""
-    return [(*e[:5], event.time, event.id) for e in edges_for(event)]
-
-
-def artifact_row(a: ArtifactRegistered) -> tuple:
-    """One `artifacts` row."""
-    return (a.hash, a.kind, a.name, a.size, a.media_type, dict(a.labels), a.tenant, a.signature, a.key_id,
-            a.id, a.time)
-
-
-def release_row(r: ReleaseRegistered) -> tuple:
-    """One `releases` row."""
-    return (r.release, r.app, r.tenant, dict(r.artifacts), r.parent, r.description, r.time, r.id)
-
-
-def run_row(r: LineageRun) -> tuple:
-    """One `lineage_runs` row."""
-    return (r.run_id, r.kind, r.release, list(r.inputs), list(r.outputs), r.time, r.id)
+def edges_fact(event: LineageEvent) -> LineageEdges | None:
+    """The edges of one event as the fact the sink stores (None when it adds none); deterministic, so a
+    redelivered event republishes the same fact."""
+    edges = edges_for(event)
+    if not edges:
+        return None
+    return LineageEdges(id=derived_id("lineage-edges", event.id), event_id=event.id, time=event.time, tenant=event.tenant,
+                        source="lineage", trace_id=event.trace_id,
+                        edges=[LineageEdge(src=e.src, src_kind=e.src_kind, dst=e.dst, dst_kind=e.dst_kind,
+                                           relation=e.relation) for e in edges])

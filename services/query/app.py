@@ -19,6 +19,8 @@ class QueryService(Service):
         super().__init__(ctx)
         if ctx.store is None:
             raise ConfigError("the query service needs ClickHouse; run it where the store is opened")
+        if ctx.settings.clickhouse_readonly_url:
+            ctx.store.readonly_url = ctx.settings.clickhouse_readonly_url  # operator SQL as the read-only user
         self.handlers: QueryHandlers | None = None
         self._sub: Any = None
 

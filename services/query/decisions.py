@@ -21,7 +21,7 @@ def _row(row: dict[str, Any]) -> dict[str, Any]:
 
 def decisions(store: Store, release: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
     """Decisions (and later approvals/overrides) for one release or all, latest first; rules parsed."""
-    # Rows are deduplicated at insert (token per eval run), so no FINAL is needed here.
+    # The sink stores each audit fact once (keyed by its id), so no FINAL is needed here.
     where = "WHERE release = {release:String}" if release else ""
     rows = store.rows(
         f"SELECT {_COLUMNS} FROM gate_decisions {where} ORDER BY time DESC, id DESC LIMIT {{limit:UInt32}}",

@@ -29,7 +29,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "drift_reports": ("drift", "drift_reports"),
     "cost_rollup": ("cost", "cost_rollup"),
     "lineage": ("lineage", "lineage"),
-    "sql": ("registry", "readonly_sql"),
+    "sql": ("operator_sql", "readonly_sql"),
     # services (the evaluator resumes and compares runs; the gatekeeper reads its audit log)
     "eval_case_results": ("evals", "eval_case_results"),
     "baseline_run": ("evals", "baseline_run"),
@@ -82,7 +82,3 @@ def run(store: Store, name: str, args: dict[str, Any]) -> Any:
     func = resolve(name)
     return func(store, **arguments(name, args))
 
-
-def readonly_sql(store: Store, query: str) -> list[dict[str, Any]]:
-    """Plain SQL for operators, executed with readonly=1 so it cannot change data."""
-    return store.rows(f"{query.rstrip().rstrip(';')} SETTINGS readonly = 1")

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import msgspec
 from aiohttp import web
 
-from lockgate.errors import Retryable
-from lockgate.services.router.domain import InvalidRollout, Route, decode_canary
+from lockgate.contracts.names import check_name
+from lockgate.errors import InvalidName, Retryable
+from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer, require_role
+from lockgate.services.router.domain import (
+    BreakGlass,
+    InvalidRollout,
+    NotAdmitted,
+    Override,
+    Route,
+    decode_canary,
+    decode_manual,
+)
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import error_response
 
 _encoder = msgspec.json.Encoder()
+KEY = web.RequestKey("lockgate.key", ApiKey)  # the authenticated caller of an admin request
 PREFIX = "/lockgate/v1/deployments"
 
 
@@ -21,16 +35,36 @@ def _json(route: Route | list[Route], status: int = 200) -> web.Response:
 class Admin:
     """Handlers for `/lockgate/v1/deployments/...`."""
 
-    def __init__(self, rollouts: Rollouts) -> None:
+    def __init__(self, rollouts: Rollouts, keys: KeyStore) -> None:
         self.rollouts = rollouts
+        self.keys = keys
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every admin call needs a key: reads a viewer role or above, changes operator or admin."""
+        if not request.path.startswith("/lockgate/"):
+            return await handler(request)
+        try:
+            key = self.keys.authenticate(bearer(request.headers.get("Authorization")))
+            if request.method in ("GET", "HEAD"):
+                require_role(key, "viewer", "approver", "operator", "admin")
+            else:
+                require_role(key, "operator", "admin")
+        except AuthError as exc:
+            return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
+        except Forbidden as exc:
+            return error_response(403, exc.message, "permission_denied", code="insufficient_role")
+        request[KEY] = key
+        return await handler(request)
 
     def add_routes(self, app: web.Application) -> None:
-        """Register the admin endpoints."""
+        """Register the admin endpoints (guarded by `middleware`)."""
         app.router.add_get(PREFIX, self.list)
         app.router.add_get(PREFIX + "/{deployment}", self.get)
         app.router.add_put(PREFIX + "/{deployment}", self.put)
         app.router.add_post(PREFIX + "/{deployment}/abort", self.abort)
         app.router.add_post(PREFIX + "/{deployment}/promote", self.promote)
+        app.router.add_delete(PREFIX + "/{deployment}/break-glass", self.clear_override)
 
     async def list(self, request: web.Request) -> web.Response:
         """Every configured deployment's route."""
@@ -38,14 +72,24 @@ class Admin:
 
     async def get(self, request: web.Request) -> web.Response:
         """One deployment's current route (the default route if never configured)."""
-        return _json(self.rollouts.route(request.match_info["deployment"]))
+        try:
+            deployment = check_name(request.match_info["deployment"], "deployment")
+        except InvalidName as exc:
+            return error_response(400, exc.message, "invalid_request_error")
+        return _json(self.rollouts.route(deployment))
 
     async def put(self, request: web.Request) -> web.Response:
-        """Start a canary: {stable_release, canary_release, *_upstream?, canary_model?, initial_weight?}."""
+        """Start a canary: {stable_release, canary_release, canary_model?, initial_weight?, break_glass?}."""
         try:
+            deployment = check_name(request.match_info["deployment"], "deployment")
             req = decode_canary(await request.read())
-            route = await self.rollouts.start_canary(request.match_info["deployment"], req)
-        except InvalidRollout as exc:
+            override = _override(request, req.break_glass, req.canary_release, "canary")
+            route = await self.rollouts.start_canary(deployment, req, override)
+        except Forbidden as exc:
+            return error_response(403, exc.message, "permission_denied", code="insufficient_role")
+        except NotAdmitted as exc:
+            return error_response(409, exc.message, "conflict", code="not_admitted")
+        except (InvalidName, InvalidRollout) as exc:
             return error_response(400, exc.message, "invalid_request_error")
         except Retryable as exc:
             return error_response(503, f"canary applied but not yet persisted: {exc.message}", "unavailable")
@@ -59,11 +103,39 @@ class Admin:
         """Make the canary stable now."""
         return await self._manual(request, "promote")
 
+    async def clear_override(self, request: web.Request) -> web.Response:
+        """End a break-glass override (admin): a canary no decision allows goes back to 0%."""
+        return await self._manual(request, "clear-override")
+
     async def _manual(self, request: web.Request, action: str) -> web.Response:
         try:
-            route = await self.rollouts.manual(request.match_info["deployment"], action)
+            deployment = check_name(request.match_info["deployment"], "deployment")
+        except InvalidName as exc:
+            return error_response(400, exc.message, "invalid_request_error")
+        try:
+            body = decode_manual(await request.read())
+            override = None
+            if action == "promote":
+                canary = self.rollouts.route(deployment).canary
+                override = _override(request, body.break_glass, canary.release if canary else "", "promote")
+            elif action == "clear-override":
+                require_role(request[KEY], "admin")
+            route = await self.rollouts.manual(deployment, action, override)
+        except Forbidden as exc:
+            return error_response(403, exc.message, "permission_denied", code="insufficient_role")
+        except NotAdmitted as exc:
+            return error_response(409, exc.message, "conflict", code="not_admitted")
         except InvalidRollout as exc:
             return error_response(409, exc.message, "conflict")
         except Retryable as exc:
             return error_response(503, f"{action} applied but not yet persisted: {exc.message}", "unavailable")
         return _json(route)
+
+
+def _override(request: web.Request, glass: BreakGlass | None, release: str, action: str) -> Override | None:
+    """The break-glass override a request asks for: admins only (Forbidden otherwise), with who and why."""
+    if glass is None:
+        return None
+    key: ApiKey = request[KEY]
+    require_role(key, "admin")
+    return Override(release=release, action=action, actor=key.label, reason=glass.reason, at=time.time())

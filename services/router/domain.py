@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from lockgate.contracts import GateDecided, RolloutState
+from lockgate.contracts.names import Name
 from lockgate.errors import LockgateError
 
 Phase = Literal["idle", "progressing", "promoted", "aborted"]
@@ -20,11 +21,31 @@ class InvalidRollout(LockgateError):
 
 
 class Target(msgspec.Struct, frozen=True, kw_only=True):
-    """Where one variant's traffic goes."""
+    """Where one variant's traffic goes: exactly as its release's model config says.
+
+    `endpoint` is an id from the operator's allow-list (never a URL); `model` and `params` override
+    what the client asked for. A target without a release (the default route) passes the client's model.
+    """
 
     release: str
-    upstream: str
+    endpoint: str = "default"
     model: str = ""
+    params: dict[str, Any] = {}
+
+
+class Override(msgspec.Struct, frozen=True, kw_only=True):
+    """A break-glass override: an admin let a release take traffic without an allowing decision.
+
+    Kept in the route (so `GET .../{deployment}` shows it) until an admin clears it, and announced in
+    the rollout event's reason. The router holds no signing key, so it is recorded with the admin's
+    key identity, not signed.
+    """
+
+    release: str
+    action: str  # "canary" (weight without a decision) or "promote"
+    actor: str  # the admin's API key label, never the key
+    reason: str
+    at: float
 
 
 class Route(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,21 +61,32 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     decision_id: str = ""
     next_step_at: float = 0.0  # unix seconds; wall clock so a restarted router resumes on time
     version: int = 0
+    # Admission: the verified decision (id) that allows the canary's release, "" while none does.
+    admitted: str = ""
+    start_weight: float = 0.0  # the weight asked for, served once the canary is admitted (0: first step)
+    previous: Target | None = None  # stable before the last promotion: where a later reject rolls back to
+    override: Override | None = None
 
 
-Url = Annotated[str, msgspec.Meta(pattern="^https?://")]
+class BreakGlass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An admin's explicit override of the admission invariant, with the reason recorded."""
+
+    reason: Annotated[str, msgspec.Meta(min_length=3, max_length=500)]
+
+
+class ManualRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Optional body of `POST .../{deployment}/promote|abort`."""
+
+    break_glass: BreakGlass | None = None
 
 
 class CanaryRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Body of `PUT /lockgate/v1/deployments/{deployment}`."""
 
-    stable_release: str
-    canary_release: str
-    stable_upstream: Url | None = None
-    canary_upstream: Url | None = None
-    stable_model: str | None = None
-    canary_model: str | None = None
+    stable_release: Name
+    canary_release: Name  # releases only: endpoint and model come from each release's model config
     initial_weight: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None  # percent; None: the first step
+    break_glass: BreakGlass | None = None
 
     def __post_init__(self) -> None:
         if not self.canary_release.strip() or not self.stable_release.strip():
@@ -64,6 +96,26 @@ class CanaryRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 
 _canary_decoder = msgspec.json.Decoder(CanaryRequest)
+_manual_decoder = msgspec.json.Decoder(ManualRequest)
+
+
+def decode_manual(body: bytes) -> ManualRequest:
+    """A promote/abort body (empty means no override), or InvalidRollout."""
+    if not body.strip():
+        return ManualRequest()
+    try:
+        return _manual_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidRollout(f"invalid request: {exc}") from None
+
+
+class NotAdmitted(InvalidRollout):
+    """The release has no verified decision allowing it (HTTP 409); only an admin's break-glass overrides."""
+
+
+def allows(decision: GateDecided | None, release: str) -> bool:
+    """True when a (verified) decision allows exactly this release: PASS, which an approved review also yields."""
+    return decision is not None and decision.release == release and decision.decision == "PASS"
 
 
 def decode_canary(body: bytes) -> CanaryRequest:
@@ -102,54 +154,64 @@ def user_hash(user: str) -> str:
     return hashlib.sha256(user.encode()).hexdigest()[:16] if user else ""
 
 
-def default_route(deployment: str, upstream: str) -> Route:
-    """A deployment nobody configured: all traffic to the default upstream."""
-    return Route(deployment=deployment, stable=Target(release="", upstream=upstream), reason="default route")
+def default_route(deployment: str) -> Route:
+    """A deployment nobody configured: all traffic to the `default` endpoint with the client's model."""
+    return Route(deployment=deployment, stable=Target(release=""), reason="default route")
 
 
 def _bump(route: Route, **changes: object) -> Route:
     return msgspec.structs.replace(route, version=route.version + 1, **changes)
 
 
-def start_canary(route: Route, req: CanaryRequest, *, default_canary_upstream: str,
-                 first_step: float) -> Route:
-    """Begin a canary at its initial weight; it waits in phase `idle` for the gate decision (`req` is decoded)."""
-    weight = first_step if req.initial_weight is None else req.initial_weight
-    same_stable = route.stable.release in ("", req.stable_release)
-    stable = Target(
-        release=req.stable_release,
-        upstream=req.stable_upstream or route.stable.upstream,
-        model=req.stable_model if req.stable_model is not None else (route.stable.model if same_stable else ""),
-    )
-    canary = Target(release=req.canary_release, upstream=req.canary_upstream or default_canary_upstream,
-                    model=req.canary_model or "")
+def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Target, first_step: float,
+                 override: Override | None = None) -> Route:
+    """Begin a canary at 0%, waiting for a decision that allows it; with an override, at its initial weight.
+
+    `stable` and `canary` are the targets the releases' bundles resolve to.
+    """
+    asked = first_step if req.initial_weight is None else req.initial_weight
+    weight = asked if override is not None else 0.0
+    why = (f"BREAK-GLASS by {override.actor}: {override.reason}" if override is not None
+           else "0% until a verified gate decision allows it")
     return _bump(route, stable=stable, canary=canary, weight=float(weight), phase="idle", step=0,
-                 reason=f"canary {req.canary_release} started at {weight:g}%; awaiting gate decision",
-                 decision_id="", next_step_at=0.0)
+                 reason=f"canary {req.canary_release} started at {weight:g}%; {why}",
+                 decision_id="", next_step_at=0.0, admitted="", start_weight=float(asked),
+                 override=override if override is not None else route.override)
 
 
 def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
                 now: float) -> Route | None:
-    """Apply a gate decision to the canary it names; None when nothing changes."""
-    if route.canary is None or route.canary.release != decision.release:
-        return None
-    if route.phase in ("promoted", "aborted") or decision.id == route.decision_id:
-        return None  # terminal for this canary, or a redelivery
+    """Apply a gate decision to the canary it names, or to a promoted release it rejects; None when nothing changes."""
+    if route.canary is None or route.canary.release != decision.release or decision.id == route.decision_id:
+        return None  # not this deployment's release, or a redelivery
     why = f": {decision.reason}" if decision.reason else ""
+    if route.phase == "promoted":
+        if decision.decision == "PASS" or route.stable.release != decision.release:
+            return None
+        return rollback(route, f"gate {decision.decision} after promotion{why}", decision_id=decision.id)
+    if route.phase == "aborted":
+        return None  # terminal for this canary: a new one starts with PUT
     if decision.decision == "PASS":
         if route.phase == "progressing":
             return None
+        first = route.start_weight if route.weight <= 0 < route.start_weight else 0.0
+        if first:
+            # The weight the operator asked for, now that a decision allows it.
+            nxt = next((i for i, s in enumerate(steps) if s >= first), len(steps) - 1)
+            return _bump(route, weight=first, phase="progressing", step=nxt + 1, admitted=decision.id,
+                         reason=f"gate PASS{why}; canary at {first:g}%", decision_id=decision.id,
+                         next_step_at=now + interval_s)
         nxt = next((i for i, s in enumerate(steps) if s > route.weight), None)
         if nxt is None:
-            return promote(route, f"gate PASS at {route.weight:g}%", decision_id=decision.id)
-        return _bump(route, weight=steps[nxt], phase="progressing", step=nxt + 1,
+            return promote(msgspec.structs.replace(route, admitted=decision.id), f"gate PASS at {route.weight:g}%",
+                           decision_id=decision.id)
+        return _bump(route, weight=steps[nxt], phase="progressing", step=nxt + 1, admitted=decision.id,
                      reason=f"gate PASS{why}; step {nxt + 1}/{len(steps)}: canary at {steps[nxt]:g}%",
                      decision_id=decision.id, next_step_at=now + interval_s)
     if decision.decision == "NEEDS_REVIEW":
-        if route.phase != "progressing":
-            return None
-        return _bump(route, phase="idle", next_step_at=0.0, decision_id=decision.id,
-                     reason=f"gate NEEDS_REVIEW{why}; holding at {route.weight:g}%")
+        # Awaiting review is not allowed: the canary waits at 0% until an approval (a signed PASS).
+        return _bump(route, phase="idle", weight=0.0, next_step_at=0.0, decision_id=decision.id, admitted="",
+                     reason=f"gate NEEDS_REVIEW{why}; canary at 0% until approved")
     return abort(route, f"gate {decision.decision}{why}", decision_id=decision.id)
 
 
@@ -168,7 +230,7 @@ def promote(route: Route, why: str, *, decision_id: str | None = None) -> Route:
     """The canary becomes stable; its target stays recorded (weight 0) until the next canary."""
     if route.canary is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no canary to promote")
-    return _bump(route, stable=route.canary, weight=0.0, phase="promoted", next_step_at=0.0,
+    return _bump(route, stable=route.canary, previous=route.stable, weight=0.0, phase="promoted", next_step_at=0.0,
                  reason=f"promoted {route.canary.release}: {why}",
                  decision_id=route.decision_id if decision_id is None else decision_id)
 
@@ -180,6 +242,43 @@ def abort(route: Route, why: str, *, decision_id: str | None = None) -> Route:
     return _bump(route, weight=0.0, phase="aborted", next_step_at=0.0,
                  reason=f"aborted {route.canary.release}: {why}",
                  decision_id=route.decision_id if decision_id is None else decision_id)
+
+
+def rollback(route: Route, why: str, *, decision_id: str) -> Route:
+    """A promoted release was rejected: the previous stable takes all traffic back (phase aborted)."""
+    if route.previous is None:
+        # Nothing to fall back to: keep serving, but say so loudly in the status.
+        return _bump(route, decision_id=decision_id, admitted="",
+                     reason=f"{why}; NO previous stable release to roll back to: still serving {route.stable.release}")
+    return _bump(route, stable=route.previous, previous=None, weight=0.0, phase="aborted", next_step_at=0.0,
+                 decision_id=decision_id, admitted="", reason=f"rolled back {route.stable.release}: {why}")
+
+
+def manual_promote(route: Route, override: Override | None) -> Route:
+    """An operator's promote: only an admitted canary, unless an admin's break-glass override is given."""
+    if route.canary is None:
+        raise InvalidRollout(f"deployment {route.deployment!r} has no canary to promote")
+    if route.phase in ("promoted", "aborted"):
+        raise InvalidRollout(f"canary of {route.deployment!r} is already {route.phase}")
+    if override is None:
+        if not route.admitted:
+            raise NotAdmitted(f"refused: canary {route.canary.release!r} has no verified gate decision allowing it "
+                              "(PASS, or NEEDS_REVIEW approved); an admin may override with "
+                              '{"break_glass": {"reason": "..."}}')
+        return promote(route, "by operator")
+    return promote(msgspec.structs.replace(route, override=override),
+                   f"BREAK-GLASS by {override.actor}: {override.reason}")
+
+
+def clear_override(route: Route) -> Route:
+    """End a break-glass override: a canary that no decision allows goes back to 0%."""
+    if route.override is None:
+        raise InvalidRollout(f"deployment {route.deployment!r} has no break-glass override to clear")
+    changes: dict[str, object] = {"override": None, "reason": f"break-glass override by {route.override.actor} cleared"}
+    if route.canary is not None and route.phase in ("idle", "progressing") and not route.admitted:
+        changes.update(weight=0.0, phase="idle", next_step_at=0.0)
+        changes["reason"] = f"{changes['reason']}; canary {route.canary.release} back to 0% until a decision allows it"
+    return _bump(route, **changes)
 
 
 def due_at(route: Route) -> float | None:

@@ -16,25 +16,28 @@ import msgspec
 from aiohttp import web
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
-from yarl import URL
 
-from lockgate import telemetry
+from lockgate import metrics, telemetry
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
+from lockgate.contracts.names import NAME_RULE, is_name
+from lockgate.llmwire import ChatRequest, last_user_text
 from lockgate.outbox import Outbox
+from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.services.router import domain
+from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import (
-    ChatRequest,
     error_response,
-    last_user_text,
     openai_error,
     parse_chunk,
     parse_completion,
     patch_body,
 )
 
-_FORWARD = ("Authorization", "OpenAI-Organization", "OpenAI-Project", "Accept")
+# The client's Authorization is a lockgate key, checked here and never forwarded: the provider's
+# key is lockgate's, added per endpoint from operator configuration.
+_FORWARD = ("OpenAI-Organization", "OpenAI-Project", "Accept")
 # The router reads every body it forwards (usage, finish reason), and auto_decompress is off so
 # bytes pass through untouched: ask upstreams for identity encoding, never what the client accepts.
 _UP_BASE = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
@@ -47,32 +50,35 @@ _chat_request = msgspec.json.Decoder(ChatRequest)
 class Proxy:
     """The OpenAI-compatible gateway handler."""
 
-    def __init__(self, settings: Settings, rollouts: Rollouts, batcher: Outbox, tracer: Tracer) -> None:
+    def __init__(self, settings: Settings, rollouts: Rollouts, batcher: Outbox, tracer: Tracer,
+                 keys: KeyStore, endpoints: Endpoints) -> None:
         self.settings = settings
+        self.keys = keys
+        self.endpoints = endpoints
         self.rollouts = rollouts
         self.batcher = batcher
         self.tracer = tracer
         self.session: aiohttp.ClientSession | None = None
-        self._urls: dict[str, URL] = {}  # parsed once per upstream, not per request
-
-    def _url(self, upstream: str) -> URL:
-        url = self._urls.get(upstream)
-        if url is None:
-            if len(self._urls) >= 1024:  # upstreams come from routes: bounded all the same
-                self._urls.clear()
-            url = self._urls[upstream] = URL(f"{upstream}/chat/completions")
-        return url
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """Proxy one chat completion to the stable or canary upstream."""
         t0 = time.perf_counter()
+        h = request.headers
+        try:
+            key = self.keys.authenticate(bearer(h.get("Authorization")))
+        except AuthError as exc:
+            return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
         body = await request.read()
         try:
             req = _chat_request.decode(body)
         except msgspec.DecodeError as exc:
             return error_response(400, f"invalid chat completion request: {exc}", "invalid_request_error")
-        h = request.headers
         deployment = h.get("x-lockgate-deployment") or self.settings.deployment
+        # Names become subjects and KV keys downstream: refuse a bad one here, not as a dead letter later.
+        for header, value in (("x-lockgate-deployment", deployment), ("x-lockgate-app", h.get("x-lockgate-app")),
+                              ("x-lockgate-tenant", h.get("x-lockgate-tenant"))):
+            if value and not is_name(value):
+                return error_response(400, f"invalid {header} {value!r}: {NAME_RULE}", "invalid_request_error")
         user = req.user or h.get("x-lockgate-user") or request.remote or ""
         route = self.rollouts.route(deployment)
         variant, target = domain.choose(route, user)
@@ -80,8 +86,12 @@ class Proxy:
         want_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
         # Streams without usage would leave token counts unknown: ask for them, hide them again.
         inject_usage = req.stream and not want_usage
-        if (target.model and target.model != req.model) or inject_usage:
-            body = patch_body(body, model if target.model else None, inject_usage)
+        if (target.model and target.model != req.model) or inject_usage or target.params:
+            body = patch_body(body, model if target.model else None, inject_usage, target.params)
+        try:
+            endpoint = self.endpoints.get(target.endpoint)
+        except UnknownEndpoint as exc:  # a route persisted before the allow-list changed
+            return error_response(502, exc.message, "upstream_not_configured")
 
         traceparent = h.get("traceparent")
         parent = (telemetry.extract({"traceparent": traceparent}) if traceparent else None) or _ROOT
@@ -90,6 +100,8 @@ class Proxy:
         trace_id, span_id = f"{sc.trace_id:032x}", f"{sc.span_id:016x}"
         flags = "01" if sc.trace_flags.sampled else "00"
         up_headers = {**_UP_BASE, "traceparent": f"00-{trace_id}-{span_id}-{flags}"}
+        if endpoint.authorization:  # lockgate's provider key for this endpoint, from its credential
+            up_headers["Authorization"] = endpoint.authorization
         for name in _FORWARD:
             value = h.get(name)
             if value is not None:
@@ -99,28 +111,28 @@ class Proxy:
         rec = _Record(status="ok")
         try:
             if req.stream:
-                response = await self._stream(request, target, body, up_headers, out_headers, want_usage,
-                                              t0, rec)
+                response = await self._stream(request, endpoint, target, body, up_headers, out_headers,
+                                              want_usage, t0, rec)
             else:
-                response = await self._once(target, body, up_headers, out_headers, rec)
+                response = await self._once(endpoint, target, body, up_headers, out_headers, rec)
         finally:
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
             # The event and the span's attributes are bookkeeping: build them on the next loop
             # turn, after aiohttp has handed the response to the socket, not before.
             asyncio.get_running_loop().call_soon(
-                self._record, span, h, trace_id, span_id, deployment, variant, target, model, req, user, rec)
+                self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user, rec)
         return response
 
-    def _record(self, span: Any, h: Any, trace_id: str, span_id: str, deployment: str, variant: str,
+    def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
                 target: domain.Target, model: str, req: ChatRequest, user: str, rec: _Record) -> None:
         """Queue the request's inference event and end its span (runs after the response is sent)."""
         try:
             event = InferenceEvent(
-                tenant=h.get("x-lockgate-tenant") or "default",
+                tenant=key.tenant,  # from the key, never from a header the client chooses
                 trace_id=trace_id,
                 span_id=span_id,
                 source="lockgate-router",
-                app=h.get("x-lockgate-app") or self.settings.app,
+                app=key.app,
                 deployment=deployment,
                 variant=variant,
                 release=target.release,
@@ -144,37 +156,38 @@ class Proxy:
             span.end()
             raise
         self.batcher.add(event)  # the outbox scrubs secrets off this path, before the event leaves the router
+        metrics.router_request(variant, rec.status, rec.latency_ms / 1000.0)
         _end_span(span, event)
 
-    async def _once(self, target: domain.Target, body: bytes, up_headers: dict[str, str],
+    async def _once(self, endpoint: Endpoint, target: domain.Target, body: bytes, up_headers: dict[str, str],
                     out_headers: dict[str, str], rec: _Record) -> web.StreamResponse:
         try:
-            async with self.session.post(self._url(target.upstream), data=body, headers=up_headers) as resp:
+            async with self.session.post(endpoint.url, data=body, headers=up_headers) as resp:
                 data = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return rec.fail(502, f"upstream {target.upstream} for release {target.release!r} is unreachable: "
+            return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} is unreachable: "
                                  f"{type(exc).__name__}", "upstream_unreachable", out_headers)
         if status != 200:
-            return rec.upstream_failed(status, data, target, out_headers)
+            return rec.upstream_failed(status, data, endpoint, target, out_headers)
         try:
             parse_completion(data, rec)
         except msgspec.DecodeError:
-            return rec.fail(502, f"upstream {target.upstream} answered a body that is not a chat completion",
+            return rec.fail(502, f"endpoint {endpoint.id} answered a body that is not a chat completion",
                             "upstream_bad_response", out_headers)
         return web.Response(body=data, status=200, content_type="application/json", headers=out_headers)
 
-    async def _stream(self, request: web.Request, target: domain.Target, body: bytes,
+    async def _stream(self, request: web.Request, endpoint: Endpoint, target: domain.Target, body: bytes,
                       up_headers: dict[str, str], out_headers: dict[str, str], want_usage: bool,
                       t0: float, rec: _Record) -> web.StreamResponse:
         try:
-            resp = await self.session.post(self._url(target.upstream), data=body, headers=up_headers)
+            resp = await self.session.post(endpoint.url, data=body, headers=up_headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return rec.fail(502, f"upstream {target.upstream} for release {target.release!r} is unreachable: "
+            return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} is unreachable: "
                                  f"{type(exc).__name__}", "upstream_unreachable", out_headers)
         async with resp:
             if resp.status != 200:
-                return rec.upstream_failed(resp.status, await resp.read(), target, out_headers)
+                return rec.upstream_failed(resp.status, await resp.read(), endpoint, target, out_headers)
             out = web.StreamResponse(headers={**out_headers, "Content-Type": "text/event-stream",
                                               "Cache-Control": "no-cache"})
             await out.prepare(request)
@@ -237,13 +250,13 @@ class _Record:
         self.status, self.error_type = "error", type_
         return error_response(http, message, type_, headers=headers)
 
-    def upstream_failed(self, status: int, data: bytes, target: domain.Target,
+    def upstream_failed(self, status: int, data: bytes, endpoint: Endpoint, target: domain.Target,
                         headers: dict[str, str]) -> web.Response:
         """4xx are the caller's to see as they are; 5xx become a 502 naming the upstream."""
         self.status, self.error_type = "error", str(status)
         if 400 <= status < 500:
             return web.Response(body=data, status=status, content_type="application/json", headers=headers)
-        return error_response(502, f"upstream {target.upstream} for release {target.release!r} failed with "
+        return error_response(502, f"endpoint {endpoint.id} for release {target.release!r} failed with "
                                    f"HTTP {status}: {openai_error(data)}", "upstream_error", headers=headers)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 import nats.js.errors
 
+from lockgate import artifacts
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, RolloutState
@@ -22,26 +23,28 @@ from lockgate.errors import (
     BusUnavailable,
     InvalidEvent,
     LockgateError,
+    NotFound,
     Retryable,
     SignatureError,
-    StoreUnavailable,
 )
 from lockgate.retry import RetryPolicy
 from lockgate.server.service import ServiceContext
 from lockgate.services.router import domain
 from lockgate.services.router.domain import Route
+from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.signing import Verifier
-from lockgate.subjects import token
+from lockgate.subjects import token, untoken
 
 log = logging.getLogger("lockgate.router")
 
-ROLLOUT_COLUMNS = ("id", "time", "deployment", "stable_release", "canary_release", "canary_weight",
-                   "phase", "step", "reason", "decision_id")
 _route_decoder = msgspec.json.Decoder(Route)
 _gate_codec: Codec[GateDecided] = Codec(GateDecided)
 # A change that lost a compare-and-set is recomputed on the reloaded route and tried again; the
 # short jittered pause keeps contending replicas from colliding again in step.
 _CAS_RETRY = RetryPolicy(attempts=5, initial_s=0.005, max_s=0.1)
+# Sampling parameters a model config may fix for its release (they override the client's).
+_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "presence_penalty",
+           "frequency_penalty", "stop")
 
 
 class RouterNotReady(Retryable):
@@ -69,8 +72,9 @@ class Rollouts:
     the same deployment only one wins and announces it; the loser drops its change and reloads.
     """
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, endpoints: Endpoints) -> None:
         self.ctx = ctx
+        self.endpoints = endpoints
         s: Settings = ctx.settings
         self.steps = domain.normalize_steps(s.rollout_steps)
         self.interval_s = s.rollout_step_interval_s
@@ -86,6 +90,7 @@ class Rollouts:
         self._revisions: dict[str, int] = {}  # KV revision each in-memory route is based on
         self._unpersisted: Counter[str] = Counter()  # outbox entries per deployment
         self.conflicts = 0  # changes dropped because another replica's write won
+        self._poisoned: dict[str, str] = {}  # deployment -> why its last change was dropped unpersisted
         # Decisions move traffic, so only those signed by a trusted gatekeeper key are acted on.
         self.verifier = Verifier(ctx.bus, s)
 
@@ -99,7 +104,7 @@ class Rollouts:
                 # Unconfigured deployments are cached apart, bounded, so odd headers cannot grow memory.
                 if len(self._defaults) >= 1024:
                     self._defaults.clear()
-                r = self._defaults[deployment] = domain.default_route(deployment, self.ctx.settings.stable_upstream)
+                r = self._defaults[deployment] = domain.default_route(deployment)
         return r
 
     async def wait_for(self, predicate: Callable[[dict[str, Route]], bool], timeout: float) -> None:
@@ -138,7 +143,11 @@ class Rollouts:
                 await watcher.stop()
 
     def _on_entry(self, entry: Any) -> None:
-        key = entry.key
+        try:
+            key = untoken(entry.key)  # KV keys are tokens of deployment names (one-to-one)
+        except LockgateError:
+            log.warning("ignoring route under a key no deployment maps to: %r", entry.key)
+            return
         # Our own writes echo back at a known revision; and while we hold unpersisted changes for
         # a deployment, its compare-and-set settles who wins, so the watch must not move it first.
         if entry.revision <= self._revisions.get(key, 0) or self._unpersisted[key]:
@@ -182,20 +191,40 @@ class Rollouts:
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
     # changes
-    async def start_canary(self, deployment: str, req: domain.CanaryRequest) -> Route:
-        """Start a canary; if the gate already decided its release (KV), act on that at once."""
+    async def start_canary(self, deployment: str, req: domain.CanaryRequest,
+                           override: domain.Override | None = None) -> Route:
+        """Start a canary at 0%; if a verified decision already allows its release (KV), act on it at once.
+
+        A new stable release takes all traffic, so it too needs a decision that allows it; a canary
+        asked to start at a weight needs one as well. Either without one is NotAdmitted, unless an
+        admin's break-glass `override` is given.
+        """
         await self._await_ready()
-        s = self.ctx.settings
+        stable, canary = await self.target(req.stable_release), await self.target(req.canary_release)
         decision = await self._stored_decision(req.canary_release)
+        current = self.route(deployment).stable.release
+        if override is None:
+            if req.stable_release != current and not domain.allows(
+                    await self._stored_decision(req.stable_release), req.stable_release):
+                raise domain.NotAdmitted(
+                    f"refused: stable release {req.stable_release!r} has no verified gate decision allowing it "
+                    f"(the current stable is {current or 'none'!r}); an admin may override with break_glass")
+            if req.initial_weight and not domain.allows(decision, req.canary_release):
+                raise domain.NotAdmitted(
+                    f"refused: canary {req.canary_release!r} has no verified gate decision allowing it, so it "
+                    "cannot start at a weight; start it without initial_weight (it waits at 0%) or an admin "
+                    "may override with break_glass")
 
         def change() -> None:
-            self._apply(domain.start_canary(self.route(deployment), req, first_step=self.steps[0],
-                                            default_canary_upstream=s.canary_upstream))
+            self._apply(domain.start_canary(self.route(deployment), req, stable=stable, canary=canary,
+                                            first_step=self.steps[0], override=override))
             if decision is not None:
                 self.apply_decision(decision)
 
+        self._poisoned.pop(deployment, None)
         await self._until_won(change)
-        return self.routes[deployment]
+        self._raise_if_poisoned(deployment)
+        return self.route(deployment)
 
     def apply_decision(self, decision: GateDecided) -> int:
         """Apply a gate decision to every deployment canarying its release; returns how many changed."""
@@ -213,19 +242,30 @@ class Rollouts:
         await self._await_ready()
         await self._until_won(lambda: self.apply_decision(decision))
 
-    async def manual(self, deployment: str, action: str) -> Route:
-        """Operator abort or promote of the current canary, persisted."""
+    async def manual(self, deployment: str, action: str, override: domain.Override | None = None) -> Route:
+        """Operator abort (always allowed), promote (only an admitted canary, or break-glass) or clear-override."""
         await self._await_ready()
 
         def change() -> None:
             route = self.route(deployment)
-            if route.phase in ("promoted", "aborted"):
-                raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
-            self._apply(domain.abort(route, "by operator") if action == "abort"
-                        else domain.promote(route, "by operator"))
+            if action == "clear-override":
+                self._apply(domain.clear_override(route))
+            elif action == "abort":
+                if route.phase in ("promoted", "aborted"):
+                    raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
+                self._apply(domain.abort(route, "by operator"))
+            else:
+                self._apply(domain.manual_promote(route, override))
 
+        self._poisoned.pop(deployment, None)
         await self._until_won(change)
+        self._raise_if_poisoned(deployment)
         return self.route(deployment)
+
+    def _raise_if_poisoned(self, deployment: str) -> None:
+        reason = self._poisoned.pop(deployment, None)
+        if reason is not None:
+            raise domain.InvalidRollout(f"route change for {deployment!r} was dropped: {reason}")
 
     async def _until_won(self, change: Callable[[], object]) -> None:
         # A change that lost to another replica's write is recomputed on the reloaded route, so a
@@ -252,42 +292,56 @@ class Rollouts:
         self._wake.set()
 
     async def flush(self) -> None:
-        """Persist pending changes in order: KV route (compare-and-set), RolloutState event, rollout_events row."""
+        """Persist pending changes in order: KV route (compare-and-set), then the RolloutState event (the sink
+        stores it in `rollout_events`)."""
         async with self._persist_lock:
             while self._outbox:
                 item = self._outbox[0]
-                if await self._persist(item):
+                try:
+                    persisted = await self._persist(item)
+                except Retryable:
+                    raise
+                except Exception as exc:
+                    await self._drop_poison(item, exc)
+                    continue
+                if persisted:
                     self._outbox.popleft()
                     self._unpersisted[item.route.deployment] -= 1
                 else:
                     await self._lost(item.route.deployment)
 
+    async def _drop_poison(self, item: _Pending, exc: Exception) -> None:
+        """A change that can never persist is dead-lettered and dropped; the route is reloaded from KV."""
+        self._outbox.popleft()
+        self._unpersisted[item.route.deployment] -= 1
+        reason = exc.message if isinstance(exc, LockgateError) else repr(exc)
+        log.error("dropping route change for %r that cannot be persisted: %s", item.route.deployment, reason)
+        with contextlib.suppress(LockgateError):  # the DLQ is best effort; the next change must still go
+            await self.ctx.bus.dead_letter("router", subject=self.ctx.bus.subjects.rollout_all,
+                                           payload=msgspec.json.encode(item.state),
+                                           reason=f"route change cannot be persisted: {reason}")
+        self._poisoned[item.route.deployment] = reason
+        if not self._unpersisted[item.route.deployment]:
+            await self._reload(item.route.deployment)
+
     async def _persist(self, item: _Pending) -> bool:
         """Persist one change; False (nothing announced) if another replica moved the route first."""
-        bus, store = self.ctx.bus, self.ctx.store
+        bus = self.ctx.bus
         route, state = item.route, item.state
         if item.revision is None:  # a retry after a later step failed must not write KV again
             last = self._revisions.get(route.deployment, 0)
             value = msgspec.json.encode(route)
             try:
                 if last:
-                    item.revision = await self._kv.update(route.deployment, value, last=last)
+                    item.revision = await self._kv.update(token(route.deployment), value, last=last)
                 else:
-                    item.revision = await self._kv.create(route.deployment, value)
+                    item.revision = await self._kv.create(token(route.deployment), value)
             except nats.js.errors.KeyWrongLastSequenceError:
                 return False
             except nats.errors.Error as exc:
                 raise BusUnavailable(f"cannot write route {route.deployment!r} to KV: {exc!r}") from None
             self._revisions[route.deployment] = item.revision
         await bus.publish(bus.subjects.rollout(route.deployment), state)
-        row = (state.id, state.time, state.deployment, state.stable_release, state.canary_release,
-               state.canary_weight, state.phase, state.step, state.reason, state.decision_id)
-        try:
-            await store.ainsert_rows("rollout_events", ROLLOUT_COLUMNS, [row], token=state.id)
-        except StoreUnavailable:
-            raise
-        except Exception as exc:
-            raise StoreUnavailable(f"insert into rollout_events failed: {exc!r}") from None
         return True
 
     async def _lost(self, deployment: str) -> None:
@@ -296,8 +350,12 @@ class Rollouts:
         self._outbox = deque(p for p in self._outbox if p.route.deployment != deployment)
         self._unpersisted.pop(deployment, None)
         log.info("route %s changed by another replica; dropping our change and reloading", deployment)
+        await self._reload(deployment)
+
+    async def _reload(self, deployment: str) -> None:
+        """Take KV's route for a deployment (none if it has no key)."""
         try:
-            entry = await self._kv.get(deployment)
+            entry = await self._kv.get(token(deployment))
         except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
             self._set(deployment, None, 0)
             return
@@ -318,6 +376,36 @@ class Rollouts:
         except TimeoutError:
             raise RouterNotReady("router routes not restored within 30 s") from None
 
+    async def target(self, release: str) -> domain.Target:
+        """Where a release's traffic goes, exactly as its bound bundle's model config says.
+
+        The release must be registered (its name bound to one bundle in the releases KV) with one
+        `model_config/...` artifact naming a model and, optionally, an endpoint id of the allow-list
+        (default `default`) and sampling parameters. Anything else is InvalidRollout.
+        """
+        try:
+            bundle = await artifacts.release_of(self.ctx.bus, release)
+        except NotFound as exc:
+            raise domain.InvalidRollout(exc.message) from None
+        configs = [h for k, h in bundle["artifacts"].items() if k.startswith("model_config/")]
+        if len(configs) != 1:
+            raise domain.InvalidRollout(f"release {release!r} must carry exactly one model_config artifact "
+                                        f"(it has {len(configs)}): the router serves a release as it says")
+        try:
+            config = await artifacts.load_structured(self.ctx.bus, configs[0])
+        except NotFound as exc:
+            raise domain.InvalidRollout(f"model config of release {release!r}: {exc.message}") from None
+        model = config.get("model") if isinstance(config, dict) else None
+        if not isinstance(model, str) or not model:
+            raise domain.InvalidRollout(f"model config {configs[0]} of release {release!r} names no model")
+        endpoint = config.get("endpoint", "default")
+        try:
+            self.endpoints.get(str(endpoint))
+        except UnknownEndpoint as exc:
+            raise domain.InvalidRollout(f"release {release!r}: {exc.message}") from None
+        params = {k: config[k] for k in _PARAMS if k in config}
+        return domain.Target(release=release, endpoint=str(endpoint), model=model, params=params)
+
     async def _stored_decision(self, release: str) -> GateDecided | None:
         try:
             kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_gates)
@@ -330,8 +418,13 @@ class Rollouts:
             return None
         try:
             decision = _gate_codec.decode(entry.value)
+            if decision.release != release:
+                raise SignatureError(f"decision {decision.id} stored for {release!r} is for {decision.release!r}")
             await self.verifier.verify(decision)
         except (InvalidEvent, SignatureError) as exc:
             log.warning("ignoring stored gate decision for %s: %s", release, exc.message)
+            return None
+        if decision.release != release:  # a decision only ever speaks for the release it names
+            log.warning("ignoring stored gate decision under %s: it is for %s", release, decision.release)
             return None
         return decision

@@ -5,9 +5,12 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from lockgate import metrics
 from lockgate.outbox import Outbox
+from lockgate.server.apikeys import KeyStore
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.router.admin import Admin
+from lockgate.services.router.endpoints import Endpoints
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
 
@@ -19,12 +22,15 @@ class RouterService(Service):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.rollouts = Rollouts(ctx)
+        self.upstreams = Endpoints(ctx.settings)  # the operator's allow-list; a bad file fails the start
+        self.rollouts = Rollouts(ctx, self.upstreams)
         # The request path only adds; when the bus cannot keep up the oldest events go first
         # (counted), so the freshest traffic is what drift and cost see.
-        self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, name="router-events")
-        self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, self.tracer)
-        self.admin = Admin(self.rollouts)
+        self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, name="router-events",
+                              on_sent=metrics.events_out_counter("router"), on_drop=metrics.drop_counter("router"))
+        self.keys = KeyStore(ctx.settings.home)  # clients and operators authenticate with these
+        self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, self.tracer, self.keys, self.upstreams)
+        self.admin = Admin(self.rollouts, self.keys)
         self.url = ""
         self._runner: web.AppRunner | None = None
 
@@ -35,9 +41,10 @@ class RouterService(Service):
 
     def app(self) -> web.Application:
         """The aiohttp application (gateway + admin)."""
-        app = web.Application(client_max_size=32 * 1024 * 1024)
+        app = web.Application(client_max_size=32 * 1024 * 1024, middlewares=[self.admin.middleware])
         app.router.add_post("/v1/chat/completions", self.proxy.chat)
         app.router.add_get("/healthz", self._health)
+        app.router.add_get("/metrics", metrics.serve_prometheus)  # on the gateway's port: no second listener
         self.admin.add_routes(app)
         return app
 

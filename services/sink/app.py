@@ -1,15 +1,16 @@
-"""Sink wiring: three durable consumers."""
+"""Sink wiring: one durable consumer per stream it projects into a table."""
 
 from __future__ import annotations
 
 from lockgate.bus import consume, consume_batch
-from lockgate.contracts import DeadLetter, InferenceEvent, SpanBatch
+from lockgate.contracts import DeadLetter, SpanBatch
 from lockgate.server.service import Service, ServiceContext
+from lockgate.services.sink import domain
 from lockgate.services.sink.handlers import SinkHandlers
 
 
 class Sink(Service):
-    """Persists `inference.>`, `telemetry.spans` and `dlq.>` into ClickHouse."""
+    """The store owner: the only service that writes ClickHouse. Every table is a projection of a stream."""
 
     name = "sink"
 
@@ -18,13 +19,19 @@ class Sink(Service):
         self.handlers = SinkHandlers(ctx, self.tracer)
         s, bus = ctx.bus.subjects, ctx.bus
         common = {"ack_wait_s": ctx.settings.ack_wait_s}
-        consume_batch(bus, self.consumers, subject=s.inference_all, stream="inference",
-                      durable=s.durable("sink", "inference"), wire_type=list[InferenceEvent] | InferenceEvent,
+        inference = domain.INFERENCE
+        consume_batch(bus, self.consumers, subject=inference.subject(s), stream=inference.stream,
+                      durable=s.durable("sink", "inference"), wire_type=inference.wire_type,
                       origin="sink", handler=self.handlers.on_inference, batch_size=64, **common)
         consume(bus, self.consumers, subject=s.spans, stream="telemetry", durable=s.durable("sink", "spans"),
                 wire_type=SpanBatch, origin="sink-spans", handler=self.handlers.on_spans, **common)
         consume(bus, self.consumers, subject=s.dlq_all, stream="dlq", durable=s.durable("sink", "dlq"),
                 wire_type=DeadLetter, origin="sink-dlq", handler=self.handlers.on_dead_letter, **common)
+        for fact in domain.FACTS:
+            # Per subject, not per stream: the events stream also carries requests no table stores.
+            consume_batch(bus, self.consumers, subject=fact.subject(s), stream=fact.stream,
+                          durable=s.durable("sink", fact.table.name), wire_type=fact.wire_type, origin="sink",
+                          handler=self.handlers.facts[fact.table.name].on_facts, batch_size=64, **common)
 
 
 def create(ctx: ServiceContext) -> Sink:

@@ -1,105 +1,92 @@
-"""Pure mapping from contracts to ClickHouse columns."""
+"""Pure sink logic: which streams project into which tables, which rows are new, insert tokens."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from lockgate.contracts import DeadLetter, InferenceEvent, SpanRecord
-from lockgate.redact import RedactMode, redact
+from lockgate.contracts import (
+    ArtifactRegistered,
+    CostLedger,
+    DriftReport,
+    EvalCasesRecorded,
+    EvalCompleted,
+    GateAudited,
+    InferenceEvent,
+    LineageEdges,
+    LineageRun,
+    ReleaseRegistered,
+    RolloutState,
+)
+from lockgate.redact import RedactMode, redact, scrub_mapping, scrub_secrets
+from lockgate.store import tables
+from lockgate.store.rows import Table
+from lockgate.subjects import Subjects
 
-INFERENCE_COLUMNS = (
-    "id", "time", "tenant", "app", "deployment", "variant", "release", "model", "response_model",
-    "provider", "operation", "input_tokens", "output_tokens", "cached_tokens", "latency_ms", "ttft_ms",
-    "status", "error_type", "finish_reason", "prompt", "response", "user_hash", "session_id",
-    "trace_id", "span_id", "source", "attributes", "scores", "msg_id",
+
+@dataclass(frozen=True)
+class Projection:
+    """A table fed by one subject. `check` says which facts' keys are looked up before an insert:
+    `always` for low-volume facts (a republished fact is stored once too), `redelivered` for event
+    streams, where only a redelivery can repeat a message (JetStream drops republished msg ids)."""
+
+    table: Table
+    subject: Callable[[Subjects], str]
+    stream: str
+    wire_type: Any
+    check: Literal["always", "redelivered"] = "always"
+
+
+FACTS: tuple[Projection, ...] = (
+    Projection(tables.ARTIFACTS, lambda s: s.artifact_registered, "events", ArtifactRegistered),
+    Projection(tables.RELEASES, lambda s: s.release_registered, "events", ReleaseRegistered),
+    Projection(tables.LINEAGE_RUNS, lambda s: s.lineage_run, "events", LineageRun),
+    Projection(tables.LINEAGE_EDGES, lambda s: s.lineage_edges, "facts", LineageEdges),
+    Projection(tables.EVAL_RUNS, lambda s: s.eval_completed, "events", EvalCompleted),
+    Projection(tables.EVAL_CASES, lambda s: s.eval_cases, "facts", EvalCasesRecorded),
+    Projection(tables.GATE_DECISIONS, lambda s: s.gate_audit, "facts", GateAudited),
+    Projection(tables.ROLLOUT_EVENTS, lambda s: s.rollout_all, "events", RolloutState),
+    Projection(tables.DRIFT_REPORTS, lambda s: s.drift_all, "events", DriftReport),
+    Projection(tables.COST_LEDGER, lambda s: s.cost_ledger, "facts", CostLedger, check="redelivered"),
 )
 
-SPAN_COLUMNS = (
-    "Timestamp", "TraceId", "SpanId", "ParentSpanId", "TraceState", "SpanName", "SpanKind", "ServiceName",
-    "ResourceAttributes", "ScopeName", "ScopeVersion", "SpanAttributes", "Duration", "StatusCode",
-    "StatusMessage", "Events.Timestamp", "Events.Name", "Events.Attributes", "Links.TraceId", "Links.SpanId",
-    "Links.TraceState", "Links.Attributes",
-)
-
-DEAD_LETTER_COLUMNS = ("id", "time", "origin", "subject", "reason", "error", "payload", "headers", "deliveries")
+INFERENCE = Projection(tables.INFERENCE_EVENTS, lambda s: s.inference_all, "inference",
+                       list[InferenceEvent] | InferenceEvent, check="redelivered")
 
 
-def inference_columns(events: Sequence[InferenceEvent], mode: RedactMode, msg_ids: Sequence[str]
-                      ) -> list[list[Any]]:
-    """Column-oriented data for `inference_events`, prompts and responses redacted per `mode`."""
-    return [
-        [e.id for e in events],
-        [e.time for e in events],
-        [e.tenant for e in events],
-        [e.app for e in events],
-        [e.deployment for e in events],
-        [e.variant for e in events],
-        [e.release for e in events],
-        [e.model for e in events],
-        [e.response_model for e in events],
-        [e.provider for e in events],
-        [e.operation for e in events],
-        [e.input_tokens for e in events],
-        [e.output_tokens for e in events],
-        [e.cached_tokens for e in events],
-        [e.latency_ms for e in events],
-        [e.ttft_ms for e in events],
-        [e.status for e in events],
-        [e.error_type for e in events],
-        [e.finish_reason for e in events],
-        [redact(e.prompt, mode) for e in events],
-        [redact(e.response, mode) for e in events],
-        [e.user_hash for e in events],
-        [e.session_id for e in events],
-        [e.trace_id for e in events],
-        [e.span_id for e in events],
-        [e.source for e in events],
-        [e.attributes for e in events],
-        [e.scores for e in events],
-        list(msg_ids),
-    ]
+def redaction(mode: RedactMode) -> dict[str, Callable[[Any], Any]]:
+    """Column transforms on the way to `inference_events`: prompts and responses redacted per `mode`;
+    session ids and attributes scrubbed of secrets (producers other than the SDK and the router may
+    publish events that were never scrubbed)."""
+    scrub = functools.partial(redact, mode=mode)
+    return {"prompt": scrub, "response": scrub, "session_id": scrub_secrets, "attributes": scrub_mapping}
 
 
-def span_columns(spans: Sequence[SpanRecord]) -> list[list[Any]]:
-    """Column-oriented data for `otel_traces` (Nested Events/Links as parallel arrays)."""
-    return [
-        [s.timestamp for s in spans],
-        [s.trace_id for s in spans],
-        [s.span_id for s in spans],
-        [s.parent_span_id for s in spans],
-        [s.trace_state for s in spans],
-        [s.name for s in spans],
-        [s.kind for s in spans],
-        [s.service for s in spans],
-        [s.resource for s in spans],
-        [s.scope_name for s in spans],
-        [s.scope_version for s in spans],
-        [s.attributes for s in spans],
-        [s.duration_ns for s in spans],
-        [s.status_code for s in spans],
-        [s.status_message for s in spans],
-        [[ev[0] for ev in s.events] for s in spans],
-        [[ev[1] for ev in s.events] for s in spans],
-        [[ev[2] for ev in s.events] for s in spans],
-        [[ln[0] for ln in s.links] for s in spans],
-        [[ln[1] for ln in s.links] for s in spans],
-        [[ln[2] for ln in s.links] for s in spans],
-        [[ln[3] for ln in s.links] for s in spans],
-    ]
+# Dead letters are scrubbed where they are made (Bus.dead_letter); this scrubs those made elsewhere.
+DEAD_LETTER_SCRUB: dict[str, Callable[[Any], Any]] = {
+    "payload": scrub_secrets, "headers": scrub_mapping, "error": scrub_secrets, "reason": scrub_secrets,
+}
 
 
-def dead_letter_row(letter: DeadLetter) -> list[Any]:
-    """One `dead_letters` row; the payload is kept as text when it is UTF-8, else escaped."""
-    payload = letter.payload.decode("utf-8", errors="backslashreplace")
-    return [letter.id, letter.time, letter.origin, letter.subject, letter.reason, letter.error, payload,
-            letter.headers, letter.deliveries]
+def new_rows(keys: Sequence[tuple[Any, ...]], origins: Sequence[int], stored: set[tuple[Any, ...]]) -> list[int]:
+    """Rows to insert: not stored already, and of the first message in the batch that carries their key
+    (a fact republished in another message is dropped whole; one message's rows sharing a key are kept)."""
+    owner: dict[tuple[Any, ...], int] = {}
+    return [i for i, (k, o) in enumerate(zip(keys, origins, strict=True))
+            if k not in stored and owner.setdefault(k, o) == o]
 
 
-def batch_token(msg_tokens: Sequence[str]) -> str:
-    """Deduplication token of an insert made of several messages (order-independent)."""
-    digest = hashlib.sha256("\n".join(sorted(msg_tokens)).encode()).hexdigest()
+def select(data: Sequence[Sequence[Any]], rows: Sequence[int]) -> list[list[Any]]:
+    """The given rows of column-oriented data."""
+    return [[col[i] for i in rows] for col in data]
+
+
+def batch_token(parts: Sequence[str]) -> str:
+    """Deduplication token of an insert made of several facts (order-independent)."""
+    digest = hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()
     return f"batch-{digest[:40]}"
 
 

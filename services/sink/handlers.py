@@ -1,16 +1,22 @@
-"""NATS edge of the sink: decoded batches in, idempotent column inserts out."""
+"""NATS edge of the sink: decoded batches in, idempotent column inserts out (the only writer of ClickHouse)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
+from lockgate import metrics
 from lockgate.bus import Delivery
 from lockgate.contracts import DeadLetter, InferenceEvent, SpanBatch
 from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.sink import domain
+from lockgate.store import Store
+from lockgate.store.tables import DEAD_LETTERS, OTEL_TRACES
 
 
 def _token(delivery: Delivery) -> str:
@@ -27,60 +33,115 @@ def _link(trace_id: str, span_id: str) -> Link | None:
     return Link(ctx)
 
 
+@dataclass
+class Written:
+    """What one insert did: rows stored, and messages whose rows were all found stored already."""
+
+    rows: int = 0
+    skipped_messages: int = 0
+
+
+class Writer:
+    """Stores the facts of one projection idempotently, a batch of messages per insert.
+
+    An insert is atomic, so after a crash either all of a batch's rows are stored or none. Before
+    inserting, the keys of the facts that may be stored already (all of them, or only redelivered
+    ones, per the projection) are looked up and those rows dropped; the insert also carries a
+    deduplication token over its keys, so an identical retry is a no-op in ClickHouse.
+    """
+
+    def __init__(self, store: Store, projection: domain.Projection) -> None:
+        self.store = store
+        self.projection = projection
+        self.table = projection.table
+        self.stored = Progress()  # messages handled (a skipped one counts again)
+
+    async def _stored_keys(self, keys: set[tuple[Any, ...]]) -> set[tuple[Any, ...]]:
+        if not keys:
+            return set()
+        key = self.table.key
+        # Each key column narrowed on its own (a superset of the keys), the exact tuples picked here.
+        types = ["String" if isinstance(v, str) else "Int64" for v in next(iter(keys))]
+        where = " AND ".join(f"{c} IN {{k{i}:Array({t})}}" for i, (c, t) in enumerate(zip(key, types, strict=True)))
+        params = {f"k{i}": sorted({k[i] for k in keys}) for i in range(len(key))}
+        rows = await self.store.arows(f"SELECT DISTINCT {', '.join(key)} FROM {self.table.name} WHERE {where}", params)
+        return {t for r in rows if (t := tuple(r[c] for c in key)) in keys}
+
+    async def write(
+        self,
+        messages: Sequence[tuple[Sequence[msgspec.Struct], Delivery]],
+        extra: Mapping[str, Sequence[Any]] | None = None,
+        transform: Mapping[str, Callable[[Any], Any]] | None = None,
+    ) -> Written:
+        """Insert the rows of these messages that are not stored yet."""
+        values = [v for vals, _ in messages for v in vals]
+        data = self.table.data(values, extra, transform)
+        n = len(data[0]) if data else 0
+        if n == 0:
+            return Written()
+        always = self.projection.check == "always"
+        keys: list[tuple[Any, ...]] | None = None
+        skipped = 0
+        if always or any(d.deliveries > 1 for _, d in messages):
+            keys = self.table.keys(data)
+            message_of = [m for m, (vals, _) in enumerate(messages) for _ in vals]
+            origins = [message_of[i] for i in self.table.origins(values)]
+            candidates = {k for k, o in zip(keys, origins, strict=True) if always or messages[o][1].deliveries > 1}
+            stored = await self._stored_keys(candidates)
+            if always or stored:
+                keep = domain.new_rows(keys, origins, stored)
+                skipped = len(set(origins) - {origins[i] for i in keep})
+                if not keep:
+                    return Written(skipped_messages=skipped)
+                if len(keep) < n:
+                    data = domain.select(data, keep)
+                    keys = [keys[i] for i in keep]
+        token = domain.batch_token(self._token_parts(data, keys))
+        await self.store.ainsert_columns(self.table.name, self.table.columns, data, token=token)
+        return Written(rows=len(data[0]), skipped_messages=skipped)
+
+    def _token_parts(self, data: list[list[Any]], keys: list[tuple[Any, ...]] | None) -> list[str]:
+        if keys is None and len(self.table.key) == 1:  # the hot path: one key column, nothing dropped
+            return [str(k) for k in set(data[self.table.index(self.table.key[0])])]
+        return list({"\x00".join(map(str, k)) for k in (keys if keys is not None else self.table.keys(data))})
+
+    async def on_facts(self, items: list[tuple[msgspec.Struct, Delivery]]) -> None:
+        """Persist one fetch of facts (one event per message) in one insert."""
+        await self.write([([value], delivery) for value, delivery in items])
+        await self.stored.bump(len(items))
+
+
 class SinkHandlers:
-    """Handlers for the three streams the sink persists."""
+    """Handlers for every stream the sink persists."""
 
     def __init__(self, ctx: ServiceContext, tracer: trace.Tracer) -> None:
         self.ctx = ctx
         self.tracer = tracer
-        self.events = Progress()  # events handled (a skipped redelivery counts again)
+        self.inference = Writer(ctx.store, domain.INFERENCE)
+        self.facts = {p.table.name: Writer(ctx.store, p) for p in domain.FACTS}
+        self.events = Progress()  # inference events handled (a skipped redelivery counts again)
         self.spans = Progress()
         self.dead_letters = Progress()
         self.skipped_redeliveries = 0
+        self._redaction = domain.redaction(ctx.settings.redact)
 
-    async def _already_stored(self, items: list[tuple[Any, Delivery]]) -> set[str]:
-        """Messages of this batch whose rows already landed before a crash (only redeliveries can)."""
-        redelivered = [_token(d) for _, d in items if d.deliveries > 1]
-        if not redelivered:
-            return set()
-        rows = await self.ctx.store.arows(
-            "SELECT DISTINCT msg_id FROM inference_events WHERE msg_id IN {ids:Array(String)}", {"ids": redelivered}
-        )
-        return {r["msg_id"] for r in rows}
+    def progress(self, table: str) -> Progress:
+        """Messages handled for one fact table; tests and benches await it instead of sleeping."""
+        return self.facts[table].stored
 
     async def on_inference(self, items: list[tuple[list[InferenceEvent] | InferenceEvent, Delivery]]) -> None:
-        """Persist every message of one fetch in one insert.
-
-        Idempotency: an insert is atomic, so after a crash either all of a batch's messages are
-        stored or none; their redeliveries are looked up by msg_id and skipped. The insert also
-        carries a deduplication token over its message ids for an identical retry.
-        """
-        stored = await self._already_stored(items)
-        self.skipped_redeliveries += len(stored)
-        events: list[InferenceEvent] = []
-        msg_ids: list[str] = []
-        spans = []
-        handled = 0
-        for value, delivery in items:
-            batch = value if isinstance(value, list) else [value]
-            handled += len(batch)
-            token = _token(delivery)
-            if token in stored or not batch:
-                continue
-            events.extend(batch)
-            msg_ids.extend([token] * len(batch))
-            spans.append(self._message_span(batch, delivery))
+        """Persist every message of one fetch in one insert; redelivered messages already stored are skipped."""
+        messages = [(value if isinstance(value, list) else [value], delivery) for value, delivery in items]
+        msg_ids = [_token(d) for batch, d in messages for _ in batch]
+        spans = [self._message_span(batch, d) for batch, d in messages if batch]
         try:
-            if events:
-                columns = domain.inference_columns(events, self.ctx.settings.redact, msg_ids)
-                await self.ctx.store.ainsert_columns(
-                    "inference_events", domain.INFERENCE_COLUMNS, columns,
-                    token=domain.batch_token(sorted(set(msg_ids))),
-                )
+            written = await self.inference.write(messages, extra={"msg_id": msg_ids}, transform=self._redaction)
         finally:
             for span in spans:
                 span.end()
-        await self.events.bump(handled)
+        self.skipped_redeliveries += written.skipped_messages
+        metrics.redeliveries_skipped("sink", written.skipped_messages)
+        await self.events.bump(sum(len(batch) for batch, _ in messages))
 
     def _message_span(self, events: list[InferenceEvent], delivery: Delivery) -> trace.Span:
         """One consumer span per message, child of its traceparent, linked to every request in it."""
@@ -95,14 +156,12 @@ class SinkHandlers:
 
     async def on_spans(self, batch: SpanBatch, delivery: Delivery) -> None:
         """Persist exported spans (no span of its own: that would trace the tracing)."""
-        await self.ctx.store.ainsert_columns(
-            "otel_traces", domain.SPAN_COLUMNS, domain.span_columns(batch.spans), token=_token(delivery)
-        )
+        await self.ctx.store.ainsert_columns("otel_traces", OTEL_TRACES.columns, OTEL_TRACES.data(batch.spans),
+                                             token=_token(delivery))
         await self.spans.bump(len(batch.spans))
 
     async def on_dead_letter(self, letter: DeadLetter, delivery: Delivery) -> None:
         """Make dead letters queryable."""
-        await self.ctx.store.ainsert_rows(
-            "dead_letters", domain.DEAD_LETTER_COLUMNS, [domain.dead_letter_row(letter)], token=letter.id
-        )
+        data = DEAD_LETTERS.data([letter], transform=domain.DEAD_LETTER_SCRUB)
+        await self.ctx.store.ainsert_columns("dead_letters", DEAD_LETTERS.columns, data, token=letter.id)
         await self.dead_letters.bump()

@@ -7,12 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+import nats.errors
+import nats.js.errors
 import yaml
 
 from lockgate.bus import Bus
 from lockgate.contracts import ArtifactKind, ArtifactRegistered, ReleaseRegistered
-from lockgate.errors import ConfigError, NotFound
+from lockgate.errors import BusUnavailable, ConfigError, NotFound, ReleaseConflict
 from lockgate.ids import canonical_json, content_hash
+from lockgate.subjects import token
 
 _MEDIA = {".json": "application/json", ".jsonl": "application/jsonl", ".yaml": "application/yaml",
           ".yml": "application/yaml", ".txt": "text/plain", ".md": "text/markdown"}
@@ -100,9 +103,58 @@ async def load_structured(bus: Bus, digest: str) -> Any:
         return [json.loads(ln) for ln in data.decode().splitlines() if ln.strip()]
 
 
+def release_bundle(release: str, app: str, artifacts: dict[str, str], *, parent: str = "",
+                   tenant: str = "default") -> dict[str, Any]:
+    """What a release name is bound to: its artifact hashes and identity (the description may differ)."""
+    return {"release": release, "app": app, "tenant": tenant, "parent": parent, "artifacts": dict(artifacts)}
+
+
+async def bind_release(bus: Bus, bundle: dict[str, Any]) -> str:
+    """Bind a release name to its bundle, once: the KV create is the authority. Returns the bundle hash.
+
+    The same content again is accepted (idempotent); other content under a bound name raises
+    ReleaseConflict, however the request reached the bus.
+    """
+    release = bundle["release"]
+    value = canonical_json(bundle)
+    kv = await bus.kv(bus.subjects.kv_releases)
+    try:
+        await kv.create(token(release), value)
+        return content_hash(value)
+    except nats.js.errors.KeyWrongLastSequenceError:
+        pass
+    except nats.errors.Error as exc:
+        raise BusUnavailable(f"cannot bind release {release!r}: {exc!r}") from None
+    bound = (await kv.get(token(release))).value or b""
+    if bound != value:
+        raise ReleaseConflict(
+            f"release {release!r} is already registered with other content (bundle {content_hash(bound)}, "
+            f"not {content_hash(value)}); releases are immutable: register the change under a new name")
+    return content_hash(value)
+
+
+async def release_of(bus: Bus, release: str) -> dict[str, Any]:
+    """The bundle a release name is bound to (NotFound if it was never registered)."""
+    kv = await bus.kv(bus.subjects.kv_releases)
+    try:
+        entry = await kv.get(token(release))
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+        raise NotFound(f"release {release!r} is not registered (`lockgate release register`)") from None
+    except nats.errors.Error as exc:
+        raise BusUnavailable(f"cannot read release {release!r}: {exc!r}") from None
+    bundle = json.loads(entry.value)
+    if bundle.get("release") != release:  # key shared with a differently spelled name
+        raise NotFound(f"release {release!r} is not registered (its key holds {bundle.get('release')!r})")
+    return bundle
+
+
 async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str, str], *,
                            parent: str = "", description: str = "", tenant: str = "default") -> ReleaseRegistered:
-    """Announce a release as a set of artifact versions (`kind/name` -> hash)."""
+    """Bind a release name to a set of artifact versions (`kind/name` -> hash), then announce it.
+
+    ReleaseConflict if the name is already bound to other artifacts.
+    """
+    await bind_release(bus, release_bundle(release, app, artifacts, parent=parent, tenant=tenant))
     event = ReleaseRegistered(release=release, app=app, artifacts=artifacts, parent=parent,
                               description=description, tenant=tenant)
     await bus.publish(bus.subjects.release_registered, event)

@@ -5,7 +5,7 @@ events, gRPC ingest, the evaluator's case writer and the sink's inserts. Two way
 
 - `add(item)`: fire and forget, never blocks; when the buffer holds `capacity` items the
   overflow policy decides (`drop_newest` refuses the new item, `drop_oldest` evicts the oldest);
-  every loss is counted in `dropped`.
+  every loss is counted in `dropped` and reported to `on_drop` (a metric, where one is wanted).
 - `await submit(item)`: returns when the flush holding the item finished and raises what that
   flush raised, so a consumer acks a message only once its rows are stored.
 
@@ -46,6 +46,10 @@ class Batcher(Generic[T]):
         size: Callable[[T], int] | None = None,
         capacity: int = 100_000,
         overflow: Overflow = "drop_newest",
+        # Called as on_drop(n, reason) for items lost: "overflow", or "flush_failed" for added items
+        # nobody awaits (submitted ones raise to their caller instead). A callback, not a metric,
+        # so the SDK that uses this batcher needs no OpenTelemetry.
+        on_drop: Callable[[int, str], None] | None = None,
         max_in_flight: int = 1,
         isolate: Callable[[BaseException], bool] | None = None,
         name: str = "batcher",
@@ -60,6 +64,7 @@ class Batcher(Generic[T]):
         self._size = size
         self.capacity = capacity
         self.overflow = overflow
+        self._on_drop = on_drop
         # A failed batch of several items is flushed again one item at a time when `isolate`
         # says so, so one poison item cannot fail the others.
         self._isolate = isolate
@@ -135,11 +140,13 @@ class Batcher(Generic[T]):
         if len(self._items) >= self.capacity:
             if self.overflow == "drop_newest":
                 self.dropped += 1
+                self._report_loss(1, "overflow")
                 return False
             old, old_fut = self._items.popleft()
             self._bytes -= self._size(old) if self._size else 0
             self._taken += 1  # the evicted item will never be flushed: flush() must not wait on it
             self.dropped += 1
+            self._report_loss(1, "overflow")
             if old_fut is not None and not old_fut.done():
                 old_fut.set_exception(OverflowError(f"{self.name}: evicted by newer items"))
         self._items.append((item, fut))
@@ -150,6 +157,13 @@ class Batcher(Generic[T]):
         if len(self._items) == 1 or self._full():  # start the age clock, or flush now
             self._wake.set()
         return True
+
+    def _report_loss(self, n: int, reason: str) -> None:
+        if self._on_drop is not None:
+            try:
+                self._on_drop(n, reason)
+            except Exception:  # counting a loss must not cause another
+                log.debug("%s: on_drop failed", self.name, exc_info=True)
 
     def _full(self) -> bool:
         return len(self._items) >= self.max_items or (
@@ -237,8 +251,11 @@ class Batcher(Generic[T]):
             self.flushed += len(batch)
         else:
             self.failed += len(batch)
-            if all(fut is None for _, fut in batch):  # nobody awaits these items: say so here
+            unawaited = sum(fut is None for _, fut in batch)
+            if unawaited == len(batch):  # nobody awaits these items: say so here
                 log.warning("%s: flush of %d items failed: %r", self.name, len(batch), exc)
+            if unawaited:
+                self._report_loss(unawaited, "flush_failed")
         for _, fut in batch:
             if fut is not None and not fut.done():
                 fut.set_exception(exc) if exc is not None else fut.set_result(None)

@@ -17,13 +17,14 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from lockgate import telemetry
+from lockgate import metrics, telemetry
 from lockgate.batcher import Batcher
 from lockgate.codec import Codec, encode
 from lockgate.contracts import DeadLetter, Event
 from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, Retryable
 from lockgate.ids import batch_id
+from lockgate.redact import scrub_bytes, scrub_mapping, scrub_secrets
 from lockgate.retry import RetryPolicy
 from lockgate.subjects import Subjects
 
@@ -54,12 +55,6 @@ class Delivery:
     # Resets JetStream's ack_wait timer; long handlers (an eval run) call it as a heartbeat.
     in_progress: Callable[[], Awaitable[None]] | None = None
 
-
-@dataclass
-class BusStats:
-    """In-process counters (dead letters are also an OTel metric and, per origin, `lockgate status`)."""
-
-    dead_letters: int = 0
 
 
 Handler = Callable[[Any, Delivery], Awaitable[None]]
@@ -117,7 +112,6 @@ class Bus:
         self.servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: comma-separated URLs
         self.nc: nats.NATS | None = None
         self.js: Any = None
-        self.stats = BusStats()
         # Consumers registered on the bus itself (tools, tests); services bring theirs via include().
         self.consumers = Consumers()
         self._registries: list[Consumers] = [self.consumers]
@@ -216,8 +210,11 @@ class Bus:
                 await self.js.add_stream(cfg)
             except nats.js.errors.BadRequestError:
                 await self.js.update_stream(cfg)
-        for bucket in (self.subjects.kv_gates, self.subjects.kv_routes, self.subjects.kv_keys, self.subjects.kv_drift):
+        for bucket in (self.subjects.kv_gates, self.subjects.kv_routes, self.subjects.kv_keys, self.subjects.kv_drift,
+                       self.subjects.kv_eval_runs):
             await self.js.create_key_value(bucket=bucket, history=10)
+        # One value per release name, written once (create) and never updated.
+        await self.js.create_key_value(bucket=self.subjects.kv_releases, history=1)
         # Cached upstream responses expire so a stale answer never outlives a model update for long.
         await self.js.create_key_value(bucket=self.subjects.kv_eval_cache, history=1, ttl=7 * 24 * 3600)
         await self.js.create_object_store(bucket=self.subjects.object_store)
@@ -281,19 +278,22 @@ class Bus:
         headers: dict[str, str] | None = None,
         deliveries: int = 1,
     ) -> None:
-        """Send an unprocessable message to `<prefix>.dlq.<origin>` with the reason and original bytes."""
-        headers = {k: v for k, v in (headers or {}).items() if not k.lower().startswith("authorization")}
+        """Send an unprocessable message to `<prefix>.dlq.<origin>` with the reason and its scrubbed bytes.
+
+        A dead letter is kept for people to read: credential headers (Authorization, X-Api-Key,
+        Cookie, ...) are masked whole, and keys, tokens and passwords in the payload, the other
+        headers and the error are replaced by a marker, so parking a message never stores a secret."""
+        reason, error = scrub_secrets(reason), scrub_secrets(error[:2000])
         letter = DeadLetter(
             origin=origin,
             subject=subject,
             reason=reason,
-            error=error[:2000],
-            payload=payload,
-            headers=headers,
+            error=error,
+            payload=scrub_bytes(payload),
+            headers=scrub_mapping(headers or {}),
             deliveries=deliveries,
         )
-        self.stats.dead_letters += 1
-        telemetry.count_dead_letter(origin)
+        metrics.dead_letter(origin)
         log.warning("dead letter from %s on %s: %s", origin, subject, reason)
         await self.publish(self.subjects.dlq(origin), letter)
 
@@ -455,11 +455,14 @@ def consume(
         try:
             value = codec.decode(body)
         except InvalidEvent as exc:
-            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", exc.message)
+            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", exc.message,
+                                       purge=True)
             return
         except Exception as exc:  # whatever the decoder trips on is bad input: park it, never leave it unacked
-            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", repr(exc))
+            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", repr(exc),
+                                       purge=True)
             return
+        metrics.events_in(origin, len(value) if isinstance(value, list) else 1)
         delivery = Delivery(
             subject=msg.subject,
             msg_id=headers.get("Nats-Msg-Id", ""),
@@ -569,7 +572,14 @@ async def _dead_letter_and_ack(
     deliveries: int,
     reason: str,
     error: str,
+    *,
+    purge: bool = False,
 ) -> None:
+    """Park a message in the DLQ (scrubbed) and ack it; `purge` also deletes the original from its stream.
+
+    An undecodable message is poison for every consumer of its stream and its raw bytes may carry
+    secrets a well-behaved producer would have scrubbed: once its scrubbed copy is safely in the
+    DLQ, the original is deleted so the stream does not keep it until its retention runs out."""
     try:
         await bus.dead_letter(
             origin,
@@ -585,3 +595,10 @@ async def _dead_letter_and_ack(
         await msg.nak(delay=NACK_BACKOFF.delay(deliveries))
         return
     await msg.ack()
+    if purge:
+        meta = msg.metadata
+        try:
+            await bus.js.delete_msg(meta.stream, meta.sequence.stream)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            # Already deleted by another consumer of the stream, or not allowed: the DLQ copy stands.
+            log.debug("could not delete dead-lettered message %s/%d: %r", meta.stream, meta.sequence.stream, exc)

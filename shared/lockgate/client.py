@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any, Self
 
@@ -17,12 +18,14 @@ import nats.errors
 import nats.js.errors
 
 from lockgate.codec import Codec, encode
+from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
+from lockgate.contracts.names import check_name
 from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.errors import BusUnavailable, InvalidEvent, NotFound, SignatureError
 from lockgate.outbox import Outbox
 from lockgate.retry import RetryPolicy
-from lockgate.signing import Keyring
+from lockgate.signing import Verifier
 from lockgate.subjects import Subjects, token
 
 log = logging.getLogger("lockgate.client")
@@ -46,12 +49,22 @@ def check_event(event: InferenceEvent) -> None:
 
 
 async def get_decision(kv: Any, release: str) -> GateDecided | None:
-    """The latest decision for `release` in the gates KV bucket, or None."""
+    """The latest decision for `release` in the gates KV bucket, or None.
+
+    Raises InvalidName for a name outside the grammar, and SignatureError if the stored decision is
+    for another release (a signature alone does not say it answers the question asked)."""
+    check_name(release, "release")
     try:
         entry = await kv.get(token(release))
     except nats.js.errors.KeyNotFoundError:  # also covers deleted/purged keys
         return None
-    return _decisions.decode(entry.value) if entry.value else None
+    if not entry.value:
+        return None
+    decision = _decisions.decode(entry.value)
+    if decision.release != release:
+        raise SignatureError(f"decision {decision.id} stored for release {release!r} is for "
+                             f"{decision.release!r}: refusing it")
+    return decision
 
 
 async def watch_decisions(kv: Any, release_prefix: str = "") -> AsyncIterator[GateDecided]:
@@ -73,6 +86,11 @@ async def _decisions_from(watcher: Any, release_prefix: str) -> AsyncIterator[Ga
             except InvalidEvent as exc:
                 # One bad value in the bucket must not end every watcher.
                 log.warning("skipping undecodable gate decision %s: %s", entry.key, exc.message)
+                continue
+            if entry.key != token(decision.release):
+                # A decision copied under another release's key must not answer for that release.
+                log.warning("skipping gate decision %s for %r stored under key %s", decision.id, decision.release,
+                            entry.key)
                 continue
             if decision.release.startswith(release_prefix):
                 yield decision
@@ -109,6 +127,7 @@ class Client:
         tls_ca: str = "",
         tls_cert: str = "",
         tls_key: str = "",
+        trust_file: str | None = None,
     ) -> None:
         self.nats_url = nats_url
         # The application's NATS identity (`app` in `{home}/credentials/app.json`, or your own user).
@@ -135,11 +154,14 @@ class Client:
         self._started = False
         self._nc: Any = None
         self._js: Any = None
-        # Decisions are acted on only when signed by a trusted gatekeeper key: pinned PEM files if
-        # given, else the keys the gatekeepers publish in KV (reloaded when a new key id shows up).
+        # Decisions are acted on only when signed by a trusted gatekeeper key: the trust file
+        # (`trust_file`, LOCKGATE_TRUST_FILE, else {LOCKGATE_HOME or ./.lockgate}/trust.json) and
+        # pinned PEM files. Never keys learnt from the bus: anyone who can publish could add one.
         self.verify = verify
-        self._pinned = bool(trusted_keys)
-        self._keyring = Keyring.from_pem_files(trusted_keys or [])
+        home = os.environ.get("LOCKGATE_HOME") or Settings().home
+        self._verifier = Verifier(None, Settings(
+            home=home, trust_file=trust_file or os.environ.get("LOCKGATE_TRUST_FILE", ""),
+            trusted_keys=",".join(trusted_keys or [])))
         self.rejected_decisions = 0
 
     @property
@@ -225,7 +247,10 @@ class Client:
         await self._outbox.flush()
 
     async def decision(self, release: str) -> GateDecided | None:
-        """The latest gate decision for a release, or None; raises SignatureError if it does not verify."""
+        """The latest gate decision for a release, or None.
+
+        Raises InvalidName for a bad name, SignatureError if the decision does not verify or is not
+        for `release`."""
         decision = await get_decision(await self._gates(), release)
         if decision is not None:
             await self._check(decision)
@@ -249,16 +274,10 @@ class Client:
         finally:
             await decisions.aclose()
 
-    async def kv(self, bucket: str) -> Any:
-        """A KV bucket handle (lets the Keyring load published keys through this client)."""
-        return await self._js.key_value(bucket)
-
     async def _check(self, decision: GateDecided) -> None:
         if not self.verify:
             return
-        if not self._pinned and decision.key_id not in self._keyring.keys:
-            self._keyring = await Keyring.from_kv(self)
-        self._keyring.verify(decision)
+        await self._verifier.verify(decision)
 
     async def _gates(self) -> Any:
         if self._js is None:

@@ -25,6 +25,9 @@ class Settings(msgspec.Struct, kw_only=True):
     tls_ca: str = ""
     clickhouse_url: str = "chdb://./.lockgate/clickhouse"
     database: str = "lockgate"
+    # operator SQL runs as this ClickHouse user (server mode: the read-only `lockgate_reader` of
+    # deploy/clickhouse/users.d); empty = clickhouse_url, in a session opened with readonly=1
+    clickhouse_readonly_url: str = ""
     prefix: str = "lg"
     home: str = "./.lockgate"
     host: str = "127.0.0.1"
@@ -38,6 +41,13 @@ class Settings(msgspec.Struct, kw_only=True):
     app: str = "default"
     rollout_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
     rollout_step_interval_s: float = 5.0
+    # upstream allow-list (YAML `endpoints: {id: {url, credential}}`); empty: `default` and `canary` from
+    # the two upstream settings above. Credentials are looked up by name in the environment, then here:
+    endpoints_file: str = ""
+    secrets_file: str = ""  # YAML mapping NAME: secret (keep it 0600)
+    # gateway: TLS for the gRPC API when both are set (PEM files); plaintext otherwise
+    grpc_tls_cert: str = ""
+    grpc_tls_key: str = ""
     # sink
     redact: RedactMode = "scrub"
     # drift
@@ -48,13 +58,19 @@ class Settings(msgspec.Struct, kw_only=True):
     price_book: str = ""
     # gatekeeper: Ed25519 key that signs decisions (generated under home/keys when empty)
     signing_key: str = ""
-    # consumers of decisions trust these public keys (PEM files, comma-separated); empty = the KV keyring
+    # consumers of decisions trust the keys of the trust file ({home}/trust.json when empty: key ids ->
+    # PEM public keys, and revoked ids) plus these PEM files (comma-separated); never keys from the bus
+    trust_file: str = ""
     trusted_keys: str = ""
     # evaluator
     eval_cache: bool = True
     # consumers
     ack_wait_s: float = 30.0
+    # telemetry: the share of new traces recorded (a caller's sampled traceparent is always followed)
     trace_sample_ratio: float = 1.0
+    # OTLP/HTTP base URL of a Collector (e.g. http://otel-collector:4318); metrics are exported
+    # there when set, and are always served as Prometheus text at /metrics
+    otlp_endpoint: str = ""
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some settings changed (None values are ignored)."""

@@ -23,6 +23,10 @@ class InvalidEvent(LockgateError):
     """A message could not be decoded into a known contract (goes to the DLQ)."""
 
 
+class InvalidName(InvalidEvent):
+    """A tenant, app, deployment or release name breaks the name grammar (lockgate.contracts.names)."""
+
+
 class UnknownSchemaVersion(InvalidEvent):
     """An event declares a schema_version this build does not understand."""
 
@@ -71,6 +75,10 @@ class QueryUnavailable(Retryable):
     """No query service answered on the bus (not started yet, or too busy to reply in time)."""
 
 
+class QueryRefused(ConfigError):
+    """Operator SQL that is not one read-only statement over lockgate's tables (it is never run)."""
+
+
 class ReplyTooLarge(LockgateError):
     """A query's result does not fit in one NATS message; ask for fewer rows."""
 
@@ -82,3 +90,7 @@ class PublishFailed(BusUnavailable):
         super().__init__(message)
         self.sent = sent
         self.failed = failed
+
+
+class ReleaseConflict(LockgateError):
+    """A release name is already bound to other content; releases are immutable, register a new name."""

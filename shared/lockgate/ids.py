@@ -28,6 +28,16 @@ def uuid7() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def derived_id(namespace: str, *parts: str) -> str:
+    """A UUIDv8 that is a pure function of its inputs: a fact derived from other events gets the same id
+    (and so the same Nats-Msg-Id) however often it is recomputed."""
+    h = bytearray(hashlib.sha256("\x00".join((namespace, *parts)).encode()).digest()[:16])
+    h[6] = (h[6] & 0x0F) | 0x80  # version 8: custom
+    h[8] = (h[8] & 0x3F) | 0x80  # RFC 9562 variant
+    x = h.hex()
+    return f"{x[:8]}-{x[8:12]}-{x[12:16]}-{x[16:20]}-{x[20:]}"
+
+
 _canon = msgspec.json.Encoder(order="sorted")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import nats.errors
@@ -127,7 +127,8 @@ class Outbox:
     `add` never blocks and never raises: when the buffer refuses an event (full under
     `drop_newest`, evicted under `drop_oldest`, or the outbox closed) it counts in `dropped`.
     `sent` counts events JetStream acknowledged, `failed` those given up after the retries.
-    Nothing is published before `start(js)`.
+    Nothing is published before `start(js)`. A server process passes `on_sent(n)` and
+    `on_drop(n, reason)` to count the same in its metrics (the SDK passes none: no OpenTelemetry).
     """
 
     def __init__(
@@ -141,6 +142,8 @@ class Outbox:
         max_in_flight: int = 1,
         retry: RetryPolicy = PUBLISH_RETRY,
         name: str = "outbox",
+        on_sent: Callable[[int], None] | None = None,
+        on_drop: Callable[[int, str], None] | None = None,
     ) -> None:
         self.subjects = subjects
         self.batch_size = batch_size
@@ -149,12 +152,15 @@ class Outbox:
         self.sent = 0
         self.failed = 0
         self._refused_closed = 0
+        self._on_sent = on_sent
+        self._on_drop = on_drop
         self._batcher: Batcher[InferenceEvent] = Batcher(
             self._publish,
             max_items=batch_size,
             max_age_s=max_age_s,
             capacity=capacity,
             overflow=overflow,
+            on_drop=on_drop,
             max_in_flight=max_in_flight,
             name=name,
             autostart=False,
@@ -177,6 +183,7 @@ class Outbox:
         """Queue one event (O(1), never blocks); False if it was refused."""
         if self._batcher.closed:  # e.g. a request finishing while the process shuts down
             self._refused_closed += 1
+            self._report(self._on_drop, 1, "closed")
             return False
         return self._batcher.add(event)
 
@@ -196,5 +203,15 @@ class Outbox:
         except PublishFailed as exc:
             self.sent += exc.sent
             self.failed += exc.failed
+            self._report(self._on_sent, exc.sent)
+            self._report(self._on_drop, exc.failed, "publish_failed")
         else:
             self.sent += sent
+            self._report(self._on_sent, sent)
+
+    def _report(self, callback: Callable[..., None] | None, *args: Any) -> None:
+        if callback is not None:
+            try:
+                callback(*args)
+            except Exception:  # counting must never lose an event or fail a request
+                log.debug("outbox counter callback failed", exc_info=True)

@@ -59,6 +59,12 @@ def _read_stream(stream: str) -> Grant:
     ])
 
 
+def _consume_stream(stream: str) -> Grant:
+    # A consumer edge dead-letters an undecodable message and then deletes the original from its
+    # stream (bus.dead_letter purge), so the poison is not kept beside its scrubbed DLQ copy.
+    return _read_stream(stream).add(Grant(publish=[f"$JS.API.STREAM.MSG.DELETE.{stream}"]))
+
+
 def _read_kv(bucket: str) -> Grant:
     # Ordered consumers behind watch() and keys() are deleted when they end or reset.
     return _read_stream(f"KV_{bucket}").add(Grant(publish=[f"$JS.API.CONSUMER.DELETE.KV_{bucket}.*"]))
@@ -66,6 +72,12 @@ def _read_kv(bucket: str) -> Grant:
 
 def _write_kv(bucket: str) -> Grant:
     return _read_kv(bucket).add(Grant(publish=[f"$KV.{bucket}.>"]))
+
+
+def _create_kv(bucket: str) -> Grant:
+    # Create-only is enforced by the KV create (expected last sequence 0), which JetStream checks;
+    # the permission is the bucket's put subject.
+    return _write_kv(bucket)
 
 
 def _read_objects(bucket: str) -> Grant:
@@ -80,7 +92,8 @@ def _write_objects(bucket: str) -> Grant:
 def _manage_topology(s: Subjects) -> Grant:
     # Create/update lockgate's own streams and buckets (Bus.ensure_topology), nothing else.
     names = [spec.name for spec in s.streams.values()]
-    names += [f"KV_{b}" for b in (s.kv_gates, s.kv_routes, s.kv_keys, s.kv_drift, s.kv_eval_cache)]
+    names += [f"KV_{b}" for b in (s.kv_gates, s.kv_routes, s.kv_keys, s.kv_drift, s.kv_eval_runs, s.kv_releases,
+                                  s.kv_eval_cache)]
     names.append(f"OBJ_{s.object_store}")
     return Grant(publish=[f"$JS.API.STREAM.{op}.{n}" for n in names for op in ("CREATE", "UPDATE", "INFO")])
 
@@ -95,38 +108,45 @@ def grant(s: Subjects, identity: str) -> Grant:
         return Grant(publish=[">"], subscribe=[">"], responses=True)
     if identity == "sink":
         g.add(service).add(_manage_topology(s))
-        for stream in ("inference", "events", "telemetry", "dlq"):
-            g.add(_read_stream(st[stream]))
+        # Every stream it projects into ClickHouse: inference, events, facts, spans, dead letters.
+        for stream in ("inference", "events", "facts", "telemetry", "dlq"):
+            g.add(_consume_stream(st[stream]))
     elif identity == "query":
         g.add(service).add(Grant(subscribe=[s.query], responses=True))
     elif identity == "gateway":
         g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_all]))
     elif identity == "lineage":
-        g.add(service).add(_read_stream(st["events"])).add(_read_objects(s.object_store))
-        g.add(Grant(publish=[f"{s.prefix}.lineage.>", s.query]))
+        # It binds each release name once (create-only KV) and publishes the edges as facts.
+        g.add(service).add(_consume_stream(st["events"])).add(_read_objects(s.object_store))
+        g.add(_create_kv(s.kv_releases)).add(Grant(publish=[s.lineage_edges, s.query]))
     elif identity == "evaluator":
-        g.add(service).add(_read_stream(st["events"])).add(_read_objects(s.object_store))
-        g.add(_write_kv(s.kv_eval_cache))
-        g.add(Grant(publish=[s.eval_completed, s.lineage_run, f"{s.prefix}.progress.eval.>", s.query]))
+        # It records each requested run (the gatekeeper decides only on those) and its cases as facts.
+        g.add(service).add(_consume_stream(st["events"])).add(_read_objects(s.object_store))
+        g.add(_write_kv(s.kv_eval_cache)).add(_write_kv(s.kv_eval_runs))
+        g.add(Grant(publish=[s.eval_completed, s.lineage_run, s.eval_cases, f"{s.prefix}.progress.eval.>", s.query]))
     elif identity == "gatekeeper":
-        g.add(service).add(_read_stream(st["events"])).add(_read_objects(s.object_store))
-        g.add(_write_kv(s.kv_gates)).add(_write_kv(s.kv_keys))
-        g.add(Grant(publish=[s.gate_decided_all, s.query]))
+        # It reads the evaluator's run records (not writes them) and publishes decisions and their audit rows.
+        g.add(service).add(_consume_stream(st["events"])).add(_read_objects(s.object_store))
+        g.add(_write_kv(s.kv_gates)).add(_write_kv(s.kv_keys)).add(_read_kv(s.kv_eval_runs))
+        g.add(Grant(publish=[s.gate_decided_all, s.gate_audit, s.query]))
     elif identity == "router":
-        g.add(service).add(_read_stream(st["events"])).add(_read_kv(s.kv_gates)).add(_write_kv(s.kv_routes))
+        # Rollouts name releases only: it reads their bindings and bundles, never binds one.
+        g.add(service).add(_consume_stream(st["events"])).add(_read_kv(s.kv_gates)).add(_write_kv(s.kv_routes))
+        g.add(_read_kv(s.kv_releases)).add(_read_objects(s.object_store))
         g.add(Grant(publish=[s.rollout_all, s.inference_all, s.query]))
     elif identity == "drift":
-        g.add(service).add(_read_stream(st["inference"])).add(_read_stream(st["events"]))
+        g.add(service).add(_consume_stream(st["inference"])).add(_consume_stream(st["events"]))
         g.add(_write_kv(s.kv_drift)).add(Grant(publish=[s.drift_all, s.query]))
     elif identity == "cost":
-        g.add(service).add(_read_stream(st["inference"])).add(Grant(publish=[s.cost_all, s.query]))
+        g.add(service).add(_consume_stream(st["inference"])).add(Grant(publish=[s.cost_all, s.cost_ledger, s.query]))
     elif identity == APP:
         # The SDK: send inference events, read decisions and the keys that verify them.
         g.add(_read_kv(s.kv_gates)).add(_read_kv(s.kv_keys)).add(Grant(publish=[s.inference_all]))
     elif identity in ("viewer", "operator", "approver"):
         g.add(_viewer(s))
         if identity == "operator":
-            g.add(_write_objects(s.object_store)).add(Grant(
+            # `release create` binds the name itself (create-only KV) before announcing it.
+            g.add(_write_objects(s.object_store)).add(_create_kv(s.kv_releases)).add(Grant(
                 publish=[s.eval_requested, s.artifact_registered, s.release_registered],
                 subscribe=[s.eval_completed, f"{s.prefix}.progress.eval.>", s.gate_decided_all]))
         if identity == "approver":

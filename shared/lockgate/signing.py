@@ -96,10 +96,12 @@ class Signer:
 
 
 class Keyring:
-    """Trusted public keys by key id; `verify` raises SignatureError unless a decision checks out."""
+    """Trusted public keys by key id, and revoked ids; `verify` raises SignatureError unless a decision checks out."""
 
-    def __init__(self, keys: Iterable[Ed25519PublicKey] = ()) -> None:
+    def __init__(self, keys: Iterable[Ed25519PublicKey] = (), revoked: Iterable[str] = (), source: str = "") -> None:
         self.keys: dict[str, Ed25519PublicKey] = {}
+        self.revoked: set[str] = set(revoked)
+        self.source = source  # where the keys came from, named in refusals
         for k in keys:
             self.add(k)
 
@@ -114,10 +116,18 @@ class Keyring:
         self.keys[kid] = public
         return kid
 
+    def merge(self, other: Keyring) -> Keyring:
+        """A keyring trusting both rings' keys and honouring both rings' revocations."""
+        ring = Keyring(revoked=self.revoked | other.revoked,
+                       source=" + ".join(s for s in (self.source, other.source) if s))
+        ring.keys = {**self.keys, **other.keys}
+        return ring
+
     @classmethod
     def from_pem_files(cls, paths: Iterable[str | Path]) -> Keyring:
         """Keys from PEM public-key files (settings.trusted_keys, `--key`)."""
         ring = cls()
+        names = []
         for path in paths:
             p = Path(path)
             try:
@@ -129,35 +139,54 @@ class Keyring:
             if not isinstance(key, Ed25519PublicKey):
                 raise ConfigError(f"trusted key {p} is {type(key).__name__}, expected Ed25519")
             ring.add(key)
+            names.append(str(p))
+        ring.source = ", ".join(names)
         return ring
 
     @classmethod
-    async def from_kv(cls, bus: Any) -> Keyring:
-        """Keys the gatekeeper(s) published in the KV bucket subjects.kv_keys."""
-        ring = cls()
+    def from_trust_file(cls, path: str | Path) -> Keyring:
+        """Keys of a trust file (`{"keys": {id: PEM}, "revoked": [id]}`); empty if the file does not exist."""
+        p = Path(path)
         try:
-            kv = await bus.kv(bus.subjects.kv_keys)
+            data = msgspec.json.decode(p.read_bytes(), type=TrustFile)
+        except FileNotFoundError:
+            return cls(source=f"{p} (missing: `lockgate up` writes it; or set LOCKGATE_HOME / LOCKGATE_TRUST_FILE)")
+        except OSError as exc:
+            raise ConfigError(f"trust file {p} cannot be read: {exc.strerror}") from None
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f'trust file {p} is not {{"keys": {{id: PEM}}, "revoked": [id]}}: {exc}') from None
+        ring = cls(revoked=data.revoked, source=str(p))
+        for kid, pem in data.keys.items():
             try:
-                names = await kv.keys()
-            except nats.js.errors.NoKeysError:
-                return ring
-            for name in names:
-                entry = await kv.get(name)
-                if entry.value:
-                    ring.add(bytes(entry.value))
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise BusUnavailable(f"cannot read signing keys from KV {bus.subjects.kv_keys}: {exc!r}") from None
+                key = serialization.load_pem_public_key(pem.encode())
+            except ValueError as exc:
+                raise ConfigError(f"trust file {p}: key {kid!r} is not a PEM public key: {exc}") from None
+            if not isinstance(key, Ed25519PublicKey):
+                raise ConfigError(f"trust file {p}: key {kid!r} is {type(key).__name__}, expected Ed25519")
+            if key_id(key) != kid:
+                raise ConfigError(f"trust file {p}: key listed as {kid!r} has id {key_id(key)!r}")
+            ring.add(key)
         return ring
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Keyring:
+        """The configured trust roots: the trust file plus settings.trusted_keys PEM files."""
+        ring = cls.from_trust_file(trust_file_path(settings))
+        paths = trusted_paths(settings)
+        return ring.merge(cls.from_pem_files(paths)) if paths else ring
 
     def verify(self, decision: GateDecided) -> str:
         """Check the signature; returns the key id or raises SignatureError with a one-line reason."""
         if not decision.signature:
             raise SignatureError(f"signature invalid: decision {decision.id} for {decision.release} is not signed")
+        if decision.key_id in self.revoked:
+            raise SignatureError(f"signature invalid: decision {decision.id} for {decision.release} was signed by "
+                                 f"revoked key id {decision.key_id!r}")
         public = self.keys.get(decision.key_id)
         if public is None:
             known = ", ".join(sorted(self.keys)) or "none"
             raise SignatureError(f"signature invalid: decision {decision.id} was signed by unknown key id "
-                                 f"{decision.key_id!r} (trusted: {known})")
+                                 f"{decision.key_id!r} (trusted: {known}; from {self.source or 'no trust roots'})")
         try:
             sig = base64.b64decode(decision.signature, validate=True)
             public.verify(sig, canonical(decision))
@@ -167,8 +196,91 @@ class Keyring:
         return decision.key_id
 
 
+class TrustFile(msgspec.Struct, forbid_unknown_fields=True):
+    """The trust roots on disk: key id -> PEM public key (several, for rotation) and revoked key ids."""
+
+    keys: dict[str, str] = {}
+    revoked: list[str] = []
+
+
+def trust_file_path(settings: Settings) -> Path:
+    """settings.trust_file (LOCKGATE_TRUST_FILE), or {home}/trust.json when it is empty."""
+    return Path(settings.trust_file or Path(settings.home) / "trust.json")
+
+
+def _write_trust_file(path: Path, data: TrustFile) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(msgspec.json.format(msgspec.json.encode(data)) + b"\n")
+    os.replace(tmp, path)  # readers never see a half-written trust file
+
+
+def _read_trust_file(path: Path) -> TrustFile:
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=TrustFile)
+    except FileNotFoundError:
+        return TrustFile()
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"trust file {path} is malformed: {exc}") from None
+
+
+def trust_key(path: str | Path, public: Ed25519PublicKey) -> str:
+    """Add a public key to a trust file (created 0600 if missing); returns its id. Revoked ids stay refused."""
+    p = Path(path)
+    data = _read_trust_file(p)
+    kid = key_id(public)
+    if kid in data.revoked:
+        raise ConfigError(f"key {kid} is revoked in {p}; remove it from `revoked` first if that was a mistake")
+    if data.keys.get(kid) != public_pem(public).decode():
+        data.keys[kid] = public_pem(public).decode()
+        _write_trust_file(p, data)
+    return kid
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    """The Ed25519 public key of a PEM file holding a public key or an (unencrypted) private key."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"key {p} cannot be read: {exc.strerror}") from None
+    try:
+        key: Any = serialization.load_pem_public_key(data)
+    except ValueError:
+        try:
+            key = serialization.load_pem_private_key(data, password=None).public_key()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"key {p} is neither a PEM public key nor an unencrypted PEM private key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"key {p} is {type(key).__name__}, expected Ed25519")
+    return key
+
+
+def revoke_key(path: str | Path, kid: str) -> None:
+    """Revoke a key id in a trust file: decisions it signed are refused from the next verification on."""
+    p = Path(path)
+    data = _read_trust_file(p)
+    data.keys.pop(kid, None)
+    if kid not in data.revoked:
+        data.revoked.append(kid)
+    _write_trust_file(p, data)
+
+
+def ensure_signer_trusted(settings: Settings) -> Signer:
+    """The gatekeeper's persistent key (created 0600 under the home if missing), trusted in the trust file.
+
+    What `lockgate up` does for an embedded stack before the services start; a distributed deployment
+    ships the trust file (or LOCKGATE_TRUSTED_KEYS) as configuration instead.
+    """
+    signer = Signer.load_or_create(default_key_path(settings))
+    trust_key(trust_file_path(settings), signer.public)
+    return signer
+
+
 async def publish_key(bus: Any, signer: Signer) -> None:
-    """Announce a signer's public key in KV so consumers can verify its decisions."""
+    """Copy a signer's public key into the KV bucket, for information only: no consumer trusts it from there."""
     try:
         kv = await bus.kv(bus.subjects.kv_keys)
         await kv.put(signer.key_id, signer.public_raw)
@@ -182,17 +294,36 @@ def trusted_paths(settings: Settings) -> list[str]:
 
 
 class Verifier:
-    """What a consumer uses: pinned PEM keys when configured, else the KV keyring (reloaded on a new key id)."""
+    """What a consumer uses: the configured trust roots (trust file + pinned PEMs), never keys from the bus."""
 
-    def __init__(self, bus: Any, settings: Settings) -> None:
+    def __init__(self, bus: Any, settings: Settings, *, also: Iterable[Ed25519PublicKey] = ()) -> None:
         self.bus = bus
-        paths = trusted_paths(settings)
-        self.pinned = bool(paths)
-        self.keyring = Keyring.from_pem_files(paths) if paths else Keyring()
+        self.settings = settings
+        self._also = list(also)  # keys trusted besides the configuration (the gatekeeper's own)
+        self._stamp = self._mtime()
+        self.keyring = self._load()
+
+    def _load(self) -> Keyring:
+        ring = Keyring.from_settings(self.settings)
+        return ring.merge(Keyring(self._also, source="own key")) if self._also else ring
 
     async def verify(self, decision: GateDecided) -> str:
-        """Raise SignatureError unless the decision is signed by a trusted key; returns the key id."""
-        # A key id not seen yet may belong to a gatekeeper that started after us: reload once.
-        if not self.pinned and decision.key_id and decision.key_id not in self.keyring.keys:
-            self.keyring = await Keyring.from_kv(self.bus)
+        """Raise SignatureError unless the decision is signed by a trusted, unrevoked key; returns the key id."""
+        # The trust file may have changed (a rotation, a revocation, `lockgate up` writing it after we
+        # started): re-read the local configuration, never the bus, before refusing or accepting.
+        if decision.key_id not in self.keyring.keys or decision.key_id in self.keyring.revoked \
+                or self._changed():
+            self.keyring = self._load()
         return self.keyring.verify(decision)
+
+    def _mtime(self) -> int:
+        try:
+            return trust_file_path(self.settings).stat().st_mtime_ns
+        except OSError:
+            return 0
+
+    def _changed(self) -> bool:
+        """True if the trust file changed since it was read (a revocation must apply at once)."""
+        stamp = self._mtime()
+        changed, self._stamp = stamp != self._stamp, stamp
+        return changed

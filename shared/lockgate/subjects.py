@@ -7,12 +7,38 @@ from dataclasses import dataclass, field
 
 from lockgate.errors import ConfigError
 
-_TOKEN = re.compile(r"[^A-Za-z0-9_-]")
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_ESCAPED = re.compile(r"(?:=[0-9A-F]{2})+")
+_TOKEN = re.compile(r"(?:[A-Za-z0-9_-]|=[0-9A-F]{2})+|=")
 
 
 def token(value: str) -> str:
-    """Make a value safe as one subject token (no dots, spaces or wildcards)."""
-    return _TOKEN.sub("_", value) or "_"
+    """One subject token or KV key for a value, one-to-one: `shop.v3` -> `shop=2Ev3`, `shop_v3` -> `shop_v3`.
+
+    Every UTF-8 byte outside [A-Za-z0-9_-] becomes `=XX` (upper-case hex), `=` included, and the
+    empty string becomes `=`, so distinct values never share a token (`untoken` reverses it) and the
+    result is valid both in a subject (no dots, spaces or wildcards) and as a KV key.
+    """
+    if not value:
+        return "="
+    data = value.encode()
+    return "".join(chr(b) if b in _SAFE else f"={b:02X}" for b in data)
+
+
+def untoken(tok: str) -> str:
+    """The value `token` mapped to `tok`; ConfigError if `tok` is not one of its outputs."""
+    if tok == "=":
+        return ""
+    if not _TOKEN.fullmatch(tok):
+        raise ConfigError(f"{tok!r} is not a lockgate subject token")
+    try:
+        value = _ESCAPED.sub(lambda m: bytes.fromhex(m.group(0).replace("=", "")).decode("latin-1"), tok)
+        value = value.encode("latin-1").decode()
+    except (UnicodeDecodeError, UnicodeEncodeError, ValueError):
+        raise ConfigError(f"{tok!r} is not a lockgate subject token") from None
+    if token(value) != tok:  # e.g. `=41` for a safe character: not canonical, so not ours
+        raise ConfigError(f"{tok!r} is not a lockgate subject token")
+    return value
 
 
 @dataclass(frozen=True)
@@ -54,6 +80,9 @@ class Subjects:
                     ),
                     max_age_s=90 * 24 * 3600,
                 ),
+                # Rows that have no event of their own, published for the sink (the store owner) alone;
+                # kept only as long as the inference stream, because the table is their durable copy.
+                "facts": StreamSpec(f"{s}_FACTS", (f"{p}.fact.>",)),
                 "telemetry": StreamSpec(f"{s}_TELEMETRY", (f"{p}.telemetry.>",), max_age_s=24 * 3600),
                 "dlq": StreamSpec(f"{s}_DLQ", (f"{p}.dlq.>",), max_age_s=30 * 24 * 3600),
             },
@@ -133,6 +162,27 @@ class Subjects:
     def dlq_all(self) -> str:
         return f"{self.prefix}.dlq.>"
 
+    # facts: one subject per table they are projected into
+    @property
+    def eval_cases(self) -> str:
+        """Batches of finished eval cases (EvalCasesRecorded)."""
+        return f"{self.prefix}.fact.eval_cases"
+
+    @property
+    def gate_audit(self) -> str:
+        """Rows of the gate audit log (GateAudited)."""
+        return f"{self.prefix}.fact.gate_audit"
+
+    @property
+    def lineage_edges(self) -> str:
+        """Edges the lineage recorder derived from an event (LineageEdges)."""
+        return f"{self.prefix}.fact.lineage_edges"
+
+    @property
+    def cost_ledger(self) -> str:
+        """Per-event costs of one inference message (CostLedger)."""
+        return f"{self.prefix}.fact.cost_ledger"
+
     @property
     def spans(self) -> str:
         return f"{self.prefix}.telemetry.spans"
@@ -171,9 +221,19 @@ class Subjects:
         return f"{self.prefix}_drift"
 
     @property
+    def kv_eval_runs(self) -> str:
+        """Eval requests the evaluator accepted (run id -> EvalRequested): what the gatekeeper may decide on."""
+        return f"{self.prefix}_eval_runs"
+
+    @property
     def kv_eval_cache(self) -> str:
         """Evaluator response cache (request hash -> upstream response)."""
         return f"{self.prefix}_eval_cache"
+
+    @property
+    def kv_releases(self) -> str:
+        """Release name -> its immutable bundle (create-only: a name is bound to one content forever)."""
+        return f"{self.prefix}_releases"
 
     @property
     def object_store(self) -> str:

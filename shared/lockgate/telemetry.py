@@ -1,25 +1,29 @@
-"""OpenTelemetry for every service. Spans are queued in memory and shipped over NATS to the sink.
+"""OpenTelemetry tracing for every service: spans go through the SDK's BatchSpanProcessor to a
+SpanExporter that publishes them over NATS, where the sink stores them in `otel_traces`.
 
-Telemetry never fails a request: every exporter path swallows its own errors.
+Metrics live in `lockgate.metrics`. Telemetry never fails a request: every exporter path swallows
+its own errors.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from opentelemetry import metrics, trace
+from opentelemetry import trace
 from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from lockgate import __version__
+from lockgate.codec import encode
 from lockgate.contracts import SpanBatch, SpanRecord
 
 if TYPE_CHECKING:
@@ -28,8 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lockgate.telemetry")
 _propagator = TraceContextTextMapPropagator()
 _getter = DefaultGetter()
-_meter = metrics.get_meter("lockgate")
-_dead_letters = _meter.create_counter("lockgate.dead_letters", description="messages sent to the DLQ")
 
 _KIND = {
     SpanKind.INTERNAL: "Internal",
@@ -55,14 +57,6 @@ def extract(headers: dict[str, str]) -> Any:
         return _propagator.extract(headers, getter=_getter)
     except Exception:
         return None
-
-
-def count_dead_letter(origin: str) -> None:
-    """Count one dead letter in the metrics."""
-    try:
-        _dead_letters.add(1, {"origin": origin})
-    except Exception:
-        log.debug("metric failed", exc_info=True)
 
 
 def _attrs(values: Any) -> dict[str, str]:
@@ -108,30 +102,98 @@ def to_record(span: ReadableSpan) -> SpanRecord:
     )
 
 
-class _QueueProcessor(SpanProcessor):
-    """Keeps finished spans in a bounded deque; the oldest are dropped under overload."""
+class NatsSpanExporter(SpanExporter):
+    """Publishes each batch the BatchSpanProcessor hands over as one SpanBatch on `<prefix>.telemetry.spans`.
 
-    def __init__(self, maxlen: int) -> None:
-        self.spans: deque[ReadableSpan] = deque(maxlen=maxlen)
+    The processor calls `export` from its own worker thread while the bus lives on the event loop:
+    the batch is converted and encoded in the worker, handed to the loop, and waited for at most
+    `timeout_s`. A batch that cannot be published is dropped (and logged), never raised.
+    """
 
-    def on_end(self, span: ReadableSpan) -> None:
-        self.spans.append(span)
+    def __init__(self, bus: Bus, loop: asyncio.AbstractEventLoop, *, timeout_s: float = 5.0) -> None:
+        self._bus = bus
+        self._loop = loop
+        self._timeout_s = timeout_s
+        self._stopped = False
+        self._pending: set[asyncio.Future[Any]] = set()
+        self.exported = 0
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Publish `spans` as one SpanBatch; SUCCESS once JetStream acknowledged it."""
+        if self._stopped or self._loop.is_closed() or not self._loop.is_running():
+            return SpanExportResult.FAILURE
+        try:
+            records = []
+            for span in spans:
+                try:
+                    records.append(to_record(span))
+                except Exception:
+                    log.debug("span conversion failed", exc_info=True)
+            if not records:
+                return SpanExportResult.SUCCESS
+            batch = SpanBatch(spans=records)
+            publish = self._bus.publish(self._bus.subjects.spans, encode(batch), msg_id=batch.id)
+            if _running_loop() is self._loop:
+                # Called on the loop's own thread (a force_flush from async code): waiting here
+                # would block the loop that must do the publishing. Hand it over and move on.
+                task = self._loop.create_task(publish)
+                self._pending.add(task)
+                task.add_done_callback(lambda t: self._done(t, len(records)))
+                return SpanExportResult.SUCCESS
+            future = asyncio.run_coroutine_threadsafe(publish, self._loop)
+            try:
+                future.result(self._timeout_s)
+            except BaseException:
+                future.cancel()
+                raise
+            self.exported += len(records)
+            return SpanExportResult.SUCCESS
+        except Exception as exc:
+            log.warning("span export failed; %d spans dropped: %r", len(spans), exc)
+            return SpanExportResult.FAILURE
+
+    def _done(self, task: asyncio.Future[Any], n: int) -> None:
+        self._pending.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            why = "cancelled" if task.cancelled() else repr(task.exception())
+            log.warning("span export failed; %d spans dropped: %s", n, why)
+        else:
+            self.exported += n
 
     def shutdown(self) -> None:
-        self.spans.clear()
+        """Refuse further batches (the processor exported what it had before calling this)."""
+        self._stopped = True
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Nothing is buffered here: each export waits for its acknowledgement."""
         return True
 
 
-class Telemetry:
-    """Tracer providers per service, sharing one span queue shipped to NATS."""
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
-    def __init__(self, *, sample_ratio: float = 1.0, max_queue: int = 20_000) -> None:
+
+class Telemetry:
+    """A process's tracing: one TracerProvider per service (its own `service.name`), all sharing one
+    sampler setting and one BatchSpanProcessor, so one bounded queue and one export thread.
+
+    Without an exporter (tests, benches) spans are sampled and ended but go nowhere.
+    """
+
+    def __init__(self, *, sample_ratio: float = 1.0, exporter: SpanExporter | None = None,
+                 max_queue: int = 20_000, max_batch: int = 2000, schedule_delay_ms: float = 250) -> None:
         self.sample_ratio = sample_ratio
-        self._queue = _QueueProcessor(max_queue)
+        # Spans reach otel_traces within about `schedule_delay_ms` (a quarter second, like the
+        # loop this replaced), not the SDK's default five seconds; a full queue drops the oldest.
+        self._processor = (
+            BatchSpanProcessor(exporter, max_queue_size=max_queue, schedule_delay_millis=schedule_delay_ms,
+                               max_export_batch_size=min(max_batch, max_queue))
+            if exporter is not None else None
+        )
         self._providers: dict[str, TracerProvider] = {}
-        self.exported = 0
 
     def tracer(self, service: str) -> trace.Tracer:
         """A tracer whose spans carry `service.name = lockgate-<service>`."""
@@ -140,42 +202,23 @@ class Telemetry:
             provider = TracerProvider(
                 resource=Resource.create({"service.name": f"lockgate-{service}", "service.version": __version__}),
                 sampler=ParentBased(TraceIdRatioBased(self.sample_ratio)),
+                shutdown_on_exit=False,  # `shutdown` runs while the bus can still publish, not at exit
             )
-            provider.add_span_processor(self._queue)
+            if self._processor is not None:
+                provider.add_span_processor(self._processor)
             self._providers[service] = provider
         return provider.get_tracer(f"lockgate.{service}", __version__)
 
-    def drain(self, limit: int = 2000) -> list[SpanRecord]:
-        """Take up to `limit` finished spans as records."""
-        out: list[SpanRecord] = []
-        q = self._queue.spans
-        while q and len(out) < limit:
-            try:
-                out.append(to_record(q.popleft()))
-            except Exception:
-                log.debug("span conversion failed", exc_info=True)
-        return out
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Export every ended span now and wait for it; blocks, so from async code use `asyncio.to_thread`."""
+        if self._processor is None:
+            return True
+        return self._processor.force_flush(timeout_millis)
 
-    async def flush(self, bus: Bus) -> int:
-        """Publish every queued span; returns how many were shipped. Never raises."""
-        shipped = 0
-        while True:
-            records = self.drain()
-            if not records:
-                return shipped
+    async def shutdown(self) -> None:
+        """Export what is queued and stop the export thread; call it before the bus closes."""
+        if self._processor is not None:
             try:
-                await bus.publish(bus.subjects.spans, SpanBatch(spans=records))
-                shipped += len(records)
-                self.exported += len(records)
+                await asyncio.to_thread(self._processor.shutdown)
             except Exception:
-                log.debug("span export failed; %d spans dropped", len(records), exc_info=True)
-                return shipped
-
-    async def run_exporter(self, bus: Bus, interval_s: float = 0.25) -> None:
-        """Ship spans every `interval_s` until cancelled, then once more."""
-        try:
-            while True:
-                await asyncio.sleep(interval_s)
-                await self.flush(bus)
-        finally:
-            await asyncio.shield(self.flush(bus))
+                log.warning("span processor shutdown failed", exc_info=True)

@@ -180,21 +180,24 @@ async def raw_jetstream(st: Stack, events: list[InferenceEvent]) -> dict[str, An
 
 async def raw_clickhouse(st: Stack, events: list[InferenceEvent]) -> dict[str, Any]:
     """Column-oriented inserts of the same rows into a scratch copy of inference_events."""
-    from lockgate.services.sink.domain import INFERENCE_COLUMNS, inference_columns
+    from lockgate.services.sink.domain import redaction
+    from lockgate.store.tables import INFERENCE_EVENTS
 
     store = st.ctx.store
     out: dict[str, Any] = {}
     for rows_per_insert in (BATCH, 20_000):
         table = f"inference_events_raw_{rows_per_insert}"
         store.command(f"CREATE TABLE IF NOT EXISTS {table} AS inference_events")
+        scrub = redaction(st.ctx.settings.redact)
         chunks = [
-            inference_columns(events[i : i + rows_per_insert], st.ctx.settings.redact,
-                              [f"raw-{i}"] * len(events[i : i + rows_per_insert]))
+            INFERENCE_EVENTS.data(events[i : i + rows_per_insert],
+                                  {"msg_id": [f"raw-{i}"] * len(events[i : i + rows_per_insert])},
+                                  scrub)
             for i in range(0, len(events), rows_per_insert)
         ]
         t0 = time.perf_counter()
         for k, cols in enumerate(chunks):
-            await store.ainsert_columns(table, INFERENCE_COLUMNS, cols, token=f"raw-{rows_per_insert}-{k}")
+            await store.ainsert_columns(table, INFERENCE_EVENTS.columns, cols, token=f"raw-{rows_per_insert}-{k}")
         seconds = time.perf_counter() - t0
         assert store.scalar(f"SELECT count() FROM {table}") == len(events)
         store.command(f"DROP TABLE {table}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -17,8 +18,10 @@ from typing import Any
 import aiohttp
 
 from lockgate.contracts import GateDecided
+from lockgate.server.apikeys import bootstrap
 from lockgate.signing import Signer, publish_key
 from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process, stack
+from tests.helpers import register_model_release
 
 N_REQUESTS = 3000
 CONCURRENCY = 8
@@ -52,9 +55,11 @@ def _sim_process(env: BenchEnv) -> contextlib.AbstractAsyncContextManager[str]:
 
 async def _remote_load(url: str, n: int, concurrency: int = CONCURRENCY) -> tuple[list[float], float]:
     """Run the load generator in a child process so its CPU does not slow the router."""
+    # The router takes only lockgate API keys (the simulator ignores the header): authentication is on
+    # in the measured path, as in production.
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.bench.bench_router", "--load", url, str(n), str(concurrency),
-        stdout=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "LOCKGATE_BENCH_KEY": _KEY.get("admin", "")})
     out, _ = await proc.communicate()
     if proc.returncode:
         raise RuntimeError("load generator failed")
@@ -62,7 +67,11 @@ async def _remote_load(url: str, n: int, concurrency: int = CONCURRENCY) -> tupl
     return data["samples"], data["seconds"]
 
 
+_KEY: dict[str, str] = {}
+
+
 async def _overhead(env: BenchEnv) -> dict[str, Any]:
+    _KEY["admin"] = bootstrap(env.home).admin_key
     async with _sim_process(env) as sim_url, stack(env, "router", stable_upstream=sim_url) as st:
         router = st.services["router"]
         await _remote_load(sim_url, 300)  # warm-up
@@ -95,9 +104,13 @@ async def _reaction(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, 
         signer = Signer.generate()  # the router acts only on decisions signed by a key in the KV keyring
         await publish_key(bus, signer)
         samples: list[float] = []
+        await register_model_release(bus, "base")
         for i in range(TRIALS):
             release = f"rel-{i}"
-            payload = {"stable_release": "base", "canary_release": release, "initial_weight": 50}
+            await register_model_release(bus, release)  # a rollout names registered releases only
+            # Never gated: only an admin's break-glass gives it a weight (admission holds in the bench too).
+            payload = {"stable_release": "base", "canary_release": release, "initial_weight": 50,
+                       "break_glass": {"reason": "bench"}}
             async with session.put(f"{router.url}/lockgate/v1/deployments/bench", json=payload) as resp:
                 assert resp.status == 200, await resp.text()
             decision = signer.sign(GateDecided(release=release, decision="BLOCK", rules=[]))
@@ -112,13 +125,14 @@ async def _reaction(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, 
 async def run(env: BenchEnv) -> dict[str, Any]:
     """Router overhead vs. direct calls, and gate decision -> weight change latency."""
     overhead = await _overhead(env)
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {bootstrap(env.home).admin_key}"}) as session:
         reaction = await _reaction(env, session)
     return {"overhead": overhead, "decision_to_weight": reaction}
 
 
 async def _load_main(url: str, n: int, concurrency: int) -> None:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as session:
+    headers = {"Authorization": f"Bearer {os.environ.get('LOCKGATE_BENCH_KEY', '')}"}
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), headers=headers) as session:
         samples, seconds = await _load(session, url, n, concurrency)
     print(json.dumps({"samples": samples, "seconds": seconds}))
 

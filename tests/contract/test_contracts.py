@@ -11,15 +11,22 @@ from lockgate.codec import Codec, any_event, encode
 from lockgate.contracts import (
     EVENT_TYPES,
     ArtifactRegistered,
+    CostEntry,
+    CostLedger,
     CostRecord,
     DeadLetter,
     DriftReport,
+    EvalCaseResult,
+    EvalCasesRecorded,
     EvalCompleted,
     EvalRequested,
     FeatureDrift,
+    GateAudited,
     GateDecided,
     GateReview,
     InferenceEvent,
+    LineageEdge,
+    LineageEdges,
     LineageRun,
     ReleaseRegistered,
     RolloutState,
@@ -57,6 +64,15 @@ SAMPLES = [
                                 scope_name="x", scope_version="1", attributes={"a": "1"}, duration_ns=5,
                                 status_code="Ok", status_message="", events=[(NOW, "e", {})],
                                 links=[("c" * 32, "d" * 16, "", {})])]),
+    EvalCasesRecorded(run_id="run-1", release="r1", cases=[
+        EvalCaseResult(case_id="c1", repeat=0, input="q", expected="a", output="a", scores={"exact_match": 1.0},
+                       details={"llm_judge": {"reasons": ["fine"], "cached": True}})]),
+    GateAudited(release="r1", action="approved", actor="ann", decision="PASS", eval_run="run-1", rules=[
+        RuleResult(rule="q", metric="exact_match", op=">=", threshold=0.95, observed=0.99, verdict="PASS")]),
+    LineageEdges(event_id="e1", edges=[LineageEdge(src="r1", src_kind="release", dst="sha256:" + "0" * 64,
+                                                   dst_kind="dataset", relation="uses")]),
+    CostLedger(price_book="sha256:pb", entries=[CostEntry(event_id="e1", time=NOW, tenant="acme", app="shop",
+                                                          model="m", input_tokens=3, cost_usd=0.25, priced=True)]),
 ]
 
 

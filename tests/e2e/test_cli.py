@@ -38,13 +38,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
                   "--grpc-port", "0", "--sim-port", "0"], env, "Ctrl-C stops the stack")
     assert up.started(120), up.output
     endpoints = printed_endpoints(up.output)
+    assert f"{home}/credentials/router-admin.key" in up.output  # where the first admin key is, never the key
     assert all(not endpoints[n].removesuffix("/v1").endswith(":0") for n in ("nats", "router", "grpc", "simulator")), \
         up.output  # the ports the servers bound, not the 0 they were asked for
     env["LOCKGATE_NATS_URL"] = endpoints["nats"]
     env["E2E_ROUTER"] = endpoints["router"]
     env["E2E_SIM"] = endpoints["simulator"]
     env["E2E_HOME"] = str(home)
-    env["LOCKGATE_HOME"] = str(home)  # where `dev up --home` wrote the NATS credentials the CLI needs
+    env["LOCKGATE_HOME"] = str(home)  # the CLI finds the NATS credentials, API keys and trust file `dev up` made there
     yield env
     up.proc.send_signal(signal.SIGINT)
     assert up.proc.wait(60) == 0, up.output
@@ -75,7 +76,7 @@ def test_demo_then_query_everything(stack: dict[str, str]) -> None:
     assert count[0]["n"] >= 300
 
     health = json.loads(run("status", "--json", env=stack).stdout)
-    assert {s["role"] for s in health["streams"]} == {"inference", "events", "telemetry", "dlq"}
+    assert {s["role"] for s in health["streams"]} == {"inference", "events", "facts", "telemetry", "dlq"}
     assert any(c["consumer"] == "lg_sink_inference" for c in health["consumers"])
 
 
@@ -137,3 +138,37 @@ def test_roles_bound_what_the_cli_may_do(stack: dict[str, str], tmp_path: Path) 
     stranger = {**stack, "LOCKGATE_HOME": str(tmp_path)}
     out = run("decisions", "--json", env=stranger, check=False)
     assert out.returncode == 5 and "refused role 'viewer'" in out.stderr, out.stderr
+
+
+def test_keys_cli_and_router_authentication(stack: dict[str, str]) -> None:
+    import urllib.error
+    import urllib.request
+
+    router = stack["E2E_ROUTER"]
+
+    def call(method: str, path: str, key: str | None, body: bytes | None = None) -> int:
+        req = urllib.request.Request(router + path, data=body, method=method,
+                                     headers={"Content-Type": "application/json",
+                                              **({"Authorization": f"Bearer {key}"} if key else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    chat = json.dumps({"model": "sim-stable", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    # Before: an unauthenticated promote returned 200 and any client could call the router.
+    assert call("POST", "/lockgate/v1/deployments/shop-web/promote", None) == 401
+    assert call("POST", "/v1/chat/completions", None, chat) == 401
+
+    created = run("keys", "create", "--tenant", "acme", "--app", "shop", env=stack).stdout
+    key = created.strip().splitlines()[-1]
+    assert key.startswith("lg-")
+    assert call("POST", "/v1/chat/completions", key, chat) == 200
+    assert call("POST", "/lockgate/v1/deployments/shop-web/promote", key) == 403  # an app key is no operator
+    listed = json.loads(run("keys", "list", "--json", env=stack).stdout)
+    mine = next(k for k in listed if k["tenant"] == "acme")
+    assert key not in json.dumps(listed)  # only hashes are kept
+    assert "apikeys.json" not in key and (Path(stack["E2E_HOME"]) / "apikeys.json").stat().st_mode & 0o777 == 0o600
+    run("keys", "revoke", mine["id"], env=stack)
+    assert call("POST", "/v1/chat/completions", key, chat) == 401

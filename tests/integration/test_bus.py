@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from lockgate.bus import Bus, Delivery, consume
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, InferenceEvent
+from tests.helpers import dead_letters, metric_points
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,7 +39,7 @@ async def test_same_event_published_twice_is_stored_once_by_jetstream(bus: Bus) 
         (b'{"type":"lockgate.nonsense","app":"x"}', "unknown event type"),
     ],
 )
-async def test_bad_input_goes_to_dlq_and_consumer_keeps_going(bus: Bus, payload: bytes, reason_part: str) -> None:
+async def test_bad_input_goes_to_dlq_and_consumer_keeps_going(bus: Bus, payload: bytes, reason_part: str, metric_reader: InMemoryMetricReader) -> None:
     good: asyncio.Queue[InferenceEvent] = asyncio.Queue()
 
     async def handle(value: InferenceEvent, delivery: Delivery) -> None:
@@ -67,7 +69,9 @@ async def test_bad_input_goes_to_dlq_and_consumer_keeps_going(bus: Bus, payload:
     assert reason_part in letter.error
     got = await asyncio.wait_for(good.get(), 10)
     assert got.id == ok.id
-    assert bus.stats.dead_letters == 1
+    assert dead_letters(metric_reader) == 1
+    # only the event that decoded was taken in
+    assert metric_points(metric_reader, "lockgate.events.received") == {(("service", "test"),): 1}
 
 
 async def test_handlers_see_one_message_at_a_time_in_stream_order(bus: Bus) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 from nats.js.api import ConsumerConfig, DeliverPolicy
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from lockgate.bus import Bus, Delivery, consume, consume_batch
 from lockgate.codec import Codec
@@ -22,6 +23,7 @@ from lockgate.contracts import DeadLetter, InferenceEvent
 from lockgate.errors import LockgateError, Retryable, StoreUnavailable
 from lockgate.server.natsserver import binary
 from lockgate.subjects import Subjects
+from tests.helpers import dead_letters
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,7 +44,7 @@ async def _settlements(sub: Any, n: int) -> list[str]:
     return out
 
 
-async def test_retryable_twice_then_success_is_processed_once_and_acked(bus: Bus) -> None:
+async def test_retryable_twice_then_success_is_processed_once_and_acked(bus: Bus, metric_reader: InMemoryMetricReader) -> None:
     durable = bus.subjects.durable("test", "retry")
     calls: list[int] = []
     processed: list[str] = []
@@ -63,7 +65,7 @@ async def test_retryable_twice_then_success_is_processed_once_and_acked(bus: Bus
     assert await _settlements(wire, 3) == ["nak", "nak", "ack"]
     assert calls == [1, 2, 3]
     assert processed == [event.id]
-    assert bus.stats.dead_letters == 0
+    assert dead_letters(metric_reader) == 0
 
 
 async def test_always_retryable_is_dead_lettered_after_max_deliver(bus: Bus) -> None:
@@ -112,7 +114,7 @@ async def test_invalid_utf8_is_dead_lettered_and_the_consumer_goes_on(bus: Bus) 
     assert await _settlements(wire, 2) == ["ack", "ack"]
 
 
-async def test_batch_with_one_poison_item_dead_letters_only_that_message(bus: Bus) -> None:
+async def test_batch_with_one_poison_item_dead_letters_only_that_message(bus: Bus, metric_reader: InMemoryMetricReader) -> None:
     durable = bus.subjects.durable("test", "batch")
     stored: list[str] = []
     batch_sizes: list[int] = []
@@ -137,10 +139,10 @@ async def test_batch_with_one_poison_item_dead_letters_only_that_message(bus: Bu
     assert letter.reason == "rejected" and b'"app":"poison"' in letter.payload
     assert sorted(stored) == sorted(e.id for e in events if e.app != "poison")
     assert batch_sizes[0] > 1  # one write for many messages, then the fallback one by one
-    assert bus.stats.dead_letters == 1
+    assert dead_letters(metric_reader) == 1
 
 
-async def test_batch_that_fails_retryably_is_nacked_whole_and_stored_on_redelivery(bus: Bus) -> None:
+async def test_batch_that_fails_retryably_is_nacked_whole_and_stored_on_redelivery(bus: Bus, metric_reader: InMemoryMetricReader) -> None:
     durable = bus.subjects.durable("test", "batchretry")
     stored: list[str] = []
     failures = 1
@@ -162,7 +164,7 @@ async def test_batch_that_fails_retryably_is_nacked_whole_and_stored_on_redelive
 
     assert sorted(await _settlements(wire, 10)) == ["ack"] * 5 + ["nak"] * 5
     assert sorted(stored) == sorted(e.id for e in events)
-    assert bus.stats.dead_letters == 0
+    assert dead_letters(metric_reader) == 0
 
 
 async def test_unordered_consumer_runs_at_most_max_workers_at_once(bus: Bus) -> None:

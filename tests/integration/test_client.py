@@ -15,9 +15,11 @@ from lockgate.client import Client
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
-from lockgate.errors import InvalidEvent, SignatureError
+from lockgate.errors import InvalidEvent, InvalidName, SignatureError
 from lockgate.ids import batch_id
-from lockgate.signing import Signer, publish_key
+from lockgate.server.service import ServiceContext
+from lockgate.services.gatekeeper.records import Records
+from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import token
 
@@ -27,6 +29,7 @@ events_codec: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
 
 
 def client(settings: Settings, **kw: Any) -> Client:
+    kw.setdefault("trust_file", str(trust_file_path(settings)))
     return Client(settings.nats_url, prefix=settings.prefix, app="shop", **kw)
 
 
@@ -185,13 +188,18 @@ async def test_publish_that_keeps_failing_is_counted_not_hung(settings: Settings
 SIGNER = Signer.generate()
 
 
+@pytest.fixture(autouse=True)
+def _trusted(settings: Settings) -> None:
+    """SIGNER stands in for the gatekeeper: its key is in the trust file the SDK reads."""
+    trust_key(trust_file_path(settings), SIGNER.public)
+
+
 def gate(release: str, decision: str = "PASS") -> GateDecided:
     rule = RuleResult(rule="q", metric="accuracy", op=">=", threshold=0.8, observed=0.9, verdict="PASS")
     return SIGNER.sign(GateDecided(release=release, decision=decision, rules=[rule]))
 
 
 async def test_decision_reads_the_gate_bucket(bus: Bus, settings: Settings) -> None:
-    await publish_key(bus, SIGNER)
     kv = await bus.kv(bus.subjects.kv_gates)
     d = gate("shop/v2")
     await kv.put(token(d.release), encode(d))
@@ -201,7 +209,6 @@ async def test_decision_reads_the_gate_bucket(bus: Bus, settings: Settings) -> N
 
 
 async def test_decisions_yields_current_then_new_for_a_prefix(bus: Bus, settings: Settings) -> None:
-    await publish_key(bus, SIGNER)
     kv = await bus.kv(bus.subjects.kv_gates)
     first = gate("shop-1")
     await kv.put(token(first.release), encode(first))
@@ -216,7 +223,6 @@ async def test_decisions_yields_current_then_new_for_a_prefix(bus: Bus, settings
 
 
 async def test_unsigned_or_tampered_decisions_are_not_acted_on(bus: Bus, settings: Settings) -> None:
-    await publish_key(bus, SIGNER)
     kv = await bus.kv(bus.subjects.kv_gates)
     tampered = msgspec.structs.replace(gate("shop-3", "BLOCK"), decision="PASS")
     await kv.put(token(tampered.release), encode(tampered))
@@ -229,3 +235,55 @@ async def test_unsigned_or_tampered_decisions_are_not_acted_on(bus: Bus, setting
         got = await asyncio.wait_for(anext(stream), 10)  # the tampered one is skipped, not yielded
         assert got == good and c.rejected_decisions == 1
         await stream.aclose()
+
+
+async def test_names_that_used_to_share_a_key_get_their_own_decision(
+    context: ServiceContext, settings: Settings
+) -> None:
+    # Issue 7: `shop.v3`, `shop_v3`, `shop v3` and `shop*v3` shared one KV key. Written through the
+    # gatekeeper's own write path, each valid name now reads back its own decision.
+    records = Records(context)
+    blocked, passed = gate("shop.v3", "BLOCK"), gate("shop_v3")
+    await records.announce(blocked, key="k-blocked")
+    await records.announce(passed, key="k-passed")
+    async with client(settings) as c:
+        assert await c.decision("shop.v3") == blocked
+        assert await c.decision("shop_v3") == passed
+        assert await c.decision("shop-v3") is None
+        for bad in ("shop v3", "shop*v3"):
+            with pytest.raises(InvalidName, match="no spaces or wildcards"):
+                await c.decision(bad)
+        # A signed decision copied under another release's key does not answer for that release.
+        kv = await context.bus.kv(context.bus.subjects.kv_gates)
+        await kv.put(token("shop-v3"), encode(passed))
+        with pytest.raises(SignatureError, match="is for 'shop_v3'"):
+            await c.decision("shop-v3")
+        # The watch skips it too: only the two decisions under their own keys are yielded.
+        stream = c.decisions("shop")
+        got = [await asyncio.wait_for(anext(stream), 10) for _ in range(2)]
+        assert sorted(d.release for d in got) == ["shop.v3", "shop_v3"]
+        relisted = gate("shop-v4")
+        await kv.put(token("shop-v4"), encode(relisted))
+        assert await asyncio.wait_for(anext(stream), 10) == relisted
+        await stream.aclose()
+
+
+async def test_decisions_by_unknown_or_revoked_keys_are_refused(bus: Bus, settings: Settings) -> None:
+    # A key announced in the open keys bucket is not trusted; a revoked key no longer is.
+    rogue, retired = Signer.generate(), Signer.generate()
+    await publish_key(bus, rogue)
+    trust_key(trust_file_path(settings), retired.public)
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token("shop-5"), encode(rogue.sign(GateDecided(release="shop-5", decision="PASS", rules=[]))))
+    await kv.put(token("shop-6"), encode(retired.sign(GateDecided(release="shop-6", decision="PASS", rules=[]))))
+    async with client(settings) as c:
+        assert (await c.decision("shop-6")).key_id == retired.key_id
+        revoke_key(trust_file_path(settings), retired.key_id)
+        with pytest.raises(SignatureError, match="unknown key id"):
+            await c.decision("shop-5")
+        with pytest.raises(SignatureError, match="revoked key id"):
+            await c.decision("shop-6")
+    # No trust roots at all: nothing is trusted, rather than whatever the bus offers.
+    async with client(settings, trust_file=str(settings.home) + "/missing.json") as c:
+        with pytest.raises(SignatureError, match="missing"):
+            await c.decision("shop-5")

@@ -15,6 +15,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.cost.handlers import CostHandlers
 from lockgate.services.query.cost import UnknownDimension, cost_rollup
 from lockgate.store import Store
+from tests.helpers import sink_stored
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,7 +46,7 @@ EXPECTED = [
 
 async def test_ledger_records_and_rollup(run_services, bus: Bus, store: Store) -> None:
     records = await bus.nc.subscribe(bus.subjects.cost_all)
-    svcs = await run_services("cost")
+    svcs = await run_services("sink", "cost")
     events = _batch()
     await bus.publish(bus.subjects.inference("shop"), events)
 
@@ -56,7 +57,8 @@ async def test_ledger_records_and_rollup(run_services, bus: Bus, store: Store) -
     book = svcs["cost"].price_book
     assert {r.price_book for r in got} == {book.hash}
 
-    # the ledger insert precedes the CostRecord publishes, so the rows are there now
+    # the ledger fact precedes the CostRecord publishes; the sink stores it
+    await sink_stored(svcs["sink"].handlers, cost_ledger=1)
     rows = store.rows("SELECT event_id, cost_usd, priced, price_book FROM cost_ledger")
     assert len(rows) == 4
     cost = {r["event_id"]: r["cost_usd"] for r in rows}
@@ -76,27 +78,34 @@ async def test_ledger_records_and_rollup(run_services, bus: Bus, store: Store) -
         cost_rollup(store, ["tenant; DROP TABLE cost_ledger"])
 
 
-async def test_same_delivery_twice_gives_one_row_per_event(context: ServiceContext, store: Store) -> None:
+async def test_same_delivery_twice_gives_one_row_per_event(
+    context: ServiceContext, store: Store, run_services
+) -> None:
     handlers = CostHandlers(context, load_price_book(""))
     events = _batch()
     delivery = Delivery(subject="x", msg_id="b-same", headers={}, deliveries=1, stream_seq=7)
     await handlers.on_inference(events, delivery)
     await handlers.on_inference(events, Delivery(subject="x", msg_id="b-same", headers={}, deliveries=2,
                                                  stream_seq=7))
-    assert store.scalar("SELECT count() FROM cost_ledger") == 4
-    assert store.scalar("SELECT uniqExact(event_id) FROM cost_ledger") == 4
-    # The republished cost records carry the same Nats-Msg-Id, so JetStream kept one of each.
+    # The republished ledger fact and cost records carry the same Nats-Msg-Ids, so JetStream kept one of each.
     info = await context.bus.js.stream_info(context.bus.subjects.streams["events"].name)
     assert info.state.messages == 3
+    facts = await context.bus.js.stream_info(context.bus.subjects.streams["facts"].name)
+    assert facts.state.messages == 1
+    svcs = await run_services("sink")
+    await sink_stored(svcs["sink"].handlers, cost_ledger=1)
+    assert store.scalar("SELECT count() FROM cost_ledger") == 4
+    assert store.scalar("SELECT uniqExact(event_id) FROM cost_ledger") == 4
 
 
 async def test_malformed_message_goes_to_dlq_and_next_is_processed(run_services, bus: Bus, store: Store) -> None:
     letters = await bus.nc.subscribe(bus.subjects.dlq("cost"))
-    svcs = await run_services("cost")
+    svcs = await run_services("sink", "cost")
     await bus.publish(bus.subjects.inference("shop"), b"{not json", msg_id="bad-1")
     good = InferenceEvent(app="shop", model="sim-good", input_tokens=100)
     await bus.publish(bus.subjects.inference("shop"), good)
     letter = Codec(DeadLetter).decode((await letters.next_msg(timeout=15)).data)
     assert letter.origin == "cost" and letter.payload == b"{not json"
     await svcs["cost"].handlers.events.wait_for(1)
+    await sink_stored(svcs["sink"].handlers, cost_ledger=1)
     assert store.scalar("SELECT event_id FROM cost_ledger") == good.id

@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from lockgate.contracts import InferenceEvent
-from lockgate.services.sink import domain
 from lockgate.store import open_store
+from lockgate.store.tables import INFERENCE_EVENTS
 
 
 def _docker_available() -> bool:
@@ -38,7 +38,7 @@ def test_migrations_and_idempotent_insert_on_clickhouse_server() -> None:
         store = open_store(url, "lockgate_it")
         open_store(url, "lockgate_it")  # migrations are safe to run twice
         events = [InferenceEvent(app="shop", model="m", output_tokens=i) for i in range(100)]
-        columns = domain.inference_columns(events, "scrub", ["m1"] * len(events))
+        columns = INFERENCE_EVENTS.data(events, {"msg_id": ["m1"] * len(events)})
         for _ in range(2):
-            store.insert_columns("inference_events", domain.INFERENCE_COLUMNS, columns, token="batch-1")
+            store.insert_columns("inference_events", INFERENCE_EVENTS.columns, columns, token="batch-1")
         assert store.scalar("SELECT count() FROM inference_events") == 100

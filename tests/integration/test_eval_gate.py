@@ -19,6 +19,7 @@ from lockgate.services.query.evals import eval_cases, eval_runs
 from lockgate.store import Store
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import eventually, sink_stored
 
 pytestmark = pytest.mark.timeout(90)
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -75,7 +76,7 @@ async def test_good_candidate_passes_and_regressed_one_is_blocked(
     evals = await subscribe(bus.subjects.eval_completed)
     lineage = await subscribe(bus.subjects.lineage_run)
     async with SimServer(config) as sim:
-        await run_services("query", "evaluator", "gatekeeper")
+        sink = (await run_services("sink", "query", "evaluator", "gatekeeper"))["sink"].handlers
         good = request(release="v-good", suite=suite, endpoint=sim.url, model="good", policy=policy)
         await bus.publish(bus.subjects.eval_requested, good)
         first = await next_decision(gates)
@@ -100,6 +101,9 @@ async def test_good_candidate_passes_and_regressed_one_is_blocked(
     assert (run.kind, run.run_id, run.release, run.inputs, run.outputs) == (
         "eval", good.run_id, "v-good", [suite, dataset], [good.run_id])
 
+    await sink_stored(sink, eval_runs=2, gate_decisions=2)
+    await eventually(lambda: len(eval_cases(store, bad.run_id)) >= 20, [sink.progress("eval_cases")],
+                     what="the blocked run's cases stored")
     runs = {r["run_id"]: r for r in eval_runs(store)}
     assert runs[good.run_id]["status"] == "completed" and runs[bad.run_id]["metrics"]["exact_match"] == 0.5
     cases = eval_cases(store, bad.run_id)
@@ -124,7 +128,7 @@ async def test_malformed_request_goes_to_dlq_and_a_failed_eval_is_blocked(
     _, policy = await register_qa(bus)
     dlq = await subscribe(bus.subjects.dlq_all)
     gates = await subscribe(bus.subjects.gate_decided_all)
-    await run_services("query", "evaluator", "gatekeeper")
+    sink = (await run_services("sink", "query", "evaluator", "gatekeeper"))["sink"].handlers
     await bus.publish(bus.subjects.eval_requested, b'{"type":"lockgate.eval.requested","run_id":1}', msg_id="bad")
     missing = "sha256:" + "0" * 64
     req = request(release="v-missing", suite=missing, endpoint="http://127.0.0.1:9/v1", model="m", policy=policy)
@@ -135,6 +139,7 @@ async def test_malformed_request_goes_to_dlq_and_a_failed_eval_is_blocked(
     decision = await next_decision(gates)
     assert decision.decision == "BLOCK" and decision.eval_run == req.run_id
     assert f"eval run {req.run_id} failed" in decision.reason and missing in decision.reason
+    await sink_stored(sink, eval_runs=1)
     [run] = eval_runs(store, "v-missing")
     assert run["status"] == "failed" and "not in the object store" in run["error"]
 
@@ -147,10 +152,11 @@ async def test_bad_policy_blocks_naming_the_problem(
         {"name": "acc", "metric": "exact_match", "op": "=>", "threshold": 0.8}]})
     gates = await subscribe(bus.subjects.gate_decided_all)
     async with SimServer(SimConfig(models={"good": ModelSpec(answers=qa_answers())})) as sim:
-        await run_services("query", "evaluator", "gatekeeper")
+        sink = (await run_services("sink", "query", "evaluator", "gatekeeper"))["sink"].handlers
         await bus.publish(bus.subjects.eval_requested,
                           request(release="v1", suite=suite, endpoint=sim.url, model="good", policy=broken.hash))
         decision = await next_decision(gates)
+    await sink_stored(sink, gate_decisions=1)
     assert decision.decision == "BLOCK"
     assert f"policy {broken.hash} is unusable" in decision.reason and "at `$.rules[0].op`" in decision.reason
     assert latest_decision(store, "v1")["reason"] == decision.reason

@@ -27,6 +27,7 @@ from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.timeout(120)
 completed: Codec[EvalCompleted] = Codec(EvalCompleted)
@@ -46,6 +47,16 @@ async def register_suite(bus: Bus, **extra: Any) -> str:
 
 def request(**fields: Any) -> EvalRequested:
     return EvalRequested(**{"run_id": uuid7(), "release": "cand", "concurrency": 4, "timeout_s": 5.0, **fields})
+
+
+async def stored(store: Store, sink: Any, run_id: str, cases: int, run: bool = False) -> None:
+    """Wait until the sink has stored `cases` cases of a run (and its eval_runs row if `run`)."""
+    def done() -> bool:
+        ok = len(eval_cases(store, run_id)) >= cases
+        return ok and (not run or bool(store.scalar("SELECT count() FROM eval_runs WHERE run_id = {r:String}",
+                                                     {"r": run_id})))
+
+    await eventually(done, [sink.progress("eval_cases"), sink.progress("eval_runs")], what=f"run {run_id} stored")
 
 
 @pytest.fixture
@@ -77,10 +88,11 @@ async def test_intervals_baseline_comparison_cost_and_cache(
     config = SimConfig(models={"sim-good": ModelSpec(answers=answers()),
                                "sim-bad": ModelSpec(answers=answers(wrong=set(range(0, N, 3))))})
     async with SimServer(config) as sim:
-        await run_services("query", "evaluator")
+        sink = (await run_services("sink", "query", "evaluator"))["sink"].handlers
         base = request(release="base", suite=suite, endpoint=sim.url, model="sim-good")
         await bus.publish(bus.subjects.eval_requested, base)
         first = await results(base.run_id)
+        await stored(store, sink, base.run_id, N, run=True)  # the candidate compares with the stored baseline
         cand = request(release="cand", suite=suite, endpoint=sim.url, model="sim-bad", baseline="base")
         await bus.publish(bus.subjects.eval_requested, cand)
         done = await results(cand.run_id)
@@ -108,6 +120,7 @@ async def test_intervals_baseline_comparison_cost_and_cache(
     # JSON carries no inf/NaN anywhere in the event.
     assert "Infinity" not in json.dumps(msgspec.to_builtins(done)) and "NaN" not in json.dumps(msgspec.to_builtins(done))
     assert rerun.metrics == done.metrics
+    await stored(store, sink, again.run_id, N)
     cached = store.rows("SELECT count() AS n FROM eval_cases WHERE run_id = {r:String} AND details LIKE '%cached%'",
                         {"r": again.run_id})
     assert cached[0]["n"] == N
@@ -137,11 +150,12 @@ async def test_llm_judge_scores_with_agreement_and_stores_reasons(
     config = SimConfig(models={"m": ModelSpec(answers=answers()),
                                "judge": ModelSpec(default='{"score": 4, "reason": "close enough"}')})
     async with SimServer(config) as sim:
-        await run_services("query", "evaluator")
+        sink = (await run_services("sink", "query", "evaluator"))["sink"].handlers
         req = request(suite=suite, endpoint=sim.url, model="m")
         await bus.publish(bus.subjects.eval_requested, req)
         done = await results(req.run_id)
         assert sim.requests == {"m": 5, "judge": 15}
+    await stored(store, sink, req.run_id, 5)
     assert done.metrics["llm_judge"] == pytest.approx(0.75) and done.metrics["llm_judge_agreement"] == 1.0
     assert done.intervals["llm_judge"].estimate == pytest.approx(0.75)
     row = store.rows("SELECT details FROM eval_cases WHERE run_id = {r:String} LIMIT 1", {"r": req.run_id})[0]
@@ -157,10 +171,11 @@ async def test_recorded_task_scores_inference_events_without_calls(
     store.insert_rows("inference_events", ["id", "time", "app", "release", "prompt", "response", "latency_ms",
                                            "input_tokens", "output_tokens"], rows, token="rec")
     suite = await register_suite(bus, dataset=CASES[:5], task={"type": "recorded", "app": "shop", "release": "r7"})
-    await run_services("query", "evaluator")
+    sink = (await run_services("sink", "query", "evaluator"))["sink"].handlers
     req = request(suite=suite, endpoint="", model="")
     await bus.publish(bus.subjects.eval_requested, req)
     done = await results(req.run_id)
+    await stored(store, sink, req.run_id, 5)
     assert done.status == "completed" and done.n_cases == 5 and done.n_errors == 1
     assert done.metrics["exact_match"] == pytest.approx(2 / 5) and done.metrics["latency_p50_ms"] == 12.5
     cases = {c["case_id"]: c for c in eval_cases(store, req.run_id)}
@@ -175,7 +190,7 @@ async def test_calibration_from_logprobs_gives_ece_and_brier(
     table = {**answers(wrong=set(range(0, N, 3))), CASES[29]["input"]: ""}
     suite = await register_suite(bus, calibration={"confidence": "logprobs", "scorer": "exact_match"})
     async with SimServer(SimConfig(models={"m": ModelSpec(answers=table, logprob=-0.2)})) as sim:
-        await run_services("query", "evaluator")
+        sink = (await run_services("sink", "query", "evaluator"))["sink"].handlers
         req = request(suite=suite, endpoint=sim.url, model="m")
         await bus.publish(bus.subjects.eval_requested, req)
         done = await results(req.run_id)
@@ -196,6 +211,7 @@ async def test_calibration_from_logprobs_gives_ece_and_brier(
         assert iv.low is not None and iv.high is not None and iv.low <= iv.estimate <= iv.high
     assert "calibration: 1 cases had no confidence; ece and brier are over the other 29" in done.warnings
     assert rerun.metrics == done.metrics
+    await stored(store, sink, req.run_id, N)
     cases = {c["case_id"]: c for c in eval_cases(store, req.run_id)}
     assert cases["c01"]["scores"]["confidence"] == pytest.approx(p)
     assert "confidence" not in cases["c29"]["scores"]
@@ -221,6 +237,7 @@ async def test_a_stopped_run_resumes_without_recalling_finished_cases(
 ) -> None:
     await run_services("query")  # the resumed evaluator reads the stored cases through it
     suite = await register_suite(bus)
+    sink = (await run_services("sink"))["sink"].handlers
     settings = settings.replace(eval_cache=False)  # only resumption may save calls here, not the cache
     req_holder: dict[str, Any] = {}
     ticks: asyncio.Queue[EvalProgress] = asyncio.Queue()
@@ -239,7 +256,9 @@ async def test_a_stopped_run_resumes_without_recalling_finished_cases(
                 finished = 0
                 while finished < 8:  # wait for progress ticks until 8 cases have finished
                     finished = (await ticks.get()).done
-        # Stopped: in-flight cases finished and were stored, nothing else was started.
+        # Stopped: in-flight cases finished and were published (the sink stores them), nothing else was started.
+        await eventually(lambda: len(eval_cases(store, req.run_id)) >= sim.requests["m"],
+                         [sink.progress("eval_cases")], what="the first run's cases stored")
         stored = len(eval_cases(store, req.run_id))
         assert 8 <= stored < N and sim.requests["m"] == stored
         await bus.nc.flush()
@@ -250,6 +269,8 @@ async def test_a_stopped_run_resumes_without_recalling_finished_cases(
         await sub.unsubscribe()
         assert sim.requests == {"m": N}  # no finished case was called again
     assert done.status == "completed" and done.n_cases == N and done.metrics["exact_match"] == 1.0
+    await eventually(lambda: len(eval_cases(store, req.run_id)) >= N, [sink.progress("eval_cases")],
+                     what="every case stored")
     keys = [(c["case_id"], c["repeat"]) for c in eval_cases(store, req.run_id)]
     assert len(keys) == len(set(keys)) == N
     resumed = []

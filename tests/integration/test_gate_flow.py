@@ -19,11 +19,22 @@ from lockgate.bus import Bus
 from lockgate.cli.gate import current_decision, request_review
 from lockgate.cli.main import cli
 from lockgate.codec import Codec
-from lockgate.contracts import BaselineComparison, DeadLetter, EvalCompleted, GateDecided, MetricInterval
+from lockgate.config import Settings
+from lockgate.contracts import (
+    BaselineComparison,
+    DeadLetter,
+    EvalCompleted,
+    EvalRequested,
+    GateDecided,
+    MetricInterval,
+)
+from lockgate.evalruns import record_request
+from lockgate.ids import uuid7
 from lockgate.server.service import ServiceContext
 from lockgate.services.query.decisions import decisions
-from lockgate.signing import Keyring, public_pem
+from lockgate.signing import Keyring, ensure_signer_trusted, public_pem, trust_file_path
 from lockgate.store import Store
+from tests.helpers import admin_headers, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 decided: Codec[GateDecided] = Codec(GateDecided)
@@ -37,6 +48,13 @@ POLICY = {
     ],
     "review": {"require_when": [{"artifact_changed": "prompt/*"}]},
 }
+
+
+@pytest.fixture(autouse=True)
+def trusted(settings: Settings) -> Keyring:
+    """The gatekeeper's key in the trust file, as `lockgate up` writes it; the consumers' keyring."""
+    ensure_signer_trusted(settings)
+    return Keyring.from_settings(settings)
 
 
 @pytest.fixture
@@ -61,27 +79,40 @@ def completed(release: str, policy: str, *, em: float, em_ci: tuple[float, float
         comparisons={"exact_match": cmp}, **extra)
 
 
+def request_of(done: EvalCompleted, **changes: Any) -> EvalRequested:
+    """The request `done` answers (the gatekeeper refuses results for runs nobody requested)."""
+    fields = {"run_id": done.run_id, "release": done.release, "suite": done.suite, "policy": done.policy,
+              "baseline": done.baseline, "endpoint": "http://127.0.0.1:9/v1", **changes}
+    return EvalRequested(**fields)
+
+
+async def finish_eval(bus: Bus, done: EvalCompleted) -> None:
+    """What the evaluator does for a run: record the accepted request, later publish its result."""
+    await record_request(bus, request_of(done))
+    await bus.publish(bus.subjects.eval_completed, done)
+
+
 async def register_policy(bus: Bus, doc: dict = POLICY) -> str:
     return (await artifacts.register(bus, "policy", doc["name"], doc)).hash
 
 
 def register_release(store: Store, release: str, arts: dict[str, str]) -> None:
-    # The lineage service owns `releases`; writing the row directly stands in for it here.
+    # The sink stores `releases` from ReleaseRegistered; writing the row directly stands in for both here.
     store.insert_rows("releases", ("release", "app", "tenant", "artifacts", "parent", "description", "time",
                                    "event_id"),
                       [[release, "shop", "default", arts, "", "", dt.datetime.now(dt.UTC), release]], token=release)
 
 
 async def test_regression_is_blocked_naming_the_rule_and_the_decision_is_signed(
-    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, trusted: Keyring
 ) -> None:
     policy = await register_policy(bus)
-    await run_services("query", "gatekeeper")
+    svcs = await run_services("sink", "query", "gatekeeper")
     arts = {"prompt/system": "sha256:p1", "dataset/qa": "sha256:d1"}
     done = completed("v2", policy, em=0.78, em_ci=(0.75, 0.81), diff=-0.12, diff_ci=(-0.15, -0.09), n=400,
                      artifacts=arts)
     register_release(store, "v1", arts)
-    await bus.publish(bus.subjects.eval_completed, done)
+    await finish_eval(bus, done)
     d = await next_decision(gates)
 
     assert (d.decision, d.eval_run) == ("BLOCK", "run-v2")
@@ -90,7 +121,8 @@ async def test_regression_is_blocked_naming_the_rule_and_the_decision_is_signed(
     assert "no-regression: exact_match fell 0.12 below baseline (0.9 -> 0.78)" in d.reason
     assert d.rules[0].low == -0.15 and d.rules[0].baseline == 0.9 and "eval_cases" in d.rules[0].hint
     assert d.artifacts == {**arts, "eval_suite": "sha256:suite", "policy": policy}
-    assert (await Keyring.from_kv(bus)).verify(d) == d.key_id
+    assert trusted.verify(d) == d.key_id
+    await sink_stored(svcs["sink"].handlers, gate_decisions=1)
     [row] = decisions(store, "v2")
     assert (row["action"], row["decision"], row["signature"], row["key_id"]) == (
         "decided", "BLOCK", d.signature, d.key_id)
@@ -102,7 +134,7 @@ async def test_noisy_small_sample_is_inconclusive_and_needs_review(
     # Documented choice: INCONCLUSIVE beyond limits.max_inconclusive (default 0) -> NEEDS_REVIEW, never PASS.
     policy = await register_policy(bus, {k: v for k, v in POLICY.items() if k != "review"})
     await run_services("query", "gatekeeper")
-    await bus.publish(bus.subjects.eval_completed,
+    await finish_eval(bus,
                       completed("v3", policy, em=0.85, em_ci=(0.6, 1.0), diff=-0.05, diff_ci=(-0.3, 0.2), n=10))
     d = await next_decision(gates)
     assert d.decision == "NEEDS_REVIEW"
@@ -117,50 +149,61 @@ async def test_consecutive_errors_are_counted_from_the_audit_log(
     doc = {"name": "errs", "limits": {"max_consecutive_errors": 1},
            "rules": [{"name": "lift", "metric": "exact_match", "relative": {"min_change": 0.1, "mode": "relative"}}]}
     policy = await register_policy(bus, doc)
-    await run_services("query", "gatekeeper")
+    svcs = await run_services("sink", "query", "gatekeeper")
     seen = []
     for i in range(2):
         zero = BaselineComparison(metric="exact_match", candidate=0.1, baseline=0.0, diff=0.1)
-        await bus.publish(bus.subjects.eval_completed, EvalCompleted(
+        await finish_eval(bus, EvalCompleted(
             run_id=f"e{i}", release="v4", suite="s", policy=policy, metrics={"exact_match": 0.1},
             comparisons={"exact_match": zero}))
         seen.append(await next_decision(gates))
+        # the count comes from the audit log, so the next eval waits for the sink to store this decision
+        await sink_stored(svcs["sink"].handlers, gate_decisions=i + 1)
     assert [d.decision for d in seen] == ["NEEDS_REVIEW", "BLOCK"]
     assert "2 consecutive errored decisions exceed max_consecutive_errors 1" in seen[1].reason
 
 
 @pytest.fixture
-async def router(context: ServiceContext, run_services: Any) -> Any:
+async def services(context: ServiceContext, run_services: Any) -> Any:
     # No traffic flows in these tests, so the upstreams are never called.
     context.settings = context.settings.replace(stable_upstream="http://127.0.0.1:9/v1",
                                                 canary_upstream="http://127.0.0.1:9/v1", deployment="chat")
-    svcs = await run_services("query", "gatekeeper", "router")
-    return svcs["router"]
+    svcs = await run_services("sink", "query", "gatekeeper", "router")
+    for release in ("v1", "v5", "v6", "v7"):  # the releases rolled out below, each with its model config
+        await register_model_release(context.bus, release)
+    await store_pass(context.bus, "v1", context.settings)  # the stable the canaries start from passed its gate
+    return svcs
+
+
+@pytest.fixture
+def router(services: Any) -> Any:
+    return services["router"]
 
 
 async def test_high_risk_change_waits_for_approval_and_router_holds(
-    bus: Bus, store: Store, router: Any, gates: Any
+    bus: Bus, store: Store, router: Any, services: Any, gates: Any, trusted: Keyring
 ) -> None:
     policy = await register_policy(bus)
     register_release(store, "v1", {"prompt/system": "sha256:old"})
     good = completed("v5", policy, em=0.9, em_ci=(0.88, 0.92), diff=0.0, diff_ci=(-0.01, 0.01), n=2000,
                      artifacts={"prompt/system": "sha256:new"})
-    await bus.publish(bus.subjects.eval_completed, good)
+    await finish_eval(bus, good)
     held = await next_decision(gates)
     assert held.decision == "NEEDS_REVIEW" and held.review_required == "artifact_changed prompt/*: prompt/system"
     assert [r.verdict for r in held.rules] == ["PASS", "PASS", "PASS"]
 
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
         body = {"stable_release": "v1", "canary_release": "v5"}
         async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
             state = await resp.json()
     # The canary started after the decision was in KV: the router read and verified it, and held.
-    assert (state["phase"], state["weight"]) == ("idle", 10.0)
+    assert (state["phase"], state["weight"]) == ("idle", 0.0)  # awaiting review takes no traffic
 
     approved = await request_review(bus, "v5", "approve", "ann", "prompt diff reviewed", timeout_s=20)
     assert (approved.decision, approved.reviewed_by) == ("PASS", "ann") and "approved by ann" in approved.reason
-    assert (await Keyring.from_kv(bus)).verify(approved) == held.key_id
+    assert trusted.verify(approved) == held.key_id
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "promoted", timeout=20)
+    await sink_stored(services["sink"].handlers, gate_decisions=2)
     history = [(r["action"], r["decision"], r["actor"]) for r in decisions(store, "v5")]
     assert history == [("approved", "PASS", "ann"), ("decided", "NEEDS_REVIEW", "gatekeeper")]
 
@@ -170,18 +213,18 @@ async def test_high_risk_change_waits_for_approval_and_router_holds(
 
 
 async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
-    bus: Bus, store: Store, router: Any, gates: Any, settings: Any, tmp_path: Path
+    bus: Bus, store: Store, router: Any, gates: Any, settings: Any, tmp_path: Path, trusted: Keyring
 ) -> None:
     policy = await register_policy(bus)
     register_release(store, "v1", {})
-    await bus.publish(bus.subjects.eval_completed,
+    await finish_eval(bus,
                       completed("v6", policy, em=0.5, em_ci=(0.45, 0.55), diff=-0.4, diff_ci=(-0.45, -0.35), n=500))
     genuine = await next_decision(gates)
     assert genuine.decision == "BLOCK"
     tampered = msgspec.structs.replace(genuine, decision="PASS")
 
     key = tmp_path / "gatekeeper.pub.pem"
-    key.write_bytes(public_pem((await Keyring.from_kv(bus)).keys[genuine.key_id]))
+    key.write_bytes(public_pem(trusted.keys[genuine.key_id]))
     good_file, bad_file = tmp_path / "good.json", tmp_path / "bad.json"
     good_file.write_bytes(msgspec.json.encode(genuine))
     bad_file.write_bytes(msgspec.json.encode(tampered))
@@ -190,7 +233,8 @@ async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
 
     def run_all() -> list[Any]:
         # One thread, one after another: CliRunner swaps the process-wide sys.stdout/stderr.
-        return [runner.invoke(cli, [*base, *args], catch_exceptions=False) for args in (
+        env = {"LOCKGATE_TRUST_FILE": str(trust_file_path(settings))}  # the stack's trust roots
+        return [runner.invoke(cli, [*base, *args], catch_exceptions=False, env=env) for args in (
             ("--file", str(good_file), "--key", str(key)), ("--file", str(bad_file), "--key", str(key)), ("v6",))]
 
     ok, bad, stack = await asyncio.to_thread(run_all)
@@ -200,7 +244,7 @@ async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
     assert stack.exit_code == 0, stack.output
 
     dlq = await bus.nc.subscribe(bus.subjects.dlq("router"))
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
         body = {"stable_release": "v1", "canary_release": "v6", "initial_weight": 0}
         async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
             assert (await resp.json())["phase"] == "aborted"  # the genuine BLOCK from KV
@@ -217,3 +261,34 @@ async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
                                                              settings.prefix, "gate", "explain", "v6", "--json"])
     assert json.loads(explained.output)["decision"] == "BLOCK"
     assert (await current_decision(bus, "v6")) == genuine
+
+
+async def test_forged_eval_results_get_no_decision_and_are_dead_lettered(
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any
+) -> None:
+    # Issue 7: a forged EvalCompleted published on the bus was signed PASS by the real gatekeeper.
+    policy = await register_policy(bus)
+    register_release(store, "v1", {})
+    svcs = await run_services("sink", "query", "gatekeeper")
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("gatekeeper"))
+    great = {"em": 0.99, "em_ci": (0.98, 1.0), "diff": 0.0, "diff_ci": (-0.01, 0.01), "n": 2000}
+
+    unrequested = completed("v8", policy, **great)  # no evaluator ever accepted run-v8
+    await bus.publish(bus.subjects.eval_completed, unrequested)
+    other = completed("v9", policy, **great)  # a real request for v9, answered with v8-evil's result
+    await record_request(bus, request_of(other))
+    swapped = msgspec.structs.replace(other, release="v8-evil", id=uuid7())
+    await bus.publish(bus.subjects.eval_completed, swapped)
+
+    letters = [Codec(DeadLetter).decode((await dlq.next_msg(timeout=20)).data) for _ in range(2)]
+    errors = {forged.id: next(lt.error for lt in letters if forged.id in lt.error) for forged in (unrequested, swapped)}
+    assert "no evaluator recorded a request" in errors[unrequested.id]
+    assert "release 'v8-evil' != requested 'v9'" in errors[swapped.id]
+    assert {lt.origin for lt in letters} == {"gatekeeper"}
+    # The genuine result for the requested run is still judged, and it is the only decision made.
+    await bus.publish(bus.subjects.eval_completed, other)
+    d = await next_decision(gates)
+    assert (d.release, d.eval_run) == ("v9", "run-v9")
+    await sink_stored(svcs["sink"].handlers, gate_decisions=1)
+    assert [r["release"] for r in store.rows("SELECT release FROM gate_decisions")] == ["v9"]
+    await dlq.unsubscribe()

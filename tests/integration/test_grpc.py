@@ -14,10 +14,15 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from lockgate.bus import Bus
 from lockgate.codec import Codec, encode
+from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
-from lockgate.signing import Signer, publish_key
+from lockgate.server.apikeys import Bootstrap, bootstrap
+from lockgate.server.service import ServiceContext
+from lockgate.services.gatekeeper.records import Records
+from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+from tests.helpers import grpc_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -25,16 +30,38 @@ events_codec: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
 
 
 @pytest.fixture
-async def channel(run_services: Callable[..., Any]) -> AsyncIterator[grpc.aio.Channel]:
-    """A channel to the gateway service, which was given port 0 and reports the port it bound."""
-    gateway = (await run_services("gateway"))["gateway"]
+async def gateway(run_services: Callable[..., Any]) -> Any:
+    """The gateway service, given port 0 (it reports the port it bound)."""
+    return (await run_services("gateway"))["gateway"]
+
+
+@pytest.fixture
+def keys(settings: Settings) -> Bootstrap:
+    """An app key of tenant acme in the gateway's home."""
+    return bootstrap(settings.home, tenant="acme", app="shop")
+
+
+@pytest.fixture
+async def channel(gateway: Any, keys: Bootstrap) -> AsyncIterator[grpc.aio.Channel]:
+    """A channel to the gateway that presents the app key on every call."""
     address = gateway.endpoints["grpc"]
     assert not address.endswith(":0")
-    async with grpc.aio.insecure_channel(address) as ch:
+    async with grpc.aio.insecure_channel(address, interceptors=grpc_key(keys.app_key)) as ch:
         yield ch
 
 
+def _auth(keys: Bootstrap) -> tuple[tuple[str, str], ...]:
+    """Metadata presenting the app key (streaming calls pass it themselves)."""
+    return (("authorization", f"Bearer {keys.app_key}"),)
+
+
 SIGNER = Signer.generate()
+
+
+@pytest.fixture(autouse=True)
+def _trusted(settings: Settings) -> None:
+    """SIGNER stands in for the gatekeeper: its key is in the trust file the gateway reads."""
+    trust_key(trust_file_path(settings), SIGNER.public)
 
 
 def decision(release: str, verdict: str = "PASS") -> GateDecided:
@@ -56,7 +83,6 @@ def decision(release: str, verdict: str = "PASS") -> GateDecided:
 
 
 async def put_decision(bus: Bus, d: GateDecided) -> None:
-    await publish_key(bus, SIGNER)  # as the gatekeeper does before its first decision
     kv = await bus.kv(bus.subjects.kv_gates)
     await kv.put(token(d.release), encode(d))
 
@@ -162,11 +188,11 @@ async def test_get_decision_returns_the_kv_value_or_not_found(bus: Bus, channel:
 
 
 async def test_watch_streams_current_then_new_decisions_for_a_prefix(
-    bus: Bus, channel: grpc.aio.Channel
+    bus: Bus, channel: grpc.aio.Channel, keys: Bootstrap
 ) -> None:
     stub = gates_pb2_grpc.GatesStub(channel)
     await put_decision(bus, decision("shop-v1"))
-    call = stub.WatchDecisions(gates_pb2.WatchRequest(release_prefix="shop-"))
+    call = stub.WatchDecisions(gates_pb2.WatchRequest(release_prefix="shop-"), metadata=_auth(keys))
     assert ("lockgate-watch", "ready") in tuple(await asyncio.wait_for(call.initial_metadata(), 10))
     assert (await asyncio.wait_for(call.read(), 10)).release == "shop-v1"
 
@@ -178,11 +204,141 @@ async def test_watch_streams_current_then_new_decisions_for_a_prefix(
 
 
 async def test_watch_on_an_empty_bucket_sees_a_decision_made_after_it_started(
-    bus: Bus, channel: grpc.aio.Channel
+    bus: Bus, channel: grpc.aio.Channel, keys: Bootstrap
 ) -> None:
     stub = gates_pb2_grpc.GatesStub(channel)
-    call = stub.WatchDecisions(gates_pb2.WatchRequest())
+    call = stub.WatchDecisions(gates_pb2.WatchRequest(), metadata=_auth(keys))
     await asyncio.wait_for(call.initial_metadata(), 10)
     await put_decision(bus, decision("any"))
     assert (await asyncio.wait_for(call.read(), 10)).release == "any"
     call.cancel()
+
+
+
+# Identity on the gRPC API: API keys in metadata, tenant-scoped ingest, TLS when configured.
+
+
+@pytest.mark.parametrize("key", [None, "lg-wrong"])
+async def test_send_without_a_valid_key_is_unauthenticated(bus: Bus, gateway: Any, key: str | None) -> None:
+    # Before: Ingest/Send without any credential added $12.50 to a tenant's ledger.
+    interceptors = grpc_key(key) if key else None
+    async with grpc.aio.insecure_channel(gateway.endpoints["grpc"], interceptors=interceptors) as ch:
+        batch = ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(app="shop", tenant="acme",
+                                                                            input_tokens=10**9)])
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await ingest_pb2_grpc.IngestStub(ch).Send(batch, timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await gates_pb2_grpc.GatesStub(ch).GetDecision(gates_pb2.GetDecisionRequest(release="x"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert await stored_events(bus) == {}
+
+
+async def test_send_for_another_tenant_is_permission_denied(bus: Bus, channel: grpc.aio.Channel) -> None:
+    batch = ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(app="shop"),
+                                              ingest_pb2.InferenceEvent(app="shop", tenant="victim")])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await ingest_pb2_grpc.IngestStub(channel).Send(batch, timeout=10)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "tenant 'victim'" in err.value.details() and "lg-" not in err.value.details()
+    assert await stored_events(bus) == {}  # the whole batch was refused, the valid event too
+
+
+def _self_signed(tmp: Any) -> tuple[Any, Any]:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp / "grpc.crt", tmp / "grpc.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+async def test_tls_when_configured(context: Any, run_services: Callable[..., Any], keys: Bootstrap,
+                                   tmp_path: Any) -> None:
+    cert, key = _self_signed(tmp_path)
+    context.settings = context.settings.replace(grpc_tls_cert=str(cert), grpc_tls_key=str(key))
+    gateway = (await run_services("gateway"))["gateway"]
+    address = gateway.endpoints["grpc"]
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    async with grpc.aio.secure_channel(address, creds, interceptors=grpc_key(keys.app_key)) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await gates_pb2_grpc.GatesStub(ch).GetDecision(gates_pb2.GetDecisionRequest(release="nope"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND  # authenticated over TLS, then answered
+    async with grpc.aio.insecure_channel(address) as plain:  # a plaintext client gets no answer
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await gates_pb2_grpc.GatesStub(plain).GetDecision(gates_pb2.GetDecisionRequest(release="x"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_names_that_used_to_share_a_key_get_their_own_decision(
+    context: ServiceContext, channel: grpc.aio.Channel
+) -> None:
+    # Issue 7: `shop.v3` and `shop_v3` mapped to one KV key, so asking for the BLOCKed `shop.v3`
+    # returned `shop_v3`'s PASS. Both are written through the gatekeeper's own write path.
+    stub = gates_pb2_grpc.GatesStub(channel)
+    records = Records(context)
+    blocked, passed = decision("shop.v3", "FAIL"), decision("shop_v3")
+    await records.announce(blocked, key="k-blocked")
+    await records.announce(passed, key="k-passed")
+
+    for release, want in (("shop.v3", blocked), ("shop_v3", passed)):
+        got = await stub.GetDecision(gates_pb2.GetDecisionRequest(release=release), timeout=10)
+        assert (got.release, got.decision, got.id) == (release, want.decision, want.id)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetDecision(gates_pb2.GetDecisionRequest(release="shop-v3"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # Names outside the grammar are refused at the edge, never mapped onto someone else's key.
+    for bad in ("shop v3", "shop*v3", "shop>v3"):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetDecision(gates_pb2.GetDecisionRequest(release=bad), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "invalid release" in err.value.details() and "no spaces or wildcards" in err.value.details()
+
+
+async def test_a_decision_stored_under_another_release_is_refused(bus: Bus, channel: grpc.aio.Channel) -> None:
+    # A validly signed PASS for `shop_v3`, copied under `shop.v3`'s key, must not answer for `shop.v3`.
+    stub = gates_pb2_grpc.GatesStub(channel)
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token("shop.v3"), encode(decision("shop_v3")))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetDecision(gates_pb2.GetDecisionRequest(release="shop.v3"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "is for 'shop_v3'" in err.value.details()
+
+
+async def test_get_decision_refuses_unknown_revoked_and_unsigned_keys(
+    bus: Bus, settings: Settings, channel: grpc.aio.Channel
+) -> None:
+    stub = gates_pb2_grpc.GatesStub(channel)
+    rogue, retired = Signer.generate(), Signer.generate()
+    await publish_key(bus, rogue)  # announced on the bus: must make no difference
+    trust_key(trust_file_path(settings), retired.public)
+    revoke_key(trust_file_path(settings), retired.key_id)
+    kv = await bus.kv(bus.subjects.kv_gates)
+    cases = {"r-rogue": (rogue.sign, "unknown key id"), "r-retired": (retired.sign, "revoked key id"),
+             "r-unsigned": (lambda d: d, "is not signed")}
+    for release, (sign, _) in cases.items():
+        await kv.put(token(release), encode(sign(GateDecided(release=release, decision="PASS", rules=[]))))
+    for release, (_, reason) in cases.items():
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetDecision(gates_pb2.GetDecisionRequest(release=release), timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert reason in err.value.details()

@@ -19,6 +19,7 @@ from lockgate.contracts import (
 from lockgate.errors import NotFound
 from lockgate.services.query.lineage import AmbiguousReference, lineage
 from lockgate.store import Store
+from tests.helpers import sink_stored
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,9 +50,12 @@ def _triples(edges: list[dict]) -> set[tuple[str, str, str, int]]:
 
 
 async def test_release_lineage_upstream_and_downstream(run_services, bus: Bus, store: Store) -> None:
-    svcs = await run_services("lineage")
+    svcs = await run_services("sink", "lineage")
     gate = await _publish_history(bus)
-    await svcs["lineage"].handlers.processed.wait_for(7, timeout_s=30)
+    await svcs["lineage"].handlers.processed.wait_for(5, timeout_s=30)
+    # The sink stores the events' own rows and the edges the recorder derived from five of them.
+    await sink_stored(svcs["sink"].handlers, artifacts=2, releases=1, lineage_runs=1, eval_runs=1,
+                      rollout_events=1, lineage_edges=5)
 
     got = await asyncio.to_thread(lineage, store, "rel-2")
     assert (got["node"], got["kind"]) == ("rel-2", "release")
@@ -94,11 +98,35 @@ async def test_release_lineage_upstream_and_downstream(run_services, bus: Bus, s
 
 
 async def test_redelivered_event_adds_no_rows(run_services, bus: Bus, store: Store) -> None:
-    svcs = await run_services("lineage")
+    svcs = await run_services("sink", "lineage")
     rel = ReleaseRegistered(release="rel-x", app="shop", artifacts={"dataset/qa": DATA})
     # Different Nats-Msg-Ids, so JetStream delivers both; the event id still guards the inserts.
     await bus.publish(bus.subjects.release_registered, rel, msg_id="first")
     await bus.publish(bus.subjects.release_registered, rel, msg_id="second")
     await svcs["lineage"].handlers.processed.wait_for(2, timeout_s=30)
+    await sink_stored(svcs["sink"].handlers, releases=2, lineage_edges=1)
     assert store.scalar("SELECT count() FROM releases") == 1
     assert store.scalar("SELECT count() FROM lineage_edges") == 1
+
+
+async def test_release_rebound_on_the_bus_is_refused_not_linked(run_services, bus: Bus, store: Store) -> None:
+    # Before: re-registering a release name with different content was accepted, and the newer won.
+    from lockgate import artifacts
+    from lockgate.codec import Codec
+    from lockgate.contracts import DeadLetter
+    from lockgate.errors import ReleaseConflict
+
+    svcs = await run_services("sink", "lineage")
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("lineage"))
+    await artifacts.register_release(bus, "rel-y", "shop", {"dataset/qa": DATA})
+    with pytest.raises(ReleaseConflict, match="already registered with other content"):
+        await artifacts.register_release(bus, "rel-y", "shop", {"dataset/qa": PROMPT})
+    # Published straight on the bus, bypassing register_release: lineage checks the binding itself.
+    forged = ReleaseRegistered(release="rel-y", app="shop", artifacts={"dataset/qa": PROMPT})
+    await bus.publish(bus.subjects.release_registered, forged)
+    letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=20)).data)
+    assert "already registered with other content" in letter.error
+    await svcs["lineage"].handlers.processed.wait_for(1, timeout_s=30)
+    await sink_stored(svcs["sink"].handlers, lineage_edges=1)
+    assert store.scalar("SELECT count() FROM lineage_edges WHERE dst = {h:String}", {"h": PROMPT}) == 0
+    assert (await artifacts.release_of(bus, "rel-y"))["artifacts"] == {"dataset/qa": DATA}

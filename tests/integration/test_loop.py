@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from lockgate.config import Settings
+from lockgate.server.apikeys import bootstrap
 from lockgate.server.runtime import Runtime
 from lockgate.services.query import traces as trace_queries
 from lockgate_dev.demo import APP, BAD, BASELINE, DEPLOYMENT, GOOD, demo_sim_config, run_demo
@@ -32,13 +33,18 @@ async def test_release_goes_through_the_whole_loop(settings: Settings) -> None:
         bus = runtime.ctx.bus  # the admin connection, which can watch every subject
         store = runtime.ctx.store
         sink = runtime.services["sink"].handlers
-        cost = runtime.services["cost"].handlers
         drift_sub = await bus.nc.subscribe(bus.subjects.drift(DEPLOYMENT))
+        keys = bootstrap(settings.home, app=APP)  # what `lockgate dev up --demo` makes and prints
         story = await run_demo(runtime.ctx.bus, router_url=runtime.services["router"].url, sim_url=sim.url,
-                               console=Console(quiet=True), traffic=240)
+                               console=Console(quiet=True), traffic=240, admin_key=keys.admin_key,
+                               app_key=keys.app_key)
 
         # gate: the wrong candidate is blocked naming its failing rule, the good one passes
         assert story["decisions"] == {BASELINE: "PASS", BAD: "BLOCK", GOOD: "PASS"}
+        # every table is the sink's projection of a stream, so each check waits for the sink first
+        await eventually(lambda: store.scalar("SELECT count() FROM gate_decisions WHERE release = {r:String}",
+                                              {"r": BAD}) > 0, [sink.progress("gate_decisions")],
+                         what="the blocked decision stored")
         blocked = store.rows("SELECT rules FROM gate_decisions WHERE release = {r:String}", {"r": BAD})
         failing = [r["rule"] for r in json.loads(blocked[0]["rules"]) if r["verdict"] != "PASS"]
         assert "answers-correct" in failing
@@ -61,16 +67,18 @@ async def test_release_goes_through_the_whole_loop(settings: Settings) -> None:
         assert {"stable", "canary"} <= variants
 
         # drift and cost were computed from the same events
-        await drift_sub.next_msg(timeout=60)  # the drift monitor stores a report before publishing it
-        assert store.scalar("SELECT count() FROM drift_reports WHERE deployment = {d:String}",
-                            {"d": DEPLOYMENT}) > 0
+        await drift_sub.next_msg(timeout=60)
+        await eventually(lambda: store.scalar("SELECT count() FROM drift_reports WHERE deployment = {d:String}",
+                                              {"d": DEPLOYMENT}) > 0, [sink.progress("drift_reports")],
+                         what="a drift report stored")
         await eventually(lambda: store.scalar("SELECT count() FROM cost_ledger") >= story["requests"],
-                         [cost.events], what="cost ledger rows")
+                         [sink.progress("cost_ledger")], what="cost ledger rows")
         assert store.scalar("SELECT sum(cost_usd) FROM cost_ledger WHERE app = {a:String}", {"a": APP}) > 0
 
         # lineage links the release to its artifacts and its gate decision
         for table in ("artifacts", "releases", "lineage_edges", "eval_cases", "eval_runs", "rollout_events"):
-            assert store.scalar(f"SELECT count() FROM {table}") > 0, table
+            await eventually(lambda t=table: store.scalar(f"SELECT count() FROM {t}") > 0, [sink.progress(table)],
+                             what=f"rows in {table}")
 
         # one trace id links the router's span and the sink's span
         trace_id = story["traces"][0]

@@ -191,3 +191,29 @@ async def test_tls_is_configurable_for_server_and_clients(tmp_path: Path, unique
             await _bus(settings.replace(tls_ca=""), "admin")
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize(("owner", "subject"), [
+    # a run record the gatekeeper trusts, a release binding, and the facts the sink projects
+    ("evaluator", lambda s: f"$KV.{s.kv_eval_runs}.r1"),
+    ("lineage", lambda s: f"$KV.{s.kv_releases}.shop-v2"),
+    ("gatekeeper", lambda s: s.gate_audit),
+    ("evaluator", lambda s: s.eval_cases),
+    ("lineage", lambda s: s.lineage_edges),
+    ("cost", lambda s: s.cost_ledger),
+], ids=["eval_runs", "releases", "gate_audit", "eval_cases", "lineage_edges", "cost_ledger"])
+async def test_the_router_cannot_forge_run_records_bindings_or_facts(secured, owner, subject) -> None:
+    _, settings, admin = secured
+    router, writer = await _bus(settings, "router"), await _bus(settings, owner)
+    try:
+        target = subject(router.subjects)
+        with pytest.raises(NotAllowed, match="'router' may not publish"):
+            await router.publish(target, b"{}", msg_id="forged")
+        stream = f"KV_{target.split('.')[1]}" if target.startswith("$KV.") else admin.subjects.streams["facts"].name
+        info = await admin.js.stream_info(stream)
+        assert info.state.messages == 0  # nothing was stored
+        await writer.publish(target, b"{}", msg_id="owned")  # the owner may
+        assert (await admin.js.stream_info(stream)).state.messages == 1
+    finally:
+        await router.close()
+        await writer.close()

@@ -12,11 +12,13 @@ import pytest
 
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, GateDecided, InferenceEvent, RolloutState
+from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.services.router.domain import Route, Target
-from lockgate.signing import Signer, publish_key
+from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,19 +36,32 @@ async def sims() -> AsyncIterator[tuple[SimServer, SimServer]]:
 
 
 @pytest.fixture
-async def router(context: ServiceContext, run_services: Any, sims: tuple[SimServer, SimServer]) -> Any:
+async def services(context: ServiceContext, run_services: Any, sims: tuple[SimServer, SimServer],
+                   signer: Signer) -> Any:
+    """The router, and the sink that stores what it announces."""
     stable, canary = sims
+    # r1 (stable) and r2 (canary) are registered releases whose model configs send them to the two
+    # simulators (the `default` and `canary` endpoints the upstream settings define).
+    await register_model_release(context.bus, "r1", "m", "default")
+    await register_model_release(context.bus, "r2", "m", "canary")
+    # r1, the stable release the tests start from, passed its gate (a new stable needs an allowing decision).
+    kv = await context.bus.kv(context.bus.subjects.kv_gates)
+    await kv.put(token("r1"), msgspec.json.encode(gate(signer, release="r1", decision="PASS")))
     context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
                                                 deployment="chat", app="shop")
-    svcs = await run_services("router")
-    return svcs["router"]
+    return await run_services("sink", "router")
+
+
+@pytest.fixture
+def router(services: Any) -> Any:
+    return services["router"]
 
 
 @pytest.fixture
 async def signer(context: ServiceContext) -> Signer:
-    """A gatekeeper stand-in whose public key is in the KV keyring, so the router trusts its decisions."""
+    """A gatekeeper stand-in whose public key is in the trust file, so the router trusts its decisions."""
     s = Signer.generate()
-    await publish_key(context.bus, s)
+    trust_key(trust_file_path(context.settings), s.public)
     return s
 
 
@@ -56,9 +71,21 @@ def gate(signer: Signer, **fields: Any) -> GateDecided:
 
 
 @pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
+def keys(context: ServiceContext) -> Bootstrap:
+    """An admin key and an app key (tenant acme, app shop) in the test's home."""
+    return bootstrap(context.settings.home, tenant="acme", app="shop")
+
+
+@pytest.fixture
+async def http(keys: Bootstrap) -> AsyncIterator[aiohttp.ClientSession]:
+    """A client that presents the admin key (same tenant and app as the app key) unless a request names another."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as s:
         yield s
+
+
+def bearer(key: str) -> dict[str, str]:
+    """Headers presenting one key."""
+    return {"Authorization": f"Bearer {key}"}
 
 
 def _chat(content: str = "hi", **extra: Any) -> dict[str, Any]:
@@ -73,12 +100,13 @@ async def _start_canary(http: aiohttp.ClientSession, router: Any, **body: Any) -
 
 
 async def test_non_streaming_completion_and_event_with_incoming_trace(router: Any, http: aiohttp.ClientSession,
-                                                                      sims: Any) -> None:
+                                                                      sims: Any, keys: Bootstrap) -> None:
     bus = router.ctx.bus
     sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
-    headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", "Authorization": "Bearer sk-secret",
-               "x-lockgate-user": "alice", "x-lockgate-tenant": "acme"}
+    # The tenant and app headers are the client's choice, so the event takes both from the key instead.
+    headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", "Authorization": f"Bearer {keys.app_key}",
+               "x-lockgate-user": "alice", "x-lockgate-tenant": "evil", "x-lockgate-app": "other"}
     async with http.post(f"{router.url}/v1/chat/completions", json=_chat(), headers=headers) as resp:
         assert resp.status == 200
         data = await resp.json()
@@ -96,7 +124,8 @@ async def test_non_streaming_completion_and_event_with_incoming_trace(router: An
                                                         data["usage"]["completion_tokens"])
     assert (event.prompt, event.response, event.finish_reason) == ("hi", "hello there", "stop")
     assert event.user_hash and "alice" not in event.user_hash
-    assert "sk-secret" not in msg.data.decode()
+    assert keys.app_key not in msg.data.decode()
+    assert sims[0].authorizations == [None]  # the client's key is never forwarded upstream
     assert event.latency_ms > 0 and event.provider == "openai"
 
 
@@ -124,7 +153,8 @@ async def test_streaming_usage_kept_when_asked(router: Any, http: aiohttp.Client
 
 
 async def test_canary_split_by_weight_is_sticky(router: Any, http: aiohttp.ClientSession, sims: Any) -> None:
-    state = await _start_canary(http, router, initial_weight=30)
+    # No decision for r2: only an admin's break-glass lets it take a weight (and holds it there).
+    state = await _start_canary(http, router, initial_weight=30, break_glass={"reason": "split test"})
     assert (state["weight"], state["phase"], state["canary"]["release"]) == (30.0, "idle", "r2")
     seen: dict[str, str] = {}
     for i in range(300):
@@ -141,7 +171,8 @@ async def test_canary_split_by_weight_is_sticky(router: Any, http: aiohttp.Clien
             assert resp.headers["x-lockgate-variant"] == seen[user]
 
 
-async def test_gate_pass_promotes_step_by_step(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+async def test_gate_pass_promotes_step_by_step(router: Any, services: Any, http: aiohttp.ClientSession,
+                                               signer: Signer) -> None:
     bus, store = router.ctx.bus, router.ctx.store
     sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
     await _start_canary(http, router)
@@ -150,9 +181,10 @@ async def test_gate_pass_promotes_step_by_step(router: Any, http: aiohttp.Client
     while not states or states[-1].phase != "promoted":
         states.append(_states.decode((await sub.next_msg(timeout=10)).data))
     assert [(s.phase, s.canary_weight) for s in states] == [
-        ("idle", 10.0), ("progressing", 25.0), ("progressing", 50.0), ("progressing", 100.0), ("promoted", 0.0)]
+        ("idle", 0.0), ("progressing", 10.0), ("progressing", 25.0), ("progressing", 50.0), ("progressing", 100.0), ("promoted", 0.0)]
     assert states[-1].stable_release == "r2"
     await router.rollouts.flush()
+    await sink_stored(services["sink"].handlers, rollout_events=len(states))
     rows = store.rows("SELECT phase, canary_weight, stable_release FROM rollout_events ORDER BY time")
     assert [(r["phase"], r["canary_weight"]) for r in rows] == [(s.phase, s.canary_weight) for s in states]
     kv = await bus.kv(bus.subjects.kv_routes)
@@ -165,7 +197,7 @@ async def test_gate_pass_promotes_step_by_step(router: Any, http: aiohttp.Client
 
 async def test_gate_block_sends_canary_to_zero_at_once(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     bus = router.ctx.bus
-    await _start_canary(http, router, initial_weight=100)
+    await _start_canary(http, router, initial_weight=100, break_glass={"reason": "block test"})
     decision = gate(signer, decision="BLOCK", reason="toxicity too high")
     await bus.publish(bus.subjects.gate_decided("r2"), decision)
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
@@ -228,8 +260,8 @@ async def test_admin_rejects_bad_canary_requests(router: Any, http: aiohttp.Clie
 async def test_routes_restored_from_kv(context: ServiceContext, run_services: Any, sims: Any,
                                        http: aiohttp.ClientSession) -> None:
     stable, canary = sims
-    route = Route(deployment="chat", stable=Target(release="r1", upstream=stable.url),
-                  canary=Target(release="r2", upstream=canary.url), weight=100.0)
+    route = Route(deployment="chat", stable=Target(release="r1", endpoint="default", model="m"),
+                  canary=Target(release="r2", endpoint="canary", model="m"), weight=100.0)
     kv = await context.bus.kv(context.bus.subjects.kv_routes)
     await kv.put("chat", msgspec.json.encode(route))
     router = (await run_services("router"))["router"]
@@ -252,3 +284,326 @@ async def test_secrets_in_prompts_never_reach_the_bus(router: Any, http: aiohttp
     (event,) = _events.decode(msg.data)
     assert secret not in msg.data.decode()
     assert event.prompt == "my key is [REDACTED], keep it safe"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer lg-not-a-key"}, {"Authorization": "Basic eDp5"}])
+async def test_chat_without_a_valid_key_is_401_in_openai_format(router: Any, sims: Any, headers: dict) -> None:
+    # Before: the router proxied anyone's request (and forwarded their Authorization upstream).
+    async with aiohttp.ClientSession() as anon, \
+            anon.post(f"{router.url}/v1/chat/completions", json=_chat(), headers=headers) as resp:
+        assert resp.status == 401
+        err = (await resp.json())["error"]
+    assert err["type"] == "invalid_request_error" and err["code"] == "invalid_api_key"
+    assert sims[0].total_requests == 0
+
+
+async def test_revoked_key_is_refused_at_once(router: Any, keys: Bootstrap, context: ServiceContext) -> None:
+    store = KeyStore(context.settings.home)
+    plain, rec = store.create("acme", "shop")
+    async with aiohttp.ClientSession() as c:
+        async with c.post(f"{router.url}/v1/chat/completions", json=_chat(), headers=bearer(plain)) as resp:
+            assert resp.status == 200
+        store.revoke(rec.id)  # the router re-reads the key file when it changes: no restart
+        async with c.post(f"{router.url}/v1/chat/completions", json=_chat(), headers=bearer(plain)) as resp:
+            assert resp.status == 401
+
+
+@pytest.mark.parametrize("action", ["promote", "abort"])
+async def test_admin_api_needs_operator_or_admin(router: Any, keys: Bootstrap, action: str) -> None:
+    # Before: an unauthenticated POST .../promote made a never-gated canary stable.
+    async with aiohttp.ClientSession() as c:
+        async with c.post(f"{router.url}/lockgate/v1/deployments/chat/{action}") as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"]["code"] == "invalid_api_key"
+        async with c.post(f"{router.url}/lockgate/v1/deployments/chat/{action}",
+                          headers=bearer(keys.app_key)) as resp:
+            assert resp.status == 403
+            assert "requires role operator" in (await resp.json())["error"]["message"]
+        async with c.put(f"{router.url}/lockgate/v1/deployments/chat", headers=bearer(keys.app_key),
+                         json={"stable_release": "r1", "canary_release": "r2"}) as resp:
+            assert resp.status == 403
+        viewer, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "viewer")
+        async with c.get(f"{router.url}/lockgate/v1/deployments/chat", headers=bearer(viewer)) as resp:
+            assert resp.status == 200  # reading a route is a viewer's right
+    assert router.rollouts.route("chat").canary is None
+
+
+# Admission: a release takes traffic only when a verified decision allows exactly it.
+
+
+async def _put(http: aiohttp.ClientSession, router: Any, headers: dict[str, str] | None = None,
+               **body: Any) -> tuple[int, dict[str, Any]]:
+    async with http.put(f"{router.url}/lockgate/v1/deployments/chat", headers=headers,
+                        json={"stable_release": "r1", "canary_release": "r2", **body}) as resp:
+        return resp.status, await resp.json()
+
+
+async def _post(http: aiohttp.ClientSession, router: Any, action: str, headers: dict[str, str] | None = None,
+                **body: Any) -> tuple[int, dict[str, Any]]:
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/{action}", headers=headers,
+                         json=body or None) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_never_gated_canary_waits_at_zero_and_cannot_be_promoted(router: Any, http: aiohttp.ClientSession,
+                                                                        sims: Any) -> None:
+    # Before: a never-gated release served 10% at once, and `promote` made it stable (200).
+    status, route = await _put(http, router)
+    assert status == 200 and (route["weight"], route["phase"]) == (0.0, "idle")
+    for i in range(50):
+        async with http.post(f"{router.url}/v1/chat/completions", json=_chat(user=f"u{i}")) as resp:
+            assert resp.headers["x-lockgate-variant"] == "stable"
+    assert sims[1].total_requests == 0
+    status, err = await _post(http, router, "promote")
+    assert status == 409 and err["error"]["code"] == "not_admitted"
+    assert "no verified gate decision" in err["error"]["message"]
+    status, err = await _put(http, router, initial_weight=25)  # a weight change is refused the same way
+    assert status == 409 and err["error"]["code"] == "not_admitted"
+    assert router.rollouts.route("chat").stable.release == "r1"
+
+
+async def test_blocked_canary_cannot_be_promoted(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Before: a BLOCKed release was made stable by an unauthenticated promote.
+    await _put(http, router)
+    await router.ctx.bus.publish(router.ctx.bus.subjects.gate_decided("r2"), gate(signer, decision="BLOCK"))
+    await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
+    status, err = await _post(http, router, "promote")
+    assert status == 409
+    assert router.rollouts.route("chat").stable.release == "r1"
+
+
+async def test_new_stable_without_decision_is_refused(router: Any, http: aiohttp.ClientSession) -> None:
+    await register_model_release(router.ctx.bus, "r0")
+    status, err = await _put(http, router, stable_release="r0", canary_release="r2")
+    assert status == 409 and "stable release 'r0'" in err["error"]["message"]
+
+
+async def test_needs_review_gets_zero_until_approved(router: Any, http: aiohttp.ClientSession,
+                                                    signer: Signer) -> None:
+    # Before: a release awaiting review served 10% at once.
+    bus = router.ctx.bus
+    await _put(http, router)
+    held = gate(signer, decision="NEEDS_REVIEW", reason="prompt changed")
+    await bus.publish(bus.subjects.gate_decided("r2"), held)
+    await router.rollouts.wait_for(lambda r: r["chat"].decision_id == held.id, timeout=10)
+    assert (router.rollouts.route("chat").weight, router.rollouts.route("chat").phase) == (0.0, "idle")
+    assert (await _post(http, router, "promote"))[0] == 409
+    # An approval is a new decision the gatekeeper signs: PASS for exactly this release.
+    await bus.publish(bus.subjects.gate_decided("r2"), gate(signer, decision="PASS", reason="approved by ann"))
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
+
+
+async def test_pass_for_another_release_does_not_admit(router: Any, http: aiohttp.ClientSession,
+                                                       signer: Signer) -> None:
+    bus = router.ctx.bus
+    await _put(http, router)
+    other = gate(signer, release="r3", decision="PASS")
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token("r2"), msgspec.json.encode(other))  # stored under r2's key, but it speaks for r3
+    status, route = await _put(http, router, canary_release="r2")
+    assert status == 200 and route["weight"] == 0.0 and not route["admitted"]
+
+
+async def test_reject_after_promotion_rolls_back(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Before: a reject after promotion changed nothing.
+    bus = router.ctx.bus
+    await _put(http, router)
+    await bus.publish(bus.subjects.gate_decided("r2"), gate(signer, decision="PASS"))
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
+    rejected = gate(signer, decision="BLOCK", reason="rejected by ann: leaks PII")
+    await bus.publish(bus.subjects.gate_decided("r2"), rejected)
+    await router.rollouts.wait_for(lambda r: r["chat"].decision_id == rejected.id, timeout=10)
+    route = router.rollouts.route("chat")
+    assert (route.stable.release, route.weight, route.phase) == ("r1", 0.0, "aborted")
+    assert "rolled back r2" in route.reason
+    async with http.post(f"{router.url}/v1/chat/completions", json=_chat()) as resp:
+        assert resp.headers["x-lockgate-release"] == "r1"
+
+
+async def test_break_glass_is_admin_only_recorded_and_shown_until_cleared(
+    router: Any, http: aiohttp.ClientSession, keys: Bootstrap
+) -> None:
+    bus = router.ctx.bus
+    sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
+    await _put(http, router)
+    operator, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator")
+    status, err = await _post(http, router, "promote", bearer(operator), break_glass={"reason": "hotfix"})
+    assert status == 403 and "requires role admin" in err["error"]["message"]
+    status, err = await _post(http, router, "promote", break_glass={})  # a reason is required
+    assert status == 409 and "reason" in err["error"]["message"]
+
+    status, route = await _post(http, router, "promote", break_glass={"reason": "hotfix for incident 42"})
+    assert status == 200 and route["phase"] == "promoted" and route["stable"]["release"] == "r2"
+    override = route["override"]
+    assert override["reason"] == "hotfix for incident 42" and override["actor"].startswith("apikey:")
+    assert keys.admin_key not in override["actor"]  # the identity, never the secret
+    states = [_states.decode((await sub.next_msg(timeout=10)).data) for _ in range(2)]
+    assert "BREAK-GLASS" in states[-1].reason and "hotfix for incident 42" in states[-1].reason
+    async with http.get(f"{router.url}/lockgate/v1/deployments/chat") as resp:
+        assert (await resp.json())["override"]["reason"] == "hotfix for incident 42"  # still shown
+
+    async with http.delete(f"{router.url}/lockgate/v1/deployments/chat/break-glass",
+                           headers=bearer(operator)) as resp:
+        assert resp.status == 403
+    async with http.delete(f"{router.url}/lockgate/v1/deployments/chat/break-glass") as resp:
+        assert resp.status == 200 and (await resp.json())["override"] is None
+
+
+
+# Endpoints come from operator configuration; releases are immutable and served as they say.
+
+
+@pytest.mark.parametrize("field", [{"canary_upstream": "http://attacker.example/v1"}, {"canary_model": "other"},
+                                   {"stable_upstream": "http://attacker.example/v1"}, {"stable_model": "x"}])
+async def test_rollout_cannot_name_an_upstream_or_a_model(router: Any, http: aiohttp.ClientSession,
+                                                          field: dict) -> None:
+    # Before: a write to a deployment sent traffic (and the client's key) to the attacker's URL, or
+    # rolled a release out on another model than it passed with.
+    status, err = await _put(http, router, **field)
+    assert status == 400 and next(iter(field)) in err["error"]["message"]
+
+
+async def test_release_naming_an_unknown_endpoint_is_refused(router: Any, http: aiohttp.ClientSession) -> None:
+    await register_model_release(router.ctx.bus, "r9", "m", "attacker")
+    status, err = await _put(http, router, canary_release="r9")
+    assert status == 400 and "endpoint 'attacker' is not configured" in err["error"]["message"]
+    status, err = await _put(http, router, canary_release="never-registered")
+    assert status == 400 and "not registered" in err["error"]["message"]
+
+
+async def test_canary_is_served_with_its_releases_model_and_params(router: Any, http: aiohttp.ClientSession,
+                                                                   sims: Any, signer: Signer) -> None:
+    bus = router.ctx.bus
+    await register_model_release(bus, "r5", "m", "canary", temperature=0)
+    await _put(http, router, canary_release="r5")
+    await bus.publish(bus.subjects.gate_decided("r5"), gate(signer, release="r5", decision="PASS"))
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
+    # The client asks for another model: the release's model config decides.
+    async with http.post(f"{router.url}/v1/chat/completions", json={**_chat(), "model": "gpt-whatever"}) as resp:
+        assert resp.status == 200 and resp.headers["x-lockgate-release"] == "r5"
+        assert (await resp.json())["choices"][0]["message"]["content"] == "canary says hi"
+    assert sims[1].requests == {"m": 1}
+
+
+async def test_release_name_cannot_be_rebound_to_other_content(router: Any) -> None:
+    # Before: re-registering a release name with different content was accepted and the newer won.
+    from lockgate import artifacts
+    from lockgate.errors import ReleaseConflict
+
+    bus = router.ctx.bus
+    await register_model_release(bus, "r1", "m", "default")  # the same content again: accepted
+    with pytest.raises(ReleaseConflict, match="already registered with other content"):
+        await register_model_release(bus, "r1", "m", "canary")
+    assert (await router.rollouts.target("r1")).endpoint == "default"
+    bundle = await artifacts.release_of(bus, "r1")
+    assert list(bundle["artifacts"]) == ["model_config/r1-config"]
+
+
+async def test_provider_key_comes_from_lockgate_config_never_from_the_client(
+    context: ServiceContext, run_services: Any, sims: Any, keys: Bootstrap, tmp_path: Any
+) -> None:
+    stable, _ = sims
+    (tmp_path / "endpoints.yaml").write_text(
+        f"endpoints:\n  openai-prod: {{url: {stable.url}, credential: PROVIDER_KEY}}\n")
+    (tmp_path / "secrets.yaml").write_text("PROVIDER_KEY: sk-provider-held-by-lockgate\n")
+    context.settings = context.settings.replace(endpoints_file=str(tmp_path / "endpoints.yaml"),
+                                                secrets_file=str(tmp_path / "secrets.yaml"), deployment="chat")
+    router = (await run_services("router"))["router"]
+    assert list(router.upstreams.by_id) == ["openai-prod"]  # the allow-list replaces the built-in pair
+    async with aiohttp.ClientSession() as c, c.post(
+            f"{router.url}/v1/chat/completions", json=_chat(), headers=bearer(keys.app_key)) as resp:
+        # The default route's `default` endpoint is not in this allow-list: refused, nothing sent.
+        assert resp.status == 502 and "not configured" in (await resp.json())["error"]["message"]
+    await register_model_release(context.bus, "p1", "m", "openai-prod")
+    await store_pass(context.bus, "p1", context.settings)
+    async with aiohttp.ClientSession(headers=bearer(keys.admin_key)) as c:
+        async with c.put(f"{router.url}/lockgate/v1/deployments/chat",
+                         json={"stable_release": "p1", "canary_release": "r1"}) as resp:
+            assert resp.status == 400  # r1 is not registered in this test's bus
+        await register_model_release(context.bus, "p2", "m", "openai-prod")
+        async with c.put(f"{router.url}/lockgate/v1/deployments/chat",
+                         json={"stable_release": "p1", "canary_release": "p2"}) as resp:
+            assert resp.status == 200, await resp.text()
+        async with c.post(f"{router.url}/v1/chat/completions", json=_chat(),
+                          headers=bearer(keys.app_key)) as resp:
+            assert resp.status == 200
+    assert stable.authorizations == ["Bearer sk-provider-held-by-lockgate"]
+
+
+async def test_bad_deployment_names_are_refused_and_later_changes_still_apply(
+    router: Any, http: aiohttp.ClientSession, context: ServiceContext
+) -> None:
+    # Issue 7: a deployment named `a*b` stuck at the head of the route outbox and every later
+    # route change failed until restart. Now it is refused at the edge with a clear 400.
+    base = f"{router.url}/lockgate/v1/deployments"
+    body = {"stable_release": "r1", "canary_release": "r2"}
+    for bad in ("a%2Ab", "a%20b", "a%3Eb", ".a"):
+        async with http.put(f"{base}/{bad}", json=body) as resp:
+            assert resp.status == 400, await resp.text()
+            assert "invalid deployment" in (await resp.json())["error"]["message"]
+        async with http.post(f"{base}/{bad}/promote") as resp:
+            assert resp.status == 400
+    async with http.put(f"{base}/chat", json={"stable_release": "r1", "canary_release": "r*2"}) as resp:
+        assert resp.status == 400 and "canary_release" in (await resp.json())["error"]["message"]
+    async with http.post(f"{router.url}/v1/chat/completions", json=_chat(),
+                         headers={"x-lockgate-deployment": "a*b"}) as resp:
+        assert resp.status == 400 and "x-lockgate-deployment" in (await resp.json())["error"]["message"]
+
+    # A later valid change applies, and a dotted name gets a key of its own, not `chat_eu`'s.
+    for name in ("chat.eu", "chat_eu"):
+        async with http.put(f"{base}/{name}", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["deployment"] == name
+    kv = await context.bus.kv(context.bus.subjects.kv_routes)
+    for name in ("chat.eu", "chat_eu"):
+        stored = msgspec.json.decode((await kv.get(token(name))).value, type=Route)
+        assert (stored.deployment, stored.canary.release) == (name, "r2")
+
+
+async def test_routes_with_escaped_keys_are_restored_under_their_names(
+    context: ServiceContext, run_services: Any, sims: Any, http: aiohttp.ClientSession
+) -> None:
+    stable, canary = sims
+    route = Route(deployment="chat.eu", stable=Target(release="r1"), canary=Target(release="r2", endpoint="canary"),
+                  weight=100.0)
+    kv = await context.bus.kv(context.bus.subjects.kv_routes)
+    await kv.put(token("chat.eu"), msgspec.json.encode(route))
+    router = (await run_services("router"))["router"]
+    async with http.get(f"{router.url}/lockgate/v1/deployments/chat.eu") as resp:
+        assert (await resp.json())["weight"] == 100.0
+    async with http.post(f"{router.url}/v1/chat/completions", json=_chat(),
+                         headers={"x-lockgate-deployment": "chat.eu"}) as resp:
+        assert resp.headers["x-lockgate-variant"] == "canary"
+
+
+async def test_untrusted_decisions_move_no_traffic_and_are_dead_lettered(
+    router: Any, http: aiohttp.ClientSession, signer: Signer, context: ServiceContext
+) -> None:
+    # Issue 7: a PASS signed with a freshly generated key, announced in the open keys bucket, moved
+    # a canary from 10% to 25%. Trust now comes only from the trust file; the bucket is never read.
+    bus = router.ctx.bus
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("router"))
+    await _start_canary(http, router)
+    rogue, retired = Signer.generate(), Signer.generate()
+    await publish_key(bus, rogue)
+    trust_file = trust_file_path(context.settings)
+    trust_key(trust_file, retired.public)
+    revoke_key(trust_file, retired.key_id)
+    attacks = [
+        (rogue.sign(GateDecided(release="r2", decision="PASS", rules=[])), "unknown key id"),
+        (GateDecided(release="r2", decision="PASS", rules=[]), "is not signed"),
+        (retired.sign(GateDecided(release="r2", decision="PASS", rules=[])), "revoked key id"),
+        # A genuine PASS for r1 replayed on r2's subject must not count for r2 either.
+        (gate(signer, release="r1", decision="PASS"), "arrived on"),
+    ]
+    for forged, _ in attacks:
+        await bus.publish(bus.subjects.gate_decided("r2"), forged)
+    for forged, reason in attacks:
+        letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=10)).data)
+        assert letter.error.startswith("signature invalid") or "refusing it" in letter.error, letter.error
+        assert reason in letter.error and forged.id in letter.error
+    route = router.rollouts.route("chat")
+    assert (route.phase, route.weight) == ("idle", 0.0)  # r2 was never gated: no forged PASS admits it
+    # The consumer is still acting on trusted decisions.
+    await bus.publish(bus.subjects.gate_decided("r2"), gate(signer, decision="BLOCK"))
+    await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)

@@ -14,10 +14,11 @@ from lockgate.config import Settings
 from lockgate.contracts import GateDecided, RolloutState
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
-from lockgate.signing import Signer, publish_key
+from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
+from tests.helpers import admin_headers, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -48,15 +49,24 @@ async def replicas(settings: Settings, store: Store, bus: Bus) -> AsyncIterator[
             await b.close()
 
 
+@pytest.fixture
+async def sink(run_services: Any) -> Any:
+    """The store owner on the test's own connection: it stores what the replicas announce."""
+    return (await run_services("sink"))["sink"].handlers
+
+
 async def test_canary_on_one_replica_is_routed_and_promoted_once_by_both(
-    replicas: tuple[Any, Any], bus: Bus, store: Store
+    replicas: tuple[Any, Any], bus: Bus, store: Store, sink: Any
 ) -> None:
     a, b = replicas
     signer = Signer.generate()
-    await publish_key(bus, signer)
+    trust_key(trust_file_path(a.ctx.settings), signer.public)
     sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
 
-    async with aiohttp.ClientSession() as http:
+    await register_model_release(bus, "r1")
+    await register_model_release(bus, "r2")
+    await store_pass(bus, "r1", a.ctx.settings)  # the stable release passed its gate
+    async with aiohttp.ClientSession(headers=admin_headers(a.ctx.settings.home)) as http:
         body = {"stable_release": "r1", "canary_release": "r2"}
         async with http.put(f"{a.url}/lockgate/v1/deployments/chat", json=body) as resp:
             assert resp.status == 200, await resp.text()
@@ -76,12 +86,13 @@ async def test_canary_on_one_replica_is_routed_and_promoted_once_by_both(
     while not states or states[-1].phase != "promoted":
         states.append(_states.decode((await sub.next_msg(timeout=10)).data))
     steps = [(s.phase, s.canary_weight, s.step) for s in states]
-    assert steps == [("idle", 10.0, 0), ("progressing", 25.0, 2), ("progressing", 50.0, 3),
+    assert steps == [("idle", 0.0, 0), ("progressing", 10.0, 1), ("progressing", 25.0, 2), ("progressing", 50.0, 3),
                      ("progressing", 100.0, 4), ("promoted", 0.0, 4)]
     # The router's own flush has finished, so any duplicate announcement would already be here.
     await bus.nc.flush()
     assert sub.pending_msgs == 0
 
+    await sink_stored(sink, rollout_events=len(states))
     rows = store.rows("SELECT phase, canary_weight, step FROM rollout_events WHERE deployment = 'chat' "
                       "ORDER BY time")
     assert [(r["phase"], r["canary_weight"], r["step"]) for r in rows] == steps

@@ -1,20 +1,25 @@
-"""The sink on real NATS and chDB: rows land once, whatever the redelivery; dead letters are queryable."""
+"""The sink on real NATS and chDB: rows land once, whatever the redelivery or republishing; dead letters are
+queryable."""
 
 from __future__ import annotations
+
+from datetime import UTC, datetime
 
 import nats
 import pytest
 
 from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec
-from lockgate.contracts import InferenceEvent
+from lockgate.contracts import CostEntry, CostLedger, DriftReport, FeatureDrift, InferenceEvent
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
+from tests.helpers import metric_points
 
 pytestmark = pytest.mark.timeout(90)
+NOW = datetime(2026, 1, 2, tzinfo=UTC)
 
 
 def _events(n: int, app: str = "shop") -> list[InferenceEvent]:
@@ -39,7 +44,7 @@ async def test_batches_land_once_with_secrets_scrubbed(run_services, bus: Bus, s
 
 
 async def test_writer_killed_before_ack_gives_one_row_per_event(
-    context: ServiceContext, bus: Bus, store: Store, settings
+    context: ServiceContext, bus: Bus, store: Store, settings, metric_reader
 ) -> None:
     """Insert a batch, die before the ack, restart: the redelivered messages arrive regrouped with a
     new one, are recognised by msg_id and skipped; every event is stored exactly once."""
@@ -85,6 +90,7 @@ async def test_writer_killed_before_ack_gives_one_row_per_event(
         assert store.scalar("SELECT count() FROM inference_events") == 100
         assert store.scalar("SELECT uniqExact(id) FROM inference_events") == 100
         assert second["sink"].handlers.skipped_redeliveries == 2
+        assert metric_points(metric_reader, "lockgate.redeliveries.skipped") == {(("service", "sink"),): 2}
     finally:
         await second.stop()
         await bus2.close()
@@ -101,3 +107,40 @@ async def test_dead_letters_are_queryable(run_services, bus: Bus, store: Store) 
     assert row["reason"] == "invalid event"
     assert "malformed" in row["error"]
     assert row["subject"] == bus.subjects.inference("shop")
+
+
+async def test_facts_republished_under_other_ids_are_stored_once(run_services, bus: Bus, store: Store) -> None:
+    """Low-volume facts are looked up by key: the same fact in two messages, in one batch or two, is one row set."""
+    svcs = await run_services("sink")
+    sink = svcs["sink"].handlers
+    report = DriftReport(deployment="web", window_start=NOW, window_end=NOW, reference_n=1, current_n=1, drifted=True,
+                         features=[FeatureDrift(feature=f, psi=0.3, ks_stat=0.5, ks_pvalue=0.01, reference_mean=1.0,
+                                                current_mean=2.0, drifted=True) for f in ("a", "b", "c")])
+    for msg_id in ("first", "second"):
+        await bus.publish(bus.subjects.drift("web"), report, msg_id=msg_id)
+    await sink.progress("drift_reports").wait_for(2)
+    await bus.publish(bus.subjects.drift("web"), report, msg_id="third")
+    await sink.progress("drift_reports").wait_for(3)
+    assert store.scalar("SELECT count() FROM drift_reports") == 3  # one report of three features
+
+
+async def test_a_redelivered_ledger_regrouped_with_a_new_one_is_stored_once(context: ServiceContext, store: Store) -> None:
+    """High-volume facts are looked up only when redelivered, as inference events are."""
+    from lockgate.services.sink.handlers import SinkHandlers
+    from lockgate.telemetry import Telemetry
+
+    sink = SinkHandlers(context, Telemetry().tracer("test"))
+
+    def ledger(n: int, start: int) -> CostLedger:
+        return CostLedger(price_book="pb", entries=[CostEntry(event_id=f"e{i}", time=NOW, tenant="t", app="a")
+                                                    for i in range(start, start + n)])
+
+    def delivery(msg_id: str, deliveries: int) -> Delivery:
+        return Delivery(subject="s", msg_id=msg_id, headers={}, deliveries=deliveries, stream_seq=1)
+
+    writer = sink.facts["cost_ledger"]
+    first = ledger(5, 0)
+    await writer.on_facts([(first, delivery("m1", 1))])
+    await writer.on_facts([(first, delivery("m1", 2)), (ledger(3, 5), delivery("m2", 1))])
+    assert store.scalar("SELECT count() FROM cost_ledger") == 8
+    assert store.scalar("SELECT uniqExact(event_id) FROM cost_ledger") == 8

@@ -43,7 +43,7 @@ def test_event_cost(model: str, inp: int, cached: int, out: int, expected: float
     assert event_cost(e, book.models[model]) == pytest.approx(expected, rel=1e-12)
 
 
-def test_price_events_columns_and_groups() -> None:
+def test_price_events_entries_and_groups() -> None:
     book = parse_price_book(BOOK)
     t0 = datetime(2025, 3, 1, tzinfo=UTC)
     events = [
@@ -56,14 +56,12 @@ def test_price_events_columns_and_groups() -> None:
                        tenant="acme"),
     ]
     priced = price_events(events, book)
-    cols = dict(zip(("event_id", "time", "tenant", "app", "deployment", "release", "model", "input_tokens",
-                     "output_tokens", "cached_tokens", "cost_usd", "priced", "price_book"), priced.columns,
-                    strict=True))
-    assert cols["event_id"] == [e.id for e in events]
-    assert cols["priced"] == [True, True, False, True]
-    assert cols["cost_usd"] == pytest.approx([0.0034, 0.002, 0.0, 0.00001])
-    assert cols["model"] == ["m-cache", "m-cache", "mystery", "m-plain"]
-    assert set(cols["price_book"]) == {book.hash} and book.hash.startswith("sha256:")
+    entries = priced.entries
+    assert [x.event_id for x in entries] == [e.id for e in events]
+    assert [x.priced for x in entries] == [True, True, False, True]
+    assert [x.cost_usd for x in entries] == pytest.approx([0.0034, 0.002, 0.0, 0.00001])
+    assert [x.model for x in entries] == ["m-cache", "m-cache", "mystery", "m-plain"]
+    assert [x.tenant for x in entries] == ["default"] * 3 + ["acme"] and book.hash.startswith("sha256:")
     by_model = {(r.tenant, r.model): r for r in priced.records}
     assert set(by_model) == {("default", "m-cache"), ("default", "mystery"), ("acme", "m-plain")}
     r = by_model[("default", "m-cache")]

@@ -126,7 +126,7 @@ def test_malformed_datasets_name_the_row(rows: list, message: str) -> None:
 @pytest.mark.parametrize(("path", "value", "message"), [
     (("initial_weight",), "10", "invalid canary request: Expected `float | null`, got `str` - at `$.initial_weight`"),
     (("initial_weight",), 100.5, "invalid canary request: Expected `float` <= 100.0 - at `$.initial_weight`"),
-    (("stable_upstream",), "file:///etc", "- at `$.stable_upstream`"),
+    (("stable_upstream",), "file:///etc", "Object contains unknown field `stable_upstream`"),  # releases only
     (("weight",), 5, "invalid canary request: Object contains unknown field `weight`"),
     (("canary_release",), "r1", "invalid canary request: canary_release must differ from stable_release"),
 ])

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import msgspec
 import numpy as np
 import pytest
 
+from lockgate.llmwire import decode_completion
 from lockgate.services.evaluator import calibrated, calibration, domain, summary
 from lockgate.services.evaluator.domain import CaseResult, SuiteError
-from lockgate.services.evaluator.runner import _token_logprobs
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -89,6 +90,10 @@ def test_confidence_from_logprobs_and_request_params() -> None:
     scores = calibrated.with_confidence(suite, {"exact_match": 1.0}, "4", [0.0])
     assert scores == {"exact_match": 1.0, "confidence": 1.0}
     assert calibrated.with_confidence(domain.parse_suite(suite_doc()), {"x": 1.0}, "4", [0.0]) == {"x": 1.0}
+
+
+def _token_logprobs(payload: dict) -> tuple[float, ...] | None:
+    return decode_completion(msgspec.json.encode(payload)).choices[0].token_logprobs()
 
 
 def test_token_logprobs_are_read_from_the_openai_shape() -> None:

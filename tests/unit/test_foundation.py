@@ -47,10 +47,10 @@ def test_redaction_modes() -> None:
 
 def test_subjects_are_prefixed_and_tokens_safe() -> None:
     s = Subjects("t1")
-    assert s.inference("my.app name") == "t1.inference.my_app_name"
-    assert s.gate_decided("rel*1") == "t1.gate.decided.rel_1"
+    assert s.inference("my.app name") == "t1.inference.my=2Eapp=20name"
+    assert s.gate_decided("rel*1") == "t1.gate.decided.rel=2A1"
     assert s.streams["inference"].name == "T1_INFERENCE"
-    assert token("") == "_"
+    assert token("") == "="
     with pytest.raises(ConfigError):
         Subjects("bad.prefix")
 

@@ -208,3 +208,17 @@ def test_the_wire_is_a_json_list_of_events() -> None:
     js = FakeJetStream()
     asyncio.run(publish_events(js, SUBJECTS, [event()], retry=NO_WAIT))
     assert msgspec.json.decode(js.calls[0][1])[0]["type"] == "lockgate.inference"
+
+
+async def test_outbox_reports_its_counts_to_the_callbacks_a_server_turns_into_metrics() -> None:
+    sent: list[int] = []
+    dropped: list[tuple[int, str]] = []
+    js = FakeJetStream(fail={"b": [nats.errors.NoRespondersError()] * 3})
+    box = outbox(capacity=3, overflow="drop_newest", on_sent=sent.append,
+                 on_drop=lambda n, reason: dropped.append((n, reason)))
+    box.start(js)
+    assert [box.add(event(app, i)) for i, app in enumerate("aabaa")] == [True, True, True, False, False]
+    await box.close()
+    assert not box.add(event())
+    assert sum(sent) == box.sent == 2
+    assert sorted(dropped) == [(1, "closed"), (1, "overflow"), (1, "overflow"), (1, "publish_failed")]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from lockgate.llmwire import Message, last_user_text
 from lockgate.services.router.proxy import _Record
 from lockgate.services.router.wire import (
-    Message,
-    last_user_text,
     openai_error,
     parse_chunk,
     parse_completion,

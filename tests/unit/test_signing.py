@@ -11,7 +11,7 @@ import pytest
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, RuleResult
 from lockgate.errors import ConfigError, SignatureError
-from lockgate.signing import Keyring, Signer, canonical, default_key_path, public_pem
+from lockgate.signing import Keyring, Signer, canonical, default_key_path, public_pem, revoke_key, trust_key
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -68,3 +68,41 @@ def test_bad_key_files_are_config_errors(tmp_path: Path) -> None:
         Signer.load_or_create(junk)
     with pytest.raises(ConfigError, match="not a PEM public key"):
         Keyring.from_pem_files([junk])
+
+
+def test_trust_file_keys_rotation_and_revocation(tmp_path: Path) -> None:
+    """Several keys are valid at once (rotation); a revoked id is refused even if listed again."""
+    path = tmp_path / "trust.json"
+    old, new = Signer.generate(), Signer.generate()
+    trust_key(path, old.public)
+    trust_key(path, new.public)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    d_old, d_new = (s.sign(GateDecided(release="r", decision="PASS", rules=[])) for s in (old, new))
+    ring = Keyring.from_trust_file(path)
+    assert (ring.verify(d_old), ring.verify(d_new)) == (old.key_id, new.key_id)
+    revoke_key(path, old.key_id)
+    ring = Keyring.from_trust_file(path)
+    with pytest.raises(SignatureError, match="revoked key id"):
+        ring.verify(d_old)
+    assert ring.verify(d_new) == new.key_id
+    with pytest.raises(ConfigError, match="revoked"):
+        trust_key(path, old.public)
+
+
+def test_cli_trust_and_revoke_edit_the_trust_file(tmp_path: Path) -> None:
+    """`lockgate gate trust KEY` and `gate revoke ID`: how an operator rotates and revokes keys."""
+    from click.testing import CliRunner
+
+    from lockgate.cli.main import cli
+
+    signer = Signer.load_or_create(tmp_path / "gatekeeper.pem")
+    env = {"LOCKGATE_TRUST_FILE": str(tmp_path / "trust.json")}
+    runner = CliRunner()
+    added = runner.invoke(cli, ["gate", "trust", str(tmp_path / "gatekeeper.pem")], env=env)
+    assert added.exit_code == 0 and f"trusted key {signer.key_id}" in added.output, added.output
+    assert signer.key_id in Keyring.from_trust_file(tmp_path / "trust.json").keys
+    listed = runner.invoke(cli, ["gate", "keys"], env=env)
+    assert listed.exit_code == 0 and f"# key id {signer.key_id}" in listed.output
+    gone = runner.invoke(cli, ["gate", "revoke", signer.key_id], env=env)
+    assert gone.exit_code == 0
+    assert Keyring.from_trust_file(tmp_path / "trust.json").revoked == {signer.key_id}

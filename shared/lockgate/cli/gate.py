@@ -16,12 +16,12 @@ from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, table
+from lockgate.client import get_decision
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, GateReview
 from lockgate.errors import LockgateError, NotFound, SignatureError
-from lockgate.signing import Keyring, public_pem, trusted_paths
-from lockgate.subjects import token
+from lockgate.signing import Keyring, load_public_key, public_pem, revoke_key, trust_file_path, trust_key
 
 _decided: Codec[GateDecided] = Codec(GateDecided)
 
@@ -33,15 +33,11 @@ class ReviewRefused(LockgateError):
 
 
 async def current_decision(bus: Bus, release: str) -> GateDecided:
-    """The release's latest decision from KV `lg_gates`, or NotFound."""
-    import nats.js.errors
-
-    kv = await bus.kv(bus.subjects.kv_gates)
-    try:
-        entry = await kv.get(token(release))
-    except nats.js.errors.KeyNotFoundError:
-        raise NotFound(f"release {release!r} has no gate decision") from None
-    return _decided.decode(entry.value)
+    """The release's latest decision from KV `lg_gates`, or NotFound (InvalidName for a bad name)."""
+    decision = await get_decision(await bus.kv(bus.subjects.kv_gates), release)
+    if decision is None:
+        raise NotFound(f"release {release!r} has no gate decision")
+    return decision
 
 
 def rule_rows(decision: GateDecided) -> list[dict[str, Any]]:
@@ -78,11 +74,9 @@ async def request_review(bus: Bus, release: str, action: str, actor: str, reason
         await sub.unsubscribe()
 
 
-async def _keyring(bus: Bus | None, settings: Settings, keys: tuple[str, ...]) -> Keyring:
-    if keys or trusted_paths(settings):
-        return Keyring.from_pem_files(keys or trusted_paths(settings))
-    assert bus is not None
-    return await Keyring.from_kv(bus)
+def _keyring(settings: Settings, keys: tuple[str, ...]) -> Keyring:
+    """`--key` files if given, else the configured trust roots; never keys published on the bus."""
+    return Keyring.from_pem_files(keys) if keys else Keyring.from_settings(settings)
 
 
 def _verify(settings: Settings, release: str | None, path: str | None,
@@ -94,12 +88,11 @@ def _verify(settings: Settings, release: str | None, path: str | None,
             d = msgspec.json.decode(Path(path).read_bytes(), type=GateDecided)
         except msgspec.DecodeError as exc:
             raise SignatureError(f"{path} is not a gate decision: {exc}") from None
-        if keys or trusted_paths(settings):
-            return d, asyncio.run(_keyring(None, settings, keys)).verify(d)
+        return d, _keyring(settings, keys).verify(d)
 
     async def work(bus: Bus) -> tuple[GateDecided, str]:
-        dec = d or await current_decision(bus, release or "")
-        return dec, (await _keyring(bus, settings, keys)).verify(dec)
+        dec = await current_decision(bus, release or "")
+        return dec, _keyring(settings, keys).verify(dec)
 
     return with_bus(settings, work)
 
@@ -162,7 +155,7 @@ def register(cli: click.Group) -> None:
     @click.argument("release", required=False)
     @click.option("--file", "path", type=click.Path(exists=True, dir_okay=False), help="A decision saved as JSON.")
     @click.option("--key", "keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
-                  help="Trusted public key PEM (repeatable); default: settings.trusted_keys, else the stack's KV.")
+                  help="Trusted public key PEM (repeatable); default: the trust file and settings.trusted_keys.")
     @click.pass_context
     @handle_errors
     def verify(ctx: click.Context, release: str | None, path: str | None, keys: tuple[str, ...]) -> None:
@@ -178,14 +171,36 @@ def register(cli: click.Group) -> None:
             sys.exit(exc.exit_code)
         click.echo(f"ok: decision {d.id} ({d.release}: {d.decision}) is signed by key {kid}")
 
+    @gate.command("trust")
+    @click.argument("key", type=click.Path(exists=True, dir_okay=False))
+    @click.pass_context
+    @handle_errors
+    def trust_cmd(ctx: click.Context, key: str) -> None:
+        """Trust KEY (a PEM public or private Ed25519 key) in the trust file; prints its key id."""
+        path = trust_file_path(ctx.obj["settings"])
+        kid = trust_key(path, load_public_key(key))
+        click.echo(f"trusted key {kid} in {path}")
+
+    @gate.command("revoke")
+    @click.argument("key_id")
+    @click.pass_context
+    @handle_errors
+    def revoke_cmd(ctx: click.Context, key_id: str) -> None:
+        """Revoke KEY_ID in the trust file: decisions it signed are refused from then on."""
+        path = trust_file_path(ctx.obj["settings"])
+        revoke_key(path, key_id)
+        click.echo(f"revoked key {key_id} in {path}")
+
     @gate.command("keys")
     @click.pass_context
     @handle_errors
     def keys_cmd(ctx: click.Context) -> None:
-        """Print the public keys the stack's gatekeepers sign with (PEM), for offline `verify --key`."""
-        ring = with_bus(ctx.obj["settings"], Keyring.from_kv)
+        """Print the trusted decision keys (PEM) of the trust file and settings, for offline `verify --key`."""
+        settings: Settings = ctx.obj["settings"]
+        ring = Keyring.from_settings(settings)
         if not ring.keys:
-            raise NotFound("no signing keys published; is the gatekeeper running?")
+            raise NotFound(f"no trusted signing keys in {trust_file_path(settings)} or LOCKGATE_TRUSTED_KEYS; "
+                           f"`lockgate up` writes the gatekeeper's key there")
         for kid, pub in sorted(ring.keys.items()):
             click.echo(f"# key id {kid}")
             click.echo(public_pem(pub).decode(), nl=False)

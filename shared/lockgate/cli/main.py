@@ -196,7 +196,7 @@ def dlq(ctx: click.Context, origin: str | None, limit: int, as_json: bool) -> No
 @click.pass_context
 @handle_errors
 def sql(ctx: click.Context, query: str, as_json: bool) -> None:
-    """Run read-only SQL against lockgate's ClickHouse database."""
+    """Run one read-only SELECT or DESCRIBE on lockgate's ClickHouse (writes and file/network functions refused)."""
     output(_query(ctx, "sql", query=query), as_json)
 
 
@@ -216,12 +216,13 @@ def schema(out: str | None) -> None:
 
 
 def _register_subcommands() -> None:
-    from lockgate.cli import gate, stack, status, workflow
+    from lockgate.cli import gate, keys, stack, status, workflow
 
     stack.register(cli)
     status.register(cli)
     workflow.register(cli)
     gate.register(cli)
+    keys.register(cli)
     # Plugins (the dev tools' `dev up`, `sim` and `demo`) add commands without the CLI importing them.
     for ep in entry_points(group="lockgate.cli"):
         ep.load()(cli)

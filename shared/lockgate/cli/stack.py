@@ -37,6 +37,7 @@ def _print_endpoints(endpoints: dict[str, str]) -> None:
 async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None,
                       on_ready: Callable[[Runtime], Awaitable[None]] | None = None) -> None:
     """Run the embedded stack until signalled; `on_ready` runs once it is up (the dev demo uses it)."""
+    from lockgate.server.apikeys import bootstrap
     from lockgate.server.runtime import Runtime
 
     runtime = Runtime(settings)
@@ -48,6 +49,11 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
         console.print(f"  [bold]{'credentials':<11}[/bold] {credentials.directory(home)}  (NATS users, 0600: the "
                       f"CLI finds them with --home {home} or LOCKGATE_HOME; roles "
                       f"{', '.join(ROLES)}; SDK apps use app.json)", soft_wrap=True)
+        # The router and the gRPC gateway take only API keys: make the first ones and say where they
+        # are (files 0600; the keys themselves are never printed or logged).
+        keys = bootstrap(settings.home, app=settings.app)
+        console.print(f"  [bold]{'admin key':<11}[/bold] {keys.admin_file}  (role admin: router admin API, `lockgate keys`)")
+        console.print(f"  [bold]{'app key':<11}[/bold] {keys.app_file}  (send as `Authorization: Bearer <key>`)")
         if on_ready is not None:
             await on_ready(runtime)
         console.print("[dim]Ctrl-C stops the stack; queued events are flushed first.[/dim]")

@@ -6,13 +6,27 @@ from typing import Union
 
 import msgspec
 
-from lockgate.contracts.artifacts import ArtifactKind, ArtifactRegistered, LineageRun, ReleaseRegistered
-from lockgate.contracts.cost import CostRecord
+from lockgate.contracts.artifacts import (
+    ArtifactKind,
+    ArtifactRegistered,
+    LineageEdge,
+    LineageEdges,
+    LineageRun,
+    ReleaseRegistered,
+)
+from lockgate.contracts.cost import CostEntry, CostLedger, CostRecord
 from lockgate.contracts.dlq import DeadLetter
 from lockgate.contracts.drift import DriftReport, FeatureDrift
 from lockgate.contracts.envelope import SCHEMA_VERSION, Event, utcnow
-from lockgate.contracts.evals import BaselineComparison, EvalCompleted, EvalRequested, MetricInterval
-from lockgate.contracts.gates import GateDecided, GateReview, RuleResult
+from lockgate.contracts.evals import (
+    BaselineComparison,
+    EvalCaseResult,
+    EvalCasesRecorded,
+    EvalCompleted,
+    EvalRequested,
+    MetricInterval,
+)
+from lockgate.contracts.gates import GateAudited, GateDecided, GateReview, RuleResult
 from lockgate.contracts.inference import InferenceEvent
 from lockgate.contracts.rollout import RolloutState
 from lockgate.contracts.telemetry import SpanBatch, SpanRecord
@@ -31,6 +45,11 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     CostRecord,
     DeadLetter,
     SpanBatch,
+    # facts: rows only the sink stores
+    EvalCasesRecorded,
+    GateAudited,
+    LineageEdges,
+    CostLedger,
 )
 
 AnyEvent = Union[EVENT_TYPES]  # noqa: UP007 - a runtime tagged union for msgspec
@@ -44,15 +63,22 @@ __all__ = [
     "BaselineComparison",
     "GateReview",
     "MetricInterval",
+    "CostEntry",
+    "CostLedger",
     "CostRecord",
     "DeadLetter",
     "DriftReport",
+    "EvalCaseResult",
+    "EvalCasesRecorded",
     "EvalCompleted",
     "EvalRequested",
     "Event",
     "FeatureDrift",
+    "GateAudited",
     "GateDecided",
     "InferenceEvent",
+    "LineageEdge",
+    "LineageEdges",
     "LineageRun",
     "ReleaseRegistered",
     "RolloutState",

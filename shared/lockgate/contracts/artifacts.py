@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import msgspec
+
 from lockgate.contracts.envelope import Event
+from lockgate.contracts.names import Name, OptName
 
 ArtifactKind = Literal["dataset", "prompt", "model_config", "tool", "environment", "eval_suite", "policy"]
 
@@ -25,10 +28,10 @@ class ArtifactRegistered(Event, frozen=True, kw_only=True, tag="lockgate.artifac
 class ReleaseRegistered(Event, frozen=True, kw_only=True, tag="lockgate.release.registered"):
     """A release: a named set of artifact versions (`kind/name` -> hash)."""
 
-    release: str
-    app: str
+    release: Name
+    app: Name
     artifacts: dict[str, str]
-    parent: str = ""
+    parent: OptName = ""
     description: str = ""
 
 
@@ -40,3 +43,20 @@ class LineageRun(Event, frozen=True, kw_only=True, tag="lockgate.lineage.run"):
     release: str = ""
     inputs: list[str] = []
     outputs: list[str] = []
+
+
+class LineageEdge(msgspec.Struct, frozen=True, kw_only=True):
+    """A directed, labelled edge between two typed nodes of the lineage graph."""
+
+    src: str
+    src_kind: str
+    dst: str
+    dst_kind: str
+    relation: str
+
+
+class LineageEdges(Event, frozen=True, kw_only=True, tag="lockgate.lineage.edges"):
+    """The edges one event adds to the lineage graph; `time` is that event's time."""
+
+    event_id: str
+    edges: list[LineageEdge]

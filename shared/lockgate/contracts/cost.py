@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import msgspec
+
 from lockgate.contracts.envelope import Event
 
 
@@ -22,3 +24,27 @@ class CostRecord(Event, frozen=True, kw_only=True, tag="lockgate.cost.record"):
     price_book: str = ""
     window_start: datetime
     window_end: datetime
+
+
+class CostEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """What one inference event cost (a `cost_ledger` row)."""
+
+    event_id: str
+    time: datetime
+    tenant: str
+    app: str
+    deployment: str = ""
+    release: str = ""
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float = 0.0
+    priced: bool = False
+
+
+class CostLedger(Event, frozen=True, kw_only=True, tag="lockgate.cost.ledger"):
+    """The priced events of one inference message, under one price book."""
+
+    price_book: str
+    entries: list[CostEntry]

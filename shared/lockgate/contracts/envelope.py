@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
+from lockgate.contracts.names import Name
 from lockgate.ids import uuid7
 
 SCHEMA_VERSION = 1
@@ -22,7 +23,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_de
     id: str = msgspec.field(default_factory=uuid7)
     source: str = "lockgate"
     time: datetime = msgspec.field(default_factory=utcnow)
-    tenant: str = "default"
+    tenant: Name = "default"
     trace_id: str = ""
     span_id: str = ""
     schema_version: int = SCHEMA_VERSION

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from lockgate.contracts.envelope import Event
+from lockgate.contracts.names import Name, OptName
 
 
 class MetricInterval(msgspec.Struct, frozen=True, kw_only=True):
@@ -38,11 +41,11 @@ class EvalRequested(Event, frozen=True, kw_only=True, tag="lockgate.eval.request
     """Run the suite artifact `suite` against `endpoint` for `release`."""
 
     run_id: str
-    release: str
+    release: Name
     suite: str
     endpoint: str
     model: str = ""
-    baseline: str = ""
+    baseline: OptName = ""
     policy: str = ""
     concurrency: int = 8
     timeout_s: float = 30.0
@@ -53,9 +56,9 @@ class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.complet
     """Aggregates of a finished eval run; per-case rows are in `eval_cases`."""
 
     run_id: str
-    release: str
+    release: Name
     suite: str
-    baseline: str = ""
+    baseline: OptName = ""
     policy: str = ""
     status: str = "completed"
     n_cases: int = 0
@@ -67,6 +70,30 @@ class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.complet
     comparisons: dict[str, BaselineComparison] = {}
     warnings: list[str] = []
     artifacts: dict[str, str] = {}
+
+
+class EvalCaseResult(msgspec.Struct, frozen=True, kw_only=True):
+    """The outcome of one (case, repeat) of a run: output, scores, latency, or the error."""
+
+    case_id: str
+    repeat: int = 0
+    input: str = ""
+    expected: str = ""  # as text: strings as-is, anything else as JSON
+    output: str = ""
+    scores: dict[str, float] = {}
+    latency_ms: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    error: str = ""
+    details: dict[str, Any] = {}  # scorer details the scores cannot hold: judge replies, cache hits
+
+
+class EvalCasesRecorded(Event, frozen=True, kw_only=True, tag="lockgate.eval.cases"):
+    """Cases of a run finished since the last batch; the sink stores each (run, case, repeat) once."""
+
+    run_id: str
+    release: str
+    cases: list[EvalCaseResult]
 
 
 class EvalProgress(msgspec.Struct, frozen=True, kw_only=True):

@@ -7,6 +7,7 @@ from typing import Literal
 import msgspec
 
 from lockgate.contracts.envelope import Event
+from lockgate.contracts.names import Name, OptName
 
 Verdict = Literal["PASS", "FAIL", "INCONCLUSIVE", "ERROR", "NO_DATA"]
 Decision = Literal["PASS", "BLOCK", "NEEDS_REVIEW"]
@@ -32,12 +33,12 @@ class RuleResult(msgspec.Struct, frozen=True, kw_only=True):
 class GateDecided(Event, frozen=True, kw_only=True, tag="lockgate.gate.decided"):
     """The gate's decision for a release, with one RuleResult per rule."""
 
-    release: str
+    release: Name
     decision: Decision
     rules: list[RuleResult]
     eval_run: str = ""
     policy: str = ""
-    baseline: str = ""
+    baseline: OptName = ""
     artifacts: dict[str, str] = {}
     reason: str = ""
     signature: str = ""
@@ -49,8 +50,27 @@ class GateDecided(Event, frozen=True, kw_only=True, tag="lockgate.gate.decided")
 class GateReview(Event, frozen=True, kw_only=True, tag="lockgate.gate.review"):
     """A human approval or rejection of a release waiting in NEEDS_REVIEW (or an override)."""
 
-    release: str
+    release: Name
     action: Literal["approve", "reject"]
     actor: str
     reason: str
     decision_id: str = ""
+
+
+class GateAudited(Event, frozen=True, kw_only=True, tag="lockgate.gate.audited"):
+    """One row of the append-only audit log: a decision, approval, rejection, override or refusal.
+
+    `id` is the id of the decision it records (of the refused one's would-be decision for a refusal).
+    """
+
+    release: str
+    action: str
+    actor: str
+    decision: Decision
+    eval_run: str = ""
+    policy: str = ""
+    baseline: str = ""
+    rules: list[RuleResult] = []
+    reason: str = ""
+    signature: str = ""
+    key_id: str = ""

@@ -7,6 +7,7 @@ from typing import Annotated
 import msgspec
 
 from lockgate.contracts.envelope import Event
+from lockgate.contracts.names import Name, OptName
 
 NonNeg = Annotated[int, msgspec.Meta(ge=0)]
 NonNegF = Annotated[float, msgspec.Meta(ge=0)]
@@ -15,10 +16,10 @@ NonNegF = Annotated[float, msgspec.Meta(ge=0)]
 class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference"):
     """One call to a model. Field docs give the GenAI semantic-convention attribute."""
 
-    app: Annotated[str, msgspec.Meta(min_length=1, description="application name")]
-    deployment: str = ""
+    app: Name
+    deployment: OptName = ""
     variant: str = "stable"
-    release: str = ""
+    release: OptName = ""
     model: Annotated[str, msgspec.Meta(description="gen_ai.request.model")] = ""
     response_model: Annotated[str, msgspec.Meta(description="gen_ai.response.model")] = ""
     provider: Annotated[str, msgspec.Meta(description="gen_ai.provider.name")] = ""

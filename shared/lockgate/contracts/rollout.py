@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from lockgate.contracts.envelope import Event
+from lockgate.contracts.names import Name, OptName
 
 Phase = Literal["idle", "progressing", "promoted", "aborted"]
 
@@ -12,9 +13,9 @@ Phase = Literal["idle", "progressing", "promoted", "aborted"]
 class RolloutState(Event, frozen=True, kw_only=True, tag="lockgate.rollout.state"):
     """Weights after a change, and why the router made it."""
 
-    deployment: str
-    stable_release: str
-    canary_release: str = ""
+    deployment: Name
+    stable_release: Name
+    canary_release: OptName = ""
     canary_weight: float = 0.0
     phase: Phase = "idle"
     step: int = 0

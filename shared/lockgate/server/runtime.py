@@ -7,16 +7,20 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from lockgate import credentials
+from lockgate import credentials, metrics
 from lockgate.bus import Bus
 from lockgate.config import Settings
 from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.server.registry import ServiceSet, available
 from lockgate.server.service import ServiceContext
 from lockgate.subjects import Subjects
-from lockgate.telemetry import Telemetry
+from lockgate.telemetry import NatsSpanExporter, Telemetry
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics import MeterProvider
 
 log = logging.getLogger("lockgate.server.runtime")
 
@@ -38,8 +42,8 @@ class Runtime:
         self.nats: NatsServer | None = None
         self.services: ServiceSet | None = None
         self.ctx: ServiceContext | None = None
-        self._exporter: asyncio.Task[None] | None = None
         self.buses: list[Bus] = []
+        self._meters: MeterProvider | None = None
 
     async def start(self) -> None:
         """Bring everything up; on failure, tear down what started."""
@@ -64,12 +68,21 @@ class Runtime:
                                    tls=tls)
             await self.nats.start()
             self.settings = s = s.replace(nats_url=self.nats.url)
+        # One MeterProvider per process; its service.name says which services the process hosts.
+        service_name = "lockgate" if len(self.names) > 1 else f"lockgate-{self.names[0]}"
+        self._meters = metrics.install(service_name, otlp_endpoint=s.otlp_endpoint)
+        if "gatekeeper" in self.names and not s.trust_file:
+            # Trust roots are configuration: `lockgate up` writes the gatekeeper's persistent key
+            # into {home}/trust.json, which every consumer reads, before any decision is signed. An
+            # explicit LOCKGATE_TRUST_FILE (k8s: a mounted ConfigMap) is the operator's, never written.
+            from lockgate.signing import ensure_signer_trusted
+
+            await asyncio.to_thread(ensure_signer_trusted, s)
         store = None
         if STORE_OWNERS & set(self.names):
             from lockgate.store import open_store
 
             store = await asyncio.to_thread(open_store, s.clickhouse_url, s.database)
-        telemetry = Telemetry(sample_ratio=s.trace_sample_ratio)
         subjects = Subjects(s.prefix)
         # One connection per identity: each service publishes and subscribes as itself, so the
         # server (not our code) stops the router from publishing a gate decision. Embedded, the
@@ -81,6 +94,8 @@ class Runtime:
                    manage_topology=not main_auth.enabled or main_auth.user in TOPOLOGY_OWNERS)
         self.buses.append(main)
         await main.connect()
+        telemetry = Telemetry(sample_ratio=s.trace_sample_ratio,
+                              exporter=NatsSpanExporter(main, asyncio.get_running_loop()))
         by_auth: dict[credentials.NatsAuth, Bus] = {main_auth: main}
         contexts: dict[str, ServiceContext] = {}
         for name in self.names:
@@ -94,7 +109,6 @@ class Runtime:
         self.ctx = ServiceContext(bus=main, store=store, telemetry=telemetry, settings=s)
         self.services = ServiceSet(self.ctx, self.names, contexts)
         await self.services.start()
-        self._exporter = asyncio.create_task(telemetry.run_exporter(main), name="telemetry-exporter")
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -110,10 +124,8 @@ class Runtime:
         """Stop in reverse: services (servers first, flushing buffers), telemetry, bus, store, nats-server."""
         if self.services is not None:
             await self.services.stop()
-        if self._exporter is not None:
-            self._exporter.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._exporter
+        if self.ctx is not None:
+            await self.ctx.telemetry.shutdown()  # the services' last spans, while the bus still publishes
         for bus in reversed(self.buses):
             with contextlib.suppress(Exception):
                 await bus.close()
@@ -121,5 +133,8 @@ class Runtime:
         if self.ctx is not None:
             if self.ctx.store is not None:
                 self.ctx.store.close()
+        if self._meters is not None:
+            await asyncio.to_thread(metrics.shutdown, self._meters)  # a last OTLP export, if configured
+            self._meters = None
         if self.nats is not None:
             self.nats.stop()

@@ -13,23 +13,31 @@ from urllib.parse import urlparse
 import clickhouse_connect
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from lockgate.errors import ConfigError, StoreUnavailable
+from lockgate.errors import ConfigError, QueryRefused, StoreUnavailable
 
 _DB = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _raw_client(url: str, database: str | None) -> Any:
+# The operator SQL session: settings fixed when the session opens, before any query text exists.
+# With readonly=1 ClickHouse refuses writes, DDL and any later change of a setting (including
+# `SETTINGS readonly = 0` in the text); on a server the same settings ride on every HTTP request
+# as URL parameters, never in the text.
+READONLY_SETTINGS = {"max_execution_time": "60", "readonly": "1"}
+
+
+def _raw_client(url: str, database: str | None, settings: dict[str, str] | None = None) -> Any:
     parsed = urlparse(url)
     if parsed.scheme == "chdb":
         # chdb://relative/path and chdb:///abs/path both name a directory; one per process.
+        # Each client is its own chDB session (session settings are per handle) on shared data.
         location = (parsed.netloc + parsed.path) if parsed.netloc else parsed.path
         if location in ("", "memory", ":memory:"):
-            return clickhouse_connect.get_client(dsn="chdb://memory", database=database)
+            return clickhouse_connect.get_client(dsn="chdb://memory", database=database, settings=settings)
         path = Path(location).expanduser().resolve()
         path.mkdir(parents=True, exist_ok=True)
-        return clickhouse_connect.get_client(dsn=f"chdb://{path}", database=database)
+        return clickhouse_connect.get_client(dsn=f"chdb://{path}", database=database, settings=settings)
     if parsed.scheme in ("http", "https"):
-        return clickhouse_connect.get_client(dsn=url, database=database or "default")
+        return clickhouse_connect.get_client(dsn=url, database=database or "default", settings=settings)
     raise ConfigError(f"ClickHouse URL {url!r} must start with chdb://, http:// or https://")
 
 
@@ -41,6 +49,9 @@ class Store:
             raise ConfigError(f"database name {database!r} must be an identifier")
         self.url = url
         self.database = database
+        # Where operator SQL runs: the same server as a read-only user in server mode (see
+        # deploy/clickhouse/users.d/lockgate.xml); its session is read-only whichever URL it is.
+        self.readonly_url = url
         try:
             admin = _raw_client(url, None)
             admin.command(f"CREATE DATABASE IF NOT EXISTS {database}")
@@ -49,6 +60,8 @@ class Store:
             raise StoreUnavailable(f"cannot open ClickHouse at {url}: {exc}") from None
         # clickhouse-connect clients are not safe for concurrent use (HTTP sessions lock).
         self._lock = threading.Lock()
+        self._readonly: Any = None  # the operator SQL session, opened on first use
+        self._readonly_lock = threading.Lock()
 
     # synchronous API (CLI, tests, migrations)
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
@@ -65,6 +78,20 @@ class Store:
             try:
                 result = self._client.query(sql, parameters=parameters)
             except ClickHouseError as exc:
+                raise StoreUnavailable(f"ClickHouse rejected query: {_first_line(exc)}") from None
+        names = result.column_names
+        return [dict(zip(names, row, strict=True)) for row in result.result_rows]
+
+    def readonly_rows(self, sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Rows from a session opened with readonly=1, which no query text can lift (operator SQL)."""
+        with self._readonly_lock:
+            try:
+                if self._readonly is None:
+                    self._readonly = _raw_client(self.readonly_url, self.database, READONLY_SETTINGS)
+                result = self._readonly.query(sql, parameters=parameters)
+            except ClickHouseError as exc:
+                if "(READONLY)" in str(exc):  # ClickHouse's own refusal: final, not worth a retry
+                    raise QueryRefused(f"the read-only session refused it: {_first_line(exc)}") from None
                 raise StoreUnavailable(f"ClickHouse rejected query: {_first_line(exc)}") from None
         names = result.column_names
         return [dict(zip(names, row, strict=True)) for row in result.result_rows]
@@ -119,6 +146,10 @@ class Store:
         """Release the client."""
         with self._lock:
             self._client.close()
+        with self._readonly_lock:
+            if self._readonly is not None:
+                self._readonly.close()
+                self._readonly = None
 
 
 def _first_line(exc: Exception) -> str:

@@ -1,0 +1,103 @@
+"""Upstream endpoints: an allow-list from operator configuration, each with a credential held by lockgate.
+
+Routes and releases name an endpoint by id, never by URL, so neither a route change nor a request
+can send traffic (or a key) anywhere the operator did not list. The provider key is looked up by
+name in the environment, then in the secrets file, and sent only to its own endpoint.
+
+    # endpoints.yaml (settings.endpoints_file / LOCKGATE_ENDPOINTS_FILE)
+    endpoints:
+      openai-prod: {url: https://api.openai.com/v1, credential: OPENAI_API_KEY}
+
+Without a file, two endpoints come from settings: `default` (stable_upstream) and `canary`
+(canary_upstream), with no credential: the development setup with the simulator.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+import yaml
+from yarl import URL
+
+from lockgate.config import Settings
+from lockgate.errors import ConfigError, LockgateError
+
+EndpointId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+Url = Annotated[str, msgspec.Meta(pattern="^https?://")]
+
+
+class UnknownEndpoint(LockgateError):
+    """A release or route names an endpoint that is not in the operator's allow-list."""
+
+
+class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One endpoint as configured."""
+
+    url: Url
+    credential: str = ""  # name of the env variable or secrets-file entry holding the provider key
+
+
+class _File(msgspec.Struct, forbid_unknown_fields=True):
+    endpoints: dict[EndpointId, EndpointSpec]
+
+
+class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """A resolved endpoint: where chat completions go and the Authorization lockgate sends there."""
+
+    id: str
+    url: URL
+    authorization: str | None = None  # never logged, never in events
+
+    def __repr__(self) -> str:  # keep the secret out of any accidental repr in logs or tracebacks
+        return f"Endpoint(id={self.id!r}, url={str(self.url)!r})"
+
+
+def _load_yaml(path: str, what: str) -> object:
+    try:
+        return yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
+
+
+def _secret(name: str, secrets: dict[str, str], where: str) -> str:
+    value = os.environ.get(name) or secrets.get(name)
+    if not value:
+        raise ConfigError(f"credential {name!r} of endpoint {where!r} is neither an environment variable nor "
+                          "an entry of the secrets file (settings.secrets_file)")
+    return value
+
+
+class Endpoints:
+    """The allow-list, loaded once at start."""
+
+    def __init__(self, settings: Settings) -> None:
+        specs: dict[str, EndpointSpec]
+        if settings.endpoints_file:
+            try:
+                specs = msgspec.convert(_load_yaml(settings.endpoints_file, "endpoints file"), _File).endpoints
+            except msgspec.ValidationError as exc:
+                raise ConfigError(f"bad endpoints file {settings.endpoints_file}: {exc}") from None
+        else:
+            specs = {"default": EndpointSpec(url=settings.stable_upstream),
+                     "canary": EndpointSpec(url=settings.canary_upstream)}
+        secrets: dict[str, str] = {}
+        if settings.secrets_file:
+            raw = _load_yaml(settings.secrets_file, "secrets file")
+            if not isinstance(raw, dict):
+                raise ConfigError(f"secrets file {settings.secrets_file} must be a mapping NAME: value")
+            secrets = {str(k): str(v) for k, v in raw.items()}
+        self.by_id: dict[str, Endpoint] = {}
+        for eid, spec in specs.items():
+            auth = f"Bearer {_secret(spec.credential, secrets, eid)}" if spec.credential else None
+            self.by_id[eid] = Endpoint(id=eid, url=URL(f"{spec.url.rstrip('/')}/chat/completions"), authorization=auth)
+
+    def get(self, endpoint_id: str) -> Endpoint:
+        """The endpoint with this id, or UnknownEndpoint naming the allowed ones."""
+        found = self.by_id.get(endpoint_id)
+        if found is None:
+            raise UnknownEndpoint(f"endpoint {endpoint_id!r} is not configured (allowed: "
+                                  f"{', '.join(sorted(self.by_id)) or 'none'})")
+        return found

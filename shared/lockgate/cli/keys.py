@@ -1,0 +1,63 @@
+"""`lockgate keys create|list|revoke`: the API keys clients and operators present to the router and gRPC API.
+
+Keys live hashed in `{home}/apikeys.json` (0600), so this command runs where the stack's home is;
+the running services pick up changes on their next request.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import click
+
+from lockgate.cli.main import handle_errors
+from lockgate.cli.render import console, output
+from lockgate.server.apikeys import ROLES, KeyStore
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ") if ts else ""
+
+
+def register(cli: click.Group) -> None:
+    """Attach `keys` to the top-level group."""
+
+    @cli.group()
+    @click.option("--home", envvar="LOCKGATE_HOME", default=None,
+                  help="The stack's home (default: settings, ./.lockgate).")
+    @click.pass_context
+    def keys(ctx: click.Context, home: str | None) -> None:
+        """API keys: an app key (tenant + app) for traffic; viewer/operator/approver/admin for the admin API."""
+        ctx.obj["keys"] = KeyStore(home or ctx.obj["settings"].home)
+
+    @keys.command("create")
+    @click.option("--tenant", required=True)
+    @click.option("--app", required=True)
+    @click.option("--role", type=click.Choice(ROLES), default="app", show_default=True)
+    @click.option("--description", default="")
+    @click.pass_context
+    @handle_errors
+    def create(ctx: click.Context, tenant: str, app: str, role: str, description: str) -> None:
+        """Create a key and print it once (only its hash is kept)."""
+        plain, rec = ctx.obj["keys"].create(tenant, app, role, description)
+        console.print(f"created key [bold]{rec.id}[/bold] ({role} for {tenant}/{app}); it is shown only now:")
+        click.echo(plain)
+
+    @keys.command("list")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    @click.pass_context
+    @handle_errors
+    def list_(ctx: click.Context, as_json: bool) -> None:
+        """Every key: id, scope, role, when created and revoked (never the key)."""
+        rows = [{"id": k.id, "tenant": k.tenant, "app": k.app, "role": k.role, "created": _when(k.created_at),
+                 "revoked": _when(k.revoked_at), "description": k.description} for k in ctx.obj["keys"].keys()]
+        output(rows, as_json)
+
+    @keys.command("revoke")
+    @click.argument("key_id")
+    @click.pass_context
+    @handle_errors
+    def revoke(ctx: click.Context, key_id: str) -> None:
+        """Revoke a key by id: the router and gRPC API refuse it from their next call."""
+        rec = ctx.obj["keys"].revoke(key_id)
+        console.print(f"revoked key {rec.id} ({rec.role} for {rec.tenant}/{rec.app})")

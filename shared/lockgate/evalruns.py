@@ -1,0 +1,56 @@
+"""Requested eval runs in KV: the evaluator records each request it accepts, and the gatekeeper
+decides only on an EvalCompleted for a recorded run whose content matches it.
+
+Who may write this bucket (the evaluator's NATS identity only) is enforced by NATS permissions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+
+from lockgate.codec import Codec, encode
+from lockgate.contracts import EvalCompleted, EvalRequested
+from lockgate.errors import BusUnavailable, InvalidEvent
+from lockgate.subjects import token
+
+_requests: Codec[EvalRequested] = Codec(EvalRequested)
+
+
+class UntrustedEvalResult(InvalidEvent):
+    """An eval result for a run nobody requested, or whose content differs from the request (dead-lettered)."""
+
+
+async def record_request(bus: Any, req: EvalRequested) -> None:
+    """Record a request the evaluator accepted, before it runs (so its result can never arrive first)."""
+    try:
+        kv = await bus.kv(bus.subjects.kv_eval_runs)
+        await kv.put(token(req.run_id), encode(req))
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        raise BusUnavailable(f"cannot record eval run {req.run_id} in KV {bus.subjects.kv_eval_runs}: {exc!r}") from None
+
+
+async def requested_run(bus: Any, run_id: str) -> EvalRequested | None:
+    """The recorded request of a run, or None if no evaluator accepted one."""
+    try:
+        kv = await bus.kv(bus.subjects.kv_eval_runs)
+        entry = await kv.get(token(run_id))
+    except nats.js.errors.KeyNotFoundError:
+        return None
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        raise BusUnavailable(f"cannot read eval run {run_id} from KV {bus.subjects.kv_eval_runs}: {exc!r}") from None
+    return _requests.decode(entry.value) if entry.value else None
+
+
+def check_result(done: EvalCompleted, req: EvalRequested | None) -> None:
+    """Raise UntrustedEvalResult unless `done` answers the recorded request `req` field for field."""
+    if req is None:
+        raise UntrustedEvalResult(f"eval result {done.id} for run {done.run_id!r} ({done.release}) refused: "
+                                  f"no evaluator recorded a request for that run")
+    diffs = [f"{field} {getattr(done, field)!r} != requested {getattr(req, field)!r}"
+             for field in ("release", "suite", "policy", "baseline") if getattr(done, field) != getattr(req, field)]
+    if diffs:
+        raise UntrustedEvalResult(f"eval result {done.id} for run {done.run_id!r} refused: it does not match the "
+                                  f"request ({'; '.join(diffs)})")

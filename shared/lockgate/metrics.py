@@ -1,0 +1,193 @@
+"""The process's metrics: one MeterProvider, the instruments that matter, recorders that never raise.
+
+`install()` makes the process's MeterProvider (resource `service.name`) with a Prometheus reader, so
+any HTTP server of the process can answer `GET /metrics` with `prometheus_text()`, plus an OTLP/HTTP
+exporter when an endpoint is configured. Until then, and after `shutdown()`, recording goes to no-op
+instruments: code records unconditionally and pays nearly nothing when nobody reads.
+
+Attributes stay low-cardinality on purpose (service, origin, variant, status, reason): never a
+tenant, model or deployment taken from a request, which a caller could make unbounded.
+
+Telemetry never fails a request: every recorder swallows its own errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import Meter, NoOpMeter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from lockgate import __version__
+
+log = logging.getLogger("lockgate.metrics")
+
+# LLM calls take from milliseconds (cached, errors) to minutes (long generations); the SDK's
+# default buckets are made for milliseconds and would put every call in the last few.
+_DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class _Instruments:
+    """Every instrument lockgate records, created once per MeterProvider."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.events_in = meter.create_counter(
+            "lockgate.events.received", unit="{event}", description="events a service took in")
+        self.events_out = meter.create_counter(
+            "lockgate.events.published", unit="{event}", description="events a service published")
+        self.events_dropped = meter.create_counter(
+            "lockgate.events.dropped", unit="{event}",
+            description="events a service lost, by reason (buffer overflow, failed flush nobody awaited)")
+        self.dead_letters = meter.create_counter(
+            "lockgate.dead_letters", unit="{message}", description="messages sent to the DLQ, by origin")
+        self.redeliveries_skipped = meter.create_counter(
+            "lockgate.redeliveries.skipped", unit="{message}",
+            description="redelivered messages whose rows were already stored")
+        self.router_requests = meter.create_counter(
+            "lockgate.router.requests", unit="{request}", description="requests the router answered")
+        self.router_duration = meter.create_histogram(
+            "lockgate.router.request.duration", unit="s",
+            description="time from request to the response's last byte, upstream included",
+            explicit_bucket_boundaries_advisory=_DURATION_BUCKETS_S)
+
+
+_NOOP = _Instruments(NoOpMeter("lockgate"))
+_instruments = _NOOP
+_provider: MeterProvider | None = None
+_registry: CollectorRegistry | None = None
+
+
+def install(service_name: str, *, otlp_endpoint: str = "",
+            readers: Sequence[MetricReader] = ()) -> MeterProvider:
+    """Make this process's MeterProvider (replacing an earlier one): Prometheus text always, OTLP if configured.
+
+    `readers` adds more (tests pass an InMemoryMetricReader).
+    """
+    global _instruments, _provider, _registry
+    if _provider is not None:
+        shutdown(_provider)
+    # A registry of our own rather than prometheus_client's global one, so a replaced provider
+    # leaves no collector behind and /metrics shows only lockgate's instruments.
+    registry = CollectorRegistry(auto_describe=True)
+    all_readers: list[MetricReader] = [PrometheusMetricReader(registry=registry), *readers]
+    if otlp_endpoint:
+        # Imported only when used: requests and protobuf are not worth their memory otherwise.
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        exporter = OTLPMetricExporter(endpoint=_metrics_url(otlp_endpoint))
+        all_readers.append(PeriodicExportingMetricReader(exporter))
+    provider = MeterProvider(
+        metric_readers=all_readers,
+        resource=Resource.create({"service.name": service_name, "service.version": __version__}),
+        shutdown_on_exit=False,  # the runtime shuts it down, with a last OTLP export, before the loop ends
+    )
+    _instruments = _Instruments(provider.get_meter("lockgate", __version__))
+    _provider, _registry = provider, registry
+    return provider
+
+
+def shutdown(provider: MeterProvider | None = None) -> None:
+    """Export once more and stop `provider` (default: the installed one); blocks on OTLP, so not on the loop."""
+    global _instruments, _provider, _registry
+    provider = provider or _provider
+    if provider is None:
+        return
+    if provider is _provider:
+        _instruments, _provider, _registry = _NOOP, None, None
+    try:
+        provider.shutdown()
+    except Exception:  # an unreachable collector must not fail a clean stop
+        log.warning("metrics shutdown failed", exc_info=True)
+
+
+def _metrics_url(endpoint: str) -> str:
+    # Like OTEL_EXPORTER_OTLP_ENDPOINT: a base URL to which the signal's path is appended.
+    endpoint = endpoint.rstrip("/")
+    return endpoint if endpoint.endswith("/v1/metrics") else f"{endpoint}/v1/metrics"
+
+
+def prometheus_text() -> tuple[bytes, str]:
+    """The installed provider's metrics in the Prometheus text format, and its content type."""
+    registry = _registry
+    if registry is None:
+        return b"", CONTENT_TYPE_LATEST
+    try:
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    except Exception:
+        log.warning("metrics collection failed", exc_info=True)
+        return b"", CONTENT_TYPE_LATEST
+
+
+async def serve_prometheus(request: Any) -> Any:
+    """aiohttp handler for `GET /metrics`: the installed provider's metrics as Prometheus text."""
+    from aiohttp import web  # only processes that serve HTTP have it loaded already
+
+    body, content_type = prometheus_text()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _add(instrument: str, n: float, attributes: dict[str, str]) -> None:
+    try:
+        getattr(_instruments, instrument).add(n, attributes)
+    except Exception:  # telemetry never fails a request
+        log.debug("metric %s failed", instrument, exc_info=True)
+
+
+def events_in(service: str, n: int = 1) -> None:
+    """Count events a service took in."""
+    _add("events_in", n, {"service": service})
+
+
+def events_out(service: str, n: int = 1) -> None:
+    """Count events a service published."""
+    _add("events_out", n, {"service": service})
+
+
+def events_out_counter(service: str) -> Callable[[int], None]:
+    """An `on_sent` callback (e.g. for an Outbox) that counts events this service published."""
+
+    def on_sent(n: int) -> None:
+        events_out(service, n)
+
+    return on_sent
+
+
+def events_dropped(service: str, n: int = 1, reason: str = "overflow") -> None:
+    """Count events a service lost, and why."""
+    _add("events_dropped", n, {"service": service, "reason": reason})
+
+
+def drop_counter(service: str) -> Callable[[int, str], None]:
+    """An `on_drop` callback for a Batcher that counts its losses as this service's dropped events."""
+
+    def on_drop(n: int, reason: str) -> None:
+        events_dropped(service, n, reason)
+
+    return on_drop
+
+
+def dead_letter(origin: str) -> None:
+    """Count one message sent to the DLQ by `origin`."""
+    _add("dead_letters", 1, {"origin": origin})
+
+
+def redeliveries_skipped(service: str, n: int) -> None:
+    """Count redelivered messages skipped because their rows were already stored."""
+    if n:
+        _add("redeliveries_skipped", n, {"service": service})
+
+
+def router_request(variant: str, status: str, duration_s: float) -> None:
+    """Count one answered router request and record its duration."""
+    attributes = {"variant": variant, "status": status}
+    try:
+        _instruments.router_requests.add(1, attributes)
+        _instruments.router_duration.record(duration_s, attributes)
+    except Exception:
+        log.debug("metric failed", exc_info=True)

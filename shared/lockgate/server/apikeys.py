@@ -1,0 +1,202 @@
+"""Lockgate API keys: random virtual keys scoped to a tenant and app, with a role, hashed at rest.
+
+The plaintext `lg-...` key is shown once (returned by `create`); `{home}/apikeys.json` (0600) keeps
+only its sha256, so a copy of the file does not let anyone call the router or the gRPC gateway.
+Services re-read the file when it changes, so a key created or revoked by the CLI takes effect on
+the next request without a restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from lockgate.errors import ConfigError, LockgateError, NotFound
+
+Role = Literal["app", "viewer", "operator", "approver", "admin"]
+ROLES: tuple[str, ...] = ("app", "viewer", "operator", "approver", "admin")
+PREFIX = "lg-"
+FILE = "apikeys.json"
+
+
+class AuthError(LockgateError):
+    """A request carried no API key, or one that is unknown or revoked (HTTP 401, gRPC UNAUTHENTICATED)."""
+
+
+class Forbidden(LockgateError):
+    """The API key is valid but its role or scope does not allow this (HTTP 403, gRPC PERMISSION_DENIED)."""
+
+
+class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
+    """One key as stored: its hash, never the key itself."""
+
+    id: str
+    hash: str
+    tenant: str
+    app: str
+    role: Role = "app"
+    created_at: float = 0.0
+    revoked_at: float = 0.0
+    description: str = ""
+
+    @property
+    def label(self) -> str:
+        """Who this key is, for audit records and reasons (never the secret)."""
+        return f"apikey:{self.id}({self.role}@{self.tenant}/{self.app})"
+
+
+class _File(msgspec.Struct):
+    keys: list[ApiKey] = []
+
+
+_decoder = msgspec.json.Decoder(_File)
+_encoder = msgspec.json.Encoder()
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def bearer(header: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value, or None."""
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+class KeyStore:
+    """The API keys of one home directory; reads are cached and refreshed when the file changes."""
+
+    def __init__(self, home: str | Path) -> None:
+        self.path = Path(home) / FILE
+        self._by_hash: dict[str, ApiKey] = {}
+        self._stamp: tuple[int, int, int] | None = None
+
+    # reading
+    def _refresh(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._by_hash, self._stamp = {}, None
+            return
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        try:
+            data = _decoder.decode(self.path.read_bytes())
+        except (OSError, msgspec.DecodeError) as exc:
+            raise ConfigError(f"cannot read API keys from {self.path}: {exc}") from None
+        self._by_hash = {k.hash: k for k in data.keys}
+        self._stamp = stamp
+
+    def keys(self) -> list[ApiKey]:
+        """Every key ever created (revoked ones included), oldest first."""
+        self._refresh()
+        return sorted(self._by_hash.values(), key=lambda k: k.created_at)
+
+    def authenticate(self, key: str | None) -> ApiKey:
+        """The live key record for a presented key; AuthError when missing, unknown or revoked."""
+        if not key:
+            raise AuthError("missing API key: send `Authorization: Bearer lg-...` (see `lockgate keys create`)")
+        self._refresh()
+        digest = _digest(key)
+        found = self._by_hash.get(digest)
+        # compare_digest keeps the final check constant-time even though the lookup is by hash
+        if found is None or not hmac.compare_digest(found.hash, digest) or found.revoked_at:
+            raise AuthError("invalid API key: unknown or revoked")
+        return found
+
+    # writing
+    def _write(self, keys: list[ApiKey]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(_encoder.encode(_File(keys=keys)))
+        os.replace(tmp, self.path)  # atomic: readers see the old file or the new one
+        self._stamp = None
+
+    def create(self, tenant: str, app: str, role: str = "app", description: str = "") -> tuple[str, ApiKey]:
+        """A new key: (plaintext shown once, stored record)."""
+        if role not in ROLES:
+            raise ConfigError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+        if not tenant or not app:
+            raise ConfigError("an API key needs a tenant and an app")
+        plain = PREFIX + secrets.token_urlsafe(32)
+        rec = ApiKey(id=secrets.token_hex(6), hash=_digest(plain), tenant=tenant, app=app, role=role,  # type: ignore[arg-type]
+                     created_at=time.time(), description=description)
+        self._write([*self.keys(), rec])
+        return plain, rec
+
+    def revoke(self, key_id: str) -> ApiKey:
+        """Revoke a key by id (it stays listed, marked revoked)."""
+        keys = self.keys()
+        for i, k in enumerate(keys):
+            if k.id == key_id:
+                keys[i] = msgspec.structs.replace(k, revoked_at=k.revoked_at or time.time())
+                self._write(keys)
+                return keys[i]
+        raise NotFound(f"no API key with id {key_id!r} in {self.path}")
+
+
+# role checks
+_RANK = {"app": 0, "viewer": 1, "approver": 2, "operator": 3, "admin": 4}
+
+
+def require_role(key: ApiKey, *roles: str) -> None:
+    """Forbidden unless the key has one of `roles` (admin may do anything an operator may)."""
+    if key.role in roles or (key.role == "admin" and "operator" in roles):
+        return
+    raise Forbidden(f"{key.label} may not do this: requires role {' or '.join(roles)}")
+
+
+class Bootstrap(msgspec.Struct, frozen=True):
+    """The first keys of a home: an admin key and an app key for the demo, with where they are."""
+
+    admin_key: str
+    app_key: str
+    admin_file: str
+    app_file: str
+
+
+def bootstrap(home: str | Path, *, tenant: str = "default", app: str = "default") -> Bootstrap:
+    """Create the first admin key and an app key once (plaintext in 0600 files under home/credentials)."""
+    home = Path(home)
+    creds = home / "credentials"
+    admin_file, app_file = creds / "router-admin.key", creds / "router-app.key"
+    store = KeyStore(home)
+    live = {k.id for k in store.keys() if not k.revoked_at}
+    keys: dict[Path, str] = {}
+    for path, role, who in ((admin_file, "admin", "first admin"), (app_file, "app", "demo app")):
+        with contextlib.suppress(FileNotFoundError):
+            kid, _, plain = path.read_text().strip().partition(" ")
+            if kid in live:
+                keys[path] = plain
+                continue
+        plain, rec = store.create(tenant, app, role, description=f"{who} key made by `lockgate up`")
+        creds.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{rec.id} {plain}\n")
+        keys[path] = plain
+    return Bootstrap(admin_key=keys[admin_file], app_key=keys[app_file], admin_file=str(admin_file),
+                     app_file=str(app_file))
+
+
+def read_credential(path: str | Path) -> str:
+    """The plaintext key in a credentials file written by `bootstrap` (ConfigError if absent)."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"no API key at {path} ({exc.strerror}): start the stack with `lockgate up --home DIR` "
+                          "or pass the key explicitly") from None
+    return text.rpartition(" ")[2]

@@ -1,0 +1,85 @@
+"""Every ClickHouse table, declared once as the projection of its contract Struct.
+
+`key` names the columns that identify one fact: the sink looks them up to store a republished or
+redelivered fact once (rows sharing a key are one fact's rows, stored together or not at all).
+"""
+
+from __future__ import annotations
+
+from lockgate.contracts import (
+    ArtifactRegistered,
+    CostLedger,
+    DeadLetter,
+    DriftReport,
+    EvalCasesRecorded,
+    EvalCompleted,
+    GateAudited,
+    InferenceEvent,
+    LineageEdges,
+    LineageRun,
+    ReleaseRegistered,
+    RolloutState,
+    SpanRecord,
+)
+from lockgate.store.rows import Table
+
+# Envelope fields that describe transport, not the fact: no table stores them.
+_ROUTING = ("source", "trace_id", "span_id", "schema_version")
+
+INFERENCE_EVENTS = Table(
+    "inference_events", InferenceEvent, exclude=("schema_version",),
+    # the NATS message an event arrived in: how the sink recognises a redelivered message
+    extra={"msg_id": str}, key=("msg_id",),
+)
+
+# The OpenTelemetry Collector ClickHouse exporter's layout, so its tools read ours.
+OTEL_TRACES = Table(
+    "otel_traces", SpanRecord,
+    rename={"timestamp": "Timestamp", "trace_id": "TraceId", "span_id": "SpanId",
+            "parent_span_id": "ParentSpanId", "trace_state": "TraceState", "name": "SpanName",
+            "kind": "SpanKind", "service": "ServiceName", "resource": "ResourceAttributes",
+            "scope_name": "ScopeName", "scope_version": "ScopeVersion", "attributes": "SpanAttributes",
+            "duration_ns": "Duration", "status_code": "StatusCode", "status_message": "StatusMessage"},
+    nested={"events": ("Events.Timestamp", "Events.Name", "Events.Attributes"),
+            "links": ("Links.TraceId", "Links.SpanId", "Links.TraceState", "Links.Attributes")},
+)
+
+DEAD_LETTERS = Table("dead_letters", DeadLetter, exclude=(*_ROUTING, "tenant"), key=("id",))
+
+ARTIFACTS = Table("artifacts", ArtifactRegistered, exclude=_ROUTING,
+                  rename={"id": "event_id", "time": "registered_at"}, key=("event_id",))
+
+RELEASES = Table("releases", ReleaseRegistered, exclude=_ROUTING, rename={"id": "event_id"}, key=("event_id",))
+
+LINEAGE_RUNS = Table("lineage_runs", LineageRun, exclude=(*_ROUTING, "tenant"), rename={"id": "event_id"},
+                     key=("event_id",))
+
+# `event_id` is the event the edges were derived from; the LineageEdges envelope id is not stored.
+LINEAGE_EDGES = Table("lineage_edges", LineageEdges, exclude=(*_ROUTING, "id", "tenant"), items="edges",
+                      key=("event_id",))
+
+EVAL_RUNS = Table(
+    "eval_runs", EvalCompleted,
+    exclude=(*_ROUTING, "tenant", "intervals", "baseline_run", "comparisons", "warnings", "artifacts"),
+    rename={"id": "event_id"}, key=("run_id",),  # one row per run, whatever the redeliveries
+)
+
+EVAL_CASES = Table("eval_cases", EvalCasesRecorded, exclude=(*_ROUTING, "id", "tenant"), items="cases",
+                   key=("run_id", "case_id", "repeat"))
+
+GATE_DECISIONS = Table("gate_decisions", GateAudited, exclude=_ROUTING, key=("id",))
+
+ROLLOUT_EVENTS = Table("rollout_events", RolloutState, exclude=(*_ROUTING, "tenant"), key=("id",))
+
+# One row per feature; the feature's `drifted` is the column, the report's is their disjunction.
+DRIFT_REPORTS = Table("drift_reports", DriftReport, exclude=(*_ROUTING, "tenant", "drifted"), items="features",
+                      key=("id",))
+
+# One row per priced event; the entry's own time and tenant are the columns.
+COST_LEDGER = Table("cost_ledger", CostLedger, exclude=(*_ROUTING, "id", "time", "tenant"), items="entries",
+                    key=("event_id",))
+
+TABLES: tuple[Table, ...] = (
+    INFERENCE_EVENTS, OTEL_TRACES, DEAD_LETTERS, ARTIFACTS, RELEASES, LINEAGE_RUNS, LINEAGE_EDGES, EVAL_RUNS,
+    EVAL_CASES, GATE_DECISIONS, ROLLOUT_EVENTS, DRIFT_REPORTS, COST_LEDGER,
+)

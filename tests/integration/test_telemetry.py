@@ -1,0 +1,200 @@
+"""Spans over NATS behind the SDK's BatchSpanProcessor, and metrics, on a real nats-server and chDB."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SpanExportResult
+from prometheus_client.parser import text_string_to_metric_families
+
+from lockgate import metrics
+from lockgate.bus import Bus
+from lockgate.codec import Codec
+from lockgate.config import Settings
+from lockgate.contracts import InferenceEvent, SpanBatch
+from lockgate.server.apikeys import bootstrap
+from lockgate.server.service import ServiceContext
+from lockgate.subjects import Subjects
+from lockgate.telemetry import NatsSpanExporter, Telemetry
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import eventually, metric_points
+
+pytestmark = pytest.mark.timeout(60)
+
+_spans: Codec[SpanBatch] = Codec(SpanBatch)
+_events: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
+
+
+async def test_force_flush_ships_ended_spans_to_the_subject(bus: Bus) -> None:
+    sub = await bus.nc.subscribe(bus.subjects.spans)
+    exporter = NatsSpanExporter(bus, asyncio.get_running_loop())
+    # The processor's own schedule is far beyond the test: only force_flush can ship these.
+    telemetry = Telemetry(exporter=exporter, schedule_delay_ms=600_000)
+    tracer = telemetry.tracer("test")
+    with tracer.start_as_current_span("parent"):
+        tracer.start_span("child").end()
+    assert await asyncio.to_thread(telemetry.force_flush) is True
+
+    batch = _spans.decode((await sub.next_msg(timeout=10)).data)
+    by_name = {s.name: s for s in batch.spans}
+    assert set(by_name) == {"parent", "child"}
+    assert by_name["child"].parent_span_id == by_name["parent"].span_id
+    assert by_name["child"].trace_id == by_name["parent"].trace_id
+    assert by_name["parent"].service == "lockgate-test"
+    assert exporter.exported == 2
+    await telemetry.shutdown()
+
+
+async def test_force_flush_on_the_event_loop_thread_does_not_block_it(bus: Bus) -> None:
+    sub = await bus.nc.subscribe(bus.subjects.spans)
+    exporter = NatsSpanExporter(bus, asyncio.get_running_loop())
+    telemetry = Telemetry(exporter=exporter, schedule_delay_ms=600_000)
+    telemetry.tracer("test").start_span("from the loop").end()
+    # Waiting for the publish here would block the loop that must do it: it is handed over instead.
+    assert telemetry.force_flush() is True
+    batch = _spans.decode((await sub.next_msg(timeout=10)).data)
+    assert [s.name for s in batch.spans] == ["from the loop"]
+    await telemetry.shutdown()
+
+
+async def test_shutdown_flushes_spans_into_otel_traces(context: ServiceContext, run_services: Any) -> None:
+    svcs = await run_services("sink")
+    sink = svcs["sink"].handlers
+    telemetry = Telemetry(exporter=NatsSpanExporter(context.bus, asyncio.get_running_loop()),
+                          schedule_delay_ms=600_000)
+    tracer = telemetry.tracer("router")
+    trace_ids = set()
+    for i in range(5):
+        span = tracer.start_span(f"chat {i}", attributes={"lockgate.release": "r1"})
+        trace_ids.add(format(span.get_span_context().trace_id, "032x"))
+        span.end()
+    await telemetry.shutdown()  # no force_flush: stopping must ship what is queued
+
+    def stored() -> bool:
+        return context.store.scalar("SELECT count() FROM otel_traces WHERE ServiceName = 'lockgate-router'") >= 5
+
+    await eventually(stored, [sink.spans], what="spans in otel_traces")
+    rows = context.store.rows("SELECT TraceId, SpanAttributes['lockgate.release'] AS release FROM otel_traces")
+    assert {r["TraceId"] for r in rows} == trace_ids
+    assert {r["release"] for r in rows} == {"r1"}
+
+
+async def test_export_to_a_closed_bus_fails_without_raising(settings: Settings) -> None:
+    gone = Bus(settings.nats_url, Subjects(settings.prefix), name="gone")
+    await gone.connect()
+    await gone.close()
+    exporter = NatsSpanExporter(gone, asyncio.get_running_loop(), timeout_s=2.0)
+    span = TracerProvider().get_tracer("t").start_span("lost")
+    span.end()
+    assert await asyncio.to_thread(exporter.export, [span]) is SpanExportResult.FAILURE
+
+
+async def test_dead_letters_are_counted_by_origin(bus: Bus, metric_reader: InMemoryMetricReader) -> None:
+    for origin in ("sink", "sink", "cost"):
+        await bus.dead_letter(origin, subject="lg.x", payload=b"not json", reason="invalid event")
+    assert metric_points(metric_reader, "lockgate.dead_letters") == {
+        (("origin", "sink"),): 2,
+        (("origin", "cost"),): 1,
+    }
+
+
+_ROUTER_SAMPLES = ("lockgate_router_requests_total", "lockgate_router_request_duration_seconds_count")
+
+
+async def _scrape(http: aiohttp.ClientSession, base: str) -> dict[tuple[str, str, str], float]:
+    """Router request samples from GET /metrics: (sample name, variant, status) -> value."""
+    async with http.get(f"{base}/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = await resp.text()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in _ROUTER_SAMPLES:
+                out[(sample.name, sample.labels["variant"], sample.labels["status"])] = sample.value
+    return out
+
+
+async def test_router_metrics_move_with_requests(context: ServiceContext, run_services: Any,
+                                                 metric_reader: InMemoryMetricReader) -> None:
+    config = SimConfig(models={"m": ModelSpec(default="hello"), "broken": ModelSpec(error_rate=1.0)})
+    async with SimServer(config) as sim, aiohttp.ClientSession() as http:
+        context.settings = context.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url,
+                                                    deployment="chat", app="shop")
+        router = (await run_services("router"))["router"]
+        auth = {"Authorization": f"Bearer {bootstrap(context.settings.home, app='shop').app_key}"}
+        bus = context.bus
+        events = await bus.nc.subscribe(bus.subjects.inference("shop"))
+        assert await _scrape(http, router.url) == {}
+
+        async def chat(model: str) -> int:
+            body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+            # The router takes only API keys; the event's app (its subject) comes from the key.
+            async with http.post(f"{router.url}/v1/chat/completions", json=body, headers=auth) as resp:
+                await resp.read()
+                return resp.status
+
+        async def recorded(n: int) -> None:
+            # The router counts a request where it queues its event, after the response is
+            # sent: once the events are on the bus, the counters have moved.
+            seen = 0
+            while seen < n:
+                seen += len(_events.decode((await events.next_msg(timeout=10)).data))
+
+        assert [await chat("m") for _ in range(3)] + [await chat("broken")] == [200, 200, 200, 502]
+        await recorded(4)
+        first = await _scrape(http, router.url)
+        assert first[("lockgate_router_requests_total", "stable", "ok")] == 3
+        assert first[("lockgate_router_requests_total", "stable", "error")] == 1
+        assert first[("lockgate_router_request_duration_seconds_count", "stable", "ok")] == 3
+
+        assert await chat("m") == 200
+        await recorded(1)
+        second = await _scrape(http, router.url)
+        assert second[("lockgate_router_requests_total", "stable", "ok")] == 4
+        assert second[("lockgate_router_requests_total", "stable", "error")] == 1
+
+        # The router's outbox counts what JetStream acknowledged as the router's published events.
+        await router.batcher.flush()
+        async with http.get(f"{router.url}/metrics") as resp:
+            text = await resp.text()
+        assert 'lockgate_events_published_total{' in text and 'service="router"} 5.0' in text
+
+        # The simulator serves the same process's metrics on its own port.
+        sim_base = sim.url.removesuffix("/v1")
+        assert (await _scrape(http, sim_base))[("lockgate_router_requests_total", "stable", "ok")] == 4
+
+
+async def test_metrics_are_exported_over_otlp_when_an_endpoint_is_set() -> None:
+    """A stand-in Collector (plain aiohttp) receives the OTLP/HTTP export with lockgate's metrics."""
+    from aiohttp import web
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+    received: list[ExportMetricsServiceRequest] = []
+
+    async def collect(request: web.Request) -> web.Response:
+        received.append(ExportMetricsServiceRequest.FromString(await request.read()))
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    app = web.Application()
+    app.router.add_post("/v1/metrics", collect)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    try:
+        provider = metrics.install("lockgate-otlp-test", otlp_endpoint=f"http://{host}:{port}")
+        metrics.dead_letter("cost")
+        await asyncio.to_thread(metrics.shutdown, provider)  # the last export happens on shutdown
+    finally:
+        await runner.cleanup()
+    names = {m.name for r in received for rm in r.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
+    services = {a.value.string_value for r in received for rm in r.resource_metrics
+                for a in rm.resource.attributes if a.key == "service.name"}
+    assert "lockgate.dead_letters" in names
+    assert services == {"lockgate-otlp-test"}

@@ -1,0 +1,72 @@
+"""Names: one grammar at every edge, and a one-to-one mapping to subject tokens and KV keys."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+import pytest
+
+from lockgate.codec import Codec, encode
+from lockgate.contracts import GateDecided, InferenceEvent, RolloutState
+from lockgate.contracts.names import check_name, is_name
+from lockgate.errors import ConfigError, InvalidEvent, InvalidName
+from lockgate.subjects import token, untoken
+
+# The names of the attack in issue 7: all four used to share one key.
+COLLIDING = ["shop.v3", "shop_v3", "shop v3", "shop*v3", "shop>v3", "shop=v3", "shop=2Ev3", "", "=", "_"]
+# What a NATS subject token and a KV key (nats-py's pattern) both accept.
+_SUBJECT_TOKEN = re.compile(r"[^.*>\s]+")
+_KV_KEY = re.compile(r"[-/_=.a-zA-Z0-9]+")
+
+
+def test_tokens_are_one_to_one_and_reversible() -> None:
+    tokens = [token(v) for v in COLLIDING]
+    assert len(set(tokens)) == len(COLLIDING), dict(zip(COLLIDING, tokens, strict=True))
+    for value, tok in zip(COLLIDING, tokens, strict=True):
+        assert _SUBJECT_TOKEN.fullmatch(tok) and _KV_KEY.fullmatch(tok), tok
+        assert untoken(tok) == value
+
+
+@pytest.mark.parametrize("value", ["r1", "shop-v2", "shop/v1.2", "a_b", "é-release", "x" * 300])
+def test_untoken_reverses_any_string(value: str) -> None:
+    assert untoken(token(value)) == value
+
+
+def test_names_made_only_of_safe_characters_keep_their_token() -> None:
+    # Existing KV keys and subjects for plain names stay where they were.
+    assert token("shop_v3") == "shop_v3" and token("rel-2") == "rel-2"
+
+
+@pytest.mark.parametrize("tok", ["=41", "a.b", "=2", "x=", "=2e"])
+def test_untoken_refuses_what_token_never_produces(tok: str) -> None:
+    with pytest.raises(ConfigError):
+        untoken(tok)
+
+
+@pytest.mark.parametrize("name", ["r1", "shop.v3", "shop_v3", "shop/v1.2", "shop@v3", "app:1+2", "a" * 128])
+def test_valid_names(name: str) -> None:
+    assert is_name(name) and check_name(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "shop v3", "shop*v3", "a*b", "a>b", ".hidden", "-x", "a\nb", "a" * 129,
+                                  "naïve", None, 3])
+def test_invalid_names_are_refused_with_the_rule(name: object) -> None:
+    assert not is_name(name)
+    with pytest.raises(InvalidName, match="invalid release .*letters, digits"):
+        check_name(name, "release")
+
+
+def test_contracts_refuse_invalid_names_when_decoded() -> None:
+    # msgspec checks the grammar on decode: every consumer and edge that decodes a contract refuses them.
+    bad = GateDecided(release="shop*v3", decision="PASS", rules=[])
+    with pytest.raises(InvalidEvent, match=r"\$.release"):
+        Codec(GateDecided).decode(encode(bad))
+    with pytest.raises(InvalidEvent, match=r"\$.deployment"):
+        Codec(RolloutState).decode(encode(RolloutState(deployment="a*b", stable_release="r1")))
+    with pytest.raises(InvalidEvent, match=r"\$.tenant"):
+        Codec(InferenceEvent).decode(encode(InferenceEvent(app="a", tenant="t 1")))
+    ok = InferenceEvent(app="shop", deployment="", release="")  # empty optional references stay valid
+    assert Codec(InferenceEvent).decode(encode(ok)).app == "shop"
+    assert msgspec.json.decode(encode(GateDecided(release="shop.v3", decision="PASS", rules=[])),
+                               type=GateDecided).release == "shop.v3"

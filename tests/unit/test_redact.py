@@ -1,0 +1,43 @@
+"""The secret pattern table, format by format, and the masking of credential-named headers and attributes."""
+
+from __future__ import annotations
+
+import pytest
+
+from lockgate.contracts import InferenceEvent
+from lockgate.redact import MARK, scrub_bytes, scrub_event, scrub_mapping, scrub_secrets
+from tests.integration.test_secrets import planted
+
+FORMATS = planted()
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_each_format_is_scrubbed_in_running_text(name: str) -> None:
+    text, secret = FORMATS[name]
+    for wrapped in (f"here: {text} ok", f'{{"k": "{text}"}}', text):
+        out = scrub_secrets(wrapped)
+        assert secret not in out and MARK in out, (name, out)
+
+
+def test_json_escaped_private_key_in_raw_bytes() -> None:
+    # A dead letter's payload is raw JSON: newlines inside the key are the two characters `\n`.
+    raw = b'{"prompt": "-----BEGIN PRIVATE KEY-----\\nMIIBVQIBADANBgkqhkiG9w0BAQEFAASCAT8wggE7\\n-----END PRIVATE KEY-----"}\xff'
+    out = scrub_bytes(raw)
+    assert b"MIIBVQ" not in out and out.endswith(b"\xff")
+
+
+def test_credential_names_mask_the_whole_value() -> None:
+    masked = scrub_mapping({"Authorization": "x", "X-Api-Key": "short", "api-key": "k", "Cookie": "a=b",
+                            "Proxy-Authorization": "p", "db_password": "pw", "traceparent": "00-" + "a" * 32 + "-01",
+                            "Nats-Msg-Id": "m-1"})
+    assert {k for k, v in masked.items() if v == MARK} == {"Authorization", "X-Api-Key", "api-key", "Cookie",
+                                                           "Proxy-Authorization", "db_password"}
+
+
+def test_event_session_id_and_attributes_are_scrubbed_and_clean_events_are_unchanged() -> None:
+    clean = InferenceEvent(app="a", prompt="hi", session_id="s-1", attributes={"locale": "en"})
+    assert scrub_event(clean) is clean
+    text, secret = FORMATS["stripe sk_live_"]
+    dirty = InferenceEvent(app="a", session_id=text, attributes={text: "v", "note": text, "token": "t"})
+    out = scrub_event(dirty)
+    assert secret not in out.session_id and secret not in repr(out.attributes) and out.attributes["token"] == MARK
