@@ -217,3 +217,21 @@ async def test_the_router_cannot_forge_run_records_bindings_or_facts(secured, ow
     finally:
         await router.close()
         await writer.close()
+
+
+async def test_a_consumer_may_delete_a_dead_lettered_original_and_the_router_may_not(secured) -> None:
+    # The consumer edge deletes an undecodable message from its stream once it is parked in the
+    # DLQ (bus.dead_letter purge); without the grant the poison would silently stay beside its copy.
+    _, settings, admin = secured
+    stream = admin.subjects.streams["inference"].name
+    ack = await admin.publish(admin.subjects.inference("shop"), b"{broken", msg_id="poison")
+    router, sink = await _bus(settings, "router"), await _bus(settings, "sink")
+    try:
+        with pytest.raises((nats.errors.Error, TimeoutError)):
+            await router.js.delete_msg(stream, ack.seq)  # the router consumes events, not inference
+        assert (await admin.js.stream_info(stream)).state.messages == 1
+        await sink.js.delete_msg(stream, ack.seq)
+        assert (await admin.js.stream_info(stream)).state.messages == 0
+    finally:
+        await router.close()
+        await sink.close()
