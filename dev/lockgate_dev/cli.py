@@ -66,7 +66,7 @@ def register(cli: click.Group) -> None:
     @click.option("--demo", is_flag=True, help="Run the demo once the stack is up.")
     @click.pass_context
     @handle_errors
-    def dev_up(ctx: click.Context, home: str, nats_port: int, router_port: int, grpc_port: int, sim_port: int,
+    def dev_up(ctx: click.Context, home: str | None, nats_port: int, router_port: int, grpc_port: int, sim_port: int,
                demo: bool) -> None:
         """Start the embedded stack with the simulator as its upstream (`make run` adds --demo)."""
         settings = embedded_settings(ctx.obj["settings"], home, nats_port, router_port, grpc_port)
@@ -107,4 +107,5 @@ def register(cli: click.Group) -> None:
         admin_key, app_key = _demo_keys(home or ctx.obj["settings"].home)
         with_bus(ctx.obj["settings"], lambda bus: run_demo(bus, router_url=router_url, sim_url=sim_url,
                                                              console=console, traffic=traffic, admin_key=admin_key,
-                                                             app_key=app_key))
+                                                             app_key=app_key),
+                 role="admin")  # the demo plays every part: registers, evaluates, approves

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +21,7 @@ from lockgate import metrics, telemetry
 from lockgate.batcher import Batcher
 from lockgate.codec import Codec, encode
 from lockgate.contracts import DeadLetter, Event
+from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, Retryable
 from lockgate.ids import batch_id
 from lockgate.redact import scrub_bytes, scrub_mapping, scrub_secrets
@@ -96,10 +98,17 @@ class Consumers:
 class Bus:
     """One process's connection to NATS: publishing, KV, objects, request/reply and pull consumers."""
 
-    def __init__(self, url: str, subjects: Subjects | None = None, *, name: str = "lockgate") -> None:
+    def __init__(self, url: str, subjects: Subjects | None = None, *, name: str = "lockgate",
+                 auth: NatsAuth | None = None, manage_topology: bool = True) -> None:
         self.url = url
         self.subjects = subjects or Subjects()
         self.name = name
+        self.auth = auth or NatsAuth()
+        # Only an identity allowed to create streams and buckets declares them (admin, sink, an open server).
+        self.manage_topology = manage_topology
+        # Subjects the server refused this connection (permissions violations arrive asynchronously).
+        self.denied: list[str] = []
+        self._waiters: list[tuple[str, asyncio.Future[None]]] = []
         self.servers = [u.strip() for u in url.split(",") if u.strip()]  # a cluster: comma-separated URLs
         self.nc: nats.NATS | None = None
         self.js: Any = None
@@ -112,12 +121,53 @@ class Bus:
         """Connect, then create streams, KV buckets and the object store (idempotent)."""
         try:
             self.nc = await nats.connect(
-                self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True
+                self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True,
+                error_cb=self._on_error, **self.auth.options()
             )
-        except (OSError, nats.errors.Error) as exc:
+        except NotAllowed:
+            raise
+        except nats.errors.Error as exc:
+            raise (self._bad_credentials() if _is_auth_failure(exc) else
+                   BusUnavailable(f"cannot reach NATS at {self.url}: {exc}")) from None
+        except OSError as exc:
             raise BusUnavailable(f"cannot reach NATS at {self.url}: {exc}") from None
         self.js = self.nc.jetstream()
-        await self.ensure_topology()
+        if self.manage_topology:
+            await self.ensure_topology()
+
+    async def _on_error(self, exc: Exception) -> None:
+        text = str(exc)
+        if self.nc is None and _is_auth_failure(exc):
+            # Raised from the callback, it ends nats-py's first-connect loop, which would otherwise
+            # retry wrong credentials forever (max_reconnect_attempts=-1).
+            raise self._bad_credentials()
+        if self.nc is None and isinstance(exc, ssl.SSLError):
+            # A certificate that does not verify will not verify on the next attempt either.
+            raise BusUnavailable(f"TLS to NATS at {self.url} failed: {exc} (check LOCKGATE_TLS_CA)")
+        if "permissions violation" in text.lower():
+            # 'nats: Permissions Violation for Publish to "lg.gate.decided.x"': keep the subject
+            subject = text.rpartition(" to ")[2].strip().strip('"')
+            self.denied.append(subject)
+            for waiting, fut in self._waiters:
+                if waiting == subject.lower() and not fut.done():
+                    fut.set_result(None)
+            # A refused publish raises NotAllowed to its caller; a refused subscription has no caller to tell.
+            log.log(logging.INFO if "for publish" in text.lower() else logging.WARNING, "%s: %s", self.name, text)
+        else:
+            log.debug("%s: NATS error %s", self.name, text)
+
+    def _bad_credentials(self) -> NotAllowed:
+        who = repr(self.auth.user) if self.auth.enabled else "a connection without credentials"
+        return NotAllowed(f"NATS at {self.url} refused the credentials of {who} (check --home or LOCKGATE_HOME, "
+                          "or LOCKGATE_NATS_USER and LOCKGATE_NATS_PASSWORD)")
+
+    def refused(self, subject: str, action: str = "publish to") -> NotAllowed | None:
+        """A NotAllowed error if the server refused `subject` to this connection, else None."""
+        if subject.lower() in (d.lower() for d in self.denied):  # nats-py lowercases the server's message
+            who = self.auth.user or "this connection"
+            return NotAllowed(f"{who!r} may not {action} {subject} (NATS permissions violation); "
+                              "from the CLI, a role that may: --role approver for reviews, operator for runs")
+        return None
 
     def include(self, consumers: Consumers) -> None:
         """Run a service's consumers on this bus (from the next `start`)."""
@@ -196,10 +246,26 @@ class Bus:
         if msg_id:
             hdrs["Nats-Msg-Id"] = msg_id
         telemetry.inject(hdrs)
+        if refused := self.refused(subject):  # permissions do not change while connected
+            raise refused
+        pub = asyncio.ensure_future(self.js.publish(subject, data, headers=hdrs, timeout=5))
+        if self.auth.enabled:
+            # A refused publish gets no acknowledgement, only an -ERR: wait for whichever comes
+            # first, so a permissions violation is reported at once instead of after the timeout.
+            denied = asyncio.get_running_loop().create_future()
+            self._waiters.append((subject.lower(), denied))
+            try:
+                await asyncio.wait({pub, denied}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self._waiters.remove((subject.lower(), denied))
+            if denied.done():
+                pub.cancel()
+                raise self.refused(subject) or NotAllowed(f"NATS refused a publish to {subject}")
         try:
-            return await self.js.publish(subject, data, headers=hdrs, timeout=5)
+            return await pub
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise BusUnavailable(f"JetStream did not acknowledge publish to {subject}: {exc!r}") from None
+            raise self.refused(subject) or BusUnavailable(
+                f"JetStream did not acknowledge publish to {subject}: {exc!r}") from None
 
     async def dead_letter(
         self,
@@ -230,6 +296,10 @@ class Bus:
         metrics.dead_letter(origin)
         log.warning("dead letter from %s on %s: %s", origin, subject, reason)
         await self.publish(self.subjects.dlq(origin), letter)
+
+
+def _is_auth_failure(exc: BaseException) -> bool:
+    return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower()
 
 
 class _PullLoop:

@@ -21,6 +21,7 @@ from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
+from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.errors import BusUnavailable, InvalidEvent, NotFound, SignatureError
 from lockgate.outbox import Outbox
 from lockgate.retry import RetryPolicy
@@ -120,9 +121,18 @@ class Client:
         max_attempts: int = 10,
         verify: bool = True,
         trusted_keys: list[str] | None = None,
+        user: str = "",
+        password: str = "",
+        creds_file: str = "",
+        tls_ca: str = "",
+        tls_cert: str = "",
+        tls_key: str = "",
         trust_file: str | None = None,
     ) -> None:
         self.nats_url = nats_url
+        # The application's NATS identity (`app` in `{home}/credentials/app.json`, or your own user).
+        self._auth = NatsAuth(user=user, password=password, creds_file=creds_file, tls_ca=tls_ca,
+                              tls_cert=tls_cert, tls_key=tls_key)
         self.subjects = Subjects(prefix)
         self.app = app
         self.tenant = tenant
@@ -178,13 +188,30 @@ class Client:
         """Connect to NATS and start publishing (events emitted before are sent now)."""
         try:
             self._nc = await nats.connect(
-                self.nats_url, name=f"lockgate-sdk-{self.app}", max_reconnect_attempts=-1, connect_timeout=5
+                self.nats_url, name=f"lockgate-sdk-{self.app}", max_reconnect_attempts=-1, connect_timeout=5,
+                error_cb=self._on_error, **self._auth.options(),
             )
-        except (OSError, nats.errors.Error) as exc:
+        except NotAllowed:
+            raise
+        except nats.errors.Error as exc:
+            if "authorization violation" in str(exc).lower() or isinstance(exc, nats.errors.AuthorizationError):
+                raise self._bad_credentials() from None
+            raise BusUnavailable(f"cannot reach NATS at {self.nats_url}: {exc}") from None
+        except OSError as exc:
             raise BusUnavailable(f"cannot reach NATS at {self.nats_url}: {exc}") from None
         self._js = self._nc.jetstream()
         self._outbox.start(self._js)
         self._started = True
+
+    def _bad_credentials(self) -> NotAllowed:
+        return NotAllowed(f"NATS at {self.nats_url} refused this application's credentials "
+                          "(pass user and password, or creds_file)")
+
+    async def _on_error(self, exc: Exception) -> None:
+        # Raised while connecting, it ends nats-py's connect loop, which retries bad credentials forever.
+        if self._nc is None and "authorization violation" in str(exc).lower():
+            raise self._bad_credentials()
+        log.debug("lockgate-sdk: NATS error %s", exc)
 
     async def close(self) -> None:
         """Publish everything buffered, wait for the acks, then disconnect."""

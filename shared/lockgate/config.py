@@ -15,6 +15,14 @@ class Settings(msgspec.Struct, kw_only=True):
     """Everything a service needs to know; the same code runs embedded or distributed."""
 
     nats_url: str = "nats://127.0.0.1:4222"
+    # NATS identity: explicit user/password or a .creds file; empty = {home}/credentials/<identity>.json
+    nats_user: str = ""
+    nats_password: str = ""
+    nats_creds: str = ""
+    # TLS for NATS (client side, and the embedded server's listener when cert and key are set)
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
     clickhouse_url: str = "chdb://./.lockgate/clickhouse"
     database: str = "lockgate"
     # operator SQL runs as this ClickHouse user (server mode: the read-only `lockgate_reader` of

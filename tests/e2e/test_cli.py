@@ -45,7 +45,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     env["E2E_ROUTER"] = endpoints["router"]
     env["E2E_SIM"] = endpoints["simulator"]
     env["E2E_HOME"] = str(home)
-    env["LOCKGATE_HOME"] = str(home)  # the CLI finds the API keys and the trust file `dev up` made there
+    env["LOCKGATE_HOME"] = str(home)  # the CLI finds the NATS credentials, API keys and trust file `dev up` made there
     yield env
     up.proc.send_signal(signal.SIGINT)
     assert up.proc.wait(60) == 0, up.output
@@ -116,6 +116,28 @@ def test_gate_explain_verify_and_review_commands(stack: dict[str, str], tmp_path
 
     refused = run("gate", "approve", "shop-v2-rc1", "--reason", "ship it", env=stack, check=False)
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
+
+
+def test_roles_bound_what_the_cli_may_do(stack: dict[str, str], tmp_path: Path) -> None:
+    # `up` says where the credentials are; they are private to the user who started it
+    creds = Path(stack["LOCKGATE_HOME"]) / "credentials"
+    assert (creds.stat().st_mode & 0o777) == 0o700
+    assert all((f.stat().st_mode & 0o777) == 0o600 for f in creds.iterdir())
+
+    # a viewer may query but not review: the server refuses the publish, and no decision follows
+    run("demo", "--router", stack["E2E_ROUTER"], "--sim", stack["E2E_SIM"], "--traffic", "20", env=stack)
+    before = json.loads(run("decisions", "--release", "shop-v2-rc1", "--json", env=stack).stdout)
+    refused = run("--role", "viewer", "gate", "reject", "shop-v2-rc1", "--reason", "x", "--timeout", "5",
+                  env=stack, check=False)
+    assert refused.returncode == 5, refused.stderr
+    assert "'viewer' may not publish" in refused.stderr and "Traceback" not in refused.stderr
+    after = json.loads(run("--role", "viewer", "decisions", "--release", "shop-v2-rc1", "--json", env=stack).stdout)
+    assert len(after) == len(before)
+
+    # without the home's credentials the stack refuses the CLI, and says where it looked
+    stranger = {**stack, "LOCKGATE_HOME": str(tmp_path)}
+    out = run("decisions", "--json", env=stranger, check=False)
+    assert out.returncode == 5 and "refused role 'viewer'" in out.stderr, out.stderr
 
 
 def test_keys_cli_and_router_authentication(stack: dict[str, str]) -> None:

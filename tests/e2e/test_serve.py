@@ -51,3 +51,42 @@ def test_serve_one_service_against_external_nats(nats_server: NatsServer, tmp_pa
     finally:
         served.proc.send_signal(signal.SIGINT)
         assert served.proc.wait(60) == 0, served.output
+
+
+def test_served_services_connect_as_themselves(tmp_path: Path, unique: str) -> None:
+    # A nats-server with users, as deploy/nats runs one; the served sink and query service find
+    # their own credentials under LOCKGATE_HOME, and the sink (allowed to) declares the streams.
+    from lockgate import credentials
+    from lockgate.config import Settings
+    from lockgate.server.natsserver import auth_config
+
+    server = NatsServer(tmp_path / "nats", config=auth_config(Subjects(unique), credentials.ensure(tmp_path)))
+    asyncio.run(server.start())
+    env = {**os.environ, "LOCKGATE_NATS_URL": server.url, "LOCKGATE_PREFIX": unique, "LOCKGATE_HOME": str(tmp_path),
+           "LOCKGATE_CLICKHOUSE_URL": f"chdb://{tmp_path / 'ch'}"}
+    served = Process([*LOCKGATE, "serve", "sink", "query"], env, "serving")
+    try:
+        assert served.started(60), served.output
+
+        async def publish_as_app() -> None:
+            app = credentials.for_identity(Settings(home=str(tmp_path)), "app")
+            bus = Bus(server.url, Subjects(unique), auth=app, manage_topology=False)
+            await bus.connect()
+            await bus.publish(bus.subjects.inference("shop"), [InferenceEvent(app="shop") for _ in range(5)])
+            await bus.close()
+
+        asyncio.run(publish_as_app())
+        deadline = time.monotonic() + 60
+        count = 0
+        while count < 5 and time.monotonic() < deadline:
+            # each call is a round trip to the served query service, as the viewer role
+            out = subprocess.run([*LOCKGATE, "sql", "SELECT count() AS n FROM inference_events", "--json"],
+                                 capture_output=True, text=True, env=env, timeout=60)
+            assert out.returncode == 0, out.stderr
+            count = json.loads(out.stdout)[0]["n"]
+        assert count == 5
+    finally:
+        served.proc.send_signal(signal.SIGINT)
+        assert served.proc.wait(60) == 0, served.output
+        server.stop()
+    assert "violation" not in served.output.lower(), served.output

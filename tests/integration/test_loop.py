@@ -19,14 +19,18 @@ from tests.helpers import eventually
 pytestmark = pytest.mark.timeout(240)
 
 
-async def test_release_goes_through_the_whole_loop(settings: Settings, bus) -> None:
+async def test_release_goes_through_the_whole_loop(settings: Settings) -> None:
     sim = SimServer(demo_sim_config())
     await sim.start()
-    runtime = Runtime(settings.replace(stable_upstream=sim.url, canary_upstream=sim.url),
-                      embedded_nats=False)
+    # Embedded as `lockgate up` runs: its own nats-server with a user per service, each service on
+    # a connection of its own, so every publish in the loop passes the permission table.
+    runtime = Runtime(settings.replace(stable_upstream=sim.url, canary_upstream=sim.url,
+                                       nats_url="nats://127.0.0.1:0"))
     await runtime.start()
     try:
         assert runtime.services is not None and runtime.ctx is not None
+        assert runtime.services["router"].ctx.bus.auth.user == "router"
+        bus = runtime.ctx.bus  # the admin connection, which can watch every subject
         store = runtime.ctx.store
         sink = runtime.services["sink"].handlers
         drift_sub = await bus.nc.subscribe(bus.subjects.drift(DEPLOYMENT))
@@ -91,6 +95,9 @@ async def test_release_goes_through_the_whole_loop(settings: Settings, bus) -> N
         router_span = next(s for s in spans if s["service"] == "lockgate-router")
         assert router_span["trace_id"] == trace_id
         assert any(s["service"] == "lockgate-sink" for s in spans)
+
+        # the permission table covers the whole loop: no service was refused anything
+        assert {b.name: b.denied for b in runtime.buses if b.denied} == {}
     finally:
         await runtime.stop()
         await sim.stop()

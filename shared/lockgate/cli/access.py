@@ -7,25 +7,27 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import click
 import nats
 import nats.errors
 
-from lockgate import queryclient
+from lockgate import credentials, queryclient
 from lockgate.bus import Bus
 from lockgate.codec import to_json
 from lockgate.config import Settings
+from lockgate.credentials import NotAllowed
 from lockgate.errors import StoreUnavailable
 from lockgate.subjects import Subjects
 
 T = TypeVar("T")
 
 
-def query(settings: Settings, name: str, direct: bool = False, **args: Any) -> Any:
+def query(settings: Settings, name: str, direct: bool = False, role: str = "viewer", **args: Any) -> Any:
     """Run a named query. chDB allows one process per data path, so while a stack runs the CLI asks
     its query service over NATS; with --clickhouse (or no stack running) it opens ClickHouse itself."""
     if not direct:
         with contextlib.suppress(_NoStack):
-            return asyncio.run(_over_nats(settings, name, args))
+            return asyncio.run(_over_nats(settings, name, args, chosen_role(role)))
     return _direct(settings, name, args)
 
 
@@ -50,11 +52,21 @@ def _direct(settings: Settings, name: str, args: dict[str, Any]) -> Any:
     return queryclient.decode_reply(to_json({"rows": rows}), name)
 
 
-def with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]]) -> T:
-    """Run `work` with a connected Bus (a short-lived CLI connection) and return its result."""
+def chosen_role(default: str) -> str:
+    """The role to connect as: `--role` / LOCKGATE_ROLE when given, else the command's default."""
+    ctx = click.get_current_context(silent=True)
+    explicit = ctx.find_root().obj.get("role") if ctx is not None and ctx.find_root().obj else None
+    return explicit or default
+
+
+def with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]], role: str = "viewer") -> T:
+    """Run `work` with a Bus connected as the chosen role (a short-lived CLI connection); `role` is the
+    command's default, the least it needs."""
+    role = chosen_role(role)
 
     async def run() -> T:
-        bus = Bus(settings.nats_url, Subjects(settings.prefix), name="lockgate-cli")
+        bus = Bus(settings.nats_url, Subjects(settings.prefix), name=f"lockgate-cli-{role}",
+                  auth=credentials.for_identity(settings, role), manage_topology=False)
         await bus.connect()
         try:
             return await work(bus)
@@ -64,15 +76,25 @@ def with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]]) -> T:
     return asyncio.run(run())
 
 
+async def _quiet(exc: Exception) -> None:
+    """nats-py logs a traceback for every connection error; the CLI reports them in one line instead."""
+
+
 class _NoStack(Exception):
     """Nothing answers queries at the NATS URL: fall back to opening ClickHouse directly."""
 
 
-async def _over_nats(settings: Settings, name: str, args: dict[str, Any]) -> Any:
+async def _over_nats(settings: Settings, name: str, args: dict[str, Any], role: str) -> Any:
+    auth = credentials.for_identity(settings, role)
     try:
         nc = await nats.connect(settings.nats_url, connect_timeout=1, max_reconnect_attempts=0,
-                                allow_reconnect=False)
-    except (TimeoutError, OSError, nats.errors.Error):
+                                allow_reconnect=False, error_cb=_quiet, **auth.options())
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        if "authorization violation" in str(exc).lower() or isinstance(exc, nats.errors.AuthorizationError):
+            # A stack runs but refuses us: say so, rather than falling back to opening ClickHouse.
+            where = credentials.directory(settings.home)
+            raise NotAllowed(f"NATS at {settings.nats_url} refused role {role!r}: no valid credentials in "
+                             f"{where} (pass --home DIR or LOCKGATE_HOME as given to `lockgate up`)") from None
         raise _NoStack from None
     try:
         return await queryclient.request(nc, Subjects(settings.prefix).query, name, args)

@@ -141,7 +141,8 @@ def register(cli: click.Group) -> None:
         @handle_errors
         def review(ctx: click.Context, release: str, reason: str, actor: str, timeout_s: float,
                    as_json: bool) -> None:
-            new = with_bus(ctx.obj["settings"], lambda bus: request_review(bus, release, action, actor, reason, timeout_s))
+            new = with_bus(ctx.obj["settings"],
+                           lambda bus: request_review(bus, release, action, actor, reason, timeout_s), role="approver")
             if as_json:
                 emit_json(new)
             else:

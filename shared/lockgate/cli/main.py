@@ -16,6 +16,7 @@ from lockgate.cli import access
 from lockgate.cli.render import err_console, output
 from lockgate.config import Settings, from_env
 from lockgate.errors import LockgateError
+from lockgate.permissions import ROLES
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -45,23 +46,29 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
                    "it reads ClickHouse directly instead of asking the running stack.")
 @click.option("--prefix", envvar="LOCKGATE_PREFIX", help="Subject prefix (default lg).")
 @click.option("--database", envvar="LOCKGATE_DATABASE", help="ClickHouse database (default lockgate).")
+@click.option("--home", envvar="LOCKGATE_HOME",
+              help="The stack's home (default ./.lockgate): `lockgate up --home DIR` keeps the NATS "
+                   "credentials in DIR/credentials, where the CLI finds them.")
+@click.option("--role", type=click.Choice(ROLES), envvar="LOCKGATE_ROLE",
+              help="The NATS identity the CLI uses: viewer (queries, status), operator (register, eval), "
+                   "approver (gate approve/reject), admin. Default: the least each command needs.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO.")
 @click.pass_context
 def cli(ctx: click.Context, nats_url: str | None, clickhouse_url: str | None, prefix: str | None,
-        database: str | None, verbose: bool) -> None:
+        database: str | None, home: str | None, role: str | None, verbose: bool) -> None:
     """lockgate: CI/CD and runtime governance for language-model applications."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = from_env().replace(nats_url=nats_url, clickhouse_url=clickhouse_url, prefix=prefix,
-                                      database=database)
+                                      database=database, home=home)
     except LockgateError as exc:
         err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     # Only an explicit --clickhouse means "read ClickHouse yourself"; the environment variable just
     # configures where the stack's ClickHouse lives.
     explicit = ctx.get_parameter_source("clickhouse_url") == click.core.ParameterSource.COMMANDLINE
-    ctx.obj = {"settings": settings, "direct": explicit}
+    ctx.obj = {"settings": settings, "direct": explicit, "role": role}
 
 
 def _query(ctx: click.Context, name: str, **args: Any) -> Any:

@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from lockgate import credentials
 from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console
 from lockgate.config import Settings
+from lockgate.permissions import ROLES
 
 if TYPE_CHECKING:
     from lockgate.server.runtime import Runtime
@@ -43,6 +45,10 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
         await runtime.start()
         console.print("[bold green]lockgate is up[/bold green] (embedded: nats-server + chDB + all services)")
         _print_endpoints(runtime.endpoints | (extra or {}))
+        home = runtime.settings.home  # absolute (embedded_settings)
+        console.print(f"  [bold]{'credentials':<11}[/bold] {credentials.directory(home)}  (NATS users, 0600: the "
+                      f"CLI finds them with --home {home} or LOCKGATE_HOME; roles "
+                      f"{', '.join(ROLES)}; SDK apps use app.json)", soft_wrap=True)
         # The router and the gRPC gateway take only API keys: make the first ones and say where they
         # are (files 0600; the keys themselves are never printed or logged).
         keys = bootstrap(settings.home, app=settings.app)
@@ -58,13 +64,15 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
     console.print("stopped cleanly.")
 
 
-def embedded_settings(settings: Settings, home: str, nats_port: int, router_port: int, grpc_port: int) -> Settings:
-    """Settings for `up`: ClickHouse beside JetStream's data under `home` unless configured."""
-    home_path = Path(home)
+def embedded_settings(settings: Settings, home: str | None, nats_port: int, router_port: int,
+                      grpc_port: int) -> Settings:
+    """Settings for `up`: ClickHouse beside JetStream's data under `home` (else the global --home or
+    LOCKGATE_HOME) unless configured; every listener on 127.0.0.1 unless LOCKGATE_HOST says otherwise."""
+    home_path = Path(home or settings.home)
     clickhouse = settings.clickhouse_url
     if clickhouse == Settings().clickhouse_url:  # not configured: keep it beside JetStream's data
         clickhouse = f"chdb://{(home_path / 'clickhouse').resolve()}"
-    return settings.replace(home=str(home_path), clickhouse_url=clickhouse, nats_url=f"nats://127.0.0.1:{nats_port}",
+    return settings.replace(home=str(home_path.resolve()), clickhouse_url=clickhouse, nats_url=f"nats://127.0.0.1:{nats_port}",
                             router_port=router_port, grpc_port=grpc_port)
 
 
@@ -74,7 +82,9 @@ _PORT_HELP = "0 picks a free port; the endpoints printed at start show the real 
 def up_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The options `up` and `dev up` share."""
     for option in reversed((
-        click.option("--home", default="./.lockgate", show_default=True, help="Where JetStream and chDB keep data."),
+        click.option("--home", default=None,
+                     help="Where JetStream, chDB and the NATS credentials live (default: the global --home, "
+                          "LOCKGATE_HOME, or ./.lockgate)."),
         click.option("--nats-port", default=4222, show_default=True, help=_PORT_HELP),
         click.option("--router-port", default=8080, show_default=True, help=_PORT_HELP),
         click.option("--grpc-port", default=50051, show_default=True, help=_PORT_HELP),
@@ -90,23 +100,39 @@ def register(cli: click.Group) -> None:
     @up_options
     @click.pass_context
     @handle_errors
-    def up(ctx: click.Context, home: str, nats_port: int, router_port: int, grpc_port: int) -> None:
+    def up(ctx: click.Context, home: str | None, nats_port: int, router_port: int, grpc_port: int) -> None:
         """Start the embedded stack: nats-server, chDB and every service in one process."""
         settings = embedded_settings(ctx.obj["settings"], home, nats_port, router_port, grpc_port)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_stack(settings))
 
+    @cli.command("nats-config")
+    @click.pass_context
+    @handle_errors
+    def nats_config(ctx: click.Context) -> None:
+        """Print users and permissions for a deployed nats-server (deploy/nats/auth.conf), passwords
+        from its environment: LOCKGATE_NATS_PASSWORD_<SERVICE or ROLE>."""
+        from lockgate.server.natsserver import deploy_auth_config
+        from lockgate.subjects import Subjects
+
+        click.echo(deploy_auth_config(Subjects(ctx.obj["settings"].prefix)), nl=False)
+
     @cli.command()
     @click.argument("services", nargs=-1, required=True)
     @click.option("--router-port", type=int, help="HTTP port of the router (0 picks a free one).")
     @click.option("--grpc-port", type=int, help="Port of the gateway's gRPC API (0 picks a free one).")
+    @click.option("--host", default="127.0.0.1", show_default=True,
+                  help="Address the router and gRPC API bind; containers pass 0.0.0.0 explicitly.")
     @click.pass_context
     @handle_errors
-    def serve(ctx: click.Context, services: tuple[str, ...], router_port: int | None, grpc_port: int | None) -> None:
+    def serve(ctx: click.Context, services: tuple[str, ...], router_port: int | None, grpc_port: int | None,
+              host: str) -> None:
         """Run SERVICES (sink, query, router, gateway, ...) against an external NATS (distributed mode).
 
         Only the sink and the query service open ClickHouse; on chDB, whose data path one process
-        owns, run them together: `lockgate serve sink query`.
+        owns, run them together: `lockgate serve sink query`. Each service connects to NATS as itself,
+        with HOME/credentials/NAME.json, or as LOCKGATE_NATS_USER with LOCKGATE_NATS_PASSWORD (or
+        LOCKGATE_NATS_CREDS) for all of them.
         """
         from lockgate.server.registry import factory
         from lockgate.server.runtime import Runtime
@@ -114,7 +140,7 @@ def register(cli: click.Group) -> None:
         for name in services:
             factory(name)  # an unknown name fails here with the list of services
 
-        settings: Settings = ctx.obj["settings"].replace(host="0.0.0.0", grpc_port=grpc_port,
+        settings: Settings = ctx.obj["settings"].replace(host=host, grpc_port=grpc_port,
                                                          router_port=router_port)
 
         async def run() -> None:

@@ -39,7 +39,8 @@ def register(cli: click.Group) -> None:
         """Register a file as an artifact version; prints its hash."""
         from lockgate import artifacts
 
-        event = with_bus(ctx.obj["settings"], lambda bus: artifacts.register_file(bus, kind, path, name=name))
+        event = with_bus(ctx.obj["settings"], lambda bus: artifacts.register_file(bus, kind, path, name=name),
+                         role="operator")
         row = {"kind": event.kind, "name": event.name, "hash": event.hash, "size": event.size}
         output([row], as_json)
 
@@ -65,7 +66,8 @@ def register(cli: click.Group) -> None:
             if not sep or "/" not in key or not value.startswith("sha256:"):
                 raise ConfigError(f"--artifact {pair!r} must look like kind/name=sha256:<hex>")
             arts[key] = value
-        with_bus(ctx.obj["settings"], lambda bus: artifacts.register_release(bus, name, app, arts, parent=parent))
+        with_bus(ctx.obj["settings"], lambda bus: artifacts.register_release(bus, name, app, arts, parent=parent),
+                 role="operator")
         console.print(f"release {name} recorded with {len(arts)} artifacts")
 
     @cli.group("eval")
@@ -89,7 +91,8 @@ def register(cli: click.Group) -> None:
                  policy_path: str | None, concurrency: int, timeout_s: float, as_json: bool) -> None:
         """Register a suite (and its JSONL dataset), run it through the evaluator, wait for the result."""
         result = with_bus(ctx.obj["settings"], lambda bus: _eval(
-            bus, Path(suite), candidate, baseline, endpoint, model, policy_path, concurrency, timeout_s))
+            bus, Path(suite), candidate, baseline, endpoint, model, policy_path, concurrency, timeout_s),
+            role="operator")
         if as_json:
             emit_json(result)
             return

@@ -40,11 +40,14 @@ def factory(name: str) -> Callable[[ServiceContext], Service]:
 class ServiceSet:
     """Services sharing one bus: their consumers included before the bus starts, stopped in reverse."""
 
-    def __init__(self, ctx: ServiceContext, names: list[str]) -> None:
+    def __init__(self, ctx: ServiceContext, names: list[str],
+                 contexts: dict[str, ServiceContext] | None = None) -> None:
         self.ctx = ctx
-        self.services = [factory(n)(ctx) for n in names]
+        # With NATS auth each service has a context of its own, whose bus connects as that service.
+        contexts = contexts or {}
+        self.services = [factory(n)(contexts.get(n, ctx)) for n in names]
         for svc in self.services:
-            ctx.bus.include(svc.consumers)
+            svc.ctx.bus.include(svc.consumers)
 
     def __getitem__(self, name: str) -> Service:
         for svc in self.services:
@@ -54,7 +57,8 @@ class ServiceSet:
 
     async def start(self) -> None:
         """Start consumers, then each service's servers and tasks."""
-        await self.ctx.bus.start()
+        for bus in dict.fromkeys([self.ctx.bus, *(svc.ctx.bus for svc in self.services)]):
+            await bus.start()
         for svc in self.services:
             await svc.start()
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from lockgate import metrics
+from lockgate import credentials, metrics
 from lockgate.bus import Bus
 from lockgate.config import Settings
-from lockgate.server.natsserver import NatsServer
+from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.server.registry import ServiceSet, available
 from lockgate.server.service import ServiceContext
 from lockgate.subjects import Subjects
@@ -27,6 +27,8 @@ log = logging.getLogger("lockgate.server.runtime")
 # The services that open ClickHouse: the sink writes it, the query service reads it. A process
 # hosting neither never imports the store (and so carries no chDB).
 STORE_OWNERS = frozenset({"sink", "query"})
+# The identities allowed to declare streams and buckets (see permissions.py).
+TOPOLOGY_OWNERS = frozenset({"admin", "sink"})
 
 
 class Runtime:
@@ -40,6 +42,7 @@ class Runtime:
         self.nats: NatsServer | None = None
         self.services: ServiceSet | None = None
         self.ctx: ServiceContext | None = None
+        self.buses: list[Bus] = []
         self._meters: MeterProvider | None = None
 
     async def start(self) -> None:
@@ -54,9 +57,15 @@ class Runtime:
         s = self.settings
         if self.embedded_nats:
             url = urlparse(s.nats_url)
+            # Users for every service, role and the SDK: generated once under the home, 0600.
+            passwords = credentials.ensure(s.home)
+            tls = bool(s.tls_cert and s.tls_key)
+            config = auth_config(Subjects(s.prefix), passwords, tls_cert=s.tls_cert, tls_key=s.tls_key,
+                                 tls_ca=s.tls_ca)
             # port 0 asks nats-server for a free one; the real URL replaces the setting below
             port = 4222 if url.port is None else url.port
-            self.nats = NatsServer(Path(s.home) / "nats", port=port, host=url.hostname or s.host)
+            self.nats = NatsServer(Path(s.home) / "nats", port=port, host=url.hostname or s.host, config=config,
+                                   tls=tls)
             await self.nats.start()
             self.settings = s = s.replace(nats_url=self.nats.url)
         # One MeterProvider per process; its service.name says which services the process hosts.
@@ -74,12 +83,31 @@ class Runtime:
             from lockgate.store import open_store
 
             store = await asyncio.to_thread(open_store, s.clickhouse_url, s.database)
-        bus = Bus(s.nats_url, Subjects(s.prefix), name="lockgate-" + "+".join(self.names))
-        await bus.connect()
+        subjects = Subjects(s.prefix)
+        # One connection per identity: each service publishes and subscribes as itself, so the
+        # server (not our code) stops the router from publishing a gate decision. Embedded, the
+        # process also holds the admin identity, used only to declare streams and export spans.
+        auths = {name: credentials.for_identity(s, name) for name in self.names}
+        main_identity = "admin" if self.embedded_nats else self.names[0]
+        main_auth = credentials.for_identity(s, main_identity)
+        main = Bus(s.nats_url, subjects, name="lockgate-" + "+".join(self.names), auth=main_auth,
+                   manage_topology=not main_auth.enabled or main_auth.user in TOPOLOGY_OWNERS)
+        self.buses.append(main)
+        await main.connect()
         telemetry = Telemetry(sample_ratio=s.trace_sample_ratio,
-                              exporter=NatsSpanExporter(bus, asyncio.get_running_loop()))
-        self.ctx = ServiceContext(bus=bus, store=store, telemetry=telemetry, settings=s)
-        self.services = ServiceSet(self.ctx, self.names)
+                              exporter=NatsSpanExporter(main, asyncio.get_running_loop()))
+        by_auth: dict[credentials.NatsAuth, Bus] = {main_auth: main}
+        contexts: dict[str, ServiceContext] = {}
+        for name in self.names:
+            bus = by_auth.get(auths[name])
+            if bus is None:
+                bus = by_auth[auths[name]] = Bus(s.nats_url, subjects, name=f"lockgate-{name}", auth=auths[name],
+                                                 manage_topology=False)
+                self.buses.append(bus)
+                await bus.connect()
+            contexts[name] = ServiceContext(bus=bus, store=store, telemetry=telemetry, settings=s)
+        self.ctx = ServiceContext(bus=main, store=store, telemetry=telemetry, settings=s)
+        self.services = ServiceSet(self.ctx, self.names, contexts)
         await self.services.start()
 
     @property
@@ -98,8 +126,11 @@ class Runtime:
             await self.services.stop()
         if self.ctx is not None:
             await self.ctx.telemetry.shutdown()  # the services' last spans, while the bus still publishes
+        for bus in reversed(self.buses):
             with contextlib.suppress(Exception):
-                await self.ctx.bus.close()
+                await bus.close()
+        self.buses.clear()
+        if self.ctx is not None:
             if self.ctx.store is not None:
                 self.ctx.store.close()
         if self._meters is not None:

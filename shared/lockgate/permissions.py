@@ -1,0 +1,167 @@
+"""Who may publish and subscribe on which NATS subjects: one identity per service, per CLI role and
+for SDK applications, derived from `subjects.py` so the table cannot drift from the names.
+
+Publishing is what the trust model guards: only the gatekeeper publishes gate decisions (and
+writes the gates and keys buckets), only the evaluator publishes eval completions, only an
+approver (or admin) publishes reviews, and an application publishes inference events and
+nothing else. Reading is granted per stream: a service that may read a stream may create
+consumers on it (JetStream cannot narrow a consumer's filter by permission).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lockgate.subjects import Subjects
+
+SERVICES = ("sink", "query", "gateway", "lineage", "evaluator", "gatekeeper", "router", "drift", "cost")
+ROLES = ("viewer", "operator", "approver", "admin")
+APP = "app"
+IDENTITIES = (*SERVICES, *ROLES, APP)
+
+
+@dataclass
+class Grant:
+    """Subjects one identity may publish to and subscribe on; `responses` lets it answer requests."""
+
+    publish: list[str] = field(default_factory=list)
+    subscribe: list[str] = field(default_factory=list)
+    responses: bool = False
+
+    def add(self, other: Grant) -> Grant:
+        """Merge another grant into this one (order kept, duplicates dropped)."""
+        self.publish = list(dict.fromkeys(self.publish + other.publish))
+        self.subscribe = list(dict.fromkeys(self.subscribe + other.subscribe))
+        self.responses = self.responses or other.responses
+        return self
+
+
+def inbox(identity: str) -> str:
+    """The reply-inbox prefix of an identity: replies to one identity cannot be read by another."""
+    return f"_INBOX.{identity}"
+
+
+def _base(identity: str) -> Grant:
+    # Every connection reads its own replies (requests, JetStream API, pull fetches, KV watches).
+    # STREAM.NAMES (names only) is how nats-py finds the stream behind an object-store subject.
+    return Grant(publish=["$JS.API.INFO", "$JS.API.STREAM.NAMES"], subscribe=[f"{inbox(identity)}.>"])
+
+
+def _read_stream(stream: str) -> Grant:
+    # Durable and ephemeral (ordered) consumers, pull fetches and acks on one stream; no stream deletes.
+    api = "$JS.API"
+    return Grant(publish=[
+        f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.MSG.GET.{stream}",
+        f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>",
+        f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>",
+        f"{api}.CONSUMER.DURABLE.CREATE.{stream}.*", f"{api}.CONSUMER.INFO.{stream}.*",
+        f"{api}.CONSUMER.MSG.NEXT.{stream}.*", f"$JS.ACK.{stream}.>",
+    ])
+
+
+def _consume_stream(stream: str) -> Grant:
+    # A consumer edge dead-letters an undecodable message and then deletes the original from its
+    # stream (bus.dead_letter purge), so the poison is not kept beside its scrubbed DLQ copy.
+    return _read_stream(stream).add(Grant(publish=[f"$JS.API.STREAM.MSG.DELETE.{stream}"]))
+
+
+def _read_kv(bucket: str) -> Grant:
+    # Ordered consumers behind watch() and keys() are deleted when they end or reset.
+    return _read_stream(f"KV_{bucket}").add(Grant(publish=[f"$JS.API.CONSUMER.DELETE.KV_{bucket}.*"]))
+
+
+def _write_kv(bucket: str) -> Grant:
+    return _read_kv(bucket).add(Grant(publish=[f"$KV.{bucket}.>"]))
+
+
+def _create_kv(bucket: str) -> Grant:
+    # Create-only is enforced by the KV create (expected last sequence 0), which JetStream checks;
+    # the permission is the bucket's put subject.
+    return _write_kv(bucket)
+
+
+def _read_objects(bucket: str) -> Grant:
+    return _read_stream(f"OBJ_{bucket}").add(Grant(publish=[f"$JS.API.CONSUMER.DELETE.OBJ_{bucket}.*"]))
+
+
+def _write_objects(bucket: str) -> Grant:
+    # A put replaces an object's earlier chunks with a subject purge.
+    return _read_objects(bucket).add(Grant(publish=[f"$O.{bucket}.>", f"$JS.API.STREAM.PURGE.OBJ_{bucket}"]))
+
+
+def _manage_topology(s: Subjects) -> Grant:
+    # Create/update lockgate's own streams and buckets (Bus.ensure_topology), nothing else.
+    names = [spec.name for spec in s.streams.values()]
+    names += [f"KV_{b}" for b in (s.kv_gates, s.kv_routes, s.kv_keys, s.kv_drift, s.kv_eval_runs, s.kv_releases,
+                                  s.kv_eval_cache)]
+    names.append(f"OBJ_{s.object_store}")
+    return Grant(publish=[f"$JS.API.STREAM.{op}.{n}" for n in names for op in ("CREATE", "UPDATE", "INFO")])
+
+
+def grant(s: Subjects, identity: str) -> Grant:
+    """The permissions of one identity under the prefix of `s`."""
+    st = {k: v.name for k, v in s.streams.items()}
+    # Every service may report its failures and its spans.
+    service = Grant(publish=[s.dlq_all, s.spans]).add(_read_kv(s.kv_keys))
+    g = _base(identity)
+    if identity == "admin":
+        return Grant(publish=[">"], subscribe=[">"], responses=True)
+    if identity == "sink":
+        g.add(service).add(_manage_topology(s))
+        # Every stream it projects into ClickHouse: inference, events, facts, spans, dead letters.
+        for stream in ("inference", "events", "facts", "telemetry", "dlq"):
+            g.add(_consume_stream(st[stream]))
+    elif identity == "query":
+        g.add(service).add(Grant(subscribe=[s.query], responses=True))
+    elif identity == "gateway":
+        g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_all]))
+    elif identity == "lineage":
+        # It binds each release name once (create-only KV) and publishes the edges as facts.
+        g.add(service).add(_consume_stream(st["events"])).add(_read_objects(s.object_store))
+        g.add(_create_kv(s.kv_releases)).add(Grant(publish=[s.lineage_edges, s.query]))
+    elif identity == "evaluator":
+        # It records each requested run (the gatekeeper decides only on those) and its cases as facts.
+        g.add(service).add(_consume_stream(st["events"])).add(_read_objects(s.object_store))
+        g.add(_write_kv(s.kv_eval_cache)).add(_write_kv(s.kv_eval_runs))
+        g.add(Grant(publish=[s.eval_completed, s.lineage_run, s.eval_cases, f"{s.prefix}.progress.eval.>", s.query]))
+    elif identity == "gatekeeper":
+        # It reads the evaluator's run records (not writes them) and publishes decisions and their audit rows.
+        g.add(service).add(_consume_stream(st["events"])).add(_read_objects(s.object_store))
+        g.add(_write_kv(s.kv_gates)).add(_write_kv(s.kv_keys)).add(_read_kv(s.kv_eval_runs))
+        g.add(Grant(publish=[s.gate_decided_all, s.gate_audit, s.query]))
+    elif identity == "router":
+        # Rollouts name releases only: it reads their bindings and bundles, never binds one.
+        g.add(service).add(_consume_stream(st["events"])).add(_read_kv(s.kv_gates)).add(_write_kv(s.kv_routes))
+        g.add(_read_kv(s.kv_releases)).add(_read_objects(s.object_store))
+        g.add(Grant(publish=[s.rollout_all, s.inference_all, s.query]))
+    elif identity == "drift":
+        g.add(service).add(_consume_stream(st["inference"])).add(_consume_stream(st["events"]))
+        g.add(_write_kv(s.kv_drift)).add(Grant(publish=[s.drift_all, s.query]))
+    elif identity == "cost":
+        g.add(service).add(_consume_stream(st["inference"])).add(Grant(publish=[s.cost_all, s.cost_ledger, s.query]))
+    elif identity == APP:
+        # The SDK: send inference events, read decisions and the keys that verify them.
+        g.add(_read_kv(s.kv_gates)).add(_read_kv(s.kv_keys)).add(Grant(publish=[s.inference_all]))
+    elif identity in ("viewer", "operator", "approver"):
+        g.add(_viewer(s))
+        if identity == "operator":
+            # `release create` binds the name itself (create-only KV) before announcing it.
+            g.add(_write_objects(s.object_store)).add(_create_kv(s.kv_releases)).add(Grant(
+                publish=[s.eval_requested, s.artifact_registered, s.release_registered],
+                subscribe=[s.eval_completed, f"{s.prefix}.progress.eval.>", s.gate_decided_all]))
+        if identity == "approver":
+            g.add(Grant(publish=[s.gate_review_all], subscribe=[s.gate_decided_all]))
+    else:
+        raise KeyError(identity)
+    return g
+
+
+def _viewer(s: Subjects) -> Grant:
+    # Named queries, decisions and keys, and the health of streams and consumers (`lockgate status`).
+    g = Grant(publish=[s.query])
+    for bucket in (s.kv_gates, s.kv_keys, s.kv_routes):
+        g.add(_read_kv(bucket))
+    for spec in s.streams.values():
+        g.add(Grant(publish=[f"$JS.API.STREAM.INFO.{spec.name}", f"$JS.API.CONSUMER.LIST.{spec.name}",
+                             f"$JS.API.CONSUMER.NAMES.{spec.name}"]))
+    return g

@@ -1,0 +1,237 @@
+"""NATS identities on a real nats-server configured as the embedded one is: no credentials, no
+connection; each identity publishes only its own facts, and a refused publish stores nothing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+
+from lockgate import credentials
+from lockgate.bus import Bus
+from lockgate.client import Client
+from lockgate.config import Settings
+from lockgate.contracts import EvalCompleted, GateDecided, GateReview, InferenceEvent
+from lockgate.credentials import NotAllowed
+from lockgate.errors import BusUnavailable
+from lockgate.server.natsserver import NatsServer, auth_config
+from lockgate.subjects import Subjects
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture
+async def secured(tmp_path: Path, unique: str) -> AsyncIterator[tuple[NatsServer, Settings, Bus]]:
+    """A nats-server with the users and permissions of this test's prefix, and an admin bus that
+    declared the streams (as the embedded runtime does)."""
+    settings = Settings(prefix=unique, home=str(tmp_path))
+    config = auth_config(Subjects(unique), credentials.ensure(tmp_path))
+    server = NatsServer(tmp_path / "nats", config=config)
+    await server.start()
+    settings = settings.replace(nats_url=server.url)
+    admin = await _bus(settings, "admin")
+    yield server, settings, admin
+    await admin.close()
+    server.stop()
+
+
+async def _bus(settings: Settings, identity: str) -> Bus:
+    bus = Bus(settings.nats_url, Subjects(settings.prefix), name=f"test-{identity}",
+              auth=credentials.for_identity(settings, identity), manage_topology=identity == "admin")
+    await bus.connect()
+    return bus
+
+
+async def _stored(admin: Bus, subject: str) -> int:
+    info = await admin.js.stream_info(admin.subjects.streams["events"].name, subjects_filter=subject)
+    return sum((info.state.subjects or {}).values())
+
+
+def _decision(release: str) -> GateDecided:
+    return GateDecided(release=release, decision="PASS", rules=[])
+
+
+def test_credentials_are_private_files(tmp_path: Path) -> None:
+    passwords = credentials.ensure(tmp_path)
+    assert credentials.ensure(tmp_path) == passwords  # generated once, then kept
+    assert (credentials.directory(tmp_path).stat().st_mode & 0o777) == 0o700
+    for path in credentials.directory(tmp_path).iterdir():
+        assert (path.stat().st_mode & 0o777) == 0o600, path
+    assert "password" not in repr(credentials.for_identity(Settings(home=str(tmp_path)), "router"))
+
+
+async def test_a_connection_without_credentials_is_refused(secured) -> None:
+    server, settings, _ = secured
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
+    with pytest.raises(NotAllowed, match="refused the credentials"):
+        bad = Bus(server.url, Subjects(settings.prefix), auth=credentials.NatsAuth(user="router", password="guess"))
+        await bad.connect()
+
+
+@pytest.mark.parametrize(("subject", "event"), [
+    (lambda s: s.gate_decided("shop-v2"), _decision("shop-v2")),
+    (lambda s: s.eval_completed, EvalCompleted(run_id="r1", release="shop-v2", suite="sha256:x")),
+    (lambda s: s.gate_review("shop-v2"), GateReview(release="shop-v2", action="approve", actor="me", reason="x")),
+], ids=["GateDecided", "EvalCompleted", "GateReview"])
+async def test_the_router_cannot_forge_gate_facts(secured, subject, event) -> None:
+    _, settings, admin = secured
+    router = await _bus(settings, "router")
+    try:
+        target = subject(router.subjects)
+        with pytest.raises(NotAllowed, match="'router' may not publish"):
+            await router.publish(target, event)
+        assert await _stored(admin, target) == 0  # nothing reached the stream
+        # the connection stays usable for what the router may do
+        await router.publish(router.subjects.rollout("shop"), _decision("x"), msg_id="rollout-probe")
+    finally:
+        await router.close()
+
+
+@pytest.mark.parametrize(("identity", "subject", "event"), [
+    ("gatekeeper", lambda s: s.gate_decided("shop-v2"), _decision("shop-v2")),
+    ("evaluator", lambda s: s.eval_completed, EvalCompleted(run_id="r1", release="shop-v2", suite="sha256:x")),
+    ("approver", lambda s: s.gate_review("shop-v2"), GateReview(release="shop-v2", action="approve", actor="a",
+                                                                  reason="ok")),
+])
+async def test_only_the_owner_publishes_each_fact(secured, identity, subject, event) -> None:
+    _, settings, admin = secured
+    owner = await _bus(settings, identity)
+    try:
+        await owner.publish(subject(owner.subjects), event)
+        assert await _stored(admin, subject(owner.subjects)) == 1
+    finally:
+        await owner.close()
+
+
+async def test_viewer_cannot_review_and_operator_cannot_decide(secured) -> None:
+    _, settings, admin = secured
+    for identity, subject in (("viewer", admin.subjects.gate_review("shop-v2")),
+                              ("operator", admin.subjects.gate_decided("shop-v2"))):
+        bus = await _bus(settings, identity)
+        try:
+            with pytest.raises(NotAllowed):
+                await bus.publish(subject, GateReview(release="shop-v2", action="approve", actor="x", reason="x"))
+            assert await _stored(admin, subject) == 0
+        finally:
+            await bus.close()
+
+
+async def test_an_sdk_application_sends_inference_events_only(secured) -> None:
+    _, settings, admin = secured
+    app = credentials.for_identity(settings, "app")
+    async with Client(settings.nats_url, prefix=settings.prefix, app="shop", user=app.user,
+                      password=app.password) as client:
+        assert client.emit(InferenceEvent(app="shop"))
+        await client.flush()
+    info = await admin.js.stream_info(admin.subjects.streams["inference"].name)
+    assert info.state.messages == 1
+    bus = Bus(settings.nats_url, admin.subjects, auth=app, manage_topology=False)
+    await bus.connect()
+    try:
+        with pytest.raises(NotAllowed):
+            await bus.publish(bus.subjects.gate_decided("shop-v2"), _decision("shop-v2"))
+    finally:
+        await bus.close()
+
+
+def _tls_files(where: Path) -> tuple[str, str, str]:
+    """A CA and a server certificate for 127.0.0.1, written as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(name: str, key, issuer_name: str, issuer_key, ca: bool) -> x509.Certificate:
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+             .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(hours=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                                critical=False)
+        return b.sign(issuer_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("lockgate test CA", ca_key, "lockgate test CA", ca_key, True)
+    server = cert("127.0.0.1", server_key, "lockgate test CA", ca_key, False)
+    paths = (where / "ca.pem", where / "server.pem", where / "server.key")
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(server_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    return tuple(str(p) for p in paths)  # type: ignore[return-value]
+
+
+async def test_tls_is_configurable_for_server_and_clients(tmp_path: Path, unique: str) -> None:
+    ca, cert, key = _tls_files(tmp_path)
+    config = auth_config(Subjects(unique), credentials.ensure(tmp_path), tls_cert=cert, tls_key=key)
+    server = NatsServer(tmp_path / "nats", config=config, tls=True)
+    await server.start()
+    try:
+        assert server.url.startswith("tls://")
+        settings = Settings(prefix=unique, home=str(tmp_path), nats_url=server.url, tls_ca=ca)
+        admin = await _bus(settings, "admin")  # verifies the server against the configured CA
+        await admin.close()
+        # without the CA the server's certificate is not trusted: no connection
+        plain = credentials.for_identity(settings.replace(tls_ca=""), "admin").options()
+        with pytest.raises((OSError, nats.errors.Error)):
+            await nats.connect(server.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5,
+                               **plain)
+        with pytest.raises(BusUnavailable, match="TLS to NATS"):  # and the bus says so instead of retrying
+            await _bus(settings.replace(tls_ca=""), "admin")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("owner", "subject"), [
+    # a run record the gatekeeper trusts, a release binding, and the facts the sink projects
+    ("evaluator", lambda s: f"$KV.{s.kv_eval_runs}.r1"),
+    ("lineage", lambda s: f"$KV.{s.kv_releases}.shop-v2"),
+    ("gatekeeper", lambda s: s.gate_audit),
+    ("evaluator", lambda s: s.eval_cases),
+    ("lineage", lambda s: s.lineage_edges),
+    ("cost", lambda s: s.cost_ledger),
+], ids=["eval_runs", "releases", "gate_audit", "eval_cases", "lineage_edges", "cost_ledger"])
+async def test_the_router_cannot_forge_run_records_bindings_or_facts(secured, owner, subject) -> None:
+    _, settings, admin = secured
+    router, writer = await _bus(settings, "router"), await _bus(settings, owner)
+    try:
+        target = subject(router.subjects)
+        with pytest.raises(NotAllowed, match="'router' may not publish"):
+            await router.publish(target, b"{}", msg_id="forged")
+        stream = f"KV_{target.split('.')[1]}" if target.startswith("$KV.") else admin.subjects.streams["facts"].name
+        info = await admin.js.stream_info(stream)
+        assert info.state.messages == 0  # nothing was stored
+        await writer.publish(target, b"{}", msg_id="owned")  # the owner may
+        assert (await admin.js.stream_info(stream)).state.messages == 1
+    finally:
+        await router.close()
+        await writer.close()
+
+
+async def test_a_consumer_may_delete_a_dead_lettered_original_and_the_router_may_not(secured) -> None:
+    # The consumer edge deletes an undecodable message from its stream once it is parked in the
+    # DLQ (bus.dead_letter purge); without the grant the poison would silently stay beside its copy.
+    _, settings, admin = secured
+    stream = admin.subjects.streams["inference"].name
+    ack = await admin.publish(admin.subjects.inference("shop"), b"{broken", msg_id="poison")
+    router, sink = await _bus(settings, "router"), await _bus(settings, "sink")
+    try:
+        with pytest.raises((nats.errors.Error, TimeoutError)):
+            await router.js.delete_msg(stream, ack.seq)  # the router consumes events, not inference
+        assert (await admin.js.stream_info(stream)).state.messages == 1
+        await sink.js.delete_msg(stream, ack.seq)
+        assert (await admin.js.stream_info(stream)).state.messages == 0
+    finally:
+        await router.close()
+        await sink.close()

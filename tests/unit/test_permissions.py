@@ -1,0 +1,63 @@
+"""The permission table: who may publish each fact, and the deployed config kept in step with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lockgate.permissions import IDENTITIES, grant
+from lockgate.server.natsserver import deploy_auth_config
+from lockgate.subjects import Subjects
+
+S = Subjects("lg")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: `*` one token, `>` the rest."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, tok in enumerate(p):
+        if tok == ">":
+            return len(s) > i
+        if i >= len(s) or (tok != "*" and tok != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+def may_publish(identity: str, subject: str) -> bool:
+    return any(matches(p, subject) for p in grant(S, identity).publish)
+
+
+FACTS = {
+    S.gate_decided("shop-v2"): {"gatekeeper", "admin"},
+    S.eval_completed: {"evaluator", "admin"},
+    S.gate_review("shop-v2"): {"approver", "admin"},
+    "$KV.lg_gates.shop-v2": {"gatekeeper", "admin"},
+    "$KV.lg_keys.k1": {"gatekeeper", "admin"},
+    S.eval_requested: {"operator", "admin"},
+    "$JS.API.STREAM.DELETE.LG_EVENTS": {"admin"},
+    "$JS.API.STREAM.PURGE.LG_EVENTS": {"admin"},
+}
+
+
+@pytest.mark.parametrize("subject", sorted(FACTS))
+def test_only_the_owner_may_publish(subject: str) -> None:
+    assert {i for i in IDENTITIES if may_publish(i, subject)} == FACTS[subject]
+
+
+def test_an_application_publishes_inference_only() -> None:
+    facts = [p for p in grant(S, "app").publish if not p.startswith("$JS.")]
+    assert facts == [S.inference_all]
+
+
+def test_replies_stay_private_to_each_identity() -> None:
+    for identity in IDENTITIES:
+        if identity != "admin":
+            assert grant(S, identity).subscribe[0] == f"_INBOX.{identity}.>"
+            assert not any(matches(p, "_INBOX.router.x") for p in grant(S, identity).subscribe) or identity == "router"
+
+
+def test_the_deployed_nats_config_is_generated_from_the_table() -> None:
+    committed = (ROOT / "deploy" / "nats" / "auth.conf").read_text()
+    assert committed == deploy_auth_config(S), "regenerate: lockgate nats-config > deploy/nats/auth.conf"
