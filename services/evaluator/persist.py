@@ -7,7 +7,7 @@ import contextlib
 import json
 import logging
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from lockgate.batcher import Batcher
 from lockgate.bus import Bus
@@ -17,9 +17,6 @@ from lockgate.ids import derived_id
 from lockgate.queryclient import ask, ask_pages
 from lockgate.retry import RetryPolicy
 from lockgate.services.evaluator import domain
-
-if TYPE_CHECKING:  # the store module loads clickhouse-connect; this process only holds a handle
-    pass
 
 log = logging.getLogger("lockgate.evaluator.persist")
 

@@ -122,10 +122,9 @@ async def bind_release(bus: Bus, bundle: dict[str, Any]) -> str:
         await kv.create(token(release), value)
         return content_hash(value)
     except nats.js.errors.KeyWrongLastSequenceError:
-        pass
+        bound = (await kv.get(token(release))).value or b""  # already bound: to the same content?
     except nats.errors.Error as exc:
         raise BusUnavailable(f"cannot bind release {release!r}: {exc!r}") from None
-    bound = (await kv.get(token(release))).value or b""
     if bound != value:
         raise ReleaseConflict(
             f"release {release!r} is already registered with other content (bundle {content_hash(bound)}, "

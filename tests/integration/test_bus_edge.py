@@ -197,10 +197,13 @@ async def test_unordered_consumer_runs_at_most_max_workers_at_once(bus: Bus) -> 
 
 
 def test_ordered_with_several_workers_is_refused(bus: Bus) -> None:
+    async def handler(value: object, delivery: object) -> None:
+        return None
+
     with pytest.raises(ValueError, match="ordered"):
         consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference",
                 durable=bus.subjects.durable("test", "bad"), wire_type=InferenceEvent, origin="test",
-                handler=lambda v, d: asyncio.sleep(0), max_workers=4)
+                handler=handler, max_workers=4)
 
 
 async def test_stop_finishes_the_handler_in_flight_and_acks_it(bus: Bus) -> None:
