@@ -234,6 +234,8 @@ class GrpcServer:
             if tls is not None:
                 bound = server.add_secure_port(f"{self.host}:{self.port}", tls)
             else:
+                # Plaintext only without a certificate; the host is 127.0.0.1 unless the operator asks for
+                # more, and every call still needs an API key (tests: UNAUTHENTICATED, TLS refuses plaintext).
                 bound = server.add_insecure_port(f"{self.host}:{self.port}")
         except RuntimeError:
             bound = 0

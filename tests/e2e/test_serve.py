@@ -24,6 +24,21 @@ pytestmark = pytest.mark.timeout(180)
 LOCKGATE = [sys.executable, "-m", "lockgate.cli"]
 
 
+def _stored_count(env: dict[str, str], expected: int) -> int:
+    """Rows in inference_events, asked with `lockgate sql` until `expected` show up or 60 s pass.
+
+    Each call is a round trip to the served query service, which answers from the chDB it shares with
+    the sink (one process per chDB path)."""
+    deadline = time.monotonic() + 60
+    count = 0
+    while count < expected and time.monotonic() < deadline:
+        out = subprocess.run([*LOCKGATE, "sql", "SELECT count() AS n FROM inference_events", "--json"],
+                             capture_output=True, text=True, env=env, timeout=60)
+        assert out.returncode == 0, out.stderr
+        count = json.loads(out.stdout)[0]["n"]
+    return count
+
+
 def test_serve_one_service_against_external_nats(nats_server: NatsServer, tmp_path: Path, unique: str) -> None:
     env = {**os.environ, "LOCKGATE_NATS_URL": nats_server.url, "LOCKGATE_PREFIX": unique,
            "LOCKGATE_CLICKHOUSE_URL": f"chdb://{tmp_path / 'ch'}"}
@@ -38,16 +53,7 @@ def test_serve_one_service_against_external_nats(nats_server: NatsServer, tmp_pa
             await bus.close()
 
         asyncio.run(publish())
-        deadline = time.monotonic() + 60
-        count = 0
-        while count < 25 and time.monotonic() < deadline:
-            # each CLI call is a round trip to the served query service, which answers from the chDB it
-            # shares with the sink (one process per chDB path)
-            out = subprocess.run([*LOCKGATE, "sql", "SELECT count() AS n FROM inference_events", "--json"],
-                                 capture_output=True, text=True, env=env, timeout=60)
-            assert out.returncode == 0, out.stderr
-            count = json.loads(out.stdout)[0]["n"]
-        assert count == 25
+        assert _stored_count(env, 25) == 25
     finally:
         served.proc.send_signal(signal.SIGINT)
         assert served.proc.wait(60) == 0, served.output
@@ -76,15 +82,7 @@ def test_served_services_connect_as_themselves(tmp_path: Path, unique: str) -> N
             await bus.close()
 
         asyncio.run(publish_as_app())
-        deadline = time.monotonic() + 60
-        count = 0
-        while count < 5 and time.monotonic() < deadline:
-            # each call is a round trip to the served query service, as the viewer role
-            out = subprocess.run([*LOCKGATE, "sql", "SELECT count() AS n FROM inference_events", "--json"],
-                                 capture_output=True, text=True, env=env, timeout=60)
-            assert out.returncode == 0, out.stderr
-            count = json.loads(out.stdout)[0]["n"]
-        assert count == 5
+        assert _stored_count(env, 5) == 5  # asked as the viewer role
     finally:
         served.proc.send_signal(signal.SIGINT)
         assert served.proc.wait(60) == 0, served.output
