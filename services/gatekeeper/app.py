@@ -1,10 +1,12 @@
-"""Gatekeeper wiring: durable consumers on `eval.completed` and `gate.review.>`, and the signing key."""
+"""Gatekeeper wiring: durable consumers on `eval.completed`, `gate.review.>` and `audit.>` (the audit
+chainer), and the signing key."""
 
 from __future__ import annotations
 
 from lockgate.bus import consume
-from lockgate.contracts import EvalCompleted, GateReview
+from lockgate.contracts import AuditEntry, EvalCompleted, GateReview
 from lockgate.server.service import Service, ServiceContext
+from lockgate.services.gatekeeper.chain import Chainer
 from lockgate.services.gatekeeper.handlers import GateHandlers
 from lockgate.signing import Signer, default_key_path
 
@@ -25,6 +27,11 @@ class Gatekeeper(Service):
         consume(ctx.bus, self.consumers, subject=s.gate_review_all, stream="events",
                 durable=s.durable("gatekeeper", "reviews"), wire_type=GateReview, origin="gatekeeper",
                 handler=self.handlers.on_review, ack_wait_s=ctx.settings.ack_wait_s)
+        # The key that signs decisions also signs the audit chain; one entry in flight keeps it in order.
+        self.chainer = Chainer(ctx, self.signer)
+        consume(ctx.bus, self.consumers, subject=s.audit_all, stream="audit",
+                durable=s.durable("gatekeeper", "audit"), wire_type=AuditEntry, origin="gatekeeper",
+                handler=self.chainer.on_entry, ack_wait_s=ctx.settings.ack_wait_s, max_ack_pending=1)
 
     async def start(self) -> None:
         """Copy the public key to KV for information (consumers trust only their trust file)."""

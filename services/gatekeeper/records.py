@@ -6,14 +6,18 @@ from __future__ import annotations
 import nats.errors
 import nats.js.errors
 
+from lockgate import auditlog
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateAudited, GateDecided
 from lockgate.errors import BusUnavailable, InvalidEvent
+from lockgate.ids import derived_id
 from lockgate.queryclient import ask
 from lockgate.server.service import ServiceContext
 from lockgate.subjects import token
 
 _decided: Codec[GateDecided] = Codec(GateDecided)
+# The hash-chained audit log's kind of each gate action (approvals and rejections are reviews).
+_KINDS = {"decided": "decision", "refused": "refusal", "override": "override"}
 
 
 class Records:
@@ -25,7 +29,8 @@ class Records:
 
     async def audit(self, decision: GateDecided, *, action: str, actor: str, key: str,
                     reason: str | None = None) -> None:
-        """Publish one audit row for the sink (deduplicated by `key` on redelivery)."""
+        """Publish one audit row for the sink and one entry of the chained audit log (both deduplicated by
+        `key` on redelivery)."""
         row = GateAudited(
             id=decision.id, time=decision.time, release=decision.release, action=action, actor=actor,
             decision=decision.decision, eval_run=decision.eval_run, policy=decision.policy,
@@ -33,6 +38,12 @@ class Records:
             reason=decision.reason if reason is None else reason, signature=decision.signature,
             key_id=decision.key_id, tenant=decision.tenant, source="gatekeeper", trace_id=decision.trace_id)
         await self.ctx.bus.publish(self.ctx.bus.subjects.gate_audit, row, msg_id=f"audit-{key}")
+        await auditlog.record(
+            self.ctx.bus, "gatekeeper", kind=_KINDS.get(action, "review"), actor=actor, target=decision.release,
+            action=action, reason=row.reason, tenant=decision.tenant, entry_id=derived_id("audit-entry", key),
+            trace_id=decision.trace_id, details={"decision": decision.decision, "decision_id": decision.id,
+                                                 "eval_run": decision.eval_run, "policy": decision.policy,
+                                                 "signed_by": decision.key_id})
 
     async def announce(self, decision: GateDecided, *, key: str) -> None:
         """Make the decision current in KV, then publish it."""

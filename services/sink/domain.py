@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from lockgate.contracts import (
     ArtifactRegistered,
+    AuditRecord,
     CostLedger,
     DriftReport,
     EvalCasesRecorded,
@@ -51,6 +52,7 @@ FACTS: tuple[Projection, ...] = (
     Projection(tables.ROLLOUT_EVENTS, lambda s: s.rollout_all, "events", RolloutState),
     Projection(tables.DRIFT_REPORTS, lambda s: s.drift_all, "events", DriftReport),
     Projection(tables.COST_LEDGER, lambda s: s.cost_ledger, "facts", CostLedger, check="redelivered"),
+    Projection(tables.AUDIT_LOG, lambda s: s.audit_records, "facts", AuditRecord),
 )
 
 INFERENCE = Projection(tables.INFERENCE_EVENTS, lambda s: s.inference_all, "inference",

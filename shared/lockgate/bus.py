@@ -217,6 +217,8 @@ class Bus:
         await self.js.create_key_value(bucket=self.subjects.kv_releases, history=1)
         # Cached upstream responses expire so a stale answer never outlives a model update for long.
         await self.js.create_key_value(bucket=self.subjects.kv_eval_cache, history=1, ttl=7 * 24 * 3600)
+        # The audit chain's head; its history lets an operator see the last few heads.
+        await self.js.create_key_value(bucket=self.subjects.kv_audit, history=10)
         await self.js.create_object_store(bucket=self.subjects.object_store)
 
     async def kv(self, bucket: str) -> Any:
@@ -431,12 +433,15 @@ def consume(
     ack_wait_s: float = 30.0,
     max_workers: int = 1,
     ordered: bool = True,
+    max_ack_pending: int | None = None,
 ) -> ConsumerSpec:
     """Register a durable pull consumer whose handler gets decoded Structs.
 
     With `ordered` (the default) the handler sees messages one by one in stream order, which
     stateful handlers (rollouts, drift windows, gate decisions) rely on; otherwise up to
-    `max_workers` messages run concurrently, in no guaranteed order.
+    `max_workers` messages run concurrently, in no guaranteed order. `max_ack_pending=1` makes the
+    order hold across replicas sharing the durable: the server hands out the next message only once
+    the previous one is settled.
 
     The edge owns acknowledgement: undecodable -> DLQ + ack; Retryable -> nack with backoff
     (DLQ after max_deliver); any other failure -> DLQ + ack, so one bad message never stops
@@ -502,6 +507,7 @@ def consume(
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=ack_wait_s,
             max_deliver=max_deliver + 1,
+            max_ack_pending=max_ack_pending,
         ),
         batch_size=max(1, batch_size),
         max_workers=max(1, max_workers),

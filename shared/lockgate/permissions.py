@@ -93,7 +93,7 @@ def _manage_topology(s: Subjects) -> Grant:
     # Create/update lockgate's own streams and buckets (Bus.ensure_topology), nothing else.
     names = [spec.name for spec in s.streams.values()]
     names += [f"KV_{b}" for b in (s.kv_gates, s.kv_routes, s.kv_keys, s.kv_drift, s.kv_eval_runs, s.kv_releases,
-                                  s.kv_eval_cache)]
+                                  s.kv_eval_cache, s.kv_audit)]
     names.append(f"OBJ_{s.object_store}")
     return Grant(publish=[f"$JS.API.STREAM.{op}.{n}" for n in names for op in ("CREATE", "UPDATE", "INFO")])
 
@@ -129,11 +129,15 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(_consume_stream(st["events"])).add(_read_objects(s.object_store))
         g.add(_write_kv(s.kv_gates)).add(_write_kv(s.kv_keys)).add(_read_kv(s.kv_eval_runs))
         g.add(Grant(publish=[s.gate_decided_all, s.gate_audit, s.query]))
+        # It chains the audit log: reads every identity's entries, keeps the head, publishes the signed rows.
+        g.add(_consume_stream(st["audit"])).add(_write_kv(s.kv_audit))
+        g.add(Grant(publish=[s.audit("gatekeeper"), s.audit_records]))
     elif identity == "router":
         # Rollouts name releases only: it reads their bindings and bundles, never binds one.
         g.add(service).add(_consume_stream(st["events"])).add(_read_kv(s.kv_gates)).add(_write_kv(s.kv_routes))
         g.add(_read_kv(s.kv_releases)).add(_read_objects(s.object_store))
         g.add(Grant(publish=[s.rollout_all, s.inference_all, s.query]))
+        g.add(Grant(publish=[s.audit("router")]))  # its manual rollout actions and overrides, as itself
     elif identity == "drift":
         g.add(service).add(_consume_stream(st["inference"])).add(_consume_stream(st["events"]))
         g.add(_write_kv(s.kv_drift)).add(Grant(publish=[s.drift_all, s.query]))
@@ -149,6 +153,7 @@ def grant(s: Subjects, identity: str) -> Grant:
             g.add(_write_objects(s.object_store)).add(_create_kv(s.kv_releases)).add(Grant(
                 publish=[s.eval_requested, s.artifact_registered, s.release_registered],
                 subscribe=[s.eval_completed, f"{s.prefix}.progress.eval.>", s.gate_decided_all]))
+            g.add(Grant(publish=[s.audit("operator")]))  # key changes made from the CLI, recorded as itself
         if identity == "approver":
             g.add(Grant(publish=[s.gate_review_all], subscribe=[s.gate_decided_all]))
     else:
@@ -159,7 +164,7 @@ def grant(s: Subjects, identity: str) -> Grant:
 def _viewer(s: Subjects) -> Grant:
     # Named queries, decisions and keys, and the health of streams and consumers (`lockgate status`).
     g = Grant(publish=[s.query])
-    for bucket in (s.kv_gates, s.kv_keys, s.kv_routes):
+    for bucket in (s.kv_gates, s.kv_keys, s.kv_routes, s.kv_audit):  # kv_audit: `audit verify` checks the tail
         g.add(_read_kv(bucket))
     for spec in s.streams.values():
         g.add(Grant(publish=[f"$JS.API.STREAM.INFO.{spec.name}", f"$JS.API.CONSUMER.LIST.{spec.name}",

@@ -94,6 +94,10 @@ class Signer:
         sig = self._private.sign(canonical(unsigned))
         return msgspec.structs.replace(unsigned, signature=base64.b64encode(sig).decode())
 
+    def sign_bytes(self, data: bytes) -> str:
+        """A base64 Ed25519 signature over `data` (audit rows sign their chain hash)."""
+        return base64.b64encode(self._private.sign(data)).decode()
+
 
 class Keyring:
     """Trusted public keys by key id, and revoked ids; `verify` raises SignatureError unless a decision checks out."""
@@ -194,6 +198,23 @@ class Keyring:
             raise SignatureError(f"signature invalid: decision {decision.id} for {decision.release} does not "
                                  f"match its signature by key {decision.key_id} (altered after signing?)") from None
         return decision.key_id
+
+    def verify_bytes(self, kid: str, data: bytes, signature: str, what: str) -> str:
+        """Check a signature over `data` by key `kid`; returns the key id or raises SignatureError naming `what`."""
+        if not signature:
+            raise SignatureError(f"signature invalid: {what} is not signed")
+        if kid in self.revoked:
+            raise SignatureError(f"signature invalid: {what} was signed by revoked key id {kid!r}")
+        public = self.keys.get(kid)
+        if public is None:
+            known = ", ".join(sorted(self.keys)) or "none"
+            raise SignatureError(f"signature invalid: {what} was signed by unknown key id {kid!r} "
+                                 f"(trusted: {known}; from {self.source or 'no trust roots'})")
+        try:
+            public.verify(base64.b64decode(signature, validate=True), data)
+        except (InvalidSignature, binascii.Error, ValueError):
+            raise SignatureError(f"signature invalid: {what} does not match its signature by key {kid}") from None
+        return kid
 
 
 class TrustFile(msgspec.Struct, forbid_unknown_fields=True):

@@ -85,6 +85,8 @@ class Subjects:
                 "facts": StreamSpec(f"{s}_FACTS", (f"{p}.fact.>",)),
                 "telemetry": StreamSpec(f"{s}_TELEMETRY", (f"{p}.telemetry.>",), max_age_s=24 * 3600),
                 "dlq": StreamSpec(f"{s}_DLQ", (f"{p}.dlq.>",), max_age_s=30 * 24 * 3600),
+                # Entries waiting for the audit chainer (the gatekeeper); kept long enough to outlast an outage.
+                "audit": StreamSpec(f"{s}_AUDIT", (f"{p}.audit.>",), max_age_s=30 * 24 * 3600),
             },
         )
 
@@ -184,6 +186,19 @@ class Subjects:
         return f"{self.prefix}.fact.cost_ledger"
 
     @property
+    def audit_records(self) -> str:
+        """Rows of the hash-chained audit log (AuditRecord), published by the chainer for the sink."""
+        return f"{self.prefix}.fact.audit"
+
+    def audit(self, identity: str) -> str:
+        """Where `identity` asks for an audit entry (AuditEntry); permissions let each identity publish only its own."""
+        return f"{self.prefix}.audit.{token(identity)}"
+
+    @property
+    def audit_all(self) -> str:
+        return f"{self.prefix}.audit.>"
+
+    @property
     def spans(self) -> str:
         return f"{self.prefix}.telemetry.spans"
 
@@ -234,6 +249,11 @@ class Subjects:
     def kv_releases(self) -> str:
         """Release name -> its immutable bundle (create-only: a name is bound to one content forever)."""
         return f"{self.prefix}_releases"
+
+    @property
+    def kv_audit(self) -> str:
+        """The audit chain's head (key `head`: the last AuditRecord), written only with compare-and-set."""
+        return f"{self.prefix}_audit"
 
     @property
     def object_store(self) -> str:

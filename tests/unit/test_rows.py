@@ -11,6 +11,7 @@ import pytest
 
 from lockgate.contracts import (
     ArtifactRegistered,
+    AuditRecord,
     CostEntry,
     CostLedger,
     DeadLetter,
@@ -76,6 +77,9 @@ SAMPLE_ROWS: dict[str, tuple[list[Any], dict[str, list[Any]]]] = {
     "cost_ledger": ([CostLedger(price_book="sha256:pb", entries=[
         CostEntry(event_id="e1", time=NOW, tenant="acme", app="shop", model="m", cost_usd=0.5, priced=True),
         CostEntry(event_id="e2", time=NOW, tenant="acme", app="shop")])], {}),
+    "audit_log": ([AuditRecord(seq=1, producer="router", kind="rollout", actor="apikey:k1", target="web",
+                               action="promote", details={"canary": "r1"}, hash="sha256:1", key_id="k",
+                               signature="c2ln")], {}),
 }
 
 

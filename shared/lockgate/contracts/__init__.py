@@ -14,6 +14,7 @@ from lockgate.contracts.artifacts import (
     LineageRun,
     ReleaseRegistered,
 )
+from lockgate.contracts.audit import AuditEntry, AuditKind, AuditRecord
 from lockgate.contracts.cost import CostEntry, CostLedger, CostRecord
 from lockgate.contracts.dlq import DeadLetter
 from lockgate.contracts.drift import DriftReport, FeatureDrift
@@ -50,6 +51,9 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     GateAudited,
     LineageEdges,
     CostLedger,
+    AuditRecord,
+    # what producers ask the audit chainer to record
+    AuditEntry,
 )
 
 AnyEvent = Union[EVENT_TYPES]  # noqa: UP007 - a runtime tagged union for msgspec
@@ -60,6 +64,9 @@ __all__ = [
     "AnyEvent",
     "ArtifactKind",
     "ArtifactRegistered",
+    "AuditEntry",
+    "AuditKind",
+    "AuditRecord",
     "BaselineComparison",
     "GateReview",
     "MetricInterval",

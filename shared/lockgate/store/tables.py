@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from lockgate.contracts import (
     ArtifactRegistered,
+    AuditRecord,
     CostLedger,
     DeadLetter,
     DriftReport,
@@ -79,7 +80,10 @@ DRIFT_REPORTS = Table("drift_reports", DriftReport, exclude=(*_ROUTING, "tenant"
 COST_LEDGER = Table("cost_ledger", CostLedger, exclude=(*_ROUTING, "id", "time", "tenant"), items="entries",
                     key=("event_id",))
 
+# The hash-chained audit log (lockgate.auditchain): one row per seq, however often the chainer republishes it.
+AUDIT_LOG = Table("audit_log", AuditRecord, exclude=_ROUTING, key=("seq",))
+
 TABLES: tuple[Table, ...] = (
     INFERENCE_EVENTS, OTEL_TRACES, DEAD_LETTERS, ARTIFACTS, RELEASES, LINEAGE_RUNS, LINEAGE_EDGES, EVAL_RUNS,
-    EVAL_CASES, GATE_DECISIONS, ROLLOUT_EVENTS, DRIFT_REPORTS, COST_LEDGER,
+    EVAL_CASES, GATE_DECISIONS, ROLLOUT_EVENTS, DRIFT_REPORTS, COST_LEDGER, AUDIT_LOG,
 )

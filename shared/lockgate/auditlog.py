@@ -1,0 +1,25 @@
+"""Ask for an audit entry: the one call every producer makes (gatekeeper, router, CLI).
+
+The entry goes to `<prefix>.audit.<identity>`, which NATS lets only that identity publish, so the
+chainer (in the gatekeeper) records who sent it from the subject; it then appends the entry to the
+hash-chained, signed audit log (lockgate.auditchain) that `lockgate audit verify` checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lockgate.contracts import AuditEntry, AuditKind
+from lockgate.ids import uuid7
+
+
+async def record(bus: Any, identity: str, *, kind: AuditKind, actor: str, target: str, action: str,
+                 reason: str = "", details: Mapping[str, object] | None = None, tenant: str = "default",
+                 entry_id: str | None = None, trace_id: str = "") -> AuditEntry:
+    """Publish one entry as `identity` (deduplicated by `entry_id` when a retry repeats it); returns it."""
+    entry = AuditEntry(id=entry_id or uuid7(), source=identity, tenant=tenant, trace_id=trace_id, kind=kind,
+                       actor=actor, target=target, action=action, reason=reason,
+                       details={k: str(v) for k, v in (details or {}).items() if v not in (None, "")})
+    await bus.publish(bus.subjects.audit(identity), entry)
+    return entry

@@ -1,0 +1,49 @@
+"""The tamper-evident audit log: entries producers ask to record, and the hash-chained, signed rows."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+from lockgate.contracts.envelope import Event, utcnow
+
+AuditKind = Literal["decision", "review", "override", "refusal", "rollout", "break_glass", "key"]
+
+
+class AuditEntry(Event, frozen=True, kw_only=True, tag="lockgate.audit.entry"):
+    """What a producer asks to record on `<prefix>.audit.<identity>`.
+
+    `id` is the entry's idempotency key. Who sent it is the subject's last token (which NATS
+    permissions tie to the publishing identity), never the envelope's `source`.
+    """
+
+    kind: AuditKind
+    actor: str
+    target: str
+    action: str
+    reason: str = ""
+    details: dict[str, str] = {}
+
+
+class AuditRecord(Event, frozen=True, kw_only=True, tag="lockgate.audit.record"):
+    """One row of the audit log: an entry with its place in the chain, the hash over it and the previous
+    row's hash, and the chainer's signature of that hash.
+
+    `id`, `time` and `tenant` are the entry's; `producer` is the identity that published it.
+    """
+
+    seq: int
+    producer: str
+    kind: AuditKind
+    actor: str
+    target: str
+    action: str
+    reason: str = ""
+    details: dict[str, str] = {}
+    recorded_at: datetime = msgspec.field(default_factory=utcnow)
+    prev_hash: str = ""
+    hash: str = ""
+    key_id: str = ""
+    signature: str = ""
