@@ -30,6 +30,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "cost_rollup": ("cost", "cost_rollup"),
     "lineage": ("lineage", "lineage"),
     "sql": ("operator_sql", "readonly_sql"),
+    "audit_log": ("audit", "audit_log"),
     # services (the evaluator resumes and compares runs; the gatekeeper reads its audit log)
     "eval_case_results": ("evals", "eval_case_results"),
     "baseline_run": ("evals", "baseline_run"),

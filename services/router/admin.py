@@ -11,6 +11,7 @@ from aiohttp import web
 from lockgate.contracts.names import check_name
 from lockgate.errors import InvalidName, Retryable
 from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer, require_role
+from lockgate.services.router.audit import record_action
 from lockgate.services.router.domain import (
     BreakGlass,
     InvalidRollout,
@@ -85,6 +86,7 @@ class Admin:
             req = decode_canary(await request.read())
             override = _override(request, req.break_glass, req.canary_release, "canary")
             route = await self.rollouts.start_canary(deployment, req, override)
+            await record_action(self.rollouts.ctx.bus, request[KEY], "canary", route, override)
         except Forbidden as exc:
             return error_response(403, exc.message, "permission_denied", code="insufficient_role")
         except NotAdmitted as exc:
@@ -121,6 +123,7 @@ class Admin:
             elif action == "clear-override":
                 require_role(request[KEY], "admin")
             route = await self.rollouts.manual(deployment, action, override)
+            await record_action(self.rollouts.ctx.bus, request[KEY], action, route, override)
         except Forbidden as exc:
             return error_response(403, exc.message, "permission_denied", code="insufficient_role")
         except NotAdmitted as exc:

@@ -25,8 +25,8 @@ from lockgate.signing import Keyring, Signer
 
 GENESIS = ""  # the prev_hash of seq 1
 # What the hash covers: every column of `audit_log` except the hash and the signature over it.
-HASHED = ("id", "time", "tenant", "seq", "producer", "kind", "actor", "target", "action", "reason", "details",
-          "recorded_at", "prev_hash", "key_id")
+HASHED = ("id", "time", "tenant", "seq", "producer", "kind", "actor", "target", "action", "recorded_at", "reason",
+          "details", "prev_hash", "key_id")
 
 
 def _iso(t: datetime) -> str:

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lockgate.contracts import AuditEntry, AuditKind
+from lockgate.contracts.names import is_name
 from lockgate.ids import uuid7
 
 
@@ -18,7 +19,7 @@ async def record(bus: Any, identity: str, *, kind: AuditKind, actor: str, target
                  reason: str = "", details: Mapping[str, object] | None = None, tenant: str = "default",
                  entry_id: str | None = None, trace_id: str = "") -> AuditEntry:
     """Publish one entry as `identity` (deduplicated by `entry_id` when a retry repeats it); returns it."""
-    entry = AuditEntry(id=entry_id or uuid7(), source=identity, tenant=tenant, trace_id=trace_id, kind=kind,
+    entry = AuditEntry(id=entry_id or uuid7(), source=identity, tenant=tenant if is_name(tenant) else "default", trace_id=trace_id, kind=kind,
                        actor=actor, target=target, action=action, reason=reason,
                        details={k: str(v) for k, v in (details or {}).items() if v not in (None, "")})
     await bus.publish(bus.subjects.audit(identity), entry)

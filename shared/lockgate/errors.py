@@ -94,3 +94,9 @@ class PublishFailed(BusUnavailable):
 
 class ReleaseConflict(LockgateError):
     """A release name is already bound to other content; releases are immutable, register a new name."""
+
+
+class AuditBroken(LockgateError):
+    """The audit log's hash chain has a missing, altered or unsigned row (`lockgate audit verify`)."""
+
+    exit_code = 4  # as `gate verify` on a bad signature: tampering found

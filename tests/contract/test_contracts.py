@@ -11,6 +11,8 @@ from lockgate.codec import Codec, any_event, encode
 from lockgate.contracts import (
     EVENT_TYPES,
     ArtifactRegistered,
+    AuditEntry,
+    AuditRecord,
     CostEntry,
     CostLedger,
     CostRecord,
@@ -73,6 +75,9 @@ SAMPLES = [
                                                    dst_kind="dataset", relation="uses")]),
     CostLedger(price_book="sha256:pb", entries=[CostEntry(event_id="e1", time=NOW, tenant="acme", app="shop",
                                                           model="m", input_tokens=3, cost_usd=0.25, priced=True)]),
+    AuditEntry(kind="key", actor="admin", target="apikey:k1", action="create", details={"role": "viewer"}),
+    AuditRecord(seq=1, producer="admin", kind="key", actor="admin", target="apikey:k1", action="create",
+                recorded_at=datetime(2026, 1, 2, tzinfo=UTC), hash="sha256:1", key_id="k", signature="c2ln"),
 ]
 
 

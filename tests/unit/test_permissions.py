@@ -38,6 +38,13 @@ FACTS = {
     S.eval_requested: {"operator", "admin"},
     "$JS.API.STREAM.DELETE.LG_EVENTS": {"admin"},
     "$JS.API.STREAM.PURGE.LG_EVENTS": {"admin"},
+    # the audit log: each identity asks for entries as itself; only the chainer writes rows and the head
+    S.audit("gatekeeper"): {"gatekeeper", "admin"},
+    S.audit("router"): {"router", "admin"},
+    S.audit("operator"): {"operator", "admin"},
+    S.audit("viewer"): {"admin"},
+    S.audit_records: {"gatekeeper", "admin"},
+    "$KV.lg_audit.head": {"gatekeeper", "admin"},
 }
 
 

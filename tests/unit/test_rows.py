@@ -78,8 +78,8 @@ SAMPLE_ROWS: dict[str, tuple[list[Any], dict[str, list[Any]]]] = {
         CostEntry(event_id="e1", time=NOW, tenant="acme", app="shop", model="m", cost_usd=0.5, priced=True),
         CostEntry(event_id="e2", time=NOW, tenant="acme", app="shop")])], {}),
     "audit_log": ([AuditRecord(seq=1, producer="router", kind="rollout", actor="apikey:k1", target="web",
-                               action="promote", details={"canary": "r1"}, hash="sha256:1", key_id="k",
-                               signature="c2ln")], {}),
+                               action="promote", details={"canary": "r1"}, recorded_at=NOW, hash="sha256:1",
+                               key_id="k", signature="c2ln")], {}),
 }
 
 

@@ -96,10 +96,12 @@ def test_cli_trust_and_revoke_edit_the_trust_file(tmp_path: Path) -> None:
     from lockgate.cli.main import cli
 
     signer = Signer.load_or_create(tmp_path / "gatekeeper.pem")
-    env = {"LOCKGATE_TRUST_FILE": str(tmp_path / "trust.json")}
+    # Nothing listens on port 1: with no stack, the change is made and said to be outside the audit log.
+    env = {"LOCKGATE_TRUST_FILE": str(tmp_path / "trust.json"), "LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
     runner = CliRunner()
     added = runner.invoke(cli, ["gate", "trust", str(tmp_path / "gatekeeper.pem")], env=env)
     assert added.exit_code == 0 and f"trusted key {signer.key_id}" in added.output, added.output
+    assert "this change is not in the audit log" in added.output
     assert signer.key_id in Keyring.from_trust_file(tmp_path / "trust.json").keys
     listed = runner.invoke(cli, ["gate", "keys"], env=env)
     assert listed.exit_code == 0 and f"# key id {signer.key_id}" in listed.output

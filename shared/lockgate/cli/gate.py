@@ -14,6 +14,7 @@ import msgspec
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
+from lockgate.cli.audit import record_change
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, table
 from lockgate.client import get_decision
@@ -180,6 +181,7 @@ def register(cli: click.Group) -> None:
         path = trust_file_path(ctx.obj["settings"])
         kid = trust_key(path, load_public_key(key))
         click.echo(f"trusted key {kid} in {path}")
+        record_change(ctx.obj["settings"], target=f"signing-key:{kid}", action="trust", details={"trust_file": path})
 
     @gate.command("revoke")
     @click.argument("key_id")
@@ -190,6 +192,8 @@ def register(cli: click.Group) -> None:
         path = trust_file_path(ctx.obj["settings"])
         revoke_key(path, key_id)
         click.echo(f"revoked key {key_id} in {path}")
+        record_change(ctx.obj["settings"], target=f"signing-key:{key_id}", action="revoke",
+                      details={"trust_file": path})
 
     @gate.command("keys")
     @click.pass_context

@@ -10,6 +10,7 @@ import datetime as dt
 
 import click
 
+from lockgate.cli.audit import record_change
 from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console, output
 from lockgate.server.apikeys import ROLES, KeyStore
@@ -28,7 +29,9 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     def keys(ctx: click.Context, home: str | None) -> None:
         """API keys: an app key (tenant + app) for traffic; viewer/operator/approver/admin for the admin API."""
-        ctx.obj["keys"] = KeyStore(home or ctx.obj["settings"].home)
+        if home:  # the stack's home: its API keys, and the NATS credentials a key change is recorded with
+            ctx.obj["settings"] = ctx.obj["settings"].replace(home=home)
+        ctx.obj["keys"] = KeyStore(ctx.obj["settings"].home)
 
     @keys.command("create")
     @click.option("--tenant", required=True)
@@ -42,6 +45,8 @@ def register(cli: click.Group) -> None:
         plain, rec = ctx.obj["keys"].create(tenant, app, role, description)
         console.print(f"created key [bold]{rec.id}[/bold] ({role} for {tenant}/{app}); it is shown only now:")
         click.echo(plain)
+        record_change(ctx.obj["settings"], target=f"apikey:{rec.id}", action="create",
+                      details={"role": role, "tenant": tenant, "app": app, "description": description})
 
     @keys.command("list")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -61,3 +66,5 @@ def register(cli: click.Group) -> None:
         """Revoke a key by id: the router and gRPC API refuse it from their next call."""
         rec = ctx.obj["keys"].revoke(key_id)
         console.print(f"revoked key {rec.id} ({rec.role} for {rec.tenant}/{rec.app})")
+        record_change(ctx.obj["settings"], target=f"apikey:{rec.id}", action="revoke",
+                      details={"role": rec.role, "tenant": rec.tenant, "app": rec.app})

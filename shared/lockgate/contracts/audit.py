@@ -5,9 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-import msgspec
-
-from lockgate.contracts.envelope import Event, utcnow
+from lockgate.contracts.envelope import Event
 
 AuditKind = Literal["decision", "review", "override", "refusal", "rollout", "break_glass", "key"]
 
@@ -40,9 +38,9 @@ class AuditRecord(Event, frozen=True, kw_only=True, tag="lockgate.audit.record")
     actor: str
     target: str
     action: str
+    recorded_at: datetime  # the chainer's clock when it appended the row
     reason: str = ""
     details: dict[str, str] = {}
-    recorded_at: datetime = msgspec.field(default_factory=utcnow)
     prev_hash: str = ""
     hash: str = ""
     key_id: str = ""

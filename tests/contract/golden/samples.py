@@ -14,6 +14,8 @@ from typing import Any
 
 from lockgate.contracts import (
     ArtifactRegistered,
+    AuditEntry,
+    AuditRecord,
     BaselineComparison,
     CostEntry,
     CostLedger,
@@ -148,5 +150,10 @@ SAMPLES: dict[str, Event] = {
             event_id="01941f29-7c00-7000-8000-000000000001", time=TIME, tenant="acme", app="shop", deployment="web",
             release="shop-v2", model="gpt-x", input_tokens=12, output_tokens=30, cached_tokens=4, cost_usd=0.0125,
             priced=True)]),
+        AuditEntry(**envelope(18), kind="break_glass", actor="apikey:k1(admin@acme/ops)", target="web",
+                   action="promote", reason="incident 42", details={"canary": "shop-v2", "weight": "25.0"}),
+        AuditRecord(**envelope(19), seq=7, producer="router", kind="rollout", actor="apikey:k1(operator@acme/ops)",
+                    target="web", action="abort", reason="by operator", details={"stable": "shop-v1"},
+                    recorded_at=LATER, prev_hash=HASH, hash=HASH, key_id="key-1", signature="c2ln"),
     )
 }

@@ -1,0 +1,159 @@
+"""`lockgate audit verify|log`: check and read the hash-chained audit log; and how CLI changes are recorded in it."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import click
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+
+from lockgate import auditchain, auditlog, credentials
+from lockgate.bus import Bus
+from lockgate.cli import access
+from lockgate.cli.access import chosen_role, with_bus
+from lockgate.cli.main import handle_errors, json_option
+from lockgate.cli.render import emit_json, err_console, table
+from lockgate.config import Settings
+from lockgate.contracts import AuditRecord
+from lockgate.credentials import NotAllowed
+from lockgate.errors import AuditBroken, BusUnavailable
+from lockgate.queryclient import ask_pages
+from lockgate.signing import Keyring
+
+HEAD = "head"  # the chain head's key in KV (the chainer writes it)
+_head_decoder = msgspec.json.Decoder(AuditRecord)
+
+
+async def read_head(bus: Bus) -> AuditRecord | None:
+    """The chain head (the last row the chainer appended) from KV, or None before the first row."""
+    try:
+        kv = await bus.kv(bus.subjects.kv_audit)
+        entry = await kv.get(HEAD)
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.BucketNotFoundError):
+        return None
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        raise BusUnavailable(f"cannot read the audit chain head from KV {bus.subjects.kv_audit}: {exc!r}") from None
+    try:
+        return _head_decoder.decode(entry.value)
+    except msgspec.DecodeError as exc:
+        raise AuditBroken(f"audit log broken: the chain head in KV {bus.subjects.kv_audit} is unreadable "
+                          f"({exc})") from None
+
+
+async def read_chain(bus: Bus) -> tuple[list[dict[str, Any]], AuditRecord | None]:
+    """The stored rows up to the chain head, in seq order, and the head (read first: rows appended while
+    we read are beyond it and are left for the next verify)."""
+    head = await read_head(bus)
+    rows = await ask_pages(bus, "audit_log", {}, after=lambda r: {"after_seq": r["seq"]})
+    if head is not None:
+        rows = [r for r in rows if not isinstance(r.get("seq"), int) or r["seq"] <= head.seq]
+    return rows, head
+
+
+def check(rows: list[dict[str, Any]], head: AuditRecord | None, keyring: Keyring) -> dict[str, Any]:
+    """The verification report as `--json` prints it."""
+    report = auditchain.verify(rows, keyring, head)
+    return {"ok": report.ok, "rows": report.rows, "last_seq": report.last_seq,
+            "head_seq": head.seq if head else 0, "head_hash": head.hash if head else "",
+            "keys": sorted(report.keys),
+            "broken": None if report.ok else {"seq": report.broken.seq, "reason": report.broken.reason,
+                                               "message": str(report.broken)}}
+
+
+async def _quiet(exc: Exception) -> None:
+    """nats-py logs every failed connect; a missing stack is reported in one line instead."""
+
+
+async def _stack_answers(settings: Settings, role: str) -> bool:
+    """True if a NATS server answers at the URL (a short probe: Bus.connect would retry forever)."""
+    auth = credentials.for_identity(settings, role)
+    try:
+        # max_reconnect_attempts=1: with 0, nats-py retries a refused first connect forever.
+        nc = await nats.connect(settings.nats_url, connect_timeout=1, max_reconnect_attempts=1,
+                                reconnect_time_wait=0.1, allow_reconnect=False, error_cb=_quiet, **auth.options())
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        if "authorization violation" in str(exc).lower() or isinstance(exc, nats.errors.AuthorizationError):
+            raise NotAllowed(f"NATS at {settings.nats_url} refused role {role!r}, so the change is not in the "
+                             f"audit log (pass --home DIR or LOCKGATE_HOME as given to `lockgate up`)") from None
+        return False
+    await nc.close()
+    return True
+
+
+def record_change(settings: Settings, *, target: str, action: str, reason: str = "",
+                  details: Mapping[str, object] | None = None) -> None:
+    """Append a key change made from the CLI to the audit log, as the CLI's identity (admin unless --role).
+
+    The change itself is a file in the home, made first; with no stack running there is no log to append
+    to, which is said on stderr (the next `lockgate up` starts from the files as they are)."""
+    import asyncio
+
+    role = chosen_role("admin")
+    if not asyncio.run(_stack_answers(settings, role)):
+        err_console.print(f"[yellow]note:[/yellow] no stack answers at {settings.nats_url}: this change is not "
+                          "in the audit log", highlight=False, soft_wrap=True)
+        return
+    os_user = os.environ.get("USER") or getpass.getuser()
+
+    async def work(bus: Bus) -> None:
+        await auditlog.record(bus, role, kind="key", actor=bus.auth.user or role, target=target, action=action,
+                              reason=reason, details={"os_user": os_user, **(details or {})})
+
+    with_bus(settings, work, role="admin")
+
+
+def register(cli: click.Group) -> None:
+    """Attach `audit` to the top-level group."""
+
+    @cli.group()
+    def audit() -> None:
+        """The tamper-evident audit log: decisions, reviews, overrides, rollout actions and key changes."""
+
+    @audit.command("verify")
+    @click.option("--key", "keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                  help="Trusted public key PEM (repeatable); default: the trust file and settings.trusted_keys.")
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def verify(ctx: click.Context, keys: tuple[str, ...], as_json: bool) -> None:
+        """Walk the chain: seq contiguous from 1, every hash recomputed and linked, every signature by a trusted
+        key, the last row equal to the chain head. Exit 4 naming the first missing or altered row."""
+        settings: Settings = ctx.obj["settings"]
+        keyring = Keyring.from_pem_files(keys) if keys else Keyring.from_settings(settings)
+        rows, head = with_bus(settings, read_chain)
+        report = check(rows, head, keyring)
+        if as_json:
+            emit_json(report)
+        if not report["ok"]:
+            if not as_json:
+                # click.echo, not rich: scripts rely on exactly one line, which rich would wrap.
+                click.echo(f"error: {report['broken']['message']}", err=True)
+            sys.exit(AuditBroken.exit_code)
+        if not as_json:
+            tail = f"seq 1..{report['last_seq']}, head {report['head_hash']}" if report["rows"] else "empty"
+            click.echo(f"ok: audit log intact: {report['rows']} rows ({tail}); signed by key(s) "
+                       f"{', '.join(report['keys']) or 'none'}")
+
+    @audit.command("log")
+    @click.option("--after", "after_seq", default=0, show_default=True, help="Only rows after this seq.")
+    @click.option("--limit", default=50, show_default=True)
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def log(ctx: click.Context, after_seq: int, limit: int, as_json: bool) -> None:
+        """Rows of the audit log in chain order: who did what to which release, deployment or key."""
+        rows = access.query(ctx.obj["settings"], "audit_log", direct=ctx.obj["direct"], after_seq=after_seq,
+                            limit=limit)
+        if as_json:
+            emit_json(rows)
+            return
+        table([{"seq": r["seq"], "time": r["time"], "producer": r["producer"], "kind": r["kind"], "actor": r["actor"],
+                "target": r["target"], "action": r["action"], "reason": r["reason"],
+                "details": r.get("details") or {}} for r in rows], title="audit log", empty="no audit rows yet")
