@@ -154,6 +154,12 @@ def register(cli: click.Group) -> None:
         if as_json:
             emit_json(rows)
             return
-        table([{"seq": r["seq"], "time": r["time"], "producer": r["producer"], "kind": r["kind"], "actor": r["actor"],
-                "target": r["target"], "action": r["action"], "reason": r["reason"],
-                "details": r.get("details") or {}} for r in rows], title="audit log", empty="no audit rows yet")
+        table([{"seq": r["seq"], "time": str(r["time"])[:19].replace("T", " "), "producer": r["producer"],
+                "kind": r["kind"], "actor": r["actor"], "target": r["target"], "action": r["action"],
+                "reason": r["reason"], "details": _short(r.get("details") or {})} for r in rows],
+              title="audit log (--json for every field)", empty="no audit rows yet")
+
+
+def _short(details: Mapping[str, str], width: int = 20) -> str:
+    """Details for a table cell: hashes and ids cut short (the full values are in --json)."""
+    return ", ".join(f"{k}={v if len(v) <= width else v[:width - 1] + '…'}" for k, v in details.items())

@@ -1,0 +1,163 @@
+"""The tamper-evident audit log (issue 7, item 6) on a stack run as `lockgate up` runs it, NATS auth on:
+a decision, a review, manual rollout actions and a key change are chained and signed; `lockgate audit
+verify` passes, then names the row an admin ClickHouse session altered or deleted; and an identity
+cannot append entries in another's name."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from click.testing import CliRunner, Result
+
+from lockgate import artifacts, credentials
+from lockgate.bus import Bus
+from lockgate.cli.gate import request_review
+from lockgate.cli.main import cli
+from lockgate.config import Settings
+from lockgate.contracts import AuditEntry, EvalCompleted, EvalRequested
+from lockgate.credentials import NotAllowed
+from lockgate.evalruns import record_request
+from lockgate.server.runtime import Runtime
+from lockgate.store import Store
+from tests.helpers import admin_headers, eventually, register_model_release, store_pass
+
+pytestmark = pytest.mark.timeout(180)
+
+POLICY = {"name": "audit-policy", "version": "1",
+          "rules": [{"name": "accuracy", "metric": "exact_match", "op": ">=", "threshold": 0.8}]}
+
+
+@pytest.fixture
+async def stack(settings: Settings) -> AsyncIterator[Runtime]:
+    """The embedded runtime with its own nats-server, a user per service, and the services the log needs."""
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0", deployment="chat"),
+                      services=["sink", "query", "gatekeeper", "router"])
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+def lockgate(runtime: Runtime, *args: str) -> Result:
+    """The CLI as a user runs it against the stack: its home holds the credentials and the trust file."""
+    s = runtime.settings
+    env = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix,
+           "LOCKGATE_ROLE": ""}
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+async def run_cli(runtime: Runtime, *args: str) -> Result:
+    return await asyncio.to_thread(lockgate, runtime, *args)
+
+
+async def as_identity(runtime: Runtime, identity: str) -> Bus:
+    s = runtime.settings
+    bus = Bus(s.nats_url, runtime.ctx.bus.subjects, name=f"test-{identity}",
+              auth=credentials.for_identity(s, identity), manage_topology=False)
+    await bus.connect()
+    return bus
+
+
+async def produce_one_of_each(runtime: Runtime) -> None:
+    """A gate decision, a human override (a review), a canary start and an abort, and an API key created."""
+    bus, s = runtime.ctx.bus, runtime.settings  # the admin connection stands in for the evaluator and approver
+    policy = (await artifacts.register(bus, "policy", POLICY["name"], POLICY)).hash
+    done = EvalCompleted(run_id="run-audit", release="shop-v2", suite="sha256:suite", policy=policy, n_cases=50,
+                         metrics={"exact_match": 0.5})
+    await record_request(bus, EvalRequested(run_id=done.run_id, release=done.release, suite=done.suite,
+                                            policy=policy, endpoint="http://127.0.0.1:9/v1"))
+    decided = await bus.nc.subscribe(bus.subjects.gate_decided("shop-v2"))
+    await bus.publish(bus.subjects.eval_completed, done)
+    await decided.next_msg(timeout=30)
+    await decided.unsubscribe()
+    await request_review(bus, "shop-v2", "reject", "ann", "not this week", timeout_s=30)
+
+    for release in ("shop-v1", "shop-v3"):
+        await register_model_release(bus, release)
+    await store_pass(bus, "shop-v1", s)
+    router = runtime.services["router"]
+    async with aiohttp.ClientSession(headers=admin_headers(s.home)) as http:
+        body = {"stable_release": "shop-v1", "canary_release": "shop-v3"}  # never gated: it waits at 0%
+        async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+        async with http.post(f"{router.url}/lockgate/v1/deployments/chat/abort") as resp:
+            assert resp.status == 200, await resp.text()
+
+    created = await run_cli(runtime, "keys", "create", "--tenant", "acme", "--app", "shop", "--role", "viewer")
+    assert created.exit_code == 0, created.output
+
+
+async def stored(runtime: Runtime, store: Store, n: int) -> None:
+    sink = runtime.services["sink"].handlers
+    await eventually(lambda: store.scalar("SELECT count() FROM audit_log") >= n, [sink.progress("audit_log")],
+                     what=f"{n} audit rows stored")
+
+
+def mutate(store: Store, sql: str) -> None:
+    """What an attacker with an admin ClickHouse session does (synchronously, so the next read sees it)."""
+    store.command(f"{sql} SETTINGS mutations_sync = 2")
+
+
+async def test_verify_passes_then_names_the_altered_or_deleted_row(stack: Runtime, store: Store) -> None:
+    await produce_one_of_each(stack)
+    await stored(stack, store, 5)
+    rows = store.rows("SELECT seq, producer, kind, actor, action, target FROM audit_log ORDER BY seq")
+    assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5]
+    seen = {(r["producer"], r["kind"], r["action"]) for r in rows}
+    assert seen == {("gatekeeper", "decision", "decided"), ("gatekeeper", "override", "override"),
+                    ("router", "rollout", "canary"), ("router", "rollout", "abort"), ("admin", "key", "create")}
+    assert any(r["actor"].startswith("apikey:") and r["target"] == "chat" for r in rows)  # the admin key's label
+
+    ok = await run_cli(stack, "audit", "verify")
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.startswith("ok: audit log intact: 5 rows (seq 1..5")
+    report = json.loads((await run_cli(stack, "audit", "verify", "--json")).output)
+    assert (report["ok"], report["rows"], report["head_seq"]) == (True, 5, 5)
+    listed = json.loads((await run_cli(stack, "audit", "log", "--json")).output)
+    assert [r["seq"] for r in listed] == [1, 2, 3, 4, 5]
+
+    original = store.scalar("SELECT reason FROM audit_log WHERE seq = 3")
+    mutate(store, "ALTER TABLE audit_log UPDATE reason = 'nothing happened' WHERE seq = 3")
+    altered = await run_cli(stack, "audit", "verify")
+    assert altered.exit_code == 4
+    assert altered.stderr.strip() == "error: audit log broken at seq 3: row altered (its content does not match " \
+                                     "its hash)"
+    mutate(store, f"ALTER TABLE audit_log UPDATE reason = '{original}' WHERE seq = 3")
+    assert (await run_cli(stack, "audit", "verify")).exit_code == 0  # put back as it was: intact again
+
+    mutate(store, "ALTER TABLE audit_log DELETE WHERE seq = 5")
+    tail = await run_cli(stack, "audit", "verify")
+    assert tail.exit_code == 4 and tail.stderr.startswith("error: audit log broken at seq 5: row missing at the tail")
+
+    mutate(store, "ALTER TABLE audit_log DELETE WHERE seq = 2")
+    gap = await run_cli(stack, "audit", "verify")
+    assert gap.exit_code == 4
+    assert gap.stderr.strip() == "error: audit log broken at seq 2: row missing (1 is followed by 3)"
+    assert len(gap.stderr.splitlines()) == 1
+    broken = json.loads((await run_cli(stack, "audit", "verify", "--json")).output)
+    assert broken["ok"] is False and broken["broken"]["seq"] == 2
+
+
+async def test_an_identity_cannot_append_in_another_identitys_name(stack: Runtime, store: Store) -> None:
+    forged = AuditEntry(kind="decision", actor="gatekeeper", target="shop-v2", action="decided",
+                        reason="PASS, honestly", source="gatekeeper")
+    router = await as_identity(stack, "router")
+    viewer = await as_identity(stack, "viewer")
+    try:
+        # NATS refuses the publish: only the gatekeeper may ask on its subject, and a viewer on none.
+        with pytest.raises(NotAllowed, match="'router' may not publish"):
+            await router.publish(router.subjects.audit("gatekeeper"), forged)
+        with pytest.raises(NotAllowed, match="'viewer' may not publish"):
+            await viewer.publish(viewer.subjects.audit("viewer"), forged)
+        # What the router may publish is recorded as the router's, whatever the payload claims.
+        await router.publish(router.subjects.audit("router"), forged)
+    finally:
+        await router.close()
+        await viewer.close()
+    await stored(stack, store, 1)
+    [row] = store.rows("SELECT seq, producer, actor, reason FROM audit_log")
+    assert (row["seq"], row["producer"], row["actor"]) == (1, "router", "gatekeeper")
+    assert (await run_cli(stack, "audit", "verify")).exit_code == 0
