@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import os
 import sys
@@ -25,6 +26,7 @@ from lockgate.contracts import AuditRecord
 from lockgate.credentials import NotAllowed
 from lockgate.errors import AuditBroken, BusUnavailable
 from lockgate.queryclient import ask_pages
+from lockgate.retry import RetryPolicy
 from lockgate.signing import Keyring
 
 HEAD = "head"  # the chain head's key in KV (the chainer writes it)
@@ -47,11 +49,27 @@ async def read_head(bus: Bus) -> AuditRecord | None:
                           f"({exc})") from None
 
 
+# The head is written before its row is published and stored: give the sink a few seconds to catch up
+# before a short tail is reported as missing.
+_TAIL_WAIT = RetryPolicy(attempts=8, initial_s=0.1, max_s=1.0)
+
+
+def _last_seq(rows: list[dict[str, Any]]) -> int:
+    seqs = [r["seq"] for r in rows if isinstance(r.get("seq"), int)]
+    return max(seqs, default=0)
+
+
 async def read_chain(bus: Bus) -> tuple[list[dict[str, Any]], AuditRecord | None]:
     """The stored rows up to the chain head, in seq order, and the head (read first: rows appended while
     we read are beyond it and are left for the next verify)."""
     head = await read_head(bus)
-    rows = await ask_pages(bus, "audit_log", {}, after=lambda r: {"after_seq": r["seq"]})
+    rows: list[dict[str, Any]] = []
+    for attempt in range(1, _TAIL_WAIT.attempts + 1):
+        rows.extend(await ask_pages(bus, "audit_log", {"after_seq": _last_seq(rows)},
+                                    after=lambda r: {"after_seq": r["seq"]}))
+        if head is None or _last_seq(rows) >= head.seq or attempt == _TAIL_WAIT.attempts:
+            break  # complete, or still short: verify names the first missing row
+        await asyncio.sleep(_TAIL_WAIT.delay(attempt))  # backoff while the sink catches up
     if head is not None:
         rows = [r for r in rows if not isinstance(r.get("seq"), int) or r["seq"] <= head.seq]
     return rows, head
@@ -93,8 +111,6 @@ def record_change(settings: Settings, *, target: str, action: str, reason: str =
 
     The change itself is a file in the home, made first; with no stack running there is no log to append
     to, which is said on stderr (the next `lockgate up` starts from the files as they are)."""
-    import asyncio
-
     role = chosen_role("admin")
     if not asyncio.run(_stack_answers(settings, role)):
         err_console.print(f"[yellow]note:[/yellow] no stack answers at {settings.nats_url}: this change is not "
