@@ -172,3 +172,15 @@ def test_keys_cli_and_router_authentication(stack: dict[str, str]) -> None:
     assert "apikeys.json" not in key and (Path(stack["E2E_HOME"]) / "apikeys.json").stat().st_mode & 0o777 == 0o600
     run("keys", "revoke", mine["id"], env=stack)
     assert call("POST", "/v1/chat/completions", key, chat) == 401
+
+
+def test_audit_log_of_a_running_stack_verifies(stack: dict[str, str]) -> None:
+    # The demo's gate decisions and canary starts, and a key change from the CLI, are chained and signed.
+    run("demo", "--router", stack["E2E_ROUTER"], "--sim", stack["E2E_SIM"], "--traffic", "20", env=stack)
+    run("keys", "create", "--tenant", "acme", "--app", "audit", "--role", "viewer", env=stack)
+    ok = run("audit", "verify", env=stack)
+    assert ok.stdout.startswith("ok: audit log intact: "), ok.stdout
+    rows = json.loads(run("audit", "log", "--limit", "1000", "--json", env=stack).stdout)
+    assert {("gatekeeper", "decision"), ("router", "rollout")} <= {(r["producer"], r["kind"]) for r in rows}
+    assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+
