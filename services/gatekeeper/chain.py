@@ -9,7 +9,6 @@ only republishes that row (Nats-Msg-Id `audit-<seq>`, and the sink stores each s
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import msgspec
@@ -26,9 +25,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.signing import Signer
 from lockgate.subjects import untoken
 
-log = logging.getLogger("lockgate.gatekeeper.audit")
-
-HEAD = "head"
+HEAD = auditchain.HEAD_KEY
 _head_decoder = msgspec.json.Decoder(AuditRecord)
 _CAS_RETRY = RetryPolicy(attempts=5, initial_s=0.005, max_s=0.1)
 

@@ -24,6 +24,7 @@ from lockgate.ids import canonical_json
 from lockgate.signing import Keyring, Signer
 
 GENESIS = ""  # the prev_hash of seq 1
+HEAD_KEY = "head"  # the chain head's key in KV `<prefix>_audit`: the last row, which only the chainer writes
 # What the hash covers: every column of `audit_log` except the hash and the signature over it.
 HASHED = ("id", "time", "tenant", "seq", "producer", "kind", "actor", "target", "action", "recorded_at", "reason",
           "details", "prev_hash", "key_id")

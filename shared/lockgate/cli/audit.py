@@ -29,7 +29,6 @@ from lockgate.queryclient import ask_pages
 from lockgate.retry import RetryPolicy
 from lockgate.signing import Keyring
 
-HEAD = "head"  # the chain head's key in KV (the chainer writes it)
 _head_decoder = msgspec.json.Decoder(AuditRecord)
 
 
@@ -37,7 +36,7 @@ async def read_head(bus: Bus) -> AuditRecord | None:
     """The chain head (the last row the chainer appended) from KV, or None before the first row."""
     try:
         kv = await bus.kv(bus.subjects.kv_audit)
-        entry = await kv.get(HEAD)
+        entry = await kv.get(auditchain.HEAD_KEY)
     except (nats.js.errors.KeyNotFoundError, nats.js.errors.BucketNotFoundError):
         return None
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
