@@ -45,7 +45,8 @@ class Projection:
 
 FACTS: tuple[Projection, ...] = (
     Projection(tables.ARTIFACTS, lambda s: s.artifact_registered, "events", ArtifactRegistered),
-    Projection(tables.RELEASES, lambda s: s.release_registered, "events", ReleaseRegistered),
+    # From the lineage recorder's fact, not the event: only content matching the name's binding lands.
+    Projection(tables.RELEASES, lambda s: s.release_bound, "facts", ReleaseRegistered),
     Projection(tables.LINEAGE_RUNS, lambda s: s.lineage_run, "events", LineageRun),
     Projection(tables.LINEAGE_EDGES, lambda s: s.lineage_edges, "facts", LineageEdges),
     Projection(tables.EVAL_RUNS, lambda s: s.eval_completed, "events", EvalCompleted),

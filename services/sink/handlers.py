@@ -186,7 +186,8 @@ class SinkHandlers:
             return
         subject, payload = original
         if subject != letter.subject or not domain.unreadable(payload):
-            log.warning("dead letter %s: message %d of %s is %s; kept", letter.id, letter.stream_seq, letter.stream,
-                        "on another subject" if subject != letter.subject else "a readable event")
+            # A rejected (readable) message stays, as does anything a forged letter points at.
+            log.debug("dead letter %s: message %d of %s is %s; kept", letter.id, letter.stream_seq, letter.stream,
+                      "on another subject" if subject != letter.subject else "a readable event")
             return
         await bus.delete(letter.stream, letter.stream_seq)

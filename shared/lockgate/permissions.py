@@ -55,8 +55,8 @@ def _base(identity: str) -> Grant:
 DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
     "sink": {"inference": ("inference",), "telemetry": ("spans",), "dlq": ("dlq",),
              # one per fact table it projects (services/sink/domain.py FACTS)
-             "events": ("artifacts", "releases", "lineage_runs", "eval_runs", "rollout_events", "drift_reports"),
-             "facts": ("lineage_edges", "eval_cases", "gate_decisions", "cost_ledger")},
+             "events": ("artifacts", "lineage_runs", "eval_runs", "rollout_events", "drift_reports"),
+             "facts": ("releases", "lineage_edges", "eval_cases", "gate_decisions", "cost_ledger")},
     "lineage": {"events": ("release", "run", "eval", "gate", "rollout")},
     "evaluator": {"events": ("requests",)},
     "gatekeeper": {"events": ("evals", "reviews")},
@@ -154,9 +154,10 @@ def grant(s: Subjects, identity: str) -> Grant:
     elif identity == "gateway":
         g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_all]))
     elif identity == "lineage":
-        # It binds each release name once (create-only KV) and publishes the edges as facts.
+        # It binds each release name once (create-only KV) and publishes the bound releases and the
+        # edges as facts.
         g.add(service).add(_consume(s, "lineage")).add(_read_objects(s.object_store))
-        g.add(_create_kv(s.kv_releases)).add(Grant(publish=[s.lineage_edges, s.query]))
+        g.add(_create_kv(s.kv_releases)).add(Grant(publish=[s.release_bound, s.lineage_edges, s.query]))
     elif identity == "evaluator":
         # It records each requested run (the gatekeeper decides only on those) and its cases as facts.
         g.add(service).add(_consume(s, "evaluator")).add(_read_objects(s.object_store))

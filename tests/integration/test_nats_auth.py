@@ -206,8 +206,9 @@ async def test_tls_is_configurable_for_server_and_clients(tmp_path: Path, unique
     ("gatekeeper", lambda s: s.gate_audit),
     ("evaluator", lambda s: s.eval_cases),
     ("lineage", lambda s: s.lineage_edges),
+    ("lineage", lambda s: s.release_bound),
     ("cost", lambda s: s.cost_ledger),
-], ids=["eval_runs", "releases", "gate_audit", "eval_cases", "lineage_edges", "cost_ledger"])
+], ids=["eval_runs", "releases", "gate_audit", "eval_cases", "lineage_edges", "bound_releases", "cost_ledger"])
 async def test_the_router_cannot_forge_run_records_bindings_or_facts(secured, owner, subject) -> None:
     _, settings, admin = secured
     router, writer = await _bus(settings, "router"), await _bus(settings, owner)
@@ -254,13 +255,13 @@ async def test_the_router_cannot_rebind_delete_or_drain_the_sinks_durable(secure
     # name, so the router could replace the sink's durable (a new filter, a new start) or pull its messages.
     _, settings, admin = secured
     s, stream = admin.subjects, admin.subjects.streams["events"].name
-    theirs = s.durable("sink", "releases")
-    config = ConsumerConfig(name=theirs, durable_name=theirs, filter_subject=s.release_registered,
+    theirs = s.durable("sink", "artifacts")
+    config = ConsumerConfig(name=theirs, durable_name=theirs, filter_subject=s.artifact_registered,
                             ack_policy=AckPolicy.EXPLICIT)
     sink, router = await _bus(settings, "sink"), await _bus(settings, "router")
     try:
         await sink.js.add_consumer(stream, config=config)
-        await admin.publish(s.release_registered, b"{}", msg_id="release-1")
+        await admin.publish(s.artifact_registered, b"{}", msg_id="artifact-1")
         js = router.nc.jetstream(timeout=2)  # a refused request is answered by no one: fail fast
         api = "$JS.API"
         attempts = [
@@ -287,7 +288,7 @@ async def test_the_router_cannot_rebind_delete_or_drain_the_sinks_durable(secure
             await pull.fetch(1, timeout=1)
         assert router.refused(f"{api}.CONSUMER.MSG.NEXT.{stream}.{theirs}") is not None
         info = await admin.js.consumer_info(stream, theirs)
-        assert info.config.filter_subject == s.release_registered and info.num_pending == 1  # untouched
+        assert info.config.filter_subject == s.artifact_registered and info.num_pending == 1  # untouched
         # The router still creates, reads and acks its own durable.
         mine = s.durable("router", "gates")
         await router.js.add_consumer(stream, config=ConsumerConfig(name=mine, durable_name=mine,
