@@ -149,14 +149,18 @@ def secret_name(name: str) -> bool:
 def scrub_mapping(values: Mapping[str, str]) -> Mapping[str, str]:
     """Keys and values scrubbed (the same mapping back when nothing changed); the value of a
     credential-named key is masked whole."""
+    # A value that is not text is left as it is, for the contract's decoder to refuse by name.
+    def clean(value: object) -> object:
+        return scrub_secrets(value) if isinstance(value, str) else value
+
     for key, value in values.items():
-        if secret_name(key) or scrub_secrets(key) != key or scrub_secrets(str(value)) != value:
+        if secret_name(key) or scrub_secrets(key) != key or clean(value) != value:
             break
     else:
         return values
     out: dict[str, str] = {}
     for key, value in values.items():
-        out[scrub_secrets(key)] = MARK if secret_name(key) else scrub_secrets(str(value))
+        out[scrub_secrets(key)] = MARK if secret_name(key) else clean(value)  # type: ignore[assignment]
     return out
 
 
