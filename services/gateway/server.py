@@ -22,8 +22,7 @@ from lockgate.client import get_decision, watch_decisions
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, SignatureError
-from lockgate.outbox import publish_events
-from lockgate.redact import scrub_event
+from lockgate.outbox import encode_event, publish_events
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.signing import Verifier
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
@@ -56,7 +55,7 @@ def event_from_proto(msg: ingest_pb2.InferenceEvent, tenant: str = "default") ->
     raw["attributes"] = dict(msg.attributes)
     raw["scores"] = dict(msg.scores)
     try:
-        return scrub_event(msgspec.convert(raw, InferenceEvent))
+        return msgspec.convert(raw, InferenceEvent)
     except msgspec.ValidationError as exc:
         raise InvalidEvent(str(exc)) from None
 
@@ -131,7 +130,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         telemetry.inject(headers)  # this call's trace, if any, continues on the bus
         try:
             # msg id = batch_id(chunk): a client retrying the same events is deduplicated.
-            accepted = await publish_events(self.bus.js, self.bus.subjects, events, headers=headers)
+            accepted = await publish_events(self.bus.js, self.bus.subjects, [encode_event(e) for e in events],
+                                            headers=headers)
         except BusUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
         return ingest_pb2.IngestReply(accepted=accepted, rejected=len(rejections), rejections=rejections)

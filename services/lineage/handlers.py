@@ -20,14 +20,16 @@ class LineageHandlers:
     async def on_event(self, event: domain.LineageEvent, delivery: Delivery) -> None:
         """Publish the edges the event implies (the fact's id derives from the event's, so JetStream and
         the sink drop a republished copy)."""
+        bus = self.ctx.bus
         if isinstance(event, ReleaseRegistered):
             # The name -> bundle binding (create-only KV) is the authority: an event that reached the
             # bus without `register_release` and rebinds a name is refused (ReleaseConflict,
-            # dead-lettered), so its edges never join the graph; a first sighting binds the name here.
-            await artifacts.bind_release(self.ctx.bus, artifacts.release_bundle(
+            # dead-lettered), so neither its row nor its edges land; a first sighting binds the name here.
+            await artifacts.bind_release(bus, artifacts.release_bundle(
                 event.release, event.app, event.artifacts, parent=event.parent, tenant=event.tenant))
+            # The sink stores `releases` from this fact alone (its id is the event's: a redelivery is dropped).
+            await bus.publish(bus.subjects.release_bound, event)
         fact = domain.edges_fact(event)
         if fact is not None:
-            bus = self.ctx.bus
             await bus.publish(bus.subjects.lineage_edges, fact)
         await self.processed.bump()

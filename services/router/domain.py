@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from lockgate.contracts import GateDecided, RolloutState
-from lockgate.contracts.names import Name
+from lockgate.contracts.names import Name, check_names
 from lockgate.errors import LockgateError
 
 Phase = Literal["idle", "progressing", "promoted", "aborted"]
@@ -89,6 +89,7 @@ class CanaryRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     break_glass: BreakGlass | None = None
 
     def __post_init__(self) -> None:
+        check_names(self)
         if not self.canary_release.strip() or not self.stable_release.strip():
             raise ValueError("stable_release and canary_release must be non-empty")
         if self.canary_release == self.stable_release:

@@ -22,7 +22,7 @@ from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.llmwire import ChatRequest, last_user_text
-from lockgate.outbox import Outbox
+from lockgate.outbox import Outbox, encode_event
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.services.router import domain
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
@@ -155,7 +155,7 @@ class Proxy:
         except Exception:  # the request is answered already: end the span, let the loop log the bug
             span.end()
             raise
-        self.batcher.add(event)  # the outbox scrubs secrets off this path, before the event leaves the router
+        self.batcher.add(encode_event(event))  # scrubbed and encoded once, after the answer was sent
         metrics.router_request(variant, rec.status, rec.latency_ms / 1000.0)
         _end_span(span, event)
 

@@ -8,7 +8,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import msgspec
+
 from lockgate.contracts import (
+    EVENT_TYPES,
     ArtifactRegistered,
     AuditRecord,
     CostLedger,
@@ -43,7 +46,8 @@ class Projection:
 
 FACTS: tuple[Projection, ...] = (
     Projection(tables.ARTIFACTS, lambda s: s.artifact_registered, "events", ArtifactRegistered),
-    Projection(tables.RELEASES, lambda s: s.release_registered, "events", ReleaseRegistered),
+    # From the lineage recorder's fact, not the event: only content matching the name's binding lands.
+    Projection(tables.RELEASES, lambda s: s.release_bound, "facts", ReleaseRegistered),
     Projection(tables.LINEAGE_RUNS, lambda s: s.lineage_run, "events", LineageRun),
     Projection(tables.LINEAGE_EDGES, lambda s: s.lineage_edges, "facts", LineageEdges),
     Projection(tables.EVAL_RUNS, lambda s: s.eval_completed, "events", EvalCompleted),
@@ -71,6 +75,25 @@ def redaction(mode: RedactMode) -> dict[str, Callable[[Any], Any]]:
 DEAD_LETTER_SCRUB: dict[str, Callable[[Any], Any]] = {
     "payload": scrub_secrets, "headers": scrub_mapping, "error": scrub_secrets, "reason": scrub_secrets,
 }
+
+
+# Each event type alone or in a batch, its `type` tag optional (as when it is decoded on its own).
+_READERS = [msgspec.json.Decoder(t | list[t]) for t in EVENT_TYPES]  # type: ignore[operator,valid-type]
+
+
+def unreadable(data: bytes) -> bool:
+    """True if `data` is no lockgate event at all, of any type, alone or in a list.
+
+    Only such an original is deleted when its dead letter is stored: anyone may publish a dead
+    letter, so the letter's word is never enough to delete a message (a gate decision, say) that
+    some consumer can read."""
+    for reader in _READERS:
+        try:
+            reader.decode(data)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            continue
+        return False
+    return True
 
 
 def new_rows(keys: Sequence[tuple[Any, ...]], origins: Sequence[int], stored: set[tuple[Any, ...]]) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,8 @@ from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.sink import domain
 from lockgate.store import Store
 from lockgate.store.tables import DEAD_LETTERS, OTEL_TRACES
+
+log = logging.getLogger("lockgate.sink")
 
 
 def _token(delivery: Delivery) -> str:
@@ -164,4 +167,27 @@ class SinkHandlers:
         """Make dead letters queryable."""
         data = DEAD_LETTERS.data([letter], transform=domain.DEAD_LETTER_SCRUB)
         await self.ctx.store.ainsert_columns("dead_letters", DEAD_LETTERS.columns, data, token=letter.id)
+        await self._delete_original(letter)
         await self.dead_letters.bump()
+
+    async def _delete_original(self, letter: DeadLetter) -> None:
+        # Now that the scrubbed copy is stored, an unreadable original (which may carry secrets) leaves
+        # its stream. The sink is the only identity allowed to delete; it checks the original itself,
+        # because a dead letter can be published by any service.
+        bus = self.ctx.bus
+        if not letter.stream or letter.stream_seq <= 0:
+            return
+        if letter.stream not in {spec.name for spec in bus.subjects.streams.values()}:
+            log.warning("dead letter %s names stream %s, which is not lockgate's: nothing deleted",
+                        letter.id, letter.stream)
+            return
+        original = await bus.stored(letter.stream, letter.stream_seq)
+        if original is None:  # deleted already (another consumer dead-lettered it too) or expired
+            return
+        subject, payload = original
+        if subject != letter.subject or not domain.unreadable(payload):
+            # A rejected (readable) message stays, as does anything a forged letter points at.
+            log.debug("dead letter %s: message %d of %s is %s; kept", letter.id, letter.stream_seq, letter.stream,
+                      "on another subject" if subject != letter.subject else "a readable event")
+            return
+        await bus.delete(letter.stream, letter.stream_seq)

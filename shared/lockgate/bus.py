@@ -40,6 +40,8 @@ FETCH_TIMEOUT_S = 1.0
 # How long a stop waits for in-flight handlers; what is still running then is cancelled, unacked,
 # and redelivered after ack_wait.
 GRACE_S = 10.0
+# The JetStream API's subject prefix (no JetStream domain is used).
+_API = "$JS.API"
 
 
 @dataclass
@@ -229,6 +231,25 @@ class Bus:
         """The content-addressed artifact object store."""
         return await self.js.object_store(self.subjects.object_store)
 
+    async def stored(self, stream: str, seq: int) -> tuple[str, bytes] | None:
+        """The subject and bytes of one stored message, or None if it is gone (deleted or expired)."""
+        try:
+            msg = await self._unless_refused(f"{_API}.STREAM.MSG.GET.{stream}", lambda: self.js.get_msg(stream, seq))
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot read message {seq} of stream {stream}: {exc!r}") from None
+        return msg.subject or "", msg.data or b""
+
+    async def delete(self, stream: str, seq: int) -> None:
+        """Delete one stored message (gone already is fine); only the sink's identity may (else NotAllowed)."""
+        try:
+            await self._unless_refused(f"{_API}.STREAM.MSG.DELETE.{stream}", lambda: self.js.delete_msg(stream, seq))
+        except nats.js.errors.NotFoundError:
+            return
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot delete message {seq} of stream {stream}: {exc!r}") from None
+
     async def publish(
         self,
         subject: str,
@@ -248,26 +269,31 @@ class Bus:
         if msg_id:
             hdrs["Nats-Msg-Id"] = msg_id
         telemetry.inject(hdrs)
+        try:
+            return await self._unless_refused(subject, lambda: self.js.publish(subject, data, headers=hdrs, timeout=5))
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise self.refused(subject) or BusUnavailable(
+                f"JetStream did not acknowledge publish to {subject}: {exc!r}") from None
+
+    async def _unless_refused(self, subject: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Await `call()`, a publish or request on `subject`, or raise NotAllowed as soon as the server
+        refuses that subject to this connection."""
         if refused := self.refused(subject):  # permissions do not change while connected
             raise refused
-        pub = asyncio.ensure_future(self.js.publish(subject, data, headers=hdrs, timeout=5))
+        pending = asyncio.ensure_future(call())
         if self.auth.enabled:
             # A refused publish gets no acknowledgement, only an -ERR: wait for whichever comes
             # first, so a permissions violation is reported at once instead of after the timeout.
             denied = asyncio.get_running_loop().create_future()
             self._waiters.append((subject.lower(), denied))
             try:
-                await asyncio.wait({pub, denied}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({pending, denied}, return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self._waiters.remove((subject.lower(), denied))
             if denied.done():
-                pub.cancel()
+                pending.cancel()
                 raise self.refused(subject) or NotAllowed(f"NATS refused a publish to {subject}")
-        try:
-            return await pub
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise self.refused(subject) or BusUnavailable(
-                f"JetStream did not acknowledge publish to {subject}: {exc!r}") from None
+        return await pending
 
     async def dead_letter(
         self,
@@ -279,12 +305,16 @@ class Bus:
         error: str = "",
         headers: dict[str, str] | None = None,
         deliveries: int = 1,
+        stream: str = "",
+        stream_seq: int = 0,
     ) -> None:
         """Send an unprocessable message to `<prefix>.dlq.<origin>` with the reason and its scrubbed bytes.
 
         A dead letter is kept for people to read: credential headers (Authorization, X-Api-Key,
         Cookie, ...) are masked whole, and keys, tokens and passwords in the payload, the other
-        headers and the error are replaced by a marker, so parking a message never stores a secret."""
+        headers and the error are replaced by a marker, so parking a message never stores a secret.
+        `stream` and `stream_seq` say where the original is stored: once the letter is stored, the
+        sink deletes an unreadable original there (no other identity may delete a message)."""
         reason, error = scrub_secrets(reason), scrub_secrets(error[:2000])
         letter = DeadLetter(
             origin=origin,
@@ -294,6 +324,8 @@ class Bus:
             payload=scrub_bytes(payload),
             headers=scrub_mapping(headers or {}),
             deliveries=deliveries,
+            stream=stream,
+            stream_seq=stream_seq,
         )
         metrics.dead_letter(origin)
         log.warning("dead letter from %s on %s: %s", origin, subject, reason)
@@ -460,12 +492,10 @@ def consume(
         try:
             value = codec.decode(body)
         except InvalidEvent as exc:
-            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", exc.message,
-                                       purge=True)
+            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", exc.message)
             return
         except Exception as exc:  # whatever the decoder trips on is bad input: park it, never leave it unacked
-            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", repr(exc),
-                                       purge=True)
+            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", repr(exc))
             return
         metrics.events_in(origin, len(value) if isinstance(value, list) else 1)
         delivery = Delivery(
@@ -578,14 +608,13 @@ async def _dead_letter_and_ack(
     deliveries: int,
     reason: str,
     error: str,
-    *,
-    purge: bool = False,
 ) -> None:
-    """Park a message in the DLQ (scrubbed) and ack it; `purge` also deletes the original from its stream.
+    """Park a message in the DLQ (scrubbed) and ack it.
 
-    An undecodable message is poison for every consumer of its stream and its raw bytes may carry
-    secrets a well-behaved producer would have scrubbed: once its scrubbed copy is safely in the
-    DLQ, the original is deleted so the stream does not keep it until its retention runs out."""
+    The letter names the original's stream and sequence: an unreadable message is poison for every
+    consumer of its stream and its raw bytes may carry secrets a well-behaved producer would have
+    scrubbed, so the sink deletes it once the scrubbed copy is stored (only the sink may delete)."""
+    meta = msg.metadata
     try:
         await bus.dead_letter(
             origin,
@@ -595,16 +624,11 @@ async def _dead_letter_and_ack(
             error=error,
             headers=headers,
             deliveries=deliveries,
+            stream=meta.stream,
+            stream_seq=meta.sequence.stream,
         )
     except BusUnavailable:
         # Could not park it: leave it unacked so JetStream redelivers rather than lose it.
         await msg.nak(delay=NACK_BACKOFF.delay(deliveries))
         return
     await msg.ack()
-    if purge:
-        meta = msg.metadata
-        try:
-            await bus.js.delete_msg(meta.stream, meta.sequence.stream)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            # Already deleted by another consumer of the stream, or not allowed: the DLQ copy stands.
-            log.debug("could not delete dead-lettered message %s/%d: %r", meta.stream, meta.sequence.stream, exc)

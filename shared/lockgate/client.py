@@ -12,18 +12,17 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any, Self
 
-import msgspec
 import nats
 import nats.errors
 import nats.js.errors
 
-from lockgate.codec import Codec, encode
+from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
 from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.errors import BusUnavailable, InvalidEvent, NotFound, SignatureError
-from lockgate.outbox import Outbox
+from lockgate.outbox import Outbox, encode_event
 from lockgate.retry import RetryPolicy
 from lockgate.signing import Verifier
 from lockgate.subjects import Subjects, token
@@ -31,23 +30,6 @@ from lockgate.subjects import Subjects, token
 log = logging.getLogger("lockgate.client")
 
 _decisions: Codec[GateDecided] = Codec(GateDecided)
-# The decoder the sink reads inference events with (msgspec checks `Meta` constraints only when
-# decoding, never when a Struct is constructed).
-_events: Codec[InferenceEvent] = Codec(InferenceEvent)
-
-
-def check_event(event: InferenceEvent) -> None:
-    """Raise InvalidEvent, naming the field, if the sink's decoder would refuse this event."""
-    try:
-        data = encode(event)
-    except (msgspec.EncodeError, TypeError) as exc:  # e.g. a non-string attribute value
-        raise InvalidEvent(f"invalid inference event: {exc}") from None
-    try:
-        _events.decode(data)
-    except InvalidEvent as exc:
-        raise InvalidEvent(f"invalid inference event: {exc.message}") from None
-
-
 async def get_decision(kv: Any, release: str) -> GateDecided | None:
     """The latest decision for `release` in the gates KV bucket, or None.
 
@@ -235,10 +217,9 @@ class Client:
             fields.setdefault("tenant", self.tenant)
             try:
                 event = InferenceEvent(**fields)
-            except TypeError as exc:  # an unknown field name
+            except (TypeError, ValueError) as exc:  # an unknown field name, a name off the grammar
                 raise InvalidEvent(f"invalid inference event: {exc}") from None
-        check_event(event)
-        return self._outbox.add(event)
+        return self._outbox.add(encode_event(event, check=True))
 
     async def flush(self) -> None:
         """Return once every event emitted before this call is acknowledged (or counted failed)."""

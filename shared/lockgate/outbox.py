@@ -1,11 +1,12 @@
 """Inference events leaving the process: the one publish routine, and the Outbox that feeds it.
 
-Every producer of inference events (the SDK, the router, gRPC ingest) publishes through
-`publish_events`: secrets scrubbed, events grouped by app and chunked, one JetStream message per
-chunk on `subjects.inference(app)` with `Nats-Msg-Id = batch_id(chunk)` (so a chunk retried after
-a lost ack is dropped by JetStream as a duplicate), transient NATS errors retried with the one
-RetryPolicy. `Outbox` is the buffered way in: the one Batcher in front of that routine, for
-producers that must never wait on the bus.
+Every producer of inference events (the SDK, the router, gRPC ingest) turns each event into an
+`Encoded` with `encode_event` (secrets scrubbed, then encoded once: the SDK's validity check and
+the message reuse the same bytes) and publishes through `publish_events`: events grouped by app
+and chunked by count and bytes, one JetStream message per chunk on `subjects.inference(app)` with
+`Nats-Msg-Id = batch_id(chunk)` (so a chunk retried after a lost ack is dropped by JetStream as a
+duplicate), transient NATS errors retried with the one RetryPolicy. `Outbox` is the buffered way
+in: the one Batcher in front of that routine, for producers that must never wait on the bus.
 
 The SDK imports this module: it needs nothing beyond nats-py and msgspec.
 """
@@ -15,15 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import msgspec
 import nats.errors
 import nats.js.errors
 
 from lockgate.batcher import Batcher, Overflow
-from lockgate.codec import encode
+from lockgate.codec import Codec, encode
 from lockgate.contracts import InferenceEvent
-from lockgate.errors import PublishFailed
+from lockgate.errors import InvalidEvent, PublishFailed
 from lockgate.ids import batch_id
 from lockgate.redact import scrub_event
 from lockgate.retry import RetryPolicy
@@ -31,8 +33,10 @@ from lockgate.subjects import Subjects
 
 log = logging.getLogger("lockgate.outbox")
 
-# Keeps each message well under NATS' default 1 MB max_payload (events are ~250 bytes to a few KB).
 BATCH_SIZE = 500
+# Keeps each message under NATS' default 1 MB max_payload whatever the events' sizes (a chunk is cut
+# before the event that would cross it; one larger event goes alone and the server says why).
+BATCH_BYTES = 900_000
 
 # Errors after which the same publish can succeed: no ack in time, JetStream not (yet) answering,
 # a reconnect in progress. A closed connection, a payload over the limit or an unencodable event
@@ -53,18 +57,58 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 PUBLISH_RETRY = RetryPolicy(attempts=5, initial_s=0.05, max_s=2.0)
 
 
-def chunk_by_app(events: Sequence[InferenceEvent], batch_size: int = BATCH_SIZE) -> list[list[InferenceEvent]]:
-    """Events grouped by app (in first-seen order) and cut into chunks of at most `batch_size`."""
-    by_app: dict[str, list[InferenceEvent]] = {}
+class Encoded(NamedTuple):
+    """One inference event ready to leave the process: scrubbed and encoded once."""
+
+    app: str
+    id: str
+    traceparent: str  # the event's request, continued by the message that carries it ("" if none)
+    data: bytes
+
+
+# The decoder the sink reads inference events with (msgspec checks `Meta` constraints, such as the
+# name grammar and non-negative counts, only when decoding, never when a Struct is constructed).
+_events: Codec[InferenceEvent] = Codec(InferenceEvent)
+
+
+def encode_event(event: InferenceEvent, *, check: bool = False) -> Encoded:
+    """Scrub, then encode. With `check`, raise InvalidEvent naming the field if the sink's decoder
+    would refuse the bytes: one bad event must never reach (and poison) a batch of good ones."""
+    event = scrub_event(event)
+    try:
+        data = encode(event)
+    except (msgspec.EncodeError, TypeError) as exc:  # e.g. a non-string attribute value
+        raise InvalidEvent(f"invalid inference event: {exc}") from None
+    if check:
+        try:
+            _events.decode(data)
+        except InvalidEvent as exc:
+            raise InvalidEvent(f"invalid inference event: {exc.message}") from None
+    parent = f"00-{event.trace_id}-{event.span_id}-01" if event.trace_id and event.span_id else ""
+    return Encoded(event.app, event.id, parent, data)
+
+
+def chunk_by_app(events: Sequence[Encoded], batch_size: int = BATCH_SIZE,
+                 batch_bytes: int = BATCH_BYTES) -> list[list[Encoded]]:
+    """Events grouped by app (in first-seen order) and cut into chunks of at most `batch_size`
+    events and about `batch_bytes` bytes."""
+    by_app: dict[str, list[list[Encoded]]] = {}
+    sizes: dict[str, int] = {}
     for event in events:
-        by_app.setdefault(event.app, []).append(event)
-    return [group[i : i + batch_size] for group in by_app.values() for i in range(0, len(group), batch_size)]
+        chunks = by_app.setdefault(event.app, [[]])
+        size = len(event.data) + 1
+        if chunks[-1] and (len(chunks[-1]) >= batch_size or sizes[event.app] + size > batch_bytes):
+            chunks.append([])
+            sizes[event.app] = 0
+        chunks[-1].append(event)
+        sizes[event.app] = sizes.get(event.app, 0) + size
+    return [chunk for chunks in by_app.values() for chunk in chunks]
 
 
 async def publish_events(
     js: Any,
     subjects: Subjects,
-    events: Sequence[InferenceEvent],
+    events: Sequence[Encoded],
     *,
     batch_size: int = BATCH_SIZE,
     headers: Mapping[str, str] | None = None,
@@ -76,8 +120,7 @@ async def publish_events(
     Raises PublishFailed (carrying `sent` and `failed`) when any chunk was not acknowledged after
     the retries; the other chunks are published all the same. `headers` go on every message; a
     chunk without a `traceparent` there gets its first event's trace."""
-    # Scrubbed here, at the last step before the bytes leave the process and off any request path.
-    chunks = chunk_by_app([scrub_event(e) for e in events], batch_size)
+    chunks = chunk_by_app(events, batch_size)
     errors = await asyncio.gather(
         *(_publish_chunk(js, subjects.inference(c[0].app), c, headers, retry, timeout_s) for c in chunks)
     )
@@ -97,17 +140,16 @@ async def publish_events(
 async def _publish_chunk(
     js: Any,
     subject: str,
-    chunk: list[InferenceEvent],
+    chunk: list[Encoded],
     headers: Mapping[str, str] | None,
     retry: RetryPolicy,
     timeout_s: float,
 ) -> Exception | None:
     try:
-        data = encode(chunk)
+        data = b"[" + b",".join([e.data for e in chunk]) + b"]"  # the JSON array the sink decodes
         hdrs = dict(headers or {})
-        first = chunk[0]
-        if "traceparent" not in hdrs and first.trace_id and first.span_id:
-            hdrs["traceparent"] = f"00-{first.trace_id}-{first.span_id}-01"
+        if "traceparent" not in hdrs and chunk[0].traceparent:
+            hdrs["traceparent"] = chunk[0].traceparent
         # The same events always give the same id, so a retry after a lost ack is deduplicated.
         hdrs["Nats-Msg-Id"] = batch_id(chunk)
         await retry.call(
@@ -154,7 +196,7 @@ class Outbox:
         self._refused_closed = 0
         self._on_sent = on_sent
         self._on_drop = on_drop
-        self._batcher: Batcher[InferenceEvent] = Batcher(
+        self._batcher: Batcher[Encoded] = Batcher(
             self._publish,
             max_items=batch_size,
             max_age_s=max_age_s,
@@ -179,7 +221,7 @@ class Outbox:
         self.js = js
         self._batcher.start()
 
-    def add(self, event: InferenceEvent) -> bool:
+    def add(self, event: Encoded) -> bool:
         """Queue one event (O(1), never blocks); False if it was refused."""
         if self._batcher.closed:  # e.g. a request finishing while the process shuts down
             self._refused_closed += 1
@@ -195,7 +237,7 @@ class Outbox:
         """Flush what is left and wait for the acks; later events are refused."""
         await self._batcher.close()
 
-    async def _publish(self, events: list[InferenceEvent]) -> None:
+    async def _publish(self, events: list[Encoded]) -> None:
         try:
             # Awaited before the add: `self.sent += await ...` would read the counter before the
             # await and lose the counts of batches acknowledged meanwhile.

@@ -4,8 +4,10 @@ for SDK applications, derived from `subjects.py` so the table cannot drift from 
 Publishing is what the trust model guards: only the gatekeeper publishes gate decisions (and
 writes the gates and keys buckets), only the evaluator publishes eval completions, only an
 approver (or admin) publishes reviews, and an application publishes inference events and
-nothing else. Reading is granted per stream: a service that may read a stream may create
-consumers on it (JetStream cannot narrow a consumer's filter by permission).
+nothing else. Reading is granted per stream (JetStream cannot narrow a consumer's filter by
+permission), but a service creates, deletes, fetches from and acks only its own durable consumers
+(DURABLES), so one service cannot rebind, delete or drain another's; only the sink deletes a
+message from a stream (a dead-lettered, unreadable original).
 """
 
 from __future__ import annotations
@@ -47,27 +49,62 @@ def _base(identity: str) -> Grant:
     return Grant(publish=["$JS.API.INFO", "$JS.API.STREAM.NAMES"], subscribe=[f"{inbox(identity)}.>"])
 
 
+# The durable consumers each service runs (registered in its app.py), by stream: `Subjects.durable(
+# service, purpose)` for each purpose. A durable missing here cannot start under auth, and
+# tests/integration/test_nats_auth.py checks every registered consumer against this table.
+DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
+    "sink": {"inference": ("inference",), "telemetry": ("spans",), "dlq": ("dlq",),
+             # one per fact table it projects (services/sink/domain.py FACTS)
+             "events": ("artifacts", "lineage_runs", "eval_runs", "rollout_events", "drift_reports"),
+             "facts": ("releases", "lineage_edges", "eval_cases", "gate_decisions", "cost_ledger", "audit_log")},
+    "lineage": {"events": ("release", "run", "eval", "gate", "rollout")},
+    "evaluator": {"events": ("requests",)},
+    "gatekeeper": {"events": ("evals", "reviews"), "audit": ("audit",)},  # audit: the chainer
+    "router": {"events": ("gates",)},
+    "drift": {"inference": ("inference",), "events": ("rollout",)},
+    "cost": {"inference": ("inference",)},
+}
+
+
 def _read_stream(stream: str) -> Grant:
-    # Durable and ephemeral (ordered) consumers, pull fetches and acks on one stream; no stream deletes.
+    # Reading messages by sequence (and a stream's state); consumers are granted apart.
     api = "$JS.API"
-    return Grant(publish=[
-        f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.MSG.GET.{stream}",
-        f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>",
+    return Grant(publish=[f"{api}.STREAM.INFO.{stream}", f"{api}.STREAM.MSG.GET.{stream}",
+                          f"{api}.DIRECT.GET.{stream}", f"{api}.DIRECT.GET.{stream}.>"])
+
+
+def _durables(stream: str, names: tuple[str, ...]) -> Grant:
+    # Create (nats-server 2.9+ `CONSUMER.CREATE.{stream}.{name}[.{filter}]`, and the legacy durable
+    # subject), look up, fetch from and ack only these named consumers: no ephemeral create
+    # (`CONSUMER.CREATE.{stream}`), so another service's durable can be neither rebound nor drained.
+    api = "$JS.API"
+    return Grant(publish=[sub for d in names for sub in (
+        f"{api}.CONSUMER.CREATE.{stream}.{d}", f"{api}.CONSUMER.CREATE.{stream}.{d}.>",
+        f"{api}.CONSUMER.DURABLE.CREATE.{stream}.{d}", f"{api}.CONSUMER.INFO.{stream}.{d}",
+        f"{api}.CONSUMER.MSG.NEXT.{stream}.{d}", f"$JS.ACK.{stream}.{d}.>")])
+
+
+def _consume(s: Subjects, service: str) -> Grant:
+    """Read every stream the service consumes, through its own durable consumers only."""
+    g = Grant()
+    for key, purposes in DURABLES[service].items():
+        stream = s.streams[key].name
+        g.add(_read_stream(stream)).add(_durables(stream, tuple(s.durable(service, p) for p in purposes)))
+    return g
+
+
+def _ephemeral(stream: str) -> Grant:
+    # Unnamed ordered consumers (KV watch and keys, object reads) on a bucket's stream, which has no
+    # durable to protect; they are deleted when they end or reset.
+    api = "$JS.API"
+    return _read_stream(stream).add(Grant(publish=[
         f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>",
-        f"{api}.CONSUMER.DURABLE.CREATE.{stream}.*", f"{api}.CONSUMER.INFO.{stream}.*",
-        f"{api}.CONSUMER.MSG.NEXT.{stream}.*", f"$JS.ACK.{stream}.>",
-    ])
-
-
-def _consume_stream(stream: str) -> Grant:
-    # A consumer edge dead-letters an undecodable message and then deletes the original from its
-    # stream (bus.dead_letter purge), so the poison is not kept beside its scrubbed DLQ copy.
-    return _read_stream(stream).add(Grant(publish=[f"$JS.API.STREAM.MSG.DELETE.{stream}"]))
+        f"{api}.CONSUMER.INFO.{stream}.*", f"{api}.CONSUMER.MSG.NEXT.{stream}.*",
+        f"{api}.CONSUMER.DELETE.{stream}.*", f"$JS.ACK.{stream}.>"]))
 
 
 def _read_kv(bucket: str) -> Grant:
-    # Ordered consumers behind watch() and keys() are deleted when they end or reset.
-    return _read_stream(f"KV_{bucket}").add(Grant(publish=[f"$JS.API.CONSUMER.DELETE.KV_{bucket}.*"]))
+    return _ephemeral(f"KV_{bucket}")
 
 
 def _write_kv(bucket: str) -> Grant:
@@ -81,7 +118,7 @@ def _create_kv(bucket: str) -> Grant:
 
 
 def _read_objects(bucket: str) -> Grant:
-    return _read_stream(f"OBJ_{bucket}").add(Grant(publish=[f"$JS.API.CONSUMER.DELETE.OBJ_{bucket}.*"]))
+    return _ephemeral(f"OBJ_{bucket}")
 
 
 def _write_objects(bucket: str) -> Grant:
@@ -107,42 +144,44 @@ def grant(s: Subjects, identity: str) -> Grant:
     if identity == "admin":
         return Grant(publish=[">"], subscribe=[">"], responses=True)
     if identity == "sink":
-        g.add(service).add(_manage_topology(s))
-        # Every stream it projects into ClickHouse: inference, events, facts, spans, dead letters.
-        for stream in ("inference", "events", "facts", "telemetry", "dlq"):
-            g.add(_consume_stream(st[stream]))
+        g.add(service).add(_manage_topology(s)).add(_consume(s, "sink"))
+        # The one identity that deletes a message: once a dead letter is stored, the sink removes its
+        # unreadable original (which may carry secrets) from the stream it came from.
+        g.add(Grant(publish=[f"$JS.API.STREAM.MSG.DELETE.{st[k]}" for k in ("inference", "events", "facts",
+                                                                             "telemetry", "dlq", "audit")]))
     elif identity == "query":
         g.add(service).add(Grant(subscribe=[s.query], responses=True))
     elif identity == "gateway":
         g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_all]))
     elif identity == "lineage":
-        # It binds each release name once (create-only KV) and publishes the edges as facts.
-        g.add(service).add(_consume_stream(st["events"])).add(_read_objects(s.object_store))
-        g.add(_create_kv(s.kv_releases)).add(Grant(publish=[s.lineage_edges, s.query]))
+        # It binds each release name once (create-only KV) and publishes the bound releases and the
+        # edges as facts.
+        g.add(service).add(_consume(s, "lineage")).add(_read_objects(s.object_store))
+        g.add(_create_kv(s.kv_releases)).add(Grant(publish=[s.release_bound, s.lineage_edges, s.query]))
     elif identity == "evaluator":
         # It records each requested run (the gatekeeper decides only on those) and its cases as facts.
-        g.add(service).add(_consume_stream(st["events"])).add(_read_objects(s.object_store))
+        g.add(service).add(_consume(s, "evaluator")).add(_read_objects(s.object_store))
         g.add(_write_kv(s.kv_eval_cache)).add(_write_kv(s.kv_eval_runs))
         g.add(Grant(publish=[s.eval_completed, s.lineage_run, s.eval_cases, f"{s.prefix}.progress.eval.>", s.query]))
     elif identity == "gatekeeper":
         # It reads the evaluator's run records (not writes them) and publishes decisions and their audit rows.
-        g.add(service).add(_consume_stream(st["events"])).add(_read_objects(s.object_store))
+        g.add(service).add(_consume(s, "gatekeeper")).add(_read_objects(s.object_store))
         g.add(_write_kv(s.kv_gates)).add(_write_kv(s.kv_keys)).add(_read_kv(s.kv_eval_runs))
         g.add(Grant(publish=[s.gate_decided_all, s.gate_audit, s.query]))
         # It chains the audit log: reads every identity's entries, keeps the head, publishes the signed rows.
-        g.add(_consume_stream(st["audit"])).add(_write_kv(s.kv_audit))
+        g.add(_write_kv(s.kv_audit))
         g.add(Grant(publish=[s.audit("gatekeeper"), s.audit_records]))
     elif identity == "router":
         # Rollouts name releases only: it reads their bindings and bundles, never binds one.
-        g.add(service).add(_consume_stream(st["events"])).add(_read_kv(s.kv_gates)).add(_write_kv(s.kv_routes))
+        g.add(service).add(_consume(s, "router")).add(_read_kv(s.kv_gates)).add(_write_kv(s.kv_routes))
         g.add(_read_kv(s.kv_releases)).add(_read_objects(s.object_store))
         g.add(Grant(publish=[s.rollout_all, s.inference_all, s.query]))
         g.add(Grant(publish=[s.audit("router")]))  # its manual rollout actions and overrides, as itself
     elif identity == "drift":
-        g.add(service).add(_consume_stream(st["inference"])).add(_consume_stream(st["events"]))
+        g.add(service).add(_consume(s, "drift"))
         g.add(_write_kv(s.kv_drift)).add(Grant(publish=[s.drift_all, s.query]))
     elif identity == "cost":
-        g.add(service).add(_consume_stream(st["inference"])).add(Grant(publish=[s.cost_all, s.cost_ledger, s.query]))
+        g.add(service).add(_consume(s, "cost")).add(Grant(publish=[s.cost_all, s.cost_ledger, s.query]))
     elif identity == APP:
         # The SDK: send inference events, read decisions and the keys that verify them.
         g.add(_read_kv(s.kv_gates)).add(_read_kv(s.kv_keys)).add(Grant(publish=[s.inference_all]))

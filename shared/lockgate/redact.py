@@ -149,15 +149,36 @@ def secret_name(name: str) -> bool:
 def scrub_mapping(values: Mapping[str, str]) -> Mapping[str, str]:
     """Keys and values scrubbed (the same mapping back when nothing changed); the value of a
     credential-named key is masked whole."""
-    for key, value in values.items():
-        if secret_name(key) or scrub_secrets(key) != key or scrub_secrets(str(value)) != value:
-            break
-    else:
+    if not values or _is_clean(tuple(values.items())):
         return values
+    # A value that is not text is left as it is, for the contract's decoder to refuse by name.
+    def clean(value: object) -> object:
+        return scrub_secrets(value) if isinstance(value, str) else value
+
     out: dict[str, str] = {}
     for key, value in values.items():
-        out[scrub_secrets(key)] = MARK if secret_name(key) else scrub_secrets(str(value))
+        out[clean(key)] = MARK if secret_name(str(key)) else clean(value)  # type: ignore[index,assignment]
     return out
+
+
+# The same small mappings (a route, a region) arrive with event after event: their verdict is
+# remembered. Only small ones enter and the table is bounded, so its memory stays small.
+_verdicts: dict[tuple[tuple[object, object], ...], bool] = {}
+_VERDICTS_MAX = 16_384
+
+
+def _is_clean(items: tuple[tuple[object, object], ...]) -> bool:
+    try:
+        known = _verdicts.get(items)
+    except TypeError:  # an unhashable value: not text, so never clean
+        return False
+    if known is not None:
+        return known
+    clean = all(type(k) is str and type(v) is str and not secret_name(k) and scrub_secrets(k) == k
+                and scrub_secrets(v) == v for k, v in items)
+    if clean and len(_verdicts) < _VERDICTS_MAX and sum(len(k) + len(v) for k, v in items) <= _SHORT:  # type: ignore[arg-type]
+        _verdicts[items] = True
+    return clean
 
 
 def scrub_event(event: InferenceEvent) -> InferenceEvent:

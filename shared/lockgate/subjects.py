@@ -171,6 +171,12 @@ class Subjects:
         return f"{self.prefix}.fact.eval_cases"
 
     @property
+    def release_bound(self) -> str:
+        """Releases the lineage recorder bound: each ReleaseRegistered again, once its content matched the
+        name's binding, so a registration forged on the bus for a bound name never reaches `releases`."""
+        return f"{self.prefix}.fact.releases"
+
+    @property
     def gate_audit(self) -> str:
         """Rows of the gate audit log (GateAudited)."""
         return f"{self.prefix}.fact.gate_audit"

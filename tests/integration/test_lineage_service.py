@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from lockgate.bus import Bus
+from lockgate.config import Settings
 from lockgate.contracts import (
     ArtifactRegistered,
     EvalCompleted,
@@ -104,7 +105,7 @@ async def test_redelivered_event_adds_no_rows(run_services, bus: Bus, store: Sto
     await bus.publish(bus.subjects.release_registered, rel, msg_id="first")
     await bus.publish(bus.subjects.release_registered, rel, msg_id="second")
     await svcs["lineage"].handlers.processed.wait_for(2, timeout_s=30)
-    await sink_stored(svcs["sink"].handlers, releases=2, lineage_edges=1)
+    await sink_stored(svcs["sink"].handlers, releases=1, lineage_edges=1)
     assert store.scalar("SELECT count() FROM releases") == 1
     assert store.scalar("SELECT count() FROM lineage_edges") == 1
 
@@ -130,3 +131,45 @@ async def test_release_rebound_on_the_bus_is_refused_not_linked(run_services, bu
     await sink_stored(svcs["sink"].handlers, lineage_edges=1)
     assert store.scalar("SELECT count() FROM lineage_edges WHERE dst = {h:String}", {"h": PROMPT}) == 0
     assert (await artifacts.release_of(bus, "rel-y"))["artifacts"] == {"dataset/qa": DATA}
+
+
+async def test_a_forged_registration_of_a_bound_release_never_lands_in_clickhouse(settings: Settings) -> None:
+    # Before: the binding refused it, but the sink stored the forged ReleaseRegistered from the bus,
+    # so `releases` (and every query on it) showed content that is not the bound release. Embedded
+    # as `lockgate up` runs it, the forger holds the operator role, which may announce releases.
+    from lockgate import artifacts, credentials
+    from lockgate.codec import Codec
+    from lockgate.contracts import DeadLetter
+    from lockgate.credentials import NotAllowed
+    from lockgate.server.runtime import Runtime
+    from lockgate.subjects import Subjects
+
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "lineage"])
+    await runtime.start()
+    operator = None
+    try:
+        assert runtime.ctx is not None and runtime.ctx.store is not None and runtime.services is not None
+        store, admin = runtime.ctx.store, runtime.ctx.bus
+        sink, recorder = runtime.services["sink"].handlers, runtime.services["lineage"].handlers
+        dlq = await admin.nc.subscribe(admin.subjects.dlq("lineage"))
+        operator = Bus(runtime.settings.nats_url, Subjects(settings.prefix), name="forger",
+                       auth=credentials.for_identity(runtime.settings, "operator"), manage_topology=False)
+        await operator.connect()
+        await artifacts.register_release(operator, "rel-y", "shop", {"dataset/qa": DATA})
+        forged = ReleaseRegistered(release="rel-y", app="shop", artifacts={"dataset/qa": PROMPT})
+        await operator.publish(operator.subjects.release_registered, forged)
+        with pytest.raises(NotAllowed):  # nor can it announce a bound release itself
+            await operator.publish(operator.subjects.release_bound, forged)
+        letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=20)).data)
+        assert letter.reason == "rejected" and "release 'rel-y' is already registered with other content" in letter.error
+        # A later release, recorded in order after the forged one, shows the sink is past it.
+        await artifacts.register_release(operator, "rel-z", "shop", {"prompt/greet": PROMPT})
+        await recorder.processed.wait_for(2, timeout_s=30)  # the forged one was refused, not processed
+        await sink_stored(sink, releases=2)
+        rows = store.rows("SELECT release, artifacts FROM releases ORDER BY release")
+        assert rows == [{"release": "rel-y", "artifacts": {"dataset/qa": DATA}},
+                        {"release": "rel-z", "artifacts": {"prompt/greet": PROMPT}}]
+    finally:
+        if operator is not None:
+            await operator.close()
+        await runtime.stop()

@@ -3,12 +3,14 @@ connection; each identity publishes only its own facts, and a refused publish st
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
 import nats.errors
 import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from lockgate import credentials
 from lockgate.bus import Bus
@@ -17,7 +19,11 @@ from lockgate.config import Settings
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview, InferenceEvent
 from lockgate.credentials import NotAllowed
 from lockgate.errors import BusUnavailable
+from lockgate.permissions import IDENTITIES, grant
 from lockgate.server.natsserver import NatsServer, auth_config
+from lockgate.server.registry import ServiceSet, available
+from lockgate.server.runtime import Runtime
+from lockgate.server.service import ServiceContext
 from lockgate.subjects import Subjects
 
 pytestmark = pytest.mark.timeout(60)
@@ -200,8 +206,9 @@ async def test_tls_is_configurable_for_server_and_clients(tmp_path: Path, unique
     ("gatekeeper", lambda s: s.gate_audit),
     ("evaluator", lambda s: s.eval_cases),
     ("lineage", lambda s: s.lineage_edges),
+    ("lineage", lambda s: s.release_bound),
     ("cost", lambda s: s.cost_ledger),
-], ids=["eval_runs", "releases", "gate_audit", "eval_cases", "lineage_edges", "cost_ledger"])
+], ids=["eval_runs", "releases", "gate_audit", "eval_cases", "lineage_edges", "bound_releases", "cost_ledger"])
 async def test_the_router_cannot_forge_run_records_bindings_or_facts(secured, owner, subject) -> None:
     _, settings, admin = secured
     router, writer = await _bus(settings, "router"), await _bus(settings, owner)
@@ -219,19 +226,118 @@ async def test_the_router_cannot_forge_run_records_bindings_or_facts(secured, ow
         await writer.close()
 
 
-async def test_a_consumer_may_delete_a_dead_lettered_original_and_the_router_may_not(secured) -> None:
-    # The consumer edge deletes an undecodable message from its stream once it is parked in the
-    # DLQ (bus.dead_letter purge); without the grant the poison would silently stay beside its copy.
+async def test_only_the_sink_may_delete_a_message(secured) -> None:
+    # Before: every consumer of a stream held STREAM.MSG.DELETE on it (for dead-lettered poison), so
+    # the router could erase gate decisions from the events stream.
     _, settings, admin = secured
-    stream = admin.subjects.streams["inference"].name
-    ack = await admin.publish(admin.subjects.inference("shop"), b"{broken", msg_id="poison")
-    router, sink = await _bus(settings, "router"), await _bus(settings, "sink")
+    stream = admin.subjects.streams["events"].name
+    ack = await admin.publish(admin.subjects.gate_decided("shop-v2"), _decision("shop-v2"))
+    for identity in IDENTITIES:
+        if identity in ("sink", "admin"):
+            continue
+        bus = await _bus(settings, identity)
+        try:
+            with pytest.raises(NotAllowed, match=f"{identity!r} may not"):
+                await bus.delete(stream, ack.seq)
+        finally:
+            await bus.close()
+        assert await admin.stored(stream, ack.seq) is not None, identity
+    sink = await _bus(settings, "sink")
     try:
-        with pytest.raises((nats.errors.Error, TimeoutError)):
-            await router.js.delete_msg(stream, ack.seq)  # the router consumes events, not inference
-        assert (await admin.js.stream_info(stream)).state.messages == 1
-        await sink.js.delete_msg(stream, ack.seq)
-        assert (await admin.js.stream_info(stream)).state.messages == 0
+        await sink.delete(stream, ack.seq)
     finally:
-        await router.close()
         await sink.close()
+    assert await admin.stored(stream, ack.seq) is None
+
+
+async def test_the_router_cannot_rebind_delete_or_drain_the_sinks_durable(secured) -> None:
+    # Before: reading a stream granted CONSUMER.CREATE/DURABLE.CREATE/MSG.NEXT/ACK for any consumer
+    # name, so the router could replace the sink's durable (a new filter, a new start) or pull its messages.
+    _, settings, admin = secured
+    s, stream = admin.subjects, admin.subjects.streams["events"].name
+    theirs = s.durable("sink", "artifacts")
+    config = ConsumerConfig(name=theirs, durable_name=theirs, filter_subject=s.artifact_registered,
+                            ack_policy=AckPolicy.EXPLICIT)
+    sink, router = await _bus(settings, "sink"), await _bus(settings, "router")
+    try:
+        await sink.js.add_consumer(stream, config=config)
+        await admin.publish(s.artifact_registered, b"{}", msg_id="artifact-1")
+        js = router.nc.jetstream(timeout=2)  # a refused request is answered by no one: fail fast
+        api = "$JS.API"
+        attempts = [
+            # nats-server 2.9+ named create (what nats-py sends), a wider filter to read everything
+            (f"{api}.CONSUMER.CREATE.{stream}.{theirs}.{s.prefix}.>", lambda: js.add_consumer(
+                stream, config=ConsumerConfig(name=theirs, durable_name=theirs, filter_subject=f"{s.prefix}.>"))),
+            (f"{api}.CONSUMER.CREATE.{stream}.{theirs}",
+             lambda: js.add_consumer(stream, config=ConsumerConfig(name=theirs, durable_name=theirs))),
+            (f"{api}.CONSUMER.DURABLE.CREATE.{stream}.{theirs}", lambda: js.add_consumer(  # the legacy subject
+                stream, config=ConsumerConfig(durable_name=theirs, deliver_policy=DeliverPolicy.NEW))),
+            (f"{api}.CONSUMER.CREATE.{stream}", lambda: router.nc.request(  # the legacy ephemeral subject
+                f"{api}.CONSUMER.CREATE.{stream}", json.dumps({"stream_name": stream, "config": {
+                    "name": theirs, "ack_policy": "explicit", "filter_subject": f"{s.prefix}.>"}}).encode(),
+                timeout=2)),
+            (f"{api}.CONSUMER.DELETE.{stream}.{theirs}", lambda: js.delete_consumer(stream, theirs)),
+        ]
+        for subject, attempt in attempts:
+            with pytest.raises((nats.errors.Error, TimeoutError)):
+                await attempt()
+            assert router.refused(subject) is not None, subject  # refused by the server, not just slow
+        # Fetching from (and so acking away) the sink's messages is refused too.
+        pull = await js.pull_subscribe_bind(durable=theirs, stream=stream)
+        with pytest.raises((nats.errors.Error, TimeoutError)):
+            await pull.fetch(1, timeout=1)
+        assert router.refused(f"{api}.CONSUMER.MSG.NEXT.{stream}.{theirs}") is not None
+        info = await admin.js.consumer_info(stream, theirs)
+        assert info.config.filter_subject == s.artifact_registered and info.num_pending == 1  # untouched
+        # The router still creates, reads and acks its own durable.
+        mine = s.durable("router", "gates")
+        await router.js.add_consumer(stream, config=ConsumerConfig(name=mine, durable_name=mine,
+                                                                   filter_subject=s.gate_decided_all))
+        await admin.publish(s.gate_decided("shop-v2"), _decision("shop-v2"))
+        (msg,) = await (await router.js.pull_subscribe_bind(durable=mine, stream=stream)).fetch(1, timeout=5)
+        await msg.ack_sync()
+        done = await admin.js.consumer_info(stream, mine)
+        assert (done.num_pending, done.num_ack_pending) == (0, 0)
+    finally:
+        await sink.close()
+        await router.close()
+
+
+async def test_every_consumer_a_service_registers_is_in_its_grant(context: ServiceContext) -> None:
+    # A durable left out of DURABLES could not start under auth: compare the table with the wiring.
+    services = ServiceSet(context, available())
+    for svc in services.services:
+        granted = grant(context.bus.subjects, svc.name).publish
+        for spec in svc.consumers:
+            assert f"$JS.API.CONSUMER.CREATE.{spec.stream}.{spec.durable}.>" in granted, (svc.name, spec.durable)
+            assert f"$JS.ACK.{spec.stream}.{spec.durable}.>" in granted, (svc.name, spec.durable)
+
+
+async def test_a_poison_original_is_deleted_by_the_sink_and_a_forged_letter_deletes_nothing(
+        settings: Settings) -> None:
+    # Embedded as `lockgate up` runs it: drift (inference consumer) dead-letters an unreadable message;
+    # the sink stores the letter and removes the original, which only it may do. A dead letter the
+    # router forges about a gate decision is stored, but the decision is readable, so it stays.
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "drift"])
+    await runtime.start()
+    router = None
+    try:
+        assert runtime.ctx is not None and runtime.services is not None
+        admin, s = runtime.ctx.bus, runtime.ctx.bus.subjects
+        letters = runtime.services["sink"].handlers.dead_letters
+        inference = s.streams["inference"].name
+        poison = await admin.publish(s.inference("shop"), b"{not json sk_live_" + b"x" * 24, msg_id="poison")
+        await letters.wait_for(1)
+        assert await admin.stored(inference, poison.seq) is None
+        events = s.streams["events"].name
+        decision = await admin.publish(s.gate_decided("shop-v2"), _decision("shop-v2"))
+        router = await _bus(runtime.settings, "router")
+        seen = letters.count
+        await router.dead_letter("router", subject=s.gate_decided("shop-v2"), payload=b"{", reason="invalid event",
+                                 stream=events, stream_seq=decision.seq)
+        await letters.wait_for(seen + 1)
+        assert await admin.stored(events, decision.seq) is not None
+    finally:
+        if router is not None:
+            await router.close()
+        await runtime.stop()

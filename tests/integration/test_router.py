@@ -8,6 +8,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+import openai
 import pytest
 
 from lockgate.codec import Codec
@@ -607,3 +608,53 @@ async def test_untrusted_decisions_move_no_traffic_and_are_dead_lettered(
     # The consumer is still acting on trusted decisions.
     await bus.publish(bus.subjects.gate_decided("r2"), gate(signer, decision="BLOCK"))
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
+
+
+# The official `openai` client against the router: errors in OpenAI's format become its exceptions.
+
+
+def _openai(router: Any, key: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=key, max_retries=0, timeout=10)
+
+
+@pytest.mark.parametrize("key", [None, "lg-not-a-key", "sk-" + "a" * 48], ids=["none", "unknown", "openai-key"])
+@pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
+async def test_openai_client_without_a_valid_key_gets_authentication_error(router: Any, sims: Any, key: str,
+                                                                           stream: bool) -> None:
+    # Before: the router proxied anyone's request; now the official client raises AuthenticationError.
+    # `None`: no Authorization header at all (the client refuses an empty key itself, so omit it).
+    omit = {"Authorization": openai.Omit()} if key is None else None
+    async with _openai(router, key or "unused") as client:
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                 stream=stream, extra_headers=omit)
+    err = caught.value
+    assert (err.status_code, err.type, err.code) == (401, "invalid_request_error", "invalid_api_key")
+    assert err.body["message"].startswith("missing API key" if key is None else "invalid API key")  # type: ignore[index]
+    assert sims[0].total_requests == 0
+
+
+async def test_openai_client_with_a_key_below_the_role_gets_permission_denied(router: Any, keys: Bootstrap) -> None:
+    # The admin API answers in the same format: an app key (or a viewer key changing a route) is 403.
+    viewer, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "viewer")
+    for key, method, path, body in ((keys.app_key, "post", "/deployments/chat/promote", None),
+                                    (viewer, "put", "/deployments/chat", {"stable_release": "r1"})):
+        async with openai.AsyncOpenAI(base_url=f"{router.url}/lockgate/v1", api_key=key, max_retries=0) as client:
+            with pytest.raises(openai.PermissionDeniedError) as caught:
+                await getattr(client, method)(path, body=body, cast_to=object)
+        err = caught.value
+        assert (err.status_code, err.type, err.code) == (403, "permission_denied", "insufficient_role")
+    assert router.rollouts.route("chat").canary is None
+
+
+async def test_openai_client_with_an_app_key_completes_and_streams(router: Any, keys: Bootstrap, sims: Any) -> None:
+    async with _openai(router, keys.app_key) as client:
+        once = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        assert once.choices[0].message.content == "hello there" and once.usage and once.usage.total_tokens > 0
+        stream = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}],
+                                                      stream=True, stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "hello there"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0  # asked for, so kept
+    assert sims[0].requests == {"m": 2} and sims[0].authorizations == [None, None]  # the key stays here

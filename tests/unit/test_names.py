@@ -57,15 +57,24 @@ def test_invalid_names_are_refused_with_the_rule(name: object) -> None:
         check_name(name, "release")
 
 
-def test_contracts_refuse_invalid_names_when_decoded() -> None:
-    # msgspec checks the grammar on decode: every consumer and edge that decodes a contract refuses them.
-    bad = GateDecided(release="shop*v3", decision="PASS", rules=[])
+def test_contracts_refuse_invalid_names_when_decoded_or_made() -> None:
+    # Every consumer and edge that decodes a contract refuses them, naming the field.
+    def wire(type_: str, **fields: str) -> bytes:
+        return encode({"type": type_, **fields})
+
     with pytest.raises(InvalidEvent, match=r"\$.release"):
-        Codec(GateDecided).decode(encode(bad))
+        Codec(GateDecided).decode(wire("lockgate.gate.decided", release="shop*v3", decision="PASS", rules=[]))
     with pytest.raises(InvalidEvent, match=r"\$.deployment"):
-        Codec(RolloutState).decode(encode(RolloutState(deployment="a*b", stable_release="r1")))
+        Codec(RolloutState).decode(wire("lockgate.rollout.state", deployment="a*b", stable_release="r1"))
     with pytest.raises(InvalidEvent, match=r"\$.tenant"):
-        Codec(InferenceEvent).decode(encode(InferenceEvent(app="a", tenant="t 1")))
+        Codec(InferenceEvent).decode(wire("lockgate.inference", app="a", tenant="t 1"))
+    with pytest.raises(InvalidEvent, match=r"\$\[0\]\.app"):
+        Codec(list[InferenceEvent]).decode(b"[" + wire("lockgate.inference", app="a" * 129) + b"]")
+    # ...and so does making one in code.
+    with pytest.raises(ValueError, match=r"invalid release 'shop\*v3'.*\$.release"):
+        GateDecided(release="shop*v3", decision="PASS", rules=[])
+    with pytest.raises(ValueError, match=r"\$.app"):
+        InferenceEvent(app=["not", "a", "name"])  # type: ignore[arg-type]
     ok = InferenceEvent(app="shop", deployment="", release="")  # empty optional references stay valid
     assert Codec(InferenceEvent).decode(encode(ok)).app == "shop"
     assert msgspec.json.decode(encode(GateDecided(release="shop.v3", decision="PASS", rules=[])),

@@ -18,7 +18,7 @@ from lockgate.codec import Codec
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import PublishFailed
 from lockgate.ids import batch_id
-from lockgate.outbox import Outbox, chunk_by_app, publish_events
+from lockgate.outbox import Encoded, Outbox, chunk_by_app, encode_event, publish_events
 from lockgate.retry import RetryPolicy
 from lockgate.subjects import Subjects
 
@@ -56,8 +56,8 @@ class FakeJetStream:
         return [e for _, events, _ in self.acked for e in events]
 
 
-def event(app: str = "a", n: int = 0, **kw: Any) -> InferenceEvent:
-    return InferenceEvent(app=app, trace_id=f"{n + 1:032x}", span_id=f"{n + 1:016x}", input_tokens=n, **kw)
+def event(app: str = "a", n: int = 0, **kw: Any) -> Encoded:
+    return encode_event(InferenceEvent(app=app, trace_id=f"{n + 1:032x}", span_id=f"{n + 1:016x}", input_tokens=n, **kw))
 
 
 @pytest.mark.parametrize(
@@ -110,7 +110,7 @@ async def test_traceparent_from_the_caller_else_from_the_chunks_first_event() ->
     assert [h["traceparent"] for _, _, h in js.acked] == [given["traceparent"]] * 2
 
     js = FakeJetStream()
-    await publish_events(js, SUBJECTS, [InferenceEvent(app="a")], retry=NO_WAIT)
+    await publish_events(js, SUBJECTS, [encode_event(InferenceEvent(app="a"))], retry=NO_WAIT)
     assert "traceparent" not in js.acked[0][2]  # no trace known: no made-up header
 
 
@@ -222,3 +222,21 @@ async def test_outbox_reports_its_counts_to_the_callbacks_a_server_turns_into_me
     assert not box.add(event())
     assert sum(sent) == box.sent == 2
     assert sorted(dropped) == [(1, "closed"), (1, "overflow"), (1, "overflow"), (1, "publish_failed")]
+
+
+def test_chunks_are_cut_by_bytes_so_large_events_never_exceed_the_message_limit() -> None:
+    big = [event("a", i, prompt="x" * 1000) for i in range(10)]
+    limit = 3 * len(big[0].data) + 2  # room for two events and most of a third
+    chunks = chunk_by_app(big, batch_size=500, batch_bytes=limit)
+    assert [len(c) for c in chunks] == [2, 2, 2, 2, 2]
+    assert [e for c in chunks for e in c] == big
+    # An event larger than the limit still goes, alone: the server's refusal then names the size.
+    assert [len(c) for c in chunk_by_app([event("a", prompt="y" * 5000), event("a")], batch_bytes=limit)] == [1, 1]
+
+
+async def test_published_message_is_the_json_array_of_the_encoded_events() -> None:
+    js = FakeJetStream()
+    events = [event("a", i) for i in range(3)]
+    await publish_events(js, SUBJECTS, events, retry=NO_WAIT)
+    assert [e.id for e in js.events()] == [e.id for e in events]
+    assert js.calls[0][1] == b"[" + b",".join(e.data for e in events) + b"]"

@@ -38,6 +38,16 @@ FACTS = {
     S.eval_requested: {"operator", "admin"},
     "$JS.API.STREAM.DELETE.LG_EVENTS": {"admin"},
     "$JS.API.STREAM.PURGE.LG_EVENTS": {"admin"},
+    # a dead-lettered original is deleted by the sink alone; a durable is created, fetched and acked by its owner
+    "$JS.API.STREAM.MSG.DELETE.LG_EVENTS": {"sink", "admin"},
+    "$JS.API.STREAM.MSG.DELETE.LG_INFERENCE": {"sink", "admin"},
+    "$JS.API.CONSUMER.CREATE.LG_EVENTS.lg_sink_artifacts.lg.artifact.registered": {"sink", "admin"},
+    "$JS.API.CONSUMER.DURABLE.CREATE.LG_EVENTS.lg_sink_artifacts": {"sink", "admin"},
+    "$JS.API.CONSUMER.MSG.NEXT.LG_EVENTS.lg_sink_artifacts": {"sink", "admin"},
+    "$JS.ACK.LG_EVENTS.lg_sink_artifacts.1.2.2.1700000000.0": {"sink", "admin"},
+    "$JS.API.CONSUMER.DELETE.LG_EVENTS.lg_sink_artifacts": {"admin"},
+    "$JS.API.CONSUMER.CREATE.LG_EVENTS": {"admin"},
+    "$JS.API.CONSUMER.CREATE.LG_EVENTS.lg_router_gates.lg.gate.decided.>": {"router", "admin"},
     # the audit log: each identity asks for entries as itself; only the chainer writes rows and the head
     S.audit("gatekeeper"): {"gatekeeper", "admin"},
     S.audit("router"): {"router", "admin"},

@@ -15,3 +15,7 @@ class DeadLetter(Event, frozen=True, kw_only=True, tag="lockgate.dlq"):
     payload: bytes = b""
     headers: dict[str, str] = {}
     deliveries: int = 1
+    # Where the original is stored (JetStream stream and sequence), so the sink can delete an
+    # unreadable original once this letter is stored; empty for letters made outside a consumer.
+    stream: str = ""
+    stream_seq: int = 0

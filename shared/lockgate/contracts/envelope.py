@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from lockgate.contracts.names import Name
+from lockgate.contracts.names import Name, check_names
 from lockgate.ids import uuid7
 
 SCHEMA_VERSION = 1
@@ -27,3 +27,6 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_de
     trace_id: str = ""
     span_id: str = ""
     schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        check_names(self)

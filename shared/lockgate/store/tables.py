@@ -45,7 +45,8 @@ OTEL_TRACES = Table(
             "links": ("Links.TraceId", "Links.SpanId", "Links.TraceState", "Links.Attributes")},
 )
 
-DEAD_LETTERS = Table("dead_letters", DeadLetter, exclude=(*_ROUTING, "tenant"), key=("id",))
+# Where the original was stored is an instruction to the sink (delete it), not a column.
+DEAD_LETTERS = Table("dead_letters", DeadLetter, exclude=(*_ROUTING, "tenant", "stream", "stream_seq"), key=("id",))
 
 ARTIFACTS = Table("artifacts", ArtifactRegistered, exclude=_ROUTING,
                   rename={"id": "event_id", "time": "registered_at"}, key=("event_id",))
