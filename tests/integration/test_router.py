@@ -12,10 +12,9 @@ import msgspec
 import pytest
 
 from lockgate.cli.status import read_overrides, read_status
-
 from lockgate.codec import Codec
-from lockgate.identity import sign_override
 from lockgate.contracts import DeadLetter, GateDecided, InferenceEvent, RolloutState
+from lockgate.identity import sign_override
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.services.router.domain import Route, Target
