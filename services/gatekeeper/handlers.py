@@ -104,10 +104,13 @@ class GateHandlers:
             if current is not None:
                 try:
                     await self.verifier.verify(current)
-                    rules, author = await self._review_rules(current)
                 except SignatureError as exc:
                     # Never countersign content we cannot prove we decided.
                     refusal = f"{review.action} by {reviewer} refused: the stored decision fails: {exc.message}"
+            if current is not None and not refusal and review.action == "approve":
+                # Only an approval needs the policy's review rules; a veto is always allowed.
+                try:
+                    rules, author = await self._review_rules(current)
                 except (ConfigError, NotFound, ValueError) as exc:
                     why = exc.message if isinstance(exc, ConfigError | NotFound) else f"not JSON or YAML ({exc})"
                     refusal = f"{review.action} by {reviewer} refused: policy {current.policy} is unusable: {why}"
