@@ -25,9 +25,18 @@ from lockgate.ids import canonical_json
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
 
+# Fields appended to GateDecided after decisions were first signed: signed only when set, so a decision
+# signed before a field existed still verifies after an upgrade (its canonical bytes are unchanged).
+_SIGNED_WHEN_SET = ("approvals",)
+
+
 def canonical(decision: GateDecided) -> bytes:
     """The signed bytes: canonical JSON of the decision with an empty signature (key_id included)."""
-    return canonical_json(msgspec.to_builtins(msgspec.structs.replace(decision, signature="")))
+    fields = msgspec.to_builtins(msgspec.structs.replace(decision, signature=""))
+    for name in _SIGNED_WHEN_SET:
+        if not fields.get(name):
+            fields.pop(name, None)
+    return canonical_json(fields)
 
 
 def key_id(public: Ed25519PublicKey) -> str:
