@@ -92,6 +92,28 @@ async def store_pass(bus: Any, release: str, settings: Any) -> None:
                                                                              decision="PASS"))))
 
 
+def person(settings: Any, name: str, *roles: str) -> Any:
+    """A personal identity under the settings' home, trusted in its trust file with `roles` (made once)."""
+    from lockgate.identity import create_identity, identities_dir, load_identity
+    from lockgate.signing import trust_file_path, trust_person
+
+    exists = (identities_dir(settings) / f"{name}.key").exists()
+    ident = load_identity(settings, name) if exists else create_identity(settings, name)
+    trust_person(trust_file_path(settings), name, ident.signer.public, roles)
+    return ident
+
+
+def break_glass(settings: Any, deployment: str, release: str, action: str, reason: str,
+                admin: str = "boss") -> dict[str, Any]:
+    """The `break_glass` object `lockgate break-glass` prints, signed now by a trusted admin person."""
+    import time
+
+    from lockgate.identity import sign_override
+
+    return sign_override(person(settings, admin, "admin"), deployment=deployment, release=release, action=action,
+                         reason=reason, at=int(time.time()))
+
+
 async def register_model_release(bus: Any, release: str, model: str = "m", endpoint: str = "default",
                                  **params: Any) -> None:
     """Register a release whose model config sends it to `endpoint` with `model` (the router serves it so)."""

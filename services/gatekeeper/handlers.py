@@ -12,10 +12,11 @@ from lockgate.bus import Delivery
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview
 from lockgate.errors import ConfigError, NotFound, SignatureError
 from lockgate.evalruns import check_result, requested_run
+from lockgate.identity import author_of, verify_review
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.records import Records
-from lockgate.services.gatekeeper.review import apply_review
+from lockgate.services.gatekeeper.review import ReviewRules, apply_review
 from lockgate.signing import Signer, Verifier, publish_key
 
 __all__ = ["GateHandlers"]
@@ -75,7 +76,11 @@ class GateHandlers:
                 log.info("release %s %s: %s", done.release, outcome.decision, outcome.reason)
 
     async def on_review(self, review: GateReview, delivery: Delivery) -> None:
-        """Turn a pending NEEDS_REVIEW into a signed PASS/BLOCK (or refuse / override, see review.apply_review)."""
+        """Turn a pending NEEDS_REVIEW into a signed PASS/BLOCK (or refuse / override, see review.apply_review).
+
+        The reviewer is the trusted person whose key signed the review; an unsigned, unknown, revoked,
+        wrong-role or altered review is refused (audit row) and dead-lettered with the reason.
+        """
         with self.tracer.start_as_current_span(
             "gatekeeper.review", context=delivery.trace_context, kind=SpanKind.CONSUMER,
             attributes={"lockgate.release": review.release, "lockgate.review": review.action},
@@ -86,26 +91,60 @@ class GateHandlers:
             if current is not None and current.id == new_id:
                 await self.records.announce(current, key=key)  # redelivered after KV was written
                 return
+            try:
+                reviewer = verify_review(self.ctx.settings, review)
+            except SignatureError as exc:
+                # Not believed: the claimed actor is recorded only as a claim, in the reason.
+                await self._refuse(review, current, new_id, key, actor="unverified",
+                                   reason=f"{review.action} claimed by {review.actor or 'nobody'!r} refused: "
+                                          f"{exc.message}")
+                raise
             refusal = ""
+            rules, author = ReviewRules(), None
             if current is not None:
                 try:
                     await self.verifier.verify(current)
                 except SignatureError as exc:
                     # Never countersign content we cannot prove we decided.
-                    refusal = f"{review.action} by {review.actor} refused: the stored decision fails: {exc.message}"
-            outcome = apply_review(current, review, new_id)
+                    refusal = f"{review.action} by {reviewer} refused: the stored decision fails: {exc.message}"
+            if current is not None and not refusal and review.action == "approve":
+                # Only an approval needs the policy's review rules; a veto is always allowed.
+                try:
+                    rules, author = await self._review_rules(current)
+                except (ConfigError, NotFound, ValueError) as exc:
+                    why = exc.message if isinstance(exc, ConfigError | NotFound) else f"not JSON or YAML ({exc})"
+                    refusal = f"{review.action} by {reviewer} refused: policy {current.policy} is unusable: {why}"
+            outcome = apply_review(current, review, new_id, reviewer=reviewer, rules=rules, author=author)
             if refusal or outcome.decision is None:
-                row = GateDecided(id=new_id, release=review.release, rules=[],
-                                  decision=current.decision if current else "BLOCK",
-                                  eval_run=current.eval_run if current else "", tenant=review.tenant)
-                await self.records.audit(row, action="refused", actor=review.actor, key=key,
-                                         reason=refusal or outcome.reason)
-                log.warning("%s", refusal or outcome.reason)
+                await self._refuse(review, current, new_id, key, actor=reviewer, reason=refusal or outcome.reason)
                 return
             decision = self.signer.sign(outcome.decision)
             await self.publish_key()
-            await self.records.audit(decision, action=outcome.action, actor=review.actor, key=key)
+            await self.records.audit(decision, action=outcome.action, actor=reviewer, key=key)
             await self.records.announce(decision, key=key)
+
+    async def _refuse(self, review: GateReview, current: GateDecided | None, new_id: str, key: str, *,
+                      actor: str, reason: str) -> None:
+        row = GateDecided(id=new_id, release=review.release, rules=[],
+                          decision=current.decision if current else "BLOCK",
+                          eval_run=current.eval_run if current else "", tenant=review.tenant)
+        await self.records.audit(row, action="refused", actor=actor, key=key, reason=reason)
+        log.warning("%s", reason)
+
+    async def _review_rules(self, current: GateDecided) -> tuple[ReviewRules, str | None]:
+        """What an approval of `current` takes (its policy's review section) and the release's author, when
+        the policy forbids self-approval (None: unknown)."""
+        if not current.policy:
+            return ReviewRules(), None
+        policy = domain.parse_policy(await artifacts.load_structured(self.ctx.bus, current.policy))
+        rules = ReviewRules.of(policy.review)
+        if not rules.forbid_self_approval:
+            return rules, None
+        try:
+            bundle = await artifacts.release_of(self.ctx.bus, current.release)
+        except NotFound:
+            return rules, None
+        return rules, author_of(self.ctx.settings, bundle)
 
     async def _policy(self, done: EvalCompleted) -> tuple[domain.Policy | None, str]:
         """The parsed policy, or None and why not (the gate then fails closed)."""

@@ -147,9 +147,15 @@ class ReviewTrigger(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Review(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """When a human must approve a release the rules alone would pass."""
+    """When a human must approve a release the rules alone would pass, and what an approval takes.
 
-    require_when: Annotated[tuple[ReviewTrigger, ...], msgspec.Meta(min_length=1)]
+    `approvals`: distinct people who must approve a NEEDS_REVIEW (any one reject blocks);
+    `forbid_self_approval`: the release's author may not be one of them.
+    """
+
+    require_when: tuple[ReviewTrigger, ...] = ()
+    approvals: Annotated[int, msgspec.Meta(ge=1, le=20)] = 1
+    forbid_self_approval: bool = False
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
 from lockgate.contracts import BaselineComparison, GateDecided, GateReview
-from lockgate.services.gatekeeper.policy import ReviewTrigger
+from lockgate.services.gatekeeper.policy import Review, ReviewTrigger
 
 
 def review_reasons(triggers: tuple[ReviewTrigger, ...], comparisons: Mapping[str, BaselineComparison],
@@ -36,6 +36,19 @@ def review_reasons(triggers: tuple[ReviewTrigger, ...], comparisons: Mapping[str
 
 
 @dataclass(frozen=True)
+class ReviewRules:
+    """What an approval takes, from the policy's `review` section (defaults: one approver, anyone)."""
+
+    approvals: int = 1
+    forbid_self_approval: bool = False
+
+    @classmethod
+    def of(cls, review: Review | None) -> ReviewRules:
+        """The rules of a policy's review section (None: the defaults)."""
+        return cls() if review is None else cls(review.approvals, review.forbid_self_approval)
+
+
+@dataclass(frozen=True)
 class ReviewOutcome:
     """What the gatekeeper does with a GateReview: a new decision (or None) and the audit action."""
 
@@ -44,33 +57,62 @@ class ReviewOutcome:
     reason: str
 
 
-def apply_review(current: GateDecided | None, review: GateReview, new_id: str) -> ReviewOutcome:
-    """Approve/reject a NEEDS_REVIEW decision. Policy for the other cases:
+def apply_review(current: GateDecided | None, review: GateReview, new_id: str, *, reviewer: str,
+                 rules: ReviewRules = ReviewRules(), author: str | None = None) -> ReviewOutcome:
+    """Approve/reject a NEEDS_REVIEW decision as `reviewer` (the verified signer, never the payload's claim).
 
+    - a review must name the decision it answers, and that must be the latest: a stale or replayed one is refused;
     - approve without a pending NEEDS_REVIEW is refused (no new decision, audit action "refused"):
       one command must never turn a BLOCK (perhaps a hard safety gate) into PASS;
-    - reject of a decision that is not pending is an override to BLOCK (audit action "override"):
-      a human veto is always allowed because it can only make the gate stricter.
+    - an approval counts once per person; the decision stays NEEDS_REVIEW (re-signed, listing the
+      approvals so far) until `rules.approvals` distinct people approved, then it is PASS;
+    - with `forbid_self_approval`, the release's author may not approve, and an unknown author (a release
+      not signed by its author) cannot be told apart from the reviewer, so every approval is refused;
+    - reject of a pending decision blocks; of one that is not pending it is an override to BLOCK (audit
+      action "override"): a human veto is always allowed because it can only make the gate stricter.
     """
-    who = f"{review.actor}: {review.reason}"
+    who = f"{reviewer}: {review.reason}"
+    refused = f"{review.action} by {who} refused"
     if current is None:
-        return ReviewOutcome(None, "refused", f"{review.action} by {who} refused: {review.release} has no decision")
-    if review.decision_id and review.decision_id != current.id:
-        return ReviewOutcome(None, "refused", f"{review.action} by {who} refused: it names decision "
-                                              f"{review.decision_id}, but the latest is {current.id}")
+        return ReviewOutcome(None, "refused", f"{refused}: {review.release} has no decision")
+    if review.decision_id != current.id:
+        named = f"names decision {review.decision_id}" if review.decision_id else "names no decision"
+        return ReviewOutcome(None, "refused", f"{refused}: it {named}, but the latest is {current.id}")
     pending = current.decision == "NEEDS_REVIEW"
-    if review.action == "approve" and not pending:
-        return ReviewOutcome(None, "refused", f"approve by {who} refused: the latest decision for {review.release} "
-                                              f"is {current.decision}, not NEEDS_REVIEW; re-run the eval instead")
-    if pending:
-        verdict, action = ("PASS", "approved") if review.action == "approve" else ("BLOCK", "rejected")
-        reason = f"{action} by {who} (was NEEDS_REVIEW: {current.review_required or current.reason})"
+    approvals = list(current.approvals)
+    if review.action == "approve":
+        if not pending:
+            return ReviewOutcome(None, "refused", f"{refused}: the latest decision for {review.release} is "
+                                                  f"{current.decision}, not NEEDS_REVIEW; re-run the eval instead")
+        if rules.forbid_self_approval and author is None:
+            return ReviewOutcome(None, "refused", f"{refused}: the policy forbids self-approval and the author of "
+                                                  f"{review.release} is unknown (not signed by a trusted person); "
+                                                  "register the change under a new name with a personal identity")
+        if rules.forbid_self_approval and author == reviewer:
+            return ReviewOutcome(None, "refused", f"{refused}: {reviewer} is the author of {review.release}, and "
+                                                  "the policy forbids self-approval")
+        if reviewer in approvals:
+            return ReviewOutcome(None, "refused", f"{refused}: {reviewer} already approved; the policy needs "
+                                                  f"{rules.approvals} distinct approvers")
+        approvals.append(reviewer)
+    was = f"was NEEDS_REVIEW: {current.review_required or current.reason}"
+    if review.action == "approve" and len(approvals) < rules.approvals:
+        verdict, action = "NEEDS_REVIEW", "approved"
+        reason = (f"approved by {who} ({len(approvals)} of {rules.approvals} distinct approvers: "
+                  f"{', '.join(approvals)}; {was})")
+    elif review.action == "approve":
+        verdict, action = "PASS", "approved"
+        by = who if len(approvals) == 1 else f"{', '.join(approvals)} (last {who})"
+        reason = f"approved by {by} ({was})"
+    elif pending:
+        verdict, action = "BLOCK", "rejected"
+        reason = f"rejected by {who} ({was})"
     else:
         verdict, action = "BLOCK", "override"
         reason = f"override: rejected by {who}; warning: the gate had decided {current.decision}"
     new = GateDecided(id=new_id, release=current.release, decision=verdict, rules=current.rules,
                       eval_run=current.eval_run, policy=current.policy, baseline=current.baseline,
                       artifacts=current.artifacts, reason=reason, review_required=current.review_required,
-                      reviewed_by=review.actor, tenant=current.tenant, source="gatekeeper",
+                      reviewed_by=reviewer, approvals=approvals, tenant=current.tenant, source="gatekeeper",
                       trace_id=review.trace_id)
     return ReviewOutcome(new, action, reason)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from lockgate.contracts.names import check_name
 from lockgate.errors import InvalidName, Retryable
+from lockgate.identity import IdentityRefused, verify_override
 from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer, require_role
 from lockgate.services.router.audit import record_action
 from lockgate.services.router.domain import (
@@ -84,9 +85,11 @@ class Admin:
         try:
             deployment = check_name(request.match_info["deployment"], "deployment")
             req = decode_canary(await request.read())
-            override = _override(request, req.break_glass, req.canary_release, "canary")
+            override = self._override(request, deployment, req.break_glass, req.canary_release, "canary")
             route = await self.rollouts.start_canary(deployment, req, override)
             await record_action(self.rollouts.ctx.bus, request[KEY], "canary", route, override)
+        except IdentityRefused as exc:
+            return error_response(403, exc.message, "permission_denied", code="invalid_break_glass")
         except Forbidden as exc:
             return error_response(403, exc.message, "permission_denied", code="insufficient_role")
         except NotAdmitted as exc:
@@ -119,11 +122,14 @@ class Admin:
             override = None
             if action == "promote":
                 canary = self.rollouts.route(deployment).canary
-                override = _override(request, body.break_glass, canary.release if canary else "", "promote")
+                override = self._override(request, deployment, body.break_glass, canary.release if canary else "",
+                                          "promote")
             elif action == "clear-override":
                 require_role(request[KEY], "admin")
             route = await self.rollouts.manual(deployment, action, override)
             await record_action(self.rollouts.ctx.bus, request[KEY], action, route, override)
+        except IdentityRefused as exc:
+            return error_response(403, exc.message, "permission_denied", code="invalid_break_glass")
         except Forbidden as exc:
             return error_response(403, exc.message, "permission_denied", code="insufficient_role")
         except NotAdmitted as exc:
@@ -134,11 +140,17 @@ class Admin:
             return error_response(503, f"{action} applied but not yet persisted: {exc.message}", "unavailable")
         return _json(route)
 
-
-def _override(request: web.Request, glass: BreakGlass | None, release: str, action: str) -> Override | None:
-    """The break-glass override a request asks for: admins only (Forbidden otherwise), with who and why."""
-    if glass is None:
-        return None
-    key: ApiKey = request[KEY]
-    require_role(key, "admin")
-    return Override(release=release, action=action, actor=key.label, reason=glass.reason, at=time.time())
+    def _override(self, request: web.Request, deployment: str, glass: BreakGlass | None, release: str,
+                  action: str) -> Override | None:
+        """The break-glass override a request asks for: an admin API key (Forbidden otherwise) sending a
+        statement signed by an admin person for exactly this deployment, release and action, recently
+        (IdentityRefused otherwise)."""
+        if glass is None:
+            return None
+        key: ApiKey = request[KEY]
+        require_role(key, "admin")
+        person = verify_override(self.rollouts.ctx.settings, deployment=deployment, release=release, action=action,
+                                 reason=glass.reason, at=glass.at, key_id=glass.key_id, signature=glass.signature,
+                                 now=time.time())
+        return Override(release=release, action=action, actor=person, reason=glass.reason, at=glass.at,
+                        key_id=glass.key_id, signature=glass.signature, api_key=key.label)

@@ -11,10 +11,15 @@ from lockgate.services.router.domain import Override, Route
 
 async def record_action(bus: Any, key: ApiKey, action: str, route: Route, override: Override | None) -> None:
     """Append one audit entry for an admin action (canary, promote, abort, clear-override) that took effect:
-    who (the API key's label, never the key), on which deployment, and the route it left."""
+    who (the person who signed a break-glass, else the API key's label, never the key), on which deployment,
+    and the route it left."""
     kind = "break_glass" if override is not None or action == "clear-override" else "rollout"
+    details: dict[str, object] = {"stable": route.stable.release, "canary": route.canary.release if route.canary else "",
+                                  "weight": route.weight, "phase": route.phase, "api_key": key.label}
+    if override is not None:  # the admin's signed statement, so the row can be checked against it
+        details |= {"override": override.action, "override_key_id": override.key_id,
+                    "override_signature": override.signature, "override_at": override.at}
     await auditlog.record(
-        bus, "router", kind=kind, actor=key.label, target=route.deployment, action=action,
-        reason=override.reason if override is not None else route.reason, tenant=key.tenant,
-        details={"stable": route.stable.release, "canary": route.canary.release if route.canary else "",
-                 "weight": route.weight, "phase": route.phase, "override": override.action if override else ""})
+        bus, "router", kind=kind, actor=override.actor if override is not None else key.label,
+        target=route.deployment, action=action, reason=override.reason if override is not None else route.reason,
+        tenant=key.tenant, details=details)

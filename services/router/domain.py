@@ -36,16 +36,19 @@ class Target(msgspec.Struct, frozen=True, kw_only=True):
 class Override(msgspec.Struct, frozen=True, kw_only=True):
     """A break-glass override: an admin let a release take traffic without an allowing decision.
 
-    Kept in the route (so `GET .../{deployment}` shows it) until an admin clears it, and announced in
-    the rollout event's reason. The router holds no signing key, so it is recorded with the admin's
-    key identity, not signed.
+    Kept in the route (so `GET .../{deployment}` and `lockgate status` show it) until an admin clears it,
+    and announced in the rollout event's reason. Signed by the admin's personal key (`key_id`,
+    `signature` over lockgate.identity.override_bytes), so anyone can check who broke the glass.
     """
 
     release: str
     action: str  # "canary" (weight without a decision) or "promote"
-    actor: str  # the admin's API key label, never the key
+    actor: str  # the admin person whose key signed it (trust file), never free text
     reason: str
-    at: float
+    at: float  # when the admin signed it (unix seconds)
+    key_id: str = ""
+    signature: str = ""
+    api_key: str = ""  # the label of the admin API key that sent it, never the key
 
 
 class Route(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,9 +72,13 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class BreakGlass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """An admin's explicit override of the admission invariant, with the reason recorded."""
+    """An admin's explicit override of the admission invariant, with the reason, signed by the admin's
+    personal key (`lockgate break-glass` prints it); unsigned ones are refused with 403."""
 
     reason: Annotated[str, msgspec.Meta(min_length=3, max_length=500)]
+    at: int = 0  # unix seconds when signed
+    key_id: str = ""
+    signature: str = ""
 
 
 class ManualRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -14,6 +14,7 @@ import yaml
 from lockgate.bus import Bus
 from lockgate.contracts import ArtifactKind, ArtifactRegistered, ReleaseRegistered
 from lockgate.errors import BusUnavailable, ConfigError, NotFound, ReleaseConflict
+from lockgate.identity import Identity, bundle_content, sign_bundle
 from lockgate.ids import canonical_json, content_hash
 from lockgate.subjects import token
 
@@ -112,24 +113,26 @@ def release_bundle(release: str, app: str, artifacts: dict[str, str], *, parent:
 async def bind_release(bus: Bus, bundle: dict[str, Any]) -> str:
     """Bind a release name to its bundle, once: the KV create is the authority. Returns the bundle hash.
 
-    The same content again is accepted (idempotent); other content under a bound name raises
-    ReleaseConflict, however the request reached the bus.
+    The same content again is accepted (idempotent; the first registration's author stays); other
+    content under a bound name raises ReleaseConflict, however the request reached the bus.
     """
     release = bundle["release"]
     value = canonical_json(bundle)
+    content = canonical_json(bundle_content(bundle))
     kv = await bus.kv(bus.subjects.kv_releases)
     try:
         await kv.create(token(release), value)
-        return content_hash(value)
+        return content_hash(content)
     except nats.js.errors.KeyWrongLastSequenceError:
         bound = (await kv.get(token(release))).value or b""  # already bound: to the same content?
     except nats.errors.Error as exc:
         raise BusUnavailable(f"cannot bind release {release!r}: {exc!r}") from None
-    if bound != value:
+    bound_content = canonical_json(bundle_content(json.loads(bound))) if bound else b""
+    if bound_content != content:
         raise ReleaseConflict(
-            f"release {release!r} is already registered with other content (bundle {content_hash(bound)}, "
-            f"not {content_hash(value)}); releases are immutable: register the change under a new name")
-    return content_hash(value)
+            f"release {release!r} is already registered with other content (bundle {content_hash(bound_content)}, "
+            f"not {content_hash(content)}); releases are immutable: register the change under a new name")
+    return content_hash(content)
 
 
 async def release_of(bus: Bus, release: str) -> dict[str, Any]:
@@ -148,12 +151,15 @@ async def release_of(bus: Bus, release: str) -> dict[str, Any]:
 
 
 async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str, str], *,
-                           parent: str = "", description: str = "", tenant: str = "default") -> ReleaseRegistered:
+                           parent: str = "", description: str = "", tenant: str = "default",
+                           author: Identity | None = None) -> ReleaseRegistered:
     """Bind a release name to a set of artifact versions (`kind/name` -> hash), then announce it.
 
-    ReleaseConflict if the name is already bound to other artifacts.
+    With `author`, the binding carries the author's signature over the bundle, so a policy can refuse
+    their approval of it. ReleaseConflict if the name is already bound to other artifacts.
     """
-    await bind_release(bus, release_bundle(release, app, artifacts, parent=parent, tenant=tenant))
+    bundle = release_bundle(release, app, artifacts, parent=parent, tenant=tenant)
+    await bind_release(bus, sign_bundle(author, bundle) if author is not None else bundle)
     event = ReleaseRegistered(release=release, app=app, artifacts=artifacts, parent=parent,
                               description=description, tenant=tenant)
     await bus.publish(bus.subjects.release_registered, event)

@@ -25,9 +25,18 @@ from lockgate.ids import canonical_json
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
 
+# Fields appended to GateDecided after decisions were first signed: signed only when set, so a decision
+# signed before a field existed still verifies after an upgrade (its canonical bytes are unchanged).
+_SIGNED_WHEN_SET = ("approvals",)
+
+
 def canonical(decision: GateDecided) -> bytes:
     """The signed bytes: canonical JSON of the decision with an empty signature (key_id included)."""
-    return canonical_json(msgspec.to_builtins(msgspec.structs.replace(decision, signature="")))
+    fields = msgspec.to_builtins(msgspec.structs.replace(decision, signature=""))
+    for name in _SIGNED_WHEN_SET:
+        if not fields.get(name):
+            fields.pop(name, None)
+    return canonical_json(fields)
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -88,15 +97,15 @@ class Signer:
         """The raw 32-byte public key (what the KV keyring stores)."""
         return self.public.public_bytes(*_RAW)
 
+    def sign_bytes(self, data: bytes) -> str:
+        """A base64 Ed25519 signature over `data` (a person's review, override or release statement)."""
+        return base64.b64encode(self._private.sign(data)).decode()
+
     def sign(self, decision: GateDecided) -> GateDecided:
         """The decision with this key's id and a base64 Ed25519 signature over `canonical`."""
         unsigned = msgspec.structs.replace(decision, key_id=self.key_id, signature="")
         sig = self._private.sign(canonical(unsigned))
         return msgspec.structs.replace(unsigned, signature=base64.b64encode(sig).decode())
-
-    def sign_bytes(self, data: bytes) -> str:
-        """A base64 Ed25519 signature over `data` (audit rows sign their chain hash)."""
-        return base64.b64encode(self._private.sign(data)).decode()
 
 
 class Keyring:
@@ -217,11 +226,21 @@ class Keyring:
         return kid
 
 
+class Person(msgspec.Struct, forbid_unknown_fields=True):
+    """A person the trust file knows: their public key (one at a time; re-trusting rotates it) and roles."""
+
+    key_id: str
+    key: str  # PEM public key
+    roles: list[str] = []
+
+
 class TrustFile(msgspec.Struct, forbid_unknown_fields=True):
-    """The trust roots on disk: key id -> PEM public key (several, for rotation) and revoked key ids."""
+    """The trust roots on disk: key id -> PEM public key (several, for rotation), revoked key ids, and the
+    people whose signed reviews and break-glass overrides count (name -> key and roles)."""
 
     keys: dict[str, str] = {}
     revoked: list[str] = []
+    people: dict[str, Person] = {}
 
 
 def trust_file_path(settings: Settings) -> Path:
@@ -238,7 +257,8 @@ def _write_trust_file(path: Path, data: TrustFile) -> None:
     os.replace(tmp, path)  # readers never see a half-written trust file
 
 
-def _read_trust_file(path: Path) -> TrustFile:
+def read_trust_file(path: Path) -> TrustFile:
+    """The trust file's content (empty if it does not exist); ConfigError if malformed."""
     try:
         return msgspec.json.decode(path.read_bytes(), type=TrustFile)
     except FileNotFoundError:
@@ -250,7 +270,7 @@ def _read_trust_file(path: Path) -> TrustFile:
 def trust_key(path: str | Path, public: Ed25519PublicKey) -> str:
     """Add a public key to a trust file (created 0600 if missing); returns its id. Revoked ids stay refused."""
     p = Path(path)
-    data = _read_trust_file(p)
+    data = read_trust_file(p)
     kid = key_id(public)
     if kid in data.revoked:
         raise ConfigError(f"key {kid} is revoked in {p}; remove it from `revoked` first if that was a mistake")
@@ -279,10 +299,42 @@ def load_public_key(path: str | Path) -> Ed25519PublicKey:
     return key
 
 
+def trust_person(path: str | Path, name: str, public: Ed25519PublicKey, roles: Iterable[str]) -> str:
+    """Trust `name`'s key with `roles` in a trust file; returns the key id. A new key for a known name replaces
+    (rotates) the old one; a revoked key, or one already held by another person, is refused."""
+    p = Path(path)
+    data = read_trust_file(p)
+    kid = key_id(public)
+    if kid in data.revoked:
+        raise ConfigError(f"key {kid} is revoked in {p}; {name} needs a new identity (`lockgate identity create`)")
+    if kid in data.keys:
+        raise ConfigError(f"key {kid} is a decision-signing key in {p}; a person needs a key of their own")
+    holder = next((n for n, person in data.people.items() if person.key_id == kid and n != name), None)
+    if holder is not None:
+        raise ConfigError(f"key {kid} already belongs to {holder!r} in {p}; one key speaks for one person")
+    data.people[name] = Person(key_id=kid, key=public_pem(public).decode(), roles=sorted(set(roles)))
+    _write_trust_file(p, data)
+    return kid
+
+
+def revoke_person(path: str | Path, name: str) -> str:
+    """Revoke a person's key (kept listed, so what they signed still names them); returns the key id."""
+    p = Path(path)
+    data = read_trust_file(p)
+    person = data.people.get(name)
+    if person is None:
+        known = ", ".join(sorted(data.people)) or "none"
+        raise ConfigError(f"{name!r} is not a person in {p} (people: {known})")
+    if person.key_id not in data.revoked:
+        data.revoked.append(person.key_id)
+        _write_trust_file(p, data)
+    return person.key_id
+
+
 def revoke_key(path: str | Path, kid: str) -> None:
     """Revoke a key id in a trust file: decisions it signed are refused from the next verification on."""
     p = Path(path)
-    data = _read_trust_file(p)
+    data = read_trust_file(p)
     data.keys.pop(kid, None)
     if kid not in data.revoked:
         data.revoked.append(kid)

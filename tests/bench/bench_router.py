@@ -21,7 +21,7 @@ from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import bootstrap
 from lockgate.signing import Signer, trust_file_path, trust_key
 from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process, stack
-from tests.helpers import register_model_release
+from tests.helpers import break_glass, register_model_release
 
 N_REQUESTS = 3000
 CONCURRENCY = 8
@@ -110,7 +110,7 @@ async def _reaction(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, 
             await register_model_release(bus, release)  # a rollout names registered releases only
             # Never gated: only an admin's break-glass gives it a weight (admission holds in the bench too).
             payload = {"stable_release": "base", "canary_release": release, "initial_weight": 50,
-                       "break_glass": {"reason": "bench"}}
+                       "break_glass": break_glass(st.ctx.settings, "bench", release, "canary", "bench")}
             async with session.put(f"{router.url}/lockgate/v1/deployments/bench", json=payload) as resp:
                 assert resp.status == 200, await resp.text()
             decision = signer.sign(GateDecided(release=release, decision="BLOCK", rules=[]))

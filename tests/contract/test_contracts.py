@@ -51,8 +51,10 @@ SAMPLES = [
     EvalCompleted(run_id="run-1", release="r1", suite="sha256:1", metrics={"exact_match": 0.9}),
     GateDecided(release="r1", decision="BLOCK", rules=[
         RuleResult(rule="q", metric="exact_match", op=">=", threshold=0.95, observed=0.9, verdict="FAIL"),
-        RuleResult(rule="l", metric="latency_p95_ms", op="<=", threshold=100, observed=None, verdict="NO_DATA")]),
-    GateReview(release="r1", action="approve", actor="alice", reason="looked at the diff"),
+        RuleResult(rule="l", metric="latency_p95_ms", op="<=", threshold=100, observed=None, verdict="NO_DATA")],
+        approvals=["ann"]),
+    GateReview(release="r1", action="approve", actor="alice", reason="looked at the diff", key_id="k1",
+               signature="c2ln"),
     RolloutState(deployment="web", stable_release="r0", canary_release="r1", canary_weight=10.0,
                  phase="progressing"),
     DriftReport(deployment="web", window_start=NOW, window_end=NOW, reference_n=10, current_n=10, drifted=True,

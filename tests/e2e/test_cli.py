@@ -127,8 +127,9 @@ def test_roles_bound_what_the_cli_may_do(stack: dict[str, str], tmp_path: Path) 
     # a viewer may query but not review: the server refuses the publish, and no decision follows
     run("demo", "--router", stack["E2E_ROUTER"], "--sim", stack["E2E_SIM"], "--traffic", "20", env=stack)
     before = json.loads(run("decisions", "--release", "shop-v2-rc1", "--json", env=stack).stdout)
-    refused = run("--role", "viewer", "gate", "reject", "shop-v2-rc1", "--reason", "x", "--timeout", "5",
-                  env=stack, check=False)
+    run("identity", "create", "vic", env=stack)  # a person signs the review; the role still bounds the publish
+    refused = run("--role", "viewer", "--as", "vic", "gate", "reject", "shop-v2-rc1", "--reason", "x",
+                  "--timeout", "5", env=stack, check=False)
     assert refused.returncode == 5, refused.stderr
     assert "'viewer' may not publish" in refused.stderr and "Traceback" not in refused.stderr
     after = json.loads(run("--role", "viewer", "decisions", "--release", "shop-v2-rc1", "--json", env=stack).stdout)
@@ -174,6 +175,77 @@ def test_keys_cli_and_router_authentication(stack: dict[str, str]) -> None:
     assert call("POST", "/v1/chat/completions", key, chat) == 401
 
 
+def _admin_call(stack: dict[str, str], method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    """The router's admin API with the admin key `dev up` made; (status, JSON body)."""
+    import urllib.error
+    import urllib.request
+
+    from lockgate.server.apikeys import read_credential
+
+    key = read_credential(Path(stack["E2E_HOME"]) / "credentials" / "router-admin.key")
+    req = urllib.request.Request(stack["E2E_ROUTER"] + path, method=method,
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_reviews_and_break_glass_are_signed_by_people(stack: dict[str, str], tmp_path: Path) -> None:
+    # Before: `gate approve --actor` was free text; a break-glass was an admin key and a free-text reason.
+    run("demo", "--router", stack["E2E_ROUTER"], "--sim", stack["E2E_SIM"], "--traffic", "20", env=stack)
+    created = run("identity", "create", "ann", env=stack).stdout
+    pub = Path(stack["E2E_HOME"]) / "identities" / "ann.pub"
+    assert f"lockgate gate trust --person ann --role approver {pub}" in created and "BEGIN PUBLIC KEY" in created
+    assert "not trusted" in run("--as", "ann", "identity", "show", env=stack).stdout
+    assert "trusted ann (approver)" in run("gate", "trust", "--person", "ann", "--role", "approver", str(pub),
+                                           env=stack).stdout
+    run("identity", "create", "boss", env=stack)
+    run("gate", "trust", "--person", "boss", "--role", "admin", str(pub.with_name("boss.pub")), env=stack)
+
+    gone = run("gate", "approve", "shop-v2-rc1", "--reason", "x", "--actor", "mallory", env=stack, check=False)
+    assert gone.returncode != 0 and "--actor is gone" in gone.stderr
+    several = run("gate", "reject", "shop-v2-rc1", "--reason", "x", env=stack, check=False)
+    assert several.returncode != 0 and "--as NAME" in several.stderr  # two identities here: say which
+    veto = json.loads(run("--as", "ann", "gate", "reject", "shop-v2-rc1", "--reason", "still wrong", "--json",
+                          env=stack).stdout)
+    assert (veto["decision"], veto["reviewed_by"]) == ("BLOCK", "ann")
+    audit = json.loads(run("decisions", "--release", "shop-v2-rc1", "--json", env=stack).stdout)
+    assert ("ann", "override") in {(r["actor"], r["action"]) for r in audit}
+
+    # A release authored by ann (signed), never gated: only a signed break-glass gives it traffic.
+    config = tmp_path / "glass.json"
+    config.write_text(json.dumps({"model": "sim-stable", "endpoint": "default"}))
+    [art] = json.loads(run("artifact", "register", "model_config", str(config), "--json", env=stack).stdout)
+    made = run("--as", "ann", "release", "create", "glass-r1", "--app", "shop", "--artifact",
+               f"model_config/glass={art['hash']}", env=stack).stdout
+    assert "authored by ann" in made
+    body = {"stable_release": "shop-v1", "canary_release": "glass-r1", "initial_weight": 20}
+    status, err = _admin_call(stack, "PUT", "/lockgate/v1/deployments/glass", body)
+    assert status == 409 and "no verified gate decision" in err["error"]["message"]
+    status, err = _admin_call(stack, "PUT", "/lockgate/v1/deployments/glass",
+                              {**body, "break_glass": {"reason": "incident 7"}})
+    assert status == 403 and "not signed by a person" in err["error"]["message"]
+    not_admin = json.loads(run("--as", "ann", "break-glass", "glass", "glass-r1", "--action", "canary",
+                               "--reason", "incident 7", env=stack).stdout)
+    status, err = _admin_call(stack, "PUT", "/lockgate/v1/deployments/glass", {**body, **not_admin})
+    assert status == 403 and "needs admin" in err["error"]["message"]
+
+    signed = json.loads(run("--as", "boss", "break-glass", "glass", "glass-r1", "--action", "canary",
+                            "--reason", "incident 7", env=stack).stdout)
+    status, route = _admin_call(stack, "PUT", "/lockgate/v1/deployments/glass", {**body, **signed})
+    assert status == 200 and route["weight"] == 20.0 and route["override"]["actor"] == "boss"
+    shown = json.loads(run("status", "--json", env=stack).stdout)["overrides"]
+    assert [(o["deployment"], o["release"], o["by"], o["reason"]) for o in shown] == [
+        ("glass", "glass-r1", "boss", "incident 7")]
+    assert "BREAK-GLASS" in run("status", env=stack).stdout
+    status, route = _admin_call(stack, "DELETE", "/lockgate/v1/deployments/glass/break-glass")
+    assert status == 200 and route["override"] is None and route["weight"] == 0.0
+    assert json.loads(run("status", "--json", env=stack).stdout)["overrides"] == []
+
+
 def test_audit_log_of_a_running_stack_verifies(stack: dict[str, str]) -> None:
     # The demo's gate decisions and canary starts, and a key change from the CLI, are chained and signed.
     run("demo", "--router", stack["E2E_ROUTER"], "--sim", stack["E2E_SIM"], "--traffic", "20", env=stack)
@@ -183,4 +255,3 @@ def test_audit_log_of_a_running_stack_verifies(stack: dict[str, str]) -> None:
     rows = json.loads(run("audit", "log", "--limit", "1000", "--json", env=stack).stdout)
     assert {("gatekeeper", "decision"), ("router", "rollout")} <= {(r["producer"], r["kind"]) for r in rows}
     assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
-

@@ -23,7 +23,7 @@ from lockgate.credentials import NotAllowed
 from lockgate.evalruns import record_request
 from lockgate.server.runtime import Runtime
 from lockgate.store import Store
-from tests.helpers import admin_headers, eventually, register_model_release, store_pass
+from tests.helpers import admin_headers, break_glass, eventually, person, register_model_release, store_pass
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -62,7 +62,8 @@ async def as_identity(runtime: Runtime, identity: str) -> Bus:
 
 
 async def produce_one_of_each(runtime: Runtime) -> None:
-    """A gate decision, a human override (a review), a canary start and an abort, and an API key created."""
+    """A gate decision, a human override (a review), a canary start, an abort and a break-glass override,
+    and an API key created."""
     bus, s = runtime.ctx.bus, runtime.settings  # the admin connection stands in for the evaluator and approver
     policy = (await artifacts.register(bus, "policy", POLICY["name"], POLICY)).hash
     done = EvalCompleted(run_id="run-audit", release="shop-v2", suite="sha256:suite", policy=policy, n_cases=50,
@@ -73,7 +74,7 @@ async def produce_one_of_each(runtime: Runtime) -> None:
     await bus.publish(bus.subjects.eval_completed, done)
     await decided.next_msg(timeout=30)
     await decided.unsubscribe()
-    await request_review(bus, "shop-v2", "reject", "ann", "not this week", timeout_s=30)
+    await request_review(bus, "shop-v2", "reject", person(s, "ann", "approver"), "not this week", timeout_s=30)
 
     for release in ("shop-v1", "shop-v3"):
         await register_model_release(bus, release)
@@ -84,6 +85,11 @@ async def produce_one_of_each(runtime: Runtime) -> None:
         async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
             assert resp.status == 200, await resp.text()
         async with http.post(f"{router.url}/lockgate/v1/deployments/chat/abort") as resp:
+            assert resp.status == 200, await resp.text()
+        # A break-glass override, signed by an admin person, gives the never-gated release traffic.
+        glass = break_glass(s, "glass", "shop-v3", "canary", "incident 7")
+        body = {"stable_release": "shop-v1", "canary_release": "shop-v3", "initial_weight": 20, "break_glass": glass}
+        async with http.put(f"{router.url}/lockgate/v1/deployments/glass", json=body) as resp:
             assert resp.status == 200, await resp.text()
 
     created = await run_cli(runtime, "keys", "create", "--tenant", "acme", "--app", "shop", "--role", "viewer")
@@ -103,21 +109,22 @@ def mutate(store: Store, sql: str) -> None:
 
 async def test_verify_passes_then_names_the_altered_or_deleted_row(stack: Runtime, store: Store) -> None:
     await produce_one_of_each(stack)
-    await stored(stack, store, 5)
+    await stored(stack, store, 6)
     rows = store.rows("SELECT seq, producer, kind, actor, action, target FROM audit_log ORDER BY seq")
-    assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5]
-    seen = {(r["producer"], r["kind"], r["action"]) for r in rows}
-    assert seen == {("gatekeeper", "decision", "decided"), ("gatekeeper", "override", "override"),
-                    ("router", "rollout", "canary"), ("router", "rollout", "abort"), ("admin", "key", "create")}
-    assert any(r["actor"].startswith("apikey:") and r["target"] == "chat" for r in rows)  # the admin key's label
+    assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    seen = {(r["producer"], r["kind"], r["action"], r["actor"]) for r in rows if not r["actor"].startswith("apikey:")}
+    assert seen == {("gatekeeper", "decision", "decided", "gatekeeper"), ("gatekeeper", "override", "override", "ann"),
+                    ("router", "break_glass", "canary", "boss"), ("admin", "key", "create", "admin")}
+    by_key = {(r["producer"], r["kind"], r["action"], r["target"]) for r in rows if r["actor"].startswith("apikey:")}
+    assert by_key == {("router", "rollout", "canary", "chat"), ("router", "rollout", "abort", "chat")}
 
     ok = await run_cli(stack, "audit", "verify")
     assert ok.exit_code == 0, ok.output
-    assert ok.output.startswith("ok: audit log intact: 5 rows (seq 1..5")
+    assert ok.output.startswith("ok: audit log intact: 6 rows (seq 1..6")
     report = json.loads((await run_cli(stack, "audit", "verify", "--json")).output)
-    assert (report["ok"], report["rows"], report["head_seq"]) == (True, 5, 5)
+    assert (report["ok"], report["rows"], report["head_seq"]) == (True, 6, 6)
     listed = json.loads((await run_cli(stack, "audit", "log", "--json")).output)
-    assert [r["seq"] for r in listed] == [1, 2, 3, 4, 5]
+    assert [r["seq"] for r in listed] == [1, 2, 3, 4, 5, 6]
 
     original = store.scalar("SELECT reason FROM audit_log WHERE seq = 3")
     mutate(store, "ALTER TABLE audit_log UPDATE reason = 'nothing happened' WHERE seq = 3")
@@ -128,9 +135,9 @@ async def test_verify_passes_then_names_the_altered_or_deleted_row(stack: Runtim
     mutate(store, f"ALTER TABLE audit_log UPDATE reason = '{original}' WHERE seq = 3")
     assert (await run_cli(stack, "audit", "verify")).exit_code == 0  # put back as it was: intact again
 
-    mutate(store, "ALTER TABLE audit_log DELETE WHERE seq = 5")
+    mutate(store, "ALTER TABLE audit_log DELETE WHERE seq = 6")
     tail = await run_cli(stack, "audit", "verify")
-    assert tail.exit_code == 4 and tail.stderr.startswith("error: audit log broken at seq 5: row missing at the tail")
+    assert tail.exit_code == 4 and tail.stderr.startswith("error: audit log broken at seq 6: row missing at the tail")
 
     mutate(store, "ALTER TABLE audit_log DELETE WHERE seq = 2")
     gap = await run_cli(stack, "audit", "verify")

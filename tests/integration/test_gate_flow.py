@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from lockgate import artifacts
 from lockgate.bus import Bus
-from lockgate.cli.gate import current_decision, request_review
+from lockgate.cli.gate import ReviewRefused, current_decision, request_review
 from lockgate.cli.main import cli
 from lockgate.codec import Codec
 from lockgate.config import Settings
@@ -25,16 +25,19 @@ from lockgate.contracts import (
     DeadLetter,
     EvalCompleted,
     EvalRequested,
+    GateAudited,
     GateDecided,
+    GateReview,
     MetricInterval,
 )
 from lockgate.evalruns import record_request
+from lockgate.identity import Identity, create_identity, review_bytes, sign_review
 from lockgate.ids import uuid7
 from lockgate.server.service import ServiceContext
 from lockgate.services.query.decisions import decisions
-from lockgate.signing import Keyring, ensure_signer_trusted, public_pem, trust_file_path
+from lockgate.signing import Keyring, ensure_signer_trusted, public_pem, revoke_person, trust_file_path
 from lockgate.store import Store
-from tests.helpers import admin_headers, register_model_release, sink_stored, store_pass
+from tests.helpers import admin_headers, person, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 decided: Codec[GateDecided] = Codec(GateDecided)
@@ -181,7 +184,7 @@ def router(services: Any) -> Any:
 
 
 async def test_high_risk_change_waits_for_approval_and_router_holds(
-    bus: Bus, store: Store, router: Any, services: Any, gates: Any, trusted: Keyring
+    bus: Bus, store: Store, router: Any, services: Any, gates: Any, trusted: Keyring, settings: Settings
 ) -> None:
     policy = await register_policy(bus)
     register_release(store, "v1", {"prompt/system": "sha256:old"})
@@ -199,8 +202,10 @@ async def test_high_risk_change_waits_for_approval_and_router_holds(
     # The canary started after the decision was in KV: the router read and verified it, and held.
     assert (state["phase"], state["weight"]) == ("idle", 0.0)  # awaiting review takes no traffic
 
-    approved = await request_review(bus, "v5", "approve", "ann", "prompt diff reviewed", timeout_s=20)
-    assert (approved.decision, approved.reviewed_by) == ("PASS", "ann") and "approved by ann" in approved.reason
+    ann = person(settings, "ann", "approver")
+    approved = await request_review(bus, "v5", "approve", ann, "prompt diff reviewed", timeout_s=20)
+    assert (approved.decision, approved.reviewed_by, approved.approvals) == ("PASS", "ann", ["ann"])
+    assert "approved by ann" in approved.reason
     assert trusted.verify(approved) == held.key_id
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "promoted", timeout=20)
     await sink_stored(services["sink"].handlers, gate_decisions=2)
@@ -209,7 +214,7 @@ async def test_high_risk_change_waits_for_approval_and_router_holds(
 
     # A second approval has nothing pending: the CLI refuses it, and so does the gatekeeper.
     with pytest.raises(Exception, match="not NEEDS_REVIEW"):
-        await request_review(bus, "v5", "approve", "ann", "again", timeout_s=5)
+        await request_review(bus, "v5", "approve", ann, "again", timeout_s=5)
 
 
 async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
@@ -292,3 +297,141 @@ async def test_forged_eval_results_get_no_decision_and_are_dead_lettered(
     await sink_stored(svcs["sink"].handlers, gate_decisions=1)
     assert [r["release"] for r in store.rows("SELECT release FROM gate_decisions")] == ["v9"]
     await dlq.unsubscribe()
+
+
+# Reviews are signed by people (issue 7: "`lockgate gate approve --actor` is free text, and anyone on the
+# bus can publish a review").
+
+audited: Codec[GateAudited] = Codec(GateAudited)
+
+
+@pytest.fixture
+async def audit(bus: Bus) -> AsyncIterator[Any]:
+    sub = await bus.nc.subscribe(bus.subjects.gate_audit)
+    yield sub
+    await sub.unsubscribe()
+
+
+async def next_refusal(sub: Any) -> GateAudited:
+    while True:
+        row = audited.decode((await sub.next_msg(timeout=20)).data)
+        if row.action == "refused":
+            return row
+
+
+async def held_for_review(bus: Bus, store: Store, gates: Any, release: str, review: dict | None = None,
+                          author: Identity | None = None) -> GateDecided:
+    """Register `release` (signed by `author` if given), gate it under a policy whose prompt change needs
+    review (`review` adds to that section), and return the NEEDS_REVIEW decision."""
+    policy = await register_policy(bus, {**POLICY, "review": {**POLICY["review"], **(review or {})}})
+    register_release(store, "v1", {"prompt/system": "sha256:old"})
+    arts = {"prompt/system": f"sha256:new-{release}"}
+    await artifacts.register_release(bus, release, "shop", arts, author=author)
+    await finish_eval(bus, completed(release, policy, em=0.9, em_ci=(0.88, 0.92), diff=0.0, diff_ci=(-0.01, 0.01),
+                                     n=2000, artifacts=arts))
+    held = await next_decision(gates)
+    while held.release != release:  # decisions about earlier releases of the test may still arrive
+        held = await next_decision(gates)
+    assert held.decision == "NEEDS_REVIEW"
+    return held
+
+
+async def test_unsigned_or_forged_reviews_on_the_bus_are_refused_and_dead_lettered(
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, audit: Any, settings: Settings
+) -> None:
+    svcs = await run_services("sink", "query", "gatekeeper")
+    held = await held_for_review(bus, store, gates, "v10")
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("gatekeeper"))
+    ann = person(settings, "ann", "approver")
+    ops = person(settings, "ops", "operator")
+    stranger = create_identity(settings, "stranger")  # a key nobody trusted
+
+    def base() -> GateReview:  # each its own event id: JetStream drops a repeated one
+        return GateReview(release="v10", action="approve", actor="ann", reason="lgtm", decision_id=held.id)
+
+    forged = {
+        "not signed by a person": base(),  # anyone on the bus, claiming to be ann: before, this was PASS
+        "no person's": sign_review(stranger, base()),
+        "it needs approver or admin": sign_review(ops, base()),
+        "altered after signing": msgspec.structs.replace(sign_review(ann, base()), reason="lgtm, and the next"),
+        # a real approver, validly signing a review that names someone else
+        "claims actor 'ann' but is signed by bob": _lying(person(settings, "bob", "approver"), base()),
+    }
+    for why, review in forged.items():
+        await bus.publish(bus.subjects.gate_review("v10"), review)
+        row = await next_refusal(audit)
+        letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=20)).data)
+        assert why in row.reason and why in letter.error, (why, row.reason, letter.error)
+        assert row.actor == "unverified" and letter.origin == "gatekeeper"
+    assert (await current_decision(bus, "v10")) == held  # still NEEDS_REVIEW, nothing re-signed
+    await dlq.unsubscribe()
+
+    approved = await request_review(bus, "v10", "approve", ann, "prompt diff read", timeout_s=20)
+    assert (approved.decision, approved.reviewed_by) == ("PASS", "ann")
+    await sink_stored(svcs["sink"].handlers, gate_decisions=7)
+    history = [(r["action"], r["actor"]) for r in decisions(store, "v10")]
+    assert history[0] == ("approved", "ann") and history.count(("refused", "unverified")) == 5
+
+
+def _lying(ident: Identity, review: GateReview) -> GateReview:
+    """Validly signed by `ident`, but with `review.actor` (someone else) inside the signed bytes."""
+    unsigned = msgspec.structs.replace(review, key_id=ident.key_id, signature="")
+    return msgspec.structs.replace(unsigned, signature=ident.sign(review_bytes(unsigned)))
+
+
+async def test_two_distinct_approvers_are_needed_and_the_same_one_twice_does_not_pass(
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, audit: Any, settings: Settings
+) -> None:
+    await run_services("sink", "query", "gatekeeper")
+    await held_for_review(bus, store, gates, "v11", {"approvals": 2})
+    ann, bob = person(settings, "ann", "approver"), person(settings, "bob", "admin")
+
+    first = await request_review(bus, "v11", "approve", ann, "looks fine", timeout_s=20)
+    assert (first.decision, first.approvals) == ("NEEDS_REVIEW", ["ann"]) and "1 of 2" in first.reason
+    assert Keyring.from_settings(settings).verify(first) == first.key_id  # re-signed by the gatekeeper
+    # ann again, straight on the bus (the CLI refuses it before sending): counted once, so refused
+    await bus.publish(bus.subjects.gate_review("v11"), sign_review(ann, GateReview(
+        release="v11", action="approve", actor="ann", reason="really fine", decision_id=first.id)))
+    assert "ann already approved" in (await next_refusal(audit)).reason
+    assert (await current_decision(bus, "v11")) == first
+    with pytest.raises(ReviewRefused, match="ann already approved"):
+        await request_review(bus, "v11", "approve", ann, "really fine", timeout_s=5)
+
+    second = await request_review(bus, "v11", "approve", bob, "agreed", timeout_s=20)
+    assert (second.decision, second.approvals, second.reviewed_by) == ("PASS", ["ann", "bob"], "bob")
+
+
+async def test_the_author_cannot_approve_their_own_release_when_the_policy_forbids_it(
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, audit: Any, settings: Settings
+) -> None:
+    await run_services("sink", "query", "gatekeeper")
+    ann, bob = person(settings, "ann", "approver", "operator"), person(settings, "bob", "approver")
+    await held_for_review(bus, store, gates, "v12", {"forbid_self_approval": True}, author=ann)
+    assert (await artifacts.release_of(bus, "v12"))["author"]["name"] == "ann"
+
+    with pytest.raises(ReviewRefused, match="no new decision"):
+        await request_review(bus, "v12", "approve", ann, "my own change is fine", timeout_s=5)
+    row = await next_refusal(audit)
+    assert row.actor == "ann" and "ann is the author of v12, and the policy forbids self-approval" in row.reason
+    approved = await request_review(bus, "v12", "approve", bob, "reviewed ann's change", timeout_s=20)
+    assert (approved.decision, approved.approvals) == ("PASS", ["bob"])
+
+    # A release with no signed author cannot be told apart from its reviewer: nobody may approve it.
+    await held_for_review(bus, store, gates, "v13", {"forbid_self_approval": True})
+    with pytest.raises(ReviewRefused, match="no new decision"):
+        await request_review(bus, "v13", "approve", bob, "lgtm", timeout_s=5)
+    assert "author of v13 is unknown" in (await next_refusal(audit)).reason
+
+
+async def test_a_revoked_person_cannot_approve(
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, audit: Any, settings: Settings
+) -> None:
+    await run_services("sink", "query", "gatekeeper")
+    held = await held_for_review(bus, store, gates, "v14")
+    ann = person(settings, "ann", "approver")
+    revoke_person(trust_file_path(settings), "ann")
+    with pytest.raises(ReviewRefused, match="no new decision"):
+        await request_review(bus, "v14", "approve", ann, "lgtm", timeout_s=5)
+    row = await next_refusal(audit)
+    assert row.actor == "unverified" and "ann's revoked key" in row.reason
+    assert (await current_decision(bus, "v14")) == held

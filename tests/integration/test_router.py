@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,15 +12,17 @@ import msgspec
 import openai
 import pytest
 
+from lockgate.cli.status import read_overrides, read_status
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, GateDecided, InferenceEvent, RolloutState
+from lockgate.identity import sign_override
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.services.router.domain import Route, Target
 from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import register_model_release, sink_stored, store_pass
+from tests.helpers import break_glass, person, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -155,7 +158,8 @@ async def test_streaming_usage_kept_when_asked(router: Any, http: aiohttp.Client
 
 async def test_canary_split_by_weight_is_sticky(router: Any, http: aiohttp.ClientSession, sims: Any) -> None:
     # No decision for r2: only an admin's break-glass lets it take a weight (and holds it there).
-    state = await _start_canary(http, router, initial_weight=30, break_glass={"reason": "split test"})
+    state = await _start_canary(http, router, initial_weight=30,
+                                break_glass=break_glass(router.ctx.settings, "chat", "r2", "canary", "split test"))
     assert (state["weight"], state["phase"], state["canary"]["release"]) == (30.0, "idle", "r2")
     seen: dict[str, str] = {}
     for i in range(300):
@@ -198,7 +202,8 @@ async def test_gate_pass_promotes_step_by_step(router: Any, services: Any, http:
 
 async def test_gate_block_sends_canary_to_zero_at_once(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     bus = router.ctx.bus
-    await _start_canary(http, router, initial_weight=100, break_glass={"reason": "block test"})
+    await _start_canary(http, router, initial_weight=100,
+                        break_glass=break_glass(router.ctx.settings, "chat", "r2", "canary", "block test"))
     decision = gate(signer, decision="BLOCK", reason="toxicity too high")
     await bus.publish(bus.subjects.gate_decided("r2"), decision)
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
@@ -421,34 +426,61 @@ async def test_reject_after_promotion_rolls_back(router: Any, http: aiohttp.Clie
         assert resp.headers["x-lockgate-release"] == "r1"
 
 
-async def test_break_glass_is_admin_only_recorded_and_shown_until_cleared(
+async def test_break_glass_is_admin_only_signed_recorded_and_shown_until_cleared(
     router: Any, http: aiohttp.ClientSession, keys: Bootstrap
 ) -> None:
-    bus = router.ctx.bus
+    bus, settings = router.ctx.bus, router.ctx.settings
     sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
     await _put(http, router)
-    operator, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator")
-    status, err = await _post(http, router, "promote", bearer(operator), break_glass={"reason": "hotfix"})
+    glass = break_glass(settings, "chat", "r2", "promote", "hotfix for incident 42")
+    operator, _ = KeyStore(settings.home).create("acme", "ops", "operator")
+    status, err = await _post(http, router, "promote", bearer(operator), break_glass=glass)
     assert status == 403 and "requires role admin" in err["error"]["message"]
     status, err = await _post(http, router, "promote", break_glass={})  # a reason is required
     assert status == 409 and "reason" in err["error"]["message"]
 
-    status, route = await _post(http, router, "promote", break_glass={"reason": "hotfix for incident 42"})
+    # Before: an admin API key and a free-text reason were enough, recorded but not signed.
+    ann = person(settings, "ann", "approver")
+    refusals = {
+        "is not signed by a person": {"reason": "hotfix for incident 42"},
+        "altered after signing": {**glass, "reason": "something else"},  # a forged reason
+        "it needs admin": sign_override(ann, deployment="chat", release="r2", action="promote",
+                                        reason="hotfix for incident 42", at=int(time.time())),
+        "not within": sign_override(person(settings, "boss", "admin"), deployment="chat", release="r2",
+                                    action="promote", reason="hotfix for incident 42", at=int(time.time()) - 3600),
+    }
+    for why, body in refusals.items():
+        status, err = await _post(http, router, "promote", break_glass=body)
+        assert status == 403 and why in err["error"]["message"], (why, err)
+        assert err["error"]["code"] == "invalid_break_glass"
+    assert router.rollouts.route("chat").phase == "idle"  # none of them changed anything
+    # signed for a canary start, not a promote: not this action
+    status, err = await _post(http, router, "promote",
+                              break_glass=break_glass(settings, "chat", "r2", "canary", "hotfix for incident 42"))
+    assert status == 403 and "altered" in err["error"]["message"]
+
+    status, route = await _post(http, router, "promote", break_glass=glass)
     assert status == 200 and route["phase"] == "promoted" and route["stable"]["release"] == "r2"
     override = route["override"]
-    assert override["reason"] == "hotfix for incident 42" and override["actor"].startswith("apikey:")
-    assert keys.admin_key not in override["actor"]  # the identity, never the secret
+    assert (override["reason"], override["actor"], override["key_id"]) == (
+        "hotfix for incident 42", "boss", glass["key_id"])
+    assert override["api_key"].startswith("apikey:") and keys.admin_key not in override["api_key"]
     states = [_states.decode((await sub.next_msg(timeout=10)).data) for _ in range(2)]
-    assert "BREAK-GLASS" in states[-1].reason and "hotfix for incident 42" in states[-1].reason
+    assert "BREAK-GLASS by boss" in states[-1].reason and "hotfix for incident 42" in states[-1].reason
     async with http.get(f"{router.url}/lockgate/v1/deployments/chat") as resp:
         assert (await resp.json())["override"]["reason"] == "hotfix for incident 42"  # still shown
+    await router.rollouts.flush()
+    [shown] = (await read_status(bus))["overrides"]  # what `lockgate status` shows
+    assert (shown["deployment"], shown["release"], shown["by"], shown["reason"]) == (
+        "chat", "r2", "boss", "hotfix for incident 42")
 
     async with http.delete(f"{router.url}/lockgate/v1/deployments/chat/break-glass",
                            headers=bearer(operator)) as resp:
         assert resp.status == 403
     async with http.delete(f"{router.url}/lockgate/v1/deployments/chat/break-glass") as resp:
         assert resp.status == 200 and (await resp.json())["override"] is None
-
+    await router.rollouts.flush()
+    assert await read_overrides(bus) == []
 
 
 # Endpoints come from operator configuration; releases are immutable and served as they say.

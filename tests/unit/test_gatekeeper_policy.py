@@ -7,7 +7,8 @@ import pytest
 from lockgate.contracts import BaselineComparison, GateDecided, GateReview
 from lockgate.errors import PolicyError
 from lockgate.services.gatekeeper import domain
-from lockgate.services.gatekeeper.review import apply_review, review_reasons
+from lockgate.services.gatekeeper.policy import parse_policy
+from lockgate.services.gatekeeper.review import ReviewRules, apply_review, review_reasons
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -29,7 +30,7 @@ def doc(rule: dict | None = None, **extra: object) -> dict:
     (doc(limits={"max_failures": -1}), "Expected `int` >= 0 - at `$.limits.max_failures`"),
     (doc(limits={"max_fail": 1}), "unknown field `max_fail` - at `$.limits`"),
     (doc(limits=[1]), "Expected `object`, got `array` - at `$.limits`"),
-    (doc(review={"require_when": []}), "Expected `array` of length >= 1 - at `$.review.require_when`"),
+    (doc(review={"approvals": 0}), "Expected `int` >= 1 - at `$.review.approvals`"),
     (doc(review={"require_when": [{"metric_moved": "safety.*"}]}), "metric_moved needs `by`, the smallest move that requires review - at `$.review.require_when[0]`"),
     (doc(review={"require_when": [{"artifact_changed": ""}]}), "Expected `str` of length >= 1 - at `$.review.require_when[0].artifact_changed`"),
     (doc(review={"require_when": [{"prompt": "x"}]}), "unknown field `prompt` - at `$.review.require_when[0]`"),
@@ -68,27 +69,71 @@ def test_review_triggers() -> None:
     assert review_reasons(p.review.require_when, {}, same, None) == ["artifact_changed prompt/*: prompt/system (baseline unknown)"]
 
 
-def pending(decision: str = "NEEDS_REVIEW") -> GateDecided:
-    return GateDecided(release="v2", decision=decision, rules=[], review_required="prompt changed", eval_run="e1")
+def pending(decision: str = "NEEDS_REVIEW", approvals: tuple[str, ...] = ()) -> GateDecided:
+    return GateDecided(id="d1", release="v2", decision=decision, rules=[], review_required="prompt changed",
+                       eval_run="e1", approvals=list(approvals))
+
+
+def review(action: str = "approve", decision_id: str = "d1", actor: str = "") -> GateReview:
+    # `actor` is only what the payload claims; apply_review is told the verified reviewer separately.
+    return GateReview(release="v2", action=action, actor=actor, reason="read it", decision_id=decision_id)
 
 
 def test_approve_and_reject_a_pending_decision() -> None:
     cur = pending()
-    ok = apply_review(cur, GateReview(release="v2", action="approve", actor="ann", reason="read it"), "new-1")
+    ok = apply_review(cur, review(actor="mallory"), "new-1", reviewer="ann")
     assert ok.action == "approved" and ok.decision is not None
     assert (ok.decision.decision, ok.decision.reviewed_by, ok.decision.id, ok.decision.eval_run) == (
         "PASS", "ann", "new-1", "e1")
-    no = apply_review(cur, GateReview(release="v2", action="reject", actor="bob", reason="too risky"), "new-2")
-    assert (no.action, no.decision.decision) == ("rejected", "BLOCK") and "bob: too risky" in no.reason
+    assert ok.decision.approvals == ["ann"] and "mallory" not in ok.reason  # the claim is never believed
+    no = apply_review(cur, review("reject"), "new-2", reviewer="bob")
+    assert (no.action, no.decision.decision) == ("rejected", "BLOCK") and "bob: read it" in no.reason
 
 
 def test_approve_without_pending_review_is_refused_and_reject_is_an_override() -> None:
-    blocked = pending("BLOCK")
-    refused = apply_review(blocked, GateReview(release="v2", action="approve", actor="ann", reason="ship"), "n")
+    refused = apply_review(pending("BLOCK"), review(), "n", reviewer="ann")
     assert refused.decision is None and refused.action == "refused" and "is BLOCK, not NEEDS_REVIEW" in refused.reason
-    veto = apply_review(pending("PASS"), GateReview(release="v2", action="reject", actor="ann", reason="no"), "n")
+    veto = apply_review(pending("PASS"), review("reject"), "n", reviewer="ann")
     assert veto.action == "override" and veto.decision.decision == "BLOCK" and "warning" in veto.reason
-    stale = apply_review(pending(), GateReview(release="v2", action="approve", actor="a", reason="r",
-                                               decision_id="old"), "n")
-    assert stale.decision is None and "latest is" in stale.reason
-    assert apply_review(None, GateReview(release="v2", action="approve", actor="a", reason="r"), "n").action == "refused"
+    stale = apply_review(pending(), review(decision_id="old"), "n", reviewer="ann")
+    assert stale.decision is None and "names decision old, but the latest is d1" in stale.reason
+    unnamed = apply_review(pending(), review(decision_id=""), "n", reviewer="ann")  # could be replayed anywhere
+    assert unnamed.decision is None and "names no decision" in unnamed.reason
+    assert apply_review(None, review(), "n", reviewer="ann").action == "refused"
+
+
+def test_n_distinct_approvers_are_needed_and_the_same_one_counts_once() -> None:
+    two = ReviewRules(approvals=2)
+    first = apply_review(pending(), review(), "d2", reviewer="ann", rules=two)
+    assert first.decision is not None and first.decision.decision == "NEEDS_REVIEW"
+    assert first.decision.approvals == ["ann"] and "1 of 2 distinct approvers" in first.reason
+    again = apply_review(first.decision, review(decision_id="d2"), "d3", reviewer="ann", rules=two)
+    assert again.decision is None and again.action == "refused" and "ann already approved" in again.reason
+    second = apply_review(first.decision, review(decision_id="d2"), "d3", reviewer="bob", rules=two)
+    assert second.decision is not None and second.decision.decision == "PASS"
+    assert second.decision.approvals == ["ann", "bob"] and second.decision.reviewed_by == "bob"
+    veto = apply_review(first.decision, review("reject", decision_id="d2"), "d3", reviewer="cy", rules=two)
+    assert veto.decision is not None and veto.decision.decision == "BLOCK"  # any one reject blocks
+
+
+@pytest.mark.parametrize(("author", "reviewer", "allowed"), [
+    ("ann", "ann", False), ("ann", "bob", True), (None, "bob", False)])
+def test_forbidden_self_approval_needs_a_known_author_other_than_the_reviewer(
+        author: str | None, reviewer: str, allowed: bool) -> None:
+    rules = ReviewRules(forbid_self_approval=True)
+    out = apply_review(pending(), review(), "n", reviewer=reviewer, rules=rules, author=author)
+    assert (out.decision is not None) == allowed
+    if not allowed:
+        assert out.action == "refused" and ("is the author" in out.reason or "author of v2 is unknown" in out.reason)
+    # without the rule the author may approve, and a reject by the author is always allowed
+    assert apply_review(pending(), review(), "n", reviewer="ann", author="ann").decision is not None
+    assert apply_review(pending(), review("reject"), "n", reviewer="ann", rules=rules, author="ann").decision
+
+
+def test_review_section_sets_approvals_and_self_approval() -> None:
+    p = parse_policy({"name": "p", "rules": [{"metric": "m", "op": ">=", "threshold": 1}],
+                      "review": {"approvals": 2, "forbid_self_approval": True}})
+    assert ReviewRules.of(p.review) == ReviewRules(2, True) and ReviewRules.of(None) == ReviewRules(1, False)
+    with pytest.raises(PolicyError, match="approvals"):
+        parse_policy({"name": "p", "rules": [{"metric": "m", "op": ">=", "threshold": 1}],
+                      "review": {"approvals": 0}})

@@ -11,6 +11,7 @@ import pytest
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, RuleResult
 from lockgate.errors import ConfigError, SignatureError
+from lockgate.ids import canonical_json
 from lockgate.signing import Keyring, Signer, canonical, default_key_path, public_pem, revoke_key, trust_key
 
 pytestmark = pytest.mark.timeout(10)
@@ -108,3 +109,18 @@ def test_cli_trust_and_revoke_edit_the_trust_file(tmp_path: Path) -> None:
     gone = runner.invoke(cli, ["gate", "revoke", signer.key_id], env=env)
     assert gone.exit_code == 0
     assert Keyring.from_trust_file(tmp_path / "trust.json").revoked == {signer.key_id}
+
+
+def test_a_decision_signed_before_approvals_existed_still_verifies() -> None:
+    # The bytes an older gatekeeper signed had no `approvals` field at all.
+    signer = Signer.generate()
+    d = msgspec.structs.replace(decision(), key_id=signer.key_id)
+    old = msgspec.to_builtins(d)
+    old.pop("approvals")
+    signed = msgspec.structs.replace(d, signature=signer.sign_bytes(canonical_json({**old, "signature": ""})))
+    assert Keyring([signer.public]).verify(signed) == signer.key_id
+    # once set, approvals are signed: stripping or changing them breaks the signature
+    approved = signer.sign(msgspec.structs.replace(d, approvals=["ann", "bob"]))
+    for tampered in (msgspec.structs.replace(approved, approvals=[]), msgspec.structs.replace(approved, approvals=["ann"])):
+        with pytest.raises(SignatureError):
+            Keyring([signer.public]).verify(tampered)

@@ -115,11 +115,14 @@ def record_change(settings: Settings, *, target: str, action: str, reason: str =
         err_console.print(f"[yellow]note:[/yellow] no stack answers at {settings.nats_url}: this change is not "
                           "in the audit log", highlight=False, soft_wrap=True)
         return
-    os_user = os.environ.get("USER") or getpass.getuser()
+    # Who is at the keyboard, as told (unverified, unlike the NATS identity the row is recorded under).
+    ctx = click.get_current_context(silent=True)
+    told = {"os_user": os.environ.get("USER") or getpass.getuser(),
+            "as": (ctx.find_root().obj or {}).get("identity") if ctx is not None else None}
 
     async def work(bus: Bus) -> None:
         await auditlog.record(bus, role, kind="key", actor=bus.auth.user or role, target=target, action=action,
-                              reason=reason, details={"os_user": os_user, **(details or {})})
+                              reason=reason, details={**told, **(details or {})})
 
     with_bus(settings, work, role="admin")
 

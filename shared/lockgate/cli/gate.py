@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import getpass
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,14 +13,26 @@ import msgspec
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
 from lockgate.cli.audit import record_change
+from lockgate.cli.identity import chosen_identity
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, table
 from lockgate.client import get_decision
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, GateReview
+from lockgate.contracts.names import check_name
 from lockgate.errors import LockgateError, NotFound, SignatureError
-from lockgate.signing import Keyring, load_public_key, public_pem, revoke_key, trust_file_path, trust_key
+from lockgate.identity import PERSON_ROLES, Identity, sign_review
+from lockgate.signing import (
+    Keyring,
+    load_public_key,
+    public_pem,
+    revoke_key,
+    revoke_person,
+    trust_file_path,
+    trust_key,
+    trust_person,
+)
 
 _decided: Codec[GateDecided] = Codec(GateDecided)
 
@@ -52,21 +62,25 @@ def rule_rows(decision: GateDecided) -> list[dict[str, Any]]:
             for r in decision.rules]
 
 
-async def request_review(bus: Bus, release: str, action: str, actor: str, reason: str, timeout_s: float) -> GateDecided:
-    """Publish a GateReview as `lockgate gate approve|reject` does and wait for the gate's new decision."""
+async def request_review(bus: Bus, release: str, action: str, identity: Identity, reason: str,
+                         timeout_s: float) -> GateDecided:
+    """Publish a GateReview signed by `identity` as `lockgate gate approve|reject` does, and wait for the
+    gate's new decision."""
     current = await current_decision(bus, release)
     if action == "approve" and current.decision != "NEEDS_REVIEW":
         raise ReviewRefused(f"cannot approve {release}: its latest decision is {current.decision}, not NEEDS_REVIEW "
                             f"(approvals never override a BLOCK; re-run the eval instead)")
+    if action == "approve" and identity.name in current.approvals:
+        raise ReviewRefused(f"{identity.name} already approved {release}; its policy needs other approvers too")
     sub = await bus.nc.subscribe(bus.subjects.gate_decided(release))
     try:
-        review = GateReview(release=release, action=action, actor=actor, reason=reason, decision_id=current.id,
-                            tenant=current.tenant)
+        review = sign_review(identity, GateReview(release=release, action=action, actor=identity.name,
+                                                  reason=reason, decision_id=current.id, tenant=current.tenant))
         await bus.publish(bus.subjects.gate_review(release), review)
         async with asyncio.timeout(timeout_s):
             while True:
                 new = _decided.decode((await sub.next_msg(timeout=timeout_s)).data)
-                if new.reviewed_by == actor and new.id != current.id:
+                if new.reviewed_by == identity.name and new.id != current.id:
                     return new
     except TimeoutError:
         raise ReviewRefused(f"no new decision for {release} within {timeout_s:.0f}s; is the gatekeeper running? "
@@ -130,20 +144,27 @@ def register(cli: click.Group) -> None:
                 console.print(f"- {r.explanation}", highlight=False)
 
     def review_command(action: str) -> None:
-        @gate.command(action, help=f"{action.capitalize()} RELEASE: approve needs a pending NEEDS_REVIEW decision; "
-                                   "reject always blocks (an override when nothing is pending).")
+        @gate.command(action, help=f"{action.capitalize()} RELEASE as your personal identity (--as NAME): approve "
+                                   "needs a pending NEEDS_REVIEW decision; reject always blocks (an override when "
+                                   "nothing is pending).")
         @click.argument("release")
         @click.option("--reason", required=True, help="Why (kept in the audit log).")
-        @click.option("--actor", default=lambda: os.environ.get("USER") or getpass.getuser(),
-                      show_default="current user", help="Who decides.")
+        @click.option("--actor", hidden=True, help="Removed: the reviewer is the signing identity (--as NAME).")
         @click.option("--timeout", "timeout_s", default=30.0, show_default=True)
         @json_option
         @click.pass_context
         @handle_errors
-        def review(ctx: click.Context, release: str, reason: str, actor: str, timeout_s: float,
+        def review(ctx: click.Context, release: str, reason: str, actor: str | None, timeout_s: float,
                    as_json: bool) -> None:
+            if actor is not None:
+                raise LockgateError("--actor is gone: a free-text name proves nothing. Reviews are signed by a "
+                                    "personal identity: `lockgate identity create NAME` once, an admin trusts it "
+                                    "(`lockgate gate trust --person NAME --role approver ...`), then "
+                                    f"`lockgate --as NAME gate {action} ...`")
+            identity = chosen_identity(ctx)
             new = with_bus(ctx.obj["settings"],
-                           lambda bus: request_review(bus, release, action, actor, reason, timeout_s), role="approver")
+                           lambda bus: request_review(bus, release, action, identity, reason, timeout_s),
+                           role="approver")
             if as_json:
                 emit_json(new)
             else:
@@ -174,23 +195,47 @@ def register(cli: click.Group) -> None:
 
     @gate.command("trust")
     @click.argument("key", type=click.Path(exists=True, dir_okay=False))
+    @click.option("--person", help="Trust KEY as this person's (reviews, break-glass, authorship), not as a "
+                                   "decision-signing key.")
+    @click.option("--role", "roles", multiple=True, type=click.Choice(PERSON_ROLES),
+                  help="The person's role (repeatable): approver reviews, admin also overrides, operator authors.")
     @click.pass_context
     @handle_errors
-    def trust_cmd(ctx: click.Context, key: str) -> None:
+    def trust_cmd(ctx: click.Context, key: str, person: str | None, roles: tuple[str, ...]) -> None:
         """Trust KEY (a PEM public or private Ed25519 key) in the trust file; prints its key id."""
         path = trust_file_path(ctx.obj["settings"])
+        if person:
+            check_name(person, "person")
+            if not roles:
+                raise LockgateError("--person needs at least one --role (approver, admin or operator)")
+            kid = trust_person(path, person, load_public_key(key), roles)
+            click.echo(f"trusted {person} ({', '.join(sorted(set(roles)))}) with key {kid} in {path}")
+            record_change(ctx.obj["settings"], target=f"person:{person}", action="trust",
+                          details={"key_id": kid, "roles": ",".join(sorted(set(roles))), "trust_file": path})
+            return
+        if roles:
+            raise LockgateError("--role applies to a person: add --person NAME")
         kid = trust_key(path, load_public_key(key))
         click.echo(f"trusted key {kid} in {path}")
         record_change(ctx.obj["settings"], target=f"signing-key:{kid}", action="trust", details={"trust_file": path})
 
     @gate.command("revoke")
-    @click.argument("key_id")
+    @click.argument("key_id", required=False)
+    @click.option("--person", help="Revoke this person's key instead of a KEY_ID.")
     @click.pass_context
     @handle_errors
-    def revoke_cmd(ctx: click.Context, key_id: str) -> None:
-        """Revoke KEY_ID in the trust file: decisions it signed are refused from then on."""
+    def revoke_cmd(ctx: click.Context, key_id: str | None, person: str | None) -> None:
+        """Revoke KEY_ID (or --person NAME's key) in the trust file: what it signs is refused from then on."""
         path = trust_file_path(ctx.obj["settings"])
-        revoke_key(path, key_id)
+        if bool(key_id) == bool(person):
+            raise LockgateError("give exactly one of KEY_ID or --person NAME")
+        if person:
+            key_id = revoke_person(path, person)
+            click.echo(f"revoked {person}'s key {key_id} in {path}")
+            record_change(ctx.obj["settings"], target=f"person:{person}", action="revoke",
+                          details={"key_id": key_id, "trust_file": path})
+            return
+        revoke_key(path, key_id or "")
         click.echo(f"revoked key {key_id} in {path}")
         record_change(ctx.obj["settings"], target=f"signing-key:{key_id}", action="revoke",
                       details={"trust_file": path})

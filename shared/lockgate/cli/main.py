@@ -52,10 +52,13 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--role", type=click.Choice(ROLES), envvar="LOCKGATE_ROLE",
               help="The NATS identity the CLI uses: viewer (queries, status), operator (register, eval), "
                    "approver (gate approve/reject), admin. Default: the least each command needs.")
+@click.option("--as", "identity", envvar="LOCKGATE_IDENTITY", metavar="NAME",
+              help="The personal identity that signs reviews, break-glass overrides and releases you author "
+                   "(`lockgate identity create NAME`). Default: the only one under the home.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO.")
 @click.pass_context
 def cli(ctx: click.Context, nats_url: str | None, clickhouse_url: str | None, prefix: str | None,
-        database: str | None, home: str | None, role: str | None, verbose: bool) -> None:
+        database: str | None, home: str | None, role: str | None, identity: str | None, verbose: bool) -> None:
     """lockgate: CI/CD and runtime governance for language-model applications."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -68,7 +71,7 @@ def cli(ctx: click.Context, nats_url: str | None, clickhouse_url: str | None, pr
     # Only an explicit --clickhouse means "read ClickHouse yourself"; the environment variable just
     # configures where the stack's ClickHouse lives.
     explicit = ctx.get_parameter_source("clickhouse_url") == click.core.ParameterSource.COMMANDLINE
-    ctx.obj = {"settings": settings, "direct": explicit, "role": role}
+    ctx.obj = {"settings": settings, "direct": explicit, "role": role, "identity": identity}
 
 
 def _query(ctx: click.Context, name: str, **args: Any) -> Any:
@@ -216,12 +219,13 @@ def schema(out: str | None) -> None:
 
 
 def _register_subcommands() -> None:
-    from lockgate.cli import audit, gate, keys, stack, status, workflow
+    from lockgate.cli import audit, gate, identity, keys, stack, status, workflow
 
     stack.register(cli)
     status.register(cli)
     workflow.register(cli)
     gate.register(cli)
+    identity.register(cli)
     keys.register(cli)
     audit.register(cli)
     # Plugins (the dev tools' `dev up`, `sim` and `demo`) add commands without the CLI importing them.

@@ -54,6 +54,7 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
         keys = bootstrap(settings.home, app=settings.app)
         console.print(f"  [bold]{'admin key':<11}[/bold] {keys.admin_file}  (role admin: router admin API, `lockgate keys`)")
         console.print(f"  [bold]{'app key':<11}[/bold] {keys.app_file}  (send as `Authorization: Bearer <key>`)")
+        _print_people(runtime.settings)
         if on_ready is not None:
             await on_ready(runtime)
         console.print("[dim]Ctrl-C stops the stack; queued events are flushed first.[/dim]")
@@ -62,6 +63,18 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
     finally:
         await runtime.stop()
     console.print("stopped cleanly.")
+
+
+def _print_people(settings: Settings) -> None:
+    """Who may review and break glass: people are trusted explicitly, never made by `up`."""
+    from lockgate.signing import read_trust_file, trust_file_path
+
+    path = trust_file_path(settings)
+    people = read_trust_file(path).people
+    who = ", ".join(f"{n} ({'/'.join(p.roles)})" for n, p in sorted(people.items())) or \
+        "none yet: `lockgate identity create NAME`, then `lockgate gate trust --person NAME --role approver ...`"
+    console.print(f"  [bold]{'people':<11}[/bold] {who}  (sign reviews and break-glass; trust file {path})",
+                  soft_wrap=True)
 
 
 def embedded_settings(settings: Settings, home: str | None, nats_port: int, router_port: int,

@@ -5,9 +5,12 @@ Read straight from JetStream, not ClickHouse: works embedded or distributed, sta
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 from typing import Any
 
 import click
+import nats.js.errors
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
@@ -30,7 +33,31 @@ async def read_status(bus: Bus) -> dict[str, Any]:
     prefix = f"{bus.subjects.prefix}.dlq."
     dead = [{"origin": subject.removeprefix(prefix), "dead_letters": count}
             for subject, count in sorted((dlq.state.subjects or {}).items())]
-    return {"streams": streams, "consumers": sorted(consumers, key=lambda c: c["consumer"]), "dead_letters": dead}
+    return {"streams": streams, "consumers": sorted(consumers, key=lambda c: c["consumer"]), "dead_letters": dead,
+            "overrides": await read_overrides(bus)}
+
+
+async def read_overrides(bus: Bus) -> list[dict[str, Any]]:
+    """Break-glass overrides in effect, from the routes KV: shown until an admin clears them."""
+    kv = await bus.kv(bus.subjects.kv_routes)
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return []
+    out = []
+    for key in sorted(keys):
+        try:
+            entry = await kv.get(key)
+            route = json.loads(entry.value or b"{}")
+        except (nats.js.errors.KeyNotFoundError, ValueError):
+            continue  # deleted meanwhile, or not a route
+        o = route.get("override") if isinstance(route, dict) else None
+        if o:
+            out.append({"deployment": route.get("deployment", key), "release": o.get("release"),
+                        "action": o.get("action"), "by": o.get("actor"), "key_id": o.get("key_id", ""),
+                        "since": dt.datetime.fromtimestamp(o.get("at", 0), dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
+                        "reason": o.get("reason")})
+    return out
 
 
 def register(cli: click.Group) -> None:
@@ -49,3 +76,6 @@ def register(cli: click.Group) -> None:
         table(report["streams"], title="streams")
         table(report["consumers"], title="consumers (pending = not yet delivered; unacked = in flight)")
         table(report["dead_letters"], title="dead letters by origin", empty="no dead letters")
+        table(report["overrides"], title="BREAK-GLASS overrides in effect (an admin clears them: "
+                                         "DELETE /lockgate/v1/deployments/DEPLOYMENT/break-glass)",
+              empty="no break-glass overrides")

@@ -66,9 +66,14 @@ def register(cli: click.Group) -> None:
             if not sep or "/" not in key or not value.startswith("sha256:"):
                 raise ConfigError(f"--artifact {pair!r} must look like kind/name=sha256:<hex>")
             arts[key] = value
-        with_bus(ctx.obj["settings"], lambda bus: artifacts.register_release(bus, name, app, arts, parent=parent),
-                 role="operator")
-        console.print(f"release {name} recorded with {len(arts)} artifacts")
+        from lockgate.cli.identity import optional_identity
+
+        # The author's signature lets a policy refuse their own approval (forbid_self_approval).
+        author = optional_identity(ctx)
+        with_bus(ctx.obj["settings"], lambda bus: artifacts.register_release(bus, name, app, arts, parent=parent,
+                                                                             author=author), role="operator")
+        by = f", authored by {author.name}" if author else " (no author: no personal identity, see --as)"
+        console.print(f"release {name} recorded with {len(arts)} artifacts{by}")
 
     @cli.group("eval")
     def eval_group() -> None:

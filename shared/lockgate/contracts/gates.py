@@ -45,16 +45,23 @@ class GateDecided(Event, frozen=True, kw_only=True, tag="lockgate.gate.decided")
     key_id: str = ""
     review_required: str = ""
     reviewed_by: str = ""
+    approvals: list[str] = []  # the distinct people who approved this NEEDS_REVIEW so far (a policy may need N)
 
 
 class GateReview(Event, frozen=True, kw_only=True, tag="lockgate.gate.review"):
-    """A human approval or rejection of a release waiting in NEEDS_REVIEW (or an override)."""
+    """A human approval or rejection of a release waiting in NEEDS_REVIEW (or an override).
+
+    Signed by the reviewer's personal key (`key_id`); the gatekeeper takes the reviewer's name from the
+    trust file's person for that key, and refuses a review whose `actor` names someone else.
+    """
 
     release: Name
     action: Literal["approve", "reject"]
     actor: str
     reason: str
     decision_id: str = ""
+    key_id: str = ""
+    signature: str = ""
 
 
 class GateAudited(Event, frozen=True, kw_only=True, tag="lockgate.gate.audited"):

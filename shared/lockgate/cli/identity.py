@@ -1,0 +1,88 @@
+"""`lockgate identity ...` and `lockgate break-glass`: personal keys, and the signed override an admin sends.
+
+A NATS role or an API key is shared by everyone who holds it; a personal key says who acted. The
+private key stays under the home (0600); an admin trusts its public key with a role
+(`lockgate gate trust --person NAME --role approver FILE`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from lockgate.cli.main import handle_errors
+from lockgate.cli.render import console
+from lockgate.identity import Identity, create_identity, identities_dir, load_identity, sign_override
+from lockgate.signing import public_pem, read_trust_file, trust_file_path
+
+
+def chosen_identity(ctx: click.Context) -> Identity:
+    """The identity of `--as` / LOCKGATE_IDENTITY, or the only one under the home (NotFound otherwise)."""
+    root = ctx.find_root().obj
+    return load_identity(root["settings"], root.get("identity"))
+
+
+def optional_identity(ctx: click.Context) -> Identity | None:
+    """Like chosen_identity, but None when none was asked for and the home has no single one."""
+    root = ctx.find_root().obj
+    folder = identities_dir(root["settings"])
+    if not root.get("identity") and len(list(folder.glob("*.key")) if folder.is_dir() else []) != 1:
+        return None
+    return chosen_identity(ctx)
+
+
+def register(cli: click.Group) -> None:
+    """Attach `identity` and `break-glass` to the top-level group."""
+
+    @cli.group()
+    def identity() -> None:
+        """Personal identities: the keys that sign reviews, break-glass overrides and releases."""
+
+    @identity.command("create")
+    @click.argument("name")
+    @click.pass_context
+    @handle_errors
+    def create(ctx: click.Context, name: str) -> None:
+        """Make NAME's Ed25519 key pair under the home; prints the public key for an admin to trust."""
+        ident = create_identity(ctx.obj["settings"], name)
+        pub = identities_dir(ctx.obj["settings"]) / f"{name}.pub"
+        console.print(f"created identity [bold]{name}[/bold] (key id {ident.key_id}); private key "
+                      f"{pub.with_suffix('.key')} (0600). An admin trusts it with:", highlight=False)
+        click.echo(f"  lockgate gate trust --person {name} --role approver {pub}")
+        click.echo(public_pem(ident.signer.public).decode(), nl=False)
+
+    @identity.command("show")
+    @click.pass_context
+    @handle_errors
+    def show(ctx: click.Context) -> None:
+        """The chosen identity: name, key id, and whether (and with which roles) the trust file knows it."""
+        ident = chosen_identity(ctx)
+        path = trust_file_path(ctx.obj["settings"])
+        trust = read_trust_file(path)
+        person = trust.people.get(ident.name)
+        if person is None or person.key_id != ident.key_id:
+            status = f"not trusted in {path}"
+        elif person.key_id in trust.revoked:
+            status = f"REVOKED in {path}"
+        else:
+            status = f"trusted in {path} as {', '.join(person.roles)}"
+        click.echo(f"{ident.name} key {ident.key_id}: {status}")
+
+    @cli.command("break-glass")
+    @click.argument("deployment")
+    @click.argument("release")
+    @click.option("--action", type=click.Choice(["promote", "canary"]), required=True,
+                  help="promote: POST .../DEPLOYMENT/promote; canary: PUT .../DEPLOYMENT with RELEASE as canary.")
+    @click.option("--reason", required=True, help="Why admission is overridden (recorded and shown until cleared).")
+    @click.pass_context
+    @handle_errors
+    def break_glass(ctx: click.Context, deployment: str, release: str, action: str, reason: str) -> None:
+        """Sign a break-glass override as an admin person; prints the `break_glass` object for the admin API.
+
+        It is valid for 10 minutes and only for this deployment, release and action.
+        """
+        glass = sign_override(chosen_identity(ctx), deployment=deployment, release=release, action=action,
+                              reason=reason, at=int(time.time()))
+        click.echo(json.dumps({"break_glass": glass}))

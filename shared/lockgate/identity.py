@@ -1,0 +1,208 @@
+"""Personal identities: a person's Ed25519 key, and how what people sign (reviews, break-glass overrides,
+release authorship) is checked against the people of the trust file.
+
+A NATS role (approver, admin) is shared by everyone who holds it, so it cannot say *who* approved. A
+person's key can: the trust file binds a name and roles to one public key, and a consumer takes the
+name from the key that verified the signature, never from the payload.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from lockgate.config import Settings
+from lockgate.contracts import GateReview
+from lockgate.contracts.names import check_name
+from lockgate.errors import ConfigError, NotFound, SignatureError
+from lockgate.ids import canonical_json
+from lockgate.signing import Signer, public_pem, read_trust_file, trust_file_path
+
+PERSON_ROLES = ("operator", "approver", "admin")
+REVIEWER_ROLES = ("approver", "admin")
+# A signed break-glass statement is accepted this long after it was signed: long enough to paste it into
+# a request, short enough that a copy found later cannot be replayed.
+OVERRIDE_MAX_AGE_S = 600.0
+
+
+class IdentityRefused(SignatureError):
+    """A statement is not signed by a trusted, unrevoked person with the role it needs."""
+
+
+def identities_dir(settings: Settings) -> Path:
+    """Where personal keys live: {home}/identities (0700), one NAME.key (0600) and NAME.pub each."""
+    return Path(settings.home) / "identities"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A person's name (as the trust file will know it) and private key."""
+
+    name: str
+    signer: Signer
+
+    @property
+    def key_id(self) -> str:
+        """The id of the person's public key (what the trust file lists)."""
+        return self.signer.key_id
+
+    def sign(self, data: bytes) -> str:
+        """A base64 signature over `data`."""
+        return self.signer.sign_bytes(data)
+
+
+def create_identity(settings: Settings, name: str) -> Identity:
+    """Make NAME's key pair under the home (private 0600); ConfigError if NAME already has one."""
+    check_name(name, "identity")
+    folder = identities_dir(settings)
+    path = folder / f"{name}.key"
+    if path.exists():
+        raise ConfigError(f"identity {name!r} already exists in {path}; its public key is {path.with_suffix('.pub')}")
+    signer = Signer.load_or_create(path)
+    folder.chmod(0o700)
+    path.with_suffix(".pub").write_bytes(public_pem(signer.public))
+    return Identity(name, signer)
+
+
+def load_identity(settings: Settings, name: str | None) -> Identity:
+    """NAME's identity (`--as` / LOCKGATE_IDENTITY), or the only one under the home when NAME is not given."""
+    folder = identities_dir(settings)
+    if not name:
+        found = sorted(p.stem for p in folder.glob("*.key")) if folder.is_dir() else []
+        if len(found) != 1:
+            which = f"several ({', '.join(found)}): pick one with --as NAME or LOCKGATE_IDENTITY" if found else \
+                f"none in {folder}: create one with `lockgate identity create NAME`, and have an admin trust it " \
+                f"with `lockgate gate trust --person NAME --role approver {folder}/NAME.pub`"
+            raise NotFound(f"no personal identity chosen; {which}")
+        name = found[0]
+    path = folder / f"{name}.key"
+    if not path.exists():
+        raise NotFound(f"identity {name!r} has no key at {path} (`lockgate identity create {name}`)")
+    return Identity(name, Signer.load_or_create(path))
+
+
+def _public(pem: str) -> Ed25519PublicKey:
+    key = serialization.load_pem_public_key(pem.encode())
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"a person's key in the trust file is {type(key).__name__}, expected Ed25519")
+    return key
+
+
+def verify_person(settings: Settings, key_id: str, signature: str, data: bytes, *, roles: Iterable[str],
+                  what: str, allow_revoked: bool = False) -> str:
+    """The name of the trusted person whose key signed `data`, or IdentityRefused saying why not.
+
+    The trust file is read on every call: statements by people are rare, and a revocation must apply at once.
+    """
+    roles = tuple(roles)
+    path = trust_file_path(settings)
+    if not signature or not key_id:
+        raise IdentityRefused(f"{what} is not signed by a person: sign it with a personal identity "
+                              "(`lockgate identity create NAME`, trusted by an admin with `lockgate gate trust --person`)")
+    trust = read_trust_file(path)
+    name, person = next(((n, p) for n, p in trust.people.items() if p.key_id == key_id), ("", None))
+    if person is None:
+        raise IdentityRefused(f"{what} is signed by key {key_id!r}, which is no person's in {path}")
+    if key_id in trust.revoked and not allow_revoked:
+        raise IdentityRefused(f"{what} is signed by {name}'s revoked key {key_id}")
+    if roles and not set(roles) & set(person.roles):
+        raise IdentityRefused(f"{what} is signed by {name}, who has role(s) {', '.join(person.roles) or 'none'}; "
+                              f"it needs {' or '.join(roles)}")
+    try:
+        _public(person.key).verify(base64.b64decode(signature, validate=True), data)
+    except (InvalidSignature, binascii.Error, ValueError):
+        raise IdentityRefused(f"{what} does not match its signature by {name}'s key {key_id} "
+                              "(altered after signing, or signed by someone else?)") from None
+    return name
+
+
+# Reviews
+
+
+def review_bytes(review: GateReview) -> bytes:
+    """What a reviewer signs: the whole review (ids, release, action, reason, decision) but the signature."""
+    return canonical_json(msgspec.to_builtins(msgspec.structs.replace(review, signature="")))
+
+
+def sign_review(identity: Identity, review: GateReview) -> GateReview:
+    """The review as `identity`: its name as actor, its key id, and its signature."""
+    unsigned = msgspec.structs.replace(review, actor=identity.name, key_id=identity.key_id, signature="")
+    return msgspec.structs.replace(unsigned, signature=identity.sign(review_bytes(unsigned)))
+
+
+def verify_review(settings: Settings, review: GateReview) -> str:
+    """The approver's (or admin's) name that signed the review; IdentityRefused if none did, or if it
+    claims another actor than the signer."""
+    what = f"{review.action} of {review.release} (review {review.id})"
+    name = verify_person(settings, review.key_id, review.signature, review_bytes(review), roles=REVIEWER_ROLES,
+                         what=what)
+    if review.actor and review.actor != name:
+        raise IdentityRefused(f"{what} claims actor {review.actor!r} but is signed by {name}")
+    return name
+
+
+# Break-glass overrides
+
+
+def override_bytes(*, deployment: str, release: str, action: str, reason: str, at: int, key_id: str) -> bytes:
+    """What an admin signs to override admission: which deployment, release and action, why, and when."""
+    return canonical_json({"deployment": deployment, "release": release, "action": action, "reason": reason,
+                           "at": at, "key_id": key_id})
+
+
+def sign_override(identity: Identity, *, deployment: str, release: str, action: str, reason: str,
+                  at: int) -> dict[str, Any]:
+    """The `break_glass` object of an admin API request, signed by `identity`."""
+    sig = identity.sign(override_bytes(deployment=deployment, release=release, action=action, reason=reason,
+                                       at=at, key_id=identity.key_id))
+    return {"reason": reason, "at": at, "key_id": identity.key_id, "signature": sig}
+
+
+def verify_override(settings: Settings, *, deployment: str, release: str, action: str, reason: str, at: int,
+                    key_id: str, signature: str, now: float) -> str:
+    """The admin's name that signed this override for exactly this deployment, release and action, recently."""
+    what = f"break-glass {action} of {release or 'nothing'} on {deployment}"
+    name = verify_person(settings, key_id, signature, override_bytes(
+        deployment=deployment, release=release, action=action, reason=reason, at=at, key_id=key_id),
+        roles=("admin",), what=what)
+    if not now - OVERRIDE_MAX_AGE_S <= at <= now + 60:  # a little clock skew, never a stale copy
+        raise IdentityRefused(f"{what} was signed at {at:.0f}, not within {OVERRIDE_MAX_AGE_S:.0f}s of now "
+                              f"({now:.0f}): sign a fresh one with `lockgate break-glass`")
+    return name
+
+
+# Release authorship
+
+
+def bundle_content(bundle: Mapping[str, Any]) -> dict[str, Any]:
+    """The bundle without its author: what makes two registrations of a name the same release."""
+    return {k: v for k, v in bundle.items() if k != "author"}
+
+
+def sign_bundle(identity: Identity, bundle: Mapping[str, Any]) -> dict[str, Any]:
+    """The release bundle with its author: the name, key id and signature over the rest of the bundle."""
+    content = bundle_content(bundle)
+    return {**content, "author": {"name": identity.name, "key_id": identity.key_id,
+                                  "signature": identity.sign(canonical_json(content))}}
+
+
+def author_of(settings: Settings, bundle: Mapping[str, Any]) -> str | None:
+    """The trusted person who signed the release bundle (even with a since-revoked key), or None if unknown."""
+    author = bundle.get("author")
+    if not isinstance(author, dict):
+        return None
+    try:
+        return verify_person(settings, str(author.get("key_id", "")), str(author.get("signature", "")),
+                             canonical_json(bundle_content(bundle)), roles=(), what="release author",
+                             allow_revoked=True)
+    except IdentityRefused:
+        return None

@@ -1,0 +1,144 @@
+"""Personal identities: keys under the home, people in the trust file, and the statements they sign."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from lockgate.config import Settings
+from lockgate.contracts import GateReview
+from lockgate.errors import ConfigError, NotFound
+from lockgate.identity import (
+    OVERRIDE_MAX_AGE_S,
+    IdentityRefused,
+    author_of,
+    create_identity,
+    load_identity,
+    sign_bundle,
+    sign_override,
+    sign_review,
+    verify_override,
+    verify_review,
+)
+from lockgate.signing import Signer, read_trust_file, revoke_person, trust_file_path, trust_key, trust_person
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(home=str(tmp_path))
+
+
+def person(settings: Settings, name: str, *roles: str) -> object:
+    ident = create_identity(settings, name)
+    trust_person(trust_file_path(settings), name, ident.signer.public, roles)
+    return ident
+
+
+def review(**fields: object) -> GateReview:
+    return GateReview(**{"release": "v2", "action": "approve", "actor": "", "reason": "read the diff",
+                         "decision_id": "d1", **fields})
+
+
+def test_identity_key_is_private_and_the_single_one_is_the_default(settings: Settings) -> None:
+    ann = create_identity(settings, "ann")
+    key = Path(settings.home) / "identities" / "ann.key"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.with_suffix(".pub").read_text().startswith("-----BEGIN")
+    assert load_identity(settings, None).key_id == ann.key_id == load_identity(settings, "ann").key_id
+    with pytest.raises(ConfigError, match="already exists"):
+        create_identity(settings, "ann")
+    create_identity(settings, "bob")
+    with pytest.raises(NotFound, match="several"):
+        load_identity(settings, None)
+    with pytest.raises(NotFound, match="lockgate identity create zed"):
+        load_identity(settings, "zed")
+
+
+def test_a_signed_review_names_its_signer_and_survives_the_wire(settings: Settings) -> None:
+    ann = person(settings, "ann", "approver")
+    signed = sign_review(ann, review())
+    wire = msgspec.json.decode(msgspec.json.encode(signed), type=GateReview)
+    assert (wire.actor, verify_review(settings, wire)) == ("ann", "ann")
+
+
+def test_refused_reviews_say_why(settings: Settings) -> None:
+    ann = person(settings, "ann", "approver")
+    ops = person(settings, "ops", "operator")
+    stranger = create_identity(settings, "stranger")  # has a key, but nobody trusted it
+    cases = {
+        "is not signed by a person": review(actor="ann"),
+        "no person's": sign_review(stranger, review()),
+        r"who has role\(s\) operator; it needs approver or admin": sign_review(ops, review()),
+        "altered after signing": msgspec.structs.replace(sign_review(ann, review()), action="reject"),
+        # validly signed by ann, but the payload names bob: the claim is refused, not believed
+        "claims actor 'bob' but is signed by ann": _signed_as(ann, review(actor="bob")),
+    }
+    for why, r in cases.items():
+        with pytest.raises(IdentityRefused, match=why):
+            verify_review(settings, r)
+    revoke_person(trust_file_path(settings), "ann")
+    with pytest.raises(IdentityRefused, match="ann's revoked key"):
+        verify_review(settings, sign_review(ann, review()))
+
+
+def _signed_as(ident: object, r: GateReview) -> GateReview:
+    """A review whose payload claims `r.actor` but is validly signed by `ident` (a lying client)."""
+    from lockgate.identity import review_bytes
+
+    unsigned = msgspec.structs.replace(r, key_id=ident.key_id, signature="")  # type: ignore[attr-defined]
+    return msgspec.structs.replace(unsigned, signature=ident.sign(review_bytes(unsigned)))  # type: ignore[attr-defined]
+
+
+def test_trust_file_people_rotate_and_never_share_a_key(settings: Settings) -> None:
+    path = trust_file_path(settings)
+    a1, a2, gk = Signer.generate(), Signer.generate(), Signer.generate()
+    trust_person(path, "ann", a1.public, ["approver"])
+    trust_person(path, "ann", a2.public, ["approver", "admin"])  # rotation replaces the key
+    assert read_trust_file(path).people["ann"].key_id == a2.key_id
+    with pytest.raises(ConfigError, match="already belongs to 'ann'"):
+        trust_person(path, "bob", a2.public, ["approver"])
+    trust_key(path, gk.public)
+    with pytest.raises(ConfigError, match="decision-signing key"):
+        trust_person(path, "cy", gk.public, ["admin"])
+    revoke_person(path, "ann")
+    with pytest.raises(ConfigError, match="revoked"):
+        trust_person(path, "ann", a2.public, ["approver"])
+
+
+def test_break_glass_needs_an_admin_signature_for_this_deployment_release_and_action(settings: Settings) -> None:
+    boss = person(settings, "boss", "admin")
+    ann = person(settings, "ann", "approver")
+    now = 1_800_000_000
+    glass = sign_override(boss, deployment="chat", release="r2", action="promote", reason="incident 42", at=now)
+
+    def check(**changes: object) -> str:
+        args = {"deployment": "chat", "release": "r2", "action": "promote", "reason": glass["reason"],
+                "at": glass["at"], "key_id": glass["key_id"], "signature": glass["signature"], "now": now + 5.0,
+                **changes}
+        return verify_override(settings, **args)  # type: ignore[arg-type]
+
+    assert check() == "boss"
+    for change, why in [({"deployment": "other"}, "altered"), ({"release": "r3"}, "altered"),
+                        ({"action": "canary"}, "altered"), ({"reason": "changed"}, "altered"),
+                        ({"now": now + OVERRIDE_MAX_AGE_S + 1}, "not within"), ({"signature": ""}, "not signed")]:
+        with pytest.raises(IdentityRefused, match=why):
+            check(**change)
+    approver = sign_override(ann, deployment="chat", release="r2", action="promote", reason="incident", at=now)
+    with pytest.raises(IdentityRefused, match="needs admin"):
+        check(reason="incident", key_id=approver["key_id"], signature=approver["signature"])
+
+
+def test_release_author_is_the_signer_of_the_bundle(settings: Settings) -> None:
+    ann = person(settings, "ann", "operator")
+    bundle = {"release": "r2", "app": "shop", "tenant": "default", "parent": "", "artifacts": {"a/b": "sha256:1"}}
+    signed = sign_bundle(ann, bundle)
+    assert author_of(settings, signed) == "ann" and author_of(settings, bundle) is None
+    assert author_of(settings, {**signed, "artifacts": {"a/b": "sha256:2"}}) is None  # not what ann signed
+    forged = {**signed, "author": {**signed["author"], "name": "bob"}}
+    assert author_of(settings, forged) == "ann"  # the name comes from the key, never the payload
+    revoke_person(trust_file_path(settings), "ann")
+    assert author_of(settings, signed) == "ann"  # what she authored stays hers
