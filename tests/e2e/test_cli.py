@@ -93,6 +93,15 @@ def test_cli_errors_are_one_line_with_an_exit_code(stack: dict[str, str]) -> Non
     assert write.returncode != 0 and "Traceback" not in write.stderr
 
 
+def test_queries_without_a_running_stack_read_clickhouse_instead_of_hanging(tmp_path: Path) -> None:
+    # Nothing listens at the NATS URL: the CLI says nothing about NATS and reads the store itself.
+    env = {**os.environ, "LOCKGATE_HOME": str(tmp_path), "LOCKGATE_NATS_URL": "nats://127.0.0.1:1",
+           "LOCKGATE_CLICKHOUSE_URL": f"chdb://{tmp_path}/clickhouse"}
+    proc = subprocess.run([*LOCKGATE, "decisions", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
 def test_schema_command_writes_json_schema(tmp_path: Path) -> None:
     out = tmp_path / "schema.json"
     run("schema", "--out", str(out), env=dict(os.environ))

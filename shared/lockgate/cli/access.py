@@ -84,18 +84,29 @@ class _NoStack(Exception):
     """Nothing answers queries at the NATS URL: fall back to opening ClickHouse directly."""
 
 
-async def _over_nats(settings: Settings, name: str, args: dict[str, Any], role: str) -> Any:
+async def connect_once(settings: Settings, role: str, purpose: str) -> Any:
+    """A short connection to the stack's NATS as `role` (None if nothing answers at the URL), for CLI
+    commands that must not hang when no stack runs (Bus.connect retries for ever). NotAllowed, saying
+    `purpose`, if a stack answers but refuses the role's credentials."""
     auth = credentials.for_identity(settings, role)
     try:
-        nc = await nats.connect(settings.nats_url, connect_timeout=1, max_reconnect_attempts=0,
-                                allow_reconnect=False, error_cb=_quiet, **auth.options())
+        # max_reconnect_attempts=1: with 0, nats-py retries a refused first connect for ever.
+        return await nats.connect(settings.nats_url, connect_timeout=1, max_reconnect_attempts=1,
+                                  reconnect_time_wait=0.1, allow_reconnect=False, error_cb=_quiet, **auth.options())
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         if "authorization violation" in str(exc).lower() or isinstance(exc, nats.errors.AuthorizationError):
-            # A stack runs but refuses us: say so, rather than falling back to opening ClickHouse.
             where = credentials.directory(settings.home)
-            raise NotAllowed(f"NATS at {settings.nats_url} refused role {role!r}: no valid credentials in "
-                             f"{where} (pass --home DIR or LOCKGATE_HOME as given to `lockgate up`)") from None
-        raise _NoStack from None
+            raise NotAllowed(f"NATS at {settings.nats_url} refused role {role!r}, so {purpose}: no valid "
+                             f"credentials in {where} (pass --home DIR or LOCKGATE_HOME as given to "
+                             f"`lockgate up`)") from None
+        return None
+
+
+async def _over_nats(settings: Settings, name: str, args: dict[str, Any], role: str) -> Any:
+    # A stack that runs but refuses us is said so, rather than falling back to opening ClickHouse.
+    nc = await connect_once(settings, role, "the query was not answered")
+    if nc is None:
+        raise _NoStack
     try:
         return await queryclient.request(nc, Subjects(settings.prefix).query, name, args)
     except queryclient.NoQueryService:

@@ -15,7 +15,7 @@ import nats
 import nats.errors
 import nats.js.errors
 
-from lockgate import auditchain, auditlog, credentials
+from lockgate import auditchain, auditlog
 from lockgate.bus import Bus
 from lockgate.cli import access
 from lockgate.cli.access import chosen_role, with_bus
@@ -23,7 +23,6 @@ from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import emit_json, err_console, table
 from lockgate.config import Settings
 from lockgate.contracts import AuditRecord
-from lockgate.credentials import NotAllowed
 from lockgate.errors import AuditBroken, BusUnavailable
 from lockgate.queryclient import ask_pages
 from lockgate.retry import RetryPolicy
@@ -84,21 +83,10 @@ def check(rows: list[dict[str, Any]], head: AuditRecord | None, keyring: Keyring
                                                "message": str(report.broken)}}
 
 
-async def _quiet(exc: Exception) -> None:
-    """nats-py logs every failed connect; a missing stack is reported in one line instead."""
-
-
 async def _stack_answers(settings: Settings, role: str) -> bool:
-    """True if a NATS server answers at the URL (a short probe: Bus.connect would retry forever)."""
-    auth = credentials.for_identity(settings, role)
-    try:
-        # max_reconnect_attempts=1: with 0, nats-py retries a refused first connect forever.
-        nc = await nats.connect(settings.nats_url, connect_timeout=1, max_reconnect_attempts=1,
-                                reconnect_time_wait=0.1, allow_reconnect=False, error_cb=_quiet, **auth.options())
-    except (TimeoutError, OSError, nats.errors.Error) as exc:
-        if "authorization violation" in str(exc).lower() or isinstance(exc, nats.errors.AuthorizationError):
-            raise NotAllowed(f"NATS at {settings.nats_url} refused role {role!r}, so the change is not in the "
-                             f"audit log (pass --home DIR or LOCKGATE_HOME as given to `lockgate up`)") from None
+    """True if a NATS server answers at the URL."""
+    nc = await access.connect_once(settings, role, "the change is not in the audit log")
+    if nc is None:
         return False
     await nc.close()
     return True
