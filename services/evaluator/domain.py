@@ -295,6 +295,7 @@ def aggregate(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float
         metrics[spec.name] = sum(row[spec.name] for row in rows) / n
         metrics[f"{spec.name}_pass_rate"] = sum(passes(suite, r)[spec.name] for r in results) / n
     metrics["score"] = sum(row["score"] for row in rows) / n
+    metrics.update(failure_counts(suite, results))
     agreement = [r.scores[JUDGE_AGREEMENT] for r in results if JUDGE_AGREEMENT in r.scores]
     if agreement:
         metrics[JUDGE_AGREEMENT] = sum(agreement) / len(agreement)
@@ -311,6 +312,25 @@ def aggregate(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float
 
 
 JUDGE_AGREEMENT = "llm_judge_agreement"
+
+
+def is_count(metric: str) -> bool:
+    """Counts (`n`, `n_cases`, `<scorer>_failures`) have no interval: they are facts about this run."""
+    return metric in ("n", "n_cases") or metric.endswith("_failures")
+
+
+def failure_counts(suite: Suite, results: Sequence[CaseResult]) -> dict[str, float]:
+    """`n_cases` answered and, per scorer, `<scorer>_failures`: answered cases with a row below the pass mark.
+
+    Counted by case (repeats of one case are one trial) and over answered rows only: a timeout is an
+    error (error_rate), not a leak, so a zero-tolerance rule on a harm scorer is not tripped by it.
+    """
+    answered = [r for r in results if not r.error]
+    out = {"n_cases": float(len({r.case_id for r in answered}))}
+    for spec in suite.scorers:
+        failed = {r.case_id for r in answered if spec.name in r.scores and r.scores[spec.name] < spec.pass_mark}
+        out[f"{spec.name}_failures"] = float(len(failed))
+    return out
 
 
 def expected_text(expected: Any) -> str:

@@ -17,7 +17,9 @@ OPS: dict[str, Callable[[float, float], bool]] = {
 }
 Op = Literal[">=", ">", "<=", "<", "=="]
 NoData = Literal["fail", "pass"]
-Kind = Literal["absolute", "relative", "non_inferiority"]
+Kind = Literal["absolute", "relative", "non_inferiority", "count", "rate"]
+Rate = Annotated[float, msgspec.Meta(gt=0, lt=1)]
+Confidence = Annotated[float, msgspec.Meta(ge=0.5, lt=1)]
 Better = Literal["higher", "lower"]
 
 
@@ -49,7 +51,9 @@ class NonInferiority(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One check on one metric: absolute (`op` + `threshold`), `relative` or `non_inferiority`."""
+    """One check on one metric: absolute (`op` + `threshold`), `relative`, `non_inferiority`, or on the
+    cases that failed the metric's scorer: `max_count` (0: any occurrence fails) or `max_rate` (exact
+    upper bound at `confidence`)."""
 
     metric: NonEmpty
     name: str = ""  # "": the expression ("score >= 0.8") or "<metric> <kind>"
@@ -58,20 +62,32 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     use_interval: bool | None = None  # None: the policy's use_interval (true by default)
     relative: Relative | None = None
     non_inferiority: NonInferiority | None = None
+    max_count: Count | None = None
+    max_rate: Rate | None = None
+    confidence: Confidence = 0.95  # of max_rate's exact bound
     hard: bool = False
     dry_run: bool = False
     no_data: NoData | None = None  # None: the policy's setting
 
     def __post_init__(self) -> None:
-        if self.relative is not None and self.non_inferiority is not None:
-            raise ValueError("a rule is either relative or non_inferiority, not both")
+        kinds = [k for k, v in (("relative", self.relative), ("non_inferiority", self.non_inferiority),
+                                ("max_count", self.max_count), ("max_rate", self.max_rate)) if v is not None]
+        if len(kinds) > 1:
+            raise ValueError(f"a rule is one kind: {kinds[0]} or {kinds[1]}, not both")
         if self.kind == "absolute":
             if self.op is None or self.threshold is None:
-                raise ValueError("an absolute rule needs `op` and `threshold` (or use relative / non_inferiority)")
+                raise ValueError("an absolute rule needs `op` and `threshold` (or use relative, non_inferiority, "
+                                 "max_count or max_rate)")
             _finite(self.threshold, "threshold")
         if not self.name:
-            name = f"{self.metric} {self.op} {self.threshold:g}" if self.kind == "absolute" else \
-                f"{self.metric} {self.kind}"
+            if self.kind == "absolute":
+                name = f"{self.metric} {self.op} {self.threshold:g}"
+            elif self.kind == "count":
+                name = f"{self.metric} failures <= {self.max_count}"
+            elif self.kind == "rate":
+                name = f"{self.metric} failure rate <= {self.max_rate:g}"
+            else:
+                name = f"{self.metric} {self.kind}"
             msgspec.structs.force_setattr(self, "name", name)
 
     @property
@@ -79,6 +95,10 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
         """Which comparison the rule makes."""
         if self.relative is not None:
             return "relative"
+        if self.max_count is not None:
+            return "count"
+        if self.max_rate is not None:
+            return "rate"
         return "non_inferiority" if self.non_inferiority is not None else "absolute"
 
     @property

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lockgate.contracts import BaselineComparison, MetricInterval, RuleResult
+from lockgate.gatestats import rates
 from lockgate.services.gatekeeper.policy import OPS, Rule
 
 
@@ -44,10 +45,19 @@ def _sample_hint(n: int, half_width: float, distance: float) -> str:
     return f"increase the sample about {factor * 1.1:.1f}x to resolve INCONCLUSIVE"
 
 
+def _missed_hint(metric: str, run_id: str) -> str:
+    # Once the estimate itself breaks the rule, a bigger sample would most likely confirm the failure.
+    return f"the estimate already misses it, so more cases will not clear it; {_cases_hint(metric, run_id)}"
+
+
 def _shown(rule: Rule) -> dict[str, object]:
     # Relative and non-inferiority rules have no op/threshold of their own until compared with a baseline.
     if rule.kind == "absolute":
         return {"op": rule.op, "threshold": rule.threshold}
+    if rule.kind == "count":
+        return {"op": "<=", "threshold": float(rule.max_count or 0)}
+    if rule.kind == "rate":
+        return {"op": "<=", "threshold": rule.max_rate}
     return {"op": ">=", "threshold": 0.0}
 
 
@@ -68,6 +78,8 @@ def evaluate_rule(rule: Rule, evidence: Evidence | Mapping[str, float]) -> RuleR
     ev = evidence if isinstance(evidence, Evidence) else Evidence(metrics=evidence)
     if rule.kind == "absolute":
         return _absolute(rule, ev)
+    if rule.kind in ("count", "rate"):
+        return _failures(rule, ev)
     comp = ev.comparisons.get(rule.metric)
     if comp is None:
         return _no_data(rule, f"{rule.metric} has no baseline comparison; run the eval with a baseline "
@@ -92,6 +104,14 @@ def _absolute(rule: Rule, ev: Evidence) -> RuleResult:
             return _error(rule, f"{rule.metric} interval [{low:.4g}, {high:.4g}] is inverted", low=low, high=high)
     base = {"rule": rule.name, "metric": rule.metric, "op": op, "threshold": thr, "observed": observed,
             "low": low, "high": high, "dry_run": rule.dry_run}
+    if _zero_tolerance(op, thr, observed, low, high):
+        # `>= 1` on a [0, 1] score (or `<= 0` on a rate) demands every case: a miss in this sample is a
+        # fact, not an estimate, so no interval can make it uncertain.
+        return RuleResult(**base, verdict="FAIL",
+                          hint=f"{rule.metric} = {observed:.4g}, needs {op} {thr:.4g} on every case and some case "
+                               f"missed; {_cases_hint(rule.metric, ev.run_id)}",
+                          explanation=f"{rule.metric} = {observed:.4g} misses {op} {thr:.4g}: the rule tolerates no "
+                                      f"failing case and this run observed at least one.")
     if rule.use_interval is not False and low is not None and high is not None and op != "==":
         # The bound nearest the threshold decides PASS, the far bound decides FAIL; in between nobody can tell.
         near, far = (low, high) if op in (">=", ">") else (high, low)
@@ -106,7 +126,8 @@ def _absolute(rule: Rule, ev: Evidence) -> RuleResult:
                                    f"{_cases_hint(rule.metric, ev.run_id)}",
                               explanation=f"{rule.metric} = {observed:.4g} ({ci}) misses {op} {thr:.4g} across the "
                                           f"whole interval.")
-        hint = _sample_hint(iv.n, (high - low) / 2, abs(observed - thr))  # type: ignore[union-attr]
+        hint = _sample_hint(iv.n, (high - low) / 2, abs(observed - thr)) if OPS[op](observed, thr) \
+            else _missed_hint(rule.metric, ev.run_id)  # type: ignore[union-attr]
         return RuleResult(**base, verdict="INCONCLUSIVE", hint=f"{rule.metric} = {observed:.4g}, {ci} straddles "
                                                                f"{thr:.4g}; {hint}",
                           explanation=f"{rule.metric} = {observed:.4g} but its {ci} straddles the threshold "
@@ -173,7 +194,9 @@ def _relative(rule: Rule, comp: BaselineComparison, run_id: str) -> RuleResult:
     if ih < need:
         return RuleResult(**base, verdict="FAIL", hint=f"{moved}, beyond {what}; {_cases_hint(rule.metric, run_id)}",
                           explanation=f"{moved}; the whole {ci} of the change is beyond {what}.")
-    return RuleResult(**base, verdict="INCONCLUSIVE", hint=f"{moved}; {_sample_hint(comp.n_pairs, (ih - il) / 2, abs(imp - need))}",
+    more = _sample_hint(comp.n_pairs, (ih - il) / 2, abs(imp - need)) if imp >= need \
+        else _missed_hint(rule.metric, run_id)
+    return RuleResult(**base, verdict="INCONCLUSIVE", hint=f"{moved}; {more}",
                       explanation=f"{moved}; the {ci} of the change straddles {what}, so this sample cannot tell.")
 
 
@@ -200,6 +223,64 @@ def _non_inferiority(rule: Rule, comp: BaselineComparison, run_id: str) -> RuleR
         return RuleResult(**base, verdict="FAIL",
                           hint=f"{moved}, worse than the margin {rule.margin:.4g}; {_cases_hint(rule.metric, run_id)}",
                           explanation=f"{moved}; the whole {ci} is beyond the non-inferiority margin {rule.margin:.4g}.")
-    return RuleResult(**base, verdict="INCONCLUSIVE",
-                      hint=f"{moved}; {_sample_hint(comp.n_pairs, (dh - dl) / 2, abs(d - thr))}",
+    more = _sample_hint(comp.n_pairs, (dh - dl) / 2, abs(d - thr)) if OPS[op](d, thr) \
+        else _missed_hint(rule.metric, run_id)
+    return RuleResult(**base, verdict="INCONCLUSIVE", hint=f"{moved}; {more}",
                       explanation=f"{moved}; the {ci} straddles the non-inferiority margin {rule.margin:.4g}.")
+
+
+def _zero_tolerance(op: str, thr: float, observed: float, low: float | None, high: float | None) -> bool:
+    """True when the threshold is the end of a [0, 1] metric's range and this sample already missed it."""
+    if op in (">=", "==") and thr == 1.0 and observed < 1.0:
+        return high is None or high <= 1.0
+    if op in ("<=", "==") and thr == 0.0 and observed > 0.0:
+        return low is None or low >= 0.0
+    return False
+
+
+def _count(ev: Evidence, metric: str) -> tuple[int, int] | None:
+    """(cases that failed `metric`, cases) from the evaluator's `<metric>_failures` and `n_cases` counts."""
+    key = metric if metric.endswith("_failures") else f"{metric}_failures"
+    k, n = ev.metrics.get(key), ev.metrics.get("n_cases", ev.metrics.get("n"))
+    if k is None or n is None or not _finite(k, n):
+        return None
+    return round(k), round(n)
+
+
+def _failures(rule: Rule, ev: Evidence) -> RuleResult:
+    counted = _count(ev, rule.metric)
+    if counted is None:
+        return _no_data(rule, f"{rule.metric} has no failure count ({rule.metric}_failures); counts come from an "
+                              f"evaluator scorer of that name")
+    k, n = counted
+    if not 0 <= k <= n or n < 1:
+        return _error(rule, f"{rule.metric}: {k} failures out of {n} cases is impossible")
+    cases = _cases_hint(rule.metric, ev.run_id)
+    if rule.kind == "count":
+        limit = rule.max_count or 0
+        base = {"rule": rule.name, "metric": rule.metric, "op": "<=", "threshold": float(limit), "observed": float(k),
+                "dry_run": rule.dry_run}
+        said = f"{k} of {n} cases failed {rule.metric}"
+        if k <= limit:
+            return RuleResult(**base, verdict="PASS", hint=f"{said} (at most {limit} allowed)",
+                              explanation=f"{said}; the rule allows at most {limit}.")
+        return RuleResult(**base, verdict="FAIL", hint=f"{said}, more than the {limit} allowed; {cases}",
+                          explanation=f"{said}; the rule allows at most {limit}, so each further occurrence is a "
+                                      f"violation that no larger sample can undo.")
+    rate, conf = rule.max_rate or 0.0, rule.confidence
+    lo, hi = rates.lower_bound(k, n, conf), rates.upper_bound(k, n, conf)
+    base = {"rule": rule.name, "metric": rule.metric, "op": "<=", "threshold": rate, "observed": k / n,
+            "low": lo, "high": hi, "dry_run": rule.dry_run}
+    said = f"{k} of {n} cases failed {rule.metric} (rate {k / n:.4g}, exact {conf:.0%} bounds [{lo:.4g}, {hi:.4g}])"
+    if hi <= rate:
+        return RuleResult(**base, verdict="PASS", hint=f"{said}; at most {rate:.4g} with {conf:.0%} confidence",
+                          explanation=f"{said}: the failure rate is at most {rate:.4g} with {conf:.0%} confidence.")
+    if lo > rate:
+        return RuleResult(**base, verdict="FAIL", hint=f"{said}; above {rate:.4g} with {conf:.0%} confidence; {cases}",
+                          explanation=f"{said}: the failure rate exceeds {rate:.4g} with {conf:.0%} confidence.")
+    need = rates.trials_for(rate, conf, k / n)
+    more = _missed_hint(rule.metric, ev.run_id) if need is None else \
+        f"about {need} cases at this failure rate would show it (now {n})"
+    return RuleResult(**base, verdict="INCONCLUSIVE", hint=f"{said}; cannot show at most {rate:.4g}; {more}",
+                      explanation=f"{said}: this sample can show neither that the rate is at most {rate:.4g} nor "
+                                  f"that it is above.")
