@@ -266,17 +266,69 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def case_scores(suite: Suite, r: CaseResult) -> dict[str, float]:
-    """One row's score per scorer plus the weighted `score`; an errored row scores 0 everywhere."""
-    out = {spec.name: r.scores.get(spec.name, 0.0) for spec in suite.scorers}
+def case_scores(suite: Suite, r: CaseResult) -> dict[str, float | None]:
+    """One row's score per scorer plus the weighted `score`; an errored row scores 0 everywhere.
+
+    A scorer that failed on an answered row (an unreadable judge reply, a judge timeout) left no score:
+    that value is missing (None), not 0, and so is the row's weighted `score`.
+    """
+    if r.error:
+        out: dict[str, float | None] = {spec.name: 0.0 for spec in suite.scorers}
+        out["score"] = 0.0
+        return out
+    out = {spec.name: r.scores.get(spec.name) for spec in suite.scorers}
     total_weight = sum(s.weight for s in suite.scorers)
-    out["score"] = sum(s.weight * out[s.name] for s in suite.scorers) / total_weight
+    weighted = [(s.weight, out[s.name]) for s in suite.scorers if s.weight > 0]
+    out["score"] = None if any(v is None for _, v in weighted) else \
+        sum(w * v for w, v in weighted) / total_weight  # type: ignore[operator,misc]
     return out
 
 
-def passes(suite: Suite, r: CaseResult) -> dict[str, bool]:
-    """Per scorer: did this row reach the scorer's pass mark (threshold, or 1.0)?"""
-    return {spec.name: (not r.error) and r.scores.get(spec.name, 0.0) >= spec.pass_mark for spec in suite.scorers}
+def passes(suite: Suite, r: CaseResult) -> dict[str, bool | None]:
+    """Per scorer: did this row reach the scorer's pass mark (threshold, or 1.0)? None: the score is missing."""
+    if r.error:
+        return {spec.name: False for spec in suite.scorers}
+    return {spec.name: None if spec.name not in r.scores else r.scores[spec.name] >= spec.pass_mark
+            for spec in suite.scorers}
+
+
+def measured(suite: Suite, results: Sequence[CaseResult], name: str
+             ) -> tuple[list[CaseResult], list[float]]:
+    """The rows with a value of `name` (a scorer or `score`) and those values; missing rows are left out."""
+    rows, values = [], []
+    for r in results:
+        value = case_scores(suite, r)[name]
+        if value is not None:
+            rows.append(r)
+            values.append(value)
+    return rows, values
+
+
+def passed(suite: Suite, results: Sequence[CaseResult], name: str) -> tuple[list[CaseResult], list[bool]]:
+    """The rows with a pass/fail on scorer `name` and those outcomes; missing rows are left out."""
+    rows, values = [], []
+    for r in results:
+        ok = passes(suite, r)[name]
+        if ok is not None:
+            rows.append(r)
+            values.append(ok)
+    return rows, values
+
+
+def missing_shares(suite: Suite, results: Sequence[CaseResult]) -> dict[str, float]:
+    """`<scorer>_missing` (and `score_missing`): the share of answered rows without that score, where any is.
+
+    A gate reads these to tell a broken measurement from a regression.
+    """
+    answered = [r for r in results if not r.error]
+    if not answered:
+        return {}
+    out: dict[str, float] = {}
+    for name in [s.name for s in suite.scorers] + ["score"]:
+        gone = sum(1 for r in answered if case_scores(suite, r)[name] is None)
+        if gone or name in ASYNC_SCORERS:
+            out[f"{name}_missing"] = gone / len(answered)
+    return out
 
 
 def aggregate(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float] | None = None) -> dict[str, float]:
@@ -290,12 +342,16 @@ def aggregate(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float
     metrics: dict[str, float] = {"n": float(n)}
     if n == 0:
         return metrics
-    rows = [case_scores(suite, r) for r in results]
+    for name in [s.name for s in suite.scorers] + ["score"]:
+        _, values = measured(suite, results, name)
+        if values:
+            metrics[name] = sum(values) / len(values)
     for spec in suite.scorers:
-        metrics[spec.name] = sum(row[spec.name] for row in rows) / n
-        metrics[f"{spec.name}_pass_rate"] = sum(passes(suite, r)[spec.name] for r in results) / n
-    metrics["score"] = sum(row["score"] for row in rows) / n
+        _, ok = passed(suite, results, spec.name)
+        if ok:
+            metrics[f"{spec.name}_pass_rate"] = sum(ok) / len(ok)
     metrics.update(failure_counts(suite, results))
+    metrics.update(missing_shares(suite, results))
     agreement = [r.scores[JUDGE_AGREEMENT] for r in results if JUDGE_AGREEMENT in r.scores]
     if agreement:
         metrics[JUDGE_AGREEMENT] = sum(agreement) / len(agreement)
@@ -315,8 +371,9 @@ JUDGE_AGREEMENT = "llm_judge_agreement"
 
 
 def is_count(metric: str) -> bool:
-    """Counts (`n`, `n_cases`, `<scorer>_failures`) have no interval: they are facts about this run."""
-    return metric in ("n", "n_cases") or metric.endswith("_failures")
+    """Counts and shares (`n`, `n_cases`, `<scorer>_failures`, `<scorer>_missing`) are facts about this run,
+    not estimates: they have no interval."""
+    return metric in ("n", "n_cases") or metric.endswith(("_failures", "_missing"))
 
 
 def failure_counts(suite: Suite, results: Sequence[CaseResult]) -> dict[str, float]:

@@ -101,7 +101,7 @@ class Execution:
             await ticker.step(bool(result.error))
 
         cache = None
-        if self.ctx.settings.eval_cache:
+        if self.ctx.settings.eval_cache and req.cache:
             cache = ResponseCache(await self.ctx.bus.kv(self.ctx.bus.subjects.kv_eval_cache))
         try:
             new = await self._run(req, loaded, skip, on_result, cache)
@@ -158,7 +158,7 @@ class Execution:
         failed = sum(1 for r in results if "error" in r.details.get(judge.NAME, {}))
         if unparsed or failed:
             warnings.append(f"llm_judge: {unparsed} replies without a readable score; {failed} cases got none "
-                            "(scored 0)")
+                            "(missing, not scored 0)")
         metrics = domain.aggregate(suite, results, costs)
         calibration_metrics, calibration_warnings = calibrated.metrics(suite, results)
         metrics.update(calibration_metrics)

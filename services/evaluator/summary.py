@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from lockgate.contracts import BaselineComparison, MetricInterval
 from lockgate.services.evaluator import calibrated, calibration, stats
-from lockgate.services.evaluator.domain import JUDGE_AGREEMENT, CaseResult, Suite, case_scores, passes
+from lockgate.services.evaluator.domain import JUDGE_AGREEMENT, CaseResult, Suite, case_scores, measured, passed, passes
 
 # 2,000 resamples keep a 95% interval's Monte Carlo error well under its width and cost ~10 ms at n=1,000.
 RESAMPLES = 2000
@@ -45,13 +45,15 @@ def intervals(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float
     if not results:
         return {}
     out: dict[str, MetricInterval] = {}
-    rows = [case_scores(suite, r) for r in results]
     n = len(results)
     for name in [s.name for s in suite.scorers] + ["score"]:
-        out[name] = _mean(results, [row[name] for row in rows])
+        rows, values = measured(suite, results, name)
+        if values:  # a scorer that failed everywhere has no estimate (and a `_missing` share of 1)
+            out[name] = _mean(rows, values)
     for spec in suite.scorers:
-        passed = sum(passes(suite, r)[spec.name] for r in results)
-        out[f"{spec.name}_pass_rate"] = _from(stats.proportion_interval(passed, n))
+        rows, ok = passed(suite, results, spec.name)
+        if ok:
+            out[f"{spec.name}_pass_rate"] = _from(stats.proportion_interval(sum(ok), len(ok)))
     judged = [r for r in results if JUDGE_AGREEMENT in r.scores]
     if judged:
         out[JUDGE_AGREEMENT] = _mean(judged, [r.scores[JUDGE_AGREEMENT] for r in judged])
@@ -102,12 +104,17 @@ def compare(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[Ca
     b_rows = [case_scores(suite, b) for _, b in pairs]
     out: dict[str, BaselineComparison] = {}
     for name in [s.name for s in suite.scorers] + ["score"]:
-        out[name] = _paired_means(name, [r[name] for r in c_rows], [r[name] for r in b_rows], suite.margin)
+        # Only pairs both runs measured: a missing score is no evidence either way.
+        both = [(c[name], b[name]) for c, b in zip(c_rows, b_rows, strict=True)
+                if c[name] is not None and b[name] is not None]
+        if both:
+            out[name] = _paired_means(name, [c for c, _ in both], [b for _, b in both], suite.margin)
     for spec in suite.scorers:
         key = f"{spec.name}_pass_rate"
-        c_pass = [passes(suite, c)[spec.name] for c, _ in pairs]
-        b_pass = [passes(suite, b)[spec.name] for _, b in pairs]
-        out[key] = _paired_passes(key, c_pass, b_pass, suite.margin)
+        outcomes = [(passes(suite, c)[spec.name], passes(suite, b)[spec.name]) for c, b in pairs]
+        both_pass = [(c, b) for c, b in outcomes if c is not None and b is not None]
+        if both_pass:
+            out[key] = _paired_passes(key, [c for c, _ in both_pass], [b for _, b in both_pass], suite.margin)
     warnings.extend(f"{k}: {v.warning}" for k, v in out.items() if v.warning)
     return out, warnings
 

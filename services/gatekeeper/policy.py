@@ -132,6 +132,14 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
         return self.non_inferiority.margin if self.non_inferiority is not None else 0.0
 
 
+class Measurement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """When a metric's measurement is too broken to judge: its rules are ERROR (needs review), never PASS or FAIL."""
+
+    max_missing: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05  # share of answered cases a scorer left unscored
+    # Mean share of judge replies agreeing with the majority vote (1/2 is a coin toss between two votes).
+    min_judge_agreement: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.75
+
+
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """How many non-passing rules a decision tolerates before it stops being PASS."""
 
@@ -181,6 +189,7 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     version: str | int | float = ""  # a number is kept as its text
     use_interval: bool = True  # the default for absolute rules: judge the confidence interval, not the point
     limits: Limits = Limits()
+    measurement: Measurement = Measurement()
     review: Review | None = None
 
     def __post_init__(self) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from lockgate.contracts import BaselineComparison, MetricInterval, RuleResult
 from lockgate.gatestats import rates
-from lockgate.services.gatekeeper.policy import OPS, Rule
+from lockgate.services.gatekeeper.policy import OPS, Measurement, Rule
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,44 @@ def _error(rule: Rule, why: str, **kw: float | None) -> RuleResult:
                       explanation=f"{rule.name} errored: {why}.", **{"observed": None, **kw})
 
 
-def evaluate_rule(rule: Rule, evidence: Evidence | Mapping[str, float]) -> RuleResult:
+JUDGE = "llm_judge"
+JUDGE_AGREEMENT = "llm_judge_agreement"
+
+
+def _scorer_of(metric: str) -> str:
+    for suffix in ("_pass_rate", "_failures"):
+        if metric.endswith(suffix):
+            return metric[: -len(suffix)]
+    return metric
+
+
+def _unreliable(rule: Rule, ev: Evidence, m: Measurement) -> str:
+    """Why this rule's metric cannot be trusted in this run ("" when it can)."""
+    scorer = _scorer_of(rule.metric)
+    missing = ev.metrics.get(f"{scorer}_missing")
+    if missing is not None and missing > m.max_missing:
+        return (f"{missing:.1%} of answered cases have no {scorer} score (the scorer failed: an unreadable judge "
+                f"reply or a timeout), above measurement.max_missing {m.max_missing:.1%}")
+    agreement = ev.metrics.get(JUDGE_AGREEMENT)
+    judged = scorer.startswith(JUDGE) or (scorer == "score" and JUDGE in ev.metrics)
+    if judged and agreement is not None and agreement < m.min_judge_agreement:
+        return (f"judge agreement {agreement:.3g} is below measurement.min_judge_agreement "
+                f"{m.min_judge_agreement:.3g}: the judge's votes on a case disagree too often to trust its score")
+    return ""
+
+
+def evaluate_rule(rule: Rule, evidence: Evidence | Mapping[str, float],
+                  measurement: Measurement = Measurement()) -> RuleResult:
     """One rule against an eval run's evidence (or a plain metrics mapping)."""
     ev = evidence if isinstance(evidence, Evidence) else Evidence(metrics=evidence)
+    broken = _unreliable(rule, ev, measurement)
+    if broken:
+        # A broken measurement is evidence of nothing: neither a regression (FAIL) nor its absence (PASS).
+        return RuleResult(rule=rule.name, metric=rule.metric, **_shown(rule), observed=ev.metrics.get(rule.metric),
+                          verdict="ERROR", dry_run=rule.dry_run,
+                          hint=f"{broken}; fix the scorer or judge and re-run the eval "
+                               f"(`lockgate eval run ... --no-cache` to bypass cached judge replies)",
+                          explanation=f"{rule.name} cannot be judged: {broken}.")
     if rule.kind == "absolute":
         return _absolute(rule, ev)
     if rule.kind in ("count", "rate"):

@@ -100,6 +100,10 @@ async def test_intervals_baseline_comparison_cost_and_cache(
         await bus.publish(bus.subjects.eval_requested, again)
         rerun = await results(again.run_id)
         assert sim.requests == {"sim-good": N, "sim-bad": N}  # the re-run was answered from the cache
+        fresh = request(release="cand", suite=suite, endpoint=sim.url, model="sim-bad", cache=False)
+        await bus.publish(bus.subjects.eval_requested, fresh)
+        await results(fresh.run_id)
+        assert sim.requests == {"sim-good": N, "sim-bad": 2 * N}  # cache=False called the endpoint afresh
 
     assert first.status == "completed" and first.comparisons == {} and first.warnings[:0] == []
     assert done.baseline_run == base.run_id and done.metrics["exact_match"] == pytest.approx(2 / 3)

@@ -50,6 +50,7 @@ class EvalRequested(Event, frozen=True, kw_only=True, tag="lockgate.eval.request
     concurrency: int = 8
     timeout_s: float = 30.0
     artifacts: dict[str, str] = {}
+    cache: bool = True  # False: call the endpoint and the judge afresh (the response cache is neither read nor written)
 
 
 class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.completed"):
