@@ -334,3 +334,37 @@ def latency_percentiles(
 ) -> dict[str, Interval]:
     """p50/p95/p99 (or any qs) with order-statistic intervals, keyed "p50", "p95", ..."""
     return {f"p{q:g}": percentile_interval(values, q, confidence=confidence) for q in qs}
+
+
+def cluster_percentile_interval(groups: Sequence[Sequence[float]], q: float, *, confidence: float = 0.95,
+                                n_resamples: int = 2000, seed: int = 0) -> Interval:
+    """CI for the q-th percentile of all values when values come in clusters (a case's repeats).
+
+    Resamples whole clusters (percentile bootstrap) so repeats of one case are never treated as independent.
+    A sample too small to place a tail bound inside the data gives ±inf there, as `percentile_interval` does.
+    """
+    _check_confidence(confidence)
+    if not groups or not all(len(g) for g in groups):
+        raise InsufficientData("clustered percentile needs non-empty clusters")
+    width = max(len(g) for g in groups)
+    # Pad to a rectangle with NaN so one vectorised nanpercentile handles clusters of unequal size.
+    table = np.full((len(groups), width), np.nan)
+    for i, g in enumerate(groups):
+        table[i, : len(g)] = _as_array(g)
+    flat = table[~np.isnan(table)]
+    est = float(np.percentile(flat, q))
+    k = len(groups)
+    rng = np.random.default_rng(seed)
+    block = max(1, _BLOCK_CELLS // (k * width))
+    boot = np.empty(n_resamples)
+    for start in range(0, n_resamples, block):
+        stop = min(start + block, n_resamples)
+        idx = rng.integers(0, k, size=(stop - start, k))
+        boot[start:stop] = np.nanpercentile(table[idx].reshape(stop - start, -1), q, axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.percentile(boot, [100 * tail, 100 * (1 - tail)])
+    # Clustering only widens intervals: where even independent rows cannot bound a tail, neither can clusters.
+    rows = percentile_interval(flat, q, confidence=confidence)
+    low = -math.inf if math.isinf(rows.low) else low
+    high = math.inf if math.isinf(rows.high) else high
+    return Interval(est, float(min(low, est)), float(max(high, est)), confidence, "cluster-bootstrap", k)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from lockgate.contracts import BaselineComparison, MetricInterval
 from lockgate.services.evaluator import calibrated, calibration, stats
-from lockgate.services.evaluator.domain import JUDGE_AGREEMENT, CaseResult, Suite, case_scores, measured, passed, passes
+from lockgate.services.evaluator.domain import JUDGE_AGREEMENT, CaseResult, Suite, measured, passed
 
 # 2,000 resamples keep a 95% interval's Monte Carlo error well under its width and cost ~10 ms at n=1,000.
 RESAMPLES = 2000
@@ -24,12 +24,16 @@ def _from(interval: stats.Interval) -> MetricInterval:
                           confidence=interval.confidence, method=interval.method, n=interval.n)
 
 
-def _by_case(results: Sequence[CaseResult], values: Sequence[float]) -> list[float]:
-    """Mean per case id: repeats of one case are not independent, so the bootstrap resamples cases."""
+def _groups(results: Sequence[CaseResult], values: Sequence[float]) -> dict[str, list[float]]:
     groups: dict[str, list[float]] = defaultdict(list)
     for r, v in zip(results, values, strict=True):
         groups[r.case_id].append(v)
-    return [sum(g) / len(g) for g in groups.values()]
+    return groups
+
+
+def _by_case(results: Sequence[CaseResult], values: Sequence[float]) -> list[float]:
+    """Mean per case id: repeats of one case are not independent, so the bootstrap resamples cases."""
+    return [sum(g) / len(g) for g in _groups(results, values).values()]
 
 
 def _mean(results: Sequence[CaseResult], values: Sequence[float]) -> MetricInterval:
@@ -50,18 +54,28 @@ def intervals(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float
         rows, values = measured(suite, results, name)
         if values:  # a scorer that failed everywhere has no estimate (and a `_missing` share of 1)
             out[name] = _mean(rows, values)
+    clustered = repeated(results)
     for spec in suite.scorers:
         rows, ok = passed(suite, results, spec.name)
         if ok:
-            out[f"{spec.name}_pass_rate"] = _from(stats.proportion_interval(sum(ok), len(ok)))
+            # Wilson counts rows as independent trials; with repeats the case is the unit, so bootstrap cases.
+            out[f"{spec.name}_pass_rate"] = _mean(rows, [float(x) for x in ok]) if clustered else \
+                _from(stats.proportion_interval(sum(ok), len(ok)))
     judged = [r for r in results if JUDGE_AGREEMENT in r.scores]
     if judged:
         out[JUDGE_AGREEMENT] = _mean(judged, [r.scores[JUDGE_AGREEMENT] for r in judged])
-    out["error_rate"] = _from(stats.proportion_interval(sum(1 for r in results if r.error), n))
-    latencies = [r.latency_ms for r in results if not r.error]
-    if latencies:
-        for key, iv in stats.latency_percentiles(latencies, (50, 95)).items():
-            out[f"latency_{key}_ms"] = _from(iv)
+    errored = [float(bool(r.error)) for r in results]
+    out["error_rate"] = _mean(results, errored) if clustered else _from(stats.proportion_interval(int(sum(errored)), n))
+    answered = [r for r in results if not r.error]
+    if answered:
+        latencies = [r.latency_ms for r in answered]
+        if clustered:
+            groups = list(_groups(answered, latencies).values())
+            for q in (50, 95):
+                out[f"latency_p{q}_ms"] = _from(stats.cluster_percentile_interval(groups, q, n_resamples=RESAMPLES))
+        else:
+            for key, iv in stats.latency_percentiles(latencies, (50, 95)).items():
+                out[f"latency_{key}_ms"] = _from(iv)
     if costs is not None:
         per_case = _mean(results, list(costs))
         out["cost_usd_per_case"] = per_case
@@ -84,48 +98,72 @@ def _calibration(suite: Suite, results: Sequence[CaseResult]) -> dict[str, Metri
     return {"ece": _from(ece), "brier": _mean(p.rows, squared)}
 
 
-def _pairs(candidate: Sequence[CaseResult], baseline: Sequence[CaseResult]
-           ) -> list[tuple[CaseResult, CaseResult]]:
-    base = {(b.case_id, b.repeat): b for b in baseline}
-    return [(c, base[(c.case_id, c.repeat)]) for c in candidate if (c.case_id, c.repeat) in base]
+def _case_means(rows: Sequence[CaseResult], values: Sequence[float]) -> dict[str, float]:
+    """Mean per case id over its repeats (insertion order kept)."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for r, v in zip(rows, values, strict=True):
+        groups[r.case_id].append(v)
+    return {k: sum(g) / len(g) for k, g in groups.items()}
+
+
+def repeated(results: Sequence[CaseResult]) -> bool:
+    """True when some case has more than one row: then statistics cluster by case."""
+    return len({r.case_id for r in results}) < len(results)
 
 
 def compare(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[CaseResult]
             ) -> tuple[dict[str, BaselineComparison], list[str]]:
-    """Paired comparisons per scorer (bootstrap of means, McNemar of pass/fail) and their warnings."""
-    pairs = _pairs(candidate, baseline)
+    """Paired comparisons per scorer (bootstrap of means, McNemar of pass/fail) and their warnings.
+
+    The unit is the case: repeats of a case are averaged first, so 20 cases x 2 repeats are 20 pairs, not 40
+    (repeats share the case's difficulty and are not independent samples).
+    """
+    c_ids = list(dict.fromkeys(r.case_id for r in candidate))
+    b_ids = {r.case_id for r in baseline}
+    shared = [k for k in c_ids if k in b_ids]
     warnings: list[str] = []
-    if len(pairs) < len(candidate):
-        warnings.append(f"baseline shares {len(pairs)} of the candidate's {len(candidate)} (case, repeat) pairs; "
-                        "only shared pairs are compared")
-    if not pairs:
+    if len(shared) < len(c_ids):
+        warnings.append(f"baseline shares {len(shared)} of the candidate's {len(c_ids)} cases; "
+                        "only shared cases are compared")
+    if not shared:
         return {}, warnings
-    c_rows = [case_scores(suite, c) for c, _ in pairs]
-    b_rows = [case_scores(suite, b) for _, b in pairs]
+    clustered = repeated(candidate) or repeated(baseline)
     out: dict[str, BaselineComparison] = {}
     for name in [s.name for s in suite.scorers] + ["score"]:
-        # Only pairs both runs measured: a missing score is no evidence either way.
-        both = [(c[name], b[name]) for c, b in zip(c_rows, b_rows, strict=True)
-                if c[name] is not None and b[name] is not None]
-        if both:
-            out[name] = _paired_means(name, [c for c, _ in both], [b for _, b in both], suite.margin)
+        # Only cases both runs measured: a missing score is no evidence either way.
+        c, b = _shared_means(shared, measured(suite, candidate, name), measured(suite, baseline, name))
+        if c:
+            out[name] = _paired_means(name, c, b, suite.margin, clustered)
     for spec in suite.scorers:
         key = f"{spec.name}_pass_rate"
-        outcomes = [(passes(suite, c)[spec.name], passes(suite, b)[spec.name]) for c, b in pairs]
-        both_pass = [(c, b) for c, b in outcomes if c is not None and b is not None]
-        if both_pass:
-            out[key] = _paired_passes(key, [c for c, _ in both_pass], [b for _, b in both_pass], suite.margin)
+        c_rows, c_ok = passed(suite, candidate, spec.name)
+        b_rows, b_ok = passed(suite, baseline, spec.name)
+        c, b = _shared_means(shared, (c_rows, [float(x) for x in c_ok]), (b_rows, [float(x) for x in b_ok]))
+        if not c:
+            continue
+        # McNemar needs one pass/fail per case; with repeats the per-case pass share is bootstrapped instead.
+        out[key] = _paired_means(key, c, b, suite.margin, True) if clustered else \
+            _paired_passes(key, [x == 1.0 for x in c], [x == 1.0 for x in b], suite.margin)
     warnings.extend(f"{k}: {v.warning}" for k, v in out.items() if v.warning)
     return out, warnings
 
 
-def _paired_means(metric: str, c: list[float], b: list[float], margin: float) -> BaselineComparison:
+def _shared_means(shared: Sequence[str], cand: tuple[list[CaseResult], list[float]],
+                  base: tuple[list[CaseResult], list[float]]) -> tuple[list[float], list[float]]:
+    cm, bm = _case_means(*cand), _case_means(*base)
+    keys = [k for k in shared if k in cm and k in bm]
+    return [cm[k] for k in keys], [bm[k] for k in keys]
+
+
+def _paired_means(metric: str, c: list[float], b: list[float], margin: float, clustered: bool = False
+                  ) -> BaselineComparison:
     result = stats.paired_bootstrap(c, b, n_resamples=RESAMPLES)
     warning = stats.paired_power_warning(c, b, margin) or ""
     return BaselineComparison(
         metric=metric, candidate=sum(c) / len(c), baseline=sum(b) / len(b), diff=result.difference.estimate,
         diff_low=_finite(result.difference.low), diff_high=_finite(result.difference.high),
-        p_value=_finite(result.p_value), effect_size=_finite(result.effect_size), test="paired-bootstrap",
+        p_value=_finite(result.p_value), effect_size=_finite(result.effect_size),
+        test="paired-bootstrap-by-case" if clustered else "paired-bootstrap",
         n_pairs=result.n, warning=warning)
 
 
