@@ -46,6 +46,7 @@ class Outcome:
     comparisons: dict = field(default_factory=dict)
     baseline_run: str = ""
     warnings: list[str] = field(default_factory=list)
+    ratios: dict = field(default_factory=dict)
 
 
 class Execution:
@@ -170,11 +171,12 @@ class Execution:
         if outcome.error:
             outcome.status = "failed"
         if req.baseline:
-            await self._compare(req, suite, results, outcome)
+            await self._compare(req, loaded, results, outcome)
         return outcome
 
-    async def _compare(self, req: EvalRequested, suite: domain.Suite, results: Sequence[domain.CaseResult],
+    async def _compare(self, req: EvalRequested, loaded: Loaded, results: Sequence[domain.CaseResult],
                        outcome: Outcome) -> None:
+        suite = loaded.suite
         base_run = await persist.baseline_run(self.ctx.bus, req.baseline, req.suite)
         if base_run is None:
             outcome.warnings.append(f"baseline {req.baseline!r} has no completed run of suite {req.suite}; "
@@ -182,7 +184,11 @@ class Execution:
             return
         base = await persist.run_cases(self.ctx.bus, base_run)
         outcome.baseline_run = base_run
-        comparisons, warnings = await asyncio.to_thread(summary.compare, suite, results, base)
+        price = loaded.prices.get(req.model or suite.model)
+        # The baseline's tokens are priced like the candidate's: the comparison is of usage at today's prices.
+        cost = None if price is None else (lambda r: price.cost(r.input_tokens, r.output_tokens))
+        comparisons, warnings = await asyncio.to_thread(summary.compare, suite, results, base, cost)
+        outcome.ratios = await asyncio.to_thread(summary.ratios, results, base, cost)
         outcome.comparisons = comparisons
         outcome.warnings.extend(warnings)
 
@@ -199,6 +205,7 @@ class Execution:
             status=outcome.status, n_cases=len(outcome.results), n_errors=n_errors, metrics=outcome.metrics,
             error=outcome.error, intervals=outcome.intervals, baseline_run=outcome.baseline_run,
             comparisons=outcome.comparisons, warnings=outcome.warnings, artifacts=dict(req.artifacts),
+            ratios=outcome.ratios,
             tenant=req.tenant, source="evaluator", **({"id": event_id} if event_id else {}),
         )
         await self.publish(done, inputs)

@@ -336,6 +336,11 @@ def latency_percentiles(
     return {f"p{q:g}": percentile_interval(values, q, confidence=confidence) for q in qs}
 
 
+def _percentile_rows(t: np.ndarray, q: float) -> np.ndarray:
+    # nanpercentile loops in Python over rows; clusters of equal size (the usual repeats) need no NaN padding.
+    return np.nanpercentile(t, q, axis=1) if np.isnan(t).any() else np.percentile(t, q, axis=1)
+
+
 def cluster_percentile_interval(groups: Sequence[Sequence[float]], q: float, *, confidence: float = 0.95,
                                 n_resamples: int = 2000, seed: int = 0) -> Interval:
     """CI for the q-th percentile of all values when values come in clusters (a case's repeats).
@@ -360,7 +365,7 @@ def cluster_percentile_interval(groups: Sequence[Sequence[float]], q: float, *, 
     for start in range(0, n_resamples, block):
         stop = min(start + block, n_resamples)
         idx = rng.integers(0, k, size=(stop - start, k))
-        boot[start:stop] = np.nanpercentile(table[idx].reshape(stop - start, -1), q, axis=1)
+        boot[start:stop] = _percentile_rows(table[idx].reshape(stop - start, -1), q)
     tail = (1 - confidence) / 2
     low, high = np.percentile(boot, [100 * tail, 100 * (1 - tail)])
     # Clustering only widens intervals: where even independent rows cannot bound a tail, neither can clusters.
@@ -368,3 +373,63 @@ def cluster_percentile_interval(groups: Sequence[Sequence[float]], q: float, *, 
     low = -math.inf if math.isinf(rows.low) else low
     high = math.inf if math.isinf(rows.high) else high
     return Interval(est, float(min(low, est)), float(max(high, est)), confidence, "cluster-bootstrap", k)
+
+
+class ClusteredDifference(msgspec.Struct, frozen=True):
+    """Candidate minus baseline of one statistic over shared cases, resampling cases; `relative` is c/b - 1."""
+
+    candidate: float
+    baseline: float
+    difference: Interval
+    relative: Interval | None  # None when the baseline statistic can be 0
+    p_value: float
+
+
+def _table(groups: Sequence[Sequence[float]]) -> np.ndarray:
+    table = np.full((len(groups), max(len(g) for g in groups)), np.nan)
+    for i, g in enumerate(groups):
+        table[i, : len(g)] = _as_array(g)
+    return table
+
+
+def paired_cluster_difference(candidate: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]],
+                              q: float | None = None, *, confidence: float = 0.95, n_resamples: int = 2000,
+                              seed: int = 0) -> ClusteredDifference:
+    """Difference of a statistic (the mean of all values, or their q-th percentile) between two runs of the
+    same cases: one bootstrap resample of case indices serves both runs, so the comparison stays paired and
+    clustered. Percentile-bootstrap CIs of the difference and of the ratio minus one."""
+    _check_confidence(confidence)
+    k = len(candidate)
+    if k == 0 or k != len(baseline) or not all(len(g) for g in [*candidate, *baseline]):
+        raise InsufficientData("a paired clustered comparison needs the same non-empty cases in both runs")
+    ct, bt = _table(candidate), _table(baseline)
+
+    def stat(t: np.ndarray) -> np.ndarray:
+        return np.nanmean(t, axis=1) if q is None else _percentile_rows(t, q)
+
+    c_est, b_est = (float(stat(t.reshape(1, -1))[0]) for t in (ct, bt))
+    rng = np.random.default_rng(seed)
+    cb, bb = np.empty(n_resamples), np.empty(n_resamples)
+    block = max(1, _BLOCK_CELLS // (k * max(ct.shape[1], bt.shape[1])))
+    for start in range(0, n_resamples, block):
+        stop = min(start + block, n_resamples)
+        idx = rng.integers(0, k, size=(stop - start, k))
+        cb[start:stop] = stat(ct[idx].reshape(stop - start, -1))
+        bb[start:stop] = stat(bt[idx].reshape(stop - start, -1))
+    tail = 100 * (1 - confidence) / 2
+    est = c_est - b_est
+    boot = cb - bb
+    low, high = np.percentile(boot, [tail, 100 - tail])
+    diff = Interval(est, float(min(low, est)), float(max(high, est)), confidence, "paired-cluster-bootstrap", k)
+    rel = None
+    if b_est > 0 and np.all(bb > 0):
+        r_est = c_est / b_est - 1
+        rlow, rhigh = np.percentile(cb / bb - 1, [tail, 100 - tail])
+        rel = Interval(r_est, float(min(rlow, r_est)), float(max(rhigh, r_est)), confidence,
+                       "paired-cluster-bootstrap", k)
+    if np.all(boot == boot[0]):
+        p_value = 1.0 if est == 0 else 1.0 / (n_resamples + 1)
+    else:
+        extreme = np.count_nonzero(np.abs(boot - est) >= abs(est) - 1e-12 * max(1.0, abs(est)))
+        p_value = min(1.0, float(extreme + 1) / (n_resamples + 1))
+    return ClusteredDifference(c_est, b_est, diff, rel, p_value)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from lockgate.contracts import BaselineComparison, MetricInterval
 from lockgate.services.evaluator import calibrated, calibration, stats
-from lockgate.services.evaluator.domain import JUDGE_AGREEMENT, CaseResult, Suite, measured, passed
+from lockgate.services.evaluator.domain import JUDGE_AGREEMENT, CaseResult, Suite, aggregate, is_count, measured, passed
 
 # 2,000 resamples keep a 95% interval's Monte Carlo error well under its width and cost ~10 ms at n=1,000.
 RESAMPLES = 2000
@@ -111,9 +111,14 @@ def repeated(results: Sequence[CaseResult]) -> bool:
     return len({r.case_id for r in results}) < len(results)
 
 
-def compare(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[CaseResult]
+Cost = Callable[[CaseResult], float]
+
+
+def compare(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[CaseResult], cost: Cost | None = None
             ) -> tuple[dict[str, BaselineComparison], list[str]]:
-    """Paired comparisons per scorer (bootstrap of means, McNemar of pass/fail) and their warnings.
+    """Paired comparisons for every metric and their warnings: scorers (bootstrap of means, McNemar of
+    pass/fail), error rate, latency percentiles and cost per case (bootstrap of the difference and the ratio);
+    any other metric both runs report is compared by its point values (no interval).
 
     The unit is the case: repeats of a case are averaged first, so 20 cases x 2 repeats are 20 pairs, not 40
     (repeats share the case's difficulty and are not independent samples).
@@ -144,8 +149,80 @@ def compare(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[Ca
         # McNemar needs one pass/fail per case; with repeats the per-case pass share is bootstrapped instead.
         out[key] = _paired_means(key, c, b, suite.margin, True) if clustered else \
             _paired_passes(key, [x == 1.0 for x in c], [x == 1.0 for x in b], suite.margin)
-    warnings.extend(f"{k}: {v.warning}" for k, v in out.items() if v.warning)
+    c, b = _shared_means(shared, (list(candidate), [float(bool(r.error)) for r in candidate]),
+                         (list(baseline), [float(bool(r.error)) for r in baseline]))
+    out["error_rate"] = _paired_means("error_rate", c, b, suite.margin, clustered)
+    out.update(_operational(shared, candidate, baseline, cost))
+    out.update(_by_points(suite, candidate, baseline, cost, out))
+    warnings.extend(f"{k}: {v.warning}" for k, v in out.items() if v.warning and v.test != "point-values")
     return out, warnings
+
+
+def _operational(shared: Sequence[str], candidate: Sequence[CaseResult], baseline: Sequence[CaseResult],
+                 cost: Cost | None) -> dict[str, BaselineComparison]:
+    """Latency p50/p95 (answered rows) and cost per case, each case's rows resampled together in both runs."""
+    out: dict[str, BaselineComparison] = {}
+    c_lat = _groups([r for r in candidate if not r.error], [r.latency_ms for r in candidate if not r.error])
+    b_lat = _groups([r for r in baseline if not r.error], [r.latency_ms for r in baseline if not r.error])
+    keys = [k for k in shared if k in c_lat and k in b_lat]
+    if keys:
+        for q in (50, 95):
+            name = f"latency_p{q}_ms"
+            out[name] = _clustered(name, [c_lat[k] for k in keys], [b_lat[k] for k in keys], q)
+    if cost is not None:
+        c_cost = _groups(candidate, [cost(r) for r in candidate])
+        b_cost = _groups(baseline, [cost(r) for r in baseline])
+        out["cost_usd_per_case"] = _clustered("cost_usd_per_case", [c_cost[k] for k in shared],
+                                              [b_cost[k] for k in shared], None)
+    return out
+
+
+def _clustered(metric: str, c: list[list[float]], b: list[list[float]], q: float | None) -> BaselineComparison:
+    d = stats.paired_cluster_difference(c, b, q, n_resamples=RESAMPLES)
+    return BaselineComparison(
+        metric=metric, candidate=d.candidate, baseline=d.baseline, diff=d.difference.estimate,
+        diff_low=_finite(d.difference.low), diff_high=_finite(d.difference.high), p_value=_finite(d.p_value),
+        test="paired-cluster-bootstrap", n_pairs=d.difference.n)
+
+
+def ratios(candidate: Sequence[CaseResult], baseline: Sequence[CaseResult], cost: Cost | None = None
+           ) -> dict[str, MetricInterval]:
+    """candidate/baseline - 1 with its paired, clustered bootstrap CI for latency p50/p95 and cost per case."""
+    shared = [k for k in dict.fromkeys(r.case_id for r in candidate) if k in {r.case_id for r in baseline}]
+    c_lat = _groups([r for r in candidate if not r.error], [r.latency_ms for r in candidate if not r.error])
+    b_lat = _groups([r for r in baseline if not r.error], [r.latency_ms for r in baseline if not r.error])
+    keys = [k for k in shared if k in c_lat and k in b_lat]
+    todo: list[tuple[str, list[list[float]], list[list[float]], float | None]] = []
+    if keys:
+        todo += [(f"latency_p{q}_ms", [c_lat[k] for k in keys], [b_lat[k] for k in keys], q) for q in (50, 95)]
+    if cost is not None and shared:
+        c_cost = _groups(candidate, [cost(r) for r in candidate])
+        b_cost = _groups(baseline, [cost(r) for r in baseline])
+        todo.append(("cost_usd_per_case", [c_cost[k] for k in shared], [b_cost[k] for k in shared], None))
+    out = {}
+    for name, c, b, q in todo:
+        rel = stats.paired_cluster_difference(c, b, q, n_resamples=RESAMPLES).relative
+        if rel is not None:
+            out[name] = _from(rel)
+    return out
+
+
+def _by_points(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[CaseResult], cost: Cost | None,
+               done: dict[str, BaselineComparison]) -> dict[str, BaselineComparison]:
+    """Metrics no paired test covers (e.g. ece): the two runs' values, no interval, so a relative rule has a
+    number to judge (by its point) instead of NO_DATA."""
+    c_costs = [cost(r) for r in candidate] if cost is not None else None
+    b_costs = [cost(r) for r in baseline] if cost is not None else None
+    cm = {**aggregate(suite, candidate, c_costs), **calibrated.metrics(suite, candidate)[0]}
+    bm = {**aggregate(suite, baseline, b_costs), **calibrated.metrics(suite, baseline)[0]}
+    out = {}
+    for name, value in cm.items():
+        if name in done or is_count(name) or name not in bm or not (math.isfinite(value) and math.isfinite(bm[name])):
+            continue
+        out[name] = BaselineComparison(metric=name, candidate=value, baseline=bm[name], diff=value - bm[name],
+                                       test="point-values", n_pairs=0,
+                                       warning="no paired interval: compared by the two runs' values only")
+    return out
 
 
 def _shared_means(shared: Sequence[str], cand: tuple[list[CaseResult], list[float]],

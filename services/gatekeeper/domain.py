@@ -98,7 +98,7 @@ def decide(policy: Policy, evidence: Evidence | Mapping[str, float], *, prior_er
 def evidence_of(done: EvalCompleted) -> Evidence:
     """The evidence an EvalCompleted carries."""
     return Evidence(metrics=done.metrics, intervals=done.intervals, comparisons=done.comparisons,
-                    run_id=done.run_id)
+                    run_id=done.run_id, ratios=done.ratios)
 
 
 def decide_eval(policy: Policy | None, policy_error: str, done: EvalCompleted, *, prior_errors: int = 0,

@@ -19,6 +19,7 @@ class Evidence:
     intervals: Mapping[str, MetricInterval] = field(default_factory=dict)
     comparisons: Mapping[str, BaselineComparison] = field(default_factory=dict)
     run_id: str = ""
+    ratios: Mapping[str, MetricInterval] = field(default_factory=dict)  # candidate/baseline - 1, bootstrapped
 
 
 def _finite(*xs: float | None) -> bool:
@@ -116,12 +117,18 @@ def evaluate_rule(rule: Rule, evidence: Evidence | Mapping[str, float],
     if rule.kind in ("count", "rate"):
         return _failures(rule, ev)
     comp = ev.comparisons.get(rule.metric)
+    if comp is None and ev.comparisons:
+        # A baseline was compared, just not on this metric: say so rather than ask for a baseline.
+        return _no_data(rule, f"the baseline comparison has no {rule.metric}; it compared "
+                              f"{', '.join(sorted(ev.comparisons))}; check the metric name or that both runs "
+                              f"measured it")
     if comp is None:
         return _no_data(rule, f"{rule.metric} has no baseline comparison; run the eval with a baseline "
                               f"(`lockgate eval run ... --baseline RELEASE`)")
+    ratio = ev.ratios.get(rule.metric)
     if rule.kind == "relative":
-        return _relative(rule, comp, ev.run_id)
-    return _non_inferiority(rule, comp, ev.run_id)
+        return _relative(rule, comp, ev.run_id, ratio)
+    return _non_inferiority(rule, comp, ev.run_id, ratio)
 
 
 def _absolute(rule: Rule, ev: Evidence) -> RuleResult:
@@ -175,7 +182,8 @@ def _absolute(rule: Rule, ev: Evidence) -> RuleResult:
                       explanation=f"{rule.metric} = {observed:.4g} misses {op} {thr:.4g}.")
 
 
-def _scaled(rule: Rule, comp: BaselineComparison) -> tuple[float, float | None, float | None] | str:
+def _scaled(rule: Rule, comp: BaselineComparison, ratio: MetricInterval | None = None
+            ) -> tuple[float, float | None, float | None] | str:
     """The change (diff or diff/|baseline|) and its interval, or why it cannot be computed."""
     if not _finite(comp.diff, comp.baseline, comp.candidate):
         return f"{rule.metric} comparison has a non-finite value"
@@ -184,6 +192,11 @@ def _scaled(rule: Rule, comp: BaselineComparison) -> tuple[float, float | None, 
         if comp.baseline == 0:
             return f"relative change of {rule.metric} is undefined for a baseline of 0; use mode: absolute"
         scale = abs(comp.baseline)
+    if rule.mode == "relative" and ratio is not None and _finite(ratio.low, ratio.high):
+        # The evaluator bootstrapped the ratio itself (latency, cost): its interval includes the baseline's noise.
+        if ratio.low > ratio.high:  # type: ignore[operator]
+            return f"{rule.metric} relative interval [{ratio.low:.4g}, {ratio.high:.4g}] is inverted"
+        return comp.diff / scale, ratio.low, ratio.high
     if not _finite(comp.diff_low, comp.diff_high):
         return comp.diff / scale, None, None
     if comp.diff_low > comp.diff_high:  # type: ignore[operator]
@@ -199,8 +212,9 @@ def _moved(rule: Rule, comp: BaselineComparison) -> str:
             f"({comp.baseline:.4g} -> {comp.candidate:.4g})")
 
 
-def _relative(rule: Rule, comp: BaselineComparison, run_id: str) -> RuleResult:
-    scaled = _scaled(rule, comp)
+def _relative(rule: Rule, comp: BaselineComparison, run_id: str, ratio: MetricInterval | None = None
+              ) -> RuleResult:
+    scaled = _scaled(rule, comp, ratio)
     if isinstance(scaled, str):
         return _error(rule, scaled, baseline=comp.baseline)
     d, dl, dh = scaled
@@ -235,8 +249,9 @@ def _relative(rule: Rule, comp: BaselineComparison, run_id: str) -> RuleResult:
                       explanation=f"{moved}; the {ci} of the change straddles {what}, so this sample cannot tell.")
 
 
-def _non_inferiority(rule: Rule, comp: BaselineComparison, run_id: str) -> RuleResult:
-    scaled = _scaled(rule, comp)
+def _non_inferiority(rule: Rule, comp: BaselineComparison, run_id: str, ratio: MetricInterval | None = None
+                     ) -> RuleResult:
+    scaled = _scaled(rule, comp, ratio)
     if isinstance(scaled, str):
         return _error(rule, scaled, baseline=comp.baseline)
     d, dl, dh = scaled

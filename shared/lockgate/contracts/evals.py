@@ -71,6 +71,9 @@ class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.complet
     comparisons: dict[str, BaselineComparison] = {}
     warnings: list[str] = []
     artifacts: dict[str, str] = {}
+    # candidate/baseline - 1 with its CI, where the evaluator bootstrapped the ratio itself (latency, cost):
+    # relative rules (mode: relative) use it instead of dividing the difference by the baseline's point value.
+    ratios: dict[str, MetricInterval] = {}
 
 
 class EvalCaseResult(msgspec.Struct, frozen=True, kw_only=True):
