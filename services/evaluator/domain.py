@@ -141,6 +141,7 @@ class Suite(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     model: str = ""
     repeats: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
     margin: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.05
+    power: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.8  # of the sample-size warning (as the gate's `power`)
     rate_limit_rps: NonNegative = 0.0  # 0: unlimited
     task: CallTask | RecordedTask = CallTask()
     price_book: Annotated[str, msgspec.Meta(pattern="^(sha256:|$)")] = ""  # "": the configured price book

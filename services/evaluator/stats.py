@@ -15,6 +15,7 @@ from scipy import special
 from scipy import stats as sps
 
 from lockgate.errors import LockgateError
+from lockgate.gatestats import power as gpower
 
 
 class InsufficientData(LockgateError):
@@ -249,29 +250,27 @@ def mcnemar(
     return mcnemar_counts(int(np.sum(b & ~c)), int(np.sum(~b & c)), exact=exact)
 
 
-def _z_sum(alpha: float, power: float, two_sided: bool) -> float:
-    if not 0 < alpha < 1 or not 0 < power < 1:
-        raise InsufficientData(f"alpha and power must be between 0 and 1, got {alpha} and {power}")
-    z_alpha = special.ndtri(1 - alpha / 2) if two_sided else special.ndtri(1 - alpha)
-    return float(z_alpha + special.ndtri(power))
-
-
 def min_detectable_effect(
     n: int, sd: float, *, alpha: float = 0.05, power: float = 0.8, two_sided: bool = True
 ) -> float:
     """Smallest mean difference a paired test on n cases detects with this alpha and power."""
-    if n < 1:
-        return math.inf
-    return _z_sum(alpha, power, two_sided) * sd / math.sqrt(n)
+    _check_power(alpha, power)
+    return gpower.min_detectable_effect(n, sd, alpha=alpha, power=power, two_sided=two_sided)
 
 
 def required_n(
     margin: float, sd: float, *, alpha: float = 0.05, power: float = 0.8, two_sided: bool = True
 ) -> int:
     """Cases needed for a paired test to detect a mean difference of `margin`."""
+    _check_power(alpha, power)
     if margin <= 0:
         raise InsufficientData(f"the margin must be positive, got {margin}")
-    return max(2, math.ceil((_z_sum(alpha, power, two_sided) * sd / margin) ** 2))
+    return gpower.required_n(margin, sd, alpha=alpha, power=power, two_sided=two_sided)
+
+
+def _check_power(alpha: float, power: float) -> None:
+    if not 0 < alpha < 1 or not 0 < power < 1:
+        raise InsufficientData(f"alpha and power must be between 0 and 1, got {alpha} and {power}")
 
 
 def power_warning(
@@ -303,9 +302,7 @@ def paired_power_warning(
     sd = float(d.std(ddof=1)) if n > 1 else 0.0
     both = np.concatenate([np.asarray(candidate, float), np.asarray(baseline, float)])
     if both.min() >= 0 and both.max() <= 1:
-        # Scores in [0, 1]: seeing no disagreement in n cases still leaves a discordance rate up to
-        # 3/n plausible (rule of three), so zero observed spread must not silence the warning.
-        sd = max(sd, math.sqrt(min(1.0, 3.0 / n)))
+        sd = gpower.bounded_sd(sd, n)  # the gate's hint applies the same floor
     return power_warning(n, margin, sd, alpha=alpha, power=power, two_sided=two_sided)
 
 

@@ -6,6 +6,8 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
+import msgspec
+
 from lockgate.contracts import BaselineComparison, MetricInterval
 from lockgate.services.evaluator import calibrated, calibration, stats
 from lockgate.services.evaluator.domain import JUDGE_AGREEMENT, CaseResult, Suite, aggregate, is_count, measured, passed
@@ -138,7 +140,7 @@ def compare(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[Ca
         # Only cases both runs measured: a missing score is no evidence either way.
         c, b = _shared_means(shared, measured(suite, candidate, name), measured(suite, baseline, name))
         if c:
-            out[name] = _paired_means(name, c, b, suite.margin, clustered)
+            out[name] = _paired_means(name, c, b, suite.margin, clustered, suite.power)
     for spec in suite.scorers:
         key = f"{spec.name}_pass_rate"
         c_rows, c_ok = passed(suite, candidate, spec.name)
@@ -147,11 +149,12 @@ def compare(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[Ca
         if not c:
             continue
         # McNemar needs one pass/fail per case; with repeats the per-case pass share is bootstrapped instead.
-        out[key] = _paired_means(key, c, b, suite.margin, True) if clustered else \
-            _paired_passes(key, [x == 1.0 for x in c], [x == 1.0 for x in b], suite.margin)
+        out[key] = _paired_means(key, c, b, suite.margin, True, suite.power) if clustered else \
+            _paired_passes(key, [x == 1.0 for x in c], [x == 1.0 for x in b], suite.margin, suite.power)
     c, b = _shared_means(shared, (list(candidate), [float(bool(r.error)) for r in candidate]),
                          (list(baseline), [float(bool(r.error)) for r in baseline]))
-    out["error_rate"] = _paired_means("error_rate", c, b, suite.margin, clustered)
+    # The suite margin is about quality scores; a power warning on the error rate would only be noise.
+    out["error_rate"] = msgspec.structs.replace(_paired_means("error_rate", c, b, suite.margin, clustered), warning="")
     out.update(_operational(shared, candidate, baseline, cost))
     out.update(_by_points(suite, candidate, baseline, cost, out))
     warnings.extend(f"{k}: {v.warning}" for k, v in out.items() if v.warning and v.test != "point-values")
@@ -232,10 +235,10 @@ def _shared_means(shared: Sequence[str], cand: tuple[list[CaseResult], list[floa
     return [cm[k] for k in keys], [bm[k] for k in keys]
 
 
-def _paired_means(metric: str, c: list[float], b: list[float], margin: float, clustered: bool = False
-                  ) -> BaselineComparison:
+def _paired_means(metric: str, c: list[float], b: list[float], margin: float, clustered: bool = False,
+                  power: float = 0.8) -> BaselineComparison:
     result = stats.paired_bootstrap(c, b, n_resamples=RESAMPLES)
-    warning = stats.paired_power_warning(c, b, margin) or ""
+    warning = stats.paired_power_warning(c, b, margin, power=power) or ""
     return BaselineComparison(
         metric=metric, candidate=sum(c) / len(c), baseline=sum(b) / len(b), diff=result.difference.estimate,
         diff_low=_finite(result.difference.low), diff_high=_finite(result.difference.high),
@@ -244,12 +247,13 @@ def _paired_means(metric: str, c: list[float], b: list[float], margin: float, cl
         n_pairs=result.n, warning=warning)
 
 
-def _paired_passes(metric: str, c: list[bool], b: list[bool], margin: float) -> BaselineComparison:
+def _paired_passes(metric: str, c: list[bool], b: list[bool], margin: float, power: float = 0.8
+                   ) -> BaselineComparison:
     cf, bf = [float(x) for x in c], [float(x) for x in b]
     test = stats.mcnemar(c, b)
     diff = stats.paired_bootstrap(cf, bf, n_resamples=RESAMPLES).difference  # CI of the pass-rate change
     pc, pb = sum(cf) / len(cf), sum(bf) / len(bf)
-    warning = stats.paired_power_warning(cf, bf, margin) or ""
+    warning = stats.paired_power_warning(cf, bf, margin, power=power) or ""
     return BaselineComparison(
         metric=metric, candidate=pc, baseline=pb, diff=pc - pb, diff_low=_finite(diff.low),
         diff_high=_finite(diff.high), p_value=_finite(test.p_value), effect_size=_finite(stats.cohens_h(pc, pb)),

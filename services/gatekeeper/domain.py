@@ -42,7 +42,7 @@ def decide(policy: Policy, evidence: Evidence | Mapping[str, float], *, prior_er
       (a broken measurement is not evidence of a regression), and blocks past it.
     - review triggers that fired need review.
     """
-    results = tuple(evaluate_rule(r, evidence, policy.measurement) for r in policy.rules)
+    results = tuple(evaluate_rule(r, evidence, policy.measurement, policy.power) for r in policy.rules)
     lim: Limits = policy.limits
     live = [(rule, res) for rule, res in zip(policy.rules, results, strict=True) if not rule.dry_run]
     failing = [(rule, res) for rule, res in live if res.verdict == "FAIL"

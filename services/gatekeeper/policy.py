@@ -188,6 +188,7 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     no_data: NoData = "fail"
     version: str | int | float = ""  # a number is kept as its text
     use_interval: bool = True  # the default for absolute rules: judge the confidence interval, not the point
+    power: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.8  # sizes every "how many cases" hint and sensitivity
     limits: Limits = Limits()
     measurement: Measurement = Measurement()
     review: Review | None = None

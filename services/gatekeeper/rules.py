@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from lockgate.contracts import BaselineComparison, MetricInterval, RuleResult
+from lockgate.gatestats import power as gpower
 from lockgate.gatestats import rates
 from lockgate.services.gatekeeper.policy import OPS, Measurement, Rule
 
@@ -36,14 +37,49 @@ def _cases_hint(metric: str, run_id: str) -> str:
             f"FROM eval_cases WHERE run_id = '{run}' ORDER BY s LIMIT 20\"`")
 
 
-def _sample_hint(n: int, half_width: float, distance: float) -> str:
-    """Half-widths shrink with 1/sqrt(n): the size at which the interval no longer reaches the threshold."""
-    if half_width <= 0 or distance <= half_width * 1e-3:  # ~1e6x the sample: not a useful suggestion
+@dataclass(frozen=True)
+class Power:
+    """What a rule's sample can detect: cases, per-case spread and the test's alpha, at the policy's power."""
+
+    n: int
+    sd: float
+    alpha: float
+    power: float
+
+    def mde(self) -> float:
+        """The smallest true change this many cases detect."""
+        return gpower.min_detectable_effect(self.n, self.sd, alpha=self.alpha, power=self.power)
+
+    def note(self) -> str:
+        """One sentence for every explanation: the sample's sensitivity."""
+        return (f"{self.n} cases detect a true change of {self.mde():.4g} at {self.power:.0%} power "
+                f"(alpha {self.alpha:.2g})")
+
+
+def _power_of(metric: str, low: float, high: float, n: int, confidence: float, pw: float,
+              bounded: bool, comp: BaselineComparison | None = None, scale: float = 1.0) -> Power | None:
+    """The spread a reported interval implies; the evaluator's own sd where it published one (d_z)."""
+    if n < 1:
+        return None
+    sd = gpower.sd_from_interval(low, high, n, confidence)
+    if comp is not None and comp.test.startswith("paired-bootstrap") and _finite(comp.effect_size) \
+            and comp.effect_size and comp.diff:
+        sd = abs(comp.diff / comp.effect_size) / scale  # d_z = mean / sd of the per-case differences
+    if bounded and not metric.startswith(("cost", "latency")):
+        sd = gpower.bounded_sd(sd, n)  # the evaluator's warning applies the same floor
+    return Power(n, sd, 1 - confidence, pw)
+
+
+def _sample_hint(p: Power | None, margin: float) -> str:
+    """How many cases detect `margin` at the configured power: the same computation as the evaluator's warning."""
+    if p is None or p.sd <= 0 or margin <= p.sd * 1e-3:  # ~1e6x the sample: not a useful suggestion
         return "the estimate sits on the threshold; more cases alone may not resolve it - review the change"
-    factor = (half_width / distance) ** 2
-    if n > 0:
-        return f"increase the sample to about {math.ceil(round(n * factor * 1.1, 6))} cases (now {n}) to resolve INCONCLUSIVE"
-    return f"increase the sample about {factor * 1.1:.1f}x to resolve INCONCLUSIVE"
+    need = gpower.required_n(margin, p.sd, alpha=p.alpha, power=p.power)
+    if need <= p.n:
+        return (f"{p.n} cases already detect {margin:.4g} at {p.power:.0%} power; the estimate sits close to the "
+                f"limit - review the change")
+    return (f"increase the sample to about {need} cases (now {p.n}) to resolve INCONCLUSIVE: that many detect "
+            f"{margin:.4g} at {p.power:.0%} power")
 
 
 def _missed_hint(metric: str, run_id: str) -> str:
@@ -101,8 +137,8 @@ def _unreliable(rule: Rule, ev: Evidence, m: Measurement) -> str:
 
 
 def evaluate_rule(rule: Rule, evidence: Evidence | Mapping[str, float],
-                  measurement: Measurement = Measurement()) -> RuleResult:
-    """One rule against an eval run's evidence (or a plain metrics mapping)."""
+                  measurement: Measurement = Measurement(), power: float = gpower.POWER) -> RuleResult:
+    """One rule against an eval run's evidence (or a plain metrics mapping); `power` sizes the sample hints."""
     ev = evidence if isinstance(evidence, Evidence) else Evidence(metrics=evidence)
     broken = _unreliable(rule, ev, measurement)
     if broken:
@@ -113,7 +149,7 @@ def evaluate_rule(rule: Rule, evidence: Evidence | Mapping[str, float],
                                f"(`lockgate eval run ... --no-cache` to bypass cached judge replies)",
                           explanation=f"{rule.name} cannot be judged: {broken}.")
     if rule.kind == "absolute":
-        return _absolute(rule, ev)
+        return _absolute(rule, ev, power)
     if rule.kind in ("count", "rate"):
         return _failures(rule, ev)
     comp = ev.comparisons.get(rule.metric)
@@ -127,11 +163,11 @@ def evaluate_rule(rule: Rule, evidence: Evidence | Mapping[str, float],
                               f"(`lockgate eval run ... --baseline RELEASE`)")
     ratio = ev.ratios.get(rule.metric)
     if rule.kind == "relative":
-        return _relative(rule, comp, ev.run_id, ratio)
-    return _non_inferiority(rule, comp, ev.run_id, ratio)
+        return _relative(rule, comp, ev.run_id, ratio, power)
+    return _non_inferiority(rule, comp, ev.run_id, ratio, power)
 
 
-def _absolute(rule: Rule, ev: Evidence) -> RuleResult:
+def _absolute(rule: Rule, ev: Evidence, pw: float = gpower.POWER) -> RuleResult:
     iv = ev.intervals.get(rule.metric)
     observed = ev.metrics.get(rule.metric, iv.estimate if iv is not None else None)
     if observed is None or not math.isfinite(observed):
@@ -158,22 +194,25 @@ def _absolute(rule: Rule, ev: Evidence) -> RuleResult:
         # The bound nearest the threshold decides PASS, the far bound decides FAIL; in between nobody can tell.
         near, far = (low, high) if op in (">=", ">") else (high, low)
         ci = _ci(low, high, iv.confidence)  # type: ignore[union-attr]
+        p = _power_of(rule.metric, low, high, iv.n, iv.confidence, pw,  # type: ignore[union-attr]
+                      bounded=0 <= low <= high <= 1)
+        sens = f" {p.note()}." if p is not None else ""
         if OPS[op](near, thr):
             return RuleResult(**base, verdict="PASS", hint=f"{rule.metric} = {observed:.4g} {op} {thr:.4g} ({ci})",
                               explanation=f"{rule.metric} = {observed:.4g} ({ci}) is {op} {thr:.4g} across the "
-                                          f"whole interval.")
+                                          f"whole interval.{sens}")
         if not OPS[op](far, thr):
             return RuleResult(**base, verdict="FAIL",
                               hint=f"{rule.metric} = {observed:.4g}, needs {op} {thr:.4g} (whole {ci} misses it); "
                                    f"{_cases_hint(rule.metric, ev.run_id)}",
                               explanation=f"{rule.metric} = {observed:.4g} ({ci}) misses {op} {thr:.4g} across the "
-                                          f"whole interval.")
-        hint = _sample_hint(iv.n, (high - low) / 2, abs(observed - thr)) if OPS[op](observed, thr) \
-            else _missed_hint(rule.metric, ev.run_id)  # type: ignore[union-attr]
+                                          f"whole interval.{sens}")
+        hint = _sample_hint(p, abs(observed - thr)) if OPS[op](observed, thr) \
+            else _missed_hint(rule.metric, ev.run_id)
         return RuleResult(**base, verdict="INCONCLUSIVE", hint=f"{rule.metric} = {observed:.4g}, {ci} straddles "
                                                                f"{thr:.4g}; {hint}",
                           explanation=f"{rule.metric} = {observed:.4g} but its {ci} straddles the threshold "
-                                      f"{thr:.4g}, so this sample cannot tell.")
+                                      f"{thr:.4g}, so this sample cannot tell.{sens}")
     if OPS[op](observed, thr):
         return RuleResult(**base, verdict="PASS", hint=f"{rule.metric} = {observed:.4g} {op} {thr:.4g}",
                           explanation=f"{rule.metric} = {observed:.4g} meets {op} {thr:.4g}.")
@@ -212,8 +251,14 @@ def _moved(rule: Rule, comp: BaselineComparison) -> str:
             f"({comp.baseline:.4g} -> {comp.candidate:.4g})")
 
 
-def _relative(rule: Rule, comp: BaselineComparison, run_id: str, ratio: MetricInterval | None = None
-              ) -> RuleResult:
+def _comparison_power(rule: Rule, comp: BaselineComparison, dl: float, dh: float, pw: float) -> Power | None:
+    scale = abs(comp.baseline) if rule.mode == "relative" and comp.baseline else 1.0
+    bounded = rule.mode == "absolute" and 0 <= comp.candidate <= 1 and 0 <= comp.baseline <= 1
+    return _power_of(rule.metric, dl, dh, comp.n_pairs, 0.95, pw, bounded, comp, scale)
+
+
+def _relative(rule: Rule, comp: BaselineComparison, run_id: str, ratio: MetricInterval | None = None,
+              pw: float = gpower.POWER) -> RuleResult:
     scaled = _scaled(rule, comp, ratio)
     if isinstance(scaled, str):
         return _error(rule, scaled, baseline=comp.baseline)
@@ -237,20 +282,23 @@ def _relative(rule: Rule, comp: BaselineComparison, run_id: str, ratio: MetricIn
                           explanation=f"{moved}; the policy allows {what} (no interval reported, point estimate used).")
     il, ih = sorted((sign * dl, sign * dh))
     ci = _ci(dl, dh)
+    p = _comparison_power(rule, comp, dl, dh, pw)
+    sens = f" {p.note()}." if p is not None else ""
     if il >= need:
         return RuleResult(**base, verdict="PASS", hint=moved,
-                          explanation=f"{moved}; the {ci} of the change is within {what}.")
+                          explanation=f"{moved}; the {ci} of the change is within {what}.{sens}")
     if ih < need:
         return RuleResult(**base, verdict="FAIL", hint=f"{moved}, beyond {what}; {_cases_hint(rule.metric, run_id)}",
-                          explanation=f"{moved}; the whole {ci} of the change is beyond {what}.")
-    more = _sample_hint(comp.n_pairs, (ih - il) / 2, abs(imp - need)) if imp >= need \
-        else _missed_hint(rule.metric, run_id)
+                          explanation=f"{moved}; the whole {ci} of the change is beyond {what}.{sens}")
+    # The planned effect is the rule's own change (as the evaluator's warning uses the suite margin).
+    more = _sample_hint(p, rule.change or abs(imp - need)) if imp >= need else _missed_hint(rule.metric, run_id)
     return RuleResult(**base, verdict="INCONCLUSIVE", hint=f"{moved}; {more}",
-                      explanation=f"{moved}; the {ci} of the change straddles {what}, so this sample cannot tell.")
+                      explanation=f"{moved}; the {ci} of the change straddles {what}, so this sample cannot "
+                                  f"tell.{sens}")
 
 
-def _non_inferiority(rule: Rule, comp: BaselineComparison, run_id: str, ratio: MetricInterval | None = None
-                     ) -> RuleResult:
+def _non_inferiority(rule: Rule, comp: BaselineComparison, run_id: str, ratio: MetricInterval | None = None,
+                     pw: float = gpower.POWER) -> RuleResult:
     scaled = _scaled(rule, comp, ratio)
     if isinstance(scaled, str):
         return _error(rule, scaled, baseline=comp.baseline)
@@ -266,17 +314,19 @@ def _non_inferiority(rule: Rule, comp: BaselineComparison, run_id: str, ratio: M
                           explanation=f"{moved}; without an interval non-inferiority cannot be shown.")
     near, far = (dl, dh) if rule.better == "higher" else (dh, dl)
     ci = _ci(dl, dh)
+    p = _comparison_power(rule, comp, dl, dh, pw)
+    sens = f" {p.note()}." if p is not None else ""
     if OPS[op](near, thr):
         return RuleResult(**base, verdict="PASS", hint=f"{moved}; non-inferior within margin {rule.margin:.4g}",
-                          explanation=f"{moved}; the {ci} clears the non-inferiority margin {rule.margin:.4g}.")
+                          explanation=f"{moved}; the {ci} clears the non-inferiority margin {rule.margin:.4g}.{sens}")
     if not OPS[op](far, thr):
         return RuleResult(**base, verdict="FAIL",
                           hint=f"{moved}, worse than the margin {rule.margin:.4g}; {_cases_hint(rule.metric, run_id)}",
-                          explanation=f"{moved}; the whole {ci} is beyond the non-inferiority margin {rule.margin:.4g}.")
-    more = _sample_hint(comp.n_pairs, (dh - dl) / 2, abs(d - thr)) if OPS[op](d, thr) \
-        else _missed_hint(rule.metric, run_id)
+                          explanation=f"{moved}; the whole {ci} is beyond the non-inferiority margin "
+                                      f"{rule.margin:.4g}.{sens}")
+    more = _sample_hint(p, rule.margin or abs(d - thr)) if OPS[op](d, thr) else _missed_hint(rule.metric, run_id)
     return RuleResult(**base, verdict="INCONCLUSIVE", hint=f"{moved}; {more}",
-                      explanation=f"{moved}; the {ci} straddles the non-inferiority margin {rule.margin:.4g}.")
+                      explanation=f"{moved}; the {ci} straddles the non-inferiority margin {rule.margin:.4g}.{sens}")
 
 
 def _zero_tolerance(op: str, thr: float, observed: float, low: float | None, high: float | None) -> bool:
