@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -182,6 +183,8 @@ def _absolute(rule: Rule, ev: Evidence, pw: float = gpower.POWER) -> RuleResult:
             return _error(rule, f"{rule.metric} interval [{low:.4g}, {high:.4g}] is inverted", low=low, high=high)
     base = {"rule": rule.name, "metric": rule.metric, "op": op, "threshold": thr, "observed": observed,
             "low": low, "high": high, "dry_run": rule.dry_run}
+    if rule.use_interval is not False and op != "==" and _unbounded(iv):
+        return _unbounded_result(rule, ev, base, iv)  # type: ignore[arg-type]
     if _zero_tolerance(op, thr, observed, low, high):
         # `>= 1` on a [0, 1] score (or `<= 0` on a rate) demands every case: a miss in this sample is a
         # fact, not an estimate, so no interval can make it uncertain.
@@ -327,6 +330,51 @@ def _non_inferiority(rule: Rule, comp: BaselineComparison, run_id: str, ratio: M
     more = _sample_hint(p, rule.margin or abs(d - thr)) if OPS[op](d, thr) else _missed_hint(rule.metric, run_id)
     return RuleResult(**base, verdict="INCONCLUSIVE", hint=f"{moved}; {more}",
                       explanation=f"{moved}; the {ci} straddles the non-inferiority margin {rule.margin:.4g}.{sens}")
+
+
+def _unbounded(iv: MetricInterval | None) -> bool:
+    """An interval the evaluator computed whose bound the sample could not place (JSON None for ±inf)."""
+    return iv is not None and iv.n > 0 and iv.method not in ("", "degenerate") and (iv.low is None or iv.high is None)
+
+
+def _cases_to_bound(metric: str, confidence: float) -> int | None:
+    """Fewest cases for which the order-statistic interval of the q-th percentile has both bounds."""
+    m = re.search(r"p(\d+(?:\.\d+)?)", metric)
+    if m is None or not 0 < float(m.group(1)) < 100:
+        return None
+    q = float(m.group(1)) / 100
+    tail = (1 - confidence) / 2
+    # The top (bottom) order statistic bounds the percentile once q^n (or (1-q)^n) falls below the tail.
+    return math.ceil(math.log(tail) / math.log(max(q, 1 - q)))
+
+
+def _unbounded_result(rule: Rule, ev: Evidence, base: dict[str, object], iv: MetricInterval) -> RuleResult:
+    """Judge by the bound that exists; the missing one is infinite, so it can never support the rule."""
+    op, thr = rule.op, rule.threshold
+    low = -math.inf if iv.low is None else iv.low
+    high = math.inf if iv.high is None else iv.high
+    near, far = (low, high) if op in (">=", ">") else (high, low)
+    shown = f"{iv.confidence:.0%} CI [{'-inf' if iv.low is None else f'{low:.4g}'}, " \
+            f"{'inf' if iv.high is None else f'{high:.4g}'}]"
+    observed = base["observed"]
+    if OPS[op](near, thr):  # type: ignore[arg-type]
+        return RuleResult(**base, verdict="PASS", hint=f"{rule.metric} = {observed:.4g} {op} {thr:.4g} ({shown})",
+                          explanation=f"{rule.metric} = {observed:.4g} ({shown}) is {op} {thr:.4g} across the "
+                                      f"whole interval.")
+    if not OPS[op](far, thr):  # type: ignore[arg-type]
+        return RuleResult(**base, verdict="FAIL",
+                          hint=f"{rule.metric} = {observed:.4g}, needs {op} {thr:.4g} (whole {shown} misses it); "
+                               f"{_cases_hint(rule.metric, ev.run_id)}",
+                          explanation=f"{rule.metric} = {observed:.4g} ({shown}) misses {op} {thr:.4g} across the "
+                                      f"whole interval.")
+    need = _cases_to_bound(rule.metric, iv.confidence)
+    more = f"at least {need} cases give this percentile a finite interval (now {iv.n})" if need and need > iv.n \
+        else "more cases give the interval a finite bound"
+    return RuleResult(**base, verdict="INCONCLUSIVE",
+                      hint=f"{rule.metric} = {observed:.4g}, but {iv.n} cases cannot bound it ({shown}); {more}",
+                      explanation=f"{rule.metric} = {observed:.4g} but its {shown} is unbounded on the side that "
+                                  f"decides {op} {thr:.4g}: this sample is too small to tell, whatever the point "
+                                  f"value says.")
 
 
 def _zero_tolerance(op: str, thr: float, observed: float, low: float | None, high: float | None) -> bool:
