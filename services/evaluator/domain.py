@@ -45,8 +45,12 @@ class Case(msgspec.Struct, frozen=True, kw_only=True):
     vars: dict[str, Any] | None = None  # always a mapping once decoded: `input` is folded into it
     id: str | int = ""  # "": the row's position in the dataset
     input: str | None = None
+    tags: tuple[str, ...] | str = ()  # slice labels (a suite's `slices: [tags]`); one tag may be a string
+    meta: dict[str, Any] = {}  # fields a suite may slice on that the prompt does not use
 
     def __post_init__(self) -> None:
+        if isinstance(self.tags, str):
+            msgspec.structs.force_setattr(self, "tags", (self.tags,))
         if self.input is not None:
             if self.vars is not None:
                 raise ValueError("give 'vars' or 'input', not both")
@@ -130,6 +134,18 @@ class CalibrationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         return self.confidence.removeprefix("field:") if self.confidence.startswith("field:") else ""
 
 
+class SliceSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Report every metric per slice: by `tags`, by a field's value (in vars or meta), or in numeric
+    `buckets` of a field (of its length, for text)."""
+
+    key: NonEmpty
+    buckets: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if list(self.buckets) != sorted(set(self.buckets)):
+            raise ValueError("buckets must be increasing edges, e.g. [100, 500]")
+
+
 class Suite(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """An eval suite. `dataset` is an artifact hash or inline cases."""
 
@@ -146,8 +162,12 @@ class Suite(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     task: CallTask | RecordedTask = CallTask()
     price_book: Annotated[str, msgspec.Meta(pattern="^(sha256:|$)")] = ""  # "": the configured price book
     calibration: CalibrationSpec | None = None
+    # `- lang` is short for `- {key: lang}`; every item is a SliceSpec once decoded
+    slices: tuple[str | SliceSpec, ...] = ()
 
     def __post_init__(self) -> None:
+        msgspec.structs.force_setattr(self, "slices", tuple(SliceSpec(key=s) if isinstance(s, str) else s
+                                                            for s in self.slices))
         # Checks across fields and against the scorer registry; paths are written out (this is the root).
         specs: list[ScorerSpec] = []
         for i, item in enumerate(self.scorers):
@@ -209,6 +229,35 @@ class CaseResult:
     output_tokens: int = 0
     error: str = ""
     details: Mapping[str, Any] = field(default_factory=dict)  # judge replies, cache hits
+
+
+def _bucket(key: str, value: Any, edges: tuple[float, ...]) -> str | None:
+    x = value if isinstance(value, int | float) and not isinstance(value, bool) else len(str(value))
+    if not math.isfinite(x):
+        return None
+    if x < edges[0]:
+        return f"{key}<{edges[0]:g}"
+    for lo, hi in zip(edges, edges[1:], strict=False):
+        if lo <= x < hi:
+            return f"{key}{lo:g}-{hi:g}"
+    return f"{key}>={edges[-1]:g}"
+
+
+def slice_labels(suite: Suite, case: Case) -> tuple[str, ...]:
+    """The slices a case belongs to under the suite's `slices` ("lang=de", "tag=hard", "input<100")."""
+    out: list[str] = []
+    for spec in suite.slices:
+        assert isinstance(spec, SliceSpec)
+        if spec.key == "tags":
+            out.extend(f"tag={t}" for t in case.tags)
+            continue
+        value = (case.vars or {}).get(spec.key, case.meta.get(spec.key))
+        if value is None:
+            continue
+        label = _bucket(spec.key, value, spec.buckets) if spec.buckets else f"{spec.key}={value}"
+        if label is not None:
+            out.append(label)
+    return tuple(out)
 
 
 def parse_suite(raw: Any, *, name: str = "suite") -> Suite:
@@ -374,6 +423,7 @@ JUDGE_AGREEMENT = "llm_judge_agreement"
 def is_count(metric: str) -> bool:
     """Counts and shares (`n`, `n_cases`, `<scorer>_failures`, `<scorer>_missing`) are facts about this run,
     not estimates: they have no interval."""
+    metric = metric.split("[", 1)[0]  # a slice's count is a count too: n_cases[lang=de]
     return metric in ("n", "n_cases") or metric.endswith(("_failures", "_missing"))
 
 

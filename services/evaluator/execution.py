@@ -166,6 +166,11 @@ class Execution:
         warnings.extend(calibration_warnings)
         # Resampling is CPU work: off the loop so the heartbeat keeps beating.
         intervals = await asyncio.to_thread(summary.intervals, suite, results, costs)
+        if suite.slices:
+            slice_metrics, slice_intervals = await asyncio.to_thread(summary.slice_metrics, suite, results,
+                                                                     self._labels(loaded))
+            metrics.update(slice_metrics)
+            intervals.update(slice_intervals)
         outcome = Outcome(status="completed", results=results, metrics=metrics, intervals=intervals,
                           warnings=warnings, error=domain.failure_summary(results))
         if outcome.error:
@@ -189,8 +194,15 @@ class Execution:
         cost = None if price is None else (lambda r: price.cost(r.input_tokens, r.output_tokens))
         comparisons, warnings = await asyncio.to_thread(summary.compare, suite, results, base, cost)
         outcome.ratios = await asyncio.to_thread(summary.ratios, results, base, cost)
+        if suite.slices:
+            comparisons.update(await asyncio.to_thread(summary.slice_compare, suite, results, base,
+                                                       self._labels(loaded)))
         outcome.comparisons = comparisons
         outcome.warnings.extend(warnings)
+
+    @staticmethod
+    def _labels(loaded: Loaded) -> dict[str, tuple[str, ...]]:
+        return {c.id: domain.slice_labels(loaded.suite, c) for c in loaded.cases}
 
     async def stored_event_id(self, run_id: str) -> str | None:
         """The EvalCompleted id of a run already stored (a redelivery after the run row was written)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 
@@ -258,3 +258,65 @@ def _paired_passes(metric: str, c: list[bool], b: list[bool], margin: float, pow
         metric=metric, candidate=pc, baseline=pb, diff=pc - pb, diff_low=_finite(diff.low),
         diff_high=_finite(diff.high), p_value=_finite(test.p_value), effect_size=_finite(stats.cohens_h(pc, pb)),
         test=f"mcnemar-{test.method}", n_pairs=len(c), warning=warning)
+
+
+Labels = Mapping[str, Sequence[str]]  # case id -> the slices it belongs to
+
+
+def slice_key(metric: str, label: str) -> str:
+    """How a per-slice metric is named: `exact_match[lang=de]`."""
+    return f"{metric}[{label}]"
+
+
+def _sliced(results: Sequence[CaseResult], labels: Labels) -> dict[str, list[CaseResult]]:
+    out: dict[str, list[CaseResult]] = defaultdict(list)
+    for r in results:
+        for label in labels.get(r.case_id, ()):
+            out[label].append(r)
+    return dict(sorted(out.items()))
+
+
+def slice_metrics(suite: Suite, results: Sequence[CaseResult], labels: Labels
+                  ) -> tuple[dict[str, float], dict[str, MetricInterval]]:
+    """Every scorer's mean, pass rate and `score` per slice with its interval (by case), and `n_cases[slice]`."""
+    metrics: dict[str, float] = {}
+    ivs: dict[str, MetricInterval] = {}
+    for label, rows in _sliced(results, labels).items():
+        metrics[slice_key("n_cases", label)] = float(len({r.case_id for r in rows}))
+        for name in [s.name for s in suite.scorers] + ["score"]:
+            kept, values = measured(suite, rows, name)
+            if values:
+                ivs[slice_key(name, label)] = _mean(kept, values)
+        for spec in suite.scorers:
+            kept, ok = passed(suite, rows, spec.name)
+            if ok:
+                ivs[slice_key(f"{spec.name}_pass_rate", label)] = _mean(kept, [float(x) for x in ok])
+    metrics.update({k: iv.estimate for k, iv in ivs.items()})
+    return metrics, ivs
+
+
+def slice_compare(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[CaseResult], labels: Labels
+                  ) -> dict[str, BaselineComparison]:
+    """Paired comparisons (bootstrap by case) of every scorer, its pass rate and `score`, per slice.
+
+    No power warnings: slices are small by design, and the gate's slice rule controls for their number.
+    """
+    base = _sliced(baseline, labels)
+    out: dict[str, BaselineComparison] = {}
+    for label, rows in _sliced(candidate, labels).items():
+        if label not in base:
+            continue
+        shared = [k for k in dict.fromkeys(r.case_id for r in rows) if k in {b.case_id for b in base[label]}]
+        for name in [s.name for s in suite.scorers] + ["score"]:
+            c, b = _shared_means(shared, measured(suite, rows, name), measured(suite, base[label], name))
+            if c:
+                out[slice_key(name, label)] = msgspec.structs.replace(
+                    _paired_means(slice_key(name, label), c, b, suite.margin, True), warning="")
+        for spec in suite.scorers:
+            c_rows, c_ok = passed(suite, rows, spec.name)
+            b_rows, b_ok = passed(suite, base[label], spec.name)
+            c, b = _shared_means(shared, (c_rows, [float(x) for x in c_ok]), (b_rows, [float(x) for x in b_ok]))
+            if c:
+                key = slice_key(f"{spec.name}_pass_rate", label)
+                out[key] = msgspec.structs.replace(_paired_means(key, c, b, suite.margin, True), warning="")
+    return out

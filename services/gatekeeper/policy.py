@@ -17,7 +17,7 @@ OPS: dict[str, Callable[[float, float], bool]] = {
 }
 Op = Literal[">=", ">", "<=", "<", "=="]
 NoData = Literal["fail", "pass"]
-Kind = Literal["absolute", "relative", "non_inferiority", "count", "rate"]
+Kind = Literal["absolute", "relative", "non_inferiority", "count", "rate", "slices"]
 Rate = Annotated[float, msgspec.Meta(gt=0, lt=1)]
 Confidence = Annotated[float, msgspec.Meta(ge=0.5, lt=1)]
 Better = Literal["higher", "lower"]
@@ -50,6 +50,17 @@ class NonInferiority(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     better: Better = "higher"
 
 
+class Slices(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """No slice of at least `min_cases` cases may regress by more than `max_regression` against the baseline,
+    shown at `alpha` after Holm (family-wise) or Benjamini-Hochberg (false discovery rate) correction."""
+
+    max_regression: NonNegative
+    min_cases: Count = 20
+    better: Better = "higher"
+    correction: Literal["holm", "bh", "none"] = "holm"
+    alpha: Annotated[float, msgspec.Meta(gt=0, lt=0.5)] = 0.05
+
+
 class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One check on one metric: absolute (`op` + `threshold`), `relative`, `non_inferiority`, or on the
     cases that failed the metric's scorer: `max_count` (0: any occurrence fails) or `max_rate` (exact
@@ -65,13 +76,15 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     max_count: Count | None = None
     max_rate: Rate | None = None
     confidence: Confidence = 0.95  # of max_rate's exact bound
+    slices: Slices | None = None
     hard: bool = False
     dry_run: bool = False
     no_data: NoData | None = None  # None: the policy's setting
 
     def __post_init__(self) -> None:
         kinds = [k for k, v in (("relative", self.relative), ("non_inferiority", self.non_inferiority),
-                                ("max_count", self.max_count), ("max_rate", self.max_rate)) if v is not None]
+                                ("max_count", self.max_count), ("max_rate", self.max_rate),
+                                ("slices", self.slices)) if v is not None]
         if len(kinds) > 1:
             raise ValueError(f"a rule is one kind: {kinds[0]} or {kinds[1]}, not both")
         if self.kind == "absolute":
@@ -86,6 +99,8 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
                 name = f"{self.metric} failures <= {self.max_count}"
             elif self.kind == "rate":
                 name = f"{self.metric} failure rate <= {self.max_rate:g}"
+            elif self.kind == "slices":
+                name = f"{self.metric} per slice"
             else:
                 name = f"{self.metric} {self.kind}"
             msgspec.structs.force_setattr(self, "name", name)
@@ -99,6 +114,8 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
             return "count"
         if self.max_rate is not None:
             return "rate"
+        if self.slices is not None:
+            return "slices"
         return "non_inferiority" if self.non_inferiority is not None else "absolute"
 
     @property

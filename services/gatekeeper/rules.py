@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from lockgate.contracts import BaselineComparison, MetricInterval, RuleResult
 from lockgate.gatestats import power as gpower
-from lockgate.gatestats import rates
+from lockgate.gatestats import multiplicity, rates
 from lockgate.services.gatekeeper.policy import OPS, Measurement, Rule
 
 
@@ -96,6 +96,9 @@ def _shown(rule: Rule) -> dict[str, object]:
         return {"op": "<=", "threshold": float(rule.max_count or 0)}
     if rule.kind == "rate":
         return {"op": "<=", "threshold": rule.max_rate}
+    if rule.kind == "slices" and rule.slices is not None:
+        m = rule.slices.max_regression
+        return {"op": ">=", "threshold": -m} if rule.slices.better == "higher" else {"op": "<=", "threshold": m}
     return {"op": ">=", "threshold": 0.0}
 
 
@@ -153,6 +156,8 @@ def evaluate_rule(rule: Rule, evidence: Evidence | Mapping[str, float],
         return _absolute(rule, ev, power)
     if rule.kind in ("count", "rate"):
         return _failures(rule, ev)
+    if rule.kind == "slices":
+        return _slices(rule, ev)
     comp = ev.comparisons.get(rule.metric)
     if comp is None and ev.comparisons:
         # A baseline was compared, just not on this metric: say so rather than ask for a baseline.
@@ -432,3 +437,62 @@ def _failures(rule: Rule, ev: Evidence) -> RuleResult:
     return RuleResult(**base, verdict="INCONCLUSIVE", hint=f"{said}; cannot show at most {rate:.4g}; {more}",
                       explanation=f"{said}: this sample can show neither that the rate is at most {rate:.4g} nor "
                                   f"that it is above.")
+
+
+def _slices(rule: Rule, ev: Evidence) -> RuleResult:
+    """Per-slice regressions beyond the margin, tested one-sided and corrected for the number of slices."""
+    spec = rule.slices
+    assert spec is not None
+    prefix = f"{rule.metric}["
+    comps = {k[len(prefix):-1]: c for k, c in ev.comparisons.items() if k.startswith(prefix) and k.endswith("]")}
+    if not comps:
+        return _no_data(rule, f"no per-slice comparison of {rule.metric}; declare `slices:` in the suite and run the "
+                              f"eval with a baseline")
+    m, sign = spec.max_regression, (1.0 if spec.better == "higher" else -1.0)
+    small = sorted(label for label, c in comps.items() if c.n_pairs < spec.min_cases)
+    tested = {label: c for label, c in comps.items() if c.n_pairs >= spec.min_cases and _finite(c.diff)}
+    shown = _shown(rule)
+    skipped = f"; {len(small)} slice(s) under {spec.min_cases} cases not tested ({', '.join(small)})" if small else ""
+    if not tested:
+        return RuleResult(rule=rule.name, metric=rule.metric, **shown, observed=None, verdict="PASS",
+                          dry_run=rule.dry_run, hint=f"no slice has {spec.min_cases} cases{skipped}",
+                          explanation=f"no slice of {rule.metric} has the {spec.min_cases} cases the rule tests"
+                                      f"{skipped}.")
+    labels = sorted(tested)
+    p_values = [_regression_p(sign * tested[label].diff, tested[label], m) for label in labels]
+    rejected = multiplicity.reject(p_values, spec.alpha, spec.correction)
+    worst = min(labels, key=lambda label: sign * tested[label].diff)
+    observed = tested[worst].diff
+    how = f"{spec.correction} at alpha {spec.alpha:g} over {len(labels)} slices"
+    what = f"{rule.metric} regressing by more than {m:.4g}"
+    bad = [label for label, r in zip(labels, rejected, strict=True) if r]
+    if bad:
+        detail = ", ".join(f"{label} {tested[label].diff:+.4g} (n={tested[label].n_pairs})" for label in bad)
+        return RuleResult(rule=rule.name, metric=rule.metric, **shown, observed=observed, verdict="FAIL",
+                          dry_run=rule.dry_run, hint=f"slices {what}: {detail} ({how}); "
+                                                     f"{_cases_hint(rule.metric, ev.run_id)}",
+                          explanation=f"{len(bad)} slice(s) show {what} ({how}): {detail}{skipped}.")
+    over = [label for label in labels if sign * tested[label].diff < -m]
+    if over:
+        detail = ", ".join(f"{label} {tested[label].diff:+.4g} (n={tested[label].n_pairs})" for label in over)
+        return RuleResult(rule=rule.name, metric=rule.metric, **shown, observed=observed, verdict="INCONCLUSIVE",
+                          dry_run=rule.dry_run,
+                          hint=f"slices whose estimate shows {what}, not significant after {how}: {detail}; "
+                               f"{_missed_hint(rule.metric, ev.run_id)}",
+                          explanation=f"{len(over)} slice(s) estimate {what} but, corrected for {len(labels)} "
+                                      f"slices, this sample cannot tell: {detail}{skipped}.")
+    return RuleResult(rule=rule.name, metric=rule.metric, **shown, observed=observed, verdict="PASS",
+                      dry_run=rule.dry_run, hint=f"no slice shows {what}; worst {worst} {observed:+.4g}{skipped}",
+                      explanation=f"none of {len(labels)} slices shows {what} ({how}); the worst, {worst}, "
+                                  f"moved {observed:+.4g}{skipped}.")
+
+
+def _regression_p(improvement: float, comp: BaselineComparison, margin: float) -> float:
+    """One-sided p-value of 'the regression exceeds margin' (H0: improvement >= -margin), normal approximation
+    with the standard error read back from the reported 95% interval."""
+    if not _finite(comp.diff_low, comp.diff_high):
+        return 1.0
+    se = (comp.diff_high - comp.diff_low) / (2 * 1.959963984540054)  # type: ignore[operator]
+    if se <= 0:
+        return 0.0 if improvement < -margin else 1.0
+    return float(0.5 * math.erfc(-(improvement + margin) / se / math.sqrt(2)))  # Phi((imp + m) / se)
