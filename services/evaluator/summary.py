@@ -10,7 +10,15 @@ import msgspec
 
 from lockgate.contracts import BaselineComparison, MetricInterval
 from lockgate.services.evaluator import calibrated, calibration, stats
-from lockgate.services.evaluator.domain import JUDGE_AGREEMENT, CaseResult, Suite, aggregate, is_count, measured, passed
+from lockgate.services.evaluator.domain import (
+    JUDGE_AGREEMENT,
+    CaseResult,
+    Suite,
+    aggregate,
+    is_count,
+    measured,
+    passed,
+)
 
 # 2,000 resamples keep a 95% interval's Monte Carlo error well under its width and cost ~10 ms at n=1,000.
 RESAMPLES = 2000

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from scipy import stats as sps
 
 from lockgate.contracts import BaselineComparison, MetricInterval, RuleResult
-from lockgate.gatestats import power as gpower
 from lockgate.gatestats import multiplicity, rates
+from lockgate.gatestats import power as gpower
 from lockgate.services.gatekeeper.policy import OPS, Measurement, Rule
 
 
