@@ -90,7 +90,7 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
         if self.kind == "absolute":
             if self.op is None or self.threshold is None:
                 raise ValueError("an absolute rule needs `op` and `threshold` (or use relative, non_inferiority, "
-                                 "max_count or max_rate)")
+                                 "max_count, max_rate or slices)")
             _finite(self.threshold, "threshold")
         if not self.name:
             if self.kind == "absolute":
