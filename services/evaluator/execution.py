@@ -192,8 +192,8 @@ class Execution:
         price = loaded.prices.get(req.model or suite.model)
         # The baseline's tokens are priced like the candidate's: the comparison is of usage at today's prices.
         cost = None if price is None else (lambda r: price.cost(r.input_tokens, r.output_tokens))
-        comparisons, warnings = await asyncio.to_thread(summary.compare, suite, results, base, cost)
-        outcome.ratios = await asyncio.to_thread(summary.ratios, results, base, cost)
+        comparisons, warnings, outcome.ratios = await asyncio.to_thread(summary.compare_all, suite, results, base,
+                                                                         cost)
         if suite.slices:
             comparisons.update(await asyncio.to_thread(summary.slice_compare, suite, results, base,
                                                        self._labels(loaded)))

@@ -124,7 +124,8 @@ def repeated(results: Sequence[CaseResult]) -> bool:
 Cost = Callable[[CaseResult], float]
 
 
-def compare(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[CaseResult], cost: Cost | None = None
+def compare(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[CaseResult], cost: Cost | None = None,
+            operational: dict[str, stats.ClusteredDifference] | None = None
             ) -> tuple[dict[str, BaselineComparison], list[str]]:
     """Paired comparisons for every metric and their warnings: scorers (bootstrap of means, McNemar of
     pass/fail), error rate, latency percentiles and cost per case (bootstrap of the difference and the ratio);
@@ -163,33 +164,32 @@ def compare(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[Ca
                          (list(baseline), [float(bool(r.error)) for r in baseline]))
     # The suite margin is about quality scores; a power warning on the error rate would only be noise.
     out["error_rate"] = msgspec.structs.replace(_paired_means("error_rate", c, b, suite.margin, clustered), warning="")
-    out.update(_operational(shared, candidate, baseline, cost))
+    diffs = _operational(candidate, baseline, cost) if operational is None else operational
+    out.update({name: _clustered(name, d) for name, d in diffs.items()})
     out.update(_by_points(suite, candidate, baseline, cost, out))
     warnings.extend(f"{k}: {v.warning}" for k, v in out.items() if v.warning and v.test != "point-values")
     return out, warnings
 
 
-def _operational(shared: Sequence[str], candidate: Sequence[CaseResult], baseline: Sequence[CaseResult],
-                 cost: Cost | None) -> dict[str, BaselineComparison]:
-    """Latency p50/p95 (answered rows) and cost per case, each case's rows resampled together in both runs."""
-    out: dict[str, BaselineComparison] = {}
+def _operational(candidate: Sequence[CaseResult], baseline: Sequence[CaseResult], cost: Cost | None
+                 ) -> dict[str, stats.ClusteredDifference]:
+    """Latency p50/p95 (answered rows) and cost per case over shared cases, each case's rows resampled together
+    in both runs."""
+    shared = [k for k in dict.fromkeys(r.case_id for r in candidate) if k in {r.case_id for r in baseline}]
+    todo: list[tuple[str, list[list[float]], list[list[float]], float | None]] = []
     c_lat = _groups([r for r in candidate if not r.error], [r.latency_ms for r in candidate if not r.error])
     b_lat = _groups([r for r in baseline if not r.error], [r.latency_ms for r in baseline if not r.error])
     keys = [k for k in shared if k in c_lat and k in b_lat]
     if keys:
-        for q in (50, 95):
-            name = f"latency_p{q}_ms"
-            out[name] = _clustered(name, [c_lat[k] for k in keys], [b_lat[k] for k in keys], q)
-    if cost is not None:
+        todo += [(f"latency_p{q}_ms", [c_lat[k] for k in keys], [b_lat[k] for k in keys], q) for q in (50, 95)]
+    if cost is not None and shared:
         c_cost = _groups(candidate, [cost(r) for r in candidate])
         b_cost = _groups(baseline, [cost(r) for r in baseline])
-        out["cost_usd_per_case"] = _clustered("cost_usd_per_case", [c_cost[k] for k in shared],
-                                              [b_cost[k] for k in shared], None)
-    return out
+        todo.append(("cost_usd_per_case", [c_cost[k] for k in shared], [b_cost[k] for k in shared], None))
+    return {name: stats.paired_cluster_difference(c, b, q, n_resamples=RESAMPLES) for name, c, b, q in todo}
 
 
-def _clustered(metric: str, c: list[list[float]], b: list[list[float]], q: float | None) -> BaselineComparison:
-    d = stats.paired_cluster_difference(c, b, q, n_resamples=RESAMPLES)
+def _clustered(metric: str, d: stats.ClusteredDifference) -> BaselineComparison:
     return BaselineComparison(
         metric=metric, candidate=d.candidate, baseline=d.baseline, diff=d.difference.estimate,
         diff_low=_finite(d.difference.low), diff_high=_finite(d.difference.high), p_value=_finite(d.p_value),
@@ -199,23 +199,20 @@ def _clustered(metric: str, c: list[list[float]], b: list[list[float]], q: float
 def ratios(candidate: Sequence[CaseResult], baseline: Sequence[CaseResult], cost: Cost | None = None
            ) -> dict[str, MetricInterval]:
     """candidate/baseline - 1 with its paired, clustered bootstrap CI for latency p50/p95 and cost per case."""
-    shared = [k for k in dict.fromkeys(r.case_id for r in candidate) if k in {r.case_id for r in baseline}]
-    c_lat = _groups([r for r in candidate if not r.error], [r.latency_ms for r in candidate if not r.error])
-    b_lat = _groups([r for r in baseline if not r.error], [r.latency_ms for r in baseline if not r.error])
-    keys = [k for k in shared if k in c_lat and k in b_lat]
-    todo: list[tuple[str, list[list[float]], list[list[float]], float | None]] = []
-    if keys:
-        todo += [(f"latency_p{q}_ms", [c_lat[k] for k in keys], [b_lat[k] for k in keys], q) for q in (50, 95)]
-    if cost is not None and shared:
-        c_cost = _groups(candidate, [cost(r) for r in candidate])
-        b_cost = _groups(baseline, [cost(r) for r in baseline])
-        todo.append(("cost_usd_per_case", [c_cost[k] for k in shared], [b_cost[k] for k in shared], None))
-    out = {}
-    for name, c, b, q in todo:
-        rel = stats.paired_cluster_difference(c, b, q, n_resamples=RESAMPLES).relative
-        if rel is not None:
-            out[name] = _from(rel)
-    return out
+    return _ratios(_operational(candidate, baseline, cost))
+
+
+def _ratios(diffs: dict[str, stats.ClusteredDifference]) -> dict[str, MetricInterval]:
+    return {name: _from(d.relative) for name, d in diffs.items() if d.relative is not None}
+
+
+def compare_all(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[CaseResult],
+                cost: Cost | None = None
+                ) -> tuple[dict[str, BaselineComparison], list[str], dict[str, MetricInterval]]:
+    """`compare` and `ratios` from one set of bootstraps (what the evaluator publishes)."""
+    diffs = _operational(candidate, baseline, cost)
+    comparisons, warnings = compare(suite, candidate, baseline, cost, diffs)
+    return comparisons, warnings, _ratios(diffs)
 
 
 def _by_points(suite: Suite, candidate: Sequence[CaseResult], baseline: Sequence[CaseResult], cost: Cost | None,
