@@ -62,9 +62,9 @@ class Slices(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
 
 
 class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One check on one metric: absolute (`op` + `threshold`), `relative`, `non_inferiority`, or on the
-    cases that failed the metric's scorer: `max_count` (0: any occurrence fails) or `max_rate` (exact
-    upper bound at `confidence`)."""
+    """One check on one metric: absolute (`op` + `threshold`), `relative`, `non_inferiority`, `slices` (per-slice
+    regressions against the baseline), or on the cases that failed the metric's scorer: `max_count` (0: any
+    occurrence fails) or `max_rate` (exact upper bound at `confidence`)."""
 
     metric: NonEmpty
     name: str = ""  # "": the expression ("score >= 0.8") or "<metric> <kind>"
@@ -153,7 +153,8 @@ class Measurement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """When a metric's measurement is too broken to judge: its rules are ERROR (needs review), never PASS or FAIL."""
 
     max_missing: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05  # share of answered cases a scorer left unscored
-    # Mean share of judge replies agreeing with the majority vote (1/2 is a coin toss between two votes).
+    # Mean share of a case's judge replies that agree with its majority vote: with 3 replies a case scores 2/3
+    # or 1, so 0.75 asks that at least a quarter of the cases be unanimous.
     min_judge_agreement: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.75
 
 
