@@ -75,12 +75,13 @@ def pairs(suite: domain.Suite, results: Sequence[domain.CaseResult]) -> Pairs:
     missing = errored = 0
     for r in results:
         value = r.scores.get(CONFIDENCE)
-        if r.error or value is None or not math.isfinite(value):
+        ok = domain.passes(suite, r)[spec.scorer]
+        if r.error or value is None or not math.isfinite(value) or ok is None:
             missing += 1
             errored += bool(r.error)
             continue
         confidences.append(float(value))
-        correct.append(domain.passes(suite, r)[spec.scorer])
+        correct.append(ok)
         rows.append(r)
     return Pairs(rows, confidences, correct, missing, errored)
 

@@ -45,8 +45,12 @@ class Case(msgspec.Struct, frozen=True, kw_only=True):
     vars: dict[str, Any] | None = None  # always a mapping once decoded: `input` is folded into it
     id: str | int = ""  # "": the row's position in the dataset
     input: str | None = None
+    tags: tuple[str, ...] | str = ()  # slice labels (a suite's `slices: [tags]`); one tag may be a string
+    meta: dict[str, Any] = {}  # fields a suite may slice on that the prompt does not use
 
     def __post_init__(self) -> None:
+        if isinstance(self.tags, str):
+            msgspec.structs.force_setattr(self, "tags", (self.tags,))
         if self.input is not None:
             if self.vars is not None:
                 raise ValueError("give 'vars' or 'input', not both")
@@ -130,6 +134,18 @@ class CalibrationSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         return self.confidence.removeprefix("field:") if self.confidence.startswith("field:") else ""
 
 
+class SliceSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Report every metric per slice: by `tags`, by a field's value (in vars or meta), or in numeric
+    `buckets` of a field (of its length, for text)."""
+
+    key: NonEmpty
+    buckets: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if list(self.buckets) != sorted(set(self.buckets)):
+            raise ValueError("buckets must be increasing edges, e.g. [100, 500]")
+
+
 class Suite(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """An eval suite. `dataset` is an artifact hash or inline cases."""
 
@@ -141,12 +157,17 @@ class Suite(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     model: str = ""
     repeats: Annotated[int, msgspec.Meta(ge=1, le=100)] = 1
     margin: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.05
+    power: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.8  # of the sample-size warning (as the gate's `power`)
     rate_limit_rps: NonNegative = 0.0  # 0: unlimited
     task: CallTask | RecordedTask = CallTask()
     price_book: Annotated[str, msgspec.Meta(pattern="^(sha256:|$)")] = ""  # "": the configured price book
     calibration: CalibrationSpec | None = None
+    # `- lang` is short for `- {key: lang}`; every item is a SliceSpec once decoded
+    slices: tuple[str | SliceSpec, ...] = ()
 
     def __post_init__(self) -> None:
+        msgspec.structs.force_setattr(self, "slices", tuple(SliceSpec(key=s) if isinstance(s, str) else s
+                                                            for s in self.slices))
         # Checks across fields and against the scorer registry; paths are written out (this is the root).
         specs: list[ScorerSpec] = []
         for i, item in enumerate(self.scorers):
@@ -210,6 +231,35 @@ class CaseResult:
     details: Mapping[str, Any] = field(default_factory=dict)  # judge replies, cache hits
 
 
+def _bucket(key: str, value: Any, edges: tuple[float, ...]) -> str | None:
+    x = value if isinstance(value, int | float) and not isinstance(value, bool) else len(str(value))
+    if not math.isfinite(x):
+        return None
+    if x < edges[0]:
+        return f"{key}<{edges[0]:g}"
+    for lo, hi in zip(edges, edges[1:], strict=False):
+        if lo <= x < hi:
+            return f"{key}{lo:g}-{hi:g}"
+    return f"{key}>={edges[-1]:g}"
+
+
+def slice_labels(suite: Suite, case: Case) -> tuple[str, ...]:
+    """The slices a case belongs to under the suite's `slices` ("lang=de", "tag=hard", "input<100")."""
+    out: list[str] = []
+    for spec in suite.slices:
+        assert isinstance(spec, SliceSpec)
+        if spec.key == "tags":
+            out.extend(f"tag={t}" for t in case.tags)
+            continue
+        value = (case.vars or {}).get(spec.key, case.meta.get(spec.key))
+        if value is None:
+            continue
+        label = _bucket(spec.key, value, spec.buckets) if spec.buckets else f"{spec.key}={value}"
+        if label is not None:
+            out.append(label)
+    return tuple(out)
+
+
 def parse_suite(raw: Any, *, name: str = "suite") -> Suite:
     """Decode a suite document (already parsed from YAML/JSON) or raise SuiteError naming the path."""
     return convert(raw, Suite, name=name, error=SuiteError)
@@ -266,17 +316,69 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def case_scores(suite: Suite, r: CaseResult) -> dict[str, float]:
-    """One row's score per scorer plus the weighted `score`; an errored row scores 0 everywhere."""
-    out = {spec.name: r.scores.get(spec.name, 0.0) for spec in suite.scorers}
+def case_scores(suite: Suite, r: CaseResult) -> dict[str, float | None]:
+    """One row's score per scorer plus the weighted `score`; an errored row scores 0 everywhere.
+
+    A scorer that failed on an answered row (an unreadable judge reply, a judge timeout) left no score:
+    that value is missing (None), not 0, and so is the row's weighted `score`.
+    """
+    if r.error:
+        out: dict[str, float | None] = {spec.name: 0.0 for spec in suite.scorers}
+        out["score"] = 0.0
+        return out
+    out = {spec.name: r.scores.get(spec.name) for spec in suite.scorers}
     total_weight = sum(s.weight for s in suite.scorers)
-    out["score"] = sum(s.weight * out[s.name] for s in suite.scorers) / total_weight
+    weighted = [(s.weight, out[s.name]) for s in suite.scorers if s.weight > 0]
+    out["score"] = None if any(v is None for _, v in weighted) else \
+        sum(w * v for w, v in weighted) / total_weight  # type: ignore[operator,misc]
     return out
 
 
-def passes(suite: Suite, r: CaseResult) -> dict[str, bool]:
-    """Per scorer: did this row reach the scorer's pass mark (threshold, or 1.0)?"""
-    return {spec.name: (not r.error) and r.scores.get(spec.name, 0.0) >= spec.pass_mark for spec in suite.scorers}
+def passes(suite: Suite, r: CaseResult) -> dict[str, bool | None]:
+    """Per scorer: did this row reach the scorer's pass mark (threshold, or 1.0)? None: the score is missing."""
+    if r.error:
+        return {spec.name: False for spec in suite.scorers}
+    return {spec.name: None if spec.name not in r.scores else r.scores[spec.name] >= spec.pass_mark
+            for spec in suite.scorers}
+
+
+def measured(suite: Suite, results: Sequence[CaseResult], name: str
+             ) -> tuple[list[CaseResult], list[float]]:
+    """The rows with a value of `name` (a scorer or `score`) and those values; missing rows are left out."""
+    rows, values = [], []
+    for r in results:
+        value = case_scores(suite, r)[name]
+        if value is not None:
+            rows.append(r)
+            values.append(value)
+    return rows, values
+
+
+def passed(suite: Suite, results: Sequence[CaseResult], name: str) -> tuple[list[CaseResult], list[bool]]:
+    """The rows with a pass/fail on scorer `name` and those outcomes; missing rows are left out."""
+    rows, values = [], []
+    for r in results:
+        ok = passes(suite, r)[name]
+        if ok is not None:
+            rows.append(r)
+            values.append(ok)
+    return rows, values
+
+
+def missing_shares(suite: Suite, results: Sequence[CaseResult]) -> dict[str, float]:
+    """`<scorer>_missing` (and `score_missing`): the share of answered rows without that score, where any is.
+
+    A gate reads these to tell a broken measurement from a regression.
+    """
+    answered = [r for r in results if not r.error]
+    if not answered:
+        return {}
+    out: dict[str, float] = {}
+    for name in [s.name for s in suite.scorers] + ["score"]:
+        gone = sum(1 for r in answered if case_scores(suite, r)[name] is None)
+        if gone or name in ASYNC_SCORERS:
+            out[f"{name}_missing"] = gone / len(answered)
+    return out
 
 
 def aggregate(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float] | None = None) -> dict[str, float]:
@@ -290,11 +392,16 @@ def aggregate(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float
     metrics: dict[str, float] = {"n": float(n)}
     if n == 0:
         return metrics
-    rows = [case_scores(suite, r) for r in results]
+    for name in [s.name for s in suite.scorers] + ["score"]:
+        _, values = measured(suite, results, name)
+        if values:
+            metrics[name] = sum(values) / len(values)
     for spec in suite.scorers:
-        metrics[spec.name] = sum(row[spec.name] for row in rows) / n
-        metrics[f"{spec.name}_pass_rate"] = sum(passes(suite, r)[spec.name] for r in results) / n
-    metrics["score"] = sum(row["score"] for row in rows) / n
+        _, ok = passed(suite, results, spec.name)
+        if ok:
+            metrics[f"{spec.name}_pass_rate"] = sum(ok) / len(ok)
+    metrics.update(failure_counts(suite, results))
+    metrics.update(missing_shares(suite, results))
     agreement = [r.scores[JUDGE_AGREEMENT] for r in results if JUDGE_AGREEMENT in r.scores]
     if agreement:
         metrics[JUDGE_AGREEMENT] = sum(agreement) / len(agreement)
@@ -311,6 +418,27 @@ def aggregate(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float
 
 
 JUDGE_AGREEMENT = "llm_judge_agreement"
+
+
+def is_count(metric: str) -> bool:
+    """Counts and shares (`n`, `n_cases`, `<scorer>_failures`, `<scorer>_missing`) are facts about this run,
+    not estimates: they have no interval."""
+    metric = metric.split("[", 1)[0]  # a slice's count is a count too: n_cases[lang=de]
+    return metric in ("n", "n_cases") or metric.endswith(("_failures", "_missing"))
+
+
+def failure_counts(suite: Suite, results: Sequence[CaseResult]) -> dict[str, float]:
+    """`n_cases` answered and, per scorer, `<scorer>_failures`: answered cases with a row below the pass mark.
+
+    Counted by case (repeats of one case are one trial) and over answered rows only: a timeout is an
+    error (error_rate), not a leak, so a zero-tolerance rule on a harm scorer is not tripped by it.
+    """
+    answered = [r for r in results if not r.error]
+    out = {"n_cases": float(len({r.case_id for r in answered}))}
+    for spec in suite.scorers:
+        failed = {r.case_id for r in answered if spec.name in r.scores and r.scores[spec.name] < spec.pass_mark}
+        out[f"{spec.name}_failures"] = float(len(failed))
+    return out
 
 
 def expected_text(expected: Any) -> str:

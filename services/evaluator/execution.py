@@ -46,6 +46,7 @@ class Outcome:
     comparisons: dict = field(default_factory=dict)
     baseline_run: str = ""
     warnings: list[str] = field(default_factory=list)
+    ratios: dict = field(default_factory=dict)
 
 
 class Execution:
@@ -101,7 +102,7 @@ class Execution:
             await ticker.step(bool(result.error))
 
         cache = None
-        if self.ctx.settings.eval_cache:
+        if self.ctx.settings.eval_cache and req.cache:
             cache = ResponseCache(await self.ctx.bus.kv(self.ctx.bus.subjects.kv_eval_cache))
         try:
             new = await self._run(req, loaded, skip, on_result, cache)
@@ -158,23 +159,29 @@ class Execution:
         failed = sum(1 for r in results if "error" in r.details.get(judge.NAME, {}))
         if unparsed or failed:
             warnings.append(f"llm_judge: {unparsed} replies without a readable score; {failed} cases got none "
-                            "(scored 0)")
+                            "(missing, not scored 0)")
         metrics = domain.aggregate(suite, results, costs)
         calibration_metrics, calibration_warnings = calibrated.metrics(suite, results)
         metrics.update(calibration_metrics)
         warnings.extend(calibration_warnings)
         # Resampling is CPU work: off the loop so the heartbeat keeps beating.
         intervals = await asyncio.to_thread(summary.intervals, suite, results, costs)
+        if suite.slices:
+            slice_metrics, slice_intervals = await asyncio.to_thread(summary.slice_metrics, suite, results,
+                                                                     self._labels(loaded))
+            metrics.update(slice_metrics)
+            intervals.update(slice_intervals)
         outcome = Outcome(status="completed", results=results, metrics=metrics, intervals=intervals,
                           warnings=warnings, error=domain.failure_summary(results))
         if outcome.error:
             outcome.status = "failed"
         if req.baseline:
-            await self._compare(req, suite, results, outcome)
+            await self._compare(req, loaded, results, outcome)
         return outcome
 
-    async def _compare(self, req: EvalRequested, suite: domain.Suite, results: Sequence[domain.CaseResult],
+    async def _compare(self, req: EvalRequested, loaded: Loaded, results: Sequence[domain.CaseResult],
                        outcome: Outcome) -> None:
+        suite = loaded.suite
         base_run = await persist.baseline_run(self.ctx.bus, req.baseline, req.suite)
         if base_run is None:
             outcome.warnings.append(f"baseline {req.baseline!r} has no completed run of suite {req.suite}; "
@@ -182,9 +189,20 @@ class Execution:
             return
         base = await persist.run_cases(self.ctx.bus, base_run)
         outcome.baseline_run = base_run
-        comparisons, warnings = await asyncio.to_thread(summary.compare, suite, results, base)
+        price = loaded.prices.get(req.model or suite.model)
+        # The baseline's tokens are priced like the candidate's: the comparison is of usage at today's prices.
+        cost = None if price is None else (lambda r: price.cost(r.input_tokens, r.output_tokens))
+        comparisons, warnings, outcome.ratios = await asyncio.to_thread(summary.compare_all, suite, results, base,
+                                                                         cost)
+        if suite.slices:
+            comparisons.update(await asyncio.to_thread(summary.slice_compare, suite, results, base,
+                                                       self._labels(loaded)))
         outcome.comparisons = comparisons
         outcome.warnings.extend(warnings)
+
+    @staticmethod
+    def _labels(loaded: Loaded) -> dict[str, tuple[str, ...]]:
+        return {c.id: domain.slice_labels(loaded.suite, c) for c in loaded.cases}
 
     async def stored_event_id(self, run_id: str) -> str | None:
         """The EvalCompleted id of a run already stored (a redelivery after the run row was written)."""
@@ -199,6 +217,7 @@ class Execution:
             status=outcome.status, n_cases=len(outcome.results), n_errors=n_errors, metrics=outcome.metrics,
             error=outcome.error, intervals=outcome.intervals, baseline_run=outcome.baseline_run,
             comparisons=outcome.comparisons, warnings=outcome.warnings, artifacts=dict(req.artifacts),
+            ratios=outcome.ratios,
             tenant=req.tenant, source="evaluator", **({"id": event_id} if event_id else {}),
         )
         await self.publish(done, inputs)

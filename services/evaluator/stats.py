@@ -15,6 +15,7 @@ from scipy import special
 from scipy import stats as sps
 
 from lockgate.errors import LockgateError
+from lockgate.gatestats import power as gpower
 
 
 class InsufficientData(LockgateError):
@@ -249,29 +250,27 @@ def mcnemar(
     return mcnemar_counts(int(np.sum(b & ~c)), int(np.sum(~b & c)), exact=exact)
 
 
-def _z_sum(alpha: float, power: float, two_sided: bool) -> float:
-    if not 0 < alpha < 1 or not 0 < power < 1:
-        raise InsufficientData(f"alpha and power must be between 0 and 1, got {alpha} and {power}")
-    z_alpha = special.ndtri(1 - alpha / 2) if two_sided else special.ndtri(1 - alpha)
-    return float(z_alpha + special.ndtri(power))
-
-
 def min_detectable_effect(
     n: int, sd: float, *, alpha: float = 0.05, power: float = 0.8, two_sided: bool = True
 ) -> float:
     """Smallest mean difference a paired test on n cases detects with this alpha and power."""
-    if n < 1:
-        return math.inf
-    return _z_sum(alpha, power, two_sided) * sd / math.sqrt(n)
+    _check_power(alpha, power)
+    return gpower.min_detectable_effect(n, sd, alpha=alpha, power=power, two_sided=two_sided)
 
 
 def required_n(
     margin: float, sd: float, *, alpha: float = 0.05, power: float = 0.8, two_sided: bool = True
 ) -> int:
     """Cases needed for a paired test to detect a mean difference of `margin`."""
+    _check_power(alpha, power)
     if margin <= 0:
         raise InsufficientData(f"the margin must be positive, got {margin}")
-    return max(2, math.ceil((_z_sum(alpha, power, two_sided) * sd / margin) ** 2))
+    return gpower.required_n(margin, sd, alpha=alpha, power=power, two_sided=two_sided)
+
+
+def _check_power(alpha: float, power: float) -> None:
+    if not 0 < alpha < 1 or not 0 < power < 1:
+        raise InsufficientData(f"alpha and power must be between 0 and 1, got {alpha} and {power}")
 
 
 def power_warning(
@@ -303,9 +302,7 @@ def paired_power_warning(
     sd = float(d.std(ddof=1)) if n > 1 else 0.0
     both = np.concatenate([np.asarray(candidate, float), np.asarray(baseline, float)])
     if both.min() >= 0 and both.max() <= 1:
-        # Scores in [0, 1]: seeing no disagreement in n cases still leaves a discordance rate up to
-        # 3/n plausible (rule of three), so zero observed spread must not silence the warning.
-        sd = max(sd, math.sqrt(min(1.0, 3.0 / n)))
+        sd = gpower.bounded_sd(sd, n)  # the gate's hint applies the same floor
     return power_warning(n, margin, sd, alpha=alpha, power=power, two_sided=two_sided)
 
 
@@ -334,3 +331,102 @@ def latency_percentiles(
 ) -> dict[str, Interval]:
     """p50/p95/p99 (or any qs) with order-statistic intervals, keyed "p50", "p95", ..."""
     return {f"p{q:g}": percentile_interval(values, q, confidence=confidence) for q in qs}
+
+
+def _percentile_rows(t: np.ndarray, q: float) -> np.ndarray:
+    # nanpercentile loops in Python over rows; clusters of equal size (the usual repeats) need no NaN padding.
+    return np.nanpercentile(t, q, axis=1) if np.isnan(t).any() else np.percentile(t, q, axis=1)
+
+
+def cluster_percentile_interval(groups: Sequence[Sequence[float]], q: float, *, confidence: float = 0.95,
+                                n_resamples: int = 2000, seed: int = 0) -> Interval:
+    """CI for the q-th percentile of all values when values come in clusters (a case's repeats).
+
+    Resamples whole clusters (percentile bootstrap) so repeats of one case are never treated as independent.
+    A sample too small to place a tail bound inside the data gives ±inf there, as `percentile_interval` does.
+    """
+    _check_confidence(confidence)
+    if not groups or not all(len(g) for g in groups):
+        raise InsufficientData("clustered percentile needs non-empty clusters")
+    width = max(len(g) for g in groups)
+    # Pad to a rectangle with NaN so one vectorised nanpercentile handles clusters of unequal size.
+    table = np.full((len(groups), width), np.nan)
+    for i, g in enumerate(groups):
+        table[i, : len(g)] = _as_array(g)
+    flat = table[~np.isnan(table)]
+    est = float(np.percentile(flat, q))
+    k = len(groups)
+    rng = np.random.default_rng(seed)
+    block = max(1, _BLOCK_CELLS // (k * width))
+    boot = np.empty(n_resamples)
+    for start in range(0, n_resamples, block):
+        stop = min(start + block, n_resamples)
+        idx = rng.integers(0, k, size=(stop - start, k))
+        boot[start:stop] = _percentile_rows(table[idx].reshape(stop - start, -1), q)
+    tail = (1 - confidence) / 2
+    low, high = np.percentile(boot, [100 * tail, 100 * (1 - tail)])
+    # Clustering only widens intervals: where even independent rows cannot bound a tail, neither can clusters.
+    rows = percentile_interval(flat, q, confidence=confidence)
+    low = -math.inf if math.isinf(rows.low) else low
+    high = math.inf if math.isinf(rows.high) else high
+    return Interval(est, float(min(low, est)), float(max(high, est)), confidence, "cluster-bootstrap", k)
+
+
+class ClusteredDifference(msgspec.Struct, frozen=True):
+    """Candidate minus baseline of one statistic over shared cases, resampling cases; `relative` is c/b - 1."""
+
+    candidate: float
+    baseline: float
+    difference: Interval
+    relative: Interval | None  # None when the baseline statistic can be 0
+    p_value: float
+
+
+def _table(groups: Sequence[Sequence[float]]) -> np.ndarray:
+    table = np.full((len(groups), max(len(g) for g in groups)), np.nan)
+    for i, g in enumerate(groups):
+        table[i, : len(g)] = _as_array(g)
+    return table
+
+
+def paired_cluster_difference(candidate: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]],
+                              q: float | None = None, *, confidence: float = 0.95, n_resamples: int = 2000,
+                              seed: int = 0) -> ClusteredDifference:
+    """Difference of a statistic (the mean of all values, or their q-th percentile) between two runs of the
+    same cases: one bootstrap resample of case indices serves both runs, so the comparison stays paired and
+    clustered. Percentile-bootstrap CIs of the difference and of the ratio minus one."""
+    _check_confidence(confidence)
+    k = len(candidate)
+    if k == 0 or k != len(baseline) or not all(len(g) for g in [*candidate, *baseline]):
+        raise InsufficientData("a paired clustered comparison needs the same non-empty cases in both runs")
+    ct, bt = _table(candidate), _table(baseline)
+
+    def stat(t: np.ndarray) -> np.ndarray:
+        return np.nanmean(t, axis=1) if q is None else _percentile_rows(t, q)
+
+    c_est, b_est = (float(stat(t.reshape(1, -1))[0]) for t in (ct, bt))
+    rng = np.random.default_rng(seed)
+    cb, bb = np.empty(n_resamples), np.empty(n_resamples)
+    block = max(1, _BLOCK_CELLS // (k * max(ct.shape[1], bt.shape[1])))
+    for start in range(0, n_resamples, block):
+        stop = min(start + block, n_resamples)
+        idx = rng.integers(0, k, size=(stop - start, k))
+        cb[start:stop] = stat(ct[idx].reshape(stop - start, -1))
+        bb[start:stop] = stat(bt[idx].reshape(stop - start, -1))
+    tail = 100 * (1 - confidence) / 2
+    est = c_est - b_est
+    boot = cb - bb
+    low, high = np.percentile(boot, [tail, 100 - tail])
+    diff = Interval(est, float(min(low, est)), float(max(high, est)), confidence, "paired-cluster-bootstrap", k)
+    rel = None
+    if b_est > 0 and np.all(bb > 0):
+        r_est = c_est / b_est - 1
+        rlow, rhigh = np.percentile(cb / bb - 1, [tail, 100 - tail])
+        rel = Interval(r_est, float(min(rlow, r_est)), float(max(rhigh, r_est)), confidence,
+                       "paired-cluster-bootstrap", k)
+    if np.all(boot == boot[0]):
+        p_value = 1.0 if est == 0 else 1.0 / (n_resamples + 1)
+    else:
+        extreme = np.count_nonzero(np.abs(boot - est) >= abs(est) - 1e-12 * max(1.0, abs(est)))
+        p_value = min(1.0, float(extreme + 1) / (n_resamples + 1))
+    return ClusteredDifference(c_est, b_est, diff, rel, p_value)

@@ -8,6 +8,7 @@ from dataclasses import replace
 from typing import Any
 
 import aiohttp
+import msgspec
 
 from lockgate.errors import LockgateError
 from lockgate.services.evaluator import domain, judge, runner
@@ -51,9 +52,13 @@ class Upstream:
 def judge_step(upstream: Upstream, params: judge.JudgeParams) -> runner.Judge:
     """The runner hook that asks the judge n times and adds `llm_judge` and its agreement to a result."""
 
+    # Every judge setting joins the cache key (model and endpoint are in it already), so a changed
+    # rubric, sample count or pass mark never reuses replies given under other settings.
+    setting = msgspec.to_builtins(params)
+
     async def one(i: int, msgs: list[dict[str, str]]) -> str:
         try:
-            reply = await upstream(msgs, {"temperature": params.temperature}, salt={"replica": i})
+            reply = await upstream(msgs, {"temperature": params.temperature}, salt={"replica": i, "judge": setting})
         except LockgateError as exc:
             return f"<judge call failed: {exc.message}>"
         return reply.text
@@ -66,9 +71,9 @@ def judge_step(upstream: Upstream, params: judge.JudgeParams) -> runner.Judge:
         try:
             verdict = judge.aggregate(replies, params.pass_mark)
         except judge.JudgeParseError as exc:
+            # No readable score is a missing measurement, not a 0: a judge outage must not look like a regression.
             detail = {"replies": list(replies), "error": exc.message}
-            return replace(result, scores={**result.scores, judge.NAME: 0.0},
-                           details={**result.details, judge.NAME: detail})
+            return replace(result, details={**result.details, judge.NAME: detail})
         detail = {"scores": list(verdict.scores), "reasons": list(verdict.reasons), "stdev": verdict.stdev,
                   "unparsed": verdict.unparsed}
         scores = {**result.scores, judge.NAME: verdict.score, judge.AGREEMENT: verdict.agreement}

@@ -42,7 +42,7 @@ def decide(policy: Policy, evidence: Evidence | Mapping[str, float], *, prior_er
       (a broken measurement is not evidence of a regression), and blocks past it.
     - review triggers that fired need review.
     """
-    results = tuple(evaluate_rule(r, evidence) for r in policy.rules)
+    results = tuple(evaluate_rule(r, evidence, policy.measurement, policy.power) for r in policy.rules)
     lim: Limits = policy.limits
     live = [(rule, res) for rule, res in zip(policy.rules, results, strict=True) if not rule.dry_run]
     failing = [(rule, res) for rule, res in live if res.verdict == "FAIL"
@@ -98,7 +98,7 @@ def decide(policy: Policy, evidence: Evidence | Mapping[str, float], *, prior_er
 def evidence_of(done: EvalCompleted) -> Evidence:
     """The evidence an EvalCompleted carries."""
     return Evidence(metrics=done.metrics, intervals=done.intervals, comparisons=done.comparisons,
-                    run_id=done.run_id)
+                    run_id=done.run_id, ratios=done.ratios)
 
 
 def decide_eval(policy: Policy | None, policy_error: str, done: EvalCompleted, *, prior_errors: int = 0,

@@ -17,7 +17,9 @@ OPS: dict[str, Callable[[float, float], bool]] = {
 }
 Op = Literal[">=", ">", "<=", "<", "=="]
 NoData = Literal["fail", "pass"]
-Kind = Literal["absolute", "relative", "non_inferiority"]
+Kind = Literal["absolute", "relative", "non_inferiority", "count", "rate", "slices"]
+Rate = Annotated[float, msgspec.Meta(gt=0, lt=1)]
+Confidence = Annotated[float, msgspec.Meta(ge=0.5, lt=1)]
 Better = Literal["higher", "lower"]
 
 
@@ -48,8 +50,21 @@ class NonInferiority(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     better: Better = "higher"
 
 
+class Slices(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """No slice of at least `min_cases` cases may regress by more than `max_regression` against the baseline,
+    shown at `alpha` after Holm (family-wise) or Benjamini-Hochberg (false discovery rate) correction."""
+
+    max_regression: NonNegative
+    min_cases: Count = 20
+    better: Better = "higher"
+    correction: Literal["holm", "bh", "none"] = "holm"
+    alpha: Annotated[float, msgspec.Meta(gt=0, lt=0.5)] = 0.05
+
+
 class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One check on one metric: absolute (`op` + `threshold`), `relative` or `non_inferiority`."""
+    """One check on one metric: absolute (`op` + `threshold`), `relative`, `non_inferiority`, `slices` (per-slice
+    regressions against the baseline), or on the cases that failed the metric's scorer: `max_count` (0: any
+    occurrence fails) or `max_rate` (exact upper bound at `confidence`)."""
 
     metric: NonEmpty
     name: str = ""  # "": the expression ("score >= 0.8") or "<metric> <kind>"
@@ -58,20 +73,36 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     use_interval: bool | None = None  # None: the policy's use_interval (true by default)
     relative: Relative | None = None
     non_inferiority: NonInferiority | None = None
+    max_count: Count | None = None
+    max_rate: Rate | None = None
+    confidence: Confidence = 0.95  # of max_rate's exact bound
+    slices: Slices | None = None
     hard: bool = False
     dry_run: bool = False
     no_data: NoData | None = None  # None: the policy's setting
 
     def __post_init__(self) -> None:
-        if self.relative is not None and self.non_inferiority is not None:
-            raise ValueError("a rule is either relative or non_inferiority, not both")
+        kinds = [k for k, v in (("relative", self.relative), ("non_inferiority", self.non_inferiority),
+                                ("max_count", self.max_count), ("max_rate", self.max_rate),
+                                ("slices", self.slices)) if v is not None]
+        if len(kinds) > 1:
+            raise ValueError(f"a rule is one kind: {kinds[0]} or {kinds[1]}, not both")
         if self.kind == "absolute":
             if self.op is None or self.threshold is None:
-                raise ValueError("an absolute rule needs `op` and `threshold` (or use relative / non_inferiority)")
+                raise ValueError("an absolute rule needs `op` and `threshold` (or use relative, non_inferiority, "
+                                 "max_count, max_rate or slices)")
             _finite(self.threshold, "threshold")
         if not self.name:
-            name = f"{self.metric} {self.op} {self.threshold:g}" if self.kind == "absolute" else \
-                f"{self.metric} {self.kind}"
+            if self.kind == "absolute":
+                name = f"{self.metric} {self.op} {self.threshold:g}"
+            elif self.kind == "count":
+                name = f"{self.metric} failures <= {self.max_count}"
+            elif self.kind == "rate":
+                name = f"{self.metric} failure rate <= {self.max_rate:g}"
+            elif self.kind == "slices":
+                name = f"{self.metric} per slice"
+            else:
+                name = f"{self.metric} {self.kind}"
             msgspec.structs.force_setattr(self, "name", name)
 
     @property
@@ -79,6 +110,12 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
         """Which comparison the rule makes."""
         if self.relative is not None:
             return "relative"
+        if self.max_count is not None:
+            return "count"
+        if self.max_rate is not None:
+            return "rate"
+        if self.slices is not None:
+            return "slices"
         return "non_inferiority" if self.non_inferiority is not None else "absolute"
 
     @property
@@ -110,6 +147,15 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     def margin(self) -> float:
         """For a non-inferiority rule: how much worse the candidate may be."""
         return self.non_inferiority.margin if self.non_inferiority is not None else 0.0
+
+
+class Measurement(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """When a metric's measurement is too broken to judge: its rules are ERROR (needs review), never PASS or FAIL."""
+
+    max_missing: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05  # share of answered cases a scorer left unscored
+    # Mean share of a case's judge replies that agree with its majority vote: with 3 replies a case scores 2/3
+    # or 1, so 0.75 asks that at least a quarter of the cases be unanimous.
+    min_judge_agreement: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.75
 
 
 class Limits(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -166,7 +212,9 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     no_data: NoData = "fail"
     version: str | int | float = ""  # a number is kept as its text
     use_interval: bool = True  # the default for absolute rules: judge the confidence interval, not the point
+    power: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.8  # sizes every "how many cases" hint and sensitivity
     limits: Limits = Limits()
+    measurement: Measurement = Measurement()
     review: Review | None = None
 
     def __post_init__(self) -> None:

@@ -100,6 +100,10 @@ async def test_intervals_baseline_comparison_cost_and_cache(
         await bus.publish(bus.subjects.eval_requested, again)
         rerun = await results(again.run_id)
         assert sim.requests == {"sim-good": N, "sim-bad": N}  # the re-run was answered from the cache
+        fresh = request(release="cand", suite=suite, endpoint=sim.url, model="sim-bad", cache=False)
+        await bus.publish(bus.subjects.eval_requested, fresh)
+        await results(fresh.run_id)
+        assert sim.requests == {"sim-good": N, "sim-bad": 2 * N}  # cache=False called the endpoint afresh
 
     assert first.status == "completed" and first.comparisons == {} and first.warnings[:0] == []
     assert done.baseline_run == base.run_id and done.metrics["exact_match"] == pytest.approx(2 / 3)
@@ -117,6 +121,9 @@ async def test_intervals_baseline_comparison_cost_and_cache(
     assert mc.test.startswith("mcnemar") and mc.p_value < 0.01 and mc.effect_size < 0
     assert any("sample too small" in w for w in done.warnings)  # 30 cases cannot detect a 0.05 margin
     assert done.metrics["cost_usd_total"] > 0
+    # Latency and cost are compared too (bootstrap by case), with the ratio a relative rule uses.
+    assert done.comparisons["latency_p95_ms"].test == "paired-cluster-bootstrap"
+    assert {"latency_p50_ms", "latency_p95_ms", "cost_usd_per_case"} <= set(done.ratios)
     # JSON carries no inf/NaN anywhere in the event.
     assert "Infinity" not in json.dumps(msgspec.to_builtins(done)) and "NaN" not in json.dumps(msgspec.to_builtins(done))
     assert rerun.metrics == done.metrics
@@ -160,6 +167,35 @@ async def test_llm_judge_scores_with_agreement_and_stores_reasons(
     assert done.intervals["llm_judge"].estimate == pytest.approx(0.75)
     row = store.rows("SELECT details FROM eval_cases WHERE run_id = {r:String} LIMIT 1", {"r": req.run_id})[0]
     assert json.loads(row["details"])["llm_judge"]["reasons"] == ["close enough"] * 3
+
+
+async def test_slices_and_an_unreadable_judge_through_the_evaluator(
+    bus: Bus, store: Store, run_services: Callable[..., Any], results: Callable[[str], Any]
+) -> None:
+    judge = {"name": "llm_judge", "weight": 0, "params": {"model": "judge", "rubric": "Is it correct?", "n": 1}}
+    cases = [{**c, "tags": ["odd" if i % 2 else "even"]} for i, c in enumerate(CASES[:10])]
+    suite = (await artifacts.register(bus, "eval_suite", "sl", {
+        "name": "sl", "prompt": {"template": "{input}"}, "dataset": cases, "slices": ["tags"],
+        "scorers": ["exact_match", judge]})).hash
+    config = SimConfig(models={"good": ModelSpec(answers=answers()),
+                               "bad": ModelSpec(answers=answers(wrong=set(range(1, 10, 2)))),
+                               "judge": ModelSpec(default="I would rather not grade this.")})
+    async with SimServer(config) as sim:
+        sink = (await run_services("sink", "query", "evaluator"))["sink"].handlers
+        base = request(release="base", suite=suite, endpoint=sim.url, model="good")
+        await bus.publish(bus.subjects.eval_requested, base)
+        await results(base.run_id)
+        await stored(store, sink, base.run_id, 10, run=True)
+        cand = request(release="cand", suite=suite, endpoint=sim.url, model="bad", baseline="base")
+        await bus.publish(bus.subjects.eval_requested, cand)
+        done = await results(cand.run_id)
+    assert done.metrics["exact_match[tag=odd]"] == 0.0 and done.metrics["exact_match[tag=even]"] == 1.0
+    assert done.metrics["n_cases[tag=odd]"] == 5 and done.intervals["exact_match[tag=even]"].n == 5
+    assert done.comparisons["exact_match[tag=odd]"].diff == -1.0
+    assert done.comparisons["exact_match[tag=even]"].diff == 0.0
+    # The judge never answered with a score: missing for every case, not a 0 that drags the metric down.
+    assert done.metrics["llm_judge_missing"] == 1.0 and "llm_judge" not in done.metrics
+    assert any("missing, not scored 0" in w for w in done.warnings)
 
 
 async def test_recorded_task_scores_inference_events_without_calls(

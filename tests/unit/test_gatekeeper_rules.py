@@ -42,8 +42,9 @@ def test_absolute_with_interval_fails_only_when_the_whole_interval_misses(op: st
 
 def test_inconclusive_says_how_many_cases_would_resolve_it() -> None:
     r = domain.evaluate_rule(rule(op=">=", threshold=0.8), interval(0.85, 0.7, 1.0, n=20))
-    # half-width 0.15, distance 0.05: ~9x the sample
-    assert r.verdict == "INCONCLUSIVE" and "increase the sample to about 198 cases (now 20)" in r.hint
+    # half-width 0.15 at n=20 implies sd 0.34, floored for a [0, 1] score at sqrt(3/20) = 0.39; detecting the
+    # distance 0.05 at 80% power and alpha 0.05 takes ((1.96 + 0.84) * 0.39 / 0.05)^2 = 471 cases (gatestats.power)
+    assert r.verdict == "INCONCLUSIVE" and "increase the sample to about 471 cases (now 20)" in r.hint
     assert "straddles the threshold 0.8" in r.explanation
 
 

@@ -89,15 +89,17 @@ def register(cli: click.Group) -> None:
                   help="Gate policy YAML; the gate decides when the eval completes.")
     @click.option("--concurrency", default=8, show_default=True)
     @click.option("--timeout", "timeout_s", default=600.0, show_default=True, help="Seconds to wait.")
+    @click.option("--no-cache", is_flag=True, help="Call the endpoint and the judge afresh, bypassing the eval "
+                                                   "cache (e.g. to rule out cached judge replies).")
     @json_option
     @click.pass_context
     @handle_errors
     def eval_run(ctx: click.Context, suite: str, candidate: str, baseline: str, endpoint: str, model: str,
-                 policy_path: str | None, concurrency: int, timeout_s: float, as_json: bool) -> None:
+                 policy_path: str | None, concurrency: int, timeout_s: float, no_cache: bool, as_json: bool) -> None:
         """Register a suite (and its JSONL dataset), run it through the evaluator, wait for the result."""
         result = with_bus(ctx.obj["settings"], lambda bus: _eval(
-            bus, Path(suite), candidate, baseline, endpoint, model, policy_path, concurrency, timeout_s),
-            role="operator")
+            bus, Path(suite), candidate, baseline, endpoint, model, policy_path, concurrency, timeout_s,
+            cache=not no_cache), role="operator")
         if as_json:
             emit_json(result)
             return
@@ -132,7 +134,8 @@ def _print_eval(result: dict[str, Any], candidate: str) -> None:
 
 
 async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpoint: str, model: str,
-                policy_path: str | None, concurrency: int, timeout_s: float) -> dict[str, Any]:
+                policy_path: str | None, concurrency: int, timeout_s: float, *, cache: bool = True
+                ) -> dict[str, Any]:
     import msgspec
     from rich.progress import (
         BarColumn,
@@ -178,7 +181,7 @@ async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpo
     try:
         await bus.publish(bus.subjects.eval_requested, EvalRequested(
             run_id=run_id, release=candidate, suite=suite.hash, endpoint=endpoint, model=model, baseline=baseline,
-            policy=policy.hash if policy else "", concurrency=concurrency))
+            policy=policy.hash if policy else "", concurrency=concurrency, cache=cache))
         codec: Codec[EvalCompleted] = Codec(EvalCompleted)
         ticks = msgspec.json.Decoder(EvalProgress)
         columns = (SpinnerColumn(), "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),

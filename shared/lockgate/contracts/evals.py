@@ -50,6 +50,7 @@ class EvalRequested(Event, frozen=True, kw_only=True, tag="lockgate.eval.request
     concurrency: int = 8
     timeout_s: float = 30.0
     artifacts: dict[str, str] = {}
+    cache: bool = True  # False: call the endpoint and the judge afresh (the response cache is neither read nor written)
 
 
 class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.completed"):
@@ -70,6 +71,9 @@ class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.complet
     comparisons: dict[str, BaselineComparison] = {}
     warnings: list[str] = []
     artifacts: dict[str, str] = {}
+    # candidate/baseline - 1 with its CI, where the evaluator bootstrapped the ratio itself (latency, cost):
+    # relative rules (mode: relative) use it instead of dividing the difference by the baseline's point value.
+    ratios: dict[str, MetricInterval] = {}
 
 
 class EvalCaseResult(msgspec.Struct, frozen=True, kw_only=True):

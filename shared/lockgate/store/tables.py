@@ -62,7 +62,7 @@ LINEAGE_EDGES = Table("lineage_edges", LineageEdges, exclude=(*_ROUTING, "id", "
 
 EVAL_RUNS = Table(
     "eval_runs", EvalCompleted,
-    exclude=(*_ROUTING, "tenant", "intervals", "baseline_run", "comparisons", "warnings", "artifacts"),
+    exclude=(*_ROUTING, "tenant", "intervals", "baseline_run", "comparisons", "warnings", "artifacts", "ratios"),
     rename={"id": "event_id"}, key=("run_id",),  # one row per run, whatever the redeliveries
 )
 
