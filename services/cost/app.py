@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lockgate.bus import consume
 from lockgate.contracts import InferenceEvent
+from lockgate.limits import EventLimits
 from lockgate.pricebook import load_price_book
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.cost.handlers import CostHandlers
@@ -21,7 +22,8 @@ class Cost(Service):
         s = ctx.bus.subjects
         consume(ctx.bus, self.consumers, subject=s.inference_all, stream="inference", durable=s.durable("cost", "inference"),
                 wire_type=list[InferenceEvent] | InferenceEvent, origin="cost",
-                handler=self.handlers.on_inference, batch_size=64, ack_wait_s=ctx.settings.ack_wait_s)
+                handler=self.handlers.on_inference, batch_size=64, ack_wait_s=ctx.settings.ack_wait_s,
+                limits=EventLimits.from_settings(ctx.settings))
 
 
 def create(ctx: ServiceContext) -> Cost:

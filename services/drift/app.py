@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lockgate.bus import consume
 from lockgate.contracts import InferenceEvent, RolloutState
+from lockgate.limits import EventLimits
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.drift.handlers import DriftHandlers
 
@@ -19,7 +20,8 @@ class Drift(Service):
         s, bus = ctx.bus.subjects, ctx.bus
         consume(bus, self.consumers, subject=s.inference_all, stream="inference", durable=s.durable("drift", "inference"),
                 wire_type=list[InferenceEvent] | InferenceEvent, origin="drift",
-                handler=self.handlers.on_inference, batch_size=64, ack_wait_s=ctx.settings.ack_wait_s)
+                handler=self.handlers.on_inference, batch_size=64, ack_wait_s=ctx.settings.ack_wait_s,
+                limits=EventLimits.from_settings(ctx.settings))
         consume(bus, self.consumers, subject=s.rollout_all, stream="events", durable=s.durable("drift", "rollout"),
                 wire_type=RolloutState, origin="drift", handler=self.handlers.on_rollout,
                 ack_wait_s=ctx.settings.ack_wait_s)

@@ -82,6 +82,10 @@ class RouterService(Service):
         await super().stop()
 
     async def _health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "ready": self.rollouts.ready.is_set(),
+        # Requests are still served while the bus is away (events wait in the bounded outbox), so a
+        # lost bus is "degraded", not a failed health check that would restart a working router.
+        bus = self.ctx.bus.state
+        return web.json_response({"status": "ok" if bus == "connected" else "degraded", "bus": bus,
+                                  "ready": self.rollouts.ready.is_set(),
                                   "events_dropped": self.batcher.dropped,
                                   "events_failed": self.batcher.failed})

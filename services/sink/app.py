@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lockgate.bus import consume, consume_batch
 from lockgate.contracts import DeadLetter, SpanBatch
+from lockgate.limits import EventLimits
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.sink import domain
 from lockgate.services.sink.handlers import SinkHandlers
@@ -22,7 +23,8 @@ class Sink(Service):
         inference = domain.INFERENCE
         consume_batch(bus, self.consumers, subject=inference.subject(s), stream=inference.stream,
                       durable=s.durable("sink", "inference"), wire_type=inference.wire_type,
-                      origin="sink", handler=self.handlers.on_inference, batch_size=64, **common)
+                      origin="sink", handler=self.handlers.on_inference, batch_size=64,
+                      limits=EventLimits.from_settings(ctx.settings), **common)
         consume(bus, self.consumers, subject=s.spans, stream="telemetry", durable=s.durable("sink", "spans"),
                 wire_type=SpanBatch, origin="sink-spans", handler=self.handlers.on_spans, **common)
         consume(bus, self.consumers, subject=s.dlq_all, stream="dlq", durable=s.durable("sink", "dlq"),

@@ -175,8 +175,8 @@ class SinkHandlers:
         # its stream. The sink is the only identity allowed to delete; it checks the original itself,
         # because a dead letter can be published by any service.
         bus = self.ctx.bus
-        if not letter.stream or letter.stream_seq <= 0:
-            return
+        if not letter.stream or letter.stream_seq <= 0 or letter.cut_from:
+            return  # no original to delete, or the letter holds only part of it: the original is the copy
         if letter.stream not in {spec.name for spec in bus.subjects.streams.values()}:
             log.warning("dead letter %s names stream %s, which is not lockgate's: nothing deleted",
                         letter.id, letter.stream)

@@ -24,6 +24,7 @@ from lockgate.contracts import DeadLetter, Event
 from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, Retryable
 from lockgate.ids import batch_id
+from lockgate.limits import EventLimits
 from lockgate.redact import scrub_bytes, scrub_mapping, scrub_secrets
 from lockgate.retry import RetryPolicy
 from lockgate.subjects import Subjects
@@ -40,6 +41,9 @@ FETCH_TIMEOUT_S = 1.0
 # How long a stop waits for in-flight handlers; what is still running then is cancelled, unacked,
 # and redelivered after ack_wait.
 GRACE_S = 10.0
+# A dead letter must fit in one NATS message (1 MB by default) with its payload in base64: a larger
+# payload is cut to this, and the original stays in its stream for the operator to read.
+MAX_LETTER_PAYLOAD = 256 * 1024
 # The JetStream API's subject prefix (no JetStream domain is used).
 _API = "$JS.API"
 
@@ -192,6 +196,13 @@ class Bus:
         loops, self._loops = list(self._loops.values()), {}
         await asyncio.gather(*(loop.stop() for loop in loops))
 
+    @property
+    def state(self) -> str:
+        """The connection as health checks report it: connected, reconnecting or closed."""
+        if self.nc is None or self.nc.is_closed:
+            return "closed"
+        return "connected" if self.nc.is_connected else "reconnecting"
+
     async def close(self) -> None:
         """Stop consumers (finishing in-flight handlers), then drain the connection."""
         await self.stop_consumers()
@@ -307,6 +318,7 @@ class Bus:
         deliveries: int = 1,
         stream: str = "",
         stream_seq: int = 0,
+        msg_id: str = "",
     ) -> None:
         """Send an unprocessable message to `<prefix>.dlq.<origin>` with the reason and its scrubbed bytes.
 
@@ -316,6 +328,12 @@ class Bus:
         `stream` and `stream_seq` say where the original is stored: once the letter is stored, the
         sink deletes an unreadable original there (no other identity may delete a message)."""
         reason, error = scrub_secrets(reason), scrub_secrets(error[:2000])
+        size, cut_from = len(payload), 0
+        if size > MAX_LETTER_PAYLOAD:
+            cut_from = size
+            where = f"stream {stream} #{stream_seq}" if stream else "nowhere else"
+            error = f"{error} [payload of {size} bytes cut to its first {MAX_LETTER_PAYLOAD}; the original is kept in {where}]"
+            payload = payload[:MAX_LETTER_PAYLOAD]
         letter = DeadLetter(
             origin=origin,
             subject=subject,
@@ -326,10 +344,11 @@ class Bus:
             deliveries=deliveries,
             stream=stream,
             stream_seq=stream_seq,
+            cut_from=cut_from,
         )
         metrics.dead_letter(origin)
         log.warning("dead letter from %s on %s: %s", origin, subject, reason)
-        await self.publish(self.subjects.dlq(origin), letter)
+        await self.publish(self.subjects.dlq(origin), letter, msg_id=msg_id or None)
 
 
 def _is_auth_failure(exc: BaseException) -> bool:
@@ -466,8 +485,12 @@ def consume(
     max_workers: int = 1,
     ordered: bool = True,
     max_ack_pending: int | None = None,
+    limits: EventLimits | None = None,
 ) -> ConsumerSpec:
     """Register a durable pull consumer whose handler gets decoded Structs.
+
+    With `limits` (inference consumers), a message's events that break them are dead-lettered
+    with the reason and the handler gets the rest.
 
     With `ordered` (the default) the handler sees messages one by one in stream order, which
     stateful handlers (rollouts, drift windows, gate decisions) rely on; otherwise up to
@@ -498,6 +521,17 @@ def consume(
             await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", repr(exc))
             return
         metrics.events_in(origin, len(value) if isinstance(value, list) else 1)
+        if limits is not None:
+            kept, refused = limits.split(value)
+            if refused and not kept:
+                await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "over limits",
+                                           "; ".join(r for _, r in refused[:20]))
+                return
+            if refused:
+                # Only the refused events are parked; the others go on, so they are not lost with them.
+                if not await _dead_letter_events(bus, msg, origin, headers, deliveries, value, refused):
+                    return
+                value = kept
         delivery = Delivery(
             subject=msg.subject,
             msg_id=headers.get("Nats-Msg-Id", ""),
@@ -598,6 +632,23 @@ def consume_batch(
                    ordered=False, **options)
     spec.on_stop.append(edge.close)
     return spec
+
+
+async def _dead_letter_events(bus: Bus, msg: Msg, origin: str, headers: dict[str, str], deliveries: int,
+                              events: list[Any], refused: list[tuple[int, str]]) -> bool:
+    """Dead-letter some events of a message (the message itself stays to be handled); False if the
+    letter could not be sent, in which case the message was nacked for redelivery."""
+    meta = msg.metadata
+    try:
+        await bus.dead_letter(origin, subject=msg.subject, payload=encode([events[i] for i, _ in refused]),
+                              reason="over limits", error="; ".join(r for _, r in refused[:20]),
+                              headers=headers, deliveries=deliveries,
+                              # once per message, however often it is redelivered
+                              msg_id=f"limits-{origin}-{meta.stream}-{meta.sequence.stream}")
+    except BusUnavailable:
+        await msg.nak(delay=NACK_BACKOFF.delay(deliveries))
+        return False
+    return True
 
 
 async def _dead_letter_and_ack(

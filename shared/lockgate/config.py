@@ -66,6 +66,10 @@ class Settings(msgspec.Struct, kw_only=True):
     eval_cache: bool = True
     # consumers
     ack_wait_s: float = 30.0
+    # inference messages: events per message, and how far an event's time may be from now (lockgate.limits)
+    max_events_per_message: int = 5000
+    event_time_past_s: float = 30 * 86400.0
+    event_time_future_s: float = 3600.0
     # telemetry: the share of new traces recorded (a caller's sampled traceparent is always followed)
     trace_sample_ratio: float = 1.0
     # OTLP/HTTP base URL of a Collector (e.g. http://otel-collector:4318); metrics are exported

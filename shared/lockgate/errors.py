@@ -39,6 +39,12 @@ class StoreUnavailable(Retryable):
     """ClickHouse could not be reached or refused the write."""
 
 
+class RowsRefused(LockgateError):
+    """ClickHouse refused the rows themselves (a value out of range, a type mismatch): retrying the
+    same rows cannot help, so the message holding them is dead-lettered (alone: a batch that fails
+    this way is retried message by message)."""
+
+
 class BusUnavailable(Retryable):
     """NATS could not be reached or JetStream did not acknowledge."""
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import msgspec
@@ -27,6 +28,7 @@ from lockgate.codec import Codec, encode
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import InvalidEvent, PublishFailed
 from lockgate.ids import batch_id
+from lockgate.limits import EventLimits
 from lockgate.redact import scrub_event
 from lockgate.retry import RetryPolicy
 from lockgate.subjects import Subjects
@@ -69,6 +71,7 @@ class Encoded(NamedTuple):
 # The decoder the sink reads inference events with (msgspec checks `Meta` constraints, such as the
 # name grammar and non-negative counts, only when decoding, never when a Struct is constructed).
 _events: Codec[InferenceEvent] = Codec(InferenceEvent)
+_LIMITS = EventLimits()
 
 
 def encode_event(event: InferenceEvent, *, check: bool = False) -> Encoded:
@@ -84,6 +87,9 @@ def encode_event(event: InferenceEvent, *, check: bool = False) -> Encoded:
             _events.decode(data)
         except InvalidEvent as exc:
             raise InvalidEvent(f"invalid inference event: {exc.message}") from None
+        # The default window: a consumer configured wider would accept more, never less.
+        if reason := _LIMITS.time_error(event, datetime.now(UTC)):
+            raise InvalidEvent(f"invalid inference event: {reason} - at `$.time`")
     parent = f"00-{event.trace_id}-{event.span_id}-01" if event.trace_id and event.span_id else ""
     return Encoded(event.app, event.id, parent, data)
 

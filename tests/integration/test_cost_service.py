@@ -19,7 +19,9 @@ from tests.helpers import sink_stored
 
 pytestmark = pytest.mark.timeout(60)
 
-T0 = datetime(2025, 5, 1, 12, tzinfo=UTC)
+# Recent (consumers refuse event times far from now), at noon so that an hour later is the same day.
+T0 = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0) - timedelta(days=2)
+DAY0, DAY1 = str(T0.date()), str((T0 + timedelta(days=1)).date())
 
 
 def _batch() -> list[InferenceEvent]:
@@ -68,7 +70,7 @@ async def test_ledger_records_and_rollup(run_services, bus: Bus, store: Store) -
 
     daily = await asyncio.to_thread(cost_rollup, store, ["tenant", "day"])
     assert [(r["tenant"], str(r["day"]), r["calls"]) for r in daily] == [
-        ("default", "2025-05-02", 1), ("default", "2025-05-01", 2), ("acme", "2025-05-01", 1)]
+        ("default", DAY1, 1), ("default", DAY0, 2), ("acme", DAY0, 1)]
     assert daily[1]["cost_usd"] == pytest.approx(sum(EXPECTED[:2]))
     assert daily[1]["tokens"] == 3600 and daily[2]["unpriced_calls"] == 1
 

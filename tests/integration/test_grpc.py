@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -106,8 +106,10 @@ async def test_send_rejects_invalid_events_and_publishes_the_rest_per_app(
     bus: Bus, channel: grpc.aio.Channel
 ) -> None:
     stub = ingest_pb2_grpc.IngestStub(channel)
-    when = Timestamp()
-    when.FromDatetime(datetime(2025, 1, 2, 3, 4, 5, 600000, tzinfo=UTC))
+    when, at = Timestamp(), datetime.now(UTC).replace(microsecond=600000) - timedelta(hours=1)
+    when.FromDatetime(at)
+    too_old = Timestamp()
+    too_old.FromDatetime(datetime(1900, 1, 1, tzinfo=UTC))
     batch = ingest_pb2.InferenceBatch(
         events=[
             ingest_pb2.InferenceEvent(
@@ -124,13 +126,15 @@ async def test_send_rejects_invalid_events_and_publishes_the_rest_per_app(
             ingest_pb2.InferenceEvent(app="shop", model="m2"),
             ingest_pb2.InferenceEvent(model="no app"),
             ingest_pb2.InferenceEvent(app="search", tenant="acme"),
+            ingest_pb2.InferenceEvent(app="shop", time=too_old),  # outside the accepted window
         ]
     )
     reply = await stub.Send(batch, timeout=10)
-    assert (reply.accepted, reply.rejected) == (3, 2)
-    assert [r.index for r in reply.rejections] == [1, 3]
+    assert (reply.accepted, reply.rejected) == (3, 3)
+    assert [r.index for r in reply.rejections] == [1, 3, 5]
     assert "$.input_tokens" in reply.rejections[0].reason
     assert "app is required" in reply.rejections[1].reason
+    assert "before now" in reply.rejections[2].reason and "$.time" in reply.rejections[2].reason
 
     stored = await stored_events(bus)
     assert sorted(stored) == [bus.subjects.inference("search"), bus.subjects.inference("shop")]
@@ -138,7 +142,7 @@ async def test_send_rejects_invalid_events_and_publishes_the_rest_per_app(
     assert [e.model for e in shop] == ["m", "m2"]
     first = shop[0]
     assert first.id == "01900000-0000-7000-8000-000000000001"
-    assert first.time == datetime(2025, 1, 2, 3, 4, 5, 600000, tzinfo=UTC)
+    assert first.time == at
     assert (first.prompt, first.response, first.variant) == ("hi", None, "stable")
     assert (first.attributes, first.scores) == ({"k": "v"}, {"helpful": 0.5})
     assert [e.tenant for e in stored[bus.subjects.inference("search")]] == ["acme"]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import select
+import subprocess
+import sys
 from pathlib import Path
 
 import nats
@@ -40,3 +45,67 @@ async def test_two_servers_on_port_zero_get_different_ports(tmp_path: Path) -> N
     finally:
         first.stop()
         second.stop()
+
+
+def _wait_exit(pid: int, timeout_s: float) -> bool:
+    """True once process `pid` (not our child) has exited: a pidfd becomes readable, no polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout_s)[0])
+    finally:
+        os.close(fd)
+
+
+async def test_a_killed_server_is_restarted_and_acknowledged_messages_survive(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "js", port=0)
+    await server.start()
+    supervisor = asyncio.create_task(server.supervise())
+    reconnected = asyncio.Event()
+
+    async def on_reconnect() -> None:
+        reconnected.set()
+
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.05,
+                            reconnected_cb=on_reconnect)
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="S", subjects=["s.>"])
+        acked = [await js.publish("s.x", f"{i}".encode()) for i in range(50)]
+        first = server.proc
+        assert first is not None
+        first.kill()  # nats-server alone dies; its supervisor brings it back on the same port
+        await asyncio.wait_for(reconnected.wait(), 30)
+        assert server.restarts == 1 and server.proc is not first and server.proc.poll() is None
+        info = await js.stream_info("S")
+        assert info.state.messages == len(acked)  # every acknowledged publish is still there
+        await js.publish("s.x", b"after")
+    finally:
+        await nc.close()
+        server.stop()
+        await supervisor  # returns once stopped: no restart after stop()
+
+
+def test_the_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    # A parent killed with SIGKILL gets no chance to stop its nats-server: the kernel does it.
+    code = (
+        "import asyncio, sys\n"
+        "from lockgate.server.natsserver import NatsServer\n"
+        "async def main():\n"
+        f"    s = NatsServer({str(tmp_path / 'js')!r})\n"
+        "    await s.start()\n"
+        "    print(s.proc.pid, flush=True)\n"
+        "    await asyncio.Event().wait()\n"
+        "asyncio.run(main())\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait(10)
+        assert _wait_exit(child, 10), f"nats-server {child} outlived its parent"
+    finally:
+        parent.kill()

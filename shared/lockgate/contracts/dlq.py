@@ -19,3 +19,6 @@ class DeadLetter(Event, frozen=True, kw_only=True, tag="lockgate.dlq"):
     # unreadable original once this letter is stored; empty for letters made outside a consumer.
     stream: str = ""
     stream_seq: int = 0
+    # Set when a payload too large for one NATS message was cut to its start: the original's size.
+    # The original is then kept in its stream (found by stream and sequence); 0: `payload` is whole.
+    cut_from: int = 0

@@ -9,8 +9,10 @@ import msgspec
 from lockgate.contracts.envelope import Event
 from lockgate.contracts.names import Name, OptName
 
-NonNeg = Annotated[int, msgspec.Meta(ge=0)]
-NonNegF = Annotated[float, msgspec.Meta(ge=0)]
+# Bounded by the columns that store them (UInt32, Float32): a value beyond is refused when decoded,
+# with its field named, instead of failing the insert of every event stored with it.
+NonNeg = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+NonNegF = Annotated[float, msgspec.Meta(ge=0, le=3.4e38)]
 
 
 class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from lockgate.errors import ConfigError
 from lockgate.permissions import IDENTITIES, grant
+from lockgate.retry import RetryPolicy
 from lockgate.subjects import Subjects
 
 
@@ -67,6 +69,9 @@ def binary() -> str:
     return found
 
 
+_RESTART = RetryPolicy(attempts=1_000_000, initial_s=0.1, max_s=5.0)  # a supervisor does not give up
+log = logging.getLogger("lockgate.natsserver")
+
 # Logged before "Server is ready", once the client listener is bound (stable since gnatsd).
 _LISTENING = "Listening for client connections on "
 
@@ -89,6 +94,8 @@ class NatsServer:
         self.config = config
         self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
+        self._stopping = False
+        self.restarts = 0  # times `supervise` brought the server back
 
     @property
     def url(self) -> str:
@@ -112,7 +119,9 @@ class NatsServer:
             args,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
+        self._stopping = False
         try:
             await asyncio.wait_for(asyncio.to_thread(self._wait_ready), timeout_s)
         except TimeoutError:
@@ -135,8 +144,27 @@ class NatsServer:
                 return
         raise ConfigError("nats-server exited during start:\n" + "".join(lines[-10:]))
 
+    async def supervise(self) -> None:
+        """Restart the server whenever it exits until `stop()`, on the same port and store (clients
+        reconnect to it and JetStream recovers what it had acknowledged); runs as a task."""
+        while self.proc is not None:
+            proc = self.proc
+            code = await asyncio.to_thread(proc.wait)
+            if self._stopping or proc is not self.proc:
+                return
+            log.error("nats-server exited with %s; restarting it on port %d", code, self.port)
+
+            async def again() -> None:
+                if not self._stopping:
+                    await self.start()
+
+            # start() raises ConfigError while, say, the port is not yet released: back off and retry.
+            await _RESTART.call(again, retry_on=ConfigError, what="nats-server restart")
+            self.restarts += 1
+
     def stop(self) -> None:
-        """Stop gracefully (SIGTERM lets JetStream flush), killing after 10 s."""
+        """Stop gracefully (SIGTERM lets JetStream flush), killing after 10 s; no restart follows."""
+        self._stopping = True
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -150,6 +178,15 @@ class NatsServer:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def _die_with_parent() -> None:
+    # In the child before exec: the kernel kills nats-server when the process that started it dies,
+    # even by SIGKILL, so no orphan keeps acknowledging publishes nobody will consume.
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def threading_drain(stream) -> None:

@@ -40,6 +40,7 @@ class Runtime:
         self.names = services or available()
         self.embedded_nats = embedded_nats
         self.nats: NatsServer | None = None
+        self._supervisor: asyncio.Task[None] | None = None
         self.services: ServiceSet | None = None
         self.ctx: ServiceContext | None = None
         self.buses: list[Bus] = []
@@ -67,6 +68,7 @@ class Runtime:
             self.nats = NatsServer(Path(s.home) / "nats", port=port, host=url.hostname or s.host, config=config,
                                    tls=tls)
             await self.nats.start()
+            self._supervisor = asyncio.create_task(self.nats.supervise(), name="nats-server supervisor")
             self.settings = s = s.replace(nats_url=self.nats.url)
         # One MeterProvider per process; its service.name says which services the process hosts.
         service_name = "lockgate" if len(self.names) > 1 else f"lockgate-{self.names[0]}"
@@ -138,3 +140,7 @@ class Runtime:
             self._meters = None
         if self.nats is not None:
             self.nats.stop()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor

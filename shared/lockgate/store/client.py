@@ -11,9 +11,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import clickhouse_connect
-from clickhouse_connect.driver.exceptions import ClickHouseError
+from clickhouse_connect.driver.exceptions import ClickHouseError, DataError
 
-from lockgate.errors import ConfigError, QueryRefused, StoreUnavailable
+from lockgate.errors import ConfigError, QueryRefused, RowsRefused, StoreUnavailable
 
 _DB = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -114,6 +114,8 @@ class Store:
                     table, data, column_names=list(columns), column_oriented=True, settings=settings
                 )
             except ClickHouseError as exc:
+                if isinstance(exc, DataError) or _data_error_code(exc):
+                    raise RowsRefused(f"insert into {table} refused the rows: {_first_line(exc)}") from None
                 raise StoreUnavailable(f"insert into {table} failed: {_first_line(exc)}") from None
         return len(data[0])
 
@@ -150,6 +152,19 @@ class Store:
             if self._readonly is not None:
                 self._readonly.close()
                 self._readonly = None
+
+
+# ClickHouse error codes that mean the data itself is wrong (the same insert always fails):
+# CANNOT_PARSE_TEXT, CANNOT_PARSE_INPUT_ASSERTION_FAILED, CANNOT_PARSE_DATE, CANNOT_PARSE_DATETIME,
+# TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE, CANNOT_PARSE_NUMBER, INCORRECT_DATA,
+# TOO_LARGE_STRING_SIZE, VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE.
+_DATA_ERRORS = frozenset({6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321})
+_CODE = re.compile(r"\bCode: (\d+)\b")
+
+
+def _data_error_code(exc: Exception) -> bool:
+    m = _CODE.search(str(exc))
+    return m is not None and int(m.group(1)) in _DATA_ERRORS
 
 
 def _first_line(exc: Exception) -> str:

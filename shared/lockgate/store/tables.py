@@ -46,7 +46,7 @@ OTEL_TRACES = Table(
 )
 
 # Where the original was stored is an instruction to the sink (delete it), not a column.
-DEAD_LETTERS = Table("dead_letters", DeadLetter, exclude=(*_ROUTING, "tenant", "stream", "stream_seq"), key=("id",))
+DEAD_LETTERS = Table("dead_letters", DeadLetter, exclude=(*_ROUTING, "tenant", "stream", "stream_seq", "cut_from"), key=("id",))
 
 ARTIFACTS = Table("artifacts", ArtifactRegistered, exclude=_ROUTING,
                   rename={"id": "event_id", "time": "registered_at"}, key=("event_id",))

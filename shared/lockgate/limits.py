@@ -1,0 +1,58 @@
+"""What an inference message may carry, beyond its contract: how many events, and times near now.
+
+The contract says what an event is; these limits say what a running lockgate accepts, so one odd
+producer cannot turn storage against everyone (an event dated 1900 or 2299 opens a ClickHouse
+partition of its own; 15,000 events in one message make one insert the size of many). Consumers
+check them at their edge (`consume(..., limits=...)`): the events that break a limit are
+dead-lettered with the reason, the others go on. The SDK checks the same before an event leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from lockgate.contracts import InferenceEvent
+
+
+@dataclass(frozen=True)
+class EventLimits:
+    """Limits on inference messages; the defaults suit producers that send events as they happen."""
+
+    max_events: int = 5000  # per message (the SDK, router and gRPC ingest send at most 500)
+    past_s: float = 30 * 86400.0  # how old an event's time may be (backfills older than this are refused)
+    future_s: float = 3600.0  # how far ahead of this clock an event's time may be (clock skew)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> EventLimits:
+        return cls(max_events=settings.max_events_per_message, past_s=settings.event_time_past_s,
+                   future_s=settings.event_time_future_s)
+
+    def time_error(self, event: InferenceEvent, now: datetime) -> str:
+        """Why the event's time is refused ("" when it is accepted)."""
+        if event.time < now - timedelta(seconds=self.past_s):
+            return (f"time {event.time.isoformat()} is more than {self.past_s:g}s before now "
+                    f"({now.isoformat(timespec='seconds')})")
+        if event.time > now + timedelta(seconds=self.future_s):
+            return (f"time {event.time.isoformat()} is more than {self.future_s:g}s after now "
+                    f"({now.isoformat(timespec='seconds')})")
+        return ""
+
+    def split(self, value: InferenceEvent | Sequence[InferenceEvent], now: datetime | None = None
+              ) -> tuple[list[InferenceEvent], list[tuple[int, str]]]:
+        """(accepted events, [(index, reason)] of the refused ones) of one message."""
+        events = list(value) if isinstance(value, Sequence) else [value]
+        if len(events) > self.max_events:
+            return [], [(-1, f"{len(events)} events in one message; at most {self.max_events} are accepted")]
+        now = now or datetime.now(UTC)
+        kept: list[InferenceEvent] = []
+        refused: list[tuple[int, str]] = []
+        for i, event in enumerate(events):
+            reason = self.time_error(event, now)
+            if reason:
+                refused.append((i, f"{reason} - at `$[{i}].time`"))
+            else:
+                kept.append(event)
+        return kept, refused

@@ -1,0 +1,43 @@
+"""Limits on inference messages (lockgate.limits), and the SDK refusing what a consumer would."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from lockgate.client import Client
+from lockgate.contracts import InferenceEvent
+from lockgate.errors import InvalidEvent
+from lockgate.limits import EventLimits
+
+NOW = datetime(2026, 12, 3, 12, tzinfo=UTC)
+
+
+def _at(delta: timedelta) -> InferenceEvent:
+    return InferenceEvent(app="shop", time=NOW + delta)
+
+
+def test_events_outside_the_time_window_are_refused_by_index_the_rest_kept() -> None:
+    limits = EventLimits(past_s=86400, future_s=60)
+    events = [_at(timedelta(0)), _at(timedelta(days=-2)), _at(timedelta(seconds=30)), _at(timedelta(minutes=5))]
+    kept, refused = limits.split(events, NOW)
+    assert kept == [events[0], events[2]]
+    assert [i for i, _ in refused] == [1, 3]
+    assert "before now" in refused[0][1] and refused[0][1].endswith("at `$[1].time`")
+    assert "after now" in refused[1][1] and refused[1][1].endswith("at `$[3].time`")
+    assert limits.split(events[0], NOW) == ([events[0]], [])  # a message of one event
+
+
+def test_a_message_over_the_event_limit_is_refused_whole() -> None:
+    kept, refused = EventLimits(max_events=3).split([_at(timedelta(0))] * 4, NOW)
+    assert kept == [] and refused == [(-1, "4 events in one message; at most 3 are accepted")]
+
+
+def test_the_sdk_refuses_an_event_time_far_from_now_naming_the_field() -> None:
+    c = Client("nats://127.0.0.1:1", app="shop")
+    with pytest.raises(InvalidEvent, match=r"after now .*\$\.time"):
+        c.emit(time=datetime.now(UTC) + timedelta(days=365))
+    with pytest.raises(InvalidEvent, match=r"before now .*\$\.time"):
+        c.emit(time=datetime(1900, 1, 1, tzinfo=UTC))
+    assert c.emit(time=datetime.now(UTC) - timedelta(hours=1)) and c.pending == 1
