@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -94,6 +95,26 @@ def unreadable(data: bytes) -> bool:
             continue
         return False
     return True
+
+
+class RecentTokens:
+    """The last `size` message tokens seen, in a set with a FIFO of the same tokens (O(1) each)."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self._order: deque[str] = deque()
+        self._set: set[str] = set()
+        self.size = size
+
+    def __contains__(self, token: str) -> bool:
+        return token in self._set
+
+    def add_all(self, tokens: Iterable[str]) -> None:
+        for t in tokens:
+            if t not in self._set:
+                self._set.add(t)
+                self._order.append(t)
+                if len(self._order) > self.size:
+                    self._set.discard(self._order.popleft())
 
 
 def new_rows(keys: Sequence[tuple[Any, ...]], origins: Sequence[int], stored: set[tuple[Any, ...]]) -> list[int]:

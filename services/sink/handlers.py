@@ -58,6 +58,15 @@ class Writer:
         self.projection = projection
         self.table = projection.table
         self.stored = Progress()  # messages handled (a skipped one counts again)
+        # Messages this process stored lately. After a nats-server crash the consumer's state may roll
+        # back, so stored messages come again as first deliveries, which the lookup of redelivered
+        # keys alone would store twice.
+        self.recent = domain.RecentTokens()
+
+    def unseen(self, messages: Sequence[tuple[Any, Delivery]]) -> tuple[list[tuple[Any, Delivery]], int]:
+        """The messages this process has not stored lately, and how many it has."""
+        fresh = [(v, d) for v, d in messages if _token(d) not in self.recent]
+        return fresh, len(messages) - len(fresh)
 
     async def _stored_keys(self, keys: set[tuple[Any, ...]]) -> set[tuple[Any, ...]]:
         if not keys:
@@ -81,6 +90,7 @@ class Writer:
         data = self.table.data(values, extra, transform)
         n = len(data[0]) if data else 0
         if n == 0:
+            self.recent.add_all(_token(d) for _, d in messages)
             return Written()
         always = self.projection.check == "always"
         keys: list[tuple[Any, ...]] | None = None
@@ -95,12 +105,14 @@ class Writer:
                 keep = domain.new_rows(keys, origins, stored)
                 skipped = len(set(origins) - {origins[i] for i in keep})
                 if not keep:
+                    self.recent.add_all(_token(d) for _, d in messages)
                     return Written(skipped_messages=skipped)
                 if len(keep) < n:
                     data = domain.select(data, keep)
                     keys = [keys[i] for i in keep]
         token = domain.batch_token(self._token_parts(data, keys))
         await self.store.ainsert_columns(self.table.name, self.table.columns, data, token=token)
+        self.recent.add_all(_token(d) for _, d in messages)
         return Written(rows=len(data[0]), skipped_messages=skipped)
 
     def _token_parts(self, data: list[list[Any]], keys: list[tuple[Any, ...]] | None) -> list[str]:
@@ -110,7 +122,8 @@ class Writer:
 
     async def on_facts(self, items: list[tuple[msgspec.Struct, Delivery]]) -> None:
         """Persist one fetch of facts (one event per message) in one insert."""
-        await self.write([([value], delivery) for value, delivery in items])
+        fresh, _ = self.unseen(items)
+        await self.write([([value], delivery) for value, delivery in fresh])
         await self.stored.bump(len(items))
 
 
@@ -134,7 +147,8 @@ class SinkHandlers:
 
     async def on_inference(self, items: list[tuple[list[InferenceEvent] | InferenceEvent, Delivery]]) -> None:
         """Persist every message of one fetch in one insert; redelivered messages already stored are skipped."""
-        messages = [(value if isinstance(value, list) else [value], delivery) for value, delivery in items]
+        fresh, seen = self.inference.unseen(items)
+        messages = [(value if isinstance(value, list) else [value], delivery) for value, delivery in fresh]
         msg_ids = [_token(d) for batch, d in messages for _ in batch]
         spans = [self._message_span(batch, d) for batch, d in messages if batch]
         try:
@@ -142,9 +156,10 @@ class SinkHandlers:
         finally:
             for span in spans:
                 span.end()
-        self.skipped_redeliveries += written.skipped_messages
-        metrics.redeliveries_skipped("sink", written.skipped_messages)
-        await self.events.bump(sum(len(batch) for batch, _ in messages))
+        skipped = written.skipped_messages + seen
+        self.skipped_redeliveries += skipped
+        metrics.redeliveries_skipped("sink", skipped)
+        await self.events.bump(sum(len(v) if isinstance(v, list) else 1 for v, _ in items))
 
     def _message_span(self, events: list[InferenceEvent], delivery: Delivery) -> trace.Span:
         """One consumer span per message, child of its traceparent, linked to every request in it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lockgate.services.sink.domain import FACTS, batch_token, new_rows, redaction, select
+from lockgate.services.sink.domain import FACTS, RecentTokens, batch_token, new_rows, redaction, select
 from lockgate.store.tables import TABLES
 
 
@@ -37,3 +37,11 @@ def test_redaction_scrubs_prompts_and_responses() -> None:
     scrub = redaction("scrub")
     assert "sk-" not in scrub["prompt"]("key sk-abcdefghijklmnopqrstuvwx") and scrub["response"](None) is None
     assert redaction("drop")["prompt"]("anything") is None
+
+
+def test_recent_tokens_remember_the_last_n_in_order() -> None:
+    recent = RecentTokens(size=3)
+    recent.add_all(["a", "b", "a", "c"])
+    assert all(t in recent for t in "abc")
+    recent.add_all(["d"])  # "a", the oldest, leaves
+    assert "a" not in recent and all(t in recent for t in "bcd")
