@@ -11,6 +11,7 @@ from aiohttp import web
 from lockgate.contracts.names import check_name
 from lockgate.errors import InvalidName, Retryable
 from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer, require_role
+from lockgate.services.router.actions import Actions
 from lockgate.services.router.domain import (
     BreakGlass,
     InvalidRollout,
@@ -65,6 +66,7 @@ class Admin:
         app.router.add_post(PREFIX + "/{deployment}/abort", self.abort)
         app.router.add_post(PREFIX + "/{deployment}/promote", self.promote)
         app.router.add_delete(PREFIX + "/{deployment}/break-glass", self.clear_override)
+        Actions(self.rollouts, KEY).add_routes(app, PREFIX)  # pause, resume, set-weight
 
     async def list(self, request: web.Request) -> web.Response:
         """Every configured deployment's route."""
@@ -120,7 +122,7 @@ class Admin:
                 override = _override(request, body.break_glass, canary.release if canary else "", "promote")
             elif action == "clear-override":
                 require_role(request[KEY], "admin")
-            route = await self.rollouts.manual(deployment, action, override)
+            route = await self.rollouts.manual(deployment, action, override, actor=request[KEY].label)
         except Forbidden as exc:
             return error_response(403, exc.message, "permission_denied", code="insufficient_role")
         except NotAdmitted as exc:

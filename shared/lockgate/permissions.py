@@ -134,6 +134,8 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(_consume_stream(st["events"])).add(_read_kv(s.kv_gates)).add(_write_kv(s.kv_routes))
         g.add(_read_kv(s.kv_releases)).add(_read_objects(s.object_store))
         g.add(Grant(publish=[s.rollout_all, s.inference_all, s.query]))
+        # Canary analysis reads live inference events (core subscription, every replica all of them).
+        g.add(Grant(subscribe=[s.inference_all]))
     elif identity == "drift":
         g.add(service).add(_consume_stream(st["inference"])).add(_consume_stream(st["events"]))
         g.add(_write_kv(s.kv_drift)).add(Grant(publish=[s.drift_all, s.query]))
