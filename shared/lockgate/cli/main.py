@@ -216,13 +216,14 @@ def schema(out: str | None) -> None:
 
 
 def _register_subcommands() -> None:
-    from lockgate.cli import gate, keys, stack, status, workflow
+    from lockgate.cli import gate, keys, rollout, stack, status, workflow
 
     stack.register(cli)
     status.register(cli)
     workflow.register(cli)
     gate.register(cli)
     keys.register(cli)
+    rollout.register(cli)
     # Plugins (the dev tools' `dev up`, `sim` and `demo`) add commands without the CLI importing them.
     for ep in entry_points(group="lockgate.cli"):
         ep.load()(cli)
