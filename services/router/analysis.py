@@ -63,6 +63,10 @@ class AnalysisSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     failure_limit: Annotated[int, msgspec.Meta(ge=0)] = 0  # failed measurements tolerated; one more aborts
     inconclusive_limit: Annotated[int, msgspec.Meta(ge=0)] = 3  # one more pauses for an operator
     alpha: Annotated[float, msgspec.Meta(gt=0, lt=0.5)] = 0.05  # false-abort budget of the whole rollout
+    # Look at the last `window_s` seconds only, so a fault that starts late is not diluted by the healthy
+    # traffic before it; stable falls back to the whole rollout when its window is too thin (at 100%).
+    # None: everything since the canary started.
+    window_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
 
 
 class MetricResult(msgspec.Struct, frozen=True, kw_only=True):

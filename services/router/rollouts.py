@@ -32,8 +32,8 @@ from lockgate.retry import RetryPolicy
 from lockgate.server.service import ServiceContext
 from lockgate.services.router import analysis, domain, progress
 from lockgate.services.router.domain import Route
-from lockgate.services.router.evidence import Evidence
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
+from lockgate.services.router.evidence import Evidence
 from lockgate.signing import Verifier
 from lockgate.subjects import token, untoken
 
@@ -227,6 +227,7 @@ class Rollouts:
                                           first_step=steps[0], override=override)
             self._apply(msgspec.structs.replace(started, strategy=strategy, started_at=time.time(), paused=False,
                                                 analysis=None), actor=override.actor if override else "")
+            self.evidence.forget(deployment, keep={req.stable_release, req.canary_release})
             if decision is not None:
                 self.apply_decision(decision)
 
@@ -305,19 +306,24 @@ class Rollouts:
                     e.release in (route.canary.release, route.stable.release):
                 self.evidence.add(e)
 
-    def measurement(self, route: Route) -> analysis.Measurement:
-        """The canary against stable since the canary started, at the rollout's next look."""
+    def measurement(self, route: Route, now: float) -> analysis.Measurement:
+        """The canary against stable over the analysis window (else since the canary started), at the
+        rollout's next look."""
         assert route.canary is not None and route.strategy is not None and route.strategy.analysis is not None
-        canary = self.evidence.sample(route.deployment, route.canary.release, route.started_at)
-        stable = self.evidence.sample(route.deployment, route.stable.release, route.started_at)
+        spec = route.strategy.analysis
+        since = route.started_at if spec.window_s is None else max(route.started_at, now - spec.window_s)
+        canary = self.evidence.sample(route.deployment, route.canary.release, since)
+        stable = self.evidence.sample(route.deployment, route.stable.release, since)
+        if stable.n < spec.min_sample and since > route.started_at:
+            stable = self.evidence.sample(route.deployment, route.stable.release, route.started_at)
         look = (route.analysis.look if route.analysis else 0) + 1
-        return analysis.measure(route.strategy.analysis, canary, stable, look)
+        return analysis.measure(spec, canary, stable, look)
 
     def _step(self, route: Route, now: float) -> None:
         """A due route: analysed canaries are measured (and abort, pause or advance); others step on time."""
         steps, interval = progress.steps_of(route, self.steps), progress.interval_of(route, self.interval_s)
         if progress.analysed(route):
-            new = progress.on_measurement(route, self.measurement(route), steps, interval, now)
+            new = progress.on_measurement(route, self.measurement(route, now), steps, interval, now)
             if new is not None:
                 # Bookkeeping of a look that moves no traffic goes to KV only, not to the rollout history.
                 moved = (new.weight, new.phase, new.paused) != (route.weight, route.phase, route.paused)

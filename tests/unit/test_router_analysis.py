@@ -123,3 +123,27 @@ def test_tokens_and_cost_absolute_ceilings() -> None:
 def test_metric_needs_a_limit() -> None:
     with pytest.raises(ValueError, match="give max, max_increase or max_ratio"):
         MetricSpec(name="error_rate")
+
+
+def test_evidence_summarises_a_window_per_release() -> None:
+    from datetime import UTC, datetime
+
+    from lockgate.contracts import InferenceEvent
+    from lockgate.services.router.evidence import Evidence
+
+    def event(t: float, release: str, status: str = "ok", ttft: float = 0.0) -> InferenceEvent:
+        return InferenceEvent(app="shop", deployment="d", release=release, status=status, latency_ms=t,
+                              ttft_ms=ttft, input_tokens=3, output_tokens=7, model="m",
+                              time=datetime.fromtimestamp(t, UTC))
+
+    ev = Evidence(price=lambda e: 0.01 if e.model == "m" else None, max_rows=3)
+    for t, status in ((10, "ok"), (20, "error"), (30, "ok"), (40, "ok")):
+        ev.add(event(t, "r2", status, ttft=5.0 if t == 40 else 0.0))
+    ev.add(event(25, "r1"))
+    s = ev.sample("d", "r2", since=15)
+    assert (s.n, s.errors) == (3, 1)  # 10 fell out of the bounded buffer anyway; 20, 30, 40 remain
+    assert list(s.latency_ms) == [30, 40] and list(s.ttft_ms) == [5.0] and list(s.tokens) == [10.0, 10.0]
+    assert list(s.cost) == [0.01] * 3
+    assert ev.sample("d", "r2", since=35).n == 1 and ev.sample("d", "r1", since=0).n == 1
+    ev.forget("d", keep={"r1"})
+    assert ev.sample("d", "r2", since=0).n == 0 and ev.sample("d", "r1", since=0).n == 1

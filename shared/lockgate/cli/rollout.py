@@ -50,7 +50,7 @@ class RouterAdmin:
                                      headers={"Authorization": f"Bearer {self.key}",
                                               "Content-Type": "application/json"})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:  # noqa: S310 (operator's own URL)
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             raise RolloutRefused(f"router refused ({exc.code}): {_message(exc.read())}") from None
