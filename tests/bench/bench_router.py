@@ -21,8 +21,8 @@ import aiohttp
 from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
 from lockgate.server.apikeys import bootstrap
 from lockgate.signing import Signer, trust_file_path, trust_key
-from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process, stack
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process, stack
 from tests.helpers import register_model_release, store_pass
 
 N_REQUESTS = 3000
