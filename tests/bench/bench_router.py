@@ -132,6 +132,16 @@ _FAULT_STRATEGY = {"steps": [50, 100], "interval_s": 0.05, "analysis": {
     "inconclusive_limit": 1_000_000, "window_s": 1.0}}
 
 
+async def _until_stopped(session: aiohttp.ClientSession, url: str, headers: dict[str, str], stop: asyncio.Event,
+                         sent: list[int], worker: int) -> None:
+    """One load worker: requests from distinct users until `stop`; `sent[0]` counts them all."""
+    while not stop.is_set():
+        body = {**BODY, "user": f"u{worker}-{sent[0]}"}
+        sent[0] += 1
+        async with session.post(url, json=body, headers=headers) as resp:
+            await resp.read()
+
+
 async def _fault_to_zero(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, Any]:
     """Time from an injected fault (the canary's upstream starts failing every call) to canary weight 0,
     under load at concurrency 8; and from a drift report to weight 0. The load runs in this process
@@ -173,15 +183,8 @@ async def _fault_to_zero(env: BenchEnv, session: aiohttp.ClientSession) -> dict[
                 continue
             stop = asyncio.Event()
             sent = [0]
-
-            async def worker(w: int) -> None:
-                while not stop.is_set():
-                    body = {**BODY, "model": "m", "user": f"u{w}-{sent[0]}"}
-                    sent[0] += 1
-                    async with session.post(f"{router.url}/v1/chat/completions", json=body, headers=headers) as r:
-                        await r.read()
-
-            workers = [asyncio.create_task(worker(w)) for w in range(CONCURRENCY)]
+            workers = [asyncio.create_task(_until_stopped(session, f"{router.url}/v1/chat/completions", headers,
+                                                          stop, sent, w)) for w in range(CONCURRENCY)]
             # A healthy baseline first: the canary has passed a look at its step.
             await router.rollouts.wait_for(lambda r: (a := r["fault"].analysis) is not None and a.last is not None
                                            and a.last.verdict == "SUCCESSFUL", timeout=30)
