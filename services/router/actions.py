@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import msgspec
@@ -39,7 +40,7 @@ class Actions:
         for action in ("pause", "resume", "set-weight"):
             app.router.add_post(f"{prefix}/{{deployment}}/{action}", self._handler(action))
 
-    def _handler(self, action: str):  # type: ignore[no-untyped-def]
+    def _handler(self, action: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:
             return await self._act(request, action)
 

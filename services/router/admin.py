@@ -86,7 +86,7 @@ class Admin:
             deployment = check_name(request.match_info["deployment"], "deployment")
             req = decode_canary(await request.read())
             override = _override(request, req.break_glass, req.canary_release, "canary")
-            route = await self.rollouts.start_canary(deployment, req, override)
+            route = await self.rollouts.start_canary(deployment, req, override, actor=request[KEY].label)
         except Forbidden as exc:
             return error_response(403, exc.message, "permission_denied", code="insufficient_role")
         except NotAdmitted as exc:

@@ -26,9 +26,9 @@ class Evidence:
         self._max = max_rows
         self._rows: dict[tuple[str, str], deque[_Row]] = {}
 
-    def add(self, event: InferenceEvent) -> None:
-        """Record one event (the caller keeps only deployments under analysis)."""
-        key = (event.deployment or event.app, event.release)
+    def add(self, event: InferenceEvent, release: str | None = None) -> None:
+        """Record one event under its release (or `release`, for events that name only a variant)."""
+        key = (event.deployment or event.app, event.release if release is None else release)
         rows = self._rows.get(key)
         if rows is None:
             rows = self._rows[key] = deque(maxlen=self._max)

@@ -197,7 +197,7 @@ class Rollouts:
 
     # changes
     async def start_canary(self, deployment: str, req: domain.CanaryRequest,
-                           override: domain.Override | None = None) -> Route:
+                           override: domain.Override | None = None, actor: str = "") -> Route:
         """Start a canary at 0%; if a verified decision already allows its release (KV), act on it at once.
 
         A new stable release takes all traffic, so it too needs a decision that allows it; a canary
@@ -226,7 +226,7 @@ class Rollouts:
             started = domain.start_canary(self.route(deployment), req, stable=stable, canary=canary,
                                           first_step=steps[0], override=override)
             self._apply(msgspec.structs.replace(started, strategy=strategy, started_at=time.time(), paused=False,
-                                                analysis=None), actor=override.actor if override else "")
+                                                analysis=None), actor=actor or (override.actor if override else ""))
             self.evidence.forget(deployment, keep={req.stable_release, req.canary_release})
             if decision is not None:
                 self.apply_decision(decision)
@@ -268,7 +268,10 @@ class Rollouts:
                 aborted = domain.abort(route, f"by operator {actor}" if actor else "by operator")
                 self._apply(msgspec.structs.replace(aborted, paused=False), actor=actor)
             else:
-                self._apply(domain.manual_promote(route, override), actor=actor)
+                promoted = domain.manual_promote(route, override)
+                if actor and override is None:  # the override's reason names its admin already
+                    promoted = msgspec.structs.replace(promoted, reason=f"{promoted.reason} {actor}")
+                self._apply(promoted, actor=actor)
 
         self._poisoned.pop(deployment, None)
         await self._until_won(change)
@@ -299,12 +302,15 @@ class Rollouts:
 
     # live evidence
     def observe(self, events: list[InferenceEvent]) -> None:
-        """Keep the events of deployments whose canary is under analysis (either variant's release)."""
+        """Keep the events of deployments whose canary is under analysis (either variant's release; an
+        SDK event that names only its variant counts for that variant's release)."""
         for e in events:
             route = self.routes.get(e.deployment or e.app)
-            if route is not None and route.canary is not None and progress.analysed(route) and \
-                    e.release in (route.canary.release, route.stable.release):
-                self.evidence.add(e)
+            if route is None or route.canary is None or not progress.analysed(route):
+                continue
+            release = e.release or (route.canary.release if e.variant == "canary" else route.stable.release)
+            if release in (route.canary.release, route.stable.release):
+                self.evidence.add(e, release)
 
     def measurement(self, route: Route, now: float) -> analysis.Measurement:
         """The canary against stable over the analysis window (else since the canary started), at the
@@ -364,6 +370,8 @@ class Rollouts:
 
     def _apply(self, route: Route, *, actor: str = "", announce: bool = True) -> None:
         # Synchronous on purpose: the next request routed after this line sees the new weight.
+        if route.paused and route.phase in ("promoted", "aborted"):
+            route = msgspec.structs.replace(route, paused=False)  # a finished canary holds nothing
         self.routes[route.deployment] = route
         state = domain.to_state(route)
         if actor:

@@ -284,3 +284,31 @@ async def test_cli_get_pause_resume_set_weight_abort_history(router: Any, http: 
     assert reasons[0].startswith("aborted same: by operator apikey:")
     assert any("weight set to 20% (was 10%) by apikey:" in r for r in reasons)
     assert any(r.startswith("paused at step 1 (10%) by apikey:") for r in reasons)
+
+
+async def test_sticky_by_user_then_session_then_client_key_never_the_ip(router: Any, http: aiohttp.ClientSession,
+                                                                       signer: Signer) -> None:
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    url = f"{router.url}/v1/chat/completions"
+
+    async def variant(headers: dict[str, str], user: str | None = None) -> str:
+        body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        if user:
+            body["user"] = user
+        async with http.post(url, json=body, headers=headers) as resp:  # 0.5% are injected failures
+            return resp.headers["x-lockgate-variant"]
+
+    for header in ("x-lockgate-session", "x-lockgate-sticky-key"):
+        seen = {}
+        for i in range(30):
+            first = await variant({header: f"k{i}"})
+            assert all([await variant({header: f"k{i}"}) == first for _ in range(3)])  # sticky
+            seen[i] = first
+        assert set(seen.values()) == {"stable", "canary"}  # and split
+    # the user id wins over the session: one user keeps one variant across sessions
+    users = {await variant({"x-lockgate-session": f"s{i}"}, user="alice") for i in range(10)}
+    assert len(users) == 1
+    # every request below comes from 127.0.0.1 without a key: they are not all sent to one variant
+    keyless = [await variant({}) for _ in range(40)]
+    assert set(keyless) == {"stable", "canary"}
