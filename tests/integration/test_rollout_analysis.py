@@ -13,14 +13,19 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 
+from lockgate.bus import Bus
 from lockgate.cli.main import cli
 from lockgate.codec import Codec
 from lockgate.contracts import DriftReport, FeatureDrift, GateDecided, RolloutState
+from lockgate.config import Settings
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
+from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
 from lockgate.services.router.domain import Route
 from lockgate.signing import Signer, trust_file_path, trust_key
-from lockgate.subjects import token
+from lockgate.store import Store
+from lockgate.subjects import Subjects, token
+from lockgate.telemetry import Telemetry
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import register_model_release, sink_stored
 
@@ -312,3 +317,49 @@ async def test_sticky_by_user_then_session_then_client_key_never_the_ip(router: 
     # every request below comes from 127.0.0.1 without a key: they are not all sent to one variant
     keyless = [await variant({}) for _ in range(40)]
     assert set(keyless) == {"stable", "canary"}
+
+
+async def test_two_replicas_measure_the_same_evidence_and_abort_once(settings: Settings, store: Store, bus: Bus,
+                                                                    signer: Signer, keys: Bootstrap) -> None:
+    """Traffic through both replicas; each measures every event (its own and the other's), and the
+    routes KV's compare-and-set lets exactly one abort be written and announced."""
+    sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
+    async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
+        settings = settings.replace(stable_upstream=stable.url, canary_upstream=canary.url, deployment="chat",
+                                    app="shop")
+        await register_model_release(bus, "r1", "m", "default")
+        await register_model_release(bus, "bad", "bad", "canary")
+        kv = await bus.kv(bus.subjects.kv_gates)
+        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[],
+                                                                              decision="PASS"))))
+        buses: list[Bus] = []
+        sets: list[ServiceSet] = []
+        try:
+            for name in ("router-a", "router-b"):
+                b = Bus(settings.nats_url, Subjects(settings.prefix), name=name)
+                await b.connect()
+                buses.append(b)
+                svcs = ServiceSet(ServiceContext(bus=b, store=store, telemetry=Telemetry(), settings=settings),
+                                  ["router"])
+                await svcs.start()
+                sets.append(svcs)
+            a, b2 = sets[0]["router"], sets[1]["router"]
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as http:
+                await _start(http, a, "bad", {"steps": [50, 100], "interval_s": 0.1, "analysis": ERRORS})
+                await _pass(a, signer, "bad")
+                await b2.rollouts.wait_for(lambda r: r["chat"].phase == "progressing", timeout=10)
+                # Half of the traffic through each replica: neither alone sees all of it.
+                await asyncio.gather(_traffic_until(http, a, lambda r: r.phase == "aborted", batch=20),
+                                     _traffic_until(http, b2, lambda r: r.phase == "aborted", batch=20))
+            for router in (a, b2):
+                await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
+                await router.rollouts.flush()  # a replica whose own abort lost the compare-and-set takes the winner's
+            assert a.rollouts.route("chat") == b2.rollouts.route("chat")
+            assert "analysis failed at step 1 (50%): error_rate" in a.rollouts.route("chat").reason
+        finally:
+            for svcs in sets:
+                await svcs.stop()
+            for b in buses:
+                await b.close()
+    states = await _states_of(sub)
+    assert [s.phase for s in states].count("aborted") == 1
