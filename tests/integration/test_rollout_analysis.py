@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from lockgate.bus import Bus
 from lockgate.cli.main import cli
 from lockgate.codec import Codec
-from lockgate.contracts import DriftReport, FeatureDrift, GateDecided, RolloutState
 from lockgate.config import Settings
+from lockgate.contracts import DriftReport, FeatureDrift, GateDecided, RolloutState
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
