@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import NormalDist
 from typing import Annotated, Literal
 
 import msgspec
+import numpy as np
 
 Verdict = Literal["SUCCESSFUL", "FAILED", "INCONCLUSIVE", "WAITING"]
 MetricName = Literal["error_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50", "ttft_p95",
@@ -145,26 +146,32 @@ def diff_lower(x1: int, n1: int, x2: int, n2: int, z: float) -> float:
 
 def quantile(values: Sequence[float], q: float) -> float:
     """The q-quantile by the nearest-rank rule (a value that was observed)."""
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+    return _quantile_sorted(np.sort(np.asarray(values, dtype=np.float64)), q)
 
 
 def quantile_bounds(values: Sequence[float], q: float, z: float) -> tuple[float, float]:
     """Distribution-free bounds of a quantile from order statistics (normal approximation of the binomial)."""
-    s = sorted(values)
+    return _bounds_sorted(np.sort(np.asarray(values, dtype=np.float64)), q, z)
+
+
+def _quantile_sorted(s: np.ndarray, q: float) -> float:
+    return float(s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))])
+
+
+def _bounds_sorted(s: np.ndarray, q: float, z: float) -> tuple[float, float]:
     n = len(s)
     spread = z * math.sqrt(n * q * (1 - q))
     lo = max(0, math.floor(n * q - spread) - 1)
     hi = min(n - 1, math.ceil(n * q + spread) - 1)
-    return s[lo], s[max(lo, hi)]
+    return float(s[lo]), float(s[max(lo, hi)])
 
 
 def mean_bounds(values: Sequence[float], z: float) -> tuple[float, float, float]:
     """Mean and its normal-approximation bounds."""
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    half = z * sd / math.sqrt(n)
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean())
+    sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    half = z * sd / math.sqrt(len(v))
     return mean, mean - half, mean + half
 
 
@@ -203,16 +210,18 @@ def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: fl
                   or (spec.max_ratio is not None and lo_c > spec.max_ratio * hi_s))
         return _verdict(base, p_c, p_s, threshold, lo_c, failed)
     values, stable_values = _values(canary, name), _values(stable, name)
-    if not values or (relative and not stable_values):
+    if not len(values) or (relative and not len(stable_values)):
         return MetricResult(**base, verdict="INCONCLUSIVE", why="no data: never a pass")
     if name in ("tokens_per_request", "cost_per_request"):
         c, c_lo, _ = mean_bounds(values, z)
-        s, _, s_hi = mean_bounds(stable_values, z) if stable_values else (None, None, None)
+        s, _, s_hi = mean_bounds(stable_values, z) if len(stable_values) else (None, None, None)
     else:
         q = _QUANTILES[name.rsplit("_", 1)[1]]
-        c, s = quantile(values, q), quantile(stable_values, q) if stable_values else None
-        c_lo, _ = quantile_bounds(values, q, z)
-        s_hi = quantile_bounds(stable_values, q, z)[1] if stable_values else None
+        # `measure` sorted the latency and ttft values once, so each quantile is an index.
+        c = _quantile_sorted(values, q)  # type: ignore[arg-type]
+        s = _quantile_sorted(stable_values, q) if len(stable_values) else None  # type: ignore[arg-type]
+        c_lo, _ = _bounds_sorted(values, q, z)  # type: ignore[arg-type]
+        s_hi = _bounds_sorted(stable_values, q, z)[1] if len(stable_values) else None  # type: ignore[arg-type]
     threshold = _threshold(spec, s)
     lenient = _threshold(spec, s_hi)
     assert threshold is not None and lenient is not None
@@ -230,6 +239,12 @@ def _verdict(base: dict[str, object], canary: float, stable: float | None, thres
                         threshold=threshold, bound=bound, why=why)
 
 
+def _sorted(sample: VariantSample) -> VariantSample:
+    """The sample with latency and ttft as sorted arrays: one sort per variant serves every quantile."""
+    return replace(sample, latency_ms=np.sort(np.asarray(sample.latency_ms, dtype=np.float64)),
+                   ttft_ms=np.sort(np.asarray(sample.ttft_ms, dtype=np.float64)))
+
+
 def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, look: int) -> Measurement:
     """Judge the canary against stable at look `look` (1 for the first look with enough data)."""
     if canary.n < spec.min_sample or stable.n < spec.min_sample:
@@ -238,6 +253,7 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
                    for m in spec.metrics]
         return Measurement(verdict="WAITING", look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
     z = z_of(look_alpha(spec.alpha, look, len(spec.metrics)))
+    canary, stable = _sorted(canary), _sorted(stable)
     results = [_judge(m, canary, stable, z) for m in spec.metrics]
     verdicts = {r.verdict for r in results}
     overall: Verdict = ("FAILED" if "FAILED" in verdicts else "INCONCLUSIVE" if "INCONCLUSIVE" in verdicts

@@ -49,6 +49,8 @@ def evidence_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
     seen: OrderedDict[str, None] = OrderedDict()
 
     async def on_message(msg: Msg) -> None:
+        if not rollouts.analysing():
+            return  # no canary under analysis: not worth decoding
         msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
         if msg_id:
             if msg_id in seen:

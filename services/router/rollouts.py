@@ -301,6 +301,10 @@ class Rollouts:
         return self.route(deployment)
 
     # live evidence
+    def analysing(self) -> bool:
+        """True while any deployment's canary is under analysis (evidence is worth keeping)."""
+        return any(progress.analysed(r) for r in self.routes.values())
+
     def observe(self, events: list[InferenceEvent]) -> None:
         """Keep the events of deployments whose canary is under analysis (either variant's release; an
         SDK event that names only its variant counts for that variant's release)."""

@@ -142,8 +142,22 @@ def test_evidence_summarises_a_window_per_release() -> None:
     ev.add(event(25, "r1"))
     s = ev.sample("d", "r2", since=15)
     assert (s.n, s.errors) == (3, 1)  # 10 fell out of the bounded buffer anyway; 20, 30, 40 remain
-    assert list(s.latency_ms) == [30, 40] and list(s.ttft_ms) == [5.0] and list(s.tokens) == [10.0, 10.0]
+    assert sorted(s.latency_ms) == [30, 40] and list(s.ttft_ms) == [5.0] and list(s.tokens) == [10.0, 10.0]
     assert list(s.cost) == [0.01] * 3
     assert ev.sample("d", "r2", since=35).n == 1 and ev.sample("d", "r1", since=0).n == 1
     ev.forget("d", keep={"r1"})
     assert ev.sample("d", "r2", since=0).n == 0 and ev.sample("d", "r1", since=0).n == 1
+
+
+def test_evidence_buffers_grow_then_keep_the_newest() -> None:
+    from datetime import UTC, datetime
+
+    from lockgate.contracts import InferenceEvent
+    from lockgate.services.router.evidence import Evidence
+
+    ev = Evidence(price=lambda e: None, max_rows=3000)
+    for t in range(5000):
+        ev.add(InferenceEvent(app="shop", deployment="d", release="r", latency_ms=float(t),
+                              time=datetime.fromtimestamp(1000 + t, UTC)))
+    s = ev.sample("d", "r", since=0)
+    assert s.n == 3000 and sorted(s.latency_ms) == [float(t) for t in range(2000, 5000)] and len(s.cost) == 0
