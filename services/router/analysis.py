@@ -49,6 +49,7 @@ class MetricSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     max: NonNeg | None = None
     max_increase: NonNeg | None = None
     max_ratio: Positive | None = None
+    dry_run: bool = False  # measured and shown, never aborts, pauses or holds a step (Argo's dryRun)
 
     def __post_init__(self) -> None:
         if self.max is None and self.max_increase is None and self.max_ratio is None:
@@ -82,6 +83,7 @@ class MetricResult(msgspec.Struct, frozen=True, kw_only=True):
     canary_n: int = 0
     stable_n: int = 0
     why: str = ""
+    dry_run: bool = False
 
 
 class Measurement(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,7 +99,7 @@ class Measurement(msgspec.Struct, frozen=True, kw_only=True):
         """The first metric that failed (or was inconclusive, if none failed)."""
         for wanted in ("FAILED", "INCONCLUSIVE", "WAITING"):
             for m in self.metrics:
-                if m.verdict == wanted:
+                if m.verdict == wanted and not m.dry_run:
                     return m
         return None
 
@@ -254,8 +256,9 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
         return Measurement(verdict="WAITING", look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
     z = z_of(look_alpha(spec.alpha, look, len(spec.metrics)))
     canary, stable = _sorted(canary), _sorted(stable)
-    results = [_judge(m, canary, stable, z) for m in spec.metrics]
-    verdicts = {r.verdict for r in results}
+    results = [msgspec.structs.replace(_judge(m, canary, stable, z), dry_run=True) if m.dry_run
+               else _judge(m, canary, stable, z) for m in spec.metrics]
+    verdicts = {r.verdict for r in results if not r.dry_run}
     overall: Verdict = ("FAILED" if "FAILED" in verdicts else "INCONCLUSIVE" if "INCONCLUSIVE" in verdicts
                         else "SUCCESSFUL")
     return Measurement(verdict=overall, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)

@@ -161,3 +161,13 @@ def test_evidence_buffers_grow_then_keep_the_newest() -> None:
                               time=datetime.fromtimestamp(1000 + t, UTC)))
     s = ev.sample("d", "r", since=0)
     assert s.n == 3000 and sorted(s.latency_ms) == [float(t) for t in range(2000, 5000)] and len(s.cost) == 0
+
+
+def test_dry_run_metrics_are_shown_but_never_decide() -> None:
+    spec = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.01),
+                                 MetricSpec(name="latency_p50", max=1.0, dry_run=True)], min_sample=10)
+    canary, stable = _rates(200, 0, 200, 0)  # latency 10 ms everywhere: far past the dry-run ceiling of 1 ms
+    m = analysis.measure(spec, canary, stable, look=1)
+    assert m.verdict == "SUCCESSFUL" and m.failing() is None
+    assert [(r.name, r.verdict, r.dry_run) for r in m.metrics] == [("error_rate", "SUCCESSFUL", False),
+                                                                   ("latency_p50", "FAILED", True)]

@@ -1,4 +1,4 @@
-"""`lockgate rollout get|pause|resume|abort|set-weight|history`: operate a deployment's canary.
+"""`lockgate rollout get|pause|resume|abort|promote|set-weight|history`: operate a deployment's canary.
 
 Actions go to the router's admin API with an API key (operator or admin role for changes, any
 role for `get`); the router records the key's identity as the actor. `history` reads the stored
@@ -110,7 +110,7 @@ def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
 def metric_rows(route: dict[str, Any]) -> list[dict[str, Any]]:
     """The last measurement, one row per metric: canary and stable values against the threshold."""
     last = (route.get("analysis") or {}).get("last") or {}
-    return [{"metric": m["name"], "verdict": m["verdict"], "canary": m.get("canary"), "stable": m.get("stable"),
+    return [{"metric": m["name"] + (" (dry run)" if m.get("dry_run") else ""), "verdict": m["verdict"], "canary": m.get("canary"), "stable": m.get("stable"),
              "threshold": m.get("threshold"), "n (canary/stable)": f"{m.get('canary_n', 0)}/{m.get('stable_n', 0)}",
              "why": m.get("why", "")} for m in last.get("metrics", [])]
 
@@ -173,6 +173,7 @@ def register(cli: click.Group) -> None:
                     "still aborts).", reason=True)
     action("resume", "Continue a paused canary; the next step or analysis look is one interval away.")
     action("abort", "Send all traffic back to stable now (the canary goes to 0%).")
+    action("promote", "Make the canary stable now: only a canary a verified decision allows.")
 
     @rollout.command("set-weight")
     @click.argument("deployment")
