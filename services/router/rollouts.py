@@ -265,8 +265,7 @@ class Rollouts:
             elif action == "abort":
                 if route.phase in ("promoted", "aborted"):
                     raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
-                aborted = domain.abort(route, f"by operator {actor}" if actor else "by operator")
-                self._apply(msgspec.structs.replace(aborted, paused=False), actor=actor)
+                self._apply(domain.abort(route, f"by operator {actor}" if actor else "by operator"), actor=actor)
             else:
                 promoted = domain.manual_promote(route, override)
                 if actor and override is None:  # the override's reason names its admin already
