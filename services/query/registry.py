@@ -27,6 +27,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "eval_runs": ("evals", "eval_runs"),
     "eval_cases": ("evals", "eval_cases"),
     "drift_reports": ("drift", "drift_reports"),
+    "rollout_history": ("rollouts", "rollout_history"),
     "cost_rollup": ("cost", "cost_rollup"),
     "lineage": ("lineage", "lineage"),
     "sql": ("operator_sql", "readonly_sql"),

@@ -12,6 +12,7 @@ from lockgate.contracts.names import check_name
 from lockgate.errors import InvalidName, Retryable
 from lockgate.identity import IdentityRefused, verify_override
 from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer, require_role
+from lockgate.services.router.actions import Actions
 from lockgate.services.router.audit import record_action
 from lockgate.services.router.domain import (
     BreakGlass,
@@ -67,6 +68,7 @@ class Admin:
         app.router.add_post(PREFIX + "/{deployment}/abort", self.abort)
         app.router.add_post(PREFIX + "/{deployment}/promote", self.promote)
         app.router.add_delete(PREFIX + "/{deployment}/break-glass", self.clear_override)
+        Actions(self.rollouts, KEY).add_routes(app, PREFIX)  # pause, resume, set-weight
 
     async def list(self, request: web.Request) -> web.Response:
         """Every configured deployment's route."""
@@ -86,7 +88,7 @@ class Admin:
             deployment = check_name(request.match_info["deployment"], "deployment")
             req = decode_canary(await request.read())
             override = self._override(request, deployment, req.break_glass, req.canary_release, "canary")
-            route = await self.rollouts.start_canary(deployment, req, override)
+            route = await self.rollouts.start_canary(deployment, req, override, actor=request[KEY].label)
             await record_action(self.rollouts.ctx.bus, request[KEY], "canary", route, override)
         except IdentityRefused as exc:
             return error_response(403, exc.message, "permission_denied", code="invalid_break_glass")
@@ -126,7 +128,7 @@ class Admin:
                                           "promote")
             elif action == "clear-override":
                 require_role(request[KEY], "admin")
-            route = await self.rollouts.manual(deployment, action, override)
+            route = await self.rollouts.manual(deployment, action, override, actor=request[KEY].label)
             await record_action(self.rollouts.ctx.bus, request[KEY], action, route, override)
         except IdentityRefused as exc:
             return error_response(403, exc.message, "permission_denied", code="invalid_break_glass")

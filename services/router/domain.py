@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -10,6 +11,7 @@ import msgspec
 from lockgate.contracts import GateDecided, RolloutState
 from lockgate.contracts.names import Name, check_names
 from lockgate.errors import LockgateError
+from lockgate.services.router.strategy import AnalysisStatus, Strategy
 
 Phase = Literal["idle", "progressing", "promoted", "aborted"]
 Variant = Literal["stable", "canary"]
@@ -69,6 +71,12 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     start_weight: float = 0.0  # the weight asked for, served once the canary is admitted (0: first step)
     previous: Target | None = None  # stable before the last promotion: where a later reject rolls back to
     override: Override | None = None
+    # Progressive delivery (strategy.py, progress.py): this deployment's own steps and analysis, and
+    # where they stand. `paused` holds the weight: nothing advances until an operator resumes.
+    strategy: Strategy | None = None
+    started_at: float = 0.0  # unix seconds the canary started: analysis and drift look from here on
+    paused: bool = False
+    analysis: AnalysisStatus | None = None
 
 
 class BreakGlass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -94,6 +102,7 @@ class CanaryRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     canary_release: Name  # releases only: endpoint and model come from each release's model config
     initial_weight: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None  # percent; None: the first step
     break_glass: BreakGlass | None = None
+    strategy: Strategy | None = None  # this deployment's steps, interval and analysis
 
     def __post_init__(self) -> None:
         check_names(self)
@@ -149,10 +158,13 @@ def bucket(deployment: str, user: str) -> int:
 
 
 def choose(route: Route, user: str) -> tuple[Variant, Target]:
-    """The variant and target for a user. Raising the weight only moves stable users to canary."""
+    """The variant and target for a sticky key (user, session or client key). Raising the weight only
+    moves stable users to canary. Without a key each request draws its own bucket: the split holds,
+    stickiness cannot (the client's IP is never used, see README)."""
     if route.canary is None or route.weight <= 0:
         return "stable", route.stable
-    if route.weight >= 100 or bucket(route.deployment, user) < route.weight * (BUCKETS // 100):
+    spot = bucket(route.deployment, user) if user else random.randrange(BUCKETS)
+    if route.weight >= 100 or spot < route.weight * (BUCKETS // 100):
         return "canary", route.canary
     return "stable", route.stable
 

@@ -79,9 +79,12 @@ class Proxy:
                               ("x-lockgate-tenant", h.get("x-lockgate-tenant"))):
             if value and not is_name(value):
                 return error_response(400, f"invalid {header} {value!r}: {NAME_RULE}", "invalid_request_error")
-        user = req.user or h.get("x-lockgate-user") or request.remote or ""
+        user = req.user or h.get("x-lockgate-user") or ""
+        session = h.get("x-lockgate-session") or ""
         route = self.rollouts.route(deployment)
-        variant, target = domain.choose(route, user)
+        # Sticky by user, else session, else the client's own key; never by the client's IP, which
+        # would send every user behind one app host or NAT to the same variant.
+        variant, target = domain.choose(route, user or session or h.get("x-lockgate-sticky-key") or "")
         model = target.model or req.model
         want_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
         # Streams without usage would leave token counts unknown: ask for them, hide them again.
@@ -120,11 +123,13 @@ class Proxy:
             # The event and the span's attributes are bookkeeping: build them on the next loop
             # turn, after aiohttp has handed the response to the socket, not before.
             asyncio.get_running_loop().call_soon(
-                self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user, rec)
+                self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user, session,
+                rec)
         return response
 
     def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
-                target: domain.Target, model: str, req: ChatRequest, user: str, rec: _Record) -> None:
+                target: domain.Target, model: str, req: ChatRequest, user: str, session: str,
+                rec: _Record) -> None:
         """Queue the request's inference event and end its span (runs after the response is sent)."""
         try:
             event = InferenceEvent(
@@ -151,6 +156,7 @@ class Proxy:
                 prompt=last_user_text(req.messages),
                 response=rec.text if rec.status == "ok" or rec.text else None,
                 user_hash=domain.user_hash(user),
+                session_id=session,  # scrubbed with the rest of the event in the outbox
             )
         except Exception:  # the request is answered already: end the span, let the loop log the bug
             span.end()

@@ -18,7 +18,7 @@ import nats.js.errors
 from lockgate import artifacts
 from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import GateDecided, RolloutState
+from lockgate.contracts import DriftReport, GateDecided, InferenceEvent, RolloutState
 from lockgate.errors import (
     BusUnavailable,
     InvalidEvent,
@@ -27,11 +27,13 @@ from lockgate.errors import (
     Retryable,
     SignatureError,
 )
+from lockgate.pricebook import load_price_book
 from lockgate.retry import RetryPolicy
 from lockgate.server.service import ServiceContext
-from lockgate.services.router import domain
+from lockgate.services.router import analysis, domain, progress
 from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
+from lockgate.services.router.evidence import Evidence
 from lockgate.signing import Verifier
 from lockgate.subjects import token, untoken
 
@@ -62,6 +64,7 @@ class _Pending:
     route: Route
     state: RolloutState
     revision: int | None = None
+    announce: bool = True  # False for analysis bookkeeping that moves no traffic (KV only, no event)
 
 
 class Rollouts:
@@ -93,6 +96,8 @@ class Rollouts:
         self._poisoned: dict[str, str] = {}  # deployment -> why its last change was dropped unpersisted
         # Decisions move traffic, so only those signed by a trusted gatekeeper key are acted on.
         self.verifier = Verifier(ctx.bus, s)
+        # Live evidence per variant for canary analysis, fed by `observe` (priced like the cost service).
+        self.evidence = Evidence(_pricer(s))
 
     # reads (hot path)
     def route(self, deployment: str) -> Route:
@@ -174,12 +179,12 @@ class Rollouts:
         """Advance progressing canaries when their step is due (one loop for all deployments)."""
         while True:
             now = time.time()
-            due = [d for d in (domain.due_at(r) for r in self.routes.values()) if d is not None]
+            due = [d for d in (progress.due_at(r) for r in self.routes.values()) if d is not None]
             if due and min(due) <= now:
                 for route in list(self.routes.values()):
-                    new = domain.tick(route, self.steps, self.interval_s, now)
-                    if new is not None:
-                        self._apply(new)
+                    when = progress.due_at(route)
+                    if when is not None and when <= now:
+                        self._step(route, now)
                 try:
                     await self.flush()
                 except LockgateError as exc:
@@ -192,7 +197,7 @@ class Rollouts:
 
     # changes
     async def start_canary(self, deployment: str, req: domain.CanaryRequest,
-                           override: domain.Override | None = None) -> Route:
+                           override: domain.Override | None = None, actor: str = "") -> Route:
         """Start a canary at 0%; if a verified decision already allows its release (KV), act on it at once.
 
         A new stable release takes all traffic, so it too needs a decision that allows it; a canary
@@ -216,8 +221,13 @@ class Rollouts:
                     "may override with break_glass")
 
         def change() -> None:
-            self._apply(domain.start_canary(self.route(deployment), req, stable=stable, canary=canary,
-                                            first_step=self.steps[0], override=override))
+            strategy = req.strategy
+            steps = domain.normalize_steps(strategy.steps) if strategy and strategy.steps else self.steps
+            started = domain.start_canary(self.route(deployment), req, stable=stable, canary=canary,
+                                          first_step=steps[0], override=override)
+            self._apply(msgspec.structs.replace(started, strategy=strategy, started_at=time.time(), paused=False,
+                                                analysis=None), actor=actor or (override.actor if override else ""))
+            self.evidence.forget(deployment, keep={req.stable_release, req.canary_release})
             if decision is not None:
                 self.apply_decision(decision)
 
@@ -231,7 +241,8 @@ class Rollouts:
         now = time.time()
         changed = 0
         for route in list(self.routes.values()):
-            new = domain.on_decision(route, decision, self.steps, self.interval_s, now)
+            new = domain.on_decision(route, decision, progress.steps_of(route, self.steps),
+                                     progress.interval_of(route, self.interval_s), now)
             if new is not None:
                 self._apply(new)
                 changed += 1
@@ -242,25 +253,106 @@ class Rollouts:
         await self._await_ready()
         await self._until_won(lambda: self.apply_decision(decision))
 
-    async def manual(self, deployment: str, action: str, override: domain.Override | None = None) -> Route:
+    async def manual(self, deployment: str, action: str, override: domain.Override | None = None,
+                     actor: str = "") -> Route:
         """Operator abort (always allowed), promote (only an admitted canary, or break-glass) or clear-override."""
         await self._await_ready()
 
         def change() -> None:
             route = self.route(deployment)
             if action == "clear-override":
-                self._apply(domain.clear_override(route))
+                self._apply(domain.clear_override(route), actor=actor)
             elif action == "abort":
                 if route.phase in ("promoted", "aborted"):
                     raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
-                self._apply(domain.abort(route, "by operator"))
+                self._apply(domain.abort(route, f"by operator {actor}" if actor else "by operator"), actor=actor)
             else:
-                self._apply(domain.manual_promote(route, override))
+                promoted = domain.manual_promote(route, override)
+                if actor and override is None:  # the override's reason names its admin already
+                    promoted = msgspec.structs.replace(promoted, reason=f"{promoted.reason} {actor}")
+                self._apply(promoted, actor=actor)
 
         self._poisoned.pop(deployment, None)
         await self._until_won(change)
         self._raise_if_poisoned(deployment)
         return self.route(deployment)
+
+    async def operate(self, deployment: str, action: str, actor: str, *, weight: float = 0.0,
+                      why: str = "") -> Route:
+        """Operator pause, resume or set-weight (progress.py), recorded with the actor's identity."""
+        await self._await_ready()
+
+        def change() -> None:
+            route = self.route(deployment)
+            if action == "pause":
+                new = progress.pause(route, actor, why)
+            elif action == "resume":
+                new = progress.resume(route, actor, progress.interval_of(route, self.interval_s), time.time())
+            elif action == "set-weight":
+                new = progress.set_weight(route, weight, actor)
+            else:
+                raise domain.InvalidRollout(f"unknown rollout action {action!r}")
+            self._apply(new, actor=actor)
+
+        self._poisoned.pop(deployment, None)
+        await self._until_won(change)
+        self._raise_if_poisoned(deployment)
+        return self.route(deployment)
+
+    # live evidence
+    def analysing(self) -> bool:
+        """True while any deployment's canary is under analysis (evidence is worth keeping)."""
+        return any(progress.analysed(r) for r in self.routes.values())
+
+    def observe(self, events: list[InferenceEvent]) -> None:
+        """Keep the events of deployments whose canary is under analysis (either variant's release; an
+        SDK event that names only its variant counts for that variant's release)."""
+        for e in events:
+            route = self.routes.get(e.deployment or e.app)
+            if route is None or route.canary is None or not progress.analysed(route):
+                continue
+            release = e.release or (route.canary.release if e.variant == "canary" else route.stable.release)
+            if release in (route.canary.release, route.stable.release):
+                self.evidence.add(e, release)
+
+    def measurement(self, route: Route, now: float) -> analysis.Measurement:
+        """The canary against stable over the analysis window (else since the canary started), at the
+        rollout's next look."""
+        assert route.canary is not None and route.strategy is not None and route.strategy.analysis is not None
+        spec = route.strategy.analysis
+        since = route.started_at if spec.window_s is None else max(route.started_at, now - spec.window_s)
+        canary = self.evidence.sample(route.deployment, route.canary.release, since)
+        stable = self.evidence.sample(route.deployment, route.stable.release, since)
+        if stable.n < spec.min_sample and since > route.started_at:
+            stable = self.evidence.sample(route.deployment, route.stable.release, route.started_at)
+        look = (route.analysis.look if route.analysis else 0) + 1
+        return analysis.measure(spec, canary, stable, look)
+
+    def _step(self, route: Route, now: float) -> None:
+        """A due route: analysed canaries are measured (and abort, pause or advance); others step on time."""
+        steps, interval = progress.steps_of(route, self.steps), progress.interval_of(route, self.interval_s)
+        if progress.analysed(route):
+            new = progress.on_measurement(route, self.measurement(route, now), steps, interval, now)
+            if new is not None:
+                # Bookkeeping of a look that moves no traffic goes to KV only, not to the rollout history.
+                moved = (new.weight, new.phase, new.paused) != (route.weight, route.phase, route.paused)
+                self._apply(new, announce=moved)
+            return
+        new = domain.tick(route, steps, interval, now)
+        if new is not None:
+            self._apply(new)
+
+    async def on_drift(self, report: DriftReport) -> None:
+        """A drift report: a DRIFT covering a live canary's traffic aborts it (persisted; retried via nack)."""
+        await self._await_ready()
+
+        def change() -> None:
+            route = self.routes.get(report.deployment)
+            new = progress.on_drift(route, report) if route is not None else None
+            if new is not None:
+                self._apply(new)
+
+        await self._until_won(change)
 
     def _raise_if_poisoned(self, deployment: str) -> None:
         reason = self._poisoned.pop(deployment, None)
@@ -279,10 +371,15 @@ class Rollouts:
 
         await _CAS_RETRY.call(attempt, retry_on=RouteContended, what="route compare-and-set")
 
-    def _apply(self, route: Route) -> None:
+    def _apply(self, route: Route, *, actor: str = "", announce: bool = True) -> None:
         # Synchronous on purpose: the next request routed after this line sees the new weight.
+        if route.paused and route.phase in ("promoted", "aborted"):
+            route = msgspec.structs.replace(route, paused=False)  # a finished canary holds nothing
         self.routes[route.deployment] = route
-        self._outbox.append(_Pending(route, domain.to_state(route)))
+        state = domain.to_state(route)
+        if actor:
+            state = msgspec.structs.replace(state, actor=actor)
+        self._outbox.append(_Pending(route, state, announce=announce))
         self._unpersisted[route.deployment] += 1
         self._notify()
 
@@ -341,7 +438,8 @@ class Rollouts:
             except nats.errors.Error as exc:
                 raise BusUnavailable(f"cannot write route {route.deployment!r} to KV: {exc!r}") from None
             self._revisions[route.deployment] = item.revision
-        await bus.publish(bus.subjects.rollout(route.deployment), state)
+        if item.announce:
+            await bus.publish(bus.subjects.rollout(route.deployment), state)
         return True
 
     async def _lost(self, deployment: str) -> None:
@@ -428,3 +526,15 @@ class Rollouts:
             log.warning("ignoring stored gate decision under %s: it is for %s", release, decision.release)
             return None
         return decision
+
+
+def _pricer(settings: Settings) -> Callable[[InferenceEvent], float | None]:
+    """USD of one event by the configured price book (None for a model it does not price)."""
+    book = load_price_book(settings.price_book)
+    models = book.models
+
+    def price(e: InferenceEvent) -> float | None:
+        rates = models.get(e.model) or models.get(e.response_model)
+        return None if rates is None else rates.cost(e.input_tokens, e.output_tokens, e.cached_tokens)
+
+    return price

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import aiohttp
 from aiohttp import web
 
@@ -11,6 +14,7 @@ from lockgate.server.apikeys import KeyStore
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.router.admin import Admin
 from lockgate.services.router.endpoints import Endpoints
+from lockgate.services.router.handlers import evidence_callback
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
 
@@ -33,6 +37,7 @@ class RouterService(Service):
         self.admin = Admin(self.rollouts, self.keys)
         self.url = ""
         self._runner: web.AppRunner | None = None
+        self._evidence: Any = None
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -52,6 +57,9 @@ class RouterService(Service):
         """Restore routes and follow other replicas' changes, open the upstream pool, then serve."""
         await self.rollouts.restore()
         self.spawn(self.rollouts.run_watch(), "route-watch")
+        # Live evidence for canary analysis: every inference event, from this replica and every other producer.
+        self._evidence = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.inference_all,
+                                                         cb=evidence_callback(self.rollouts))
         self.proxy.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=60, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
@@ -72,6 +80,9 @@ class RouterService(Service):
             await self._runner.cleanup()
             self._runner = None
         await self.batcher.close()
+        if self._evidence is not None:
+            with contextlib.suppress(Exception):  # the connection may already be closing
+                await self._evidence.unsubscribe()
         try:
             await self.rollouts.flush()
         except Exception:

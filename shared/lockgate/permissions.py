@@ -60,7 +60,7 @@ DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
     "lineage": {"events": ("release", "run", "eval", "gate", "rollout")},
     "evaluator": {"events": ("requests",)},
     "gatekeeper": {"events": ("evals", "reviews"), "audit": ("audit",)},  # audit: the chainer
-    "router": {"events": ("gates",)},
+    "router": {"events": ("gates", "drift")},
     "drift": {"inference": ("inference",), "events": ("rollout",)},
     "cost": {"inference": ("inference",)},
 }
@@ -178,6 +178,8 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(_read_kv(s.kv_releases)).add(_read_objects(s.object_store))
         g.add(Grant(publish=[s.rollout_all, s.inference_all, s.query]))
         g.add(Grant(publish=[s.audit("router")]))  # its manual rollout actions and overrides, as itself
+        # Canary analysis reads live inference events (core subscription, every replica all of them).
+        g.add(Grant(subscribe=[s.inference_all]))
     elif identity == "drift":
         g.add(service).add(_consume(s, "drift"))
         g.add(_write_kv(s.kv_drift)).add(Grant(publish=[s.drift_all, s.query]))

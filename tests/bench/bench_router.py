@@ -13,15 +13,17 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 
-from lockgate.contracts import GateDecided
+from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
 from lockgate.server.apikeys import bootstrap
 from lockgate.signing import Signer, trust_file_path, trust_key
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process, stack
-from tests.helpers import break_glass, register_model_release
+from tests.helpers import break_glass, register_model_release, store_pass
 
 N_REQUESTS = 3000
 CONCURRENCY = 8
@@ -122,12 +124,93 @@ async def _reaction(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, 
         return {"trials": TRIALS, **percentiles(samples)}
 
 
+FAULT_TRIALS = 20
+# Analysis as an operator would set it for a fast loop: 50 events per variant, a look every 50 ms over
+# the last second, abort on the first failing look; `count` keeps a healthy canary at its step.
+_FAULT_STRATEGY = {"steps": [50, 100], "interval_s": 0.05, "analysis": {
+    "metrics": [{"name": "error_rate", "max_increase": 0.01}], "min_sample": 50, "count": 1_000_000,
+    "inconclusive_limit": 1_000_000, "window_s": 1.0}}
+
+
+async def _until_stopped(session: aiohttp.ClientSession, url: str, headers: dict[str, str], stop: asyncio.Event,
+                         sent: list[int], worker: int) -> None:
+    """One load worker: requests from distinct users until `stop`; `sent[0]` counts them all."""
+    while not stop.is_set():
+        body = {**BODY, "user": f"u{worker}-{sent[0]}"}
+        sent[0] += 1
+        async with session.post(url, json=body, headers=headers) as resp:
+            await resp.read()
+
+
+async def _fault_to_zero(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, Any]:
+    """Time from an injected fault (the canary's upstream starts failing every call) to canary weight 0,
+    under load at concurrency 8; and from a drift report to weight 0. The load runs in this process
+    (the fault is injected into an in-process simulator), so it shares the router's event loop."""
+    fault = ModelSpec(default="fine thanks")  # mutated in place: the simulator reads it per request
+    config = SimConfig(models={"m": ModelSpec(default="fine thanks"), "c": fault})
+    async with SimServer(config) as sim, stack(env, "router", stable_upstream=sim.url, canary_upstream=sim.url) as st:
+        router, bus = st.services["router"], st.ctx.bus
+        signer = Signer.generate()
+        trust_key(trust_file_path(st.ctx.settings), signer.public)
+        await register_model_release(bus, "base", "m", "default")
+        await store_pass(bus, "base", st.ctx.settings)
+        url = f"{router.url}/lockgate/v1/deployments/fault"
+        headers = {"x-lockgate-deployment": "fault"}
+        fault_ms: list[float] = []
+        fault_requests: list[int] = []
+        drift_ms: list[float] = []
+        for i in range(FAULT_TRIALS * 2):
+            release = f"c-{i}"
+            await register_model_release(bus, release, "c", "canary")
+            analysed = i < FAULT_TRIALS
+            strategy = _FAULT_STRATEGY if analysed else {"steps": [50, 100], "interval_s": 3600}
+            async with session.put(url, json={"stable_release": "base", "canary_release": release,
+                                              "strategy": strategy}) as resp:
+                assert resp.status == 200, await resp.text()
+            await bus.publish(bus.subjects.gate_decided(release),
+                              signer.sign(GateDecided(release=release, decision="PASS", rules=[])))
+            await router.rollouts.wait_for(lambda r: r["fault"].phase == "progressing", timeout=10)
+            if not analysed:
+                now = datetime.now(UTC)
+                report = DriftReport(deployment="fault", window_start=now, window_end=now, reference_n=500,
+                                     current_n=500, drifted=True, features=[FeatureDrift(
+                                         feature="output_tokens", psi=0.5, ks_stat=0.5, ks_pvalue=0.0,
+                                         reference_mean=10, current_mean=30, drifted=True)])
+                t0 = time.perf_counter()
+                await bus.publish(bus.subjects.drift("fault"), report)
+                await router.rollouts.wait_for(lambda r: r["fault"].weight == 0.0, timeout=10)
+                drift_ms.append((time.perf_counter() - t0) * 1000.0)
+                continue
+            stop = asyncio.Event()
+            sent = [0]
+            workers = [asyncio.create_task(_until_stopped(session, f"{router.url}/v1/chat/completions", headers,
+                                                          stop, sent, w)) for w in range(CONCURRENCY)]
+            # A healthy baseline first: the canary has passed a look at its step.
+            await router.rollouts.wait_for(lambda r: (a := r["fault"].analysis) is not None and a.last is not None
+                                           and a.last.verdict == "SUCCESSFUL", timeout=30)
+            before = sent[0]
+            fault.error_rate = 1.0
+            t0 = time.perf_counter()
+            await router.rollouts.wait_for(lambda r: r["fault"].weight == 0.0, timeout=30)
+            fault_ms.append((time.perf_counter() - t0) * 1000.0)
+            fault_requests.append(sent[0] - before)
+            stop.set()
+            await asyncio.gather(*workers)
+            fault.error_rate = 0.0
+        return {"injected_fault_to_weight_0": {"trials": FAULT_TRIALS, "fault": "canary upstream fails every call",
+                                               "analysis": "interval 50 ms, window 1 s, min 50 events per variant",
+                                               "requests_until_abort_p50": sorted(fault_requests)[len(fault_requests) // 2],
+                                               **percentiles(fault_ms)},
+                "drift_report_to_weight_0": {"trials": FAULT_TRIALS, **percentiles(drift_ms)}}
+
+
 async def run(env: BenchEnv) -> dict[str, Any]:
-    """Router overhead vs. direct calls, and gate decision -> weight change latency."""
+    """Router overhead vs. direct calls, gate decision -> weight change, injected fault -> weight 0."""
     overhead = await _overhead(env)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {bootstrap(env.home).admin_key}"}) as session:
         reaction = await _reaction(env, session)
-    return {"overhead": overhead, "decision_to_weight": reaction}
+        closed_loop = await _fault_to_zero(env, session)
+    return {"overhead": overhead, "decision_to_weight": reaction, **closed_loop}
 
 
 async def _load_main(url: str, n: int, concurrency: int) -> None:

@@ -21,3 +21,4 @@ class RolloutState(Event, frozen=True, kw_only=True, tag="lockgate.rollout.state
     step: int = 0
     reason: str = ""
     decision_id: str = ""
+    actor: str = ""  # the API key identity of an operator's change; "" when the router acted on evidence

@@ -1,0 +1,275 @@
+"""Canary analysis: live metrics per variant measured against an analysis spec. Pure, no I/O.
+
+Semantics follow Argo Rollouts' AnalysisTemplate where they fit: each metric has a threshold, a
+measurement is Successful, Failed or Inconclusive, and the rollout counts them against
+`failure_limit` and `inconclusive_limit`. Two rules keep the loop honest:
+
+- No step passes on three requests: below `min_sample` events for either variant a measurement
+  is WAITING (never a success), and a metric with no values at all (e.g. time to first token
+  without streaming) is INCONCLUSIVE: no data never passes (fail-closed).
+- Looking every interval does not inflate false aborts: a metric FAILS only when its confidence
+  bound is past the threshold, and look k of a rollout tests at alpha / (k (k + 1)) split over the
+  metrics. These levels sum to alpha over any number of looks (union bound), so a canary no worse
+  than its threshold is aborted with probability at most alpha over the whole rollout.
+  A metric SUCCEEDS on its point estimate once the sample is large enough; between the two it is
+  INCONCLUSIVE.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from statistics import NormalDist
+from typing import Annotated, Literal
+
+import msgspec
+import numpy as np
+
+Verdict = Literal["SUCCESSFUL", "FAILED", "INCONCLUSIVE", "WAITING"]
+MetricName = Literal["error_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50", "ttft_p95",
+                     "ttft_p99", "tokens_per_request", "cost_per_request"]
+METRICS: tuple[str, ...] = MetricName.__args__  # type: ignore[attr-defined]
+_QUANTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
+_UNITS = {"error_rate": "", "latency": " ms", "ttft": " ms", "tokens_per_request": " tokens",
+          "cost_per_request": " USD"}
+_NORMAL = NormalDist()
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+NonNeg = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class MetricSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One metric's condition on the canary: an absolute ceiling, and/or a limit relative to stable.
+
+    `max`: canary value <= max. `max_increase`: canary - stable <= max_increase (rates and means).
+    `max_ratio`: canary <= max_ratio * stable (latency, tokens, cost). At least one is required.
+    """
+
+    name: MetricName
+    max: NonNeg | None = None
+    max_increase: NonNeg | None = None
+    max_ratio: Positive | None = None
+    dry_run: bool = False  # measured and shown, never aborts, pauses or holds a step (Argo's dryRun)
+
+    def __post_init__(self) -> None:
+        if self.max is None and self.max_increase is None and self.max_ratio is None:
+            raise ValueError(f"metric {self.name}: give max, max_increase or max_ratio")
+
+
+class AnalysisSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a canary is judged between steps (Argo's interval, count, failureLimit, inconclusiveLimit)."""
+
+    metrics: Annotated[list[MetricSpec], msgspec.Meta(min_length=1)]
+    min_sample: Annotated[int, msgspec.Meta(ge=10)] = 100  # events per variant before any verdict
+    count: Annotated[int, msgspec.Meta(ge=1)] = 1  # successful measurements a step needs to advance
+    failure_limit: Annotated[int, msgspec.Meta(ge=0)] = 0  # failed measurements tolerated; one more aborts
+    inconclusive_limit: Annotated[int, msgspec.Meta(ge=0)] = 3  # one more pauses for an operator
+    alpha: Annotated[float, msgspec.Meta(gt=0, lt=0.5)] = 0.05  # false-abort budget of the whole rollout
+    # Look at the last `window_s` seconds only, so a fault that starts late is not diluted by the healthy
+    # traffic before it; stable falls back to the whole rollout when its window is too thin (at 100%).
+    # None: everything since the canary started.
+    window_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
+class MetricResult(msgspec.Struct, frozen=True, kw_only=True):
+    """One metric in one measurement: values, the threshold they were held to, and the verdict."""
+
+    name: str
+    verdict: Verdict
+    canary: float | None = None
+    stable: float | None = None
+    threshold: float | None = None
+    bound: float | None = None  # the canary's confidence bound that was compared with the threshold
+    canary_n: int = 0
+    stable_n: int = 0
+    why: str = ""
+    dry_run: bool = False
+
+
+class Measurement(msgspec.Struct, frozen=True, kw_only=True):
+    """One look at the evidence: overall verdict and every metric's result."""
+
+    verdict: Verdict
+    look: int
+    metrics: list[MetricResult]
+    canary_n: int
+    stable_n: int
+
+    def failing(self) -> MetricResult | None:
+        """The first metric that failed (or was inconclusive, if none failed)."""
+        for wanted in ("FAILED", "INCONCLUSIVE", "WAITING"):
+            for m in self.metrics:
+                if m.verdict == wanted and not m.dry_run:
+                    return m
+        return None
+
+
+@dataclass(frozen=True)
+class VariantSample:
+    """What one variant served in the analysis window."""
+
+    n: int = 0
+    errors: int = 0
+    latency_ms: Sequence[float] = ()
+    ttft_ms: Sequence[float] = ()  # streamed requests only
+    tokens: Sequence[float] = ()
+    cost: Sequence[float] = ()  # priced requests only
+
+
+def look_alpha(alpha: float, look: int, metrics: int) -> float:
+    """One-sided level of one metric at look k: alpha / (k (k + 1)) shared by the metrics."""
+    k = max(1, look)
+    return alpha / (k * (k + 1)) / max(1, metrics)
+
+
+def z_of(alpha_one_sided: float) -> float:
+    """The normal quantile for a one-sided level."""
+    return _NORMAL.inv_cdf(1.0 - alpha_one_sided)
+
+
+def wilson(successes: int, n: int, z: float) -> tuple[float, float]:
+    """Wilson score interval of a proportion (sound near 0 and 1, where errors live)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def diff_lower(x1: int, n1: int, x2: int, n2: int, z: float) -> float:
+    """Newcombe's hybrid score lower bound of p1 - p2 (canary minus stable)."""
+    p1, p2 = x1 / n1, x2 / n2
+    l1, _ = wilson(x1, n1, z)
+    _, u2 = wilson(x2, n2, z)
+    return (p1 - p2) - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2)
+
+
+def quantile(values: Sequence[float], q: float) -> float:
+    """The q-quantile by the nearest-rank rule (a value that was observed)."""
+    return _quantile_sorted(np.sort(np.asarray(values, dtype=np.float64)), q)
+
+
+def quantile_bounds(values: Sequence[float], q: float, z: float) -> tuple[float, float]:
+    """Distribution-free bounds of a quantile from order statistics (normal approximation of the binomial)."""
+    return _bounds_sorted(np.sort(np.asarray(values, dtype=np.float64)), q, z)
+
+
+def _quantile_sorted(s: np.ndarray, q: float) -> float:
+    return float(s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))])
+
+
+def _bounds_sorted(s: np.ndarray, q: float, z: float) -> tuple[float, float]:
+    n = len(s)
+    spread = z * math.sqrt(n * q * (1 - q))
+    lo = max(0, math.floor(n * q - spread) - 1)
+    hi = min(n - 1, math.ceil(n * q + spread) - 1)
+    return float(s[lo]), float(s[max(lo, hi)])
+
+
+def mean_bounds(values: Sequence[float], z: float) -> tuple[float, float, float]:
+    """Mean and its normal-approximation bounds."""
+    v = np.asarray(values, dtype=np.float64)
+    mean = float(v.mean())
+    sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    half = z * sd / math.sqrt(len(v))
+    return mean, mean - half, mean + half
+
+
+def _threshold(spec: MetricSpec, stable: float | None) -> float | None:
+    """The tightest of the limits that apply (relative ones only with a stable value)."""
+    limits = [spec.max] if spec.max is not None else []
+    if stable is not None and spec.max_increase is not None:
+        limits.append(stable + spec.max_increase)
+    if stable is not None and spec.max_ratio is not None:
+        limits.append(stable * spec.max_ratio)
+    return min(limits) if limits else None
+
+
+def _values(sample: VariantSample, name: str) -> Sequence[float]:
+    if name.startswith("latency"):
+        return sample.latency_ms
+    if name.startswith("ttft"):
+        return sample.ttft_ms
+    return sample.tokens if name == "tokens_per_request" else sample.cost
+
+
+def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: float) -> MetricResult:
+    name = spec.name
+    base = {"name": name, "canary_n": canary.n, "stable_n": stable.n}
+    relative = spec.max_increase is not None or spec.max_ratio is not None
+    if name == "error_rate":
+        p_c, p_s = canary.errors / canary.n, stable.errors / stable.n
+        threshold = _threshold(spec, p_s)
+        assert threshold is not None  # stable always has a rate here
+        lo_c, _ = wilson(canary.errors, canary.n, z)
+        _, hi_s = wilson(stable.errors, stable.n, z)
+        # Relative limits are held against stable's bound too, so stable's own noise never aborts.
+        failed = ((spec.max is not None and lo_c > spec.max)
+                  or (spec.max_increase is not None
+                      and diff_lower(canary.errors, canary.n, stable.errors, stable.n, z) > spec.max_increase)
+                  or (spec.max_ratio is not None and lo_c > spec.max_ratio * hi_s))
+        return _verdict(base, p_c, p_s, threshold, lo_c, failed)
+    values, stable_values = _values(canary, name), _values(stable, name)
+    if not len(values) or (relative and not len(stable_values)):
+        return MetricResult(**base, verdict="INCONCLUSIVE", why="no data: never a pass")
+    if name in ("tokens_per_request", "cost_per_request"):
+        c, c_lo, _ = mean_bounds(values, z)
+        s, _, s_hi = mean_bounds(stable_values, z) if len(stable_values) else (None, None, None)
+    else:
+        q = _QUANTILES[name.rsplit("_", 1)[1]]
+        # `measure` sorted the latency and ttft values once, so each quantile is an index.
+        c = _quantile_sorted(values, q)  # type: ignore[arg-type]
+        s = _quantile_sorted(stable_values, q) if len(stable_values) else None  # type: ignore[arg-type]
+        c_lo, _ = _bounds_sorted(values, q, z)  # type: ignore[arg-type]
+        s_hi = _bounds_sorted(stable_values, q, z)[1] if len(stable_values) else None  # type: ignore[arg-type]
+    threshold = _threshold(spec, s)
+    lenient = _threshold(spec, s_hi)
+    assert threshold is not None and lenient is not None
+    # Failing needs the canary's lower bound past the threshold that stable's upper bound sets.
+    failed = c_lo > lenient
+    return _verdict(base, c, s, threshold, c_lo, failed)
+
+
+def _verdict(base: dict[str, object], canary: float, stable: float | None, threshold: float, bound: float,
+             failed: bool) -> MetricResult:
+    verdict: Verdict = "FAILED" if failed else ("SUCCESSFUL" if canary <= threshold else "INCONCLUSIVE")
+    why = "" if verdict == "SUCCESSFUL" else (
+        "significantly above threshold" if failed else "above threshold, not significantly yet")
+    return MetricResult(**base, verdict=verdict, canary=canary, stable=stable,  # type: ignore[arg-type]
+                        threshold=threshold, bound=bound, why=why)
+
+
+def _sorted(sample: VariantSample) -> VariantSample:
+    """The sample with latency and ttft as sorted arrays: one sort per variant serves every quantile."""
+    return replace(sample, latency_ms=np.sort(np.asarray(sample.latency_ms, dtype=np.float64)),
+                   ttft_ms=np.sort(np.asarray(sample.ttft_ms, dtype=np.float64)))
+
+
+def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, look: int) -> Measurement:
+    """Judge the canary against stable at look `look` (1 for the first look with enough data)."""
+    if canary.n < spec.min_sample or stable.n < spec.min_sample:
+        why = f"waiting for {spec.min_sample} events per variant (canary {canary.n}, stable {stable.n})"
+        results = [MetricResult(name=m.name, verdict="WAITING", canary_n=canary.n, stable_n=stable.n, why=why)
+                   for m in spec.metrics]
+        return Measurement(verdict="WAITING", look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
+    z = z_of(look_alpha(spec.alpha, look, len(spec.metrics)))
+    canary, stable = _sorted(canary), _sorted(stable)
+    results = [msgspec.structs.replace(_judge(m, canary, stable, z), dry_run=True) if m.dry_run
+               else _judge(m, canary, stable, z) for m in spec.metrics]
+    verdicts = {r.verdict for r in results if not r.dry_run}
+    overall: Verdict = ("FAILED" if "FAILED" in verdicts else "INCONCLUSIVE" if "INCONCLUSIVE" in verdicts
+                        else "SUCCESSFUL")
+    return Measurement(verdict=overall, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
+
+
+def describe(result: MetricResult) -> str:
+    """`error_rate 0.052 > threshold 0.015 (stable 0.005; 400 vs 400 requests)` for reasons and tables."""
+    if result.canary is None:
+        return f"{result.name}: {result.why}"
+    unit = next((u for k, u in _UNITS.items() if result.name.startswith(k)), "")
+    stable = f"stable {result.stable:.4g}{unit}; " if result.stable is not None else ""
+    op = ">" if result.verdict != "SUCCESSFUL" else "<="
+    return (f"{result.name} {result.canary:.4g}{unit} {op} threshold {result.threshold:.4g}{unit} "
+            f"({stable}{result.canary_n} canary vs {result.stable_n} stable requests)")

@@ -1,0 +1,76 @@
+"""Live evidence for canary analysis: recent inference events per deployment and release. Pure, no I/O.
+
+Every replica keeps its own copy, fed from the inference subjects (the router's own events and
+the SDK's alike), so replicas see the same evidence and reach the same verdicts; the routes KV's
+compare-and-set decides which replica's verdict is written. Rows live in columnar ring buffers, so
+summarising a window is a few vectorised masks, not a Python loop on the router's event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from lockgate.contracts import InferenceEvent
+from lockgate.services.router.analysis import VariantSample
+
+MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bounded memory
+_FIRST = 1024  # buffers start small and double up to MAX_ROWS
+
+
+class _Ring:
+    """One release's rows: time, failed, latency, ttft (0 = not streamed), tokens, cost (-1 = unpriced)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.cap = min(_FIRST, limit)
+        self.n = self.pos = 0
+        self.cols = np.zeros((6, self.cap), dtype=np.float64)
+
+    def add(self, row: tuple[float, float, float, float, float, float]) -> None:
+        if self.n == self.cap < self.limit:  # full and never wrapped: grow in place of overwriting
+            self.cap = min(2 * self.cap, self.limit)
+            grown = np.zeros((6, self.cap), dtype=np.float64)
+            grown[:, :self.n] = self.cols
+            self.cols, self.pos = grown, self.n
+        self.cols[:, self.pos] = row
+        self.pos = (self.pos + 1) % self.cap
+        self.n = min(self.n + 1, self.cap)
+
+
+class Evidence:
+    """Recent rows per (deployment, release); `sample` summarises a window for `analysis.measure`."""
+
+    def __init__(self, price: Callable[[InferenceEvent], float | None], max_rows: int = MAX_ROWS) -> None:
+        self._price = price
+        self._max = max_rows
+        self._rings: dict[tuple[str, str], _Ring] = {}
+
+    def add(self, event: InferenceEvent, release: str | None = None) -> None:
+        """Record one event under its release (or `release`, for events that name only a variant)."""
+        key = (event.deployment or event.app, event.release if release is None else release)
+        ring = self._rings.get(key)
+        if ring is None:
+            ring = self._rings[key] = _Ring(self._max)
+        cost = self._price(event)
+        ring.add((event.time.timestamp(), float(event.status != "ok"), event.latency_ms, event.ttft_ms,
+                  float(event.input_tokens + event.output_tokens), -1.0 if cost is None else cost))
+
+    def forget(self, deployment: str, keep: set[str]) -> None:
+        """Drop a deployment's rows except for the releases in `keep`."""
+        for key in [k for k in self._rings if k[0] == deployment and k[1] not in keep]:
+            del self._rings[key]
+
+    def sample(self, deployment: str, release: str, since: float) -> VariantSample:
+        """What `release` served for `deployment` from `since` (unix seconds) on (copies: safe to hand
+        to another thread while events keep arriving)."""
+        ring = self._rings.get((deployment, release))
+        if ring is None or not ring.n:
+            return VariantSample()
+        t, failed, latency, ttft, tokens, cost = ring.cols[:, :ring.n]
+        window = t >= since
+        ok = window & (failed == 0)
+        # Latency and tokens describe answers: a failed call's timing is the error's, not the model's.
+        return VariantSample(n=int(window.sum()), errors=int((window & (failed != 0)).sum()), latency_ms=latency[ok],
+                             ttft_ms=ttft[ok & (ttft > 0)], tokens=tokens[ok], cost=cost[window & (cost >= 0)])

@@ -1,0 +1,204 @@
+"""`lockgate rollout get|pause|resume|abort|promote|set-weight|history`: operate a deployment's canary.
+
+Actions go to the router's admin API with an API key (operator or admin role for changes, any
+role for `get`); the router records the key's identity as the actor. `history` reads the stored
+rollout events through the query service, like every other query command.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lockgate.cli import access
+from lockgate.cli.main import handle_errors, json_option
+from lockgate.cli.render import console, emit_json, output, table
+from lockgate.errors import ConfigError, LockgateError
+from lockgate.server.apikeys import read_credential
+
+_ADMIN = "/lockgate/v1/deployments"
+
+
+class RouterUnavailable(LockgateError):
+    """The router's admin API did not answer (wrong --router URL, or the stack is not running)."""
+
+
+class RolloutRefused(LockgateError):
+    """The router refused the action (its message says why: no canary, not admitted, wrong role ...)."""
+
+    exit_code = 4
+
+
+class RouterAdmin:
+    """A small client of the router admin API (stdlib HTTP: the CLI stays synchronous)."""
+
+    def __init__(self, url: str, key: str, timeout_s: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        self.key = key
+        self.timeout_s = timeout_s
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One request; the decoded JSON answer, or RolloutRefused with the router's message."""
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(f"{self.url}{_ADMIN}{path}", data=data, method=method,
+                                     headers={"Authorization": f"Bearer {self.key}",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise RolloutRefused(f"router refused ({exc.code}): {_message(exc.read())}") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise RouterUnavailable(f"cannot reach the router admin API at {self.url} ({reason}); "
+                                    "pass --router URL or set LOCKGATE_ROUTER_URL") from None
+
+
+def _message(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body.decode(errors="replace")[:500]
+
+
+def _key(home: str, given: str | None) -> str:
+    if given:
+        return given
+    path = Path(home) / "credentials" / "router-admin.key"
+    try:
+        return read_credential(path)
+    except ConfigError:
+        raise ConfigError(f"no API key: pass --api-key (or LOCKGATE_API_KEY), or run where {path} exists "
+                          "(`lockgate up --home DIR` writes it)") from None
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%H:%M:%S") if ts else "-"
+
+
+def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
+    """`rollout get` as rows: where the canary stands, then the last analysis's metric values."""
+    canary = route.get("canary") or {}
+    strategy = route.get("strategy") or {}
+    status = route.get("analysis") or {}
+    phase = route.get("phase", "")
+    if route.get("paused"):
+        phase += " (paused)"
+    rows = [{"field": k, "value": v} for k, v in (
+        ("deployment", route.get("deployment")),
+        ("phase", phase),
+        ("stable", (route.get("stable") or {}).get("release") or "(default)"),
+        ("canary", canary.get("release", "-")),
+        ("weight", f"{route.get('weight', 0):g}%"),
+        ("step", f"{route.get('step', 0)} of {', '.join(f'{s:g}' for s in strategy.get('steps') or []) or 'router steps'}"),
+        ("admitted by", route.get("admitted") or "-"),
+        ("override", (route.get("override") or {}).get("reason", "-")),
+        ("analysis", f"look {status.get('look', 0)}, failures {status.get('failures', 0)}, "
+                     f"inconclusive {status.get('inconclusives', 0)}, at {_when(status.get('at', 0))}"
+         if strategy.get("analysis") else "none (steps advance on time)"),
+        ("reason", route.get("reason", "")),
+    )]
+    return rows
+
+
+def metric_rows(route: dict[str, Any]) -> list[dict[str, Any]]:
+    """The last measurement, one row per metric: canary and stable values against the threshold."""
+    last = (route.get("analysis") or {}).get("last") or {}
+    return [{"metric": m["name"] + (" (dry run)" if m.get("dry_run") else ""), "verdict": m["verdict"], "canary": m.get("canary"), "stable": m.get("stable"),
+             "threshold": m.get("threshold"), "n (canary/stable)": f"{m.get('canary_n', 0)}/{m.get('stable_n', 0)}",
+             "why": m.get("why", "")} for m in last.get("metrics", [])]
+
+
+def register(cli: click.Group) -> None:
+    """Attach `rollout` to the top-level group."""
+
+    @cli.group()
+    @click.option("--router", "router_url", envvar="LOCKGATE_ROUTER_URL",
+                  help="Base URL of the router (default http://127.0.0.1:ROUTER_PORT from settings).")
+    @click.option("--api-key", envvar="LOCKGATE_API_KEY",
+                  help="An operator or admin API key (default: HOME/credentials/router-admin.key).")
+    @click.pass_context
+    def rollout(ctx: click.Context, router_url: str | None, api_key: str | None) -> None:
+        """Operate a deployment's canary: see it, pause, resume, abort, set its weight, read its history."""
+        settings = ctx.obj["settings"]
+        ctx.obj["router_url"] = router_url or f"http://127.0.0.1:{settings.router_port}"
+        ctx.obj["api_key"] = api_key
+
+    def admin(ctx: click.Context) -> RouterAdmin:
+        return RouterAdmin(ctx.obj["router_url"], _key(ctx.obj["settings"].home, ctx.obj["api_key"]))
+
+    def show(route: dict[str, Any], as_json: bool) -> None:
+        if as_json:
+            emit_json(route)
+            return
+        table(summary(route), title=f"rollout {route.get('deployment')}", columns=["field", "value"])
+        metrics = metric_rows(route)
+        if metrics:
+            table(metrics, title="last analysis")
+
+    @rollout.command("get")
+    @click.argument("deployment")
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def get(ctx: click.Context, deployment: str, as_json: bool) -> None:
+        """Phase, weights, step, admission and the last analysis against its thresholds."""
+        show(admin(ctx).call("GET", f"/{deployment}"), as_json)
+
+    def action(name: str, doc: str, *, reason: bool = False) -> None:
+        @click.argument("deployment")
+        @json_option
+        @click.pass_context
+        @handle_errors
+        def run(ctx: click.Context, deployment: str, as_json: bool, **kw: Any) -> None:
+            body = {"reason": kw["reason"]} if kw.get("reason") else None
+            route = admin(ctx).call("POST", f"/{deployment}/{name}", body)
+            if as_json:
+                emit_json(route)
+            else:
+                console.print(route.get("reason", ""), highlight=False, soft_wrap=True)
+
+        run.__doc__ = doc
+        if reason:
+            run = click.option("--reason", default="", help="Why (recorded with your identity).")(run)
+        rollout.command(name)(run)
+
+    action("pause", "Hold the canary at its weight: no step advances until `resume` (a failing analysis "
+                    "still aborts).", reason=True)
+    action("resume", "Continue a paused canary; the next step or analysis look is one interval away.")
+    action("abort", "Send all traffic back to stable now (the canary goes to 0%).")
+    action("promote", "Make the canary stable now: only a canary a verified decision allows.")
+
+    @rollout.command("set-weight")
+    @click.argument("deployment")
+    @click.argument("weight", type=click.FloatRange(0, 100))
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def set_weight(ctx: click.Context, deployment: str, weight: float, as_json: bool) -> None:
+        """Change only the canary's weight (percent); a release no decision allows gets none."""
+        route = admin(ctx).call("POST", f"/{deployment}/set-weight", {"weight": weight})
+        if as_json:
+            emit_json(route)
+        else:
+            console.print(route.get("reason", ""), highlight=False, soft_wrap=True)
+
+    @rollout.command("history")
+    @click.argument("deployment")
+    @click.option("--limit", default=30, show_default=True)
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def history(ctx: click.Context, deployment: str, limit: int, as_json: bool) -> None:
+        """Every change of the deployment's route, newest first, with who or what made it and why."""
+        rows = access.query(ctx.obj["settings"], "rollout_history", direct=ctx.obj["direct"],
+                            deployment=deployment, limit=limit)
+        output(rows, as_json, title=f"rollout history of {deployment}",
+               columns=None if as_json else ["time", "phase", "canary_weight", "stable_release",
+                                             "canary_release", "reason"])

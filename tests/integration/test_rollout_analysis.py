@@ -1,0 +1,366 @@
+"""Closed-loop delivery on the real nats-server, chDB and the simulator: live evidence per variant
+promotes, pauses and aborts canaries; drift aborts; operators pause, resume and set weights."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from click.testing import CliRunner
+
+from lockgate.bus import Bus
+from lockgate.cli.main import cli
+from lockgate.codec import Codec
+from lockgate.config import Settings
+from lockgate.contracts import DriftReport, FeatureDrift, GateDecided, RolloutState
+from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
+from lockgate.server.registry import ServiceSet
+from lockgate.server.service import ServiceContext
+from lockgate.services.router.domain import Route
+from lockgate.signing import Signer, trust_file_path, trust_key
+from lockgate.store import Store
+from lockgate.subjects import Subjects, token
+from lockgate.telemetry import Telemetry
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import register_model_release, sink_stored
+
+pytestmark = pytest.mark.timeout(120)
+
+# Stable fails 0.5% of calls. On the canary upstream, "bad" fails 5% and "same" behaves as stable.
+STABLE = SimConfig(models={"m": ModelSpec(default="stable says hi", error_rate=0.005)}, seed=3)
+CANARY = SimConfig(models={"bad": ModelSpec(default="bad canary", error_rate=0.05),
+                           "same": ModelSpec(default="same canary", error_rate=0.005),
+                           "long": ModelSpec(default=" ".join(["tripled"] * 9))}, seed=3)
+ERRORS = {"metrics": [{"name": "error_rate", "max_increase": 0.01},
+                      {"name": "latency_p95", "max_ratio": 3.0, "max": 2000}],
+          "min_sample": 100, "failure_limit": 0, "inconclusive_limit": 1000}
+_states: Codec[RolloutState] = Codec(RolloutState)
+
+
+@pytest.fixture
+async def signer(context: ServiceContext) -> Signer:
+    s = Signer.generate()
+    trust_key(trust_file_path(context.settings), s.public)
+    return s
+
+
+@pytest.fixture
+async def router(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
+    async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
+        await register_model_release(context.bus, "r1", "m", "default")
+        await register_model_release(context.bus, "bad", "bad", "canary")
+        await register_model_release(context.bus, "same", "same", "canary")
+        await register_model_release(context.bus, "long", "long", "canary")
+        kv = await context.bus.kv(context.bus.subjects.kv_gates)
+        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))
+        context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
+                                                    deployment="chat", app="shop")
+        services = await run_services("sink", "router")
+        router = services["router"]
+        router.sink = services["sink"]
+        yield router
+
+
+@pytest.fixture
+def keys(context: ServiceContext) -> Bootstrap:
+    return bootstrap(context.settings.home, tenant="acme", app="shop")
+
+
+@pytest.fixture
+async def http(keys: Bootstrap) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as s:
+        yield s
+
+
+async def _start(http: aiohttp.ClientSession, router: Any, canary: str, strategy: dict[str, Any]) -> None:
+    body = {"stable_release": "r1", "canary_release": canary, "strategy": strategy}
+    async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def _pass(router: Any, signer: Signer, release: str) -> None:
+    bus = router.ctx.bus
+    await bus.publish(bus.subjects.gate_decided(release), signer.sign(GateDecided(release=release, rules=[],
+                                                                                  decision="PASS")))
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "progressing", timeout=10)
+
+
+async def _traffic_until(http: aiohttp.ClientSession, router: Any, done: Callable[[Route], bool],
+                         limit: int = 6000, batch: int = 40) -> int:
+    """Send requests from distinct users, a batch at a time, until `done(route)` or `limit` requests."""
+    sent = 0
+    url = f"{router.url}/v1/chat/completions"
+
+    async def one(i: int) -> None:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": f"user-{i}"}
+        async with http.post(url, json=body) as resp:
+            await resp.read()
+
+    while not done(router.rollouts.route("chat")) and sent < limit:
+        await asyncio.gather(*(one(sent + i) for i in range(batch)))
+        sent += batch
+    return sent
+
+
+async def _states_of(sub: Any) -> list[RolloutState]:
+    states = []
+    while True:
+        try:
+            states.append(_states.decode((await sub.next_msg(timeout=0.5)).data))
+        except TimeoutError:
+            return states
+
+
+async def test_canary_with_five_percent_errors_is_aborted_at_its_first_step(router: Any, http: aiohttp.ClientSession,
+                                                                             signer: Signer) -> None:
+    bus = router.ctx.bus
+    sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
+    await _start(http, router, "bad", {"steps": [50, 100], "interval_s": 0.2, "analysis": ERRORS})
+    await _pass(router, signer, "bad")
+    sent = await _traffic_until(http, router, lambda r: r.phase == "aborted")
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not aborted after {sent} requests: {route.reason}"
+    assert (route.weight, route.stable.release) == (0.0, "r1")
+    assert route.reason.startswith("aborted bad: analysis failed at step 1 (50%): error_rate ")
+    assert "> threshold" in route.reason and "(stable " in route.reason and "canary vs" in route.reason
+    assert route.analysis is not None and route.analysis.failures == 1
+    failed = route.analysis.last.metrics[0]
+    assert failed.name == "error_rate" and failed.threshold == pytest.approx(failed.stable + 0.01)
+    assert failed.canary > failed.threshold and failed.bound > failed.stable  # significantly worse, not noise
+
+    # it never got past its first step, and the abort was announced with the reason
+    states = await _states_of(sub)
+    assert max(s.canary_weight for s in states) == 50.0
+    assert states[-1].phase == "aborted" and "error_rate" in states[-1].reason and states[-1].actor == ""
+    # the deployment is back on stable: every user now gets r1
+    async with http.post(f"{router.url}/v1/chat/completions",
+                         json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": "u"}) as resp:
+        assert resp.headers["x-lockgate-release"] == "r1"
+
+
+async def test_noop_canary_goes_through_every_step_and_is_promoted(router: Any, http: aiohttp.ClientSession,
+                                                                   signer: Signer) -> None:
+    bus = router.ctx.bus
+    sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
+    await _start(http, router, "same", {"steps": [25, 50, 100], "interval_s": 0.1, "analysis": ERRORS})
+    await _pass(router, signer, "same")
+    sent = await _traffic_until(http, router, lambda r: r.phase == "promoted")
+    route = router.rollouts.route("chat")
+    assert route.phase == "promoted", f"not promoted after {sent} requests: {route.reason}"
+    assert route.stable.release == "same" and route.previous is not None and route.previous.release == "r1"
+    states = await _states_of(sub)
+    assert [s.canary_weight for s in states if s.phase == "progressing"] == [25.0, 50.0, 100.0]
+    assert "analysis passed at 100%" in states[-1].reason
+
+
+async def test_drift_report_for_the_canary_aborts_it_naming_the_feature(router: Any, http: aiohttp.ClientSession,
+                                                                        signer: Signer) -> None:
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 60})
+    await _pass(router, signer, "same")
+    now = datetime.now(UTC)
+    report = DriftReport(deployment="chat", app="shop", window_start=now, window_end=now, reference_n=50,
+                         current_n=50, drifted=True, source="lockgate-drift", features=[
+                             FeatureDrift(feature="output_tokens", psi=0.9, ks_stat=0.6, ks_pvalue=1e-6,
+                                          reference_mean=12, current_mean=36, drifted=True),
+                             FeatureDrift(feature="latency_ms", psi=0.02, ks_stat=0.1, ks_pvalue=0.4,
+                                          reference_mean=5, current_mean=5, drifted=False)])
+    bus = router.ctx.bus
+    await bus.publish(bus.subjects.drift("chat"), report)
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
+    route = router.rollouts.route("chat")
+    assert route.weight == 0.0 and route.stable.release == "r1"
+    assert f"drift report {report.id}" in route.reason and "DRIFT in output_tokens (PSI 0.9" in route.reason
+    assert "latency_ms" not in route.reason
+
+
+async def test_canary_whose_answers_triple_in_length_is_aborted_by_the_drift_monitor(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, run_services: Any) -> None:
+    drift = (await run_services("drift"))["drift"]
+    await _start(http, router, "long", {"steps": [50, 100], "interval_s": 3600})
+    # The canary waits at 0% for its decision: this traffic is all stable, the drift monitor's reference.
+    reference = router.ctx.settings.drift_reference_size
+    await _traffic_until(http, router, lambda r: False, limit=reference, batch=reference // 5)
+    await drift.handlers.events.wait_for(reference, 30)
+    await _pass(router, signer, "long")
+    sent = await _traffic_until(http, router, lambda r: r.phase == "aborted", limit=3000)
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not aborted after {sent} requests: {route.reason}"
+    assert route.weight == 0.0 and route.stable.release == "r1"
+    assert "DRIFT in output_tokens (PSI" in route.reason
+
+
+async def test_pause_holds_the_weight_and_resume_continues(router: Any, http: aiohttp.ClientSession,
+                                                           signer: Signer, keys: Bootstrap) -> None:
+    operator, rec = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    await _start(http, router, "same", {"steps": [25, 100], "interval_s": 0.1, "analysis": ERRORS})
+    await _pass(router, signer, "same")
+    url = f"{router.url}/lockgate/v1/deployments/chat"
+    async with http.post(f"{url}/pause", json={"reason": "checking traces"},
+                         headers={"Authorization": f"Bearer {operator}"}) as resp:
+        assert resp.status == 200, await resp.text()
+        paused = await resp.json()
+    assert paused["paused"] and paused["weight"] == 25.0
+    assert paused["reason"] == f"paused at step 1 (25%) by {rec.label}: checking traces"
+    looks = router.rollouts.route("chat").analysis
+    before = looks.look if looks else 0
+
+    # evidence keeps coming and is measured, passing looks included, yet the weight holds
+    def measured_twice_more(route: Route) -> bool:
+        return route.analysis is not None and route.analysis.look >= before + 2 and \
+            route.analysis.last is not None and route.analysis.last.verdict == "SUCCESSFUL"
+
+    await _traffic_until(http, router, measured_twice_more)
+    held = router.rollouts.route("chat")
+    assert measured_twice_more(held) and (held.paused, held.weight, held.phase) == (True, 25.0, "progressing")
+
+    async with http.post(f"{url}/resume", headers={"Authorization": f"Bearer {operator}"}) as resp:
+        assert resp.status == 200, await resp.text()
+        assert f"by {rec.label}" in (await resp.json())["reason"]
+    await _traffic_until(http, router, lambda r: r.phase == "promoted")
+    assert router.rollouts.route("chat").phase == "promoted"
+
+
+async def test_set_weight_changes_only_the_weight_and_records_the_actor(router: Any, http: aiohttp.ClientSession,
+                                                                         signer: Signer) -> None:
+    bus = router.ctx.bus
+    url = f"{router.url}/lockgate/v1/deployments/chat"
+    await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600, "analysis": ERRORS})
+    # no decision allows the canary yet: no weight for it, whoever asks
+    async with http.post(f"{url}/set-weight", json={"weight": 30}) as resp:
+        assert resp.status == 409 and "cannot get weight" in (await resp.json())["error"]["message"]
+    await _pass(router, signer, "same")
+    async with http.post(f"{url}/pause") as resp:
+        assert resp.status == 200
+    before = router.rollouts.route("chat")
+    sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
+    async with http.post(f"{url}/set-weight", json={"weight": 30}) as resp:
+        assert resp.status == 200, await resp.text()
+    after = router.rollouts.route("chat")
+    changed = {f for f in Route.__struct_fields__ if getattr(before, f) != getattr(after, f)}
+    assert changed == {"weight", "reason", "version"} and after.weight == 30.0
+    state = _states.decode((await sub.next_msg(timeout=5)).data)
+    admin_label = next(k.label for k in KeyStore(router.ctx.settings.home).keys() if k.role == "admin")
+    assert state.actor == admin_label and state.canary_weight == 30.0 and admin_label in state.reason
+    kv = await bus.kv(bus.subjects.kv_routes)
+    assert msgspec.json.decode((await kv.get("chat")).value, type=Route) == after  # what replicas see
+
+    # a viewer may look, not act
+    viewer, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "viewer")
+    async with http.post(f"{url}/resume", headers={"Authorization": f"Bearer {viewer}"}) as resp:
+        assert resp.status == 403
+
+
+async def test_cli_get_pause_resume_set_weight_abort_history(router: Any, http: aiohttp.ClientSession,
+                                                             signer: Signer, keys: Bootstrap) -> None:
+    await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600, "analysis": ERRORS})
+    await _pass(router, signer, "same")
+    s = router.ctx.settings
+    base = ["--home", s.home, "--nats", s.nats_url, "--prefix", s.prefix, "--database", s.database,
+            "rollout", "--router", router.url]
+    env = {"LOCKGATE_CLICKHOUSE_URL": s.clickhouse_url}
+
+    async def run(*args: str) -> Any:
+        result = await asyncio.to_thread(CliRunner().invoke, cli, [*base, *args], env=env)
+        return result
+
+    got = await run("get", "chat")
+    assert got.exit_code == 0, got.output
+    assert "progressing" in got.output and "10%" in got.output and "same" in got.output
+    paused = await run("pause", "chat", "--reason", "hold on")
+    assert paused.exit_code == 0 and "paused at step 1 (10%) by apikey:" in paused.output
+    again = await run("pause", "chat")
+    assert again.exit_code == 4 and "already paused" in again.output
+    weighted = await run("set-weight", "chat", "20", "--json")
+    assert weighted.exit_code == 0 and msgspec.json.decode(weighted.output)["paused"] is True
+    assert (await run("resume", "chat")).exit_code == 0
+    aborted = await run("abort", "chat")
+    assert aborted.exit_code == 0 and "by operator apikey:" in aborted.output
+    assert router.rollouts.route("chat").phase == "aborted"
+
+    await router.rollouts.flush()
+    await sink_stored(router.sink.handlers, rollout_events=6)  # start, pass, pause, weight, resume, abort
+    history = await run("history", "chat", "--json")
+    assert history.exit_code == 0, history.output
+    reasons = [r["reason"] for r in msgspec.json.decode(history.output)]
+    assert reasons[0].startswith("aborted same: by operator apikey:")
+    assert any("weight set to 20% (was 10%) by apikey:" in r for r in reasons)
+    assert any(r.startswith("paused at step 1 (10%) by apikey:") for r in reasons)
+
+
+async def test_sticky_by_user_then_session_then_client_key_never_the_ip(router: Any, http: aiohttp.ClientSession,
+                                                                       signer: Signer) -> None:
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    url = f"{router.url}/v1/chat/completions"
+
+    async def variant(headers: dict[str, str], user: str | None = None) -> str:
+        body: dict[str, Any] = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        if user:
+            body["user"] = user
+        async with http.post(url, json=body, headers=headers) as resp:  # 0.5% are injected failures
+            return resp.headers["x-lockgate-variant"]
+
+    for header in ("x-lockgate-session", "x-lockgate-sticky-key"):
+        seen = {}
+        for i in range(30):
+            first = await variant({header: f"k{i}"})
+            assert all([await variant({header: f"k{i}"}) == first for _ in range(3)])  # sticky
+            seen[i] = first
+        assert set(seen.values()) == {"stable", "canary"}  # and split
+    # the user id wins over the session: one user keeps one variant across sessions
+    users = {await variant({"x-lockgate-session": f"s{i}"}, user="alice") for i in range(10)}
+    assert len(users) == 1
+    # every request below comes from 127.0.0.1 without a key: they are not all sent to one variant
+    keyless = [await variant({}) for _ in range(40)]
+    assert set(keyless) == {"stable", "canary"}
+
+
+async def test_two_replicas_measure_the_same_evidence_and_abort_once(settings: Settings, store: Store, bus: Bus,
+                                                                    signer: Signer, keys: Bootstrap) -> None:
+    """Traffic through both replicas; each measures every event (its own and the other's), and the
+    routes KV's compare-and-set lets exactly one abort be written and announced."""
+    sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
+    async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
+        settings = settings.replace(stable_upstream=stable.url, canary_upstream=canary.url, deployment="chat",
+                                    app="shop")
+        await register_model_release(bus, "r1", "m", "default")
+        await register_model_release(bus, "bad", "bad", "canary")
+        kv = await bus.kv(bus.subjects.kv_gates)
+        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[],
+                                                                              decision="PASS"))))
+        buses: list[Bus] = []
+        sets: list[ServiceSet] = []
+        try:
+            for name in ("router-a", "router-b"):
+                b = Bus(settings.nats_url, Subjects(settings.prefix), name=name)
+                await b.connect()
+                buses.append(b)
+                svcs = ServiceSet(ServiceContext(bus=b, store=store, telemetry=Telemetry(), settings=settings),
+                                  ["router"])
+                await svcs.start()
+                sets.append(svcs)
+            a, b2 = sets[0]["router"], sets[1]["router"]
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as http:
+                await _start(http, a, "bad", {"steps": [50, 100], "interval_s": 0.1, "analysis": ERRORS})
+                await _pass(a, signer, "bad")
+                await b2.rollouts.wait_for(lambda r: r["chat"].phase == "progressing", timeout=10)
+                # Half of the traffic through each replica: neither alone sees all of it.
+                await asyncio.gather(_traffic_until(http, a, lambda r: r.phase == "aborted", batch=20),
+                                     _traffic_until(http, b2, lambda r: r.phase == "aborted", batch=20))
+            for router in (a, b2):
+                await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
+                await router.rollouts.flush()  # a replica whose own abort lost the compare-and-set takes the winner's
+            assert a.rollouts.route("chat") == b2.rollouts.route("chat")
+            assert "analysis failed at step 1 (50%): error_rate" in a.rollouts.route("chat").reason
+        finally:
+            for svcs in sets:
+                await svcs.stop()
+            for b in buses:
+                await b.close()
+    states = await _states_of(sub)
+    assert [s.phase for s in states].count("aborted") == 1

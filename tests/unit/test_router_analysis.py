@@ -1,0 +1,173 @@
+"""Canary analysis math: intervals, verdicts, the minimum sample and repeated looks without false aborts."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lockgate.services.router import analysis
+from lockgate.services.router.analysis import AnalysisSpec, MetricSpec, VariantSample
+
+pytestmark = pytest.mark.timeout(60)
+
+ERRORS = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.01)], min_sample=100)
+
+
+def _rates(n_c: int, err_c: int, n_s: int, err_s: int) -> tuple[VariantSample, VariantSample]:
+    return (VariantSample(n=n_c, errors=err_c, latency_ms=[10.0] * (n_c - err_c)),
+            VariantSample(n=n_s, errors=err_s, latency_ms=[10.0] * (n_s - err_s)))
+
+
+def test_wilson_matches_known_values() -> None:
+    lo, hi = analysis.wilson(5, 100, 1.959964)
+    assert lo == pytest.approx(0.02154, abs=1e-4) and hi == pytest.approx(0.11175, abs=1e-4)
+    assert analysis.wilson(0, 50, 1.96)[0] == 0.0  # no errors: the bound stays at 0, never negative
+
+
+def test_newcombe_difference_bound() -> None:
+    # 56/70 vs 48/80 (Newcombe 1998, example): 95% interval of the difference is [0.0524, 0.3339].
+    assert analysis.diff_lower(56, 70, 48, 80, 1.959964) == pytest.approx(0.0524, abs=5e-4)
+
+
+def test_look_levels_sum_to_alpha() -> None:
+    assert sum(analysis.look_alpha(0.05, k, 1) for k in range(1, 100_000)) == pytest.approx(0.05, rel=1e-3)
+    assert analysis.look_alpha(0.05, 1, 2) == pytest.approx(0.0125)
+
+
+def test_no_verdict_below_minimum_sample() -> None:
+    canary, stable = _rates(3, 3, 500, 0)  # three requests, all failed: still not enough to judge
+    m = analysis.measure(ERRORS, canary, stable, look=1)
+    assert m.verdict == "WAITING" and "waiting for 100 events per variant" in m.metrics[0].why
+    canary, stable = _rates(99, 0, 500, 0)  # nor to pass
+    assert analysis.measure(ERRORS, canary, stable, look=1).verdict == "WAITING"
+
+
+def test_five_percent_errors_against_half_a_percent_fail() -> None:
+    canary, stable = _rates(600, 30, 600, 3)
+    m = analysis.measure(ERRORS, canary, stable, look=1)
+    assert m.verdict == "FAILED"
+    (r,) = m.metrics
+    assert r.canary == pytest.approx(0.05) and r.stable == pytest.approx(0.005) and r.threshold == pytest.approx(0.015)
+    assert analysis.describe(r).startswith("error_rate 0.05 > threshold 0.015 (stable 0.005; 600 canary vs 600")
+
+
+def test_equal_error_rates_pass() -> None:
+    canary, stable = _rates(400, 2, 400, 2)
+    assert analysis.measure(ERRORS, canary, stable, look=1).verdict == "SUCCESSFUL"
+
+
+def test_slightly_worse_is_inconclusive_not_failed() -> None:
+    canary, stable = _rates(150, 3, 150, 0)  # 2% vs 0%: past the 1% margin, but 3 errors prove little
+    assert analysis.measure(ERRORS, canary, stable, look=1).verdict == "INCONCLUSIVE"
+
+
+def test_repeated_looks_do_not_inflate_false_aborts() -> None:
+    """A no-op canary (both at 1% errors, margin 1%) looked at 30 times per rollout is aborted in at most
+    alpha of rollouts; a naive fixed 95% test at every look would abort far more often."""
+    rng = random.Random(7)
+    spec = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.0)], min_sample=100, alpha=0.05)
+    rollouts, aborted, naive = 300, 0, 0
+    for _ in range(rollouts):
+        n = e_c = e_s = 0
+        look, naive_hit = 0, False
+        for _ in range(30):
+            n += 100
+            e_c += sum(rng.random() < 0.01 for _ in range(100))
+            e_s += sum(rng.random() < 0.01 for _ in range(100))
+            look += 1
+            c, s = _rates(n, e_c, n, e_s)
+            if analysis.measure(spec, c, s, look).verdict == "FAILED":
+                aborted += 1
+                break
+            naive_hit = naive_hit or analysis.diff_lower(e_c, n, e_s, n, analysis.z_of(0.05)) > 0
+        naive += naive_hit
+    assert aborted / rollouts <= 0.05
+    assert naive > 2 * aborted  # the correction matters
+
+
+@pytest.mark.parametrize(("slowdown", "verdict"), [(1.0, "SUCCESSFUL"), (3.0, "FAILED")])
+def test_latency_quantile_against_stable(slowdown: float, verdict: str) -> None:
+    rng = random.Random(1)
+    stable = [rng.lognormvariate(4, 0.3) for _ in range(400)]
+    canary = [v * slowdown for v in (rng.lognormvariate(4, 0.3) for _ in range(400))]
+    spec = AnalysisSpec(metrics=[MetricSpec(name="latency_p95", max_ratio=1.5)], min_sample=100)
+    m = analysis.measure(spec, VariantSample(n=400, latency_ms=canary), VariantSample(n=400, latency_ms=stable), 1)
+    assert m.verdict == verdict
+
+
+def test_quantile_bounds_contain_the_quantile() -> None:
+    values = [float(i) for i in range(1, 1001)]
+    lo, hi = analysis.quantile_bounds(values, 0.95, 1.96)
+    assert lo < analysis.quantile(values, 0.95) == 950.0 < hi
+    assert 930 < lo and hi < 970
+
+
+def test_no_ttft_data_never_passes() -> None:
+    spec = AnalysisSpec(metrics=[MetricSpec(name="ttft_p95", max=500)], min_sample=10)
+    m = analysis.measure(spec, VariantSample(n=50, latency_ms=[1.0] * 50), VariantSample(n=50), look=1)
+    assert m.verdict == "INCONCLUSIVE" and "no data" in m.metrics[0].why
+
+
+def test_tokens_and_cost_absolute_ceilings() -> None:
+    spec = AnalysisSpec(metrics=[MetricSpec(name="tokens_per_request", max_ratio=1.2),
+                                 MetricSpec(name="cost_per_request", max=0.001)], min_sample=10)
+    stable = VariantSample(n=100, tokens=[100.0] * 100, cost=[0.0005] * 100)
+    ok = VariantSample(n=100, tokens=[101.0] * 100, cost=[0.0005] * 100)
+    costly = VariantSample(n=100, tokens=[100.0] * 100, cost=[0.002] * 100)
+    assert analysis.measure(spec, ok, stable, 1).verdict == "SUCCESSFUL"
+    m = analysis.measure(spec, costly, stable, 1)
+    assert m.verdict == "FAILED" and m.failing().name == "cost_per_request"
+
+
+def test_metric_needs_a_limit() -> None:
+    with pytest.raises(ValueError, match="give max, max_increase or max_ratio"):
+        MetricSpec(name="error_rate")
+
+
+def test_evidence_summarises_a_window_per_release() -> None:
+    from datetime import UTC, datetime
+
+    from lockgate.contracts import InferenceEvent
+    from lockgate.services.router.evidence import Evidence
+
+    def event(t: float, release: str, status: str = "ok", ttft: float = 0.0) -> InferenceEvent:
+        return InferenceEvent(app="shop", deployment="d", release=release, status=status, latency_ms=t,
+                              ttft_ms=ttft, input_tokens=3, output_tokens=7, model="m",
+                              time=datetime.fromtimestamp(t, UTC))
+
+    ev = Evidence(price=lambda e: 0.01 if e.model == "m" else None, max_rows=3)
+    for t, status in ((10, "ok"), (20, "error"), (30, "ok"), (40, "ok")):
+        ev.add(event(t, "r2", status, ttft=5.0 if t == 40 else 0.0))
+    ev.add(event(25, "r1"))
+    s = ev.sample("d", "r2", since=15)
+    assert (s.n, s.errors) == (3, 1)  # 10 fell out of the bounded buffer anyway; 20, 30, 40 remain
+    assert sorted(s.latency_ms) == [30, 40] and list(s.ttft_ms) == [5.0] and list(s.tokens) == [10.0, 10.0]
+    assert list(s.cost) == [0.01] * 3
+    assert ev.sample("d", "r2", since=35).n == 1 and ev.sample("d", "r1", since=0).n == 1
+    ev.forget("d", keep={"r1"})
+    assert ev.sample("d", "r2", since=0).n == 0 and ev.sample("d", "r1", since=0).n == 1
+
+
+def test_evidence_buffers_grow_then_keep_the_newest() -> None:
+    from datetime import UTC, datetime
+
+    from lockgate.contracts import InferenceEvent
+    from lockgate.services.router.evidence import Evidence
+
+    ev = Evidence(price=lambda e: None, max_rows=3000)
+    for t in range(5000):
+        ev.add(InferenceEvent(app="shop", deployment="d", release="r", latency_ms=float(t),
+                              time=datetime.fromtimestamp(1000 + t, UTC)))
+    s = ev.sample("d", "r", since=0)
+    assert s.n == 3000 and sorted(s.latency_ms) == [float(t) for t in range(2000, 5000)] and len(s.cost) == 0
+
+
+def test_dry_run_metrics_are_shown_but_never_decide() -> None:
+    spec = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.01),
+                                 MetricSpec(name="latency_p50", max=1.0, dry_run=True)], min_sample=10)
+    canary, stable = _rates(200, 0, 200, 0)  # latency 10 ms everywhere: far past the dry-run ceiling of 1 ms
+    m = analysis.measure(spec, canary, stable, look=1)
+    assert m.verdict == "SUCCESSFUL" and m.failing() is None
+    assert [(r.name, r.verdict, r.dry_run) for r in m.metrics] == [("error_rate", "SUCCESSFUL", False),
+                                                                   ("latency_p50", "FAILED", True)]

@@ -1,0 +1,146 @@
+"""Closed-loop rollout transitions: analysis verdicts, drift, pause/resume/set-weight. Pure."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+
+from lockgate.contracts import DriftReport, FeatureDrift
+from lockgate.services.router import domain, progress
+from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricResult, MetricSpec
+from lockgate.services.router.domain import CanaryRequest, InvalidRollout, NotAdmitted, Route, Target
+from lockgate.services.router.strategy import Strategy
+
+pytestmark = pytest.mark.timeout(30)
+
+SPEC = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.01)], min_sample=100, failure_limit=0,
+                    inconclusive_limit=1)
+STEPS = (25.0, 50.0, 100.0)
+
+
+def _live(weight: float = 25.0, step: int = 1, **changes: object) -> Route:
+    req = CanaryRequest(stable_release="r1", canary_release="r2")
+    r = domain.start_canary(domain.default_route("d"), req, stable=Target(release="r1"),
+                            canary=Target(release="r2"), first_step=STEPS[0])
+    fields: dict[str, object] = {"phase": "progressing", "weight": weight, "step": step, "admitted": "dec-1",
+                                 "strategy": Strategy(steps=list(STEPS), interval_s=1.0, analysis=SPEC),
+                                 "started_at": 100.0, "next_step_at": 101.0}
+    return msgspec.structs.replace(r, **(fields | changes))
+
+
+def _m(verdict: str, **metric: object) -> Measurement:
+    result = MetricResult(name="error_rate", verdict=verdict, canary=0.05, stable=0.005, threshold=0.015,
+                          canary_n=400, stable_n=400, **metric)  # type: ignore[arg-type]
+    return Measurement(verdict=verdict, look=1, metrics=[result], canary_n=400, stable_n=400)  # type: ignore[arg-type]
+
+
+def test_failed_analysis_aborts_naming_metric_value_and_threshold() -> None:
+    new = progress.on_measurement(_live(), _m("FAILED"), STEPS, 1.0, now=102.0)
+    assert new is not None and (new.phase, new.weight, new.stable.release) == ("aborted", 0.0, "r1")
+    assert "analysis failed at step 1 (25%): error_rate 0.05 > threshold 0.015 (stable 0.005" in new.reason
+    assert new.analysis is not None and new.analysis.failures == 1 and new.analysis.look == 1
+
+
+def test_failures_within_the_limit_only_count() -> None:
+    route = _live(strategy=Strategy(steps=list(STEPS), analysis=msgspec.structs.replace(SPEC, failure_limit=1)))
+    new = progress.on_measurement(route, _m("FAILED"), STEPS, 1.0, now=102.0)
+    assert new is not None and new.phase == "progressing" and new.weight == 25.0 and new.next_step_at == 103.0
+
+
+def test_success_advances_and_the_last_step_promotes() -> None:
+    new = progress.on_measurement(_live(), _m("SUCCESSFUL"), STEPS, 1.0, now=102.0)
+    assert new is not None and (new.weight, new.step, new.phase) == (50.0, 2, "progressing")
+    last = progress.on_measurement(_live(100.0, 3), _m("SUCCESSFUL"), STEPS, 1.0, now=102.0)
+    assert last is not None and (last.phase, last.stable.release) == ("promoted", "r2")
+
+
+def test_waiting_never_advances_and_is_no_look() -> None:
+    new = progress.on_measurement(_live(), _m("WAITING"), STEPS, 1.0, now=102.0)
+    assert new is not None and (new.weight, new.phase) == (25.0, "progressing")
+    assert new.analysis is not None and new.analysis.look == 0 and new.next_step_at == 103.0
+
+
+def test_inconclusive_past_the_limit_pauses() -> None:
+    once = progress.on_measurement(_live(), _m("INCONCLUSIVE"), STEPS, 1.0, now=102.0)
+    assert once is not None and not once.paused
+    twice = progress.on_measurement(once, _m("INCONCLUSIVE"), STEPS, 1.0, now=103.0)
+    assert twice is not None and twice.paused and twice.weight == 25.0 and "inconclusive 2 times" in twice.reason
+
+
+def test_paused_canary_is_measured_but_never_advanced() -> None:
+    paused = _live(paused=True)
+    assert progress.due_at(paused) == 101.0  # still measured: a failing canary must still abort
+    new = progress.on_measurement(paused, _m("SUCCESSFUL"), STEPS, 1.0, now=102.0)
+    assert new is not None and (new.weight, new.paused) == (25.0, True)
+    failed = progress.on_measurement(paused, _m("FAILED"), STEPS, 1.0, now=102.0)
+    assert failed is not None and failed.phase == "aborted" and not failed.paused
+    plain = msgspec.structs.replace(paused, strategy=None)
+    assert progress.due_at(plain) is None  # without analysis a paused canary needs no timer at all
+
+
+def _report(drifted: bool = True, end: float = 200.0) -> DriftReport:
+    when = datetime.fromtimestamp(end, UTC)
+    return DriftReport(deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
+                       drifted=drifted, features=[
+                           FeatureDrift(feature="output_tokens", psi=0.9, ks_stat=0.5, ks_pvalue=0.001,
+                                        reference_mean=10, current_mean=30, drifted=drifted),
+                           FeatureDrift(feature="latency_ms", psi=0.01, ks_stat=0.1, ks_pvalue=0.5,
+                                        reference_mean=5, current_mean=5, drifted=False)])
+
+
+def test_drift_during_a_live_canary_aborts_it_naming_the_feature() -> None:
+    new = progress.on_drift(_live(), _report())
+    assert new is not None and new.phase == "aborted" and new.weight == 0.0
+    assert "DRIFT in output_tokens (PSI 0.9" in new.reason and "latency_ms" not in new.reason
+
+
+@pytest.mark.parametrize("case", ["no drift", "before the canary", "no weight", "promoted"])
+def test_drift_that_does_not_concern_a_live_canary_is_ignored(case: str) -> None:
+    route, report = _live(), _report()
+    if case == "no drift":
+        report = _report(drifted=False)
+    elif case == "before the canary":
+        report = _report(end=50.0)
+    elif case == "no weight":
+        route = msgspec.structs.replace(route, weight=0.0, phase="idle")
+    else:
+        route = msgspec.structs.replace(route, phase="promoted")
+    assert progress.on_drift(route, report) is None
+
+
+def test_pause_and_resume_record_the_actor() -> None:
+    paused = progress.pause(_live(), "apikey:k1(operator@a/b)", "looking at traces")
+    assert paused.paused and paused.weight == 25.0
+    assert paused.reason == "paused at step 1 (25%) by apikey:k1(operator@a/b): looking at traces"
+    with pytest.raises(InvalidRollout, match="already paused"):
+        progress.pause(paused, "x")
+    resumed = progress.resume(paused, "apikey:k2(admin@a/b)", 1.0, now=500.0)
+    assert not resumed.paused and resumed.next_step_at == 501.0 and "resumed at step 1 (25%) by apikey:k2" in resumed.reason
+    with pytest.raises(InvalidRollout, match="not paused"):
+        progress.resume(resumed, "x", 1.0, 0.0)
+
+
+def test_set_weight_changes_only_the_weight() -> None:
+    route = _live(paused=True)
+    new = progress.set_weight(route, 40.0, "apikey:k1(operator@a/b)")
+    changed = {f for f in route.__struct_fields__ if getattr(route, f) != getattr(new, f)}
+    assert changed == {"weight", "reason", "version"}
+    assert new.weight == 40.0 and "weight set to 40% (was 25%) by apikey:k1" in new.reason
+
+
+def test_set_weight_keeps_admission() -> None:
+    unadmitted = _live(admitted="")
+    with pytest.raises(NotAdmitted, match="cannot get weight"):
+        progress.set_weight(unadmitted, 10.0, "x")
+    assert progress.set_weight(unadmitted, 0.0, "x").weight == 0.0  # taking weight away is always allowed
+    with pytest.raises(InvalidRollout, match="already aborted"):
+        progress.set_weight(msgspec.structs.replace(unadmitted, phase="aborted"), 0.0, "x")
+
+
+def test_per_deployment_steps_and_interval() -> None:
+    route = _live()
+    assert progress.steps_of(route, (10.0, 100.0)) == STEPS and progress.interval_of(route, 5.0) == 1.0
+    plain = msgspec.structs.replace(route, strategy=None)
+    assert progress.steps_of(plain, (10.0, 100.0)) == (10.0, 100.0) and progress.interval_of(plain, 5.0) == 5.0
