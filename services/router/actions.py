@@ -11,6 +11,7 @@ from aiohttp import web
 from lockgate.contracts.names import check_name
 from lockgate.errors import InvalidName, Retryable
 from lockgate.server.apikeys import ApiKey
+from lockgate.services.router.audit import record_action
 from lockgate.services.router.domain import InvalidRollout, NotAdmitted
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import error_response
@@ -29,7 +30,8 @@ _decoder = msgspec.json.Decoder(ActionRequest)
 
 
 class Actions:
-    """`pause`, `resume` and `set-weight`; each records the caller's key identity as the actor."""
+    """`pause`, `resume` and `set-weight`; each records the caller's key identity as the actor, and is
+    appended to the audit log."""
 
     def __init__(self, rollouts: Rollouts, key: web.RequestKey[ApiKey]) -> None:
         self.rollouts = rollouts
@@ -60,6 +62,7 @@ class Actions:
         try:
             route = await self.rollouts.operate(deployment, action, request[self.key].label,
                                                 weight=body.weight or 0.0, why=body.reason)
+            await record_action(self.rollouts.ctx.bus, request[self.key], action, route, None)
         except NotAdmitted as exc:
             return error_response(409, exc.message, "conflict", code="not_admitted")
         except InvalidRollout as exc:

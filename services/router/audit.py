@@ -10,7 +10,8 @@ from lockgate.services.router.domain import Override, Route
 
 
 async def record_action(bus: Any, key: ApiKey, action: str, route: Route, override: Override | None) -> None:
-    """Append one audit entry for an admin action (canary, promote, abort, clear-override) that took effect:
+    """Append one audit entry for an admin action (canary, promote, abort, pause, resume, set-weight,
+    clear-override) that took effect:
     who (the person who signed a break-glass, else the API key's label, never the key), on which deployment,
     and the route it left."""
     kind = "break_glass" if override is not None or action == "clear-override" else "rollout"

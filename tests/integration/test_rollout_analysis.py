@@ -17,7 +17,7 @@ from lockgate.bus import Bus
 from lockgate.cli.main import cli
 from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import DriftReport, FeatureDrift, GateDecided, RolloutState
+from lockgate.contracts import AuditEntry, DriftReport, FeatureDrift, GateDecided, RolloutState
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
@@ -200,12 +200,16 @@ async def test_pause_holds_the_weight_and_resume_continues(router: Any, http: ai
     await _start(http, router, "same", {"steps": [25, 100], "interval_s": 0.1, "analysis": ERRORS})
     await _pass(router, signer, "same")
     url = f"{router.url}/lockgate/v1/deployments/chat"
+    audit = await router.ctx.bus.nc.subscribe(router.ctx.bus.subjects.audit("router"))
     async with http.post(f"{url}/pause", json={"reason": "checking traces"},
                          headers={"Authorization": f"Bearer {operator}"}) as resp:
         assert resp.status == 200, await resp.text()
         paused = await resp.json()
     assert paused["paused"] and paused["weight"] == 25.0
     assert paused["reason"] == f"paused at step 1 (25%) by {rec.label}: checking traces"
+    entry = Codec(AuditEntry).decode((await audit.next_msg(timeout=10)).data)  # the action is in the audit log
+    assert (entry.action, entry.actor, entry.target, entry.kind) == ("pause", rec.label, "chat", "rollout")
+    await audit.unsubscribe()
     looks = router.rollouts.route("chat").analysis
     before = looks.look if looks else 0
 
