@@ -146,13 +146,14 @@ async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
 
     rollouts: list[RolloutState] = []
     rollout_codec: Codec[RolloutState] = Codec(RolloutState)
-    promoted = asyncio.Event()
+    finished = asyncio.Event()  # the good canary promoted, or aborted by live evidence (drift, analysis)
 
     async def on_rollout(msg: Any) -> None:
         state = rollout_codec.decode(msg.data)
         rollouts.append(state)
-        if state.phase == "promoted" and state.stable_release == GOOD:
-            promoted.set()
+        if (state.phase == "promoted" and state.stable_release == GOOD) or (
+                state.phase == "aborted" and state.canary_release == GOOD):
+            finished.set()
 
     sub = await bus.nc.subscribe(bus.subjects.rollout(DEPLOYMENT), cb=on_rollout)
     traces: list[str] = []
@@ -164,7 +165,7 @@ async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
             "step by step")
         await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": GOOD},
                         admin_key)
-        sent = await asyncio.wait_for(_traffic(http, router_url, promoted, traffic, traces), 300)
+        sent = await asyncio.wait_for(_traffic(http, router_url, finished, traffic, traces), 300)
     await sub.unsubscribe()
     for state in rollouts:
         reason = state.reason.split("; evaluator warning")[0]  # the full text is in `lockgate gate explain`

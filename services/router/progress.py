@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from lockgate.contracts import DriftReport
+from lockgate.contracts import DriftReport, FeatureDrift
 from lockgate.services.router import domain
 from lockgate.services.router.analysis import Measurement, describe
 from lockgate.services.router.domain import InvalidRollout, NotAdmitted, Route
@@ -90,17 +90,29 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
                         f"canary at {steps[following]:g}%")
 
 
+# Features where less is better: their drift downwards is an improvement, not a reason to abort.
+_LOWER_IS_BETTER = frozenset({"latency_ms", "ttft_ms", "cost_usd"})
+
+
+def _improved(f: FeatureDrift) -> bool:
+    return f.feature in _LOWER_IS_BETTER and f.current_mean < f.reference_mean
+
+
 def on_drift(route: Route, report: DriftReport) -> Route | None:
     """A DRIFT report covering a live canary's traffic aborts it, naming the drifting features.
 
     The drift monitor watches a deployment as a whole, so during a rollout its current window holds
-    the canary's traffic: drift that appears then is taken as the canary's (fail-safe).
+    the canary's traffic: drift that appears then is taken as the canary's (fail-safe). Only drift that
+    can harm counts: latency (or cost) that fell is an improvement, so it alone never aborts.
     """
     if (route.canary is None or not report.drifted or route.phase in ("promoted", "aborted") or route.weight <= 0
             or report.window_end.timestamp() < route.started_at):
         return None
+    harmful = [f for f in report.features if f.drifted and not _improved(f)]
+    if report.features and not harmful:  # e.g. a faster canary: drift, but no harm to roll back for
+        return None
     features = ", ".join(f"{f.feature} (PSI {f.psi:.3g}, mean {f.reference_mean:.4g} -> {f.current_mean:.4g})"
-                         for f in report.features if f.drifted) or "unnamed feature"
+                         for f in harmful) or "unnamed feature"
     return msgspec.structs.replace(
         domain.abort(route, f"drift report {report.id} at {_where(route)}: DRIFT in {features}"), paused=False)
 

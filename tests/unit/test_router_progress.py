@@ -110,6 +110,17 @@ def test_drift_that_does_not_concern_a_live_canary_is_ignored(case: str) -> None
     assert progress.on_drift(route, report) is None
 
 
+@pytest.mark.parametrize(("ref", "cur", "aborts"), [(30.0, 20.0, False), (20.0, 30.0, True)])
+def test_latency_that_drifted_down_is_an_improvement_and_never_aborts(ref: float, cur: float, aborts: bool) -> None:
+    when = datetime.fromtimestamp(200.0, UTC)
+    report = DriftReport(deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
+                         drifted=True, features=[FeatureDrift(feature="latency_ms", psi=0.45, ks_stat=0.5,
+                                                              ks_pvalue=0.001, reference_mean=ref, current_mean=cur,
+                                                              drifted=True)])
+    new = progress.on_drift(_live(), report)
+    assert (new is not None and new.phase == "aborted") is aborts
+
+
 def test_pause_and_resume_record_the_actor() -> None:
     paused = progress.pause(_live(), "apikey:k1(operator@a/b)", "looking at traces")
     assert paused.paused and paused.weight == 25.0
