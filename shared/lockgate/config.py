@@ -33,6 +33,9 @@ class Settings(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     router_port: int = 8080
     grpc_port: int = 50051
+    # the OTLP receiver: OTLP/gRPC and OTLP/HTTP (protobuf and JSON), the ports SDKs and Collectors default to
+    otlp_grpc_port: int = 4317
+    otlp_http_port: int = 4318
     sim_port: int = 9000
     # router
     stable_upstream: str = "http://127.0.0.1:9000/v1"

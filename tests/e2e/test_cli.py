@@ -35,7 +35,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
            "LOCKGATE_DRIFT_WINDOW_SIZE": "100", "COLUMNS": "200"}
     # "Ctrl-C stops ..." follows the list of endpoints, so all of them have been printed by then.
     up = Process([*LOCKGATE, "dev", "up", "--home", str(home), "--nats-port", "0", "--router-port", "0",
-                  "--grpc-port", "0", "--sim-port", "0"], env, "Ctrl-C stops the stack")
+                  "--grpc-port", "0", "--otlp-grpc-port", "0", "--otlp-http-port", "0", "--sim-port", "0"],
+                 env, "Ctrl-C stops the stack")
     assert up.started(120), up.output
     endpoints = printed_endpoints(up.output)
     assert f"{home}/credentials/router-admin.key" in up.output  # where the first admin key is, never the key

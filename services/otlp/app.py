@@ -1,0 +1,62 @@
+"""OTLP receiver wiring: OTLP/gRPC and OTLP/HTTP on the configured host and ports (0 binds a free port)."""
+
+from __future__ import annotations
+
+import grpc
+from aiohttp import web
+
+from lockgate.errors import ConfigError
+from lockgate.server.apikeys import KeyStore
+from lockgate.server.service import Service, ServiceContext
+from lockgate.services.otlp.ingest import Receiver
+from lockgate.services.otlp.transports import HttpApp, serve_grpc
+
+
+class OtlpService(Service):
+    """Receives spans from OpenTelemetry SDKs and Collectors; its endpoints report the ports bound."""
+
+    name = "otlp"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.receiver = Receiver(ctx.bus, KeyStore(ctx.settings.home))
+        self._grpc: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+        self._endpoints: dict[str, str] = {}
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """The OTLP/gRPC address and the OTLP/HTTP base URL once bound."""
+        return dict(self._endpoints)
+
+    async def start(self) -> None:
+        """Bind both ports and serve."""
+        s = self.ctx.settings
+        self._grpc, port = await serve_grpc(self.receiver, s.host, s.otlp_grpc_port)
+        self._http = web.AppRunner(HttpApp(self.receiver).app(), access_log=None, handle_signals=False,
+                                   shutdown_timeout=2.0)
+        await self._http.setup()
+        try:
+            await web.TCPSite(self._http, s.host, s.otlp_http_port).start()
+        except OSError as exc:
+            raise ConfigError(f"cannot bind the OTLP/HTTP receiver to {s.host}:{s.otlp_http_port}: {exc.strerror}") \
+                from None
+        host, http_port = self._http.addresses[0][:2]
+        self._endpoints = {"otlp-grpc": f"{s.host}:{port}", "otlp-http": f"http://{host}:{http_port}"}
+        self.log.info("OTLP receiver on %s (gRPC) and %s (HTTP)", *self._endpoints.values())
+
+    async def stop(self) -> None:
+        """Stop taking exports; running ones get two seconds to be acknowledged."""
+        self._endpoints = {}
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+        if self._grpc is not None:
+            await self._grpc.stop(2.0)
+            self._grpc = None
+        await super().stop()
+
+
+def create(ctx: ServiceContext) -> OtlpService:
+    """Build the OTLP receiver."""
+    return OtlpService(ctx)
