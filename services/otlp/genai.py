@@ -27,7 +27,8 @@ from lockgate.errors import InvalidEvent
 from lockgate.ids import derived_id
 
 OPERATION = ("gen_ai.operation.name",)
-MODEL = ("gen_ai.request.model", "llm.model_name", "llm.request.model", "gen_ai.response.model")
+MODEL = ("gen_ai.request.model", "llm.model_name", "embedding.model_name", "llm.request.model",
+         "gen_ai.response.model")
 RESPONSE_MODEL = ("gen_ai.response.model", "llm.response.model")
 PROVIDER = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system", "llm.vendor")
 INPUT_TOKENS = ("gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", "llm.token_count.prompt",
