@@ -52,6 +52,7 @@ MODEL_CALLS = frozenset({"chat", "text_completion", "generate_content", "embeddi
 NOT_MODEL_CALLS = frozenset({"execute_tool", "invoke_agent", "create_agent", "invoke_workflow"})
 # OpenInference span kinds and OpenLLMetry request types, as GenAI operation names
 _OPENINFERENCE = {"LLM": "chat", "EMBEDDING": "embeddings", "RERANKER": "rerank"}
+_PREFIXES = ("gen_ai.", "llm.", "openinference.", "embedding.")
 _OPENLLMETRY = {"chat": "chat", "completion": "text_completion", "embedding": "embeddings", "rerank": "rerank"}
 
 
@@ -81,6 +82,8 @@ def first(attrs: Mapping[str, Any], names: tuple[str, ...]) -> Any:
 
 def operation(attrs: Mapping[str, Any]) -> str | None:
     """The GenAI operation of a span that is a model call, or None for every other span."""
+    if not any(k.startswith(_PREFIXES) for k in attrs):  # most spans: not worth the lookups below
+        return None
     op = first(attrs, OPERATION)
     if op is not None:
         op = str(op)

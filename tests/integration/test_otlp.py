@@ -13,6 +13,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.resources import Resource
@@ -101,7 +102,8 @@ async def test_the_grpc_exporter_stores_every_span_and_a_genai_span_becomes_a_pr
 
 async def test_the_http_exporter_stores_every_span_and_a_genai_span_becomes_a_priced_event(
         stack: Any, store: Store, keys: Bootstrap) -> None:
-    exporter = HttpExporter(endpoint=stack.endpoints["otlp-http"] + "/v1/traces", headers={"x-api-key": keys.app_key})
+    exporter = HttpExporter(endpoint=stack.endpoints["otlp-http"] + "/v1/traces", headers={"x-api-key": keys.app_key},
+                            compression=Compression.Gzip)
     await asyncio.to_thread(_emit, exporter, "shop-http")
     await _check_stored(stack, store, "shop-http")
 
