@@ -8,6 +8,7 @@ from aiohttp import web
 from lockgate.errors import ConfigError
 from lockgate.server.apikeys import KeyStore
 from lockgate.server.service import Service, ServiceContext
+from lockgate.server.tls import grpc_credentials, ssl_context
 from lockgate.services.otlp.ingest import Receiver
 from lockgate.services.otlp.transports import HttpApp, serve_grpc
 
@@ -32,17 +33,19 @@ class OtlpService(Service):
     async def start(self) -> None:
         """Bind both ports and serve."""
         s = self.ctx.settings
-        self._grpc, port = await serve_grpc(self.receiver, s.host, s.otlp_grpc_port)
+        tls = ssl_context(s)  # a bad certificate fails the start, before anything binds
+        self._grpc, port = await serve_grpc(self.receiver, s.host, s.otlp_grpc_port, grpc_credentials(s))
         self._http = web.AppRunner(HttpApp(self.receiver).app(), access_log=None, handle_signals=False,
                                    shutdown_timeout=2.0)
         await self._http.setup()
         try:
-            await web.TCPSite(self._http, s.host, s.otlp_http_port).start()
+            await web.TCPSite(self._http, s.host, s.otlp_http_port, ssl_context=tls).start()
         except OSError as exc:
             raise ConfigError(f"cannot bind the OTLP/HTTP receiver to {s.host}:{s.otlp_http_port}: {exc.strerror}") \
                 from None
         host, http_port = self._http.addresses[0][:2]
-        self._endpoints = {"otlp-grpc": f"{s.host}:{port}", "otlp-http": f"http://{host}:{http_port}"}
+        scheme = "https" if tls is not None else "http"
+        self._endpoints = {"otlp-grpc": f"{s.host}:{port}", "otlp-http": f"{scheme}://{host}:{http_port}"}
         self.log.info("OTLP receiver on %s (gRPC) and %s (HTTP)", *self._endpoints.values())
 
     async def stop(self) -> None:

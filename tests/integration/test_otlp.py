@@ -202,3 +202,29 @@ async def test_a_bus_that_does_not_acknowledge_gets_otlps_retryable_answers(
         async with http.post(otlp.endpoints["otlp-http"] + "/v1/traces", json=request,
                              headers={"x-api-key": keys.app_key}) as r:
             assert r.status == 200
+
+
+async def test_tls_when_configured(context: Any, run_services: Callable[..., Any], keys: Bootstrap,
+                                   tmp_path: Any) -> None:
+    import ssl
+
+    from tests.integration.test_grpc import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    context.settings = context.settings.replace(grpc_tls_cert=str(cert), grpc_tls_key=str(key))
+    otlp = (await run_services("otlp"))["otlp"]
+    assert otlp.endpoints["otlp-http"].startswith("https://")
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    async with grpc.aio.secure_channel(otlp.endpoints["otlp-grpc"], creds) as channel:
+        reply = await trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+            request, metadata=(("x-api-key", keys.app_key),), timeout=10)
+    assert not reply.HasField("partial_success")
+    trusted = ssl.create_default_context(cafile=str(cert))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(otlp.endpoints["otlp-http"] + "/v1/traces", data=request.SerializeToString(),
+                             headers={"x-api-key": keys.app_key, "Content-Type": "application/x-protobuf"},
+                             ssl=trusted) as r:
+            assert r.status == 200
+        with pytest.raises(aiohttp.ClientError):  # a plaintext client gets no answer
+            await http.post(otlp.endpoints["otlp-http"].replace("https:", "http:") + "/v1/traces", data=b"")
