@@ -6,6 +6,7 @@ import grpc
 from aiohttp import web
 
 from lockgate.errors import ConfigError
+from lockgate.limits import EventLimits
 from lockgate.server.apikeys import KeyStore
 from lockgate.server.service import Service, ServiceContext
 from lockgate.server.tls import grpc_credentials, ssl_context
@@ -20,7 +21,7 @@ class OtlpService(Service):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.receiver = Receiver(ctx.bus, KeyStore(ctx.settings.home))
+        self.receiver = Receiver(ctx.bus, KeyStore(ctx.settings.home), limits=EventLimits.from_settings(ctx.settings))
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self._endpoints: dict[str, str] = {}

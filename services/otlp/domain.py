@@ -106,10 +106,13 @@ class Decoded:
         self.problems.append(text)
 
 
-def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str) -> Decoded:
+def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
+           window: tuple[datetime, datetime] | None = None) -> Decoded:
     """Map a request sent with an API key of `tenant` (whose app is `app`, used when a span names none).
 
-    Raises Forbidden if any span or resource names another tenant: nothing of the request is kept."""
+    A span starting outside `window` (earliest, latest) is refused: a span dated 1970 or 2299 would
+    open a storage partition of its own. Raises Forbidden if any span or resource names another
+    tenant: nothing of the request is kept."""
     out = Decoded()
     for rs in request.resource_spans:
         resource = attributes(rs.resource.attributes)
@@ -127,8 +130,15 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str) -> Deco
                     out.rejected += 1
                     out.problem(f"span {span.name!r} refused: {exc.message}")
                     continue
+                start = _ts(span.start_time_unix_nano)
+                if window is not None and not window[0] <= start <= window[1]:
+                    out.rejected += 1
+                    out.problem(f"span {span_id} refused: its start {start.isoformat()} is outside the accepted "
+                                f"window {window[0].isoformat(timespec='seconds')} to "
+                                f"{window[1].isoformat(timespec='seconds')}")
+                    continue
                 facts = genai.SpanFacts(
-                    trace_id=trace_id, span_id=span_id, name=span.name, start=_ts(span.start_time_unix_nano),
+                    trace_id=trace_id, span_id=span_id, name=span.name, start=start,
                     duration_ns=max(0, span.end_time_unix_nano - span.start_time_unix_nano),
                     error=span.status.code == 2, status_message=span.status.message, attributes=attrs,
                     resource=resource)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -20,6 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from lockgate import metrics
 from lockgate.bus import Bus
 from lockgate.errors import BusUnavailable, InvalidEvent
+from lockgate.limits import EventLimits
 from lockgate.outbox import Encoded, encode_event, publish_events
 from lockgate.retry import RetryPolicy
 from lockgate.server.apikeys import ApiKey, KeyStore, bearer
@@ -39,9 +41,11 @@ class Busy(BusUnavailable):
 class Receiver:
     """The transport-independent receiver: one per service, shared by the gRPC and HTTP servers."""
 
-    def __init__(self, bus: Bus, keys: KeyStore, *, max_in_flight: int = 64, retry_after_s: float = 1.0) -> None:
+    def __init__(self, bus: Bus, keys: KeyStore, *, limits: EventLimits | None = None, max_in_flight: int = 64,
+                 retry_after_s: float = 1.0) -> None:
         self.bus = bus
         self.keys = keys
+        self.limits = limits or EventLimits()  # the window of span times, as for inference events
         self.retry_after_s = retry_after_s
         self._slots = asyncio.Semaphore(max_in_flight)
 
@@ -53,7 +57,9 @@ class Receiver:
     async def export(self, key: ApiKey, request: ExportTraceServiceRequest) -> ExportTraceServiceResponse:
         """Publish a request's spans and inference events; raises Forbidden (another tenant's span),
         or BusUnavailable (retryable: nothing or only part was acknowledged, and a retry completes it)."""
-        decoded = domain.decode(request, tenant=key.tenant, app=key.app)
+        now = datetime.now(UTC)
+        window = (now - timedelta(seconds=self.limits.past_s), now + timedelta(seconds=self.limits.future_s))
+        decoded = domain.decode(request, tenant=key.tenant, app=key.app, window=window)
         batches, too_large = domain.span_batches(decoded.spans, key.tenant)
         for span in too_large:
             decoded.rejected += 1

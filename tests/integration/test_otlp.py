@@ -156,7 +156,8 @@ async def test_grpc_refuses_a_missing_or_wrong_key_and_another_tenants_span(stac
     request = trace_service_pb2.ExportTraceServiceRequest()
     rs = request.resource_spans.add()
     rs.resource.attributes.add(key="lockgate.tenant").value.string_value = "globex"
-    rs.scope_spans.add().spans.add(name="x", trace_id=b"\x01" * 16, span_id=b"\x02" * 8)
+    rs.scope_spans.add().spans.add(name="x", trace_id=b"\x01" * 16, span_id=b"\x02" * 8,
+                                   start_time_unix_nano=time.time_ns())
     async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"]) as channel:
         stub = trace_service_pb2_grpc.TraceServiceStub(channel)
         for metadata in ((), (("authorization", "Bearer lg-wrong"),)):
@@ -168,7 +169,8 @@ async def test_grpc_refuses_a_missing_or_wrong_key_and_another_tenants_span(stac
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         # a span with an invalid id is refused alone, as OTLP's partial success
         rs.resource.attributes[0].value.string_value = "acme"
-        rs.scope_spans[0].spans.add(name="bad", trace_id=b"\x00" * 16, span_id=b"\x03" * 8)
+        rs.scope_spans[0].spans.add(name="bad", trace_id=b"\x00" * 16, span_id=b"\x03" * 8,
+                                    start_time_unix_nano=time.time_ns())
         reply = await stub.Export(request, metadata=(("x-api-key", keys.app_key),))
         assert reply.partial_success.rejected_spans == 1
         assert "trace_id" in reply.partial_success.error_message
@@ -185,7 +187,8 @@ async def test_a_bus_that_does_not_acknowledge_gets_otlps_retryable_answers(
             assert r.status == 503 and r.headers["Retry-After"] == "1"
             assert "retry" in (await r.json())["message"]
     binary = trace_service_pb2.ExportTraceServiceRequest()
-    binary.resource_spans.add().scope_spans.add().spans.add(name="x", trace_id=b"\x01" * 16, span_id=b"\x02" * 8)
+    binary.resource_spans.add().scope_spans.add().spans.add(name="x", trace_id=b"\x01" * 16, span_id=b"\x02" * 8,
+                                                            start_time_unix_nano=time.time_ns())
     async with grpc.aio.insecure_channel(otlp.endpoints["otlp-grpc"]) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await trace_service_pb2_grpc.TraceServiceStub(channel).Export(

@@ -59,6 +59,18 @@ def test_spans_with_invalid_ids_are_refused_alone() -> None:
     assert "span_id must be 8 bytes" in out.problems[0]
 
 
+def test_spans_outside_the_time_window_are_refused_alone() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.fromtimestamp(NOW / 1e9, UTC)
+    window = (now - timedelta(days=30), now + timedelta(hours=1))
+    out = domain.decode(request(span(), span(spanId="0000000000000001", startTimeUnixNano="0"),
+                                span(spanId="0000000000000002", startTimeUnixNano=str(NOW + 10**9 * 86400 * 365))),
+                        tenant="acme", app="a", window=window)
+    assert [s.span_id for s in out.spans] == [SPAN] and out.rejected == 2
+    assert "1970-01-01T00:00:00+00:00 is outside the accepted window" in out.problems[0]
+
+
 def test_another_tenants_span_refuses_the_request() -> None:
     with pytest.raises(Forbidden, match="tenant 'globex'"):
         domain.decode(request(span(), resource={"lockgate.tenant": "globex"}), tenant="acme", app="a")
