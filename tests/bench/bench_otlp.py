@@ -139,7 +139,7 @@ async def receiver_capacity(st: Stack, key: str, requests: int = 40, concurrency
 
 async def run(env: BenchEnv, n: int = 20_000, timeout_s: float = 300.0) -> dict[str, Any]:
     """OTLP ingest spans/s end to end with the standard Python exporter, gRPC and HTTP."""
-    async with stack(env, "sink", "otlp", otlp_grpc_port=0, otlp_http_port=0) as st:
+    async with stack(env, "sink", "otlp") as st:
         key = bootstrap(st.ctx.settings.home, tenant="default", app="bench").app_key
         grpc_figures = await _send(env, st, "grpc", key, n, timeout_s)
         http_figures = await _send(env, st, "http", key, n, timeout_s)

@@ -41,7 +41,8 @@ SCRIPT = textwrap.dedent("""
 async def test_services_other_than_the_store_owners_run_without_chdb(settings: Settings, bus: Bus) -> None:
     # `bus` declares and later deletes this test's streams and buckets.
     raw = {k: getattr(settings, k) for k in ("nats_url", "clickhouse_url", "database", "prefix", "home")}
-    args = [sys.executable, "-c", SCRIPT, json.dumps(raw | {"router_port": 0, "grpc_port": 0, "otlp_grpc_port": 0, "otlp_http_port": 0}), ",".join(SERVICES)]
+    ports = {"router_port": 0, "grpc_port": 0, "otlp_grpc_port": 0, "otlp_http_port": 0}
+    args = [sys.executable, "-c", SCRIPT, json.dumps(raw | ports), ",".join(SERVICES)]
     proc = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
