@@ -25,6 +25,7 @@ from lockgate.limits import EventLimits
 from lockgate.outbox import Encoded, encode_event, publish_events
 from lockgate.retry import RetryPolicy
 from lockgate.server.apikeys import ApiKey, KeyStore, bearer
+from lockgate.server.service import Progress
 from lockgate.services.otlp import domain, wire
 
 log = logging.getLogger("lockgate.otlp")
@@ -48,6 +49,7 @@ class Receiver:
         self.limits = limits or EventLimits()  # the window of span times, as for inference events
         self.retry_after_s = retry_after_s
         self._slots = asyncio.Semaphore(max_in_flight)
+        self.retry_asked = Progress()  # exports answered "retry later"; tests await it instead of sleeping
 
     def authenticate(self, headers: Mapping[str, str]) -> ApiKey:
         """The API key of `Authorization: Bearer lg-...` or `x-api-key: lg-...` (header names lower-case);
@@ -72,10 +74,14 @@ class Receiver:
                 decoded.problem(f"span {event.span_id} stored, but its inference event was refused: {exc.message}")
         received = len(decoded.spans) + decoded.rejected
         metrics.events_in("otlp", received)
-        if self._slots.locked():
-            raise Busy("too many OTLP exports in flight; retry shortly")
-        async with self._slots:
-            await self._publish(batches, events)
+        try:
+            if self._slots.locked():
+                raise Busy("too many OTLP exports in flight; retry shortly")
+            async with self._slots:
+                await self._publish(batches, events)
+        except BusUnavailable:
+            await self.retry_asked.bump()
+            raise
         stored = received - decoded.rejected
         metrics.events_out("otlp", stored + len(events))
         if decoded.rejected:

@@ -22,7 +22,9 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.trace import Status, StatusCode
 
 from lockgate.bus import Bus
+from lockgate.codec import Codec
 from lockgate.config import Settings
+from lockgate.contracts import SpanBatch
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.store import Store
 from tests.helpers import eventually
@@ -30,6 +32,7 @@ from tests.helpers import eventually
 pytestmark = pytest.mark.timeout(90)
 
 SPANS = 40  # per export test: one of them a model call
+_spans: Codec[SpanBatch] = Codec(SpanBatch)
 
 
 @pytest.fixture
@@ -231,3 +234,27 @@ async def test_tls_when_configured(context: Any, run_services: Callable[..., Any
             assert r.status == 200
         with pytest.raises(aiohttp.ClientError):  # a plaintext client gets no answer
             await http.post(otlp.endpoints["otlp-http"].replace("https:", "http:") + "/v1/traces", data=b"")
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+async def test_the_standard_exporter_retries_until_the_bus_is_back_and_nothing_is_lost(
+        run_services: Callable[..., Any], bus: Bus, keys: Bootstrap, protocol: str) -> None:
+    otlp = (await run_services("otlp"))["otlp"]
+    stream = bus.subjects.streams["telemetry"].name
+    await bus.js.delete_stream(stream)  # JetStream acknowledges no span until the stream is back
+    if protocol == "grpc":
+        exporter: SpanExporter = GrpcExporter(endpoint=otlp.endpoints["otlp-grpc"], insecure=True,
+                                              headers={"x-api-key": keys.app_key}, timeout=60)
+    else:
+        exporter = HttpExporter(endpoint=otlp.endpoints["otlp-http"] + "/v1/traces",
+                                headers={"x-api-key": keys.app_key}, timeout=60)
+    sending = asyncio.create_task(asyncio.to_thread(_emit, exporter, f"retry-{protocol}", 10))
+    await otlp.receiver.retry_asked.wait_for(1)  # answered "unavailable, retry in 1 s"
+    await bus.ensure_topology()
+    await sending  # the exporter waited as told and sent the same spans again
+    info = await bus.js.stream_info(stream)
+    sub = await bus.js.pull_subscribe(bus.subjects.spans, stream=stream)
+    batches = [_spans.decode(m.data) for m in await sub.fetch(info.state.messages, timeout=5)]
+    await sub.unsubscribe()
+    assert sorted(s.name for b in batches for s in b.spans) == sorted(
+        ["handle request", "chat gpt-4o-mini", *(f"step {i}" for i in range(8))])
