@@ -62,6 +62,8 @@ class Receiver:
         now = datetime.now(UTC)
         window = (now - timedelta(seconds=self.limits.past_s), now + timedelta(seconds=self.limits.future_s))
         decoded = domain.decode(request, tenant=key.tenant, app=key.app, window=window)
+        received = len(decoded.spans) + decoded.rejected
+        metrics.events_in("otlp", received)
         batches, too_large = domain.span_batches(decoded.spans, key.tenant)
         for span in too_large:
             decoded.rejected += 1
@@ -69,11 +71,16 @@ class Receiver:
         events: list[Encoded] = []
         for event in decoded.events:
             try:
-                events.append(encode_event(event, check=True))
+                encoded = encode_event(event, check=True)
             except InvalidEvent as exc:
-                decoded.problem(f"span {event.span_id} stored, but its inference event was refused: {exc.message}")
-        received = len(decoded.spans) + decoded.rejected
-        metrics.events_in("otlp", received)
+                decoded.problem(f"span {event.span_id}: its inference event was refused: {exc.message}")
+                continue
+            # Refused here, not by the bus: a message it can never take would be answered "retry" for ever.
+            if len(encoded.data) > domain.BATCH_BYTES:
+                decoded.problem(f"span {event.span_id}: its inference event was refused: larger than "
+                                f"{domain.BATCH_BYTES} bytes encoded")
+                continue
+            events.append(encoded)
         try:
             if self._slots.locked():
                 raise Busy("too many OTLP exports in flight; retry shortly")
@@ -82,8 +89,7 @@ class Receiver:
         except BusUnavailable:
             await self.retry_asked.bump()
             raise
-        stored = received - decoded.rejected
-        metrics.events_out("otlp", stored + len(events))
+        metrics.events_out("otlp", received - decoded.rejected + len(events))
         if decoded.rejected:
             metrics.events_dropped("otlp", decoded.rejected, reason="refused")
         if decoded.problems:

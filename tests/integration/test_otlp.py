@@ -258,3 +258,23 @@ async def test_the_standard_exporter_retries_until_the_bus_is_back_and_nothing_i
     await sub.unsubscribe()
     assert sorted(s.name for b in batches for s in b.spans) == sorted(
         ["handle request", "chat gpt-4o-mini", *(f"step {i}" for i in range(8))])
+
+
+async def test_a_span_too_large_for_the_bus_is_refused_alone_not_retried_for_ever(
+        stack: Any, store: Store, keys: Bootstrap) -> None:
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add().spans
+    for i, prompt in enumerate(("x" * 950_000, "short")):
+        span = spans.add(name=f"chat {i}", trace_id=b"\x01" * 16, span_id=bytes([0] * 7 + [i + 1]),
+                         start_time_unix_nano=time.time_ns())
+        span.attributes.add(key="gen_ai.operation.name").value.string_value = "chat"
+        span.attributes.add(key="gen_ai.input.messages").value.string_value = prompt
+    async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"]) as channel:
+        reply = await trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+            request, metadata=(("x-api-key", keys.app_key),))
+    assert reply.partial_success.rejected_spans == 1
+    assert "larger than 900000 bytes" in reply.partial_success.error_message
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="the small call stored")
+    await sink.spans.wait_for(1)
+    assert store.rows("SELECT SpanName FROM otel_traces") == [{"SpanName": "chat 1"}]
