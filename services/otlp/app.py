@@ -42,8 +42,8 @@ class OtlpService(Service):
         try:
             await web.TCPSite(self._http, s.host, s.otlp_http_port, ssl_context=tls).start()
         except OSError as exc:
-            raise ConfigError(f"cannot bind the OTLP/HTTP receiver to {s.host}:{s.otlp_http_port}: {exc.strerror}") \
-                from None
+            raise ConfigError(f"cannot bind the OTLP/HTTP receiver to {s.host}:{s.otlp_http_port}: {exc.strerror} "
+                              "(choose another port with --otlp-http-port or LOCKGATE_OTLP_HTTP_PORT)") from None
         host, http_port = self._http.addresses[0][:2]
         scheme = "https" if tls is not None else "http"
         self._endpoints = {"otlp-grpc": f"{s.host}:{port}", "otlp-http": f"{scheme}://{host}:{http_port}"}

@@ -114,6 +114,7 @@ async def serve_grpc(receiver: Receiver, host: str, port: int, credentials: grpc
     except RuntimeError:
         bound = 0
     if bound == 0:
-        raise ConfigError(f"cannot bind the OTLP/gRPC receiver to {host}:{port} (port in use?)")
+        raise ConfigError(f"cannot bind the OTLP/gRPC receiver to {host}:{port} (port in use? choose another with "
+                          "--otlp-grpc-port or LOCKGATE_OTLP_GRPC_PORT)")
     await server.start()
     return server, bound

@@ -278,3 +278,21 @@ async def test_a_span_too_large_for_the_bus_is_refused_alone_not_retried_for_eve
     await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="the small call stored")
     await sink.spans.wait_for(1)
     assert store.rows("SELECT SpanName FROM otel_traces") == [{"SpanName": "chat 1"}]
+
+
+async def test_a_port_in_use_is_a_clear_error(context: Any) -> None:
+    import socket
+
+    from lockgate.errors import ConfigError
+    from lockgate.services.otlp.app import OtlpService
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        context.settings = context.settings.replace(otlp_http_port=taken.getsockname()[1])
+        otlp = OtlpService(context)
+        try:
+            with pytest.raises(ConfigError, match="--otlp-http-port"):
+                await otlp.start()
+        finally:
+            await otlp.stop()
