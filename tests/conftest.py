@@ -71,6 +71,8 @@ def settings(nats_server: NatsServer, chdb_url: str, unique: str, tmp_path: Path
         home=str(tmp_path),
         router_port=0,
         grpc_port=0,
+        otlp_grpc_port=0,
+        otlp_http_port=0,
         rollout_step_interval_s=0.05,
         drift_reference_size=50,
         drift_window_size=50,

@@ -61,7 +61,7 @@ class Process:
 
 
 # "  router      http://127.0.0.1:41234" as `lockgate up` and `lockgate dev up` print their endpoints
-_ENDPOINT = re.compile(r"^  (\w+)\s+([a-z][a-z0-9+.-]*://\S+|\S+:\d+)(?:\s|$)")
+_ENDPOINT = re.compile(r"^  ([\w-]+)\s+([a-z][a-z0-9+.-]*://\S+|\S+:\d+)(?:\s|$)")
 
 
 def printed_endpoints(output: str) -> dict[str, str]:

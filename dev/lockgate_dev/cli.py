@@ -66,10 +66,11 @@ def register(cli: click.Group) -> None:
     @click.option("--demo", is_flag=True, help="Run the demo once the stack is up.")
     @click.pass_context
     @handle_errors
-    def dev_up(ctx: click.Context, home: str | None, nats_port: int, router_port: int, grpc_port: int, sim_port: int,
-               demo: bool) -> None:
+    def dev_up(ctx: click.Context, home: str | None, nats_port: int, router_port: int, grpc_port: int,
+               otlp_grpc_port: int, otlp_http_port: int, sim_port: int, demo: bool) -> None:
         """Start the embedded stack with the simulator as its upstream (`make run` adds --demo)."""
-        settings = embedded_settings(ctx.obj["settings"], home, nats_port, router_port, grpc_port)
+        settings = embedded_settings(ctx.obj["settings"], home, nats_port, router_port, grpc_port, otlp_grpc_port,
+                                     otlp_http_port)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_dev_up(settings, sim_port, demo))
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,6 +23,7 @@ from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, SignatureError
 from lockgate.outbox import Encoded, encode_event, publish_events
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
+from lockgate.server.tls import grpc_credentials
 from lockgate.signing import Verifier
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
@@ -193,19 +193,6 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
             await decisions.aclose()
 
 
-def tls_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """Server TLS credentials from the cert/key settings (both or neither), or None for plaintext."""
-    if bool(settings.grpc_tls_cert) != bool(settings.grpc_tls_key):
-        raise ConfigError("gRPC TLS needs both grpc_tls_cert and grpc_tls_key (PEM files)")
-    if not settings.grpc_tls_cert:
-        return None
-    try:
-        pair = (Path(settings.grpc_tls_key).read_bytes(), Path(settings.grpc_tls_cert).read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"cannot read the gRPC TLS certificate or key: {exc}") from None
-    return grpc.ssl_server_credentials([pair])
-
-
 class GrpcServer:
     """The gRPC API on one port (0 picks a free one; read `.port` after start)."""
 
@@ -229,7 +216,7 @@ class GrpcServer:
         server = grpc.aio.server()
         ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(self.bus, self.keys), server)
         gates_pb2_grpc.add_GatesServicer_to_server(GatesServicer(self.bus, self.verifier, self.keys), server)
-        tls = tls_credentials(self.settings)
+        tls = grpc_credentials(self.settings)
         try:
             if tls is not None:
                 bound = server.add_secure_port(f"{self.host}:{self.port}", tls)

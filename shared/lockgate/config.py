@@ -33,6 +33,9 @@ class Settings(msgspec.Struct, kw_only=True):
     host: str = "127.0.0.1"
     router_port: int = 8080
     grpc_port: int = 50051
+    # the OTLP receiver: OTLP/gRPC and OTLP/HTTP (protobuf and JSON), the ports SDKs and Collectors default to
+    otlp_grpc_port: int = 4317
+    otlp_http_port: int = 4318
     sim_port: int = 9000
     # router
     stable_upstream: str = "http://127.0.0.1:9000/v1"
@@ -45,7 +48,8 @@ class Settings(msgspec.Struct, kw_only=True):
     # the two upstream settings above. Credentials are looked up by name in the environment, then here:
     endpoints_file: str = ""
     secrets_file: str = ""  # YAML mapping NAME: secret (keep it 0600)
-    # gateway: TLS for the gRPC API when both are set (PEM files); plaintext otherwise
+    # TLS for the gateway's gRPC API and the OTLP receiver (both ports) when both are set (PEM files);
+    # plaintext otherwise
     grpc_tls_cert: str = ""
     grpc_tls_key: str = ""
     # sink

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from lockgate.subjects import Subjects
 
-SERVICES = ("sink", "query", "gateway", "lineage", "evaluator", "gatekeeper", "router", "drift", "cost")
+SERVICES = ("sink", "query", "gateway", "otlp", "lineage", "evaluator", "gatekeeper", "router", "drift", "cost")
 ROLES = ("viewer", "operator", "approver", "admin")
 APP = "app"
 IDENTITIES = (*SERVICES, *ROLES, APP)
@@ -153,6 +153,9 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(Grant(subscribe=[s.query], responses=True))
     elif identity == "gateway":
         g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_all]))
+    elif identity == "otlp":
+        # The OTLP receiver: spans it was sent, and the inference events of GenAI spans; nothing else.
+        g.add(service).add(Grant(publish=[s.inference_all]))
     elif identity == "lineage":
         # It binds each release name once (create-only KV) and publishes the bound releases and the
         # edges as facts.

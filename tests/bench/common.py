@@ -31,7 +31,7 @@ class BenchEnv:
     def settings(self, **overrides: Any) -> Settings:
         name = "b" + uuid.uuid4().hex[:8]
         base = Settings(nats_url=self.nats_url, clickhouse_url=self.chdb_url, database=name, prefix=name,
-                        home=self.home, router_port=0, grpc_port=0)
+                        home=self.home, router_port=0, grpc_port=0, otlp_grpc_port=0, otlp_http_port=0)
         return base.replace(**overrides)
 
 

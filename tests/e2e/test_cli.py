@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +36,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
            "LOCKGATE_DRIFT_WINDOW_SIZE": "100", "COLUMNS": "200"}
     # "Ctrl-C stops ..." follows the list of endpoints, so all of them have been printed by then.
     up = Process([*LOCKGATE, "dev", "up", "--home", str(home), "--nats-port", "0", "--router-port", "0",
-                  "--grpc-port", "0", "--sim-port", "0"], env, "Ctrl-C stops the stack")
+                  "--grpc-port", "0", "--otlp-grpc-port", "0", "--otlp-http-port", "0", "--sim-port", "0"],
+                 env, "Ctrl-C stops the stack")
     assert up.started(120), up.output
     endpoints = printed_endpoints(up.output)
     assert f"{home}/credentials/router-admin.key" in up.output  # where the first admin key is, never the key
@@ -44,6 +46,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     env["LOCKGATE_NATS_URL"] = endpoints["nats"]
     env["E2E_ROUTER"] = endpoints["router"]
     env["E2E_SIM"] = endpoints["simulator"]
+    env["E2E_OTLP_GRPC"] = endpoints["otlp-grpc"]
     env["E2E_HOME"] = str(home)
     env["LOCKGATE_HOME"] = str(home)  # the CLI finds the NATS credentials, API keys and trust file `dev up` made there
     yield env
@@ -200,6 +203,41 @@ def _admin_call(stack: dict[str, str], method: str, path: str, body: dict | None
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+def _sql_count(stack: dict[str, str], sql: str, expected: int) -> int:
+    """`lockgate sql` (a round trip to the running stack each time) until `expected` rows or 60 s."""
+    deadline = time.monotonic() + 60
+    count = 0
+    while count < expected and time.monotonic() < deadline:
+        count = json.loads(run("sql", sql, "--json", env=stack).stdout)[0]["n"]
+    return count
+
+
+def test_an_opentelemetry_sdk_exports_its_spans_to_lockgate_up(stack: dict[str, str]) -> None:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    from lockgate.server.apikeys import read_credential
+
+    key = read_credential(Path(stack["E2E_HOME"]) / "credentials" / "router-app.key")
+    provider = TracerProvider(resource=Resource.create({"service.name": "e2e-otlp"}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(
+        endpoint=stack["E2E_OTLP_GRPC"], insecure=True, headers={"authorization": f"Bearer {key}"})))
+    tracer = provider.get_tracer("e2e")
+    with tracer.start_as_current_span("answer") as root:
+        with tracer.start_as_current_span("chat sim-good") as call:
+            call.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.request.model": "sim-good",
+                                 "gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 5})
+    provider.shutdown()
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    # lockgate's own spans (the sink storing the event) join the application's trace too
+    assert _sql_count(stack, "SELECT count() AS n FROM otel_traces WHERE TraceId = "
+                             f"'{trace_id}' AND ServiceName = 'e2e-otlp'", 2) == 2
+    assert _sql_count(stack, "SELECT count() AS n FROM inference_events WHERE trace_id = "
+                             f"'{trace_id}' AND app = 'e2e-otlp' AND input_tokens = 10", 1) == 1
 
 
 def test_reviews_and_break_glass_are_signed_by_people(stack: dict[str, str], tmp_path: Path) -> None:

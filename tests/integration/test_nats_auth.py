@@ -4,6 +4,7 @@ connection; each identity publishes only its own facts, and a refused publish st
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -341,3 +342,33 @@ async def test_a_poison_original_is_deleted_by_the_sink_and_a_forged_letter_dele
         if router is not None:
             await router.close()
         await runtime.stop()
+
+
+async def test_the_otlp_receiver_publishes_spans_and_events_as_itself(secured) -> None:
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+
+    from lockgate.server.apikeys import bootstrap
+    from lockgate.services.otlp.app import OtlpService
+    from lockgate.telemetry import Telemetry
+
+    _, settings, admin = secured
+    key = bootstrap(settings.home, tenant="acme", app="shop").app_key
+    bus = await _bus(settings, "otlp")
+    otlp = OtlpService(ServiceContext(bus=bus, telemetry=Telemetry(),
+                                      settings=settings.replace(otlp_grpc_port=0, otlp_http_port=0)))
+    await otlp.start()
+    try:
+        request = trace_service_pb2.ExportTraceServiceRequest()
+        span = request.resource_spans.add().scope_spans.add().spans.add(
+            name="chat", trace_id=b"\x01" * 16, span_id=b"\x02" * 8, start_time_unix_nano=time.time_ns())
+        span.end_time_unix_nano = span.start_time_unix_nano + 1000
+        span.attributes.add(key="gen_ai.operation.name").value.string_value = "chat"
+        reply = await otlp.receiver.export(otlp.receiver.authenticate({"x-api-key": key}), request)
+        assert not reply.HasField("partial_success")
+        with pytest.raises(NotAllowed):
+            await bus.publish(bus.subjects.gate_decided("shop-v2"), _decision("shop-v2"))
+    finally:
+        await otlp.stop()
+        await bus.close()
+    for stream in ("telemetry", "inference"):
+        assert (await admin.js.stream_info(admin.subjects.streams[stream].name)).state.messages == 1

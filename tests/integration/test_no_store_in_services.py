@@ -16,7 +16,7 @@ from lockgate.config import Settings
 
 pytestmark = pytest.mark.timeout(120)
 
-SERVICES = ["router", "evaluator", "gatekeeper", "drift", "cost", "lineage", "gateway"]
+SERVICES = ["router", "evaluator", "gatekeeper", "drift", "cost", "lineage", "gateway", "otlp"]
 
 # A fresh interpreter, so what other tests imported into this one does not count.
 SCRIPT = textwrap.dedent("""
@@ -41,10 +41,11 @@ SCRIPT = textwrap.dedent("""
 async def test_services_other_than_the_store_owners_run_without_chdb(settings: Settings, bus: Bus) -> None:
     # `bus` declares and later deletes this test's streams and buckets.
     raw = {k: getattr(settings, k) for k in ("nats_url", "clickhouse_url", "database", "prefix", "home")}
-    args = [sys.executable, "-c", SCRIPT, json.dumps(raw | {"router_port": 0, "grpc_port": 0}), ",".join(SERVICES)]
+    ports = {"router_port": 0, "grpc_port": 0, "otlp_grpc_port": 0, "otlp_http_port": 0}
+    args = [sys.executable, "-c", SCRIPT, json.dumps(raw | ports), ",".join(SERVICES)]
     proc = await asyncio.to_thread(subprocess.run, args, capture_output=True, text=True, timeout=100)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["loaded"] == [] and report["store"] is False
     assert "clickhouse" not in report["endpoints"]
-    assert {"router", "grpc"} <= set(report["endpoints"])
+    assert {"router", "grpc", "otlp-grpc", "otlp-http"} <= set(report["endpoints"])

@@ -68,6 +68,11 @@ def test_an_application_publishes_inference_only() -> None:
     assert facts == [S.inference_all]
 
 
+def test_the_otlp_receiver_publishes_spans_and_inference_only() -> None:
+    facts = [p for p in grant(S, "otlp").publish if not p.startswith("$")]
+    assert sorted(facts) == sorted([S.dlq_all, S.spans, S.inference_all])
+
+
 def test_replies_stay_private_to_each_identity() -> None:
     for identity in IDENTITIES:
         if identity != "admin":

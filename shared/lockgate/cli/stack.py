@@ -78,7 +78,7 @@ def _print_people(settings: Settings) -> None:
 
 
 def embedded_settings(settings: Settings, home: str | None, nats_port: int, router_port: int,
-                      grpc_port: int) -> Settings:
+                      grpc_port: int, otlp_grpc_port: int | None = None, otlp_http_port: int | None = None) -> Settings:
     """Settings for `up`: ClickHouse beside JetStream's data under `home` (else the global --home or
     LOCKGATE_HOME) unless configured; every listener on 127.0.0.1 unless LOCKGATE_HOST says otherwise."""
     home_path = Path(home or settings.home)
@@ -86,7 +86,8 @@ def embedded_settings(settings: Settings, home: str | None, nats_port: int, rout
     if clickhouse == Settings().clickhouse_url:  # not configured: keep it beside JetStream's data
         clickhouse = f"chdb://{(home_path / 'clickhouse').resolve()}"
     return settings.replace(home=str(home_path.resolve()), clickhouse_url=clickhouse, nats_url=f"nats://127.0.0.1:{nats_port}",
-                            router_port=router_port, grpc_port=grpc_port)
+                            router_port=router_port, grpc_port=grpc_port, otlp_grpc_port=otlp_grpc_port,
+                            otlp_http_port=otlp_http_port)
 
 
 _PORT_HELP = "0 picks a free port; the endpoints printed at start show the real one."
@@ -101,6 +102,8 @@ def up_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--nats-port", default=4222, show_default=True, help=_PORT_HELP),
         click.option("--router-port", default=8080, show_default=True, help=_PORT_HELP),
         click.option("--grpc-port", default=50051, show_default=True, help=_PORT_HELP),
+        click.option("--otlp-grpc-port", default=4317, show_default=True, help="OTLP/gRPC receiver. " + _PORT_HELP),
+        click.option("--otlp-http-port", default=4318, show_default=True, help="OTLP/HTTP receiver. " + _PORT_HELP),
     )):
         func = option(func)
     return func
@@ -113,9 +116,11 @@ def register(cli: click.Group) -> None:
     @up_options
     @click.pass_context
     @handle_errors
-    def up(ctx: click.Context, home: str | None, nats_port: int, router_port: int, grpc_port: int) -> None:
+    def up(ctx: click.Context, home: str | None, nats_port: int, router_port: int, grpc_port: int,
+           otlp_grpc_port: int, otlp_http_port: int) -> None:
         """Start the embedded stack: nats-server, chDB and every service in one process."""
-        settings = embedded_settings(ctx.obj["settings"], home, nats_port, router_port, grpc_port)
+        settings = embedded_settings(ctx.obj["settings"], home, nats_port, router_port, grpc_port, otlp_grpc_port,
+                                     otlp_http_port)
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve_stack(settings))
 
@@ -134,12 +139,14 @@ def register(cli: click.Group) -> None:
     @click.argument("services", nargs=-1, required=True)
     @click.option("--router-port", type=int, help="HTTP port of the router (0 picks a free one).")
     @click.option("--grpc-port", type=int, help="Port of the gateway's gRPC API (0 picks a free one).")
+    @click.option("--otlp-grpc-port", type=int, help="Port of the OTLP/gRPC receiver (0 picks a free one).")
+    @click.option("--otlp-http-port", type=int, help="Port of the OTLP/HTTP receiver (0 picks a free one).")
     @click.option("--host", default="127.0.0.1", show_default=True,
                   help="Address the router and gRPC API bind; containers pass 0.0.0.0 explicitly.")
     @click.pass_context
     @handle_errors
     def serve(ctx: click.Context, services: tuple[str, ...], router_port: int | None, grpc_port: int | None,
-              host: str) -> None:
+              otlp_grpc_port: int | None, otlp_http_port: int | None, host: str) -> None:
         """Run SERVICES (sink, query, router, gateway, ...) against an external NATS (distributed mode).
 
         Only the sink and the query service open ClickHouse; on chDB, whose data path one process
@@ -154,7 +161,8 @@ def register(cli: click.Group) -> None:
             factory(name)  # an unknown name fails here with the list of services
 
         settings: Settings = ctx.obj["settings"].replace(host=host, grpc_port=grpc_port,
-                                                         router_port=router_port)
+                                                         router_port=router_port, otlp_grpc_port=otlp_grpc_port,
+                                                         otlp_http_port=otlp_http_port)
 
         async def run() -> None:
             runtime = Runtime(settings, services=list(dict.fromkeys(services)), embedded_nats=False)

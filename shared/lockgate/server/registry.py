@@ -19,8 +19,9 @@ log = logging.getLogger("lockgate.services")
 GROUP = "lockgate.services"
 
 # The order services start in: the store's owners first, so facts published at start are persisted
-# and reads at start are answered; the gateway last, so it takes calls once everything runs.
-ORDER = ("sink", "query", "lineage", "evaluator", "gatekeeper", "router", "drift", "cost", "gateway")
+# and reads at start are answered; the gateway and the OTLP receiver last, so they take calls once
+# everything runs.
+ORDER = ("sink", "query", "lineage", "evaluator", "gatekeeper", "router", "drift", "cost", "gateway", "otlp")
 
 
 def available() -> list[str]:

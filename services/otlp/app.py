@@ -1,0 +1,66 @@
+"""OTLP receiver wiring: OTLP/gRPC and OTLP/HTTP on the configured host and ports (0 binds a free port)."""
+
+from __future__ import annotations
+
+import grpc
+from aiohttp import web
+
+from lockgate.errors import ConfigError
+from lockgate.limits import EventLimits
+from lockgate.server.apikeys import KeyStore
+from lockgate.server.service import Service, ServiceContext
+from lockgate.server.tls import grpc_credentials, ssl_context
+from lockgate.services.otlp.ingest import Receiver
+from lockgate.services.otlp.transports import HttpApp, serve_grpc
+
+
+class OtlpService(Service):
+    """Receives spans from OpenTelemetry SDKs and Collectors; its endpoints report the ports bound."""
+
+    name = "otlp"
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        super().__init__(ctx)
+        self.receiver = Receiver(ctx.bus, KeyStore(ctx.settings.home), limits=EventLimits.from_settings(ctx.settings))
+        self._grpc: grpc.aio.Server | None = None
+        self._http: web.AppRunner | None = None
+        self._endpoints: dict[str, str] = {}
+
+    @property
+    def endpoints(self) -> dict[str, str]:
+        """The OTLP/gRPC address and the OTLP/HTTP base URL once bound."""
+        return dict(self._endpoints)
+
+    async def start(self) -> None:
+        """Bind both ports and serve."""
+        s = self.ctx.settings
+        tls = ssl_context(s)  # a bad certificate fails the start, before anything binds
+        self._grpc, port = await serve_grpc(self.receiver, s.host, s.otlp_grpc_port, grpc_credentials(s))
+        self._http = web.AppRunner(HttpApp(self.receiver).app(), access_log=None, handle_signals=False,
+                                   shutdown_timeout=2.0)
+        await self._http.setup()
+        try:
+            await web.TCPSite(self._http, s.host, s.otlp_http_port, ssl_context=tls).start()
+        except OSError as exc:
+            raise ConfigError(f"cannot bind the OTLP/HTTP receiver to {s.host}:{s.otlp_http_port}: {exc.strerror} "
+                              "(choose another port with --otlp-http-port or LOCKGATE_OTLP_HTTP_PORT)") from None
+        host, http_port = self._http.addresses[0][:2]
+        scheme = "https" if tls is not None else "http"
+        self._endpoints = {"otlp-grpc": f"{s.host}:{port}", "otlp-http": f"{scheme}://{host}:{http_port}"}
+        self.log.info("OTLP receiver on %s (gRPC) and %s (HTTP)", *self._endpoints.values())
+
+    async def stop(self) -> None:
+        """Stop taking exports; running ones get two seconds to be acknowledged."""
+        self._endpoints = {}
+        if self._http is not None:
+            await self._http.cleanup()
+            self._http = None
+        if self._grpc is not None:
+            await self._grpc.stop(2.0)
+            self._grpc = None
+        await super().stop()
+
+
+def create(ctx: ServiceContext) -> OtlpService:
+    """Build the OTLP receiver."""
+    return OtlpService(ctx)

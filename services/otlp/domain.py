@@ -1,0 +1,199 @@
+"""OTLP trace requests to lockgate's contracts (pure: no I/O).
+
+Each span becomes a SpanRecord in the OTel Collector ClickHouse exporter's layout (values written as
+the Collector writes them: bools `true`, arrays and maps as JSON), and each model-call span also an
+InferenceEvent (`genai.py`). The API key decides the tenant: a span naming another tenant refuses
+the whole request, and every stored span carries the key's tenant in `lockgate.tenant`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from lockgate.codec import encode
+from lockgate.contracts import InferenceEvent, SpanBatch, SpanRecord
+from lockgate.errors import InvalidEvent
+from lockgate.server.apikeys import Forbidden
+from lockgate.services.otlp import genai
+
+# Span.SpanKind and Status.StatusCode numbers, as the Collector's exporter names them
+KINDS = {0: "Unspecified", 1: "Internal", 2: "Server", 3: "Client", 4: "Producer", 5: "Consumer"}
+STATUSES = {0: "Unset", 1: "Ok", 2: "Error"}
+# One SpanBatch per bus message, under NATS' default 1 MB max_payload with room for the envelope.
+BATCH_BYTES = 900_000
+BATCH_SPANS = 2000
+
+
+def value(v: AnyValue) -> Any:
+    """An OTLP AnyValue as a Python value (str, bool, int, float, bytes, list or dict; None if unset)."""
+    kind = v.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [value(x) for x in v.array_value.values]
+    if kind == "kvlist_value":
+        return attributes(v.kvlist_value.values)
+    return getattr(v, kind)
+
+
+def attributes(kvs: Iterable[KeyValue]) -> dict[str, Any]:
+    """OTLP key-values as a dict of Python values."""
+    return {kv.key: value(kv.value) for kv in kvs}
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return base64.b64encode(v).decode()
+    if isinstance(v, list):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    return v
+
+
+def as_string(v: Any) -> str:
+    """A value as the Collector's exporter stores it in a Map(String, String) column."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return ""
+    if isinstance(v, bytes):
+        return base64.b64encode(v).decode()
+    if isinstance(v, int | float):
+        return repr(v)
+    return msgspec.json.encode(_json_safe(v)).decode()
+
+
+def strings(attrs: Mapping[str, Any]) -> dict[str, str]:
+    """Every value as a string."""
+    return {k: as_string(v) for k, v in attrs.items()}
+
+
+def _ts(ns: int) -> datetime:
+    return datetime.fromtimestamp(ns / 1e9, UTC)
+
+
+def _hex_id(raw: bytes, size: int, what: str, *, optional: bool = False) -> str:
+    if optional and not raw:
+        return ""
+    if len(raw) != size or not any(raw):
+        raise InvalidEvent(f"{what} must be {size} bytes, not all zero (got {len(raw)} bytes)")
+    return raw.hex()
+
+
+@dataclass
+class Decoded:
+    """One request's spans and events, and what was refused and why."""
+
+    spans: list[SpanRecord] = field(default_factory=list)
+    events: list[InferenceEvent] = field(default_factory=list)
+    rejected: int = 0  # spans not stored
+    problems: list[str] = field(default_factory=list)  # why: refused spans, and model calls with no event
+
+    def problem(self, text: str) -> None:
+        """Note a problem; the first few are reported to the client, the count always."""
+        self.problems.append(text)
+
+
+def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
+           window: tuple[datetime, datetime] | None = None) -> Decoded:
+    """Map a request sent with an API key of `tenant` (whose app is `app`, used when a span names none).
+
+    A span starting outside `window` (earliest, latest) is refused: a span dated 1970 or 2299 would
+    open a storage partition of its own. Raises Forbidden if any span or resource names another
+    tenant: nothing of the request is kept."""
+    out = Decoded()
+    for rs in request.resource_spans:
+        resource = attributes(rs.resource.attributes)
+        stored_resource = strings(resource) | {genai.TENANT: tenant}
+        service = stored_resource.get("service.name", "")
+        for ss in rs.scope_spans:
+            scope = ss.scope
+            for span in ss.spans:
+                attrs = attributes(span.attributes)
+                try:
+                    trace_id = _hex_id(span.trace_id, 16, "trace_id")
+                    span_id = _hex_id(span.span_id, 8, "span_id")
+                    parent = _hex_id(span.parent_span_id, 8, "parent_span_id", optional=True)
+                except InvalidEvent as exc:
+                    out.rejected += 1
+                    out.problem(f"span {span.name!r} refused: {exc.message}")
+                    continue
+                start = _ts(span.start_time_unix_nano)
+                if window is not None and not window[0] <= start <= window[1]:
+                    out.rejected += 1
+                    out.problem(f"span {span_id} refused: its start {start.isoformat()} is outside the accepted "
+                                f"window {window[0].isoformat(timespec='seconds')} to "
+                                f"{window[1].isoformat(timespec='seconds')}")
+                    continue
+                facts = genai.SpanFacts(
+                    trace_id=trace_id, span_id=span_id, name=span.name, start=start,
+                    duration_ns=max(0, span.end_time_unix_nano - span.start_time_unix_nano),
+                    error=span.status.code == 2, status_message=span.status.message, attributes=attrs,
+                    resource=resource)
+                named = genai.tenant_of(facts)
+                if named is not None and named != tenant:
+                    raise Forbidden(f"span {span.name!r} is for tenant {named!r}; this API key may only send "
+                                    f"spans for tenant {tenant!r}")
+                out.spans.append(SpanRecord(
+                    timestamp=facts.start, trace_id=trace_id, span_id=span_id, parent_span_id=parent,
+                    trace_state=span.trace_state, name=span.name, kind=KINDS.get(span.kind, "Unspecified"),
+                    service=service, resource=stored_resource, scope_name=scope.name, scope_version=scope.version,
+                    attributes=strings(attrs), duration_ns=facts.duration_ns,
+                    status_code=STATUSES.get(span.status.code, "Unset"), status_message=span.status.message,
+                    events=[(_ts(e.time_unix_nano), e.name, strings(attributes(e.attributes))) for e in span.events],
+                    links=[(link.trace_id.hex(), link.span_id.hex(), link.trace_state,
+                            strings(attributes(link.attributes))) for link in span.links],
+                ))
+                try:
+                    event = genai.to_event(facts, tenant=tenant, app=app)
+                except InvalidEvent as exc:
+                    out.problem(f"span {span_id} stored, but no inference event made of it: {exc.message}")
+                    continue
+                if event is not None:
+                    out.events.append(event)
+    return out
+
+
+def batch_id(spans: Sequence[SpanRecord]) -> str:
+    """A SpanBatch id that is a function of its spans: a request re-sent after a lost answer is
+    published under the same Nats-Msg-Id, and stored once."""
+    h = hashlib.sha256()
+    for s in spans:
+        h.update(bytes.fromhex(s.trace_id + s.span_id))
+    return "otlp-" + h.hexdigest()[:40]
+
+
+def span_batches(spans: Sequence[SpanRecord], tenant: str, *, max_bytes: int = BATCH_BYTES,
+                 max_spans: int = BATCH_SPANS) -> tuple[list[tuple[str, bytes]], list[SpanRecord]]:
+    """(message id, encoded SpanBatch) per bus message, and the spans too large to fit in one alone."""
+    chunks: list[list[SpanRecord]] = [[]]
+    size = 0
+    too_large: list[SpanRecord] = []
+    for span in spans:
+        n = len(encode(span)) + 1
+        if n > max_bytes:
+            too_large.append(span)
+            continue
+        if chunks[-1] and (len(chunks[-1]) >= max_spans or size + n > max_bytes):
+            chunks.append([])
+            size = 0
+        chunks[-1].append(span)
+        size += n
+    out = []
+    for chunk in chunks:
+        if chunk:
+            batch = SpanBatch(id=batch_id(chunk), source="otlp", tenant=tenant, spans=chunk)
+            out.append((batch.id, encode(batch)))
+    return out, too_large

@@ -1,0 +1,117 @@
+"""What both OTLP transports do with a request: authenticate, map, publish, answer.
+
+Nothing is dropped silently: a span is stored, or refused and counted in the answer's partial
+success, or the whole request is answered with a retryable status (the bus did not acknowledge,
+or too many requests are in flight) so the exporter sends it again. A re-sent request publishes the
+same message ids and event ids, so JetStream and the sink keep one copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+
+from lockgate import metrics
+from lockgate.bus import Bus
+from lockgate.errors import BusUnavailable, InvalidEvent
+from lockgate.limits import EventLimits
+from lockgate.outbox import Encoded, encode_event, publish_events
+from lockgate.retry import RetryPolicy
+from lockgate.server.apikeys import ApiKey, KeyStore, bearer
+from lockgate.server.service import Progress
+from lockgate.services.otlp import domain, wire
+
+log = logging.getLogger("lockgate.otlp")
+
+# The exporter retries a refused request itself (with our retry delay): a short retry here rides
+# out a blip without holding its request for the many seconds the SDK's outbox waits.
+RETRY = RetryPolicy(attempts=3, initial_s=0.05, max_s=0.5)
+
+
+class Busy(BusUnavailable):
+    """Too many export requests are being published at once; the client is asked to retry later."""
+
+
+class Receiver:
+    """The transport-independent receiver: one per service, shared by the gRPC and HTTP servers."""
+
+    def __init__(self, bus: Bus, keys: KeyStore, *, limits: EventLimits | None = None, max_in_flight: int = 64,
+                 retry_after_s: float = 1.0) -> None:
+        self.bus = bus
+        self.keys = keys
+        self.limits = limits or EventLimits()  # the window of span times, as for inference events
+        self.retry_after_s = retry_after_s
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self.retry_asked = Progress()  # exports answered "retry later"; tests await it instead of sleeping
+
+    def authenticate(self, headers: Mapping[str, str]) -> ApiKey:
+        """The API key of `Authorization: Bearer lg-...` or `x-api-key: lg-...` (header names lower-case);
+        AuthError when absent, unknown or revoked."""
+        return self.keys.authenticate(bearer(headers.get("authorization")) or headers.get("x-api-key"))
+
+    async def export(self, key: ApiKey, request: ExportTraceServiceRequest) -> ExportTraceServiceResponse:
+        """Publish a request's spans and inference events; raises Forbidden (another tenant's span),
+        or BusUnavailable (retryable: nothing or only part was acknowledged, and a retry completes it)."""
+        now = datetime.now(UTC)
+        window = (now - timedelta(seconds=self.limits.past_s), now + timedelta(seconds=self.limits.future_s))
+        decoded = domain.decode(request, tenant=key.tenant, app=key.app, window=window)
+        received = len(decoded.spans) + decoded.rejected
+        metrics.events_in("otlp", received)
+        batches, too_large = domain.span_batches(decoded.spans, key.tenant)
+        for span in too_large:
+            decoded.rejected += 1
+            decoded.problem(f"span {span.span_id} refused: larger than {domain.BATCH_BYTES} bytes encoded")
+        events: list[Encoded] = []
+        for event in decoded.events:
+            try:
+                encoded = encode_event(event, check=True)
+            except InvalidEvent as exc:
+                decoded.problem(f"span {event.span_id}: its inference event was refused: {exc.message}")
+                continue
+            # Refused here, not by the bus: a message it can never take would be answered "retry" for ever.
+            if len(encoded.data) > domain.BATCH_BYTES:
+                decoded.problem(f"span {event.span_id}: its inference event was refused: larger than "
+                                f"{domain.BATCH_BYTES} bytes encoded")
+                continue
+            events.append(encoded)
+        try:
+            if self._slots.locked():
+                raise Busy("too many OTLP exports in flight; retry shortly")
+            async with self._slots:
+                await self._publish(batches, events)
+        except BusUnavailable:
+            await self.retry_asked.bump()
+            raise
+        metrics.events_out("otlp", received - decoded.rejected + len(events))
+        if decoded.rejected:
+            metrics.events_dropped("otlp", decoded.rejected, reason="refused")
+        if decoded.problems:
+            log.info("OTLP export from %s: %d spans refused; %s", key.label, decoded.rejected, decoded.problems[0])
+        return wire.response(decoded.rejected, decoded.problems)
+
+    async def _publish(self, batches: list[tuple[str, bytes]], events: list[Encoded]) -> None:
+        subject = self.bus.subjects.spans
+
+        async def spans(msg_id: str, data: bytes) -> None:
+            await RETRY.call(lambda: self.bus.publish(subject, data, msg_id=msg_id), retry_on=BusUnavailable,
+                             what=f"publish of OTLP spans to {subject}")
+
+        publishes = [spans(msg_id, data) for msg_id, data in batches]
+        if events:
+            publishes.append(publish_events(self.bus.js, self.bus.subjects, events, retry=RETRY))
+        results = await asyncio.gather(*publishes, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            # Retryable whatever was acknowledged: the retry re-publishes under the same message ids,
+            # which JetStream and the sink drop as duplicates.
+            if not all(isinstance(r, BusUnavailable) for r in failed):
+                raise next(r for r in failed if not isinstance(r, BusUnavailable))
+            raise BusUnavailable(f"the bus did not acknowledge {len(failed)} of {len(results)} publishes "
+                                 f"of this export ({failed[0]}); retry it")

@@ -1,0 +1,120 @@
+"""OTLP's two transports over one Receiver: gRPC (`TraceService/Export`) and HTTP (`POST /v1/traces`).
+
+Errors are answered as the OTLP spec says, so standard exporters do the right thing by themselves:
+a bad key is UNAUTHENTICATED / 401 and another tenant's span PERMISSION_DENIED / 403 (never
+retried); a bus that does not acknowledge is UNAVAILABLE / 503 with a retry delay (`RetryInfo`,
+`Retry-After`), which exporters wait for before sending the same request again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import grpc
+from aiohttp import web
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, LockgateError
+from lockgate.server.apikeys import AuthError, Forbidden
+from lockgate.services.otlp import wire
+from lockgate.services.otlp.ingest import Receiver
+
+log = logging.getLogger("lockgate.otlp")
+
+MAX_REQUEST_BYTES = 16 * 1024 * 1024  # the Collector's default limit for one OTLP request
+
+
+class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+    """OTLP/gRPC: the caller's API key in `authorization: Bearer ...` or `x-api-key` metadata."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+
+    async def Export(self, request: ExportTraceServiceRequest, context: grpc.aio.ServicerContext) -> Any:
+        """Store the request's spans (and inference events); OTLP's status codes on failure."""
+        metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        try:
+            key = self.receiver.authenticate(metadata)
+            return await self.receiver.export(key, request)
+        except AuthError as exc:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
+        except Forbidden as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
+        except BusUnavailable as exc:
+            delay = self.receiver.retry_after_s
+            details = wire.status(wire.UNAVAILABLE, exc.message, delay).SerializeToString()
+            # The status details in gRPC's standard trailer, and the RetryInfo alone under the key the
+            # OpenTelemetry Python exporter reads.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message, trailing_metadata=(
+                ("grpc-status-details-bin", details),
+                ("google.rpc.retryinfo-bin", wire.retry_info(delay).SerializeToString())))
+        except LockgateError as exc:
+            log.warning("OTLP export failed: %s", exc.message)
+            await context.abort(grpc.StatusCode.INTERNAL, exc.message)
+
+
+class HttpApp:
+    """OTLP/HTTP on `POST /v1/traces`, binary protobuf or JSON, gzip or not; the answer in the
+    request's encoding. The key in `Authorization: Bearer ...` or `x-api-key`."""
+
+    def __init__(self, receiver: Receiver) -> None:
+        self.receiver = receiver
+
+    def app(self) -> web.Application:
+        """The aiohttp application."""
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        app.router.add_post("/v1/traces", self.traces)
+        return app
+
+    def _error(self, http: int, code: int, message: str, content_type: str, *,
+               retry_after_s: float | None = None) -> web.Response:
+        body = wire.encode_message(wire.status(code, message, retry_after_s), content_type)
+        headers = {"Retry-After": str(math.ceil(retry_after_s))} if retry_after_s is not None else None
+        return web.Response(status=http, body=body, content_type=content_type, headers=headers)
+
+    async def traces(self, request: web.Request) -> web.Response:
+        """One OTLP/HTTP trace export."""
+        content_type = request.content_type
+        if content_type not in (wire.PROTOBUF, wire.JSON):
+            return self._error(415, wire.INVALID_ARGUMENT,
+                               f"unsupported Content-Type {content_type!r}: send {wire.PROTOBUF} or {wire.JSON}",
+                               wire.JSON)
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        try:
+            key = self.receiver.authenticate(headers)
+            body = await request.read()  # aiohttp has undone a gzip or deflate Content-Encoding
+            parse = wire.request_from_json if content_type == wire.JSON else wire.request_from_protobuf
+            reply = await self.receiver.export(key, parse(body))
+        except AuthError as exc:
+            return self._error(401, wire.UNAUTHENTICATED, exc.message, content_type)
+        except Forbidden as exc:
+            return self._error(403, wire.PERMISSION_DENIED, exc.message, content_type)
+        except InvalidEvent as exc:
+            return self._error(400, wire.INVALID_ARGUMENT, exc.message, content_type)
+        except BusUnavailable as exc:
+            return self._error(503, wire.UNAVAILABLE, exc.message, content_type,
+                               retry_after_s=self.receiver.retry_after_s)
+        except LockgateError as exc:
+            log.warning("OTLP export failed: %s", exc.message)
+            return self._error(500, wire.INTERNAL, exc.message, content_type)
+        return web.Response(body=wire.encode_message(reply, content_type), content_type=content_type)
+
+
+async def serve_grpc(receiver: Receiver, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+                     ) -> tuple[grpc.aio.Server, int]:
+    """Start the OTLP/gRPC server; (server, port bound)."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(receiver), server)
+    try:
+        address = f"{host}:{port}"
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise ConfigError(f"cannot bind the OTLP/gRPC receiver to {host}:{port} (port in use? choose another with "
+                          "--otlp-grpc-port or LOCKGATE_OTLP_GRPC_PORT)")
+    await server.start()
+    return server, bound

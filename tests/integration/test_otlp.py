@@ -1,0 +1,298 @@
+"""The OTLP receiver as OpenTelemetry users send to it: the standard Python exporters (gRPC and HTTP)
+with an API key, against a real nats-server, the sink and the cost service on chDB."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+from opentelemetry.exporter.otlp.proto.http import Compression
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.trace import Status, StatusCode
+
+from lockgate.bus import Bus
+from lockgate.codec import Codec
+from lockgate.config import Settings
+from lockgate.contracts import SpanBatch
+from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
+from lockgate.store import Store
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.timeout(90)
+
+SPANS = 40  # per export test: one of them a model call
+_spans: Codec[SpanBatch] = Codec(SpanBatch)
+
+
+@pytest.fixture
+def keys(settings: Settings) -> Bootstrap:
+    """An app key of tenant acme (app shop) in the receiver's home."""
+    return bootstrap(settings.home, tenant="acme", app="shop")
+
+
+@pytest.fixture
+async def stack(run_services: Callable[..., Any]) -> Any:
+    """Sink, cost and the OTLP receiver, on ports they pick."""
+    return await run_services("sink", "cost", "otlp")
+
+
+def _emit(exporter: SpanExporter, service: str, n: int = SPANS, *, tenant: str | None = None) -> None:
+    """n spans through a TracerProvider + BatchSpanProcessor, the last a GenAI chat call; blocks."""
+    attrs = {"service.name": service} | ({"lockgate.tenant": tenant} if tenant else {})
+    provider = TracerProvider(resource=Resource.create(attrs))
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=16))
+    tracer = provider.get_tracer("test-app")
+    with tracer.start_as_current_span("handle request") as root:
+        root.set_attribute("http.route", "/ask")
+        for i in range(n - 2):
+            tracer.start_span(f"step {i}").end()
+        with tracer.start_as_current_span("chat gpt-4o-mini") as call:
+            call.set_attributes({
+                "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": "gpt-4o-mini", "gen_ai.response.model": "gpt-4o-mini-2024-07-18",
+                "gen_ai.usage.input_tokens": 1200, "gen_ai.usage.output_tokens": 300,
+                "gen_ai.response.finish_reasons": ("stop",),
+            })
+            call.set_status(Status(StatusCode.OK))
+    provider.force_flush()
+    provider.shutdown()
+
+
+def _count(store: Store, table: str, where: str = "1") -> int:
+    return int(store.scalar(f"SELECT count() FROM {table} WHERE {where}"))
+
+
+async def _check_stored(stack: Any, store: Store, service: str) -> None:
+    sink = stack["sink"].handlers
+    where = f"ServiceName = '{service}'"
+    await eventually(lambda: _count(store, "otel_traces", where) >= SPANS, [sink.spans], what="spans stored")
+    await eventually(lambda: _count(store, "cost_ledger") >= 1, [sink.progress("cost_ledger")], what="cost")
+    assert _count(store, "otel_traces", where) == SPANS
+    assert _count(store, "otel_traces", f"{where} AND ResourceAttributes['lockgate.tenant'] = 'acme'") == SPANS
+    call = store.rows(f"SELECT TraceId, SpanId, SpanAttributes FROM otel_traces WHERE {where} "
+                      "AND SpanName = 'chat gpt-4o-mini'")[0]
+    assert call["SpanAttributes"]["gen_ai.usage.input_tokens"] == "1200"
+    assert call["SpanAttributes"]["gen_ai.response.finish_reasons"] == '["stop"]'
+    event = store.rows("SELECT * FROM inference_events")[0]
+    assert (event["tenant"], event["app"], event["model"], event["provider"]) == ("acme", service, "gpt-4o-mini",
+                                                                                  "openai")
+    assert (event["input_tokens"], event["output_tokens"], event["finish_reason"]) == (1200, 300, "stop")
+    assert (event["trace_id"], event["span_id"]) == (call["TraceId"], call["SpanId"])
+    assert event["latency_ms"] > 0
+    # the shipped price book: gpt-4o-mini at $0.15 in and $0.60 out per million tokens
+    cost = store.scalar("SELECT cost_usd FROM cost_ledger")
+    assert cost == pytest.approx((1200 * 0.15 + 300 * 0.60) / 1e6)
+
+
+async def test_the_grpc_exporter_stores_every_span_and_a_genai_span_becomes_a_priced_event(
+        stack: Any, store: Store, keys: Bootstrap) -> None:
+    exporter = GrpcExporter(endpoint=stack.endpoints["otlp-grpc"], insecure=True,
+                            headers={"authorization": f"Bearer {keys.app_key}"})
+    await asyncio.to_thread(_emit, exporter, "shop-grpc")
+    await _check_stored(stack, store, "shop-grpc")
+
+
+async def test_the_http_exporter_stores_every_span_and_a_genai_span_becomes_a_priced_event(
+        stack: Any, store: Store, keys: Bootstrap) -> None:
+    exporter = HttpExporter(endpoint=stack.endpoints["otlp-http"] + "/v1/traces", headers={"x-api-key": keys.app_key},
+                            compression=Compression.Gzip)
+    await asyncio.to_thread(_emit, exporter, "shop-http")
+    await _check_stored(stack, store, "shop-http")
+
+
+def _json_request(trace_id: str, name: str, **resource: str) -> dict[str, Any]:
+    attrs = [{"key": k, "value": {"stringValue": v}} for k, v in resource.items()]
+    start = time.time_ns() - 60_000_000_000  # recent: an inference event's time must be near now
+    span = {"traceId": trace_id, "spanId": "00f067aa0ba902b7", "name": name, "kind": 3,
+            "startTimeUnixNano": str(start), "endTimeUnixNano": str(start + 250_000_000),
+            "attributes": [{"key": "llm.model_name", "value": {"stringValue": "gpt-4o"}},
+                           {"key": "openinference.span.kind", "value": {"stringValue": "LLM"}},
+                           {"key": "llm.token_count.prompt", "value": {"intValue": "10"}}]}
+    return {"resourceSpans": [{"resource": {"attributes": attrs}, "scopeSpans": [{"spans": [span]}]}]}
+
+
+async def test_otlp_json_is_stored_with_hex_ids_and_refusals_store_nothing(
+        stack: Any, store: Store, keys: Bootstrap, settings: Settings) -> None:
+    url = stack.endpoints["otlp-http"] + "/v1/traces"
+    good = "5b8efff798038103d269b633813fc60c"
+    other_key, _ = KeyStore(settings.home).create("globex", "shop")
+    async with aiohttp.ClientSession() as http:
+        async def post(body: dict[str, Any], headers: dict[str, str]) -> tuple[int, Any, Any]:
+            async with http.post(url, json=body, headers=headers) as r:
+                return r.status, await r.json(), r.headers
+
+        request = _json_request("0af7651916cd43dd8448eb211c80319c", "refused")
+        assert (await post(request, {}))[0] == 401
+        status, body, _ = await post(request, {"Authorization": "Bearer lg-not-a-key"})
+        assert status == 401 and "invalid API key" in body["message"]
+        # a key of tenant globex naming tenant acme, and the acme key naming globex: both refused whole
+        status, body, _ = await post(_json_request(good, "refused", **{"lockgate.tenant": "acme"}),
+                                     {"x-api-key": other_key})
+        assert status == 403 and "tenant 'acme'" in body["message"]
+        assert (await post(_json_request(good, "refused", **{"lockgate.tenant": "globex"}),
+                           {"x-api-key": keys.app_key}))[0] == 403
+        status, body, _ = await post(_json_request(good, "accepted", **{"service.name": "bot"}),
+                                     {"x-api-key": keys.app_key})
+        assert status == 200 and body == {}
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="event stored")
+    await sink.spans.wait_for(1)
+    row = store.rows("SELECT TraceId, SpanId, SpanName, SpanKind, Duration FROM otel_traces")
+    assert row == [{"TraceId": good, "SpanId": "00f067aa0ba902b7", "SpanName": "accepted", "SpanKind": "Client",
+                    "Duration": 250_000_000}]
+    event = store.rows("SELECT app, model, input_tokens, operation FROM inference_events")[0]
+    assert event == {"app": "bot", "model": "gpt-4o", "input_tokens": 10, "operation": "chat"}
+
+
+async def test_grpc_refuses_a_missing_or_wrong_key_and_another_tenants_span(stack: Any, keys: Bootstrap) -> None:
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    rs.resource.attributes.add(key="lockgate.tenant").value.string_value = "globex"
+    rs.scope_spans.add().spans.add(name="x", trace_id=b"\x01" * 16, span_id=b"\x02" * 8,
+                                   start_time_unix_nano=time.time_ns())
+    async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"]) as channel:
+        stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+        for metadata in ((), (("authorization", "Bearer lg-wrong"),)):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Export(request, metadata=metadata)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Export(request, metadata=(("authorization", f"Bearer {keys.app_key}"),))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # a span with an invalid id is refused alone, as OTLP's partial success
+        rs.resource.attributes[0].value.string_value = "acme"
+        rs.scope_spans[0].spans.add(name="bad", trace_id=b"\x00" * 16, span_id=b"\x03" * 8,
+                                    start_time_unix_nano=time.time_ns())
+        reply = await stub.Export(request, metadata=(("x-api-key", keys.app_key),))
+        assert reply.partial_success.rejected_spans == 1
+        assert "trace_id" in reply.partial_success.error_message
+
+
+async def test_a_bus_that_does_not_acknowledge_gets_otlps_retryable_answers(
+        run_services: Callable[..., Any], bus: Bus, keys: Bootstrap) -> None:
+    otlp = (await run_services("otlp"))["otlp"]
+    await bus.js.delete_stream(bus.subjects.streams["telemetry"].name)  # nothing acknowledges spans now
+    request = _json_request("0af7651916cd43dd8448eb211c80319c", "unacknowledged")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(otlp.endpoints["otlp-http"] + "/v1/traces", json=request,
+                             headers={"x-api-key": keys.app_key}) as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "1"
+            assert "retry" in (await r.json())["message"]
+    binary = trace_service_pb2.ExportTraceServiceRequest()
+    binary.resource_spans.add().scope_spans.add().spans.add(name="x", trace_id=b"\x01" * 16, span_id=b"\x02" * 8,
+                                                            start_time_unix_nano=time.time_ns())
+    async with grpc.aio.insecure_channel(otlp.endpoints["otlp-grpc"]) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+                binary, metadata=(("x-api-key", keys.app_key),))
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    trailers = dict(err.value.trailing_metadata())
+    info = error_details_pb2.RetryInfo.FromString(trailers["google.rpc.retryinfo-bin"])
+    assert info.retry_delay.seconds == 1
+    details = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])
+    assert details.details[0].Is(error_details_pb2.RetryInfo.DESCRIPTOR)
+    # the bus is back: the same request is accepted
+    await bus.ensure_topology()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(otlp.endpoints["otlp-http"] + "/v1/traces", json=request,
+                             headers={"x-api-key": keys.app_key}) as r:
+            assert r.status == 200
+
+
+async def test_tls_when_configured(context: Any, run_services: Callable[..., Any], keys: Bootstrap,
+                                   tmp_path: Any) -> None:
+    import ssl
+
+    from tests.integration.test_grpc import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    context.settings = context.settings.replace(grpc_tls_cert=str(cert), grpc_tls_key=str(key))
+    otlp = (await run_services("otlp"))["otlp"]
+    assert otlp.endpoints["otlp-http"].startswith("https://")
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+    async with grpc.aio.secure_channel(otlp.endpoints["otlp-grpc"], creds) as channel:
+        reply = await trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+            request, metadata=(("x-api-key", keys.app_key),), timeout=10)
+    assert not reply.HasField("partial_success")
+    trusted = ssl.create_default_context(cafile=str(cert))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(otlp.endpoints["otlp-http"] + "/v1/traces", data=request.SerializeToString(),
+                             headers={"x-api-key": keys.app_key, "Content-Type": "application/x-protobuf"},
+                             ssl=trusted) as r:
+            assert r.status == 200
+        with pytest.raises(aiohttp.ClientError):  # a plaintext client gets no answer
+            await http.post(otlp.endpoints["otlp-http"].replace("https:", "http:") + "/v1/traces", data=b"")
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+async def test_the_standard_exporter_retries_until_the_bus_is_back_and_nothing_is_lost(
+        run_services: Callable[..., Any], bus: Bus, keys: Bootstrap, protocol: str) -> None:
+    otlp = (await run_services("otlp"))["otlp"]
+    stream = bus.subjects.streams["telemetry"].name
+    await bus.js.delete_stream(stream)  # JetStream acknowledges no span until the stream is back
+    if protocol == "grpc":
+        exporter: SpanExporter = GrpcExporter(endpoint=otlp.endpoints["otlp-grpc"], insecure=True,
+                                              headers={"x-api-key": keys.app_key}, timeout=60)
+    else:
+        exporter = HttpExporter(endpoint=otlp.endpoints["otlp-http"] + "/v1/traces",
+                                headers={"x-api-key": keys.app_key}, timeout=60)
+    sending = asyncio.create_task(asyncio.to_thread(_emit, exporter, f"retry-{protocol}", 10))
+    await otlp.receiver.retry_asked.wait_for(1)  # answered "unavailable, retry in 1 s"
+    await bus.ensure_topology()
+    await sending  # the exporter waited as told and sent the same spans again
+    info = await bus.js.stream_info(stream)
+    sub = await bus.js.pull_subscribe(bus.subjects.spans, stream=stream)
+    batches = [_spans.decode(m.data) for m in await sub.fetch(info.state.messages, timeout=5)]
+    await sub.unsubscribe()
+    assert sorted(s.name for b in batches for s in b.spans) == sorted(
+        ["handle request", "chat gpt-4o-mini", *(f"step {i}" for i in range(8))])
+
+
+async def test_a_span_too_large_for_the_bus_is_refused_alone_not_retried_for_ever(
+        stack: Any, store: Store, keys: Bootstrap) -> None:
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add().spans
+    for i, prompt in enumerate(("x" * 950_000, "short")):
+        span = spans.add(name=f"chat {i}", trace_id=b"\x01" * 16, span_id=bytes([0] * 7 + [i + 1]),
+                         start_time_unix_nano=time.time_ns())
+        span.attributes.add(key="gen_ai.operation.name").value.string_value = "chat"
+        span.attributes.add(key="gen_ai.input.messages").value.string_value = prompt
+    async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"]) as channel:
+        reply = await trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+            request, metadata=(("x-api-key", keys.app_key),))
+    assert reply.partial_success.rejected_spans == 1
+    assert "larger than 900000 bytes" in reply.partial_success.error_message
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="the small call stored")
+    await sink.spans.wait_for(1)
+    assert store.rows("SELECT SpanName FROM otel_traces") == [{"SpanName": "chat 1"}]
+
+
+async def test_a_port_in_use_is_a_clear_error(context: Any) -> None:
+    import socket
+
+    from lockgate.errors import ConfigError
+    from lockgate.services.otlp.app import OtlpService
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        context.settings = context.settings.replace(otlp_http_port=taken.getsockname()[1])
+        otlp = OtlpService(context)
+        try:
+            with pytest.raises(ConfigError, match="--otlp-http-port"):
+                await otlp.start()
+        finally:
+            await otlp.stop()

@@ -1,0 +1,129 @@
+"""OTLP requests (protobuf and JSON) to span records, events and bus messages (pure)."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import pytest
+from google.protobuf import json_format
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from lockgate.codec import Codec
+from lockgate.contracts import SpanBatch
+from lockgate.errors import InvalidEvent
+from lockgate.server.apikeys import Forbidden
+from lockgate.services.otlp import domain, wire
+
+TRACE, SPAN, PARENT = "5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174", "eee19b7ec3c1b173"
+NOW = time.time_ns()
+
+
+def request(*spans: dict, resource: dict | None = None) -> ExportTraceServiceRequest:
+    """An OTLP/JSON request, as an SDK would send it, parsed the way the HTTP receiver parses it."""
+    attrs = [{"key": k, "value": {"stringValue": v}} for k, v in (resource or {"service.name": "shop"}).items()]
+    body = {"resourceSpans": [{"resource": {"attributes": attrs},
+                               "scopeSpans": [{"scope": {"name": "lib", "version": "1.2"}, "spans": list(spans)}]}]}
+    return wire.request_from_json(msgspec.json.encode(body))
+
+
+def span(**over: object) -> dict:
+    base = {"traceId": TRACE, "spanId": SPAN, "parentSpanId": PARENT, "name": "work", "kind": 2,
+            "startTimeUnixNano": str(NOW), "endTimeUnixNano": str(NOW + 2_000_000),
+            "status": {"code": 2, "message": "failed"},
+            "attributes": [{"key": "n", "value": {"intValue": "3"}}, {"key": "ok", "value": {"boolValue": True}},
+                           {"key": "ratio", "value": {"doubleValue": 0.5}},
+                           {"key": "tags", "value": {"arrayValue": {"values": [{"stringValue": "a"}]}}}],
+            "events": [{"timeUnixNano": str(NOW + 1000), "name": "retry", "attributes": []}],
+            "links": [{"traceId": TRACE, "spanId": PARENT, "attributes": []}]}
+    return base | over
+
+
+def test_a_span_is_stored_as_the_collector_stores_it() -> None:
+    out = domain.decode(request(span()), tenant="acme", app="a")
+    (rec,) = out.spans
+    assert (rec.trace_id, rec.span_id, rec.parent_span_id, rec.kind, rec.status_code) == (
+        TRACE, SPAN, PARENT, "Server", "Error")
+    assert (rec.service, rec.scope_name, rec.scope_version, rec.duration_ns) == ("shop", "lib", "1.2", 2_000_000)
+    assert rec.attributes == {"n": "3", "ok": "true", "ratio": "0.5", "tags": '["a"]'}
+    assert rec.resource == {"service.name": "shop", "lockgate.tenant": "acme"}  # the key's tenant, always
+    assert rec.events[0][1] == "retry" and rec.links == [(TRACE, PARENT, "", {})]
+    assert out.events == [] and out.rejected == 0
+
+
+def test_spans_with_invalid_ids_are_refused_alone() -> None:
+    out = domain.decode(request(span(), span(spanId=""), span(traceId="00" * 16), span(parentSpanId="ab")),
+                        tenant="acme", app="a")
+    assert len(out.spans) == 1 and out.rejected == 3
+    assert "span_id must be 8 bytes" in out.problems[0]
+
+
+def test_spans_outside_the_time_window_are_refused_alone() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.fromtimestamp(NOW / 1e9, UTC)
+    window = (now - timedelta(days=30), now + timedelta(hours=1))
+    out = domain.decode(request(span(), span(spanId="0000000000000001", startTimeUnixNano="0"),
+                                span(spanId="0000000000000002", startTimeUnixNano=str(NOW + 10**9 * 86400 * 365))),
+                        tenant="acme", app="a", window=window)
+    assert [s.span_id for s in out.spans] == [SPAN] and out.rejected == 2
+    assert "1970-01-01T00:00:00+00:00 is outside the accepted window" in out.problems[0]
+
+
+def test_another_tenants_span_refuses_the_request() -> None:
+    with pytest.raises(Forbidden, match="tenant 'globex'"):
+        domain.decode(request(span(), resource={"lockgate.tenant": "globex"}), tenant="acme", app="a")
+    tagged = span(attributes=[{"key": "lockgate.tenant", "value": {"stringValue": "globex"}}])
+    with pytest.raises(Forbidden):
+        domain.decode(request(span(), tagged), tenant="acme", app="a")
+    assert len(domain.decode(request(span(), resource={"lockgate.tenant": "acme"}), tenant="acme",
+                             app="a").spans) == 1
+
+
+def test_a_model_call_becomes_an_event_and_a_bad_one_is_reported_but_stored() -> None:
+    call = span(attributes=[{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}},
+                            {"key": "gen_ai.usage.input_tokens", "value": {"intValue": "12"}}])
+    bad = span(spanId="eee19b7ec3c1b175", attributes=[
+        {"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}},
+        {"key": "gen_ai.usage.input_tokens", "value": {"stringValue": "lots"}}])
+    out = domain.decode(request(call, bad), tenant="acme", app="a")
+    assert len(out.spans) == 2 and out.rejected == 0
+    (event,) = out.events
+    assert (event.input_tokens, event.app, event.status) == (12, "shop", "error")
+    assert "no inference event" in out.problems[0]
+
+
+def test_any_value_kinds() -> None:
+    v = AnyValue()
+    json_format.ParseDict({"kvlistValue": {"values": [{"key": "k", "value": {"bytesValue": "AQI="}}]}}, v)
+    assert domain.value(v) == {"k": b"\x01\x02"}
+    assert domain.as_string(domain.value(v)) == '{"k":"AQI="}'
+    assert domain.value(AnyValue()) is None
+
+
+def test_span_batches_fit_a_bus_message_and_keep_their_id() -> None:
+    spans = domain.decode(request(*[span(spanId=f"{i + 1:016x}") for i in range(50)]), tenant="acme",
+                          app="a").spans
+    batches, too_large = domain.span_batches(spans, "acme", max_bytes=3000, max_spans=20)
+    assert too_large == [] and len(batches) > 2
+    decoded = [Codec(SpanBatch).decode(data) for _, data in batches]
+    assert sum(len(b.spans) for b in decoded) == 50
+    assert all(len(data) < 3000 + 500 and b.id == msg_id for (msg_id, data), b in zip(batches, decoded, strict=True))
+    again, _ = domain.span_batches(spans, "acme", max_bytes=3000, max_spans=20)
+    assert [m for m, _ in again] == [m for m, _ in batches]  # a re-sent request: the same message ids
+    _, too_large = domain.span_batches(spans[:1], "acme", max_bytes=100)
+    assert too_large == spans[:1]
+
+
+def test_json_requests_and_answers() -> None:
+    with pytest.raises(InvalidEvent, match="not hex"):
+        request(span(traceId="zz"))
+    with pytest.raises(InvalidEvent, match="OTLP/JSON"):
+        wire.request_from_json(b"[1]")
+    with pytest.raises(InvalidEvent, match="OTLP/protobuf"):
+        wire.request_from_protobuf(b"\xff\xff\xff")
+    assert wire.encode_message(wire.response(0, []), wire.JSON) == b"{}"
+    answer = wire.response(2, [f"p{i}" for i in range(7)])
+    assert answer.partial_success.rejected_spans == 2
+    assert answer.partial_success.error_message == "p0; p1; p2; p3; p4; and 2 more"

@@ -1,0 +1,136 @@
+"""Model-call spans to inference events under the three naming schemes (pure mapping)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from lockgate.errors import InvalidEvent
+from lockgate.services.otlp import genai
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def span(attrs: dict[str, Any], resource: dict[str, Any] | None = None, *, error: bool = False) -> genai.SpanFacts:
+    return genai.SpanFacts(trace_id="0af7651916cd43dd8448eb211c80319c", span_id="b7ad6b7169203331", name="call",
+                           start=T0, duration_ns=1_500_000, error=error, status_message="boom" if error else "",
+                           attributes=attrs, resource=resource or {"service.name": "shop"})
+
+
+SEMCONV = {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.request.model": "gpt-4o",
+           "gen_ai.response.model": "gpt-4o-2024-08-06", "gen_ai.usage.input_tokens": 100,
+           "gen_ai.usage.output_tokens": 20, "gen_ai.usage.cache_read.input_tokens": 40,
+           "gen_ai.response.finish_reasons": ["stop", "length"], "gen_ai.conversation.id": "conv-1"}
+# OpenLLMetry (traceloop): the older gen_ai names plus llm.* ones
+OPENLLMETRY = {"llm.request.type": "chat", "gen_ai.system": "openai", "gen_ai.request.model": "gpt-4o",
+               "gen_ai.response.model": "gpt-4o-2024-08-06", "gen_ai.usage.prompt_tokens": 100,
+               "gen_ai.usage.completion_tokens": 20, "gen_ai.usage.cache_read_input_tokens": 40,
+               "gen_ai.completion.0.finish_reason": "stop", "gen_ai.prompt.0.content": "hi",
+               "gen_ai.completion.0.content": "hello"}
+OPENINFERENCE = {"openinference.span.kind": "LLM", "llm.provider": "openai", "llm.model_name": "gpt-4o",
+                 "llm.token_count.prompt": 100, "llm.token_count.completion": 20,
+                 "llm.token_count.prompt_details.cache_read": 40, "input.value": "hi", "output.value": "hello",
+                 "session.id": "conv-1"}
+
+
+@pytest.mark.parametrize("attrs", [SEMCONV, OPENLLMETRY, OPENINFERENCE], ids=["semconv", "openllmetry", "openinference"])
+def test_each_scheme_maps_to_the_same_event(attrs: dict[str, Any]) -> None:
+    e = genai.to_event(span(attrs), tenant="acme", app="fallback")
+    assert e is not None
+    assert (e.tenant, e.app, e.model, e.provider, e.operation) == ("acme", "shop", "gpt-4o", "openai", "chat")
+    assert (e.input_tokens, e.output_tokens, e.cached_tokens) == (100, 20, 40)
+    assert (e.trace_id, e.span_id, e.time, e.latency_ms, e.status) == (
+        "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", T0, 1.5, "ok")
+    assert e.source == "otlp" and e.attributes == {"otel.span.name": "call"}
+
+
+def test_semconv_details() -> None:
+    e = genai.to_event(span(SEMCONV), tenant="acme", app="fallback")
+    assert e is not None
+    assert (e.response_model, e.finish_reason, e.session_id) == ("gpt-4o-2024-08-06", "stop", "conv-1")
+
+
+def test_contents_are_kept_as_text_or_json() -> None:
+    e = genai.to_event(span(OPENLLMETRY), tenant="acme", app="a")
+    assert e is not None and (e.prompt, e.response) == ("hi", "hello")
+    msgs = [{"role": "user", "parts": [{"type": "text", "content": "hi"}]}]
+    e = genai.to_event(span(SEMCONV | {"gen_ai.input.messages": msgs}), tenant="acme", app="a")
+    assert e is not None and e.prompt == '[{"role":"user","parts":[{"type":"text","content":"hi"}]}]'
+
+
+def test_an_openinference_embedding_names_its_model() -> None:
+    e = genai.to_event(span({"openinference.span.kind": "EMBEDDING", "embedding.model_name": "text-embedding-3-small",
+                             "llm.token_count.prompt": 8}), tenant="acme", app="a")
+    assert e is not None and (e.operation, e.model, e.input_tokens) == ("embeddings", "text-embedding-3-small", 8)
+
+
+def test_the_same_span_is_always_the_same_event() -> None:
+    a = genai.to_event(span(SEMCONV), tenant="acme", app="a")
+    b = genai.to_event(span(SEMCONV), tenant="acme", app="a")
+    assert a is not None and b is not None and a.id == b.id
+    assert a.id != genai.event_id("0af7651916cd43dd8448eb211c80319c", "0000000000000001")
+
+
+@pytest.mark.parametrize("attrs", [
+    {"http.route": "/ask"},
+    {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": "search"},
+    {"gen_ai.operation.name": "invoke_agent", "gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 5},
+    {"openinference.span.kind": "CHAIN", "llm.model_name": "gpt-4o"},
+    {"openinference.span.kind": "TOOL"},
+    {"llm.request.type": "unknown"},
+    {"gen_ai.operation.name": "something_new"},  # unknown and no model: not a call we can account for
+])
+def test_spans_that_are_not_model_calls_make_no_event(attrs: dict[str, Any]) -> None:
+    assert genai.to_event(span(attrs), tenant="acme", app="a") is None
+
+
+@pytest.mark.parametrize(("attrs", "op"), [
+    ({"openinference.span.kind": "EMBEDDING", "embedding.model_name": "e"}, "embeddings"),
+    ({"llm.request.type": "completion"}, "text_completion"),
+    ({"llm.request.type": "embedding"}, "embeddings"),
+    ({"gen_ai.operation.name": "generate_content"}, "generate_content"),
+    ({"gen_ai.system": "anthropic", "gen_ai.request.model": "claude"}, "chat"),  # no operation named
+])
+def test_operations(attrs: dict[str, Any], op: str) -> None:
+    assert genai.operation(attrs) == op
+
+
+def test_an_error_span_is_an_error_event() -> None:
+    e = genai.to_event(span(SEMCONV, error=True), tenant="acme", app="a")
+    assert e is not None and (e.status, e.error_type) == ("error", "boom")
+    e = genai.to_event(span(SEMCONV | {"error.type": "RateLimitError"}, error=True), tenant="acme", app="a")
+    assert e is not None and e.error_type == "RateLimitError"
+
+
+def test_app_and_release_from_lockgate_names_else_service_name_else_the_keys_app() -> None:
+    resource = {"service.name": "shop", "lockgate.app": "checkout", "lockgate.deployment": "web",
+                "lockgate.release": "shop-v2"}
+    e = genai.to_event(span(SEMCONV, resource), tenant="acme", app="a")
+    assert e is not None and (e.app, e.deployment, e.release, e.variant) == ("checkout", "web", "shop-v2", "stable")
+    e = genai.to_event(span(SEMCONV | {"lockgate.variant": "canary"}, {"service.name": "bad name!"}),
+                       tenant="acme", app="keys-app")
+    assert e is not None and (e.app, e.variant) == ("keys-app", "canary")
+
+
+def test_token_counts_arrive_as_numbers_or_numeric_strings() -> None:
+    e = genai.to_event(span(SEMCONV | {"gen_ai.usage.input_tokens": "7", "gen_ai.usage.output_tokens": 3.0}),
+                       tenant="acme", app="a")
+    assert e is not None and (e.input_tokens, e.output_tokens) == (7, 3)
+
+
+@pytest.mark.parametrize("attrs", [
+    SEMCONV | {"gen_ai.usage.input_tokens": "many"},
+    SEMCONV | {"gen_ai.usage.output_tokens": True},
+    SEMCONV | {"lockgate.deployment": "not a name"},
+])
+def test_values_the_contract_refuses_are_reported(attrs: dict[str, Any]) -> None:
+    with pytest.raises(InvalidEvent):
+        genai.to_event(span(attrs), tenant="acme", app="a")
+
+
+def test_the_tenant_a_span_names() -> None:
+    assert genai.tenant_of(span({}, {"lockgate.tenant": "acme"})) == "acme"
+    assert genai.tenant_of(span({"lockgate.tenant": "globex"}, {"lockgate.tenant": "acme"})) == "globex"
+    assert genai.tenant_of(span({})) is None
