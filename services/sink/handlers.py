@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,19 +39,22 @@ def _link(trace_id: str, span_id: str) -> Link | None:
 
 @dataclass
 class Written:
-    """What one insert did: rows stored, and messages whose rows were all found stored already."""
+    """What one insert did: rows stored, and messages whose rows were all stored already (a redelivery,
+    or a re-send under another message id)."""
 
     rows: int = 0
     skipped_messages: int = 0
 
 
 class Writer:
-    """Stores the facts of one projection idempotently, a batch of messages per insert.
+    """Stores the facts of one projection exactly once per key, a batch of messages per insert.
 
     An insert is atomic, so after a crash either all of a batch's rows are stored or none. Before
-    inserting, the keys of the facts that may be stored already (all of them, or only redelivered
-    ones, per the projection) are looked up and those rows dropped; the insert also carries a
-    deduplication token over its keys, so an identical retry is a no-op in ClickHouse.
+    inserting, the batch's keys are looked up (within the batch's time range, for a high-volume
+    table) and the rows found, or repeated in the batch, are dropped: a redelivered message and an
+    event re-sent under another message id are stored once alike. The insert also carries a
+    deduplication token over its keys, so an identical retry is a no-op in ClickHouse. Lookup and
+    insert run under one lock, so two concurrent writes of this process cannot both miss a key.
     """
 
     def __init__(self, store: Store, projection: domain.Projection) -> None:
@@ -58,16 +62,21 @@ class Writer:
         self.projection = projection
         self.table = projection.table
         self.stored = Progress()  # messages handled (a skipped one counts again)
+        self._lock = asyncio.Lock()
 
-    async def _stored_keys(self, keys: set[tuple[Any, ...]]) -> set[tuple[Any, ...]]:
-        if not keys:
-            return set()
+    async def _stored_keys(self, keys: set[tuple[Any, ...]], data: list[list[Any]]) -> set[tuple[Any, ...]]:
         key = self.table.key
         # Each key column narrowed on its own (a superset of the keys), the exact tuples picked here.
         types = ["String" if isinstance(v, str) else "Int64" for v in next(iter(keys))]
-        where = " AND ".join(f"{c} IN {{k{i}:Array({t})}}" for i, (c, t) in enumerate(zip(key, types, strict=True)))
-        params = {f"k{i}": sorted({k[i] for k in keys}) for i in range(len(key))}
-        rows = await self.store.arows(f"SELECT DISTINCT {', '.join(key)} FROM {self.table.name} WHERE {where}", params)
+        conds = [f"{c} IN {{k{i}:Array({t})}}" for i, (c, t) in enumerate(zip(key, types, strict=True))]
+        params: dict[str, Any] = {f"k{i}": sorted({k[i] for k in keys}) for i in range(len(key))}
+        if self.projection.within:
+            times = data[self.table.index(self.projection.within)]
+            col = self.projection.within
+            conds.insert(0, f"{col} >= {{lo:DateTime64(6, 'UTC')}} AND {col} <= {{hi:DateTime64(6, 'UTC')}}")
+            params.update(lo=min(times), hi=max(times))
+        sql = f"SELECT DISTINCT {', '.join(key)} FROM {self.table.name} WHERE {' AND '.join(conds)}"
+        rows = await self.store.arows(sql, params)
         return {t for r in rows if (t := tuple(r[c] for c in key)) in keys}
 
     async def write(
@@ -76,37 +85,27 @@ class Writer:
         extra: Mapping[str, Sequence[Any]] | None = None,
         transform: Mapping[str, Callable[[Any], Any]] | None = None,
     ) -> Written:
-        """Insert the rows of these messages that are not stored yet."""
+        """Insert the rows of these messages whose keys are not stored yet."""
         values = [v for vals, _ in messages for v in vals]
         data = self.table.data(values, extra, transform)
         n = len(data[0]) if data else 0
         if n == 0:
             return Written()
-        always = self.projection.check == "always"
-        keys: list[tuple[Any, ...]] | None = None
-        skipped = 0
-        if always or any(d.deliveries > 1 for _, d in messages):
-            keys = self.table.keys(data)
-            message_of = [m for m, (vals, _) in enumerate(messages) for _ in vals]
-            origins = [message_of[i] for i in self.table.origins(values)]
-            candidates = {k for k, o in zip(keys, origins, strict=True) if always or messages[o][1].deliveries > 1}
-            stored = await self._stored_keys(candidates)
-            if always or stored:
-                keep = domain.new_rows(keys, origins, stored)
-                skipped = len(set(origins) - {origins[i] for i in keep})
-                if not keep:
-                    return Written(skipped_messages=skipped)
-                if len(keep) < n:
-                    data = domain.select(data, keep)
-                    keys = [keys[i] for i in keep]
-        token = domain.batch_token(self._token_parts(data, keys))
-        await self.store.ainsert_columns(self.table.name, self.table.columns, data, token=token)
+        keys = self.table.keys(data)
+        message_of = [m for m, (vals, _) in enumerate(messages) for _ in vals]
+        origins = [message_of[i] for i in self.table.origins(values)]
+        async with self._lock:
+            stored = await self._stored_keys(set(keys), data)
+            keep = domain.new_rows(keys, origins, stored, per_row=self.projection.per_row)
+            skipped = len(set(origins) - {origins[i] for i in keep})
+            if not keep:
+                return Written(skipped_messages=skipped)
+            if len(keep) < n:
+                data = domain.select(data, keep)
+                keys = [keys[i] for i in keep]
+            token = domain.batch_token(list({"\x00".join(map(str, k)) for k in keys}))
+            await self.store.ainsert_columns(self.table.name, self.table.columns, data, token=token)
         return Written(rows=len(data[0]), skipped_messages=skipped)
-
-    def _token_parts(self, data: list[list[Any]], keys: list[tuple[Any, ...]] | None) -> list[str]:
-        if keys is None and len(self.table.key) == 1:  # the hot path: one key column, nothing dropped
-            return [str(k) for k in set(data[self.table.index(self.table.key[0])])]
-        return list({"\x00".join(map(str, k)) for k in (keys if keys is not None else self.table.keys(data))})
 
     async def on_facts(self, items: list[tuple[msgspec.Struct, Delivery]]) -> None:
         """Persist one fetch of facts (one event per message) in one insert."""
@@ -133,7 +132,7 @@ class SinkHandlers:
         return self.facts[table].stored
 
     async def on_inference(self, items: list[tuple[list[InferenceEvent] | InferenceEvent, Delivery]]) -> None:
-        """Persist every message of one fetch in one insert; redelivered messages already stored are skipped."""
+        """Persist every message of one fetch in one insert; events stored already (by id) are skipped."""
         messages = [(value if isinstance(value, list) else [value], delivery) for value, delivery in items]
         msg_ids = [_token(d) for batch, d in messages for _ in batch]
         spans = [self._message_span(batch, d) for batch, d in messages if batch]

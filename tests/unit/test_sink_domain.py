@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lockgate.services.sink.domain import FACTS, batch_token, new_rows, redaction, select
+from lockgate.services.sink.domain import FACTS, INFERENCE, batch_token, new_rows, redaction, select
 from lockgate.store.tables import TABLES
 
 
@@ -20,6 +20,25 @@ from lockgate.store.tables import TABLES
 ])
 def test_new_rows(keys: list, origins: list[int], stored: set, expected: list[int]) -> None:
     assert new_rows(keys, origins, stored) == expected
+
+
+@pytest.mark.parametrize(("keys", "origins", "stored", "expected"), [
+    # an event listed twice in one message is stored once
+    ([("e1",), ("e2",), ("e1",)], [0, 0, 0], set(), [0, 1]),
+    # the same event in two messages of the batch: the first copy only, its neighbours kept
+    ([("e1",), ("e2",), ("e2",), ("e3",)], [0, 0, 1, 1], set(), [0, 1, 3]),
+    # stored already (a redelivery, or a re-send under another message id)
+    ([("e1",), ("e2",)], [0, 1], {("e2",)}, [0]),
+])
+def test_new_rows_per_row(keys: list, origins: list[int], stored: set, expected: list[int]) -> None:
+    assert new_rows(keys, origins, stored, per_row=True) == expected
+
+
+def test_events_and_ledger_entries_are_facts_of_their_own_looked_up_in_their_time_range() -> None:
+    by_table = {p.table.name: p for p in (*FACTS, INFERENCE)}
+    for name, key in (("inference_events", ("id",)), ("cost_ledger", ("event_id",))):
+        assert by_table[name].table.key == key
+        assert by_table[name].per_row and by_table[name].within == "time"
 
 
 def test_select_and_token() -> None:

@@ -29,8 +29,9 @@ _ROUTING = ("source", "trace_id", "span_id", "schema_version")
 
 INFERENCE_EVENTS = Table(
     "inference_events", InferenceEvent, exclude=("schema_version",),
-    # the NATS message an event arrived in: how the sink recognises a redelivered message
-    extra={"msg_id": str}, key=("msg_id",),
+    # the NATS message an event arrived in (for tracing a row back to its message); an event is
+    # stored once per id, whatever messages carried it
+    extra={"msg_id": str}, key=("id",),
 )
 
 # The OpenTelemetry Collector ClickHouse exporter's layout, so its tools read ours.
