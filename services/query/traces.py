@@ -44,6 +44,14 @@ def traces_for_release(store: Store, release: str, limit: int = 20) -> list[dict
     return store.rows(_SUMMARY.format(where=where), {"release": release, "limit": limit})
 
 
+_SPANS = """
+SELECT Timestamp AS time, TraceId AS trace_id, SpanId AS span_id, ParentSpanId AS parent_span_id,
+       ServiceName AS service, SpanName AS name, SpanKind AS kind, round(Duration / 1e6, 3) AS duration_ms,
+       StatusCode AS status, SpanAttributes AS attributes, TraceId != {id:String} AS linked
+FROM otel_traces
+WHERE Timestamp >= toDateTime({lo:UInt32}) AND Timestamp < toDateTime({hi:UInt32})"""
+
+
 def trace_range(store: Store, trace_id: str) -> tuple[int, int] | None:
     """Unix seconds [first, last + 1) of a trace's spans and of spans linking to it, from the lookup table."""
     row = store.rows("SELECT count() AS n, toUnixTimestamp(min(Start)) AS lo, toUnixTimestamp(max(End)) + 1 AS hi "
@@ -61,16 +69,7 @@ def trace(store: Store, trace_id: str) -> list[dict[str, Any]]:
         raise ConfigError(f"trace id {trace_id!r} must be 32 hex characters")
     found = trace_range(store, trace_id)
     rows = [] if found is None else store.rows(
-        """
-        SELECT Timestamp AS time, TraceId AS trace_id, SpanId AS span_id, ParentSpanId AS parent_span_id,
-               ServiceName AS service, SpanName AS name, SpanKind AS kind,
-               round(Duration / 1e6, 3) AS duration_ms, StatusCode AS status,
-               SpanAttributes AS attributes, TraceId != {id:String} AS linked
-        FROM otel_traces
-        WHERE Timestamp >= toDateTime({lo:UInt32}) AND Timestamp < toDateTime({hi:UInt32})
-          AND (TraceId = {id:String} OR has(Links.TraceId, {id:String}))
-        ORDER BY Timestamp
-        """,
+        f"{_SPANS} AND (TraceId = {{id:String}} OR has(Links.TraceId, {{id:String}})) ORDER BY time",
         {"id": trace_id, "lo": found[0], "hi": found[1]},
     )
     if not rows:
