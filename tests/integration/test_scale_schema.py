@@ -11,7 +11,7 @@ import pytest
 from lockgate.contracts import CostEntry, CostLedger, SpanRecord
 from lockgate.errors import ConfigError, NotFound
 from lockgate.services.query.cost import DIMENSIONS, cost_rollup
-from lockgate.services.query.traces import trace, trace_range
+from lockgate.services.query.traces import trace
 from lockgate.store import Store, open_store
 from lockgate.store.retention import parse_retention
 from lockgate.store.tables import COST_LEDGER, OTEL_TRACES
@@ -42,14 +42,18 @@ def test_trace_by_id_reads_its_range_from_the_lookup_table_and_equals_a_full_sca
     spans.append(_span("e" * 32, T0 + timedelta(days=1, hours=3), 99, links=[ids[0], orphan]))
     store.insert_columns("otel_traces", OTEL_TRACES.columns, OTEL_TRACES.data(spans), token=None)
 
-    lo, hi = trace_range(store, ids[0])  # type: ignore[misc]
-    assert (lo, hi) == (int(T0.timestamp()), int((T0 + timedelta(days=1, hours=3)).timestamp()) + 1)
+    assert store.rows("SELECT toUnixTimestamp(min(Start)) AS lo, toUnixTimestamp(max(End)) AS hi "
+                      "FROM otel_traces_trace_id_ts WHERE TraceId = {id:String}", {"id": ids[0]}) == [
+        {"lo": int(T0.timestamp()), "hi": int((T0 + timedelta(days=1, hours=3)).timestamp())}]
     for trace_id in [*ids, orphan, "e" * 32]:
         got = [(r["span_id"], bool(r["linked"])) for r in trace(store, trace_id)]
         assert sorted(got) == sorted(_full_scan(store, trace_id)) and got, trace_id
-    assert trace_range(store, "0" * 32) is None
     with pytest.raises(NotFound):
         trace(store, "0" * 32)
+    # The spans are read only where the lookup table says the trace is.
+    store.command("TRUNCATE TABLE otel_traces_trace_id_ts")
+    with pytest.raises(NotFound):
+        trace(store, ids[0])
 
 
 def _ledger(n: int, seed: int = 7) -> CostLedger:
