@@ -79,8 +79,9 @@ class Writer:
             self.store.command(f"CREATE TEMPORARY TABLE IF NOT EXISTS {staged} ({cols}) ENGINE = Memory")
             self._staged = True
         self.store.command(f"TRUNCATE TABLE {staged}")
-        self.store.insert_columns(staged, [f"k{i}" for i in range(len(key))], [list(c) for c in zip(*keys)], token=None)
-        cond = f"({', '.join(key)}) IN (SELECT {', '.join(f'k{i}' for i in range(len(key)))} FROM {staged})"
+        names = [f"k{i}" for i in range(len(key))]
+        self.store.insert_columns(staged, names, [list(c) for c in zip(*keys, strict=True)], token=None)
+        cond = f"({', '.join(key)}) IN (SELECT {', '.join(names)} FROM {staged})"
         params: dict[str, Any] = {}
         if self.projection.within:
             col, times = self.projection.within, data[self.table.index(self.projection.within)]

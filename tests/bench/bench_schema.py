@@ -10,8 +10,8 @@ Run alone: `python -m tests.bench.run --out /tmp/schema.json bench_schema`.
 from __future__ import annotations
 
 import asyncio
-import os
 import json
+import os
 import random
 import time
 import uuid
