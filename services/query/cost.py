@@ -58,8 +58,8 @@ def cost_rollup(
         params["tenant"] = tenant
     hourly, legs = list(common), []
     if since is not None:
-        if since.tzinfo is None:
-            since = since.replace(tzinfo=UTC)
+        # The rollup's hours are UTC hours (a +05:30 "hour" would split one).
+        since = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
         params["since"], params["hour"] = since, _next_hour(since)
         hourly.append("hour >= {hour:DateTime('UTC')}")
         if params["hour"] != since:

@@ -4,7 +4,7 @@ rollup and per-table TTLs give the answers of the raw tables they stand in for."
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -88,7 +88,9 @@ def test_the_hourly_rollup_answers_as_the_ledger_does(store: Store, by: list[str
         ledger = _ledger(400, seed)
         store.insert_columns("cost_ledger", COST_LEDGER.columns, COST_LEDGER.data([ledger]), token=None)
     assert store.scalar("SELECT count() FROM cost_hourly") < 800
-    for since in (None, T0 + timedelta(days=1), T0 + timedelta(days=1, minutes=17, seconds=3)):
+    india = timezone(timedelta(hours=5, minutes=30))
+    for since in (None, T0 + timedelta(days=1), T0 + timedelta(days=1, minutes=17, seconds=3),
+                  datetime(2026, 3, 2, 12, 0, tzinfo=india)):
         for tenant in (None, "t2"):
             want = _raw(store, by, since, tenant)
             got = {tuple(r[d] for d in by): r for r in cost_rollup(store, by, since, tenant)}
