@@ -10,7 +10,16 @@ import msgspec
 from lockgate.contracts import CostEntry, CostRecord, InferenceEvent
 from lockgate.pricebook import ModelPrice, PriceBook, PriceBookError, parse_price_book
 
-__all__ = ["ModelPrice", "PriceBook", "PriceBookError", "event_cost", "parse_price_book", "price_events"]
+__all__ = ["ModelPrice", "PriceBook", "PriceBookError", "distinct_events", "event_cost", "parse_price_book",
+           "price_events"]
+
+
+def distinct_events(events: Sequence[InferenceEvent]) -> list[InferenceEvent]:
+    """The first event of each id, in order: an event listed twice in one message is priced once."""
+    first: dict[str, InferenceEvent] = {}
+    for e in events:
+        first.setdefault(e.id, e)
+    return list(first.values())
 
 def event_cost(e: InferenceEvent, price: ModelPrice) -> float:
     """What one inference event cost under `price`."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from lockgate.errors import UnknownDimension
@@ -25,32 +25,53 @@ DIMENSIONS: dict[str, str] = {
 __all__ = ["DIMENSIONS", "UnknownDimension", "cost_rollup"]
 
 
+# One row per ledger entry, or per hour and group of the rollup (migration 005), in the same columns.
+_LEDGER = ("SELECT time, tenant, app, deployment, release, model, price_book, 1 AS calls, input_tokens, "
+           "output_tokens, cached_tokens, cost_usd, toUInt64(NOT priced) AS unpriced_calls FROM cost_ledger")
+_HOURLY = ("SELECT toDateTime64(hour, 6, 'UTC') AS time, tenant, app, deployment, release, model, price_book, calls, "
+           "input_tokens, output_tokens, cached_tokens, cost_usd, unpriced_calls FROM cost_hourly")
+
+
+def _next_hour(t: datetime) -> datetime:
+    hour = t.replace(minute=0, second=0, microsecond=0)
+    return hour if hour == t else hour + timedelta(hours=1)
+
+
 def cost_rollup(
     store: Store,
     by: Sequence[str] = ("tenant", "app", "deployment", "day"),
     since: datetime | None = None,
     tenant: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Calls, tokens and cost_usd per group, most expensive first."""
+    """Calls, tokens and cost_usd per group, most expensive first.
+
+    Whole hours come from the hourly rollup, which every dimension derives from; only the part of
+    an hour before it (when `since` is not on the hour) is read from the ledger itself."""
     bad = [b for b in by if b not in DIMENSIONS]
     if bad:
         raise UnknownDimension(f"cannot group cost by {', '.join(map(repr, bad))}; choose from {', '.join(DIMENSIONS)}")
     dims = list(dict.fromkeys(by))
     select = [f"{DIMENSIONS[d]} AS {d}" for d in dims]
-    conds, params = [], {}
-    if since is not None:
-        conds.append("time >= {since:DateTime64(6, 'UTC')}")
-        params["since"] = since
+    common, params = [], {}
     if tenant is not None:
-        conds.append("tenant = {tenant:String}")
+        common.append("tenant = {tenant:String}")
         params["tenant"] = tenant
+    hourly, legs = list(common), []
+    if since is not None:
+        # The rollup's hours are UTC hours (a +05:30 "hour" would split one).
+        since = since.replace(tzinfo=UTC) if since.tzinfo is None else since.astimezone(UTC)
+        params["since"], params["hour"] = since, _next_hour(since)
+        hourly.append("hour >= {hour:DateTime('UTC')}")
+        if params["hour"] != since:
+            ledger = [*common, "time >= {since:DateTime64(6, 'UTC')}", "time < {hour:DateTime64(6, 'UTC')}"]
+            legs.append(f"{_LEDGER} WHERE {' AND '.join(ledger)}")
+    legs.insert(0, _HOURLY + (f" WHERE {' AND '.join(hourly)}" if hourly else ""))
     sql = (
-        f"SELECT {''.join(f'{s}, ' for s in select)}count() AS calls, sum(input_tokens) AS input_tokens, "
+        f"SELECT {''.join(f'{s}, ' for s in select)}sum(calls) AS calls, sum(input_tokens) AS input_tokens, "
         "sum(output_tokens) AS output_tokens, sum(cached_tokens) AS cached_tokens, "
         # input_tokens and output_tokens below are the aliases of the sums above.
         "input_tokens + output_tokens AS tokens, sum(cost_usd) AS cost_usd, "
-        "countIf(NOT priced) AS unpriced_calls FROM cost_ledger"
-        + (f" WHERE {' AND '.join(conds)}" if conds else "")
+        f"sum(unpriced_calls) AS unpriced_calls FROM ({' UNION ALL '.join(legs)})"
         + (f" GROUP BY {', '.join(dims)}" if dims else "")
         + " ORDER BY cost_usd DESC" + (f", {', '.join(dims)}" if dims else "")
     )

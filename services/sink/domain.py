@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 
@@ -34,15 +33,20 @@ from lockgate.subjects import Subjects
 
 @dataclass(frozen=True)
 class Projection:
-    """A table fed by one subject. `check` says which facts' keys are looked up before an insert:
-    `always` for low-volume facts (a republished fact is stored once too), `redelivered` for event
-    streams, where only a redelivery can repeat a message (JetStream drops republished msg ids)."""
+    """A table fed by one subject. Every insert first looks its facts' keys up, so a fact repeated in
+    any message (a redelivery, or a producer re-sending it under another message id) is stored once.
+
+    `per_row`: each row is a fact of its own (an inference event, a ledger entry), so rows sharing a
+    key are duplicates even within one message; otherwise rows sharing a key are one fact's rows.
+    `within`: the time column that bounds the lookup to the batch's time range, so a high-volume
+    table is never searched whole (a re-sent event carries the time it was first sent with)."""
 
     table: Table
     subject: Callable[[Subjects], str]
     stream: str
     wire_type: Any
-    check: Literal["always", "redelivered"] = "always"
+    per_row: bool = False
+    within: str | None = None
 
 
 FACTS: tuple[Projection, ...] = (
@@ -56,12 +60,13 @@ FACTS: tuple[Projection, ...] = (
     Projection(tables.GATE_DECISIONS, lambda s: s.gate_audit, "facts", GateAudited),
     Projection(tables.ROLLOUT_EVENTS, lambda s: s.rollout_all, "events", RolloutState),
     Projection(tables.DRIFT_REPORTS, lambda s: s.drift_all, "events", DriftReport),
-    Projection(tables.COST_LEDGER, lambda s: s.cost_ledger, "facts", CostLedger, check="redelivered"),
+    # One row per event id: the bill counts an event once, whichever ledger facts carry it.
+    Projection(tables.COST_LEDGER, lambda s: s.cost_ledger, "facts", CostLedger, per_row=True, within="time"),
     Projection(tables.AUDIT_LOG, lambda s: s.audit_records, "facts", AuditRecord),
 )
 
 INFERENCE = Projection(tables.INFERENCE_EVENTS, lambda s: s.inference_all, "inference",
-                       list[InferenceEvent] | InferenceEvent, check="redelivered")
+                       list[InferenceEvent] | InferenceEvent, per_row=True, within="time")
 
 
 def redaction(mode: RedactMode) -> dict[str, Callable[[Any], Any]]:
@@ -97,30 +102,14 @@ def unreadable(data: bytes) -> bool:
     return True
 
 
-class RecentTokens:
-    """The last `size` message tokens seen, in a set with a FIFO of the same tokens (O(1) each)."""
-
-    def __init__(self, size: int = 100_000) -> None:
-        self._order: deque[str] = deque()
-        self._set: set[str] = set()
-        self.size = size
-
-    def __contains__(self, token: str) -> bool:
-        return token in self._set
-
-    def add_all(self, tokens: Iterable[str]) -> None:
-        for t in tokens:
-            if t not in self._set:
-                self._set.add(t)
-                self._order.append(t)
-                if len(self._order) > self.size:
-                    self._set.discard(self._order.popleft())
-
-
-def new_rows(keys: Sequence[tuple[Any, ...]], origins: Sequence[int], stored: set[tuple[Any, ...]]) -> list[int]:
+def new_rows(keys: Sequence[tuple[Any, ...]], origins: Sequence[int], stored: set[tuple[Any, ...]],
+             *, per_row: bool = False) -> list[int]:
     """Rows to insert: not stored already, and of the first message in the batch that carries their key
-    (a fact republished in another message is dropped whole; one message's rows sharing a key are kept)."""
+    (a fact republished in another message is dropped whole; one message's rows sharing a key are kept,
+    unless `per_row`, where only the first row of a key is)."""
     owner: dict[tuple[Any, ...], int] = {}
+    if per_row:
+        return [i for i, k in enumerate(keys) if k not in stored and owner.setdefault(k, i) == i]
     return [i for i, (k, o) in enumerate(zip(keys, origins, strict=True))
             if k not in stored and owner.setdefault(k, o) == o]
 

@@ -15,7 +15,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, StorageType, StreamConfig
 
 from lockgate import metrics, telemetry
 from lockgate.batcher import Batcher
@@ -217,6 +217,8 @@ class Bus:
                 subjects=list(spec.subjects),
                 storage=StorageType.FILE,
                 max_age=spec.max_age_s,
+                max_bytes=spec.max_bytes,
+                discard=DiscardPolicy.NEW if spec.discard == "new" else DiscardPolicy.OLD,
                 duplicate_window=spec.duplicate_window_s,
             )
             try:

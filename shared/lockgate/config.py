@@ -58,6 +58,8 @@ class Settings(msgspec.Struct, kw_only=True):
     drift_reference_size: int = 500
     drift_window_size: int = 500
     drift_psi_threshold: float = 0.2
+    # store: days kept per table, `table=days,...` over the defaults of lockgate.store.retention (0 = for ever)
+    retention_days: str = ""
     # cost
     price_book: str = ""
     # gatekeeper: Ed25519 key that signs decisions (generated under home/keys when empty)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 from lockgate.errors import ConfigError
 
@@ -41,13 +42,24 @@ def untoken(tok: str) -> str:
     return value
 
 
+GiB = 1 << 30
+
+
 @dataclass(frozen=True)
 class StreamSpec:
-    """A JetStream stream: its name and the subjects it captures."""
+    """A JetStream stream: its name, the subjects it captures and its limits.
+
+    At `max_age_s` the oldest messages expire whatever their consumers did. At `max_bytes` the
+    `discard` policy decides: `new` refuses the publish (the producer sees the bus as unavailable,
+    keeps its events buffered and retries, so nothing is lost silently), `old` drops the oldest
+    messages (only for telemetry, where the newest spans matter most). nats-server reserves
+    `max_bytes` of its JetStream storage for each stream when the stream is created."""
 
     name: str
     subjects: tuple[str, ...]
     max_age_s: float = 7 * 24 * 3600
+    max_bytes: int = GiB
+    discard: Literal["old", "new"] = "new"
     duplicate_window_s: float = 120.0
 
 
@@ -66,7 +78,9 @@ class Subjects:
             self,
             "streams",
             {
-                "inference": StreamSpec(f"{s}_INFERENCE", (f"{p}.inference.>",)),
+                # Hours of backlog at ordinary rates (about 3 minutes at 100k events/s of ~500 bytes); past
+                # it producers buffer and retry (discard new): the stream never drops an unconsumed event.
+                "inference": StreamSpec(f"{s}_INFERENCE", (f"{p}.inference.>",), max_bytes=8 * GiB),
                 "events": StreamSpec(
                     f"{s}_EVENTS",
                     (
@@ -82,11 +96,13 @@ class Subjects:
                 ),
                 # Rows that have no event of their own, published for the sink (the store owner) alone;
                 # kept only as long as the inference stream, because the table is their durable copy.
-                "facts": StreamSpec(f"{s}_FACTS", (f"{p}.fact.>",)),
-                "telemetry": StreamSpec(f"{s}_TELEMETRY", (f"{p}.telemetry.>",), max_age_s=24 * 3600),
+                "facts": StreamSpec(f"{s}_FACTS", (f"{p}.fact.>",), max_bytes=4 * GiB),
+                "telemetry": StreamSpec(f"{s}_TELEMETRY", (f"{p}.telemetry.>",), max_age_s=24 * 3600,
+                                        max_bytes=2 * GiB, discard="old"),
                 "dlq": StreamSpec(f"{s}_DLQ", (f"{p}.dlq.>",), max_age_s=30 * 24 * 3600),
                 # Entries waiting for the audit chainer (the gatekeeper); kept long enough to outlast an outage.
-                "audit": StreamSpec(f"{s}_AUDIT", (f"{p}.audit.>",), max_age_s=30 * 24 * 3600),
+                "audit": StreamSpec(f"{s}_AUDIT", (f"{p}.audit.>",), max_age_s=30 * 24 * 3600,
+                                    max_bytes=GiB // 4),
             },
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from nats.js.api import DiscardPolicy
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from lockgate.bus import Bus, Delivery, consume
@@ -20,6 +21,15 @@ async def test_topology_is_idempotent(bus: Bus) -> None:
     await bus.ensure_topology()
     info = await bus.js.stream_info(bus.subjects.streams["inference"].name)
     assert info.config.subjects == [f"{bus.subjects.prefix}.inference.>"]
+
+
+async def test_every_stream_has_its_age_bytes_and_discard_limits(bus: Bus) -> None:
+    for spec in bus.subjects.streams.values():
+        cfg = (await bus.js.stream_info(spec.name)).config
+        assert (cfg.max_age, cfg.max_bytes, DiscardPolicy(cfg.discard)) == (spec.max_age_s, spec.max_bytes,
+                                                                            DiscardPolicy(spec.discard))
+    # Unconsumed events are refused, never dropped, when the stream is full; only spans are dropped oldest first.
+    assert {n for n, s in bus.subjects.streams.items() if s.discard == "old"} == {"telemetry"}
 
 
 async def test_same_event_published_twice_is_stored_once_by_jetstream(bus: Bus) -> None:

@@ -100,6 +100,30 @@ async def test_same_delivery_twice_gives_one_row_per_event(
     assert store.scalar("SELECT uniqExact(event_id) FROM cost_ledger") == 4
 
 
+async def test_an_event_resent_under_other_message_ids_is_stored_and_billed_once(
+    run_services, bus: Bus, store: Store
+) -> None:
+    """Exactly once per event id: re-sent in another array, twice in one array, or alone, an event is
+    one row in inference_events and one entry (one cost) in the ledger."""
+    svcs = await run_services("sink", "cost")
+    events = _batch()
+    subject = bus.subjects.inference("shop")
+    await bus.publish(subject, events, msg_id="first")
+    await bus.publish(subject, [events[1], events[0]], msg_id="resent-by-the-sdk")
+    await bus.publish(subject, [events[2], events[2]], msg_id="twice-in-one-array")
+    await bus.publish(subject, events[3], msg_id="alone")
+    await svcs["sink"].handlers.events.wait_for(9)
+    await svcs["cost"].handlers.events.wait_for(9)
+    await sink_stored(svcs["sink"].handlers, cost_ledger=4)  # one ledger fact per message
+    assert store.scalar("SELECT count() FROM inference_events") == 4
+    assert store.scalar("SELECT uniqExact(id) FROM inference_events") == 4
+    assert store.scalar("SELECT count() FROM cost_ledger") == 4
+    assert store.scalar("SELECT sum(cost_usd) FROM cost_ledger") == pytest.approx(sum(EXPECTED))
+    rollup = await asyncio.to_thread(cost_rollup, store, ["tenant"])
+    assert sum(r["calls"] for r in rollup) == 4
+    assert sum(r["cost_usd"] for r in rollup) == pytest.approx(sum(EXPECTED))
+
+
 async def test_malformed_message_goes_to_dlq_and_next_is_processed(run_services, bus: Bus, store: Store) -> None:
     letters = await bus.nc.subscribe(bus.subjects.dlq("cost"))
     svcs = await run_services("sink", "cost")

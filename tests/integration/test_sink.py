@@ -47,7 +47,7 @@ async def test_writer_killed_before_ack_gives_one_row_per_event(
     context: ServiceContext, bus: Bus, store: Store, settings, metric_reader
 ) -> None:
     """Insert a batch, die before the ack, restart: the redelivered messages arrive regrouped with a
-    new one, are recognised by msg_id and skipped; every event is stored exactly once."""
+    new one, are recognised by their events' ids and skipped; every event is stored exactly once."""
     first = ServiceSet(context, ["sink"])
     await first.start()  # creates the durable consumer
     await first.stop()
@@ -125,7 +125,7 @@ async def test_facts_republished_under_other_ids_are_stored_once(run_services, b
 
 
 async def test_a_redelivered_ledger_regrouped_with_a_new_one_is_stored_once(context: ServiceContext, store: Store) -> None:
-    """High-volume facts are looked up only when redelivered, as inference events are."""
+    """A ledger entry is stored once per event id, however its facts are regrouped."""
     from lockgate.services.sink.handlers import SinkHandlers
     from lockgate.telemetry import Telemetry
 
@@ -144,3 +144,18 @@ async def test_a_redelivered_ledger_regrouped_with_a_new_one_is_stored_once(cont
     await writer.on_facts([(first, delivery("m1", 2)), (ledger(3, 5), delivery("m2", 1))])
     assert store.scalar("SELECT count() FROM cost_ledger") == 8
     assert store.scalar("SELECT uniqExact(event_id) FROM cost_ledger") == 8
+
+
+async def test_an_event_resent_under_another_message_id_later_is_stored_once(
+    run_services, bus: Bus, store: Store
+) -> None:
+    """Beyond JetStream's duplicate window (another message id) and in another insert, the sink finds
+    the stored event by id; its new neighbours are stored."""
+    svcs = await run_services("sink")
+    events = _events(10)
+    await bus.publish(bus.subjects.inference("shop"), events, msg_id="sdk-try-1")
+    await svcs["sink"].handlers.events.wait_for(10)
+    await bus.publish(bus.subjects.inference("shop"), [*events[5:], *_events(3)], msg_id="sdk-try-2")
+    await svcs["sink"].handlers.events.wait_for(18)
+    assert store.scalar("SELECT count() FROM inference_events") == 13
+    assert store.scalar("SELECT uniqExact(id) FROM inference_events") == 13

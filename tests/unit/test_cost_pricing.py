@@ -11,6 +11,7 @@ from lockgate.pricebook import load_price_book
 from lockgate.services.cost.domain import (
     ModelPrice,
     PriceBookError,
+    distinct_events,
     event_cost,
     parse_price_book,
     price_events,
@@ -101,3 +102,10 @@ def test_shipped_price_book_prices_the_simulator_models(tmp_path) -> None:
     (tmp_path / "bad.yaml").write_text("version: [unclosed")
     with pytest.raises(PriceBookError):
         load_price_book(str(tmp_path / "bad.yaml"))
+
+
+def test_an_event_listed_twice_is_priced_once() -> None:
+    a, b = (InferenceEvent(app="shop", model="sim-good", input_tokens=n) for n in (10, 20))
+    assert distinct_events([a, b, a, b]) == [a, b]
+    priced = price_events(distinct_events([a, a, b]), load_price_book(""))
+    assert [e.event_id for e in priced.entries] == [a.id, b.id] and priced.records[0].calls == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lockgate.services.sink.domain import FACTS, RecentTokens, batch_token, new_rows, redaction, select
+from lockgate.services.sink.domain import FACTS, INFERENCE, batch_token, new_rows, redaction, select
 from lockgate.store.tables import TABLES
 
 
@@ -22,6 +22,25 @@ def test_new_rows(keys: list, origins: list[int], stored: set, expected: list[in
     assert new_rows(keys, origins, stored) == expected
 
 
+@pytest.mark.parametrize(("keys", "origins", "stored", "expected"), [
+    # an event listed twice in one message is stored once
+    ([("e1",), ("e2",), ("e1",)], [0, 0, 0], set(), [0, 1]),
+    # the same event in two messages of the batch: the first copy only, its neighbours kept
+    ([("e1",), ("e2",), ("e2",), ("e3",)], [0, 0, 1, 1], set(), [0, 1, 3]),
+    # stored already (a redelivery, or a re-send under another message id)
+    ([("e1",), ("e2",)], [0, 1], {("e2",)}, [0]),
+])
+def test_new_rows_per_row(keys: list, origins: list[int], stored: set, expected: list[int]) -> None:
+    assert new_rows(keys, origins, stored, per_row=True) == expected
+
+
+def test_events_and_ledger_entries_are_facts_of_their_own_looked_up_in_their_time_range() -> None:
+    by_table = {p.table.name: p for p in (*FACTS, INFERENCE)}
+    for name, key in (("inference_events", ("id",)), ("cost_ledger", ("event_id",))):
+        assert by_table[name].table.key == key
+        assert by_table[name].per_row and by_table[name].within == "time"
+
+
 def test_select_and_token() -> None:
     assert select([[1, 2, 3], ["a", "b", "c"]], [0, 2]) == [[1, 3], ["a", "c"]]
     assert batch_token(["b", "a"]) == batch_token(["a", "b"]) != batch_token(["a"])
@@ -37,11 +56,3 @@ def test_redaction_scrubs_prompts_and_responses() -> None:
     scrub = redaction("scrub")
     assert "sk-" not in scrub["prompt"]("key sk-abcdefghijklmnopqrstuvwx") and scrub["response"](None) is None
     assert redaction("drop")["prompt"]("anything") is None
-
-
-def test_recent_tokens_remember_the_last_n_in_order() -> None:
-    recent = RecentTokens(size=3)
-    recent.add_all(["a", "b", "a", "c"])
-    assert all(t in recent for t in "abc")
-    recent.add_all(["d"])  # "a", the oldest, leaves
-    assert "a" not in recent and all(t in recent for t in "bcd")

@@ -29,8 +29,9 @@ _ROUTING = ("source", "trace_id", "span_id", "schema_version")
 
 INFERENCE_EVENTS = Table(
     "inference_events", InferenceEvent, exclude=("schema_version",),
-    # the NATS message an event arrived in: how the sink recognises a redelivered message
-    extra={"msg_id": str}, key=("msg_id",),
+    # the NATS message an event arrived in (for tracing a row back to its message); an event is
+    # stored once per id, whatever messages carried it
+    extra={"msg_id": str}, key=("id",),
 )
 
 # The OpenTelemetry Collector ClickHouse exporter's layout, so its tools read ours.
@@ -89,3 +90,6 @@ TABLES: tuple[Table, ...] = (
     INFERENCE_EVENTS, OTEL_TRACES, DEAD_LETTERS, ARTIFACTS, RELEASES, LINEAGE_RUNS, LINEAGE_EDGES, EVAL_RUNS,
     EVAL_CASES, GATE_DECISIONS, ROLLOUT_EVENTS, DRIFT_REPORTS, COST_LEDGER, AUDIT_LOG,
 )
+
+# Kept by materialized views (migration 005), never written by the sink: no contract Struct of their own.
+DERIVED: tuple[str, ...] = ("otel_traces_trace_id_ts", "otel_traces_trace_id_ts_mv", "cost_hourly", "cost_hourly_mv")

@@ -1,0 +1,75 @@
+"""Retention: a TTL per table, from settings, applied when a store owner opens the store.
+
+`LOCKGATE_RETENTION_DAYS` overrides the defaults per table, e.g. `inference_events=30,otel_traces=7`;
+0 keeps a table's rows for ever. Rows past their TTL are removed by ClickHouse's merges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from lockgate.errors import ConfigError
+from lockgate.store.client import Store
+
+# The time column each table expires by (tables not listed keep their rows: releases, artifacts,
+# lineage, evals, gate decisions and the audit log are the record of what was shipped and why).
+TTL_COLUMNS: dict[str, str] = {
+    "inference_events": "time",
+    "otel_traces": "Timestamp",
+    "otel_traces_trace_id_ts": "End",
+    "dead_letters": "time",
+    "drift_reports": "time",
+    "rollout_events": "time",
+    "cost_ledger": "time",
+    "cost_hourly": "hour",
+}
+
+# High-volume raw data goes first; the bill (ledger, then its hourly rollup) is kept longest.
+DEFAULT_DAYS: dict[str, int] = {
+    "inference_events": 90,
+    "otel_traces": 30,
+    "otel_traces_trace_id_ts": 30,
+    "dead_letters": 30,
+    "drift_reports": 365,
+    "rollout_events": 0,
+    "cost_ledger": 400,
+    "cost_hourly": 0,
+}
+
+
+def parse_retention(text: str) -> dict[str, int]:
+    """Days per table: the defaults, overridden by `table=days,...`."""
+    days = dict(DEFAULT_DAYS)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        table, sep, value = part.partition("=")
+        table = table.strip()
+        if not sep or table not in TTL_COLUMNS or not value.strip().isdigit():
+            raise ConfigError(f"retention {part!r} must be TABLE=DAYS (days >= 0, 0 = for ever) with TABLE one of "
+                              f"{', '.join(TTL_COLUMNS)}")
+        days[table] = int(value)
+    return days
+
+
+def ttl_expression(table: str, days: int) -> str:
+    """The TTL as ClickHouse prints it in the table's engine (so an unchanged TTL is recognised)."""
+    return f"toDateTime({TTL_COLUMNS[table]}) + toIntervalDay({days})"
+
+
+def apply_retention(store: Store, days: Mapping[str, int]) -> list[str]:
+    """Set each table's TTL where it differs from `days`; returns the tables changed."""
+    engines = {r["name"]: r["engine_full"] for r in store.rows(
+        "SELECT name, engine_full FROM system.tables WHERE database = {db:String}", {"db": store.database})}
+    changed = []
+    for table, n in days.items():
+        engine = engines.get(table)
+        if engine is None:
+            continue
+        has_ttl = " TTL " in engine
+        if n > 0 and f" TTL {ttl_expression(table, n)} " not in f"{engine} ":
+            # Existing parts are rewritten in the background to drop what is already past the TTL.
+            store.command(f"ALTER TABLE {table} MODIFY TTL {ttl_expression(table, n)}")
+            changed.append(table)
+        elif n == 0 and has_ttl:
+            store.command(f"ALTER TABLE {table} REMOVE TTL")
+            changed.append(table)
+    return changed
