@@ -219,7 +219,7 @@ def schema(out: str | None) -> None:
 
 
 def _register_subcommands() -> None:
-    from lockgate.cli import audit, gate, identity, keys, stack, status, workflow
+    from lockgate.cli import audit, gate, gitops, identity, keys, stack, status, workflow
 
     stack.register(cli)
     status.register(cli)
@@ -228,6 +228,7 @@ def _register_subcommands() -> None:
     identity.register(cli)
     keys.register(cli)
     audit.register(cli)
+    gitops.register(cli)
     # Plugins (the dev tools' `dev up`, `sim` and `demo`) add commands without the CLI importing them.
     for ep in entry_points(group="lockgate.cli"):
         ep.load()(cli)
