@@ -139,13 +139,13 @@ def register(cli: click.Group) -> None:
 
         desired, prov = _load(directory)
         author = optional_identity(ctx)  # signs the releases it binds, as `release create --as` does
+        where = str(Path(directory).resolve())
 
         async def work(bus: Any) -> tuple[Any, Any]:
             plan = await _plan(bus, desired, prune)
             if plan.errors:
                 return plan, None
-            return plan, await apply(bus, plan, desired, prov, directory=str(Path(directory).resolve()),
-                                     author=author)
+            return plan, await apply(bus, plan, desired, prov, directory=where, author=author)
 
         plan, event = with_bus(ctx.obj["settings"], work, role="operator")
         if as_json:
