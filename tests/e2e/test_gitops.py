@@ -10,9 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli import run, stack  # noqa: F401 - the module-scoped stack fixture
+from tests.e2e import test_cli
+from tests.e2e.test_cli import run
 
 pytestmark = pytest.mark.timeout(300)
+
+stack = test_cli.stack  # the same module-scoped `lockgate dev up`, started once for this module
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "gitops"
 GIT_ENV = {"GIT_AUTHOR_NAME": "Ann", "GIT_AUTHOR_EMAIL": "ann@example.com", "GIT_COMMITTER_NAME": "Ann",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
 import logging
@@ -180,6 +181,42 @@ def lineage(ctx: click.Context, ref: str, depth: int, as_json: bool) -> None:
     err_console.print(f"[bold]{view.get('node', ref)}[/bold] ({view.get('kind', '?')})")
     output(view.get("upstream", []), False, title="upstream (what it came from)", empty="no upstream")
     output(view.get("downstream", []), False, title="downstream (what used it)", empty="no downstream")
+
+
+@cli.command()
+@click.argument("deployment")
+@click.option("--at", "at", metavar="TIME", help="ISO 8601 time (UTC unless it carries an offset); default now.")
+@click.option("--limit", default=20, show_default=True, help="How many changes up to TIME to list.")
+@json_option
+@click.pass_context
+@handle_errors
+def history(ctx: click.Context, deployment: str, at: str | None, limit: int, as_json: bool) -> None:
+    """What served a deployment at a time (releases and weights), and the rollout changes up to then."""
+    from lockgate.contracts.names import check_name
+    from lockgate.errors import ConfigError
+
+    check_name(deployment, "deployment")
+    when = None
+    if at:
+        try:
+            parsed = dt.datetime.fromisoformat(at)
+        except ValueError:
+            raise ConfigError(f"--at {at!r} is not an ISO 8601 time (e.g. 2026-12-03T09:30:00Z)") from None
+        when = (parsed.astimezone(dt.UTC) if parsed.tzinfo else parsed).replace(tzinfo=None).isoformat()
+    view = _query(ctx, "serving_history", deployment=deployment, at=when, limit=limit)
+    if as_json:
+        output(view, True)
+        return
+    serving = view.get("serving")
+    moment = f"at {view['at']} UTC" if view.get("at") else "now"
+    if serving is None:
+        err_console.print(f"nothing served {deployment} {moment}: no rollout change recorded before then")
+    else:
+        shares = ", ".join(f"{r} {w:g}%" for r, w in serving["weights"].items())
+        err_console.print(f"[bold]{deployment}[/bold] {moment}: {shares} ({serving['phase']} since "
+                          f"{serving['since']})", highlight=False)
+    output(view.get("history", []), False, title="rollout changes up to then, newest first", empty="no changes",
+           columns=["time", "phase", "stable_release", "canary_release", "canary_weight", "reason"])
 
 
 @cli.command()
