@@ -4,6 +4,7 @@ from tests/fixtures/gitops."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -116,3 +117,9 @@ def test_plan_apply_plan_is_idempotent_and_edits_show_as_changes(stack: dict[str
     run("apply", str(repo), "--prune", env=stack)
     code, plan = _plan(stack, repo)
     assert code == 0 and plan["summary"]["orphan"] == 0 and plan["summary"]["unchanged"] == 10
+
+
+def test_plan_without_a_stack_fails_fast_for_ci(tmp_path: Path) -> None:
+    env = {**os.environ, "LOCKGATE_HOME": str(tmp_path), "LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
+    proc = run("plan", str(FIXTURE), env=env, check=False)
+    assert proc.returncode == 1 and "no lockgate stack answers" in proc.stderr and "Traceback" not in proc.stderr
