@@ -107,7 +107,8 @@ async def _delete_topology(settings: Settings) -> None:
         with contextlib.suppress(Exception):
             await js.delete_stream(spec.name)
     for bucket in (subjects.kv_gates, subjects.kv_routes, subjects.kv_keys, subjects.kv_drift,
-                   subjects.kv_eval_cache, subjects.kv_releases, subjects.kv_eval_runs, subjects.kv_audit):
+                   subjects.kv_eval_cache, subjects.kv_releases, subjects.kv_eval_runs, subjects.kv_audit,
+                   subjects.kv_gitops):
         with contextlib.suppress(Exception):
             await js.delete_key_value(bucket)
     with contextlib.suppress(Exception):

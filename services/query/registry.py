@@ -30,6 +30,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "rollout_history": ("rollouts", "rollout_history"),
     "cost_rollup": ("cost", "cost_rollup"),
     "lineage": ("lineage", "lineage"),
+    "serving_history": ("history", "serving_history"),
     "sql": ("operator_sql", "readonly_sql"),
     "audit_log": ("audit", "audit_log"),
     # services (the evaluator resumes and compares runs; the gatekeeper reads its audit log)

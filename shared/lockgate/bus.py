@@ -226,7 +226,7 @@ class Bus:
             except nats.js.errors.BadRequestError:
                 await self.js.update_stream(cfg)
         for bucket in (self.subjects.kv_gates, self.subjects.kv_routes, self.subjects.kv_keys, self.subjects.kv_drift,
-                       self.subjects.kv_eval_runs):
+                       self.subjects.kv_eval_runs, self.subjects.kv_gitops):
             await self.js.create_key_value(bucket=bucket, history=10)
         # One value per release name, written once (create) and never updated.
         await self.js.create_key_value(bucket=self.subjects.kv_releases, history=1)

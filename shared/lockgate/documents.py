@@ -31,19 +31,22 @@ def convert(raw: Any, type_: type[T], *, name: str, error: type[LockgateError] =
         raise error(f"{name}: {exc}") from None
 
 
-def load_yaml(path: str | Path, type_: type[T], *, name: str, error: type[LockgateError] = ConfigError) -> T:
-    """A YAML file decoded straight into `type_`; unreadable, not YAML, or invalid each say so."""
+def load_yaml(path: str | Path, type_: type[T], *, name: str, error: type[LockgateError] = ConfigError,
+              shown: str | None = None) -> T:
+    """A YAML file decoded straight into `type_`; unreadable, not YAML, or invalid each say so (naming the
+    file as `shown`, e.g. relative to a folder, when given)."""
     p = Path(path).expanduser()
+    where = shown or p
     try:
         data = p.read_bytes()
     except OSError as exc:
-        raise error(f"cannot read {name} {p}: {exc.strerror or exc}") from None
+        raise error(f"cannot read {name} {where}: {exc.strerror or exc}") from None
     try:
         return msgspec.yaml.decode(data, type=type_)
     except msgspec.ValidationError as exc:
-        raise error(f"{name} {p} is invalid: {exc}") from None
+        raise error(f"{name} {where} is invalid: {exc}") from None
     except msgspec.DecodeError as exc:
-        raise error(f"{name} {p} is not valid YAML: {exc}") from None
+        raise error(f"{name} {where} is not valid YAML: {' '.join(str(exc).split())}") from None
 
 
 def at(path: str, message: str) -> ValueError:

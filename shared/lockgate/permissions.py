@@ -130,7 +130,7 @@ def _manage_topology(s: Subjects) -> Grant:
     # Create/update lockgate's own streams and buckets (Bus.ensure_topology), nothing else.
     names = [spec.name for spec in s.streams.values()]
     names += [f"KV_{b}" for b in (s.kv_gates, s.kv_routes, s.kv_keys, s.kv_drift, s.kv_eval_runs, s.kv_releases,
-                                  s.kv_eval_cache, s.kv_audit)]
+                                  s.kv_eval_cache, s.kv_audit, s.kv_gitops)]
     names.append(f"OBJ_{s.object_store}")
     return Grant(publish=[f"$JS.API.STREAM.{op}.{n}" for n in names for op in ("CREATE", "UPDATE", "INFO")])
 
@@ -195,8 +195,10 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(_viewer(s))
         if identity == "operator":
             # `release create` binds the name itself (create-only KV) before announcing it.
-            g.add(_write_objects(s.object_store)).add(_create_kv(s.kv_releases)).add(Grant(
-                publish=[s.eval_requested, s.artifact_registered, s.release_registered],
+            # `apply` also keeps the folder's applied state and announces what it changed.
+            g.add(_write_objects(s.object_store)).add(_create_kv(s.kv_releases)).add(_write_kv(s.kv_gitops))
+            g.add(Grant(
+                publish=[s.eval_requested, s.artifact_registered, s.release_registered, s.apply_recorded],
                 subscribe=[s.eval_completed, f"{s.prefix}.progress.eval.>", s.gate_decided_all]))
             g.add(Grant(publish=[s.audit("operator")]))  # key changes made from the CLI, recorded as itself
         if identity == "approver":
@@ -209,7 +211,8 @@ def grant(s: Subjects, identity: str) -> Grant:
 def _viewer(s: Subjects) -> Grant:
     # Named queries, decisions and keys, and the health of streams and consumers (`lockgate status`).
     g = Grant(publish=[s.query])
-    for bucket in (s.kv_gates, s.kv_keys, s.kv_routes, s.kv_audit):  # kv_audit: `audit verify` checks the tail
+    # kv_audit: `audit verify` checks the tail; kv_releases and kv_gitops: `plan` diffs a folder against them.
+    for bucket in (s.kv_gates, s.kv_keys, s.kv_routes, s.kv_audit, s.kv_releases, s.kv_gitops):
         g.add(_read_kv(bucket))
     for spec in s.streams.values():
         g.add(Grant(publish=[f"$JS.API.STREAM.INFO.{spec.name}", f"$JS.API.CONSUMER.LIST.{spec.name}",

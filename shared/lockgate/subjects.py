@@ -119,6 +119,11 @@ class Subjects:
         return f"{self.prefix}.artifact.registered"
 
     @property
+    def apply_recorded(self) -> str:
+        """What each `lockgate apply` changed, with the folder's Git provenance (ApplyRecorded)."""
+        return f"{self.prefix}.artifact.applied"
+
+    @property
     def release_registered(self) -> str:
         return f"{self.prefix}.lineage.release"
 
@@ -271,6 +276,12 @@ class Subjects:
     def kv_releases(self) -> str:
         """Release name -> its immutable bundle (create-only: a name is bound to one content forever)."""
         return f"{self.prefix}_releases"
+
+    @property
+    def kv_gitops(self) -> str:
+        """The state `lockgate apply` last applied: one entry per folder resource (`kind.name`), with
+        its content hash and the Git provenance of the apply that set it; what `plan` diffs against."""
+        return f"{self.prefix}_gitops"
 
     @property
     def kv_audit(self) -> str:

@@ -10,6 +10,8 @@ import pytest
 from lockgate.codec import Codec, any_event, encode
 from lockgate.contracts import (
     EVENT_TYPES,
+    AppliedChange,
+    ApplyRecorded,
     ArtifactRegistered,
     AuditEntry,
     AuditRecord,
@@ -80,6 +82,9 @@ SAMPLES = [
     AuditEntry(kind="key", actor="admin", target="apikey:k1", action="create", details={"role": "viewer"}),
     AuditRecord(seq=1, producer="admin", kind="key", actor="admin", target="apikey:k1", action="create",
                 recorded_at=datetime(2026, 1, 2, tzinfo=UTC), hash="sha256:1", key_id="k", signature="c2ln"),
+    ApplyRecorded(directory="/repo", commit="abc", author="Ann <ann@example.com>", dirty=False, changes=[
+        AppliedChange(action="add", kind="prompt", name="p", digest="sha256:" + "0" * 64, source="prompts/p.yaml")],
+        unchanged=2),
 ]
 
 

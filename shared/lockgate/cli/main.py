@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import json
 import logging
@@ -183,6 +184,42 @@ def lineage(ctx: click.Context, ref: str, depth: int, as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("deployment")
+@click.option("--at", "at", metavar="TIME", help="ISO 8601 time (UTC unless it carries an offset); default now.")
+@click.option("--limit", default=20, show_default=True, help="How many changes up to TIME to list.")
+@json_option
+@click.pass_context
+@handle_errors
+def history(ctx: click.Context, deployment: str, at: str | None, limit: int, as_json: bool) -> None:
+    """What served a deployment at a time (releases and weights), and the rollout changes up to then."""
+    from lockgate.contracts.names import check_name
+    from lockgate.errors import ConfigError
+
+    check_name(deployment, "deployment")
+    when = None
+    if at:
+        try:
+            parsed = dt.datetime.fromisoformat(at)
+        except ValueError:
+            raise ConfigError(f"--at {at!r} is not an ISO 8601 time (e.g. 2026-12-03T09:30:00Z)") from None
+        when = (parsed.astimezone(dt.UTC) if parsed.tzinfo else parsed).replace(tzinfo=None).isoformat()
+    view = _query(ctx, "serving_history", deployment=deployment, at=when, limit=limit)
+    if as_json:
+        output(view, True)
+        return
+    serving = view.get("serving")
+    moment = f"at {view['at']} UTC" if view.get("at") else "now"
+    if serving is None:
+        err_console.print(f"nothing served {deployment} {moment}: no rollout change recorded before then")
+    else:
+        shares = ", ".join(f"{r} {w:g}%" for r, w in serving["weights"].items())
+        err_console.print(f"[bold]{deployment}[/bold] {moment}: {shares} ({serving['phase']} since "
+                          f"{serving['since']})", highlight=False)
+    output(view.get("history", []), False, title="rollout changes up to then, newest first", empty="no changes",
+           columns=["time", "phase", "stable_release", "canary_release", "canary_weight", "reason"])
+
+
+@cli.command()
 @click.option("--origin", help="Only letters from this origin (service).")
 @click.option("--limit", default=20, show_default=True)
 @json_option
@@ -219,7 +256,7 @@ def schema(out: str | None) -> None:
 
 
 def _register_subcommands() -> None:
-    from lockgate.cli import audit, gate, identity, keys, rollout, stack, status, workflow
+    from lockgate.cli import audit, gate, gitops, identity, keys, rollout, stack, status, workflow
 
     stack.register(cli)
     status.register(cli)
@@ -229,6 +266,7 @@ def _register_subcommands() -> None:
     keys.register(cli)
     audit.register(cli)
     rollout.register(cli)
+    gitops.register(cli)
     # Plugins (the dev tools' `dev up`, `sim` and `demo`) add commands without the CLI importing them.
     for ep in entry_points(group="lockgate.cli"):
         ep.load()(cli)

@@ -28,6 +28,7 @@ from lockgate.contracts.evals import (
     MetricInterval,
 )
 from lockgate.contracts.gates import GateAudited, GateDecided, GateReview, RuleResult
+from lockgate.contracts.gitops import AppliedChange, ApplyRecorded
 from lockgate.contracts.inference import InferenceEvent
 from lockgate.contracts.rollout import RolloutState
 from lockgate.contracts.telemetry import SpanBatch, SpanRecord
@@ -54,6 +55,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     AuditRecord,
     # what producers ask the audit chainer to record
     AuditEntry,
+    # what `lockgate apply` did
+    ApplyRecorded,
 )
 
 AnyEvent = Union[EVENT_TYPES]  # noqa: UP007 - a runtime tagged union for msgspec
@@ -62,6 +65,8 @@ __all__ = [
     "SCHEMA_VERSION",
     "EVENT_TYPES",
     "AnyEvent",
+    "AppliedChange",
+    "ApplyRecorded",
     "ArtifactKind",
     "ArtifactRegistered",
     "AuditEntry",

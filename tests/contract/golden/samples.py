@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lockgate.contracts import (
+    AppliedChange,
+    ApplyRecorded,
     ArtifactRegistered,
     AuditEntry,
     AuditRecord,
@@ -155,5 +157,11 @@ SAMPLES: dict[str, Event] = {
         AuditRecord(**envelope(19), seq=7, producer="router", kind="rollout", actor="apikey:k1(operator@acme/ops)",
                     target="web", action="abort", reason="by operator", details={"stable": "shop-v1"},
                     recorded_at=LATER, prev_hash=HASH, hash=HASH, key_id="key-1", signature="c2ln"),
+        ApplyRecorded(**envelope(20), directory="/repo/lockgate", commit="0123456789abcdef0123456789abcdef01234567",
+                      author="Ann <ann@example.com>", dirty=True, applied_by="ann",
+                      changes=[AppliedChange(action="change", kind="release", name="shop", digest=HASH,
+                                             previous="sha256:" + "1" * 64, release="shop@0123456789ab",
+                                             source="releases/shop.yaml")],
+                      unchanged=3),
     )
 }

@@ -1,0 +1,183 @@
+"""`lockgate plan DIR` and `lockgate apply DIR`: a folder of YAML in Git is the truth.
+
+Exit codes fit CI: plan exits 0 when there is nothing to do, 2 when changes are planned, 1 on any
+error (an invalid file, a release name bound to other content, no stack); apply exits 0 or 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from lockgate.cli.access import with_bus
+from lockgate.cli.main import json_option
+from lockgate.cli.render import console, emit_json, err_console, table
+from lockgate.errors import LockgateError
+
+_MARK = {"add": "[green]+ add[/green]", "change": "[yellow]~ change[/yellow]", "unchanged": "[dim]= unchanged[/dim]",
+         "remove": "[red]- remove[/red]", "orphan": "[dim]? not in folder[/dim]"}
+
+
+def _ci_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Every failure exits 1 in one line: 2 means "changes planned" here, whatever the error's own code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except LockgateError as exc:
+            err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+def _short(digest: str) -> str:
+    return digest.removeprefix("sha256:")[:12]
+
+
+def _rows(plan: Any) -> list[dict[str, str]]:
+    rows = []
+    for s in plan.steps:
+        if s.action == "change":
+            what = f"{_short(s.previous)} -> {_short(s.digest)}"
+            release = f"{s.previous_release} -> {s.release}" if s.release != s.previous_release else s.release
+        else:
+            what = _short(s.digest or s.previous)
+            release = s.release or s.previous_release
+        rows.append({"action": _MARK[s.action], "kind": s.kind, "name": s.name, "release": release,
+                     "content": what, "file": s.source, "applied at commit": (s.commit[:10] + (" (dirty)" if s.dirty
+                                                                                              else "")) if s.commit
+                     else ("(no commit)" if s.action in ("unchanged", "orphan", "remove") else "")})
+    return rows
+
+
+def _summary(plan: Any) -> dict[str, int]:
+    return {a: plan.count(a) for a in ("add", "change", "remove", "unchanged", "orphan")}
+
+
+def _print(plan: Any, prov: Any, title: str) -> None:
+    where = f"commit {prov.commit[:10]}{' (dirty)' if prov.dirty else ''}" if prov.commit else "not in Git"
+    table(_rows(plan), title=f"{title} ({where})", empty="the folder holds no documents")
+    n = _summary(plan)
+    line = f"{n['add']} to add, {n['change']} to change, {n['remove']} to remove, {n['unchanged']} unchanged"
+    if n["orphan"]:
+        line += f"; {n['orphan']} applied before but no longer in the folder (kept; --prune removes them)"
+    console.print(line, highlight=False)
+
+
+def _load(directory: str) -> tuple[list[Any], Any]:
+    from lockgate.gitops.documents import load_folder
+    from lockgate.gitops.git import provenance
+    from lockgate.gitops.resolve import resolve
+
+    return resolve(load_folder(directory)), provenance(directory)
+
+
+async def _plan(bus: Any, desired: list[Any], prune: bool) -> Any:
+    from lockgate.gitops.plan import diff
+    from lockgate.gitops.state import read_bindings, read_state
+
+    state = await read_state(bus)
+    bound = await read_bindings(bus, [r.release for r in desired if r.kind == "release"])
+    return diff(desired, state, bound, prune=prune)
+
+
+def _on_stack(settings: Any, work: Callable[[Any], Any], role: str) -> Any:
+    """`work` on a Bus, after a short probe: a CI job with no stack fails in a second, never hangs
+    (the Bus itself reconnects for ever, as services should)."""
+    import asyncio
+
+    from lockgate.cli.access import chosen_role, connect_once
+    from lockgate.errors import BusUnavailable
+
+    async def probe() -> bool:
+        nc = await connect_once(settings, chosen_role(role), f"`{role}` commands are refused")
+        if nc is None:
+            return False
+        await nc.close()
+        return True
+
+    if not asyncio.run(probe()):
+        raise BusUnavailable(f"no lockgate stack answers at {settings.nats_url}; start one with `lockgate up` "
+                             "(or pass --nats URL / LOCKGATE_NATS_URL)")
+    return with_bus(settings, work, role=role)
+
+
+def _result(plan: Any, prov: Any, **extra: Any) -> dict[str, Any]:
+    return {"exit_code": plan.exit_code, "summary": _summary(plan), "steps": plan.steps, "errors": plan.errors,
+            "git": prov, **extra}
+
+
+def register(cli: click.Group) -> None:
+    """Attach `plan` and `apply` to the top-level group."""
+
+    prune_option = click.option("--prune", is_flag=True,
+                                help="Also remove what earlier applies recorded and the folder no longer holds: "
+                                     "its entry in the applied state is deleted (deployments and budgets stop "
+                                     "being desired); artifacts and releases themselves stay, being immutable.")
+
+    @cli.command("plan")
+    @click.argument("directory", type=click.Path(file_okay=False))
+    @prune_option
+    @json_option
+    @click.pass_context
+    @_ci_errors
+    def plan_cmd(ctx: click.Context, directory: str, prune: bool, as_json: bool) -> None:
+        """What `apply DIR` would add, change, leave or remove; exits 0 nothing to do, 2 changes, 1 error."""
+        desired, prov = _load(directory)
+        plan = _on_stack(ctx.obj["settings"], lambda bus: _plan(bus, desired, prune), role="viewer")
+        if as_json:
+            emit_json(_result(plan, prov))
+        else:
+            _print(plan, prov, f"plan for {directory}")
+            for error in plan.errors:
+                err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        sys.exit(plan.exit_code)
+
+    @cli.command("apply")
+    @click.argument("directory", type=click.Path(file_okay=False))
+    @prune_option
+    @json_option
+    @click.pass_context
+    @_ci_errors
+    def apply_cmd(ctx: click.Context, directory: str, prune: bool, as_json: bool) -> None:
+        """Make the stack hold the folder: register artifacts, bind releases, record deployments and budgets.
+
+        Idempotent (content-addressed: the same content is unchanged). Records the folder's Git commit,
+        author and dirty flag on every entry and registration, and announces the apply (ApplyRecorded).
+        Never moves traffic: start a canary through the router once the gate allows the release.
+        """
+        from lockgate.cli.identity import optional_identity
+        from lockgate.gitops.state import apply
+
+        desired, prov = _load(directory)
+        author = optional_identity(ctx)  # signs the releases it binds, as `release create --as` does
+        where = str(Path(directory).resolve())
+
+        async def work(bus: Any) -> tuple[Any, Any]:
+            plan = await _plan(bus, desired, prune)
+            if plan.errors:
+                return plan, None
+            return plan, await apply(bus, plan, desired, prov, directory=where, author=author)
+
+        plan, event = _on_stack(ctx.obj["settings"], work, role="operator")
+        if as_json:
+            emit_json(_result(plan, prov, applied=event is not None))
+        else:
+            _print(plan, prov, f"apply {directory}")
+        if plan.errors:
+            for error in plan.errors:
+                err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+            err_console.print("nothing was applied", highlight=False)
+            sys.exit(1)
+        if not as_json:
+            n = len(plan.changes)
+            console.print(f"applied: {n} change{'s' if n != 1 else ''}" if n else "nothing to do", highlight=False)

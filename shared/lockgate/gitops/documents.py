@@ -1,0 +1,160 @@
+"""The folder's documents: one YAML file per resource, its type given by `kind:`.
+
+Any `*.yaml` / `*.yml` file under the folder (hidden folders such as `.git` skipped) is one document;
+how the folder is arranged into sub-folders is the team's choice. Content kinds (dataset, prompt,
+model_config, tool, suite, policy) become content-addressed artifacts: their content is `spec:`
+inline or `file:` beside the document (a dataset may be a JSONL file). A release names artifacts of
+the folder by `kind/name`; a deployment names releases of the folder; a budget is a spending limit.
+Every error names the file and the path inside it (`... - at `$.rollout.steps[0]``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from lockgate.contracts.names import Name, OptName, check_names
+from lockgate.documents import NonNegative, at, load_yaml
+from lockgate.errors import ConfigError
+
+# A reference to an artifact document of the folder, `kind/name`.
+ArtifactRef = Annotated[str, msgspec.Meta(pattern=r"^(dataset|prompt|model_config|tool|suite|policy)/.+$")]
+Percent = Annotated[float, msgspec.Meta(gt=0, le=100)]
+
+
+class GitopsError(ConfigError):
+    """A folder document is unreadable, malformed, or refers to something the folder does not hold."""
+
+    exit_code = 1  # `plan` and `apply` keep 2 for "changes planned"
+
+
+class _Doc(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="kind"):
+    name: Name
+    description: str = ""
+    labels: dict[str, str] = {}
+
+    def __post_init__(self) -> None:
+        check_names(self)
+
+
+class ContentDoc(_Doc, frozen=True, kw_only=True):
+    """An artifact: `spec:` (the content, inline) or `file:` (a path relative to the document)."""
+
+    spec: Any = None
+    file: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.spec is None) == (not self.file):
+            raise at("$.spec", "give exactly one of `spec` (inline content) and `file` (a path beside the document)")
+
+
+class Dataset(ContentDoc, frozen=True, kw_only=True, tag="dataset"):
+    """Eval cases: `spec:` a list of cases, or `file:` a JSONL (or JSON/YAML) file."""
+
+
+class Prompt(ContentDoc, frozen=True, kw_only=True, tag="prompt"):
+    """A prompt template (system text, template, variables)."""
+
+
+class ModelConfig(ContentDoc, frozen=True, kw_only=True, tag="model_config"):
+    """A model configuration: `spec: {model, endpoint, ...}` as the router reads it from a release."""
+
+
+class Tool(ContentDoc, frozen=True, kw_only=True, tag="tool"):
+    """A tool definition (e.g. a JSON Schema function)."""
+
+
+class Suite(ContentDoc, frozen=True, kw_only=True, tag="suite"):
+    """An eval suite; its `dataset:` may name a dataset document of the folder instead of a hash."""
+
+
+class Policy(ContentDoc, frozen=True, kw_only=True, tag="policy"):
+    """A gate policy."""
+
+
+class Release(_Doc, frozen=True, kw_only=True, tag="release"):
+    """A release line of an app. Without `release:`, each distinct content is a new immutable release
+    named `<name>@<12 hex of its bundle hash>`; with `release:`, that one name, which can never change."""
+
+    app: Name
+    artifacts: Annotated[list[ArtifactRef], msgspec.Meta(min_length=1)]
+    release: OptName = ""
+    parent: OptName = ""
+
+
+class Rollout(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How a canary advances: weights in percent and the time between steps."""
+
+    strategy: Literal["canary", "blue_green", "shadow"] = "canary"
+    steps: Annotated[tuple[Percent, ...], msgspec.Meta(min_length=1)] = (10.0, 25.0, 50.0, 100.0)
+    interval_s: Annotated[float, msgspec.Meta(gt=0)] = 60.0
+
+
+class Deployment(_Doc, frozen=True, kw_only=True, tag="deployment"):
+    """Desired serving: the stable release and, optionally, a canary, by release documents' names."""
+
+    app: Name
+    stable: Name
+    canary: OptName = ""
+    rollout: Rollout = Rollout()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.canary == self.stable:
+            raise at("$.canary", "the canary must be another release than the stable one")
+
+
+class Budget(_Doc, frozen=True, kw_only=True, tag="budget"):
+    """A spending limit in USD per month for a tenant (and optionally one app)."""
+
+    tenant: Name = "default"
+    app: OptName = ""
+    monthly_usd: NonNegative
+    alert_at: tuple[Annotated[float, msgspec.Meta(gt=0, le=1)], ...] = (0.8,)
+
+
+Document = Dataset | Prompt | ModelConfig | Tool | Suite | Policy | Release | Deployment | Budget
+CONTENT_KINDS = ("dataset", "prompt", "model_config", "tool", "suite", "policy")
+# Dependency order: what a document refers to is applied before it.
+ORDER = (*CONTENT_KINDS, "release", "deployment", "budget")
+
+
+class Source(msgspec.Struct, frozen=True, kw_only=True):
+    """One document as read: its file relative to the folder, and the bytes of its `file:` if any."""
+
+    path: str
+    doc: Document
+    file_bytes: bytes | None = None
+
+
+def kind_of(doc: Document) -> str:
+    """The `kind:` tag of a document."""
+    return type(doc).__struct_config__.tag  # type: ignore[return-value]
+
+
+def load_folder(folder: str | Path) -> list[Source]:
+    """Every document under `folder`, sorted by path; GitopsError naming the file (and path) if one is bad."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise GitopsError(f"{root} is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    sources = []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        doc = load_yaml(path, Document, name="document", error=GitopsError, shown=rel)  # type: ignore[arg-type]
+        data = None
+        if isinstance(doc, ContentDoc) and doc.file:
+            target = (path.parent / doc.file).resolve()
+            if not target.is_relative_to(root.resolve()):
+                raise GitopsError(f"document {rel} is invalid: `file` must stay inside the folder - at `$.file`")
+            try:
+                data = target.read_bytes()
+            except OSError as exc:
+                raise GitopsError(f"document {rel} is invalid: cannot read {doc.file}: "
+                                  f"{exc.strerror or exc} - at `$.file`") from None
+        sources.append(Source(path=rel, doc=doc, file_bytes=data))
+    return sources

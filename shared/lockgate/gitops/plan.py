@@ -1,0 +1,116 @@
+"""The plan: desired resources against the applied state -> what apply would add, change, leave or
+remove (pure: no I/O, unit-tested).
+
+The applied state is what earlier applies recorded (one entry per `kind/name`). A resource whose
+content hash equals its entry's is unchanged, so applying the same folder twice changes nothing. A
+release name already bound to other content is an error, not a change: releases are immutable.
+Entries no longer in the folder are `orphan` (kept) unless pruning, when they are `remove`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from lockgate.gitops.documents import ORDER
+from lockgate.gitops.resolve import Resource
+
+Action = Literal["add", "change", "unchanged", "remove", "orphan"]
+CHANGES = ("add", "change", "remove")
+
+
+class StateEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """What one apply recorded for a resource: its content hash and the Git provenance of that apply."""
+
+    kind: str
+    name: str
+    digest: str
+    release: str = ""
+    source: str = ""
+    spec: dict = {}
+    commit: str = ""
+    author: str = ""
+    dirty: bool = False
+    applied_at: str = ""
+    applied_by: str = ""
+
+    @property
+    def key(self) -> str:
+        """`kind/name`."""
+        return f"{self.kind}/{self.name}"
+
+
+class Step(msgspec.Struct, frozen=True, kw_only=True):
+    """One line of the plan."""
+
+    action: Action
+    kind: str
+    name: str
+    digest: str = ""
+    previous: str = ""
+    release: str = ""
+    previous_release: str = ""
+    source: str = ""
+    commit: str = ""  # for unchanged, orphan and remove: the commit that applied the current entry
+    dirty: bool = False
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True):
+    """Every step, and the errors that stop an apply (release conflicts)."""
+
+    steps: list[Step]
+    errors: list[str] = []
+
+    def count(self, action: Action) -> int:
+        """How many steps have this action."""
+        return sum(1 for s in self.steps if s.action == action)
+
+    @property
+    def changes(self) -> list[Step]:
+        """The steps apply would carry out."""
+        return [s for s in self.steps if s.action in CHANGES]
+
+    @property
+    def exit_code(self) -> int:
+        """For CI: 1 errors, 2 changes planned, 0 nothing to do."""
+        return 1 if self.errors else 2 if self.changes else 0
+
+
+def _rank(kind: str) -> int:
+    return ORDER.index(kind) if kind in ORDER else len(ORDER)
+
+
+def diff(desired: list[Resource], state: dict[str, StateEntry], bound: dict[str, str], *,
+         prune: bool = False) -> Plan:
+    """The plan from the desired resources, the applied state (by `kind/name`) and the content hash each
+    desired release name is already bound to (absent: not bound)."""
+    steps: list[Step] = []
+    errors: list[str] = []
+    for res in desired:
+        if res.kind == "release" and res.release in bound and bound[res.release] != res.digest:
+            errors.append(f"document {res.source}: release {res.release!r} is already bound to other content "
+                          f"(bundle {bound[res.release]}, the folder's is {res.digest}); releases are immutable: "
+                          f"give the change a new `release:` name, or drop `release:` to name versions by content "
+                          f"- at `$.release`")
+            continue
+        entry = state.get(res.key)
+        if entry is None:
+            action: Action = "add"
+        elif entry.digest == res.digest:
+            action = "unchanged"
+        else:
+            action = "change"
+        steps.append(Step(action=action, kind=res.kind, name=res.name, digest=res.digest,
+                          previous=entry.digest if entry and action == "change" else "", release=res.release,
+                          previous_release=entry.release if entry and action == "change" else "",
+                          source=res.source, commit=entry.commit if entry and action == "unchanged" else "",
+                          dirty=entry.dirty if entry and action == "unchanged" else False))
+    wanted = {r.key for r in desired}
+    for key, entry in sorted(state.items()):
+        if key not in wanted:
+            steps.append(Step(action="remove" if prune else "orphan", kind=entry.kind, name=entry.name,
+                              previous=entry.digest, previous_release=entry.release, source=entry.source,
+                              commit=entry.commit, dirty=entry.dirty))
+    steps.sort(key=lambda s: (_rank(s.kind), s.name))
+    return Plan(steps=steps, errors=errors)

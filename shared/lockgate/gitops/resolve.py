@@ -1,0 +1,190 @@
+"""From the folder's documents to the desired resources, each with its content hash (pure: no I/O).
+
+A content document becomes the canonical bytes of an artifact (the hash `lockgate artifact register`
+would give the same content); a release becomes the bundle that `release create` binds; a deployment
+or budget becomes its resolved spec. References are checked here: a release names artifacts of the
+folder, a deployment names releases of the folder, a suite's `dataset:` may name a dataset document.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+from typing import Any
+
+import msgspec
+
+from lockgate.artifacts import canonical_bytes, release_bundle
+from lockgate.documents import reroot
+from lockgate.errors import ConfigError
+from lockgate.gitops.documents import (
+    Budget,
+    ContentDoc,
+    Deployment,
+    GitopsError,
+    Release,
+    Source,
+    Suite,
+    kind_of,
+)
+from lockgate.identity import bundle_content
+from lockgate.ids import content_hash
+
+# The artifact kind each content document registers as (a suite is an `eval_suite` artifact).
+ARTIFACT_KIND = {"dataset": "dataset", "prompt": "prompt", "model_config": "model_config", "tool": "tool",
+                 "suite": "eval_suite", "policy": "policy"}
+_MEDIA = {".json": "application/json", ".jsonl": "application/jsonl", ".yaml": "application/yaml",
+          ".yml": "application/yaml", ".txt": "text/plain", ".md": "text/markdown"}
+
+
+class Resource(msgspec.Struct, frozen=True, kw_only=True):
+    """One desired resource: `kind/name`, its content hash, and what apply needs to create it."""
+
+    kind: str
+    name: str
+    digest: str
+    source: str
+    content: bytes = b""  # an artifact's canonical bytes
+    media_type: str = ""
+    release: str = ""  # a release's immutable name
+    bundle: dict[str, Any] = {}  # a release's bundle
+    spec: dict[str, Any] = {}  # a deployment's or budget's resolved spec
+    labels: dict[str, str] = {}
+    description: str = ""
+
+    @property
+    def key(self) -> str:
+        """`kind/name`, unique in a folder."""
+        return f"{self.kind}/{self.name}"
+
+
+def _bad(src: Source, message: str, path: str) -> GitopsError:
+    return GitopsError(f"document {src.path} is invalid: {message} - at `{path}`")
+
+
+def _artifact(src: Source, datasets: dict[str, str]) -> Resource:
+    doc = src.doc
+    assert isinstance(doc, ContentDoc)
+    if src.file_bytes is not None:
+        media = _MEDIA.get(PurePosixPath(doc.file).suffix.lower(), "application/octet-stream")
+        raw: Any = src.file_bytes
+        where = "$.file"
+    else:
+        media, raw, where = "application/json", doc.spec, "$.spec"
+    try:
+        content = canonical_bytes(raw, media)
+    except (ConfigError, ValueError) as exc:
+        raise _bad(src, f"{doc.file or 'spec'}: {getattr(exc, 'message', exc)}", where) from None
+    if isinstance(doc, Suite):
+        content = _suite(src, content, media, datasets)
+        media = "application/json"
+    stored = "application/json" if media == "application/yaml" else media
+    return Resource(kind=kind_of(doc), name=doc.name, digest=content_hash(content), source=src.path,
+                    content=content, media_type=stored, labels=dict(doc.labels), description=doc.description)
+
+
+def _suite(src: Source, content: bytes, media: str, datasets: dict[str, str]) -> bytes:
+    """A suite whose `dataset:` names a dataset document gets that dataset's hash; then it is validated."""
+    from lockgate.services.evaluator.domain import Suite as SuiteSpec
+
+    base = "$.spec" if src.file_bytes is None else "$"
+    if media not in ("application/json", "application/yaml"):
+        raise _bad(src, "a suite is a YAML or JSON mapping", base)
+    raw = msgspec.json.decode(content)
+    if not isinstance(raw, dict):
+        raise _bad(src, "a suite is a mapping", base)
+    ref = raw.get("dataset")
+    if isinstance(ref, str) and not ref.startswith("sha256:"):
+        if ref not in datasets:
+            raise _bad(src, f"no dataset document named {ref!r} in the folder", f"{base}.dataset")
+        raw = {**raw, "dataset": datasets[ref]}
+    try:
+        msgspec.convert(raw, SuiteSpec)
+    except msgspec.ValidationError as exc:
+        if src.file_bytes is None:
+            raise GitopsError(f"document {src.path} is invalid: {reroot(base, exc)}") from None
+        raise GitopsError(f"document {src.path} is invalid: {src.doc.file}: {exc}") from None  # type: ignore[union-attr]
+    return canonical_bytes(raw, "application/json")
+
+
+def _policy(src: Source, res: Resource) -> None:
+    from lockgate.services.gatekeeper.policy import Policy as PolicySpec
+
+    try:
+        msgspec.convert(msgspec.json.decode(res.content), PolicySpec)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        if src.file_bytes is None:
+            raise GitopsError(f"document {src.path} is invalid: {reroot('$.spec', str(exc))}") from None
+        raise GitopsError(f"document {src.path} is invalid: {src.doc.file}: {exc}") from None  # type: ignore[union-attr]
+
+
+def _release(src: Source, doc: Release, artifacts: dict[str, Resource]) -> Resource:
+    hashes = {}
+    for i, ref in enumerate(doc.artifacts):
+        res = artifacts.get(ref)
+        if res is None:
+            raise _bad(src, f"no {ref.split('/', 1)[0]} document named {ref.split('/', 1)[1]!r} in the folder",
+                       f"$.artifacts[{i}]")
+        hashes[f"{ARTIFACT_KIND[res.kind]}/{res.name}"] = res.digest
+    # Without an explicit name, the version is a function of the content: the same folder names the same
+    # release on any stack, and an edited artifact names a new one.
+    version = content_hash({"app": doc.app, "artifacts": hashes, "parent": doc.parent})[7:19]
+    name = doc.release or f"{doc.name}@{version}"
+    bundle = release_bundle(name, doc.app, hashes, parent=doc.parent)
+    return Resource(kind="release", name=doc.name, digest=content_hash(bundle_content(bundle)), source=src.path,
+                    release=name, bundle=bundle, labels=dict(doc.labels), description=doc.description)
+
+
+def _deployment(src: Source, doc: Deployment, releases: dict[str, Resource]) -> Resource:
+    names = {}
+    for field in ("stable", "canary"):
+        ref = getattr(doc, field)
+        if not ref:
+            continue
+        res = releases.get(ref)
+        if res is None:
+            raise _bad(src, f"no release document named {ref!r} in the folder", f"$.{field}")
+        if res.bundle["app"] != doc.app:
+            raise _bad(src, f"release {ref!r} is of app {res.bundle['app']!r}, not {doc.app!r}", f"$.{field}")
+        names[field] = res.release
+    spec = {"app": doc.app, "stable": names["stable"], "canary": names.get("canary", ""),
+            "rollout": msgspec.to_builtins(doc.rollout)}
+    return Resource(kind="deployment", name=doc.name, digest=content_hash(spec), source=src.path, spec=spec,
+                    labels=dict(doc.labels), description=doc.description)
+
+
+def _budget(src: Source, doc: Budget) -> Resource:
+    spec = {"tenant": doc.tenant, "app": doc.app, "monthly_usd": doc.monthly_usd, "alert_at": list(doc.alert_at)}
+    return Resource(kind="budget", name=doc.name, digest=content_hash(spec), source=src.path, spec=spec,
+                    labels=dict(doc.labels), description=doc.description)
+
+
+def resolve(sources: list[Source]) -> list[Resource]:
+    """The desired resources of a folder, in dependency order; GitopsError naming the file and path."""
+    seen: dict[str, str] = {}
+    for src in sources:
+        key = f"{kind_of(src.doc)}/{src.doc.name}"
+        if key in seen:
+            raise _bad(src, f"{key} is already defined in {seen[key]}", "$.name")
+        seen[key] = src.path
+    by_kind = {k: [s for s in sources if kind_of(s.doc) == k] for k in
+               ("dataset", "prompt", "model_config", "tool", "suite", "policy", "release", "deployment", "budget")}
+    artifacts: dict[str, Resource] = {}
+    for kind in ("dataset", "prompt", "model_config", "tool", "suite", "policy"):
+        datasets = {r.name: r.digest for r in artifacts.values() if r.kind == "dataset"}
+        for src in by_kind[kind]:
+            res = _artifact(src, datasets)
+            if kind == "policy":
+                _policy(src, res)
+            artifacts[res.key] = res
+    releases = {}
+    for src in by_kind["release"]:
+        assert isinstance(src.doc, Release)
+        releases[src.doc.name] = _release(src, src.doc, artifacts)
+    out = [*artifacts.values(), *releases.values()]
+    for src in by_kind["deployment"]:
+        assert isinstance(src.doc, Deployment)
+        out.append(_deployment(src, src.doc, releases))
+    for src in by_kind["budget"]:
+        assert isinstance(src.doc, Budget)
+        out.append(_budget(src, src.doc))
+    return out

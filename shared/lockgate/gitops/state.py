@@ -1,0 +1,113 @@
+"""The stack's side of GitOps: read the applied state and the release bindings, and carry out a plan.
+
+The applied state lives in KV `{prefix}_gitops`, one entry per resource (`<kind>.<name token>`), with
+history, so earlier applies stay visible. Artifacts go to the content-addressed object store and are
+announced as `lockgate artifact register` does; releases are bound create-only as `release create`
+does (signed by the personal identity when there is one). Deployments and budgets are recorded as
+desired state only: apply never moves traffic, since the router admits a release only with a gate
+decision that allows it (start a canary with the router's admin API once the gate has decided).
+Pruning deletes a resource's state entry; the artifact and release stay (content-addressed and
+immutable, lineage and audit keep naming them).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+import nats.errors
+import nats.js.errors
+
+from lockgate import artifacts
+from lockgate.bus import Bus
+from lockgate.contracts import ApplyRecorded
+from lockgate.contracts.gitops import AppliedChange
+from lockgate.errors import BusUnavailable, NotFound
+from lockgate.gitops.git import Provenance
+from lockgate.gitops.plan import Plan, StateEntry
+from lockgate.gitops.resolve import ARTIFACT_KIND, Resource
+from lockgate.identity import Identity, bundle_content
+from lockgate.ids import content_hash
+from lockgate.subjects import token
+
+_entry = msgspec.json.Decoder(StateEntry)
+
+
+def state_key(kind: str, name: str) -> str:
+    """The KV key of a resource's entry (names mapped one-to-one by `token`)."""
+    return f"{kind}.{token(name)}"
+
+
+async def read_state(bus: Bus) -> dict[str, StateEntry]:
+    """Every resource the last applies recorded, by `kind/name`."""
+    kv = await bus.kv(bus.subjects.kv_gitops)
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return {}
+    except nats.errors.Error as exc:
+        raise BusUnavailable(f"cannot read the applied state: {exc!r}") from None
+    out = {}
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            continue  # pruned between the listing and the read
+        if entry.value:
+            state = _entry.decode(entry.value)
+            out[state.key] = state
+    return out
+
+
+async def read_bindings(bus: Bus, names: list[str]) -> dict[str, str]:
+    """The content hash each of these release names is bound to (unbound names are left out)."""
+    out = {}
+    for name in names:
+        try:
+            bundle = await artifacts.release_of(bus, name)
+        except NotFound:
+            continue
+        out[name] = content_hash(bundle_content(bundle))
+    return out
+
+
+def _labels(res: Resource, prov: Provenance) -> dict[str, str]:
+    # On the registration itself, so the artifacts table says which commit brought each version.
+    return {**res.labels, "gitops.source": res.source, "git.commit": prov.commit, "git.author": prov.author,
+            "git.dirty": str(prov.dirty).lower()}
+
+
+async def apply(bus: Bus, plan: Plan, desired: list[Resource], prov: Provenance, *, directory: str,
+                author: Identity | None = None) -> ApplyRecorded:
+    """Carry out the plan's changes in dependency order, record each entry, then announce the apply."""
+    by_key = {r.key: r for r in desired}
+    kv = await bus.kv(bus.subjects.kv_gitops)
+    now = datetime.now(UTC).isoformat()
+    who = author.name if author else ""
+    done: list[AppliedChange] = []
+    for step in plan.changes:
+        if step.action == "remove":
+            await kv.delete(state_key(step.kind, step.name))
+            done.append(AppliedChange(action="remove", kind=step.kind, name=step.name, previous=step.previous,
+                                      release=step.previous_release, source=step.source))
+            continue
+        res = by_key[f"{step.kind}/{step.name}"]
+        if res.kind == "release":
+            b = res.bundle
+            await artifacts.register_release(bus, res.release, b["app"], b["artifacts"], parent=b["parent"],
+                                             description=res.description or f"applied from {res.source}",
+                                             author=author)
+        elif res.kind in ARTIFACT_KIND:
+            await artifacts.register(bus, ARTIFACT_KIND[res.kind], res.name, res.content,  # type: ignore[arg-type]
+                                     media_type=res.media_type, labels=_labels(res, prov))
+        entry = StateEntry(kind=res.kind, name=res.name, digest=res.digest, release=res.release, source=res.source,
+                           spec=res.spec, commit=prov.commit, author=prov.author, dirty=prov.dirty,
+                           applied_at=now, applied_by=who)
+        await kv.put(state_key(res.kind, res.name), msgspec.json.encode(entry))
+        done.append(AppliedChange(action=step.action, kind=res.kind, name=res.name,  # type: ignore[arg-type]
+                                  digest=res.digest, previous=step.previous, release=res.release, source=res.source))
+    event = ApplyRecorded(directory=directory, commit=prov.commit, author=prov.author, dirty=prov.dirty,
+                          applied_by=who, changes=done, unchanged=plan.count("unchanged"))
+    if done:  # an apply that changed nothing leaves no trace: it did nothing
+        await bus.publish(bus.subjects.apply_recorded, event)
+    return event

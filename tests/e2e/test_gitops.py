@@ -1,0 +1,125 @@
+"""`lockgate plan` and `apply` as a CI job runs them, on a running stack with auth on, over a Git repo made
+from tests/fixtures/gitops."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import test_cli
+from tests.e2e.test_cli import run
+
+pytestmark = pytest.mark.timeout(300)
+
+stack = test_cli.stack  # the same module-scoped `lockgate dev up`, started once for this module
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "gitops"
+GIT_ENV = {"GIT_AUTHOR_NAME": "Ann", "GIT_AUTHOR_EMAIL": "ann@example.com", "GIT_COMMITTER_NAME": "Ann",
+           "GIT_COMMITTER_EMAIL": "ann@example.com"}
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True,
+                          env={"PATH": "/usr/bin:/bin", "HOME": str(repo), **GIT_ENV}).stdout.strip()
+
+
+def _plan(stack: dict[str, str], repo: Path, *extra: str) -> tuple[int, dict]:
+    proc = run("plan", str(repo), "--json", *extra, env=stack, check=False)
+    assert proc.returncode in (0, 2), proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def test_plan_apply_plan_is_idempotent_and_edits_show_as_changes(stack: dict[str, str], tmp_path: Path) -> None:
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "the truth")
+    head = _git(repo, "rev-parse", "HEAD")
+
+    # A fresh stack: everything is new, and CI sees exit 2.
+    code, plan = _plan(stack, repo)
+    assert code == 2 and plan["summary"]["add"] == 11 and {s["action"] for s in plan["steps"]} == {"add"}
+    table = run("plan", str(repo), env=stack, check=False)
+    assert table.returncode == 2 and "+ add" in table.stdout and "11 to add, 0 to change" in table.stdout
+    assert f"commit {head[:10]}" in table.stdout
+
+    applied = run("apply", str(repo), env=stack)
+    assert "applied: 11 changes" in applied.stdout
+
+    # Applied: nothing to do, and every entry names the commit that applied it, clean.
+    code, plan = _plan(stack, repo)
+    assert code == 0 and plan["summary"]["unchanged"] == 11
+    assert {(s["commit"], s["dirty"]) for s in plan["steps"]} == {(head, False)}
+    assert plan["git"] == {"commit": head, "author": "Ann <ann@example.com>", "dirty": False}
+    assert "nothing to do" in run("apply", str(repo), env=stack).stdout
+    release = {s["name"]: s["release"] for s in plan["steps"] if s["kind"] == "release"}
+    assert release["gitshop-base"] == "gitshop-v1" and release["gitshop"].startswith("gitshop@")
+
+    # An edited prompt: one artifact changes, its release line gets a new version, the deployment follows.
+    _edit(repo / "prompts" / "answer.yaml", "no punctuation.", "no punctuation at all.")
+    code, plan = _plan(stack, repo)
+    changes = {(s["kind"], s["name"]): s for s in plan["steps"] if s["action"] == "change"}
+    assert code == 2 and set(changes) == {("prompt", "gitshop-answer"), ("release", "gitshop"),
+                                          ("deployment", "gitshop-web")}
+    new = changes[("release", "gitshop")]
+    assert new["previous_release"] == release["gitshop"] and new["release"] not in ("", release["gitshop"])
+    assert plan["git"]["dirty"] is True
+    assert "~ change" in run("plan", str(repo), env=stack, check=False).stdout
+
+    run("apply", str(repo), env=stack)
+    code, plan = _plan(stack, repo)
+    assert code == 0
+    prompt = next(s for s in plan["steps"] if s["name"] == "gitshop-answer")
+    assert (prompt["commit"], prompt["dirty"]) == (head, True)  # applied from uncommitted changes: said so
+    # The new version is a bound, immutable release like any other.
+    [model] = [s for s in plan["steps"] if s["kind"] == "model_config"]
+    rebind = run("release", "create", new["release"], "--app", "gitshop", "--artifact",
+                 f"model_config/other={model['digest']}", env=stack, check=False)
+    assert rebind.returncode != 0 and "already registered with other content" in rebind.stderr
+
+    # A pinned release name cannot take other content: plan and apply fail, nothing is applied.
+    _edit(repo / "prompts" / "system.yaml", "Be brief.", "Be very brief.")
+    refused = run("plan", str(repo), env=stack, check=False)
+    assert refused.returncode == 1
+    assert "releases/gitshop-base.yaml" in refused.stderr and "'gitshop-v1' is already bound" in refused.stderr
+    not_applied = run("apply", str(repo), env=stack, check=False)
+    assert not_applied.returncode == 1 and "nothing was applied" in not_applied.stderr
+    _edit(repo / "prompts" / "system.yaml", "Be very brief.", "Be brief.")
+    assert _plan(stack, repo)[0] == 0
+
+    # An invalid file: exit 1, one line naming the file and the path inside it.
+    (repo / "deployments" / "bad.yaml").write_text(
+        "kind: deployment\nname: bad\napp: gitshop\nstable: gitshop-base\nrollout: {steps: [10, fifty]}\n")
+    bad = run("plan", str(repo), env=stack, check=False)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "deployments/bad.yaml" in bad.stderr and "$.rollout.steps[1]" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    (repo / "deployments" / "bad.yaml").unlink()
+
+    # What left the folder is kept (and said so) unless pruned.
+    (repo / "budgets" / "gitshop.yaml").unlink()
+    code, plan = _plan(stack, repo)
+    assert code == 0 and plan["summary"]["orphan"] == 1
+    code, plan = _plan(stack, repo, "--prune")
+    assert code == 2 and [(s["action"], s["name"]) for s in plan["steps"] if s["action"] == "remove"] == [
+        ("remove", "gitshop-monthly")]
+    run("apply", str(repo), "--prune", env=stack)
+    code, plan = _plan(stack, repo)
+    assert code == 0 and plan["summary"]["orphan"] == 0 and plan["summary"]["unchanged"] == 10
+
+
+def test_plan_without_a_stack_fails_fast_for_ci(tmp_path: Path) -> None:
+    env = {**os.environ, "LOCKGATE_HOME": str(tmp_path), "LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
+    proc = run("plan", str(FIXTURE), env=env, check=False)
+    assert proc.returncode == 1 and "no lockgate stack answers" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,130 @@
+"""GitOps without a stack: folder documents resolve to content-hashed resources, and the plan against an
+applied state says what apply would add, change, leave or remove (and refuses to rebind a release)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lockgate.gitops.documents import GitopsError, load_folder
+from lockgate.gitops.plan import StateEntry, diff
+from lockgate.gitops.resolve import Resource, resolve
+
+pytestmark = pytest.mark.timeout(10)
+
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "gitops"
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+
+
+def _applied(desired: list[Resource]) -> dict[str, StateEntry]:
+    return {r.key: StateEntry(kind=r.kind, name=r.name, digest=r.digest, release=r.release, commit="abc")
+            for r in desired}
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+
+
+def test_a_fresh_stack_gets_everything_added(folder: Path) -> None:
+    plan = diff(resolve(load_folder(folder)), {}, {})
+    assert {s.action for s in plan.steps} == {"add"} and plan.count("add") == 11
+    assert plan.exit_code == 2
+    kinds = [s.kind for s in plan.steps]  # dependency order: artifacts, then releases, then what names them
+    assert kinds.index("release") > kinds.index("policy") and kinds.index("deployment") > kinds.index("release")
+
+
+def test_the_same_folder_again_is_nothing_to_do(folder: Path) -> None:
+    desired = resolve(load_folder(folder))
+    again = resolve(load_folder(folder))
+    assert [r.digest for r in desired] == [r.digest for r in again]  # a pure function of the content
+    plan = diff(again, _applied(desired), {r.release: r.digest for r in desired if r.kind == "release"})
+    assert plan.exit_code == 0 and plan.count("unchanged") == 11 and not plan.changes
+    assert all(s.commit == "abc" for s in plan.steps)  # what applied the current state
+
+
+def test_formatting_and_key_order_do_not_change_content(folder: Path) -> None:
+    desired = resolve(load_folder(folder))
+    path = folder / "models" / "sim-stable.yaml"
+    path.write_text("# reordered\nkind: model_config\nname: gitshop-sim-stable\n"
+                    "spec: {temperature: 0, endpoint: default, model: sim-stable}\n")
+    assert diff(resolve(load_folder(folder)), _applied(desired), {}).exit_code == 0
+
+
+def test_an_edited_prompt_is_one_change_and_a_new_release_version(folder: Path) -> None:
+    before = resolve(load_folder(folder))
+    _edit(folder / "prompts" / "answer.yaml", "no punctuation.", "no punctuation at all.")
+    plan = diff(resolve(load_folder(folder)), _applied(before), {})
+    changed = {(s.kind, s.name) for s in plan.changes}
+    # the prompt, the release line that names it (a new version) and the deployment whose canary follows it
+    assert changed == {("prompt", "gitshop-answer"), ("release", "gitshop"), ("deployment", "gitshop-web")}
+    release = next(s for s in plan.changes if s.kind == "release")
+    assert release.previous_release.startswith("gitshop@") and release.release.startswith("gitshop@")
+    assert release.release != release.previous_release
+    assert sum(1 for s in plan.changes if s.kind not in ("release", "deployment")) == 1
+    assert plan.exit_code == 2
+
+
+def test_a_pinned_release_bound_to_other_content_is_an_error(folder: Path) -> None:
+    before = resolve(load_folder(folder))
+    bound = {r.release: r.digest for r in before if r.kind == "release"}
+    _edit(folder / "prompts" / "system.yaml", "Be brief.", "Be very brief.")
+    plan = diff(resolve(load_folder(folder)), _applied(before), bound)
+    assert plan.exit_code == 1
+    [error] = plan.errors
+    assert "releases/gitshop-base.yaml" in error and "'gitshop-v1' is already bound" in error
+    assert "`$.release`" in error
+
+
+def test_what_left_the_folder_is_kept_unless_pruned(folder: Path) -> None:
+    desired = resolve(load_folder(folder))
+    (folder / "budgets" / "gitshop.yaml").unlink()
+    now = resolve(load_folder(folder))
+    kept = diff(now, _applied(desired), {})
+    assert [(s.action, s.kind) for s in kept.steps if s.action != "unchanged"] == [("orphan", "budget")]
+    assert kept.exit_code == 0
+    pruned = diff(now, _applied(desired), {}, prune=True)
+    assert [(s.action, s.name) for s in pruned.changes] == [("remove", "gitshop-monthly")]
+    assert pruned.exit_code == 2
+
+
+@pytest.mark.parametrize(("path", "text", "names"), [
+    ("deployments/bad.yaml", "kind: deployment\nname: d\napp: gitshop\nstable: gitshop-base\n"
+                             "rollout: {steps: [10, fifty]}\n", "`$.rollout.steps[1]`"),
+    ("prompts/bad.yaml", "kind: prompt\nname: p\n", "`$.spec`"),
+    ("prompts/bad.yaml", "kind: promt\nname: p\nspec: {}\n", "`$.kind`"),
+    ("prompts/bad.yaml", "kind: prompt\nname: 'has space'\nspec: {}\n", "`$.name`"),
+    ("releases/bad.yaml", "kind: release\nname: r\napp: gitshop\nartifacts: [prompt/missing]\n", "`$.artifacts[0]`"),
+    ("deployments/bad.yaml", "kind: deployment\nname: d\napp: gitshop\nstable: nope\n", "`$.stable`"),
+    ("deployments/bad.yaml", "kind: deployment\nname: d\napp: other\nstable: gitshop\n", "`$.stable`"),
+    ("suites/bad.yaml", "kind: suite\nname: s\nspec: {name: s, prompt: {template: x}, dataset: nope, "
+                        "scorers: [exact_match]}\n", "`$.spec.dataset`"),
+    ("suites/bad.yaml", "kind: suite\nname: s\nspec: {name: s, prompt: {template: x}, dataset: gitshop-qa, "
+                        "scorers: [exact_match], repeats: 0}\n", "`$.spec.repeats`"),
+    ("policies/bad.yaml", "kind: policy\nname: p\nspec: {name: p, rules: [{name: a, metric: m, op: '>=', "
+                          "threshold: x}]}\n", "`$.spec.rules[0].threshold`"),
+    ("prompts/bad.yaml", "kind: prompt\nname: gitshop-answer\nspec: {}\n", "already defined in prompts/answer.yaml"),
+    ("datasets/bad.yaml", "kind: dataset\nname: d\nfile: ../../outside.jsonl\n", "`$.file`"),
+    ("datasets/bad.yaml", "kind: dataset\nname: d\nfile: missing.jsonl\n", "`$.file`"),
+    ("prompts/bad.yaml", "kind: prompt\nname: p\nspec: [unclosed\n", "not valid YAML"),
+])
+def test_an_invalid_document_names_its_file_and_the_path_inside_it(folder: Path, path: str, text: str,
+                                                                    names: str) -> None:
+    (folder / path).write_text(text)
+    with pytest.raises(GitopsError) as err:
+        resolve(load_folder(folder))
+    assert path in err.value.message and names in err.value.message, err.value.message
+    assert err.value.exit_code == 1
+
+
+def test_hidden_folders_are_not_documents(folder: Path) -> None:
+    (folder / ".git").mkdir()
+    (folder / ".git" / "config.yaml").write_text("not: a document\n")
+    assert len(resolve(load_folder(folder))) == 11
