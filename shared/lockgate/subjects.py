@@ -78,9 +78,10 @@ class Subjects:
             self,
             "streams",
             {
-                # Hours of backlog at ordinary rates (about 3 minutes at 100k events/s of ~500 bytes); past
-                # it producers buffer and retry (discard new): the stream never drops an unconsumed event.
-                "inference": StreamSpec(f"{s}_INFERENCE", (f"{p}.inference.>",), max_bytes=8 * GiB),
+                # Hours of backlog at ordinary rates; past it producers buffer and retry (discard new): the
+                # stream never drops an unconsumed event. Sizes stay small because nats-server reserves
+                # them up front: a developer's `lockgate up` must start on a laptop with a few GB free.
+                "inference": StreamSpec(f"{s}_INFERENCE", (f"{p}.inference.>",), max_bytes=2 * GiB),
                 "events": StreamSpec(
                     f"{s}_EVENTS",
                     (
@@ -92,17 +93,17 @@ class Subjects:
                         f"{p}.drift.>",
                         f"{p}.cost.>",
                     ),
-                    max_age_s=90 * 24 * 3600,
+                    max_age_s=90 * 24 * 3600, max_bytes=GiB // 2,
                 ),
                 # Rows that have no event of their own, published for the sink (the store owner) alone;
                 # kept only as long as the inference stream, because the table is their durable copy.
-                "facts": StreamSpec(f"{s}_FACTS", (f"{p}.fact.>",), max_bytes=4 * GiB),
+                "facts": StreamSpec(f"{s}_FACTS", (f"{p}.fact.>",), max_bytes=GiB),
                 "telemetry": StreamSpec(f"{s}_TELEMETRY", (f"{p}.telemetry.>",), max_age_s=24 * 3600,
-                                        max_bytes=2 * GiB, discard="old"),
-                "dlq": StreamSpec(f"{s}_DLQ", (f"{p}.dlq.>",), max_age_s=30 * 24 * 3600),
+                                        max_bytes=GiB // 2, discard="old"),
+                "dlq": StreamSpec(f"{s}_DLQ", (f"{p}.dlq.>",), max_age_s=30 * 24 * 3600, max_bytes=GiB // 2),
                 # Entries waiting for the audit chainer (the gatekeeper); kept long enough to outlast an outage.
                 "audit": StreamSpec(f"{s}_AUDIT", (f"{p}.audit.>",), max_age_s=30 * 24 * 3600,
-                                    max_bytes=GiB // 4),
+                                    max_bytes=GiB // 8),
             },
         )
 
