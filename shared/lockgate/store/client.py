@@ -60,6 +60,7 @@ class Store:
             raise StoreUnavailable(f"cannot open ClickHouse at {url}: {exc}") from None
         # clickhouse-connect clients are not safe for concurrent use (HTTP sessions lock).
         self._lock = threading.Lock()
+        self._types: dict[str, dict[str, str]] = {}  # column types by table, for inserts
         self._readonly: Any = None  # the operator SQL session, opened on first use
         self._readonly_lock = threading.Lock()
 
@@ -110,14 +111,29 @@ class Store:
         settings = {"insert_deduplication_token": token, "insert_deduplicate": 1} if token else None
         with self._lock:
             try:
+                types = self._column_types(table)
+                if not all(c in types for c in columns):  # the table changed since it was asked
+                    self._types.pop(table)
+                    types = self._column_types(table)
+                known = all(c in types for c in columns)  # else clickhouse-connect asks, and says what is wrong
                 self._client.insert(
-                    table, data, column_names=list(columns), column_oriented=True, settings=settings
+                    table, data, column_names=list(columns), column_oriented=True, settings=settings,
+                    column_type_names=[types[c] for c in columns] if known else None,
                 )
             except ClickHouseError as exc:
+                self._types.pop(table, None)  # the table may have changed: ask again next time
                 if isinstance(exc, DataError) or _data_error_code(exc):
                     raise RowsRefused(f"insert into {table} refused the rows: {_first_line(exc)}") from None
                 raise StoreUnavailable(f"insert into {table} failed: {_first_line(exc)}") from None
         return len(data[0])
+
+    def _column_types(self, table: str) -> dict[str, str]:
+        # clickhouse-connect otherwise asks for the column types before every insert, one more round
+        # trip each time; a table's types do not change while it is written, so they are asked once.
+        types = self._types.get(table)
+        if types is None:
+            types = self._types[table] = {r[0]: r[1] for r in self._client.query(f"DESCRIBE TABLE {table}").result_rows}
+        return types
 
     def insert_rows(
         self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], *, token: str | None
