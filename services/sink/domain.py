@@ -119,6 +119,13 @@ def select(data: Sequence[Sequence[Any]], rows: Sequence[int]) -> list[list[Any]
     return [[col[i] for i in rows] for col in data]
 
 
+def key_strings(keys: Sequence[tuple[Any, ...]]) -> list[str]:
+    """The distinct keys as strings (a one-column string key as it is: the hot path of every insert)."""
+    if keys and len(keys[0]) == 1 and isinstance(keys[0][0], str):
+        return list({k[0] for k in keys})
+    return list({"\x00".join(map(str, k)) for k in keys})
+
+
 def batch_token(parts: Sequence[str]) -> str:
     """Deduplication token of an insert made of several facts (order-independent)."""
     digest = hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()

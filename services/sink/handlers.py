@@ -118,7 +118,7 @@ class Writer:
             if len(keep) < n:
                 data = domain.select(data, keep)
                 keys = [keys[i] for i in keep]
-            token = domain.batch_token(list({"\x00".join(map(str, k)) for k in keys}))
+            token = domain.batch_token(domain.key_strings(keys))
             await self.store.ainsert_columns(self.table.name, self.table.columns, data, token=token)
         return Written(rows=len(data[0]), skipped_messages=skipped)
 
