@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
@@ -345,24 +345,20 @@ def passes(suite: Suite, r: CaseResult) -> dict[str, bool | None]:
 def measured(suite: Suite, results: Sequence[CaseResult], name: str
              ) -> tuple[list[CaseResult], list[float]]:
     """The rows with a value of `name` (a scorer or `score`) and those values; missing rows are left out."""
-    rows, values = [], []
-    for r in results:
-        value = case_scores(suite, r)[name]
-        if value is not None:
-            rows.append(r)
-            values.append(value)
-    return rows, values
+    return _present(results, lambda r: case_scores(suite, r)[name])
 
 
 def passed(suite: Suite, results: Sequence[CaseResult], name: str) -> tuple[list[CaseResult], list[bool]]:
     """The rows with a pass/fail on scorer `name` and those outcomes; missing rows are left out."""
-    rows, values = [], []
-    for r in results:
-        ok = passes(suite, r)[name]
-        if ok is not None:
-            rows.append(r)
-            values.append(ok)
-    return rows, values
+    return _present(results, lambda r: passes(suite, r)[name])
+
+
+T = TypeVar("T")
+
+
+def _present(results: Sequence[CaseResult], get: Callable[[CaseResult], T | None]) -> tuple[list[CaseResult], list[T]]:
+    pairs = [(r, v) for r in results if (v := get(r)) is not None]
+    return [r for r, _ in pairs], [v for _, v in pairs]
 
 
 def missing_shares(suite: Suite, results: Sequence[CaseResult]) -> dict[str, float]:

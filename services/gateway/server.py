@@ -23,7 +23,7 @@ from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, SignatureError
 from lockgate.outbox import Encoded, encode_event, publish_events
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
-from lockgate.server.tls import grpc_credentials
+from lockgate.server.tls import bind_grpc, grpc_credentials
 from lockgate.signing import Verifier
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
@@ -216,16 +216,7 @@ class GrpcServer:
         server = grpc.aio.server()
         ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(self.bus, self.keys), server)
         gates_pb2_grpc.add_GatesServicer_to_server(GatesServicer(self.bus, self.verifier, self.keys), server)
-        tls = grpc_credentials(self.settings)
-        try:
-            if tls is not None:
-                bound = server.add_secure_port(f"{self.host}:{self.port}", tls)
-            else:
-                # Plaintext only without a certificate; the host is 127.0.0.1 unless the operator asks for
-                # more, and every call still needs an API key (tests: UNAUTHENTICATED, TLS refuses plaintext).
-                bound = server.add_insecure_port(f"{self.host}:{self.port}")
-        except RuntimeError:
-            bound = 0
+        bound = bind_grpc(server, self.host, self.port, grpc_credentials(self.settings))
         if bound == 0:
             raise ConfigError(f"cannot bind the gRPC API to {self.host}:{self.port} (port in use?)")
         self.port = bound

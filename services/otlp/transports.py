@@ -19,6 +19,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, LockgateError
 from lockgate.server.apikeys import AuthError, Forbidden
+from lockgate.server.tls import bind_grpc
 from lockgate.services.otlp import wire
 from lockgate.services.otlp.ingest import Receiver
 
@@ -108,11 +109,7 @@ async def serve_grpc(receiver: Receiver, host: str, port: int, credentials: grpc
     """Start the OTLP/gRPC server; (server, port bound)."""
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(receiver), server)
-    try:
-        address = f"{host}:{port}"
-        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError:
-        bound = 0
+    bound = bind_grpc(server, host, port, credentials)
     if bound == 0:
         raise ConfigError(f"cannot bind the OTLP/gRPC receiver to {host}:{port} (port in use? choose another with "
                           "--otlp-grpc-port or LOCKGATE_OTLP_GRPC_PORT)")

@@ -6,7 +6,6 @@ error (an invalid file, a release name bound to other content, no stack); apply 
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +14,8 @@ from typing import Any
 import click
 
 from lockgate.cli.access import with_bus
-from lockgate.cli.main import json_option
+from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, err_console, table
-from lockgate.errors import LockgateError
 
 _MARK = {"add": "[green]+ add[/green]", "change": "[yellow]~ change[/yellow]", "unchanged": "[dim]= unchanged[/dim]",
          "remove": "[red]- remove[/red]", "orphan": "[dim]? not in folder[/dim]"}
@@ -25,18 +23,7 @@ _MARK = {"add": "[green]+ add[/green]", "change": "[yellow]~ change[/yellow]", "
 
 def _ci_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Every failure exits 1 in one line: 2 means "changes planned" here, whatever the error's own code."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except LockgateError as exc:
-            err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
-            sys.exit(1)
-        except KeyboardInterrupt:
-            sys.exit(130)
-
-    return wrapper
+    return handle_errors(func, exit_code=1)
 
 
 def _short(digest: str) -> str:

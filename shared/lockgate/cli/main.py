@@ -24,8 +24,9 @@ def _settings(ctx: click.Context) -> Settings:
     return ctx.obj["settings"]
 
 
-def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """A user sees one line and an exit code, never a traceback."""
+def handle_errors(func: Callable[..., Any], *, exit_code: int | None = None) -> Callable[..., Any]:
+    """A user sees one line and an exit code, never a traceback: the error's own code, or `exit_code`
+    for every error (commands whose codes CI reads, where 2 already means "changes planned")."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -33,7 +34,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except LockgateError as exc:
             err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
-            sys.exit(exc.exit_code)
+            sys.exit(exc.exit_code if exit_code is None else exit_code)
         except KeyboardInterrupt:
             sys.exit(130)
 

@@ -3,6 +3,8 @@ key in the settings (`grpc_tls_cert`, `grpc_tls_key`): both or neither; plaintex
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import ssl
 from pathlib import Path
 
@@ -10,6 +12,8 @@ import grpc
 
 from lockgate.config import Settings
 from lockgate.errors import ConfigError
+
+log = logging.getLogger("lockgate.tls")
 
 
 def _pair(settings: Settings) -> tuple[bytes, bytes] | None:
@@ -39,3 +43,26 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the TLS certificate and key: {exc}") from None
     return context
+
+
+def bind_grpc(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind a gRPC server to host:port, with TLS when `credentials` are given; the port bound, 0 if none.
+
+    The one plaintext listener in lockgate: only without a certificate, on 127.0.0.1 unless the
+    operator asks for another host (said in the log), and every call still needs an API key."""
+    address = f"{host}:{port}"
+    try:
+        if credentials is not None:
+            return server.add_secure_port(address, credentials)
+        if not _loopback(host):
+            log.warning("gRPC on %s without TLS: set grpc_tls_cert and grpc_tls_key to encrypt it", address)
+        return server.add_insecure_port(address)
+    except RuntimeError:  # grpc raises it when the port is taken
+        return 0
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
