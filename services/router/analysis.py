@@ -9,7 +9,7 @@ measurement is Successful, Failed or Inconclusive, and the rollout counts them a
   without streaming) is INCONCLUSIVE: no data never passes (fail-closed).
 - Looking every interval does not inflate false aborts: a metric FAILS only when its confidence
   bound is past the threshold, and look k of a rollout tests at alpha / (k (k + 1)) split over the
-  metrics. These levels sum to alpha over any number of looks (union bound), so a canary no worse
+  metrics (`lockgate.gatestats.sequential.look_alpha`, shared with the gate's statistics). These levels sum to alpha over any number of looks (union bound), so a canary no worse
   than its threshold is aborted with probability at most alpha over the whole rollout.
   A metric SUCCEEDS on its point estimate once the sample is large enough; between the two it is
   INCONCLUSIVE.
@@ -25,6 +25,8 @@ from typing import Annotated, Literal
 
 import msgspec
 import numpy as np
+
+from lockgate.gatestats import sequential
 
 Verdict = Literal["SUCCESSFUL", "FAILED", "INCONCLUSIVE", "WAITING"]
 MetricName = Literal["error_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50", "ttft_p95",
@@ -114,12 +116,6 @@ class VariantSample:
     ttft_ms: Sequence[float] = ()  # streamed requests only
     tokens: Sequence[float] = ()
     cost: Sequence[float] = ()  # priced requests only
-
-
-def look_alpha(alpha: float, look: int, metrics: int) -> float:
-    """One-sided level of one metric at look k: alpha / (k (k + 1)) shared by the metrics."""
-    k = max(1, look)
-    return alpha / (k * (k + 1)) / max(1, metrics)
 
 
 def z_of(alpha_one_sided: float) -> float:
@@ -254,7 +250,7 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
         results = [MetricResult(name=m.name, verdict="WAITING", canary_n=canary.n, stable_n=stable.n, why=why)
                    for m in spec.metrics]
         return Measurement(verdict="WAITING", look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
-    z = z_of(look_alpha(spec.alpha, look, len(spec.metrics)))
+    z = z_of(sequential.look_alpha(spec.alpha, look, len(spec.metrics)))
     canary, stable = _sorted(canary), _sorted(stable)
     results = [msgspec.structs.replace(_judge(m, canary, stable, z), dry_run=True) if m.dry_run
                else _judge(m, canary, stable, z) for m in spec.metrics]

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from lockgate.gatestats import sequential
 from lockgate.services.router import analysis
 from lockgate.services.router.analysis import AnalysisSpec, MetricSpec, VariantSample
 
@@ -31,8 +32,10 @@ def test_newcombe_difference_bound() -> None:
 
 
 def test_look_levels_sum_to_alpha() -> None:
-    assert sum(analysis.look_alpha(0.05, k, 1) for k in range(1, 100_000)) == pytest.approx(0.05, rel=1e-3)
-    assert analysis.look_alpha(0.05, 1, 2) == pytest.approx(0.0125)
+    assert sum(sequential.look_alpha(0.05, k, 1) for k in range(1, 100_000)) == pytest.approx(0.05, rel=1e-3)
+    assert sequential.look_alpha(0.05, 1, 2) == pytest.approx(0.0125)
+    with pytest.raises(ValueError, match="0 < alpha < 1"):
+        sequential.look_alpha(0.0, 1)
 
 
 def test_no_verdict_below_minimum_sample() -> None:

@@ -1,5 +1,12 @@
 """Always-valid inference for repeated looks (a canary checked every interval), pure and closed-form.
 
+Two tools, one per kind of statistic:
+- `analyse`/`radius`: a confidence sequence for means, valid at every look at once;
+- `look_alpha`: an alpha-spending schedule for tests that only exist at a fixed level (Wilson bounds
+  on error rates, order-statistic bounds on p95): look k gets alpha / (k (k + 1)), and these sum to
+  alpha over any number of looks, so the chance of a false verdict over the whole rollout stays
+  at most alpha by the union bound. The rollout analysis of the router calls it at every look.
+
 A fixed-sample 95% interval checked at 20 looks excludes the truth at some look far more often than 5%
 of the time. The normal-mixture confidence sequence (Robbins; Howard, Ramdas, McAuliffe & Sekhon,
 "Time-uniform, nonparametric, nonasymptotic confidence sequences", 2021) holds at every look at once:
@@ -13,6 +20,15 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+
+def look_alpha(alpha: float, look: int, tests: int = 1) -> float:
+    """One-sided level of one of `tests` simultaneous tests at look `look` (1-based): alpha / (k (k + 1)),
+    shared equally by the tests (Bonferroni), so all looks and tests together spend at most alpha."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"need 0 < alpha < 1, got {alpha}")
+    k = max(1, look)
+    return alpha / (k * (k + 1)) / max(1, tests)
 
 
 def _rho(sd: float, planned_n: int, alpha: float) -> float:
