@@ -16,10 +16,18 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    Decision,
+    ParentBased,
+    Sampler,
+    SamplingResult,
+    TraceIdRatioBased,
+)
+from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from lockgate import __version__
@@ -176,21 +184,81 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
+class _RecordAlways(Sampler):
+    """Wraps a sampler so that what it would drop is still recorded (not exported): the span's end,
+    with its status and duration, then reaches `_TailProcessor`, which keeps errors and slow spans."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self._inner = inner
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
+                      attributes: Any = None, links: Any = None, trace_state: Any = None) -> SamplingResult:
+        result = self._inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+        if result.decision is Decision.DROP:
+            return SamplingResult(Decision.RECORD_ONLY, result.attributes, result.trace_state)
+        return result
+
+    def get_description(self) -> str:
+        return f"RecordAlways{{{self._inner.get_description()}}}"
+
+
+def tail_aware_sampler(ratio: float) -> Sampler:
+    """Head sampling at `ratio` for new traces, a caller's decision followed, and everything else
+    recorded but unexported unless it ends in error or slowly (see `_TailProcessor`)."""
+    return ParentBased(_RecordAlways(TraceIdRatioBased(ratio)), remote_parent_sampled=ALWAYS_ON,
+                       remote_parent_not_sampled=_RecordAlways(ALWAYS_OFF), local_parent_sampled=ALWAYS_ON,
+                       local_parent_not_sampled=_RecordAlways(ALWAYS_OFF))
+
+
+class _TailProcessor(SpanProcessor):
+    """Passes sampled spans to the batch processor, plus unsampled ones that ended in error or took at
+    least `slow_ms`: every failure and every slow request is traced, whatever the head ratio."""
+
+    def __init__(self, inner: SpanProcessor, slow_ms: float) -> None:
+        self._inner = inner
+        self._slow_ns = int(slow_ms * 1e6)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        ctx = span.context
+        if ctx is None or ctx.trace_flags.sampled:
+            self._inner.on_end(span)
+            return
+        slow = span.end_time is not None and span.start_time is not None and \
+            span.end_time - span.start_time >= self._slow_ns
+        if span.status.status_code is StatusCode.ERROR or slow:
+            # The batch processor exports sampled spans only: hand it a copy marked sampled.
+            kept = SpanContext(ctx.trace_id, ctx.span_id, ctx.is_remote, TraceFlags(TraceFlags.SAMPLED),
+                               ctx.trace_state)
+            self._inner.on_end(ReadableSpan(
+                name=span.name, context=kept, parent=span.parent, resource=span.resource,
+                attributes=span.attributes, events=span.events, links=span.links, kind=span.kind,
+                status=span.status, start_time=span.start_time, end_time=span.end_time,
+                instrumentation_scope=span.instrumentation_scope))
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
 class Telemetry:
     """A process's tracing: one TracerProvider per service (its own `service.name`), all sharing one
     sampler setting and one BatchSpanProcessor, so one bounded queue and one export thread.
 
-    Without an exporter (tests, benches) spans are sampled and ended but go nowhere.
+    Sampling is tail-aware: `sample_ratio` of new traces are exported, and so is every span that ends
+    in error or lasts `slow_ms` or more. Without an exporter (tests, benches) spans go nowhere.
     """
 
-    def __init__(self, *, sample_ratio: float = 1.0, exporter: SpanExporter | None = None,
+    def __init__(self, *, sample_ratio: float = 1.0, slow_ms: float = 5000.0, exporter: SpanExporter | None = None,
                  max_queue: int = 20_000, max_batch: int = 2000, schedule_delay_ms: float = 250) -> None:
         self.sample_ratio = sample_ratio
         # Spans reach otel_traces within about `schedule_delay_ms` (a quarter second, like the
         # loop this replaced), not the SDK's default five seconds; a full queue drops the oldest.
         self._processor = (
-            BatchSpanProcessor(exporter, max_queue_size=max_queue, schedule_delay_millis=schedule_delay_ms,
-                               max_export_batch_size=min(max_batch, max_queue))
+            _TailProcessor(BatchSpanProcessor(exporter, max_queue_size=max_queue,
+                                              schedule_delay_millis=schedule_delay_ms,
+                                              max_export_batch_size=min(max_batch, max_queue)), slow_ms)
             if exporter is not None else None
         )
         self._providers: dict[str, TracerProvider] = {}
@@ -201,7 +269,7 @@ class Telemetry:
         if provider is None:
             provider = TracerProvider(
                 resource=Resource.create({"service.name": f"lockgate-{service}", "service.version": __version__}),
-                sampler=ParentBased(TraceIdRatioBased(self.sample_ratio)),
+                sampler=tail_aware_sampler(self.sample_ratio),
                 shutdown_on_exit=False,  # `shutdown` runs while the bus can still publish, not at exit
             )
             if self._processor is not None:

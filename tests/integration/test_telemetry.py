@@ -10,6 +10,7 @@ import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.trace import Status, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
 from lockgate import metrics
@@ -20,7 +21,7 @@ from lockgate.contracts import InferenceEvent, SpanBatch
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.subjects import Subjects
-from lockgate.telemetry import NatsSpanExporter, Telemetry
+from lockgate.telemetry import NatsSpanExporter, Telemetry, extract
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import eventually, metric_points
 
@@ -47,6 +48,30 @@ async def test_force_flush_ships_ended_spans_to_the_subject(bus: Bus) -> None:
     assert by_name["child"].trace_id == by_name["parent"].trace_id
     assert by_name["parent"].service == "lockgate-test"
     assert exporter.exported == 2
+    await telemetry.shutdown()
+
+
+async def test_unsampled_spans_are_exported_only_when_failed_or_slow(bus: Bus) -> None:
+    sub = await bus.nc.subscribe(bus.subjects.spans)
+    telemetry = Telemetry(sample_ratio=0.0, slow_ms=1000.0,
+                          exporter=NatsSpanExporter(bus, asyncio.get_running_loop()), schedule_delay_ms=600_000)
+    tracer = telemetry.tracer("router")
+    fast = tracer.start_span("fast and fine")
+    assert fast.is_recording() and not fast.get_span_context().trace_flags.sampled
+    fast.end()
+    failed = tracer.start_span("failed")
+    failed.set_status(Status(StatusCode.ERROR, "upstream_error"))
+    failed.end()
+    slow = tracer.start_span("slow", start_time=1_000_000_000)
+    slow.end(end_time=1_000_000_000 + 1_500_000_000)  # 1.5 s long, past slow_ms
+    child = tracer.start_span("child of a sampled caller", context=extract(
+        {"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"}))
+    child.end()
+    assert await asyncio.to_thread(telemetry.force_flush) is True
+
+    batch = _spans.decode((await sub.next_msg(timeout=10)).data)
+    assert sorted(s.name for s in batch.spans) == ["child of a sampled caller", "failed", "slow"]
+    assert next(s for s in batch.spans if s.name == "failed").status_code == "Error"
     await telemetry.shutdown()
 
 

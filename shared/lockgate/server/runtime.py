@@ -96,7 +96,7 @@ class Runtime:
                    manage_topology=not main_auth.enabled or main_auth.user in TOPOLOGY_OWNERS)
         self.buses.append(main)
         await main.connect()
-        telemetry = Telemetry(sample_ratio=s.trace_sample_ratio,
+        telemetry = Telemetry(sample_ratio=s.trace_sample_ratio, slow_ms=s.trace_slow_ms,
                               exporter=NatsSpanExporter(main, asyncio.get_running_loop()))
         by_auth: dict[credentials.NatsAuth, Bus] = {main_auth: main}
         contexts: dict[str, ServiceContext] = {}
