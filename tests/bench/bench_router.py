@@ -229,4 +229,6 @@ if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--load":
         asyncio.run(_load_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
     else:
-        asyncio.run(_main())
+        import uvloop  # the loop `lockgate up` and `lockgate serve` run on
+
+        uvloop.run(_main())

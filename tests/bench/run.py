@@ -78,4 +78,6 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     parser.add_argument("only", nargs="*", help="bench module names (default: all)")
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.out, args.only)))
+    import uvloop  # the loop `lockgate up` and `lockgate serve` run on
+
+    sys.exit(uvloop.run(main(args.out, args.only)))

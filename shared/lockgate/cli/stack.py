@@ -121,8 +121,10 @@ def register(cli: click.Group) -> None:
         """Start the embedded stack: nats-server, chDB and every service in one process."""
         settings = embedded_settings(ctx.obj["settings"], home, nats_port, router_port, grpc_port, otlp_grpc_port,
                                      otlp_http_port)
+        import uvloop  # the services' loop: cheaper transports than asyncio's (bench_router)
+
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_stack(settings))
+            uvloop.run(serve_stack(settings))
 
     @cli.command("nats-config")
     @click.pass_context
@@ -174,5 +176,7 @@ def register(cli: click.Group) -> None:
             finally:
                 await runtime.stop()
 
+        import uvloop
+
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run())
+            uvloop.run(run())
