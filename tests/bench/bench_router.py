@@ -11,9 +11,12 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -23,28 +26,38 @@ from lockgate.server.apikeys import bootstrap
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process, stack
-from tests.helpers import break_glass, register_model_release, store_pass
+from tests.helpers import Process, break_glass, printed_endpoints, register_model_release, store_pass
 
 N_REQUESTS = 3000
 CONCURRENCY = 8
+CONCURRENCIES = (1, 8, 32)
 TRIALS = 50
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 
 
-async def _load(session: aiohttp.ClientSession, url: str, n: int, concurrency: int) -> tuple[list[float], float]:
-    """n requests from `concurrency` workers; per-request ms and total seconds."""
+async def _load(session: aiohttp.ClientSession, url: str, n: int, concurrency: int,
+                stream: bool = False) -> tuple[list[float], float]:
+    """n requests from `concurrency` workers; per-request ms (to the first streamed event when
+    `stream`) and total seconds."""
     samples: list[float] = []
     todo = iter(range(n))
 
     async def worker(w: int) -> None:
         for i in todo:
-            body = {**BODY, "user": f"u{w}-{i}"}
+            body = {**BODY, "user": f"u{w}-{i}", "stream": stream}
             t0 = time.perf_counter()
             async with session.post(f"{url}/chat/completions", json=body) as resp:
-                await resp.read()
                 if resp.status != 200:
                     raise RuntimeError(f"HTTP {resp.status}")
-            samples.append((time.perf_counter() - t0) * 1000.0)
+                if stream:
+                    async for line in resp.content:
+                        if line.startswith(b"data:"):
+                            samples.append((time.perf_counter() - t0) * 1000.0)
+                            break
+                    await resp.read()
+                else:
+                    await resp.read()
+                    samples.append((time.perf_counter() - t0) * 1000.0)
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
@@ -55,12 +68,14 @@ def _sim_process(env: BenchEnv) -> contextlib.AbstractAsyncContextManager[str]:
     return sim_process(env, "models:\n  m:\n    default: fine thanks\n")
 
 
-async def _remote_load(url: str, n: int, concurrency: int = CONCURRENCY) -> tuple[list[float], float]:
+async def _remote_load(url: str, n: int, concurrency: int = CONCURRENCY, stream: bool = False,
+                       ) -> tuple[list[float], float]:
     """Run the load generator in a child process so its CPU does not slow the router."""
     # The router takes only lockgate API keys (the simulator ignores the header): authentication is on
     # in the measured path, as in production.
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.bench.bench_router", "--load", url, str(n), str(concurrency),
+        *(["--stream"] if stream else []),
         stdout=asyncio.subprocess.PIPE, env={**os.environ, "LOCKGATE_BENCH_KEY": _KEY.get("admin", "")})
     out, _ = await proc.communicate()
     if proc.returncode:
@@ -72,20 +87,55 @@ async def _remote_load(url: str, n: int, concurrency: int = CONCURRENCY) -> tupl
 _KEY: dict[str, str] = {}
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+@contextlib.asynccontextmanager
+async def _served_router(env: BenchEnv, upstream: str) -> AsyncIterator[tuple[str, int]]:
+    """`lockgate serve router` in its own process, as deployed: API keys, events, tracing at the
+    default sampling, its own event loop and CPU; yields its URL and pid."""
+    settings = env.settings()
+    environ = {**os.environ, "LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
+               "LOCKGATE_HOME": env.home, "LOCKGATE_STABLE_UPSTREAM": upstream,
+               "LOCKGATE_CANARY_UPSTREAM": upstream}
+    # Ready once it printed its endpoint (the line after "serving").
+    served = Process([sys.executable, "-m", "lockgate.cli", "serve", "router", "--router-port", "0"], environ,
+                     "http://")
+    try:
+        if not await asyncio.to_thread(served.started, 60):
+            raise RuntimeError(f"router did not start:\n{served.output}")
+        yield printed_endpoints(served.output)["router"], served.proc.pid
+    finally:
+        served.proc.send_signal(signal.SIGINT)
+        await asyncio.to_thread(served.proc.wait, 30)
+
+
 async def _overhead(env: BenchEnv) -> dict[str, Any]:
     _KEY["admin"] = bootstrap(env.home).admin_key
-    async with _sim_process(env) as sim_url, stack(env, "router", stable_upstream=sim_url) as st:
-        router = st.services["router"]
+    async with _sim_process(env) as sim_url, _served_router(env, sim_url) as (router_url, pid):
         await _remote_load(sim_url, 300)  # warm-up
-        await _remote_load(router.url + "/v1", 300)
-        out: dict[str, Any] = {"requests": N_REQUESTS}
-        # Concurrency 1 is the latency the router adds to one call; concurrency 8 (LiteLLM's
-        # published comparison point) adds queueing on the router's single event loop.
-        for concurrency in (1, CONCURRENCY):
+        await _remote_load(router_url + "/v1", 300)
+        out: dict[str, Any] = {"requests": N_REQUESTS, "router": "lockgate serve router (own process, uvloop)",
+                               "governance": "API key auth, one inference event per request, tracing at "
+                                             "the default tail-aware sampling",
+                               "idle_rss_mib": _rss_mib(pid)}
+        # Concurrency 1 is the latency the router adds to one call; 8 is LiteLLM's published
+        # comparison point; 32 queues on the router's single event loop and shows its peak rate.
+        for concurrency in CONCURRENCIES:
             direct, _ = await _remote_load(sim_url, N_REQUESTS, concurrency)
-            cpu0 = time.process_time()
-            routed, seconds = await _remote_load(router.url + "/v1", N_REQUESTS, concurrency)
-            cpu = time.process_time() - cpu0  # this process runs only the router (sim and load are children)
+            cpu0 = _cpu_s(pid)
+            routed, seconds = await _remote_load(router_url + "/v1", N_REQUESTS, concurrency)
+            cpu = _cpu_s(pid) - cpu0
             d, r = percentiles(direct), percentiles(routed)
             out[f"concurrency_{concurrency}"] = {
                 "direct": d,
@@ -95,8 +145,14 @@ async def _overhead(env: BenchEnv) -> dict[str, Any]:
                 "routed_rps": round(N_REQUESTS / seconds, 1),
                 "router_cpu_per_request_ms": round(cpu * 1000.0 / N_REQUESTS, 3),
             }
-        out["events_published"] = router.batcher.sent
-        out["events_dropped"] = router.batcher.dropped
+        out["max_rps"] = max(out[f"concurrency_{c}"]["routed_rps"] for c in CONCURRENCIES)
+        direct, _ = await _remote_load(sim_url, N_REQUESTS, CONCURRENCY, stream=True)
+        routed, _ = await _remote_load(router_url + "/v1", N_REQUESTS, CONCURRENCY, stream=True)
+        d, r = percentiles(direct), percentiles(routed)
+        out["stream_first_event_concurrency_8"] = {
+            "direct": d, "routed": r, "added_p50_ms": round(r["p50_ms"] - d["p50_ms"], 3),
+            "added_p99_ms": round(r["p99_ms"] - d["p99_ms"], 3)}
+        out["loaded_rss_mib"] = _rss_mib(pid)
         return out
 
 
@@ -213,10 +269,10 @@ async def run(env: BenchEnv) -> dict[str, Any]:
     return {"overhead": overhead, "decision_to_weight": reaction, **closed_loop}
 
 
-async def _load_main(url: str, n: int, concurrency: int) -> None:
+async def _load_main(url: str, n: int, concurrency: int, stream: bool) -> None:
     headers = {"Authorization": f"Bearer {os.environ.get('LOCKGATE_BENCH_KEY', '')}"}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), headers=headers) as session:
-        samples, seconds = await _load(session, url, n, concurrency)
+        samples, seconds = await _load(session, url, n, concurrency, stream)
     print(json.dumps({"samples": samples, "seconds": seconds}))
 
 
@@ -226,8 +282,8 @@ async def _main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--load":
-        asyncio.run(_load_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    if len(sys.argv) >= 5 and sys.argv[1] == "--load":
+        asyncio.run(_load_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), "--stream" in sys.argv))
     else:
         import uvloop  # the loop `lockgate up` and `lockgate serve` run on
 
