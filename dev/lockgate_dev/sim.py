@@ -163,6 +163,7 @@ class SimServer:
         self.authorizations: list[str | None] = []
         self.headers: list[dict[str, str]] = []  # every request's headers, in order
         self.disconnects = 0  # streams the client closed before they ended
+        self.disconnected = asyncio.Event()  # set at the first one: tests wait on it, not on the clock
         self._models = {n: _Model(n, s, config.seed) for n, s in config.models.items()}
         self._runner: web.AppRunner | None = None
         self._created = int(time.time())
@@ -210,6 +211,10 @@ class SimServer:
         data = [{"id": n, "object": "model", "created": self._created, "owned_by": "lockgate-sim"}
                 for n in self._models]
         return web.json_response({"object": "list", "data": data})
+
+    def _gone(self) -> None:
+        self.disconnects += 1
+        self.disconnected.set()
 
     def _model(self, name: str) -> _Model | None:
         model = self._models.get(name)
@@ -353,7 +358,7 @@ class SimServer:
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionResetError:
-            self.disconnects += 1
+            self._gone()
         return resp
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
@@ -400,7 +405,7 @@ class SimServer:
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except ConnectionResetError:
-            self.disconnects += 1
+            self._gone()
         return resp
 
     async def _embeddings(self, request: web.Request) -> web.Response:
@@ -505,7 +510,7 @@ class SimServer:
             await event("response.completed" if status == "completed" else "response.incomplete", response=done)
             await resp.write_eof()
         except ConnectionResetError:
-            self.disconnects += 1
+            self._gone()
         return resp
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
@@ -573,7 +578,7 @@ class SimServer:
             await event("message_stop")
             await resp.write_eof()
         except ConnectionResetError:
-            self.disconnects += 1
+            self._gone()
         return resp
 
 
