@@ -96,8 +96,8 @@ async def test_chat_n2_and_tools_recorded_streamed_and_not(router: Any, sim: Sim
         "hello there", "hello there [1]"]
     assert got.usage == want.usage
     e = await next_event(events)
-    assert (e.operation, e.provider, e.response, e.finish_reason, e.cached_tokens) == (
-        "chat", "openai", "hello there", "stop", 1)
+    assert (e.operation, e.provider, e.response, e.finish_reason, e.cached_tokens, e.deployment) == (
+        "chat", "openai", "hello there", "stop", 1, "chat")
     assert [m["parts"][0]["content"] for m in json.loads(e.attributes[OUTPUT])] == ["hello there", "hello there [1]"]
 
     stream = await via.chat.completions.create(model="m", messages=msgs, n=2, stream=True)
@@ -227,6 +227,10 @@ async def test_anthropic_endpoint_behind_the_openai_wire(router: Any, context: S
     e = await next_event(events)
     assert (e.finish_reason, json.loads(e.attributes[OUTPUT])[0]["parts"][0]["name"]) == ("tool_calls", "lookup")
 
+    # The header overrides the model map: `chat` sends claude-m to the OpenAI-compatible endpoint, which has no such model.
+    with pytest.raises(openai.NotFoundError, match="claude-m"):
+        await via.chat.completions.create(model="claude-m", messages=msgs, extra_headers={"x-lockgate-deployment": "chat"})
+    assert (await next_event(events)).deployment == "chat"
     with pytest.raises(openai.BadRequestError, match="n must be 1"):
         await via.chat.completions.create(model="claude-m", messages=msgs, n=2)
     with pytest.raises(openai.BadRequestError, match="Anthropic Messages"):
