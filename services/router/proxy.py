@@ -194,6 +194,8 @@ class Proxy:
                                               want_usage, t0, rec)
             else:
                 response = await self._once(op, endpoint, path, target, body, up_headers, out_headers, rec)
+                if request.transport is None:  # the client left while the upstream worked: nobody got the answer
+                    rec.status, rec.error_type = "error", "client_disconnected"
         finally:
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
             # The event and the span's attributes are bookkeeping: build them on the next loop

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.timeout(90)
 
 SIM = SimConfig(models={"m": ModelSpec(answers={"hi": "hello there"}, default="the default answer",
                                        cached_tokens=1),
-                        "slow": ModelSpec(default=" ".join(["word"] * 40), latency_ms=4000)})
+                        "slow": ModelSpec(default=" ".join(["word"] * 40), latency_ms=4000),
+                        "lag": ModelSpec(latency_ms=1000)})
 TOOLS = [{"type": "function", "function": {"name": "lookup", "description": "look it up",
                                            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]
 OUTPUT = "gen_ai.output.messages"
@@ -251,3 +252,14 @@ async def test_client_disconnect_is_recorded_and_cancels_the_upstream(
     # The router dropped its upstream connection: the simulator's next write failed, long before its 4 s answer.
     await asyncio.wait_for(sim.disconnected.wait(), timeout=15)
     assert sim.disconnects == 1
+
+
+async def test_client_gone_before_a_non_streamed_answer_is_recorded(
+        router: Any, keys: Bootstrap, events: asyncio.Queue[InferenceEvent]) -> None:
+    body = {"model": "lag", "messages": [{"role": "user", "content": "go"}]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=0.2)) as http:
+        with pytest.raises(TimeoutError):  # the client gives up and closes its connection
+            await http.post(f"{router.url}/v1/chat/completions", json=body,
+                            headers={"Authorization": f"Bearer {keys.app_key}"})
+    e = await next_event(events)
+    assert (e.status, e.error_type, e.model) == ("error", "client_disconnected", "lag")
