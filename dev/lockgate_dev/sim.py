@@ -2,9 +2,15 @@
 
 This is not a model: it answers from a table (`answers`, exact match on the stripped last
 user message) or with a default, with configurable latency, jitter, time to first token and
-error rate. It speaks enough of the OpenAI Chat Completions API (JSON and SSE streaming,
-`usage`, `finish_reason`, `GET /v1/models`) for the router, the evaluator and the SDK to be
-exercised end to end without network access or keys. Given a seed, the same sequence of
+error rate. It speaks enough of the OpenAI API (chat completions with `n` choices and tool calls,
+legacy completions, embeddings, responses; JSON and SSE streaming, `usage`, `finish_reason`,
+`GET /v1/models`) and of Anthropic Messages (`POST /v1/messages`, streamed or not) for the router,
+the evaluator and the SDKs to be exercised end to end without network access or keys.
+
+Deterministic rules the tests rely on: choice i > 0 answers "<answer> [i]"; a request with `tools`
+(and a tool choice other than "none") calls its first tool with `{"q": <last user text>}`;
+embeddings are `dimensions` floats derived from a hash of each input; `cached_tokens` of a model is
+reported as cached prompt tokens (OpenAI) or `cache_read_input_tokens` (Anthropic). Given a seed, the same sequence of
 requests to a model gets the same latencies and the same injected errors.
 """
 
@@ -12,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
+import hashlib
 import math
 import random
+import struct
 import time
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -25,7 +34,7 @@ from aiohttp import web
 from lockgate import metrics
 from lockgate.documents import NonNegative, load_yaml
 from lockgate.ids import uuid7
-from lockgate.llmwire import decode_request, last_user_text, text_of
+from lockgate.llmwire import ChatRequest, Message, decode_request, input_text, last_user_text, text_of
 
 
 class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -39,6 +48,8 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ttft_ms: NonNegative = 0.0
     # the natural-log probability reported for every token when `logprobs` is asked
     logprob: Annotated[float, msgspec.Meta(le=0)] = -0.1
+    cached_tokens: NonNegative = 0  # prompt tokens reported as served from the provider's cache
+    dimensions: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 8  # embedding length
 
 
 class SimConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -75,6 +86,53 @@ def _error(status: int, message: str, type_: str, code: str | None = None) -> we
     return web.json_response(body, status=status)
 
 
+def _anthropic_error(status: int, message: str, type_: str) -> web.Response:
+    return web.json_response({"type": "error", "error": {"type": type_, "message": message}}, status=status)
+
+
+def _embedding(text: str, dimensions: int) -> list[float]:
+    """A deterministic unit-ish vector for a text (not a meaningful embedding)."""
+    digest = b""
+    counter = 0
+    while len(digest) < dimensions * 4:
+        digest += hashlib.sha256(f"{counter}:{text}".encode()).digest()
+        counter += 1
+    return [round(int.from_bytes(digest[i * 4:i * 4 + 4], "big") / 2**32 * 2 - 1, 6) for i in range(dimensions)]
+
+
+class _Anthropic(msgspec.Struct):
+    """The Anthropic Messages request fields the simulator reads."""
+
+    model: str = ""
+    messages: list[Message] = []
+    system: Any = None
+    max_tokens: int | None = None
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+
+
+class _Request(msgspec.Struct):
+    """Fields of the other OpenAI operations: completions (`prompt`), embeddings and responses (`input`)."""
+
+    model: str = ""
+    prompt: Any = None
+    input: Any = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    max_tokens: int | None = None
+    max_output_tokens: int | None = None
+    n: int | None = None
+    instructions: str | None = None
+    encoding_format: str | None = None
+    dimensions: int | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+_decode_other = msgspec.json.Decoder(_Request).decode
+_decode_anthropic = msgspec.json.Decoder(_Anthropic).decode
+
+
 class _Model:
     """A model's spec plus its own seeded random stream (order of requests decides draws)."""
 
@@ -103,6 +161,9 @@ class SimServer:
         # The Authorization header of each chat request, in order: lets tests see which key reached
         # the upstream (lockgate's provider credential, never the client's lockgate key).
         self.authorizations: list[str | None] = []
+        self.headers: list[dict[str, str]] = []  # every request's headers, in order
+        self.disconnects = 0  # streams the client closed before they ended
+        self.disconnected = asyncio.Event()  # set at the first one: tests wait on it, not on the clock
         self._models = {n: _Model(n, s, config.seed) for n, s in config.models.items()}
         self._runner: web.AppRunner | None = None
         self._created = int(time.time())
@@ -121,6 +182,10 @@ class SimServer:
         """Bind and serve (port 0 picks a free port; `url` then has the real one)."""
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/responses", self._responses)
+        app.router.add_post("/v1/messages", self._messages)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/metrics", metrics.serve_prometheus)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
@@ -147,96 +212,386 @@ class SimServer:
                 for n in self._models]
         return web.json_response({"object": "list", "data": data})
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
+    def _gone(self) -> None:
+        self.disconnects += 1
+        self.disconnected.set()
+
+    def _model(self, name: str) -> _Model | None:
+        model = self._models.get(name)
+        if model is not None:
+            self.requests[model.name] = self.requests.get(model.name, 0) + 1
+        return model
+
+    @staticmethod
+    def _answer(model: _Model, text: str, max_tokens: int | None) -> tuple[str, str]:
+        """The answer to a text and its finish reason ("length" when max_tokens cut it)."""
+        answer = model.answers.get(text.strip(), model.spec.default)
+        if max_tokens is not None and max_tokens > 0:
+            words = answer.split()
+            limit = max(1, int(max_tokens / 1.3))
+            if len(words) > limit:
+                return " ".join(words[:limit]), "length"
+        return answer, "stop"
+
+    def _usage(self, model: _Model, prompt: int, completion: int) -> dict[str, Any]:
+        usage: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                                 "total_tokens": prompt + completion}
+        if model.spec.cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": min(prompt, int(model.spec.cached_tokens))}
+        return usage
+
+    async def _read(self, request: web.Request) -> bytes:
         self.authorizations.append(request.headers.get("Authorization"))
+        self.headers.append(dict(request.headers))
+        return await request.read()
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = decode_request(await request.read())
+            body = decode_request(await self._read(request))
         except msgspec.ValidationError as exc:
             return _error(400, f"invalid request: {exc}", "invalid_request_error")
         except msgspec.DecodeError:
             return _error(400, "request body is not valid JSON", "invalid_request_error")
         if not body.messages:
             return _error(400, "'messages' must be a non-empty list", "invalid_request_error")
-        model = self._models.get(body.model)
+        model = self._model(body.model)
         if model is None:
             return _error(404, f"The model '{body.model}' does not exist", "invalid_request_error", "model_not_found")
-        self.requests[model.name] = self.requests.get(model.name, 0) + 1
         delay, failed = model.draw()
         prompt_text = " ".join(text_of(m.content) for m in body.messages)
-        answer = model.answers.get((last_user_text(body.messages) or "").strip(), model.spec.default)
-        finish = "stop"
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is not None and max_tokens > 0:
-            words = answer.split()
-            limit = max(1, int(max_tokens / 1.3))
-            if len(words) > limit:
-                answer, finish = " ".join(words[:limit]), "length"
-        usage = {
-            "prompt_tokens": count_tokens(prompt_text),
-            "completion_tokens": count_tokens(answer),
-        }
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        user_text = last_user_text(body.messages) or ""
+        answer, finish = self._answer(model, user_text, body.max_completion_tokens or body.max_tokens)
+        n = max(1, body.n or 1)
+        answers = [answer if i == 0 else f"{answer} [{i}]" for i in range(n)]
+        tool = _tool_called(body)
+        usage = self._usage(model, count_tokens(prompt_text), sum(count_tokens(a) for a in answers))
         logprob = model.spec.logprob if body.logprobs is True else None
         meta = {"id": "chatcmpl-" + uuid7().replace("-", "")[:24], "created": int(time.time()), "model": model.name}
+        if tool is not None:
+            finish = "tool_calls"
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return await self._stream(request, model, meta, answer, finish, usage, delay, failed, include_usage,
-                                      logprob)
+            return await self._stream(request, model, meta, answers, finish, usage, delay, failed, include_usage,
+                                      logprob, tool, user_text)
         if delay:
             await asyncio.sleep(delay)
         if failed:
             return _error(500, "The simulated server had an error processing your request", "server_error")
-        return web.json_response({
-            **meta,
-            "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "logprobs": None if logprob is None else _logprobs(_pieces(answer), logprob),
-                         "finish_reason": finish}],
-            "usage": usage,
-        })
+        choices = []
+        for i, text in enumerate(answers):
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if tool is not None:
+                message = {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": f"call_{i}", "type": "function",
+                     "function": {"name": tool, "arguments": msgspec.json.encode({"q": user_text}).decode()}}]}
+            choices.append({"index": i, "message": message,
+                            "logprobs": None if logprob is None else _logprobs(_pieces(text), logprob),
+                            "finish_reason": finish})
+        return web.json_response({**meta, "object": "chat.completion", "choices": choices, "usage": usage})
+
+    async def _open_stream(self, request: web.Request, model: _Model) -> web.StreamResponse:
+        ttft = model.spec.ttft_ms / 1000.0
+        if ttft:
+            await asyncio.sleep(ttft)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        return resp
+
+    def _gap(self, model: _Model, delay: float, tokens: int) -> float:
+        """The rest of the latency, spread over the tokens after the first."""
+        return max(0.0, delay - model.spec.ttft_ms / 1000.0) / max(1, tokens - 1) if tokens > 1 else 0.0
 
     async def _stream(
         self,
         request: web.Request,
         model: _Model,
         meta: dict[str, Any],
-        answer: str,
+        answers: list[str],
         finish: str,
-        usage: dict[str, int],
+        usage: dict[str, Any],
         delay: float,
         failed: bool,
         include_usage: bool,
-        logprob: float | None = None,
+        logprob: float | None,
+        tool: str | None,
+        user_text: str,
     ) -> web.StreamResponse:
-        ttft = model.spec.ttft_ms / 1000.0
-        if ttft:
-            await asyncio.sleep(ttft)
         if failed:
+            if model.spec.ttft_ms:
+                await asyncio.sleep(model.spec.ttft_ms / 1000.0)
             return _error(500, "The simulated server had an error processing your request", "server_error")
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
-        pieces = _pieces(answer)
-        # the rest of the latency is spread over the tokens after the first
-        gap = max(0.0, delay - ttft) / max(1, len(pieces) - 1) if len(pieces) > 1 else 0.0
+        resp = await self._open_stream(request, model)
+        pieces = [_pieces(a) for a in answers]
+        gap = self._gap(model, delay, len(pieces[0]))
 
         async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
             chunk = {**meta, "object": "chat.completion.chunk", "choices": choices, **extra}
             await resp.write(b"data: " + msgspec.json.encode(chunk) + b"\n\n")
 
-        await send([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        for i, piece in enumerate(pieces):
-            if i and gap:
-                await asyncio.sleep(gap)
-            choice: dict[str, Any] = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
-            if logprob is not None:
-                choice["logprobs"] = _logprobs([piece], logprob)
-            await send([choice])
-        await send([{"index": 0, "delta": {}, "finish_reason": finish}])
-        if include_usage:
-            await send([], usage=usage)
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        try:
+            for i in range(len(answers)):
+                await send([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            if tool is not None:
+                args = msgspec.json.encode({"q": user_text}).decode()
+                for i in range(len(answers)):  # the arguments in two pieces, as real streams split them
+                    await send([{"index": i, "delta": {"tool_calls": [{"index": 0, "id": f"call_{i}", "type": "function",
+                                                                       "function": {"name": tool, "arguments": ""}}]},
+                                 "finish_reason": None}])
+                    for part in (args[:len(args) // 2], args[len(args) // 2:]):
+                        await send([{"index": i, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": part}}]},
+                                     "finish_reason": None}])
+            else:
+                # interleaved: token k of every choice before token k+1 of any
+                for k in range(max(len(p) for p in pieces)):
+                    if k and gap:
+                        await asyncio.sleep(gap)
+                    for i, ps in enumerate(pieces):
+                        if k < len(ps):
+                            choice: dict[str, Any] = {"index": i, "delta": {"content": ps[k]}, "finish_reason": None}
+                            if logprob is not None:
+                                choice["logprobs"] = _logprobs([ps[k]], logprob)
+                            await send([choice])
+            for i in range(len(answers)):
+                await send([{"index": i, "delta": {}, "finish_reason": finish}])
+            if include_usage:
+                await send([], usage=usage)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ConnectionResetError:
+            self._gone()
         return resp
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        """Legacy `POST /v1/completions`: `prompt` (string or list of strings) in, `choices[].text` out."""
+        try:
+            body = _decode_other(await self._read(request))
+        except msgspec.DecodeError as exc:
+            return _error(400, f"invalid request: {exc}", "invalid_request_error")
+        model = self._model(body.model)
+        if model is None:
+            return _error(404, f"The model '{body.model}' does not exist", "invalid_request_error", "model_not_found")
+        prompt = input_text(body.prompt) or ""
+        answer, finish = self._answer(model, prompt, body.max_tokens)
+        n = max(1, body.n or 1)
+        answers = [answer if i == 0 else f"{answer} [{i}]" for i in range(n)]
+        usage = self._usage(model, count_tokens(prompt), sum(count_tokens(a) for a in answers))
+        delay, failed = model.draw()
+        meta = {"id": "cmpl-" + uuid7().replace("-", "")[:24], "object": "text_completion", "created": int(time.time()),
+                "model": model.name}
+        if failed:
+            return _error(500, "The simulated server had an error processing your request", "server_error")
+        if not body.stream:
+            if delay:
+                await asyncio.sleep(delay)
+            return web.json_response({**meta, "choices": [
+                {"index": i, "text": a, "logprobs": None, "finish_reason": finish} for i, a in enumerate(answers)],
+                "usage": usage})
+        resp = await self._open_stream(request, model)
+        pieces = [_pieces(a) for a in answers]
+        gap = self._gap(model, delay, len(pieces[0]))
+        try:
+            for k in range(max(len(p) for p in pieces)):
+                if k and gap:
+                    await asyncio.sleep(gap)
+                for i, ps in enumerate(pieces):
+                    if k < len(ps):
+                        await _sse(resp, {**meta, "choices": [{"index": i, "text": ps[k], "logprobs": None,
+                                                               "finish_reason": None}]})
+            for i in range(n):
+                await _sse(resp, {**meta, "choices": [{"index": i, "text": "", "logprobs": None,
+                                                       "finish_reason": finish}]})
+            if (body.stream_options or {}).get("include_usage"):
+                await _sse(resp, {**meta, "choices": [], "usage": usage})
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except ConnectionResetError:
+            self._gone()
+        return resp
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """`POST /v1/embeddings`: float lists, or base64 float32 (what the openai package asks for)."""
+        try:
+            body = _decode_other(await self._read(request))
+        except msgspec.DecodeError as exc:
+            return _error(400, f"invalid request: {exc}", "invalid_request_error")
+        model = self._model(body.model)
+        if model is None:
+            return _error(404, f"The model '{body.model}' does not exist", "invalid_request_error", "model_not_found")
+        inputs = [body.input] if isinstance(body.input, str) else list(body.input or [])
+        if not inputs or not all(isinstance(x, str) for x in inputs):
+            return _error(400, "'input' must be a string or a non-empty list of strings", "invalid_request_error")
+        dims = body.dimensions or model.spec.dimensions
+        data = []
+        for i, text in enumerate(inputs):
+            vector = _embedding(text, dims)
+            value: Any = vector
+            if body.encoding_format == "base64":
+                value = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        tokens = sum(count_tokens(t) for t in inputs)
+        return web.json_response({"object": "list", "data": data, "model": model.name,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/responses`: one output message (or a function call when tools are given), streamed
+        as the Responses API events when asked."""
+        try:
+            body = _decode_other(await self._read(request))
+        except msgspec.DecodeError as exc:
+            return _error(400, f"invalid request: {exc}", "invalid_request_error")
+        model = self._model(body.model)
+        if model is None:
+            return _error(404, f"The model '{body.model}' does not exist", "invalid_request_error", "model_not_found")
+        text = input_text(body.input) or ""
+        answer, finish = self._answer(model, text, body.max_output_tokens)
+        prompt_tokens = count_tokens(" ".join(filter(None, (body.instructions, text))))
+        usage = {"input_tokens": prompt_tokens,
+                 "input_tokens_details": {"cached_tokens": min(prompt_tokens, int(model.spec.cached_tokens))},
+                 "output_tokens": count_tokens(answer), "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": prompt_tokens + count_tokens(answer)}
+        rid, mid = "resp_" + uuid7().replace("-", "")[:24], "msg_" + uuid7().replace("-", "")[:24]
+        tool = next((t.get("name") for t in body.tools or () if t.get("type") == "function"), None)
+        if tool is not None:
+            item: dict[str, Any] = {"type": "function_call", "id": "fc_" + mid[4:], "call_id": "call_0", "name": tool,
+                                    "arguments": msgspec.json.encode({"q": text}).decode(), "status": "completed"}
+        else:
+            item = {"type": "message", "id": mid, "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": answer, "annotations": []}]}
+        base = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model.name,
+                "instructions": body.instructions, "tools": body.tools or [], "tool_choice": "auto",
+                "parallel_tool_calls": True, "metadata": {}, "error": None, "incomplete_details": None}
+        status = "completed" if finish == "stop" else "incomplete"
+        done = {**base, "status": status, "output": [item], "usage": usage}
+        if finish != "stop":
+            done["incomplete_details"] = {"reason": "max_output_tokens"}
+        delay, failed = model.draw()
+        if failed:
+            return _error(500, "The simulated server had an error processing your request", "server_error")
+        if not body.stream:
+            if delay:
+                await asyncio.sleep(delay)
+            return web.json_response(done)
+        resp = await self._open_stream(request, model)
+        seq = 0
+
+        async def event(type_: str, **data: Any) -> None:
+            nonlocal seq
+            await resp.write(f"event: {type_}\n".encode() + b"data: "
+                             + msgspec.json.encode({"type": type_, "sequence_number": seq, **data}) + b"\n\n")
+            seq += 1
+
+        try:
+            await event("response.created", response={**base, "status": "in_progress", "output": [], "usage": None})
+            await event("response.in_progress", response={**base, "status": "in_progress", "output": [],
+                                                          "usage": None})
+            if tool is None:
+                await event("response.output_item.added", output_index=0,
+                            item={**item, "status": "in_progress", "content": []})
+                part = {"type": "output_text", "text": "", "annotations": []}
+                await event("response.content_part.added", item_id=mid, output_index=0, content_index=0, part=part)
+                pieces = _pieces(answer)
+                gap = self._gap(model, delay, len(pieces))
+                for k, piece in enumerate(pieces):
+                    if k and gap:
+                        await asyncio.sleep(gap)
+                    await event("response.output_text.delta", item_id=mid, output_index=0, content_index=0,
+                                delta=piece, logprobs=[])
+                await event("response.output_text.done", item_id=mid, output_index=0, content_index=0, text=answer,
+                            logprobs=[])
+                await event("response.content_part.done", item_id=mid, output_index=0, content_index=0,
+                            part={**part, "text": answer})
+            else:
+                await event("response.output_item.added", output_index=0, item={**item, "arguments": ""})
+                await event("response.function_call_arguments.delta", item_id=item["id"], output_index=0,
+                            delta=item["arguments"])
+                await event("response.function_call_arguments.done", item_id=item["id"], output_index=0,
+                            arguments=item["arguments"])
+            await event("response.output_item.done", output_index=0, item=item)
+            await event("response.completed" if status == "completed" else "response.incomplete", response=done)
+            await resp.write_eof()
+        except ConnectionResetError:
+            self._gone()
+        return resp
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic Messages `POST /v1/messages`: its own request, answer, error and stream shapes."""
+        try:
+            body = _decode_anthropic(await self._read(request))
+        except msgspec.DecodeError as exc:
+            return _anthropic_error(400, f"invalid request: {exc}", "invalid_request_error")
+        if not body.max_tokens:
+            return _anthropic_error(400, "max_tokens: Field required", "invalid_request_error")
+        if not body.messages or body.messages[0].role != "user":
+            return _anthropic_error(400, "messages: the first message must use the user role",
+                                    "invalid_request_error")
+        model = self._model(body.model)
+        if model is None:
+            return _anthropic_error(404, f"model: {body.model}", "not_found_error")
+        user_text = last_user_text(body.messages) or ""
+        answer, finish = self._answer(model, user_text, body.max_tokens)
+        system = body.system if isinstance(body.system, str) else text_of(body.system)
+        prompt = count_tokens(" ".join([system or "", *(text_of(m.content) for m in body.messages)]))
+        cached = min(prompt, int(model.spec.cached_tokens))
+        choice = (body.tool_choice or {}).get("type")
+        tool = body.tools[0]["name"] if body.tools and choice != "none" else None
+        stop = "tool_use" if tool else ("end_turn" if finish == "stop" else "max_tokens")
+        blocks: list[dict[str, Any]] = [{"type": "text", "text": answer}]
+        if tool:
+            blocks = [{"type": "tool_use", "id": "toolu_0", "name": tool, "input": {"q": user_text}}]
+        usage = {"input_tokens": prompt - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
+                 "output_tokens": count_tokens(answer) if not tool else 5}
+        msg = {"id": "msg_" + uuid7().replace("-", "")[:24], "type": "message", "role": "assistant",
+               "model": model.name, "content": blocks, "stop_reason": stop, "stop_sequence": None, "usage": usage}
+        delay, failed = model.draw()
+        if failed:
+            return _anthropic_error(529, "Overloaded", "overloaded_error")
+        if not body.stream:
+            if delay:
+                await asyncio.sleep(delay)
+            return web.json_response(msg)
+        resp = await self._open_stream(request, model)
+
+        async def event(type_: str, **data: Any) -> None:
+            await resp.write(f"event: {type_}\n".encode() + b"data: " + msgspec.json.encode({"type": type_, **data})
+                             + b"\n\n")
+
+        try:
+            await event("message_start", message={**msg, "content": [], "stop_reason": None,
+                                                  "usage": {**usage, "output_tokens": 1}})
+            await event("ping")
+            if tool:
+                await event("content_block_start", index=0, content_block={**blocks[0], "input": {}})
+                args = msgspec.json.encode({"q": user_text}).decode()
+                for part in (args[:len(args) // 2], args[len(args) // 2:]):
+                    await event("content_block_delta", index=0, delta={"type": "input_json_delta", "partial_json": part})
+            else:
+                await event("content_block_start", index=0, content_block={"type": "text", "text": ""})
+                pieces = _pieces(answer)
+                gap = self._gap(model, delay, len(pieces))
+                for k, piece in enumerate(pieces):
+                    if k and gap:
+                        await asyncio.sleep(gap)
+                    await event("content_block_delta", index=0, delta={"type": "text_delta", "text": piece})
+            await event("content_block_stop", index=0)
+            await event("message_delta", delta={"stop_reason": stop, "stop_sequence": None},
+                        usage={"output_tokens": usage["output_tokens"]})
+            await event("message_stop")
+            await resp.write_eof()
+        except ConnectionResetError:
+            self._gone()
+        return resp
+
+
+async def _sse(resp: web.StreamResponse, data: dict[str, Any]) -> None:
+    await resp.write(b"data: " + msgspec.json.encode(data) + b"\n\n")
+
+
+def _tool_called(body: ChatRequest) -> str | None:
+    """The tool a chat request makes the simulator call: its first function, unless tool_choice is "none"."""
+    if not body.tools or body.tool_choice == "none":
+        return None
+    fn = body.tools[0].get("function") or {}
+    return fn.get("name") or None
 
 
 async def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 9000) -> None:

@@ -7,6 +7,15 @@ name in the environment, then in the secrets file, and sent only to its own endp
     # endpoints.yaml (settings.endpoints_file / LOCKGATE_ENDPOINTS_FILE)
     endpoints:
       openai-prod: {url: https://api.openai.com/v1, credential: OPENAI_API_KEY}
+      claude: {url: https://api.anthropic.com/v1, credential: ANTHROPIC_API_KEY, provider: anthropic}
+    models:             # optional: which deployment serves a model name clients send
+      gpt-4o-mini: chat
+      claude-sonnet: support
+
+`provider` (default `openai`) says what the endpoint speaks: `openai` (OpenAI-compatible; requests
+pass through) or `anthropic` (Anthropic Messages; chat completions are translated both ways, and the
+key goes in `x-api-key`). `models` maps a request's `model` to a deployment; the
+`x-lockgate-deployment` header overrides it (see Proxy.deployment_of).
 
 Without a file, two endpoints come from settings: `default` (stable_upstream) and `canary`
 (canary_upstream), with no credential: the development setup with the simulator.
@@ -16,13 +25,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 import yaml
 from yarl import URL
 
 from lockgate.config import Settings
+from lockgate.contracts.names import Name
 from lockgate.errors import ConfigError, LockgateError
 
 EndpointId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
@@ -38,18 +48,28 @@ class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     url: Url
     credential: str = ""  # name of the env variable or secrets-file entry holding the provider key
+    provider: Literal["openai", "anthropic"] = "openai"
 
 
 class _File(msgspec.Struct, forbid_unknown_fields=True):
     endpoints: dict[EndpointId, EndpointSpec]
+    models: dict[str, Name] = {}  # model name -> deployment
 
 
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
     """A resolved endpoint: where chat completions go and the Authorization lockgate sends there."""
 
     id: str
-    url: URL
+    url: URL  # chat completions (OpenAI-compatible endpoints)
     authorization: str | None = None  # never logged, never in events
+    base: URL | None = None  # the configured base URL: each operation appends its path
+    provider: str = "openai"
+    auth_headers: dict[str, str] = {}  # the credential as this provider expects it; never logged
+
+    def url_for(self, path: str) -> URL:
+        """The upstream URL of one operation path (e.g. "/embeddings")."""
+        base = self.base if self.base is not None else URL(str(self.url).removesuffix("/chat/completions"))
+        return URL(f"{str(base).rstrip('/')}{path}")
 
     def __repr__(self) -> str:  # keep the secret out of any accidental repr in logs or tracebacks
         return f"Endpoint(id={self.id!r}, url={str(self.url)!r})"
@@ -75,9 +95,11 @@ class Endpoints:
 
     def __init__(self, settings: Settings) -> None:
         specs: dict[str, EndpointSpec]
+        self.models: dict[str, str] = {}  # model name -> deployment (the file's `models:`)
         if settings.endpoints_file:
             try:
-                specs = msgspec.convert(_load_yaml(settings.endpoints_file, "endpoints file"), _File).endpoints
+                file = msgspec.convert(_load_yaml(settings.endpoints_file, "endpoints file"), _File)
+                specs, self.models = file.endpoints, file.models
             except msgspec.ValidationError as exc:
                 raise ConfigError(f"bad endpoints file {settings.endpoints_file}: {exc}") from None
         else:
@@ -91,8 +113,13 @@ class Endpoints:
             secrets = {str(k): str(v) for k, v in raw.items()}
         self.by_id: dict[str, Endpoint] = {}
         for eid, spec in specs.items():
-            auth = f"Bearer {_secret(spec.credential, secrets, eid)}" if spec.credential else None
-            self.by_id[eid] = Endpoint(id=eid, url=URL(f"{spec.url.rstrip('/')}/chat/completions"), authorization=auth)
+            secret = _secret(spec.credential, secrets, eid) if spec.credential else ""
+            auth = f"Bearer {secret}" if secret else None
+            headers = {} if not secret else (
+                {"x-api-key": secret} if spec.provider == "anthropic" else {"Authorization": auth or ""})
+            base = spec.url.rstrip("/")
+            self.by_id[eid] = Endpoint(id=eid, url=URL(f"{base}/chat/completions"), authorization=auth,
+                                       base=URL(base), provider=spec.provider, auth_headers=headers)
 
     def get(self, endpoint_id: str) -> Endpoint:
         """The endpoint with this id, or UnknownEndpoint naming the allowed ones."""

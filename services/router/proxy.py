@@ -1,4 +1,7 @@
-"""`POST /v1/chat/completions`: pick the variant, proxy to its upstream, record one event.
+"""The OpenAI surface of the gateway: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
+`/v1/responses` and `GET /v1/models`. Every POST takes one path (`forward`): pick the deployment by
+model name, the variant by route, proxy to its upstream through the endpoint's provider, record one event.
+Each operation only brings its codec (wire.Operation); each provider its translation (providers/).
 
 Hot path: no logging, no blocking calls, the request body is forwarded as received unless
 the model must be overridden or stream usage requested; events go to the batcher.
@@ -21,17 +24,23 @@ from lockgate import metrics, telemetry
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.contracts.names import NAME_RULE, is_name
-from lockgate.llmwire import ChatRequest, last_user_text
+from lockgate.llmwire import ApiRequest
 from lockgate.outbox import Outbox, encode_event
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.services.router import domain
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
+from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    OUTPUT_MESSAGES,
+    RESPONSES,
+    Choices,
+    Operation,
     error_response,
     openai_error,
-    parse_chunk,
-    parse_completion,
     patch_body,
 )
 
@@ -44,7 +53,12 @@ _UP_BASE = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
 # A server span is a root unless the caller sent a traceparent: an explicit empty context
 # skips the SDK's current-context lookups.
 _ROOT = Context()
-_chat_request = msgspec.json.Decoder(ChatRequest)
+_api_request = msgspec.json.Decoder(ApiRequest)
+_model_list = msgspec.json.Decoder(dict[str, Any])
+
+
+class _ClientGone(Exception):
+    """The client closed its connection while the answer was being streamed to it."""
 
 
 class Proxy:
@@ -61,7 +75,60 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        """Proxy one chat completion to the stable or canary upstream."""
+        """`POST /v1/chat/completions`."""
+        return await self.forward(request, CHAT)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/completions` (legacy text completions)."""
+        return await self.forward(request, COMPLETIONS)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/embeddings`."""
+        return await self.forward(request, EMBEDDINGS)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/responses` (streamed as Responses API events when asked)."""
+        return await self.forward(request, RESPONSES)
+
+    def deployment_of(self, headers: Any, model: str) -> str:
+        """Which deployment serves a request: the `x-lockgate-deployment` header, else the endpoints
+        file's `models:` entry for the model, else a configured deployment named like the model, else
+        the router's default deployment (settings.deployment)."""
+        explicit = headers.get("x-lockgate-deployment")
+        if explicit:
+            return explicit
+        mapped = self.endpoints.models.get(model)
+        if mapped:
+            return mapped
+        return model if model in self.rollouts.routes else self.settings.deployment
+
+    async def models(self, request: web.Request) -> web.Response:
+        """`GET /v1/models`: the model names a key can send. Keys are not scoped to deployments, so
+        that is every name with a deployment behind it (the `models:` map and deployments named like a
+        model), plus, when the default deployment passes the client's model through to an
+        OpenAI-compatible endpoint, whatever that endpoint lists."""
+        try:
+            self.keys.authenticate(bearer(request.headers.get("Authorization")))
+        except AuthError as exc:
+            return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
+        owners: dict[str, str] = dict(self.endpoints.models)
+        for name, route in self.rollouts.routes.items():
+            if route.stable.model:
+                owners.setdefault(name, name)
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": f"lockgate:{d}"} for m, d in owners.items()]
+        target = self.rollouts.route(self.settings.deployment).stable
+        endpoint = self.endpoints.by_id.get(target.endpoint)
+        if not target.model and endpoint is not None and endpoint.provider == "openai":
+            try:
+                async with self._get(endpoint, "/models") as resp:
+                    listed = _model_list.decode(await resp.read()).get("data") if resp.status == 200 else None
+            except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError):
+                listed = None  # the configured names still answer; the upstream's are a bonus
+            data += [m for m in listed or () if isinstance(m, dict) and m.get("id") not in owners]
+        return web.json_response({"object": "list", "data": data})
+
+    async def forward(self, request: web.Request, op: Operation) -> web.StreamResponse:
+        """Proxy one request of any operation to the stable or canary upstream of its deployment."""
         t0 = time.perf_counter()
         h = request.headers
         try:
@@ -70,10 +137,10 @@ class Proxy:
             return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
         body = await request.read()
         try:
-            req = _chat_request.decode(body)
+            req = _api_request.decode(body)
         except msgspec.DecodeError as exc:
-            return error_response(400, f"invalid chat completion request: {exc}", "invalid_request_error")
-        deployment = h.get("x-lockgate-deployment") or self.settings.deployment
+            return error_response(400, f"invalid {op.api} request: {exc}", "invalid_request_error")
+        deployment = self.deployment_of(h, req.model)
         # Names become subjects and KV keys downstream: refuse a bad one here, not as a dead letter later.
         for header, value in (("x-lockgate-deployment", deployment), ("x-lockgate-app", h.get("x-lockgate-app")),
                               ("x-lockgate-tenant", h.get("x-lockgate-tenant"))):
@@ -86,24 +153,33 @@ class Proxy:
         # would send every user behind one app host or NAT to the same variant.
         variant, target = domain.choose(route, user or session or h.get("x-lockgate-sticky-key") or "")
         model = target.model or req.model
+        stream = req.stream and op.chunk is not None
         want_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
         # Streams without usage would leave token counts unknown: ask for them, hide them again.
-        inject_usage = req.stream and not want_usage
+        inject_usage = stream and op.stream_usage and not want_usage
         if (target.model and target.model != req.model) or inject_usage or target.params:
             body = patch_body(body, model if target.model else None, inject_usage, target.params)
         try:
             endpoint = self.endpoints.get(target.endpoint)
         except UnknownEndpoint as exc:  # a route persisted before the allow-list changed
             return error_response(502, exc.message, "upstream_not_configured")
+        prov = provider(endpoint.provider)
+        try:
+            path, body = prov.path(op), prov.request(op, body)
+        except Unsupported as exc:
+            return error_response(400, exc.message, "invalid_request_error")
 
         traceparent = h.get("traceparent")
         parent = (telemetry.extract({"traceparent": traceparent}) if traceparent else None) or _ROOT
-        span = self.tracer.start_span(f"chat {model}", context=parent, kind=SpanKind.SERVER)
+        span = self.tracer.start_span(f"{op.name} {model}", context=parent, kind=SpanKind.SERVER)
         sc = span.get_span_context()
         trace_id, span_id = f"{sc.trace_id:032x}", f"{sc.span_id:016x}"
         flags = "01" if sc.trace_flags.sampled else "00"
-        up_headers = {**_UP_BASE, "traceparent": f"00-{trace_id}-{span_id}-{flags}"}
-        if endpoint.authorization:  # lockgate's provider key for this endpoint, from its credential
+        up_headers = {**_UP_BASE, **prov.headers, "traceparent": f"00-{trace_id}-{span_id}-{flags}"}
+        # lockgate's provider key for this endpoint, from its credential, as the provider expects it
+        if endpoint.auth_headers:
+            up_headers.update(endpoint.auth_headers)
+        elif endpoint.authorization:
             up_headers["Authorization"] = endpoint.authorization
         for name in _FORWARD:
             value = h.get(name)
@@ -113,25 +189,33 @@ class Proxy:
                        "x-lockgate-trace-id": trace_id}
         rec = _Record(status="ok")
         try:
-            if req.stream:
-                response = await self._stream(request, endpoint, target, body, up_headers, out_headers,
+            if stream:
+                response = await self._stream(request, op, endpoint, path, target, body, up_headers, out_headers,
                                               want_usage, t0, rec)
             else:
-                response = await self._once(endpoint, target, body, up_headers, out_headers, rec)
+                response = await self._once(op, endpoint, path, target, body, up_headers, out_headers, rec)
+                if request.transport is None:  # the client left while the upstream worked: nobody got the answer
+                    rec.status, rec.error_type = "error", "client_disconnected"
         finally:
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
             # The event and the span's attributes are bookkeeping: build them on the next loop
             # turn, after aiohttp has handed the response to the socket, not before.
             asyncio.get_running_loop().call_soon(
                 self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user, session,
-                rec)
+                rec, op, endpoint.provider)
         return response
 
     def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
-                target: domain.Target, model: str, req: ChatRequest, user: str, session: str,
-                rec: _Record) -> None:
+                target: domain.Target, model: str, req: ApiRequest, user: str, session: str,
+                rec: _Record, op: Operation = CHAT, provider_name: str = "openai") -> None:
         """Queue the request's inference event and end its span (runs after the response is sent)."""
         try:
+            attributes: dict[str, str] = {}
+            if op.api == "responses":  # its operation name is "chat": say which API it came through
+                attributes["lockgate.api"] = op.api
+            if rec.out.has_more_than_text():
+                attributes[OUTPUT_MESSAGES] = rec.out.output_messages()
+            text = rec.text
             event = InferenceEvent(
                 tenant=key.tenant,  # from the key, never from a header the client chooses
                 trace_id=trace_id,
@@ -143,8 +227,8 @@ class Proxy:
                 release=target.release,
                 model=model,
                 response_model=rec.response_model,
-                provider="openai",
-                operation="chat",
+                provider=provider_name,  # what the endpoint speaks, from the operator's endpoint config
+                operation=op.name,
                 input_tokens=rec.input_tokens,
                 output_tokens=rec.output_tokens,
                 cached_tokens=rec.cached_tokens,
@@ -153,54 +237,70 @@ class Proxy:
                 status=rec.status,
                 error_type=rec.error_type,
                 finish_reason=rec.finish_reason,
-                prompt=last_user_text(req.messages),
-                response=rec.text if rec.status == "ok" or rec.text else None,
+                prompt=op.prompt(req),
+                response=text if op is not EMBEDDINGS and (rec.status == "ok" or text) else None,
                 user_hash=domain.user_hash(user),
                 session_id=session,  # scrubbed with the rest of the event in the outbox
+                attributes=attributes,
             )
         except Exception:  # the request is answered already: end the span, let the loop log the bug
             span.end()
             raise
         self.batcher.add(encode_event(event))  # scrubbed and encoded once, after the answer was sent
         metrics.router_request(variant, rec.status, rec.latency_ms / 1000.0)
-        _end_span(span, event)
+        _end_span(span, event, tuple(r for _, r in sorted(rec.out.finish.items()) if r))
 
-    async def _once(self, endpoint: Endpoint, target: domain.Target, body: bytes, up_headers: dict[str, str],
-                    out_headers: dict[str, str], rec: _Record) -> web.StreamResponse:
+    # The upstream calls, kept to these two helpers so the resilience layer can take them over.
+    async def _post(self, endpoint: Endpoint, path: str, body: bytes,
+                    headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """POST one request body to an endpoint's operation path; the caller reads and releases the answer."""
+        return await self.session.post(endpoint.url_for(path), data=body, headers=headers)
+
+    def _get(self, endpoint: Endpoint, path: str) -> Any:
+        """GET an endpoint's path with lockgate's credential (an async context manager)."""
+        headers = dict(endpoint.auth_headers) if endpoint.auth_headers else (
+            {"Authorization": endpoint.authorization} if endpoint.authorization else {})
+        return self.session.get(endpoint.url_for(path), headers=headers)
+
+    async def _once(self, op: Operation, endpoint: Endpoint, path: str, target: domain.Target, body: bytes,
+                    up_headers: dict[str, str], out_headers: dict[str, str], rec: _Record) -> web.StreamResponse:
+        prov = provider(endpoint.provider)
         try:
-            async with self.session.post(endpoint.url, data=body, headers=up_headers) as resp:
+            async with await self._post(endpoint, path, body, up_headers) as resp:
                 data = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
             return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} is unreachable: "
                                  f"{type(exc).__name__}", "upstream_unreachable", out_headers)
         if status != 200:
-            return rec.upstream_failed(status, data, endpoint, target, out_headers)
+            return rec.upstream_failed(status, prov.error(data), endpoint, target, out_headers)
         try:
-            parse_completion(data, rec)
+            data = prov.response(data)
+            op.parse(data, rec)
         except msgspec.DecodeError:
-            return rec.fail(502, f"endpoint {endpoint.id} answered a body that is not a chat completion",
+            return rec.fail(502, f"endpoint {endpoint.id} answered a body that is not a {op.api} response",
                             "upstream_bad_response", out_headers)
         return web.Response(body=data, status=200, content_type="application/json", headers=out_headers)
 
-    async def _stream(self, request: web.Request, endpoint: Endpoint, target: domain.Target, body: bytes,
-                      up_headers: dict[str, str], out_headers: dict[str, str], want_usage: bool,
-                      t0: float, rec: _Record) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, op: Operation, endpoint: Endpoint, path: str,
+                      target: domain.Target, body: bytes, up_headers: dict[str, str], out_headers: dict[str, str],
+                      want_usage: bool, t0: float, rec: _Record) -> web.StreamResponse:
+        prov = provider(endpoint.provider)
+        chunk = op.chunk or (lambda _data, _rec: False)
         try:
-            resp = await self.session.post(endpoint.url, data=body, headers=up_headers)
+            resp = await self._post(endpoint, path, body, up_headers)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} is unreachable: "
                                  f"{type(exc).__name__}", "upstream_unreachable", out_headers)
         async with resp:
             if resp.status != 200:
-                return rec.upstream_failed(resp.status, await resp.read(), endpoint, target, out_headers)
+                return rec.upstream_failed(resp.status, prov.error(await resp.read()), endpoint, target, out_headers)
             out = web.StreamResponse(headers={**out_headers, "Content-Type": "text/event-stream",
                                               "Cache-Control": "no-cache"})
             await out.prepare(request)
-            parts: list[str] = []
             hiding = False
             try:
-                async for line in resp.content:
+                async for line in prov.lines(resp.content, op.stream_usage):
                     if hiding:  # the blank line that closes a hidden event
                         hiding = False
                         if not line.strip():
@@ -208,23 +308,35 @@ class Proxy:
                     if line.startswith(b"data:"):
                         payload = line[5:].strip()
                         if payload.startswith(b"{"):
-                            usage_only = parse_chunk(payload, rec, parts)
-                            if not rec.ttft_ms and parts:
+                            usage_only = chunk(payload, rec)
+                            if not rec.ttft_ms and (rec.out.parts or rec.out.tools):
                                 rec.ttft_ms = (time.perf_counter() - t0) * 1000.0
                             if usage_only and not want_usage:
                                 hiding = True
                                 continue
-                    await out.write(line)
+                    await _write(out, line)
+            except _ClientGone:
+                # Stop reading and drop the upstream connection: the provider stops generating (and billing).
+                rec.status, rec.error_type = "error", "client_disconnected"
+                resp.close()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 rec.status, rec.error_type = "error", f"stream_interrupted:{type(exc).__name__}"
-            except ConnectionResetError:
-                rec.status, rec.error_type = "error", "client_disconnected"
+            except UpstreamStreamError:
+                rec.status, rec.error_type = "error", "upstream_stream_error"
             except msgspec.DecodeError:
                 rec.status, rec.error_type = "error", "upstream_bad_chunk"
-            rec.text = "".join(parts)
             if rec.status == "ok":
-                await out.write_eof()
+                with contextlib.suppress(ConnectionResetError):  # gone after the last byte: answered anyway
+                    await out.write_eof()
             return out
+
+
+async def _write(out: web.StreamResponse, line: bytes) -> None:
+    """Write to the client; a closed connection becomes _ClientGone, never mistaken for the upstream's."""
+    try:
+        await out.write(line)
+    except ConnectionResetError:  # aiohttp's ClientConnectionResetError is one too
+        raise _ClientGone from None
 
 
 class _Record:
@@ -233,24 +345,32 @@ class _Record:
     __slots__ = (
         "cached_tokens",
         "error_type",
-        "finish_reason",
         "input_tokens",
         "latency_ms",
+        "out",
         "output_tokens",
         "response_model",
         "status",
-        "text",
         "ttft_ms",
     )
 
     def __init__(self, status: str) -> None:
         self.status = status
         self.error_type = ""
-        self.finish_reason = ""
         self.input_tokens = self.output_tokens = self.cached_tokens = 0
         self.response_model = ""
         self.ttft_ms = self.latency_ms = 0.0
-        self.text = ""
+        self.out = Choices()  # every choice's text, tool calls and finish reason
+
+    @property
+    def text(self) -> str:
+        """Choice 0's text: the event's `response`."""
+        return self.out.text(0)
+
+    @property
+    def finish_reason(self) -> str:
+        """Choice 0's finish reason."""
+        return self.out.finish.get(0, "")
 
     def fail(self, http: int, message: str, type_: str, headers: dict[str, str]) -> web.Response:
         self.status, self.error_type = "error", type_
@@ -266,17 +386,17 @@ class _Record:
                                    f"HTTP {status}: {openai_error(data)}", "upstream_error", headers=headers)
 
 
-def _end_span(span: Any, e: InferenceEvent) -> None:
+def _end_span(span: Any, e: InferenceEvent, finish_reasons: tuple[str, ...] = ()) -> None:
     with contextlib.suppress(Exception):  # telemetry never fails a request
         if span.is_recording():
             span.set_attributes({
-                "gen_ai.operation.name": "chat",
+                "gen_ai.operation.name": e.operation,
                 "gen_ai.provider.name": e.provider,
                 "gen_ai.request.model": e.model,
                 "gen_ai.response.model": e.response_model,
                 "gen_ai.usage.input_tokens": e.input_tokens,
                 "gen_ai.usage.output_tokens": e.output_tokens,
-                "gen_ai.response.finish_reasons": (e.finish_reason,) if e.finish_reason else (),
+                "gen_ai.response.finish_reasons": finish_reasons,
                 "lockgate.variant": e.variant,
                 "lockgate.release": e.release,
                 "lockgate.deployment": e.deployment,

@@ -48,6 +48,10 @@ class RouterService(Service):
         """The aiohttp application (gateway + admin)."""
         app = web.Application(client_max_size=32 * 1024 * 1024, middlewares=[self.admin.middleware])
         app.router.add_post("/v1/chat/completions", self.proxy.chat)
+        app.router.add_post("/v1/completions", self.proxy.completions)
+        app.router.add_post("/v1/embeddings", self.proxy.embeddings)
+        app.router.add_post("/v1/responses", self.proxy.responses)
+        app.router.add_get("/v1/models", self.proxy.models)
         app.router.add_get("/healthz", self._health)
         app.router.add_get("/metrics", metrics.serve_prometheus)  # on the gateway's port: no second listener
         self.admin.add_routes(app)

@@ -1,18 +1,34 @@
-"""How the router reads and writes the OpenAI wire (shapes in lockgate.llmwire): events from responses,
-request patches, error bodies."""
+"""How the router reads and writes the OpenAI wire (shapes in lockgate.llmwire): one codec per
+operation (which upstream path, how its answer and stream fill the event), request patches, error bodies.
+
+Several choices (`n` > 1) and tool calls: the event's `response` is choice 0's text (what drift and
+the evaluator compare), and when there is more than that text, `attributes["gen_ai.output.messages"]`
+holds every choice as JSON in the OpenTelemetry GenAI output-messages shape:
+`[{"role": "assistant", "parts": [{"type": "text", "content": ...}, {"type": "tool_call", "id": ...,
+"name": ..., "arguments": ...}], "finish_reason": ...}, ...]`, one entry per choice in index order.
+Streamed, each choice has its own buffer, so interleaved chunks never mix.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 from aiohttp import web
 
 from lockgate.llmwire import (
+    ApiRequest,
+    Choice,
     ErrorDetail,
+    Response,
     Usage,
     decode_completion,
     decode_error,
+    decode_response,
+    decode_response_event,
+    input_text,
+    last_user_text,
 )
 
 if TYPE_CHECKING:
@@ -20,6 +36,7 @@ if TYPE_CHECKING:
 
 
 _encoder = msgspec.json.Encoder()
+OUTPUT_MESSAGES = "gen_ai.output.messages"
 
 
 def patch_body(body: bytes, model: str | None, include_usage: bool, params: dict[str, Any] | None = None) -> bytes:
@@ -35,6 +52,51 @@ def patch_body(body: bytes, model: str | None, include_usage: bool, params: dict
     return _encoder.encode(data)
 
 
+class Choices:
+    """Every choice's text, tool calls and finish reason, each in its own buffer."""
+
+    __slots__ = ("finish", "parts", "tools")
+
+    def __init__(self) -> None:
+        self.parts: dict[int, list[str]] = {}
+        self.tools: dict[int, dict[int, list[str]]] = {}  # choice -> tool index -> [id, name, arguments...]
+        self.finish: dict[int, str] = {}
+
+    def add_text(self, choice: int, text: str) -> None:
+        """Append streamed (or complete) text to one choice."""
+        self.parts.setdefault(choice, []).append(text)
+
+    def add_tool(self, choice: int, index: int, id_: str | None, name: str | None, arguments: str | None) -> None:
+        """Fold one tool call, or a streamed piece of one, into its choice."""
+        call = self.tools.setdefault(choice, {}).setdefault(index, ["", ""])
+        if id_:
+            call[0] = id_
+        if name:
+            call[1] += name
+        if arguments:
+            call.append(arguments)
+
+    def text(self, choice: int = 0) -> str:
+        """The text of one choice so far."""
+        return "".join(self.parts.get(choice, ()))
+
+    def has_more_than_text(self) -> bool:
+        """Whether the event needs the output-messages attribute: a second choice or any tool call."""
+        return bool(self.tools) or any(c > 0 for c in (*self.parts, *self.finish))
+
+    def output_messages(self) -> str:
+        """Every choice in the GenAI output-messages shape, as JSON."""
+        out: list[dict[str, Any]] = []
+        for c in sorted({*self.parts, *self.tools, *self.finish}):
+            parts: list[dict[str, Any]] = []
+            if self.parts.get(c):
+                parts.append({"type": "text", "content": self.text(c)})
+            for _, call in sorted(self.tools.get(c, {}).items()):
+                parts.append({"type": "tool_call", "id": call[0], "name": call[1], "arguments": "".join(call[2:])})
+            out.append({"role": "assistant", "parts": parts, "finish_reason": self.finish.get(c, "")})
+        return _encoder.encode(out).decode()
+
+
 def _usage(rec: _Record, usage: Usage) -> None:
     rec.input_tokens = max(0, usage.prompt_tokens)
     rec.output_tokens = max(0, usage.completion_tokens)
@@ -42,32 +104,119 @@ def _usage(rec: _Record, usage: Usage) -> None:
         rec.cached_tokens = usage.cached_tokens
 
 
+def _fold_choice(out: Choices, ch: Choice) -> None:
+    msg = ch.message if ch.message is not None else ch.delta
+    if ch.text:
+        out.add_text(ch.index, ch.text)
+    if msg is not None:
+        if msg.content:
+            out.add_text(ch.index, msg.content)
+        for i, call in enumerate(msg.tool_calls or ()):
+            fn = call.function
+            out.add_tool(ch.index, call.index if call.index is not None else i, call.id,
+                         fn.name if fn else None, fn.arguments if fn else None)
+    if ch.finish_reason:
+        out.finish[ch.index] = ch.finish_reason
+
+
 def parse_completion(data: bytes, rec: _Record) -> None:
-    """Fill the record from a non-streaming completion (raises msgspec.DecodeError)."""
+    """Fill the record from a non-streaming chat or text completion (raises msgspec.DecodeError)."""
     c = decode_completion(data)
     rec.response_model = c.model
-    if c.choices:
-        first = c.choices[0]
-        rec.finish_reason = first.finish_reason or ""
-        if first.message is not None and first.message.content:
-            rec.text = first.message.content
+    for ch in c.choices:
+        _fold_choice(rec.out, ch)
     if c.usage is not None:
         _usage(rec, c.usage)
 
 
-def parse_chunk(data: bytes, rec: _Record, parts: list[str]) -> bool:
-    """Fold one stream chunk into the record; True when it is a usage-only chunk."""
+def parse_chunk(data: bytes, rec: _Record) -> bool:
+    """Fold one chat or text completion stream chunk into the record; True when it is a usage-only chunk."""
     c = decode_completion(data)
     if c.model:
         rec.response_model = c.model
     for ch in c.choices:
-        if ch.delta is not None and ch.delta.content:
-            parts.append(ch.delta.content)
-        if ch.finish_reason:
-            rec.finish_reason = ch.finish_reason
+        _fold_choice(rec.out, ch)
     if c.usage is not None:
         _usage(rec, c.usage)
     return not c.choices and c.usage is not None
+
+
+def parse_embeddings(data: bytes, rec: _Record) -> None:
+    """Fill the record from an embeddings answer: the model and the input tokens (no text)."""
+    c = decode_completion(data)
+    rec.response_model = c.model
+    if c.usage is not None:
+        _usage(rec, c.usage)
+
+
+def _response(r: Response, rec: _Record) -> None:
+    """A Responses API response object: text of its output messages, function calls, usage, status."""
+    rec.response_model = r.model or rec.response_model
+    out = rec.out = Choices()  # the terminal event restates everything: start clean
+    tools = 0
+    for item in r.output:
+        if item.type == "message":
+            for part in item.content:
+                if part.type == "output_text":
+                    out.add_text(0, part.text)
+        elif item.type == "function_call":
+            out.add_tool(0, tools, item.call_id, item.name, item.arguments)
+            tools += 1
+    if r.status == "completed":
+        out.finish[0] = "tool_calls" if tools else "stop"
+    elif r.status == "incomplete":
+        reason = (r.incomplete_details or {}).get("reason") or "incomplete"
+        out.finish[0] = "length" if reason == "max_output_tokens" else str(reason)
+    elif r.status:
+        out.finish[0] = r.status
+    if r.usage is not None:
+        rec.input_tokens, rec.output_tokens = max(0, r.usage.input_tokens), max(0, r.usage.output_tokens)
+        cached = (r.usage.input_tokens_details or {}).get("cached_tokens")
+        if isinstance(cached, int) and cached > 0:
+            rec.cached_tokens = cached
+
+
+def parse_response(data: bytes, rec: _Record) -> None:
+    """Fill the record from a non-streaming Responses API answer."""
+    _response(decode_response(data), rec)
+
+
+def parse_response_event(data: bytes, rec: _Record) -> bool:
+    """Fold one Responses API stream event: text deltas as they come, the terminal event's response
+    as the final word (it carries usage and every output item)."""
+    e = decode_response_event(data)
+    if e.type == "response.output_text.delta":
+        rec.out.add_text(0, e.delta)
+    elif e.response is not None and e.type in ("response.completed", "response.incomplete", "response.failed"):
+        _response(e.response, rec)
+        if e.type == "response.failed":
+            rec.status, rec.error_type = "error", "response_failed"
+    return False
+
+
+class Operation(msgspec.Struct, frozen=True):
+    """One OpenAI operation the gateway serves: its upstream path, its GenAI operation name and how its
+    request and answers are read. `stream_usage`: streams may be asked to include usage (then hidden)."""
+
+    name: str  # gen_ai.operation.name
+    api: str  # the OpenAI API, recorded as the event's `lockgate.api` attribute
+    path: str  # appended to the endpoint's base URL
+    stream_usage: bool
+    parse: Callable[[bytes, _Record], None]
+    chunk: Callable[[bytes, _Record], bool] | None
+    prompt: Callable[[ApiRequest], str | None]
+
+
+CHAT = Operation("chat", "chat.completions", "/chat/completions", True, parse_completion, parse_chunk,
+                 lambda r: last_user_text(r.messages))
+COMPLETIONS = Operation("text_completion", "completions", "/completions", True, parse_completion, parse_chunk,
+                        lambda r: input_text(r.prompt))
+EMBEDDINGS = Operation("embeddings", "embeddings", "/embeddings", False, parse_embeddings, None,
+                       lambda r: input_text(r.input))
+# The Responses API generates a model turn from a conversation, which GenAI semconv calls "chat"; there is
+# no "responses" operation name there, and "chat" keeps drift, cost and evaluation treating both alike.
+RESPONSES = Operation("chat", "responses", "/responses", False, parse_response, parse_response_event,
+                      lambda r: input_text(r.input))
 
 
 def openai_error(data: bytes) -> str:
@@ -81,9 +230,13 @@ def openai_error(data: bytes) -> str:
     return err or "(no message)"
 
 
+def error_body(message: str, type_: str, code: str | None = None) -> bytes:
+    """An OpenAI-style error body."""
+    return _encoder.encode({"error": {"message": message, "type": type_, "param": None, "code": code}})
+
+
 def error_response(status: int, message: str, type_: str, *, headers: dict[str, str] | None = None,
                    code: str | None = None) -> web.Response:
-    """An OpenAI-style error body."""
-    body = _encoder.encode({"error": {"message": message, "type": type_, "param": None, "code": code}})
-    return web.Response(body=body, status=status, content_type="application/json", headers=headers)
-
+    """An OpenAI-style error response."""
+    return web.Response(body=error_body(message, type_, code), status=status, content_type="application/json",
+                        headers=headers)

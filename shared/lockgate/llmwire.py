@@ -1,5 +1,6 @@
-"""The OpenAI chat-completions wire shapes, read once: by the router (requests, responses, stream
-chunks), the evaluator (responses) and the dev simulator (requests). Only the fields lockgate uses
+"""The OpenAI wire shapes, read once: by the router (requests, responses, stream chunks of chat
+completions, completions, embeddings and responses), the evaluator (responses) and the dev simulator
+(requests). Only the fields lockgate uses
 are declared; everything else in a body is ignored on decode and forwarded untouched by the router.
 """
 
@@ -28,6 +29,22 @@ class ChatRequest(msgspec.Struct):
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
+    n: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+
+
+class ApiRequest(msgspec.Struct):
+    """The fields the router reads from a request of any operation (chat: `messages`; completions:
+    `prompt`; embeddings and responses: `input`)."""
+
+    model: str = ""
+    stream: bool = False
+    user: str | None = None
+    stream_options: dict[str, Any] | None = None
+    messages: list[Message] = []
+    prompt: Any = None
+    input: Any = None
 
 
 class Usage(msgspec.Struct):
@@ -56,15 +73,33 @@ class Logprobs(msgspec.Struct):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCall(msgspec.Struct):
+    """A tool call's function; streamed, `name` comes once and `arguments` in pieces."""
+
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCall(msgspec.Struct):
+    """One tool call of a message, or a piece of one in a stream delta (`index` says which)."""
+
+    index: int | None = None
+    id: str | None = None
+    function: FunctionCall | None = None
+
+
 class Output(msgspec.Struct):
     """A choice's `message` (complete response) or `delta` (stream chunk)."""
 
     content: str | None = None
+    tool_calls: list[ToolCall] | None = None
 
 
 class Choice(msgspec.Struct):
-    """One choice of a completion or a stream chunk."""
+    """One choice of a completion or a stream chunk (`text` for legacy completions)."""
 
+    index: int = 0
+    text: str | None = None
     message: Output | None = None
     delta: Output | None = None
     finish_reason: str | None = None
@@ -85,6 +120,49 @@ class Completion(msgspec.Struct):
     usage: Usage | None = None
 
 
+class ResponseContent(msgspec.Struct):
+    """A content part of a Responses API output message (`output_text` carries `text`)."""
+
+    type: str = ""
+    text: str = ""
+
+
+class ResponseItem(msgspec.Struct):
+    """One item of a Responses API `output`: a message, a function call, or another kind (ignored)."""
+
+    type: str = ""
+    content: list[ResponseContent] = []
+    call_id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+class ResponseUsage(msgspec.Struct):
+    """Responses API usage; cached input tokens in `input_tokens_details.cached_tokens`."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    input_tokens_details: dict[str, Any] | None = None
+
+
+class Response(msgspec.Struct):
+    """A Responses API response object (complete, or inside a stream's terminal event)."""
+
+    model: str = ""
+    status: str = ""
+    output: list[ResponseItem] = []
+    usage: ResponseUsage | None = None
+    incomplete_details: dict[str, Any] | None = None
+
+
+class ResponseEvent(msgspec.Struct):
+    """One Responses API stream event: `type` says which; deltas carry `delta`, terminal events `response`."""
+
+    type: str = ""
+    delta: str = ""
+    response: Response | None = None
+
+
 class ErrorDetail(msgspec.Struct):
     """The `error` object of an OpenAI error body."""
 
@@ -100,6 +178,9 @@ class ErrorBody(msgspec.Struct):
 decode_request = msgspec.json.Decoder(ChatRequest).decode
 decode_completion = msgspec.json.Decoder(Completion).decode
 decode_error = msgspec.json.Decoder(ErrorBody).decode
+decode_api_request = msgspec.json.Decoder(ApiRequest).decode
+decode_response = msgspec.json.Decoder(Response).decode
+decode_response_event = msgspec.json.Decoder(ResponseEvent).decode
 
 
 def text_of(content: Any) -> str:
@@ -109,6 +190,20 @@ def text_of(content: Any) -> str:
     if isinstance(content, list):
         return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("text"))
     return ""
+
+
+def input_text(value: Any) -> str | None:
+    """The text of a `prompt` or `input`: a string, a list of strings (joined by newlines), or Responses
+    API input items (the last user item's text); None for token arrays."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return "\n".join(value)
+        for item in reversed(value):
+            if isinstance(item, dict) and item.get("role", "user") == "user" and "content" in item:
+                return text_of(item["content"])
+    return None
 
 
 def last_user_text(messages: list[Message]) -> str | None:

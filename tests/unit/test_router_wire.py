@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 import pytest
 
@@ -11,6 +13,8 @@ from lockgate.services.router.wire import (
     openai_error,
     parse_chunk,
     parse_completion,
+    parse_response,
+    parse_response_event,
     patch_body,
 )
 
@@ -38,11 +42,57 @@ def test_parse_completion_and_chunks() -> None:
                      rec)
     assert (rec.response_model, rec.text, rec.finish_reason) == ("m-1", "hi", "length")
     assert (rec.input_tokens, rec.output_tokens, rec.cached_tokens) == (3, 1, 2)
-    rec, parts = _Record("ok"), []
-    assert not parse_chunk(b'{"model":"m","choices":[{"delta":{"content":"he"}}]}', rec, parts)
-    assert not parse_chunk(b'{"choices":[{"delta":{},"finish_reason":"stop"}]}', rec, parts)
-    assert parse_chunk(b'{"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}', rec, parts)
-    assert (parts, rec.finish_reason, rec.output_tokens) == (["he"], "stop", 2)
+    rec = _Record("ok")
+    assert not parse_chunk(b'{"model":"m","choices":[{"delta":{"content":"he"}}]}', rec)
+    assert not parse_chunk(b'{"choices":[{"delta":{},"finish_reason":"stop"}]}', rec)
+    assert parse_chunk(b'{"choices":[],"usage":{"prompt_tokens":4,"completion_tokens":2}}', rec)
+    assert (rec.text, rec.finish_reason, rec.output_tokens) == ("he", "stop", 2)
+    assert not rec.out.has_more_than_text()  # one choice, text only: no output-messages attribute
+
+
+def test_streamed_choices_keep_their_own_buffers() -> None:
+    rec = _Record("ok")
+    for chunk in (b'{"choices":[{"index":0,"delta":{"content":"a"}}]}', b'{"choices":[{"index":1,"delta":{"content":"x"}}]}',
+                  b'{"choices":[{"index":0,"delta":{"content":" b"}}]}', b'{"choices":[{"index":1,"delta":{"content":" y"}}]}',
+                  b'{"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}',
+                  b'{"choices":[{"index":1,"delta":{},"finish_reason":"length"}]}'):
+        parse_chunk(chunk, rec)
+    assert (rec.text, rec.finish_reason) == ("a b", "stop")
+    assert json.loads(rec.out.output_messages()) == [
+        {"role": "assistant", "parts": [{"type": "text", "content": "a b"}], "finish_reason": "stop"},
+        {"role": "assistant", "parts": [{"type": "text", "content": "x y"}], "finish_reason": "length"}]
+
+
+def test_tool_calls_recorded_whole_and_from_stream_deltas() -> None:
+    whole = _Record("ok")
+    parse_completion(b'{"choices":[{"index":0,"message":{"content":null,"tool_calls":[{"id":"c1","type":"function",'
+                     b'"function":{"name":"f","arguments":"{\\"q\\":1}"}}]},"finish_reason":"tool_calls"}]}', whole)
+    streamed = _Record("ok")
+    for chunk in (b'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c1","function":{"name":"f","arguments":""}}]}}]}',
+                  b'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{\\"q\\""}}]}}]}',
+                  b'{"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":":1}"}}]}}]}',
+                  b'{"choices":[{"index":0,"delta":{},"finish_reason":"tool_calls"}]}'):
+        parse_chunk(chunk, streamed)
+    want = [{"role": "assistant", "parts": [{"type": "tool_call", "id": "c1", "name": "f", "arguments": '{"q":1}'}],
+             "finish_reason": "tool_calls"}]
+    assert json.loads(whole.out.output_messages()) == json.loads(streamed.out.output_messages()) == want
+    assert whole.text == "" and whole.out.has_more_than_text()
+
+
+def test_responses_answers_and_events() -> None:
+    body = (b'{"model":"m","status":"completed","output":[{"type":"message","content":[{"type":"output_text",'
+            b'"text":"hi"}]},{"type":"function_call","call_id":"c","name":"f","arguments":"{}"}],'
+            b'"usage":{"input_tokens":3,"output_tokens":2,"input_tokens_details":{"cached_tokens":1}}}')
+    rec = _Record("ok")
+    parse_response(body, rec)
+    assert (rec.text, rec.finish_reason, rec.input_tokens, rec.output_tokens, rec.cached_tokens) == (
+        "hi", "tool_calls", 3, 2, 1)
+    streamed = _Record("ok")
+    assert not parse_response_event(b'{"type":"response.output_text.delta","delta":"h"}', streamed)
+    assert streamed.text == "h"
+    parse_response_event(b'{"type":"response.completed","response":' + body + b"}", streamed)
+    assert (streamed.text, streamed.input_tokens, streamed.out.output_messages()) == (
+        "hi", 3, rec.out.output_messages())
 
 
 @pytest.mark.parametrize(

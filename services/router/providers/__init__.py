@@ -1,0 +1,112 @@
+"""How the router speaks to each kind of upstream, chosen by the endpoint's `provider`.
+
+`openai` (OpenAI-compatible): every operation, bodies and stream bytes pass through untouched.
+`anthropic` (Anthropic Messages): chat completions only, translated both ways by the pure
+`providers.anthropic` module; the client always sees the OpenAI wire. upstream.py moves bytes, these
+translate them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+import msgspec
+
+from lockgate.errors import LockgateError
+from lockgate.services.router.providers import anthropic
+from lockgate.services.router.wire import CHAT, Operation, error_body
+
+PROVIDERS = ("openai", "anthropic")
+
+
+class Unsupported(LockgateError):
+    """The endpoint's provider does not serve this operation, or not this request (answered as HTTP 400)."""
+
+
+class OpenAI:
+    """An OpenAI-compatible upstream: the request, the answer and the stream pass as they are."""
+
+    name = "openai"
+    headers: dict[str, str] = {}
+
+    def path(self, op: Operation) -> str:
+        return op.path
+
+    def request(self, op: Operation, body: bytes) -> bytes:
+        return body
+
+    def response(self, data: bytes) -> bytes:
+        return data
+
+    def error(self, data: bytes) -> bytes:
+        return data
+
+    def lines(self, content: AsyncIterable[bytes], include_usage: bool) -> AsyncIterable[bytes]:
+        return content
+
+
+class Anthropic:
+    """An Anthropic Messages upstream behind the OpenAI chat-completions wire."""
+
+    name = "anthropic"
+    headers = {"anthropic-version": anthropic.VERSION}
+
+    def path(self, op: Operation) -> str:
+        if op is not CHAT:
+            raise Unsupported(f"this deployment's endpoint speaks Anthropic Messages, which has no "
+                              f"{op.api} operation; use /v1/chat/completions")
+        return "/messages"
+
+    def request(self, op: Operation, body: bytes) -> bytes:
+        try:
+            return msgspec.json.encode(anthropic.request(msgspec.json.decode(body)))
+        except (anthropic.Untranslatable, msgspec.DecodeError, KeyError, TypeError, AttributeError) as exc:
+            msg = exc.message if isinstance(exc, LockgateError) else f"request cannot be translated: {exc!r}"
+            raise Unsupported(msg) from None
+
+    def response(self, data: bytes) -> bytes:
+        """A 200 answer as a chat completion (raises msgspec.DecodeError when it is no message)."""
+        msg = msgspec.json.decode(data)
+        if not isinstance(msg, dict) or msg.get("type") != "message":
+            raise msgspec.DecodeError("not an Anthropic message")
+        return msgspec.json.encode(anthropic.response(msg))
+
+    def error(self, data: bytes) -> bytes:
+        try:
+            body = msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            return data
+        return msgspec.json.encode(anthropic.error(body)) if isinstance(body, dict) else data
+
+    async def lines(self, content: AsyncIterable[bytes], include_usage: bool) -> AsyncIterator[bytes]:
+        """Anthropic SSE lines in, OpenAI SSE lines out; an `error` event goes out as an OpenAI error
+        event, then raises UpstreamStreamError so the event records it."""
+        tr = anthropic.StreamTranslator(include_usage)
+        async for line in content:
+            if not line.startswith(b"data:"):
+                continue  # `event:` lines repeat the data's type; blank lines are re-made below
+            try:
+                event: Any = msgspec.json.decode(line[5:])
+                chunks = tr.feed(event)
+            except anthropic.Untranslatable as exc:
+                yield b"data: " + error_body(exc.message, "upstream_error") + b"\n\n"
+                raise UpstreamStreamError(exc.message) from None
+            for chunk in chunks:
+                yield anthropic.sse(chunk)
+                yield b"\n"
+        if tr.finished:
+            yield b"data: [DONE]\n"
+            yield b"\n"
+
+
+class UpstreamStreamError(LockgateError):
+    """The upstream reported an error in the middle of a stream."""
+
+
+_BY_NAME: dict[str, Any] = {"openai": OpenAI(), "anthropic": Anthropic()}
+
+
+def provider(name: str) -> OpenAI | Anthropic:
+    """The provider adapter for an endpoint's `provider` (validated when endpoints load)."""
+    return _BY_NAME[name]

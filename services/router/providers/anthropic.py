@@ -1,0 +1,268 @@
+"""OpenAI chat completions <-> Anthropic Messages, both ways, streaming included. Pure: no I/O.
+
+Requests: system and developer messages become `system`; assistant tool calls become `tool_use`
+blocks and `tool` messages `tool_result` blocks in a user turn; consecutive turns of one role are
+merged (Anthropic wants user and assistant to alternate); `max_tokens` is required there, so a
+request without one gets DEFAULT_MAX_TOKENS. Responses: text blocks joined, `tool_use` blocks become
+`tool_calls`, stop reasons mapped (STOP_REASONS), usage mapped with `cache_read_input_tokens` as
+`prompt_tokens_details.cached_tokens` and every input token Anthropic counts apart (cache reads and
+cache writes) added to `prompt_tokens`, as OpenAI counts cached tokens inside the prompt.
+Streams: `StreamTranslator` turns Anthropic's SSE events into OpenAI chunks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+from lockgate.errors import LockgateError
+
+VERSION = "2023-06-01"  # the `anthropic-version` header this translation is written against
+DEFAULT_MAX_TOKENS = 4096
+STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
+                "tool_use": "tool_calls", "refusal": "content_filter"}
+# OpenAI request fields with no Anthropic counterpart that change nothing when dropped.
+_IGNORED = {"stream_options", "n", "presence_penalty", "frequency_penalty", "logit_bias", "seed",
+            "parallel_tool_calls", "service_tier", "store", "response_format"}
+_UNSUPPORTED = {"logprobs": "log probabilities", "top_logprobs": "log probabilities", "audio": "audio output"}
+
+_encode = msgspec.json.encode
+
+
+class Untranslatable(LockgateError):
+    """The request asks for something Anthropic Messages cannot do (answered as HTTP 400)."""
+
+
+def _text_block(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def _content_blocks(content: Any) -> list[dict[str, Any]]:
+    """An OpenAI message content (string or parts) as Anthropic content blocks."""
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [_text_block(content)] if content else []
+    blocks: list[dict[str, Any]] = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            blocks.append(_text_block(part.get("text", "")))
+        elif kind == "image_url":
+            url = (part.get("image_url") or {}).get("url", "")
+            if url.startswith("data:") and ";base64," in url:
+                media, data = url[5:].split(";base64,", 1)
+                blocks.append({"type": "image", "source": {"type": "base64", "media_type": media, "data": data}})
+            else:
+                blocks.append({"type": "image", "source": {"type": "url", "url": url}})
+        else:
+            raise Untranslatable(f"message content part of type {kind!r} has no Anthropic Messages counterpart")
+    return blocks
+
+
+def _system_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(p.get("text", "") for p in content or () if isinstance(p, dict))
+
+
+def _arguments(raw: Any) -> Any:
+    if isinstance(raw, str):
+        try:
+            return msgspec.json.decode(raw) if raw.strip() else {}
+        except msgspec.DecodeError:
+            raise Untranslatable(f"tool call arguments are not JSON: {raw[:80]!r}") from None
+    return raw or {}
+
+
+def _tool_choice(choice: Any) -> dict[str, Any] | None:
+    if choice is None or choice == "auto":
+        return {"type": "auto"} if choice else None
+    if choice == "required":
+        return {"type": "any"}
+    if choice == "none":
+        return {"type": "none"}
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        return {"type": "tool", "name": choice["function"].get("name", "")}
+    raise Untranslatable(f"tool_choice {choice!r} has no Anthropic Messages counterpart")
+
+
+def request(body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat-completions request body as an Anthropic Messages request body."""
+    for name, what in _UNSUPPORTED.items():
+        if body.get(name):
+            raise Untranslatable(f"Anthropic Messages endpoints do not return {what} ({name!r})")
+    if (body.get("n") or 1) > 1:
+        raise Untranslatable("Anthropic Messages endpoints return one choice: n must be 1")
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+
+    def add(role: str, blocks: list[dict[str, Any]]) -> None:
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": role, "content": blocks})
+
+    for m in body.get("messages") or ():
+        role = m.get("role")
+        if role in ("system", "developer"):
+            system.append(_system_text(m.get("content")))
+        elif role == "user":
+            add("user", _content_blocks(m.get("content")))
+        elif role == "assistant":
+            blocks = _content_blocks(m.get("content"))
+            for call in m.get("tool_calls") or ():
+                fn = call.get("function") or {}
+                blocks.append({"type": "tool_use", "id": call.get("id", ""), "name": fn.get("name", ""),
+                               "input": _arguments(fn.get("arguments"))})
+            add("assistant", blocks)
+        elif role == "tool":
+            content = m.get("content")
+            add("user", [{"type": "tool_result", "tool_use_id": m.get("tool_call_id", ""),
+                          "content": content if isinstance(content, str) else _content_blocks(content)}])
+        else:
+            raise Untranslatable(f"message role {role!r} has no Anthropic Messages counterpart")
+    out: dict[str, Any] = {
+        "model": body.get("model", ""),
+        "messages": turns,
+        "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS,
+    }
+    if system:
+        out["system"] = "\n\n".join(system)
+    for name in ("temperature", "top_p", "top_k"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    stop = body.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if body.get("stream"):
+        out["stream"] = True
+    if body.get("user"):
+        out["metadata"] = {"user_id": body["user"]}
+    tools = body.get("tools")
+    if tools:
+        out["tools"] = [{"name": t["function"]["name"], "description": t["function"].get("description", ""),
+                         "input_schema": t["function"].get("parameters") or {"type": "object", "properties": {}}}
+                        for t in tools if t.get("type") == "function"]
+    choice = _tool_choice(body.get("tool_choice"))
+    if choice is not None:
+        out["tool_choice"] = choice
+    return out
+
+
+def usage(u: dict[str, Any]) -> dict[str, Any]:
+    """Anthropic usage as OpenAI usage (cached tokens inside the prompt count, as OpenAI reports them)."""
+    cached = u.get("cache_read_input_tokens") or 0
+    prompt = (u.get("input_tokens") or 0) + cached + (u.get("cache_creation_input_tokens") or 0)
+    completion = u.get("output_tokens") or 0
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def finish_reason(stop_reason: str | None) -> str | None:
+    """An Anthropic stop reason as an OpenAI finish reason (unknown ones pass as they are)."""
+    return STOP_REASONS.get(stop_reason, stop_reason) if stop_reason else None
+
+
+def _tool_call(block: dict[str, Any]) -> dict[str, Any]:
+    return {"id": block.get("id", ""), "type": "function",
+            "function": {"name": block.get("name", ""), "arguments": _encode(block.get("input") or {}).decode()}}
+
+
+def response(msg: dict[str, Any], created: int | None = None) -> dict[str, Any]:
+    """An Anthropic message as an OpenAI chat completion."""
+    blocks = msg.get("content") or []
+    text = "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
+    calls = [_tool_call(b) for b in blocks if b.get("type") == "tool_use"]
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if calls:
+        message["tool_calls"] = calls
+    return {
+        "id": msg.get("id", ""),
+        "object": "chat.completion",
+        "created": created if created is not None else int(time.time()),
+        "model": msg.get("model", ""),
+        "choices": [{"index": 0, "message": message, "logprobs": None,
+                     "finish_reason": finish_reason(msg.get("stop_reason"))}],
+        "usage": usage(msg.get("usage") or {}),
+    }
+
+
+def error(body: dict[str, Any]) -> dict[str, Any]:
+    """An Anthropic error body ({"type": "error", "error": {type, message}}) in OpenAI's shape."""
+    err = body.get("error") if isinstance(body.get("error"), dict) else {}
+    return {"error": {"message": err.get("message", "") or "(no message)", "type": err.get("type", "api_error"),
+                      "param": None, "code": None}}
+
+
+class StreamTranslator:
+    """Anthropic stream events in, OpenAI chat-completion chunks out (as dicts, in order).
+
+    Tool calls are numbered by their order among tool_use blocks (OpenAI's `tool_calls[].index`),
+    not by Anthropic's content block index, which counts text blocks too. Usage arrives in two
+    parts (input in message_start, output in message_delta) and goes out in one usage-only chunk
+    after the finish, when `include_usage` asked for it, as OpenAI sends it.
+    """
+
+    def __init__(self, include_usage: bool, created: int | None = None) -> None:
+        self.include_usage = include_usage
+        self.created = created if created is not None else int(time.time())
+        self.id = ""
+        self.model = ""
+        self.usage: dict[str, Any] = {}
+        self._tools: dict[int, int] = {}  # Anthropic block index -> OpenAI tool call index
+        self.finished = False
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": choices, **extra}
+
+    def _delta(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+
+    def feed(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        """The OpenAI chunks one Anthropic event becomes (none for pings and block stops).
+
+        Raises Untranslatable with the upstream's message for an `error` event."""
+        kind = event.get("type")
+        if kind == "message_start":
+            msg = event.get("message") or {}
+            self.id, self.model = msg.get("id", ""), msg.get("model", "")
+            self.usage = dict(msg.get("usage") or {})
+            return [self._delta({"role": "assistant", "content": ""})]
+        if kind == "content_block_start":
+            block = event.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                n = self._tools[event.get("index", 0)] = len(self._tools)
+                return [self._delta({"tool_calls": [{"index": n, "id": block.get("id", ""), "type": "function",
+                                                     "function": {"name": block.get("name", ""),
+                                                                  "arguments": ""}}]})]
+            if block.get("type") == "text" and block.get("text"):
+                return [self._delta({"content": block["text"]})]
+            return []
+        if kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                return [self._delta({"content": delta.get("text", "")})]
+            if delta.get("type") == "input_json_delta":
+                n = self._tools.get(event.get("index", 0), 0)
+                return [self._delta({"tool_calls": [{"index": n, "function": {
+                    "arguments": delta.get("partial_json", "")}}]})]
+            return []  # thinking and signature deltas have no chat-completions counterpart
+        if kind == "message_delta":
+            self.usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+            reason = finish_reason((event.get("delta") or {}).get("stop_reason"))
+            return [self._delta({}, reason or "stop")]
+        if kind == "message_stop":
+            self.finished = True
+            return [self._chunk([], usage=usage(self.usage))] if self.include_usage else []
+        if kind == "error":
+            raise Untranslatable(error(event)["error"]["message"])
+        return []  # ping, content_block_stop, and event types added later
+
+
+def sse(chunk: dict[str, Any]) -> bytes:
+    """One OpenAI stream event line."""
+    return b"data: " + _encode(chunk) + b"\n"
