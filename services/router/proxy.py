@@ -25,6 +25,7 @@ from lockgate.llmwire import ChatRequest, last_user_text
 from lockgate.outbox import Outbox, encode_event
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.services.router import domain
+from lockgate.services.router.admission import OPEN_ADMISSION, Admission
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import (
@@ -59,6 +60,7 @@ class Proxy:
         self.batcher = batcher
         self.tracer = tracer
         self.session: aiohttp.ClientSession | None = None
+        self.admission: Admission = OPEN_ADMISSION  # budgets, rate limits, cache: set by the service
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """Proxy one chat completion to the stable or canary upstream."""
@@ -95,6 +97,10 @@ class Proxy:
             endpoint = self.endpoints.get(target.endpoint)
         except UnknownEndpoint as exc:  # a route persisted before the allow-list changed
             return error_response(502, exc.message, "upstream_not_configured")
+        # Budgets and rate limits, once the model the upstream will bill is known: 429/503 or a ticket.
+        ticket = await self.admission.admit(key, deployment, model, req)
+        if isinstance(ticket, web.Response):
+            return ticket
 
         traceparent = h.get("traceparent")
         parent = (telemetry.extract({"traceparent": traceparent}) if traceparent else None) or _ROOT
@@ -113,18 +119,22 @@ class Proxy:
                        "x-lockgate-trace-id": trace_id}
         rec = _Record(status="ok")
         try:
-            if req.stream:
+            if (hit := self.admission.lookup(ticket, deployment, target.release, body, rec, out_headers)) is not None:
+                response = hit
+            elif req.stream:
                 response = await self._stream(request, endpoint, target, body, up_headers, out_headers,
                                               want_usage, t0, rec)
             else:
                 response = await self._once(endpoint, target, body, up_headers, out_headers, rec)
         finally:
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
+            self.admission.settle(ticket, rec)
             # The event and the span's attributes are bookkeeping: build them on the next loop
             # turn, after aiohttp has handed the response to the socket, not before.
             asyncio.get_running_loop().call_soon(
                 self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user, session,
                 rec)
+        self.admission.remember(ticket, deployment, response, rec)
         return response
 
     def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
@@ -157,6 +167,7 @@ class Proxy:
                 response=rec.text if rec.status == "ok" or rec.text else None,
                 user_hash=domain.user_hash(user),
                 session_id=session,  # scrubbed with the rest of the event in the outbox
+                attributes=rec.attributes,
             )
         except Exception:  # the request is answered already: end the span, let the loop log the bug
             span.end()
@@ -231,6 +242,7 @@ class _Record:
     """What the proxy learned about one call, for its event."""
 
     __slots__ = (
+        "attributes",
         "cached_tokens",
         "error_type",
         "finish_reason",
@@ -251,6 +263,7 @@ class _Record:
         self.response_model = ""
         self.ttft_ms = self.latency_ms = 0.0
         self.text = ""
+        self.attributes: dict[str, str] = {}
 
     def fail(self, http: int, message: str, type_: str, headers: dict[str, str]) -> web.Response:
         self.status, self.error_type = "error", type_
