@@ -104,6 +104,7 @@ class StoreUnavailable(LockgateError):
 _counter_dec = msgspec.json.Decoder(Counter)
 _enc = msgspec.json.Encoder()
 _KV_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
+_RETRY_STORE_S = 1.0  # after the budget store failed, requests fail at once for this long
 
 
 class Ticket:
@@ -141,6 +142,7 @@ class Admission:
         self._locks: dict[str, asyncio.Lock] = {}
         self._throttle = EventThrottle(self.file.event_interval_s)
         self._kv: Any = None
+        self._failed_at, self._failure = -math.inf, ""
         self.events = Batcher(self._publish, max_items=100, max_age_s=0.2, capacity=1000, name="budget-events",
                               autostart=False)
 
@@ -269,6 +271,10 @@ class Admission:
             return None if self._allowance(counter).take(need, self.clock()) else leased
 
     async def _store(self) -> Any:
+        # Right after the store failed, fail at once: requests queued behind a lease must not each
+        # wait out the timeout again.
+        if self.clock() - self._failed_at < _RETRY_STORE_S:
+            raise StoreUnavailable(self._failure)
         if self.bus is None or self.bus.state != "connected":
             raise StoreUnavailable(f"the budget store (NATS KV) is unreachable: bus "
                                    f"{'absent' if self.bus is None else self.bus.state}")
@@ -301,13 +307,20 @@ class Admission:
                     except nats.js.errors.KeyWrongLastSequenceError:
                         continue  # another replica leased in between: read again
                     return got, after.leased
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
+            self._failed(exc.message)
             raise
         except msgspec.DecodeError as exc:
             raise StoreUnavailable(f"budget counter {counter} is unreadable: {exc}") from None
         except _KV_ERRORS as exc:
-            raise StoreUnavailable(f"the budget store (NATS KV bucket {self.bus.subjects.kv_budgets}) did not "
-                                   f"answer: {type(exc).__name__}") from None
+            message = (f"the budget store (NATS KV bucket {self.bus.subjects.kv_budgets}) did not answer: "
+                       f"{type(exc).__name__}")
+            self._failed(message)
+            raise StoreUnavailable(message) from None
+
+    def _failed(self, message: str) -> None:
+        if self.clock() - self._failed_at >= _RETRY_STORE_S:  # keep the first failure's time and words
+            self._failed_at, self._failure = self.clock(), message
 
     async def return_expired(self, force: bool = False) -> None:
         """Give allowances unused for `lease_s` (all of them with `force`) back to the store."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from lockgate.bus import Bus
+from lockgate.cli.budget import read_budgets
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent, InferenceEvent
@@ -135,17 +137,21 @@ async def test_over_budget_is_a_429_naming_the_budget_and_settling_frees_the_unu
     # What this replica holds goes back to the counter: it then holds exactly what was spent.
     await router.admission.return_expired(force=True)
     assert (await counter(bus, f"acme-daily.{_today()}")).usd == spent(usages)
+    # `lockgate budget list` reads the same counter.
+    (row,) = await read_budgets(bus, router.admission.budgets, datetime.now(UTC))
+    assert (row["budget"], row["selects"], row["usd_limit"], row["tokens_used"]) == ("acme-daily", "tenant=acme",
+                                                                                    limit_usd, None)
+    assert row["usd_used"] == round(spent(usages) / NANO, 6)
 
     event = _budget_events.decode((await events.next_msg(timeout=10)).data)
     assert (event.reason, event.budget, event.tenant, event.app, event.period) == (
         "over_budget", "acme-daily", "acme", "shop", "day")
     assert event.limit_usd == limit_usd and event.requested_usd == reservation().usd / NANO
     assert event.replica == "router-a" and event.model == MODEL
+    await events.unsubscribe()
 
 
 def _today() -> str:
-    from datetime import UTC, datetime
-
     return datetime.now(UTC).strftime("%Y-%m-%d")
 
 
@@ -281,6 +287,7 @@ async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Sto
     saved = cost_of(PRICE, miss.input_tokens, miss.output_tokens).usd / NANO
     assert hit.attributes == {"cache": "hit", "cost_saved": f"{saved:.9f}"}
     assert (hit.input_tokens, hit.output_tokens, hit.response) == (0, 0, ANSWER)  # nothing generated, nothing billed
+    await sub.unsubscribe()  # the events of the requests below are not read: do not leave them to the drain
 
     # Sampled requests are not cached (absent temperature means the provider's 1), nor different ones.
     for extra in ({"temperature": 0.7}, {}, {"temperature": 0, "max_tokens": 5}):
