@@ -51,6 +51,7 @@ from lockgate.services.router.budgets import (
     BudgetSpec,
     Counter,
     EventThrottle,
+    Periods,
     cost_of,
     grant,
     input_estimate,
@@ -143,6 +144,7 @@ class Admission:
         self._throttle = EventThrottle(self.file.event_interval_s)
         self._kv: Any = None
         self._failed_at, self._failure = -math.inf, ""
+        self._periods = Periods(-1, "", "")
         self.events = Batcher(self._publish, max_items=100, max_age_s=0.2, capacity=1000, name="budget-events",
                               autostart=False)
 
@@ -164,6 +166,7 @@ class Admission:
                                   headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s)))})
         ticket = Ticket(key, cost, price)
         wall = self.wall()
+        periods = self._periods if self._periods.ordinal == wall.toordinal() else self._new_periods(wall)
         for b in self.budgets:
             if not b.matches(key.tenant, key.app, key.id):
                 continue
@@ -172,7 +175,7 @@ class Admission:
                 return error_response(403, f"model {model!r} has no price in the price book, so budget "
                                            f"{b.describe()} cannot be enforced; add the model to the price book "
                                            "(settings.price_book)", "permission_error", code="model_unpriced")
-            counter, need = b.counter(key.tenant, key.app, key.id, wall), b.need(cost)
+            counter, need = b.counter(key.tenant, key.app, key.id, periods), b.need(cost)
             allowance = self._allowance(counter)
             if allowance.take(need, now):
                 ticket.charges.append((counter, b, need))
@@ -225,6 +228,10 @@ class Admission:
 
     def _undo(self, ticket: Ticket) -> None:
         self._finish(ticket, ZERO)
+
+    def _new_periods(self, wall: datetime) -> Periods:
+        self._periods = Periods.at(wall)
+        return self._periods
 
     def _allowance(self, counter: str) -> Allowance:
         a = self.allowances.get(counter)
@@ -329,7 +336,9 @@ class Admission:
             back = allowance.surrender(now)
             if back == ZERO:
                 if now >= allowance.expires and counter not in self._busy():
+                    # Past periods and idle keys: forget them (a late settlement makes a fresh one).
                     self.allowances.pop(counter, None)
+                    self._locks.pop(counter, None)
                 continue
             try:
                 await self._cas(counter, ZERO, ZERO - back, None)

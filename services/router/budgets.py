@@ -12,6 +12,7 @@ on budget. Money is counted in integer nano-USD so the counters add up exactly.
 
 from __future__ import annotations
 
+import functools
 import math
 from datetime import UTC, datetime
 from typing import Annotated, Literal
@@ -82,11 +83,13 @@ class Budget(msgspec.Struct, frozen=True, kw_only=True):
         s = self.spec
         return (not s.tenant or s.tenant == tenant) and (not s.app or s.app == app) and (not s.key or s.key == key_id)
 
-    def counter(self, tenant: str, app: str, key_id: str, now: datetime) -> str:
+    def counter(self, tenant: str, app: str, key_id: str, periods: Periods) -> str:
         """The KV key of the counter this request charges: budget, split value, period."""
-        split = {"": "", "tenant": tenant, "app": f"{tenant}/{app}", "key": key_id}[self.spec.per]
-        parts = [self.name, *([split] if self.spec.per else []), period_id(self.spec.period, now)]
-        return ".".join(_kv_token(p) for p in parts)
+        per = self.spec.per
+        pid = periods.day if self.spec.period == "day" else periods.month
+        if not per:
+            return _counter_key(self.name, None, pid)
+        return _counter_key(self.name, tenant if per == "tenant" else key_id if per == "key" else f"{tenant}/{app}", pid)
 
     def need(self, cost: Amount) -> Amount:
         """The part of a request's cost this budget counts."""
@@ -104,6 +107,23 @@ def resolve(budgets: dict[str, BudgetSpec]) -> list[Budget]:
     return [Budget(name=name, spec=s, limits_usd=s.usd is not None, limits_tokens=s.tokens is not None,
                    limit=Amount(round((s.usd or 0.0) * NANO), s.tokens or 0))
             for name, s in budgets.items()]
+
+
+class Periods(msgspec.Struct, frozen=True):
+    """The current day and month ids, computed once per day rather than per request."""
+
+    ordinal: int
+    day: str
+    month: str
+
+    @classmethod
+    def at(cls, now: datetime) -> Periods:
+        return cls(now.toordinal(), period_id("day", now), period_id("month", now))
+
+
+@functools.lru_cache(maxsize=65536)
+def _counter_key(name: str, split: str | None, pid: str) -> str:
+    return ".".join(_kv_token(p) for p in (name, split, pid) if p is not None)
 
 
 def _kv_token(value: str) -> str:

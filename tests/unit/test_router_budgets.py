@@ -16,6 +16,7 @@ from lockgate.services.router.budgets import (
     BudgetSpec,
     Counter,
     EventThrottle,
+    Periods,
     cost_of,
     grant,
     input_estimate,
@@ -55,11 +56,12 @@ def test_counter_key_per_split_and_period() -> None:
     day, month, per_key, per_app = resolve({
         "day": BudgetSpec(usd=1), "month": BudgetSpec(period="month", usd=1),
         "per-key": BudgetSpec(per="key", usd=1), "per-app": BudgetSpec(per="app", usd=1)})
-    assert day.counter("acme", "shop", "k1", NOW) == "day.2026-12-03"
-    assert month.counter("acme", "shop", "k1", NOW) == "month.2026-12"
-    assert per_key.counter("acme", "shop", "k1", NOW) == "per-key.k1.2026-12-03"
+    periods = Periods.at(NOW)
+    assert day.counter("acme", "shop", "k1", periods) == "day.2026-12-03"
+    assert month.counter("acme", "shop", "k1", periods) == "month.2026-12"
+    assert per_key.counter("acme", "shop", "k1", periods) == "per-key.k1.2026-12-03"
     # The split value is escaped: a dot or slash in it cannot make two splits share a key.
-    assert per_app.counter("acme", "shop.v2", "k1", NOW) == "per-app.acme=2Fshop=2Ev2.2026-12-03"
+    assert per_app.counter("acme", "shop.v2", "k1", periods) == "per-app.acme=2Fshop=2Ev2.2026-12-03"
     assert period_id("day", datetime(2026, 12, 4, 0, 0, tzinfo=UTC)) == "2026-12-04"
 
 
