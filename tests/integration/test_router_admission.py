@@ -13,16 +13,20 @@ import openai
 import pytest
 import yaml
 
+from lockgate import credentials
 from lockgate.bus import Bus
 from lockgate.cli.budget import read_budgets
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent, InferenceEvent
+from lockgate.credentials import NotAllowed
+from lockgate.llmwire import ChatRequest
 from lockgate.pricebook import load_price_book
 from lockgate.server.apikeys import KeyStore, bootstrap
-from lockgate.server.natsserver import NatsServer
+from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
+from lockgate.services.router.admission import Admission, Ticket
 from lockgate.services.router.budgets import NANO, Amount, Counter, cost_of, input_estimate
 from lockgate.store import Store
 from lockgate.subjects import Subjects
@@ -301,3 +305,41 @@ async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Sto
     third = await c.chat.completions.with_raw_response.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0)
     assert third.headers["x-lockgate-cache"] == "miss" and sim.requests[MODEL] == 5
+
+
+async def test_under_auth_the_router_leases_and_reports_but_an_app_cannot_touch_the_counters(
+        tmp_path: Path, unique: str) -> None:
+    server = NatsServer(tmp_path / "nats", config=auth_config(Subjects(unique), credentials.ensure(tmp_path)))
+    await server.start()
+    settings = Settings(prefix=unique, home=str(tmp_path), nats_url=server.url)
+    buses = {}
+    try:
+        for identity in ("admin", "router", "app"):
+            buses[identity] = Bus(settings.nats_url, Subjects(unique), name=f"test-{identity}",
+                                  auth=credentials.for_identity(settings, identity),
+                                  manage_topology=identity == "admin")
+            await buses[identity].connect()
+        s = settings.replace(gateway_file=gateway(tmp_path, budgets={"tiny": {"tokens": 40}}))
+        adm = Admission(s, buses["router"], replica="router-a")
+        key = KeyStore(s.home).create("acme", "shop")[1]
+        req = msgspec.convert({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20},
+                              type=ChatRequest)
+        events = await buses["admin"].nc.subscribe(buses["admin"].subjects.budget("acme"))
+        adm.events.start()
+        ticket = await adm.admit(key, "chat", MODEL, req)  # leases from the counter as the router identity
+        assert isinstance(ticket, Ticket) and ticket.charges
+        refused = await adm.admit(key, "chat", MODEL, req)  # 33 tokens reserved of 40: the next does not fit
+        assert refused.status == 429
+        await adm.events.flush()
+        assert _budget_events.decode((await events.next_msg(timeout=10)).data).budget == "tiny"
+        await events.unsubscribe()
+        app = buses["app"]
+        with pytest.raises(NotAllowed):  # an application cannot forge or reset a budget counter
+            await app.publish(f"$KV.{app.subjects.kv_budgets}.tiny.{_today()}", b'{"leased":[0,0]}', msg_id="x")
+        with pytest.raises(NotAllowed):  # nor a budget event
+            await app.publish(app.subjects.budget("acme"), b"{}", msg_id="y")
+        assert (await counter(buses["admin"], f"tiny.{_today()}")).tokens > 0
+    finally:
+        for b in buses.values():
+            await b.close()
+        server.stop()
