@@ -59,7 +59,14 @@ from lockgate.services.router.budgets import (
     period_id,
     resolve,
 )
-from lockgate.services.router.cache import CacheConfig, Entry, ResponseCache, request_key
+from lockgate.services.router.cache import (
+    CacheConfig,
+    Entry,
+    ResponseCache,
+    from_shared,
+    request_key,
+    to_shared,
+)
 from lockgate.services.router.ratelimit import RateLimiter, RateLimitSpec
 from lockgate.services.router.wire import error_response
 
@@ -106,6 +113,8 @@ _counter_dec = msgspec.json.Decoder(Counter)
 _enc = msgspec.json.Encoder()
 _KV_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 _RETRY_STORE_S = 1.0  # after the budget store failed, requests fail at once for this long
+_SHARED_WAIT_S = 0.2  # the most a shared-cache lookup may add to a request
+_SHARED_MAX = 900_000  # bytes: a shared entry fits NATS' default 1 MB message
 
 
 class Ticket:
@@ -129,11 +138,12 @@ class Admission:
 
     def __init__(self, settings: Settings, bus: Any, *, replica: str = "",
                  clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 wall_s: Callable[[], float] = time.time) -> None:
         self.file = load_gateway_file(settings.gateway_file)
         self.bus = bus
         self.replica = replica
-        self.clock, self.wall = clock, wall
+        self.clock, self.wall, self.wall_s = clock, wall, wall_s
         self.budgets = resolve(self.file.budgets)
         self.limiter = RateLimiter(list(self.file.rate_limits))
         self.cache = ResponseCache(self.file.cache)
@@ -143,6 +153,8 @@ class Admission:
         self._locks: dict[str, asyncio.Lock] = {}
         self._throttle = EventThrottle(self.file.event_interval_s)
         self._kv: Any = None
+        self._shared_kv: Any = None
+        self._puts: set[asyncio.Task[None]] = set()
         self._failed_at, self._failure = -math.inf, ""
         self._periods = Periods(-1, "", "")
         self.events = Batcher(self._publish, max_items=100, max_age_s=0.2, capacity=1000, name="budget-events",
@@ -182,6 +194,9 @@ class Admission:
                 continue
             try:
                 leased = await self._lease(b, counter, need)
+            except asyncio.CancelledError:  # the client went away while waiting: give back what was reserved
+                self._undo(ticket)
+                raise
             except StoreUnavailable as exc:
                 self._report("store_unavailable", b, counter, key, deployment, model, need, None, wall)
                 if self.file.fail_open:
@@ -362,6 +377,7 @@ class Admission:
 
     async def close(self) -> None:
         """Return every allowance and flush budget events (at stop)."""
+        await self.shared()
         if self.budgets:
             await self.return_expired(force=True)
         self.events.start()
@@ -390,8 +406,8 @@ class Admission:
 
     # -- response cache ------------------------------------------------------------------------------
 
-    def lookup(self, ticket: Ticket, deployment: str, release: str, body: bytes, rec: Any,
-               headers: dict[str, str]) -> web.Response | None:
+    async def lookup(self, ticket: Ticket, deployment: str, release: str, body: bytes, rec: Any,
+                     headers: dict[str, str]) -> web.Response | None:
         """A cached answer for this request (the reservation released, the event marked as a hit), or None."""
         spec = self.cache.spec(deployment) if ticket is not OPEN else None
         if spec is None:
@@ -405,6 +421,8 @@ class Admission:
         if ticket.cache_key is None:
             return None
         entry = self.cache.get(ticket.cache_key, self.clock())
+        if entry is None and spec.shared:
+            entry = await self._shared_get(ticket.cache_key)
         if entry is None:
             headers["x-lockgate-cache"] = "miss"
             rec.attributes["cache"] = "miss"
@@ -428,10 +446,45 @@ class Admission:
         body = response.body
         if spec is None or not isinstance(body, bytes):
             return
-        self.cache.put(ticket.cache_key, Entry(
-            body=body, expires=self.clock() + spec.ttl_s, model=rec.response_model, input_tokens=rec.input_tokens,
-            output_tokens=rec.output_tokens, cached_tokens=rec.cached_tokens, text=rec.text,
-            finish_reason=rec.finish_reason))
+        entry = Entry(body=body, expires=self.clock() + spec.ttl_s, model=rec.response_model,
+                      input_tokens=rec.input_tokens, output_tokens=rec.output_tokens, cached_tokens=rec.cached_tokens,
+                      text=rec.text, finish_reason=rec.finish_reason)
+        if self.cache.put(ticket.cache_key, entry) and spec.shared and len(body) < _SHARED_MAX:
+            task = asyncio.get_running_loop().create_task(self._shared_put(ticket.cache_key, entry))
+            self._puts.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(self._puts.discard)
+
+    async def shared(self) -> None:
+        """Wait until the answers being shared are in the bucket (for tests and a clean stop)."""
+        await asyncio.gather(*self._puts, return_exceptions=True)
+
+    async def _shared_get(self, key: str) -> Entry | None:
+        """The entry another replica shared, kept locally too; None on a miss or a slow or absent store
+        (a cache lookup never delays a request by more than _SHARED_WAIT_S)."""
+        try:
+            async with asyncio.timeout(_SHARED_WAIT_S):
+                kv = await self._cache_kv()
+                found = await kv.get(key)
+        except (*_KV_ERRORS, LockgateError):
+            return None
+        entry = from_shared(found.value or b"", self.clock(), self.wall_s())
+        if entry is not None:
+            self.cache.put(key, entry)
+        return entry
+
+    async def _shared_put(self, key: str, entry: Entry) -> None:
+        try:
+            async with asyncio.timeout(self.file.store_timeout_s):
+                await (await self._cache_kv()).put(key, to_shared(entry, self.clock(), self.wall_s()))
+        except (*_KV_ERRORS, LockgateError) as exc:  # the answer was served; sharing it is best effort
+            log.debug("response cache entry not shared: %r", exc)
+
+    async def _cache_kv(self) -> Any:
+        if self.bus is None or self.bus.state != "connected":
+            raise StoreUnavailable("bus not connected")
+        if self._shared_kv is None:
+            self._shared_kv = await self.bus.kv(self.bus.subjects.kv_response_cache)
+        return self._shared_kv
 
 
 def _period_end(period: str, now: datetime) -> datetime:

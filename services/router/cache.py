@@ -28,6 +28,7 @@ class CacheSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
 
     ttl_s: Seconds = 300.0
     any_temperature: bool = False  # also cache sampled answers (the same answer for every such request)
+    shared: bool = False  # also keep answers in a KV bucket every router replica reads
 
 
 class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -59,6 +60,32 @@ class Entry(msgspec.Struct, frozen=True):
     cached_tokens: int = 0
     text: str = ""  # the answer and why it ended, for the hit's inference event
     finish_reason: str = ""
+
+
+class Shared(msgspec.Struct, frozen=True, array_like=True):
+    """An entry as replicas share it: the expiry in wall-clock seconds (monotonic clocks differ per process)."""
+
+    entry: Entry
+    expires_at: float
+
+
+_shared_enc = msgspec.msgpack.Encoder()
+_shared_dec = msgspec.msgpack.Decoder(Shared)
+
+
+def to_shared(entry: Entry, now: float, wall: float) -> bytes:
+    """An entry for the shared bucket, its expiry moved from this process's clock to the wall clock."""
+    return _shared_enc.encode(Shared(entry=entry, expires_at=wall + (entry.expires - now)))
+
+
+def from_shared(data: bytes, now: float, wall: float) -> Entry | None:
+    """The entry of a shared value on this process's clock, or None when expired or unreadable."""
+    try:
+        shared = _shared_dec.decode(data)
+    except msgspec.DecodeError:
+        return None
+    left = shared.expires_at - wall
+    return msgspec.structs.replace(shared.entry, expires=now + left) if left > 0 else None
 
 
 class ResponseCache:

@@ -119,7 +119,8 @@ class Proxy:
                        "x-lockgate-trace-id": trace_id}
         rec = _Record(status="ok")
         try:
-            if (hit := self.admission.lookup(ticket, deployment, target.release, body, rec, out_headers)) is not None:
+            hit = await self.admission.lookup(ticket, deployment, target.release, body, rec, out_headers)
+            if hit is not None:
                 response = hit
             elif req.stream:
                 response = await self._stream(request, endpoint, target, body, up_headers, out_headers,

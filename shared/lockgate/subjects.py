@@ -304,5 +304,10 @@ class Subjects:
         return f"{self.prefix}_budgets"
 
     @property
+    def kv_response_cache(self) -> str:
+        """The router's shared response cache (request hash -> cached answer), for deployments that ask for it."""
+        return f"{self.prefix}_response_cache"
+
+    @property
     def object_store(self) -> str:
         return f"{self.prefix}_artifacts"

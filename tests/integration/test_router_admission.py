@@ -343,3 +343,20 @@ async def test_under_auth_the_router_leases_and_reports_but_an_app_cannot_touch_
         for b in buses.values():
             await b.close()
         server.stop()
+
+
+async def test_a_shared_cache_answers_on_the_other_replica(settings: Settings, store: Store, stack: Stack,
+                                                           sim: SimServer, tmp_path: Path) -> None:
+    s = settings.replace(stable_upstream=sim.url, deployment="faq", app="shop",
+                         gateway_file=gateway(tmp_path, cache={"deployments": {"faq": {"ttl_s": 60, "shared": True}}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    a = await stack.add(s, store, "router-a")
+    b = await stack.add(s, store, "router-b")
+    first = await client(a, keys.app_key).chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0)
+    assert first.headers["x-lockgate-cache"] == "miss"
+    await a.admission.shared()  # the entry is in the bucket (shared off the request path)
+    second = await client(b, keys.app_key).chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0)
+    assert second.headers["x-lockgate-cache"] == "hit" and second.content == first.content
+    assert sim.requests[MODEL] == 1

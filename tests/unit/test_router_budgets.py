@@ -24,7 +24,15 @@ from lockgate.services.router.budgets import (
     period_id,
     resolve,
 )
-from lockgate.services.router.cache import CacheConfig, CacheSpec, Entry, ResponseCache, request_key
+from lockgate.services.router.cache import (
+    CacheConfig,
+    CacheSpec,
+    Entry,
+    ResponseCache,
+    from_shared,
+    request_key,
+    to_shared,
+)
 from lockgate.services.router.ratelimit import RateLimiter, RateLimitSpec
 
 NOW = datetime(2026, 12, 3, 23, 59, 59, tzinfo=UTC)
@@ -196,3 +204,12 @@ def test_lru_ttl_and_byte_bound() -> None:
         cache.put(f"k{i}", Entry(body=b"z" * 100, expires=99.0))
     assert cache.bytes <= 800 and cache.get("b", now=0.0) is None  # least recently used went first
     assert cache.get("k9", now=0.0) is not None
+
+
+def test_shared_entries_carry_their_expiry_across_clocks() -> None:
+    entry = Entry(body=b"{}", expires=110.0, model="m", input_tokens=3)
+    data = to_shared(entry, now=100.0, wall=5000.0)  # 10 s left, written by one process
+    got = from_shared(data, now=7.0, wall=5004.0)  # read by another, 4 s later, on its own monotonic clock
+    assert got is not None and got.expires == pytest.approx(13.0) and got.input_tokens == 3
+    assert from_shared(data, now=7.0, wall=5010.0) is None  # expired meanwhile
+    assert from_shared(b"not msgpack", now=0.0, wall=0.0) is None
