@@ -19,6 +19,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from lockgate.errors import ConfigError
 from lockgate.pricebook import ModelPrice
 
 NANO = 1_000_000_000  # nano-USD per USD
@@ -103,7 +104,10 @@ class Budget(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def resolve(budgets: dict[str, BudgetSpec]) -> list[Budget]:
-    """The declared budgets with their limits in counter units."""
+    """The declared budgets with their limits in counter units (ConfigError for one that limits nothing)."""
+    for name, s in budgets.items():
+        if s.usd is None and s.tokens is None:
+            raise ConfigError(f"budget {name!r} limits nothing: give it `usd`, `tokens` or both")
     return [Budget(name=name, spec=s, limits_usd=s.usd is not None, limits_tokens=s.tokens is not None,
                    limit=Amount(round((s.usd or 0.0) * NANO), s.tokens or 0))
             for name, s in budgets.items()]

@@ -360,3 +360,21 @@ async def test_a_shared_cache_answers_on_the_other_replica(settings: Settings, s
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0)
     assert second.headers["x-lockgate-cache"] == "hit" and second.content == first.content
     assert sim.requests[MODEL] == 1
+
+
+async def test_a_token_budget_per_key_stops_one_key_not_the_others(settings: Settings, store: Store, stack: Stack,
+                                                                   sim: SimServer, tmp_path: Path) -> None:
+    # 100 tokens a day for each key: a `hi` with max_tokens 20 reserves 33 and uses 18.
+    s = settings.replace(stable_upstream=sim.url, deployment="chat", gateway_file=gateway(
+        tmp_path, budgets={"per-key": {"tenant": "acme", "per": "key", "tokens": 100}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    c = client(router, keys.app_key)
+    used = 0
+    with pytest.raises(openai.RateLimitError) as refused:
+        for _ in range(10):
+            u = (await ask(c)).usage
+            used += u.prompt_tokens + u.completion_tokens
+    assert used <= 100 and "budget per-key (100 tokens per day)" in refused.value.body["message"]
+    other, _ = KeyStore(s.home).create("acme", "shop")
+    assert (await ask(client(router, other))).choices[0].message.content == ANSWER

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
+from lockgate.errors import ConfigError
 from lockgate.pricebook import ModelPrice
 from lockgate.services.router.budgets import (
     NANO,
@@ -56,8 +57,13 @@ def test_limits_are_counted_in_nano_usd_and_tokens() -> None:
     (BudgetSpec(key="k"), "a", "b", "k2", False),
 ])
 def test_budget_selects_by_tenant_app_and_key(spec: BudgetSpec, tenant: str, app: str, key: str, ok: bool) -> None:
-    (b,) = resolve({"x": spec})
+    (b,) = resolve({"x": msgspec.structs.replace(spec, usd=1.0)})
     assert b.matches(tenant, app, key) is ok
+
+
+def test_a_budget_without_limits_is_refused() -> None:
+    with pytest.raises(ConfigError, match="budget 'x' limits nothing"):
+        resolve({"x": BudgetSpec(tenant="acme")})
 
 
 def test_counter_key_per_split_and_period() -> None:
