@@ -28,6 +28,7 @@ from lockgate.llmwire import ApiRequest
 from lockgate.outbox import Outbox, encode_event
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.services.router import domain
+from lockgate.services.router.admission import OPEN_ADMISSION, Admission
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
 from lockgate.services.router.rollouts import Rollouts
@@ -73,6 +74,7 @@ class Proxy:
         self.batcher = batcher
         self.tracer = tracer
         self.session: aiohttp.ClientSession | None = None
+        self.admission: Admission = OPEN_ADMISSION  # budgets, rate limits, cache: set by the service
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """`POST /v1/chat/completions`."""
@@ -168,6 +170,10 @@ class Proxy:
             path, body = prov.path(op), prov.request(op, body)
         except Unsupported as exc:
             return error_response(400, exc.message, "invalid_request_error")
+        # Budgets and rate limits, once the model the upstream will bill is known: 429/503 or a ticket.
+        ticket = await self.admission.admit(key, deployment, model, req)
+        if isinstance(ticket, web.Response):
+            return ticket
 
         traceparent = h.get("traceparent")
         parent = (telemetry.extract({"traceparent": traceparent}) if traceparent else None) or _ROOT
@@ -189,7 +195,10 @@ class Proxy:
                        "x-lockgate-trace-id": trace_id}
         rec = _Record(status="ok")
         try:
-            if stream:
+            hit = await self.admission.lookup(ticket, deployment, target.release, body, rec, out_headers)
+            if hit is not None:
+                response = hit
+            elif stream:
                 response = await self._stream(request, op, endpoint, path, target, body, up_headers, out_headers,
                                               want_usage, t0, rec)
             else:
@@ -198,11 +207,13 @@ class Proxy:
                     rec.status, rec.error_type = "error", "client_disconnected"
         finally:
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
+            self.admission.settle(ticket, rec)
             # The event and the span's attributes are bookkeeping: build them on the next loop
             # turn, after aiohttp has handed the response to the socket, not before.
             asyncio.get_running_loop().call_soon(
                 self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user, session,
                 rec, op, endpoint.provider)
+        self.admission.remember(ticket, deployment, response, rec)
         return response
 
     def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
@@ -210,7 +221,7 @@ class Proxy:
                 rec: _Record, op: Operation = CHAT, provider_name: str = "openai") -> None:
         """Queue the request's inference event and end its span (runs after the response is sent)."""
         try:
-            attributes: dict[str, str] = {}
+            attributes = rec.attributes  # the cache's verdict, if any
             if op.api == "responses":  # its operation name is "chat": say which API it came through
                 attributes["lockgate.api"] = op.api
             if rec.out.has_more_than_text():
@@ -343,6 +354,7 @@ class _Record:
     """What the proxy learned about one call, for its event."""
 
     __slots__ = (
+        "attributes",
         "cached_tokens",
         "error_type",
         "input_tokens",
@@ -361,6 +373,7 @@ class _Record:
         self.response_model = ""
         self.ttft_ms = self.latency_ms = 0.0
         self.out = Choices()  # every choice's text, tool calls and finish reason
+        self.attributes: dict[str, str] = {}
 
     @property
     def text(self) -> str:
@@ -371,6 +384,12 @@ class _Record:
     def finish_reason(self) -> str:
         """Choice 0's finish reason."""
         return self.out.finish.get(0, "")
+
+    def answered(self, model: str, text: str, finish_reason: str) -> None:
+        """An answer that did not come from an upstream (a cache hit): one choice."""
+        self.response_model = model
+        self.out.add_text(0, text)
+        self.out.finish[0] = finish_reason
 
     def fail(self, http: int, message: str, type_: str, headers: dict[str, str]) -> web.Response:
         self.status, self.error_type = "error", type_

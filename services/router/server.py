@@ -13,6 +13,7 @@ from lockgate.outbox import Outbox
 from lockgate.server.apikeys import KeyStore
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.router.admin import Admin
+from lockgate.services.router.admission import Admission
 from lockgate.services.router.endpoints import Endpoints
 from lockgate.services.router.handlers import evidence_callback
 from lockgate.services.router.proxy import Proxy
@@ -35,6 +36,7 @@ class RouterService(Service):
         self.keys = KeyStore(ctx.settings.home)  # clients and operators authenticate with these
         self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, self.tracer, self.keys, self.upstreams)
         self.admin = Admin(self.rollouts, self.keys)
+        self.proxy.admission = self.admission = Admission(ctx.settings, ctx.bus, replica=ctx.bus.name)
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._evidence: Any = None
@@ -71,10 +73,11 @@ class RouterService(Service):
         )
         self.batcher.start(self.ctx.bus.js)
         self.spawn(self.rollouts.run_timer(), "rollout-timer")
+        self.spawn(self.admission.run(), "budget-leases")
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
         await self._runner.setup()
         s = self.ctx.settings
-        await web.TCPSite(self._runner, s.host, s.router_port).start()
+        await web.TCPSite(self._runner, s.host, s.router_port, backlog=1024).start()  # bursts of new clients
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
 
@@ -84,6 +87,7 @@ class RouterService(Service):
             await self._runner.cleanup()
             self._runner = None
         await self.batcher.close()
+        await self.admission.close()  # unused budget allowances back to the shared counters
         if self._evidence is not None:
             with contextlib.suppress(Exception):  # the connection may already be closing
                 await self._evidence.unsubscribe()

@@ -234,6 +234,10 @@ class Bus:
         await self.js.create_key_value(bucket=self.subjects.kv_eval_cache, history=1, ttl=7 * 24 * 3600)
         # The audit chain's head; its history lets an operator see the last few heads.
         await self.js.create_key_value(bucket=self.subjects.kv_audit, history=10)
+        # Budget counters: one value per budget and period, gone two months after its last write.
+        await self.js.create_key_value(bucket=self.subjects.kv_budgets, history=1, ttl=62 * 24 * 3600)
+        # The router's shared response cache: entries carry their own expiry; a day bounds any of them.
+        await self.js.create_key_value(bucket=self.subjects.kv_response_cache, history=1, ttl=24 * 3600)
         await self.js.create_object_store(bucket=self.subjects.object_store)
 
     async def kv(self, bucket: str) -> Any:

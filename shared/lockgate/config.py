@@ -48,6 +48,8 @@ class Settings(msgspec.Struct, kw_only=True):
     # the two upstream settings above. Credentials are looked up by name in the environment, then here:
     endpoints_file: str = ""
     secrets_file: str = ""  # YAML mapping NAME: secret (keep it 0600)
+    # gateway policy (YAML: budgets, rate_limits, cache; services/router/admission.py); empty = none
+    gateway_file: str = ""
     # TLS for the gateway's gRPC API and the OTLP receiver (both ports) when both are set (PEM files);
     # plaintext otherwise
     grpc_tls_cert: str = ""

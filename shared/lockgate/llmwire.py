@@ -45,6 +45,9 @@ class ApiRequest(msgspec.Struct):
     messages: list[Message] = []
     prompt: Any = None
     input: Any = None
+    max_tokens: int | None = None  # what admission reserves for (budgets, token rate limits)
+    max_completion_tokens: int | None = None
+    max_output_tokens: int | None = None  # the Responses API's name for it
 
 
 class Usage(msgspec.Struct):

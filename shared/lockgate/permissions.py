@@ -130,7 +130,8 @@ def _manage_topology(s: Subjects) -> Grant:
     # Create/update lockgate's own streams and buckets (Bus.ensure_topology), nothing else.
     names = [spec.name for spec in s.streams.values()]
     names += [f"KV_{b}" for b in (s.kv_gates, s.kv_routes, s.kv_keys, s.kv_drift, s.kv_eval_runs, s.kv_releases,
-                                  s.kv_eval_cache, s.kv_audit, s.kv_gitops)]
+                                  s.kv_eval_cache, s.kv_audit, s.kv_gitops, s.kv_budgets,
+                                  s.kv_response_cache)]
     names.append(f"OBJ_{s.object_store}")
     return Grant(publish=[f"$JS.API.STREAM.{op}.{n}" for n in names for op in ("CREATE", "UPDATE", "INFO")])
 
@@ -183,6 +184,9 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(Grant(publish=[s.audit("router")]))  # its manual rollout actions and overrides, as itself
         # Canary analysis reads live inference events (core subscription, every replica all of them).
         g.add(Grant(subscribe=[s.inference_all]))
+        # Budgets: it leases from the shared counters (compare-and-set) and reports what they refused.
+        g.add(_write_kv(s.kv_budgets)).add(Grant(publish=[s.budget_all]))
+        g.add(_write_kv(s.kv_response_cache))  # answers shared between replicas (opt-in per deployment)
     elif identity == "drift":
         g.add(service).add(_consume(s, "drift"))
         g.add(_write_kv(s.kv_drift)).add(Grant(publish=[s.drift_all, s.query]))
@@ -212,7 +216,7 @@ def _viewer(s: Subjects) -> Grant:
     # Named queries, decisions and keys, and the health of streams and consumers (`lockgate status`).
     g = Grant(publish=[s.query])
     # kv_audit: `audit verify` checks the tail; kv_releases and kv_gitops: `plan` diffs a folder against them.
-    for bucket in (s.kv_gates, s.kv_keys, s.kv_routes, s.kv_audit, s.kv_releases, s.kv_gitops):
+    for bucket in (s.kv_gates, s.kv_keys, s.kv_routes, s.kv_audit, s.kv_releases, s.kv_gitops, s.kv_budgets):
         g.add(_read_kv(bucket))
     for spec in s.streams.values():
         g.add(Grant(publish=[f"$JS.API.STREAM.INFO.{spec.name}", f"$JS.API.CONSUMER.LIST.{spec.name}",

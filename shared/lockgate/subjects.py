@@ -92,6 +92,7 @@ class Subjects:
                         f"{p}.rollout.>",
                         f"{p}.drift.>",
                         f"{p}.cost.>",
+                        f"{p}.budget.>",
                     ),
                     max_age_s=90 * 24 * 3600, max_bytes=GiB // 2,
                 ),
@@ -178,6 +179,14 @@ class Subjects:
     @property
     def cost_all(self) -> str:
         return f"{self.prefix}.cost.>"
+
+    def budget(self, tenant: str) -> str:
+        """Budget events (BudgetEvent): what the router's budgets refused, per tenant."""
+        return f"{self.prefix}.budget.{token(tenant)}"
+
+    @property
+    def budget_all(self) -> str:
+        return f"{self.prefix}.budget.>"
 
     def dlq(self, origin: str) -> str:
         return f"{self.prefix}.dlq.{token(origin)}"
@@ -288,6 +297,16 @@ class Subjects:
     def kv_audit(self) -> str:
         """The audit chain's head (key `head`: the last AuditRecord), written only with compare-and-set."""
         return f"{self.prefix}_audit"
+
+    @property
+    def kv_budgets(self) -> str:
+        """Budget counters (`budget[.split].period` -> amount leased to router replicas), written with compare-and-set."""
+        return f"{self.prefix}_budgets"
+
+    @property
+    def kv_response_cache(self) -> str:
+        """The router's shared response cache (request hash -> cached answer), for deployments that ask for it."""
+        return f"{self.prefix}_response_cache"
 
     @property
     def object_store(self) -> str:

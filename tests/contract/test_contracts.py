@@ -15,6 +15,7 @@ from lockgate.contracts import (
     ArtifactRegistered,
     AuditEntry,
     AuditRecord,
+    BudgetEvent,
     CostEntry,
     CostLedger,
     CostRecord,
@@ -85,6 +86,8 @@ SAMPLES = [
     ApplyRecorded(directory="/repo", commit="abc", author="Ann <ann@example.com>", dirty=False, changes=[
         AppliedChange(action="add", kind="prompt", name="p", digest="sha256:" + "0" * 64, source="prompts/p.yaml")],
         unchanged=2),
+    BudgetEvent(reason="over_budget", budget="daily", counter="daily.2026-01-02", period="day", period_id="2026-01-02",
+                app="shop", limit_usd=1.0, requested_usd=0.25),
 ]
 
 

@@ -257,7 +257,7 @@ def schema(out: str | None) -> None:
 
 
 def _register_subcommands() -> None:
-    from lockgate.cli import audit, gate, gitops, identity, keys, rollout, stack, status, workflow
+    from lockgate.cli import audit, budget, gate, gitops, identity, keys, rollout, stack, status, workflow
 
     stack.register(cli)
     status.register(cli)
@@ -268,6 +268,7 @@ def _register_subcommands() -> None:
     audit.register(cli)
     rollout.register(cli)
     gitops.register(cli)
+    budget.register(cli)
     # Plugins (the dev tools' `dev up`, `sim` and `demo`) add commands without the CLI importing them.
     for ep in entry_points(group="lockgate.cli"):
         ep.load()(cli)

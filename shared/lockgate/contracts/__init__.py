@@ -15,6 +15,7 @@ from lockgate.contracts.artifacts import (
     ReleaseRegistered,
 )
 from lockgate.contracts.audit import AuditEntry, AuditKind, AuditRecord
+from lockgate.contracts.budget import BudgetEvent
 from lockgate.contracts.cost import CostEntry, CostLedger, CostRecord
 from lockgate.contracts.dlq import DeadLetter
 from lockgate.contracts.drift import DriftReport, FeatureDrift
@@ -57,6 +58,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     AuditEntry,
     # what `lockgate apply` did
     ApplyRecorded,
+    # what budgets refused at the router
+    BudgetEvent,
 )
 
 AnyEvent = Union[EVENT_TYPES]  # noqa: UP007 - a runtime tagged union for msgspec
@@ -73,6 +76,7 @@ __all__ = [
     "AuditKind",
     "AuditRecord",
     "BaselineComparison",
+    "BudgetEvent",
     "GateReview",
     "MetricInterval",
     "CostEntry",

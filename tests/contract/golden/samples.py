@@ -19,6 +19,7 @@ from lockgate.contracts import (
     AuditEntry,
     AuditRecord,
     BaselineComparison,
+    BudgetEvent,
     CostEntry,
     CostLedger,
     CostRecord,
@@ -163,5 +164,9 @@ SAMPLES: dict[str, Event] = {
                                              previous="sha256:" + "1" * 64, release="shop@0123456789ab",
                                              source="releases/shop.yaml")],
                       unchanged=3),
+        BudgetEvent(**envelope(21), reason="over_budget", budget="acme-daily", counter="acme-daily.2026-01-02",
+                    period="day", period_id="2026-01-02", app="shop", key_id="k1", deployment="web", model="gpt-x",
+                    limit_usd=5.5, limit_tokens=100000, leased_usd=5.25, leased_tokens=99000, requested_usd=0.375,
+                    requested_tokens=1500, denied=3, fail_open=True, replica="router-a"),
     )
 }

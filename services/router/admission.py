@@ -1,0 +1,501 @@
+"""Admission: rate limits and budgets before the upstream call, settlement after, and the response cache.
+
+The gateway file (settings.gateway_file, LOCKGATE_GATEWAY_FILE) declares all three; without it every
+request is admitted at the cost of one attribute check. The hot path touches the KV only when this
+replica's allowance of a budget runs out (see budgets.py for the leasing design); everything else is
+in memory. Budget events leave through a batcher, off the request path.
+
+    # gateway.yaml
+    budgets:
+      acme-daily: {tenant: acme, period: day, usd: 25}
+      each-key:   {tenant: acme, per: key, period: month, tokens: 5000000}
+    rate_limits:
+      - {tenant: acme, rpm: 600, tpm: 200000}
+    cache:
+      deployments: {faq: {ttl_s: 600}}
+    fail_open: false            # budget store unreachable: 503 (default) or let traffic through
+    default_max_tokens: 4096    # the output reserved for a request without max_tokens
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+import nats.errors
+import nats.js.errors
+import yaml
+from aiohttp import web
+
+from lockgate.batcher import Batcher
+from lockgate.config import Settings
+from lockgate.contracts import BudgetEvent
+from lockgate.errors import ConfigError, LockgateError
+from lockgate.llmwire import text_of
+from lockgate.pricebook import ModelPrice, load_price_book
+from lockgate.server.apikeys import ApiKey
+from lockgate.services.router.budgets import (
+    NANO,
+    ZERO,
+    Allowance,
+    Amount,
+    Budget,
+    BudgetSpec,
+    Counter,
+    EventThrottle,
+    Periods,
+    cost_of,
+    grant,
+    input_estimate,
+    lease_ask,
+    period_id,
+    resolve,
+)
+from lockgate.services.router.cache import (
+    CacheConfig,
+    Entry,
+    ResponseCache,
+    from_shared,
+    request_key,
+    to_shared,
+)
+from lockgate.services.router.ratelimit import RateLimiter, RateLimitSpec
+from lockgate.services.router.wire import error_response
+
+log = logging.getLogger("lockgate.router.admission")
+
+BudgetName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class GatewayFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The operator's gateway policy: budgets, rate limits, the response cache and how to fail."""
+
+    budgets: dict[BudgetName, BudgetSpec] = {}
+    rate_limits: list[RateLimitSpec] = []
+    cache: CacheConfig = CacheConfig()
+    fail_open: bool = False
+    default_max_tokens: Annotated[int, msgspec.Meta(gt=0)] = 4096
+    bytes_per_token: Positive = 1.0  # prompt estimate; 1.0 never under-counts a byte-level tokenizer
+    lease_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.05
+    lease_s: Positive = 5.0
+    # a KV round trip under load; past it the request fails closed (or open). Not on the hot path: leases only.
+    store_timeout_s: Positive = 5.0
+    event_interval_s: Positive = 5.0
+
+
+def load_gateway_file(path: str) -> GatewayFile:
+    """Read and validate the gateway file; an empty path means no policy (everything admitted)."""
+    if not path:
+        return GatewayFile()
+    try:
+        raw = yaml.safe_load(Path(path).expanduser().read_text()) or {}
+        return msgspec.convert(raw, GatewayFile)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read gateway file {path}: {exc}") from None
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"bad gateway file {path}: {exc}") from None
+
+
+class StoreUnavailable(LockgateError):
+    """The budget counters' KV bucket did not answer."""
+
+
+_counter_dec = msgspec.json.Decoder(Counter)
+_enc = msgspec.json.Encoder()
+_KV_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
+_RETRY_STORE_S = 1.0  # after the budget store failed, requests fail at once for this long
+_SHARED_WAIT_S = 0.2  # the most a shared-cache lookup may add to a request
+_SHARED_MAX = 900_000  # bytes: a shared entry fits NATS' default 1 MB message
+
+
+class Ticket:
+    """One admitted request: what it reserved where, settled once after the call."""
+
+    __slots__ = ("app", "cache_key", "charges", "cost", "key_id", "price", "tenant")
+
+    def __init__(self, key: ApiKey | None, cost: Amount, price: ModelPrice | None) -> None:
+        self.tenant, self.app, self.key_id = (key.tenant, key.app, key.id) if key else ("", "", "")
+        self.cost = cost
+        self.price = price
+        self.charges: list[tuple[str, Budget, Amount]] = []  # counter, budget, amount reserved
+        self.cache_key: str | None = None
+
+
+OPEN = Ticket(None, ZERO, None)  # admitted with nothing to settle (no policy applies)
+
+
+class Admission:
+    """Rate limits, budgets and the response cache of one router replica."""
+
+    def __init__(self, settings: Settings, bus: Any, *, replica: str = "",
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 wall_s: Callable[[], float] = time.time) -> None:
+        self.file = load_gateway_file(settings.gateway_file)
+        self.bus = bus
+        self.replica = replica
+        self.clock, self.wall, self.wall_s = clock, wall, wall_s
+        self.budgets = resolve(self.file.budgets)
+        self.limiter = RateLimiter(list(self.file.rate_limits))
+        self.cache = ResponseCache(self.file.cache)
+        self.active = bool(self.budgets or self.limiter or self.file.cache.deployments)
+        self.prices = load_price_book(settings.price_book).models if self.active else {}
+        self.allowances: dict[str, Allowance] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._throttle = EventThrottle(self.file.event_interval_s)
+        self._kv: Any = None
+        self._shared_kv: Any = None
+        self._puts: set[asyncio.Task[None]] = set()
+        self._failed_at, self._failure = -math.inf, ""
+        self._periods = Periods(-1, "", "")
+        self.events = Batcher(self._publish, max_items=100, max_age_s=0.2, capacity=1000, name="budget-events",
+                              autostart=False)
+
+    # -- admission ---------------------------------------------------------------------------------
+
+    async def admit(self, key: ApiKey, deployment: str, model: str, req: Any) -> Ticket | web.Response:
+        """Reserve the request's largest cost on every budget that covers it, after its rate limits;
+        a Ticket to settle after the call, or the 429/503 answer."""
+        if not self.active:
+            return OPEN
+        messages = getattr(req, "messages", None) or []
+        text_bytes = sum(len(text_of(m.content).encode()) for m in messages)
+        # completions' `prompt` and embeddings'/responses' `input`: their JSON is at least as long as the text
+        text_bytes += sum(len(msgspec.json.encode(v)) for v in (getattr(req, "prompt", None),
+                                                              getattr(req, "input", None)) if v is not None)
+        max_out = (req.max_completion_tokens or req.max_tokens or getattr(req, "max_output_tokens", None)
+                   or self.file.default_max_tokens)
+        price = self.prices.get(model)
+        cost = cost_of(price, input_estimate(text_bytes, len(messages), self.file.bytes_per_token), max_out)
+        now = self.clock()
+        if self.limiter and (refused := self.limiter.admit(key.tenant, key.app, key.id, cost.tokens, now)):
+            return error_response(429, refused.message, "requests", code="rate_limit_exceeded",
+                                  headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s)))})
+        ticket = Ticket(key, cost, price)
+        wall = self.wall()
+        periods = self._periods if self._periods.ordinal == wall.toordinal() else self._new_periods(wall)
+        for b in self.budgets:
+            if not b.matches(key.tenant, key.app, key.id):
+                continue
+            if b.limits_usd and price is None:
+                self._undo(ticket)
+                return error_response(403, f"model {model!r} has no price in the price book, so budget "
+                                           f"{b.describe()} cannot be enforced; add the model to the price book "
+                                           "(settings.price_book)", "permission_error", code="model_unpriced")
+            counter, need = b.counter(key.tenant, key.app, key.id, periods), b.need(cost)
+            allowance = self._allowance(counter)
+            if allowance.take(need, now):
+                ticket.charges.append((counter, b, need))
+                continue
+            try:
+                leased = await self._lease(b, counter, need)
+            except asyncio.CancelledError:  # the client went away while waiting: give back what was reserved
+                self._undo(ticket)
+                raise
+            except StoreUnavailable as exc:
+                self._report("store_unavailable", b, counter, key, deployment, model, need, None, wall)
+                if self.file.fail_open:
+                    continue  # nothing reserved on this budget: the request goes through uncounted
+                self._undo(ticket)
+                return error_response(503, f"budget {b.describe()} cannot be checked: {exc.message}; refusing "
+                                           "the request (fail closed; `fail_open: true` in the gateway file lets "
+                                           "traffic through while the store is down)", "service_unavailable",
+                                      code="budget_store_unavailable")
+            if leased is not None:  # the store's counter when it refused
+                self._undo(ticket)
+                self._report("over_budget", b, counter, key, deployment, model, need, leased, wall)
+                return self._over_budget(b, counter, need, leased, model, max_out, wall)
+            ticket.charges.append((counter, b, need))
+        return ticket
+
+    def settle(self, ticket: Ticket, rec: Any) -> None:
+        """After the call: charge what it really used and give the rest of the reservation back."""
+        if ticket is OPEN or ticket.cost is ZERO:
+            return
+        if rec.input_tokens or rec.output_tokens:
+            used = cost_of(ticket.price, rec.input_tokens, rec.output_tokens, rec.cached_tokens)
+        elif rec.status != "ok" and (rec.error_type.isdigit() or rec.error_type.startswith("upstream_")):
+            used = ZERO  # refused or unreachable before generating anything: nothing billed
+        else:
+            # Interrupted streams, cancelled calls, answers without usage: the provider may bill tokens
+            # the router never saw, so the reservation stays spent.
+            used = ticket.cost
+        self._finish(ticket, used)
+
+    def release(self, ticket: Ticket) -> None:
+        """Nothing was spent (a cache hit): give the whole reservation back."""
+        if ticket is not OPEN:
+            self._finish(ticket, ZERO)
+
+    def _finish(self, ticket: Ticket, used: Amount) -> None:
+        for counter, b, reserved in ticket.charges:
+            self._allowance(counter).credit(reserved - b.need(used))
+        ticket.charges = []
+        if self.limiter:
+            self.limiter.settle(ticket.tenant, ticket.app, ticket.key_id, ticket.cost.tokens, used.tokens,
+                                self.clock())
+        ticket.cost = ZERO
+
+    def _undo(self, ticket: Ticket) -> None:
+        self._finish(ticket, ZERO)
+
+    def _new_periods(self, wall: datetime) -> Periods:
+        self._periods = Periods.at(wall)
+        return self._periods
+
+    def _allowance(self, counter: str) -> Allowance:
+        a = self.allowances.get(counter)
+        if a is None:
+            a = self.allowances[counter] = Allowance()
+        return a
+
+    def _over_budget(self, b: Budget, counter: str, need: Amount, leased: Amount, model: str, max_out: int,
+                     wall: datetime) -> web.Response:
+        pid = period_id(b.spec.period, wall)
+        used = []
+        if b.limits_usd:
+            used.append(f"{leased.usd / NANO:.6f} of {b.spec.usd:g} USD spent or reserved, this request needs up to "
+                        f"{need.usd / NANO:.6f} USD ({model} prices, max_tokens {max_out})")
+        if b.limits_tokens:
+            used.append(f"{leased.tokens} of {b.spec.tokens} tokens spent or reserved, this request needs up to "
+                        f"{need.tokens}")
+        reset = _period_end(b.spec.period, wall)
+        return error_response(
+            429, f"budget {b.describe()} is exhausted for {b.spec.period} {pid}: {'; '.join(used)}. "
+                 f"It resets at {reset:%Y-%m-%d %H:%M} UTC.", "insufficient_quota", code="budget_exceeded",
+            headers={"Retry-After": str(max(1, math.ceil((reset - wall).total_seconds())))})
+
+    # -- the shared counters -------------------------------------------------------------------------
+
+    async def _lease(self, b: Budget, counter: str, need: Amount) -> Amount | None:
+        """Lease enough for `need` into this replica's allowance and take it: None when taken, else the
+        store's counter when the budget cannot cover it (StoreUnavailable when the store does not answer)."""
+        lock = self._locks.get(counter)
+        if lock is None:
+            lock = self._locks[counter] = asyncio.Lock()
+        async with lock:  # one lease at a time per counter: the requests queued here share it
+            for _ in range(4):
+                allowance = self._allowance(counter)
+                if allowance.take(need, self.clock()):
+                    return None
+                lacking = allowance.lacking(need)
+                got, leased = await self._cas(counter, b.limit, lease_ask(b.need(b.limit), lacking,
+                                                                          self.file.lease_fraction), lacking)
+                if got is None:
+                    return leased
+                allowance = self._allowance(counter)
+                allowance.add(got, self.clock(), self.file.lease_s)
+            return None if self._allowance(counter).take(need, self.clock()) else leased
+
+    async def _store(self) -> Any:
+        # Right after the store failed, fail at once: requests queued behind a lease must not each
+        # wait out the timeout again.
+        if self.clock() - self._failed_at < _RETRY_STORE_S:
+            raise StoreUnavailable(self._failure)
+        if self.bus is None or self.bus.state != "connected":
+            raise StoreUnavailable(f"the budget store (NATS KV) is unreachable: bus "
+                                   f"{'absent' if self.bus is None else self.bus.state}")
+        if self._kv is None:
+            self._kv = await self.bus.kv(self.bus.subjects.kv_budgets)
+        return self._kv
+
+    async def _cas(self, counter: str, limit: Amount, ask: Amount, minimum: Amount | None) -> tuple[Amount | None,
+                                                                                                   Amount]:
+        """Add a grant (or, with minimum None, exactly `ask`, which may be negative) to the counter by
+        compare-and-set on its revision: (what was added or None, the counter after)."""
+        try:
+            async with asyncio.timeout(self.file.store_timeout_s):
+                kv = await self._store()
+                while True:
+                    try:
+                        entry = await kv.get(counter)
+                        rev, current = entry.revision, _counter_dec.decode(entry.value or b"{}")
+                    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                        rev, current = None, Counter()
+                    got = ask if minimum is None else grant(current, limit, ask, minimum)
+                    if got is None:
+                        return None, current.leased
+                    after = Counter(leased=current.leased + got)
+                    try:
+                        if rev is None:
+                            await kv.create(counter, _enc.encode(after))
+                        else:
+                            await kv.update(counter, _enc.encode(after), last=rev)
+                    except nats.js.errors.KeyWrongLastSequenceError:
+                        continue  # another replica leased in between: read again
+                    return got, after.leased
+        except StoreUnavailable as exc:
+            self._failed(exc.message)
+            raise
+        except msgspec.DecodeError as exc:
+            raise StoreUnavailable(f"budget counter {counter} is unreadable: {exc}") from None
+        except _KV_ERRORS as exc:
+            message = (f"the budget store (NATS KV bucket {self.bus.subjects.kv_budgets}) did not answer: "
+                       f"{type(exc).__name__}")
+            self._failed(message)
+            raise StoreUnavailable(message) from None
+
+    def _failed(self, message: str) -> None:
+        if self.clock() - self._failed_at >= _RETRY_STORE_S:  # keep the first failure's time and words
+            self._failed_at, self._failure = self.clock(), message
+
+    async def return_expired(self, force: bool = False) -> None:
+        """Give allowances unused for `lease_s` (all of them with `force`) back to the store."""
+        now = math.inf if force else self.clock()
+        for counter, allowance in list(self.allowances.items()):
+            back = allowance.surrender(now)
+            if back == ZERO:
+                if now >= allowance.expires and counter not in self._busy():
+                    # Past periods and idle keys: forget them (a late settlement makes a fresh one).
+                    self.allowances.pop(counter, None)
+                    self._locks.pop(counter, None)
+                continue
+            try:
+                await self._cas(counter, ZERO, ZERO - back, None)
+            except StoreUnavailable:
+                self._allowance(counter).credit(back)  # keep it; returned on a later sweep
+                if force:
+                    log.warning("budget counter %s: %s left leased to this replica at stop", counter, back)
+
+    def _busy(self) -> set[str]:
+        return {c for c, lock in self._locks.items() if lock.locked()}
+
+    async def run(self) -> None:
+        """Background: return expired allowances every half lease."""
+        self.events.start()
+        while True:
+            await asyncio.sleep(self.file.lease_s / 2)
+            try:
+                await self.return_expired()
+            except Exception:  # the sweep must outlive one bad turn
+                log.exception("returning budget allowances failed")
+
+    async def close(self) -> None:
+        """Return every allowance and flush budget events (at stop)."""
+        await self.shared()
+        if self.budgets:
+            await self.return_expired(force=True)
+        self.events.start()
+        with contextlib.suppress(Exception):
+            await self.events.close()
+
+    # -- budget events ---------------------------------------------------------------------------------
+
+    def _report(self, reason: str, b: Budget, counter: str, key: ApiKey, deployment: str, model: str,
+                need: Amount, leased: Amount | None, wall: datetime) -> None:
+        n = self._throttle.count(counter, reason, self.clock())
+        if not n:
+            return
+        leased = leased or ZERO
+        self.events.add(BudgetEvent(
+            tenant=key.tenant, source="lockgate-router", reason=reason, budget=b.name, counter=counter,  # type: ignore[arg-type]
+            period=b.spec.period, period_id=period_id(b.spec.period, wall), app=key.app, key_id=key.id,
+            deployment=deployment, model=model, limit_usd=b.spec.usd, limit_tokens=b.spec.tokens,
+            leased_usd=leased.usd / NANO, leased_tokens=leased.tokens, requested_usd=need.usd / NANO,
+            requested_tokens=need.tokens, denied=n, fail_open=reason == "store_unavailable" and self.file.fail_open,
+            replica=self.replica))
+
+    async def _publish(self, events: list[BudgetEvent]) -> None:
+        for e in events:
+            await self.bus.publish(self.bus.subjects.budget(e.tenant), e)
+
+    # -- response cache ------------------------------------------------------------------------------
+
+    async def lookup(self, ticket: Ticket, deployment: str, release: str, body: bytes, rec: Any,
+                     headers: dict[str, str]) -> web.Response | None:
+        """A cached answer for this request (the reservation released, the event marked as a hit), or None."""
+        spec = self.cache.spec(deployment) if ticket is not OPEN else None
+        if spec is None:
+            return None
+        try:
+            data = msgspec.json.decode(body)
+        except msgspec.DecodeError:
+            return None
+        ticket.cache_key = request_key(ticket.tenant, deployment, release, data, spec) if isinstance(data, dict) \
+            else None
+        if ticket.cache_key is None:
+            return None
+        entry = self.cache.get(ticket.cache_key, self.clock())
+        if entry is None and spec.shared:
+            entry = await self._shared_get(ticket.cache_key)
+        if entry is None:
+            headers["x-lockgate-cache"] = "miss"
+            rec.attributes["cache"] = "miss"
+            return None
+        self.release(ticket)
+        saved = cost_of(self.prices.get(entry.model), entry.input_tokens, entry.output_tokens, entry.cached_tokens)
+        # Nothing was generated: the event carries no usage (so cost accounting charges nothing) and
+        # says what the hit saved.
+        rec.answered(entry.model, entry.text, entry.finish_reason)
+        rec.attributes.update({"cache": "hit", "cost_saved": f"{saved.usd / NANO:.9f}"})
+        headers["x-lockgate-cache"] = "hit"
+        ticket.cache_key = None
+        return web.Response(body=entry.body, status=200, content_type="application/json", headers=headers)
+
+    def remember(self, ticket: Ticket, deployment: str, response: web.StreamResponse, rec: Any) -> None:
+        """Keep a successful answer of a cacheable request for its deployment's TTL."""
+        if ticket.cache_key is None or rec.status != "ok" or not isinstance(response, web.Response):
+            return
+        spec = self.cache.spec(deployment)
+        body = response.body
+        if spec is None or not isinstance(body, bytes):
+            return
+        entry = Entry(body=body, expires=self.clock() + spec.ttl_s, model=rec.response_model,
+                      input_tokens=rec.input_tokens, output_tokens=rec.output_tokens, cached_tokens=rec.cached_tokens,
+                      text=rec.text, finish_reason=rec.finish_reason)
+        if self.cache.put(ticket.cache_key, entry) and spec.shared and len(body) < _SHARED_MAX:
+            task = asyncio.get_running_loop().create_task(self._shared_put(ticket.cache_key, entry))
+            self._puts.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(self._puts.discard)
+
+    async def shared(self) -> None:
+        """Wait until the answers being shared are in the bucket (for tests and a clean stop)."""
+        await asyncio.gather(*self._puts, return_exceptions=True)
+
+    async def _shared_get(self, key: str) -> Entry | None:
+        """The entry another replica shared, kept locally too; None on a miss or a slow or absent store
+        (a cache lookup never delays a request by more than _SHARED_WAIT_S)."""
+        try:
+            async with asyncio.timeout(_SHARED_WAIT_S):
+                kv = await self._cache_kv()
+                found = await kv.get(key)
+        except (*_KV_ERRORS, LockgateError):
+            return None
+        entry = from_shared(found.value or b"", self.clock(), self.wall_s())
+        if entry is not None:
+            self.cache.put(key, entry)
+        return entry
+
+    async def _shared_put(self, key: str, entry: Entry) -> None:
+        try:
+            async with asyncio.timeout(self.file.store_timeout_s):
+                await (await self._cache_kv()).put(key, to_shared(entry, self.clock(), self.wall_s()))
+        except (*_KV_ERRORS, LockgateError) as exc:  # the answer was served; sharing it is best effort
+            log.debug("response cache entry not shared: %r", exc)
+
+    async def _cache_kv(self) -> Any:
+        if self.bus is None or self.bus.state != "connected":
+            raise StoreUnavailable("bus not connected")
+        if self._shared_kv is None:
+            self._shared_kv = await self.bus.kv(self.bus.subjects.kv_response_cache)
+        return self._shared_kv
+
+
+def _period_end(period: str, now: datetime) -> datetime:
+    day = now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    if period == "day":
+        return day + timedelta(days=1)
+    first = day.replace(day=1)
+    return (first + timedelta(days=32)).replace(day=1)
+
+
+OPEN_ADMISSION = Admission(Settings(), None)  # no gateway file: every request admitted, nothing cached

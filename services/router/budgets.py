@@ -1,0 +1,236 @@
+"""Budgets before admission: what an operator declares, what one request may cost at most, and the
+per-replica allowance ledger. Pure (no I/O, clocks passed in); admission.py does the KV compare-and-set.
+
+Design (README "Budgets and rate limits"): the KV holds, per budget counter and period, the total
+amount *leased* to replicas. A replica leases a chunk (a share of the limit, at least what the request
+needs) with one compare-and-set on the counter's revision, and then reserves requests from that local
+allowance without touching the KV. A grant never takes the counter past the limit, so every replica's
+reservations together fit in the budget; settling gives the unused part of a reservation back to the
+local allowance, and an allowance unused for `lease_s` goes back to the KV, so idle replicas do not sit
+on budget. Money is counted in integer nano-USD so the counters add up exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from datetime import UTC, datetime
+from typing import Annotated, Literal
+
+import msgspec
+
+from lockgate.errors import ConfigError
+from lockgate.pricebook import ModelPrice
+
+NANO = 1_000_000_000  # nano-USD per USD
+Period = Literal["day", "month"]
+Per = Literal["", "tenant", "app", "key"]
+Usd = Annotated[float, msgspec.Meta(ge=0)]
+Tokens = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class BudgetSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One declared budget: which traffic it covers, its period and its limits (USD and/or tokens).
+
+    `tenant`, `app` and `key` (an API key id) select traffic; empty matches any. `per` splits the
+    budget into one counter per tenant, app or key (`per: key` = this limit for each key); empty
+    means one counter for all the traffic selected.
+    """
+
+    tenant: str = ""
+    app: str = ""
+    key: str = ""
+    per: Per = ""
+    period: Period = "day"
+    usd: Usd | None = None
+    tokens: Tokens | None = None
+
+
+class Amount(msgspec.Struct, frozen=True, array_like=True):
+    """Nano-USD and tokens; the dimensions a budget does not limit stay 0."""
+
+    usd: int = 0
+    tokens: int = 0
+
+    def __add__(self, other: Amount) -> Amount:
+        return Amount(self.usd + other.usd, self.tokens + other.tokens)
+
+    def __sub__(self, other: Amount) -> Amount:
+        return Amount(self.usd - other.usd, self.tokens - other.tokens)
+
+    def covers(self, need: Amount) -> bool:
+        """True when both dimensions are at least `need`'s."""
+        return self.usd >= need.usd and self.tokens >= need.tokens
+
+    def clip(self, limit: Amount) -> Amount:
+        """Each dimension at most `limit`'s."""
+        return Amount(min(self.usd, limit.usd), min(self.tokens, limit.tokens))
+
+
+ZERO = Amount()
+
+
+class Budget(msgspec.Struct, frozen=True, kw_only=True):
+    """A declared budget, resolved: its name and limits in counter units."""
+
+    name: str
+    spec: BudgetSpec
+    limit: Amount  # nano-USD and tokens; an unlimited dimension is 0 and never counted
+    limits_usd: bool
+    limits_tokens: bool
+
+    def matches(self, tenant: str, app: str, key_id: str) -> bool:
+        """True when this budget covers traffic of this tenant, app and key."""
+        s = self.spec
+        return (not s.tenant or s.tenant == tenant) and (not s.app or s.app == app) and (not s.key or s.key == key_id)
+
+    def counter(self, tenant: str, app: str, key_id: str, periods: Periods) -> str:
+        """The KV key of the counter this request charges: budget, split value, period."""
+        per = self.spec.per
+        pid = periods.day if self.spec.period == "day" else periods.month
+        if not per:
+            return _counter_key(self.name, None, pid)
+        return _counter_key(self.name, tenant if per == "tenant" else key_id if per == "key" else f"{tenant}/{app}", pid)
+
+    def need(self, cost: Amount) -> Amount:
+        """The part of a request's cost this budget counts."""
+        return Amount(cost.usd if self.limits_usd else 0, cost.tokens if self.limits_tokens else 0)
+
+    def describe(self) -> str:
+        """`acme-daily (5.00 USD and 100000 tokens per day)` for error messages."""
+        parts = ([f"{self.spec.usd:g} USD"] if self.limits_usd else []) + \
+                ([f"{self.spec.tokens} tokens"] if self.limits_tokens else [])
+        return f"{self.name} ({' and '.join(parts)} per {self.spec.period})"
+
+
+def resolve(budgets: dict[str, BudgetSpec]) -> list[Budget]:
+    """The declared budgets with their limits in counter units (ConfigError for one that limits nothing)."""
+    for name, s in budgets.items():
+        if s.usd is None and s.tokens is None:
+            raise ConfigError(f"budget {name!r} limits nothing: give it `usd`, `tokens` or both")
+    return [Budget(name=name, spec=s, limits_usd=s.usd is not None, limits_tokens=s.tokens is not None,
+                   limit=Amount(round((s.usd or 0.0) * NANO), s.tokens or 0))
+            for name, s in budgets.items()]
+
+
+class Periods(msgspec.Struct, frozen=True):
+    """The current day and month ids, computed once per day rather than per request."""
+
+    ordinal: int
+    day: str
+    month: str
+
+    @classmethod
+    def at(cls, now: datetime) -> Periods:
+        return cls(now.toordinal(), period_id("day", now), period_id("month", now))
+
+
+@functools.lru_cache(maxsize=65536)
+def _counter_key(name: str, split: str | None, pid: str) -> str:
+    return ".".join(_kv_token(p) for p in (name, split, pid) if p is not None)
+
+
+def _kv_token(value: str) -> str:
+    # KV keys allow [-/_=.a-zA-Z0-9]; dots separate the parts, so escape anything else (dots included).
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else f"={ord(c):02X}" for c in value) or "="
+
+
+def period_id(period: Period, now: datetime) -> str:
+    """The UTC period a time falls in: `2026-12-03` for a day, `2026-12` for a month."""
+    now = now.astimezone(UTC)
+    return now.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
+
+
+def input_estimate(text_bytes: int, messages: int, bytes_per_token: float) -> int:
+    """An upper bound of the prompt's tokens: byte-level tokenizers never make more tokens than bytes
+    (bytes_per_token 1.0), plus a few per message for the role and separators."""
+    return math.ceil(text_bytes / bytes_per_token) + 8 * messages + 3
+
+
+def cost_of(price: ModelPrice | None, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> Amount:
+    """Nano-USD (rounded up) and total tokens of a call; an unpriced model costs 0 USD."""
+    usd = 0 if price is None else math.ceil(price.cost(input_tokens, output_tokens, cached_tokens) * NANO)
+    return Amount(usd, input_tokens + output_tokens)
+
+
+class Counter(msgspec.Struct, frozen=True, kw_only=True):
+    """What a budget counter holds in the KV: the amount leased to replicas in one period."""
+
+    leased: Amount = ZERO
+
+
+def grant(counter: Counter, limit: Amount, ask: Amount, minimum: Amount) -> Amount | None:
+    """What the store may lease: `ask` clipped to what is left under the limit, or None when even
+    `minimum` (what the waiting request still lacks) does not fit."""
+    left = limit - counter.leased
+    if not left.covers(minimum):
+        return None
+    return Amount(max(0, min(ask.usd, left.usd)), max(0, min(ask.tokens, left.tokens)))
+
+
+def lease_ask(limit: Amount, lacking: Amount, fraction: float) -> Amount:
+    """How much to lease: a `fraction` of the limit (so the hot path rarely leases), at least what is lacking."""
+    return Amount(max(lacking.usd, math.ceil(limit.usd * fraction)),
+                  max(lacking.tokens, math.ceil(limit.tokens * fraction)))
+
+
+class Allowance:
+    """What one replica holds of one counter: leased, not yet reserved. Negative after a request
+    used more than it reserved (the next lease charges the deficit to the store first)."""
+
+    __slots__ = ("available", "expires")
+
+    def __init__(self) -> None:
+        self.available = ZERO
+        self.expires = 0.0  # monotonic seconds: after this the unused remainder goes back to the store
+
+    def take(self, need: Amount, now: float) -> bool:
+        """Reserve `need` from the allowance, if it is live and covers it."""
+        if now < self.expires and self.available.covers(need):
+            self.available = self.available - need
+            return True
+        return False
+
+    def lacking(self, need: Amount) -> Amount:
+        """What a lease must add so `need` can be taken (an expired allowance revives with the lease)."""
+        return Amount(max(0, need.usd - self.available.usd), max(0, need.tokens - self.available.tokens))
+
+    def add(self, amount: Amount, now: float, lease_s: float) -> None:
+        """A lease arrived: add it and keep the allowance live for another `lease_s`."""
+        self.available = self.available + amount
+        self.expires = now + lease_s
+
+    def credit(self, amount: Amount) -> None:
+        """Settlement: the unused part of a reservation back (negative when the call cost more)."""
+        self.available = self.available + amount
+
+    def surrender(self, now: float) -> Amount:
+        """Once expired, the remainder (or deficit) to return to the store; the allowance keeps nothing."""
+        if now < self.expires or self.available == ZERO:
+            return ZERO
+        out, self.available = self.available, ZERO
+        return out
+
+
+class EventThrottle:
+    """At most one budget event per counter and reason every `interval_s`; the refusals in between are
+    counted into the next one, so a flood of refused requests is a handful of events, none lost."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last: dict[tuple[str, str], float] = {}
+        self._pending: dict[tuple[str, str], int] = {}
+
+    def count(self, counter: str, reason: str, now: float) -> int:
+        """Record one refusal; the number of refusals to report now, 0 to stay quiet."""
+        k = (counter, reason)
+        n = self._pending.get(k, 0) + 1
+        last = self._last.get(k)
+        if last is not None and now - last < self.interval_s:
+            self._pending[k] = n
+            return 0
+        self._last[k] = now
+        self._pending.pop(k, None)
+        if len(self._last) > 10_000:  # counters of past periods: forget them rather than grow
+            self._last = {k: self._last[k]}
+        return n

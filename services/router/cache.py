@@ -1,0 +1,134 @@
+"""The response cache: exact match on the normalised request, per deployment by opt-in, with a TTL,
+in an in-process LRU bounded in bytes. Pure: the clock is passed in, nothing here does I/O.
+
+The key is a hash of the canonical JSON (sorted keys) of the request as the upstream would receive it
+(the release's model and parameters applied), without the fields that do not change the answer
+(`user`, `stream_options`, `metadata`), together with the tenant, deployment and release: one
+tenant never gets another's answer, and a promoted release never serves its predecessor's. A
+request that samples (temperature above 0; absent means the provider's default of 1) is not cached
+unless the deployment asks for it (`any_temperature`), nor is a stream (v1: complete bodies only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Annotated, Any
+
+import msgspec
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+# Fields that change nothing in the answer: who asks, how usage is streamed, the caller's tags.
+_IGNORED = frozenset({"user", "stream_options", "metadata"})
+_canonical = msgspec.json.Encoder(order="sorted")
+
+
+class CacheSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One deployment's cache settings."""
+
+    ttl_s: Seconds = 300.0
+    any_temperature: bool = False  # also cache sampled answers (the same answer for every such request)
+    shared: bool = False  # also keep answers in a KV bucket every router replica reads
+
+
+class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The gateway file's `cache` section: which deployments opted in, and the memory bound."""
+
+    deployments: dict[str, CacheSpec] = {}
+    max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 64 * 1024 * 1024
+
+
+def request_key(tenant: str, deployment: str, release: str, body: dict[str, Any], spec: CacheSpec) -> str | None:
+    """The cache key of a request body (a decoded JSON object), or None when it must not be cached."""
+    if body.get("stream"):
+        return None
+    temperature = body.get("temperature", 1.0)
+    if not spec.any_temperature and not (isinstance(temperature, int | float) and temperature <= 0):
+        return None
+    kept = {k: v for k, v in body.items() if k not in _IGNORED}
+    return hashlib.sha256(_canonical.encode([tenant, deployment, release, kept])).hexdigest()
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """A cached response body, when it expires, and the usage it cost when it was made."""
+
+    body: bytes
+    expires: float
+    model: str = ""
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    text: str = ""  # the answer and why it ended, for the hit's inference event
+    finish_reason: str = ""
+
+
+class Shared(msgspec.Struct, frozen=True, array_like=True):
+    """An entry as replicas share it: the expiry in wall-clock seconds (monotonic clocks differ per process)."""
+
+    entry: Entry
+    expires_at: float
+
+
+_shared_enc = msgspec.msgpack.Encoder()
+_shared_dec = msgspec.msgpack.Decoder(Shared)
+
+
+def to_shared(entry: Entry, now: float, wall: float) -> bytes:
+    """An entry for the shared bucket, its expiry moved from this process's clock to the wall clock."""
+    return _shared_enc.encode(Shared(entry=entry, expires_at=wall + (entry.expires - now)))
+
+
+def from_shared(data: bytes, now: float, wall: float) -> Entry | None:
+    """The entry of a shared value on this process's clock, or None when expired or unreadable."""
+    try:
+        shared = _shared_dec.decode(data)
+    except msgspec.DecodeError:
+        return None
+    left = shared.expires_at - wall
+    return msgspec.structs.replace(shared.entry, expires=now + left) if left > 0 else None
+
+
+class ResponseCache:
+    """An LRU of response bodies bounded by their total bytes; expired entries are misses."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._entries: OrderedDict[str, Entry] = OrderedDict()
+
+    def spec(self, deployment: str) -> CacheSpec | None:
+        """The deployment's cache settings, None when it did not opt in."""
+        return self.config.deployments.get(deployment)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str, now: float) -> Entry | None:
+        """The live entry for `key` (now most recently used), else None."""
+        entry = self._entries.get(key)
+        if entry is None or entry.expires <= now:
+            if entry is not None:
+                self._drop(key)
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(self, key: str, entry: Entry) -> bool:
+        """Store an entry, evicting the least recently used until the bytes fit; False if it never fits."""
+        size = len(entry.body)
+        # One answer may take at most an eighth of the cache, so a few large ones cannot flush it.
+        if size > self.config.max_bytes // 8:
+            return False
+        if key in self._entries:
+            self._drop(key)
+        while self._entries and self.bytes + size > self.config.max_bytes:
+            self._drop(next(iter(self._entries)))
+        self._entries[key] = entry
+        self.bytes += size
+        return True
+
+    def _drop(self, key: str) -> None:
+        self.bytes -= len(self._entries.pop(key).body)

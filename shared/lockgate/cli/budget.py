@@ -1,0 +1,70 @@
+"""`lockgate budget list`: the budgets of the gateway file and how much of each is used this period.
+
+Budgets are declared in the gateway file (settings.gateway_file, LOCKGATE_GATEWAY_FILE), reviewed and
+versioned like the endpoints file; the counters live in the `lg_budgets` KV bucket, where the routers
+lease from them. A counter shows what replicas spent *or hold*: an idle replica gives back what it
+holds within `lease_s`, so a quiet budget's counter settles on its spend.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+import msgspec
+import nats.js.errors
+
+from lockgate.bus import Bus
+from lockgate.cli.access import with_bus
+from lockgate.cli.main import handle_errors, json_option
+from lockgate.cli.render import output
+from lockgate.services.router.admission import load_gateway_file
+from lockgate.services.router.budgets import NANO, Budget, Counter, period_id, resolve
+
+
+async def read_budgets(bus: Bus, budgets: list[Budget], now: datetime) -> list[dict[str, Any]]:
+    """One row per counter of this period (a split budget has one per tenant, app or key)."""
+    kv = await bus.kv(bus.subjects.kv_budgets)
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        keys = []
+    rows = []
+    for b in budgets:
+        pid = period_id(b.spec.period, now)
+        mine = [k for k in keys if k.startswith(f"{b.name}.") and k.endswith(f".{pid}")] or [f"{b.name}.{pid}"]
+        for key in sorted(mine):
+            try:
+                leased = msgspec.json.decode((await kv.get(key)).value, type=Counter).leased
+            except nats.js.errors.KeyNotFoundError:
+                leased = Counter().leased
+            split = key[len(b.name) + 1: -len(pid) - 1]
+            rows.append({
+                "budget": b.name, "split": split, "period": pid,
+                "selects": ", ".join(f"{k}={v}" for k in ("tenant", "app", "key") if (v := getattr(b.spec, k))) or "all",
+                "usd_used": round(leased.usd / NANO, 6) if b.limits_usd else None, "usd_limit": b.spec.usd,
+                "tokens_used": leased.tokens if b.limits_tokens else None, "tokens_limit": b.spec.tokens,
+            })
+    return rows
+
+
+def register(cli: click.Group) -> None:
+    """Attach `budget` to the top-level group."""
+
+    @cli.group()
+    def budget() -> None:
+        """Budgets of the gateway file (settings.gateway_file) and their use."""
+
+    @budget.command("list")
+    @click.option("--file", "path", default=None, help="The gateway file (default: settings.gateway_file).")
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def list_(ctx: click.Context, path: str | None, as_json: bool) -> None:
+        """Each budget's use this period (spent or held by a router replica) against its limit."""
+        settings = ctx.obj["settings"]
+        budgets = resolve(load_gateway_file(path or settings.gateway_file).budgets)
+        now = datetime.now(UTC)
+        rows = with_bus(settings, lambda bus: read_budgets(bus, budgets, now))
+        output(rows, as_json, title="budgets (used = spent or held by a router replica)", empty="no budgets declared")

@@ -1,0 +1,380 @@
+"""Budgets, rate limits and the response cache through the real router, nats-server and the `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import openai
+import pytest
+import yaml
+
+from lockgate import credentials
+from lockgate.bus import Bus
+from lockgate.cli.budget import read_budgets
+from lockgate.codec import Codec
+from lockgate.config import Settings
+from lockgate.contracts import BudgetEvent, InferenceEvent
+from lockgate.credentials import NotAllowed
+from lockgate.llmwire import ChatRequest
+from lockgate.pricebook import load_price_book
+from lockgate.server.apikeys import KeyStore, bootstrap
+from lockgate.server.natsserver import NatsServer, auth_config
+from lockgate.server.registry import ServiceSet
+from lockgate.server.service import ServiceContext
+from lockgate.services.router.admission import Admission, Ticket
+from lockgate.services.router.budgets import NANO, Amount, Counter, cost_of, input_estimate
+from lockgate.store import Store
+from lockgate.subjects import Subjects
+from lockgate.telemetry import Telemetry
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = "sim-good"  # priced in the shipped price book
+ANSWER = "one two three four five six seven eight nine ten eleven twelve"
+PRICE = load_price_book().models[MODEL]
+MAX_TOKENS = 20
+_events: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
+_budget_events: Codec[BudgetEvent] = Codec(BudgetEvent)
+
+
+def reservation() -> Amount:
+    """What the router reserves for one `hi` with max_tokens 20 (its prompt estimate + max_tokens)."""
+    return cost_of(PRICE, input_estimate(len(b"hi"), 1, 1.0), MAX_TOKENS)
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    async with SimServer(SimConfig(models={MODEL: ModelSpec(default=ANSWER)})) as s:
+        yield s
+
+
+def gateway(tmp_path: Path, **policy: Any) -> str:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return str(path)
+
+
+class Stack:
+    """Router replicas, each on its own NATS connection as separate processes would be."""
+
+    def __init__(self) -> None:
+        self.buses: list[Bus] = []
+        self.sets: list[ServiceSet] = []
+
+    async def add(self, settings: Settings, store: Store, name: str) -> Any:
+        b = Bus(settings.nats_url, Subjects(settings.prefix), name=name)
+        await b.connect()
+        self.buses.append(b)
+        svcs = ServiceSet(ServiceContext(bus=b, store=store, telemetry=Telemetry(), settings=settings), ["router"])
+        await svcs.start()
+        self.sets.append(svcs)
+        return svcs["router"]
+
+    async def close(self) -> None:
+        for svcs in self.sets:
+            await svcs.stop()
+        for b in self.buses:
+            await b.close()
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    s = Stack()
+    yield s
+    await s.close()
+
+
+def client(router: Any, key: str) -> openai.AsyncOpenAI:
+    # A thousand connections at once overflow the listen backlog: the kernel retries the SYNs
+    # (1 s, 3 s, ...), longer than the client's default 5 s connect timeout on a busy machine.
+    return openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=key, max_retries=0,
+                              timeout=openai.Timeout(90.0, connect=60.0))
+
+
+async def ask(c: openai.AsyncOpenAI, content: str = "hi", **extra: Any) -> Any:
+    return await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                           max_tokens=MAX_TOKENS, **extra)
+
+
+def spent(usages: list[Any]) -> int:
+    """Nano-USD of the answered calls, priced as the router settles them."""
+    return sum(cost_of(PRICE, u.prompt_tokens, u.completion_tokens).usd for u in usages)
+
+
+async def counter(bus: Bus, key: str) -> Amount:
+    kv = await bus.kv(bus.subjects.kv_budgets)
+    return msgspec.json.decode((await kv.get(key)).value, type=Counter).leased
+
+
+async def test_over_budget_is_a_429_naming_the_budget_and_settling_frees_the_unused_part(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    limit_usd = 0.0001
+    s = settings.replace(stable_upstream=sim.url, deployment="chat",
+                         gateway_file=gateway(tmp_path, budgets={"acme-daily": {"tenant": "acme", "usd": limit_usd}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    bus = router.ctx.bus
+    events = await bus.nc.subscribe(bus.subjects.budget("acme"))
+    c = client(router, keys.app_key)
+
+    usages = []
+    with pytest.raises(openai.RateLimitError) as refused:
+        for _ in range(50):
+            usages.append((await ask(c)).usage)
+    err = refused.value
+    assert err.status_code == 429 and err.code == "budget_exceeded"
+    message = err.body["message"]
+    assert "budget acme-daily (0.0001 USD per day) is exhausted for day 20" in message
+    assert "It resets at" in message and int(err.response.headers["Retry-After"]) > 0
+
+    # Each call reserved more than it used: had the reservations stayed spent, only limit // reservation
+    # calls would have fitted. Settlement gave the unused part back, so more did, within the limit.
+    limit = round(limit_usd * NANO)
+    assert len(usages) > limit // reservation().usd
+    assert spent(usages) <= limit
+    # What this replica holds goes back to the counter: it then holds exactly what was spent.
+    await router.admission.return_expired(force=True)
+    assert (await counter(bus, f"acme-daily.{_today()}")).usd == spent(usages)
+    # `lockgate budget list` reads the same counter.
+    (row,) = await read_budgets(bus, router.admission.budgets, datetime.now(UTC))
+    assert (row["budget"], row["selects"], row["usd_limit"], row["tokens_used"]) == ("acme-daily", "tenant=acme",
+                                                                                    limit_usd, None)
+    assert row["usd_used"] == round(spent(usages) / NANO, 6)
+
+    event = _budget_events.decode((await events.next_msg(timeout=10)).data)
+    assert (event.reason, event.budget, event.tenant, event.app, event.period) == (
+        "over_budget", "acme-daily", "acme", "shop", "day")
+    assert event.limit_usd == limit_usd and event.requested_usd == reservation().usd / NANO
+    assert event.replica == "router-a" and event.model == MODEL
+    await events.unsubscribe()
+
+
+def _today() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+async def test_1000_concurrent_requests_on_two_replicas_overshoot_at_most_one_reservation_each(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    limit_usd = 0.002  # room for roughly 80 of the 1,000 calls
+    s = settings.replace(stable_upstream=sim.url, deployment="chat",
+                         gateway_file=gateway(tmp_path, budgets={"small": {"app": "shop", "usd": limit_usd}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    a = await stack.add(s, store, "router-a")
+    b = await stack.add(s, store, "router-b")
+    clients = [client(a, keys.app_key), client(b, keys.app_key)]
+
+    async def one(i: int) -> Any:
+        try:
+            return (await ask(clients[i % 2])).usage
+        except openai.RateLimitError as exc:
+            return exc
+
+    try:
+        results = await asyncio.gather(*(one(i) for i in range(1000)))
+    finally:
+        for c in clients:
+            await c.close()
+    usages = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, Exception)]
+    assert usages and refused and len(usages) + len(refused) == 1000
+    assert all(r.code == "budget_exceeded" and "budget small" in r.body["message"] for r in refused)
+    limit = round(limit_usd * NANO)
+    overshoot = spent(usages) - limit
+    assert overshoot <= 2 * reservation().usd, (spent(usages), limit)
+    # Both replicas took part, and once their allowances are back the counter holds exactly the spend.
+    assert sim.requests[MODEL] == len(usages)
+    for r in (a, b):
+        await r.admission.return_expired(force=True)
+    assert (await counter(a.ctx.bus, f"small.{_today()}")).usd == spent(usages)
+
+
+async def test_budget_store_down_fails_closed(settings: Settings, store: Store, stack: Stack, sim: SimServer,
+                                              tmp_path: Path) -> None:
+    own = NatsServer(tmp_path / "own-nats")  # this test stops its bus, so not the session's server
+    await own.start()
+    try:
+        s = settings.replace(nats_url=own.url, stable_upstream=sim.url, deployment="chat",
+                             gateway_file=gateway(tmp_path, budgets={"acme-daily": {"tenant": "acme", "usd": 1.0}}))
+        keys = bootstrap(s.home, tenant="acme", app="shop")
+        router = await stack.add(s, store, "router-a")
+        c = client(router, keys.app_key)
+        await asyncio.to_thread(own.stop)
+        with pytest.raises(openai.InternalServerError) as down:
+            await ask(c)
+        assert down.value.status_code == 503 and down.value.code == "budget_store_unavailable"
+        assert "budget acme-daily (1 USD per day) cannot be checked" in down.value.body["message"]
+        assert "fail closed" in down.value.body["message"]
+        assert sim.requests == {}  # nothing reached the upstream
+    finally:
+        await own.start()  # back on its port, so the router stops cleanly
+        await stack.close()
+        own.stop()
+
+
+async def test_budget_store_down_can_fail_open(settings: Settings, store: Store, stack: Stack, sim: SimServer,
+                                               tmp_path: Path) -> None:
+    own = NatsServer(tmp_path / "own-nats")
+    await own.start()
+    try:
+        s = settings.replace(nats_url=own.url, stable_upstream=sim.url, deployment="chat",
+                             gateway_file=gateway(tmp_path, fail_open=True,
+                                                  budgets={"acme-daily": {"tenant": "acme", "usd": 1.0}}))
+        keys = bootstrap(s.home, tenant="acme", app="shop")
+        router = await stack.add(s, store, "router-a")
+        await asyncio.to_thread(own.stop)
+        answer = await ask(client(router, keys.app_key))
+        assert answer.choices[0].message.content == ANSWER
+    finally:
+        await own.start()
+        await stack.close()
+        own.stop()
+
+
+async def test_rate_limit_429_after_n_requests_per_minute(settings: Settings, store: Store, stack: Stack,
+                                                          sim: SimServer, tmp_path: Path) -> None:
+    s = settings.replace(stable_upstream=sim.url, deployment="chat",
+                         gateway_file=gateway(tmp_path, rate_limits=[{"tenant": "acme", "rpm": 3}]))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    now = [1000.0]
+    router.admission.clock = lambda: now[0]  # the minute passes when the test says so
+    c = client(router, keys.app_key)
+    for _ in range(3):
+        await ask(c)
+    with pytest.raises(openai.RateLimitError) as limited:
+        await ask(c)
+    assert limited.value.code == "rate_limit_exceeded"
+    assert "3 requests per minute" in limited.value.body["message"]
+    assert limited.value.response.headers["Retry-After"] == "20"
+    # Another key of the same tenant has its own bucket.
+    other, _ = KeyStore(s.home).create("acme", "shop")
+    await ask(client(router, other))
+    now[0] += 20.0  # one request's worth refilled
+    await ask(c)
+    with pytest.raises(openai.RateLimitError):
+        await ask(c)
+    assert sim.requests[MODEL] == 5
+
+
+async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Store, stack: Stack, sim: SimServer,
+                                                  tmp_path: Path) -> None:
+    s = settings.replace(stable_upstream=sim.url, deployment="faq", app="shop",
+                         gateway_file=gateway(tmp_path, cache={"deployments": {"faq": {"ttl_s": 60}}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    bus = router.ctx.bus
+    sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
+    now = [0.0]
+    router.admission.clock = lambda: now[0]
+    c = client(router, keys.app_key)
+
+    first = await c.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0, user="a")
+    assert first.headers["x-lockgate-cache"] == "miss"
+    # The same request from another user, keys in another order: served from the cache, byte for byte.
+    second = await c.chat.completions.with_raw_response.create(
+        temperature=0, max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": "hi"}], model=MODEL, user="b")
+    assert second.headers["x-lockgate-cache"] == "hit"
+    assert second.content == first.content and sim.requests[MODEL] == 1
+
+    events = []
+    while len(events) < 2:
+        events += _events.decode((await sub.next_msg(timeout=10)).data)
+    miss, hit = events
+    assert miss.attributes == {"cache": "miss"} and miss.output_tokens > 0
+    saved = cost_of(PRICE, miss.input_tokens, miss.output_tokens).usd / NANO
+    assert hit.attributes == {"cache": "hit", "cost_saved": f"{saved:.9f}"}
+    assert (hit.input_tokens, hit.output_tokens, hit.response) == (0, 0, ANSWER)  # nothing generated, nothing billed
+    await sub.unsubscribe()  # the events of the requests below are not read: do not leave them to the drain
+
+    # Sampled requests are not cached (absent temperature means the provider's 1), nor different ones.
+    for extra in ({"temperature": 0.7}, {}, {"temperature": 0, "max_tokens": 5}):
+        body = {"max_tokens": MAX_TOKENS, **extra}
+        raw = await c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], **body)
+        assert raw.headers.get("x-lockgate-cache") in (None, "miss")
+    assert sim.requests[MODEL] == 4
+
+    now[0] = 60.0  # the TTL has passed: a miss, answered by the upstream again
+    third = await c.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0)
+    assert third.headers["x-lockgate-cache"] == "miss" and sim.requests[MODEL] == 5
+
+
+async def test_under_auth_the_router_leases_and_reports_but_an_app_cannot_touch_the_counters(
+        tmp_path: Path, unique: str) -> None:
+    server = NatsServer(tmp_path / "nats", config=auth_config(Subjects(unique), credentials.ensure(tmp_path)))
+    await server.start()
+    settings = Settings(prefix=unique, home=str(tmp_path), nats_url=server.url)
+    buses = {}
+    try:
+        for identity in ("admin", "router", "app"):
+            buses[identity] = Bus(settings.nats_url, Subjects(unique), name=f"test-{identity}",
+                                  auth=credentials.for_identity(settings, identity),
+                                  manage_topology=identity == "admin")
+            await buses[identity].connect()
+        s = settings.replace(gateway_file=gateway(tmp_path, budgets={"tiny": {"tokens": 40}}))
+        adm = Admission(s, buses["router"], replica="router-a")
+        key = KeyStore(s.home).create("acme", "shop")[1]
+        req = msgspec.convert({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20},
+                              type=ChatRequest)
+        events = await buses["admin"].nc.subscribe(buses["admin"].subjects.budget("acme"))
+        adm.events.start()
+        ticket = await adm.admit(key, "chat", MODEL, req)  # leases from the counter as the router identity
+        assert isinstance(ticket, Ticket) and ticket.charges
+        refused = await adm.admit(key, "chat", MODEL, req)  # 33 tokens reserved of 40: the next does not fit
+        assert refused.status == 429
+        await adm.events.flush()
+        assert _budget_events.decode((await events.next_msg(timeout=10)).data).budget == "tiny"
+        await events.unsubscribe()
+        app = buses["app"]
+        with pytest.raises(NotAllowed):  # an application cannot forge or reset a budget counter
+            await app.publish(f"$KV.{app.subjects.kv_budgets}.tiny.{_today()}", b'{"leased":[0,0]}', msg_id="x")
+        with pytest.raises(NotAllowed):  # nor a budget event
+            await app.publish(app.subjects.budget("acme"), b"{}", msg_id="y")
+        assert (await counter(buses["admin"], f"tiny.{_today()}")).tokens > 0
+    finally:
+        for b in buses.values():
+            await b.close()
+        server.stop()
+
+
+async def test_a_shared_cache_answers_on_the_other_replica(settings: Settings, store: Store, stack: Stack,
+                                                           sim: SimServer, tmp_path: Path) -> None:
+    s = settings.replace(stable_upstream=sim.url, deployment="faq", app="shop",
+                         gateway_file=gateway(tmp_path, cache={"deployments": {"faq": {"ttl_s": 60, "shared": True}}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    a = await stack.add(s, store, "router-a")
+    b = await stack.add(s, store, "router-b")
+    first = await client(a, keys.app_key).chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0)
+    assert first.headers["x-lockgate-cache"] == "miss"
+    await a.admission.shared()  # the entry is in the bucket (shared off the request path)
+    second = await client(b, keys.app_key).chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0)
+    assert second.headers["x-lockgate-cache"] == "hit" and second.content == first.content
+    assert sim.requests[MODEL] == 1
+
+
+async def test_a_token_budget_per_key_stops_one_key_not_the_others(settings: Settings, store: Store, stack: Stack,
+                                                                   sim: SimServer, tmp_path: Path) -> None:
+    # 100 tokens a day for each key: a `hi` with max_tokens 20 reserves 33 and uses 18.
+    s = settings.replace(stable_upstream=sim.url, deployment="chat", gateway_file=gateway(
+        tmp_path, budgets={"per-key": {"tenant": "acme", "per": "key", "tokens": 100}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    c = client(router, keys.app_key)
+    used = 0
+    with pytest.raises(openai.RateLimitError) as refused:
+        for _ in range(10):
+            u = (await ask(c)).usage
+            used += u.prompt_tokens + u.completion_tokens
+    assert used <= 100 and "budget per-key (100 tokens per day)" in refused.value.body["message"]
+    other, _ = KeyStore(s.home).create("acme", "shop")
+    assert (await ask(client(router, other))).choices[0].message.content == ANSWER

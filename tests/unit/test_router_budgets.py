@@ -1,0 +1,221 @@
+"""Budgets, rate limits and the response cache: the pure parts of admission."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+
+from lockgate.errors import ConfigError
+from lockgate.pricebook import ModelPrice
+from lockgate.services.router.budgets import (
+    NANO,
+    ZERO,
+    Allowance,
+    Amount,
+    BudgetSpec,
+    Counter,
+    EventThrottle,
+    Periods,
+    cost_of,
+    grant,
+    input_estimate,
+    lease_ask,
+    period_id,
+    resolve,
+)
+from lockgate.services.router.cache import (
+    CacheConfig,
+    CacheSpec,
+    Entry,
+    ResponseCache,
+    from_shared,
+    request_key,
+    to_shared,
+)
+from lockgate.services.router.ratelimit import RateLimiter, RateLimitSpec
+
+NOW = datetime(2026, 12, 3, 23, 59, 59, tzinfo=UTC)
+PRICE = ModelPrice(input_per_mtok=1.0, output_per_mtok=2.0)
+
+
+def test_limits_are_counted_in_nano_usd_and_tokens() -> None:
+    (b,) = resolve({"daily": BudgetSpec(tenant="acme", usd=1.5, tokens=1000)})
+    assert b.limit == Amount(1_500_000_000, 1000) and b.limits_usd and b.limits_tokens
+    (usd_only,) = resolve({"d": BudgetSpec(usd=2)})
+    assert usd_only.need(Amount(5, 7)) == Amount(5, 0)  # the unlimited dimension is never counted
+    assert "daily (1.5 USD and 1000 tokens per day)" == b.describe()
+
+
+@pytest.mark.parametrize(("spec", "tenant", "app", "key", "ok"), [
+    (BudgetSpec(), "a", "b", "k", True),
+    (BudgetSpec(tenant="a"), "a", "b", "k", True),
+    (BudgetSpec(tenant="a"), "x", "b", "k", False),
+    (BudgetSpec(tenant="a", app="b"), "a", "c", "k", False),
+    (BudgetSpec(key="k"), "a", "b", "k", True),
+    (BudgetSpec(key="k"), "a", "b", "k2", False),
+])
+def test_budget_selects_by_tenant_app_and_key(spec: BudgetSpec, tenant: str, app: str, key: str, ok: bool) -> None:
+    (b,) = resolve({"x": msgspec.structs.replace(spec, usd=1.0)})
+    assert b.matches(tenant, app, key) is ok
+
+
+def test_a_budget_without_limits_is_refused() -> None:
+    with pytest.raises(ConfigError, match="budget 'x' limits nothing"):
+        resolve({"x": BudgetSpec(tenant="acme")})
+
+
+def test_counter_key_per_split_and_period() -> None:
+    day, month, per_key, per_app = resolve({
+        "day": BudgetSpec(usd=1), "month": BudgetSpec(period="month", usd=1),
+        "per-key": BudgetSpec(per="key", usd=1), "per-app": BudgetSpec(per="app", usd=1)})
+    periods = Periods.at(NOW)
+    assert day.counter("acme", "shop", "k1", periods) == "day.2026-12-03"
+    assert month.counter("acme", "shop", "k1", periods) == "month.2026-12"
+    assert per_key.counter("acme", "shop", "k1", periods) == "per-key.k1.2026-12-03"
+    # The split value is escaped: a dot or slash in it cannot make two splits share a key.
+    assert per_app.counter("acme", "shop.v2", "k1", periods) == "per-app.acme=2Fshop=2Ev2.2026-12-03"
+    assert period_id("day", datetime(2026, 12, 4, 0, 0, tzinfo=UTC)) == "2026-12-04"
+
+
+def test_reservation_is_an_upper_bound_of_the_call() -> None:
+    prompt = "héllo there"
+    estimate = input_estimate(len(prompt.encode()), 1, 1.0)
+    assert estimate >= len(prompt.encode())  # never fewer tokens than bytes
+    reserved = cost_of(PRICE, estimate, 100)
+    assert reserved.tokens == estimate + 100
+    assert reserved.usd == pytest.approx((estimate * 1.0 + 100 * 2.0) / 1e6 * NANO, abs=1)
+    assert cost_of(PRICE, 10, 20).usd <= reserved.usd
+    assert cost_of(None, 10, 20) == Amount(0, 30)  # unpriced: tokens still count
+
+
+def test_grant_never_takes_the_counter_past_the_limit() -> None:
+    limit = Amount(100, 0)
+    assert grant(Counter(leased=Amount(0, 0)), limit, Amount(30, 0), Amount(10, 0)) == Amount(30, 0)
+    assert grant(Counter(leased=Amount(80, 0)), limit, Amount(30, 0), Amount(10, 0)) == Amount(20, 0)
+    assert grant(Counter(leased=Amount(95, 0)), limit, Amount(30, 0), Amount(10, 0)) is None
+    assert grant(Counter(leased=Amount(90, 0)), limit, Amount(30, 0), Amount(10, 0)) == Amount(10, 0)
+
+
+def test_lease_asks_a_share_of_the_limit_or_what_is_lacking() -> None:
+    assert lease_ask(Amount(1000, 0), Amount(3, 0), 0.05) == Amount(50, 0)
+    assert lease_ask(Amount(1000, 0), Amount(70, 0), 0.05) == Amount(70, 0)
+
+
+def test_allowance_takes_settles_and_returns() -> None:
+    a = Allowance()
+    assert not a.take(Amount(1, 0), now=0.0)  # nothing leased yet
+    assert a.lacking(Amount(10, 0)) == Amount(10, 0)
+    a.add(Amount(50, 0), now=0.0, lease_s=5.0)
+    assert a.take(Amount(20, 0), now=1.0) and a.available == Amount(30, 0)
+    a.credit(Amount(20, 0) - Amount(5, 0))  # the call used 5 of its 20
+    assert a.available == Amount(45, 0)
+    assert a.surrender(now=4.0) == ZERO  # still live
+    assert not a.take(Amount(1, 0), now=5.0)  # expired: a fresh lease first
+    assert a.surrender(now=5.0) == Amount(45, 0) and a.available == ZERO
+
+
+def test_a_call_over_its_reservation_leaves_a_deficit_the_next_lease_pays() -> None:
+    a = Allowance()
+    a.add(Amount(10, 0), now=0.0, lease_s=5.0)
+    assert a.take(Amount(10, 0), now=0.0)
+    a.credit(Amount(10, 0) - Amount(14, 0))  # it cost 14
+    assert a.available == Amount(-4, 0)
+    assert a.lacking(Amount(10, 0)) == Amount(14, 0)
+    assert a.surrender(now=9.0) == Amount(-4, 0)  # returned as a charge to the store
+
+
+def test_event_throttle_counts_the_refusals_between_events() -> None:
+    t = EventThrottle(5.0)
+    assert t.count("c", "over_budget", 0.0) == 1
+    assert [t.count("c", "over_budget", x) for x in (1.0, 2.0, 3.0)] == [0, 0, 0]
+    assert t.count("c", "store_unavailable", 3.0) == 1  # another reason reports on its own
+    assert t.count("c", "over_budget", 6.0) == 4
+
+
+def test_counter_wire_format_is_small_and_stable() -> None:
+    assert msgspec.json.encode(Counter(leased=Amount(5, 7))) == b'{"leased":[5,7]}'
+
+
+# -- rate limits ------------------------------------------------------------------------------------
+
+
+def test_rpm_refuses_after_n_requests_and_refills_with_the_clock() -> None:
+    rl = RateLimiter([RateLimitSpec(tenant="acme", rpm=3)])
+    assert [rl.admit("acme", "shop", "k1", 10, now=0.0) for _ in range(3)] == [None, None, None]
+    refused = rl.admit("acme", "shop", "k1", 10, now=0.0)
+    assert refused is not None and "3 requests per minute" in refused.message and "k1" in refused.message
+    assert refused.retry_after_s == pytest.approx(20.0)
+    assert rl.admit("acme", "shop", "k2", 10, now=0.0) is None  # each key its own bucket
+    assert rl.admit("other", "shop", "k3", 10, now=0.0) is None  # not selected: no limit
+    assert rl.admit("acme", "shop", "k1", 10, now=20.0) is None  # one request refilled
+    assert rl.admit("acme", "shop", "k1", 10, now=20.0) is not None
+
+
+def test_tpm_charges_the_reservation_and_settles_to_usage() -> None:
+    rl = RateLimiter([RateLimitSpec(key="k1", tpm=1000)])
+    assert rl.admit("t", "a", "k1", 600, now=0.0) is None
+    assert rl.admit("t", "a", "k1", 600, now=0.0) is not None  # 600 of 1000 reserved
+    rl.settle("t", "a", "k1", reserved=600, used=100, now=0.0)
+    assert rl.admit("t", "a", "k1", 600, now=0.0) is None
+    too_big = rl.admit("t", "a", "k1", 5000, now=0.0)
+    assert too_big is not None and "lower max_tokens" in too_big.message
+
+
+def test_a_refused_request_takes_nothing_from_any_bucket() -> None:
+    rl = RateLimiter([RateLimitSpec(rpm=10, tpm=100)])
+    assert rl.admit("t", "a", "k", 500, now=0.0) is not None  # tokens refuse: the request is not counted
+    assert all(rl.admit("t", "a", "k", 1, now=0.0) is None for _ in range(10))
+
+
+# -- response cache ---------------------------------------------------------------------------------
+
+ZERO_T = CacheSpec(ttl_s=60)
+
+
+def _req(**extra: object) -> dict:
+    return {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0, **extra}
+
+
+def test_key_ignores_user_and_stream_options_and_key_order() -> None:
+    a = request_key("acme", "faq", "r1", _req(user="alice"), ZERO_T)
+    b = request_key("acme", "faq", "r1", {"temperature": 0, "messages": [{"content": "hi", "role": "user"}],
+                                          "model": "m", "user": "bob", "stream_options": {"x": 1}}, ZERO_T)
+    assert a is not None and a == b
+    assert request_key("acme", "faq", "r1", _req(max_tokens=5), ZERO_T) != a
+    assert request_key("other", "faq", "r1", _req(), ZERO_T) != a  # never across tenants
+    assert request_key("acme", "faq", "r2", _req(), ZERO_T) != a  # nor across releases
+
+
+@pytest.mark.parametrize(("body", "spec", "cached"), [
+    (_req(temperature=0), ZERO_T, True),
+    (_req(temperature=0.7), ZERO_T, False),
+    ({"model": "m", "messages": []}, ZERO_T, False),  # absent temperature: the provider's 1
+    (_req(temperature=0.7), CacheSpec(any_temperature=True), True),
+    (_req(stream=True), ZERO_T, False),
+])
+def test_temperature_rule(body: dict, spec: CacheSpec, cached: bool) -> None:
+    assert (request_key("t", "d", "r", body, spec) is not None) is cached
+
+
+def test_lru_ttl_and_byte_bound() -> None:
+    cache = ResponseCache(CacheConfig(max_bytes=800))
+    cache.put("a", Entry(body=b"a" * 100, expires=10.0))
+    cache.put("b", Entry(body=b"b" * 100, expires=10.0))
+    assert cache.get("a", now=9.9) is not None
+    assert cache.get("a", now=10.0) is None and len(cache) == 1  # expired: a miss, and dropped
+    assert not cache.put("big", Entry(body=b"x" * 101, expires=99.0))  # over an eighth of the cache
+    for i in range(10):
+        cache.put(f"k{i}", Entry(body=b"z" * 100, expires=99.0))
+    assert cache.bytes <= 800 and cache.get("b", now=0.0) is None  # least recently used went first
+    assert cache.get("k9", now=0.0) is not None
+
+
+def test_shared_entries_carry_their_expiry_across_clocks() -> None:
+    entry = Entry(body=b"{}", expires=110.0, model="m", input_tokens=3)
+    data = to_shared(entry, now=100.0, wall=5000.0)  # 10 s left, written by one process
+    got = from_shared(data, now=7.0, wall=5004.0)  # read by another, 4 s later, on its own monotonic clock
+    assert got is not None and got.expires == pytest.approx(13.0) and got.input_tokens == 3
+    assert from_shared(data, now=7.0, wall=5010.0) is None  # expired meanwhile
+    assert from_shared(b"not msgpack", now=0.0, wall=0.0) is None
