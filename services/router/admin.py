@@ -67,6 +67,7 @@ class Admin:
         app.router.add_put(PREFIX + "/{deployment}", self.put)
         app.router.add_post(PREFIX + "/{deployment}/abort", self.abort)
         app.router.add_post(PREFIX + "/{deployment}/promote", self.promote)
+        app.router.add_post(PREFIX + "/{deployment}/undo", self.undo)
         app.router.add_delete(PREFIX + "/{deployment}/break-glass", self.clear_override)
         Actions(self.rollouts, KEY).add_routes(app, PREFIX)  # pause, resume, set-weight
 
@@ -109,6 +110,10 @@ class Admin:
     async def promote(self, request: web.Request) -> web.Response:
         """Make the canary stable now."""
         return await self._manual(request, "promote")
+
+    async def undo(self, request: web.Request) -> web.Response:
+        """Put the previous release back (a blue-green one only within its scale-down window)."""
+        return await self._manual(request, "undo")
 
     async def clear_override(self, request: web.Request) -> web.Response:
         """End a break-glass override (admin): a canary no decision allows goes back to 0%."""

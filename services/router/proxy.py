@@ -84,7 +84,7 @@ class Proxy:
         route = self.rollouts.route(deployment)
         # Sticky by user, else session, else the client's own key; never by the client's IP, which
         # would send every user behind one app host or NAT to the same variant.
-        variant, target = domain.choose(route, user or session or h.get("x-lockgate-sticky-key") or "")
+        variant, target = domain.choose(route, user or session or h.get("x-lockgate-sticky-key") or "", h)
         model = target.model or req.model
         want_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
         # Streams without usage would leave token counts unknown: ask for them, hide them again.
