@@ -64,6 +64,7 @@ class Admin:
         """Register the admin endpoints (guarded by `middleware`)."""
         app.router.add_get(PREFIX, self.list)
         app.router.add_get(PREFIX + "/{deployment}", self.get)
+        app.router.add_get(PREFIX + "/{deployment}/shadow", self.shadow)
         app.router.add_put(PREFIX + "/{deployment}", self.put)
         app.router.add_post(PREFIX + "/{deployment}/abort", self.abort)
         app.router.add_post(PREFIX + "/{deployment}/promote", self.promote)
@@ -82,6 +83,15 @@ class Admin:
         except InvalidName as exc:
             return error_response(400, exc.message, "invalid_request_error")
         return _json(self.rollouts.route(deployment))
+
+    async def shadow(self, request: web.Request) -> web.Response:
+        """How the rollout's shadow answers compare with the served ones (this replica's mirror counts)."""
+        try:
+            deployment = check_name(request.match_info["deployment"], "deployment")
+        except InvalidName as exc:
+            return error_response(400, exc.message, "invalid_request_error")
+        return web.Response(body=_encoder.encode(self.rollouts.shadow_summary(deployment)),
+                            content_type="application/json")
 
     async def put(self, request: web.Request) -> web.Response:
         """Start a canary: {stable_release, canary_release, canary_model?, initial_weight?, break_glass?}."""

@@ -56,6 +56,12 @@ def collecting(route: Route) -> bool:
                                and route.phase == "progressing")
 
 
+def shadowing(route: Route) -> bool:
+    """True while the rollout mirrors traffic to its candidate: a shadow strategy, admitted and live."""
+    return (route.strategy is not None and route.strategy.shadow is not None and route.canary is not None
+            and route.phase == "progressing")
+
+
 def due_at(route: Route) -> float | None:
     """When the route next needs the timer: a paused route is only measured (or its timed pause ends),
     never stepped; a promoted blue-green route is verified and scaled down on time."""

@@ -27,6 +27,7 @@ from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.services.router import domain
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.rollouts import Rollouts
+from lockgate.services.router.shadow import Shadow
 from lockgate.services.router.wire import (
     error_response,
     openai_error,
@@ -59,6 +60,7 @@ class Proxy:
         self.batcher = batcher
         self.tracer = tracer
         self.session: aiohttp.ClientSession | None = None
+        self.shadow = Shadow(rollouts, endpoints, batcher, lambda: self.session)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """Proxy one chat completion to the stable or canary upstream."""
@@ -111,6 +113,9 @@ class Proxy:
                 up_headers[name] = value
         out_headers = {"x-lockgate-variant": variant, "x-lockgate-release": target.release,
                        "x-lockgate-trace-id": trace_id}
+        # Shadow: a sampled copy to the candidate, scheduled off the request path (request.read() is the
+        # cached body as the client sent it, before this release's patches).
+        self.shadow.maybe_mirror(route, variant, key, deployment, await request.read(), req, trace_id, user, session)
         rec = _Record(status="ok")
         try:
             if req.stream:

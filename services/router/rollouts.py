@@ -34,6 +34,7 @@ from lockgate.services.router import analysis, bluegreen, domain, progress
 from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.evidence import Evidence
+from lockgate.services.router.shadowstats import Budget, Ledger, ShadowSummary
 from lockgate.signing import Verifier
 from lockgate.subjects import token, untoken
 
@@ -97,7 +98,13 @@ class Rollouts:
         # Decisions move traffic, so only those signed by a trusted gatekeeper key are acted on.
         self.verifier = Verifier(ctx.bus, s)
         # Live evidence per variant for canary analysis, fed by `observe` (priced like the cost service).
-        self.evidence = Evidence(_pricer(s))
+        price = _pricer(s)
+        self.evidence = Evidence(price)
+        # Shadow traffic: the served-versus-shadow comparison (from events) and this replica's mirror budgets.
+        self.shadows = Ledger(price)
+        self._budgets: dict[str, tuple[tuple[str, float], Budget]] = {}
+        self._ledgers: dict[str, tuple[str, float]] = {}
+        self._shadowed = asyncio.Event()  # set after shadow bookkeeping, for `wait_for_shadow`
 
     # reads (hot path)
     def route(self, deployment: str) -> Route:
@@ -306,20 +313,59 @@ class Rollouts:
 
     # live evidence
     def analysing(self) -> bool:
-        """True while any deployment's canary is under analysis (evidence is worth keeping)."""
-        return any(progress.collecting(r) for r in self.routes.values())
+        """True while any deployment's rollout is under analysis or mirrored (its events are worth keeping)."""
+        return any(progress.collecting(r) or progress.shadowing(r) for r in self.routes.values())
 
     def observe(self, events: list[InferenceEvent]) -> None:
         """Keep the events of deployments whose canary is under analysis (either variant's release; an
-        SDK event that names only its variant counts for that variant's release)."""
+        SDK event that names only its variant counts for that variant's release), and pair shadow events
+        with the served ones of mirrored deployments."""
+        shadowed = False
         for e in events:
-            route = self.routes.get(e.deployment or e.app)
-            if route is None or route.canary is None or not progress.collecting(route):
+            deployment = e.deployment or e.app
+            route = self.routes.get(deployment)
+            if route is None or route.canary is None:
+                continue
+            if progress.shadowing(route):
+                rollout = (route.canary.release, route.started_at)
+                if self._ledgers.get(deployment) != rollout:  # a new rollout compares from nothing
+                    self._ledgers[deployment] = rollout
+                    self.shadows.start(deployment, route.canary.release)
+                self.shadows.add(deployment, e)
+                shadowed = True
+            if not progress.collecting(route):
                 continue
             release = e.release or (route.canary.release if e.variant == "canary" else route.stable.release)
             # Shadow events count for the candidate too: a blue-green preview is judged on mirrored traffic.
             if release in (route.canary.release, route.stable.release):
                 self.evidence.add(e, release)
+        if shadowed:
+            changed, self._shadowed = self._shadowed, asyncio.Event()
+            changed.set()
+
+    async def wait_for_shadow(self, deployment: str, predicate: Callable[[ShadowSummary], bool],
+                              timeout: float) -> ShadowSummary:
+        """Wait until predicate(shadow summary) holds (checked after every event of a mirrored deployment)."""
+        async with asyncio.timeout(timeout):
+            while not predicate(summary := self.shadow_summary(deployment)):
+                await self._shadowed.wait()
+        return summary
+
+    def shadow_budget(self, route: Route) -> Budget | None:
+        """This replica's mirror budget for the route's rollout (None when it does not mirror)."""
+        if not progress.shadowing(route) or route.strategy is None or route.strategy.shadow is None:
+            return None
+        assert route.canary is not None
+        rollout = (route.canary.release, route.started_at)
+        held = self._budgets.get(route.deployment)
+        if held is None or held[0] != rollout or held[1].spec != route.strategy.shadow:
+            held = self._budgets[route.deployment] = (rollout, Budget(route.strategy.shadow, time.monotonic))
+        return held[1]
+
+    def shadow_summary(self, deployment: str) -> ShadowSummary:
+        """The served-versus-shadow comparison of the deployment's rollout, with this replica's budget counts."""
+        held = self._budgets.get(deployment)
+        return self.shadows.summary(deployment, held[1] if held else None)
 
     def measurement(self, route: Route, now: float) -> analysis.Measurement:
         """The canary against stable over the analysis window (else since the canary started), at the

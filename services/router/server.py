@@ -88,6 +88,7 @@ class RouterService(Service):
         except Exception:
             self.log.warning("route changes left unpersisted at stop", exc_info=True)
         await self.rollouts.close()
+        await self.proxy.shadow.close()
         if self.proxy.session is not None:
             await self.proxy.session.close()
         await super().stop()

@@ -144,6 +144,25 @@ def metric_rows(route: dict[str, Any]) -> list[dict[str, Any]]:
              "why": m.get("why", "")} for m in last.get("metrics", [])]
 
 
+def shadow_rows(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """The served-versus-shadow comparison as rows (deltas are shadow minus served)."""
+    def num(v: Any, fmt: str = ".3g") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted((s.get("skipped") or {}).items())) or "-"
+    return [{"field": k, "value": v} for k, v in (
+        ("candidate", s.get("candidate") or "-"),
+        ("mirrored (this router)", f"{s.get('mirrored', 0)} ({s.get('in_flight', 0)} in flight); skipped: {skipped}"),
+        ("shadow events / pairs", f"{s.get('shadow_events', 0)} / {s.get('pairs', 0)}"),
+        ("exact match", num(s.get("exact_match_rate"), ".1%")),
+        ("errors served / shadow", f"{num(s.get('served_error_rate'), '.1%')} / {num(s.get('shadow_error_rate'), '.1%')}"),
+        ("mean length delta (chars)", num(s.get("mean_length_delta"))),
+        ("mean output tokens delta", num(s.get("mean_output_tokens_delta"))),
+        ("mean latency delta (ms)", num(s.get("mean_latency_delta_ms"))),
+        ("shadow cost (USD)", num(s.get("shadow_cost_usd"), ".4g")),
+    )]
+
+
 def register(cli: click.Group) -> None:
     """Attach `rollout` to the top-level group."""
 
@@ -170,6 +189,9 @@ def register(cli: click.Group) -> None:
         metrics = metric_rows(route)
         if metrics:
             table(metrics, title="last analysis")
+        if (route.get("strategy") or {}).get("shadow"):
+            table(shadow_rows(admin(click.get_current_context()).call("GET", f"/{route.get('deployment')}/shadow")),
+                  title="shadow (candidate vs served)", columns=["field", "value"])
 
     @rollout.command("get")
     @click.argument("deployment")
