@@ -18,7 +18,7 @@ import nats.js.errors
 from lockgate import artifacts
 from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import DriftReport, GateDecided, InferenceEvent, RolloutState
+from lockgate.contracts import DriftReport, GateDecided, InferenceEvent, InferenceScored, RolloutState
 from lockgate.errors import (
     BusUnavailable,
     InvalidEvent,
@@ -105,6 +105,7 @@ class Rollouts:
         self._budgets: dict[str, tuple[tuple[str, float], Budget]] = {}
         self._ledgers: dict[str, tuple[str, float]] = {}
         self._shadowed = asyncio.Event()  # set after shadow bookkeeping, for `wait_for_shadow`
+        self._scored = asyncio.Event()  # set after online scores, for `wait_for_scores`
 
     # reads (hot path)
     def route(self, deployment: str) -> Route:
@@ -342,6 +343,25 @@ class Rollouts:
         if shadowed:
             changed, self._shadowed = self._shadowed, asyncio.Event()
             changed.set()
+
+    def observe_scores(self, scored: list[InferenceScored]) -> None:
+        """Keep the online scores of answers of deployments under analysis, by the answer's release."""
+        for s in scored:
+            route = self.routes.get(s.deployment or s.app)
+            if route is None or route.canary is None or not progress.collecting(route):
+                continue
+            release = s.release or (route.canary.release if s.variant == "canary" else route.stable.release)
+            if release in (route.canary.release, route.stable.release) or (
+                    route.previous is not None and release == route.previous.release):
+                self.evidence.add_scores(route.deployment, release, s.time.timestamp(), s.scores)
+        changed, self._scored = self._scored, asyncio.Event()
+        changed.set()
+
+    async def wait_for_scores(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until predicate() holds (checked after every batch of online scores)."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await self._scored.wait()
 
     async def wait_for_shadow(self, deployment: str, predicate: Callable[[ShadowSummary], bool],
                               timeout: float) -> ShadowSummary:

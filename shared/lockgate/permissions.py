@@ -58,7 +58,7 @@ DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
              "events": ("artifacts", "lineage_runs", "eval_runs", "rollout_events", "drift_reports"),
              "facts": ("releases", "lineage_edges", "eval_cases", "gate_decisions", "cost_ledger", "audit_log")},
     "lineage": {"events": ("release", "run", "eval", "gate", "rollout")},
-    "evaluator": {"events": ("requests",)},
+    "evaluator": {"events": ("requests",), "inference": ("online",)},  # online: sampled live traffic scored
     "gatekeeper": {"events": ("evals", "reviews"), "audit": ("audit",)},  # audit: the chainer
     "router": {"events": ("gates", "drift")},
     "drift": {"inference": ("inference",), "events": ("rollout",)},
@@ -166,6 +166,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(_consume(s, "evaluator")).add(_read_objects(s.object_store))
         g.add(_write_kv(s.kv_eval_cache)).add(_write_kv(s.kv_eval_runs))
         g.add(Grant(publish=[s.eval_completed, s.lineage_run, s.eval_cases, f"{s.prefix}.progress.eval.>", s.query]))
+        g.add(Grant(publish=[s.eval_scores_all]))  # online scores of sampled live traffic
     elif identity == "gatekeeper":
         # It reads the evaluator's run records (not writes them) and publishes decisions and their audit rows.
         g.add(service).add(_consume(s, "gatekeeper")).add(_read_objects(s.object_store))
@@ -183,6 +184,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(Grant(publish=[s.audit("router")]))  # its manual rollout actions and overrides, as itself
         # Canary analysis reads live inference events (core subscription, every replica all of them).
         g.add(Grant(subscribe=[s.inference_all]))
+        g.add(Grant(subscribe=[s.eval_scores_all]))  # and the online scores of sampled live traffic
     elif identity == "drift":
         g.add(service).add(_consume(s, "drift"))
         g.add(_write_kv(s.kv_drift)).add(Grant(publish=[s.drift_all, s.query]))

@@ -29,7 +29,7 @@ from lockgate.contracts.evals import (
 )
 from lockgate.contracts.gates import GateAudited, GateDecided, GateReview, RuleResult
 from lockgate.contracts.gitops import AppliedChange, ApplyRecorded
-from lockgate.contracts.inference import InferenceEvent
+from lockgate.contracts.inference import InferenceEvent, InferenceScored
 from lockgate.contracts.rollout import RolloutState
 from lockgate.contracts.telemetry import SpanBatch, SpanRecord
 
@@ -57,6 +57,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     AuditEntry,
     # what `lockgate apply` did
     ApplyRecorded,
+    # online evaluation of sampled live traffic
+    InferenceScored,
 )
 
 AnyEvent = Union[EVENT_TYPES]  # noqa: UP007 - a runtime tagged union for msgspec
@@ -89,6 +91,7 @@ __all__ = [
     "GateAudited",
     "GateDecided",
     "InferenceEvent",
+    "InferenceScored",
     "LineageEdge",
     "LineageEdges",
     "LineageRun",

@@ -34,6 +34,7 @@ from lockgate.contracts import (
     GateDecided,
     GateReview,
     InferenceEvent,
+    InferenceScored,
     LineageEdge,
     LineageEdges,
     LineageRun,
@@ -163,5 +164,8 @@ SAMPLES: dict[str, Event] = {
                                              previous="sha256:" + "1" * 64, release="shop@0123456789ab",
                                              source="releases/shop.yaml")],
                       unchanged=3),
+        InferenceScored(**envelope(21), event_id="01941f29-7c00-7000-8000-000000000001", app="shop",
+                        deployment="web", variant="canary", release="shop-v2",
+                        scores={"pii_free": 1.0, "length": 7.5}),
     )
 }
