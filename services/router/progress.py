@@ -207,25 +207,47 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
 _LOWER_IS_BETTER = frozenset({"latency_ms", "ttft_ms", "cost_usd"})
 
 
-def _improved(f: FeatureDrift) -> bool:
-    return f.feature in _LOWER_IS_BETTER and f.current_mean < f.reference_mean
+def _harmless(f: FeatureDrift) -> bool:
+    """Drift that is no reason to roll back: an improvement, or a change the rollout makes by design.
+
+    Categorical features are named `feature:category` after the category whose share moved.
+    """
+    name, _, category = f.feature.partition(":")
+    rose = f.current_mean > f.reference_mean
+    if name == "model":
+        return True  # a canary serves its own model: that the mix of models moved is the rollout itself
+    if name == "error_type":
+        return rose == (category == "(none)")  # more answers without an error, or fewer with one
+    if name == "finish_reason":
+        return category == "stop" and rose  # more answers that ended normally
+    return f.feature in _LOWER_IS_BETTER and not rose
+
+
+def _describe(f: FeatureDrift) -> str:
+    what = "share" if ":" in f.feature else "mean"
+    return f"{f.feature} (PSI {f.psi:.3g}, {what} {f.reference_mean:.4g} -> {f.current_mean:.4g})"
 
 
 def on_drift(route: Route, report: DriftReport) -> Route | None:
-    """A DRIFT report covering a live canary's traffic aborts it, naming the drifting features.
+    """A DRIFT report covering a live canary's traffic aborts it, naming the drifting features; one
+    covering a blue-green release under post-promotion analysis rolls it back.
 
     The drift monitor watches a deployment as a whole, so during a rollout its current window holds
     the canary's traffic: drift that appears then is taken as the canary's (fail-safe). Only drift that
     can harm counts: latency (or cost) that fell is an improvement, so it alone never aborts.
     """
-    if (route.canary is None or not report.drifted or route.phase in ("promoted", "aborted") or route.weight <= 0
-            or report.window_end.timestamp() < route.started_at):
+    verifying = route.phase == "promoted" and route.verifying
+    since = route.promoted_at if verifying else route.started_at
+    if (route.canary is None or not report.drifted or report.window_end.timestamp() < since
+            or not (verifying or (route.phase not in ("promoted", "aborted") and route.weight > 0))):
         return None
-    harmful = [f for f in report.features if f.drifted and not _improved(f)]
+    harmful = [f for f in report.features if f.drifted and not _harmless(f)]
     if report.features and not harmful:  # e.g. a faster canary: drift, but no harm to roll back for
         return None
-    features = ", ".join(f"{f.feature} (PSI {f.psi:.3g}, mean {f.reference_mean:.4g} -> {f.current_mean:.4g})"
-                         for f in harmful) or "unnamed feature"
+    features = ", ".join(_describe(f) for f in harmful) or "unnamed feature"
+    if verifying:
+        why = f"drift report {report.id} during post-promotion analysis: DRIFT in {features}"
+        return domain.rollback(route, why, decision_id=route.decision_id)
     return msgspec.structs.replace(
         domain.abort(route, f"drift report {report.id} at {_where(route)}: DRIFT in {features}"), paused=False)
 
