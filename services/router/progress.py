@@ -67,9 +67,9 @@ def due_at(route: Route) -> float | None:
     never stepped; a promoted blue-green route is verified and scaled down on time."""
     times: list[float] = []
     if route.phase == "promoted":
-        if route.verifying:
+        if route.verifying:  # the scale-down waits for the post-promotion analysis
             times.append(route.next_step_at)
-        if route.scale_down_at:
+        elif route.scale_down_at:
             times.append(route.scale_down_at)
         return min(times) if times else None
     if route.phase != "progressing":
@@ -140,6 +140,9 @@ def _advance(route: Route, st: AnalysisStatus, steps: tuple[float, ...], interva
         then = "promote by hand" if not route.promote_at else "promotes itself once its delay is over"
         return _bump(route, analysis=st, next_step_at=now + interval_s,
                      reason=f"pre-promotion {where}; {then}")
+    if route.strategy is not None and route.strategy.shadow_only():
+        return _bump(route, analysis=st, next_step_at=now + interval_s,
+                     reason=f"{where}; shadow only: the candidate serves no user until promoted by hand")
     if program.programmed(route) and route.strategy is not None:
         return program.run(msgspec.structs.replace(route, analysis=st), route.strategy.program(), interval_s, now,
                            where)

@@ -181,3 +181,16 @@ def test_shadow_only_rollout_serves_no_user_from_the_candidate() -> None:
     r = _pass(_route({"shadow": {"sample": 0.5}}))
     assert (r.phase, r.weight) == ("progressing", 0.0) and "mirrored requests only" in r.reason
     assert progress.due_at(r) is None and all(domain.choose(r, f"u{i}", TESTER)[0] == "stable" for i in range(100))
+
+
+def test_scale_down_waits_for_the_post_promotion_analysis_without_a_busy_timer() -> None:
+    r = _bg(post_promotion_analysis=msgspec.to_builtins(SPEC), scale_down_delay_s=5)
+    p = bluegreen.promote(r, "by operator", now=200.0, interval_s=10.0)
+    assert progress.due_at(p) == 210.0  # not the (earlier) scale-down: nothing would change then
+    assert progress.on_time(p, DEFAULT, 10.0, 206.0) is None
+
+
+def test_shadow_only_analysis_never_gives_the_candidate_weight() -> None:
+    r = _pass(_route({"shadow": {}, "analysis": msgspec.to_builtins(SPEC), "interval_s": 10}))
+    new = progress.on_measurement(r, _m("SUCCESSFUL"), DEFAULT, 10.0, now=110.0)
+    assert new is not None and new.weight == 0.0 and new.phase == "progressing" and "shadow only" in new.reason
