@@ -1,7 +1,15 @@
-"""Pure drift monitoring: per-deployment reference and sliding current windows in numpy arrays."""
+"""Pure drift monitoring: per-deployment reference and sliding current windows in numpy arrays.
+
+Numeric features are compared by PSI over the reference's deciles and the KS test. Categorical ones
+(finish reason, error type, model) are stored as codes (a hash of the value) and compared by PSI over
+the categories and a chi-squared test; their FeatureDrift is named `feature:category` after the
+category whose share moved most, with ks_stat/ks_pvalue holding the chi-squared statistic and p-value
+and the means holding that category's share in the reference and current windows.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -12,7 +20,15 @@ import numpy as np
 from lockgate.contracts import DriftReport, FeatureDrift, InferenceEvent
 from lockgate.services.drift import stats
 
-FEATURES = ("output_tokens", "latency_ms", "input_tokens")
+NUMERIC = ("output_tokens", "latency_ms", "input_tokens")
+CATEGORICAL = ("finish_reason", "error_type", "model")
+FEATURES = NUMERIC + CATEGORICAL
+_LABELS_MAX = 4096  # category names kept to name a drifting category (codes are what is stored)
+
+
+def code(value: str) -> float:
+    """A category's code: 48 bits of its hash (exact in a float64 column, stable across restarts)."""
+    return float(int.from_bytes(hashlib.sha256(value.encode()).digest()[:6], "big"))
 
 
 def deployment_of(event: InferenceEvent) -> str:
@@ -20,9 +36,18 @@ def deployment_of(event: InferenceEvent) -> str:
     return event.deployment or event.app
 
 
-def feature_matrix(events: Sequence[InferenceEvent]) -> tuple[np.ndarray, np.ndarray]:
-    """(n x len(FEATURES)) feature values and the n event times as epoch seconds."""
-    values = np.array([(e.output_tokens, e.latency_ms, e.input_tokens) for e in events], dtype=np.float64)
+def feature_matrix(events: Sequence[InferenceEvent],
+                   labels: dict[float, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(n x len(FEATURES)) feature values and the n event times as epoch seconds; `labels` learns the
+    names of the category codes."""
+    rows = []
+    for e in events:
+        cats = (e.finish_reason, e.error_type, e.model)
+        codes = tuple(code(c) for c in cats)
+        if labels is not None and len(labels) < _LABELS_MAX:
+            labels.update(zip(codes, cats, strict=True))
+        rows.append((e.output_tokens, e.latency_ms, e.input_tokens, *codes))
+    values = np.array(rows, dtype=np.float64)
     times = np.array([e.time.timestamp() for e in events], dtype=np.float64)
     return values.reshape(len(events), len(FEATURES)), times
 
@@ -72,6 +97,8 @@ def snapshot(deployment: str, w: Windows) -> Snapshot:
 def restore(s: Snapshot, reference_size: int, window_size: int) -> Windows:
     """Windows from a snapshot; if the configured sizes changed, the newest rows that fit are kept."""
     w = Windows(reference_size, window_size, app=s.app, tenant=s.tenant)
+    if any(len(row) != len(FEATURES) for row in (*s.reference[:1], *s.current[:1])):
+        return w  # stored before the features changed: a fresh reference, never misaligned columns
     ref = np.asarray(s.reference, dtype=np.float64).reshape(-1, len(FEATURES))[:reference_size]
     w.ref[:len(ref)] = ref
     w.ref_n = len(ref)
@@ -93,6 +120,7 @@ class DriftMonitor:
         self.psi_threshold = psi_threshold
         self.bins = bins
         self.windows: dict[str, Windows] = {}
+        self.labels: dict[float, str] = {}  # category code -> value, to name drifting categories
 
     def reset(self, deployment: str) -> None:
         """Forget a deployment's windows (after a promotion the new traffic is the reference)."""
@@ -105,7 +133,7 @@ class DriftMonitor:
             groups.setdefault(deployment_of(e), []).append(e)
         reports: list[DriftReport] = []
         for deployment, group in groups.items():
-            values, times = feature_matrix(group)
+            values, times = feature_matrix(group, self.labels)
             last = group[-1]
             reports += self.observe(deployment, values, times, app=last.app, tenant=last.tenant)
         return reports
@@ -143,6 +171,13 @@ class DriftMonitor:
         ref, cur = w.ref[:w.ref_n], w.cur[:w.cur_n]
         features = []
         for j, name in enumerate(FEATURES):
+            if name in CATEGORICAL:
+                psi, chi2, p, top, share_ref, share_cur = stats.categorical(ref[:, j], cur[:, j])
+                label = self.labels.get(top, f"#{int(top):x}")
+                features.append(FeatureDrift(
+                    feature=f"{name}:{label or '(none)'}", psi=psi, ks_stat=chi2, ks_pvalue=p,
+                    reference_mean=share_ref, current_mean=share_cur, drifted=psi >= self.psi_threshold))
+                continue
             psi = stats.psi(ref[:, j], cur[:, j], self.bins)
             ks_stat, ks_p = stats.ks(ref[:, j], cur[:, j])
             features.append(FeatureDrift(

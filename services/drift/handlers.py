@@ -66,6 +66,8 @@ class DriftHandlers:
         """Observe a message's events once; emit any reports that came due."""
         await self._restore()
         events = value if isinstance(value, list) else [value]
+        # Shadow calls answered nobody: they are the candidate's, not the deployment's traffic.
+        events = [e for e in events if e.variant != "shadow"]
         token = delivery.msg_id or f"seq-{delivery.stream_seq}"
         if token not in self._seen:
             before = {d: w.ref_n for d, w in self.monitor.windows.items()}

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from lockgate.bus import consume
-from lockgate.contracts import EvalRequested
+from lockgate.contracts import EvalRequested, InferenceEvent
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.evaluator.handlers import EvalHandlers
+from lockgate.services.evaluator.online_handler import OnlineEval
 
 
 class Evaluator(Service):
@@ -24,6 +25,12 @@ class Evaluator(Service):
                 durable=s.durable("evaluator", "requests"), wire_type=EvalRequested, origin="evaluator",
                 handler=self.handlers.on_requested, batch_size=1, max_workers=4, ordered=False,
                 ack_wait_s=ctx.settings.ack_wait_s)
+        # Online evaluation of sampled live traffic (off unless online_eval_sample > 0).
+        self.online = OnlineEval(ctx)
+        if ctx.settings.online_eval_sample > 0:
+            consume(ctx.bus, self.consumers, subject=s.inference_all, stream="inference",
+                    durable=s.durable("evaluator", "online"), wire_type=list[InferenceEvent] | InferenceEvent,
+                    origin="evaluator", handler=self.online.on_inference, ack_wait_s=ctx.settings.ack_wait_s)
 
     async def stop(self) -> None:
         """Cancel in-flight evals (redelivered later) and close the HTTP pool."""

@@ -1,4 +1,4 @@
-"""Admin API for operator rollout actions: pause, resume, set-weight (behind the admin middleware)."""
+"""Admin API for operator rollout actions: pause, resume (approve), set-weight (behind the admin middleware)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class Actions:
 
     def add_routes(self, app: web.Application, prefix: str) -> None:
         """Register the action endpoints under the admin prefix."""
-        for action in ("pause", "resume", "set-weight"):
+        for action in ("pause", "resume", "approve", "set-weight"):
             app.router.add_post(f"{prefix}/{{deployment}}/{action}", self._handler(action))
 
     def _handler(self, action: str) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -60,7 +60,9 @@ class Actions:
         except msgspec.DecodeError as exc:
             return error_response(400, f"invalid request: {exc}", "invalid_request_error")
         try:
-            route = await self.rollouts.operate(deployment, action, request[self.key].label,
+            # `approve` is `resume` by another name: it ends a pause step that waits for approval.
+            route = await self.rollouts.operate(deployment, "resume" if action == "approve" else action,
+                                                request[self.key].label,
                                                 weight=body.weight or 0.0, why=body.reason)
             await record_action(self.rollouts.ctx.bus, request[self.key], action, route, None)
         except NotAdmitted as exc:

@@ -64,9 +64,11 @@ class Admin:
         """Register the admin endpoints (guarded by `middleware`)."""
         app.router.add_get(PREFIX, self.list)
         app.router.add_get(PREFIX + "/{deployment}", self.get)
+        app.router.add_get(PREFIX + "/{deployment}/shadow", self.shadow)
         app.router.add_put(PREFIX + "/{deployment}", self.put)
         app.router.add_post(PREFIX + "/{deployment}/abort", self.abort)
         app.router.add_post(PREFIX + "/{deployment}/promote", self.promote)
+        app.router.add_post(PREFIX + "/{deployment}/undo", self.undo)
         app.router.add_delete(PREFIX + "/{deployment}/break-glass", self.clear_override)
         Actions(self.rollouts, KEY).add_routes(app, PREFIX)  # pause, resume, set-weight
 
@@ -81,6 +83,15 @@ class Admin:
         except InvalidName as exc:
             return error_response(400, exc.message, "invalid_request_error")
         return _json(self.rollouts.route(deployment))
+
+    async def shadow(self, request: web.Request) -> web.Response:
+        """How the rollout's shadow answers compare with the served ones (this replica's mirror counts)."""
+        try:
+            deployment = check_name(request.match_info["deployment"], "deployment")
+        except InvalidName as exc:
+            return error_response(400, exc.message, "invalid_request_error")
+        return web.Response(body=_encoder.encode(self.rollouts.shadow_summary(deployment)),
+                            content_type="application/json")
 
     async def put(self, request: web.Request) -> web.Response:
         """Start a canary: {stable_release, canary_release, canary_model?, initial_weight?, break_glass?}."""
@@ -109,6 +120,10 @@ class Admin:
     async def promote(self, request: web.Request) -> web.Response:
         """Make the canary stable now."""
         return await self._manual(request, "promote")
+
+    async def undo(self, request: web.Request) -> web.Response:
+        """Put the previous release back (a blue-green one only within its scale-down window)."""
+        return await self._manual(request, "undo")
 
     async def clear_override(self, request: web.Request) -> web.Response:
         """End a break-glass override (admin): a canary no decision allows goes back to 0%."""

@@ -18,8 +18,8 @@ measurement is Successful, Failed or Inconclusive, and the rollout counts them a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import Annotated, Literal
 
@@ -30,7 +30,7 @@ from lockgate.gatestats import sequential
 
 Verdict = Literal["SUCCESSFUL", "FAILED", "INCONCLUSIVE", "WAITING"]
 MetricName = Literal["error_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50", "ttft_p95",
-                     "ttft_p99", "tokens_per_request", "cost_per_request"]
+                     "ttft_p99", "tokens_per_request", "cost_per_request", "score"]
 METRICS: tuple[str, ...] = MetricName.__args__  # type: ignore[attr-defined]
 _QUANTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
 _UNITS = {"error_rate": "", "latency": " ms", "ttft": " ms", "tokens_per_request": " tokens",
@@ -45,6 +45,11 @@ class MetricSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
     `max`: canary value <= max. `max_increase`: canary - stable <= max_increase (rates and means).
     `max_ratio`: canary <= max_ratio * stable (latency, tokens, cost). At least one is required.
+
+    `score` is the mean of an online evaluation score (`scorer`, e.g. pii_free, refusal, length) of
+    sampled live traffic: lower is better with the limits above, higher is better with `min`
+    (canary >= min) or `max_decrease` (stable - canary <= max_decrease). Fewer than `min_scores`
+    scores per variant is WAITING: no step passes on a handful of scored answers.
     """
 
     name: MetricName
@@ -52,10 +57,30 @@ class MetricSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     max_increase: NonNeg | None = None
     max_ratio: Positive | None = None
     dry_run: bool = False  # measured and shown, never aborts, pauses or holds a step (Argo's dryRun)
+    scorer: str = ""  # score metrics only
+    min: float | None = None  # score metrics only (higher is better)
+    max_decrease: NonNeg | None = None  # score metrics only (higher is better)
+    min_scores: Annotated[int, msgspec.Meta(ge=1)] = 30
 
     def __post_init__(self) -> None:
-        if self.max is None and self.max_increase is None and self.max_ratio is None:
-            raise ValueError(f"metric {self.name}: give max, max_increase or max_ratio")
+        lower = self.max is not None or self.max_increase is not None or self.max_ratio is not None
+        higher = self.min is not None or self.max_decrease is not None
+        if self.name != "score":
+            if higher or self.scorer:
+                raise ValueError(f"metric {self.name}: scorer, min and max_decrease are for score metrics")
+            if not lower:
+                raise ValueError(f"metric {self.name}: give max, max_increase or max_ratio")
+            return
+        if not self.scorer:
+            raise ValueError("metric score: name its scorer (e.g. pii_free, refusal, length)")
+        if lower == higher:
+            raise ValueError(f"metric score:{self.scorer}: give min or max_decrease (higher is better) or "
+                             "max, max_increase or max_ratio (lower is better), not both")
+
+    @property
+    def label(self) -> str:
+        """The metric's name as shown: `score:pii_free` for scores."""
+        return f"score:{self.scorer}" if self.name == "score" else self.name
 
 
 class AnalysisSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -86,6 +111,7 @@ class MetricResult(msgspec.Struct, frozen=True, kw_only=True):
     stable_n: int = 0
     why: str = ""
     dry_run: bool = False
+    higher_is_better: bool = False  # a score held to a floor (min, max_decrease), not a ceiling
 
 
 class Measurement(msgspec.Struct, frozen=True, kw_only=True):
@@ -116,6 +142,7 @@ class VariantSample:
     ttft_ms: Sequence[float] = ()  # streamed requests only
     tokens: Sequence[float] = ()
     cost: Sequence[float] = ()  # priced requests only
+    scores: Mapping[str, Sequence[float]] = field(default_factory=dict)  # online evaluation, by scorer
 
 
 def z_of(alpha_one_sided: float) -> float:
@@ -191,7 +218,38 @@ def _values(sample: VariantSample, name: str) -> Sequence[float]:
     return sample.tokens if name == "tokens_per_request" else sample.cost
 
 
+def _judge_score(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: float) -> MetricResult:
+    """An online score's mean: lower-is-better limits as for tokens, or higher-is-better `min`/`max_decrease`."""
+    values, stable_values = canary.scores.get(spec.scorer, ()), stable.scores.get(spec.scorer, ())
+    base = {"name": spec.label, "canary_n": len(values), "stable_n": len(stable_values)}
+    relative = spec.max_increase is not None or spec.max_ratio is not None or spec.max_decrease is not None
+    if len(values) < spec.min_scores or (relative and len(stable_values) < spec.min_scores):
+        return MetricResult(**base, verdict="WAITING",  # type: ignore[arg-type]
+                            why=f"waiting for {spec.min_scores} scores per variant (is online evaluation on?)")
+    c, c_lo, c_hi = mean_bounds(values, z)
+    s, s_lo, s_hi = mean_bounds(stable_values, z) if len(stable_values) else (None, None, None)
+    if spec.min is None and spec.max_decrease is None:  # lower is better
+        threshold, lenient = _threshold(spec, s), _threshold(spec, s_hi)
+        assert threshold is not None and lenient is not None
+        return _verdict(base, c, s, threshold, c_lo, c_lo > lenient)
+    floors = [spec.min] if spec.min is not None else []
+    lenient_floors = list(floors)
+    if s is not None and s_lo is not None and spec.max_decrease is not None:
+        floors.append(s - spec.max_decrease)
+        lenient_floors.append(s_lo - spec.max_decrease)
+    threshold, lenient = max(floors), max(lenient_floors)
+    # Failing needs the canary's upper bound below the floor that stable's lower bound sets.
+    failed = c_hi < lenient
+    verdict: Verdict = "FAILED" if failed else ("SUCCESSFUL" if c >= threshold else "INCONCLUSIVE")
+    why = "" if verdict == "SUCCESSFUL" else (
+        "significantly below threshold" if failed else "below threshold, not significantly yet")
+    return MetricResult(**base, verdict=verdict, canary=c, stable=s, threshold=threshold, bound=c_hi,  # type: ignore[arg-type]
+                        why=why, higher_is_better=True)
+
+
 def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: float) -> MetricResult:
+    if spec.name == "score":
+        return _judge_score(spec, canary, stable, z)
     name = spec.name
     base = {"name": name, "canary_n": canary.n, "stable_n": stable.n}
     relative = spec.max_increase is not None or spec.max_ratio is not None
@@ -247,7 +305,7 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
     """Judge the canary against stable at look `look` (1 for the first look with enough data)."""
     if canary.n < spec.min_sample or stable.n < spec.min_sample:
         why = f"waiting for {spec.min_sample} events per variant (canary {canary.n}, stable {stable.n})"
-        results = [MetricResult(name=m.name, verdict="WAITING", canary_n=canary.n, stable_n=stable.n, why=why)
+        results = [MetricResult(name=m.label, verdict="WAITING", canary_n=canary.n, stable_n=stable.n, why=why)
                    for m in spec.metrics]
         return Measurement(verdict="WAITING", look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
     z = z_of(sequential.look_alpha(spec.alpha, look, len(spec.metrics)))
@@ -255,8 +313,9 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
     results = [msgspec.structs.replace(_judge(m, canary, stable, z), dry_run=True) if m.dry_run
                else _judge(m, canary, stable, z) for m in spec.metrics]
     verdicts = {r.verdict for r in results if not r.dry_run}
-    overall: Verdict = ("FAILED" if "FAILED" in verdicts else "INCONCLUSIVE" if "INCONCLUSIVE" in verdicts
-                        else "SUCCESSFUL")
+    # A metric still waiting for its data (online scores) holds the step: never a pass, not yet a look.
+    overall: Verdict = ("FAILED" if "FAILED" in verdicts else "WAITING" if "WAITING" in verdicts
+                        else "INCONCLUSIVE" if "INCONCLUSIVE" in verdicts else "SUCCESSFUL")
     return Measurement(verdict=overall, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
 
 
@@ -266,6 +325,8 @@ def describe(result: MetricResult) -> str:
         return f"{result.name}: {result.why}"
     unit = next((u for k, u in _UNITS.items() if result.name.startswith(k)), "")
     stable = f"stable {result.stable:.4g}{unit}; " if result.stable is not None else ""
-    op = ">" if result.verdict != "SUCCESSFUL" else "<="
+    what = "scores" if result.name.startswith("score:") else "requests"
+    op = (">" if result.verdict != "SUCCESSFUL" else "<=") if not result.higher_is_better else \
+        ("<" if result.verdict != "SUCCESSFUL" else ">=")
     return (f"{result.name} {result.canary:.4g}{unit} {op} threshold {result.threshold:.4g}{unit} "
-            f"({stable}{result.canary_n} canary vs {result.stable_n} stable requests)")
+            f"({stable}{result.canary_n} canary vs {result.stable_n} stable {what})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -11,7 +12,7 @@ import msgspec
 from lockgate.contracts import GateDecided, RolloutState
 from lockgate.contracts.names import Name, check_names
 from lockgate.errors import LockgateError
-from lockgate.services.router.strategy import AnalysisStatus, Strategy
+from lockgate.services.router.strategy import AnalysisStatus, HeaderRoute, Strategy
 
 Phase = Literal["idle", "progressing", "promoted", "aborted"]
 Variant = Literal["stable", "canary"]
@@ -77,6 +78,18 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float = 0.0  # unix seconds the canary started: analysis and drift look from here on
     paused: bool = False
     analysis: AnalysisStatus | None = None
+    # Step kinds (program.py): the next step to run; a pause step's end (0: until approved); a header
+    # route that sends tagged requests to the canary (or the blue-green preview) whatever the weight.
+    cursor: int = 0
+    step_pause: bool = False  # paused by a pause step: resume (approval) runs the next step at once
+    resume_at: float = 0.0
+    header_route: HeaderRoute | None = None
+    # Blue-green (bluegreen.py): when the preview promotes itself; after promotion, the post-promotion
+    # analysis (`verifying`) and the end of the window in which the old release swaps back instantly.
+    promote_at: float = 0.0
+    promoted_at: float = 0.0
+    scale_down_at: float = 0.0
+    verifying: bool = False
 
 
 class BreakGlass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -157,10 +170,14 @@ def bucket(deployment: str, user: str) -> int:
     return int.from_bytes(digest[:8], "big") % BUCKETS
 
 
-def choose(route: Route, user: str) -> tuple[Variant, Target]:
+def choose(route: Route, user: str, headers: Mapping[str, str] | None = None) -> tuple[Variant, Target]:
     """The variant and target for a sticky key (user, session or client key). Raising the weight only
     moves stable users to canary. Without a key each request draws its own bucket: the split holds,
-    stickiness cannot (the client's IP is never used, see README)."""
+    stickiness cannot (the client's IP is never used, see README). A live rollout's header route sends
+    requests that carry its header to the canary (or blue-green preview) first, at any weight."""
+    if (route.header_route is not None and route.canary is not None and route.phase == "progressing"
+            and headers is not None and route.header_route.matches(headers)):
+        return "canary", route.canary
     if route.canary is None or route.weight <= 0:
         return "stable", route.stable
     spot = bucket(route.deployment, user) if user else random.randrange(BUCKETS)
@@ -179,6 +196,11 @@ def default_route(deployment: str) -> Route:
     return Route(deployment=deployment, stable=Target(release=""), reason="default route")
 
 
+# A finished rollout holds no step, header route, timed pause or running analysis.
+_FINISHED: dict[str, object] = {"header_route": None, "step_pause": False, "resume_at": 0.0, "promote_at": 0.0,
+                                "verifying": False}
+
+
 def _bump(route: Route, **changes: object) -> Route:
     return msgspec.structs.replace(route, version=route.version + 1, **changes)
 
@@ -193,7 +215,8 @@ def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Ta
     weight = asked if override is not None else 0.0
     why = (f"BREAK-GLASS by {override.actor}: {override.reason}" if override is not None
            else "0% until a verified gate decision allows it")
-    return _bump(route, stable=stable, canary=canary, weight=float(weight), phase="idle", step=0,
+    return _bump(route, stable=stable, canary=canary, weight=float(weight), phase="idle", step=0, cursor=0,
+                 **_FINISHED, promoted_at=0.0, scale_down_at=0.0,
                  reason=f"canary {req.canary_release} started at {weight:g}%; {why}",
                  decision_id="", next_step_at=0.0, admitted="", start_weight=float(asked),
                  override=override if override is not None else route.override)
@@ -251,7 +274,7 @@ def promote(route: Route, why: str, *, decision_id: str | None = None) -> Route:
     if route.canary is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no canary to promote")
     return _bump(route, stable=route.canary, previous=route.stable, weight=0.0, phase="promoted", next_step_at=0.0,
-                 reason=f"promoted {route.canary.release}: {why}",
+                 reason=f"promoted {route.canary.release}: {why}", **_FINISHED,
                  decision_id=route.decision_id if decision_id is None else decision_id)
 
 
@@ -260,7 +283,7 @@ def abort(route: Route, why: str, *, decision_id: str | None = None) -> Route:
     if route.canary is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no canary to abort")
     return _bump(route, weight=0.0, phase="aborted", next_step_at=0.0,
-                 reason=f"aborted {route.canary.release}: {why}",
+                 reason=f"aborted {route.canary.release}: {why}", **_FINISHED, scale_down_at=0.0,
                  decision_id=route.decision_id if decision_id is None else decision_id)
 
 
@@ -271,7 +294,8 @@ def rollback(route: Route, why: str, *, decision_id: str) -> Route:
         return _bump(route, decision_id=decision_id, admitted="",
                      reason=f"{why}; NO previous stable release to roll back to: still serving {route.stable.release}")
     return _bump(route, stable=route.previous, previous=None, weight=0.0, phase="aborted", next_step_at=0.0,
-                 decision_id=decision_id, admitted="", reason=f"rolled back {route.stable.release}: {why}")
+                 decision_id=decision_id, admitted="", reason=f"rolled back {route.stable.release}: {why}",
+                 **_FINISHED, scale_down_at=0.0)
 
 
 def manual_promote(route: Route, override: Override | None) -> Route:

@@ -8,7 +8,8 @@ summarising a window is a few vectorised masks, not a Python loop on the router'
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -46,6 +47,8 @@ class Evidence:
         self._price = price
         self._max = max_rows
         self._rings: dict[tuple[str, str], _Ring] = {}
+        # Online evaluation scores per (deployment, release) and scorer: (time, value), newest last.
+        self._scores: dict[tuple[str, str], dict[str, deque[tuple[float, float]]]] = {}
 
     def add(self, event: InferenceEvent, release: str | None = None) -> None:
         """Record one event under its release (or `release`, for events that name only a variant)."""
@@ -56,21 +59,37 @@ class Evidence:
         cost = self._price(event)
         ring.add((event.time.timestamp(), float(event.status != "ok"), event.latency_ms, event.ttft_ms,
                   float(event.input_tokens + event.output_tokens), -1.0 if cost is None else cost))
+        if event.scores:  # scores an SDK attached to its own events
+            self.add_scores(key[0], key[1], event.time.timestamp(), event.scores)
+
+    def add_scores(self, deployment: str, release: str, at: float, scores: Mapping[str, float]) -> None:
+        """Record online evaluation scores of one answer (unix seconds `at`)."""
+        per = self._scores.setdefault((deployment, release), {})
+        for name, value in scores.items():
+            ring = per.get(name)
+            if ring is None:
+                ring = per[name] = deque(maxlen=self._max)
+            ring.append((at, float(value)))
 
     def forget(self, deployment: str, keep: set[str]) -> None:
         """Drop a deployment's rows except for the releases in `keep`."""
         for key in [k for k in self._rings if k[0] == deployment and k[1] not in keep]:
             del self._rings[key]
+        for key in [k for k in self._scores if k[0] == deployment and k[1] not in keep]:
+            del self._scores[key]
 
     def sample(self, deployment: str, release: str, since: float) -> VariantSample:
         """What `release` served for `deployment` from `since` (unix seconds) on (copies: safe to hand
         to another thread while events keep arriving)."""
         ring = self._rings.get((deployment, release))
+        scores = {name: [v for t, v in ring_ if t >= since]
+                  for name, ring_ in self._scores.get((deployment, release), {}).items()}
         if ring is None or not ring.n:
-            return VariantSample()
+            return VariantSample(scores=scores)
         t, failed, latency, ttft, tokens, cost = ring.cols[:, :ring.n]
         window = t >= since
         ok = window & (failed == 0)
         # Latency and tokens describe answers: a failed call's timing is the error's, not the model's.
         return VariantSample(n=int(window.sum()), errors=int((window & (failed != 0)).sum()), latency_ms=latency[ok],
-                             ttft_ms=ttft[ok & (ttft > 0)], tokens=tokens[ok], cost=cost[window & (cost >= 0)])
+                             ttft_ms=ttft[ok & (ttft > 0)], tokens=tokens[ok], cost=cost[window & (cost >= 0)],
+                             scores=scores)

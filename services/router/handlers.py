@@ -10,11 +10,12 @@ import msgspec
 from nats.aio.msg import Msg
 
 from lockgate.bus import Delivery, Handler
-from lockgate.contracts import DriftReport, GateDecided, InferenceEvent
+from lockgate.contracts import DriftReport, GateDecided, InferenceEvent, InferenceScored
 from lockgate.errors import SignatureError
 from lockgate.services.router.rollouts import Rollouts
 
 _inference = msgspec.json.Decoder(list[InferenceEvent] | InferenceEvent)
+_scored = msgspec.json.Decoder(InferenceScored)
 _SEEN_MAX = 4096
 
 
@@ -63,5 +64,28 @@ def evidence_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
         except msgspec.DecodeError:
             return
         rollouts.observe(value if isinstance(value, list) else [value])
+
+    return on_message
+
+
+def scores_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
+    """Core-NATS callback for `eval.scores.>`: online scores of sampled live answers, kept as analysis
+    evidence (every replica sees all; a redelivered score has the same Nats-Msg-Id and counts once)."""
+    seen: OrderedDict[str, None] = OrderedDict()
+
+    async def on_message(msg: Msg) -> None:
+        if not rollouts.analysing():
+            return
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+        if msg_id:
+            if msg_id in seen:
+                return
+            seen[msg_id] = None
+            if len(seen) > _SEEN_MAX:
+                seen.popitem(last=False)
+        try:
+            rollouts.observe_scores([_scored.decode(msg.data)])
+        except msgspec.DecodeError:
+            return
 
     return on_message

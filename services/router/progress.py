@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import msgspec
 
-from lockgate.contracts import DriftReport, FeatureDrift
-from lockgate.services.router import domain
-from lockgate.services.router.analysis import Measurement, describe
+from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
+from lockgate.services.router import bluegreen, domain, program
+from lockgate.services.router.analysis import AnalysisSpec, Measurement, describe
 from lockgate.services.router.domain import InvalidRollout, NotAdmitted, Route
 from lockgate.services.router.strategy import AnalysisStatus
 
 
 def steps_of(route: Route, default: tuple[float, ...]) -> tuple[float, ...]:
-    """The deployment's own steps if its strategy names them, else the router's."""
-    if route.strategy is not None and route.strategy.steps:
-        return domain.normalize_steps(route.strategy.steps)
+    """The deployment's own weights if its strategy names them, else the router's."""
+    if route.strategy is not None and route.strategy.weights():
+        return domain.normalize_steps(route.strategy.weights())
     return default
 
 
@@ -29,17 +29,128 @@ def interval_of(route: Route, default: float) -> float:
     return default
 
 
+def spec_of(route: Route) -> AnalysisSpec | None:
+    """The analysis that judges the route now: the canary's, blue-green's pre-promotion one while the
+    preview is live, its post-promotion one while verifying."""
+    s = route.strategy
+    if s is None or route.canary is None:
+        return None
+    bg = s.blue_green
+    if route.phase == "progressing":
+        return bg.pre_promotion_analysis if bg is not None else s.analysis
+    if route.phase == "promoted" and route.verifying and bg is not None:
+        return bg.post_promotion_analysis
+    return None
+
+
 def analysed(route: Route) -> bool:
-    """True while a canary with an analysis spec is live (it is measured every interval)."""
-    return (route.strategy is not None and route.strategy.analysis is not None and route.canary is not None
+    """True while a rollout with an analysis spec is live (it is measured every interval)."""
+    return spec_of(route) is not None
+
+
+def collecting(route: Route) -> bool:
+    """True while the route's evidence is worth keeping: under analysis, or a blue-green preview whose
+    post-promotion analysis will compare the new release with the old one's traffic before promotion."""
+    bg = bluegreen.spec(route)
+    return analysed(route) or (bg is not None and bg.post_promotion_analysis is not None
+                               and route.phase == "progressing")
+
+
+def shadowing(route: Route) -> bool:
+    """True while the rollout mirrors traffic to its candidate: a shadow strategy, admitted and live."""
+    return (route.strategy is not None and route.strategy.shadow is not None and route.canary is not None
             and route.phase == "progressing")
 
 
 def due_at(route: Route) -> float | None:
-    """When the route next needs the timer: a paused route is only measured, never stepped."""
-    if route.phase != "progressing" or (route.paused and not analysed(route)):
+    """When the route next needs the timer: a paused route is only measured (or its timed pause ends),
+    never stepped; a promoted blue-green route is verified and scaled down on time."""
+    times: list[float] = []
+    if route.phase == "promoted":
+        if route.verifying:  # the scale-down waits for the post-promotion analysis
+            times.append(route.next_step_at)
+        elif route.scale_down_at:
+            times.append(route.scale_down_at)
+        return min(times) if times else None
+    if route.phase != "progressing":
         return None
-    return route.next_step_at
+    s = route.strategy
+    if analysed(route):
+        times.append(route.next_step_at)
+    elif s is not None and s.blue_green is not None:
+        times.append(route.promote_at)  # without a pre-promotion analysis only the clock promotes
+    elif not route.paused and not (s is not None and s.shadow_only()):
+        times.append(route.next_step_at)
+    if program.pause_over(route, float("inf")):
+        times.append(route.resume_at)
+    times = [t for t in times if t > 0]
+    return min(times) if times else None
+
+
+def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
+                now: float) -> Route | None:
+    """`domain.on_decision`, then the strategy's own start when a decision lets the rollout go live:
+    the step program from its first step, the blue-green preview by header, or shadow only."""
+    new = domain.on_decision(route, decision, steps, interval_s, now)
+    s = route.strategy
+    if new is None or s is None or route.phase == "progressing" or new.phase != "progressing":
+        return new
+    why = f"gate PASS: {decision.reason}" if decision.reason else "gate PASS"
+    if s.blue_green is not None:
+        return bluegreen.live(new, now, interval_s, why)
+    if s.shadow_only():
+        return msgspec.structs.replace(new, weight=0.0, step=0, next_step_at=now + interval_s,
+                                       reason=f"{why}; shadow: {new.canary.release if new.canary else ''} gets "
+                                              "mirrored requests only and serves no user until promoted")
+    if s.kinds():
+        return program.run(msgspec.structs.replace(new, weight=route.weight, cursor=0), s.program(), interval_s,
+                           now, why)
+    return new
+
+
+def on_time(route: Route, steps: tuple[float, ...], interval_s: float, now: float) -> Route | None:
+    """Changes the clock alone makes: a timed pause step ends, a blue-green preview promotes itself (without a
+    pre-promotion analysis), its old release scales down, or a plain step falls due."""
+    if program.pause_over(route, now) and route.strategy is not None:
+        return program.run(route, route.strategy.program(), interval_s, now, f"timed pause at {_where(route)} over")
+    if bluegreen.scale_down_due(route, now):
+        return bluegreen.scale_down(route)
+    if analysed(route) or route.paused:
+        return None
+    if bluegreen.auto_promotion_due(route, now):
+        return bluegreen.promote(route, "auto-promotion delay over", now, interval_s)
+    s = route.strategy
+    if route.phase != "progressing" or now < route.next_step_at or (s is not None and (
+            s.blue_green is not None or s.shadow_only())):
+        return None
+    if program.programmed(route):
+        assert s is not None
+        return program.run(route, s.program(), interval_s, now)
+    return domain.tick(route, steps, interval_s, now)
+
+
+def _advance(route: Route, st: AnalysisStatus, steps: tuple[float, ...], interval_s: float, now: float) -> Route:
+    """The next step after a passing analysis (program, plain weights, or blue-green's promotion)."""
+    where = f"analysis passed at {_where(route)}"
+    bg = bluegreen.spec(route)
+    if bg is not None:
+        if route.promote_at and now >= route.promote_at:
+            return bluegreen.promote(msgspec.structs.replace(route, analysis=st), f"pre-promotion {where}", now,
+                                     interval_s)
+        then = "promote by hand" if not route.promote_at else "promotes itself once its delay is over"
+        return _bump(route, analysis=st, next_step_at=now + interval_s,
+                     reason=f"pre-promotion {where}; {then}")
+    if route.strategy is not None and route.strategy.shadow_only():
+        return _bump(route, analysis=st, next_step_at=now + interval_s,
+                     reason=f"{where}; shadow only: the candidate serves no user until promoted by hand")
+    if program.programmed(route) and route.strategy is not None:
+        return program.run(msgspec.structs.replace(route, analysis=st), route.strategy.program(), interval_s, now,
+                           where)
+    following = next((i for i, s in enumerate(steps) if s > route.weight), None)
+    if following is None:
+        return msgspec.structs.replace(domain.promote(route, f"analysis passed at {route.weight:g}%"), analysis=st)
+    return _bump(route, analysis=st, weight=steps[following], step=following + 1, next_step_at=now + interval_s,
+                 reason=f"{where}; step {following + 1}/{len(steps)}: canary at {steps[following]:g}%")
 
 
 def _bump(route: Route, **changes: object) -> Route:
@@ -52,25 +163,32 @@ def _where(route: Route) -> str:
 
 def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], interval_s: float,
                    now: float) -> Route | None:
-    """Apply one analysis measurement: abort on failures past the limit, pause on too many
-    inconclusive ones, advance (or promote after 100%) after `count` successes in the step."""
-    if not analysed(route) or route.strategy is None or route.strategy.analysis is None:
+    """Apply one analysis measurement: abort (or, after a blue-green promotion, roll back) on failures past
+    the limit, pause on too many inconclusive ones, advance (or promote after the last step) after
+    `count` successes in the step."""
+    spec = spec_of(route)
+    if spec is None:
         return None
-    spec = route.strategy.analysis
     st = route.analysis or AnalysisStatus()
     conclusive = m.verdict != "WAITING"
     st = msgspec.structs.replace(st, look=st.look + conclusive, last=m, at=now)
     nxt = now + interval_s
     culprit = m.failing()
+    verifying = route.phase == "promoted"
     if m.verdict == "FAILED":
         st = msgspec.structs.replace(st, failures=st.failures + 1)
         if st.failures > spec.failure_limit:
-            why = f"analysis failed at {_where(route)}: {describe(culprit) if culprit else 'failed'}"
+            what = describe(culprit) if culprit else "failed"
+            if verifying:
+                why = f"post-promotion analysis failed: {what}"
+                return msgspec.structs.replace(domain.rollback(route, why, decision_id=route.decision_id),
+                                               analysis=st, paused=False)
+            why = f"analysis failed at {_where(route)}: {what}"
             return msgspec.structs.replace(domain.abort(route, why), analysis=st, paused=False)
         return _bump(route, analysis=st, next_step_at=nxt)
     if m.verdict == "INCONCLUSIVE":
         st = msgspec.structs.replace(st, inconclusives=st.inconclusives + 1)
-        if st.inconclusives > spec.inconclusive_limit and not route.paused:
+        if st.inconclusives > spec.inconclusive_limit and not route.paused and not verifying:
             why = describe(culprit) if culprit else "inconclusive"
             return _bump(route, analysis=st, paused=True, next_step_at=nxt,
                          reason=f"paused at {_where(route)}: analysis inconclusive {st.inconclusives} times "
@@ -82,37 +200,57 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
     if st.successes < spec.count:
         return _bump(route, analysis=st, next_step_at=nxt)
     st = msgspec.structs.replace(st, successes=0)
-    following = next((i for i, s in enumerate(steps) if s > route.weight), None)
-    if following is None:
-        return msgspec.structs.replace(domain.promote(route, f"analysis passed at {route.weight:g}%"), analysis=st)
-    return _bump(route, analysis=st, weight=steps[following], step=following + 1, next_step_at=nxt,
-                 reason=f"analysis passed at {_where(route)}; step {following + 1}/{len(steps)}: "
-                        f"canary at {steps[following]:g}%")
+    if verifying:
+        return _bump(route, analysis=st, verifying=False, next_step_at=0.0,
+                     reason=f"{route.reason}; post-promotion analysis passed")
+    return _advance(route, st, steps, interval_s, now)
 
 
 # Features where less is better: their drift downwards is an improvement, not a reason to abort.
 _LOWER_IS_BETTER = frozenset({"latency_ms", "ttft_ms", "cost_usd"})
 
 
-def _improved(f: FeatureDrift) -> bool:
-    return f.feature in _LOWER_IS_BETTER and f.current_mean < f.reference_mean
+def _harmless(f: FeatureDrift) -> bool:
+    """Drift that is no reason to roll back: an improvement, or a change the rollout makes by design.
+
+    Categorical features are named `feature:category` after the category whose share moved.
+    """
+    name, _, category = f.feature.partition(":")
+    rose = f.current_mean > f.reference_mean
+    if name == "model":
+        return True  # a canary serves its own model: that the mix of models moved is the rollout itself
+    if name == "error_type":
+        return rose == (category == "(none)")  # more answers without an error, or fewer with one
+    if name == "finish_reason":
+        return category == "stop" and rose  # more answers that ended normally
+    return f.feature in _LOWER_IS_BETTER and not rose
+
+
+def _describe(f: FeatureDrift) -> str:
+    what = "share" if ":" in f.feature else "mean"
+    return f"{f.feature} (PSI {f.psi:.3g}, {what} {f.reference_mean:.4g} -> {f.current_mean:.4g})"
 
 
 def on_drift(route: Route, report: DriftReport) -> Route | None:
-    """A DRIFT report covering a live canary's traffic aborts it, naming the drifting features.
+    """A DRIFT report covering a live canary's traffic aborts it, naming the drifting features; one
+    covering a blue-green release under post-promotion analysis rolls it back.
 
     The drift monitor watches a deployment as a whole, so during a rollout its current window holds
     the canary's traffic: drift that appears then is taken as the canary's (fail-safe). Only drift that
     can harm counts: latency (or cost) that fell is an improvement, so it alone never aborts.
     """
-    if (route.canary is None or not report.drifted or route.phase in ("promoted", "aborted") or route.weight <= 0
-            or report.window_end.timestamp() < route.started_at):
+    verifying = route.phase == "promoted" and route.verifying
+    since = route.promoted_at if verifying else route.started_at
+    if (route.canary is None or not report.drifted or report.window_end.timestamp() < since
+            or not (verifying or (route.phase not in ("promoted", "aborted") and route.weight > 0))):
         return None
-    harmful = [f for f in report.features if f.drifted and not _improved(f)]
+    harmful = [f for f in report.features if f.drifted and not _harmless(f)]
     if report.features and not harmful:  # e.g. a faster canary: drift, but no harm to roll back for
         return None
-    features = ", ".join(f"{f.feature} (PSI {f.psi:.3g}, mean {f.reference_mean:.4g} -> {f.current_mean:.4g})"
-                         for f in harmful) or "unnamed feature"
+    features = ", ".join(_describe(f) for f in harmful) or "unnamed feature"
+    if verifying:
+        why = f"drift report {report.id} during post-promotion analysis: DRIFT in {features}"
+        return domain.rollback(route, why, decision_id=route.decision_id)
     return msgspec.structs.replace(
         domain.abort(route, f"drift report {report.id} at {_where(route)}: DRIFT in {features}"), paused=False)
 
@@ -138,6 +276,9 @@ def resume(route: Route, actor: str, interval_s: float, now: float) -> Route:
     if not route.paused:
         raise InvalidRollout(f"canary of {route.deployment!r} is not paused")
     st = route.analysis and msgspec.structs.replace(route.analysis, inconclusives=0)
+    if route.step_pause and route.strategy is not None:  # approval of a pause step: the next step now
+        return program.run(msgspec.structs.replace(route, analysis=st), route.strategy.program(), interval_s, now,
+                           f"approved at {_where(route)} by {actor}")
     return _bump(route, paused=False, analysis=st, next_step_at=now + interval_s if route.phase == "progressing"
                  else route.next_step_at, reason=f"resumed at {_where(route)} by {actor}")
 
@@ -146,6 +287,9 @@ def set_weight(route: Route, weight: float, actor: str) -> Route:
     """Change only the canary's weight; a canary that no decision allows (and no override covers) gets none."""
     _live(route)
     assert route.canary is not None
+    if bluegreen.spec(route) is not None:
+        raise InvalidRollout(f"{route.deployment!r} is a blue-green rollout: its preview gets traffic by header "
+                             "only, and all of it at promotion (lockgate rollout promote)")
     covered = route.override is not None and route.override.release == route.canary.release
     if weight > 0 and not route.admitted and not covered:
         raise NotAdmitted(f"refused: canary {route.canary.release!r} has no verified gate decision allowing it, "

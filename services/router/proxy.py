@@ -32,6 +32,7 @@ from lockgate.services.router.admission import OPEN_ADMISSION, Admission
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
 from lockgate.services.router.rollouts import Rollouts
+from lockgate.services.router.shadow import Shadow
 from lockgate.services.router.wire import (
     CHAT,
     COMPLETIONS,
@@ -75,6 +76,7 @@ class Proxy:
         self.tracer = tracer
         self.session: aiohttp.ClientSession | None = None
         self.admission: Admission = OPEN_ADMISSION  # budgets, rate limits, cache: set by the service
+        self.shadow = Shadow(rollouts, endpoints, batcher, lambda: self.session)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """`POST /v1/chat/completions`."""
@@ -153,7 +155,7 @@ class Proxy:
         route = self.rollouts.route(deployment)
         # Sticky by user, else session, else the client's own key; never by the client's IP, which
         # would send every user behind one app host or NAT to the same variant.
-        variant, target = domain.choose(route, user or session or h.get("x-lockgate-sticky-key") or "")
+        variant, target = domain.choose(route, user or session or h.get("x-lockgate-sticky-key") or "", h)
         model = target.model or req.model
         stream = req.stream and op.chunk is not None
         want_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
@@ -193,6 +195,11 @@ class Proxy:
                 up_headers[name] = value
         out_headers = {"x-lockgate-variant": variant, "x-lockgate-release": target.release,
                        "x-lockgate-trace-id": trace_id}
+        # Shadow: a sampled copy to the candidate, scheduled off the request path (request.read() is the
+        # cached body as the client sent it, before this release's patches).
+        if op is CHAT:  # shadow rollouts compare chat answers
+            self.shadow.maybe_mirror(route, variant, key, deployment, await request.read(), req, trace_id, user,
+                                     session)
         rec = _Record(status="ok")
         try:
             hit = await self.admission.lookup(ticket, deployment, target.release, body, rec, out_headers)

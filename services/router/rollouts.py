@@ -18,7 +18,7 @@ import nats.js.errors
 from lockgate import artifacts
 from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import DriftReport, GateDecided, InferenceEvent, RolloutState
+from lockgate.contracts import DriftReport, GateDecided, InferenceEvent, InferenceScored, RolloutState
 from lockgate.errors import (
     BusUnavailable,
     InvalidEvent,
@@ -30,10 +30,11 @@ from lockgate.errors import (
 from lockgate.pricebook import load_price_book
 from lockgate.retry import RetryPolicy
 from lockgate.server.service import ServiceContext
-from lockgate.services.router import analysis, domain, progress
+from lockgate.services.router import analysis, bluegreen, domain, progress
 from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.evidence import Evidence
+from lockgate.services.router.shadowstats import Budget, Ledger, ShadowSummary
 from lockgate.signing import Verifier
 from lockgate.subjects import token, untoken
 
@@ -97,7 +98,14 @@ class Rollouts:
         # Decisions move traffic, so only those signed by a trusted gatekeeper key are acted on.
         self.verifier = Verifier(ctx.bus, s)
         # Live evidence per variant for canary analysis, fed by `observe` (priced like the cost service).
-        self.evidence = Evidence(_pricer(s))
+        price = _pricer(s)
+        self.evidence = Evidence(price)
+        # Shadow traffic: the served-versus-shadow comparison (from events) and this replica's mirror budgets.
+        self.shadows = Ledger(price)
+        self._budgets: dict[str, tuple[tuple[str, float], Budget]] = {}
+        self._ledgers: dict[str, tuple[str, float]] = {}
+        self._shadowed = asyncio.Event()  # set after shadow bookkeeping, for `wait_for_shadow`
+        self._scored = asyncio.Event()  # set after online scores, for `wait_for_scores`
 
     # reads (hot path)
     def route(self, deployment: str) -> Route:
@@ -222,7 +230,7 @@ class Rollouts:
 
         def change() -> None:
             strategy = req.strategy
-            steps = domain.normalize_steps(strategy.steps) if strategy and strategy.steps else self.steps
+            steps = domain.normalize_steps(strategy.weights()) if strategy and strategy.weights() else self.steps
             started = domain.start_canary(self.route(deployment), req, stable=stable, canary=canary,
                                           first_step=steps[0], override=override)
             self._apply(msgspec.structs.replace(started, strategy=strategy, started_at=time.time(), paused=False,
@@ -241,7 +249,7 @@ class Rollouts:
         now = time.time()
         changed = 0
         for route in list(self.routes.values()):
-            new = domain.on_decision(route, decision, progress.steps_of(route, self.steps),
+            new = progress.on_decision(route, decision, progress.steps_of(route, self.steps),
                                      progress.interval_of(route, self.interval_s), now)
             if new is not None:
                 self._apply(new)
@@ -255,13 +263,17 @@ class Rollouts:
 
     async def manual(self, deployment: str, action: str, override: domain.Override | None = None,
                      actor: str = "") -> Route:
-        """Operator abort (always allowed), promote (only an admitted canary, or break-glass) or clear-override."""
+        """Operator abort (always allowed), promote (only an admitted canary, or break-glass), undo (the previous
+        release back, within a blue-green scale-down window) or clear-override."""
         await self._await_ready()
 
         def change() -> None:
             route = self.route(deployment)
             if action == "clear-override":
                 self._apply(domain.clear_override(route), actor=actor)
+            elif action == "undo" or (action == "abort" and route.phase == "promoted" and route.scale_down_at):
+                # Within a blue-green scale-down window an abort is an instant swap back, like undo.
+                self._apply(bluegreen.undo(route, actor), actor=actor)
             elif action == "abort":
                 if route.phase in ("promoted", "aborted"):
                     raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
@@ -270,6 +282,7 @@ class Rollouts:
                 promoted = domain.manual_promote(route, override)
                 if actor and override is None:  # the override's reason names its admin already
                     promoted = msgspec.structs.replace(promoted, reason=f"{promoted.reason} {actor}")
+                promoted = bluegreen.promoted(promoted, time.time(), progress.interval_of(route, self.interval_s))
                 self._apply(promoted, actor=actor)
 
         self._poisoned.pop(deployment, None)
@@ -301,25 +314,91 @@ class Rollouts:
 
     # live evidence
     def analysing(self) -> bool:
-        """True while any deployment's canary is under analysis (evidence is worth keeping)."""
-        return any(progress.analysed(r) for r in self.routes.values())
+        """True while any deployment's rollout is under analysis or mirrored (its events are worth keeping)."""
+        return any(progress.collecting(r) or progress.shadowing(r) for r in self.routes.values())
 
     def observe(self, events: list[InferenceEvent]) -> None:
         """Keep the events of deployments whose canary is under analysis (either variant's release; an
-        SDK event that names only its variant counts for that variant's release)."""
+        SDK event that names only its variant counts for that variant's release), and pair shadow events
+        with the served ones of mirrored deployments."""
+        shadowed = False
         for e in events:
-            route = self.routes.get(e.deployment or e.app)
-            if route is None or route.canary is None or not progress.analysed(route):
+            deployment = e.deployment or e.app
+            route = self.routes.get(deployment)
+            if route is None or route.canary is None:
+                continue
+            if progress.shadowing(route):
+                rollout = (route.canary.release, route.started_at)
+                if self._ledgers.get(deployment) != rollout:  # a new rollout compares from nothing
+                    self._ledgers[deployment] = rollout
+                    self.shadows.start(deployment, route.canary.release)
+                self.shadows.add(deployment, e)
+                shadowed = True
+            if not progress.collecting(route):
                 continue
             release = e.release or (route.canary.release if e.variant == "canary" else route.stable.release)
+            # Shadow events count for the candidate too: a blue-green preview is judged on mirrored traffic.
             if release in (route.canary.release, route.stable.release):
                 self.evidence.add(e, release)
+        if shadowed:
+            changed, self._shadowed = self._shadowed, asyncio.Event()
+            changed.set()
+
+    def observe_scores(self, scored: list[InferenceScored]) -> None:
+        """Keep the online scores of answers of deployments under analysis, by the answer's release."""
+        for s in scored:
+            route = self.routes.get(s.deployment or s.app)
+            if route is None or route.canary is None or not progress.collecting(route):
+                continue
+            release = s.release or (route.canary.release if s.variant == "canary" else route.stable.release)
+            if release in (route.canary.release, route.stable.release) or (
+                    route.previous is not None and release == route.previous.release):
+                self.evidence.add_scores(route.deployment, release, s.time.timestamp(), s.scores)
+        changed, self._scored = self._scored, asyncio.Event()
+        changed.set()
+
+    async def wait_for_scores(self, predicate: Callable[[], bool], timeout: float) -> None:
+        """Wait until predicate() holds (checked after every batch of online scores)."""
+        async with asyncio.timeout(timeout):
+            while not predicate():
+                await self._scored.wait()
+
+    async def wait_for_shadow(self, deployment: str, predicate: Callable[[ShadowSummary], bool],
+                              timeout: float) -> ShadowSummary:
+        """Wait until predicate(shadow summary) holds (checked after every event of a mirrored deployment)."""
+        async with asyncio.timeout(timeout):
+            while not predicate(summary := self.shadow_summary(deployment)):
+                await self._shadowed.wait()
+        return summary
+
+    def shadow_budget(self, route: Route) -> Budget | None:
+        """This replica's mirror budget for the route's rollout (None when it does not mirror)."""
+        if not progress.shadowing(route) or route.strategy is None or route.strategy.shadow is None:
+            return None
+        assert route.canary is not None
+        rollout = (route.canary.release, route.started_at)
+        held = self._budgets.get(route.deployment)
+        if held is None or held[0] != rollout or held[1].spec != route.strategy.shadow:
+            held = self._budgets[route.deployment] = (rollout, Budget(route.strategy.shadow, time.monotonic))
+        return held[1]
+
+    def shadow_summary(self, deployment: str) -> ShadowSummary:
+        """The served-versus-shadow comparison of the deployment's rollout, with this replica's budget counts."""
+        held = self._budgets.get(deployment)
+        return self.shadows.summary(deployment, held[1] if held else None)
 
     def measurement(self, route: Route, now: float) -> analysis.Measurement:
         """The canary against stable over the analysis window (else since the canary started), at the
         rollout's next look."""
-        assert route.canary is not None and route.strategy is not None and route.strategy.analysis is not None
-        spec = route.strategy.analysis
+        spec = progress.spec_of(route)
+        assert route.canary is not None and spec is not None
+        if route.phase == "promoted" and route.previous is not None:
+            # Post-promotion: the new release since its promotion against the old one's evidence before it.
+            since = route.promoted_at if spec.window_s is None else max(route.promoted_at, now - spec.window_s)
+            canary = self.evidence.sample(route.deployment, route.stable.release, since)
+            stable = self.evidence.sample(route.deployment, route.previous.release, route.started_at)
+            look = (route.analysis.look if route.analysis else 0) + 1
+            return analysis.measure(spec, canary, stable, look)
         since = route.started_at if spec.window_s is None else max(route.started_at, now - spec.window_s)
         canary = self.evidence.sample(route.deployment, route.canary.release, since)
         stable = self.evidence.sample(route.deployment, route.stable.release, since)
@@ -329,18 +408,20 @@ class Rollouts:
         return analysis.measure(spec, canary, stable, look)
 
     def _step(self, route: Route, now: float) -> None:
-        """A due route: analysed canaries are measured (and abort, pause or advance); others step on time."""
+        """A due route: the clock's own changes first (timed pauses, blue-green promotion and scale-down,
+        plain steps), else analysed rollouts are measured (and abort, pause, advance or roll back)."""
         steps, interval = progress.steps_of(route, self.steps), progress.interval_of(route, self.interval_s)
-        if progress.analysed(route):
+        new = progress.on_time(route, steps, interval, now)
+        if new is not None:
+            self._apply(new)
+            return
+        if progress.analysed(route) and route.next_step_at <= now:
             new = progress.on_measurement(route, self.measurement(route, now), steps, interval, now)
             if new is not None:
                 # Bookkeeping of a look that moves no traffic goes to KV only, not to the rollout history.
-                moved = (new.weight, new.phase, new.paused) != (route.weight, route.phase, route.paused)
+                moved = ((new.weight, new.phase, new.paused, new.stable, new.verifying)
+                         != (route.weight, route.phase, route.paused, route.stable, route.verifying))
                 self._apply(new, announce=moved)
-            return
-        new = domain.tick(route, steps, interval, now)
-        if new is not None:
-            self._apply(new)
 
     async def on_drift(self, report: DriftReport) -> None:
         """A drift report: a DRIFT covering a live canary's traffic aborts it (persisted; retried via nack)."""

@@ -15,7 +15,7 @@ from lockgate.server.service import Service, ServiceContext
 from lockgate.services.router.admin import Admin
 from lockgate.services.router.admission import Admission
 from lockgate.services.router.endpoints import Endpoints
-from lockgate.services.router.handlers import evidence_callback
+from lockgate.services.router.handlers import evidence_callback, scores_callback
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
 
@@ -40,6 +40,7 @@ class RouterService(Service):
         self.url = ""
         self._runner: web.AppRunner | None = None
         self._evidence: Any = None
+        self._scores: Any = None
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -66,6 +67,8 @@ class RouterService(Service):
         # Live evidence for canary analysis: every inference event, from this replica and every other producer.
         self._evidence = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.inference_all,
                                                          cb=evidence_callback(self.rollouts))
+        self._scores = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.eval_scores_all,
+                                                       cb=scores_callback(self.rollouts))  # online evaluation
         self.proxy.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=60, ttl_dns_cache=300),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
@@ -88,14 +91,16 @@ class RouterService(Service):
             self._runner = None
         await self.batcher.close()
         await self.admission.close()  # unused budget allowances back to the shared counters
-        if self._evidence is not None:
-            with contextlib.suppress(Exception):  # the connection may already be closing
-                await self._evidence.unsubscribe()
+        for sub in (self._evidence, self._scores):
+            if sub is not None:
+                with contextlib.suppress(Exception):  # the connection may already be closing
+                    await sub.unsubscribe()
         try:
             await self.rollouts.flush()
         except Exception:
             self.log.warning("route changes left unpersisted at stop", exc_info=True)
         await self.rollouts.close()
+        await self.proxy.shadow.close()
         if self.proxy.session is not None:
             await self.proxy.session.close()
         await super().stop()

@@ -60,6 +60,10 @@ class Settings(msgspec.Struct, kw_only=True):
     drift_reference_size: int = 500
     drift_window_size: int = 500
     drift_psi_threshold: float = 0.2
+    # online evaluation: share of live inference events the evaluator scores off the request path (0: off),
+    # with these reference-free deterministic scorers (services/evaluator/online.py)
+    online_eval_sample: float = 0.0
+    online_eval_scorers: tuple[str, ...] = ("pii_free", "refusal", "length")
     # store: days kept per table, `table=days,...` over the defaults of lockgate.store.retention (0 = for ever)
     retention_days: str = ""
     # cost

@@ -58,7 +58,7 @@ DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
              "events": ("artifacts", "lineage_runs", "eval_runs", "rollout_events", "drift_reports"),
              "facts": ("releases", "lineage_edges", "eval_cases", "gate_decisions", "cost_ledger", "audit_log")},
     "lineage": {"events": ("release", "run", "eval", "gate", "rollout")},
-    "evaluator": {"events": ("requests",)},
+    "evaluator": {"events": ("requests",), "inference": ("online",)},  # online: sampled live traffic scored
     "gatekeeper": {"events": ("evals", "reviews"), "audit": ("audit",)},  # audit: the chainer
     "router": {"events": ("gates", "drift")},
     "drift": {"inference": ("inference",), "events": ("rollout",)},
@@ -167,6 +167,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(_consume(s, "evaluator")).add(_read_objects(s.object_store))
         g.add(_write_kv(s.kv_eval_cache)).add(_write_kv(s.kv_eval_runs))
         g.add(Grant(publish=[s.eval_completed, s.lineage_run, s.eval_cases, f"{s.prefix}.progress.eval.>", s.query]))
+        g.add(Grant(publish=[s.eval_scores_all]))  # online scores of sampled live traffic
     elif identity == "gatekeeper":
         # It reads the evaluator's run records (not writes them) and publishes decisions and their audit rows.
         g.add(service).add(_consume(s, "gatekeeper")).add(_read_objects(s.object_store))
@@ -187,6 +188,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         # Budgets: it leases from the shared counters (compare-and-set) and reports what they refused.
         g.add(_write_kv(s.kv_budgets)).add(Grant(publish=[s.budget_all]))
         g.add(_write_kv(s.kv_response_cache))  # answers shared between replicas (opt-in per deployment)
+        g.add(Grant(subscribe=[s.eval_scores_all]))  # and the online scores of sampled live traffic
     elif identity == "drift":
         g.add(service).add(_consume(s, "drift"))
         g.add(_write_kv(s.kv_drift)).add(Grant(publish=[s.drift_all, s.query]))

@@ -141,6 +141,14 @@ class Subjects:
     def eval_completed(self) -> str:
         return f"{self.prefix}.eval.completed"
 
+    def eval_scores(self, deployment: str) -> str:
+        """Online scores of sampled live inference events (InferenceScored), by deployment."""
+        return f"{self.prefix}.eval.scores.{token(deployment)}"
+
+    @property
+    def eval_scores_all(self) -> str:
+        return f"{self.prefix}.eval.scores.>"
+
     def gate_decided(self, release: str) -> str:
         return f"{self.prefix}.gate.decided.{token(release)}"
 

@@ -156,6 +156,36 @@ async def _overhead(env: BenchEnv) -> dict[str, Any]:
         return out
 
 
+async def _shadow_overhead(env: BenchEnv) -> dict[str, Any]:
+    """The request path's latency with a shadow rollout copying 10% of requests against one copying
+    (practically) none: the copies are scheduled off the request path, so the users' p50/p99 should not
+    move beyond noise (the copies still cost the router CPU, which shows at the higher percentiles)."""
+    _KEY["admin"] = bootstrap(env.home).admin_key
+    async with _sim_process(env) as sim_url, stack(env, "router", stable_upstream=sim_url,
+                                                   canary_upstream=sim_url) as st:
+        router, bus = st.services["router"], st.ctx.bus
+        for release, endpoint in (("base", "default"), ("cand", "canary")):
+            await register_model_release(bus, release, "m", endpoint)
+            await store_pass(bus, release, st.ctx.settings)
+        url = f"{router.url}/lockgate/v1/deployments/{st.ctx.settings.deployment}"
+        out: dict[str, Any] = {"requests": N_REQUESTS, "concurrency": CONCURRENCY}
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {_KEY['admin']}"}) as session:
+            await _remote_load(router.url + "/v1", 300)  # warm-up
+            for label, sample in (("shadow_0pct", 1e-9), ("shadow_10pct", 0.1)):
+                strategy = {"shadow": {"sample": sample, "max_rps": 10_000, "max_concurrency": 64}}
+                async with session.put(url, json={"stable_release": "base", "canary_release": "cand",
+                                                  "strategy": strategy}) as resp:
+                    assert resp.status == 200, await resp.text()
+                await router.rollouts.wait_for(lambda r: r[st.ctx.settings.deployment].phase == "progressing", 10)
+                routed, seconds = await _remote_load(router.url + "/v1", N_REQUESTS)
+                budget = router.rollouts.shadow_budget(router.rollouts.route(st.ctx.settings.deployment))
+                out[label] = {**percentiles(routed), "rps": round(N_REQUESTS / seconds, 1),
+                              "mirrored": budget.sent if budget else 0}
+        out["added_p50_ms"] = round(out["shadow_10pct"]["p50_ms"] - out["shadow_0pct"]["p50_ms"], 3)
+        out["added_p99_ms"] = round(out["shadow_10pct"]["p99_ms"] - out["shadow_0pct"]["p99_ms"], 3)
+        return out
+
+
 async def _reaction(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, Any]:
     async with stack(env, "router") as st:
         router, bus = st.services["router"], st.ctx.bus
@@ -263,10 +293,11 @@ async def _fault_to_zero(env: BenchEnv, session: aiohttp.ClientSession) -> dict[
 async def run(env: BenchEnv) -> dict[str, Any]:
     """Router overhead vs. direct calls, gate decision -> weight change, injected fault -> weight 0."""
     overhead = await _overhead(env)
+    shadow = await _shadow_overhead(env)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {bootstrap(env.home).admin_key}"}) as session:
         reaction = await _reaction(env, session)
         closed_loop = await _fault_to_zero(env, session)
-    return {"overhead": overhead, "decision_to_weight": reaction, **closed_loop}
+    return {"overhead": overhead, "shadow_overhead": shadow, "decision_to_weight": reaction, **closed_loop}
 
 
 async def _load_main(url: str, n: int, concurrency: int, stream: bool) -> None:

@@ -30,6 +30,7 @@ from lockgate.contracts import (
     GateDecided,
     GateReview,
     InferenceEvent,
+    InferenceScored,
     LineageEdge,
     LineageEdges,
     LineageRun,
@@ -47,6 +48,7 @@ NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 SAMPLES = [
     InferenceEvent(app="shop", model="gpt-x", input_tokens=12, output_tokens=30, prompt="héllo ☃",
                    attributes={"k": "v"}, scores={"thumbs": 1.0}),
+    InferenceScored(event_id="e1", app="shop", deployment="web", release="r1", scores={"pii_free": 1.0}),
     ArtifactRegistered(kind="dataset", name="qa", hash="sha256:" + "0" * 64, size=10),
     ReleaseRegistered(release="r1", app="shop", artifacts={"dataset/qa": "sha256:" + "0" * 64}),
     LineageRun(run_id="run-1", kind="eval", release="r1", inputs=["a"], outputs=["b"]),

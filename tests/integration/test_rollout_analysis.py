@@ -35,7 +35,8 @@ pytestmark = pytest.mark.timeout(120)
 STABLE = SimConfig(models={"m": ModelSpec(default="stable says hi", error_rate=0.005)}, seed=3)
 CANARY = SimConfig(models={"bad": ModelSpec(default="bad canary", error_rate=0.05),
                            "same": ModelSpec(default="same canary", error_rate=0.005),
-                           "long": ModelSpec(default=" ".join(["tripled"] * 9))}, seed=3)
+                           "long": ModelSpec(default=" ".join(["tripled"] * 9)),
+                           "flaky": ModelSpec(default="flaky canary", error_rate=0.5)}, seed=3)
 ERRORS = {"metrics": [{"name": "error_rate", "max_increase": 0.01},
                       {"name": "latency_p95", "max_ratio": 3.0, "max": 2000}],
           "min_sample": 100, "failure_limit": 0, "inconclusive_limit": 1000}
@@ -56,6 +57,7 @@ async def router(context: ServiceContext, run_services: Any, signer: Signer) -> 
         await register_model_release(context.bus, "bad", "bad", "canary")
         await register_model_release(context.bus, "same", "same", "canary")
         await register_model_release(context.bus, "long", "long", "canary")
+        await register_model_release(context.bus, "flaky", "flaky", "canary")
         kv = await context.bus.kv(context.bus.subjects.kv_gates)
         await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))
         context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
@@ -192,6 +194,22 @@ async def test_canary_whose_answers_triple_in_length_is_aborted_by_the_drift_mon
     assert route.phase == "aborted", f"not aborted after {sent} requests: {route.reason}"
     assert route.weight == 0.0 and route.stable.release == "r1"
     assert "DRIFT in output_tokens (PSI" in route.reason
+
+
+async def test_canary_whose_errors_shift_the_error_mix_is_aborted_by_categorical_drift(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, run_services: Any) -> None:
+    drift = (await run_services("drift"))["drift"]
+    await _start(http, router, "flaky", {"steps": [50, 100], "interval_s": 3600})  # no analysis: drift alone
+    reference = router.ctx.settings.drift_reference_size
+    await _traffic_until(http, router, lambda r: False, limit=reference, batch=reference // 5)
+    await drift.handlers.events.wait_for(reference, 30)
+    await _pass(router, signer, "flaky")
+    sent = await _traffic_until(http, router, lambda r: r.phase == "aborted", limit=3000)
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not aborted after {sent} requests: {route.reason}"
+    assert route.weight == 0.0 and route.stable.release == "r1"
+    assert "error_type:500 (PSI " in route.reason and ", share 0 -> " in route.reason
+    assert "model:" not in route.reason  # the canary's own model is the rollout, not drift to abort for
 
 
 async def test_pause_holds_the_weight_and_resume_continues(router: Any, http: aiohttp.ClientSession,

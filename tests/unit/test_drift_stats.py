@@ -79,7 +79,7 @@ def test_monitor_reports_every_window_after_the_reference() -> None:
     assert m.observe_events(_events(749)) == []
     [first] = m.observe_events(_events(1, start=749))
     assert (first.reference_n, first.current_n) == (500, 250)
-    assert [f.feature for f in first.features] == list(FEATURES)
+    assert [f.feature.split(":")[0] for f in first.features] == list(FEATURES)
     assert not first.drifted
     # One batch spanning two boundaries gives two reports.
     assert len(m.observe_events(_events(500, start=750))) == 2
@@ -112,7 +112,7 @@ def test_windows_survive_a_snapshot_round_trip_in_order() -> None:
     from lockgate.services.drift.domain import Snapshot, restore, snapshot
 
     rng = np.random.default_rng(3)
-    values, times = rng.normal(100, 10, (130, 3)), np.arange(130, dtype=np.float64)
+    values, times = rng.normal(100, 10, (130, len(FEATURES))), np.arange(130, dtype=np.float64)
     live = DriftMonitor(50, 40, 0.2)
     live.observe("web", values[:110], times[:110], app="shop")  # reference full, ring wrapped once
     saved = msgspec.json.decode(msgspec.json.encode(snapshot("web", live.windows["web"])), type=Snapshot)
@@ -123,3 +123,44 @@ def test_windows_survive_a_snapshot_round_trip_in_order() -> None:
     (b,) = restarted.observe("web", values[110:], times[110:], app="shop")
     assert [f.psi for f in a.features] == pytest.approx([f.psi for f in b.features])
     assert (a.window_start, a.window_end, a.reference_n) == (b.window_start, b.window_end, b.reference_n)
+
+
+def _answers(n: int, finish: str, start: int = 0, error_type: str = "") -> list[InferenceEvent]:
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    return [InferenceEvent(app="shop", deployment="d1", output_tokens=100, latency_ms=200.0, input_tokens=50,
+                           finish_reason=finish if i % 10 else "stop", error_type=error_type, model="m",
+                           time=t0 + timedelta(seconds=start + i)) for i in range(n)]
+
+
+def test_categorical_drift_names_the_category_whose_share_moved() -> None:
+    m = DriftMonitor(reference_size=200, window_size=100, psi_threshold=0.2)
+    m.observe_events(_answers(200, "stop"))
+    [report] = m.observe_events(_answers(100, "length", start=200))  # 90% of answers now truncated
+    finish = next(f for f in report.features if f.feature.startswith("finish_reason:"))
+    assert report.drifted and finish.drifted and finish.feature == "finish_reason:length"
+    assert (finish.reference_mean, finish.current_mean) == (0.0, 0.9)  # the category's share before and now
+    assert finish.ks_pvalue < 1e-6  # chi-squared test of the two windows
+    steady = next(f for f in report.features if f.feature.startswith("model:"))
+    assert not steady.drifted and steady.psi == 0.0 and steady.ks_pvalue == 1.0
+    numeric = [f for f in report.features if ":" not in f.feature]
+    assert numeric and not any(f.drifted for f in numeric)
+
+
+def test_chi_squared_matches_scipy_on_a_hand_table() -> None:
+    from scipy.stats import chi2_contingency
+
+    ref = np.array([1.0] * 70 + [2.0] * 30)
+    cur = np.array([1.0] * 50 + [2.0] * 40 + [3.0] * 10)
+    psi, chi2, p, top, share_ref, share_cur = stats.categorical(ref, cur)
+    expected = chi2_contingency(np.array([[70, 30, 0], [50, 40, 10]]), correction=False)
+    assert (chi2, p) == pytest.approx((expected.statistic, expected.pvalue))
+    assert (top, share_ref, share_cur) == (1.0, 0.7, 0.5) and psi > 0
+
+
+def test_a_snapshot_from_before_the_categorical_features_starts_afresh() -> None:
+    from lockgate.services.drift.domain import Snapshot, restore
+
+    old = Snapshot(deployment="web", app="shop", tenant="t", reference=[[1.0, 2.0, 3.0]] * 5,
+                   current=[[1.0, 2.0, 3.0]] * 2, current_times=[1.0, 2.0], since_report=2)
+    w = restore(old, 50, 40)
+    assert (w.ref_n, w.cur_n, w.app) == (0, 0, "shop")

@@ -155,3 +155,35 @@ def test_per_deployment_steps_and_interval() -> None:
     assert progress.steps_of(route, (10.0, 100.0)) == STEPS and progress.interval_of(route, 5.0) == 1.0
     plain = msgspec.structs.replace(route, strategy=None)
     assert progress.steps_of(plain, (10.0, 100.0)) == (10.0, 100.0) and progress.interval_of(plain, 5.0) == 5.0
+
+
+def _categorical(feature: str, ref: float, cur: float) -> DriftReport:
+    when = datetime.fromtimestamp(200.0, UTC)
+    return DriftReport(deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
+                       drifted=True, features=[FeatureDrift(feature=feature, psi=1.2, ks_stat=80.0, ks_pvalue=1e-9,
+                                                            reference_mean=ref, current_mean=cur, drifted=True)])
+
+
+@pytest.mark.parametrize(("feature", "ref", "cur", "aborts"), [
+    ("finish_reason:length", 0.02, 0.6, True),  # truncated answers
+    ("finish_reason:stop", 0.98, 0.4, True),
+    ("finish_reason:stop", 0.4, 0.98, False),  # more answers end normally
+    ("error_type:502", 0.0, 0.2, True),
+    ("error_type:(none)", 0.99, 0.8, True),
+    ("error_type:(none)", 0.8, 0.99, False),  # fewer errors
+    ("model:m2", 0.0, 0.5, False),  # the canary's own model: the rollout itself
+])
+def test_categorical_drift_aborts_for_harm_naming_the_category(feature: str, ref: float, cur: float,
+                                                               aborts: bool) -> None:
+    new = progress.on_drift(_live(), _categorical(feature, ref, cur))
+    assert (new is not None and new.phase == "aborted") is aborts
+    if aborts:
+        assert new is not None and f"DRIFT in {feature} (PSI 1.2, share {ref:.4g} -> {cur:.4g})" in new.reason
+
+
+def test_drift_during_post_promotion_analysis_rolls_back() -> None:
+    promoted = msgspec.structs.replace(domain.promote(_live(), "by operator"), verifying=True, promoted_at=150.0)
+    back = progress.on_drift(promoted, _report())
+    assert back is not None and back.stable.release == "r1" and back.phase == "aborted"
+    assert back.reason.startswith("rolled back r2: drift report ") and "during post-promotion analysis" in back.reason
+    assert progress.on_drift(msgspec.structs.replace(promoted, promoted_at=250.0), _report()) is None  # older window

@@ -1,4 +1,4 @@
-"""`lockgate rollout get|pause|resume|abort|promote|set-weight|history`: operate a deployment's canary.
+"""`lockgate rollout get|pause|resume|approve|abort|promote|undo|set-weight|history`: operate a deployment's rollout.
 
 Actions go to the router's admin API with an API key (operator or admin role for changes, any
 role for `get`); the router records the key's identity as the actor. `history` reads the stored
@@ -96,7 +96,8 @@ def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
         ("stable", (route.get("stable") or {}).get("release") or "(default)"),
         ("canary", canary.get("release", "-")),
         ("weight", f"{route.get('weight', 0):g}%"),
-        ("step", f"{route.get('step', 0)} of {', '.join(f'{s:g}' for s in strategy.get('steps') or []) or 'router steps'}"),
+        ("step", f"{route.get('step', 0)} of {', '.join(_step_text(s) for s in strategy.get('steps') or []) or _kind(strategy)}"),
+        ("header route", _header(route.get("header_route"))),
         ("admitted by", route.get("admitted") or "-"),
         ("override", (route.get("override") or {}).get("reason", "-")),
         ("analysis", f"look {status.get('look', 0)}, failures {status.get('failures', 0)}, "
@@ -104,7 +105,35 @@ def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
          if strategy.get("analysis") else "none (steps advance on time)"),
         ("reason", route.get("reason", "")),
     )]
+    if strategy.get("blue_green"):
+        rows[-1:-1] = [{"field": k, "value": v} for k, v in (
+            ("auto-promotion", _when(route.get("promote_at", 0))),
+            ("post-promotion analysis", "running" if route.get("verifying") else "-"),
+            ("instant rollback until", _when(route.get("scale_down_at", 0))),
+        )]
     return rows
+
+
+def _header(h: dict[str, Any] | None) -> str:
+    return f"{h['header']}: {h['value']} -> canary" if h else "-"
+
+
+def _kind(strategy: dict[str, Any]) -> str:
+    if strategy.get("blue_green"):
+        return "blue-green"
+    return "shadow only" if strategy.get("shadow") else "router steps"
+
+
+def _step_text(step: Any) -> str:
+    """A step as `25`, `pause 60s`, `pause (approval)` or `header x-lockgate-canary`."""
+    if isinstance(step, int | float):
+        return f"{step:g}"
+    if step.get("set_weight") is not None:
+        return f"{step['set_weight']:g}"
+    if step.get("pause") is not None:
+        d = step["pause"].get("duration_s")
+        return f"pause {d:g}s" if d else "pause (approval)"
+    return f"header {step['set_header_route']['header']}"
 
 
 def metric_rows(route: dict[str, Any]) -> list[dict[str, Any]]:
@@ -113,6 +142,25 @@ def metric_rows(route: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"metric": m["name"] + (" (dry run)" if m.get("dry_run") else ""), "verdict": m["verdict"], "canary": m.get("canary"), "stable": m.get("stable"),
              "threshold": m.get("threshold"), "n (canary/stable)": f"{m.get('canary_n', 0)}/{m.get('stable_n', 0)}",
              "why": m.get("why", "")} for m in last.get("metrics", [])]
+
+
+def shadow_rows(s: dict[str, Any]) -> list[dict[str, Any]]:
+    """The served-versus-shadow comparison as rows (deltas are shadow minus served)."""
+    def num(v: Any, fmt: str = ".3g") -> str:
+        return "-" if v is None else format(v, fmt)
+
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted((s.get("skipped") or {}).items())) or "-"
+    return [{"field": k, "value": v} for k, v in (
+        ("candidate", s.get("candidate") or "-"),
+        ("mirrored (this router)", f"{s.get('mirrored', 0)} ({s.get('in_flight', 0)} in flight); skipped: {skipped}"),
+        ("shadow events / pairs", f"{s.get('shadow_events', 0)} / {s.get('pairs', 0)}"),
+        ("exact match", num(s.get("exact_match_rate"), ".1%")),
+        ("errors served / shadow", f"{num(s.get('served_error_rate'), '.1%')} / {num(s.get('shadow_error_rate'), '.1%')}"),
+        ("mean length delta (chars)", num(s.get("mean_length_delta"))),
+        ("mean output tokens delta", num(s.get("mean_output_tokens_delta"))),
+        ("mean latency delta (ms)", num(s.get("mean_latency_delta_ms"))),
+        ("shadow cost (USD)", num(s.get("shadow_cost_usd"), ".4g")),
+    )]
 
 
 def register(cli: click.Group) -> None:
@@ -141,6 +189,9 @@ def register(cli: click.Group) -> None:
         metrics = metric_rows(route)
         if metrics:
             table(metrics, title="last analysis")
+        if (route.get("strategy") or {}).get("shadow"):
+            table(shadow_rows(admin(click.get_current_context()).call("GET", f"/{route.get('deployment')}/shadow")),
+                  title="shadow (candidate vs served)", columns=["field", "value"])
 
     @rollout.command("get")
     @click.argument("deployment")
@@ -172,7 +223,10 @@ def register(cli: click.Group) -> None:
     action("pause", "Hold the canary at its weight: no step advances until `resume` (a failing analysis "
                     "still aborts).", reason=True)
     action("resume", "Continue a paused canary; the next step or analysis look is one interval away.")
-    action("abort", "Send all traffic back to stable now (the canary goes to 0%).")
+    action("approve", "Approve a pause step that waits for it: the rollout runs its next step now (`resume`).")
+    action("abort", "Send all traffic back to stable now (the canary goes to 0%; a blue-green promotion "
+                    "within its scale-down window swaps the old release back).")
+    action("undo", "Put the previous release back as stable (blue-green: within the scale-down window).")
     action("promote", "Make the canary stable now: only a canary a verified decision allows.")
 
     @rollout.command("set-weight")

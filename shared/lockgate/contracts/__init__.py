@@ -30,7 +30,7 @@ from lockgate.contracts.evals import (
 )
 from lockgate.contracts.gates import GateAudited, GateDecided, GateReview, RuleResult
 from lockgate.contracts.gitops import AppliedChange, ApplyRecorded
-from lockgate.contracts.inference import InferenceEvent
+from lockgate.contracts.inference import InferenceEvent, InferenceScored
 from lockgate.contracts.rollout import RolloutState
 from lockgate.contracts.telemetry import SpanBatch, SpanRecord
 
@@ -60,6 +60,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     ApplyRecorded,
     # what budgets refused at the router
     BudgetEvent,
+    # online evaluation of sampled live traffic
+    InferenceScored,
 )
 
 AnyEvent = Union[EVENT_TYPES]  # noqa: UP007 - a runtime tagged union for msgspec
@@ -93,6 +95,7 @@ __all__ = [
     "GateAudited",
     "GateDecided",
     "InferenceEvent",
+    "InferenceScored",
     "LineageEdge",
     "LineageEdges",
     "LineageRun",

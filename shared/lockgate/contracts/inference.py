@@ -40,3 +40,15 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference")
     session_id: str = ""
     attributes: dict[str, str] = {}
     scores: dict[str, float] = {}
+
+
+class InferenceScored(Event, frozen=True, kw_only=True, tag="lockgate.inference.scored"):
+    """Online evaluation of one sampled inference event (`event_id`): cheap deterministic scores from the
+    evaluator's scorers, off the request path, for rollout analysis as live quality metrics."""
+
+    event_id: str
+    app: Name
+    deployment: OptName = ""
+    variant: str = "stable"
+    release: OptName = ""
+    scores: dict[str, float] = {}

@@ -35,6 +35,7 @@ from lockgate.contracts import (
     GateDecided,
     GateReview,
     InferenceEvent,
+    InferenceScored,
     LineageEdge,
     LineageEdges,
     LineageRun,
@@ -168,5 +169,8 @@ SAMPLES: dict[str, Event] = {
                     period="day", period_id="2026-01-02", app="shop", key_id="k1", deployment="web", model="gpt-x",
                     limit_usd=5.5, limit_tokens=100000, leased_usd=5.25, leased_tokens=99000, requested_usd=0.375,
                     requested_tokens=1500, denied=3, fail_open=True, replica="router-a"),
+        InferenceScored(**envelope(22), event_id="01941f29-7c00-7000-8000-000000000001", app="shop",
+                        deployment="web", variant="canary", release="shop-v2",
+                        scores={"pii_free": 1.0, "length": 7.5}),
     )
 }

@@ -1,0 +1,89 @@
+"""Blue-green rollouts: a preview reachable only by header (or shadow), promoted all at once, with a
+post-promotion analysis and a window in which the old release swaps back instantly. Pure, no I/O."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import msgspec
+
+from lockgate.services.router import domain
+from lockgate.services.router.domain import InvalidRollout, Route
+from lockgate.services.router.strategy import BlueGreen
+
+
+def spec(route: Route) -> BlueGreen | None:
+    """The route's blue-green strategy, if it has one."""
+    return route.strategy.blue_green if route.strategy is not None else None
+
+
+def _at(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%H:%M:%S")
+
+
+def live(route: Route, now: float, interval_s: float, why: str) -> Route:
+    """The preview goes live (a decision allows it): by header only, never by weight."""
+    bg = spec(route)
+    assert bg is not None and route.canary is not None
+    promote_at = now + bg.auto_promotion_s if bg.auto_promotion_s else 0.0
+    if not promote_at:
+        then = "promote by hand (lockgate rollout promote)"
+    elif bg.pre_promotion_analysis is not None:
+        then = f"promotes itself from {_at(promote_at)} once its pre-promotion analysis passes"
+    else:
+        then = f"promotes itself at {_at(promote_at)}"
+    return _bump(route, weight=0.0, phase="progressing", step=0, header_route=bg.preview, promote_at=promote_at,
+                 next_step_at=now + interval_s,
+                 reason=f"{why}; preview {route.canary.release} live by header {bg.preview.header}: "
+                        f"{bg.preview.value} only; {then}")
+
+
+def promote(route: Route, why: str, now: float, interval_s: float) -> Route:
+    """All traffic to the preview at once (see `promoted`)."""
+    return promoted(domain.promote(route, why), now, interval_s)
+
+
+def promoted(route: Route, now: float, interval_s: float) -> Route:
+    """A just-promoted route: the old release stays for the scale-down delay, the post-promotion analysis
+    (if any) starts."""
+    bg = spec(route)
+    if bg is None:
+        return msgspec.structs.replace(route, promoted_at=now)
+    old = route.previous.release if route.previous else "the old release"
+    verifying = bg.post_promotion_analysis is not None
+    delay = bg.scale_down_delay_s
+    window = f"; {old} kept for instant rollback for {delay:g} s" if delay else ""
+    return msgspec.structs.replace(
+        route, promoted_at=now, scale_down_at=now + delay if delay else 0.0, verifying=verifying, analysis=None,
+        next_step_at=now + interval_s if verifying else 0.0,
+        reason=route.reason + window + ("; post-promotion analysis running" if verifying else ""))
+
+
+def auto_promotion_due(route: Route, now: float) -> bool:
+    """True when the preview may promote itself by time (its pre-promotion analysis is checked by the caller)."""
+    return spec(route) is not None and route.phase == "progressing" and 0 < route.promote_at <= now
+
+
+def undo(route: Route, actor: str) -> Route:
+    """Swap the previous release back in (instant: it never stopped being routable)."""
+    if route.phase != "promoted" or route.previous is None:
+        raise InvalidRollout(f"deployment {route.deployment!r} has no promoted release to undo")
+    if spec(route) is not None and not route.scale_down_at:
+        raise InvalidRollout(f"the old release {route.previous.release!r} of {route.deployment!r} is scaled down "
+                             "(scale_down_delay_s is over): start a new rollout to go back to it")
+    return domain.rollback(route, f"undone by {actor or 'operator'}", decision_id=route.decision_id)
+
+
+def scale_down_due(route: Route, now: float) -> bool:
+    """True when the scale-down window is over (never while the post-promotion analysis still runs)."""
+    return route.phase == "promoted" and 0 < route.scale_down_at <= now and not route.verifying
+
+
+def scale_down(route: Route) -> Route:
+    """The old release leaves the route's instant-rollback window."""
+    old = route.previous.release if route.previous else "the old release"
+    return _bump(route, scale_down_at=0.0, reason=f"{route.reason}; {old} scaled down")
+
+
+def _bump(route: Route, **changes: object) -> Route:
+    return msgspec.structs.replace(route, version=route.version + 1, **changes)

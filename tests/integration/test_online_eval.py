@@ -1,0 +1,61 @@
+"""Online evaluation on the real nats-server and the simulator: the evaluator scores sampled live answers
+off the request path, publishes the scores, and a canary whose live scores drop is aborted by its analysis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from lockgate.contracts import GateDecided
+from lockgate.server.apikeys import bootstrap
+from lockgate.server.service import ServiceContext
+from lockgate.signing import Signer, trust_file_path, trust_key
+from lockgate.subjects import token
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import register_model_release
+from tests.integration.test_rollout_analysis import _pass, _start, _traffic_until
+
+pytestmark = pytest.mark.timeout(120)
+
+STABLE = SimConfig(models={"m": ModelSpec(default="stable says hi")}, seed=3)
+# The leaky canary answers as well as stable does (no errors, same speed) but with a customer's e-mail in it.
+CANARY = SimConfig(models={"leaky": ModelSpec(default="sure, write to jane.doe@example.com")}, seed=3)
+PII = {"metrics": [{"name": "score", "scorer": "pii_free", "max_decrease": 0.02, "min_scores": 30},
+                   {"name": "error_rate", "max_increase": 0.05}],
+       "min_sample": 50, "failure_limit": 0, "inconclusive_limit": 1000}
+
+
+@pytest.fixture
+async def stack(context: ServiceContext, run_services: Any) -> AsyncIterator[tuple[Any, Any, Signer]]:
+    signer = Signer.generate()
+    trust_key(trust_file_path(context.settings), signer.public)
+    async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
+        await register_model_release(context.bus, "r1", "m", "default")
+        await register_model_release(context.bus, "leaky", "leaky", "canary")
+        kv = await context.bus.kv(context.bus.subjects.kv_gates)
+        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))
+        context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
+                                                    deployment="chat", app="shop", online_eval_sample=1.0)
+        services = await run_services("router", "evaluator")
+        yield services["router"], services["evaluator"], signer
+
+
+async def test_a_canary_whose_live_online_scores_drop_is_aborted_naming_the_score(
+        stack: tuple[Any, Any, Signer], context: ServiceContext) -> None:
+    router, evaluator, signer = stack
+    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as http:
+        await _start(http, router, "leaky", {"steps": [50, 100], "interval_s": 0.2, "analysis": PII})
+        await _pass(router, signer, "leaky")
+        sent = await _traffic_until(http, router, lambda r: r.phase == "aborted", limit=3000, batch=20)
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not aborted after {sent} requests: {route.reason}"
+    assert (route.weight, route.stable.release) == (0.0, "r1")
+    assert "analysis failed at step 1 (50%): score:pii_free 0 < threshold 0.98 (stable 1;" in route.reason
+    assert evaluator.online.scored.count > 0  # the scores came from the evaluator, off the request path
+    failed = route.analysis.last.metrics[0]
+    assert failed.canary_n >= 30 and failed.stable_n >= 30 and failed.verdict == "FAILED"

@@ -1,0 +1,117 @@
+"""Canary step kinds and blue-green on the real nats-server, chDB and the simulator: header routes send
+tagged requests to the candidate, pause steps hold until approved, a blue-green preview is reachable
+only by header, promotes all at once, and a failed post-promotion analysis rolls back."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from click.testing import CliRunner
+
+from lockgate.cli.main import cli
+from lockgate.server.apikeys import KeyStore
+from lockgate.services.router import progress
+from lockgate.signing import Signer
+from tests.integration import test_rollout_analysis as analysis_tests
+from tests.integration.test_rollout_analysis import ERRORS, _pass, _start, _traffic_until
+
+# The router stack of the analysis tests (simulated stable and canary upstreams, releases, signed decisions).
+router, http, keys, signer = analysis_tests.router, analysis_tests.http, analysis_tests.keys, analysis_tests.signer
+
+pytestmark = pytest.mark.timeout(120)
+TESTER = {"x-lockgate-canary": "always"}
+PREVIEW = {"x-lockgate-preview": "always"}
+
+
+async def _releases(http: aiohttp.ClientSession, router: Any, n: int, headers: dict[str, str] | None = None) -> list[str]:
+    """The release that answered each of n requests from distinct users."""
+    url = f"{router.url}/v1/chat/completions"
+
+    async def one(i: int) -> str:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": f"user-{i}"}
+        async with http.post(url, json=body, headers=headers or {}) as resp:
+            await resp.read()
+            return resp.headers["x-lockgate-release"]
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+async def _post(http: aiohttp.ClientSession, router: Any, action: str, key: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/{action}", headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_header_route_sends_tagged_requests_to_the_canary_at_zero_weight(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    await _start(http, router, "same", {"steps": [{"set_header_route": {"header": "X-Lockgate-Canary",
+                                                                        "value": "always"}},
+                                                  {"pause": {}}, 50], "interval_s": 0.1})
+    assert set(await _releases(http, router, 20, TESTER)) == {"r1"}  # no decision yet: no canary for anyone
+    await _pass(router, signer, "same")
+    route = router.rollouts.route("chat")
+    assert (route.weight, route.paused, route.step_pause) == (0.0, True, True)
+    assert set(await _releases(http, router, 40, TESTER)) == {"same"}  # internal testers see the canary first
+    assert set(await _releases(http, router, 100)) == {"r1"}  # everyone else: stable
+    assert set(await _releases(http, router, 20, {"x-lockgate-canary": "never"})) == {"r1"}
+
+
+async def test_pause_until_approved_holds_until_an_operator_resumes(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    await _start(http, router, "same", {"steps": [20, {"pause": {}}, 100], "interval_s": 0.1})
+    await _pass(router, signer, "same")
+    await router.rollouts.wait_for(lambda r: r["chat"].step_pause, timeout=10)
+    held = router.rollouts.route("chat")
+    assert (held.weight, held.paused, held.phase) == (20.0, True, "progressing")
+    assert "paused until approved" in held.reason and progress.due_at(held) is None  # nothing will move it
+    await _traffic_until(http, router, lambda r: False, limit=200)
+    assert router.rollouts.route("chat") == held  # traffic and the timer leave it where it is
+
+    viewer, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "viewer")
+    status, _ = await _post(http, router, "approve", viewer)
+    assert status == 403 and router.rollouts.route("chat").paused
+    operator, rec = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    s = router.ctx.settings
+    result = await asyncio.to_thread(
+        CliRunner().invoke, cli, ["--home", s.home, "--nats", s.nats_url, "--prefix", s.prefix, "rollout",
+                                  "--router", router.url, "--api-key", operator, "approve", "chat"])
+    assert result.exit_code == 0, result.output
+    assert f"approved at step 2 (20%) by {rec.label}" in result.output and "canary at 100%" in result.output
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=10)
+
+
+async def test_blue_green_preview_by_header_only_promotion_switches_all_traffic_abort_swaps_back(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    await _start(http, router, "same", {"interval_s": 0.1, "blue_green": {"scale_down_delay_s": 3600}})
+    await _pass(router, signer, "same")
+    assert set(await _releases(http, router, 200)) == {"r1"}  # the preview gets no user traffic
+    assert set(await _releases(http, router, 20, PREVIEW)) == {"same"}
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/set-weight", json={"weight": 10}) as resp:
+        assert resp.status == 409 and "blue-green" in (await resp.json())["error"]["message"]
+    status, body = await _post(http, router, "promote")
+    assert status == 200, body
+    assert body["stable"]["release"] == "same" and "r1 kept for instant rollback for 3600 s" in body["reason"]
+    assert set(await _releases(http, router, 100)) == {"same"}  # promotion switches all traffic at once
+    status, body = await _post(http, router, "abort")
+    assert status == 200, body
+    assert body["stable"]["release"] == "r1" and body["reason"].startswith("rolled back same: undone by apikey:")
+    assert set(await _releases(http, router, 100)) == {"r1"}
+
+
+async def test_blue_green_failed_post_promotion_analysis_rolls_back(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    await _start(http, router, "bad", {"interval_s": 0.1, "blue_green": {"post_promotion_analysis": ERRORS}})
+    await _pass(router, signer, "bad")
+    await _traffic_until(http, router, lambda r: False, limit=400)  # the old release's evidence
+    status, body = await _post(http, router, "promote")
+    assert status == 200 and body["verifying"], body
+    sent = await _traffic_until(http, router, lambda r: r.phase == "aborted")
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not rolled back after {sent} requests: {route.reason}"
+    assert route.stable.release == "r1" and route.reason.startswith(
+        "rolled back bad: post-promotion analysis failed: error_rate ")
+    assert "> threshold" in route.reason
+    assert set(await _releases(http, router, 50)) == {"r1"}

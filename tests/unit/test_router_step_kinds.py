@@ -1,0 +1,196 @@
+"""Canary step kinds (pause, header route) and blue-green transitions, pure, on an injected clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from lockgate.contracts import GateDecided
+from lockgate.services.router import bluegreen, domain, progress
+from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricResult, MetricSpec
+from lockgate.services.router.domain import CanaryRequest, InvalidRollout, Route, Target
+from lockgate.services.router.strategy import Strategy
+
+pytestmark = pytest.mark.timeout(30)
+
+DEFAULT = (10.0, 100.0)
+TESTER = {"x-lockgate-canary": "always"}
+SPEC = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.01)], min_sample=100)
+
+
+def _route(strategy: dict[str, Any]) -> Route:
+    s = msgspec.convert(strategy, Strategy)
+    r = domain.start_canary(domain.default_route("d"), CanaryRequest(stable_release="r1", canary_release="r2"),
+                            stable=Target(release="r1"), canary=Target(release="r2"), first_step=10.0)
+    return msgspec.structs.replace(r, strategy=s, started_at=100.0)
+
+
+def _pass(route: Route, now: float = 100.0) -> Route:
+    new = progress.on_decision(route, GateDecided(release="r2", decision="PASS", rules=[]), DEFAULT, 10.0, now)
+    assert new is not None
+    return new
+
+
+def _tick(route: Route, now: float) -> Route:
+    new = progress.on_time(route, DEFAULT, 10.0, now)
+    assert new is not None, f"nothing due at {now}: {route.reason}"
+    return new
+
+
+def _m(verdict: str) -> Measurement:
+    r = MetricResult(name="error_rate", verdict=verdict, canary=0.05, stable=0.005, threshold=0.015,  # type: ignore[arg-type]
+                     canary_n=400, stable_n=400)
+    return Measurement(verdict=verdict, look=1, metrics=[r], canary_n=400, stable_n=400)  # type: ignore[arg-type]
+
+
+def test_steps_take_numbers_and_step_kinds_exactly_one_each() -> None:
+    s = msgspec.convert({"steps": [10, {"pause": {"duration_s": 5}}, {"set_weight": 50}]}, Strategy)
+    assert s.kinds() and s.weights() == [10.0, 50.0]
+    assert not msgspec.convert({"steps": [10, {"set_weight": 50}]}, Strategy).kinds()
+    with pytest.raises(msgspec.ValidationError, match="exactly one of"):
+        msgspec.convert({"steps": [{"set_weight": 10, "pause": {}}]}, Strategy)
+    with pytest.raises(msgspec.ValidationError, match="exactly one of"):
+        msgspec.convert({"steps": [{}]}, Strategy)
+    with pytest.raises(msgspec.ValidationError, match="replaces canary steps"):
+        msgspec.convert({"steps": [10], "blue_green": {}}, Strategy)
+
+
+def test_timed_pause_holds_the_weight_then_continues_on_its_own() -> None:
+    r = _pass(_route({"steps": [20, {"pause": {"duration_s": 60}}, 50], "interval_s": 10}))
+    assert (r.weight, r.step, r.paused) == (20.0, 1, False)
+    r = _tick(r, 110.0)  # one interval at 20%: the pause step begins
+    assert (r.weight, r.paused, r.step_pause, r.resume_at) == (20.0, True, True, 170.0)
+    assert "step 2/3: paused 60 s at 20%" in r.reason
+    assert progress.due_at(r) == 170.0 and progress.on_time(r, DEFAULT, 10.0, 169.9) is None
+    r = _tick(r, 170.0)
+    assert (r.weight, r.paused, r.step) == (50.0, False, 3) and "timed pause at step 2 (20%) over" in r.reason
+    done = _tick(r, 180.0)
+    assert done.phase == "promoted" and "all 3 steps done at 50%" in done.reason
+
+
+def test_pause_without_duration_holds_until_approved() -> None:
+    r = _pass(_route({"steps": [20, {"pause": {}}, 100], "interval_s": 10}))
+    r = _tick(r, 110.0)
+    assert r.paused and r.step_pause and r.resume_at == 0.0 and "until approved" in r.reason
+    assert progress.due_at(r) is None  # only an approval moves it
+    assert progress.on_time(r, DEFAULT, 10.0, 1e12) is None
+    approved = progress.resume(r, "apikey:k1(operator@acme/shop)", 10.0, now=500.0)
+    assert (approved.weight, approved.paused, approved.step) == (100.0, False, 3)
+    assert "approved at step 2 (20%) by apikey:k1(operator@acme/shop)" in approved.reason
+
+
+def test_operator_pause_during_a_program_resumes_after_an_interval() -> None:
+    r = _pass(_route({"steps": [20, {"pause": {}}, 100], "interval_s": 10}))
+    held = progress.pause(r, "ops")
+    assert not held.step_pause and progress.due_at(held) is None
+    resumed = progress.resume(held, "ops", 10.0, now=200.0)
+    assert resumed.weight == 20.0 and resumed.next_step_at == 210.0  # the program goes on at its own pace
+
+
+def test_header_route_sends_tagged_requests_to_the_canary_at_any_weight() -> None:
+    r = _pass(_route({"steps": [{"set_header_route": {"header": "X-Lockgate-Canary", "value": "always"}},
+                                {"pause": {}}, 50], "interval_s": 10}))
+    assert r.weight == 0.0 and r.paused and r.header_route is not None
+    assert "x-lockgate-canary: always go to the canary" in r.reason
+    assert domain.choose(r, "u1", TESTER) == ("canary", r.canary)
+    assert domain.choose(r, "u1", {"x-lockgate-canary": "sometimes"})[0] == "stable"
+    assert all(domain.choose(r, f"u{i}", {})[0] == "stable" for i in range(200))
+    aborted = domain.abort(r, "by operator")
+    assert aborted.header_route is None and domain.choose(aborted, "u1", TESTER)[0] == "stable"
+
+
+def test_header_route_needs_an_admitted_live_canary() -> None:
+    r = _route({"steps": [{"set_header_route": {}}, 50]})
+    assert domain.choose(msgspec.structs.replace(r, header_route=r.strategy.program()[0].set_header_route),  # type: ignore[union-attr]
+                         "u", TESTER)[0] == "stable"  # idle: no decision allows it yet
+
+
+def test_analysis_success_runs_the_program_and_failure_aborts_during_a_pause() -> None:
+    r = _pass(_route({"steps": [20, {"pause": {}}, 100], "interval_s": 10, "analysis": msgspec.to_builtins(SPEC)}))
+    r = progress.on_measurement(r, _m("SUCCESSFUL"), DEFAULT, 10.0, now=110.0)
+    assert r is not None and r.paused and r.step_pause and "analysis passed at step 1 (20%)" in r.reason
+    held = progress.on_measurement(r, _m("SUCCESSFUL"), DEFAULT, 10.0, now=120.0)
+    assert held is not None and held.weight == 20.0 and held.paused  # success never skips an approval
+    failed = progress.on_measurement(held, _m("FAILED"), DEFAULT, 10.0, now=130.0)
+    assert failed is not None and failed.phase == "aborted" and failed.weight == 0.0
+    assert "error_rate 0.05 > threshold 0.015" in failed.reason
+
+
+# blue-green
+
+
+def _bg(**bg: Any) -> Route:
+    return _pass(_route({"interval_s": 10, "blue_green": bg}))
+
+
+def test_blue_green_preview_is_reachable_only_by_its_header() -> None:
+    r = _bg()
+    assert (r.phase, r.weight) == ("progressing", 0.0)
+    assert all(domain.choose(r, f"u{i}", {})[0] == "stable" for i in range(500))
+    assert domain.choose(r, "u", {"x-lockgate-preview": "always"})[0] == "canary"
+    assert domain.choose(r, "u", TESTER)[0] == "stable"
+    assert progress.due_at(r) is None  # manual promotion only
+    with pytest.raises(InvalidRollout, match="blue-green"):
+        progress.set_weight(r, 10.0, "ops")
+
+
+def test_blue_green_auto_promotes_after_its_delay_and_keeps_the_old_release_for_undo() -> None:
+    r = _bg(auto_promotion_s=30, scale_down_delay_s=60)
+    assert progress.due_at(r) == 130.0 and progress.on_time(r, DEFAULT, 10.0, 129.0) is None
+    p = _tick(r, 130.0)
+    assert (p.phase, p.stable.release, p.previous.release, p.scale_down_at) == ("promoted", "r2", "r1", 190.0)  # type: ignore[union-attr]
+    assert all(domain.choose(p, f"u{i}", {})[1].release == "r2" for i in range(100))
+    undone = bluegreen.undo(p, "ops")
+    assert (undone.stable.release, undone.phase) == ("r1", "aborted") and "undone by ops" in undone.reason
+    down = _tick(p, 190.0)
+    assert down.scale_down_at == 0.0 and "r1 scaled down" in down.reason
+    with pytest.raises(InvalidRollout, match="scaled down"):
+        bluegreen.undo(down, "ops")
+
+
+def test_blue_green_pre_promotion_analysis_must_pass_before_auto_promotion() -> None:
+    r = _bg(auto_promotion_s=30, pre_promotion_analysis=msgspec.to_builtins(SPEC))
+    early = progress.on_measurement(r, _m("SUCCESSFUL"), DEFAULT, 10.0, now=110.0)
+    assert early is not None and early.phase == "progressing" and "promotes itself once" in early.reason
+    waiting = progress.on_measurement(r, _m("WAITING"), DEFAULT, 10.0, now=140.0)
+    assert waiting is not None and waiting.phase == "progressing"  # no data never promotes
+    assert progress.on_time(r, DEFAULT, 10.0, 1e9) is None  # the clock alone does not promote it
+    late = progress.on_measurement(r, _m("SUCCESSFUL"), DEFAULT, 10.0, now=140.0)
+    assert late is not None and late.phase == "promoted" and "pre-promotion analysis passed" in late.reason
+    failed = progress.on_measurement(r, _m("FAILED"), DEFAULT, 10.0, now=140.0)
+    assert failed is not None and failed.phase == "aborted" and failed.stable.release == "r1"
+
+
+def test_blue_green_failed_post_promotion_analysis_rolls_back_naming_the_metric() -> None:
+    r = _bg(post_promotion_analysis=msgspec.to_builtins(SPEC), scale_down_delay_s=300)
+    p = bluegreen.promote(r, "by operator", now=200.0, interval_s=10.0)
+    assert p.verifying and progress.spec_of(p) == SPEC
+    assert progress.due_at(p) == 210.0
+    assert not bluegreen.scale_down_due(p, 1e9)  # never while verifying
+    back = progress.on_measurement(p, _m("FAILED"), DEFAULT, 10.0, now=210.0)
+    assert back is not None and (back.phase, back.stable.release) == ("aborted", "r1")
+    assert back.reason.startswith("rolled back r2: post-promotion analysis failed: error_rate 0.05 > threshold")
+    ok = progress.on_measurement(p, _m("SUCCESSFUL"), DEFAULT, 10.0, now=210.0)
+    assert ok is not None and not ok.verifying and ok.phase == "promoted" and "post-promotion analysis passed" in ok.reason
+    assert progress.due_at(ok) == 500.0  # then only the scale-down is left
+
+
+def test_shadow_only_rollout_serves_no_user_from_the_candidate() -> None:
+    r = _pass(_route({"shadow": {"sample": 0.5}}))
+    assert (r.phase, r.weight) == ("progressing", 0.0) and "mirrored requests only" in r.reason
+    assert progress.due_at(r) is None and all(domain.choose(r, f"u{i}", TESTER)[0] == "stable" for i in range(100))
+
+
+def test_scale_down_waits_for_the_post_promotion_analysis_without_a_busy_timer() -> None:
+    r = _bg(post_promotion_analysis=msgspec.to_builtins(SPEC), scale_down_delay_s=5)
+    p = bluegreen.promote(r, "by operator", now=200.0, interval_s=10.0)
+    assert progress.due_at(p) == 210.0  # not the (earlier) scale-down: nothing would change then
+    assert progress.on_time(p, DEFAULT, 10.0, 206.0) is None
+
+
+def test_shadow_only_analysis_never_gives_the_candidate_weight() -> None:
+    r = _pass(_route({"shadow": {}, "analysis": msgspec.to_builtins(SPEC), "interval_s": 10}))
+    new = progress.on_measurement(r, _m("SUCCESSFUL"), DEFAULT, 10.0, now=110.0)
+    assert new is not None and new.weight == 0.0 and new.phase == "progressing" and "shadow only" in new.reason
