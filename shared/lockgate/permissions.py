@@ -201,6 +201,8 @@ def grant(s: Subjects, identity: str) -> Grant:
                 publish=[s.eval_requested, s.artifact_registered, s.release_registered, s.apply_recorded],
                 subscribe=[s.eval_completed, f"{s.prefix}.progress.eval.>", s.gate_decided_all]))
             g.add(Grant(publish=[s.audit("operator")]))  # key changes made from the CLI, recorded as itself
+            # `alias set` and `artifact deprecate` append signed records to the provenance stream.
+            g.add(Grant(publish=[s.provenance_all]))
         if identity == "approver":
             g.add(Grant(publish=[s.gate_review_all], subscribe=[s.gate_decided_all]))
     else:
@@ -214,6 +216,7 @@ def _viewer(s: Subjects) -> Grant:
     # kv_audit: `audit verify` checks the tail; kv_releases and kv_gitops: `plan` diffs a folder against them.
     for bucket in (s.kv_gates, s.kv_keys, s.kv_routes, s.kv_audit, s.kv_releases, s.kv_gitops):
         g.add(_read_kv(bucket))
+    g.add(_read_stream(s.streams["provenance"].name))  # alias histories and artifact lifecycles
     for spec in s.streams.values():
         g.add(Grant(publish=[f"$JS.API.STREAM.INFO.{spec.name}", f"$JS.API.CONSUMER.LIST.{spec.name}",
                              f"$JS.API.CONSUMER.NAMES.{spec.name}"]))

@@ -10,8 +10,10 @@ import pytest
 from lockgate.codec import Codec, any_event, encode
 from lockgate.contracts import (
     EVENT_TYPES,
+    AliasChanged,
     AppliedChange,
     ApplyRecorded,
+    ArtifactLifecycle,
     ArtifactRegistered,
     AuditEntry,
     AuditRecord,
@@ -85,6 +87,8 @@ SAMPLES = [
     ApplyRecorded(directory="/repo", commit="abc", author="Ann <ann@example.com>", dirty=False, changes=[
         AppliedChange(action="add", kind="prompt", name="p", digest="sha256:" + "0" * 64, source="prompts/p.yaml")],
         unchanged=2),
+    AliasChanged(seq=1, app="shop", alias="production", release="shop-v1", actor="ann", key_id="k", signature="c2ln"),
+    ArtifactLifecycle(seq=1, hash="sha256:" + "0" * 64, successor="sha256:" + "1" * 64, sunset=NOW),
 ]
 
 

@@ -192,10 +192,16 @@ def lineage(ctx: click.Context, ref: str, depth: int, as_json: bool) -> None:
 @click.pass_context
 @handle_errors
 def history(ctx: click.Context, deployment: str, at: str | None, limit: int, as_json: bool) -> None:
-    """What served a deployment at a time (releases and weights), and the rollout changes up to then."""
+    """What served a deployment at a time (releases and weights), and the rollout changes up to then;
+    given APP/ALIAS, what the alias pointed to then, from its signed history."""
     from lockgate.contracts.names import check_name
     from lockgate.errors import ConfigError
 
+    if "/" in deployment:  # APP/ALIAS: what the alias pointed to (lockgate.cli.provenance)
+        from lockgate.cli.provenance import alias_history
+
+        alias_history(ctx, deployment, at, limit, as_json)
+        return
     check_name(deployment, "deployment")
     when = None
     if at:
@@ -257,7 +263,7 @@ def schema(out: str | None) -> None:
 
 
 def _register_subcommands() -> None:
-    from lockgate.cli import audit, gate, gitops, identity, keys, rollout, stack, status, workflow
+    from lockgate.cli import audit, gate, gitops, identity, keys, provenance, rollout, stack, status, workflow
 
     stack.register(cli)
     status.register(cli)
@@ -268,6 +274,7 @@ def _register_subcommands() -> None:
     audit.register(cli)
     rollout.register(cli)
     gitops.register(cli)
+    provenance.register(cli)  # after workflow: it adds `artifact deprecate`
     # Plugins (the dev tools' `dev up`, `sim` and `demo`) add commands without the CLI importing them.
     for ep in entry_points(group="lockgate.cli"):
         ep.load()(cli)

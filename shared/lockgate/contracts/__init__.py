@@ -30,6 +30,7 @@ from lockgate.contracts.evals import (
 from lockgate.contracts.gates import GateAudited, GateDecided, GateReview, RuleResult
 from lockgate.contracts.gitops import AppliedChange, ApplyRecorded
 from lockgate.contracts.inference import InferenceEvent
+from lockgate.contracts.provenance import AliasChanged, ArtifactLifecycle
 from lockgate.contracts.rollout import RolloutState
 from lockgate.contracts.telemetry import SpanBatch, SpanRecord
 
@@ -57,12 +58,17 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     AuditEntry,
     # what `lockgate apply` did
     ApplyRecorded,
+    # provenance: signed alias changes and artifact lifecycles
+    AliasChanged,
+    ArtifactLifecycle,
 )
 
 AnyEvent = Union[EVENT_TYPES]  # noqa: UP007 - a runtime tagged union for msgspec
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AliasChanged",
+    "ArtifactLifecycle",
     "EVENT_TYPES",
     "AnyEvent",
     "AppliedChange",

@@ -13,8 +13,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lockgate.contracts import (
+    AliasChanged,
     AppliedChange,
     ApplyRecorded,
+    ArtifactLifecycle,
     ArtifactRegistered,
     AuditEntry,
     AuditRecord,
@@ -163,5 +165,11 @@ SAMPLES: dict[str, Event] = {
                                              previous="sha256:" + "1" * 64, release="shop@0123456789ab",
                                              source="releases/shop.yaml")],
                       unchanged=3),
+        AliasChanged(**envelope(21), seq=2, prev_digest=HASH, actor="ann", key_id="0123456789abcdef",
+                     signature="c2lnbmF0dXJl", reason="launch", app="shop", alias="production", release="shop-v2",
+                     previous="shop-v1", origin="gitops 0123456789abcdef0123456789abcdef01234567"),
+        ArtifactLifecycle(**envelope(22), seq=2, prev_digest=HASH, actor="ann", key_id="0123456789abcdef",
+                          signature="c2lnbmF0dXJl", reason="replaced", hash=HASH, successor="sha256:" + "cd" * 32,
+                          sunset=LATER),
     )
 }
