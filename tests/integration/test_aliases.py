@@ -136,3 +136,40 @@ async def test_sunset_artifacts_refuse_an_alias_and_deprecated_ones_warn(bus: Bu
 
     unknown = await cli(settings, "--as", "ann", "artifact", "deprecate", "sha256:" + "0" * 64)
     assert unknown.exit_code == 3
+
+
+async def test_aliases_declared_in_the_gitops_folder_are_planned_and_applied_signed(
+        bus: Bus, settings: Settings, tmp_path: Any) -> None:
+    import shutil
+    from pathlib import Path
+
+    repo = Path(shutil.copytree(Path(__file__).parents[1] / "fixtures" / "gitops", tmp_path / "repo"))
+    (repo / "aliases").mkdir()
+    (repo / "aliases" / "production.yaml").write_text(
+        "kind: alias\nname: production\napp: gitshop\nrelease: gitshop-base\n")
+    person(settings, "ann", "operator")
+
+    planned = await cli(settings, "plan", str(repo), "--json")
+    assert planned.exit_code == 2
+    [step] = [s for s in json.loads(planned.output)["steps"] if s["kind"] == "alias"]
+    assert (step["action"], step["name"], step["release"]) == ("add", "gitshop/production", "gitshop-v1")
+
+    applied = await cli(settings, "--as", "ann", "apply", str(repo))
+    assert applied.exit_code == 0, applied.output
+    now = json.loads((await cli(settings, "history", "gitshop/production", "--json")).output)
+    assert now["release"] == "gitshop-v1" and now["history"][0]["origin"] == "gitops"  # not a Git repo here
+    assert now["history"][0]["signed_by"] == "ann"
+    assert (await cli(settings, "plan", str(repo))).exit_code == 0
+
+    # Pointing it at the other release line is one change, applied as a second signed record.
+    (repo / "aliases" / "production.yaml").write_text(
+        "kind: alias\nname: production\napp: gitshop\nrelease: gitshop\n")
+    assert (await cli(settings, "plan", str(repo))).exit_code == 2
+    assert (await cli(settings, "--as", "ann", "apply", str(repo))).exit_code == 0
+    now = json.loads((await cli(settings, "history", "gitshop/production", "--json")).output)
+    assert now["release"].startswith("gitshop@") and [h["seq"] for h in now["history"]] == [2, 1]
+
+    # An alias naming a release the folder does not hold: the file and the path inside it.
+    (repo / "aliases" / "production.yaml").write_text("kind: alias\nname: production\napp: gitshop\nrelease: nope\n")
+    bad = await cli(settings, "plan", str(repo))
+    assert bad.exit_code == 1 and "aliases/production.yaml" in bad.output and "$.release" in bad.output
