@@ -29,8 +29,8 @@ from lockgate.gitops.git import Provenance
 from lockgate.gitops.plan import Plan, StateEntry
 from lockgate.gitops.resolve import ARTIFACT_KIND, Resource
 from lockgate.identity import Identity, bundle_content
-from lockgate.provenance import aliases
 from lockgate.ids import content_hash
+from lockgate.provenance import aliases
 from lockgate.subjects import token
 
 _entry = msgspec.json.Decoder(StateEntry)
