@@ -168,23 +168,6 @@ def cost(ctx: click.Context, by: str, tenant: str | None, as_json: bool) -> None
 
 
 @cli.command()
-@click.argument("ref")
-@click.option("--depth", default=4, show_default=True)
-@json_option
-@click.pass_context
-@handle_errors
-def lineage(ctx: click.Context, ref: str, depth: int, as_json: bool) -> None:
-    """Upstream and downstream of a release, artifact hash, run or decision."""
-    view = _query(ctx, "lineage", ref=ref, depth=depth)
-    if as_json:
-        output(view, True)
-        return
-    err_console.print(f"[bold]{view.get('node', ref)}[/bold] ({view.get('kind', '?')})")
-    output(view.get("upstream", []), False, title="upstream (what it came from)", empty="no upstream")
-    output(view.get("downstream", []), False, title="downstream (what used it)", empty="no downstream")
-
-
-@cli.command()
 @click.argument("deployment")
 @click.option("--at", "at", metavar="TIME", help="ISO 8601 time (UTC unless it carries an offset); default now.")
 @click.option("--limit", default=20, show_default=True, help="How many changes up to TIME to list.")

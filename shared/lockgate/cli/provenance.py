@@ -67,7 +67,8 @@ def alias_history(ctx: click.Context, ref: str, at: str | None, limit: int, as_j
 
 
 def register(cli: click.Group) -> None:
-    """Attach `alias` and `artifact deprecate`."""
+    """Attach `alias`, `lineage` and `artifact deprecate`."""
+    register_lineage(cli)
 
     @cli.group()
     def alias() -> None:
@@ -170,3 +171,75 @@ def register(cli: click.Group) -> None:
             console.print(f"{digest} deprecated{' until ' + when.isoformat() if when else ''}"
                           f"{'; successor ' + successor if successor else ''} (signed by {record.actor})",
                           highlight=False)
+
+
+class _DefaultShow(click.Group):
+    """`lockgate lineage REF ...` means `lockgate lineage show REF ...`; `lineage export` is the export."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+def register_lineage(cli: click.Group) -> None:
+    """Attach `lineage` (show, the default, and export)."""
+
+    @cli.group(cls=_DefaultShow)
+    def lineage() -> None:
+        """Lineage of a release, artifact, run or decision (`lineage REF [--at T]`), or its OpenLineage export."""
+
+    @lineage.command("show")
+    @click.argument("ref")
+    @click.option("--depth", default=4, show_default=True)
+    @click.option("--at", "at", metavar="TIME", help="The graph as it was at this ISO 8601 time; default now.")
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def show(ctx: click.Context, ref: str, depth: int, at: str | None, as_json: bool) -> None:
+        """Upstream and downstream of a release, artifact hash, run or decision."""
+        from lockgate.cli import access
+
+        root = ctx.find_root()
+        when = parse_time(at)
+        args: dict[str, Any] = {"ref": ref, "depth": depth, **({"at": when} if when else {})}
+        view = access.query(root.obj["settings"], "lineage", direct=root.obj["direct"], **args)
+        if as_json:
+            output(view, True)
+            return
+        moment = f" at {when.isoformat()}" if when else ""
+        err_console.print(f"[bold]{view.get('node', ref)}[/bold] ({view.get('kind', '?')}){moment}", highlight=False)
+        output(view.get("upstream", []), False, title="upstream (what it came from)", empty="no upstream")
+        output(view.get("downstream", []), False, title="downstream (what used it)", empty="no downstream")
+
+    @lineage.command("export")
+    @click.option("--format", "fmt", type=click.Choice(["openlineage"]), default="openlineage", show_default=True)
+    @click.option("--release", help="Only the eval runs and decisions of this release.")
+    @click.option("--since", metavar="TIME", help="Only runs and decisions at or after this ISO 8601 time.")
+    @click.option("--until", metavar="TIME", help="Only runs and decisions at or before this ISO 8601 time.")
+    @click.option("--limit", default=100, show_default=True, help="At most this many runs and decisions each.")
+    @click.option("--namespace", default="", help="OpenLineage namespace (default lockgate://PREFIX).")
+    @click.option("--facet-schemas", is_flag=True, help="Print the JSON Schemas of lockgate's facets instead.")
+    @click.pass_context
+    @handle_errors
+    def export(ctx: click.Context, fmt: str, release: str | None, since: str | None, until: str | None,
+               limit: int, namespace: str, facet_schemas: bool) -> None:
+        """Eval runs and gate decisions as OpenLineage RunEvents, one JSON object per line (NDJSON)."""
+        import json
+
+        from lockgate.cli import access
+        from lockgate.provenance import openlineage
+
+        if facet_schemas:
+            emit_json(openlineage.FACET_SCHEMAS)
+            return
+        root = ctx.find_root()
+        settings = root.obj["settings"]
+        args: dict[str, Any] = {"limit": limit}
+        for key, value in (("release", release), ("since", parse_time(since, "--since")),
+                           ("until", parse_time(until, "--until"))):
+            if value:
+                args[key] = value
+        found = access.query(settings, "lineage_export", direct=root.obj["direct"], **args)
+        for event in openlineage.events(found, namespace or f"lockgate://{settings.prefix}"):
+            click.echo(json.dumps(event, sort_keys=True, default=str))
