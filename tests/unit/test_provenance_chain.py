@@ -61,3 +61,10 @@ def test_sunset_refuses_and_deprecation_warns() -> None:
     refused = lifecycle.refusal(findings, "r1")
     assert refused is not None and "use its successor sha256:b" in refused.message
     assert lifecycle.refusal(findings[:1], "r1") is None
+
+
+def test_dsse_pre_authentication_encoding_matches_the_spec() -> None:
+    from lockgate.provenance import attest
+
+    assert attest.pae("http://example.com/HelloWorld", b"hello world") == (
+        b"DSSEv1 29 http://example.com/HelloWorld 11 hello world")

@@ -114,7 +114,7 @@ async def apply(bus: Bus, plan: Plan, desired: list[Resource], prov: Provenance,
                                     origin=f"gitops {prov.commit}".strip(), audit_as=audit_as)
         elif res.kind in ARTIFACT_KIND:
             await artifacts.register(bus, ARTIFACT_KIND[res.kind], res.name, res.content,  # type: ignore[arg-type]
-                                     media_type=res.media_type, labels=_labels(res, prov))
+                                     media_type=res.media_type, labels=_labels(res, prov), signer=author)
         entry = StateEntry(kind=res.kind, name=res.name, digest=res.digest, release=res.release, source=res.source,
                            spec=res.spec, commit=prov.commit, author=prov.author, dirty=prov.dirty,
                            applied_at=now, applied_by=who)

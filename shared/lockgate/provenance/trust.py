@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lockgate import artifacts
 from lockgate.config import Settings
+from lockgate.contracts import ArtifactRegistered
 from lockgate.identity import verify_person
 from lockgate.provenance.chain import Record, describe, signed_bytes
 
@@ -21,3 +23,9 @@ def verifier(settings: Settings, *, allow_revoked: bool = True) -> Callable[[Rec
                              what=describe(record), allow_revoked=allow_revoked)
 
     return verify
+
+
+def artifact_signer(settings: Settings, event: ArtifactRegistered) -> str:
+    """The trusted person who signed an artifact registration (any role), or SignatureError."""
+    return verify_person(settings, event.key_id, event.signature, artifacts.signed_bytes(event), roles=(),
+                         what=f"artifact {event.kind}/{event.name} {event.hash[:19]}", allow_revoked=True)
