@@ -171,6 +171,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(_consume(s, "gatekeeper")).add(_read_objects(s.object_store))
         g.add(_write_kv(s.kv_gates)).add(_write_kv(s.kv_keys)).add(_read_kv(s.kv_eval_runs))
         g.add(_read_kv(s.kv_releases))  # a release's signed author, so self-approval can be refused
+        g.add(_read_stream(s.streams["provenance"].name))  # artifact lifecycles: a sunset artifact blocks
         g.add(Grant(publish=[s.gate_decided_all, s.gate_audit, s.query]))
         # It chains the audit log: reads every identity's entries, keeps the head, publishes the signed rows.
         g.add(_write_kv(s.kv_audit))

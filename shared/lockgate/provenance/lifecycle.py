@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from lockgate import artifacts, auditlog
 from lockgate.bus import Bus
 from lockgate.config import Settings
+from lockgate.contracts.gates import RuleResult
 from lockgate.contracts.provenance import ArtifactLifecycle
 from lockgate.errors import ConfigError, LockgateError
 from lockgate.identity import Identity
@@ -102,3 +103,21 @@ async def deprecate(bus: Bus, settings: Settings, identity: Identity, digest: st
                           details={"successor": successor, "sunset": sunset.isoformat() if sunset else "",
                                    "seq": record.seq, "key_id": record.key_id})
     return record
+
+
+def rule_results(findings: list[Finding]) -> list[RuleResult]:
+    """Pure: the gate rules of a release's lifecycle findings: FAIL past sunset (naming the successor),
+    PASS with a warning while only deprecated."""
+    return [RuleResult(rule=f"lifecycle {f.key}", metric="sunset", op="not past", threshold=0.0,
+                       observed=1.0 if f.sunset_passed else 0.0, verdict="FAIL" if f.sunset_passed else "PASS",
+                       hint=f.message()) for f in findings]
+
+
+async def gate_rules(bus: Bus, settings: Settings, release_artifacts: Mapping[str, str],
+                     now: datetime | None = None) -> list[RuleResult]:
+    """What the gatekeeper adds to a decision; a lifecycle history that does not verify fails closed."""
+    try:
+        return rule_results(await for_release(bus, settings, release_artifacts, now))
+    except chain.ChainBroken as exc:
+        return [RuleResult(rule="lifecycle", metric="signature", op="verified", threshold=1.0, observed=0.0,
+                           verdict="FAIL", hint=exc.message)]
