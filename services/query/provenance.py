@@ -15,7 +15,8 @@ def _naive(at: datetime | None) -> datetime | None:
 def lineage_export(store: Store, release: str | None = None, since: datetime | None = None,
                    until: datetime | None = None, limit: int = 100) -> dict[str, Any]:
     """{evals, decisions, run_inputs: run -> input hashes, releases: name -> {app, artifacts},
-    artifacts: hash -> {kind, name}}: everything the export turns into RunEvents, newest first."""
+    artifacts: hash -> {kind, name}, registered: release rows, rollouts: rollout changes}: everything the
+    export turns into RunEvents, newest first."""
     cond = " AND release = {r:String}" if release else ""
     cond += " AND time >= {since:DateTime64(6, 'UTC')}" if since else ""
     cond += " AND time <= {until:DateTime64(6, 'UTC')}" if until else ""
@@ -35,9 +36,19 @@ def lineage_export(store: Store, release: str | None = None, since: datetime | N
         "SELECT release, app, artifacts FROM releases WHERE release IN {names:Array(String)} LIMIT 1 BY release",
         {"names": names})}
     hashes = sorted({h for rel in releases.values() for h in rel["artifacts"].values()}
+                    | {h for rel in store.rows(
+                        f"SELECT artifacts FROM releases WHERE 1 {cond} LIMIT {{n:UInt32}}", params)
+                       for h in dict(rel["artifacts"]).values()}
                     | {h for ins in run_inputs.values() for h in ins} | {e["suite"] for e in evals}
                     | {e["policy"] for e in evals if e["policy"]})
     arts = {r["hash"]: {"kind": r["kind"], "name": r["name"]} for r in store.rows(
         "SELECT hash, kind, name FROM artifacts WHERE hash IN {h:Array(String)} LIMIT 1 BY hash", {"h": hashes})}
+    registered = store.rows(
+        "SELECT release, app, tenant, artifacts, parent, time, event_id FROM releases "
+        f"WHERE 1 {cond} ORDER BY time DESC LIMIT 1 BY release LIMIT {{n:UInt32}}", params)
+    roll_cond = cond.replace("release = {r:String}", "(stable_release = {r:String} OR canary_release = {r:String})")
+    rollouts = store.rows(
+        "SELECT id, time, deployment, stable_release, canary_release, canary_weight, phase, reason "
+        f"FROM rollout_events WHERE 1 {roll_cond} ORDER BY time DESC LIMIT 1 BY id LIMIT {{n:UInt32}}", params)
     return {"evals": evals, "decisions": decisions, "run_inputs": run_inputs, "releases": releases,
-            "artifacts": arts}
+            "artifacts": arts, "registered": registered, "rollouts": rollouts}

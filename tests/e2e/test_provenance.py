@@ -64,11 +64,13 @@ def test_aliases_attestations_sunset_and_openlineage_on_a_running_stack(stack: d
     assert row["environment"]["python"] and row["environment"]["model"]
     events = [json.loads(line) for line in run("lineage", "export", "--format", "openlineage", "--release",
                                                 "shop-v2-rc2", env=stack).stdout.splitlines()]
-    assert {e["job"]["name"].split("/")[0] for e in events} == {"eval", "gate"}
+    assert {e["job"]["name"].split("/")[0] for e in events} == {"eval", "gate", "release", "rollout"}
     assert all(e["schemaURL"].startswith("https://openlineage.io/spec/") for e in events)
 
     # An artifact past its sunset: the alias refuses the release, naming the successor.
-    run("--as", "pat", "artifact", "deprecate", art["hash"], "--successor", events[0]["inputs"][0]["facets"][
-        "version"]["datasetVersion"], "--sunset", "2026-01-01T00:00:00Z", env=stack)
+    config.write_text(json.dumps({"model": "sim-stable", "endpoint": "default", "max_tokens": 64}))
+    [successor] = json.loads(run("artifact", "register", "model_config", str(config), "--json", env=stack).stdout)
+    run("--as", "pat", "artifact", "deprecate", art["hash"], "--successor", successor["hash"], "--sunset",
+        "2026-01-01T00:00:00Z", env=stack)
     sunset = run("--as", "pat", "alias", "set", "shop", "production", "prov-r1", env=stack, check=False)
-    assert sunset.returncode == 4 and "uses sunset artifacts" in sunset.stderr and "successor" in sunset.stderr
+    assert sunset.returncode == 4 and "uses sunset artifacts" in sunset.stderr and successor["hash"] in sunset.stderr

@@ -124,6 +124,32 @@ def validate(value: Any, schema: dict[str, Any], path: str = "$") -> list[str]:
     return errors
 
 
+class _Collector:
+    """An OpenLineage HTTP endpoint on loopback that keeps what it was sent."""
+
+    def __init__(self, into: list[dict[str, Any]]) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+                into.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(201)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/v1/lineage"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def test_the_validator_catches_what_the_spec_forbids() -> None:
     good = {"eventType": "COMPLETE", "eventTime": "2026-12-01T09:00:00Z", "producer": "https://x", "schemaURL":
             "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent",
@@ -155,13 +181,30 @@ async def test_openlineage_export_of_eval_runs_and_gate_decisions(
         release="shop-v2", action="decided", actor="gatekeeper", decision="PASS", eval_run="run-7",
         policy=policy.hash, rules=[RuleResult(rule="q", metric="exact_match", op=">=", threshold=0.8,
                                               observed=0.9, verdict="PASS")]))
-    await sink_stored(svcs["sink"].handlers, eval_runs=2, gate_decisions=1, lineage_runs=1, releases=1)
+    await bus.publish(bus.subjects.rollout("web"), RolloutState(deployment="web", stable_release="shop-v1",
+                                                               canary_release="shop-v2", canary_weight=10.0,
+                                                               phase="progressing"))
+    await sink_stored(svcs["sink"].handlers, eval_runs=2, gate_decisions=1, lineage_runs=1, releases=1,
+                      rollout_events=1)
 
-    result = await asyncio.to_thread(lockgate, settings, "lineage", "export", "--format", "openlineage",
-                                     "--release", "shop-v2")
+    received: list[dict[str, Any]] = []
+    server = _Collector(received)
+    try:
+        result = await asyncio.to_thread(lockgate, settings, "lineage", "export", "--format", "openlineage",
+                                         "--release", "shop-v2", "--url", server.url)
+    finally:
+        server.close()
     assert result.exit_code == 0, result.output
-    events = [json.loads(line) for line in result.output.splitlines()]
-    assert len(events) == 3
+    events = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert len(events) == 5 and received == events  # the HTTP transport posted each one
+    gone = await asyncio.to_thread(lockgate, settings, "lineage", "export", "--release", "shop-v2", "--url", server.url)
+    assert gone.exit_code == 1 and "cannot send OpenLineage events" in gone.output.splitlines()[-1]
+    release_ev = next(e for e in events if e["job"]["name"] == "release/shop")
+    assert {d["name"] for d in release_ev["inputs"]} == {"prompt/answer", "model_config/sim"}
+    assert release_ev["outputs"][0]["name"] == "release/shop-v2"
+    rollout_ev = next(e for e in events if e["job"]["name"] == "rollout/web")
+    assert rollout_ev["eventType"] == "RUNNING"
+    assert rollout_ev["run"]["facets"]["lockgate_rollout"]["weights"] == {"shop-v1": 90.0, "shop-v2": 10.0}
     for event in events:
         assert validate(event, RUN_EVENT) == [], event
     by_job = {e["job"]["name"]: e for e in events if e["eventType"] == "COMPLETE"}

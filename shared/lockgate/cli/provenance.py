@@ -14,7 +14,7 @@ import click
 from lockgate.cli.access import chosen_role, with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, err_console, output
-from lockgate.errors import ConfigError
+from lockgate.errors import ConfigError, LockgateError
 
 
 def parse_time(value: str | None, option: str = "--at") -> dt.datetime | None:
@@ -174,6 +174,29 @@ def register(cli: click.Group) -> None:
                           highlight=False)
 
 
+class LineageSendFailed(LockgateError):
+    """The OpenLineage endpoint did not accept an event."""
+
+
+def post_events(url: str, events: list[dict[str, Any]], timeout_s: float = 10.0) -> None:
+    """POST each RunEvent as JSON to an OpenLineage HTTP endpoint (the HTTP transport's wire format)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    for event in events:
+        req = urllib.request.Request(url, data=json.dumps(event, default=str).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                resp.read()
+        except urllib.error.HTTPError as exc:
+            raise LineageSendFailed(f"{url} refused OpenLineage event {event['run']['runId']} "
+                                    f"({exc.code} {exc.reason})") from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
+            raise LineageSendFailed(f"cannot send OpenLineage events to {url}: {getattr(exc, 'reason', exc)}") from None
+
+
 class _DefaultShow(click.Group):
     """`lockgate lineage REF ...` means `lockgate lineage show REF ...`; `lineage export` is the export."""
 
@@ -221,11 +244,13 @@ def register_lineage(cli: click.Group) -> None:
     @click.option("--limit", default=100, show_default=True, help="At most this many runs and decisions each.")
     @click.option("--namespace", default="", help="OpenLineage namespace (default lockgate://PREFIX).")
     @click.option("--facet-schemas", is_flag=True, help="Print the JSON Schemas of lockgate's facets instead.")
+    @click.option("--url", default="", help="Also POST each event to this OpenLineage HTTP endpoint (Marquez: "
+                                            "http://host:5000/api/v1/lineage).")
     @click.pass_context
     @handle_errors
     def export(ctx: click.Context, fmt: str, release: str | None, since: str | None, until: str | None,
-               limit: int, namespace: str, facet_schemas: bool) -> None:
-        """Eval runs and gate decisions as OpenLineage RunEvents, one JSON object per line (NDJSON)."""
+               limit: int, namespace: str, facet_schemas: bool, url: str) -> None:
+        """Eval runs, gate decisions, releases and rollouts as OpenLineage RunEvents, one JSON object per line."""
         import json
 
         from lockgate.cli import access
@@ -242,8 +267,12 @@ def register_lineage(cli: click.Group) -> None:
             if value:
                 args[key] = value
         found = access.query(settings, "lineage_export", direct=root.obj["direct"], **args)
-        for event in openlineage.events(found, namespace or f"lockgate://{settings.prefix}"):
+        events = openlineage.events(found, namespace or f"lockgate://{settings.prefix}")
+        for event in events:
             click.echo(json.dumps(event, sort_keys=True, default=str))
+        if url:
+            post_events(url, events)
+            err_console.print(f"sent {len(events)} events to {url}", highlight=False)
 
 
 def _write(doc: dict[str, Any], out: str | None) -> None:

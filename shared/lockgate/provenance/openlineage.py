@@ -1,4 +1,4 @@
-"""Eval runs and gate decisions as OpenLineage RunEvents (pure: rows in, JSON-ready dicts out).
+"""Eval runs, gate decisions, releases and rollouts as OpenLineage RunEvents (pure: rows in, dicts out).
 
 An eval run is a job run that read the suite, its dataset, and the release's prompt and model config
 (each a dataset named by kind and name, versioned by content hash) and wrote an eval result; a gate
@@ -14,6 +14,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lockgate import __version__
+from lockgate.artifacts import release_bundle
+from lockgate.identity import bundle_content
+from lockgate.ids import canonical_json, content_hash
 
 SPEC = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
 SCHEMA_URL = f"{SPEC}#/$defs/RunEvent"
@@ -46,7 +49,15 @@ FACET_SCHEMAS: dict[str, dict[str, Any]] = {
                        "decisionId": {"type": "string"}, "release": {"type": "string"},
                        "decision": {"enum": ["PASS", "BLOCK", "NEEDS_REVIEW"]}, "action": {"type": "string"},
                        "actor": {"type": "string"}, "reason": {"type": "string"}, "keyId": {"type": "string"}}},
+    "lockgate_rollout": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "$id": f"{LOCKGATE_FACETS}/RolloutRunFacet.json",
+        "type": "object", "required": ["_producer", "_schemaURL", "deployment", "phase", "weights"],
+        "properties": {"_producer": {"type": "string"}, "_schemaURL": {"type": "string"},
+                       "deployment": {"type": "string"}, "phase": {"type": "string"}, "reason": {"type": "string"},
+                       "weights": {"type": "object", "additionalProperties": {"type": "number"}}}},
 }
+# A rollout's phases as OpenLineage run states (a canary is one run, from first step to promotion or abort).
+_ROLLOUT_STATE = {"progressing": "RUNNING", "promoted": "COMPLETE", "aborted": "ABORT"}
 
 
 def _facet(schema_url: str, **fields: Any) -> dict[str, Any]:
@@ -150,6 +161,54 @@ def decision_event(row: Mapping[str, Any], eval_row: Mapping[str, Any] | None,
     }
 
 
+def release_event(row: Mapping[str, Any], artifacts: Mapping[str, Mapping[str, str]],
+                  namespace: str) -> dict[str, Any]:
+    """The COMPLETE RunEvent of a release's registration: its artifact versions in, the release out."""
+    arts = dict(row.get("artifacts") or {})
+    bundle = content_hash(canonical_json(bundle_content(release_bundle(row["release"], row["app"], arts, parent=row.get("parent", ""),
+                                                        tenant=row.get("tenant", "default")))))
+    inputs = [_artifact_dataset(namespace, h, artifacts, k) for k, h in sorted(arts.items())]
+    if row.get("parent"):
+        inputs.append({"namespace": namespace, "name": f"release/{row['parent']}", "facets": {}})
+    return {
+        "eventType": "COMPLETE", "eventTime": _time(row["time"]), "producer": PRODUCER, "schemaURL": SCHEMA_URL,
+        "run": {"runId": run_uuid(row.get("event_id") or f"release:{row['release']}"), "facets": {}},
+        "job": {"namespace": namespace, "name": f"release/{row['app']}", "facets": {
+            "jobType": _facet(JOB_TYPE, processingType="BATCH", integration="LOCKGATE", jobType="RELEASE")}},
+        "inputs": inputs,
+        "outputs": [{"namespace": namespace, "name": f"release/{row['release']}",
+                     "facets": {"version": _facet(VERSION, datasetVersion=bundle)}}],
+    }
+
+
+def rollout_event(row: Mapping[str, Any], namespace: str) -> dict[str, Any]:
+    """A RunEvent of one rollout change: the releases taking traffic in, the deployment out. A canary's
+    changes share one runId (RUNNING, then COMPLETE on promotion or ABORT)."""
+    weights = _weights(row)
+    canary = row.get("canary_release") or ""
+    run_key = f"rollout:{row['deployment']}:{canary or row['stable_release']}"
+    return {
+        "eventType": _ROLLOUT_STATE.get(row.get("phase", ""), "OTHER"), "eventTime": _time(row["time"]),
+        "producer": PRODUCER, "schemaURL": SCHEMA_URL,
+        "run": {"runId": run_uuid(run_key), "facets": {"lockgate_rollout": _own(
+            "lockgate_rollout", deployment=row["deployment"], phase=row.get("phase", ""),
+            reason=row.get("reason", ""), weights=weights)}},
+        "job": {"namespace": namespace, "name": f"rollout/{row['deployment']}", "facets": {
+            "jobType": _facet(JOB_TYPE, processingType="STREAMING", integration="LOCKGATE", jobType="ROLLOUT")}},
+        "inputs": [{"namespace": namespace, "name": f"release/{r}", "facets": {}} for r in sorted(weights)],
+        "outputs": [{"namespace": namespace, "name": f"deployment/{row['deployment']}", "facets": {}}],
+    }
+
+
+def _weights(row: Mapping[str, Any]) -> dict[str, float]:
+    canary, w = row.get("canary_release") or "", float(row.get("canary_weight") or 0.0)
+    if not canary or w <= 0:
+        return {row["stable_release"]: 100.0}
+    if w >= 100:
+        return {canary: 100.0}
+    return {row["stable_release"]: 100.0 - w, canary: w}
+
+
 def events(export: Mapping[str, Any], namespace: str) -> list[dict[str, Any]]:
     """Every RunEvent of a `lineage_export` query answer, oldest first."""
     arts = export.get("artifacts", {})
@@ -157,4 +216,6 @@ def events(export: Mapping[str, Any], namespace: str) -> list[dict[str, Any]]:
     out = [eval_event(e, export.get("run_inputs", {}).get(e["run_id"], []),
                       export.get("releases", {}).get(e["release"]), arts, namespace) for e in evals.values()]
     out += [decision_event(d, evals.get(d.get("eval_run", "")), arts, namespace) for d in export.get("decisions", [])]
+    out += [release_event(r, arts, namespace) for r in export.get("registered", [])]
+    out += [rollout_event(r, namespace) for r in export.get("rollouts", [])]
     return sorted(out, key=lambda ev: ev["eventTime"])
