@@ -132,7 +132,7 @@ class _Collector:
         import threading
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+            def do_POST(self) -> None:
                 into.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
                 self.send_response(201)
                 self.end_headers()
