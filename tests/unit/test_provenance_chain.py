@@ -68,3 +68,10 @@ def test_dsse_pre_authentication_encoding_matches_the_spec() -> None:
 
     assert attest.pae("http://example.com/HelloWorld", b"hello world") == (
         b"DSSEv1 29 http://example.com/HelloWorld 11 hello world")
+
+
+def test_a_writer_whose_clock_is_behind_still_chains_a_readable_history() -> None:
+    first = chain.seal(ANN, AliasChanged(app="shop", alias="production", release="v0", seq=0, time=T0), None)
+    late = chain.seal(ANN, AliasChanged(app="shop", alias="production", release="v1", seq=0,
+                                        time=T0 - timedelta(minutes=5)), first)
+    assert late.time == T0 and chain.check([first, late], _verify) == ["ann", "ann"]

@@ -38,7 +38,10 @@ def digest(record: Record) -> str:
 
 
 def seal(identity: Identity, record: R, previous: R | None) -> R:
-    """The record chained after `previous` and signed by `identity` (its name as actor)."""
+    """The record chained after `previous` and signed by `identity` (its name as actor). Its time is never
+    before the previous record's: a writer whose clock is behind must not make the history unreadable."""
+    if previous is not None and record.time < previous.time:
+        record = msgspec.structs.replace(record, time=previous.time)
     chained = msgspec.structs.replace(record, seq=(previous.seq + 1) if previous else 1,
                                       prev_digest=digest(previous) if previous else "", actor=identity.name,
                                       key_id=identity.key_id, signature="")
