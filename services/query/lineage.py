@@ -101,6 +101,24 @@ def resolve(store: Store, ref: str) -> tuple[str, str]:
     return hashes[0], (kinds[0] if kinds else matches[0]["kind"])
 
 
+def outcomes(store: Store, digest: str, at: datetime | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    """Every eval run that used an artifact version (as suite or dataset input, or through its release), with
+    its metrics and the gate's decision on it, newest first: data versions mapped to outcomes."""
+    cond = " AND e.time <= {at:DateTime64(6, 'UTC')}" if at is not None else ""
+    return store.rows(
+        "SELECT e.run_id AS run_id, e.release AS release, e.status AS status, e.metrics AS metrics, e.time AS time, "
+        " d.decision AS decision, d.id AS decision_id "
+        "FROM (SELECT * FROM eval_runs ORDER BY time DESC LIMIT 1 BY run_id) AS e "
+        "LEFT JOIN (SELECT eval_run, argMax(decision, time) AS decision, argMax(id, time) AS id FROM gate_decisions "
+        "           WHERE eval_run != '' GROUP BY eval_run) AS d ON d.eval_run = e.run_id "
+        "WHERE (e.run_id IN (SELECT run_id FROM lineage_runs WHERE has(inputs, {h:String})) "
+        "   OR e.suite = {h:String} "
+        "   OR e.release IN (SELECT release FROM releases WHERE has(mapValues(artifacts), {h:String})))"
+        f"{cond} ORDER BY e.time DESC LIMIT {{n:UInt32}}",
+        {"h": digest, "at": at, "n": max(1, int(limit))},
+    )
+
+
 def lineage(store: Store, ref: str, depth: int = 4, at: datetime | None = None) -> dict[str, Any]:
     """The node named by `ref` with its upstream and downstream edges up to `depth` hops; with `at`, the
     graph as it was then (only edges recorded at or before it)."""
@@ -113,6 +131,7 @@ def lineage(store: Store, ref: str, depth: int = 4, at: datetime | None = None) 
         "node": node,
         "kind": kind,
         "at": at,
+        "outcomes": outcomes(store, node, at) if node.startswith("sha256:") else [],
         "upstream": traverse(node, depth, neighbours, "upstream"),
         "downstream": traverse(node, depth, neighbours, "downstream"),
     }

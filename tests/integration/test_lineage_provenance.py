@@ -224,6 +224,15 @@ async def test_openlineage_export_of_eval_runs_and_gate_decisions(
     [fail] = [e for e in events if e["eventType"] == "FAIL"]
     assert fail["run"]["facets"]["errorMessage"]["message"] == "boom"
 
+    # Data to outcomes: the dataset's lineage lists every eval run that used it, with metrics and decision.
+    view = json.loads((await asyncio.to_thread(lockgate, settings, "lineage", data.hash, "--json")).output)
+    assert [(o["run_id"], o["decision"], o["metrics"]["exact_match"]) for o in view["outcomes"]] == [
+        ("run-7", "PASS", 0.9)]
+    by_prompt = json.loads((await asyncio.to_thread(lockgate, settings, "lineage", prompt.hash, "--json")).output)
+    assert {o["run_id"] for o in by_prompt["outcomes"]} == {"run-7", "run-8"}  # through the release
+    table = await asyncio.to_thread(lockgate, settings, "lineage", data.hash)
+    assert "eval outcomes that used it" in table.output and "run-7" in table.output
+
     schemas = json.loads((await asyncio.to_thread(lockgate, settings, "lineage", "export", "--facet-schemas")).output)
     own = run["run"]["facets"]["lockgate_eval"]
     assert own["_schemaURL"] == schemas["lockgate_eval"]["$id"]

@@ -235,6 +235,11 @@ def register_lineage(cli: click.Group) -> None:
         err_console.print(f"[bold]{view.get('node', ref)}[/bold] ({view.get('kind', '?')}){moment}", highlight=False)
         output(view.get("upstream", []), False, title="upstream (what it came from)", empty="no upstream")
         output(view.get("downstream", []), False, title="downstream (what used it)", empty="no downstream")
+        if view.get("outcomes"):
+            rows = [{"time": o["time"], "release": o["release"], "run": o["run_id"], "status": o["status"],
+                     "metrics": ", ".join(f"{k}={v:.4g}" for k, v in sorted((o.get("metrics") or {}).items())),
+                     "decision": o.get("decision") or "-"} for o in view["outcomes"]]
+            output(rows, False, title="eval outcomes that used it (data version -> outcome)")
 
     @lineage.command("export")
     @click.option("--format", "fmt", type=click.Choice(["openlineage"]), default="openlineage", show_default=True)
