@@ -66,6 +66,7 @@ async def test_a_real_decision_attestation_verifies_and_tampering_fails(
     assert stmt["predicate"]["decision"]["id"] == decision.id
     ok = await cli("attest", "verify", str(out))
     assert ok.exit_code == 0 and "verified: decision PASS for v-att, attested by ann" in ok.output
+    assert (await cli("verify", str(out))).exit_code == 0  # `lockgate verify` is the same check
 
     def write(name: str, doc: dict[str, Any]) -> str:
         (tmp_path / name).write_text(json.dumps(doc))

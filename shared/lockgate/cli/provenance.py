@@ -386,3 +386,6 @@ def register_attest(cli: click.Group) -> None:
         extra = f"; decision signed by key {result['decision_key']}" if "decision_key" in result else ""
         console.print(f"verified: {what} {result['release']}, attested by {', '.join(result['signed_by'])}{extra}",
                       highlight=False)
+
+    # The spelling: `lockgate verify FILE` is `lockgate attest verify FILE`.
+    cli.add_command(attest_verify, name="verify")
