@@ -51,6 +51,7 @@ async def test_a_real_decision_attestation_verifies_and_tampering_fails(
         await bus.publish(bus.subjects.eval_requested, request(release="v-att", suite=suite, endpoint=sim.url,
                                                                model="good", policy=policy))
         decision = await next_decision(gates)
+        await sink_stored(svcs["sink"].handlers, eval_runs=1)  # the attestation quotes the stored run
     assert decision.decision == "PASS"
 
     async def cli(*args: str) -> Any:
@@ -64,6 +65,8 @@ async def test_a_real_decision_attestation_verifies_and_tampering_fails(
     assert stmt["_type"] == "https://in-toto.io/Statement/v1" and stmt["predicateType"] == attest.DECISION
     assert stmt["subject"][0]["name"] == "release:v-att" and len(stmt["subject"][0]["digest"]["sha256"]) == 64
     assert stmt["predicate"]["decision"]["id"] == decision.id
+    evaluated = stmt["predicate"]["eval"]  # the run it judged, with the environment it ran in
+    assert evaluated["run_id"] == decision.eval_run and evaluated["metrics"] and evaluated["environment"]["python"]
     ok = await cli("attest", "verify", str(out))
     assert ok.exit_code == 0 and "verified: decision PASS for v-att, attested by ann" in ok.output
     assert (await cli("verify", str(out))).exit_code == 0  # `lockgate verify` is the same check

@@ -312,6 +312,7 @@ def register_attest(cli: click.Group) -> None:
         from lockgate.cli.gate import current_decision
         from lockgate.cli.identity import chosen_identity
         from lockgate.provenance import attest as at
+        from lockgate.queryclient import ask
         from lockgate.signing import Keyring
 
         settings = ctx.obj["settings"]
@@ -320,7 +321,10 @@ def register_attest(cli: click.Group) -> None:
         async def work(bus: Any) -> dict[str, Any]:
             decision = await current_decision(bus, release)
             Keyring.from_settings(settings).verify(decision)  # never attest a decision the trust roots refuse
-            return at.envelope(at.decision_statement(decision, await artifacts.release_of(bus, release)), identity)
+            found = await ask(bus, "lineage_export", {"release": release, "limit": 1000})
+            run = next((e for e in found["evals"] if e["run_id"] == decision.eval_run), None)
+            return at.envelope(at.decision_statement(decision, await artifacts.release_of(bus, release), run),
+                               identity)
 
         _write(with_bus(settings, work), out)
 

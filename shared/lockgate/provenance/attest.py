@@ -50,11 +50,24 @@ def statement(predicate_type: str, bundle: Mapping[str, Any], predicate: Mapping
             "predicateType": predicate_type, "predicate": dict(predicate)}
 
 
-def decision_statement(decision: GateDecided, bundle: Mapping[str, Any]) -> dict[str, Any]:
-    """A Statement that `decision` (signed by the gatekeeper) was made about the release of `bundle`."""
+def eval_summary(row: Mapping[str, Any]) -> dict[str, Any]:
+    """What an attestation says of the eval run a decision judged: its results and the environment it ran in."""
+    return {"run_id": row["run_id"], "status": row.get("status", ""), "n_cases": int(row.get("n_cases") or 0),
+            "n_errors": int(row.get("n_errors") or 0), "time": str(row.get("time", "")),
+            "metrics": {k: float(v) for k, v in (row.get("metrics") or {}).items()},
+            "environment": {k: str(v) for k, v in (row.get("environment") or {}).items()}}
+
+
+def decision_statement(decision: GateDecided, bundle: Mapping[str, Any],
+                       evaluation: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A Statement that `decision` (signed by the gatekeeper) was made about the release of `bundle`, with
+    the eval run it judged (results and environment) when known."""
     if decision.release != bundle.get("release"):
         raise AttestationRefused(f"decision {decision.id} is about {decision.release}, not {bundle.get('release')}")
-    return statement(DECISION, bundle, {"decision": msgspec.to_builtins(decision), "release": dict(bundle)})
+    predicate: dict[str, Any] = {"decision": msgspec.to_builtins(decision), "release": dict(bundle)}
+    if evaluation is not None:
+        predicate["eval"] = eval_summary(evaluation)
+    return statement(DECISION, bundle, predicate)
 
 
 def release_statement(bundle: Mapping[str, Any]) -> dict[str, Any]:
@@ -123,6 +136,10 @@ def verify(env: Mapping[str, Any], check_signer: Callable[[str, str, bytes], str
         if mismatched:
             raise AttestationRefused(f"the decision judged other versions of {', '.join(mismatched)} than the "
                                      "release holds")
+        evaluation = stmt["predicate"].get("eval")
+        if evaluation is not None and evaluation.get("run_id") != decision.eval_run:
+            raise AttestationRefused(f"the predicate's eval run {evaluation.get('run_id')} is not the one the "
+                                     f"decision judged ({decision.eval_run})")
         out["decision"] = decision.decision
     elif kind != RELEASE:
         raise AttestationRefused(f"unknown predicate type {kind!r}")
