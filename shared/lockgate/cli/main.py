@@ -246,7 +246,20 @@ def schema(out: str | None) -> None:
 
 
 def _register_subcommands() -> None:
-    from lockgate.cli import audit, gate, gitops, identity, keys, provenance, rollout, stack, status, workflow
+    from lockgate.cli import (
+        attest,
+        audit,
+        gate,
+        gitops,
+        identity,
+        keys,
+        lineage,
+        provenance,
+        rollout,
+        stack,
+        status,
+        workflow,
+    )
 
     stack.register(cli)
     status.register(cli)
@@ -258,6 +271,8 @@ def _register_subcommands() -> None:
     rollout.register(cli)
     gitops.register(cli)
     provenance.register(cli)  # after workflow: it adds `artifact deprecate`
+    lineage.register(cli)
+    attest.register(cli)
     # Plugins (the dev tools' `dev up`, `sim` and `demo`) add commands without the CLI importing them.
     for ep in entry_points(group="lockgate.cli"):
         ep.load()(cli)

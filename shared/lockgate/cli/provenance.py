@@ -6,26 +6,15 @@ trust file knows as operator or admin; reads verify every record of a history ag
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 import click
 
 from lockgate.cli.access import chosen_role, with_bus
 from lockgate.cli.main import handle_errors, json_option
+from lockgate.cli.provenance_time import parse_time
 from lockgate.cli.render import console, emit_json, err_console, output
-from lockgate.errors import ConfigError, LockgateError
-
-
-def parse_time(value: str | None, option: str = "--at") -> dt.datetime | None:
-    """An ISO 8601 time as aware UTC (UTC unless it carries an offset); ConfigError naming the option."""
-    if not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(f"{option} {value!r} is not an ISO 8601 time (e.g. 2026-12-03T09:30:00Z)") from None
-    return parsed.astimezone(dt.UTC) if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
+from lockgate.errors import ConfigError
 
 
 def _row(r: Any, signer: str = "") -> dict[str, Any]:
@@ -67,9 +56,7 @@ def alias_history(ctx: click.Context, ref: str, at: str | None, limit: int, as_j
 
 
 def register(cli: click.Group) -> None:
-    """Attach `alias`, `lineage`, `attest` and `artifact deprecate`."""
-    register_lineage(cli)
-    register_attest(cli)
+    """Attach `alias` and `artifact deprecate`."""
 
     @cli.group()
     def alias() -> None:
@@ -172,224 +159,3 @@ def register(cli: click.Group) -> None:
             console.print(f"{digest} deprecated{' until ' + when.isoformat() if when else ''}"
                           f"{'; successor ' + successor if successor else ''} (signed by {record.actor})",
                           highlight=False)
-
-
-class LineageSendFailed(LockgateError):
-    """The OpenLineage endpoint did not accept an event."""
-
-
-def post_events(url: str, events: list[dict[str, Any]], timeout_s: float = 10.0) -> None:
-    """POST each RunEvent as JSON to an OpenLineage HTTP endpoint (the HTTP transport's wire format)."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    for event in events:
-        req = urllib.request.Request(url, data=json.dumps(event, default=str).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-                resp.read()
-        except urllib.error.HTTPError as exc:
-            raise LineageSendFailed(f"{url} refused OpenLineage event {event['run']['runId']} "
-                                    f"({exc.code} {exc.reason})") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
-            raise LineageSendFailed(f"cannot send OpenLineage events to {url}: {getattr(exc, 'reason', exc)}") from None
-
-
-class _DefaultShow(click.Group):
-    """`lockgate lineage REF ...` means `lockgate lineage show REF ...`; `lineage export` is the export."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
-            args = ["show", *args]
-        return super().parse_args(ctx, args)
-
-
-def register_lineage(cli: click.Group) -> None:
-    """Attach `lineage` (show, the default, and export)."""
-
-    @cli.group(cls=_DefaultShow)
-    def lineage() -> None:
-        """Lineage of a release, artifact, run or decision (`lineage REF [--at T]`), or its OpenLineage export."""
-
-    @lineage.command("show")
-    @click.argument("ref")
-    @click.option("--depth", default=4, show_default=True)
-    @click.option("--at", "at", metavar="TIME", help="The graph as it was at this ISO 8601 time; default now.")
-    @json_option
-    @click.pass_context
-    @handle_errors
-    def show(ctx: click.Context, ref: str, depth: int, at: str | None, as_json: bool) -> None:
-        """Upstream and downstream of a release, artifact hash, run or decision."""
-        from lockgate.cli import access
-
-        root = ctx.find_root()
-        when = parse_time(at)
-        args: dict[str, Any] = {"ref": ref, "depth": depth, **({"at": when} if when else {})}
-        view = access.query(root.obj["settings"], "lineage", direct=root.obj["direct"], **args)
-        if as_json:
-            output(view, True)
-            return
-        moment = f" at {when.isoformat()}" if when else ""
-        err_console.print(f"[bold]{view.get('node', ref)}[/bold] ({view.get('kind', '?')}){moment}", highlight=False)
-        output(view.get("upstream", []), False, title="upstream (what it came from)", empty="no upstream")
-        output(view.get("downstream", []), False, title="downstream (what used it)", empty="no downstream")
-        if view.get("outcomes"):
-            rows = [{"time": o["time"], "release": o["release"], "run": o["run_id"], "status": o["status"],
-                     "metrics": ", ".join(f"{k}={v:.4g}" for k, v in sorted((o.get("metrics") or {}).items())),
-                     "decision": o.get("decision") or "-"} for o in view["outcomes"]]
-            output(rows, False, title="eval outcomes that used it (data version -> outcome)")
-
-    @lineage.command("export")
-    @click.option("--format", "fmt", type=click.Choice(["openlineage"]), default="openlineage", show_default=True)
-    @click.option("--release", help="Only the eval runs and decisions of this release.")
-    @click.option("--since", metavar="TIME", help="Only runs and decisions at or after this ISO 8601 time.")
-    @click.option("--until", metavar="TIME", help="Only runs and decisions at or before this ISO 8601 time.")
-    @click.option("--limit", default=100, show_default=True, help="At most this many runs and decisions each.")
-    @click.option("--namespace", default="", help="OpenLineage namespace (default lockgate://PREFIX).")
-    @click.option("--facet-schemas", is_flag=True, help="Print the JSON Schemas of lockgate's facets instead.")
-    @click.option("--url", default="", help="Also POST each event to this OpenLineage HTTP endpoint (Marquez: "
-                                            "http://host:5000/api/v1/lineage).")
-    @click.pass_context
-    @handle_errors
-    def export(ctx: click.Context, fmt: str, release: str | None, since: str | None, until: str | None,
-               limit: int, namespace: str, facet_schemas: bool, url: str) -> None:
-        """Eval runs, gate decisions, releases and rollouts as OpenLineage RunEvents, one JSON object per line."""
-        import json
-
-        from lockgate.cli import access
-        from lockgate.provenance import openlineage
-
-        if facet_schemas:
-            emit_json(openlineage.FACET_SCHEMAS)
-            return
-        root = ctx.find_root()
-        settings = root.obj["settings"]
-        args: dict[str, Any] = {"limit": limit}
-        for key, value in (("release", release), ("since", parse_time(since, "--since")),
-                           ("until", parse_time(until, "--until"))):
-            if value:
-                args[key] = value
-        found = access.query(settings, "lineage_export", direct=root.obj["direct"], **args)
-        events = openlineage.events(found, namespace or f"lockgate://{settings.prefix}")
-        for event in events:
-            click.echo(json.dumps(event, sort_keys=True, default=str))
-        if url:
-            post_events(url, events)
-            err_console.print(f"sent {len(events)} events to {url}", highlight=False)
-
-
-def _write(doc: dict[str, Any], out: str | None) -> None:
-    import json
-
-    text = json.dumps(doc, indent=2, sort_keys=True)
-    if out:
-        with open(out, "w") as fh:
-            fh.write(text + "\n")
-        err_console.print(f"wrote {out}", highlight=False)
-    else:
-        click.echo(text)
-
-
-def register_attest(cli: click.Group) -> None:
-    """Attach `attest decision|release|verify`."""
-
-    @cli.group()
-    def attest() -> None:
-        """in-toto attestations (DSSE envelopes) of gate decisions and releases, verified offline."""
-
-    out_option = click.option("--out", type=click.Path(dir_okay=False), help="Write to a file, not stdout.")
-
-    @attest.command("decision")
-    @click.argument("release")
-    @out_option
-    @click.pass_context
-    @handle_errors
-    def attest_decision(ctx: click.Context, release: str, out: str | None) -> None:
-        """The release's current gate decision as a signed in-toto Statement (subject: the release bundle)."""
-        from lockgate import artifacts
-        from lockgate.cli.gate import current_decision
-        from lockgate.cli.identity import chosen_identity
-        from lockgate.provenance import attest as at
-        from lockgate.queryclient import ask
-        from lockgate.signing import Keyring
-
-        settings = ctx.obj["settings"]
-        identity = chosen_identity(ctx)
-
-        async def work(bus: Any) -> dict[str, Any]:
-            decision = await current_decision(bus, release)
-            Keyring.from_settings(settings).verify(decision)  # never attest a decision the trust roots refuse
-            found = await ask(bus, "lineage_export", {"release": release, "limit": 1000})
-            run = next((e for e in found["evals"] if e["run_id"] == decision.eval_run), None)
-            return at.envelope(at.decision_statement(decision, await artifacts.release_of(bus, release), run),
-                               identity)
-
-        _write(with_bus(settings, work), out)
-
-    @attest.command("release")
-    @click.argument("release")
-    @out_option
-    @click.pass_context
-    @handle_errors
-    def attest_release(ctx: click.Context, release: str, out: str | None) -> None:
-        """What the release is made of, as a signed in-toto Statement."""
-        from lockgate import artifacts
-        from lockgate.cli.identity import chosen_identity
-        from lockgate.provenance import attest as at
-
-        settings = ctx.obj["settings"]
-        identity = chosen_identity(ctx)
-
-        async def work(bus: Any) -> dict[str, Any]:
-            return at.envelope(at.release_statement(await artifacts.release_of(bus, release)), identity)
-
-        _write(with_bus(settings, work), out)
-
-    @attest.command("verify")
-    @click.argument("path", type=click.Path(dir_okay=False))
-    @click.option("--key", "keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
-                  help="Also trust this PEM public key for the decision's signature (repeatable).")
-    @json_option
-    @click.pass_context
-    @handle_errors
-    def attest_verify(ctx: click.Context, path: str, keys: tuple[str, ...], as_json: bool) -> None:
-        """Check an attestation offline against the trust file: who signed the envelope, that the subject is
-        the release it describes, and (for a decision) the gatekeeper's signature. Exit 4 if anything fails."""
-        import json
-
-        from lockgate.identity import verify_person
-        from lockgate.provenance import attest as at
-        from lockgate.signing import Keyring
-
-        settings = ctx.obj["settings"]
-        try:
-            with open(path, "rb") as fh:
-                env = json.loads(fh.read())
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-        except ValueError:
-            raise at.AttestationRefused(f"{path} is not JSON (a DSSE envelope)") from None
-        if not isinstance(env, dict):
-            raise at.AttestationRefused(f"{path} is not a DSSE envelope")
-        ring = Keyring.from_settings(settings)
-        if keys:
-            ring = ring.merge(Keyring.from_pem_files(keys))
-
-        def signer(kid: str, sig: str, data: bytes) -> str:
-            return verify_person(settings, kid, sig, data, roles=(), what="the attestation", allow_revoked=False)
-
-        result = at.verify(env, signer, ring.verify)
-        if as_json:
-            emit_json({k: v for k, v in result.items() if k != "statement"}
-                      | {"predicateType": result["statement"]["predicateType"],
-                         "subject": result["statement"]["subject"]})
-            return
-        what = f"decision {result['decision']} for" if "decision" in result else "release"
-        extra = f"; decision signed by key {result['decision_key']}" if "decision_key" in result else ""
-        console.print(f"verified: {what} {result['release']}, attested by {', '.join(result['signed_by'])}{extra}",
-                      highlight=False)
-
-    # The issue's spelling: `lockgate verify FILE` is `lockgate attest verify FILE`.
-    cli.add_command(attest_verify, name="verify")
