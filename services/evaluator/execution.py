@@ -13,6 +13,7 @@ import aiohttp
 from lockgate import artifacts
 from lockgate.contracts import EvalCompleted, EvalRequested, LineageRun
 from lockgate.errors import ConfigError, NotFound
+from lockgate.provenance import environment
 from lockgate.server.service import ServiceContext
 from lockgate.services.evaluator import calibrated, domain, judge, persist, pricing, recorded, runner, summary
 from lockgate.services.evaluator.cache import ResponseCache
@@ -47,6 +48,7 @@ class Outcome:
     baseline_run: str = ""
     warnings: list[str] = field(default_factory=list)
     ratios: dict = field(default_factory=dict)
+    environment: dict[str, str] = field(default_factory=dict)
 
 
 class Execution:
@@ -113,7 +115,13 @@ class Execution:
                 await cache.flush()
         order = {c.id: i for i, c in enumerate(cases)}
         results = sorted([*finished, *new], key=lambda r: (order[r.case_id], r.repeat))
-        return await self._summarise(req, loaded, results)
+        outcome = await self._summarise(req, loaded, results)
+        outcome.environment = environment.for_run(
+            environment.host(), model=req.model or suite.model, endpoint=req.endpoint,
+            params=calibrated.request_params(suite), suite=req.suite,
+            dataset=suite.dataset if isinstance(suite.dataset, str) else "inline", repeats=suite.repeats,
+            concurrency=req.concurrency, timeout_s=req.timeout_s, cache=bool(cache is not None))
+        return outcome
 
     async def _run(self, req: EvalRequested, loaded: Loaded, skip: set[tuple[str, int]],
                    on_result: runner.OnResult, cache: ResponseCache | None) -> list[domain.CaseResult]:
@@ -212,12 +220,14 @@ class Execution:
                      event_id: str | None = None) -> EvalCompleted:
         """Publish EvalCompleted (the sink stores it as the run's `eval_runs` row) and the lineage run."""
         n_errors = sum(1 for r in outcome.results if r.error)
+        # The release's prompt, model config ... versions, so the decision names what it judged.
+        arts = dict(req.artifacts) or await persist.release_artifacts(self.ctx.bus, req.release) or {}
         done = EvalCompleted(
             run_id=req.run_id, release=req.release, suite=req.suite, baseline=req.baseline, policy=req.policy,
             status=outcome.status, n_cases=len(outcome.results), n_errors=n_errors, metrics=outcome.metrics,
             error=outcome.error, intervals=outcome.intervals, baseline_run=outcome.baseline_run,
-            comparisons=outcome.comparisons, warnings=outcome.warnings, artifacts=dict(req.artifacts),
-            ratios=outcome.ratios,
+            comparisons=outcome.comparisons, warnings=outcome.warnings, artifacts=arts,
+            ratios=outcome.ratios, environment=outcome.environment,
             tenant=req.tenant, source="evaluator", **({"id": event_id} if event_id else {}),
         )
         await self.publish(done, inputs)

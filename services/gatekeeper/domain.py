@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from lockgate.contracts import EvalCompleted, RuleResult
@@ -118,6 +118,18 @@ def decide_eval(policy: Policy | None, policy_error: str, done: EvalCompleted, *
         out = Outcome(out.decision, out.rules, f"{out.reason}; {summarise_warnings(done.warnings)}",
                       out.review_required, out.errored)
     return out
+
+
+def with_lifecycle(out: Outcome, rules: Sequence[RuleResult]) -> Outcome:
+    """The outcome with the release's artifact lifecycle rules: a FAIL (an artifact past its sunset) blocks
+    and leads the reason with its remediation; a deprecated artifact's PASS only adds its warning."""
+    if not rules:
+        return out
+    failed = [r.hint for r in rules if r.verdict == "FAIL"]
+    notes = "; ".join([*failed, *(r.hint for r in rules if r.verdict != "FAIL")])
+    reason = f"{notes}; {out.reason}" if failed and out.reason else f"{out.reason}; {notes}" if out.reason else notes
+    return Outcome("BLOCK" if failed else out.decision, (*out.rules, *rules), reason, out.review_required,
+                   out.errored)
 
 
 def summarise_warnings(warnings: list[str]) -> str:

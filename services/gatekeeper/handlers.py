@@ -13,6 +13,7 @@ from lockgate.contracts import EvalCompleted, GateDecided, GateReview
 from lockgate.errors import ConfigError, NotFound, SignatureError
 from lockgate.evalruns import check_result, requested_run
 from lockgate.identity import author_of, verify_review
+from lockgate.provenance import lifecycle
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.records import Records
@@ -60,6 +61,10 @@ class GateHandlers:
                     baseline = await self.records.release_artifacts(done.baseline)
             outcome = domain.decide_eval(policy, policy_error, done, prior_errors=prior,
                                          candidate_artifacts=candidate, baseline_artifacts=baseline)
+            # Artifacts past their sunset block (naming the successor); deprecated ones warn.
+            release_arts = done.artifacts or candidate or await self.records.release_artifacts(done.release) or {}
+            outcome = domain.with_lifecycle(outcome, await lifecycle.gate_rules(self.ctx.bus, self.ctx.settings,
+                                                                                release_arts))
             span.set_attribute("lockgate.decision", outcome.decision)
             arts = {**done.artifacts, **{k: v for k, v in (("eval_suite", done.suite), ("policy", done.policy)) if v}}
             decision = self.signer.sign(GateDecided(

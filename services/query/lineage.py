@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from lockgate.errors import AmbiguousReference, NotFound
@@ -53,12 +54,15 @@ def traverse(start: str, depth: int, neighbours: Neighbours, direction: Directio
     return out
 
 
-def _edges_touching(store: Store) -> Neighbours:
+def _edges_touching(store: Store, at: datetime | None = None) -> Neighbours:
+    # An edge exists from the time of the event that implied it: as of `at`, later ones did not yet.
+    cond = " AND time <= {at:DateTime64(6, 'UTC')}" if at is not None else ""
+
     def fetch(nodes: set[str]) -> list[dict[str, Any]]:
         return store.rows(
             "SELECT DISTINCT src, src_kind, dst, dst_kind, relation FROM lineage_edges "
-            "WHERE src IN {n:Array(String)} OR dst IN {n:Array(String)}",
-            {"n": sorted(nodes)},
+            f"WHERE (src IN {{n:Array(String)}} OR dst IN {{n:Array(String)}}){cond}",
+            {"n": sorted(nodes), "at": at},
         )
 
     return fetch
@@ -97,14 +101,37 @@ def resolve(store: Store, ref: str) -> tuple[str, str]:
     return hashes[0], (kinds[0] if kinds else matches[0]["kind"])
 
 
-def lineage(store: Store, ref: str, depth: int = 4) -> dict[str, Any]:
-    """The node named by `ref` with its upstream and downstream edges up to `depth` hops."""
+def outcomes(store: Store, digest: str, at: datetime | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    """Every eval run that used an artifact version (as suite or dataset input, or through its release), with
+    its metrics and the gate's decision on it, newest first: data versions mapped to outcomes."""
+    cond = " AND e.time <= {at:DateTime64(6, 'UTC')}" if at is not None else ""
+    return store.rows(
+        "SELECT e.run_id AS run_id, e.release AS release, e.status AS status, e.metrics AS metrics, e.time AS time, "
+        " d.decision AS decision, d.id AS decision_id "
+        "FROM (SELECT * FROM eval_runs ORDER BY time DESC LIMIT 1 BY run_id) AS e "
+        "LEFT JOIN (SELECT eval_run, argMax(decision, time) AS decision, argMax(id, time) AS id FROM gate_decisions "
+        "           WHERE eval_run != '' GROUP BY eval_run) AS d ON d.eval_run = e.run_id "
+        "WHERE (e.run_id IN (SELECT run_id FROM lineage_runs WHERE has(inputs, {h:String})) "
+        "   OR e.suite = {h:String} "
+        "   OR e.release IN (SELECT release FROM releases WHERE has(mapValues(artifacts), {h:String})))"
+        f"{cond} ORDER BY e.time DESC LIMIT {{n:UInt32}}",
+        {"h": digest, "at": at, "n": max(1, int(limit))},
+    )
+
+
+def lineage(store: Store, ref: str, depth: int = 4, at: datetime | None = None) -> dict[str, Any]:
+    """The node named by `ref` with its upstream and downstream edges up to `depth` hops; with `at`, the
+    graph as it was then (only edges recorded at or before it)."""
     node, kind = resolve(store, ref)
     depth = min(max(depth, 0), MAX_DEPTH)
-    neighbours = _edges_touching(store)
+    if at is not None and at.tzinfo is not None:  # the column is UTC; parameters are sent as naive UTC
+        at = at.astimezone(UTC).replace(tzinfo=None)
+    neighbours = _edges_touching(store, at)
     return {
         "node": node,
         "kind": kind,
+        "at": at,
+        "outcomes": outcomes(store, node, at) if node.startswith("sha256:") else [],
         "upstream": traverse(node, depth, neighbours, "upstream"),
         "downstream": traverse(node, depth, neighbours, "downstream"),
     }

@@ -31,6 +31,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "cost_rollup": ("cost", "cost_rollup"),
     "lineage": ("lineage", "lineage"),
     "serving_history": ("history", "serving_history"),
+    "lineage_export": ("provenance", "lineage_export"),
     "sql": ("operator_sql", "readonly_sql"),
     "audit_log": ("audit", "audit_log"),
     # services (the evaluator resumes and compares runs; the gatekeeper reads its audit log)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats.errors
 import nats.js.errors
 import yaml
@@ -49,6 +50,12 @@ def parse(data: bytes, media_type: str) -> Any:
     return data.decode()
 
 
+def signed_bytes(event: ArtifactRegistered) -> bytes:
+    """What an artifact's registrant signs: its kind, name, content hash, size, media type and tenant."""
+    return canonical_json({"kind": event.kind, "name": event.name, "hash": event.hash, "size": event.size,
+                           "media_type": event.media_type, "tenant": event.tenant})
+
+
 async def register(
     bus: Bus,
     kind: ArtifactKind,
@@ -58,8 +65,10 @@ async def register(
     media_type: str = "application/json",
     tenant: str = "default",
     labels: dict[str, str] | None = None,
+    signer: Identity | None = None,
 ) -> ArtifactRegistered:
-    """Store the canonical bytes under their sha256 and publish `artifact.registered`."""
+    """Store the canonical bytes under their sha256 and publish `artifact.registered` (signed by `signer`,
+    a personal identity, when given: `signature` and `key_id` then say who vouched for this version)."""
     data = canonical_bytes(content, media_type)
     digest = content_hash(data)
     store = await bus.objects()
@@ -69,12 +78,14 @@ async def register(
         kind=kind, name=name, hash=digest, size=len(data), media_type=stored_type,
         tenant=tenant, labels=labels or {},
     )
+    if signer is not None:
+        event = msgspec.structs.replace(event, key_id=signer.key_id, signature=signer.sign(signed_bytes(event)))
     await bus.publish(bus.subjects.artifact_registered, event, msg_id=f"artifact-{digest}-{kind}-{name}")
     return event
 
 
 async def register_file(bus: Bus, kind: ArtifactKind, path: str | Path, *, name: str | None = None,
-                        tenant: str = "default") -> ArtifactRegistered:
+                        tenant: str = "default", signer: Identity | None = None) -> ArtifactRegistered:
     """Register a file; the media type follows the extension."""
     p = Path(path)
     try:
@@ -82,7 +93,7 @@ async def register_file(bus: Bus, kind: ArtifactKind, path: str | Path, *, name:
     except OSError as exc:
         raise ConfigError(f"cannot read artifact file {p}: {exc.strerror}") from None
     media = _MEDIA.get(p.suffix.lower(), "application/octet-stream")
-    return await register(bus, kind, name or p.stem, data, media_type=media, tenant=tenant)
+    return await register(bus, kind, name or p.stem, data, media_type=media, tenant=tenant, signer=signer)
 
 
 async def load(bus: Bus, digest: str) -> bytes:

@@ -220,6 +220,8 @@ class Bus:
                 max_bytes=spec.max_bytes,
                 discard=DiscardPolicy.NEW if spec.discard == "new" else DiscardPolicy.OLD,
                 duplicate_window=spec.duplicate_window_s,
+                deny_delete=spec.append_only,
+                deny_purge=spec.append_only,
             )
             try:
                 await self.js.add_stream(cfg)

@@ -173,6 +173,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(_consume(s, "gatekeeper")).add(_read_objects(s.object_store))
         g.add(_write_kv(s.kv_gates)).add(_write_kv(s.kv_keys)).add(_read_kv(s.kv_eval_runs))
         g.add(_read_kv(s.kv_releases))  # a release's signed author, so self-approval can be refused
+        g.add(_read_stream(s.streams["provenance"].name))  # artifact lifecycles: a sunset artifact blocks
         g.add(Grant(publish=[s.gate_decided_all, s.gate_audit, s.query]))
         # It chains the audit log: reads every identity's entries, keeps the head, publishes the signed rows.
         g.add(_write_kv(s.kv_audit))
@@ -207,6 +208,8 @@ def grant(s: Subjects, identity: str) -> Grant:
                 publish=[s.eval_requested, s.artifact_registered, s.release_registered, s.apply_recorded],
                 subscribe=[s.eval_completed, f"{s.prefix}.progress.eval.>", s.gate_decided_all]))
             g.add(Grant(publish=[s.audit("operator")]))  # key changes made from the CLI, recorded as itself
+            # `alias set` and `artifact deprecate` append signed records to the provenance stream.
+            g.add(Grant(publish=[s.provenance_all]))
         if identity == "approver":
             g.add(Grant(publish=[s.gate_review_all], subscribe=[s.gate_decided_all]))
     else:
@@ -220,6 +223,7 @@ def _viewer(s: Subjects) -> Grant:
     # kv_audit: `audit verify` checks the tail; kv_releases and kv_gitops: `plan` diffs a folder against them.
     for bucket in (s.kv_gates, s.kv_keys, s.kv_routes, s.kv_audit, s.kv_releases, s.kv_gitops, s.kv_budgets):
         g.add(_read_kv(bucket))
+    g.add(_read_stream(s.streams["provenance"].name))  # alias histories and artifact lifecycles
     for spec in s.streams.values():
         g.add(Grant(publish=[f"$JS.API.STREAM.INFO.{spec.name}", f"$JS.API.CONSUMER.LIST.{spec.name}",
                              f"$JS.API.CONSUMER.NAMES.{spec.name}"]))

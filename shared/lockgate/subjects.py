@@ -61,6 +61,7 @@ class StreamSpec:
     max_bytes: int = GiB
     discard: Literal["old", "new"] = "new"
     duplicate_window_s: float = 120.0
+    append_only: bool = False  # no message may be deleted and the stream never purged (provenance)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,10 @@ class Subjects:
                 # Entries waiting for the audit chainer (the gatekeeper); kept long enough to outlast an outage.
                 "audit": StreamSpec(f"{s}_AUDIT", (f"{p}.audit.>",), max_age_s=30 * 24 * 3600,
                                     max_bytes=GiB // 8),
+                # Signed alias changes and artifact lifecycles: kept for ever, never deleted or purged,
+                # since "what did production point to a year ago" must stay answerable.
+                "provenance": StreamSpec(f"{s}_PROVENANCE", (f"{p}.provenance.>",), max_age_s=0,
+                                         max_bytes=GiB // 16, append_only=True),
             },
         )
 
@@ -242,6 +247,22 @@ class Subjects:
     @property
     def audit_all(self) -> str:
         return f"{self.prefix}.audit.>"
+
+    def alias(self, app: str, alias: str) -> str:
+        """Where an alias's signed history is appended (one subject per app and alias)."""
+        return f"{self.prefix}.provenance.alias.{token(app)}.{token(alias)}"
+
+    @property
+    def alias_all(self) -> str:
+        return f"{self.prefix}.provenance.alias.>"
+
+    def lifecycle(self, digest: str) -> str:
+        """Where an artifact version's signed lifecycle (deprecation, sunset, successor) is appended."""
+        return f"{self.prefix}.provenance.lifecycle.{token(digest)}"
+
+    @property
+    def provenance_all(self) -> str:
+        return f"{self.prefix}.provenance.>"
 
     @property
     def spans(self) -> str:

@@ -10,8 +10,10 @@ import pytest
 from lockgate.codec import Codec, any_event, encode
 from lockgate.contracts import (
     EVENT_TYPES,
+    AliasChanged,
     AppliedChange,
     ApplyRecorded,
+    ArtifactLifecycle,
     ArtifactRegistered,
     AuditEntry,
     AuditRecord,
@@ -90,6 +92,8 @@ SAMPLES = [
         unchanged=2),
     BudgetEvent(reason="over_budget", budget="daily", counter="daily.2026-01-02", period="day", period_id="2026-01-02",
                 app="shop", limit_usd=1.0, requested_usd=0.25),
+    AliasChanged(seq=1, app="shop", alias="production", release="shop-v1", actor="ann", key_id="k", signature="c2ln"),
+    ArtifactLifecycle(seq=1, hash="sha256:" + "0" * 64, successor="sha256:" + "1" * 64, sunset=NOW),
 ]
 
 

@@ -79,7 +79,8 @@ def test_demo_then_query_everything(stack: dict[str, str]) -> None:
     assert count[0]["n"] >= 300
 
     health = json.loads(run("status", "--json", env=stack).stdout)
-    assert {s["role"] for s in health["streams"]} == {"inference", "events", "facts", "telemetry", "dlq", "audit"}
+    assert {s["role"] for s in health["streams"]} == {"inference", "events", "facts", "telemetry", "dlq", "audit",
+                                                     "provenance"}
     assert any(c["consumer"] == "lg_sink_inference" for c in health["consumers"])
 
 

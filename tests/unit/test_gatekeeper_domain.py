@@ -137,3 +137,20 @@ def test_evaluator_warnings_are_grouped_not_repeated_per_metric() -> None:
     out = summarise_warnings([f"exact_match: {text}", f"score: {text}", "no baseline run found"])
     assert out.count(text) == 1
     assert "(exact_match, score)" in out and "no baseline run found" in out
+
+
+def test_lifecycle_rules_block_past_sunset_and_only_warn_while_deprecated() -> None:
+    from lockgate.contracts import RuleResult
+    from lockgate.services.gatekeeper.domain import Outcome, with_lifecycle
+
+    passed = Outcome("PASS", (), "all rules passed")
+    warn = RuleResult(rule="lifecycle tool/t", metric="sunset", op="not past", threshold=0.0, observed=0.0,
+                      verdict="PASS", hint="tool/t is deprecated")
+    sunset = RuleResult(rule="lifecycle prompt/p", metric="sunset", op="not past", threshold=0.0, observed=1.0,
+                        verdict="FAIL", hint="prompt/p was sunset; use its successor sha256:b")
+    assert with_lifecycle(passed, []) is passed
+    warned = with_lifecycle(passed, [warn])
+    assert warned.decision == "PASS" and warned.reason == "all rules passed; tool/t is deprecated"
+    blocked = with_lifecycle(passed, [warn, sunset])
+    assert blocked.decision == "BLOCK" and blocked.reason.startswith("prompt/p was sunset; use its successor")
+    assert "tool/t is deprecated" in blocked.reason and len(blocked.rules) == 2

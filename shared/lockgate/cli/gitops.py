@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from lockgate.cli.access import with_bus
+from lockgate.cli.access import chosen_role, with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, err_console, table
 
@@ -153,7 +153,8 @@ def register(cli: click.Group) -> None:
             plan = await _plan(bus, desired, prune)
             if plan.errors:
                 return plan, None
-            return plan, await apply(bus, plan, desired, prov, directory=where, author=author)
+            return plan, await apply(bus, plan, desired, prov, directory=where, author=author,
+                                     settings=ctx.obj["settings"], audit_as=chosen_role("operator"))
 
         plan, event = _on_stack(ctx.obj["settings"], work, role="operator")
         if as_json:

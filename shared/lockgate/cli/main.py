@@ -168,23 +168,6 @@ def cost(ctx: click.Context, by: str, tenant: str | None, as_json: bool) -> None
 
 
 @cli.command()
-@click.argument("ref")
-@click.option("--depth", default=4, show_default=True)
-@json_option
-@click.pass_context
-@handle_errors
-def lineage(ctx: click.Context, ref: str, depth: int, as_json: bool) -> None:
-    """Upstream and downstream of a release, artifact hash, run or decision."""
-    view = _query(ctx, "lineage", ref=ref, depth=depth)
-    if as_json:
-        output(view, True)
-        return
-    err_console.print(f"[bold]{view.get('node', ref)}[/bold] ({view.get('kind', '?')})")
-    output(view.get("upstream", []), False, title="upstream (what it came from)", empty="no upstream")
-    output(view.get("downstream", []), False, title="downstream (what used it)", empty="no downstream")
-
-
-@cli.command()
 @click.argument("deployment")
 @click.option("--at", "at", metavar="TIME", help="ISO 8601 time (UTC unless it carries an offset); default now.")
 @click.option("--limit", default=20, show_default=True, help="How many changes up to TIME to list.")
@@ -192,10 +175,16 @@ def lineage(ctx: click.Context, ref: str, depth: int, as_json: bool) -> None:
 @click.pass_context
 @handle_errors
 def history(ctx: click.Context, deployment: str, at: str | None, limit: int, as_json: bool) -> None:
-    """What served a deployment at a time (releases and weights), and the rollout changes up to then."""
+    """What served a deployment at a time (releases and weights), and the rollout changes up to then;
+    given APP/ALIAS, what the alias pointed to then, from its signed history."""
     from lockgate.contracts.names import check_name
     from lockgate.errors import ConfigError
 
+    if "/" in deployment:  # APP/ALIAS: what the alias pointed to (lockgate.cli.provenance)
+        from lockgate.cli.provenance import alias_history
+
+        alias_history(ctx, deployment, at, limit, as_json)
+        return
     check_name(deployment, "deployment")
     when = None
     if at:
@@ -257,7 +246,21 @@ def schema(out: str | None) -> None:
 
 
 def _register_subcommands() -> None:
-    from lockgate.cli import audit, budget, gate, gitops, identity, keys, rollout, stack, status, workflow
+    from lockgate.cli import (
+        attest,
+        audit,
+        budget,
+        gate,
+        gitops,
+        identity,
+        keys,
+        lineage,
+        provenance,
+        rollout,
+        stack,
+        status,
+        workflow,
+    )
 
     stack.register(cli)
     status.register(cli)
@@ -269,6 +272,9 @@ def _register_subcommands() -> None:
     rollout.register(cli)
     gitops.register(cli)
     budget.register(cli)
+    provenance.register(cli)  # after workflow: it adds `artifact deprecate`
+    lineage.register(cli)
+    attest.register(cli)
     # Plugins (the dev tools' `dev up`, `sim` and `demo`) add commands without the CLI importing them.
     for ep in entry_points(group="lockgate.cli"):
         ep.load()(cli)

@@ -36,12 +36,16 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     @handle_errors
     def artifact_register(ctx: click.Context, kind: str, path: str, name: str | None, as_json: bool) -> None:
-        """Register a file as an artifact version; prints its hash."""
+        """Register a file as an artifact version; prints its hash. Signed by your personal identity (`--as`)
+        when you have one."""
         from lockgate import artifacts
+        from lockgate.cli.identity import optional_identity
 
-        event = with_bus(ctx.obj["settings"], lambda bus: artifacts.register_file(bus, kind, path, name=name),
-                         role="operator")
-        row = {"kind": event.kind, "name": event.name, "hash": event.hash, "size": event.size}
+        signer = optional_identity(ctx)
+        event = with_bus(ctx.obj["settings"], lambda bus: artifacts.register_file(bus, kind, path, name=name,
+                                                                                  signer=signer), role="operator")
+        row = {"kind": event.kind, "name": event.name, "hash": event.hash, "size": event.size,
+               "key_id": event.key_id}
         output([row], as_json)
 
     @cli.group()

@@ -31,6 +31,7 @@ from lockgate.contracts.evals import (
 from lockgate.contracts.gates import GateAudited, GateDecided, GateReview, RuleResult
 from lockgate.contracts.gitops import AppliedChange, ApplyRecorded
 from lockgate.contracts.inference import InferenceEvent, InferenceScored
+from lockgate.contracts.provenance import AliasChanged, ArtifactLifecycle
 from lockgate.contracts.rollout import RolloutState
 from lockgate.contracts.telemetry import SpanBatch, SpanRecord
 
@@ -62,12 +63,17 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     BudgetEvent,
     # online evaluation of sampled live traffic
     InferenceScored,
+    # provenance: signed alias changes and artifact lifecycles
+    AliasChanged,
+    ArtifactLifecycle,
 )
 
 AnyEvent = Union[EVENT_TYPES]  # noqa: UP007 - a runtime tagged union for msgspec
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AliasChanged",
+    "ArtifactLifecycle",
     "EVENT_TYPES",
     "AnyEvent",
     "AppliedChange",

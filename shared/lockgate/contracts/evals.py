@@ -74,6 +74,9 @@ class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.complet
     # candidate/baseline - 1 with its CI, where the evaluator bootstrapped the ratio itself (latency, cost):
     # relative rules (mode: relative) use it instead of dividing the difference by the baseline's point value.
     ratios: dict[str, MetricInterval] = {}
+    # What the run ran on, to reproduce it: Python, lockgate and package versions (hash), OS, CPU/GPU,
+    # seeds, and the model, endpoint and sampling parameters it called (lockgate.provenance.environment).
+    environment: dict[str, str] = {}
 
 
 class EvalCaseResult(msgspec.Struct, frozen=True, kw_only=True):

@@ -107,6 +107,14 @@ class Deployment(_Doc, frozen=True, kw_only=True, tag="deployment"):
             raise at("$.canary", "the canary must be another release than the stable one")
 
 
+class Alias(_Doc, frozen=True, kw_only=True, tag="alias"):
+    """An alias of an app (`name`: production, staging ...) pointing to a release document of the folder;
+    apply moves it with a signed record (so it needs a personal identity, `--as NAME`)."""
+
+    app: Name
+    release: Name
+
+
 class Budget(_Doc, frozen=True, kw_only=True, tag="budget"):
     """A spending limit in USD per month for a tenant (and optionally one app)."""
 
@@ -116,10 +124,10 @@ class Budget(_Doc, frozen=True, kw_only=True, tag="budget"):
     alert_at: tuple[Annotated[float, msgspec.Meta(gt=0, le=1)], ...] = (0.8,)
 
 
-Document = Dataset | Prompt | ModelConfig | Tool | Suite | Policy | Release | Deployment | Budget
+Document = Dataset | Prompt | ModelConfig | Tool | Suite | Policy | Release | Alias | Deployment | Budget
 CONTENT_KINDS = ("dataset", "prompt", "model_config", "tool", "suite", "policy")
 # Dependency order: what a document refers to is applied before it.
-ORDER = (*CONTENT_KINDS, "release", "deployment", "budget")
+ORDER = (*CONTENT_KINDS, "release", "alias", "deployment", "budget")
 
 
 class Source(msgspec.Struct, frozen=True, kw_only=True):

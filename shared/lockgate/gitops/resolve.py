@@ -17,6 +17,7 @@ from lockgate.artifacts import canonical_bytes, release_bundle
 from lockgate.documents import reroot
 from lockgate.errors import ConfigError
 from lockgate.gitops.documents import (
+    Alias,
     Budget,
     ContentDoc,
     Deployment,
@@ -152,6 +153,17 @@ def _deployment(src: Source, doc: Deployment, releases: dict[str, Resource]) -> 
                     labels=dict(doc.labels), description=doc.description)
 
 
+def _alias(src: Source, doc: Alias, releases: dict[str, Resource]) -> Resource:
+    res = releases.get(doc.release)
+    if res is None:
+        raise _bad(src, f"no release document named {doc.release!r} in the folder", "$.release")
+    if res.bundle["app"] != doc.app:
+        raise _bad(src, f"release {doc.release!r} is of app {res.bundle['app']!r}, not {doc.app!r}", "$.release")
+    spec = {"app": doc.app, "alias": doc.name, "release": res.release}
+    return Resource(kind="alias", name=f"{doc.app}/{doc.name}", digest=content_hash(spec), source=src.path,
+                    release=res.release, spec=spec, labels=dict(doc.labels), description=doc.description)
+
+
 def _budget(src: Source, doc: Budget) -> Resource:
     spec = {"tenant": doc.tenant, "app": doc.app, "monthly_usd": doc.monthly_usd, "alert_at": list(doc.alert_at)}
     return Resource(kind="budget", name=doc.name, digest=content_hash(spec), source=src.path, spec=spec,
@@ -162,12 +174,15 @@ def resolve(sources: list[Source]) -> list[Resource]:
     """The desired resources of a folder, in dependency order; GitopsError naming the file and path."""
     seen: dict[str, str] = {}
     for src in sources:
-        key = f"{kind_of(src.doc)}/{src.doc.name}"
+        # an alias is named within its app: shop's production is not other's
+        name = f"{src.doc.app}/{src.doc.name}" if isinstance(src.doc, Alias) else src.doc.name
+        key = f"{kind_of(src.doc)}/{name}"
         if key in seen:
             raise _bad(src, f"{key} is already defined in {seen[key]}", "$.name")
         seen[key] = src.path
     by_kind = {k: [s for s in sources if kind_of(s.doc) == k] for k in
-               ("dataset", "prompt", "model_config", "tool", "suite", "policy", "release", "deployment", "budget")}
+               ("dataset", "prompt", "model_config", "tool", "suite", "policy", "release", "alias", "deployment",
+                "budget")}
     artifacts: dict[str, Resource] = {}
     for kind in ("dataset", "prompt", "model_config", "tool", "suite", "policy"):
         datasets = {r.name: r.digest for r in artifacts.values() if r.kind == "dataset"}
@@ -181,6 +196,9 @@ def resolve(sources: list[Source]) -> list[Resource]:
         assert isinstance(src.doc, Release)
         releases[src.doc.name] = _release(src, src.doc, artifacts)
     out = [*artifacts.values(), *releases.values()]
+    for src in by_kind["alias"]:
+        assert isinstance(src.doc, Alias)
+        out.append(_alias(src, src.doc, releases))
     for src in by_kind["deployment"]:
         assert isinstance(src.doc, Deployment)
         out.append(_deployment(src, src.doc, releases))

@@ -20,14 +20,17 @@ import nats.js.errors
 
 from lockgate import artifacts
 from lockgate.bus import Bus
+from lockgate.config import Settings
 from lockgate.contracts import ApplyRecorded
 from lockgate.contracts.gitops import AppliedChange
 from lockgate.errors import BusUnavailable, NotFound
+from lockgate.gitops.documents import GitopsError
 from lockgate.gitops.git import Provenance
 from lockgate.gitops.plan import Plan, StateEntry
 from lockgate.gitops.resolve import ARTIFACT_KIND, Resource
 from lockgate.identity import Identity, bundle_content
 from lockgate.ids import content_hash
+from lockgate.provenance import aliases
 from lockgate.subjects import token
 
 _entry = msgspec.json.Decoder(StateEntry)
@@ -78,8 +81,15 @@ def _labels(res: Resource, prov: Provenance) -> dict[str, str]:
 
 
 async def apply(bus: Bus, plan: Plan, desired: list[Resource], prov: Provenance, *, directory: str,
-                author: Identity | None = None) -> ApplyRecorded:
-    """Carry out the plan's changes in dependency order, record each entry, then announce the apply."""
+                author: Identity | None = None, settings: Settings | None = None,
+                audit_as: str = "operator") -> ApplyRecorded:
+    """Carry out the plan's changes in dependency order, record each entry, then announce the apply.
+
+    An alias is moved with a record signed by `author` and checked against `settings`' trust file, so a
+    folder with aliases needs both; apply refuses before changing anything if they are missing."""
+    if any(s.kind == "alias" and s.action != "remove" for s in plan.changes) and (author is None or settings is None):
+        raise GitopsError("the folder moves aliases, and every alias change is signed: apply with a personal "
+                          "identity (`--as NAME`, `lockgate identity create NAME`)")
     by_key = {r.key: r for r in desired}
     kv = await bus.kv(bus.subjects.kv_gitops)
     now = datetime.now(UTC).isoformat()
@@ -97,9 +107,14 @@ async def apply(bus: Bus, plan: Plan, desired: list[Resource], prov: Provenance,
             await artifacts.register_release(bus, res.release, b["app"], b["artifacts"], parent=b["parent"],
                                              description=res.description or f"applied from {res.source}",
                                              author=author)
+        elif res.kind == "alias":
+            assert author is not None and settings is not None
+            await aliases.set_alias(bus, settings, author, res.spec["app"], res.spec["alias"], res.release,
+                                    reason=res.description or f"applied from {res.source}",
+                                    origin=f"gitops {prov.commit}".strip(), audit_as=audit_as)
         elif res.kind in ARTIFACT_KIND:
             await artifacts.register(bus, ARTIFACT_KIND[res.kind], res.name, res.content,  # type: ignore[arg-type]
-                                     media_type=res.media_type, labels=_labels(res, prov))
+                                     media_type=res.media_type, labels=_labels(res, prov), signer=author)
         entry = StateEntry(kind=res.kind, name=res.name, digest=res.digest, release=res.release, source=res.source,
                            spec=res.spec, commit=prov.commit, author=prov.author, dirty=prov.dirty,
                            applied_at=now, applied_by=who)

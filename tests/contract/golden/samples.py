@@ -13,8 +13,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lockgate.contracts import (
+    AliasChanged,
     AppliedChange,
     ApplyRecorded,
+    ArtifactLifecycle,
     ArtifactRegistered,
     AuditEntry,
     AuditRecord,
@@ -172,5 +174,11 @@ SAMPLES: dict[str, Event] = {
         InferenceScored(**envelope(22), event_id="01941f29-7c00-7000-8000-000000000001", app="shop",
                         deployment="web", variant="canary", release="shop-v2",
                         scores={"pii_free": 1.0, "length": 7.5}),
+        AliasChanged(**envelope(23), seq=2, prev_digest=HASH, actor="ann", key_id="0123456789abcdef",
+                     signature="c2lnbmF0dXJl", reason="launch", app="shop", alias="production", release="shop-v2",
+                     previous="shop-v1", origin="gitops 0123456789abcdef0123456789abcdef01234567"),
+        ArtifactLifecycle(**envelope(24), seq=2, prev_digest=HASH, actor="ann", key_id="0123456789abcdef",
+                          signature="c2lnbmF0dXJl", reason="replaced", hash=HASH, successor="sha256:" + "cd" * 32,
+                          sunset=LATER),
     )
 }

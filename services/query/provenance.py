@@ -1,0 +1,54 @@
+"""What an OpenLineage export needs: eval runs and gate decisions with the releases and artifacts they used."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from lockgate.store import Store
+
+
+def _naive(at: datetime | None) -> datetime | None:
+    return at.astimezone(UTC).replace(tzinfo=None) if at is not None and at.tzinfo is not None else at
+
+
+def lineage_export(store: Store, release: str | None = None, since: datetime | None = None,
+                   until: datetime | None = None, limit: int = 100) -> dict[str, Any]:
+    """{evals, decisions, run_inputs: run -> input hashes, releases: name -> {app, artifacts},
+    artifacts: hash -> {kind, name}, registered: release rows, rollouts: rollout changes}: everything the
+    export turns into RunEvents, newest first."""
+    cond = " AND release = {r:String}" if release else ""
+    cond += " AND time >= {since:DateTime64(6, 'UTC')}" if since else ""
+    cond += " AND time <= {until:DateTime64(6, 'UTC')}" if until else ""
+    params = {"r": release or "", "since": _naive(since), "until": _naive(until), "n": max(1, min(int(limit), 10_000))}
+    evals = store.rows(
+        "SELECT * FROM eval_runs "
+        f"WHERE 1 {cond} ORDER BY time DESC LIMIT 1 BY run_id LIMIT {{n:UInt32}}", params)
+    decisions = store.rows(
+        "SELECT id, time, release, action, actor, decision, eval_run, policy, baseline, reason, key_id "
+        f"FROM gate_decisions WHERE 1 {cond} ORDER BY time DESC LIMIT 1 BY id, action LIMIT {{n:UInt32}}", params)
+    runs = sorted({e["run_id"] for e in evals} | {d["eval_run"] for d in decisions if d["eval_run"]})
+    run_inputs = {r["run_id"]: list(r["inputs"]) for r in store.rows(
+        "SELECT run_id, inputs FROM lineage_runs WHERE run_id IN {runs:Array(String)} LIMIT 1 BY run_id",
+        {"runs": runs})}
+    names = sorted({e["release"] for e in evals} | {d["release"] for d in decisions})
+    releases = {r["release"]: {"app": r["app"], "artifacts": dict(r["artifacts"])} for r in store.rows(
+        "SELECT release, app, artifacts FROM releases WHERE release IN {names:Array(String)} LIMIT 1 BY release",
+        {"names": names})}
+    hashes = sorted({h for rel in releases.values() for h in rel["artifacts"].values()}
+                    | {h for rel in store.rows(
+                        f"SELECT artifacts FROM releases WHERE 1 {cond} LIMIT {{n:UInt32}}", params)
+                       for h in dict(rel["artifacts"]).values()}
+                    | {h for ins in run_inputs.values() for h in ins} | {e["suite"] for e in evals}
+                    | {e["policy"] for e in evals if e["policy"]})
+    arts = {r["hash"]: {"kind": r["kind"], "name": r["name"]} for r in store.rows(
+        "SELECT hash, kind, name FROM artifacts WHERE hash IN {h:Array(String)} LIMIT 1 BY hash", {"h": hashes})}
+    registered = store.rows(
+        "SELECT release, app, tenant, artifacts, parent, time, event_id FROM releases "
+        f"WHERE 1 {cond} ORDER BY time DESC LIMIT 1 BY release LIMIT {{n:UInt32}}", params)
+    roll_cond = cond.replace("release = {r:String}", "(stable_release = {r:String} OR canary_release = {r:String})")
+    rollouts = store.rows(
+        "SELECT id, time, deployment, stable_release, canary_release, canary_weight, phase, reason "
+        f"FROM rollout_events WHERE 1 {roll_cond} ORDER BY time DESC LIMIT 1 BY id LIMIT {{n:UInt32}}", params)
+    return {"evals": evals, "decisions": decisions, "run_inputs": run_inputs, "releases": releases,
+            "artifacts": arts, "registered": registered, "rollouts": rollouts}

@@ -1,0 +1,127 @@
+"""`lockgate attest decision|release RELEASE` and `lockgate attest verify FILE` (also `lockgate verify FILE`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from lockgate.cli.access import with_bus
+from lockgate.cli.main import handle_errors, json_option
+from lockgate.cli.render import console, emit_json, err_console
+from lockgate.errors import ConfigError
+
+
+def _write(doc: dict[str, Any], out: str | None) -> None:
+    import json
+
+    text = json.dumps(doc, indent=2, sort_keys=True)
+    if out:
+        with open(out, "w") as fh:
+            fh.write(text + "\n")
+        err_console.print(f"wrote {out}", highlight=False)
+    else:
+        click.echo(text)
+
+
+def register(cli: click.Group) -> None:
+    """Attach `attest decision|release|verify`."""
+
+    @cli.group()
+    def attest() -> None:
+        """in-toto attestations (DSSE envelopes) of gate decisions and releases, verified offline."""
+
+    out_option = click.option("--out", type=click.Path(dir_okay=False), help="Write to a file, not stdout.")
+
+    @attest.command("decision")
+    @click.argument("release")
+    @out_option
+    @click.pass_context
+    @handle_errors
+    def attest_decision(ctx: click.Context, release: str, out: str | None) -> None:
+        """The release's current gate decision as a signed in-toto Statement (subject: the release bundle)."""
+        from lockgate import artifacts
+        from lockgate.cli.gate import current_decision
+        from lockgate.cli.identity import chosen_identity
+        from lockgate.provenance import attest as at
+        from lockgate.queryclient import ask
+        from lockgate.signing import Keyring
+
+        settings = ctx.obj["settings"]
+        identity = chosen_identity(ctx)
+
+        async def work(bus: Any) -> dict[str, Any]:
+            decision = await current_decision(bus, release)
+            Keyring.from_settings(settings).verify(decision)  # never attest a decision the trust roots refuse
+            found = await ask(bus, "lineage_export", {"release": release, "limit": 1000})
+            run = next((e for e in found["evals"] if e["run_id"] == decision.eval_run), None)
+            return at.envelope(at.decision_statement(decision, await artifacts.release_of(bus, release), run),
+                               identity)
+
+        _write(with_bus(settings, work), out)
+
+    @attest.command("release")
+    @click.argument("release")
+    @out_option
+    @click.pass_context
+    @handle_errors
+    def attest_release(ctx: click.Context, release: str, out: str | None) -> None:
+        """What the release is made of, as a signed in-toto Statement."""
+        from lockgate import artifacts
+        from lockgate.cli.identity import chosen_identity
+        from lockgate.provenance import attest as at
+
+        settings = ctx.obj["settings"]
+        identity = chosen_identity(ctx)
+
+        async def work(bus: Any) -> dict[str, Any]:
+            return at.envelope(at.release_statement(await artifacts.release_of(bus, release)), identity)
+
+        _write(with_bus(settings, work), out)
+
+    @attest.command("verify")
+    @click.argument("path", type=click.Path(dir_okay=False))
+    @click.option("--key", "keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                  help="Also trust this PEM public key for the decision's signature (repeatable).")
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def attest_verify(ctx: click.Context, path: str, keys: tuple[str, ...], as_json: bool) -> None:
+        """Check an attestation offline against the trust file: who signed the envelope, that the subject is
+        the release it describes, and (for a decision) the gatekeeper's signature. Exit 4 if anything fails."""
+        import json
+
+        from lockgate.identity import verify_person
+        from lockgate.provenance import attest as at
+        from lockgate.signing import Keyring
+
+        settings = ctx.obj["settings"]
+        try:
+            with open(path, "rb") as fh:
+                env = json.loads(fh.read())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except ValueError:
+            raise at.AttestationRefused(f"{path} is not JSON (a DSSE envelope)") from None
+        if not isinstance(env, dict):
+            raise at.AttestationRefused(f"{path} is not a DSSE envelope")
+        ring = Keyring.from_settings(settings)
+        if keys:
+            ring = ring.merge(Keyring.from_pem_files(keys))
+
+        def signer(kid: str, sig: str, data: bytes) -> str:
+            return verify_person(settings, kid, sig, data, roles=(), what="the attestation", allow_revoked=False)
+
+        result = at.verify(env, signer, ring.verify)
+        if as_json:
+            emit_json({k: v for k, v in result.items() if k != "statement"}
+                      | {"predicateType": result["statement"]["predicateType"],
+                         "subject": result["statement"]["subject"]})
+            return
+        what = f"decision {result['decision']} for" if "decision" in result else "release"
+        extra = f"; decision signed by key {result['decision_key']}" if "decision_key" in result else ""
+        console.print(f"verified: {what} {result['release']}, attested by {', '.join(result['signed_by'])}{extra}",
+                      highlight=False)
+
+    # The issue's spelling: `lockgate verify FILE` is `lockgate attest verify FILE`.
+    cli.add_command(attest_verify, name="verify")

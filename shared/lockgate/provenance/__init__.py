@@ -1,0 +1,1 @@
+"""Provenance: signed alias histories, artifact lifecycles, OpenLineage export, run environments, attestations."""

@@ -1,0 +1,146 @@
+"""in-toto attestations in DSSE envelopes: a gate decision or a release as a signed Statement whose
+subject is the release's bundle digest (pure: no I/O; the signer and the checks are passed in).
+
+A decision's predicate carries the gatekeeper-signed decision itself and the release bundle it judged, so
+`verify` checks three things offline: the envelope's signature (a person of the trust file), that the
+subject digest is the bundle's, and the decision's own signature (the trust roots); a release's predicate
+carries the bundle (and its author's signature, when it has one).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgspec
+
+from lockgate.contracts import GateDecided
+from lockgate.errors import SignatureError
+from lockgate.identity import Identity, bundle_content
+from lockgate.ids import canonical_json, content_hash
+
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+STATEMENT = "https://in-toto.io/Statement/v1"
+DECISION = "https://lockgate.dev/attestation/gate-decision/v1"
+RELEASE = "https://lockgate.dev/attestation/release/v1"
+
+
+class AttestationRefused(SignatureError):
+    """An attestation that does not verify: malformed, altered, or signed by no one trusted."""
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding: what the envelope's signatures sign."""
+    t = payload_type.encode()
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
+
+
+def bundle_digest(bundle: Mapping[str, Any]) -> str:
+    """The release's content hash (its artifacts, app, parent; not its author), hex for a subject."""
+    return content_hash(canonical_json(bundle_content(bundle))).removeprefix("sha256:")
+
+
+def statement(predicate_type: str, bundle: Mapping[str, Any], predicate: Mapping[str, Any]) -> dict[str, Any]:
+    """An in-toto Statement about the release of `bundle`."""
+    return {"_type": STATEMENT, "subject": [{"name": f"release:{bundle['release']}",
+                                             "digest": {"sha256": bundle_digest(bundle)}}],
+            "predicateType": predicate_type, "predicate": dict(predicate)}
+
+
+def eval_summary(row: Mapping[str, Any]) -> dict[str, Any]:
+    """What an attestation says of the eval run a decision judged: its results and the environment it ran in."""
+    return {"run_id": row["run_id"], "status": row.get("status", ""), "n_cases": int(row.get("n_cases") or 0),
+            "n_errors": int(row.get("n_errors") or 0), "time": str(row.get("time", "")),
+            "metrics": {k: float(v) for k, v in (row.get("metrics") or {}).items()},
+            "environment": {k: str(v) for k, v in (row.get("environment") or {}).items()}}
+
+
+def decision_statement(decision: GateDecided, bundle: Mapping[str, Any],
+                       evaluation: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A Statement that `decision` (signed by the gatekeeper) was made about the release of `bundle`, with
+    the eval run it judged (results and environment) when known."""
+    if decision.release != bundle.get("release"):
+        raise AttestationRefused(f"decision {decision.id} is about {decision.release}, not {bundle.get('release')}")
+    predicate: dict[str, Any] = {"decision": msgspec.to_builtins(decision), "release": dict(bundle)}
+    if evaluation is not None:
+        predicate["eval"] = eval_summary(evaluation)
+    return statement(DECISION, bundle, predicate)
+
+
+def release_statement(bundle: Mapping[str, Any]) -> dict[str, Any]:
+    """A Statement of what the release is made of."""
+    return statement(RELEASE, bundle, {"release": dict(bundle)})
+
+
+def envelope(stmt: Mapping[str, Any], identity: Identity) -> dict[str, Any]:
+    """The Statement in a DSSE envelope signed by `identity`."""
+    payload = canonical_json(dict(stmt))
+    return {"payloadType": PAYLOAD_TYPE, "payload": base64.b64encode(payload).decode(),
+            "signatures": [{"keyid": identity.key_id, "sig": identity.sign(pae(PAYLOAD_TYPE, payload))}]}
+
+
+def _payload(env: Mapping[str, Any]) -> bytes:
+    if env.get("payloadType") != PAYLOAD_TYPE:
+        raise AttestationRefused(f"not an in-toto DSSE envelope (payloadType {env.get('payloadType')!r})")
+    try:
+        return base64.b64decode(str(env.get("payload", "")), validate=True)
+    except (binascii.Error, ValueError):
+        raise AttestationRefused("the envelope's payload is not base64") from None
+
+
+def verify(env: Mapping[str, Any], check_signer: Callable[[str, str, bytes], str],
+           check_decision: Callable[[GateDecided], str]) -> dict[str, Any]:
+    """The verified Statement, with `signed_by` and (for a decision) `decision_key`; AttestationRefused
+    naming the first thing that does not check out.
+
+    `check_signer(key_id, sig, data)` returns who holds the key or raises SignatureError;
+    `check_decision(decision)` returns the trusted key id that signed it or raises SignatureError."""
+    payload = _payload(env)
+    signers = []
+    for sig in env.get("signatures") or []:
+        try:
+            signers.append(check_signer(str(sig.get("keyid", "")), str(sig.get("sig", "")),
+                                        pae(PAYLOAD_TYPE, payload)))
+        except SignatureError as exc:
+            raise AttestationRefused(f"envelope signature: {exc.message}") from None
+    if not signers:
+        raise AttestationRefused("the envelope carries no signature")
+    try:
+        stmt = json.loads(payload)
+        subject = stmt["subject"][0]
+        bundle = stmt["predicate"]["release"]
+        kind = stmt["predicateType"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise AttestationRefused("the payload is not a lockgate in-toto Statement") from None
+    if stmt.get("_type") != STATEMENT:
+        raise AttestationRefused(f"the payload is not an in-toto Statement v1 ({stmt.get('_type')!r})")
+    if subject.get("digest", {}).get("sha256") != bundle_digest(bundle):
+        raise AttestationRefused(f"subject {subject.get('name')} digest does not match the release it describes")
+    out = {"statement": stmt, "signed_by": signers, "release": bundle.get("release")}
+    if kind == DECISION:
+        try:
+            decision = msgspec.convert(stmt["predicate"]["decision"], GateDecided)
+        except (KeyError, msgspec.ValidationError) as exc:
+            raise AttestationRefused(f"the predicate's decision is malformed: {exc}") from None
+        if decision.release != bundle.get("release"):
+            raise AttestationRefused(f"the decision is about {decision.release}, the subject {bundle.get('release')}")
+        try:
+            out["decision_key"] = check_decision(decision)
+        except SignatureError as exc:
+            raise AttestationRefused(f"predicate decision: {exc.message}") from None
+        mismatched = sorted(k for k, h in bundle.get("artifacts", {}).items()
+                            if k in decision.artifacts and decision.artifacts[k] != h)
+        if mismatched:
+            raise AttestationRefused(f"the decision judged other versions of {', '.join(mismatched)} than the "
+                                     "release holds")
+        evaluation = stmt["predicate"].get("eval")
+        if evaluation is not None and evaluation.get("run_id") != decision.eval_run:
+            raise AttestationRefused(f"the predicate's eval run {evaluation.get('run_id')} is not the one the "
+                                     f"decision judged ({decision.eval_run})")
+        out["decision"] = decision.decision
+    elif kind != RELEASE:
+        raise AttestationRefused(f"unknown predicate type {kind!r}")
+    return out

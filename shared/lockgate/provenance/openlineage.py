@@ -1,0 +1,221 @@
+"""Eval runs, gate decisions, releases and rollouts as OpenLineage RunEvents (pure: rows in, dicts out).
+
+An eval run is a job run that read the suite, its dataset, and the release's prompt and model config
+(each a dataset named by kind and name, versioned by content hash) and wrote an eval result; a gate
+decision read that eval result (with its metrics as data quality facets) and the policy, and wrote
+the decision. lockgate's own facets (`lockgate_eval`, `lockgate_decision`) name their JSON Schema.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from lockgate import __version__
+from lockgate.artifacts import release_bundle
+from lockgate.identity import bundle_content
+from lockgate.ids import canonical_json, content_hash
+
+SPEC = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
+SCHEMA_URL = f"{SPEC}#/$defs/RunEvent"
+PRODUCER = f"https://github.com/lockgate/lockgate/tree/v{__version__}"
+FACETS = "https://openlineage.io/spec/facets"
+LOCKGATE_FACETS = "https://lockgate.dev/spec/facets/1-0-0"
+JOB_TYPE = f"{FACETS}/2-0-3/JobTypeJobFacet.json#/$defs/JobTypeJobFacet"
+VERSION = f"{FACETS}/1-0-1/DatasetVersionDatasetFacet.json#/$defs/DatasetVersionDatasetFacet"
+SCHEMA = f"{FACETS}/1-1-1/SchemaDatasetFacet.json#/$defs/SchemaDatasetFacet"
+QUALITY = f"{FACETS}/1-0-2/DataQualityMetricsInputDatasetFacet.json#/$defs/DataQualityMetricsInputDatasetFacet"
+OUTPUT_STATS = f"{FACETS}/1-0-2/OutputStatisticsOutputDatasetFacet.json#/$defs/OutputStatisticsOutputDatasetFacet"
+ERROR = f"{FACETS}/1-0-1/ErrorMessageRunFacet.json#/$defs/ErrorMessageRunFacet"
+PARENT = f"{FACETS}/1-0-1/ParentRunFacet.json#/$defs/ParentRunFacet"
+
+# lockgate's own facets, described by JSON Schemas (printed by `lockgate lineage export --facet-schemas`).
+FACET_SCHEMAS: dict[str, dict[str, Any]] = {
+    "lockgate_eval": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "$id": f"{LOCKGATE_FACETS}/EvalRunFacet.json",
+        "type": "object", "required": ["_producer", "_schemaURL", "runId", "release", "status"],
+        "properties": {"_producer": {"type": "string"}, "_schemaURL": {"type": "string"},
+                       "runId": {"type": "string"}, "release": {"type": "string"}, "status": {"type": "string"},
+                       "nCases": {"type": "integer"}, "nErrors": {"type": "integer"},
+                       "metrics": {"type": "object", "additionalProperties": {"type": "number"}},
+                       "environment": {"type": "object", "additionalProperties": {"type": "string"}}}},
+    "lockgate_decision": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": f"{LOCKGATE_FACETS}/GateDecisionRunFacet.json",
+        "type": "object", "required": ["_producer", "_schemaURL", "decisionId", "release", "decision"],
+        "properties": {"_producer": {"type": "string"}, "_schemaURL": {"type": "string"},
+                       "decisionId": {"type": "string"}, "release": {"type": "string"},
+                       "decision": {"enum": ["PASS", "BLOCK", "NEEDS_REVIEW"]}, "action": {"type": "string"},
+                       "actor": {"type": "string"}, "reason": {"type": "string"}, "keyId": {"type": "string"}}},
+    "lockgate_rollout": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "$id": f"{LOCKGATE_FACETS}/RolloutRunFacet.json",
+        "type": "object", "required": ["_producer", "_schemaURL", "deployment", "phase", "weights"],
+        "properties": {"_producer": {"type": "string"}, "_schemaURL": {"type": "string"},
+                       "deployment": {"type": "string"}, "phase": {"type": "string"}, "reason": {"type": "string"},
+                       "weights": {"type": "object", "additionalProperties": {"type": "number"}}}},
+}
+# A rollout's phases as OpenLineage run states (a canary is one run, from first step to promotion or abort).
+_ROLLOUT_STATE = {"progressing": "RUNNING", "promoted": "COMPLETE", "aborted": "ABORT"}
+
+
+def _facet(schema_url: str, **fields: Any) -> dict[str, Any]:
+    return {"_producer": PRODUCER, "_schemaURL": schema_url, **fields}
+
+
+def _own(name: str, **fields: Any) -> dict[str, Any]:
+    return _facet(FACET_SCHEMAS[name]["$id"], **fields)
+
+
+def run_uuid(run_id: str) -> str:
+    """OpenLineage runIds are UUIDs: a UUID stays itself, any other id maps to a stable UUID of it."""
+    try:
+        return str(uuid.UUID(run_id))
+    except ValueError:
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"lockgate:run:{run_id}"))
+
+
+def _time(value: Any) -> str:
+    if isinstance(value, datetime):
+        t = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
+def _artifact_dataset(namespace: str, digest: str, artifacts: Mapping[str, Mapping[str, str]],
+                      key: str = "") -> dict[str, Any]:
+    known = artifacts.get(digest, {})
+    kind = known.get("kind") or (key.partition("/")[0] if "/" in key else "artifact")
+    name = known.get("name") or (key.partition("/")[2] if "/" in key else digest)
+    return {"namespace": namespace, "name": f"{kind}/{name}",
+            "facets": {"version": _facet(VERSION, datasetVersion=digest)}}
+
+
+def _eval_result(namespace: str, row: Mapping[str, Any], as_input: bool) -> dict[str, Any]:
+    metrics = dict(row.get("metrics") or {})
+    ds: dict[str, Any] = {"namespace": namespace, "name": f"eval_result/{row['run_id']}", "facets": {
+        "schema": _facet(SCHEMA, fields=[{"name": m, "type": "double"} for m in sorted(metrics)])}}
+    n = int(row.get("n_cases") or 0)
+    if as_input:
+        ds["inputFacets"] = {"dataQualityMetrics": _facet(QUALITY, rowCount=n, columnMetrics={
+            m: {"count": n, "sum": v * n} for m, v in sorted(metrics.items())})}
+    else:
+        ds["outputFacets"] = {"outputStatistics": _facet(OUTPUT_STATS, rowCount=n)}
+    return ds
+
+
+def eval_event(row: Mapping[str, Any], inputs: list[str], release: Mapping[str, Any] | None,
+               artifacts: Mapping[str, Mapping[str, str]], namespace: str) -> dict[str, Any]:
+    """The COMPLETE (or FAIL) RunEvent of one eval run: suite, dataset, prompt and model config in."""
+    seen: dict[str, dict[str, Any]] = {}
+    for digest in [row["suite"], *inputs]:
+        if digest and digest not in seen:
+            seen[digest] = _artifact_dataset(namespace, digest, artifacts)
+    for key, digest in sorted((release or {}).get("artifacts", {}).items()):
+        if key.partition("/")[0] in ("prompt", "model_config", "dataset", "tool") and digest not in seen:
+            seen[digest] = _artifact_dataset(namespace, digest, artifacts, key)
+    failed = row.get("status") not in ("completed", "")
+    run_facets: dict[str, Any] = {"lockgate_eval": _own(
+        "lockgate_eval", runId=row["run_id"], release=row["release"], status=row.get("status", ""),
+        nCases=int(row.get("n_cases") or 0), nErrors=int(row.get("n_errors") or 0),
+        metrics={k: float(v) for k, v in (row.get("metrics") or {}).items()},
+        environment={k: str(v) for k, v in (row.get("environment") or {}).items()})}
+    if failed and row.get("error"):
+        run_facets["errorMessage"] = _facet(ERROR, message=str(row["error"]), programmingLanguage="python")
+    suite_name = artifacts.get(row["suite"], {}).get("name") or row["suite"]
+    return {
+        "eventType": "FAIL" if failed else "COMPLETE", "eventTime": _time(row["time"]), "producer": PRODUCER,
+        "schemaURL": SCHEMA_URL,
+        "run": {"runId": run_uuid(row["run_id"]), "facets": run_facets},
+        "job": {"namespace": namespace, "name": f"eval/{suite_name}", "facets": {
+            "jobType": _facet(JOB_TYPE, processingType="BATCH", integration="LOCKGATE", jobType="EVAL")}},
+        "inputs": list(seen.values()),
+        "outputs": [_eval_result(namespace, row, as_input=False)],
+    }
+
+
+def decision_event(row: Mapping[str, Any], eval_row: Mapping[str, Any] | None,
+                   artifacts: Mapping[str, Mapping[str, str]], namespace: str) -> dict[str, Any]:
+    """The COMPLETE RunEvent of one gate decision: the eval result (with its metrics) and the policy in,
+    the decision out; its parent is the eval run."""
+    inputs = []
+    if eval_row is not None:
+        inputs.append(_eval_result(namespace, eval_row, as_input=True))
+    if row.get("policy"):
+        inputs.append(_artifact_dataset(namespace, row["policy"], artifacts))
+    facets: dict[str, Any] = {"lockgate_decision": _own(
+        "lockgate_decision", decisionId=row["id"], release=row["release"], decision=row["decision"],
+        action=row.get("action", ""), actor=row.get("actor", ""), reason=row.get("reason", ""),
+        keyId=row.get("key_id", ""))}
+    if row.get("eval_run"):
+        facets["parent"] = _facet(PARENT, run={"runId": run_uuid(row["eval_run"])},
+                                  job={"namespace": namespace, "name": "eval"})
+    return {
+        "eventType": "COMPLETE", "eventTime": _time(row["time"]), "producer": PRODUCER, "schemaURL": SCHEMA_URL,
+        "run": {"runId": run_uuid(f"{row['id']}:{row.get('action', '')}"), "facets": facets},
+        "job": {"namespace": namespace, "name": f"gate/{row['release']}", "facets": {
+            "jobType": _facet(JOB_TYPE, processingType="BATCH", integration="LOCKGATE", jobType="GATE")}},
+        "inputs": inputs,
+        "outputs": [{"namespace": namespace, "name": f"gate_decision/{row['release']}", "facets": {}}],
+    }
+
+
+def release_event(row: Mapping[str, Any], artifacts: Mapping[str, Mapping[str, str]],
+                  namespace: str) -> dict[str, Any]:
+    """The COMPLETE RunEvent of a release's registration: its artifact versions in, the release out."""
+    arts = dict(row.get("artifacts") or {})
+    bundle = content_hash(canonical_json(bundle_content(release_bundle(row["release"], row["app"], arts, parent=row.get("parent", ""),
+                                                        tenant=row.get("tenant", "default")))))
+    inputs = [_artifact_dataset(namespace, h, artifacts, k) for k, h in sorted(arts.items())]
+    if row.get("parent"):
+        inputs.append({"namespace": namespace, "name": f"release/{row['parent']}", "facets": {}})
+    return {
+        "eventType": "COMPLETE", "eventTime": _time(row["time"]), "producer": PRODUCER, "schemaURL": SCHEMA_URL,
+        "run": {"runId": run_uuid(row.get("event_id") or f"release:{row['release']}"), "facets": {}},
+        "job": {"namespace": namespace, "name": f"release/{row['app']}", "facets": {
+            "jobType": _facet(JOB_TYPE, processingType="BATCH", integration="LOCKGATE", jobType="RELEASE")}},
+        "inputs": inputs,
+        "outputs": [{"namespace": namespace, "name": f"release/{row['release']}",
+                     "facets": {"version": _facet(VERSION, datasetVersion=bundle)}}],
+    }
+
+
+def rollout_event(row: Mapping[str, Any], namespace: str) -> dict[str, Any]:
+    """A RunEvent of one rollout change: the releases taking traffic in, the deployment out. A canary's
+    changes share one runId (RUNNING, then COMPLETE on promotion or ABORT)."""
+    weights = _weights(row)
+    canary = row.get("canary_release") or ""
+    run_key = f"rollout:{row['deployment']}:{canary or row['stable_release']}"
+    return {
+        "eventType": _ROLLOUT_STATE.get(row.get("phase", ""), "OTHER"), "eventTime": _time(row["time"]),
+        "producer": PRODUCER, "schemaURL": SCHEMA_URL,
+        "run": {"runId": run_uuid(run_key), "facets": {"lockgate_rollout": _own(
+            "lockgate_rollout", deployment=row["deployment"], phase=row.get("phase", ""),
+            reason=row.get("reason", ""), weights=weights)}},
+        "job": {"namespace": namespace, "name": f"rollout/{row['deployment']}", "facets": {
+            "jobType": _facet(JOB_TYPE, processingType="STREAMING", integration="LOCKGATE", jobType="ROLLOUT")}},
+        "inputs": [{"namespace": namespace, "name": f"release/{r}", "facets": {}} for r in sorted(weights)],
+        "outputs": [{"namespace": namespace, "name": f"deployment/{row['deployment']}", "facets": {}}],
+    }
+
+
+def _weights(row: Mapping[str, Any]) -> dict[str, float]:
+    canary, w = row.get("canary_release") or "", float(row.get("canary_weight") or 0.0)
+    if not canary or w <= 0:
+        return {row["stable_release"]: 100.0}
+    if w >= 100:
+        return {canary: 100.0}
+    return {row["stable_release"]: 100.0 - w, canary: w}
+
+
+def events(export: Mapping[str, Any], namespace: str) -> list[dict[str, Any]]:
+    """Every RunEvent of a `lineage_export` query answer, oldest first."""
+    arts = export.get("artifacts", {})
+    evals = {e["run_id"]: e for e in export.get("evals", [])}
+    out = [eval_event(e, export.get("run_inputs", {}).get(e["run_id"], []),
+                      export.get("releases", {}).get(e["release"]), arts, namespace) for e in evals.values()]
+    out += [decision_event(d, evals.get(d.get("eval_run", "")), arts, namespace) for d in export.get("decisions", [])]
+    out += [release_event(r, arts, namespace) for r in export.get("registered", [])]
+    out += [rollout_event(r, namespace) for r in export.get("rollouts", [])]
+    return sorted(out, key=lambda ev: ev["eventTime"])

@@ -1,0 +1,106 @@
+"""Attestations: a real gate decision exported as an in-toto Statement in a DSSE envelope verifies offline
+(`lockgate attest verify`), and fails, with exit 4 and one line, when the payload, the decision inside it
+or the signer is not what was attested; artifacts registered with a key carry its signature."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from lockgate import artifacts
+from lockgate.bus import Bus
+from lockgate.config import Settings
+from lockgate.errors import SignatureError
+from lockgate.identity import Identity, create_identity
+from lockgate.provenance import attest
+from lockgate.provenance.trust import artifact_signer
+from lockgate.signing import Signer, default_key_path, trust_file_path, trust_key
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import person, sink_stored
+from tests.integration.test_aliases import lockgate
+from tests.integration.test_eval_gate import next_decision, qa_answers, register_qa, request, subscribe  # noqa: F401
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _resign(env: dict[str, Any], stmt: dict[str, Any], who: Identity) -> dict[str, Any]:
+    return attest.envelope(stmt, who)
+
+
+async def test_a_real_decision_attestation_verifies_and_tampering_fails(
+    bus: Bus, settings: Settings, run_services: Callable[..., Any], subscribe: Callable[[str], Any],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    ann = person(settings, "ann", "approver")
+    # As `lockgate up` does: the gatekeeper's key is a trust root.
+    trust_key(trust_file_path(settings), Signer.load_or_create(default_key_path(settings)).public)
+    suite, policy = await register_qa(bus)
+    prompt = await artifacts.register(bus, "prompt", "answer", {"template": "{{question}}"}, signer=ann)
+    await artifacts.register_release(bus, "v-att", "shop", {"prompt/answer": prompt.hash})
+    gates = await subscribe(bus.subjects.gate_decided_all)
+    async with SimServer(SimConfig(models={"good": ModelSpec(answers=qa_answers(), latency_ms=1)})) as sim:
+        svcs = await run_services("sink", "query", "lineage", "evaluator", "gatekeeper")
+        await sink_stored(svcs["sink"].handlers, releases=1)
+        await bus.publish(bus.subjects.eval_requested, request(release="v-att", suite=suite, endpoint=sim.url,
+                                                               model="good", policy=policy))
+        decision = await next_decision(gates)
+        await sink_stored(svcs["sink"].handlers, eval_runs=1)  # the attestation quotes the stored run
+    assert decision.decision == "PASS"
+
+    async def cli(*args: str) -> Any:
+        return await asyncio.to_thread(lockgate, settings, *args)
+
+    out = tmp_path / "decision.intoto.json"
+    made = await cli("--as", "ann", "attest", "decision", "v-att", "--out", str(out))
+    assert made.exit_code == 0, made.output
+    env = json.loads(out.read_text())
+    stmt = json.loads(base64.b64decode(env["payload"]))
+    assert stmt["_type"] == "https://in-toto.io/Statement/v1" and stmt["predicateType"] == attest.DECISION
+    assert stmt["subject"][0]["name"] == "release:v-att" and len(stmt["subject"][0]["digest"]["sha256"]) == 64
+    assert stmt["predicate"]["decision"]["id"] == decision.id
+    evaluated = stmt["predicate"]["eval"]  # the run it judged, with the environment it ran in
+    assert evaluated["run_id"] == decision.eval_run and evaluated["metrics"] and evaluated["environment"]["python"]
+    ok = await cli("attest", "verify", str(out))
+    assert ok.exit_code == 0 and "verified: decision PASS for v-att, attested by ann" in ok.output
+    assert (await cli("verify", str(out))).exit_code == 0  # `lockgate verify` is the same check
+
+    def write(name: str, doc: dict[str, Any]) -> str:
+        (tmp_path / name).write_text(json.dumps(doc))
+        return str(tmp_path / name)
+
+    # The payload changed after signing: the envelope's signature no longer matches.
+    flipped = {**stmt, "predicate": {**stmt["predicate"], "decision": {**stmt["predicate"]["decision"],
+                                                                         "decision": "BLOCK"}}}
+    altered = {**env, "payload": base64.b64encode(json.dumps(flipped).encode()).decode()}
+    bad = await cli("attest", "verify", write("altered.json", altered))
+    assert bad.exit_code == 4 and "envelope signature" in bad.output and len(bad.output.strip().splitlines()) == 1
+    # Re-signed by a trusted person, the altered decision still fails: the gatekeeper did not sign it.
+    resigned = await cli("attest", "verify", write("resigned.json", _resign(env, flipped, ann)))
+    assert resigned.exit_code == 4 and "predicate decision" in resigned.output
+    # The subject swapped for another release's digest.
+    swapped = {**stmt, "subject": [{"name": "release:v-att", "digest": {"sha256": "0" * 64}}]}
+    sub = await cli("attest", "verify", write("subject.json", _resign(env, swapped, ann)))
+    assert sub.exit_code == 4 and "digest does not match" in sub.output
+    # Signed by someone the trust file does not know.
+    mallory = create_identity(settings, "mallory")
+    stranger = await cli("attest", "verify", write("stranger.json", _resign(env, stmt, mallory)))
+    assert stranger.exit_code == 4 and "no person's" in stranger.output
+    junk = await cli("attest", "verify", write("junk.json", {"payloadType": "text/plain"}))
+    assert junk.exit_code == 4 and len(junk.output.strip().splitlines()) == 1
+
+    release = await cli("--as", "ann", "attest", "release", "v-att", "--out", str(tmp_path / "release.json"))
+    assert release.exit_code == 0
+    verified = await cli("attest", "verify", str(tmp_path / "release.json"), "--json")
+    assert json.loads(verified.output)["release"] == "v-att"
+
+    # The artifact registered with ann's key names her; an altered registration does not verify.
+    assert prompt.key_id == ann.key_id and artifact_signer(settings, prompt) == "ann"
+    with pytest.raises(SignatureError):
+        artifact_signer(settings, msgspec.structs.replace(prompt, name="other"))

@@ -1,0 +1,239 @@
+"""`lockgate lineage REF --at T` answers lineage as it was over a rollout that changed twice, and
+`lockgate lineage export --format openlineage` turns eval runs and gate decisions into RunEvents that
+validate against the OpenLineage spec's RunEvent (a subset of its JSON Schema, checked here)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from lockgate import artifacts
+from lockgate.bus import Bus
+from lockgate.config import Settings
+from lockgate.contracts import EvalCompleted, GateAudited, LineageRun, RolloutState, RuleResult
+from tests.helpers import sink_stored
+from tests.integration.test_aliases import lockgate
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _upstream_releases(settings: Settings, at: datetime | None) -> set[str]:
+    result = lockgate(settings, "lineage", "web", "--json", *(["--at", at.isoformat()] if at else []))
+    assert result.exit_code == 0, result.output
+    view = json.loads(result.output)
+    return {e["src"] for e in view["upstream"] if e["relation"] == "rolled_out"}
+
+
+async def test_lineage_at_a_time_over_a_rollout_that_changed_twice(
+        run_services: Any, bus: Bus, settings: Settings) -> None:
+    svcs = await run_services("sink", "query", "lineage")
+    t = datetime.now(UTC) + timedelta(hours=1)
+    for name in ("rel-1", "rel-2"):
+        art = await artifacts.register(bus, "prompt", f"{name}-p", {"template": name})
+        await artifacts.register_release(bus, name, "shop", {f"prompt/{name}-p": art.hash})
+    for i, change in enumerate([
+        {"stable_release": "rel-1", "phase": "idle"},
+        {"stable_release": "rel-1", "canary_release": "rel-2", "canary_weight": 25.0, "phase": "progressing"},
+        {"stable_release": "rel-2", "phase": "promoted"},
+    ]):
+        await bus.publish(bus.subjects.rollout("web"), RolloutState(time=t + timedelta(hours=i), deployment="web",
+                                                                   **change))
+    await sink_stored(svcs["sink"].handlers, lineage_edges=5)
+
+    assert await asyncio.to_thread(_upstream_releases, settings, t - timedelta(minutes=1)) == set()
+    assert await asyncio.to_thread(_upstream_releases, settings, t + timedelta(minutes=30)) == {"rel-1"}
+    assert await asyncio.to_thread(_upstream_releases, settings, t + timedelta(minutes=90)) == {"rel-1", "rel-2"}
+    assert await asyncio.to_thread(_upstream_releases, settings, None) == {"rel-1", "rel-2"}
+    # As of before the release was registered, it used nothing yet.
+    before = await asyncio.to_thread(lockgate, settings, "lineage", "rel-1", "--json", "--at",
+                                     (t - timedelta(hours=2)).isoformat())
+    assert before.exit_code == 0 and json.loads(before.output)["upstream"] == []
+    bad = await asyncio.to_thread(lockgate, settings, "lineage", "rel-1", "--at", "soon")
+    assert bad.exit_code == 2 and "not an ISO 8601 time" in bad.output
+
+
+# The OpenLineage spec's RunEvent (2-0-2), the parts lockgate fills: required fields, types and formats.
+_FACET = {"type": "object", "required": ["_producer", "_schemaURL"],
+          "properties": {"_producer": {"type": "string", "format": "uri"},
+                         "_schemaURL": {"type": "string", "format": "uri"}}}
+_DATASET = {"type": "object", "required": ["namespace", "name"],
+            "properties": {"namespace": {"type": "string"}, "name": {"type": "string"},
+                           "facets": {"type": "object", "additionalProperties": _FACET},
+                           "inputFacets": {"type": "object", "additionalProperties": _FACET},
+                           "outputFacets": {"type": "object", "additionalProperties": _FACET}}}
+RUN_EVENT = {
+    "type": "object", "required": ["eventTime", "producer", "schemaURL", "run", "job"],
+    "properties": {
+        "eventType": {"enum": ["START", "RUNNING", "COMPLETE", "ABORT", "FAIL", "OTHER"]},
+        "eventTime": {"type": "string", "format": "date-time"},
+        "producer": {"type": "string", "format": "uri"},
+        "schemaURL": {"type": "string", "format": "uri"},
+        "run": {"type": "object", "required": ["runId"],
+                "properties": {"runId": {"type": "string", "format": "uuid"},
+                               "facets": {"type": "object", "additionalProperties": _FACET}}},
+        "job": {"type": "object", "required": ["namespace", "name"],
+                "properties": {"namespace": {"type": "string"}, "name": {"type": "string"},
+                               "facets": {"type": "object", "additionalProperties": _FACET}}},
+        "inputs": {"type": "array", "items": _DATASET},
+        "outputs": {"type": "array", "items": _DATASET},
+    },
+}
+_TYPES = {"object": dict, "string": str, "array": list, "integer": int, "number": (int, float)}
+
+
+def validate(value: Any, schema: dict[str, Any], path: str = "$") -> list[str]:
+    """Errors of `value` against the JSON Schema keywords used above (type, required, properties,
+    additionalProperties, items, enum, format uri/uuid/date-time)."""
+    errors = []
+    if "enum" in schema and value not in schema["enum"]:
+        return [f"{path}: {value!r} not in {schema['enum']}"]
+    if "type" in schema and not isinstance(value, _TYPES[schema["type"]]):
+        return [f"{path}: not a {schema['type']}"]
+    fmt = schema.get("format")
+    if fmt == "uri" and not re.match(r"^[a-z][a-z0-9+.-]*:", value):
+        errors.append(f"{path}: not a URI")
+    if fmt == "uuid":
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            errors.append(f"{path}: not a UUID")
+    if fmt == "date-time":
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            errors.append(f"{path}: not a date-time")
+    for key in schema.get("required", []):
+        if key not in value:
+            errors.append(f"{path}: {key} is required")
+    for key, sub in schema.get("properties", {}).items():
+        if isinstance(value, dict) and key in value:
+            errors += validate(value[key], sub, f"{path}.{key}")
+    if "additionalProperties" in schema and isinstance(value, dict):
+        for key, item in value.items():
+            if key not in schema.get("properties", {}):
+                errors += validate(item, schema["additionalProperties"], f"{path}.{key}")
+    if "items" in schema:
+        for i, item in enumerate(value):
+            errors += validate(item, schema["items"], f"{path}[{i}]")
+    return errors
+
+
+class _Collector:
+    """An OpenLineage HTTP endpoint on loopback that keeps what it was sent."""
+
+    def __init__(self, into: list[dict[str, Any]]) -> None:
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                into.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(201)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self.server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api/v1/lineage"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_the_validator_catches_what_the_spec_forbids() -> None:
+    good = {"eventType": "COMPLETE", "eventTime": "2026-12-01T09:00:00Z", "producer": "https://x", "schemaURL":
+            "https://openlineage.io/spec/2-0-2/OpenLineage.json#/$defs/RunEvent",
+            "run": {"runId": str(uuid.uuid4())}, "job": {"namespace": "n", "name": "j"}}
+    assert validate(good, RUN_EVENT) == []
+    assert validate({**good, "run": {"runId": "run-1"}}, RUN_EVENT) == ["$.run.runId: not a UUID"]
+    assert validate({**good, "eventType": "DONE"}, RUN_EVENT)
+    assert validate({**good, "inputs": [{"namespace": "n", "name": "d", "facets": {"x": {"a": 1}}}]}, RUN_EVENT)
+
+
+async def test_openlineage_export_of_eval_runs_and_gate_decisions(
+        run_services: Any, bus: Bus, settings: Settings) -> None:
+    svcs = await run_services("sink", "query", "lineage")
+    suite = await artifacts.register(bus, "eval_suite", "qa", {"name": "qa"})
+    data = await artifacts.register(bus, "dataset", "qa-cases", [{"id": "c1", "input": "q"}])
+    prompt = await artifacts.register(bus, "prompt", "answer", {"template": "{{q}}"})
+    model = await artifacts.register(bus, "model_config", "sim", {"model": "m", "endpoint": "default"})
+    policy = await artifacts.register(bus, "policy", "gate", {"rules": []})
+    await artifacts.register_release(bus, "shop-v2", "shop", {"prompt/answer": prompt.hash,
+                                                              "model_config/sim": model.hash})
+    done = EvalCompleted(run_id="run-7", release="shop-v2", suite=suite.hash, policy=policy.hash, n_cases=40,
+                         metrics={"exact_match": 0.9, "latency_ms_p95": 120.5})
+    await bus.publish(bus.subjects.eval_completed, done)
+    await bus.publish(bus.subjects.lineage_run, LineageRun(run_id="run-7", kind="eval", release="shop-v2",
+                                                           inputs=[suite.hash, data.hash], outputs=["run-7"]))
+    failed = EvalCompleted(run_id="run-8", release="shop-v2", suite=suite.hash, status="failed", error="boom")
+    await bus.publish(bus.subjects.eval_completed, failed)
+    await bus.publish(bus.subjects.gate_audit, GateAudited(
+        release="shop-v2", action="decided", actor="gatekeeper", decision="PASS", eval_run="run-7",
+        policy=policy.hash, rules=[RuleResult(rule="q", metric="exact_match", op=">=", threshold=0.8,
+                                              observed=0.9, verdict="PASS")]))
+    await bus.publish(bus.subjects.rollout("web"), RolloutState(deployment="web", stable_release="shop-v1",
+                                                               canary_release="shop-v2", canary_weight=10.0,
+                                                               phase="progressing"))
+    await sink_stored(svcs["sink"].handlers, eval_runs=2, gate_decisions=1, lineage_runs=1, releases=1,
+                      rollout_events=1)
+
+    received: list[dict[str, Any]] = []
+    server = _Collector(received)
+    try:
+        result = await asyncio.to_thread(lockgate, settings, "lineage", "export", "--format", "openlineage",
+                                         "--release", "shop-v2", "--url", server.url)
+    finally:
+        server.close()
+    assert result.exit_code == 0, result.output
+    events = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert len(events) == 5 and received == events  # the HTTP transport posted each one
+    gone = await asyncio.to_thread(lockgate, settings, "lineage", "export", "--release", "shop-v2", "--url", server.url)
+    assert gone.exit_code == 1 and "cannot send OpenLineage events" in gone.output.splitlines()[-1]
+    release_ev = next(e for e in events if e["job"]["name"] == "release/shop")
+    assert {d["name"] for d in release_ev["inputs"]} == {"prompt/answer", "model_config/sim"}
+    assert release_ev["outputs"][0]["name"] == "release/shop-v2"
+    rollout_ev = next(e for e in events if e["job"]["name"] == "rollout/web")
+    assert rollout_ev["eventType"] == "RUNNING"
+    assert rollout_ev["run"]["facets"]["lockgate_rollout"]["weights"] == {"shop-v1": 90.0, "shop-v2": 10.0}
+    for event in events:
+        assert validate(event, RUN_EVENT) == [], event
+    by_job = {e["job"]["name"]: e for e in events if e["eventType"] == "COMPLETE"}
+    run = by_job["eval/qa"]
+    assert {d["name"] for d in run["inputs"]} == {"eval_suite/qa", "dataset/qa-cases", "prompt/answer",
+                                                  "model_config/sim"}
+    assert {d["facets"]["version"]["datasetVersion"] for d in run["inputs"]} == {
+        suite.hash, data.hash, prompt.hash, model.hash}
+    [result_ds] = run["outputs"]
+    assert result_ds["name"] == "eval_result/run-7" and result_ds["outputFacets"]["outputStatistics"]["rowCount"] == 40
+    assert run["run"]["facets"]["lockgate_eval"]["metrics"] == {"exact_match": 0.9, "latency_ms_p95": 120.5}
+    gate = by_job["gate/shop-v2"]
+    quality = gate["inputs"][0]["inputFacets"]["dataQualityMetrics"]
+    assert quality["rowCount"] == 40 and set(quality["columnMetrics"]) == {"exact_match", "latency_ms_p95"}
+    assert gate["run"]["facets"]["parent"]["run"]["runId"] == run["run"]["runId"]
+    assert gate["run"]["facets"]["lockgate_decision"]["decision"] == "PASS"
+    [fail] = [e for e in events if e["eventType"] == "FAIL"]
+    assert fail["run"]["facets"]["errorMessage"]["message"] == "boom"
+
+    # Data to outcomes: the dataset's lineage lists every eval run that used it, with metrics and decision.
+    view = json.loads((await asyncio.to_thread(lockgate, settings, "lineage", data.hash, "--json")).output)
+    assert [(o["run_id"], o["decision"], o["metrics"]["exact_match"]) for o in view["outcomes"]] == [
+        ("run-7", "PASS", 0.9)]
+    by_prompt = json.loads((await asyncio.to_thread(lockgate, settings, "lineage", prompt.hash, "--json")).output)
+    assert {o["run_id"] for o in by_prompt["outcomes"]} == {"run-7", "run-8"}  # through the release
+    table = await asyncio.to_thread(lockgate, settings, "lineage", data.hash)
+    assert "eval outcomes that used it" in table.output and "run-7" in table.output
+
+    schemas = json.loads((await asyncio.to_thread(lockgate, settings, "lineage", "export", "--facet-schemas")).output)
+    own = run["run"]["facets"]["lockgate_eval"]
+    assert own["_schemaURL"] == schemas["lockgate_eval"]["$id"]
+    assert set(schemas["lockgate_eval"]["required"]) <= set(own)
