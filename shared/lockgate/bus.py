@@ -105,13 +105,15 @@ class Bus:
     """One process's connection to NATS: publishing, KV, objects, request/reply and pull consumers."""
 
     def __init__(self, url: str, subjects: Subjects | None = None, *, name: str = "lockgate",
-                 auth: NatsAuth | None = None, manage_topology: bool = True) -> None:
+                 auth: NatsAuth | None = None, manage_topology: bool = True, replicas: int = 1) -> None:
         self.url = url
         self.subjects = subjects or Subjects()
         self.name = name
         self.auth = auth or NatsAuth()
         # Only an identity allowed to create streams and buckets declares them (admin, sink, an open server).
         self.manage_topology = manage_topology
+        # Copies of every stream and bucket it declares: 1 on a single server, 3 on a JetStream cluster.
+        self.replicas = replicas
         # Subjects the server refused this connection (permissions violations arrive asynchronously).
         self.denied: list[str] = []
         self._waiters: list[tuple[str, asyncio.Future[None]]] = []
@@ -220,6 +222,7 @@ class Bus:
                 max_bytes=spec.max_bytes,
                 discard=DiscardPolicy.NEW if spec.discard == "new" else DiscardPolicy.OLD,
                 duplicate_window=spec.duplicate_window_s,
+                num_replicas=self.replicas,
             )
             try:
                 await self.js.add_stream(cfg)
@@ -227,14 +230,15 @@ class Bus:
                 await self.js.update_stream(cfg)
         for bucket in (self.subjects.kv_gates, self.subjects.kv_routes, self.subjects.kv_keys, self.subjects.kv_drift,
                        self.subjects.kv_eval_runs, self.subjects.kv_gitops):
-            await self.js.create_key_value(bucket=bucket, history=10)
+            await self.js.create_key_value(bucket=bucket, history=10, replicas=self.replicas)
         # One value per release name, written once (create) and never updated.
-        await self.js.create_key_value(bucket=self.subjects.kv_releases, history=1)
+        await self.js.create_key_value(bucket=self.subjects.kv_releases, history=1, replicas=self.replicas)
         # Cached upstream responses expire so a stale answer never outlives a model update for long.
-        await self.js.create_key_value(bucket=self.subjects.kv_eval_cache, history=1, ttl=7 * 24 * 3600)
+        await self.js.create_key_value(bucket=self.subjects.kv_eval_cache, history=1, ttl=7 * 24 * 3600,
+                                       replicas=self.replicas)
         # The audit chain's head; its history lets an operator see the last few heads.
-        await self.js.create_key_value(bucket=self.subjects.kv_audit, history=10)
-        await self.js.create_object_store(bucket=self.subjects.object_store)
+        await self.js.create_key_value(bucket=self.subjects.kv_audit, history=10, replicas=self.replicas)
+        await self.js.create_object_store(bucket=self.subjects.object_store, replicas=self.replicas)
 
     async def kv(self, bucket: str) -> Any:
         """A KV bucket handle (created at connect)."""
