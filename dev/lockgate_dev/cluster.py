@@ -114,8 +114,13 @@ class Topology:
     """The cluster and its processes, under one home (credentials, keys, trust file, chDB, JetStream)."""
 
     def __init__(self, home: str | Path, *, prefix: str = "lg", scaled_replicas: int = 2,
-                 stream_replicas: int = 3, nodes: int = 3, extra_env: dict[str, str] | None = None) -> None:
+                 stream_replicas: int = 3, nodes: int = 3, extra_env: dict[str, str] | None = None,
+                 clickhouse_url: str = "", services: tuple[str, ...] = (*SINGLE, *SCALED)) -> None:
         self.home = Path(home).resolve()
+        # chDB under the home unless a ClickHouse server is given; on a server the sink and the query
+        # service run as processes of their own, as compose.yaml and deploy/k8s run them.
+        self.clickhouse_url = clickhouse_url or f"chdb://{self.home / 'clickhouse'}"
+        self.services = services
         self.prefix = prefix
         self.home.mkdir(parents=True, exist_ok=True)
         passwords = credentials.ensure(self.home)  # one user per service, role and the SDK: 0600 files
@@ -131,7 +136,7 @@ class Topology:
         """The environment of a lockgate process (or a CLI call) on this topology."""
         return {**os.environ, "LOCKGATE_NATS_URL": self.nats.url, "LOCKGATE_HOME": str(self.home),
                 "LOCKGATE_PREFIX": self.prefix, "PYTHONUNBUFFERED": "1", "LOCKGATE_REPLICAS": str(self.stream_replicas),
-                "LOCKGATE_CLICKHOUSE_URL": f"chdb://{self.home / 'clickhouse'}", **self.extra_env, **more}
+                "LOCKGATE_CLICKHOUSE_URL": self.clickhouse_url, **self.extra_env, **more}
 
     def _add(self, name: str, args: list[str], ready_text: str = SERVING, **env: str) -> ServiceProcess:
         proc = ServiceProcess(name, args, self.env(**env), ready_text)
@@ -143,15 +148,18 @@ class Topology:
         with their replicas), then every other service together; returns once all serve."""
         try:
             await self.nats.start(timeout_s)
-            sim = self._add("simulator", ["sim", "--port", "0"], ready_text="simulator listening on")
-            store = self._add("store", ["serve", *STORE])
-            for proc in (sim, store):
+            first = [self._add("simulator", ["sim", "--port", "0"], ready_text="simulator listening on")]
+            if self.clickhouse_url.startswith("chdb://"):
+                first.append(self._add("store", ["serve", *STORE]))
+            else:
+                first += [self._add(name, ["serve", name]) for name in STORE]
+            for proc in first:
                 proc.start()
-            await asyncio.gather(*(asyncio.to_thread(p.wait_ready, timeout_s) for p in (sim, store)))
-            upstream = sim.endpoints["simulator"]
+            await asyncio.gather(*(asyncio.to_thread(p.wait_ready, timeout_s) for p in first))
+            upstream = first[0].endpoints["simulator"]
             others = [self._add(name, ["serve", name], LOCKGATE_STABLE_UPSTREAM=upstream,
-                                LOCKGATE_CANARY_UPSTREAM=upstream) for name in SINGLE]
-            for name in SCALED:
+                                LOCKGATE_CANARY_UPSTREAM=upstream) for name in SINGLE if name in self.services]
+            for name in (n for n in SCALED if n in self.services):
                 for i in range(1, self.scaled_replicas + 1):
                     others.append(self._add(f"{name}-{i}", ["serve", name, *_PORTS.get(name, [])],
                                             LOCKGATE_STABLE_UPSTREAM=upstream, LOCKGATE_CANARY_UPSTREAM=upstream))

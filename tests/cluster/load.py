@@ -52,6 +52,7 @@ class Load:
     events_per_tick: int = 20
     tick_s: float = 0.05
     concurrency: int = 2
+    routers: list[str] | None = None  # router URLs to send to; None: every router replica running
     ids: list[str] = field(default_factory=list)
     ok: int = 0
     failed: int = 0  # requests no router answered
@@ -90,7 +91,8 @@ class Load:
     async def _requests(self, worker: int) -> None:
         turn = worker
         while not self._stop.is_set():
-            routers = [p.endpoints["router"] for p in self.topo.replicas("router") if p.endpoints.get("router")]
+            routers = self.routers or [p.endpoints["router"] for p in self.topo.replicas("router")
+                                       if p.endpoints.get("router")]
             turn += 1
             order = routers[turn % len(routers):] + routers[:turn % len(routers)]
             for attempt, url in enumerate(order):
@@ -127,9 +129,9 @@ class Load:
         await self.http.close()
 
     def recovery_s(self, since: float) -> float:
-        """Seconds from `since` (a fault) to the first SDK acknowledgement after it."""
-        after = [t for t in self.acked_at if t > since]
-        return (after[0] - since) if after else float("nan")
+        """The longest wait for an SDK acknowledgement after `since` (a fault): how long publishing stalled."""
+        after = [since, *(t for t in self.acked_at if t > since)]
+        return max(b - a for a, b in zip(after, after[1:], strict=False)) if len(after) > 1 else float("nan")
 
 
 async def viewer(topo: Topology) -> Bus:

@@ -7,6 +7,7 @@ Figures (recovery time, catch-up rate) are printed with `[cluster]` (pytest -s),
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import aiohttp
@@ -57,7 +58,7 @@ async def test_nats_node_killed_under_load(topology: Topology, admin: Bus, uniqu
     rejoined = time.monotonic() - killed_at
     await load.served(20)
     await load.stop()
-    report("nats node killed", node=f"n{node + 1}", sdk_recovery_s=recovery, node_back_s=rejoined,
+    report("nats node killed", node=f"n{node + 1}", longest_ack_gap_s=recovery, node_back_s=rejoined,
            events=len(load.ids), requests=load.ok, failed_requests=load.failed - failed_before)
     assert load.failed == 0
     await _check_stored(topology, admin, load)
@@ -95,13 +96,12 @@ async def test_one_replica_of_each_scaled_service_killed(topology: Topology, adm
         proc.kill()
     killed_at = time.monotonic()
     await load.served(50)  # the other replicas take the work
-    report("replicas killed", services=len(victims), sdk_recovery_s=load.recovery_s(killed_at),
+    report("replicas killed", services=len(victims), longest_ack_gap_s=load.recovery_s(killed_at),
            failovers=load.failovers, failed_requests=load.failed)
     survivor = topology.replicas("router")[1].endpoints["router"]
     route = await _route(survivor, topology.keys.admin_key, unique)
     assert (route["canary"], route["phase"], route["stable"]) == (before["canary"], before["phase"], before["stable"])
-    for proc in victims:
-        await topology.restart(proc.name)
+    await asyncio.gather(*(topology.restart(proc.name) for proc in victims))
     # The restarted router restores the rollout from the routes bucket.
     restarted = topology.replicas("router")[0].endpoints["router"]
     assert (await _route(restarted, topology.keys.admin_key, unique))["canary"] == before["canary"]
@@ -127,7 +127,7 @@ async def test_store_owner_stopped(topology: Topology, admin: Bus, unique: str) 
     store = topology.processes["store"]
     assert store.stop() == 0  # SIGTERM: the sink flushes and closes its consumers
     stopped_at = time.monotonic()
-    ok_before = load.ok
+    ok_before, events_before = load.ok, len(load.ids) + load.ok
 
     async def waited() -> None:
         if time.monotonic() - stopped_at < stopped_for_s:
@@ -135,16 +135,17 @@ async def test_store_owner_stopped(topology: Topology, admin: Bus, unique: str) 
 
     await until(waited, stopped_for_s + 30, "the store's outage")  # the load goes on meanwhile
     served_while_down = load.ok - ok_before
+    await load.stop()  # the outage's backlog is then all there is to catch up with
+    events = len(load.ids) + load.ok - events_before
     info = await admin.js.consumer_info(admin.subjects.streams["inference"].name,
                                         admin.subjects.durable("sink", "inference"))
     waiting = info.num_pending + info.num_ack_pending
     assert waiting > 0  # the events wait in JetStream
     await topology.restart("store")
     back_at = time.monotonic()
-    await load.stop()
     await drained(admin, "inference")
     catch_up_s = time.monotonic() - back_at
-    report("store stopped", stopped_s=stopped_for_s, served_while_down=served_while_down, waiting=waiting,
-           catch_up_s=catch_up_s, catch_up_msgs_per_s=waiting / catch_up_s if catch_up_s else float("nan"))
+    report("store stopped", stopped_s=stopped_for_s, served_while_down=served_while_down, waiting_msgs=waiting,
+           waiting_events=events, catch_up_s=catch_up_s, catch_up_events_per_s=events / catch_up_s)
     assert served_while_down > 0 and load.failed == 0
     await _check_stored(topology, admin, load)
