@@ -44,6 +44,10 @@ GRACE_S = 10.0
 # A dead letter must fit in one NATS message (1 MB by default) with its payload in base64: a larger
 # payload is cut to this, and the original stays in its stream for the operator to read.
 MAX_LETTER_PAYLOAD = 256 * 1024
+# Declaring streams, buckets and consumers: JetStream API calls the cluster's metadata leader answers.
+# Between two leaders, or with many processes starting at once, one can time out; each is idempotent.
+API_RETRY = RetryPolicy(attempts=6, initial_s=0.2, max_s=3.0)
+_API_TRANSIENT = (TimeoutError, nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
 # The JetStream API's subject prefix (no JetStream domain is used).
 _API = "$JS.API"
 
@@ -141,7 +145,7 @@ class Bus:
             raise BusUnavailable(f"cannot reach NATS at {self.url}: {exc}") from None
         self.js = self.nc.jetstream()
         if self.manage_topology:
-            await self.ensure_topology()
+            await API_RETRY.call(self.ensure_topology, retry_on=_API_TRANSIENT, what="declare streams and buckets")
 
     async def _on_error(self, exc: Exception) -> None:
         text = str(exc)
@@ -377,7 +381,9 @@ class _PullLoop:
         s = self.spec
         try:
             try:
-                await self._js.add_consumer(s.stream, config=s.config)  # create-or-update: settings stay current
+                # create-or-update: settings stay current
+                await API_RETRY.call(lambda: self._js.add_consumer(s.stream, config=s.config), retry_on=_API_TRANSIENT,
+                                     what=f"create consumer {s.durable}")
             except nats.js.errors.APIError as exc:
                 # An existing consumer whose fixed settings differ (made by an older build) keeps
                 # its position rather than stop the service; without one, the error stands.

@@ -14,6 +14,8 @@ import aiohttp
 import pytest
 
 from lockgate.bus import Bus
+from lockgate.contracts import GateDecided
+from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate_dev.cluster import SCALED, Topology
 from tests.cluster.conftest import settings_of
 from tests.cluster.load import Load, NotYet, drained, report, stored, until, viewer
@@ -149,3 +151,47 @@ async def test_store_owner_stopped(topology: Topology, admin: Bus, unique: str) 
            waiting_events=events, catch_up_s=catch_up_s, catch_up_events_per_s=events / catch_up_s)
     assert served_while_down > 0 and load.failed == 0
     await _check_stored(topology, admin, load)
+
+
+async def test_rolling_restart_during_a_canary(topology: Topology, admin: Bus, unique: str) -> None:
+    # A canary admitted by a signed PASS and at its first step; every process is then restarted
+    # (SIGTERM, as a rollout of a new version does), half of them at a time, under load.
+    await _rollout(topology, admin, unique)
+    signer = Signer.generate()
+    trust_key(trust_file_path(settings_of(topology)), signer.public)
+    await admin.publish(admin.subjects.gate_decided(f"{unique}-r2"),
+                        signer.sign(GateDecided(release=f"{unique}-r2", rules=[], decision="PASS")))
+    key = topology.keys.admin_key
+
+    async def routes() -> list[dict]:
+        return [await _route(p.endpoints["router"], key, unique) for p in topology.replicas("router")]
+
+    async def admitted() -> list[dict]:
+        now = await routes()
+        if not all(r["admitted"] and r["weight"] > 0 for r in now):
+            raise NotYet(f"canary not yet admitted everywhere: {[(r['phase'], r['weight']) for r in now]}")
+        return now
+
+    before = (await until(admitted, 60, "the canary admitted on both routers"))[0]
+    load = Load(topology, unique)
+    await load.start()
+    await load.served(20)
+    names = list(topology.processes)
+    waves = [[n for n in names if not n.endswith("-2") and n != "simulator"], [n for n in names if n.endswith("-2")]]
+    for wave in waves:
+        codes = await asyncio.gather(*(asyncio.to_thread(topology.processes[n].stop) for n in wave))
+        assert codes == [0] * len(wave), [topology.processes[n].tail() for n, c in zip(wave, codes, strict=True) if c]
+        await asyncio.gather(*(topology.restart(name) for name in wave))
+        await load.served(20)
+    await load.stop()
+    after = await routes()
+    fields = ("phase", "weight", "step", "canary", "stable", "admitted")
+    assert all({f: r[f] for f in fields} == {f: before[f] for f in fields} for r in after), (before, after)
+    # ... and continues from there: the admitted canary can be promoted (a refused one could not).
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+        url = topology.replicas("router")[1].endpoints["router"]
+        async with http.post(f"{url}/lockgate/v1/deployments/{unique}/promote") as resp:
+            assert resp.status == 200, await resp.text()
+    assert load.failed == 0
+    report("rolling restart", processes=sum(map(len, waves)), failovers=load.failovers, requests=load.ok)
+    await _check_stored(topology, admin, load)  # SIGTERM flushes the routers' outboxes: nothing lost
