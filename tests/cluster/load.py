@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,8 @@ class Load:
     tick_s: float = 0.05
     concurrency: int = 2
     routers: list[str] | None = None  # router URLs to send to; None: every router replica running
+    spans: bool = False  # also export one span per request to the OTLP receivers (OTLP/HTTP JSON)
+    traces: set[str] = field(default_factory=set)  # trace ids an OTLP receiver accepted
     ids: list[str] = field(default_factory=list)
     ok: int = 0
     failed: int = 0  # requests no router answered
@@ -74,6 +77,8 @@ class Load:
                                           timeout=aiohttp.ClientTimeout(total=10))
         self._tasks = [asyncio.create_task(self._emit())]
         self._tasks += [asyncio.create_task(self._requests(i)) for i in range(self.concurrency)]
+        if self.spans:
+            self._tasks.append(asyncio.create_task(self._export()))
 
     async def _emit(self) -> None:
         sent = 0
@@ -110,6 +115,24 @@ class Load:
             else:
                 self.failed += 1
 
+    async def _export(self) -> None:
+        turn = 0
+        while not self._stop.is_set():
+            receivers = [p.endpoints["otlp-http"] for p in self.topo.replicas("otlp") if p.endpoints.get("otlp-http")]
+            turn += 1
+            trace_id = uuid.uuid4().hex
+            for url in receivers[turn % len(receivers):] + receivers[:turn % len(receivers)]:
+                try:
+                    async with self.http.post(f"{url}/v1/traces", json=_span(trace_id, f"{self.app}-otlp")) as resp:
+                        await resp.read()
+                        if resp.status == 200:
+                            self.traces.add(trace_id)
+                            break
+                except (aiohttp.ClientError, TimeoutError):
+                    continue
+            with contextlib.suppress(TimeoutError):  # pacing: one span per tick
+                await asyncio.wait_for(self._stop.wait(), self.tick_s)
+
     async def served(self, n: int, timeout_s: float = 60.0) -> None:
         """Wait until `n` more requests have been served (and the SDK acknowledged more events)."""
         target, acked = self.ok + n, self.client.sent
@@ -134,6 +157,15 @@ class Load:
         return max(b - a for a, b in zip(after, after[1:], strict=False)) if len(after) > 1 else float("nan")
 
 
+def _span(trace_id: str, service: str) -> dict[str, Any]:
+    """An OTLP/HTTP JSON export of one plain (not GenAI) span."""
+    start = time.time_ns()
+    span = {"traceId": trace_id, "spanId": trace_id[:16], "name": "cluster-test", "kind": 2,
+            "startTimeUnixNano": str(start), "endTimeUnixNano": str(start + 1_000_000)}
+    attrs = [{"key": "service.name", "value": {"stringValue": service}}]
+    return {"resourceSpans": [{"resource": {"attributes": attrs}, "scopeSpans": [{"spans": [span]}]}]}
+
+
 async def viewer(topo: Topology) -> Bus:
     """A connection as the viewer role, which asks the query service."""
     s = settings_of(topo)
@@ -143,16 +175,16 @@ async def viewer(topo: Topology) -> Bus:
     return bus
 
 
-async def stored(bus: Bus, table: str, column: str, app: str) -> tuple[int, int]:
+async def stored(bus: Bus, table: str, column: str, app: str, app_column: str = "app") -> tuple[int, int]:
     """(rows, distinct ids) of `app` in `table`, asked of the query service."""
     rows = await queryclient.ask(bus, "sql", {"query": f"SELECT count() AS n, uniqExact({column}) AS u "
-                                                       f"FROM {table} WHERE app = '{app}'"})
+                                                       f"FROM {table} WHERE {app_column} = '{app}'"})
     return int(rows[0]["n"]), int(rows[0]["u"])
 
 
 async def drained(admin: Bus, *durables: str, timeout_s: float = 90.0) -> None:
     """Wait until the sink's consumers have nothing pending or unacknowledged (all stored)."""
-    streams = {"inference": "inference", "cost_ledger": "facts"}
+    streams = {"inference": "inference", "cost_ledger": "facts", "spans": "telemetry"}
 
     async def check() -> None:
         for purpose in durables:

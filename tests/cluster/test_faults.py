@@ -90,7 +90,7 @@ async def _route(url: str, key: str, deployment: str) -> dict:
 
 async def test_one_replica_of_each_scaled_service_killed(topology: Topology, admin: Bus, unique: str) -> None:
     before = await _rollout(topology, admin, unique)
-    load = Load(topology, unique)
+    load = Load(topology, unique, spans=True)
     await load.start()
     await load.served(20)
     victims = [topology.replicas(name)[0] for name in SCALED]
@@ -99,7 +99,7 @@ async def test_one_replica_of_each_scaled_service_killed(topology: Topology, adm
     killed_at = time.monotonic()
     await load.served(50)  # the other replicas take the work
     report("replicas killed", services=len(victims), longest_ack_gap_s=load.recovery_s(killed_at),
-           failovers=load.failovers, failed_requests=load.failed)
+           failovers=load.failovers, failed_requests=load.failed, spans=len(load.traces))
     survivor = topology.replicas("router")[1].endpoints["router"]
     route = await _route(survivor, topology.keys.admin_key, unique)
     assert (route["canary"], route["phase"], route["stable"]) == (before["canary"], before["phase"], before["stable"])
@@ -117,6 +117,10 @@ async def test_one_replica_of_each_scaled_service_killed(topology: Topology, adm
     bus = await viewer(topology)
     try:
         assert await stored(bus, "cost_ledger", "event_id", f"{unique}-sdk") == (len(load.ids), len(load.ids))
+        # Spans exported through the OTLP receivers, one dying mid-load: every accepted one stored, once.
+        await drained(admin, "spans")
+        spans = await stored(bus, "otel_traces", "TraceId", f"{unique}-otlp", app_column="ServiceName")
+        assert spans == (len(load.traces), len(load.traces)), (spans, len(load.traces))
     finally:
         await bus.close()
 
