@@ -22,7 +22,7 @@ from lockgate import credentials
 from lockgate.errors import ConfigError
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.natscluster import NatsCluster
-from lockgate.server.natsserver import auth_config
+from lockgate.server.natsserver import _die_with_parent, auth_config
 from lockgate.subjects import Subjects
 
 # Services that scale as processes sharing durable consumers, queue groups and KV: two of each here.
@@ -59,8 +59,11 @@ class ServiceProcess:
         """Start the process; `wait_ready` returns once it serves."""
         self._ready.clear()
         self.endpoints = {}
+        # Like the nats-servers, killed with whoever started them (a test run killed -9 leaves no orphans).
+        # PR_SET_PDEATHSIG follows the starting thread: call this from the event loop's thread.
         self.proc = subprocess.Popen([*LOCKGATE, *self.args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env=self.env)
+                                     text=True, env=self.env,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         threading.Thread(target=self._read, args=(self.proc,), daemon=True, name=f"read:{self.name}").start()
 
     def _read(self, proc: subprocess.Popen[str]) -> None:
@@ -98,11 +101,16 @@ class ServiceProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def terminate(self) -> None:
+        """Send SIGTERM without waiting (`stop` then waits)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout_s: float = 30.0) -> int | None:
         """SIGTERM (the process flushes its buffers and closes its consumers), SIGKILL after `timeout_s`."""
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
+        self.terminate()
         try:
             return self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
@@ -191,9 +199,13 @@ class Topology:
         await asyncio.to_thread(proc.wait_ready, timeout_s)
 
     def stop(self) -> None:
-        """Stop the services (gracefully, in reverse start order), then the cluster."""
-        for proc in reversed(list(self.processes.values())):
-            proc.stop()
+        """Stop the services together (each flushes its buffers), then the store's owners, then the cluster."""
+        first = [p for n, p in self.processes.items() if n not in ("simulator", "store", *STORE)]
+        for group in (first, [p for p in self.processes.values() if p not in first]):
+            for proc in group:
+                proc.terminate()
+            for proc in group:
+                proc.stop()
         self.nats.stop()
 
 
@@ -214,5 +226,7 @@ async def run_cluster(home: str | Path, prefix: str, replicas: int) -> None:
                       "lockgate status[/dim]", soft_wrap=True)
         console.print("[dim]Ctrl-C stops every process, then the cluster.[/dim]")
         await _until_signalled()
+        console.print("stopping: every service flushes its buffers, then the cluster stops ...")
     finally:
         await asyncio.to_thread(topology.stop)
+    console.print("stopped cleanly.")
