@@ -21,7 +21,7 @@ from tests.cluster.conftest import settings_of
 from tests.cluster.load import Load, NotYet, drained, report, stored, until, viewer
 from tests.helpers import register_model_release, store_pass
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(300)
 
 
 async def _check_stored(topo: Topology, admin: Bus, load: Load, *, router_events_exact: bool = True) -> None:
