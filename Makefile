@@ -4,7 +4,7 @@ PY ?= python3
 UV := .venv/bin/uv
 VENV_PY := .venv/bin/python
 
-.PHONY: setup run up demo test unit integration bench proto lint clean
+.PHONY: setup run up demo test unit integration test-cluster cluster bench proto lint clean
 
 # A fresh machine has only Python: bootstrap uv into the venv, then sync from uv.lock.
 .venv/bin/uv:
@@ -31,6 +31,14 @@ unit: setup
 
 integration: setup
 	$(VENV_PY) -m pytest -q tests/integration tests/e2e
+
+# The distributed topology's fault tests alone (they also run in `make test`; `-m "not cluster"` skips them).
+test-cluster: setup
+	$(VENV_PY) -m pytest -q -m cluster tests/cluster
+
+# A 3-node JetStream cluster on loopback and every service its own process (Ctrl-C stops it all).
+cluster: setup
+	.venv/bin/lockgate dev cluster
 
 bench: setup
 	$(VENV_PY) -m tests.bench.run --out bench/results.json

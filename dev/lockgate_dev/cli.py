@@ -74,6 +74,22 @@ def register(cli: click.Group) -> None:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_dev_up(settings, sim_port, demo))
 
+    @dev.command("cluster")
+    @click.option("--home", default=None, help="Where the cluster's JetStream, chDB, credentials and keys live "
+                                               "(default: the global --home, LOCKGATE_HOME, or ./.lockgate).")
+    @click.option("--replicas", default=2, show_default=True,
+                  help="Processes per scalable service (router, evaluator, drift, cost, gateway, otlp).")
+    @click.pass_context
+    @handle_errors
+    def dev_cluster(ctx: click.Context, home: str | None, replicas: int) -> None:
+        """Run the distributed topology here: a 3-node JetStream cluster on loopback (R3 streams and
+        buckets, NATS users on) and every service as its own `lockgate serve` process."""
+        from lockgate_dev.cluster import run_cluster
+
+        settings = ctx.obj["settings"]
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_cluster(home or settings.home, settings.prefix, replicas))
+
     @cli.command()
     @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
                   help="YAML: models with answers, latency and error rate. Default: the demo models.")

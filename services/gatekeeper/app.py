@@ -8,7 +8,7 @@ from lockgate.contracts import AuditEntry, EvalCompleted, GateReview
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.gatekeeper.chain import Chainer
 from lockgate.services.gatekeeper.handlers import GateHandlers
-from lockgate.signing import Signer, default_key_path
+from lockgate.signing import gatekeeper_signer
 
 
 class Gatekeeper(Service):
@@ -18,7 +18,7 @@ class Gatekeeper(Service):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.signer = Signer.load_or_create(default_key_path(ctx.settings))
+        self.signer = gatekeeper_signer(ctx.settings)
         self.handlers = GateHandlers(ctx, self.tracer, self.signer)
         s = ctx.bus.subjects
         consume(ctx.bus, self.consumers, subject=s.eval_completed, stream="events",

@@ -44,6 +44,10 @@ GRACE_S = 10.0
 # A dead letter must fit in one NATS message (1 MB by default) with its payload in base64: a larger
 # payload is cut to this, and the original stays in its stream for the operator to read.
 MAX_LETTER_PAYLOAD = 256 * 1024
+# Declaring streams, buckets and consumers: JetStream API calls the cluster's metadata leader answers.
+# Between two leaders, or with many processes starting at once, one can time out; each is idempotent.
+API_RETRY = RetryPolicy(attempts=6, initial_s=0.2, max_s=3.0)
+_API_TRANSIENT = (TimeoutError, nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
 # The JetStream API's subject prefix (no JetStream domain is used).
 _API = "$JS.API"
 
@@ -105,13 +109,15 @@ class Bus:
     """One process's connection to NATS: publishing, KV, objects, request/reply and pull consumers."""
 
     def __init__(self, url: str, subjects: Subjects | None = None, *, name: str = "lockgate",
-                 auth: NatsAuth | None = None, manage_topology: bool = True) -> None:
+                 auth: NatsAuth | None = None, manage_topology: bool = True, replicas: int = 1) -> None:
         self.url = url
         self.subjects = subjects or Subjects()
         self.name = name
         self.auth = auth or NatsAuth()
         # Only an identity allowed to create streams and buckets declares them (admin, sink, an open server).
         self.manage_topology = manage_topology
+        # Copies of every stream and bucket it declares: 1 on a single server, 3 on a JetStream cluster.
+        self.replicas = replicas
         # Subjects the server refused this connection (permissions violations arrive asynchronously).
         self.denied: list[str] = []
         self._waiters: list[tuple[str, asyncio.Future[None]]] = []
@@ -139,7 +145,7 @@ class Bus:
             raise BusUnavailable(f"cannot reach NATS at {self.url}: {exc}") from None
         self.js = self.nc.jetstream()
         if self.manage_topology:
-            await self.ensure_topology()
+            await API_RETRY.call(self.ensure_topology, retry_on=_API_TRANSIENT, what="declare streams and buckets")
 
     async def _on_error(self, exc: Exception) -> None:
         text = str(exc)
@@ -222,6 +228,7 @@ class Bus:
                 duplicate_window=spec.duplicate_window_s,
                 deny_delete=spec.append_only,
                 deny_purge=spec.append_only,
+                num_replicas=self.replicas,
             )
             try:
                 await self.js.add_stream(cfg)
@@ -229,18 +236,21 @@ class Bus:
                 await self.js.update_stream(cfg)
         for bucket in (self.subjects.kv_gates, self.subjects.kv_routes, self.subjects.kv_keys, self.subjects.kv_drift,
                        self.subjects.kv_eval_runs, self.subjects.kv_gitops):
-            await self.js.create_key_value(bucket=bucket, history=10)
+            await self.js.create_key_value(bucket=bucket, history=10, replicas=self.replicas)
         # One value per release name, written once (create) and never updated.
-        await self.js.create_key_value(bucket=self.subjects.kv_releases, history=1)
+        await self.js.create_key_value(bucket=self.subjects.kv_releases, history=1, replicas=self.replicas)
         # Cached upstream responses expire so a stale answer never outlives a model update for long.
-        await self.js.create_key_value(bucket=self.subjects.kv_eval_cache, history=1, ttl=7 * 24 * 3600)
+        await self.js.create_key_value(bucket=self.subjects.kv_eval_cache, history=1, ttl=7 * 24 * 3600,
+                                       replicas=self.replicas)
         # The audit chain's head; its history lets an operator see the last few heads.
-        await self.js.create_key_value(bucket=self.subjects.kv_audit, history=10)
+        await self.js.create_key_value(bucket=self.subjects.kv_audit, history=10, replicas=self.replicas)
         # Budget counters: one value per budget and period, gone two months after its last write.
-        await self.js.create_key_value(bucket=self.subjects.kv_budgets, history=1, ttl=62 * 24 * 3600)
+        await self.js.create_key_value(bucket=self.subjects.kv_budgets, history=1, ttl=62 * 24 * 3600,
+                                       replicas=self.replicas)
         # The router's shared response cache: entries carry their own expiry; a day bounds any of them.
-        await self.js.create_key_value(bucket=self.subjects.kv_response_cache, history=1, ttl=24 * 3600)
-        await self.js.create_object_store(bucket=self.subjects.object_store)
+        await self.js.create_key_value(bucket=self.subjects.kv_response_cache, history=1, ttl=24 * 3600,
+                                       replicas=self.replicas)
+        await self.js.create_object_store(bucket=self.subjects.object_store, replicas=self.replicas)
 
     async def kv(self, bucket: str) -> Any:
         """A KV bucket handle (created at connect)."""
@@ -379,7 +389,9 @@ class _PullLoop:
         s = self.spec
         try:
             try:
-                await self._js.add_consumer(s.stream, config=s.config)  # create-or-update: settings stay current
+                # create-or-update: settings stay current
+                await API_RETRY.call(lambda: self._js.add_consumer(s.stream, config=s.config), retry_on=_API_TRANSIENT,
+                                     what=f"create consumer {s.durable}")
             except nats.js.errors.APIError as exc:
                 # An existing consumer whose fixed settings differ (made by an older build) keeps
                 # its position rather than stop the service; without one, the error stands.

@@ -169,8 +169,10 @@ class Client:
     async def start(self) -> None:
         """Connect to NATS and start publishing (events emitted before are sent now)."""
         try:
+            # A cluster is given as comma-separated URLs (as LOCKGATE_NATS_URL): nats-py takes a list.
+            servers = [u.strip() for u in self.nats_url.split(",") if u.strip()]
             self._nc = await nats.connect(
-                self.nats_url, name=f"lockgate-sdk-{self.app}", max_reconnect_attempts=-1, connect_timeout=5,
+                servers, name=f"lockgate-sdk-{self.app}", max_reconnect_attempts=-1, connect_timeout=5,
                 error_cb=self._on_error, **self._auth.options(),
             )
         except NotAllowed:

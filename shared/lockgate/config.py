@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -23,6 +23,8 @@ class Settings(msgspec.Struct, kw_only=True):
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    # copies of each JetStream stream and KV bucket lockgate declares: 1 on one server, 3 on a cluster
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 1
     clickhouse_url: str = "chdb://./.lockgate/clickhouse"
     database: str = "lockgate"
     # operator SQL runs as this ClickHouse user (server mode: the read-only `lockgate_reader` of

@@ -54,6 +54,19 @@ def default_key_path(settings: Settings) -> Path:
     return Path(settings.signing_key or Path(settings.home) / "keys" / "gatekeeper.pem")
 
 
+def gatekeeper_signer(settings: Settings) -> Signer:
+    """The key that signs decisions. An explicit LOCKGATE_SIGNING_KEY (k8s: a mounted Secret) must exist:
+    creating one there would give each pod its own key, which no trust file lists. Without it the key
+    lives under the home, created once (0600) and kept."""
+    if settings.signing_key:
+        if not Path(settings.signing_key).is_file():
+            raise ConfigError(f"signing key {settings.signing_key} (LOCKGATE_SIGNING_KEY) does not exist: mount the "
+                              "key every gatekeeper shares (deploy/k8s: the lockgate-signing Secret), or unset it "
+                              "to keep one under the home")
+        return Signer.load_or_create(settings.signing_key)
+    return Signer.load_or_create(default_key_path(settings))
+
+
 class Signer:
     """Holds the gatekeeper's private key and signs decisions."""
 
@@ -347,7 +360,7 @@ def ensure_signer_trusted(settings: Settings) -> Signer:
     What `lockgate up` does for an embedded stack before the services start; a distributed deployment
     ships the trust file (or LOCKGATE_TRUSTED_KEYS) as configuration instead.
     """
-    signer = Signer.load_or_create(default_key_path(settings))
+    signer = gatekeeper_signer(settings)
     trust_key(trust_file_path(settings), signer.public)
     return signer
 

@@ -12,7 +12,16 @@ from lockgate.config import Settings
 from lockgate.contracts import GateDecided, RuleResult
 from lockgate.errors import ConfigError, SignatureError
 from lockgate.ids import canonical_json
-from lockgate.signing import Keyring, Signer, canonical, default_key_path, public_pem, revoke_key, trust_key
+from lockgate.signing import (
+    Keyring,
+    Signer,
+    canonical,
+    default_key_path,
+    gatekeeper_signer,
+    public_pem,
+    revoke_key,
+    trust_key,
+)
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -124,3 +133,16 @@ def test_a_decision_signed_before_approvals_existed_still_verifies() -> None:
     for tampered in (msgspec.structs.replace(approved, approvals=[]), msgspec.structs.replace(approved, approvals=["ann"])):
         with pytest.raises(SignatureError):
             Keyring([signer.public]).verify(tampered)
+
+
+def test_an_explicit_signing_key_must_exist_never_made_per_process(tmp_path: Path) -> None:
+    # k8s mounts one key for every gatekeeper replica; a missing mount used to mean a fresh key per pod.
+    missing = tmp_path / "secret" / "gatekeeper.pem"
+    with pytest.raises(ConfigError, match="LOCKGATE_SIGNING_KEY"):
+        gatekeeper_signer(Settings(home=str(tmp_path), signing_key=str(missing)))
+    assert not missing.exists()
+    home_key = gatekeeper_signer(Settings(home=str(tmp_path)))  # the home's key: made once, then kept
+    assert gatekeeper_signer(Settings(home=str(tmp_path))).key_id == home_key.key_id
+    shared = gatekeeper_signer(Settings(home=str(tmp_path / "other"), signing_key=str(default_key_path(
+        Settings(home=str(tmp_path))))))
+    assert shared.key_id == home_key.key_id

@@ -91,7 +91,8 @@ async def connect_once(settings: Settings, role: str, purpose: str) -> Any:
     auth = credentials.for_identity(settings, role)
     try:
         # max_reconnect_attempts=1: with 0, nats-py retries a refused first connect for ever.
-        return await nats.connect(settings.nats_url, connect_timeout=1, max_reconnect_attempts=1,
+        servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]  # a cluster: every node
+        return await nats.connect(servers, connect_timeout=1, max_reconnect_attempts=1,
                                   reconnect_time_wait=0.1, allow_reconnect=False, error_cb=_quiet, **auth.options())
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         if "authorization violation" in str(exc).lower() or isinstance(exc, nats.errors.AuthorizationError):

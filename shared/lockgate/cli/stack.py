@@ -172,6 +172,8 @@ def register(cli: click.Group) -> None:
                 await runtime.start()
                 console.print(f"[bold green]{' + '.join(services)}[/bold green] serving")
                 _print_endpoints(runtime.endpoints)
+                # The last line at start: whoever waits for this process knows its endpoints now.
+                console.print("[dim]SIGTERM or Ctrl-C stops it; queued events are flushed first.[/dim]")
                 await _until_signalled()
             finally:
                 await runtime.stop()

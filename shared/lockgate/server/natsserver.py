@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 from lockgate.errors import ConfigError
@@ -86,7 +87,7 @@ class NatsServer:
     """
 
     def __init__(self, store_dir: str | Path, *, port: int = 0, host: str = "127.0.0.1", config: str = "",
-                 tls: bool = False) -> None:
+                 tls: bool = False, on_line: Callable[[str], None] | None = None) -> None:
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port
@@ -96,6 +97,8 @@ class NatsServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = False
         self.restarts = 0  # times `supervise` brought the server back
+        # Sees every line the server logs, from its own thread (a cluster waits on "metadata leader").
+        self.on_line = on_line
 
     @property
     def url(self) -> str:
@@ -135,12 +138,14 @@ class NatsServer:
         for raw in self.proc.stderr:
             line = raw.decode(errors="replace")
             lines.append(line)
+            if self.on_line is not None:
+                self.on_line(line)
             if _LISTENING in line:
                 # "host:port", or "[::]:port" for IPv6
                 self.port = int(line.split(_LISTENING, 1)[1].strip().rpartition(":")[2])
             if "Server is ready" in line:
                 # keep draining the pipe so the server never blocks on a full stderr buffer
-                threading_drain(self.proc.stderr)
+                threading_drain(self.proc.stderr, self.on_line)
                 return
         raise ConfigError("nats-server exited during start:\n" + "".join(lines[-10:]))
 
@@ -189,8 +194,13 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def threading_drain(stream) -> None:
-    """Read a pipe to EOF in a daemon thread."""
+def threading_drain(stream, on_line: Callable[[str], None] | None = None) -> None:
+    """Read a pipe to EOF in a daemon thread, handing each line to `on_line` if given."""
     import threading
 
-    threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
+    def drain() -> None:
+        for raw in stream:
+            if on_line is not None:
+                on_line(raw.decode(errors="replace"))
+
+    threading.Thread(target=drain, daemon=True).start()

@@ -93,7 +93,7 @@ class Runtime:
         main_identity = "admin" if self.embedded_nats else self.names[0]
         main_auth = credentials.for_identity(s, main_identity)
         main = Bus(s.nats_url, subjects, name="lockgate-" + "+".join(self.names), auth=main_auth,
-                   manage_topology=not main_auth.enabled or main_auth.user in TOPOLOGY_OWNERS)
+                   manage_topology=not main_auth.enabled or main_auth.user in TOPOLOGY_OWNERS, replicas=s.replicas)
         self.buses.append(main)
         await main.connect()
         telemetry = Telemetry(sample_ratio=s.trace_sample_ratio, slow_ms=s.trace_slow_ms,

@@ -1,0 +1,108 @@
+"""A JetStream cluster of real nats-servers on one host: routes on loopback, the same users on every
+node, readiness read from the servers' logs (a metadata leader known), not guessed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from lockgate.errors import ConfigError
+from lockgate.server.natsserver import NatsServer
+
+# Logged by every node once the JetStream metadata group has a leader ("Self is new JetStream cluster
+# metadata leader" on the leader itself, "JetStream cluster new metadata leader: n2/lockgate" elsewhere).
+_META_LEADER = "metadata leader"
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports nothing listens on now. Routes must be configured before a node starts (JetStream refuses
+    to cluster without them), so unlike client ports they cannot be left to the server to pick."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def node_config(name: str, cluster: str, host: str, route_port: int, route_ports: list[int],
+                route_password: str, base: str = "") -> str:
+    """One node's configuration: `base` (users, TLS: `auth_config`) plus its name and the cluster block.
+    Routes authenticate with a password of their own, so nothing else on the host can join the cluster."""
+    conf = json.loads(base) if base else {}
+    conf["server_name"] = name
+    conf["cluster"] = {
+        "name": cluster,
+        "listen": f"{host}:{route_port}",
+        "authorization": {"user": "route", "password": route_password},
+        "routes": [f"nats-route://route:{route_password}@{host}:{p}" for p in route_ports if p != route_port],
+    }
+    return json.dumps(conf, indent=1)
+
+
+class NatsCluster:
+    """`size` nats-servers forming one JetStream cluster; `url` lists every node for clients."""
+
+    def __init__(self, root: str | Path, *, size: int = 3, host: str = "127.0.0.1", config: str = "",
+                 name: str = "lockgate", tls: bool = False) -> None:
+        self.root = Path(root)
+        self.host = host
+        self.name = name
+        route_ports = free_ports(size, host)
+        password = secrets.token_urlsafe(24)
+        self._leader_known = [threading.Event() for _ in range(size)]
+        self.nodes = [
+            NatsServer(self.root / f"n{i + 1}", host=host, tls=tls, on_line=self._watcher(i),
+                       config=node_config(f"n{i + 1}", name, host, port, route_ports, password, config))
+            for i, port in enumerate(route_ports)
+        ]
+
+    def _watcher(self, index: int) -> Callable[[str], None]:
+        event = self._leader_known[index]
+
+        def on_line(line: str) -> None:
+            if _META_LEADER in line:
+                event.set()
+
+        return on_line
+
+    @property
+    def urls(self) -> list[str]:
+        """Every node's client URL."""
+        return [node.url for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """The comma-separated server list a lockgate client takes (LOCKGATE_NATS_URL)."""
+        return ",".join(self.urls)
+
+    async def start(self, timeout_s: float = 60.0) -> None:
+        """Start every node, then wait until each knows the JetStream metadata leader."""
+        # Together: a node waits for its routes before JetStream is ready, so one by one would stall.
+        await asyncio.gather(*(self._start(i, timeout_s) for i in range(len(self.nodes))))
+
+    async def _start(self, index: int, timeout_s: float) -> None:
+        self._leader_known[index].clear()
+        await self.nodes[index].start(timeout_s)
+        if not await asyncio.to_thread(self._leader_known[index].wait, timeout_s):
+            raise ConfigError(f"nats-server n{index + 1} saw no JetStream metadata leader within {timeout_s:.0f}s")
+
+    async def restart(self, index: int, timeout_s: float = 60.0) -> None:
+        """Start a stopped or killed node again on its ports and store; returns once it knows the leader."""
+        await self._start(index, timeout_s)
+
+    def kill(self, index: int) -> None:
+        """kill -9 one node (its store stays for the restart)."""
+        self.nodes[index].kill()
+
+    def stop(self) -> None:
+        """Stop every node gracefully."""
+        for node in self.nodes:
+            node.stop()

@@ -1,0 +1,167 @@
+"""compose.yaml and deploy/k8s checked against the CLI, offline: every command, flag, service and
+LOCKGATE_* variable they use exists; the router is told where its upstream is; the gatekeepers share
+one mounted signing key; streams are replicated on the three-node cluster. A broken copy fails."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from lockgate.cli.main import cli
+from lockgate.config import Settings
+from lockgate.permissions import IDENTITIES
+from lockgate.server.registry import available
+
+ROOT = Path(__file__).resolve().parents[2]
+# Variables the CLI group reads besides the settings (click envvars) and the NATS servers' passwords.
+_CLI_ENV = {"LOCKGATE_ROLE", "LOCKGATE_IDENTITY"}
+_PASSWORDS = {f"LOCKGATE_NATS_PASSWORD_{i.upper()}" for i in IDENTITIES}
+
+
+def _known_variable(name: str) -> bool:
+    field = name.removeprefix("LOCKGATE_").lower()
+    return field in Settings.__struct_fields__ or name in _CLI_ENV or name in _PASSWORDS
+
+
+def _check_command(args: list[str]) -> list[str]:
+    """Problems with one `lockgate ARGS` invocation: parsed by the CLI itself, nothing run."""
+    try:
+        # The files give no global options: the first word is the command.
+        ctx = click.Context(cli, info_name="lockgate")
+        name, command, rest = cli.resolve_command(ctx, list(args))
+        assert name is not None and command is not None
+        sub = command.make_context(name, rest, parent=ctx)
+    except click.exceptions.Exit:
+        return []
+    except click.UsageError as exc:
+        return [f"lockgate {' '.join(args)}: {exc.format_message()}"]
+    if name == "serve":
+        unknown = set(sub.params["services"]) - set(available())
+        return [f"lockgate serve: unknown service {s!r}" for s in sorted(unknown)]
+    return []
+
+
+def _mounted(mounts: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The volume a file path lies on, if any."""
+    for mount_path, volume in mounts.items():
+        if path.startswith(mount_path.rstrip("/") + "/"):
+            return volume
+    return None
+
+
+def _containers(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return doc.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])
+
+
+def k8s_problems(text: str) -> list[str]:
+    """What is wrong with a k8s manifest of lockgate (empty: nothing)."""
+    docs = [d for d in yaml.safe_load_all(text) if d]
+    config = next(d["data"] for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "lockgate")
+    problems = [f"ConfigMap: unknown variable {k}" for k in config if not _known_variable(k)]
+    if config.get("LOCKGATE_REPLICAS") != "3":
+        problems.append("ConfigMap: LOCKGATE_REPLICAS must be 3 on a three-node NATS cluster")
+    for doc in docs:
+        if doc["kind"] != "Deployment":
+            continue
+        pod = doc["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for c in _containers(doc):
+            where = f"Deployment {doc['metadata']['name']}"
+            problems += [f"{where}: {p}" for p in _check_command(c["args"])]
+            env = {e["name"]: e for e in c.get("env", [])}
+            problems += [f"{where}: unknown variable {k}" for k in env if not _known_variable(k)]
+            service = c["args"][1]
+            user = env.get("LOCKGATE_NATS_USER", {}).get("value")
+            secret_key = env.get("LOCKGATE_NATS_PASSWORD", {}).get("valueFrom", {}).get("secretKeyRef", {}).get("key")
+            if user != service or secret_key != service:
+                problems.append(f"{where}: connects as {user!r} with the password of {secret_key!r}, not {service!r}")
+            mounts = {m["mountPath"]: volumes.get(m["name"]) for m in c.get("volumeMounts", [])}
+
+            if service == "gatekeeper":
+                key = env.get("LOCKGATE_SIGNING_KEY", {}).get("value", "")
+                volume = _mounted(mounts, key) if key else None
+                if volume is None or "secret" not in volume:
+                    problems.append(f"{where}: the signing key must be LOCKGATE_SIGNING_KEY on a mounted Secret")
+            if service == "router":
+                endpoints = env.get("LOCKGATE_ENDPOINTS_FILE", {}).get("value", "")
+                upstream = env.get("LOCKGATE_STABLE_UPSTREAM", {}).get("value", "")
+                if not (endpoints and _mounted(mounts, endpoints)) and not (upstream and "127.0.0.1" not in upstream):
+                    problems.append(f"{where}: no upstream configured (LOCKGATE_ENDPOINTS_FILE on a mounted "
+                                    "ConfigMap); the default is the simulator on 127.0.0.1")
+    return problems
+
+
+def compose_problems(text: str) -> list[str]:
+    """What is wrong with lockgate's compose file (empty: nothing)."""
+    doc = yaml.safe_load(text)
+    problems: list[str] = []
+    nodes = [n for n, s in doc["services"].items() if s.get("image", "").startswith("nats")]
+    for name, svc in doc["services"].items():
+        env = svc.get("environment", {}) or {}
+        if name in nodes:
+            missing = _PASSWORDS - set(env)
+            problems += [f"{name}: no {v}" for v in sorted(missing)]
+            continue
+        if svc.get("image") != "lockgate:latest":
+            continue
+        where = f"service {name}"
+        problems += [f"{where}: {p}" for p in _check_command(svc["command"])]
+        problems += [f"{where}: unknown variable {k}" for k in env if k.startswith("LOCKGATE_") and not _known_variable(k)]
+        if svc["command"][0] != "serve":
+            continue
+        service = svc["command"][1]
+        if env.get("LOCKGATE_NATS_USER") != service:
+            problems.append(f"{where}: connects as {env.get('LOCKGATE_NATS_USER')!r}, not {service!r}")
+        urls = env.get("LOCKGATE_NATS_URL", "").split(",")
+        if sorted(u.split("//")[1].split(":")[0] for u in urls if u) != sorted(nodes):
+            problems.append(f"{where}: LOCKGATE_NATS_URL must list every NATS node ({', '.join(nodes)})")
+        if env.get("LOCKGATE_REPLICAS") != "3":
+            problems.append(f"{where}: LOCKGATE_REPLICAS must be 3 on the three-node cluster")
+        if service == "router" and not re.match(r"https?://(?!127\.0\.0\.1)", env.get("LOCKGATE_STABLE_UPSTREAM", "")) \
+                and "LOCKGATE_ENDPOINTS_FILE" not in env:
+            problems.append(f"{where}: no upstream configured")
+    return problems
+
+
+def test_k8s_manifest_matches_the_cli() -> None:
+    assert k8s_problems((ROOT / "deploy/k8s/lockgate.yaml").read_text()) == []
+
+
+def test_compose_matches_the_cli() -> None:
+    assert compose_problems((ROOT / "compose.yaml").read_text()) == []
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ("'--router-port', '8080'", "'--router-prt', '8080'", "No such option '--router-prt'"),
+    ("args: ['serve', 'drift']", "args: ['serve', 'drfit']", "unknown service 'drfit'"),
+    ("- {name: LOCKGATE_ENDPOINTS_FILE, value: /etc/lockgate/endpoints/endpoints.yaml}", "",
+     "no upstream configured"),
+    ("- {name: LOCKGATE_SIGNING_KEY, value: /etc/lockgate/signing/gatekeeper.pem}", "",
+     "the signing key must be LOCKGATE_SIGNING_KEY on a mounted Secret"),
+    ("LOCKGATE_REPLICAS: \"3\"", "LOCKGATE_REPLICA: \"3\"", "unknown variable LOCKGATE_REPLICA"),
+    ("key: cost}", "key: router}", "with the password of 'router'"),
+])
+def test_a_broken_k8s_manifest_fails(old: str, new: str, expected: str) -> None:
+    text = (ROOT / "deploy/k8s/lockgate.yaml").read_text()
+    assert old in text
+    problems = k8s_problems(text.replace(old, new, 1))
+    assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize(("old", "new", "expected"), [
+    ('command: ["serve", "router", "--router-port"', 'command: ["serve", "router", "--port"',
+     "No such option '--port'"),
+    ("LOCKGATE_STABLE_UPSTREAM: http://simulator:9000/v1", "LOCKGATE_STABLE_UPSTREAM: http://127.0.0.1:9000/v1",
+     "no upstream configured"),
+    ("nats://nats-2:4222,", "", "must list every NATS node"),
+])
+def test_a_broken_compose_file_fails(old: str, new: str, expected: str) -> None:
+    text = (ROOT / "compose.yaml").read_text()
+    assert old in text
+    problems = compose_problems(text.replace(old, new, 1))
+    assert any(expected in p for p in problems), problems
