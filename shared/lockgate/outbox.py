@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import msgspec
@@ -88,7 +87,7 @@ def encode_event(event: InferenceEvent, *, check: bool = False) -> Encoded:
         except InvalidEvent as exc:
             raise InvalidEvent(f"invalid inference event: {exc.message}") from None
         # The default window: a consumer configured wider would accept more, never less.
-        if reason := _LIMITS.time_error(event, datetime.now(UTC)):
+        if reason := _LIMITS.event_error(event):
             raise InvalidEvent(f"invalid inference event: {reason} - at `$.time`")
     parent = f"00-{event.trace_id}-{event.span_id}-01" if event.trace_id and event.span_id else ""
     return Encoded(event.app, event.id, parent, data)
