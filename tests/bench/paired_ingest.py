@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -26,10 +27,13 @@ FIGURES = {
 }
 
 
-def run_once(tree: Path, events: int) -> dict[str, float]:
-    """One bench run in `tree`; its figures by short name."""
-    out = subprocess.run([str(tree / ".venv/bin/python"), "-m", "tests.bench.bench_ingest", "--events", str(events)],
-                         cwd=tree, capture_output=True, text=True, check=True, timeout=900)
+def run_once(tree: Path, python: Path | None, events: int) -> dict[str, float]:
+    """One bench run in `tree` (its own code first on the path, so a copy of a checkout can borrow
+    another's .venv); its figures by short name."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(tree / p) for p in ("", "shared", "dev"))}
+    out = subprocess.run([str(python or tree / ".venv/bin/python"), "-m", "tests.bench.bench_ingest",
+                          "--events", str(events)], cwd=tree, env=env, capture_output=True, text=True, check=True,
+                         timeout=900)
     result = json.loads(out.stdout[out.stdout.index("{"):])
     figures = {}
     for name, path in FIGURES.items():
@@ -54,6 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--a", type=Path, required=True, help="first checkout (e.g. the baseline)")
     parser.add_argument("--b", type=Path, default=Path("."), help="second checkout (default: this one)")
+    parser.add_argument("--a-python", type=Path, help="interpreter for A (default: A's .venv)")
+    parser.add_argument("--b-python", type=Path, help="interpreter for B (default: B's .venv)")
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--events", type=int, default=200_000)
     args = parser.parse_args()
@@ -62,7 +68,7 @@ def main() -> None:
         # Alternate which goes first, so neither always runs on the warmer (or busier) half of a pair.
         order = ("a", "b") if i % 2 == 0 else ("b", "a")
         for side in order:
-            figures = run_once(getattr(args, side).resolve(), args.events)
+            figures = run_once(getattr(args, side).resolve(), getattr(args, f"{side}_python"), args.events)
             runs[side].append(figures)
             print(json.dumps({"pair": i, "side": side, **figures}), file=sys.stderr, flush=True)
     print(json.dumps({"a": str(args.a), "b": str(args.b), "pairs": args.pairs, "events": args.events,
