@@ -138,9 +138,12 @@ class StoredWindow:
 
     def to_look_up(self, keys: Sequence[tuple[Any, ...]], times: Sequence[datetime]) -> list[int]:
         """Indices of the rows whose keys may be stored already (so must be looked up)."""
-        horizon, generations = self.horizon, self._keys
-        return [i for i, (k, t) in enumerate(zip(keys, times, strict=True))
-                if t <= horizon or any(hash(k) in g for g in generations)]
+        hashes = list(map(hash, keys))
+        known: set[int] = set()
+        for generation in self._keys:  # set operations at C speed; `known` is empty but for redeliveries
+            known |= generation.intersection(hashes)
+        horizon = self.horizon
+        return [i for i, (h, t) in enumerate(zip(hashes, times, strict=True)) if t <= horizon or h in known]
 
     def stored(self, keys: Sequence[tuple[Any, ...]], times: Sequence[datetime]) -> None:
         """Remember rows an insert stored."""
