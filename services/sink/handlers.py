@@ -8,7 +8,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -41,6 +41,7 @@ def _link(trace_id: str, span_id: str) -> Link | None:
     return Link(ctx)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # The stored-keys windows of each store this process writes through (see Writer._open_window).
 _WINDOWS: weakref.WeakKeyDictionary[Store, dict[str, domain.StoredWindow]] = weakref.WeakKeyDictionary()
 
@@ -85,9 +86,10 @@ class Writer:
             windows = _WINDOWS.setdefault(self.store, {})
             if self.table.name not in windows:
                 # Rows stored before this process wrote the table (by an earlier one) lie at or before this time.
-                latest = await self.store.arows(f"SELECT max({self.projection.within}) AS t FROM {self.table.name}")
-                horizon = latest[0]["t"] if latest else datetime.min
-                horizon = horizon if horizon.tzinfo else horizon.replace(tzinfo=UTC)
+                # As microseconds, so no driver's time zone handling can shift it.
+                micros = await self.store.arows(
+                    f"SELECT toUnixTimestamp64Micro(max({self.projection.within})) AS t FROM {self.table.name}")
+                horizon = _EPOCH + timedelta(microseconds=int(micros[0]["t"] if micros else 0))
                 windows.setdefault(self.table.name, domain.StoredWindow(horizon))
             self._window = windows[self.table.name]
         return self._window
