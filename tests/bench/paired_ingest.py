@@ -6,6 +6,9 @@ median and range of each figure per checkout. Only a comparison made this way me
 shared machine; a lone figure from another hour does not.
 
     python -m tests.bench.paired_ingest --a /path/to/before --b . --pairs 4 --events 200000
+
+With `--script tests/bench/ingest_cpu.py` each run is that script instead (this checkout's copy, run
+in each checkout), and every number it prints is summarised (CPU per event of the SDK and the sink).
 """
 
 from __future__ import annotations
@@ -27,14 +30,16 @@ FIGURES = {
 }
 
 
-def run_once(tree: Path, python: Path | None, events: int) -> dict[str, float]:
+def run_once(tree: Path, python: Path | None, events: int, script: Path | None = None) -> dict[str, float]:
     """One bench run in `tree` (its own code first on the path, so a copy of a checkout can borrow
     another's .venv); its figures by short name."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(tree / p) for p in ("", "shared", "dev"))}
-    out = subprocess.run([str(python or tree / ".venv/bin/python"), "-m", "tests.bench.bench_ingest",
-                          "--events", str(events)], cwd=tree, env=env, capture_output=True, text=True, check=True,
-                         timeout=900)
+    bench = [str(script)] if script else ["-m", "tests.bench.bench_ingest"]
+    out = subprocess.run([str(python or tree / ".venv/bin/python"), *bench, "--events", str(events)], cwd=tree,
+                         env=env, capture_output=True, text=True, check=True, timeout=900)
     result = json.loads(out.stdout[out.stdout.index("{"):])
+    if script:  # a flat result: every number is a figure
+        return {k: v for k, v in result.items() if isinstance(v, int | float)}
     figures = {}
     for name, path in FIGURES.items():
         value = result
@@ -48,9 +53,9 @@ def run_once(tree: Path, python: Path | None, events: int) -> dict[str, float]:
 def summary(runs: list[dict[str, float]]) -> dict[str, str]:
     """Median [min-max] of each figure."""
     out = {}
-    for name in FIGURES:
+    for name in runs[0]:
         values = [r[name] for r in runs]
-        out[name] = f"{statistics.median(values):.0f} [{min(values):.0f}-{max(values):.0f}]"
+        out[name] = f"{statistics.median(values):.4g} [{min(values):.4g}-{max(values):.4g}]"
     return out
 
 
@@ -61,6 +66,7 @@ def main() -> None:
     parser.add_argument("--a-python", type=Path, help="interpreter for A (default: A's .venv)")
     parser.add_argument("--b-python", type=Path, help="interpreter for B (default: B's .venv)")
     parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--script", type=Path, help="a bench script to run instead of tests.bench.bench_ingest")
     parser.add_argument("--events", type=int, default=200_000)
     args = parser.parse_args()
     runs: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
@@ -68,7 +74,8 @@ def main() -> None:
         # Alternate which goes first, so neither always runs on the warmer (or busier) half of a pair.
         order = ("a", "b") if i % 2 == 0 else ("b", "a")
         for side in order:
-            figures = run_once(getattr(args, side).resolve(), getattr(args, f"{side}_python"), args.events)
+            figures = run_once(getattr(args, side).resolve(), getattr(args, f"{side}_python"), args.events,
+                               args.script.resolve() if args.script else None)
             runs[side].append(figures)
             print(json.dumps({"pair": i, "side": side, **figures}), file=sys.stderr, flush=True)
     print(json.dumps({"a": str(args.a), "b": str(args.b), "pairs": args.pairs, "events": args.events,
