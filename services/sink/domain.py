@@ -122,9 +122,10 @@ class StoredWindow:
     a projection with a time column (a re-sent fact carries the time it was first sent with). Every
     row whose time is after `horizon` was then stored through this window: `horizon` starts as the
     table's latest time when the writer starts (what earlier processes stored lies at or before
-    it), and rises past the rows this window forgets (oldest generation first, to bound memory) and
-    past the rows of a failed insert (which may have landed all the same). A row after `horizon`
-    whose key is not here is therefore new, without asking the store; any other row is looked up.
+    it), and rises past the rows this window forgets (oldest generation first, to bound memory). The
+    keys of a failed insert are remembered too (it may have landed all the same). A row after
+    `horizon` whose key is not here is therefore new, without asking the store; any other row is
+    looked up.
 
     Keys are kept as their hashes (about 60 bytes each instead of 120): a hash found here means
     "perhaps stored", and the row is looked up, so a collision costs a lookup, never a row."""
@@ -146,7 +147,7 @@ class StoredWindow:
         return [i for i, (h, t) in enumerate(zip(hashes, times, strict=True)) if t <= horizon or h in known]
 
     def stored(self, keys: Sequence[tuple[Any, ...]], times: Sequence[datetime]) -> None:
-        """Remember rows an insert stored."""
+        """Remember rows an insert stored, or tried to store."""
         if not keys:
             return
         self._keys[-1].update(map(hash, keys))
@@ -157,11 +158,6 @@ class StoredWindow:
             if len(self._keys) > self._generations:
                 self._keys.pop(0)
                 self.horizon = max(self.horizon, self._latest.pop(0))
-
-    def failed(self, times: Sequence[datetime]) -> None:
-        """An insert of rows with these times failed, and may have landed: look them up from now on."""
-        if times:
-            self.horizon = max(self.horizon, max(times))
 
 
 def select(data: Sequence[Sequence[Any]], rows: Sequence[int]) -> list[list[Any]]:

@@ -156,12 +156,11 @@ class Writer:
             token = domain.batch_token(domain.key_strings(keys))
             try:
                 await self.store.ainsert_columns(self.table.name, self.table.columns, data, token=token)
-            except BaseException:
+            finally:
                 if window is not None and times is not None:
-                    window.failed(times)  # the rows may have landed all the same
-                raise
-            if window is not None and times is not None:
-                window.stored(keys, times)
+                    # Stored, or perhaps stored (a failed insert may have landed all the same): a key
+                    # remembered here is looked up when it comes again, so neither case stores it twice.
+                    window.stored(keys, times)
         return Written(rows=len(data[0]), skipped_messages=skipped)
 
     async def on_facts(self, items: list[tuple[msgspec.Struct, Delivery]]) -> None:

@@ -91,10 +91,3 @@ def test_stored_window_forgets_oldest_first_and_raises_its_horizon_past_them() -
     # e1..e4 are forgotten: rows up to their latest time are looked up again, later ones are vouched for
     assert window.horizon == _at(4)
     assert window.to_look_up([("e4",), ("e5",), ("x",)], [_at(4), _at(5), _at(7)]) == [0, 1]
-
-
-def test_stored_window_looks_up_the_rows_of_a_failed_insert() -> None:
-    """A failed insert may have landed: its rows, and any before them, are looked up from then on."""
-    window = StoredWindow(horizon=_at(0))
-    window.failed([_at(3), _at(5)])
-    assert window.to_look_up([("a",), ("b",)], [_at(5), _at(6)]) == [0]
