@@ -50,12 +50,16 @@ def run_once(tree: Path, python: Path | None, events: int, script: Path | None =
     return figures
 
 
+def _fmt(value: float) -> str:
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
 def summary(runs: list[dict[str, float]]) -> dict[str, str]:
     """Median [min-max] of each figure."""
     out = {}
     for name in runs[0]:
         values = [r[name] for r in runs]
-        out[name] = f"{statistics.median(values):.4g} [{min(values):.4g}-{max(values):.4g}]"
+        out[name] = f"{_fmt(statistics.median(values))} [{_fmt(min(values))}-{_fmt(max(values))}]"
     return out
 
 
