@@ -78,8 +78,12 @@ def main() -> None:
         # Alternate which goes first, so neither always runs on the warmer (or busier) half of a pair.
         order = ("a", "b") if i % 2 == 0 else ("b", "a")
         for side in order:
-            figures = run_once(getattr(args, side).resolve(), getattr(args, f"{side}_python"), args.events,
-                               args.script.resolve() if args.script else None)
+            try:
+                figures = run_once(getattr(args, side).resolve(), getattr(args, f"{side}_python"), args.events,
+                                   args.script.resolve() if args.script else None)
+            except subprocess.CalledProcessError as exc:  # one failed run is reported, not the whole comparison lost
+                print(json.dumps({"pair": i, "side": side, "failed": exc.stderr[-2000:]}), file=sys.stderr, flush=True)
+                continue
             runs[side].append(figures)
             print(json.dumps({"pair": i, "side": side, **figures}), file=sys.stderr, flush=True)
     print(json.dumps({"a": str(args.a), "b": str(args.b), "pairs": args.pairs, "events": args.events,
