@@ -6,6 +6,7 @@ import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -112,6 +113,51 @@ def new_rows(keys: Sequence[tuple[Any, ...]], origins: Sequence[int], stored: se
         return [i for i, k in enumerate(keys) if k not in stored and owner.setdefault(k, i) == i]
     return [i for i, (k, o) in enumerate(zip(keys, origins, strict=True))
             if k not in stored and owner.setdefault(k, o) == o]
+
+
+class StoredWindow:
+    """The keys of the rows one writer stored lately, so that most rows need no lookup in the store.
+
+    Sound only where that writer is the table's only one (chDB: one process per data path), and for
+    a projection with a time column (a re-sent fact carries the time it was first sent with). Every
+    row whose time is after `horizon` was then stored through this window: `horizon` starts as the
+    table's latest time when the writer starts (what earlier processes stored lies at or before
+    it), and rises past the rows this window forgets (oldest generation first, to bound memory). The
+    keys of a failed insert are remembered too (it may have landed all the same). A row after
+    `horizon` whose key is not here is therefore new, without asking the store; any other row is
+    looked up.
+
+    Keys are kept as their hashes (about 60 bytes each instead of 120): a hash found here means
+    "perhaps stored", and the row is looked up, so a collision costs a lookup, never a row."""
+
+    def __init__(self, horizon: datetime, capacity: int = 1_000_000, generations: int = 4) -> None:
+        self.horizon = horizon
+        self._per_generation = max(1, capacity // generations)
+        self._generations = generations
+        self._keys: list[set[int]] = [set()]
+        self._latest: list[datetime] = [horizon]  # the latest time of each generation's rows
+
+    def to_look_up(self, keys: Sequence[tuple[Any, ...]], times: Sequence[datetime]) -> list[int]:
+        """Indices of the rows whose keys may be stored already (so must be looked up)."""
+        hashes = list(map(hash, keys))
+        known: set[int] = set()
+        for generation in self._keys:  # set operations at C speed; `known` is empty but for redeliveries
+            known |= generation.intersection(hashes)
+        horizon = self.horizon
+        return [i for i, (h, t) in enumerate(zip(hashes, times, strict=True)) if t <= horizon or h in known]
+
+    def stored(self, keys: Sequence[tuple[Any, ...]], times: Sequence[datetime]) -> None:
+        """Remember rows an insert stored, or tried to store."""
+        if not keys:
+            return
+        self._keys[-1].update(map(hash, keys))
+        self._latest[-1] = max(self._latest[-1], max(times))
+        if len(self._keys[-1]) >= self._per_generation:
+            self._keys.append(set())
+            self._latest.append(self.horizon)
+            if len(self._keys) > self._generations:
+                self._keys.pop(0)
+                self.horizon = max(self.horizon, self._latest.pop(0))
 
 
 def select(data: Sequence[Sequence[Any]], rows: Sequence[int]) -> list[list[Any]]:

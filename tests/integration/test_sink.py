@@ -146,6 +146,28 @@ async def test_a_redelivered_ledger_regrouped_with_a_new_one_is_stored_once(cont
     assert store.scalar("SELECT uniqExact(event_id) FROM cost_ledger") == 8
 
 
+async def test_an_event_stored_by_an_earlier_process_and_resent_is_stored_once(
+    context: ServiceContext, store: Store
+) -> None:
+    """A writer remembers the events it stored, so most need no lookup; what an earlier process stored
+    (here: another Store on the same database) is still found in the store."""
+    from lockgate.services.sink.handlers import SinkHandlers
+    from lockgate.store import open_store
+
+    def delivery(msg_id: str) -> Delivery:
+        return Delivery(subject="s", msg_id=msg_id, headers={}, deliveries=1, stream_seq=1)
+
+    events = _events(10)
+    await SinkHandlers(context, Telemetry().tracer("test")).on_inference([(events, delivery("before-restart"))])
+    later = open_store(store.url, store.database)  # the restarted process's own store
+    restarted = ServiceContext(bus=context.bus, store=later, telemetry=Telemetry(), settings=context.settings)
+    sink = SinkHandlers(restarted, Telemetry().tracer("test"))
+    await sink.on_inference([([*events[5:], *_events(3)], delivery("after-restart"))])
+    await sink.on_inference([(events[:2], delivery("once-more"))])  # known to the store, not to this writer
+    assert store.scalar("SELECT count() FROM inference_events") == 13
+    assert store.scalar("SELECT uniqExact(id) FROM inference_events") == 13
+
+
 async def test_an_event_resent_under_another_message_id_later_is_stored_once(
     run_services, bus: Bus, store: Store
 ) -> None:

@@ -44,6 +44,10 @@ def test_emit_refuses_unknown_fields_and_unencodable_values() -> None:
         c.emit(input_tokenz=3)
     with pytest.raises(InvalidEvent, match="invalid inference event"):
         c.emit(attributes={"k": object()})
+    with pytest.raises(InvalidEvent, match="surrogates"):  # text that has no UTF-8 form
+        c.emit(prompt="\ud800")
+    with pytest.raises(InvalidEvent, match=re.escape("$.schema_version")):  # the sink's decoder refuses it too
+        c.emit(schema_version=99)
     assert c.emit(model="m", input_tokens=3) and c.pending == 1
 
 

@@ -41,3 +41,14 @@ def test_the_sdk_refuses_an_event_time_far_from_now_naming_the_field() -> None:
     with pytest.raises(InvalidEvent, match=r"before now .*\$\.time"):
         c.emit(time=datetime(1900, 1, 1, tzinfo=UTC))
     assert c.emit(time=datetime.now(UTC) - timedelta(hours=1)) and c.pending == 1
+
+
+def test_the_per_event_check_agrees_with_the_exact_window_at_its_edges() -> None:
+    """The SDK's check reads the clock at most once a second; an event near an edge is judged exactly."""
+    limits = EventLimits(past_s=100, future_s=10)
+    now = datetime.now(UTC)
+    assert limits.event_error(InferenceEvent(app="shop", time=now)) == ""
+    assert limits.event_error(InferenceEvent(app="shop", time=now - timedelta(seconds=99.5))) == ""
+    assert limits.event_error(InferenceEvent(app="shop", time=now + timedelta(seconds=9))) == ""
+    assert "before now" in limits.event_error(InferenceEvent(app="shop", time=now - timedelta(seconds=101)))
+    assert "after now" in limits.event_error(InferenceEvent(app="shop", time=now + timedelta(seconds=11)))

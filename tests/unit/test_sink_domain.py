@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
 
-from lockgate.services.sink.domain import FACTS, INFERENCE, batch_token, new_rows, redaction, select
+from lockgate.services.sink.domain import (
+    FACTS,
+    INFERENCE,
+    StoredWindow,
+    batch_token,
+    new_rows,
+    redaction,
+    select,
+)
 from lockgate.store.tables import TABLES
 
 
@@ -56,3 +66,28 @@ def test_redaction_scrubs_prompts_and_responses() -> None:
     scrub = redaction("scrub")
     assert "sk-" not in scrub["prompt"]("key sk-abcdefghijklmnopqrstuvwx") and scrub["response"](None) is None
     assert redaction("drop")["prompt"]("anything") is None
+
+
+T0 = datetime(2026, 1, 2, tzinfo=UTC)
+
+
+def _at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def test_stored_window_looks_up_only_rows_it_cannot_vouch_for() -> None:
+    """After the horizon, a key this writer never stored is new without a lookup; a key it stored, or a
+    row at or before the horizon (an earlier process's time), is looked up."""
+    window = StoredWindow(horizon=_at(0))
+    window.stored([("e1",), ("e2",)], [_at(1), _at(2)])
+    keys = [("e1",), ("e3",), ("e4",), ("e5",)]
+    assert window.to_look_up(keys, [_at(1), _at(3), _at(0), _at(-5)]) == [0, 2, 3]
+
+
+def test_stored_window_forgets_oldest_first_and_raises_its_horizon_past_them() -> None:
+    window = StoredWindow(horizon=_at(0), capacity=4, generations=2)  # two keys per generation
+    for i in range(1, 7):
+        window.stored([(f"e{i}",)], [_at(i)])
+    # e1..e4 are forgotten: rows up to their latest time are looked up again, later ones are vouched for
+    assert window.horizon == _at(4)
+    assert window.to_look_up([("e4",), ("e5",), ("x",)], [_at(4), _at(5), _at(7)]) == [0, 1]

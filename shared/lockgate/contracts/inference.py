@@ -15,7 +15,10 @@ NonNeg = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 NonNegF = Annotated[float, msgspec.Meta(ge=0, le=3.4e38)]
 
 
-class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference"):
+# gc=False: an event holds only strings, numbers and flat dicts of them, so it can never be part of a
+# reference cycle; untracked, the tens of thousands the sink decodes (and the SDK makes) per second no
+# longer set off the cyclic collector (about a tenth of the sink's time).
+class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference", gc=False):
     """One call to a model. Field docs give the GenAI semantic-convention attribute."""
 
     app: Name

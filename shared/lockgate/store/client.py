@@ -64,6 +64,12 @@ class Store:
         self._readonly: Any = None  # the operator SQL session, opened on first use
         self._readonly_lock = threading.Lock()
 
+    @property
+    def exclusive(self) -> bool:
+        """True when no other process can write this database while this one has it open (chDB: one
+        process per data path), so what this process inserted is all that was inserted since it opened."""
+        return urlparse(self.url).scheme == "chdb"
+
     # synchronous API (CLI, tests, migrations)
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         """Run a statement."""

@@ -1,0 +1,86 @@
+"""End-to-end ingest with the CPU each side spends per event: the SDK's process (from the first emit
+to the last acknowledgement, its imports left out) and the sink's (the bench process, while it waits
+for the events to be visible).
+
+On a shared machine the events per second swing with the neighbours' load; the CPU time per event
+barely does, so it says which side of the pipeline a change made cheaper. Runs on any checkout that
+has tests/bench/bench_ingest.py (it reuses its event fields and stack), so it can be pointed at an
+older one:
+
+    python tests/bench/ingest_cpu.py --events 100000                       # this checkout
+    python -m tests.bench.paired_ingest --a ../before --script tests/bench/ingest_cpu.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import resource
+import time
+from typing import Any
+
+from tests.bench import bench_ingest as bi
+from tests.bench.common import bench_env, stack
+
+
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
+    return usage.ru_utime + usage.ru_stime
+
+
+def _emitter(nats_url: str, prefix: str, n: int, conn: Any) -> None:
+    """The bench's application process, timing its own CPU."""
+    from lockgate.client import Client
+
+    async def go() -> None:
+        client = Client(nats_url, prefix=prefix, app="bench", max_buffer=n, batch_size=bi.BATCH,
+                        max_in_flight=bi.IN_FLIGHT)
+        await client.start()
+        conn.send("ready")
+        conn.recv()
+        cpu0, t0 = _cpu_s(), time.time()
+        for i in range(n):
+            client.emit(**bi.fields(i))
+            if i % 2000 == 1999:
+                await asyncio.sleep(0)  # as the bench's emitter does: the sender publishes meanwhile
+        cpu_emitted = _cpu_s()
+        await client.flush()
+        conn.send({"t0": t0, "published": time.time(), "emit_cpu_s": cpu_emitted - cpu0, "cpu_s": _cpu_s() - cpu0})
+        await client.close()
+
+    asyncio.run(go())
+
+
+async def run(n: int) -> dict[str, Any]:
+    """One end-to-end run of n events; rates and CPU microseconds per event."""
+    async with bench_env() as env, stack(env, "sink") as st:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(target=_emitter, args=(env.nats_url, st.ctx.settings.prefix, n, child), daemon=True)
+        proc.start()
+        assert await asyncio.to_thread(parent.recv) == "ready"
+        sink_cpu0 = _cpu_s()
+        parent.send("go")
+        t0 = time.time()
+        visible = await bi._wait_visible(st, n, time.perf_counter() + 300)
+        seconds, sink_cpu = time.time() - t0, _cpu_s() - sink_cpu0
+        app = await asyncio.to_thread(parent.recv)
+        await asyncio.to_thread(proc.join, 30)
+    return {
+        "events": n,
+        "complete": visible >= n,
+        "end_to_end_events_per_s": round(visible / seconds),
+        "published_events_per_s": round(n / (app["published"] - app["t0"])),
+        "sdk_emit_cpu_us_per_event": round(app["emit_cpu_s"] / n * 1e6, 2),
+        "sdk_cpu_us_per_event": round(app["cpu_s"] / n * 1e6, 2),
+        "sink_cpu_us_per_event": round(sink_cpu / n * 1e6, 2),
+        "total_cpu_us_per_event": round((app["cpu_s"] + sink_cpu) / n * 1e6, 2),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=100_000)
+    print(json.dumps(asyncio.run(run(parser.parse_args().events)), indent=2))
