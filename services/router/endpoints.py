@@ -7,6 +7,15 @@ name in the environment, then in the secrets file, and sent only to its own endp
     # endpoints.yaml (settings.endpoints_file / LOCKGATE_ENDPOINTS_FILE)
     endpoints:
       openai-prod: {url: https://api.openai.com/v1, credential: OPENAI_API_KEY}
+      openai-backup:
+        url: https://backup.example/v1
+        credential: BACKUP_KEY
+        timeouts: {connect_s: 2, first_byte_s: 20, between_chunks_s: 10, total_s: 120}
+        retry: {attempts: 2, budget_ratio: 0.1}
+        breaker: {consecutive_failures: 3, cooldown_s: 30}
+        fallback: openai-prod   # tried when this one fails or its breaker is open
+
+Timeouts, retries and the breaker default to resilience.py's values (fallback: none).
 
 Without a file, two endpoints come from settings: `default` (stable_upstream) and `canary`
 (canary_upstream), with no credential: the development setup with the simulator.
@@ -24,6 +33,7 @@ from yarl import URL
 
 from lockgate.config import Settings
 from lockgate.errors import ConfigError, LockgateError
+from lockgate.services.router.resilience import BreakerSpec, RetrySpec, Timeouts
 
 EndpointId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 Url = Annotated[str, msgspec.Meta(pattern="^https?://")]
@@ -38,6 +48,10 @@ class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 
     url: Url
     credential: str = ""  # name of the env variable or secrets-file entry holding the provider key
+    timeouts: Timeouts = Timeouts()
+    retry: RetrySpec = RetrySpec()
+    breaker: BreakerSpec = BreakerSpec()
+    fallback: EndpointId | None = None  # the endpoint tried when this one fails (an id, never a URL)
 
 
 class _File(msgspec.Struct, forbid_unknown_fields=True):
@@ -50,6 +64,10 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     url: URL
     authorization: str | None = None  # never logged, never in events
+    timeouts: Timeouts = Timeouts()
+    retry: RetrySpec = RetrySpec()
+    breaker: BreakerSpec = BreakerSpec()
+    fallback: str | None = None
 
     def __repr__(self) -> str:  # keep the secret out of any accidental repr in logs or tracebacks
         return f"Endpoint(id={self.id!r}, url={str(self.url)!r})"
@@ -92,7 +110,13 @@ class Endpoints:
         self.by_id: dict[str, Endpoint] = {}
         for eid, spec in specs.items():
             auth = f"Bearer {_secret(spec.credential, secrets, eid)}" if spec.credential else None
-            self.by_id[eid] = Endpoint(id=eid, url=URL(f"{spec.url.rstrip('/')}/chat/completions"), authorization=auth)
+            if spec.fallback is not None and spec.fallback not in specs:
+                raise ConfigError(f"endpoint {eid!r} falls back to {spec.fallback!r}, which is not configured "
+                                  f"(allowed: {', '.join(sorted(specs))})")
+            self.by_id[eid] = Endpoint(id=eid, url=URL(f"{spec.url.rstrip('/')}/chat/completions"), authorization=auth,
+                                       timeouts=spec.timeouts, retry=spec.retry, breaker=spec.breaker,
+                                       fallback=spec.fallback)
+        self.fallbacks = {eid: e.fallback for eid, e in self.by_id.items()}
 
     def get(self, endpoint_id: str) -> Endpoint:
         """The endpoint with this id, or UnknownEndpoint naming the allowed ones."""

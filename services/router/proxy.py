@@ -11,9 +11,8 @@ import contextlib
 import time
 from typing import Any
 
-import aiohttp
 import msgspec
-from aiohttp import web
+from aiohttp import ClientError, web
 from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
@@ -27,6 +26,7 @@ from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.services.router import domain
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.rollouts import Rollouts
+from lockgate.services.router.upstream import Hop, Reply, Upstream, UpstreamUnavailable, chain, forward_headers
 from lockgate.services.router.wire import (
     error_response,
     openai_error,
@@ -36,8 +36,7 @@ from lockgate.services.router.wire import (
 )
 
 # The client's Authorization is a lockgate key, checked here and never forwarded: the provider's
-# key is lockgate's, added per endpoint from operator configuration.
-_FORWARD = ("OpenAI-Organization", "OpenAI-Project", "Accept")
+# key is lockgate's, added per endpoint from operator configuration (headers forwarded: upstream.py).
 # The router reads every body it forwards (usage, finish reason), and auto_decompress is off so
 # bytes pass through untouched: ask upstreams for identity encoding, never what the client accepts.
 _UP_BASE = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
@@ -58,7 +57,7 @@ class Proxy:
         self.rollouts = rollouts
         self.batcher = batcher
         self.tracer = tracer
-        self.session: aiohttp.ClientSession | None = None
+        self.upstream = Upstream()  # its session is opened by the router's start
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """Proxy one chat completion to the stable or canary upstream."""
@@ -89,10 +88,11 @@ class Proxy:
         want_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
         # Streams without usage would leave token counts unknown: ask for them, hide them again.
         inject_usage = req.stream and not want_usage
-        if (target.model and target.model != req.model) or inject_usage or target.params:
-            body = patch_body(body, model if target.model else None, inject_usage, target.params)
+        # A failing canary falls back to stable for this request: stable's body goes along.
+        starts = [(variant, target)] if variant == "stable" else [(variant, target), ("stable", route.stable)]
         try:
-            endpoint = self.endpoints.get(target.endpoint)
+            hops = chain(self.endpoints, [(t.endpoint, _body_for(body, req.model, t, inject_usage), (v, t))
+                                          for v, t in starts])
         except UnknownEndpoint as exc:  # a route persisted before the allow-list changed
             return error_response(502, exc.message, "upstream_not_configured")
 
@@ -103,23 +103,20 @@ class Proxy:
         trace_id, span_id = f"{sc.trace_id:032x}", f"{sc.span_id:016x}"
         flags = "01" if sc.trace_flags.sampled else "00"
         up_headers = {**_UP_BASE, "traceparent": f"00-{trace_id}-{span_id}-{flags}"}
-        if endpoint.authorization:  # lockgate's provider key for this endpoint, from its credential
-            up_headers["Authorization"] = endpoint.authorization
-        for name in _FORWARD:
-            value = h.get(name)
-            if value is not None:
-                up_headers[name] = value
+        forward_headers(h, up_headers)
         out_headers = {"x-lockgate-variant": variant, "x-lockgate-release": target.release,
                        "x-lockgate-trace-id": trace_id}
         rec = _Record(status="ok")
         try:
             if req.stream:
-                response = await self._stream(request, endpoint, target, body, up_headers, out_headers,
-                                              want_usage, t0, rec)
+                response = await self._stream(request, hops, up_headers, out_headers, want_usage, t0, rec)
             else:
-                response = await self._once(endpoint, target, body, up_headers, out_headers, rec)
+                response = await self._once(hops, up_headers, out_headers, rec)
         finally:
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
+            if rec.served is not None:  # a fallback served: the event says which variant answered
+                variant, target = rec.served
+                model = target.model or req.model
             # The event and the span's attributes are bookkeeping: build them on the next loop
             # turn, after aiohttp has handed the response to the socket, not before.
             asyncio.get_running_loop().call_soon(
@@ -157,6 +154,7 @@ class Proxy:
                 response=rec.text if rec.status == "ok" or rec.text else None,
                 user_hash=domain.user_hash(user),
                 session_id=session,  # scrubbed with the rest of the event in the outbox
+                attributes=rec.attributes,
             )
         except Exception:  # the request is answered already: end the span, let the loop log the bug
             span.end()
@@ -165,42 +163,39 @@ class Proxy:
         metrics.router_request(variant, rec.status, rec.latency_ms / 1000.0)
         _end_span(span, event)
 
-    async def _once(self, endpoint: Endpoint, target: domain.Target, body: bytes, up_headers: dict[str, str],
-                    out_headers: dict[str, str], rec: _Record) -> web.StreamResponse:
+    async def _once(self, hops: list[Hop], up_headers: dict[str, str], out_headers: dict[str, str],
+                    rec: _Record) -> web.StreamResponse:
         try:
-            async with self.session.post(endpoint.url, data=body, headers=up_headers) as resp:
-                data = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} is unreachable: "
-                                 f"{type(exc).__name__}", "upstream_unreachable", out_headers)
-        if status != 200:
-            return rec.upstream_failed(status, data, endpoint, target, out_headers)
+            reply = await self.upstream.send(hops, up_headers, stream=False)
+        except UpstreamUnavailable as exc:
+            return rec.fail(exc.http, exc.message, exc.type_, out_headers)
+        endpoint, target = rec.took(reply, out_headers)
+        if reply.status != 200:
+            return rec.upstream_failed(reply.status, reply.body, endpoint, target, out_headers)
         try:
-            parse_completion(data, rec)
+            parse_completion(reply.body, rec)
         except msgspec.DecodeError:
             return rec.fail(502, f"endpoint {endpoint.id} answered a body that is not a chat completion",
                             "upstream_bad_response", out_headers)
-        return web.Response(body=data, status=200, content_type="application/json", headers=out_headers)
+        return web.Response(body=reply.body, status=200, content_type="application/json", headers=out_headers)
 
-    async def _stream(self, request: web.Request, endpoint: Endpoint, target: domain.Target, body: bytes,
-                      up_headers: dict[str, str], out_headers: dict[str, str], want_usage: bool,
-                      t0: float, rec: _Record) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, hops: list[Hop], up_headers: dict[str, str],
+                      out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record) -> web.StreamResponse:
         try:
-            resp = await self.session.post(endpoint.url, data=body, headers=up_headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} is unreachable: "
-                                 f"{type(exc).__name__}", "upstream_unreachable", out_headers)
-        async with resp:
-            if resp.status != 200:
-                return rec.upstream_failed(resp.status, await resp.read(), endpoint, target, out_headers)
+            reply = await self.upstream.send(hops, up_headers, stream=True)
+        except UpstreamUnavailable as exc:
+            return rec.fail(exc.http, exc.message, exc.type_, out_headers)
+        endpoint, target = rec.took(reply, out_headers)
+        async with reply:
+            if reply.status != 200:
+                return rec.upstream_failed(reply.status, reply.body, endpoint, target, out_headers)
             out = web.StreamResponse(headers={**out_headers, "Content-Type": "text/event-stream",
                                               "Cache-Control": "no-cache"})
             await out.prepare(request)
             parts: list[str] = []
             hiding = False
             try:
-                async for line in resp.content:
+                async for line in reply.lines():
                     if hiding:  # the blank line that closes a hidden event
                         hiding = False
                         if not line.strip():
@@ -215,7 +210,7 @@ class Proxy:
                                 hiding = True
                                 continue
                     await out.write(line)
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (ClientError, TimeoutError) as exc:
                 rec.status, rec.error_type = "error", f"stream_interrupted:{type(exc).__name__}"
             except ConnectionResetError:
                 rec.status, rec.error_type = "error", "client_disconnected"
@@ -231,6 +226,7 @@ class _Record:
     """What the proxy learned about one call, for its event."""
 
     __slots__ = (
+        "attributes",
         "cached_tokens",
         "error_type",
         "finish_reason",
@@ -238,6 +234,7 @@ class _Record:
         "latency_ms",
         "output_tokens",
         "response_model",
+        "served",
         "status",
         "text",
         "ttft_ms",
@@ -251,6 +248,18 @@ class _Record:
         self.response_model = ""
         self.ttft_ms = self.latency_ms = 0.0
         self.text = ""
+        self.served: tuple[str, domain.Target] | None = None
+        self.attributes: dict[str, str] = {}
+
+    def took(self, reply: Reply, headers: dict[str, str]) -> tuple[Endpoint, domain.Target]:
+        """Note which hop answered (for the event and the response headers) and pass its headers on."""
+        headers.update(reply.headers)
+        self.attributes = reply.attributes()
+        variant, target = reply.hop.tag
+        if reply.fallback_from is not None:
+            self.served = (variant, target)
+            headers["x-lockgate-variant"], headers["x-lockgate-release"] = variant, target.release
+        return reply.hop.endpoint, target
 
     def fail(self, http: int, message: str, type_: str, headers: dict[str, str]) -> web.Response:
         self.status, self.error_type = "error", type_
@@ -264,6 +273,13 @@ class _Record:
             return web.Response(body=data, status=status, content_type="application/json", headers=headers)
         return error_response(502, f"endpoint {endpoint.id} for release {target.release!r} failed with "
                                    f"HTTP {status}: {openai_error(data)}", "upstream_error", headers=headers)
+
+
+def _body_for(body: bytes, model: str, target: domain.Target, inject_usage: bool) -> bytes:
+    """The request as one target's endpoint gets it: its release's model and params, usage asked for."""
+    if (target.model and target.model != model) or inject_usage or target.params:
+        return patch_body(body, target.model or None, inject_usage, target.params)
+    return body
 
 
 def _end_span(span: Any, e: InferenceEvent) -> None:
