@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import aiohttp
@@ -75,8 +75,8 @@ class Reply:
     to pass on, and for a 200 stream its lines (the first one already read, so a retry or fallback
     was still possible until then and never after)."""
 
-    __slots__ = ("_deadline", "_eof", "_first", "_resp", "_stall", "attempts", "body", "fallback_from", "headers",
-                 "hop", "status")
+    __slots__ = ("_deadline", "_eof", "_first", "_resp", "_stall", "attempts", "body", "fallback_from",
+                 "fallback_reason", "headers", "hop", "status")
 
     def __init__(self, hop: Hop, status: int, headers: dict[str, str], attempts: int,
                  fallback_from: Hop | None) -> None:
@@ -85,6 +85,7 @@ class Reply:
         self.headers = headers
         self.attempts = attempts
         self.fallback_from = fallback_from
+        self.fallback_reason = ""
         self.body = b""
         self._resp: aiohttp.ClientResponse | None = None
         self._first = b""
@@ -99,6 +100,7 @@ class Reply:
             attrs["lockgate.attempts"] = str(self.attempts)
         if self.fallback_from is not None:
             attrs["lockgate.fallback_from"] = self.fallback_from.endpoint.id
+            attrs["lockgate.fallback_reason"] = self.fallback_reason
         return attrs
 
     async def lines(self) -> AsyncIterator[bytes]:
@@ -159,12 +161,20 @@ class _Failed(NamedTuple):
     body: bytes = b""
     headers: dict[str, str] | None = None
 
+    def reason(self) -> str:
+        """For the event: why this hop was left (an HTTP status or the kind of failure)."""
+        return str(self.status) if self.kind == "http" else self.kind
+
 
 class Upstream:
     """Sends requests along a fallback chain; one per router, holding the connection pool."""
 
-    def __init__(self, session: aiohttp.ClientSession | None = None) -> None:
+    def __init__(self, session: aiohttp.ClientSession | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.session = session
+        # Breakers and budgets read this clock (swappable so tests move time past a cooldown);
+        # the request's own deadlines are the event loop's timers.
+        self.clock = clock
         self._health: dict[str, _Health] = {}
 
     def health(self, endpoint: Endpoint) -> _Health:
@@ -193,10 +203,10 @@ class Upstream:
         attempts = 0
         for hop in hops:
             h = self.health(hop.endpoint)
-            if not h.breaker.allow(loop.time()):
+            if not h.breaker.allow(self.clock()):
                 failures.append(_Failed(hop, "breaker_open"))
                 continue
-            h.budget.request(loop.time())
+            h.budget.request(self.clock())
             tries = 0
             while True:
                 tries += 1
@@ -210,11 +220,12 @@ class Upstream:
                     if verdict is None:
                         h.breaker.abandon()
                     else:
-                        h.breaker.record(loop.time(), verdict)
+                        h.breaker.record(self.clock(), verdict)
                 if failed is None:
                     assert reply is not None
                     reply.attempts = attempts
-                    reply.fallback_from = hops[0] if hop is not hops[0] else None
+                    if hop is not hops[0]:
+                        reply.fallback_from, reply.fallback_reason = hops[0], failures[0].reason()
                     return reply
                 failures.append(failed)
                 wait = None
@@ -223,7 +234,7 @@ class Upstream:
                     after = (resilience.retry_after_s(failed.headers, time.time())
                              if failed.headers is not None else None)
                     wait = resilience.retry_wait(hop.endpoint.retry, tries, after, deadline - loop.time(), h.policy)
-                if wait is None or not h.budget.spend(loop.time()):
+                if wait is None or not h.budget.spend(self.clock()):
                     break
                 await asyncio.sleep(wait)  # backoff before the retry, not synchronisation
             if deadline <= loop.time():
@@ -282,6 +293,7 @@ class Upstream:
         if answered is not None:
             reply = Reply(answered.hop, answered.status, answered.headers or {}, attempts,
                           hops[0] if answered.hop is not hops[0] else None)
+            reply.fallback_reason = failures[0].reason()
             reply.body = _scrub(answered.body, answered.hop.endpoint)
             return reply
         if last is None or all(f.kind == "breaker_open" for f in failures):
