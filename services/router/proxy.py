@@ -26,7 +26,14 @@ from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.services.router import domain
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.rollouts import Rollouts
-from lockgate.services.router.upstream import Hop, Reply, Upstream, UpstreamUnavailable, chain, forward_headers
+from lockgate.services.router.upstream import (
+    Hop,
+    Reply,
+    Upstream,
+    UpstreamUnavailable,
+    chain,
+    forward_headers,
+)
 from lockgate.services.router.wire import (
     error_response,
     openai_error,

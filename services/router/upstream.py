@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import aiohttp
-from multidict import CIMultiDictProxy
 
 from lockgate.errors import LockgateError
 from lockgate.services.router import resilience
@@ -24,27 +23,26 @@ from lockgate.services.router.endpoints import Endpoint, Endpoints
 # retries, SDK telemetry); the client's Authorization is lockgate's business and never forwarded.
 _FORWARD = ("OpenAI-Organization", "OpenAI-Project", "OpenAI-Beta", "Idempotency-Key", "Accept")
 _FORWARD_PREFIX = "x-stainless-"
+_FORWARD_LOWER = frozenset(n.lower() for n in _FORWARD)
 # Response headers the client needs to pace itself and to quote to the provider's support.
 _RETURN = ("Retry-After", "retry-after-ms", "x-request-id")
 _RETURN_PREFIX = "x-ratelimit-"
+_RETURN_LOWER = frozenset(n.lower() for n in _RETURN)
 
 
 def forward_headers(incoming: Mapping[str, str], out: dict[str, str]) -> None:
     """Copy the client's provider-facing request headers into `out`."""
-    for name in _FORWARD:
-        value = incoming.get(name)
-        if value is not None:
-            out[name] = value
     for name, value in incoming.items():
-        if name.lower().startswith(_FORWARD_PREFIX):
+        # The first-letter test keeps this loop cheap: it runs on every request's every header.
+        if name[0] in "aAiIoOxX" and ((low := name.lower()) in _FORWARD_LOWER or low.startswith(_FORWARD_PREFIX)):
             out[name] = value
 
 
-def returned_headers(upstream: CIMultiDictProxy[str]) -> dict[str, str]:
+def returned_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     """The upstream's rate-limit, retry and request-id headers, for the client."""
-    out = {name: value for name in _RETURN if (value := upstream.get(name)) is not None}
+    out: dict[str, str] = {}
     for name, value in upstream.items():
-        if name.lower().startswith(_RETURN_PREFIX):
+        if name[0] in "rRxX" and ((low := name.lower()) in _RETURN_LOWER or low.startswith(_RETURN_PREFIX)):
             out[name] = value
     return out
 
