@@ -266,6 +266,10 @@ class _Record:
         if reply.fallback_from is not None:
             self.served = (variant, target)
             headers["x-lockgate-variant"], headers["x-lockgate-release"] = variant, target.release
+            chosen, planned = reply.fallback_from.tag
+            if chosen != variant:  # a canary's failure, for its analysis (the event itself is stable's)
+                self.attributes["lockgate.fallback_from_variant"] = chosen
+                self.attributes["lockgate.fallback_from_release"] = planned.release
         return reply.hop.endpoint, target
 
     def fail(self, http: int, message: str, type_: str, headers: dict[str, str]) -> web.Response:

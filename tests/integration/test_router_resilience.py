@@ -317,7 +317,8 @@ async def test_failing_canary_falls_back_to_stable(gateway: Gateway, keys: Boots
         # The event says who answered, so stable's success never counts as the canary's.
         assert (event.variant, event.release, event.model, event.status) == ("stable", "r1", "m", "ok")
         assert event.attributes == {"lockgate.endpoint": "default", "lockgate.fallback_from": "canary",
-                                    "lockgate.fallback_reason": "500", "lockgate.attempts": "2"}
+                                    "lockgate.fallback_reason": "500", "lockgate.attempts": "2",
+                                    "lockgate.fallback_from_variant": "canary", "lockgate.fallback_from_release": "r2"}
 
 
 async def test_endpoint_falls_back_to_its_named_fallback(gateway: Gateway, keys: Bootstrap, events: Any) -> None:

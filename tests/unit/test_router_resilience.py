@@ -8,11 +8,13 @@ import random
 from pathlib import Path
 
 import pytest
+from multidict import CIMultiDict
+from yarl import URL
 
 from lockgate.config import Settings
 from lockgate.errors import ConfigError
 from lockgate.retry import RetryPolicy
-from lockgate.services.router.endpoints import Endpoints
+from lockgate.services.router.endpoints import Endpoint, Endpoints
 from lockgate.services.router.resilience import (
     Breaker,
     BreakerSpec,
@@ -26,6 +28,7 @@ from lockgate.services.router.resilience import (
     retry_wait,
     retryable_status,
 )
+from lockgate.services.router.upstream import _scrub, forward_headers, returned_headers
 
 # Breaker
 
@@ -78,7 +81,7 @@ def test_breaker_opens_on_failure_ratio_without_a_long_run() -> None:
 def test_breaker_ratio_needs_min_requests_and_forgets_old_calls() -> None:
     b = Breaker(BreakerSpec(consecutive_failures=100, failure_ratio=0.5, min_requests=10, window_s=10))
     for i in range(9):
-        b.record(i * 0.1, ok=False) if i % 2 else b.record(i * 0.1, ok=True)
+        b.record(i * 0.1, ok=i % 2 == 0)
     assert b.state == "closed"  # 9 calls: below min_requests
     for i in range(10):  # the earlier failures aged out of the window
         b.record(100.0 + i * 0.1, ok=i != 0)
@@ -213,3 +216,24 @@ def test_default_timeouts_end_a_hung_upstream_well_before_the_old_five_minutes()
 def test_bad_resilience_settings_fail_the_start(tmp_path: Path, text: str, part: str) -> None:
     with pytest.raises(ConfigError, match=part):
         _endpoints(tmp_path, text)
+
+
+# Headers across the gateway and what a client may see (upstream.py's pure helpers)
+
+
+def test_forwarded_and_returned_headers() -> None:
+    out: dict[str, str] = {}
+    forward_headers(CIMultiDict({"Authorization": "Bearer lg-key", "OpenAI-Beta": "assistants=v2",
+                                 "Idempotency-Key": "k1", "X-Stainless-Lang": "python", "Cookie": "c",
+                                 "x-lockgate-user": "alice"}), out)
+    assert out == {"OpenAI-Beta": "assistants=v2", "Idempotency-Key": "k1", "X-Stainless-Lang": "python"}
+    back = returned_headers(CIMultiDict({"Retry-After": "3", "X-RateLimit-Remaining-Tokens": "10", "x-request-id": "r",
+                                         "Set-Cookie": "s", "Server": "nginx", "openai-organization": "org"}))
+    assert back == {"Retry-After": "3", "X-RateLimit-Remaining-Tokens": "10", "x-request-id": "r"}
+
+
+def test_upstream_address_is_replaced_by_the_endpoint_id_in_error_bodies() -> None:
+    ep = Endpoint(id="prod", url=URL("http://10.0.0.7:8000/v1/chat/completions"))
+    body = b'{"error": {"message": "no route at http://10.0.0.7:8000/v1/x (10.0.0.7:8000)"}}'
+    assert _scrub(body, ep) == b'{"error": {"message": "no route at endpoint prod/v1/x (endpoint prod)"}}'
+    assert _scrub(b"plain", ep) == b"plain"
