@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from typing import Any
 
 import msgspec
 from aiohttp import ClientError, web
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import INVALID_SPAN, SpanKind, Status, StatusCode, Tracer
 
 from lockgate import metrics, telemetry
 from lockgate.config import Settings
@@ -27,6 +28,7 @@ from lockgate.services.router import domain
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.upstream import (
+    Failed,
     Hop,
     Reply,
     Upstream,
@@ -126,9 +128,16 @@ class Proxy:
                 model = target.model or req.model
             # The event and the span's attributes are bookkeeping: build them on the next loop
             # turn, after aiohttp has handed the response to the socket, not before.
-            asyncio.get_running_loop().call_soon(
+            loop = asyncio.get_running_loop()
+            loop.call_soon(
                 self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user, session,
                 rec)
+            # Calls that failed before the answer (retried, or fallen back from) are events of their own,
+            # so a canary's failures count in its analysis even when a retry or stable answered.
+            for failed in rec.earlier:
+                f_variant, f_target = failed.hop.tag
+                loop.call_soon(self._record, INVALID_SPAN, key, trace_id, secrets.token_hex(8), deployment, f_variant,
+                               f_target, f_target.model or req.model, req, user, session, _Record.attempt(failed))
         return response
 
     def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
@@ -175,6 +184,7 @@ class Proxy:
         try:
             reply = await self.upstream.send(hops, up_headers, stream=False)
         except UpstreamUnavailable as exc:
+            rec.earlier = exc.earlier
             return rec.fail(exc.http, exc.message, exc.type_, out_headers)
         endpoint, target = rec.took(reply, out_headers)
         if reply.status != 200:
@@ -191,6 +201,7 @@ class Proxy:
         try:
             reply = await self.upstream.send(hops, up_headers, stream=True)
         except UpstreamUnavailable as exc:
+            rec.earlier = exc.earlier
             return rec.fail(exc.http, exc.message, exc.type_, out_headers)
         endpoint, target = rec.took(reply, out_headers)
         async with reply:
@@ -235,6 +246,7 @@ class _Record:
     __slots__ = (
         "attributes",
         "cached_tokens",
+        "earlier",
         "error_type",
         "finish_reason",
         "input_tokens",
@@ -257,11 +269,22 @@ class _Record:
         self.text = ""
         self.served: tuple[str, domain.Target] | None = None
         self.attributes: dict[str, str] = {}
+        self.earlier: list[Failed] = []
+
+    @classmethod
+    def attempt(cls, failed: Failed) -> _Record:
+        """The record of a failed call the request went past (its own event: status error, no tokens)."""
+        rec = cls(status="error")
+        rec.error_type = failed.reason()
+        rec.latency_ms = failed.elapsed_s * 1000.0
+        rec.attributes = {"lockgate.endpoint": failed.hop.endpoint.id, "lockgate.attempt": "superseded"}
+        return rec
 
     def took(self, reply: Reply, headers: dict[str, str]) -> tuple[Endpoint, domain.Target]:
         """Note which hop answered (for the event and the response headers) and pass its headers on."""
         headers.update(reply.headers)
         self.attributes = reply.attributes()
+        self.earlier = reply.earlier
         variant, target = reply.hop.tag
         if reply.fallback_from is not None:
             self.served = (variant, target)

@@ -48,12 +48,14 @@ def returned_headers(upstream: Mapping[str, str]) -> dict[str, str]:
 
 
 class UpstreamUnavailable(LockgateError):
-    """No endpoint in the chain answered: the client gets `http` (502, or 504 on a timeout)."""
+    """No endpoint in the chain answered: the client gets `http` (502, or 504 on a timeout).
+    `earlier`: the failed calls before the last one (evidence, like Reply.earlier)."""
 
-    def __init__(self, message: str, http: int, type_: str) -> None:
+    def __init__(self, message: str, http: int, type_: str, earlier: list[Failed] | None = None) -> None:
         super().__init__(message)
         self.http = http
         self.type_ = type_
+        self.earlier = earlier or []
 
 
 class ChunkTimeout(TimeoutError):
@@ -73,7 +75,7 @@ class Reply:
     to pass on, and for a 200 stream its lines (the first one already read, so a retry or fallback
     was still possible until then and never after)."""
 
-    __slots__ = ("_deadline", "_eof", "_first", "_resp", "_stall", "attempts", "body", "fallback_from",
+    __slots__ = ("_deadline", "_eof", "_first", "_resp", "_stall", "attempts", "body", "earlier", "fallback_from",
                  "fallback_reason", "headers", "hop", "status")
 
     def __init__(self, hop: Hop, status: int, headers: dict[str, str], attempts: int,
@@ -84,6 +86,9 @@ class Reply:
         self.attempts = attempts
         self.fallback_from = fallback_from
         self.fallback_reason = ""
+        # Calls that failed before this answer (retried or fallen back from): each is evidence
+        # about its target (a canary's failures must not vanish behind a retry or stable's answer).
+        self.earlier: list[Failed] = []
         self.body = b""
         self._resp: aiohttp.ClientResponse | None = None
         self._first = b""
@@ -152,12 +157,15 @@ class _Health:
                                              sock_read=None)
 
 
-class _Failed(NamedTuple):
+class Failed(NamedTuple):
+    """One hop that did not serve: a failed call, or a skip while its breaker was open."""
+
     hop: Hop
     kind: str  # "connect", "connect_timeout", "first_byte", "breaker_open", or "http"
     status: int = 0
     body: bytes = b""
     headers: dict[str, str] | None = None
+    elapsed_s: float = 0.0
 
     def reason(self) -> str:
         """For the event: why this hop was left (an HTTP status or the kind of failure)."""
@@ -197,12 +205,12 @@ class Upstream:
         assert self.session is not None, "Upstream.session is opened by the router's start"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + hops[0].endpoint.timeouts.total_s
-        failures: list[_Failed] = []
+        failures: list[Failed] = []
         attempts = 0
         for hop in hops:
             h = self.health(hop.endpoint)
             if not h.breaker.allow(self.clock()):
-                failures.append(_Failed(hop, "breaker_open"))
+                failures.append(Failed(hop, "breaker_open"))
                 continue
             h.budget.request(self.clock())
             tries = 0
@@ -210,6 +218,7 @@ class Upstream:
                 tries += 1
                 attempts += 1
                 verdict: bool | None = None
+                started = loop.time()
                 try:
                     reply, failed = await self._try(hop, headers, stream, deadline, h)
                     verdict = failed is None or failed.kind == "http" and not resilience.breaker_failure(failed.status)
@@ -222,10 +231,11 @@ class Upstream:
                 if failed is None:
                     assert reply is not None
                     reply.attempts = attempts
+                    reply.earlier = [f for f in failures if f.kind != "breaker_open"]
                     if hop is not hops[0]:
                         reply.fallback_from, reply.fallback_reason = hops[0], failures[0].reason()
                     return reply
-                failures.append(failed)
+                failures.append(failed._replace(elapsed_s=loop.time() - started))
                 wait = None
                 # A hung upstream is not asked again (a second wait as long as the first): fall back.
                 if failed.kind != "first_byte" and h.breaker.state == "closed":
@@ -240,7 +250,7 @@ class Upstream:
         return self._give_up(hops, failures, attempts)
 
     async def _try(self, hop: Hop, headers: dict[str, str], stream: bool, deadline: float,
-                   h: _Health) -> tuple[Reply | None, _Failed | None]:
+                   h: _Health) -> tuple[Reply | None, Failed | None]:
         """One call: a Reply when the hop answered with a 200 or a client error, else how it failed."""
         ep = hop.endpoint
         loop = asyncio.get_running_loop()
@@ -258,22 +268,22 @@ class Upstream:
                 else:
                     body = await resp.read()
         except aiohttp.ServerTimeoutError:  # aiohttp's own timer: only sock_connect is set
-            return None, _Failed(hop, "connect_timeout")
+            return None, Failed(hop, "connect_timeout")
         except aiohttp.ClientError:
             if resp is not None:
                 resp.release()
-            return None, _Failed(hop, "connect" if resp is None else "first_byte")
+            return None, Failed(hop, "connect" if resp is None else "first_byte")
         except TimeoutError:
             if resp is not None:
                 resp.release()
-            return None, _Failed(hop, "first_byte")
+            return None, Failed(hop, "first_byte")
         except BaseException:
             if resp is not None:
                 resp.release()
             raise
         if status != 200 and resilience.retryable_status(status):
             resp.release()
-            return None, _Failed(hop, "http", status, body, passed)
+            return None, Failed(hop, "http", status, body, passed)
         reply = Reply(hop, status, passed, 1, None)
         if status == 200 and stream:
             reply._resp, reply._first = resp, first
@@ -283,30 +293,33 @@ class Upstream:
             resp.release()
         return reply, None
 
-    def _give_up(self, hops: Sequence[Hop], failures: list[_Failed], attempts: int) -> Reply:
+    def _give_up(self, hops: Sequence[Hop], failures: list[Failed], attempts: int) -> Reply:
         """Every hop failed: the last upstream answer if there was one, else a 502/504 naming endpoints."""
         tried = ", ".join(dict.fromkeys(f.hop.endpoint.id for f in failures))
-        last = failures[-1] if failures else None
+        calls = [f for f in failures if f.kind != "breaker_open"]
+        earlier = calls[:-1]
+        last = calls[-1] if calls else None
         answered = next((f for f in reversed(failures) if f.kind == "http"), None)
         if answered is not None:
             reply = Reply(answered.hop, answered.status, answered.headers or {}, attempts,
                           hops[0] if answered.hop is not hops[0] else None)
             reply.fallback_reason = failures[0].reason()
+            reply.earlier = [f for f in failures if f is not answered and f.kind != "breaker_open"]
             reply.body = _scrub(answered.body, answered.hop.endpoint)
             return reply
-        if last is None or all(f.kind == "breaker_open" for f in failures):
+        if last is None:
             raise UpstreamUnavailable(f"endpoint {tried} is failing and skipped (circuit breaker open); "
                                       "retry later", 502, "upstream_circuit_open")
         ep = last.hop.endpoint
         if last.kind == "connect":
             raise UpstreamUnavailable(f"endpoint {ep.id} is unreachable (tried: {tried})", 502,
-                                      "upstream_unreachable")
+                                      "upstream_unreachable", earlier)
         if last.kind == "connect_timeout":
             raise UpstreamUnavailable(f"endpoint {ep.id} did not accept a connection within "
-                                      f"{ep.timeouts.connect_s:g} s (tried: {tried})", 504, "upstream_timeout")
+                                      f"{ep.timeouts.connect_s:g} s (tried: {tried})", 504, "upstream_timeout", earlier)
         raise UpstreamUnavailable(f"endpoint {ep.id} did not answer within {ep.timeouts.first_byte_s:g} s "
                                   f"(first byte) or the request's {hops[0].endpoint.timeouts.total_s:g} s in all "
-                                  f"(tried: {tried})", 504, "upstream_timeout")
+                                  f"(tried: {tried})", 504, "upstream_timeout", earlier)
 
 
 def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any]]) -> list[Hop]:

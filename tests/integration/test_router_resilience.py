@@ -174,6 +174,12 @@ def client(router: Any, keys: Bootstrap) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=keys.app_key, max_retries=0, timeout=10)
 
 
+def _split(events: list[InferenceEvent]) -> tuple[list[InferenceEvent], list[InferenceEvent]]:
+    """The requests' own events, and the events of calls they went past (retried or fallen back from)."""
+    superseded = [e for e in events if e.attributes.get("lockgate.attempt") == "superseded"]
+    return [e for e in events if e not in superseded], superseded
+
+
 def _visible(err: openai.APIStatusError) -> str:
     """Everything the client can see of an error: body and headers."""
     return err.response.text + json.dumps(dict(err.response.headers))
@@ -235,9 +241,13 @@ async def test_retry_on_500_then_success(gateway: Gateway, keys: Bootstrap, even
         async with client(router, keys) as c:
             done = await c.chat.completions.create(model="m", messages=MESSAGES)
         assert done.choices[0].message.content == "flaky says hi" and flaky.calls == 3
-        (event,) = await events(1)
+        (event,), superseded = _split(await events(3))
         assert event.status == "ok"
         assert event.attributes == {"lockgate.endpoint": "default", "lockgate.attempts": "3"}
+        # Each failed call is evidence of its own (a canary's failures must not vanish behind a retry).
+        assert sorted((e.status, e.error_type, e.output_tokens) for e in superseded) == [
+            ("error", "500", 0), ("error", "503", 0)]
+        assert all(e.trace_id == event.trace_id and e.span_id != event.span_id for e in superseded)
 
 
 async def test_stream_retries_before_its_first_byte_never_after(gateway: Gateway, keys: Bootstrap,
@@ -250,8 +260,9 @@ async def test_stream_retries_before_its_first_byte_never_after(gateway: Gateway
         assert [ch.choices[0].delta.content for ch in chunks] == ["flaky says hi"]
         # The 502 before the stream began was retried; the drop after its first event was not.
         assert flaky.calls == 2
-        (event,) = await events(1)
+        (event,), (retried,) = _split(await events(2))
         assert event.status == "error" and event.error_type.startswith("stream_interrupted:")
+        assert retried.error_type == "502"
 
 
 async def test_short_retry_after_is_waited_then_retried(gateway: Gateway, keys: Bootstrap) -> None:
@@ -313,9 +324,12 @@ async def test_failing_canary_falls_back_to_stable(gateway: Gateway, keys: Boots
         assert done.choices[0].message.content == "stable says hi"
         assert (raw.headers["x-lockgate-variant"], raw.headers["x-lockgate-release"]) == ("stable", "r1")
         assert canary.calls == 1 and stable.calls == 1
-        (event,) = await events(1)
-        # The event says who answered, so stable's success never counts as the canary's.
+        (event,), (failed,) = _split(await events(2))
+        # The event says who answered, so stable's success never counts as the canary's; the canary's
+        # failed call is an error event of the canary's, so its analysis still sees it.
         assert (event.variant, event.release, event.model, event.status) == ("stable", "r1", "m", "ok")
+        assert (failed.variant, failed.release, failed.model, failed.status, failed.error_type) == (
+            "canary", "r2", "m-canary", "error", "500")
         assert event.attributes == {"lockgate.endpoint": "default", "lockgate.fallback_from": "canary",
                                     "lockgate.fallback_reason": "500", "lockgate.attempts": "2",
                                     "lockgate.fallback_from_variant": "canary", "lockgate.fallback_from_release": "r2"}
@@ -333,7 +347,10 @@ async def test_endpoint_falls_back_to_its_named_fallback(gateway: Gateway, keys:
         assert raw.headers["x-request-id"] == "req-backup-1"
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "backup says hi"
         assert (main.calls, backup.calls) == (2, 2)
-        for event in await events(2):
+        served, superseded = _split(await events(4))
+        assert [(e.status, e.error_type, e.attributes["lockgate.endpoint"]) for e in superseded] == [
+            ("error", "first_byte", "default")] * 2
+        for event in served:
             assert event.status == "ok" and event.response == "backup says hi"
             assert event.attributes == {"lockgate.endpoint": "backup", "lockgate.fallback_from": "default",
                                         "lockgate.fallback_reason": "first_byte", "lockgate.attempts": "2"}
@@ -364,8 +381,9 @@ async def test_breaker_opens_skips_to_fallback_then_half_open_probe_recovers(gat
             assert await ask() == "main says hi"
             assert await ask() == "main says hi"
         assert (main.calls, backup.calls) == (4, 3)
-        served = [e.attributes["lockgate.endpoint"] for e in await events(5)]
-        assert sorted(served) == ["backup"] * 3 + ["default"] * 2
+        served, superseded = _split(await events(7))
+        assert sorted(e.attributes["lockgate.endpoint"] for e in served) == ["backup"] * 3 + ["default"] * 2
+        assert len(superseded) == 2  # the two failed calls; the skip while open is no call
 
 
 async def test_open_breaker_without_fallback_is_502_naming_the_endpoint(gateway: Gateway, keys: Bootstrap) -> None:
