@@ -228,10 +228,10 @@ class Proxy:
                                 hiding = True
                                 continue
                     await out.write(line)
+            except ConnectionError:  # first: aiohttp's write to a gone client can also be a ClientError
+                rec.status, rec.error_type = "error", "client_disconnected"
             except (ClientError, TimeoutError) as exc:
                 rec.status, rec.error_type = "error", f"stream_interrupted:{type(exc).__name__}"
-            except ConnectionResetError:
-                rec.status, rec.error_type = "error", "client_disconnected"
             except msgspec.DecodeError:
                 rec.status, rec.error_type = "error", "upstream_bad_chunk"
             rec.text = "".join(parts)

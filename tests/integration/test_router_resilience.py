@@ -31,13 +31,15 @@ FAST_RETRY = {"attempts": 3, "initial_s": 0.01, "max_s": 0.02}
 class FakeLLM:
     """A double for an outside OpenAI-compatible API. Each request takes the next scripted action (the
     last one repeats): "ok", ("status", code, headers), "hang" (no answer until the test ends),
-    "chunk_then_hang" and "chunk_then_drop" (a stream that stalls or breaks after its first event)."""
+    "chunk_then_hang" and "chunk_then_drop" (a stream that stalls or breaks after its first event),
+    "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set)."""
 
     def __init__(self, name: str, *actions: Any) -> None:
         self.name = name
         self.actions = list(actions) or ["ok"]
         self.headers: list[dict[str, str]] = []
         self.arrived = asyncio.Event()
+        self.hung_up = asyncio.Event()
         self._release = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -97,6 +99,13 @@ class FakeLLM:
                                          "finish_reason": None}]))
         if action == "chunk_then_hang":
             await self._release.wait()
+            return resp
+        if action == "chunks_until_closed":
+            try:
+                while True:  # paced by the router's reads (drain), ended by its hang-up
+                    await resp.write(chunk(choices=[{"index": 0, "delta": {"content": "."}, "finish_reason": None}]))
+            except ConnectionError:
+                self.hung_up.set()
             return resp
         if action == "chunk_then_drop":
             assert request.transport is not None
@@ -230,6 +239,21 @@ async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: 
         assert (event.status, event.error_type) == ("error", "stream_interrupted:ChunkTimeout")
         assert event.response == "stall says hi"
         assert stall.calls == 1  # the first byte had reached the client: no retry
+
+
+async def test_client_disconnect_mid_stream_hangs_up_on_the_upstream(gateway: Gateway, keys: Bootstrap,
+                                                                       events: Any) -> None:
+    async with FakeLLM("endless", "chunks_until_closed") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            first = await anext(aiter(stream))
+            await stream.close()  # the client goes away mid-answer
+        assert first.choices[0].delta.content == "endless says hi"
+        await asyncio.wait_for(up.hung_up.wait(), 10)  # the upstream's generation is cut, not left running
+        (event,) = await events(1)
+        # Before: recorded as stream_interrupted, the client_disconnected branch could never run.
+        assert (event.status, event.error_type) == ("error", "client_disconnected")
 
 
 # Retries
