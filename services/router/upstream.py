@@ -75,8 +75,8 @@ class Reply:
     to pass on, and for a 200 stream its lines (the first one already read, so a retry or fallback
     was still possible until then and never after)."""
 
-    __slots__ = ("_deadline", "_eof", "_first", "_resp", "_stall", "attempts", "body", "earlier", "fallback_from",
-                 "fallback_reason", "headers", "hop", "status")
+    __slots__ = ("_broken", "_deadline", "_eof", "_first", "_resp", "_stall", "attempts", "body", "earlier",
+                 "fallback_from", "fallback_reason", "headers", "hop", "status")
 
     def __init__(self, hop: Hop, status: int, headers: dict[str, str], attempts: int,
                  fallback_from: Hop | None) -> None:
@@ -95,6 +95,7 @@ class Reply:
         self._stall = 0.0
         self._deadline = 0.0
         self._eof = False
+        self._broken: Callable[[], None] | None = None  # tells the endpoint's breaker the stream broke
 
     def attributes(self) -> dict[str, str]:
         """Event attributes saying where the request was served and whether it fell back."""
@@ -118,12 +119,23 @@ class Reply:
                 async with asyncio.timeout_at(min(loop.time() + self._stall, self._deadline)):
                     line = await content.readline()
             except TimeoutError:
+                self._break()
                 raise ChunkTimeout(f"endpoint {self.hop.endpoint.id} sent nothing for "
                                    f"{self.hop.endpoint.timeouts.between_chunks_s:g} s") from None
+            except aiohttp.ClientError:
+                self._break()
+                raise
             if not line:
                 self._eof = True
                 return
             yield line
+
+    def _break(self) -> None:
+        # A stream that stalls or breaks after its first byte is too late to retry, but it is a
+        # failure of the endpoint all the same.
+        if self._broken is not None:
+            self._broken()
+            self._broken = None
 
     def close(self) -> None:
         """Release the upstream connection; a stream left unfinished (the client went away, the
@@ -221,7 +233,7 @@ class Upstream:
                 started = loop.time()
                 try:
                     reply, failed = await self._try(hop, headers, stream, deadline, h)
-                    verdict = failed is None or failed.kind == "http" and not resilience.breaker_failure(failed.status)
+                    verdict = failed is None or (failed.kind == "http" and not resilience.breaker_failure(failed.status))
                 finally:
                     # A cancelled call (the client left) gives no verdict: only free a half-open probe.
                     if verdict is None:
@@ -288,6 +300,7 @@ class Upstream:
         if status == 200 and stream:
             reply._resp, reply._first = resp, first
             reply._stall, reply._deadline = ep.timeouts.between_chunks_s, deadline
+            reply._broken = lambda: h.breaker.record(self.clock(), False)
         else:
             reply.body = body if status == 200 else _scrub(body, ep)
             resp.release()

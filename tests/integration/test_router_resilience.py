@@ -38,7 +38,7 @@ class FakeLLM:
         self.name = name
         self.actions = list(actions) or ["ok"]
         self.headers: list[dict[str, str]] = []
-        self.arrived = asyncio.Event()
+        self._seen = asyncio.Condition()
         self.hung_up = asyncio.Event()
         self._release = asyncio.Event()
         self._runner: web.AppRunner | None = None
@@ -51,6 +51,11 @@ class FakeLLM:
     @property
     def calls(self) -> int:
         return len(self.headers)
+
+    async def seen(self, n: int) -> None:
+        """Wait until n requests have arrived (a call the router gave up on may land after its answer)."""
+        async with self._seen:
+            await self._seen.wait_for(lambda: self.calls >= n)
 
     async def __aenter__(self) -> FakeLLM:
         app = web.Application()
@@ -68,9 +73,10 @@ class FakeLLM:
         await self._runner.cleanup()
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        async with self._seen:
+            self.headers.append(dict(request.headers))
+            self._seen.notify_all()
         body = await request.json()
-        self.headers.append(dict(request.headers))
-        self.arrived.set()
         action = self.actions.pop(0) if len(self.actions) > 1 else self.actions[0]
         n = self.calls
         if action == "hang":
@@ -223,22 +229,28 @@ async def test_hung_upstream_is_cut_at_the_first_byte_timeout(gateway: Gateway, 
         err = caught.value
         assert err.status_code == 504 and "endpoint default did not answer within 0.05 s" in err.message
         assert str(hung.port) not in _visible(err)
+        await hung.seen(1)
         assert hung.calls == 1  # a hung upstream is not asked again
 
 
 async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: Gateway, keys: Bootstrap,
                                                                        events: Any) -> None:
-    async with FakeLLM("stall", "chunk_then_hang") as stall:
-        router = await gateway({"default": {"url": stall.url, "retry": FAST_RETRY,
-                                            "timeouts": {"between_chunks_s": 0.05}}})
+    async with FakeLLM("stall", "chunk_then_hang") as stall, FakeLLM("backup") as backup:
+        router = await gateway({"default": {"url": stall.url, "retry": FAST_RETRY, "fallback": "backup",
+                                            "timeouts": {"between_chunks_s": 0.05},
+                                            "breaker": {"consecutive_failures": 1, "cooldown_s": 30}},
+                                "backup": {"url": backup.url}})
         async with client(router, keys) as c:
             stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
             chunks = [chunk async for chunk in stream]
-        assert [ch.choices[0].delta.content for ch in chunks] == ["stall says hi"]
-        (event,) = await events(1)
-        assert (event.status, event.error_type) == ("error", "stream_interrupted:ChunkTimeout")
-        assert event.response == "stall says hi"
-        assert stall.calls == 1  # the first byte had reached the client: no retry
+            assert [ch.choices[0].delta.content for ch in chunks] == ["stall says hi"]
+            (event,) = await events(1)
+            assert (event.status, event.error_type) == ("error", "stream_interrupted:ChunkTimeout")
+            assert event.response == "stall says hi"
+            assert (stall.calls, backup.calls) == (1, 0)  # the first byte had reached the client: no retry
+            # The stall counts against the endpoint: its breaker (one failure opens it) sends the next to backup.
+            done = await c.chat.completions.create(model="m", messages=MESSAGES)
+        assert done.choices[0].message.content == "backup says hi" and stall.calls == 1
 
 
 async def test_client_disconnect_mid_stream_hangs_up_on_the_upstream(gateway: Gateway, keys: Bootstrap,
@@ -370,6 +382,7 @@ async def test_endpoint_falls_back_to_its_named_fallback(gateway: Gateway, keys:
         assert raw.parse().choices[0].message.content == "backup says hi"
         assert raw.headers["x-request-id"] == "req-backup-1"
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "backup says hi"
+        await main.seen(2)
         assert (main.calls, backup.calls) == (2, 2)
         served, superseded = _split(await events(4))
         assert [(e.status, e.error_type, e.attributes["lockgate.endpoint"]) for e in superseded] == [
