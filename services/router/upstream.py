@@ -86,8 +86,10 @@ class Reply:
         self.attempts = attempts
         self.fallback_from = fallback_from
         self.fallback_reason = ""
-        # Calls that failed before this answer (retried or fallen back from): each is evidence
-        # about its target (a canary's failures must not vanish behind a retry or stable's answer).
+        # Calls that failed before this answer (retried or fallen back from): each is evidence about
+        # its target (a canary's failures must not vanish behind a retry or stable's answer). A hop
+        # skipped while its breaker is open made no call: the breaker is the endpoint's state, not
+        # evidence about the release (a new canary on a recovering endpoint is not judged by it).
         self.earlier: list[Failed] = []
         self.body = b""
         self._resp: aiohttp.ClientResponse | None = None
@@ -310,8 +312,10 @@ class Upstream:
         """Every hop failed: the last upstream answer if there was one, else a 502/504 naming endpoints."""
         tried = ", ".join(dict.fromkeys(f.hop.endpoint.id for f in failures))
         calls = [f for f in failures if f.kind != "breaker_open"]
-        earlier = calls[:-1]
         last = calls[-1] if calls else None
+        # The request's own event is the chosen hop's (its last failure); the other calls are evidence.
+        own = max(i for i, f in enumerate(failures) if f.hop is hops[0])
+        earlier = [f for i, f in enumerate(failures) if i != own and f.kind != "breaker_open"]
         answered = next((f for f in reversed(failures) if f.kind == "http"), None)
         if answered is not None:
             reply = Reply(answered.hop, answered.status, answered.headers or {}, attempts,
@@ -322,7 +326,7 @@ class Upstream:
             return reply
         if last is None:
             raise UpstreamUnavailable(f"endpoint {tried} is failing and skipped (circuit breaker open); "
-                                      "retry later", 502, "upstream_circuit_open")
+                                      "retry later", 502, "upstream_circuit_open", earlier)
         ep = last.hop.endpoint
         if last.kind == "connect":
             raise UpstreamUnavailable(f"endpoint {ep.id} is unreachable (tried: {tried})", 502,
