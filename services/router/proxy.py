@@ -134,7 +134,7 @@ class Proxy:
                 rec)
             # Calls that failed before the answer (retried, or fallen back from) are events of their own,
             # so a canary's failures count in its analysis even when a retry or stable answered.
-            for failed in rec.earlier or ():
+            for failed in rec.earlier:
                 f_variant, f_target = failed.hop.tag
                 loop.call_soon(self._record, INVALID_SPAN, key, trace_id, secrets.token_hex(8), deployment, f_variant,
                                f_target, f_target.model or req.model, req, user, session, _Record.attempt(failed))
@@ -176,7 +176,7 @@ class Proxy:
             span.end()
             raise
         self.batcher.add(encode_event(event))  # scrubbed and encoded once, after the answer was sent
-        if rec.earlier is not None:  # a request, not a call it went past (those are events, not requests)
+        if not rec.superseded:  # a request, not a call it went past (those are events, not requests)
             metrics.router_request(variant, rec.status, rec.latency_ms / 1000.0)
         _end_span(span, event)
 
@@ -256,6 +256,7 @@ class _Record:
         "response_model",
         "served",
         "status",
+        "superseded",
         "text",
         "ttft_ms",
     )
@@ -270,7 +271,8 @@ class _Record:
         self.text = ""
         self.served: tuple[str, domain.Target] | None = None
         self.attributes: dict[str, str] = {}
-        self.earlier: list[Failed] | None = []
+        self.earlier: list[Failed] = []
+        self.superseded = False
 
     @classmethod
     def attempt(cls, failed: Failed) -> _Record:
@@ -279,7 +281,7 @@ class _Record:
         rec.error_type = failed.reason()
         rec.latency_ms = failed.elapsed_s * 1000.0
         rec.attributes = {"lockgate.endpoint": failed.hop.endpoint.id, "lockgate.attempt": "superseded"}
-        rec.earlier = None
+        rec.superseded = True
         return rec
 
     def took(self, reply: Reply, headers: dict[str, str]) -> tuple[Endpoint, domain.Target]:
