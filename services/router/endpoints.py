@@ -8,6 +8,13 @@ name in the environment, then in the secrets file, and sent only to its own endp
     endpoints:
       openai-prod: {url: https://api.openai.com/v1, credential: OPENAI_API_KEY}
       claude: {url: https://api.anthropic.com/v1, credential: ANTHROPIC_API_KEY, provider: anthropic}
+      openai-backup:
+        url: https://backup.example/v1
+        credential: BACKUP_KEY
+        timeouts: {connect_s: 2, first_byte_s: 20, between_chunks_s: 10, total_s: 120}
+        retry: {attempts: 2, budget_ratio: 0.1}
+        breaker: {consecutive_failures: 3, cooldown_s: 30}
+        fallback: openai-prod   # tried when this one fails or its breaker is open
     models:             # optional: which deployment serves a model name clients send
       gpt-4o-mini: chat
       claude-sonnet: support
@@ -16,6 +23,8 @@ name in the environment, then in the secrets file, and sent only to its own endp
 pass through) or `anthropic` (Anthropic Messages; chat completions are translated both ways, and the
 key goes in `x-api-key`). `models` maps a request's `model` to a deployment; the
 `x-lockgate-deployment` header overrides it (see Proxy.deployment_of).
+
+Timeouts, retries and the breaker default to resilience.py's values (fallback: none).
 
 Without a file, two endpoints come from settings: `default` (stable_upstream) and `canary`
 (canary_upstream), with no credential: the development setup with the simulator.
@@ -34,6 +43,7 @@ from yarl import URL
 from lockgate.config import Settings
 from lockgate.contracts.names import Name
 from lockgate.errors import ConfigError, LockgateError
+from lockgate.services.router.resilience import BreakerSpec, RetrySpec, Timeouts
 
 EndpointId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 Url = Annotated[str, msgspec.Meta(pattern="^https?://")]
@@ -49,6 +59,10 @@ class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     url: Url
     credential: str = ""  # name of the env variable or secrets-file entry holding the provider key
     provider: Literal["openai", "anthropic"] = "openai"
+    timeouts: Timeouts = Timeouts()
+    retry: RetrySpec = RetrySpec()
+    breaker: BreakerSpec = BreakerSpec()
+    fallback: EndpointId | None = None  # the endpoint tried when this one fails (an id, never a URL)
 
 
 class _File(msgspec.Struct, forbid_unknown_fields=True):
@@ -70,6 +84,10 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
         """The upstream URL of one operation path (e.g. "/embeddings")."""
         base = self.base if self.base is not None else URL(str(self.url).removesuffix("/chat/completions"))
         return URL(f"{str(base).rstrip('/')}{path}")
+    timeouts: Timeouts = Timeouts()
+    retry: RetrySpec = RetrySpec()
+    breaker: BreakerSpec = BreakerSpec()
+    fallback: str | None = None
 
     def __repr__(self) -> str:  # keep the secret out of any accidental repr in logs or tracebacks
         return f"Endpoint(id={self.id!r}, url={str(self.url)!r})"
@@ -117,9 +135,15 @@ class Endpoints:
             auth = f"Bearer {secret}" if secret else None
             headers = {} if not secret else (
                 {"x-api-key": secret} if spec.provider == "anthropic" else {"Authorization": auth or ""})
+            if spec.fallback is not None and spec.fallback not in specs:
+                raise ConfigError(f"endpoint {eid!r} falls back to {spec.fallback!r}, which is not configured "
+                                  f"(allowed: {', '.join(sorted(specs))})")
             base = spec.url.rstrip("/")
             self.by_id[eid] = Endpoint(id=eid, url=URL(f"{base}/chat/completions"), authorization=auth,
-                                       base=URL(base), provider=spec.provider, auth_headers=headers)
+                                       base=URL(base), provider=spec.provider, auth_headers=headers,
+                                       timeouts=spec.timeouts, retry=spec.retry, breaker=spec.breaker,
+                                       fallback=spec.fallback)
+        self.fallbacks = {eid: e.fallback for eid, e in self.by_id.items()}
 
     def get(self, endpoint_id: str) -> Endpoint:
         """The endpoint with this id, or UnknownEndpoint naming the allowed ones."""

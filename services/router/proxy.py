@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
+from functools import partial
 from typing import Any
 
 import aiohttp
 import msgspec
 from aiohttp import web
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import INVALID_SPAN, SpanKind, Status, StatusCode, Tracer
+from yarl import URL
 
 from lockgate import metrics, telemetry
 from lockgate.config import Settings
@@ -33,6 +36,15 @@ from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpo
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.shadow import Shadow
+from lockgate.services.router.upstream import (
+    Failed,
+    Hop,
+    Reply,
+    Upstream,
+    UpstreamUnavailable,
+    chain,
+    forward_headers,
+)
 from lockgate.services.router.wire import (
     CHAT,
     COMPLETIONS,
@@ -46,9 +58,6 @@ from lockgate.services.router.wire import (
     patch_body,
 )
 
-# The client's Authorization is a lockgate key, checked here and never forwarded: the provider's
-# key is lockgate's, added per endpoint from operator configuration.
-_FORWARD = ("OpenAI-Organization", "OpenAI-Project", "Accept")
 # The router reads every body it forwards (usage, finish reason), and auto_decompress is off so
 # bytes pass through untouched: ask upstreams for identity encoding, never what the client accepts.
 _UP_BASE = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
@@ -74,9 +83,9 @@ class Proxy:
         self.rollouts = rollouts
         self.batcher = batcher
         self.tracer = tracer
-        self.session: aiohttp.ClientSession | None = None
+        self.upstream = Upstream()  # its session is opened by the router's start
         self.admission: Admission = OPEN_ADMISSION  # budgets, rate limits, cache: set by the service
-        self.shadow = Shadow(rollouts, endpoints, batcher, lambda: self.session)
+        self.shadow = Shadow(rollouts, endpoints, batcher, lambda: self.upstream.session)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """`POST /v1/chat/completions`."""
@@ -161,15 +170,13 @@ class Proxy:
         want_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
         # Streams without usage would leave token counts unknown: ask for them, hide them again.
         inject_usage = stream and op.stream_usage and not want_usage
-        if (target.model and target.model != req.model) or inject_usage or target.params:
-            body = patch_body(body, model if target.model else None, inject_usage, target.params)
+        # A failing canary falls back to stable for this request: stable's body goes along.
+        starts = [(variant, target)] if variant == "stable" else [(variant, target), ("stable", route.stable)]
         try:
-            endpoint = self.endpoints.get(target.endpoint)
+            hops = chain(self.endpoints, [(t.endpoint, _body_for(body, req.model, t, inject_usage), (v, t))
+                                          for v, t in starts], partial(_prepare, op))
         except UnknownEndpoint as exc:  # a route persisted before the allow-list changed
             return error_response(502, exc.message, "upstream_not_configured")
-        prov = provider(endpoint.provider)
-        try:
-            path, body = prov.path(op), prov.request(op, body)
         except Unsupported as exc:
             return error_response(400, exc.message, "invalid_request_error")
         # Budgets and rate limits, once the model the upstream will bill is known: 429/503 or a ticket.
@@ -183,16 +190,8 @@ class Proxy:
         sc = span.get_span_context()
         trace_id, span_id = f"{sc.trace_id:032x}", f"{sc.span_id:016x}"
         flags = "01" if sc.trace_flags.sampled else "00"
-        up_headers = {**_UP_BASE, **prov.headers, "traceparent": f"00-{trace_id}-{span_id}-{flags}"}
-        # lockgate's provider key for this endpoint, from its credential, as the provider expects it
-        if endpoint.auth_headers:
-            up_headers.update(endpoint.auth_headers)
-        elif endpoint.authorization:
-            up_headers["Authorization"] = endpoint.authorization
-        for name in _FORWARD:
-            value = h.get(name)
-            if value is not None:
-                up_headers[name] = value
+        up_headers = {**_UP_BASE, "traceparent": f"00-{trace_id}-{span_id}-{flags}"}
+        forward_headers(h, up_headers)
         out_headers = {"x-lockgate-variant": variant, "x-lockgate-release": target.release,
                        "x-lockgate-trace-id": trace_id}
         # Shadow: a sampled copy to the candidate, scheduled off the request path (request.read() is the
@@ -200,32 +199,40 @@ class Proxy:
         if op is CHAT:  # shadow rollouts compare chat answers
             self.shadow.maybe_mirror(route, variant, key, deployment, await request.read(), req, trace_id, user,
                                      session)
-        rec = _Record(status="ok")
+        rec = _Record(status="ok", provider=hops[0].endpoint.provider)
         try:
-            hit = await self.admission.lookup(ticket, deployment, target.release, body, rec, out_headers)
+            hit = await self.admission.lookup(ticket, deployment, target.release, hops[0].body, rec, out_headers)
             if hit is not None:
                 response = hit
             elif stream:
-                response = await self._stream(request, op, endpoint, path, target, body, up_headers, out_headers,
-                                              want_usage, t0, rec)
+                response = await self._stream(request, op, hops, up_headers, out_headers, want_usage, t0, rec)
             else:
-                response = await self._once(op, endpoint, path, target, body, up_headers, out_headers, rec)
+                response = await self._once(op, hops, up_headers, out_headers, rec)
                 if request.transport is None:  # the client left while the upstream worked: nobody got the answer
                     rec.status, rec.error_type = "error", "client_disconnected"
         finally:
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
             self.admission.settle(ticket, rec)
+            if rec.served is not None:  # a fallback served: the event says which variant answered
+                variant, target = rec.served
+                model = target.model or req.model
             # The event and the span's attributes are bookkeeping: build them on the next loop
             # turn, after aiohttp has handed the response to the socket, not before.
-            asyncio.get_running_loop().call_soon(
-                self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user, session,
-                rec, op, endpoint.provider)
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user,
+                           session, rec, op)
+            # Calls that failed before the answer (retried, or fallen back from) are events of their own,
+            # so a canary's failures count in its analysis even when a retry or stable answered.
+            for failed in rec.earlier:
+                f_variant, f_target = failed.hop.tag
+                loop.call_soon(self._record, INVALID_SPAN, key, trace_id, secrets.token_hex(8), deployment, f_variant,
+                               f_target, f_target.model or req.model, req, user, session, _Record.attempt(failed), op)
         self.admission.remember(ticket, deployment, response, rec)
         return response
 
     def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
                 target: domain.Target, model: str, req: ApiRequest, user: str, session: str,
-                rec: _Record, op: Operation = CHAT, provider_name: str = "openai") -> None:
+                rec: _Record, op: Operation = CHAT) -> None:
         """Queue the request's inference event and end its span (runs after the response is sent)."""
         try:
             attributes = rec.attributes  # the cache's verdict, if any
@@ -245,7 +252,7 @@ class Proxy:
                 release=target.release,
                 model=model,
                 response_model=rec.response_model,
-                provider=provider_name,  # what the endpoint speaks, from the operator's endpoint config
+                provider=rec.provider,  # what the serving endpoint speaks, from the operator's endpoint config
                 operation=op.name,
                 input_tokens=rec.input_tokens,
                 output_tokens=rec.output_tokens,
@@ -265,60 +272,52 @@ class Proxy:
             span.end()
             raise
         self.batcher.add(encode_event(event))  # scrubbed and encoded once, after the answer was sent
-        metrics.router_request(variant, rec.status, rec.latency_ms / 1000.0)
+        if not rec.superseded:  # a request, not a call it went past (those are events, not requests)
+            metrics.router_request(variant, rec.status, rec.latency_ms / 1000.0)
         _end_span(span, event, tuple(r for _, r in sorted(rec.out.finish.items()) if r))
-
-    # The upstream calls, kept to these two helpers so the resilience layer can take them over.
-    async def _post(self, endpoint: Endpoint, path: str, body: bytes,
-                    headers: dict[str, str]) -> aiohttp.ClientResponse:
-        """POST one request body to an endpoint's operation path; the caller reads and releases the answer."""
-        return await self.session.post(endpoint.url_for(path), data=body, headers=headers)
 
     def _get(self, endpoint: Endpoint, path: str) -> Any:
         """GET an endpoint's path with lockgate's credential (an async context manager)."""
-        headers = dict(endpoint.auth_headers) if endpoint.auth_headers else (
-            {"Authorization": endpoint.authorization} if endpoint.authorization else {})
-        return self.session.get(endpoint.url_for(path), headers=headers)
+        return self.upstream.session.get(endpoint.url_for(path), headers=dict(endpoint.auth_headers))  # type: ignore[union-attr]
 
-    async def _once(self, op: Operation, endpoint: Endpoint, path: str, target: domain.Target, body: bytes,
-                    up_headers: dict[str, str], out_headers: dict[str, str], rec: _Record) -> web.StreamResponse:
+    async def _once(self, op: Operation, hops: list[Hop], up_headers: dict[str, str], out_headers: dict[str, str],
+                    rec: _Record) -> web.StreamResponse:
+        try:
+            reply = await self.upstream.send(hops, up_headers, stream=False)
+        except UpstreamUnavailable as exc:
+            rec.earlier = exc.earlier
+            return rec.fail(exc.http, exc.message, exc.type_, out_headers)
+        endpoint, target = rec.took(reply, out_headers)
         prov = provider(endpoint.provider)
+        if reply.status != 200:
+            return rec.upstream_failed(reply.status, prov.error(reply.body), endpoint, target, out_headers)
         try:
-            async with await self._post(endpoint, path, body, up_headers) as resp:
-                data = await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} is unreachable: "
-                                 f"{type(exc).__name__}", "upstream_unreachable", out_headers)
-        if status != 200:
-            return rec.upstream_failed(status, prov.error(data), endpoint, target, out_headers)
-        try:
-            data = prov.response(data)
+            data = prov.response(reply.body)
             op.parse(data, rec)
         except msgspec.DecodeError:
             return rec.fail(502, f"endpoint {endpoint.id} answered a body that is not a {op.api} response",
                             "upstream_bad_response", out_headers)
         return web.Response(body=data, status=200, content_type="application/json", headers=out_headers)
 
-    async def _stream(self, request: web.Request, op: Operation, endpoint: Endpoint, path: str,
-                      target: domain.Target, body: bytes, up_headers: dict[str, str], out_headers: dict[str, str],
-                      want_usage: bool, t0: float, rec: _Record) -> web.StreamResponse:
-        prov = provider(endpoint.provider)
+    async def _stream(self, request: web.Request, op: Operation, hops: list[Hop], up_headers: dict[str, str],
+                      out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record) -> web.StreamResponse:
         chunk = op.chunk or (lambda _data, _rec: False)
         try:
-            resp = await self._post(endpoint, path, body, up_headers)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} is unreachable: "
-                                 f"{type(exc).__name__}", "upstream_unreachable", out_headers)
-        async with resp:
-            if resp.status != 200:
-                return rec.upstream_failed(resp.status, prov.error(await resp.read()), endpoint, target, out_headers)
+            reply = await self.upstream.send(hops, up_headers, stream=True)
+        except UpstreamUnavailable as exc:
+            rec.earlier = exc.earlier
+            return rec.fail(exc.http, exc.message, exc.type_, out_headers)
+        endpoint, target = rec.took(reply, out_headers)
+        prov = provider(endpoint.provider)
+        async with reply:
+            if reply.status != 200:
+                return rec.upstream_failed(reply.status, prov.error(reply.body), endpoint, target, out_headers)
             out = web.StreamResponse(headers={**out_headers, "Content-Type": "text/event-stream",
                                               "Cache-Control": "no-cache"})
             await out.prepare(request)
             hiding = False
             try:
-                async for line in prov.lines(resp.content, op.stream_usage):
+                async for line in prov.lines(reply.lines(), op.stream_usage):
                     if hiding:  # the blank line that closes a hidden event
                         hiding = False
                         if not line.strip():
@@ -336,7 +335,7 @@ class Proxy:
             except _ClientGone:
                 # Stop reading and drop the upstream connection: the provider stops generating (and billing).
                 rec.status, rec.error_type = "error", "client_disconnected"
-                resp.close()
+                reply.close()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 rec.status, rec.error_type = "error", f"stream_interrupted:{type(exc).__name__}"
             except UpstreamStreamError:
@@ -363,24 +362,58 @@ class _Record:
     __slots__ = (
         "attributes",
         "cached_tokens",
+        "earlier",
         "error_type",
         "input_tokens",
         "latency_ms",
         "out",
         "output_tokens",
+        "provider",
         "response_model",
+        "served",
         "status",
+        "superseded",
         "ttft_ms",
     )
 
-    def __init__(self, status: str) -> None:
+    def __init__(self, status: str, provider: str = "openai") -> None:
         self.status = status
+        self.provider = provider
         self.error_type = ""
         self.input_tokens = self.output_tokens = self.cached_tokens = 0
         self.response_model = ""
         self.ttft_ms = self.latency_ms = 0.0
         self.out = Choices()  # every choice's text, tool calls and finish reason
         self.attributes: dict[str, str] = {}
+        self.served: tuple[str, domain.Target] | None = None
+        self.earlier: list[Failed] = []
+        self.superseded = False
+
+    @classmethod
+    def attempt(cls, failed: Failed) -> _Record:
+        """The record of a failed call the request went past (its own event: status error, no tokens)."""
+        rec = cls(status="error", provider=failed.hop.endpoint.provider)
+        rec.error_type = failed.reason()
+        rec.latency_ms = failed.elapsed_s * 1000.0
+        rec.attributes = {"lockgate.endpoint": failed.hop.endpoint.id, "lockgate.attempt": "superseded"}
+        rec.superseded = True
+        return rec
+
+    def took(self, reply: Reply, headers: dict[str, str]) -> tuple[Endpoint, domain.Target]:
+        """Note which hop answered (for the event and the response headers) and pass its headers on."""
+        headers.update(reply.headers)
+        self.attributes.update(reply.attributes())
+        self.earlier = reply.earlier
+        self.provider = reply.hop.endpoint.provider
+        variant, target = reply.hop.tag
+        if reply.fallback_from is not None:
+            self.served = (variant, target)
+            headers["x-lockgate-variant"], headers["x-lockgate-release"] = variant, target.release
+            chosen, planned = reply.fallback_from.tag
+            if chosen != variant:  # a canary's failure, for its analysis (the event itself is stable's)
+                self.attributes["lockgate.fallback_from_variant"] = chosen
+                self.attributes["lockgate.fallback_from_release"] = planned.release
+        return reply.hop.endpoint, target
 
     @property
     def text(self) -> str:
@@ -410,6 +443,20 @@ class _Record:
             return web.Response(body=data, status=status, content_type="application/json", headers=headers)
         return error_response(502, f"endpoint {endpoint.id} for release {target.release!r} failed with "
                                    f"HTTP {status}: {openai_error(data)}", "upstream_error", headers=headers)
+
+
+def _body_for(body: bytes, model: str, target: domain.Target, inject_usage: bool) -> bytes:
+    """The request as one target's endpoint gets it: its release's model and params, usage asked for."""
+    if (target.model and target.model != model) or inject_usage or target.params:
+        return patch_body(body, target.model or None, inject_usage, target.params)
+    return body
+
+
+def _prepare(op: Operation, endpoint: Endpoint, body: bytes) -> tuple[URL, bytes, dict[str, str]]:
+    """The URL, body and headers of a request to one endpoint, as its provider takes them (Unsupported
+    when it cannot serve the operation), with lockgate's key for that endpoint alone."""
+    prov = provider(endpoint.provider)
+    return endpoint.url_for(prov.path(op)), prov.request(op, body), {**prov.headers, **endpoint.auth_headers}
 
 
 def _end_span(span: Any, e: InferenceEvent, finish_reasons: tuple[str, ...] = ()) -> None:

@@ -69,9 +69,10 @@ class RouterService(Service):
                                                          cb=evidence_callback(self.rollouts))
         self._scores = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.eval_scores_all,
                                                        cb=scores_callback(self.rollouts))  # online evaluation
-        self.proxy.session = aiohttp.ClientSession(
+        # Timeouts are per endpoint (endpoints.py, applied in upstream.py), so the pool has none of its own.
+        self.proxy.upstream.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=60, ttl_dns_cache=300),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
+            timeout=aiohttp.ClientTimeout(total=None),
             auto_decompress=False,  # bodies pass through as the upstream sent them
         )
         self.batcher.start(self.ctx.bus.js)
@@ -101,8 +102,7 @@ class RouterService(Service):
             self.log.warning("route changes left unpersisted at stop", exc_info=True)
         await self.rollouts.close()
         await self.proxy.shadow.close()
-        if self.proxy.session is not None:
-            await self.proxy.session.close()
+        await self.proxy.upstream.close()
         await super().stop()
 
     async def _health(self, request: web.Request) -> web.Response:

@@ -287,7 +287,7 @@ async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Sto
     while len(events) < 2:
         events += _events.decode((await sub.next_msg(timeout=10)).data)
     miss, hit = events
-    assert miss.attributes == {"cache": "miss"} and miss.output_tokens > 0
+    assert miss.attributes == {"cache": "miss", "lockgate.endpoint": "default"} and miss.output_tokens > 0
     saved = cost_of(PRICE, miss.input_tokens, miss.output_tokens).usd / NANO
     assert hit.attributes == {"cache": "hit", "cost_saved": f"{saved:.9f}"}
     assert (hit.input_tokens, hit.output_tokens, hit.response) == (0, 0, ANSWER)  # nothing generated, nothing billed

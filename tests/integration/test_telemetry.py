@@ -188,7 +188,8 @@ async def test_router_metrics_move_with_requests(context: ServiceContext, run_se
         await router.batcher.flush()
         async with http.get(f"{router.url}/metrics") as resp:
             text = await resp.text()
-        assert 'lockgate_events_published_total{' in text and 'service="router"} 5.0' in text
+        # 5 requests, and the 2 retried calls of the broken one (error events of their own, not requests).
+        assert 'lockgate_events_published_total{' in text and 'service="router"} 7.0' in text
 
         # The simulator serves the same process's metrics on its own port.
         sim_base = sim.url.removesuffix("/v1")

@@ -1,0 +1,380 @@
+"""The router's calls to upstream endpoints: timeouts, retries within a budget, circuit breakers and
+the fallback chain (rules in resilience.py), plus the headers that cross in each direction.
+
+upstream.py moves bytes; the providers translate them. Nothing here ever puts an upstream URL in
+a client-visible message: errors name endpoints by id, and an upstream's own error body has the
+endpoint's address replaced by its id before it is passed on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import aiohttp
+from yarl import URL
+
+from lockgate.errors import LockgateError
+from lockgate.services.router import resilience
+from lockgate.services.router.endpoints import Endpoint, Endpoints
+from lockgate.services.router.providers import Unsupported
+
+# Request headers the client's SDK sends that the provider acts on (beta features, idempotent
+# retries, SDK telemetry); the client's Authorization is lockgate's business and never forwarded.
+_FORWARD = ("OpenAI-Organization", "OpenAI-Project", "OpenAI-Beta", "Idempotency-Key", "Accept")
+_FORWARD_PREFIX = "x-stainless-"
+_FORWARD_LOWER = frozenset(n.lower() for n in _FORWARD)
+# Response headers the client needs to pace itself and to quote to the provider's support.
+_RETURN = ("Retry-After", "retry-after-ms", "x-request-id")
+_RETURN_PREFIX = "x-ratelimit-"
+_RETURN_LOWER = frozenset(n.lower() for n in _RETURN)
+
+
+def forward_headers(incoming: Mapping[str, str], out: dict[str, str]) -> None:
+    """Copy the client's provider-facing request headers into `out`."""
+    for name, value in incoming.items():
+        # The first-letter test keeps this loop cheap: it runs on every request's every header.
+        if name[0] in "aAiIoOxX" and ((low := name.lower()) in _FORWARD_LOWER or low.startswith(_FORWARD_PREFIX)):
+            out[name] = value
+
+
+def returned_headers(upstream: Mapping[str, str]) -> dict[str, str]:
+    """The upstream's rate-limit, retry and request-id headers, for the client."""
+    out: dict[str, str] = {}
+    for name, value in upstream.items():
+        if name[0] in "rRxX" and ((low := name.lower()) in _RETURN_LOWER or low.startswith(_RETURN_PREFIX)):
+            out[name] = value
+    return out
+
+
+class UpstreamUnavailable(LockgateError):
+    """No endpoint in the chain answered: the client gets `http` (502, or 504 on a timeout).
+    `earlier`: the failed calls before the last one (evidence, like Reply.earlier)."""
+
+    def __init__(self, message: str, http: int, type_: str, earlier: list[Failed] | None = None) -> None:
+        super().__init__(message)
+        self.http = http
+        self.type_ = type_
+        self.earlier = earlier or []
+
+
+class ChunkTimeout(TimeoutError):
+    """A stream went quiet for longer than its endpoint's between-chunks timeout (or ran out of total time)."""
+
+
+class Hop(NamedTuple):
+    """One place to send the request: the endpoint, the URL, body and headers as its provider takes
+    them (with lockgate's credential for it alone), and the caller's tag (its target)."""
+
+    endpoint: Endpoint
+    url: URL
+    body: bytes
+    headers: dict[str, str]
+    tag: Any
+
+
+# How a request reaches one endpoint: (endpoint, body) -> (url, body, headers); raises Unsupported
+# when the endpoint's provider cannot serve it.
+Prepare = Callable[[Endpoint, bytes], tuple[URL, bytes, dict[str, str]]]
+
+
+class Reply:
+    """The answer of the hop that served: status, body (non-streamed, or any non-200), the headers
+    to pass on, and for a 200 stream its lines (the first one already read, so a retry or fallback
+    was still possible until then and never after)."""
+
+    __slots__ = ("_broken", "_deadline", "_eof", "_first", "_resp", "_stall", "attempts", "body", "earlier",
+                 "fallback_from", "fallback_reason", "headers", "hop", "status")
+
+    def __init__(self, hop: Hop, status: int, headers: dict[str, str], attempts: int,
+                 fallback_from: Hop | None) -> None:
+        self.hop = hop
+        self.status = status
+        self.headers = headers
+        self.attempts = attempts
+        self.fallback_from = fallback_from
+        self.fallback_reason = ""
+        # Calls that failed before this answer (retried or fallen back from): each is evidence about
+        # its target (a canary's failures must not vanish behind a retry or stable's answer). A hop
+        # skipped while its breaker is open made no call: the breaker is the endpoint's state, not
+        # evidence about the release (a new canary on a recovering endpoint is not judged by it).
+        self.earlier: list[Failed] = []
+        self.body = b""
+        self._resp: aiohttp.ClientResponse | None = None
+        self._first = b""
+        self._stall = 0.0
+        self._deadline = 0.0
+        self._eof = False
+        self._broken: Callable[[], None] | None = None  # tells the endpoint's breaker the stream broke
+
+    def attributes(self) -> dict[str, str]:
+        """Event attributes saying where the request was served and whether it fell back."""
+        attrs = {"lockgate.endpoint": self.hop.endpoint.id}
+        if self.attempts > 1:
+            attrs["lockgate.attempts"] = str(self.attempts)
+        if self.fallback_from is not None:
+            attrs["lockgate.fallback_from"] = self.fallback_from.endpoint.id
+            attrs["lockgate.fallback_reason"] = self.fallback_reason
+        return attrs
+
+    async def lines(self) -> AsyncIterator[bytes]:
+        """The stream's lines; ChunkTimeout when the upstream stalls between two of them."""
+        if self._resp is None:
+            return
+        yield self._first
+        loop = asyncio.get_running_loop()
+        content = self._resp.content
+        while True:
+            try:
+                async with asyncio.timeout_at(min(loop.time() + self._stall, self._deadline)):
+                    line = await content.readline()
+            except TimeoutError:
+                self._break()
+                raise ChunkTimeout(f"endpoint {self.hop.endpoint.id} sent nothing for "
+                                   f"{self.hop.endpoint.timeouts.between_chunks_s:g} s") from None
+            except aiohttp.ClientError:
+                self._break()
+                raise
+            if not line:
+                self._eof = True
+                return
+            yield line
+
+    def _break(self) -> None:
+        # A stream that stalls or breaks after its first byte is too late to retry, but it is a
+        # failure of the endpoint all the same.
+        if self._broken is not None:
+            self._broken()
+            self._broken = None
+
+    def close(self) -> None:
+        """Release the upstream connection; a stream left unfinished (the client went away, the
+        upstream stalled) is closed, which cancels the upstream's generation."""
+        if self._resp is not None:
+            if self._eof:
+                self._resp.release()
+            else:
+                self._resp.close()
+            self._resp = None
+
+    async def __aenter__(self) -> Reply:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Health:
+    """One endpoint's breaker and retry budget, shared by every request this replica sends there."""
+
+    __slots__ = ("breaker", "budget", "policy", "timeout")
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.breaker = resilience.Breaker(endpoint.breaker)
+        self.budget = resilience.RetryBudget(endpoint.retry)
+        self.policy = endpoint.retry.policy()
+        # Connect only: the first-byte, between-chunks and total bounds are the loop's timers below,
+        # because aiohttp's sock_read would also cut the (longer) wait for the first byte.
+        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=endpoint.timeouts.connect_s,
+                                             sock_read=None)
+
+
+class Failed(NamedTuple):
+    """One hop that did not serve: a failed call, or a skip while its breaker was open."""
+
+    hop: Hop
+    kind: str  # "connect", "connect_timeout", "first_byte", "breaker_open", or "http"
+    status: int = 0
+    body: bytes = b""
+    headers: dict[str, str] | None = None
+    elapsed_s: float = 0.0
+
+    def reason(self) -> str:
+        """For the event: why this hop was left (an HTTP status or the kind of failure)."""
+        return str(self.status) if self.kind == "http" else self.kind
+
+
+class Upstream:
+    """Sends requests along a fallback chain; one per router, holding the connection pool."""
+
+    def __init__(self, session: aiohttp.ClientSession | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.session = session
+        # Breakers and budgets read this clock (swappable so tests move time past a cooldown);
+        # the request's own deadlines are the event loop's timers.
+        self.clock = clock
+        self._health: dict[str, _Health] = {}
+
+    def health(self, endpoint: Endpoint) -> _Health:
+        """This replica's breaker and budget for an endpoint (made on first use)."""
+        found = self._health.get(endpoint.id)
+        if found is None:
+            found = self._health[endpoint.id] = _Health(endpoint)
+        return found
+
+    async def close(self) -> None:
+        """Close the connection pool."""
+        if self.session is not None:
+            await self.session.close()
+
+    async def send(self, hops: Sequence[Hop], headers: dict[str, str], *, stream: bool) -> Reply:
+        """The first good answer along `hops`, retrying each within its budget.
+
+        Returns the serving hop's Reply (a 200, or a client error the upstream gave, passed on as
+        it is, or the last hop's 429/5xx when every hop failed with one); raises UpstreamUnavailable
+        when no hop answered at all.
+        """
+        assert self.session is not None, "Upstream.session is opened by the router's start"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + hops[0].endpoint.timeouts.total_s
+        failures: list[Failed] = []
+        attempts = 0
+        for hop in hops:
+            h = self.health(hop.endpoint)
+            if not h.breaker.allow(self.clock()):
+                failures.append(Failed(hop, "breaker_open"))
+                continue
+            h.budget.request(self.clock())
+            tries = 0
+            while True:
+                tries += 1
+                attempts += 1
+                verdict: bool | None = None
+                started = loop.time()
+                try:
+                    reply, failed = await self._try(hop, headers, stream, deadline, h)
+                    verdict = failed is None or (failed.kind == "http" and not resilience.breaker_failure(failed.status))
+                finally:
+                    # A cancelled call (the client left) gives no verdict: only free a half-open probe.
+                    if verdict is None:
+                        h.breaker.abandon()
+                    else:
+                        h.breaker.record(self.clock(), verdict)
+                if failed is None:
+                    assert reply is not None
+                    reply.attempts = attempts
+                    reply.earlier = [f for f in failures if f.kind != "breaker_open"]
+                    if hop is not hops[0]:
+                        reply.fallback_from, reply.fallback_reason = hops[0], failures[0].reason()
+                    return reply
+                failures.append(failed._replace(elapsed_s=loop.time() - started))
+                wait = None
+                # A hung upstream is not asked again (a second wait as long as the first): fall back.
+                if failed.kind != "first_byte" and h.breaker.state == "closed":
+                    after = (resilience.retry_after_s(failed.headers, time.time())
+                             if failed.headers is not None else None)
+                    wait = resilience.retry_wait(hop.endpoint.retry, tries, after, deadline - loop.time(), h.policy)
+                if wait is None or not h.budget.spend(self.clock()):
+                    break
+                await asyncio.sleep(wait)  # backoff before the retry, not synchronisation
+            if deadline <= loop.time():
+                break
+        return self._give_up(hops, failures, attempts)
+
+    async def _try(self, hop: Hop, headers: dict[str, str], stream: bool, deadline: float,
+                   h: _Health) -> tuple[Reply | None, Failed | None]:
+        """One call: a Reply when the hop answered with a 200 or a client error, else how it failed."""
+        ep = hop.endpoint
+        loop = asyncio.get_running_loop()
+        resp: aiohttp.ClientResponse | None = None
+        if hop.headers:  # the provider's own headers and lockgate's key for this endpoint, for it alone
+            headers = {**headers, **hop.headers}
+        try:
+            async with asyncio.timeout_at(min(loop.time() + ep.timeouts.first_byte_s, deadline)):
+                resp = await self.session.post(hop.url, data=hop.body, headers=headers,  # type: ignore[union-attr]
+                                               timeout=h.timeout)
+                status = resp.status
+                passed = returned_headers(resp.headers)
+                if status == 200 and stream:
+                    first = await resp.content.readline()
+                else:
+                    body = await resp.read()
+        except aiohttp.ServerTimeoutError:  # aiohttp's own timer: only sock_connect is set
+            return None, Failed(hop, "connect_timeout")
+        except aiohttp.ClientError:
+            if resp is not None:
+                resp.release()
+            return None, Failed(hop, "connect" if resp is None else "first_byte")
+        except TimeoutError:
+            if resp is not None:
+                resp.release()
+            return None, Failed(hop, "first_byte")
+        except BaseException:
+            if resp is not None:
+                resp.release()
+            raise
+        if status != 200 and resilience.retryable_status(status):
+            resp.release()
+            return None, Failed(hop, "http", status, body, passed)
+        reply = Reply(hop, status, passed, 1, None)
+        if status == 200 and stream:
+            reply._resp, reply._first = resp, first
+            reply._stall, reply._deadline = ep.timeouts.between_chunks_s, deadline
+            reply._broken = lambda: h.breaker.record(self.clock(), False)
+        else:
+            reply.body = body if status == 200 else _scrub(body, ep)
+            resp.release()
+        return reply, None
+
+    def _give_up(self, hops: Sequence[Hop], failures: list[Failed], attempts: int) -> Reply:
+        """Every hop failed: the last upstream answer if there was one, else a 502/504 naming endpoints."""
+        tried = ", ".join(dict.fromkeys(f.hop.endpoint.id for f in failures))
+        calls = [f for f in failures if f.kind != "breaker_open"]
+        last = calls[-1] if calls else None
+        # The request's own event is the chosen hop's (its last failure); the other calls are evidence.
+        own = max(i for i, f in enumerate(failures) if f.hop is hops[0])
+        earlier = [f for i, f in enumerate(failures) if i != own and f.kind != "breaker_open"]
+        answered = next((f for f in reversed(failures) if f.kind == "http"), None)
+        if answered is not None:
+            reply = Reply(answered.hop, answered.status, answered.headers or {}, attempts,
+                          hops[0] if answered.hop is not hops[0] else None)
+            reply.fallback_reason = failures[0].reason()
+            reply.earlier = [f for f in failures if f is not answered and f.kind != "breaker_open"]
+            reply.body = _scrub(answered.body, answered.hop.endpoint)
+            return reply
+        if last is None:
+            raise UpstreamUnavailable(f"endpoint {tried} is failing and skipped (circuit breaker open); "
+                                      "retry later", 502, "upstream_circuit_open", earlier)
+        ep = last.hop.endpoint
+        if last.kind == "connect":
+            raise UpstreamUnavailable(f"endpoint {ep.id} is unreachable (tried: {tried})", 502,
+                                      "upstream_unreachable", earlier)
+        if last.kind == "connect_timeout":
+            raise UpstreamUnavailable(f"endpoint {ep.id} did not accept a connection within "
+                                      f"{ep.timeouts.connect_s:g} s (tried: {tried})", 504, "upstream_timeout", earlier)
+        raise UpstreamUnavailable(f"endpoint {ep.id} did not answer within {ep.timeouts.first_byte_s:g} s "
+                                  f"(first byte) or the request's {hops[0].endpoint.timeouts.total_s:g} s in all "
+                                  f"(tried: {tried})", 504, "upstream_timeout", earlier)
+
+
+def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any]], prepare: Prepare) -> list[Hop]:
+    """The hops for a request: each start (endpoint id, body, tag), the chosen target first, then
+    its named fallbacks, then the next start's, each prepared for its endpoint's provider. The first
+    hop must be configured and able to serve the request (UnknownEndpoint, Unsupported); a later one
+    that is not (a stale stable route, a fallback speaking a provider without this operation) is left out."""
+    ids = resilience.fallback_chain([eid for eid, _, _ in starts], endpoints.fallbacks)
+    hops: list[Hop] = []
+    for position, (index, eid) in enumerate(ids):
+        if position == 0 or eid in endpoints.by_id:
+            _, body, tag = starts[index]
+            endpoint = endpoints.get(eid)
+            try:
+                url, prepared, headers = prepare(endpoint, body)
+            except Unsupported:
+                if position == 0:
+                    raise
+                continue
+            hops.append(Hop(endpoint, url, prepared, headers, tag))
+    return hops
+
+
+def _scrub(body: bytes, endpoint: Endpoint) -> bytes:
+    """An upstream error body with the endpoint's address replaced by its id (URLs stay internal)."""
+    origin = f"{endpoint.url.host}:{endpoint.url.port}" if endpoint.url.port else str(endpoint.url.host)
+    if origin.encode() not in body:
+        return body
+    for form in (str(endpoint.url.origin()), origin):
+        body = body.replace(form.encode(), f"endpoint {endpoint.id}".encode())
+    return body

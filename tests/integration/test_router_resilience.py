@@ -1,0 +1,471 @@
+"""The router's resilience rules through the real router and the official `openai` client, against a
+scripted double of an outside LLM API: timeouts, retries, Retry-After, fallbacks, the circuit breaker,
+header passthrough, and no upstream URL in anything a client sees."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+from aiohttp import web
+
+from lockgate.codec import Codec
+from lockgate.contracts import InferenceEvent
+from lockgate.server.apikeys import Bootstrap, bootstrap
+from lockgate.server.service import ServiceContext
+from tests.helpers import break_glass, register_model_release, store_pass
+
+pytestmark = pytest.mark.timeout(60)
+
+_events: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
+MESSAGES = [{"role": "user", "content": "hi"}]
+FAST_RETRY = {"attempts": 3, "initial_s": 0.01, "max_s": 0.02}
+
+
+class FakeLLM:
+    """A double for an outside OpenAI-compatible API. Each request takes the next scripted action (the
+    last one repeats): "ok", ("status", code, headers), "hang" (no answer until the test ends),
+    "chunk_then_hang" and "chunk_then_drop" (a stream that stalls or breaks after its first event),
+    "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set)."""
+
+    def __init__(self, name: str, *actions: Any) -> None:
+        self.name = name
+        self.actions = list(actions) or ["ok"]
+        self.headers: list[dict[str, str]] = []
+        self._seen = asyncio.Condition()
+        self.hung_up = asyncio.Event()
+        self._release = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def calls(self) -> int:
+        return len(self.headers)
+
+    async def seen(self, n: int) -> None:
+        """Wait until n requests have arrived (a call the router gave up on may land after its answer)."""
+        async with self._seen:
+            await self._seen.wait_for(lambda: self.calls >= n)
+
+    async def __aenter__(self) -> FakeLLM:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release.set()
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        async with self._seen:
+            self.headers.append(dict(request.headers))
+            self._seen.notify_all()
+        body = await request.json()
+        action = self.actions.pop(0) if len(self.actions) > 1 else self.actions[0]
+        n = self.calls
+        if action == "hang":
+            await self._release.wait()
+            return web.Response(status=500)
+        if isinstance(action, tuple):
+            _, status, headers = (*action, {})[:3]
+            error = {"error": {"message": f"{self.name} failed at {self.url}/chat/completions", "type": "server_error"}}
+            return web.json_response(error, status=status, headers=headers)
+        text = f"{self.name} says hi"
+        headers = {"x-request-id": f"req-{self.name}-{n}", "x-ratelimit-remaining-requests": "99",
+                   "x-ratelimit-reset-tokens": "6ms"}
+        if not body.get("stream"):
+            return web.json_response({
+                "id": f"c{n}", "object": "chat.completion", "created": 1, "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}}, headers=headers)
+        resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+
+        def chunk(**fields: Any) -> bytes:
+            base = {"id": f"c{n}", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
+            return f"data: {json.dumps({**base, **fields})}\n\n".encode()
+
+        await resp.write(chunk(choices=[{"index": 0, "delta": {"role": "assistant", "content": text},
+                                         "finish_reason": None}]))
+        if action == "chunk_then_hang":
+            await self._release.wait()
+            return resp
+        if action == "chunks_until_closed":
+            try:
+                while True:  # paced by the router's reads (drain), ended by its hang-up
+                    await resp.write(chunk(choices=[{"index": 0, "delta": {"content": "."}, "finish_reason": None}]))
+            except ConnectionError:
+                self.hung_up.set()
+            return resp
+        if action == "chunk_then_drop":
+            assert request.transport is not None
+            request.transport.close()
+            await self._release.wait()
+            return resp
+        await resp.write(chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+        await resp.write(chunk(choices=[], usage={"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+@pytest.fixture
+def keys(context: ServiceContext) -> Bootstrap:
+    return bootstrap(context.settings.home, tenant="acme", app="shop")
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port whose listen queue is full: a connection attempt neither succeeds nor fails (a black hole)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    filler = socket.create_connection(("127.0.0.1", port))  # takes the one queued slot
+    yield port
+    filler.close()
+    server.close()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A port nothing listens on (connection refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+Gateway = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+async def gateway(context: ServiceContext, run_services: Any, tmp_path: Any) -> Gateway:
+    """Factory: the router with these endpoints (id -> endpoint settings, as in endpoints.yaml)."""
+
+    async def start(endpoints: dict[str, dict[str, Any]]) -> Any:
+        path = tmp_path / "endpoints.yaml"
+        path.write_text(json.dumps({"endpoints": endpoints}))  # JSON is YAML
+        context.settings = context.settings.replace(endpoints_file=str(path), deployment="chat", app="shop")
+        return (await run_services("router"))["router"]
+
+    return start
+
+
+@pytest.fixture
+async def events(context: ServiceContext) -> AsyncIterator[Callable[[int], Awaitable[list[InferenceEvent]]]]:
+    """`await events(n)`: the next n inference events the router announced."""
+    bus = context.bus
+    sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
+
+    async def take(n: int) -> list[InferenceEvent]:
+        got: list[InferenceEvent] = []
+        while len(got) < n:
+            got += _events.decode((await sub.next_msg(timeout=10)).data)
+        return got
+
+    yield take
+    await sub.unsubscribe()
+
+
+def client(router: Any, keys: Bootstrap) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=keys.app_key, max_retries=0, timeout=10)
+
+
+def _split(events: list[InferenceEvent]) -> tuple[list[InferenceEvent], list[InferenceEvent]]:
+    """The requests' own events, and the events of calls they went past (retried or fallen back from)."""
+    superseded = [e for e in events if e.attributes.get("lockgate.attempt") == "superseded"]
+    return [e for e in events if e not in superseded], superseded
+
+
+def _visible(err: openai.APIStatusError) -> str:
+    """Everything the client can see of an error: body and headers."""
+    return err.response.text + json.dumps(dict(err.response.headers))
+
+
+# Timeouts
+
+
+async def test_connect_timeout_ends_the_request_with_504_naming_the_endpoint(gateway: Gateway, keys: Bootstrap,
+                                                                             silent_port: int, events: Any) -> None:
+    router = await gateway({"default": {"url": f"http://127.0.0.1:{silent_port}/v1", "retry": {"attempts": 1},
+                                        "timeouts": {"connect_s": 0.05}}})
+    async with client(router, keys) as c:
+        with pytest.raises(openai.InternalServerError) as caught:
+            await c.chat.completions.create(model="m", messages=MESSAGES)
+    err = caught.value
+    assert err.status_code == 504 and err.type == "upstream_timeout"
+    assert "endpoint default did not accept a connection within 0.05 s" in err.message
+    assert str(silent_port) not in _visible(err)
+    (event,) = await events(1)
+    assert (event.status, event.error_type) == ("error", "upstream_timeout")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
+async def test_hung_upstream_is_cut_at_the_first_byte_timeout(gateway: Gateway, keys: Bootstrap, stream: bool) -> None:
+    async with FakeLLM("hung", "hang") as hung:
+        router = await gateway({"default": {"url": hung.url, "timeouts": {"first_byte_s": 0.05}}})
+        async with client(router, keys) as c:
+            # Before: sock_read=300 held the request for minutes; now the client (10 s of patience) gets a 504.
+            with pytest.raises(openai.InternalServerError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES, stream=stream)
+        err = caught.value
+        assert err.status_code == 504 and "endpoint default did not answer within 0.05 s" in err.message
+        assert str(hung.port) not in _visible(err)
+        await hung.seen(1)
+        assert hung.calls == 1  # a hung upstream is not asked again
+
+
+async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: Gateway, keys: Bootstrap,
+                                                                       events: Any) -> None:
+    async with FakeLLM("stall", "chunk_then_hang") as stall, FakeLLM("backup") as backup:
+        router = await gateway({"default": {"url": stall.url, "retry": FAST_RETRY, "fallback": "backup",
+                                            "timeouts": {"between_chunks_s": 0.05},
+                                            "breaker": {"consecutive_failures": 1, "cooldown_s": 30}},
+                                "backup": {"url": backup.url}})
+        async with client(router, keys) as c:
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            chunks = [chunk async for chunk in stream]
+            assert [ch.choices[0].delta.content for ch in chunks] == ["stall says hi"]
+            (event,) = await events(1)
+            assert (event.status, event.error_type) == ("error", "stream_interrupted:ChunkTimeout")
+            assert event.response == "stall says hi"
+            assert (stall.calls, backup.calls) == (1, 0)  # the first byte had reached the client: no retry
+            # The stall counts against the endpoint: its breaker (one failure opens it) sends the next to backup.
+            done = await c.chat.completions.create(model="m", messages=MESSAGES)
+        assert done.choices[0].message.content == "backup says hi" and stall.calls == 1
+
+
+async def test_client_disconnect_mid_stream_hangs_up_on_the_upstream(gateway: Gateway, keys: Bootstrap,
+                                                                       events: Any) -> None:
+    async with FakeLLM("endless", "chunks_until_closed") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            first = await anext(aiter(stream))
+            await stream.close()  # the client goes away mid-answer
+        assert first.choices[0].delta.content == "endless says hi"
+        await asyncio.wait_for(up.hung_up.wait(), 10)  # the upstream's generation is cut, not left running
+        (event,) = await events(1)
+        # Before: recorded as stream_interrupted, the client_disconnected branch could never run.
+        assert (event.status, event.error_type) == ("error", "client_disconnected")
+
+
+# Retries
+
+
+async def test_retry_on_500_then_success(gateway: Gateway, keys: Bootstrap, events: Any) -> None:
+    async with FakeLLM("flaky", ("status", 500), ("status", 503), "ok") as flaky:
+        router = await gateway({"default": {"url": flaky.url, "retry": FAST_RETRY}})
+        async with client(router, keys) as c:
+            done = await c.chat.completions.create(model="m", messages=MESSAGES)
+        assert done.choices[0].message.content == "flaky says hi" and flaky.calls == 3
+        (event,), superseded = _split(await events(3))
+        assert event.status == "ok"
+        assert event.attributes == {"lockgate.endpoint": "default", "lockgate.attempts": "3"}
+        # Each failed call is evidence of its own (a canary's failures must not vanish behind a retry).
+        assert sorted((e.status, e.error_type, e.output_tokens) for e in superseded) == [
+            ("error", "500", 0), ("error", "503", 0)]
+        assert all(e.trace_id == event.trace_id and e.span_id != event.span_id for e in superseded)
+
+
+async def test_stream_retries_before_its_first_byte_never_after(gateway: Gateway, keys: Bootstrap,
+                                                                events: Any) -> None:
+    async with FakeLLM("flaky", ("status", 502), "chunk_then_drop") as flaky:
+        router = await gateway({"default": {"url": flaky.url, "retry": FAST_RETRY}})
+        async with client(router, keys) as c:
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            chunks = [chunk async for chunk in stream]
+        assert [ch.choices[0].delta.content for ch in chunks] == ["flaky says hi"]
+        # The 502 before the stream began was retried; the drop after its first event was not.
+        assert flaky.calls == 2
+        (event,), (retried,) = _split(await events(2))
+        assert event.status == "error" and event.error_type.startswith("stream_interrupted:")
+        assert retried.error_type == "502"
+
+
+async def test_short_retry_after_is_waited_then_retried(gateway: Gateway, keys: Bootstrap) -> None:
+    async with FakeLLM("busy", ("status", 429, {"retry-after-ms": "20"}), "ok") as busy:
+        router = await gateway({"default": {"url": busy.url, "retry": FAST_RETRY}})
+        async with client(router, keys) as c:
+            done = await c.chat.completions.create(model="m", messages=MESSAGES)
+        assert done.choices[0].message.content == "busy says hi" and busy.calls == 2
+
+
+async def test_long_retry_after_and_rate_limit_headers_reach_the_client(gateway: Gateway, keys: Bootstrap) -> None:
+    limited = ("status", 429, {"Retry-After": "30", "x-ratelimit-remaining-requests": "0",
+                               "x-request-id": "req-limited"})
+    async with FakeLLM("limited", limited) as up:
+        router = await gateway({"default": {"url": up.url, "retry": FAST_RETRY}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.RateLimitError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES)
+        err = caught.value
+        # 30 s is longer than the router waits for (max_retry_after_s): the client hears it and paces itself.
+        assert up.calls == 1
+        assert err.response.headers["retry-after"] == "30"
+        assert err.response.headers["x-ratelimit-remaining-requests"] == "0"
+        assert err.response.headers["x-request-id"] == "req-limited"
+        assert str(up.port) not in _visible(err)
+
+
+async def test_retries_stop_when_the_budget_is_spent(gateway: Gateway, keys: Bootstrap) -> None:
+    async with FakeLLM("down", ("status", 500)) as down:
+        router = await gateway({"default": {"url": down.url, "breaker": {"consecutive_failures": 100},
+                                            "retry": {**FAST_RETRY, "budget_ratio": 0, "budget_min": 2}}})
+        async with client(router, keys) as c:
+            for _ in range(3):
+                with pytest.raises(openai.APIStatusError):
+                    await c.chat.completions.create(model="m", messages=MESSAGES)
+        # 3 requests, 2 retries in the budget: 5 calls, not the 9 that 3 attempts each would make.
+        assert down.calls == 5
+
+
+# Fallbacks
+
+
+async def test_failing_canary_falls_back_to_stable(gateway: Gateway, keys: Bootstrap, context: ServiceContext,
+                                                   events: Any) -> None:
+    async with FakeLLM("stable") as stable, FakeLLM("canary", ("status", 500)) as canary:
+        router = await gateway({"default": {"url": stable.url},
+                                "canary": {"url": canary.url, "retry": {"attempts": 1}}})
+        await register_model_release(context.bus, "r1", "m", "default")
+        await register_model_release(context.bus, "r2", "m-canary", "canary")
+        await store_pass(context.bus, "r1", context.settings)
+        route = {"stable_release": "r1", "canary_release": "r2", "initial_weight": 100,
+                 "break_glass": break_glass(context.settings, "chat", "r2", "canary", "fallback test")}
+        async with openai.AsyncOpenAI(base_url=f"{router.url}/lockgate/v1", api_key=keys.admin_key) as admin:
+            await admin.put("/deployments/chat", body=route, cast_to=object)
+        async with client(router, keys) as c:
+            # Before: a failing canary at 100% gave 502s while stable was healthy.
+            raw = await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+        done = raw.parse()
+        assert done.choices[0].message.content == "stable says hi"
+        assert (raw.headers["x-lockgate-variant"], raw.headers["x-lockgate-release"]) == ("stable", "r1")
+        assert canary.calls == 1 and stable.calls == 1
+        (event,), (failed,) = _split(await events(2))
+        # The event says who answered, so stable's success never counts as the canary's; the canary's
+        # failed call is an error event of the canary's, so its analysis still sees it.
+        assert (event.variant, event.release, event.model, event.status) == ("stable", "r1", "m", "ok")
+        assert (failed.variant, failed.release, failed.model, failed.status, failed.error_type) == (
+            "canary", "r2", "m-canary", "error", "500")
+        assert event.attributes == {"lockgate.endpoint": "default", "lockgate.fallback_from": "canary",
+                                    "lockgate.fallback_reason": "500", "lockgate.attempts": "2",
+                                    "lockgate.fallback_from_variant": "canary", "lockgate.fallback_from_release": "r2"}
+
+
+async def test_endpoint_falls_back_to_its_named_fallback(gateway: Gateway, keys: Bootstrap, events: Any) -> None:
+    async with FakeLLM("main", "hang") as main, FakeLLM("backup") as backup:
+        router = await gateway({"default": {"url": main.url, "timeouts": {"first_byte_s": 0.05}, "fallback": "backup"},
+                                "backup": {"url": backup.url}})
+        async with client(router, keys) as c:
+            raw = await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            chunks = [chunk async for chunk in stream]
+        assert raw.parse().choices[0].message.content == "backup says hi"
+        assert raw.headers["x-request-id"] == "req-backup-1"
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "backup says hi"
+        await main.seen(2)
+        assert (main.calls, backup.calls) == (2, 2)
+        served, superseded = _split(await events(4))
+        assert [(e.status, e.error_type, e.attributes["lockgate.endpoint"]) for e in superseded] == [
+            ("error", "first_byte", "default")] * 2
+        for event in served:
+            assert event.status == "ok" and event.response == "backup says hi"
+            assert event.attributes == {"lockgate.endpoint": "backup", "lockgate.fallback_from": "default",
+                                        "lockgate.fallback_reason": "first_byte", "lockgate.attempts": "2"}
+
+
+# Circuit breaker
+
+
+async def test_breaker_opens_skips_to_fallback_then_half_open_probe_recovers(gateway: Gateway, keys: Bootstrap,
+                                                                             events: Any) -> None:
+    async with FakeLLM("main", ("status", 500), ("status", 500), "ok") as main, FakeLLM("backup") as backup:
+        router = await gateway({
+            "default": {"url": main.url, "retry": {"attempts": 1}, "fallback": "backup",
+                        "breaker": {"consecutive_failures": 2, "cooldown_s": 30}},
+            "backup": {"url": backup.url}})
+        async with client(router, keys) as c:
+
+            async def ask() -> str:
+                done = await c.chat.completions.create(model="m", messages=MESSAGES)
+                return done.choices[0].message.content or ""
+
+            assert [await ask(), await ask()] == ["backup says hi"] * 2
+            assert main.calls == 2  # two failures in a row: the breaker opens
+            assert await ask() == "backup says hi"
+            assert main.calls == 2  # open: skipped at once, no call to the failing endpoint
+            # The cooldown passes (the breakers' clock moves on): one probe goes through and closes it.
+            router.proxy.upstream.clock = lambda: time.monotonic() + 31
+            assert await ask() == "main says hi"
+            assert await ask() == "main says hi"
+        assert (main.calls, backup.calls) == (4, 3)
+        served, superseded = _split(await events(7))
+        assert sorted(e.attributes["lockgate.endpoint"] for e in served) == ["backup"] * 3 + ["default"] * 2
+        assert len(superseded) == 2  # the two failed calls; the skip while open is no call
+
+
+async def test_open_breaker_without_fallback_is_502_naming_the_endpoint(gateway: Gateway, keys: Bootstrap) -> None:
+    async with FakeLLM("main", ("status", 500)) as main:
+        router = await gateway({"default": {"url": main.url, "retry": {"attempts": 1},
+                                            "breaker": {"consecutive_failures": 1, "cooldown_s": 30}}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.InternalServerError):
+                await c.chat.completions.create(model="m", messages=MESSAGES)
+            with pytest.raises(openai.InternalServerError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES)
+        err = caught.value
+        assert (err.status_code, err.type) == (502, "upstream_circuit_open")
+        assert "endpoint default is failing" in err.message and main.calls == 1
+
+
+# Headers and what the client may see
+
+
+async def test_sdk_headers_forwarded_and_upstream_request_id_returned(gateway: Gateway, keys: Bootstrap) -> None:
+    async with FakeLLM("up") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            raw = await c.chat.completions.with_raw_response.create(
+                model="m", messages=MESSAGES,
+                extra_headers={"OpenAI-Beta": "assistants=v2", "Idempotency-Key": "idem-1"})
+        sent = {k.lower(): v for k, v in up.headers[0].items()}
+        assert sent["openai-beta"] == "assistants=v2" and sent["idempotency-key"] == "idem-1"
+        assert sent["x-stainless-lang"] == "python" and "x-stainless-package-version" in sent
+        assert "authorization" not in sent  # the client's lockgate key stays in lockgate
+        assert raw.headers["x-request-id"] == "req-up-1"
+        assert raw.headers["x-ratelimit-remaining-requests"] == "99"
+        assert raw.headers["x-ratelimit-reset-tokens"] == "6ms"
+
+
+@pytest.mark.parametrize("failure", ["500", "404", "refused"])
+async def test_no_upstream_url_in_any_error(gateway: Gateway, keys: Bootstrap, closed_port: int,
+                                            failure: str) -> None:
+    actions = {"500": ("status", 500), "404": ("status", 404)}
+    async with FakeLLM("up", actions.get(failure, "ok")) as up:
+        url = f"http://127.0.0.1:{closed_port}/v1" if failure == "refused" else up.url
+        router = await gateway({"default": {"url": url, "retry": FAST_RETRY}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES)
+        visible = _visible(caught.value)
+        assert "endpoint default" in visible
+        assert "127.0.0.1" not in visible and str(up.port) not in visible and str(closed_port) not in visible

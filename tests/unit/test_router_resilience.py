@@ -1,0 +1,239 @@
+"""The router's resilience rules, pure: breaker transitions, retry budget, backoff and Retry-After,
+fallback chain, endpoint configuration."""
+
+from __future__ import annotations
+
+import email.utils
+import random
+from pathlib import Path
+
+import pytest
+from multidict import CIMultiDict
+from yarl import URL
+
+from lockgate.config import Settings
+from lockgate.errors import ConfigError
+from lockgate.retry import RetryPolicy
+from lockgate.services.router.endpoints import Endpoint, Endpoints
+from lockgate.services.router.resilience import (
+    Breaker,
+    BreakerSpec,
+    RetryBudget,
+    RetrySpec,
+    Timeouts,
+    Window,
+    breaker_failure,
+    fallback_chain,
+    retry_after_s,
+    retry_wait,
+    retryable_status,
+)
+from lockgate.services.router.upstream import _scrub, forward_headers, returned_headers
+
+# Breaker
+
+
+def test_breaker_opens_after_consecutive_failures_and_skips_until_cooldown() -> None:
+    b = Breaker(BreakerSpec(consecutive_failures=3, cooldown_s=10))
+    for t in (0.0, 1.0):
+        assert b.allow(t)
+        b.record(t, ok=False)
+    assert b.state == "closed"
+    b.record(2.0, ok=True)  # a success resets the run
+    for t in (3.0, 4.0, 5.0):
+        b.record(t, ok=False)
+    assert b.state == "open"
+    assert not b.allow(14.9)  # still cooling down: skip to the fallback at once
+
+
+def test_breaker_half_open_lets_one_probe_and_its_success_closes() -> None:
+    b = Breaker(BreakerSpec(consecutive_failures=1, cooldown_s=10))
+    b.record(0.0, ok=False)
+    assert b.allow(10.0) and b.state == "half_open"
+    assert not b.allow(10.1)  # one probe at a time; the others go to the fallback
+    b.record(10.2, ok=True)
+    assert b.state == "closed" and b.allow(10.3) and b.allow(10.3)
+
+
+def test_breaker_failed_probe_reopens_for_another_cooldown() -> None:
+    b = Breaker(BreakerSpec(consecutive_failures=1, cooldown_s=10))
+    b.record(0.0, ok=False)
+    assert b.allow(10.0)
+    b.record(10.5, ok=False)
+    assert b.state == "open" and not b.allow(20.0) and b.allow(20.5)
+
+
+def test_breaker_abandoned_probe_frees_the_slot() -> None:
+    b = Breaker(BreakerSpec(consecutive_failures=1, cooldown_s=1))
+    b.record(0.0, ok=False)
+    assert b.allow(1.0)
+    b.abandon()  # the client left mid-probe: no verdict, but the next request may probe
+    assert b.state == "half_open" and b.allow(1.1)
+
+
+def test_breaker_opens_on_failure_ratio_without_a_long_run() -> None:
+    b = Breaker(BreakerSpec(consecutive_failures=100, failure_ratio=0.5, min_requests=10, window_s=30))
+    for i in range(10):  # alternate: never two failures in a row, half of them failures
+        b.record(float(i), ok=i % 2 == 0)
+    assert b.state == "open"
+
+
+def test_breaker_ratio_needs_min_requests_and_forgets_old_calls() -> None:
+    b = Breaker(BreakerSpec(consecutive_failures=100, failure_ratio=0.5, min_requests=10, window_s=10))
+    for i in range(9):
+        b.record(i * 0.1, ok=i % 2 == 0)
+    assert b.state == "closed"  # 9 calls: below min_requests
+    for i in range(10):  # the earlier failures aged out of the window
+        b.record(100.0 + i * 0.1, ok=i != 0)
+    assert b.state == "closed"
+
+
+# Retry budget
+
+
+def test_budget_caps_retries_at_the_ratio_of_requests() -> None:
+    budget = RetryBudget(RetrySpec(budget_ratio=0.2, budget_min=0, budget_window_s=10))
+    for _ in range(50):
+        budget.request(1.0)
+    spent = sum(budget.spend(1.0) for _ in range(100))
+    assert spent == 10  # 20% of 50: a failing upstream gets at most that much extra load
+
+
+def test_budget_min_lets_a_quiet_endpoint_retry_and_refills_with_time() -> None:
+    budget = RetryBudget(RetrySpec(budget_ratio=0.2, budget_min=2, budget_window_s=10))
+    budget.request(0.0)
+    assert [budget.spend(0.0) for _ in range(3)] == [True, True, False]
+    assert budget.spend(11.0)  # the window moved on
+
+
+def test_window_ages_out_old_buckets() -> None:
+    w = Window(10.0, buckets=10)
+    w.add(0.5, a=3)
+    w.add(5.5, a=1, b=1)
+    assert w.totals(6.0) == (4, 1)
+    assert w.totals(10.6) == (1, 1)  # the first bucket is older than the window
+    assert w.totals(100.0) == (0, 0)
+
+
+# Backoff and Retry-After
+
+
+def test_retry_wait_uses_the_house_backoff_and_stops_after_the_attempts() -> None:
+    spec = RetrySpec(attempts=3, initial_s=0.1, max_s=2.0)
+    policy = RetryPolicy(attempts=3, initial_s=0.1, max_s=2.0, jitter=False)
+    assert retry_wait(spec, 1, None, 60.0, policy) == pytest.approx(0.1)
+    assert retry_wait(spec, 2, None, 60.0, policy) == pytest.approx(0.2)
+    assert retry_wait(spec, 3, None, 60.0, policy) is None
+
+
+def test_retry_wait_jitters_within_the_cap() -> None:
+    spec = RetrySpec(attempts=5, initial_s=0.1, max_s=0.3)
+    policy = RetryPolicy(attempts=5, initial_s=0.1, max_s=0.3, rng=random.Random(7))
+    waits = [retry_wait(spec, 4, None, 60.0, policy) for _ in range(50)]
+    assert all(w is not None and 0 <= w <= 0.3 for w in waits) and len(set(waits)) > 1
+
+
+def test_retry_wait_honours_retry_after_and_refuses_a_long_one() -> None:
+    spec = RetrySpec(attempts=3, max_retry_after_s=5)
+    assert retry_wait(spec, 1, 3.0, 60.0) == 3.0  # the upstream's wait, not the backoff
+    assert retry_wait(spec, 1, 30.0, 60.0) is None  # too long: fall back or tell the client
+    assert retry_wait(spec, 1, 3.0, 2.0) is None  # would leave the request no time
+
+
+def test_retry_after_forms() -> None:
+    now = 1_700_000_000.0
+    assert retry_after_s({"Retry-After": "7"}, now) == 7.0
+    assert retry_after_s({"retry-after-ms": "250", "Retry-After": "7"}, now) == 0.25
+    date = email.utils.formatdate(now + 12, usegmt=True)
+    assert retry_after_s({"Retry-After": date}, now) == pytest.approx(12.0)
+    assert retry_after_s({"Retry-After": "soon"}, now) is None
+    assert retry_after_s({"Retry-After": "-3"}, now) == 0.0
+    assert retry_after_s({}, now) is None
+
+
+@pytest.mark.parametrize(("status", "retry", "sick"), [(200, False, False), (400, False, False), (404, False, False),
+                                                       (429, True, False), (500, True, True), (503, True, True)])
+def test_status_classes(status: int, retry: bool, sick: bool) -> None:
+    assert (retryable_status(status), breaker_failure(status)) == (retry, sick)
+
+
+# Fallback chain
+
+
+def test_fallback_chain_endpoint_then_named_then_stable() -> None:
+    fallbacks = {"canary-ep": "canary-backup", "canary-backup": None, "stable-ep": "stable-backup"}
+    assert fallback_chain(["canary-ep", "stable-ep"], fallbacks) == [
+        (0, "canary-ep"), (0, "canary-backup"), (1, "stable-ep"), (1, "stable-backup")]
+
+
+def test_fallback_chain_same_endpoint_for_both_targets_is_kept_per_target() -> None:
+    # Canary and stable on one endpoint with different models: stable is still a fallback.
+    assert fallback_chain(["shared", "shared"], {}) == [(0, "shared"), (1, "shared")]
+
+
+def test_fallback_chain_stops_on_cycles_and_at_the_limit() -> None:
+    assert fallback_chain(["a"], {"a": "b", "b": "a"}) == [(0, "a"), (0, "b")]
+    long = {f"e{i}": f"e{i + 1}" for i in range(10)}
+    assert len(fallback_chain(["e0"], long, limit=4)) == 4
+
+
+# Endpoint configuration
+
+
+def _endpoints(tmp_path: Path, text: str) -> Endpoints:
+    (tmp_path / "endpoints.yaml").write_text(text)
+    return Endpoints(Settings(endpoints_file=str(tmp_path / "endpoints.yaml")))
+
+
+def test_endpoint_file_carries_timeouts_retry_breaker_and_fallback(tmp_path: Path) -> None:
+    eps = _endpoints(tmp_path, """
+endpoints:
+  main:
+    url: http://127.0.0.1:1/v1
+    timeouts: {connect_s: 0.5, first_byte_s: 4}
+    retry: {attempts: 1}
+    breaker: {cooldown_s: 2}
+    fallback: backup
+  backup: {url: http://127.0.0.1:2/v1}
+""")
+    main = eps.get("main")
+    assert main.timeouts == Timeouts(connect_s=0.5, first_byte_s=4)
+    assert (main.retry.attempts, main.breaker.cooldown_s, main.fallback) == (1, 2, "backup")
+    assert eps.get("backup").timeouts == Timeouts() and eps.fallbacks == {"main": "backup", "backup": None}
+
+
+def test_default_timeouts_end_a_hung_upstream_well_before_the_old_five_minutes() -> None:
+    t = Timeouts()
+    assert t.connect_s <= 5 and t.first_byte_s <= 60 and t.between_chunks_s <= 30
+
+
+@pytest.mark.parametrize(("text", "part"), [
+    ("endpoints:\n  a: {url: 'http://127.0.0.1:1/v1', fallback: nowhere}\n", "'nowhere', which is not configured"),
+    ("endpoints:\n  a: {url: 'http://127.0.0.1:1/v1', timeouts: {first_byte_s: 0}}\n", "first_byte_s"),
+    ("endpoints:\n  a: {url: 'http://127.0.0.1:1/v1', retry: {attempts: 0}}\n", "attempts"),
+    ("endpoints:\n  a: {url: 'http://127.0.0.1:1/v1', timeouts: {read: 3}}\n", "read"),
+])
+def test_bad_resilience_settings_fail_the_start(tmp_path: Path, text: str, part: str) -> None:
+    with pytest.raises(ConfigError, match=part):
+        _endpoints(tmp_path, text)
+
+
+# Headers across the gateway and what a client may see (upstream.py's pure helpers)
+
+
+def test_forwarded_and_returned_headers() -> None:
+    out: dict[str, str] = {}
+    forward_headers(CIMultiDict({"Authorization": "Bearer lg-key", "OpenAI-Beta": "assistants=v2",
+                                 "Idempotency-Key": "k1", "X-Stainless-Lang": "python", "Cookie": "c",
+                                 "x-lockgate-user": "alice"}), out)
+    assert out == {"OpenAI-Beta": "assistants=v2", "Idempotency-Key": "k1", "X-Stainless-Lang": "python"}
+    back = returned_headers(CIMultiDict({"Retry-After": "3", "X-RateLimit-Remaining-Tokens": "10", "x-request-id": "r",
+                                         "Set-Cookie": "s", "Server": "nginx", "openai-organization": "org"}))
+    assert back == {"Retry-After": "3", "X-RateLimit-Remaining-Tokens": "10", "x-request-id": "r"}
+
+
+def test_upstream_address_is_replaced_by_the_endpoint_id_in_error_bodies() -> None:
+    ep = Endpoint(id="prod", url=URL("http://10.0.0.7:8000/v1/chat/completions"))
+    body = b'{"error": {"message": "no route at http://10.0.0.7:8000/v1/x (10.0.0.7:8000)"}}'
+    assert _scrub(body, ep) == b'{"error": {"message": "no route at endpoint prod/v1/x (endpoint prod)"}}'
+    assert _scrub(b"plain", ep) == b"plain"
