@@ -245,6 +245,17 @@ class SimServer:
         self.headers.append(dict(request.headers))
         return await request.read()
 
+    async def _other(self, request: web.Request) -> tuple[_Request, _Model] | web.Response:
+        """The body of a completions, embeddings or responses request and its model, or the error answer."""
+        try:
+            body = _decode_other(await self._read(request))
+        except msgspec.DecodeError as exc:
+            return _error(400, f"invalid request: {exc}", "invalid_request_error")
+        model = self._model(body.model)
+        if model is None:
+            return _error(404, f"The model '{body.model}' does not exist", "invalid_request_error", "model_not_found")
+        return body, model
+
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         try:
             body = decode_request(await self._read(request))
@@ -363,13 +374,10 @@ class SimServer:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         """Legacy `POST /v1/completions`: `prompt` (string or list of strings) in, `choices[].text` out."""
-        try:
-            body = _decode_other(await self._read(request))
-        except msgspec.DecodeError as exc:
-            return _error(400, f"invalid request: {exc}", "invalid_request_error")
-        model = self._model(body.model)
-        if model is None:
-            return _error(404, f"The model '{body.model}' does not exist", "invalid_request_error", "model_not_found")
+        found = await self._other(request)
+        if isinstance(found, web.Response):
+            return found
+        body, model = found
         prompt = input_text(body.prompt) or ""
         answer, finish = self._answer(model, prompt, body.max_tokens)
         n = max(1, body.n or 1)
@@ -410,13 +418,10 @@ class SimServer:
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         """`POST /v1/embeddings`: float lists, or base64 float32 (what the openai package asks for)."""
-        try:
-            body = _decode_other(await self._read(request))
-        except msgspec.DecodeError as exc:
-            return _error(400, f"invalid request: {exc}", "invalid_request_error")
-        model = self._model(body.model)
-        if model is None:
-            return _error(404, f"The model '{body.model}' does not exist", "invalid_request_error", "model_not_found")
+        found = await self._other(request)
+        if isinstance(found, web.Response):
+            return found
+        body, model = found
         inputs = [body.input] if isinstance(body.input, str) else list(body.input or [])
         if not inputs or not all(isinstance(x, str) for x in inputs):
             return _error(400, "'input' must be a string or a non-empty list of strings", "invalid_request_error")
@@ -435,13 +440,10 @@ class SimServer:
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         """`POST /v1/responses`: one output message (or a function call when tools are given), streamed
         as the Responses API events when asked."""
-        try:
-            body = _decode_other(await self._read(request))
-        except msgspec.DecodeError as exc:
-            return _error(400, f"invalid request: {exc}", "invalid_request_error")
-        model = self._model(body.model)
-        if model is None:
-            return _error(404, f"The model '{body.model}' does not exist", "invalid_request_error", "model_not_found")
+        found = await self._other(request)
+        if isinstance(found, web.Response):
+            return found
+        body, model = found
         text = input_text(body.input) or ""
         answer, finish = self._answer(model, text, body.max_output_tokens)
         prompt_tokens = count_tokens(" ".join(filter(None, (body.instructions, text))))
