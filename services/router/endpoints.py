@@ -18,6 +18,8 @@ name in the environment, then in the secrets file, and sent only to its own endp
     models:             # optional: which deployment serves a model name clients send
       gpt-4o-mini: chat
       claude-sonnet: support
+    groups:             # optional: endpoints serving the same model, one chosen per request
+      gpt-4o-any: {endpoints: [openai-prod, openai-backup], choose: price}
 
 `provider` (default `openai`) says what the endpoint speaks: `openai` (OpenAI-compatible; requests
 pass through) or `anthropic` (Anthropic Messages; chat completions are translated both ways, and the
@@ -25,6 +27,13 @@ key goes in `x-api-key`). `models` maps a request's `model` to a deployment; the
 `x-lockgate-deployment` header overrides it (see Proxy.deployment_of).
 
 Timeouts, retries and the breaker default to resilience.py's values (fallback: none).
+
+A release may name a group instead of an endpoint (cost-aware routing): each request goes to the
+member that is cheapest (`choose: price`, by each member's `price:` in USD per million tokens, like
+the price book; unpriced members last) or fastest (`choose: latency`, by the first-byte time this
+replica measured, members not yet measured first so that each gets measured; `explore` of the
+requests go to another member so the figures stay current), and the other members are its
+fallbacks, in that order.
 
 Without a file, two endpoints come from settings: `default` (stable_upstream) and `canary`
 (canary_upstream), with no credential: the development setup with the simulator.
@@ -43,6 +52,7 @@ from yarl import URL
 from lockgate.config import Settings
 from lockgate.contracts.names import Name
 from lockgate.errors import ConfigError, LockgateError
+from lockgate.pricebook import ModelPrice
 from lockgate.services.router.resilience import BreakerSpec, RetrySpec, Timeouts
 
 EndpointId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
@@ -63,11 +73,21 @@ class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     retry: RetrySpec = RetrySpec()
     breaker: BreakerSpec = BreakerSpec()
     fallback: EndpointId | None = None  # the endpoint tried when this one fails (an id, never a URL)
+    price: ModelPrice | None = None  # what this endpoint charges, for groups that choose by price
+
+
+class GroupSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Endpoints serving the same model: each request goes to the best by `choose`; the rest are its fallbacks."""
+
+    endpoints: Annotated[list[EndpointId], msgspec.Meta(min_length=2)]
+    choose: Literal["price", "latency"] = "price"
+    explore: Annotated[float, msgspec.Meta(ge=0, le=0.5)] = 0.05  # by latency: share sent to the runner-up
 
 
 class _File(msgspec.Struct, forbid_unknown_fields=True):
     endpoints: dict[EndpointId, EndpointSpec]
     models: dict[str, Name] = {}  # model name -> deployment
+    groups: dict[EndpointId, GroupSpec] = {}
 
 
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,14 +100,16 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
     provider: str = "openai"
     auth_headers: dict[str, str] = {}  # the credential as this provider expects it; never logged
 
-    def url_for(self, path: str) -> URL:
-        """The upstream URL of one operation path (e.g. "/embeddings")."""
-        base = self.base if self.base is not None else URL(str(self.url).removesuffix("/chat/completions"))
-        return URL(f"{str(base).rstrip('/')}{path}")
     timeouts: Timeouts = Timeouts()
     retry: RetrySpec = RetrySpec()
     breaker: BreakerSpec = BreakerSpec()
     fallback: str | None = None
+    price: ModelPrice | None = None
+
+    def url_for(self, path: str) -> URL:
+        """The upstream URL of one operation path (e.g. "/embeddings")."""
+        base = self.base if self.base is not None else URL(str(self.url).removesuffix("/chat/completions"))
+        return URL(f"{str(base).rstrip('/')}{path}")
 
     def __repr__(self) -> str:  # keep the secret out of any accidental repr in logs or tracebacks
         return f"Endpoint(id={self.id!r}, url={str(self.url)!r})"
@@ -114,10 +136,11 @@ class Endpoints:
     def __init__(self, settings: Settings) -> None:
         specs: dict[str, EndpointSpec]
         self.models: dict[str, str] = {}  # model name -> deployment (the file's `models:`)
+        self.groups: dict[str, GroupSpec] = {}
         if settings.endpoints_file:
             try:
                 file = msgspec.convert(_load_yaml(settings.endpoints_file, "endpoints file"), _File)
-                specs, self.models = file.endpoints, file.models
+                specs, self.models, self.groups = file.endpoints, file.models, file.groups
             except msgspec.ValidationError as exc:
                 raise ConfigError(f"bad endpoints file {settings.endpoints_file}: {exc}") from None
         else:
@@ -142,13 +165,21 @@ class Endpoints:
             self.by_id[eid] = Endpoint(id=eid, url=URL(f"{base}/chat/completions"), authorization=auth,
                                        base=URL(base), provider=spec.provider, auth_headers=headers,
                                        timeouts=spec.timeouts, retry=spec.retry, breaker=spec.breaker,
-                                       fallback=spec.fallback)
+                                       fallback=spec.fallback, price=spec.price)
         self.fallbacks = {eid: e.fallback for eid, e in self.by_id.items()}
+        for gid, group in self.groups.items():
+            if gid in specs:
+                raise ConfigError(f"group {gid!r} has the id of an endpoint: a release could not tell which it names")
+            unknown = [m for m in group.endpoints if m not in specs]
+            if unknown:
+                raise ConfigError(f"group {gid!r} names endpoints that are not configured: {', '.join(unknown)} "
+                                  f"(allowed: {', '.join(sorted(specs))})")
 
     def get(self, endpoint_id: str) -> Endpoint:
-        """The endpoint with this id, or UnknownEndpoint naming the allowed ones."""
-        found = self.by_id.get(endpoint_id)
+        """The endpoint with this id (a group's first member), or UnknownEndpoint naming the allowed ones."""
+        group = self.groups.get(endpoint_id)
+        found = self.by_id.get(group.endpoints[0] if group is not None else endpoint_id)
         if found is None:
             raise UnknownEndpoint(f"endpoint {endpoint_id!r} is not configured (allowed: "
-                                  f"{', '.join(sorted(self.by_id)) or 'none'})")
+                                  f"{', '.join(sorted([*self.by_id, *self.groups])) or 'none'})")
         return found

@@ -242,6 +242,20 @@ class Breaker:
         self._probing = False
 
 
+def rank(members: Sequence[str], choose: str, prices: Mapping[str, float | None],
+         latencies: Mapping[str, float | None], explore: float = 0.0, draw: float = 1.0) -> list[str]:
+    """A group's members best first. By price: cheapest first, unpriced last. By latency: members
+    not measured yet first (so each gets measured), then the fastest measured first byte. Ties keep
+    the configured order. By latency, when `draw` < `explore` the runner-up goes first, so its figure
+    stays current (prices are declared, not measured: nothing to explore)."""
+    if choose == "price":
+        return sorted(members, key=lambda m: (prices.get(m) is None, prices.get(m) or 0.0))
+    order = sorted(members, key=lambda m: (latencies.get(m) is not None, latencies.get(m) or 0.0))
+    if draw < explore and len(order) > 1:
+        order[0], order[1] = order[1], order[0]
+    return order
+
+
 def fallback_chain(starts: Sequence[str], fallbacks: Mapping[str, str | None], limit: int = 4) -> list[tuple[int, str]]:
     """(start index, endpoint id) pairs to try in order: each start's endpoint then its named
     fallbacks, for the first start (the chosen target), then the next (stable, when a canary is

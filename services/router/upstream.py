@@ -9,6 +9,7 @@ endpoint's address replaced by its id before it is passed on.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -167,11 +168,13 @@ class Reply:
 
 
 class _Health:
-    """One endpoint's breaker and retry budget, shared by every request this replica sends there."""
+    """One endpoint's breaker, retry budget and first-byte latency (an exponentially weighted mean,
+    for groups that choose by latency), shared by every request this replica sends there."""
 
-    __slots__ = ("breaker", "budget", "policy", "timeout")
+    __slots__ = ("breaker", "budget", "latency_s", "policy", "timeout")
 
     def __init__(self, endpoint: Endpoint) -> None:
+        self.latency_s: float | None = None
         self.breaker = resilience.Breaker(endpoint.breaker)
         self.budget = resilience.RetryBudget(endpoint.retry)
         self.policy = endpoint.retry.policy()
@@ -200,8 +203,9 @@ class Upstream:
     """Sends requests along a fallback chain; one per router, holding the connection pool."""
 
     def __init__(self, session: aiohttp.ClientSession | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, draw: Callable[[], float] = random.random) -> None:
         self.session = session
+        self.draw = draw  # for a group's exploration share
         # Breakers and budgets read this clock (swappable so tests move time past a cooldown);
         # the request's own deadlines are the event loop's timers.
         self.clock = clock
@@ -213,6 +217,15 @@ class Upstream:
         if found is None:
             found = self._health[endpoint.id] = _Health(endpoint)
         return found
+
+    def members(self, endpoints: Endpoints, endpoint_id: str) -> list[str]:
+        """The endpoint ids to try for a release's endpoint: itself, or a group's members best first."""
+        group = endpoints.groups.get(endpoint_id)
+        if group is None:
+            return [endpoint_id]
+        prices = {m: _blended(endpoints.by_id[m]) for m in group.endpoints}
+        latencies = {m: h.latency_s if (h := self._health.get(m)) is not None else None for m in group.endpoints}
+        return resilience.rank(group.endpoints, group.choose, prices, latencies, group.explore, self.draw())
 
     async def close(self) -> None:
         """Close the connection pool."""
@@ -254,6 +267,8 @@ class Upstream:
                         h.breaker.record(self.clock(), verdict)
                 if failed is None:
                     assert reply is not None
+                    took = loop.time() - started
+                    h.latency_s = took if h.latency_s is None else 0.8 * h.latency_s + 0.2 * took
                     reply.attempts = attempts
                     reply.earlier = [f for f in failures if f.kind != "breaker_open"]
                     if hop is not hops[0]:
@@ -349,11 +364,14 @@ class Upstream:
                                   f"(tried: {tried})", 504, "upstream_timeout", earlier)
 
 
-def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any]], prepare: Prepare) -> list[Hop]:
+def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any]], prepare: Prepare,
+          members: Callable[[str], list[str]] = lambda eid: [eid]) -> list[Hop]:
     """The hops for a request: each start (endpoint id, body, tag), the chosen target first, then
-    its named fallbacks, then the next start's, each prepared for its endpoint's provider. The first
-    hop must be configured and able to serve the request (UnknownEndpoint, Unsupported); a later one
-    that is not (a stale stable route, a fallback speaking a provider without this operation) is left out."""
+    its named fallbacks, then the next start's, each prepared for its endpoint's provider. A start
+    naming a group becomes its members, best first (`members`). The first hop must be configured
+    and able to serve the request (UnknownEndpoint, Unsupported); a later one that is not (a stale
+    stable route, a fallback speaking a provider without this operation) is left out."""
+    starts = [(m, body, tag) for eid, body, tag in starts for m in members(eid)]
     ids = resilience.fallback_chain([eid for eid, _, _ in starts], endpoints.fallbacks)
     hops: list[Hop] = []
     for position, (index, eid) in enumerate(ids):
@@ -368,6 +386,11 @@ def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any]], prepar
                 continue
             hops.append(Hop(endpoint, url, prepared, headers, tag))
     return hops
+
+
+def _blended(endpoint: Endpoint) -> float | None:
+    """An endpoint's price per million input plus output tokens (None when it declares none)."""
+    return None if endpoint.price is None else endpoint.price.input_per_mtok + endpoint.price.output_per_mtok
 
 
 def _scrub(body: bytes, endpoint: Endpoint) -> bytes:

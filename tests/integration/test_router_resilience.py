@@ -82,6 +82,9 @@ class FakeLLM:
         if action == "hang":
             await self._release.wait()
             return web.Response(status=500)
+        if isinstance(action, tuple) and action[0] == "delay":  # a slow provider: answers after a while
+            await asyncio.sleep(action[1])
+            action = "ok"
         if isinstance(action, tuple):
             _, status, headers = (*action, {})[:3]
             error = {"error": {"message": f"{self.name} failed at {self.url}/chat/completions", "type": "server_error"}}
@@ -160,9 +163,9 @@ Gateway = Callable[..., Awaitable[Any]]
 async def gateway(context: ServiceContext, run_services: Any, tmp_path: Any) -> Gateway:
     """Factory: the router with these endpoints (id -> endpoint settings, as in endpoints.yaml)."""
 
-    async def start(endpoints: dict[str, dict[str, Any]]) -> Any:
+    async def start(endpoints: dict[str, dict[str, Any]], groups: dict[str, Any] | None = None) -> Any:
         path = tmp_path / "endpoints.yaml"
-        path.write_text(json.dumps({"endpoints": endpoints}))  # JSON is YAML
+        path.write_text(json.dumps({"endpoints": endpoints, "groups": groups or {}}))  # JSON is YAML
         context.settings = context.settings.replace(endpoints_file=str(path), deployment="chat", app="shop")
         return (await run_services("router"))["router"]
 
@@ -469,3 +472,38 @@ async def test_no_upstream_url_in_any_error(gateway: Gateway, keys: Bootstrap, c
         visible = _visible(caught.value)
         assert "endpoint default" in visible
         assert "127.0.0.1" not in visible and str(up.port) not in visible and str(closed_port) not in visible
+
+
+# Cost-aware routing: a group of endpoints serving the same model
+
+
+async def test_a_price_group_sends_requests_to_the_cheapest_and_falls_back_to_the_next(
+        gateway: Gateway, keys: Bootstrap, events: Any) -> None:
+    async with FakeLLM("cheap", "ok", "ok", "ok", ("status", 500)) as cheap, FakeLLM("dear") as dear:
+        router = await gateway(
+            {"dear": {"url": dear.url, "price": {"input_per_mtok": 5, "output_per_mtok": 15}},
+             "cheap": {"url": cheap.url, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.4},
+                       "retry": {"attempts": 1}}},
+            {"default": {"endpoints": ["dear", "cheap"], "choose": "price"}})
+        async with client(router, keys) as c:
+            answers = [(await c.chat.completions.create(model="m", messages=MESSAGES)).choices[0].message.content
+                       for _ in range(4)]
+    assert answers == ["cheap says hi"] * 3 + ["dear says hi"]  # the fourth: cheap failed, dear answered
+    assert (cheap.calls, dear.calls) == (4, 1)
+    served, superseded = _split(await events(5))
+    assert [e.attributes["lockgate.endpoint"] for e in served] == ["cheap", "cheap", "cheap", "dear"]
+    assert served[-1].attributes["lockgate.fallback_from"] == "cheap"
+    assert [(e.attributes["lockgate.endpoint"], e.error_type) for e in superseded] == [("cheap", "500")]
+
+
+async def test_a_latency_group_measures_each_member_then_sends_requests_to_the_fastest(
+        gateway: Gateway, keys: Bootstrap, events: Any) -> None:
+    async with FakeLLM("slow", ("delay", 0.2)) as slow, FakeLLM("fast") as fast:
+        router = await gateway({"slow": {"url": slow.url}, "fast": {"url": fast.url}},
+                               {"default": {"endpoints": ["slow", "fast"], "choose": "latency", "explore": 0}})
+        async with client(router, keys) as c:
+            for _ in range(6):
+                await c.chat.completions.create(model="m", messages=MESSAGES)
+    # The first request measures slow (configured first), the second fast, then fast serves the rest.
+    assert (slow.calls, fast.calls) == (1, 5)
+    assert [e.attributes["lockgate.endpoint"] for e in await events(6)] == ["slow"] + ["fast"] * 5

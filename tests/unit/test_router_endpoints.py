@@ -37,3 +37,18 @@ def test_providers_credentials_and_model_map(tmp_path: Path) -> None:
 def test_unknown_provider_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="provider"):
         _load(tmp_path, "endpoints:\n  g: {url: 'http://g.test/v1', provider: gemini}\n")
+
+
+def test_groups_name_configured_endpoints_only(tmp_path: Path) -> None:
+    eps = _load(tmp_path, "endpoints:\n  a: {url: 'http://a.test/v1', price: {input_per_mtok: 1, output_per_mtok: 2}}\n"
+                          "  b: {url: 'http://b.test/v1'}\n"
+                          "groups:\n  any: {endpoints: [b, a], choose: latency}\n")
+    assert eps.groups["any"].choose == "latency" and eps.get("any").id == "b"  # a release may name the group
+    assert eps.get("a").price is not None and eps.get("a").price.output_per_mtok == 2
+    with pytest.raises(ConfigError, match="group 'g' names endpoints that are not configured: c"):
+        _load(tmp_path, "endpoints:\n  a: {url: 'http://a.test/v1'}\ngroups:\n  g: {endpoints: [a, c]}\n")
+    with pytest.raises(ConfigError, match="group 'a' has the id of an endpoint"):
+        _load(tmp_path, "endpoints:\n  a: {url: 'http://a.test/v1'}\n  b: {url: 'http://b.test/v1'}\n"
+                        "groups:\n  a: {endpoints: [a, b]}\n")
+    with pytest.raises(ConfigError, match="length"):  # one member is no choice
+        _load(tmp_path, "endpoints:\n  a: {url: 'http://a.test/v1'}\ngroups:\n  g: {endpoints: [a]}\n")

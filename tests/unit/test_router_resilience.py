@@ -24,6 +24,7 @@ from lockgate.services.router.resilience import (
     Window,
     breaker_failure,
     fallback_chain,
+    rank,
     retry_after_s,
     retry_wait,
     retryable_status,
@@ -237,3 +238,22 @@ def test_upstream_address_is_replaced_by_the_endpoint_id_in_error_bodies() -> No
     body = b'{"error": {"message": "no route at http://10.0.0.7:8000/v1/x (10.0.0.7:8000)"}}'
     assert _scrub(body, ep) == b'{"error": {"message": "no route at endpoint prod/v1/x (endpoint prod)"}}'
     assert _scrub(b"plain", ep) == b"plain"
+
+
+def test_rank_by_price_puts_the_cheapest_first_and_unpriced_last() -> None:
+    prices = {"dear": 12.0, "cheap": 0.75, "unknown": None}
+    assert rank(["unknown", "dear", "cheap"], "price", prices, {}) == ["cheap", "dear", "unknown"]
+    assert rank(["a", "b"], "price", {"a": 1.0, "b": 1.0}, {}) == ["a", "b"]  # a tie keeps the configured order
+    assert rank(["dear", "cheap"], "price", {"dear": 2.0, "cheap": 1.0}, {}, explore=0.5, draw=0.0) == [
+        "cheap", "dear"]  # declared prices: no exploration
+
+
+def test_rank_by_latency_measures_every_member_then_takes_the_fastest() -> None:
+    assert rank(["slow", "fast", "new"], "latency", {}, {"slow": 0.9, "fast": 0.05, "new": None}) == [
+        "new", "fast", "slow"]
+    assert rank(["slow", "fast"], "latency", {}, {"slow": 0.9, "fast": 0.05}) == ["fast", "slow"]
+    # Exploration: a draw under the share sends this request to the runner-up, the best stays a fallback.
+    assert rank(["slow", "fast"], "latency", {}, {"slow": 0.9, "fast": 0.05}, explore=0.05, draw=0.01) == [
+        "slow", "fast"]
+    assert rank(["slow", "fast"], "latency", {}, {"slow": 0.9, "fast": 0.05}, explore=0.05, draw=0.5) == [
+        "fast", "slow"]
