@@ -68,8 +68,9 @@ async def _decide(bus: Any, signer: Signer, release: str, verdict: str, *, polic
 
 
 async def _canary(http: aiohttp.ClientSession, router: Any, signer: Signer, stable: str, canary: str,
-                  policy: str = "") -> None:
-    body = {"stable_release": stable, "canary_release": canary, "strategy": {"steps": [50, 100], "interval_s": 3600}}
+                  policy: str = "", strategy: dict[str, Any] | None = None) -> None:
+    body = {"stable_release": stable, "canary_release": canary,
+            "strategy": strategy or {"steps": [50, 100], "interval_s": 3600}}
     async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
         assert resp.status == 200, await resp.text()
     await _decide(router.ctx.bus, signer, canary, "PASS", policy=policy)
@@ -143,3 +144,25 @@ async def test_block_after_promotion_and_undo_to_go_to_known_good_releases(
     body = msgspec.json.decode(undone.output)
     assert body["stable"]["release"] == "r1" and body["reason"].startswith("undone to known-good r1 by apikey:")
     assert router.rollouts.route("chat").stable.release == "r1"
+
+
+async def test_block_after_promotion_skips_a_blue_green_release_whose_analysis_never_passed(
+        stack: tuple[Any, Signer], http: aiohttp.ClientSession) -> None:
+    router, signer = stack
+    analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.01}], "min_sample": 100}
+    await _canary(http, router, signer, "r1", "r2",
+                  strategy={"interval_s": 3600, "blue_green": {"post_promotion_analysis": analysis}})
+    await _promote(http, router)
+    assert router.rollouts.route("chat").verifying  # r2 serves all traffic, not yet proved healthy
+    # A new canary starts from r2 before its post-promotion analysis ended, and is promoted, then BLOCKed.
+    await _canary(http, router, signer, "r2", "r3")
+    await _promote(http, router)
+    assert router.rollouts.route("chat").previous.release == "r2"  # type: ignore[union-attr]
+    await _decide(router.ctx.bus, signer, "r3", "BLOCK")
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
+    route = router.rollouts.route("chat")
+    assert (route.stable.release, route.weight) == ("r1", 0.0)
+    assert route.reason.endswith("back on last known-good r1")
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/undo", json={"to": "r2"}) as resp:
+        assert resp.status == 409
+        assert "'r2' was never fully promoted and healthy on 'chat'" in (await resp.json())["error"]["message"]
