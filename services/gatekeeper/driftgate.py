@@ -35,15 +35,25 @@ class _Route(msgspec.Struct, frozen=True):
     canary: _Target | None = None
     phase: str = "idle"
     verifying: bool = False
+    started_at: float = 0.0
+    promoted_at: float = 0.0
 
 
 _routes = msgspec.json.Decoder(_Route)
 
 
-def canary_release(route: _Route) -> str:
+def decode_route(raw: bytes) -> _Route:
+    """The gate's view of a route record (msgspec.DecodeError if unreadable)."""
+    return _routes.decode(raw or b"{}")
+
+
+def canary_release(route: _Route, report: DriftReport) -> str:
     """The release a drift report is evidence about: a live canary (or preview), or a release under
-    post-promotion analysis; "" when the deployment has none."""
-    if route.canary is None or not (route.phase == "progressing" or (route.phase == "promoted" and route.verifying)):
+    post-promotion analysis, whose traffic the report's window covers; "" when there is none."""
+    verifying = route.phase == "promoted" and route.verifying
+    since = route.promoted_at if verifying else route.started_at
+    if route.canary is None or not (route.phase == "progressing" or verifying) \
+            or report.window_end.timestamp() < since:
         return ""
     return route.canary.release
 
@@ -67,7 +77,7 @@ class DriftGate:
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"cannot read route {deployment!r} from KV {s.kv_routes}: {exc!r}") from None
         try:
-            return _routes.decode(entry.value or b"{}")
+            return decode_route(entry.value)
         except msgspec.DecodeError as exc:
             log.warning("ignoring unreadable route %s: %s", deployment, exc)
             return None
@@ -75,7 +85,7 @@ class DriftGate:
     async def on_drift(self, report: DriftReport, delivery: Delivery) -> None:
         """BLOCK the deployment's canary release when its policy's drift rules fail on the report."""
         route = await self._route(report.deployment)
-        release = canary_release(route) if route is not None else ""
+        release = canary_release(route, report) if route is not None else ""
         current = await self.records.current(release) if release else None
         # Only a release gated under a policy can be judged by it; an already blocked one needs no second BLOCK.
         if current is None or not current.policy or current.decision == "BLOCK":

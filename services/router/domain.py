@@ -343,9 +343,10 @@ def rollback(route: Route, why: str, *, decision_id: str, failed: bool = True) -
 
 
 def on_reject_known_good(route: Route, decision: GateDecided) -> Route | None:
-    """A BLOCK or NEEDS_REVIEW naming a release that is not this route's canary: a known-good release no
-    longer is one; if it is the stable of a finished rollout (one rolled back to, say), it is rolled back too."""
-    if decision.decision == "PASS" or all(t.release != decision.release for t in route.good):
+    """A BLOCK naming a release that is not this route's canary: a known-good release no longer is one; if it
+    is the stable of a finished rollout (one rolled back to, say), it is rolled back too. (A NEEDS_REVIEW of
+    such a release waits for its reviewers: the release has not failed.)"""
+    if decision.decision != "BLOCK" or all(t.release != decision.release for t in route.good):
         return None
     why = f"gate {decision.decision} of known-good {decision.release}" + (f": {decision.reason}"
                                                                           if decision.reason else "")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+import msgspec
 import pytest
 
 from lockgate.contracts import DriftReport, FeatureDrift
 from lockgate.errors import PolicyError
 from lockgate.services.gatekeeper.domain import parse_policy
 from lockgate.services.gatekeeper.drift import decide_drift, drift_results
+from lockgate.services.gatekeeper.driftgate import canary_release, decode_route
 
 pytestmark = pytest.mark.timeout(10)
 EVAL = [{"metric": "score", "op": ">=", "threshold": 0.8}]
@@ -77,3 +79,15 @@ def test_malformed_drift_rules_name_the_field(rule: dict, message: str) -> None:
     with pytest.raises(PolicyError) as err:
         policy(rule)
     assert message in err.value.message
+
+
+@pytest.mark.parametrize(("route", "release"), [
+    ({"canary": {"release": "r2"}, "phase": "progressing", "started_at": 0}, "r2"),
+    ({"canary": {"release": "r2"}, "phase": "promoted", "verifying": True, "promoted_at": 0}, "r2"),
+    ({"canary": {"release": "r2"}, "phase": "promoted", "verifying": False}, ""),  # promoted: no canary now
+    ({"canary": {"release": "r2"}, "phase": "idle"}, ""),  # waiting for its decision, no traffic
+    ({"canary": {"release": "r2"}, "phase": "progressing", "started_at": 4e9}, ""),  # the report predates it
+    ({"phase": "idle", "stable": {"release": "r1"}}, ""),
+])
+def test_drift_report_is_evidence_about_a_live_canary_only(route: dict, release: str) -> None:
+    assert canary_release(decode_route(msgspec.json.encode(route)), report(output_tokens=0.5)) == release

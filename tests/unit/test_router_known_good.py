@@ -97,6 +97,7 @@ def test_block_of_a_known_good_release_not_serving_only_forgets_it() -> None:
     assert new is not None and new.stable.release == "r3" and _good(new) == ["r2", "r3"]
     assert domain.on_decision(r, _decision("BLOCK", "elsewhere"), STEPS, 10.0, 300.0) is None
     assert domain.on_decision(r, _decision("PASS", "r1"), STEPS, 10.0, 300.0) is None
+    assert domain.on_decision(r, _decision("NEEDS_REVIEW", "r1"), STEPS, 10.0, 300.0) is None  # not failed
 
 
 def test_undo_to_a_named_known_good_release() -> None:
