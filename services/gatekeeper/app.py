@@ -4,9 +4,10 @@ chainer), and the signing key."""
 from __future__ import annotations
 
 from lockgate.bus import consume
-from lockgate.contracts import AuditEntry, EvalCompleted, GateReview
+from lockgate.contracts import AuditEntry, DriftReport, EvalCompleted, GateReview
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.gatekeeper.chain import Chainer
+from lockgate.services.gatekeeper.driftgate import DriftGate
 from lockgate.services.gatekeeper.handlers import GateHandlers
 from lockgate.signing import gatekeeper_signer
 
@@ -27,6 +28,11 @@ class Gatekeeper(Service):
         consume(ctx.bus, self.consumers, subject=s.gate_review_all, stream="events",
                 durable=s.durable("gatekeeper", "reviews"), wire_type=GateReview, origin="gatekeeper",
                 handler=self.handlers.on_review, ack_wait_s=ctx.settings.ack_wait_s)
+        # Drift reports over a policy's drift rules BLOCK the deployment's canary release (driftgate.py).
+        self.drift = DriftGate(ctx, self.signer, self.handlers.records, self.handlers.publish_key)
+        consume(ctx.bus, self.consumers, subject=s.drift_all, stream="events",
+                durable=s.durable("gatekeeper", "drift"), wire_type=DriftReport, origin="gatekeeper",
+                handler=self.drift.on_drift, batch_size=1, ack_wait_s=ctx.settings.ack_wait_s)
         # The key that signs decisions also signs the audit chain; one entry in flight keeps it in order.
         self.chainer = Chainer(ctx, self.signer)
         consume(ctx.bus, self.consumers, subject=s.audit_all, stream="audit",

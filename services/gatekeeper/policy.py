@@ -204,6 +204,25 @@ class Review(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     forbid_self_approval: bool = False
 
 
+class DriftRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """`drift: [{max_psi: 0.2, features: [output_tokens, "finish_reason:*"]}]`: a live drift report in which a
+    matching feature's PSI exceeds `max_psi` blocks the deployment's canary release (the router then rolls it
+    back), naming the feature. `features` are globs over the report's feature names (categorical ones are
+    `feature:category`); empty matches every feature."""
+
+    max_psi: Annotated[float, msgspec.Meta(gt=0)]
+    kind: Literal["drift"] = "drift"  # optional, for readers: the section already says what the rule is
+    features: tuple[NonEmpty, ...] = ()
+    name: str = ""  # "": "drift psi <= X" (with the features)
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        _finite(self.max_psi, "max_psi")
+        if not self.name:
+            on = f" on {', '.join(self.features)}" if self.features else ""
+            msgspec.structs.force_setattr(self, "name", f"drift psi <= {self.max_psi:g}{on}")
+
+
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """A gate policy. Missing metrics fail the gate unless `no_data` is "pass"."""
 
@@ -216,13 +235,14 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     limits: Limits = Limits()
     measurement: Measurement = Measurement()
     review: Review | None = None
+    drift: tuple[DriftRule, ...] = ()  # live drift reports that block the release while it is a canary
 
     def __post_init__(self) -> None:
         msgspec.structs.force_setattr(self, "version", str(self.version))
         for rule in self.rules:
             if rule.use_interval is None:
                 msgspec.structs.force_setattr(rule, "use_interval", self.use_interval)
-        names = [r.name for r in self.rules]
+        names = [r.name for r in self.rules] + [r.name for r in self.drift]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise at("$.rules", f"rule names must be unique; repeated: {', '.join(dupes)}")

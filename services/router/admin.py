@@ -143,7 +143,8 @@ class Admin:
                                           "promote")
             elif action == "clear-override":
                 require_role(request[KEY], "admin")
-            route = await self.rollouts.manual(deployment, action, override, actor=request[KEY].label)
+            route = await self.rollouts.manual(deployment, action, override, actor=request[KEY].label,
+                                               to=body.to or "" if action == "undo" else "")
             await record_action(self.rollouts.ctx.bus, request[KEY], action, route, override)
         except IdentityRefused as exc:
             return error_response(403, exc.message, "permission_denied", code="invalid_break_glass")

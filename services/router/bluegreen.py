@@ -51,10 +51,13 @@ def promoted(route: Route, now: float, interval_s: float) -> Route:
         return msgspec.structs.replace(route, promoted_at=now)
     old = route.previous.release if route.previous else "the old release"
     verifying = bg.post_promotion_analysis is not None
+    # Under post-promotion analysis the release is not known-good yet (progress.on_measurement adds it).
+    good = domain.forget(route.good, route.stable.release) if verifying else route.good
     delay = bg.scale_down_delay_s
     window = f"; {old} kept for instant rollback for {delay:g} s" if delay else ""
     return msgspec.structs.replace(
         route, promoted_at=now, scale_down_at=now + delay if delay else 0.0, verifying=verifying, analysis=None,
+        good=good,
         next_step_at=now + interval_s if verifying else 0.0,
         reason=route.reason + window + ("; post-promotion analysis running" if verifying else ""))
 
@@ -71,7 +74,7 @@ def undo(route: Route, actor: str) -> Route:
     if spec(route) is not None and not route.scale_down_at:
         raise InvalidRollout(f"the old release {route.previous.release!r} of {route.deployment!r} is scaled down "
                              "(scale_down_delay_s is over): start a new rollout to go back to it")
-    return domain.rollback(route, f"undone by {actor or 'operator'}", decision_id=route.decision_id)
+    return domain.rollback(route, f"undone by {actor or 'operator'}", decision_id=route.decision_id, failed=False)
 
 
 def scale_down_due(route: Route, now: float) -> bool:

@@ -90,6 +90,36 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     promoted_at: float = 0.0
     scale_down_at: float = 0.0
     verifying: bool = False
+    # Rollback target (known-good history, oldest first): releases that were fully promoted and healthy
+    # (no post-promotion analysis pending, never BLOCKed since). Kept in the route's KV record, so a rollback
+    # needs no lookup on the path from the triggering event to the weight change.
+    good: list[Target] = []
+
+
+GOOD_KEPT = 10  # known-good releases a route remembers
+
+
+def remember(good: list[Target], target: Target) -> list[Target]:
+    """The known-good history with `target` as its newest entry (once, at most GOOD_KEPT kept)."""
+    if not target.release:
+        return good
+    return [*(t for t in good if t.release != target.release), target][-GOOD_KEPT:]
+
+
+def forget(good: list[Target], release: str) -> list[Target]:
+    """The known-good history without `release` (it failed, was BLOCKed or rejected)."""
+    return [t for t in good if t.release != release]
+
+
+def last_good(route: Route, failing: str) -> Target | None:
+    """Where a rollback goes: the newest known-good release other than the failing one; for a route recorded
+    before known-good history existed, the stable before the last promotion."""
+    for t in reversed(route.good):
+        if t.release != failing:
+            return t
+    if not route.good and route.previous is not None and route.previous.release != failing:
+        return route.previous
+    return None
 
 
 class BreakGlass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -106,6 +136,7 @@ class ManualRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Optional body of `POST .../{deployment}/promote|abort`."""
 
     break_glass: BreakGlass | None = None
+    to: Name | None = None  # undo only: the earlier known-good release to go back to
 
 
 class CanaryRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -213,20 +244,27 @@ def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Ta
     """
     asked = first_step if req.initial_weight is None else req.initial_weight
     weight = asked if override is not None else 0.0
+    # The stable a canary starts from serves everyone by a decision (or override): known-good unless
+    # it is the same release that was already there unverified (a promotion whose analysis was cut short).
+    good = route.good
+    if stable.release and (not good or stable.release != route.stable.release):
+        good = remember(good, stable)
     why = (f"BREAK-GLASS by {override.actor}: {override.reason}" if override is not None
            else "0% until a verified gate decision allows it")
     return _bump(route, stable=stable, canary=canary, weight=float(weight), phase="idle", step=0, cursor=0,
                  **_FINISHED, promoted_at=0.0, scale_down_at=0.0,
                  reason=f"canary {req.canary_release} started at {weight:g}%; {why}",
-                 decision_id="", next_step_at=0.0, admitted="", start_weight=float(asked),
+                 decision_id="", next_step_at=0.0, admitted="", start_weight=float(asked), good=good,
                  override=override if override is not None else route.override)
 
 
 def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
                 now: float) -> Route | None:
     """Apply a gate decision to the canary it names, or to a promoted release it rejects; None when nothing changes."""
-    if route.canary is None or route.canary.release != decision.release or decision.id == route.decision_id:
-        return None  # not this deployment's release, or a redelivery
+    if decision.id == route.decision_id:
+        return None  # a redelivery
+    if route.canary is None or route.canary.release != decision.release:
+        return on_reject_known_good(route, decision)
     why = f": {decision.reason}" if decision.reason else ""
     if route.phase == "promoted":
         if decision.decision == "PASS" or route.stable.release != decision.release:
@@ -274,7 +312,7 @@ def promote(route: Route, why: str, *, decision_id: str | None = None) -> Route:
     if route.canary is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no canary to promote")
     return _bump(route, stable=route.canary, previous=route.stable, weight=0.0, phase="promoted", next_step_at=0.0,
-                 reason=f"promoted {route.canary.release}: {why}", **_FINISHED,
+                 reason=f"promoted {route.canary.release}: {why}", **_FINISHED, good=remember(route.good, route.canary),
                  decision_id=route.decision_id if decision_id is None else decision_id)
 
 
@@ -287,14 +325,56 @@ def abort(route: Route, why: str, *, decision_id: str | None = None) -> Route:
                  decision_id=route.decision_id if decision_id is None else decision_id)
 
 
-def rollback(route: Route, why: str, *, decision_id: str) -> Route:
-    """A promoted release was rejected: the previous stable takes all traffic back (phase aborted)."""
-    if route.previous is None:
+def rollback(route: Route, why: str, *, decision_id: str, failed: bool = True) -> Route:
+    """The stable release failed (analysis, BLOCK, reject) or an operator undid it: the last known-good release
+    takes all traffic back (phase aborted). A failed release also leaves the known-good history."""
+    failing = route.stable.release
+    good = forget(route.good, failing) if failed else route.good
+    target = last_good(route, failing)
+    if target is None:
         # Nothing to fall back to: keep serving, but say so loudly in the status.
-        return _bump(route, decision_id=decision_id, admitted="",
-                     reason=f"{why}; NO previous stable release to roll back to: still serving {route.stable.release}")
-    return _bump(route, stable=route.previous, previous=None, weight=0.0, phase="aborted", next_step_at=0.0,
-                 decision_id=decision_id, admitted="", reason=f"rolled back {route.stable.release}: {why}",
+        return _bump(route, decision_id=decision_id, admitted="", good=good,
+                     reason=f"{why}; NO known-good release to roll back to: still serving {failing}")
+    back = "" if route.previous is not None and target.release == route.previous.release else \
+        f"; back on last known-good {target.release}"
+    return _bump(route, stable=target, previous=None, weight=0.0, phase="aborted", next_step_at=0.0,
+                 decision_id=decision_id, admitted="", reason=f"rolled back {failing}: {why}{back}", good=good,
+                 **_FINISHED, scale_down_at=0.0)
+
+
+def on_reject_known_good(route: Route, decision: GateDecided) -> Route | None:
+    """A BLOCK naming a release that is not this route's canary: a known-good release no longer is one; if it
+    is the stable of a finished rollout (one rolled back to, say), it is rolled back too. (A NEEDS_REVIEW of
+    such a release waits for its reviewers: the release has not failed.)"""
+    if decision.decision != "BLOCK" or all(t.release != decision.release for t in route.good):
+        return None
+    why = f"gate {decision.decision} of known-good {decision.release}" + (f": {decision.reason}"
+                                                                          if decision.reason else "")
+    if route.stable.release == decision.release and route.phase in ("promoted", "aborted"):
+        return rollback(route, why, decision_id=decision.id)
+    return _bump(route, good=forget(route.good, decision.release), reason=f"{route.reason}; {why}")
+
+
+def undo_to(route: Route, release: str, decision: GateDecided | None, actor: str) -> Route:
+    """An operator's `undo --to RELEASE`: that earlier known-good release takes all traffic at once.
+
+    Refused (InvalidRollout) unless the release was fully promoted and healthy on this deployment and its
+    current decision (`decision`, verified, None if none) is not a BLOCK.
+    """
+    if release == route.stable.release:
+        raise InvalidRollout(f"refused: {release!r} is already the stable release of {route.deployment!r}")
+    target = next((t for t in reversed(route.good) if t.release == release), None)
+    if target is None:
+        known = ", ".join(t.release for t in reversed(route.good) if t.release != route.stable.release) or "none"
+        raise InvalidRollout(f"refused: {release!r} was never fully promoted and healthy on {route.deployment!r} "
+                             f"(known-good releases, newest first: {known})")
+    if decision is not None and decision.release == release and decision.decision == "BLOCK":
+        raise InvalidRollout(f"refused: {release!r} is now BLOCKed by the gate"
+                             + (f": {decision.reason}" if decision.reason else "")
+                             + "; choose another known-good release")
+    return _bump(route, stable=target, previous=route.stable, weight=0.0,
+                 phase="aborted" if route.canary is not None else route.phase, next_step_at=0.0, admitted="",
+                 reason=f"undone to known-good {release} by {actor or 'operator'} (was {route.stable.release})",
                  **_FINISHED, scale_down_at=0.0)
 
 

@@ -201,7 +201,7 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
         return _bump(route, analysis=st, next_step_at=nxt)
     st = msgspec.structs.replace(st, successes=0)
     if verifying:
-        return _bump(route, analysis=st, verifying=False, next_step_at=0.0,
+        return _bump(route, analysis=st, verifying=False, next_step_at=0.0, good=domain.remember(route.good, route.stable),
                      reason=f"{route.reason}; post-promotion analysis passed")
     return _advance(route, st, steps, interval_s, now)
 

@@ -262,14 +262,19 @@ class Rollouts:
         await self._until_won(lambda: self.apply_decision(decision))
 
     async def manual(self, deployment: str, action: str, override: domain.Override | None = None,
-                     actor: str = "") -> Route:
+                     actor: str = "", to: str = "") -> Route:
         """Operator abort (always allowed), promote (only an admitted canary, or break-glass), undo (the previous
-        release back, within a blue-green scale-down window) or clear-override."""
+        release back, within a blue-green scale-down window; with `to`, a named known-good release) or
+        clear-override."""
         await self._await_ready()
+        # `undo --to`: refused if that release is BLOCKed now (its verified current decision).
+        decision = await self._stored_decision(to) if to else None
 
         def change() -> None:
             route = self.route(deployment)
-            if action == "clear-override":
+            if action == "undo" and to:
+                self._apply(domain.undo_to(route, to, decision, actor), actor=actor)
+            elif action == "clear-override":
                 self._apply(domain.clear_override(route), actor=actor)
             elif action == "undo" or (action == "abort" and route.phase == "promoted" and route.scale_down_at):
                 # Within a blue-green scale-down window an abort is an instant swap back, like undo.

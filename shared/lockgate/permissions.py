@@ -59,7 +59,7 @@ DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
              "facts": ("releases", "lineage_edges", "eval_cases", "gate_decisions", "cost_ledger", "audit_log")},
     "lineage": {"events": ("release", "run", "eval", "gate", "rollout")},
     "evaluator": {"events": ("requests",), "inference": ("online",)},  # online: sampled live traffic scored
-    "gatekeeper": {"events": ("evals", "reviews"), "audit": ("audit",)},  # audit: the chainer
+    "gatekeeper": {"events": ("evals", "reviews", "drift"), "audit": ("audit",)},  # audit: the chainer
     "router": {"events": ("gates", "drift")},
     "drift": {"inference": ("inference",), "events": ("rollout",)},
     "cost": {"inference": ("inference",)},
@@ -173,6 +173,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(_consume(s, "gatekeeper")).add(_read_objects(s.object_store))
         g.add(_write_kv(s.kv_gates)).add(_write_kv(s.kv_keys)).add(_read_kv(s.kv_eval_runs))
         g.add(_read_kv(s.kv_releases))  # a release's signed author, so self-approval can be refused
+        g.add(_read_kv(s.kv_routes))  # which release a deployment canaries, for its drift policy
         g.add(_read_stream(s.streams["provenance"].name))  # artifact lifecycles: a sunset artifact blocks
         g.add(Grant(publish=[s.gate_decided_all, s.gate_audit, s.query]))
         # It chains the audit log: reads every identity's entries, keeps the head, publishes the signed rows.

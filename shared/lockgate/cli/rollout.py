@@ -226,8 +226,23 @@ def register(cli: click.Group) -> None:
     action("approve", "Approve a pause step that waits for it: the rollout runs its next step now (`resume`).")
     action("abort", "Send all traffic back to stable now (the canary goes to 0%; a blue-green promotion "
                     "within its scale-down window swaps the old release back).")
-    action("undo", "Put the previous release back as stable (blue-green: within the scale-down window).")
     action("promote", "Make the canary stable now: only a canary a verified decision allows.")
+
+    @rollout.command("undo")
+    @click.argument("deployment")
+    @click.option("--to", "to", default=None, metavar="RELEASE",
+                  help="An earlier known-good release (fully promoted and healthy here, not BLOCKed now).")
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def undo(ctx: click.Context, deployment: str, to: str | None, as_json: bool) -> None:
+        """Put the previous release back as stable (blue-green: within the scale-down window), or with --to a
+        named earlier known-good release."""
+        route = admin(ctx).call("POST", f"/{deployment}/undo", {"to": to} if to else None)
+        if as_json:
+            emit_json(route)
+        else:
+            console.print(route.get("reason", ""), highlight=False, soft_wrap=True)
 
     @rollout.command("set-weight")
     @click.argument("deployment")

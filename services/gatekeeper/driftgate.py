@@ -1,0 +1,110 @@
+"""NATS edge of the drift gate: a DriftReport for a deployment whose canary release is under a policy with
+drift rules becomes a signed BLOCK of that release (the router acts on BLOCK: it rolls the canary back)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import msgspec
+import nats.errors
+import nats.js.errors
+
+from lockgate import artifacts
+from lockgate.bus import Delivery
+from lockgate.contracts import DriftReport, GateDecided
+from lockgate.errors import BusUnavailable, ConfigError, NotFound
+from lockgate.server.service import ServiceContext
+from lockgate.services.gatekeeper import domain
+from lockgate.services.gatekeeper.drift import decide_drift
+from lockgate.services.gatekeeper.records import Records
+from lockgate.signing import Signer
+from lockgate.subjects import token
+
+log = logging.getLogger("lockgate.gatekeeper")
+
+
+class _Target(msgspec.Struct, frozen=True):
+    release: str = ""
+
+
+class _Route(msgspec.Struct, frozen=True):
+    """What the gate reads of the router's route record (KV, read-only): which release is the canary, and
+    whether it is live. The router's own Struct is not imported: services never import each other."""
+
+    canary: _Target | None = None
+    phase: str = "idle"
+    verifying: bool = False
+    started_at: float = 0.0
+    promoted_at: float = 0.0
+
+
+_routes = msgspec.json.Decoder(_Route)
+
+
+def decode_route(raw: bytes) -> _Route:
+    """The gate's view of a route record (msgspec.DecodeError if unreadable)."""
+    return _routes.decode(raw or b"{}")
+
+
+def canary_release(route: _Route, report: DriftReport) -> str:
+    """The release a drift report is evidence about: a live canary (or preview), or a release under
+    post-promotion analysis, whose traffic the report's window covers; "" when there is none."""
+    verifying = route.phase == "promoted" and route.verifying
+    since = route.promoted_at if verifying else route.started_at
+    if route.canary is None or not (route.phase == "progressing" or verifying) \
+            or report.window_end.timestamp() < since:
+        return ""
+    return route.canary.release
+
+
+class DriftGate:
+    """Judges drift reports by the policy of the canary release's current decision."""
+
+    def __init__(self, ctx: ServiceContext, signer: Signer, records: Records,
+                 publish_key: Callable[[], Awaitable[None]]) -> None:
+        self.ctx = ctx
+        self.signer = signer
+        self.records = records
+        self.publish_key = publish_key
+
+    async def _route(self, deployment: str) -> _Route | None:
+        s = self.ctx.bus.subjects
+        try:
+            entry = await (await self.ctx.bus.kv(s.kv_routes)).get(token(deployment))
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.BucketNotFoundError):
+            return None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot read route {deployment!r} from KV {s.kv_routes}: {exc!r}") from None
+        try:
+            return decode_route(entry.value)
+        except msgspec.DecodeError as exc:
+            log.warning("ignoring unreadable route %s: %s", deployment, exc)
+            return None
+
+    async def on_drift(self, report: DriftReport, delivery: Delivery) -> None:
+        """BLOCK the deployment's canary release when its policy's drift rules fail on the report."""
+        route = await self._route(report.deployment)
+        release = canary_release(route, report) if route is not None else ""
+        current = await self.records.current(release) if release else None
+        # Only a release gated under a policy can be judged by it; an already blocked one needs no second BLOCK.
+        if current is None or not current.policy or current.decision == "BLOCK":
+            return
+        try:
+            policy = domain.parse_policy(await artifacts.load_structured(self.ctx.bus, current.policy))
+        except (ConfigError, NotFound, ValueError) as exc:
+            log.warning("drift report %s: policy %s of %s unusable: %s", report.id, current.policy, release, exc)
+            return
+        outcome = decide_drift(policy, report)
+        if outcome is None:
+            return
+        decision = self.signer.sign(GateDecided(
+            id=domain.decision_id(report.id), release=release, decision="BLOCK", rules=list(outcome.rules),
+            eval_run=current.eval_run, policy=current.policy, baseline=current.baseline,
+            artifacts=current.artifacts, reason=outcome.reason, tenant=report.tenant, source="gatekeeper",
+            trace_id=report.trace_id))
+        key = f"gate-drift-{report.id}"
+        await self.publish_key()
+        await self.records.audit(decision, action="decided", actor="gatekeeper", key=key)
+        await self.records.announce(decision, key=key)
+        log.info("release %s BLOCK by drift: %s", release, outcome.reason)

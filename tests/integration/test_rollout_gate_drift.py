@@ -1,0 +1,168 @@
+"""Closed loop through the gate and the rollout history, on the real bus: a drift report over a policy's
+drift rule becomes a signed BLOCK naming the feature and the router goes back to stable; rollbacks and
+`lockgate rollout undo --to` go to the last (or a named) known-good release."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from click.testing import CliRunner
+
+from lockgate import artifacts
+from lockgate.cli.main import cli
+from lockgate.codec import Codec
+from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
+from lockgate.server.apikeys import Bootstrap, bootstrap
+from lockgate.server.service import ServiceContext
+from lockgate.signing import Signer, Verifier, ensure_signer_trusted
+from lockgate.subjects import token
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import register_model_release
+
+pytestmark = pytest.mark.timeout(120)
+
+SIM = SimConfig(models={"m": ModelSpec(default="hi")}, seed=3)
+POLICY = {"name": "canary-drift", "rules": [{"metric": "score", "op": ">=", "threshold": 0.8}],
+          "drift": [{"kind": "drift", "max_psi": 0.1, "features": ["output_tokens"]}]}
+_decided: Codec[GateDecided] = Codec(GateDecided)
+
+
+@pytest.fixture
+async def stack(context: ServiceContext, run_services: Any) -> AsyncIterator[tuple[Any, Signer]]:
+    signer = ensure_signer_trusted(context.settings)  # the key the gatekeeper service signs with
+    async with SimServer(SIM) as stable, SimServer(SIM) as canary:
+        for release in ("r1", "r2", "r3", "r4"):
+            await register_model_release(context.bus, release, "m", "default" if release == "r1" else "canary")
+        context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
+                                                    deployment="chat", app="shop")
+        await _decide(context.bus, signer, "r1", "PASS", publish=False)
+        services = await run_services("gatekeeper", "router")
+        yield services["router"], signer
+
+
+@pytest.fixture
+def keys(context: ServiceContext) -> Bootstrap:
+    return bootstrap(context.settings.home, tenant="acme", app="shop")
+
+
+@pytest.fixture
+async def http(keys: Bootstrap) -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as s:
+        yield s
+
+
+async def _decide(bus: Any, signer: Signer, release: str, verdict: str, *, policy: str = "",
+                  publish: bool = True) -> GateDecided:
+    """A gatekeeper-signed decision made current in KV (and announced), as the gatekeeper's eval path does."""
+    d = signer.sign(GateDecided(release=release, rules=[], decision=verdict, policy=policy))  # type: ignore[arg-type]
+    await (await bus.kv(bus.subjects.kv_gates)).put(token(release), msgspec.json.encode(d))
+    if publish:
+        await bus.publish(bus.subjects.gate_decided(release), d)
+    return d
+
+
+async def _canary(http: aiohttp.ClientSession, router: Any, signer: Signer, stable: str, canary: str,
+                  policy: str = "", strategy: dict[str, Any] | None = None) -> None:
+    body = {"stable_release": stable, "canary_release": canary,
+            "strategy": strategy or {"steps": [50, 100], "interval_s": 3600}}
+    async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    await _decide(router.ctx.bus, signer, canary, "PASS", policy=policy)
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "progressing", timeout=10)
+    await router.rollouts.flush()
+
+
+async def _promote(http: aiohttp.ClientSession, router: Any) -> None:
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/promote") as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def test_drift_over_the_policy_threshold_is_a_signed_block_naming_the_feature_and_rolls_back(
+        stack: tuple[Any, Signer], http: aiohttp.ClientSession) -> None:
+    router, signer = stack
+    bus = router.ctx.bus
+    policy = await artifacts.register(bus, "policy", "canary-drift", POLICY)
+    await _canary(http, router, signer, "r1", "r2", policy=policy.hash)
+    now = datetime.now(UTC)
+    # PSI 0.15: under the drift monitor's own threshold (the router alone would not act), over the policy's 0.1.
+    report = DriftReport(deployment="chat", app="shop", window_start=now, window_end=now, reference_n=500,
+                         current_n=500, drifted=False, source="lockgate-drift", features=[
+                             FeatureDrift(feature="output_tokens", psi=0.15, ks_stat=0.3, ks_pvalue=1e-4,
+                                          reference_mean=12, current_mean=20, drifted=False),
+                             FeatureDrift(feature="latency_ms", psi=0.5, ks_stat=0.1, ks_pvalue=0.4,
+                                          reference_mean=5, current_mean=9, drifted=True)])
+    await bus.publish(bus.subjects.drift("chat"), report)
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=30)
+    route = router.rollouts.route("chat")
+    assert route.weight == 0.0 and route.stable.release == "r1"
+    assert route.reason.startswith("aborted r2: gate BLOCK: drift policy 'canary-drift'")
+    assert "drift psi <= 0.1 on output_tokens: DRIFT in output_tokens (PSI 0.15" in route.reason
+    assert "latency_ms" not in route.reason  # outside the rule's feature filter
+    stored = _decided.decode((await (await bus.kv(bus.subjects.kv_gates)).get(token("r2"))).value)
+    assert (stored.decision, stored.policy, stored.key_id) == ("BLOCK", policy.hash, signer.key_id)
+    await Verifier(bus, router.ctx.settings).verify(stored)  # signed by the trusted gatekeeper key
+    assert [(r.verdict, r.metric) for r in stored.rules] == [("FAIL", "drift_psi:output_tokens")]
+
+
+async def test_block_after_promotion_and_undo_to_go_to_known_good_releases(
+        stack: tuple[Any, Signer], http: aiohttp.ClientSession, keys: Bootstrap) -> None:
+    router, signer = stack
+    bus = router.ctx.bus
+    await _canary(http, router, signer, "r1", "r2")
+    await _promote(http, router)
+    await _canary(http, router, signer, "r2", "r3")
+    await _promote(http, router)
+    # r3 is BLOCKed after promotion (a later eval, drift or budget): back on r2, r3 leaves the history.
+    await _decide(bus, signer, "r3", "BLOCK")
+    await router.rollouts.wait_for(lambda r: r["chat"].stable.release == "r2", timeout=10)
+    assert router.rollouts.route("chat").reason.startswith("rolled back r3: gate BLOCK after promotion")
+    await router.rollouts.flush()
+
+    s = router.ctx.settings
+    base = ["--home", s.home, "--nats", s.nats_url, "--prefix", s.prefix, "--database", s.database,
+            "rollout", "--router", router.url]
+
+    async def run(*args: str) -> Any:
+        return await asyncio.to_thread(CliRunner().invoke, cli, [*base, *args])
+
+    never = await run("undo", "chat", "--to", "r4")
+    assert never.exit_code == 4 and "'r4' was never fully promoted and healthy on 'chat'" in never.output
+    blocked = await run("undo", "chat", "--to", "r3")
+    assert blocked.exit_code == 4 and "'r3' was never fully promoted and healthy" in blocked.output
+    await _decide(bus, signer, "r1", "BLOCK", publish=False)  # r1 BLOCKed since (the router has not seen it)
+    now_blocked = await run("undo", "chat", "--to", "r1")
+    assert now_blocked.exit_code == 4 and "'r1' is now BLOCKed by the gate" in now_blocked.output
+    await _decide(bus, signer, "r1", "PASS", publish=False)
+    undone = await run("undo", "chat", "--to", "r1", "--json")
+    assert undone.exit_code == 0, undone.output
+    body = msgspec.json.decode(undone.output)
+    assert body["stable"]["release"] == "r1" and body["reason"].startswith("undone to known-good r1 by apikey:")
+    assert router.rollouts.route("chat").stable.release == "r1"
+
+
+async def test_block_after_promotion_skips_a_blue_green_release_whose_analysis_never_passed(
+        stack: tuple[Any, Signer], http: aiohttp.ClientSession) -> None:
+    router, signer = stack
+    analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.01}], "min_sample": 100}
+    await _canary(http, router, signer, "r1", "r2",
+                  strategy={"interval_s": 3600, "blue_green": {"post_promotion_analysis": analysis}})
+    await _promote(http, router)
+    assert router.rollouts.route("chat").verifying  # r2 serves all traffic, not yet proved healthy
+    # A new canary starts from r2 before its post-promotion analysis ended, and is promoted, then BLOCKed.
+    await _canary(http, router, signer, "r2", "r3")
+    await _promote(http, router)
+    assert router.rollouts.route("chat").previous.release == "r2"  # type: ignore[union-attr]
+    await _decide(router.ctx.bus, signer, "r3", "BLOCK")
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
+    route = router.rollouts.route("chat")
+    assert (route.stable.release, route.weight) == ("r1", 0.0)
+    assert route.reason.endswith("back on last known-good r1")
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/undo", json={"to": "r2"}) as resp:
+        assert resp.status == 409
+        assert "'r2' was never fully promoted and healthy on 'chat'" in (await resp.json())["error"]["message"]

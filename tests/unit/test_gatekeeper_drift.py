@@ -1,0 +1,93 @@
+"""The drift gate: a policy's drift rules over a live drift report, as rule results and a BLOCK."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import msgspec
+import pytest
+
+from lockgate.contracts import DriftReport, FeatureDrift
+from lockgate.errors import PolicyError
+from lockgate.services.gatekeeper.domain import parse_policy
+from lockgate.services.gatekeeper.drift import decide_drift, drift_results
+from lockgate.services.gatekeeper.driftgate import canary_release, decode_route
+
+pytestmark = pytest.mark.timeout(10)
+EVAL = [{"metric": "score", "op": ">=", "threshold": 0.8}]
+
+
+def policy(*drift: dict) -> object:
+    return parse_policy({"name": "p", "rules": EVAL, "drift": list(drift)})
+
+
+def report(**psi: float) -> DriftReport:
+    now = datetime.now(UTC)
+    feats = [FeatureDrift(feature=name.replace("__", ":"), psi=v, ks_stat=0.0, ks_pvalue=1.0, reference_mean=10.0,
+                          current_mean=30.0, drifted=v >= 0.2) for name, v in psi.items()]
+    return DriftReport(deployment="chat", window_start=now, window_end=now, reference_n=500, current_n=500,
+                       features=feats, drifted=any(f.drifted for f in feats))
+
+
+def test_feature_over_max_psi_blocks_naming_the_feature_and_rule() -> None:
+    out = decide_drift(policy({"kind": "drift", "max_psi": 0.1}), report(output_tokens=0.15, latency_ms=0.02))
+    assert out is not None and out.decision == "BLOCK"
+    assert "drift psi <= 0.1" in out.reason and "DRIFT in output_tokens (PSI 0.15, mean 10 -> 30)" in out.reason
+    assert "latency_ms" not in out.reason and "deployment 'chat'" in out.reason
+    (r,) = out.rules
+    assert (r.verdict, r.metric, r.observed, r.threshold) == ("FAIL", "drift_psi:output_tokens", 0.15, 0.1)
+
+
+def test_within_threshold_is_no_new_decision() -> None:
+    p = policy({"max_psi": 0.3})
+    assert decide_drift(p, report(output_tokens=0.25)) is None
+    (r,) = drift_results(p, report(output_tokens=0.25))
+    assert r.verdict == "PASS" and "largest PSI 0.25 (output_tokens) within max_psi 0.3" in r.hint
+
+
+def test_feature_filter_globs_names_and_categorical_features() -> None:
+    p = policy({"max_psi": 0.1, "features": ["finish_reason"]}, {"max_psi": 0.1, "features": ["error_type:*"]})
+    out = decide_drift(p, report(output_tokens=0.9, finish_reason__length=0.4, error_type__timeout=0.05))
+    assert out is not None
+    failed = [r for r in out.rules if r.verdict == "FAIL"]
+    assert [r.rule for r in failed] == ["drift psi <= 0.1 on finish_reason"]
+    assert "finish_reason:length (PSI 0.4, share" in out.reason and "output_tokens" not in out.reason
+
+
+def test_no_matching_feature_is_no_data_and_never_blocks() -> None:
+    p = policy({"max_psi": 0.1, "features": ["ttft_ms"]})
+    assert decide_drift(p, report(output_tokens=0.9)) is None
+    assert drift_results(p, report(output_tokens=0.9))[0].verdict == "NO_DATA"
+
+
+def test_dry_run_rule_reports_but_does_not_block() -> None:
+    p = policy({"max_psi": 0.1, "dry_run": True})
+    assert decide_drift(p, report(output_tokens=0.9)) is None
+    assert drift_results(p, report(output_tokens=0.9))[0].verdict == "FAIL"
+
+
+def test_policy_without_drift_rules_never_decides_on_drift() -> None:
+    assert decide_drift(parse_policy({"name": "p", "rules": EVAL}), report(output_tokens=5.0)) is None
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    ({"max_psi": 0}, "Expected `float` > 0.0 - at `$.drift[0].max_psi`"),
+    ({"max_psi": 0.1, "kind": "metric"}, "Invalid enum value 'metric' - at `$.drift[0].kind`"),
+    ({"max_psi": 0.1, "feature": "x"}, "unknown field `feature` - at `$.drift[0]`"),
+])
+def test_malformed_drift_rules_name_the_field(rule: dict, message: str) -> None:
+    with pytest.raises(PolicyError) as err:
+        policy(rule)
+    assert message in err.value.message
+
+
+@pytest.mark.parametrize(("route", "release"), [
+    ({"canary": {"release": "r2"}, "phase": "progressing", "started_at": 0}, "r2"),
+    ({"canary": {"release": "r2"}, "phase": "promoted", "verifying": True, "promoted_at": 0}, "r2"),
+    ({"canary": {"release": "r2"}, "phase": "promoted", "verifying": False}, ""),  # promoted: no canary now
+    ({"canary": {"release": "r2"}, "phase": "idle"}, ""),  # waiting for its decision, no traffic
+    ({"canary": {"release": "r2"}, "phase": "progressing", "started_at": 4e9}, ""),  # the report predates it
+    ({"phase": "idle", "stable": {"release": "r1"}}, ""),
+])
+def test_drift_report_is_evidence_about_a_live_canary_only(route: dict, release: str) -> None:
+    assert canary_release(decode_route(msgspec.json.encode(route)), report(output_tokens=0.5)) == release

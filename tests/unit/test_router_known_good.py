@@ -1,0 +1,130 @@
+"""Rollback to the last known-good release (fully promoted and healthy), not merely the stable before the
+last promotion; `undo --to RELEASE` to a named earlier known-good release. Pure, on an injected clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import pytest
+
+from lockgate.contracts import GateDecided
+from lockgate.services.router import bluegreen, domain, progress
+from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricResult, MetricSpec
+from lockgate.services.router.domain import CanaryRequest, InvalidRollout, Route, Target
+from lockgate.services.router.strategy import Strategy
+
+pytestmark = pytest.mark.timeout(30)
+
+STEPS = (10.0, 100.0)
+SPEC = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.01)], min_sample=100)
+BG = {"blue_green": {"post_promotion_analysis": msgspec.to_builtins(SPEC), "scale_down_delay_s": 300}}
+
+
+def _decision(verdict: str, release: str, id_: str = "", reason: str = "because") -> GateDecided:
+    return GateDecided(release=release, decision=verdict, rules=[], reason=reason, **({"id": id_} if id_ else {}))
+
+
+def _start(route: Route, stable: str, canary: str, strategy: dict[str, Any] | None = None) -> Route:
+    r = domain.start_canary(route, CanaryRequest(stable_release=stable, canary_release=canary),
+                            stable=Target(release=stable), canary=Target(release=canary), first_step=10.0)
+    r = msgspec.structs.replace(r, strategy=msgspec.convert(strategy, Strategy) if strategy else None,
+                                started_at=100.0)
+    new = progress.on_decision(r, _decision("PASS", canary), STEPS, 10.0, 100.0)
+    assert new is not None
+    return new
+
+
+def _promoted(route: Route, stable: str, canary: str, strategy: dict[str, Any] | None = None) -> Route:
+    r = _start(route, stable, canary, strategy)
+    if strategy:
+        return bluegreen.promote(r, "by operator", now=200.0, interval_s=10.0)
+    return domain.manual_promote(r, None)
+
+
+def _m(verdict: str) -> Measurement:
+    r = MetricResult(name="error_rate", verdict=verdict, canary=0.05, stable=0.005, threshold=0.015,  # type: ignore[arg-type]
+                     canary_n=400, stable_n=400)
+    return Measurement(verdict=verdict, look=1, metrics=[r], canary_n=400, stable_n=400)  # type: ignore[arg-type]
+
+
+def _good(route: Route) -> list[str]:
+    return [t.release for t in route.good]
+
+
+def test_promotions_build_the_known_good_history() -> None:
+    r = _promoted(domain.default_route("d"), "r1", "r2")
+    r = _promoted(r, "r2", "r3")
+    assert _good(r) == ["r1", "r2", "r3"]
+    assert domain.remember([Target(release=f"x{i}") for i in range(12)], Target(release="x0"))[-1].release == "x0"
+    assert len(domain.remember([Target(release=f"x{i}") for i in range(12)], Target(release="y"))) == domain.GOOD_KEPT
+
+
+def test_release_under_post_promotion_analysis_is_not_known_good_until_it_passes() -> None:
+    p = _promoted(domain.default_route("d"), "r1", "r2", BG)
+    assert p.verifying and _good(p) == ["r1"]
+    ok = progress.on_measurement(p, _m("SUCCESSFUL"), STEPS, 10.0, now=210.0)
+    assert ok is not None and _good(ok) == ["r1", "r2"]
+    back = progress.on_measurement(p, _m("FAILED"), STEPS, 10.0, now=210.0)
+    assert back is not None and back.stable.release == "r1" and _good(back) == ["r1"]
+
+
+def test_block_after_promotion_skips_an_unverified_previous_for_the_last_known_good() -> None:
+    # r2 was promoted blue-green, but a new canary r3 started before r2's post-promotion analysis ended:
+    # r2 is the stable before r3's promotion, yet never proved healthy. A BLOCK of r3 goes back to r1.
+    p = _promoted(domain.default_route("d"), "r1", "r2", BG)
+    r = _promoted(p, "r2", "r3")
+    assert r.previous is not None and r.previous.release == "r2" and _good(r) == ["r1", "r3"]
+    back = domain.on_decision(r, _decision("BLOCK", "r3", "blk"), STEPS, 10.0, 300.0)
+    assert back is not None and (back.stable.release, back.phase, back.weight) == ("r1", "aborted", 0.0)
+    assert back.reason.startswith("rolled back r3: gate BLOCK after promotion: because; back on last known-good r1")
+    assert _good(back) == ["r1"] and domain.choose(back, "anyone")[1].release == "r1"
+
+
+def test_later_block_of_the_release_rolled_back_to_goes_one_further_back() -> None:
+    r = _promoted(_promoted(domain.default_route("d"), "r1", "r2"), "r2", "r3")
+    back = domain.on_decision(r, _decision("BLOCK", "r3", "b3"), STEPS, 10.0, 300.0)
+    assert back is not None and back.stable.release == "r2"
+    again = domain.on_decision(back, _decision("BLOCK", "r2", "b2", "drift"), STEPS, 10.0, 301.0)
+    assert again is not None and (again.stable.release, again.phase) == ("r1", "aborted")
+    assert "gate BLOCK of known-good r2: drift" in again.reason and _good(again) == ["r1"]
+    assert domain.on_decision(again, _decision("BLOCK", "r2", "b2"), STEPS, 10.0, 302.0) is None  # redelivery
+
+
+def test_block_of_a_known_good_release_not_serving_only_forgets_it() -> None:
+    r = _promoted(_promoted(domain.default_route("d"), "r1", "r2"), "r2", "r3")
+    new = domain.on_decision(r, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 300.0)
+    assert new is not None and new.stable.release == "r3" and _good(new) == ["r2", "r3"]
+    assert domain.on_decision(r, _decision("BLOCK", "elsewhere"), STEPS, 10.0, 300.0) is None
+    assert domain.on_decision(r, _decision("PASS", "r1"), STEPS, 10.0, 300.0) is None
+    assert domain.on_decision(r, _decision("NEEDS_REVIEW", "r1"), STEPS, 10.0, 300.0) is None  # not failed
+
+
+def test_undo_to_a_named_known_good_release() -> None:
+    r = _promoted(_promoted(domain.default_route("d"), "r1", "r2"), "r2", "r3")
+    undone = domain.undo_to(r, "r1", _decision("PASS", "r1"), "apikey:ops")
+    assert (undone.stable.release, undone.previous.release, undone.phase, undone.weight) == (  # type: ignore[union-attr]
+        "r1", "r3", "aborted", 0.0)
+    assert undone.reason == "undone to known-good r1 by apikey:ops (was r3)"
+    assert domain.choose(undone, "anyone")[1].release == "r1"
+
+
+@pytest.mark.parametrize(("release", "decision", "message"), [
+    ("r9", None, "refused: 'r9' was never fully promoted and healthy on 'd' (known-good releases, newest first: r2, r1)"),
+    ("r1", _decision("BLOCK", "r1", reason="toxicity 0.3"), "refused: 'r1' is now BLOCKed by the gate: toxicity 0.3"),
+    ("r3", None, "refused: 'r3' is already the stable release of 'd'"),
+])
+def test_undo_to_refuses_a_release_never_promoted_blocked_or_serving(release: str, decision: GateDecided | None,
+                                                                     message: str) -> None:
+    r = _promoted(_promoted(domain.default_route("d"), "r1", "r2"), "r2", "r3")
+    with pytest.raises(InvalidRollout) as err:
+        domain.undo_to(r, release, decision, "ops")
+    assert message in err.value.message
+
+
+def test_release_that_failed_post_promotion_cannot_be_undone_to() -> None:
+    p = _promoted(domain.default_route("d"), "r1", "r2", BG)
+    back = progress.on_measurement(p, _m("FAILED"), STEPS, 10.0, now=210.0)
+    assert back is not None
+    with pytest.raises(InvalidRollout, match="'r2' was never fully promoted and healthy"):
+        domain.undo_to(back, "r2", None, "ops")
