@@ -77,7 +77,8 @@ async def next_event(queue: asyncio.Queue[InferenceEvent]) -> InferenceEvent:
 
 
 def clients(router: Any, sim: SimServer, keys: Bootstrap) -> tuple[openai.AsyncOpenAI, openai.AsyncOpenAI]:
-    via = openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=keys.app_key, max_retries=0, timeout=20)
+    # 60 s: one request through the router timed out at 20 s once on a loaded CI machine.
+    via = openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=keys.app_key, max_retries=0, timeout=60)
     direct = openai.AsyncOpenAI(base_url=sim.url, api_key="unused", max_retries=0, timeout=20)
     return via, direct
 
