@@ -43,10 +43,10 @@ def drift_handler(rollouts: Rollouts) -> Handler:
     return handle
 
 
-def evidence_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
-    """Core-NATS callback for `inference.>`: every replica sees every event (no queue group), so all
-    replicas measure the same evidence. Duplicate publishes (same Nats-Msg-Id) are counted once;
-    undecodable messages are the sink's to dead-letter, here they are only skipped."""
+def _evidence(rollouts: Rollouts, take: Callable[[bytes], None]) -> Callable[[Msg], Awaitable[None]]:
+    """A core-NATS callback feeding analysis evidence: every replica sees every message (no queue
+    group), so all replicas measure the same evidence. Duplicate publishes (same Nats-Msg-Id) count
+    once; undecodable messages are the sink's to dead-letter, here they are only skipped."""
     seen: OrderedDict[str, None] = OrderedDict()
 
     async def on_message(msg: Msg) -> None:
@@ -60,32 +60,23 @@ def evidence_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
             if len(seen) > _SEEN_MAX:
                 seen.popitem(last=False)
         try:
-            value = _inference.decode(msg.data)
+            take(msg.data)
         except msgspec.DecodeError:
             return
-        rollouts.observe(value if isinstance(value, list) else [value])
 
     return on_message
+
+
+def evidence_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
+    """For `inference.>`: the live inference events of every producer."""
+
+    def take(data: bytes) -> None:
+        value = _inference.decode(data)
+        rollouts.observe(value if isinstance(value, list) else [value])
+
+    return _evidence(rollouts, take)
 
 
 def scores_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
-    """Core-NATS callback for `eval.scores.>`: online scores of sampled live answers, kept as analysis
-    evidence (every replica sees all; a redelivered score has the same Nats-Msg-Id and counts once)."""
-    seen: OrderedDict[str, None] = OrderedDict()
-
-    async def on_message(msg: Msg) -> None:
-        if not rollouts.analysing():
-            return
-        msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
-        if msg_id:
-            if msg_id in seen:
-                return
-            seen[msg_id] = None
-            if len(seen) > _SEEN_MAX:
-                seen.popitem(last=False)
-        try:
-            rollouts.observe_scores([_scored.decode(msg.data)])
-        except msgspec.DecodeError:
-            return
-
-    return on_message
+    """For `eval.scores.>`: online scores of sampled live answers."""
+    return _evidence(rollouts, lambda data: rollouts.observe_scores([_scored.decode(data)]))
