@@ -85,9 +85,9 @@ class Settings(msgspec.Struct, kw_only=True):
     event_time_past_s: float = 30 * 86400.0
     event_time_future_s: float = 3600.0
     # telemetry: the share of new traces exported (a caller's sampled traceparent is always followed);
-    # spans that end in error or last trace_slow_ms or more are exported whatever the ratio. Every
-    # trace by default: the loop test follows one request's router and sink spans by id.
-    trace_sample_ratio: float = 1.0
+    # spans that end in error or last trace_slow_ms or more are exported whatever the ratio, and so
+    # is the sink's span for a message of events (it links to each request in it).
+    trace_sample_ratio: float = 0.1
     trace_slow_ms: float = 5000.0
     # OTLP/HTTP base URL of a Collector (e.g. http://otel-collector:4318); metrics are exported
     # there when set, and are always served as Prometheus text at /metrics

@@ -202,12 +202,30 @@ class _RecordAlways(Sampler):
         return f"RecordAlways{{{self._inner.get_description()}}}"
 
 
+class _FollowLinks(Sampler):
+    """Samples a span that links to a sampled span: the sink's span for a message of events links to
+    each request in it, and a request someone traced must keep its storing step in its trace."""
+
+    def __init__(self, inner: Sampler) -> None:
+        self._inner = inner
+
+    def should_sample(self, parent_context: Any, trace_id: int, name: str, kind: Any = None,
+                      attributes: Any = None, links: Any = None, trace_state: Any = None) -> SamplingResult:
+        if links and any(link.context.trace_flags.sampled for link in links):
+            return SamplingResult(Decision.RECORD_AND_SAMPLE, attributes, trace_state)
+        return self._inner.should_sample(parent_context, trace_id, name, kind, attributes, links, trace_state)
+
+    def get_description(self) -> str:
+        return f"FollowLinks{{{self._inner.get_description()}}}"
+
+
 def tail_aware_sampler(ratio: float) -> Sampler:
-    """Head sampling at `ratio` for new traces, a caller's decision followed, and everything else
-    recorded but unexported unless it ends in error or slowly (see `_TailProcessor`)."""
-    return ParentBased(_RecordAlways(TraceIdRatioBased(ratio)), remote_parent_sampled=ALWAYS_ON,
-                       remote_parent_not_sampled=_RecordAlways(ALWAYS_OFF), local_parent_sampled=ALWAYS_ON,
-                       local_parent_not_sampled=_RecordAlways(ALWAYS_OFF))
+    """Head sampling at `ratio` for new traces, a caller's decision followed, a span linking to a
+    sampled one kept, and everything else recorded but unexported unless it ends in error or slowly
+    (see `_TailProcessor`)."""
+    return ParentBased(_FollowLinks(_RecordAlways(TraceIdRatioBased(ratio))), remote_parent_sampled=ALWAYS_ON,
+                       remote_parent_not_sampled=_FollowLinks(_RecordAlways(ALWAYS_OFF)),
+                       local_parent_sampled=ALWAYS_ON, local_parent_not_sampled=_FollowLinks(_RecordAlways(ALWAYS_OFF)))
 
 
 class _TailProcessor(SpanProcessor):

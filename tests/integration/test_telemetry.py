@@ -10,7 +10,7 @@ import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExportResult
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import Link, SpanContext, Status, StatusCode, TraceFlags
 from prometheus_client.parser import text_string_to_metric_families
 
 from lockgate import metrics
@@ -67,10 +67,16 @@ async def test_unsampled_spans_are_exported_only_when_failed_or_slow(bus: Bus) -
     child = tracer.start_span("child of a sampled caller", context=extract(
         {"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01"}))
     child.end()
+    sampled_request = SpanContext(int("ef" * 16, 16), int("12" * 8, 16), is_remote=True,
+                                  trace_flags=TraceFlags(TraceFlags.SAMPLED))
+    tracer.start_span("links a sampled request", links=[Link(sampled_request)]).end()
+    unsampled_request = SpanContext(int("ef" * 16, 16), int("34" * 8, 16), is_remote=True)
+    tracer.start_span("links an unsampled request", links=[Link(unsampled_request)]).end()
     assert await asyncio.to_thread(telemetry.force_flush) is True
 
     batch = _spans.decode((await sub.next_msg(timeout=10)).data)
-    assert sorted(s.name for s in batch.spans) == ["child of a sampled caller", "failed", "slow"]
+    assert sorted(s.name for s in batch.spans) == ["child of a sampled caller", "failed", "links a sampled request",
+                                                   "slow"]
     assert next(s for s in batch.spans if s.name == "failed").status_code == "Error"
     await telemetry.shutdown()
 
