@@ -31,7 +31,8 @@ def _ci(low: float | None, high: float | None) -> str:
     return "" if low is None or high is None else f"[{_fmt(low)}, {_fmt(high)}]"
 
 
-async def _rerun(bus: Bus, run_id: str, endpoint: str, model: str, timeout_s: float) -> dict[str, Any]:
+async def _rerun(bus: Bus, run_id: str, endpoint: str, model: str, timeout_s: float,
+                 timing: bool) -> dict[str, Any]:
     from lockgate.codec import Codec
     from lockgate.contracts import EvalRequested, EvalReran
     from lockgate.ids import uuid7
@@ -67,13 +68,14 @@ async def _rerun(bus: Bus, run_id: str, endpoint: str, model: str, timeout_s: fl
                             "running?") from None
     finally:
         await sub.unsubscribe()
-    return rerun.report(done, env)
+    return rerun.report(done, env, timing=timing)
 
 
 def _print(result: dict[str, Any]) -> None:
     rows = [{"metric": m["metric"], "stored": _fmt(m["stored"]), "stored 95% CI": _ci(m["stored_low"], m["stored_high"]),
              "rerun": _fmt(m["rerun"]), "rerun 95% CI": _ci(m["rerun_low"], m["rerun_high"]),
-             "agrees": "yes" if m["agrees"] else "[red]NO[/red]"} for m in result["metrics"]]
+             "agrees": ("yes" if m["agrees"] else "[red]NO[/red]") if m["compared"] else
+             f"({'yes' if m['agrees'] else 'no'}: timing, not compared)"} for m in result["metrics"]]
     output(rows, False, title=f"rerun {result['run_id']} of eval {result['rerun_of']} ({result['release']}): "
                               f"{result['status']}, {result['n_cases']} cases (stored {result['stored_cases']})",
            empty="no metrics to compare")
@@ -99,16 +101,17 @@ def register(eval_group: click.Group) -> None:
                                                  "upstream).")
     @click.option("--model", default="", help="Send this model name instead of the stored one.")
     @click.option("--timeout", "timeout_s", default=600.0, show_default=True, help="Seconds to wait.")
+    @click.option("--timing", is_flag=True, help="Also require latency metrics to agree (they depend on load).")
     @json_option
     @click.pass_context
     @handle_errors
-    def eval_rerun(ctx: click.Context, run_id: str, endpoint: str, model: str, timeout_s: float,
+    def eval_rerun(ctx: click.Context, run_id: str, endpoint: str, model: str, timeout_s: float, timing: bool,
                    as_json: bool) -> None:
         """Re-run a stored eval run from its captured environment with the cache off; report per metric whether
         the results agree within their intervals. Never moves a gate. Exit 0 agree, 5 disagree."""
         from lockgate.provenance.rerun import EXIT_DISAGREES
 
-        result = with_bus(ctx.obj["settings"], lambda bus: _rerun(bus, run_id, endpoint, model, timeout_s),
+        result = with_bus(ctx.obj["settings"], lambda bus: _rerun(bus, run_id, endpoint, model, timeout_s, timing),
                           role="operator")
         if as_json:
             emit_json(result)
