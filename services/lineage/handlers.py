@@ -35,5 +35,5 @@ class LineageHandlers:
         if fact is not None:
             await bus.publish(bus.subjects.lineage_edges, fact)
         if self.live is not None and not isinstance(event, LineageRun):
-            await self.live.on_event(event)
+            self.live.on_event(event)  # queued: never waits on the lineage endpoint
         await self.processed.bump()

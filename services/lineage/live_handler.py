@@ -1,9 +1,10 @@
 """The lineage recorder's live OpenLineage emission (on when `openlineage_url` is set): each eval request,
 eval result, gate decision, release and rollout change becomes RunEvents POSTed by the HTTP transport.
 
-Names are looked up best effort (the suite from the object store, artifact names through the query
-service): a lookup that fails names the dataset by its hash instead, and nothing here ever fails or
-delays the consumer that called it.
+The consumer only hands the bus event to a bounded batcher (never waits, never raises); the batcher's one
+flush at a time maps events in order to RunEvents for the HTTP transport. Names are looked up there, best
+effort (the suite from the object store, artifact names through the query service): a lookup that fails
+names the dataset by its hash instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from lockgate import artifacts
+from lockgate.batcher import Batcher
 from lockgate.contracts import EvalCompleted, EvalRequested, GateDecided, ReleaseRegistered
 from lockgate.errors import LockgateError
 from lockgate.provenance import openlineage as ol
@@ -33,27 +35,38 @@ class LiveLineage:
         self.namespace = ctx.settings.openlineage_namespace or f"lockgate://{ctx.settings.prefix}"
         self.transport = HttpTransport(ctx.settings.openlineage_url)
         self.tracker = live.RunTracker()
-        self.processed = Progress()
+        self.processed = Progress()  # bus events mapped; tests may await it
         self._suites: dict[str, dict[str, Any]] = {}
+        self._inbox: Batcher[live.LiveEvent] = Batcher(self._emit, max_items=64, max_age_s=0.01, capacity=10_000,
+                                                       overflow="drop_newest", on_drop=self.transport.lost,
+                                                       name="openlineage-inbox", autostart=False)
 
     def start(self) -> None:
-        """Begin sending (inside the running loop)."""
+        """Begin mapping and sending (inside the running loop)."""
+        self._inbox.start()
         self.transport.start()
 
     async def close(self) -> None:
-        """Send what is queued, then close."""
+        """Map and send what is queued, then close."""
+        await self._inbox.close()
         await self.transport.close()
 
     async def on_requested(self, req: EvalRequested, delivery: Any) -> None:
         """An eval run was requested: its START. A request older than BACKLOG_S is the backlog a new durable
         replays when live emission is first turned on: skipped (its end, if it comes, brings a START)."""
         if req.rerun_of or datetime.now(UTC) - req.time > timedelta(seconds=BACKLOG_S):  # a rerun is no run of record
-            await self.processed.bump()
             return
-        await self.on_event(req)
+        self.on_event(req)
 
-    async def on_event(self, event: live.LiveEvent) -> None:
-        """Post the RunEvents of one bus event; never raises (telemetry never fails the recorder)."""
+    def on_event(self, event: live.LiveEvent) -> None:
+        """Queue one bus event for emission; never waits, never raises (a full queue drops and counts)."""
+        self._inbox.add(event)
+
+    async def _emit(self, events: list[live.LiveEvent]) -> None:
+        for event in events:
+            await self._emit_one(event)
+
+    async def _emit_one(self, event: live.LiveEvent) -> None:
         try:
             names = await self._names(event)
             events = live.run_events(event, names, self.namespace)

@@ -37,7 +37,7 @@ class HttpTransport:
         self._session: aiohttp.ClientSession | None = None
         # One flush at a time, events in the order given: a run's START is sent before its COMPLETE.
         self._queue: Batcher[dict[str, Any]] = Batcher(self._send, max_items=50, max_age_s=0.05, capacity=capacity,
-                                                       overflow="drop_newest", on_drop=self._lost,
+                                                       overflow="drop_newest", on_drop=self.lost,
                                                        name="openlineage", autostart=False)
 
     def post(self, event: dict[str, Any]) -> None:
@@ -58,7 +58,8 @@ class HttpTransport:
         if self._session is not None:
             await self._session.close()
 
-    def _lost(self, n: int, reason: str) -> None:
+    def lost(self, n: int, reason: str) -> None:
+        """Count `n` events lost (a full queue, a failed send)."""
         self.dropped += n
         metrics.events_dropped(f"{self.service}.openlineage", n, reason)
         log.warning("dropped %d OpenLineage events for %s (%s)", n, self.url, reason)
@@ -73,7 +74,7 @@ class HttpTransport:
                 self.sent += 1
             except (_Again, aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 log.warning("OpenLineage event %s not sent: %r", event.get("run", {}).get("runId"), exc)
-                self._lost(1, "send_failed")
+                self.lost(1, "send_failed")
 
     async def _post(self, event: dict[str, Any]) -> None:
         assert self._session is not None
