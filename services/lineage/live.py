@@ -34,6 +34,14 @@ def _row(event: msgspec.Struct) -> dict[str, Any]:
     return msgspec.structs.asdict(event)
 
 
+def _action(event: GateDecided) -> str:
+    # The audit action the gatekeeper records with the decision (the export's runId is derived from it); a
+    # human veto ("override") reads as "rejected" here, the only case where live and export runIds differ.
+    if not event.reviewed_by:
+        return "decided"
+    return "rejected" if event.decision == "BLOCK" else "approved"
+
+
 def run_events(event: LiveEvent, names: Names, namespace: str) -> list[dict[str, Any]]:
     """The RunEvents one bus event means, in the order they are to be sent."""
     release = {"artifacts": names.release_artifacts}
@@ -46,8 +54,7 @@ def run_events(event: LiveEvent, names: Names, namespace: str) -> list[dict[str,
             return [ol.eval_event(row, names.inputs, {"artifacts": dict(event.artifacts) or names.release_artifacts},
                                   names.artifacts, namespace)]
         case GateDecided():
-            row = {**_row(event), "action": "reviewed" if event.reviewed_by else "decided",
-                   "actor": event.reviewed_by or "gatekeeper"}
+            row = {**_row(event), "action": _action(event), "actor": event.reviewed_by or "gatekeeper"}
             return [ol.decision_event(row, None, names.artifacts, namespace)]
         case ReleaseRegistered():
             return [ol.release_event({**_row(event), "event_id": event.id}, names.artifacts, namespace)]
