@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
+import msgspec
 
 from lockgate import artifacts
-from lockgate.contracts import EvalCompleted, EvalRequested, LineageRun
+from lockgate.contracts import EvalCompleted, EvalRequested, EvalReran, LineageRun
 from lockgate.errors import ConfigError, NotFound
 from lockgate.provenance import environment
 from lockgate.server.service import ServiceContext
@@ -104,7 +105,7 @@ class Execution:
             await ticker.step(bool(result.error))
 
         cache = None
-        if self.ctx.settings.eval_cache and req.cache:
+        if self.ctx.settings.eval_cache and req.cache and not req.rerun_of:  # a rerun calls everything afresh
             cache = ResponseCache(await self.ctx.bus.kv(self.ctx.bus.subjects.kv_eval_cache))
         try:
             new = await self._run(req, loaded, skip, on_result, cache)
@@ -207,6 +208,31 @@ class Execution:
                                                        self._labels(loaded)))
         outcome.comparisons = comparisons
         outcome.warnings.extend(warnings)
+
+    async def rerun(self, req: EvalRequested, loaded: Loaded | None, outcome: Outcome) -> EvalReran:
+        """Publish a rerun's result beside the stored run's, recomputed from its stored cases by the same code
+        (same suite, same seeds): on its own subject, so no gate acts on it and no eval run is stored."""
+        stored = Outcome(status="failed")
+        n_stored = 0
+        if loaded is not None:
+            keys = {(c.id, r) for c in loaded.cases for r in range(loaded.suite.repeats)}
+            cases = [r for r in await persist.run_cases(self.ctx.bus, req.rerun_of) if (r.case_id, r.repeat) in keys]
+            order = {c.id: i for i, c in enumerate(loaded.cases)}
+            cases.sort(key=lambda r: (order[r.case_id], r.repeat))
+            n_stored = len(cases)
+            if cases:
+                stored = await self._summarise(msgspec.structs.replace(req, baseline=""), loaded, cases)
+        warnings = list(outcome.warnings)
+        if loaded is not None and not n_stored:
+            warnings.append(f"run {req.rerun_of} has no stored cases of suite {req.suite}: nothing to compare")
+        done = EvalReran(
+            run_id=req.run_id, rerun_of=req.rerun_of, release=req.release, suite=req.suite, status=outcome.status,
+            n_cases=len(outcome.results), n_errors=sum(1 for r in outcome.results if r.error), error=outcome.error,
+            metrics=outcome.metrics, intervals=outcome.intervals, stored_metrics=stored.metrics,
+            stored_intervals=stored.intervals, stored_cases=n_stored, environment=outcome.environment,
+            warnings=warnings, tenant=req.tenant, source="evaluator")
+        await self.ctx.bus.publish(self.ctx.bus.subjects.eval_reran, done, msg_id=f"eval-reran-{req.run_id}")
+        return done
 
     @staticmethod
     def _labels(loaded: Loaded) -> dict[str, tuple[str, ...]]:

@@ -108,9 +108,15 @@ class EvalHandlers:
                 loaded = await ex.load(req)
             except (ConfigError, NotFound) as exc:
                 span.set_attribute("lockgate.status", "failed")
-                await ex.finish(req, load_error(exc), [], event_id)
+                if req.rerun_of:
+                    await ex.rerun(req, None, load_error(exc))
+                else:
+                    await ex.finish(req, load_error(exc), [], event_id)
                 return
             outcome = await ex.execute(req, loaded)
             span.set_attribute("lockgate.cases", len(outcome.results))
             span.set_attribute("lockgate.status", outcome.status)
+            if req.rerun_of:  # never an EvalCompleted: a rerun must not move any gate
+                await ex.rerun(req, loaded, outcome)
+                return
             await ex.finish(req, outcome, loaded.inputs, event_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from lockgate.bus import consume
 from lockgate.contracts import (
     EvalCompleted,
+    EvalRequested,
     GateDecided,
     LineageRun,
     ReleaseRegistered,
@@ -12,6 +13,7 @@ from lockgate.contracts import (
 )
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.lineage.handlers import LineageHandlers
+from lockgate.services.lineage.live_handler import LiveLineage
 
 
 class Lineage(Service):
@@ -21,7 +23,8 @@ class Lineage(Service):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.handlers = LineageHandlers(ctx)
+        self.live = LiveLineage(ctx) if ctx.settings.openlineage_url else None
+        self.handlers = LineageHandlers(ctx, self.live)
         s = ctx.bus.subjects
         # The events stream also carries drift and cost records, so subscribe per subject
         # rather than decode (and dead-letter) everything on the stream. Artifacts add no edge.
@@ -36,6 +39,21 @@ class Lineage(Service):
             consume(ctx.bus, self.consumers, subject=subject, stream="events", durable=s.durable("lineage", purpose),
                     wire_type=wire_type, origin="lineage", handler=self.handlers.on_event,
                     batch_size=64, ack_wait_s=ctx.settings.ack_wait_s)
+        if self.live is not None:  # an eval run's START is posted when it is requested
+            consume(ctx.bus, self.consumers, subject=s.eval_requested, stream="events",
+                    durable=s.durable("lineage", "eval_start"), wire_type=EvalRequested, origin="lineage",
+                    handler=self.live.on_requested, batch_size=64, ack_wait_s=ctx.settings.ack_wait_s)
+
+    async def start(self) -> None:
+        """Start posting OpenLineage events, when configured."""
+        if self.live is not None:
+            self.live.start()
+
+    async def stop(self) -> None:
+        """Send the OpenLineage events still queued, then stop."""
+        if self.live is not None:
+            await self.live.close()
+        await super().stop()
 
 
 def create(ctx: ServiceContext) -> Lineage:

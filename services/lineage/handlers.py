@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from lockgate import artifacts
 from lockgate.bus import Delivery
-from lockgate.contracts import ReleaseRegistered
+from lockgate.contracts import LineageRun, ReleaseRegistered
 from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.lineage import domain
+from lockgate.services.lineage.live_handler import LiveLineage
 
 
 class LineageHandlers:
     """One handler for every lineage-bearing event. Artifacts, releases and runs are stored by the sink
     from their own events; this recorder adds what only it knows: the graph's edges."""
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, live: LiveLineage | None = None) -> None:
         self.ctx = ctx
+        self.live = live  # live OpenLineage, when an endpoint is configured
         self.processed = Progress()  # events handled; tests await it instead of sleeping
 
     async def on_event(self, event: domain.LineageEvent, delivery: Delivery) -> None:
@@ -32,4 +34,6 @@ class LineageHandlers:
         fact = domain.edges_fact(event)
         if fact is not None:
             await bus.publish(bus.subjects.lineage_edges, fact)
+        if self.live is not None and not isinstance(event, LineageRun):
+            self.live.on_event(event)  # queued: never waits on the lineage endpoint
         await self.processed.bump()

@@ -74,3 +74,11 @@ def recorded_events(store: Store, app: str, release: str, since: datetime | None
         "SELECT id, toUnixTimestamp64Micro(time) AS time_us, prompt, response, latency_ms, input_tokens, "
         f"output_tokens FROM inference_events WHERE {where} ORDER BY time DESC, id DESC LIMIT 1 BY id "
         "LIMIT {limit:UInt32}", params)
+
+
+def eval_run(store: Store, run_id: str) -> dict[str, Any] | None:
+    """One stored eval run with the environment it captured (what `lockgate eval rerun` repeats), or None."""
+    rows = store.rows(
+        "SELECT run_id, release, suite, baseline, policy, status, n_cases, n_errors, metrics, error, environment, "
+        "time FROM eval_runs WHERE run_id = {run_id:String} ORDER BY time DESC LIMIT 1", {"run_id": run_id})
+    return rows[0] if rows else None

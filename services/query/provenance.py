@@ -48,7 +48,16 @@ def lineage_export(store: Store, release: str | None = None, since: datetime | N
         f"WHERE 1 {cond} ORDER BY time DESC LIMIT 1 BY release LIMIT {{n:UInt32}}", params)
     roll_cond = cond.replace("release = {r:String}", "(stable_release = {r:String} OR canary_release = {r:String})")
     rollouts = store.rows(
-        "SELECT id, time, deployment, stable_release, canary_release, canary_weight, phase, reason "
+        "SELECT id, time, deployment, stable_release, canary_release, canary_weight, phase, step, reason "
         f"FROM rollout_events WHERE 1 {roll_cond} ORDER BY time DESC LIMIT 1 BY id LIMIT {{n:UInt32}}", params)
     return {"evals": evals, "decisions": decisions, "run_inputs": run_inputs, "releases": releases,
             "artifacts": arts, "registered": registered, "rollouts": rollouts}
+
+
+def artifact_names(store: Store, hashes: list[str]) -> dict[str, dict[str, str]]:
+    """hash -> {kind, name} of registered artifacts (the lineage recorder names OpenLineage datasets so)."""
+    if not hashes:
+        return {}
+    return {r["hash"]: {"kind": r["kind"], "name": r["name"]} for r in store.rows(
+        "SELECT hash, kind, name FROM artifacts WHERE hash IN {h:Array(String)} LIMIT 1 BY hash",
+        {"h": sorted(set(hashes))[:1000]})}

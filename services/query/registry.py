@@ -26,6 +26,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "decisions": ("decisions", "decisions"),
     "eval_runs": ("evals", "eval_runs"),
     "eval_cases": ("evals", "eval_cases"),
+    "eval_run": ("evals", "eval_run"),
     "drift_reports": ("drift", "drift_reports"),
     "rollout_history": ("rollouts", "rollout_history"),
     "cost_rollup": ("cost", "cost_rollup"),
@@ -41,6 +42,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "recorded_events": ("evals", "recorded_events"),
     "consecutive_errors": ("decisions", "consecutive_errors"),
     "release_artifacts": ("decisions", "release_artifacts"),
+    "artifact_names": ("provenance", "artifact_names"),  # the lineage recorder's live OpenLineage events
 }
 
 

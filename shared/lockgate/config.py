@@ -78,6 +78,10 @@ class Settings(msgspec.Struct, kw_only=True):
     trusted_keys: str = ""
     # evaluator
     eval_cache: bool = True
+    # lineage: POST OpenLineage RunEvents live (START when an eval run or rollout starts, COMPLETE/FAIL when
+    # it ends; decisions and releases) to this endpoint, e.g. Marquez's http://host:5000/api/v1/lineage
+    openlineage_url: str = ""
+    openlineage_namespace: str = ""  # empty: lockgate://{prefix}
     # consumers
     ack_wait_s: float = 30.0
     # inference messages: events per message, and how far an event's time may be from now (lockgate.limits)

@@ -57,7 +57,7 @@ DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
              # one per fact table it projects (services/sink/domain.py FACTS)
              "events": ("artifacts", "lineage_runs", "eval_runs", "rollout_events", "drift_reports"),
              "facts": ("releases", "lineage_edges", "eval_cases", "gate_decisions", "cost_ledger", "audit_log")},
-    "lineage": {"events": ("release", "run", "eval", "gate", "rollout")},
+    "lineage": {"events": ("release", "run", "eval", "gate", "rollout", "eval_start")},  # eval_start: live OpenLineage
     "evaluator": {"events": ("requests",), "inference": ("online",)},  # online: sampled live traffic scored
     "gatekeeper": {"events": ("evals", "reviews", "drift"), "audit": ("audit",)},  # audit: the chainer
     "router": {"events": ("gates", "drift")},
@@ -167,6 +167,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(_consume(s, "evaluator")).add(_read_objects(s.object_store))
         g.add(_write_kv(s.kv_eval_cache)).add(_write_kv(s.kv_eval_runs))
         g.add(Grant(publish=[s.eval_completed, s.lineage_run, s.eval_cases, f"{s.prefix}.progress.eval.>", s.query]))
+        g.add(Grant(publish=[s.eval_reran]))  # reruns of stored runs, which no gate acts on
         g.add(Grant(publish=[s.eval_scores_all]))  # online scores of sampled live traffic
     elif identity == "gatekeeper":
         # It reads the evaluator's run records (not writes them) and publishes decisions and their audit rows.
@@ -207,7 +208,7 @@ def grant(s: Subjects, identity: str) -> Grant:
             g.add(_write_objects(s.object_store)).add(_create_kv(s.kv_releases)).add(_write_kv(s.kv_gitops))
             g.add(Grant(
                 publish=[s.eval_requested, s.artifact_registered, s.release_registered, s.apply_recorded],
-                subscribe=[s.eval_completed, f"{s.prefix}.progress.eval.>", s.gate_decided_all]))
+                subscribe=[s.eval_completed, f"{s.prefix}.progress.eval.>", s.gate_decided_all, s.eval_reran]))
             g.add(Grant(publish=[s.audit("operator")]))  # key changes made from the CLI, recorded as itself
             # `alias set` and `artifact deprecate` append signed records to the provenance stream.
             g.add(Grant(publish=[s.provenance_all]))

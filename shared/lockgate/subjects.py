@@ -146,6 +146,11 @@ class Subjects:
     def eval_completed(self) -> str:
         return f"{self.prefix}.eval.completed"
 
+    @property
+    def eval_reran(self) -> str:
+        """Results of `lockgate eval rerun` (EvalReran): apart from eval.completed, so no gate acts on them."""
+        return f"{self.prefix}.eval.reran"
+
     def eval_scores(self, deployment: str) -> str:
         """Online scores of sampled live inference events (InferenceScored), by deployment."""
         return f"{self.prefix}.eval.scores.{token(deployment)}"

@@ -27,6 +27,7 @@ from lockgate.contracts import (
     EvalCasesRecorded,
     EvalCompleted,
     EvalRequested,
+    EvalReran,
     FeatureDrift,
     GateAudited,
     GateDecided,
@@ -56,6 +57,8 @@ SAMPLES = [
     LineageRun(run_id="run-1", kind="eval", release="r1", inputs=["a"], outputs=["b"]),
     EvalRequested(run_id="run-1", release="r1", suite="sha256:1", endpoint="http://x/v1"),
     EvalCompleted(run_id="run-1", release="r1", suite="sha256:1", metrics={"exact_match": 0.9}),
+    EvalReran(run_id="run-2", rerun_of="run-1", release="r1", suite="sha256:1", metrics={"exact_match": 0.9},
+              stored_metrics={"exact_match": 0.85}),
     GateDecided(release="r1", decision="BLOCK", rules=[
         RuleResult(rule="q", metric="exact_match", op=">=", threshold=0.95, observed=0.9, verdict="FAIL"),
         RuleResult(rule="l", metric="latency_p95_ms", op="<=", threshold=100, observed=None, verdict="NO_DATA")],

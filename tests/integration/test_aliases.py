@@ -168,6 +168,22 @@ async def test_aliases_declared_in_the_gitops_folder_are_planned_and_applied_sig
     assert (await cli(settings, "--as", "ann", "apply", str(repo))).exit_code == 0
     now = json.loads((await cli(settings, "history", "gitshop/production", "--json")).output)
     assert now["release"].startswith("gitshop@") and [h["seq"] for h in now["history"]] == [2, 1]
+    folder_release = now["release"]
+
+    # Moved by hand outside Git: plan shows the drift as a change, apply points it back, then nothing to do.
+    assert (await cli(settings, "--as", "ann", "alias", "set", "gitshop", "production", "gitshop-v1")).exit_code == 0
+    drifted = await cli(settings, "plan", str(repo))
+    assert drifted.exit_code == 2, drifted.output
+    assert f"~ alias gitshop/production: live gitshop-v1, folder {folder_release}" in drifted.output
+    [step] = [s for s in json.loads((await cli(settings, "plan", str(repo), "--json")).output)["steps"]
+              if s["kind"] == "alias"]
+    assert (step["action"], step["drift"], step["previous_release"], step["release"]) == (
+        "change", True, "gitshop-v1", folder_release)
+    back = await cli(settings, "--as", "ann", "apply", str(repo))
+    assert back.exit_code == 0 and "applied: 1 change" in back.output, back.output
+    now = json.loads((await cli(settings, "history", "gitshop/production", "--json")).output)
+    assert now["release"] == folder_release and [h["seq"] for h in now["history"]] == [4, 3, 2, 1]
+    assert (await cli(settings, "plan", str(repo))).exit_code == 0
 
     # An alias naming a release the folder does not hold: the file and the path inside it.
     (repo / "aliases" / "production.yaml").write_text("kind: alias\nname: production\napp: gitshop\nrelease: nope\n")

@@ -128,3 +128,18 @@ def test_hidden_folders_are_not_documents(folder: Path) -> None:
     (folder / ".git").mkdir()
     (folder / ".git" / "config.yaml").write_text("not: a document\n")
     assert len(resolve(load_folder(folder))) == 11
+
+
+def test_an_alias_moved_outside_git_is_drift_to_undo(folder: Path) -> None:
+    (folder / "aliases").mkdir()
+    (folder / "aliases" / "prod.yaml").write_text("kind: alias\nname: production\napp: gitshop\nrelease: gitshop-base\n")
+    desired = resolve(load_folder(folder))
+    [alias] = [r for r in desired if r.kind == "alias"]
+    assert diff(desired, _applied(desired), {}, live={alias.name: alias.release}).exit_code == 0
+    plan = diff(desired, _applied(desired), {}, live={alias.name: "gitshop-rogue"})
+    [step] = plan.changes
+    assert (step.action, step.drift, step.previous_release, step.release) == ("change", True, "gitshop-rogue",
+                                                                             alias.release)
+    assert plan.exit_code == 2
+    # Never set live (or set by this folder's first apply): the applied state decides, as before.
+    assert diff(desired, {}, {}, live={}).count("add") == 12

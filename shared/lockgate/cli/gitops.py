@@ -33,13 +33,16 @@ def _short(digest: str) -> str:
 def _rows(plan: Any) -> list[dict[str, str]]:
     rows = []
     for s in plan.steps:
-        if s.action == "change":
+        if s.drift:  # moved outside Git: apply points it back at the folder's release
+            what = f"live {s.previous_release}, folder {s.release}"
+            release = f"{s.previous_release} -> {s.release}"
+        elif s.action == "change":
             what = f"{_short(s.previous)} -> {_short(s.digest)}"
             release = f"{s.previous_release} -> {s.release}" if s.release != s.previous_release else s.release
         else:
             what = _short(s.digest or s.previous)
             release = s.release or s.previous_release
-        rows.append({"action": _MARK[s.action], "kind": s.kind, "name": s.name, "release": release,
+        rows.append({"action": "[yellow]~ drift[/yellow]" if s.drift else _MARK[s.action], "kind": s.kind, "name": s.name, "release": release,
                      "content": what, "file": s.source, "applied at commit": (s.commit[:10] + (" (dirty)" if s.dirty
                                                                                               else "")) if s.commit
                      else ("(no commit)" if s.action in ("unchanged", "orphan", "remove") else "")})
@@ -53,6 +56,10 @@ def _summary(plan: Any) -> dict[str, int]:
 def _print(plan: Any, prov: Any, title: str) -> None:
     where = f"commit {prov.commit[:10]}{' (dirty)' if prov.dirty else ''}" if prov.commit else "not in Git"
     table(_rows(plan), title=f"{title} ({where})", empty="the folder holds no documents")
+    for s in plan.steps:
+        if s.drift:
+            console.print(f"~ alias {s.name}: live {s.previous_release}, folder {s.release} (moved outside Git; "
+                          "apply points it back)", highlight=False, soft_wrap=True)
     n = _summary(plan)
     line = f"{n['add']} to add, {n['change']} to change, {n['remove']} to remove, {n['unchanged']} unchanged"
     if n["orphan"]:
@@ -68,13 +75,13 @@ def _load(directory: str) -> tuple[list[Any], Any]:
     return resolve(load_folder(directory)), provenance(directory)
 
 
-async def _plan(bus: Any, desired: list[Any], prune: bool) -> Any:
+async def _plan(bus: Any, desired: list[Any], prune: bool, settings: Any) -> Any:
     from lockgate.gitops.plan import diff
-    from lockgate.gitops.state import read_bindings, read_state
+    from lockgate.gitops.state import read_aliases, read_bindings, read_state
 
     state = await read_state(bus)
     bound = await read_bindings(bus, [r.release for r in desired if r.kind == "release"])
-    return diff(desired, state, bound, prune=prune)
+    return diff(desired, state, bound, prune=prune, live=await read_aliases(bus, settings, desired))
 
 
 def _on_stack(settings: Any, work: Callable[[Any], Any], role: str) -> Any:
@@ -120,7 +127,8 @@ def register(cli: click.Group) -> None:
     def plan_cmd(ctx: click.Context, directory: str, prune: bool, as_json: bool) -> None:
         """What `apply DIR` would add, change, leave or remove; exits 0 nothing to do, 2 changes, 1 error."""
         desired, prov = _load(directory)
-        plan = _on_stack(ctx.obj["settings"], lambda bus: _plan(bus, desired, prune), role="viewer")
+        plan = _on_stack(ctx.obj["settings"], lambda bus: _plan(bus, desired, prune, ctx.obj["settings"]),
+                         role="viewer")
         if as_json:
             emit_json(_result(plan, prov))
         else:
@@ -150,7 +158,7 @@ def register(cli: click.Group) -> None:
         where = str(Path(directory).resolve())
 
         async def work(bus: Any) -> tuple[Any, Any]:
-            plan = await _plan(bus, desired, prune)
+            plan = await _plan(bus, desired, prune, ctx.obj["settings"])
             if plan.errors:
                 return plan, None
             return plan, await apply(bus, plan, desired, prov, directory=where, author=author,

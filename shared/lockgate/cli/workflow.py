@@ -109,6 +109,10 @@ def register(cli: click.Group) -> None:
             return
         _print_eval(result, candidate)
 
+    from lockgate.cli import rerun
+
+    rerun.register(eval_group)
+
 
 def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:,.4g}"

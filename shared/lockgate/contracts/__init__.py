@@ -26,6 +26,7 @@ from lockgate.contracts.evals import (
     EvalCasesRecorded,
     EvalCompleted,
     EvalRequested,
+    EvalReran,
     MetricInterval,
 )
 from lockgate.contracts.gates import GateAudited, GateDecided, GateReview, RuleResult
@@ -42,6 +43,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     LineageRun,
     EvalRequested,
     EvalCompleted,
+    EvalReran,
     GateDecided,
     GateReview,
     RolloutState,
@@ -96,6 +98,7 @@ __all__ = [
     "EvalCasesRecorded",
     "EvalCompleted",
     "EvalRequested",
+    "EvalReran",
     "Event",
     "FeatureDrift",
     "GateAudited",

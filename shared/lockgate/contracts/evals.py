@@ -51,6 +51,9 @@ class EvalRequested(Event, frozen=True, kw_only=True, tag="lockgate.eval.request
     timeout_s: float = 30.0
     artifacts: dict[str, str] = {}
     cache: bool = True  # False: call the endpoint and the judge afresh (the response cache is neither read nor written)
+    # `lockgate eval rerun`: this run repeats stored run `rerun_of` with the cache off; its result is an
+    # EvalReran on its own subject, which no gate acts on, and it records no lineage
+    rerun_of: str = ""
 
 
 class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.completed"):
@@ -77,6 +80,27 @@ class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.complet
     # What the run ran on, to reproduce it: Python, lockgate and package versions (hash), OS, CPU/GPU,
     # seeds, and the model, endpoint and sampling parameters it called (lockgate.provenance.environment).
     environment: dict[str, str] = {}
+
+
+class EvalReran(Event, frozen=True, kw_only=True, tag="lockgate.eval.reran"):
+    """A rerun of a stored eval run (`lockgate eval rerun`): its aggregates and intervals beside the stored
+    run's, recomputed from the stored cases by the same code. Never gated, never stored as an eval run."""
+
+    run_id: str
+    rerun_of: str
+    release: Name
+    suite: str
+    status: str = "completed"
+    n_cases: int = 0
+    n_errors: int = 0
+    error: str = ""
+    metrics: dict[str, float] = {}
+    intervals: dict[str, MetricInterval] = {}
+    stored_metrics: dict[str, float] = {}
+    stored_intervals: dict[str, MetricInterval] = {}
+    stored_cases: int = 0
+    environment: dict[str, str] = {}
+    warnings: list[str] = []
 
 
 class EvalCaseResult(msgspec.Struct, frozen=True, kw_only=True):

@@ -5,6 +5,8 @@ The applied state is what earlier applies recorded (one entry per `kind/name`). 
 content hash equals its entry's is unchanged, so applying the same folder twice changes nothing. A
 release name already bound to other content is an error, not a change: releases are immutable.
 Entries no longer in the folder are `orphan` (kept) unless pruning, when they are `remove`.
+An alias moved outside Git (`lockgate alias set`) has drifted: the live alias names another release than
+the folder, so the plan changes it back (a `change` with `drift` set), whatever the applied state says.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     source: str = ""
     commit: str = ""  # for unchanged, orphan and remove: the commit that applied the current entry
     dirty: bool = False
+    drift: bool = False  # an alias whose live release (previous_release) is not the folder's
 
 
 class Plan(msgspec.Struct, frozen=True, kw_only=True):
@@ -82,9 +85,11 @@ def _rank(kind: str) -> int:
 
 
 def diff(desired: list[Resource], state: dict[str, StateEntry], bound: dict[str, str], *,
-         prune: bool = False) -> Plan:
-    """The plan from the desired resources, the applied state (by `kind/name`) and the content hash each
-    desired release name is already bound to (absent: not bound)."""
+         prune: bool = False, live: dict[str, str] | None = None) -> Plan:
+    """The plan from the desired resources, the applied state (by `kind/name`), the content hash each
+    desired release name is already bound to (absent: not bound) and the release each alias points to
+    now (`app/alias` -> release; absent: never set)."""
+    live = live or {}
     steps: list[Step] = []
     errors: list[str] = []
     for res in desired:
@@ -101,6 +106,10 @@ def diff(desired: list[Resource], state: dict[str, StateEntry], bound: dict[str,
             action = "unchanged"
         else:
             action = "change"
+        if res.kind == "alias" and action == "unchanged" and live.get(res.name, res.release) != res.release:
+            steps.append(Step(action="change", kind=res.kind, name=res.name, digest=res.digest, previous=entry.digest,
+                              release=res.release, previous_release=live[res.name], source=res.source, drift=True))
+            continue
         steps.append(Step(action=action, kind=res.kind, name=res.name, digest=res.digest,
                           previous=entry.digest if entry and action == "change" else "", release=res.release,
                           previous_release=entry.release if entry and action == "change" else "",

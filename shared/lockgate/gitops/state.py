@@ -74,6 +74,18 @@ async def read_bindings(bus: Bus, names: list[str]) -> dict[str, str]:
     return out
 
 
+async def read_aliases(bus: Bus, settings: Settings, desired: list[Resource]) -> dict[str, str]:
+    """The release each of the folder's aliases points to now (`app/alias` -> release), from its verified
+    history; aliases never set are left out."""
+    out = {}
+    for res in desired:
+        if res.kind == "alias":
+            current, _, _ = await aliases.pointed_at(bus, settings, res.spec["app"], res.spec["alias"])
+            if current is not None:
+                out[res.name] = current.release
+    return out
+
+
 def _labels(res: Resource, prov: Provenance) -> dict[str, str]:
     # On the registration itself, so the artifacts table says which commit brought each version.
     return {**res.labels, "gitops.source": res.source, "git.commit": prov.commit, "git.author": prov.author,

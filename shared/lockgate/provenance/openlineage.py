@@ -23,13 +23,13 @@ SCHEMA_URL = f"{SPEC}#/$defs/RunEvent"
 PRODUCER = f"https://github.com/lockgate/lockgate/tree/v{__version__}"
 FACETS = "https://openlineage.io/spec/facets"
 LOCKGATE_FACETS = "https://lockgate.dev/spec/facets/1-0-0"
-JOB_TYPE = f"{FACETS}/2-0-3/JobTypeJobFacet.json#/$defs/JobTypeJobFacet"
+JOB_TYPE = f"{FACETS}/2-0-4/JobTypeJobFacet.json#/$defs/JobTypeJobFacet"
 VERSION = f"{FACETS}/1-0-1/DatasetVersionDatasetFacet.json#/$defs/DatasetVersionDatasetFacet"
-SCHEMA = f"{FACETS}/1-1-1/SchemaDatasetFacet.json#/$defs/SchemaDatasetFacet"
-QUALITY = f"{FACETS}/1-0-2/DataQualityMetricsInputDatasetFacet.json#/$defs/DataQualityMetricsInputDatasetFacet"
+SCHEMA = f"{FACETS}/1-2-0/SchemaDatasetFacet.json#/$defs/SchemaDatasetFacet"
+QUALITY = f"{FACETS}/1-0-3/DataQualityMetricsInputDatasetFacet.json#/$defs/DataQualityMetricsInputDatasetFacet"
 OUTPUT_STATS = f"{FACETS}/1-0-2/OutputStatisticsOutputDatasetFacet.json#/$defs/OutputStatisticsOutputDatasetFacet"
 ERROR = f"{FACETS}/1-0-1/ErrorMessageRunFacet.json#/$defs/ErrorMessageRunFacet"
-PARENT = f"{FACETS}/1-0-1/ParentRunFacet.json#/$defs/ParentRunFacet"
+PARENT = f"{FACETS}/1-2-0/ParentRunFacet.json#/$defs/ParentRunFacet"
 
 # lockgate's own facets, described by JSON Schemas (printed by `lockgate lineage export --facet-schemas`).
 FACET_SCHEMAS: dict[str, dict[str, Any]] = {
@@ -135,6 +135,16 @@ def eval_event(row: Mapping[str, Any], inputs: list[str], release: Mapping[str, 
     }
 
 
+def eval_start_event(row: Mapping[str, Any], inputs: list[str], release: Mapping[str, Any] | None,
+                     artifacts: Mapping[str, Mapping[str, str]], namespace: str) -> dict[str, Any]:
+    """The START RunEvent of an eval run (same runId and job as its COMPLETE/FAIL): what it will read,
+    nothing written yet. `row` needs run_id, release, suite and time."""
+    done = eval_event({**row, "status": "completed"}, inputs, release, artifacts, namespace)
+    facets = {"lockgate_eval": _own("lockgate_eval", runId=row["run_id"], release=row["release"], status="started",
+                                    environment={k: str(v) for k, v in (row.get("environment") or {}).items()})}
+    return {**done, "eventType": "START", "run": {**done["run"], "facets": facets}, "outputs": []}
+
+
 def decision_event(row: Mapping[str, Any], eval_row: Mapping[str, Any] | None,
                    artifacts: Mapping[str, Mapping[str, str]], namespace: str) -> dict[str, Any]:
     """The COMPLETE RunEvent of one gate decision: the eval result (with its metrics) and the policy in,
@@ -183,12 +193,16 @@ def release_event(row: Mapping[str, Any], artifacts: Mapping[str, Mapping[str, s
 
 def rollout_event(row: Mapping[str, Any], namespace: str) -> dict[str, Any]:
     """A RunEvent of one rollout change: the releases taking traffic in, the deployment out. A canary's
-    changes share one runId (RUNNING, then COMPLETE on promotion or ABORT)."""
+    changes share one runId: START at its first step, RUNNING for the next ones, then COMPLETE on promotion
+    or ABORT."""
     weights = _weights(row)
     canary = row.get("canary_release") or ""
     run_key = f"rollout:{row['deployment']}:{canary or row['stable_release']}"
+    state = _ROLLOUT_STATE.get(row.get("phase", ""), "OTHER")
+    if state == "RUNNING" and int(row.get("step") or 0) <= 1:
+        state = "START"  # a canary's first step is 1 and a blue-green's preview is 0: the rollout began
     return {
-        "eventType": _ROLLOUT_STATE.get(row.get("phase", ""), "OTHER"), "eventTime": _time(row["time"]),
+        "eventType": state, "eventTime": _time(row["time"]),
         "producer": PRODUCER, "schemaURL": SCHEMA_URL,
         "run": {"runId": run_uuid(run_key), "facets": {"lockgate_rollout": _own(
             "lockgate_rollout", deployment=row["deployment"], phase=row.get("phase", ""),
