@@ -6,7 +6,8 @@ scores are published before the message is acked. The judge's calls run in a few
 bounded queue, within the judge's calls per minute and USD per day: the consumer never waits for a
 judge, and neither does any request. A judge that fails (down, 5xx, timeout, a reply without a score)
 publishes the error in place of a score, counted in `judge_errors`; rollout analysis reads it as an
-error, never as a low score. A judge job still queued when the evaluator stops is lost (a sampled
+error, never as a low score. A call's cost is known only once it returns, so the day's spend may pass its
+limit by the calls already in flight (at most one per worker and judge reply). A judge job still queued when the evaluator stops is lost (a sampled
 measurement, not a fact); the answer's deterministic scores were published already.
 """
 
@@ -116,7 +117,7 @@ class OnlineEval:
         self.scored = Progress()  # events scored and published (tests await it)
         self.judged = Progress()  # judge outcomes published, scores and errors alike
         self.judge_errors = Progress()  # judge outcomes without a score (outage, unreadable reply, no endpoint)
-        self.judge_skipped = 0  # answers not judged: the judge's queue was full or today's budget spent
+        self.judge_skipped = Progress()  # answers not judged: the judge's queue was full or today's budget spent
         self._queue: asyncio.Queue[tuple[InferenceEvent, JudgeSpec]] = asyncio.Queue(QUEUE)
         self._judges: dict[str, _JudgeState] = {}
         self._workers: list[asyncio.Task[None]] = []
@@ -138,16 +139,16 @@ class OnlineEval:
                                   msg_id=f"scored-{result.event_id}")
                 n += 1
             if plan.judge is not None and online.wants_judge(event, plan):
-                self._enqueue(event, plan.judge)
+                await self._enqueue(event, plan.judge)
         await self.scored.bump(n)
 
-    def _enqueue(self, event: InferenceEvent, spec: JudgeSpec) -> None:
+    async def _enqueue(self, event: InferenceEvent, spec: JudgeSpec) -> None:
         if not self._workers:
             self._workers = [asyncio.create_task(self._work(), name=f"evaluator:judge-{i}") for i in range(WORKERS)]
         try:
             self._queue.put_nowait((event, spec))
         except asyncio.QueueFull:
-            self.judge_skipped += 1
+            await self.judge_skipped.bump()
 
     async def close(self) -> None:
         """Stop the judge's workers and close its HTTP pool."""
@@ -217,7 +218,7 @@ class OnlineEval:
             state.spend.spend(state.price.cost(done.input_tokens, done.output_tokens), datetime.now(UTC))
             replies.append(done.text)
         if not replies and not failures:  # today's budget was spent before the first call
-            self.judge_skipped += 1
+            await self.judge_skipped.bump()
             return
         try:
             if not replies:

@@ -27,6 +27,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "eval_runs": ("evals", "eval_runs"),
     "eval_cases": ("evals", "eval_cases"),
     "drift_reports": ("drift", "drift_reports"),
+    "online_scores": ("scores", "online_scores"),
     "rollout_history": ("rollouts", "rollout_history"),
     "cost_rollup": ("cost", "cost_rollup"),
     "lineage": ("lineage", "lineage"),
