@@ -132,7 +132,7 @@ online_eval:
 """
 
 
-async def test_a_judge_that_is_down_gives_errors_not_scores_and_one_that_is_up_gives_scores(
+async def test_a_judge_answering_5xx_or_refusing_connections_gives_errors_never_scores(
         context: ServiceContext, run_services: Any, tmp_path: Path) -> None:
     down = SimConfig(models={"judge-m": ModelSpec(default='{"score": 1}', error_rate=1.0)})
     async with SimServer(down) as judge:
@@ -143,13 +143,19 @@ async def test_a_judge_that_is_down_gives_errors_not_scores_and_one_that_is_up_g
         events = [_event(i, "canary") for i in range(5)]
         await context.bus.publish(context.bus.subjects.inference("shop"), events)
         await evaluator.online.judge_errors.wait_for(5, timeout_s=60)
-    assert evaluator.online.judged.count == 5
+    # The judge's server is gone now: connections are refused.
+    gone = [_event(i, "canary") for i in range(5, 8)]
+    await context.bus.publish(context.bus.subjects.inference("shop"), gone)
+    await evaluator.online.judge_errors.wait_for(8, timeout_s=60)
+    assert evaluator.online.judged.count == 8
     rows = await _until(context, [sink.handlers.facts["inference_scores"].stored],
-                        lambda rs: any(r["scorer"] == "llm_judge" and r["errors"] == 5 for r in rs),
-                        "five judge errors stored", scorer="llm_judge")
+                        lambda rs: any(r["scorer"] == "llm_judge" and r["errors"] == 8 for r in rs),
+                        "eight judge errors stored", scorer="llm_judge")
     assert (rows[0]["scored"], rows[0]["mean"]) == (0, None)  # an outage is no score, never a 0
     (row,) = _scores(context, event_id=events[0].id, scorer="llm_judge")
     assert row["value"] is None and row["error"].startswith("judge endpoint judge: "), row
+    (refused,) = _scores(context, event_id=gone[0].id, scorer="llm_judge")
+    assert refused["value"] is None and refused["error"].startswith("judge endpoint judge: "), refused
 
 
 async def test_the_judge_grades_answers_within_its_daily_budget(
