@@ -6,6 +6,7 @@ or rolled back; the judge keeps its daily budget."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import eventually, register_model_release
 from tests.integration.test_nats_auth import _bus, secured  # noqa: F401 - the fixture
+from tests.integration.test_query_service import _cli
 from tests.integration.test_rollout_analysis import _pass, _start, _traffic_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -86,7 +88,7 @@ online_eval:
 async def test_rates_per_variant_and_scorers_come_from_the_applied_deployment_and_scores_are_stored_once(
         context: ServiceContext, run_services: Any, tmp_path: Path) -> None:
     await _apply(context.bus, _folder(tmp_path, ONLINE_EVAL))
-    services = await run_services("sink", "evaluator")
+    services = await run_services("sink", "evaluator", "query")
     evaluator, sink = services["evaluator"], services["sink"]
     bus = context.bus
     canary = [_event(i, "canary") for i in range(20)]
@@ -115,6 +117,13 @@ async def test_rates_per_variant_and_scorers_come_from_the_applied_deployment_an
     one = _scores(context, event_id=canary[0].id)
     assert [(r["scorer"], r["value"], r["error"]) for r in one] == [
         ("braced", 1.0, ""), ("json_schema", 1.0, ""), ("pii_free", 1.0, "")]
+
+    # Operators read them with the CLI, through the stack's query service.
+    printed = json.loads(await asyncio.to_thread(_cli, context.settings, "scores", "chat", "--json"))
+    assert [(r["release"], r["variant"], r["scorer"], r["scored"], r["errors"]) for r in printed] == [
+        ("r2", "canary", name, 21, 0) for name in ("braced", "json_schema", "pii_free")]
+    table = await asyncio.to_thread(_cli, context.settings, "scores", "chat", "--event", canary[0].id)
+    assert "json_schema" in table and "braced" in table
 
 
 def _endpoints(tmp_path: Path, **urls: str) -> str:
@@ -235,3 +244,24 @@ async def test_the_evaluator_reads_deployment_documents_and_cannot_change_them(s
         assert evaluator.refused(f"$KV.{evaluator.subjects.kv_gitops}.{state_key('deployment', 'chat')}") is not None
     finally:
         await evaluator.close()
+
+
+async def test_a_judge_on_an_endpoint_outside_the_allow_list_is_never_called_and_reports_why(
+        context: ServiceContext, run_services: Any, tmp_path: Path) -> None:
+    # The document cannot send live answers anywhere the operator did not list: only ids of the endpoints file.
+    context.settings = context.settings.replace(endpoints_file=_endpoints(tmp_path, judge="http://127.0.0.1:9/v1"))
+    await _apply(context.bus, _folder(tmp_path, JUDGE.format(budget=5, price=0.1).replace("endpoint: judge",
+                                                                                          "endpoint: elsewhere")))
+    evaluator = (await run_services("evaluator"))["evaluator"]
+    got: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def on_score(msg: Any) -> None:
+        await got.put(msg.data)
+
+    await context.bus.nc.subscribe(context.bus.subjects.eval_scores("chat"), cb=on_score)
+    await context.bus.publish(context.bus.subjects.inference("shop"), _event(0, "canary"))
+    await evaluator.online.judge_errors.wait_for(1, timeout_s=30)
+    outcomes = [msgspec.json.decode(await asyncio.wait_for(got.get(), 10)) for _ in range(2)]
+    judged = next(o for o in outcomes if o["results"][0]["scorer"] == "llm_judge")
+    assert judged["scores"] == {} and judged["results"][0]["error"] == (
+        "judge endpoint 'elsewhere' is not in the endpoint allow-list (judge)")

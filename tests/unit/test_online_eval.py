@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import msgspec
 import pytest
 
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import ConfigError
+from lockgate.gitops.documents import GitopsError, load_folder
+from lockgate.gitops.resolve import resolve
 from lockgate.onlineeval import OnlineEvalSpec
 from lockgate.services.evaluator import online
 from lockgate.services.router.analysis import AnalysisSpec, MetricSpec, VariantSample, describe, measure
@@ -177,3 +180,27 @@ def test_judge_errors_make_the_score_inconclusive_never_a_pass_or_a_failure() ->
     assert blip.verdict == "SUCCESSFUL" and blip.metrics[0].canary_n == 60
     # No errors and too few scores: waiting, as before.
     assert measure(spec, _sample(200, llm_judge=[1.0] * 5), _sample(200), look=1).verdict == "WAITING"
+
+
+def _folder(tmp_path: Path, online_eval: str) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "model.yaml").write_text("kind: model_config\nname: sim\nspec: {model: m, endpoint: default}\n")
+    (tmp_path / "r1.yaml").write_text("kind: release\nname: r1\nrelease: r1\napp: shop\nartifacts: [model_config/sim]\n")
+    (tmp_path / "chat.yaml").write_text("kind: deployment\nname: chat\napp: shop\nstable: r1\n" + online_eval)
+    return tmp_path
+
+
+def test_online_eval_is_part_of_the_deployment_document_and_of_its_digest_only_when_given(tmp_path: Path) -> None:
+    plain = {r.key: r for r in resolve(load_folder(_folder(tmp_path / "a", "")))}["deployment/chat"]
+    assert "online_eval" not in plain.spec  # a deployment applied before online_eval existed is unchanged
+    doc = "online_eval:\n  sample: {canary: 0.5, stable: 0.05}\n  scorers: [pii_free]\n"
+    given = {r.key: r for r in resolve(load_folder(_folder(tmp_path / "b", doc)))}["deployment/chat"]
+    assert given.spec["online_eval"]["sample"] == {"canary": 0.5, "stable": 0.05} and given.digest != plain.digest
+    spec = msgspec.convert(given.spec["online_eval"], OnlineEvalSpec)  # what the evaluator reads back
+    assert online.plan(spec, 0.0, ()).rate("canary") == 0.5
+
+
+def test_a_bad_online_eval_is_refused_at_plan_time_naming_file_and_path(tmp_path: Path) -> None:
+    with pytest.raises(GitopsError, match=r"chat.yaml is invalid: scorer regex needs params.pattern - at "
+                                          r"`\$.online_eval.scorers\[0\]`"):
+        load_folder(_folder(tmp_path, "online_eval:\n  scorers: [{name: regex}]\n"))
