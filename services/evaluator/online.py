@@ -18,6 +18,7 @@ from typing import Any
 from lockgate.contracts import InferenceEvent, InferenceScored, Score
 from lockgate.errors import ConfigError
 from lockgate.onlineeval import JUDGE, SCORERS, JudgeSpec, OnlineEvalSpec, ScorerSpec
+from lockgate.redact import scrub_secrets
 from lockgate.services.evaluator import safety, scorers
 
 
@@ -38,6 +39,7 @@ ONLINE: dict[str, Callable[[str, Any, Mapping[str, Any]], float]] = {
 }
 assert tuple(ONLINE) == SCORERS, "lockgate.onlineeval.SCORERS lists the scorers of this table"
 SOURCE = "lockgate-evaluator"
+MAX_ERROR = 300  # characters of a scorer error kept
 
 
 def check(names: Sequence[str]) -> tuple[str, ...]:
@@ -122,9 +124,10 @@ def wants_judge(event: InferenceEvent, p: Plan) -> bool:
 
 
 def judged(event: InferenceEvent, value: float | None, error: str = "") -> InferenceScored:
-    """The judge's outcome on one event: a score, or the error that left it without one."""
-    return _scored(event, {JUDGE: value} if value is not None else {},
-                   [Score(scorer=JUDGE, value=value, error="" if value is not None else error or "no score")])
+    """The judge's outcome on one event: a score, or the error that left it without one (stored and shown to
+    operators, so scrubbed of secrets an upstream may have echoed, and kept short)."""
+    why = "" if value is not None else scrub_secrets(error or "no score")[:MAX_ERROR]
+    return _scored(event, {JUDGE: value} if value is not None else {}, [Score(scorer=JUDGE, value=value, error=why)])
 
 
 class DailySpend:

@@ -105,6 +105,8 @@ def test_a_judge_outage_is_an_error_result_read_as_nan_never_a_low_score() -> No
     assert down.scores == {} and [(r.scorer, r.value, r.error) for r in down.results] == [
         ("llm_judge", None, "judge endpoint judge: HTTP 503")]
     assert math.isnan(down.measured()["llm_judge"])
+    leaked = online.judged(_event(7), None, "HTTP 401: bad key sk-proj-abcdefghijklmnopqrstuvwxyz0123456789 and more" + " text" * 100)
+    assert "sk-proj-abcdefghij" not in leaked.results[0].error and len(leaked.results[0].error) == online.MAX_ERROR
     up = online.judged(_event(7), 0.75)
     assert up.measured() == {"llm_judge": 0.75} and up.results[0].error == ""
 
