@@ -32,7 +32,7 @@ RATES = (0.0, 0.1)
 
 
 @contextlib.asynccontextmanager
-async def _router(env: BenchEnv, settings: Settings, upstream: str) -> AsyncIterator[str]:
+async def _router(env: BenchEnv, settings: Settings, upstream: str) -> AsyncIterator[tuple[str, int]]:
     """`lockgate serve router` on `settings`' prefix, so the evaluator here reads its events."""
     environ = {**os.environ, "LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
                "LOCKGATE_HOME": env.home, "LOCKGATE_STABLE_UPSTREAM": upstream, "LOCKGATE_CANARY_UPSTREAM": upstream}
@@ -41,7 +41,7 @@ async def _router(env: BenchEnv, settings: Settings, upstream: str) -> AsyncIter
     try:
         if not await asyncio.to_thread(served.started, 60):
             raise RuntimeError(f"router did not start:\n{served.output}")
-        yield printed_endpoints(served.output)["router"]
+        yield printed_endpoints(served.output)["router"], served.proc.pid
     finally:
         served.proc.send_signal(signal.SIGINT)
         await asyncio.to_thread(served.proc.wait, 30)
@@ -54,9 +54,10 @@ async def run(env: BenchEnv) -> dict[str, Any]:
     samples: dict[float, dict[str, list[float]]] = {r: {"direct": [], "routed": []} for r in RATES}
     per_round: dict[float, list[tuple[float, float]]] = {r: [] for r in RATES}  # (added p50, added p99)
     scored = {r: 0 for r in RATES}
+    cpu = {r: 0.0 for r in RATES}  # the router process's CPU seconds: its work per request, which load elsewhere moves little
     load = [round(os.getloadavg()[0], 2)]
     async with sim_process(env, "models:\n  m:\n    default: fine thanks\n") as sim_url, \
-            _router(env, settings, sim_url) as router_url:
+            _router(env, settings, sim_url) as (router_url, pid):
         await bench_router._remote_load(router_url + "/v1", 300)  # warm-up
         for _ in range(ROUNDS):
             for rate in RATES:
@@ -64,7 +65,9 @@ async def run(env: BenchEnv) -> dict[str, Any]:
                                  online_eval_sample=rate) as st:
                     evaluator = st.services["evaluator"]
                     direct, _ = await bench_router._remote_load(sim_url, N_REQUESTS, CONCURRENCY)
+                    cpu0 = bench_router._cpu_s(pid)
                     routed, _ = await bench_router._remote_load(router_url + "/v1", N_REQUESTS, CONCURRENCY)
+                    cpu[rate] += bench_router._cpu_s(pid) - cpu0
                     samples[rate]["direct"] += direct
                     samples[rate]["routed"] += routed
                     d, r = percentiles(direct), percentiles(routed)
@@ -88,11 +91,12 @@ async def run(env: BenchEnv) -> dict[str, Any]:
             # machine moves one round, not the figure.
             "median_round_added_p50_ms": round(statistics.median(a for a, _ in per_round[rate]), 3),
             "median_round_added_p99_ms": round(statistics.median(b for _, b in per_round[rate]), 3),
+            "router_cpu_per_request_ms": round(cpu[rate] * 1000.0 / (N_REQUESTS * ROUNDS), 3),
             "answers_scored": scored[rate]}
     off, on = out["sample_0pct"], out["sample_10pct"]
     out["difference_10pct_minus_0pct"] = {
         k: round(on[k] - off[k], 3) for k in ("added_p50_ms", "added_p99_ms", "median_round_added_p50_ms",
-                                              "median_round_added_p99_ms")}
+                                              "median_round_added_p99_ms", "router_cpu_per_request_ms")}
     return out
 
 
