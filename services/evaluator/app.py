@@ -25,16 +25,17 @@ class Evaluator(Service):
                 durable=s.durable("evaluator", "requests"), wire_type=EvalRequested, origin="evaluator",
                 handler=self.handlers.on_requested, batch_size=1, max_workers=4, ordered=False,
                 ack_wait_s=ctx.settings.ack_wait_s)
-        # Online evaluation of sampled live traffic (off unless online_eval_sample > 0).
+        # Online evaluation of sampled live traffic: at the global online_eval_sample, or at the rates a
+        # deployment's document declares (which may be applied at any time, so the consumer always runs).
         self.online = OnlineEval(ctx)
-        if ctx.settings.online_eval_sample > 0:
-            consume(ctx.bus, self.consumers, subject=s.inference_all, stream="inference",
-                    durable=s.durable("evaluator", "online"), wire_type=list[InferenceEvent] | InferenceEvent,
-                    origin="evaluator", handler=self.online.on_inference, ack_wait_s=ctx.settings.ack_wait_s)
+        consume(ctx.bus, self.consumers, subject=s.inference_all, stream="inference",
+                durable=s.durable("evaluator", "online"), wire_type=list[InferenceEvent] | InferenceEvent,
+                origin="evaluator", handler=self.online.on_inference, ack_wait_s=ctx.settings.ack_wait_s)
 
     async def stop(self) -> None:
-        """Cancel in-flight evals (redelivered later) and close the HTTP pool."""
+        """Cancel in-flight evals (redelivered later), stop the online judge, and close the HTTP pools."""
         await self.handlers.close()
+        await self.online.close()
         await super().stop()
 
 

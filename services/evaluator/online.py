@@ -1,19 +1,24 @@
-"""Online evaluation of sampled live traffic: which events to score, and their scores. Pure, no I/O.
+"""Online evaluation of sampled live traffic: which events to score, with what, and their scores. Pure, no I/O.
 
 Decoupled from routing: the evaluator reads inference events after the fact (a durable consumer),
-so the request path never waits for a scorer. Only reference-free, deterministic and cheap scorers
-run here (no expected answer exists for live traffic, and no call may be made per event); an LLM
-judge on live traffic would need its own endpoint and budget.
+so the request path never waits for a scorer. Each deployment may declare its own rates per variant,
+scorers and LLM judge (lockgate.onlineeval, in its deployment document); without one, the global
+rate and scorers apply. The deterministic scorers run at once; the judge's calls are the edge's
+(online_handler.py), within the judge's own call rate and daily spend.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
-from lockgate.contracts import InferenceEvent, InferenceScored
+from lockgate.contracts import InferenceEvent, InferenceScored, Score
 from lockgate.errors import ConfigError
+from lockgate.onlineeval import JUDGE, SCORERS, JudgeSpec, OnlineEvalSpec, ScorerSpec
+from lockgate.redact import scrub_secrets
 from lockgate.services.evaluator import safety, scorers
 
 
@@ -28,16 +33,25 @@ ONLINE: dict[str, Callable[[str, Any, Mapping[str, Any]], float]] = {
     "refusal": safety.refusal,
     "non_toxic": safety.non_toxic,
     "json_valid": scorers.json_valid,
+    "json_schema": scorers.json_schema,
+    "regex": scorers.regex,
     "length": length,
 }
+assert tuple(ONLINE) == SCORERS, "lockgate.onlineeval.SCORERS lists the scorers of this table"
+SOURCE = "lockgate-evaluator"
+MAX_ERROR = 300  # characters of a scorer error kept
 
 
 def check(names: Sequence[str]) -> tuple[str, ...]:
-    """The configured scorer names, or ConfigError naming the ones that cannot run online."""
+    """The globally configured scorer names, or ConfigError naming the ones that cannot run there."""
     unknown = [n for n in names if n not in ONLINE]
     if unknown:
         raise ConfigError(f"online_eval_scorers: {', '.join(unknown)} cannot score live traffic "
                           f"(reference-free scorers only: {', '.join(sorted(ONLINE))})")
+    needs = [n for n in names if n in ("regex", "json_schema")]
+    if needs:
+        raise ConfigError(f"online_eval_scorers: {', '.join(needs)} need params: declare them in a deployment's "
+                          "`online_eval:` instead")
     return tuple(names)
 
 
@@ -49,11 +63,92 @@ def sampled(event_id: str, rate: float) -> bool:
     return int.from_bytes(digest[:8], "big") < rate * 2**64
 
 
-def score(event: InferenceEvent, names: Sequence[str], rate: float) -> InferenceScored | None:
-    """The scores of one event if it is sampled and answered (an error has no answer to score)."""
-    if event.status != "ok" or event.response is None or not sampled(event.id, rate):
+@dataclass(frozen=True)
+class Plan:
+    """How one deployment's answers are scored: rates per variant, scorers, an optional judge."""
+
+    default_rate: float
+    scorers: tuple[ScorerSpec, ...]
+    sample: Mapping[str, float] = field(default_factory=dict)
+    judge: JudgeSpec | None = None
+
+    def rate(self, variant: str) -> float:
+        """The share of this variant's answers that is scored."""
+        return self.sample.get(variant, self.sample.get("default", self.default_rate))
+
+    @property
+    def active(self) -> bool:
+        """Whether any answer of the deployment can be scored at all."""
+        return self.default_rate > 0 or any(r > 0 for r in self.sample.values())
+
+
+def plan(spec: OnlineEvalSpec | None, default_rate: float, default_scorers: Sequence[str],
+         where: str = "online_eval") -> Plan:
+    """The plan of a deployment's `online_eval` (None: the global rate and scorers); a scorer whose params
+    cannot run (a bad regex, say) is a ConfigError naming `where`."""
+    if spec is None:
+        return Plan(default_rate=default_rate, scorers=tuple(ScorerSpec(name=n) for n in check(default_scorers)))
+    specs = tuple(spec.specs()) if spec.scorers else tuple(ScorerSpec(name=n) for n in default_scorers)
+    for s in specs:
+        try:
+            ONLINE[s.name]("", None, s.params)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: scorer {s.label}: {exc.message}") from None
+    return Plan(default_rate=spec.sample.get("default", default_rate), scorers=specs, sample=dict(spec.sample),
+                judge=spec.judge)
+
+
+def chosen(event: InferenceEvent, p: Plan) -> bool:
+    """Whether this event is scored: an answer (an error has none to score) in its variant's sample."""
+    return event.status == "ok" and event.response is not None and sampled(event.id, p.rate(event.variant))
+
+
+def _scored(event: InferenceEvent, values: dict[str, float], results: list[Score]) -> InferenceScored:
+    # The answer's time, so a re-sent score is the same fact and windows of answers and scores agree.
+    return InferenceScored(event_id=event.id, tenant=event.tenant, trace_id=event.trace_id, source=SOURCE,
+                           time=event.time, app=event.app, deployment=event.deployment, variant=event.variant,
+                           release=event.release, scores=values, results=results)
+
+
+def score(event: InferenceEvent, p: Plan) -> InferenceScored | None:
+    """The deterministic scores of one event if it is chosen, else None."""
+    if not chosen(event, p):
         return None
-    values = {n: ONLINE[n](event.response, None, {}) for n in names}
-    return InferenceScored(event_id=event.id, tenant=event.tenant, trace_id=event.trace_id, source="lockgate-evaluator",
-                           app=event.app, deployment=event.deployment, variant=event.variant, release=event.release,
-                           scores=values)
+    values = {s.label: ONLINE[s.name](event.response or "", None, s.params) for s in p.scorers}
+    return _scored(event, values, [Score(scorer=k, value=v) for k, v in values.items()])
+
+
+def wants_judge(event: InferenceEvent, p: Plan) -> bool:
+    """Whether the judge grades this (chosen) event: its own share of the sample, by event id too."""
+    return p.judge is not None and chosen(event, p) and sampled(f"{event.id}:{JUDGE}", p.judge.sample)
+
+
+def judged(event: InferenceEvent, value: float | None, error: str = "") -> InferenceScored:
+    """The judge's outcome on one event: a score, or the error that left it without one (stored and shown to
+    operators, so scrubbed of secrets an upstream may have echoed, and kept short)."""
+    why = "" if value is not None else scrub_secrets(error or "no score")[:MAX_ERROR]
+    return _scored(event, {JUDGE: value} if value is not None else {}, [Score(scorer=JUDGE, value=value, error=why)])
+
+
+class DailySpend:
+    """USD spent per UTC day against a limit; a new day starts from zero."""
+
+    def __init__(self, limit_usd: float) -> None:
+        self.limit = limit_usd
+        self.day = ""
+        self.spent = 0.0
+
+    def _roll(self, now: datetime) -> None:
+        day = now.date().isoformat()
+        if day != self.day:
+            self.day, self.spent = day, 0.0
+
+    def allows(self, now: datetime) -> bool:
+        """True while today's spend is under the limit (a call's cost is known only after it)."""
+        self._roll(now)
+        return self.spent < self.limit
+
+    def spend(self, usd: float, now: datetime) -> None:
+        """Add one call's cost to today's spend."""
+        self._roll(now)
+        self.spent += usd

@@ -28,6 +28,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "eval_cases": ("evals", "eval_cases"),
     "eval_run": ("evals", "eval_run"),
     "drift_reports": ("drift", "drift_reports"),
+    "online_scores": ("scores", "online_scores"),
     "rollout_history": ("rollouts", "rollout_history"),
     "cost_rollup": ("cost", "cost_rollup"),
     "lineage": ("lineage", "lineage"),

@@ -220,10 +220,20 @@ def _values(sample: VariantSample, name: str) -> Sequence[float]:
 
 def _judge_score(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: float) -> MetricResult:
     """An online score's mean: lower-is-better limits as for tokens, or higher-is-better `min`/`max_decrease`."""
-    values, stable_values = canary.scores.get(spec.scorer, ()), stable.scores.get(spec.scorer, ())
+    # NaN marks a scorer error (InferenceScored.measured: e.g. the LLM judge was down): no score, not a low one.
+    values = [v for v in canary.scores.get(spec.scorer, ()) if v == v]
+    stable_values = [v for v in stable.scores.get(spec.scorer, ()) if v == v]
+    errors = len(canary.scores.get(spec.scorer, ())) - len(values)
+    stable_errors = len(stable.scores.get(spec.scorer, ())) - len(stable_values)
     base = {"name": spec.label, "canary_n": len(values), "stable_n": len(stable_values)}
     relative = spec.max_increase is not None or spec.max_ratio is not None or spec.max_decrease is not None
-    if len(values) < spec.min_scores or (relative and len(stable_values) < spec.min_scores):
+    short = len(values) < spec.min_scores or (relative and len(stable_values) < spec.min_scores)
+    # Scores missing because the scorer fails: INCONCLUSIVE (never a pass, never an abort on an outage).
+    if (short and (errors or (relative and stable_errors))) or errors > len(values) or \
+            (relative and stable_errors > len(stable_values)):
+        return MetricResult(**base, verdict="INCONCLUSIVE",  # type: ignore[arg-type]
+                            why=f"scorer errors ({errors} canary, {stable_errors} stable): no data is never a pass")
+    if short:
         return MetricResult(**base, verdict="WAITING",  # type: ignore[arg-type]
                             why=f"waiting for {spec.min_scores} scores per variant (is online evaluation on?)")
     c, c_lo, c_hi = mean_bounds(values, z)

@@ -358,7 +358,7 @@ class Rollouts:
             release = s.release or (route.canary.release if s.variant == "canary" else route.stable.release)
             if release in (route.canary.release, route.stable.release) or (
                     route.previous is not None and release == route.previous.release):
-                self.evidence.add_scores(route.deployment, release, s.time.timestamp(), s.scores)
+                self.evidence.add_scores(route.deployment, release, s.time.timestamp(), s.measured())  # NaN: an error
         changed, self._scored = self._scored, asyncio.Event()
         changed.set()
 

@@ -21,6 +21,7 @@ from lockgate.contracts import (
     EvalCompleted,
     GateAudited,
     InferenceEvent,
+    InferenceScored,
     LineageEdges,
     LineageRun,
     ReleaseRegistered,
@@ -64,6 +65,9 @@ FACTS: tuple[Projection, ...] = (
     # One row per event id: the bill counts an event once, whichever ledger facts carry it.
     Projection(tables.COST_LEDGER, lambda s: s.cost_ledger, "facts", CostLedger, per_row=True, within="time"),
     Projection(tables.AUDIT_LOG, lambda s: s.audit_records, "facts", AuditRecord),
+    # One row per (answer, scorer): a score re-sent (a redelivery, the evaluator re-scoring) is stored once.
+    Projection(tables.INFERENCE_SCORES, lambda s: s.eval_scores_all, "events", InferenceScored, per_row=True,
+               within="time"),
 )
 
 INFERENCE = Projection(tables.INFERENCE_EVENTS, lambda s: s.inference_all, "inference",

@@ -55,7 +55,8 @@ def _base(identity: str) -> Grant:
 DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
     "sink": {"inference": ("inference",), "telemetry": ("spans",), "dlq": ("dlq",),
              # one per fact table it projects (services/sink/domain.py FACTS)
-             "events": ("artifacts", "lineage_runs", "eval_runs", "rollout_events", "drift_reports"),
+             "events": ("artifacts", "lineage_runs", "eval_runs", "rollout_events", "drift_reports",
+                        "inference_scores"),
              "facts": ("releases", "lineage_edges", "eval_cases", "gate_decisions", "cost_ledger", "audit_log")},
     "lineage": {"events": ("release", "run", "eval", "gate", "rollout", "eval_start")},  # eval_start: live OpenLineage
     "evaluator": {"events": ("requests",), "inference": ("online",)},  # online: sampled live traffic scored
@@ -169,6 +170,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(Grant(publish=[s.eval_completed, s.lineage_run, s.eval_cases, f"{s.prefix}.progress.eval.>", s.query]))
         g.add(Grant(publish=[s.eval_reran]))  # reruns of stored runs, which no gate acts on
         g.add(Grant(publish=[s.eval_scores_all]))  # online scores of sampled live traffic
+        g.add(_read_kv(s.kv_gitops))  # each deployment's online_eval, as last applied
     elif identity == "gatekeeper":
         # It reads the evaluator's run records (not writes them) and publishes decisions and their audit rows.
         g.add(service).add(_consume(s, "gatekeeper")).add(_read_objects(s.object_store))

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
 import msgspec
 import pytest
 
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import ConfigError
+from lockgate.gitops.documents import GitopsError, load_folder
+from lockgate.gitops.resolve import resolve
+from lockgate.onlineeval import OnlineEvalSpec
 from lockgate.services.evaluator import online
 from lockgate.services.router.analysis import AnalysisSpec, MetricSpec, VariantSample, describe, measure
 
@@ -15,7 +22,8 @@ pytestmark = pytest.mark.timeout(30)
 
 def _event(i: int, response: str | None = "hello", status: str = "ok") -> InferenceEvent:
     return InferenceEvent(id=f"01941f29-7c00-7000-8000-{i:012x}", app="shop", deployment="chat", release="r2",
-                          variant="canary", response=response, status=status, trace_id="t" * 32)
+                          variant="canary", response=response, status=status, trace_id="t" * 32,
+                          time=datetime(2026, 12, 3, 14, 0, tzinfo=UTC))
 
 
 def test_sampling_is_deterministic_by_event_id_and_near_its_rate() -> None:
@@ -26,16 +34,92 @@ def test_sampling_is_deterministic_by_event_id_and_near_its_rate() -> None:
     assert all(online.sampled(i, 1.0) for i in ids[:10]) and not any(online.sampled(i, 0.0) for i in ids[:10])
 
 
+def _plan(names: tuple[str, ...], rate: float = 1.0) -> online.Plan:
+    return online.plan(None, rate, names)
+
+
 def test_scores_of_an_answer_and_none_for_errors() -> None:
-    scored = online.score(_event(1, "write to jane.doe@example.com"), ("pii_free", "refusal", "length"), 1.0)
+    scored = online.score(_event(1, "write to jane.doe@example.com"), _plan(("pii_free", "refusal", "length")))
     assert scored is not None and scored.event_id == _event(1).id and scored.release == "r2"
     assert scored.scores == {"pii_free": 0.0, "refusal": 0.0, "length": 29.0}
-    assert scored.trace_id == "t" * 32 and scored.variant == "canary"
-    assert online.score(_event(2, "I'm sorry, but I can't help with that"), ("refusal",), 1.0).scores == {  # type: ignore[union-attr]
+    assert [(r.scorer, r.value, r.error) for r in scored.results] == [
+        ("pii_free", 0.0, ""), ("refusal", 0.0, ""), ("length", 29.0, "")]
+    assert scored.trace_id == "t" * 32 and scored.variant == "canary" and scored.time == _event(1).time
+    assert online.score(_event(2, "I'm sorry, but I can't help with that"), _plan(("refusal",))).scores == {  # type: ignore[union-attr]
         "refusal": 1.0}
-    assert online.score(_event(3, None, status="error"), ("length",), 1.0) is None
+    assert online.score(_event(3, None, status="error"), _plan(("length",))) is None
     with pytest.raises(ConfigError, match="exact_match cannot score live traffic"):
         online.check(("pii_free", "exact_match"))
+    with pytest.raises(ConfigError, match="regex need params: declare them in a deployment"):
+        online.check(("regex",))
+
+
+def _spec(**raw: object) -> OnlineEvalSpec:
+    return msgspec.convert(raw, OnlineEvalSpec)
+
+
+def test_rates_per_variant_fall_back_to_default_then_the_global_rate() -> None:
+    p = online.plan(_spec(sample={"canary": 0.5, "stable": 0.05}), 0.1, ("length",))
+    assert (p.rate("canary"), p.rate("stable"), p.rate("shadow")) == (0.5, 0.05, 0.1)
+    assert online.plan(_spec(sample={"canary": 1.0, "default": 0.0}), 0.1, ("length",)).rate("shadow") == 0.0
+    assert online.plan(None, 0.2, ("length",)).rate("canary") == 0.2
+    ids = [f"01941f29-7c00-7000-8000-{i:012x}" for i in range(2000)]
+    canary = sum(online.chosen(msgspec.structs.replace(_event(i), id=e), p) for i, e in enumerate(ids))
+    stable = sum(online.chosen(msgspec.structs.replace(_event(i), id=e, variant="stable"), p) for i, e in enumerate(ids))
+    assert 850 <= canary <= 1150 and 60 <= stable <= 140
+    assert not online.plan(_spec(sample={"canary": 0.0}), 0.0, ()).active
+
+
+def test_regex_and_json_schema_scorers_take_their_params_and_named_scores() -> None:
+    spec = _spec(scorers=[{"name": "regex", "params": {"pattern": "^[A-Z]"}, "as": "capitalised"},
+                          {"name": "json_schema", "params": {"schema": {"type": "object", "required": ["answer"]}}},
+                          "json_valid"])
+    p = online.plan(spec, 1.0, ("length",))
+    good = online.score(_event(4, '{"answer": 42}'), p)
+    assert good is not None and good.scores == {"capitalised": 0.0, "json_schema": 1.0, "json_valid": 1.0}
+    other = online.score(_event(5, '{"other": 1}'), p)
+    assert other is not None and other.scores == {"capitalised": 0.0, "json_schema": 0.0, "json_valid": 1.0}
+    assert online.score(_event(6, "Hello"), p).scores["capitalised"] == 1.0  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match="deployment chat online_eval: scorer regex: regex: invalid pattern"):
+        online.plan(_spec(scorers=[{"name": "regex", "params": {"pattern": "("}}]), 1.0, (), where="deployment chat online_eval")
+
+
+@pytest.mark.parametrize(("raw", "part"), [
+    ({"scorers": ["exact_match"]}, "cannot score live traffic"),
+    ({"scorers": [{"name": "regex"}]}, "needs params.pattern"),
+    ({"scorers": [{"name": "json_schema", "params": {"schema": "x"}}]}, "must be a JSON Schema object"),
+    ({"scorers": ["length", "length"]}, "named twice"),
+    ({"sample": {"canary": 1.5}}, "Expected `float` <= 1"),
+    ({"judge": {"endpoint": "j", "model": "m"}}, "missing required field `rubric`"),
+])
+def test_bad_online_eval_documents_are_refused_naming_what(raw: dict, part: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=part):
+        msgspec.convert(raw, OnlineEvalSpec)
+
+
+def test_a_judge_outage_is_an_error_result_read_as_nan_never_a_low_score() -> None:
+    spec = _spec(judge={"endpoint": "judge", "model": "m", "rubric": "polite?", "sample": 1.0})
+    p = online.plan(spec, 1.0, ("length",))
+    assert online.wants_judge(_event(7), p) and not online.wants_judge(_event(8, None, status="error"), p)
+    down = online.judged(_event(7), None, "judge endpoint judge: HTTP 503")
+    assert down.scores == {} and [(r.scorer, r.value, r.error) for r in down.results] == [
+        ("llm_judge", None, "judge endpoint judge: HTTP 503")]
+    assert math.isnan(down.measured()["llm_judge"])
+    leaked = online.judged(_event(7), None, "HTTP 401: bad key sk-proj-abcdefghijklmnopqrstuvwxyz0123456789 and more" + " text" * 100)
+    assert "sk-proj-abcdefghij" not in leaked.results[0].error and len(leaked.results[0].error) == online.MAX_ERROR
+    up = online.judged(_event(7), 0.75)
+    assert up.measured() == {"llm_judge": 0.75} and up.results[0].error == ""
+
+
+def test_the_daily_spend_stops_at_its_limit_and_starts_again_the_next_utc_day() -> None:
+    spend = online.DailySpend(0.01)
+    day = datetime(2026, 12, 3, 23, 0, tzinfo=UTC)
+    assert spend.allows(day)
+    spend.spend(0.006, day)
+    assert spend.allows(day)
+    spend.spend(0.006, day)
+    assert not spend.allows(day + timedelta(minutes=59))
+    assert spend.allows(day + timedelta(hours=1))
 
 
 def _sample(n: int, **scores: list[float]) -> VariantSample:
@@ -75,3 +159,50 @@ def test_score_metrics_are_checked_when_decoded() -> None:
                       ({"name": "error_rate", "min": 0.9}, "are for score metrics")):
         with pytest.raises(msgspec.ValidationError, match=part):
             msgspec.convert(bad, MetricSpec)
+
+
+def test_judge_errors_make_the_score_inconclusive_never_a_pass_or_a_failure() -> None:
+    spec = AnalysisSpec(metrics=[MetricSpec(name="score", scorer="llm_judge", max_decrease=0.1, min_scores=30)],
+                        min_sample=100)
+    nan = math.nan
+    down = measure(spec, _sample(200, llm_judge=[nan] * 80), _sample(200, llm_judge=[nan] * 80), look=1)
+    assert down.verdict == "INCONCLUSIVE" and down.metrics[0].verdict == "INCONCLUSIVE"
+    assert "scorer errors (80 canary, 80 stable)" in describe(down.metrics[0])
+    # A few scores before the outage: still no pass and no abort, even when those few look bad.
+    few = measure(spec, _sample(200, llm_judge=[0.0] * 10 + [nan] * 70), _sample(200, llm_judge=[1.0] * 40),
+                  look=1)
+    assert few.metrics[0].verdict == "INCONCLUSIVE"
+    # Mostly errors: the scores that did arrive are not a fair sample.
+    most = measure(spec, _sample(200, llm_judge=[1.0] * 40 + [nan] * 60), _sample(200, llm_judge=[1.0] * 40),
+                   look=1)
+    assert most.metrics[0].verdict == "INCONCLUSIVE"
+    # A blip (a few errors among enough scores) is judged on the scores, NaN left out.
+    blip = measure(spec, _sample(200, llm_judge=[1.0] * 60 + [nan] * 3), _sample(200, llm_judge=[1.0] * 60),
+                   look=1)
+    assert blip.verdict == "SUCCESSFUL" and blip.metrics[0].canary_n == 60
+    # No errors and too few scores: waiting, as before.
+    assert measure(spec, _sample(200, llm_judge=[1.0] * 5), _sample(200), look=1).verdict == "WAITING"
+
+
+def _folder(tmp_path: Path, online_eval: str) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "model.yaml").write_text("kind: model_config\nname: sim\nspec: {model: m, endpoint: default}\n")
+    (tmp_path / "r1.yaml").write_text("kind: release\nname: r1\nrelease: r1\napp: shop\nartifacts: [model_config/sim]\n")
+    (tmp_path / "chat.yaml").write_text("kind: deployment\nname: chat\napp: shop\nstable: r1\n" + online_eval)
+    return tmp_path
+
+
+def test_online_eval_is_part_of_the_deployment_document_and_of_its_digest_only_when_given(tmp_path: Path) -> None:
+    plain = {r.key: r for r in resolve(load_folder(_folder(tmp_path / "a", "")))}["deployment/chat"]
+    assert "online_eval" not in plain.spec  # a deployment applied before online_eval existed is unchanged
+    doc = "online_eval:\n  sample: {canary: 0.5, stable: 0.05}\n  scorers: [pii_free]\n"
+    given = {r.key: r for r in resolve(load_folder(_folder(tmp_path / "b", doc)))}["deployment/chat"]
+    assert given.spec["online_eval"]["sample"] == {"canary": 0.5, "stable": 0.05} and given.digest != plain.digest
+    spec = msgspec.convert(given.spec["online_eval"], OnlineEvalSpec)  # what the evaluator reads back
+    assert online.plan(spec, 0.0, ()).rate("canary") == 0.5
+
+
+def test_a_bad_online_eval_is_refused_at_plan_time_naming_file_and_path(tmp_path: Path) -> None:
+    with pytest.raises(GitopsError, match=r"chat.yaml is invalid: scorer regex needs params.pattern - at "
+                                          r"`\$.online_eval.scorers\[0\]`"):
+        load_folder(_folder(tmp_path, "online_eval:\n  scorers: [{name: regex}]\n"))

@@ -22,12 +22,14 @@ from lockgate.contracts import (
     FeatureDrift,
     GateAudited,
     InferenceEvent,
+    InferenceScored,
     LineageEdge,
     LineageEdges,
     LineageRun,
     ReleaseRegistered,
     RolloutState,
     RuleResult,
+    Score,
     SpanRecord,
 )
 from lockgate.contracts.envelope import Event
@@ -80,6 +82,10 @@ SAMPLE_ROWS: dict[str, tuple[list[Any], dict[str, list[Any]]]] = {
     "audit_log": ([AuditRecord(seq=1, producer="router", kind="rollout", actor="apikey:k1", target="web",
                                action="promote", details={"canary": "r1"}, recorded_at=NOW, hash="sha256:1",
                                key_id="k", signature="c2ln")], {}),
+    "inference_scores": ([InferenceScored(event_id="e1", app="shop", deployment="web", variant="canary", release="r1",
+                                          scores={"pii_free": 1.0},
+                                          results=[Score(scorer="pii_free", value=1.0),
+                                                   Score(scorer="llm_judge", error="judge endpoint j: HTTP 503")])], {}),
 }
 
 

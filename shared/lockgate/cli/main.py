@@ -257,6 +257,7 @@ def _register_subcommands() -> None:
         lineage,
         provenance,
         rollout,
+        scores,
         stack,
         status,
         workflow,
@@ -275,6 +276,7 @@ def _register_subcommands() -> None:
     provenance.register(cli)  # after workflow: it adds `artifact deprecate`
     lineage.register(cli)
     attest.register(cli)
+    scores.register(cli)  # online evaluation scores of live answers
     # Plugins (the dev tools' `dev up`, `sim` and `demo`) add commands without the CLI importing them.
     for ep in entry_points(group="lockgate.cli"):
         ep.load()(cli)

@@ -31,7 +31,7 @@ from lockgate.contracts.evals import (
 )
 from lockgate.contracts.gates import GateAudited, GateDecided, GateReview, RuleResult
 from lockgate.contracts.gitops import AppliedChange, ApplyRecorded
-from lockgate.contracts.inference import InferenceEvent, InferenceScored
+from lockgate.contracts.inference import InferenceEvent, InferenceScored, Score
 from lockgate.contracts.provenance import AliasChanged, ArtifactLifecycle
 from lockgate.contracts.rollout import RolloutState
 from lockgate.contracts.telemetry import SpanBatch, SpanRecord
@@ -111,6 +111,7 @@ __all__ = [
     "ReleaseRegistered",
     "RolloutState",
     "RuleResult",
+    "Score",
     "SpanBatch",
     "SpanRecord",
     "json_schema",

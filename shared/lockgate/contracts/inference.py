@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import msgspec
@@ -45,9 +46,23 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
     scores: dict[str, float] = {}
 
 
+class Score(msgspec.Struct, frozen=True, kw_only=True):
+    """One scorer's outcome on one answer: its value, or why there is none (a judge outage, a judge
+    reply without a score). A missing score is a missing measurement, never a 0."""
+
+    scorer: str
+    value: float | None = None
+    error: str = ""
+
+
 class InferenceScored(Event, frozen=True, kw_only=True, tag="lockgate.inference.scored"):
-    """Online evaluation of one sampled inference event (`event_id`): cheap deterministic scores from the
-    evaluator's scorers, off the request path, for rollout analysis as live quality metrics."""
+    """Online evaluation of one sampled inference event (`event_id`): scores from the evaluator's scorers,
+    off the request path, for rollout analysis as live quality metrics. One answer may be scored in
+    several events (the deterministic scorers at once, an LLM judge later), each naming its scorers.
+
+    `time` is the scored answer's time, so a window of answers and a window of their scores agree.
+    `scores` holds the values; `results` every scorer that ran, with the error of those that gave none
+    (stored one row per scorer; analysis counts the errors, so an outage is never read as a pass)."""
 
     event_id: str
     app: Name
@@ -55,3 +70,9 @@ class InferenceScored(Event, frozen=True, kw_only=True, tag="lockgate.inference.
     variant: str = "stable"
     release: OptName = ""
     scores: dict[str, float] = {}
+    results: list[Score] = []
+
+    def measured(self) -> dict[str, float]:
+        """The scores, with NaN for each scorer that failed: the evidence analysis counts as an error."""
+        failed = {r.scorer: math.nan for r in self.results if r.value is None}
+        return {**self.scores, **failed} if failed else self.scores

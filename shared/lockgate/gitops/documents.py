@@ -18,6 +18,7 @@ import msgspec
 from lockgate.contracts.names import Name, OptName, check_names
 from lockgate.documents import NonNegative, at, load_yaml
 from lockgate.errors import ConfigError
+from lockgate.onlineeval import OnlineEvalSpec
 
 # A reference to an artifact document of the folder, `kind/name`.
 ArtifactRef = Annotated[str, msgspec.Meta(pattern=r"^(dataset|prompt|model_config|tool|suite|policy)/.+$")]
@@ -100,6 +101,7 @@ class Deployment(_Doc, frozen=True, kw_only=True, tag="deployment"):
     stable: Name
     canary: OptName = ""
     rollout: Rollout = Rollout()
+    online_eval: OnlineEvalSpec | None = None  # the evaluator's sampling and scorers (lockgate.onlineeval)
 
     def __post_init__(self) -> None:
         super().__post_init__()

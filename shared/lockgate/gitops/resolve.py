@@ -149,6 +149,8 @@ def _deployment(src: Source, doc: Deployment, releases: dict[str, Resource]) -> 
         names[field] = res.release
     spec = {"app": doc.app, "stable": names["stable"], "canary": names.get("canary", ""),
             "rollout": msgspec.to_builtins(doc.rollout)}
+    if doc.online_eval is not None:  # only when given: the digest of a deployment without it is unchanged
+        spec["online_eval"] = msgspec.to_builtins(doc.online_eval)
     return Resource(kind="deployment", name=doc.name, digest=content_hash(spec), source=src.path, spec=spec,
                     labels=dict(doc.labels), description=doc.description)
 

@@ -15,6 +15,7 @@ from lockgate.store.client import Store
 # lineage, evals, gate decisions and the audit log are the record of what was shipped and why).
 TTL_COLUMNS: dict[str, str] = {
     "inference_events": "time",
+    "inference_scores": "time",
     "otel_traces": "Timestamp",
     "otel_traces_trace_id_ts": "End",
     "dead_letters": "time",
@@ -27,6 +28,7 @@ TTL_COLUMNS: dict[str, str] = {
 # High-volume raw data goes first; the bill (ledger, then its hourly rollup) is kept longest.
 DEFAULT_DAYS: dict[str, int] = {
     "inference_events": 90,
+    "inference_scores": 90,
     "otel_traces": 30,
     "otel_traces_trace_id_ts": 30,
     "dead_letters": 30,

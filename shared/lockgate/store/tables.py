@@ -16,6 +16,7 @@ from lockgate.contracts import (
     EvalCompleted,
     GateAudited,
     InferenceEvent,
+    InferenceScored,
     LineageEdges,
     LineageRun,
     ReleaseRegistered,
@@ -86,9 +87,13 @@ COST_LEDGER = Table("cost_ledger", CostLedger, exclude=(*_ROUTING, "id", "time",
 # The hash-chained audit log (lockgate.auditchain): one row per seq, however often the chainer republishes it.
 AUDIT_LOG = Table("audit_log", AuditRecord, exclude=_ROUTING, key=("seq",))
 
+# Online evaluation of live answers: one row per (answer, scorer), its value or its error (a judge outage).
+INFERENCE_SCORES = Table("inference_scores", InferenceScored, exclude=(*_ROUTING, "id", "scores"), items="results",
+                         key=("event_id", "scorer"))
+
 TABLES: tuple[Table, ...] = (
     INFERENCE_EVENTS, OTEL_TRACES, DEAD_LETTERS, ARTIFACTS, RELEASES, LINEAGE_RUNS, LINEAGE_EDGES, EVAL_RUNS,
-    EVAL_CASES, GATE_DECISIONS, ROLLOUT_EVENTS, DRIFT_REPORTS, COST_LEDGER, AUDIT_LOG,
+    EVAL_CASES, GATE_DECISIONS, ROLLOUT_EVENTS, DRIFT_REPORTS, COST_LEDGER, AUDIT_LOG, INFERENCE_SCORES,
 )
 
 # Kept by materialized views (migration 005), never written by the sink: no contract Struct of their own.
