@@ -328,9 +328,10 @@ class DriftMonitor:
         return out
 
     def _numeric(self, name: str, r: np.ndarray, c: np.ndarray) -> FeatureDrift:
-        psi = stats.psi(r, c, self.bins)
         ks_stat, ks_p = stats.ks(r, c)
         t = stats.drift_test(r, c, "num")
+        # Few distinct values (a 0/1 score): deciles would put them all in one bin, so PSI is over the values.
+        psi = stats.categorical(r, c)[0] if t.test in stats.CATEGORICAL_TESTS else stats.psi(r, c, self.bins)
         return FeatureDrift(feature=name, psi=psi, ks_stat=ks_stat, ks_pvalue=ks_p, reference_mean=float(r.mean()),
                             current_mean=float(c.mean()), drifted=t.drifted and psi >= self.psi_threshold,
                             **_test_fields(t))

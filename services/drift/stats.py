@@ -79,6 +79,7 @@ SMALL = 1000  # up to this many reference rows a hypothesis test decides; above 
 ALPHA = 0.05  # p-value threshold of the hypothesis tests (KS, chi-squared, Z)
 DISTANCE = 0.1  # threshold of the distances (Wasserstein normed by the reference's std, Jensen-Shannon)
 FEW_VALUES = 5  # a numeric feature with at most this many distinct values is compared as categorical
+CATEGORICAL_TESTS = frozenset({"chi_squared", "z", "jensen_shannon"})
 
 
 @dataclass(frozen=True)
