@@ -13,7 +13,7 @@ from lockgate.contracts.envelope import Event
 Comparison = Literal["now_vs_reference", "canary_vs_stable"]
 
 
-class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
+class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Drift of one feature between the reference and current windows.
 
     `test` is the test chosen by sample size and type (as Evidently does): "ks", "chi_squared" or "z" up
@@ -23,6 +23,8 @@ class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
     `drifted` is what the monitor alarms on: the test's verdict and a PSI at least the monitor's threshold
     (significant and material), never set for texts (a canary's new model rewords answers by design; a
     gate policy can opt in). `ks_stat`/`ks_pvalue` keep their meaning from before the test selection.
+    Fields appended since v1 are left out of the encoding at their defaults (omit_defaults), so a v1 report
+    encodes byte for byte as before.
     """
 
     feature: str
