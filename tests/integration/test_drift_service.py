@@ -55,9 +55,16 @@ async def test_shifted_window_is_reported_and_stored(run_services, bus: Bus, sto
     stored = await asyncio.to_thread(drift_reports, store, "checkout")
     assert len(stored) == 1 and stored[0]["id"] == report.id and stored[0]["drifted"]
     # numeric features, and categorical ones named after the category whose share moved most
+    # (no online scores were sampled, no answer had a refusal score: those features are left out)
     assert {f["feature"].split(":")[0] for f in stored[0]["features"]} == {
-        "output_tokens", "latency_ms", "input_tokens", "finish_reason", "error_type", "model"}
-    assert store.scalar("SELECT count() FROM drift_reports") == 6
+        "output_tokens", "latency_ms", "input_tokens", "finish_reason", "error_type", "model", "status", "tool_call"}
+    assert store.scalar("SELECT count() FROM drift_reports") == 8
+    # each feature's test, statistic, threshold and sample sizes are stored with it (KS: 50 rows <= 1,000)
+    out = store.rows("SELECT test, p_value, threshold, test_drifted, reference_size, current_size, comparison "
+                     "FROM drift_reports WHERE feature = 'output_tokens'")[0]
+    assert (out["test"], out["threshold"], out["test_drifted"], out["reference_size"], out["current_size"],
+            out["comparison"]) == ("ks", 0.05, True, 50, 50, "now_vs_reference")
+    assert out["p_value"] < 1e-6
     assert await asyncio.to_thread(drift_reports, store, "elsewhere") == []
 
 
