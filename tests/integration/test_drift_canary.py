@@ -105,6 +105,7 @@ async def test_a_canary_whose_output_triples_against_stable_is_blocked_by_the_dr
         report = _reports.decode((await reports.next_msg(timeout=10)).data)
         if report.comparison == "canary_vs_stable":
             break
+    await reports.unsubscribe()
     assert (report.release, report.reference_release) == ("r2", "r1") and not report.drifted
     out = next(f for f in report.features if f.feature == "output_tokens")
     assert out.test == "ks" and out.test_drifted and out.p_value is not None and out.p_value < 1e-6
