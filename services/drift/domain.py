@@ -28,7 +28,7 @@ from lockgate.services.drift.features import CATEGORICAL, FEATURES, KINDS, TEXTS
 
 __all__ = ["CATEGORICAL", "FEATURES", "DriftMonitor", "Ring", "Snapshot", "Windows", "code", "restore", "snapshot"]
 
-_TEXT_CHARS = 4000  # what of a long text is embedded: its topic shows in the start, the cost grows with it
+_TEXT_CHARS = 2000  # what of a long text is embedded: its topic shows in the start, the cost grows with it
 
 
 def deployment_of(event: InferenceEvent | InferenceScored) -> str:

@@ -8,12 +8,11 @@ vectoriser in pure numpy. Only vectors and statistics are kept: raw texts are ne
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import importlib
 import importlib.util
 import logging
 import re
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,20 +38,22 @@ class Embedder:
     embed: Callable[[Sequence[str]], np.ndarray]
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _slot(token: str, dim: int) -> tuple[int, float]:
-    h = int.from_bytes(hashlib.blake2b(token.encode(), digest_size=8).digest(), "big")
-    return h % dim, 1.0 if (h >> 63) & 1 else -1.0
-
-
 def hashing_vectors(texts: Sequence[str], dim: int = HASHING_DIM) -> np.ndarray:
-    """Signed feature hashing of lower-cased word unigrams and bigrams, L2-normalised (an empty text is 0)."""
-    out = np.zeros((len(texts), dim))
+    """Signed feature hashing of lower-cased word unigrams and bigrams, L2-normalised (an empty text is 0).
+
+    CRC-32 of each token (stable across processes, and fast): its low bits pick the slot, its top bit the
+    sign, so colliding tokens tend to cancel rather than add up."""
+    hashes: list[int] = []
+    owners: list[int] = []
     for i, text in enumerate(texts):
         words = _WORD.findall(text.lower())
-        for tok in (*words, *(f"{a} {b}" for a, b in zip(words, words[1:], strict=False))):
-            j, sign = _slot(tok, dim)
-            out[i, j] += sign
+        tokens = [*words, *(a + " " + b for a, b in zip(words, words[1:], strict=False))]
+        hashes += [zlib.crc32(t.encode()) for t in tokens]
+        owners += [i] * len(tokens)
+    h = np.asarray(hashes, dtype=np.uint64)
+    signs = np.where((h >> np.uint64(31)) & np.uint64(1), 1.0, -1.0)
+    cells = np.asarray(owners, dtype=np.int64) * dim + (h % np.uint64(dim)).astype(np.int64)
+    out = np.bincount(cells, weights=signs, minlength=len(texts) * dim).reshape(len(texts), dim)
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     return np.divide(out, norms, out=np.zeros_like(out), where=norms > 0)
 
@@ -111,11 +112,12 @@ def mean_distance_test(reference: np.ndarray, current: np.ndarray, *, permutatio
     total = pooled.sum(axis=0)
     observed = float(np.linalg.norm(reference.mean(axis=0) - current.mean(axis=0)))
     rng = np.random.default_rng(seed)
-    at_least = 0
-    for _ in range(permutations):
-        idx = rng.permutation(n + m)[:n]
-        a = pooled[idx].sum(axis=0)
-        d = float(np.linalg.norm(a / n - (total - a) / m))
-        at_least += d >= observed - 1e-12
+    # All splits at once: row k of `first` marks the n pooled rows that split k puts on the reference side.
+    order = np.argsort(rng.random((permutations, n + m)), axis=1)[:, :n]
+    first = np.zeros((permutations, n + m))
+    np.put_along_axis(first, order, 1.0, axis=1)
+    a = first @ pooled
+    d = np.linalg.norm(a / n - (total - a) / m, axis=1)
+    at_least = int(np.sum(d >= observed - 1e-12))
     p = (1 + at_least) / (1 + permutations)
     return StatTest("embedding_mean_distance", observed, p, ALPHA, p < ALPHA, n, m)
