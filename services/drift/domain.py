@@ -284,7 +284,7 @@ class DriftMonitor:
         return reports
 
     def _pair_report(self, deployment: str, p: Pair, last: InferenceEvent | InferenceScored) -> list[DriftReport]:
-        if not p.due or not p.stable.full or not p.canary_release:
+        if not p.due or not p.stable.full:
             return []
         p.due = False
         ref_values, _, ref_text = p.stable.ordered()

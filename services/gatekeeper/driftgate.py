@@ -51,9 +51,9 @@ def decode_route(raw: bytes) -> _Route:
 def canary_release(route: _Route | None, report: DriftReport) -> str:
     """The release a drift report is evidence about: the canary a canary_vs_stable report names (its window
     is that release's own traffic, whatever the route's phase since: a canary the router already aborted
-    still earns its BLOCK); else a live canary (or preview), or a release under post-promotion analysis,
+    still earns its BLOCK); else (events that name no release) a live canary (or preview), or a release under post-promotion analysis,
     whose traffic the report's window covers; "" when there is none."""
-    if report.comparison == "canary_vs_stable":
+    if report.comparison == "canary_vs_stable" and report.release:
         return report.release
     if route is None:
         return ""
@@ -91,7 +91,7 @@ class DriftGate:
 
     async def on_drift(self, report: DriftReport, delivery: Delivery) -> None:
         """BLOCK the deployment's canary release when its policy's drift rules fail on the report."""
-        named = report.comparison == "canary_vs_stable"
+        named = report.comparison == "canary_vs_stable" and bool(report.release)
         release = canary_release(None if named else await self._route(report.deployment), report)
         current = await self.records.current(release) if release else None
         # Only a release gated under a policy can be judged by it; an already blocked one needs no second BLOCK.

@@ -195,6 +195,13 @@ def test_a_no_op_canary_does_not_drift_and_a_new_canary_release_starts_its_own_w
     assert m.observe_events(_chats(99, BILLING, start=300, variant="canary", release="r3")) == []
 
 
+def test_canary_events_that_name_no_release_are_compared_too() -> None:
+    m = DriftMonitor(reference_size=10_000, window_size=50, psi_threshold=0.2)
+    m.observe_events(_chats(50, BILLING, release=""))
+    [report] = m.observe_events(_chats(50, BILLING, start=50, variant="canary", release="", output=300.0))
+    assert (report.comparison, report.release) == ("canary_vs_stable", "") and report.drifted
+
+
 def test_the_canary_report_waits_for_a_full_stable_window() -> None:
     m = DriftMonitor(reference_size=10_000, window_size=100, psi_threshold=0.2)
     assert m.observe_events(_chats(100, BILLING, variant="canary", release="r2")) == []

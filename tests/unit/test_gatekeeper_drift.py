@@ -134,3 +134,7 @@ def test_a_canary_versus_stable_report_is_evidence_about_the_release_it_names() 
     assert canary_release(aborted, report("canary_vs_stable", output_tokens=0.5)) == "r2"
     assert canary_release(None, report("canary_vs_stable", output_tokens=0.5)) == "r2"
     assert canary_release(None, report(output_tokens=0.5)) == ""
+    # events that named no release (an SDK's): the route's live canary, as for now-vs-reference reports
+    unnamed = msgspec.structs.replace(report("canary_vs_stable", output_tokens=0.5), release="")
+    live = decode_route(msgspec.json.encode({"canary": {"release": "r3"}, "phase": "progressing"}))
+    assert (canary_release(live, unnamed), canary_release(aborted, unnamed)) == ("r3", "")
