@@ -29,6 +29,9 @@ from lockgate.services.drift.features import CATEGORICAL, FEATURES, KINDS, TEXTS
 __all__ = ["CATEGORICAL", "FEATURES", "DriftMonitor", "Ring", "Snapshot", "Windows", "code", "restore", "snapshot"]
 
 _TEXT_CHARS = 2000  # what of a long text is embedded: its topic shows in the start, the cost grows with it
+# Texts embedded per window at most: every k-th row's texts, k = window_size // TEXT_ROWS. A permutation test
+# on 200 texts a side sees a change of topic; embedding every event would cost more than all other features.
+TEXT_ROWS = 200
 
 
 def deployment_of(event: InferenceEvent | InferenceScored) -> str:
@@ -190,6 +193,8 @@ class DriftMonitor:
         self.windows: dict[str, Windows] = {}
         self.pairs: dict[str, Pair] = {}
         self.labels: dict[float, str] = {}  # category code -> value, to name drifting categories
+        self.text_stride = max(1, self.window_size // TEXT_ROWS)
+        self._rows_seen = 0  # rows offered for embedding, to pick every text_stride-th
 
     def reset(self, deployment: str) -> None:
         """Forget a deployment's windows (after a promotion the new traffic is the reference)."""
@@ -203,12 +208,15 @@ class DriftMonitor:
             pair.new_canary("")
 
     def vectors(self, batch: Rows) -> np.ndarray | None:
-        """(n, 2, dim) embeddings of the batch's prompts and answers (NaN where absent)."""
+        """(n, 2, dim) embeddings of the batch's prompts and answers (NaN where absent or not sampled)."""
         if self.embedder is None:
             return None
-        out = np.full((len(batch.prompts), len(TEXTS), self.dim), math.nan)
+        n = len(batch.prompts)
+        sampled = [i for i in range(n) if (self._rows_seen + i) % self.text_stride == 0]
+        self._rows_seen += n
+        out = np.full((n, len(TEXTS), self.dim), math.nan)
         for t, texts in enumerate((batch.prompts, batch.responses)):
-            idx = [i for i, s in enumerate(texts) if s]
+            idx = [i for i in sampled if texts[i]]
             if idx:
                 out[idx, t] = self.embedder.embed([texts[i][:_TEXT_CHARS] for i in idx])  # type: ignore[index]
         return out
