@@ -65,6 +65,9 @@ def drift_result(rule: DriftRule, report: DriftReport) -> RuleResult:
         hint = (f"DRIFT in {', '.join(_describe(f) for f in over)} over {limits} "
                 f"(drift report {report.id}, {_windows(report)})")
         verdict = "FAIL"
+    elif rule.max_psi is None:
+        hint = f"no drift test found drift in {len(matching)} matching feature(s)"
+        verdict = "PASS"
     else:
         hint = f"largest PSI {worst.psi:.3g} ({worst.feature}) within {limits}"
         verdict = "PASS"

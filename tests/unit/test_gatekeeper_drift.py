@@ -120,6 +120,7 @@ def test_a_test_rule_fails_on_the_feature_s_own_drift_test() -> None:
     assert p.drift[0].name == "drift no test drift on response_text"  # type: ignore[attr-defined]
     calm = report(tests={"response_text": 0.3}, response_text=0.0, output_tokens=0.9)
     assert decide_drift(p, calm) is None
+    assert drift_results(p, calm)[0].hint == "no drift test found drift in 1 matching feature(s)"
     out = decide_drift(p, report(tests={"response_text": 0.005}, response_text=0.0))
     assert out is not None
     (r,) = out.rules
