@@ -30,6 +30,7 @@ TOOL_FINISH = frozenset({"tool_calls", "function_call", "tool_use"})
 OUTPUT_MESSAGES = "gen_ai.output.messages"  # every choice as JSON when there is more than text (router)
 _TOOL_PART = '"type":"tool_call"'
 NAN = math.nan
+LABELS_MAX = 4096  # category names kept to name a drifting category (codes are what is stored)
 
 
 def code(value: str) -> float:
@@ -68,9 +69,6 @@ def _row(numeric: Sequence[float], scores: Mapping[str, float], cats: Sequence[s
             labels[k] = c
         codes.append(k)
     return [*numeric, *(float(scores.get(s, NAN)) for s in SCORES), *codes]
-
-
-LABELS_MAX = 4096  # category names kept to name a drifting category (codes are what is stored)
 
 
 def rows(items: Sequence[InferenceEvent | InferenceScored], labels: dict[float, str] | None = None) -> Rows:
