@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from lockgate.bus import consume
-from lockgate.contracts import InferenceEvent, RolloutState
+from lockgate.contracts import InferenceEvent, InferenceScored, RolloutState
 from lockgate.limits import EventLimits
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.drift.handlers import DriftHandlers
 
 
 class Drift(Service):
-    """Watches inference events for drift; publishes `drift.<deployment>` reports (the sink stores them)."""
+    """Watches inference events and online scores for drift; publishes `drift.<deployment>` reports (the sink stores them)."""
 
     name = "drift"
 
@@ -22,6 +22,10 @@ class Drift(Service):
                 wire_type=list[InferenceEvent] | InferenceEvent, origin="drift",
                 handler=self.handlers.on_inference, batch_size=64, ack_wait_s=ctx.settings.ack_wait_s,
                 limits=EventLimits.from_settings(ctx.settings))
+        # Online scores of sampled live traffic (the evaluator's), as score features.
+        consume(bus, self.consumers, subject=s.eval_scores_all, stream="events", durable=s.durable("drift", "scores"),
+                wire_type=InferenceScored, origin="drift", handler=self.handlers.on_scores,
+                batch_size=64, ack_wait_s=ctx.settings.ack_wait_s)
         consume(bus, self.consumers, subject=s.rollout_all, stream="events", durable=s.durable("drift", "rollout"),
                 wire_type=RolloutState, origin="drift", handler=self.handlers.on_rollout,
                 ack_wait_s=ctx.settings.ack_wait_s)

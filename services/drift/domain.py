@@ -1,15 +1,20 @@
-"""Pure drift monitoring: per-deployment reference and sliding current windows in numpy arrays.
+"""Pure drift monitoring: per-deployment windows of feature rows (features.py) in numpy arrays, no I/O.
 
-Numeric features are compared by PSI over the reference's deciles and the KS test. Categorical ones
-(finish reason, error type, model) are stored as codes (a hash of the value) and compared by PSI over
-the categories and a chi-squared test; their FeatureDrift is named `feature:category` after the
-category whose share moved most, with ks_stat/ks_pvalue holding the chi-squared statistic and p-value
-and the means holding that category's share in the reference and current windows.
+Two comparisons, each a DriftReport:
+- now_vs_reference: the first `reference_size` rows (after a promotion) are the reference; every
+  `window_size` rows after it, the latest `window_size` rows are compared with it;
+- canary_vs_stable: during a rollout, every `window_size` canary rows, the canary's latest window is
+  compared with the stable variant's latest window of the same deployment (once that holds as many).
+
+Per feature the test is chosen by sample size and type (stats.drift_test) and PSI is reported alongside.
+A categorical feature is named `feature:category` after the category whose share moved most, its means
+being that category's share in either window, and `ks_stat`/`ks_pvalue` its chi-squared test. Texts are
+embedded once per batch (text.Embedder) and compared by text.mean_distance_test; only vectors are kept.
 """
 
 from __future__ import annotations
 
-import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,65 +22,118 @@ from datetime import UTC, datetime
 import msgspec
 import numpy as np
 
-from lockgate.contracts import DriftReport, FeatureDrift, InferenceEvent
-from lockgate.services.drift import stats
+from lockgate.contracts import DriftReport, FeatureDrift, InferenceEvent, InferenceScored
+from lockgate.services.drift import stats, text
+from lockgate.services.drift.features import CATEGORICAL, FEATURES, KINDS, TEXTS, Rows, code, rows
 
-NUMERIC = ("output_tokens", "latency_ms", "input_tokens")
-CATEGORICAL = ("finish_reason", "error_type", "model")
-FEATURES = NUMERIC + CATEGORICAL
-_LABELS_MAX = 4096  # category names kept to name a drifting category (codes are what is stored)
+__all__ = ["CATEGORICAL", "FEATURES", "DriftMonitor", "Ring", "Snapshot", "Windows", "code", "restore", "snapshot"]
 
-
-def code(value: str) -> float:
-    """A category's code: 48 bits of its hash (exact in a float64 column, stable across restarts)."""
-    return float(int.from_bytes(hashlib.sha256(value.encode()).digest()[:6], "big"))
+_TEXT_CHARS = 2000  # what of a long text is embedded: its topic shows in the start, the cost grows with it
+# Texts embedded per window at most: every k-th row's texts, k = window_size // TEXT_ROWS. A permutation test
+# on 200 texts a side sees a change of topic; embedding every event would cost more than all other features.
+TEXT_ROWS = 200
 
 
-def deployment_of(event: InferenceEvent) -> str:
+def deployment_of(event: InferenceEvent | InferenceScored) -> str:
     """Events without a deployment are watched per app."""
     return event.deployment or event.app
 
 
-def feature_matrix(events: Sequence[InferenceEvent],
-                   labels: dict[float, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(n x len(FEATURES)) feature values and the n event times as epoch seconds; `labels` learns the
-    names of the category codes."""
-    rows = []
-    for e in events:
-        cats = (e.finish_reason, e.error_type, e.model)
-        codes = tuple(code(c) for c in cats)
-        if labels is not None and len(labels) < _LABELS_MAX:
-            labels.update(zip(codes, cats, strict=True))
-        rows.append((e.output_tokens, e.latency_ms, e.input_tokens, *codes))
-    values = np.array(rows, dtype=np.float64)
-    times = np.array([e.time.timestamp() for e in events], dtype=np.float64)
-    return values.reshape(len(events), len(FEATURES)), times
+@dataclass
+class Ring:
+    """The last `size` rows (a ring), or with `fill` the first `size` rows; texts as (size, 2, dim) vectors."""
+
+    size: int
+    dim: int = 0
+    n: int = 0
+    pos: int = 0
+    values: np.ndarray = field(init=False)
+    times: np.ndarray = field(init=False)
+    text: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.values = np.empty((self.size, len(FEATURES)))
+        self.times = np.empty(self.size)
+        self.text = np.full((self.size, len(TEXTS), self.dim), math.nan)
+
+    def push(self, values: np.ndarray, times: np.ndarray, vectors: np.ndarray | None) -> None:
+        """Append rows, overwriting the oldest."""
+        values, times = values[-self.size:], times[-self.size:]
+        k = len(values)
+        slots = (self.pos + np.arange(k)) % self.size
+        self.values[slots], self.times[slots] = values, times
+        if self.dim:
+            self.text[slots] = vectors[-self.size:] if vectors is not None else math.nan
+        self.pos = (self.pos + k) % self.size
+        self.n = min(self.n + k, self.size)
+
+    def fill(self, values: np.ndarray, times: np.ndarray, vectors: np.ndarray | None) -> int:
+        """Append rows until full; returns how many were taken."""
+        k = min(self.size - self.n, len(values))
+        self.push(values[:k], times[:k], None if vectors is None else vectors[:k])
+        return k
+
+    def ordered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Values, times and text vectors, oldest row first."""
+        order = (self.pos - self.n + np.arange(self.n)) % self.size
+        return self.values[order], self.times[order], self.text[order]
+
+    @property
+    def full(self) -> bool:
+        return self.n >= self.size
 
 
 @dataclass
 class Windows:
-    """One deployment's reference (filled once) and current ring buffer."""
+    """One deployment's reference (filled once), current ring, and text reference (filled once; after a
+    restart it refills from the next events, since vectors are not saved)."""
 
     reference_size: int
     window_size: int
+    dim: int = 0
     app: str = ""
     tenant: str = "default"
-    ref_n: int = 0
-    cur_n: int = 0
-    cur_pos: int = 0
     since_report: int = 0
-    ref: np.ndarray = field(init=False)
-    cur: np.ndarray = field(init=False)
-    cur_times: np.ndarray = field(init=False)
+    ref: Ring = field(init=False)
+    cur: Ring = field(init=False)
+    text_ref: Ring = field(init=False)
 
     def __post_init__(self) -> None:
-        self.ref = np.empty((self.reference_size, len(FEATURES)))
-        self.cur = np.empty((self.window_size, len(FEATURES)))
-        self.cur_times = np.empty(self.window_size)
+        self.ref = Ring(self.reference_size)
+        self.text_ref = Ring(self.reference_size, self.dim)
+        self.cur = Ring(self.window_size, self.dim)
+
+    @property
+    def ref_n(self) -> int:
+        return self.ref.n
+
+
+@dataclass
+class Pair:
+    """A deployment's stable and canary windows during a rollout; `due` once the canary filled a window
+    before the stable side held as many rows."""
+
+    window_size: int
+    dim: int = 0
+    canary_release: str = ""
+    stable_release: str = ""
+    since_report: int = 0
+    due: bool = False
+    stable: Ring = field(init=False)
+    canary: Ring = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stable = Ring(self.window_size, self.dim)
+        self.canary = Ring(self.window_size, self.dim)
+
+    def new_canary(self, release: str) -> None:
+        """A different canary release: its window starts empty."""
+        self.canary = Ring(self.window_size, self.dim)
+        self.canary_release, self.since_report, self.due = release, 0, False
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
-    """A deployment's windows as stored in KV (oldest current row first)."""
+    """A deployment's windows as stored in KV (oldest current row first; text vectors are not kept)."""
 
     deployment: str
     app: str
@@ -86,79 +144,113 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     since_report: int
 
 
+def _finite(rows_: np.ndarray) -> list[list[float]]:
+    # JSON has no NaN (msgspec writes null); -1 never occurs as a feature value (counts, codes, scores >= 0).
+    return np.where(np.isnan(rows_), -1.0, rows_).tolist()
+
+
+def _from_json(values: list[list[float]]) -> np.ndarray:
+    a = np.asarray(values, dtype=np.float64).reshape(-1, len(FEATURES))
+    return np.where(a == -1.0, math.nan, a)
+
+
 def snapshot(deployment: str, w: Windows) -> Snapshot:
     """The windows in a form that survives a restart."""
-    order = (w.cur_pos - w.cur_n + np.arange(w.cur_n)) % w.window_size
-    return Snapshot(deployment=deployment, app=w.app, tenant=w.tenant, reference=w.ref[:w.ref_n].tolist(),
-                    current=w.cur[order].tolist(), current_times=w.cur_times[order].tolist(),
-                    since_report=w.since_report)
+    cur_values, cur_times, _ = w.cur.ordered()
+    return Snapshot(deployment=deployment, app=w.app, tenant=w.tenant, reference=_finite(w.ref.values[:w.ref.n]),
+                    current=_finite(cur_values), current_times=cur_times.tolist(), since_report=w.since_report)
 
 
-def restore(s: Snapshot, reference_size: int, window_size: int) -> Windows:
+def restore(s: Snapshot, reference_size: int, window_size: int, dim: int = 0) -> Windows:
     """Windows from a snapshot; if the configured sizes changed, the newest rows that fit are kept."""
-    w = Windows(reference_size, window_size, app=s.app, tenant=s.tenant)
+    w = Windows(reference_size, window_size, dim, app=s.app, tenant=s.tenant)
     if any(len(row) != len(FEATURES) for row in (*s.reference[:1], *s.current[:1])):
         return w  # stored before the features changed: a fresh reference, never misaligned columns
-    ref = np.asarray(s.reference, dtype=np.float64).reshape(-1, len(FEATURES))[:reference_size]
-    w.ref[:len(ref)] = ref
-    w.ref_n = len(ref)
-    cur = np.asarray(s.current, dtype=np.float64).reshape(-1, len(FEATURES))[-window_size:]
-    w.cur[:len(cur)] = cur
-    w.cur_times[:len(cur)] = np.asarray(s.current_times, dtype=np.float64)[-window_size:]
-    w.cur_n = len(cur)
-    w.cur_pos = len(cur) % window_size
+    ref = _from_json(s.reference)[:reference_size]
+    w.ref.fill(ref, np.zeros(len(ref)), None)
+    cur = _from_json(s.current)
+    w.cur.push(cur, np.asarray(s.current_times, dtype=np.float64), None)
     w.since_report = min(s.since_report, window_size - 1)
     return w
 
 
-class DriftMonitor:
-    """Feeds events into per-deployment windows; returns a DriftReport every `window_size` events."""
+def _present(column: np.ndarray) -> np.ndarray:
+    return column[~np.isnan(column)]
 
-    def __init__(self, reference_size: int, window_size: int, psi_threshold: float, bins: int = 10) -> None:
+
+class DriftMonitor:
+    """Feeds events into per-deployment windows; returns a DriftReport every `window_size` events (and
+    every `window_size` canary events during a rollout)."""
+
+    def __init__(self, reference_size: int, window_size: int, psi_threshold: float, bins: int = 10,
+                 embedder: text.Embedder | None = None) -> None:
         self.reference_size = max(1, reference_size)
         self.window_size = max(1, window_size)
         self.psi_threshold = psi_threshold
         self.bins = bins
+        self.embedder = embedder  # None: no text drift
+        self.dim = embedder.dim if embedder is not None else 0
         self.windows: dict[str, Windows] = {}
+        self.pairs: dict[str, Pair] = {}
         self.labels: dict[float, str] = {}  # category code -> value, to name drifting categories
+        self.text_stride = max(1, self.window_size // TEXT_ROWS)
+        self._rows_seen = 0  # rows offered for embedding, to pick every text_stride-th
 
     def reset(self, deployment: str) -> None:
         """Forget a deployment's windows (after a promotion the new traffic is the reference)."""
         self.windows.pop(deployment, None)
+        self.pairs.pop(deployment, None)
 
-    def observe_events(self, events: Sequence[InferenceEvent]) -> list[DriftReport]:
-        """Group a batch by deployment and observe each group."""
-        groups: dict[str, list[InferenceEvent]] = {}
+    def end_rollout(self, deployment: str) -> None:
+        """A rollout ended (promoted or aborted): no canary window until the next canary's traffic."""
+        pair = self.pairs.get(deployment)
+        if pair is not None:
+            pair.new_canary("")
+
+    def vectors(self, batch: Rows) -> np.ndarray | None:
+        """(n, 2, dim) embeddings of the batch's prompts and answers (NaN where absent or not sampled)."""
+        if self.embedder is None:
+            return None
+        n = len(batch.prompts)
+        sampled = [i for i in range(n) if (self._rows_seen + i) % self.text_stride == 0]
+        self._rows_seen += n
+        out = np.full((n, len(TEXTS), self.dim), math.nan)
+        for t, texts in enumerate((batch.prompts, batch.responses)):
+            idx = [i for i in sampled if texts[i]]
+            if idx:
+                out[idx, t] = self.embedder.embed([texts[i][:_TEXT_CHARS] for i in idx])  # type: ignore[index]
+        return out
+
+    def observe_events(self, events: Sequence[InferenceEvent | InferenceScored]) -> list[DriftReport]:
+        """Group a batch by deployment and observe each group, as a whole and by variant."""
+        groups: dict[str, list[InferenceEvent | InferenceScored]] = {}
         for e in events:
             groups.setdefault(deployment_of(e), []).append(e)
         reports: list[DriftReport] = []
         for deployment, group in groups.items():
-            values, times = feature_matrix(group, self.labels)
+            batch = rows(group, self.labels)
+            vectors = self.vectors(batch)
             last = group[-1]
-            reports += self.observe(deployment, values, times, app=last.app, tenant=last.tenant)
+            reports += self.observe(deployment, batch.values, batch.times, app=last.app, tenant=last.tenant,
+                                    vectors=vectors)
+            reports += self.observe_variants(deployment, group, batch, vectors)
         return reports
 
     def observe(self, deployment: str, values: np.ndarray, times: np.ndarray, *, app: str = "",
-                tenant: str = "default") -> list[DriftReport]:
+                tenant: str = "default", vectors: np.ndarray | None = None) -> list[DriftReport]:
         """Append rows to the deployment's windows; one report per `window_size` rows past the reference."""
         w = self.windows.get(deployment)
         if w is None:
-            w = self.windows[deployment] = Windows(self.reference_size, self.window_size)
+            w = self.windows[deployment] = Windows(self.reference_size, self.window_size, self.dim)
         w.app, w.tenant = app or w.app, tenant
-        n, i = len(values), 0
-        if w.ref_n < w.reference_size:
-            i = min(w.reference_size - w.ref_n, n)
-            w.ref[w.ref_n:w.ref_n + i] = values[:i]
-            w.ref_n += i
+        if self.dim and not w.text_ref.full:
+            w.text_ref.fill(values, times, vectors)
+        i = w.ref.fill(values, times, None)
         reports: list[DriftReport] = []
-        while i < n:
+        while i < len(values):
             # Copy in chunks that end exactly at the next report boundary.
-            k = min(n - i, w.window_size - w.since_report)
-            slots = (w.cur_pos + np.arange(k)) % w.window_size
-            w.cur[slots] = values[i:i + k]
-            w.cur_times[slots] = times[i:i + k]
-            w.cur_pos = (w.cur_pos + k) % w.window_size
-            w.cur_n = min(w.cur_n + k, w.window_size)
+            k = min(len(values) - i, w.window_size - w.since_report)
+            w.cur.push(values[i:i + k], times[i:i + k], None if vectors is None else vectors[i:i + k])
             w.since_report += k
             i += k
             if w.since_report >= w.window_size:
@@ -166,31 +258,113 @@ class DriftMonitor:
                 reports.append(self.report(deployment, w))
         return reports
 
+    def observe_variants(self, deployment: str, group: Sequence[InferenceEvent | InferenceScored], batch: Rows,
+                         vectors: np.ndarray | None) -> list[DriftReport]:
+        """Stable rows fill the stable window; canary rows the canary's, one report per `window_size` of them."""
+        variants = np.array([e.variant for e in group])
+        stable, canary = np.flatnonzero(variants == "stable"), np.flatnonzero(variants == "canary")
+        if not len(canary) and not len(stable):
+            return []  # shadow or preview traffic only
+        p = self.pairs.get(deployment)
+        if p is None:
+            p = self.pairs[deployment] = Pair(self.window_size, self.dim)
+        if len(stable):
+            p.stable.push(batch.values[stable], batch.times[stable], None if vectors is None else vectors[stable])
+            p.stable_release = group[stable[-1]].release or p.stable_release
+        if not len(canary):
+            return self._pair_report(deployment, p, group[-1])
+        releases = [group[i].release for i in canary]
+        changed = [j for j, r in enumerate(releases) if r != (releases[j - 1] if j else p.canary_release)]
+        if changed:  # a new canary: only its own rows count
+            p.new_canary(releases[changed[-1]])
+            canary = canary[changed[-1]:]
+        reports: list[DriftReport] = []
+        i = 0
+        while i < len(canary):
+            k = min(len(canary) - i, p.window_size - p.since_report)
+            rows_ = canary[i:i + k]
+            p.canary.push(batch.values[rows_], batch.times[rows_], None if vectors is None else vectors[rows_])
+            p.since_report += k
+            i += k
+            if p.since_report >= p.window_size:
+                p.since_report, p.due = 0, True
+                reports += self._pair_report(deployment, p, group[-1])
+        return reports
+
+    def _pair_report(self, deployment: str, p: Pair, last: InferenceEvent | InferenceScored) -> list[DriftReport]:
+        if not p.due or not p.stable.full:
+            return []
+        p.due = False
+        ref_values, _, ref_text = p.stable.ordered()
+        cur_values, cur_times, cur_text = p.canary.ordered()
+        features = self.compare(ref_values, cur_values, ref_text, cur_text)
+        return [self._report(deployment, last.app, last.tenant, ref_values, cur_values, cur_times, features,
+                             comparison="canary_vs_stable", release=p.canary_release,
+                             reference_release=p.stable_release)]
+
     def report(self, deployment: str, w: Windows) -> DriftReport:
         """Compare the current window with the reference, feature by feature."""
-        ref, cur = w.ref[:w.ref_n], w.cur[:w.cur_n]
-        features = []
-        for j, name in enumerate(FEATURES):
-            if name in CATEGORICAL:
-                psi, chi2, p, top, share_ref, share_cur = stats.categorical(ref[:, j], cur[:, j])
-                label = self.labels.get(top, f"#{int(top):x}")
-                features.append(FeatureDrift(
-                    feature=f"{name}:{label or '(none)'}", psi=psi, ks_stat=chi2, ks_pvalue=p,
-                    reference_mean=share_ref, current_mean=share_cur, drifted=psi >= self.psi_threshold))
-                continue
-            psi = stats.psi(ref[:, j], cur[:, j], self.bins)
-            ks_stat, ks_p = stats.ks(ref[:, j], cur[:, j])
-            features.append(FeatureDrift(
-                feature=name, psi=psi, ks_stat=ks_stat, ks_pvalue=ks_p,
-                reference_mean=float(ref[:, j].mean()), current_mean=float(cur[:, j].mean()),
-                drifted=psi >= self.psi_threshold,
-            ))
-        t = w.cur_times[:w.cur_n]
-        return DriftReport(
-            deployment=deployment, app=w.app, tenant=w.tenant, source="lockgate-drift",
-            window_start=datetime.fromtimestamp(float(t.min()), UTC),
-            window_end=datetime.fromtimestamp(float(t.max()), UTC),
-            reference_n=int(w.ref_n), current_n=int(w.cur_n),
-            features=features, drifted=any(f.drifted for f in features),
-        )
+        ref_values = w.ref.values[:w.ref.n]
+        cur_values, cur_times, cur_text = w.cur.ordered()
+        features = self.compare(ref_values, cur_values, w.text_ref.ordered()[2], cur_text)
+        return self._report(deployment, w.app, w.tenant, ref_values, cur_values, cur_times, features)
 
+    def _report(self, deployment: str, app: str, tenant: str, ref: np.ndarray, cur: np.ndarray, times: np.ndarray,
+                features: list[FeatureDrift], **kw: str) -> DriftReport:
+        texts = any(f.feature in TEXTS for f in features)
+        return DriftReport(
+            deployment=deployment, app=app, tenant=tenant, source="lockgate-drift",
+            window_start=datetime.fromtimestamp(float(times.min()), UTC),
+            window_end=datetime.fromtimestamp(float(times.max()), UTC),
+            reference_n=len(ref), current_n=len(cur), features=features,
+            drifted=any(f.drifted for f in features),
+            embedder=self.embedder.name if texts and self.embedder is not None else "", **kw)
+
+    def compare(self, ref: np.ndarray, cur: np.ndarray, ref_text: np.ndarray | None = None,
+                cur_text: np.ndarray | None = None) -> list[FeatureDrift]:
+        """Every feature measured in both windows (numeric, categorical, then texts)."""
+        out = []
+        for j, name in enumerate(FEATURES):
+            r, c = _present(ref[:, j]), _present(cur[:, j])
+            if len(r) and len(c):
+                out.append(self._categorical(name, r, c) if KINDS[name] == "cat" else self._numeric(name, r, c))
+        if self.dim and ref_text is not None and cur_text is not None:
+            for t, name in enumerate(TEXTS):
+                f = _text(name, ref_text[:, t], cur_text[:, t])
+                if f is not None:
+                    out.append(f)
+        return out
+
+    def _numeric(self, name: str, r: np.ndarray, c: np.ndarray) -> FeatureDrift:
+        ks_stat, ks_p = stats.ks(r, c)
+        t = stats.drift_test(r, c, "num")
+        # Few distinct values (a 0/1 score): deciles would put them all in one bin, so PSI is over the values.
+        psi = stats.categorical(r, c)[0] if t.test in stats.CATEGORICAL_TESTS else stats.psi(r, c, self.bins)
+        return FeatureDrift(feature=name, psi=psi, ks_stat=ks_stat, ks_pvalue=ks_p, reference_mean=float(r.mean()),
+                            current_mean=float(c.mean()), drifted=t.drifted and psi >= self.psi_threshold,
+                            **_test_fields(t))
+
+    def _categorical(self, name: str, r: np.ndarray, c: np.ndarray) -> FeatureDrift:
+        psi, chi2, p, top, share_ref, share_cur = stats.categorical(r, c)
+        label = self.labels.get(top, f"#{int(top):x}")
+        t = stats.drift_test(r, c, "cat")
+        return FeatureDrift(feature=f"{name}:{label or '(none)'}", psi=psi, ks_stat=chi2, ks_pvalue=p,
+                            reference_mean=share_ref, current_mean=share_cur,
+                            drifted=t.drifted and psi >= self.psi_threshold, **_test_fields(t))
+
+
+def _test_fields(t: stats.StatTest) -> dict[str, object]:
+    return {"test": t.test, "statistic": t.statistic, "p_value": t.p_value, "threshold": t.threshold,
+            "test_drifted": t.drifted, "reference_size": t.reference_n, "current_size": t.current_n}
+
+
+def _text(name: str, ref: np.ndarray, cur: np.ndarray) -> FeatureDrift | None:
+    """A text feature: never `drifted` (a new model rewords answers by design); its test is evidence a
+    gate policy can act on. Means are the mean embeddings' norms (how concentrated the topics are)."""
+    r, c = ref[~np.isnan(ref[:, 0])], cur[~np.isnan(cur[:, 0])]
+    t = text.mean_distance_test(r, c)
+    if t is None:
+        return None
+    return FeatureDrift(feature=name, psi=0.0, ks_stat=t.statistic, ks_pvalue=t.p_value or 1.0,
+                        reference_mean=float(np.linalg.norm(r.mean(axis=0))),
+                        current_mean=float(np.linalg.norm(c.mean(axis=0))), drifted=False, **_test_fields(t))

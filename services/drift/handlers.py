@@ -1,7 +1,9 @@
-"""NATS edge of the drift monitor: inference batches in, drift reports published (the sink stores them)."""
+"""NATS edge of the drift monitor: inference batches and online scores in, drift reports published (the sink
+stores them, the gatekeeper judges them by a release's drift policy)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 
@@ -9,9 +11,9 @@ import msgspec
 import nats.js.errors
 
 from lockgate.bus import Delivery
-from lockgate.contracts import DriftReport, InferenceEvent, RolloutState
+from lockgate.contracts import DriftReport, InferenceEvent, InferenceScored, RolloutState
 from lockgate.server.service import Progress, ServiceContext
-from lockgate.services.drift import domain
+from lockgate.services.drift import domain, text
 from lockgate.subjects import token
 
 _SEEN_MAX = 4096
@@ -39,6 +41,10 @@ class DriftHandlers:
         """Load saved windows before the first event, so a restart keeps its reference."""
         if self._restored:
             return
+        if self.monitor.embedder is None:  # a local model takes seconds to load: off the event loop
+            embedder = await asyncio.to_thread(text.default_embedder)
+            self.monitor.embedder, self.monitor.dim = embedder, embedder.dim
+            log.info("text drift embeds with %s", embedder.name)
         kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
         try:
             keys = await kv.keys()
@@ -51,7 +57,7 @@ class DriftHandlers:
                 log.warning("ignoring unreadable drift windows %s: %s", key, exc)
                 continue
             self.monitor.windows[snap.deployment] = domain.restore(snap, self.monitor.reference_size,
-                                                                   self.monitor.window_size)
+                                                                   self.monitor.window_size, self.monitor.dim)
         self._restored = True
 
     async def _save(self, deployments: set[str]) -> None:
@@ -64,11 +70,17 @@ class DriftHandlers:
 
     async def on_inference(self, value: list[InferenceEvent] | InferenceEvent, delivery: Delivery) -> None:
         """Observe a message's events once; emit any reports that came due."""
+        await self._observe(value if isinstance(value, list) else [value], delivery)
+
+    async def on_scores(self, value: InferenceScored, delivery: Delivery) -> None:
+        """An online score of a sampled event (the evaluator's): a row of score features."""
+        await self._observe([value], delivery)
+
+    async def _observe(self, events: list[InferenceEvent] | list[InferenceScored], delivery: Delivery) -> None:
         await self._restore()
-        events = value if isinstance(value, list) else [value]
         # Shadow calls answered nobody: they are the candidate's, not the deployment's traffic.
         events = [e for e in events if e.variant != "shadow"]
-        token = delivery.msg_id or f"seq-{delivery.stream_seq}"
+        token = delivery.msg_id or f"{delivery.subject}-seq-{delivery.stream_seq}"
         if token not in self._seen:
             before = {d: w.ref_n for d, w in self.monitor.windows.items()}
             reports = self.monitor.observe_events(events)
@@ -85,7 +97,9 @@ class DriftHandlers:
             self._pending.pop(0)
 
     async def on_rollout(self, state: RolloutState, delivery: Delivery) -> None:
-        """A promotion makes the new traffic the reference."""
+        """A promotion makes the new traffic the reference; an abort ends the canary's window."""
+        if state.phase == "aborted":
+            self.monitor.end_rollout(state.deployment)
         if state.phase == "promoted":
             await self._restore()
             self.monitor.reset(state.deployment)

@@ -1,10 +1,15 @@
 """Drift statistics: population stability index, the two-sample Kolmogorov-Smirnov test, and for
-categorical features PSI over the categories with a chi-squared test of homogeneity."""
+categorical features PSI over the categories with a chi-squared test of homogeneity; and the test chosen
+per feature by sample size and type as Evidently chooses it (`drift_test`)."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import stats
+from scipy.spatial import distance
 
 # An empty bin counts as half an observation: finite ln(q/p) without the huge penalty a fixed
 # 1e-4 gives small windows, where an empty decile is common by chance.
@@ -66,3 +71,102 @@ def categorical(reference: np.ndarray, current: np.ndarray) -> tuple[float, floa
     top = int(np.argmax(np.abs(shares_cur - shares_ref))) if k else 0
     code = float(cats[top]) if k else 0.0
     return psi_value, chi2, pvalue, code, float(shares_ref[top]) if k else 0.0, float(shares_cur[top]) if k else 0.0
+
+
+# --- Test selection by sample size and type, as Evidently chooses its default stattests --------------------
+
+SMALL = 1000  # up to this many reference rows a hypothesis test decides; above it, a distance does
+ALPHA = 0.05  # p-value threshold of the hypothesis tests (KS, chi-squared, Z)
+DISTANCE = 0.1  # threshold of the distances (Wasserstein normed by the reference's std, Jensen-Shannon)
+FEW_VALUES = 5  # a numeric feature with at most this many distinct values is compared as categorical
+CATEGORICAL_TESTS = frozenset({"chi_squared", "z", "jensen_shannon"})
+
+
+@dataclass(frozen=True)
+class StatTest:
+    """One feature's drift test: which test, its statistic, p-value (tests) or distance, the threshold."""
+
+    test: str  # "ks", "wasserstein", "chi_squared", "z", "jensen_shannon"
+    statistic: float
+    p_value: float | None  # None for a distance: the statistic is the distance
+    threshold: float
+    drifted: bool
+    reference_n: int
+    current_n: int
+
+
+def wasserstein_norm(reference: np.ndarray, current: np.ndarray) -> float:
+    """Wasserstein-1 distance in units of the reference's standard deviation (floored, so a constant
+    reference gives a large, finite distance when the current window moved)."""
+    norm = max(float(np.std(reference)), 1e-3)
+    return float(stats.wasserstein_distance(reference, current)) / norm
+
+
+def _counts(reference: np.ndarray, current: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    cats, idx = np.unique(np.concatenate([reference, current]), return_inverse=True)
+    k = len(cats)
+    return (np.bincount(idx[:len(reference)], minlength=k).astype(np.float64),
+            np.bincount(idx[len(reference):], minlength=k).astype(np.float64))
+
+
+def jensen_shannon(reference: np.ndarray, current: np.ndarray) -> float:
+    """Jensen-Shannon distance (natural log, so within [0, sqrt(ln 2)]) between the category shares."""
+    ref_counts, cur_counts = _counts(reference, current)
+    if len(ref_counts) < 2:
+        return 0.0
+    return float(distance.jensenshannon(ref_counts / ref_counts.sum(), cur_counts / cur_counts.sum()))
+
+
+def chi_squared(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
+    """Chi-squared test of homogeneity of the 2 x k table of category counts: statistic and p-value."""
+    ref_counts, cur_counts = _counts(reference, current)
+    if len(ref_counts) < 2:
+        return 0.0, 1.0
+    res = stats.chi2_contingency(np.vstack([ref_counts, cur_counts]), correction=False)
+    return float(res.statistic), float(res.pvalue)
+
+
+def z_test(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
+    """Two-proportion Z-test (two-sided) of a binary feature: statistic and p-value."""
+    values = np.unique(np.concatenate([reference, current]))
+    if len(values) < 2:
+        return 0.0, 1.0
+    one = values[-1]
+    n1, n2 = len(reference), len(current)
+    p1, p2 = float(np.mean(reference == one)), float(np.mean(current == one))
+    pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    if se == 0:
+        return 0.0, 1.0
+    z = (p2 - p1) / se
+    return z, float(2 * stats.norm.sf(abs(z)))
+
+
+def drift_test(reference: np.ndarray, current: np.ndarray, kind: str) -> StatTest:
+    """The test Evidently would pick for this feature, run: `kind` is "num" or "cat".
+
+    Up to SMALL reference rows: KS for numeric features, chi-squared for categorical ones (Z for binary),
+    drift when p < ALPHA. Above: Wasserstein normed by the reference's std for numeric features,
+    Jensen-Shannon for categorical ones, drift when the distance >= DISTANCE. A numeric feature with few
+    distinct values (e.g. a 0/1 score) is categorical.
+    """
+    n_ref, n_cur = len(reference), len(current)
+    n_values = len(np.unique(np.concatenate([reference, current])))
+    if kind == "num" and n_values <= FEW_VALUES:
+        kind = "cat"
+    if n_ref <= SMALL:
+        if kind == "num":
+            stat, p = ks(reference, current)
+            name = "ks"
+        elif n_values <= 2:
+            stat, p = z_test(reference, current)
+            name = "z"
+        else:
+            stat, p = chi_squared(reference, current)
+            name = "chi_squared"
+        return StatTest(name, stat, p, ALPHA, p < ALPHA, n_ref, n_cur)
+    if kind == "num":
+        name, dist = "wasserstein", wasserstein_norm(reference, current)
+    else:
+        name, dist = "jensen_shannon", jensen_shannon(reference, current)
+    return StatTest(name, dist, None, DISTANCE, dist >= DISTANCE, n_ref, n_cur)

@@ -1,7 +1,9 @@
 """Pure drift gate: a policy's drift rules over a live DriftReport for a canary release (no I/O).
 
-A drift report is evidence about the release the deployment is canarying: a matching feature whose PSI
-exceeds a rule's `max_psi` fails the rule, and a failing rule that is not a dry run blocks the release.
+A drift report is evidence about the release the deployment is canarying (a canary_vs_stable report names
+it): a matching feature whose PSI exceeds a rule's `max_psi`, or with `test: true` whose own drift test found
+drift, fails the rule, and a failing rule that is not a dry run blocks the release. A rule limited to one
+`compare` kind ignores the other kind of report.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from lockgate.contracts import DriftReport, FeatureDrift, RuleResult
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.policy import DriftRule, Policy
 
-__all__ = ["decide_drift", "drift_results"]
+__all__ = ["applies", "decide_drift", "drift_results"]
 
 
 def _matches(rule: DriftRule, f: FeatureDrift) -> bool:
@@ -23,32 +25,64 @@ def _matches(rule: DriftRule, f: FeatureDrift) -> bool:
 
 def _describe(f: FeatureDrift) -> str:
     what = "share" if ":" in f.feature else "mean"
-    return f"{f.feature} (PSI {f.psi:.3g}, {what} {f.reference_mean:.4g} -> {f.current_mean:.4g})"
+    test = ""
+    if f.test:
+        value = f"p {f.p_value:.3g} < {f.threshold:g}" if f.p_value is not None else f"{f.statistic:.3g} >= {f.threshold:g}"
+        test = f"; {f.test} {value}" if f.test_drifted else f"; {f.test} no drift"
+    return f"{f.feature} (PSI {f.psi:.3g}, {what} {f.reference_mean:.4g} -> {f.current_mean:.4g}{test})"
+
+
+def _fails(rule: DriftRule, f: FeatureDrift) -> bool:
+    return (rule.max_psi is not None and f.psi > rule.max_psi) or (rule.test and f.test_drifted)
+
+
+def _windows(report: DriftReport) -> str:
+    if report.comparison == "canary_vs_stable":
+        return (f"canary {report.release or '?'}: {report.current_n} events against "
+                f"{report.reference_n} of stable {report.reference_release or '?'}")
+    return f"{report.current_n} events against {report.reference_n}"
+
+
+def applies(rule: DriftRule, report: DriftReport) -> bool:
+    """Whether the rule judges this kind of report."""
+    return rule.compare in ("any", report.comparison)
 
 
 def drift_result(rule: DriftRule, report: DriftReport) -> RuleResult:
-    """One rule's verdict: FAIL naming the worst matching feature over max_psi, NO_DATA when no feature matches."""
+    """One rule's verdict: FAIL naming the worst matching feature over max_psi (or whose test drifted, with
+    `test: true`), NO_DATA when no feature matches."""
+    threshold = rule.max_psi if rule.max_psi is not None else 0.0
     matching = [f for f in report.features if _matches(rule, f)]
     if not matching:
-        return RuleResult(rule=rule.name, metric="drift_psi", op="<=", threshold=rule.max_psi, observed=None,
+        return RuleResult(rule=rule.name, metric="drift_psi", op="<=", threshold=threshold, observed=None,
                           verdict="NO_DATA", dry_run=rule.dry_run,
                           hint=f"drift report {report.id} has no feature matching {', '.join(rule.features)}")
-    over = sorted((f for f in matching if f.psi > rule.max_psi), key=lambda f: f.psi, reverse=True)
+    over = sorted((f for f in matching if _fails(rule, f)), key=lambda f: f.psi, reverse=True)
     worst = over[0] if over else max(matching, key=lambda f: f.psi)
+    limits = " or ".join(([f"max_psi {rule.max_psi:g}"] if rule.max_psi is not None else [])
+                         + (["its drift test"] if rule.test else []))
     if over:
-        hint = (f"DRIFT in {', '.join(_describe(f) for f in over)} over max_psi {rule.max_psi:g} "
-                f"(drift report {report.id}, {report.current_n} events against {report.reference_n})")
+        hint = (f"DRIFT in {', '.join(_describe(f) for f in over)} over {limits} "
+                f"(drift report {report.id}, {_windows(report)})")
         verdict = "FAIL"
-    else:
-        hint = f"largest PSI {worst.psi:.3g} ({worst.feature}) within max_psi {rule.max_psi:g}"
+    elif rule.max_psi is None:
+        hint = f"no drift test found drift in {len(matching)} matching feature(s)"
         verdict = "PASS"
-    return RuleResult(rule=rule.name, metric=f"drift_psi:{worst.feature}", op="<=", threshold=rule.max_psi,
+    else:
+        hint = f"largest PSI {worst.psi:.3g} ({worst.feature}) within {limits}"
+        verdict = "PASS"
+    psi_failed = rule.max_psi is not None and worst.psi > rule.max_psi
+    if rule.max_psi is None or (verdict == "FAIL" and not psi_failed):  # failed by its test alone
+        return RuleResult(rule=rule.name, metric=f"drift_test:{worst.feature}", op="<=", threshold=worst.threshold,
+                          observed=worst.p_value if worst.p_value is not None else worst.statistic,
+                          verdict=verdict, hint=hint, dry_run=rule.dry_run)
+    return RuleResult(rule=rule.name, metric=f"drift_psi:{worst.feature}", op="<=", threshold=threshold,
                       observed=worst.psi, verdict=verdict, hint=hint, dry_run=rule.dry_run)
 
 
 def drift_results(policy: Policy, report: DriftReport) -> tuple[RuleResult, ...]:
-    """Every drift rule's result for the report."""
-    return tuple(drift_result(r, report) for r in policy.drift)
+    """The result of every drift rule that judges this kind of report."""
+    return tuple(drift_result(r, report) for r in policy.drift if applies(r, report))
 
 
 def decide_drift(policy: Policy, report: DriftReport) -> Outcome | None:
@@ -59,4 +93,5 @@ def decide_drift(policy: Policy, report: DriftReport) -> Outcome | None:
     if not failing:
         return None
     why = "; ".join(f"{r.rule}: {r.hint}" for r in failing)
-    return Outcome("BLOCK", results, f"drift policy {policy.name!r} of deployment {report.deployment!r}: {why}")
+    where = f"deployment {report.deployment!r}" + (" (canary vs stable)" if report.comparison == "canary_vs_stable" else "")
+    return Outcome("BLOCK", results, f"drift policy {policy.name!r} of {where}: {why}")

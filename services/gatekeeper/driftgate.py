@@ -1,5 +1,6 @@
 """NATS edge of the drift gate: a DriftReport for a deployment whose canary release is under a policy with
-drift rules becomes a signed BLOCK of that release (the router acts on BLOCK: it rolls the canary back)."""
+drift rules (now-versus-reference, or canary-versus-stable naming the canary) becomes a signed BLOCK of that
+release (the router acts on BLOCK: it rolls the canary back)."""
 
 from __future__ import annotations
 
@@ -47,9 +48,15 @@ def decode_route(raw: bytes) -> _Route:
     return _routes.decode(raw or b"{}")
 
 
-def canary_release(route: _Route, report: DriftReport) -> str:
-    """The release a drift report is evidence about: a live canary (or preview), or a release under
-    post-promotion analysis, whose traffic the report's window covers; "" when there is none."""
+def canary_release(route: _Route | None, report: DriftReport) -> str:
+    """The release a drift report is evidence about: the canary a canary_vs_stable report names (its window
+    is that release's own traffic, whatever the route's phase since: a canary the router already aborted
+    still earns its BLOCK); else (events that name no release) a live canary (or preview), or a release under post-promotion analysis,
+    whose traffic the report's window covers; "" when there is none."""
+    if report.comparison == "canary_vs_stable" and report.release:
+        return report.release
+    if route is None:
+        return ""
     verifying = route.phase == "promoted" and route.verifying
     since = route.promoted_at if verifying else route.started_at
     if route.canary is None or not (route.phase == "progressing" or verifying) \
@@ -84,8 +91,8 @@ class DriftGate:
 
     async def on_drift(self, report: DriftReport, delivery: Delivery) -> None:
         """BLOCK the deployment's canary release when its policy's drift rules fail on the report."""
-        route = await self._route(report.deployment)
-        release = canary_release(route, report) if route is not None else ""
+        named = report.comparison == "canary_vs_stable" and bool(report.release)
+        release = canary_release(None if named else await self._route(report.deployment), report)
         current = await self.records.current(release) if release else None
         # Only a release gated under a policy can be judged by it; an already blocked one needs no second BLOCK.
         if current is None or not current.policy or current.decision == "BLOCK":

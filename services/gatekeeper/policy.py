@@ -208,19 +208,31 @@ class DriftRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """`drift: [{max_psi: 0.2, features: [output_tokens, "finish_reason:*"]}]`: a live drift report in which a
     matching feature's PSI exceeds `max_psi` blocks the deployment's canary release (the router then rolls it
     back), naming the feature. `features` are globs over the report's feature names (categorical ones are
-    `feature:category`); empty matches every feature."""
+    `feature:category`); empty matches every feature. `test: true` also fails a feature whose own drift test
+    (KS, chi-squared, Z, Wasserstein, Jensen-Shannon, or the text embedding test) found drift; a rule needs
+    `max_psi`, `test` or both. `compare` limits the rule to one kind of report: "now_vs_reference" (the
+    deployment's latest window against its reference) or "canary_vs_stable" (a rollout's canary window
+    against the stable variant's); "any" (the default) judges both."""
 
-    max_psi: Annotated[float, msgspec.Meta(gt=0)]
+    max_psi: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    test: bool = False
+    compare: Literal["any", "now_vs_reference", "canary_vs_stable"] = "any"
     kind: Literal["drift"] = "drift"  # optional, for readers: the section already says what the rule is
     features: tuple[NonEmpty, ...] = ()
     name: str = ""  # "": "drift psi <= X" (with the features)
     dry_run: bool = False
 
     def __post_init__(self) -> None:
-        _finite(self.max_psi, "max_psi")
+        if self.max_psi is None and not self.test:
+            raise ValueError("a drift rule needs max_psi, test: true, or both")
+        if self.max_psi is not None:
+            _finite(self.max_psi, "max_psi")
         if not self.name:
+            what = " or ".join(([f"psi <= {self.max_psi:g}"] if self.max_psi is not None else [])
+                               + (["no test drift"] if self.test else []))
             on = f" on {', '.join(self.features)}" if self.features else ""
-            msgspec.structs.force_setattr(self, "name", f"drift psi <= {self.max_psi:g}{on}")
+            cmp = f" ({self.compare})" if self.compare != "any" else ""
+            msgspec.structs.force_setattr(self, "name", f"drift {what}{on}{cmp}")
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
+from lockgate.contracts import FeatureDrift
 from lockgate.store import Store
 
-_FEATURE_FIELDS = ("feature", "psi", "ks_stat", "ks_pvalue", "reference_mean", "current_mean", "drifted")
+# A row's per-feature columns are the FeatureDrift fields; the rest describe the report.
+_FEATURE_FIELDS = tuple(f.name for f in msgspec.structs.fields(FeatureDrift))
 
 
 def drift_reports(store: Store, deployment: str | None = None, limit: int = 50) -> list[dict[str, Any]]:

@@ -208,6 +208,7 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
 
 # Features where less is better: their drift downwards is an improvement, not a reason to abort.
 _LOWER_IS_BETTER = frozenset({"latency_ms", "ttft_ms", "cost_usd"})
+_HIGHER_IS_BETTER = frozenset({"score.pii_free", "score.non_toxic", "score.json_valid"})  # the share that passed
 
 
 def _harmless(f: FeatureDrift) -> bool:
@@ -223,6 +224,12 @@ def _harmless(f: FeatureDrift) -> bool:
         return rose == (category == "(none)")  # more answers without an error, or fewer with one
     if name == "finish_reason":
         return category == "stop" and rose  # more answers that ended normally
+    if name == "status":
+        return rose == (category == "ok")  # more answers, or fewer errors
+    if name == "refusal":
+        return rose == (category == "no")  # fewer refusals
+    if name in _HIGHER_IS_BETTER:
+        return rose
     return f.feature in _LOWER_IS_BETTER and not rose
 
 

@@ -62,7 +62,7 @@ DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
     "evaluator": {"events": ("requests",), "inference": ("online",)},  # online: sampled live traffic scored
     "gatekeeper": {"events": ("evals", "reviews", "drift"), "audit": ("audit",)},  # audit: the chainer
     "router": {"events": ("gates", "drift")},
-    "drift": {"inference": ("inference",), "events": ("rollout",)},
+    "drift": {"inference": ("inference",), "events": ("rollout", "scores")},  # scores: online eval of live traffic
     "cost": {"inference": ("inference",)},
 }
 

@@ -9,7 +9,7 @@ import pytest
 
 from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec
-from lockgate.contracts import DeadLetter, DriftReport, InferenceEvent, RolloutState
+from lockgate.contracts import DeadLetter, DriftReport, InferenceEvent, InferenceScored, RolloutState
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
 from lockgate.services.drift.handlers import DriftHandlers
@@ -55,9 +55,19 @@ async def test_shifted_window_is_reported_and_stored(run_services, bus: Bus, sto
     stored = await asyncio.to_thread(drift_reports, store, "checkout")
     assert len(stored) == 1 and stored[0]["id"] == report.id and stored[0]["drifted"]
     # numeric features, and categorical ones named after the category whose share moved most
+    # (no online scores were sampled, no answer had a refusal score: those features are left out)
     assert {f["feature"].split(":")[0] for f in stored[0]["features"]} == {
-        "output_tokens", "latency_ms", "input_tokens", "finish_reason", "error_type", "model"}
-    assert store.scalar("SELECT count() FROM drift_reports") == 6
+        "output_tokens", "latency_ms", "input_tokens", "finish_reason", "error_type", "model", "status", "tool_call"}
+    assert store.scalar("SELECT count() FROM drift_reports") == 8
+    # each feature's test, statistic, threshold and sample sizes are stored with it (KS: 50 rows <= 1,000)
+    out = store.rows("SELECT test, p_value, threshold, test_drifted, reference_size, current_size, comparison "
+                     "FROM drift_reports WHERE feature = 'output_tokens'")[0]
+    assert (out["test"], out["threshold"], out["test_drifted"], out["reference_size"], out["current_size"],
+            out["comparison"]) == ("ks", 0.05, True, 50, 50, "now_vs_reference")
+    assert out["p_value"] < 1e-6
+    # the query returns them per feature, not as the report's
+    feature = next(f for f in stored[0]["features"] if f["feature"] == "output_tokens")
+    assert (feature["test"], feature["reference_size"]) == ("ks", 50) and "test" not in stored[0]
     assert await asyncio.to_thread(drift_reports, store, "elsewhere") == []
 
 
@@ -133,3 +143,24 @@ async def test_a_restart_keeps_the_reference_window(context: ServiceContext, bus
     finally:
         await second.stop()
         await bus2.close()
+
+
+async def test_online_scores_are_drift_features(run_services, bus: Bus) -> None:
+    """The evaluator's scores of sampled live traffic (InferenceScored): a PII leak in them is drift."""
+    sub = await bus.nc.subscribe(bus.subjects.drift("checkout"))
+    await run_services("drift")
+
+    def scored(n: int, leaks: int, start: int) -> list[InferenceScored]:
+        return [InferenceScored(event_id=f"e{start + i}", app="shop", deployment="checkout",
+                                scores={"pii_free": 0.0 if i < leaks else 1.0, "length": 100.0 + i % 9})
+                for i in range(n)]
+
+    for i, s in enumerate(scored(50, 0, 0) + scored(50, 20, 50)):  # 40% of the current window leaks PII
+        await bus.publish(bus.subjects.eval_scores("checkout"), s, msg_id=f"scored-{i}")
+    report = report_codec.decode((await sub.next_msg(timeout=15)).data)
+    by = {f.feature: f for f in report.features}
+    assert set(by) == {"score.pii_free", "score.length"}  # no inference event measured anything else
+    pii = by["score.pii_free"]
+    assert pii.drifted and pii.test == "z" and (pii.reference_mean, pii.current_mean) == (1.0, 0.6)
+    assert not by["score.length"].drifted
+    await sub.unsubscribe()

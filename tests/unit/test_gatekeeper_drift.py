@@ -21,12 +21,19 @@ def policy(*drift: dict) -> object:
     return parse_policy({"name": "p", "rules": EVAL, "drift": list(drift)})
 
 
-def report(**psi: float) -> DriftReport:
+def report(comparison: str = "now_vs_reference", tests: dict[str, float] | None = None, **psi: float) -> DriftReport:
+    """A report whose features have these PSIs; `tests` gives some a drift test's p-value (KS, alpha 0.05)."""
     now = datetime.now(UTC)
+    tests = tests or {}
     feats = [FeatureDrift(feature=name.replace("__", ":"), psi=v, ks_stat=0.0, ks_pvalue=1.0, reference_mean=10.0,
-                          current_mean=30.0, drifted=v >= 0.2) for name, v in psi.items()]
+                          current_mean=30.0, drifted=v >= 0.2,
+                          **({"test": "ks", "statistic": 0.4, "p_value": tests[name], "threshold": 0.05,
+                              "test_drifted": tests[name] < 0.05} if name in tests else {}))
+             for name, v in psi.items()]
+    extra = {"release": "r2", "reference_release": "r1"} if comparison == "canary_vs_stable" else {}
     return DriftReport(deployment="chat", window_start=now, window_end=now, reference_n=500, current_n=500,
-                       features=feats, drifted=any(f.drifted for f in feats))
+                       features=feats, drifted=any(f.drifted for f in feats), comparison=comparison,  # type: ignore[arg-type]
+                       **extra)
 
 
 def test_feature_over_max_psi_blocks_naming_the_feature_and_rule() -> None:
@@ -74,6 +81,8 @@ def test_policy_without_drift_rules_never_decides_on_drift() -> None:
     ({"max_psi": 0}, "Expected `float` > 0.0 - at `$.drift[0].max_psi`"),
     ({"max_psi": 0.1, "kind": "metric"}, "Invalid enum value 'metric' - at `$.drift[0].kind`"),
     ({"max_psi": 0.1, "feature": "x"}, "unknown field `feature` - at `$.drift[0]`"),
+    ({"features": ["output_tokens"]}, "a drift rule needs max_psi, test: true, or both - at `$.drift[0]`"),
+    ({"max_psi": 0.1, "compare": "canary"}, "Invalid enum value 'canary' - at `$.drift[0].compare`"),
 ])
 def test_malformed_drift_rules_name_the_field(rule: dict, message: str) -> None:
     with pytest.raises(PolicyError) as err:
@@ -91,3 +100,42 @@ def test_malformed_drift_rules_name_the_field(rule: dict, message: str) -> None:
 ])
 def test_drift_report_is_evidence_about_a_live_canary_only(route: dict, release: str) -> None:
     assert canary_release(decode_route(msgspec.json.encode(route)), report(output_tokens=0.5)) == release
+
+
+def test_a_rule_can_target_canary_versus_stable_reports_only() -> None:
+    p = policy({"max_psi": 0.1, "compare": "canary_vs_stable", "features": ["output_tokens"]})
+    assert p.drift[0].name == "drift psi <= 0.1 on output_tokens (canary_vs_stable)"  # type: ignore[attr-defined]
+    assert decide_drift(p, report(output_tokens=0.9)) is None  # a now-vs-reference report: not this rule's
+    assert drift_results(p, report(output_tokens=0.9)) == ()
+    out = decide_drift(p, report("canary_vs_stable", output_tokens=0.9))
+    assert out is not None and out.decision == "BLOCK"
+    assert "deployment 'chat' (canary vs stable)" in out.reason
+    assert "canary r2: 500 events against 500 of stable r1" in out.reason
+    # a rule without `compare` (as before) judges both kinds
+    assert decide_drift(policy({"max_psi": 0.1}), report("canary_vs_stable", output_tokens=0.9)) is not None
+
+
+def test_a_test_rule_fails_on_the_feature_s_own_drift_test() -> None:
+    p = policy({"test": True, "features": ["response_text"]})
+    assert p.drift[0].name == "drift no test drift on response_text"  # type: ignore[attr-defined]
+    calm = report(tests={"response_text": 0.3}, response_text=0.0, output_tokens=0.9)
+    assert decide_drift(p, calm) is None
+    assert drift_results(p, calm)[0].hint == "no drift test found drift in 1 matching feature(s)"
+    out = decide_drift(p, report(tests={"response_text": 0.005}, response_text=0.0))
+    assert out is not None
+    (r,) = out.rules
+    assert (r.verdict, r.metric, r.observed, r.threshold) == ("FAIL", "drift_test:response_text", 0.005, 0.05)
+    assert "DRIFT in response_text (PSI 0, mean 10 -> 30; ks p 0.005 < 0.05) over its drift test" in out.reason
+    both = policy({"max_psi": 0.5, "test": True})
+    assert decide_drift(both, report(tests={"latency_ms": 0.01}, latency_ms=0.05)) is not None
+
+
+def test_a_canary_versus_stable_report_is_evidence_about_the_release_it_names() -> None:
+    aborted = decode_route(msgspec.json.encode({"canary": {"release": "r2"}, "phase": "aborted"}))
+    assert canary_release(aborted, report("canary_vs_stable", output_tokens=0.5)) == "r2"
+    assert canary_release(None, report("canary_vs_stable", output_tokens=0.5)) == "r2"
+    assert canary_release(None, report(output_tokens=0.5)) == ""
+    # events that named no release (an SDK's): the route's live canary, as for now-vs-reference reports
+    unnamed = msgspec.structs.replace(report("canary_vs_stable", output_tokens=0.5), release="")
+    live = decode_route(msgspec.json.encode({"canary": {"release": "r3"}, "phase": "progressing"}))
+    assert (canary_release(live, unnamed), canary_release(aborted, unnamed)) == ("r3", "")

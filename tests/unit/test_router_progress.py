@@ -121,6 +121,22 @@ def test_latency_that_drifted_down_is_an_improvement_and_never_aborts(ref: float
     assert (new is not None and new.phase == "aborted") is aborts
 
 
+@pytest.mark.parametrize(("feature", "ref", "cur", "aborts"), [
+    ("status:error", 0.05, 0.01, False), ("status:error", 0.01, 0.05, True),
+    ("status:ok", 0.95, 0.99, False), ("status:ok", 0.99, 0.95, True),
+    ("refusal:yes", 0.2, 0.05, False), ("refusal:no", 0.8, 0.95, False), ("refusal:yes", 0.05, 0.2, True),
+    ("score.pii_free", 0.9, 0.99, False), ("score.pii_free", 0.99, 0.9, True),
+])
+def test_a_canary_that_got_better_is_never_aborted_for_drift(feature: str, ref: float, cur: float,
+                                                             aborts: bool) -> None:
+    when = datetime.fromtimestamp(200.0, UTC)
+    report = DriftReport(deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
+                         drifted=True, features=[FeatureDrift(feature=feature, psi=0.45, ks_stat=0.5, ks_pvalue=0.001,
+                                                              reference_mean=ref, current_mean=cur, drifted=True)])
+    new = progress.on_drift(_live(), report)
+    assert (new is not None and new.phase == "aborted") is aborts
+
+
 def test_pause_and_resume_record_the_actor() -> None:
     paused = progress.pause(_live(), "apikey:k1(operator@a/b)", "looking at traces")
     assert paused.paused and paused.weight == 25.0

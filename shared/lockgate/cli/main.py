@@ -145,11 +145,21 @@ def drift(ctx: click.Context, deployment: str | None, limit: int, as_json: bool)
         output(reports, True)
         return
     rows = [{"time": r.get("time"), "deployment": r.get("deployment"), "window": f"{r.get('reference_n')} vs "
-             f"{r.get('current_n')}", "feature": f.get("feature"), "psi": f.get("psi"), "ks_pvalue": f.get("ks_pvalue"),
+             f"{r.get('current_n')}", "comparison": r.get("comparison") or "now_vs_reference",
+             "feature": f.get("feature"), "psi": f.get("psi"), "test": _drift_test(f),
              "reference_mean": f.get("reference_mean"), "current_mean": f.get("current_mean"),
              "drifted": "DRIFT" if f.get("drifted") else "-"}
             for r in reports for f in r.get("features", [])]
-    output(rows, False, title="drift reports (PSI >= threshold marks drift)")
+    output(rows, False, title="drift reports (DRIFT: the feature's test found drift and PSI >= the threshold)")
+
+
+def _drift_test(f: dict) -> str:
+    """`ks p=0.003<0.05` or `wasserstein 0.4>=0.1`: the test chosen for the feature and its verdict's terms."""
+    if not f.get("test"):
+        return f"ks p={f.get('ks_pvalue'):.3g}" if f.get("ks_pvalue") is not None else "-"
+    if f.get("p_value") is not None:
+        return f"{f['test']} p={f['p_value']:.3g} (<{f.get('threshold'):g})"
+    return f"{f['test']} {f.get('statistic'):.3g} (>={f.get('threshold'):g})"
 
 
 @cli.command()

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 import msgspec
 
 from lockgate.contracts.envelope import Event
 
+Comparison = Literal["now_vs_reference", "canary_vs_stable"]
 
-class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
-    """Drift of one feature between the reference and current windows."""
+
+class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Drift of one feature between the reference and current windows.
+
+    `test` is the test chosen by sample size and type (as Evidently does): "ks", "chi_squared" or "z" up
+    to 1,000 reference rows (drift when `p_value` < `threshold`), "wasserstein" (normed by the reference's
+    std) or "jensen_shannon" above (drift when `statistic`, the distance, >= `threshold`), or
+    "embedding_mean_distance" for texts (a permutation p-value). `test_drifted` is that test's verdict;
+    `drifted` is what the monitor alarms on: the test's verdict and a PSI at least the monitor's threshold
+    (significant and material), never set for texts (a canary's new model rewords answers by design; a
+    gate policy can opt in). `ks_stat`/`ks_pvalue` keep their meaning from before the test selection.
+    Fields appended since v1 are left out of the encoding at their defaults (omit_defaults), so a v1 report
+    encodes byte for byte as before.
+    """
 
     feature: str
     psi: float
@@ -19,10 +33,23 @@ class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True):
     reference_mean: float
     current_mean: float
     drifted: bool
+    test: str = ""
+    statistic: float = 0.0
+    p_value: float | None = None  # None for a distance
+    threshold: float = 0.0
+    test_drifted: bool = False
+    reference_size: int = 0  # this feature's sample sizes (rows that measured it)
+    current_size: int = 0
 
 
 class DriftReport(Event, frozen=True, kw_only=True, tag="lockgate.drift.report"):
-    """Per-deployment drift over the current window."""
+    """Per-deployment drift over the current window.
+
+    `comparison`: "now_vs_reference" compares the deployment's latest window with its reference (the first
+    events after the last promotion); "canary_vs_stable" compares a rollout's canary window (`release`) with
+    the stable variant's window of the same deployment (`reference_release`). `embedder` names the text
+    embedder of the text features ("" when no text was compared).
+    """
 
     deployment: str
     app: str = ""
@@ -32,3 +59,7 @@ class DriftReport(Event, frozen=True, kw_only=True, tag="lockgate.drift.report")
     current_n: int
     features: list[FeatureDrift]
     drifted: bool
+    comparison: Comparison = "now_vs_reference"
+    release: str = ""
+    reference_release: str = ""
+    embedder: str = ""

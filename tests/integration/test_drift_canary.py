@@ -1,0 +1,115 @@
+"""Drift that acts, canary versus stable, on the real bus with the simulator: live traffic through the router,
+the drift monitor comparing the canary's window with the stable variant's, the gatekeeper's drift policy
+signing a BLOCK naming the feature, and the router rolling the canary back."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from lockgate import artifacts
+from lockgate.codec import Codec
+from lockgate.contracts import DriftReport, GateDecided
+from lockgate.server.apikeys import Bootstrap, bootstrap
+from lockgate.server.service import ServiceContext
+from lockgate.signing import Signer, Verifier, ensure_signer_trusted
+from lockgate.subjects import token
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import register_model_release
+
+pytestmark = pytest.mark.timeout(120)
+
+PROMPTS = [f"q{i}" for i in range(10)]
+# Answers of 3 to 12 words on stable; the canary's are three times as long, for the same prompts.
+STABLE = SimConfig(models={"m": ModelSpec(answers={p: " ".join(["word"] * (3 + i)) for i, p in enumerate(PROMPTS)})},
+                   seed=3)
+CANARY = SimConfig(models={"m": ModelSpec(answers={p: " ".join(["word"] * 3 * (3 + i))
+                                                   for i, p in enumerate(PROMPTS)})}, seed=3)
+POLICY = {"name": "canary-drift", "rules": [{"metric": "score", "op": ">=", "threshold": 0.8}],
+          "drift": [{"compare": "canary_vs_stable", "max_psi": 0.5, "features": ["output_tokens"]}]}
+_decided: Codec[GateDecided] = Codec(GateDecided)
+_reports: Codec[DriftReport] = Codec(DriftReport)
+
+
+@pytest.fixture
+async def stack(context: ServiceContext, run_services: Any) -> AsyncIterator[tuple[Any, Signer]]:
+    signer = ensure_signer_trusted(context.settings)  # the key the gatekeeper service signs with
+    async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
+        await register_model_release(context.bus, "r1", "m", "default")
+        await register_model_release(context.bus, "r2", "m", "canary")
+        # The monitor's own alarm threshold is out of reach, so the router never aborts on a report by itself:
+        # the rollback below is the gate's drift policy acting, nothing else.
+        context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
+                                                    deployment="chat", app="shop", drift_psi_threshold=1e9)
+        await _decide(context.bus, signer, "r1", "PASS", publish=False)
+        services = await run_services("drift", "gatekeeper", "router")
+        yield services["router"], signer
+
+
+@pytest.fixture
+async def http(context: ServiceContext) -> AsyncIterator[aiohttp.ClientSession]:
+    keys: Bootstrap = bootstrap(context.settings.home, tenant="acme", app="shop")
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as s:
+        yield s
+
+
+async def _decide(bus: Any, signer: Signer, release: str, verdict: str, *, policy: str = "",
+                  publish: bool = True) -> None:
+    """A gatekeeper-signed decision made current in KV (and announced), as the gatekeeper's eval path does."""
+    d = signer.sign(GateDecided(release=release, rules=[], decision=verdict, policy=policy))  # type: ignore[arg-type]
+    await (await bus.kv(bus.subjects.kv_gates)).put(token(release), msgspec.json.encode(d))
+    if publish:
+        await bus.publish(bus.subjects.gate_decided(release), d)
+
+
+async def test_a_canary_whose_output_triples_against_stable_is_blocked_by_the_drift_policy_and_rolled_back(
+        stack: tuple[Any, Signer], http: aiohttp.ClientSession) -> None:
+    router, signer = stack
+    bus = router.ctx.bus
+    reports = await bus.nc.subscribe(bus.subjects.drift("chat"))
+    policy = await artifacts.register(bus, "policy", "canary-drift", POLICY)
+    body = {"stable_release": "r1", "canary_release": "r2", "strategy": {"steps": [50, 100], "interval_s": 3600}}
+    async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    await _decide(bus, signer, "r2", "PASS", policy=policy.hash)
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "progressing", timeout=10)
+
+    async def one(i: int) -> None:
+        req = {"model": "m", "messages": [{"role": "user", "content": PROMPTS[i % 10]}], "user": f"user-{i}"}
+        async with http.post(f"{router.url}/v1/chat/completions", json=req) as resp:
+            assert resp.status == 200, await resp.text()
+
+    sent = 0
+    while router.rollouts.route("chat").phase == "progressing" and sent < 2000:  # half of users on the canary
+        await asyncio.gather(*(one(sent + i) for i in range(40)))
+        sent += 40
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not aborted after {sent} requests: {route.reason}"
+    assert route.weight == 0.0 and route.stable.release == "r1"
+    assert route.reason.startswith("aborted r2: gate BLOCK: drift policy 'canary-drift' of deployment 'chat' "
+                                   "(canary vs stable)")
+    assert "DRIFT in output_tokens (PSI" in route.reason and "of stable r1" in route.reason
+
+    stored = _decided.decode((await (await bus.kv(bus.subjects.kv_gates)).get(token("r2"))).value)
+    assert (stored.decision, stored.policy, stored.key_id) == ("BLOCK", policy.hash, signer.key_id)
+    await Verifier(bus, router.ctx.settings).verify(stored)  # signed by the trusted gatekeeper key
+    assert [(r.verdict, r.metric) for r in stored.rules] == [("FAIL", "drift_psi:output_tokens")]
+
+    # The report it acted on: the canary's window against the stable one's, the test and sizes per feature.
+    while True:
+        report = _reports.decode((await reports.next_msg(timeout=10)).data)
+        if report.comparison == "canary_vs_stable":
+            break
+    await reports.unsubscribe()
+    assert (report.release, report.reference_release) == ("r2", "r1") and not report.drifted
+    out = next(f for f in report.features if f.feature == "output_tokens")
+    assert out.test == "ks" and out.test_drifted and out.p_value is not None and out.p_value < 1e-6
+    assert out.current_mean > 2.5 * out.reference_mean and out.psi > 0.5
+    assert (out.reference_size, out.current_size) == (50, 50)
+    latency = next(f for f in report.features if f.feature == "latency_ms")
+    assert latency.psi < out.psi
