@@ -121,6 +121,7 @@ class OnlineEval:
         self._queue: asyncio.Queue[tuple[InferenceEvent, JudgeSpec]] = asyncio.Queue(QUEUE)
         self._judges: dict[str, _JudgeState] = {}
         self._workers: list[asyncio.Task[None]] = []
+        self._closed = False
         self._session: aiohttp.ClientSession | None = None
         self._prices: dict[str, ModelPrice] | None = None
 
@@ -143,6 +144,9 @@ class OnlineEval:
         await self.scored.bump(n)
 
     async def _enqueue(self, event: InferenceEvent, spec: JudgeSpec) -> None:
+        if self._closed:  # stopping: the consumer may still deliver, but no worker may start again
+            await self.judge_skipped.bump()
+            return
         if not self._workers:
             self._workers = [asyncio.create_task(self._work(), name=f"evaluator:judge-{i}") for i in range(WORKERS)]
         try:
@@ -152,6 +156,7 @@ class OnlineEval:
 
     async def close(self) -> None:
         """Stop the judge's workers and close its HTTP pool."""
+        self._closed = True
         for task in self._workers:
             task.cancel()
         for task in self._workers:
@@ -183,7 +188,9 @@ class OnlineEval:
         return state
 
     async def _work(self) -> None:
-        while True:
+        # `_closed` as well as the cancel: a cancel that lands inside the HTTP client's own timeout or
+        # connection handling can be consumed there, and the worker must still stop.
+        while not self._closed:
             event, spec = await self._queue.get()
             try:
                 await self._judge(event, spec)
