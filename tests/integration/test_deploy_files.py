@@ -93,6 +93,46 @@ def k8s_problems(text: str) -> list[str]:
                 if not (endpoints and _mounted(mounts, endpoints)) and not (upstream and "127.0.0.1" not in upstream):
                     problems.append(f"{where}: no upstream configured (LOCKGATE_ENDPOINTS_FILE on a mounted "
                                     "ConfigMap); the default is the simulator on 127.0.0.1")
+    return problems + _k8s_operations(docs)
+
+
+# Variables whose values are credentials: a Secret's, never a literal or a ConfigMap's.
+_SECRET_VARIABLES = ("LOCKGATE_NATS_PASSWORD", "LOCKGATE_CLICKHOUSE_URL", "LOCKGATE_CLICKHOUSE_READONLY_URL")
+
+
+def _k8s_operations(docs: list[dict[str, Any]]) -> list[str]:
+    """What a cluster operator needs beyond the CLI: resources on every container, a disruption budget
+    per scaled service, credentials from Secrets, and readiness on every pod a Service sends traffic to."""
+    problems = []
+    config = next(d["data"] for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "lockgate")
+    problems += [f"ConfigMap: {k} is a credential (a Secret's)" for k in config if k in _SECRET_VARIABLES]
+    problems += [f"ConfigMap: {k} carries a password" for k, v in config.items() if re.search(r"://[^/@]+:[^/@]+@", v)]
+    pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    served = [d["spec"]["selector"] for d in docs if d["kind"] == "Service"]
+    for doc in (d for d in docs if d["kind"] == "Deployment"):
+        where = f"Deployment {doc['metadata']['name']}"
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        replicas = doc["spec"].get("replicas", 1)
+        budgets = [p for p in pdbs if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        if replicas >= 2 and not any(0 < p["spec"].get("minAvailable", 0) < replicas for p in budgets):
+            problems.append(f"{where}: {replicas} replicas and no PodDisruptionBudget keeping one of them")
+        behind_service = any(sel.items() <= labels.items() for sel in served)
+        for c in _containers(doc):
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                missing = {"cpu", "memory"} - set(res.get(kind, {}))
+                problems += [f"{where}: no {kind}.{m}" for m in sorted(missing)]
+            env = {e["name"]: e for e in c.get("env", [])}
+            service = c["args"][1]
+            for name in _SECRET_VARIABLES:
+                if name in env and "secretKeyRef" not in env[name].get("valueFrom", {}):
+                    problems.append(f"{where}: {name} must come from a Secret")
+            if service in ("sink", "query") and "LOCKGATE_CLICKHOUSE_URL" not in env:
+                problems.append(f"{where}: opens the store without LOCKGATE_CLICKHOUSE_URL from a Secret")
+            if behind_service and "readinessProbe" not in c:
+                problems.append(f"{where}: a Service sends it traffic and it has no readinessProbe")
+            if service == "router" and c.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/healthz":
+                problems.append(f"{where}: readiness must be /healthz (it reports the bus)")
     return problems
 
 
@@ -145,6 +185,14 @@ def test_compose_matches_the_cli() -> None:
      "the signing key must be LOCKGATE_SIGNING_KEY on a mounted Secret"),
     ("LOCKGATE_REPLICAS: \"3\"", "LOCKGATE_REPLICA: \"3\"", "unknown variable LOCKGATE_REPLICA"),
     ("key: cost}", "key: router}", "with the password of 'router'"),
+    ("limits: {cpu: '1', memory: 1Gi}", "limits: {memory: 1Gi}", "no limits.cpu"),
+    ("requests: {cpu: 250m, memory: 256Mi}", "requests: {cpu: 250m}", "no requests.memory"),
+    ("component: cost}\n---", "component: costs}\n---", "no PodDisruptionBudget"),
+    ("LOCKGATE_PREFIX: lg", "LOCKGATE_PREFIX: lg\n  LOCKGATE_CLICKHOUSE_URL: http://lockgate:pw@clickhouse:8123",
+     "LOCKGATE_CLICKHOUSE_URL is a credential"),
+    ("valueFrom: {secretKeyRef: {name: lockgate-clickhouse, key: reader-url}}", "value: http://clickhouse:8123",
+     "LOCKGATE_CLICKHOUSE_READONLY_URL must come from a Secret"),
+    ("readinessProbe: {tcpSocket: {port: 4318}, periodSeconds: 5}", "", "has no readinessProbe"),
 ])
 def test_a_broken_k8s_manifest_fails(old: str, new: str, expected: str) -> None:
     text = (ROOT / "deploy/k8s/lockgate.yaml").read_text()
