@@ -15,12 +15,16 @@ import yaml
 from lockgate.cli.main import cli
 from lockgate.config import Settings
 from lockgate.permissions import IDENTITIES
+from lockgate.server.natsaccounts import ROUTE_PASSWORD, SYSTEM_USER
+from lockgate.server.natsserver import env_password
 from lockgate.server.registry import available
 
 ROOT = Path(__file__).resolve().parents[2]
 # Variables the CLI group reads besides the settings (click envvars) and the NATS servers' passwords.
 _CLI_ENV = {"LOCKGATE_ROLE", "LOCKGATE_IDENTITY"}
 _PASSWORDS = {f"LOCKGATE_NATS_PASSWORD_{i.upper()}" for i in IDENTITIES}
+# deploy/nats/cluster.conf's other secrets: the system account's user and the routes'
+_CLUSTER_PASSWORDS = {env_password(SYSTEM_USER), ROUTE_PASSWORD}
 
 
 def _known_variable(name: str) -> bool:
@@ -144,8 +148,12 @@ def compose_problems(text: str) -> list[str]:
     for name, svc in doc["services"].items():
         env = svc.get("environment", {}) or {}
         if name in nodes:
-            missing = _PASSWORDS - set(env)
+            missing = (_PASSWORDS | _CLUSTER_PASSWORDS) - set(env)
             problems += [f"{name}: no {v}" for v in sorted(missing)]
+            command = svc.get("command", [])
+            if command[:2] != ["-c", "/etc/nats/cluster.conf"] or "--name" not in command:
+                problems.append(f"{name}: must run deploy/nats/cluster.conf (accounts, authenticated routes) "
+                                "with its --name")
             continue
         if svc.get("image") != "lockgate:latest":
             continue
@@ -207,6 +215,9 @@ def test_a_broken_k8s_manifest_fails(old: str, new: str, expected: str) -> None:
     ("LOCKGATE_STABLE_UPSTREAM: http://simulator:9000/v1", "LOCKGATE_STABLE_UPSTREAM: http://127.0.0.1:9000/v1",
      "no upstream configured"),
     ("nats://nats-2:4222,", "", "must list every NATS node"),
+    ('"/etc/nats/cluster.conf", "--name", "nats-2"', '"/etc/nats/nats.conf", "--name", "nats-2"',
+     "nats-2: must run deploy/nats/cluster.conf"),
+    ("  LOCKGATE_NATS_ROUTE_PASSWORD: ${LOCKGATE_NATS_ROUTE_PASSWORD:?}\n", "", "no LOCKGATE_NATS_ROUTE_PASSWORD"),
 ])
 def test_a_broken_compose_file_fails(old: str, new: str, expected: str) -> None:
     text = (ROOT / "compose.yaml").read_text()

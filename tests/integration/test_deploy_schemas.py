@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+
 import kubernetes_validate
 import pytest
 import yaml
