@@ -15,7 +15,7 @@ import yaml
 from lockgate.cli.main import cli
 from lockgate.config import Settings
 from lockgate.permissions import IDENTITIES
-from lockgate.server.natsaccounts import ROUTE_PASSWORD, SYSTEM_USER
+from lockgate.server.natsaccounts import ROUTE_PASSWORD, ROUTES_VARIABLE, SYSTEM_USER
 from lockgate.server.natsserver import env_password
 from lockgate.server.registry import available
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _CLI_ENV = {"LOCKGATE_ROLE", "LOCKGATE_IDENTITY"}
 _PASSWORDS = {f"LOCKGATE_NATS_PASSWORD_{i.upper()}" for i in IDENTITIES}
 # deploy/nats/cluster.conf's other secrets: the system account's user and the routes'
-_CLUSTER_PASSWORDS = {env_password(SYSTEM_USER), ROUTE_PASSWORD}
+_CLUSTER_PASSWORDS = {env_password(SYSTEM_USER), ROUTE_PASSWORD, ROUTES_VARIABLE}
 
 
 def _known_variable(name: str) -> bool:
@@ -150,6 +150,11 @@ def compose_problems(text: str) -> list[str]:
         if name in nodes:
             missing = (_PASSWORDS | _CLUSTER_PASSWORDS) - set(env)
             problems += [f"{name}: no {v}" for v in sorted(missing)]
+            # every node solicits every node, authenticated (the password is interpolated by compose)
+            route_urls = re.findall(r"nats-route://route:\$\{LOCKGATE_NATS_ROUTE_PASSWORD:\?\}@([\w-]+):6222",
+                                    env.get(ROUTES_VARIABLE, ""))
+            if sorted(route_urls) != sorted(nodes):
+                problems.append(f"{name}: {ROUTES_VARIABLE} must list every node with the route password")
             command = svc.get("command", [])
             if command[:2] != ["-c", "/etc/nats/cluster.conf"] or "--name" not in command:
                 problems.append(f"{name}: must run deploy/nats/cluster.conf (accounts, authenticated routes) "
@@ -218,6 +223,8 @@ def test_a_broken_k8s_manifest_fails(old: str, new: str, expected: str) -> None:
     ('"/etc/nats/cluster.conf", "--name", "nats-2"', '"/etc/nats/nats.conf", "--name", "nats-2"',
      "nats-2: must run deploy/nats/cluster.conf"),
     ("  LOCKGATE_NATS_ROUTE_PASSWORD: ${LOCKGATE_NATS_ROUTE_PASSWORD:?}\n", "", "no LOCKGATE_NATS_ROUTE_PASSWORD"),
+    ("nats-route://route:${LOCKGATE_NATS_ROUTE_PASSWORD:?}@nats-3:6222", "nats-route://nats-3:6222",
+     "LOCKGATE_NATS_ROUTES must list every node with the route password"),
 ])
 def test_a_broken_compose_file_fails(old: str, new: str, expected: str) -> None:
     text = (ROOT / "compose.yaml").read_text()

@@ -13,6 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import aiohttp
 import nats
 import nats.errors
 import pytest
@@ -22,7 +23,14 @@ from lockgate.bus import Bus
 from lockgate.cli.main import cli
 from lockgate.credentials import NatsAuth
 from lockgate.permissions import IDENTITIES
-from lockgate.server.natsaccounts import ACCOUNT, ROUTE_PASSWORD, SYSTEM_USER, cluster_config
+from lockgate.server.natsaccounts import (
+    ACCOUNT,
+    ROUTE_PASSWORD,
+    ROUTES_VARIABLE,
+    SYSTEM_USER,
+    cluster_config,
+    routes,
+)
 from lockgate.server.natscluster import free_ports
 from lockgate.server.natsserver import NatsServer, env_password
 from lockgate.subjects import Subjects
@@ -39,20 +47,35 @@ def test_committed_cluster_config_is_the_generated_one() -> None:
     assert printed.output == cluster_config(Subjects("lg"))
 
 
-class Cluster:
-    """Three nodes from one generated configuration; the passwords are the nodes' environment."""
+def on_loopback(config: str, route_port: int) -> str:
+    """The committed file with its route listener on loopback, and nothing else changed (the routes
+    are the environment's). Not `--cluster` on the command line: nats-server then drops the file's
+    route authorization (seen with 2.15: a node with the wrong route password joined)."""
+    assert config.count('"port": 6222') == 1
+    return config.replace('"port": 6222', f'"listen": "127.0.0.1:{route_port}"')
 
-    def __init__(self, root: Path, config: str) -> None:
-        routes, monitors = free_ports(3), free_ports(3)
-        self._leader = [threading.Event() for _ in routes]
-        self.nodes = [
-            NatsServer(root / f"n{i + 1}", config=config, on_line=self._watch(i), args=[
-                "--name", f"n{i + 1}", "-m", str(monitors[i]), "--cluster", f"nats://127.0.0.1:{port}",
-                "--routes", ",".join(f"nats://127.0.0.1:{p}" for p in routes if p != port)])
-            for i, port in enumerate(routes)]
+
+class Cluster:
+    """Three nodes from the committed configuration; the passwords are the nodes' environment."""
+
+    def __init__(self, root: Path, config: str, size: int = 3) -> None:
+        self.config, self.root = config, root
+        self.route_ports = free_ports(size)
+        self._leader = [threading.Event() for _ in self.route_ports]
+        self.lines: list[list[str]] = [[] for _ in self.route_ports]
+        self.monitors: list[int] = []  # each node's monitoring port (loopback)
+        self.nodes = [self.node(i, port) for i, port in enumerate(self.route_ports)]
+
+    def node(self, i: int, route_port: int) -> NatsServer:
+        """Node `i` listening for routes on `route_port`, soliciting every node of the cluster."""
+        (monitor,) = free_ports(1)
+        self.monitors.append(monitor)
+        return NatsServer(self.root / f"n{i + 1}", config=on_loopback(self.config, route_port),
+                          on_line=self._watch(i), args=["--name", f"n{i + 1}", "-m", str(monitor)])
 
     def _watch(self, index: int):
         def on_line(line: str) -> None:
+            self.lines[index].append(line)
             if "metadata leader" in line:
                 self._leader[index].set()
         return on_line
@@ -68,15 +91,18 @@ class Cluster:
 
 
 @pytest.fixture
-async def accounts(tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
+async def accounts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[
         tuple[Cluster, dict[str, str]]]:
     # As the deployment docs say to make them: nats-server parses a substituted variable as a value, so a
     # password must read as one string (a letter first, no spaces): "p" + hex.
     passwords = {i: "p" + secrets.token_hex(24) for i in (*IDENTITIES, SYSTEM_USER)}
     for identity, password in passwords.items():
         monkeypatch.setenv(env_password(identity), password)
-    monkeypatch.setenv(ROUTE_PASSWORD, "p" + secrets.token_hex(24))
-    cluster = Cluster(tmp_path / "nats", cluster_config(Subjects(unique)))
+    # The committed file (the test above holds it to the generator), for the prefix `lg`.
+    cluster = Cluster(tmp_path / "nats", (ROOT / "deploy/nats/cluster.conf").read_text())
+    route_password = "p" + secrets.token_hex(24)
+    monkeypatch.setenv(ROUTE_PASSWORD, route_password)
+    monkeypatch.setenv(ROUTES_VARIABLE, routes([f"127.0.0.1:{p}" for p in cluster.route_ports], route_password))
     try:
         await cluster.start()
         yield cluster, passwords
@@ -96,12 +122,12 @@ async def _connz(system: nats.NATS, server_id: str) -> list[dict]:
     return json.loads(reply.data)["data"]["connections"]
 
 
-async def test_every_identity_logs_in_to_the_lockgate_account_and_streams_are_r3(accounts, unique: str) -> None:
+async def test_every_identity_logs_in_to_the_lockgate_account_and_streams_are_r3(accounts) -> None:
     cluster, passwords = accounts
     node = cluster.nodes[0].url
     clients = {i: await _connect(node, i, passwords[i]) for i in IDENTITIES}
     system = await _connect(node, SYSTEM_USER, passwords[SYSTEM_USER])
-    admin = Bus(cluster.url, Subjects(unique), name="test-admin", replicas=3,
+    admin = Bus(cluster.url, Subjects("lg"), name="test-admin", replicas=3,
                 auth=NatsAuth(user="admin", password=passwords["admin"]))
     try:
         server_id = system._server_info["server_id"]
@@ -160,3 +186,32 @@ async def test_an_identity_is_no_user_of_the_system_account(accounts) -> None:
         with pytest.raises(nats.errors.Error):
             await nats.connect(cluster.nodes[1].url, user=user, password=password, allow_reconnect=False,
                                max_reconnect_attempts=0, connect_timeout=5)
+
+
+async def test_a_node_without_the_route_password_does_not_join(accounts, monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster, _ = accounts
+    # The intruder reads the same file with a password of its own guessing.
+    monkeypatch.setenv(ROUTE_PASSWORD, "pwrong")
+    monkeypatch.setenv(ROUTES_VARIABLE, routes([f"127.0.0.1:{p}" for p in cluster.route_ports], "pwrong"))
+    (port,) = free_ports(1)
+    cluster.lines.append([])
+    intruder = cluster.node(3, port)
+    refused = threading.Event()
+    watch = intruder.on_line
+
+    def on_line(line: str) -> None:
+        watch(line)
+        if "Authorization Violation" in line:
+            refused.set()
+
+    intruder.on_line = on_line
+    try:
+        await intruder.start(60)
+        # The cluster's nodes refuse its routes: it is told so on every attempt, and none lets it in.
+        assert await asyncio.to_thread(refused.wait, 60)
+        async with aiohttp.ClientSession() as http, \
+                http.get(f"http://127.0.0.1:{cluster.monitors[0]}/routez") as resp:
+            peers = {r.get("remote_name") for r in (await resp.json())["routes"]}
+        assert {"n2", "n3"} <= peers and "n4" not in peers, peers
+    finally:
+        intruder.stop()
