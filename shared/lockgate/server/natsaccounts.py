@@ -4,8 +4,9 @@ permissions.py), the server's own monitoring in the SYS system account, routes b
 authenticated with a password of their own. Accounts are isolated subject spaces: nothing published
 in one is seen in another, so the system account's traffic and lockgate's never mix.
 
-Per-node values (name, store, addresses) come from the node's command line (`--name nats-1 -sd /data`), so every node
-reads the same file; passwords come from the server's environment, never from the file."""
+Every node reads the same file: its name and store come from its command line (`--name nats-1 -sd
+/data`), passwords and the route list (URLs that carry the route password) from its environment,
+never from the file."""
 
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ SYSTEM_USER = "system"
 ROUTE_USER = "route"
 ROUTE_PASSWORD = "LOCKGATE_NATS_ROUTE_PASSWORD"
 ROUTES_VARIABLE = "LOCKGATE_NATS_ROUTES"
-# The compose file's nodes (and a StatefulSet's stable names): routes are solicited to each.
-NODES = ("nats-1", "nats-2", "nats-3")
 CLIENT_PORT, MONITOR_PORT, ROUTE_PORT = 4222, 8222, 6222
 
 
