@@ -42,14 +42,23 @@ def _print(name: str, figures: dict[str, Any], indent: str = "  ") -> None:
             print(f"{indent}{key}: {value:,.3f}" if isinstance(value, float) else f"{indent}{key}: {value}")
 
 
+def _read(out: Path) -> dict[str, Any]:
+    return json.loads(out.read_text()) if out.exists() else {}
+
+
 def _write(out: Path, results: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
 
 
-async def main(out: Path, only: list[str]) -> int:
+async def main(out: Path, only: list[str], merge: bool = False) -> int:
     results: dict[str, Any] = {"machine": machine(), "command": "make bench",
                                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "benches": {}}
+    if merge and (kept := await asyncio.to_thread(_read, out)):
+        # Re-measure some benches, keep the others' figures (each stamped with when it ran).
+        results["benches"] = kept.get("benches", {})
+        results["note"] = (kept.get("note", "") + f"; {', '.join(only or BENCHES)} re-measured at "
+                           f"{results['started']} (`python -m tests.bench.run --merge`)").lstrip("; ")
     failed = 0
     async with bench_env() as env:
         for name in only or BENCHES:
@@ -67,6 +76,7 @@ async def main(out: Path, only: list[str]) -> int:
                 failed += 1
                 continue
             figures["wall_s"] = round(time.perf_counter() - started, 2)
+            figures["measured"] = time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime())
             results["benches"][name] = figures
             _print(name, figures)
     await asyncio.to_thread(_write, out, results)
@@ -78,7 +88,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("bench/results.json"))
     parser.add_argument("only", nargs="*", help="bench module names (default: all)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other benches' figures already in --out (re-measure only these)")
     args = parser.parse_args()
     import uvloop  # the loop `lockgate up` and `lockgate serve` run on
 
-    sys.exit(uvloop.run(main(args.out, args.only)))
+    sys.exit(uvloop.run(main(args.out, args.only, args.merge)))

@@ -15,12 +15,16 @@ import yaml
 from lockgate.cli.main import cli
 from lockgate.config import Settings
 from lockgate.permissions import IDENTITIES
+from lockgate.server.natsaccounts import ROUTE_PASSWORD, ROUTES_VARIABLE, SYSTEM_USER
+from lockgate.server.natsserver import env_password
 from lockgate.server.registry import available
 
 ROOT = Path(__file__).resolve().parents[2]
 # Variables the CLI group reads besides the settings (click envvars) and the NATS servers' passwords.
 _CLI_ENV = {"LOCKGATE_ROLE", "LOCKGATE_IDENTITY"}
 _PASSWORDS = {f"LOCKGATE_NATS_PASSWORD_{i.upper()}" for i in IDENTITIES}
+# deploy/nats/cluster.conf's other secrets: the system account's user and the routes'
+_CLUSTER_PASSWORDS = {env_password(SYSTEM_USER), ROUTE_PASSWORD, ROUTES_VARIABLE}
 
 
 def _known_variable(name: str) -> bool:
@@ -93,6 +97,46 @@ def k8s_problems(text: str) -> list[str]:
                 if not (endpoints and _mounted(mounts, endpoints)) and not (upstream and "127.0.0.1" not in upstream):
                     problems.append(f"{where}: no upstream configured (LOCKGATE_ENDPOINTS_FILE on a mounted "
                                     "ConfigMap); the default is the simulator on 127.0.0.1")
+    return problems + _k8s_operations(docs)
+
+
+# Variables whose values are credentials: a Secret's, never a literal or a ConfigMap's.
+_SECRET_VARIABLES = ("LOCKGATE_NATS_PASSWORD", "LOCKGATE_CLICKHOUSE_URL", "LOCKGATE_CLICKHOUSE_READONLY_URL")
+
+
+def _k8s_operations(docs: list[dict[str, Any]]) -> list[str]:
+    """What a cluster operator needs beyond the CLI: resources on every container, a disruption budget
+    per scaled service, credentials from Secrets, and readiness on every pod a Service sends traffic to."""
+    problems = []
+    config = next(d["data"] for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "lockgate")
+    problems += [f"ConfigMap: {k} is a credential (a Secret's)" for k in config if k in _SECRET_VARIABLES]
+    problems += [f"ConfigMap: {k} carries a password" for k, v in config.items() if re.search(r"://[^/@]+:[^/@]+@", v)]
+    pdbs = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    served = [d["spec"]["selector"] for d in docs if d["kind"] == "Service"]
+    for doc in (d for d in docs if d["kind"] == "Deployment"):
+        where = f"Deployment {doc['metadata']['name']}"
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        replicas = doc["spec"].get("replicas", 1)
+        budgets = [p for p in pdbs if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        if replicas >= 2 and not any(0 < p["spec"].get("minAvailable", 0) < replicas for p in budgets):
+            problems.append(f"{where}: {replicas} replicas and no PodDisruptionBudget keeping one of them")
+        behind_service = any(sel.items() <= labels.items() for sel in served)
+        for c in _containers(doc):
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                missing = {"cpu", "memory"} - set(res.get(kind, {}))
+                problems += [f"{where}: no {kind}.{m}" for m in sorted(missing)]
+            env = {e["name"]: e for e in c.get("env", [])}
+            service = c["args"][1]
+            for name in _SECRET_VARIABLES:
+                if name in env and "secretKeyRef" not in env[name].get("valueFrom", {}):
+                    problems.append(f"{where}: {name} must come from a Secret")
+            if service in ("sink", "query") and "LOCKGATE_CLICKHOUSE_URL" not in env:
+                problems.append(f"{where}: opens the store without LOCKGATE_CLICKHOUSE_URL from a Secret")
+            if behind_service and "readinessProbe" not in c:
+                problems.append(f"{where}: a Service sends it traffic and it has no readinessProbe")
+            if service == "router" and c.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/healthz":
+                problems.append(f"{where}: readiness must be /healthz (it reports the bus)")
     return problems
 
 
@@ -104,8 +148,17 @@ def compose_problems(text: str) -> list[str]:
     for name, svc in doc["services"].items():
         env = svc.get("environment", {}) or {}
         if name in nodes:
-            missing = _PASSWORDS - set(env)
+            missing = (_PASSWORDS | _CLUSTER_PASSWORDS) - set(env)
             problems += [f"{name}: no {v}" for v in sorted(missing)]
+            # every node solicits every node, authenticated (the password is interpolated by compose)
+            route_urls = re.findall(r"nats-route://route:\$\{LOCKGATE_NATS_ROUTE_PASSWORD:\?\}@([\w-]+):6222",
+                                    env.get(ROUTES_VARIABLE, ""))
+            if sorted(route_urls) != sorted(nodes):
+                problems.append(f"{name}: {ROUTES_VARIABLE} must list every node with the route password")
+            command = svc.get("command", [])
+            if command[:2] != ["-c", "/etc/nats/cluster.conf"] or "--name" not in command:
+                problems.append(f"{name}: must run deploy/nats/cluster.conf (accounts, authenticated routes) "
+                                "with its --name")
             continue
         if svc.get("image") != "lockgate:latest":
             continue
@@ -145,6 +198,14 @@ def test_compose_matches_the_cli() -> None:
      "the signing key must be LOCKGATE_SIGNING_KEY on a mounted Secret"),
     ("LOCKGATE_REPLICAS: \"3\"", "LOCKGATE_REPLICA: \"3\"", "unknown variable LOCKGATE_REPLICA"),
     ("key: cost}", "key: router}", "with the password of 'router'"),
+    ("limits: {cpu: '1', memory: 1Gi}", "limits: {memory: 1Gi}", "no limits.cpu"),
+    ("requests: {cpu: 250m, memory: 256Mi}", "requests: {cpu: 250m}", "no requests.memory"),
+    ("component: cost}\n---", "component: costs}\n---", "no PodDisruptionBudget"),
+    ("LOCKGATE_PREFIX: lg", "LOCKGATE_PREFIX: lg\n  LOCKGATE_CLICKHOUSE_URL: http://lockgate:pw@clickhouse:8123",
+     "LOCKGATE_CLICKHOUSE_URL is a credential"),
+    ("valueFrom: {secretKeyRef: {name: lockgate-clickhouse, key: reader-url}}", "value: http://clickhouse:8123",
+     "LOCKGATE_CLICKHOUSE_READONLY_URL must come from a Secret"),
+    ("readinessProbe: {tcpSocket: {port: 4318}, periodSeconds: 5}", "", "has no readinessProbe"),
 ])
 def test_a_broken_k8s_manifest_fails(old: str, new: str, expected: str) -> None:
     text = (ROOT / "deploy/k8s/lockgate.yaml").read_text()
@@ -159,6 +220,11 @@ def test_a_broken_k8s_manifest_fails(old: str, new: str, expected: str) -> None:
     ("LOCKGATE_STABLE_UPSTREAM: http://simulator:9000/v1", "LOCKGATE_STABLE_UPSTREAM: http://127.0.0.1:9000/v1",
      "no upstream configured"),
     ("nats://nats-2:4222,", "", "must list every NATS node"),
+    ('"/etc/nats/cluster.conf", "--name", "nats-2"', '"/etc/nats/nats.conf", "--name", "nats-2"',
+     "nats-2: must run deploy/nats/cluster.conf"),
+    ("  LOCKGATE_NATS_ROUTE_PASSWORD: ${LOCKGATE_NATS_ROUTE_PASSWORD:?}\n", "", "no LOCKGATE_NATS_ROUTE_PASSWORD"),
+    ("nats-route://route:${LOCKGATE_NATS_ROUTE_PASSWORD:?}@nats-3:6222", "nats-route://nats-3:6222",
+     "LOCKGATE_NATS_ROUTES must list every node with the route password"),
 ])
 def test_a_broken_compose_file_fails(old: str, new: str, expected: str) -> None:
     text = (ROOT / "compose.yaml").read_text()

@@ -127,15 +127,20 @@ def register(cli: click.Group) -> None:
             uvloop.run(serve_stack(settings))
 
     @cli.command("nats-config")
+    @click.option("--cluster", is_flag=True,
+                  help="A JetStream cluster node's whole configuration with accounts (LOCKGATE for every "
+                       "identity, SYS the system account) and authenticated routes (deploy/nats/cluster.conf).")
     @click.pass_context
     @handle_errors
-    def nats_config(ctx: click.Context) -> None:
+    def nats_config(ctx: click.Context, cluster: bool) -> None:
         """Print users and permissions for a deployed nats-server (deploy/nats/auth.conf), passwords
         from its environment: LOCKGATE_NATS_PASSWORD_<SERVICE or ROLE>."""
+        from lockgate.server.natsaccounts import cluster_config
         from lockgate.server.natsserver import deploy_auth_config
         from lockgate.subjects import Subjects
 
-        click.echo(deploy_auth_config(Subjects(ctx.obj["settings"].prefix)), nl=False)
+        subjects = Subjects(ctx.obj["settings"].prefix)
+        click.echo(cluster_config(subjects) if cluster else deploy_auth_config(subjects), nl=False)
 
     @cli.command()
     @click.argument("services", nargs=-1, required=True)

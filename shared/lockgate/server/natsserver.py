@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lockgate.errors import ConfigError
@@ -87,8 +87,10 @@ class NatsServer:
     """
 
     def __init__(self, store_dir: str | Path, *, port: int = 0, host: str = "127.0.0.1", config: str = "",
-                 tls: bool = False, on_line: Callable[[str], None] | None = None) -> None:
+                 tls: bool = False, on_line: Callable[[str], None] | None = None, args: Sequence[str] = ()) -> None:
         self.store_dir = Path(store_dir)
+        # More command-line options, after the config file's (which they override): a node's name, routes.
+        self.args = list(args)
         self.host = host
         self.port = port
         # Users, permissions and TLS (auth_config); empty runs an open server (the test suite's shared one).
@@ -117,6 +119,7 @@ class NatsServer:
             with os.fdopen(fd, "w") as fh:
                 fh.write(self.config)
             args += ["-c", str(path)]
+        args += self.args
         # Popen only forks and execs; the wait for readiness below runs in a thread.
         self.proc = subprocess.Popen(  # noqa: ASYNC220
             args,
