@@ -8,17 +8,24 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import nats.js.errors
 
-from lockgate import artifacts
+from lockgate import analysisruns, artifacts
 from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import DriftReport, GateDecided, InferenceEvent, InferenceScored, RolloutState
+from lockgate.contracts import (
+    AnalysisRun,
+    DriftReport,
+    GateDecided,
+    InferenceEvent,
+    InferenceScored,
+    RolloutState,
+)
 from lockgate.errors import (
     BusUnavailable,
     InvalidEvent,
@@ -30,7 +37,7 @@ from lockgate.errors import (
 from lockgate.pricebook import load_price_book
 from lockgate.retry import RetryPolicy
 from lockgate.server.service import ServiceContext
-from lockgate.services.router import analysis, bluegreen, domain, progress
+from lockgate.services.router import analysis, bluegreen, domain, patch, progress, runs
 from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.evidence import Evidence
@@ -66,6 +73,7 @@ class _Pending:
     state: RolloutState
     revision: int | None = None
     announce: bool = True  # False for analysis bookkeeping that moves no traffic (KV only, no event)
+    runs: list[AnalysisRun] = field(default_factory=list)  # signed analysis records, published once KV won
 
 
 class Rollouts:
@@ -97,6 +105,8 @@ class Rollouts:
         self._poisoned: dict[str, str] = {}  # deployment -> why its last change was dropped unpersisted
         # Decisions move traffic, so only those signed by a trusted gatekeeper key are acted on.
         self.verifier = Verifier(ctx.bus, s)
+        # Analysis records are signed with the router's own key (never the gatekeeper's: lockgate.analysisruns).
+        self.signer = analysisruns.router_signer(s)
         # Live evidence per variant for canary analysis, fed by `observe` (priced like the cost service).
         price = _pricer(s)
         self.evidence = Evidence(price)
@@ -125,6 +135,19 @@ class Rollouts:
         async with asyncio.timeout(timeout):
             while not predicate(self.routes):
                 await self._changed.wait()
+
+    async def changes(self, deployment: str, keepalive_s: float = 15.0) -> AsyncIterator[Route | None]:
+        """The deployment's route now, then each time any route changes (runs until the caller stops); None
+        after `keepalive_s` without a change, so a watcher can tell a client that went away."""
+        while True:
+            changed = self._changed  # taken before the read: a change in between is never missed
+            yield self.route(deployment)
+            while True:
+                try:
+                    await asyncio.wait_for(changed.wait(), keepalive_s)
+                    break
+                except TimeoutError:
+                    yield None
 
     # lifecycle
     async def restore(self) -> None:
@@ -267,12 +290,17 @@ class Rollouts:
         release back, within a blue-green scale-down window; with `to`, a named known-good release) or
         clear-override."""
         await self._await_ready()
-        # `undo --to`: refused if that release is BLOCKed now (its verified current decision).
-        decision = await self._stored_decision(to) if to else None
+        # `undo --to`: refused if that release is BLOCKed now (its verified current decision); `retry`: the
+        # canary's current decision restarts it at once (a release BLOCKed since is refused).
+        canary = self.route(deployment).canary
+        release = to if action == "undo" else (canary.release if action == "retry" and canary else "")
+        decision = await self._stored_decision(release) if release else None
 
         def change() -> None:
             route = self.route(deployment)
-            if action == "undo" and to:
+            if action == "retry":
+                self._retry(route, decision, actor)
+            elif action == "undo" and to:
                 self._apply(domain.undo_to(route, to, decision, actor), actor=actor)
             elif action == "clear-override":
                 self._apply(domain.clear_override(route), actor=actor)
@@ -294,6 +322,53 @@ class Rollouts:
         await self._until_won(change)
         self._raise_if_poisoned(deployment)
         return self.route(deployment)
+
+    async def patch(self, deployment: str, body: dict[str, Any], actor: str) -> Route:
+        """A JSON merge patch of the deployment (patch.py): only the fields it names change; the rollout keeps
+        its phase, step and analysis. A new canary release needs a verified decision allowing it to keep
+        a weight (else it waits at 0%, as a new canary does)."""
+        await self._await_ready()
+        doc = patch.apply(self.route(deployment), body)
+        canary = await self.target(doc.canary_release) if doc.canary_release else None
+        decision = await self._stored_decision(doc.canary_release) if doc.canary_release else None
+
+        def change() -> None:
+            route = self.route(deployment)
+            doc_now = patch.apply(route, body)  # recomputed on the route a lost compare-and-set reloads
+            fields = patch.changed(route, doc_now)
+            if not fields:
+                raise domain.InvalidRollout(f"the patch changes nothing on {deployment!r}")
+            new = route
+            if "canary_release" in fields:
+                assert canary is not None
+                new = progress.replace_canary(new, canary, decision, time.time())
+            if "strategy" in fields:
+                new = progress.replace_strategy(new, doc_now.strategy)
+            if "weight" in fields:
+                new = progress.set_weight(new, doc_now.weight, actor)
+            new = msgspec.structs.replace(new, version=route.version + 1,
+                                          reason=f"patched {', '.join(fields)} by {actor or 'operator'}: {new.reason}")
+            self._apply(new, actor=actor)
+            if "canary_release" in fields:
+                self.evidence.forget(deployment, keep={new.stable.release, canary.release})
+
+        self._poisoned.pop(deployment, None)
+        await self._until_won(change)
+        self._raise_if_poisoned(deployment)
+        return self.route(deployment)
+
+    def _retry(self, route: Route, decision: GateDecided | None, actor: str) -> None:
+        if decision is not None and route.canary is not None and decision.release == route.canary.release \
+                and decision.decision == "BLOCK":
+            raise domain.InvalidRollout(f"refused: {decision.release!r} is BLOCKed by the gate"
+                                        + (f": {decision.reason}" if decision.reason else "")
+                                        + "; retry only a release the gate allows")
+        restarted = progress.retry(route, actor, time.time())
+        self._apply(restarted, actor=actor)
+        assert restarted.canary is not None
+        self.evidence.forget(route.deployment, keep={restarted.stable.release, restarted.canary.release})
+        if decision is not None:
+            self.apply_decision(decision)
 
     async def operate(self, deployment: str, action: str, actor: str, *, weight: float = 0.0,
                       why: str = "") -> Route:
@@ -421,12 +496,26 @@ class Rollouts:
             self._apply(new)
             return
         if progress.analysed(route) and route.next_step_at <= now:
-            new = progress.on_measurement(route, self.measurement(route, now), steps, interval, now)
+            spec = progress.spec_of(route)
+            assert spec is not None
+            try:
+                m = self.measurement(route, now)
+            except Exception as exc:  # a measurement that cannot be taken is recorded, never a pass
+                log.exception("analysis of %s could not be measured", route.deployment)
+                run = runs.error(route, spec, repr(exc))
+                self._apply(msgspec.structs.replace(route, version=route.version + 1, next_step_at=now + interval),
+                            announce=False, runs=[self._sign(run)] if run else [])
+                return
+            new = progress.on_measurement(route, m, steps, interval, now)
+            run = runs.record(route, new, m, spec)
             if new is not None:
                 # Bookkeeping of a look that moves no traffic goes to KV only, not to the rollout history.
                 moved = ((new.weight, new.phase, new.paused, new.stable, new.verifying)
                          != (route.weight, route.phase, route.paused, route.stable, route.verifying))
-                self._apply(new, announce=moved)
+                self._apply(new, announce=moved, runs=[self._sign(run)] if run else [])
+
+    def _sign(self, run: AnalysisRun) -> AnalysisRun:
+        return analysisruns.sign(run, self.signer)
 
     async def on_drift(self, report: DriftReport) -> None:
         """A drift report: a DRIFT covering a live canary's traffic aborts it (persisted; retried via nack)."""
@@ -457,7 +546,8 @@ class Rollouts:
 
         await _CAS_RETRY.call(attempt, retry_on=RouteContended, what="route compare-and-set")
 
-    def _apply(self, route: Route, *, actor: str = "", announce: bool = True) -> None:
+    def _apply(self, route: Route, *, actor: str = "", announce: bool = True,
+               runs: list[AnalysisRun] | None = None) -> None:
         # Synchronous on purpose: the next request routed after this line sees the new weight.
         if route.paused and route.phase in ("promoted", "aborted"):
             route = msgspec.structs.replace(route, paused=False)  # a finished canary holds nothing
@@ -465,7 +555,7 @@ class Rollouts:
         state = domain.to_state(route)
         if actor:
             state = msgspec.structs.replace(state, actor=actor)
-        self._outbox.append(_Pending(route, state, announce=announce))
+        self._outbox.append(_Pending(route, state, announce=announce, runs=runs or []))
         self._unpersisted[route.deployment] += 1
         self._notify()
 
@@ -526,6 +616,10 @@ class Rollouts:
             self._revisions[route.deployment] = item.revision
         if item.announce:
             await bus.publish(bus.subjects.rollout(route.deployment), state)
+            item.announce = False  # a retry after the records failed must not announce twice
+        while item.runs:
+            await bus.publish(bus.subjects.analysis_runs, item.runs[0])
+            item.runs.pop(0)
         return True
 
     async def _lost(self, deployment: str) -> None:

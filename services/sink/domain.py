@@ -13,6 +13,7 @@ import msgspec
 
 from lockgate.contracts import (
     EVENT_TYPES,
+    AnalysisRun,
     ArtifactRegistered,
     AuditRecord,
     CostLedger,
@@ -64,6 +65,7 @@ FACTS: tuple[Projection, ...] = (
     # One row per event id: the bill counts an event once, whichever ledger facts carry it.
     Projection(tables.COST_LEDGER, lambda s: s.cost_ledger, "facts", CostLedger, per_row=True, within="time"),
     Projection(tables.AUDIT_LOG, lambda s: s.audit_records, "facts", AuditRecord),
+    Projection(tables.ANALYSIS_RUNS, lambda s: s.analysis_runs, "facts", AnalysisRun),
 )
 
 INFERENCE = Projection(tables.INFERENCE_EVENTS, lambda s: s.inference_all, "inference",

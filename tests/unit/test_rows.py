@@ -10,6 +10,8 @@ import msgspec
 import pytest
 
 from lockgate.contracts import (
+    AnalysisMetric,
+    AnalysisRun,
     ArtifactRegistered,
     AuditRecord,
     CostEntry,
@@ -80,6 +82,10 @@ SAMPLE_ROWS: dict[str, tuple[list[Any], dict[str, list[Any]]]] = {
     "audit_log": ([AuditRecord(seq=1, producer="router", kind="rollout", actor="apikey:k1", target="web",
                                action="promote", details={"canary": "r1"}, recorded_at=NOW, hash="sha256:1",
                                key_id="k", signature="c2ln")], {}),
+    "analysis_runs": ([AnalysisRun(deployment="web", release="r2", baseline="r1", phase="Failed", outcome="aborted",
+                                   metrics=[AnalysisMetric(name="error_rate", verdict="FAILED",
+                                                           condition="<= stable + 0.01", canary=0.05, threshold=0.015)],
+                                   key_id="k", signature="c2ln")], {}),
 }
 
 

@@ -7,6 +7,7 @@ redelivered fact once (rows sharing a key are one fact's rows, stored together o
 from __future__ import annotations
 
 from lockgate.contracts import (
+    AnalysisRun,
     ArtifactRegistered,
     AuditRecord,
     CostLedger,
@@ -86,9 +87,12 @@ COST_LEDGER = Table("cost_ledger", CostLedger, exclude=(*_ROUTING, "id", "time",
 # The hash-chained audit log (lockgate.auditchain): one row per seq, however often the chainer republishes it.
 AUDIT_LOG = Table("audit_log", AuditRecord, exclude=_ROUTING, key=("seq",))
 
+# Signed analysis measurements of rollouts (lockgate.analysisruns): one row per measurement.
+ANALYSIS_RUNS = Table("analysis_runs", AnalysisRun, exclude=_ROUTING, key=("id",))
+
 TABLES: tuple[Table, ...] = (
     INFERENCE_EVENTS, OTEL_TRACES, DEAD_LETTERS, ARTIFACTS, RELEASES, LINEAGE_RUNS, LINEAGE_EDGES, EVAL_RUNS,
-    EVAL_CASES, GATE_DECISIONS, ROLLOUT_EVENTS, DRIFT_REPORTS, COST_LEDGER, AUDIT_LOG,
+    EVAL_CASES, GATE_DECISIONS, ROLLOUT_EVENTS, DRIFT_REPORTS, COST_LEDGER, AUDIT_LOG, ANALYSIS_RUNS,
 )
 
 # Kept by materialized views (migration 005), never written by the sink: no contract Struct of their own.
