@@ -28,6 +28,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "eval_cases": ("evals", "eval_cases"),
     "drift_reports": ("drift", "drift_reports"),
     "rollout_history": ("rollouts", "rollout_history"),
+    "analysis_runs": ("rollouts", "analysis_runs"),
     "cost_rollup": ("cost", "cost_rollup"),
     "lineage": ("lineage", "lineage"),
     "serving_history": ("history", "serving_history"),
