@@ -116,6 +116,9 @@ class Rollouts:
         self._ledgers: dict[str, tuple[str, float]] = {}
         self._shadowed = asyncio.Event()  # set after shadow bookkeeping, for `wait_for_shadow`
         self._scored = asyncio.Event()  # set after online scores, for `wait_for_scores`
+        # Analysed deployments with evidence since their last look: a due look is taken as soon as evidence
+        # arrives (not at the next tick), and one without new evidence waits up to one interval more for it.
+        self._fresh: set[str] = set()
 
     # reads (hot path)
     def route(self, deployment: str) -> Route:
@@ -209,11 +212,12 @@ class Rollouts:
     async def run_timer(self) -> None:
         """Advance progressing canaries when their step is due (one loop for all deployments)."""
         while True:
+            self._wake.clear()  # before reading: a change or evidence from now on wakes the wait below
             now = time.time()
-            due = [d for d in (progress.due_at(r) for r in self.routes.values()) if d is not None]
+            due = [d for d in (self._due(r) for r in self.routes.values()) if d is not None]
             if due and min(due) <= now:
                 for route in list(self.routes.values()):
-                    when = progress.due_at(route)
+                    when = self._due(route)
                     if when is not None and when <= now:
                         self._step(route, now)
                 try:
@@ -221,10 +225,19 @@ class Rollouts:
                 except LockgateError as exc:
                     log.warning("rollout state not persisted yet: %s", exc.message)
                 continue
-            self._wake.clear()
             timeout = (min(due) - now) if due else None
             with contextlib.suppress(TimeoutError):  # a step fell due
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _due(self, route: Route) -> float | None:
+        """When the timer next acts on a route: its analysis look once it is due and new evidence has arrived
+        (the look follows the evidence at once, not a tick later), else one interval later all the same, so
+        looks go on without traffic. Looks stay at most one per interval: the same alpha spent per look."""
+        when = progress.due_at(route)
+        if when is None or when != route.next_step_at or not progress.analysed(route) \
+                or route.deployment in self._fresh:
+            return when
+        return when + progress.interval_of(route, self.interval_s)
 
     # changes
     async def start_canary(self, deployment: str, req: domain.CanaryRequest,
@@ -401,7 +414,7 @@ class Rollouts:
         """Keep the events of deployments whose canary is under analysis (either variant's release; an
         SDK event that names only its variant counts for that variant's release), and pair shadow events
         with the served ones of mirrored deployments."""
-        shadowed = False
+        shadowed = fresh = False
         for e in events:
             deployment = e.deployment or e.app
             route = self.routes.get(deployment)
@@ -420,6 +433,11 @@ class Rollouts:
             # Shadow events count for the candidate too: a blue-green preview is judged on mirrored traffic.
             if release in (route.canary.release, route.stable.release):
                 self.evidence.add(e, release)
+                if progress.analysed(route) and deployment not in self._fresh:
+                    self._fresh.add(deployment)
+                    fresh = True
+        if fresh:
+            self._wake.set()  # a look that is due is taken now, on this evidence
         if shadowed:
             changed, self._shadowed = self._shadowed, asyncio.Event()
             changed.set()
@@ -434,6 +452,9 @@ class Rollouts:
             if release in (route.canary.release, route.stable.release) or (
                     route.previous is not None and release == route.previous.release):
                 self.evidence.add_scores(route.deployment, release, s.time.timestamp(), s.scores)
+                if progress.analysed(route):
+                    self._fresh.add(route.deployment)
+                    self._wake.set()
         changed, self._scored = self._scored, asyncio.Event()
         changed.set()
 
@@ -472,19 +493,18 @@ class Rollouts:
         rollout's next look."""
         spec = progress.spec_of(route)
         assert route.canary is not None and spec is not None
+        look = (route.analysis.look if route.analysis else 0) + 1
         if route.phase == "promoted" and route.previous is not None:
             # Post-promotion: the new release since its promotion against the old one's evidence before it.
             since = route.promoted_at if spec.window_s is None else max(route.promoted_at, now - spec.window_s)
             canary = self.evidence.sample(route.deployment, route.stable.release, since)
             stable = self.evidence.sample(route.deployment, route.previous.release, route.started_at)
-            look = (route.analysis.look if route.analysis else 0) + 1
             return analysis.measure(spec, canary, stable, look)
         since = route.started_at if spec.window_s is None else max(route.started_at, now - spec.window_s)
         canary = self.evidence.sample(route.deployment, route.canary.release, since)
         stable = self.evidence.sample(route.deployment, route.stable.release, since)
         if stable.n < spec.min_sample and since > route.started_at:
             stable = self.evidence.sample(route.deployment, route.stable.release, route.started_at)
-        look = (route.analysis.look if route.analysis else 0) + 1
         return analysis.measure(spec, canary, stable, look)
 
     def _step(self, route: Route, now: float) -> None:
@@ -498,6 +518,7 @@ class Rollouts:
         if progress.analysed(route) and route.next_step_at <= now:
             spec = progress.spec_of(route)
             assert spec is not None
+            self._fresh.discard(route.deployment)  # what arrives from now on is new to the next look
             try:
                 m = self.measurement(route, now)
             except Exception as exc:  # a measurement that cannot be taken is recorded, never a pass
