@@ -9,10 +9,10 @@ import pytest
 
 from lockgate.codec import Codec, any_event, encode
 from lockgate.contracts import (
-    AnalysisMetric,
-    AnalysisRun,
     EVENT_TYPES,
     AliasChanged,
+    AnalysisMetric,
+    AnalysisRun,
     AppliedChange,
     ApplyRecorded,
     ArtifactLifecycle,

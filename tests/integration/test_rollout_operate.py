@@ -123,6 +123,7 @@ async def test_patch_weight_keeps_canary_release_upstream_and_rollout_position(
     bus = router.ctx.bus
     await router.rollouts.flush()  # the decision's change announced before we listen
     sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
+    audit = await bus.nc.subscribe(bus.subjects.audit("router"))
     url = f"{router.url}/lockgate/v1/deployments/chat"
     merge = {"Authorization": f"Bearer {operator}", "Content-Type": "application/merge-patch+json"}
 
@@ -139,6 +140,8 @@ async def test_patch_weight_keeps_canary_release_upstream_and_rollout_position(
     state = await _next_state(sub)
     assert (state.actor, state.canary_weight, state.canary_release) == (rec.label, 30.0, "same")
     assert state.reason.startswith(f"patched weight by {rec.label}")
+    entry = _audit.decode((await audit.next_msg(timeout=10)).data)
+    assert (entry.action, entry.actor, entry.target, entry.details["weight"]) == ("patch", rec.label, "chat", "30.0")
 
     # One field of the strategy: the interval changes, the steps, the analysis and the weight stay.
     async with http.patch(url, data=json.dumps({"strategy": {"interval_s": 7200}}), headers=merge) as resp:

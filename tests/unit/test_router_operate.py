@@ -3,13 +3,21 @@ tests/integration/test_rollout_operate.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import msgspec
 import pytest
 
 from lockgate import analysisruns
+from lockgate.config import Settings
+from lockgate.contracts import InferenceEvent
 from lockgate.errors import SignatureError
+from lockgate.server.service import ServiceContext
 from lockgate.services.router import domain, patch, progress, runs
+from lockgate.services.router.endpoints import Endpoints
+from lockgate.services.router.rollouts import Rollouts
 from lockgate.signing import Keyring, Signer
+from lockgate.telemetry import Telemetry
 from tests.unit.test_router_progress import SPEC, STEPS, _live, _m
 
 pytestmark = pytest.mark.timeout(30)
@@ -94,3 +102,17 @@ def test_a_changed_record_no_longer_verifies() -> None:
         analysisruns.verify(msgspec.structs.replace(signed, metrics=[metric]), ring)
     with pytest.raises(SignatureError, match="unknown key"):
         analysisruns.verify(analysisruns.sign(run, Signer.generate()), ring)
+
+
+def test_a_due_look_follows_the_evidence_and_waits_one_interval_more_without_it(tmp_path: Path) -> None:
+    """Looks stay at most one per interval (the same alpha per look), but one that is due is taken when its
+    evidence arrives rather than at the next tick; without new evidence it is taken one interval later."""
+    ctx = ServiceContext(bus=None, telemetry=Telemetry(), settings=Settings(home=str(tmp_path)))  # type: ignore[arg-type]
+    rollouts = Rollouts(ctx, Endpoints(ctx.settings))
+    route = _live(next_step_at=101.0)  # interval 1 s
+    rollouts.routes["d"] = route
+    assert rollouts._due(route) == 102.0  # nothing new since the last look
+    rollouts.observe([InferenceEvent(app="d", deployment="d", release="r2", variant="canary")])
+    assert rollouts._due(route) == 101.0  # new canary evidence: the look is due on time, taken on its arrival
+    rollouts.observe([InferenceEvent(app="other", deployment="other", release="r2")])
+    assert rollouts._due(_live(next_step_at=101.0, strategy=None)) == 101.0  # plain steps: the clock alone

@@ -14,13 +14,13 @@ from typing import Any
 
 from lockgate.contracts import (
     AliasChanged,
+    AnalysisMetric,
+    AnalysisRun,
     AppliedChange,
     ApplyRecorded,
     ArtifactLifecycle,
     ArtifactRegistered,
     AuditEntry,
-    AnalysisMetric,
-    AnalysisRun,
     AuditRecord,
     BaselineComparison,
     BudgetEvent,
