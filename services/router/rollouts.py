@@ -119,6 +119,7 @@ class Rollouts:
         # Analysed deployments with evidence since their last look: a due look is taken as soon as evidence
         # arrives (not at the next tick), and one without new evidence waits up to one interval more for it.
         self._fresh: set[str] = set()
+        self._failing: dict[str, tuple[str, float]] = {}  # deployment -> the rollout whose canary failed a call
 
     # reads (hot path)
     def route(self, deployment: str) -> Route:
@@ -433,6 +434,7 @@ class Rollouts:
             # Shadow events count for the candidate too: a blue-green preview is judged on mirrored traffic.
             if release in (route.canary.release, route.stable.release):
                 self.evidence.add(e, release)
+                self._diverted(route, e, release)
                 if progress.analysed(route) and deployment not in self._fresh:
                     self._fresh.add(deployment)
                     fresh = True
@@ -441,6 +443,24 @@ class Rollouts:
         if shadowed:
             changed, self._shadowed = self._shadowed, asyncio.Event()
             changed.set()
+
+    def _diverted(self, route: Route, e: InferenceEvent, release: str) -> None:
+        """A canary that fails its own calls trips its endpoint's breaker; from then on its requests are served
+        by stable, skipped without a call, and would leave no canary evidence: the canary would wait for its
+        minimum sample for ever instead of being aborted. So once the canary has failed a call of its own in
+        this rollout, a request of its diverted by the open breaker counts as one more canary failure. (A
+        breaker left open by an earlier release does not judge a new canary that has not failed itself.)"""
+        assert route.canary is not None
+        canary = route.canary.release
+        if release == canary:
+            if e.status != "ok":
+                self._failing[route.deployment] = (canary, route.started_at)
+            return
+        attrs = e.attributes
+        if (attrs.get("lockgate.fallback_reason") == "breaker_open"
+                and attrs.get("lockgate.fallback_from_release") == canary
+                and self._failing.get(route.deployment) == (canary, route.started_at)):
+            self.evidence.add(msgspec.structs.replace(e, status="error", error_type="breaker_open"), canary)
 
     def observe_scores(self, scored: list[InferenceScored]) -> None:
         """Keep the online scores of answers of deployments under analysis, by the answer's release."""

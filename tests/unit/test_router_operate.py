@@ -116,3 +116,21 @@ def test_a_due_look_follows_the_evidence_and_waits_one_interval_more_without_it(
     assert rollouts._due(route) == 101.0  # new canary evidence: the look is due on time, taken on its arrival
     rollouts.observe([InferenceEvent(app="other", deployment="other", release="r2")])
     assert rollouts._due(_live(next_step_at=101.0, strategy=None)) == 101.0  # plain steps: the clock alone
+
+
+def test_requests_diverted_by_the_canarys_open_breaker_count_as_canary_failures(tmp_path: Path) -> None:
+    """Served by stable without a call to the canary, they would leave the canary without evidence: it would
+    wait for its minimum sample for ever. Once it has failed a call itself, each diversion is a failure."""
+    ctx = ServiceContext(bus=None, telemetry=Telemetry(), settings=Settings(home=str(tmp_path)))  # type: ignore[arg-type]
+    rollouts = Rollouts(ctx, Endpoints(ctx.settings))
+    rollouts.routes["d"] = route = _live()
+    diverted = InferenceEvent(app="d", deployment="d", release="r1", variant="stable", attributes={
+        "lockgate.fallback_from_variant": "canary", "lockgate.fallback_from_release": "r2",
+        "lockgate.fallback_reason": "breaker_open"})
+    rollouts.observe([diverted] * 3)  # a breaker some earlier release left open: not this canary's failure
+    assert rollouts.evidence.sample("d", "r2", route.started_at).n == 0
+    rollouts.observe([InferenceEvent(app="d", deployment="d", release="r2", variant="canary", status="error")])
+    rollouts.observe([diverted] * 3)
+    canary = rollouts.evidence.sample("d", "r2", route.started_at)
+    assert (canary.n, canary.errors) == (4, 4)
+    assert rollouts.evidence.sample("d", "r1", route.started_at).n == 6  # stable served them: its evidence too
