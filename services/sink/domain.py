@@ -65,7 +65,8 @@ FACTS: tuple[Projection, ...] = (
     # One row per event id: the bill counts an event once, whichever ledger facts carry it.
     Projection(tables.COST_LEDGER, lambda s: s.cost_ledger, "facts", CostLedger, per_row=True, within="time"),
     Projection(tables.AUDIT_LOG, lambda s: s.audit_records, "facts", AuditRecord),
-    Projection(tables.ANALYSIS_RUNS, lambda s: s.analysis_runs, "facts", AnalysisRun),
+    # A look every interval per analysed rollout: the lookup of redelivered records stays within their times.
+    Projection(tables.ANALYSIS_RUNS, lambda s: s.analysis_runs, "facts", AnalysisRun, within="time"),
 )
 
 INFERENCE = Projection(tables.INFERENCE_EVENTS, lambda s: s.inference_all, "inference",
