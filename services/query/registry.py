@@ -30,6 +30,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "drift_reports": ("drift", "drift_reports"),
     "online_scores": ("scores", "online_scores"),
     "rollout_history": ("rollouts", "rollout_history"),
+    "analysis_runs": ("rollouts", "analysis_runs"),
     "cost_rollup": ("cost", "cost_rollup"),
     "lineage": ("lineage", "lineage"),
     "serving_history": ("history", "serving_history"),

@@ -1,4 +1,4 @@
-"""Rollout history: every route change the router announced, newest first."""
+"""Rollout history: every route change the router announced, and the signed analysis records, newest first."""
 
 from __future__ import annotations
 
@@ -12,5 +12,13 @@ def rollout_history(store: Store, deployment: str, limit: int = 50) -> list[dict
     return store.rows(
         "SELECT time, phase, stable_release, canary_release, canary_weight, step, reason, decision_id "
         "FROM rollout_events WHERE deployment = {d:String} ORDER BY time DESC, id LIMIT {n:UInt32}",
+        {"d": deployment, "n": max(0, int(limit))},
+    )
+
+
+def analysis_runs(store: Store, deployment: str, limit: int = 20) -> list[dict[str, Any]]:
+    """The signed analysis records of a deployment's rollouts (every stored column), newest first."""
+    return store.rows(
+        "SELECT * FROM analysis_runs WHERE deployment = {d:String} ORDER BY time DESC, id LIMIT {n:UInt32}",
         {"d": deployment, "n": max(0, int(limit))},
     )

@@ -23,6 +23,8 @@ from lockgate.services.router.domain import (
     decode_canary,
     decode_manual,
 )
+from lockgate.services.router.patch import CONTENT_TYPES
+from lockgate.services.router.patch import decode as decode_patch
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import error_response
 
@@ -66,6 +68,9 @@ class Admin:
         app.router.add_get(PREFIX + "/{deployment}", self.get)
         app.router.add_get(PREFIX + "/{deployment}/shadow", self.shadow)
         app.router.add_put(PREFIX + "/{deployment}", self.put)
+        app.router.add_patch(PREFIX + "/{deployment}", self.patch)
+        app.router.add_get(PREFIX + "/{deployment}/watch", self.watch)
+        app.router.add_post(PREFIX + "/{deployment}/retry", self.retry)
         app.router.add_post(PREFIX + "/{deployment}/abort", self.abort)
         app.router.add_post(PREFIX + "/{deployment}/promote", self.promote)
         app.router.add_post(PREFIX + "/{deployment}/undo", self.undo)
@@ -112,6 +117,52 @@ class Admin:
         except Retryable as exc:
             return error_response(503, f"canary applied but not yet persisted: {exc.message}", "unavailable")
         return _json(route)
+
+    async def patch(self, request: web.Request) -> web.Response:
+        """Change only what a JSON merge patch (RFC 7396) names: weight, canary_release, strategy fields; the
+        rollout keeps its phase, step and analysis (PUT is the full replace that starts a new one)."""
+        ctype = request.headers.get("Content-Type", "application/merge-patch+json").split(";")[0].strip()
+        if ctype not in CONTENT_TYPES:
+            return error_response(415, f"a PATCH body is {CONTENT_TYPES[0]} (got {ctype})", "invalid_request_error")
+        try:
+            deployment = check_name(request.match_info["deployment"], "deployment")
+            body = decode_patch(await request.read())
+            route = await self.rollouts.patch(deployment, body, actor=request[KEY].label)
+            await record_action(self.rollouts.ctx.bus, request[KEY], "patch", route, None)
+        except NotAdmitted as exc:
+            return error_response(409, exc.message, "conflict", code="not_admitted")
+        except InvalidName as exc:
+            return error_response(400, exc.message, "invalid_request_error")
+        except InvalidRollout as exc:
+            return error_response(409, exc.message, "conflict")
+        except Retryable as exc:
+            return error_response(503, f"patch applied but not yet persisted: {exc.message}", "unavailable")
+        return _json(route)
+
+    async def watch(self, request: web.Request) -> web.StreamResponse:
+        """The deployment's route as JSON lines: now, then after every change (this replica's or another's,
+        analysis looks included), until the client goes away. Woken by changes, never polled."""
+        try:
+            deployment = check_name(request.match_info["deployment"], "deployment")
+        except InvalidName as exc:
+            return error_response(400, exc.message, "invalid_request_error")
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        last: Route | None = None
+        try:
+            async for route in self.rollouts.changes(deployment):
+                if route is None:
+                    await resp.write(b"\n")  # keepalive: a client that went away ends the watch here
+                elif route != last:
+                    await resp.write(_encoder.encode(route) + b"\n")
+                    last = route
+        except (ConnectionResetError, ConnectionError):
+            return resp
+        return resp
+
+    async def retry(self, request: web.Request) -> web.Response:
+        """Restart an aborted rollout from step 0 with the same spec and canary release."""
+        return await self._manual(request, "retry")
 
     async def abort(self, request: web.Request) -> web.Response:
         """Send the canary's traffic back to stable now."""

@@ -12,7 +12,7 @@ from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
 from lockgate.services.router import bluegreen, domain, program
 from lockgate.services.router.analysis import AnalysisSpec, Measurement, describe
 from lockgate.services.router.domain import InvalidRollout, NotAdmitted, Route
-from lockgate.services.router.strategy import AnalysisStatus
+from lockgate.services.router.strategy import AnalysisStatus, Strategy
 
 
 def steps_of(route: Route, default: tuple[float, ...]) -> tuple[float, ...]:
@@ -303,3 +303,55 @@ def set_weight(route: Route, weight: float, actor: str) -> Route:
                           "so it cannot get weight; an admin may start it with break_glass")
     return _bump(route, weight=float(weight),
                  reason=f"weight set to {weight:g}% (was {route.weight:g}%) by {actor}")
+
+
+def retry(route: Route, actor: str, now: float) -> Route:
+    """Restart an aborted rollout from its first step, with the same spec and canary release (Argo's retry).
+
+    The canary waits at 0% as a new one does; the caller applies the canary's verified decision at once, so
+    a release still allowed goes straight to its first step, one BLOCKed since stays at 0%. Analysis counts
+    and evidence start from nothing: looks of the aborted attempt say nothing about this one.
+    """
+    if route.canary is None:
+        raise InvalidRollout(f"deployment {route.deployment!r} has no rollout to retry")
+    if route.phase != "aborted":
+        raise InvalidRollout(f"refused: the rollout of {route.deployment!r} is {route.phase}, not aborted; "
+                             "only an aborted rollout can be retried")
+    if route.canary.release == route.stable.release:
+        raise InvalidRollout(f"refused: {route.canary.release!r} is the stable release of {route.deployment!r} "
+                             "again (rolled back to it); start a new rollout with PUT")
+    return _bump(route, weight=0.0, phase="idle", step=0, cursor=0, paused=False, analysis=None, admitted="",
+                 decision_id="", next_step_at=0.0, started_at=now, header_route=None, step_pause=False,
+                 resume_at=0.0, promote_at=0.0, promoted_at=0.0, scale_down_at=0.0, verifying=False,
+                 start_weight=0.0, reason=f"retry of {route.canary.release} by {actor or 'operator'}: from step 0, "
+                                          "0% until its verified gate decision allows it")
+
+
+def replace_canary(route: Route, canary: domain.Target, decision: GateDecided | None, now: float) -> Route:
+    """A PATCH of the canary release: the new release takes the canary's place at the same step. Its analysis
+    starts from nothing (the old release's looks say nothing about it); without a verified decision allowing it
+    (or an override covering it) it gets no weight until one does."""
+    _live(route)
+    allowed = domain.allows(decision, canary.release)
+    covered = route.override is not None and route.override.release == canary.release
+    admitted = decision.id if allowed and decision is not None else ""
+    changes: dict[str, object] = {"canary": canary, "admitted": admitted, "analysis": None, "started_at": now,
+                                  "reason": f"canary release now {canary.release} at {_where(route)}"}
+    if not allowed and not covered:
+        changes.update(weight=0.0, phase="idle", next_step_at=0.0, decision_id="",
+                       reason=f"canary release now {canary.release}: 0% until a verified gate decision allows it")
+    elif decision is not None:
+        changes["decision_id"] = decision.id
+    return _bump(route, **changes)
+
+
+def replace_strategy(route: Route, strategy: Strategy | None) -> Route:
+    """A PATCH of the strategy (steps, interval, analysis ...): the rollout keeps its weight and position; a cursor
+    past the new step list ends at its last step."""
+    _live(route)
+    was_bg = route.strategy is not None and route.strategy.blue_green is not None
+    if was_bg != (strategy is not None and strategy.blue_green is not None):
+        raise InvalidRollout(f"a PATCH cannot switch {route.deployment!r} between canary and blue-green: "
+                             "start a new rollout with PUT")
+    steps = len(strategy.program()) if strategy is not None else 0
+    return _bump(route, strategy=strategy, cursor=min(route.cursor, steps) if steps else route.cursor)

@@ -8,17 +8,24 @@ import contextlib
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 import nats.js.errors
 
-from lockgate import artifacts
+from lockgate import analysisruns, artifacts
 from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import DriftReport, GateDecided, InferenceEvent, InferenceScored, RolloutState
+from lockgate.contracts import (
+    AnalysisRun,
+    DriftReport,
+    GateDecided,
+    InferenceEvent,
+    InferenceScored,
+    RolloutState,
+)
 from lockgate.errors import (
     BusUnavailable,
     InvalidEvent,
@@ -30,7 +37,7 @@ from lockgate.errors import (
 from lockgate.pricebook import load_price_book
 from lockgate.retry import RetryPolicy
 from lockgate.server.service import ServiceContext
-from lockgate.services.router import analysis, bluegreen, domain, progress
+from lockgate.services.router import analysis, bluegreen, domain, patch, progress, runs
 from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.evidence import Evidence
@@ -66,6 +73,7 @@ class _Pending:
     state: RolloutState
     revision: int | None = None
     announce: bool = True  # False for analysis bookkeeping that moves no traffic (KV only, no event)
+    runs: list[AnalysisRun] = field(default_factory=list)  # signed analysis records, published once KV won
 
 
 class Rollouts:
@@ -97,6 +105,8 @@ class Rollouts:
         self._poisoned: dict[str, str] = {}  # deployment -> why its last change was dropped unpersisted
         # Decisions move traffic, so only those signed by a trusted gatekeeper key are acted on.
         self.verifier = Verifier(ctx.bus, s)
+        # Analysis records are signed with the router's own key (never the gatekeeper's: lockgate.analysisruns).
+        self.signer = analysisruns.router_signer(s)
         # Live evidence per variant for canary analysis, fed by `observe` (priced like the cost service).
         price = _pricer(s)
         self.evidence = Evidence(price)
@@ -106,6 +116,10 @@ class Rollouts:
         self._ledgers: dict[str, tuple[str, float]] = {}
         self._shadowed = asyncio.Event()  # set after shadow bookkeeping, for `wait_for_shadow`
         self._scored = asyncio.Event()  # set after online scores, for `wait_for_scores`
+        # Analysed deployments with evidence since their last look: a due look is taken as soon as evidence
+        # arrives (not at the next tick), and one without new evidence waits up to one interval more for it.
+        self._fresh: set[str] = set()
+        self._failing: dict[str, tuple[str, float]] = {}  # deployment -> the rollout whose canary failed a call
 
     # reads (hot path)
     def route(self, deployment: str) -> Route:
@@ -125,6 +139,19 @@ class Rollouts:
         async with asyncio.timeout(timeout):
             while not predicate(self.routes):
                 await self._changed.wait()
+
+    async def changes(self, deployment: str, keepalive_s: float = 15.0) -> AsyncIterator[Route | None]:
+        """The deployment's route now, then each time any route changes (runs until the caller stops); None
+        after `keepalive_s` without a change, so a watcher can tell a client that went away."""
+        while True:
+            changed = self._changed  # taken before the read: a change in between is never missed
+            yield self.route(deployment)
+            while True:
+                try:
+                    await asyncio.wait_for(changed.wait(), keepalive_s)
+                    break
+                except TimeoutError:
+                    yield None
 
     # lifecycle
     async def restore(self) -> None:
@@ -186,11 +213,12 @@ class Rollouts:
     async def run_timer(self) -> None:
         """Advance progressing canaries when their step is due (one loop for all deployments)."""
         while True:
+            self._wake.clear()  # before reading: a change or evidence from now on wakes the wait below
             now = time.time()
-            due = [d for d in (progress.due_at(r) for r in self.routes.values()) if d is not None]
+            due = [d for d in (self._due(r) for r in self.routes.values()) if d is not None]
             if due and min(due) <= now:
                 for route in list(self.routes.values()):
-                    when = progress.due_at(route)
+                    when = self._due(route)
                     if when is not None and when <= now:
                         self._step(route, now)
                 try:
@@ -198,10 +226,19 @@ class Rollouts:
                 except LockgateError as exc:
                     log.warning("rollout state not persisted yet: %s", exc.message)
                 continue
-            self._wake.clear()
             timeout = (min(due) - now) if due else None
             with contextlib.suppress(TimeoutError):  # a step fell due
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _due(self, route: Route) -> float | None:
+        """When the timer next acts on a route: its analysis look once it is due and new evidence has arrived
+        (the look follows the evidence at once, not a tick later), else one interval later all the same, so
+        looks go on without traffic. Looks stay at most one per interval: the same alpha spent per look."""
+        when = progress.due_at(route)
+        if when is None or when != route.next_step_at or not progress.analysed(route) \
+                or route.deployment in self._fresh:
+            return when
+        return when + progress.interval_of(route, self.interval_s)
 
     # changes
     async def start_canary(self, deployment: str, req: domain.CanaryRequest,
@@ -267,12 +304,17 @@ class Rollouts:
         release back, within a blue-green scale-down window; with `to`, a named known-good release) or
         clear-override."""
         await self._await_ready()
-        # `undo --to`: refused if that release is BLOCKed now (its verified current decision).
-        decision = await self._stored_decision(to) if to else None
+        # `undo --to`: refused if that release is BLOCKed now (its verified current decision); `retry`: the
+        # canary's current decision restarts it at once (a release BLOCKed since is refused).
+        canary = self.route(deployment).canary
+        release = to if action == "undo" else (canary.release if action == "retry" and canary else "")
+        decision = await self._stored_decision(release) if release else None
 
         def change() -> None:
             route = self.route(deployment)
-            if action == "undo" and to:
+            if action == "retry":
+                self._retry(route, decision, actor)
+            elif action == "undo" and to:
                 self._apply(domain.undo_to(route, to, decision, actor), actor=actor)
             elif action == "clear-override":
                 self._apply(domain.clear_override(route), actor=actor)
@@ -294,6 +336,53 @@ class Rollouts:
         await self._until_won(change)
         self._raise_if_poisoned(deployment)
         return self.route(deployment)
+
+    async def patch(self, deployment: str, body: dict[str, Any], actor: str) -> Route:
+        """A JSON merge patch of the deployment (patch.py): only the fields it names change; the rollout keeps
+        its phase, step and analysis. A new canary release needs a verified decision allowing it to keep
+        a weight (else it waits at 0%, as a new canary does)."""
+        await self._await_ready()
+        doc = patch.apply(self.route(deployment), body)
+        canary = await self.target(doc.canary_release) if doc.canary_release else None
+        decision = await self._stored_decision(doc.canary_release) if doc.canary_release else None
+
+        def change() -> None:
+            route = self.route(deployment)
+            doc_now = patch.apply(route, body)  # recomputed on the route a lost compare-and-set reloads
+            fields = patch.changed(route, doc_now)
+            if not fields:
+                raise domain.InvalidRollout(f"the patch changes nothing on {deployment!r}")
+            new = route
+            if "canary_release" in fields:
+                assert canary is not None
+                new = progress.replace_canary(new, canary, decision, time.time())
+            if "strategy" in fields:
+                new = progress.replace_strategy(new, doc_now.strategy)
+            if "weight" in fields:
+                new = progress.set_weight(new, doc_now.weight, actor)
+            new = msgspec.structs.replace(new, version=route.version + 1,
+                                          reason=f"patched {', '.join(fields)} by {actor or 'operator'}: {new.reason}")
+            self._apply(new, actor=actor)
+            if "canary_release" in fields:
+                self.evidence.forget(deployment, keep={new.stable.release, canary.release})
+
+        self._poisoned.pop(deployment, None)
+        await self._until_won(change)
+        self._raise_if_poisoned(deployment)
+        return self.route(deployment)
+
+    def _retry(self, route: Route, decision: GateDecided | None, actor: str) -> None:
+        if decision is not None and route.canary is not None and decision.release == route.canary.release \
+                and decision.decision == "BLOCK":
+            raise domain.InvalidRollout(f"refused: {decision.release!r} is BLOCKed by the gate"
+                                        + (f": {decision.reason}" if decision.reason else "")
+                                        + "; retry only a release the gate allows")
+        restarted = progress.retry(route, actor, time.time())
+        self._apply(restarted, actor=actor)
+        assert restarted.canary is not None
+        self.evidence.forget(route.deployment, keep={restarted.stable.release, restarted.canary.release})
+        if decision is not None:
+            self.apply_decision(decision)
 
     async def operate(self, deployment: str, action: str, actor: str, *, weight: float = 0.0,
                       why: str = "") -> Route:
@@ -326,7 +415,7 @@ class Rollouts:
         """Keep the events of deployments whose canary is under analysis (either variant's release; an
         SDK event that names only its variant counts for that variant's release), and pair shadow events
         with the served ones of mirrored deployments."""
-        shadowed = False
+        shadowed = fresh = False
         for e in events:
             deployment = e.deployment or e.app
             route = self.routes.get(deployment)
@@ -345,9 +434,33 @@ class Rollouts:
             # Shadow events count for the candidate too: a blue-green preview is judged on mirrored traffic.
             if release in (route.canary.release, route.stable.release):
                 self.evidence.add(e, release)
+                self._diverted(route, e, release)
+                if progress.analysed(route) and deployment not in self._fresh:
+                    self._fresh.add(deployment)
+                    fresh = True
+        if fresh:
+            self._wake.set()  # a look that is due is taken now, on this evidence
         if shadowed:
             changed, self._shadowed = self._shadowed, asyncio.Event()
             changed.set()
+
+    def _diverted(self, route: Route, e: InferenceEvent, release: str) -> None:
+        """A canary that fails its own calls trips its endpoint's breaker; from then on its requests are served
+        by stable, skipped without a call, and would leave no canary evidence: the canary would wait for its
+        minimum sample for ever instead of being aborted. So once the canary has failed a call of its own in
+        this rollout, a request of its diverted by the open breaker counts as one more canary failure. (A
+        breaker left open by an earlier release does not judge a new canary that has not failed itself.)"""
+        assert route.canary is not None
+        canary = route.canary.release
+        if release == canary:
+            if e.status != "ok":
+                self._failing[route.deployment] = (canary, route.started_at)
+            return
+        attrs = e.attributes
+        if (attrs.get("lockgate.fallback_reason") == "breaker_open"
+                and attrs.get("lockgate.fallback_from_release") == canary
+                and self._failing.get(route.deployment) == (canary, route.started_at)):
+            self.evidence.add(msgspec.structs.replace(e, status="error", error_type="breaker_open"), canary)
 
     def observe_scores(self, scored: list[InferenceScored]) -> None:
         """Keep the online scores of answers of deployments under analysis, by the answer's release."""
@@ -359,6 +472,9 @@ class Rollouts:
             if release in (route.canary.release, route.stable.release) or (
                     route.previous is not None and release == route.previous.release):
                 self.evidence.add_scores(route.deployment, release, s.time.timestamp(), s.measured())  # NaN: an error
+                if progress.analysed(route):
+                    self._fresh.add(route.deployment)
+                    self._wake.set()
         changed, self._scored = self._scored, asyncio.Event()
         changed.set()
 
@@ -397,19 +513,18 @@ class Rollouts:
         rollout's next look."""
         spec = progress.spec_of(route)
         assert route.canary is not None and spec is not None
+        look = (route.analysis.look if route.analysis else 0) + 1
         if route.phase == "promoted" and route.previous is not None:
             # Post-promotion: the new release since its promotion against the old one's evidence before it.
             since = route.promoted_at if spec.window_s is None else max(route.promoted_at, now - spec.window_s)
             canary = self.evidence.sample(route.deployment, route.stable.release, since)
             stable = self.evidence.sample(route.deployment, route.previous.release, route.started_at)
-            look = (route.analysis.look if route.analysis else 0) + 1
             return analysis.measure(spec, canary, stable, look)
         since = route.started_at if spec.window_s is None else max(route.started_at, now - spec.window_s)
         canary = self.evidence.sample(route.deployment, route.canary.release, since)
         stable = self.evidence.sample(route.deployment, route.stable.release, since)
         if stable.n < spec.min_sample and since > route.started_at:
             stable = self.evidence.sample(route.deployment, route.stable.release, route.started_at)
-        look = (route.analysis.look if route.analysis else 0) + 1
         return analysis.measure(spec, canary, stable, look)
 
     def _step(self, route: Route, now: float) -> None:
@@ -421,12 +536,27 @@ class Rollouts:
             self._apply(new)
             return
         if progress.analysed(route) and route.next_step_at <= now:
-            new = progress.on_measurement(route, self.measurement(route, now), steps, interval, now)
+            spec = progress.spec_of(route)
+            assert spec is not None
+            self._fresh.discard(route.deployment)  # what arrives from now on is new to the next look
+            try:
+                m = self.measurement(route, now)
+            except Exception as exc:  # a measurement that cannot be taken is recorded, never a pass
+                log.exception("analysis of %s could not be measured", route.deployment)
+                run = runs.error(route, spec, repr(exc))
+                self._apply(msgspec.structs.replace(route, version=route.version + 1, next_step_at=now + interval),
+                            announce=False, runs=[self._sign(run)] if run else [])
+                return
+            new = progress.on_measurement(route, m, steps, interval, now)
+            run = runs.record(route, new, m, spec)
             if new is not None:
                 # Bookkeeping of a look that moves no traffic goes to KV only, not to the rollout history.
                 moved = ((new.weight, new.phase, new.paused, new.stable, new.verifying)
                          != (route.weight, route.phase, route.paused, route.stable, route.verifying))
-                self._apply(new, announce=moved)
+                self._apply(new, announce=moved, runs=[self._sign(run)] if run else [])
+
+    def _sign(self, run: AnalysisRun) -> AnalysisRun:
+        return analysisruns.sign(run, self.signer)
 
     async def on_drift(self, report: DriftReport) -> None:
         """A drift report: a DRIFT covering a live canary's traffic aborts it (persisted; retried via nack)."""
@@ -457,7 +587,8 @@ class Rollouts:
 
         await _CAS_RETRY.call(attempt, retry_on=RouteContended, what="route compare-and-set")
 
-    def _apply(self, route: Route, *, actor: str = "", announce: bool = True) -> None:
+    def _apply(self, route: Route, *, actor: str = "", announce: bool = True,
+               runs: list[AnalysisRun] | None = None) -> None:
         # Synchronous on purpose: the next request routed after this line sees the new weight.
         if route.paused and route.phase in ("promoted", "aborted"):
             route = msgspec.structs.replace(route, paused=False)  # a finished canary holds nothing
@@ -465,7 +596,7 @@ class Rollouts:
         state = domain.to_state(route)
         if actor:
             state = msgspec.structs.replace(state, actor=actor)
-        self._outbox.append(_Pending(route, state, announce=announce))
+        self._outbox.append(_Pending(route, state, announce=announce, runs=runs or []))
         self._unpersisted[route.deployment] += 1
         self._notify()
 
@@ -526,6 +657,10 @@ class Rollouts:
             self._revisions[route.deployment] = item.revision
         if item.announce:
             await bus.publish(bus.subjects.rollout(route.deployment), state)
+            item.announce = False  # a retry after the records failed must not announce twice
+        while item.runs:
+            await bus.publish(bus.subjects.analysis_runs, item.runs[0])
+            item.runs.pop(0)
         return True
 
     async def _lost(self, deployment: str) -> None:

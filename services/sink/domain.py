@@ -13,6 +13,7 @@ import msgspec
 
 from lockgate.contracts import (
     EVENT_TYPES,
+    AnalysisRun,
     ArtifactRegistered,
     AuditRecord,
     CostLedger,
@@ -68,6 +69,8 @@ FACTS: tuple[Projection, ...] = (
     # One row per (answer, scorer): a score re-sent (a redelivery, the evaluator re-scoring) is stored once.
     Projection(tables.INFERENCE_SCORES, lambda s: s.eval_scores_all, "events", InferenceScored, per_row=True,
                within="time"),
+    # A look every interval per analysed rollout: the lookup of redelivered records stays within their times.
+    Projection(tables.ANALYSIS_RUNS, lambda s: s.analysis_runs, "facts", AnalysisRun, within="time"),
 )
 
 INFERENCE = Projection(tables.INFERENCE_EVENTS, lambda s: s.inference_all, "inference",

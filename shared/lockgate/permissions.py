@@ -57,7 +57,8 @@ DURABLES: dict[str, dict[str, tuple[str, ...]]] = {
              # one per fact table it projects (services/sink/domain.py FACTS)
              "events": ("artifacts", "lineage_runs", "eval_runs", "rollout_events", "drift_reports",
                         "inference_scores"),
-             "facts": ("releases", "lineage_edges", "eval_cases", "gate_decisions", "cost_ledger", "audit_log")},
+             "facts": ("releases", "lineage_edges", "eval_cases", "gate_decisions", "cost_ledger", "audit_log",
+                       "analysis_runs")},
     "lineage": {"events": ("release", "run", "eval", "gate", "rollout", "eval_start")},  # eval_start: live OpenLineage
     "evaluator": {"events": ("requests",), "inference": ("online",)},  # online: sampled live traffic scored
     "gatekeeper": {"events": ("evals", "reviews", "drift"), "audit": ("audit",)},  # audit: the chainer
@@ -194,6 +195,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(_write_kv(s.kv_budgets)).add(Grant(publish=[s.budget_all]))
         g.add(_write_kv(s.kv_response_cache))  # answers shared between replicas (opt-in per deployment)
         g.add(Grant(subscribe=[s.eval_scores_all]))  # and the online scores of sampled live traffic
+        g.add(Grant(publish=[s.analysis_runs]))  # its signed analysis records, for the sink
     elif identity == "drift":
         g.add(service).add(_consume(s, "drift"))
         g.add(_write_kv(s.kv_drift)).add(Grant(publish=[s.drift_all, s.query]))

@@ -245,6 +245,11 @@ class Subjects:
         """Rows of the hash-chained audit log (AuditRecord), published by the chainer for the sink."""
         return f"{self.prefix}.fact.audit"
 
+    @property
+    def analysis_runs(self) -> str:
+        """Signed records of rollout analysis measurements (AnalysisRun), published by the router for the sink."""
+        return f"{self.prefix}.fact.analysis_runs"
+
     def audit(self, identity: str) -> str:
         """Where `identity` asks for an audit entry (AuditEntry); permissions let each identity publish only its own."""
         return f"{self.prefix}.audit.{token(identity)}"

@@ -284,7 +284,8 @@ async def _fault_to_zero(env: BenchEnv, session: aiohttp.ClientSession) -> dict[
             await asyncio.gather(*workers)
             fault.error_rate = 0.0
         return {"injected_fault_to_weight_0": {"trials": FAULT_TRIALS, "fault": "canary upstream fails every call",
-                                               "analysis": "interval 50 ms, window 1 s, min 50 events per variant",
+                                               "analysis": "interval 50 ms (a due look taken as its evidence arrives), window 1 s, "
+                                                           "min 50 events per variant",
                                                "requests_until_abort_p50": sorted(fault_requests)[len(fault_requests) // 2],
                                                **percentiles(fault_ms)},
                 "drift_report_to_weight_0": {"trials": FAULT_TRIALS, **percentiles(drift_ms)}}

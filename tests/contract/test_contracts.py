@@ -11,6 +11,8 @@ from lockgate.codec import Codec, any_event, encode
 from lockgate.contracts import (
     EVENT_TYPES,
     AliasChanged,
+    AnalysisMetric,
+    AnalysisRun,
     AppliedChange,
     ApplyRecorded,
     ArtifactLifecycle,
@@ -98,6 +100,9 @@ SAMPLES = [
     CostLedger(price_book="sha256:pb", entries=[CostEntry(event_id="e1", time=NOW, tenant="acme", app="shop",
                                                           model="m", input_tokens=3, cost_usd=0.25, priced=True)]),
     AuditEntry(kind="key", actor="admin", target="apikey:k1", action="create", details={"role": "viewer"}),
+    AnalysisRun(deployment="web", release="r1", baseline="r0", phase="Successful", outcome="advanced",
+                metrics=[AnalysisMetric(name="error_rate", verdict="SUCCESSFUL", condition="<= stable + 0.01",
+                                        canary=0.004, stable=0.005, threshold=0.015)]),
     AuditRecord(seq=1, producer="admin", kind="key", actor="admin", target="apikey:k1", action="create",
                 recorded_at=datetime(2026, 1, 2, tzinfo=UTC), hash="sha256:1", key_id="k", signature="c2ln"),
     ApplyRecorded(directory="/repo", commit="abc", author="Ann <ann@example.com>", dirty=False, changes=[

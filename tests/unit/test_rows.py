@@ -10,6 +10,8 @@ import msgspec
 import pytest
 
 from lockgate.contracts import (
+    AnalysisMetric,
+    AnalysisRun,
     ArtifactRegistered,
     AuditRecord,
     CostEntry,
@@ -86,6 +88,10 @@ SAMPLE_ROWS: dict[str, tuple[list[Any], dict[str, list[Any]]]] = {
                                           scores={"pii_free": 1.0},
                                           results=[Score(scorer="pii_free", value=1.0),
                                                    Score(scorer="llm_judge", error="judge endpoint j: HTTP 503")])], {}),
+    "analysis_runs": ([AnalysisRun(deployment="web", release="r2", baseline="r1", phase="Failed", outcome="aborted",
+                                   metrics=[AnalysisMetric(name="error_rate", verdict="FAILED",
+                                                           condition="<= stable + 0.01", canary=0.05, threshold=0.015)],
+                                   key_id="k", signature="c2ln")], {}),
 }
 
 

@@ -1,14 +1,17 @@
-"""`lockgate rollout get|pause|resume|approve|abort|promote|undo|set-weight|history`: operate a deployment's rollout.
+"""`lockgate rollout get|watch|pause|resume|approve|abort|retry|promote|undo|set-weight|history|analysis`: operate a
+deployment's rollout.
 
 Actions go to the router's admin API with an API key (operator or admin role for changes, any
-role for `get`); the router records the key's identity as the actor. `history` reads the stored
-rollout events through the query service, like every other query command.
+role for `get` and `watch`); the router records the key's identity as the actor. `history` and
+`analysis` read the stored rollout events and signed analysis records through the query service,
+like every other query command; `analysis` checks each record's signature.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +22,7 @@ import click
 from lockgate.cli import access
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, output, table
-from lockgate.errors import ConfigError, LockgateError
+from lockgate.errors import ConfigError, LockgateError, SignatureError
 from lockgate.server.apikeys import read_credential
 
 _ADMIN = "/lockgate/v1/deployments"
@@ -58,6 +61,34 @@ class RouterAdmin:
             reason = getattr(exc, "reason", exc)
             raise RouterUnavailable(f"cannot reach the router admin API at {self.url} ({reason}); "
                                     "pass --router URL or set LOCKGATE_ROUTER_URL") from None
+
+
+    def stream(self, path: str, idle_s: float) -> Any:
+        """Lines of a streamed answer, decoded (None for a keepalive line); stops when the router closes it.
+        A socket quiet for `idle_s` raises TimeoutError."""
+        req = urllib.request.Request(f"{self.url}{_ADMIN}{path}", headers={"Authorization": f"Bearer {self.key}"})
+        try:
+            resp = urllib.request.urlopen(req, timeout=idle_s)
+        except urllib.error.HTTPError as exc:
+            raise RolloutRefused(f"router refused ({exc.code}): {_message(exc.read())}") from None
+        except (urllib.error.URLError, ConnectionError) as exc:
+            raise RouterUnavailable(f"cannot reach the router admin API at {self.url} ({getattr(exc, 'reason', exc)}); "
+                                    "pass --router URL or set LOCKGATE_ROUTER_URL") from None
+        with resp:
+            for line in resp:
+                yield json.loads(line) if line.strip() else None
+
+
+class WatchTimedOut(LockgateError):
+    """The rollout neither completed nor aborted within --timeout."""
+
+    exit_code = 5
+
+
+class RolloutAborted(LockgateError):
+    """The watched rollout was aborted (or rolled back)."""
+
+    exit_code = 6
 
 
 def _message(body: bytes) -> str:
@@ -144,6 +175,91 @@ def metric_rows(route: dict[str, Any]) -> list[dict[str, Any]]:
              "why": m.get("why", "")} for m in last.get("metrics", [])]
 
 
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{v:.4g}"
+
+
+def watch_view(route: dict[str, Any]) -> dict[str, Any]:
+    """What `rollout watch` shows of a route: step, weights, the last analysis against its thresholds, and the
+    last decision and reason."""
+    status = route.get("analysis") or {}
+    last = status.get("last") or {}
+    strategy = route.get("strategy") or {}
+    steps = strategy.get("steps") or []
+    return {
+        "deployment": route.get("deployment"), "phase": route.get("phase"), "paused": bool(route.get("paused")),
+        "step": route.get("step", 0), "steps": len(steps), "weight": route.get("weight", 0.0),
+        "stable": (route.get("stable") or {}).get("release", ""), "canary": (route.get("canary") or {}).get("release", ""),
+        "analysis": {"look": status.get("look", 0), "verdict": last.get("verdict", ""),
+                     "failures": status.get("failures", 0), "inconclusives": status.get("inconclusives", 0),
+                     "metrics": [{k: m.get(k) for k in ("name", "verdict", "canary", "stable", "threshold", "dry_run")}
+                                 for m in last.get("metrics", [])]} if strategy.get("analysis") or status else None,
+        "decision_id": route.get("decision_id", ""), "reason": route.get("reason", ""),
+    }
+
+
+def watch_line(v: dict[str, Any]) -> str:
+    """One line per change: `14:02:11 progressing step 2/4 canary 25% | error_rate 0.004 <= 0.015 ... | reason`."""
+    phase = v["phase"] + (" (paused)" if v["paused"] else "")
+    of = f"/{v['steps']}" if v["steps"] else ""
+    parts = [f"{dt.datetime.now(dt.UTC):%H:%M:%S} {phase} step {v['step']}{of} canary {v['canary'] or '-'} "
+             f"{v['weight']:g}% (stable {v['stable'] or '-'})"]
+    a = v["analysis"]
+    if a and a["metrics"]:
+        parts.append(f"look {a['look']} {a['verdict']}: " + ", ".join(
+            f"{m['name']} {_num(m['canary'])} vs threshold {_num(m['threshold'])} {m['verdict']}"
+            for m in a["metrics"]))
+    if v["decision_id"]:
+        parts.append(f"decision {v['decision_id']}")
+    parts.append(v["reason"])
+    return " | ".join(parts)
+
+
+def finished(route: dict[str, Any]) -> bool:
+    """True once a rollout completed (promoted, post-promotion analysis done) or aborted."""
+    return route.get("canary") is not None and (
+        route.get("phase") == "aborted" or (route.get("phase") == "promoted" and not route.get("verifying")))
+
+
+def verified_runs(settings: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored analysis records with their signature checked: `verified` and, if not, why (`signature_error`)."""
+    from lockgate import analysisruns
+
+    ring = analysisruns.keyring(settings)
+    out = []
+    for row in rows:
+        try:
+            run = analysisruns.from_row(row)
+            analysisruns.verify(run, ring)
+            out.append({**row, "metrics": [dict(m) for m in _metrics(row)], "verified": True, "signature_error": ""})
+        except (SignatureError, ValueError) as exc:
+            why = exc.message if isinstance(exc, SignatureError) else f"unreadable record: {exc}"
+            out.append({**row, "metrics": [dict(m) for m in _metrics(row)], "verified": False,
+                        "signature_error": why})
+    return out
+
+
+def _metrics(row: dict[str, Any]) -> list[dict[str, Any]]:
+    m = row.get("metrics") or []
+    return json.loads(m) if isinstance(m, str) else list(m)
+
+
+def run_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per metric of each record: value against threshold, verdict, and whether the record verifies."""
+    rows = []
+    for r in runs:
+        sig = "verified" if r["verified"] else "UNVERIFIED"  # the error line after the table says why
+        when = str(r.get("time", ""))[11:23]
+        for m in r["metrics"] or [{}]:
+            rows.append({"time": when, "analysis": f"{r.get('template', '')} step {r.get('step', 0)}",
+                         "look": r.get("look", 0), "phase": r.get("phase", ""), "outcome": r.get("outcome", ""),
+                         "metric": m.get("name", "-") + (" (dry run)" if m.get("dry_run") else ""),
+                         "canary": _num(m.get("canary")), "stable": _num(m.get("stable")),
+                         "condition": m.get("condition", ""), "threshold": _num(m.get("threshold")),
+                         "verdict": m.get("verdict", ""), "signature": sig})
+    return rows
+
+
 def shadow_rows(s: dict[str, Any]) -> list[dict[str, Any]]:
     """The served-versus-shadow comparison as rows (deltas are shadow minus served)."""
     def num(v: Any, fmt: str = ".3g") -> str:
@@ -199,8 +315,20 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     @handle_errors
     def get(ctx: click.Context, deployment: str, as_json: bool) -> None:
-        """Phase, weights, step, admission and the last analysis against its thresholds."""
-        show(admin(ctx).call("GET", f"/{deployment}"), as_json)
+        """Phase, weights, step, admission, the last analysis against its thresholds and the latest signed
+        analysis record."""
+        route = admin(ctx).call("GET", f"/{deployment}")
+        show(route, as_json)
+        if as_json or not (route.get("strategy") or {}):
+            return
+        try:
+            rows = access.query(ctx.obj["settings"], "analysis_runs", direct=ctx.obj["direct"], deployment=deployment,
+                                limit=1)
+        except LockgateError as exc:  # the route is shown; the store may be away
+            console.print(f"latest analysis record: unavailable ({exc.message})", highlight=False, soft_wrap=True)
+            return
+        if rows:
+            table(run_rows(verified_runs(ctx.obj["settings"], rows)), title="latest analysis record")
 
     def action(name: str, doc: str, *, reason: bool = False) -> None:
         @click.argument("deployment")
@@ -227,6 +355,66 @@ def register(cli: click.Group) -> None:
     action("abort", "Send all traffic back to stable now (the canary goes to 0%; a blue-green promotion "
                     "within its scale-down window swaps the old release back).")
     action("promote", "Make the canary stable now: only a canary a verified decision allows.")
+    action("retry", "Restart an aborted rollout from step 0 with the same spec and canary release (refused unless "
+                    "aborted; the canary's verified decision starts it again, a release BLOCKed since is refused).")
+
+    @rollout.command("watch")
+    @click.argument("deployment")
+    @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
+                  help="Give up after this many seconds (exit code 5).")
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def watch(ctx: click.Context, deployment: str, timeout_s: float, as_json: bool) -> None:
+        """Follow the rollout live: a line per change (step, weights, analysis values against thresholds, last
+        decision and reason), until it completes (exit 0) or aborts (exit 6); --json: one JSON object per line."""
+        deadline = time.monotonic() + timeout_s
+        client = admin(ctx)
+        client.timeout_s = timeout_s
+        last: dict[str, Any] | None = None
+        try:
+            # The router pushes each change (and a keepalive line when idle); the socket waits, nothing polls.
+            for route in client.stream(f"/{deployment}/watch", idle_s=min(timeout_s, 30.0)):
+                if time.monotonic() > deadline:
+                    break
+                if route is None:
+                    continue
+                view = watch_view(route)
+                if view != last:
+                    if as_json:
+                        click.echo(json.dumps(view, separators=(",", ":")))
+                    else:
+                        console.print(watch_line(view), highlight=False, soft_wrap=True)
+                    last = view
+                if finished(route):
+                    if route.get("phase") == "aborted":
+                        raise RolloutAborted(f"rollout of {deployment} aborted: {route.get('reason', '')}")
+                    return
+        except TimeoutError:
+            pass
+        raise WatchTimedOut(f"rollout of {deployment} still {last['phase'] if last else 'unknown'} after "
+                            f"{timeout_s:g} s")
+
+    @rollout.command("analysis")
+    @click.argument("deployment")
+    @click.option("--limit", default=10, show_default=True, help="Recent analysis records to show.")
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def analysis_cmd(ctx: click.Context, deployment: str, limit: int, as_json: bool) -> None:
+        """Recent analysis measurements: each metric's value against its condition and threshold, the verdict,
+        what the rollout did, and whether the record's signature verifies (exit 4 if one does not)."""
+        settings = ctx.obj["settings"]
+        rows = access.query(settings, "analysis_runs", direct=ctx.obj["direct"], deployment=deployment, limit=limit)
+        runs = verified_runs(settings, rows)
+        if as_json:
+            emit_json(runs)
+        else:
+            table(run_rows(runs), title=f"analysis of {deployment}", empty="no analysis recorded yet")
+        bad = [r for r in runs if not r["verified"]]
+        if bad:
+            raise SignatureError(f"{len(bad)} of {len(runs)} analysis records of {deployment} do not verify: "
+                                 f"{bad[0]['signature_error']}")
 
     @rollout.command("undo")
     @click.argument("deployment")

@@ -33,7 +33,7 @@ from lockgate.contracts.gates import GateAudited, GateDecided, GateReview, RuleR
 from lockgate.contracts.gitops import AppliedChange, ApplyRecorded
 from lockgate.contracts.inference import InferenceEvent, InferenceScored, Score
 from lockgate.contracts.provenance import AliasChanged, ArtifactLifecycle
-from lockgate.contracts.rollout import RolloutState
+from lockgate.contracts.rollout import AnalysisMetric, AnalysisRun, RolloutState
 from lockgate.contracts.telemetry import SpanBatch, SpanRecord
 
 EVENT_TYPES: tuple[type[Event], ...] = (
@@ -57,6 +57,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     LineageEdges,
     CostLedger,
     AuditRecord,
+    AnalysisRun,
     # what producers ask the audit chainer to record
     AuditEntry,
     # what `lockgate apply` did
@@ -110,6 +111,8 @@ __all__ = [
     "LineageRun",
     "ReleaseRegistered",
     "RolloutState",
+    "AnalysisMetric",
+    "AnalysisRun",
     "RuleResult",
     "Score",
     "SpanBatch",

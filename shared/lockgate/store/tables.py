@@ -7,6 +7,7 @@ redelivered fact once (rows sharing a key are one fact's rows, stored together o
 from __future__ import annotations
 
 from lockgate.contracts import (
+    AnalysisRun,
     ArtifactRegistered,
     AuditRecord,
     CostLedger,
@@ -91,9 +92,13 @@ AUDIT_LOG = Table("audit_log", AuditRecord, exclude=_ROUTING, key=("seq",))
 INFERENCE_SCORES = Table("inference_scores", InferenceScored, exclude=(*_ROUTING, "id", "scores"), items="results",
                          key=("event_id", "scorer"))
 
+
+# Signed analysis measurements of rollouts (lockgate.analysisruns): one row per measurement.
+ANALYSIS_RUNS = Table("analysis_runs", AnalysisRun, exclude=_ROUTING, key=("id",))
+
 TABLES: tuple[Table, ...] = (
     INFERENCE_EVENTS, OTEL_TRACES, DEAD_LETTERS, ARTIFACTS, RELEASES, LINEAGE_RUNS, LINEAGE_EDGES, EVAL_RUNS,
-    EVAL_CASES, GATE_DECISIONS, ROLLOUT_EVENTS, DRIFT_REPORTS, COST_LEDGER, AUDIT_LOG, INFERENCE_SCORES,
+    EVAL_CASES, GATE_DECISIONS, ROLLOUT_EVENTS, DRIFT_REPORTS, COST_LEDGER, AUDIT_LOG, INFERENCE_SCORES, ANALYSIS_RUNS,
 )
 
 # Kept by materialized views (migration 005), never written by the sink: no contract Struct of their own.

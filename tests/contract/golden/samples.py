@@ -14,6 +14,8 @@ from typing import Any
 
 from lockgate.contracts import (
     AliasChanged,
+    AnalysisMetric,
+    AnalysisRun,
     AppliedChange,
     ApplyRecorded,
     ArtifactLifecycle,
@@ -191,5 +193,16 @@ SAMPLES: dict[str, Event] = {
         ArtifactLifecycle(**envelope(24), seq=2, prev_digest=HASH, actor="ann", key_id="0123456789abcdef",
                           signature="c2lnbmF0dXJl", reason="replaced", hash=HASH, successor="sha256:" + "cd" * 32,
                           sunset=LATER),
+        AnalysisRun(**envelope(25), deployment="web", release="shop-v2", baseline="shop-v1", template="post-promotion",
+                    step=2, look=3, phase="Failed", outcome="rolled back", successes=1, failures=2, inconclusives=1,
+                    successes_needed=2, failure_limit=1, error="score:judge: 3 of 40 judge calls timed out", inconclusive_limit=3, canary_n=400, stable_n=410,
+                    dry_run=True, metrics=[
+                        AnalysisMetric(name="error_rate", verdict="FAILED", condition="<= stable + 0.01",
+                                       canary=0.052, stable=0.005, threshold=0.015, bound=0.031, canary_n=400,
+                                       stable_n=410, why="significantly above threshold"),
+                        AnalysisMetric(name="latency_p95", verdict="SUCCESSFUL", condition="<= stable x 3",
+                                       canary=120.0, stable=100.0, threshold=300.0, bound=110.0, canary_n=380,
+                                       stable_n=408, dry_run=True)],
+                    key_id="0123456789abcdef", signature="c2lnbmF0dXJl"),
     )
 }

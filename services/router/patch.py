@@ -1,0 +1,86 @@
+"""PATCH of a deployment: a JSON merge patch (RFC 7396) on its document. Pure, no I/O.
+
+The document is what an operator sets: `stable_release`, `canary_release`, `weight` and `strategy`.
+A patch changes only the fields it names (a `null` removes an optional one, e.g. the strategy's
+analysis); everything else, and where the rollout stands (phase, step, cursor, analysis counts), is
+kept. PUT stays a full replace that starts a new rollout.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from lockgate.contracts.names import Name, check_names
+from lockgate.services.router.domain import InvalidRollout, Route
+from lockgate.services.router.strategy import Strategy
+
+CONTENT_TYPES = ("application/merge-patch+json", "application/json")
+
+
+class Document(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A deployment as a PATCH sees it."""
+
+    stable_release: Name
+    canary_release: Name | None = None
+    weight: Annotated[float, msgspec.Meta(ge=0, le=100)] = 0.0
+    strategy: Strategy | None = None
+
+    def __post_init__(self) -> None:
+        check_names(self)
+
+
+def document(route: Route) -> dict[str, Any]:
+    """The route's document (plain JSON values)."""
+    return {"stable_release": route.stable.release, "canary_release": route.canary.release if route.canary else None,
+            "weight": route.weight, "strategy": msgspec.to_builtins(route.strategy) if route.strategy else None}
+
+
+def merge(target: Any, patch: Any) -> Any:
+    """RFC 7396: objects merge key by key, `null` deletes a key, anything else replaces the target."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merge(out.get(key), value)
+    return out
+
+
+def decode(body: bytes) -> dict[str, Any]:
+    """A merge patch body: a JSON object, or InvalidRollout."""
+    try:
+        patch = msgspec.json.decode(body) if body.strip() else None
+    except msgspec.DecodeError as exc:
+        raise InvalidRollout(f"invalid merge patch: {exc}") from None
+    if not isinstance(patch, dict) or not patch:
+        raise InvalidRollout('a merge patch is a non-empty JSON object, e.g. {"weight": 10}')
+    return patch
+
+
+def apply(route: Route, patch: dict[str, Any]) -> Document:
+    """The document after the patch, validated; InvalidRollout names what is wrong or not patchable."""
+    if route.canary is None:
+        raise InvalidRollout(f"deployment {route.deployment!r} has no rollout to patch: PUT starts one")
+    merged = merge(document(route), patch)
+    try:
+        doc = msgspec.convert(merged, Document)
+    except msgspec.ValidationError as exc:
+        raise InvalidRollout(f"invalid deployment after the patch: {exc}") from None
+    if doc.stable_release != route.stable.release:
+        raise InvalidRollout("a PATCH does not change stable_release: PUT starts a new rollout from a new stable")
+    if doc.canary_release is None:
+        raise InvalidRollout("a PATCH does not remove the canary: abort the rollout instead")
+    if doc.canary_release == doc.stable_release:
+        raise InvalidRollout("canary_release must differ from stable_release")
+    return doc
+
+
+def changed(route: Route, doc: Document) -> list[str]:
+    """The fields the document changes, in document order."""
+    before = document(route)
+    after = msgspec.to_builtins(doc)
+    return [k for k in ("stable_release", "canary_release", "weight", "strategy") if before.get(k) != after.get(k)]

@@ -1,0 +1,90 @@
+"""Analysis records: one AnalysisRun per measurement, with what the rollout did with it. Pure, no I/O
+(the router signs and publishes them with its route change)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from lockgate.contracts import AnalysisMetric, AnalysisRun
+from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricSpec
+from lockgate.services.router.domain import Route
+
+_PHASES = {"SUCCESSFUL": "Successful", "FAILED": "Failed", "INCONCLUSIVE": "Inconclusive"}
+
+
+def template(route: Route) -> Literal["canary", "pre-promotion", "post-promotion"]:
+    """Which of the strategy's analyses judges the route now."""
+    if route.strategy is None or route.strategy.blue_green is None:
+        return "canary"
+    return "post-promotion" if route.phase == "promoted" else "pre-promotion"
+
+
+def condition(spec: MetricSpec) -> str:
+    """A metric's limits as text: `<= stable + 0.01 and <= 0.05`."""
+    parts = []
+    if spec.max is not None:
+        parts.append(f"<= {spec.max:g}")
+    if spec.max_increase is not None:
+        parts.append(f"<= stable + {spec.max_increase:g}")
+    if spec.max_ratio is not None:
+        parts.append(f"<= stable x {spec.max_ratio:g}")
+    if spec.min is not None:
+        parts.append(f">= {spec.min:g}")
+    if spec.max_decrease is not None:
+        parts.append(f">= stable - {spec.max_decrease:g}")
+    return " and ".join(parts)
+
+
+def outcome(before: Route, after: Route | None) -> str:
+    """What the rollout did after the measurement."""
+    if after is None:
+        return "held"
+    if after.phase == "aborted" and before.phase != "aborted":
+        return "rolled back" if before.phase == "promoted" else "aborted"
+    if after.phase == "promoted" and before.phase != "promoted":
+        return "promoted"
+    if before.verifying and not after.verifying:
+        return "verified"
+    if after.paused and not before.paused:
+        return "paused"
+    if (after.weight, after.cursor, after.step) != (before.weight, before.cursor, before.step):
+        return "advanced"
+    return "held"
+
+
+def record(before: Route, after: Route | None, m: Measurement, spec: AnalysisSpec) -> AnalysisRun | None:
+    """The record of a measurement (None while it only waits for its minimum sample: no look was taken)."""
+    if m.verdict == "WAITING" or before.canary is None:
+        return None
+    verifying = before.phase == "promoted"
+    judged = before.stable.release if verifying else before.canary.release
+    baseline = (before.previous.release if before.previous else "") if verifying else before.stable.release
+    status = (after or before).analysis
+    metrics = [AnalysisMetric(name=r.name, verdict=r.verdict, condition=condition(s), canary=r.canary,
+                              stable=r.stable, threshold=r.threshold, bound=r.bound, canary_n=r.canary_n,
+                              stable_n=r.stable_n, dry_run=r.dry_run, why=r.why)
+               for r, s in zip(m.metrics, spec.metrics, strict=True)]
+    return AnalysisRun(
+        deployment=before.deployment, release=judged, baseline=baseline, template=template(before),
+        step=before.step, look=m.look, phase=_PHASES[m.verdict],  # type: ignore[arg-type]
+        outcome=outcome(before, after),
+        successes=status.successes if status else 0, failures=status.failures if status else 0,
+        inconclusives=status.inconclusives if status else 0, successes_needed=spec.count, failure_limit=spec.failure_limit,
+        inconclusive_limit=spec.inconclusive_limit, canary_n=m.canary_n, stable_n=m.stable_n,
+        dry_run=any(x.dry_run for x in spec.metrics), metrics=metrics)
+
+
+def error(route: Route, spec: AnalysisSpec, why: str) -> AnalysisRun | None:
+    """The record of a measurement that could not be taken (phase Error)."""
+    if route.canary is None:
+        return None
+    verifying = route.phase == "promoted"
+    return AnalysisRun(deployment=route.deployment,
+                       release=route.stable.release if verifying else route.canary.release,
+                       baseline=route.stable.release if not verifying else
+                       (route.previous.release if route.previous else ""),
+                       template=template(route), step=route.step, phase="Error", error=why[:500],
+                       successes_needed=spec.count, failure_limit=spec.failure_limit,
+                       inconclusive_limit=spec.inconclusive_limit,
+                       metrics=[AnalysisMetric(name=s.label, verdict="ERROR", condition=condition(s),
+                                               dry_run=s.dry_run) for s in spec.metrics])

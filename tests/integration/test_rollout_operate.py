@@ -1,0 +1,209 @@
+"""Operating a rollout through the admin API and the CLI on the real nats-server, chDB and the simulator:
+`watch` follows a rollout live until it completes, `retry` restarts an aborted one, a PATCH changes one
+field and nothing else (the issue's attack: a re-PUT without canary_upstream silently repointed the
+canary), and every analysis measurement is a signed, stored record that `rollout analysis` checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+from click.testing import CliRunner
+
+from lockgate.cli.main import cli
+from lockgate.codec import Codec
+from lockgate.contracts import AuditEntry, GateDecided, RolloutState
+from lockgate.server.apikeys import Bootstrap, KeyStore
+from lockgate.signing import Signer
+from lockgate.subjects import token
+from tests.integration import test_rollout_analysis as analysis_tests
+from tests.integration.test_rollout_analysis import ERRORS, _pass, _start, _traffic_until
+
+router, http, keys, signer = analysis_tests.router, analysis_tests.http, analysis_tests.keys, analysis_tests.signer
+
+pytestmark = pytest.mark.timeout(120)
+_states: Codec[RolloutState] = Codec(RolloutState)
+_audit: Codec[AuditEntry] = Codec(AuditEntry)
+
+
+def _base(router: Any) -> list[str]:
+    s = router.ctx.settings
+    return ["--home", s.home, "--nats", s.nats_url, "--prefix", s.prefix, "--database", s.database,
+            "rollout", "--router", router.url]
+
+
+async def _cli(router: Any, *args: str, key: str | None = None) -> Any:
+    env = {"LOCKGATE_CLICKHOUSE_URL": router.ctx.settings.clickhouse_url}
+    extra = ["--api-key", key] if key else []
+    base = _base(router)
+    return await asyncio.to_thread(CliRunner().invoke, cli, [*base[:-2], *base[-2:], *extra, *args], env=env)
+
+
+async def _next_state(sub: Any) -> RolloutState:
+    return _states.decode((await sub.next_msg(timeout=10)).data)
+
+
+async def test_watch_follows_a_rollout_through_every_step_until_it_completes(router: Any, http: aiohttp.ClientSession,
+                                                                             signer: Signer, keys: Bootstrap) -> None:
+    await _start(http, router, "same", {"steps": [20, 50, 100], "interval_s": 0.3})
+    # The CLI in its own process, as an operator runs it: one JSON line per change, pushed by the router.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lockgate.cli", *_base(router), "--api-key", keys.admin_key, "watch", "chat", "--json",
+        "--timeout", "60", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LOCKGATE_CLICKHOUSE_URL": router.ctx.settings.clickhouse_url})
+    assert proc.stdout is not None
+    first = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+    assert (first["phase"], first["weight"], first["canary"]) == ("idle", 0.0, "same")  # waiting for its decision
+    await _pass(router, signer, "same")
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    views = [first, *(json.loads(line) for line in out.decode().splitlines())]
+    progressing = [(v["step"], v["weight"]) for v in views if v["phase"] == "progressing"]
+    assert progressing == [(1, 20.0), (2, 50.0), (3, 100.0)]
+    assert views[-1]["phase"] == "promoted" and views[-1]["stable"] == "same"
+    assert all(v["decision_id"] for v in views[1:])  # the decision that admitted it, shown with every change
+
+
+async def test_watch_stops_with_its_own_exit_code_on_abort_and_after_its_timeout(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    timed_out = await _cli(router, "watch", "chat", "--timeout", "0.5")
+    assert timed_out.exit_code == 5 and "still idle after 0.5 s" in timed_out.output
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/abort") as resp:
+        assert resp.status == 200
+    aborted = await _cli(router, "watch", "chat")
+    assert aborted.exit_code == 6 and "aborted same: by operator" in aborted.output
+
+
+async def test_retry_restarts_an_aborted_rollout_from_step_zero_and_is_refused_otherwise(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    # The gatekeeper keeps each release's current decision in KV: what a retry is admitted by.
+    kv = await router.ctx.bus.kv(router.ctx.bus.subjects.kv_gates)
+    await kv.put(token("same"), msgspec.json.encode(signer.sign(GateDecided(release="same", rules=[],
+                                                                             decision="PASS"))))
+    operator, rec = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    refused = await _cli(router, "retry", "chat", key=operator)
+    assert refused.exit_code == 4 and "is progressing, not aborted; only an aborted rollout can be retried" in \
+        refused.output
+    assert (await _cli(router, "set-weight", "chat", "50", key=operator)).exit_code == 0
+    assert (await _cli(router, "abort", "chat", key=operator)).exit_code == 0
+
+    bus = router.ctx.bus
+    await router.rollouts.flush()
+    sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
+    audit = await bus.nc.subscribe(bus.subjects.audit("router"))
+    retried = await _cli(router, "retry", "chat", "--json", key=operator)
+    assert retried.exit_code == 0, retried.output
+    route = router.rollouts.route("chat")
+    # Same spec, same canary release, from its first step: the canary's stored decision started it at once.
+    assert (route.phase, route.weight, route.step, route.canary.release, route.stable.release) == (
+        "progressing", 10.0, 1, "same", "r1")
+    assert route.strategy is not None and route.strategy.weights() == [10, 50, 100]
+    restarted = await _next_state(sub)
+    assert restarted.actor == rec.label and f"retry of same by {rec.label}" in restarted.reason
+    entry = _audit.decode((await audit.next_msg(timeout=10)).data)
+    assert (entry.action, entry.actor, entry.target) == ("retry", rec.label, "chat")
+
+
+async def test_patch_weight_keeps_canary_release_upstream_and_rollout_position(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600, "analysis": ERRORS})
+    await _pass(router, signer, "same")
+    before = router.rollouts.route("chat")
+    assert before.canary is not None and before.canary.endpoint == "canary"
+    operator, rec = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    bus = router.ctx.bus
+    await router.rollouts.flush()  # the decision's change announced before we listen
+    sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
+    audit = await bus.nc.subscribe(bus.subjects.audit("router"))
+    url = f"{router.url}/lockgate/v1/deployments/chat"
+    merge = {"Authorization": f"Bearer {operator}", "Content-Type": "application/merge-patch+json"}
+
+    # The issue's attack was a re-PUT without canary_upstream: it restarted the rollout and repointed the
+    # canary to the default upstream. A PATCH of the weight alone changes the weight alone.
+    async with http.patch(url, data=json.dumps({"weight": 30}), headers=merge) as resp:
+        assert resp.status == 200, await resp.text()
+    after = router.rollouts.route("chat")
+    assert after.weight == 30.0
+    assert (after.canary, after.stable, after.phase, after.step, after.cursor, after.started_at, after.strategy,
+            after.admitted, after.decision_id) == (before.canary, before.stable, before.phase, before.step,
+                                                   before.cursor, before.started_at, before.strategy,
+                                                   before.admitted, before.decision_id)
+    state = await _next_state(sub)
+    assert (state.actor, state.canary_weight, state.canary_release) == (rec.label, 30.0, "same")
+    assert state.reason.startswith(f"patched weight by {rec.label}")
+    entry = _audit.decode((await audit.next_msg(timeout=10)).data)
+    assert (entry.action, entry.actor, entry.target, entry.details["weight"]) == ("patch", rec.label, "chat", "30.0")
+
+    # One field of the strategy: the interval changes, the steps, the analysis and the weight stay.
+    async with http.patch(url, data=json.dumps({"strategy": {"interval_s": 7200}}), headers=merge) as resp:
+        assert resp.status == 200, await resp.text()
+    patched = router.rollouts.route("chat")
+    assert patched.strategy is not None and before.strategy is not None
+    assert (patched.strategy.interval_s, patched.strategy.steps, patched.strategy.analysis) == (
+        7200, before.strategy.steps, before.strategy.analysis)
+    assert (patched.weight, patched.step, patched.canary) == (30.0, before.step, before.canary)
+
+    for body, status, why in (({"stable_release": "bad"}, 409, "PUT starts a new rollout"),
+                              ({"weight": 101}, 409, "invalid deployment after the patch"),
+                              ({}, 409, "non-empty JSON object")):
+        async with http.patch(url, data=json.dumps(body), headers=merge) as resp:
+            assert resp.status == status and why in (await resp.json())["error"]["message"]
+    viewer, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "viewer")
+    async with http.patch(url, data=json.dumps({"weight": 0}), headers={**merge, "Authorization": f"Bearer {viewer}"}
+                          ) as resp:
+        assert resp.status == 403
+    assert router.rollouts.route("chat").weight == 30.0
+
+    # PUT stays the full replace: a new rollout from 0%.
+    await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600})
+    replaced = router.rollouts.route("chat")
+    assert (replaced.phase, replaced.weight) == ("idle", 0.0) and replaced.strategy is not None \
+        and replaced.strategy.analysis is None
+
+
+async def test_every_measurement_is_a_signed_stored_record_and_a_changed_one_is_flagged(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    await _start(http, router, "bad", {"steps": [50, 100], "interval_s": 0.2, "analysis": ERRORS})
+    await _pass(router, signer, "bad")
+    await _traffic_until(http, router, lambda r: r.phase == "aborted")
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted" and route.analysis is not None
+    looks = route.analysis.look
+    await router.rollouts.flush()
+    await analysis_tests.sink_stored(router.sink.handlers, analysis_runs=looks)
+
+    shown = await _cli(router, "analysis", "chat", "--json")
+    assert shown.exit_code == 0, shown.output
+    runs = msgspec.json.decode(shown.output)
+    assert len(runs) == looks and all(r["verified"] for r in runs)
+    last = runs[0]  # newest first: the measurement that aborted the canary
+    assert (last["release"], last["baseline"], last["template"], last["phase"], last["outcome"], last["failures"]) == (
+        "bad", "r1", "canary", "Failed", "aborted", 1)
+    error_rate = next(m for m in last["metrics"] if m["name"] == "error_rate")
+    assert error_rate["verdict"] == "FAILED" and error_rate["condition"] == "<= stable + 0.01"
+    assert error_rate["canary"] > error_rate["threshold"] == pytest.approx(error_rate["stable"] + 0.01)
+    latency = next(m for m in last["metrics"] if m["name"] == "latency_p95")
+    assert latency["condition"] == "<= 2000 and <= stable x 3" and latency["threshold"] is not None
+
+    table = await _cli(router, "analysis", "chat")
+    assert table.exit_code == 0 and "error_rate" in table.output and "verified" in table.output
+    got = await _cli(router, "get", "chat")
+    assert got.exit_code == 0 and "latest analysis record" in got.output and "Failed" in got.output
+
+    # Someone with a ClickHouse session makes the failing look read as a pass: the record no longer verifies.
+    store = router.sink.ctx.store
+    store.command(f"ALTER TABLE analysis_runs UPDATE phase = 'Successful' WHERE id = '{last['id']}' "
+                  "SETTINGS mutations_sync = 2")
+    flagged = await _cli(router, "analysis", "chat")
+    assert flagged.exit_code == 4, flagged.output
+    assert "UNVERIFIED" in flagged.output and f"1 of {looks} analysis records of chat do not verify" in flagged.output
+    assert "does not match its signature" in flagged.output

@@ -1,0 +1,136 @@
+"""Retry, merge-patch and signed analysis records: the pure parts. Through the admin API and CLI in
+tests/integration/test_rollout_operate.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from lockgate import analysisruns
+from lockgate.config import Settings
+from lockgate.contracts import InferenceEvent
+from lockgate.errors import SignatureError
+from lockgate.server.service import ServiceContext
+from lockgate.services.router import domain, patch, progress, runs
+from lockgate.services.router.endpoints import Endpoints
+from lockgate.services.router.rollouts import Rollouts
+from lockgate.signing import Keyring, Signer
+from lockgate.telemetry import Telemetry
+from tests.unit.test_router_progress import SPEC, STEPS, _live, _m
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_merge_patch_follows_rfc_7396() -> None:
+    target = {"a": "b", "c": {"d": "e", "f": "g"}}
+    assert patch.merge(target, {"a": "z", "c": {"f": None}}) == {"a": "z", "c": {"d": "e"}}
+    assert patch.merge({"a": [1, 2]}, {"a": [3]}) == {"a": [3]}  # arrays replace, never merge
+    assert patch.merge({"a": "b"}, {"b": {"c": None}}) == {"a": "b", "b": {}}
+    assert patch.merge(target, {}) == target
+
+
+def test_a_weight_patch_keeps_the_canary_and_the_rollout_position() -> None:
+    route = msgspec.structs.replace(_live(weight=25.0, step=1), canary=domain.Target(release="r2", endpoint="canary"))
+    doc = patch.apply(route, {"weight": 40})
+    assert patch.changed(route, doc) == ["weight"]
+    assert (doc.canary_release, doc.strategy) == ("r2", route.strategy)
+    moved = progress.set_weight(route, doc.weight, "ops")
+    assert (moved.weight, moved.canary, moved.step, moved.phase, moved.started_at) == (
+        40.0, route.canary, 1, "progressing", route.started_at)
+
+
+def test_a_strategy_patch_changes_only_the_named_field() -> None:
+    route = _live()
+    doc = patch.apply(route, {"strategy": {"interval_s": 30}})
+    assert patch.changed(route, doc) == ["strategy"]
+    assert doc.strategy is not None and route.strategy is not None
+    assert (doc.strategy.interval_s, doc.strategy.steps, doc.strategy.analysis) == (30, route.strategy.steps, SPEC)
+    dropped = patch.apply(route, {"strategy": {"analysis": None}})
+    assert dropped.strategy is not None and dropped.strategy.analysis is None and dropped.strategy.steps
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    ({"stable_release": "r9"}, "PUT starts a new rollout"),
+    ({"canary_release": None}, "abort the rollout instead"),
+    ({"weight": 150}, "invalid deployment after the patch"),
+    ({"strategy": {"steps": "no"}}, "invalid deployment after the patch"),
+    ({"colour": "blue"}, "invalid deployment after the patch"),
+])
+def test_a_patch_that_cannot_apply_says_why(body: dict[str, object], why: str) -> None:
+    with pytest.raises(domain.InvalidRollout, match=why):
+        patch.apply(_live(), body)
+
+
+def test_retry_restarts_an_aborted_rollout_from_step_zero_only() -> None:
+    aborted = domain.abort(_live(weight=50.0, step=2), "analysis failed")
+    again = progress.retry(aborted, "apikey:ops", now=500.0)
+    assert (again.phase, again.weight, again.step, again.cursor, again.analysis, again.started_at) == (
+        "idle", 0.0, 0, 0, None, 500.0)
+    assert (again.canary, again.stable, again.strategy) == (aborted.canary, aborted.stable, aborted.strategy)
+    assert "retry of r2 by apikey:ops" in again.reason
+    with pytest.raises(domain.InvalidRollout, match="is progressing, not aborted"):
+        progress.retry(_live(), "ops", now=500.0)
+
+
+def test_analysis_record_names_values_thresholds_and_outcome() -> None:
+    before = _live()
+    after = progress.on_measurement(before, _m("FAILED"), STEPS, 1.0, now=102.0)
+    run = runs.record(before, after, _m("FAILED"), SPEC)
+    assert run is not None
+    assert (run.deployment, run.release, run.baseline, run.template, run.phase, run.outcome, run.failures) == (
+        "d", "r2", "r1", "canary", "Failed", "aborted", 1)
+    m = run.metrics[0]
+    assert (m.name, m.canary, m.threshold, m.condition, m.verdict) == (
+        "error_rate", 0.05, 0.015, "<= stable + 0.01", "FAILED")
+    assert runs.record(before, None, _m("WAITING"), SPEC) is None  # no look taken: nothing to record
+
+
+def test_a_changed_record_no_longer_verifies() -> None:
+    signer = Signer.generate()
+    ring = Keyring([signer.public])
+    before = _live()
+    run = runs.record(before, None, _m("SUCCESSFUL"), SPEC)
+    assert run is not None
+    signed = analysisruns.sign(run, signer)
+    assert analysisruns.verify(signed, ring) == signer.key_id
+    stored = analysisruns.from_row(msgspec.to_builtins(signed))  # as read back from the store
+    assert analysisruns.verify(stored, ring) == signer.key_id
+    metric = msgspec.structs.replace(signed.metrics[0], canary=0.001)
+    with pytest.raises(SignatureError, match="does not match"):
+        analysisruns.verify(msgspec.structs.replace(signed, metrics=[metric]), ring)
+    with pytest.raises(SignatureError, match="unknown key"):
+        analysisruns.verify(analysisruns.sign(run, Signer.generate()), ring)
+
+
+def test_a_due_look_follows_the_evidence_and_waits_one_interval_more_without_it(tmp_path: Path) -> None:
+    """Looks stay at most one per interval (the same alpha per look), but one that is due is taken when its
+    evidence arrives rather than at the next tick; without new evidence it is taken one interval later."""
+    ctx = ServiceContext(bus=None, telemetry=Telemetry(), settings=Settings(home=str(tmp_path)))  # type: ignore[arg-type]
+    rollouts = Rollouts(ctx, Endpoints(ctx.settings))
+    route = _live(next_step_at=101.0)  # interval 1 s
+    rollouts.routes["d"] = route
+    assert rollouts._due(route) == 102.0  # nothing new since the last look
+    rollouts.observe([InferenceEvent(app="d", deployment="d", release="r2", variant="canary")])
+    assert rollouts._due(route) == 101.0  # new canary evidence: the look is due on time, taken on its arrival
+    rollouts.observe([InferenceEvent(app="other", deployment="other", release="r2")])
+    assert rollouts._due(_live(next_step_at=101.0, strategy=None)) == 101.0  # plain steps: the clock alone
+
+
+def test_requests_diverted_by_the_canarys_open_breaker_count_as_canary_failures(tmp_path: Path) -> None:
+    """Served by stable without a call to the canary, they would leave the canary without evidence: it would
+    wait for its minimum sample for ever. Once it has failed a call itself, each diversion is a failure."""
+    ctx = ServiceContext(bus=None, telemetry=Telemetry(), settings=Settings(home=str(tmp_path)))  # type: ignore[arg-type]
+    rollouts = Rollouts(ctx, Endpoints(ctx.settings))
+    rollouts.routes["d"] = route = _live()
+    diverted = InferenceEvent(app="d", deployment="d", release="r1", variant="stable", attributes={
+        "lockgate.fallback_from_variant": "canary", "lockgate.fallback_from_release": "r2",
+        "lockgate.fallback_reason": "breaker_open"})
+    rollouts.observe([diverted] * 3)  # a breaker some earlier release left open: not this canary's failure
+    assert rollouts.evidence.sample("d", "r2", route.started_at).n == 0
+    rollouts.observe([InferenceEvent(app="d", deployment="d", release="r2", variant="canary", status="error")])
+    rollouts.observe([diverted] * 3)
+    canary = rollouts.evidence.sample("d", "r2", route.started_at)
+    assert (canary.n, canary.errors) == (4, 4)
+    assert rollouts.evidence.sample("d", "r1", route.started_at).n == 6  # stable served them: its evidence too
