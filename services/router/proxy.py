@@ -211,6 +211,11 @@ class Proxy:
                 response = await self._once(op, hops, up_headers, out_headers, rec)
                 if request.transport is None:  # the client left while the upstream worked: nobody got the answer
                     rec.status, rec.error_type = "error", "client_disconnected"
+        except asyncio.CancelledError:
+            # The client closed its connection (the server cancels the handler, server.py): the upstream
+            # call was cancelled with it, its connection closed, so the provider stops generating.
+            rec.status, rec.error_type = "error", "client_disconnected"
+            raise
         finally:
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
             self.admission.settle(ticket, rec)

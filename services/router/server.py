@@ -78,7 +78,10 @@ class RouterService(Service):
         self.batcher.start(self.ctx.bus.js)
         self.spawn(self.rollouts.run_timer(), "rollout-timer")
         self.spawn(self.admission.run(), "budget-leases")
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        # handler_cancellation: a client that closes its connection cancels its request's handler, and
+        # with it the upstream call (proxy.forward records client_disconnected).
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
+                                     handler_cancellation=True)
         await self._runner.setup()
         s = self.ctx.settings
         await web.TCPSite(self._runner, s.host, s.router_port, backlog=1024).start()  # bursts of new clients
