@@ -60,6 +60,7 @@ from lockgate.services.router.budgets import (
     resolve,
 )
 from lockgate.services.router.cache import (
+    EVENT_STREAM,
     CacheConfig,
     Entry,
     ResponseCache,
@@ -411,8 +412,9 @@ class Admission:
     # -- response cache ------------------------------------------------------------------------------
 
     async def lookup(self, ticket: Ticket, deployment: str, release: str, body: bytes, rec: Any,
-                     headers: dict[str, str]) -> web.Response | None:
-        """A cached answer for this request (the reservation released, the event marked as a hit), or None."""
+                     headers: dict[str, str], shown_usage: bool = False) -> web.Response | None:
+        """A cached answer for this request (the reservation released, the event marked as a hit), or None.
+        `shown_usage`: a stream's client asked for the usage chunk (the upstream body always asks)."""
         spec = self.cache.spec(deployment) if ticket is not OPEN else None
         if spec is None:
             return None
@@ -420,6 +422,8 @@ class Admission:
             data = msgspec.json.decode(body)
         except msgspec.DecodeError:
             return None
+        if isinstance(data, dict) and data.get("stream"):
+            data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": shown_usage}
         ticket.cache_key = request_key(ticket.tenant, deployment, release, data, spec) if isinstance(data, dict) \
             else None
         if ticket.cache_key is None:
@@ -439,19 +443,29 @@ class Admission:
         rec.attributes.update({"cache": "hit", "cost_saved": f"{saved.usd / NANO:.9f}"})
         headers["x-lockgate-cache"] = "hit"
         ticket.cache_key = None
-        return web.Response(body=entry.body, status=200, content_type="application/json", headers=headers)
+        if entry.content_type == EVENT_STREAM:  # a cached stream: its events in one body, as SSE
+            headers["Cache-Control"] = "no-cache"
+        return web.Response(body=entry.body, status=200, content_type=entry.content_type, headers=headers)
 
-    def remember(self, ticket: Ticket, deployment: str, response: web.StreamResponse, rec: Any) -> None:
-        """Keep a successful answer of a cacheable request for its deployment's TTL."""
-        if ticket.cache_key is None or rec.status != "ok" or not isinstance(response, web.Response):
+    def remember(self, ticket: Ticket, deployment: str, response: web.StreamResponse, rec: Any,
+                 streamed: list[bytes] | None = None) -> None:
+        """Keep a successful answer of a cacheable request for its deployment's TTL: a body, or the
+        lines of a stream as the client received them (`streamed`)."""
+        if ticket.cache_key is None or rec.status != "ok":
             return
         spec = self.cache.spec(deployment)
-        body = response.body
+        if streamed is not None:
+            body: Any = b"".join(streamed)
+            content_type = EVENT_STREAM
+        elif isinstance(response, web.Response):
+            body, content_type = response.body, "application/json"
+        else:
+            return
         if spec is None or not isinstance(body, bytes):
             return
         entry = Entry(body=body, expires=self.clock() + spec.ttl_s, model=rec.response_model,
                       input_tokens=rec.input_tokens, output_tokens=rec.output_tokens, cached_tokens=rec.cached_tokens,
-                      text=rec.text, finish_reason=rec.finish_reason)
+                      text=rec.text, finish_reason=rec.finish_reason, content_type=content_type)
         if self.cache.put(ticket.cache_key, entry) and spec.shared and len(body) < _SHARED_MAX:
             task = asyncio.get_running_loop().create_task(self._shared_put(ticket.cache_key, entry))
             self._puts.add(task)  # held until done: the loop keeps only weak references to tasks

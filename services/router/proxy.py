@@ -201,12 +201,17 @@ class Proxy:
             self.shadow.maybe_mirror(route, variant, key, deployment, await request.read(), req, trace_id, user,
                                      session)
         rec = _Record(status="ok", provider=hops[0].endpoint.provider)
+        streamed: list[bytes] | None = None
         try:
-            hit = await self.admission.lookup(ticket, deployment, target.release, hops[0].body, rec, out_headers)
+            hit = await self.admission.lookup(ticket, deployment, target.release, hops[0].body, rec, out_headers,
+                                              want_usage)
             if hit is not None:
                 response = hit
             elif stream:
-                response = await self._stream(request, op, hops, up_headers, out_headers, want_usage, t0, rec)
+                # A cacheable stream keeps the lines the client received, for the cache to replay.
+                streamed = [] if ticket.cache_key is not None else None
+                response = await self._stream(request, op, hops, up_headers, out_headers, want_usage, t0, rec,
+                                              streamed)
             else:
                 response = await self._once(op, hops, up_headers, out_headers, rec)
                 if request.transport is None:  # the client left while the upstream worked: nobody got the answer
@@ -233,7 +238,7 @@ class Proxy:
                 f_variant, f_target = failed.hop.tag
                 loop.call_soon(self._record, INVALID_SPAN, key, trace_id, secrets.token_hex(8), deployment, f_variant,
                                f_target, f_target.model or req.model, req, user, session, _Record.attempt(failed), op)
-        self.admission.remember(ticket, deployment, response, rec)
+        self.admission.remember(ticket, deployment, response, rec, streamed)
         return response
 
     def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
@@ -306,7 +311,8 @@ class Proxy:
         return web.Response(body=data, status=200, content_type="application/json", headers=out_headers)
 
     async def _stream(self, request: web.Request, op: Operation, hops: list[Hop], up_headers: dict[str, str],
-                      out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record) -> web.StreamResponse:
+                      out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record,
+                      streamed: list[bytes] | None = None) -> web.StreamResponse:
         chunk = op.chunk or (lambda _data, _rec: False)
         try:
             reply = await self.upstream.send(hops, up_headers, stream=True)
@@ -338,6 +344,8 @@ class Proxy:
                                 hiding = True
                                 continue
                     await _write(out, line)
+                    if streamed is not None:
+                        streamed.append(line)
             except _ClientGone:
                 # Stop reading and drop the upstream connection: the provider stops generating (and billing).
                 rec.status, rec.error_type = "error", "client_disconnected"

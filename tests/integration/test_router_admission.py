@@ -362,6 +362,48 @@ async def test_a_shared_cache_answers_on_the_other_replica(settings: Settings, s
     assert sim.requests[MODEL] == 1
 
 
+async def test_a_streamed_answer_is_cached_and_replayed_as_sse(settings: Settings, store: Store, stack: Stack,
+                                                               sim: SimServer, tmp_path: Path) -> None:
+    s = settings.replace(stable_upstream=sim.url, deployment="faq", app="shop",
+                         gateway_file=gateway(tmp_path, cache={"deployments": {"faq": {"ttl_s": 60}}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    bus = router.ctx.bus
+    sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
+    c = client(router, keys.app_key)
+
+    async def stream(**extra: Any) -> tuple[str, list[Any], Any]:
+        raw = await c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0,
+            stream=True, **extra)
+        chunks = [chunk async for chunk in raw.parse()]
+        return raw.headers.get("x-lockgate-cache"), chunks, raw.headers
+
+    first_cache, first, _ = await stream()
+    second_cache, second, headers = await stream()
+    assert (first_cache, second_cache) == ("miss", "hit") and sim.requests[MODEL] == 1
+    assert headers["content-type"].startswith("text/event-stream")
+    # The same chunks in the same order, the text streamed piece by piece, no usage chunk (none asked for).
+    assert [ch.model_dump() for ch in second] == [ch.model_dump() for ch in first] and len(second) > 2
+    assert "".join(ch.choices[0].delta.content or "" for ch in second if ch.choices) == ANSWER
+    assert all(ch.usage is None for ch in second)
+    # Asking for the usage chunk is another entry (its bytes differ): the upstream answers it.
+    third_cache, third, _ = await stream(stream_options={"include_usage": True})
+    assert third_cache == "miss" and third[-1].usage is not None and sim.requests[MODEL] == 2
+    # An unstreamed request is not answered from a stream's entry.
+    plain = await c.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0)
+    assert plain.headers["x-lockgate-cache"] == "miss" and plain.parse().choices[0].message.content == ANSWER
+
+    events = []
+    while len(events) < 2:
+        events += _events.decode((await sub.next_msg(timeout=10)).data)
+    miss, hit = events[:2]
+    assert miss.attributes["cache"] == "miss" and miss.output_tokens > 0
+    assert (hit.attributes["cache"], hit.response, hit.output_tokens) == ("hit", ANSWER, 0)
+    await sub.unsubscribe()
+
+
 async def test_a_token_budget_per_key_stops_one_key_not_the_others(settings: Settings, store: Store, stack: Stack,
                                                                    sim: SimServer, tmp_path: Path) -> None:
     # 100 tokens a day for each key: a `hi` with max_tokens 20 reserves 33 and uses 18.

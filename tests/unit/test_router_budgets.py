@@ -193,10 +193,22 @@ def test_key_ignores_user_and_stream_options_and_key_order() -> None:
     (_req(temperature=0.7), ZERO_T, False),
     ({"model": "m", "messages": []}, ZERO_T, False),  # absent temperature: the provider's 1
     (_req(temperature=0.7), CacheSpec(any_temperature=True), True),
-    (_req(stream=True), ZERO_T, False),
+    (_req(stream=True), ZERO_T, True),
+    (_req(stream=True, temperature=0.7), ZERO_T, False),
 ])
 def test_temperature_rule(body: dict, spec: CacheSpec, cached: bool) -> None:
     assert (request_key("t", "d", "r", body, spec) is not None) is cached
+
+
+def test_a_stream_has_its_own_key_and_its_usage_option_counts() -> None:
+    """A stream's entry is its SSE bytes: never the answer to the unstreamed request, and with the
+    usage chunk shown or not as its client asked."""
+    plain = request_key("t", "d", "r", _req(), ZERO_T)
+    streamed = request_key("t", "d", "r", _req(stream=True, stream_options={"include_usage": False}), ZERO_T)
+    with_usage = request_key("t", "d", "r", _req(stream=True, stream_options={"include_usage": True}), ZERO_T)
+    assert len({plain, streamed, with_usage}) == 3
+    assert request_key("t", "d", "r", _req(stream=True, stream_options={"include_usage": False}, user="u"),
+                       ZERO_T) == streamed
 
 
 def test_lru_ttl_and_byte_bound() -> None:
