@@ -262,6 +262,35 @@ async def test_rate_limit_429_after_n_requests_per_minute(settings: Settings, st
     assert sim.requests[MODEL] == 5
 
 
+async def test_a_shared_rate_limit_admits_n_across_two_replicas(settings: Settings, store: Store, stack: Stack,
+                                                                 sim: SimServer, tmp_path: Path) -> None:
+    s = settings.replace(stable_upstream=sim.url, deployment="chat",
+                         gateway_file=gateway(tmp_path, rate_limits=[{"tenant": "acme", "rpm": 10, "shared": True}]))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    a = await stack.add(s, store, "router-a")
+    b = await stack.add(s, store, "router-b")
+    for r in (a, b):
+        r.admission.wall_s = lambda: 1000.0  # the shared bucket refills on the wall clock: not during this test
+    clients = [client(a, keys.app_key), client(b, keys.app_key)]
+
+    async def one(i: int) -> Any:
+        try:
+            return (await ask(clients[i % 2])).usage
+        except openai.RateLimitError as exc:
+            return exc
+
+    try:
+        results = await asyncio.gather(*(one(i) for i in range(40)))
+    finally:
+        for c in clients:
+            await c.close()
+    refused = [r for r in results if isinstance(r, Exception)]
+    # One bucket for both replicas: 10 per minute in all, not 10 on each (20 with per-replica buckets).
+    assert len(results) - len(refused) == 10 == sim.requests[MODEL]
+    assert all(r.code == "rate_limit_exceeded" and "10 requests per minute" in r.body["message"] for r in refused)
+    assert {len(r.admission.limiter.shares) for r in (a, b)} == {1}  # each replica leased its share from the KV
+
+
 async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Store, stack: Stack, sim: SimServer,
                                                   tmp_path: Path) -> None:
     s = settings.replace(stable_upstream=sim.url, deployment="faq", app="shop",
