@@ -65,6 +65,7 @@ _UP_BASE = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
 # skips the SDK's current-context lookups.
 _ROOT = Context()
 _api_request = msgspec.json.Decoder(ApiRequest)
+_good_names: set[str] = set()  # names already checked (the same few deployments on every request)
 _model_list = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -157,8 +158,12 @@ class Proxy:
         # Names become subjects and KV keys downstream: refuse a bad one here, not as a dead letter later.
         for header, value in (("x-lockgate-deployment", deployment), ("x-lockgate-app", h.get("x-lockgate-app")),
                               ("x-lockgate-tenant", h.get("x-lockgate-tenant"))):
-            if value and not is_name(value):
-                return error_response(400, f"invalid {header} {value!r}: {NAME_RULE}", "invalid_request_error")
+            if value and value not in _good_names:
+                if not is_name(value):
+                    return error_response(400, f"invalid {header} {value!r}: {NAME_RULE}", "invalid_request_error")
+                if len(_good_names) > 4096:  # names come from clients: keep the memo bounded
+                    _good_names.clear()
+                _good_names.add(value)
         user = req.user or h.get("x-lockgate-user") or ""
         session = h.get("x-lockgate-session") or ""
         route = self.rollouts.route(deployment)
@@ -470,7 +475,19 @@ def _prepare(op: Operation, endpoint: Endpoint, body: bytes) -> tuple[URL, bytes
     """The URL, body and headers of a request to one endpoint, as its provider takes them (Unsupported
     when it cannot serve the operation), with lockgate's key for that endpoint alone."""
     prov = provider(endpoint.provider)
-    return endpoint.url_for(prov.path(op)), prov.request(op, body), {**prov.headers, **endpoint.auth_headers}
+    body = prov.request(op, body)
+    # The URL and headers depend only on the endpoint and the operation: built once, not per request
+    # (the headers dict is shared, so nothing may change it; upstream.py copies before adding to it).
+    known = _prepared.get((id(endpoint), op.path))
+    if known is None or known[0] is not endpoint:
+        if len(_prepared) > 1024:  # endpoints reloaded many times: forget the old ones
+            _prepared.clear()
+        known = _prepared[(id(endpoint), op.path)] = (endpoint, endpoint.url_for(prov.path(op)),
+                                                      {**prov.headers, **endpoint.auth_headers})
+    return known[1], body, known[2]
+
+
+_prepared: dict[tuple[int, str], tuple[Endpoint, URL, dict[str, str]]] = {}
 
 
 def _end_span(span: Any, e: InferenceEvent, finish_reasons: tuple[str, ...] = ()) -> None:
