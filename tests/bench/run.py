@@ -20,7 +20,7 @@ from typing import Any
 
 from tests.bench.common import bench_env
 
-BENCHES = ["bench_ingest", "bench_otlp", "bench_router", "bench_evaluator", "bench_schema", "bench_provenance",
+BENCHES = ["bench_ingest", "bench_otlp", "bench_router", "bench_stacks", "bench_evaluator", "bench_schema", "bench_provenance",
            "bench_cluster"]
 
 
