@@ -291,6 +291,29 @@ async def test_a_shared_rate_limit_admits_n_across_two_replicas(settings: Settin
     assert {len(r.admission.limiter.shares) for r in (a, b)} == {1}  # each replica leased its share from the KV
 
 
+async def test_a_shared_rate_limit_falls_back_to_the_replicas_bucket_while_the_store_is_down(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    own = NatsServer(tmp_path / "own-nats")  # this test stops its bus, so not the session's server
+    await own.start()
+    try:
+        s = settings.replace(nats_url=own.url, stable_upstream=sim.url, deployment="chat",
+                             gateway_file=gateway(tmp_path, rate_limits=[{"tenant": "acme", "rpm": 2, "shared": True}]))
+        keys = bootstrap(s.home, tenant="acme", app="shop")
+        router = await stack.add(s, store, "router-a")
+        router.admission.clock = lambda: 1000.0  # nothing refills during the test
+        c = client(router, keys.app_key)
+        await asyncio.to_thread(own.stop)
+        # Still limited, by this replica's own bucket: 2 answered, the third refused.
+        assert [(await ask(c)).choices[0].message.content for _ in range(2)] == [ANSWER, ANSWER]
+        with pytest.raises(openai.RateLimitError) as limited:
+            await ask(c)
+        assert limited.value.code == "rate_limit_exceeded" and sim.requests[MODEL] == 2
+    finally:
+        await own.start()  # back on its port, so the router stops cleanly
+        await stack.close()
+        own.stop()
+
+
 async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Store, stack: Stack, sim: SimServer,
                                                   tmp_path: Path) -> None:
     s = settings.replace(stable_upstream=sim.url, deployment="faq", app="shop",
