@@ -162,7 +162,7 @@ class SimServer:
         # the upstream (lockgate's provider credential, never the client's lockgate key).
         self.authorizations: list[str | None] = []
         self.headers: list[dict[str, str]] = []  # every request's headers, in order
-        self.disconnects = 0  # streams the client closed before they ended
+        self.disconnects = 0  # calls the client closed before they were answered (streamed or not)
         self.disconnected = asyncio.Event()  # set at the first one: tests wait on it, not on the clock
         self._models = {n: _Model(n, s, config.seed) for n, s in config.models.items()}
         self._runner: web.AppRunner | None = None
@@ -286,6 +286,8 @@ class SimServer:
                                       logprob, tool, user_text)
         if delay:
             await asyncio.sleep(delay)
+            if request.transport is None:  # the client closed its connection while it waited: count it
+                self._gone()
         if failed:
             return _error(500, "The simulated server had an error processing your request", "server_error")
         choices = []

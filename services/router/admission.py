@@ -60,6 +60,7 @@ from lockgate.services.router.budgets import (
     resolve,
 )
 from lockgate.services.router.cache import (
+    EVENT_STREAM,
     CacheConfig,
     Entry,
     ResponseCache,
@@ -67,7 +68,17 @@ from lockgate.services.router.cache import (
     request_key,
     to_shared,
 )
-from lockgate.services.router.ratelimit import RateLimiter, RateLimitSpec
+from lockgate.services.router.ratelimit import (
+    Lacking,
+    Level,
+    RateLimiter,
+    RateLimitSpec,
+    Refusal,
+    give_back,
+    kv_key,
+    lease,
+    refusal,
+)
 from lockgate.services.router.wire import error_response
 
 log = logging.getLogger("lockgate.router.admission")
@@ -110,6 +121,8 @@ class StoreUnavailable(LockgateError):
 
 
 _counter_dec = msgspec.json.Decoder(Counter)
+_level_dec = msgspec.json.Decoder(Level)
+_level_enc = msgspec.json.Encoder()
 _enc = msgspec.json.Encoder()
 _KV_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 _RETRY_STORE_S = 1.0  # after the budget store failed, requests fail at once for this long
@@ -176,11 +189,11 @@ class Admission:
                    or self.file.default_max_tokens)
         price = self.prices.get(model)
         cost = cost_of(price, input_estimate(text_bytes, len(messages), self.file.bytes_per_token), max_out)
-        now = self.clock()
-        if self.limiter and (refused := self.limiter.admit(key.tenant, key.app, key.id, cost.tokens, now)):
+        if self.limiter and (refused := await self._rate_limit(key, cost.tokens)):
             return error_response(429, refused.message, "requests", code="rate_limit_exceeded",
                                   headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s)))})
         ticket = Ticket(key, cost, price)
+        now = self.clock()
         wall = self.wall()
         periods = self._periods if self._periods.ordinal == wall.toordinal() else self._new_periods(wall)
         for b in self.budgets:
@@ -216,6 +229,85 @@ class Admission:
                 return self._over_budget(b, counter, need, leased, model, max_out, wall)
             ticket.charges.append((counter, b, need))
         return ticket
+
+    async def _rate_limit(self, key: ApiKey, tokens: int) -> Refusal | None:
+        """The rate limits' verdict: None when admitted (its units taken), else the Refusal. A shared
+        limit leases from the KV when this replica's share falls short (a few times at most: other
+        requests and replicas take from the same buckets meanwhile)."""
+        for _ in range(4):
+            verdict = self.limiter.admit(key.tenant, key.app, key.id, tokens, self.clock())
+            if not isinstance(verdict, list):
+                return verdict
+            for lack in verdict:
+                refused = await self._lease_rate(lack)
+                if refused is not None:
+                    return refused
+        return Refusal(f"rate limit of key {key.id}: its shared buckets are contended; retry", 1.0)
+
+    async def _lease_rate(self, lack: Lacking) -> Refusal | None:
+        """Lease a share of a shared rate-limit bucket into this replica: None when leased (or the KV is
+        unreachable: the limit falls back to this replica's bucket for a while), else the Refusal."""
+        name = kv_key(lack.slot)
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        async with lock:  # one lease at a time per bucket: the requests queued here share it
+            if self.limiter.covered(lack.slot, lack.units, self.clock()):
+                return None
+            ask = max(lack.need, math.ceil(lack.capacity * self.file.lease_fraction))
+            try:
+                got, wait = await self._cas_rate(name, lambda state: lease(state, lack.capacity, self.wall_s(), ask,
+                                                                           lack.need))
+            except StoreUnavailable:
+                self.limiter.local_until = self.clock() + _RETRY_STORE_S
+                return None
+            if got is None:
+                return refusal(lack.slot[2], lack.capacity, lack.slot[1], wait)
+            self.limiter.add_share(lack.slot, got, self.clock(), self.file.lease_s)
+        return None
+
+    async def _cas_rate(self, name: str, change: Callable[[Level | None], tuple[Level, float | None, float]]
+                        ) -> tuple[float | None, float]:
+        """Apply `change` to a shared rate-limit bucket by compare-and-set: (units it moved, or None when
+        it refused, and the seconds to wait then)."""
+        try:
+            async with asyncio.timeout(self.file.store_timeout_s):
+                kv = await self._store()
+                while True:
+                    try:
+                        entry = await kv.get(name)
+                        rev, state = entry.revision, _level_dec.decode(entry.value or b"")
+                    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                        rev, state = None, None
+                    after, moved, wait = change(state)
+                    if moved is None:
+                        return None, wait
+                    try:
+                        if rev is None:
+                            await kv.create(name, _level_enc.encode(after))
+                        else:
+                            await kv.update(name, _level_enc.encode(after), last=rev)
+                    except nats.js.errors.KeyWrongLastSequenceError:
+                        continue  # another replica changed it in between: read again
+                    return moved, 0.0
+        except StoreUnavailable as exc:
+            self._failed(exc.message)
+            raise
+        except msgspec.DecodeError as exc:
+            raise StoreUnavailable(f"rate-limit bucket {name} is unreadable: {exc}") from None
+        except _KV_ERRORS as exc:
+            message = (f"the rate-limit store (NATS KV bucket {self.bus.subjects.kv_budgets}) did not answer: "
+                       f"{type(exc).__name__}")
+            self._failed(message)
+            raise StoreUnavailable(message) from None
+
+    async def _return_shares(self, now: float) -> None:
+        """Give this replica's unused shares of shared rate limits back (a lost one refills anyway)."""
+        for slot, units in self.limiter.surrender(now):
+            capacity = self.limiter.capacity(slot)
+            with contextlib.suppress(StoreUnavailable):
+                await self._cas_rate(kv_key(slot), lambda state, c=capacity, u=units: (
+                    give_back(state, c, self.wall_s(), u), u, 0.0))
 
     def settle(self, ticket: Ticket, rec: Any) -> None:
         """After the call: charge what it really used and give the rest of the reservation back."""
@@ -351,6 +443,8 @@ class Admission:
     async def return_expired(self, force: bool = False) -> None:
         """Give allowances unused for `lease_s` (all of them with `force`) back to the store."""
         now = math.inf if force else self.clock()
+        if self.limiter:
+            await self._return_shares(now)
         for counter, allowance in list(self.allowances.items()):
             back = allowance.surrender(now)
             if back == ZERO:
@@ -382,7 +476,7 @@ class Admission:
     async def close(self) -> None:
         """Return every allowance and flush budget events (at stop)."""
         await self.shared()
-        if self.budgets:
+        if self.budgets or self.limiter:
             await self.return_expired(force=True)
         self.events.start()
         with contextlib.suppress(Exception):
@@ -411,8 +505,9 @@ class Admission:
     # -- response cache ------------------------------------------------------------------------------
 
     async def lookup(self, ticket: Ticket, deployment: str, release: str, body: bytes, rec: Any,
-                     headers: dict[str, str]) -> web.Response | None:
-        """A cached answer for this request (the reservation released, the event marked as a hit), or None."""
+                     headers: dict[str, str], shown_usage: bool = False) -> web.Response | None:
+        """A cached answer for this request (the reservation released, the event marked as a hit), or None.
+        `shown_usage`: a stream's client asked for the usage chunk (the upstream body always asks)."""
         spec = self.cache.spec(deployment) if ticket is not OPEN else None
         if spec is None:
             return None
@@ -420,6 +515,8 @@ class Admission:
             data = msgspec.json.decode(body)
         except msgspec.DecodeError:
             return None
+        if isinstance(data, dict) and data.get("stream"):
+            data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": shown_usage}
         ticket.cache_key = request_key(ticket.tenant, deployment, release, data, spec) if isinstance(data, dict) \
             else None
         if ticket.cache_key is None:
@@ -439,19 +536,29 @@ class Admission:
         rec.attributes.update({"cache": "hit", "cost_saved": f"{saved.usd / NANO:.9f}"})
         headers["x-lockgate-cache"] = "hit"
         ticket.cache_key = None
-        return web.Response(body=entry.body, status=200, content_type="application/json", headers=headers)
+        if entry.content_type == EVENT_STREAM:  # a cached stream: its events in one body, as SSE
+            headers["Cache-Control"] = "no-cache"
+        return web.Response(body=entry.body, status=200, content_type=entry.content_type, headers=headers)
 
-    def remember(self, ticket: Ticket, deployment: str, response: web.StreamResponse, rec: Any) -> None:
-        """Keep a successful answer of a cacheable request for its deployment's TTL."""
-        if ticket.cache_key is None or rec.status != "ok" or not isinstance(response, web.Response):
+    def remember(self, ticket: Ticket, deployment: str, response: web.StreamResponse, rec: Any,
+                 streamed: list[bytes] | None = None) -> None:
+        """Keep a successful answer of a cacheable request for its deployment's TTL: a body, or the
+        lines of a stream as the client received them (`streamed`)."""
+        if ticket.cache_key is None or rec.status != "ok":
             return
         spec = self.cache.spec(deployment)
-        body = response.body
+        if streamed is not None:
+            body: Any = b"".join(streamed)
+            content_type = EVENT_STREAM
+        elif isinstance(response, web.Response):
+            body, content_type = response.body, "application/json"
+        else:
+            return
         if spec is None or not isinstance(body, bytes):
             return
         entry = Entry(body=body, expires=self.clock() + spec.ttl_s, model=rec.response_model,
                       input_tokens=rec.input_tokens, output_tokens=rec.output_tokens, cached_tokens=rec.cached_tokens,
-                      text=rec.text, finish_reason=rec.finish_reason)
+                      text=rec.text, finish_reason=rec.finish_reason, content_type=content_type)
         if self.cache.put(ticket.cache_key, entry) and spec.shared and len(body) < _SHARED_MAX:
             task = asyncio.get_running_loop().create_task(self._shared_put(ticket.cache_key, entry))
             self._puts.add(task)  # held until done: the loop keeps only weak references to tasks

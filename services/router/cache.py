@@ -6,7 +6,12 @@ The key is a hash of the canonical JSON (sorted keys) of the request as the upst
 (`user`, `stream_options`, `metadata`), together with the tenant, deployment and release: one
 tenant never gets another's answer, and a promoted release never serves its predecessor's. A
 request that samples (temperature above 0; absent means the provider's default of 1) is not cached
-unless the deployment asks for it (`any_temperature`), nor is a stream (v1: complete bodies only).
+unless the deployment asks for it (`any_temperature`).
+
+Streams are cached too: the entry is the stream as the client received it (its SSE bytes, the
+hidden usage chunk left out), replayed as one `text/event-stream` body on a hit. A streamed request
+and the same request unstreamed have different keys (`stream` is part of the body), and so do
+streams that differ in `stream_options` (with or without the usage chunk).
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import msgspec
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 # Fields that change nothing in the answer: who asks, how usage is streamed, the caller's tags.
 _IGNORED = frozenset({"user", "stream_options", "metadata"})
+_IGNORED_STREAMED = frozenset({"user", "metadata"})
+EVENT_STREAM = "text/event-stream"
 _canonical = msgspec.json.Encoder(order="sorted")
 
 
@@ -40,12 +47,12 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
 
 def request_key(tenant: str, deployment: str, release: str, body: dict[str, Any], spec: CacheSpec) -> str | None:
     """The cache key of a request body (a decoded JSON object), or None when it must not be cached."""
-    if body.get("stream"):
-        return None
     temperature = body.get("temperature", 1.0)
     if not spec.any_temperature and not (isinstance(temperature, int | float) and temperature <= 0):
         return None
-    kept = {k: v for k, v in body.items() if k not in _IGNORED}
+    # A stream's bytes say whether usage was included: its stream_options are part of the key.
+    ignored = _IGNORED_STREAMED if body.get("stream") else _IGNORED
+    kept = {k: v for k, v in body.items() if k not in ignored}
     return hashlib.sha256(_canonical.encode([tenant, deployment, release, kept])).hexdigest()
 
 
@@ -60,6 +67,7 @@ class Entry(msgspec.Struct, frozen=True):
     cached_tokens: int = 0
     text: str = ""  # the answer and why it ended, for the hit's inference event
     finish_reason: str = ""
+    content_type: str = "application/json"  # EVENT_STREAM: a stream's SSE bytes, replayed as they were sent
 
 
 class Shared(msgspec.Struct, frozen=True, array_like=True):

@@ -65,6 +65,7 @@ _UP_BASE = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
 # skips the SDK's current-context lookups.
 _ROOT = Context()
 _api_request = msgspec.json.Decoder(ApiRequest)
+_good_names: set[str] = set()  # names already checked (the same few deployments on every request)
 _model_list = msgspec.json.Decoder(dict[str, Any])
 
 
@@ -157,8 +158,12 @@ class Proxy:
         # Names become subjects and KV keys downstream: refuse a bad one here, not as a dead letter later.
         for header, value in (("x-lockgate-deployment", deployment), ("x-lockgate-app", h.get("x-lockgate-app")),
                               ("x-lockgate-tenant", h.get("x-lockgate-tenant"))):
-            if value and not is_name(value):
-                return error_response(400, f"invalid {header} {value!r}: {NAME_RULE}", "invalid_request_error")
+            if value and value not in _good_names:
+                if not is_name(value):
+                    return error_response(400, f"invalid {header} {value!r}: {NAME_RULE}", "invalid_request_error")
+                if len(_good_names) > 4096:  # names come from clients: keep the memo bounded
+                    _good_names.clear()
+                _good_names.add(value)
         user = req.user or h.get("x-lockgate-user") or ""
         session = h.get("x-lockgate-session") or ""
         route = self.rollouts.route(deployment)
@@ -201,16 +206,26 @@ class Proxy:
             self.shadow.maybe_mirror(route, variant, key, deployment, await request.read(), req, trace_id, user,
                                      session)
         rec = _Record(status="ok", provider=hops[0].endpoint.provider)
+        streamed: list[bytes] | None = None
         try:
-            hit = await self.admission.lookup(ticket, deployment, target.release, hops[0].body, rec, out_headers)
+            hit = await self.admission.lookup(ticket, deployment, target.release, hops[0].body, rec, out_headers,
+                                              want_usage)
             if hit is not None:
                 response = hit
             elif stream:
-                response = await self._stream(request, op, hops, up_headers, out_headers, want_usage, t0, rec)
+                # A cacheable stream keeps the lines the client received, for the cache to replay.
+                streamed = [] if ticket.cache_key is not None else None
+                response = await self._stream(request, op, hops, up_headers, out_headers, want_usage, t0, rec,
+                                              streamed)
             else:
                 response = await self._once(op, hops, up_headers, out_headers, rec)
                 if request.transport is None:  # the client left while the upstream worked: nobody got the answer
                     rec.status, rec.error_type = "error", "client_disconnected"
+        except asyncio.CancelledError:
+            # The client closed its connection (the server cancels the handler, server.py): the upstream
+            # call was cancelled with it, its connection closed, so the provider stops generating.
+            rec.status, rec.error_type = "error", "client_disconnected"
+            raise
         finally:
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
             self.admission.settle(ticket, rec)
@@ -228,7 +243,7 @@ class Proxy:
                 f_variant, f_target = failed.hop.tag
                 loop.call_soon(self._record, INVALID_SPAN, key, trace_id, secrets.token_hex(8), deployment, f_variant,
                                f_target, f_target.model or req.model, req, user, session, _Record.attempt(failed), op)
-        self.admission.remember(ticket, deployment, response, rec)
+        self.admission.remember(ticket, deployment, response, rec, streamed)
         return response
 
     def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
@@ -301,7 +316,8 @@ class Proxy:
         return web.Response(body=data, status=200, content_type="application/json", headers=out_headers)
 
     async def _stream(self, request: web.Request, op: Operation, hops: list[Hop], up_headers: dict[str, str],
-                      out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record) -> web.StreamResponse:
+                      out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record,
+                      streamed: list[bytes] | None = None) -> web.StreamResponse:
         chunk = op.chunk or (lambda _data, _rec: False)
         try:
             reply = await self.upstream.send(hops, up_headers, stream=True)
@@ -333,6 +349,8 @@ class Proxy:
                                 hiding = True
                                 continue
                     await _write(out, line)
+                    if streamed is not None:
+                        streamed.append(line)
             except _ClientGone:
                 # Stop reading and drop the upstream connection: the provider stops generating (and billing).
                 rec.status, rec.error_type = "error", "client_disconnected"
@@ -457,7 +475,19 @@ def _prepare(op: Operation, endpoint: Endpoint, body: bytes) -> tuple[URL, bytes
     """The URL, body and headers of a request to one endpoint, as its provider takes them (Unsupported
     when it cannot serve the operation), with lockgate's key for that endpoint alone."""
     prov = provider(endpoint.provider)
-    return endpoint.url_for(prov.path(op)), prov.request(op, body), {**prov.headers, **endpoint.auth_headers}
+    body = prov.request(op, body)
+    # The URL and headers depend only on the endpoint and the operation: built once, not per request
+    # (the headers dict is shared, so nothing may change it; upstream.py copies before adding to it).
+    known = _prepared.get((id(endpoint), op.path))
+    if known is None or known[0] is not endpoint:
+        if len(_prepared) > 1024:  # endpoints reloaded many times: forget the old ones
+            _prepared.clear()
+        known = _prepared[(id(endpoint), op.path)] = (endpoint, endpoint.url_for(prov.path(op)),
+                                                      {**prov.headers, **endpoint.auth_headers})
+    return known[1], body, known[2]
+
+
+_prepared: dict[tuple[int, str], tuple[Endpoint, URL, dict[str, str]]] = {}
 
 
 def _end_span(span: Any, e: InferenceEvent, finish_reasons: tuple[str, ...] = ()) -> None:

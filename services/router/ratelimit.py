@@ -4,13 +4,22 @@ A bucket of capacity `rpm` refills at `rpm / 60` per second, so a key may burst 
 then goes on at the steady rate; the tokens bucket is charged the request's reservation (prompt
 estimate + max_tokens, as OpenAI's own limiter counts) at admission and corrected to the real usage
 at settlement. Buckets live in each router replica: with R replicas behind a balancer a key gets at
-most R times its limit (README).
+most R times its limit (README), unless the limit is `shared`.
+
+A `shared` limit is one bucket for every replica, kept in the budgets' KV bucket (the level and the
+wall-clock second it was refilled at) and leased like a budget (budgets.py): a replica takes a share
+of the level with one compare-and-set, admits requests from that share without touching the KV, and
+gives an unused share back after `lease_s`. The KV level never goes below zero, so all replicas
+together admit at most what one bucket would (`rpm` at once, then `rpm / 60` a second), give or take
+the refill of the replicas' clock skew; a share leased and unused waits at most `lease_s` to be
+given back, so the others may admit slightly less meanwhile. While the KV is unreachable a shared
+limit falls back to this replica's own bucket (at most R times the limit, as unshared).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, NamedTuple
 
 import msgspec
 
@@ -25,6 +34,7 @@ class RateLimitSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     key: str = ""
     rpm: PerMinute | None = None
     tpm: PerMinute | None = None
+    shared: bool = False  # one bucket for all router replicas (KV-leased), not one per replica
 
     def matches(self, tenant: str, app: str, key_id: str) -> bool:
         """True when these limits apply to this key."""
@@ -67,12 +77,73 @@ class Refusal(msgspec.Struct, frozen=True):
     retry_after_s: float
 
 
+Slot = tuple[int, str, str]  # spec index, "requests" or "tokens", key id
+
+
+class Level(msgspec.Struct, frozen=True, array_like=True):
+    """A shared bucket as the KV holds it: its level and the wall-clock second it was refilled at."""
+
+    level: float
+    at: float
+
+
+def refilled(state: Level | None, capacity: int, wall: float) -> float:
+    """A shared bucket's level at `wall` (a new one is full)."""
+    if state is None:
+        return float(capacity)
+    return min(float(capacity), state.level + max(0.0, wall - state.at) * capacity / 60.0)
+
+
+def lease(state: Level | None, capacity: int, wall: float, ask: float, minimum: float) -> tuple[Level, float | None,
+                                                                                              float]:
+    """Take up to `ask` units (at least `minimum`) from a shared bucket: its new state, the units
+    granted (None when not even `minimum` is there) and the seconds until `minimum` would be."""
+    level = refilled(state, capacity, wall)
+    if level < minimum:
+        return Level(level, wall), None, (minimum - level) * 60.0 / capacity
+    got = max(minimum, min(ask, level))
+    return Level(level - got, wall), got, 0.0
+
+
+def give_back(state: Level | None, capacity: int, wall: float, units: float) -> Level:
+    """Return an unused share (or, negative, charge a debt) to a shared bucket, never above its capacity."""
+    return Level(min(float(capacity), refilled(state, capacity, wall) + units), wall)
+
+
+class Share:
+    """What this replica holds of one shared bucket: units leased and not yet used, live until `expires`."""
+
+    __slots__ = ("available", "expires")
+
+    def __init__(self) -> None:
+        self.available = 0.0
+        self.expires = 0.0
+
+
+class Lacking(NamedTuple):
+    """A shared bucket this replica must lease from before the request can be admitted."""
+
+    slot: Slot
+    capacity: int
+    units: float  # what the request takes from the bucket
+    need: float  # what this replica's share lacks of it
+
+
+def kv_key(slot: Slot) -> str:
+    """A shared bucket's key in the budgets' KV bucket (a budget name cannot start with `_`)."""
+    i, kind, key_id = slot
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "-_") else f"={ord(c):02X}" for c in key_id) or "="
+    return f"_rl.{kind}.{i}.{safe}"
+
+
 class RateLimiter:
     """Every key's buckets, for the limits declared in the gateway file."""
 
     def __init__(self, specs: list[RateLimitSpec]) -> None:
         self.specs = specs
         self._buckets: dict[tuple[int, str, str], Bucket] = {}
+        self.shares: dict[Slot, Share] = {}
+        self.local_until = -math.inf  # shared limits use this replica's buckets until then (KV unreachable)
 
     def __bool__(self) -> bool:
         return bool(self.specs)
@@ -85,31 +156,83 @@ class RateLimiter:
             b.refill(now)
         return b
 
-    def admit(self, tenant: str, app: str, key_id: str, tokens: int, now: float) -> Refusal | None:
-        """Take one request and `tokens` from every bucket of this key, or none of them and a Refusal."""
+    def admit(self, tenant: str, app: str, key_id: str, tokens: int, now: float) -> Refusal | list[Lacking] | None:
+        """Take one request and `tokens` from every bucket of this key, or none of them and a Refusal,
+        or, when a shared bucket's share here does not cover the request, none of them and what to lease."""
         taken: list[tuple[Bucket, float]] = []
+        drawn: list[tuple[Share, float]] = []
+        lacking: list[Lacking] = []
+        shared_ok = now >= self.local_until
         for i, spec in enumerate(self.specs):
             if not spec.matches(tenant, app, key_id):
                 continue
             for kind, capacity, n in (("requests", spec.rpm, 1), ("tokens", spec.tpm, tokens)):
                 if capacity is None:
                     continue
+                if n > capacity:
+                    return Refusal(f"this request may use up to {n} tokens, more than key {key_id}'s "
+                                   f"limit of {capacity} tokens per minute; lower max_tokens", 60.0)
+                if spec.shared and shared_ok:
+                    share = self.shares.get((i, kind, key_id))
+                    if share is not None and now < share.expires and share.available >= n:
+                        drawn.append((share, n))
+                    else:
+                        lacking.append(Lacking((i, kind, key_id), capacity, n,
+                                               n - max(0.0, share.available) if share is not None else n))
+                    continue
                 b = self._bucket(i, kind, key_id, capacity, now)
                 wait = b.wait_s(n)
                 if wait > 0:
-                    if math.isinf(wait):
-                        return Refusal(f"this request may use up to {n} tokens, more than key {key_id}'s "
-                                       f"limit of {capacity} tokens per minute; lower max_tokens", 60.0)
-                    return Refusal(f"rate limit of key {key_id} reached: {capacity} {kind} per minute; "
-                                   f"retry in {wait:.1f}s", wait)
+                    return refusal(key_id, capacity, kind, wait)
                 taken.append((b, n))
+        if lacking:
+            return lacking
         for b, n in taken:
             b.level -= n
+        for share, n in drawn:
+            share.available -= n
         return None
+
+    def add_share(self, slot: Slot, units: float, now: float, lease_s: float) -> None:
+        """A lease from a shared bucket arrived: add it to this replica's share, live for `lease_s`."""
+        share = self.shares.get(slot)
+        if share is None:
+            share = self.shares[slot] = Share()
+        share.available += units
+        share.expires = now + lease_s
+
+    def covered(self, slot: Slot, need: float, now: float) -> bool:
+        """Whether this replica's share of a shared bucket covers `need` now (another request leased)."""
+        share = self.shares.get(slot)
+        return share is not None and now < share.expires and share.available >= need
+
+    def surrender(self, now: float) -> list[tuple[Slot, float]]:
+        """The shares unused for their lease (every share once `now` is infinite), to give back; dropped here."""
+        out = [(slot, share.available) for slot, share in self.shares.items() if now >= share.expires]
+        for slot, _ in out:
+            del self.shares[slot]
+        return [(slot, units) for slot, units in out if units]
+
+    def capacity(self, slot: Slot) -> int:
+        """The limit of a slot's bucket."""
+        spec = self.specs[slot[0]]
+        return (spec.rpm if slot[1] == "requests" else spec.tpm) or 0
 
     def settle(self, tenant: str, app: str, key_id: str, reserved: int, used: int, now: float) -> None:
         """Correct the tokens buckets from the reservation to what the call used."""
         for i, spec in enumerate(self.specs):
             if spec.tpm is not None and spec.matches(tenant, app, key_id):
+                if spec.shared and now >= self.local_until:
+                    # Back to this replica's share (a debt goes to the KV with it, when the share is given back).
+                    share = self.shares.get((i, "tokens", key_id))
+                    if share is None:
+                        share = self.shares[(i, "tokens", key_id)] = Share()
+                    share.available += reserved - used
+                    continue
                 b = self._bucket(i, "tokens", key_id, spec.tpm, now)
                 b.credit(reserved - used)
+
+
+def refusal(key_id: str, capacity: int, kind: str, wait: float) -> Refusal:
+    """The 429's words and Retry-After for a bucket that needs `wait` seconds more."""
+    return Refusal(f"rate limit of key {key_id} reached: {capacity} {kind} per minute; retry in {wait:.1f}s", wait)

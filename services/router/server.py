@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from typing import Any
 
@@ -18,6 +19,15 @@ from lockgate.services.router.endpoints import Endpoints
 from lockgate.services.router.handlers import evidence_callback, scores_callback
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
+
+
+@web.middleware
+async def _admin_calls_finish(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The server cancels a handler whose client left (handler_cancellation, for the proxy's upstream
+    calls); an admin call runs to its end anyway, so a change is never left half made."""
+    if request.path.startswith("/v1/"):
+        return await handler(request)
+    return await asyncio.shield(handler(request))
 
 
 class RouterService(Service):
@@ -49,7 +59,8 @@ class RouterService(Service):
 
     def app(self) -> web.Application:
         """The aiohttp application (gateway + admin)."""
-        app = web.Application(client_max_size=32 * 1024 * 1024, middlewares=[self.admin.middleware])
+        app = web.Application(client_max_size=32 * 1024 * 1024, middlewares=[_admin_calls_finish,
+                                                                             self.admin.middleware])
         app.router.add_post("/v1/chat/completions", self.proxy.chat)
         app.router.add_post("/v1/completions", self.proxy.completions)
         app.router.add_post("/v1/embeddings", self.proxy.embeddings)
@@ -78,7 +89,10 @@ class RouterService(Service):
         self.batcher.start(self.ctx.bus.js)
         self.spawn(self.rollouts.run_timer(), "rollout-timer")
         self.spawn(self.admission.run(), "budget-leases")
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        # handler_cancellation: a client that closes its connection cancels its request's handler, and
+        # with it the upstream call (proxy.forward records client_disconnected).
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
+                                     handler_cancellation=True)
         await self._runner.setup()
         s = self.ctx.settings
         await web.TCPSite(self._runner, s.host, s.router_port, backlog=1024).start()  # bursts of new clients

@@ -101,13 +101,16 @@ def _rss_mib(pid: int) -> float:
 
 
 @contextlib.asynccontextmanager
-async def _served_router(env: BenchEnv, upstream: str) -> AsyncIterator[tuple[str, int]]:
+async def _served_router(env: BenchEnv, upstream: str, tree: str = "") -> AsyncIterator[tuple[str, int]]:
     """`lockgate serve router` in its own process, as deployed: API keys, events, tracing at the
-    default sampling, its own event loop and CPU; yields its URL and pid."""
+    default sampling, its own event loop and CPU; yields its URL and pid. `tree`: another checkout's
+    code (its shared/ and dev/ first on the path), for a side-by-side comparison."""
     settings = env.settings()
     environ = {**os.environ, "LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
                "LOCKGATE_HOME": env.home, "LOCKGATE_STABLE_UPSTREAM": upstream,
                "LOCKGATE_CANARY_UPSTREAM": upstream}
+    if tree:
+        environ["PYTHONPATH"] = f"{tree}/shared{os.pathsep}{tree}/dev"
     # Ready once it printed its endpoint (the line after "serving").
     served = Process([sys.executable, "-m", "lockgate.cli", "serve", "router", "--router-port", "0"], environ,
                      "http://")
@@ -153,6 +156,42 @@ async def _overhead(env: BenchEnv) -> dict[str, Any]:
             "direct": d, "routed": r, "added_p50_ms": round(r["p50_ms"] - d["p50_ms"], 3),
             "added_p99_ms": round(r["p99_ms"] - d["p99_ms"], 3)}
         out["loaded_rss_mib"] = _rss_mib(pid)
+        return out
+
+
+async def paired(env: BenchEnv, tree: str, rounds: int = 5, n: int = N_REQUESTS) -> dict[str, Any]:
+    """This checkout's router (A) and another checkout's (B, e.g. the commit before a change), both
+    served at once against one simulator, load rounds at concurrency 8 alternating A B A B ...: a
+    machine busy with other work slows both alike. Added latency is over the direct calls of the same
+    rounds; CPU per request is each router process's own."""
+    _KEY["admin"] = bootstrap(env.home).admin_key
+    async with _sim_process(env) as sim_url, _served_router(env, sim_url) as (a_url, a_pid), \
+            _served_router(env, sim_url, tree) as (b_url, b_pid):
+        routers = {"A": (a_url + "/v1", a_pid), "B": (b_url + "/v1", b_pid)}
+        for url, _ in routers.values():
+            await _remote_load(url, 300)  # warm-up
+        direct: list[float] = []
+        samples: dict[str, list[float]] = {"A": [], "B": []}
+        cpu = {"A": 0.0, "B": 0.0}
+        seconds = {"A": 0.0, "B": 0.0}
+        for r in range(rounds):
+            direct += (await _remote_load(sim_url, n))[0]
+            for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+                url, pid = routers[name]
+                cpu0 = _cpu_s(pid)
+                got, secs = await _remote_load(url, n)
+                cpu[name] += _cpu_s(pid) - cpu0
+                samples[name] += got
+                seconds[name] += secs
+        d = percentiles(direct)
+        out: dict[str, Any] = {"A": "this checkout", "B": tree, "rounds": rounds, "requests_per_round": n,
+                               "direct": d}
+        for name in ("A", "B"):
+            p = percentiles(samples[name])
+            out[name + "_figures"] = {"added_p50_ms": round(p["p50_ms"] - d["p50_ms"], 3),
+                                      "added_p99_ms": round(p["p99_ms"] - d["p99_ms"], 3),
+                                      "rps": round(n * rounds / seconds[name], 1),
+                                      "cpu_per_request_ms": round(cpu[name] * 1000.0 / (n * rounds), 3)}
         return out
 
 
@@ -308,9 +347,9 @@ async def _load_main(url: str, n: int, concurrency: int, stream: bool) -> None:
     print(json.dumps({"samples": samples, "seconds": seconds}))
 
 
-async def _main() -> None:
+async def _main(tree: str = "") -> None:
     async with bench_env() as env:
-        print(json.dumps(await run(env), indent=2))
+        print(json.dumps(await (paired(env, tree) if tree else run(env)), indent=2))
 
 
 if __name__ == "__main__":
@@ -319,4 +358,5 @@ if __name__ == "__main__":
     else:
         import uvloop  # the loop `lockgate up` and `lockgate serve` run on
 
-        uvloop.run(_main())
+        # `--paired TREE`: this checkout against TREE's code, side by side (see `paired`).
+        uvloop.run(_main(sys.argv[2] if len(sys.argv) == 3 and sys.argv[1] == "--paired" else ""))

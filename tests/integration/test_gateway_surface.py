@@ -264,3 +264,18 @@ async def test_client_gone_before_a_non_streamed_answer_is_recorded(
                             headers={"Authorization": f"Bearer {keys.app_key}"})
     e = await next_event(events)
     assert (e.status, e.error_type, e.model) == ("error", "client_disconnected", "lag")
+
+
+async def test_openai_client_timeout_cancels_the_non_streamed_upstream_call(
+        router: Any, sim: SimServer, keys: Bootstrap, events: asyncio.Queue[InferenceEvent]) -> None:
+    # The official client gives up on a slow non-streamed call (its timeout) and closes its connection.
+    via = openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=keys.app_key, max_retries=0, timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        await via.chat.completions.create(model="slow", messages=[{"role": "user", "content": "go"}])
+    await via.close()
+    e = await next_event(events)
+    assert (e.status, e.error_type, e.model) == ("error", "client_disconnected", "slow")
+    # The router cancelled its upstream call and closed that connection: when the simulator's 4 s answer
+    # is ready, nobody is there to take it (before, the router waited for it and read it).
+    await asyncio.wait_for(sim.disconnected.wait(), timeout=15)
+    assert sim.disconnects == 1

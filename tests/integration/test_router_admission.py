@@ -262,6 +262,58 @@ async def test_rate_limit_429_after_n_requests_per_minute(settings: Settings, st
     assert sim.requests[MODEL] == 5
 
 
+async def test_a_shared_rate_limit_admits_n_across_two_replicas(settings: Settings, store: Store, stack: Stack,
+                                                                 sim: SimServer, tmp_path: Path) -> None:
+    s = settings.replace(stable_upstream=sim.url, deployment="chat",
+                         gateway_file=gateway(tmp_path, rate_limits=[{"tenant": "acme", "rpm": 10, "shared": True}]))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    a = await stack.add(s, store, "router-a")
+    b = await stack.add(s, store, "router-b")
+    for r in (a, b):
+        r.admission.wall_s = lambda: 1000.0  # the shared bucket refills on the wall clock: not during this test
+    clients = [client(a, keys.app_key), client(b, keys.app_key)]
+
+    async def one(i: int) -> Any:
+        try:
+            return (await ask(clients[i % 2])).usage
+        except openai.RateLimitError as exc:
+            return exc
+
+    try:
+        results = await asyncio.gather(*(one(i) for i in range(40)))
+    finally:
+        for c in clients:
+            await c.close()
+    refused = [r for r in results if isinstance(r, Exception)]
+    # One bucket for both replicas: 10 per minute in all, not 10 on each (20 with per-replica buckets).
+    assert len(results) - len(refused) == 10 == sim.requests[MODEL]
+    assert all(r.code == "rate_limit_exceeded" and "10 requests per minute" in r.body["message"] for r in refused)
+    assert {len(r.admission.limiter.shares) for r in (a, b)} == {1}  # each replica leased its share from the KV
+
+
+async def test_a_shared_rate_limit_falls_back_to_the_replicas_bucket_while_the_store_is_down(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    own = NatsServer(tmp_path / "own-nats")  # this test stops its bus, so not the session's server
+    await own.start()
+    try:
+        s = settings.replace(nats_url=own.url, stable_upstream=sim.url, deployment="chat",
+                             gateway_file=gateway(tmp_path, rate_limits=[{"tenant": "acme", "rpm": 2, "shared": True}]))
+        keys = bootstrap(s.home, tenant="acme", app="shop")
+        router = await stack.add(s, store, "router-a")
+        router.admission.clock = lambda: 1000.0  # nothing refills during the test
+        c = client(router, keys.app_key)
+        await asyncio.to_thread(own.stop)
+        # Still limited, by this replica's own bucket: 2 answered, the third refused.
+        assert [(await ask(c)).choices[0].message.content for _ in range(2)] == [ANSWER, ANSWER]
+        with pytest.raises(openai.RateLimitError) as limited:
+            await ask(c)
+        assert limited.value.code == "rate_limit_exceeded" and sim.requests[MODEL] == 2
+    finally:
+        await own.start()  # back on its port, so the router stops cleanly
+        await stack.close()
+        own.stop()
+
+
 async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Store, stack: Stack, sim: SimServer,
                                                   tmp_path: Path) -> None:
     s = settings.replace(stable_upstream=sim.url, deployment="faq", app="shop",
@@ -360,6 +412,48 @@ async def test_a_shared_cache_answers_on_the_other_replica(settings: Settings, s
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0)
     assert second.headers["x-lockgate-cache"] == "hit" and second.content == first.content
     assert sim.requests[MODEL] == 1
+
+
+async def test_a_streamed_answer_is_cached_and_replayed_as_sse(settings: Settings, store: Store, stack: Stack,
+                                                               sim: SimServer, tmp_path: Path) -> None:
+    s = settings.replace(stable_upstream=sim.url, deployment="faq", app="shop",
+                         gateway_file=gateway(tmp_path, cache={"deployments": {"faq": {"ttl_s": 60}}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    bus = router.ctx.bus
+    sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
+    c = client(router, keys.app_key)
+
+    async def stream(**extra: Any) -> tuple[str, list[Any], Any]:
+        raw = await c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0,
+            stream=True, **extra)
+        chunks = [chunk async for chunk in raw.parse()]
+        return raw.headers.get("x-lockgate-cache"), chunks, raw.headers
+
+    first_cache, first, _ = await stream()
+    second_cache, second, headers = await stream()
+    assert (first_cache, second_cache) == ("miss", "hit") and sim.requests[MODEL] == 1
+    assert headers["content-type"].startswith("text/event-stream")
+    # The same chunks in the same order, the text streamed piece by piece, no usage chunk (none asked for).
+    assert [ch.model_dump() for ch in second] == [ch.model_dump() for ch in first] and len(second) > 2
+    assert "".join(ch.choices[0].delta.content or "" for ch in second if ch.choices) == ANSWER
+    assert all(ch.usage is None for ch in second)
+    # Asking for the usage chunk is another entry (its bytes differ): the upstream answers it.
+    third_cache, third, _ = await stream(stream_options={"include_usage": True})
+    assert third_cache == "miss" and third[-1].usage is not None and sim.requests[MODEL] == 2
+    # An unstreamed request is not answered from a stream's entry.
+    plain = await c.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0)
+    assert plain.headers["x-lockgate-cache"] == "miss" and plain.parse().choices[0].message.content == ANSWER
+
+    events = []
+    while len(events) < 2:
+        events += _events.decode((await sub.next_msg(timeout=10)).data)
+    miss, hit = events[:2]
+    assert miss.attributes["cache"] == "miss" and miss.output_tokens > 0
+    assert (hit.attributes["cache"], hit.response, hit.output_tokens) == ("hit", ANSWER, 0)
+    await sub.unsubscribe()
 
 
 async def test_a_token_budget_per_key_stops_one_key_not_the_others(settings: Settings, store: Store, stack: Stack,

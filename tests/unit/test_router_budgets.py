@@ -34,7 +34,7 @@ from lockgate.services.router.cache import (
     request_key,
     to_shared,
 )
-from lockgate.services.router.ratelimit import RateLimiter, RateLimitSpec
+from lockgate.services.router.ratelimit import Lacking, Level, RateLimiter, RateLimitSpec, give_back, lease
 
 NOW = datetime(2026, 12, 3, 23, 59, 59, tzinfo=UTC)
 PRICE = ModelPrice(input_per_mtok=1.0, output_per_mtok=2.0)
@@ -169,6 +169,34 @@ def test_a_refused_request_takes_nothing_from_any_bucket() -> None:
     assert all(rl.admit("t", "a", "k", 1, now=0.0) is None for _ in range(10))
 
 
+def test_a_shared_bucket_never_grants_past_its_level_and_refills_on_the_wall_clock() -> None:
+    state, got, wait = lease(None, 10, wall=100.0, ask=4, minimum=1)  # a new bucket is full
+    assert (got, state) == (4, Level(6.0, 100.0))
+    state, got, _ = lease(state, 10, wall=100.0, ask=9, minimum=1)
+    assert (got, state.level) == (6.0, 0.0)  # clipped to what is left
+    _, got, wait = lease(state, 10, wall=100.0, ask=1, minimum=1)
+    assert got is None and wait == pytest.approx(6.0)  # 10 per minute: one every 6 s
+    state, got, _ = lease(state, 10, wall=112.0, ask=5, minimum=1)
+    assert got == pytest.approx(2.0)  # 12 s refilled two
+    assert give_back(state, 10, 112.0, 50.0).level == 10.0  # never above the capacity
+    assert give_back(Level(3.0, 0.0), 10, 0.0, -5.0).level == -2.0  # a debt: the next leases wait for it
+
+
+def test_a_shared_limit_admits_from_the_replicas_share_and_asks_for_a_lease_when_short() -> None:
+    rl = RateLimiter([RateLimitSpec(rpm=10, shared=True)])
+    lacking = rl.admit("t", "a", "k", 5, now=0.0)
+    assert lacking == [Lacking((0, "requests", "k"), 10, 1, 1)]
+    rl.add_share((0, "requests", "k"), 2, now=0.0, lease_s=5.0)
+    assert rl.admit("t", "a", "k", 5, now=1.0) is None and rl.admit("t", "a", "k", 5, now=1.0) is None
+    assert isinstance(rl.admit("t", "a", "k", 5, now=1.0), list)  # the share is used up
+    rl.add_share((0, "requests", "k"), 1, now=1.0, lease_s=5.0)
+    assert rl.surrender(now=2.0) == []  # still live
+    assert rl.surrender(now=6.0) == [((0, "requests", "k"), 1)]  # unused for its lease: given back
+    rl.local_until = 100.0  # the KV is unreachable: this replica's own bucket decides meanwhile
+    assert all(rl.admit("t", "a", "k", 5, now=7.0) is None for _ in range(10))
+    assert rl.admit("t", "a", "k", 5, now=7.0) is not None
+
+
 # -- response cache ---------------------------------------------------------------------------------
 
 ZERO_T = CacheSpec(ttl_s=60)
@@ -193,10 +221,22 @@ def test_key_ignores_user_and_stream_options_and_key_order() -> None:
     (_req(temperature=0.7), ZERO_T, False),
     ({"model": "m", "messages": []}, ZERO_T, False),  # absent temperature: the provider's 1
     (_req(temperature=0.7), CacheSpec(any_temperature=True), True),
-    (_req(stream=True), ZERO_T, False),
+    (_req(stream=True), ZERO_T, True),
+    (_req(stream=True, temperature=0.7), ZERO_T, False),
 ])
 def test_temperature_rule(body: dict, spec: CacheSpec, cached: bool) -> None:
     assert (request_key("t", "d", "r", body, spec) is not None) is cached
+
+
+def test_a_stream_has_its_own_key_and_its_usage_option_counts() -> None:
+    """A stream's entry is its SSE bytes: never the answer to the unstreamed request, and with the
+    usage chunk shown or not as its client asked."""
+    plain = request_key("t", "d", "r", _req(), ZERO_T)
+    streamed = request_key("t", "d", "r", _req(stream=True, stream_options={"include_usage": False}), ZERO_T)
+    with_usage = request_key("t", "d", "r", _req(stream=True, stream_options={"include_usage": True}), ZERO_T)
+    assert len({plain, streamed, with_usage}) == 3
+    assert request_key("t", "d", "r", _req(stream=True, stream_options={"include_usage": False}, user="u"),
+                       ZERO_T) == streamed
 
 
 def test_lru_ttl_and_byte_bound() -> None:

@@ -1,0 +1,284 @@
+"""Server and client stacks for the router's data plane, compared on one minimal proxy hop.
+
+Every stack runs the same hop in its own process: authenticate the bearer key (lockgate's KeyStore,
+as the router does), POST the chat completion body to the simulator, return its bytes. Nothing else
+(no events, no tracing): the figures are the stack's own cost, the floor under lockgate's router.
+The same load generator as the router bench (a child process, aiohttp, keep-alive) drives each
+stack in turn, round after round, so a machine shared with other work slows them all alike.
+
+Stacks (server / event loop / upstream client):
+- aiohttp.web / uvloop / aiohttp: the router's current stack
+- aiohttp.web / asyncio / aiohttp: what uvloop buys
+- aiohttp low-level server (aiohttp.web_server.Server, no router, no middlewares) / uvloop / aiohttp
+- granian RSGI (embedded in the process's loop, HTTP in Rust) / uvloop / aiohttp, when granian is installed
+- aiohttp.web / uvloop / httpx.AsyncClient, when httpx is installed
+- aiohttp.web / uvloop / a raw HTTP/1.1 keep-alive pool on asyncio streams (fixed-length bodies only)
+
+Figures per stack at concurrency 8: added p50/p99 over the simulator called directly, requests/s, and
+the server process's CPU per request (user + system from /proc, every thread, granian's Rust runtime
+included); requests/s at concurrency 32. Run alone: `python -m tests.bench.bench_stacks` (prints JSON).
+granian and httpx are not lockgate dependencies: `uv pip install granian httpx` to include them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
+
+from lockgate.server.apikeys import AuthError, KeyStore, bearer, bootstrap
+from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process
+
+N_REQUESTS = 2000
+ROUNDS = 3
+STACKS: dict[str, tuple[str, str, str, str | None]] = {  # name: (server, loop, client, package it needs)
+    "aiohttp-web/uvloop/aiohttp": ("web", "uvloop", "aiohttp", None),
+    "aiohttp-web/asyncio/aiohttp": ("web", "asyncio", "aiohttp", None),
+    "aiohttp-lowlevel/uvloop/aiohttp": ("lowlevel", "uvloop", "aiohttp", None),
+    "granian-rsgi/uvloop/aiohttp": ("granian", "uvloop", "aiohttp", "granian"),
+    "aiohttp-web/uvloop/httpx": ("web", "uvloop", "httpx", "httpx"),
+    "aiohttp-web/uvloop/rawpool": ("web", "uvloop", "raw", None),
+}
+_JSON = {"Content-Type": "application/json"}
+_UNAUTHORIZED = b'{"error": {"message": "invalid API key", "type": "invalid_request_error"}}'
+
+
+# -- the upstream clients ------------------------------------------------------------------------------
+
+
+class _AiohttpClient:
+    def __init__(self, base: str) -> None:
+        import aiohttp
+
+        self.url = base + "/chat/completions"
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1000), auto_decompress=False)
+
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        async with self.session.post(self.url, data=body, headers=_JSON) as resp:
+            return resp.status, await resp.read()
+
+
+class _HttpxClient:
+    def __init__(self, base: str) -> None:
+        import httpx
+
+        self.url = base + "/chat/completions"
+        self.client = httpx.AsyncClient(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100))
+
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        resp = await self.client.post(self.url, content=body, headers=_JSON)
+        return resp.status_code, resp.content
+
+
+class _RawPool:
+    """Keep-alive HTTP/1.1 connections on asyncio streams: what a hand-written client would cost.
+    Enough for the simulator's fixed-length answers (no chunked bodies, no redirects)."""
+
+    def __init__(self, base: str) -> None:
+        parts = urlsplit(base)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.head = (f"POST {parts.path}/chat/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: ").encode()
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, body: bytes) -> tuple[int, bytes]:
+        conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        reader, writer = conn
+        writer.write(b"%s%d\r\n\r\n%s" % (self.head, len(body), body))
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line[:15].lower() == b"content-length:":
+                length = int(line[15:])
+        data = await reader.readexactly(length)
+        self.idle.append(conn)
+        return status, data
+
+
+def _client(kind: str, base: str) -> Any:
+    return {"aiohttp": _AiohttpClient, "httpx": _HttpxClient, "raw": _RawPool}[kind](base)
+
+
+# -- the servers ----------------------------------------------------------------------------------------
+
+
+async def _serve(server: str, client_kind: str, upstream: str, home: str) -> None:
+    """Serve the hop on 127.0.0.1 until killed; print the URL once listening."""
+    from aiohttp import web
+    from aiohttp.web_server import Server
+
+    keys = KeyStore(home)
+    client = _client(client_kind, upstream)
+
+    def allowed(authorization: str | None) -> bool:
+        try:
+            keys.authenticate(bearer(authorization))
+        except AuthError:
+            return False
+        return True
+
+    async def hop(request: web.BaseRequest) -> web.Response:
+        if not allowed(request.headers.get("Authorization")):
+            return web.Response(status=401, body=_UNAUTHORIZED, content_type="application/json")
+        status, data = await client.post(await request.read())
+        return web.Response(status=status, body=data, content_type="application/json")
+
+    if server == "granian":
+        port = _free_port()
+        await _serve_granian(client, allowed, port)
+        return
+    if server == "web":
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", hop)
+        runner: web.BaseRunner = web.AppRunner(app, access_log=None, handle_signals=False)
+    else:
+        runner = web.ServerRunner(Server(hop, access_log=None), handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    print(f"serving at http://{host}:{port}", flush=True)
+    await asyncio.Event().wait()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _serve_granian(client: Any, allowed: Any, port: int) -> None:
+    from granian.constants import Interfaces
+    from granian.server.embed import Server as Granian
+
+    class App:
+        async def __rsgi__(self, scope: Any, proto: Any) -> None:
+            if not allowed(scope.headers.get("authorization")):
+                proto.response_bytes(401, [("content-type", "application/json")], _UNAUTHORIZED)
+                return
+            status, data = await client.post(await proto())
+            proto.response_bytes(status, [("content-type", "application/json")], data)
+
+    server = Granian(App(), address="127.0.0.1", port=port, interface=Interfaces.RSGI, log_enabled=False)
+    # embedded: granian's workers are tasks of this process's loop, its HTTP runtime one Rust thread
+    task = asyncio.get_running_loop().create_task(server.serve())
+    for _ in range(200):  # ready when the port accepts
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            break
+        except OSError:
+            await asyncio.sleep(0.05)  # start-up poll of a child server, not test synchronisation
+    print(f"serving at http://127.0.0.1:{port}", flush=True)
+    await task
+
+
+@contextlib.asynccontextmanager
+async def _stack_process(name: str, upstream: str, home: str) -> AsyncIterator[tuple[str, int]]:
+    server, loop, client, _ = STACKS[name]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.bench.bench_stacks", "--serve", server, loop, client, upstream, home,
+        stdout=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        if "serving at" not in line:
+            raise RuntimeError(f"stack {name} did not start: {line!r}")
+        yield line.rsplit(" at ", 1)[1].strip() + "/v1", proc.pid
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+# -- the comparison -------------------------------------------------------------------------------------
+
+
+async def _load(url: str, key: str, n: int, concurrency: int) -> tuple[list[float], float]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.bench.bench_router", "--load", url, str(n), str(concurrency),
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "LOCKGATE_BENCH_KEY": key})
+    out, _ = await proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"load generator failed against {url}")
+    data = json.loads(out)
+    return data["samples"], data["seconds"]
+
+
+def _cpu_s(pid: int) -> float:
+    from tests.bench.bench_router import _cpu_s as cpu
+
+    return cpu(pid)
+
+
+def available() -> list[str]:
+    """The stacks whose packages are installed."""
+    return [name for name, (*_, package) in STACKS.items()
+            if package is None or importlib.util.find_spec(package) is not None]
+
+
+async def run(env: BenchEnv) -> dict[str, Any]:
+    """Each available stack against the same simulator, interleaved round by round."""
+    key = bootstrap(env.home).admin_key
+    names = available()
+    async with contextlib.AsyncExitStack() as es:
+        sim = await es.enter_async_context(sim_process(env, "models:\n  m:\n    default: fine thanks\n"))
+        served = {n: await es.enter_async_context(_stack_process(n, sim, env.home)) for n in names}
+        for url, _ in served.values():
+            await _load(url, key, 300, 8)  # warm-up: connections, caches
+        direct: list[float] = []
+        c8: dict[str, list[float]] = {n: [] for n in names}
+        secs8 = dict.fromkeys(names, 0.0)
+        secs32 = dict.fromkeys(names, 0.0)
+        cpu = dict.fromkeys(names, 0.0)
+        for r in range(ROUNDS):
+            samples, _ = await _load(sim, key, N_REQUESTS, 8)
+            direct += samples
+            # each round in another order, so no stack always follows the same neighbour
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                url, pid = served[n]
+                cpu0 = _cpu_s(pid)
+                samples, seconds = await _load(url, key, N_REQUESTS, 8)
+                cpu[n] += _cpu_s(pid) - cpu0
+                c8[n] += samples
+                secs8[n] += seconds
+                _, seconds = await _load(url, key, N_REQUESTS, 32)
+                secs32[n] += seconds
+    d = percentiles(direct)
+    out: dict[str, Any] = {"requests_per_round": N_REQUESTS, "rounds": ROUNDS, "direct_concurrency_8": d,
+                           "hop": "bearer key check (KeyStore), body to the simulator, its bytes back",
+                           "skipped": [n for n in STACKS if n not in names]}
+    for n in names:
+        p = percentiles(c8[n])
+        out[n] = {"added_p50_ms": round(p["p50_ms"] - d["p50_ms"], 3),
+                  "added_p99_ms": round(p["p99_ms"] - d["p99_ms"], 3),
+                  "rps_concurrency_8": round(N_REQUESTS * ROUNDS / secs8[n], 1),
+                  "rps_concurrency_32": round(N_REQUESTS * ROUNDS / secs32[n], 1),
+                  "cpu_per_request_ms": round(cpu[n] * 1000.0 / (N_REQUESTS * ROUNDS), 3)}
+    return out
+
+
+async def _main() -> None:
+    async with bench_env() as env:
+        print(json.dumps(await run(env), indent=2))
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    if len(sys.argv) == 7 and sys.argv[1] == "--serve":
+        server, loop, client, upstream, home = sys.argv[2:]
+        main = _serve(server, client, upstream, home)
+        if loop == "uvloop":
+            uvloop.run(main)
+        else:
+            asyncio.run(main)
+    else:
+        uvloop.run(_main())
