@@ -21,6 +21,15 @@ _pos = 0
 _VARIANT = {f"{i:x}": f"{8 | (i & 3):x}" for i in range(16)}
 
 
+def _new_pool() -> None:
+    # A forked child must not reuse its parent's unread random bytes (two processes, same ids).
+    global _pool, _pos
+    _pool, _pos = "", 0
+
+
+os.register_at_fork(after_in_child=_new_pool)
+
+
 def uuid7() -> str:
     """A time-ordered UUIDv7 string (RFC 9562); monotonic within this process."""
     global _last, _prefix, _pool, _pos
