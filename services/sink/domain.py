@@ -73,6 +73,17 @@ FACTS: tuple[Projection, ...] = (
     Projection(tables.ANALYSIS_RUNS, lambda s: s.analysis_runs, "facts", AnalysisRun, within="time"),
 )
 
+# One insert of inference events holds up to this many rows, or what came within this age of its first
+# message (visibility waits at most that long for a batch to fill).
+INSERT_MAX_ROWS = 20_000
+INSERT_MAX_AGE_S = 0.1
+
+
+def events_in(value: InferenceEvent | list[InferenceEvent]) -> int:
+    """The rows one decoded inference message becomes."""
+    return len(value) if isinstance(value, list) else 1
+
+
 INFERENCE = Projection(tables.INFERENCE_EVENTS, lambda s: s.inference_all, "inference",
                        list[InferenceEvent] | InferenceEvent, per_row=True, within="time")
 

@@ -606,20 +606,28 @@ class _BatchEdge:
     """Feeds the messages of concurrent handlers into one Batcher, so a sink writes one insert for
     many messages while each message is still acked or dead-lettered on its own."""
 
-    def __init__(self, flush: BatchHandler, *, max_items: int, max_age_s: float, name: str) -> None:
+    def __init__(self, flush: BatchHandler, *, max_items: int, max_age_s: float, name: str,
+                 max_rows: int | None = None, rows: Callable[[Any], int] | None = None) -> None:
         self._flush = flush
         self._max_items = max_items
         self._max_age_s = max_age_s
+        self._max_rows = max_rows if rows is not None else None
+        self._rows = rows
         self._name = name
         self._batcher: Batcher[tuple[Any, Delivery]] | None = None
 
     async def submit(self, value: Any, delivery: Delivery) -> None:
         """Queue one decoded message and wait for the flush that stores it (raising what it raised)."""
         if self._batcher is None:  # made per start: a closed batcher cannot be reopened
+            rows = self._rows
             self._batcher = Batcher(
                 self._flush,
                 max_items=self._max_items,
                 max_age_s=self._max_age_s,
+                # Sized by the rows its messages hold where the handler says how many: a message may
+                # carry one event or hundreds.
+                max_bytes=self._max_rows,
+                size=(lambda item: rows(item[0])) if rows is not None else None,
                 # A retryable failure (store down) nacks the whole batch; anything else is retried
                 # item by item, so one poison message is dead-lettered alone.
                 isolate=lambda exc: not isinstance(exc, Retryable),
@@ -641,12 +649,18 @@ def consume_batch(
     handler: BatchHandler,
     batch_size: int = 32,
     max_wait_s: float = 0.005,
+    max_rows: int | None = None,
+    rows: Callable[[Any], int] | None = None,
     **options: Any,
 ) -> ConsumerSpec:
     """Like `consume`, but concurrently handled messages are gathered into one handler call, so a
     sink writes one large insert instead of one per message. Acknowledgement and dead-lettering
-    stay per message, in the `consume` edge."""
-    edge = _BatchEdge(handler, max_items=batch_size, max_age_s=max_wait_s, name=f"consumer:{options['durable']}")
+    stay per message, in the `consume` edge.
+
+    A handler call gets at most `batch_size` messages, or fewer holding `max_rows` rows (`rows`
+    counts a decoded message's), or those that came within `max_wait_s` of the first."""
+    edge = _BatchEdge(handler, max_items=batch_size, max_age_s=max_wait_s, name=f"consumer:{options['durable']}",
+                      max_rows=max_rows, rows=rows)
     # Twice the batch in flight: one batch is written while the next one fills.
     spec = consume(bus, consumers, handler=edge.submit, batch_size=batch_size, max_workers=2 * batch_size,
                    ordered=False, **options)

@@ -11,26 +11,38 @@ from typing import Any
 import msgspec
 
 _last = 0
-# Random bytes are read from the OS in blocks: one getrandom() call per id cost a quarter of making
-# an event, and the bytes are as unpredictable either way.
+_prefix = ""  # the id's first 14 characters, for the millisecond `_last`
+# Random bytes are read from the OS in blocks, kept as hex: one getrandom() call per id cost a quarter
+# of making an event, and the bytes are as unpredictable either way.
 _POOL = 4096
-_pool = b""
-_pos = _POOL
+_pool = ""
+_pos = 0
 # The RFC 9562 variant (binary 10xx) set on the hex digit that holds it.
 _VARIANT = {f"{i:x}": f"{8 | (i & 3):x}" for i in range(16)}
 
 
+def _new_pool() -> None:
+    # A forked child must not reuse its parent's unread random bytes (two processes, same ids).
+    global _pool, _pos
+    _pool, _pos = "", 0
+
+
+os.register_at_fork(after_in_child=_new_pool)
+
+
 def uuid7() -> str:
     """A time-ordered UUIDv7 string (RFC 9562); monotonic within this process."""
-    global _last, _pool, _pos
+    global _last, _prefix, _pool, _pos
     ms = time.time_ns() // 1_000_000
-    _last = ms = max(ms, _last)
-    if _pos + 10 > _POOL:
-        _pool, _pos = os.urandom(_POOL), 0
-    _pos += 10
-    # 48 bits of milliseconds, then 80 random bits of which the version and variant overwrite 6.
-    h = ((ms & 0xFFFFFFFFFFFF).to_bytes(6, "big") + _pool[_pos - 10 : _pos]).hex()
-    return f"{h[:8]}-{h[8:12]}-7{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
+    if ms > _last or not _prefix:  # the millisecond part is formatted once per millisecond
+        _last = ms = max(ms, _last)
+        t = (ms & 0xFFFFFFFFFFFF).to_bytes(6, "big").hex()  # 48 bits of milliseconds
+        _prefix = f"{t[:8]}-{t[8:12]}-7"
+    if _pos + 20 > len(_pool):
+        _pool, _pos = os.urandom(_POOL).hex(), 0
+    r = _pool[_pos : _pos + 20]  # 80 random bits, of which the version and variant overwrite 6
+    _pos += 20
+    return f"{_prefix}{r[1:4]}-{_VARIANT[r[4]]}{r[5:8]}-{r[8:]}"
 
 
 def derived_id(namespace: str, *parts: str) -> str:

@@ -47,7 +47,8 @@ class Stack:
 @contextlib.asynccontextmanager
 async def bench_env() -> AsyncIterator[BenchEnv]:
     """Start nats-server (temp JetStream dir) and pick a temp chDB path."""
-    with tempfile.TemporaryDirectory(prefix="lockgate-bench-") as home:
+    # chDB may still be finishing a background merge in this process when the directory is removed.
+    with tempfile.TemporaryDirectory(prefix="lockgate-bench-", ignore_cleanup_errors=True) as home:
         server = NatsServer(f"{home}/nats")
         await server.start()
         try:

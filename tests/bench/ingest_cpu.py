@@ -1,6 +1,6 @@
 """End-to-end ingest with the CPU each side spends per event: the SDK's process (from the first emit
-to the last acknowledgement, its imports left out) and the sink's (the bench process, while it waits
-for the events to be visible).
+to the last acknowledgement, its imports left out), the sink's (the bench process, while it waits
+for the events to be visible; split into its Python threads and chDB's), and nats-server's.
 
 On a shared machine the events per second swing with the neighbours' load; the CPU time per event
 barely does, so it says which side of the pipeline a change made cheaper. Runs on any checkout that
@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import multiprocessing
+import os
 import resource
 import time
 from typing import Any
@@ -28,6 +30,43 @@ from tests.bench.common import bench_env, stack
 def _cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process
     return usage.ru_utime + usage.ru_stime
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_cpu_s(path: str) -> float:
+    with open(path) as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def _threads_cpu_s() -> dict[str, float]:
+    """This process's CPU by thread name: chDB names its threads (ThreadPool, MergeMutate, ...);
+    Python's are all "python" (the event loop and the insert threads that run clickhouse-connect)."""
+    out: collections.Counter[str] = collections.Counter()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as fh:
+                name = fh.read().strip()
+            out["python" if name.startswith("python") else "chdb"] += _stat_cpu_s(f"/proc/self/task/{tid}/stat")
+        except OSError:  # the thread ended meanwhile
+            continue
+    return dict(out)
+
+
+def _nats_server_cpu_s() -> float:
+    """CPU of the bench's nats-server (a child of this process)."""
+    total = 0.0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                stat = fh.read()
+            if "(nats-server)" in stat and int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid():
+                total += _stat_cpu_s(f"/proc/{pid}/stat")
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 def _emitter(nats_url: str, prefix: str, n: int, conn: Any) -> None:
@@ -61,11 +100,13 @@ async def run(n: int) -> dict[str, Any]:
         proc = ctx.Process(target=_emitter, args=(env.nats_url, st.ctx.settings.prefix, n, child), daemon=True)
         proc.start()
         assert await asyncio.to_thread(parent.recv) == "ready"
-        sink_cpu0 = _cpu_s()
+        sink_cpu0, threads0, nats0 = _cpu_s(), _threads_cpu_s(), _nats_server_cpu_s()
         parent.send("go")
         t0 = time.time()
         visible = await bi._wait_visible(st, n, time.perf_counter() + 300)
         seconds, sink_cpu = time.time() - t0, _cpu_s() - sink_cpu0
+        threads = {k: v - threads0.get(k, 0.0) for k, v in _threads_cpu_s().items()}
+        nats_cpu = _nats_server_cpu_s() - nats0
         app = await asyncio.to_thread(parent.recv)
         await asyncio.to_thread(proc.join, 30)
     return {
@@ -76,7 +117,11 @@ async def run(n: int) -> dict[str, Any]:
         "sdk_emit_cpu_us_per_event": round(app["emit_cpu_s"] / n * 1e6, 2),
         "sdk_cpu_us_per_event": round(app["cpu_s"] / n * 1e6, 2),
         "sink_cpu_us_per_event": round(sink_cpu / n * 1e6, 2),
-        "total_cpu_us_per_event": round((app["cpu_s"] + sink_cpu) / n * 1e6, 2),
+        # of which Python (decode, columns, clickhouse-connect's Native encoding) and chDB's own threads
+        "sink_python_cpu_us_per_event": round(threads.get("python", 0.0) / n * 1e6, 2),
+        "sink_chdb_threads_cpu_us_per_event": round(threads.get("chdb", 0.0) / n * 1e6, 2),
+        "nats_server_cpu_us_per_event": round(nats_cpu / n * 1e6, 2),
+        "total_cpu_us_per_event": round((app["cpu_s"] + sink_cpu + nats_cpu) / n * 1e6, 2),
     }
 
 

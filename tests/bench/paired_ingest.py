@@ -27,15 +27,20 @@ FIGURES = {
     "published": ("end_to_end", "published_events_per_s"),
     "flood_p99_ms": ("end_to_end", "visibility_latency_under_flood", "p99_ms"),
     "paced_p99_ms": ("end_to_end", "visibility_latency_paced", "p99_ms"),
+    "paced20k_emitted": ("end_to_end", "visibility_latency_paced_20k", "emitted_events_per_s"),
+    "paced20k_p50_ms": ("end_to_end", "visibility_latency_paced_20k", "p50_ms"),
+    "paced20k_p99_ms": ("end_to_end", "visibility_latency_paced_20k", "p99_ms"),
 }
 
 
-def run_once(tree: Path, python: Path | None, events: int, script: Path | None = None) -> dict[str, float]:
+def run_once(tree: Path, python: Path | None, events: int, script: Path | None = None,
+             extra: list[str] | None = None) -> dict[str, float]:
     """One bench run in `tree` (its own code first on the path, so a copy of a checkout can borrow
     another's .venv); its figures by short name."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(tree / p) for p in ("", "shared", "dev"))}
     bench = [str(script)] if script else ["-m", "tests.bench.bench_ingest"]
-    out = subprocess.run([str(python or tree / ".venv/bin/python"), *bench, "--events", str(events)], cwd=tree,
+    out = subprocess.run([str(python or tree / ".venv/bin/python"), *bench, "--events", str(events), *(extra or [])],
+                         cwd=tree,
                          env=env, capture_output=True, text=True, check=True, timeout=900)
     result = json.loads(out.stdout[out.stdout.index("{"):])
     if script:  # a flat result: every number is a figure
@@ -44,8 +49,9 @@ def run_once(tree: Path, python: Path | None, events: int, script: Path | None =
     for name, path in FIGURES.items():
         value = result
         for key in path:
-            value = value[key]
-        figures[name] = value
+            value = value.get(key, {}) if isinstance(value, dict) else {}
+        if isinstance(value, int | float):  # a figure an older checkout's bench does not have is left out
+            figures[name] = value
     figures["complete"] = result["end_to_end"]["complete"]
     return figures
 
@@ -72,7 +78,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--script", type=Path, help="a bench script to run instead of tests.bench.bench_ingest")
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--paced-rate", type=float, help="events/s of bench_ingest's sustained paced run")
     args = parser.parse_args()
+    extra = ["--paced-rate", str(args.paced_rate)] if args.paced_rate else []
     runs: dict[str, list[dict[str, float]]] = {"a": [], "b": []}
     for i in range(args.pairs):
         # Alternate which goes first, so neither always runs on the warmer (or busier) half of a pair.
@@ -80,7 +88,7 @@ def main() -> None:
         for side in order:
             try:
                 figures = run_once(getattr(args, side).resolve(), getattr(args, f"{side}_python"), args.events,
-                                   args.script.resolve() if args.script else None)
+                                   args.script.resolve() if args.script else None, extra)
             except subprocess.CalledProcessError as exc:  # one failed run is reported, not the whole comparison lost
                 print(json.dumps({"pair": i, "side": side, "failed": exc.stderr[-2000:]}), file=sys.stderr, flush=True)
                 continue

@@ -142,6 +142,27 @@ async def test_batch_with_one_poison_item_dead_letters_only_that_message(bus: Bu
     assert dead_letters(metric_reader) == 1
 
 
+async def test_batch_is_sized_by_the_rows_its_messages_hold(bus: Bus) -> None:
+    durable = bus.subjects.durable("test", "rows")
+    rows_per_call: list[int] = []
+
+    async def write(items: list[tuple[list[InferenceEvent], Delivery]]) -> None:
+        rows_per_call.append(sum(len(value) for value, _ in items))
+
+    for m in range(6):  # six messages of four events, all waiting before the consumer starts
+        await bus.publish(bus.subjects.inference("shop"), [InferenceEvent(app="shop", input_tokens=m * 4 + i)
+                                                            for i in range(4)])
+    # The age limit is far off: only the row count can close a batch before all six messages are in.
+    consume_batch(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+                  wire_type=list[InferenceEvent], origin="test", handler=write, batch_size=32, max_wait_s=30,
+                  max_rows=10, rows=len)
+    wire = await _ack_wire(bus, durable)
+    await bus.start()
+
+    assert await _settlements(wire, 6) == ["ack"] * 6
+    assert rows_per_call == [12, 12]  # three messages reach 10 rows; one insert each
+
+
 async def test_batch_that_fails_retryably_is_nacked_whole_and_stored_on_redelivery(bus: Bus, metric_reader: InMemoryMetricReader) -> None:
     durable = bus.subjects.durable("test", "batchretry")
     stored: list[str] = []

@@ -79,3 +79,15 @@ def test_contracts_refuse_invalid_names_when_decoded_or_made() -> None:
     assert Codec(InferenceEvent).decode(encode(ok)).app == "shop"
     assert msgspec.json.decode(encode(GateDecided(release="shop.v3", decision="PASS", rules=[])),
                                type=GateDecided).release == "shop.v3"
+
+
+def test_a_name_known_good_in_one_field_never_lets_a_bad_one_through_another() -> None:
+    # Names seen valid are remembered and checked all at once; a bad one among them still fails alone.
+    InferenceEvent(app="shop", tenant="acme", deployment="checkout", release="r1")
+    with pytest.raises(ValueError, match=r"invalid release 'r 1'.*\$.release"):
+        InferenceEvent(app="shop", tenant="acme", deployment="checkout", release="r 1")
+    with pytest.raises(ValueError, match=r"\$.deployment"):
+        InferenceEvent(app="shop", tenant="acme", deployment={"not": "hashable"}, release="r1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\$.tenant"):
+        InferenceEvent(app="shop", tenant="", release="r1")  # empty: only an optional reference may be
+    assert InferenceEvent(app="shop", tenant="acme", deployment="", release="r1").deployment == ""

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from lockgate.contracts import InferenceEvent
+from lockgate.services.sink.app import _fewer_collections
 from lockgate.services.sink.domain import (
     FACTS,
     INFERENCE,
     StoredWindow,
     batch_token,
+    events_in,
     new_rows,
     redaction,
     select,
@@ -91,3 +95,23 @@ def test_stored_window_forgets_oldest_first_and_raises_its_horizon_past_them() -
     # e1..e4 are forgotten: rows up to their latest time are looked up again, later ones are vouched for
     assert window.horizon == _at(4)
     assert window.to_look_up([("e4",), ("e5",), ("x",)], [_at(4), _at(5), _at(7)]) == [0, 1]
+
+
+def test_an_insert_is_sized_by_the_events_its_messages_carry() -> None:
+    one = InferenceEvent(app="shop")
+    assert events_in(one) == 1
+    assert events_in([one, one, one]) == 3
+    assert events_in([]) == 0
+
+
+def test_the_collector_threshold_is_raised_never_lowered() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        _fewer_collections()
+        assert gc.get_threshold() == (50_000, 20, 100)
+        gc.set_threshold(100_000, 50, 200)  # an operator's own, higher, setting stays
+        _fewer_collections()
+        assert gc.get_threshold() == (100_000, 50, 200)
+    finally:
+        gc.set_threshold(*before)

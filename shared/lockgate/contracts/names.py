@@ -8,7 +8,9 @@ names can never share a subject or a key.
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from collections.abc import Callable
+from operator import attrgetter
+from typing import Annotated, Any
 
 import msgspec
 
@@ -40,14 +42,28 @@ _GOOD_MAX = 8192
 def _name_fields(cls: type) -> tuple[tuple[str, bool], ...]:
     """(field, may be empty) for each Name or OptName field of a Struct type."""
     found = tuple((f.name, f.type == OptName) for f in msgspec.structs.fields(cls) if f.type in (Name, OptName))
+    names = [name for name, _ in found]
+    _values[cls] = (attrgetter(*names) if len(names) > 1 else
+                    (lambda obj: (getattr(obj, names[0]),)) if names else (lambda obj: ()))
     _fields[cls] = found
     return found
+
+
+# The values of a Struct type's name fields as one tuple: all of them looked up in `_good` at once, in C.
+_values: dict[type, Callable[[Any], tuple[Any, ...]]] = {}
 
 
 def check_names(obj: msgspec.Struct) -> None:
     """Raise ValueError naming the field (worded like msgspec's own errors) if a Name or OptName field
     of `obj` breaks the grammar; called from `__post_init__`, so on decoding and on construction."""
     cls = type(obj)
+    values = _values.get(cls)
+    if values is not None:
+        try:
+            if _good.issuperset(values(obj)):  # every name seen good before: the usual case
+                return
+        except TypeError:  # an unhashable value: the loop below says which field
+            values = None
     for field, optional in _fields.get(cls) or _name_fields(cls):
         value = getattr(obj, field)
         if type(value) is str and (value in _good or (optional and not value)):
