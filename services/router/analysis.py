@@ -84,13 +84,16 @@ class MetricSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
 
 class AnalysisSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """How a canary is judged between steps (Argo's interval, count, failureLimit, inconclusiveLimit)."""
+    """How a canary is judged between steps (Argo's interval, count, failureLimit, inconclusiveLimit,
+    consecutiveErrorLimit)."""
 
     metrics: Annotated[list[MetricSpec], msgspec.Meta(min_length=1)]
     min_sample: Annotated[int, msgspec.Meta(ge=10)] = 100  # events per variant before any verdict
     count: Annotated[int, msgspec.Meta(ge=1)] = 1  # successful measurements a step needs to advance
     failure_limit: Annotated[int, msgspec.Meta(ge=0)] = 0  # failed measurements tolerated; one more aborts
     inconclusive_limit: Annotated[int, msgspec.Meta(ge=0)] = 3  # one more pauses for an operator
+    # looks in a row that could not be measured at all (an exception, not missing data); one more aborts
+    consecutive_error_limit: Annotated[int, msgspec.Meta(ge=0)] = 4
     alpha: Annotated[float, msgspec.Meta(gt=0, lt=0.5)] = 0.05  # false-abort budget of the whole rollout
     # Look at the last `window_s` seconds only, so a fault that starts late is not diluted by the healthy
     # traffic before it; stable falls back to the whole rollout when its window is too thin (at 100%).

@@ -171,7 +171,7 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
         return None
     st = route.analysis or AnalysisStatus()
     conclusive = m.verdict != "WAITING"
-    st = msgspec.structs.replace(st, look=st.look + conclusive, last=m, at=now)
+    st = msgspec.structs.replace(st, look=st.look + conclusive, last=m, at=now, consecutive_errors=0)
     nxt = now + interval_s
     culprit = m.failing()
     verifying = route.phase == "promoted"
@@ -204,6 +204,24 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
         return _bump(route, analysis=st, verifying=False, next_step_at=0.0, good=domain.remember(route.good, route.stable),
                      reason=f"{route.reason}; post-promotion analysis passed")
     return _advance(route, st, steps, interval_s, now)
+
+
+def on_error(route: Route, why: str, interval_s: float, now: float) -> Route | None:
+    """A look that could not be measured (Argo's Error): the next look comes an interval later, and one
+    error past `consecutive_error_limit` in a row aborts (after a blue-green promotion, rolls back), as
+    Argo does: a rollout nobody can analyse must not keep its traffic."""
+    spec = spec_of(route)
+    if spec is None:
+        return None
+    st = route.analysis or AnalysisStatus()
+    st = msgspec.structs.replace(st, consecutive_errors=st.consecutive_errors + 1, at=now)
+    if st.consecutive_errors <= spec.consecutive_error_limit:
+        return _bump(route, analysis=st, next_step_at=now + interval_s)
+    what = f"analysis could not be measured {st.consecutive_errors} times in a row at {_where(route)}: {why}"
+    if route.phase == "promoted":
+        return msgspec.structs.replace(domain.rollback(route, f"post-promotion {what}", decision_id=route.decision_id),
+                                       analysis=st, paused=False)
+    return msgspec.structs.replace(domain.abort(route, what), analysis=st, paused=False)
 
 
 # Features where less is better: their drift downwards is an improvement, not a reason to abort.

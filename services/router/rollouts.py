@@ -543,9 +543,10 @@ class Rollouts:
                 m = self.measurement(route, now)
             except Exception as exc:  # a measurement that cannot be taken is recorded, never a pass
                 log.exception("analysis of %s could not be measured", route.deployment)
-                run = runs.error(route, spec, repr(exc))
-                self._apply(msgspec.structs.replace(route, version=route.version + 1, next_step_at=now + interval),
-                            announce=False, runs=[self._sign(run)] if run else [])
+                errored = progress.on_error(route, repr(exc)[:200], interval, now)
+                run = runs.error(route, errored, spec, repr(exc))
+                if errored is not None:
+                    self._apply(errored, announce=errored.phase != route.phase, runs=[self._sign(run)] if run else [])
                 return
             new = progress.on_measurement(route, m, steps, interval, now)
             run = runs.record(route, new, m, spec)

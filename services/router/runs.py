@@ -74,8 +74,8 @@ def record(before: Route, after: Route | None, m: Measurement, spec: AnalysisSpe
         dry_run=any(x.dry_run for x in spec.metrics), metrics=metrics)
 
 
-def error(route: Route, spec: AnalysisSpec, why: str) -> AnalysisRun | None:
-    """The record of a measurement that could not be taken (phase Error)."""
+def error(route: Route, after: Route | None, spec: AnalysisSpec, why: str) -> AnalysisRun | None:
+    """The record of a measurement that could not be taken (phase Error), and what it did (`after`)."""
     if route.canary is None:
         return None
     verifying = route.phase == "promoted"
@@ -84,6 +84,7 @@ def error(route: Route, spec: AnalysisSpec, why: str) -> AnalysisRun | None:
                        baseline=route.stable.release if not verifying else
                        (route.previous.release if route.previous else ""),
                        template=template(route), step=route.step, phase="Error", error=why[:500],
+                       outcome=outcome(route, after),
                        successes_needed=spec.count, failure_limit=spec.failure_limit,
                        inconclusive_limit=spec.inconclusive_limit,
                        metrics=[AnalysisMetric(name=s.label, verdict="ERROR", condition=condition(s),

@@ -128,5 +128,6 @@ class AnalysisStatus(msgspec.Struct, frozen=True, kw_only=True):
     successes: int = 0  # successful measurements in the current step
     failures: int = 0
     inconclusives: int = 0
+    consecutive_errors: int = 0  # looks in a row that raised; any measured look resets it
     last: Measurement | None = None
     at: float = 0.0

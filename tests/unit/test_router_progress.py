@@ -69,6 +69,19 @@ def test_inconclusive_past_the_limit_pauses() -> None:
     assert twice is not None and twice.paused and twice.weight == 25.0 and "inconclusive 2 times" in twice.reason
 
 
+def test_looks_that_raise_past_the_consecutive_error_limit_abort_and_a_measured_look_resets_the_count() -> None:
+    route = _live(strategy=Strategy(steps=list(STEPS), analysis=msgspec.structs.replace(SPEC, consecutive_error_limit=1)))
+    once = progress.on_error(route, "KeyError('r2')", 1.0, now=102.0)
+    assert once is not None and (once.phase, once.weight, once.next_step_at) == ("progressing", 25.0, 103.0)
+    measured = progress.on_measurement(once, _m("WAITING"), STEPS, 1.0, now=103.0)
+    assert measured is not None and measured.analysis is not None and measured.analysis.consecutive_errors == 0
+    again = progress.on_error(measured, "KeyError('r2')", 1.0, now=104.0)
+    assert again is not None and again.phase == "progressing"
+    aborted = progress.on_error(again, "KeyError('r2')", 1.0, now=105.0)
+    assert aborted is not None and (aborted.phase, aborted.weight) == ("aborted", 0.0)
+    assert "could not be measured 2 times in a row at step 1 (25%): KeyError('r2')" in aborted.reason
+
+
 def test_paused_canary_is_measured_but_never_advanced() -> None:
     paused = _live(paused=True)
     assert progress.due_at(paused) == 101.0  # still measured: a failing canary must still abort
