@@ -128,13 +128,15 @@ class Bus:
         self.consumers = Consumers()
         self._registries: list[Consumers] = [self.consumers]
         self._loops: dict[ConsumerSpec, _PullLoop] = {}
+        self._state_changed = asyncio.Condition()
 
     async def connect(self) -> None:
         """Connect, then create streams, KV buckets and the object store (idempotent)."""
         try:
             self.nc = await nats.connect(
                 self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True,
-                error_cb=self._on_error, **self.auth.options()
+                error_cb=self._on_error, disconnected_cb=self._on_state, reconnected_cb=self._on_state,
+                closed_cb=self._on_state, **self.auth.options()
             )
         except NotAllowed:
             raise
@@ -146,6 +148,15 @@ class Bus:
         self.js = self.nc.jetstream()
         if self.manage_topology:
             await API_RETRY.call(self.ensure_topology, retry_on=_API_TRANSIENT, what="declare streams and buckets")
+
+    async def _on_state(self) -> None:
+        async with self._state_changed:
+            self._state_changed.notify_all()
+
+    async def wait_state(self, state: str, timeout_s: float = 30.0) -> None:
+        """Wait until the connection is in `state` (see `state`); woken by the client's callbacks."""
+        async with self._state_changed:
+            await asyncio.wait_for(self._state_changed.wait_for(lambda: self.state == state), timeout_s)
 
     async def _on_error(self, exc: Exception) -> None:
         text = str(exc)

@@ -34,6 +34,8 @@ class Settings(msgspec.Struct, kw_only=True):
     home: str = "./.lockgate"
     host: str = "127.0.0.1"
     router_port: int = 8080
+    # /livez and /readyz of a `lockgate serve` process (lockgate.server.health); 0: not served
+    health_port: int = 0
     grpc_port: int = 50051
     # the OTLP receiver: OTLP/gRPC and OTLP/HTTP (protobuf and JSON), the ports SDKs and Collectors default to
     otlp_grpc_port: int = 4317

@@ -135,8 +135,13 @@ def _k8s_operations(docs: list[dict[str, Any]]) -> list[str]:
                 problems.append(f"{where}: opens the store without LOCKGATE_CLICKHOUSE_URL from a Secret")
             if behind_service and "readinessProbe" not in c:
                 problems.append(f"{where}: a Service sends it traffic and it has no readinessProbe")
-            if service == "router" and c.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/healthz":
+            probe = c.get("readinessProbe", {}).get("httpGet", {})
+            if service == "router" and probe.get("path") != "/healthz":
                 problems.append(f"{where}: readiness must be /healthz (it reports the bus)")
+            args = c["args"]
+            health = args[args.index("--health-port") + 1] if "--health-port" in args else None
+            if service != "router" and (probe.get("path"), str(probe.get("port"))) != ("/readyz", health):
+                problems.append(f"{where}: readiness must be /readyz on its --health-port (ready: on the bus)")
     return problems
 
 
@@ -191,7 +196,7 @@ def test_compose_matches_the_cli() -> None:
 
 @pytest.mark.parametrize(("old", "new", "expected"), [
     ("'--router-port', '8080'", "'--router-prt', '8080'", "No such option '--router-prt'"),
-    ("args: ['serve', 'drift']", "args: ['serve', 'drfit']", "unknown service 'drfit'"),
+    ("args: ['serve', 'drift',", "args: ['serve', 'drfit',", "unknown service 'drfit'"),
     ("- {name: LOCKGATE_ENDPOINTS_FILE, value: /etc/lockgate/endpoints/endpoints.yaml}", "",
      "no upstream configured"),
     ("- {name: LOCKGATE_SIGNING_KEY, value: /etc/lockgate/signing/gatekeeper.pem}", "",
@@ -205,7 +210,10 @@ def test_compose_matches_the_cli() -> None:
      "LOCKGATE_CLICKHOUSE_URL is a credential"),
     ("valueFrom: {secretKeyRef: {name: lockgate-clickhouse, key: reader-url}}", "value: http://clickhouse:8123",
      "LOCKGATE_CLICKHOUSE_READONLY_URL must come from a Secret"),
-    ("readinessProbe: {tcpSocket: {port: 4318}, periodSeconds: 5}", "", "has no readinessProbe"),
+    ("          readinessProbe: {httpGet: {path: /readyz, port: 8081}, periodSeconds: 5}  # every bus connection up\n",
+     "", "readiness must be /readyz"),
+    ("args: ['serve', 'cost', '--host', '0.0.0.0', '--health-port', '8081']", "args: ['serve', 'cost']",
+     "readiness must be /readyz on its --health-port"),
 ])
 def test_a_broken_k8s_manifest_fails(old: str, new: str, expected: str) -> None:
     text = (ROOT / "deploy/k8s/lockgate.yaml").read_text()

@@ -148,12 +148,15 @@ def register(cli: click.Group) -> None:
     @click.option("--grpc-port", type=int, help="Port of the gateway's gRPC API (0 picks a free one).")
     @click.option("--otlp-grpc-port", type=int, help="Port of the OTLP/gRPC receiver (0 picks a free one).")
     @click.option("--otlp-http-port", type=int, help="Port of the OTLP/HTTP receiver (0 picks a free one).")
+    @click.option("--health-port", type=int,
+                  help="Port of /livez and /readyz (ready: every bus connection is up) for probes; "
+                       "LOCKGATE_HEALTH_PORT, default off.")
     @click.option("--host", default="127.0.0.1", show_default=True,
                   help="Address the router and gRPC API bind; containers pass 0.0.0.0 explicitly.")
     @click.pass_context
     @handle_errors
     def serve(ctx: click.Context, services: tuple[str, ...], router_port: int | None, grpc_port: int | None,
-              otlp_grpc_port: int | None, otlp_http_port: int | None, host: str) -> None:
+              otlp_grpc_port: int | None, otlp_http_port: int | None, health_port: int | None, host: str) -> None:
         """Run SERVICES (sink, query, router, gateway, ...) against an external NATS (distributed mode).
 
         Only the sink and the query service open ClickHouse; on chDB, whose data path one process
@@ -169,7 +172,7 @@ def register(cli: click.Group) -> None:
 
         settings: Settings = ctx.obj["settings"].replace(host=host, grpc_port=grpc_port,
                                                          router_port=router_port, otlp_grpc_port=otlp_grpc_port,
-                                                         otlp_http_port=otlp_http_port)
+                                                         otlp_http_port=otlp_http_port, health_port=health_port)
 
         async def run() -> None:
             runtime = Runtime(settings, services=list(dict.fromkeys(services)), embedded_nats=False)

@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 from lockgate import credentials, metrics
 from lockgate.bus import Bus
 from lockgate.config import Settings
+from lockgate.server.health import HealthServer
 from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.server.registry import ServiceSet, available
 from lockgate.server.service import ServiceContext
@@ -45,6 +46,8 @@ class Runtime:
         self.ctx: ServiceContext | None = None
         self.buses: list[Bus] = []
         self._meters: MeterProvider | None = None
+        self._health: HealthServer | None = None
+        self.health_url = ""
 
     async def start(self) -> None:
         """Bring everything up; on failure, tear down what started."""
@@ -111,11 +114,16 @@ class Runtime:
         self.ctx = ServiceContext(bus=main, store=store, telemetry=telemetry, settings=s)
         self.services = ServiceSet(self.ctx, self.names, contexts)
         await self.services.start()
+        if s.health_port:
+            self._health = HealthServer(lambda: self.buses, s.host, s.health_port)
+            self.health_url = await self._health.start()
 
     @property
     def endpoints(self) -> dict[str, str]:
         """Everything a user can connect to."""
         out = {"nats": self.settings.nats_url}
+        if self.health_url:
+            out["health"] = self.health_url + "/readyz"
         if self.ctx is not None and self.ctx.store is not None:
             out["clickhouse"] = self.settings.clickhouse_url
         if self.services:
@@ -124,6 +132,8 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop in reverse: services (servers first, flushing buffers), telemetry, bus, store, nats-server."""
+        if self._health is not None:
+            await self._health.stop()
         if self.services is not None:
             await self.services.stop()
         if self.ctx is not None:

@@ -1,0 +1,49 @@
+"""Liveness and readiness of one `lockgate serve` process, for orchestrators (k8s probes).
+
+`/livez` answers while the event loop runs. `/readyz` is 200 only when every bus connection of the
+process is connected: a worker cut off from NATS does no work, so it must not count as ready (a
+rolling restart waits for the new pod to reach the bus before stopping the next one). The router's
+own `/healthz` stays 200 on a lost bus, since it still serves requests while events wait in its outbox.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+
+from lockgate.bus import Bus
+
+
+class HealthServer:
+    """Serves /livez and /readyz for the buses `buses()` returns (the runtime's, as they are now)."""
+
+    def __init__(self, buses: Callable[[], list[Bus]], host: str, port: int) -> None:
+        self._buses = buses
+        self._host, self._port = host, port
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_get("/livez", self._live)
+        app.router.add_get("/readyz", self._ready)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        return f"http://{self._host}:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _live(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "live"})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        states = {bus.name: bus.state for bus in self._buses()}
+        ready = bool(states) and all(state == "connected" for state in states.values())
+        return web.json_response({"status": "ready" if ready else "not ready", "bus": states},
+                                 status=200 if ready else 503)
