@@ -92,6 +92,9 @@ class AnalysisSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     count: Annotated[int, msgspec.Meta(ge=1)] = 1  # successful measurements a step needs to advance
     failure_limit: Annotated[int, msgspec.Meta(ge=0)] = 0  # failed measurements tolerated; one more aborts
     inconclusive_limit: Annotated[int, msgspec.Meta(ge=0)] = 3  # one more pauses for an operator
+    # Argo's initialDelay: no look before this long after the canary started (after a blue-green
+    # promotion, after the promotion), e.g. to let caches and connection pools warm up
+    initial_delay_s: NonNeg = 0.0
     # looks in a row that could not be measured at all (an exception, not missing data); one more aborts
     consecutive_error_limit: Annotated[int, msgspec.Meta(ge=0)] = 4
     alpha: Annotated[float, msgspec.Meta(gt=0, lt=0.5)] = 0.05  # false-abort budget of the whole rollout

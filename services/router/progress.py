@@ -206,6 +206,13 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
     return _advance(route, st, steps, interval_s, now)
 
 
+def analysis_starts(route: Route, spec: AnalysisSpec) -> float:
+    """When a rollout's looks may start: `initial_delay_s` after the canary started, or after a
+    blue-green promotion when its post-promotion analysis runs."""
+    since = route.promoted_at if route.phase == "promoted" else route.started_at
+    return since + spec.initial_delay_s
+
+
 def on_error(route: Route, why: str, interval_s: float, now: float) -> Route | None:
     """A look that could not be measured (Argo's Error): the next look comes an interval later, and one
     error past `consecutive_error_limit` in a row aborts (after a blue-green promotion, rolls back), as

@@ -538,6 +538,11 @@ class Rollouts:
         if progress.analysed(route) and route.next_step_at <= now:
             spec = progress.spec_of(route)
             assert spec is not None
+            starts = progress.analysis_starts(route, spec)
+            if now < starts:  # the initial delay: the first look is taken once it is over
+                self._apply(msgspec.structs.replace(route, version=route.version + 1, next_step_at=starts),
+                            announce=False)
+                return
             self._fresh.discard(route.deployment)  # what arrives from now on is new to the next look
             try:
                 m = self.measurement(route, now)

@@ -82,6 +82,13 @@ def test_looks_that_raise_past_the_consecutive_error_limit_abort_and_a_measured_
     assert "could not be measured 2 times in a row at step 1 (25%): KeyError('r2')" in aborted.reason
 
 
+def test_the_initial_delay_counts_from_the_canary_start_or_from_a_promotion_under_verification() -> None:
+    spec = msgspec.structs.replace(SPEC, initial_delay_s=30.0)
+    assert progress.analysis_starts(_live(), spec) == 130.0  # started_at 100
+    assert progress.analysis_starts(_live(phase="promoted", promoted_at=500.0), spec) == 530.0
+    assert progress.analysis_starts(_live(), SPEC) == 100.0  # no delay: the first due look is taken
+
+
 def test_paused_canary_is_measured_but_never_advanced() -> None:
     paused = _live(paused=True)
     assert progress.due_at(paused) == 101.0  # still measured: a failing canary must still abort
