@@ -227,8 +227,11 @@ class Rollouts:
                     log.warning("rollout state not persisted yet: %s", exc.message)
                 continue
             timeout = (min(due) - now) if due else None
+            # asyncio.timeout, not wait_for: on 3.11 a stop's cancel that lands as wait_for times out is
+            # swallowed, and this loop would then wait forever (seen hanging a test's teardown)
             with contextlib.suppress(TimeoutError):  # a step fell due
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     def _due(self, route: Route) -> float | None:
         """When the timer next acts on a route: its analysis look once it is due and new evidence has arrived

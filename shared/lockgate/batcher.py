@@ -183,8 +183,10 @@ class Batcher(Generic[T]):
                 await self._wake.wait()  # the first item, or a flush() call
             if not self._full() and not self._waiters:
                 self._wake.clear()
+                # asyncio.timeout, not wait_for: on 3.11 a cancel that lands as wait_for times out is lost
                 with contextlib.suppress(TimeoutError):  # the age limit passed before the batch filled
-                    await asyncio.wait_for(self._wake.wait(), self.max_age_s)
+                    async with asyncio.timeout(self.max_age_s):
+                        await self._wake.wait()
             # Take a flush slot before the items, so the backlog waits in the buffer (bounded)
             # rather than in tasks.
             while self._items:

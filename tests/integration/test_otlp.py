@@ -78,6 +78,8 @@ async def _check_stored(stack: Any, store: Store, service: str) -> None:
     where = f"ServiceName = '{service}'"
     await eventually(lambda: _count(store, "otel_traces", where) >= SPANS, [sink.spans], what="spans stored")
     await eventually(lambda: _count(store, "cost_ledger") >= 1, [sink.progress("cost_ledger")], what="cost")
+    # the cost is the cost service's row; the event is the sink's own insert, sized across fetches
+    await eventually(lambda: _count(store, "inference_events") >= 1, [sink.events], what="the inference event")
     assert _count(store, "otel_traces", where) == SPANS
     assert _count(store, "otel_traces", f"{where} AND ResourceAttributes['lockgate.tenant'] = 'acme'") == SPANS
     call = store.rows(f"SELECT TraceId, SpanId, SpanAttributes FROM otel_traces WHERE {where} "
