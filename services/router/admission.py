@@ -122,7 +122,6 @@ class StoreUnavailable(LockgateError):
 
 _counter_dec = msgspec.json.Decoder(Counter)
 _level_dec = msgspec.json.Decoder(Level)
-_level_enc = msgspec.json.Encoder()
 _enc = msgspec.json.Encoder()
 _KV_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 _RETRY_STORE_S = 1.0  # after the budget store failed, requests fail at once for this long
@@ -270,36 +269,12 @@ class Admission:
                         ) -> tuple[float | None, float]:
         """Apply `change` to a shared rate-limit bucket by compare-and-set: (units it moved, or None when
         it refused, and the seconds to wait then)."""
-        try:
-            async with asyncio.timeout(self.file.store_timeout_s):
-                kv = await self._store()
-                while True:
-                    try:
-                        entry = await kv.get(name)
-                        rev, state = entry.revision, _level_dec.decode(entry.value or b"")
-                    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                        rev, state = None, None
-                    after, moved, wait = change(state)
-                    if moved is None:
-                        return None, wait
-                    try:
-                        if rev is None:
-                            await kv.create(name, _level_enc.encode(after))
-                        else:
-                            await kv.update(name, _level_enc.encode(after), last=rev)
-                    except nats.js.errors.KeyWrongLastSequenceError:
-                        continue  # another replica changed it in between: read again
-                    return moved, 0.0
-        except StoreUnavailable as exc:
-            self._failed(exc.message)
-            raise
-        except msgspec.DecodeError as exc:
-            raise StoreUnavailable(f"rate-limit bucket {name} is unreadable: {exc}") from None
-        except _KV_ERRORS as exc:
-            message = (f"the rate-limit store (NATS KV bucket {self.bus.subjects.kv_budgets}) did not answer: "
-                       f"{type(exc).__name__}")
-            self._failed(message)
-            raise StoreUnavailable(message) from None
+        def step(state: Level | None) -> tuple[Level | None, tuple[float | None, float]]:
+            after, moved, wait = change(state)
+            return (None, (None, wait)) if moved is None else (after, (moved, 0.0))
+
+        return await self._update(name, lambda b: _level_dec.decode(b or b""), step,
+                                  f"rate-limit bucket {name}", "the rate-limit store")
 
     async def _return_shares(self, now: float) -> None:
         """Give this replica's unused shares of shared rate limits back (a lost one refills anyway)."""
@@ -404,35 +379,49 @@ class Admission:
                                                                                                    Amount]:
         """Add a grant (or, with minimum None, exactly `ask`, which may be negative) to the counter by
         compare-and-set on its revision: (what was added or None, the counter after)."""
+        def step(current: Counter | None) -> tuple[Counter | None, tuple[Amount | None, Amount]]:
+            current = Counter() if current is None else current
+            got = ask if minimum is None else grant(current, limit, ask, minimum)
+            if got is None:
+                return None, (None, current.leased)
+            after = Counter(leased=current.leased + got)
+            return after, (got, after.leased)
+
+        return await self._update(counter, lambda b: _counter_dec.decode(b or b"{}"), step,
+                                  f"budget counter {counter}", "the budget store")
+
+    async def _update(self, key: str, decode: Callable[[bytes], Any], step: Callable[[Any], tuple[Any, Any]],
+                      what: str, store: str) -> Any:
+        """Read-modify-write of one KV key by compare-and-set on its revision, within the store timeout:
+        `step(state or None)` gives (the new state, or None to write nothing, and the result to return);
+        another replica's write in between makes it read again. Store failures are StoreUnavailable."""
         try:
             async with asyncio.timeout(self.file.store_timeout_s):
                 kv = await self._store()
                 while True:
                     try:
-                        entry = await kv.get(counter)
-                        rev, current = entry.revision, _counter_dec.decode(entry.value or b"{}")
+                        entry = await kv.get(key)
+                        rev, state = entry.revision, decode(entry.value)
                     except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                        rev, current = None, Counter()
-                    got = ask if minimum is None else grant(current, limit, ask, minimum)
-                    if got is None:
-                        return None, current.leased
-                    after = Counter(leased=current.leased + got)
+                        rev, state = None, None
+                    after, result = step(state)
+                    if after is None:
+                        return result
                     try:
                         if rev is None:
-                            await kv.create(counter, _enc.encode(after))
+                            await kv.create(key, _enc.encode(after))
                         else:
-                            await kv.update(counter, _enc.encode(after), last=rev)
+                            await kv.update(key, _enc.encode(after), last=rev)
                     except nats.js.errors.KeyWrongLastSequenceError:
-                        continue  # another replica leased in between: read again
-                    return got, after.leased
+                        continue  # another replica changed it in between: read again
+                    return result
         except StoreUnavailable as exc:
             self._failed(exc.message)
             raise
         except msgspec.DecodeError as exc:
-            raise StoreUnavailable(f"budget counter {counter} is unreadable: {exc}") from None
+            raise StoreUnavailable(f"{what} is unreadable: {exc}") from None
         except _KV_ERRORS as exc:
-            message = (f"the budget store (NATS KV bucket {self.bus.subjects.kv_budgets}) did not answer: "
-                       f"{type(exc).__name__}")
+            message = f"{store} (NATS KV bucket {self.bus.subjects.kv_budgets}) did not answer: {type(exc).__name__}"
             self._failed(message)
             raise StoreUnavailable(message) from None
 

@@ -13,6 +13,7 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import wasserstein_distance
 
 from lockgate.contracts import InferenceEvent, InferenceScored
+from lockgate.embedmodel import MODEL_PACKAGES
 from lockgate.services.drift import stats, text
 from lockgate.services.drift.domain import DriftMonitor
 from lockgate.services.drift.features import FEATURES, rows
@@ -218,7 +219,7 @@ def test_the_local_model_is_used_when_installed_and_the_hashing_vectoriser_other
 
     real_find_spec = text.importlib.util.find_spec
     monkeypatch.setattr(text.importlib.util, "find_spec",
-                        lambda name, *a: None if name in ("sentence_transformers", *text.MODEL_PACKAGES)
+                        lambda name, *a: None if name in ("sentence_transformers", *MODEL_PACKAGES)
                         else real_find_spec(name, *a))
     assert text.default_embedder() is text.HASHING  # nothing installed: never a download
 

@@ -9,6 +9,7 @@ like every other query command; `analysis` checks each record's signature.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import time
@@ -372,7 +373,7 @@ def register(cli: click.Group) -> None:
         client = admin(ctx)
         client.timeout_s = timeout_s
         last: dict[str, Any] | None = None
-        try:
+        with contextlib.suppress(TimeoutError):  # the stream went idle past the deadline: timed out below
             # The router pushes each change (and a keepalive line when idle); the socket waits, nothing polls.
             for route in client.stream(f"/{deployment}/watch", idle_s=min(timeout_s, 30.0)):
                 if time.monotonic() > deadline:
@@ -390,8 +391,6 @@ def register(cli: click.Group) -> None:
                     if route.get("phase") == "aborted":
                         raise RolloutAborted(f"rollout of {deployment} aborted: {route.get('reason', '')}")
                     return
-        except TimeoutError:
-            pass
         raise WatchTimedOut(f"rollout of {deployment} still {last['phase'] if last else 'unknown'} after "
                             f"{timeout_s:g} s")
 
