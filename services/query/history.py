@@ -7,17 +7,8 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from lockgate.provenance.openlineage import weights
 from lockgate.store import Store
-
-
-def weights(row: dict[str, Any]) -> dict[str, float]:
-    """Percent of traffic per release in one rollout state (a canary at 0% takes none)."""
-    canary, w = row.get("canary_release") or "", float(row.get("canary_weight") or 0.0)
-    if not canary or w <= 0:
-        return {row["stable_release"]: 100.0}
-    if w >= 100:
-        return {canary: 100.0}
-    return {row["stable_release"]: 100.0 - w, canary: w}
 
 
 def served_at(rows: Iterable[dict[str, Any]], at: datetime | None) -> dict[str, Any] | None:

@@ -195,7 +195,7 @@ def rollout_event(row: Mapping[str, Any], namespace: str) -> dict[str, Any]:
     """A RunEvent of one rollout change: the releases taking traffic in, the deployment out. A canary's
     changes share one runId: START at its first step, RUNNING for the next ones, then COMPLETE on promotion
     or ABORT."""
-    weights = _weights(row)
+    split = weights(row)
     canary = row.get("canary_release") or ""
     run_key = f"rollout:{row['deployment']}:{canary or row['stable_release']}"
     state = _ROLLOUT_STATE.get(row.get("phase", ""), "OTHER")
@@ -206,15 +206,16 @@ def rollout_event(row: Mapping[str, Any], namespace: str) -> dict[str, Any]:
         "producer": PRODUCER, "schemaURL": SCHEMA_URL,
         "run": {"runId": run_uuid(run_key), "facets": {"lockgate_rollout": _own(
             "lockgate_rollout", deployment=row["deployment"], phase=row.get("phase", ""),
-            reason=row.get("reason", ""), weights=weights)}},
+            reason=row.get("reason", ""), weights=split)}},
         "job": {"namespace": namespace, "name": f"rollout/{row['deployment']}", "facets": {
             "jobType": _facet(JOB_TYPE, processingType="STREAMING", integration="LOCKGATE", jobType="ROLLOUT")}},
-        "inputs": [{"namespace": namespace, "name": f"release/{r}", "facets": {}} for r in sorted(weights)],
+        "inputs": [{"namespace": namespace, "name": f"release/{r}", "facets": {}} for r in sorted(split)],
         "outputs": [{"namespace": namespace, "name": f"deployment/{row['deployment']}", "facets": {}}],
     }
 
 
-def _weights(row: Mapping[str, Any]) -> dict[str, float]:
+def weights(row: Mapping[str, Any]) -> dict[str, float]:
+    """Percent of traffic per release in one rollout state (a canary at 0% takes none)."""
     canary, w = row.get("canary_release") or "", float(row.get("canary_weight") or 0.0)
     if not canary or w <= 0:
         return {row["stable_release"]: 100.0}
