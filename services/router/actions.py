@@ -9,14 +9,34 @@ import msgspec
 from aiohttp import web
 
 from lockgate.contracts.names import check_name
-from lockgate.errors import InvalidName, Retryable
-from lockgate.server.apikeys import ApiKey
+from lockgate.errors import InvalidName, LockgateError, Retryable
+from lockgate.identity import IdentityRefused
+from lockgate.server.apikeys import ApiKey, Forbidden
 from lockgate.services.router.audit import record_action
 from lockgate.services.router.domain import InvalidRollout, NotAdmitted
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import error_response
 
 _encoder = msgspec.json.Encoder()
+# Why an action was refused, as HTTP: first match wins (NotAdmitted is an InvalidRollout).
+_REFUSALS: tuple[tuple[type[LockgateError], int, str, str | None], ...] = (
+    (IdentityRefused, 403, "permission_denied", "invalid_break_glass"),
+    (Forbidden, 403, "permission_denied", "insufficient_role"),
+    (NotAdmitted, 409, "conflict", "not_admitted"),
+    (InvalidName, 400, "invalid_request_error", None),
+)
+REFUSED = (IdentityRefused, Forbidden, InvalidName, InvalidRollout, Retryable)  # what `refusal` answers
+
+
+def refusal(exc: LockgateError, action: str, invalid: int = 409) -> web.Response:
+    """The answer to an admin action refused with `exc`, one of REFUSED. An InvalidRollout is `invalid`:
+    409 when it contradicts the deployment's state, 400 when the request itself is malformed."""
+    for kind, status, kind_name, code in _REFUSALS:
+        if isinstance(exc, kind):
+            return error_response(status, exc.message, kind_name, code=code)
+    if isinstance(exc, Retryable):
+        return error_response(503, f"{action} applied but not yet persisted: {exc.message}", "unavailable")
+    return error_response(invalid, exc.message, "invalid_request_error" if invalid == 400 else "conflict")
 
 
 class ActionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -55,8 +75,8 @@ class Actions:
             body = _decoder.decode(raw) if raw.strip() else ActionRequest()
             if action == "set-weight" and body.weight is None:
                 raise InvalidRollout('set-weight needs {"weight": PERCENT}')
-        except (InvalidName, InvalidRollout) as exc:
-            return error_response(400, exc.message, "invalid_request_error")
+        except REFUSED as exc:
+            return refusal(exc, action, invalid=400)
         except msgspec.DecodeError as exc:
             return error_response(400, f"invalid request: {exc}", "invalid_request_error")
         try:
@@ -65,10 +85,6 @@ class Actions:
                                                 request[self.key].label,
                                                 weight=body.weight or 0.0, why=body.reason)
             await record_action(self.rollouts.ctx.bus, request[self.key], action, route, None)
-        except NotAdmitted as exc:
-            return error_response(409, exc.message, "conflict", code="not_admitted")
-        except InvalidRollout as exc:
-            return error_response(409, exc.message, "conflict")
-        except Retryable as exc:
-            return error_response(503, f"{action} applied but not yet persisted: {exc.message}", "unavailable")
+        except REFUSED as exc:
+            return refusal(exc, action)
         return web.Response(body=_encoder.encode(route), content_type="application/json")

@@ -9,15 +9,13 @@ import msgspec
 from aiohttp import web
 
 from lockgate.contracts.names import check_name
-from lockgate.errors import InvalidName, Retryable
-from lockgate.identity import IdentityRefused, verify_override
+from lockgate.errors import InvalidName
+from lockgate.identity import verify_override
 from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer, require_role
-from lockgate.services.router.actions import Actions
+from lockgate.services.router.actions import REFUSED, Actions, refusal
 from lockgate.services.router.audit import record_action
 from lockgate.services.router.domain import (
     BreakGlass,
-    InvalidRollout,
-    NotAdmitted,
     Override,
     Route,
     decode_canary,
@@ -106,16 +104,8 @@ class Admin:
             override = self._override(request, deployment, req.break_glass, req.canary_release, "canary")
             route = await self.rollouts.start_canary(deployment, req, override, actor=request[KEY].label)
             await record_action(self.rollouts.ctx.bus, request[KEY], "canary", route, override)
-        except IdentityRefused as exc:
-            return error_response(403, exc.message, "permission_denied", code="invalid_break_glass")
-        except Forbidden as exc:
-            return error_response(403, exc.message, "permission_denied", code="insufficient_role")
-        except NotAdmitted as exc:
-            return error_response(409, exc.message, "conflict", code="not_admitted")
-        except (InvalidName, InvalidRollout) as exc:
-            return error_response(400, exc.message, "invalid_request_error")
-        except Retryable as exc:
-            return error_response(503, f"canary applied but not yet persisted: {exc.message}", "unavailable")
+        except REFUSED as exc:
+            return refusal(exc, "canary", invalid=400)  # a PUT's release or spec is the request's own fault
         return _json(route)
 
     async def patch(self, request: web.Request) -> web.Response:
@@ -129,14 +119,8 @@ class Admin:
             body = decode_patch(await request.read())
             route = await self.rollouts.patch(deployment, body, actor=request[KEY].label)
             await record_action(self.rollouts.ctx.bus, request[KEY], "patch", route, None)
-        except NotAdmitted as exc:
-            return error_response(409, exc.message, "conflict", code="not_admitted")
-        except InvalidName as exc:
-            return error_response(400, exc.message, "invalid_request_error")
-        except InvalidRollout as exc:
-            return error_response(409, exc.message, "conflict")
-        except Retryable as exc:
-            return error_response(503, f"patch applied but not yet persisted: {exc.message}", "unavailable")
+        except REFUSED as exc:
+            return refusal(exc, "patch")
         return _json(route)
 
     async def watch(self, request: web.Request) -> web.StreamResponse:
@@ -197,16 +181,8 @@ class Admin:
             route = await self.rollouts.manual(deployment, action, override, actor=request[KEY].label,
                                                to=body.to or "" if action == "undo" else "")
             await record_action(self.rollouts.ctx.bus, request[KEY], action, route, override)
-        except IdentityRefused as exc:
-            return error_response(403, exc.message, "permission_denied", code="invalid_break_glass")
-        except Forbidden as exc:
-            return error_response(403, exc.message, "permission_denied", code="insufficient_role")
-        except NotAdmitted as exc:
-            return error_response(409, exc.message, "conflict", code="not_admitted")
-        except InvalidRollout as exc:
-            return error_response(409, exc.message, "conflict")
-        except Retryable as exc:
-            return error_response(503, f"{action} applied but not yet persisted: {exc.message}", "unavailable")
+        except REFUSED as exc:
+            return refusal(exc, action)
         return _json(route)
 
     def _override(self, request: web.Request, deployment: str, glass: BreakGlass | None, release: str,
