@@ -280,7 +280,9 @@ def run_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "metric": m.get("name", "-") + (" (dry run)" if m.get("dry_run") else ""),
                          "canary": _num(m.get("canary")), "stable": _num(m.get("stable")),
                          "condition": m.get("condition", ""), "threshold": _num(m.get("threshold")),
-                         "verdict": m.get("verdict", ""), "why": m.get("why", ""), "signature": sig})
+                         "verdict": m.get("verdict", ""), "signature": sig,
+                         # a drift metric's value counts these features (the record's JSON says by how much)
+                         "drifted": ", ".join(r.get("drifted_features") or []) if m.get("name") == "drift" else ""})
     return rows
 
 
