@@ -15,8 +15,8 @@ from lockgate.codec import Codec
 from lockgate.contracts import DriftReport, InferenceEvent
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
-from lockgate.subjects import Subjects, token
-from lockgate.telemetry import Telemetry
+from lockgate.subjects import token
+from tests.integration.test_drift_service import restarted
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -56,12 +56,7 @@ async def test_the_next_report_after_a_restart_covers_the_events_from_before_it(
     await kv.put(token("other"), b"{not a snapshot")  # corrupt: logged and ignored, never a crash
     await kv.put(f"{token('other')}.text.cur", b"\x00\x01")
 
-    bus2 = Bus(settings.nats_url, Subjects(settings.prefix), name="restarted")
-    await bus2.connect()
-    second = ServiceSet(ServiceContext(bus=bus2, store=context.store, telemetry=Telemetry(), settings=settings),
-                        ["drift"])
-    await second.start()
-    try:
+    async with restarted(context, settings) as bus2:
         with caplog.at_level(logging.WARNING, logger="lockgate.drift"):
             await bus2.publish(subject, _events(20, "canary", start=200, words=15))  # completes both windows
             got: dict[str, DriftReport] = {}
@@ -79,6 +74,3 @@ async def test_the_next_report_after_a_restart_covers_the_events_from_before_it(
         now = got["now_vs_reference"]
         assert (now.reference_n, now.current_n) == (50, 50)
         assert {f.feature: f.current_size for f in now.features}["response_text"] == 50
-    finally:
-        await second.stop()
-        await bus2.close()

@@ -5,69 +5,45 @@ set, and the router's direct abort on a DRIFT report defers to the analysis: the
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 import pytest
-from click.testing import CliRunner
 
-from lockgate.cli.main import cli
-from lockgate.contracts import GateDecided
-from lockgate.server.service import ServiceContext
+from lockgate.services.router.domain import Route
 from lockgate.signing import Signer
-from lockgate.subjects import token
-from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import register_model_release, sink_stored
+from tests.helpers import sink_stored
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import _pass, _start, _traffic_until
+from tests.integration.test_rollout_operate import _cli
 
-http, keys, signer = analysis_tests.http, analysis_tests.keys, analysis_tests.signer
+router, http, keys, signer = analysis_tests.router, analysis_tests.http, analysis_tests.keys, analysis_tests.signer
 
 pytestmark = pytest.mark.timeout(120)
 
-ANSWER = "stable says hi to you"
-STABLE = SimConfig(models={"m": ModelSpec(default=ANSWER)}, seed=3)
-# On the canary upstream "echo" answers as stable does; "long" answers three times as long.
-CANARY = SimConfig(models={"echo": ModelSpec(default=ANSWER), "long": ModelSpec(default=" ".join([ANSWER] * 3))},
-                   seed=3)
 DRIFT = {"metrics": [{"name": "drift", "max": 0, "features": ["output_tokens", "finish_reason", "status"]}],
          "min_sample": 20, "failure_limit": 0, "inconclusive_limit": 1000}
 
 
-@pytest.fixture
-async def router(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
-    async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
-        await register_model_release(context.bus, "r1", "m", "default")
-        await register_model_release(context.bus, "echo", "echo", "canary")
-        await register_model_release(context.bus, "long", "long", "canary")
-        kv = await context.bus.kv(context.bus.subjects.kv_gates)
-        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))
-        context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
-                                                    deployment="chat", app="shop")
-        services = await run_services("sink", "drift", "router")
-        router = services["router"]
-        router.sink = services["sink"]
-        router.drift = services["drift"]
-        yield router
-
-
-async def _reference(router: Any, http: Any) -> None:
-    """Stable-only traffic while the canary waits for its decision: the drift monitor's reference."""
+async def _rollout(router: Any, http: Any, signer: Signer, run_services: Any, release: str, until: str) -> Route:
+    """A canary judged by the drift metric, with the drift monitor running: stable-only traffic (while the canary
+    waits for its decision) makes the monitor's reference, then traffic until the rollout is `until`. Stable
+    answers "stable says hi"; on the canary upstream "echo" answers the same, "long" three times as long."""
+    drift = (await run_services("drift"))["drift"]
+    await _start(http, router, release, {"steps": [50, 100], "interval_s": 0.2, "analysis": DRIFT})
     reference = router.ctx.settings.drift_reference_size
     await _traffic_until(http, router, lambda r: False, limit=reference, batch=reference // 5)
-    await router.drift.handlers.events.wait_for(reference, 30)
+    await drift.handlers.events.wait_for(reference, 30)
+    await _pass(router, signer, release)
+    sent = await _traffic_until(http, router, lambda r: r.phase == until, limit=3000)
+    route = router.rollouts.route("chat")
+    assert route.phase == until, f"not {until} after {sent} requests: {route.reason}"
+    return route
 
 
 async def test_a_canary_whose_answers_triple_is_aborted_by_its_drift_metric_and_the_record_names_the_feature(
-        router: Any, http: Any, signer: Signer) -> None:
-    await _start(http, router, "long", {"steps": [50, 100], "interval_s": 0.2, "analysis": DRIFT})
-    await _reference(router, http)
-    await _pass(router, signer, "long")
-    sent = await _traffic_until(http, router, lambda r: r.phase == "aborted", limit=3000)
-    route = router.rollouts.route("chat")
-    assert route.phase == "aborted", f"not aborted after {sent} requests: {route.reason}"
+        router: Any, http: Any, signer: Signer, run_services: Any) -> None:
+    route = await _rollout(router, http, signer, run_services, "long", "aborted")
     assert (route.weight, route.stable.release) == (0.0, "r1")
     # The analysis aborted it (not the router's direct abort on the report: "drift report ... DRIFT in").
     assert route.reason.startswith("aborted long: analysis failed at step 1 (50%): drift 1 drifted features > max 0: "
@@ -94,24 +70,9 @@ async def test_a_canary_whose_answers_triple_is_aborted_by_its_drift_metric_and_
     assert table.exit_code == 0 and "drifted" in table.output and "verified" in table.output
 
 
-async def test_a_noop_canary_with_a_drift_metric_is_promoted(router: Any, http: Any, signer: Signer) -> None:
-    await _start(http, router, "echo", {"steps": [50, 100], "interval_s": 0.2, "analysis": DRIFT})
-    await _reference(router, http)
-    await _pass(router, signer, "echo")
-    sent = await _traffic_until(http, router, lambda r: r.phase == "promoted", limit=3000)
-    route = router.rollouts.route("chat")
-    assert route.phase == "promoted", f"not promoted after {sent} requests: {route.reason}"
+async def test_a_noop_canary_with_a_drift_metric_is_promoted(router: Any, http: Any, signer: Signer,
+                                                             run_services: Any) -> None:
+    route = await _rollout(router, http, signer, run_services, "echo", "promoted")
     assert route.stable.release == "echo" and route.analysis is not None and route.analysis.last is not None
     (metric,) = route.analysis.last.metrics
     assert metric.verdict == "SUCCESSFUL" and metric.canary == 0.0 and "no harmful drift" in metric.why
-
-
-def _base(router: Any) -> list[str]:
-    s = router.ctx.settings
-    return ["--home", s.home, "--nats", s.nats_url, "--prefix", s.prefix, "--database", s.database,
-            "rollout", "--router", router.url]
-
-
-async def _cli(router: Any, *args: str) -> Any:
-    env = {"LOCKGATE_CLICKHOUSE_URL": router.ctx.settings.clickhouse_url}
-    return await asyncio.to_thread(CliRunner().invoke, cli, [*_base(router), *args], env=env)

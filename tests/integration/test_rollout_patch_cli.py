@@ -13,8 +13,7 @@ import pytest
 from lockgate.server.apikeys import KeyStore
 from lockgate.signing import Signer
 from tests.integration import test_rollout_analysis as analysis_tests
-from tests.integration.test_rollout_analysis import ERRORS, _pass, _start
-from tests.integration.test_rollout_operate import _cli, _next_state
+from tests.integration.test_rollout_operate import _cli, _next_state, _patchable
 
 router, http, keys, signer = analysis_tests.router, analysis_tests.http, analysis_tests.keys, analysis_tests.signer
 
@@ -29,14 +28,7 @@ def _one_line(result: Any) -> str:
 
 async def test_patch_changes_only_what_it_names_and_a_bad_patch_says_what_is_wrong(
         router: Any, http: Any, signer: Signer, tmp_path: Path) -> None:
-    await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600, "analysis": ERRORS})
-    await _pass(router, signer, "same")
-    before = router.rollouts.route("chat")
-    assert before.canary is not None and before.canary.endpoint == "canary"
-    operator, rec = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
-    bus = router.ctx.bus
-    await router.rollouts.flush()
-    sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
+    before, operator, rec, sub = await _patchable(router, http, signer)
 
     done = await _cli(router, "patch", "chat", "--weight", "30", "--json", key=operator)
     assert done.exit_code == 0, done.output
