@@ -43,6 +43,7 @@ class DriftHandlers:
         self._dirty: set[str] = set()
         self.saved = Progress()
         self.snapshot_s = SNAPSHOT_S
+        self._oversized: set[str] = set()  # keys too large to save, warned about once
 
     async def _restore(self) -> None:
         """Load saved windows before the first event, so a restart keeps its reference, its current and rollout
@@ -102,10 +103,19 @@ class DriftHandlers:
                 if w is None:
                     continue
                 key, pair = token(deployment), m.pairs.get(deployment)
-                await kv.put(key, msgspec.json.encode(snapshots.snapshot(deployment, w, pair, m.labels)))
                 name = m.embedder.name if m.embedder is not None else ""
-                for part, ring in snapshots.text_rings(w, pair, name).items():
-                    await kv.put(f"{key}.text.{part}", msgspec.json.encode(ring))
+                values = {key: msgspec.json.encode(snapshots.snapshot(deployment, w, pair, m.labels))}
+                values |= {f"{key}.text.{part}": msgspec.json.encode(ring)
+                           for part, ring in snapshots.text_rings(w, pair, name).items()}
+                for k, value in values.items():
+                    if len(value) > self.ctx.bus.nc.max_payload - 4096:  # headers and subject fit beside it
+                        if k not in self._oversized:  # windows this large (sizes in settings) are not saved
+                            self._oversized.add(k)
+                            log.warning("drift windows %s (%d bytes) exceed NATS max_payload: not saved; lower "
+                                        "drift_reference_size/drift_window_size to keep them across restarts",
+                                        k, len(value))
+                        continue
+                    await kv.put(k, value)
         except BaseException:
             self._dirty |= dirty  # saved again next time
             raise
