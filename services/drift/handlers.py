@@ -44,12 +44,19 @@ class DriftHandlers:
         self.saved = Progress()
         self.snapshot_s = SNAPSHOT_S
         self._oversized: set[str] = set()  # keys too large to save, warned about once
+        self._saving = asyncio.Lock()
+        self._restoring = asyncio.Lock()
 
     async def _restore(self) -> None:
         """Load saved windows before the first event, so a restart keeps its reference, its current and rollout
         windows and their text vectors. An unreadable value is logged and skipped (those windows refill)."""
         if self._restored:
             return
+        async with self._restoring:  # the inference, scores and rollout consumers may all be first
+            if not self._restored:
+                await self._load()
+
+    async def _load(self) -> None:
         if self.monitor.embedder is None:  # a local model takes seconds to load: off the event loop
             embedder = await asyncio.to_thread(text.default_embedder)
             self.monitor.embedder, self.monitor.dim = embedder, embedder.dim
@@ -91,6 +98,10 @@ class DriftHandlers:
     async def save(self) -> None:
         """Persist the windows of deployments that changed since the last save (all of them at once: at most
         every `snapshot_s` seconds, and on a clean stop)."""
+        async with self._saving:
+            await self._save()
+
+    async def _save(self) -> None:
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, set()
@@ -158,18 +169,21 @@ class DriftHandlers:
 
     async def on_rollout(self, state: RolloutState, delivery: Delivery) -> None:
         """A promotion makes the new traffic the reference; an abort ends the canary's window."""
+        if state.phase not in ("aborted", "promoted"):
+            return
+        await self._restore()  # before changing windows that a restore would otherwise put back
         if state.phase == "aborted":
             self.monitor.end_rollout(state.deployment)
             self._dirty.add(state.deployment)
-        if state.phase == "promoted":
-            await self._restore()
+            return
+        async with self._saving:  # a save in flight must not put the old windows back after the delete
             self.monitor.reset(state.deployment)
             self._dirty.discard(state.deployment)
             kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
             key = token(state.deployment)
             for k in (key, *(f"{key}.text.{part}" for part in snapshots.TEXT_PARTS)):
                 await kv.delete(k)
-            await self.resets.bump()
+        await self.resets.bump()
 
     async def _emit(self, report: DriftReport) -> None:
         await self.ctx.bus.publish(self.ctx.bus.subjects.drift(report.deployment), report)

@@ -254,7 +254,7 @@ def on_drift(route: Route, report: DriftReport) -> Route | None:
     if (route.canary is None or not report.drifted or report.window_end.timestamp() < since
             or not (verifying or (route.phase not in ("promoted", "aborted") and route.weight > 0))):
         return None
-    harmful = [f for f in report.features if f.drifted and not drifts.harmless(f)]
+    harmful = drifts.harmful(report)
     if report.features and not harmful:  # e.g. a faster canary: drift, but no harm to roll back for
         return None
     features = ", ".join(drifts.describe(f) for f in harmful) or "unnamed feature"
