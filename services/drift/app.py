@@ -30,6 +30,18 @@ class Drift(Service):
                 wire_type=RolloutState, origin="drift", handler=self.handlers.on_rollout,
                 ack_wait_s=ctx.settings.ack_wait_s)
 
+    async def start(self) -> None:
+        """Save the windows every few seconds, so a restart (even a crash) resumes them."""
+        await super().start()
+        self.spawn(self.handlers.run_snapshots(), "snapshots")
+
+    async def stop(self) -> None:
+        """A clean stop saves what changed since the last snapshot."""
+        try:
+            await self.handlers.save()
+        finally:
+            await super().stop()
+
 
 def create(ctx: ServiceContext) -> Drift:
     """Build the drift monitor."""

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import msgspec
 import numpy as np
 
 from lockgate.contracts import DriftReport, FeatureDrift, InferenceEvent, InferenceScored
 from lockgate.services.drift import stats, text
 from lockgate.services.drift.features import CATEGORICAL, FEATURES, KINDS, TEXTS, Rows, code, rows
+from lockgate.services.drift.snapshots import Snapshot, restore, snapshot
+from lockgate.services.drift.windows import Pair, Ring, Windows
 
 __all__ = ["CATEGORICAL", "FEATURES", "DriftMonitor", "Ring", "Snapshot", "Windows", "code", "restore", "snapshot"]
 
@@ -37,141 +37,6 @@ TEXT_ROWS = 200
 def deployment_of(event: InferenceEvent | InferenceScored) -> str:
     """Events without a deployment are watched per app."""
     return event.deployment or event.app
-
-
-@dataclass
-class Ring:
-    """The last `size` rows (a ring), or with `fill` the first `size` rows; texts as (size, 2, dim) vectors."""
-
-    size: int
-    dim: int = 0
-    n: int = 0
-    pos: int = 0
-    values: np.ndarray = field(init=False)
-    times: np.ndarray = field(init=False)
-    text: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.values = np.empty((self.size, len(FEATURES)))
-        self.times = np.empty(self.size)
-        self.text = np.full((self.size, len(TEXTS), self.dim), math.nan)
-
-    def push(self, values: np.ndarray, times: np.ndarray, vectors: np.ndarray | None) -> None:
-        """Append rows, overwriting the oldest."""
-        values, times = values[-self.size:], times[-self.size:]
-        k = len(values)
-        slots = (self.pos + np.arange(k)) % self.size
-        self.values[slots], self.times[slots] = values, times
-        if self.dim:
-            self.text[slots] = vectors[-self.size:] if vectors is not None else math.nan
-        self.pos = (self.pos + k) % self.size
-        self.n = min(self.n + k, self.size)
-
-    def fill(self, values: np.ndarray, times: np.ndarray, vectors: np.ndarray | None) -> int:
-        """Append rows until full; returns how many were taken."""
-        k = min(self.size - self.n, len(values))
-        self.push(values[:k], times[:k], None if vectors is None else vectors[:k])
-        return k
-
-    def ordered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Values, times and text vectors, oldest row first."""
-        order = (self.pos - self.n + np.arange(self.n)) % self.size
-        return self.values[order], self.times[order], self.text[order]
-
-    @property
-    def full(self) -> bool:
-        return self.n >= self.size
-
-
-@dataclass
-class Windows:
-    """One deployment's reference (filled once), current ring, and text reference (filled once; after a
-    restart it refills from the next events, since vectors are not saved)."""
-
-    reference_size: int
-    window_size: int
-    dim: int = 0
-    app: str = ""
-    tenant: str = "default"
-    since_report: int = 0
-    ref: Ring = field(init=False)
-    cur: Ring = field(init=False)
-    text_ref: Ring = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.ref = Ring(self.reference_size)
-        self.text_ref = Ring(self.reference_size, self.dim)
-        self.cur = Ring(self.window_size, self.dim)
-
-    @property
-    def ref_n(self) -> int:
-        return self.ref.n
-
-
-@dataclass
-class Pair:
-    """A deployment's stable and canary windows during a rollout; `due` once the canary filled a window
-    before the stable side held as many rows."""
-
-    window_size: int
-    dim: int = 0
-    canary_release: str = ""
-    stable_release: str = ""
-    since_report: int = 0
-    due: bool = False
-    stable: Ring = field(init=False)
-    canary: Ring = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.stable = Ring(self.window_size, self.dim)
-        self.canary = Ring(self.window_size, self.dim)
-
-    def new_canary(self, release: str) -> None:
-        """A different canary release: its window starts empty."""
-        self.canary = Ring(self.window_size, self.dim)
-        self.canary_release, self.since_report, self.due = release, 0, False
-
-
-class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
-    """A deployment's windows as stored in KV (oldest current row first; text vectors are not kept)."""
-
-    deployment: str
-    app: str
-    tenant: str
-    reference: list[list[float]]
-    current: list[list[float]]
-    current_times: list[float]
-    since_report: int
-
-
-def _finite(rows_: np.ndarray) -> list[list[float]]:
-    # JSON has no NaN (msgspec writes null); -1 never occurs as a feature value (counts, codes, scores >= 0).
-    return np.where(np.isnan(rows_), -1.0, rows_).tolist()
-
-
-def _from_json(values: list[list[float]]) -> np.ndarray:
-    a = np.asarray(values, dtype=np.float64).reshape(-1, len(FEATURES))
-    return np.where(a == -1.0, math.nan, a)
-
-
-def snapshot(deployment: str, w: Windows) -> Snapshot:
-    """The windows in a form that survives a restart."""
-    cur_values, cur_times, _ = w.cur.ordered()
-    return Snapshot(deployment=deployment, app=w.app, tenant=w.tenant, reference=_finite(w.ref.values[:w.ref.n]),
-                    current=_finite(cur_values), current_times=cur_times.tolist(), since_report=w.since_report)
-
-
-def restore(s: Snapshot, reference_size: int, window_size: int, dim: int = 0) -> Windows:
-    """Windows from a snapshot; if the configured sizes changed, the newest rows that fit are kept."""
-    w = Windows(reference_size, window_size, dim, app=s.app, tenant=s.tenant)
-    if any(len(row) != len(FEATURES) for row in (*s.reference[:1], *s.current[:1])):
-        return w  # stored before the features changed: a fresh reference, never misaligned columns
-    ref = _from_json(s.reference)[:reference_size]
-    w.ref.fill(ref, np.zeros(len(ref)), None)
-    cur = _from_json(s.current)
-    w.cur.push(cur, np.asarray(s.current_times, dtype=np.float64), None)
-    w.since_report = min(s.since_report, window_size - 1)
-    return w
 
 
 def _present(column: np.ndarray) -> np.ndarray:

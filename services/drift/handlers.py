@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from typing import Any
 
 import msgspec
 import nats.js.errors
@@ -13,11 +14,13 @@ import nats.js.errors
 from lockgate.bus import Delivery
 from lockgate.contracts import DriftReport, InferenceEvent, InferenceScored, RolloutState
 from lockgate.server.service import Progress, ServiceContext
-from lockgate.services.drift import domain, text
+from lockgate.services.drift import domain, snapshots, text
 from lockgate.subjects import token
 
 _SEEN_MAX = 4096
-_snapshots = msgspec.json.Decoder(domain.Snapshot)
+_snapshots = msgspec.json.Decoder(snapshots.Snapshot)
+_texts = msgspec.json.Decoder(snapshots.TextRing)
+SNAPSHOT_S = 2.0  # windows are saved at most this often (and on a clean stop): a crash loses at most this much
 log = logging.getLogger("lockgate.drift")
 
 
@@ -36,11 +39,24 @@ class DriftHandlers:
         self._pending: list[DriftReport] = []
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._restored = False
+        # Deployments whose windows changed since the last save; `saved` counts the events the last save covered.
+        self._dirty: set[str] = set()
+        self.saved = Progress()
+        self.snapshot_s = SNAPSHOT_S
+        self._oversized: set[str] = set()  # keys too large to save, warned about once
+        self._saving = asyncio.Lock()
+        self._restoring = asyncio.Lock()
 
     async def _restore(self) -> None:
-        """Load saved windows before the first event, so a restart keeps its reference."""
+        """Load saved windows before the first event, so a restart keeps its reference, its current and rollout
+        windows and their text vectors. An unreadable value is logged and skipped (those windows refill)."""
         if self._restored:
             return
+        async with self._restoring:  # the inference, scores and rollout consumers may all be first
+            if not self._restored:
+                await self._load()
+
+    async def _load(self) -> None:
         if self.monitor.embedder is None:  # a local model takes seconds to load: off the event loop
             embedder = await asyncio.to_thread(text.default_embedder)
             self.monitor.embedder, self.monitor.dim = embedder, embedder.dim
@@ -51,22 +67,80 @@ class DriftHandlers:
         except nats.js.errors.NoKeysError:
             keys = []
         for key in keys:
-            try:
-                snap = _snapshots.decode((await kv.get(key)).value)
-            except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError) as exc:
-                log.warning("ignoring unreadable drift windows %s: %s", key, exc)
-                continue
-            self.monitor.windows[snap.deployment] = domain.restore(snap, self.monitor.reference_size,
-                                                                   self.monitor.window_size, self.monitor.dim)
+            if "." not in key:  # text rings are read with their deployment
+                await self._restore_one(kv, key)
         self._restored = True
 
-    async def _save(self, deployments: set[str]) -> None:
-        """Persist the windows of deployments that reported or just completed their reference."""
+    async def _restore_one(self, kv: Any, key: str) -> None:
+        m = self.monitor
+        try:
+            snap = _snapshots.decode((await kv.get(key)).value)
+            w = snapshots.restore(snap, m.reference_size, m.window_size, m.dim)
+            pair = snapshots.restore_pair(snap, m.window_size, m.dim)
+        except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError, ValueError) as exc:
+            log.warning("ignoring unreadable drift windows %s: %s", key, exc)
+            return
+        m.windows[snap.deployment] = w
+        if pair is not None:
+            m.pairs[snap.deployment] = pair
+        for code, name in snapshots.labels(snap).items():
+            m.labels.setdefault(code, name)
+        embedder = m.embedder.name if m.embedder is not None else ""
+        for part in snapshots.TEXT_PARTS if embedder else ():
+            try:
+                ring = _texts.decode((await kv.get(f"{key}.text.{part}")).value)
+                snapshots.restore_text(part, ring, w, pair, embedder)
+            except nats.js.errors.KeyNotFoundError:
+                continue
+            except (msgspec.DecodeError, ValueError) as exc:
+                log.warning("ignoring unreadable drift text vectors %s.text.%s: %s", key, part, exc)
+
+    async def save(self) -> None:
+        """Persist the windows of deployments that changed since the last save (all of them at once: at most
+        every `snapshot_s` seconds, and on a clean stop)."""
+        async with self._saving:
+            await self._save()
+
+    async def _save(self) -> None:
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        covered = self.events.count
         kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
-        for deployment in deployments:
-            w = self.monitor.windows.get(deployment)
-            if w is not None:
-                await kv.put(token(deployment), msgspec.json.encode(domain.snapshot(deployment, w)))
+        m = self.monitor
+        try:
+            for deployment in dirty:
+                w = m.windows.get(deployment)
+                if w is None:
+                    continue
+                key, pair = token(deployment), m.pairs.get(deployment)
+                name = m.embedder.name if m.embedder is not None else ""
+                values = {key: msgspec.json.encode(snapshots.snapshot(deployment, w, pair, m.labels))}
+                values |= {f"{key}.text.{part}": msgspec.json.encode(ring)
+                           for part, ring in snapshots.text_rings(w, pair, name).items()}
+                for k, value in values.items():
+                    if len(value) > self.ctx.bus.nc.max_payload - 4096:  # headers and subject fit beside it
+                        if k not in self._oversized:  # windows this large (sizes in settings) are not saved
+                            self._oversized.add(k)
+                            log.warning("drift windows %s (%d bytes) exceed NATS max_payload: not saved; lower "
+                                        "drift_reference_size/drift_window_size to keep them across restarts",
+                                        k, len(value))
+                        continue
+                    await kv.put(k, value)
+        except BaseException:
+            self._dirty |= dirty  # saved again next time
+            raise
+        await self.saved.bump(covered - self.saved.count)
+
+    async def run_snapshots(self) -> None:
+        """Save changed windows every `snapshot_s` seconds (a failed save is retried at the next one)."""
+        while True:
+            await asyncio.sleep(self.snapshot_s)
+            if self._dirty:
+                try:
+                    await self.save()
+                except Exception:
+                    log.exception("saving drift windows failed; retrying in %.3g s", self.snapshot_s)
 
     async def on_inference(self, value: list[InferenceEvent] | InferenceEvent, delivery: Delivery) -> None:
         """Observe a message's events once; emit any reports that came due."""
@@ -82,15 +156,12 @@ class DriftHandlers:
         events = [e for e in events if e.variant != "shadow"]
         token = delivery.msg_id or f"{delivery.subject}-seq-{delivery.stream_seq}"
         if token not in self._seen:
-            before = {d: w.ref_n for d, w in self.monitor.windows.items()}
             reports = self.monitor.observe_events(events)
             self._pending += reports
             self._seen[token] = None
             if len(self._seen) > _SEEN_MAX:
                 self._seen.popitem(last=False)
-            filled = {d for d, w in self.monitor.windows.items()
-                      if w.ref_n == w.reference_size and before.get(d, 0) < w.reference_size}
-            await self._save(filled | {r.deployment for r in reports})
+            self._dirty |= {domain.deployment_of(e) for e in events}
             await self.events.bump(len(events))
         while self._pending:
             await self._emit(self._pending[0])
@@ -98,14 +169,21 @@ class DriftHandlers:
 
     async def on_rollout(self, state: RolloutState, delivery: Delivery) -> None:
         """A promotion makes the new traffic the reference; an abort ends the canary's window."""
+        if state.phase not in ("aborted", "promoted"):
+            return
+        await self._restore()  # before changing windows that a restore would otherwise put back
         if state.phase == "aborted":
             self.monitor.end_rollout(state.deployment)
-        if state.phase == "promoted":
-            await self._restore()
+            self._dirty.add(state.deployment)
+            return
+        async with self._saving:  # a save in flight must not put the old windows back after the delete
             self.monitor.reset(state.deployment)
+            self._dirty.discard(state.deployment)
             kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
-            await kv.delete(token(state.deployment))
-            await self.resets.bump()
+            key = token(state.deployment)
+            for k in (key, *(f"{key}.text.{part}" for part in snapshots.TEXT_PARTS)):
+                await kv.delete(k)
+        await self.resets.bump()
 
     async def _emit(self, report: DriftReport) -> None:
         await self.ctx.bus.publish(self.ctx.bus.subjects.drift(report.deployment), report)

@@ -26,11 +26,13 @@ from typing import Annotated, Literal
 import msgspec
 import numpy as np
 
+from lockgate.contracts import DriftReport
 from lockgate.gatestats import sequential
+from lockgate.services.router import drifts
 
 Verdict = Literal["SUCCESSFUL", "FAILED", "INCONCLUSIVE", "WAITING"]
 MetricName = Literal["error_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50", "ttft_p95",
-                     "ttft_p99", "tokens_per_request", "cost_per_request", "score"]
+                     "ttft_p99", "tokens_per_request", "cost_per_request", "score", "drift"]
 METRICS: tuple[str, ...] = MetricName.__args__  # type: ignore[attr-defined]
 _QUANTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
 _UNITS = {"error_rate": "", "latency": " ms", "ttft": " ms", "tokens_per_request": " tokens",
@@ -50,6 +52,13 @@ class MetricSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     sampled live traffic: lower is better with the limits above, higher is better with `min`
     (canary >= min) or `max_decrease` (stable - canary <= max_decrease). Fewer than `min_scores`
     scores per variant is WAITING: no step passes on a handful of scored answers.
+
+    `drift` is the number of features the drift monitor's latest report covering the canary found drifted
+    in a way that can harm (an improvement never counts), held to `max` (e.g. 0): the canary-versus-stable
+    report of the canary's release when there is one, else the deployment's now-versus-reference one.
+    `features` restricts it to named features (`finish_reason` covers every `finish_reason:category`);
+    a feature counts on the monitor's own alarm, or with `min_psi` on its test's verdict and a PSI at least
+    that. No report covering the canary yet is WAITING: no data never passes.
     """
 
     name: MetricName
@@ -61,10 +70,20 @@ class MetricSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     min: float | None = None  # score metrics only (higher is better)
     max_decrease: NonNeg | None = None  # score metrics only (higher is better)
     min_scores: Annotated[int, msgspec.Meta(ge=1)] = 30
+    features: list[str] = []  # drift metrics only
+    min_psi: NonNeg | None = None  # drift metrics only
 
     def __post_init__(self) -> None:
         lower = self.max is not None or self.max_increase is not None or self.max_ratio is not None
         higher = self.min is not None or self.max_decrease is not None
+        if self.name != "drift" and (self.features or self.min_psi is not None):
+            raise ValueError(f"metric {self.label}: features and min_psi are for drift metrics")
+        if self.name == "drift":
+            if self.max is None or self.max_increase is not None or self.max_ratio is not None or higher \
+                    or self.scorer:
+                raise ValueError("metric drift: give max, the drifted features allowed (e.g. max: 0), and nothing "
+                                 "relative: the drift report already compares the canary with its baseline")
+            return
         if self.name != "score":
             if higher or self.scorer:
                 raise ValueError(f"metric {self.name}: scorer, min and max_decrease are for score metrics")
@@ -118,6 +137,7 @@ class MetricResult(msgspec.Struct, frozen=True, kw_only=True):
     why: str = ""
     dry_run: bool = False
     higher_is_better: bool = False  # a score held to a floor (min, max_decrease), not a ceiling
+    features: list[str] = []  # drift metrics: the features found drifted (what the value counts)
 
 
 class Measurement(msgspec.Struct, frozen=True, kw_only=True):
@@ -263,9 +283,36 @@ def _judge_score(spec: MetricSpec, canary: VariantSample, stable: VariantSample,
                         why=why, higher_is_better=True)
 
 
-def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: float) -> MetricResult:
+def _judge_drift(spec: MetricSpec, report: DriftReport | None) -> MetricResult:
+    """The harmfully drifted features of the report covering the canary, counted against `max`."""
+    if report is None:
+        return MetricResult(name="drift", verdict="WAITING",
+                            why="waiting for a drift report covering the canary (is the drift monitor running?)")
+    base = {"name": "drift", "canary_n": report.current_n, "stable_n": report.reference_n}
+    which = (f"{report.comparison} report {report.id}" + (f" of {report.release} vs {report.reference_release}"
+                                                         if report.comparison == "canary_vs_stable" else ""))
+    measured = [f for f in report.features if drifts.named(f, spec.features)]
+    if not measured:
+        return MetricResult(**base, verdict="WAITING",  # type: ignore[arg-type]
+                            why=f"{which} measures none of {', '.join(spec.features)}")
+    found = drifts.harmful(report, spec.features, spec.min_psi)
+    assert spec.max is not None  # MetricSpec requires it for drift
+    verdict: Verdict = "FAILED" if len(found) > spec.max else "SUCCESSFUL"
+    if found:
+        why = f"DRIFT in {', '.join(drifts.describe(f) for f in found)} ({which})"
+    else:
+        top = max(measured, key=lambda f: f.psi)
+        why = f"no harmful drift in {len(measured)} features, largest PSI {top.psi:.3g} ({top.feature}; {which})"
+    return MetricResult(**base, verdict=verdict, canary=float(len(found)), threshold=float(spec.max),  # type: ignore[arg-type]
+                        why=why, features=[f.feature for f in found])
+
+
+def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: float,
+           drift: DriftReport | None = None) -> MetricResult:
     if spec.name == "score":
         return _judge_score(spec, canary, stable, z)
+    if spec.name == "drift":
+        return _judge_drift(spec, drift)
     name = spec.name
     base = {"name": name, "canary_n": canary.n, "stable_n": stable.n}
     relative = spec.max_increase is not None or spec.max_ratio is not None
@@ -317,8 +364,10 @@ def _sorted(sample: VariantSample) -> VariantSample:
                    ttft_ms=np.sort(np.asarray(sample.ttft_ms, dtype=np.float64)))
 
 
-def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, look: int) -> Measurement:
-    """Judge the canary against stable at look `look` (1 for the first look with enough data)."""
+def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, look: int,
+            drift: DriftReport | None = None) -> Measurement:
+    """Judge the canary against stable at look `look` (1 for the first look with enough data); `drift` is the
+    latest drift report covering the canary (None: none yet), for `drift` metrics."""
     if canary.n < spec.min_sample or stable.n < spec.min_sample:
         why = f"waiting for {spec.min_sample} events per variant (canary {canary.n}, stable {stable.n})"
         results = [MetricResult(name=m.label, verdict="WAITING", canary_n=canary.n, stable_n=stable.n, why=why)
@@ -326,8 +375,8 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
         return Measurement(verdict="WAITING", look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
     z = z_of(sequential.look_alpha(spec.alpha, look, len(spec.metrics)))
     canary, stable = _sorted(canary), _sorted(stable)
-    results = [msgspec.structs.replace(_judge(m, canary, stable, z), dry_run=True) if m.dry_run
-               else _judge(m, canary, stable, z) for m in spec.metrics]
+    results = [msgspec.structs.replace(_judge(m, canary, stable, z, drift), dry_run=True) if m.dry_run
+               else _judge(m, canary, stable, z, drift) for m in spec.metrics]
     verdicts = {r.verdict for r in results if not r.dry_run}
     # A metric still waiting for its data (online scores) holds the step: never a pass, not yet a look.
     overall: Verdict = ("FAILED" if "FAILED" in verdicts else "WAITING" if "WAITING" in verdicts
@@ -339,6 +388,9 @@ def describe(result: MetricResult) -> str:
     """`error_rate 0.052 > threshold 0.015 (stable 0.005; 400 vs 400 requests)` for reasons and tables."""
     if result.canary is None:
         return f"{result.name}: {result.why}"
+    if result.name == "drift":
+        op = ">" if result.verdict == "FAILED" else "<="
+        return f"drift {result.canary:g} drifted features {op} max {result.threshold:g}: {result.why}"
     unit = next((u for k, u in _UNITS.items() if result.name.startswith(k)), "")
     stable = f"stable {result.stable:.4g}{unit}; " if result.stable is not None else ""
     what = "scores" if result.name.startswith("score:") else "requests"

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from lockgate.contracts import InferenceEvent
+from lockgate.contracts import DriftReport, InferenceEvent
 from lockgate.services.router.analysis import VariantSample
 
 MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bounded memory
@@ -49,6 +49,8 @@ class Evidence:
         self._rings: dict[tuple[str, str], _Ring] = {}
         # Online evaluation scores per (deployment, release) and scorer: (time, value), newest last.
         self._scores: dict[tuple[str, str], dict[str, deque[tuple[float, float]]]] = {}
+        # The latest drift report per deployment and canary release ("" for now-versus-reference ones).
+        self._drift: dict[tuple[str, str], DriftReport] = {}
 
     def add(self, event: InferenceEvent, release: str | None = None) -> None:
         """Record one event under its release (or `release`, for events that name only a variant)."""
@@ -71,8 +73,27 @@ class Evidence:
                 ring = per[name] = deque(maxlen=self._max)
             ring.append((at, float(value)))
 
+    def add_drift(self, report: DriftReport) -> None:
+        """Keep a drift report if it is the newest of its deployment and comparison (and canary release)."""
+        key = (report.deployment, report.release if report.comparison == "canary_vs_stable" else "")
+        held = self._drift.get(key)
+        if held is None or report.window_end >= held.window_end:
+            self._drift[key] = report
+
+    def drift(self, deployment: str, release: str, since: float) -> DriftReport | None:
+        """The newest drift report covering `release` from `since` (unix seconds) on: the canary-versus-stable
+        one of that release if there is one, else the deployment's now-versus-reference one."""
+        for key in ((deployment, release), (deployment, "")):
+            report = self._drift.get(key)
+            if report is not None and report.window_end.timestamp() >= since:
+                return report
+        return None
+
     def forget(self, deployment: str, keep: set[str]) -> None:
-        """Drop a deployment's rows except for the releases in `keep`."""
+        """Drop a deployment's rows except for the releases in `keep` (and its now-versus-reference drift,
+        which may predate the rollout)."""
+        for key in [k for k in self._drift if k[0] == deployment and k[1] not in keep]:
+            del self._drift[key]
         for key in [k for k in self._rings if k[0] == deployment and k[1] not in keep]:
             del self._rings[key]
         for key in [k for k in self._scores if k[0] == deployment and k[1] not in keep]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import msgspec
 
-from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
-from lockgate.services.router import bluegreen, domain, program
+from lockgate.contracts import DriftReport, GateDecided
+from lockgate.services.router import bluegreen, domain, drifts, program
 from lockgate.services.router.analysis import AnalysisSpec, Measurement, describe
 from lockgate.services.router.domain import InvalidRollout, NotAdmitted, Route
 from lockgate.services.router.strategy import AnalysisStatus, Strategy
@@ -231,36 +231,10 @@ def on_error(route: Route, why: str, interval_s: float, now: float) -> Route | N
     return msgspec.structs.replace(domain.abort(route, what), analysis=st, paused=False)
 
 
-# Features where less is better: their drift downwards is an improvement, not a reason to abort.
-_LOWER_IS_BETTER = frozenset({"latency_ms", "ttft_ms", "cost_usd"})
-_HIGHER_IS_BETTER = frozenset({"score.pii_free", "score.non_toxic", "score.json_valid"})  # the share that passed
-
-
-def _harmless(f: FeatureDrift) -> bool:
-    """Drift that is no reason to roll back: an improvement, or a change the rollout makes by design.
-
-    Categorical features are named `feature:category` after the category whose share moved.
-    """
-    name, _, category = f.feature.partition(":")
-    rose = f.current_mean > f.reference_mean
-    if name == "model":
-        return True  # a canary serves its own model: that the mix of models moved is the rollout itself
-    if name == "error_type":
-        return rose == (category == "(none)")  # more answers without an error, or fewer with one
-    if name == "finish_reason":
-        return category == "stop" and rose  # more answers that ended normally
-    if name == "status":
-        return rose == (category == "ok")  # more answers, or fewer errors
-    if name == "refusal":
-        return rose == (category == "no")  # fewer refusals
-    if name in _HIGHER_IS_BETTER:
-        return rose
-    return f.feature in _LOWER_IS_BETTER and not rose
-
-
-def _describe(f: FeatureDrift) -> str:
-    what = "share" if ":" in f.feature else "mean"
-    return f"{f.feature} (PSI {f.psi:.3g}, {what} {f.reference_mean:.4g} -> {f.current_mean:.4g})"
+def drift_judged(route: Route) -> bool:
+    """True while the analysis judging the route has a `drift` metric (it, not the report alone, decides)."""
+    spec = spec_of(route)
+    return spec is not None and any(m.name == "drift" for m in spec.metrics)
 
 
 def on_drift(route: Route, report: DriftReport) -> Route | None:
@@ -270,16 +244,20 @@ def on_drift(route: Route, report: DriftReport) -> Route | None:
     The drift monitor watches a deployment as a whole, so during a rollout its current window holds
     the canary's traffic: drift that appears then is taken as the canary's (fail-safe). Only drift that
     can harm counts: latency (or cost) that fell is an improvement, so it alone never aborts.
+    An analysis with a `drift` metric judges drift itself (its features, its limit, its dry run), so
+    then the report is only its evidence and never aborts on its own.
     """
     verifying = route.phase == "promoted" and route.verifying
     since = route.promoted_at if verifying else route.started_at
+    if drift_judged(route):
+        return None
     if (route.canary is None or not report.drifted or report.window_end.timestamp() < since
             or not (verifying or (route.phase not in ("promoted", "aborted") and route.weight > 0))):
         return None
-    harmful = [f for f in report.features if f.drifted and not _harmless(f)]
+    harmful = drifts.harmful(report)
     if report.features and not harmful:  # e.g. a faster canary: drift, but no harm to roll back for
         return None
-    features = ", ".join(_describe(f) for f in harmful) or "unnamed feature"
+    features = ", ".join(drifts.describe(f) for f in harmful) or "unnamed feature"
     if verifying:
         why = f"drift report {report.id} during post-promotion analysis: DRIFT in {features}"
         return domain.rollback(route, why, decision_id=route.decision_id)

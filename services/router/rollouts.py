@@ -522,13 +522,15 @@ class Rollouts:
             since = route.promoted_at if spec.window_s is None else max(route.promoted_at, now - spec.window_s)
             canary = self.evidence.sample(route.deployment, route.stable.release, since)
             stable = self.evidence.sample(route.deployment, route.previous.release, route.started_at)
-            return analysis.measure(spec, canary, stable, look)
+            return analysis.measure(spec, canary, stable, look,
+                                    self.evidence.drift(route.deployment, route.stable.release, since))
         since = route.started_at if spec.window_s is None else max(route.started_at, now - spec.window_s)
         canary = self.evidence.sample(route.deployment, route.canary.release, since)
         stable = self.evidence.sample(route.deployment, route.stable.release, since)
         if stable.n < spec.min_sample and since > route.started_at:
             stable = self.evidence.sample(route.deployment, route.stable.release, route.started_at)
-        return analysis.measure(spec, canary, stable, look)
+        return analysis.measure(spec, canary, stable, look,
+                                self.evidence.drift(route.deployment, route.canary.release, since))
 
     def _step(self, route: Route, now: float) -> None:
         """A due route: the clock's own changes first (timed pauses, blue-green promotion and scale-down,
@@ -568,8 +570,15 @@ class Rollouts:
         return analysisruns.sign(run, self.signer)
 
     async def on_drift(self, report: DriftReport) -> None:
-        """A drift report: a DRIFT covering a live canary's traffic aborts it (persisted; retried via nack)."""
+        """A drift report: evidence for analyses with a `drift` metric; without one, a DRIFT covering a live
+        canary's traffic aborts it (persisted; retried via nack)."""
         await self._await_ready()
+        route = self.routes.get(report.deployment)
+        if route is not None and progress.collecting(route):
+            self.evidence.add_drift(report)
+            if progress.drift_judged(route):
+                self._fresh.add(route.deployment)
+                self._wake.set()  # a look that is due is taken now, on this report
 
         def change() -> None:
             route = self.routes.get(report.deployment)

@@ -21,6 +21,10 @@ def template(route: Route) -> Literal["canary", "pre-promotion", "post-promotion
 
 def condition(spec: MetricSpec) -> str:
     """A metric's limits as text: `<= stable + 0.01 and <= 0.05`."""
+    if spec.name == "drift":
+        among = f" among {', '.join(spec.features)}" if spec.features else ""
+        by = f" (test significant and PSI >= {spec.min_psi:g})" if spec.min_psi is not None else ""
+        return f"<= {spec.max:g} drifted features{among}{by}"
     parts = []
     if spec.max is not None:
         parts.append(f"<= {spec.max:g}")
@@ -71,7 +75,8 @@ def record(before: Route, after: Route | None, m: Measurement, spec: AnalysisSpe
         successes=status.successes if status else 0, failures=status.failures if status else 0,
         inconclusives=status.inconclusives if status else 0, successes_needed=spec.count, failure_limit=spec.failure_limit,
         inconclusive_limit=spec.inconclusive_limit, canary_n=m.canary_n, stable_n=m.stable_n,
-        dry_run=any(x.dry_run for x in spec.metrics), metrics=metrics)
+        dry_run=any(x.dry_run for x in spec.metrics), metrics=metrics,
+        drifted_features=list(dict.fromkeys(f for r in m.metrics for f in r.features)))
 
 
 def error(route: Route, after: Route | None, spec: AnalysisSpec, why: str) -> AnalysisRun | None:

@@ -23,6 +23,8 @@ from lockgate.signing import Keyring, Signer, load_public_key, public_pem
 
 # Transport fields: not part of what the router measured.
 _UNSIGNED = ("signature", "trace_id", "span_id", "source", "schema_version")
+# Fields appended since the first signed records: signed only when set, so older records verify unchanged.
+_APPENDED = ("drifted_features",)
 
 
 def _iso(t: datetime) -> str:
@@ -35,6 +37,9 @@ def content(run: AnalysisRun) -> bytes:
     fields = msgspec.to_builtins(run)
     for name in _UNSIGNED:
         fields.pop(name, None)
+    for name in _APPENDED:
+        if not fields.get(name):
+            fields.pop(name, None)
     fields["time"] = _iso(run.time)
     return canonical_json(fields)
 

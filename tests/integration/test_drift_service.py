@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import numpy as np
 import pytest
 
 from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec
+from lockgate.config import Settings
 from lockgate.contracts import DeadLetter, DriftReport, InferenceEvent, InferenceScored, RolloutState
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
@@ -22,6 +25,21 @@ from tests.helpers import sink_stored
 pytestmark = pytest.mark.timeout(60)
 
 report_codec: Codec[DriftReport] = Codec(DriftReport)
+
+
+@asynccontextmanager
+async def restarted(context: ServiceContext, settings: Settings) -> AsyncIterator[Bus]:
+    """A new drift monitor on a bus of its own (a new process's), on the same NATS and store; stopped at exit."""
+    bus2 = Bus(settings.nats_url, Subjects(settings.prefix), name="restarted")
+    await bus2.connect()
+    second = ServiceSet(ServiceContext(bus=bus2, store=context.store, telemetry=Telemetry(), settings=settings),
+                        ["drift"])
+    await second.start()
+    try:
+        yield bus2
+    finally:
+        await second.stop()
+        await bus2.close()
 
 
 def _events(n: int, output: float, seed: int, deployment: str = "checkout") -> list[InferenceEvent]:
@@ -129,20 +147,12 @@ async def test_a_restart_keeps_the_reference_window(context: ServiceContext, bus
     await first.stop()
     await bus.stop_consumers()
 
-    bus2 = Bus(settings.nats_url, Subjects(settings.prefix), name="restarted")
-    await bus2.connect()
-    second = ServiceSet(ServiceContext(bus=bus2, store=context.store, telemetry=Telemetry(), settings=settings),
-                        ["drift"])
-    await second.start()
-    try:
+    async with restarted(context, settings) as bus2:
         await bus2.publish(subject, _events(50, output=400, seed=2))  # only the shifted window after restart
         report = report_codec.decode((await sub.next_msg(timeout=15)).data)
         by_feature = {f.feature: f for f in report.features}
         assert report.reference_n == 50 and report.drifted
         assert by_feature["output_tokens"].reference_mean < 150 < by_feature["output_tokens"].current_mean
-    finally:
-        await second.stop()
-        await bus2.close()
 
 
 async def test_online_scores_are_drift_features(run_services, bus: Bus) -> None:

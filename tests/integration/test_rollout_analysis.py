@@ -36,6 +36,7 @@ STABLE = SimConfig(models={"m": ModelSpec(default="stable says hi", error_rate=0
 CANARY = SimConfig(models={"bad": ModelSpec(default="bad canary", error_rate=0.05),
                            "same": ModelSpec(default="same canary", error_rate=0.005),
                            "long": ModelSpec(default=" ".join(["tripled"] * 9)),
+                           "echo": ModelSpec(default="stable says hi"),
                            "flaky": ModelSpec(default="flaky canary", error_rate=0.5)}, seed=3)
 ERRORS = {"metrics": [{"name": "error_rate", "max_increase": 0.01},
                       {"name": "latency_p95", "max_ratio": 3.0, "max": 2000}],
@@ -57,6 +58,7 @@ async def router(context: ServiceContext, run_services: Any, signer: Signer) -> 
         await register_model_release(context.bus, "bad", "bad", "canary")
         await register_model_release(context.bus, "same", "same", "canary")
         await register_model_release(context.bus, "long", "long", "canary")
+        await register_model_release(context.bus, "echo", "echo", "canary")
         await register_model_release(context.bus, "flaky", "flaky", "canary")
         kv = await context.bus.kv(context.bus.subjects.kv_gates)
         await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))

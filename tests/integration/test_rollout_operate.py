@@ -20,6 +20,7 @@ from lockgate.cli.main import cli
 from lockgate.codec import Codec
 from lockgate.contracts import AuditEntry, GateDecided, RolloutState
 from lockgate.server.apikeys import Bootstrap, KeyStore
+from lockgate.services.router.domain import Route
 from lockgate.signing import Signer
 from lockgate.subjects import token
 from tests.integration import test_rollout_analysis as analysis_tests
@@ -113,8 +114,9 @@ async def test_retry_restarts_an_aborted_rollout_from_step_zero_and_is_refused_o
     assert (entry.action, entry.actor, entry.target) == ("retry", rec.label, "chat")
 
 
-async def test_patch_weight_keeps_canary_release_upstream_and_rollout_position(
-        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+async def _patchable(router: Any, http: aiohttp.ClientSession, signer: Signer) -> tuple[Route, str, Any, Any]:
+    """A live canary at its first step (with an analysis), an operator's key and its record, and a subscription
+    to the rollout's announcements from now on."""
     await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600, "analysis": ERRORS})
     await _pass(router, signer, "same")
     before = router.rollouts.route("chat")
@@ -122,7 +124,13 @@ async def test_patch_weight_keeps_canary_release_upstream_and_rollout_position(
     operator, rec = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
     bus = router.ctx.bus
     await router.rollouts.flush()  # the decision's change announced before we listen
-    sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
+    return before, operator, rec, await bus.nc.subscribe(bus.subjects.rollout("chat"))
+
+
+async def test_patch_weight_keeps_canary_release_upstream_and_rollout_position(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    before, operator, rec, sub = await _patchable(router, http, signer)
+    bus = router.ctx.bus
     audit = await bus.nc.subscribe(bus.subjects.audit("router"))
     url = f"{router.url}/lockgate/v1/deployments/chat"
     merge = {"Authorization": f"Bearer {operator}", "Content-Type": "application/merge-patch+json"}

@@ -1,5 +1,5 @@
-"""`lockgate rollout get|watch|pause|resume|approve|abort|retry|promote|undo|set-weight|history|analysis`: operate a
-deployment's rollout.
+"""`lockgate rollout get|watch|pause|resume|approve|abort|retry|promote|undo|set-weight|patch|history|analysis`:
+operate a deployment's rollout.
 
 Actions go to the router's admin API with an API key (operator or admin role for changes, any
 role for `get` and `watch`); the router records the key's identity as the actor. `history` and
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from lockgate.cli import access
 from lockgate.cli.main import handle_errors, json_option
@@ -108,6 +109,28 @@ def _key(home: str, given: str | None) -> str:
     except ConfigError:
         raise ConfigError(f"no API key: pass --api-key (or LOCKGATE_API_KEY), or run where {path} exists "
                           "(`lockgate up --home DIR` writes it)") from None
+
+
+def patch_body(weight: float | None, canary_release: str | None, file: str | None, inline: str | None) -> dict[str, Any]:
+    """The merge patch `rollout patch` sends: the file's or --patch's object, then --weight and --canary-release
+    on top; ConfigError (one line) if it is not a non-empty object."""
+    texts = [(file, click.get_text_stream("stdin").read() if file == "-" else Path(file).read_text())] if file else []
+    body: dict[str, Any] = {}
+    for source, text in [*texts, *([("--patch", inline)] if inline is not None else [])]:
+        try:
+            value = yaml.safe_load(text)  # YAML is a superset of JSON: either reads here
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not JSON or YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f'{source}: a merge patch is an object, e.g. {{"weight": 10}}')
+        body.update(value)
+    if weight is not None:
+        body["weight"] = weight
+    if canary_release is not None:
+        body["canary_release"] = canary_release
+    if not body:
+        raise ConfigError("nothing to patch: give --weight, --canary-release, -f FILE or --patch JSON")
+    return body
 
 
 def _when(ts: float) -> str:
@@ -257,7 +280,9 @@ def run_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "metric": m.get("name", "-") + (" (dry run)" if m.get("dry_run") else ""),
                          "canary": _num(m.get("canary")), "stable": _num(m.get("stable")),
                          "condition": m.get("condition", ""), "threshold": _num(m.get("threshold")),
-                         "verdict": m.get("verdict", ""), "signature": sig})
+                         "verdict": m.get("verdict", ""), "signature": sig,
+                         # a drift metric's value counts these features (the record's JSON says by how much)
+                         "drifted": ", ".join(r.get("drifted_features") or []) if m.get("name") == "drift" else ""})
     return rows
 
 
@@ -444,6 +469,25 @@ def register(cli: click.Group) -> None:
             emit_json(route)
         else:
             console.print(route.get("reason", ""), highlight=False, soft_wrap=True)
+
+    @rollout.command("patch")
+    @click.argument("deployment")
+    @click.option("--weight", type=click.FloatRange(0, 100), default=None, help="The canary's weight (percent).")
+    @click.option("--canary-release", default=None, metavar="RELEASE",
+                  help="A new canary release at the same step (it needs a verified decision allowing it).")
+    @click.option("-f", "--filename", "file", type=click.Path(exists=True, dir_okay=False, allow_dash=True), default=None,
+                  help="A JSON merge patch (RFC 7396) as a JSON or YAML file (- for stdin).")
+    @click.option("--patch", "inline", default=None, metavar="JSON", help='A JSON merge patch, e.g. \'{"weight": 10}\'.')
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def patch_cmd(ctx: click.Context, deployment: str, weight: float | None, canary_release: str | None,
+                  file: str | None, inline: str | None, as_json: bool) -> None:
+        """Change only what the patch names (weight, canary_release, strategy fields such as interval_s or
+        analysis; null removes an optional one): the rollout keeps its phase, step and analysis, and the canary
+        its endpoint. --weight and --canary-release apply on top of -f/--patch."""
+        body = patch_body(weight, canary_release, file, inline)
+        show(admin(ctx).call("PATCH", f"/{deployment}", body), as_json)
 
     @rollout.command("history")
     @click.argument("deployment")

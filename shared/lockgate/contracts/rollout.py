@@ -77,3 +77,6 @@ class AnalysisRun(Event, frozen=True, kw_only=True, tag="lockgate.rollout.analys
     error: str = ""  # phase Error: why the measurement could not be taken
     key_id: str = ""
     signature: str = ""
+    # Appended: the features the `drift` metrics found drifted (their `why` says by how much); signed only
+    # when not empty, so records made before it existed still verify.
+    drifted_features: list[str] = []
