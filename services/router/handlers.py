@@ -16,6 +16,7 @@ from lockgate.services.router.rollouts import Rollouts
 
 _inference = msgspec.json.Decoder(list[InferenceEvent] | InferenceEvent)
 _scored = msgspec.json.Decoder(InferenceScored)
+_drift = msgspec.json.Decoder(DriftReport)
 _SEEN_MAX = 4096
 
 
@@ -75,6 +76,12 @@ def evidence_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
         rollouts.observe(value if isinstance(value, list) else [value])
 
     return _evidence(rollouts, take)
+
+
+def drift_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
+    """For `drift.>`: drift reports as analysis evidence on every replica (the durable consumer that acts
+    on them reaches one replica per report)."""
+    return _evidence(rollouts, lambda data: rollouts.observe_drift(_drift.decode(data)))
 
 
 def scores_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:

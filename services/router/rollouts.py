@@ -569,16 +569,20 @@ class Rollouts:
     def _sign(self, run: AnalysisRun) -> AnalysisRun:
         return analysisruns.sign(run, self.signer)
 
-    async def on_drift(self, report: DriftReport) -> None:
-        """A drift report: evidence for analyses with a `drift` metric; without one, a DRIFT covering a live
-        canary's traffic aborts it (persisted; retried via nack)."""
-        await self._await_ready()
+    def observe_drift(self, report: DriftReport) -> None:
+        """A drift report as evidence for analyses with a `drift` metric (every replica sees every report)."""
         route = self.routes.get(report.deployment)
         if route is not None and progress.collecting(route):
             self.evidence.add_drift(report)
             if progress.drift_judged(route):
                 self._fresh.add(route.deployment)
                 self._wake.set()  # a look that is due is taken now, on this report
+
+    async def on_drift(self, report: DriftReport) -> None:
+        """A drift report: evidence for analyses with a `drift` metric; without one, a DRIFT covering a live
+        canary's traffic aborts it (persisted; retried via nack)."""
+        await self._await_ready()
+        self.observe_drift(report)
 
         def change() -> None:
             route = self.routes.get(report.deployment)

@@ -16,7 +16,7 @@ from lockgate.server.service import Service, ServiceContext
 from lockgate.services.router.admin import Admin
 from lockgate.services.router.admission import Admission
 from lockgate.services.router.endpoints import Endpoints
-from lockgate.services.router.handlers import evidence_callback, scores_callback
+from lockgate.services.router.handlers import drift_callback, evidence_callback, scores_callback
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
 
@@ -51,6 +51,7 @@ class RouterService(Service):
         self._runner: web.AppRunner | None = None
         self._evidence: Any = None
         self._scores: Any = None
+        self._drifts: Any = None
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -80,6 +81,8 @@ class RouterService(Service):
                                                          cb=evidence_callback(self.rollouts))
         self._scores = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.eval_scores_all,
                                                        cb=scores_callback(self.rollouts))  # online evaluation
+        self._drifts = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.drift_all,
+                                                       cb=drift_callback(self.rollouts))  # drift metrics
         # Timeouts are per endpoint (endpoints.py, applied in upstream.py), so the pool has none of its own.
         self.proxy.upstream.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=60, ttl_dns_cache=300),
@@ -106,7 +109,7 @@ class RouterService(Service):
             self._runner = None
         await self.batcher.close()
         await self.admission.close()  # unused budget allowances back to the shared counters
-        for sub in (self._evidence, self._scores):
+        for sub in (self._evidence, self._scores, self._drifts):
             if sub is not None:
                 with contextlib.suppress(Exception):  # the connection may already be closing
                     await sub.unsubscribe()

@@ -194,7 +194,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         # Budgets: it leases from the shared counters (compare-and-set) and reports what they refused.
         g.add(_write_kv(s.kv_budgets)).add(Grant(publish=[s.budget_all]))
         g.add(_write_kv(s.kv_response_cache))  # answers shared between replicas (opt-in per deployment)
-        g.add(Grant(subscribe=[s.eval_scores_all]))  # and the online scores of sampled live traffic
+        g.add(Grant(subscribe=[s.eval_scores_all, s.drift_all]))  # and online scores and drift reports
         g.add(Grant(publish=[s.analysis_runs]))  # its signed analysis records, for the sink
     elif identity == "drift":
         g.add(service).add(_consume(s, "drift"))

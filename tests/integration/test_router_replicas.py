@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -11,7 +13,7 @@ import pytest
 from lockgate.bus import Bus
 from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import GateDecided, RolloutState
+from lockgate.contracts import DriftReport, GateDecided, RolloutState
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
 from lockgate.signing import Signer, trust_file_path, trust_key
@@ -96,3 +98,41 @@ async def test_canary_on_one_replica_is_routed_and_promoted_once_by_both(
     rows = store.rows("SELECT phase, canary_weight, step FROM rollout_events WHERE deployment = 'chat' "
                       "ORDER BY time")
     assert [(r["phase"], r["canary_weight"], r["step"]) for r in rows] == steps
+
+
+async def test_every_replica_holds_the_drift_report_its_analysis_reads(replicas: tuple[Any, Any], bus: Bus) -> None:
+    """The durable consumer that acts on a drift report reaches one replica; the analysis' `drift` metric must
+    see it on whichever replica takes the look, so every replica takes reports as evidence."""
+    a, b = replicas
+    signer = Signer.generate()
+    trust_key(trust_file_path(a.ctx.settings), signer.public)
+    await register_model_release(bus, "r1")
+    await register_model_release(bus, "r2")
+    await store_pass(bus, "r1", a.ctx.settings)
+    strategy = {"steps": [50, 100], "interval_s": 60, "analysis": {"metrics": [{"name": "drift", "max": 0}]}}
+    async with aiohttp.ClientSession(headers=admin_headers(a.ctx.settings.home)) as http:
+        body = {"stable_release": "r1", "canary_release": "r2", "strategy": strategy}
+        async with http.put(f"{a.url}/lockgate/v1/deployments/chat", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+    await bus.publish(bus.subjects.gate_decided("r2"), signer.sign(GateDecided(release="r2", rules=[],
+                                                                               decision="PASS")))
+    for router in (a, b):  # under analysis on both: each keeps evidence
+        await router.rollouts.wait_for(lambda r: "chat" in r and r["chat"].phase == "progressing", timeout=10)
+
+    seen = {id(r): asyncio.Event() for r in (a, b)}
+    for router in (a, b):
+        observe = router.rollouts.observe_drift
+
+        def recorded(report: DriftReport, observe: Any = observe, done: asyncio.Event = seen[id(router)]) -> None:
+            observe(report)
+            done.set()
+
+        router.rollouts.observe_drift = recorded
+    now = datetime.now(UTC)
+    report = DriftReport(deployment="chat", window_start=now - timedelta(seconds=30), window_end=now,
+                         reference_n=100, current_n=100, features=[], drifted=False, comparison="canary_vs_stable",
+                         release="r2", reference_release="r1")
+    await bus.publish(bus.subjects.drift("chat"), report)
+    async with asyncio.timeout(10):
+        await asyncio.gather(*(e.wait() for e in seen.values()))
+    assert [r.rollouts.evidence.drift("chat", "r2", 0.0) for r in (a, b)] == [report, report]
