@@ -322,20 +322,23 @@ class ServerSpans:
     the head sampler keeps get an SDK span at once; any other new trace a DeferredSpan (see there).
     A tracer not made by `Telemetry` (no deferred ids) always gets SDK spans."""
 
-    def __init__(self, tracer: Tracer, slow_ms: float) -> None:
+    def __init__(self, tracer: Tracer, slow_ms: float, ratio: float) -> None:
         self.tracer = tracer
         self.slow_ns = int(slow_ms * 1e6)
-        deferrable = isinstance(getattr(tracer, "id_generator", None), _Ids)
-        self._sampler: Sampler | None = getattr(tracer, "sampler", None) if deferrable else None
+        # Only a Telemetry tracer can build a span with given ids; its sampler is tail_aware_sampler(ratio),
+        # which for a new trace without links decides as TraceIdRatioBased does, so the head decision is
+        # taken here from the trace id alone (no sampler objects per request).
+        self._deferrable = isinstance(getattr(tracer, "id_generator", None), _Ids)
+        self._bound = TraceIdRatioBased.get_bound_for_rate(ratio)
 
     def start(self, name: str, traceparent: str | None, kind: SpanKind = SpanKind.SERVER) -> Span | DeferredSpan:
         """The span of one request; `traceparent` as the client sent it (None if absent)."""
-        if traceparent or self._sampler is None:
+        if traceparent or not self._deferrable:
             parent = (extract({"traceparent": traceparent}) if traceparent else None) or _ROOT
             return self.tracer.start_span(name, context=parent, kind=kind)
         trace_id = random.getrandbits(128) or 1
         span_id = random.getrandbits(64) or 1
-        if self._sampler.should_sample(_ROOT, trace_id, name, kind).decision.is_sampled():
+        if trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._bound:
             token = _preset_ids.set((trace_id, span_id))
             try:
                 return self.tracer.start_span(name, context=_ROOT, kind=kind)
@@ -383,7 +386,7 @@ class Telemetry:
 
     def server_spans(self, service: str) -> ServerSpans:
         """Request spans for a server of `service` (see ServerSpans)."""
-        return ServerSpans(self.tracer(service), self.slow_ms)
+        return ServerSpans(self.tracer(service), self.slow_ms, self.sample_ratio)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Export every ended span now and wait for it; blocks, so from async code use `asyncio.to_thread`."""
