@@ -6,7 +6,8 @@ request; this client writes one buffer and reads one answer on a pooled connecti
 about half the CPU of the bare proxy hop). Streams keep aiohttp's client (line reads while relaying).
 
 What it does: POST with a known body length; answers with Content-Length, chunked, or
-read-to-close bodies; `Connection: close` honoured; idle connections reused per origin (http and
+read-to-close bodies; `Connection: close` honoured; redirects are not followed (an upstream API does
+not redirect, and following one could carry lockgate's credential elsewhere: the 3xx is the answer); idle connections reused per origin (http and
 https) for at most `keepalive_s`, and never after the peer closed them. A call cancelled part way
 (a timeout, a client that left) closes its connection: the upstream sees it and stops.
 The caller's timeouts stay the caller's: only the connect bound is applied here.
@@ -115,6 +116,8 @@ class H1Pool:
                 raise ConnectFailed(f"unsupported upstream URL scheme {url.scheme!r}")
             port = url.port or (443 if url.scheme == "https" else 80)
             host = url.raw_host or url.host
+            if ":" in host:  # an IPv6 literal goes in brackets
+                host = f"[{host}]"
             host_header = host if url.is_default_port() else f"{host}:{port}"
             start = (f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {host_header}\r\n"
                      f"User-Agent: {_USER_AGENT}\r\n").encode()
