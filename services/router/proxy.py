@@ -194,11 +194,10 @@ class Proxy:
         forward_headers(h, up_headers)
         out_headers = {"x-lockgate-variant": variant, "x-lockgate-release": target.release,
                        "x-lockgate-trace-id": trace_id}
-        # Shadow: a sampled copy to the candidate, scheduled off the request path (request.read() is the
-        # cached body as the client sent it, before this release's patches).
+        # Shadow: a sampled copy to the candidate, scheduled off the request path (`body` is as the client
+        # sent it, before this release's patches).
         if op is CHAT:  # shadow rollouts compare chat answers
-            self.shadow.maybe_mirror(route, variant, key, deployment, await request.read(), req, trace_id, user,
-                                     session)
+            self.shadow.maybe_mirror(route, variant, key, deployment, body, req, trace_id, user, session)
         rec = _Record(status="ok", provider=hops[0].endpoint.provider)
         streamed: list[bytes] | None = None
         try:
