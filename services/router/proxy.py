@@ -19,8 +19,7 @@ from typing import Any
 import aiohttp
 import msgspec
 from aiohttp import web
-from opentelemetry.context import Context
-from opentelemetry.trace import INVALID_SPAN, SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import INVALID_SPAN, Status, StatusCode
 from yarl import URL
 
 from lockgate import metrics, telemetry
@@ -61,9 +60,6 @@ from lockgate.services.router.wire import (
 # The router reads every body it forwards (usage, finish reason), and auto_decompress is off so
 # bytes pass through untouched: ask upstreams for identity encoding, never what the client accepts.
 _UP_BASE = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-# A server span is a root unless the caller sent a traceparent: an explicit empty context
-# skips the SDK's current-context lookups.
-_ROOT = Context()
 _api_request = msgspec.json.Decoder(ApiRequest)
 _good_names: set[str] = set()  # names already checked (the same few deployments on every request)
 _model_list = msgspec.json.Decoder(dict[str, Any])
@@ -76,14 +72,14 @@ class _ClientGone(Exception):
 class Proxy:
     """The OpenAI-compatible gateway handler."""
 
-    def __init__(self, settings: Settings, rollouts: Rollouts, batcher: Outbox, tracer: Tracer,
+    def __init__(self, settings: Settings, rollouts: Rollouts, batcher: Outbox, spans: telemetry.ServerSpans,
                  keys: KeyStore, endpoints: Endpoints) -> None:
         self.settings = settings
         self.keys = keys
         self.endpoints = endpoints
         self.rollouts = rollouts
         self.batcher = batcher
-        self.tracer = tracer
+        self.spans = spans
         self.upstream = Upstream()  # its session is opened by the router's start
         self.admission: Admission = OPEN_ADMISSION  # budgets, rate limits, cache: set by the service
         self.shadow = Shadow(rollouts, endpoints, batcher, lambda: self.upstream.session)
@@ -190,9 +186,7 @@ class Proxy:
         if isinstance(ticket, web.Response):
             return ticket
 
-        traceparent = h.get("traceparent")
-        parent = (telemetry.extract({"traceparent": traceparent}) if traceparent else None) or _ROOT
-        span = self.tracer.start_span(f"{op.name} {model}", context=parent, kind=SpanKind.SERVER)
+        span = self.spans.start(f"{op.name} {model}", h.get("traceparent"))
         sc = span.get_span_context()
         trace_id, span_id = f"{sc.trace_id:032x}", f"{sc.span_id:016x}"
         flags = "01" if sc.trace_flags.sampled else "00"
@@ -200,11 +194,10 @@ class Proxy:
         forward_headers(h, up_headers)
         out_headers = {"x-lockgate-variant": variant, "x-lockgate-release": target.release,
                        "x-lockgate-trace-id": trace_id}
-        # Shadow: a sampled copy to the candidate, scheduled off the request path (request.read() is the
-        # cached body as the client sent it, before this release's patches).
+        # Shadow: a sampled copy to the candidate, scheduled off the request path (`body` is as the client
+        # sent it, before this release's patches).
         if op is CHAT:  # shadow rollouts compare chat answers
-            self.shadow.maybe_mirror(route, variant, key, deployment, await request.read(), req, trace_id, user,
-                                     session)
+            self.shadow.maybe_mirror(route, variant, key, deployment, body, req, trace_id, user, session)
         rec = _Record(status="ok", provider=hops[0].endpoint.provider)
         streamed: list[bytes] | None = None
         try:
@@ -492,6 +485,10 @@ _prepared: dict[tuple[int, str], tuple[Endpoint, URL, dict[str, str]]] = {}
 
 def _end_span(span: Any, e: InferenceEvent, finish_reasons: tuple[str, ...] = ()) -> None:
     with contextlib.suppress(Exception):  # telemetry never fails a request
+        if isinstance(span, telemetry.DeferredSpan):  # head-dropped: built only if the tail keeps it
+            span = span.kept(failed=e.status != "ok")
+            if span is None:
+                return
         if span.is_recording():
             span.set_attributes({
                 "gen_ai.operation.name": e.operation,

@@ -44,7 +44,8 @@ class RouterService(Service):
         self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, name="router-events",
                               on_sent=metrics.events_out_counter("router"), on_drop=metrics.drop_counter("router"))
         self.keys = KeyStore(ctx.settings.home)  # clients and operators authenticate with these
-        self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, self.tracer, self.keys, self.upstreams)
+        self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, ctx.telemetry.server_spans(self.name),
+                           self.keys, self.upstreams)
         self.admin = Admin(self.rollouts, self.keys)
         self.proxy.admission = self.admission = Admission(ctx.settings, ctx.bus, replica=ctx.bus.name)
         self.url = ""

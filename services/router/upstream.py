@@ -18,7 +18,7 @@ import aiohttp
 from yarl import URL
 
 from lockgate.errors import LockgateError
-from lockgate.services.router import resilience
+from lockgate.services.router import h1, resilience
 from lockgate.services.router.endpoints import Endpoint, Endpoints
 from lockgate.services.router.providers import Unsupported
 
@@ -204,7 +204,8 @@ class Upstream:
 
     def __init__(self, session: aiohttp.ClientSession | None = None,
                  clock: Callable[[], float] = time.monotonic, draw: Callable[[], float] = random.random) -> None:
-        self.session = session
+        self.session = session  # streams (and the shadow's copies) go through aiohttp
+        self.pool = h1.H1Pool()  # non-streamed calls: a lighter keep-alive client (h1.py)
         self.draw = draw  # for a group's exploration share
         # Breakers and budgets read this clock (swappable so tests move time past a cooldown);
         # the request's own deadlines are the event loop's timers.
@@ -228,7 +229,8 @@ class Upstream:
         return resilience.rank(group.endpoints, group.choose, prices, latencies, group.explore, self.draw())
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Close the connection pools."""
+        self.pool.close()
         if self.session is not None:
             await self.session.close()
 
@@ -296,6 +298,8 @@ class Upstream:
         resp: aiohttp.ClientResponse | None = None
         if hop.headers:  # the provider's own headers and lockgate's key for this endpoint, for it alone
             headers = {**headers, **hop.headers}
+        if not stream:
+            return await self._try_once(hop, headers, deadline)
         try:
             async with asyncio.timeout_at(min(loop.time() + ep.timeouts.first_byte_s, deadline)):
                 resp = await self.session.post(hop.url, data=hop.body, headers=headers,  # type: ignore[union-attr]
@@ -331,6 +335,27 @@ class Upstream:
         else:
             reply.body = body if status == 200 else _scrub(body, ep)
             resp.release()
+        return reply, None
+
+    async def _try_once(self, hop: Hop, headers: dict[str, str], deadline: float) -> tuple[Reply | None, Failed | None]:
+        """A non-streamed call, over the keep-alive pool: the same bounds and verdicts as a stream's."""
+        ep = hop.endpoint
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout_at(min(loop.time() + ep.timeouts.first_byte_s, deadline)):
+                answer = await self.pool.post(hop.url, hop.body, headers, ep.timeouts.connect_s)
+        except h1.ConnectTimedOut:
+            return None, Failed(hop, "connect_timeout")
+        except h1.ConnectFailed:
+            return None, Failed(hop, "connect")
+        except (h1.BrokenReply, TimeoutError):
+            return None, Failed(hop, "first_byte")
+        status = answer.status
+        passed = returned_headers(answer.headers)
+        if status != 200 and resilience.retryable_status(status):
+            return None, Failed(hop, "http", status, answer.body, passed)
+        reply = Reply(hop, status, passed, 1, None)
+        reply.body = answer.body if status == 200 else _scrub(answer.body, ep)
         return reply, None
 
     def _give_up(self, hops: Sequence[Hop], failures: list[Failed], attempts: int) -> Reply:

@@ -8,16 +8,21 @@ its own errors.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import random
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import DefaultGetter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
@@ -27,7 +32,7 @@ from opentelemetry.sdk.trace.sampling import (
     SamplingResult,
     TraceIdRatioBased,
 )
-from opentelemetry.trace import SpanContext, SpanKind, StatusCode, TraceFlags
+from opentelemetry.trace import Span, SpanContext, SpanKind, StatusCode, TraceFlags, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from lockgate import __version__
@@ -260,6 +265,88 @@ class _TailProcessor(SpanProcessor):
         return self._inner.force_flush(timeout_millis)
 
 
+# The ids a span about to be built must take (a deferred server span, built after its request ended).
+_preset_ids: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("lockgate_span_ids",
+                                                                                      default=None)
+# A root server span's parent: an explicit empty context skips the SDK's current-context lookups.
+_ROOT = Context()
+_UNSAMPLED = TraceFlags(TraceFlags.RANDOM_TRACE_ID)  # as the SDK flags a dropped span with a random trace id
+
+
+class _Ids(RandomIdGenerator):
+    """Random ids, unless a deferred span is being built with the ids its request already used."""
+
+    def generate_trace_id(self) -> int:
+        preset = _preset_ids.get()
+        return preset[0] if preset is not None else super().generate_trace_id()
+
+    def generate_span_id(self) -> int:
+        preset = _preset_ids.get()
+        return preset[1] if preset is not None else super().generate_span_id()
+
+
+class DeferredSpan:
+    """A root server span the head sampler dropped, not built yet: most requests end well and fast, and
+    the SDK would build, fill and end a recorded span for each only for `_TailProcessor` to drop it.
+    `kept` builds it at the request's end, with the ids and start time the request used, when the
+    tail keeps it (an error, or slow); the SDK then samples it as before (same trace id, same verdict)."""
+
+    __slots__ = ("_context", "_kind", "_name", "_spans", "_start_ns")
+
+    def __init__(self, spans: ServerSpans, name: str, kind: SpanKind, context: SpanContext) -> None:
+        self._spans, self._name, self._kind, self._context = spans, name, kind, context
+        self._start_ns = time.time_ns()
+
+    def get_span_context(self) -> SpanContext:
+        return self._context
+
+    def is_recording(self) -> bool:
+        return False
+
+    def end(self, end_time: int | None = None) -> None:
+        """Nothing was built: nothing to end (the tail's rules run in `kept`)."""
+
+    def kept(self, failed: bool) -> Span | None:
+        """The SDK span, built now, when the request failed or was slow; else None (dropped, as before)."""
+        if not failed and time.time_ns() - self._start_ns < self._spans.slow_ns:
+            return None
+        token = _preset_ids.set((self._context.trace_id, self._context.span_id))
+        try:
+            return self._spans.tracer.start_span(self._name, context=_ROOT, kind=self._kind, start_time=self._start_ns)
+        finally:
+            _preset_ids.reset(token)
+
+
+class ServerSpans:
+    """Starts a server's request spans. A caller's `traceparent` (followed, sampled or not) and a trace
+    the head sampler keeps get an SDK span at once; any other new trace a DeferredSpan (see there).
+    A tracer not made by `Telemetry` (no deferred ids) always gets SDK spans."""
+
+    def __init__(self, tracer: Tracer, slow_ms: float, ratio: float) -> None:
+        self.tracer = tracer
+        self.slow_ns = int(slow_ms * 1e6)
+        # Only a Telemetry tracer can build a span with given ids; its sampler is tail_aware_sampler(ratio),
+        # which for a new trace without links decides as TraceIdRatioBased does, so the head decision is
+        # taken here from the trace id alone (no sampler objects per request).
+        self._deferrable = isinstance(getattr(tracer, "id_generator", None), _Ids)
+        self._bound = TraceIdRatioBased.get_bound_for_rate(ratio)
+
+    def start(self, name: str, traceparent: str | None, kind: SpanKind = SpanKind.SERVER) -> Span | DeferredSpan:
+        """The span of one request; `traceparent` as the client sent it (None if absent)."""
+        if traceparent or not self._deferrable:
+            parent = (extract({"traceparent": traceparent}) if traceparent else None) or _ROOT
+            return self.tracer.start_span(name, context=parent, kind=kind)
+        trace_id = random.getrandbits(128) or 1
+        span_id = random.getrandbits(64) or 1
+        if trace_id & TraceIdRatioBased.TRACE_ID_LIMIT < self._bound:
+            token = _preset_ids.set((trace_id, span_id))
+            try:
+                return self.tracer.start_span(name, context=_ROOT, kind=kind)
+            finally:
+                _preset_ids.reset(token)
+        return DeferredSpan(self, name, kind, SpanContext(trace_id, span_id, False, _UNSAMPLED))
+
+
 class Telemetry:
     """A process's tracing: one TracerProvider per service (its own `service.name`), all sharing one
     sampler setting and one BatchSpanProcessor, so one bounded queue and one export thread.
@@ -271,6 +358,7 @@ class Telemetry:
     def __init__(self, *, sample_ratio: float = 1.0, slow_ms: float = 5000.0, exporter: SpanExporter | None = None,
                  max_queue: int = 20_000, max_batch: int = 2000, schedule_delay_ms: float = 250) -> None:
         self.sample_ratio = sample_ratio
+        self.slow_ms = slow_ms
         # Spans reach otel_traces within about `schedule_delay_ms` (a quarter second, like the
         # loop this replaced), not the SDK's default five seconds; a full queue drops the oldest.
         self._processor = (
@@ -288,12 +376,17 @@ class Telemetry:
             provider = TracerProvider(
                 resource=Resource.create({"service.name": f"lockgate-{service}", "service.version": __version__}),
                 sampler=tail_aware_sampler(self.sample_ratio),
+                id_generator=_Ids(),  # a DeferredSpan is built with the ids its request already used
                 shutdown_on_exit=False,  # `shutdown` runs while the bus can still publish, not at exit
             )
             if self._processor is not None:
                 provider.add_span_processor(self._processor)
             self._providers[service] = provider
         return provider.get_tracer(f"lockgate.{service}", __version__)
+
+    def server_spans(self, service: str) -> ServerSpans:
+        """Request spans for a server of `service` (see ServerSpans)."""
+        return ServerSpans(self.tracer(service), self.slow_ms, self.sample_ratio)
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Export every ended span now and wait for it; blocks, so from async code use `asyncio.to_thread`."""

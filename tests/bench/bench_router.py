@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -161,9 +162,10 @@ async def _overhead(env: BenchEnv) -> dict[str, Any]:
 
 async def paired(env: BenchEnv, tree: str, rounds: int = 5, n: int = N_REQUESTS) -> dict[str, Any]:
     """This checkout's router (A) and another checkout's (B, e.g. the commit before a change), both
-    served at once against one simulator, load rounds at concurrency 8 alternating A B A B ...: a
-    machine busy with other work slows both alike. Added latency is over the direct calls of the same
-    rounds; CPU per request is each router process's own."""
+    served at once against one simulator, load rounds at concurrency 8 and 32 alternating A B, B A, ...:
+    a machine busy with other work slows both alike. Added latency (concurrency 8) is over the direct
+    calls of the same rounds; CPU per request is each router process's own (user + system from /proc,
+    the median over rounds, which a shared machine disturbs less than latency)."""
     _KEY["admin"] = bootstrap(env.home).admin_key
     async with _sim_process(env) as sim_url, _served_router(env, sim_url) as (a_url, a_pid), \
             _served_router(env, sim_url, tree) as (b_url, b_pid):
@@ -172,26 +174,29 @@ async def paired(env: BenchEnv, tree: str, rounds: int = 5, n: int = N_REQUESTS)
             await _remote_load(url, 300)  # warm-up
         direct: list[float] = []
         samples: dict[str, list[float]] = {"A": [], "B": []}
-        cpu = {"A": 0.0, "B": 0.0}
-        seconds = {"A": 0.0, "B": 0.0}
+        cpu: dict[tuple[str, int], list[float]] = {(name, c): [] for name in routers for c in (8, 32)}
+        rps: dict[tuple[str, int], list[float]] = {(name, c): [] for name in routers for c in (8, 32)}
         for r in range(rounds):
             direct += (await _remote_load(sim_url, n))[0]
-            for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
-                url, pid = routers[name]
-                cpu0 = _cpu_s(pid)
-                got, secs = await _remote_load(url, n)
-                cpu[name] += _cpu_s(pid) - cpu0
-                samples[name] += got
-                seconds[name] += secs
+            for concurrency in (8, 32):
+                for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
+                    url, pid = routers[name]
+                    cpu0 = _cpu_s(pid)
+                    got, secs = await _remote_load(url, n, concurrency)
+                    cpu[name, concurrency].append((_cpu_s(pid) - cpu0) * 1000.0 / n)
+                    rps[name, concurrency].append(n / secs)
+                    if concurrency == 8:
+                        samples[name] += got
         d = percentiles(direct)
         out: dict[str, Any] = {"A": "this checkout", "B": tree, "rounds": rounds, "requests_per_round": n,
                                "direct": d}
         for name in ("A", "B"):
             p = percentiles(samples[name])
-            out[name + "_figures"] = {"added_p50_ms": round(p["p50_ms"] - d["p50_ms"], 3),
-                                      "added_p99_ms": round(p["p99_ms"] - d["p99_ms"], 3),
-                                      "rps": round(n * rounds / seconds[name], 1),
-                                      "cpu_per_request_ms": round(cpu[name] * 1000.0 / (n * rounds), 3)}
+            out[name + "_figures"] = {
+                "added_p50_ms_c8": round(p["p50_ms"] - d["p50_ms"], 3),
+                "added_p99_ms_c8": round(p["p99_ms"] - d["p99_ms"], 3),
+                **{f"rps_c{c}": round(statistics.median(rps[name, c]), 1) for c in (8, 32)},
+                **{f"cpu_per_request_ms_c{c}": round(statistics.median(cpu[name, c]), 3) for c in (8, 32)}}
         return out
 
 

@@ -12,7 +12,7 @@ Stacks (server / event loop / upstream client):
 - aiohttp low-level server (aiohttp.web_server.Server, no router, no middlewares) / uvloop / aiohttp
 - granian RSGI (embedded in the process's loop, HTTP in Rust) / uvloop / aiohttp, when granian is installed
 - aiohttp.web / uvloop / httpx.AsyncClient, when httpx is installed
-- aiohttp.web / uvloop / a raw HTTP/1.1 keep-alive pool on asyncio streams (fixed-length bodies only)
+- aiohttp.web / uvloop / the router's HTTP/1.1 keep-alive pool (h1.py, its non-streamed upstream calls)
 
 Figures per stack at concurrency 8: added p50/p99 over the simulator called directly, requests/s, and
 the server process's CPU per request (user + system from /proc, every thread, granian's Rust runtime
@@ -31,7 +31,6 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
-from urllib.parse import urlsplit
 
 from lockgate.server.apikeys import AuthError, KeyStore, bearer, bootstrap
 from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process
@@ -44,7 +43,7 @@ STACKS: dict[str, tuple[str, str, str, str | None]] = {  # name: (server, loop, 
     "aiohttp-lowlevel/uvloop/aiohttp": ("lowlevel", "uvloop", "aiohttp", None),
     "granian-rsgi/uvloop/aiohttp": ("granian", "uvloop", "aiohttp", "granian"),
     "aiohttp-web/uvloop/httpx": ("web", "uvloop", "httpx", "httpx"),
-    "aiohttp-web/uvloop/rawpool": ("web", "uvloop", "raw", None),
+    "aiohttp-web/uvloop/h1pool": ("web", "uvloop", "h1", None),
 }
 _JSON = {"Content-Type": "application/json"}
 _UNAUTHORIZED = b'{"error": {"message": "invalid API key", "type": "invalid_request_error"}}'
@@ -77,34 +76,24 @@ class _HttpxClient:
         return resp.status_code, resp.content
 
 
-class _RawPool:
-    """Keep-alive HTTP/1.1 connections on asyncio streams: what a hand-written client would cost.
-    Enough for the simulator's fixed-length answers (no chunked bodies, no redirects)."""
+class _H1Pool:
+    """The router's own keep-alive client for non-streamed calls (services/router/h1.py)."""
 
     def __init__(self, base: str) -> None:
-        parts = urlsplit(base)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
-        self.head = (f"POST {parts.path}/chat/completions HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-                     "Content-Type: application/json\r\nContent-Length: ").encode()
-        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        from yarl import URL
+
+        from lockgate.services.router.h1 import H1Pool
+
+        self.url = URL(base + "/chat/completions")
+        self.pool = H1Pool()
 
     async def post(self, body: bytes) -> tuple[int, bytes]:
-        conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
-        reader, writer = conn
-        writer.write(b"%s%d\r\n\r\n%s" % (self.head, len(body), body))
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line[:15].lower() == b"content-length:":
-                length = int(line[15:])
-        data = await reader.readexactly(length)
-        self.idle.append(conn)
-        return status, data
+        answer = await self.pool.post(self.url, body, _JSON, 10.0)
+        return answer.status, answer.body
 
 
 def _client(kind: str, base: str) -> Any:
-    return {"aiohttp": _AiohttpClient, "httpx": _HttpxClient, "raw": _RawPool}[kind](base)
+    return {"aiohttp": _AiohttpClient, "httpx": _HttpxClient, "h1": _H1Pool}[kind](base)
 
 
 # -- the servers ----------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from lockgate.contracts import InferenceEvent, SpanBatch
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.subjects import Subjects
-from lockgate.telemetry import NatsSpanExporter, Telemetry, extract
+from lockgate.telemetry import DeferredSpan, NatsSpanExporter, Telemetry, extract
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import eventually, metric_points
 
@@ -79,6 +79,47 @@ async def test_unsampled_spans_are_exported_only_when_failed_or_slow(bus: Bus) -
                                                    "slow"]
     assert next(s for s in batch.spans if s.name == "failed").status_code == "Error"
     await telemetry.shutdown()
+
+
+async def test_server_spans_build_a_dropped_request_span_only_when_the_tail_keeps_it(bus: Bus) -> None:
+    sub = await bus.nc.subscribe(bus.subjects.spans)
+    telemetry = Telemetry(sample_ratio=0.0, slow_ms=60_000.0,
+                          exporter=NatsSpanExporter(bus, asyncio.get_running_loop()), schedule_delay_ms=600_000)
+    spans = telemetry.server_spans("router")
+    fine, failed = spans.start("fine", None), spans.start("failed", None)
+    assert isinstance(fine, DeferredSpan) and not fine.get_span_context().trace_flags.sampled
+    assert fine.kept(failed=False) is None  # fast and fine: never built, as the tail would drop it
+    built = failed.kept(failed=True)
+    assert built is not None
+    built.set_status(Status(StatusCode.ERROR, "upstream_error"))
+    built.end()
+    followed = spans.start("followed", f"00-{'ab' * 16}-{'cd' * 8}-01")  # a sampled caller: an SDK span at once
+    assert not isinstance(followed, DeferredSpan) and followed.get_span_context().trace_flags.sampled
+    followed.end()
+    assert await asyncio.to_thread(telemetry.force_flush) is True
+
+    batch = {s.name: s for s in _spans.decode((await sub.next_msg(timeout=10)).data).spans}
+    assert sorted(batch) == ["failed", "followed"]
+    ctx = failed.get_span_context()  # the ids the request used (its traceparent upstream, its event)
+    assert (batch["failed"].trace_id, batch["failed"].span_id) == (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
+    assert batch["failed"].status_code == "Error" and batch["failed"].parent_span_id == ""
+    assert batch["followed"].trace_id == "ab" * 16
+    await telemetry.shutdown()
+
+    # Slow: with a threshold of 0 every request is slow, so kept.
+    telemetry = Telemetry(sample_ratio=0.0, slow_ms=0.0,
+                          exporter=NatsSpanExporter(bus, asyncio.get_running_loop()), schedule_delay_ms=600_000)
+    slow = telemetry.server_spans("router").start("slow", None)
+    assert isinstance(slow, DeferredSpan)
+    slow_built = slow.kept(failed=False)
+    assert slow_built is not None
+    slow_built.end()
+    assert await asyncio.to_thread(telemetry.force_flush) is True
+    assert [s.name for s in _spans.decode((await sub.next_msg(timeout=10)).data).spans] == ["slow"]
+    await telemetry.shutdown()
+
+    sampled = Telemetry(sample_ratio=1.0).server_spans("router").start("sampled", None)
+    assert not isinstance(sampled, DeferredSpan) and sampled.get_span_context().trace_flags.sampled
 
 
 async def test_force_flush_on_the_event_loop_thread_does_not_block_it(bus: Bus) -> None:

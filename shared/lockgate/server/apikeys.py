@@ -78,13 +78,17 @@ class KeyStore:
 
     def __init__(self, home: str | Path) -> None:
         self.path = Path(home) / FILE
+        self._file = str(self.path)  # os.stat on every request: skip Path's conversion
         self._by_hash: dict[str, ApiKey] = {}
+        # Presented keys already hashed (the same few keys call all day): a dict lookup, not a sha256
+        # per request. Only keys that matched a record are kept, and the memo is bounded.
+        self._digests: dict[str, str] = {}
         self._stamp: tuple[int, int, int] | None = None
 
     # reading
     def _refresh(self) -> None:
         try:
-            st = os.stat(self.path)
+            st = os.stat(self._file)
         except FileNotFoundError:
             self._by_hash, self._stamp = {}, None
             return
@@ -108,7 +112,13 @@ class KeyStore:
         if not key:
             raise AuthError("missing API key: send `Authorization: Bearer lg-...` (see `lockgate keys create`)")
         self._refresh()
-        digest = _digest(key)
+        digest = self._digests.get(key)
+        if digest is None:
+            digest = _digest(key)
+            if digest in self._by_hash:
+                if len(self._digests) >= 4096:
+                    self._digests.clear()
+                self._digests[key] = digest
         found = self._by_hash.get(digest)
         # compare_digest keeps the final check constant-time even though the lookup is by hash
         if found is None or not hmac.compare_digest(found.hash, digest) or found.revoked_at:

@@ -1,0 +1,249 @@
+"""A small HTTP/1.1 keep-alive client for the router's non-streamed upstream calls.
+
+Why not aiohttp's ClientSession for these: per call it builds a request object, a response object, a
+payload, a timer and a connection wrapper, and was the largest single share of the router's CPU per
+request; this client writes one buffer and reads one answer on a pooled connection (bench_stacks:
+about half the CPU of the bare proxy hop). Streams keep aiohttp's client (line reads while relaying).
+
+What it does: POST with a known body length; answers with Content-Length, chunked, or
+read-to-close bodies; `Connection: close` honoured; redirects are not followed (an upstream API does
+not redirect, and following one could carry lockgate's credential elsewhere: the 3xx is the answer); idle connections reused per origin (http and
+https) for at most `keepalive_s`, and never after the peer closed them. A call cancelled part way
+(a timeout, a client that left) closes its connection: the upstream sees it and stops.
+The caller's timeouts stay the caller's: only the connect bound is applied here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import time
+from collections.abc import Mapping
+
+from yarl import URL
+
+from lockgate import __version__
+
+_MAX_HEAD = 64 * 1024
+_USER_AGENT = f"lockgate/{__version__}"
+
+
+class ConnectFailed(Exception):
+    """The connection could not be opened (refused, unresolvable, reset during the TLS handshake)."""
+
+
+class ConnectTimedOut(ConnectFailed):
+    """The connection was not accepted within the connect timeout."""
+
+
+class BrokenReply(Exception):
+    """The connection failed after the request was sent, or the answer was not valid HTTP/1.1."""
+
+
+class Answer:
+    """One upstream answer: status, headers (last value of a repeated name) and the whole body."""
+
+    __slots__ = ("body", "headers", "status")
+
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+
+class _Conn:
+    __slots__ = ("idle_since", "reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.idle_since = 0.0
+
+    def usable(self, now: float, keepalive_s: float) -> bool:
+        return not (self.reader.at_eof() or self.writer.is_closing() or now - self.idle_since > keepalive_s)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class H1Pool:
+    """Keep-alive connections per origin; at most `limit` connections open at once (others wait)."""
+
+    def __init__(self, limit: int = 1000, keepalive_s: float = 60.0, max_idle_per_origin: int = 256) -> None:
+        self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
+        self._slots = asyncio.Semaphore(limit)
+        self._keepalive_s = keepalive_s
+        self._max_idle = max_idle_per_origin
+        self._ssl: ssl.SSLContext | None = None
+        self._heads: dict[URL, tuple[tuple[str, str, int], bytes]] = {}
+
+    async def post(self, url: URL, body: bytes, headers: Mapping[str, str], connect_timeout_s: float | None) -> Answer:
+        """POST `body` to `url`; ConnectFailed/ConnectTimedOut before the request left, BrokenReply after."""
+        origin, start = self._head(url)
+        lines = [start]
+        for name, value in headers.items():
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:  # no header smuggling
+                raise ValueError(f"header {name!r} has a line break")
+            lines.append(f"{name}: {value}\r\n".encode())
+        lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        lines.append(body)
+        request = b"".join(lines)
+        async with self._slots:
+            conn = self._reuse(origin)
+            if conn is not None:
+                try:
+                    return await self._exchange(origin, conn, request)
+                except _Stale:
+                    pass  # the peer closed it while idle and read nothing: a new connection is safe
+            conn = await self._connect(origin, connect_timeout_s)
+            try:
+                return await self._exchange(origin, conn, request)
+            except _Stale:
+                raise BrokenReply("the upstream closed the connection without answering") from None
+
+    def close(self) -> None:
+        """Close every idle connection (calls in flight close their own)."""
+        for conns in self._idle.values():
+            for conn in conns:
+                conn.close()
+        self._idle.clear()
+
+    def _head(self, url: URL) -> tuple[tuple[str, str, int], bytes]:
+        # The request line and Host per URL: the same few upstream URLs on every call.
+        known = self._heads.get(url)
+        if known is None:
+            if url.scheme not in ("http", "https") or not url.host:
+                raise ConnectFailed(f"unsupported upstream URL scheme {url.scheme!r}")
+            port = url.port or (443 if url.scheme == "https" else 80)
+            host = url.raw_host or url.host
+            if ":" in host:  # an IPv6 literal goes in brackets
+                host = f"[{host}]"
+            host_header = host if url.is_default_port() else f"{host}:{port}"
+            start = (f"POST {url.raw_path_qs} HTTP/1.1\r\nHost: {host_header}\r\n"
+                     f"User-Agent: {_USER_AGENT}\r\n").encode()
+            if len(self._heads) > 1024:  # endpoints reloaded many times: forget the old ones
+                self._heads.clear()
+            known = self._heads[url] = ((url.scheme, url.host, port), start)
+        return known
+
+    def _reuse(self, origin: tuple[str, str, int]) -> _Conn | None:
+        idle = self._idle.get(origin)
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            if conn.usable(now, self._keepalive_s):
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self, origin: tuple[str, str, int], timeout_s: float | None) -> _Conn:
+        scheme, host, port = origin
+        tls: ssl.SSLContext | None = None
+        if scheme == "https":
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+            tls = self._ssl
+        try:
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await asyncio.open_connection(host, port, ssl=tls, limit=_MAX_HEAD)
+        except TimeoutError:
+            raise ConnectTimedOut(f"no connection within {timeout_s} s") from None
+        except OSError as exc:  # refused, unreachable, unresolvable (socket.gaierror), TLS failure (SSLError)
+            raise ConnectFailed(str(exc)) from None
+        return _Conn(reader, writer)
+
+    async def _exchange(self, origin: tuple[str, str, int], conn: _Conn, request: bytes) -> Answer:
+        reader = conn.reader
+        got_any = False
+        try:
+            conn.writer.write(request)
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError as exc:
+                    if not exc.partial:
+                        raise _Stale from None
+                    raise
+                got_any = True
+                status, headers, length, chunked, close = _parse_head(head)
+                if status >= 200 or status == 101:
+                    break  # 1xx interim answers (100 Continue, 103 Early Hints) are skipped
+            if status in (204, 304):
+                body = b""
+            elif chunked:
+                body = await _read_chunked(reader)
+            elif length is not None:
+                body = await reader.readexactly(length)
+            else:  # no length: the body runs to the end of the connection
+                body = await reader.read()
+                close = True
+        except _Stale:
+            conn.close()
+            raise
+        except BaseException as exc:
+            conn.close()  # a cancelled or failed call leaves the connection in an unknown state
+            if isinstance(exc, ConnectionError | asyncio.IncompleteReadError | asyncio.LimitOverrunError | ValueError):
+                if not got_any and isinstance(exc, ConnectionResetError | BrokenPipeError):
+                    raise _Stale from None
+                raise BrokenReply(f"{type(exc).__name__}: {exc}") from None
+            raise
+        if close:
+            conn.close()
+        else:
+            idle = self._idle.setdefault(origin, [])
+            if len(idle) < self._max_idle:
+                conn.idle_since = time.monotonic()
+                idle.append(conn)
+            else:
+                conn.close()
+        return Answer(status, headers, body)
+
+
+class _Stale(Exception):
+    """A reused connection the peer had closed: nothing came back, so nothing was processed."""
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str], int | None, bool, bool]:
+    """Status, headers (as sent), Content-Length, whether the body is chunked, and whether the
+    connection closes after this answer."""
+    text = head.decode("latin-1")
+    lines = text.split("\r\n")
+    status_line = lines[0]
+    if not status_line.startswith("HTTP/1.") or len(status_line) < 12:
+        raise ValueError(f"not an HTTP/1.x status line: {status_line[:40]!r}")
+    status = int(status_line[9:12])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ValueError(f"malformed header line {line[:40]!r}")
+        headers[name.strip()] = value.strip()
+    length: int | None = None
+    close = status_line.startswith("HTTP/1.0")  # 1.0 closes unless it says keep-alive
+    chunked = False
+    for name, value in headers.items():
+        low = name.lower()
+        if low == "content-length":
+            length = int(value)
+            if length < 0:
+                raise ValueError(f"negative Content-Length {value!r}")
+        elif low == "transfer-encoding":
+            chunked = "chunked" in value.lower()
+        elif low == "connection":
+            close = value.lower() == "close" or (close and value.lower() != "keep-alive")
+    return status, headers, length, chunked, close
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    parts: list[bytes] = []
+    while True:
+        size_line = await reader.readuntil(b"\r\n")
+        size = int(size_line.split(b";", 1)[0].strip(), 16)
+        if size == 0:
+            while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers, if any, up to the blank line
+                continue
+            return b"".join(parts)
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)

@@ -1,0 +1,142 @@
+"""The router's keep-alive client for non-streamed upstream calls (services/router/h1.py), against a
+real TCP server that answers as HTTP/1.1 upstreams do (lengths, chunked bodies, closes)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+from yarl import URL
+
+from lockgate.services.router.h1 import BrokenReply, ConnectFailed, H1Pool
+
+pytestmark = pytest.mark.timeout(30)
+
+Answer = Callable[[bytes], bytes | None]  # request bytes -> raw answer (None: close without answering)
+
+
+class _Upstream:
+    """Counts connections and requests; answers each request with `answer` (or closes after it)."""
+
+    def __init__(self, answer: Answer, close_after: bool = False) -> None:
+        self.answer = answer
+        self.close_after = close_after
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.closed = asyncio.Event()
+        self.arrived = asyncio.Event()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.url = URL()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                request = head + await reader.readexactly(length)
+                self.requests.append(request)
+                self.arrived.set()
+                raw = self.answer(request)
+                if raw is None:
+                    return
+                writer.write(raw)
+                await writer.drain()
+                if self.close_after:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return
+        finally:
+            writer.close()
+            self.closed.set()
+
+
+@contextlib.asynccontextmanager
+async def _serving(answer: Answer, close_after: bool = False) -> AsyncIterator[_Upstream]:
+    upstream = _Upstream(answer, close_after)
+    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    upstream.url = URL(f"http://127.0.0.1:{port}/v1/chat/completions")
+    try:
+        yield upstream
+    finally:
+        server.close()
+        for w in upstream.writers:
+            w.close()
+
+
+def _ok(body: bytes = b'{"ok": true}', extra: bytes = b"") -> Answer:
+    return lambda _req: b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+async def test_calls_reuse_one_connection_and_send_the_headers_and_body() -> None:
+    pool = H1Pool()
+    async with _serving(_ok(extra=b"x-request-id: req-1\r\nX-RateLimit-Remaining: 9\r\n")) as up:
+        for i in range(3):
+            answer = await pool.post(up.url, b'{"n": %d}' % i, {"Authorization": "Bearer k", "traceparent": "t"}, 1.0)
+            assert (answer.status, answer.body) == (200, b'{"ok": true}')
+            assert answer.headers["x-request-id"] == "req-1" and answer.headers["X-RateLimit-Remaining"] == "9"
+        assert up.connections == 1 and len(up.requests) == 3
+        first = up.requests[0]
+        assert first.startswith(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:")
+        assert b"\r\nAuthorization: Bearer k\r\n" in first and first.endswith(b'\r\n\r\n{"n": 0}')
+    pool.close()
+
+
+async def test_chunked_and_read_to_close_bodies() -> None:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{\"a\"\r\n5\r\n: 1}\n\r\n0\r\n\r\n"
+    pool = H1Pool()
+    async with _serving(lambda _req: chunked) as up:
+        assert (await pool.post(up.url, b"{}", {}, 1.0)).body == b'{"a": 1}\n'
+        assert (await pool.post(up.url, b"{}", {}, 1.0)).body == b'{"a": 1}\n'
+        assert up.connections == 1
+    async with _serving(lambda _req: b"HTTP/1.0 502 Bad Gateway\r\n\r\nupstream down", close_after=True) as up:
+        answer = await pool.post(up.url, b"{}", {}, 1.0)
+        assert (answer.status, answer.body) == (502, b"upstream down")
+    pool.close()
+
+
+async def test_connection_close_is_honoured_and_an_idle_connection_the_peer_closed_is_not_reused() -> None:
+    pool = H1Pool()
+    async with _serving(_ok(extra=b"Connection: close\r\n"), close_after=True) as up:
+        await pool.post(up.url, b"{}", {}, 1.0)
+        await pool.post(up.url, b"{}", {}, 1.0)
+        assert up.connections == 2
+    # The upstream drops idle keep-alive connections (as uvicorn does after 5 s): the next call
+    # still succeeds, on a new connection, and the request was sent exactly once.
+    async with _serving(_ok()) as up:
+        await pool.post(up.url, b"{}", {}, 1.0)
+        for w in up.writers:
+            w.close()
+        await up.closed.wait()
+        assert (await pool.post(up.url, b"{}", {}, 1.0)).status == 200
+        assert up.connections == 2 and len(up.requests) == 2
+    pool.close()
+
+
+async def test_a_cancelled_call_closes_its_connection_and_failures_are_typed() -> None:
+    pool = H1Pool()
+    async with _serving(lambda _req: b"") as up:  # never answers
+        call = asyncio.create_task(pool.post(up.url, b"{}", {}, 1.0))
+        await up.arrived.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await up.closed.wait()  # the upstream saw the hang-up (it stops generating)
+    async with _serving(lambda _req: None) as up:  # reads the request, closes without a word
+        with pytest.raises(BrokenReply):
+            await pool.post(up.url, b"{}", {}, 1.0)
+    async with _serving(lambda _req: b"SPDY/3 200\r\n\r\n") as up:
+        with pytest.raises(BrokenReply):
+            await pool.post(up.url, b"{}", {}, 1.0)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(ConnectFailed):
+        await pool.post(URL(f"http://127.0.0.1:{closed}/v1"), b"{}", {}, 1.0)
+    pool.close()
