@@ -108,11 +108,11 @@ class AllowList:
                                                else dev_endpoints(settings))
         self._settings = settings
 
-    def access(self, endpoint_id: str) -> Access:
-        """The endpoint's URL and credential: UnknownEndpoint naming the allowed ids, or ConfigError when its
-        credential is missing. Only this endpoint's credential is looked up."""
+    def access(self, endpoint_id: str, what: str = "endpoint") -> Access:
+        """The endpoint's URL and credential: UnknownEndpoint naming the allowed ids (and the endpoint as
+        `what`), or ConfigError when its credential is missing. Only this endpoint's credential is looked up."""
         spec = self.specs.get(endpoint_id)
         if spec is None:
-            raise UnknownEndpoint(f"endpoint {endpoint_id!r} is not in the endpoint allow-list "
+            raise UnknownEndpoint(f"{what} {endpoint_id!r} is not in the endpoint allow-list "
                                   f"({', '.join(sorted(self.specs)) or 'none'})")
         return resolve(endpoint_id, spec, read_secrets(self._settings))
