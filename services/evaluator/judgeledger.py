@@ -50,8 +50,8 @@ def largest_cost(price: ModelPrice, messages: Sequence[Mapping[str, str]], max_t
 
 
 def cost(price: ModelPrice, input_tokens: int, output_tokens: int) -> int:
-    """Nano-USD, rounded up, of a call's usage."""
-    return math.ceil(price.cost(input_tokens, output_tokens) * NANO)
+    """Nano-USD, rounded up, of a call's usage (float noise below a millionth of a nano-USD is not a nano)."""
+    return math.ceil(price.cost(input_tokens, output_tokens) * NANO - 1e-6)
 
 
 def reserve(state: Ledger | None, need: int, limit_usd: float, per_minute: float,
@@ -60,7 +60,7 @@ def reserve(state: Ledger | None, need: int, limit_usd: float, per_minute: float
     state = state or Ledger()
     minute = int(now.timestamp() // 60)
     calls = state.calls if state.minute == minute else 0
-    if state.spent + need > limit_usd * NANO:
+    if state.spent + need > round(limit_usd * NANO):
         return None, Refused(f"today's judge budget of {limit_usd:g} USD is spent or reserved "
                              f"({state.spent / NANO:.6f} USD; a call may cost up to {need / NANO:.6f} USD)")
     if calls >= per_minute:
