@@ -22,7 +22,7 @@ from lockgate.ids import uuid7
 from lockgate.server.service import ServiceContext
 from lockgate.store import Store
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.integration.test_online_eval_config import JUDGE, _apply, _event, _folder, _scores, _until
+from tests.integration.test_online_eval_config import _judge_answers, _scores, _until
 
 pytestmark = pytest.mark.timeout(120)
 KEY = "sk-judge-" + secrets.token_hex(24)  # what the operator configured and the simulator requires
@@ -86,11 +86,7 @@ async def test_the_online_judge_sends_its_endpoints_credential_and_never_calls_w
     caplog.set_level(logging.DEBUG)
     configured = {"right": KEY, "wrong": "sk-judge-" + secrets.token_hex(24), "missing": None}[secret]
     _configure(context, tmp_path, keyed.url, configured)
-    await _apply(context.bus, _folder(tmp_path, JUDGE.format(budget=5, price=0.1)))
-    services = await run_services("sink", "evaluator")
-    evaluator, sink = services["evaluator"], services["sink"]
-    events = [_event(i, "canary") for i in range(3)]
-    await context.bus.publish(context.bus.subjects.inference("shop"), events)
+    evaluator, sink, events = await _judge_answers(context, run_services, tmp_path, 3)
     await evaluator.online.judged.wait_for(3, timeout_s=60)
     rows = await _until(context, [sink.handlers.facts["inference_scores"].stored],
                         lambda rs: bool(rs) and rs[0]["scored"] + rs[0]["errors"] == 3, "three judge outcomes stored",

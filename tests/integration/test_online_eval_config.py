@@ -140,16 +140,22 @@ online_eval:
 """
 
 
+async def _judge_answers(context: ServiceContext, run_services: Any, tmp_path: Path,
+                         n: int) -> tuple[Any, Any, list[InferenceEvent]]:
+    """Apply deployment `chat` with a judge, start the sink and the evaluator, publish n canary answers."""
+    await _apply(context.bus, _folder(tmp_path, JUDGE.format(budget=5, price=0.1)))
+    services = await run_services("sink", "evaluator")
+    events = [_event(i, "canary") for i in range(n)]
+    await context.bus.publish(context.bus.subjects.inference("shop"), events)
+    return services["evaluator"], services["sink"], events
+
+
 async def test_a_judge_answering_5xx_or_refusing_connections_gives_errors_never_scores(
         context: ServiceContext, run_services: Any, tmp_path: Path) -> None:
     down = SimConfig(models={"judge-m": ModelSpec(default='{"score": 1}', error_rate=1.0)})
     async with SimServer(down) as judge:
         context.settings = context.settings.replace(endpoints_file=_endpoints(tmp_path, judge=judge.url))
-        await _apply(context.bus, _folder(tmp_path, JUDGE.format(budget=5, price=0.1)))
-        services = await run_services("sink", "evaluator")
-        evaluator, sink = services["evaluator"], services["sink"]
-        events = [_event(i, "canary") for i in range(5)]
-        await context.bus.publish(context.bus.subjects.inference("shop"), events)
+        evaluator, sink, events = await _judge_answers(context, run_services, tmp_path, 5)
         await evaluator.online.judge_errors.wait_for(5, timeout_s=60)
     # The judge's server is gone now: connections are refused.
     gone = [_event(i, "canary") for i in range(5, 8)]
