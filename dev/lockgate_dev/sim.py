@@ -57,6 +57,9 @@ class SimConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     models: dict[str, ModelSpec]
     seed: int = 0
+    # When set, an API request without this key (`Authorization: Bearer <key>`, or `x-api-key` as Anthropic
+    # sends it) is answered 401, as a provider does: tests show which credential reached the upstream.
+    require_key: str = ""
 
 
 def load_config(path: str | Path) -> SimConfig:
@@ -162,6 +165,7 @@ class SimServer:
         # the upstream (lockgate's provider credential, never the client's lockgate key).
         self.authorizations: list[str | None] = []
         self.headers: list[dict[str, str]] = []  # every request's headers, in order
+        self.unauthorized = 0  # requests refused for a missing or wrong key (require_key)
         self.disconnects = 0  # calls the client closed before they were answered (streamed or not)
         self.disconnected = asyncio.Event()  # set at the first one: tests wait on it, not on the clock
         self._models = {n: _Model(n, s, config.seed) for n, s in config.models.items()}
@@ -180,7 +184,7 @@ class SimServer:
 
     async def start(self) -> None:
         """Bind and serve (port 0 picks a free port; `url` then has the real one)."""
-        app = web.Application()
+        app = web.Application(middlewares=[self._keyed] if self.config.require_key else [])
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
@@ -206,6 +210,19 @@ class SimServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    @web.middleware
+    async def _keyed(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """401 for an API request without the required key (its value is never echoed)."""
+        key = self.config.require_key
+        bearer = request.headers.get("Authorization", "")
+        sent = {request.headers.get("x-api-key"), bearer[7:] if bearer.startswith("Bearer ") else None}
+        if request.path.startswith("/v1/") and key not in sent:
+            self.unauthorized += 1
+            if request.path == "/v1/messages":
+                return _anthropic_error(401, "invalid x-api-key", "authentication_error")
+            return _error(401, "Incorrect API key provided.", "invalid_request_error", "invalid_api_key")
+        return await handler(request)
 
     async def _list_models(self, request: web.Request) -> web.Response:
         data = [{"id": n, "object": "model", "created": self._created, "owned_by": "lockgate-sim"}
@@ -606,13 +623,17 @@ async def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 9000) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: `python -m lockgate_dev.sim [--config sim.yaml] [--port 9000]`."""
+    """Command line: `python -m lockgate_dev.sim [--config sim.yaml] [--port 9000] [--require-key KEY]`."""
     parser = argparse.ArgumentParser(description="Simulated OpenAI-compatible upstream (for demos and tests).")
     parser.add_argument("--config", help="YAML with `models:` and `seed:`; default: one model 'sim-model'")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9000)
+    parser.add_argument("--require-key", default="", help="answer 401 to requests without this API key "
+                                                          "(Authorization: Bearer, or x-api-key)")
     args = parser.parse_args(argv)
     config = load_config(args.config) if args.config else SimConfig(models={"sim-model": ModelSpec()})
+    if args.require_key:
+        config.require_key = args.require_key
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config, args.host, args.port))
 

@@ -13,10 +13,21 @@ import msgspec
 
 from lockgate import artifacts
 from lockgate.contracts import EvalCompleted, EvalRequested, EvalReran, LineageRun
+from lockgate.endpoints import Access
 from lockgate.errors import ConfigError, NotFound
 from lockgate.provenance import environment
 from lockgate.server.service import ServiceContext
-from lockgate.services.evaluator import calibrated, domain, judge, persist, pricing, recorded, runner, summary
+from lockgate.services.evaluator import (
+    calibrated,
+    domain,
+    judge,
+    persist,
+    pricing,
+    recorded,
+    runner,
+    summary,
+    targets,
+)
 from lockgate.services.evaluator.cache import ResponseCache
 from lockgate.services.evaluator.progress import Ticker
 from lockgate.services.evaluator.ratelimit import TokenBucket
@@ -34,6 +45,8 @@ class Loaded:
     inputs: list[str]
     prices: dict[str, pricing.ModelPrice] = field(default_factory=dict)
     price_source: str = ""
+    target: Access | None = None  # the evaluated endpoint (a call task)
+    judge: Access | None = None  # the suite judge's endpoint, when it has one
 
 
 @dataclass
@@ -63,11 +76,17 @@ class Execution:
     async def load(self, req: EvalRequested) -> Loaded:
         """Suite, dataset and price book; ConfigError/NotFound name what is wrong."""
         suite = domain.parse_suite(await artifacts.load_structured(self.ctx.bus, req.suite))
+        target = judged = None
         if suite.task.type == "call":
             if not req.endpoint:
-                raise ConfigError("EvalRequested.endpoint is empty; give the base URL of an OpenAI-compatible API")
+                raise ConfigError("EvalRequested.endpoint is empty; give an endpoint id of the allow-list or the "
+                                  "base URL of an OpenAI-compatible API")
             if not (req.model or suite.model):
                 raise ConfigError(f"no model to evaluate: set EvalRequested.model or 'model' in suite {suite.name!r}")
+            target = targets.of_run(self.ctx.settings, req.endpoint)
+        spec = next((s for s in suite.scorers if s.name == judge.NAME), None)
+        if spec is not None and (named := judge.parse_params(spec.params).endpoint or req.endpoint):
+            judged = targets.of_run(self.ctx.settings, named, "judge endpoint")
         inputs = [req.suite]
         if isinstance(suite.dataset, str):
             rows = await artifacts.load_structured(self.ctx.bus, suite.dataset)
@@ -84,7 +103,7 @@ class Execution:
         else:
             prices = pricing.load_file(self.ctx.settings.price_book)
             source = self.ctx.settings.price_book or "the shipped price book"
-        return Loaded(suite, cases, inputs, prices, source)
+        return Loaded(suite, cases, inputs, prices, source, target, judged)
 
     async def execute(self, req: EvalRequested, loaded: Loaded) -> Outcome:
         """Run the cases not stored yet, then summarise all of them."""
@@ -132,7 +151,8 @@ class Execution:
         spec = next((s for s in suite.scorers if s.name == judge.NAME), None)
         if spec is not None:
             params = judge.parse_params(spec.params)
-            upstream = Upstream(self.session, params.endpoint or req.endpoint, params.model, policy, cache)
+            at = loaded.judge or Access(id="", base="")  # no endpoint: each call fails, and says so
+            upstream = Upstream(self.session, at.base, params.model, policy, cache, headers=at.headers)
             judge_hook = judge_step(upstream, params)
         if suite.task.type == "recorded":
             t = suite.task
@@ -141,7 +161,8 @@ class Execution:
             return await runner.judge_results(made, judge_hook, concurrency=req.concurrency, on_result=on_result,
                                               stopping=self.stopping)
         bucket = TokenBucket(suite.rate_limit_rps) if suite.rate_limit_rps else None
-        target = Upstream(self.session, req.endpoint, req.model or suite.model, policy, cache, bucket)
+        at = loaded.target or Access(id=req.endpoint, base=req.endpoint)
+        target = Upstream(self.session, at.base, req.model or suite.model, policy, cache, bucket, at.headers)
         call = functools.partial(target, params=calibrated.request_params(suite))
         return await runner.run_cases(suite, cases, call, concurrency=req.concurrency, skip=skip,
                                       on_result=on_result, judge=judge_hook, stopping=self.stopping)

@@ -4,7 +4,7 @@ Decoupled from routing: the evaluator reads inference events after the fact (a d
 so the request path never waits for a scorer. Each deployment may declare its own rates per variant,
 scorers and LLM judge (lockgate.onlineeval, in its deployment document); without one, the global
 rate and scorers apply. The deterministic scorers run at once; the judge's calls are the edge's
-(online_handler.py), within the judge's own call rate and daily spend.
+(online_handler.py), within the judge's own call rate and daily budget (judgeledger.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 from lockgate.contracts import InferenceEvent, InferenceScored, Score
@@ -128,27 +127,3 @@ def judged(event: InferenceEvent, value: float | None, error: str = "") -> Infer
     operators, so scrubbed of secrets an upstream may have echoed, and kept short)."""
     why = "" if value is not None else scrub_secrets(error or "no score")[:MAX_ERROR]
     return _scored(event, {JUDGE: value} if value is not None else {}, [Score(scorer=JUDGE, value=value, error=why)])
-
-
-class DailySpend:
-    """USD spent per UTC day against a limit; a new day starts from zero."""
-
-    def __init__(self, limit_usd: float) -> None:
-        self.limit = limit_usd
-        self.day = ""
-        self.spent = 0.0
-
-    def _roll(self, now: datetime) -> None:
-        day = now.date().isoformat()
-        if day != self.day:
-            self.day, self.spent = day, 0.0
-
-    def allows(self, now: datetime) -> bool:
-        """True while today's spend is under the limit (a call's cost is known only after it)."""
-        self._roll(now)
-        return self.spent < self.limit
-
-    def spend(self, usd: float, now: datetime) -> None:
-        """Add one call's cost to today's spend."""
-        self._roll(now)
-        self.spent += usd

@@ -6,9 +6,13 @@ scores are published before the message is acked. The judge's calls run in a few
 bounded queue, within the judge's calls per minute and USD per day: the consumer never waits for a
 judge, and neither does any request. A judge that fails (down, 5xx, timeout, a reply without a score)
 publishes the error in place of a score, counted in `judge_errors`; rollout analysis reads it as an
-error, never as a low score. A call's cost is known only once it returns, so the day's spend may pass its
-limit by the calls already in flight (at most one per worker and judge reply). A judge job still queued when the evaluator stops is lost (a sampled
-measurement, not a fact); the answer's deterministic scores were published already.
+error, never as a low score. The judge's endpoint is an id of the operator's allow-list and gets that
+endpoint's credential (lockgate.endpoints); a credential that is missing is an error outcome, never a call
+without it. Each call reserves its largest cost from the day's budget shared by every evaluator replica
+before it starts and settles to its real cost after (judgebudget.py), so calls in flight never take the
+day past its limit; a budget store that does not answer means no call (an error outcome). A judge job
+still queued when the evaluator stops is lost (a sampled measurement, not a fact); the answer's
+deterministic scores were published already.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import aiohttp
 import msgspec
@@ -27,14 +30,17 @@ import nats.js.errors
 
 from lockgate.bus import Delivery
 from lockgate.contracts import InferenceEvent, InferenceScored
-from lockgate.documents import convert, load_yaml
+from lockgate.documents import convert
+from lockgate.endpoints import Access
 from lockgate.errors import BusUnavailable, ConfigError, LockgateError
 from lockgate.gitops.plan import StateEntry
 from lockgate.gitops.state import state_key
+from lockgate.kvcas import KVUnavailable
 from lockgate.onlineeval import JudgeSpec, OnlineEvalSpec
 from lockgate.pricebook import ModelPrice
 from lockgate.server.service import Progress, ServiceContext
-from lockgate.services.evaluator import judge, online, pricing, runner
+from lockgate.services.evaluator import judge, judgeledger, online, pricing, runner, targets
+from lockgate.services.evaluator.judgebudget import JudgeBudget, Reservation
 from lockgate.services.evaluator.ratelimit import TokenBucket
 
 log = logging.getLogger("lockgate.evaluator")
@@ -42,23 +48,6 @@ CONFIG_TTL_S = 10.0  # an applied change of a deployment's online_eval takes eff
 QUEUE = 1024  # judge jobs waiting; beyond, an answer is not judged (counted in judge_skipped)
 WORKERS = 4
 _entry = msgspec.json.Decoder(StateEntry)
-
-
-class _Endpoint(msgspec.Struct):
-    url: str
-
-
-class _EndpointsFile(msgspec.Struct):
-    endpoints: dict[str, _Endpoint] = {}
-
-
-def judge_endpoints(ctx: ServiceContext) -> dict[str, str]:
-    """Endpoint id -> base URL, from the operator's allow-list (the router's endpoints file, or the two
-    upstream settings when there is none): the only places a judge may be sent live answers."""
-    s = ctx.settings
-    if not s.endpoints_file:
-        return {"default": s.stable_upstream, "canary": s.canary_upstream}
-    return {k: v.url for k, v in load_yaml(s.endpoints_file, _EndpointsFile, name="endpoints file").endpoints.items()}
 
 
 class Plans:
@@ -97,15 +86,20 @@ class Plans:
         return plan
 
 
+@dataclass(frozen=True)
+class _Reply:
+    ok: bool
+    text: str  # the judge's reply, or why there is none
+
+
 @dataclass
 class _JudgeState:
-    """One deployment's judge: its spec, URL, price, call rate and today's spend."""
+    """One deployment's judge: its spec, endpoint (URL and credential), price and this replica's call pacing."""
 
     spec: JudgeSpec
-    url: str
+    access: Access
     price: ModelPrice
     bucket: TokenBucket
-    spend: online.DailySpend
 
 
 class OnlineEval:
@@ -124,6 +118,7 @@ class OnlineEval:
         self._closed = False
         self._session: aiohttp.ClientSession | None = None
         self._prices: dict[str, ModelPrice] | None = None
+        self.budget = JudgeBudget(ctx.bus)  # the day's spend, shared with the other evaluator replicas
 
     async def on_inference(self, value: list[InferenceEvent] | InferenceEvent, delivery: Delivery) -> None:
         """Score the sampled events of one message and publish each one's scores (a failed publish
@@ -167,14 +162,11 @@ class OnlineEval:
             await self._session.close()
 
     def _state(self, deployment: str, spec: JudgeSpec) -> _JudgeState:
-        """The judge of a deployment, rebuilt when its spec changed (a new budget starts from zero)."""
+        """The judge of a deployment, rebuilt when its spec changed (the day's spend is kept: it is the KV's)."""
         state = self._judges.get(deployment)
         if state is not None and state.spec == spec:
             return state
-        urls = judge_endpoints(self.ctx)
-        if spec.endpoint not in urls:
-            raise ConfigError(f"judge endpoint {spec.endpoint!r} is not in the endpoint allow-list "
-                              f"({', '.join(sorted(urls))})")
+        access = targets.listed(self.ctx.settings, spec.endpoint, "judge endpoint")
         if self._prices is None:
             self._prices = pricing.load_file(self.ctx.settings.price_book)
         price = spec.price or self._prices.get(spec.model)
@@ -182,8 +174,7 @@ class OnlineEval:
             raise ConfigError(f"judge model {spec.model!r} has no price (price book or judge.price): its "
                               "daily budget could not be kept")
         per_s = spec.max_calls_per_minute / 60.0
-        state = _JudgeState(spec=spec, url=urls[spec.endpoint], price=price,
-                            bucket=TokenBucket(per_s, burst=max(1.0, per_s)), spend=online.DailySpend(spec.max_usd_per_day))
+        state = _JudgeState(spec=spec, access=access, price=price, bucket=TokenBucket(per_s, burst=max(1.0, per_s)))
         self._judges[deployment] = state
         return state
 
@@ -198,32 +189,33 @@ class OnlineEval:
                 log.exception("judging event %s failed", event.id)
 
     async def _judge(self, event: InferenceEvent, spec: JudgeSpec) -> None:
-        """Ask the judge n times (each call within its rate and spend); publish a score or the error."""
+        """Ask the judge n times (each call within its rate and budget); publish a score or the error."""
+        deployment = event.deployment or event.app
         try:
-            state = self._state(event.deployment or event.app, spec)
+            state = self._state(deployment, spec)
         except ConfigError as exc:
             await self._publish(online.judged(event, None, exc.message))
             return
         params = judge.JudgeParams(model=spec.model, rubric=spec.rubric, n=spec.n, temperature=spec.temperature,
                                    pass_mark=spec.pass_mark)
         msgs = judge.messages(params, event.prompt or "", event.response or "", None)
+        need = judgeledger.largest_cost(state.price, msgs, spec.max_tokens)
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32))
-        policy = runner.CallPolicy(timeout_s=spec.timeout_s, max_retries=1, backoff_s=0.1, max_backoff_s=1.0)
         replies: list[str] = []
         failures: list[str] = []
         for _ in range(spec.n):
-            if not state.spend.allows(datetime.now(UTC)):
-                break
             await state.bucket.acquire()
             try:
-                done = await runner.complete(self._session, state.url, spec.model, msgs, policy,
-                                             {"temperature": spec.temperature})
-            except LockgateError as exc:
-                failures.append(f"judge endpoint {spec.endpoint}: {exc.message}")
-                continue
-            state.spend.spend(state.price.cost(done.input_tokens, done.output_tokens), datetime.now(UTC))
-            replies.append(done.text)
+                reserved = await self.budget.reserve(deployment, spec, need)
+            except KVUnavailable as exc:  # fail closed: no budget known, no call
+                failures.append(f"judge of {deployment}: its budget cannot be checked, so it was not called: "
+                                f"{exc.message}")
+                break
+            if isinstance(reserved, judgeledger.Refused):  # today's budget is spent
+                break
+            reply = await self._call(state, msgs, reserved)
+            (replies if reply.ok else failures).append(reply.text)
         if not replies and not failures:  # today's budget was spent before the first call
             await self.judge_skipped.bump()
             return
@@ -234,6 +226,23 @@ class OnlineEval:
         except judge.JudgeParseError as exc:
             result = online.judged(event, None, exc.message)
         await self._publish(result)
+
+    async def _call(self, state: _JudgeState, msgs: list[dict[str, str]], reserved: Reservation) -> _Reply:
+        """One judge call with the endpoint's credential, its reservation settled to what it cost: the
+        reply, or the failure (an error status bills nothing; a timeout may have, so it stays spent)."""
+        spec = state.spec
+        policy = runner.CallPolicy(timeout_s=spec.timeout_s, max_retries=1, backoff_s=0.1, max_backoff_s=1.0)
+        try:
+            done = await runner.complete(self._session, state.access.base, spec.model, msgs, policy,
+                                         {"temperature": spec.temperature, "max_tokens": spec.max_tokens},
+                                         state.access.headers)
+        except LockgateError as exc:
+            if isinstance(exc, runner.UpstreamRefused):
+                await self.budget.settle(reserved, 0)
+            return _Reply(False, f"judge endpoint {spec.endpoint}: {exc.message}")
+        if done.input_tokens or done.output_tokens:  # an answer without usage may have been billed in full
+            await self.budget.settle(reserved, judgeledger.cost(state.price, done.input_tokens, done.output_tokens))
+        return _Reply(True, done.text)
 
     async def _publish(self, result: InferenceScored) -> None:
         bus = self.ctx.bus

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -13,6 +13,7 @@ import msgspec
 
 from lockgate.errors import LockgateError, UpstreamError
 from lockgate.llmwire import Usage, decode_completion
+from lockgate.redact import MARK
 from lockgate.retry import RetryPolicy
 from lockgate.services.evaluator import calibrated, domain
 
@@ -46,19 +47,26 @@ class CallPolicy:
         return RetryPolicy(attempts=self.max_retries + 1, initial_s=self.backoff_s, max_s=self.max_backoff_s)
 
 
-class _Transient(Exception):
-    """A failure worth retrying (429, 5xx, timeout, connection reset)."""
+class UpstreamRefused(UpstreamError):
+    """The endpoint answered with an error status (401, 429, 5xx ...): it generated nothing to bill."""
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+
+class _Transient(Exception):
+    """A failure worth retrying (429, 5xx, timeout, connection reset); `status` when the endpoint answered."""
+
+    def __init__(self, message: str, retry_after: float | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.status = status
 
 
 async def complete(
     session: aiohttp.ClientSession, endpoint: str, model: str, messages: list[dict[str, str]], policy: CallPolicy,
-    params: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None, headers: Mapping[str, str] | None = None,
 ) -> Completion:
-    """One chat completion with retries and exponential backoff; raises UpstreamError when it gives up."""
+    """One chat completion with retries and exponential backoff; raises UpstreamError when it gives up
+    (UpstreamRefused when the endpoint's last answer was an error status). `headers` carry the endpoint's
+    credential: never in an error message."""
     url = endpoint.rstrip("/") + "/chat/completions"
     body = {"model": model, "messages": messages, "temperature": 0, **(params or {})}
     retry = policy.retry()
@@ -67,7 +75,7 @@ async def complete(
     async def attempt() -> Completion:
         nonlocal last
         try:
-            return await _call(session, url, body, policy.timeout_s)
+            return await _call(session, url, body, policy.timeout_s, headers or {})
         except _Transient as exc:
             last = exc
             raise
@@ -81,18 +89,22 @@ async def complete(
     try:
         return await retry.call(attempt, retry_on=_Transient, what=f"call to {url}", sleep=wait)
     except _Transient as exc:
-        raise UpstreamError(f"{exc} (gave up after {retry.attempts} attempts)") from None
+        error = UpstreamRefused if exc.status is not None else UpstreamError
+        raise error(f"{exc} (gave up after {retry.attempts} attempts)") from None
 
 
-async def _call(session: aiohttp.ClientSession, url: str, body: dict[str, Any], timeout_s: float) -> Completion:
+async def _call(session: aiohttp.ClientSession, url: str, body: dict[str, Any], timeout_s: float,
+                headers: Mapping[str, str]) -> Completion:
     started = time.perf_counter()
     try:
-        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        async with session.post(url, json=body, headers=headers,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status in RETRYABLE_STATUS:
-                raise _Transient(f"HTTP {resp.status} from {url}", _retry_after(resp.headers.get("Retry-After")))
+                raise _Transient(f"HTTP {resp.status} from {url}", _retry_after(resp.headers.get("Retry-After")),
+                                 resp.status)
             if resp.status >= 400:
-                text = (await resp.text())[:200]
-                raise UpstreamError(f"HTTP {resp.status} from {url}: {text}")
+                text = _hidden((await resp.text())[:200], headers)
+                raise UpstreamRefused(f"HTTP {resp.status} from {url}: {text}")
             data = await resp.read()
     except TimeoutError:
         raise _Transient(f"timed out after {timeout_s:g}s calling {url}") from None
@@ -112,6 +124,15 @@ async def _call(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
         input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
         logprobs=first.token_logprobs(),
     )
+
+
+def _hidden(text: str, headers: Mapping[str, str]) -> str:
+    """An upstream's error text without the credential we sent, should it echo it back."""
+    for value in headers.values():
+        for secret in {value, value.removeprefix("Bearer ")}:
+            if secret:
+                text = text.replace(secret, MARK)
+    return text
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -17,12 +17,15 @@ from lockgate.services.evaluator.ratelimit import TokenBucket
 
 
 class Upstream:
-    """Calls `model` at `endpoint`: a cache hit costs no call; misses wait for the rate limit, then call."""
+    """Calls `model` at `endpoint` (a base URL) with `headers` (its credential, if any): a cache hit costs no
+    call; misses wait for the rate limit, then call."""
 
     def __init__(self, session: aiohttp.ClientSession, endpoint: str, model: str, policy: runner.CallPolicy,
-                 cache: ResponseCache | None = None, bucket: TokenBucket | None = None) -> None:
+                 cache: ResponseCache | None = None, bucket: TokenBucket | None = None,
+                 headers: Mapping[str, str] | None = None) -> None:
         self.session = session
         self.endpoint = endpoint
+        self.headers = headers
         self.model = model
         self.policy = policy
         self.cache = cache
@@ -42,7 +45,8 @@ class Upstream:
         if self.bucket is not None:
             await self.bucket.acquire()
         self.calls += 1
-        done = await runner.complete(self.session, self.endpoint, self.model, messages, self.policy, params)
+        done = await runner.complete(self.session, self.endpoint, self.model, messages, self.policy, params,
+                                     self.headers)
         if self.cache is not None:
             self.cache.put(key, Cached(done.text, done.latency_ms, done.input_tokens, done.output_tokens,
                                        done.logprobs))

@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
-import nats.errors
-import nats.js.errors
 import yaml
 from aiohttp import web
 
@@ -39,6 +37,7 @@ from lockgate.batcher import Batcher
 from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent
 from lockgate.errors import ConfigError, LockgateError
+from lockgate.kvcas import KV_ERRORS, RETRY_S, CasStore, KVUnavailable
 from lockgate.llmwire import text_of
 from lockgate.pricebook import ModelPrice, load_price_book
 from lockgate.server.apikeys import ApiKey
@@ -116,15 +115,8 @@ def load_gateway_file(path: str) -> GatewayFile:
         raise ConfigError(f"bad gateway file {path}: {exc}") from None
 
 
-class StoreUnavailable(LockgateError):
-    """The budget counters' KV bucket did not answer."""
-
-
 _counter_dec = msgspec.json.Decoder(Counter)
 _level_dec = msgspec.json.Decoder(Level)
-_enc = msgspec.json.Encoder()
-_KV_ERRORS = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
-_RETRY_STORE_S = 1.0  # after the budget store failed, requests fail at once for this long
 _SHARED_WAIT_S = 0.2  # the most a shared-cache lookup may add to a request
 _SHARED_MAX = 900_000  # bytes: a shared entry fits NATS' default 1 MB message
 
@@ -164,10 +156,11 @@ class Admission:
         self.allowances: dict[str, Allowance] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._throttle = EventThrottle(self.file.event_interval_s)
-        self._kv: Any = None
+        # the shared counters (budgets and rate-limit buckets), changed by compare-and-set
+        self.counters = CasStore(bus, bus.subjects.kv_budgets if bus is not None else "",
+                                 timeout_s=self.file.store_timeout_s, clock=clock, what="the budget store")
         self._shared_kv: Any = None
         self._puts: set[asyncio.Task[None]] = set()
-        self._failed_at, self._failure = -math.inf, ""
         self._periods = Periods(-1, "", "")
         self.events = Batcher(self._publish, max_items=100, max_age_s=0.2, capacity=1000, name="budget-events",
                               autostart=False)
@@ -213,7 +206,7 @@ class Admission:
             except asyncio.CancelledError:  # the client went away while waiting: give back what was reserved
                 self._undo(ticket)
                 raise
-            except StoreUnavailable as exc:
+            except KVUnavailable as exc:
                 self._report("store_unavailable", b, counter, key, deployment, model, need, None, wall)
                 if self.file.fail_open:
                     continue  # nothing reserved on this budget: the request goes through uncounted
@@ -257,8 +250,8 @@ class Admission:
             try:
                 got, wait = await self._cas_rate(name, lambda state: lease(state, lack.capacity, self.wall_s(), ask,
                                                                            lack.need))
-            except StoreUnavailable:
-                self.limiter.local_until = self.clock() + _RETRY_STORE_S
+            except KVUnavailable:
+                self.limiter.local_until = self.clock() + RETRY_S
                 return None
             if got is None:
                 return refusal(lack.slot[2], lack.capacity, lack.slot[1], wait)
@@ -273,14 +266,14 @@ class Admission:
             after, moved, wait = change(state)
             return (None, (None, wait)) if moved is None else (after, (moved, 0.0))
 
-        return await self._update(name, lambda b: _level_dec.decode(b or b""), step,
-                                  f"rate-limit bucket {name}", "the rate-limit store")
+        return await self.counters.update(name, lambda b: _level_dec.decode(b or b""), step,
+                                          f"rate-limit bucket {name}", "the rate-limit store")
 
     async def _return_shares(self, now: float) -> None:
         """Give this replica's unused shares of shared rate limits back (a lost one refills anyway)."""
         for slot, units in self.limiter.surrender(now):
             capacity = self.limiter.capacity(slot)
-            with contextlib.suppress(StoreUnavailable):
+            with contextlib.suppress(KVUnavailable):
                 await self._cas_rate(kv_key(slot), lambda state, c=capacity, u=units: (
                     give_back(state, c, self.wall_s(), u), u, 0.0))
 
@@ -345,7 +338,7 @@ class Admission:
 
     async def _lease(self, b: Budget, counter: str, need: Amount) -> Amount | None:
         """Lease enough for `need` into this replica's allowance and take it: None when taken, else the
-        store's counter when the budget cannot cover it (StoreUnavailable when the store does not answer)."""
+        store's counter when the budget cannot cover it (KVUnavailable when the store does not answer)."""
         lock = self._locks.get(counter)
         if lock is None:
             lock = self._locks[counter] = asyncio.Lock()
@@ -363,18 +356,6 @@ class Admission:
                 allowance.add(got, self.clock(), self.file.lease_s)
             return None if self._allowance(counter).take(need, self.clock()) else leased
 
-    async def _store(self) -> Any:
-        # Right after the store failed, fail at once: requests queued behind a lease must not each
-        # wait out the timeout again.
-        if self.clock() - self._failed_at < _RETRY_STORE_S:
-            raise StoreUnavailable(self._failure)
-        if self.bus is None or self.bus.state != "connected":
-            raise StoreUnavailable(f"the budget store (NATS KV) is unreachable: bus "
-                                   f"{'absent' if self.bus is None else self.bus.state}")
-        if self._kv is None:
-            self._kv = await self.bus.kv(self.bus.subjects.kv_budgets)
-        return self._kv
-
     async def _cas(self, counter: str, limit: Amount, ask: Amount, minimum: Amount | None) -> tuple[Amount | None,
                                                                                                    Amount]:
         """Add a grant (or, with minimum None, exactly `ask`, which may be negative) to the counter by
@@ -387,47 +368,8 @@ class Admission:
             after = Counter(leased=current.leased + got)
             return after, (got, after.leased)
 
-        return await self._update(counter, lambda b: _counter_dec.decode(b or b"{}"), step,
-                                  f"budget counter {counter}", "the budget store")
-
-    async def _update(self, key: str, decode: Callable[[bytes], Any], step: Callable[[Any], tuple[Any, Any]],
-                      what: str, store: str) -> Any:
-        """Read-modify-write of one KV key by compare-and-set on its revision, within the store timeout:
-        `step(state or None)` gives (the new state, or None to write nothing, and the result to return);
-        another replica's write in between makes it read again. Store failures are StoreUnavailable."""
-        try:
-            async with asyncio.timeout(self.file.store_timeout_s):
-                kv = await self._store()
-                while True:
-                    try:
-                        entry = await kv.get(key)
-                        rev, state = entry.revision, decode(entry.value)
-                    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                        rev, state = None, None
-                    after, result = step(state)
-                    if after is None:
-                        return result
-                    try:
-                        if rev is None:
-                            await kv.create(key, _enc.encode(after))
-                        else:
-                            await kv.update(key, _enc.encode(after), last=rev)
-                    except nats.js.errors.KeyWrongLastSequenceError:
-                        continue  # another replica changed it in between: read again
-                    return result
-        except StoreUnavailable as exc:
-            self._failed(exc.message)
-            raise
-        except msgspec.DecodeError as exc:
-            raise StoreUnavailable(f"{what} is unreadable: {exc}") from None
-        except _KV_ERRORS as exc:
-            message = f"{store} (NATS KV bucket {self.bus.subjects.kv_budgets}) did not answer: {type(exc).__name__}"
-            self._failed(message)
-            raise StoreUnavailable(message) from None
-
-    def _failed(self, message: str) -> None:
-        if self.clock() - self._failed_at >= _RETRY_STORE_S:  # keep the first failure's time and words
-            self._failed_at, self._failure = self.clock(), message
+        return await self.counters.update(counter, lambda b: _counter_dec.decode(b or b"{}"), step,
+                                          f"budget counter {counter}", "the budget store")
 
     async def return_expired(self, force: bool = False) -> None:
         """Give allowances unused for `lease_s` (all of them with `force`) back to the store."""
@@ -444,7 +386,7 @@ class Admission:
                 continue
             try:
                 await self._cas(counter, ZERO, ZERO - back, None)
-            except StoreUnavailable:
+            except KVUnavailable:
                 self._allowance(counter).credit(back)  # keep it; returned on a later sweep
                 if force:
                     log.warning("budget counter %s: %s left leased to this replica at stop", counter, back)
@@ -564,7 +506,7 @@ class Admission:
             async with asyncio.timeout(_SHARED_WAIT_S):
                 kv = await self._cache_kv()
                 found = await kv.get(key)
-        except (*_KV_ERRORS, LockgateError):
+        except (*KV_ERRORS, LockgateError):
             return None
         entry = from_shared(found.value or b"", self.clock(), self.wall_s())
         if entry is not None:
@@ -575,12 +517,12 @@ class Admission:
         try:
             async with asyncio.timeout(self.file.store_timeout_s):
                 await (await self._cache_kv()).put(key, to_shared(entry, self.clock(), self.wall_s()))
-        except (*_KV_ERRORS, LockgateError) as exc:  # the answer was served; sharing it is best effort
+        except (*KV_ERRORS, LockgateError) as exc:  # the answer was served; sharing it is best effort
             log.debug("response cache entry not shared: %r", exc)
 
     async def _cache_kv(self) -> Any:
         if self.bus is None or self.bus.state != "connected":
-            raise StoreUnavailable("bus not connected")
+            raise KVUnavailable("bus not connected")
         if self._shared_kv is None:
             self._shared_kv = await self.bus.kv(self.bus.subjects.kv_response_cache)
         return self._shared_kv

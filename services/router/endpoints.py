@@ -2,7 +2,8 @@
 
 Routes and releases name an endpoint by id, never by URL, so neither a route change nor a request
 can send traffic (or a key) anywhere the operator did not list. The provider key is looked up by
-name in the environment, then in the secrets file, and sent only to its own endpoint.
+name in the environment, then in the secrets file, and sent only to its own endpoint (lockgate.endpoints:
+the one loader, shared with the evaluator; this module adds the router's fields and sections).
 
     # endpoints.yaml (settings.endpoints_file / LOCKGATE_ENDPOINTS_FILE)
     endpoints:
@@ -41,34 +42,25 @@ Without a file, two endpoints come from settings: `default` (stable_upstream) an
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
-import yaml
 from yarl import URL
 
+from lockgate import endpoints as allowlist
 from lockgate.config import Settings
 from lockgate.contracts.names import Name
-from lockgate.errors import ConfigError, LockgateError
+from lockgate.endpoints import EndpointId, UnknownEndpoint
+from lockgate.errors import ConfigError
 from lockgate.pricebook import ModelPrice
 from lockgate.services.router.resilience import BreakerSpec, RetrySpec, Timeouts
 
-EndpointId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
-Url = Annotated[str, msgspec.Meta(pattern="^https?://")]
+__all__ = ["Endpoint", "EndpointSpec", "Endpoints", "GroupSpec", "UnknownEndpoint"]
 
 
-class UnknownEndpoint(LockgateError):
-    """A release or route names an endpoint that is not in the operator's allow-list."""
+class EndpointSpec(allowlist.EndpointSpec, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One endpoint as configured: the shared fields (url, credential, provider) and the router's own."""
 
-
-class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """One endpoint as configured."""
-
-    url: Url
-    credential: str = ""  # name of the env variable or secrets-file entry holding the provider key
-    provider: Literal["openai", "anthropic"] = "openai"
     timeouts: Timeouts = Timeouts()
     retry: RetrySpec = RetrySpec()
     breaker: BreakerSpec = BreakerSpec()
@@ -115,21 +107,6 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
         return f"Endpoint(id={self.id!r}, url={str(self.url)!r})"
 
 
-def _load_yaml(path: str, what: str) -> object:
-    try:
-        return yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read {what} {path}: {exc}") from None
-
-
-def _secret(name: str, secrets: dict[str, str], where: str) -> str:
-    value = os.environ.get(name) or secrets.get(name)
-    if not value:
-        raise ConfigError(f"credential {name!r} of endpoint {where!r} is neither an environment variable nor "
-                          "an entry of the secrets file (settings.secrets_file)")
-    return value
-
-
 class Endpoints:
     """The allow-list, loaded once at start."""
 
@@ -138,32 +115,20 @@ class Endpoints:
         self.models: dict[str, str] = {}  # model name -> deployment (the file's `models:`)
         self.groups: dict[str, GroupSpec] = {}
         if settings.endpoints_file:
-            try:
-                file = msgspec.convert(_load_yaml(settings.endpoints_file, "endpoints file"), _File)
-                specs, self.models, self.groups = file.endpoints, file.models, file.groups
-            except msgspec.ValidationError as exc:
-                raise ConfigError(f"bad endpoints file {settings.endpoints_file}: {exc}") from None
+            file = allowlist.read_file(settings, _File)
+            specs, self.models, self.groups = file.endpoints, file.models, file.groups
         else:
-            specs = {"default": EndpointSpec(url=settings.stable_upstream),
-                     "canary": EndpointSpec(url=settings.canary_upstream)}
-        secrets: dict[str, str] = {}
-        if settings.secrets_file:
-            raw = _load_yaml(settings.secrets_file, "secrets file")
-            if not isinstance(raw, dict):
-                raise ConfigError(f"secrets file {settings.secrets_file} must be a mapping NAME: value")
-            secrets = {str(k): str(v) for k, v in raw.items()}
+            specs = {k: EndpointSpec(url=v.url) for k, v in allowlist.dev_endpoints(settings).items()}
+        secrets = allowlist.read_secrets(settings)
         self.by_id: dict[str, Endpoint] = {}
         for eid, spec in specs.items():
-            secret = _secret(spec.credential, secrets, eid) if spec.credential else ""
-            auth = f"Bearer {secret}" if secret else None
-            headers = {} if not secret else (
-                {"x-api-key": secret} if spec.provider == "anthropic" else {"Authorization": auth or ""})
+            access = allowlist.resolve(eid, spec, secrets)
             if spec.fallback is not None and spec.fallback not in specs:
                 raise ConfigError(f"endpoint {eid!r} falls back to {spec.fallback!r}, which is not configured "
                                   f"(allowed: {', '.join(sorted(specs))})")
-            base = spec.url.rstrip("/")
-            self.by_id[eid] = Endpoint(id=eid, url=URL(f"{base}/chat/completions"), authorization=auth,
-                                       base=URL(base), provider=spec.provider, auth_headers=headers,
+            self.by_id[eid] = Endpoint(id=eid, url=URL(f"{access.base}/chat/completions"),
+                                       authorization=access.authorization, base=URL(access.base),
+                                       provider=spec.provider, auth_headers=access.headers,
                                        timeouts=spec.timeouts, retry=spec.retry, breaker=spec.breaker,
                                        fallback=spec.fallback, price=spec.price)
         self.fallbacks = {eid: e.fallback for eid, e in self.by_id.items()}

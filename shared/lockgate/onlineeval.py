@@ -68,6 +68,9 @@ class JudgeSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     sample: Rate = 1.0  # of the answers sampled for scoring, the share the judge also grades
     max_calls_per_minute: Annotated[float, msgspec.Meta(gt=0)] = 60.0
     max_usd_per_day: Annotated[float, msgspec.Meta(ge=0)] = 1.0
+    # the longest reply asked for: it bounds a call's cost, which is reserved from the day's budget before
+    # the call (every evaluator replica shares that budget) and settled to the real cost after
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 256
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=120)] = 10.0
     price: ModelPrice | None = None  # else the price book's price of `model`
 

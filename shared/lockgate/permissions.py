@@ -172,6 +172,8 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(Grant(publish=[s.eval_reran]))  # reruns of stored runs, which no gate acts on
         g.add(Grant(publish=[s.eval_scores_all]))  # online scores of sampled live traffic
         g.add(_read_kv(s.kv_gitops))  # each deployment's online_eval, as last applied
+        # Its judges' shared budgets (compare-and-set), under `_judge.` keys only: never a gateway budget's.
+        g.add(_read_kv(s.kv_budgets)).add(Grant(publish=[f"$KV.{s.kv_budgets}._judge.>"]))
     elif identity == "gatekeeper":
         # It reads the evaluator's run records (not writes them) and publishes decisions and their audit rows.
         g.add(service).add(_consume(s, "gatekeeper")).add(_read_objects(s.object_store))

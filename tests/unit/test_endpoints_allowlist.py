@@ -1,0 +1,91 @@
+"""The shared endpoint allow-list (lockgate.endpoints) and the evaluator's use of it: each endpoint's credential
+from the environment or the secrets file, sent as its provider expects; a missing one names the endpoint and
+the credential; the secret is never in a repr or a message; the evaluator calls listed ids with their key and
+plain URLs (eval runs only) with none."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lockgate.config import Settings
+from lockgate.endpoints import Access, AllowList, UnknownEndpoint, auth_headers
+from lockgate.errors import ConfigError
+from lockgate.services.evaluator import targets
+
+pytestmark = pytest.mark.timeout(30)
+FILE = """\
+endpoints:
+  judge: {url: 'http://judge.test/v1/', credential: JUDGE_KEY}
+  claude: {url: 'http://a.test/v1', credential: ANT_KEY, provider: anthropic}
+  open: {url: 'http://open.test/v1'}
+  broken: {url: 'http://broken.test/v1', credential: NOWHERE_KEY}
+  routed: {url: 'http://r.test/v1', retry: {attempts: 2}, fallback: open}   # the router's fields: its own to check
+models: {gpt-x: chat}
+"""
+
+
+def _settings(tmp_path: Path, text: str = FILE, secrets: str = "JUDGE_KEY: sk-judge-secret\nANT_KEY: sk-ant-x\n"
+              ) -> Settings:
+    (tmp_path / "endpoints.yaml").write_text(text)
+    (tmp_path / "secrets.yaml").write_text(secrets)
+    return Settings(home=str(tmp_path), endpoints_file=str(tmp_path / "endpoints.yaml"),
+                    secrets_file=str(tmp_path / "secrets.yaml"))
+
+
+def test_each_endpoint_gets_its_own_credential_as_its_provider_expects(tmp_path: Path) -> None:
+    allowed = AllowList(_settings(tmp_path))
+    judge, claude, open_ = allowed.access("judge"), allowed.access("claude"), allowed.access("open")
+    assert (judge.base, judge.headers) == ("http://judge.test/v1", {"Authorization": "Bearer sk-judge-secret"})
+    assert (claude.provider, claude.headers) == ("anthropic", {"x-api-key": "sk-ant-x"})
+    assert (open_.headers, open_.authorization) == ({}, None)
+    assert "sk-" not in repr(judge) and "sk-" not in repr(claude)
+    assert auth_headers("openai", "") == {}
+
+
+def test_the_environment_comes_before_the_secrets_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JUDGE_KEY", "sk-from-env")
+    assert AllowList(_settings(tmp_path)).access("judge").headers == {"Authorization": "Bearer sk-from-env"}
+
+
+def test_a_missing_credential_names_the_endpoint_and_the_credential_only_when_that_endpoint_is_used(
+        tmp_path: Path) -> None:
+    allowed = AllowList(_settings(tmp_path))  # `broken` lacks its key: the others are usable all the same
+    with pytest.raises(ConfigError) as caught:
+        allowed.access("broken")
+    assert caught.value.message == ("credential 'NOWHERE_KEY' of endpoint 'broken' is neither an environment "
+                                    "variable nor an entry of the secrets file (settings.secrets_file)")
+    with pytest.raises(UnknownEndpoint, match=r"judge endpoint 'elsewhere' is not in the endpoint allow-list "
+                                              r"\(broken, claude, judge, open, routed\)"):
+        allowed.access("elsewhere", "judge endpoint")
+
+
+def test_without_a_file_the_two_upstream_settings_are_listed_without_credentials(tmp_path: Path) -> None:
+    s = Settings(home=str(tmp_path), stable_upstream="http://127.0.0.1:9001/v1",
+                 canary_upstream="http://127.0.0.1:9002/v1")
+    assert AllowList(s).access("default") == Access(id="default", base="http://127.0.0.1:9001/v1")
+    assert AllowList(s).access("canary").base == "http://127.0.0.1:9002/v1"
+
+
+@pytest.mark.parametrize(("text", "secrets", "error"), [
+    ("endpoints:\n  a: {url: 'ftp://a.test'}\n", "", "endpoints file .* is invalid: .*https"),
+    ("endpoints: [a]\n", "", "endpoints file .* is invalid"),
+    (FILE, "- not a mapping\n", "secrets file .* is invalid"),
+])
+def test_unusable_files_are_config_errors_naming_them(tmp_path: Path, text: str, secrets: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=error):
+        AllowList(_settings(tmp_path, text, secrets)).access("judge")
+
+
+def test_the_evaluator_calls_ids_with_their_key_and_plain_urls_of_eval_runs_with_none(tmp_path: Path) -> None:
+    s = _settings(tmp_path)
+    assert targets.of_run(s, "judge").headers == {"Authorization": "Bearer sk-judge-secret"}
+    url = targets.of_run(s, "http://judge.test/v1/")  # the same URL, not named by id: no key goes there
+    assert (url.base, url.headers) == ("http://judge.test/v1", {})
+    with pytest.raises(ConfigError, match="judge endpoint 'claude' speaks the anthropic API"):
+        targets.listed(s, "claude", "judge endpoint")
+    with pytest.raises(ConfigError, match="endpoint 'nope' is not in the endpoint allow-list"):
+        targets.of_run(s, "nope")
+    with pytest.raises(ConfigError, match="credential 'NOWHERE_KEY' of endpoint 'broken'"):
+        targets.listed(s, "broken")
