@@ -23,14 +23,23 @@ up: setup
 demo: setup
 	.venv/bin/lockgate demo
 
+# Two workers (pytest-xdist), one file at a time each: most tests wait on a nats-server, chDB or a child
+# process, and a file's module fixtures (a running stack) start once, on one worker. Each worker has its
+# own nats-server, chDB path and temp dirs (tests/conftest.py). `TEST_WORKERS=0`: serial.
+# The cluster fault tests run after, alone: their 16 processes under load count requests no router answered
+# in time, which a second worker's CPU next to them would turn into a flake.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadfile)
+
 test: setup
-	$(VENV_PY) -m pytest -q tests
+	$(VENV_PY) -m pytest -q $(XDIST) -m "not cluster" tests
+	$(VENV_PY) -m pytest -q -p no:xdist -m cluster tests/cluster
 
 unit: setup
 	$(VENV_PY) -m pytest -q tests/unit tests/contract
 
 integration: setup
-	$(VENV_PY) -m pytest -q tests/integration tests/e2e
+	$(VENV_PY) -m pytest -q $(XDIST) tests/integration tests/e2e
 
 # The distributed topology's fault tests alone (they also run in `make test`; `-m "not cluster"` skips them).
 test-cluster: setup

@@ -50,6 +50,12 @@ async def _next_state(sub: Any) -> RolloutState:
     return _states.decode((await sub.next_msg(timeout=10)).data)
 
 
+async def _unsubscribe(*subs: Any) -> None:
+    """Messages left unread in a subscription hold the bus's drain at teardown for its whole timeout (30 s)."""
+    for sub in subs:
+        await sub.unsubscribe()
+
+
 async def test_watch_follows_a_rollout_through_every_step_until_it_completes(router: Any, http: aiohttp.ClientSession,
                                                                              signer: Signer, keys: Bootstrap) -> None:
     await _start(http, router, "same", {"steps": [20, 50, 100], "interval_s": 0.3})
@@ -111,6 +117,7 @@ async def test_retry_restarts_an_aborted_rollout_from_step_zero_and_is_refused_o
     restarted = await _next_state(sub)
     assert restarted.actor == rec.label and f"retry of same by {rec.label}" in restarted.reason
     entry = _audit.decode((await audit.next_msg(timeout=10)).data)
+    await _unsubscribe(sub, audit)
     assert (entry.action, entry.actor, entry.target) == ("retry", rec.label, "chat")
 
 
@@ -149,6 +156,7 @@ async def test_patch_weight_keeps_canary_release_upstream_and_rollout_position(
     assert (state.actor, state.canary_weight, state.canary_release) == (rec.label, 30.0, "same")
     assert state.reason.startswith(f"patched weight by {rec.label}")
     entry = _audit.decode((await audit.next_msg(timeout=10)).data)
+    await _unsubscribe(sub, audit)
     assert (entry.action, entry.actor, entry.target, entry.details["weight"]) == ("patch", rec.label, "chat", "30.0")
 
     # One field of the strategy: the interval changes, the steps, the analysis and the weight stay.

@@ -468,6 +468,7 @@ async def test_break_glass_is_admin_only_signed_recorded_and_shown_until_cleared
         "hotfix for incident 42", "boss", glass["key_id"])
     assert override["api_key"].startswith("apikey:") and keys.admin_key not in override["api_key"]
     states = [_states.decode((await sub.next_msg(timeout=10)).data) for _ in range(2)]
+    await sub.unsubscribe()  # states left unread would hold the bus's drain at teardown (30 s)
     assert "BREAK-GLASS by boss" in states[-1].reason and "hotfix for incident 42" in states[-1].reason
     async with http.get(f"{router.url}/lockgate/v1/deployments/chat") as resp:
         assert (await resp.json())["override"]["reason"] == "hotfix for incident 42"  # still shown
