@@ -231,7 +231,9 @@ class OnlineEval:
         """One judge call with the endpoint's credential, its reservation settled to what it cost: the
         reply, or the failure (an error status bills nothing; a timeout may have, so it stays spent)."""
         spec = state.spec
-        policy = runner.CallPolicy(timeout_s=spec.timeout_s, max_retries=1, backoff_s=0.1, max_backoff_s=1.0)
+        # No retry inside a call: each attempt is reserved on its own (a timed-out one may be billed), and a
+        # failed call is an error outcome, which analysis counts as missing, never as a pass.
+        policy = runner.CallPolicy(timeout_s=spec.timeout_s, max_retries=0)
         try:
             done = await runner.complete(self._session, state.access.base, spec.model, msgs, policy,
                                          {"temperature": spec.temperature, "max_tokens": spec.max_tokens},

@@ -61,7 +61,8 @@ async def test_header_route_sends_tagged_requests_to_the_canary_at_zero_weight(
 
 async def test_pause_until_approved_holds_until_an_operator_resumes(
         router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
-    await _start(http, router, "same", {"steps": [20, {"pause": {}}, 100], "interval_s": 0.1})
+    # An interval long enough that the approval's answer shows the 100% step, not the promotion after it.
+    await _start(http, router, "same", {"steps": [20, {"pause": {}}, 100], "interval_s": 1})
     await _pass(router, signer, "same")
     await router.rollouts.wait_for(lambda r: r["chat"].step_pause, timeout=10)
     held = router.rollouts.route("chat")
