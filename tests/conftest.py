@@ -25,7 +25,10 @@ from lockgate.telemetry import Telemetry
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     """A real nats-server with JetStream on a port it picks itself (port 0) and a temp store dir."""
-    server = NatsServer(tmp_path_factory.mktemp("jetstream"))
+    # Every test's prefix reserves its streams' max_bytes (about 5 GiB) from JetStream's storage, which by
+    # default is 75% of the free disk of a machine shared with others: a dozen prefixes alive at once can
+    # exhaust it. An explicit limit is only accounting; the tests write megabytes.
+    server = NatsServer(tmp_path_factory.mktemp("jetstream"), config="jetstream { max_file_store: 1TB }\n")
     asyncio.run(server.start())
     yield server
     server.stop()
