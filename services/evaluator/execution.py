@@ -29,6 +29,7 @@ from lockgate.services.evaluator import (
     targets,
 )
 from lockgate.services.evaluator.cache import ResponseCache
+from lockgate.services.evaluator.judge import JudgeParams
 from lockgate.services.evaluator.progress import Ticker
 from lockgate.services.evaluator.ratelimit import TokenBucket
 from lockgate.services.evaluator.upstream import Upstream, judge_step
@@ -47,6 +48,7 @@ class Loaded:
     price_source: str = ""
     target: Access | None = None  # the evaluated endpoint (a call task)
     judge: Access | None = None  # the suite judge's endpoint, when it has one
+    judge_params: JudgeParams | None = None  # the suite's LLM judge, when it has one
 
 
 @dataclass
@@ -76,7 +78,7 @@ class Execution:
     async def load(self, req: EvalRequested) -> Loaded:
         """Suite, dataset and price book; ConfigError/NotFound name what is wrong."""
         suite = domain.parse_suite(await artifacts.load_structured(self.ctx.bus, req.suite))
-        target = judged = None
+        target = judged = judge_params = None
         if suite.task.type == "call":
             if not req.endpoint:
                 raise ConfigError("EvalRequested.endpoint is empty; give an endpoint id of the allow-list or the "
@@ -85,8 +87,10 @@ class Execution:
                 raise ConfigError(f"no model to evaluate: set EvalRequested.model or 'model' in suite {suite.name!r}")
             target = targets.of_run(self.ctx.settings, req.endpoint)
         spec = next((s for s in suite.scorers if s.name == judge.NAME), None)
-        if spec is not None and (named := judge.parse_params(spec.params).endpoint or req.endpoint):
-            judged = targets.of_run(self.ctx.settings, named, "judge endpoint")
+        if spec is not None:
+            judge_params = judge.parse_params(spec.params)
+            if named := judge_params.endpoint or req.endpoint:
+                judged = targets.of_run(self.ctx.settings, named, "judge endpoint")
         inputs = [req.suite]
         if isinstance(suite.dataset, str):
             rows = await artifacts.load_structured(self.ctx.bus, suite.dataset)
@@ -103,7 +107,7 @@ class Execution:
         else:
             prices = pricing.load_file(self.ctx.settings.price_book)
             source = self.ctx.settings.price_book or "the shipped price book"
-        return Loaded(suite, cases, inputs, prices, source, target, judged)
+        return Loaded(suite, cases, inputs, prices, source, target, judged, judge_params)
 
     async def execute(self, req: EvalRequested, loaded: Loaded) -> Outcome:
         """Run the cases not stored yet, then summarise all of them."""
@@ -148,9 +152,7 @@ class Execution:
         suite, cases = loaded.suite, loaded.cases
         policy = runner.CallPolicy(timeout_s=max(0.1, req.timeout_s))
         judge_hook = None
-        spec = next((s for s in suite.scorers if s.name == judge.NAME), None)
-        if spec is not None:
-            params = judge.parse_params(spec.params)
+        if (params := loaded.judge_params) is not None:
             at = loaded.judge or Access(id="", base="")  # no endpoint: each call fails, and says so
             upstream = Upstream(self.session, at.base, params.model, policy, cache, headers=at.headers)
             judge_hook = judge_step(upstream, params)

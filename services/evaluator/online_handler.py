@@ -100,6 +100,7 @@ class _JudgeState:
     access: Access
     price: ModelPrice
     bucket: TokenBucket
+    policy: runner.CallPolicy
 
 
 class OnlineEval:
@@ -174,7 +175,10 @@ class OnlineEval:
             raise ConfigError(f"judge model {spec.model!r} has no price (price book or judge.price): its "
                               "daily budget could not be kept")
         per_s = spec.max_calls_per_minute / 60.0
-        state = _JudgeState(spec=spec, access=access, price=price, bucket=TokenBucket(per_s, burst=max(1.0, per_s)))
+        # No retry inside a call: each attempt is reserved on its own (a timed-out one may be billed), and a
+        # failed call is an error outcome, which analysis counts as missing, never as a pass.
+        state = _JudgeState(spec=spec, access=access, price=price, bucket=TokenBucket(per_s, burst=max(1.0, per_s)),
+                            policy=runner.CallPolicy(timeout_s=spec.timeout_s, max_retries=0))
         self._judges[deployment] = state
         return state
 
@@ -231,11 +235,8 @@ class OnlineEval:
         """One judge call with the endpoint's credential, its reservation settled to what it cost: the
         reply, or the failure (an error status bills nothing; a timeout may have, so it stays spent)."""
         spec = state.spec
-        # No retry inside a call: each attempt is reserved on its own (a timed-out one may be billed), and a
-        # failed call is an error outcome, which analysis counts as missing, never as a pass.
-        policy = runner.CallPolicy(timeout_s=spec.timeout_s, max_retries=0)
         try:
-            done = await runner.complete(self._session, state.access.base, spec.model, msgs, policy,
+            done = await runner.complete(self._session, state.access.base, spec.model, msgs, state.policy,
                                          {"temperature": spec.temperature, "max_tokens": spec.max_tokens},
                                          state.access.headers)
         except LockgateError as exc:
