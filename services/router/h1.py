@@ -1,15 +1,17 @@
-"""A small HTTP/1.1 keep-alive client for the router's non-streamed upstream calls.
+"""A small HTTP/1.1 keep-alive client for the router's upstream calls, streamed or not.
 
-Why not aiohttp's ClientSession for these: per call it builds a request object, a response object, a
-payload, a timer and a connection wrapper, and was the largest single share of the router's CPU per
-request; this client writes one buffer and reads one answer on a pooled connection (bench_stacks:
-about half the CPU of the bare proxy hop). Streams keep aiohttp's client (line reads while relaying).
+Why not aiohttp's ClientSession: per call it builds a request object, a response object, a payload,
+a timer and a connection wrapper, and was the largest single share of the router's CPU per request;
+this client writes one buffer and reads the answer on a pooled connection (bench_stacks: about half
+the CPU of the bare proxy hop). A stream's body is read as it arrives, line by line, and its
+connection goes back to the pool once the stream was read to its end.
 
 What it does: POST with a known body length; answers with Content-Length, chunked, or
 read-to-close bodies; `Connection: close` honoured; redirects are not followed (an upstream API does
-not redirect, and following one could carry lockgate's credential elsewhere: the 3xx is the answer); idle connections reused per origin (http and
-https) for at most `keepalive_s`, and never after the peer closed them. A call cancelled part way
-(a timeout, a client that left) closes its connection: the upstream sees it and stops.
+not redirect, and following one could carry lockgate's credential elsewhere: the 3xx is the answer);
+idle connections reused per origin (http and https) for at most `keepalive_s`, and never after the
+peer closed them. A call cancelled part way, or a stream let go before its end (a timeout, a client
+that left), closes its connection: the upstream sees it and stops.
 The caller's timeouts stay the caller's: only the connect bound is applied here.
 """
 
@@ -19,12 +21,14 @@ import asyncio
 import ssl
 import time
 from collections.abc import Mapping
+from typing import NoReturn
 
 from yarl import URL
 
 from lockgate import __version__
 
 _MAX_HEAD = 64 * 1024
+_READ = 64 * 1024  # the most one read of a body takes
 _USER_AGENT = f"lockgate/{__version__}"
 
 
@@ -78,7 +82,18 @@ class H1Pool:
         self._heads: dict[URL, tuple[tuple[str, str, int], bytes]] = {}
 
     async def post(self, url: URL, body: bytes, headers: Mapping[str, str], connect_timeout_s: float | None) -> Answer:
-        """POST `body` to `url`; ConnectFailed/ConnectTimedOut before the request left, BrokenReply after."""
+        """POST `body` to `url` and read the whole answer; ConnectFailed/ConnectTimedOut before the
+        request left, BrokenReply after."""
+        stream = await self.open(url, body, headers, connect_timeout_s)
+        try:
+            body = await stream.read()
+        finally:
+            stream.release()
+        return Answer(stream.status, stream.headers, body)
+
+    async def open(self, url: URL, body: bytes, headers: Mapping[str, str], connect_timeout_s: float | None) -> Stream:
+        """POST `body` to `url` and return once the answer's head arrived: its body is read from the
+        Stream as it comes (an SSE stream's lines), and the Stream must be released."""
         origin, start = self._head(url)
         lines = [start]
         for name, value in headers.items():
@@ -88,18 +103,22 @@ class H1Pool:
         lines.append(b"Content-Length: %d\r\n\r\n" % len(body))
         lines.append(body)
         request = b"".join(lines)
-        async with self._slots:
+        await self._slots.acquire()
+        try:
             conn = self._reuse(origin)
             if conn is not None:
                 try:
-                    return await self._exchange(origin, conn, request)
+                    return await self._start(origin, conn, request)
                 except _Stale:
                     pass  # the peer closed it while idle and read nothing: a new connection is safe
             conn = await self._connect(origin, connect_timeout_s)
             try:
-                return await self._exchange(origin, conn, request)
+                return await self._start(origin, conn, request)
             except _Stale:
                 raise BrokenReply("the upstream closed the connection without answering") from None
+        except BaseException:
+            self._slots.release()
+            raise
 
     def close(self) -> None:
         """Close every idle connection (calls in flight close their own)."""
@@ -152,7 +171,8 @@ class H1Pool:
             raise ConnectFailed(str(exc)) from None
         return _Conn(reader, writer)
 
-    async def _exchange(self, origin: tuple[str, str, int], conn: _Conn, request: bytes) -> Answer:
+    async def _start(self, origin: tuple[str, str, int], conn: _Conn, request: bytes) -> Stream:
+        """Send the request and read the answer's head (1xx interim answers skipped)."""
         reader = conn.reader
         got_any = False
         try:
@@ -168,35 +188,137 @@ class H1Pool:
                 status, headers, length, chunked, close = _parse_head(head)
                 if status >= 200 or status == 101:
                     break  # 1xx interim answers (100 Continue, 103 Early Hints) are skipped
-            if status in (204, 304):
-                body = b""
-            elif chunked:
-                body = await _read_chunked(reader)
-            elif length is not None:
-                body = await reader.readexactly(length)
-            else:  # no length: the body runs to the end of the connection
-                body = await reader.read()
-                close = True
         except _Stale:
             conn.close()
             raise
         except BaseException as exc:
             conn.close()  # a cancelled or failed call leaves the connection in an unknown state
-            if isinstance(exc, ConnectionError | asyncio.IncompleteReadError | asyncio.LimitOverrunError | ValueError):
-                if not got_any and isinstance(exc, ConnectionResetError | BrokenPipeError):
-                    raise _Stale from None
+            if not got_any and isinstance(exc, ConnectionResetError | BrokenPipeError):
+                raise _Stale from None
+            if isinstance(exc, _BROKEN):
                 raise BrokenReply(f"{type(exc).__name__}: {exc}") from None
             raise
-        if close:
+        if status in (204, 304):
+            length, chunked = 0, False
+        return Stream(self, origin, conn, status, headers, length, chunked, close)
+
+    def _done(self, origin: tuple[str, str, int], conn: _Conn, reusable: bool) -> None:
+        """A Stream let go of its connection: back to the idle list if its answer was read whole."""
+        self._slots.release()
+        if not reusable:
             conn.close()
+            return
+        idle = self._idle.setdefault(origin, [])
+        if len(idle) < self._max_idle:
+            conn.idle_since = time.monotonic()
+            idle.append(conn)
         else:
-            idle = self._idle.setdefault(origin, [])
-            if len(idle) < self._max_idle:
-                conn.idle_since = time.monotonic()
-                idle.append(conn)
-            else:
-                conn.close()
-        return Answer(status, headers, body)
+            conn.close()
+
+
+class Stream:
+    """One answer whose body is read as it arrives: by lines (an SSE stream) or whole. `release()`
+    returns its connection to the pool when the body was read to its end, and closes it otherwise
+    (the upstream sees the close and stops generating)."""
+
+    __slots__ = ("_buf", "_chunk_left", "_chunked", "_close", "_conn", "_eof", "_left", "_origin", "_pool",
+                 "headers", "status")
+
+    def __init__(self, pool: H1Pool, origin: tuple[str, str, int], conn: _Conn, status: int,
+                 headers: dict[str, str], length: int | None, chunked: bool, close: bool) -> None:
+        self._pool: H1Pool | None = pool
+        self._origin = origin
+        self._conn = conn
+        self.status = status
+        self.headers = headers
+        self._chunked = chunked
+        self._left = None if chunked else length  # bytes of a Content-Length body still unread
+        self._chunk_left = 0  # bytes of the current chunk still unread
+        self._close = close or (length is None and not chunked)  # no length: the body runs to the close
+        self._eof = length == 0 and not chunked
+        self._buf = b""
+
+    async def readline(self) -> bytes:
+        """The next line, its b"\n" included; the last one may lack it; b"" at the end of the body."""
+        buf = self._buf
+        end = buf.find(b"\n")
+        while end < 0 and not self._eof:
+            piece = await self._piece()
+            end = piece.find(b"\n")
+            if end >= 0:
+                end += len(buf)
+            buf += piece
+        if end < 0:  # the body ended without a final newline
+            self._buf = b""
+            return buf
+        self._buf = buf[end + 1:]
+        return buf[:end + 1]
+
+    async def read(self) -> bytes:
+        """The rest of the body."""
+        if self._left and not self._buf:  # a body of known length, none of it read yet: one read
+            try:
+                data = await self._conn.reader.readexactly(self._left)
+            except BaseException as exc:
+                self._fail(exc)
+            self._left, self._eof = 0, True
+            return data
+        parts = [self._buf]
+        self._buf = b""
+        while not self._eof:
+            parts.append(await self._piece())
+        return b"".join(parts)
+
+    def release(self) -> None:
+        """Let go of the connection (once; later calls do nothing)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool._done(self._origin, self._conn, self._eof and not self._close)
+
+    async def _piece(self) -> bytes:
+        """The next bytes of the body as they arrive (BrokenReply if the connection fails first)."""
+        reader = self._conn.reader
+        try:
+            if self._chunked:
+                if self._chunk_left == 0:
+                    size_line = await reader.readuntil(b"\r\n")
+                    size = int(size_line.split(b";", 1)[0].strip(), 16)
+                    if size == 0:
+                        while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers, up to the blank line
+                            continue
+                        self._eof = True
+                        return b""
+                    self._chunk_left = size
+                data = await reader.read(self._chunk_left)
+                if not data:
+                    raise asyncio.IncompleteReadError(b"", self._chunk_left)
+                self._chunk_left -= len(data)
+                if self._chunk_left == 0:
+                    await reader.readexactly(2)  # the chunk's CRLF
+                return data
+            if self._left is None:  # read to close
+                data = await reader.read(_READ)
+                self._eof = not data
+                return data
+            data = await reader.read(min(self._left, _READ))
+            if not data:
+                raise asyncio.IncompleteReadError(b"", self._left)
+            self._left -= len(data)
+            self._eof = self._left == 0
+            return data
+        except BaseException as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> NoReturn:
+        self._close = True  # a cancelled or failed read leaves the connection in an unknown state
+        self.release()
+        if isinstance(exc, _BROKEN):
+            raise BrokenReply(f"{type(exc).__name__}: {exc}") from None
+        raise exc
+
+
+# What a connection that failed after the request left raises (a cancellation stays itself).
+_BROKEN = (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError)
 
 
 class _Stale(Exception):
@@ -234,16 +356,3 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str], int | None, bool, boo
         elif low == "connection":
             close = value.lower() == "close" or (close and value.lower() != "keep-alive")
     return status, headers, length, chunked, close
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    parts: list[bytes] = []
-    while True:
-        size_line = await reader.readuntil(b"\r\n")
-        size = int(size_line.split(b";", 1)[0].strip(), 16)
-        if size == 0:
-            while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers, if any, up to the blank line
-                continue
-            return b"".join(parts)
-        parts.append(await reader.readexactly(size))
-        await reader.readexactly(2)

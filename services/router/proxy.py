@@ -32,6 +32,7 @@ from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.services.router import domain
 from lockgate.services.router.admission import OPEN_ADMISSION, Admission
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
+from lockgate.services.router.h1 import BrokenReply
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.shadow import Shadow
@@ -326,6 +327,9 @@ class Proxy:
                                               "Cache-Control": "no-cache"})
             await out.prepare(request)
             hiding = False
+            # An event's lines go out in one write when the event ends (its blank line): one send for
+            # each event instead of one for each line.
+            pending: list[bytes] = []
             try:
                 async for line in prov.lines(reply.lines(), op.stream_usage):
                     if hiding:  # the blank line that closes a hidden event
@@ -341,19 +345,28 @@ class Proxy:
                             if usage_only and not want_usage:
                                 hiding = True
                                 continue
-                    await _write(out, line)
+                    pending.append(line)
                     if streamed is not None:
                         streamed.append(line)
+                    if line.endswith(b"\n\n") or not line.strip():
+                        await _write(out, b"".join(pending))
+                        pending.clear()
+                if pending:
+                    await _write(out, b"".join(pending))
+                    pending.clear()
             except _ClientGone:
                 # Stop reading and drop the upstream connection: the provider stops generating (and billing).
                 rec.status, rec.error_type = "error", "client_disconnected"
                 reply.close()
-            except (aiohttp.ClientError, TimeoutError) as exc:
+            except (BrokenReply, TimeoutError) as exc:
                 rec.status, rec.error_type = "error", f"stream_interrupted:{type(exc).__name__}"
             except UpstreamStreamError:
                 rec.status, rec.error_type = "error", "upstream_stream_error"
             except msgspec.DecodeError:
                 rec.status, rec.error_type = "error", "upstream_bad_chunk"
+            if pending and rec.error_type != "client_disconnected":  # what came before the upstream failed
+                with contextlib.suppress(_ClientGone):
+                    await _write(out, b"".join(pending))
             if rec.status == "ok":
                 with contextlib.suppress(ConnectionResetError):  # gone after the last byte: answered anyway
                     await out.write_eof()

@@ -86,7 +86,7 @@ class Reply:
     to pass on, and for a 200 stream its lines (the first one already read, so a retry or fallback
     was still possible until then and never after)."""
 
-    __slots__ = ("_broken", "_deadline", "_eof", "_first", "_resp", "_stall", "attempts", "body", "earlier",
+    __slots__ = ("_broken", "_deadline", "_first", "_stall", "_stream", "attempts", "body", "earlier",
                  "fallback_from", "fallback_reason", "headers", "hop", "status")
 
     def __init__(self, hop: Hop, status: int, headers: dict[str, str], attempts: int,
@@ -103,11 +103,10 @@ class Reply:
         # evidence about the release (a new canary on a recovering endpoint is not judged by it).
         self.earlier: list[Failed] = []
         self.body = b""
-        self._resp: aiohttp.ClientResponse | None = None
+        self._stream: h1.Stream | None = None
         self._first = b""
         self._stall = 0.0
         self._deadline = 0.0
-        self._eof = False
         self._broken: Callable[[], None] | None = None  # tells the endpoint's breaker the stream broke
 
     def attributes(self) -> dict[str, str]:
@@ -121,25 +120,25 @@ class Reply:
         return attrs
 
     async def lines(self) -> AsyncIterator[bytes]:
-        """The stream's lines; ChunkTimeout when the upstream stalls between two of them."""
-        if self._resp is None:
+        """The stream's lines; ChunkTimeout when the upstream stalls between two of them, BrokenReply
+        when its connection fails."""
+        stream = self._stream
+        if stream is None:
             return
         yield self._first
         loop = asyncio.get_running_loop()
-        content = self._resp.content
         while True:
             try:
                 async with asyncio.timeout_at(min(loop.time() + self._stall, self._deadline)):
-                    line = await content.readline()
+                    line = await stream.readline()
             except TimeoutError:
                 self._break()
                 raise ChunkTimeout(f"endpoint {self.hop.endpoint.id} sent nothing for "
                                    f"{self.hop.endpoint.timeouts.between_chunks_s:g} s") from None
-            except aiohttp.ClientError:
+            except h1.BrokenReply:
                 self._break()
                 raise
             if not line:
-                self._eof = True
                 return
             yield line
 
@@ -153,12 +152,9 @@ class Reply:
     def close(self) -> None:
         """Release the upstream connection; a stream left unfinished (the client went away, the
         upstream stalled) is closed, which cancels the upstream's generation."""
-        if self._resp is not None:
-            if self._eof:
-                self._resp.release()
-            else:
-                self._resp.close()
-            self._resp = None
+        if self._stream is not None:
+            self._stream.release()
+            self._stream = None
 
     async def __aenter__(self) -> Reply:
         return self
@@ -171,17 +167,13 @@ class _Health:
     """One endpoint's breaker, retry budget and first-byte latency (an exponentially weighted mean,
     for groups that choose by latency), shared by every request this replica sends there."""
 
-    __slots__ = ("breaker", "budget", "latency_s", "policy", "timeout")
+    __slots__ = ("breaker", "budget", "latency_s", "policy")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.latency_s: float | None = None
         self.breaker = resilience.Breaker(endpoint.breaker)
         self.budget = resilience.RetryBudget(endpoint.retry)
         self.policy = endpoint.retry.policy()
-        # Connect only: the first-byte, between-chunks and total bounds are the loop's timers below,
-        # because aiohttp's sock_read would also cut the (longer) wait for the first byte.
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=endpoint.timeouts.connect_s,
-                                             sock_read=None)
 
 
 class Failed(NamedTuple):
@@ -204,8 +196,8 @@ class Upstream:
 
     def __init__(self, session: aiohttp.ClientSession | None = None,
                  clock: Callable[[], float] = time.monotonic, draw: Callable[[], float] = random.random) -> None:
-        self.session = session  # streams (and the shadow's copies) go through aiohttp
-        self.pool = h1.H1Pool()  # non-streamed calls: a lighter keep-alive client (h1.py)
+        self.session = session  # the shadow's copies and `/v1/models` go through aiohttp
+        self.pool = h1.H1Pool()  # the requests themselves, streamed or not: a lighter keep-alive client (h1.py)
         self.draw = draw  # for a group's exploration share
         # Breakers and budgets read this clock (swappable so tests move time past a cooldown);
         # the request's own deadlines are the event loop's timers.
@@ -241,7 +233,6 @@ class Upstream:
         it is, or the last hop's 429/5xx when every hop failed with one); raises UpstreamUnavailable
         when no hop answered at all.
         """
-        assert self.session is not None, "Upstream.session is opened by the router's start"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + hops[0].endpoint.timeouts.total_s
         failures: list[Failed] = []
@@ -292,70 +283,47 @@ class Upstream:
 
     async def _try(self, hop: Hop, headers: dict[str, str], stream: bool, deadline: float,
                    h: _Health) -> tuple[Reply | None, Failed | None]:
-        """One call: a Reply when the hop answered with a 200 or a client error, else how it failed."""
+        """One call: a Reply when the hop answered with a 200 or a client error, else how it failed.
+        A 200 stream is answered once its first line came, so a retry or fallback is possible until
+        then and never after; the connect bound is the pool's, the others are the loop's timers."""
         ep = hop.endpoint
         loop = asyncio.get_running_loop()
-        resp: aiohttp.ClientResponse | None = None
         if hop.headers:  # the provider's own headers and lockgate's key for this endpoint, for it alone
             headers = {**headers, **hop.headers}
-        if not stream:
-            return await self._try_once(hop, headers, deadline)
+        opened: h1.Stream | None = None
         try:
             async with asyncio.timeout_at(min(loop.time() + ep.timeouts.first_byte_s, deadline)):
-                resp = await self.session.post(hop.url, data=hop.body, headers=headers,  # type: ignore[union-attr]
-                                               timeout=h.timeout)
-                status = resp.status
-                passed = returned_headers(resp.headers)
-                if status == 200 and stream:
-                    first = await resp.content.readline()
+                opened = await self.pool.open(hop.url, hop.body, headers, ep.timeouts.connect_s)
+                streaming = stream and opened.status == 200
+                if streaming:
+                    first = await opened.readline()
                 else:
-                    body = await resp.read()
-        except aiohttp.ServerTimeoutError:  # aiohttp's own timer: only sock_connect is set
-            return None, Failed(hop, "connect_timeout")
-        except aiohttp.ClientError:
-            if resp is not None:
-                resp.release()
-            return None, Failed(hop, "connect" if resp is None else "first_byte")
-        except TimeoutError:
-            if resp is not None:
-                resp.release()
-            return None, Failed(hop, "first_byte")
-        except BaseException:
-            if resp is not None:
-                resp.release()
-            raise
-        if status != 200 and resilience.retryable_status(status):
-            resp.release()
-            return None, Failed(hop, "http", status, body, passed)
-        reply = Reply(hop, status, passed, 1, None)
-        if status == 200 and stream:
-            reply._resp, reply._first = resp, first
-            reply._stall, reply._deadline = ep.timeouts.between_chunks_s, deadline
-            reply._broken = lambda: h.breaker.record(self.clock(), False)
-        else:
-            reply.body = body if status == 200 else _scrub(body, ep)
-            resp.release()
-        return reply, None
-
-    async def _try_once(self, hop: Hop, headers: dict[str, str], deadline: float) -> tuple[Reply | None, Failed | None]:
-        """A non-streamed call, over the keep-alive pool: the same bounds and verdicts as a stream's."""
-        ep = hop.endpoint
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout_at(min(loop.time() + ep.timeouts.first_byte_s, deadline)):
-                answer = await self.pool.post(hop.url, hop.body, headers, ep.timeouts.connect_s)
+                    body = await opened.read()
         except h1.ConnectTimedOut:
             return None, Failed(hop, "connect_timeout")
         except h1.ConnectFailed:
             return None, Failed(hop, "connect")
         except (h1.BrokenReply, TimeoutError):
+            if opened is not None:
+                opened.release()
             return None, Failed(hop, "first_byte")
-        status = answer.status
-        passed = returned_headers(answer.headers)
-        if status != 200 and resilience.retryable_status(status):
-            return None, Failed(hop, "http", status, answer.body, passed)
+        except BaseException:
+            if opened is not None:
+                opened.release()
+            raise
+        status = opened.status
+        passed = returned_headers(opened.headers)
+        if not streaming:
+            opened.release()
+            if status != 200 and resilience.retryable_status(status):
+                return None, Failed(hop, "http", status, body, passed)
         reply = Reply(hop, status, passed, 1, None)
-        reply.body = answer.body if status == 200 else _scrub(answer.body, ep)
+        if streaming:
+            reply._stream, reply._first = opened, first
+            reply._stall, reply._deadline = ep.timeouts.between_chunks_s, deadline
+            reply._broken = lambda: h.breaker.record(self.clock(), False)
+        else:
+            reply.body = body if status == 200 else _scrub(body, ep)
         return reply, None
 
     def _give_up(self, hops: Sequence[Hop], failures: list[Failed], attempts: int) -> Reply:

@@ -162,41 +162,48 @@ async def _overhead(env: BenchEnv) -> dict[str, Any]:
 
 async def paired(env: BenchEnv, tree: str, rounds: int = 5, n: int = N_REQUESTS) -> dict[str, Any]:
     """This checkout's router (A) and another checkout's (B, e.g. the commit before a change), both
-    served at once against one simulator, load rounds at concurrency 8 and 32 alternating A B, B A, ...:
-    a machine busy with other work slows both alike. Added latency (concurrency 8) is over the direct
-    calls of the same rounds; CPU per request is each router process's own (user + system from /proc,
-    the median over rounds, which a shared machine disturbs less than latency)."""
+    served at once against one simulator, load rounds at concurrency 8 and 32 (and 8 streamed) alternating
+    A B, B A, ...: a machine busy with other work slows both alike. Added latency (concurrency 8) is over
+    the direct calls of the same rounds (streamed: to the first event); CPU per request is each router
+    process's own (user + system from /proc, the median over rounds, which a shared machine disturbs less
+    than latency)."""
     _KEY["admin"] = bootstrap(env.home).admin_key
     async with _sim_process(env) as sim_url, _served_router(env, sim_url) as (a_url, a_pid), \
             _served_router(env, sim_url, tree) as (b_url, b_pid):
         routers = {"A": (a_url + "/v1", a_pid), "B": (b_url + "/v1", b_pid)}
         for url, _ in routers.values():
             await _remote_load(url, 300)  # warm-up
-        direct: list[float] = []
-        samples: dict[str, list[float]] = {"A": [], "B": []}
-        cpu: dict[tuple[str, int], list[float]] = {(name, c): [] for name in routers for c in (8, 32)}
-        rps: dict[tuple[str, int], list[float]] = {(name, c): [] for name in routers for c in (8, 32)}
+        # (concurrency, streamed): 8 and 32 as whole answers, 8 streamed (latency to the first event)
+        loads = ((8, False), (32, False), (8, True))
+        direct: dict[bool, list[float]] = {False: [], True: []}
+        samples: dict[tuple[str, bool], list[float]] = {(name, st): [] for name in routers for st in (False, True)}
+        cpu: dict[tuple[str, int, bool], list[float]] = {(name, *load): [] for name in routers for load in loads}
+        rps: dict[tuple[str, int, bool], list[float]] = {(name, *load): [] for name in routers for load in loads}
         for r in range(rounds):
-            direct += (await _remote_load(sim_url, n))[0]
-            for concurrency in (8, 32):
+            for streamed in (False, True):
+                direct[streamed] += (await _remote_load(sim_url, n, stream=streamed))[0]
+            for concurrency, streamed in loads:
                 for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
                     url, pid = routers[name]
                     cpu0 = _cpu_s(pid)
-                    got, secs = await _remote_load(url, n, concurrency)
-                    cpu[name, concurrency].append((_cpu_s(pid) - cpu0) * 1000.0 / n)
-                    rps[name, concurrency].append(n / secs)
+                    got, secs = await _remote_load(url, n, concurrency, stream=streamed)
+                    cpu[name, concurrency, streamed].append((_cpu_s(pid) - cpu0) * 1000.0 / n)
+                    rps[name, concurrency, streamed].append(n / secs)
                     if concurrency == 8:
-                        samples[name] += got
-        d = percentiles(direct)
+                        samples[name, streamed] += got
+        d, ds = percentiles(direct[False]), percentiles(direct[True])
         out: dict[str, Any] = {"A": "this checkout", "B": tree, "rounds": rounds, "requests_per_round": n,
-                               "direct": d}
+                               "direct": d, "direct_stream_first_event": ds}
         for name in ("A", "B"):
-            p = percentiles(samples[name])
+            p, ps = percentiles(samples[name, False]), percentiles(samples[name, True])
             out[name + "_figures"] = {
                 "added_p50_ms_c8": round(p["p50_ms"] - d["p50_ms"], 3),
                 "added_p99_ms_c8": round(p["p99_ms"] - d["p99_ms"], 3),
-                **{f"rps_c{c}": round(statistics.median(rps[name, c]), 1) for c in (8, 32)},
-                **{f"cpu_per_request_ms_c{c}": round(statistics.median(cpu[name, c]), 3) for c in (8, 32)}}
+                "stream_first_event_added_p50_ms_c8": round(ps["p50_ms"] - ds["p50_ms"], 3),
+                "stream_first_event_added_p99_ms_c8": round(ps["p99_ms"] - ds["p99_ms"], 3),
+                **{f"rps_c{c}": round(statistics.median(rps[name, c, False]), 1) for c in (8, 32)},
+                **{f"cpu_per_request_ms_c{c}": round(statistics.median(cpu[name, c, False]), 3) for c in (8, 32)},
+                "cpu_per_streamed_request_ms_c8": round(statistics.median(cpu[name, 8, True]), 3)}
         return out
 
 

@@ -13,6 +13,7 @@ Stacks (server / event loop / upstream client):
 - granian RSGI (embedded in the process's loop, HTTP in Rust) / uvloop / aiohttp, when granian is installed
 - aiohttp.web / uvloop / httpx.AsyncClient, when httpx is installed
 - aiohttp.web / uvloop / the router's HTTP/1.1 keep-alive pool (h1.py, its non-streamed upstream calls)
+- granian RSGI / uvloop / the h1 pool, when granian is installed
 
 Figures per stack at concurrency 8: added p50/p99 over the simulator called directly, requests/s, and
 the server process's CPU per request (user + system from /proc, every thread, granian's Rust runtime
@@ -44,6 +45,7 @@ STACKS: dict[str, tuple[str, str, str, str | None]] = {  # name: (server, loop, 
     "granian-rsgi/uvloop/aiohttp": ("granian", "uvloop", "aiohttp", "granian"),
     "aiohttp-web/uvloop/httpx": ("web", "uvloop", "httpx", "httpx"),
     "aiohttp-web/uvloop/h1pool": ("web", "uvloop", "h1", None),
+    "granian-rsgi/uvloop/h1pool": ("granian", "uvloop", "h1", "granian"),
 }
 _JSON = {"Content-Type": "application/json"}
 _UNAUTHORIZED = b'{"error": {"message": "invalid API key", "type": "invalid_request_error"}}'

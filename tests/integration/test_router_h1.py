@@ -140,3 +140,61 @@ async def test_a_cancelled_call_closes_its_connection_and_failures_are_typed() -
     with pytest.raises(ConnectFailed):
         await pool.post(URL(f"http://127.0.0.1:{closed}/v1"), b"{}", {}, 1.0)
     pool.close()
+
+
+def _chunked(*chunks: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n\r\n"
+
+
+_SSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + _chunked(b'data: {"a"',  # a line cut across two chunks
+                   b': 1}\n\ndata: {"b": 2}\n\n',  # the rest of it and a whole event in one chunk
+                   b"data: [DONE]\n\n"))
+
+
+async def test_a_stream_is_read_by_lines_and_its_connection_reused_once_read_to_the_end() -> None:
+    pool = H1Pool()
+    async with _serving(lambda _req: _SSE) as up:
+        for _ in range(2):
+            stream = await pool.open(up.url, b"{}", {}, 1.0)
+            assert (stream.status, stream.headers["Content-Type"]) == (200, "text/event-stream")
+            lines = []
+            while line := await stream.readline():
+                lines.append(line)
+            stream.release()
+            assert lines == [b'data: {"a": 1}\n', b"\n", b'data: {"b": 2}\n', b"\n", b"data: [DONE]\n", b"\n"]
+        assert up.connections == 1 and len(up.requests) == 2
+    # Bodies with a length and read to the close, the last line without its newline.
+    async with _serving(lambda _req: b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\none\ntwo\nz") as up:
+        stream = await pool.open(up.url, b"{}", {}, 1.0)
+        assert [await stream.readline() for _ in range(4)] == [b"one\n", b"two\n", b"z", b""]
+        stream.release()
+    async with _serving(lambda _req: b"HTTP/1.0 200 OK\r\n\r\nline\nlast", close_after=True) as up:
+        stream = await pool.open(up.url, b"{}", {}, 1.0)
+        assert [await stream.readline() for _ in range(3)] == [b"line\n", b"last", b""]
+        stream.release()
+    pool.close()
+
+
+async def test_a_stream_let_go_before_its_end_closes_its_connection_and_frees_its_slot() -> None:
+    pool = H1Pool(limit=1)
+    unfinished = _chunked(b'data: {"a": 1}\n')[:-5]  # no last chunk
+    unfinished = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + unfinished
+    async with _serving(lambda _req: unfinished) as up:
+        stream = await pool.open(up.url, b"{}", {}, 1.0)
+        assert await stream.readline() == b'data: {"a": 1}\n'
+        stream.release()  # the client went away mid-stream
+        await up.closed.wait()  # the upstream saw the hang-up: it stops generating
+        async with asyncio.timeout(5):  # the only slot is free again: this call does not wait for it
+            again = await pool.open(up.url, b"{}", {}, 1.0)
+        again.release()
+        assert up.connections == 2
+    # A stream whose connection breaks part way raises BrokenReply, and its slot is freed too.
+    async with _serving(lambda _req: unfinished, close_after=True) as up:
+        stream = await pool.open(up.url, b"{}", {}, 1.0)
+        assert await stream.readline() == b'data: {"a": 1}\n'
+        with pytest.raises(BrokenReply):
+            await stream.readline()
+        async with asyncio.timeout(5):
+            (await pool.open(up.url, b"{}", {}, 1.0)).release()
+    pool.close()
