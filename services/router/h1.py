@@ -40,6 +40,10 @@ class ConnectTimedOut(ConnectFailed):
     """The connection was not accepted within the connect timeout."""
 
 
+class Stalled(TimeoutError):
+    """A stream's next bytes did not come within its stall bound, or its time ran out (`Stream.stall_after`)."""
+
+
 class BrokenReply(Exception):
     """The connection failed after the request was sent, or the answer was not valid HTTP/1.1."""
 
@@ -221,8 +225,8 @@ class Stream:
     returns its connection to the pool when the body was read to its end, and closes it otherwise
     (the upstream sees the close and stops generating)."""
 
-    __slots__ = ("_buf", "_chunk_left", "_chunked", "_close", "_conn", "_eof", "_left", "_origin", "_pool",
-                 "headers", "status")
+    __slots__ = ("_buf", "_chunk_left", "_chunked", "_close", "_conn", "_deadline", "_eof", "_left", "_origin",
+                 "_loop", "_pool", "_since", "_stall", "_timer", "headers", "status")
 
     def __init__(self, pool: H1Pool, origin: tuple[str, str, int], conn: _Conn, status: int,
                  headers: dict[str, str], length: int | None, chunked: bool, close: bool) -> None:
@@ -237,6 +241,35 @@ class Stream:
         self._close = close or (length is None and not chunked)  # no length: the body runs to the close
         self._eof = length == 0 and not chunked
         self._buf = b""
+        self._stall = self._deadline = 0.0
+        self._since: float | None = None  # when the read now waiting for bytes began
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def stall_after(self, seconds: float, deadline: float) -> None:
+        """From now on a read fails with Stalled when the body's next bytes take more than `seconds`,
+        or the loop's clock passes `deadline`.
+
+        One timer for the whole stream, which looks at the read in progress when it fires, instead of
+        a timeout armed and cancelled around every line: a stream of many small events pays a time
+        stamp per read. The timer fails only a read that is waiting, never bytes already buffered."""
+        loop = self._loop = asyncio.get_running_loop()
+        self._stall, self._deadline = seconds, deadline
+        self._timer = loop.call_at(min(loop.time() + seconds, deadline), self._check)
+
+    def _check(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        since = self._since
+        if since is not None and (now - since >= self._stall or now >= self._deadline):
+            self._timer = None
+            self._conn.reader.set_exception(Stalled(f"no bytes for {now - since:.3g} s"))
+            return
+        if now >= self._deadline:  # no read is waiting: the next one fails as it starts
+            self._timer = None
+            return
+        self._timer = loop.call_at(min((now if since is None else since) + self._stall, self._deadline), self._check)
 
     async def readline(self) -> bytes:
         """The next line, its b"\n" included; the last one may lack it; b"" at the end of the body."""
@@ -272,12 +305,19 @@ class Stream:
     def release(self) -> None:
         """Let go of the connection (once; later calls do nothing)."""
         pool, self._pool = self._pool, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if pool is not None:
             pool._done(self._origin, self._conn, self._eof and not self._close)
 
     async def _piece(self) -> bytes:
         """The next bytes of the body as they arrive (BrokenReply if the connection fails first)."""
         reader = self._conn.reader
+        if self._loop is not None:
+            self._since = now = self._loop.time()
+            if now >= self._deadline:
+                self._fail(Stalled("the stream's time ran out"))
         try:
             if self._chunked:
                 if self._chunk_left == 0:
@@ -308,6 +348,8 @@ class Stream:
             return data
         except BaseException as exc:
             self._fail(exc)
+        finally:
+            self._since = None
 
     def _fail(self, exc: BaseException) -> NoReturn:
         self._close = True  # a cancelled or failed read leaves the connection in an unknown state

@@ -126,12 +126,11 @@ class Reply:
         if stream is None:
             return
         yield self._first
-        loop = asyncio.get_running_loop()
+        stream.stall_after(self._stall, self._deadline)
         while True:
             try:
-                async with asyncio.timeout_at(min(loop.time() + self._stall, self._deadline)):
-                    line = await stream.readline()
-            except TimeoutError:
+                line = await stream.readline()
+            except h1.Stalled:
                 self._break()
                 raise ChunkTimeout(f"endpoint {self.hop.endpoint.id} sent nothing for "
                                    f"{self.hop.endpoint.timeouts.between_chunks_s:g} s") from None

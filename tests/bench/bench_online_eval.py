@@ -64,9 +64,9 @@ async def run(env: BenchEnv) -> dict[str, Any]:
                 async with stack(env, "evaluator", prefix=settings.prefix, database=settings.database,
                                  online_eval_sample=rate) as st:
                     evaluator = st.services["evaluator"]
-                    direct, _ = await bench_router._remote_load(sim_url, N_REQUESTS, CONCURRENCY)
+                    direct = (await bench_router._remote_load(sim_url, N_REQUESTS, CONCURRENCY)).samples
                     cpu0 = bench_router._cpu_s(pid)
-                    routed, _ = await bench_router._remote_load(router_url + "/v1", N_REQUESTS, CONCURRENCY)
+                    routed = (await bench_router._remote_load(router_url + "/v1", N_REQUESTS, CONCURRENCY)).samples
                     cpu[rate] += bench_router._cpu_s(pid) - cpu0
                     samples[rate]["direct"] += direct
                     samples[rate]["routed"] += routed

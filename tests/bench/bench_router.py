@@ -26,7 +26,8 @@ from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
 from lockgate.server.apikeys import bootstrap
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process, stack
+from tests.bench import loadgen
+from tests.bench.common import SIM_PIDS, BenchEnv, bench_env, percentiles, sim_process, stack
 from tests.helpers import Process, break_glass, printed_endpoints, register_model_release, store_pass
 
 N_REQUESTS = 3000
@@ -36,53 +37,15 @@ TRIALS = 50
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 
 
-async def _load(session: aiohttp.ClientSession, url: str, n: int, concurrency: int,
-                stream: bool = False) -> tuple[list[float], float]:
-    """n requests from `concurrency` workers; per-request ms (to the first streamed event when
-    `stream`) and total seconds."""
-    samples: list[float] = []
-    todo = iter(range(n))
-
-    async def worker(w: int) -> None:
-        for i in todo:
-            body = {**BODY, "user": f"u{w}-{i}", "stream": stream}
-            t0 = time.perf_counter()
-            async with session.post(f"{url}/chat/completions", json=body) as resp:
-                if resp.status != 200:
-                    raise RuntimeError(f"HTTP {resp.status}")
-                if stream:
-                    async for line in resp.content:
-                        if line.startswith(b"data:"):
-                            samples.append((time.perf_counter() - t0) * 1000.0)
-                            break
-                    await resp.read()
-                else:
-                    await resp.read()
-                    samples.append((time.perf_counter() - t0) * 1000.0)
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker(w) for w in range(concurrency)))
-    return samples, time.perf_counter() - t0
-
-
 def _sim_process(env: BenchEnv) -> contextlib.AbstractAsyncContextManager[str]:
     return sim_process(env, "models:\n  m:\n    default: fine thanks\n")
 
 
-async def _remote_load(url: str, n: int, concurrency: int = CONCURRENCY, stream: bool = False,
-                       ) -> tuple[list[float], float]:
-    """Run the load generator in a child process so its CPU does not slow the router."""
+async def _remote_load(url: str, n: int, concurrency: int = CONCURRENCY, stream: bool = False) -> loadgen.Load:
+    """The load generator in a child process, so its CPU does not slow the router."""
     # The router takes only lockgate API keys (the simulator ignores the header): authentication is on
     # in the measured path, as in production.
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.bench.bench_router", "--load", url, str(n), str(concurrency),
-        *(["--stream"] if stream else []),
-        stdout=asyncio.subprocess.PIPE, env={**os.environ, "LOCKGATE_BENCH_KEY": _KEY.get("admin", "")})
-    out, _ = await proc.communicate()
-    if proc.returncode:
-        raise RuntimeError("load generator failed")
-    data = json.loads(out)
-    return data["samples"], data["seconds"]
+    return await loadgen.remote(url, _KEY.get("admin", ""), n, concurrency, stream)
 
 
 _KEY: dict[str, str] = {}
@@ -127,6 +90,7 @@ async def _served_router(env: BenchEnv, upstream: str, tree: str = "") -> AsyncI
 async def _overhead(env: BenchEnv) -> dict[str, Any]:
     _KEY["admin"] = bootstrap(env.home).admin_key
     async with _sim_process(env) as sim_url, _served_router(env, sim_url) as (router_url, pid):
+        sim_pid = SIM_PIDS[sim_url]
         await _remote_load(sim_url, 300)  # warm-up
         await _remote_load(router_url + "/v1", 300)
         out: dict[str, Any] = {"requests": N_REQUESTS, "router": "lockgate serve router (own process, uvloop)",
@@ -136,10 +100,10 @@ async def _overhead(env: BenchEnv) -> dict[str, Any]:
         # Concurrency 1 is the latency the router adds to one call; 8 is LiteLLM's published
         # comparison point; 32 queues on the router's single event loop and shows its peak rate.
         for concurrency in CONCURRENCIES:
-            direct, _ = await _remote_load(sim_url, N_REQUESTS, concurrency)
-            cpu0 = _cpu_s(pid)
-            routed, seconds = await _remote_load(router_url + "/v1", N_REQUESTS, concurrency)
-            cpu = _cpu_s(pid) - cpu0
+            direct = (await _remote_load(sim_url, N_REQUESTS, concurrency)).samples
+            cpu0, sim0 = _cpu_s(pid), _cpu_s(sim_pid)
+            routed, seconds, load_cpu = await _remote_load(router_url + "/v1", N_REQUESTS, concurrency)
+            cpu, sim_cpu = _cpu_s(pid) - cpu0, _cpu_s(sim_pid) - sim0
             d, r = percentiles(direct), percentiles(routed)
             out[f"concurrency_{concurrency}"] = {
                 "direct": d,
@@ -148,14 +112,20 @@ async def _overhead(env: BenchEnv) -> dict[str, Any]:
                 "overhead_p99_ms": round(r["p99_ms"] - d["p99_ms"], 3),
                 "routed_rps": round(N_REQUESTS / seconds, 1),
                 "router_cpu_per_request_ms": round(cpu * 1000.0 / N_REQUESTS, 3),
+                # The rest of the two cores' work per routed request: the simulator's and the client's.
+                "simulator_cpu_per_request_ms": round(sim_cpu * 1000.0 / N_REQUESTS, 3),
+                "load_generator_cpu_per_request_ms": round(load_cpu * 1000.0 / N_REQUESTS, 3),
             }
         out["max_rps"] = max(out[f"concurrency_{c}"]["routed_rps"] for c in CONCURRENCIES)
-        direct, _ = await _remote_load(sim_url, N_REQUESTS, CONCURRENCY, stream=True)
-        routed, _ = await _remote_load(router_url + "/v1", N_REQUESTS, CONCURRENCY, stream=True)
+        direct = (await _remote_load(sim_url, N_REQUESTS, CONCURRENCY, stream=True)).samples
+        cpu0 = _cpu_s(pid)
+        routed = (await _remote_load(router_url + "/v1", N_REQUESTS, CONCURRENCY, stream=True)).samples
+        cpu = _cpu_s(pid) - cpu0
         d, r = percentiles(direct), percentiles(routed)
         out["stream_first_event_concurrency_8"] = {
             "direct": d, "routed": r, "added_p50_ms": round(r["p50_ms"] - d["p50_ms"], 3),
-            "added_p99_ms": round(r["p99_ms"] - d["p99_ms"], 3)}
+            "added_p99_ms": round(r["p99_ms"] - d["p99_ms"], 3),
+            "router_cpu_per_request_ms": round(cpu * 1000.0 / N_REQUESTS, 3)}
         out["loaded_rss_mib"] = _rss_mib(pid)
         return out
 
@@ -181,12 +151,12 @@ async def paired(env: BenchEnv, tree: str, rounds: int = 5, n: int = N_REQUESTS)
         rps: dict[tuple[str, int, bool], list[float]] = {(name, *load): [] for name in routers for load in loads}
         for r in range(rounds):
             for streamed in (False, True):
-                direct[streamed] += (await _remote_load(sim_url, n, stream=streamed))[0]
+                direct[streamed] += (await _remote_load(sim_url, n, stream=streamed)).samples
             for concurrency, streamed in loads:
                 for name in ("A", "B") if r % 2 == 0 else ("B", "A"):
                     url, pid = routers[name]
                     cpu0 = _cpu_s(pid)
-                    got, secs = await _remote_load(url, n, concurrency, stream=streamed)
+                    got, secs, _ = await _remote_load(url, n, concurrency, stream=streamed)
                     cpu[name, concurrency, streamed].append((_cpu_s(pid) - cpu0) * 1000.0 / n)
                     rps[name, concurrency, streamed].append(n / secs)
                     if concurrency == 8:
@@ -228,7 +198,7 @@ async def _shadow_overhead(env: BenchEnv) -> dict[str, Any]:
                                                   "strategy": strategy}) as resp:
                     assert resp.status == 200, await resp.text()
                 await router.rollouts.wait_for(lambda r: r[st.ctx.settings.deployment].phase == "progressing", 10)
-                routed, seconds = await _remote_load(router.url + "/v1", N_REQUESTS)
+                routed, seconds, _ = await _remote_load(router.url + "/v1", N_REQUESTS)
                 budget = router.rollouts.shadow_budget(router.rollouts.route(st.ctx.settings.deployment))
                 out[label] = {**percentiles(routed), "rps": round(N_REQUESTS / seconds, 1),
                               "mirrored": budget.sent if budget else 0}
@@ -352,23 +322,13 @@ async def run(env: BenchEnv) -> dict[str, Any]:
     return {"overhead": overhead, "shadow_overhead": shadow, "decision_to_weight": reaction, **closed_loop}
 
 
-async def _load_main(url: str, n: int, concurrency: int, stream: bool) -> None:
-    headers = {"Authorization": f"Bearer {os.environ.get('LOCKGATE_BENCH_KEY', '')}"}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64), headers=headers) as session:
-        samples, seconds = await _load(session, url, n, concurrency, stream)
-    print(json.dumps({"samples": samples, "seconds": seconds}))
-
-
 async def _main(tree: str = "") -> None:
     async with bench_env() as env:
         print(json.dumps(await (paired(env, tree) if tree else run(env)), indent=2))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 5 and sys.argv[1] == "--load":
-        asyncio.run(_load_main(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), "--stream" in sys.argv))
-    else:
-        import uvloop  # the loop `lockgate up` and `lockgate serve` run on
+    import uvloop  # the loop `lockgate up` and `lockgate serve` run on
 
-        # `--paired TREE`: this checkout against TREE's code, side by side (see `paired`).
-        uvloop.run(_main(sys.argv[2] if len(sys.argv) == 3 and sys.argv[1] == "--paired" else ""))
+    # `--paired TREE`: this checkout against TREE's code, side by side (see `paired`).
+    uvloop.run(_main(sys.argv[2] if len(sys.argv) == 3 and sys.argv[1] == "--paired" else ""))

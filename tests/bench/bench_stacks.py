@@ -3,7 +3,7 @@
 Every stack runs the same hop in its own process: authenticate the bearer key (lockgate's KeyStore,
 as the router does), POST the chat completion body to the simulator, return its bytes. Nothing else
 (no events, no tracing): the figures are the stack's own cost, the floor under lockgate's router.
-The same load generator as the router bench (a child process, aiohttp, keep-alive) drives each
+The same load generator as the router bench (tests/bench/loadgen.py, a child process, keep-alive) drives each
 stack in turn, round after round, so a machine shared with other work slows them all alike.
 
 Stacks (server / event loop / upstream client):
@@ -27,13 +27,13 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import os
 import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 from lockgate.server.apikeys import AuthError, KeyStore, bearer, bootstrap
+from tests.bench import loadgen
 from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process
 
 N_REQUESTS = 2000
@@ -193,14 +193,8 @@ async def _stack_process(name: str, upstream: str, home: str) -> AsyncIterator[t
 
 
 async def _load(url: str, key: str, n: int, concurrency: int) -> tuple[list[float], float]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.bench.bench_router", "--load", url, str(n), str(concurrency),
-        stdout=asyncio.subprocess.PIPE, env={**os.environ, "LOCKGATE_BENCH_KEY": key})
-    out, _ = await proc.communicate()
-    if proc.returncode:
-        raise RuntimeError(f"load generator failed against {url}")
-    data = json.loads(out)
-    return data["samples"], data["seconds"]
+    samples, seconds, _ = await loadgen.remote(url, key, n, concurrency)
+    return samples, seconds
 
 
 def _cpu_s(pid: int) -> float:

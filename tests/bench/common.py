@@ -75,6 +75,9 @@ async def stack(env: BenchEnv, *names: str, **overrides: Any) -> AsyncIterator[S
         await bus.close()
 
 
+SIM_PIDS: dict[str, int] = {}  # the simulator process serving each URL, for benches that count its CPU
+
+
 @contextlib.asynccontextmanager
 async def sim_process(env: BenchEnv, config_yaml: str) -> AsyncIterator[str]:
     """The simulator in a child process (its CPU is not charged to what is measured); yields its
@@ -93,7 +96,9 @@ async def sim_process(env: BenchEnv, config_yaml: str) -> AsyncIterator[str]:
         line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
         if "serving" not in line:
             raise RuntimeError(f"simulator did not start: {line!r}")
-        yield line.rsplit(" at ", 1)[1].strip()  # the URL with the port it bound
+        url = line.rsplit(" at ", 1)[1].strip()  # the URL with the port it bound
+        SIM_PIDS[url] = proc.pid
+        yield url
     finally:
         proc.terminate()
         await proc.wait()

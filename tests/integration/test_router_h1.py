@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from yarl import URL
 
-from lockgate.services.router.h1 import BrokenReply, ConnectFailed, H1Pool
+from lockgate.services.router.h1 import BrokenReply, ConnectFailed, H1Pool, Stalled
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -197,4 +197,26 @@ async def test_a_stream_let_go_before_its_end_closes_its_connection_and_frees_it
             await stream.readline()
         async with asyncio.timeout(5):
             (await pool.open(up.url, b"{}", {}, 1.0)).release()
+    pool.close()
+
+
+async def test_a_stalled_stream_fails_the_read_that_waits_and_never_the_bytes_already_come() -> None:
+    pool = H1Pool()
+    silent_after = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(b"data: 1\n\ndata: 2\n\n")[:-5]
+    loop = asyncio.get_running_loop()
+    async with _serving(lambda _req: silent_after) as up:
+        stream = await pool.open(up.url, b"{}", {}, 1.0)
+        stream.stall_after(0.1, loop.time() + 30)
+        # The consumer is busy for longer than the bound (a slow client): what arrived meanwhile is read.
+        await asyncio.sleep(0.3)
+        assert [await stream.readline() for _ in range(4)] == [b"data: 1\n", b"\n", b"data: 2\n", b"\n"]
+        with pytest.raises(Stalled):  # then the upstream says nothing for longer than the bound
+            await stream.readline()
+        await up.closed.wait()  # the connection was dropped: the upstream stops generating
+        stream.release()
+        # The stream's whole time ran out: the next read fails as it starts.
+        stream = await pool.open(up.url, b"{}", {}, 1.0)
+        stream.stall_after(10.0, loop.time())
+        with pytest.raises(Stalled):
+            await stream.readline()
     pool.close()
