@@ -6,6 +6,8 @@ style of `domain`; `Rollouts` applies the result with compare-and-set so replica
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 
 from lockgate.contracts import DriftReport, GateDecided
@@ -54,6 +56,19 @@ def collecting(route: Route) -> bool:
     bg = bluegreen.spec(route)
     return analysed(route) or (bg is not None and bg.post_promotion_analysis is not None
                                and route.phase == "progressing")
+
+
+# How far back a router that starts mid-rollout reads drift reports at most: a long rollout's older reports
+# are likely outdated by newer ones, and the read must not hold the start for long (one get per report).
+DRIFT_REPLAY_MAX_S = 3600.0
+
+
+def drift_replay_since(routes: Iterable[Route], now: float) -> float | None:
+    """From when (unix seconds) drift reports may be evidence for the rollouts under analysis: the earliest start
+    of one (an analysis reads no report of a window that ended before its rollout started), at most
+    `DRIFT_REPLAY_MAX_S` before `now`; None when no rollout collects evidence."""
+    starts = [r.started_at for r in routes if collecting(r)]
+    return max(min(starts), now - DRIFT_REPLAY_MAX_S) if starts else None
 
 
 def shadowing(route: Route) -> bool:

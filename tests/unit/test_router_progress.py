@@ -223,3 +223,13 @@ def test_drift_during_post_promotion_analysis_rolls_back() -> None:
     assert back is not None and back.stable.release == "r1" and back.phase == "aborted"
     assert back.reason.startswith("rolled back r2: drift report ") and "during post-promotion analysis" in back.reason
     assert progress.on_drift(msgspec.structs.replace(promoted, promoted_at=250.0), _report()) is None  # older window
+
+
+def test_drift_reports_are_replayed_from_the_earliest_rollout_under_analysis_at_most_an_hour_back() -> None:
+    other = msgspec.structs.replace(_live(), deployment="e", started_at=40.0)
+    idle = msgspec.structs.replace(_live(), deployment="f", strategy=None, started_at=10.0)  # no analysis: no evidence
+    assert progress.drift_replay_since([_live(), other, idle], now=200.0) == 40.0
+    assert progress.drift_replay_since([_live()], now=100.0 + 2 * progress.DRIFT_REPLAY_MAX_S) == (
+        100.0 + progress.DRIFT_REPLAY_MAX_S)
+    assert progress.drift_replay_since([idle], now=200.0) is None
+    assert progress.drift_replay_since([], now=200.0) is None
