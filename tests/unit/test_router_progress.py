@@ -225,7 +225,7 @@ def test_drift_during_post_promotion_analysis_rolls_back() -> None:
     assert progress.on_drift(msgspec.structs.replace(promoted, promoted_at=250.0), _report()) is None  # older window
 
 
-def test_drift_reports_are_replayed_from_the_earliest_rollout_under_analysis_at_most_an_hour_back() -> None:
+def test_drift_reports_are_replayed_from_the_earliest_rollout_under_analysis_within_a_bound() -> None:
     other = msgspec.structs.replace(_live(), deployment="e", started_at=40.0)
     idle = msgspec.structs.replace(_live(), deployment="f", strategy=None, started_at=10.0)  # no analysis: no evidence
     assert progress.drift_replay_since([_live(), other, idle], now=200.0) == 40.0
