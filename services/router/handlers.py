@@ -95,25 +95,24 @@ def scores_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
 
 
 async def replay_drift(rollouts: Rollouts) -> int:
-    """At start, after subscribing to live reports: the drift reports stored since the earliest rollout under
-    analysis started (`progress.drift_replay_since`) as evidence, so a replica that (re)starts mid-rollout does
-    not hold its drift metric WAITING until the monitor's next report. Returns how many were taken. An
-    unreadable message is skipped and a stream that cannot be read ends the replay, both logged: the start
-    goes on, and evidence then comes from live reports only."""
-    since = progress.drift_replay_since(rollouts.routes.values(), time.time())
-    if since is None:
-        return 0
+    """At start, after subscribing to live reports: the drift reports each deployment under analysis got since its
+    rollout started (`progress.drift_replay`), as evidence, so a replica that (re)starts mid-rollout does not
+    hold its drift metric WAITING until the monitor's next report. Returns how many were taken. An unreadable
+    message is skipped and a stream that cannot be read ends the replay, both logged: the start goes on, and
+    evidence then comes from live reports only."""
     bus = rollouts.ctx.bus
     stream, taken = bus.subjects.streams["events"].name, 0
     try:
-        async for seq, subject, data in bus.stored_since(stream, bus.subjects.drift_all, since):
-            try:
-                report = _drift.decode(data)
-            except msgspec.DecodeError as exc:
-                log.warning("drift replay skipped unreadable message %d of %s on %s: %s", seq, stream, subject, exc)
-                continue
-            rollouts.observe_drift(report)
-            taken += 1
+        for deployment, since in progress.drift_replay(rollouts.routes.values(), time.time()).items():
+            async for seq, subject, data in bus.stored_since(stream, bus.subjects.drift(deployment), since):
+                try:
+                    report = _drift.decode(data)
+                except msgspec.DecodeError as exc:
+                    log.warning("drift replay skipped unreadable message %d of %s on %s: %s", seq, stream, subject,
+                                exc)
+                    continue
+                rollouts.observe_drift(report)
+                taken += 1
     except LockgateError as exc:
         log.warning("drift replay stopped after %d reports (evidence comes from live reports): %s", taken, exc)
     return taken

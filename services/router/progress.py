@@ -65,12 +65,11 @@ def collecting(route: Route) -> bool:
 DRIFT_REPLAY_MAX_S = 900.0
 
 
-def drift_replay_since(routes: Iterable[Route], now: float) -> float | None:
-    """From when (unix seconds) drift reports may be evidence for the rollouts under analysis: the earliest start
-    of one (an analysis reads no report of a window that ended before its rollout started), at most
-    `DRIFT_REPLAY_MAX_S` before `now`; None when no rollout collects evidence."""
-    starts = [r.started_at for r in routes if collecting(r)]
-    return max(min(starts), now - DRIFT_REPLAY_MAX_S) if starts else None
+def drift_replay(routes: Iterable[Route], now: float) -> dict[str, float]:
+    """The deployments whose rollouts are under analysis, each with the time (unix seconds) from which its drift
+    reports may be evidence: its rollout's start (an analysis reads no report of a window that ended before
+    it), at most `DRIFT_REPLAY_MAX_S` before `now`."""
+    return {r.deployment: max(r.started_at, now - DRIFT_REPLAY_MAX_S) for r in routes if collecting(r)}
 
 
 def shadowing(route: Route) -> bool:
