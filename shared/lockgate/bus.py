@@ -287,8 +287,8 @@ class Bus:
 
         Read by message gets, not a consumer: an identity that may read the stream (`_read_stream`) needs no
         right to create consumers on it, and nothing is left on the server. The first message is found by a
-        binary search on stored times (about log2 of the stream's length in gets; a get by start time needs
-        nats-server 2.11), then each next one on the subject is one get."""
+        binary search on stored times (about log2 of the stream's length in gets; a get by start time would
+        need nats-server 2.11, compose runs 2.10), then each next one on the subject is one get."""
         try:
             state = (await self._unless_refused(f"{_API}.STREAM.INFO.{stream}",
                                                 lambda: self.js.stream_info(stream))).state
@@ -296,7 +296,7 @@ class Bus:
             raise BusUnavailable(f"cannot read the state of stream {stream}: {exc!r}") from None
         if not state.messages:
             return
-        last = state.last_seq  # messages stored from now on arrive by the caller's subscription
+        last = state.last_seq  # a bounded read: what is stored from now on is for a subscription to see
         lo, hi = state.first_seq, last + 1
         while lo < hi:  # the first sequence whose next message on `subject` is recent enough (or absent)
             mid = (lo + hi) // 2
