@@ -3,6 +3,8 @@ out (via Rollouts)."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 
@@ -11,8 +13,11 @@ from nats.aio.msg import Msg
 
 from lockgate.bus import Delivery, Handler
 from lockgate.contracts import DriftReport, GateDecided, InferenceEvent, InferenceScored
-from lockgate.errors import SignatureError
+from lockgate.errors import LockgateError, SignatureError
+from lockgate.services.router import progress
 from lockgate.services.router.rollouts import Rollouts
+
+log = logging.getLogger("lockgate.router")
 
 _inference = msgspec.json.Decoder(list[InferenceEvent] | InferenceEvent)
 _scored = msgspec.json.Decoder(InferenceScored)
@@ -87,3 +92,27 @@ def drift_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
 def scores_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
     """For `eval.scores.>`: online scores of sampled live answers."""
     return _evidence(rollouts, lambda data: rollouts.observe_scores([_scored.decode(data)]))
+
+
+async def replay_drift(rollouts: Rollouts) -> int:
+    """At start, after subscribing to live reports: the drift reports each deployment under analysis got since its
+    rollout started (`progress.drift_replay`), as evidence, so a replica that (re)starts mid-rollout does not
+    hold its drift metric WAITING until the monitor's next report. Returns how many were taken. An unreadable
+    message is skipped and a stream that cannot be read ends the replay, both logged: the start goes on, and
+    evidence then comes from live reports only."""
+    bus = rollouts.ctx.bus
+    stream, taken = bus.subjects.streams["events"].name, 0
+    try:
+        for deployment, since in progress.drift_replay(rollouts.routes.values(), time.time()).items():
+            async for seq, subject, data in bus.stored_since(stream, bus.subjects.drift(deployment), since):
+                try:
+                    report = _drift.decode(data)
+                except msgspec.DecodeError as exc:
+                    log.warning("drift replay skipped unreadable message %d of %s on %s: %s", seq, stream, subject,
+                                exc)
+                    continue
+                rollouts.observe_drift(report)
+                taken += 1
+    except LockgateError as exc:
+        log.warning("drift replay stopped after %d reports (evidence comes from live reports): %s", taken, exc)
+    return taken

@@ -6,6 +6,8 @@ style of `domain`; `Rollouts` applies the result with compare-and-set so replica
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 
 from lockgate.contracts import DriftReport, GateDecided
@@ -54,6 +56,20 @@ def collecting(route: Route) -> bool:
     bg = bluegreen.spec(route)
     return analysed(route) or (bg is not None and bg.post_promotion_analysis is not None
                                and route.phase == "progressing")
+
+
+# How far back a router that starts mid-rollout reads drift reports at most. The monitor reports every
+# `drift_window_size` events per deployment (500: one every 8 minutes at 1 request/s), so this covers a quiet
+# deployment's last report; a busy one reports often (its next report comes soon anyway), and the read, one
+# message get per report (about 0.5 ms), holds the start: 2,000 reports took about 1 s on a 2-vCPU machine.
+DRIFT_REPLAY_MAX_S = 900.0
+
+
+def drift_replay(routes: Iterable[Route], now: float) -> dict[str, float]:
+    """The deployments whose rollouts are under analysis, each with the time (unix seconds) from which its drift
+    reports may be evidence: its rollout's start (an analysis reads no report of a window that ended before
+    it), at most `DRIFT_REPLAY_MAX_S` before `now`."""
+    return {r.deployment: max(r.started_at, now - DRIFT_REPLAY_MAX_S) for r in routes if collecting(r)}
 
 
 def shadowing(route: Route) -> bool:

@@ -16,7 +16,7 @@ from lockgate.server.service import Service, ServiceContext
 from lockgate.services.router.admin import Admin
 from lockgate.services.router.admission import Admission
 from lockgate.services.router.endpoints import Endpoints
-from lockgate.services.router.handlers import drift_callback, evidence_callback, scores_callback
+from lockgate.services.router.handlers import drift_callback, evidence_callback, replay_drift, scores_callback
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
 
@@ -84,6 +84,9 @@ class RouterService(Service):
                                                        cb=scores_callback(self.rollouts))  # online evaluation
         self._drifts = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.drift_all,
                                                        cb=drift_callback(self.rollouts))  # drift metrics
+        # A replica that starts mid-rollout reads back the reports already published (live ones keep arriving
+        # above meanwhile; the newest per deployment and comparison wins), so its drift metric need not wait.
+        await replay_drift(self.rollouts)
         # Timeouts are per endpoint (endpoints.py, applied in upstream.py), so the pool has none of its own.
         self.proxy.upstream.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=60, ttl_dns_cache=300),

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -280,6 +280,45 @@ class Bus:
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"cannot read message {seq} of stream {stream}: {exc!r}") from None
         return msg.subject or "", msg.data or b""
+
+    async def stored_since(self, stream: str, subject: str, since: float) -> AsyncIterator[tuple[int, str, bytes]]:
+        """The sequence, subject and bytes of each message on `subject` (wildcards allowed) stored at or after
+        `since` (unix seconds), oldest first, up to the stream's last message when called.
+
+        Read by message gets, not a consumer: an identity that may read the stream (`_read_stream`) needs no
+        right to create consumers on it, and nothing is left on the server. The first message is found by a
+        binary search on stored times (about log2 of the stream's length in gets; a get by start time would
+        need nats-server 2.11, compose runs 2.10), then each next one on the subject is one get."""
+        try:
+            state = (await self._unless_refused(f"{_API}.STREAM.INFO.{stream}",
+                                                lambda: self.js.stream_info(stream))).state
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot read the state of stream {stream}: {exc!r}") from None
+        if not state.messages:
+            return
+        last = state.last_seq  # a bounded read: what is stored from now on is for a subscription to see
+        lo, hi = state.first_seq, last + 1
+        while lo < hi:  # the first sequence whose next message on `subject` is recent enough (or absent)
+            mid = (lo + hi) // 2
+            msg = await self._next_stored(stream, subject, mid)
+            if msg is None or msg.seq > last or msg.time.timestamp() >= since:
+                hi = mid
+            else:
+                lo = msg.seq + 1
+        seq = lo
+        while seq <= last and (msg := await self._next_stored(stream, subject, seq)) is not None and msg.seq <= last:
+            yield msg.seq, msg.subject or "", msg.data or b""
+            seq = msg.seq + 1
+
+    async def _next_stored(self, stream: str, subject: str, seq: int) -> Any:
+        """The first stored message on `subject` at or after `seq`, or None."""
+        try:
+            return await self._unless_refused(f"{_API}.STREAM.MSG.GET.{stream}",
+                                              lambda: self.js.get_msg(stream, seq, subject, next=True))
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot read stream {stream} from message {seq}: {exc!r}") from None
 
     async def delete(self, stream: str, seq: int) -> None:
         """Delete one stored message (gone already is fine); only the sink's identity may (else NotAllowed)."""

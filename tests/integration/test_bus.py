@@ -111,3 +111,28 @@ async def test_handlers_see_one_message_at_a_time_in_stream_order(bus: Bus) -> N
     await asyncio.wait_for(done.wait(), 20)
     assert seen == list(range(40))
     assert max_in_flight == 1
+
+
+async def test_stored_since_reads_a_subject_from_a_time_to_the_last_message_at_the_call(bus: Bus) -> None:
+    stream, s = bus.subjects.streams["events"].name, bus.subjects
+    assert [m async for m in bus.stored_since(stream, s.drift_all, 0.0)] == []  # an empty stream
+    seqs = []
+    for i in range(9):  # drift reports interleaved with other events, as the events stream holds them
+        subject = s.drift(f"d{i % 2}") if i % 3 else s.rollout("x")
+        seqs.append(((await bus.publish(subject, f"m{i}".encode(), msg_id=f"m{i}")).seq, subject, f"m{i}".encode()))
+    drifts = [m for m in seqs if ".drift." in m[1]]
+    assert [m async for m in bus.stored_since(stream, s.drift_all, 0.0)] == drifts
+    for i, (seq, _, _) in enumerate(seqs):  # from each message's own stored time: it and the later ones
+        at = (await bus.js.get_msg(stream, seq)).time.timestamp()
+        expected = [m for m in drifts if m[0] >= seq]
+        assert [m async for m in bus.stored_since(stream, s.drift_all, at)] == expected, i
+    assert [m async for m in bus.stored_since(stream, s.drift("d1"), 0.0)] == [m for m in drifts
+                                                                                 if m[1] == s.drift("d1")]
+    assert [m async for m in bus.stored_since(stream, s.drift_all, at + 3600)] == []
+
+    read = []
+    async for m in bus.stored_since(stream, s.drift_all, 0.0):  # what is stored meanwhile is not read
+        if not read:
+            await bus.publish(s.drift("d0"), b"later", msg_id="later")
+        read.append(m)
+    assert read == drifts

@@ -1,6 +1,7 @@
 """compose.yaml and deploy/k8s checked against the CLI, offline: every command, flag, service and
-LOCKGATE_* variable they use exists; the router is told where its upstream is; the gatekeepers share
-one mounted signing key; streams are replicated on the three-node cluster. A broken copy fails."""
+LOCKGATE_* variable they use exists; the router is told where its upstream is, and in compose the evaluator
+reads the same endpoints; the gatekeepers share one mounted signing key; streams are replicated on the
+three-node cluster. A broken copy fails."""
 
 from __future__ import annotations
 
@@ -145,6 +146,12 @@ def _k8s_operations(docs: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
+# The settings that make the upstream allow-list (lockgate/endpoints.py): the evaluator's online judge and eval
+# runs call the endpoints the router routes to, so the evaluator must read the same ones.
+_ENDPOINT_VARIABLES = ("LOCKGATE_ENDPOINTS_FILE", "LOCKGATE_SECRETS_FILE", "LOCKGATE_STABLE_UPSTREAM",
+                       "LOCKGATE_CANARY_UPSTREAM")
+
+
 def compose_problems(text: str) -> list[str]:
     """What is wrong with lockgate's compose file (empty: nothing)."""
     doc = yaml.safe_load(text)
@@ -183,6 +190,9 @@ def compose_problems(text: str) -> list[str]:
         if service == "router" and not re.match(r"https?://(?!127\.0\.0\.1)", env.get("LOCKGATE_STABLE_UPSTREAM", "")) \
                 and "LOCKGATE_ENDPOINTS_FILE" not in env:
             problems.append(f"{where}: no upstream configured")
+    router, evaluator = (doc["services"][n].get("environment", {}) or {} for n in ("router", "evaluator"))
+    problems += [f"service evaluator: {v} is not the router's (its judge would call other endpoints)"
+                 for v in _ENDPOINT_VARIABLES if evaluator.get(v) != router.get(v)]
     return problems
 
 
@@ -227,6 +237,8 @@ def test_a_broken_k8s_manifest_fails(old: str, new: str, expected: str) -> None:
      "No such option '--port'"),
     ("LOCKGATE_STABLE_UPSTREAM: http://simulator:9000/v1", "LOCKGATE_STABLE_UPSTREAM: http://127.0.0.1:9000/v1",
      "no upstream configured"),
+    ("<<: [*lockgate-env, *upstreams]\n      LOCKGATE_NATS_USER: evaluator",
+     "<<: *lockgate-env\n      LOCKGATE_NATS_USER: evaluator", "LOCKGATE_STABLE_UPSTREAM is not the router's"),
     ("nats://nats-2:4222,", "", "must list every NATS node"),
     ('"/etc/nats/cluster.conf", "--name", "nats-2"', '"/etc/nats/nats.conf", "--name", "nats-2"',
      "nats-2: must run deploy/nats/cluster.conf"),

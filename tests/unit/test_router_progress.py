@@ -223,3 +223,12 @@ def test_drift_during_post_promotion_analysis_rolls_back() -> None:
     assert back is not None and back.stable.release == "r1" and back.phase == "aborted"
     assert back.reason.startswith("rolled back r2: drift report ") and "during post-promotion analysis" in back.reason
     assert progress.on_drift(msgspec.structs.replace(promoted, promoted_at=250.0), _report()) is None  # older window
+
+
+def test_drift_reports_are_replayed_per_deployment_under_analysis_from_its_rollout_start_within_a_bound() -> None:
+    other = msgspec.structs.replace(_live(), deployment="e", started_at=40.0)
+    idle = msgspec.structs.replace(_live(), deployment="f", strategy=None, started_at=10.0)  # no analysis: no evidence
+    assert progress.drift_replay([_live(), other, idle], now=200.0) == {"d": 100.0, "e": 40.0}
+    later = 100.0 + 2 * progress.DRIFT_REPLAY_MAX_S
+    assert progress.drift_replay([_live()], now=later) == {"d": later - progress.DRIFT_REPLAY_MAX_S}
+    assert progress.drift_replay([idle], now=200.0) == {}

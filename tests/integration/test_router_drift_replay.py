@@ -1,0 +1,171 @@
+"""A router replica that (re)starts mid-rollout reads back the drift reports already published, so its analysis'
+`drift` metric has the latest report at once instead of WAITING for the monitor's next one. On a real nats-server
+with auth on: the router reads as its own identity, the reports come from the drift monitor's."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from lockgate import credentials
+from lockgate.bus import Bus
+from lockgate.config import Settings
+from lockgate.contracts import DriftReport, FeatureDrift, GateDecided, InferenceEvent
+from lockgate.server.natsserver import NatsServer, auth_config
+from lockgate.server.registry import ServiceSet
+from lockgate.server.service import ServiceContext
+from lockgate.signing import Signer, trust_file_path, trust_key
+from lockgate.store import Store
+from lockgate.subjects import Subjects
+from lockgate.telemetry import Telemetry
+from tests.helpers import admin_headers, register_model_release, store_pass
+
+pytestmark = pytest.mark.timeout(60)
+
+STRATEGY = {"steps": [50, 100], "interval_s": 60,  # no look is due during a test: evidence is read, not acted on
+            "analysis": {"metrics": [{"name": "drift", "max": 0, "features": ["output_tokens"]}]}}
+
+
+class Stack:
+    """A nats-server with this test's users and permissions, and processes on it, each as its own identity."""
+
+    def __init__(self, settings: Settings, store: Store) -> None:
+        self.settings, self.store = settings, store
+        self.buses: dict[str, Bus] = {}
+        self.sets: list[ServiceSet] = []
+
+    async def bus(self, identity: str, name: str = "") -> Bus:
+        b = Bus(self.settings.nats_url, Subjects(self.settings.prefix), name=name or f"test-{identity}",
+                auth=credentials.for_identity(self.settings, identity), manage_topology=identity == "admin")
+        await b.connect()
+        self.buses[name or identity] = b
+        return b
+
+    async def router(self, name: str) -> Any:
+        """A router replica on its own connection as the router identity, started (serving) when this returns."""
+        svcs = ServiceSet(ServiceContext(bus=await self.bus("router", name), store=self.store, telemetry=Telemetry(),
+                                         settings=self.settings), ["router"])
+        await svcs.start()
+        self.sets.append(svcs)
+        return svcs["router"]
+
+    async def close(self) -> None:
+        for svcs in self.sets:
+            await svcs.stop()
+        for b in self.buses.values():
+            await b.close()
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, unique: str, store: Store) -> AsyncIterator[Stack]:
+    server = NatsServer(tmp_path / "nats", config=auth_config(Subjects(unique), credentials.ensure(tmp_path)))
+    await server.start()
+    settings = Settings(prefix=unique, home=str(tmp_path), nats_url=server.url, router_port=0, deployment="chat",
+                        app="shop", stable_upstream="http://127.0.0.1:9", canary_upstream="http://127.0.0.1:9")
+    s = Stack(settings, store)
+    try:
+        await s.bus("admin")  # declares the streams and buckets, as the sink would
+        yield s
+    finally:
+        await s.close()
+        server.stop()
+
+
+async def _rollout(stack: Stack, router: Any) -> None:
+    """`chat` canaries r2 against r1 under an analysis with a drift metric, live (progressing) on `router`."""
+    admin = stack.buses["admin"]
+    signer = Signer.generate()
+    trust_key(trust_file_path(stack.settings), signer.public)
+    for release in ("r1", "r2"):
+        await register_model_release(admin, release)
+    await store_pass(admin, "r1", stack.settings)
+    async with aiohttp.ClientSession(headers=admin_headers(stack.settings.home)) as http:
+        body = {"stable_release": "r1", "canary_release": "r2", "strategy": STRATEGY}
+        async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+    await admin.publish(admin.subjects.gate_decided("r2"),
+                        signer.sign(GateDecided(release="r2", rules=[], decision="PASS")))
+    await router.rollouts.wait_for(lambda r: "chat" in r and r["chat"].phase == "progressing", timeout=10)
+
+
+def _report(comparison: str, psi: float, ended: datetime | None = None) -> DriftReport:
+    end = ended or datetime.now(UTC)
+    canary = {"release": "r2", "reference_release": "r1"} if comparison == "canary_vs_stable" else {}
+    return DriftReport(deployment="chat", window_start=end - timedelta(seconds=30), window_end=end, reference_n=100,
+                       current_n=100, drifted=False, comparison=comparison,  # type: ignore[arg-type]
+                       features=[FeatureDrift(feature="output_tokens", psi=psi, ks_stat=0.1, ks_pvalue=0.5,
+                                              reference_mean=50, current_mean=51, drifted=False)], **canary)
+
+
+async def _answers(stack: Stack, router: Any) -> None:
+    """The analysis' minimum sample: ten answers per variant, reported by an application as live traffic (no
+    drift report), taken by `router` when this returns."""
+    app, taken, observe = await stack.bus("app"), asyncio.Event(), router.rollouts.observe
+
+    def observed(events: list[InferenceEvent]) -> None:
+        observe(events)
+        taken.set()
+
+    router.rollouts.observe = observed
+    spec = router.rollouts.route("chat").strategy.analysis
+    await app.publish(app.subjects.inference("shop"), [InferenceEvent(app="shop", deployment="chat", release=r)
+                                                       for r in ("r1", "r2") for _ in range(spec.min_sample)])
+    async with asyncio.timeout(10):
+        await taken.wait()
+
+
+def _drift_metric(router: Any) -> Any:
+    """The drift metric of the look the router would take now (with its minimum sample of answers)."""
+    (metric,) = router.rollouts.measurement(router.rollouts.route("chat"), time.time()).metrics
+    return metric
+
+
+async def test_a_replica_started_mid_rollout_holds_the_latest_drift_report_at_once(stack: Stack) -> None:
+    a = await stack.router("router-a")
+    await _rollout(stack, a)
+    monitor = await stack.bus("drift")
+    older, report = _report("canary_vs_stable", 0.01), _report("canary_vs_stable", 0.02)
+    for r in (older, report):
+        await monitor.publish(monitor.subjects.drift("chat"), r)
+
+    b = await stack.router("router-b")  # no report is published from here on
+
+    assert b.rollouts.route("chat").phase == "progressing"
+    assert b.rollouts.evidence.drift("chat", "r2", 0.0) == report  # the newest of its comparison
+    await _answers(stack, b)
+    metric = _drift_metric(b)
+    assert (metric.verdict, metric.canary) == ("SUCCESSFUL", 0.0)
+    assert f"canary_vs_stable report {report.id} of r2 vs r1" in metric.why
+
+
+async def test_reports_from_before_the_rollout_and_unreadable_messages_are_not_replayed(
+        stack: Stack, caplog: pytest.LogCaptureFixture) -> None:
+    monitor = await stack.bus("drift")
+    before = _report("canary_vs_stable", 0.01, datetime.now(UTC) - timedelta(hours=2))
+    await monitor.publish(monitor.subjects.drift("chat"), before)  # stored before the rollout starts
+    a = await stack.router("router-a")
+    await _rollout(stack, a)
+    await monitor.publish(monitor.subjects.drift("chat"), b"not a drift report", msg_id="garbage")
+    report = _report("now_vs_reference", 0.03)
+    await monitor.publish(monitor.subjects.drift("chat"), report)
+
+    with caplog.at_level(logging.WARNING, logger="lockgate.router"):
+        b = await stack.router("router-b")
+
+    # Only the report of the deployment as a whole (now against its reference) covers the canary: the one of
+    # r2's window against r1's was stored before this rollout started, so it is no evidence for it.
+    assert b.rollouts.evidence.drift("chat", "r2", 0.0) == report
+    await _answers(stack, b)
+    assert f"now_vs_reference report {report.id}" in _drift_metric(b).why
+    assert any("drift replay skipped unreadable message" in r.getMessage() for r in caplog.records)
+    async with aiohttp.ClientSession() as http, http.get(f"{b.url}/healthz") as resp:  # and it serves
+        assert resp.status == 200 and (await resp.json())["ready"]
+
