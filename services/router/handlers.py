@@ -107,7 +107,7 @@ async def replay_drift(rollouts: Rollouts) -> int:
             async for seq, subject, data in bus.stored_since(stream, bus.subjects.drift(deployment), since):
                 try:
                     report = _drift.decode(data)
-                except msgspec.DecodeError as exc:
+                except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec checks UTF-8 with Python's codec
                     log.warning("drift replay skipped unreadable message %d of %s on %s: %s", seq, stream, subject,
                                 exc)
                     continue

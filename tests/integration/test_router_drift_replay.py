@@ -154,6 +154,7 @@ async def test_reports_from_before_the_rollout_and_unreadable_messages_are_not_r
     a = await stack.router("router-a")
     await _rollout(stack, a)
     await monitor.publish(monitor.subjects.drift("chat"), b"not a drift report", msg_id="garbage")
+    await monitor.publish(monitor.subjects.drift("chat"), b'{"deployment": "\xff"}', msg_id="not-utf-8")
     report = _report("now_vs_reference", 0.03)
     await monitor.publish(monitor.subjects.drift("chat"), report)
 
@@ -165,7 +166,7 @@ async def test_reports_from_before_the_rollout_and_unreadable_messages_are_not_r
     assert b.rollouts.evidence.drift("chat", "r2", 0.0) == report
     await _answers(stack, b)
     assert f"now_vs_reference report {report.id}" in _drift_metric(b).why
-    assert any("drift replay skipped unreadable message" in r.getMessage() for r in caplog.records)
+    assert sum("drift replay skipped unreadable message" in r.getMessage() for r in caplog.records) == 2
     async with aiohttp.ClientSession() as http, http.get(f"{b.url}/healthz") as resp:  # and it serves
         assert resp.status == 200 and (await resp.json())["ready"]
 
