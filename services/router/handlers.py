@@ -67,7 +67,7 @@ def _evidence(rollouts: Rollouts, take: Callable[[bytes], None]) -> Callable[[Ms
                 seen.popitem(last=False)
         try:
             take(msg.data)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):  # not evidence (the durable consumers dead-letter it)
             return
 
     return on_message
