@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -54,13 +56,19 @@ class Codec(Generic[T]):
             raise InvalidEvent(msg) from None
         except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside strings with Python's codec
             raise InvalidEvent(f"JSON is not valid UTF-8: {exc}") from None
-        for event in value if isinstance(value, list) else (value,):
-            if isinstance(event, Event) and event.schema_version > SCHEMA_VERSION:
-                raise UnknownSchemaVersion(
-                    f"unknown schema_version {event.schema_version} for {type(event).__name__} "
-                    f"(this build reads up to {SCHEMA_VERSION})"
-                )
+        values = value if isinstance(value, list) else (value,)
+        # A list of events (hundreds per inference message) is checked in C; anything else one by one.
+        if not (values and all(map(isinstance, values, repeat(Event)))
+                and max(map(_version, values)) <= SCHEMA_VERSION):
+            for event in values:
+                if isinstance(event, Event) and event.schema_version > SCHEMA_VERSION:
+                    raise UnknownSchemaVersion(
+                        f"unknown schema_version {event.schema_version} for {type(event).__name__} "
+                        f"(this build reads up to {SCHEMA_VERSION})"
+                    )
         return value
 
+
+_version = attrgetter("schema_version")
 
 any_event: Codec[Any] = Codec(AnyEvent)
