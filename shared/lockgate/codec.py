@@ -9,8 +9,7 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import msgspec.inspect as mi
 
-from lockgate.contracts import SCHEMA_VERSION, AnyEvent, Event
-from lockgate.contracts import names
+from lockgate.contracts import SCHEMA_VERSION, AnyEvent, Event, names
 from lockgate.errors import InvalidEvent, UnknownSchemaVersion
 
 T = TypeVar("T")

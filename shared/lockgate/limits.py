@@ -18,7 +18,6 @@ from typing import Any
 
 from lockgate.contracts import InferenceEvent
 
-
 # Reading the clock and building the window cost about 6 µs, as much as encoding the event: per emit
 # that is a fifth of the SDK's time. So `event_error` builds it at most once per _REFRESH_S; an
 # event outside that narrowed window is judged by the exact check.
