@@ -193,7 +193,9 @@ def select(data: Sequence[Sequence[Any]], rows: Sequence[int]) -> list[list[Any]
 def key_strings(keys: Sequence[tuple[Any, ...]]) -> list[str]:
     """The distinct keys as strings (a one-column string key as it is: the hot path of every insert)."""
     if keys and len(keys[0]) == 1 and isinstance(keys[0][0], str):
-        return list(set(map(_first, keys)))
+        # Deduplicated in arrival order: ids are time-ordered, so the sort in batch_token finds them nearly
+        # sorted (a set's order would make it sort from scratch, a third of the token's time).
+        return list(dict.fromkeys(map(_first, keys)))
     return list({"\x00".join(map(str, k)) for k in keys})
 
 
