@@ -118,28 +118,20 @@ def check_all(value: object) -> None:
         if not fields:
             continue
         of_cls = objs if len(types) == 1 else [o for o in objs if type(o) is cls]
-        for field, optional in fields:
-            try:
-                distinct = set(map(attrgetter(field), of_cls))
-            except TypeError:  # an unhashable value: the event-by-event check says which
-                distinct = {object()}
-            if _good.issuperset(distinct) or all(_seen_good(v, optional) for v in distinct - _good):
+        good, getter = _good_tuples[cls], _values[cls]
+        try:  # one pass in C: the distinct tuples of names, almost always all seen good before
+            new: set[tuple[Any, ...]] | None = set(map(getter, of_cls)) - good
+            if not new:
                 continue
-            for i, obj in enumerate(objs):  # the first failure in document order, as msgspec reports it
-                try:
-                    check_names(obj)
-                except ValueError as exc:
-                    raise ValueError(f"{exc} - at `$[{i}]`" if value is objs else str(exc)) from None
-
-
-def _seen_good(value: object, optional: bool) -> bool:
-    if type(value) is str and optional and not value:
-        return True
-    if not is_name(value):
-        return False
-    if len(_good) < _GOOD_MAX:
-        _good.add(value)  # type: ignore[arg-type]
-    return True
+        except TypeError:  # an unhashable value: the event-by-event check says which
+            new = None
+        for i, obj in enumerate(objs):  # each new tuple's first event: a failure is reported in document order
+            if type(obj) is not cls or (new is not None and getter(obj) not in new):
+                continue
+            try:
+                check_names(obj)  # remembers a good tuple, so its other events pass at once
+            except ValueError as exc:
+                raise ValueError(f"{exc} - at `$[{i}]`" if value is objs else str(exc)) from None
 
 
 def is_name(value: object) -> bool:
