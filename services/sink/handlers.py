@@ -9,6 +9,7 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from itertools import chain, repeat
 from typing import Any
 
 import msgspec
@@ -123,15 +124,13 @@ class Writer:
         transform: Mapping[str, Callable[[Any], Any]] | None = None,
     ) -> Written:
         """Insert the rows of these messages whose keys are not stored yet."""
-        values = [v for vals, _ in messages for v in vals]
+        values = list(chain.from_iterable(vals for vals, _ in messages))
         data = self.table.data(values, extra, transform)
         n = len(data[0]) if data else 0
         if n == 0:
             return Written()
         keys = self.table.keys(data)
         times = data[self.table.index(self.projection.within)] if self.projection.within else None
-        message_of = [m for m, (vals, _) in enumerate(messages) for _ in vals]
-        origins = [message_of[i] for i in self.table.origins(values)]
         async with self._lock:
             window = await self._open_window() if self._windowed else None
             ask, ask_times = keys, times
@@ -145,8 +144,13 @@ class Writer:
                 except StoreUnavailable:
                     self._staged = False  # a new session (the server restarted) has no temporary table yet
                     raise
+            # Which message each row came from matters only where rows are dropped or one fact has many rows.
+            origins = None if self.projection.per_row else self._origins(messages, values)
             keep = domain.new_rows(keys, origins, stored, per_row=self.projection.per_row)
-            skipped = len(set(origins) - {origins[i] for i in keep})
+            skipped = 0
+            if len(keep) < n:
+                origins = origins or self._origins(messages, values)
+                skipped = len(set(origins) - {origins[i] for i in keep})
             if not keep:
                 return Written(skipped_messages=skipped)
             if len(keep) < n:
@@ -162,6 +166,14 @@ class Writer:
                     # remembered here is looked up when it comes again, so neither case stores it twice.
                     window.stored(keys, times)
         return Written(rows=len(data[0]), skipped_messages=skipped)
+
+    def _origins(self, messages: Sequence[tuple[Sequence[msgspec.Struct], Delivery]],
+                 values: Sequence[msgspec.Struct]) -> list[int]:
+        """For each row of `table.data(values)`, the index of the message it came from."""
+        message_of = list(chain.from_iterable(repeat(m, len(vals)) for m, (vals, _) in enumerate(messages)))
+        if self.table.items is None:
+            return message_of
+        return [message_of[i] for i in self.table.origins(values)]
 
     async def on_facts(self, items: list[tuple[msgspec.Struct, Delivery]]) -> None:
         """Persist one fetch of facts (one event per message) in one insert."""
@@ -190,7 +202,7 @@ class SinkHandlers:
     async def on_inference(self, items: list[tuple[list[InferenceEvent] | InferenceEvent, Delivery]]) -> None:
         """Persist every message of one fetch in one insert; events stored already (by id) are skipped."""
         messages = [(value if isinstance(value, list) else [value], delivery) for value, delivery in items]
-        msg_ids = [_token(d) for batch, d in messages for _ in batch]
+        msg_ids = list(chain.from_iterable(repeat(_token(d), len(batch)) for batch, d in messages))
         spans = [self._message_span(batch, d) for batch, d in messages if batch]
         try:
             written = await self.inference.write(messages, extra={"msg_id": msg_ids}, transform=self._redaction)

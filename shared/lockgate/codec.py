@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from itertools import repeat
+from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
 import msgspec
+import msgspec.inspect as mi
 
-from lockgate.contracts import SCHEMA_VERSION, AnyEvent, Event
+from lockgate.contracts import SCHEMA_VERSION, AnyEvent, Event, names
 from lockgate.errors import InvalidEvent, UnknownSchemaVersion
 
 T = TypeVar("T")
@@ -42,11 +45,17 @@ class Codec(Generic[T]):
 
     def __init__(self, wire_type: Any) -> None:
         self._decoder = msgspec.json.Decoder(wire_type)
+        self._batch_names = _flat(wire_type)
 
     def decode(self, data: bytes) -> T:
         """Decode or raise InvalidEvent naming the problem (msgspec gives the JSON path)."""
         try:
-            value = self._decoder.decode(data)
+            if self._batch_names:
+                # Names are checked once per distinct value of the message, after msgspec's own checks.
+                with names.deferred():
+                    value = self._decoder.decode(data)
+            else:
+                value = self._decoder.decode(data)
         except msgspec.DecodeError as exc:
             msg = str(exc)
             if "Invalid value" in msg and "`$.type`" in msg:
@@ -54,13 +63,47 @@ class Codec(Generic[T]):
             raise InvalidEvent(msg) from None
         except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside strings with Python's codec
             raise InvalidEvent(f"JSON is not valid UTF-8: {exc}") from None
-        for event in value if isinstance(value, list) else (value,):
-            if isinstance(event, Event) and event.schema_version > SCHEMA_VERSION:
-                raise UnknownSchemaVersion(
-                    f"unknown schema_version {event.schema_version} for {type(event).__name__} "
-                    f"(this build reads up to {SCHEMA_VERSION})"
-                )
+        if self._batch_names:
+            try:
+                names.check_all(value)
+            except ValueError as exc:  # a name off the grammar, worded as msgspec words its own errors
+                raise InvalidEvent(str(exc)) from None
+        values = value if isinstance(value, list) else (value,)
+        # A list of events (hundreds per inference message) is checked in C; anything else one by one.
+        if not (values and all(map(isinstance, values, repeat(Event)))
+                and max(map(_version, values)) <= SCHEMA_VERSION):
+            for event in values:
+                if isinstance(event, Event) and event.schema_version > SCHEMA_VERSION:
+                    raise UnknownSchemaVersion(
+                        f"unknown schema_version {event.schema_version} for {type(event).__name__} "
+                        f"(this build reads up to {SCHEMA_VERSION})"
+                    )
         return value
 
+
+_version = attrgetter("schema_version")
+
+
+def _flat(wire_type: Any) -> bool:
+    """True when every Struct `wire_type` decodes to is the value itself or an item of the list it is, and
+    holds no Struct: `names.check_all` then sees every Struct whose names `names.deferred()` left unchecked."""
+    info = mi.type_info(wire_type)
+    tops = info.types if isinstance(info, mi.UnionType) else (info,)
+    structs = []
+    for t in tops:
+        t = t.item_type if isinstance(t, mi.ListType) else t
+        if isinstance(t, mi.StructType):
+            structs.append(t)
+        elif _holds_struct(t):
+            return False
+    return bool(structs) and not any(_holds_struct(f.type) for s in structs for f in s.fields)
+
+
+def _holds_struct(t: mi.Type) -> bool:
+    if isinstance(t, mi.StructType | mi.DataclassType | mi.TypedDictType | mi.NamedTupleType):
+        return True
+    inner = [getattr(t, a) for a in ("type", "item_type", "key_type", "value_type") if hasattr(t, a)]
+    inner += [*getattr(t, "types", ()), *getattr(t, "item_types", ())]
+    return any(_holds_struct(i) for i in inner)
 
 any_event: Codec[Any] = Codec(AnyEvent)

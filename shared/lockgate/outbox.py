@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgspec
+import msgspec.inspect as mi
 import nats.errors
 import nats.js.errors
 
@@ -81,9 +83,52 @@ _check = msgspec.json.Decoder(msgspec.defstruct(
 _LIMITS = EventLimits()
 
 
-def encode_event(event: InferenceEvent, *, check: bool = False) -> Encoded:
+def _kinds(t: mi.Type) -> str | None:
+    """How a field's values are checked once `msgspec.convert` built them: "" (as convert judges them, so
+    as the decoder would), "floats" (also finite: NaN and infinity leave as JSON null, which the decoder
+    refuses), or None for a type this module does not reason about."""
+    while isinstance(t, mi.Metadata):
+        t = t.type
+    if isinstance(t, mi.FloatType):
+        return "" if t.ge is not None and t.le is not None else "float"  # bounds refuse NaN and infinity
+    if isinstance(t, mi.StrType | mi.IntType | mi.BoolType | mi.DateTimeType | mi.NoneType):
+        return ""
+    if isinstance(t, mi.UnionType):
+        kinds = {_kinds(u) for u in t.types}
+        return "" if kinds == {""} else None
+    if isinstance(t, mi.DictType) and _kinds(t.key_type) == "":
+        value = _kinds(t.value_type)
+        return "" if value == "" else "floats" if value == "float" else None
+    return None
+
+
+_FIELDS = frozenset(f.name for f in msgspec.structs.fields(InferenceEvent))
+_FIELD_KINDS = {f.name: _kinds(mi.type_info(f.type)) for f in msgspec.structs.fields(InferenceEvent)}
+# The dict-of-float fields whose values must also be finite; None if some field's type is beyond `_kinds`,
+# in which case every event is checked by decoding its bytes.
+_FLOAT_MAPS: tuple[str, ...] | None = (
+    None if None in _FIELD_KINDS.values() or "float" in _FIELD_KINDS.values()
+    else tuple(name for name, kind in _FIELD_KINDS.items() if kind == "floats"))
+
+
+def event_from_fields(fields: Mapping[str, Any]) -> InferenceEvent:
+    """An InferenceEvent built from field values and checked in the same step (`msgspec.convert`: types,
+    bounds and names, as the sink's decoder checks them), so `encode_event(..., check="built")` need not
+    decode its bytes again. Raises InvalidEvent naming the field or the unknown field names."""
+    if not fields.keys() <= _FIELDS:  # no set made in the usual case: a lookup per field
+        unknown = fields.keys() - _FIELDS
+        raise InvalidEvent(f"invalid inference event: unknown field(s) {', '.join(sorted(map(str, unknown)))}")
+    try:
+        return msgspec.convert(fields, InferenceEvent)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"invalid inference event: {exc}") from None
+
+
+def encode_event(event: InferenceEvent, *, check: bool | str = False) -> Encoded:
     """Scrub, then encode. With `check`, raise InvalidEvent naming the field if the sink's decoder
-    would refuse the bytes: one bad event must never reach (and poison) a batch of good ones."""
+    would refuse the bytes: one bad event must never reach (and poison) a batch of good ones.
+    `check="built"` is for an event from `event_from_fields`, whose values convert checked already:
+    only what convert cannot see is checked (non-finite floats, text without a UTF-8 form)."""
     event = scrub_event(event)
     try:
         data = encode(event)
@@ -91,7 +136,13 @@ def encode_event(event: InferenceEvent, *, check: bool = False) -> Encoded:
         raise InvalidEvent(f"invalid inference event: {exc}") from None
     if check:
         try:
-            _check.decode(data)
+            if check != "built" or _FLOAT_MAPS is None:
+                _check.decode(data)
+            else:
+                for name in _FLOAT_MAPS:
+                    values = getattr(event, name)
+                    if values and not all(map(math.isfinite, values.values())):
+                        raise InvalidEvent(f"invalid inference event: Expected `float`, got `null` - at `$.{name}[...]`")
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise InvalidEvent(f"invalid inference event: {exc}") from None
         if event.schema_version > SCHEMA_VERSION:  # as the sink's decoder refuses it

@@ -149,8 +149,22 @@ def secret_name(name: str) -> bool:
 def scrub_mapping(values: Mapping[str, str]) -> Mapping[str, str]:
     """Keys and values scrubbed (the same mapping back when nothing changed); the value of a
     credential-named key is masked whole."""
-    if not values or _is_clean(tuple(values.items())):
+    if not values:
         return values
+    try:
+        # The same keys (route, region) and values come with event after event: two subset tests in C
+        # clear the usual mapping without a call per entry.
+        if values.keys() <= _clean_keys and _clean_values.issuperset(values.values()):
+            return values
+    except TypeError:  # an unhashable value: not text, so never clean; the loop below leaves it be
+        return _scrub_items(values)
+    for key, value in values.items():
+        if not (_clean_key(key) and _clean_value(value)):
+            return _scrub_items(values)
+    return values
+
+
+def _scrub_items(values: Mapping[str, str]) -> Mapping[str, str]:
     # A value that is not text is left as it is, for the contract's decoder to refuse by name.
     def clean(value: object) -> object:
         return scrub_secrets(value) if isinstance(value, str) else value
@@ -161,38 +175,53 @@ def scrub_mapping(values: Mapping[str, str]) -> Mapping[str, str]:
     return out
 
 
-# The same small mappings (a route, a region) arrive with event after event: their verdict is
-# remembered. Only small ones enter and the table is bounded, so its memory stays small.
-_verdicts: dict[tuple[tuple[object, object], ...], bool] = {}
-_VERDICTS_MAX = 16_384
+# Keys and values seen clean: a key that names no credential and holds no secret, a value that holds no
+# secret (a mapping is clean when all its keys and values are). Only short strings enter and the sets are
+# bounded, so their memory stays small; a flood of distinct ones costs the scrub each time, never memory.
+_clean_keys: set[str] = set()
+_clean_values: set[str] = set()
+_CLEAN_MAX = 16_384
 
 
-def _is_clean(items: tuple[tuple[object, object], ...]) -> bool:
-    try:
-        known = _verdicts.get(items)
-    except TypeError:  # an unhashable value: not text, so never clean
+def _clean_key(key: object) -> bool:
+    if key in _clean_keys:
+        return True
+    if type(key) is not str or secret_name(key) or scrub_secrets(key) != key:
         return False
-    if known is not None:
-        return known
-    clean = all(type(k) is str and type(v) is str and not secret_name(k) and scrub_secrets(k) == k
-                and scrub_secrets(v) == v for k, v in items)
-    if clean and len(_verdicts) < _VERDICTS_MAX and sum(len(k) + len(v) for k, v in items) <= _SHORT:  # type: ignore[arg-type]
-        _verdicts[items] = True
-    return clean
+    if len(key) <= _SHORT and len(_clean_keys) < _CLEAN_MAX:
+        _clean_keys.add(key)
+    return True
+
+
+def _clean_value(value: object) -> bool:
+    if type(value) is not str:  # checked first: an unhashable value cannot be looked up
+        return False
+    if value in _clean_values:
+        return True
+    if scrub_secrets(value) != value:
+        return False
+    if len(value) <= _SHORT and len(_clean_values) < _CLEAN_MAX:
+        _clean_values.add(value)
+    return True
 
 
 def scrub_event(event: InferenceEvent) -> InferenceEvent:
     """The event with secrets scrubbed from its free text: prompt, response, session id, attributes, error."""
-    prompt = scrub_secrets(event.prompt) if event.prompt else event.prompt
-    response = scrub_secrets(event.response) if event.response else event.response
-    session_id = scrub_secrets(event.session_id) if event.session_id else event.session_id
-    attributes = scrub_mapping(event.attributes) if event.attributes else event.attributes
-    error_type = scrub_secrets(event.error_type) if event.error_type else event.error_type
-    if (prompt == event.prompt and response == event.response and session_id == event.session_id
-            and attributes == event.attributes and error_type == event.error_type):
-        return event
-    return msgspec.structs.replace(event, prompt=prompt, response=response, session_id=session_id,
-                                   attributes=attributes, error_type=error_type)
+    prompt, response, session_id, error_type = event.prompt, event.response, event.session_id, event.error_type
+    attributes = event.attributes
+    # Each field is looked at once and only a changed one is replaced: most events have nothing to scrub.
+    changed: dict[str, object] = {}
+    if prompt and (scrubbed := scrub_secrets(prompt)) != prompt:
+        changed["prompt"] = scrubbed
+    if response and (scrubbed := scrub_secrets(response)) != response:
+        changed["response"] = scrubbed
+    if session_id and (scrubbed := scrub_secrets(session_id)) != session_id:
+        changed["session_id"] = scrubbed
+    if error_type and (scrubbed := scrub_secrets(error_type)) != error_type:
+        changed["error_type"] = scrubbed
+    if attributes and (mapping := scrub_mapping(attributes)) is not attributes:
+        changed["attributes"] = mapping
+    return msgspec.structs.replace(event, **changed) if changed else event
 
 
 def redact(text: str | None, mode: RedactMode) -> str | None:

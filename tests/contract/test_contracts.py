@@ -146,6 +146,16 @@ def test_unknown_schema_version_is_rejected_with_the_version() -> None:
         any_event.decode(msgspec.json.encode(data))
 
 
+def test_a_newer_event_anywhere_in_a_list_is_rejected() -> None:
+    """Lists (an inference message) are checked in one pass: one event of a newer version among current ones."""
+    events = [msgspec.to_builtins(InferenceEvent(app="shop")) for _ in range(5)]
+    events[3]["schema_version"] = 7
+    with pytest.raises(UnknownSchemaVersion, match="schema_version 7 for InferenceEvent"):
+        Codec(list[InferenceEvent]).decode(msgspec.json.encode(events))
+    del events[3]
+    assert len(Codec(list[InferenceEvent]).decode(msgspec.json.encode(events))) == 4
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [

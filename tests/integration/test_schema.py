@@ -36,3 +36,23 @@ def test_round_trip_of_one_row_per_table(store: Store) -> None:
         data = table.data(values, extra)
         assert store.insert_columns(table.name, table.columns, data, token=None) == len(data[0]), table.name
         assert store.scalar(f"SELECT count() FROM {table.name}") == len(data[0]), table.name
+
+
+def test_times_are_stored_to_the_microsecond_whatever_their_zone(store: Store) -> None:
+    """Aware datetimes go to DateTime64 columns as ticks computed by the store (not the driver): the same
+    instants, to the microsecond, for UTC, another offset, before 1970 and at every precision."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    store.command("CREATE TABLE ticks (k UInt8, t6 DateTime64(6, 'UTC'), t3 DateTime64(3, 'UTC'), "
+                  "t9 DateTime64(9, 'UTC')) ENGINE = MergeTree ORDER BY k")
+    times = [datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+             datetime(2026, 1, 2, 5, 4, 5, 678901, tzinfo=timezone(timedelta(hours=2))),
+             datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)]
+    store.insert_columns("ticks", ["k", "t6", "t3", "t9"], [[0, 1, 2], times, times, times], token=None)
+    rows = store.rows("SELECT k, toUnixTimestamp64Micro(t6) AS us, toUnixTimestamp64Milli(t3) AS ms, "
+                      "toUnixTimestamp64Nano(t9) AS ns FROM ticks ORDER BY k")
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    expected = [(t - epoch) // timedelta(microseconds=1) for t in times]
+    assert [r["us"] for r in rows] == expected == [1767323045678901, 1767323045678901, -1]
+    assert [r["ms"] for r in rows] == [us // 1000 for us in expected]
+    assert [r["ns"] for r in rows] == [us * 1000 for us in expected]

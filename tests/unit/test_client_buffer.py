@@ -4,12 +4,17 @@ what the contract forbids at once."""
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lockgate.client import Client
+from lockgate.codec import Codec
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import BusUnavailable, InvalidEvent
+from lockgate.outbox import encode_event, event_from_fields
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -63,3 +68,33 @@ async def test_flush_before_start_says_how_to_fix_it() -> None:
     c = Client("nats://127.0.0.1:1", app="shop")
     with pytest.raises(BusUnavailable, match="start"):
         await c.flush()
+
+
+def test_events_built_from_fields_are_checked_without_decoding_but_as_strictly() -> None:
+    """`emit(**fields)` builds and checks the event in one step (msgspec.convert) instead of decoding its
+    bytes; what convert cannot see is checked on its own: floats JSON cannot carry, unknown field names."""
+    c = Client("nats://127.0.0.1:1", app="shop")
+    for bad, path in [({"scores": {"q": float("nan")}}, "$.scores"), ({"scores": {"q": float("inf")}}, "$.scores"),
+                      ({"latency_ms": float("nan")}, "$.latency_ms"), ({"input_tokens": True}, "$.input_tokens"),
+                      ({"input_tokens": 2**32}, "$.input_tokens"), ({"model": b"m"}, "$.model"),
+                      ({"release": "r 1"}, "$.release"), ({"type": "lockgate.inference"}, "type")]:
+        with pytest.raises(InvalidEvent, match=re.escape(path)):
+            c.emit(**bad)
+    assert c.emit(latency_ms=12, scores={"q": 1}, time=datetime.now(UTC).isoformat()) and c.pending == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(
+    st.sampled_from(["input_tokens", "latency_ms", "model", "release", "attributes", "scores", "prompt", "time",
+                     "schema_version"]),
+    st.one_of(st.none(), st.booleans(), st.integers(-2, 2**33), st.floats(allow_nan=True, allow_infinity=True),
+              st.text(max_size=5), st.binary(max_size=3), st.datetimes(timezones=st.sampled_from([None, UTC])),
+              st.dictionaries(st.text(max_size=3), st.one_of(st.text(max_size=3), st.floats(), st.integers())))))
+def test_whatever_emit_accepts_from_fields_the_sink_decodes(fields: dict) -> None:
+    """The safety of the one-step check: no field values it accepts give bytes the sink's decoder refuses."""
+    try:
+        encoded = encode_event(event_from_fields({"app": "shop", **fields}), check="built")
+    except InvalidEvent:
+        return
+    value = Codec(list[InferenceEvent]).decode(b"[" + encoded.data + b"]")  # raises if the sink would refuse
+    assert value[0].id == encoded.id

@@ -52,3 +52,16 @@ def test_the_per_event_check_agrees_with_the_exact_window_at_its_edges() -> None
     assert limits.event_error(InferenceEvent(app="shop", time=now + timedelta(seconds=9))) == ""
     assert "before now" in limits.event_error(InferenceEvent(app="shop", time=now - timedelta(seconds=101)))
     assert "after now" in limits.event_error(InferenceEvent(app="shop", time=now + timedelta(seconds=11)))
+
+
+def test_a_time_without_a_utc_offset_is_refused_with_its_reason_not_raised() -> None:
+    """JSON time without an offset decodes to a naive datetime; comparing it with now used to raise at the
+    consumer's edge, leaving the whole message unsettled (redelivered without end)."""
+    naive = InferenceEvent(app="shop", time=NOW.replace(tzinfo=None))
+    good = _at(timedelta(0))
+    kept, refused = EventLimits().split([good, naive], NOW)
+    assert kept == [good]
+    assert [i for i, _ in refused] == [1] and "no UTC offset" in refused[0][1]
+    assert "no UTC offset" in EventLimits().event_error(naive)
+    with pytest.raises(InvalidEvent, match=r"no UTC offset .*\$\.time"):
+        Client("nats://127.0.0.1:1", app="shop").emit(time=datetime.now(UTC).replace(tzinfo=None))

@@ -91,3 +91,47 @@ def test_a_name_known_good_in_one_field_never_lets_a_bad_one_through_another() -
     with pytest.raises(ValueError, match=r"\$.tenant"):
         InferenceEvent(app="shop", tenant="", release="r1")  # empty: only an optional reference may be
     assert InferenceEvent(app="shop", tenant="acme", deployment="", release="r1").deployment == ""
+
+
+def test_names_seen_together_are_remembered_per_type() -> None:
+    """A tuple of names cleared for one type (an empty optional deployment) never clears another type whose
+    field at that position must not be empty, and a remembered tuple clears only exactly those names."""
+    from lockgate.contracts import InferenceScored
+
+    for _ in range(2):  # the second time from the remembered tuples
+        assert InferenceEvent(app="shop", tenant="acme", deployment="", release="").deployment == ""
+        InferenceScored(event_id="e", app="shop", tenant="acme", deployment="", release="")
+    with pytest.raises(ValueError, match=r"\$.app"):
+        InferenceEvent(app="", tenant="acme", deployment="", release="")
+    with pytest.raises(InvalidEvent, match=r"release .r\*1.* at `\$\.release` - at `\$\[1\]`"):
+        ok = encode(InferenceEvent(app="shop", tenant="acme", release="r1"))
+        Codec(list[InferenceEvent]).decode(b"[" + ok + b"," + ok.replace(b'"r1"', b'"r*1"') + b"]")
+
+
+def test_names_checked_per_decoded_batch_are_checked_everywhere_else_as_events_are_made() -> None:
+    """A list of events has its names checked once per distinct value after decoding; the deferral is this
+    thread's and ends with the decode, even a failed one, so events made meanwhile or later are checked."""
+    import threading
+
+    from lockgate.contracts import names
+
+    bad = encode(InferenceEvent(app="shop")).replace(b'"shop"', b'"sh op"')
+    with pytest.raises(InvalidEvent, match=r"invalid app 'sh op'.* - at `\$\.app` - at `\$\[0\]`"):
+        Codec(list[InferenceEvent]).decode(b"[" + bad + b"]")
+    with pytest.raises(InvalidEvent, match=r"invalid app 'sh op'.* - at `\$\.app`$"):
+        Codec(InferenceEvent).decode(bad)
+    with pytest.raises(ValueError, match=r"\$\.app"):
+        InferenceEvent(app="sh op")  # the failed decode left nothing deferred
+    errors: list[Exception] = []
+
+    def make() -> None:
+        try:
+            InferenceEvent(app="sh op")
+        except ValueError as exc:
+            errors.append(exc)
+
+    with names.deferred():
+        other = threading.Thread(target=make)
+        other.start()
+        other.join()
+    assert len(errors) == 1  # another thread's event is checked while this one decodes

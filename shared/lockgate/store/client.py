@@ -6,6 +6,9 @@ import asyncio
 import re
 import threading
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from itertools import repeat
+from operator import floordiv, mul, sub
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -122,6 +125,8 @@ class Store:
                     self._types.pop(table)
                     types = self._column_types(table)
                 known = all(c in types for c in columns)  # else clickhouse-connect asks, and says what is wrong
+                if known:
+                    data = [_ticks(col, types[c]) for c, col in zip(columns, data, strict=True)]
                 self._client.insert(
                     table, data, column_names=list(columns), column_oriented=True, settings=settings,
                     column_type_names=[types[c] for c in columns] if known else None,
@@ -174,6 +179,31 @@ class Store:
             if self._readonly is not None:
                 self._readonly.close()
                 self._readonly = None
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+_DATETIME64 = re.compile(r"DateTime64\((\d)")
+
+
+def _ticks(values: Sequence[Any], ch_type: str) -> Sequence[Any]:
+    """A DateTime64 column's aware datetimes as the integers ClickHouse stores (clickhouse-connect takes
+    them as they are); any other column, or values that are not all aware datetimes, as given.
+
+    clickhouse-connect turns each datetime into ticks in Python (about 0.5 µs each, a sixth of an
+    insert's encoding); a subtraction and a division mapped in C cost a sixth of that. Exact: whole
+    microseconds, the resolution of a datetime, then scaled to the column's precision as the driver does."""
+    m = _DATETIME64.match(ch_type)
+    if m is None or not values or type(values[0]) is not datetime:
+        return values
+    try:
+        micros = list(map(floordiv, map(sub, values, repeat(_EPOCH)), repeat(_MICROSECOND)))
+    except TypeError:  # a naive datetime (the driver reads it in the server's zone), a None, a string
+        return values
+    precision = int(m.group(1))
+    if precision < 6:
+        return list(map(floordiv, micros, repeat(10 ** (6 - precision))))
+    return micros if precision == 6 else list(map(mul, micros, repeat(10 ** (precision - 6))))
 
 
 # ClickHouse error codes that mean the data itself is wrong (the same insert always fails):

@@ -127,6 +127,7 @@ class Table:
         if dup:
             raise TypeError(f"{name}: column(s) {sorted(dup)} declared twice; exclude or rename one")
         self.columns_info: tuple[Column, ...] = tuple(cols)
+        self._getters = tuple(attrgetter(c.source) for c in cols)
         self.columns: tuple[str, ...] = tuple(names)
         missing_key = set(key) - set(names)
         if missing_key:
@@ -172,7 +173,7 @@ class Table:
             parents = [p for p, _ in pairs]
             rows = [it for _, it in pairs]
         out: list[list[Any]] = []
-        for col in self.columns_info:
+        for col, getter in zip(self.columns_info, self._getters, strict=True):
             if col.level == "extra":
                 if col.name not in extra:
                     raise ValueError(f"{self.name}: no values for extra column {col.name!r}")
@@ -180,17 +181,24 @@ class Table:
                 if len(column) != len(rows):
                     raise ValueError(f"{self.name}: {len(column)} values for {col.name!r}, {len(rows)} rows")
             else:
-                column = list(map(attrgetter(col.source), rows if col.level == "item" else parents))
-                column = _convert(col, column)
+                column = _convert(col, list(map(getter, rows if col.level == "item" else parents)))
             fn = transform.get(col.name)
-            # A transform never sees None (an event without a prompt, say): one call fewer per empty value.
-            out.append([v if v is None else fn(v) for v in column] if fn is not None else column)
+            out.append(column if fn is None else _apply(fn, column))
         return out
 
     def keys(self, data: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
         """The `key` columns of every row of `data`, as tuples."""
         cols = [data[self.index(k)] for k in self.key]
         return list(zip(*cols, strict=True))
+
+
+def _apply(fn: Callable[[Any], Any], column: list[Any]) -> list[Any]:
+    """`fn` over a column's values; a transform never sees None (an event without a prompt, say)."""
+    if None not in column:  # the usual case: the values mapped in C, without a test per value
+        return list(map(fn, column))
+    if column.count(None) == len(column):
+        return column
+    return [v if v is None else fn(v) for v in column]
 
 
 def _convert(col: Column, values: list[Any]) -> list[Any]:
