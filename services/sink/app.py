@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import gc
-
 from lockgate.bus import consume, consume_batch
 from lockgate.contracts import DeadLetter, SpanBatch
 from lockgate.limits import EventLimits
-from lockgate.server.service import Service, ServiceContext
+from lockgate.server.service import Service, ServiceContext, fewer_collections
 from lockgate.services.sink import domain
 from lockgate.services.sink.handlers import SinkHandlers
 
@@ -19,7 +17,7 @@ class Sink(Service):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        _fewer_collections()
+        fewer_collections()
         self.handlers = SinkHandlers(ctx, self.tracer)
         s, bus = ctx.bus.subjects, ctx.bus
         common = {"ack_wait_s": ctx.settings.ack_wait_s}
@@ -40,17 +38,6 @@ class Sink(Service):
             consume_batch(bus, self.consumers, subject=fact.subject(s), stream=fact.stream,
                           durable=s.durable("sink", fact.table.name), wire_type=fact.wire_type, origin="sink",
                           handler=self.handlers.facts[fact.table.name].on_facts, batch_size=64, **common)
-
-
-def _fewer_collections() -> None:
-    """Run the cyclic garbage collector less often in this process (raised, never lowered).
-
-    Every decoded event allocates containers (its attributes and scores): at the interpreter's
-    default threshold of 700 the collector ran hundreds of times per fetch and took 15-25% of the
-    time spent decoding and building columns; at 50,000 a few times (5%). Reference counting still
-    frees everything that is not a cycle at once, so memory barely changes."""
-    gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(gen0, 50_000), max(gen1, 20), max(gen2, 100))
 
 
 def create(ctx: ServiceContext) -> Sink:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from lockgate.contracts import InferenceEvent
-from lockgate.services.sink.app import _fewer_collections
+from lockgate.server.service import fewer_collections
 from lockgate.services.sink.domain import (
     FACTS,
     INFERENCE,
@@ -108,10 +108,10 @@ def test_the_collector_threshold_is_raised_never_lowered() -> None:
     before = gc.get_threshold()
     try:
         gc.set_threshold(700, 10, 10)
-        _fewer_collections()
+        fewer_collections()
         assert gc.get_threshold() == (50_000, 20, 100)
         gc.set_threshold(100_000, 50, 200)  # an operator's own, higher, setting stays
-        _fewer_collections()
+        fewer_collections()
         assert gc.get_threshold() == (100_000, 50, 200)
     finally:
         gc.set_threshold(*before)
