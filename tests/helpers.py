@@ -10,7 +10,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lockgate.server.service import Progress
+from lockgate.server.registry import ServiceSet
+from lockgate.server.service import Progress, ServiceContext
+from lockgate.telemetry import Telemetry
 
 
 async def eventually(check: Callable[[], bool], progress: Sequence[Progress], timeout_s: float = 30.0,
@@ -166,3 +168,28 @@ def metric_points(reader: Any, name: str) -> dict[tuple[tuple[str, Any], ...], A
 def dead_letters(reader: Any) -> int:
     """Dead letters counted by the metrics, all origins together."""
     return int(sum(metric_points(reader, "lockgate.dead_letters").values()))
+
+
+class Replicas:
+    """Services started on their own bus connections, as separate processes would be; `close` stops the
+    services, then the connections."""
+
+    def __init__(self) -> None:
+        self.buses: list[Any] = []
+        self.sets: list[ServiceSet] = []
+
+    async def router(self, bus: Any, settings: Any, store: Any) -> Any:
+        """A router replica on `bus` (closed by `close`), serving when this returns."""
+        if bus not in self.buses:
+            self.buses.append(bus)
+        svcs = ServiceSet(ServiceContext(bus=bus, store=store, telemetry=Telemetry(), settings=settings), ["router"])
+        await svcs.start()
+        self.sets.append(svcs)
+        return svcs["router"]
+
+    async def close(self) -> None:
+        """Stop every service, then close every connection."""
+        for svcs in self.sets:
+            await svcs.stop()
+        for b in self.buses:
+            await b.close()

@@ -24,14 +24,12 @@ from lockgate.llmwire import ChatRequest
 from lockgate.pricebook import load_price_book
 from lockgate.server.apikeys import KeyStore, bootstrap
 from lockgate.server.natsserver import NatsServer, auth_config
-from lockgate.server.registry import ServiceSet
-from lockgate.server.service import ServiceContext
 from lockgate.services.router.admission import Admission, Ticket
 from lockgate.services.router.budgets import NANO, Amount, Counter, cost_of, input_estimate
 from lockgate.store import Store
 from lockgate.subjects import Subjects
-from lockgate.telemetry import Telemetry
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import Replicas
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,27 +58,13 @@ def gateway(tmp_path: Path, **policy: Any) -> str:
     return str(path)
 
 
-class Stack:
+class Stack(Replicas):
     """Router replicas, each on its own NATS connection as separate processes would be."""
-
-    def __init__(self) -> None:
-        self.buses: list[Bus] = []
-        self.sets: list[ServiceSet] = []
 
     async def add(self, settings: Settings, store: Store, name: str) -> Any:
         b = Bus(settings.nats_url, Subjects(settings.prefix), name=name)
         await b.connect()
-        self.buses.append(b)
-        svcs = ServiceSet(ServiceContext(bus=b, store=store, telemetry=Telemetry(), settings=settings), ["router"])
-        await svcs.start()
-        self.sets.append(svcs)
-        return svcs["router"]
-
-    async def close(self) -> None:
-        for svcs in self.sets:
-            await svcs.stop()
-        for b in self.buses:
-            await b.close()
+        return await self.router(b, settings, store)
 
 
 @pytest.fixture

@@ -20,13 +20,10 @@ from lockgate.bus import Bus
 from lockgate.config import Settings
 from lockgate.contracts import DriftReport, FeatureDrift, GateDecided, InferenceEvent
 from lockgate.server.natsserver import NatsServer, auth_config
-from lockgate.server.registry import ServiceSet
-from lockgate.server.service import ServiceContext
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects
-from lockgate.telemetry import Telemetry
-from tests.helpers import admin_headers, register_model_release, store_pass
+from tests.helpers import Replicas, admin_headers, register_model_release, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,34 +31,25 @@ STRATEGY = {"steps": [50, 100], "interval_s": 60,  # no look is due during a tes
             "analysis": {"metrics": [{"name": "drift", "max": 0, "features": ["output_tokens"]}]}}
 
 
-class Stack:
+class Stack(Replicas):
     """A nats-server with this test's users and permissions, and processes on it, each as its own identity."""
 
     def __init__(self, settings: Settings, store: Store) -> None:
+        super().__init__()
         self.settings, self.store = settings, store
-        self.buses: dict[str, Bus] = {}
-        self.sets: list[ServiceSet] = []
+        self.named: dict[str, Bus] = {}
 
     async def bus(self, identity: str, name: str = "") -> Bus:
         b = Bus(self.settings.nats_url, Subjects(self.settings.prefix), name=name or f"test-{identity}",
                 auth=credentials.for_identity(self.settings, identity), manage_topology=identity == "admin")
         await b.connect()
-        self.buses[name or identity] = b
+        self.named[name or identity] = b
+        self.buses.append(b)
         return b
 
-    async def router(self, name: str) -> Any:
+    async def replica(self, name: str) -> Any:
         """A router replica on its own connection as the router identity, started (serving) when this returns."""
-        svcs = ServiceSet(ServiceContext(bus=await self.bus("router", name), store=self.store, telemetry=Telemetry(),
-                                         settings=self.settings), ["router"])
-        await svcs.start()
-        self.sets.append(svcs)
-        return svcs["router"]
-
-    async def close(self) -> None:
-        for svcs in self.sets:
-            await svcs.stop()
-        for b in self.buses.values():
-            await b.close()
+        return await self.router(await self.bus("router", name), self.settings, self.store)
 
 
 @pytest.fixture
@@ -81,7 +69,7 @@ async def stack(tmp_path: Path, unique: str, store: Store) -> AsyncIterator[Stac
 
 async def _rollout(stack: Stack, router: Any) -> None:
     """`chat` canaries r2 against r1 under an analysis with a drift metric, live (progressing) on `router`."""
-    admin = stack.buses["admin"]
+    admin = stack.named["admin"]
     signer = Signer.generate()
     trust_key(trust_file_path(stack.settings), signer.public)
     for release in ("r1", "r2"):
@@ -129,14 +117,14 @@ def _drift_metric(router: Any) -> Any:
 
 
 async def test_a_replica_started_mid_rollout_holds_the_latest_drift_report_at_once(stack: Stack) -> None:
-    a = await stack.router("router-a")
+    a = await stack.replica("router-a")
     await _rollout(stack, a)
     monitor = await stack.bus("drift")
     older, report = _report("canary_vs_stable", 0.01), _report("canary_vs_stable", 0.02)
     for r in (older, report):
         await monitor.publish(monitor.subjects.drift("chat"), r)
 
-    b = await stack.router("router-b")  # no report is published from here on
+    b = await stack.replica("router-b")  # no report is published from here on
 
     assert b.rollouts.route("chat").phase == "progressing"
     assert b.rollouts.evidence.drift("chat", "r2", 0.0) == report  # the newest of its comparison
@@ -151,7 +139,7 @@ async def test_reports_from_before_the_rollout_and_unreadable_messages_are_not_r
     monitor = await stack.bus("drift")
     before = _report("canary_vs_stable", 0.01, datetime.now(UTC) - timedelta(hours=2))
     await monitor.publish(monitor.subjects.drift("chat"), before)  # stored before the rollout starts
-    a = await stack.router("router-a")
+    a = await stack.replica("router-a")
     await _rollout(stack, a)
     await monitor.publish(monitor.subjects.drift("chat"), b"not a drift report", msg_id="garbage")
     await monitor.publish(monitor.subjects.drift("chat"), b'{"deployment": "\xff"}', msg_id="not-utf-8")
@@ -159,7 +147,7 @@ async def test_reports_from_before_the_rollout_and_unreadable_messages_are_not_r
     await monitor.publish(monitor.subjects.drift("chat"), report)
 
     with caplog.at_level(logging.WARNING, logger="lockgate.router"):
-        b = await stack.router("router-b")
+        b = await stack.replica("router-b")
 
     # Only the report of the deployment as a whole (now against its reference) covers the canary: the one of
     # r2's window against r1's was stored before this rollout started, so it is no evidence for it.

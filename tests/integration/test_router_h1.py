@@ -204,11 +204,16 @@ async def test_a_stalled_stream_fails_the_read_that_waits_and_never_the_bytes_al
     pool = H1Pool()
     silent_after = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + _chunked(b"data: 1\n\ndata: 2\n\n")[:-5]
     loop = asyncio.get_running_loop()
-    async with _serving(lambda _req: silent_after) as up:
+    head_only = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    async with _serving(lambda _req: silent_after) as up, _serving(lambda _req: head_only) as other:
         stream = await pool.open(up.url, b"{}", {}, 1.0)
         stream.stall_after(0.1, loop.time() + 30)
-        # The consumer is busy for longer than the bound (a slow client): what arrived meanwhile is read.
-        await asyncio.sleep(0.3)
+        # The consumer is busy with another stream under the same bound until that one stalls: by then the
+        # first stream's timer has fired too (it was set earlier), with its bytes waiting unread.
+        busy = await pool.open(other.url, b"{}", {}, 1.0)
+        busy.stall_after(0.1, loop.time() + 30)
+        with pytest.raises(Stalled):
+            await busy.readline()
         assert [await stream.readline() for _ in range(4)] == [b"data: 1\n", b"\n", b"data: 2\n", b"\n"]
         with pytest.raises(Stalled):  # then the upstream says nothing for longer than the bound
             await stream.readline()
