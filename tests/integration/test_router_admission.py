@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -272,7 +273,9 @@ async def test_a_shared_rate_limit_admits_n_across_two_replicas(settings: Settin
     # One bucket for both replicas: 10 per minute in all, not 10 on each (20 with per-replica buckets).
     assert len(results) - len(refused) == 10 == sim.requests[MODEL]
     assert all(r.code == "rate_limit_exceeded" and "10 requests per minute" in r.body["message"] for r in refused)
-    assert {len(r.admission.limiter.shares) for r in (a, b)} == {1}  # each replica leased its share from the KV
+    # Both asked the KV bucket (neither fell back to its own); which replica leased how much is a race.
+    assert all(r.admission.limiter.local_until == -math.inf for r in (a, b))
+    assert any(r.admission.limiter.shares for r in (a, b))
 
 
 async def test_a_shared_rate_limit_falls_back_to_the_replicas_bucket_while_the_store_is_down(

@@ -82,6 +82,7 @@ async def _rollout(stack: Stack, router: Any) -> None:
     await admin.publish(admin.subjects.gate_decided("r2"),
                         signer.sign(GateDecided(release="r2", rules=[], decision="PASS")))
     await router.rollouts.wait_for(lambda r: "chat" in r and r["chat"].phase == "progressing", timeout=10)
+    await router.rollouts.flush()  # in KV, where a replica started next restores it from
 
 
 def _report(comparison: str, psi: float, ended: datetime | None = None) -> DriftReport:
