@@ -25,3 +25,9 @@ def test_node_config_routes_to_the_other_nodes_with_their_own_password() -> None
 def test_free_ports_are_distinct() -> None:
     ports = free_ports(3)
     assert len(set(ports)) == 3 and all(p > 0 for p in ports)
+
+
+def test_monitoring_listens_on_the_nodes_host_only_when_asked() -> None:
+    args = ("n1", "lockgate", "127.0.0.1", 7001, [7001, 7002], "secret")
+    assert "http" not in json.loads(node_config(*args))
+    assert json.loads(node_config(*args, monitor_port=8222))["http"] == "127.0.0.1:8222"

@@ -11,12 +11,21 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
+
 from lockgate.errors import ConfigError
+from lockgate.retry import RetryPolicy
 from lockgate.server.natsserver import NatsServer
 
 # Logged by every node once the JetStream metadata group has a leader ("Self is new JetStream cluster
 # metadata leader" on the leader itself, "JetStream cluster new metadata leader: n2/lockgate" elsewhere).
 _META_LEADER = "metadata leader"
+# Catching up takes from milliseconds to seconds: polled, as a readiness probe is.
+_HEALTHY = RetryPolicy(attempts=1_000_000, initial_s=0.05, max_s=0.5)
+
+
+class NotHealthy(Exception):
+    """A node's /healthz is not yet ok."""
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -33,11 +42,14 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 
 def node_config(name: str, cluster: str, host: str, route_port: int, route_ports: list[int],
-                route_password: str, base: str = "") -> str:
+                route_password: str, base: str = "", monitor_port: int = 0) -> str:
     """One node's configuration: `base` (users, TLS: `auth_config`) plus its name and the cluster block.
-    Routes authenticate with a password of their own, so nothing else on the host can join the cluster."""
+    Routes authenticate with a password of their own, so nothing else on the host can join the cluster.
+    With `monitor_port`, the node serves its monitoring endpoints (`/healthz`) there, on `host` only."""
     conf = json.loads(base) if base else {}
     conf["server_name"] = name
+    if monitor_port:
+        conf["http"] = f"{host}:{monitor_port}"
     conf["cluster"] = {
         "name": cluster,
         "listen": f"{host}:{route_port}",
@@ -55,12 +67,14 @@ class NatsCluster:
         self.root = Path(root)
         self.host = host
         self.name = name
-        route_ports = free_ports(size, host)
+        ports = free_ports(2 * size, host)  # at once, so that no two are the same
+        route_ports, self.monitor_ports = ports[:size], ports[size:]
         password = secrets.token_urlsafe(24)
         self._leader_known = [threading.Event() for _ in range(size)]
         self.nodes = [
             NatsServer(self.root / f"n{i + 1}", host=host, tls=tls, on_line=self._watcher(i),
-                       config=node_config(f"n{i + 1}", name, host, port, route_ports, password, config))
+                       config=node_config(f"n{i + 1}", name, host, port, route_ports, password, config,
+                                          self.monitor_ports[i]))
             for i, port in enumerate(route_ports)
         ]
 
@@ -95,8 +109,23 @@ class NatsCluster:
             raise ConfigError(f"nats-server n{index + 1} saw no JetStream metadata leader within {timeout_s:.0f}s")
 
     async def restart(self, index: int, timeout_s: float = 60.0) -> None:
-        """Start a stopped or killed node again on its ports and store; returns once it knows the leader."""
+        """Start a stopped or killed node again on its ports and store; returns once it is healthy: it knows
+        the leader and its replicas of every stream and consumer have caught up (nats-server's `/healthz`,
+        the probe its own Helm chart uses). Knowing the leader is not enough: a stream whose replica there
+        is still catching up can leave the next stream-info request unanswered."""
         await self._start(index, timeout_s)
+        url = f"http://{self.host}:{self.monitor_ports[index]}/healthz"
+
+        async def healthy() -> None:
+            async with aiohttp.ClientSession() as http, http.get(url) as resp:
+                if resp.status != 200:
+                    raise NotHealthy(f"nats-server n{index + 1}: {await resp.text()}")
+
+        try:
+            await asyncio.wait_for(_HEALTHY.call(healthy, retry_on=(NotHealthy, aiohttp.ClientError),
+                                                 what=f"nats-server n{index + 1} health"), timeout_s)
+        except (TimeoutError, NotHealthy, aiohttp.ClientError) as exc:
+            raise ConfigError(f"nats-server n{index + 1} not healthy within {timeout_s:.0f}s: {exc}") from None
 
     def kill(self, index: int) -> None:
         """kill -9 one node (its store stays for the restart)."""
