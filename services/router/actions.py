@@ -57,10 +57,10 @@ class Actions:
         self.rollouts = rollouts
         self.key = key
 
-    def add_routes(self, app: web.Application, prefix: str) -> None:
-        """Register the action endpoints under the admin prefix."""
+    def add_routes(self, app: web.Application) -> None:
+        """Register the action endpoints on the admin application."""
         for action in ("pause", "resume", "approve", "set-weight"):
-            app.router.add_post(f"{prefix}/{{deployment}}/{action}", self._handler(action))
+            app.router.add_post(f"/{{deployment}}/{action}", self._handler(action))
 
     def _handler(self, action: str) -> Callable[[web.Request], Awaitable[web.Response]]:
         async def handle(request: web.Request) -> web.Response:

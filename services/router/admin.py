@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -35,6 +36,13 @@ def _json(route: Route | list[Route], status: int = 200) -> web.Response:
     return web.Response(body=_encoder.encode(route), status=status, content_type="application/json")
 
 
+@web.middleware
+async def _finish_when_client_leaves(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The server cancels a handler whose client left (handler_cancellation, for the proxy's upstream
+    calls); an admin call runs to its end anyway, so a change is never left half made."""
+    return await asyncio.shield(handler(request))
+
+
 class Admin:
     """Handlers for `/lockgate/v1/deployments/...`."""
 
@@ -45,8 +53,6 @@ class Admin:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         """Every admin call needs a key: reads a viewer role or above, changes operator or admin."""
-        if not request.path.startswith("/lockgate/"):
-            return await handler(request)
         try:
             key = self.keys.authenticate(bearer(request.headers.get("Authorization")))
             if request.method in ("GET", "HEAD"):
@@ -60,20 +66,23 @@ class Admin:
         request[KEY] = key
         return await handler(request)
 
-    def add_routes(self, app: web.Application) -> None:
-        """Register the admin endpoints (guarded by `middleware`)."""
-        app.router.add_get(PREFIX, self.list)
-        app.router.add_get(PREFIX + "/{deployment}", self.get)
-        app.router.add_get(PREFIX + "/{deployment}/shadow", self.shadow)
-        app.router.add_put(PREFIX + "/{deployment}", self.put)
-        app.router.add_patch(PREFIX + "/{deployment}", self.patch)
-        app.router.add_get(PREFIX + "/{deployment}/watch", self.watch)
-        app.router.add_post(PREFIX + "/{deployment}/retry", self.retry)
-        app.router.add_post(PREFIX + "/{deployment}/abort", self.abort)
-        app.router.add_post(PREFIX + "/{deployment}/promote", self.promote)
-        app.router.add_post(PREFIX + "/{deployment}/undo", self.undo)
-        app.router.add_delete(PREFIX + "/{deployment}/break-glass", self.clear_override)
-        Actions(self.rollouts, KEY).add_routes(app, PREFIX)  # pause, resume, set-weight
+    def app(self) -> web.Application:
+        """The admin API, mounted at PREFIX as a sub-application: its middlewares (authentication, and
+        finishing a call whose client left) run for admin calls only, never on the data plane's path."""
+        app = web.Application(middlewares=[_finish_when_client_leaves, self.middleware])
+        app.router.add_get("", self.list)
+        app.router.add_get("/{deployment}", self.get)
+        app.router.add_get("/{deployment}/shadow", self.shadow)
+        app.router.add_put("/{deployment}", self.put)
+        app.router.add_patch("/{deployment}", self.patch)
+        app.router.add_get("/{deployment}/watch", self.watch)
+        app.router.add_post("/{deployment}/retry", self.retry)
+        app.router.add_post("/{deployment}/abort", self.abort)
+        app.router.add_post("/{deployment}/promote", self.promote)
+        app.router.add_post("/{deployment}/undo", self.undo)
+        app.router.add_delete("/{deployment}/break-glass", self.clear_override)
+        Actions(self.rollouts, KEY).add_routes(app)  # pause, resume, set-weight
+        return app
 
     async def list(self, request: web.Request) -> web.Response:
         """Every configured deployment's route."""

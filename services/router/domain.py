@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from collections.abc import Mapping
@@ -217,6 +218,7 @@ def choose(route: Route, user: str, headers: Mapping[str, str] | None = None) ->
     return "stable", route.stable
 
 
+@functools.lru_cache(maxsize=8192)  # the same users call again and again: a sha256 per user, not per request
 def user_hash(user: str) -> str:
     """Pseudonymous user id for events: never the raw id."""
     return hashlib.sha256(user.encode()).hexdigest()[:16] if user else ""

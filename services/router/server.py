@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from typing import Any
 
@@ -13,21 +12,12 @@ from lockgate import metrics
 from lockgate.outbox import Outbox
 from lockgate.server.apikeys import KeyStore
 from lockgate.server.service import Service, ServiceContext, fewer_collections
-from lockgate.services.router.admin import Admin
+from lockgate.services.router.admin import PREFIX, Admin
 from lockgate.services.router.admission import Admission
 from lockgate.services.router.endpoints import Endpoints
 from lockgate.services.router.handlers import drift_callback, evidence_callback, replay_drift, scores_callback
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
-
-
-@web.middleware
-async def _admin_calls_finish(request: web.Request, handler: Any) -> web.StreamResponse:
-    """The server cancels a handler whose client left (handler_cancellation, for the proxy's upstream
-    calls); an admin call runs to its end anyway, so a change is never left half made."""
-    if request.path.startswith("/v1/"):
-        return await handler(request)
-    return await asyncio.shield(handler(request))
 
 
 class RouterService(Service):
@@ -61,8 +51,7 @@ class RouterService(Service):
 
     def app(self) -> web.Application:
         """The aiohttp application (gateway + admin)."""
-        app = web.Application(client_max_size=32 * 1024 * 1024, middlewares=[_admin_calls_finish,
-                                                                             self.admin.middleware])
+        app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self.proxy.chat)
         app.router.add_post("/v1/completions", self.proxy.completions)
         app.router.add_post("/v1/embeddings", self.proxy.embeddings)
@@ -70,7 +59,7 @@ class RouterService(Service):
         app.router.add_get("/v1/models", self.proxy.models)
         app.router.add_get("/healthz", self._health)
         app.router.add_get("/metrics", metrics.serve_prometheus)  # on the gateway's port: no second listener
-        self.admin.add_routes(app)
+        app.add_subapp(PREFIX, self.admin.app())
         return app
 
     async def start(self) -> None:
