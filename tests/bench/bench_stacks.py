@@ -14,11 +14,15 @@ Stacks (server / event loop / upstream client):
 - aiohttp.web / uvloop / httpx.AsyncClient, when httpx is installed
 - aiohttp.web / uvloop / the router's HTTP/1.1 keep-alive pool (h1.py, its non-streamed upstream calls)
 - granian RSGI / uvloop / the h1 pool, when granian is installed
+- aiohttp low-level server / uvloop / the h1 pool: what the router's Application, routing and middlewares cost
+- uvicorn ASGI with httptools (llhttp, as uvicorn's fastest setting) / uvloop / the h1 pool, when uvicorn
+  and httptools are installed
 
 Figures per stack at concurrency 8: added p50/p99 over the simulator called directly, requests/s, and
 the server process's CPU per request (user + system from /proc, every thread, granian's Rust runtime
 included); requests/s at concurrency 32. Run alone: `python -m tests.bench.bench_stacks` (prints JSON).
-granian and httpx are not lockgate dependencies: `uv pip install granian httpx` to include them.
+granian, httpx, uvicorn and httptools are not lockgate dependencies: `uv pip install granian httpx uvicorn
+httptools` to include them.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from tests.bench.common import BenchEnv, bench_env, percentiles, sim_process
 
 N_REQUESTS = 2000
 ROUNDS = 3
-STACKS: dict[str, tuple[str, str, str, str | None]] = {  # name: (server, loop, client, package it needs)
+STACKS: dict[str, tuple[str, str, str, str | None]] = {  # name: (server, loop, client, packages it needs)
     "aiohttp-web/uvloop/aiohttp": ("web", "uvloop", "aiohttp", None),
     "aiohttp-web/asyncio/aiohttp": ("web", "asyncio", "aiohttp", None),
     "aiohttp-lowlevel/uvloop/aiohttp": ("lowlevel", "uvloop", "aiohttp", None),
@@ -46,6 +50,8 @@ STACKS: dict[str, tuple[str, str, str, str | None]] = {  # name: (server, loop, 
     "aiohttp-web/uvloop/httpx": ("web", "uvloop", "httpx", "httpx"),
     "aiohttp-web/uvloop/h1pool": ("web", "uvloop", "h1", None),
     "granian-rsgi/uvloop/h1pool": ("granian", "uvloop", "h1", "granian"),
+    "aiohttp-lowlevel/uvloop/h1pool": ("lowlevel", "uvloop", "h1", None),
+    "uvicorn-httptools/uvloop/h1pool": ("uvicorn", "uvloop", "h1", "uvicorn,httptools"),
 }
 _JSON = {"Content-Type": "application/json"}
 _UNAUTHORIZED = b'{"error": {"message": "invalid API key", "type": "invalid_request_error"}}'
@@ -126,6 +132,9 @@ async def _serve(server: str, client_kind: str, upstream: str, home: str) -> Non
         port = _free_port()
         await _serve_granian(client, allowed, port)
         return
+    if server == "uvicorn":
+        await _serve_uvicorn(client, allowed, _free_port())
+        return
     if server == "web":
         app = web.Application()
         app.router.add_post("/v1/chat/completions", hop)
@@ -172,6 +181,35 @@ async def _serve_granian(client: Any, allowed: Any, port: int) -> None:
     await task
 
 
+async def _serve_uvicorn(client: Any, allowed: Any, port: int) -> None:
+    import uvicorn
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        authorization = next((v.decode() for k, v in scope["headers"] if k == b"authorization"), None)
+        if not allowed(authorization):
+            status, data = 401, _UNAUTHORIZED
+        else:
+            body, more = b"", True
+            while more:
+                message = await receive()
+                body += message.get("body", b"")
+                more = message.get("more_body", False)
+            status, data = await client.post(body)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": data})
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", loop="none",
+                                           lifespan="off", access_log=False, log_level="warning"))
+    task = asyncio.get_running_loop().create_task(server.serve())
+    while not server.started:  # start-up poll of a child server, not test synchronisation
+        await asyncio.sleep(0.05)
+    print(f"serving at http://127.0.0.1:{port}", flush=True)
+    await task
+
+
 @contextlib.asynccontextmanager
 async def _stack_process(name: str, upstream: str, home: str) -> AsyncIterator[tuple[str, int]]:
     server, loop, client, _ = STACKS[name]
@@ -205,8 +243,8 @@ def _cpu_s(pid: int) -> float:
 
 def available() -> list[str]:
     """The stacks whose packages are installed."""
-    return [name for name, (*_, package) in STACKS.items()
-            if package is None or importlib.util.find_spec(package) is not None]
+    return [name for name, (*_, packages) in STACKS.items()
+            if packages is None or all(importlib.util.find_spec(p) is not None for p in packages.split(","))]
 
 
 async def run(env: BenchEnv) -> dict[str, Any]:
