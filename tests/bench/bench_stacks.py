@@ -168,17 +168,8 @@ async def _serve_granian(client: Any, allowed: Any, port: int) -> None:
             proto.response_bytes(status, [("content-type", "application/json")], data)
 
     server = Granian(App(), address="127.0.0.1", port=port, interface=Interfaces.RSGI, log_enabled=False)
-    # embedded: granian's workers are tasks of this process's loop, its HTTP runtime one Rust thread
-    task = asyncio.get_running_loop().create_task(server.serve())
-    for _ in range(200):  # ready when the port accepts
-        try:
-            _, w = await asyncio.open_connection("127.0.0.1", port)
-            w.close()
-            break
-        except OSError:
-            await asyncio.sleep(0.05)  # start-up poll of a child server, not test synchronisation
-    print(f"serving at http://127.0.0.1:{port}", flush=True)
-    await task
+    # embedded: granian's HTTP runtime is one Rust thread
+    await _serve_until_killed(server.serve(), port)
 
 
 async def _serve_uvicorn(client: Any, allowed: Any, port: int) -> None:
@@ -203,9 +194,19 @@ async def _serve_uvicorn(client: Any, allowed: Any, port: int) -> None:
 
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http="httptools", loop="none",
                                            lifespan="off", access_log=False, log_level="warning"))
-    task = asyncio.get_running_loop().create_task(server.serve())
-    while not server.started:  # start-up poll of a child server, not test synchronisation
-        await asyncio.sleep(0.05)
+    await _serve_until_killed(server.serve(), port)
+
+
+async def _serve_until_killed(serve: Any, port: int) -> None:
+    """Run an embedded server (its workers tasks of this process's loop) and print the URL once it accepts."""
+    task = asyncio.get_running_loop().create_task(serve)
+    for _ in range(200):  # ready when the port accepts
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            break
+        except OSError:
+            await asyncio.sleep(0.05)  # start-up poll of a child server, not test synchronisation
     print(f"serving at http://127.0.0.1:{port}", flush=True)
     await task
 
