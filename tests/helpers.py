@@ -193,3 +193,53 @@ class Replicas:
             await svcs.stop()
         for b in self.buses:
             await b.close()
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 to `port`: `cut` drops every connection through it and refuses new ones (one
+    client partitioned from a server that stays up), `heal` lets connections through again."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.open = True
+        self._writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        """Listen; returns the relay's port."""
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def cut(self) -> None:
+        self.open = False
+        for w in self._writers:
+            w.close()
+        self._writers.clear()
+
+    def heal(self) -> None:
+        self.open = True
+
+    async def close(self) -> None:
+        self.cut()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.open:
+            writer.close()
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self._writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):  # the other side went, or `cut` closed it
+                return
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))

@@ -77,6 +77,7 @@ class RouterService(Service):
         # A replica that starts mid-rollout reads back the reports already published (live ones keep arriving
         # above meanwhile; the newest per deployment and comparison wins), so its drift metric need not wait.
         await replay_drift(self.rollouts)
+        self.spawn(self._replay_after_reconnects(), "drift-replay")
         # Timeouts are per endpoint (endpoints.py, applied in upstream.py), so the pool has none of its own.
         self.proxy.upstream.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=60, ttl_dns_cache=300),
@@ -95,6 +96,14 @@ class RouterService(Service):
         await web.TCPSite(self._runner, s.host, s.router_port, backlog=1024).start()  # bursts of new clients
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
+
+    async def _replay_after_reconnects(self) -> None:
+        # Live reports published while the connection was down never reach the subscription above: each
+        # time it comes back, they are read back from the stream as at start.
+        seen = self.ctx.bus.reconnects
+        while True:
+            seen = await self.ctx.bus.reconnected(after=seen)
+            await replay_drift(self.rollouts)
 
     async def stop(self) -> None:
         """Stop serving (in-flight requests finish), flush events and route changes, close the pool."""

@@ -129,13 +129,14 @@ class Bus:
         self._registries: list[Consumers] = [self.consumers]
         self._loops: dict[ConsumerSpec, _PullLoop] = {}
         self._state_changed = asyncio.Condition()
+        self.reconnects = 0  # times the connection came back after a loss
 
     async def connect(self) -> None:
         """Connect, then create streams, KV buckets and the object store (idempotent)."""
         try:
             self.nc = await nats.connect(
                 self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True,
-                error_cb=self._on_error, disconnected_cb=self._on_state, reconnected_cb=self._on_state,
+                error_cb=self._on_error, disconnected_cb=self._on_state, reconnected_cb=self._on_reconnected,
                 closed_cb=self._on_state, **self.auth.options()
             )
         except NotAllowed:
@@ -152,6 +153,17 @@ class Bus:
     async def _on_state(self) -> None:
         async with self._state_changed:
             self._state_changed.notify_all()
+
+    async def _on_reconnected(self) -> None:
+        self.reconnects += 1
+        await self._on_state()
+
+    async def reconnected(self, after: int) -> int:
+        """Wait until the connection has come back more than `after` times (`reconnects`); returns the new
+        count. What core subscriptions missed meanwhile is lost to them: a caller reads it back from a stream."""
+        async with self._state_changed:
+            await self._state_changed.wait_for(lambda: self.reconnects > after)
+        return self.reconnects
 
     async def wait_state(self, state: str, timeout_s: float = 30.0) -> None:
         """Wait until the connection is in `state` (see `state`); woken by the client's callbacks."""
@@ -224,7 +236,10 @@ class Bus:
         """Stop consumers (finishing in-flight handlers), then drain the connection."""
         await self.stop_consumers()
         if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
+            if self.nc.is_connected:
+                await self.nc.drain()
+            else:  # nats-py refuses to drain while reconnecting: a stop during an outage just closes
+                await self.nc.close()
 
     async def ensure_topology(self) -> None:
         """Declare every stream and bucket from subjects.py; safe to run any number of times."""

@@ -23,7 +23,7 @@ from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects
-from tests.helpers import Replicas, admin_headers, register_model_release, store_pass
+from tests.helpers import Relay, Replicas, admin_headers, register_model_release, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,17 +39,18 @@ class Stack(Replicas):
         self.settings, self.store = settings, store
         self.named: dict[str, Bus] = {}
 
-    async def bus(self, identity: str, name: str = "") -> Bus:
-        b = Bus(self.settings.nats_url, Subjects(self.settings.prefix), name=name or f"test-{identity}",
+    async def bus(self, identity: str, name: str = "", url: str = "") -> Bus:
+        b = Bus(url or self.settings.nats_url, Subjects(self.settings.prefix), name=name or f"test-{identity}",
                 auth=credentials.for_identity(self.settings, identity), manage_topology=identity == "admin")
         await b.connect()
         self.named[name or identity] = b
         self.buses.append(b)
         return b
 
-    async def replica(self, name: str) -> Any:
-        """A router replica on its own connection as the router identity, started (serving) when this returns."""
-        return await self.router(await self.bus("router", name), self.settings, self.store)
+    async def replica(self, name: str, url: str = "") -> Any:
+        """A router replica on its own connection as the router identity (to `url`, default the server),
+        started (serving) when this returns."""
+        return await self.router(await self.bus("router", name, url), self.settings, self.store)
 
 
 @pytest.fixture
@@ -159,3 +160,33 @@ async def test_reports_from_before_the_rollout_and_unreadable_messages_are_not_r
     async with aiohttp.ClientSession() as http, http.get(f"{b.url}/healthz") as resp:  # and it serves
         assert resp.status == 200 and (await resp.json())["ready"]
 
+
+
+async def test_reports_published_while_a_replica_was_cut_off_are_read_back_when_it_reconnects(stack: Stack) -> None:
+    a = await stack.replica("router-a")
+    await _rollout(stack, a)
+    relay = Relay(int(stack.settings.nats_url.rpartition(":")[2]))
+    try:
+        b = await stack.replica("router-b", f"nats://127.0.0.1:{await relay.start()}")
+        bus = stack.named["router-b"]
+        taken, observe = asyncio.Event(), b.rollouts.observe_drift
+        report = _report("canary_vs_stable", 0.02)
+
+        def observed(r: DriftReport) -> None:
+            observe(r)
+            if r.id == report.id:
+                taken.set()
+
+        b.rollouts.observe_drift = observed
+        relay.cut()  # router-b alone loses the server, which stays up for everyone else
+        await bus.wait_state("reconnecting", timeout_s=10)
+        monitor = await stack.bus("drift")
+        await monitor.publish(monitor.subjects.drift("chat"), report)
+        assert not taken.is_set() and b.rollouts.evidence.drift("chat", "r2", 0.0) is None  # missed live
+
+        relay.heal()
+        async with asyncio.timeout(30):  # nats-py waits about 2 s between reconnect attempts
+            await taken.wait()
+        assert b.rollouts.evidence.drift("chat", "r2", 0.0) == report
+    finally:
+        await relay.close()
