@@ -14,14 +14,12 @@ Telemetry never fails a request: every recorder swallows its own errors.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Meter, NoOpMeter, Observation
-from opentelemetry.sdk.environment_variables import OTEL_METRICS_EXEMPLAR_FILTER
-from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -99,10 +97,6 @@ def install(service_name: str, *, otlp_endpoint: str = "",
         all_readers.append(PeriodicExportingMetricReader(exporter))
     provider = MeterProvider(
         metric_readers=all_readers,
-        # Exemplars are a third of a histogram record's cost (the current span read and a reservoir kept per
-        # measurement, on every routed request) and the Prometheus text carries none: off unless the standard
-        # variable asks for them (None lets the SDK read it).
-        exemplar_filter=None if os.environ.get(OTEL_METRICS_EXEMPLAR_FILTER) else AlwaysOffExemplarFilter(),
         resource=Resource.create({"service.name": service_name, "service.version": __version__}),
         shutdown_on_exit=False,  # the runtime shuts it down, with a last OTLP export, before the loop ends
     )

@@ -171,25 +171,3 @@ def test_outbox_callbacks_count_a_services_events(metric_reader: InMemoryMetricR
     assert metric_points(metric_reader, "lockgate.events.dropped") == {
         (("reason", "publish_failed"), ("service", "router")): 2,
     }
-
-
-def _exemplars(reader: InMemoryMetricReader) -> int:
-    data = reader.get_metrics_data()
-    return sum(len(p.exemplars) for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
-               if m.name == "lockgate.router.request.duration" for p in m.data.data_points)
-
-
-@pytest.mark.parametrize(("setting", "kept"), [(None, 0), ("always_on", 1)])
-def test_exemplars_are_off_unless_the_standard_variable_asks(monkeypatch: pytest.MonkeyPatch, setting: str | None,
-                                                             kept: int) -> None:
-    if setting:
-        monkeypatch.setenv("OTEL_METRICS_EXEMPLAR_FILTER", setting)
-    else:
-        monkeypatch.delenv("OTEL_METRICS_EXEMPLAR_FILTER", raising=False)
-    reader = InMemoryMetricReader()
-    provider = metrics.install("lockgate-test", readers=[reader])
-    try:
-        metrics.router_request("stable", "ok", 0.002)
-        assert _exemplars(reader) == kept
-    finally:
-        metrics.shutdown(provider)
