@@ -1,6 +1,7 @@
-"""A router replica that (re)starts mid-rollout reads back the drift reports already published, so its analysis'
-`drift` metric has the latest report at once instead of WAITING for the monitor's next one. On a real nats-server
-with auth on: the router reads as its own identity, the reports come from the drift monitor's."""
+"""A router replica that (re)starts mid-rollout, or whose bus connection comes back, reads back the drift reports
+published meanwhile, so its analysis' `drift` metric has the latest report at once instead of WAITING for the
+monitor's next one. On a real nats-server with auth on: the router reads as its own identity, the reports come
+from the drift monitor's."""
 
 from __future__ import annotations
 
