@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from typing import Any
 
 import msgspec
-import nats.js.errors
 
 from lockgate.bus import Delivery
 from lockgate.contracts import DriftReport, InferenceEvent, InferenceScored, RolloutState
@@ -61,23 +59,19 @@ class DriftHandlers:
             embedder = await asyncio.to_thread(text.default_embedder)
             self.monitor.embedder, self.monitor.dim = embedder, embedder.dim
             log.info("text drift embeds with %s", embedder.name)
-        kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            keys = []
-        for key in keys:
+        entries = await self.ctx.bus.kv_entries(self.ctx.bus.subjects.kv_drift)
+        for key in entries:
             if "." not in key:  # text rings are read with their deployment
-                await self._restore_one(kv, key)
+                self._restore_one(entries, key)
         self._restored = True
 
-    async def _restore_one(self, kv: Any, key: str) -> None:
+    def _restore_one(self, entries: dict[str, bytes], key: str) -> None:
         m = self.monitor
         try:
-            snap = _snapshots.decode((await kv.get(key)).value)
+            snap = _snapshots.decode(entries[key])
             w = snapshots.restore(snap, m.reference_size, m.window_size, m.dim)
             pair = snapshots.restore_pair(snap, m.window_size, m.dim)
-        except (nats.js.errors.KeyNotFoundError, msgspec.DecodeError, ValueError) as exc:
+        except (msgspec.DecodeError, ValueError) as exc:
             log.warning("ignoring unreadable drift windows %s: %s", key, exc)
             return
         m.windows[snap.deployment] = w
@@ -87,11 +81,10 @@ class DriftHandlers:
             m.labels.setdefault(code, name)
         embedder = m.embedder.name if m.embedder is not None else ""
         for part in snapshots.TEXT_PARTS if embedder else ():
-            try:
-                ring = _texts.decode((await kv.get(f"{key}.text.{part}")).value)
-                snapshots.restore_text(part, ring, w, pair, embedder)
-            except nats.js.errors.KeyNotFoundError:
+            if (raw := entries.get(f"{key}.text.{part}")) is None:
                 continue
+            try:
+                snapshots.restore_text(part, _texts.decode(raw), w, pair, embedder)
             except (msgspec.DecodeError, ValueError) as exc:
                 log.warning("ignoring unreadable drift text vectors %s.text.%s: %s", key, part, exc)
 

@@ -282,6 +282,33 @@ class Bus:
         """A KV bucket handle (created at connect)."""
         return await self.js.key_value(bucket)
 
+    async def kv_entries(self, bucket: str) -> dict[str, bytes]:
+        """Every live key of a KV bucket with its value, as of the call.
+
+        Listed from the bucket stream's subjects, then one get per key, rather than by nats-py's
+        `keys()`: its watcher can send "that was all" before the messages already on their way were
+        counted (nats-io/nats.py#842), so a full bucket sometimes read as empty. A deleted or purged
+        key keeps its subject (the marker), and its get says so: it is left out. The server lists up to
+        100,000 subjects; the buckets this is used for hold a few hundred keys."""
+        kv = await self.kv(bucket)
+        stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
+        try:
+            info = await self._unless_refused(f"{_API}.STREAM.INFO.{stream}",
+                                              lambda: self.js.stream_info(stream, subjects_filter=f"{prefix}>"))
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot list the keys of bucket {bucket}: {exc!r}") from None
+        out = {}
+        for subject in sorted(info.state.subjects or {}):
+            key = subject[len(prefix):]
+            try:
+                entry = await kv.get(key)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                continue  # deleted, or gone between the listing and the get
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                raise BusUnavailable(f"cannot read key {key} of bucket {bucket}: {exc!r}") from None
+            out[key] = entry.value or b""
+        return out
+
     async def objects(self) -> Any:
         """The content-addressed artifact object store."""
         return await self.js.object_store(self.subjects.object_store)

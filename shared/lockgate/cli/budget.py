@@ -13,7 +13,6 @@ from typing import Any
 
 import click
 import msgspec
-import nats.js.errors
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
@@ -25,20 +24,13 @@ from lockgate.services.router.budgets import NANO, Budget, Counter, period_id, r
 
 async def read_budgets(bus: Bus, budgets: list[Budget], now: datetime) -> list[dict[str, Any]]:
     """One row per counter of this period (a split budget has one per tenant, app or key)."""
-    kv = await bus.kv(bus.subjects.kv_budgets)
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        keys = []
+    entries = await bus.kv_entries(bus.subjects.kv_budgets)
     rows = []
     for b in budgets:
         pid = period_id(b.spec.period, now)
-        mine = [k for k in keys if k.startswith(f"{b.name}.") and k.endswith(f".{pid}")] or [f"{b.name}.{pid}"]
+        mine = [k for k in entries if k.startswith(f"{b.name}.") and k.endswith(f".{pid}")] or [f"{b.name}.{pid}"]
         for key in sorted(mine):
-            try:
-                leased = msgspec.json.decode((await kv.get(key)).value, type=Counter).leased
-            except nats.js.errors.KeyNotFoundError:
-                leased = Counter().leased
+            leased = msgspec.json.decode(entries[key], type=Counter).leased if key in entries else Counter().leased
             split = key[len(b.name) + 1: -len(pid) - 1]
             rows.append({
                 "budget": b.name, "split": split, "period": pid,

@@ -10,7 +10,6 @@ import json
 from typing import Any
 
 import click
-import nats.js.errors
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
@@ -39,18 +38,12 @@ async def read_status(bus: Bus) -> dict[str, Any]:
 
 async def read_overrides(bus: Bus) -> list[dict[str, Any]]:
     """Break-glass overrides in effect, from the routes KV: shown until an admin clears them."""
-    kv = await bus.kv(bus.subjects.kv_routes)
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
     out = []
-    for key in sorted(keys):
+    for key, value in (await bus.kv_entries(bus.subjects.kv_routes)).items():
         try:
-            entry = await kv.get(key)
-            route = json.loads(entry.value or b"{}")
-        except (nats.js.errors.KeyNotFoundError, ValueError):
-            continue  # deleted meanwhile, or not a route
+            route = json.loads(value or b"{}")
+        except ValueError:
+            continue  # not a route
         o = route.get("override") if isinstance(route, dict) else None
         if o:
             out.append({"deployment": route.get("deployment", key), "release": o.get("release"),

@@ -15,15 +15,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import msgspec
-import nats.errors
-import nats.js.errors
 
 from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.config import Settings
 from lockgate.contracts import ApplyRecorded
 from lockgate.contracts.gitops import AppliedChange
-from lockgate.errors import BusUnavailable, NotFound
+from lockgate.errors import NotFound
 from lockgate.gitops.documents import GitopsError
 from lockgate.gitops.git import Provenance
 from lockgate.gitops.plan import Plan, StateEntry
@@ -43,21 +41,10 @@ def state_key(kind: str, name: str) -> str:
 
 async def read_state(bus: Bus) -> dict[str, StateEntry]:
     """Every resource the last applies recorded, by `kind/name`."""
-    kv = await bus.kv(bus.subjects.kv_gitops)
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return {}
-    except nats.errors.Error as exc:
-        raise BusUnavailable(f"cannot read the applied state: {exc!r}") from None
     out = {}
-    for key in keys:
-        try:
-            entry = await kv.get(key)
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-            continue  # pruned between the listing and the read
-        if entry.value:
-            state = _entry.decode(entry.value)
+    for value in (await bus.kv_entries(bus.subjects.kv_gitops)).values():
+        if value:
+            state = _entry.decode(value)
             out[state.key] = state
     return out
 
