@@ -156,11 +156,21 @@ class Rollouts:
     # lifecycle
     async def restore(self) -> None:
         """Load persisted routes by watching the KV bucket (initial values), then accept decisions."""
+        bus, bucket = self.ctx.bus, self.ctx.bus.subjects.kv_routes
         try:
-            self._kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_routes)
+            self._kv = await bus.kv(bucket)
+            # Loaded once the watch reached the bucket's last revision at the start: nats-py's "that was
+            # all" marker can come before values already on their way (nats-io/nats.py#842).
+            last = (await bus.js.stream_info(f"KV_{bucket}")).state.last_seq
             self._watcher = await self._kv.watchall()
-            while (entry := await self._watcher.updates(timeout=30)) is not None:
-                self._on_entry(entry)
+            seen = 0
+            while True:
+                entry = await self._watcher.updates(timeout=30)
+                if entry is not None:
+                    self._on_entry(entry)
+                    seen = max(seen, entry.revision)
+                if seen >= last and (entry is None or last):
+                    break
         except nats.errors.Error as exc:
             raise BusUnavailable(f"cannot load routes from KV: {exc!r}") from None
         self.ready.set()
