@@ -56,6 +56,8 @@ async def test_a_canary_whose_live_online_scores_drop_is_aborted_naming_the_scor
     assert route.phase == "aborted", f"not aborted after {sent} requests: {route.reason}"
     assert (route.weight, route.stable.release) == (0.0, "r1")
     assert "analysis failed at step 1 (50%): score:pii_free 0 < threshold 0.98 (stable 1;" in route.reason
-    assert evaluator.online.scored.count > 0  # the scores came from the evaluator, off the request path
+    # The scores came from the evaluator, off the request path. It counts a message's events once all their
+    # scores are published, and the analysis may act on the first of them before that: wait for the count.
+    await evaluator.online.scored.wait_for(1, timeout_s=10)
     failed = route.analysis.last.metrics[0]
     assert failed.canary_n >= 30 and failed.stable_n >= 30 and failed.verdict == "FAILED"

@@ -56,3 +56,22 @@ def test_times_are_stored_to_the_microsecond_whatever_their_zone(store: Store) -
     assert [r["us"] for r in rows] == expected == [1767323045678901, 1767323045678901, -1]
     assert [r["ms"] for r in rows] == [us // 1000 for us in expected]
     assert [r["ns"] for r in rows] == [us * 1000 for us in expected]
+
+
+def test_an_insert_leaves_nothing_for_the_cyclic_collector(store: Store) -> None:
+    """The rows of an insert are freed when it returns, not at the next full collection: the driver's
+    insert context refers to itself, and a sink holding every batch until then grew and paused."""
+    import gc
+
+    from clickhouse_connect.driver.insert import InsertContext
+
+    store.command("CREATE TABLE freed (k UInt32, s String) ENGINE = MergeTree ORDER BY k")
+    gc.collect()
+    gc.disable()
+    try:
+        for i in range(3):
+            store.insert_columns("freed", ["k", "s"], [[i, i + 1], ["a", "b"]], token=None)
+        assert [o for o in gc.get_objects() if isinstance(o, InsertContext)] == []
+    finally:
+        gc.enable()
+    assert store.scalar("SELECT count() FROM freed") == 6

@@ -127,10 +127,16 @@ class Store:
                 known = all(c in types for c in columns)  # else clickhouse-connect asks, and says what is wrong
                 if known:
                     data = [_ticks(col, types[c]) for c, col in zip(columns, data, strict=True)]
-                self._client.insert(
-                    table, data, column_names=list(columns), column_oriented=True, settings=settings,
+                context = self._client.create_insert_context(
+                    table, column_names=list(columns), column_oriented=True, settings=settings, data=data,
                     column_type_names=[types[c] for c in columns] if known else None,
                 )
+                try:
+                    self._client.insert(context=context)
+                finally:
+                    # The context keeps one of its own bound methods as an attribute, a cycle: left alone, it
+                    # and the columns it holds live until the cyclic collector runs, a batch's worth each time.
+                    vars(context).clear()
             except ClickHouseError as exc:
                 self._types.pop(table, None)  # the table may have changed: ask again next time
                 if isinstance(exc, DataError) or _data_error_code(exc):
