@@ -17,8 +17,9 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, LockgateError
+from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, LockgateError, UnreadableBody
 from lockgate.server.apikeys import AuthError, Forbidden
+from lockgate.server.body import closing, read_body
 from lockgate.server.tls import bind_grpc
 from lockgate.services.otlp import wire
 from lockgate.services.otlp.ingest import Receiver
@@ -86,13 +87,15 @@ class HttpApp:
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
             key = self.receiver.authenticate(headers)
-            body = await request.read()  # aiohttp has undone a gzip or deflate Content-Encoding
+            body = await read_body(request)
             parse = wire.request_from_json if content_type == wire.JSON else wire.request_from_protobuf
             reply = await self.receiver.export(key, parse(body))
         except AuthError as exc:
             return self._error(401, wire.UNAUTHENTICATED, exc.message, content_type)
         except Forbidden as exc:
             return self._error(403, wire.PERMISSION_DENIED, exc.message, content_type)
+        except UnreadableBody as exc:
+            return closing(self._error(400, wire.INVALID_ARGUMENT, exc.message, content_type))
         except InvalidEvent as exc:
             return self._error(400, wire.INVALID_ARGUMENT, exc.message, content_type)
         except BusUnavailable as exc:

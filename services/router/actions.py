@@ -9,9 +9,10 @@ import msgspec
 from aiohttp import web
 
 from lockgate.contracts.names import check_name
-from lockgate.errors import InvalidName, LockgateError, Retryable
+from lockgate.errors import InvalidEvent, LockgateError, Retryable, UnreadableBody
 from lockgate.identity import IdentityRefused
 from lockgate.server.apikeys import ApiKey, Forbidden
+from lockgate.server.body import closing, read_body
 from lockgate.services.router.audit import record_action
 from lockgate.services.router.domain import InvalidRollout, NotAdmitted
 from lockgate.services.router.rollouts import Rollouts
@@ -23,14 +24,16 @@ _REFUSALS: tuple[tuple[type[LockgateError], int, str, str | None], ...] = (
     (IdentityRefused, 403, "permission_denied", "invalid_break_glass"),
     (Forbidden, 403, "permission_denied", "insufficient_role"),
     (NotAdmitted, 409, "conflict", "not_admitted"),
-    (InvalidName, 400, "invalid_request_error", None),
+    (InvalidEvent, 400, "invalid_request_error", None),  # a bad name, an unreadable body
 )
-REFUSED = (IdentityRefused, Forbidden, InvalidName, InvalidRollout, Retryable)  # what `refusal` answers
+REFUSED = (IdentityRefused, Forbidden, InvalidEvent, InvalidRollout, Retryable)  # what `refusal` answers
 
 
 def refusal(exc: LockgateError, action: str, invalid: int = 409) -> web.Response:
     """The answer to an admin action refused with `exc`, one of REFUSED. An InvalidRollout is `invalid`:
     409 when it contradicts the deployment's state, 400 when the request itself is malformed."""
+    if isinstance(exc, UnreadableBody):
+        return closing(error_response(400, exc.message, "invalid_request_error"))
     for kind, status, kind_name, code in _REFUSALS:
         if isinstance(exc, kind):
             return error_response(status, exc.message, kind_name, code=code)
@@ -71,7 +74,7 @@ class Actions:
     async def _act(self, request: web.Request, action: str) -> web.Response:
         try:
             deployment = check_name(request.match_info["deployment"], "deployment")
-            raw = await request.read()
+            raw = await read_body(request)
             body = _decoder.decode(raw) if raw.strip() else ActionRequest()
             if action == "set-weight" and body.weight is None:
                 raise InvalidRollout('set-weight needs {"weight": PERCENT}')

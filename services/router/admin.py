@@ -13,6 +13,7 @@ from lockgate.contracts.names import check_name
 from lockgate.errors import InvalidName
 from lockgate.identity import verify_override
 from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer, require_role
+from lockgate.server.body import read_body
 from lockgate.services.router.actions import REFUSED, Actions, refusal
 from lockgate.services.router.audit import record_action
 from lockgate.services.router.domain import (
@@ -109,7 +110,7 @@ class Admin:
         """Start a canary: {stable_release, canary_release, canary_model?, initial_weight?, break_glass?}."""
         try:
             deployment = check_name(request.match_info["deployment"], "deployment")
-            req = decode_canary(await request.read())
+            req = decode_canary(await read_body(request))
             override = self._override(request, deployment, req.break_glass, req.canary_release, "canary")
             route = await self.rollouts.start_canary(deployment, req, override, actor=request[KEY].label)
             await record_action(self.rollouts.ctx.bus, request[KEY], "canary", route, override)
@@ -125,7 +126,7 @@ class Admin:
             return error_response(415, f"a PATCH body is {CONTENT_TYPES[0]} (got {ctype})", "invalid_request_error")
         try:
             deployment = check_name(request.match_info["deployment"], "deployment")
-            body = decode_patch(await request.read())
+            body = decode_patch(await read_body(request))
             route = await self.rollouts.patch(deployment, body, actor=request[KEY].label)
             await record_action(self.rollouts.ctx.bus, request[KEY], "patch", route, None)
         except REFUSED as exc:
@@ -179,7 +180,7 @@ class Admin:
         except InvalidName as exc:
             return error_response(400, exc.message, "invalid_request_error")
         try:
-            body = decode_manual(await request.read())
+            body = decode_manual(await read_body(request))
             override = None
             if action == "promote":
                 canary = self.rollouts.route(deployment).canary

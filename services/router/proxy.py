@@ -26,9 +26,11 @@ from lockgate import metrics, telemetry
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.contracts.names import NAME_RULE, is_name
+from lockgate.errors import UnreadableBody
 from lockgate.llmwire import ApiRequest
 from lockgate.outbox import Outbox, encode_event
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
+from lockgate.server.body import closing, read_body
 from lockgate.services.router import domain
 from lockgate.services.router.admission import OPEN_ADMISSION, Admission
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
@@ -146,9 +148,11 @@ class Proxy:
             key = self.keys.authenticate(bearer(h.get("Authorization")))
         except AuthError as exc:
             return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
-        body = await request.read()
         try:
+            body = await read_body(request)
             req = _api_request.decode(body)
+        except UnreadableBody as exc:
+            return closing(error_response(400, f"invalid {op.api} request: {exc.message}", "invalid_request_error"))
         except msgspec.DecodeError as exc:
             return error_response(400, f"invalid {op.api} request: {exc}", "invalid_request_error")
         deployment = self.deployment_of(h, req.model)

@@ -23,6 +23,10 @@ class InvalidEvent(LockgateError):
     """A message could not be decoded into a known contract (goes to the DLQ)."""
 
 
+class UnreadableBody(InvalidEvent):
+    """An HTTP request's body cannot be read as sent: a corrupt gzip or deflate stream, or cut short."""
+
+
 class InvalidName(InvalidEvent):
     """A tenant, app, deployment or release name breaks the name grammar (lockgate.contracts.names)."""
 

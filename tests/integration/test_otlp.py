@@ -4,6 +4,7 @@ with an API key, against a real nats-server, the sink and the cost service on ch
 from __future__ import annotations
 
 import asyncio
+import gzip
 import time
 from collections.abc import Callable
 from typing import Any
@@ -155,6 +156,19 @@ async def test_otlp_json_is_stored_with_hex_ids_and_refusals_store_nothing(
                     "Duration": 250_000_000}]
     event = store.rows("SELECT app, model, input_tokens, operation FROM inference_events")[0]
     assert event == {"app": "bot", "model": "gpt-4o", "input_tokens": 10, "operation": "chat"}
+
+
+async def test_a_body_that_is_not_the_gzip_it_claims_is_a_400_saying_so(stack: Any, keys: Bootstrap) -> None:
+    url = stack.endpoints["otlp-http"] + "/v1/traces"
+    async with aiohttp.ClientSession() as http:
+        for ctype in ("application/json", "application/x-protobuf"):
+            headers = {"x-api-key": keys.app_key, "Content-Type": ctype, "Content-Encoding": "gzip"}
+            async with http.post(url, data=b"not gzip at all", headers=headers) as r:
+                assert (r.status, r.headers.get("Connection")) == (400, "close"), ctype
+                body = await r.read()
+            assert b"the request body is not valid gzip data (Content-Encoding: gzip)" in body, body
+            async with http.post(url, data=gzip.compress(b"{}"), headers=headers | {"Content-Type": "application/json"}) as r:
+                assert r.status == 200  # the same server still answers a good one
 
 
 async def test_grpc_refuses_a_missing_or_wrong_key_and_another_tenants_span(stack: Any, keys: Bootstrap) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -263,6 +264,21 @@ async def test_admin_rejects_bad_canary_requests(router: Any, http: aiohttp.Clie
     async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
         assert resp.status == 400
         assert part in (await resp.json())["error"]["message"]
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", "/v1/chat/completions"), ("PUT", "/lockgate/v1/deployments/chat"),
+    ("PATCH", "/lockgate/v1/deployments/chat"), ("POST", "/lockgate/v1/deployments/chat/pause"),
+    ("POST", "/lockgate/v1/deployments/chat/abort")])
+async def test_a_body_that_is_not_the_gzip_it_claims_is_a_400_saying_so(
+        router: Any, http: aiohttp.ClientSession, method: str, path: str, caplog: pytest.LogCaptureFixture) -> None:
+    headers = {"Content-Type": "application/merge-patch+json" if method == "PATCH" else "application/json",
+               "Content-Encoding": "gzip"}
+    async with http.request(method, router.url + path, data=b"not gzip at all", headers=headers) as resp:
+        # closed after the answer: the rest of that body must not be read as the next request
+        assert (resp.status, resp.headers.get("Connection")) == (400, "close")
+        assert "the request body is not valid gzip data (Content-Encoding: gzip)" in (await resp.json())["error"]["message"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []  # a client's mistake, no traceback
 
 
 async def test_routes_restored_from_kv(context: ServiceContext, run_services: Any, sims: Any,
