@@ -53,6 +53,8 @@ def request_from_json(body: bytes) -> ExportTraceServiceRequest:
         return json_format.ParseDict(data, ExportTraceServiceRequest(), ignore_unknown_fields=True)
     except (msgspec.DecodeError, json_format.ParseError, AttributeError, TypeError, binascii.Error) as exc:
         raise InvalidEvent(f"not an OTLP/JSON trace request: {exc}") from None
+    except RecursionError:
+        raise InvalidEvent("not an OTLP/JSON trace request: JSON is nested too deeply") from None
 
 
 def request_from_protobuf(body: bytes) -> ExportTraceServiceRequest:

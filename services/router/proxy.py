@@ -23,6 +23,7 @@ from opentelemetry.trace import INVALID_SPAN, Status, StatusCode
 from yarl import URL
 
 from lockgate import metrics, telemetry
+from lockgate.codec import UNDECODABLE
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.contracts.names import NAME_RULE, is_name
@@ -153,8 +154,9 @@ class Proxy:
             req = _api_request.decode(body)
         except UnreadableBody as exc:
             return closing(error_response(400, f"invalid {op.api} request: {exc.message}", "invalid_request_error"))
-        except msgspec.DecodeError as exc:
-            return error_response(400, f"invalid {op.api} request: {exc}", "invalid_request_error")
+        except UNDECODABLE as exc:
+            why = "JSON is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            return error_response(400, f"invalid {op.api} request: {why}", "invalid_request_error")
         deployment = self.deployment_of(h, req.model)
         # Names become subjects and KV keys downstream: refuse a bad one here, not as a dead letter later.
         for header, value in (("x-lockgate-deployment", deployment), ("x-lockgate-app", h.get("x-lockgate-app")),
@@ -308,7 +310,7 @@ class Proxy:
         try:
             data = prov.response(reply.body)
             op.parse(data, rec)
-        except msgspec.DecodeError:
+        except UNDECODABLE:
             return rec.fail(502, f"endpoint {endpoint.id} answered a body that is not a {op.api} response",
                             "upstream_bad_response", out_headers)
         return web.Response(body=data, status=200, content_type="application/json", headers=out_headers)
@@ -366,7 +368,7 @@ class Proxy:
                 rec.status, rec.error_type = "error", f"stream_interrupted:{type(exc).__name__}"
             except UpstreamStreamError:
                 rec.status, rec.error_type = "error", "upstream_stream_error"
-            except msgspec.DecodeError:
+            except UNDECODABLE:
                 rec.status, rec.error_type = "error", "upstream_bad_chunk"
             if pending and rec.error_type != "client_disconnected":  # what came before the upstream failed
                 with contextlib.suppress(_ClientGone):

@@ -16,6 +16,10 @@ T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
 
+# What decoding JSON from outside can raise: msgspec raises RecursionError, not DecodeError, for arrays
+# or objects nested deeper than Python's recursion limit where the type allows anything (`Any`).
+UNDECODABLE = (msgspec.DecodeError, RecursionError)
+
 
 def encode(value: Any) -> bytes:
     """JSON bytes of an event, a list of events, or any msgspec-encodable value."""
@@ -63,6 +67,8 @@ class Codec(Generic[T]):
             raise InvalidEvent(msg) from None
         except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside strings with Python's codec
             raise InvalidEvent(f"JSON is not valid UTF-8: {exc}") from None
+        except RecursionError:
+            raise InvalidEvent("JSON is nested too deeply") from None
         if self._batch_names:
             try:
                 names.check_all(value)

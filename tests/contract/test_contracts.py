@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 import pytest
@@ -168,6 +169,12 @@ def test_a_newer_event_anywhere_in_a_list_is_rejected() -> None:
 def test_bad_input_names_the_problem(payload: bytes, message: str) -> None:
     with pytest.raises(InvalidEvent, match=message):
         any_event.decode(payload)
+
+
+def test_json_nested_deeper_than_python_can_recurse_is_invalid_not_a_crash() -> None:
+    # Where a type accepts anything, msgspec recurses per level and raises RecursionError, not DecodeError.
+    with pytest.raises(InvalidEvent, match="nested too deeply"):
+        Codec(Any).decode(b"[" * 100_000 + b"]" * 100_000)
 
 
 def test_json_schema_covers_every_type() -> None:

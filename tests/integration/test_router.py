@@ -281,6 +281,16 @@ async def test_a_body_that_is_not_the_gzip_it_claims_is_a_400_saying_so(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []  # a client's mistake, no traceback
 
 
+async def test_a_request_nested_deeper_than_python_can_decode_is_a_400(
+        router: Any, http: aiohttp.ClientSession) -> None:
+    content = b"[" * 100_000 + b"]" * 100_000  # `content` may be anything, so msgspec recurses into it
+    body = b'{"model": "m", "messages": [{"role": "user", "content": ' + content + b"}]}"
+    async with http.post(f"{router.url}/v1/chat/completions", data=body,
+                         headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["message"] == "invalid chat.completions request: JSON is nested too deeply"
+
+
 async def test_routes_restored_from_kv(context: ServiceContext, run_services: Any, sims: Any,
                                        http: aiohttp.ClientSession) -> None:
     stable, canary = sims

@@ -123,6 +123,8 @@ def test_json_requests_and_answers() -> None:
         wire.request_from_json(b"[1]")
     with pytest.raises(InvalidEvent, match="OTLP/protobuf"):
         wire.request_from_protobuf(b"\xff\xff\xff")
+    with pytest.raises(InvalidEvent, match="OTLP/JSON trace request: JSON is nested too deeply"):
+        wire.request_from_json(b'{"resourceSpans": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
     assert wire.encode_message(wire.response(0, []), wire.JSON) == b"{}"
     answer = wire.response(2, [f"p{i}" for i in range(7)])
     assert answer.partial_success.rejected_spans == 2

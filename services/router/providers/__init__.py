@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from lockgate.codec import UNDECODABLE
 from lockgate.errors import LockgateError
 from lockgate.services.router.providers import anthropic
 from lockgate.services.router.wire import CHAT, Operation, error_body
@@ -61,7 +62,7 @@ class Anthropic:
     def request(self, op: Operation, body: bytes) -> bytes:
         try:
             return msgspec.json.encode(anthropic.request(msgspec.json.decode(body)))
-        except (anthropic.Untranslatable, msgspec.DecodeError, KeyError, TypeError, AttributeError) as exc:
+        except (anthropic.Untranslatable, *UNDECODABLE, KeyError, TypeError, AttributeError) as exc:
             msg = exc.message if isinstance(exc, LockgateError) else f"request cannot be translated: {exc!r}"
             raise Unsupported(msg) from None
 
@@ -75,7 +76,7 @@ class Anthropic:
     def error(self, data: bytes) -> bytes:
         try:
             body = msgspec.json.decode(data)
-        except msgspec.DecodeError:
+        except UNDECODABLE:
             return data
         return msgspec.json.encode(anthropic.error(body)) if isinstance(body, dict) else data
 
