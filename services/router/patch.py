@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from lockgate.codec import UNDECODABLE
 from lockgate.contracts.names import Name, check_names
 from lockgate.services.router.domain import InvalidRollout, Route
 from lockgate.services.router.strategy import Strategy
@@ -54,8 +55,8 @@ def decode(body: bytes) -> dict[str, Any]:
     """A merge patch body: a JSON object, or InvalidRollout."""
     try:
         patch = msgspec.json.decode(body) if body.strip() else None
-    except msgspec.DecodeError as exc:
-        raise InvalidRollout(f"invalid merge patch: {exc}") from None
+    except UNDECODABLE as exc:
+        raise InvalidRollout(f"invalid merge patch: {'JSON is nested too deeply' if isinstance(exc, RecursionError) else exc}") from None
     if not isinstance(patch, dict) or not patch:
         raise InvalidRollout('a merge patch is a non-empty JSON object, e.g. {"weight": 10}')
     return patch
@@ -65,11 +66,12 @@ def apply(route: Route, patch: dict[str, Any]) -> Document:
     """The document after the patch, validated; InvalidRollout names what is wrong or not patchable."""
     if route.canary is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no rollout to patch: PUT starts one")
-    merged = merge(document(route), patch)
     try:
-        doc = msgspec.convert(merged, Document)
+        doc = msgspec.convert(merge(document(route), patch), Document)
     except msgspec.ValidationError as exc:
         raise InvalidRollout(f"invalid deployment after the patch: {exc}") from None
+    except RecursionError:  # a patch that decoded but nests deeper than merging it can recurse
+        raise InvalidRollout("invalid merge patch: JSON is nested too deeply") from None
     if doc.stable_release != route.stable.release:
         raise InvalidRollout("a PATCH does not change stable_release: PUT starts a new rollout from a new stable")
     if doc.canary_release is None:

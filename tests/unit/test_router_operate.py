@@ -63,6 +63,16 @@ def test_a_patch_that_cannot_apply_says_why(body: dict[str, object], why: str) -
         patch.apply(_live(), body)
 
 
+def test_a_patch_nested_deeper_than_python_can_recurse_is_refused_not_a_crash() -> None:
+    with pytest.raises(domain.InvalidRollout, match="invalid merge patch: JSON is nested too deeply"):
+        patch.decode(b'{"strategy": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+    deep: dict[str, object] = {}
+    for _ in range(5_000):  # deeper than merging can recurse through (built directly, as JSON it fails earlier)
+        deep = {"x": deep}
+    with pytest.raises(domain.InvalidRollout, match="invalid merge patch: JSON is nested too deeply"):
+        patch.apply(_live(), {"strategy": deep})
+
+
 def test_retry_restarts_an_aborted_rollout_from_step_zero_only() -> None:
     aborted = domain.abort(_live(weight=50.0, step=2), "analysis failed")
     again = progress.retry(aborted, "apikey:ops", now=500.0)
