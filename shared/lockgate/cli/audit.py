@@ -149,7 +149,7 @@ def register(cli: click.Group) -> None:
 
     @audit.command("log")
     @click.option("--after", "after_seq", default=0, show_default=True, help="Only rows after this seq.")
-    @click.option("--limit", default=50, show_default=True)
+    @click.option("--limit", default=50, type=click.IntRange(min=1), show_default=True)
     @json_option
     @click.pass_context
     @handle_errors

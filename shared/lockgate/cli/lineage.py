@@ -84,7 +84,8 @@ def register(cli: click.Group) -> None:
     @click.option("--release", help="Only the eval runs and decisions of this release.")
     @click.option("--since", metavar="TIME", help="Only runs and decisions at or after this ISO 8601 time.")
     @click.option("--until", metavar="TIME", help="Only runs and decisions at or before this ISO 8601 time.")
-    @click.option("--limit", default=100, show_default=True, help="At most this many runs and decisions each.")
+    @click.option("--limit", default=100, type=click.IntRange(min=1), show_default=True,
+                  help="At most this many runs and decisions each.")
     @click.option("--namespace", default="", help="OpenLineage namespace (default lockgate://PREFIX).")
     @click.option("--facet-schemas", is_flag=True, help="Print the JSON Schemas of lockgate's facets instead.")
     @click.option("--url", default="", help="Also POST each event to this OpenLineage HTTP endpoint (Marquez: "

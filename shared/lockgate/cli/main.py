@@ -87,7 +87,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 @click.argument("trace_id", required=False)
 @click.option("--release", help="Traces touching this release.")
 @click.option("--service", help="Only traces that passed through this service (e.g. router).")
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", default=20, type=click.IntRange(min=1), show_default=True)
 @json_option
 @click.pass_context
 @handle_errors
@@ -108,7 +108,7 @@ def traces(ctx: click.Context, trace_id: str | None, release: str | None, servic
 
 @cli.command()
 @click.option("--release", help="Only this release.")
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", default=20, type=click.IntRange(min=1), show_default=True)
 @json_option
 @click.pass_context
 @handle_errors
@@ -134,7 +134,7 @@ def decisions(ctx: click.Context, release: str | None, limit: int, as_json: bool
 
 @cli.command()
 @click.option("--deployment", help="Only this deployment.")
-@click.option("--limit", default=30, show_default=True)
+@click.option("--limit", default=30, type=click.IntRange(min=1), show_default=True)
 @json_option
 @click.pass_context
 @handle_errors
@@ -180,7 +180,7 @@ def cost(ctx: click.Context, by: str, tenant: str | None, as_json: bool) -> None
 @cli.command()
 @click.argument("deployment")
 @click.option("--at", "at", metavar="TIME", help="ISO 8601 time (UTC unless it carries an offset); default now.")
-@click.option("--limit", default=20, show_default=True, help="How many changes up to TIME to list.")
+@click.option("--limit", default=20, type=click.IntRange(min=1), show_default=True, help="How many changes up to TIME to list.")
 @json_option
 @click.pass_context
 @handle_errors
@@ -221,7 +221,7 @@ def history(ctx: click.Context, deployment: str, at: str | None, limit: int, as_
 
 @cli.command()
 @click.option("--origin", help="Only letters from this origin (service).")
-@click.option("--limit", default=20, show_default=True)
+@click.option("--limit", default=20, type=click.IntRange(min=1), show_default=True)
 @json_option
 @click.pass_context
 @handle_errors

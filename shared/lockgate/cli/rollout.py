@@ -421,7 +421,7 @@ def register(cli: click.Group) -> None:
 
     @rollout.command("analysis")
     @click.argument("deployment")
-    @click.option("--limit", default=10, show_default=True, help="Recent analysis records to show.")
+    @click.option("--limit", default=10, type=click.IntRange(min=1), show_default=True, help="Recent analysis records to show.")
     @json_option
     @click.pass_context
     @handle_errors
@@ -491,7 +491,7 @@ def register(cli: click.Group) -> None:
 
     @rollout.command("history")
     @click.argument("deployment")
-    @click.option("--limit", default=30, show_default=True)
+    @click.option("--limit", default=30, type=click.IntRange(min=1), show_default=True)
     @json_option
     @click.pass_context
     @handle_errors
