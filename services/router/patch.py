@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from lockgate.codec import UNDECODABLE
+from lockgate.codec import UNDECODABLE, undecodable
 from lockgate.contracts.names import Name, check_names
 from lockgate.services.router.domain import InvalidRollout, Route
 from lockgate.services.router.strategy import Strategy
@@ -56,7 +56,7 @@ def decode(body: bytes) -> dict[str, Any]:
     try:
         patch = msgspec.json.decode(body) if body.strip() else None
     except UNDECODABLE as exc:
-        raise InvalidRollout(f"invalid merge patch: {'JSON is nested too deeply' if isinstance(exc, RecursionError) else exc}") from None
+        raise InvalidRollout(f"invalid merge patch: {undecodable(exc)}") from None
     if not isinstance(patch, dict) or not patch:
         raise InvalidRollout('a merge patch is a non-empty JSON object, e.g. {"weight": 10}')
     return patch

@@ -23,7 +23,7 @@ from opentelemetry.trace import INVALID_SPAN, Status, StatusCode
 from yarl import URL
 
 from lockgate import metrics, telemetry
-from lockgate.codec import UNDECODABLE
+from lockgate.codec import UNDECODABLE, undecodable
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.contracts.names import NAME_RULE, is_name
@@ -155,8 +155,7 @@ class Proxy:
         except UnreadableBody as exc:
             return closing(error_response(400, f"invalid {op.api} request: {exc.message}", "invalid_request_error"))
         except UNDECODABLE as exc:
-            why = "JSON is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-            return error_response(400, f"invalid {op.api} request: {why}", "invalid_request_error")
+            return error_response(400, f"invalid {op.api} request: {undecodable(exc)}", "invalid_request_error")
         deployment = self.deployment_of(h, req.model)
         # Names become subjects and KV keys downstream: refuse a bad one here, not as a dead letter later.
         for header, value in (("x-lockgate-deployment", deployment), ("x-lockgate-app", h.get("x-lockgate-app")),

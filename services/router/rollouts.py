@@ -169,7 +169,7 @@ class Rollouts:
                 if entry is not None:
                     self._on_entry(entry)
                     seen = max(seen, entry.revision)
-                if seen >= last and (entry is None or last):
+                if seen >= last and (last or entry is None):  # an empty bucket: done at the marker
                     break
         except nats.errors.Error as exc:
             raise BusUnavailable(f"cannot load routes from KV: {exc!r}") from None

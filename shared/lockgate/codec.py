@@ -21,6 +21,11 @@ _encoder = msgspec.json.Encoder()
 UNDECODABLE = (msgspec.DecodeError, RecursionError)
 
 
+def undecodable(exc: Exception) -> str:
+    """What was wrong, for a message, with JSON whose decoding raised one of UNDECODABLE."""
+    return "JSON is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+
+
 def encode(value: Any) -> bytes:
     """JSON bytes of an event, a list of events, or any msgspec-encodable value."""
     return _encoder.encode(value)
