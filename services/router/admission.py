@@ -38,7 +38,7 @@ from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent
 from lockgate.errors import ConfigError, LockgateError
 from lockgate.kvcas import KV_ERRORS, RETRY_S, CasStore, KVUnavailable
-from lockgate.llmwire import text_of
+from lockgate.llmwire import ApiRequest, text_of
 from lockgate.pricebook import ModelPrice, load_price_book
 from lockgate.server.apikeys import ApiKey
 from lockgate.services.router.budgets import (
@@ -55,6 +55,7 @@ from lockgate.services.router.budgets import (
     grant,
     input_estimate,
     lease_ask,
+    most_output,
     period_id,
     resolve,
 )
@@ -167,18 +168,16 @@ class Admission:
 
     # -- admission ---------------------------------------------------------------------------------
 
-    async def admit(self, key: ApiKey, deployment: str, model: str, req: Any) -> Ticket | web.Response:
+    async def admit(self, key: ApiKey, deployment: str, model: str, req: ApiRequest) -> Ticket | web.Response:
         """Reserve the request's largest cost on every budget that covers it, after its rate limits;
         a Ticket to settle after the call, or the 429/503 answer."""
         if not self.active:
             return OPEN
-        messages = getattr(req, "messages", None) or []
+        messages = req.messages
         text_bytes = sum(len(text_of(m.content).encode()) for m in messages)
         # completions' `prompt` and embeddings'/responses' `input`: their JSON is at least as long as the text
-        text_bytes += sum(len(msgspec.json.encode(v)) for v in (getattr(req, "prompt", None),
-                                                              getattr(req, "input", None)) if v is not None)
-        max_out = (req.max_completion_tokens or req.max_tokens or getattr(req, "max_output_tokens", None)
-                   or self.file.default_max_tokens)
+        text_bytes += sum(len(msgspec.json.encode(v)) for v in (req.prompt, req.input) if v is not None)
+        max_out = most_output(req, self.file.default_max_tokens)
         price = self.prices.get(model)
         cost = cost_of(price, input_estimate(text_bytes, len(messages), self.file.bytes_per_token), max_out)
         if self.limiter and (refused := await self._rate_limit(key, cost.tokens)):
@@ -324,7 +323,7 @@ class Admission:
         used = []
         if b.limits_usd:
             used.append(f"{leased.usd / NANO:.6f} of {b.spec.usd:g} USD spent or reserved, this request needs up to "
-                        f"{need.usd / NANO:.6f} USD ({model} prices, max_tokens {max_out})")
+                        f"{need.usd / NANO:.6f} USD ({model} prices, up to {max_out} output tokens)")
         if b.limits_tokens:
             used.append(f"{leased.tokens} of {b.spec.tokens} tokens spent or reserved, this request needs up to "
                         f"{need.tokens}")

@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from lockgate.errors import ConfigError
+from lockgate.llmwire import ApiRequest
 from lockgate.pricebook import ModelPrice
 
 NANO = 1_000_000_000  # nano-USD per USD
@@ -145,6 +146,16 @@ def input_estimate(text_bytes: int, messages: int, bytes_per_token: float) -> in
     """An upper bound of the prompt's tokens: byte-level tokenizers never make more tokens than bytes
     (bytes_per_token 1.0), plus a few per message for the role and separators."""
     return math.ceil(text_bytes / bytes_per_token) + 8 * messages + 3
+
+
+def most_output(req: ApiRequest, default_max_tokens: int) -> int:
+    """The most output tokens one request may generate and be billed for: its max tokens (else the
+    configured default) for each choice (`n`, or a completion's `best_of`, all generated and billed),
+    for each prompt of a completions batch (a list of strings or of token lists)."""
+    per_choice = req.max_completion_tokens or req.max_tokens or req.max_output_tokens or default_max_tokens
+    prompt = req.prompt
+    prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    return per_choice * max(req.n or 1, req.best_of or 1) * prompts
 
 
 def cost_of(price: ModelPrice | None, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> Amount:

@@ -6,7 +6,7 @@ are declared; everything else in a body is ignored on decode and forwarded untou
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -45,9 +45,13 @@ class ApiRequest(msgspec.Struct):
     messages: list[Message] = []
     prompt: Any = None
     input: Any = None
-    max_tokens: int | None = None  # what admission reserves for (budgets, token rate limits)
-    max_completion_tokens: int | None = None
-    max_output_tokens: int | None = None  # the Responses API's name for it
+    # What admission reserves for (budgets, token rate limits): never below one, as OpenAI's own checks
+    # say, so no request can reserve less than nothing.
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    max_output_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None  # the Responses API's name for it
+    n: Annotated[int, msgspec.Meta(ge=1)] | None = None  # choices, each up to the max tokens
+    best_of: Annotated[int, msgspec.Meta(ge=1)] | None = None  # completions: generated (and billed) server-side
 
 
 class Usage(msgspec.Struct):

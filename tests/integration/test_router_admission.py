@@ -21,7 +21,7 @@ from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent, InferenceEvent
 from lockgate.credentials import NotAllowed
-from lockgate.llmwire import ChatRequest
+from lockgate.llmwire import ApiRequest
 from lockgate.pricebook import load_price_book
 from lockgate.server.apikeys import KeyStore, bootstrap
 from lockgate.server.natsserver import NatsServer, auth_config
@@ -142,6 +142,23 @@ async def test_over_budget_is_a_429_naming_the_budget_and_settling_frees_the_unu
 
 def _today() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+async def test_every_choice_is_reserved_so_n_cannot_spend_past_the_budget(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    one = reservation()  # n=1: the prompt estimate and max_tokens
+    limit_usd = 3 * one.usd / NANO  # room for three such calls, never for one asking for ten choices
+    s = settings.replace(stable_upstream=sim.url, deployment="chat",
+                         gateway_file=gateway(tmp_path, budgets={"acme-daily": {"tenant": "acme", "usd": limit_usd}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    c = client(await stack.add(s, store, "router-a"), keys.app_key)
+    with pytest.raises(openai.RateLimitError) as refused:
+        await ask(c, n=10)
+    assert refused.value.code == "budget_exceeded" and f"up to {10 * MAX_TOKENS} output tokens" in refused.value.body["message"]
+    with pytest.raises(openai.BadRequestError, match=r"Expected `int` >= 1 - at `\$.max_tokens`"):
+        await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=-10**6)
+    assert sim.total_requests == 0  # neither reached the upstream
+    assert (await ask(c)).usage.completion_tokens > 0  # one choice fits
 
 
 async def test_1000_concurrent_requests_on_two_replicas_overshoot_at_most_one_reservation_each(
@@ -362,7 +379,7 @@ async def test_under_auth_the_router_leases_and_reports_but_an_app_cannot_touch_
         adm = Admission(s, buses["router"], replica="router-a")
         key = KeyStore(s.home).create("acme", "shop")[1]
         req = msgspec.convert({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20},
-                              type=ChatRequest)
+                              type=ApiRequest)  # as the router decodes every request
         events = await buses["admin"].nc.subscribe(buses["admin"].subjects.budget("acme"))
         adm.events.start()
         ticket = await adm.admit(key, "chat", MODEL, req)  # leases from the counter as the router identity

@@ -8,6 +8,7 @@ import msgspec
 import pytest
 
 from lockgate.errors import ConfigError
+from lockgate.llmwire import ApiRequest
 from lockgate.pricebook import ModelPrice
 from lockgate.services.router.budgets import (
     NANO,
@@ -22,6 +23,7 @@ from lockgate.services.router.budgets import (
     grant,
     input_estimate,
     lease_ask,
+    most_output,
     period_id,
     resolve,
 )
@@ -88,6 +90,28 @@ def test_reservation_is_an_upper_bound_of_the_call() -> None:
     assert reserved.usd == pytest.approx((estimate * 1.0 + 100 * 2.0) / 1e6 * NANO, abs=1)
     assert cost_of(PRICE, 10, 20).usd <= reserved.usd
     assert cost_of(None, 10, 20) == Amount(0, 30)  # unpriced: tokens still count
+
+
+@pytest.mark.parametrize(("body", "most"), [
+    ({}, 4096),  # no max tokens: the configured default
+    ({"max_tokens": 100}, 100),
+    ({"max_tokens": 100, "max_completion_tokens": 50}, 50),  # the newer name wins, as OpenAI reads it
+    ({"max_output_tokens": 70}, 70),  # the Responses API's name
+    ({"max_tokens": 100, "n": 4}, 400),  # every choice may reach the max
+    ({"max_tokens": 100, "n": 2, "best_of": 5}, 500),  # completions generate (and bill) best_of of them
+    ({"max_tokens": 100, "prompt": ["a", "b", "c"]}, 300),  # a completions batch: each prompt its own
+    ({"max_tokens": 100, "prompt": [1, 2, 3]}, 100),  # one prompt given as tokens
+    ({"max_tokens": 100, "n": 2, "prompt": [[1, 2], [3]]}, 400),  # two tokenised prompts, two choices each
+])
+def test_the_reservation_covers_every_choice_and_prompt(body: dict, most: int) -> None:
+    assert most_output(msgspec.json.decode(msgspec.json.encode(body), type=ApiRequest), 4096) == most
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of"])
+@pytest.mark.parametrize("value", [0, -1000])
+def test_a_request_cannot_reserve_less_than_nothing(field: str, value: int) -> None:
+    with pytest.raises(msgspec.ValidationError, match=rf"Expected `int` >= 1 - at `\$.{field}`"):
+        msgspec.json.decode(msgspec.json.encode({"model": "m", field: value}), type=ApiRequest)
 
 
 def test_grant_never_takes_the_counter_past_the_limit() -> None:
