@@ -89,7 +89,5 @@ def span_id() -> str:
 
 def batch_id(events: Sequence[Any]) -> str:
     """Deterministic id for a batch: the same events give the same Nats-Msg-Id."""
-    h = hashlib.sha256()
-    for e in events:
-        h.update(e.id.encode())
-    return "b-" + h.hexdigest()[:40]
+    # One hash of the ids joined: the same bytes, so the same digest, as hashing them one by one.
+    return "b-" + hashlib.sha256("".join([e.id for e in events]).encode()).hexdigest()[:40]

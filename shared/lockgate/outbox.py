@@ -213,7 +213,12 @@ async def _publish_chunk(
     timeout_s: float,
 ) -> Exception | None:
     try:
-        data = b"[" + b",".join([e.data for e in chunk]) + b"]"  # the JSON array the sink decodes
+        # The JSON array the sink decodes, made in one copy of the events' bytes: the brackets go on the
+        # first and last event's (small) bytes, not around the joined batch (two more copies of ~200 kB).
+        parts = [e.data for e in chunk]
+        parts[0] = b"[" + parts[0]
+        parts[-1] += b"]"
+        data = b",".join(parts)
         hdrs = dict(headers or {})
         if "traceparent" not in hdrs and chunk[0].traceparent:
             hdrs["traceparent"] = chunk[0].traceparent
