@@ -17,6 +17,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -155,10 +156,18 @@ def encode_event(event: InferenceEvent, *, check: bool | str = False) -> Encoded
     return Encoded(event.app, event.id, parent, data)
 
 
+_app, _data = attrgetter("app"), attrgetter("data")
+
+
 def chunk_by_app(events: Sequence[Encoded], batch_size: int = BATCH_SIZE,
                  batch_bytes: int = BATCH_BYTES) -> list[list[Encoded]]:
     """Events grouped by app (in first-seen order) and cut into chunks of at most `batch_size`
     events and about `batch_bytes` bytes."""
+    # The usual batch (an SDK's, or a router's with one app): one app, within both limits, so one chunk,
+    # found in C instead of a Python step per event.
+    if events and len(events) <= batch_size and len(set(map(_app, events))) == 1:
+        if sum(map(len, map(_data, events))) + len(events) <= batch_bytes:
+            return [list(events)]
     by_app: dict[str, list[list[Encoded]]] = {}
     sizes: dict[str, int] = {}
     for event in events:

@@ -262,3 +262,12 @@ def test_batch_id_is_the_hash_of_the_ids_in_order() -> None:
         h.update(e.id.encode())
     assert batch_id(events) == "b-" + h.hexdigest()[:40]
     assert batch_id(events[::-1]) != batch_id(events)
+
+
+@pytest.mark.parametrize(("spare", "chunks"), [(0, 1), (-1, 2)])
+def test_one_apps_events_are_one_chunk_up_to_the_byte_limit_exactly(spare: int, chunks: int) -> None:
+    events = [event("a", i) for i in range(4)]
+    limit = sum(len(e.data) + 1 for e in events) + spare
+    out = chunk_by_app(events, batch_size=4, batch_bytes=limit)
+    assert len(out) == chunks and [e.id for c in out for e in c] == [e.id for e in events]
+    assert len(chunk_by_app(events, batch_size=3)) == 2
