@@ -304,11 +304,15 @@ class Outbox:
 
     def add(self, event: Encoded) -> bool:
         """Queue one event (O(1), never blocks); False if it was refused."""
-        if self._batcher.closed:  # e.g. a request finishing while the process shuts down
-            self._refused_closed += 1
-            self._report(self._on_drop, 1, "closed")
-            return False
-        return self._batcher.add(event)
+        try:
+            return self._batcher.add(event)  # asked first: a closed batcher is the rare case, and raises
+        except RuntimeError:
+            if not self._batcher.closed:
+                raise
+        # e.g. a request finishing while the process shuts down
+        self._refused_closed += 1
+        self._report(self._on_drop, 1, "closed")
+        return False
 
     async def flush(self) -> None:
         """Return once every event added before this call is acknowledged or counted failed."""
