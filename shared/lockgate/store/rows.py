@@ -197,10 +197,12 @@ class Table:
             out.append(column if fn is None else _apply(fn, column))
         return out
 
-    def keys(self, data: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
-        """The `key` columns of every row of `data`, as tuples."""
-        cols = [data[self.index(k)] for k in self.key]
-        return list(zip(*cols, strict=True))
+    def keys(self, data: Sequence[Sequence[Any]]) -> list[Any]:
+        """The key of every row of `data`: its value where the key is one column (most tables: an id, whose
+        string hashes once and is kept as it is), else a tuple of the key columns' values."""
+        if len(self.key) == 1:
+            return list(data[self.index(self.key[0])])
+        return list(zip(*(data[self.index(k)] for k in self.key), strict=True))
 
 
 def _apply(fn: Callable[[Any], Any], column: list[Any]) -> list[Any]:
