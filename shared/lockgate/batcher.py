@@ -215,7 +215,18 @@ class Batcher(Generic[T]):
             self._release_waiters()
 
     def _take(self) -> list[tuple[T, asyncio.Future[None] | None]]:
-        batch: list[tuple[T, asyncio.Future[None] | None]] = []
+        items = self._items
+        batch: list[tuple[T, asyncio.Future[None] | None]]
+        if self._size is None:  # cut by count alone: the whole buffer at C speed when it is one batch (usual)
+            n = min(len(items), self.max_items)
+            if n == len(items):
+                batch = list(items)
+                items.clear()
+            else:
+                batch = [items.popleft() for _ in range(n)]
+            self._taken += n
+            return batch
+        batch = []
         size = 0
         while self._items and len(batch) < self.max_items:
             if self.max_bytes is not None and batch and size >= self.max_bytes:
