@@ -7,7 +7,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from operator import attrgetter, itemgetter
+from operator import attrgetter
 from typing import Any
 
 import msgspec
@@ -122,12 +122,12 @@ def unreadable(data: bytes) -> bool:
     return True
 
 
-def new_rows(keys: Sequence[tuple[Any, ...]], origins: Sequence[int] | None, stored: set[tuple[Any, ...]],
+def new_rows(keys: Sequence[Any], origins: Sequence[int] | None, stored: set[Any],
              *, per_row: bool = False) -> list[int]:
     """Rows to insert: not stored already, and of the first message in the batch that carries their key
     (a fact republished in another message is dropped whole; one message's rows sharing a key are kept,
     unless `per_row`, where only the first row of a key is, and `origins` is not needed)."""
-    owner: dict[tuple[Any, ...], int] = {}
+    owner: dict[Any, int] = {}
     if per_row:
         if not stored and len(set(keys)) == len(keys):  # the usual batch: every row new, no key twice
             return list(range(len(keys)))
@@ -160,7 +160,7 @@ class StoredWindow:
         self._keys: list[set[int]] = [set()]
         self._latest: list[datetime] = [horizon]  # the latest time of each generation's rows
 
-    def to_look_up(self, keys: Sequence[tuple[Any, ...]], times: Sequence[datetime]) -> list[int]:
+    def to_look_up(self, keys: Sequence[Any], times: Sequence[datetime]) -> list[int]:
         """Indices of the rows whose keys may be stored already (so must be looked up)."""
         hashes = list(map(hash, keys))
         known: set[int] = set()
@@ -171,7 +171,7 @@ class StoredWindow:
             return []
         return [i for i, (h, t) in enumerate(zip(hashes, times, strict=True)) if t <= horizon or h in known]
 
-    def stored(self, keys: Sequence[tuple[Any, ...]], times: Sequence[datetime]) -> None:
+    def stored(self, keys: Sequence[Any], times: Sequence[datetime]) -> None:
         """Remember rows an insert stored, or tried to store."""
         if not keys:
             return
@@ -190,16 +190,15 @@ def select(data: Sequence[Sequence[Any]], rows: Sequence[int]) -> list[list[Any]
     return [[col[i] for i in rows] for col in data]
 
 
-def key_strings(keys: Sequence[tuple[Any, ...]]) -> list[str]:
-    """The distinct keys as strings (a one-column string key as it is: the hot path of every insert)."""
-    if keys and len(keys[0]) == 1 and isinstance(keys[0][0], str):
+def key_strings(keys: Sequence[Any]) -> list[str]:
+    """The distinct keys (as `Table.keys` gives them) as strings: a one-column key's value as its text, a
+    tuple's values joined by NUL. A string key is kept as it is: the hot path of every insert."""
+    if keys and isinstance(keys[0], str):
         # Deduplicated in arrival order: ids are time-ordered, so the sort in batch_token finds them nearly
         # sorted (a set's order would make it sort from scratch, a third of the token's time).
-        return list(dict.fromkeys(map(_first, keys)))
-    return list({"\x00".join(map(str, k)) for k in keys})
+        return list(dict.fromkeys(keys))
+    return list({"\x00".join(map(str, k)) if isinstance(k, tuple) else str(k) for k in keys})
 
-
-_first = itemgetter(0)
 _trace_id = attrgetter("trace_id")
 
 

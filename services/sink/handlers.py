@@ -95,11 +95,14 @@ class Writer:
             self._window = windows[self.table.name]
         return self._window
 
-    def _stored_keys(self, keys: set[tuple[Any, ...]], times: list[Any] | None) -> set[tuple[Any, ...]]:
+    def _stored_keys(self, keys: set[Any], times: list[Any] | None) -> set[Any]:
+        """Which of these keys (as `Table.keys` gives them) are stored already."""
         # The keys travel as rows of a session-scoped temporary table, not as query text: a few
         # thousand ids parse in milliseconds that way, against a hundred and more as an IN list.
         key = self.table.key
-        types = ["String" if isinstance(v, str) else "Int64" for v in next(iter(keys))]
+        single = len(key) == 1  # a one-column key is its value, not a 1-tuple (see Table.keys)
+        columns = [list(keys)] if single else [list(c) for c in zip(*keys, strict=True)]
+        types = ["String" if isinstance(c[0], str) else "Int64" for c in columns]
         staged = f"lookup_{self.table.name}_{self._session}"
         if not self._staged:
             cols = ", ".join(f"k{i} {t}" for i, t in enumerate(types))
@@ -107,7 +110,7 @@ class Writer:
             self._staged = True
         self.store.command(f"TRUNCATE TABLE {staged}")
         names = [f"k{i}" for i in range(len(key))]
-        self.store.insert_columns(staged, names, [list(c) for c in zip(*keys, strict=True)], token=None)
+        self.store.insert_columns(staged, names, columns, token=None)
         cond = f"({', '.join(key)}) IN (SELECT {', '.join(names)} FROM {staged})"
         params: dict[str, Any] = {}
         if self.projection.within and times:
@@ -115,6 +118,8 @@ class Writer:
             cond = f"{col} >= {{lo:DateTime64(6, 'UTC')}} AND {col} <= {{hi:DateTime64(6, 'UTC')}} AND {cond}"
             params.update(lo=min(times), hi=max(times))
         rows = self.store.rows(f"SELECT DISTINCT {', '.join(key)} FROM {self.table.name} WHERE {cond}", params)
+        if single:
+            return {r[key[0]] for r in rows}
         return {tuple(r[c] for c in key) for r in rows}
 
     async def write(
@@ -137,7 +142,7 @@ class Writer:
             if window is not None and times is not None:
                 rows = window.to_look_up(keys, times)
                 ask, ask_times = [keys[i] for i in rows], [times[i] for i in rows]
-            stored: set[tuple[Any, ...]] = set()
+            stored: set[Any] = set()
             if ask:
                 try:
                     stored = await asyncio.to_thread(self._stored_keys, set(ask), ask_times)

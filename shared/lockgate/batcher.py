@@ -135,27 +135,41 @@ class Batcher(Generic[T]):
             self._runner = None
 
     def _append(self, item: T, fut: asyncio.Future[None] | None) -> bool:
-        if self._closed:
-            raise RuntimeError(f"{self.name} is closed")
-        if len(self._items) >= self.capacity:
-            if self.overflow == "drop_newest":
-                self.dropped += 1
-                self._report_loss(1, "overflow")
+        # Every event an application emits passes here: the usual case (open, room, runner alive) is a
+        # handful of steps with no further call; `_refuse_or_evict` and `_ensure_runner` are the rare paths.
+        items = self._items
+        if self._closed or len(items) >= self.capacity:
+            if not self._refuse_or_evict():
                 return False
-            old, old_fut = self._items.popleft()
-            self._bytes -= self._size(old) if self._size else 0
-            self._taken += 1  # the evicted item will never be flushed: flush() must not wait on it
-            self.dropped += 1
-            self._report_loss(1, "overflow")
-            if old_fut is not None and not old_fut.done():
-                old_fut.set_exception(OverflowError(f"{self.name}: evicted by newer items"))
-        self._items.append((item, fut))
+        items.append((item, fut))
         self._added += 1
         if self._size is not None:
             self._bytes += self._size(item)
-        self._ensure_runner()
-        if len(self._items) == 1 or self._full():  # start the age clock, or flush now
+        runner = self._runner
+        if runner is None or runner.done():
+            self._ensure_runner()
+        n = len(items)
+        # Start the age clock (first item), or flush now (full): as `_full()` says, without the call.
+        if n == 1 or n >= self.max_items or (self.max_bytes is not None and self._bytes >= self.max_bytes):
             self._wake.set()
+        return True
+
+    def _refuse_or_evict(self) -> bool:
+        """For an item that found the buffer full: False if it is refused, True once the oldest item was
+        evicted to make room for it. Raises once the batcher is closed."""
+        if self._closed:
+            raise RuntimeError(f"{self.name} is closed")
+        if self.overflow == "drop_newest":
+            self.dropped += 1
+            self._report_loss(1, "overflow")
+            return False
+        old, old_fut = self._items.popleft()
+        self._bytes -= self._size(old) if self._size else 0
+        self._taken += 1  # the evicted item will never be flushed: flush() must not wait on it
+        self.dropped += 1
+        self._report_loss(1, "overflow")
+        if old_fut is not None and not old_fut.done():
+            old_fut.set_exception(OverflowError(f"{self.name}: evicted by newer items"))
         return True
 
     def _report_loss(self, n: int, reason: str) -> None:
@@ -201,7 +215,18 @@ class Batcher(Generic[T]):
             self._release_waiters()
 
     def _take(self) -> list[tuple[T, asyncio.Future[None] | None]]:
-        batch: list[tuple[T, asyncio.Future[None] | None]] = []
+        items = self._items
+        batch: list[tuple[T, asyncio.Future[None] | None]]
+        if self._size is None:  # cut by count alone: the whole buffer at C speed when it is one batch (usual)
+            n = min(len(items), self.max_items)
+            if n == len(items):
+                batch = list(items)
+                items.clear()
+            else:
+                batch = [items.popleft() for _ in range(n)]
+            self._taken += n
+            return batch
+        batch = []
         size = 0
         while self._items and len(batch) < self.max_items:
             if self.max_bytes is not None and batch and size >= self.max_bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import repeat
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
@@ -16,6 +17,11 @@ T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
 
+# JSON bytes of an event, a list of events, or any msgspec-encodable value. The encoder's own bound
+# method, not a function calling it: the SDK encodes every event it emits, and a Python frame each was
+# a twentieth of that.
+encode: Callable[[Any], bytes] = _encoder.encode
+
 # What decoding JSON from outside can raise: msgspec raises RecursionError, not DecodeError, for arrays
 # or objects nested deeper than Python's recursion limit where the type allows anything (`Any`).
 UNDECODABLE = (msgspec.DecodeError, RecursionError)
@@ -24,11 +30,6 @@ UNDECODABLE = (msgspec.DecodeError, RecursionError)
 def undecodable(exc: Exception) -> str:
     """What was wrong, for a message, with JSON whose decoding raised one of UNDECODABLE."""
     return "JSON is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
-
-
-def encode(value: Any) -> bytes:
-    """JSON bytes of an event, a list of events, or any msgspec-encodable value."""
-    return _encoder.encode(value)
 
 
 def _result_hook(value: Any) -> Any:

@@ -4,7 +4,7 @@ what the contract forbids at once."""
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +14,7 @@ from lockgate.client import Client
 from lockgate.codec import Codec
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import BusUnavailable, InvalidEvent
+from lockgate.limits import EventLimits
 from lockgate.outbox import encode_event, event_from_fields
 
 pytestmark = pytest.mark.timeout(10)
@@ -93,8 +94,19 @@ def test_events_built_from_fields_are_checked_without_decoding_but_as_strictly()
 def test_whatever_emit_accepts_from_fields_the_sink_decodes(fields: dict) -> None:
     """The safety of the one-step check: no field values it accepts give bytes the sink's decoder refuses."""
     try:
-        encoded = encode_event(event_from_fields({"app": "shop", **fields}), check="built")
+        encoded = encode_event(event_from_fields({"app": "shop", **fields}), check="built",
+                               clock_time="time" not in fields)  # as emit calls it
     except InvalidEvent:
         return
     value = Codec(list[InferenceEvent]).decode(b"[" + encoded.data + b"]")  # raises if the sink would refuse
     assert value[0].id == encoded.id
+    assert EventLimits().split(value)[1] == []  # and its limits accept it, the time window included
+
+
+@pytest.mark.parametrize("time", [datetime.now(UTC) - timedelta(days=31), datetime.now(UTC) + timedelta(hours=2),
+                                  datetime.now(UTC).replace(tzinfo=None)])
+def test_emit_checks_a_given_time_against_the_window_and_takes_its_own_as_inside(time: datetime) -> None:
+    c = Client("nats://127.0.0.1:1", app="shop")
+    with pytest.raises(InvalidEvent, match=re.escape("$.time")):
+        c.emit(time=time)
+    assert c.emit(model="m") and c.pending == 1  # timed by the SDK's clock: inside the window, not looked at

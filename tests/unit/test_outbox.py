@@ -8,6 +8,7 @@ through a real nats-server are in tests/integration/test_client.py, test_router.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 import msgspec
@@ -240,3 +241,33 @@ async def test_published_message_is_the_json_array_of_the_encoded_events() -> No
     await publish_events(js, SUBJECTS, events, retry=NO_WAIT)
     assert [e.id for e in js.events()] == [e.id for e in events]
     assert js.calls[0][1] == b"[" + b",".join(e.data for e in events) + b"]"
+
+
+@pytest.mark.parametrize("n", [1, 2, 500])
+async def test_a_chunk_of_any_size_is_the_json_array_of_its_events(n: int) -> None:
+    js = FakeJetStream()
+    events = [event("a", i) for i in range(n)]
+    await publish_events(js, SUBJECTS, events, retry=NO_WAIT)
+    assert js.calls[0][1] == b"[" + b",".join(e.data for e in events) + b"]"
+    assert [e.data for e in events] == [encode_event(InferenceEvent(
+        app="a", id=e.id, time=d.time, trace_id=d.trace_id, span_id=d.span_id, input_tokens=i)).data
+        for i, (e, d) in enumerate(zip(events, js.events(), strict=True))]  # the events' own bytes untouched
+
+
+def test_batch_id_is_the_hash_of_the_ids_in_order() -> None:
+    # The id a chunk had before must stay its id: JetStream deduplicates a retry by it.
+    events = [event("a", i) for i in range(3)]
+    h = hashlib.sha256()
+    for e in events:
+        h.update(e.id.encode())
+    assert batch_id(events) == "b-" + h.hexdigest()[:40]
+    assert batch_id(events[::-1]) != batch_id(events)
+
+
+@pytest.mark.parametrize(("spare", "chunks"), [(0, 1), (-1, 2)])
+def test_one_apps_events_are_one_chunk_up_to_the_byte_limit_exactly(spare: int, chunks: int) -> None:
+    events = [event("a", i) for i in range(4)]
+    limit = sum(len(e.data) + 1 for e in events) + spare
+    out = chunk_by_app(events, batch_size=4, batch_bytes=limit)
+    assert len(out) == chunks and [e.id for c in out for e in c] == [e.id for e in events]
+    assert len(chunk_by_app(events, batch_size=3)) == 2

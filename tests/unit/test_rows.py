@@ -138,7 +138,24 @@ def test_extra_columns_and_transforms() -> None:
     assert data[table.index("prompt")] == ["[REDACTED]"]
     with pytest.raises(ValueError, match="msg_id"):
         table.data([InferenceEvent(app="a")])
-    assert table.keys(data) == [(event.id,)]  # an event is stored once per id, whatever its message
+    assert table.keys(data) == [event.id]  # an event is stored once per id, whatever its message: its id is its key
+    cases = EVAL_CASES.data(SAMPLE_ROWS["eval_cases"][0])
+    assert EVAL_CASES.keys(cases) == [("run", "c1", 1), ("run", "c2", 0)]  # a key of several columns: tuples
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLE_ROWS))
+def test_a_tables_own_structs_give_the_columns_their_attributes_give(name: str) -> None:
+    """`data` transposes a table's own Structs all at once; anything else is read attribute by attribute:
+    the same columns either way, whatever the table's exclusions and renames."""
+    table = next(t for t in TABLES if t.name == name)
+    values, extra = SAMPLE_ROWS[name]
+
+    class Proxy:  # not the table's Struct: read by attribute
+        def __init__(self, value: Any) -> None:
+            self.__dict__.update(msgspec.structs.asdict(value))
+
+    assert table.data([Proxy(v) for v in values], extra) == table.data(values, extra)
+    assert table.data([], {k: [] for k in extra}) == [[] for _ in table.columns]
 
 
 class Thing(Event, frozen=True, kw_only=True, tag="test.thing"):

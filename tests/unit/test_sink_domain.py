@@ -15,6 +15,7 @@ from lockgate.services.sink.domain import (
     StoredWindow,
     batch_token,
     events_in,
+    key_strings,
     new_rows,
     redaction,
     select,
@@ -58,6 +59,14 @@ def test_events_and_ledger_entries_are_facts_of_their_own_looked_up_in_their_tim
 def test_select_and_token() -> None:
     assert select([[1, 2, 3], ["a", "b", "c"]], [0, 2]) == [[1, 3], ["a", "c"]]
     assert batch_token(["b", "a"]) == batch_token(["a", "b"]) != batch_token(["a"])
+
+
+def test_key_strings_of_plain_and_tuple_keys() -> None:
+    # A one-column key comes as its value (Table.keys), several columns as a tuple; the text is the same
+    # as a 1-tuple's was, so an insert's token does not change with the form.
+    assert key_strings(["e2", "e1", "e2"]) == ["e2", "e1"]
+    assert sorted(key_strings([7, 3, 7])) == ["3", "7"]
+    assert sorted(key_strings([("run", "c1", 0), ("run", "c1", 0)])) == ["run\x00c1\x000"]
 
 
 def test_every_table_but_spans_and_dead_letters_is_a_keyed_projection() -> None:
