@@ -164,6 +164,8 @@ def test_a_newer_event_anywhere_in_a_list_is_rejected() -> None:
         (b'{"type":"lockgate.inference"}', "missing required field `app`"),
         (b'{"type":"lockgate.inference","app":"a","latency_ms":-1}', r"\$.latency_ms"),
         (b'{"type":"nope","app":"a"}', "unknown event type"),
+        (b'{"type":"lockgate.inference","app":"a","id":""}', r"length >= 1 - at `\$.id`"),
+        (b'{"type":"lockgate.inference","app":"a","id":"' + b"x" * 129 + b'"}', r"length <= 128 - at `\$.id`"),
     ],
 )
 def test_bad_input_names_the_problem(payload: bytes, message: str) -> None:

@@ -127,14 +127,16 @@ async def test_send_rejects_invalid_events_and_publishes_the_rest_per_app(
             ingest_pb2.InferenceEvent(model="no app"),
             ingest_pb2.InferenceEvent(app="search", tenant="acme"),
             ingest_pb2.InferenceEvent(app="shop", time=too_old),  # outside the accepted window
+            ingest_pb2.InferenceEvent(app="shop", id="x" * 129),  # an id is a key, not a payload
         ]
     )
     reply = await stub.Send(batch, timeout=10)
-    assert (reply.accepted, reply.rejected) == (3, 3)
-    assert [r.index for r in reply.rejections] == [1, 3, 5]
+    assert (reply.accepted, reply.rejected) == (3, 4)
+    assert [r.index for r in reply.rejections] == [1, 3, 5, 6]
     assert "$.input_tokens" in reply.rejections[0].reason
     assert "app is required" in reply.rejections[1].reason
     assert "before now" in reply.rejections[2].reason and "$.time" in reply.rejections[2].reason
+    assert reply.rejections[3].reason == "Expected `str` of length <= 128 - at `$.id`"
 
     stored = await stored_events(bus)
     assert sorted(stored) == [bus.subjects.inference("search"), bus.subjects.inference("shop")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC, datetime
+from typing import Annotated
 
 import msgspec
 
@@ -11,6 +12,7 @@ from lockgate.contracts.names import Name, check_names, deferral
 from lockgate.ids import uuid7
 
 SCHEMA_VERSION = 1
+EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
 def utcnow() -> datetime:
@@ -21,7 +23,8 @@ def utcnow() -> datetime:
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=False):
     """Envelope: `type` is the tag, `id` (UUIDv7) the idempotency key."""
 
-    id: str = msgspec.field(default_factory=uuid7)
+    # Any client-chosen string within bounds (a UUIDv7 by default): the key every table stores an event once by.
+    id: EventId = msgspec.field(default_factory=uuid7)
     source: str = "lockgate"
     # `utcnow` as a partial, which msgspec calls without a Python frame: every event made is timed.
     time: datetime = msgspec.field(default_factory=functools.partial(datetime.now, UTC))
