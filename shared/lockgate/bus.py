@@ -109,8 +109,12 @@ class Bus:
     """One process's connection to NATS: publishing, KV, objects, request/reply and pull consumers."""
 
     def __init__(self, url: str, subjects: Subjects | None = None, *, name: str = "lockgate",
-                 auth: NatsAuth | None = None, manage_topology: bool = True, replicas: int = 1) -> None:
+                 auth: NatsAuth | None = None, manage_topology: bool = True, replicas: int = 1,
+                 wait_for_server: bool = True) -> None:
         self.url = url
+        # A service waits for its server however late it starts (distributed start order); a CLI command
+        # is told at once that nothing answers.
+        self.wait_for_server = wait_for_server
         self.subjects = subjects or Subjects()
         self.name = name
         self.auth = auth or NatsAuth()
@@ -176,6 +180,9 @@ class Bus:
             # Raised from the callback, it ends nats-py's first-connect loop, which would otherwise
             # retry wrong credentials forever (max_reconnect_attempts=-1).
             raise self._bad_credentials()
+        if self.nc is None and not self.wait_for_server and isinstance(exc, OSError | TimeoutError):
+            raise BusUnavailable(f"nothing answers at {self.url} ({exc or type(exc).__name__}): is the stack running? "
+                                 "Start it with `lockgate up`, or pass --nats URL")
         if self.nc is None and isinstance(exc, ssl.SSLError):
             # A certificate that does not verify will not verify on the next attempt either.
             raise BusUnavailable(f"TLS to NATS at {self.url} failed: {exc} (check LOCKGATE_TLS_CA)")

@@ -1,8 +1,10 @@
-"""Options every command shares are checked before anything runs (click's own parsing, no stack needed)."""
+"""The CLI without a stack: options are checked before anything runs, and a command that needs the bus says at
+once that nothing answers (it used to wait for a server for ever)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import click
 import pytest
@@ -33,3 +35,11 @@ def test_a_limit_below_one_is_refused_saying_so(path: tuple[str, ...], command: 
     # Nothing listens on port 1: had the limit been accepted, the command would fail to connect instead.
     got = CliRunner().invoke(cli, [*path, *arguments, "--limit", limit], env={"LOCKGATE_NATS_URL": "nats://127.0.0.1:1"})
     assert got.exit_code == 2 and f"Invalid value for '--limit': {limit} is not in the range x>=1" in got.output, got.output
+
+
+@pytest.mark.timeout(30)  # it waited for a server for ever
+@pytest.mark.parametrize("command", [["status"], ["audit", "verify"], ["budget", "list"]])
+def test_a_command_that_needs_the_bus_says_at_once_when_nothing_answers(command: list[str], tmp_path: Path) -> None:
+    got = CliRunner().invoke(cli, command, env={"LOCKGATE_NATS_URL": "nats://127.0.0.1:1", "LOCKGATE_HOME": str(tmp_path)})
+    assert got.exit_code == 1, got.output
+    assert "nothing answers at nats://127.0.0.1:1" in got.output and "`lockgate up`" in got.output, got.output

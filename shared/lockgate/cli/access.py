@@ -66,7 +66,7 @@ def with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]], role: str 
 
     async def run() -> T:
         bus = Bus(settings.nats_url, Subjects(settings.prefix), name=f"lockgate-cli-{role}",
-                  auth=credentials.for_identity(settings, role), manage_topology=False)
+                  auth=credentials.for_identity(settings, role), manage_topology=False, wait_for_server=False)
         await bus.connect()
         try:
             return await work(bus)
