@@ -181,8 +181,8 @@ class Bus:
             # retry wrong credentials forever (max_reconnect_attempts=-1).
             raise self._bad_credentials()
         if self.nc is None and not self.wait_for_server and isinstance(exc, OSError | TimeoutError):
-            raise BusUnavailable(f"nothing answers at {self.url} ({exc or type(exc).__name__}): is the stack running? "
-                                 "Start it with `lockgate up`, or pass --nats URL")
+            raise BusUnavailable(f"no lockgate stack answers at {self.url} ({exc or type(exc).__name__}); start one "
+                                 "with `lockgate up` (or pass --nats URL / LOCKGATE_NATS_URL)")
         if self.nc is None and isinstance(exc, ssl.SSLError):
             # A certificate that does not verify will not verify on the next attempt either.
             raise BusUnavailable(f"TLS to NATS at {self.url} failed: {exc} (check LOCKGATE_TLS_CA)")

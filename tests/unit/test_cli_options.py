@@ -42,4 +42,4 @@ def test_a_limit_below_one_is_refused_saying_so(path: tuple[str, ...], command: 
 def test_a_command_that_needs_the_bus_says_at_once_when_nothing_answers(command: list[str], tmp_path: Path) -> None:
     got = CliRunner().invoke(cli, command, env={"LOCKGATE_NATS_URL": "nats://127.0.0.1:1", "LOCKGATE_HOME": str(tmp_path)})
     assert got.exit_code == 1, got.output
-    assert "nothing answers at nats://127.0.0.1:1" in got.output and "`lockgate up`" in got.output, got.output
+    assert "no lockgate stack answers at nats://127.0.0.1:1" in got.output and "`lockgate up`" in got.output, got.output

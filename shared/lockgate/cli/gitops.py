@@ -84,27 +84,6 @@ async def _plan(bus: Any, desired: list[Any], prune: bool, settings: Any) -> Any
     return diff(desired, state, bound, prune=prune, live=await read_aliases(bus, settings, desired))
 
 
-def _on_stack(settings: Any, work: Callable[[Any], Any], role: str) -> Any:
-    """`work` on a Bus, after a short probe: a CI job with no stack fails in a second, never hangs
-    (the Bus itself reconnects for ever, as services should)."""
-    import asyncio
-
-    from lockgate.cli.access import chosen_role, connect_once
-    from lockgate.errors import BusUnavailable
-
-    async def probe() -> bool:
-        nc = await connect_once(settings, chosen_role(role), f"`{role}` commands are refused")
-        if nc is None:
-            return False
-        await nc.close()
-        return True
-
-    if not asyncio.run(probe()):
-        raise BusUnavailable(f"no lockgate stack answers at {settings.nats_url}; start one with `lockgate up` "
-                             "(or pass --nats URL / LOCKGATE_NATS_URL)")
-    return with_bus(settings, work, role=role)
-
-
 def _result(plan: Any, prov: Any, **extra: Any) -> dict[str, Any]:
     return {"exit_code": plan.exit_code, "summary": _summary(plan), "steps": plan.steps, "errors": plan.errors,
             "git": prov, **extra}
@@ -127,7 +106,7 @@ def register(cli: click.Group) -> None:
     def plan_cmd(ctx: click.Context, directory: str, prune: bool, as_json: bool) -> None:
         """What `apply DIR` would add, change, leave or remove; exits 0 nothing to do, 2 changes, 1 error."""
         desired, prov = _load(directory)
-        plan = _on_stack(ctx.obj["settings"], lambda bus: _plan(bus, desired, prune, ctx.obj["settings"]),
+        plan = with_bus(ctx.obj["settings"], lambda bus: _plan(bus, desired, prune, ctx.obj["settings"]),
                          role="viewer")
         if as_json:
             emit_json(_result(plan, prov))
@@ -164,7 +143,7 @@ def register(cli: click.Group) -> None:
             return plan, await apply(bus, plan, desired, prov, directory=where, author=author,
                                      settings=ctx.obj["settings"], audit_as=chosen_role("operator"))
 
-        plan, event = _on_stack(ctx.obj["settings"], work, role="operator")
+        plan, event = with_bus(ctx.obj["settings"], work, role="operator")
         if as_json:
             emit_json(_result(plan, prov, applied=event is not None))
         else:
