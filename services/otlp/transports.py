@@ -95,7 +95,7 @@ class HttpApp:
         except Forbidden as exc:
             return self._error(403, wire.PERMISSION_DENIED, exc.message, content_type)
         except UnreadableBody as exc:
-            return closing(self._error(400, wire.INVALID_ARGUMENT, exc.message, content_type))
+            return closing(self._error(exc.http_status, wire.INVALID_ARGUMENT, exc.message, content_type))
         except InvalidEvent as exc:
             return self._error(400, wire.INVALID_ARGUMENT, exc.message, content_type)
         except BusUnavailable as exc:

@@ -33,7 +33,7 @@ def refusal(exc: LockgateError, action: str, invalid: int = 409) -> web.Response
     """The answer to an admin action refused with `exc`, one of REFUSED. An InvalidRollout is `invalid`:
     409 when it contradicts the deployment's state, 400 when the request itself is malformed."""
     if isinstance(exc, UnreadableBody):
-        return closing(error_response(400, exc.message, "invalid_request_error"))
+        return closing(error_response(exc.http_status, exc.message, "invalid_request_error"))
     for kind, status, kind_name, code in _REFUSALS:
         if isinstance(exc, kind):
             return error_response(status, exc.message, kind_name, code=code)

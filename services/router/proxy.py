@@ -153,7 +153,8 @@ class Proxy:
             body = await read_body(request)
             req = _api_request.decode(body)
         except UnreadableBody as exc:
-            return closing(error_response(400, f"invalid {op.api} request: {exc.message}", "invalid_request_error"))
+            return closing(error_response(exc.http_status, f"invalid {op.api} request: {exc.message}",
+                                          "invalid_request_error"))
         except UNDECODABLE as exc:
             return error_response(400, f"invalid {op.api} request: {undecodable(exc)}", "invalid_request_error")
         deployment = self.deployment_of(h, req.model)

@@ -26,6 +26,14 @@ class InvalidEvent(LockgateError):
 class UnreadableBody(InvalidEvent):
     """An HTTP request's body cannot be read as sent: a corrupt gzip or deflate stream, or cut short."""
 
+    http_status = 400
+
+
+class BodyTooLarge(UnreadableBody):
+    """An HTTP request's body (decompressed) is larger than the endpoint accepts."""
+
+    http_status = 413
+
 
 class InvalidName(InvalidEvent):
     """A tenant, app, deployment or release name breaks the name grammar (lockgate.contracts.names)."""

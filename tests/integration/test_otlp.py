@@ -171,6 +171,15 @@ async def test_a_body_that_is_not_the_gzip_it_claims_is_a_400_saying_so(stack: A
                 assert r.status == 200  # the same server still answers a good one
 
 
+async def test_a_body_over_the_size_limit_is_a_413_with_an_otlp_status(stack: Any, keys: Bootstrap) -> None:
+    url = stack.endpoints["otlp-http"] + "/v1/traces"
+    headers = {"x-api-key": keys.app_key, "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as http, http.post(url, data=b" " * (17 * 2**20), headers=headers) as r:
+        assert r.status == 413
+        body = await r.json()
+    assert body["code"] == 3 and body["message"].startswith("the request body is too large: Maximum")
+
+
 async def test_grpc_refuses_a_missing_or_wrong_key_and_another_tenants_span(stack: Any, keys: Bootstrap) -> None:
     request = trace_service_pb2.ExportTraceServiceRequest()
     rs = request.resource_spans.add()

@@ -281,6 +281,17 @@ async def test_a_body_that_is_not_the_gzip_it_claims_is_a_400_saying_so(
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []  # a client's mistake, no traceback
 
 
+async def test_a_body_over_the_size_limit_is_a_413_in_openais_error_shape(
+        router: Any, http: aiohttp.ClientSession) -> None:
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"a" * (33 * 2**20) + b'"}]}'
+    async with http.post(f"{router.url}/v1/chat/completions", data=body,
+                         headers={"Content-Type": "application/json"}) as resp:
+        assert (resp.status, resp.headers.get("Connection")) == (413, "close")
+        error = (await resp.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith("invalid chat.completions request: the request body is too large: Maximum")
+
+
 async def test_a_request_nested_deeper_than_python_can_decode_is_a_400(
         router: Any, http: aiohttp.ClientSession) -> None:
     content = b"[" * 100_000 + b"]" * 100_000  # `content` may be anything, so msgspec recurses into it

@@ -5,15 +5,18 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from lockgate.errors import UnreadableBody
+from lockgate.errors import BodyTooLarge, UnreadableBody
 
 
 async def read_body(request: web.Request) -> bytes:
     """The body with its Content-Encoding undone (aiohttp undoes gzip and deflate), or UnreadableBody
     saying why not: aiohttp raises a bare exception for a corrupt stream, which handlers turned into a
-    500 and a traceback in the log for what is the client's mistake."""
+    500 and a traceback in the log for what is the client's mistake, and answers a body over the app's
+    `client_max_size` in plain text, not in the API's own error shape (BodyTooLarge, 413)."""
     try:
         return await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise BodyTooLarge(f"the request body is too large: {exc.text}") from None
     except RequestPayloadError:
         request.content.feed_eof()  # else aiohttp reads on after the answer, fails again and logs a traceback
         encoding = request.headers.get("Content-Encoding", "")
@@ -23,6 +26,6 @@ async def read_body(request: web.Request) -> bytes:
 
 def closing(response: web.StreamResponse) -> web.StreamResponse:
     """The answer to an UnreadableBody, with the connection closed after it (`Connection: close`): the
-    parser stopped inside that body, so what follows on the connection cannot be read as a request."""
+    server stopped inside that body, so what follows on the connection cannot be read as a request."""
     response.force_close()
     return response
