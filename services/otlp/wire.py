@@ -21,6 +21,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from lockgate.codec import UNDECODABLE, undecodable
 from lockgate.errors import InvalidEvent
 
 PROTOBUF = "application/x-protobuf"
@@ -51,10 +52,8 @@ def request_from_json(body: bytes) -> ExportTraceServiceRequest:
                     for link in span.get("links") or ():
                         _hex_to_b64(link, "traceId", "spanId", "trace_id", "span_id")
         return json_format.ParseDict(data, ExportTraceServiceRequest(), ignore_unknown_fields=True)
-    except (msgspec.DecodeError, json_format.ParseError, AttributeError, TypeError, binascii.Error) as exc:
-        raise InvalidEvent(f"not an OTLP/JSON trace request: {exc}") from None
-    except RecursionError:
-        raise InvalidEvent("not an OTLP/JSON trace request: JSON is nested too deeply") from None
+    except (*UNDECODABLE, json_format.ParseError, AttributeError, TypeError, binascii.Error) as exc:
+        raise InvalidEvent(f"not an OTLP/JSON trace request: {undecodable(exc)}") from None
 
 
 def request_from_protobuf(body: bytes) -> ExportTraceServiceRequest:

@@ -73,8 +73,8 @@ class Codec(Generic[T]):
             raise InvalidEvent(msg) from None
         except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside strings with Python's codec
             raise InvalidEvent(f"JSON is not valid UTF-8: {exc}") from None
-        except RecursionError:
-            raise InvalidEvent("JSON is nested too deeply") from None
+        except RecursionError as exc:
+            raise InvalidEvent(undecodable(exc)) from None
         if self._batch_names:
             try:
                 names.check_all(value)
