@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 import nats.errors
@@ -14,11 +15,14 @@ import yaml
 
 from lockgate.bus import Bus
 from lockgate.contracts import ArtifactKind, ArtifactRegistered, ReleaseRegistered
+from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import BusUnavailable, ConfigError, NotFound, ReleaseConflict
 from lockgate.identity import Identity, bundle_content, sign_bundle
 from lockgate.ids import canonical_json, content_hash
 from lockgate.subjects import token
 
+KINDS: tuple[str, ...] = get_args(ArtifactKind)
+_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _MEDIA = {".json": "application/json", ".jsonl": "application/jsonl", ".yaml": "application/yaml",
           ".yml": "application/yaml", ".txt": "text/plain", ".md": "text/markdown"}
 
@@ -69,6 +73,8 @@ async def register(
 ) -> ArtifactRegistered:
     """Store the canonical bytes under their sha256 and publish `artifact.registered` (signed by `signer`,
     a personal identity, when given: `signature` and `key_id` then say who vouched for this version)."""
+    if not is_name(name):
+        raise ConfigError(f"invalid artifact name {name!r}: {NAME_RULE}")
     data = canonical_bytes(content, media_type)
     digest = content_hash(data)
     store = await bus.objects()
@@ -161,6 +167,29 @@ async def release_of(bus: Bus, release: str) -> dict[str, Any]:
     return bundle
 
 
+async def check_references(bus: Bus, artifacts: dict[str, str]) -> None:
+    """Refuse a release's artifact map unless each entry is `kind/name` -> the hash of a registered
+    artifact: a release name binds once, so a mistyped hash would otherwise take the name for ever with
+    a release that can never be evaluated or served."""
+    store = None
+    for ref, digest in artifacts.items():
+        kind, _, name = ref.partition("/")
+        if kind not in KINDS:
+            raise ConfigError(f"artifact {ref!r}: the kind must be one of {', '.join(KINDS)} (kind/name)")
+        if not is_name(name):
+            raise ConfigError(f"invalid artifact name in {ref!r}: {NAME_RULE}")
+        if not isinstance(digest, str) or not _HASH.match(digest):
+            raise ConfigError(f"artifact {ref!r}: {digest!r} is not a content hash (sha256: and 64 hex digits)")
+        store = store or await bus.objects()
+        try:
+            await store.get_info(digest)
+        except nats.js.errors.ObjectNotFoundError:
+            raise NotFound(f"artifact {ref}={digest} is not registered: register it first "
+                           "(`lockgate artifact register`)") from None
+        except nats.errors.Error as exc:
+            raise BusUnavailable(f"cannot look up artifact {digest}: {exc!r}") from None
+
+
 async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str, str], *,
                            parent: str = "", description: str = "", tenant: str = "default",
                            author: Identity | None = None) -> ReleaseRegistered:
@@ -169,6 +198,7 @@ async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str
     With `author`, the binding carries the author's signature over the bundle, so a policy can refuse
     their approval of it. ReleaseConflict if the name is already bound to other artifacts.
     """
+    await check_references(bus, artifacts)
     bundle = release_bundle(release, app, artifacts, parent=parent, tenant=tenant)
     await bind_release(bus, sign_bundle(author, bundle) if author is not None else bundle)
     event = ReleaseRegistered(release=release, app=app, artifacts=artifacts, parent=parent,

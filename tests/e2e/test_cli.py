@@ -303,3 +303,26 @@ def test_audit_log_of_a_running_stack_verifies(stack: dict[str, str]) -> None:
     rows = json.loads(run("audit", "log", "--limit", "1000", "--json", env=stack).stdout)
     assert {("gatekeeper", "decision"), ("router", "rollout")} <= {(r["producer"], r["kind"]) for r in rows}
     assert [r["seq"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_a_release_may_name_only_registered_artifacts(stack: dict[str, str], tmp_path: Path) -> None:
+    # Before: `release create` bound the name to any hash (`sha256:deadbeef`, an artifact never registered,
+    # a kind that does not exist) and a release name binds once: a typo took the name for ever, with a
+    # release no eval or router could load.
+    prompt = tmp_path / "answer.txt"
+    prompt.write_text("Answer briefly.")
+    [art] = json.loads(run("artifact", "register", "prompt", str(prompt), "--json", env=stack).stdout)
+    missing = "sha256:" + "0" * 64
+    for pair, code, said in ((f"prompt/answer={missing}", 3, f"prompt/answer={missing} is not registered"),
+                             ("prompt/answer=sha256:deadbeef", 2, "is not a content hash"),
+                             (f"bogus/answer={art['hash']}", 2, "the kind must be one of dataset, prompt"),
+                             (f"prompt/../etc={art['hash']}", 2, "invalid artifact name in 'prompt/../etc'")):
+        refused = run("release", "create", "typo-r1", "--app", "shop", "--artifact", pair, env=stack, check=False)
+        assert refused.returncode == code and said in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    made = run("release", "create", "typo-r1", "--app", "shop", "--artifact", f"prompt/answer={art['hash']}",
+               env=stack)
+    assert "release typo-r1 recorded with 1 artifacts" in made.stdout  # the refused tries did not take the name
+
+    odd = run("artifact", "register", "prompt", str(prompt), "--name", "../../etc", env=stack, check=False)
+    assert odd.returncode == 2 and "invalid artifact name '../../etc'" in odd.stderr, odd.stderr

@@ -325,7 +325,8 @@ async def held_for_review(bus: Bus, store: Store, gates: Any, release: str, revi
     review (`review` adds to that section), and return the NEEDS_REVIEW decision."""
     policy = await register_policy(bus, {**POLICY, "review": {**POLICY["review"], **(review or {})}})
     register_release(store, "v1", {"prompt/system": "sha256:old"})
-    arts = {"prompt/system": f"sha256:new-{release}"}
+    prompt = await artifacts.register(bus, "prompt", "system", f"new-{release}", media_type="text/plain")
+    arts = {"prompt/system": prompt.hash}
     await artifacts.register_release(bus, release, "shop", arts, author=author)
     await finish_eval(bus, completed(release, policy, em=0.9, em_ci=(0.88, 0.92), diff=0.0, diff_ci=(-0.01, 0.01),
                                      n=2000, artifacts=arts))

@@ -29,6 +29,13 @@ PROMPT = "sha256:" + "a7" * 32
 RAW = "sha256:" + "a0" * 32
 
 
+async def stored(bus: Bus, *digests: str) -> None:
+    """Objects under these made-up hashes, so a release may name them (it may name only stored artifacts)."""
+    store = await bus.objects()
+    for digest in digests:
+        await store.put(digest, digest.encode())
+
+
 async def _publish_history(bus: Bus) -> GateDecided:
     s = bus.subjects
     await bus.publish(s.artifact_registered, ArtifactRegistered(kind="dataset", name="qa", hash=DATA, size=10))
@@ -119,6 +126,7 @@ async def test_release_rebound_on_the_bus_is_refused_not_linked(run_services, bu
 
     svcs = await run_services("sink", "lineage")
     dlq = await bus.nc.subscribe(bus.subjects.dlq("lineage"))
+    await stored(bus, DATA, PROMPT)
     await artifacts.register_release(bus, "rel-y", "shop", {"dataset/qa": DATA})
     with pytest.raises(ReleaseConflict, match="already registered with other content"):
         await artifacts.register_release(bus, "rel-y", "shop", {"dataset/qa": PROMPT})
@@ -155,6 +163,7 @@ async def test_a_forged_registration_of_a_bound_release_never_lands_in_clickhous
         operator = Bus(runtime.settings.nats_url, Subjects(settings.prefix), name="forger",
                        auth=credentials.for_identity(runtime.settings, "operator"), manage_topology=False)
         await operator.connect()
+        await stored(admin, DATA, PROMPT)
         await artifacts.register_release(operator, "rel-y", "shop", {"dataset/qa": DATA})
         forged = ReleaseRegistered(release="rel-y", app="shop", artifacts={"dataset/qa": PROMPT})
         await operator.publish(operator.subjects.release_registered, forged)

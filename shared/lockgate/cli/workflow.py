@@ -67,7 +67,7 @@ def register(cli: click.Group) -> None:
         arts = {}
         for pair in pairs:
             key, sep, value = pair.partition("=")
-            if not sep or "/" not in key or not value.startswith("sha256:"):
+            if not sep:  # what the pair names is checked where every release is (artifacts.check_references)
                 raise ConfigError(f"--artifact {pair!r} must look like kind/name=sha256:<hex>")
             arts[key] = value
         from lockgate.cli.identity import optional_identity

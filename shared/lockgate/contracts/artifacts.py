@@ -16,7 +16,7 @@ class ArtifactRegistered(Event, frozen=True, kw_only=True, tag="lockgate.artifac
     """An artifact version, addressed by the sha256 of its canonical content."""
 
     kind: ArtifactKind
-    name: str
+    name: Name
     hash: str
     size: int = 0
     media_type: str = "application/json"
