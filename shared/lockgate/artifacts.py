@@ -6,7 +6,7 @@ import asyncio
 import json
 import re
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 import msgspec
 import nats.errors
@@ -15,13 +15,13 @@ import yaml
 
 from lockgate.bus import Bus
 from lockgate.contracts import ArtifactKind, ArtifactRegistered, ReleaseRegistered
+from lockgate.contracts.artifacts import ARTIFACT_KINDS
 from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import BusUnavailable, ConfigError, NotFound, ReleaseConflict
 from lockgate.identity import Identity, bundle_content, sign_bundle
 from lockgate.ids import canonical_json, content_hash
 from lockgate.subjects import token
 
-KINDS: tuple[str, ...] = get_args(ArtifactKind)
 _HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _MEDIA = {".json": "application/json", ".jsonl": "application/jsonl", ".yaml": "application/yaml",
           ".yml": "application/yaml", ".txt": "text/plain", ".md": "text/markdown"}
@@ -158,7 +158,7 @@ async def release_of(bus: Bus, release: str) -> dict[str, Any]:
     try:
         entry = await kv.get(token(release))
     except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-        raise NotFound(f"release {release!r} is not registered (`lockgate release register`)") from None
+        raise NotFound(f"release {release!r} is not registered (`lockgate release create`, or `apply`)") from None
     except nats.errors.Error as exc:
         raise BusUnavailable(f"cannot read release {release!r}: {exc!r}") from None
     bundle = json.loads(entry.value)
@@ -174,8 +174,8 @@ async def check_references(bus: Bus, artifacts: dict[str, str]) -> None:
     store = None
     for ref, digest in artifacts.items():
         kind, _, name = ref.partition("/")
-        if kind not in KINDS:
-            raise ConfigError(f"artifact {ref!r}: the kind must be one of {', '.join(KINDS)} (kind/name)")
+        if kind not in ARTIFACT_KINDS:
+            raise ConfigError(f"artifact {ref!r}: the kind must be one of {', '.join(ARTIFACT_KINDS)} (kind/name)")
         if not is_name(name):
             raise ConfigError(f"invalid artifact name in {ref!r}: {NAME_RULE}")
         if not isinstance(digest, str) or not _HASH.match(digest):

@@ -326,3 +326,35 @@ def test_a_release_may_name_only_registered_artifacts(stack: dict[str, str], tmp
 
     odd = run("artifact", "register", "prompt", str(prompt), "--name", "../../etc", env=stack, check=False)
     assert odd.returncode == 2 and "invalid artifact name '../../etc'" in odd.stderr, odd.stderr
+
+
+def test_eval_run_checks_the_suite_first_and_its_exit_code_says_how_the_eval_and_gate_went(
+        stack: dict[str, str], tmp_path: Path) -> None:
+    # Before: a suite that was not YAML gave a traceback; a suite the evaluator refuses, or an eval whose
+    # every call failed, printed an error and exited 0, and so did a gate that blocked: CI went green.
+    demo = Path(__file__).parents[2] / "dev" / "lockgate_dev" / "demo_data"
+    for name in ("suite.yaml", "qa.jsonl", "policy.yaml"):
+        (tmp_path / name).write_bytes((demo / name).read_bytes())
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Answer with one word.")
+    [art] = json.loads(run("artifact", "register", "prompt", str(prompt), "--json", env=stack).stdout)
+    run("release", "create", "evalx-r1", "--app", "shop", "--artifact", f"prompt/p={art['hash']}", env=stack)
+    suite, sim = str(tmp_path / "suite.yaml"), stack["E2E_SIM"]
+
+    def eval_run(suite: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return run("eval", "run", suite, "--candidate", "evalx-r1", "--endpoint", sim, *args, env=stack, check=False)
+
+    (tmp_path / "broken.yaml").write_text("name: s\ndataset: [1, 2\n")
+    (tmp_path / "partial.yaml").write_text("name: s\ndataset: qa.jsonl\nscorers: [exact_match]\n")
+    for path, said in (("broken.yaml", "is not valid YAML"), ("partial.yaml", "missing required field `prompt`")):
+        refused = eval_run(str(tmp_path / path))
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+
+    blocked = eval_run(suite, "--model", "sim-bad", "--policy", str(tmp_path / "policy.yaml"), "--json")
+    assert blocked.returncode == 5, blocked.stdout + blocked.stderr
+    assert json.loads(blocked.stdout)["decision"]["decision"] == "BLOCK"
+    failed = run("eval", "run", suite, "--candidate", "evalx-r1", "--endpoint", "http://127.0.0.1:1/v1", "--json",
+                 env=stack, check=False)
+    assert failed.returncode == 1 and json.loads(failed.stdout)["status"] == "failed"
+    assert eval_run(suite, "--model", "sim-stable", "--json").returncode == 0

@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, output
-
-KINDS = ["dataset", "prompt", "model_config", "tool", "environment", "eval_suite", "policy"]
-
-
+from lockgate.contracts.artifacts import ARTIFACT_KINDS
 
 
 def register(cli: click.Group) -> None:
@@ -29,7 +26,7 @@ def register(cli: click.Group) -> None:
         """Version artifacts by content hash."""
 
     @artifact.command("register")
-    @click.argument("kind", type=click.Choice(KINDS))
+    @click.argument("kind", type=click.Choice(ARTIFACT_KINDS))
     @click.argument("path", type=click.Path(exists=True, dir_okay=False))
     @click.option("--name", help="Artifact name (default: file stem).")
     @json_option
@@ -107,8 +104,13 @@ def register(cli: click.Group) -> None:
             cache=not no_cache), role="operator")
         if as_json:
             emit_json(result)
-            return
-        _print_eval(result, candidate)
+        else:
+            _print_eval(result, candidate)
+        # For CI: the step fails when the eval did (1) or when the gate asked for did not pass (5).
+        if result["status"] != "completed":
+            sys.exit(1)
+        if result.get("decision", {}).get("decision", "PASS") != "PASS":
+            sys.exit(5)
 
     from lockgate.cli import rerun
 
@@ -159,17 +161,19 @@ async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpo
     from lockgate.codec import Codec, encode
     from lockgate.contracts import EvalCompleted, EvalRequested, GateDecided
     from lockgate.contracts.evals import EvalProgress
-    from lockgate.errors import ConfigError, LockgateError
+    from lockgate.documents import convert, load_yaml
+    from lockgate.errors import LockgateError
     from lockgate.ids import uuid7
+    from lockgate.services.evaluator.domain import Suite
 
-    doc = yaml.safe_load(await asyncio.to_thread(suite_path.read_text))
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{suite_path}: an eval suite must be a YAML mapping")
+    doc = load_yaml(suite_path, dict, name="eval suite")
     dataset = doc.get("dataset")
-    if isinstance(dataset, str) and not dataset.startswith("sha256:"):
-        ds_path = (suite_path.parent / dataset)
-        ds = await artifacts.register_file(bus, "dataset", ds_path)
-        doc["dataset"] = ds.hash
+    ds_path = suite_path.parent / dataset if isinstance(dataset, str) and not dataset.startswith("sha256:") else None
+    # The whole suite is checked before anything is registered: the evaluator would refuse it only after the
+    # run began, and the CLI would have stored a suite no run can use.
+    convert({**doc, "dataset": "sha256:"} if ds_path else doc, Suite, name=f"eval suite {suite_path}")
+    if ds_path is not None:
+        doc["dataset"] = (await artifacts.register_file(bus, "dataset", ds_path)).hash
     suite = await artifacts.register(bus, "eval_suite", doc.get("name", suite_path.stem), doc)
     policy = await artifacts.register_file(bus, "policy", policy_path) if policy_path else None
     run_id = uuid7()

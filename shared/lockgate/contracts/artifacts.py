@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import msgspec
 
@@ -10,6 +10,7 @@ from lockgate.contracts.envelope import Event
 from lockgate.contracts.names import Name, OptName
 
 ArtifactKind = Literal["dataset", "prompt", "model_config", "tool", "environment", "eval_suite", "policy"]
+ARTIFACT_KINDS: tuple[str, ...] = get_args(ArtifactKind)
 
 
 class ArtifactRegistered(Event, frozen=True, kw_only=True, tag="lockgate.artifact.registered"):
