@@ -43,3 +43,12 @@ def test_a_command_that_needs_the_bus_says_at_once_when_nothing_answers(command:
     got = CliRunner().invoke(cli, command, env={"LOCKGATE_NATS_URL": "nats://127.0.0.1:1", "LOCKGATE_HOME": str(tmp_path)})
     assert got.exit_code == 1, got.output
     assert "no lockgate stack answers at nats://127.0.0.1:1" in got.output and "`lockgate up`" in got.output, got.output
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--tenant", "a b"), ("--app", "*"), ("--tenant", "")])
+def test_a_key_for_a_name_no_event_may_carry_is_refused(flag: str, value: str, tmp_path: Path) -> None:
+    # Before: `keys create --tenant 'a b'` made a key whose every event the sink then refused (dead letters).
+    names = {"--tenant": "acme", "--app": "shop", flag: value}
+    got = CliRunner().invoke(cli, ["keys", "--home", str(tmp_path), "create", *(x for kv in names.items() for x in kv)])
+    assert got.exit_code == 2 and f"invalid {flag[2:]} {value!r} for an API key" in got.output, got.output
+    assert not (tmp_path / "apikeys.json").exists()

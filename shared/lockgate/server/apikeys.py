@@ -19,6 +19,7 @@ from typing import Literal
 
 import msgspec
 
+from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import ConfigError, LockgateError, NotFound
 
 Role = Literal["app", "viewer", "operator", "approver", "admin"]
@@ -139,8 +140,11 @@ class KeyStore:
         """A new key: (plaintext shown once, stored record)."""
         if role not in ROLES:
             raise ConfigError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
-        if not tenant or not app:
-            raise ConfigError("an API key needs a tenant and an app")
+        # Every event and budget of the key carries these names: one outside the grammar would have each of
+        # them refused downstream (dead-lettered), not the key now.
+        for kind, name in (("tenant", tenant), ("app", app)):
+            if not is_name(name):
+                raise ConfigError(f"invalid {kind} {name!r} for an API key: {NAME_RULE}")
         plain = PREFIX + secrets.token_urlsafe(32)
         rec = ApiKey(id=secrets.token_hex(6), hash=_digest(plain), tenant=tenant, app=app, role=role,  # type: ignore[arg-type]
                      created_at=time.time(), description=description)
