@@ -331,7 +331,8 @@ def test_a_release_may_name_only_registered_artifacts(stack: dict[str, str], tmp
 def test_eval_run_checks_the_suite_first_and_its_exit_code_says_how_the_eval_and_gate_went(
         stack: dict[str, str], tmp_path: Path) -> None:
     # Before: a suite that was not YAML gave a traceback; a suite the evaluator refuses, or an eval whose
-    # every call failed, printed an error and exited 0, and so did a gate that blocked: CI went green.
+    # every call failed, printed an error and exited 0, and so did a gate that blocked: CI went green. A policy
+    # the gatekeeper cannot use was found only after the whole eval ran (a BLOCK whose reason was not shown).
     demo = Path(__file__).parents[2] / "dev" / "lockgate_dev" / "demo_data"
     for name in ("suite.yaml", "qa.jsonl", "policy.yaml"):
         (tmp_path / name).write_bytes((demo / name).read_bytes())
@@ -346,8 +347,11 @@ def test_eval_run_checks_the_suite_first_and_its_exit_code_says_how_the_eval_and
 
     (tmp_path / "broken.yaml").write_text("name: s\ndataset: [1, 2\n")
     (tmp_path / "partial.yaml").write_text("name: s\ndataset: qa.jsonl\nscorers: [exact_match]\n")
-    for path, said in (("broken.yaml", "is not valid YAML"), ("partial.yaml", "missing required field `prompt`")):
-        refused = eval_run(str(tmp_path / path))
+    (tmp_path / "regex.yaml").write_text("name: p\nrules: [{name: a, metric: score, op: '=~', threshold: 1}]\n")
+    for args, said in (([str(tmp_path / "broken.yaml")], "is not valid YAML"),
+                       ([str(tmp_path / "partial.yaml")], "missing required field `prompt`"),
+                       ([suite, "--policy", str(tmp_path / "regex.yaml")], "Invalid enum value '=~' - at `$.rules[0].op`")):
+        refused = eval_run(*args)
         assert refused.returncode == 2 and said in refused.stderr, refused.stderr
         assert len(refused.stderr.strip().splitlines()) == 1
 

@@ -140,8 +140,13 @@ def _print_eval(result: dict[str, Any], candidate: str) -> None:
         console.print(f"[yellow]warning:[/yellow] {warning}")
     if result.get("decision"):
         d = result["decision"]
-        output(d["rules"], False, title=f"gate: {d['decision']}",
-               columns=["rule", "metric", "op", "threshold", "observed", "verdict", "hint"])
+        if d["rules"]:
+            output(d["rules"], False, title=f"gate: {d['decision']}",
+                   columns=["rule", "metric", "op", "threshold", "observed", "verdict", "hint"])
+        else:
+            console.print(f"gate: {d['decision']}")
+        if d.get("reason"):
+            console.print(f"reason: {d['reason']}")
 
 
 async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpoint: str, model: str,
@@ -165,6 +170,7 @@ async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpo
     from lockgate.errors import LockgateError
     from lockgate.ids import uuid7
     from lockgate.services.evaluator.domain import Suite
+    from lockgate.services.gatekeeper.policy import Policy
 
     doc = load_yaml(suite_path, dict, name="eval suite")
     dataset = doc.get("dataset")
@@ -172,6 +178,8 @@ async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpo
     # The whole suite is checked before anything is registered: the evaluator would refuse it only after the
     # run began, and the CLI would have stored a suite no run can use.
     convert({**doc, "dataset": "sha256:"} if ds_path else doc, Suite, name=f"eval suite {suite_path}")
+    if policy_path:  # the gate would block on an unusable policy only once the eval is done
+        load_yaml(policy_path, Policy, name="policy")
     if ds_path is not None:
         doc["dataset"] = (await artifacts.register_file(bus, "dataset", ds_path)).hash
     suite = await artifacts.register(bus, "eval_suite", doc.get("name", suite_path.stem), doc)
