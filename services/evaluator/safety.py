@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from lockgate.documents import check_aliases
 from lockgate.errors import ConfigError
 
 
@@ -278,9 +279,12 @@ def _probe(raw: Mapping[str, Any], defaults: Mapping[str, Any]) -> Probe:
 def parse_probes(text: str) -> tuple[Probe, ...]:
     """Probes from YAML text: {defaults: {...}, probes: [{id, prompt, ...}, ...]}."""
     try:
+        check_aliases(text)
         doc = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise ProbeSetError(f"probe set is not valid YAML: {exc}") from None
+    except ValueError as exc:
+        raise ProbeSetError(f"probe set is refused: {exc}") from None
     if not isinstance(doc, Mapping) or not isinstance(doc.get("probes"), list):
         raise ProbeSetError("probe set must be a mapping with a 'probes' list")
     probes = tuple(_probe(p, doc.get("defaults") or {}) for p in doc["probes"])

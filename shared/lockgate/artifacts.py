@@ -17,6 +17,7 @@ from lockgate.bus import Bus
 from lockgate.contracts import ArtifactKind, ArtifactRegistered, ReleaseRegistered
 from lockgate.contracts.artifacts import ARTIFACT_KINDS
 from lockgate.contracts.names import NAME_RULE, is_name
+from lockgate.documents import check_aliases
 from lockgate.errors import BusUnavailable, ConfigError, NotFound, ReleaseConflict
 from lockgate.identity import Identity, bundle_content, sign_bundle
 from lockgate.ids import canonical_json, content_hash
@@ -36,6 +37,7 @@ def canonical_bytes(content: bytes | str | dict | list, media_type: str) -> byte
         if media_type == "application/json":
             return canonical_json(json.loads(raw))
         if media_type == "application/yaml":
+            check_aliases(raw)
             return canonical_json(yaml.safe_load(raw))
     except (ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"artifact is not valid {media_type}: {exc}") from None

@@ -11,10 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import msgspec
+import yaml
 
 from lockgate.errors import ConfigError, LockgateError
 
 T = TypeVar("T")
+
+# A YAML document may name at most this many values once its aliases are expanded (see `check_aliases`).
+MAX_YAML_VALUES = 5_000_000
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 # Shared constraint vocabulary, so "non-empty" or "a content hash" means the same in every document.
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
@@ -31,6 +36,38 @@ def convert(raw: Any, type_: type[T], *, name: str, error: type[LockgateError] =
         raise error(f"{name}: {exc}") from None
 
 
+def check_aliases(data: bytes | str, limit: int = MAX_YAML_VALUES) -> None:
+    """Raise ValueError when YAML aliases would make `data` more than `limit` values ("billion laughs": nine
+    lists of nine aliases of the last, nine deep, are 387 million values from 400 bytes). Decoding shares an
+    aliased value, so it is cheap; whatever walks the result (validating, encoding, hashing) is not, and a
+    folder applied in CI took the machine's memory. Counted on the parser's events, before anything is built;
+    text that does not parse is left to the decoder, which says where."""
+    if ("*" if isinstance(data, str) else b"*") not in data:  # no alias, nothing to expand
+        return
+    sizes: dict[str, int] = {}  # values under each anchor, aliases expanded
+    open_: list[list[Any]] = [[0, None]]  # [values so far, anchor] per open collection, the document's first
+    try:
+        for event in yaml.parse(data, Loader=_Loader):
+            if isinstance(event, yaml.AliasEvent):
+                open_[-1][0] += sizes.get(event.anchor, 1)
+            elif isinstance(event, yaml.ScalarEvent):
+                open_[-1][0] += 1
+                if event.anchor:
+                    sizes[event.anchor] = 1
+            elif isinstance(event, yaml.CollectionStartEvent):
+                open_.append([1, event.anchor])
+                continue
+            elif isinstance(event, yaml.CollectionEndEvent):
+                count, anchor = open_.pop()
+                if anchor:
+                    sizes[anchor] = count
+                open_[-1][0] += count
+            if open_[-1][0] > limit:
+                raise ValueError(f"its aliases expand it to more than {limit:,} values")
+    except yaml.YAMLError:
+        return
+
+
 def load_yaml(path: str | Path, type_: type[T], *, name: str, error: type[LockgateError] = ConfigError,
               shown: str | None = None) -> T:
     """A YAML file decoded straight into `type_`; unreadable, not YAML, or invalid each say so (naming the
@@ -41,6 +78,10 @@ def load_yaml(path: str | Path, type_: type[T], *, name: str, error: type[Lockga
         data = p.read_bytes()
     except OSError as exc:
         raise error(f"cannot read {name} {where}: {exc.strerror or exc}") from None
+    try:
+        check_aliases(data)
+    except ValueError as exc:
+        raise error(f"{name} {where} is refused: {exc}") from None
     try:
         return msgspec.yaml.decode(data, type=type_)
     except msgspec.ValidationError as exc:

@@ -362,3 +362,21 @@ def test_eval_run_checks_the_suite_first_and_its_exit_code_says_how_the_eval_and
                  env=stack, check=False)
     assert failed.returncode == 1 and json.loads(failed.stdout)["status"] == "failed"
     assert eval_run(suite, "--model", "sim-stable", "--json").returncode == 0
+
+
+BOMB = "kind: prompt\nname: bomb\nspec:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"  {x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n" for p, x in zip("abcdefgh", "bcdefghi", strict=True))
+
+
+def test_a_yaml_bomb_is_refused_before_it_is_expanded(stack: dict[str, str], tmp_path: Path) -> None:
+    # Before: nine lists of nine aliases of the last, nine deep (400 bytes, 387 million values once expanded)
+    # passed `plan` and made `apply` (and `artifact register` of such a file) build them all: a MemoryError
+    # traceback under a memory limit, the machine's memory without one.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "bomb.yaml").write_text(BOMB)
+    for args in (("plan", str(folder)), ("apply", str(folder)), ("artifact", "register", "prompt", str(folder / "bomb.yaml"))):
+        refused = run(*args, env=stack, check=False)
+        assert refused.returncode in (1, 2) and "aliases expand it to more than 5,000,000 values" in refused.stderr, \
+            (args, refused.stderr)
+        assert "Traceback" not in refused.stderr

@@ -167,3 +167,21 @@ def test_defaults_survive_decoding() -> None:
     assert suite.dataset == (evaluator.Case(id="0", vars={"input": "2+2?"}, expected="4"),)
     params = judge.parse_params(SUITE["scorers"][1]["params"])
     assert (params.n, params.endpoint, params.temperature, params.pass_mark) == (3, "", 0.7, 0.5)
+
+
+def test_aliases_are_counted_as_expanded_and_a_bomb_is_refused_before_anything_is_built() -> None:
+    from lockgate.documents import check_aliases
+    from lockgate.services.evaluator.safety import ProbeSetError, parse_probes
+
+    check_aliases("defaults: &d {model: m, retries: 2}\na: *d\nb: *d\nlist: &l [1, 2, 3]\nagain: *l\n")
+    # 16: the document, its two keys, d (a list of two: 3) and a (a list of three copies of d: 10)
+    check_aliases("d: &d [1, 2]\na: [*d, *d, *d]\n", limit=16)
+    with pytest.raises(ValueError, match="more than 15 values"):
+        check_aliases("d: &d [1, 2]\na: [*d, *d, *d]\n", limit=15)
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n" for p, x in zip("abcdefgh", "bcdefghi", strict=True))
+    with pytest.raises(ValueError, match="more than 5,000,000 values"):
+        check_aliases(bomb)
+    with pytest.raises(ProbeSetError, match="probe set is refused: its aliases expand it"):
+        parse_probes(bomb + "probes: [*i]\n")
+    check_aliases("not: [valid")  # the decoder says what is wrong, and where
