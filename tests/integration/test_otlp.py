@@ -321,3 +321,47 @@ async def test_a_port_in_use_is_a_clear_error(context: Any) -> None:
                 await otlp.start()
         finally:
             await otlp.stop()
+
+
+async def test_secrets_in_exported_spans_never_reach_the_bus_or_otel_traces(
+        stack: Any, store: Store, keys: Bootstrap, bus: Bus) -> None:
+    # What instrumentations record as it was: request headers, connection strings, exception texts,
+    # prompts. Every place a span carries text: its name, status, attributes, resource, events, links.
+    bearer, api_key, password = "Zm9vYmFyYmF6cXV4cXV1eDEyMzQ1", "sk-proj-" + "A1b2C3d4" * 4, "hunter2hunter2"
+    secrets = (bearer, api_key, password)
+    exporter = GrpcExporter(endpoint=stack.endpoints["otlp-grpc"], insecure=True,
+                            headers={"authorization": f"Bearer {keys.app_key}"})
+
+    def emit() -> None:
+        provider = TracerProvider(resource=Resource.create({"service.name": "leaky", "api_key": api_key}))
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        tracer = provider.get_tracer("test-app")
+        with tracer.start_as_current_span("GET /v1?key=" + api_key) as span:
+            span.set_attributes({"http.request.header.authorization": f"Bearer {bearer}",
+                                 "db.connection_string": f"postgres://app:{password}@db/x",
+                                 "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini",
+                                 "gen_ai.prompt": f"my key is {api_key}"})
+            span.add_event("exception", {"exception.message": f"401 for token {bearer}"})
+            span.add_link(span.get_span_context(), {"x-api-key": api_key})
+            span.set_status(Status(StatusCode.ERROR, f"upstream said: password={password}"))
+        provider.force_flush()
+        provider.shutdown()
+
+    await asyncio.to_thread(emit)
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "otel_traces", "ServiceName = 'leaky'") == 1, [sink.spans],
+                     what="the span stored")
+    await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="its event stored")
+    stored = repr(store.rows("SELECT * FROM otel_traces WHERE ServiceName = 'leaky'"))
+    stream = bus.subjects.streams["telemetry"].name
+    info = await bus.js.stream_info(stream)
+    on_the_bus = repr([(await bus.js.get_msg(stream, seq)).data for seq in range(1, info.state.last_seq + 1)])
+    for where, blob in (("otel_traces", stored), ("the telemetry stream", on_the_bus)):
+        assert not [s for s in secrets if s in blob], f"a secret reached {where}: {blob[:2000]}"
+    row = store.rows("SELECT SpanName, SpanAttributes, ResourceAttributes, StatusMessage FROM otel_traces "
+                     "WHERE ServiceName = 'leaky'")[0]
+    assert row["SpanAttributes"]["http.request.header.authorization"] == "[REDACTED]"
+    assert row["SpanAttributes"]["db.connection_string"] == "postgres://app:[REDACTED]@db/x"
+    assert row["ResourceAttributes"]["api_key"] == "[REDACTED]"
+    assert row["StatusMessage"] == "upstream said: password=[REDACTED]"
+    assert row["SpanName"] == "GET /v1?key=[REDACTED]"
