@@ -169,10 +169,11 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
     return out
 
 
-def batch_id(spans: Sequence[SpanRecord]) -> str:
-    """A SpanBatch id that is a function of its spans: a request re-sent after a lost answer is
-    published under the same Nats-Msg-Id, and stored once."""
-    h = hashlib.sha256()
+def batch_id(tenant: str, spans: Sequence[SpanRecord]) -> str:
+    """A SpanBatch id that is a function of its tenant and spans: a request re-sent after a lost answer is
+    published under the same Nats-Msg-Id, and stored once; another tenant's spans under the same ids are
+    not mistaken for it (JetStream and the store would drop them as its duplicate)."""
+    h = hashlib.sha256(tenant.encode() + b"\x00")
     for s in spans:
         h.update(bytes.fromhex(s.trace_id + s.span_id))
     return "otlp-" + h.hexdigest()[:40]
@@ -197,6 +198,6 @@ def span_batches(spans: Sequence[SpanRecord], tenant: str, *, max_bytes: int = B
     out = []
     for chunk in chunks:
         if chunk:
-            batch = SpanBatch(id=batch_id(chunk), source="otlp", tenant=tenant, spans=chunk)
+            batch = SpanBatch(id=batch_id(tenant, chunk), source="otlp", tenant=tenant, spans=chunk)
             out.append((batch.id, encode(batch)))
     return out, too_large

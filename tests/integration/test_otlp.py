@@ -365,3 +365,29 @@ async def test_secrets_in_exported_spans_never_reach_the_bus_or_otel_traces(
     assert row["ResourceAttributes"]["api_key"] == "[REDACTED]"
     assert row["StatusMessage"] == "upstream said: password=[REDACTED]"
     assert row["SpanName"] == "GET /v1?key=[REDACTED]"
+
+
+async def test_another_tenant_sending_a_spans_ids_first_cannot_erase_it(
+        stack: Any, store: Store, keys: Bootstrap, settings: Settings) -> None:
+    # Span ids travel in traceparent headers, so whoever a request reaches knows its caller's. Ids were
+    # not namespaced by tenant: the first tenant to send them had its span and event stored, and the
+    # other's were dropped as duplicates (by JetStream, then by the sink) while it was answered 200.
+    other_key, _ = KeyStore(settings.home).create("globex", "shop")
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    span = request.resource_spans.add().scope_spans.add().spans.add(
+        name="chat", trace_id=bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736"), span_id=b"\x00\xf0g\xaa\x0b\xa9\x02\xb7",
+        start_time_unix_nano=time.time_ns())
+    span.attributes.add(key="gen_ai.operation.name").value.string_value = "chat"
+    span.attributes.add(key="gen_ai.request.model").value.string_value = "gpt-4o-mini"
+    span.attributes.add(key="gen_ai.usage.input_tokens").value.int_value = 10
+    async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"]) as channel:
+        stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+        for key in (other_key, keys.app_key):  # the other tenant first
+            reply = await stub.Export(request, metadata=(("x-api-key", key),))
+            assert not reply.HasField("partial_success")
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "inference_events") == 2, [sink.events], what="both events")
+    await eventually(lambda: _count(store, "otel_traces", "SpanName = 'chat'") == 2, [sink.spans], what="both spans")
+    assert sorted(r["tenant"] for r in store.rows("SELECT tenant FROM inference_events")) == ["acme", "globex"]
+    tenants = store.rows("SELECT ResourceAttributes['lockgate.tenant'] AS t FROM otel_traces WHERE SpanName = 'chat'")
+    assert sorted(r["t"] for r in tenants) == ["acme", "globex"]
