@@ -150,6 +150,19 @@ async def test_send_rejects_invalid_events_and_publishes_the_rest_per_app(
     assert [e.tenant for e in stored[bus.subjects.inference("search")]] == ["acme"]
 
 
+async def test_send_refuses_alone_an_event_too_large_for_the_bus(bus: Bus, channel: grpc.aio.Channel) -> None:
+    # It was published, refused by NATS (max_payload) and the whole call answered UNAVAILABLE: a client
+    # that retries as told retried for ever, and could not tell its valid neighbours were stored.
+    stub = ingest_pb2_grpc.IngestStub(channel)
+    batch = ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(app="shop", prompt="x" * 1_500_000),
+                                              ingest_pb2.InferenceEvent(app="shop", prompt="small")])
+    reply = await stub.Send(batch, timeout=10)
+    assert (reply.accepted, reply.rejected) == (1, 1)
+    assert reply.rejections[0].index == 0 and "larger than 900000 bytes" in reply.rejections[0].reason
+    stored = await stored_events(bus)
+    assert [e.prompt for e in stored[bus.subjects.inference("shop")]] == ["small"]
+
+
 async def test_send_retried_with_the_same_ids_is_stored_once(bus: Bus, channel: grpc.aio.Channel) -> None:
     stub = ingest_pb2_grpc.IngestStub(channel)
     events = [InferenceEvent(app="shop") for _ in range(3)]
