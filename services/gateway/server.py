@@ -51,7 +51,10 @@ def event_from_proto(msg: ingest_pb2.InferenceEvent, tenant: str = "default") ->
         if msg.HasField(f):
             raw[f] = getattr(msg, f)
     if msg.HasField("time"):
-        raw["time"] = msg.time.ToDatetime(tzinfo=UTC)
+        try:
+            raw["time"] = msg.time.ToDatetime(tzinfo=UTC)
+        except ValueError as exc:  # seconds or nanos outside Timestamp's range: no datetime at all
+            raise InvalidEvent(f"{exc} - at `$.time`") from None
     raw["attributes"] = dict(msg.attributes)
     raw["scores"] = dict(msg.scores)
     try:

@@ -163,6 +163,20 @@ async def test_send_refuses_alone_an_event_too_large_for_the_bus(bus: Bus, chann
     assert [e.prompt for e in stored[bus.subjects.inference("shop")]] == ["small"]
 
 
+async def test_a_timestamp_out_of_range_is_refused_alone(bus: Bus, channel: grpc.aio.Channel) -> None:
+    # protobuf's ToDatetime raised ValueError: the whole call failed UNKNOWN ("Unexpected <class ...>").
+    stub = ingest_pb2_grpc.IngestStub(channel)
+    batch = ingest_pb2.InferenceBatch(events=[
+        ingest_pb2.InferenceEvent(app="shop", time=Timestamp(seconds=253402300800)),  # after 9999-12-31
+        ingest_pb2.InferenceEvent(app="shop", time=Timestamp(seconds=1, nanos=-1)),
+        ingest_pb2.InferenceEvent(app="shop", model="kept")])
+    reply = await stub.Send(batch, timeout=10)
+    assert (reply.accepted, reply.rejected) == (1, 2)
+    assert all(r.reason.endswith("at `$.time`") for r in reply.rejections), reply.rejections
+    stored = await stored_events(bus)
+    assert [e.model for e in stored[bus.subjects.inference("shop")]] == ["kept"]
+
+
 async def test_send_retried_with_the_same_ids_is_stored_once(bus: Bus, channel: grpc.aio.Channel) -> None:
     stub = ingest_pb2_grpc.IngestStub(channel)
     events = [InferenceEvent(app="shop") for _ in range(3)]
