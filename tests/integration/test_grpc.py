@@ -177,6 +177,21 @@ async def test_a_timestamp_out_of_range_is_refused_alone(bus: Bus, channel: grpc
     assert [e.model for e in stored[bus.subjects.inference("shop")]] == ["kept"]
 
 
+async def test_a_request_that_does_not_decode_is_invalid_argument(bus: Bus, channel: grpc.aio.Channel) -> None:
+    # grpc.aio decoded it before the servicer ran, and answered UNKNOWN "Unexpected <class DecodeError>".
+    good = ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(app="shop", model="ZZZZ")]).SerializeToString()
+    send = channel.unary_unary("/lockgate.v1.Ingest/Send", request_serializer=lambda b: b,
+                               response_deserializer=ingest_pb2.IngestReply.FromString)
+    watch = channel.unary_stream("/lockgate.v1.Gates/WatchDecisions", request_serializer=lambda b: b,
+                                 response_deserializer=gates_pb2.Decision.FromString)
+    for call in (send, lambda body, **kw: watch(body, **kw).read()):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(good.replace(b"ZZZZ", b"\xff\xfe\xfa\xfb"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert "request: Error parsing message" in err.value.details()
+    assert (await send(good, timeout=10)).accepted == 1
+
+
 async def test_send_retried_with_the_same_ids_is_stored_once(bus: Bus, channel: grpc.aio.Channel) -> None:
     stub = ingest_pb2_grpc.IngestStub(channel)
     events = [InferenceEvent(app="shop") for _ in range(3)]

@@ -391,3 +391,21 @@ async def test_another_tenant_sending_a_spans_ids_first_cannot_erase_it(
     assert sorted(r["tenant"] for r in store.rows("SELECT tenant FROM inference_events")) == ["acme", "globex"]
     tenants = store.rows("SELECT ResourceAttributes['lockgate.tenant'] AS t FROM otel_traces WHERE SpanName = 'chat'")
     assert sorted(r["t"] for r in tenants) == ["acme", "globex"]
+
+
+async def test_grpc_answers_a_request_that_does_not_decode_with_invalid_argument(
+        stack: Any, keys: Bootstrap) -> None:
+    # grpc.aio decoded it before the servicer ran, and answered UNKNOWN "Unexpected <class DecodeError>".
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    request.resource_spans.add().scope_spans.add().spans.add(name="ZZZZ", trace_id=b"\x01" * 16, span_id=b"\x02" * 8,
+                                                             start_time_unix_nano=time.time_ns())
+    bad_utf8 = request.SerializeToString().replace(b"ZZZZ", b"\xff\xfe\xfa\xfb")
+    async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"]) as channel:
+        export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                                     request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        for body in (bad_utf8, b"\xff\xff\xff\xff"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await export(body, metadata=(("x-api-key", keys.app_key),))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+            assert err.value.details().startswith("not a valid Export request: Error parsing message")
+        assert await export(request.SerializeToString(), metadata=(("x-api-key", keys.app_key),)) == b""
