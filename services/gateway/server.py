@@ -23,6 +23,7 @@ from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, SignatureError
 from lockgate.outbox import Encoded, encode_event, publish_events
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
+from lockgate.server.grpcdecode import DecodeErrors
 from lockgate.server.tls import bind_grpc, grpc_credentials
 from lockgate.signing import Verifier
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
@@ -51,7 +52,10 @@ def event_from_proto(msg: ingest_pb2.InferenceEvent, tenant: str = "default") ->
         if msg.HasField(f):
             raw[f] = getattr(msg, f)
     if msg.HasField("time"):
-        raw["time"] = msg.time.ToDatetime(tzinfo=UTC)
+        try:
+            raw["time"] = msg.time.ToDatetime(tzinfo=UTC)
+        except ValueError as exc:  # seconds or nanos outside Timestamp's range: no datetime at all
+            raise InvalidEvent(f"{exc} - at `$.time`") from None
     raw["attributes"] = dict(msg.attributes)
     raw["scores"] = dict(msg.scores)
     try:
@@ -213,7 +217,7 @@ class GrpcServer:
 
     async def start(self) -> None:
         """Bind and serve."""
-        server = grpc.aio.server()
+        server = grpc.aio.server(interceptors=[DecodeErrors()])
         ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(self.bus, self.keys), server)
         gates_pb2_grpc.add_GatesServicer_to_server(GatesServicer(self.bus, self.verifier, self.keys), server)
         bound = bind_grpc(server, self.host, self.port, grpc_credentials(self.settings))

@@ -22,6 +22,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from lockgate.codec import encode
 from lockgate.contracts import InferenceEvent, SpanBatch, SpanRecord
 from lockgate.errors import InvalidEvent
+from lockgate.redact import scrub_span
 from lockgate.server.apikeys import Forbidden
 from lockgate.services.otlp import genai
 
@@ -146,7 +147,9 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                 if named is not None and named != tenant:
                     raise Forbidden(f"span {span.name!r} is for tenant {named!r}; this API key may only send "
                                     f"spans for tenant {tenant!r}")
-                out.spans.append(SpanRecord(
+                # Scrubbed here, at the edge: an instrumentation records request headers, statements and
+                # prompts as they were, and the span travels the bus before the store.
+                out.spans.append(scrub_span(SpanRecord(
                     timestamp=facts.start, trace_id=trace_id, span_id=span_id, parent_span_id=parent,
                     trace_state=span.trace_state, name=span.name, kind=KINDS.get(span.kind, "Unspecified"),
                     service=service, resource=stored_resource, scope_name=scope.name, scope_version=scope.version,
@@ -155,7 +158,7 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                     events=[(_ts(e.time_unix_nano), e.name, strings(attributes(e.attributes))) for e in span.events],
                     links=[(link.trace_id.hex(), link.span_id.hex(), link.trace_state,
                             strings(attributes(link.attributes))) for link in span.links],
-                ))
+                )))
                 try:
                     event = genai.to_event(facts, tenant=tenant, app=app)
                 except InvalidEvent as exc:
@@ -166,10 +169,11 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
     return out
 
 
-def batch_id(spans: Sequence[SpanRecord]) -> str:
-    """A SpanBatch id that is a function of its spans: a request re-sent after a lost answer is
-    published under the same Nats-Msg-Id, and stored once."""
-    h = hashlib.sha256()
+def batch_id(tenant: str, spans: Sequence[SpanRecord]) -> str:
+    """A SpanBatch id that is a function of its tenant and spans: a request re-sent after a lost answer is
+    published under the same Nats-Msg-Id, and stored once; another tenant's spans under the same ids are
+    not mistaken for it (JetStream and the store would drop them as its duplicate)."""
+    h = hashlib.sha256(tenant.encode() + b"\x00")
     for s in spans:
         h.update(bytes.fromhex(s.trace_id + s.span_id))
     return "otlp-" + h.hexdigest()[:40]
@@ -194,6 +198,6 @@ def span_batches(spans: Sequence[SpanRecord], tenant: str, *, max_bytes: int = B
     out = []
     for chunk in chunks:
         if chunk:
-            batch = SpanBatch(id=batch_id(chunk), source="otlp", tenant=tenant, spans=chunk)
+            batch = SpanBatch(id=batch_id(tenant, chunk), source="otlp", tenant=tenant, spans=chunk)
             out.append((batch.id, encode(batch)))
     return out, too_large

@@ -146,9 +146,11 @@ def _content(value: Any) -> str | None:
     return msgspec.json.encode(value).decode()
 
 
-def event_id(trace_id: str, span_id: str) -> str:
-    """The event id of a span: the same span re-sent (an exporter's retry) is the same event."""
-    return derived_id("otlp-span", trace_id, span_id)
+def event_id(tenant: str, trace_id: str, span_id: str) -> str:
+    """The event id of a span: the same span re-sent (an exporter's retry) is the same event, and a span
+    another tenant sends under the same ids is another event (events are stored once per id, so ids
+    shared across tenants let one tenant's span erase another's)."""
+    return derived_id("otlp-span", tenant, trace_id, span_id)
 
 
 def to_event(span: SpanFacts, *, tenant: str, app: str) -> InferenceEvent | None:
@@ -162,7 +164,7 @@ def to_event(span: SpanFacts, *, tenant: str, app: str) -> InferenceEvent | None
     error_type = _text(attrs.get("error.type")) or (span.status_message[:200] if span.error else "")
     try:
         return InferenceEvent(
-            id=event_id(span.trace_id, span.span_id),
+            id=event_id(tenant, span.trace_id, span.span_id),
             source="otlp",
             time=span.start,
             tenant=tenant,

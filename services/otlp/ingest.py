@@ -71,14 +71,11 @@ class Receiver:
         events: list[Encoded] = []
         for event in decoded.events:
             try:
+                # Checked as every producer's are; one the bus can never take is refused here (too large),
+                # else the export would be answered "retry" for ever.
                 encoded = encode_event(event, check=True)
             except InvalidEvent as exc:
                 decoded.problem(f"span {event.span_id}: its inference event was refused: {exc.message}")
-                continue
-            # Refused here, not by the bus: a message it can never take would be answered "retry" for ever.
-            if len(encoded.data) > domain.BATCH_BYTES:
-                decoded.problem(f"span {event.span_id}: its inference event was refused: larger than "
-                                f"{domain.BATCH_BYTES} bytes encoded")
                 continue
             events.append(encoded)
         try:

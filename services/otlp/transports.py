@@ -20,6 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, LockgateError, UnreadableBody
 from lockgate.server.apikeys import AuthError, Forbidden
 from lockgate.server.body import closing, read_body
+from lockgate.server.grpcdecode import DecodeErrors
 from lockgate.server.tls import bind_grpc
 from lockgate.services.otlp import wire
 from lockgate.services.otlp.ingest import Receiver
@@ -110,7 +111,8 @@ class HttpApp:
 async def serve_grpc(receiver: Receiver, host: str, port: int, credentials: grpc.ServerCredentials | None = None
                      ) -> tuple[grpc.aio.Server, int]:
     """Start the OTLP/gRPC server; (server, port bound)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+                             interceptors=[DecodeErrors()])
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(receiver), server)
     bound = bind_grpc(server, host, port, credentials)
     if bound == 0:

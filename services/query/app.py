@@ -33,11 +33,13 @@ class QueryService(Service):
         self._sub = await nc.subscribe(s.query, queue=s.query_group, cb=self.handlers.on_request)
 
     async def stop(self) -> None:
-        """Stop taking requests; the one being answered finishes first."""
+        """Stop taking requests; the ones being answered finish first."""
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.drain()
             self._sub = None
+        if self.handlers is not None:
+            await self.handlers.finish()
         await super().stop()
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import msgspec
 
 from lockgate.codec import to_json
-from lockgate.errors import ConfigError, LockgateError, ReplyTooLarge
+from lockgate.errors import ConfigError, LockgateError, QueryUnavailable, ReplyTooLarge
 from lockgate.queryclient import QueryRequest
 from lockgate.server.service import Progress
 from lockgate.services.query import registry
@@ -20,6 +20,17 @@ from lockgate.store import Store
 log = logging.getLogger("lockgate.query")
 
 _requests = msgspec.json.Decoder(QueryRequest)
+
+OPERATOR_SQL = "sql"
+# Operator queries waiting for their turn beyond this are answered "busy" at once (each may run 60 s).
+MAX_SQL_WAITING = 8
+
+
+def _operator_sql(data: bytes) -> bool:
+    try:
+        return _requests.decode(data).query == OPERATOR_SQL
+    except msgspec.DecodeError:
+        return False  # answered in the named queries' turn, with the reason
 
 
 def error_reply(exc: BaseException) -> bytes:
@@ -30,12 +41,17 @@ def error_reply(exc: BaseException) -> bytes:
 
 
 class QueryHandlers:
-    """Answers one request at a time per subscription; the store serialises queries anyway."""
+    """Answers named queries one at a time (the store serialises them anyway), and operator SQL one at a
+    time beside them, in its own read-only session: an operator's query may run for a minute, and in
+    the named queries' turn it made every service's query wait that long (and time out)."""
 
     def __init__(self, store: Store, max_payload: int) -> None:
         self.store = store
         self.max_payload = max_payload
         self.answered = Progress()
+        self._sql_turn = asyncio.Lock()
+        self._sql_waiting = 0
+        self._sql_tasks: set[asyncio.Task[None]] = set()
 
     async def answer(self, data: bytes) -> bytes:
         """The reply bytes for one request (never raises: every failure is an error reply)."""
@@ -60,8 +76,34 @@ class QueryHandlers:
         return reply
 
     async def on_request(self, msg: Any) -> None:
-        """Reply to one request (a caller that gave up meanwhile is not an error)."""
-        reply = await self.answer(msg.data)
+        """Reply to one request (a caller that gave up meanwhile is not an error); operator SQL is
+        answered in its own turn, so the next named query need not wait for it."""
+        if _operator_sql(msg.data):
+            if self._sql_waiting >= MAX_SQL_WAITING:
+                await self._respond(msg, error_reply(QueryUnavailable(
+                    f"the query service is busy with {self._sql_waiting} operator queries; retry shortly")))
+                return
+            self._sql_waiting += 1
+            task = asyncio.create_task(self._answer_sql(msg), name="query:operator-sql")
+            self._sql_tasks.add(task)
+            task.add_done_callback(self._sql_tasks.discard)
+            return
+        await self._respond(msg, await self.answer(msg.data))
+
+    async def _answer_sql(self, msg: Any) -> None:
+        try:
+            async with self._sql_turn:  # waiting here holds no thread: the executor is the whole process's
+                reply = await self.answer(msg.data)
+        finally:
+            self._sql_waiting -= 1
+        await self._respond(msg, reply)
+
+    async def _respond(self, msg: Any, reply: bytes) -> None:
         with contextlib.suppress(Exception):
             await msg.respond(reply)
         await self.answered.bump()
+
+    async def finish(self) -> None:
+        """Wait for the operator queries being answered (the subscription is drained first)."""
+        if self._sql_tasks:
+            await asyncio.gather(*self._sql_tasks, return_exceptions=True)

@@ -127,7 +127,8 @@ def event_from_fields(fields: Mapping[str, Any]) -> InferenceEvent:
 
 def encode_event(event: InferenceEvent, *, check: bool | str = False, clock_time: bool = False) -> Encoded:
     """Scrub, then encode. With `check`, raise InvalidEvent naming the field if the sink's decoder
-    would refuse the bytes: one bad event must never reach (and poison) a batch of good ones.
+    would refuse the bytes, or if they are more than one bus message carries: one bad event must never
+    reach (and poison) a batch of good ones, nor wait for a publish that can never succeed.
     `check="built"` is for an event from `event_from_fields`, whose values convert checked already:
     only what convert cannot see is checked (non-finite floats, text without a UTF-8 form).
     `clock_time`: the event's time is this clock's reading as it was built (no time was given), so it
@@ -148,6 +149,11 @@ def encode_event(event: InferenceEvent, *, check: bool | str = False, clock_time
                         raise InvalidEvent(f"invalid inference event: Expected `float`, got `null` - at `$.{name}[...]`")
         except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise InvalidEvent(f"invalid inference event: {exc}") from None
+        if len(data) > BATCH_BYTES:
+            # No message can carry it (NATS' default max_payload is 1 MB): accepted, it failed at every
+            # publish, and a caller told "unavailable" retried it for ever.
+            raise InvalidEvent(f"invalid inference event: larger than {BATCH_BYTES} bytes encoded ({len(data):,}), "
+                               "more than one bus message carries; shorten its prompt, response or attributes")
         if event.schema_version > SCHEMA_VERSION:  # as the sink's decoder refuses it
             raise InvalidEvent(f"invalid inference event: schema_version {event.schema_version} is newer than "
                                f"this build's {SCHEMA_VERSION} - at `$.schema_version`")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 import msgspec
 
 if TYPE_CHECKING:
-    from lockgate.contracts import InferenceEvent
+    from lockgate.contracts import InferenceEvent, SpanRecord
 
 RedactMode = Literal["scrub", "hash", "drop"]
 MARK = "[REDACTED]"
@@ -222,6 +222,34 @@ def scrub_event(event: InferenceEvent) -> InferenceEvent:
     if attributes and (mapping := scrub_mapping(attributes)) is not attributes:
         changed["attributes"] = mapping
     return msgspec.structs.replace(event, **changed) if changed else event
+
+
+def _scrub_text(text: str) -> str:
+    return scrub_secrets(text) if text else text
+
+
+def scrub_span(span: SpanRecord) -> SpanRecord:
+    """The span with secrets scrubbed from its free text: name, status message, and the attributes of
+    the span, its resource, its events and its links (an exported span carries whatever its
+    instrumentation recorded: request headers, database statements, prompts)."""
+    changed: dict[str, object] = {}
+    for name in ("name", "status_message"):
+        text = getattr(span, name)
+        if text and (scrubbed := _scrub_text(text)) != text:
+            changed[name] = scrubbed
+    for name in ("attributes", "resource"):
+        values = getattr(span, name)
+        if values and (mapping := scrub_mapping(values)) is not values:
+            changed[name] = dict(mapping)
+    if span.events:
+        events = [(at, _scrub_text(name), dict(scrub_mapping(attrs))) for at, name, attrs in span.events]
+        if events != span.events:
+            changed["events"] = events
+    if span.links:
+        links = [(trace, span_id, state, dict(scrub_mapping(attrs))) for trace, span_id, state, attrs in span.links]
+        if links != span.links:
+            changed["links"] = links
+    return msgspec.structs.replace(span, **changed) if changed else span
 
 
 def redact(text: str | None, mode: RedactMode) -> str | None:

@@ -38,6 +38,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from lockgate import __version__
 from lockgate.codec import encode
 from lockgate.contracts import SpanBatch, SpanRecord
+from lockgate.redact import scrub_span
 
 if TYPE_CHECKING:
     from lockgate.bus import Bus
@@ -81,12 +82,12 @@ def _ts(ns: int | None) -> datetime:
 
 
 def to_record(span: ReadableSpan) -> SpanRecord:
-    """Map an SDK span to the OTel Collector ClickHouse exporter's row layout."""
+    """Map an SDK span to the OTel Collector ClickHouse exporter's row layout, secrets scrubbed."""
     ctx = span.get_span_context()
     parent = span.parent
     res = span.resource.attributes if span.resource else {}
     scope = span.instrumentation_scope
-    return SpanRecord(
+    return scrub_span(SpanRecord(
         timestamp=_ts(span.start_time),
         trace_id=format(ctx.trace_id, "032x"),
         span_id=format(ctx.span_id, "016x"),
@@ -112,7 +113,7 @@ def to_record(span: ReadableSpan) -> SpanRecord:
             )
             for link in span.links
         ],
-    )
+    ))
 
 
 class NatsSpanExporter(SpanExporter):

@@ -135,6 +135,20 @@ async def test_an_invalid_event_is_refused_and_the_batch_around_it_is_stored_who
     assert tokens == list(range(20))
 
 
+async def test_an_event_no_bus_message_can_carry_is_refused_at_emit_not_failed_later(
+    bus: Bus, settings: Settings
+) -> None:
+    # It used to be accepted and then fail at every publish (MaxPayloadError), counted in `failed`.
+    async with client(settings) as c:
+        with pytest.raises(InvalidEvent, match="larger than 900000 bytes encoded"):
+            c.emit(model="m", prompt="x" * 1_500_000)
+        c.emit(model="m", prompt="the one beside it")
+        await c.flush()
+        assert (c.sent, c.failed, c.dropped) == (1, 0, 0)
+    events, _ = await stored(bus)
+    assert [e.prompt for e in events] == ["the one beside it"]
+
+
 async def test_close_refuses_later_events_and_counts_them(bus: Bus, settings: Settings) -> None:
     async with client(settings) as c:
         c.emit()

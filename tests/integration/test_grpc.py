@@ -150,6 +150,48 @@ async def test_send_rejects_invalid_events_and_publishes_the_rest_per_app(
     assert [e.tenant for e in stored[bus.subjects.inference("search")]] == ["acme"]
 
 
+async def test_send_refuses_alone_an_event_too_large_for_the_bus(bus: Bus, channel: grpc.aio.Channel) -> None:
+    # It was published, refused by NATS (max_payload) and the whole call answered UNAVAILABLE: a client
+    # that retries as told retried for ever, and could not tell its valid neighbours were stored.
+    stub = ingest_pb2_grpc.IngestStub(channel)
+    batch = ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(app="shop", prompt="x" * 1_500_000),
+                                              ingest_pb2.InferenceEvent(app="shop", prompt="small")])
+    reply = await stub.Send(batch, timeout=10)
+    assert (reply.accepted, reply.rejected) == (1, 1)
+    assert reply.rejections[0].index == 0 and "larger than 900000 bytes" in reply.rejections[0].reason
+    stored = await stored_events(bus)
+    assert [e.prompt for e in stored[bus.subjects.inference("shop")]] == ["small"]
+
+
+async def test_a_timestamp_out_of_range_is_refused_alone(bus: Bus, channel: grpc.aio.Channel) -> None:
+    # protobuf's ToDatetime raised ValueError: the whole call failed UNKNOWN ("Unexpected <class ...>").
+    stub = ingest_pb2_grpc.IngestStub(channel)
+    batch = ingest_pb2.InferenceBatch(events=[
+        ingest_pb2.InferenceEvent(app="shop", time=Timestamp(seconds=253402300800)),  # after 9999-12-31
+        ingest_pb2.InferenceEvent(app="shop", time=Timestamp(seconds=1, nanos=-1)),
+        ingest_pb2.InferenceEvent(app="shop", model="kept")])
+    reply = await stub.Send(batch, timeout=10)
+    assert (reply.accepted, reply.rejected) == (1, 2)
+    assert all(r.reason.endswith("at `$.time`") for r in reply.rejections), reply.rejections
+    stored = await stored_events(bus)
+    assert [e.model for e in stored[bus.subjects.inference("shop")]] == ["kept"]
+
+
+async def test_a_request_that_does_not_decode_is_invalid_argument(bus: Bus, channel: grpc.aio.Channel) -> None:
+    # grpc.aio decoded it before the servicer ran, and answered UNKNOWN "Unexpected <class DecodeError>".
+    good = ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(app="shop", model="ZZZZ")]).SerializeToString()
+    send = channel.unary_unary("/lockgate.v1.Ingest/Send", request_serializer=lambda b: b,
+                               response_deserializer=ingest_pb2.IngestReply.FromString)
+    watch = channel.unary_stream("/lockgate.v1.Gates/WatchDecisions", request_serializer=lambda b: b,
+                                 response_deserializer=gates_pb2.Decision.FromString)
+    for call in (send, lambda body, **kw: watch(body, **kw).read()):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(good.replace(b"ZZZZ", b"\xff\xfe\xfa\xfb"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert "request: Error parsing message" in err.value.details()
+    assert (await send(good, timeout=10)).accepted == 1
+
+
 async def test_send_retried_with_the_same_ids_is_stored_once(bus: Bus, channel: grpc.aio.Channel) -> None:
     stub = ingest_pb2_grpc.IngestStub(channel)
     events = [InferenceEvent(app="shop") for _ in range(3)]

@@ -321,3 +321,91 @@ async def test_a_port_in_use_is_a_clear_error(context: Any) -> None:
                 await otlp.start()
         finally:
             await otlp.stop()
+
+
+async def test_secrets_in_exported_spans_never_reach_the_bus_or_otel_traces(
+        stack: Any, store: Store, keys: Bootstrap, bus: Bus) -> None:
+    # What instrumentations record as it was: request headers, connection strings, exception texts,
+    # prompts. Every place a span carries text: its name, status, attributes, resource, events, links.
+    bearer, api_key, password = "Zm9vYmFyYmF6cXV4cXV1eDEyMzQ1", "sk-proj-" + "A1b2C3d4" * 4, "hunter2hunter2"
+    secrets = (bearer, api_key, password)
+    exporter = GrpcExporter(endpoint=stack.endpoints["otlp-grpc"], insecure=True,
+                            headers={"authorization": f"Bearer {keys.app_key}"})
+
+    def emit() -> None:
+        provider = TracerProvider(resource=Resource.create({"service.name": "leaky", "api_key": api_key}))
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        tracer = provider.get_tracer("test-app")
+        with tracer.start_as_current_span("GET /v1?key=" + api_key) as span:
+            span.set_attributes({"http.request.header.authorization": f"Bearer {bearer}",
+                                 "db.connection_string": f"postgres://app:{password}@db/x",
+                                 "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini",
+                                 "gen_ai.prompt": f"my key is {api_key}"})
+            span.add_event("exception", {"exception.message": f"401 for token {bearer}"})
+            span.add_link(span.get_span_context(), {"x-api-key": api_key})
+            span.set_status(Status(StatusCode.ERROR, f"upstream said: password={password}"))
+        provider.force_flush()
+        provider.shutdown()
+
+    await asyncio.to_thread(emit)
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "otel_traces", "ServiceName = 'leaky'") == 1, [sink.spans],
+                     what="the span stored")
+    await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="its event stored")
+    stored = repr(store.rows("SELECT * FROM otel_traces WHERE ServiceName = 'leaky'"))
+    stream = bus.subjects.streams["telemetry"].name
+    info = await bus.js.stream_info(stream)
+    on_the_bus = repr([(await bus.js.get_msg(stream, seq)).data for seq in range(1, info.state.last_seq + 1)])
+    for where, blob in (("otel_traces", stored), ("the telemetry stream", on_the_bus)):
+        assert not [s for s in secrets if s in blob], f"a secret reached {where}: {blob[:2000]}"
+    row = store.rows("SELECT SpanName, SpanAttributes, ResourceAttributes, StatusMessage FROM otel_traces "
+                     "WHERE ServiceName = 'leaky'")[0]
+    assert row["SpanAttributes"]["http.request.header.authorization"] == "[REDACTED]"
+    assert row["SpanAttributes"]["db.connection_string"] == "postgres://app:[REDACTED]@db/x"
+    assert row["ResourceAttributes"]["api_key"] == "[REDACTED]"
+    assert row["StatusMessage"] == "upstream said: password=[REDACTED]"
+    assert row["SpanName"] == "GET /v1?key=[REDACTED]"
+
+
+async def test_another_tenant_sending_a_spans_ids_first_cannot_erase_it(
+        stack: Any, store: Store, keys: Bootstrap, settings: Settings) -> None:
+    # Span ids travel in traceparent headers, so whoever a request reaches knows its caller's. Ids were
+    # not namespaced by tenant: the first tenant to send them had its span and event stored, and the
+    # other's were dropped as duplicates (by JetStream, then by the sink) while it was answered 200.
+    other_key, _ = KeyStore(settings.home).create("globex", "shop")
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    span = request.resource_spans.add().scope_spans.add().spans.add(
+        name="chat", trace_id=bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736"), span_id=b"\x00\xf0g\xaa\x0b\xa9\x02\xb7",
+        start_time_unix_nano=time.time_ns())
+    span.attributes.add(key="gen_ai.operation.name").value.string_value = "chat"
+    span.attributes.add(key="gen_ai.request.model").value.string_value = "gpt-4o-mini"
+    span.attributes.add(key="gen_ai.usage.input_tokens").value.int_value = 10
+    async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"]) as channel:
+        stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+        for key in (other_key, keys.app_key):  # the other tenant first
+            reply = await stub.Export(request, metadata=(("x-api-key", key),))
+            assert not reply.HasField("partial_success")
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "inference_events") == 2, [sink.events], what="both events")
+    await eventually(lambda: _count(store, "otel_traces", "SpanName = 'chat'") == 2, [sink.spans], what="both spans")
+    assert sorted(r["tenant"] for r in store.rows("SELECT tenant FROM inference_events")) == ["acme", "globex"]
+    tenants = store.rows("SELECT ResourceAttributes['lockgate.tenant'] AS t FROM otel_traces WHERE SpanName = 'chat'")
+    assert sorted(r["t"] for r in tenants) == ["acme", "globex"]
+
+
+async def test_grpc_answers_a_request_that_does_not_decode_with_invalid_argument(
+        stack: Any, keys: Bootstrap) -> None:
+    # grpc.aio decoded it before the servicer ran, and answered UNKNOWN "Unexpected <class DecodeError>".
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    request.resource_spans.add().scope_spans.add().spans.add(name="ZZZZ", trace_id=b"\x01" * 16, span_id=b"\x02" * 8,
+                                                             start_time_unix_nano=time.time_ns())
+    bad_utf8 = request.SerializeToString().replace(b"ZZZZ", b"\xff\xfe\xfa\xfb")
+    async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"]) as channel:
+        export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                                     request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        for body in (bad_utf8, b"\xff\xff\xff\xff"):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await export(body, metadata=(("x-api-key", keys.app_key),))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+            assert err.value.details().startswith("not a valid Export request: Error parsing message")
+        assert await export(request.SerializeToString(), metadata=(("x-api-key", keys.app_key),)) == b""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -147,6 +148,32 @@ async def test_replicas_in_one_queue_group_share_the_requests(
         await second.stop()
     counts = (first.handlers.answered.count, second.handlers.answered.count)
     assert sum(counts) == 40 and min(counts) > 0  # each request was answered once, by either replica
+
+
+async def test_a_long_operator_query_does_not_hold_up_the_services_named_queries(
+    run_services: Callable[..., Any], bus: Bus, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Operator SQL may run for 60 s; answered in the same turn as the named queries, one viewer's query
+    # made the gatekeeper's and the evaluator's queries wait that long (their timeout is 30 s).
+    entered, release = threading.Event(), threading.Event()
+    readonly_rows = store.readonly_rows
+
+    def held(sql: str, parameters: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        if "held" in sql:  # the statement itself, not the parser's checks of it
+            entered.set()
+            release.wait(timeout=60)
+        return readonly_rows(sql, parameters)
+
+    monkeypatch.setattr(store, "readonly_rows", held)
+    await run_services("query")
+    operator = asyncio.create_task(ask(bus, "sql", {"query": "SELECT 1 AS held"}))
+    try:
+        await asyncio.to_thread(entered.wait, 30)
+        assert await ask(bus, "decisions", {}, timeout_s=10) == []  # answered while the operator's runs
+        assert not operator.done()
+    finally:
+        release.set()
+    assert await operator == [{"held": 1}]
 
 
 async def test_without_a_query_service_a_read_is_retryable(bus: Bus) -> None:

@@ -70,7 +70,9 @@ def test_the_same_span_is_always_the_same_event() -> None:
     a = genai.to_event(span(SEMCONV), tenant="acme", app="a")
     b = genai.to_event(span(SEMCONV), tenant="acme", app="a")
     assert a is not None and b is not None and a.id == b.id
-    assert a.id != genai.event_id("0af7651916cd43dd8448eb211c80319c", "0000000000000001")
+    assert a.id != genai.event_id("acme", "0af7651916cd43dd8448eb211c80319c", "0000000000000001")
+    other = genai.to_event(span(SEMCONV), tenant="globex", app="a")
+    assert other is not None and other.id != a.id  # the same ids from another tenant: another event
 
 
 @pytest.mark.parametrize("attrs", [

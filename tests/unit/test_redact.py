@@ -41,3 +41,23 @@ def test_event_session_id_and_attributes_are_scrubbed_and_clean_events_are_uncha
     dirty = InferenceEvent(app="a", session_id=text, attributes={text: "v", "note": text, "token": "t"})
     out = scrub_event(dirty)
     assert secret not in out.session_id and secret not in repr(out.attributes) and out.attributes["token"] == MARK
+
+
+def test_a_services_own_span_is_scrubbed_as_it_becomes_a_record() -> None:
+    # A service's span may record an upstream's error text or a header: to_record is where it is made.
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from lockgate.telemetry import to_record
+
+    exported = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exported))
+    key = "sk-proj-" + "Q9w8E7r6" * 4
+    with provider.get_tracer("t").start_as_current_span("call") as span:
+        span.set_attribute("http.request.header.x-api-key", key)
+        span.add_event("exception", {"exception.message": f"refused {key}"})
+    record = to_record(exported.get_finished_spans()[0])
+    assert key not in repr(record)
+    assert record.attributes["http.request.header.x-api-key"] == MARK

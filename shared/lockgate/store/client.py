@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import threading
 from collections.abc import Sequence
@@ -24,8 +25,15 @@ _DB = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The operator SQL session: settings fixed when the session opens, before any query text exists.
 # With readonly=1 ClickHouse refuses writes, DDL and any later change of a setting (including
 # `SETTINGS readonly = 0` in the text); on a server the same settings ride on every HTTP request
-# as URL parameters, never in the text.
-READONLY_SETTINGS = {"max_execution_time": "60", "readonly": "1"}
+# as URL parameters, never in the text. The bounds are the `lockgate_readonly` profile's
+# (deploy/clickhouse/users.d/lockgate.xml; tests/integration/test_clickhouse_users.py checks they agree): on
+# chDB there is no profile, and a viewer's `SELECT number FROM numbers(1e9)` was computed in full and turned
+# into Python rows inside the query service's process (the whole stack's, embedded) before any check.
+# `readonly` comes last: chDB applies them one SET at a time, and readonly=1 refuses every later one.
+READONLY_SETTINGS = {"max_execution_time": "60", "max_memory_usage": "4000000000", "max_result_rows": "1000000",
+                     "max_result_bytes": "100000000", "result_overflow_mode": "throw", "readonly": "1"}
+# ClickHouse's answers to a query that went past those bounds: final for that text, and the operator's to change.
+_OVER_BOUNDS = ("(TOO_MANY_ROWS_OR_BYTES)", "(TIMEOUT_EXCEEDED)", "(MEMORY_LIMIT_EXCEEDED)")
 
 
 def _raw_client(url: str, database: str | None, settings: dict[str, str] | None = None) -> Any:
@@ -99,12 +107,28 @@ class Store:
                 if self._readonly is None:
                     self._readonly = _raw_client(self.readonly_url, self.database, READONLY_SETTINGS)
                 result = self._readonly.query(sql, parameters=parameters)
+                names, rows = result.column_names, result.result_rows  # read here: a stream can fail late
             except ClickHouseError as exc:
+                # A query stopped part way (a bound crossed after rows were sent) leaves the rest of its
+                # stream in the session, where the next query read it as its own answer: a fresh one.
+                self._close_readonly()
                 if "(READONLY)" in str(exc):  # ClickHouse's own refusal: final, not worth a retry
                     raise QueryRefused(f"the read-only session refused it: {_first_line(exc)}") from None
+                if any(code in str(exc) for code in _OVER_BOUNDS):
+                    raise QueryRefused(
+                        f"operator SQL returns at most {int(READONLY_SETTINGS['max_result_rows']):,} rows and "
+                        f"{int(READONLY_SETTINGS['max_result_bytes']):,} bytes, and runs at most "
+                        f"{READONLY_SETTINGS['max_execution_time']} s in "
+                        f"{int(READONLY_SETTINGS['max_memory_usage']):,} bytes of memory: add a LIMIT, aggregate or "
+                        f"filter ({_first_line(exc)})") from None
                 raise StoreUnavailable(f"ClickHouse rejected query: {_first_line(exc)}") from None
-        names = result.column_names
-        return [dict(zip(names, row, strict=True)) for row in result.result_rows]
+        return [dict(zip(names, row, strict=True)) for row in rows]
+
+    def _close_readonly(self) -> None:
+        if self._readonly is not None:
+            with contextlib.suppress(Exception):
+                self._readonly.close()
+            self._readonly = None
 
     def scalar(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         """First column of the first row, or None."""
@@ -182,9 +206,7 @@ class Store:
         with self._lock:
             self._client.close()
         with self._readonly_lock:
-            if self._readonly is not None:
-                self._readonly.close()
-                self._readonly = None
+            self._close_readonly()
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
