@@ -149,6 +149,9 @@ class Proxy:
             key = self.keys.authenticate(bearer(h.get("Authorization")))
         except AuthError as exc:
             return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
+        if (bad := _undecodable_header(h)) is not None:
+            return error_response(400, f"invalid {op.api} request: header {bad} is not UTF-8 text",
+                                  "invalid_request_error")
         try:
             body = await read_body(request)
             req = _api_request.decode(body)
@@ -377,6 +380,19 @@ class Proxy:
                 with contextlib.suppress(ConnectionResetError):  # gone after the last byte: answered anyway
                     await out.write_eof()
             return out
+
+
+def _undecodable_header(headers: Any) -> str | None:
+    """The name of a header whose value is not UTF-8 text, else None. aiohttp keeps such bytes as
+    surrogates, which no encoder takes: forwarded upstream they were a 500, and in `x-lockgate-user` or
+    `-session` they made the request's event unencodable, so it was never recorded."""
+    for name, value in headers.items():
+        if not value.isascii():  # the usual case costs one scan per header
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return name
+    return None
 
 
 async def _write(out: web.StreamResponse, line: bytes) -> None:
