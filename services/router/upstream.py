@@ -386,10 +386,13 @@ def _blended(endpoint: Endpoint) -> float | None:
 
 
 def _scrub(body: bytes, endpoint: Endpoint) -> bytes:
-    """An upstream error body with the endpoint's address replaced by its id (URLs stay internal)."""
-    origin = f"{endpoint.url.host}:{endpoint.url.port}" if endpoint.url.port else str(endpoint.url.host)
-    if origin.encode() not in body:
+    """An upstream error body with the endpoint's address replaced by its id (URLs stay internal): its
+    origin, `host:port` and the bare host, so an address on a default port (`https://llm.internal/v1`,
+    which names no port) or a message naming only the host is replaced too."""
+    url = endpoint.url
+    host = url.host
+    if not host or host.encode() not in body:
         return body
-    for form in (str(endpoint.url.origin()), origin):
+    for form in (f"{url.scheme}://{host}:{url.port}", str(url.origin()), f"{host}:{url.port}", host):
         body = body.replace(form.encode(), f"endpoint {endpoint.id}".encode())
     return body

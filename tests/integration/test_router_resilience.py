@@ -86,8 +86,8 @@ class FakeLLM:
             await asyncio.sleep(action[1])
             action = "ok"
         if isinstance(action, tuple):
-            _, status, headers = (*action, {})[:3]
-            error = {"error": {"message": f"{self.name} failed at {self.url}/chat/completions", "type": "server_error"}}
+            _, status, headers, message = (*action, {}, f"{self.name} failed at {self.url}/chat/completions")[:4]
+            error = {"error": {"message": message, "type": "server_error"}}
             return web.json_response(error, status=status, headers=headers)
         text = f"{self.name} says hi"
         headers = {"x-request-id": f"req-{self.name}-{n}", "x-ratelimit-remaining-requests": "99",
@@ -459,10 +459,13 @@ async def test_sdk_headers_forwarded_and_upstream_request_id_returned(gateway: G
         assert raw.headers["x-ratelimit-reset-tokens"] == "6ms"
 
 
-@pytest.mark.parametrize("failure", ["500", "404", "refused"])
+@pytest.mark.parametrize("failure", ["500", "404", "refused", "host named alone"])
 async def test_no_upstream_url_in_any_error(gateway: Gateway, keys: Bootstrap, closed_port: int,
                                             failure: str) -> None:
-    actions = {"500": ("status", 500), "404": ("status", 404)}
+    # "host named alone": as a proxy's message names its upstream, and as a URL on a default port reads
+    # (https://llm.internal/v1 has no port to match); it was passed on as it was.
+    actions = {"500": ("status", 500), "404": ("status", 404),
+               "host named alone": ("status", 400, {}, "no healthy upstream behind 127.0.0.1")}
     async with FakeLLM("up", actions.get(failure, "ok")) as up:
         url = f"http://127.0.0.1:{closed_port}/v1" if failure == "refused" else up.url
         router = await gateway({"default": {"url": url, "retry": FAST_RETRY}})
