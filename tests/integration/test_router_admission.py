@@ -201,6 +201,24 @@ async def test_1000_concurrent_requests_on_two_replicas_overshoot_at_most_one_re
     assert (await counter(a.ctx.bus, f"small.{_today()}")).usd == spent(usages)
 
 
+async def test_a_budget_whose_limit_changed_from_usd_to_tokens_still_admits(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    # Before: the counter kept the day's USD spend while the edited budget no longer limited USD (its
+    # limit there became 0), so every request was refused "0 of 100000 tokens spent" for the rest of the day.
+    usd = settings.replace(stable_upstream=sim.url, deployment="chat",
+                           gateway_file=gateway(tmp_path, budgets={"acme-daily": {"tenant": "acme", "usd": 1.0}}))
+    keys = bootstrap(usd.home, tenant="acme", app="shop")
+    before = await stack.add(usd, store, "router-a")
+    await ask(client(before, keys.app_key))
+    await before.admission.return_expired(force=True)
+    assert (await counter(before.ctx.bus, f"acme-daily.{_today()}")).usd > 0
+    (tmp_path / "edited").mkdir()
+    tokens = usd.replace(gateway_file=gateway(tmp_path / "edited",
+                                              budgets={"acme-daily": {"tenant": "acme", "tokens": 100_000}}))
+    after = await stack.add(tokens, store, "router-b")  # the replica a rolling restart brings up with the edit
+    assert (await ask(client(after, keys.app_key))).choices[0].message.content == ANSWER
+
+
 async def test_budget_store_down_fails_closed(settings: Settings, store: Store, stack: Stack, sim: SimServer,
                                               tmp_path: Path) -> None:
     own = NatsServer(tmp_path / "own-nats")  # this test stops its bus, so not the session's server
