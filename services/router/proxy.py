@@ -47,6 +47,7 @@ from lockgate.services.router.upstream import (
     UpstreamUnavailable,
     chain,
     forward_headers,
+    scrub,
 )
 from lockgate.services.router.wire import (
     CHAT,
@@ -55,6 +56,7 @@ from lockgate.services.router.wire import (
     OUTPUT_MESSAGES,
     RESPONSES,
     Choices,
+    ErrorAnswer,
     Operation,
     error_response,
     openai_error,
@@ -316,6 +318,9 @@ class Proxy:
         except UNDECODABLE:
             return rec.fail(502, f"endpoint {endpoint.id} answered a body that is not a {op.api} response",
                             "upstream_bad_response", out_headers)
+        except ErrorAnswer:  # a 200 whose body is an error: to the client a failure, as a 5xx would be
+            return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} answered HTTP 200 with "
+                                 f"an error: {openai_error(scrub(reply.body, endpoint))}", "upstream_error", out_headers)
         return web.Response(body=data, status=200, content_type="application/json", headers=out_headers)
 
     async def _stream(self, request: web.Request, op: Operation, hops: list[Hop], up_headers: dict[str, str],

@@ -124,11 +124,13 @@ class Choice(msgspec.Struct):
 
 
 class Completion(msgspec.Struct):
-    """A chat completion or one stream chunk."""
+    """A chat completion or one stream chunk; `error` is set when the body (a 200, or a stream's event)
+    is an error object instead, as servers send one after the status line went out."""
 
     model: str = ""
     choices: list[Choice] = []
     usage: Usage | None = None
+    error: Any = None
 
 
 class ResponseContent(msgspec.Struct):

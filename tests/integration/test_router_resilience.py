@@ -30,8 +30,9 @@ FAST_RETRY = {"attempts": 3, "initial_s": 0.01, "max_s": 0.02}
 
 class FakeLLM:
     """A double for an outside OpenAI-compatible API. Each request takes the next scripted action (the
-    last one repeats): "ok", ("status", code, headers), "hang" (no answer until the test ends),
-    "chunk_then_hang" and "chunk_then_drop" (a stream that stalls or breaks after its first event),
+    last one repeats): "ok", ("status", code, headers[, message]), "hang" (no answer until the test ends),
+    "error_body" (a 200 whose body is an error), "chunk_then_hang", "chunk_then_drop" and "chunk_then_error"
+    (a stream that stalls, breaks or sends an error event after its first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set)."""
 
     def __init__(self, name: str, *actions: Any) -> None:
@@ -89,6 +90,8 @@ class FakeLLM:
             _, status, headers, message = (*action, {}, f"{self.name} failed at {self.url}/chat/completions")[:4]
             error = {"error": {"message": message, "type": "server_error"}}
             return web.json_response(error, status=status, headers=headers)
+        if action == "error_body":  # a 200 whose body is an error object
+            return web.json_response({"error": {"message": f"overloaded at {self.url}", "type": "server_error"}})
         text = f"{self.name} says hi"
         headers = {"x-request-id": f"req-{self.name}-{n}", "x-ratelimit-remaining-requests": "99",
                    "x-ratelimit-reset-tokens": "6ms"}
@@ -115,6 +118,10 @@ class FakeLLM:
                     await resp.write(chunk(choices=[{"index": 0, "delta": {"content": "."}, "finish_reason": None}]))
             except ConnectionError:
                 self.hung_up.set()
+            return resp
+        if action == "chunk_then_error":  # the provider's own error event in the middle of a stream
+            await resp.write(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
+            await resp.write_eof()
             return resp
         if action == "chunk_then_drop":
             assert request.transport is not None
@@ -438,6 +445,40 @@ async def test_open_breaker_without_fallback_is_502_naming_the_endpoint(gateway:
         err = caught.value
         assert (err.status_code, err.type) == (502, "upstream_circuit_open")
         assert "endpoint default is failing" in err.message and main.calls == 1
+
+
+async def test_a_200_with_an_error_body_is_a_502_and_an_error_event_never_cached(
+        gateway: Gateway, keys: Bootstrap, events: Any, context: ServiceContext, tmp_path: Any) -> None:
+    # Before: the client got HTTP 200 with the error body (the upstream's address in it), the event said ok,
+    # and the response cache served the error again as the answer.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"cache": {"deployments": {"chat": {"ttl_s": 600}}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("up", "error_body") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            for _ in range(2):
+                with pytest.raises(openai.APIStatusError) as caught:
+                    await c.chat.completions.create(model="m", messages=MESSAGES, temperature=0)
+                assert caught.value.status_code == 502
+                assert caught.value.body["message"] == ("endpoint default for release '' answered HTTP 200 with an "
+                                                        "error: overloaded at endpoint default/v1")
+    assert up.calls == 2  # the second was not answered from the cache
+    assert [(e.status, e.error_type) for e in await events(2)] == [("error", "upstream_error")] * 2
+
+
+async def test_an_error_event_in_a_stream_is_recorded_as_an_error(gateway: Gateway, keys: Bootstrap,
+                                                                  events: Any) -> None:
+    # Before: the client's SDK raised the provider's error event, but the router's event said ok, so a
+    # canary failing this way counted as healthy in its analysis.
+    async with FakeLLM("up", "chunk_then_error") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            with pytest.raises(openai.APIError, match="overloaded"):
+                async for _ in stream:
+                    pass
+    (event,) = await events(1)
+    assert (event.status, event.error_type, event.response) == ("error", "upstream_stream_error", "up says hi")
 
 
 # Headers and what the client may see
