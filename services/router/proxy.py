@@ -58,6 +58,7 @@ from lockgate.services.router.wire import (
     Choices,
     ErrorAnswer,
     Operation,
+    error_body,
     error_response,
     openai_error,
     patch_body,
@@ -341,6 +342,8 @@ class Proxy:
                                               "Cache-Control": "no-cache"})
             await out.prepare(request)
             hiding = False
+            ended = False  # the upstream's end marker came (`data: [DONE]`)
+            failure = ""  # why the stream broke off, for the error event that ends it
             # An event's lines go out in one write when the event ends (its blank line): one send for
             # each event instead of one for each line.
             pending: list[bytes] = []
@@ -359,6 +362,8 @@ class Proxy:
                             if usage_only and not want_usage:
                                 hiding = True
                                 continue
+                        elif payload == b"[DONE]":
+                            ended = True
                     pending.append(line)
                     if streamed is not None:
                         streamed.append(line)
@@ -374,13 +379,27 @@ class Proxy:
                 reply.close()
             except (BrokenReply, TimeoutError) as exc:
                 rec.status, rec.error_type = "error", f"stream_interrupted:{type(exc).__name__}"
-            except UpstreamStreamError:
+                failure = str(exc) if isinstance(exc, TimeoutError) else f"the connection to endpoint {endpoint.id} broke"
+            except UpstreamStreamError:  # the provider's error event went out as an OpenAI one already
                 rec.status, rec.error_type = "error", "upstream_stream_error"
             except UNDECODABLE:
                 rec.status, rec.error_type = "error", "upstream_bad_chunk"
-            if pending and rec.error_type != "client_disconnected":  # what came before the upstream failed
+                failure = f"endpoint {endpoint.id} sent a stream event that is not JSON"
+            else:
+                # A stream that stops before its end marker with a choice unfinished was cut short (a proxy's
+                # timeout, a crashed server): an answer cut off, not a complete one.
+                if rec.status == "ok" and not ended and not rec.out.finished():
+                    rec.status, rec.error_type = "error", "stream_interrupted:truncated"
+                    failure = f"endpoint {endpoint.id} ended the stream before the answer was complete"
+            if rec.error_type != "client_disconnected" and (pending or failure):
+                # What came before the upstream failed, then an OpenAI error event, which the client's SDK
+                # raises: the answer it read is incomplete, and the stream's status line said 200.
+                tail = b"".join(pending)
+                if failure:
+                    tail += (b"\n" if tail and not tail.endswith(b"\n\n") else b"") + b"data: " + error_body(
+                        f"stream interrupted: {failure}", "upstream_error", "stream_interrupted") + b"\n\n"
                 with contextlib.suppress(_ClientGone):
-                    await _write(out, b"".join(pending))
+                    await _write(out, tail)
             if rec.status == "ok":
                 with contextlib.suppress(ConnectionResetError):  # gone after the last byte: answered anyway
                     await out.write_eof()

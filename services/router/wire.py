@@ -80,6 +80,10 @@ class Choices:
         """The text of one choice so far."""
         return "".join(self.parts.get(choice, ()))
 
+    def finished(self) -> bool:
+        """Whether every choice begun has its finish reason (a stream that ends so is complete)."""
+        return bool(self.finish) and all(c in self.finish for c in (*self.parts, *self.tools))
+
     def has_more_than_text(self) -> bool:
         """Whether the event needs the output-messages attribute: a second choice or any tool call."""
         return bool(self.tools) or any(c > 0 for c in (*self.parts, *self.finish))

@@ -31,8 +31,8 @@ FAST_RETRY = {"attempts": 3, "initial_s": 0.01, "max_s": 0.02}
 class FakeLLM:
     """A double for an outside OpenAI-compatible API. Each request takes the next scripted action (the
     last one repeats): "ok", ("status", code, headers[, message]), "hang" (no answer until the test ends),
-    "error_body" (a 200 whose body is an error), "chunk_then_hang", "chunk_then_drop" and "chunk_then_error"
-    (a stream that stalls, breaks or sends an error event after its first event),
+    "error_body" (a 200 whose body is an error), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
+    "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event after its first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set)."""
 
     def __init__(self, name: str, *actions: Any) -> None:
@@ -118,6 +118,9 @@ class FakeLLM:
                     await resp.write(chunk(choices=[{"index": 0, "delta": {"content": "."}, "finish_reason": None}]))
             except ConnectionError:
                 self.hung_up.set()
+            return resp
+        if action == "chunk_then_end":  # a stream that stops cleanly before its end (no finish, no [DONE])
+            await resp.write_eof()
             return resp
         if action == "chunk_then_error":  # the provider's own error event in the middle of a stream
             await resp.write(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
@@ -251,9 +254,10 @@ async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: 
                                             "breaker": {"consecutive_failures": 1, "cooldown_s": 30}},
                                 "backup": {"url": backup.url}})
         async with client(router, keys) as c:
-            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
-            chunks = [chunk async for chunk in stream]
+            chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
             assert [ch.choices[0].delta.content for ch in chunks] == ["stall says hi"]
+            # Before: the stream just ended, so the client took the first words for the whole answer.
+            assert error == "stream interrupted: endpoint default sent nothing for 0.05 s"
             (event,) = await events(1)
             assert (event.status, event.error_type) == ("error", "stream_interrupted:ChunkTimeout")
             assert event.response == "stall says hi"
@@ -261,6 +265,35 @@ async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: 
             # The stall counts against the endpoint: its breaker (one failure opens it) sends the next to backup.
             done = await c.chat.completions.create(model="m", messages=MESSAGES)
         assert done.choices[0].message.content == "backup says hi" and stall.calls == 1
+
+
+async def test_a_stream_cut_short_ends_with_an_error_and_is_never_cached(
+        gateway: Gateway, keys: Bootstrap, events: Any, context: ServiceContext, tmp_path: Any) -> None:
+    # Before: a stream whose upstream stopped cleanly before its end (a proxy's timeout, say) ended as if
+    # complete for the client, its event said ok, and the response cache replayed the cut answer.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"cache": {"deployments": {"chat": {"ttl_s": 600}}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("up", "chunk_then_end") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            for _ in range(2):
+                chunks, error = await _read(await c.chat.completions.create(
+                    model="m", messages=MESSAGES, stream=True, temperature=0))
+                assert [ch.choices[0].delta.content for ch in chunks] == ["up says hi"]
+                assert error == "stream interrupted: endpoint default ended the stream before the answer was complete"
+    assert up.calls == 2  # the second was not answered from the cache
+    assert [(e.status, e.error_type) for e in await events(2)] == [("error", "stream_interrupted:truncated")] * 2
+
+
+async def _read(stream: Any) -> tuple[list[Any], str | None]:
+    """A stream's chunks, and the message of the error it ended with (None when it ended well)."""
+    chunks = []
+    try:
+        async for chunk in stream:
+            chunks.append(chunk)
+    except openai.APIError as exc:
+        return chunks, exc.message
+    return chunks, None
 
 
 async def test_client_disconnect_mid_stream_hangs_up_on_the_upstream(gateway: Gateway, keys: Bootstrap,
@@ -301,9 +334,9 @@ async def test_stream_retries_before_its_first_byte_never_after(gateway: Gateway
     async with FakeLLM("flaky", ("status", 502), "chunk_then_drop") as flaky:
         router = await gateway({"default": {"url": flaky.url, "retry": FAST_RETRY}})
         async with client(router, keys) as c:
-            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
-            chunks = [chunk async for chunk in stream]
+            chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
         assert [ch.choices[0].delta.content for ch in chunks] == ["flaky says hi"]
+        assert error == "stream interrupted: the connection to endpoint default broke"
         # The 502 before the stream began was retried; the drop after its first event was not.
         assert flaky.calls == 2
         (event,), (retried,) = _split(await events(2))
