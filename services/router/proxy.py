@@ -60,6 +60,7 @@ from lockgate.services.router.wire import (
     Operation,
     error_body,
     error_response,
+    is_openai_error,
     openai_error,
     patch_body,
 )
@@ -508,10 +509,14 @@ class _Record:
 
     def upstream_failed(self, status: int, data: bytes, endpoint: Endpoint, target: domain.Target,
                         headers: dict[str, str]) -> web.Response:
-        """4xx are the caller's to see as they are; 5xx become a 502 naming the upstream."""
+        """4xx are the caller's to see as they are (in OpenAI's error shape: an HTML or text page from a
+        proxy in front of the upstream becomes one naming the endpoint); 5xx become a 502 naming the upstream."""
         self.status, self.error_type = "error", str(status)
         if 400 <= status < 500:
-            return web.Response(body=data, status=status, content_type="application/json", headers=headers)
+            if is_openai_error(data):
+                return web.Response(body=data, status=status, content_type="application/json", headers=headers)
+            return error_response(status, f"endpoint {endpoint.id} for release {target.release!r} answered HTTP "
+                                          f"{status}: {openai_error(data)}", "upstream_error", headers=headers)
         return error_response(502, f"endpoint {endpoint.id} for release {target.release!r} failed with "
                                    f"HTTP {status}: {openai_error(data)}", "upstream_error", headers=headers)
 

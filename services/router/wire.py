@@ -249,6 +249,14 @@ def openai_error(data: bytes) -> str:
     return err or "(no message)"
 
 
+def is_openai_error(data: bytes) -> bool:
+    """Whether a body is an OpenAI-style error (`{"error": ...}`), which a client's SDK reads as one."""
+    try:
+        return decode_error(data).error is not None
+    except msgspec.DecodeError:
+        return False
+
+
 def error_body(message: str, type_: str, code: str | None = None) -> bytes:
     """An OpenAI-style error body."""
     return _encoder.encode({"error": {"message": message, "type": type_, "param": None, "code": code}})

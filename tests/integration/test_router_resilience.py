@@ -31,7 +31,7 @@ FAST_RETRY = {"attempts": 3, "initial_s": 0.01, "max_s": 0.02}
 class FakeLLM:
     """A double for an outside OpenAI-compatible API. Each request takes the next scripted action (the
     last one repeats): "ok", ("status", code, headers[, message]), "hang" (no answer until the test ends),
-    "error_body" (a 200 whose body is an error), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
+    "error_body" (a 200 whose body is an error), "html_400" (a proxy's own 400 page), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
     "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event after its first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set)."""
 
@@ -90,6 +90,8 @@ class FakeLLM:
             _, status, headers, message = (*action, {}, f"{self.name} failed at {self.url}/chat/completions")[:4]
             error = {"error": {"message": message, "type": "server_error"}}
             return web.json_response(error, status=status, headers=headers)
+        if action == "html_400":  # a proxy in front of the API refusing the request with its own page
+            return web.Response(text="<html><body>400 Bad Request</body></html>", status=400, content_type="text/html")
         if action == "error_body":  # a 200 whose body is an error object
             return web.json_response({"error": {"message": f"overloaded at {self.url}", "type": "server_error"}})
         text = f"{self.name} says hi"
@@ -497,6 +499,21 @@ async def test_a_200_with_an_error_body_is_a_502_and_an_error_event_never_cached
                                                         "error: overloaded at endpoint default/v1")
     assert up.calls == 2  # the second was not answered from the cache
     assert [(e.status, e.error_type) for e in await events(2)] == [("error", "upstream_error")] * 2
+
+
+async def test_a_client_error_that_is_not_openais_shape_is_put_in_it(gateway: Gateway, keys: Bootstrap,
+                                                                       events: Any) -> None:
+    # Before: the proxy's HTML page reached the client labelled application/json.
+    async with FakeLLM("up", "html_400") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.BadRequestError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES)
+    assert caught.value.body == {"message": "endpoint default for release '' answered HTTP 400: <html><body>400 Bad "
+                                            "Request</body></html>", "type": "upstream_error", "param": None,
+                                 "code": None}
+    (event,) = await events(1)
+    assert (event.status, event.error_type) == ("error", "400")
 
 
 async def test_an_error_event_in_a_stream_is_recorded_as_an_error(gateway: Gateway, keys: Bootstrap,
