@@ -243,3 +243,17 @@ class Relay:
                 dst.close()
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def raw_http(url: str, method: str, path: str, headers: dict[str, bytes], body: bytes = b"") -> tuple[int, bytes]:
+    """One HTTP/1.1 request written byte for byte (header values as given: HTTP clients refuse to send
+    bytes that are not UTF-8 text); the answer's status and body, read to the close."""
+    host, port = url.split("//", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = b"".join(name.encode() + b": " + value + b"\r\n" for name, value in headers.items())
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n".encode() + head
+                 + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    answer = await reader.read()
+    writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]

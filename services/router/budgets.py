@@ -172,9 +172,11 @@ class Counter(msgspec.Struct, frozen=True, kw_only=True):
 
 def grant(counter: Counter, limit: Amount, ask: Amount, minimum: Amount) -> Amount | None:
     """What the store may lease: `ask` clipped to what is left under the limit, or None when even
-    `minimum` (what the waiting request still lacks) does not fit."""
+    `minimum` (what the waiting request still lacks) does not fit. A dimension the request lacks
+    nothing of never refuses: the counter may hold spend in a dimension its budget no longer limits
+    (the gateway file changed `usd` to `tokens`), whose limit is now 0."""
     left = limit - counter.leased
-    if not left.covers(minimum):
+    if (minimum.usd and left.usd < minimum.usd) or (minimum.tokens and left.tokens < minimum.tokens):
         return None
     return Amount(max(0, min(ask.usd, left.usd)), max(0, min(ask.tokens, left.tokens)))
 

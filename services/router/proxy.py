@@ -47,6 +47,7 @@ from lockgate.services.router.upstream import (
     UpstreamUnavailable,
     chain,
     forward_headers,
+    scrub,
 )
 from lockgate.services.router.wire import (
     CHAT,
@@ -55,8 +56,11 @@ from lockgate.services.router.wire import (
     OUTPUT_MESSAGES,
     RESPONSES,
     Choices,
+    ErrorAnswer,
     Operation,
+    error_body,
     error_response,
+    is_openai_error,
     openai_error,
     patch_body,
 )
@@ -149,6 +153,9 @@ class Proxy:
             key = self.keys.authenticate(bearer(h.get("Authorization")))
         except AuthError as exc:
             return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
+        if (bad := _undecodable_header(h)) is not None:
+            return error_response(400, f"invalid {op.api} request: header {bad} is not UTF-8 text",
+                                  "invalid_request_error")
         try:
             body = await read_body(request)
             req = _api_request.decode(body)
@@ -313,6 +320,9 @@ class Proxy:
         except UNDECODABLE:
             return rec.fail(502, f"endpoint {endpoint.id} answered a body that is not a {op.api} response",
                             "upstream_bad_response", out_headers)
+        except ErrorAnswer:  # a 200 whose body is an error: to the client a failure, as a 5xx would be
+            return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} answered HTTP 200 with "
+                                 f"an error: {openai_error(scrub(reply.body, endpoint))}", "upstream_error", out_headers)
         return web.Response(body=data, status=200, content_type="application/json", headers=out_headers)
 
     async def _stream(self, request: web.Request, op: Operation, hops: list[Hop], up_headers: dict[str, str],
@@ -333,6 +343,8 @@ class Proxy:
                                               "Cache-Control": "no-cache"})
             await out.prepare(request)
             hiding = False
+            ended = False  # the upstream's end marker came (`data: [DONE]`)
+            failure = ""  # why the stream broke off, for the error event that ends it
             # An event's lines go out in one write when the event ends (its blank line): one send for
             # each event instead of one for each line.
             pending: list[bytes] = []
@@ -351,6 +363,8 @@ class Proxy:
                             if usage_only and not want_usage:
                                 hiding = True
                                 continue
+                        elif payload == b"[DONE]":
+                            ended = True
                     pending.append(line)
                     if streamed is not None:
                         streamed.append(line)
@@ -366,17 +380,44 @@ class Proxy:
                 reply.close()
             except (BrokenReply, TimeoutError) as exc:
                 rec.status, rec.error_type = "error", f"stream_interrupted:{type(exc).__name__}"
-            except UpstreamStreamError:
+                failure = str(exc) if isinstance(exc, TimeoutError) else f"the connection to endpoint {endpoint.id} broke"
+            except UpstreamStreamError:  # the provider's error event went out as an OpenAI one already
                 rec.status, rec.error_type = "error", "upstream_stream_error"
             except UNDECODABLE:
                 rec.status, rec.error_type = "error", "upstream_bad_chunk"
-            if pending and rec.error_type != "client_disconnected":  # what came before the upstream failed
+                failure = f"endpoint {endpoint.id} sent a stream event that is not JSON"
+            else:
+                # A stream that stops before its end marker with a choice unfinished was cut short (a proxy's
+                # timeout, a crashed server): an answer cut off, not a complete one.
+                if rec.status == "ok" and not ended and not rec.out.finished():
+                    rec.status, rec.error_type = "error", "stream_interrupted:truncated"
+                    failure = f"endpoint {endpoint.id} ended the stream before the answer was complete"
+            if rec.error_type != "client_disconnected" and (pending or failure):
+                # What came before the upstream failed, then an OpenAI error event, which the client's SDK
+                # raises: the answer it read is incomplete, and the stream's status line said 200.
+                tail = b"".join(pending)
+                if failure:
+                    tail += (b"\n" if tail and not tail.endswith(b"\n\n") else b"") + b"data: " + error_body(
+                        f"stream interrupted: {failure}", "upstream_error", "stream_interrupted") + b"\n\n"
                 with contextlib.suppress(_ClientGone):
-                    await _write(out, b"".join(pending))
+                    await _write(out, tail)
             if rec.status == "ok":
                 with contextlib.suppress(ConnectionResetError):  # gone after the last byte: answered anyway
                     await out.write_eof()
             return out
+
+
+def _undecodable_header(headers: Any) -> str | None:
+    """The name of a header whose value is not UTF-8 text, else None. aiohttp keeps such bytes as
+    surrogates, which no encoder takes: forwarded upstream they were a 500, and in `x-lockgate-user` or
+    `-session` they made the request's event unencodable, so it was never recorded."""
+    for name, value in headers.items():
+        if not value.isascii():  # the usual case costs one scan per header
+            try:
+                value.encode()
+            except UnicodeEncodeError:
+                return name
+    return None
 
 
 async def _write(out: web.StreamResponse, line: bytes) -> None:
@@ -468,10 +509,14 @@ class _Record:
 
     def upstream_failed(self, status: int, data: bytes, endpoint: Endpoint, target: domain.Target,
                         headers: dict[str, str]) -> web.Response:
-        """4xx are the caller's to see as they are; 5xx become a 502 naming the upstream."""
+        """4xx are the caller's to see as they are (in OpenAI's error shape: an HTML or text page from a
+        proxy in front of the upstream becomes one naming the endpoint); 5xx become a 502 naming the upstream."""
         self.status, self.error_type = "error", str(status)
         if 400 <= status < 500:
-            return web.Response(body=data, status=status, content_type="application/json", headers=headers)
+            if is_openai_error(data):
+                return web.Response(body=data, status=status, content_type="application/json", headers=headers)
+            return error_response(status, f"endpoint {endpoint.id} for release {target.release!r} answered HTTP "
+                                          f"{status}: {openai_error(data)}", "upstream_error", headers=headers)
         return error_response(502, f"endpoint {endpoint.id} for release {target.release!r} failed with "
                                    f"HTTP {status}: {openai_error(data)}", "upstream_error", headers=headers)
 

@@ -322,7 +322,7 @@ class Upstream:
             reply._stall, reply._deadline = ep.timeouts.between_chunks_s, deadline
             reply._broken = lambda: h.breaker.record(self.clock(), False)
         else:
-            reply.body = body if status == 200 else _scrub(body, ep)
+            reply.body = body if status == 200 else scrub(body, ep)
         return reply, None
 
     def _give_up(self, hops: Sequence[Hop], failures: list[Failed], attempts: int) -> Reply:
@@ -339,7 +339,7 @@ class Upstream:
                           hops[0] if answered.hop is not hops[0] else None)
             reply.fallback_reason = failures[0].reason()
             reply.earlier = [f for f in failures if f is not answered and f.kind != "breaker_open"]
-            reply.body = _scrub(answered.body, answered.hop.endpoint)
+            reply.body = scrub(answered.body, answered.hop.endpoint)
             return reply
         if last is None:
             raise UpstreamUnavailable(f"endpoint {tried} is failing and skipped (circuit breaker open); "
@@ -385,11 +385,14 @@ def _blended(endpoint: Endpoint) -> float | None:
     return None if endpoint.price is None else endpoint.price.input_per_mtok + endpoint.price.output_per_mtok
 
 
-def _scrub(body: bytes, endpoint: Endpoint) -> bytes:
-    """An upstream error body with the endpoint's address replaced by its id (URLs stay internal)."""
-    origin = f"{endpoint.url.host}:{endpoint.url.port}" if endpoint.url.port else str(endpoint.url.host)
-    if origin.encode() not in body:
+def scrub(body: bytes, endpoint: Endpoint) -> bytes:
+    """An upstream error body with the endpoint's address replaced by its id (URLs stay internal): its
+    origin, `host:port` and the bare host, so an address on a default port (`https://llm.internal/v1`,
+    which names no port) or a message naming only the host is replaced too."""
+    url = endpoint.url
+    host = url.host
+    if not host or host.encode() not in body:
         return body
-    for form in (str(endpoint.url.origin()), origin):
+    for form in (f"{url.scheme}://{host}:{url.port}", str(url.origin()), f"{host}:{url.port}", host):
         body = body.replace(form.encode(), f"endpoint {endpoint.id}".encode())
     return body

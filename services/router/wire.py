@@ -80,6 +80,10 @@ class Choices:
         """The text of one choice so far."""
         return "".join(self.parts.get(choice, ()))
 
+    def finished(self) -> bool:
+        """Whether every choice begun has its finish reason (a stream that ends so is complete)."""
+        return bool(self.finish) and all(c in self.finish for c in (*self.parts, *self.tools))
+
     def has_more_than_text(self) -> bool:
         """Whether the event needs the output-messages attribute: a second choice or any tool call."""
         return bool(self.tools) or any(c > 0 for c in (*self.parts, *self.finish))
@@ -119,9 +123,16 @@ def _fold_choice(out: Choices, ch: Choice) -> None:
         out.finish[ch.index] = ch.finish_reason
 
 
+class ErrorAnswer(Exception):
+    """An upstream answered 200 with an error object instead of a result."""
+
+
 def parse_completion(data: bytes, rec: _Record) -> None:
-    """Fill the record from a non-streaming chat or text completion (raises msgspec.DecodeError)."""
+    """Fill the record from a non-streaming chat or text completion (raises msgspec.DecodeError, or
+    ErrorAnswer for an error body)."""
     c = decode_completion(data)
+    if c.error and not c.choices:
+        raise ErrorAnswer
     rec.response_model = c.model
     for ch in c.choices:
         _fold_choice(rec.out, ch)
@@ -132,6 +143,8 @@ def parse_completion(data: bytes, rec: _Record) -> None:
 def parse_chunk(data: bytes, rec: _Record) -> bool:
     """Fold one chat or text completion stream chunk into the record; True when it is a usage-only chunk."""
     c = decode_completion(data)
+    if c.error:  # passed on to the client, whose SDK raises it; the call failed
+        rec.status, rec.error_type = "error", "upstream_stream_error"
     if c.model:
         rec.response_model = c.model
     for ch in c.choices:
@@ -144,6 +157,8 @@ def parse_chunk(data: bytes, rec: _Record) -> bool:
 def parse_embeddings(data: bytes, rec: _Record) -> None:
     """Fill the record from an embeddings answer: the model and the input tokens (no text)."""
     c = decode_completion(data)
+    if c.error:
+        raise ErrorAnswer
     rec.response_model = c.model
     if c.usage is not None:
         _usage(rec, c.usage)
@@ -169,6 +184,8 @@ def _response(r: Response, rec: _Record) -> None:
         out.finish[0] = "length" if reason == "max_output_tokens" else str(reason)
     elif r.status:
         out.finish[0] = r.status
+    if r.status == "failed":  # the model's turn failed (streamed: response.failed), whatever the HTTP status
+        rec.status, rec.error_type = "error", "response_failed"
     if r.usage is not None:
         rec.input_tokens, rec.output_tokens = max(0, r.usage.input_tokens), max(0, r.usage.output_tokens)
         cached = (r.usage.input_tokens_details or {}).get("cached_tokens")
@@ -187,6 +204,8 @@ def parse_response_event(data: bytes, rec: _Record) -> bool:
     e = decode_response_event(data)
     if e.type == "response.output_text.delta":
         rec.out.add_text(0, e.delta)
+    elif e.type == "error":  # the stream's error event, passed on to the client
+        rec.status, rec.error_type = "error", "upstream_stream_error"
     elif e.response is not None and e.type in ("response.completed", "response.incomplete", "response.failed"):
         _response(e.response, rec)
         if e.type == "response.failed":
@@ -228,6 +247,14 @@ def openai_error(data: bytes) -> str:
     if isinstance(err, ErrorDetail):
         return err.message or "(no message)"
     return err or "(no message)"
+
+
+def is_openai_error(data: bytes) -> bool:
+    """Whether a body is an OpenAI-style error (`{"error": ...}`), which a client's SDK reads as one."""
+    try:
+        return decode_error(data).error is not None
+    except msgspec.DecodeError:
+        return False
 
 
 def error_body(message: str, type_: str, code: str | None = None) -> bytes:

@@ -34,6 +34,9 @@ class ChatRequest(msgspec.Struct):
     tool_choice: Any = None
 
 
+Count = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
+
+
 class ApiRequest(msgspec.Struct):
     """The fields the router reads from a request of any operation (chat: `messages`; completions:
     `prompt`; embeddings and responses: `input`)."""
@@ -46,12 +49,13 @@ class ApiRequest(msgspec.Struct):
     prompt: Any = None
     input: Any = None
     # What admission reserves for (budgets, token rate limits): never below one, as OpenAI's own checks
-    # say, so no request can reserve less than nothing.
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    max_output_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None  # the Responses API's name for it
-    n: Annotated[int, msgspec.Meta(ge=1)] | None = None  # choices, each up to the max tokens
-    best_of: Annotated[int, msgspec.Meta(ge=1)] | None = None  # completions: generated (and billed) server-side
+    # say, so no request can reserve less than nothing; and at most a 32-bit integer, as providers take
+    # them, so their product stays a price (a 400-digit max_tokens overflowed the float of its cost: a 500).
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
+    max_output_tokens: Count | None = None  # the Responses API's name for it
+    n: Count | None = None  # choices, each up to the max tokens
+    best_of: Count | None = None  # completions: generated (and billed) server-side
 
 
 class Usage(msgspec.Struct):
@@ -120,11 +124,13 @@ class Choice(msgspec.Struct):
 
 
 class Completion(msgspec.Struct):
-    """A chat completion or one stream chunk."""
+    """A chat completion or one stream chunk; `error` is set when the body (a 200, or a stream's event)
+    is an error object instead, as servers send one after the status line went out."""
 
     model: str = ""
     choices: list[Choice] = []
     usage: Usage | None = None
+    error: Any = None
 
 
 class ResponseContent(msgspec.Struct):

@@ -23,7 +23,7 @@ from lockgate.services.router.domain import Route, Target
 from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import break_glass, person, register_model_release, sink_stored, store_pass
+from tests.helpers import break_glass, person, raw_http, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -340,6 +340,31 @@ async def test_chat_without_a_valid_key_is_401_in_openai_format(router: Any, sim
         err = (await resp.json())["error"]
     assert err["type"] == "invalid_request_error" and err["code"] == "invalid_api_key"
     assert sims[0].total_requests == 0
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+                                         ("GET", "/lockgate/v1/deployments/chat")])
+async def test_a_key_that_is_not_utf8_is_a_401(router: Any, sims: Any, method: str, path: str,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    # Before: hashing the key raised UnicodeEncodeError, a 500 with a traceback on every path.
+    status, body = await raw_http(router.url, method, path, {"Authorization": b"Bearer lg-\xff\xfe"}, b"{}")
+    assert status == 401 and "invalid API key" in json.loads(body)["error"]["message"]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize("header", ["x-stainless-lang", "OpenAI-Beta", "x-lockgate-user", "x-lockgate-session"])
+async def test_a_header_that_is_not_utf8_is_a_400_naming_it(router: Any, sims: Any, keys: Bootstrap, header: str,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    # Before: a forwarded header was a 500 (the upstream request could not be encoded), and a user or
+    # session header made the event unencodable, so the request went unrecorded (cost, drift, analysis).
+    status, body = await raw_http(router.url, "POST", "/v1/chat/completions",
+                                  {"Authorization": f"Bearer {keys.app_key}".encode(), header: b"caf\xe9"},
+                                  json.dumps(_chat()).encode())
+    assert status == 400
+    assert json.loads(body)["error"]["message"] == (f"invalid chat.completions request: header {header} "
+                                                     "is not UTF-8 text")
+    assert sims[0].total_requests == 0
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_revoked_key_is_refused_at_once(router: Any, keys: Bootstrap, context: ServiceContext) -> None:

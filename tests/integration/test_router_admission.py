@@ -157,7 +157,12 @@ async def test_every_choice_is_reserved_so_n_cannot_spend_past_the_budget(
     assert refused.value.code == "budget_exceeded" and f"up to {10 * MAX_TOKENS} output tokens" in refused.value.body["message"]
     with pytest.raises(openai.BadRequestError, match=r"Expected `int` >= 1 - at `\$.max_tokens`"):
         await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=-10**6)
-    assert sim.total_requests == 0  # neither reached the upstream
+    # A count too large for a provider (its cost once overflowed a float: a 500) is the client's mistake too.
+    for field in ("max_tokens", "max_completion_tokens", "n"):
+        with pytest.raises(openai.BadRequestError, match=rf"Expected `int` <= 2147483647 - at `\$.{field}`"):
+            await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            extra_body={field: int("9" * 400)})
+    assert sim.total_requests == 0  # none reached the upstream
     assert (await ask(c)).usage.completion_tokens > 0  # one choice fits
 
 
@@ -194,6 +199,24 @@ async def test_1000_concurrent_requests_on_two_replicas_overshoot_at_most_one_re
     for r in (a, b):
         await r.admission.return_expired(force=True)
     assert (await counter(a.ctx.bus, f"small.{_today()}")).usd == spent(usages)
+
+
+async def test_a_budget_whose_limit_changed_from_usd_to_tokens_still_admits(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    # Before: the counter kept the day's USD spend while the edited budget no longer limited USD (its
+    # limit there became 0), so every request was refused "0 of 100000 tokens spent" for the rest of the day.
+    usd = settings.replace(stable_upstream=sim.url, deployment="chat",
+                           gateway_file=gateway(tmp_path, budgets={"acme-daily": {"tenant": "acme", "usd": 1.0}}))
+    keys = bootstrap(usd.home, tenant="acme", app="shop")
+    before = await stack.add(usd, store, "router-a")
+    await ask(client(before, keys.app_key))
+    await before.admission.return_expired(force=True)
+    assert (await counter(before.ctx.bus, f"acme-daily.{_today()}")).usd > 0
+    (tmp_path / "edited").mkdir()
+    tokens = usd.replace(gateway_file=gateway(tmp_path / "edited",
+                                              budgets={"acme-daily": {"tenant": "acme", "tokens": 100_000}}))
+    after = await stack.add(tokens, store, "router-b")  # the replica a rolling restart brings up with the edit
+    assert (await ask(client(after, keys.app_key))).choices[0].message.content == ANSWER
 
 
 async def test_budget_store_down_fails_closed(settings: Settings, store: Store, stack: Stack, sim: SimServer,

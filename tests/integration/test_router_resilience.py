@@ -30,8 +30,9 @@ FAST_RETRY = {"attempts": 3, "initial_s": 0.01, "max_s": 0.02}
 
 class FakeLLM:
     """A double for an outside OpenAI-compatible API. Each request takes the next scripted action (the
-    last one repeats): "ok", ("status", code, headers), "hang" (no answer until the test ends),
-    "chunk_then_hang" and "chunk_then_drop" (a stream that stalls or breaks after its first event),
+    last one repeats): "ok", ("status", code, headers[, message]), "hang" (no answer until the test ends),
+    "error_body" (a 200 whose body is an error), "html_400" (a proxy's own 400 page), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
+    "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event after its first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set)."""
 
     def __init__(self, name: str, *actions: Any) -> None:
@@ -86,9 +87,13 @@ class FakeLLM:
             await asyncio.sleep(action[1])
             action = "ok"
         if isinstance(action, tuple):
-            _, status, headers = (*action, {})[:3]
-            error = {"error": {"message": f"{self.name} failed at {self.url}/chat/completions", "type": "server_error"}}
+            _, status, headers, message = (*action, {}, f"{self.name} failed at {self.url}/chat/completions")[:4]
+            error = {"error": {"message": message, "type": "server_error"}}
             return web.json_response(error, status=status, headers=headers)
+        if action == "html_400":  # a proxy in front of the API refusing the request with its own page
+            return web.Response(text="<html><body>400 Bad Request</body></html>", status=400, content_type="text/html")
+        if action == "error_body":  # a 200 whose body is an error object
+            return web.json_response({"error": {"message": f"overloaded at {self.url}", "type": "server_error"}})
         text = f"{self.name} says hi"
         headers = {"x-request-id": f"req-{self.name}-{n}", "x-ratelimit-remaining-requests": "99",
                    "x-ratelimit-reset-tokens": "6ms"}
@@ -115,6 +120,13 @@ class FakeLLM:
                     await resp.write(chunk(choices=[{"index": 0, "delta": {"content": "."}, "finish_reason": None}]))
             except ConnectionError:
                 self.hung_up.set()
+            return resp
+        if action == "chunk_then_end":  # a stream that stops cleanly before its end (no finish, no [DONE])
+            await resp.write_eof()
+            return resp
+        if action == "chunk_then_error":  # the provider's own error event in the middle of a stream
+            await resp.write(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
+            await resp.write_eof()
             return resp
         if action == "chunk_then_drop":
             assert request.transport is not None
@@ -244,9 +256,10 @@ async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: 
                                             "breaker": {"consecutive_failures": 1, "cooldown_s": 30}},
                                 "backup": {"url": backup.url}})
         async with client(router, keys) as c:
-            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
-            chunks = [chunk async for chunk in stream]
+            chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
             assert [ch.choices[0].delta.content for ch in chunks] == ["stall says hi"]
+            # Before: the stream just ended, so the client took the first words for the whole answer.
+            assert error == "stream interrupted: endpoint default sent nothing for 0.05 s"
             (event,) = await events(1)
             assert (event.status, event.error_type) == ("error", "stream_interrupted:ChunkTimeout")
             assert event.response == "stall says hi"
@@ -254,6 +267,35 @@ async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: 
             # The stall counts against the endpoint: its breaker (one failure opens it) sends the next to backup.
             done = await c.chat.completions.create(model="m", messages=MESSAGES)
         assert done.choices[0].message.content == "backup says hi" and stall.calls == 1
+
+
+async def test_a_stream_cut_short_ends_with_an_error_and_is_never_cached(
+        gateway: Gateway, keys: Bootstrap, events: Any, context: ServiceContext, tmp_path: Any) -> None:
+    # Before: a stream whose upstream stopped cleanly before its end (a proxy's timeout, say) ended as if
+    # complete for the client, its event said ok, and the response cache replayed the cut answer.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"cache": {"deployments": {"chat": {"ttl_s": 600}}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("up", "chunk_then_end") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            for _ in range(2):
+                chunks, error = await _read(await c.chat.completions.create(
+                    model="m", messages=MESSAGES, stream=True, temperature=0))
+                assert [ch.choices[0].delta.content for ch in chunks] == ["up says hi"]
+                assert error == "stream interrupted: endpoint default ended the stream before the answer was complete"
+    assert up.calls == 2  # the second was not answered from the cache
+    assert [(e.status, e.error_type) for e in await events(2)] == [("error", "stream_interrupted:truncated")] * 2
+
+
+async def _read(stream: Any) -> tuple[list[Any], str | None]:
+    """A stream's chunks, and the message of the error it ended with (None when it ended well)."""
+    chunks = []
+    try:
+        async for chunk in stream:
+            chunks.append(chunk)
+    except openai.APIError as exc:
+        return chunks, exc.message
+    return chunks, None
 
 
 async def test_client_disconnect_mid_stream_hangs_up_on_the_upstream(gateway: Gateway, keys: Bootstrap,
@@ -294,9 +336,9 @@ async def test_stream_retries_before_its_first_byte_never_after(gateway: Gateway
     async with FakeLLM("flaky", ("status", 502), "chunk_then_drop") as flaky:
         router = await gateway({"default": {"url": flaky.url, "retry": FAST_RETRY}})
         async with client(router, keys) as c:
-            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
-            chunks = [chunk async for chunk in stream]
+            chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
         assert [ch.choices[0].delta.content for ch in chunks] == ["flaky says hi"]
+        assert error == "stream interrupted: the connection to endpoint default broke"
         # The 502 before the stream began was retried; the drop after its first event was not.
         assert flaky.calls == 2
         (event,), (retried,) = _split(await events(2))
@@ -440,6 +482,55 @@ async def test_open_breaker_without_fallback_is_502_naming_the_endpoint(gateway:
         assert "endpoint default is failing" in err.message and main.calls == 1
 
 
+async def test_a_200_with_an_error_body_is_a_502_and_an_error_event_never_cached(
+        gateway: Gateway, keys: Bootstrap, events: Any, context: ServiceContext, tmp_path: Any) -> None:
+    # Before: the client got HTTP 200 with the error body (the upstream's address in it), the event said ok,
+    # and the response cache served the error again as the answer.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"cache": {"deployments": {"chat": {"ttl_s": 600}}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("up", "error_body") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            for _ in range(2):
+                with pytest.raises(openai.APIStatusError) as caught:
+                    await c.chat.completions.create(model="m", messages=MESSAGES, temperature=0)
+                assert caught.value.status_code == 502
+                assert caught.value.body["message"] == ("endpoint default for release '' answered HTTP 200 with an "
+                                                        "error: overloaded at endpoint default/v1")
+    assert up.calls == 2  # the second was not answered from the cache
+    assert [(e.status, e.error_type) for e in await events(2)] == [("error", "upstream_error")] * 2
+
+
+async def test_a_client_error_that_is_not_openais_shape_is_put_in_it(gateway: Gateway, keys: Bootstrap,
+                                                                       events: Any) -> None:
+    # Before: the proxy's HTML page reached the client labelled application/json.
+    async with FakeLLM("up", "html_400") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.BadRequestError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES)
+    assert caught.value.body == {"message": "endpoint default for release '' answered HTTP 400: <html><body>400 Bad "
+                                            "Request</body></html>", "type": "upstream_error", "param": None,
+                                 "code": None}
+    (event,) = await events(1)
+    assert (event.status, event.error_type) == ("error", "400")
+
+
+async def test_an_error_event_in_a_stream_is_recorded_as_an_error(gateway: Gateway, keys: Bootstrap,
+                                                                  events: Any) -> None:
+    # Before: the client's SDK raised the provider's error event, but the router's event said ok, so a
+    # canary failing this way counted as healthy in its analysis.
+    async with FakeLLM("up", "chunk_then_error") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            with pytest.raises(openai.APIError, match="overloaded"):
+                async for _ in stream:
+                    pass
+    (event,) = await events(1)
+    assert (event.status, event.error_type, event.response) == ("error", "upstream_stream_error", "up says hi")
+
+
 # Headers and what the client may see
 
 
@@ -459,10 +550,13 @@ async def test_sdk_headers_forwarded_and_upstream_request_id_returned(gateway: G
         assert raw.headers["x-ratelimit-reset-tokens"] == "6ms"
 
 
-@pytest.mark.parametrize("failure", ["500", "404", "refused"])
+@pytest.mark.parametrize("failure", ["500", "404", "refused", "host named alone"])
 async def test_no_upstream_url_in_any_error(gateway: Gateway, keys: Bootstrap, closed_port: int,
                                             failure: str) -> None:
-    actions = {"500": ("status", 500), "404": ("status", 404)}
+    # "host named alone": as a proxy's message names its upstream, and as a URL on a default port reads
+    # (https://llm.internal/v1 has no port to match); it was passed on as it was.
+    actions = {"500": ("status", 500), "404": ("status", 404),
+               "host named alone": ("status", 400, {}, "no healthy upstream behind 127.0.0.1")}
     async with FakeLLM("up", actions.get(failure, "ok")) as up:
         url = f"http://127.0.0.1:{closed_port}/v1" if failure == "refused" else up.url
         router = await gateway({"default": {"url": url, "retry": FAST_RETRY}})

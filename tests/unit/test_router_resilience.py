@@ -29,7 +29,7 @@ from lockgate.services.router.resilience import (
     retry_wait,
     retryable_status,
 )
-from lockgate.services.router.upstream import _scrub, forward_headers, returned_headers
+from lockgate.services.router.upstream import forward_headers, returned_headers, scrub
 
 # Breaker
 
@@ -236,8 +236,12 @@ def test_forwarded_and_returned_headers() -> None:
 def test_upstream_address_is_replaced_by_the_endpoint_id_in_error_bodies() -> None:
     ep = Endpoint(id="prod", url=URL("http://10.0.0.7:8000/v1/chat/completions"))
     body = b'{"error": {"message": "no route at http://10.0.0.7:8000/v1/x (10.0.0.7:8000)"}}'
-    assert _scrub(body, ep) == b'{"error": {"message": "no route at endpoint prod/v1/x (endpoint prod)"}}'
-    assert _scrub(b"plain", ep) == b"plain"
+    assert scrub(body, ep) == b'{"error": {"message": "no route at endpoint prod/v1/x (endpoint prod)"}}'
+    assert scrub(b"plain", ep) == b"plain"
+    # On a default port the URL names none, and a message may name only the host: both were passed on as they were.
+    ep = Endpoint(id="prod", url=URL("https://llm.internal.example/v1"))
+    body = b'{"error": {"message": "overloaded: https://llm.internal.example/v1/chat (llm.internal.example)"}}'
+    assert scrub(body, ep) == b'{"error": {"message": "overloaded: endpoint prod/v1/chat (endpoint prod)"}}'
 
 
 def test_rank_by_price_puts_the_cheapest_first_and_unpriced_last() -> None:

@@ -10,9 +10,11 @@ import pytest
 from lockgate.llmwire import Message, last_user_text
 from lockgate.services.router.proxy import _Record
 from lockgate.services.router.wire import (
+    ErrorAnswer,
     openai_error,
     parse_chunk,
     parse_completion,
+    parse_embeddings,
     parse_response,
     parse_response_event,
     patch_body,
@@ -93,6 +95,22 @@ def test_responses_answers_and_events() -> None:
     parse_response_event(b'{"type":"response.completed","response":' + body + b"}", streamed)
     assert (streamed.text, streamed.input_tokens, streamed.out.output_messages()) == (
         "hi", 3, rec.out.output_messages())
+
+
+def test_error_bodies_and_error_events_are_failures() -> None:
+    # A 200 whose body is an error raises (the proxy answers 502); a stream's error event is passed on
+    # but the call is recorded as failed; a Responses turn that failed is a failure answered or streamed.
+    for parse in (parse_completion, parse_embeddings):
+        with pytest.raises(ErrorAnswer):
+            parse(b'{"error":{"message":"overloaded"}}', _Record("ok"))
+    for parse_event, event in ((parse_chunk, b'{"error":{"message":"overloaded"}}'),
+                               (parse_response_event, b'{"type":"error","code":"server_error","message":"x"}')):
+        rec = _Record("ok")
+        parse_event(event, rec)
+        assert (rec.status, rec.error_type) == ("error", "upstream_stream_error")
+    rec = _Record("ok")
+    parse_response(b'{"model":"m","status":"failed","error":{"code":"server_error","message":"x"}}', rec)
+    assert (rec.status, rec.error_type, rec.finish_reason) == ("error", "response_failed", "failed")
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,10 @@ class KeyStore:
         """The live key record for a presented key; AuthError when missing, unknown or revoked."""
         if not key:
             raise AuthError("missing API key: send `Authorization: Bearer lg-...` (see `lockgate keys create`)")
+        if not key.isascii():
+            # lockgate's keys are ASCII; an HTTP server keeps a header's non-UTF-8 bytes as surrogates,
+            # which no hash takes (a 500 on every path, the admin API's too, instead of this 401)
+            raise AuthError("invalid API key: unknown or revoked")
         self._refresh()
         digest = self._digests.get(key)
         if digest is None:
