@@ -22,7 +22,7 @@ log = logging.getLogger("lockgate.query")
 _requests = msgspec.json.Decoder(QueryRequest)
 
 OPERATOR_SQL = "sql"
-# Operator queries waiting for their turn beyond this are answered "busy" at once (each may run 60 s).
+# Operator queries waiting for their turn beyond this are answered "busy" at once (each may run 25 s).
 MAX_SQL_WAITING = 8
 
 

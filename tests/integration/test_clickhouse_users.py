@@ -80,9 +80,9 @@ def test_users_file_has_the_operator_profile_and_the_users(store: Store) -> None
 
 @pytest.mark.parametrize(("old", "new", "expected"), [
     ("<readonly>1</readonly>", "<readonly>0</readonly>", "readonly must be 1 or 2"),
-    ("<max_memory_usage>4000000000</max_memory_usage>", "", "no max_memory_usage"),
-    ("<max_execution_time>60</max_execution_time>", "<max_execution_time>30</max_execution_time>",
-     "max_execution_time=30 but the operator SQL session sends 60"),
+    ("<max_memory_usage>2000000000</max_memory_usage>", "", "no max_memory_usage"),
+    ("<max_execution_time>25</max_execution_time>", "<max_execution_time>30</max_execution_time>",
+     "max_execution_time=30 but the operator SQL session sends 25"),
     ('<password from_env="LOCKGATE_CLICKHOUSE_READER_PASSWORD"/>', "<password>secret</password>",
      "user lockgate_reader: the password must come from the environment"),
     ("<query>GRANT SELECT ON lockgate.*</query>", "<query>GRANT SELECT, INSERT ON lockgate.*</query>",

@@ -112,14 +112,20 @@ async def test_plain_reads_still_work(run_services: Callable[..., Any], bus: Bus
 
 
 async def test_a_result_past_the_sessions_bounds_is_refused_by_clickhouse_not_built_in_memory(
-    run_services: Callable[..., Any], bus: Bus
+    run_services: Callable[..., Any], bus: Bus, settings: Settings
 ) -> None:
     # Unbounded, a viewer's `numbers(1e9)` was computed whole and made Python rows in the stack's process
-    # (gigabytes) before the reply was found too large. ClickHouse now stops it at the profile's bounds.
+    # (gigabytes) before the reply was found too large; the endless `system.numbers` grew `lockgate up` to
+    # 23 GB until the kernel killed it. ClickHouse now stops them at the profile's bounds.
     await run_services("query")
-    for sql in ("SELECT number FROM numbers(2000000)", "SELECT groupArray(number) AS a FROM numbers(50000000)"):
-        with pytest.raises(QueryRefused, match=r"at most 1,000,000 rows and 100,000,000 bytes.*add a LIMIT"):
+    for sql in ("SELECT number FROM system.numbers", "SELECT number FROM numbers(200000)",
+                "SELECT repeat(toString(number), 300) FROM numbers(90000)",
+                "SELECT groupArray(number) AS a FROM numbers(50000000)",
+                "SELECT groupArray(number) FROM numbers(1000000000)"):
+        with pytest.raises(QueryRefused, match=r"at most 100,000 rows and 16,000,000 bytes.*add a LIMIT"):
             await ask(bus, "sql", {"query": sql})
+    result = await asyncio.to_thread(_cli, settings, "sql", "SELECT number FROM system.numbers")
+    assert result.exit_code == 2 and "add a LIMIT" in result.output, result.output
     # Reading many rows to compute a small answer is what operator SQL is for: still fine.
     rows = await ask(bus, "sql", {"query": "SELECT count() AS n FROM (SELECT number FROM numbers(3000000))"})
     assert rows == [{"n": 3000000}]

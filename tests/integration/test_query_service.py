@@ -153,7 +153,7 @@ async def test_replicas_in_one_queue_group_share_the_requests(
 async def test_a_long_operator_query_does_not_hold_up_the_services_named_queries(
     run_services: Callable[..., Any], bus: Bus, store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Operator SQL may run for 60 s; answered in the same turn as the named queries, one viewer's query
+    # Operator SQL may run for 25 s; answered in the same turn as the named queries, one viewer's query
     # made the gatekeeper's and the evaluator's queries wait that long (their timeout is 30 s).
     entered, release = threading.Event(), threading.Event()
     readonly_rows = store.readonly_rows

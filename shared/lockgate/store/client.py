@@ -30,8 +30,10 @@ _DB = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # chDB there is no profile, and a viewer's `SELECT number FROM numbers(1e9)` was computed in full and turned
 # into Python rows inside the query service's process (the whole stack's, embedded) before any check.
 # `readonly` comes last: chDB applies them one SET at a time, and readonly=1 refuses every later one.
-READONLY_SETTINGS = {"max_execution_time": "60", "max_memory_usage": "4000000000", "max_result_rows": "1000000",
-                     "max_result_bytes": "100000000", "result_overflow_mode": "throw", "readonly": "1"}
+# They are tight for an embedded stack: a query stops before the CLI's 30 s wait does, and a result may be a
+# few times what one reply carries (1 MB by default), room for its in-memory form.
+READONLY_SETTINGS = {"max_execution_time": "25", "max_memory_usage": "2000000000", "max_result_rows": "100000",
+                     "max_result_bytes": "16000000", "result_overflow_mode": "throw", "readonly": "1"}
 # ClickHouse's answers to a query that went past those bounds: final for that text, and the operator's to change.
 _OVER_BOUNDS = ("(TOO_MANY_ROWS_OR_BYTES)", "(TIMEOUT_EXCEEDED)", "(MEMORY_LIMIT_EXCEEDED)")
 
