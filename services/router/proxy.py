@@ -164,6 +164,9 @@ class Proxy:
                                           "invalid_request_error"))
         except UNDECODABLE as exc:
             return error_response(400, f"invalid {op.api} request: {undecodable(exc)}", "invalid_request_error")
+        if req.stream and op.chunk is None:  # as OpenAI's embeddings API, which has no stream parameter
+            return error_response(400, f"invalid {op.api} request: 'stream' is not a parameter of {op.api}; "
+                                       "its answer comes whole", "invalid_request_error", param="stream")
         deployment = self.deployment_of(h, req.model)
         # Names become subjects and KV keys downstream: refuse a bad one here, not as a dead letter later.
         for header, value in (("x-lockgate-deployment", deployment), ("x-lockgate-app", h.get("x-lockgate-app")),
@@ -181,7 +184,7 @@ class Proxy:
         # would send every user behind one app host or NAT to the same variant.
         variant, target = domain.choose(route, user or session or h.get("x-lockgate-sticky-key") or "", h)
         model = target.model or req.model
-        stream = req.stream and op.chunk is not None
+        stream = req.stream
         want_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
         # Streams without usage would leave token counts unknown: ask for them, hide them again.
         inject_usage = stream and op.stream_usage and not want_usage
@@ -328,7 +331,8 @@ class Proxy:
     async def _stream(self, request: web.Request, op: Operation, hops: list[Hop], up_headers: dict[str, str],
                       out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record,
                       streamed: list[bytes] | None = None) -> web.StreamResponse:
-        chunk = op.chunk or (lambda _data, _rec: False)
+        chunk = op.chunk
+        assert chunk is not None  # forward refuses a stream of an operation that has none
         try:
             reply = await self.upstream.send(hops, up_headers, stream=True)
         except UpstreamUnavailable as exc:

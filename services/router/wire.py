@@ -257,13 +257,13 @@ def is_openai_error(data: bytes) -> bool:
         return False
 
 
-def error_body(message: str, type_: str, code: str | None = None) -> bytes:
-    """An OpenAI-style error body."""
-    return _encoder.encode({"error": {"message": message, "type": type_, "param": None, "code": code}})
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    """An OpenAI-style error body (`param`: the request field it is about, if one)."""
+    return _encoder.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
 def error_response(status: int, message: str, type_: str, *, headers: dict[str, str] | None = None,
-                   code: str | None = None) -> web.Response:
+                   code: str | None = None, param: str | None = None) -> web.Response:
     """An OpenAI-style error response."""
-    return web.Response(body=error_body(message, type_, code), status=status, content_type="application/json",
-                        headers=headers)
+    return web.Response(body=error_body(message, type_, code, param), status=status,
+                        content_type="application/json", headers=headers)

@@ -61,6 +61,7 @@ class FakeLLM:
     async def __aenter__(self) -> FakeLLM:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._chat)  # counted like a chat call: never answered well
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -529,6 +530,19 @@ async def test_an_error_event_in_a_stream_is_recorded_as_an_error(gateway: Gatew
                     pass
     (event,) = await events(1)
     assert (event.status, event.error_type, event.response) == ("error", "upstream_stream_error", "up says hi")
+
+
+async def test_embeddings_refuse_stream_before_any_upstream_call(gateway: Gateway, keys: Bootstrap) -> None:
+    # Before: forwarded with stream: true and read as a whole answer, so an upstream that streamed was a 502.
+    async with FakeLLM("up") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.BadRequestError) as caught:
+                await c.embeddings.create(model="m", input="hi", extra_body={"stream": True})
+            assert caught.value.body == {
+                "message": "invalid embeddings request: 'stream' is not a parameter of embeddings; its answer "
+                           "comes whole", "type": "invalid_request_error", "param": "stream", "code": None}
+            assert up.calls == 0
 
 
 # Headers and what the client may see
