@@ -360,15 +360,15 @@ class Proxy:
                             continue
                     if line.startswith(b"data:"):
                         payload = line[5:].strip()
-                        if payload.startswith(b"{"):
-                            usage_only = chunk(payload, rec)
+                        if payload == b"[DONE]":
+                            ended = True
+                        else:  # the client's SDK decodes every other data line as JSON: check it does decode
+                            usage_only = chunk(payload, rec)  # UNDECODABLE when it is no chunk
                             if not rec.ttft_ms and (rec.out.parts or rec.out.tools):
                                 rec.ttft_ms = (time.perf_counter() - t0) * 1000.0
                             if usage_only and not want_usage:
                                 hiding = True
                                 continue
-                        elif payload == b"[DONE]":
-                            ended = True
                     pending.append(line)
                     if streamed is not None:
                         streamed.append(line)
@@ -389,7 +389,7 @@ class Proxy:
                 rec.status, rec.error_type = "error", "upstream_stream_error"
             except UNDECODABLE:
                 rec.status, rec.error_type = "error", "upstream_bad_chunk"
-                failure = f"endpoint {endpoint.id} sent a stream event that is not JSON"
+                failure = f"endpoint {endpoint.id} sent a stream event that is not a {op.api} chunk"
             else:
                 # A stream that stops before its end marker with a choice unfinished was cut short (a proxy's
                 # timeout, a crashed server): an answer cut off, not a complete one.

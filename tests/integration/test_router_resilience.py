@@ -33,6 +33,7 @@ class FakeLLM:
     last one repeats): "ok", ("status", code, headers[, message]), "hang" (no answer until the test ends),
     "error_body" (a 200 whose body is an error), "html_400" (a proxy's own 400 page), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
     "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event after its first event),
+    "chunk_then_garbage" (a data line that is not JSON after the first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set)."""
 
     def __init__(self, name: str, *actions: Any) -> None:
@@ -129,6 +130,8 @@ class FakeLLM:
             await resp.write(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
             await resp.write_eof()
             return resp
+        if action == "chunk_then_garbage":  # a data line that is not JSON (a proxy's page), then a proper end
+            await resp.write(b"data: <html>502 Bad Gateway</html>\n\n")
         if action == "chunk_then_drop":
             assert request.transport is not None
             request.transport.close()
@@ -530,6 +533,25 @@ async def test_an_error_event_in_a_stream_is_recorded_as_an_error(gateway: Gatew
                     pass
     (event,) = await events(1)
     assert (event.status, event.error_type, event.response) == ("error", "upstream_stream_error", "up says hi")
+
+
+async def test_a_stream_line_that_is_not_json_ends_the_stream_with_an_error(
+        gateway: Gateway, keys: Bootstrap, events: Any, context: ServiceContext, tmp_path: Any) -> None:
+    # Before: `data: <html>...` went to the client as it came (its SDK failed to decode it, a JSONDecodeError
+    # rather than an API error), the rest of the stream after it, the event said ok and the cache kept it.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"cache": {"deployments": {"chat": {"ttl_s": 600}}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("up", "chunk_then_garbage") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            for _ in range(2):
+                chunks, error = await _read(await c.chat.completions.create(
+                    model="m", messages=MESSAGES, stream=True, temperature=0))
+                assert [ch.choices[0].delta.content for ch in chunks] == ["up says hi"]
+                assert error == ("stream interrupted: endpoint default sent a stream event that is not a "
+                                 "chat.completions chunk")
+    assert up.calls == 2  # the second was not answered from the cache
+    assert [(e.status, e.error_type) for e in await events(2)] == [("error", "upstream_bad_chunk")] * 2
 
 
 async def test_embeddings_refuse_stream_before_any_upstream_call(gateway: Gateway, keys: Bootstrap) -> None:
