@@ -320,6 +320,8 @@ class Proxy:
         try:
             data = prov.response(reply.body)
             op.parse(data, rec)
+            if rec.status != "ok":  # a 200 that reports a failure (a failed response): passed on, scrubbed
+                data = scrub(data, endpoint)
         except UNDECODABLE:
             return rec.fail(502, f"endpoint {endpoint.id} answered a body that is not a {op.api} response",
                             "upstream_bad_response", out_headers)
@@ -364,6 +366,8 @@ class Proxy:
                             ended = True
                         else:  # the client's SDK decodes every other data line as JSON: check it does decode
                             usage_only = chunk(payload, rec)  # UNDECODABLE when it is no chunk
+                            if rec.status != "ok":  # the upstream's error event: its address stays internal
+                                line = scrub(line, endpoint)
                             if not rec.ttft_ms and (rec.out.parts or rec.out.tools):
                                 rec.ttft_ms = (time.perf_counter() - t0) * 1000.0
                             if usage_only and not want_usage:

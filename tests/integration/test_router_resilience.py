@@ -31,9 +31,9 @@ FAST_RETRY = {"attempts": 3, "initial_s": 0.01, "max_s": 0.02}
 class FakeLLM:
     """A double for an outside OpenAI-compatible API. Each request takes the next scripted action (the
     last one repeats): "ok", ("status", code, headers[, message]), "hang" (no answer until the test ends),
-    "error_body" (a 200 whose body is an error), "html_400" (a proxy's own 400 page), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
-    "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event after its first event),
-    "chunk_then_garbage" (a data line that is not JSON after the first event),
+    "error_body" (a 200 whose body is an error), "response_failed" (a failed Responses API turn), "html_400" (a proxy's own 400 page), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
+    "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event naming the upstream's address
+    after its first event), "chunk_then_garbage" (a data line that is not JSON after the first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set)."""
 
     def __init__(self, name: str, *actions: Any) -> None:
@@ -63,6 +63,7 @@ class FakeLLM:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._chat)  # counted like a chat call: never answered well
+        app.router.add_post("/v1/responses", self._chat)  # for "response_failed" only
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -94,6 +95,10 @@ class FakeLLM:
             return web.json_response(error, status=status, headers=headers)
         if action == "html_400":  # a proxy in front of the API refusing the request with its own page
             return web.Response(text="<html><body>400 Bad Request</body></html>", status=400, content_type="text/html")
+        if action == "response_failed":  # a Responses API answer whose turn failed, naming the upstream
+            return web.json_response({"id": "r1", "object": "response", "model": body["model"], "status": "failed",
+                                      "output": [], "error": {"code": "server_error",
+                                                              "message": f"overloaded at {self.url}"}})
         if action == "error_body":  # a 200 whose body is an error object
             return web.json_response({"error": {"message": f"overloaded at {self.url}", "type": "server_error"}})
         text = f"{self.name} says hi"
@@ -127,7 +132,8 @@ class FakeLLM:
             await resp.write_eof()
             return resp
         if action == "chunk_then_error":  # the provider's own error event in the middle of a stream
-            await resp.write(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
+            error = {"error": {"message": f"overloaded at {self.url}", "type": "server_error"}}
+            await resp.write(f"data: {json.dumps(error)}\n\n".encode())
             await resp.write_eof()
             return resp
         if action == "chunk_then_garbage":  # a data line that is not JSON (a proxy's page), then a proper end
@@ -527,12 +533,25 @@ async def test_an_error_event_in_a_stream_is_recorded_as_an_error(gateway: Gatew
     async with FakeLLM("up", "chunk_then_error") as up:
         router = await gateway({"default": {"url": up.url}})
         async with client(router, keys) as c:
-            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
-            with pytest.raises(openai.APIError, match="overloaded"):
-                async for _ in stream:
-                    pass
+            chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
+    assert [ch.choices[0].delta.content for ch in chunks] == ["up says hi"]
+    # Before: the error event went out as the upstream wrote it, its address in the message.
+    assert error == "overloaded at endpoint default/v1"
     (event,) = await events(1)
     assert (event.status, event.error_type, event.response) == ("error", "upstream_stream_error", "up says hi")
+
+
+async def test_a_failed_response_is_passed_on_without_the_upstreams_address(gateway: Gateway, keys: Bootstrap,
+                                                                              events: Any) -> None:
+    # Before: the failed turn went to the client as the upstream wrote it, its address in the error.
+    async with FakeLLM("up", "response_failed") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            failed = await c.responses.create(model="m", input="hi")
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error.message == "overloaded at endpoint default/v1"
+    (event,) = await events(1)
+    assert (event.status, event.error_type) == ("error", "response_failed")
 
 
 async def test_a_stream_line_that_is_not_json_ends_the_stream_with_an_error(
