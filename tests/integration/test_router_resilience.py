@@ -9,8 +9,10 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import openai
 import pytest
 from aiohttp import web
@@ -19,6 +21,7 @@ from lockgate.codec import Codec
 from lockgate.contracts import InferenceEvent
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
+from lockgate.services.router.budgets import Counter, input_estimate
 from tests.helpers import break_glass, register_model_release, store_pass
 
 pytestmark = pytest.mark.timeout(60)
@@ -36,8 +39,9 @@ class FakeLLM:
     after its first event), "chunk_then_garbage" (a data line that is not JSON after the first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set)."""
 
-    def __init__(self, name: str, *actions: Any) -> None:
+    def __init__(self, name: str, *actions: Any, usage: dict[str, Any] | None = None) -> None:
         self.name = name
+        self.usage = usage or {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}  # what it reports
         self.actions = list(actions) or ["ok"]
         self.headers: list[dict[str, str]] = []
         self._seen = asyncio.Condition()
@@ -108,7 +112,7 @@ class FakeLLM:
             return web.json_response({
                 "id": f"c{n}", "object": "chat.completion", "created": 1, "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}}, headers=headers)
+                "usage": self.usage}, headers=headers)
         resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
         await resp.prepare(request)
 
@@ -144,7 +148,7 @@ class FakeLLM:
             await self._release.wait()
             return resp
         await resp.write(chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]))
-        await resp.write(chunk(choices=[], usage={"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}))
+        await resp.write(chunk(choices=[], usage=self.usage))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -584,6 +588,40 @@ async def test_embeddings_refuse_stream_before_any_upstream_call(gateway: Gatewa
                 "message": "invalid embeddings request: 'stream' is not a parameter of embeddings; its answer "
                            "comes whole", "type": "invalid_request_error", "param": "stream", "code": None}
             assert up.calls == 0
+
+
+@pytest.mark.parametrize(("completion_tokens", "stream"), [(10**30, False), (10**30, True), (-5, False),
+                                                          ("many", False)], ids=["1e30", "1e30-stream", "neg", "str"])
+async def test_absurd_usage_from_an_upstream_never_poisons_a_budget(
+        gateway: Gateway, keys: Bootstrap, events: Any, context: ServiceContext, tmp_path: Any,
+        completion_tokens: Any, stream: bool) -> None:
+    # Before: 10^30 was settled as it came, so the budget's allowance on this replica fell to -10^30 and the
+    # next request was refused (429) for the rest of the day; giving it back to the store failed to encode
+    # (OverflowError) on every sweep. A negative count was charged as 0 tokens; a string made the answer a 502.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "tokens": 1000}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("liar", usage={"prompt_tokens": 1, "completion_tokens": completion_tokens}) as liar:
+        router = await gateway({"default": {"url": liar.url}})
+        async with client(router, keys) as c:
+            for _ in range(5):  # the answers themselves are fine: the client gets them
+                if stream:
+                    chunks, error = await _read(await c.chat.completions.create(
+                        model="m", messages=MESSAGES, max_tokens=20, stream=True))
+                    assert error is None and chunks[0].choices[0].delta.content == "liar says hi"
+                else:
+                    done = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=20)
+                    assert done.choices[0].message.content == "liar says hi"
+        got = await events(5)
+        assert {(e.status, e.input_tokens, e.output_tokens) for e in got} == {("ok", 1, 0)}
+        assert {e.attributes.get("lockgate.usage_warning") for e in got} == {
+            f"usage not believed: completion_tokens={completion_tokens!r} (a token count is a whole number from 0 "
+            "to 100,000,000); counted as 0"}
+        # Usage not believed is as no usage: each call keeps its whole reservation (prompt estimate + max_tokens),
+        # the counter holds exactly that once this replica gives back what it holds (before, it could not).
+        await router.admission.return_expired(force=True)
+        kv = await context.bus.kv(context.bus.subjects.kv_budgets)
+        leased = msgspec.json.decode((await kv.get(f"daily.{datetime.now(UTC):%Y-%m-%d}")).value, type=Counter).leased
+        assert leased.tokens == 5 * (input_estimate(len(b"hi"), 1, 1.0) + 20)
 
 
 # Headers and what the client may see
