@@ -118,10 +118,10 @@ async def _call(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
     first = completion.choices[0] if completion.choices else None
     if first is None or first.message is None:
         raise UpstreamError(f"{url} answered without choices[0].message") from None
-    usage = completion.usage or Usage()
+    usage = (completion.usage or Usage()).tokens()
     return Completion(
         text=first.message.content or "", latency_ms=latency_ms,
-        input_tokens=usage.prompt_tokens, output_tokens=usage.completion_tokens,
+        input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
         logprobs=first.token_logprobs(),
     )
 

@@ -8,6 +8,7 @@ from aiohttp import web
 from lockgate.errors import ConfigError
 from lockgate.limits import EventLimits
 from lockgate.server.apikeys import KeyStore
+from lockgate.server.httplog import SERVER_LOG
 from lockgate.server.service import Service, ServiceContext
 from lockgate.server.tls import grpc_credentials, ssl_context
 from lockgate.services.otlp.ingest import Receiver
@@ -37,7 +38,7 @@ class OtlpService(Service):
         tls = ssl_context(s)  # a bad certificate fails the start, before anything binds
         self._grpc, port = await serve_grpc(self.receiver, s.host, s.otlp_grpc_port, grpc_credentials(s))
         self._http = web.AppRunner(HttpApp(self.receiver).app(), access_log=None, handle_signals=False,
-                                   shutdown_timeout=2.0)
+                                   shutdown_timeout=2.0, logger=SERVER_LOG)
         await self._http.setup()
         try:
             await web.TCPSite(self._http, s.host, s.otlp_http_port, ssl_context=tls).start()

@@ -79,7 +79,7 @@ from lockgate.services.router.ratelimit import (
     lease,
     refusal,
 )
-from lockgate.services.router.wire import error_response
+from lockgate.services.router.wire import USAGE_WARNING, error_response
 
 log = logging.getLogger("lockgate.router.admission")
 
@@ -280,7 +280,12 @@ class Admission:
         """After the call: charge what it really used and give the rest of the reservation back."""
         if ticket is OPEN or ticket.cost is ZERO:
             return
-        if rec.input_tokens or rec.output_tokens:
+        if USAGE_WARNING in rec.attributes:
+            # Usage the router did not believe (10^30 tokens, a negative count): what the provider bills is
+            # unknown, as for an answer without usage, so the reservation stays spent, and no absurd
+            # number reaches the counter (which would refuse everything for the rest of the period).
+            used = ticket.cost
+        elif rec.input_tokens or rec.output_tokens:
             used = cost_of(ticket.price, rec.input_tokens, rec.output_tokens, rec.cached_tokens)
         elif rec.status != "ok" and (rec.error_type.isdigit() or rec.error_type.startswith("upstream_")):
             used = ZERO  # refused or unreachable before generating anything: nothing billed

@@ -164,6 +164,9 @@ class Proxy:
                                           "invalid_request_error"))
         except UNDECODABLE as exc:
             return error_response(400, f"invalid {op.api} request: {undecodable(exc)}", "invalid_request_error")
+        if req.stream and op.chunk is None:  # as OpenAI's embeddings API, which has no stream parameter
+            return error_response(400, f"invalid {op.api} request: 'stream' is not a parameter of {op.api}; "
+                                       "its answer comes whole", "invalid_request_error", param="stream")
         deployment = self.deployment_of(h, req.model)
         # Names become subjects and KV keys downstream: refuse a bad one here, not as a dead letter later.
         for header, value in (("x-lockgate-deployment", deployment), ("x-lockgate-app", h.get("x-lockgate-app")),
@@ -181,7 +184,7 @@ class Proxy:
         # would send every user behind one app host or NAT to the same variant.
         variant, target = domain.choose(route, user or session or h.get("x-lockgate-sticky-key") or "", h)
         model = target.model or req.model
-        stream = req.stream and op.chunk is not None
+        stream = req.stream
         want_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
         # Streams without usage would leave token counts unknown: ask for them, hide them again.
         inject_usage = stream and op.stream_usage and not want_usage
@@ -317,6 +320,8 @@ class Proxy:
         try:
             data = prov.response(reply.body)
             op.parse(data, rec)
+            if rec.status != "ok":  # a 200 that reports a failure (a failed response): passed on, scrubbed
+                data = scrub(data, endpoint)
         except UNDECODABLE:
             return rec.fail(502, f"endpoint {endpoint.id} answered a body that is not a {op.api} response",
                             "upstream_bad_response", out_headers)
@@ -328,7 +333,8 @@ class Proxy:
     async def _stream(self, request: web.Request, op: Operation, hops: list[Hop], up_headers: dict[str, str],
                       out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record,
                       streamed: list[bytes] | None = None) -> web.StreamResponse:
-        chunk = op.chunk or (lambda _data, _rec: False)
+        chunk = op.chunk
+        assert chunk is not None  # forward refuses a stream of an operation that has none
         try:
             reply = await self.upstream.send(hops, up_headers, stream=True)
         except UpstreamUnavailable as exc:
@@ -356,15 +362,17 @@ class Proxy:
                             continue
                     if line.startswith(b"data:"):
                         payload = line[5:].strip()
-                        if payload.startswith(b"{"):
-                            usage_only = chunk(payload, rec)
+                        if payload == b"[DONE]":
+                            ended = True
+                        else:  # the client's SDK decodes every other data line as JSON: check it does decode
+                            usage_only = chunk(payload, rec)  # UNDECODABLE when it is no chunk
+                            if rec.status != "ok":  # the upstream's error event: its address stays internal
+                                line = scrub(line, endpoint)
                             if not rec.ttft_ms and (rec.out.parts or rec.out.tools):
                                 rec.ttft_ms = (time.perf_counter() - t0) * 1000.0
                             if usage_only and not want_usage:
                                 hiding = True
                                 continue
-                        elif payload == b"[DONE]":
-                            ended = True
                     pending.append(line)
                     if streamed is not None:
                         streamed.append(line)
@@ -385,7 +393,7 @@ class Proxy:
                 rec.status, rec.error_type = "error", "upstream_stream_error"
             except UNDECODABLE:
                 rec.status, rec.error_type = "error", "upstream_bad_chunk"
-                failure = f"endpoint {endpoint.id} sent a stream event that is not JSON"
+                failure = f"endpoint {endpoint.id} sent a stream event that is not a {op.api} chunk"
             else:
                 # A stream that stops before its end marker with a choice unfinished was cut short (a proxy's
                 # timeout, a crashed server): an answer cut off, not a complete one.

@@ -11,6 +11,7 @@ from aiohttp import web
 from lockgate import metrics
 from lockgate.outbox import Outbox
 from lockgate.server.apikeys import KeyStore
+from lockgate.server.httplog import SERVER_LOG
 from lockgate.server.service import Service, ServiceContext, fewer_collections
 from lockgate.services.router.admin import PREFIX, Admin
 from lockgate.services.router.admission import Admission
@@ -90,7 +91,7 @@ class RouterService(Service):
         # handler_cancellation: a client that closes its connection cancels its request's handler, and
         # with it the upstream call (proxy.forward records client_disconnected).
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
-                                     handler_cancellation=True)
+                                     handler_cancellation=True, logger=SERVER_LOG)
         await self._runner.setup()
         s = self.ctx.settings
         await web.TCPSite(self._runner, s.host, s.router_port, backlog=1024).start()  # bursts of new clients

@@ -18,11 +18,12 @@ import msgspec
 from aiohttp import web
 
 from lockgate.llmwire import (
+    MAX_CALL_TOKENS,
     ApiRequest,
     Choice,
     ErrorDetail,
     Response,
-    Usage,
+    TokenUsage,
     decode_completion,
     decode_error,
     decode_response,
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
 
 _encoder = msgspec.json.Encoder()
 OUTPUT_MESSAGES = "gen_ai.output.messages"
+# An upstream's usage the router did not believe (a count negative, absurd or not a number): the event
+# attribute naming it; those counts are 0 in the event, and the call's budgets keep its whole reservation.
+USAGE_WARNING = "lockgate.usage_warning"
 
 
 def patch_body(body: bytes, model: str | None, include_usage: bool, params: dict[str, Any] | None = None) -> bytes:
@@ -101,11 +105,13 @@ class Choices:
         return _encoder.encode(out).decode()
 
 
-def _usage(rec: _Record, usage: Usage) -> None:
-    rec.input_tokens = max(0, usage.prompt_tokens)
-    rec.output_tokens = max(0, usage.completion_tokens)
+def _usage(rec: _Record, usage: TokenUsage) -> None:
+    rec.input_tokens, rec.output_tokens = usage.input_tokens, usage.output_tokens
     if usage.cached_tokens:
         rec.cached_tokens = usage.cached_tokens
+    if usage.doubt:  # the event says so, and settlement keeps the reservation (admission.settle)
+        rec.attributes[USAGE_WARNING] = (f"usage not believed: {usage.doubt} (a token count is a whole number "
+                                         f"from 0 to {MAX_CALL_TOKENS:,}); counted as 0")
 
 
 def _fold_choice(out: Choices, ch: Choice) -> None:
@@ -137,7 +143,7 @@ def parse_completion(data: bytes, rec: _Record) -> None:
     for ch in c.choices:
         _fold_choice(rec.out, ch)
     if c.usage is not None:
-        _usage(rec, c.usage)
+        _usage(rec, c.usage.tokens())
 
 
 def parse_chunk(data: bytes, rec: _Record) -> bool:
@@ -150,7 +156,7 @@ def parse_chunk(data: bytes, rec: _Record) -> bool:
     for ch in c.choices:
         _fold_choice(rec.out, ch)
     if c.usage is not None:
-        _usage(rec, c.usage)
+        _usage(rec, c.usage.tokens())
     return not c.choices and c.usage is not None
 
 
@@ -161,7 +167,7 @@ def parse_embeddings(data: bytes, rec: _Record) -> None:
         raise ErrorAnswer
     rec.response_model = c.model
     if c.usage is not None:
-        _usage(rec, c.usage)
+        _usage(rec, c.usage.tokens())
 
 
 def _response(r: Response, rec: _Record) -> None:
@@ -187,10 +193,7 @@ def _response(r: Response, rec: _Record) -> None:
     if r.status == "failed":  # the model's turn failed (streamed: response.failed), whatever the HTTP status
         rec.status, rec.error_type = "error", "response_failed"
     if r.usage is not None:
-        rec.input_tokens, rec.output_tokens = max(0, r.usage.input_tokens), max(0, r.usage.output_tokens)
-        cached = (r.usage.input_tokens_details or {}).get("cached_tokens")
-        if isinstance(cached, int) and cached > 0:
-            rec.cached_tokens = cached
+        _usage(rec, r.usage.tokens())
 
 
 def parse_response(data: bytes, rec: _Record) -> None:
@@ -257,13 +260,13 @@ def is_openai_error(data: bytes) -> bool:
         return False
 
 
-def error_body(message: str, type_: str, code: str | None = None) -> bytes:
-    """An OpenAI-style error body."""
-    return _encoder.encode({"error": {"message": message, "type": type_, "param": None, "code": code}})
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> bytes:
+    """An OpenAI-style error body (`param`: the request field it is about, if one)."""
+    return _encoder.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
 def error_response(status: int, message: str, type_: str, *, headers: dict[str, str] | None = None,
-                   code: str | None = None) -> web.Response:
+                   code: str | None = None, param: str | None = None) -> web.Response:
     """An OpenAI-style error response."""
-    return web.Response(body=error_body(message, type_, code), status=status, content_type="application/json",
-                        headers=headers)
+    return web.Response(body=error_body(message, type_, code, param), status=status,
+                        content_type="application/json", headers=headers)

@@ -6,7 +6,8 @@ are declared; everything else in a body is ignored on decode and forwarded untou
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import math
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 
@@ -58,18 +59,59 @@ class ApiRequest(msgspec.Struct):
     best_of: Count | None = None  # completions: generated (and billed) server-side
 
 
+# The most tokens one count of a call's usage may say: far above any real call (the largest context
+# windows hold about 10 million tokens), far below what overflows a budget counter or a price.
+MAX_CALL_TOKENS = 100_000_000
+
+
+def token_count(value: Any) -> int | None:
+    """An upstream's token count if it is one: a whole number from 0 to MAX_CALL_TOKENS (a float in that
+    range is rounded up); None for anything else (negative, absurd, not a number)."""
+    if type(value) is int:
+        return value if 0 <= value <= MAX_CALL_TOKENS else None
+    if type(value) is float and 0 <= value <= MAX_CALL_TOKENS:  # NaN fails the comparison
+        return math.ceil(value)
+    return None
+
+
+class TokenUsage(NamedTuple):
+    """A call's usage as the router counts it; `doubt` says which reported counts were not believed
+    (each counted as 0), "" when all were."""
+
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    doubt: str
+
+
+def token_usage(input_name: str, input_value: Any, output_name: str, output_value: Any, cached: Any) -> TokenUsage:
+    """Usage counts as an upstream reported them, bounded (token_count). Cached tokens count at most the
+    input; a cached count that is none is 0 (the input then counts at the full rate, never less)."""
+    counted = token_count(input_value), token_count(output_value)
+    doubt = "; ".join(f"{name}={_excerpt(value)}" for name, value, n in
+                      ((input_name, input_value, counted[0]), (output_name, output_value, counted[1])) if n is None)
+    inputs, outputs = counted[0] or 0, counted[1] or 0
+    return TokenUsage(inputs, outputs, min(token_count(cached) or 0, inputs), doubt)
+
+
+def _excerpt(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 class Usage(msgspec.Struct):
-    """Token counts; cached prompt tokens live in `prompt_tokens_details.cached_tokens`."""
+    """Token counts as an upstream sent them (read through `tokens`, which bounds them); cached prompt
+    tokens live in `prompt_tokens_details.cached_tokens`."""
 
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prompt_tokens_details: dict[str, Any] | None = None
+    prompt_tokens: Any = 0
+    completion_tokens: Any = 0
+    prompt_tokens_details: Any = None
 
-    @property
-    def cached_tokens(self) -> int:
-        """Prompt tokens served from the provider's cache (0 when not reported)."""
-        cached = (self.prompt_tokens_details or {}).get("cached_tokens")
-        return cached if isinstance(cached, int) and cached > 0 else 0
+    def tokens(self) -> TokenUsage:
+        """The counts, bounded (token_usage)."""
+        details = self.prompt_tokens_details
+        return token_usage("prompt_tokens", self.prompt_tokens, "completion_tokens", self.completion_tokens,
+                           details.get("cached_tokens") if isinstance(details, dict) else None)
 
 
 class TokenLogprob(msgspec.Struct):
@@ -151,11 +193,18 @@ class ResponseItem(msgspec.Struct):
 
 
 class ResponseUsage(msgspec.Struct):
-    """Responses API usage; cached input tokens in `input_tokens_details.cached_tokens`."""
+    """Responses API usage as sent (read through `tokens`); cached input tokens in
+    `input_tokens_details.cached_tokens`."""
 
-    input_tokens: int = 0
-    output_tokens: int = 0
-    input_tokens_details: dict[str, Any] | None = None
+    input_tokens: Any = 0
+    output_tokens: Any = 0
+    input_tokens_details: Any = None
+
+    def tokens(self) -> TokenUsage:
+        """The counts, bounded (token_usage)."""
+        details = self.input_tokens_details
+        return token_usage("input_tokens", self.input_tokens, "output_tokens", self.output_tokens,
+                           details.get("cached_tokens") if isinstance(details, dict) else None)
 
 
 class Response(msgspec.Struct):

@@ -9,8 +9,10 @@ import json
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import openai
 import pytest
 from aiohttp import web
@@ -19,6 +21,7 @@ from lockgate.codec import Codec
 from lockgate.contracts import InferenceEvent
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
+from lockgate.services.router.budgets import Counter, input_estimate
 from tests.helpers import break_glass, register_model_release, store_pass
 
 pytestmark = pytest.mark.timeout(60)
@@ -31,12 +34,14 @@ FAST_RETRY = {"attempts": 3, "initial_s": 0.01, "max_s": 0.02}
 class FakeLLM:
     """A double for an outside OpenAI-compatible API. Each request takes the next scripted action (the
     last one repeats): "ok", ("status", code, headers[, message]), "hang" (no answer until the test ends),
-    "error_body" (a 200 whose body is an error), "html_400" (a proxy's own 400 page), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
-    "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event after its first event),
+    "error_body" (a 200 whose body is an error), "response_failed" (a failed Responses API turn), "html_400" (a proxy's own 400 page), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
+    "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event naming the upstream's address
+    after its first event), "chunk_then_garbage" (a data line that is not JSON after the first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set)."""
 
-    def __init__(self, name: str, *actions: Any) -> None:
+    def __init__(self, name: str, *actions: Any, usage: dict[str, Any] | None = None) -> None:
         self.name = name
+        self.usage = usage or {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}  # what it reports
         self.actions = list(actions) or ["ok"]
         self.headers: list[dict[str, str]] = []
         self._seen = asyncio.Condition()
@@ -61,6 +66,8 @@ class FakeLLM:
     async def __aenter__(self) -> FakeLLM:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._chat)  # counted like a chat call: never answered well
+        app.router.add_post("/v1/responses", self._chat)  # for "response_failed" only
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -92,6 +99,10 @@ class FakeLLM:
             return web.json_response(error, status=status, headers=headers)
         if action == "html_400":  # a proxy in front of the API refusing the request with its own page
             return web.Response(text="<html><body>400 Bad Request</body></html>", status=400, content_type="text/html")
+        if action == "response_failed":  # a Responses API answer whose turn failed, naming the upstream
+            return web.json_response({"id": "r1", "object": "response", "model": body["model"], "status": "failed",
+                                      "output": [], "error": {"code": "server_error",
+                                                              "message": f"overloaded at {self.url}"}})
         if action == "error_body":  # a 200 whose body is an error object
             return web.json_response({"error": {"message": f"overloaded at {self.url}", "type": "server_error"}})
         text = f"{self.name} says hi"
@@ -101,7 +112,7 @@ class FakeLLM:
             return web.json_response({
                 "id": f"c{n}", "object": "chat.completion", "created": 1, "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}}, headers=headers)
+                "usage": self.usage}, headers=headers)
         resp = web.StreamResponse(headers={**headers, "Content-Type": "text/event-stream"})
         await resp.prepare(request)
 
@@ -125,16 +136,19 @@ class FakeLLM:
             await resp.write_eof()
             return resp
         if action == "chunk_then_error":  # the provider's own error event in the middle of a stream
-            await resp.write(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
+            error = {"error": {"message": f"overloaded at {self.url}", "type": "server_error"}}
+            await resp.write(f"data: {json.dumps(error)}\n\n".encode())
             await resp.write_eof()
             return resp
+        if action == "chunk_then_garbage":  # a data line that is not JSON (a proxy's page), then a proper end
+            await resp.write(b"data: <html>502 Bad Gateway</html>\n\n")
         if action == "chunk_then_drop":
             assert request.transport is not None
             request.transport.close()
             await self._release.wait()
             return resp
         await resp.write(chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]))
-        await resp.write(chunk(choices=[], usage={"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}))
+        await resp.write(chunk(choices=[], usage=self.usage))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -523,12 +537,91 @@ async def test_an_error_event_in_a_stream_is_recorded_as_an_error(gateway: Gatew
     async with FakeLLM("up", "chunk_then_error") as up:
         router = await gateway({"default": {"url": up.url}})
         async with client(router, keys) as c:
-            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
-            with pytest.raises(openai.APIError, match="overloaded"):
-                async for _ in stream:
-                    pass
+            chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
+    assert [ch.choices[0].delta.content for ch in chunks] == ["up says hi"]
+    # Before: the error event went out as the upstream wrote it, its address in the message.
+    assert error == "overloaded at endpoint default/v1"
     (event,) = await events(1)
     assert (event.status, event.error_type, event.response) == ("error", "upstream_stream_error", "up says hi")
+
+
+async def test_a_failed_response_is_passed_on_without_the_upstreams_address(gateway: Gateway, keys: Bootstrap,
+                                                                              events: Any) -> None:
+    # Before: the failed turn went to the client as the upstream wrote it, its address in the error.
+    async with FakeLLM("up", "response_failed") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            failed = await c.responses.create(model="m", input="hi")
+    assert failed.status == "failed" and failed.error is not None
+    assert failed.error.message == "overloaded at endpoint default/v1"
+    (event,) = await events(1)
+    assert (event.status, event.error_type) == ("error", "response_failed")
+
+
+async def test_a_stream_line_that_is_not_json_ends_the_stream_with_an_error(
+        gateway: Gateway, keys: Bootstrap, events: Any, context: ServiceContext, tmp_path: Any) -> None:
+    # Before: `data: <html>...` went to the client as it came (its SDK failed to decode it, a JSONDecodeError
+    # rather than an API error), the rest of the stream after it, the event said ok and the cache kept it.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"cache": {"deployments": {"chat": {"ttl_s": 600}}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("up", "chunk_then_garbage") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            for _ in range(2):
+                chunks, error = await _read(await c.chat.completions.create(
+                    model="m", messages=MESSAGES, stream=True, temperature=0))
+                assert [ch.choices[0].delta.content for ch in chunks] == ["up says hi"]
+                assert error == ("stream interrupted: endpoint default sent a stream event that is not a "
+                                 "chat.completions chunk")
+    assert up.calls == 2  # the second was not answered from the cache
+    assert [(e.status, e.error_type) for e in await events(2)] == [("error", "upstream_bad_chunk")] * 2
+
+
+async def test_embeddings_refuse_stream_before_any_upstream_call(gateway: Gateway, keys: Bootstrap) -> None:
+    # Before: forwarded with stream: true and read as a whole answer, so an upstream that streamed was a 502.
+    async with FakeLLM("up") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.BadRequestError) as caught:
+                await c.embeddings.create(model="m", input="hi", extra_body={"stream": True})
+            assert caught.value.body == {
+                "message": "invalid embeddings request: 'stream' is not a parameter of embeddings; its answer "
+                           "comes whole", "type": "invalid_request_error", "param": "stream", "code": None}
+            assert up.calls == 0
+
+
+@pytest.mark.parametrize(("completion_tokens", "stream"), [(10**30, False), (10**30, True), (-5, False),
+                                                          ("many", False)], ids=["1e30", "1e30-stream", "neg", "str"])
+async def test_absurd_usage_from_an_upstream_never_poisons_a_budget(
+        gateway: Gateway, keys: Bootstrap, events: Any, context: ServiceContext, tmp_path: Any,
+        completion_tokens: Any, stream: bool) -> None:
+    # Before: 10^30 was settled as it came, so the budget's allowance on this replica fell to -10^30 and the
+    # next request was refused (429) for the rest of the day; giving it back to the store failed to encode
+    # (OverflowError) on every sweep. A negative count was charged as 0 tokens; a string made the answer a 502.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "tokens": 1000}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("liar", usage={"prompt_tokens": 1, "completion_tokens": completion_tokens}) as liar:
+        router = await gateway({"default": {"url": liar.url}})
+        async with client(router, keys) as c:
+            for _ in range(5):  # the answers themselves are fine: the client gets them
+                if stream:
+                    chunks, error = await _read(await c.chat.completions.create(
+                        model="m", messages=MESSAGES, max_tokens=20, stream=True))
+                    assert error is None and chunks[0].choices[0].delta.content == "liar says hi"
+                else:
+                    done = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=20)
+                    assert done.choices[0].message.content == "liar says hi"
+        got = await events(5)
+        assert {(e.status, e.input_tokens, e.output_tokens) for e in got} == {("ok", 1, 0)}
+        assert {e.attributes.get("lockgate.usage_warning") for e in got} == {
+            f"usage not believed: completion_tokens={completion_tokens!r} (a token count is a whole number from 0 "
+            "to 100,000,000); counted as 0"}
+        # Usage not believed is as no usage: each call keeps its whole reservation (prompt estimate + max_tokens),
+        # the counter holds exactly that once this replica gives back what it holds (before, it could not).
+        await router.admission.return_expired(force=True)
+        kv = await context.bus.kv(context.bus.subjects.kv_budgets)
+        leased = msgspec.json.decode((await kv.get(f"daily.{datetime.now(UTC):%Y-%m-%d}")).value, type=Counter).leased
+        assert leased.tokens == 5 * (input_estimate(len(b"hi"), 1, 1.0) + 20)
 
 
 # Headers and what the client may see

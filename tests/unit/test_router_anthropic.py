@@ -128,3 +128,14 @@ def test_stream_without_usage_and_error_event() -> None:
     assert tr.feed({"type": "message_stop"}) == []
     with pytest.raises(anthropic.Untranslatable, match="Overloaded"):
         tr.feed({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+
+
+@pytest.mark.parametrize("bad", [10**30, -5, "many", None, True])
+def test_usage_that_is_no_count_is_passed_on_never_added(bad: object) -> None:
+    # Before: a string or None in a count raised TypeError (a 500), 10^30 was summed into the prompt as it came.
+    u = anthropic.usage({"input_tokens": 5, "cache_read_input_tokens": bad, "output_tokens": 2})
+    if bad is None:  # absent: nothing cached
+        assert (u["prompt_tokens"], u["total_tokens"]) == (5, 7)
+    else:
+        assert u["prompt_tokens"] == bad and u["total_tokens"] == bad and u["completion_tokens"] == 2
+    assert anthropic.usage(["not", "a", "dict"])["prompt_tokens"] == 0

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from lockgate.errors import LockgateError
+from lockgate.llmwire import token_count
 
 VERSION = "2023-06-01"  # the `anthropic-version` header this translation is written against
 DEFAULT_MAX_TOKENS = 4096
@@ -152,13 +153,25 @@ def request(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def usage(u: dict[str, Any]) -> dict[str, Any]:
-    """Anthropic usage as OpenAI usage (cached tokens inside the prompt count, as OpenAI reports them)."""
+def usage(u: Any) -> dict[str, Any]:
+    """Anthropic usage as OpenAI usage (cached tokens inside the prompt count, as OpenAI reports them). A
+    count that is no token count (llmwire.token_count: negative, absurd, not a number) is passed on as it
+    came in the sum's place, for the router's reading of usage to refuse to believe it, never added up."""
+    u = u if isinstance(u, dict) else {}
     cached = u.get("cache_read_input_tokens") or 0
-    prompt = (u.get("input_tokens") or 0) + cached + (u.get("cache_creation_input_tokens") or 0)
+    prompt = _add(u.get("input_tokens") or 0, cached, u.get("cache_creation_input_tokens") or 0)
     completion = u.get("output_tokens") or 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": _add(prompt, completion),
             "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def _add(*counts: Any) -> Any:
+    """The sum of token counts, or the first value that is none."""
+    bounded = [token_count(c) for c in counts]
+    for count, n in zip(counts, bounded, strict=True):
+        if n is None:
+            return count
+    return sum(n for n in bounded if n is not None)
 
 
 def finish_reason(stop_reason: str | None) -> str | None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from lockgate.bus import Bus
+from lockgate.server.httplog import SERVER_LOG
 
 
 class HealthServer:
@@ -27,7 +28,8 @@ class HealthServer:
         app = web.Application()
         app.router.add_get("/livez", self._live)
         app.router.add_get("/readyz", self._ready)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+                                     logger=SERVER_LOG)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         await site.start()
