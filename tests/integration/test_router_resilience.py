@@ -68,6 +68,7 @@ class FakeLLM:
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._chat)  # counted like a chat call: never answered well
         app.router.add_post("/v1/responses", self._chat)  # for "response_failed" only
+        app.router.add_post("/v1/messages", self._messages)  # Anthropic Messages, for the "misshapen" answers
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -79,6 +80,21 @@ class FakeLLM:
         self._release.set()
         assert self._runner is not None
         await self._runner.cleanup()
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic Messages answers that are JSON of the wrong shape: a message whose content is a number,
+        or a stream whose second event's delta is a string."""
+        async with self._seen:
+            self.headers.append(dict(request.headers))
+            self._seen.notify_all()
+        if not (await request.json()).get("stream"):
+            return web.json_response({"type": "message", "id": "m1", "model": "m", "content": 42, "usage": "x"})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        start = {"type": "message_start", "message": {"id": "m1", "model": "m", "usage": {"input_tokens": 1}}}
+        for event in (start, {"type": "content_block_delta", "index": 0, "delta": "x"}):
+            await resp.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+        return resp
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         async with self._seen:
@@ -694,3 +710,22 @@ async def test_a_latency_group_measures_each_member_then_sends_requests_to_the_f
     # The first request measures slow (configured first), the second fast, then fast serves the rest.
     assert (slow.calls, fast.calls) == (1, 5)
     assert [e.attributes["lockgate.endpoint"] for e in await events(6)] == ["slow"] + ["fast"] * 5
+
+
+async def test_an_anthropic_answer_of_the_wrong_shape_is_a_bad_response_not_a_crash(
+        gateway: Gateway, keys: Bootstrap, events: Any) -> None:
+    # Before: JSON of the wrong shape from an Anthropic endpoint (content a number, a delta a string) raised a
+    # TypeError or AttributeError inside the translation: a 500 with a traceback, or a stream broken off with
+    # one, where an OpenAI-compatible endpoint's unreadable answer is a 502 or a stream_interrupted event.
+    async with FakeLLM("up") as up:
+        router = await gateway({"default": {"url": up.url, "provider": "anthropic"}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES)
+            assert caught.value.status_code == 502
+            assert caught.value.body["message"] == "endpoint default answered a body that is not a chat.completions response"
+            chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
+            assert [ch.choices[0].delta.role for ch in chunks] == ["assistant"]
+            assert error == "stream interrupted: endpoint default sent a stream event that is not a chat.completions chunk"
+    assert [(e.status, e.error_type) for e in await events(2)] == [("error", "upstream_bad_response"),
+                                                                  ("error", "upstream_bad_chunk")]

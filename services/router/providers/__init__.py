@@ -8,7 +8,8 @@ translate them.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
@@ -71,7 +72,8 @@ class Anthropic:
         msg = msgspec.json.decode(data)
         if not isinstance(msg, dict) or msg.get("type") != "message":
             raise msgspec.DecodeError("not an Anthropic message")
-        return msgspec.json.encode(anthropic.response(msg))
+        with _malformed():
+            return msgspec.json.encode(anthropic.response(msg))
 
     def error(self, data: bytes) -> bytes:
         try:
@@ -89,7 +91,8 @@ class Anthropic:
                 continue  # `event:` lines repeat the data's type; blank lines are re-made below
             try:
                 event: Any = msgspec.json.decode(line[5:])
-                chunks = tr.feed(event)
+                with _malformed():
+                    chunks = tr.feed(event)
             except anthropic.Untranslatable as exc:
                 yield b"data: " + error_body(exc.message, "upstream_error") + b"\n\n"
                 raise UpstreamStreamError(exc.message) from None
@@ -99,6 +102,17 @@ class Anthropic:
         if tr.finished:
             yield b"data: [DONE]\n"
             yield b"\n"
+
+
+@contextlib.contextmanager
+def _malformed() -> Iterator[None]:
+    """JSON of the wrong shape from the upstream (`data: 42`, a `usage` that is a string, a content block
+    that is no object) as a DecodeError: the proxy answers it as any body or chunk it cannot read (a 502,
+    or the stream ended with `stream_interrupted`), not as a crash of its own."""
+    try:
+        yield
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise msgspec.DecodeError(f"not an Anthropic Messages answer: {exc!r}") from None
 
 
 class UpstreamStreamError(LockgateError):
