@@ -69,6 +69,7 @@ class Encoded(msgspec.Struct, frozen=True, gc=False):
 
     app: str
     id: str
+    tenant: str  # with `id`, what makes the event one (and its batch's message id)
     traceparent: str  # the event's request, continued by the message that carries it ("" if none)
     data: bytes
 
@@ -162,7 +163,7 @@ def encode_event(event: InferenceEvent, *, check: bool | str = False, clock_time
         if not clock_time and (reason := _LIMITS.event_error(event)):
             raise InvalidEvent(f"invalid inference event: {reason} - at `$.time`")
     parent = f"00-{event.trace_id}-{event.span_id}-01" if event.trace_id and event.span_id else ""
-    return Encoded(event.app, event.id, parent, data)
+    return Encoded(event.app, event.id, event.tenant, parent, data)
 
 
 _app, _data = attrgetter("app"), attrgetter("data")
