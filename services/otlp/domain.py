@@ -143,8 +143,8 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                     duration_ns=max(0, span.end_time_unix_nano - span.start_time_unix_nano),
                     error=span.status.code == 2, status_message=span.status.message, attributes=attrs,
                     resource=resource)
-                named = genai.tenant_of(facts)
-                if named is not None and named != tenant:
+                named = genai.other_tenant(facts, tenant)
+                if named is not None:
                     raise Forbidden(f"span {span.name!r} is for tenant {named!r}; this API key may only send "
                                     f"spans for tenant {tenant!r}")
                 # Scrubbed here, at the edge: an instrumentation records request headers, statements and

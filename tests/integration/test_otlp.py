@@ -19,7 +19,13 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
 from lockgate.bus import Bus
@@ -409,3 +415,23 @@ async def test_grpc_answers_a_request_that_does_not_decode_with_invalid_argument
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
             assert err.value.details().startswith("not a valid Export request: Error parsing message")
         assert await export(request.SerializeToString(), metadata=(("x-api-key", keys.app_key),)) == b""
+
+
+async def test_a_resource_naming_another_tenant_refuses_the_export_whatever_its_span_says(
+        stack: Any, store: Store, keys: Bootstrap, caplog: pytest.LogCaptureFixture) -> None:
+    # The span's claim was read first (`or`): a span saying the key's tenant hid a resource naming
+    # another, and the export was stored as the key's tenant's.
+    made = []
+    for tenant, name in (("globex", "refused"), ("acme", "accepted")):
+        spans = InMemorySpanExporter()
+        provider = TracerProvider(resource=Resource.create({"service.name": "bot", "lockgate.tenant": tenant}))
+        provider.add_span_processor(SimpleSpanProcessor(spans))
+        provider.get_tracer("test-app").start_span(name, attributes={"lockgate.tenant": "acme"}).end()
+        made += spans.get_finished_spans()
+    refused, accepted = made
+    exporter = HttpExporter(endpoint=stack.endpoints["otlp-http"] + "/v1/traces", headers={"x-api-key": keys.app_key})
+    assert await asyncio.to_thread(exporter.export, [refused]) == SpanExportResult.FAILURE
+    assert await asyncio.to_thread(exporter.export, [accepted]) == SpanExportResult.SUCCESS
+    assert "code: 403" in caplog.text, caplog.text  # what the exporter says of the refusal
+    await stack["sink"].handlers.spans.wait_for(1)  # the accepted export, published after the refused one
+    assert [r["SpanName"] for r in store.rows("SELECT SpanName FROM otel_traces")] == ["accepted"]
