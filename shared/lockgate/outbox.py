@@ -214,9 +214,12 @@ async def publish_events(
     sent = len(events) - failed
     if failed:
         first = next(exc for exc in errors if exc is not None)
+        # Only a transient error was retried: one that fails the same way every time (a payload over the
+        # server's max_payload, a closed connection) was tried once, and saying otherwise misleads.
+        tries = f"after {retry.attempts} attempts" if isinstance(first, TRANSIENT) else "(not retried: it fails the same way each time)"
         raise PublishFailed(
             f"JetStream did not acknowledge {failed} of {len(events)} inference events "
-            f"after {retry.attempts} attempts ({first!r}); they are counted as failed",
+            f"{tries}: {first!r}; they are counted as failed",
             sent=sent,
             failed=failed,
         )
