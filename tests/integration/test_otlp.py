@@ -435,3 +435,24 @@ async def test_a_resource_naming_another_tenant_refuses_the_export_whatever_its_
     assert "code: 403" in caplog.text, caplog.text  # what the exporter says of the refusal
     await stack["sink"].handlers.spans.wait_for(1)  # the accepted export, published after the refused one
     assert [r["SpanName"] for r in store.rows("SELECT SpanName FROM otel_traces")] == ["accepted"]
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    ({"resourceSpans": ["x"]}, "Expected `object`, got `str` - at `$.resourceSpans[0]`"),
+    ({"resourceSpans": [{"scopeSpans": {"spans": []}}]}, "Expected `array | null`, got `object` - at "
+                                                        "`$.resourceSpans[0].scopeSpans`"),
+    ({"resourceSpans": [{"scopeSpans": [{"spans": [{"links": [7]}]}]}]},
+     "Expected `object`, got `int` - at `$.resourceSpans[0].scopeSpans[0].spans[0].links[0]`"),
+    ({"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": 12}]}]}]},
+     "Expected `str | null`, got `int` - at `$.resourceSpans[0].scopeSpans[0].spans[0].traceId`"),
+    ({"resourceSpans": [{"scopeSpans": [{"spans": [{"links": [{"spanId": "zz"}]}]}]}]},
+     "spanId 'zz' is not hex - at `$.resourceSpans[0].scopeSpans[0].spans[0].links[0].spanId`"),
+    ([1], "an OTLP/JSON request is an object with `resourceSpans` - at `$`"),
+])
+async def test_a_malformed_otlp_json_body_is_a_400_saying_what_and_where(
+        stack: Any, keys: Bootstrap, body: Any, said: str) -> None:
+    # These were answered in Python's words: "'str' object has no attribute 'get'".
+    async with aiohttp.ClientSession() as http, http.post(
+            stack.endpoints["otlp-http"] + "/v1/traces", json=body, headers={"x-api-key": keys.app_key}) as r:
+        assert r.status == 400
+        assert said in (await r.json())["message"]
