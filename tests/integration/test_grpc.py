@@ -429,3 +429,23 @@ async def test_two_tenants_sending_one_event_id_are_each_stored_and_billed_once(
     query = "SELECT tenant, event_id, input_tokens FROM cost_ledger ORDER BY tenant, event_id"
     assert [tuple(r.values()) for r in store.rows(query)] == [
         ("acme", shared, 10), ("acme", later, 10), ("globex", shared, 20)]
+
+
+async def test_malformed_ids_and_an_endless_user_hash_are_refused_alone_naming_the_field(
+        bus: Bus, channel: grpc.aio.Channel) -> None:
+    # All were accepted and stored: trace ids that no trace has, ids that break lines, a 100k "hash".
+    bad = [
+        ({"trace_id": "zz"}, "trace_id"), ({"trace_id": "0" * 32}, "trace_id"),
+        ({"trace_id": "4BF92F3577B34DA6A3CE929D0E0E4736"}, "trace_id"), ({"trace_id": "4bf92f35"}, "trace_id"),
+        ({"span_id": "00f067aa0ba902b7ff"}, "span_id"), ({"span_id": "0" * 16}, "span_id"),
+        ({"id": "id with spaces"}, "id"), ({"id": "line\nbreak"}, "id"), ({"user_hash": "u" * 100_000}, "user_hash"),
+    ]
+    good = ingest_pb2.InferenceEvent(app="shop", model="kept", trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
+                                     span_id="00f067aa0ba902b7")
+    batch = ingest_pb2.InferenceBatch(events=[*(ingest_pb2.InferenceEvent(app="shop", **f) for f, _ in bad), good])
+    reply = await ingest_pb2_grpc.IngestStub(channel).Send(batch, timeout=10)
+    assert (reply.accepted, reply.rejected) == (1, len(bad))
+    for rejection, (_, field) in zip(reply.rejections, bad, strict=True):
+        assert rejection.reason.endswith(f"at `$.{field}`"), rejection.reason
+    stored = await stored_events(bus)
+    assert [e.model for e in stored[bus.subjects.inference("shop")]] == ["kept"]

@@ -17,6 +17,7 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -456,3 +457,32 @@ async def test_a_malformed_otlp_json_body_is_a_400_saying_what_and_where(
             stack.endpoints["otlp-http"] + "/v1/traces", json=body, headers={"x-api-key": keys.app_key}) as r:
         assert r.status == 400
         assert said in (await r.json())["message"]
+
+
+async def test_a_span_with_a_bad_link_or_no_sensible_end_is_refused_alone(
+        stack: Any, store: Store, keys: Bootstrap) -> None:
+    # Link ids went to otel_traces unchecked, and a span ending at 2**64-1 became an event 584 years long.
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add().spans
+    now = time.time_ns()
+    chat = [KeyValue(key="gen_ai.operation.name", value=AnyValue(string_value="chat")),
+            KeyValue(key="gen_ai.request.model", value=AnyValue(string_value="gpt-4o-mini"))]
+    for n, (name, end, link) in enumerate([("bad link", now + 1, (b"\x00" * 16, b"\x01" * 8)),
+                                           ("short link", now + 1, (b"\x01" * 16, b"\x01" * 4)),
+                                           ("endless", 2**64 - 1, None), ("kept", now + 10**9, (b"\x01" * 16, b"\x02" * 8))]):
+        span = spans.add(name=name, trace_id=b"\x01" * 16, span_id=bytes([n + 1]) * 8, start_time_unix_nano=now,
+                         end_time_unix_nano=end, attributes=chat)
+        if link:
+            span.links.add(trace_id=link[0], span_id=link[1])
+    async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"]) as channel:
+        reply = await trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+            request, metadata=(("x-api-key", keys.app_key),))
+    assert reply.partial_success.rejected_spans == 3
+    message = reply.partial_success.error_message
+    assert "link 0 trace_id" in message and "link 0 span_id" in message and "after the accepted window" in message
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="event stored")
+    await sink.spans.wait_for(1)
+    assert store.rows("SELECT SpanName, Links.TraceId AS links FROM otel_traces") == [
+        {"SpanName": "kept", "links": ["01" * 16]}]
+    assert store.scalar("SELECT latency_ms FROM inference_events") == 1000
