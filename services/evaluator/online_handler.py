@@ -133,7 +133,7 @@ class OnlineEval:
                 continue
             if result.scores:
                 await bus.publish(bus.subjects.eval_scores(result.deployment or result.app), result,
-                                  msg_id=f"scored-{result.event_id}")
+                                  msg_id=f"scored-{result.tenant}-{result.event_id}")
                 n += 1
             if plan.judge is not None and online.wants_judge(event, plan):
                 await self._enqueue(event, plan.judge)
@@ -251,7 +251,7 @@ class OnlineEval:
         bus = self.ctx.bus
         try:
             await bus.publish(bus.subjects.eval_scores(result.deployment or result.app), result,
-                              msg_id=f"scored-{result.event_id}-{online.JUDGE}")
+                              msg_id=f"scored-{result.tenant}-{result.event_id}-{online.JUDGE}")
         except LockgateError as exc:
             log.warning("judge outcome of %s not published: %s", result.event_id, exc.message)
             return

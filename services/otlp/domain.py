@@ -81,6 +81,9 @@ def strings(attrs: Mapping[str, Any]) -> dict[str, str]:
     return {k: as_string(v) for k, v in attrs.items()}
 
 
+_MAX_NS = 253402300799 * 10**9  # 9999-12-31T23:59:59Z
+
+
 def _ts(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, UTC)
 
@@ -115,6 +118,8 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
     open a storage partition of its own. Raises Forbidden if any span or resource names another
     tenant: nothing of the request is kept."""
     out = Decoded()
+    # No span ends after this: not after the window's end, nor (without a window) past what a datetime holds.
+    latest = window[1] if window is not None else _ts(_MAX_NS)
     for rs in request.resource_spans:
         resource = attributes(rs.resource.attributes)
         stored_resource = strings(resource) | {genai.TENANT: tenant}
@@ -127,6 +132,9 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                     trace_id = _hex_id(span.trace_id, 16, "trace_id")
                     span_id = _hex_id(span.span_id, 8, "span_id")
                     parent = _hex_id(span.parent_span_id, 8, "parent_span_id", optional=True)
+                    links = [(_hex_id(link.trace_id, 16, f"link {n} trace_id"), _hex_id(link.span_id, 8, f"link {n} span_id"),
+                              link.trace_state, strings(attributes(link.attributes)))
+                             for n, link in enumerate(span.links)]
                 except InvalidEvent as exc:
                     out.rejected += 1
                     out.problem(f"span {span.name!r} refused: {exc.message}")
@@ -138,13 +146,19 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                                 f"window {window[0].isoformat(timespec='seconds')} to "
                                 f"{window[1].isoformat(timespec='seconds')}")
                     continue
+                if span.end_time_unix_nano and _ts(span.end_time_unix_nano) > latest:
+                    # Its duration (the event's latency) would be as wrong: 2**64-1 made 584 years.
+                    out.rejected += 1
+                    out.problem(f"span {span_id} refused: its end {_ts(span.end_time_unix_nano).isoformat()} is "
+                                f"after the accepted window's end {latest.isoformat(timespec='seconds')}")
+                    continue
                 facts = genai.SpanFacts(
                     trace_id=trace_id, span_id=span_id, name=span.name, start=start,
                     duration_ns=max(0, span.end_time_unix_nano - span.start_time_unix_nano),
                     error=span.status.code == 2, status_message=span.status.message, attributes=attrs,
                     resource=resource)
-                named = genai.tenant_of(facts)
-                if named is not None and named != tenant:
+                named = genai.other_tenant(facts, tenant)
+                if named is not None:
                     raise Forbidden(f"span {span.name!r} is for tenant {named!r}; this API key may only send "
                                     f"spans for tenant {tenant!r}")
                 # Scrubbed here, at the edge: an instrumentation records request headers, statements and
@@ -156,8 +170,7 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                     attributes=strings(attrs), duration_ns=facts.duration_ns,
                     status_code=STATUSES.get(span.status.code, "Unset"), status_message=span.status.message,
                     events=[(_ts(e.time_unix_nano), e.name, strings(attributes(e.attributes))) for e in span.events],
-                    links=[(link.trace_id.hex(), link.span_id.hex(), link.trace_state,
-                            strings(attributes(link.attributes))) for link in span.links],
+                    links=links,
                 )))
                 try:
                     event = genai.to_event(facts, tenant=tenant, app=app)

@@ -98,10 +98,15 @@ def operation(attrs: Mapping[str, Any]) -> str | None:
     return "chat" if first(attrs, MODEL) is not None and first(attrs, PROVIDER) is not None else None
 
 
-def tenant_of(span: SpanFacts) -> str | None:
-    """The tenant a span says it belongs to (span attribute, else resource attribute), if any."""
-    value = span.attributes.get(TENANT) or span.resource.get(TENANT)
-    return None if value is None else str(value)
+def other_tenant(span: SpanFacts, tenant: str) -> str | None:
+    """A tenant other than `tenant` that the span or its resource says it belongs to, if either does.
+
+    Each claim counts: a span naming `tenant` must not hide a resource naming another (or the reverse)."""
+    for attrs in (span.attributes, span.resource):
+        value = attrs.get(TENANT)
+        if value is not None and str(value) != tenant:
+            return str(value)
+    return None
 
 
 def app_of(span: SpanFacts, default: str) -> str:

@@ -29,14 +29,59 @@ JSON = "application/json"
 MAX_PROBLEMS = 5  # reasons quoted in a partial-success message; the counts cover the rest
 
 
-def _hex_to_b64(obj: dict[str, Any], *keys: str) -> None:
-    for key in keys:
+_Id = str | None  # hex in OTLP/JSON (protobuf's JSON mapping would read base64)
+
+
+class _Link(msgspec.Struct):  # OTLP/JSON's names; protobuf's JSON parser reads either spelling
+    traceId: _Id = None
+    spanId: _Id = None
+    trace_id: _Id = None
+    span_id: _Id = None
+
+
+class _Span(_Link):
+    parentSpanId: _Id = None
+    parent_span_id: _Id = None
+    links: list[_Link] | None = None
+
+
+class _Scope(msgspec.Struct):
+    spans: list[_Span] | None = None
+
+
+class _Resource(msgspec.Struct):
+    scopeSpans: list[_Scope] | None = None
+    scope_spans: list[_Scope] | None = None
+
+
+class _Request(msgspec.Struct):
+    """The part of an OTLP/JSON request this module rewrites (the ids), so a request of another shape is
+    refused naming where (`... - at `$.resourceSpans[0].scopeSpans``) before anything walks it. The rest
+    is the standard parser's to check; unknown fields are ignored, as the spec asks."""
+
+    resourceSpans: list[_Resource] | None = None
+    resource_spans: list[_Resource] | None = None
+
+
+_ID_KEYS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
+
+
+def _hex_to_b64(obj: dict[str, Any], where: str) -> None:
+    for key in _ID_KEYS:
         raw = obj.get(key)
         if isinstance(raw, str) and raw:
             try:
                 obj[key] = base64.b64encode(bytes.fromhex(raw)).decode()
             except ValueError:
-                raise InvalidEvent(f"{key} {raw[:40]!r} is not hex") from None
+                raise InvalidEvent(f"{key} {raw[:40]!r} is not hex - at `{where}.{key}`") from None
+
+
+def _items(obj: dict[str, Any], *keys: str) -> tuple[str, list[Any]]:
+    """The first of `keys` that holds a non-empty list (the shape was checked), and that list."""
+    for key in keys:
+        if obj.get(key):
+            return key, obj[key]
+    return keys[0], []
 
 
 def request_from_json(body: bytes) -> ExportTraceServiceRequest:
@@ -44,15 +89,24 @@ def request_from_json(body: bytes) -> ExportTraceServiceRequest:
     try:
         data = msgspec.json.decode(body)
         if not isinstance(data, dict):
-            raise InvalidEvent("an OTLP/JSON request is an object with `resourceSpans`")
-        for rs in data.get("resourceSpans") or data.get("resource_spans") or ():
-            for ss in rs.get("scopeSpans") or rs.get("scope_spans") or ():
-                for span in ss.get("spans") or ():
-                    _hex_to_b64(span, "traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
-                    for link in span.get("links") or ():
-                        _hex_to_b64(link, "traceId", "spanId", "trace_id", "span_id")
+            raise InvalidEvent("an OTLP/JSON request is an object with `resourceSpans` - at `$`")
+        msgspec.convert(data, _Request)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"not an OTLP/JSON trace request: {exc}") from None
+    except UNDECODABLE as exc:
+        raise InvalidEvent(f"not an OTLP/JSON trace request: {undecodable(exc)}") from None
+    key, resources = _items(data, "resourceSpans", "resource_spans")
+    for i, rs in enumerate(resources):
+        scope_key, scopes = _items(rs, "scopeSpans", "scope_spans")
+        for j, ss in enumerate(scopes):
+            for k, span in enumerate(ss.get("spans") or ()):
+                where = f"$.{key}[{i}].{scope_key}[{j}].spans[{k}]"
+                _hex_to_b64(span, where)
+                for n, link in enumerate(span.get("links") or ()):
+                    _hex_to_b64(link, f"{where}.links[{n}]")
+    try:
         return json_format.ParseDict(data, ExportTraceServiceRequest(), ignore_unknown_fields=True)
-    except (*UNDECODABLE, json_format.ParseError, AttributeError, TypeError, binascii.Error) as exc:
+    except (json_format.ParseError, AttributeError, TypeError, ValueError, binascii.Error, RecursionError) as exc:
         raise InvalidEvent(f"not an OTLP/JSON trace request: {undecodable(exc)}") from None
 
 

@@ -69,6 +69,7 @@ class Encoded(msgspec.Struct, frozen=True, gc=False):
 
     app: str
     id: str
+    tenant: str  # with `id`, what makes the event one (and its batch's message id)
     traceparent: str  # the event's request, continued by the message that carries it ("" if none)
     data: bytes
 
@@ -162,7 +163,7 @@ def encode_event(event: InferenceEvent, *, check: bool | str = False, clock_time
         if not clock_time and (reason := _LIMITS.event_error(event)):
             raise InvalidEvent(f"invalid inference event: {reason} - at `$.time`")
     parent = f"00-{event.trace_id}-{event.span_id}-01" if event.trace_id and event.span_id else ""
-    return Encoded(event.app, event.id, parent, data)
+    return Encoded(event.app, event.id, event.tenant, parent, data)
 
 
 _app, _data = attrgetter("app"), attrgetter("data")
@@ -213,9 +214,12 @@ async def publish_events(
     sent = len(events) - failed
     if failed:
         first = next(exc for exc in errors if exc is not None)
+        # Only a transient error was retried: one that fails the same way every time (a payload over the
+        # server's max_payload, a closed connection) was tried once, and saying otherwise misleads.
+        tries = f"after {retry.attempts} attempts" if isinstance(first, TRANSIENT) else "(not retried: it fails the same way each time)"
         raise PublishFailed(
             f"JetStream did not acknowledge {failed} of {len(events)} inference events "
-            f"after {retry.attempts} attempts ({first!r}); they are counted as failed",
+            f"{tries}: {first!r}; they are counted as failed",
             sent=sent,
             failed=failed,
         )

@@ -15,8 +15,9 @@ from lockgate.client import Client
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
-from lockgate.errors import InvalidEvent, InvalidName, SignatureError
+from lockgate.errors import InvalidEvent, InvalidName, PublishFailed, SignatureError
 from lockgate.ids import batch_id
+from lockgate.outbox import encode_event, publish_events
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper.records import Records
 from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
@@ -301,3 +302,21 @@ async def test_decisions_by_unknown_or_revoked_keys_are_refused(bus: Bus, settin
     async with client(settings, trust_file=str(settings.home) + "/missing.json") as c:
         with pytest.raises(SignatureError, match="missing"):
             await c.decision("shop-5")
+
+
+async def test_a_publish_no_retry_can_help_is_not_said_to_have_been_retried(bus: Bus) -> None:
+    # A MaxPayloadError (a server whose max_payload is below the 900,000 bytes `emit` allows) was tried
+    # once, and reported "after 5 attempts".
+    subjects: list[str] = []
+
+    class Counting:  # the real JetStream context, its publishes counted
+        def publish(self, subject: str, *args: Any, **kw: Any) -> Any:
+            subjects.append(subject)
+            return bus.js.publish(subject, *args, **kw)
+
+    big = encode_event(InferenceEvent(app="shop", prompt="x" * 1_200_000))  # unchecked: over this server's 1 MB
+    with pytest.raises(PublishFailed) as err:
+        await publish_events(Counting(), bus.subjects, [big])
+    assert subjects == [bus.subjects.inference("shop")]
+    message = err.value.message
+    assert "MaxPayloadError" in message and "not retried" in message and "attempts" not in message, message

@@ -16,13 +16,14 @@ from lockgate.bus import Bus
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
-from lockgate.server.apikeys import Bootstrap, bootstrap
+from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper.records import Records
 from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
+from lockgate.store import Store
 from lockgate.subjects import token
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
-from tests.helpers import grpc_key
+from tests.helpers import eventually, grpc_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -390,3 +391,61 @@ async def test_get_decision_refuses_unknown_revoked_and_unsigned_keys(
             await stub.GetDecision(gates_pb2.GetDecisionRequest(release=release), timeout=10)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert reason in err.value.details()
+
+
+async def test_two_tenants_sending_one_event_id_are_each_stored_and_billed_once(
+    bus: Bus, store: Store, settings: Settings, channel: grpc.aio.Channel, gateway: Any,
+    run_services: Callable[..., Any],
+) -> None:
+    # Events were stored once per id across all tenants: another tenant's event under an id it had seen (ids
+    # travel in logs and traces) was dropped as a duplicate, by JetStream (the message id was a hash of the
+    # ids alone) and by the sink, and the owner's was never stored nor billed.
+    sink = (await run_services("sink", "cost"))["sink"].handlers
+    other, _ = KeyStore(settings.home).create("globex", "shop")
+    shared, later = "01900000-0000-7000-8000-00000000000a", "01900000-0000-7000-8000-00000000000b"
+
+    when = Timestamp()
+    when.FromDatetime(datetime.now(UTC))  # a re-sent event keeps its time
+
+    def batch(*ids: str, tokens: int) -> ingest_pb2.InferenceBatch:
+        return ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(
+            id=i, app="shop", model="gpt-4o-mini", input_tokens=tokens, time=when) for i in ids])
+
+    acme = ingest_pb2_grpc.IngestStub(channel)
+    assert (await acme.Send(batch(shared, tokens=10), timeout=10)).accepted == 1
+    async with grpc.aio.insecure_channel(gateway.endpoints["grpc"], interceptors=grpc_key(other)) as ch:
+        assert (await ingest_pb2_grpc.IngestStub(ch).Send(batch(shared, tokens=20), timeout=10)).accepted == 1
+    # The owner re-sends its event: alone (the same message id), then with a new one (another message id).
+    assert (await acme.Send(batch(shared, tokens=10), timeout=10)).accepted == 1
+    assert (await acme.Send(batch(shared, later, tokens=10), timeout=10)).accepted == 2
+
+    def stored() -> bool:  # the last message's new event is stored and billed: every earlier one was handled
+        return all(store.scalar(f"SELECT count() FROM {table} WHERE {column} = '{later}'") == 1
+                   for table, column in (("inference_events", "id"), ("cost_ledger", "event_id")))
+    await eventually(stored, [sink.events, sink.progress("cost_ledger")], what="the last event billed")
+    query = "SELECT tenant, id, input_tokens FROM inference_events ORDER BY tenant, id"
+    assert [tuple(r.values()) for r in store.rows(query)] == [
+        ("acme", shared, 10), ("acme", later, 10), ("globex", shared, 20)]
+    query = "SELECT tenant, event_id, input_tokens FROM cost_ledger ORDER BY tenant, event_id"
+    assert [tuple(r.values()) for r in store.rows(query)] == [
+        ("acme", shared, 10), ("acme", later, 10), ("globex", shared, 20)]
+
+
+async def test_malformed_ids_and_an_endless_user_hash_are_refused_alone_naming_the_field(
+        bus: Bus, channel: grpc.aio.Channel) -> None:
+    # All were accepted and stored: trace ids that no trace has, ids that break lines, a 100k "hash".
+    bad = [
+        ({"trace_id": "zz"}, "trace_id"), ({"trace_id": "0" * 32}, "trace_id"),
+        ({"trace_id": "4BF92F3577B34DA6A3CE929D0E0E4736"}, "trace_id"), ({"trace_id": "4bf92f35"}, "trace_id"),
+        ({"span_id": "00f067aa0ba902b7ff"}, "span_id"), ({"span_id": "0" * 16}, "span_id"),
+        ({"id": "id with spaces"}, "id"), ({"id": "line\nbreak"}, "id"), ({"user_hash": "u" * 100_000}, "user_hash"),
+    ]
+    good = ingest_pb2.InferenceEvent(app="shop", model="kept", trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
+                                     span_id="00f067aa0ba902b7")
+    batch = ingest_pb2.InferenceBatch(events=[*(ingest_pb2.InferenceEvent(app="shop", **f) for f, _ in bad), good])
+    reply = await ingest_pb2_grpc.IngestStub(channel).Send(batch, timeout=10)
+    assert (reply.accepted, reply.rejected) == (1, len(bad))
+    for rejection, (_, field) in zip(reply.rejections, bad, strict=True):
+        assert rejection.reason.endswith(f"at `$.{field}`"), rejection.reason
+    stored = await stored_events(bus)
+    assert [e.model for e in stored[bus.subjects.inference("shop")]] == ["kept"]

@@ -17,9 +17,16 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.exporter.otlp.proto.http import Compression
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
 from lockgate.bus import Bus
@@ -409,3 +416,73 @@ async def test_grpc_answers_a_request_that_does_not_decode_with_invalid_argument
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
             assert err.value.details().startswith("not a valid Export request: Error parsing message")
         assert await export(request.SerializeToString(), metadata=(("x-api-key", keys.app_key),)) == b""
+
+
+async def test_a_resource_naming_another_tenant_refuses_the_export_whatever_its_span_says(
+        stack: Any, store: Store, keys: Bootstrap, caplog: pytest.LogCaptureFixture) -> None:
+    # The span's claim was read first (`or`): a span saying the key's tenant hid a resource naming
+    # another, and the export was stored as the key's tenant's.
+    made = []
+    for tenant, name in (("globex", "refused"), ("acme", "accepted")):
+        spans = InMemorySpanExporter()
+        provider = TracerProvider(resource=Resource.create({"service.name": "bot", "lockgate.tenant": tenant}))
+        provider.add_span_processor(SimpleSpanProcessor(spans))
+        provider.get_tracer("test-app").start_span(name, attributes={"lockgate.tenant": "acme"}).end()
+        made += spans.get_finished_spans()
+    refused, accepted = made
+    exporter = HttpExporter(endpoint=stack.endpoints["otlp-http"] + "/v1/traces", headers={"x-api-key": keys.app_key})
+    assert await asyncio.to_thread(exporter.export, [refused]) == SpanExportResult.FAILURE
+    assert await asyncio.to_thread(exporter.export, [accepted]) == SpanExportResult.SUCCESS
+    assert "code: 403" in caplog.text, caplog.text  # what the exporter says of the refusal
+    await stack["sink"].handlers.spans.wait_for(1)  # the accepted export, published after the refused one
+    assert [r["SpanName"] for r in store.rows("SELECT SpanName FROM otel_traces")] == ["accepted"]
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    ({"resourceSpans": ["x"]}, "Expected `object`, got `str` - at `$.resourceSpans[0]`"),
+    ({"resourceSpans": [{"scopeSpans": {"spans": []}}]}, "Expected `array | null`, got `object` - at "
+                                                        "`$.resourceSpans[0].scopeSpans`"),
+    ({"resourceSpans": [{"scopeSpans": [{"spans": [{"links": [7]}]}]}]},
+     "Expected `object`, got `int` - at `$.resourceSpans[0].scopeSpans[0].spans[0].links[0]`"),
+    ({"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": 12}]}]}]},
+     "Expected `str | null`, got `int` - at `$.resourceSpans[0].scopeSpans[0].spans[0].traceId`"),
+    ({"resourceSpans": [{"scopeSpans": [{"spans": [{"links": [{"spanId": "zz"}]}]}]}]},
+     "spanId 'zz' is not hex - at `$.resourceSpans[0].scopeSpans[0].spans[0].links[0].spanId`"),
+    ([1], "an OTLP/JSON request is an object with `resourceSpans` - at `$`"),
+])
+async def test_a_malformed_otlp_json_body_is_a_400_saying_what_and_where(
+        stack: Any, keys: Bootstrap, body: Any, said: str) -> None:
+    # These were answered in Python's words: "'str' object has no attribute 'get'".
+    async with aiohttp.ClientSession() as http, http.post(
+            stack.endpoints["otlp-http"] + "/v1/traces", json=body, headers={"x-api-key": keys.app_key}) as r:
+        assert r.status == 400
+        assert said in (await r.json())["message"]
+
+
+async def test_a_span_with_a_bad_link_or_no_sensible_end_is_refused_alone(
+        stack: Any, store: Store, keys: Bootstrap) -> None:
+    # Link ids went to otel_traces unchecked, and a span ending at 2**64-1 became an event 584 years long.
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    spans = request.resource_spans.add().scope_spans.add().spans
+    now = time.time_ns()
+    chat = [KeyValue(key="gen_ai.operation.name", value=AnyValue(string_value="chat")),
+            KeyValue(key="gen_ai.request.model", value=AnyValue(string_value="gpt-4o-mini"))]
+    for n, (name, end, link) in enumerate([("bad link", now + 1, (b"\x00" * 16, b"\x01" * 8)),
+                                           ("short link", now + 1, (b"\x01" * 16, b"\x01" * 4)),
+                                           ("endless", 2**64 - 1, None), ("kept", now + 10**9, (b"\x01" * 16, b"\x02" * 8))]):
+        span = spans.add(name=name, trace_id=b"\x01" * 16, span_id=bytes([n + 1]) * 8, start_time_unix_nano=now,
+                         end_time_unix_nano=end, attributes=chat)
+        if link:
+            span.links.add(trace_id=link[0], span_id=link[1])
+    async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"]) as channel:
+        reply = await trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+            request, metadata=(("x-api-key", keys.app_key),))
+    assert reply.partial_success.rejected_spans == 3
+    message = reply.partial_success.error_message
+    assert "link 0 trace_id" in message and "link 0 span_id" in message and "after the accepted window" in message
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="event stored")
+    await sink.spans.wait_for(1)
+    assert store.rows("SELECT SpanName, Links.TraceId AS links FROM otel_traces") == [
+        {"SpanName": "kept", "links": ["01" * 16]}]
+    assert store.scalar("SELECT latency_ms FROM inference_events") == 1000

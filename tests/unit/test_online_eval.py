@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(30)
 
 def _event(i: int, response: str | None = "hello", status: str = "ok") -> InferenceEvent:
     return InferenceEvent(id=f"01941f29-7c00-7000-8000-{i:012x}", app="shop", deployment="chat", release="r2",
-                          variant="canary", response=response, status=status, trace_id="t" * 32,
+                          variant="canary", response=response, status=status, trace_id="4bf92f3577b34da6a3ce929d0e0e4736",
                           time=datetime(2026, 12, 3, 14, 0, tzinfo=UTC))
 
 
@@ -44,7 +44,7 @@ def test_scores_of_an_answer_and_none_for_errors() -> None:
     assert scored.scores == {"pii_free": 0.0, "refusal": 0.0, "length": 29.0}
     assert [(r.scorer, r.value, r.error) for r in scored.results] == [
         ("pii_free", 0.0, ""), ("refusal", 0.0, ""), ("length", 29.0, "")]
-    assert scored.trace_id == "t" * 32 and scored.variant == "canary" and scored.time == _event(1).time
+    assert scored.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736" and scored.variant == "canary" and scored.time == _event(1).time
     assert online.score(_event(2, "I'm sorry, but I can't help with that"), _plan(("refusal",))).scores == {  # type: ignore[union-attr]
         "refusal": 1.0}
     assert online.score(_event(3, None, status="error"), _plan(("length",))) is None

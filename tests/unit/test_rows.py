@@ -138,7 +138,8 @@ def test_extra_columns_and_transforms() -> None:
     assert data[table.index("prompt")] == ["[REDACTED]"]
     with pytest.raises(ValueError, match="msg_id"):
         table.data([InferenceEvent(app="a")])
-    assert table.keys(data) == [event.id]  # an event is stored once per id, whatever its message: its id is its key
+    # an event is stored once per (tenant, id), whatever its message: another tenant's id is another event
+    assert table.keys(data) == [(event.tenant, event.id)]
     cases = EVAL_CASES.data(SAMPLE_ROWS["eval_cases"][0])
     assert EVAL_CASES.keys(cases) == [("run", "c1", 1), ("run", "c2", 0)]  # a key of several columns: tuples
 

@@ -51,7 +51,8 @@ def test_new_rows_per_row(keys: list, origins: list[int], stored: set, expected:
 
 def test_events_and_ledger_entries_are_facts_of_their_own_looked_up_in_their_time_range() -> None:
     by_table = {p.table.name: p for p in (*FACTS, INFERENCE)}
-    for name, key in (("inference_events", ("id",)), ("cost_ledger", ("event_id",))):
+    # Ids are chosen by producers: another tenant's event under the same id is another fact.
+    for name, key in (("inference_events", ("tenant", "id")), ("cost_ledger", ("tenant", "event_id"))):
         assert by_table[name].table.key == key
         assert by_table[name].per_row and by_table[name].within == "time"
 
@@ -67,6 +68,7 @@ def test_key_strings_of_plain_and_tuple_keys() -> None:
     assert key_strings(["e2", "e1", "e2"]) == ["e2", "e1"]
     assert sorted(key_strings([7, 3, 7])) == ["3", "7"]
     assert sorted(key_strings([("run", "c1", 0), ("run", "c1", 0)])) == ["run\x00c1\x000"]
+    assert key_strings([("t", "e2"), ("t", "e1"), ("t", "e2")]) == ["t\x00e2", "t\x00e1"]  # arrival order
 
 
 def test_every_table_but_spans_and_dead_letters_is_a_keyed_projection() -> None:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import functools
 from datetime import UTC, datetime
-from typing import Annotated
 
 import msgspec
 
-from lockgate.contracts.names import Name, check_names, deferral
+from lockgate.contracts.names import EventId, Name, SpanId, TraceId, check_ids, check_names, deferral
 from lockgate.ids import uuid7
 
 SCHEMA_VERSION = 1
-EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 
 
 def utcnow() -> datetime:
@@ -29,10 +27,11 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_de
     # `utcnow` as a partial, which msgspec calls without a Python frame: every event made is timed.
     time: datetime = msgspec.field(default_factory=functools.partial(datetime.now, UTC))
     tenant: Name = "default"
-    trace_id: str = ""
-    span_id: str = ""
+    trace_id: TraceId = ""
+    span_id: SpanId = ""
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         if not deferral.active:  # else checked per decoded batch (lockgate.codec, names.deferred)
+            check_ids(self)
             check_names(self)

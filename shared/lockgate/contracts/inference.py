@@ -40,7 +40,7 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
     finish_reason: Annotated[str, msgspec.Meta(description="gen_ai.response.finish_reasons[0]")] = ""
     prompt: str | None = None
     response: str | None = None
-    user_hash: str = ""
+    user_hash: Annotated[str, msgspec.Meta(max_length=128, description="a pseudonymous user id, never the raw one")] = ""
     session_id: str = ""
     attributes: dict[str, str] = {}
     scores: dict[str, float] = {}
