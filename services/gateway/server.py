@@ -21,6 +21,7 @@ from lockgate.client import get_decision, watch_decisions
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, SignatureError
+from lockgate.ids import uuid7_time
 from lockgate.outbox import Encoded, encode_event, publish_events
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.server.grpcdecode import DecodeErrors
@@ -56,6 +57,10 @@ def event_from_proto(msg: ingest_pb2.InferenceEvent, tenant: str = "default") ->
             raw["time"] = msg.time.ToDatetime(tzinfo=UTC)
         except ValueError as exc:  # seconds or nanos outside Timestamp's range: no datetime at all
             raise InvalidEvent(f"{exc} - at `$.time`") from None
+    elif (made := uuid7_time(msg.id)) is not None:
+        # A retried Send must be the same event, time included (the sink finds a stored copy in its time
+        # range): the time the id was made, not this call's. Other ids without a time get the call's.
+        raw["time"] = made
     raw["attributes"] = dict(msg.attributes)
     raw["scores"] = dict(msg.scores)
     try:

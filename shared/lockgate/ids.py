@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -51,6 +53,15 @@ def uuid7() -> str:
     _pos = p + 20
     r = _pool  # 80 random bits, of which the version (digit 0, not used) and variant take 6
     return f"{_prefix}{r[p + 1 : p + 4]}-{r[p + 4 : p + 8]}-{r[p + 8 : p + 20]}"
+
+
+_UUID7 = re.compile(r"^([0-9a-f]{8})-([0-9a-f]{4})-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def uuid7_time(value: str) -> datetime | None:
+    """The millisecond a UUIDv7 was made (its first 48 bits), or None when `value` is not one."""
+    m = _UUID7.match(value.lower())
+    return datetime.fromtimestamp(int(m.group(1) + m.group(2), 16) / 1000, UTC) if m else None
 
 
 def derived_id(namespace: str, *parts: str) -> str:

@@ -16,6 +16,7 @@ from lockgate.bus import Bus
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
+from lockgate.ids import uuid7, uuid7_time
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper.records import Records
@@ -429,6 +430,35 @@ async def test_two_tenants_sending_one_event_id_are_each_stored_and_billed_once(
     query = "SELECT tenant, event_id, input_tokens FROM cost_ledger ORDER BY tenant, event_id"
     assert [tuple(r.values()) for r in store.rows(query)] == [
         ("acme", shared, 10), ("acme", later, 10), ("globex", shared, 20)]
+
+
+async def test_a_retried_send_without_a_time_is_still_the_same_event(
+    store: Store, channel: grpc.aio.Channel, run_services: Callable[..., Any],
+) -> None:
+    # Before: an event sent with a UUIDv7 id and no time (as the proto invites) was stamped with each Send's
+    # own time, so a retry after JetStream's 2-minute duplicate window was another event to the sink (it
+    # finds a stored copy in the batch's time range): stored and billed twice. The time is now the id's.
+    sink = (await run_services("sink", "cost"))["sink"].handlers
+    resent, later = uuid7(), uuid7()
+
+    def batch(*ids: str) -> ingest_pb2.InferenceBatch:
+        return ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(
+            id=i, app="shop", model="gpt-4o-mini", input_tokens=10) for i in ids])
+
+    def count(event_id: str) -> tuple[int, int]:
+        return tuple(store.scalar(f"SELECT count() FROM {table} WHERE {column} = '{event_id}'")  # type: ignore[return-value]
+                     for table, column in (("inference_events", "id"), ("cost_ledger", "event_id")))
+
+    stub = ingest_pb2_grpc.IngestStub(channel)
+    assert (await stub.Send(batch(resent), timeout=10)).accepted == 1
+    await eventually(lambda: count(resent) == (1, 1), [sink.events, sink.progress("cost_ledger")], what="billed")
+    # The retry travels with a new event (another message id, so JetStream does not drop it): only the sink
+    # can tell it was stored.
+    assert (await stub.Send(batch(resent, later), timeout=10)).accepted == 2
+    await eventually(lambda: count(later) == (1, 1), [sink.events, sink.progress("cost_ledger")], what="billed")
+    assert count(resent) == (1, 1)
+    assert store.scalar(f"SELECT toUnixTimestamp64Milli(time) FROM inference_events WHERE id = '{resent}'") == \
+        int(uuid7_time(resent).timestamp() * 1000)  # type: ignore[union-attr]
 
 
 async def test_malformed_ids_and_an_endless_user_hash_are_refused_alone_naming_the_field(
