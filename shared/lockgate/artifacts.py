@@ -215,6 +215,20 @@ async def check_references(bus: Bus, artifacts: dict[str, str]) -> None:
             raise BusUnavailable(f"cannot look up artifact {digest}: {exc!r}") from None
 
 
+async def check_parent(bus: Bus, release: str, parent: str) -> None:
+    """Refuse a parent that is the release itself or not a registered release: the parent is part of the
+    binding, so a mistyped one would take the name for ever (and could close a cycle in the lineage)."""
+    if not parent:
+        return
+    if parent == release:
+        raise ConfigError(f"release {release!r} cannot be its own parent")
+    try:
+        await release_of(bus, parent)
+    except NotFound:
+        raise NotFound(f"parent release {parent!r} of {release!r} is not registered: register it first "
+                       "(`lockgate release create`, or `apply`)") from None
+
+
 async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str, str], *,
                            parent: str = "", description: str = "", tenant: str = "default",
                            author: Identity | None = None) -> ReleaseRegistered:
@@ -224,6 +238,7 @@ async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str
     their approval of it. ReleaseConflict if the name is already bound to other artifacts.
     """
     await check_references(bus, artifacts)
+    await check_parent(bus, release, parent)
     bundle = release_bundle(release, app, artifacts, parent=parent, tenant=tenant)
     await bind_release(bus, sign_bundle(author, bundle) if author is not None else bundle)
     event = ReleaseRegistered(release=release, app=app, artifacts=artifacts, parent=parent,

@@ -389,6 +389,23 @@ def test_a_jsonl_dataset_of_one_case_runs_and_a_broken_one_is_refused_naming_the
         assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
+def test_a_release_parent_must_be_another_registered_release(stack: dict[str, str], tmp_path: Path) -> None:
+    # Before: `release create --parent` took any name (a typo, a release never registered, the release
+    # itself, or two releases naming each other) and bound it for ever into the release and its lineage.
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Answer in one word.")
+    [art] = json.loads(run("artifact", "register", "prompt", str(prompt), "--json", env=stack).stdout)
+    pair = f"prompt/p={art['hash']}"
+    for name, parent, code, said in (("kin-r2", "kin-r1", 3, "parent release 'kin-r1' of 'kin-r2' is not registered"),
+                                     ("kin-r1", "kin-r1", 2, "release 'kin-r1' cannot be its own parent")):
+        refused = run("release", "create", name, "--app", "kin", "--artifact", pair, "--parent", parent, env=stack,
+                      check=False)
+        assert refused.returncode == code and said in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    run("release", "create", "kin-r1", "--app", "kin", "--artifact", pair, env=stack)
+    run("release", "create", "kin-r2", "--app", "kin", "--artifact", pair, "--parent", "kin-r1", env=stack)
+
+
 BOMB = "kind: prompt\nname: bomb\nspec:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
     f"  {x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n" for p, x in zip("abcdefgh", "bcdefghi", strict=True))
 
