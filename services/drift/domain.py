@@ -32,6 +32,7 @@ _TEXT_CHARS = 2000  # what of a long text is embedded: its topic shows in the st
 # Texts embedded per window at most: every k-th row's texts, k = window_size // TEXT_ROWS. A permutation test
 # on 200 texts a side sees a change of topic; embedding every event would cost more than all other features.
 TEXT_ROWS = 200
+_HUGE = 1e150  # beyond this a window's values are rescaled before their means and spreads (see _numeric)
 
 
 def deployment_of(event: InferenceEvent | InferenceScored) -> str:
@@ -201,13 +202,21 @@ class DriftMonitor:
         return out
 
     def _numeric(self, name: str, r: np.ndarray, c: np.ndarray) -> FeatureDrift:
+        # Values near the float limit (a score of 1e308 is valid JSON) overflow a mean or a spread to inf or
+        # NaN, which JSON cannot carry: the report could not be decoded anywhere. The tests are scale-free,
+        # so such windows are compared in units of their largest value and the means scaled back.
+        scale = max(float(np.max(np.abs(r))), float(np.max(np.abs(c))))
+        if scale > _HUGE:
+            r, c = r / scale, c / scale
+        else:
+            scale = 1.0
         ks_stat, ks_p = stats.ks(r, c)
         t = stats.drift_test(r, c, "num")
         # Few distinct values (a 0/1 score): deciles would put them all in one bin, so PSI is over the values.
         psi = stats.categorical(r, c)[0] if t.test in stats.CATEGORICAL_TESTS else stats.psi(r, c, self.bins)
-        return FeatureDrift(feature=name, psi=psi, ks_stat=ks_stat, ks_pvalue=ks_p, reference_mean=float(r.mean()),
-                            current_mean=float(c.mean()), drifted=t.drifted and psi >= self.psi_threshold,
-                            **_test_fields(t))
+        return FeatureDrift(feature=name, psi=psi, ks_stat=ks_stat, ks_pvalue=ks_p,
+                            reference_mean=float(r.mean()) * scale, current_mean=float(c.mean()) * scale,
+                            drifted=t.drifted and psi >= self.psi_threshold, **_test_fields(t))
 
     def _categorical(self, name: str, r: np.ndarray, c: np.ndarray) -> FeatureDrift:
         psi, chi2, p, top, share_ref, share_cur = stats.categorical(r, c)

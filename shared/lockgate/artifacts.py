@@ -42,9 +42,26 @@ def canonical_bytes(content: bytes | str | dict | list, media_type: str) -> byte
     except (ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"artifact is not valid {media_type}: {exc}") from None
     if media_type == "application/jsonl":
-        lines = [canonical_json(json.loads(ln)) for ln in raw.decode().splitlines() if ln.strip()]
-        return b"\n".join(lines) + b"\n"
+        return _canonical_jsonl(raw)
     return raw
+
+
+def _canonical_jsonl(raw: bytes) -> bytes:
+    """One canonical JSON value per line, ending in a newline (which tells a one-line JSONL from JSON)."""
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"artifact is not valid application/jsonl: line {line} is not UTF-8") from None
+    lines = []
+    for number, ln in enumerate(text.splitlines(), 1):
+        if not ln.strip():
+            continue
+        try:
+            lines.append(canonical_json(json.loads(ln)))
+        except ValueError as exc:
+            raise ConfigError(f"artifact is not valid application/jsonl: line {number}: {exc}") from None
+    return b"\n".join(lines) + b"\n"
 
 
 def parse(data: bytes, media_type: str) -> Any:
@@ -101,7 +118,10 @@ async def register_file(bus: Bus, kind: ArtifactKind, path: str | Path, *, name:
     except OSError as exc:
         raise ConfigError(f"cannot read artifact file {p}: {exc.strerror}") from None
     media = _MEDIA.get(p.suffix.lower(), "application/octet-stream")
-    return await register(bus, kind, name or p.stem, data, media_type=media, tenant=tenant, signer=signer)
+    try:
+        return await register(bus, kind, name or p.stem, data, media_type=media, tenant=tenant, signer=signer)
+    except ConfigError as exc:
+        raise ConfigError(f"{p}: {exc.message}") from None
 
 
 async def load(bus: Bus, digest: str) -> bytes:
@@ -115,12 +135,15 @@ async def load(bus: Bus, digest: str) -> bytes:
 
 
 async def load_structured(bus: Bus, digest: str) -> Any:
-    """An artifact parsed as JSON (YAML and JSON artifacts are stored as canonical JSON)."""
+    """An artifact parsed as JSON (YAML and JSON artifacts are stored as canonical JSON), or a JSONL artifact's
+    rows: canonical JSONL ends in a newline and canonical JSON never does, so a one-line dataset is one row."""
     data = await load(bus, digest)
+    if data.endswith(b"\n"):
+        return parse(data, "application/jsonl")
     try:
         return json.loads(data)
     except ValueError:
-        return [json.loads(ln) for ln in data.decode().splitlines() if ln.strip()]
+        return parse(data, "application/jsonl")
 
 
 def release_bundle(release: str, app: str, artifacts: dict[str, str], *, parent: str = "",
@@ -192,6 +215,20 @@ async def check_references(bus: Bus, artifacts: dict[str, str]) -> None:
             raise BusUnavailable(f"cannot look up artifact {digest}: {exc!r}") from None
 
 
+async def check_parent(bus: Bus, release: str, parent: str) -> None:
+    """Refuse a parent that is the release itself or not a registered release: the parent is part of the
+    binding, so a mistyped one would take the name for ever (and could close a cycle in the lineage)."""
+    if not parent:
+        return
+    if parent == release:
+        raise ConfigError(f"release {release!r} cannot be its own parent")
+    try:
+        await release_of(bus, parent)
+    except NotFound:
+        raise NotFound(f"parent release {parent!r} of {release!r} is not registered: register it first "
+                       "(`lockgate release create`, or `apply`)") from None
+
+
 async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str, str], *,
                            parent: str = "", description: str = "", tenant: str = "default",
                            author: Identity | None = None) -> ReleaseRegistered:
@@ -201,6 +238,7 @@ async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str
     their approval of it. ReleaseConflict if the name is already bound to other artifacts.
     """
     await check_references(bus, artifacts)
+    await check_parent(bus, release, parent)
     bundle = release_bundle(release, app, artifacts, parent=parent, tenant=tenant)
     await bind_release(bus, sign_bundle(author, bundle) if author is not None else bundle)
     event = ReleaseRegistered(release=release, app=app, artifacts=artifacts, parent=parent,

@@ -364,6 +364,48 @@ def test_eval_run_checks_the_suite_first_and_its_exit_code_says_how_the_eval_and
     assert eval_run(suite, "--model", "sim-stable", "--json").returncode == 0
 
 
+def test_a_jsonl_dataset_of_one_case_runs_and_a_broken_one_is_refused_naming_the_line(
+        stack: dict[str, str], tmp_path: Path) -> None:
+    # Before: a dataset of one case (one JSONL line) read back as a JSON object, so its every eval failed
+    # with "Expected `array`, got `object`"; a line that was not JSON, or not UTF-8, was a traceback.
+    demo = Path(__file__).parents[2] / "dev" / "lockgate_dev" / "demo_data"
+    (tmp_path / "suite.yaml").write_bytes((demo / "suite.yaml").read_bytes())
+    first = (demo / "qa.jsonl").read_text().splitlines()[0]
+    (tmp_path / "qa.jsonl").write_text(first + "\n")
+
+    def eval_run() -> subprocess.CompletedProcess[str]:
+        return run("eval", "run", str(tmp_path / "suite.yaml"), "--candidate", "one-case-r1", "--endpoint",
+                   stack["E2E_SIM"], "--model", "sim-good", "--json", env=stack, check=False)
+
+    one = eval_run()
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert json.loads(one.stdout)["metrics"]["n_cases"] == 1
+    for content, said in ((first.encode() + b"\n{not json\n", "line 2: Expecting property name"),
+                          (b'{"input": "caf\xe9", "expected": "x"}\n', "line 1 is not UTF-8")):
+        (tmp_path / "qa.jsonl").write_bytes(content)
+        refused = eval_run()
+        assert refused.returncode == 2 and f"{tmp_path / 'qa.jsonl'}: artifact is not valid application/jsonl: " \
+            f"{said}" in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_a_release_parent_must_be_another_registered_release(stack: dict[str, str], tmp_path: Path) -> None:
+    # Before: `release create --parent` took any name (a typo, a release never registered, the release
+    # itself, or two releases naming each other) and bound it for ever into the release and its lineage.
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("Answer in one word.")
+    [art] = json.loads(run("artifact", "register", "prompt", str(prompt), "--json", env=stack).stdout)
+    pair = f"prompt/p={art['hash']}"
+    for name, parent, code, said in (("kin-r2", "kin-r1", 3, "parent release 'kin-r1' of 'kin-r2' is not registered"),
+                                     ("kin-r1", "kin-r1", 2, "release 'kin-r1' cannot be its own parent")):
+        refused = run("release", "create", name, "--app", "kin", "--artifact", pair, "--parent", parent, env=stack,
+                      check=False)
+        assert refused.returncode == code and said in refused.stderr, refused.stderr
+        assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    run("release", "create", "kin-r1", "--app", "kin", "--artifact", pair, env=stack)
+    run("release", "create", "kin-r2", "--app", "kin", "--artifact", pair, "--parent", "kin-r1", env=stack)
+
+
 BOMB = "kind: prompt\nname: bomb\nspec:\n  a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
     f"  {x}: &{x} [{', '.join([f'*{p}'] * 9)}]\n" for p, x in zip("abcdefgh", "bcdefghi", strict=True))
 

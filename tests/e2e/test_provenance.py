@@ -76,3 +76,17 @@ def test_aliases_attestations_sunset_and_openlineage_on_a_running_stack(stack: d
         "2026-01-01T00:00:00Z", env=stack)
     sunset = run("--as", "pat", "alias", "set", "shop", "production", "prov-r1", env=stack, check=False)
     assert sunset.returncode == 4 and "uses sunset artifacts" in sunset.stderr and successor["hash"] in sunset.stderr
+
+
+def test_reading_an_alias_of_a_name_no_alias_can_have_is_refused_as_such(stack: dict[str, str]) -> None:
+    # Before: `alias get shop ''`, `alias get '' production` and `alias list ''` answered "points to nothing
+    # yet" (exit 3) or "no aliases" (exit 0), as if the alias were merely unset, while `alias set` refuses them.
+    for args, said in ((("alias", "get", "shop", ""), "invalid alias ''"),
+                       (("alias", "get", "", "production"), "invalid app ''"),
+                       (("alias", "get", "shop", "prod uction"), "invalid alias 'prod uction'"),
+                       (("alias", "list", ""), "invalid app ''"),
+                       (("history", "shop/a b"), "invalid alias 'a b'")):
+        refused = run("--role", "viewer", *args, env=stack, check=False)
+        assert refused.returncode == 1 and refused.stderr.startswith(f"error: {said}: 1-128 characters"), \
+            (args, refused.stderr)
+        assert len(refused.stderr.strip().splitlines()) == 1

@@ -174,3 +174,21 @@ async def test_online_scores_are_drift_features(run_services, bus: Bus) -> None:
     assert pii.drifted and pii.test == "z" and (pii.reference_mean, pii.current_mean) == (1.0, 0.6)
     assert not by["score.length"].drifted
     await sub.unsubscribe()
+
+
+async def test_scores_near_the_float_limit_give_a_report_that_decodes_and_is_stored(
+        run_services, bus: Bus, store: Store) -> None:
+    # Before: a score of 1e308 (valid JSON and a valid event) overflowed the window's mean to inf or NaN,
+    # which JSON writes as null: every report of the deployment was undecodable (the sink dead-lettered it).
+    sub = await bus.nc.subscribe(bus.subjects.drift("huge"))
+    svcs = await run_services("sink", "drift")
+    events = [InferenceEvent(app="shop", deployment="huge", model="m", output_tokens=10,
+                             scores={"length": 1e308 if i % 3 else 1.0}) for i in range(100)]
+    await bus.publish(bus.subjects.inference("shop"), events)
+    report = report_codec.decode((await sub.next_msg(timeout=15)).data)
+    length = next(f for f in report.features if f.feature == "score.length")
+    assert length.reference_mean == pytest.approx(length.current_mean) and 6e307 < length.reference_mean < 7e307
+    assert not report.drifted  # the same distribution in both windows
+    await sink_stored(svcs["sink"].handlers, drift_reports=1)
+    assert await asyncio.to_thread(drift_reports, store, "huge")
+    await sub.unsubscribe()

@@ -143,3 +143,37 @@ def test_an_alias_moved_outside_git_is_drift_to_undo(folder: Path) -> None:
     assert plan.exit_code == 2
     # Never set live (or set by this folder's first apply): the applied state decides, as before.
     assert diff(desired, {}, {}, live={}).count("add") == 12
+
+
+def _release_doc(folder: Path, name: str, pinned: str, parent: str) -> None:
+    (folder / "releases" / f"{name}.yaml").write_text(
+        f"kind: release\nname: {name}\nrelease: {pinned}\napp: gitshop\nparent: {parent}\n"
+        "artifacts: [prompt/gitshop-system]\n")
+
+
+def test_a_release_parent_must_be_bound_or_of_the_folder_and_binds_first(folder: Path) -> None:
+    # Before: `parent:` was taken as written: a typo or a cycle planned as an addition, and a parent of the
+    # folder could be bound after its child (by name order), so apply failed half-way.
+    _release_doc(folder, "a-child", "kin-child", "kin-parent")
+    _release_doc(folder, "z-parent", "kin-parent", "gitshop-v1")
+    plan = diff(resolve(load_folder(folder)), {}, {})
+    assert plan.errors == []
+    order = [s.release for s in plan.steps if s.kind == "release"]
+    assert order.index("kin-parent") < order.index("kin-child")
+    _release_doc(folder, "orphan", "kin-orphan", "kin-typo")
+    _release_doc(folder, "p1", "kin-p1", "kin-p2")
+    _release_doc(folder, "p2", "kin-p2", "kin-p1")
+    errors = diff(resolve(load_folder(folder)), {}, {}).errors
+    assert errors == [
+        "document releases/orphan.yaml: parent release 'kin-typo' is not registered and no release of the folder "
+        "is named so - at `$.parent`",
+        "document releases/p1.yaml: the parents of release 'kin-p1' form a cycle (kin-p1 -> kin-p2 -> kin-p1) - at "
+        "`$.parent`",
+        "document releases/p2.yaml: the parents of release 'kin-p2' form a cycle (kin-p2 -> kin-p1 -> kin-p2) - at "
+        "`$.parent`"]
+    desired = resolve(load_folder(folder))
+    p1 = next(r.digest for r in desired if r.release == "kin-p1")  # bound already (before parents were checked)
+    assert diff(desired, {}, {"kin-typo": "sha256:x", "kin-p1": p1}).errors == []
+    _release_doc(folder, "self", "kin-self", "kin-self")
+    with pytest.raises(GitopsError, match=r"release 'kin-self' cannot be its own parent - at `\$.parent`"):
+        resolve(load_folder(folder))

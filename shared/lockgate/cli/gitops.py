@@ -80,7 +80,8 @@ async def _plan(bus: Any, desired: list[Any], prune: bool, settings: Any) -> Any
     from lockgate.gitops.state import read_aliases, read_bindings, read_state
 
     state = await read_state(bus)
-    bound = await read_bindings(bus, [r.release for r in desired if r.kind == "release"])
+    releases = [r for r in desired if r.kind == "release"]
+    bound = await read_bindings(bus, [*{*(r.release for r in releases), *(r.bundle["parent"] for r in releases)} - {""}])
     return diff(desired, state, bound, prune=prune, live=await read_aliases(bus, settings, desired))
 
 

@@ -91,7 +91,7 @@ def diff(desired: list[Resource], state: dict[str, StateEntry], bound: dict[str,
     now (`app/alias` -> release; absent: never set)."""
     live = live or {}
     steps: list[Step] = []
-    errors: list[str] = []
+    errors: list[str] = _parent_errors(desired, bound)
     for res in desired:
         if res.kind == "release" and res.release in bound and bound[res.release] != res.digest:
             errors.append(f"document {res.source}: release {res.release!r} is already bound to other content "
@@ -121,5 +121,41 @@ def diff(desired: list[Resource], state: dict[str, StateEntry], bound: dict[str,
             steps.append(Step(action="remove" if prune else "orphan", kind=entry.kind, name=entry.name,
                               previous=entry.digest, previous_release=entry.release, source=entry.source,
                               commit=entry.commit, dirty=entry.dirty))
-    steps.sort(key=lambda s: (_rank(s.kind), s.name))
+    generation = _generations(desired)
+    steps.sort(key=lambda s: (_rank(s.kind), generation.get(s.release, 0) if s.kind == "release" else 0, s.name))
     return Plan(steps=steps, errors=errors)
+
+
+def _parent_errors(desired: list[Resource], bound: dict[str, str]) -> list[str]:
+    """A release's parent must be bound already or be another release of the folder (applied before it)."""
+    parents = {r.release: r.bundle.get("parent", "") for r in desired if r.kind == "release"}
+    errors = []
+    for res in desired:
+        parent = parents.get(res.release, "") if res.kind == "release" else ""
+        if not parent or res.release in bound:
+            continue
+        if parent not in bound and parent not in parents:
+            errors.append(f"document {res.source}: parent release {parent!r} is not registered and no release "
+                          f"of the folder is named so - at `$.parent`")
+            continue
+        seen = [res.release]
+        while parent in parents and parent not in bound and parent not in seen:
+            seen.append(parent)
+            parent = parents[parent]
+        if parent == res.release:
+            errors.append(f"document {res.source}: the parents of release {res.release!r} form a cycle "
+                          f"({' -> '.join([*seen, parent])}) - at `$.parent`")
+    return errors
+
+
+def _generations(desired: list[Resource]) -> dict[str, int]:
+    """How many of the folder's releases stand above each release in its parent chain, so parents bind first."""
+    parents = {r.release: r.bundle.get("parent", "") for r in desired if r.kind == "release"}
+    out = {}
+    for release in parents:
+        seen, parent = {release}, parents[release]
+        while parent in parents and parent not in seen:
+            seen.add(parent)
+            parent = parents[parent]
+        out[release] = len(seen) - 1
+    return out

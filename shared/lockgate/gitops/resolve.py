@@ -130,6 +130,8 @@ def _release(src: Source, doc: Release, artifacts: dict[str, Resource]) -> Resou
     # release on any stack, and an edited artifact names a new one.
     version = content_hash({"app": doc.app, "artifacts": hashes, "parent": doc.parent})[7:19]
     name = doc.release or f"{doc.name}@{version}"
+    if doc.parent and doc.parent == name:
+        raise _bad(src, f"release {name!r} cannot be its own parent", "$.parent")
     bundle = release_bundle(name, doc.app, hashes, parent=doc.parent)
     return Resource(kind="release", name=doc.name, digest=content_hash(bundle_content(bundle)), source=src.path,
                     release=name, bundle=bundle, labels=dict(doc.labels), description=doc.description)

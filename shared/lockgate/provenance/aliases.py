@@ -18,6 +18,8 @@ from lockgate.subjects import untoken
 
 async def history(bus: Bus, settings: Settings, app: str, alias: str) -> tuple[list[AliasChanged], list[str]]:
     """Every change of the alias, oldest first, and who signed each; ChainBroken if any does not check out."""
+    check_name(app, "app")  # a name no alias can have is a mistake to name, not an alias never set
+    check_name(alias, "alias")
     records = await ledger.history(bus, bus.subjects.alias(app, alias), AliasChanged)
     for r in records:
         if (r.app, r.alias) != (app, alias):
@@ -68,6 +70,8 @@ async def pointed_at(bus: Bus, settings: Settings, app: str, alias: str,
 
 async def list_aliases(bus: Bus, settings: Settings, app: str | None = None) -> list[AliasChanged]:
     """The current (verified) record of every alias, or of one app's."""
+    if app is not None:
+        check_name(app, "app")
     prefix = f"{bus.subjects.prefix}.provenance.alias."
     out = []
     for subject in await ledger.subjects(bus, bus.subjects.alias_all):
