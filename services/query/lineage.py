@@ -83,6 +83,9 @@ def resolve(store: Store, ref: str) -> tuple[str, str]:
     if row:
         return ref, row[0]["kind"]
     prefix = ref if ref.startswith("sha256:") else f"sha256:{ref}"
+    if prefix == "sha256:":  # no digit of a hash: a prefix of every one, which names nothing
+        raise NotFound(f"nothing in the lineage graph is named {ref!r}: give a release, an artifact hash (or its "
+                       "first digits), a run or a decision id")
     matches = store.rows(
         "SELECT DISTINCT hash, kind FROM ("
         " SELECT hash, kind FROM artifacts WHERE startsWith(hash, {p:String})"

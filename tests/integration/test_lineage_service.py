@@ -97,6 +97,9 @@ async def test_release_lineage_upstream_and_downstream(run_services, bus: Bus, s
 
     with pytest.raises(AmbiguousReference):
         await asyncio.to_thread(lineage, store, "sha256:a")  # PROMPT and RAW
+    for nothing in ("", "sha256:"):  # before: a prefix of every hash, "matches 3 artifacts"
+        with pytest.raises(NotFound, match="give a release, an artifact hash"):
+            await asyncio.to_thread(lineage, store, nothing)
     with pytest.raises(NotFound):
         await asyncio.to_thread(lineage, store, "no-such-thing")
 
