@@ -299,22 +299,29 @@ async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: 
         assert done.choices[0].message.content == "backup says hi" and stall.calls == 1
 
 
-async def test_a_stream_cut_short_ends_with_an_error_and_is_never_cached(
-        gateway: Gateway, keys: Bootstrap, events: Any, context: ServiceContext, tmp_path: Any) -> None:
+@pytest.mark.parametrize(("action", "why", "error_type"), [
+    ("chunk_then_end", "endpoint default ended the stream before the answer was complete", "stream_interrupted:truncated"),
+    ("chunk_then_garbage", "endpoint default sent a stream event that is not a chat.completions chunk",
+     "upstream_bad_chunk"),
+], ids=["cut-short", "not-json"])
+async def test_a_stream_cut_short_or_unreadable_ends_with_an_error_and_is_never_cached(
+        gateway: Gateway, keys: Bootstrap, events: Any, context: ServiceContext, tmp_path: Any,
+        action: str, why: str, error_type: str) -> None:
     # Before: a stream whose upstream stopped cleanly before its end (a proxy's timeout, say) ended as if
-    # complete for the client, its event said ok, and the response cache replayed the cut answer.
+    # complete for the client; `data: <html>...` went to the client as it came (its SDK failed to decode it,
+    # a JSONDecodeError rather than an API error). Either way the event said ok and the cache kept the answer.
     (tmp_path / "gateway.yaml").write_text(json.dumps({"cache": {"deployments": {"chat": {"ttl_s": 600}}}}))
     context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
-    async with FakeLLM("up", "chunk_then_end") as up:
+    async with FakeLLM("up", action) as up:
         router = await gateway({"default": {"url": up.url}})
         async with client(router, keys) as c:
             for _ in range(2):
                 chunks, error = await _read(await c.chat.completions.create(
                     model="m", messages=MESSAGES, stream=True, temperature=0))
                 assert [ch.choices[0].delta.content for ch in chunks] == ["up says hi"]
-                assert error == "stream interrupted: endpoint default ended the stream before the answer was complete"
+                assert error == f"stream interrupted: {why}"
     assert up.calls == 2  # the second was not answered from the cache
-    assert [(e.status, e.error_type) for e in await events(2)] == [("error", "stream_interrupted:truncated")] * 2
+    assert [(e.status, e.error_type) for e in await events(2)] == [("error", error_type)] * 2
 
 
 async def _read(stream: Any) -> tuple[list[Any], str | None]:
@@ -572,25 +579,6 @@ async def test_a_failed_response_is_passed_on_without_the_upstreams_address(gate
     assert failed.error.message == "overloaded at endpoint default/v1"
     (event,) = await events(1)
     assert (event.status, event.error_type) == ("error", "response_failed")
-
-
-async def test_a_stream_line_that_is_not_json_ends_the_stream_with_an_error(
-        gateway: Gateway, keys: Bootstrap, events: Any, context: ServiceContext, tmp_path: Any) -> None:
-    # Before: `data: <html>...` went to the client as it came (its SDK failed to decode it, a JSONDecodeError
-    # rather than an API error), the rest of the stream after it, the event said ok and the cache kept it.
-    (tmp_path / "gateway.yaml").write_text(json.dumps({"cache": {"deployments": {"chat": {"ttl_s": 600}}}}))
-    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
-    async with FakeLLM("up", "chunk_then_garbage") as up:
-        router = await gateway({"default": {"url": up.url}})
-        async with client(router, keys) as c:
-            for _ in range(2):
-                chunks, error = await _read(await c.chat.completions.create(
-                    model="m", messages=MESSAGES, stream=True, temperature=0))
-                assert [ch.choices[0].delta.content for ch in chunks] == ["up says hi"]
-                assert error == ("stream interrupted: endpoint default sent a stream event that is not a "
-                                 "chat.completions chunk")
-    assert up.calls == 2  # the second was not answered from the cache
-    assert [(e.status, e.error_type) for e in await events(2)] == [("error", "upstream_bad_chunk")] * 2
 
 
 async def test_embeddings_refuse_stream_before_any_upstream_call(gateway: Gateway, keys: Bootstrap) -> None:
