@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from lockgate.services.query.registry import Limit
 from lockgate.store import Store
 from lockgate.store.tables import AUDIT_LOG
 
 _COLUMNS = ", ".join(AUDIT_LOG.columns)
 
 
-def audit_log(store: Store, after_seq: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+def audit_log(store: Store, after_seq: int = 0, limit: Limit = 500) -> list[dict[str, Any]]:
     """Rows with seq > after_seq, ordered by seq (page with the last seq seen; `ask_pages` does)."""
     # Every row, duplicates and all: `audit verify` must see exactly what is stored, so no FINAL or DISTINCT.
     return store.rows(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from lockgate.services.query.registry import Limit
 from lockgate.store import Store
 
 _COLUMNS = ("id, time, release, action, actor, decision, eval_run, policy, baseline, rules, reason, "
@@ -19,7 +20,7 @@ def _row(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def decisions(store: Store, release: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+def decisions(store: Store, release: str | None = None, limit: Limit = 50) -> list[dict[str, Any]]:
     """Decisions (and later approvals/overrides) for one release or all, latest first; rules parsed."""
     # The sink stores each audit fact once (keyed by its id), so no FINAL is needed here.
     where = "WHERE release = {release:String}" if release else ""

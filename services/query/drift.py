@@ -7,13 +7,14 @@ from typing import Any
 import msgspec
 
 from lockgate.contracts import FeatureDrift
+from lockgate.services.query.registry import Limit
 from lockgate.store import Store
 
 # A row's per-feature columns are the FeatureDrift fields; the rest describe the report.
 _FEATURE_FIELDS = tuple(f.name for f in msgspec.structs.fields(FeatureDrift))
 
 
-def drift_reports(store: Store, deployment: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+def drift_reports(store: Store, deployment: str | None = None, limit: Limit = 50) -> list[dict[str, Any]]:
     """Newest first: {id, time, deployment, app, window_*, reference_n, current_n, drifted, features}."""
     where = "WHERE deployment = {d:String}" if deployment else ""
     rows = store.rows(

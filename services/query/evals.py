@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from lockgate.services.query.registry import Limit
 from lockgate.store import Store
 
 
-def eval_runs(store: Store, release: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+def eval_runs(store: Store, release: str | None = None, limit: Limit = 50) -> list[dict[str, Any]]:
     """Eval runs for one release or all, latest first (metrics as a dict)."""
     where = "WHERE release = {release:String}" if release else ""
     return store.rows(
@@ -18,7 +19,7 @@ def eval_runs(store: Store, release: str | None = None, limit: int = 50) -> list
     )
 
 
-def eval_cases(store: Store, run_id: str, limit: int = 1000) -> list[dict[str, Any]]:
+def eval_cases(store: Store, run_id: str, limit: Limit = 1000) -> list[dict[str, Any]]:
     """Per-case results of one run, in case order (errors included)."""
     return store.rows(
         "SELECT case_id, repeat, input, expected, output, scores, latency_ms, input_tokens, output_tokens, "
@@ -32,7 +33,7 @@ def eval_cases(store: Store, run_id: str, limit: int = 1000) -> list[dict[str, A
 # fit in one NATS message and a page boundary never skips or repeats a row.
 
 def eval_case_results(store: Store, run_id: str, after_case: str = "", after_repeat: int = -1,
-                      limit: int = 500) -> list[dict[str, Any]]:
+                      limit: Limit = 500) -> list[dict[str, Any]]:
     """Stored results of a run after (case_id, repeat), one row per (case, repeat), with details."""
     return store.rows(
         "SELECT case_id, repeat, input, expected, output, scores, latency_ms, input_tokens, output_tokens, "
@@ -58,7 +59,7 @@ def eval_run_event_id(store: Store, run_id: str) -> str | None:
 
 
 def recorded_events(store: Store, app: str, release: str, since: datetime | None = None,
-                    before_us: int | None = None, before_id: str = "", limit: int = 500) -> list[dict[str, Any]]:
+                    before_us: int | None = None, before_id: str = "", limit: Limit = 500) -> list[dict[str, Any]]:
     """Inference events with a prompt and response for app/release, most recent first, one per id;
     paged by (time_us, id) before the last row of the previous page."""
     where = "app = {app:String} AND release = {release:String} AND prompt IS NOT NULL AND response IS NOT NULL"

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lockgate.provenance.openlineage import weights
+from lockgate.services.query.registry import Limit
 from lockgate.store import Store
 
 
@@ -30,7 +31,7 @@ def served_at(rows: Iterable[dict[str, Any]], at: datetime | None) -> dict[str, 
             "decision_id": latest["decision_id"]}
 
 
-def serving_history(store: Store, deployment: str, at: datetime | None = None, limit: int = 50) -> dict[str, Any]:
+def serving_history(store: Store, deployment: str, at: datetime | None = None, limit: Limit = 50) -> dict[str, Any]:
     """{deployment, at, serving: the state in force at `at` (or now), history: the changes up to then,
     newest first}."""
     if at is not None and at.tzinfo is not None:  # the column is UTC; parameters are sent as naive UTC

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from lockgate.errors import AmbiguousReference, NotFound
+from lockgate.services.query.registry import Limit
 from lockgate.store import Store
 
 # Edges point from consumer to dependency for these relations (release -uses-> artifact),
@@ -104,7 +105,7 @@ def resolve(store: Store, ref: str) -> tuple[str, str]:
     return hashes[0], (kinds[0] if kinds else matches[0]["kind"])
 
 
-def outcomes(store: Store, digest: str, at: datetime | None = None, limit: int = 200) -> list[dict[str, Any]]:
+def outcomes(store: Store, digest: str, at: datetime | None = None, limit: Limit = 200) -> list[dict[str, Any]]:
     """Every eval run that used an artifact version (as suite or dataset input, or through its release), with
     its metrics and the gate's decision on it, newest first: data versions mapped to outcomes."""
     cond = " AND e.time <= {at:DateTime64(6, 'UTC')}" if at is not None else ""

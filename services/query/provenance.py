@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from lockgate.services.query.registry import Limit
 from lockgate.store import Store
 
 
@@ -13,7 +14,7 @@ def _naive(at: datetime | None) -> datetime | None:
 
 
 def lineage_export(store: Store, release: str | None = None, since: datetime | None = None,
-                   until: datetime | None = None, limit: int = 100) -> dict[str, Any]:
+                   until: datetime | None = None, limit: Limit = 100) -> dict[str, Any]:
     """{evals, decisions, run_inputs: run -> input hashes, releases: name -> {app, artifacts},
     artifacts: hash -> {kind, name}, registered: release rows, rollouts: rollout changes}: everything the
     export turns into RunEvents, newest first."""

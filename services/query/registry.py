@@ -8,12 +8,20 @@ import importlib
 import inspect
 import typing
 from collections.abc import Callable
-from typing import Any
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
 import msgspec
 
 from lockgate.errors import ConfigError
 from lockgate.store import Store
+
+# A row count as the queries pass it to ClickHouse (`LIMIT {limit:UInt32}`): a negative or larger one was
+# sent on and came back as ClickHouse's parse error, under the kind StoreUnavailable (retryable).
+Limit = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+# The times ClickHouse's DateTime holds (the queries compare with DateTime and DateTime64 columns).
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(2106, 2, 7, 6, 28, 15, tzinfo=UTC)
 
 # name -> (module, function). Modules are imported on use so one broken family never breaks the rest.
 _PKG = "lockgate.services.query"
@@ -59,7 +67,7 @@ def resolve(name: str) -> Callable[..., Any]:
 @functools.cache
 def _parameters(name: str) -> dict[str, tuple[Any, bool]]:
     func = resolve(name)
-    hints = typing.get_type_hints(func)
+    hints = typing.get_type_hints(func, include_extras=True)  # keeps the bounds of Annotated types (Limit)
     params = list(inspect.signature(func).parameters.values())[1:]  # the first is the store
     return {p.name: (hints.get(p.name, Any), p.default is inspect.Parameter.empty) for p in params}
 
@@ -82,6 +90,11 @@ def arguments(name: str, args: Any) -> dict[str, Any]:
             out[key] = msgspec.convert(value, params[key][0], strict=False)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"query {name!r} argument {key!r}: {exc}") from None
+        if isinstance(out[key], datetime):
+            t = out[key] if out[key].tzinfo else out[key].replace(tzinfo=UTC)
+            if not EARLIEST <= t <= LATEST:
+                raise ConfigError(f"query {name!r} argument {key!r}: {value} is outside the times lockgate stores "
+                                  f"({EARLIEST:%Y-%m-%d} to {LATEST:%Y-%m-%d})")
     return out
 
 

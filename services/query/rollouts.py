@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from lockgate.services.query.registry import Limit
 from lockgate.store import Store
 
 
-def rollout_history(store: Store, deployment: str, limit: int = 50) -> list[dict[str, Any]]:
+def rollout_history(store: Store, deployment: str, limit: Limit = 50) -> list[dict[str, Any]]:
     """{time, phase, stable_release, canary_release, canary_weight, step, reason, decision_id} of a deployment."""
     return store.rows(
         "SELECT time, phase, stable_release, canary_release, canary_weight, step, reason, decision_id "
@@ -16,7 +17,7 @@ def rollout_history(store: Store, deployment: str, limit: int = 50) -> list[dict
     )
 
 
-def analysis_runs(store: Store, deployment: str, limit: int = 20) -> list[dict[str, Any]]:
+def analysis_runs(store: Store, deployment: str, limit: Limit = 20) -> list[dict[str, Any]]:
     """The signed analysis records of a deployment's rollouts (every stored column), newest first."""
     return store.rows(
         "SELECT * FROM analysis_runs WHERE deployment = {d:String} ORDER BY time DESC, id LIMIT {n:UInt32}",

@@ -6,6 +6,7 @@ import re
 from typing import Any
 
 from lockgate.errors import ConfigError, NotFound
+from lockgate.services.query.registry import Limit
 from lockgate.store import Store
 
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -27,7 +28,7 @@ LIMIT {{limit:UInt32}}
 """
 
 
-def recent_traces(store: Store, limit: int = 20, service: str | None = None) -> list[dict[str, Any]]:
+def recent_traces(store: Store, limit: Limit = 20, service: str | None = None) -> list[dict[str, Any]]:
     """The newest traces with their span count, services and duration."""
     where = "Timestamp > now() - INTERVAL 7 DAY"
     params: dict[str, Any] = {"limit": limit}
@@ -37,7 +38,7 @@ def recent_traces(store: Store, limit: int = 20, service: str | None = None) -> 
     return store.rows(_SUMMARY.format(where=where), params)
 
 
-def traces_for_release(store: Store, release: str, limit: int = 20) -> list[dict[str, Any]]:
+def traces_for_release(store: Store, release: str, limit: Limit = 20) -> list[dict[str, Any]]:
     """Traces whose spans are tagged with a release (router requests, evals, gate decisions)."""
     where = ("TraceId IN (SELECT TraceId FROM otel_traces "
              "WHERE SpanAttributes['lockgate.release'] = {release:String})")
@@ -81,7 +82,7 @@ def trace(store: Store, trace_id: str) -> list[dict[str, Any]]:
     return rows
 
 
-def dead_letters(store: Store, origin: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+def dead_letters(store: Store, origin: str | None = None, limit: Limit = 50) -> list[dict[str, Any]]:
     """Newest dead letters with their reason."""
     where = "origin = {origin:String}" if origin else "1"
     return store.rows(

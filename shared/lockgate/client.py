@@ -21,7 +21,7 @@ from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
 from lockgate.credentials import NatsAuth, NotAllowed
-from lockgate.errors import BusUnavailable, InvalidEvent, NotFound, SignatureError
+from lockgate.errors import BusUnavailable, ClientClosed, InvalidEvent, NotFound, SignatureError
 from lockgate.outbox import Outbox, encode_event, event_from_fields
 from lockgate.retry import RetryPolicy
 from lockgate.signing import Verifier
@@ -134,6 +134,7 @@ class Client:
             name="lockgate-sdk",
         )
         self._started = False
+        self._closed = False
         self._nc: Any = None
         self._js: Any = None
         # Decisions are acted on only when signed by a trusted gatekeeper key: the trust file
@@ -167,7 +168,15 @@ class Client:
         return len(self._outbox)
 
     async def start(self) -> None:
-        """Connect to NATS and start publishing (events emitted before are sent now)."""
+        """Connect to NATS and start publishing (events emitted before are sent now).
+
+        Once started, calling it again does nothing; after close() it raises ClientClosed."""
+        if self._closed:
+            # Its buffer is closed: a second connection made here would carry nothing, and every emit
+            # would be refused while the application believed it was sending.
+            raise self._closed_error()
+        if self._started:
+            return  # a second connection would replace the first and leave it open for good
         try:
             # A cluster is given as comma-separated URLs (as LOCKGATE_NATS_URL): nats-py takes a list.
             servers = [u.strip() for u in self.nats_url.split(",") if u.strip()]
@@ -191,6 +200,9 @@ class Client:
         return NotAllowed(f"NATS at {self.nats_url} refused this application's credentials "
                           "(pass user and password, or creds_file)")
 
+    def _closed_error(self) -> ClientClosed:
+        return ClientClosed("this lockgate client is closed: a Client is started once; make a new one")
+
     async def _on_error(self, exc: Exception) -> None:
         # Raised while connecting, it ends nats-py's connect loop, which retries bad credentials forever.
         if self._nc is None and "authorization violation" in str(exc).lower():
@@ -198,12 +210,21 @@ class Client:
         log.debug("lockgate-sdk: NATS error %s", exc)
 
     async def close(self) -> None:
-        """Publish everything buffered, wait for the acks, then disconnect."""
+        """Publish everything buffered, wait for the acks, then disconnect.
+
+        Never raises for a bus that went away: what could not be published is counted in `failed`.
+        Closing again does nothing."""
         if self._started:
             await self._outbox.close()
             self._started = False
+        self._closed = True
         if self._nc is not None and not self._nc.is_closed:
-            await self._nc.close()
+            try:
+                await self._nc.close()
+            except OSError as exc:
+                # nats-py writes the publishes it buffered while disconnected to the dead socket, and
+                # raised ConnectionResetError out of close(); those batches are counted failed already.
+                log.warning("lockgate-sdk: NATS connection to %s lost while closing: %r", self.nats_url, exc)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -225,6 +246,8 @@ class Client:
 
     async def flush(self) -> None:
         """Return once every event emitted before this call is acknowledged (or counted failed)."""
+        if self._closed:
+            raise self._closed_error()
         if not self._started:
             raise BusUnavailable("the lockgate client is not started; call start() or use `async with`")
         await self._outbox.flush()

@@ -61,6 +61,10 @@ class BusUnavailable(Retryable):
     """NATS could not be reached or JetStream did not acknowledge."""
 
 
+class ClientClosed(LockgateError):
+    """An SDK client used after close(): a Client is started once; make a new one."""
+
+
 class NotFound(LockgateError):
     """A release, artifact, trace or decision asked for does not exist."""
 

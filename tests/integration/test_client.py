@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -15,14 +16,15 @@ from lockgate.client import Client
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
-from lockgate.errors import InvalidEvent, InvalidName, PublishFailed, SignatureError
+from lockgate.errors import ClientClosed, InvalidEvent, InvalidName, PublishFailed, SignatureError
 from lockgate.ids import batch_id
 from lockgate.outbox import encode_event, publish_events
+from lockgate.server.natsserver import NatsServer
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper.records import Records
 from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.store import Store
-from lockgate.subjects import token
+from lockgate.subjects import Subjects, token
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -320,3 +322,47 @@ async def test_a_publish_no_retry_can_help_is_not_said_to_have_been_retried(bus:
     assert subjects == [bus.subjects.inference("shop")]
     message = err.value.message
     assert "MaxPayloadError" in message and "not retried" in message and "attempts" not in message, message
+
+
+async def test_start_twice_keeps_one_connection_and_start_after_close_is_refused(
+        bus: Bus, settings: Settings) -> None:
+    c = client(settings)
+    await c.start()
+    first = c._nc
+    await c.start()  # used to open a second connection and leave the first open for good
+    assert c._nc is first
+    assert c.emit()
+    await c.close()
+    assert first.is_closed and c.sent == 1
+    # Restarting a closed client connected again, then refused every event (its buffer is closed).
+    with pytest.raises(ClientClosed, match="make a new one"):
+        await c.start()
+    with pytest.raises(ClientClosed):
+        await c.flush()
+    assert not c.emit() and c.dropped == 1
+    await c.close()  # closing again does nothing
+
+
+async def test_close_while_the_bus_is_gone_counts_the_events_failed_and_does_not_raise(
+        tmp_path: Path, settings: Settings) -> None:
+    server = NatsServer(tmp_path / "js")
+    await server.start()
+    try:
+        b = Bus(server.url, Subjects(settings.prefix), name="test")
+        await b.connect()  # the streams
+        await b.close()
+        c = Client(server.url, prefix=settings.prefix, app="shop", max_attempts=1, flush_interval_s=60,
+                   trust_file=str(trust_file_path(settings)))
+        await c.start()
+        assert c.emit()
+        await c.flush()
+        server.kill()
+        for _ in range(3):
+            assert c.emit()
+        # nats-py buffered the publish made while disconnected and wrote it to the dead socket on close:
+        # close() raised ConnectionResetError, after the events were counted failed.
+        await c.close()
+        assert (c.sent, c.failed, c.dropped) == (1, 3, 0)
+        assert c._nc.is_closed
+    finally:
+        server.stop()

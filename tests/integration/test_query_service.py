@@ -92,6 +92,25 @@ async def test_errors_come_back_as_the_lockgate_error_they_were(run_services: Ca
     assert await ask(bus, "cost_rollup", {"by": ["app"], "since": since}) == []
 
 
+async def test_a_limit_or_time_clickhouse_cannot_take_is_refused_at_the_edge_not_called_an_outage(
+        run_services: Callable[..., Any], bus: Bus) -> None:
+    """A negative limit, or a time before 1970, went on to ClickHouse and came back as its parse error
+    under the kind StoreUnavailable (retryable): a caller waited and retried a request that could never
+    succeed, and `decisions` answered the same -1 with no rows at all."""
+    await run_services("query")
+    for query, args in [("dead_letters", {"limit": -1}), ("recent_traces", {"limit": -5}),
+                        ("decisions", {"limit": -1}), ("recent_traces", {"limit": 2**70})]:
+        with pytest.raises(ConfigError, match="argument 'limit'") as caught:
+            await ask(bus, query, args)
+        assert not isinstance(caught.value, Retryable)
+    for query, args in [("cost_rollup", {"since": "0001-01-01T00:00:00Z"}),
+                        ("serving_history", {"deployment": "web", "at": "0001-01-01T00:00:00"})]:
+        with pytest.raises(ConfigError, match="outside the times lockgate stores"):
+            await ask(bus, query, args)
+    assert await ask(bus, "dead_letters", {"limit": 0}) == []
+    assert await ask(bus, "cost_rollup", {"since": "1970-01-01T00:00:00Z"}) == []
+
+
 async def test_a_reply_too_large_for_one_message_is_an_error_not_silence(
     run_services: Callable[..., Any], bus: Bus
 ) -> None:
