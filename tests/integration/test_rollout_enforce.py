@@ -1,0 +1,41 @@
+"""Enforcement of the admission invariant through the admin API, on the real nats-server, chDB and the
+simulator: a canary that no verified decision allows (and no break-glass override covers) never gets
+traffic, whatever sequence of operator actions leads there."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import pytest
+
+from lockgate.server.apikeys import KeyStore
+from lockgate.signing import Signer
+from tests.integration import test_rollout_analysis as analysis_tests
+from tests.integration.test_rollout_analysis import _pass, _start
+from tests.integration.test_rollout_strategies import _releases
+
+router, http, keys, signer = analysis_tests.router, analysis_tests.http, analysis_tests.keys, analysis_tests.signer
+
+pytestmark = pytest.mark.timeout(120)
+DEPLOYMENT = "/lockgate/v1/deployments/chat"
+
+
+async def test_approving_a_pause_step_never_gives_weight_to_a_canary_no_decision_allows(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Held at a pause step waiting for approval, the operator patches in an ungated canary ("bad"): it drops
+    # to 0% and waits for a decision; approving the old pause step must not run the program on for it.
+    await _start(http, router, "same", {"steps": [{"pause": {}}, 50], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    await router.rollouts.wait_for(lambda r: r["chat"].step_pause, timeout=10)
+    operator, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    auth = {"Authorization": f"Bearer {operator}"}
+    async with http.patch(f"{router.url}{DEPLOYMENT}", json={"canary_release": "bad"}, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+    route = router.rollouts.route("chat")
+    assert (route.canary.release, route.weight, route.phase) == ("bad", 0.0, "idle")
+    async with http.post(f"{router.url}{DEPLOYMENT}/approve", headers=auth) as resp:
+        body = await resp.text()
+    route = router.rollouts.route("chat")
+    assert route.weight == 0.0, body
+    assert set(await _releases(http, router, 60)) == {"r1"}  # nobody is served the ungated canary
