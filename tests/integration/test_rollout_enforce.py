@@ -11,6 +11,7 @@ import pytest
 
 from lockgate.server.apikeys import KeyStore
 from lockgate.signing import Signer
+from tests.helpers import break_glass
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import _pass, _start
 from tests.integration.test_rollout_strategies import _releases
@@ -39,3 +40,21 @@ async def test_approving_a_pause_step_never_gives_weight_to_a_canary_no_decision
     route = router.rollouts.route("chat")
     assert route.weight == 0.0, body
     assert set(await _releases(http, router, 60)) == {"r1"}  # nobody is served the ungated canary
+
+
+async def test_break_glass_for_a_canary_does_not_let_an_ungated_stable_take_all_traffic(
+        router: Any, http: aiohttp.ClientSession) -> None:
+    # The admin signed "canary of `same` on chat"; the PUT also names `bad`, never gated, as the new stable.
+    glass = break_glass(router.ctx.settings, "chat", "same", "canary", "incident 7")
+    body = {"stable_release": "bad", "canary_release": "same", "initial_weight": 10, "break_glass": glass}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+        answer = await resp.json()
+    assert resp.status == 409 and answer["error"]["code"] == "not_admitted", answer
+    assert "stable release 'bad' has no verified gate decision" in answer["error"]["message"]
+    assert router.rollouts.route("chat").stable.release != "bad"
+    # The override still does what it was signed for, from a stable a decision allows.
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={**body, "stable_release": "r1"}) as resp:
+        assert resp.status == 200, await resp.text()
+    route = router.rollouts.route("chat")
+    assert (route.stable.release, route.canary.release, route.weight) == ("r1", "same", 10.0)
+
