@@ -308,8 +308,17 @@ class Rollouts:
         return changed
 
     async def on_decision(self, decision: GateDecided) -> None:
-        """Handle a decision from the bus: apply in memory, then persist (retried via nack)."""
+        """Handle a decision from the bus: apply in memory, then persist (retried via nack).
+
+        The release's current decision is the one in KV (the gatekeeper writes it there before publishing):
+        a message that a newer verified decision superseded (a PASS redelivered after the BLOCK that
+        followed it) is not acted on; the current decision is applied in its place."""
         await self._await_ready()
+        current = await self._stored_decision(decision.release)
+        if current is not None and current.id != decision.id and current.time > decision.time:
+            log.info("decision %s for %s is superseded by %s (%s): applying that one", decision.id, decision.release,
+                     current.id, current.decision)
+            decision = current
         await self._until_won(lambda: self.apply_decision(decision))
 
     async def manual(self, deployment: str, action: str, override: domain.Override | None = None,

@@ -7,10 +7,13 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
+from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import KeyStore
 from lockgate.signing import Signer
+from lockgate.subjects import token
 from tests.helpers import break_glass
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import _pass, _start
@@ -57,4 +60,25 @@ async def test_break_glass_for_a_canary_does_not_let_an_ungated_stable_take_all_
         assert resp.status == 200, await resp.text()
     route = router.rollouts.route("chat")
     assert (route.stable.release, route.canary.release, route.weight) == ("r1", "same", 10.0)
+
+
+async def test_a_pass_superseded_by_a_block_does_not_admit_the_canary_when_it_arrives_late(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # The gatekeeper passed `bad` (d1), then blocked it (d2, current in KV). d1 reaches the router late (a
+    # redelivery after a nack): the release's current decision is the BLOCK, so d1 must admit nothing.
+    passed = signer.sign(GateDecided(release="bad", rules=[], decision="PASS"))
+    blocked = signer.sign(GateDecided(release="bad", rules=[], decision="BLOCK", reason="toxicity"))
+    bus = router.ctx.bus
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token("bad"), msgspec.json.encode(blocked))
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    async with http.patch(f"{router.url}{DEPLOYMENT}", json={"canary_release": "bad"}) as resp:
+        assert resp.status == 200, await resp.text()
+    assert (router.rollouts.route("chat").weight, router.rollouts.route("chat").phase) == (0.0, "idle")
+    await bus.publish(bus.subjects.gate_decided("bad"), passed)
+    await router.rollouts.wait_for(lambda r: r["chat"].decision_id in (passed.id, blocked.id), timeout=10)
+    route = router.rollouts.route("chat")
+    assert (route.weight, route.phase, route.decision_id) == (0.0, "aborted", blocked.id), route.reason
+    assert set(await _releases(http, router, 40)) == {"r1"}
 
