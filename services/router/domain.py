@@ -346,13 +346,16 @@ def rollback(route: Route, why: str, *, decision_id: str, failed: bool = True) -
 
 def on_reject_known_good(route: Route, decision: GateDecided) -> Route | None:
     """A BLOCK naming a release that is not this route's canary: a known-good release no longer is one; if it
-    is the stable of a finished rollout (one rolled back to, say), it is rolled back too. (A NEEDS_REVIEW of
-    such a release waits for its reviewers: the release has not failed.)"""
-    if decision.decision != "BLOCK" or all(t.release != decision.release for t in route.good):
+    is the stable, serving (a finished rollout's, or the one a live canary of another release started from),
+    it is rolled back too, and such a canary with it. (A NEEDS_REVIEW of such a release waits for its
+    reviewers: the release has not failed.)"""
+    serving = route.stable.release == decision.release
+    known = any(t.release == decision.release for t in route.good)
+    if decision.decision != "BLOCK" or not (serving or known):
         return None
-    why = f"gate {decision.decision} of known-good {decision.release}" + (f": {decision.reason}"
-                                                                          if decision.reason else "")
-    if route.stable.release == decision.release and route.phase in ("promoted", "aborted"):
+    why = f"gate {decision.decision} of {'known-good' if known else 'stable'} {decision.release}" + (
+        f": {decision.reason}" if decision.reason else "")
+    if serving:
         return rollback(route, why, decision_id=decision.id)
     return _bump(route, good=forget(route.good, decision.release), reason=f"{route.reason}; {why}")
 

@@ -82,3 +82,21 @@ async def test_a_pass_superseded_by_a_block_does_not_admit_the_canary_when_it_ar
     assert (route.weight, route.phase, route.decision_id) == (0.0, "aborted", blocked.id), route.reason
     assert set(await _releases(http, router, 40)) == {"r1"}
 
+
+async def test_a_block_of_the_stable_rolls_it_back_while_a_canary_of_another_release_waits(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # `same` was promoted (known-good); a canary of `echo` then starts from it and waits for its decision. The
+    # gate now BLOCKs `same`: it must stop serving (back to r1, the newest known-good), not keep 100%.
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    async with http.post(f"{router.url}{DEPLOYMENT}/promote") as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={"stable_release": "same", "canary_release": "echo"}) as resp:
+        assert resp.status == 200, await resp.text()
+    bus = router.ctx.bus
+    blocked = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="leaks PII"))
+    await bus.publish(bus.subjects.gate_decided("same"), blocked)
+    await router.rollouts.wait_for(lambda r: "same" not in {t.release for t in r["chat"].good}, timeout=10)
+    route = router.rollouts.route("chat")
+    assert (route.stable.release, route.weight, route.phase) == ("r1", 0.0, "aborted"), route.reason
+    assert set(await _releases(http, router, 40)) == {"r1"}
