@@ -262,7 +262,20 @@ def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Ta
 
 def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
                 now: float) -> Route | None:
-    """Apply a gate decision to the canary it names, or to a promoted release it rejects; None when nothing changes."""
+    """Apply a gate decision to the canary it names, or to a promoted release it rejects; None when nothing changes.
+    A BLOCK also ends a break-glass override of its release: the override was signed before the gate said no, and
+    must not let the release back in later (a PATCH or set-weight of it)."""
+    new = _on_decision(route, decision, steps, interval_s, now)
+    glass = route.override
+    if decision.decision != "BLOCK" or glass is None or glass.release != decision.release:
+        return new
+    base = new if new is not None else _bump(route)
+    return msgspec.structs.replace(base, override=None, reason=f"{base.reason}; break-glass override by "
+                                                               f"{glass.actor} ended by the gate's BLOCK")
+
+
+def _on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
+                 now: float) -> Route | None:
     if decision.id == route.decision_id:
         return None  # a redelivery
     if route.canary is None or route.canary.release != decision.release:

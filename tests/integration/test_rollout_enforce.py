@@ -100,3 +100,33 @@ async def test_a_block_of_the_stable_rolls_it_back_while_a_canary_of_another_rel
     route = router.rollouts.route("chat")
     assert (route.stable.release, route.weight, route.phase) == ("r1", 0.0, "aborted"), route.reason
     assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+async def test_a_block_ends_the_break_glass_override_of_its_release(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # An admin broke glass for `bad` on chat; the gate then BLOCKed it. The override stays in the route until an
+    # admin clears it, but must no longer cover `bad`: an operator patching it back in gets it no traffic.
+    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7")
+    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": 10, "break_glass": glass}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    bus = router.ctx.bus
+    blocked = signer.sign(GateDecided(release="bad", rules=[], decision="BLOCK", reason="toxicity"))
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token("bad"), msgspec.json.encode(blocked))
+    await bus.publish(bus.subjects.gate_decided("bad"), blocked)
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
+    operator, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    auth = {"Authorization": f"Bearer {operator}"}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={"stable_release": "r1", "canary_release": "same",
+                                                           "strategy": {"steps": [50, 100], "interval_s": 3600}},
+                        headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+    await _pass(router, signer, "same")
+    async with http.patch(f"{router.url}{DEPLOYMENT}", json={"canary_release": "bad"}, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.post(f"{router.url}{DEPLOYMENT}/set-weight", json={"weight": 50}, headers=auth) as resp:
+        assert resp.status == 409, await resp.text()
+    route = router.rollouts.route("chat")
+    assert (route.canary.release, route.weight) == ("bad", 0.0), route.reason
+    assert set(await _releases(http, router, 40)) == {"r1"}
