@@ -408,6 +408,9 @@ def manual_promote(route: Route, override: Override | None) -> Route:
                               "(PASS, or NEEDS_REVIEW approved); an admin may override with "
                               '{"break_glass": {"reason": "..."}}')
         return promote(route, "by operator")
+    if override.release != route.canary.release:  # the canary changed after the admin signed for another one
+        raise NotAdmitted(f"refused: the break-glass override is for {override.release!r}, but the canary of "
+                          f"{route.deployment!r} is now {route.canary.release!r}")
     return promote(msgspec.structs.replace(route, override=override),
                    f"BREAK-GLASS by {override.actor}: {override.reason}")
 
