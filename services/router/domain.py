@@ -262,7 +262,20 @@ def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Ta
 
 def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
                 now: float) -> Route | None:
-    """Apply a gate decision to the canary it names, or to a promoted release it rejects; None when nothing changes."""
+    """Apply a gate decision to the canary it names, or to a promoted release it rejects; None when nothing changes.
+    A BLOCK also ends a break-glass override of its release: the override was signed before the gate said no, and
+    must not let the release back in later (a PATCH or set-weight of it)."""
+    new = _on_decision(route, decision, steps, interval_s, now)
+    glass = route.override
+    if decision.decision != "BLOCK" or glass is None or glass.release != decision.release:
+        return new
+    base = new if new is not None else _bump(route)
+    return msgspec.structs.replace(base, override=None, reason=f"{base.reason}; break-glass override by "
+                                                               f"{glass.actor} ended by the gate's BLOCK")
+
+
+def _on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
+                 now: float) -> Route | None:
     if decision.id == route.decision_id:
         return None  # a redelivery
     if route.canary is None or route.canary.release != decision.release:
@@ -346,13 +359,16 @@ def rollback(route: Route, why: str, *, decision_id: str, failed: bool = True) -
 
 def on_reject_known_good(route: Route, decision: GateDecided) -> Route | None:
     """A BLOCK naming a release that is not this route's canary: a known-good release no longer is one; if it
-    is the stable of a finished rollout (one rolled back to, say), it is rolled back too. (A NEEDS_REVIEW of
-    such a release waits for its reviewers: the release has not failed.)"""
-    if decision.decision != "BLOCK" or all(t.release != decision.release for t in route.good):
+    is the stable, serving (a finished rollout's, or the one a live canary of another release started from),
+    it is rolled back too, and such a canary with it. (A NEEDS_REVIEW of such a release waits for its
+    reviewers: the release has not failed.)"""
+    serving = route.stable.release == decision.release
+    known = any(t.release == decision.release for t in route.good)
+    if decision.decision != "BLOCK" or not (serving or known):
         return None
-    why = f"gate {decision.decision} of known-good {decision.release}" + (f": {decision.reason}"
-                                                                          if decision.reason else "")
-    if route.stable.release == decision.release and route.phase in ("promoted", "aborted"):
+    why = f"gate {decision.decision} of {'known-good' if known else 'stable'} {decision.release}" + (
+        f": {decision.reason}" if decision.reason else "")
+    if serving:
         return rollback(route, why, decision_id=decision.id)
     return _bump(route, good=forget(route.good, decision.release), reason=f"{route.reason}; {why}")
 
@@ -392,6 +408,9 @@ def manual_promote(route: Route, override: Override | None) -> Route:
                               "(PASS, or NEEDS_REVIEW approved); an admin may override with "
                               '{"break_glass": {"reason": "..."}}')
         return promote(route, "by operator")
+    if override.release != route.canary.release:  # the canary changed after the admin signed for another one
+        raise NotAdmitted(f"refused: the break-glass override is for {override.release!r}, but the canary of "
+                          f"{route.deployment!r} is now {route.canary.release!r}")
     return promote(msgspec.structs.replace(route, override=override),
                    f"BREAK-GLASS by {override.actor}: {override.reason}")
 

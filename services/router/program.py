@@ -49,8 +49,8 @@ def run(route: Route, steps: list[Step], interval_s: float, now: float, why: str
 
 
 def pause_over(route: Route, now: float) -> bool:
-    """True when a timed pause step has run its course."""
-    return route.paused and route.step_pause and 0 < route.resume_at <= now
+    """True when a timed pause step of a live rollout has run its course (one waiting for a decision runs no step)."""
+    return route.phase == "progressing" and route.paused and route.step_pause and 0 < route.resume_at <= now
 
 
 def _bump(route: Route, **changes: object) -> Route:

@@ -302,11 +302,15 @@ def resume(route: Route, actor: str, interval_s: float, now: float) -> Route:
     if not route.paused:
         raise InvalidRollout(f"canary of {route.deployment!r} is not paused")
     st = route.analysis and msgspec.structs.replace(route.analysis, inconclusives=0)
-    if route.step_pause and route.strategy is not None:  # approval of a pause step: the next step now
+    live = route.phase == "progressing"
+    if route.step_pause and route.strategy is not None and live:  # approval of a pause step: the next step now
         return program.run(msgspec.structs.replace(route, analysis=st), route.strategy.program(), interval_s, now,
                            f"approved at {_where(route)} by {actor}")
-    return _bump(route, paused=False, analysis=st, next_step_at=now + interval_s if route.phase == "progressing"
-                 else route.next_step_at, reason=f"resumed at {_where(route)} by {actor}")
+    # A canary waiting for a decision (a new canary release, NEEDS_REVIEW, an override cleared) runs no step:
+    # its program starts again from the first step once a decision allows it.
+    return _bump(route, paused=False, step_pause=False, resume_at=0.0, analysis=st,
+                 next_step_at=now + interval_s if live else route.next_step_at,
+                 reason=f"resumed at {_where(route)} by {actor}")
 
 
 def set_weight(route: Route, weight: float, actor: str) -> Route:

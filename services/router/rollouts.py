@@ -258,20 +258,21 @@ class Rollouts:
                            override: domain.Override | None = None, actor: str = "") -> Route:
         """Start a canary at 0%; if a verified decision already allows its release (KV), act on it at once.
 
-        A new stable release takes all traffic, so it too needs a decision that allows it; a canary
-        asked to start at a weight needs one as well. Either without one is NotAdmitted, unless an
-        admin's break-glass `override` is given.
+        A new stable release takes all traffic, so it too needs a decision that allows it, always: an
+        admin's break-glass `override` is signed for the canary release only. A canary asked to start at
+        a weight needs one as well, unless the override is given.
         """
         await self._await_ready()
         stable, canary = await self.target(req.stable_release), await self.target(req.canary_release)
         decision = await self._stored_decision(req.canary_release)
         current = self.route(deployment).stable.release
+        if req.stable_release != current and not domain.allows(
+                await self._stored_decision(req.stable_release), req.stable_release):
+            raise domain.NotAdmitted(
+                f"refused: stable release {req.stable_release!r} has no verified gate decision allowing it "
+                f"(the current stable is {current or 'none'!r}); a break-glass override covers only the canary "
+                "release it names: start from a stable a decision allows")
         if override is None:
-            if req.stable_release != current and not domain.allows(
-                    await self._stored_decision(req.stable_release), req.stable_release):
-                raise domain.NotAdmitted(
-                    f"refused: stable release {req.stable_release!r} has no verified gate decision allowing it "
-                    f"(the current stable is {current or 'none'!r}); an admin may override with break_glass")
             if req.initial_weight and not domain.allows(decision, req.canary_release):
                 raise domain.NotAdmitted(
                     f"refused: canary {req.canary_release!r} has no verified gate decision allowing it, so it "
@@ -307,8 +308,17 @@ class Rollouts:
         return changed
 
     async def on_decision(self, decision: GateDecided) -> None:
-        """Handle a decision from the bus: apply in memory, then persist (retried via nack)."""
+        """Handle a decision from the bus: apply in memory, then persist (retried via nack).
+
+        The release's current decision is the one in KV (the gatekeeper writes it there before publishing):
+        a message that a newer verified decision superseded (a PASS redelivered after the BLOCK that
+        followed it) is not acted on; the current decision is applied in its place."""
         await self._await_ready()
+        current = await self._stored_decision(decision.release)
+        if current is not None and current.id != decision.id and current.time > decision.time:
+            log.info("decision %s for %s is superseded by %s (%s): applying that one", decision.id, decision.release,
+                     current.id, current.decision)
+            decision = current
         await self._until_won(lambda: self.apply_decision(decision))
 
     async def manual(self, deployment: str, action: str, override: domain.Override | None = None,

@@ -151,6 +151,10 @@ def test_break_glass_promotes_and_stays_until_cleared() -> None:
     r = domain.manual_promote(_canary(), glass)
     assert r.phase == "promoted" and r.override == glass and "BREAK-GLASS" in r.reason
     assert domain.clear_override(r).override is None
+    # Verified against the canary read before the change; a PATCH in between put another release there.
+    other = msgspec.structs.replace(_canary(), canary=domain.Target(release="r3"))
+    with pytest.raises(domain.NotAdmitted, match="override is for 'r2', but the canary of 'd' is now 'r3'"):
+        domain.manual_promote(other, glass)
     held = domain.start_canary(domain.default_route("d"), CanaryRequest(
         stable_release="r1", canary_release="r2", initial_weight=30), stable=STABLE, canary=CANARY,
         first_step=10.0, override=glass)

@@ -1,0 +1,132 @@
+"""Enforcement of the admission invariant through the admin API, on the real nats-server, chDB and the
+simulator: a canary that no verified decision allows (and no break-glass override covers) never gets
+traffic, whatever sequence of operator actions leads there."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from lockgate.contracts import GateDecided
+from lockgate.server.apikeys import KeyStore
+from lockgate.signing import Signer
+from lockgate.subjects import token
+from tests.helpers import break_glass
+from tests.integration import test_rollout_analysis as analysis_tests
+from tests.integration.test_rollout_analysis import _pass, _start
+from tests.integration.test_rollout_strategies import _releases
+
+router, http, keys, signer = analysis_tests.router, analysis_tests.http, analysis_tests.keys, analysis_tests.signer
+
+pytestmark = pytest.mark.timeout(120)
+DEPLOYMENT = "/lockgate/v1/deployments/chat"
+
+
+async def test_approving_a_pause_step_never_gives_weight_to_a_canary_no_decision_allows(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Held at a pause step waiting for approval, the operator patches in an ungated canary ("bad"): it drops
+    # to 0% and waits for a decision; approving the old pause step must not run the program on for it.
+    await _start(http, router, "same", {"steps": [{"pause": {}}, 50], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    await router.rollouts.wait_for(lambda r: r["chat"].step_pause, timeout=10)
+    operator, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    auth = {"Authorization": f"Bearer {operator}"}
+    async with http.patch(f"{router.url}{DEPLOYMENT}", json={"canary_release": "bad"}, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+    route = router.rollouts.route("chat")
+    assert (route.canary.release, route.weight, route.phase) == ("bad", 0.0, "idle")
+    async with http.post(f"{router.url}{DEPLOYMENT}/approve", headers=auth) as resp:
+        body = await resp.text()
+    route = router.rollouts.route("chat")
+    assert route.weight == 0.0, body
+    assert set(await _releases(http, router, 60)) == {"r1"}  # nobody is served the ungated canary
+
+
+async def test_break_glass_for_a_canary_does_not_let_an_ungated_stable_take_all_traffic(
+        router: Any, http: aiohttp.ClientSession) -> None:
+    # The admin signed "canary of `same` on chat"; the PUT also names `bad`, never gated, as the new stable.
+    glass = break_glass(router.ctx.settings, "chat", "same", "canary", "incident 7")
+    body = {"stable_release": "bad", "canary_release": "same", "initial_weight": 10, "break_glass": glass}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+        answer = await resp.json()
+    assert resp.status == 409 and answer["error"]["code"] == "not_admitted", answer
+    assert "stable release 'bad' has no verified gate decision" in answer["error"]["message"]
+    assert router.rollouts.route("chat").stable.release != "bad"
+    # The override still does what it was signed for, from a stable a decision allows.
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={**body, "stable_release": "r1"}) as resp:
+        assert resp.status == 200, await resp.text()
+    route = router.rollouts.route("chat")
+    assert (route.stable.release, route.canary.release, route.weight) == ("r1", "same", 10.0)
+
+
+async def test_a_pass_superseded_by_a_block_does_not_admit_the_canary_when_it_arrives_late(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # The gatekeeper passed `bad` (d1), then blocked it (d2, current in KV). d1 reaches the router late (a
+    # redelivery after a nack): the release's current decision is the BLOCK, so d1 must admit nothing.
+    passed = signer.sign(GateDecided(release="bad", rules=[], decision="PASS"))
+    blocked = signer.sign(GateDecided(release="bad", rules=[], decision="BLOCK", reason="toxicity"))
+    bus = router.ctx.bus
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token("bad"), msgspec.json.encode(blocked))
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    async with http.patch(f"{router.url}{DEPLOYMENT}", json={"canary_release": "bad"}) as resp:
+        assert resp.status == 200, await resp.text()
+    assert (router.rollouts.route("chat").weight, router.rollouts.route("chat").phase) == (0.0, "idle")
+    await bus.publish(bus.subjects.gate_decided("bad"), passed)
+    await router.rollouts.wait_for(lambda r: r["chat"].decision_id in (passed.id, blocked.id), timeout=10)
+    route = router.rollouts.route("chat")
+    assert (route.weight, route.phase, route.decision_id) == (0.0, "aborted", blocked.id), route.reason
+    assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+async def test_a_block_of_the_stable_rolls_it_back_while_a_canary_of_another_release_waits(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # `same` was promoted (known-good); a canary of `echo` then starts from it and waits for its decision. The
+    # gate now BLOCKs `same`: it must stop serving (back to r1, the newest known-good), not keep 100%.
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    async with http.post(f"{router.url}{DEPLOYMENT}/promote") as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={"stable_release": "same", "canary_release": "echo"}) as resp:
+        assert resp.status == 200, await resp.text()
+    bus = router.ctx.bus
+    blocked = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="leaks PII"))
+    await bus.publish(bus.subjects.gate_decided("same"), blocked)
+    await router.rollouts.wait_for(lambda r: "same" not in {t.release for t in r["chat"].good}, timeout=10)
+    route = router.rollouts.route("chat")
+    assert (route.stable.release, route.weight, route.phase) == ("r1", 0.0, "aborted"), route.reason
+    assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+async def test_a_block_ends_the_break_glass_override_of_its_release(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # An admin broke glass for `bad` on chat; the gate then BLOCKed it. The override stays in the route until an
+    # admin clears it, but must no longer cover `bad`: an operator patching it back in gets it no traffic.
+    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7")
+    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": 10, "break_glass": glass}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    bus = router.ctx.bus
+    blocked = signer.sign(GateDecided(release="bad", rules=[], decision="BLOCK", reason="toxicity"))
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token("bad"), msgspec.json.encode(blocked))
+    await bus.publish(bus.subjects.gate_decided("bad"), blocked)
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
+    operator, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    auth = {"Authorization": f"Bearer {operator}"}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={"stable_release": "r1", "canary_release": "same",
+                                                           "strategy": {"steps": [50, 100], "interval_s": 3600}},
+                        headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+    await _pass(router, signer, "same")
+    async with http.patch(f"{router.url}{DEPLOYMENT}", json={"canary_release": "bad"}, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.post(f"{router.url}{DEPLOYMENT}/set-weight", json={"weight": 50}, headers=auth) as resp:
+        assert resp.status == 409, await resp.text()
+    route = router.rollouts.route("chat")
+    assert (route.canary.release, route.weight) == ("bad", 0.0), route.reason
+    assert set(await _releases(http, router, 40)) == {"r1"}
