@@ -26,13 +26,6 @@ OPERATOR_SQL = "sql"
 MAX_SQL_WAITING = 8
 
 
-def _operator_sql(data: bytes) -> bool:
-    try:
-        return _requests.decode(data).query == OPERATOR_SQL
-    except msgspec.DecodeError:
-        return False  # answered in the named queries' turn, with the reason
-
-
 def error_reply(exc: BaseException) -> bytes:
     """`{"error", "kind"}`: a LockgateError keeps its class name so the client raises the same one."""
     if isinstance(exc, LockgateError):
@@ -53,15 +46,10 @@ class QueryHandlers:
         self._sql_waiting = 0
         self._sql_tasks: set[asyncio.Task[None]] = set()
 
-    async def answer(self, data: bytes) -> bytes:
+    async def answer(self, request: QueryRequest) -> bytes:
         """The reply bytes for one request (never raises: every failure is an error reply)."""
-        name = "?"
+        name = request.query
         try:
-            try:
-                request = _requests.decode(data)
-            except msgspec.DecodeError as exc:
-                raise ConfigError(f'a query request is {{"query": name, "args": {{...}}}}: {exc}') from None
-            name = request.query
             rows = await asyncio.to_thread(registry.run, self.store, name, request.args)
             reply = to_json({"rows": rows})
         except Exception as exc:  # the caller gets the message; the service keeps serving
@@ -78,22 +66,28 @@ class QueryHandlers:
     async def on_request(self, msg: Any) -> None:
         """Reply to one request (a caller that gave up meanwhile is not an error); operator SQL is
         answered in its own turn, so the next named query need not wait for it."""
-        if _operator_sql(msg.data):
+        try:
+            request = _requests.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            await self._respond(msg, error_reply(ConfigError(
+                f'a query request is {{"query": name, "args": {{...}}}}: {exc}')))
+            return
+        if request.query == OPERATOR_SQL:
             if self._sql_waiting >= MAX_SQL_WAITING:
                 await self._respond(msg, error_reply(QueryUnavailable(
                     f"the query service is busy with {self._sql_waiting} operator queries; retry shortly")))
                 return
             self._sql_waiting += 1
-            task = asyncio.create_task(self._answer_sql(msg), name="query:operator-sql")
+            task = asyncio.create_task(self._answer_sql(msg, request), name="query:operator-sql")
             self._sql_tasks.add(task)
             task.add_done_callback(self._sql_tasks.discard)
             return
-        await self._respond(msg, await self.answer(msg.data))
+        await self._respond(msg, await self.answer(request))
 
-    async def _answer_sql(self, msg: Any) -> None:
+    async def _answer_sql(self, msg: Any, request: QueryRequest) -> None:
         try:
             async with self._sql_turn:  # waiting here holds no thread: the executor is the whole process's
-                reply = await self.answer(msg.data)
+                reply = await self.answer(request)
         finally:
             self._sql_waiting -= 1
         await self._respond(msg, reply)

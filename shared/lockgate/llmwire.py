@@ -84,9 +84,10 @@ class TokenUsage(NamedTuple):
     doubt: str
 
 
-def token_usage(input_name: str, input_value: Any, output_name: str, output_value: Any, cached: Any) -> TokenUsage:
-    """Usage counts as an upstream reported them, bounded (token_count). Cached tokens count at most the
-    input; a cached count that is none is 0 (the input then counts at the full rate, never less)."""
+def token_usage(input_name: str, input_value: Any, output_name: str, output_value: Any, details: Any) -> TokenUsage:
+    """Usage counts as an upstream reported them, bounded (token_count); `details` is the input count's details
+    object, whose `cached_tokens` count at most the input (none is 0: the input then counts at the full rate)."""
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
     counted = token_count(input_value), token_count(output_value)
     doubt = "; ".join(f"{name}={_excerpt(value)}" for name, value, n in
                       ((input_name, input_value, counted[0]), (output_name, output_value, counted[1])) if n is None)
@@ -109,9 +110,8 @@ class Usage(msgspec.Struct):
 
     def tokens(self) -> TokenUsage:
         """The counts, bounded (token_usage)."""
-        details = self.prompt_tokens_details
         return token_usage("prompt_tokens", self.prompt_tokens, "completion_tokens", self.completion_tokens,
-                           details.get("cached_tokens") if isinstance(details, dict) else None)
+                           self.prompt_tokens_details)
 
 
 class TokenLogprob(msgspec.Struct):
@@ -202,9 +202,8 @@ class ResponseUsage(msgspec.Struct):
 
     def tokens(self) -> TokenUsage:
         """The counts, bounded (token_usage)."""
-        details = self.input_tokens_details
         return token_usage("input_tokens", self.input_tokens, "output_tokens", self.output_tokens,
-                           details.get("cached_tokens") if isinstance(details, dict) else None)
+                           self.input_tokens_details)
 
 
 class Response(msgspec.Struct):

@@ -34,8 +34,9 @@ _DB = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # few times what one reply carries (1 MB by default), room for its in-memory form.
 READONLY_SETTINGS = {"max_execution_time": "25", "max_memory_usage": "2000000000", "max_result_rows": "100000",
                      "max_result_bytes": "16000000", "result_overflow_mode": "throw", "readonly": "1"}
-# ClickHouse's answers to a query that went past those bounds: final for that text, and the operator's to change.
-_OVER_BOUNDS = ("(TOO_MANY_ROWS_OR_BYTES)", "(TIMEOUT_EXCEEDED)", "(MEMORY_LIMIT_EXCEEDED)")
+# ClickHouse's answers to a query that went past those bounds, final for that text and the operator's to change:
+# TOO_MANY_ROWS, TIMEOUT_EXCEEDED, MEMORY_LIMIT_EXCEEDED, TOO_MANY_BYTES, TOO_MANY_ROWS_OR_BYTES.
+_OVER_BOUNDS = frozenset({158, 159, 241, 307, 396})
 
 
 def _raw_client(url: str, database: str | None, settings: dict[str, str] | None = None) -> Any:
@@ -116,7 +117,7 @@ class Store:
                 self._close_readonly()
                 if "(READONLY)" in str(exc):  # ClickHouse's own refusal: final, not worth a retry
                     raise QueryRefused(f"the read-only session refused it: {_first_line(exc)}") from None
-                if any(code in str(exc) for code in _OVER_BOUNDS):
+                if _error_code(exc) in _OVER_BOUNDS:
                     raise QueryRefused(
                         f"operator SQL returns at most {int(READONLY_SETTINGS['max_result_rows']):,} rows and "
                         f"{int(READONLY_SETTINGS['max_result_bytes']):,} bytes, and runs at most "
@@ -244,9 +245,13 @@ _DATA_ERRORS = frozenset({6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321})
 _CODE = re.compile(r"\bCode: (\d+)\b")
 
 
-def _data_error_code(exc: Exception) -> bool:
+def _error_code(exc: Exception) -> int | None:
     m = _CODE.search(str(exc))
-    return m is not None and int(m.group(1)) in _DATA_ERRORS
+    return int(m.group(1)) if m else None
+
+
+def _data_error_code(exc: Exception) -> bool:
+    return _error_code(exc) in _DATA_ERRORS
 
 
 def _first_line(exc: Exception) -> str:
