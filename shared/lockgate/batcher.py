@@ -134,6 +134,23 @@ class Batcher(Generic[T]):
                 await self._runner
             self._runner = None
 
+    def abandon(self, reason: str) -> int:
+        """Close without flushing, for a batcher that was never started: every buffered item is dropped
+        (counted in `dropped`, reported to `on_drop` with `reason`, its submit() raising) and later adds
+        are refused. Returns how many were dropped."""
+        self._closed = True
+        n = len(self._items)
+        for _, fut in self._items:
+            if fut is not None and not fut.done():
+                fut.set_exception(RuntimeError(f"{self.name} closed before it was started"))
+        self._items.clear()
+        self._bytes = 0
+        self._taken += n
+        self.dropped += n
+        if n:
+            self._report_loss(n, reason)
+        return n
+
     def _append(self, item: T, fut: asyncio.Future[None] | None) -> bool:
         # Every event an application emits passes here: the usual case (open, room, runner alive) is a
         # handful of steps with no further call; `_refuse_or_evict` and `_ensure_runner` are the rare paths.

@@ -154,7 +154,8 @@ class Client:
 
     @property
     def dropped(self) -> int:
-        """Events refused because the buffer was full (or the client closed)."""
+        """Events refused because the buffer was full or the client closed, and those still buffered
+        when a client that never started was closed."""
         return self._outbox.dropped
 
     @property
@@ -214,9 +215,10 @@ class Client:
 
         Never raises for a bus that went away: what could not be published is counted in `failed`.
         Closing again does nothing."""
-        if self._started:
+        if not self._closed:
+            # Closed without ever starting, its buffered events are counted dropped, and later emits refused.
             await self._outbox.close()
-            self._started = False
+        self._started = False
         self._closed = True
         if self._nc is not None and not self._nc.is_closed:
             try:
@@ -286,6 +288,8 @@ class Client:
         await self._verifier.verify(decision)
 
     async def _gates(self) -> Any:
+        if self._closed:
+            raise self._closed_error()
         if self._js is None:
             raise BusUnavailable("the lockgate client is not started; call start() or use `async with`")
         try:

@@ -332,7 +332,11 @@ class Outbox:
         await self._batcher.flush()
 
     async def close(self) -> None:
-        """Flush what is left and wait for the acks; later events are refused."""
+        """Flush what is left and wait for the acks; later events are refused. Never started, nothing can
+        publish what is buffered: it is counted dropped ("closed") rather than kept unseen."""
+        if self.js is None:
+            self._batcher.abandon("closed")
+            return
         await self._batcher.close()
 
     async def _publish(self, events: list[Encoded]) -> None:

@@ -343,6 +343,23 @@ async def test_start_twice_keeps_one_connection_and_start_after_close_is_refused
     await c.close()  # closing again does nothing
 
 
+async def test_a_client_closed_without_starting_counts_its_events_dropped(bus: Bus, settings: Settings) -> None:
+    # Its events were neither sent nor counted, and later emits were accepted (True) into a buffer that
+    # nothing would ever publish; decision() after close raised nats-py's own error.
+    c = client(settings)
+    assert c.emit() and c.emit()
+    await c.close()
+    assert (c.sent, c.failed, c.dropped, c.pending) == (0, 0, 2, 0)
+    assert not c.emit() and c.dropped == 3
+    with pytest.raises(ClientClosed):
+        await c.start()
+    started = client(settings)
+    await started.start()
+    await started.close()
+    with pytest.raises(ClientClosed, match="make a new one"):
+        await started.decision("shop/v2")
+
+
 async def test_close_while_the_bus_is_gone_counts_the_events_failed_and_does_not_raise(
         tmp_path: Path, settings: Settings) -> None:
     server = NatsServer(tmp_path / "js")

@@ -114,6 +114,22 @@ def test_without_autostart_add_buffers_outside_an_event_loop() -> None:
     assert len(b) == 2 and not b.closed
 
 
+async def test_abandon_drops_and_counts_what_a_never_started_batcher_holds() -> None:
+    # A client closed without starting kept its events unseen: neither flushed nor counted anywhere.
+    sink, losses = Sink(), []
+    b: Batcher[int] = Batcher(sink, autostart=False, on_drop=lambda n, why: losses.append((n, why)))
+    assert b.add(1) and b.add(2)
+    waiting = b.submit(3)
+    waiting.send(None)  # runs submit() up to its wait: the item is queued (no flush can run: never started)
+    assert b.abandon("closed") == 3
+    assert b.dropped == 3 and losses == [(3, "closed")] and len(b) == 0 and b.closed
+    with pytest.raises(RuntimeError, match="closed before it was started"):
+        waiting.send(None)  # resumed, submit() raises what its item's future was given
+    with pytest.raises(RuntimeError):
+        b.add(4)  # refused like any closed batcher's add
+    assert sink.batches == []
+
+
 async def test_without_autostart_nothing_flushes_until_start() -> None:
     sink = Sink()
     b: Batcher[int] = Batcher(sink, max_items=2, max_age_s=0.001, autostart=False)
