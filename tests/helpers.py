@@ -79,19 +79,22 @@ def admin_headers(home: str) -> dict[str, str]:
 
 
 async def store_pass(bus: Any, release: str, settings: Any) -> None:
-    """A PASS for `release` in the gates KV, signed by a key the settings' trust file trusts (a gatekeeper
-    stand-in)."""
+    """A PASS for the registered `release` in the gates KV, naming its registered artifacts, signed by a key
+    the settings' trust file trusts (a gatekeeper stand-in: like the gatekeeper, it passes no release that
+    is not registered; NotFound if the test did not register it)."""
     import msgspec
 
+    from lockgate import artifacts
     from lockgate.contracts import GateDecided
     from lockgate.signing import Signer, trust_file_path, trust_key
     from lockgate.subjects import token
 
+    bundle = await artifacts.release_of(bus, release)
     signer = Signer.generate()
     trust_key(trust_file_path(settings), signer.public)
     kv = await bus.kv(bus.subjects.kv_gates)
-    await kv.put(token(release), msgspec.json.encode(signer.sign(GateDecided(release=release, rules=[],
-                                                                             decision="PASS"))))
+    decision = GateDecided(release=release, rules=[], decision="PASS", artifacts=dict(bundle["artifacts"]))
+    await kv.put(token(release), msgspec.json.encode(signer.sign(decision)))
 
 
 def person(settings: Any, name: str, *roles: str) -> Any:
@@ -116,14 +119,17 @@ def break_glass(settings: Any, deployment: str, release: str, action: str, reaso
                          reason=reason, at=int(time.time()))
 
 
-async def register_model_release(bus: Any, release: str, model: str = "m", endpoint: str = "default",
-                                 **params: Any) -> None:
-    """Register a release whose model config sends it to `endpoint` with `model` (the router serves it so)."""
+async def register_model_release(bus: Any, release: str, model: str = "m", endpoint: str = "default", *,
+                                 extra_artifacts: dict[str, str] | None = None, **params: Any) -> dict[str, str]:
+    """Register a release whose model config sends it to `endpoint` with `model` (the router serves it so),
+    plus `extra_artifacts` (`kind/name` -> hash of a registered artifact); returns its artifact map."""
     from lockgate import artifacts
 
     config = await artifacts.register(bus, "model_config", f"{release}-config",
                                       {"model": model, "endpoint": endpoint, **params})
-    await artifacts.register_release(bus, release, "shop", {f"model_config/{release}-config": config.hash})
+    arts = {f"model_config/{release}-config": config.hash, **(extra_artifacts or {})}
+    await artifacts.register_release(bus, release, "shop", arts)
+    return arts
 
 
 def grpc_key(key: str) -> list[Any]:

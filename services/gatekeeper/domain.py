@@ -14,7 +14,10 @@ from lockgate.services.gatekeeper.review import review_reasons
 from lockgate.services.gatekeeper.rules import Evidence, evaluate_rule
 
 __all__ = ["OPS", "Evidence", "Limits", "Outcome", "Policy", "ReviewTrigger", "Rule", "decide", "decide_eval",
-           "decision_id", "evaluate_rule", "parse_policy"]
+           "decision_id", "evaluate_rule", "judged_artifacts", "parse_policy", "release_rules", "with_rules"]
+
+RELEASE_REGISTERED = "release_registered"
+RELEASE_ARTIFACTS = "release_artifacts"
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,49 @@ def decide_eval(policy: Policy | None, policy_error: str, done: EvalCompleted, *
     return out
 
 
-def with_lifecycle(out: Outcome, rules: Sequence[RuleResult]) -> Outcome:
-    """The outcome with the release's artifact lifecycle rules: a FAIL (an artifact past its sunset) blocks
-    and leads the reason with its remediation; a deprecated artifact's PASS only adds its warning."""
+def release_rules(release: str, registered: Mapping[str, str] | None,
+                  judged: Mapping[str, str] | None) -> tuple[RuleResult, ...]:
+    """FAIL rules when an allowing decision for `release` would not be about its registered content; () otherwise.
+
+    `registered` is the artifact map the release name is bound to (None: not registered). A name binds
+    once, for ever, so an allowing decision for a name nobody registered yet would cover whatever is
+    registered under it later (the router admits by name). `judged` is the artifact map the eval or the
+    decision says it judged (None: it names none, e.g. the evaluator could not look the release up yet;
+    then the registered bundle is what the decision covers); any difference means the verdict is about
+    other content than the name holds.
+    """
+    if registered is None:
+        return (RuleResult(rule=RELEASE_REGISTERED, metric="release", op="registered", threshold=1.0, observed=0.0,
+                           verdict="FAIL", hint=f"release {release!r} is not registered: register it with "
+                                                "`lockgate release create` (or apply) before gating it"),)
+    if judged is None:
+        return ()
+    diffs = []
+    for key in sorted({*registered, *judged}):
+        if key not in judged:
+            diffs.append(f"{key} not judged")
+        elif key not in registered:
+            diffs.append(f"{key}={judged[key]} is not in the release")
+        elif judged[key] != registered[key]:
+            diffs.append(f"{key} judged {judged[key]}, registered {registered[key]}")
+    if not diffs:
+        return ()
+    return (RuleResult(rule=RELEASE_ARTIFACTS, metric="artifacts", op="match registered", threshold=0.0,
+                       observed=float(len(diffs)), verdict="FAIL",
+                       hint=f"the eval judged other artifacts than release {release!r} is registered with "
+                            f"({', '.join(diffs)}): run the eval for the registered release"),)
+
+
+def judged_artifacts(decision_artifacts: Mapping[str, str]) -> dict[str, str]:
+    """The release artifacts (`kind/name` -> hash) a decision names, without the suite and policy it adds
+    under the bare keys `eval_suite` and `policy`."""
+    return {k: v for k, v in decision_artifacts.items() if "/" in k}
+
+
+def with_rules(out: Outcome, rules: Sequence[RuleResult]) -> Outcome:
+    """The outcome with extra release rules (registration, artifact lifecycle): a FAIL (say an artifact past
+    its sunset) blocks and leads the reason with its remediation; a PASS (a deprecated artifact) only adds
+    its warning."""
     if not rules:
         return out
     failed = [r.hint for r in rules if r.verdict == "FAIL"]

@@ -52,21 +52,27 @@ class GateHandlers:
             # and baseline, is judged; anything else raises UntrustedEvalResult and is dead-lettered.
             # (That only the evaluator can record runs is the NATS permissions' job.)
             check_result(done, await requested_run(self.ctx.bus, done.run_id))
+            # The binding in KV is the authority on what the release holds (the lineage tables may lag it).
+            registered = _artifacts(await self._bundle(done.release))
+            # An eval that names no artifacts judged the release as registered (see domain.release_rules).
+            release_arts = registered if registered is not None else done.artifacts
             policy, policy_error = await self._policy(done)
-            prior, candidate, baseline = 0, None, None
+            prior, baseline = 0, None
             if policy is not None and done.status == "completed":
                 prior = await self.records.consecutive_errors(done.release, done.run_id)
                 if policy.review:
-                    candidate = done.artifacts or await self.records.release_artifacts(done.release) or {}
-                    baseline = await self.records.release_artifacts(done.baseline)
+                    baseline = _artifacts(await self._bundle(done.baseline)) if done.baseline else None
             outcome = domain.decide_eval(policy, policy_error, done, prior_errors=prior,
-                                         candidate_artifacts=candidate, baseline_artifacts=baseline)
+                                         candidate_artifacts=release_arts, baseline_artifacts=baseline)
             # Artifacts past their sunset block (naming the successor); deprecated ones warn.
-            release_arts = done.artifacts or candidate or await self.records.release_artifacts(done.release) or {}
-            outcome = domain.with_lifecycle(outcome, await lifecycle.gate_rules(self.ctx.bus, self.ctx.settings,
-                                                                                release_arts))
+            outcome = domain.with_rules(outcome, await lifecycle.gate_rules(self.ctx.bus, self.ctx.settings,
+                                                                            release_arts))
+            # Last, so its remediation leads the reason: fail closed for a name nobody registered (or other content).
+            outcome = domain.with_rules(outcome, domain.release_rules(done.release, registered,
+                                                                      done.artifacts or None))
             span.set_attribute("lockgate.decision", outcome.decision)
-            arts = {**done.artifacts, **{k: v for k, v in (("eval_suite", done.suite), ("policy", done.policy)) if v}}
+            arts = {**(done.artifacts or release_arts),
+                    **{k: v for k, v in (("eval_suite", done.suite), ("policy", done.policy)) if v}}
             decision = self.signer.sign(GateDecided(
                 id=domain.decision_id(done.id), release=done.release, decision=outcome.decision,
                 rules=list(outcome.rules), eval_run=done.run_id, policy=done.policy, baseline=done.baseline,
@@ -113,12 +119,22 @@ class GateHandlers:
                     # Never countersign content we cannot prove we decided.
                     refusal = f"{review.action} by {reviewer} refused: the stored decision fails: {exc.message}"
             if current is not None and not refusal and review.action == "approve":
-                # Only an approval needs the policy's review rules; a veto is always allowed.
-                try:
-                    rules, author = await self._review_rules(current)
-                except (ConfigError, NotFound, ValueError) as exc:
-                    why = exc.message if isinstance(exc, ConfigError | NotFound) else f"not JSON or YAML ({exc})"
-                    refusal = f"{review.action} by {reviewer} refused: policy {current.policy} is unusable: {why}"
+                # Only an approval needs these checks; a veto is always allowed. An approval must not PASS a
+                # name that is not registered (any more), or holds other content than was judged: the eval
+                # path blocks both, this catches a NEEDS_REVIEW decided before it did.
+                bundle = await self._bundle(current.release)
+                failed = domain.release_rules(current.release, _artifacts(bundle),
+                                              domain.judged_artifacts(current.artifacts))
+                if failed:
+                    refusal = f"{review.action} by {reviewer} refused: {failed[0].hint}"
+                else:
+                    try:
+                        rules, author = await self._review_rules(current, bundle)
+                    except (ConfigError, NotFound, ValueError) as exc:
+                        why = exc.message if isinstance(exc, ConfigError | NotFound) \
+                            else f"not JSON or YAML ({exc})"
+                        refusal = (f"{review.action} by {reviewer} refused: policy {current.policy} is unusable: "
+                                   f"{why}")
             outcome = apply_review(current, review, new_id, reviewer=reviewer, rules=rules, author=author)
             if refusal or outcome.decision is None:
                 await self._refuse(review, current, new_id, key, actor=reviewer, reason=refusal or outcome.reason)
@@ -136,20 +152,24 @@ class GateHandlers:
         await self.records.audit(row, action="refused", actor=actor, key=key, reason=reason)
         log.warning("%s", reason)
 
-    async def _review_rules(self, current: GateDecided) -> tuple[ReviewRules, str | None]:
-        """What an approval of `current` takes (its policy's review section) and the release's author, when
-        the policy forbids self-approval (None: unknown)."""
+    async def _review_rules(self, current: GateDecided, bundle: dict | None) -> tuple[ReviewRules, str | None]:
+        """What an approval of `current` takes (its policy's review section) and the author of the release
+        `bundle`, when the policy forbids self-approval (None: unknown)."""
         if not current.policy:
             return ReviewRules(), None
         policy = domain.parse_policy(await artifacts.load_structured(self.ctx.bus, current.policy))
         rules = ReviewRules.of(policy.review)
-        if not rules.forbid_self_approval:
-            return rules, None
-        try:
-            bundle = await artifacts.release_of(self.ctx.bus, current.release)
-        except NotFound:
+        if not rules.forbid_self_approval or bundle is None:
             return rules, None
         return rules, author_of(self.ctx.settings, bundle)
+
+    async def _bundle(self, release: str) -> dict | None:
+        """The bundle `release` is bound to, None if it is not registered; BusUnavailable (retried) if the
+        bucket cannot be read, which must never count as "not registered"."""
+        try:
+            return await artifacts.release_of(self.ctx.bus, release)
+        except NotFound:
+            return None
 
     async def _policy(self, done: EvalCompleted) -> tuple[domain.Policy | None, str]:
         """The parsed policy, or None and why not (the gate then fails closed)."""
@@ -161,3 +181,8 @@ class GateHandlers:
             return None, f"policy {done.policy} is unusable: {exc.message}"
         except ValueError as exc:  # stored bytes that are not JSON at all
             return None, f"policy {done.policy} is unusable: not JSON or YAML ({exc})"
+
+
+def _artifacts(bundle: dict | None) -> dict[str, str] | None:
+    """The artifact map of a release bundle (None: the release is not registered)."""
+    return None if bundle is None else dict(bundle.get("artifacts") or {})

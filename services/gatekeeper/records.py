@@ -78,7 +78,3 @@ class Records:
         """Errored decisions in a row for the release, from the audit log (via the query service)."""
         return await ask(self.ctx.bus, "consecutive_errors", {"release": release, "exclude_run": exclude_run},
                          into=int)
-
-    async def release_artifacts(self, release: str) -> dict[str, str] | None:
-        """A release's registered artifacts from the lineage `releases` table (None if unknown)."""
-        return await ask(self.ctx.bus, "release_artifacts", {"release": release}, into=dict[str, str] | None)

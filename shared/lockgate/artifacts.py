@@ -179,12 +179,13 @@ async def bind_release(bus: Bus, bundle: dict[str, Any]) -> str:
 
 async def release_of(bus: Bus, release: str) -> dict[str, Any]:
     """The bundle a release name is bound to (NotFound if it was never registered)."""
-    kv = await bus.kv(bus.subjects.kv_releases)
     try:
+        kv = await bus.kv(bus.subjects.kv_releases)
         entry = await kv.get(token(release))
     except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
         raise NotFound(f"release {release!r} is not registered (`lockgate release create`, or `apply`)") from None
-    except nats.errors.Error as exc:
+    except (nats.errors.Error, TimeoutError) as exc:
+        # Retryable: the gatekeeper must not mistake an unreachable bucket for an unregistered release.
         raise BusUnavailable(f"cannot read release {release!r}: {exc!r}") from None
     bundle = json.loads(entry.value)
     if bundle.get("release") != release:  # key shared with a differently spelled name

@@ -19,7 +19,7 @@ from lockgate.services.query.evals import eval_cases, eval_runs
 from lockgate.store import Store
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import eventually, sink_stored
+from tests.helpers import eventually, register_model_release, sink_stored
 
 pytestmark = pytest.mark.timeout(90)
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -70,6 +70,8 @@ async def test_good_candidate_passes_and_regressed_one_is_blocked(
     bus: Bus, store: Store, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
 ) -> None:
     suite, policy = await register_qa(bus)
+    good_arts = await register_model_release(bus, "v-good", "good")  # the gate passes registered releases only
+    await register_model_release(bus, "v-bad", "bad")
     config = SimConfig(models={"good": ModelSpec(answers=qa_answers(), latency_ms=2),
                                "bad": ModelSpec(answers=qa_answers(wrong_every=2), latency_ms=2)})
     gates = await subscribe(bus.subjects.gate_decided_all)
@@ -90,7 +92,8 @@ async def test_good_candidate_passes_and_regressed_one_is_blocked(
     assert (second.release, second.decision) == ("v-bad", "BLOCK")
     failing = [r for r in second.rules if r.verdict == "FAIL"]
     assert [(r.rule, r.metric, r.observed) for r in failing] == [("accuracy", "exact_match", 0.5)]
-    # Decisions also carry the release's artifact hashes when the evaluator reports them.
+    # Decisions also carry the release's registered artifact hashes.
+    assert first.artifacts == {**good_arts, "eval_suite": suite, "policy": policy}
     assert "accuracy" in second.reason and {"eval_suite": suite, "policy": policy}.items() <= second.artifacts.items()
 
     done = Codec(EvalCompleted).decode((await evals.next_msg(timeout=5)).data)
@@ -173,6 +176,7 @@ async def test_an_eval_longer_than_ack_wait_is_not_redelivered(
         {"metric": "exact_match", "op": ">=", "threshold": 1}]})
     gates = await subscribe(bus.subjects.gate_decided_all)
     assert settings.ack_wait_s < 10 * 0.3
+    await register_model_release(bus, "v-slow", "slow")
     async with SimServer(SimConfig(models={"slow": ModelSpec(latency_ms=300)})) as sim:
         await run_services("query", "evaluator", "gatekeeper")
         req = request(release="v-slow", suite=suite.hash, endpoint=sim.url, model="slow", policy=policy.hash,

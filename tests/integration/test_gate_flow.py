@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -35,8 +34,17 @@ from lockgate.identity import Identity, create_identity, review_bytes, sign_revi
 from lockgate.ids import uuid7
 from lockgate.server.service import ServiceContext
 from lockgate.services.query.decisions import decisions
-from lockgate.signing import Keyring, ensure_signer_trusted, public_pem, revoke_person, trust_file_path
+from lockgate.signing import (
+    Keyring,
+    Signer,
+    ensure_signer_trusted,
+    public_pem,
+    revoke_person,
+    trust_file_path,
+    trust_key,
+)
 from lockgate.store import Store
+from lockgate.subjects import token
 from tests.helpers import admin_headers, person, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
@@ -99,11 +107,18 @@ async def register_policy(bus: Bus, doc: dict = POLICY) -> str:
     return (await artifacts.register(bus, "policy", doc["name"], doc)).hash
 
 
-def register_release(store: Store, release: str, arts: dict[str, str]) -> None:
-    # The sink stores `releases` from ReleaseRegistered; writing the row directly stands in for both here.
-    store.insert_rows("releases", ("release", "app", "tenant", "artifacts", "parent", "description", "time",
-                                   "event_id"),
-                      [[release, "shop", "default", arts, "", "", dt.datetime.now(dt.UTC), release]], token=release)
+async def prompt(bus: Bus, text: str) -> str:
+    """The hash of a registered `prompt/system` artifact with `text`."""
+    return (await artifacts.register(bus, "prompt", "system", text, media_type="text/plain")).hash
+
+
+async def register_release(bus: Bus, release: str, system_prompt: str, *, author: Identity | None = None,
+                           **more: str) -> dict[str, str]:
+    """Register `release` as `lockgate release create` does (the gatekeeper passes no other), holding a
+    `prompt/system` with `system_prompt` (and `more` `kind/name` -> hash); returns its artifact map."""
+    arts = {"prompt/system": await prompt(bus, system_prompt), **more}
+    await artifacts.register_release(bus, release, "shop", arts, author=author)
+    return arts
 
 
 async def test_regression_is_blocked_naming_the_rule_and_the_decision_is_signed(
@@ -111,10 +126,11 @@ async def test_regression_is_blocked_naming_the_rule_and_the_decision_is_signed(
 ) -> None:
     policy = await register_policy(bus)
     svcs = await run_services("sink", "query", "gatekeeper")
-    arts = {"prompt/system": "sha256:p1", "dataset/qa": "sha256:d1"}
+    dataset = await artifacts.register(bus, "dataset", "qa", [{"input": "q", "expected": "a"}])
+    arts = await register_release(bus, "v2", "p1", **{"dataset/qa": dataset.hash})
+    await register_release(bus, "v1", "p1", **{"dataset/qa": dataset.hash})  # the baseline: same artifacts
     done = completed("v2", policy, em=0.78, em_ci=(0.75, 0.81), diff=-0.12, diff_ci=(-0.15, -0.09), n=400,
                      artifacts=arts)
-    register_release(store, "v1", arts)
     await finish_eval(bus, done)
     d = await next_decision(gates)
 
@@ -137,6 +153,7 @@ async def test_noisy_small_sample_is_inconclusive_and_needs_review(
     # Documented choice: INCONCLUSIVE beyond limits.max_inconclusive (default 0) -> NEEDS_REVIEW, never PASS.
     policy = await register_policy(bus, {k: v for k, v in POLICY.items() if k != "review"})
     await run_services("query", "gatekeeper")
+    await register_release(bus, "v3", "p3")
     await finish_eval(bus,
                       completed("v3", policy, em=0.85, em_ci=(0.6, 1.0), diff=-0.05, diff_ci=(-0.3, 0.2), n=10))
     d = await next_decision(gates)
@@ -153,6 +170,7 @@ async def test_consecutive_errors_are_counted_from_the_audit_log(
            "rules": [{"name": "lift", "metric": "exact_match", "relative": {"min_change": 0.1, "mode": "relative"}}]}
     policy = await register_policy(bus, doc)
     svcs = await run_services("sink", "query", "gatekeeper")
+    await register_release(bus, "v4", "p4")
     seen = []
     for i in range(2):
         zero = BaselineComparison(metric="exact_match", candidate=0.1, baseline=0.0, diff=0.1)
@@ -172,8 +190,11 @@ async def services(context: ServiceContext, run_services: Any) -> Any:
     context.settings = context.settings.replace(stable_upstream="http://127.0.0.1:9/v1",
                                                 canary_upstream="http://127.0.0.1:9/v1", deployment="chat")
     svcs = await run_services("sink", "query", "gatekeeper", "router")
-    for release in ("v1", "v5", "v6", "v7"):  # the releases rolled out below, each with its model config
-        await register_model_release(context.bus, release)
+    # The releases rolled out below, each with its model config; the canaries change the system prompt.
+    for release in ("v1", "v5", "v6", "v7"):
+        text = "old" if release == "v1" else f"new-{release}"
+        await register_model_release(context.bus, release,
+                                     extra_artifacts={"prompt/system": await prompt(context.bus, text)})
     await store_pass(context.bus, "v1", context.settings)  # the stable the canaries start from passed its gate
     return svcs
 
@@ -187,9 +208,8 @@ async def test_high_risk_change_waits_for_approval_and_router_holds(
     bus: Bus, store: Store, router: Any, services: Any, gates: Any, trusted: Keyring, settings: Settings
 ) -> None:
     policy = await register_policy(bus)
-    register_release(store, "v1", {"prompt/system": "sha256:old"})
     good = completed("v5", policy, em=0.9, em_ci=(0.88, 0.92), diff=0.0, diff_ci=(-0.01, 0.01), n=2000,
-                     artifacts={"prompt/system": "sha256:new"})
+                     artifacts=(await artifacts.release_of(bus, "v5"))["artifacts"])
     await finish_eval(bus, good)
     held = await next_decision(gates)
     assert held.decision == "NEEDS_REVIEW" and held.review_required == "artifact_changed prompt/*: prompt/system"
@@ -221,7 +241,6 @@ async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
     bus: Bus, store: Store, router: Any, gates: Any, settings: Any, tmp_path: Path, trusted: Keyring
 ) -> None:
     policy = await register_policy(bus)
-    register_release(store, "v1", {})
     await finish_eval(bus,
                       completed("v6", policy, em=0.5, em_ci=(0.45, 0.55), diff=-0.4, diff_ci=(-0.45, -0.35), n=500))
     genuine = await next_decision(gates)
@@ -273,7 +292,7 @@ async def test_forged_eval_results_get_no_decision_and_are_dead_lettered(
 ) -> None:
     # Issue 7: a forged EvalCompleted published on the bus was signed PASS by the real gatekeeper.
     policy = await register_policy(bus)
-    register_release(store, "v1", {})
+    await register_release(bus, "v9", "p9")
     svcs = await run_services("sink", "query", "gatekeeper")
     dlq = await bus.nc.subscribe(bus.subjects.dlq("gatekeeper"))
     great = {"em": 0.99, "em_ci": (0.98, 1.0), "diff": 0.0, "diff_ci": (-0.01, 0.01), "n": 2000}
@@ -297,6 +316,57 @@ async def test_forged_eval_results_get_no_decision_and_are_dead_lettered(
     await sink_stored(svcs["sink"].handlers, gate_decisions=1)
     assert [r["release"] for r in store.rows("SELECT release FROM gate_decisions")] == ["v9"]
     await dlq.unsubscribe()
+
+
+async def test_an_unregistered_release_is_blocked_and_registering_it_later_does_not_admit_it(
+    bus: Bus, router: Any, gates: Any, trusted: Keyring
+) -> None:
+    # Before: the gatekeeper signed a PASS for whatever release an eval named. Names bind once, so whoever
+    # registered v15 afterwards had the router admit it on that PASS, whatever it held.
+    policy = await register_policy(bus, {k: v for k, v in POLICY.items() if k != "review"})
+    await finish_eval(bus, completed("v15", policy, em=0.99, em_ci=(0.98, 1.0), diff=0.0, diff_ci=(-0.01, 0.01),
+                                     n=2000))
+    d = await next_decision(gates)
+    assert (d.release, d.decision) == ("v15", "BLOCK")
+    assert d.reason.startswith("release 'v15' is not registered: register it with `lockgate release create` "
+                               "(or apply) before gating it")
+    assert [r.rule for r in d.rules if r.verdict == "FAIL"] == ["release_registered"]
+    assert trusted.verify(d) == d.key_id
+    assert (await current_decision(bus, "v15")) == d  # signed, in KV
+
+    await register_model_release(bus, "v15")
+    async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
+        body = {"stable_release": "v1", "canary_release": "v15"}
+        async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+            state = await resp.json()
+    assert (state["phase"], state["weight"]) == ("aborted", 0.0)  # the BLOCK from KV; no PASS exists
+    assert (await current_decision(bus, "v15")) == d
+
+
+async def test_an_approval_never_passes_a_release_that_is_not_registered_or_holds_other_content(
+    bus: Bus, run_services: Callable[..., Any], audit: Any, settings: Settings
+) -> None:
+    # A NEEDS_REVIEW decided before the gate checked registration, by a key the gatekeeper trusts.
+    await run_services("sink", "query", "gatekeeper")
+    earlier = Signer.generate()
+    trust_key(trust_file_path(settings), earlier.public)
+    pending = earlier.sign(GateDecided(
+        release="v16", decision="NEEDS_REVIEW", rules=[], review_required="artifact_changed prompt/*: prompt/system",
+        artifacts={"prompt/system": await prompt(bus, "the prompt that was judged")}))
+    await (await bus.kv(bus.subjects.kv_gates)).put(token("v16"), msgspec.json.encode(pending))
+    ann = person(settings, "ann", "approver")
+
+    async def approve() -> GateAudited:
+        await bus.publish(bus.subjects.gate_review("v16"), sign_review(ann, GateReview(
+            release="v16", action="approve", actor="ann", reason="lgtm", decision_id=pending.id)))
+        return await next_refusal(audit)
+
+    assert "release 'v16' is not registered" in (await approve()).reason
+    await register_release(bus, "v16", "another prompt, registered afterwards")
+    row = await approve()
+    assert "other artifacts than release 'v16' is registered with (prompt/system judged" in row.reason
+    assert row.actor == "ann"
+    assert (await current_decision(bus, "v16")) == pending  # still NEEDS_REVIEW, never PASS
 
 
 # Reviews are signed by people (issue 7: "`lockgate gate approve --actor` is free text, and anyone on the
@@ -324,10 +394,8 @@ async def held_for_review(bus: Bus, store: Store, gates: Any, release: str, revi
     """Register `release` (signed by `author` if given), gate it under a policy whose prompt change needs
     review (`review` adds to that section), and return the NEEDS_REVIEW decision."""
     policy = await register_policy(bus, {**POLICY, "review": {**POLICY["review"], **(review or {})}})
-    register_release(store, "v1", {"prompt/system": "sha256:old"})
-    prompt = await artifacts.register(bus, "prompt", "system", f"new-{release}", media_type="text/plain")
-    arts = {"prompt/system": prompt.hash}
-    await artifacts.register_release(bus, release, "shop", arts, author=author)
+    await register_release(bus, "v1", "old")
+    arts = await register_release(bus, release, f"new-{release}", author=author)
     await finish_eval(bus, completed(release, policy, em=0.9, em_ci=(0.88, 0.92), diff=0.0, diff_ci=(-0.01, 0.01),
                                      n=2000, artifacts=arts))
     held = await next_decision(gates)

@@ -141,16 +141,61 @@ def test_evaluator_warnings_are_grouped_not_repeated_per_metric() -> None:
 
 def test_lifecycle_rules_block_past_sunset_and_only_warn_while_deprecated() -> None:
     from lockgate.contracts import RuleResult
-    from lockgate.services.gatekeeper.domain import Outcome, with_lifecycle
+    from lockgate.services.gatekeeper.domain import Outcome, with_rules
 
     passed = Outcome("PASS", (), "all rules passed")
     warn = RuleResult(rule="lifecycle tool/t", metric="sunset", op="not past", threshold=0.0, observed=0.0,
                       verdict="PASS", hint="tool/t is deprecated")
     sunset = RuleResult(rule="lifecycle prompt/p", metric="sunset", op="not past", threshold=0.0, observed=1.0,
                         verdict="FAIL", hint="prompt/p was sunset; use its successor sha256:b")
-    assert with_lifecycle(passed, []) is passed
-    warned = with_lifecycle(passed, [warn])
+    assert with_rules(passed, []) is passed
+    warned = with_rules(passed, [warn])
     assert warned.decision == "PASS" and warned.reason == "all rules passed; tool/t is deprecated"
-    blocked = with_lifecycle(passed, [warn, sunset])
+    blocked = with_rules(passed, [warn, sunset])
     assert blocked.decision == "BLOCK" and blocked.reason.startswith("prompt/p was sunset; use its successor")
     assert "tool/t is deprecated" in blocked.reason and len(blocked.rules) == 2
+
+
+def test_a_release_that_is_not_registered_is_blocked_whatever_its_eval_says() -> None:
+    # Before: a PASS for a name nobody had registered covered whatever was registered under it later.
+    from lockgate.services.gatekeeper.domain import Outcome, release_rules, with_rules
+
+    passed = Outcome("PASS", (), "all 1 rules of policy 'p' passed")
+    [rule] = release_rules("shop-v9", None, {"prompt/p": "sha256:a"})
+    assert (rule.rule, rule.verdict) == ("release_registered", "FAIL")
+    blocked = with_rules(passed, [rule])
+    assert blocked.decision == "BLOCK"
+    assert blocked.reason.startswith("release 'shop-v9' is not registered: register it with `lockgate release "
+                                     "create` (or apply) before gating it")
+    assert release_rules("shop-v9", None, None) == (rule,)  # an eval naming no artifacts is no excuse
+
+
+@pytest.mark.parametrize(
+    ("judged", "said"),
+    [
+        (None, ""),  # the eval named none: the decision covers the registered bundle
+        ({"prompt/p": "sha256:a", "model_config/m": "sha256:m"}, ""),
+        ({"prompt/p": "sha256:b", "model_config/m": "sha256:m"}, "prompt/p judged sha256:b, registered sha256:a"),
+        ({"prompt/p": "sha256:a"}, "model_config/m not judged"),
+        ({"prompt/p": "sha256:a", "model_config/m": "sha256:m", "tool/t": "sha256:t"},
+         "tool/t=sha256:t is not in the release"),
+        ({}, "prompt/p not judged"),  # a decision naming none (the review path) judged nothing registered
+    ],
+)
+def test_an_eval_of_other_artifacts_than_the_release_holds_is_blocked(judged: dict | None, said: str) -> None:
+    from lockgate.services.gatekeeper.domain import release_rules
+
+    rules = release_rules("r", {"prompt/p": "sha256:a", "model_config/m": "sha256:m"}, judged)
+    if not said:
+        assert rules == ()
+        return
+    [rule] = rules
+    assert (rule.rule, rule.verdict) == ("release_artifacts", "FAIL")
+    assert said in rule.hint and "other artifacts than release 'r' is registered with" in rule.hint
+
+
+def test_a_decision_judged_the_release_artifacts_it_names_not_its_suite_or_policy() -> None:
+    from lockgate.services.gatekeeper.domain import judged_artifacts
+
+    assert judged_artifacts({"prompt/p": "sha256:a", "eval_suite": "sha256:s", "policy": "sha256:q"}) == {
+        "prompt/p": "sha256:a"}
