@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import aiohttp
 import msgspec
 
-from lockgate import artifacts
+from lockgate import artifacts, shipped
 from lockgate.contracts import EvalCompleted, EvalRequested, EvalReran, LineageRun
 from lockgate.endpoints import Access
 from lockgate.errors import ConfigError, NotFound
@@ -33,6 +33,7 @@ from lockgate.services.evaluator.judge import JudgeParams
 from lockgate.services.evaluator.progress import Ticker
 from lockgate.services.evaluator.ratelimit import TokenBucket
 from lockgate.services.evaluator.upstream import Upstream, judge_step
+from lockgate.shipped import Shipped
 
 log = logging.getLogger("lockgate.evaluator")
 
@@ -47,6 +48,8 @@ class Loaded:
     prices: dict[str, pricing.ModelPrice] = field(default_factory=dict)
     price_source: str = ""
     target: Access | None = None  # the evaluated endpoint (a call task)
+    model: str = ""  # the evaluated model (a call task)
+    params: dict = field(default_factory=dict)  # sampling parameters the release's model config fixes
     judge: Access | None = None  # the suite judge's endpoint, when it has one
     judge_params: JudgeParams | None = None  # the suite's LLM judge, when it has one
 
@@ -79,18 +82,18 @@ class Execution:
         """Suite, dataset and price book; ConfigError/NotFound name what is wrong."""
         suite = domain.parse_suite(await artifacts.load_structured(self.ctx.bus, req.suite))
         target = judged = judge_params = None
+        model, params = "", {}
         if suite.task.type == "call":
-            if not req.endpoint:
-                raise ConfigError("EvalRequested.endpoint is empty; give an endpoint id of the allow-list or the "
-                                  "base URL of an OpenAI-compatible API")
-            if not (req.model or suite.model):
-                raise ConfigError(f"no model to evaluate: set EvalRequested.model or 'model' in suite {suite.name!r}")
-            target = targets.of_run(self.ctx.settings, req.endpoint)
+            # A rerun (which no gate reads) may try another model on purpose; a gated run evaluates what ships.
+            ships = None if req.rerun_of else await self._shipped(req.release)
+            target, model, params = targets.evaluated(self.ctx.settings, ships, req.endpoint, req.model or suite.model)
         spec = next((s for s in suite.scorers if s.name == judge.NAME), None)
         if spec is not None:
             judge_params = judge.parse_params(spec.params)
-            if named := judge_params.endpoint or req.endpoint:
-                judged = targets.of_run(self.ctx.settings, named, "judge endpoint")
+            if judge_params.endpoint or req.endpoint:
+                judged = targets.of_run(self.ctx.settings, judge_params.endpoint or req.endpoint, "judge endpoint")
+            elif target is not None:
+                judged = target  # the judge defaults to where the evaluated model is
         inputs = [req.suite]
         if isinstance(suite.dataset, str):
             rows = await artifacts.load_structured(self.ctx.bus, suite.dataset)
@@ -107,7 +110,16 @@ class Execution:
         else:
             prices = pricing.load_file(self.ctx.settings.price_book)
             source = self.ctx.settings.price_book or "the shipped price book"
-        return Loaded(suite, cases, inputs, prices, source, target, judged, judge_params)
+        return Loaded(suite, cases, inputs, prices, source, target, model, params, judged, judge_params)
+
+    async def _shipped(self, release: str) -> Shipped | None:
+        """The release's model config; None when it is not registered or carries none usable (the run is then
+        evaluated as asked, and the gatekeeper blocks an unregistered release; the router serves no release
+        without one). An unreadable bus stays an error (retried), never "evaluate as asked"."""
+        try:
+            return await shipped.of_release(self.ctx.bus, release)
+        except (NotFound, ConfigError):
+            return None
 
     async def execute(self, req: EvalRequested, loaded: Loaded) -> Outcome:
         """Run the cases not stored yet, then summarise all of them."""
@@ -141,8 +153,9 @@ class Execution:
         results = sorted([*finished, *new], key=lambda r: (order[r.case_id], r.repeat))
         outcome = await self._summarise(req, loaded, results)
         outcome.environment = environment.for_run(
-            environment.host(), model=req.model or suite.model, endpoint=req.endpoint,
-            params=calibrated.request_params(suite), suite=req.suite,
+            environment.host(), model=loaded.model or req.model or suite.model,
+            endpoint=loaded.target.id if loaded.target is not None else req.endpoint,
+            params=_params(suite, loaded), suite=req.suite,
             dataset=suite.dataset if isinstance(suite.dataset, str) else "inline", repeats=suite.repeats,
             concurrency=req.concurrency, timeout_s=req.timeout_s, cache=bool(cache is not None))
         return outcome
@@ -164,8 +177,8 @@ class Execution:
                                               stopping=self.stopping)
         bucket = TokenBucket(suite.rate_limit_rps) if suite.rate_limit_rps else None
         at = loaded.target or Access(id=req.endpoint, base=req.endpoint)
-        target = Upstream(self.session, at.base, req.model or suite.model, policy, cache, bucket, at.headers)
-        call = functools.partial(target, params=calibrated.request_params(suite))
+        target = Upstream(self.session, at.base, loaded.model, policy, cache, bucket, at.headers)
+        call = functools.partial(target, params=_params(suite, loaded))
         return await runner.run_cases(suite, cases, call, concurrency=req.concurrency, skip=skip,
                                       on_result=on_result, judge=judge_hook, stopping=self.stopping)
 
@@ -297,3 +310,10 @@ class Execution:
 def load_error(exc: ConfigError | NotFound) -> Outcome:
     """A suite that cannot run still yields a (failed) result the gate blocks on: never silent."""
     return Outcome(status="failed", error=exc.message)
+
+
+def _params(suite: domain.Suite, loaded: Loaded) -> dict | None:
+    """What each call sends besides model and messages: the suite's needs, then the release's fixed sampling
+    parameters over them (as the router sends them over a client's)."""
+    merged = {**(calibrated.request_params(suite) or {}), **loaded.params}
+    return merged or None

@@ -4,13 +4,17 @@ offline eval run only) a plain URL, with none: the development setup with the si
 An eval run (EvalRequested.endpoint, a suite judge's `endpoint:`) names an endpoint id or a URL; the online
 judge names an id only, since a deployment document must never send live answers anywhere the operator did
 not list. A listed endpoint whose credential is missing is a ConfigError naming both: never a call without it.
+A release that carries a model config is evaluated as it ships (`evaluated`), whatever the run names.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from lockgate.config import Settings
 from lockgate.endpoints import Access, AllowList, UnknownEndpoint
 from lockgate.errors import ConfigError
+from lockgate.shipped import Shipped
 
 
 def listed(settings: Settings, endpoint_id: str, what: str = "endpoint") -> Access:
@@ -31,3 +35,32 @@ def of_run(settings: Settings, endpoint: str, what: str = "endpoint") -> Access:
     if "://" in endpoint:  # an id never holds ':' or '/'
         return Access(id=endpoint, base=endpoint.rstrip("/"))
     return listed(settings, endpoint, what)
+
+
+def evaluated(settings: Settings, shipped: Shipped | None, endpoint: str, model: str
+              ) -> tuple[Access, str, dict[str, Any]]:
+    """The endpoint, model and fixed parameters a call task evaluates: what the release ships when it carries
+    a model config (the router serves it exactly so), else what the run asks for.
+
+    A run that asks for another model or another place than the release ships is refused (ConfigError):
+    a PASS for it would let the gate judge one model and the router serve another. The place agrees when it
+    is the shipped endpoint's id, or a URL equal to that endpoint's allow-listed URL (the development setup
+    names the simulator by URL).
+    """
+    if shipped is None:
+        if not endpoint:
+            raise ConfigError("EvalRequested.endpoint is empty; give an endpoint id of the allow-list or the "
+                              "base URL of an OpenAI-compatible API")
+        if not model:
+            raise ConfigError("no model to evaluate: set EvalRequested.model or 'model' in the suite")
+        return of_run(settings, endpoint), model, {}
+    where = f"release {shipped.release!r} ships model {shipped.model!r} at endpoint {shipped.endpoint!r} " \
+            f"({shipped.config})"
+    if model and model != shipped.model:
+        raise ConfigError(f"{where}, but the eval asks for model {model!r}: the gate judges what ships; "
+                          f"omit the model or give {shipped.model!r}")
+    access = listed(settings, shipped.endpoint, f"{where}: endpoint")
+    if endpoint and endpoint != shipped.endpoint and endpoint.rstrip("/") != access.base:
+        raise ConfigError(f"{where}, but the eval asks for endpoint {endpoint!r}: the gate judges what ships; "
+                          f"omit the endpoint or give {shipped.endpoint!r}")
+    return access, shipped.model, dict(shipped.params)

@@ -167,6 +167,7 @@ def grant(s: Subjects, identity: str) -> Grant:
     elif identity == "evaluator":
         # It records each requested run (the gatekeeper decides only on those) and its cases as facts.
         g.add(service).add(_consume(s, "evaluator")).add(_read_objects(s.object_store))
+        g.add(_read_kv(s.kv_releases))  # a release's model config: it evaluates what the release ships
         g.add(_write_kv(s.kv_eval_cache)).add(_write_kv(s.kv_eval_runs))
         g.add(Grant(publish=[s.eval_completed, s.lineage_run, s.eval_cases, f"{s.prefix}.progress.eval.>", s.query]))
         g.add(Grant(publish=[s.eval_reran]))  # reruns of stored runs, which no gate acts on

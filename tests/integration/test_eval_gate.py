@@ -67,7 +67,7 @@ def request(**fields: Any) -> EvalRequested:
 
 
 async def test_good_candidate_passes_and_regressed_one_is_blocked(
-    bus: Bus, store: Store, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
+    bus: Bus, store: Store, context: Any, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
 ) -> None:
     suite, policy = await register_qa(bus)
     good_arts = await register_model_release(bus, "v-good", "good")  # the gate passes registered releases only
@@ -78,6 +78,8 @@ async def test_good_candidate_passes_and_regressed_one_is_blocked(
     evals = await subscribe(bus.subjects.eval_completed)
     lineage = await subscribe(bus.subjects.lineage_run)
     async with SimServer(config) as sim:
+        # The releases ship to the allow-list's `default` endpoint: here, the simulator.
+        context.settings = context.settings.replace(stable_upstream=sim.url)
         sink = (await run_services("sink", "query", "evaluator", "gatekeeper"))["sink"].handlers
         good = request(release="v-good", suite=suite, endpoint=sim.url, model="good", policy=policy)
         await bus.publish(bus.subjects.eval_requested, good)
@@ -125,6 +127,37 @@ async def test_good_candidate_passes_and_regressed_one_is_blocked(
     assert decided.decode(entry.value) == second
 
 
+async def test_a_release_is_evaluated_as_it_ships_not_as_the_request_asks(
+    bus: Bus, context: Any, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
+) -> None:
+    # The release ships the weak model; an eval that asked for the strong one (here or at another URL) got a
+    # PASS, and the router then served the weak model under it.
+    suite, policy = await register_qa(bus)
+    await register_model_release(bus, "v-weak", "bad")
+    config = SimConfig(models={"good": ModelSpec(answers=qa_answers()),
+                               "bad": ModelSpec(answers=qa_answers(wrong_every=2))})
+    gates = await subscribe(bus.subjects.gate_decided_all)
+    async with SimServer(config) as sim, SimServer(config) as elsewhere:
+        context.settings = context.settings.replace(stable_upstream=sim.url)  # the `default` endpoint
+        await run_services("query", "evaluator", "gatekeeper")
+        asked = [request(release="v-weak", suite=suite, endpoint=sim.url, model="good", policy=policy),
+                 request(release="v-weak", suite=suite, endpoint=elsewhere.url, model="bad", policy=policy)]
+        refused = []
+        for req in asked:
+            await bus.publish(bus.subjects.eval_requested, req)
+            refused.append(await next_decision(gates))
+        assert sim.requests == {} and elsewhere.requests == {}  # refused before any call
+        shipped = request(release="v-weak", suite=suite, endpoint="", model="", policy=policy)
+        await bus.publish(bus.subjects.eval_requested, shipped)
+        judged = await next_decision(gates)
+        assert sim.requests == {"bad": 20}
+    assert [d.decision for d in refused] == ["BLOCK", "BLOCK"]
+    assert "ships model 'bad' at endpoint 'default'" in refused[0].reason and "asks for model 'good'" in refused[0].reason
+    assert f"asks for endpoint '{elsewhere.url}'" in refused[1].reason
+    assert (judged.decision, judged.eval_run) == ("BLOCK", shipped.run_id)
+    assert [(r.rule, r.observed) for r in judged.rules if r.verdict == "FAIL"] == [("accuracy", 0.5)]
+
+
 async def test_malformed_request_goes_to_dlq_and_a_failed_eval_is_blocked(
     bus: Bus, store: Store, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
 ) -> None:
@@ -166,7 +199,7 @@ async def test_bad_policy_blocks_naming_the_problem(
 
 
 async def test_an_eval_longer_than_ack_wait_is_not_redelivered(
-    bus: Bus, settings: Any, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
+    bus: Bus, settings: Any, context: Any, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
 ) -> None:
     # settings.ack_wait_s is 2 s; 10 sequential calls of 300 ms outlast it, so only the heartbeat saves the run.
     cases = [{"id": str(i), "input": f"q{i}", "expected": "ok"} for i in range(10)]
@@ -178,6 +211,7 @@ async def test_an_eval_longer_than_ack_wait_is_not_redelivered(
     assert settings.ack_wait_s < 10 * 0.3
     await register_model_release(bus, "v-slow", "slow")
     async with SimServer(SimConfig(models={"slow": ModelSpec(latency_ms=300)})) as sim:
+        context.settings = context.settings.replace(stable_upstream=sim.url)  # where v-slow ships
         await run_services("query", "evaluator", "gatekeeper")
         req = request(release="v-slow", suite=suite.hash, endpoint=sim.url, model="slow", policy=policy.hash,
                       concurrency=1)

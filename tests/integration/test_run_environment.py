@@ -24,19 +24,20 @@ pytestmark = pytest.mark.timeout(90)
 
 
 async def test_an_eval_run_records_its_environment_and_the_decision_its_release_versions(
-    bus: Bus, store: Store, settings: Settings, run_services: Callable[..., Any],
+    bus: Bus, store: Store, settings: Settings, context: Any, run_services: Callable[..., Any],
     subscribe: Callable[[str], Any],  # noqa: F811
 ) -> None:
     suite, policy = await register_qa(bus)
     prompt = await artifacts.register(bus, "prompt", "answer", {"template": "{{question}}"})
-    model = await artifacts.register(bus, "model_config", "good", {"model": "good", "endpoint": "sim"})
+    model = await artifacts.register(bus, "model_config", "good", {"model": "good", "endpoint": "default"})
     await artifacts.register_release(bus, "v-env", "shop", {"prompt/answer": prompt.hash,
                                                             "model_config/good": model.hash})
     gates = await subscribe(bus.subjects.gate_decided_all)
     async with SimServer(SimConfig(models={"good": ModelSpec(answers=qa_answers(), latency_ms=1)})) as sim:
+        context.settings = context.settings.replace(stable_upstream=sim.url)  # where v-env ships
         svcs = await run_services("sink", "query", "lineage", "evaluator", "gatekeeper")
         await sink_stored(svcs["sink"].handlers, releases=1)  # the evaluator asks the store for the release
-        req = request(release="v-env", suite=suite, endpoint=sim.url, model="good", policy=policy)
+        req = request(release="v-env", suite=suite, endpoint="", model="", policy=policy)  # as it ships
         await bus.publish(bus.subjects.eval_requested, req)
         decision = await next_decision(gates)
         await sink_stored(svcs["sink"].handlers, eval_runs=1)
@@ -45,7 +46,7 @@ async def test_an_eval_run_records_its_environment_and_the_decision_its_release_
     env = dict(row["environment"])
     assert env["python"] == platform.python_version() and env["lockgate"]
     assert env["packages_sha256"].startswith("sha256:") and int(env["packages"]) > 10
-    assert (env["model"], env["endpoint"], env["seed"]) == ("good", sim.url, "0")
+    assert (env["model"], env["endpoint"], env["seed"]) == ("good", "default", "0")  # the release's model config
     assert json.loads(env["sampling"]) == {"temperature": 0} and env["suite"] == suite
     assert env["machine"] == platform.machine() and env["cpu_count"] and env["gpu"]
     # The decision names the release's prompt and model config versions, under its signature.

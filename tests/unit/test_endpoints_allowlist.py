@@ -13,6 +13,7 @@ from lockgate.config import Settings
 from lockgate.endpoints import Access, AllowList, UnknownEndpoint, auth_headers
 from lockgate.errors import ConfigError
 from lockgate.services.evaluator import targets
+from lockgate.shipped import Shipped
 
 pytestmark = pytest.mark.timeout(30)
 FILE = """\
@@ -89,3 +90,27 @@ def test_the_evaluator_calls_ids_with_their_key_and_plain_urls_of_eval_runs_with
         targets.of_run(s, "nope")
     with pytest.raises(ConfigError, match="credential 'NOWHERE_KEY' of endpoint 'broken'"):
         targets.listed(s, "broken")
+
+
+def test_a_release_with_a_model_config_is_evaluated_as_it_ships(tmp_path: Path) -> None:
+    # An eval asked for a strong model (or another server, by URL) while the release ships a weak one: the
+    # gate judged one model and the router served another.
+    s = _settings(tmp_path)
+    ships = Shipped(release="r2", config="sha256:" + "c" * 64, model="weak", endpoint="judge",
+                    params={"temperature": 0.2})
+    for endpoint, model in (("", ""), ("judge", "weak"), ("http://judge.test/v1/", "")):
+        access, evaluated, params = targets.evaluated(s, ships, endpoint, model)
+        assert (access.id, access.headers, evaluated, params) == (
+            "judge", {"Authorization": "Bearer sk-judge-secret"}, "weak", {"temperature": 0.2})
+    with pytest.raises(ConfigError, match="release 'r2' ships model 'weak' at endpoint 'judge' .* asks for model "
+                                          "'strong': the gate judges what ships"):
+        targets.evaluated(s, ships, "", "strong")
+    for elsewhere in ("open", "http://127.0.0.1:9/v1"):
+        with pytest.raises(ConfigError, match=f"asks for endpoint '{elsewhere}'.*give 'judge'"):
+            targets.evaluated(s, ships, elsewhere, "weak")
+    # Without a model config (or a registered release) the run is evaluated as asked, and must say where.
+    assert targets.evaluated(s, None, "open", "any")[1:] == ("any", {})
+    with pytest.raises(ConfigError, match="EvalRequested.endpoint is empty"):
+        targets.evaluated(s, None, "", "any")
+    with pytest.raises(ConfigError, match="no model to evaluate"):
+        targets.evaluated(s, None, "open", "")

@@ -84,9 +84,11 @@ def register(cli: click.Group) -> None:
     @click.argument("suite", type=click.Path(exists=True, dir_okay=False))
     @click.option("--candidate", required=True, help="Release to evaluate.")
     @click.option("--baseline", default="", help="Release to compare against.")
-    @click.option("--endpoint", required=True, help="Endpoint id of the allow-list (called with its credential) or "
-                                                    "an OpenAI-compatible base URL, e.g. http://127.0.0.1:9000/v1")
-    @click.option("--model", default="", help="Model name sent to the endpoint.")
+    @click.option("--endpoint", default="", help="Endpoint id of the allow-list (called with its credential) or "
+                                                 "an OpenAI-compatible base URL, e.g. http://127.0.0.1:9000/v1 "
+                                                 "(default: the one the release's model config names).")
+    @click.option("--model", default="", help="Model name sent to the endpoint (default: the release's model "
+                                              "config's; a release is evaluated as it ships).")
     @click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False),
                   help="Gate policy YAML; the gate decides when the eval completes.")
     @click.option("--concurrency", default=8, show_default=True)
