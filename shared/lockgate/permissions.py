@@ -156,6 +156,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(Grant(subscribe=[s.query], responses=True))
     elif identity == "gateway":
         g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_all]))
+        g.add(Grant(subscribe=[s.gate_decided_all]))  # WatchDecisions follows the announcements (decisionwatch.py)
     elif identity == "otlp":
         # The OTLP receiver: spans it was sent, and the inference events of GenAI spans; nothing else.
         g.add(service).add(Grant(publish=[s.inference_all]))
@@ -204,8 +205,10 @@ def grant(s: Subjects, identity: str) -> Grant:
     elif identity == "cost":
         g.add(service).add(_consume(s, "cost")).add(Grant(publish=[s.cost_all, s.cost_ledger, s.query]))
     elif identity == APP:
-        # The SDK: send inference events, read decisions and the keys that verify them.
+        # The SDK: send inference events, read decisions and the keys that verify them, and follow the
+        # announcements of new decisions (decisionwatch.py).
         g.add(_read_kv(s.kv_gates)).add(_read_kv(s.kv_keys)).add(Grant(publish=[s.inference_all]))
+        g.add(Grant(subscribe=[s.gate_decided_all]))
     elif identity in ("viewer", "operator", "approver"):
         g.add(_viewer(s))
         if identity == "operator":
