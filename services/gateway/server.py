@@ -17,9 +17,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from lockgate import telemetry
 from lockgate.bus import Bus
-from lockgate.client import get_decision, watch_decisions
+from lockgate.client import get_decision
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
+from lockgate.decisionwatch import watch_decisions
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, SignatureError
 from lockgate.ids import uuid7_time
 from lockgate.outbox import Encoded, encode_event, publish_events
@@ -147,7 +148,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
 
 
 class GatesServicer(gates_pb2_grpc.GatesServicer):
-    """Gates: the latest decision per release (KV), and a stream of decisions (KV watch).
+    """Gates: the latest decision per release (KV), and a stream of decisions (announcements, read from KV).
 
     Only decisions whose signature verifies are served: a client in any language can act on
     what it receives (and still verify it again with the key from `lockgate gate keys`)."""
@@ -187,7 +188,8 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
         """Current decisions, then each new one, until the client cancels."""
         await authenticate(self.keys, context)
         kv = await self.bus.kv(self.bus.subjects.kv_gates)
-        decisions = await watch_decisions(kv, request.release_prefix)
+        decisions = await watch_decisions(kv, request.release_prefix, nc=self.bus.nc, subjects=self.bus.subjects,
+                                          reconnects=self.bus)
         try:
             # Initial metadata tells the client the watch is live: later decisions will arrive.
             await context.send_initial_metadata((("lockgate-watch", "ready"),))

@@ -124,6 +124,20 @@ async def register_file(bus: Bus, kind: ArtifactKind, path: str | Path, *, name:
         raise ConfigError(f"{p}: {exc.message}") from None
 
 
+async def require(bus: Bus, digest: str) -> None:
+    """NotFound unless an artifact is stored under `digest`, read from its metadata alone.
+
+    A message get, where `load` reads the bytes through a consumer, which the operator role may not create
+    (permissions.py `_ephemeral`)."""
+    store = await bus.objects()
+    try:
+        await store.get_info(digest)
+    except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
+        raise NotFound(f"artifact {digest} is not in the object store") from None
+    except nats.errors.Error as exc:
+        raise BusUnavailable(f"cannot look up artifact {digest}: {exc!r}") from None
+
+
 async def load(bus: Bus, digest: str) -> bytes:
     """The bytes of an artifact by hash."""
     store = await bus.objects()

@@ -24,6 +24,7 @@ from lockgate.contracts import DeadLetter, Event
 from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, Retryable
 from lockgate.ids import batch_id
+from lockgate.kvread import kv_keys
 from lockgate.limits import EventLimits
 from lockgate.redact import scrub_bytes, scrub_mapping, scrub_secrets
 from lockgate.retry import RetryPolicy
@@ -267,6 +268,9 @@ class Bus:
                 await self.js.add_stream(cfg)
             except nats.js.errors.BadRequestError:
                 await self.js.update_stream(cfg)
+        # No allow_direct (nats-py's default): a get is a STREAM.MSG.GET, answered by the stream's leader, so a
+        # key read after its writer's acknowledged put sees that write (the decision watch reads a key when the
+        # gatekeeper announces it); a direct get may be answered by a replica that has not applied it yet.
         for bucket in (self.subjects.kv_gates, self.subjects.kv_routes, self.subjects.kv_keys, self.subjects.kv_drift,
                        self.subjects.kv_eval_runs, self.subjects.kv_gitops):
             await self.js.create_key_value(bucket=bucket, history=10, replicas=self.replicas)
@@ -292,21 +296,17 @@ class Bus:
     async def kv_entries(self, bucket: str) -> dict[str, bytes]:
         """Every live key of a KV bucket with its value, as of the call.
 
-        Listed from the bucket stream's subjects, then one get per key, rather than by nats-py's
-        `keys()`: its watcher can send "that was all" before the messages already on their way were
-        counted (nats-io/nats.py#842), so a full bucket sometimes read as empty. A deleted or purged
-        key keeps its subject (the marker), and its get says so: it is left out. The server lists up to
-        100,000 subjects; the buckets this is used for hold a few hundred keys."""
+        Listed from the bucket stream's subjects, then one get per key (`kvread`), rather than by nats-py's
+        `keys()`: that needs a consumer, which readers may not create, and its watcher can send "that was all"
+        before the messages already on their way were counted (nats-io/nats.py#842), so a full bucket sometimes
+        read as empty. A deleted or purged key's get says so: it is left out."""
         kv = await self.kv(bucket)
-        stream, prefix = f"KV_{bucket}", f"$KV.{bucket}."
         try:
-            info = await self._unless_refused(f"{_API}.STREAM.INFO.{stream}",
-                                              lambda: self.js.stream_info(stream, subjects_filter=f"{prefix}>"))
+            keys = await self._unless_refused(f"{_API}.STREAM.INFO.KV_{bucket}", lambda: kv_keys(self.js, bucket))
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"cannot list the keys of bucket {bucket}: {exc!r}") from None
         out = {}
-        for subject in sorted(info.state.subjects or {}):
-            key = subject[len(prefix):]
+        for key in keys:
             try:
                 entry = await kv.get(key)
             except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):

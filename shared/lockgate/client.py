@@ -6,7 +6,6 @@ dependencies. The streams and buckets are created by the running stack (`Bus.ens
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -21,7 +20,8 @@ from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
 from lockgate.credentials import NatsAuth, NotAllowed
-from lockgate.errors import BusUnavailable, ClientClosed, InvalidEvent, NotFound, SignatureError
+from lockgate.decisionwatch import ReconnectCounter, watch_decisions
+from lockgate.errors import BusUnavailable, ClientClosed, NotFound, SignatureError
 from lockgate.outbox import Outbox, encode_event, event_from_fields
 from lockgate.retry import RetryPolicy
 from lockgate.signing import Verifier
@@ -47,38 +47,6 @@ async def get_decision(kv: Any, release: str) -> GateDecided | None:
         raise SignatureError(f"decision {decision.id} stored for release {release!r} is for "
                              f"{decision.release!r}: refusing it")
     return decision
-
-
-async def watch_decisions(kv: Any, release_prefix: str = "") -> AsyncIterator[GateDecided]:
-    """Start a watch; returns an iterator of current decisions, then every new one.
-
-    Once this returns the watch is subscribed, so any decision put afterwards is seen.
-    """
-    watcher = await kv.watchall(ignore_deletes=True)
-    return _decisions_from(watcher, release_prefix)
-
-
-async def _decisions_from(watcher: Any, release_prefix: str) -> AsyncIterator[GateDecided]:
-    try:
-        async for entry in watcher:
-            if entry is None or not entry.value:  # None marks the end of the current values
-                continue
-            try:
-                decision = _decisions.decode(entry.value)
-            except InvalidEvent as exc:
-                # One bad value in the bucket must not end every watcher.
-                log.warning("skipping undecodable gate decision %s: %s", entry.key, exc.message)
-                continue
-            if entry.key != token(decision.release):
-                # A decision copied under another release's key must not answer for that release.
-                log.warning("skipping gate decision %s for %r stored under key %s", decision.id, decision.release,
-                            entry.key)
-                continue
-            if decision.release.startswith(release_prefix):
-                yield decision
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()
 
 
 class Client:
@@ -137,6 +105,7 @@ class Client:
         self._closed = False
         self._nc: Any = None
         self._js: Any = None
+        self._reconnects = ReconnectCounter()  # a decisions() watch reads every key again after each
         # Decisions are acted on only when signed by a trusted gatekeeper key: the trust file
         # (`trust_file`, LOCKGATE_TRUST_FILE, else {LOCKGATE_HOME or ./.lockgate}/trust.json) and
         # pinned PEM files. Never keys learnt from the bus: anyone who can publish could add one.
@@ -183,7 +152,7 @@ class Client:
             servers = [u.strip() for u in self.nats_url.split(",") if u.strip()]
             self._nc = await nats.connect(
                 servers, name=f"lockgate-sdk-{self.app}", max_reconnect_attempts=-1, connect_timeout=5,
-                error_cb=self._on_error, **self._auth.options(),
+                error_cb=self._on_error, reconnected_cb=self._reconnects.bump, **self._auth.options(),
             )
         except NotAllowed:
             raise
@@ -269,7 +238,9 @@ class Client:
 
         A decision whose signature does not verify is skipped, logged and counted in
         `rejected_decisions`, never yielded."""
-        decisions = await watch_decisions(await self._gates(), release_prefix)
+        # A consumer-free watch (decisionwatch): the `app` identity may not create consumers (nats-server#8274).
+        decisions = await watch_decisions(await self._gates(), release_prefix, nc=self._nc, subjects=self.subjects,
+                                          reconnects=self._reconnects)
         try:
             async for decision in decisions:
                 try:

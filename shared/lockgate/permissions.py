@@ -7,7 +7,8 @@ approver (or admin) publishes reviews, and an application publishes inference ev
 nothing else. Reading is granted per stream (JetStream cannot narrow a consumer's filter by
 permission), but a service creates, deletes, fetches from and acks only its own durable consumers
 (DURABLES), so one service cannot rebind, delete or drain another's; only the sink deletes a
-message from a stream (a dead-lettered, unreadable original).
+message from a stream (a dead-lettered, unreadable original). Buckets are read by message get, not
+through a consumer (see `_ephemeral` for why): an application and the CLI's roles create none.
 """
 
 from __future__ import annotations
@@ -96,8 +97,11 @@ def _consume(s: Subjects, service: str) -> Grant:
 
 
 def _ephemeral(stream: str) -> Grant:
-    # Unnamed ordered consumers (KV watch and keys, object reads) on a bucket's stream, which has no
-    # durable to protect; they are deleted when they end or reset.
+    # Unnamed ordered consumers (KV watch, object reads) on a bucket's stream, which has no durable to
+    # protect; they are deleted when they end or reset. Granted only where a consumer is needed: nats-server
+    # does not check a push consumer's delivery subject against its creator's publish rights
+    # (nats-io/nats-server#8274), so whoever holds this can have the stream's messages delivered onto any
+    # subject a service subscribes to.
     api = "$JS.API"
     return _read_stream(stream).add(Grant(publish=[
         f"{api}.CONSUMER.CREATE.{stream}", f"{api}.CONSUMER.CREATE.{stream}.>",
@@ -106,6 +110,12 @@ def _ephemeral(stream: str) -> Grant:
 
 
 def _read_kv(bucket: str) -> Grant:
+    # Gets by message get and listing by STREAM.INFO (kvread.py), no consumer: see _ephemeral.
+    return _read_stream(f"KV_{bucket}")
+
+
+def _watch_kv(bucket: str) -> Grant:
+    # A KV watch (an ordered consumer), for the service that follows the bucket's every write.
     return _ephemeral(f"KV_{bucket}")
 
 
@@ -124,8 +134,9 @@ def _read_objects(bucket: str) -> Grant:
 
 
 def _write_objects(bucket: str) -> Grant:
-    # A put replaces an object's earlier chunks with a subject purge.
-    return _read_objects(bucket).add(Grant(publish=[f"$O.{bucket}.>", f"$JS.API.STREAM.PURGE.OBJ_{bucket}"]))
+    # A put looks the object up by message get, then replaces its earlier chunks with a subject purge; reading
+    # an object's bytes (an ordered consumer) is _read_objects.
+    return _read_stream(f"OBJ_{bucket}").add(Grant(publish=[f"$O.{bucket}.>", f"$JS.API.STREAM.PURGE.OBJ_{bucket}"]))
 
 
 def _manage_topology(s: Subjects) -> Grant:
@@ -156,6 +167,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(Grant(subscribe=[s.query], responses=True))
     elif identity == "gateway":
         g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_all]))
+        g.add(Grant(subscribe=[s.gate_decided_all]))  # WatchDecisions follows the announcements (decisionwatch.py)
     elif identity == "otlp":
         # The OTLP receiver: spans it was sent, and the inference events of GenAI spans; nothing else.
         g.add(service).add(Grant(publish=[s.inference_all]))
@@ -189,6 +201,7 @@ def grant(s: Subjects, identity: str) -> Grant:
     elif identity == "router":
         # Rollouts name releases only: it reads their bindings and bundles, never binds one.
         g.add(service).add(_consume(s, "router")).add(_read_kv(s.kv_gates)).add(_write_kv(s.kv_routes))
+        g.add(_watch_kv(s.kv_routes))  # every replica applies the others' route writes as they happen
         g.add(_read_kv(s.kv_releases)).add(_read_objects(s.object_store))
         g.add(Grant(publish=[s.rollout_all, s.inference_all, s.query]))
         g.add(Grant(publish=[s.audit("router")]))  # its manual rollout actions and overrides, as itself
@@ -205,8 +218,10 @@ def grant(s: Subjects, identity: str) -> Grant:
     elif identity == "cost":
         g.add(service).add(_consume(s, "cost")).add(Grant(publish=[s.cost_all, s.cost_ledger, s.query]))
     elif identity == APP:
-        # The SDK: send inference events, read decisions and the keys that verify them.
+        # The SDK: send inference events, read decisions and the keys that verify them, and follow the
+        # announcements of new decisions (decisionwatch.py): no consumer anywhere (see _ephemeral).
         g.add(_read_kv(s.kv_gates)).add(_read_kv(s.kv_keys)).add(Grant(publish=[s.inference_all]))
+        g.add(Grant(subscribe=[s.gate_decided_all]))
     elif identity in ("viewer", "operator", "approver"):
         g.add(_viewer(s))
         if identity == "operator":

@@ -225,15 +225,16 @@ async def test_decision_reads_the_gate_bucket(bus: Bus, settings: Settings) -> N
         assert await c.decision("unknown") is None
 
 
-async def test_decisions_yields_current_then_new_for_a_prefix(bus: Bus, settings: Settings) -> None:
+async def test_decisions_yields_current_then_new_for_a_prefix(
+        bus: Bus, context: ServiceContext, settings: Settings) -> None:
     kv = await bus.kv(bus.subjects.kv_gates)
     first = gate("shop-1")
     await kv.put(token(first.release), encode(first))
     async with client(settings) as c:
         stream = c.decisions("shop-")
         assert await asyncio.wait_for(anext(stream), 10) == first  # the watch is live from here
-        for d in (gate("search-1"), gate("shop-2", "BLOCK")):
-            await kv.put(token(d.release), encode(d))
+        for d in (gate("search-1"), gate("shop-2", "BLOCK")):  # stored, then announced, as the gatekeeper does
+            await Records(context).announce(d, key=d.id)
         got = await asyncio.wait_for(anext(stream), 10)
         assert (got.release, got.decision) == ("shop-2", "BLOCK")
         await stream.aclose()
@@ -280,7 +281,7 @@ async def test_names_that_used_to_share_a_key_get_their_own_decision(
         got = [await asyncio.wait_for(anext(stream), 10) for _ in range(2)]
         assert sorted(d.release for d in got) == ["shop.v3", "shop_v3"]
         relisted = gate("shop-v4")
-        await kv.put(token("shop-v4"), encode(relisted))
+        await records.announce(relisted, key="k-relisted")
         assert await asyncio.wait_for(anext(stream), 10) == relisted
         await stream.aclose()
 

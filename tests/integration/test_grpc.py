@@ -238,7 +238,7 @@ async def test_get_decision_returns_the_kv_value_or_not_found(bus: Bus, channel:
 
 
 async def test_watch_streams_current_then_new_decisions_for_a_prefix(
-    bus: Bus, channel: grpc.aio.Channel, keys: Bootstrap
+    bus: Bus, context: ServiceContext, channel: grpc.aio.Channel, keys: Bootstrap
 ) -> None:
     stub = gates_pb2_grpc.GatesStub(channel)
     await put_decision(bus, decision("shop-v1"))
@@ -246,20 +246,22 @@ async def test_watch_streams_current_then_new_decisions_for_a_prefix(
     assert ("lockgate-watch", "ready") in tuple(await asyncio.wait_for(call.initial_metadata(), 10))
     assert (await asyncio.wait_for(call.read(), 10)).release == "shop-v1"
 
-    await put_decision(bus, decision("search-v1"))  # filtered out by the prefix
-    await put_decision(bus, decision("shop-v2", verdict="FAIL"))
+    # New decisions through the gatekeeper's write path: stored in KV, then announced (what the watch follows).
+    records = Records(context)
+    await records.announce(decision("search-v1"), key="k-search")  # filtered out by the prefix
+    await records.announce(decision("shop-v2", verdict="FAIL"), key="k-shop")
     got = await asyncio.wait_for(call.read(), 10)
     assert (got.release, got.decision) == ("shop-v2", "BLOCK")
     call.cancel()
 
 
 async def test_watch_on_an_empty_bucket_sees_a_decision_made_after_it_started(
-    bus: Bus, channel: grpc.aio.Channel, keys: Bootstrap
+    context: ServiceContext, channel: grpc.aio.Channel, keys: Bootstrap
 ) -> None:
     stub = gates_pb2_grpc.GatesStub(channel)
     call = stub.WatchDecisions(gates_pb2.WatchRequest(), metadata=_auth(keys))
     await asyncio.wait_for(call.initial_metadata(), 10)
-    await put_decision(bus, decision("any"))
+    await Records(context).announce(decision("any"), key="k-any")
     assert (await asyncio.wait_for(call.read(), 10)).release == "any"
     call.cancel()
 

@@ -68,6 +68,16 @@ def test_an_application_publishes_inference_only() -> None:
     assert facts == [S.inference_all]
 
 
+@pytest.mark.parametrize("identity", ["app", "viewer", "approver", "operator"])
+def test_applications_and_the_cli_create_no_consumer(identity: str) -> None:
+    # nats-server#8274: a consumer's delivery subject is not checked against its creator's rights, so these
+    # identities read buckets by message get and follow decisions on the announcement subject instead.
+    g = grant(S, identity)
+    made = [p for p in g.publish if p.startswith(("$JS.API.CONSUMER.CREATE", "$JS.API.CONSUMER.DURABLE.CREATE",
+                                                  "$JS.API.CONSUMER.MSG.NEXT", "$JS.ACK"))]
+    assert made == []
+
+
 def test_the_otlp_receiver_publishes_spans_and_inference_only() -> None:
     facts = [p for p in grant(S, "otlp").publish if not p.startswith("$")]
     assert sorted(facts) == sorted([S.dlq_all, S.spans, S.inference_all])

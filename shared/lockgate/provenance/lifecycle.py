@@ -85,11 +85,11 @@ async def for_release(bus: Bus, settings: Settings, release_artifacts: Mapping[s
 async def deprecate(bus: Bus, settings: Settings, identity: Identity, digest: str, *, successor: str = "",
                     sunset: datetime | None = None, reason: str = "", audit_as: str = "operator") -> ArtifactLifecycle:
     """Append a signed deprecation of an artifact version (with successor and sunset), audited."""
-    await artifacts.load(bus, digest)  # NotFound unless the version exists
+    await artifacts.require(bus, digest)  # NotFound unless the version exists
     if successor:
         if successor == digest:
             raise ConfigError("an artifact cannot be its own successor")
-        await artifacts.load(bus, successor)
+        await artifacts.require(bus, successor)
     subject = bus.subjects.lifecycle(digest)
     found = await ledger.last(bus, subject, ArtifactLifecycle)
     await current(bus, settings, digest)  # never extend a history that does not check out

@@ -1,0 +1,151 @@
+"""Following gate decisions without a JetStream consumer (the SDK's `decisions()`, gRPC `WatchDecisions`).
+
+A KV watch is an ordered push consumer, which the identities that read decisions may not create (`kvread` says
+why). A watch is instead a core subscription to the gatekeeper's announcements (`gate.decided.<release>`, which
+it publishes after the decision is in KV), made before the bucket's current values are read. An announcement only
+says which key to read again: what is yielded is what KV holds for that key, read by message get, so a forged or
+stale announcement yields nothing KV does not hold, and the watch never disagrees with `decision()`.
+
+Newest per release by KV revision (the key's stream sequence): a value is yielded only if its revision is above
+the last one read for its key, so the overlap of the current values with announcements already queued yields
+nothing twice, and an announcement of a decision KV has since replaced (a redelivered one) yields nothing.
+Decision times are not used: they come from the gatekeepers' clocks and can tie, while KV's order is the one
+`decision()` answers by. A decision written and never announced (the gatekeeper stopped in between) is announced
+when its redelivered event is decided again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import nats.errors
+import nats.js.errors
+
+from lockgate.codec import Codec
+from lockgate.contracts import GateDecided
+from lockgate.errors import BusUnavailable, InvalidEvent
+from lockgate.kvread import kv_keys
+from lockgate.retry import RetryPolicy
+from lockgate.subjects import Subjects, token
+
+log = logging.getLogger("lockgate.decisions")
+
+_decisions: Codec[GateDecided] = Codec(GateDecided)
+# A read the store does not answer (a leader election, a short outage) is retried before the watch gives up.
+_READ_RETRY = RetryPolicy(attempts=6, initial_s=0.2, max_s=3.0)
+_READ_FAILED = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
+
+
+class Reconnects(Protocol):
+    """A connection's reconnection count, and a wait for the next (`Bus` is one)."""
+
+    reconnects: int
+
+    async def reconnected(self, after: int) -> int: ...
+
+
+class ReconnectCounter:
+    """Counts a nats-py connection's reconnections (pass `bump` as its `reconnected_cb`)."""
+
+    def __init__(self) -> None:
+        self.reconnects = 0
+        self._changed = asyncio.Condition()
+
+    async def bump(self) -> None:
+        """Count one reconnection and wake who waits for it."""
+        async with self._changed:
+            self.reconnects += 1
+            self._changed.notify_all()
+
+    async def reconnected(self, after: int) -> int:
+        """Wait until the connection came back more than `after` times; returns the new count."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.reconnects > after)
+        return self.reconnects
+
+
+async def watch_decisions(kv: Any, release_prefix: str = "", *, nc: Any, subjects: Subjects,
+                          reconnects: Reconnects | None = None) -> AsyncIterator[GateDecided]:
+    """Start a watch on the gates bucket `kv`; returns an iterator of current decisions, then every new one.
+
+    Once this returns the watch is subscribed, so any decision announced afterwards is seen. Announcements made
+    while the connection is down are lost to a subscription: after each reconnection (`reconnects`) every key is
+    read again. The iterator raises BusUnavailable if the bucket stays unreadable."""
+    wake: asyncio.Queue[str | None] = asyncio.Queue()  # a key to read again; None: every key
+    head = subjects.gate_decided_all[:-1]
+
+    async def on_announced(msg: Any) -> None:
+        wake.put_nowait(msg.subject[len(head):])  # `gate.decided.<token(release)>`: the release's key
+
+    sub = await nc.subscribe(subjects.gate_decided_all, cb=on_announced)
+    await nc.flush()  # the server has the subscription: what is announced from now on reaches it
+    return _follow(kv, nc.jetstream(), subjects.kv_gates, sub, wake, release_prefix, reconnects)
+
+
+async def _follow(kv: Any, js: Any, bucket: str, sub: Any, wake: asyncio.Queue[str | None], release_prefix: str,
+                  reconnects: Reconnects | None) -> AsyncIterator[GateDecided]:
+    relist = asyncio.ensure_future(_relist_after_reconnects(reconnects, wake)) if reconnects else None
+    seen: dict[str, int] = {}  # key -> the revision last read
+    try:
+        key: str | None = None
+        while True:
+            keys = [key] if key is not None else await _read(lambda: kv_keys(js, bucket), bucket)
+            fresh = []
+            for k in keys:
+                entry = await _read(lambda k=k: _latest(kv, k), bucket)
+                if entry is not None and entry.revision > seen.get(k, 0):
+                    seen[k] = entry.revision
+                    fresh.append(entry)
+            for entry in sorted(fresh, key=lambda e: e.revision):  # in the order KV stored them
+                decision = _decision(entry)
+                if decision is not None and decision.release.startswith(release_prefix):
+                    yield decision
+            key = await wake.get()
+    finally:
+        if relist is not None:
+            relist.cancel()
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+
+
+async def _relist_after_reconnects(reconnects: Reconnects, wake: asyncio.Queue[str | None]) -> None:
+    seen = reconnects.reconnects
+    while True:
+        seen = await reconnects.reconnected(seen)
+        wake.put_nowait(None)
+
+
+async def _latest(kv: Any, key: str) -> Any:
+    """The key's latest entry, or None if it has none (never written, deleted, purged, not a key)."""
+    try:
+        return await kv.get(key)
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.InvalidKeyError):
+        return None
+
+
+async def _read(call: Any, bucket: str) -> Any:
+    try:
+        return await _READ_RETRY.call(call, retry_on=_READ_FAILED, what=f"read bucket {bucket}")
+    except _READ_FAILED as exc:
+        raise BusUnavailable(f"cannot read gate decisions from bucket {bucket}: {exc!r}") from None
+
+
+def _decision(entry: Any) -> GateDecided | None:
+    """The decision an entry holds, or None (logged) for one that must not be acted on."""
+    if not entry.value:
+        return None
+    try:
+        decision = _decisions.decode(entry.value)
+    except InvalidEvent as exc:
+        # One bad value in the bucket must not end every watcher.
+        log.warning("skipping undecodable gate decision %s: %s", entry.key, exc.message)
+        return None
+    if entry.key != token(decision.release):
+        # A decision copied under another release's key must not answer for that release.
+        log.warning("skipping gate decision %s for %r stored under key %s", decision.id, decision.release, entry.key)
+        return None
+    return decision

@@ -1,0 +1,109 @@
+"""The consumer-free decision watch against a stand-in bucket and connection: current values, then what is
+announced, newest per release by KV revision, and every key read again after a reconnection."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import nats.js.errors
+import pytest
+
+from lockgate.codec import encode
+from lockgate.contracts import GateDecided
+from lockgate.decisionwatch import ReconnectCounter, watch_decisions
+from lockgate.subjects import Subjects, token
+
+pytestmark = pytest.mark.timeout(10)
+
+S = Subjects("lg")
+
+
+class Bucket:
+    """The gates bucket: each key's latest value and revision (a shared stream sequence)."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[int, bytes]] = {}
+        self.seq = 0
+
+    def put(self, key: str, value: bytes) -> None:
+        self.seq += 1
+        self.values[key] = (self.seq, value)
+
+    async def get(self, key: str) -> Any:
+        if key not in self.values:
+            raise nats.js.errors.KeyNotFoundError
+        revision, value = self.values[key]
+        return SimpleNamespace(key=key, value=value, revision=revision)
+
+    async def stream_info(self, stream: str, subjects_filter: str) -> Any:
+        assert (stream, subjects_filter) == (f"KV_{S.kv_gates}", f"$KV.{S.kv_gates}.>")
+        return SimpleNamespace(state=SimpleNamespace(subjects={f"$KV.{S.kv_gates}.{k}": 1 for k in self.values}))
+
+
+class Connection:
+    """A core connection: one subscription, whose callback the test calls as the server would."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket = bucket
+        self.on_message: Any = None
+        self.unsubscribed = False
+
+    async def subscribe(self, subject: str, cb: Any) -> Any:
+        assert subject == S.gate_decided_all
+        self.on_message = cb
+
+        async def unsubscribe() -> None:
+            self.unsubscribed = True
+        return SimpleNamespace(unsubscribe=unsubscribe)
+
+    async def flush(self) -> None:
+        return None
+
+    def jetstream(self) -> Bucket:
+        return self.bucket
+
+    async def announce(self, release: str) -> None:
+        await self.on_message(SimpleNamespace(subject=S.gate_decided(release), data=b"ignored"))
+
+
+def store(bucket: Bucket, release: str, decision: str = "PASS", key: str | None = None) -> GateDecided:
+    d = GateDecided(release=release, decision=decision, rules=[])
+    bucket.put(key or token(release), encode(d))
+    return d
+
+
+async def next_of(it: Any) -> GateDecided:
+    return await asyncio.wait_for(anext(it), 5)
+
+
+async def test_current_then_announced_newest_per_release_and_a_relist_after_reconnecting() -> None:
+    bucket, reconnects = Bucket(), ReconnectCounter()
+    conn = Connection(bucket)
+    first = store(bucket, "shop-1")
+    store(bucket, "shop-2", key=token("shop-x"))  # copied under another release's key: never yielded
+    bucket.put(token("shop-bad"), b"{not json")  # undecodable: skipped, the watch goes on
+    watch = await watch_decisions(bucket, "shop-", nc=conn, subjects=S, reconnects=reconnects)
+    assert await next_of(watch) == first
+
+    second = store(bucket, "shop-2", "BLOCK")
+    await conn.announce("search-1")  # another prefix, and nothing stored under it
+    await conn.announce("shop-2")
+    await conn.announce("shop-2")  # announced twice (a redelivery): yielded once
+    assert await next_of(watch) == second
+
+    newer = store(bucket, "shop-1", "BLOCK")
+    await conn.announce("shop-1")
+    await conn.announce("shop-1")  # a late, stale announcement: KV holds nothing newer
+    third = store(bucket, "shop-3")
+    await conn.announce("shop-3")
+    assert [await next_of(watch), await next_of(watch)] == [newer, third]
+
+    # Written while the connection was down, so never announced to it: read when it comes back.
+    lost = store(bucket, "shop-4")
+    await reconnects.bump()
+    assert await next_of(watch) == lost
+
+    await watch.aclose()
+    assert conn.unsubscribed
