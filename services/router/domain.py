@@ -225,7 +225,8 @@ def user_hash(user: str) -> str:
 
 
 def default_route(deployment: str) -> Route:
-    """A deployment nobody configured: all traffic to the `default` endpoint with the client's model."""
+    """A deployment nobody configured: all traffic to the `default` endpoint with the client's model. The proxy
+    serves it only when passthrough is opted in to (Proxy.route_of); else it is where a first rollout starts."""
     return Route(deployment=deployment, stable=Target(release=""), reason="default route")
 
 
