@@ -551,31 +551,42 @@ async def test_break_glass_is_admin_only_signed_recorded_and_shown_until_cleared
         assert err["error"]["code"] == "invalid_break_glass"
     assert router.rollouts.route("chat").phase == "idle"  # none of them changed anything
     # signed for a canary start, not a promote: not this action
-    status, err = await _post(http, router, "promote",
-                              break_glass=break_glass(settings, "chat", "r2", "canary", "hotfix for incident 42"))
+    canary_glass = break_glass(settings, "chat", "r2", "canary", "hotfix for incident 42")
+    status, err = await _post(http, router, "promote", break_glass=canary_glass)
     assert status == 403 and "altered" in err["error"]["message"]
 
-    status, route = await _post(http, router, "promote", break_glass=glass)
-    assert status == 200 and route["phase"] == "promoted" and route["stable"]["release"] == "r2"
+    # As a canary start it gives r2 its weight, and is kept in the route for its rollout: shown until cleared.
+    status, route = await _put(http, router, initial_weight=10, break_glass=canary_glass)
+    assert status == 200 and route["weight"] == 10.0
     override = route["override"]
     assert (override["reason"], override["actor"], override["key_id"]) == (
-        "hotfix for incident 42", "boss", glass["key_id"])
+        "hotfix for incident 42", "boss", canary_glass["key_id"])
     assert override["api_key"].startswith("apikey:") and keys.admin_key not in override["api_key"]
-    states = [_states.decode((await sub.next_msg(timeout=10)).data) for _ in range(2)]
-    await sub.unsubscribe()  # states left unread would hold the bus's drain at teardown (30 s)
-    assert "BREAK-GLASS by boss" in states[-1].reason and "hotfix for incident 42" in states[-1].reason
     async with http.get(f"{router.url}/lockgate/v1/deployments/chat") as resp:
         assert (await resp.json())["override"]["reason"] == "hotfix for incident 42"  # still shown
     await router.rollouts.flush()
     [shown] = (await read_status(bus))["overrides"]  # what `lockgate status` shows
     assert (shown["deployment"], shown["release"], shown["by"], shown["reason"]) == (
         "chat", "r2", "boss", "hotfix for incident 42")
-
     async with http.delete(f"{router.url}/lockgate/v1/deployments/chat/break-glass",
                            headers=bearer(operator)) as resp:
         assert resp.status == 403
     async with http.delete(f"{router.url}/lockgate/v1/deployments/chat/break-glass") as resp:
-        assert resp.status == 200 and (await resp.json())["override"] is None
+        cleared = await resp.json()
+        assert resp.status == 200 and cleared["override"] is None and cleared["weight"] == 0.0
+    await router.rollouts.flush()
+    assert await read_overrides(bus) == []
+
+    # The signed promote makes r2 stable; it ends the rollout, so nothing is left in the route to cover a later one
+    # (the reason, the rollout event and the audit log record it).
+    status, route = await _post(http, router, "promote", break_glass=glass)
+    assert status == 200 and route["phase"] == "promoted" and route["stable"]["release"] == "r2"
+    assert route["override"] is None and "BREAK-GLASS by boss: hotfix for incident 42" in route["reason"]
+    states = []
+    while not states or states[-1].phase != "promoted":
+        states.append(_states.decode((await sub.next_msg(timeout=10)).data))
+    await sub.unsubscribe()  # states left unread would hold the bus's drain at teardown (30 s)
+    assert "BREAK-GLASS by boss" in states[-1].reason and "hotfix for incident 42" in states[-1].reason
     await router.rollouts.flush()
     assert await read_overrides(bus) == []
 
