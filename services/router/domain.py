@@ -393,8 +393,9 @@ def on_reject_known_good(route: Route, decision: GateDecided) -> Route | None:
 def undo_to(route: Route, release: str, decision: GateDecided | None, actor: str) -> Route:
     """An operator's `undo --to RELEASE`: that earlier known-good release takes all traffic at once.
 
-    Refused (InvalidRollout) unless the release was fully promoted and healthy on this deployment and its
-    current decision (`decision`, verified, None if none) is not a BLOCK.
+    Refused (InvalidRollout) unless the release was fully promoted and healthy on this deployment; and
+    (NotAdmitted) unless its current decision (`decision`, verified, None if none) allows it as admission
+    requires: a release BLOCKed, awaiting review or with no decision since does not go back to 100% by hand.
     """
     if release == route.stable.release:
         raise InvalidRollout(f"refused: {release!r} is already the stable release of {route.deployment!r}")
@@ -403,10 +404,24 @@ def undo_to(route: Route, release: str, decision: GateDecided | None, actor: str
         known = ", ".join(t.release for t in reversed(route.good) if t.release != route.stable.release) or "none"
         raise InvalidRollout(f"refused: {release!r} was never fully promoted and healthy on {route.deployment!r} "
                              f"(known-good releases, newest first: {known})")
-    if decision is not None and decision.release == release and decision.decision == "BLOCK":
-        raise InvalidRollout(f"refused: {release!r} is now BLOCKed by the gate"
-                             + (f": {decision.reason}" if decision.reason else "")
-                             + "; choose another known-good release")
+    if not allows(decision, release):
+        # Known-good once is not allowed now: the gate may have re-gated it since (a drift, a new eval).
+        why = f": {decision.reason}" if decision is not None and decision.reason else ""
+        if decision is None or decision.release != release:
+            raise NotAdmitted(f"refused: {release!r} has no verified gate decision now (none stored, or it does "
+                              "not verify), and a release goes back to all traffic only with one allowing it: gate it "
+                              f"again (lockgate eval run --candidate {release} ... --policy ...) or choose another "
+                              "known-good release; in an emergency an admin may roll it out as a canary with "
+                              "break_glass")
+        if decision.decision == "BLOCK":
+            raise NotAdmitted(f"refused: {release!r} is now BLOCKed by the gate{why}; choose another known-good "
+                              "release")
+        if decision.decision == "NEEDS_REVIEW":
+            raise NotAdmitted(f"refused: {release!r} is awaiting review (its current gate decision is NEEDS_REVIEW"
+                              f"{why}); it serves again once a reviewer approves it (lockgate gate approve {release}), "
+                              "or choose another known-good release")
+        raise NotAdmitted(f"refused: the current gate decision of {release!r} is {decision.decision}{why}, which does "
+                          "not allow it; choose another known-good release")
     return _bump(route, stable=target, previous=route.stable, weight=0.0,
                  phase="aborted" if route.canary is not None else route.phase, next_step_at=0.0, admitted="",
                  reason=override_ended(route, f"undone to known-good {release} by {actor or 'operator'} "
