@@ -40,9 +40,11 @@ class Target(msgspec.Struct, frozen=True, kw_only=True):
 class Override(msgspec.Struct, frozen=True, kw_only=True):
     """A break-glass override: an admin let a release take traffic without an allowing decision.
 
-    Kept in the route (so `GET .../{deployment}` and `lockgate status` show it) until an admin clears it,
-    and announced in the rollout event's reason. Signed by the admin's personal key (`key_id`,
-    `signature` over lockgate.identity.override_bytes), so anyone can check who broke the glass.
+    It covers the one rollout it was given for: kept in the route (so `GET .../{deployment}` and `lockgate
+    status` show it) until that rollout ends (promoted, aborted, rolled back, undone), a new one starts, the
+    gate BLOCKs its release or an admin clears it; announced in the rollout event's reason. Signed by the
+    admin's personal key (`key_id`, `signature` over lockgate.identity.override_bytes), so anyone can check
+    who broke the glass.
     """
 
     release: str
@@ -225,7 +227,8 @@ def user_hash(user: str) -> str:
 
 
 def default_route(deployment: str) -> Route:
-    """A deployment nobody configured: all traffic to the `default` endpoint with the client's model."""
+    """A deployment nobody configured: all traffic to the `default` endpoint with the client's model. The proxy
+    serves it only when passthrough is opted in to (Proxy.route_of); else it is where a first rollout starts."""
     return Route(deployment=deployment, stable=Target(release=""), reason="default route")
 
 
@@ -253,11 +256,22 @@ def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Ta
         good = remember(good, stable)
     why = (f"BREAK-GLASS by {override.actor}: {override.reason}" if override is not None
            else "0% until a verified gate decision allows it")
+    # An override covers the rollout it was signed for, never a later one: a new rollout has its own or none.
     return _bump(route, stable=stable, canary=canary, weight=float(weight), phase="idle", step=0, cursor=0,
                  **_FINISHED, promoted_at=0.0, scale_down_at=0.0,
-                 reason=f"canary {req.canary_release} started at {weight:g}%; {why}",
+                 reason=override_ended(route, f"canary {req.canary_release} started at {weight:g}%; {why}",
+                                         "a new rollout started" + (" with its own" if override else " without one")),
                  decision_id="", next_step_at=0.0, admitted="", start_weight=float(asked), good=good,
-                 override=override if override is not None else route.override)
+                 override=override)
+
+
+def override_ended(route: Route, reason: str, why: str) -> str:
+    """The reason of a change that ends the route's break-glass override (if it has one), saying so: the
+    override covered only the rollout it was signed for, and must not let its release back in later."""
+    glass = route.override
+    if glass is None:
+        return reason
+    return f"{reason}; break-glass override by {glass.actor} for {glass.release} ended: {why}"
 
 
 def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
@@ -265,13 +279,14 @@ def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], i
     """Apply a gate decision to the canary it names, or to a promoted release it rejects; None when nothing changes.
     A BLOCK also ends a break-glass override of its release: the override was signed before the gate said no, and
     must not let the release back in later (a PATCH or set-weight of it)."""
-    new = _on_decision(route, decision, steps, interval_s, now)
     glass = route.override
     if decision.decision != "BLOCK" or glass is None or glass.release != decision.release:
-        return new
-    base = new if new is not None else _bump(route)
-    return msgspec.structs.replace(base, override=None, reason=f"{base.reason}; break-glass override by "
-                                                               f"{glass.actor} ended by the gate's BLOCK")
+        return _on_decision(route, decision, steps, interval_s, now)
+    # Ended here, said once: the abort or rollback the BLOCK also makes finds no override left to end.
+    bare = msgspec.structs.replace(route, override=None)
+    base = _on_decision(bare, decision, steps, interval_s, now) or _bump(bare)
+    return msgspec.structs.replace(base, reason=f"{base.reason}; break-glass override by {glass.actor} ended by "
+                                                "the gate's BLOCK")
 
 
 def _on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
@@ -327,7 +342,8 @@ def promote(route: Route, why: str, *, decision_id: str | None = None) -> Route:
     if route.canary is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no canary to promote")
     return _bump(route, stable=route.canary, previous=route.stable, weight=0.0, phase="promoted", next_step_at=0.0,
-                 reason=f"promoted {route.canary.release}: {why}", **_FINISHED, good=remember(route.good, route.canary),
+                 reason=override_ended(route, f"promoted {route.canary.release}: {why}", "its rollout was promoted"),
+                 **_FINISHED, good=remember(route.good, route.canary), override=None,
                  decision_id=route.decision_id if decision_id is None else decision_id)
 
 
@@ -336,7 +352,8 @@ def abort(route: Route, why: str, *, decision_id: str | None = None) -> Route:
     if route.canary is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no canary to abort")
     return _bump(route, weight=0.0, phase="aborted", next_step_at=0.0,
-                 reason=f"aborted {route.canary.release}: {why}", **_FINISHED, scale_down_at=0.0,
+                 reason=override_ended(route, f"aborted {route.canary.release}: {why}", "its rollout was aborted"),
+                 **_FINISHED, scale_down_at=0.0, override=None,
                  decision_id=route.decision_id if decision_id is None else decision_id)
 
 
@@ -353,8 +370,8 @@ def rollback(route: Route, why: str, *, decision_id: str, failed: bool = True) -
     back = "" if route.previous is not None and target.release == route.previous.release else \
         f"; back on last known-good {target.release}"
     return _bump(route, stable=target, previous=None, weight=0.0, phase="aborted", next_step_at=0.0,
-                 decision_id=decision_id, admitted="", reason=f"rolled back {failing}: {why}{back}", good=good,
-                 **_FINISHED, scale_down_at=0.0)
+                 decision_id=decision_id, admitted="", good=good, **_FINISHED, scale_down_at=0.0, override=None,
+                 reason=override_ended(route, f"rolled back {failing}: {why}{back}", "its rollout was rolled back"))
 
 
 def on_reject_known_good(route: Route, decision: GateDecided) -> Route | None:
@@ -376,8 +393,9 @@ def on_reject_known_good(route: Route, decision: GateDecided) -> Route | None:
 def undo_to(route: Route, release: str, decision: GateDecided | None, actor: str) -> Route:
     """An operator's `undo --to RELEASE`: that earlier known-good release takes all traffic at once.
 
-    Refused (InvalidRollout) unless the release was fully promoted and healthy on this deployment and its
-    current decision (`decision`, verified, None if none) is not a BLOCK.
+    Refused (InvalidRollout) unless the release was fully promoted and healthy on this deployment; and
+    (NotAdmitted) unless its current decision (`decision`, verified, None if none) allows it as admission
+    requires: a release BLOCKed, awaiting review or with no decision since does not go back to 100% by hand.
     """
     if release == route.stable.release:
         raise InvalidRollout(f"refused: {release!r} is already the stable release of {route.deployment!r}")
@@ -386,14 +404,29 @@ def undo_to(route: Route, release: str, decision: GateDecided | None, actor: str
         known = ", ".join(t.release for t in reversed(route.good) if t.release != route.stable.release) or "none"
         raise InvalidRollout(f"refused: {release!r} was never fully promoted and healthy on {route.deployment!r} "
                              f"(known-good releases, newest first: {known})")
-    if decision is not None and decision.release == release and decision.decision == "BLOCK":
-        raise InvalidRollout(f"refused: {release!r} is now BLOCKed by the gate"
-                             + (f": {decision.reason}" if decision.reason else "")
-                             + "; choose another known-good release")
+    if not allows(decision, release):
+        # Known-good once is not allowed now: the gate may have re-gated it since (a drift, a new eval).
+        why = f": {decision.reason}" if decision is not None and decision.reason else ""
+        if decision is None or decision.release != release:
+            raise NotAdmitted(f"refused: {release!r} has no verified gate decision now (none stored, or it does "
+                              "not verify), and a release goes back to all traffic only with one allowing it: gate it "
+                              f"again (lockgate eval run --candidate {release} ... --policy ...) or choose another "
+                              "known-good release; in an emergency an admin may roll it out as a canary with "
+                              "break_glass")
+        if decision.decision == "BLOCK":
+            raise NotAdmitted(f"refused: {release!r} is now BLOCKed by the gate{why}; choose another known-good "
+                              "release")
+        if decision.decision == "NEEDS_REVIEW":
+            raise NotAdmitted(f"refused: {release!r} is awaiting review (its current gate decision is NEEDS_REVIEW"
+                              f"{why}); it serves again once a reviewer approves it (lockgate gate approve {release}), "
+                              "or choose another known-good release")
+        raise NotAdmitted(f"refused: the current gate decision of {release!r} is {decision.decision}{why}, which does "
+                          "not allow it; choose another known-good release")
     return _bump(route, stable=target, previous=route.stable, weight=0.0,
                  phase="aborted" if route.canary is not None else route.phase, next_step_at=0.0, admitted="",
-                 reason=f"undone to known-good {release} by {actor or 'operator'} (was {route.stable.release})",
-                 **_FINISHED, scale_down_at=0.0)
+                 reason=override_ended(route, f"undone to known-good {release} by {actor or 'operator'} "
+                                                f"(was {route.stable.release})", "its rollout was undone"),
+                 **_FINISHED, scale_down_at=0.0, override=None)
 
 
 def manual_promote(route: Route, override: Override | None) -> Route:
@@ -411,8 +444,9 @@ def manual_promote(route: Route, override: Override | None) -> Route:
     if override.release != route.canary.release:  # the canary changed after the admin signed for another one
         raise NotAdmitted(f"refused: the break-glass override is for {override.release!r}, but the canary of "
                           f"{route.deployment!r} is now {route.canary.release!r}")
-    return promote(msgspec.structs.replace(route, override=override),
-                   f"BREAK-GLASS by {override.actor}: {override.reason}")
+    # The promotion ends the rollout, so the statement is not kept in the route (the reason, the rollout event
+    # and the audit log record it); nor is an override the rollout was started with.
+    return promote(route, f"BREAK-GLASS by {override.actor}: {override.reason}")
 
 
 def clear_override(route: Route) -> Route:

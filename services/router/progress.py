@@ -346,8 +346,10 @@ def retry(route: Route, actor: str, now: float) -> Route:
     return _bump(route, weight=0.0, phase="idle", step=0, cursor=0, paused=False, analysis=None, admitted="",
                  decision_id="", next_step_at=0.0, started_at=now, header_route=None, step_pause=False,
                  resume_at=0.0, promote_at=0.0, promoted_at=0.0, scale_down_at=0.0, verifying=False,
-                 start_weight=0.0, reason=f"retry of {route.canary.release} by {actor or 'operator'}: from step 0, "
-                                          "0% until its verified gate decision allows it")
+                 start_weight=0.0, override=None,
+                 reason=domain.override_ended(route, f"retry of {route.canary.release} by {actor or 'operator'}: "
+                                                     "from step 0, 0% until its verified gate decision allows it",
+                                              "a retry is a new attempt"))
 
 
 def replace_canary(route: Route, canary: domain.Target, decision: GateDecided | None, now: float) -> Route:

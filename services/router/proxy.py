@@ -120,23 +120,51 @@ class Proxy:
             return mapped
         return model if model in self.rollouts.routes else self.settings.deployment
 
+    def route_of(self, deployment: str) -> domain.Route | None:
+        """The route that serves a deployment: its governed one (a release was rolled out), else the default
+        route when passthrough is opted in to, else None (the request is refused)."""
+        route = self.rollouts.routes.get(deployment)
+        if route is not None and route.stable.release:
+            return route
+        return self.rollouts.route(deployment) if self.settings.passthrough else None
+
+    def _ungoverned(self, headers: Any, deployment: str, model: str) -> web.Response:
+        """OpenAI's answer for a model that does not exist, saying why and what to do: without the opt-in, a
+        deployment no release was rolled out to is not served (no API key reaches an upstream ungoverned)."""
+        param: str | None = "model"
+        if headers.get("x-lockgate-deployment"):
+            what, param = f"Deployment {deployment!r} (x-lockgate-deployment) has no rolled-out release", None
+        elif model in self.endpoints.models:
+            what = (f"The model {model!r} maps to deployment {deployment!r} (the endpoints file's models:), which "
+                    "has no rolled-out release")
+        else:
+            what = (f"The model {model!r} does not exist here: no deployment is named like it or mapped to it (the "
+                    f"endpoints file's models:), and the default deployment {deployment!r} has no rolled-out release")
+        return error_response(404, f"{what}. The router serves governed releases only: roll out a release for "
+                                   f"{deployment!r} (PUT /lockgate/v1/deployments/{deployment}), send a model that has "
+                                   "one (GET /v1/models lists them), or have the operator opt in to ungoverned "
+                                   "passthrough (LOCKGATE_PASSTHROUGH=true)",
+                              "invalid_request_error", code="model_not_found", param=param)
+
     async def models(self, request: web.Request) -> web.Response:
         """`GET /v1/models`: the model names a key can send. Keys are not scoped to deployments, so
-        that is every name with a deployment behind it (the `models:` map and deployments named like a
-        model), plus, when the default deployment passes the client's model through to an
-        OpenAI-compatible endpoint, whatever that endpoint lists."""
+        that is every name with a governed deployment behind it (the `models:` map and deployments named
+        like a model); with passthrough opted in, also the `models:` names of unconfigured deployments and,
+        when the default deployment passes the client's model through to an OpenAI-compatible endpoint,
+        whatever that endpoint lists."""
         try:
             self.keys.authenticate(bearer(request.headers.get("Authorization")))
         except AuthError as exc:
             return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
-        owners: dict[str, str] = dict(self.endpoints.models)
+        owners: dict[str, str] = {m: d for m, d in self.endpoints.models.items() if self.route_of(d) is not None}
         for name, route in self.rollouts.routes.items():
             if route.stable.model:
                 owners.setdefault(name, name)
         data = [{"id": m, "object": "model", "created": 0, "owned_by": f"lockgate:{d}"} for m, d in owners.items()]
-        target = self.rollouts.route(self.settings.deployment).stable
-        endpoint = self.endpoints.by_id.get(target.endpoint)
-        if not target.model and endpoint is not None and endpoint.provider == "openai":
+        default = self.route_of(self.settings.deployment)
+        target = default.stable if default is not None else None
+        endpoint = self.endpoints.by_id.get(target.endpoint) if target is not None else None
+        if target is not None and not target.model and endpoint is not None and endpoint.provider == "openai":
             try:
                 async with self._get(endpoint, "/models") as resp:
                     listed = _model_list.decode(await resp.read()).get("data") if resp.status == 200 else None
@@ -177,9 +205,11 @@ class Proxy:
                 if len(_good_names) > 4096:  # names come from clients: keep the memo bounded
                     _good_names.clear()
                 _good_names.add(value)
+        route = self.route_of(deployment)
+        if route is None:
+            return self._ungoverned(h, deployment, req.model)
         user = req.user or h.get("x-lockgate-user") or ""
         session = h.get("x-lockgate-session") or ""
-        route = self.rollouts.route(deployment)
         # Sticky by user, else session, else the client's own key; never by the client's IP, which
         # would send every user behind one app host or NAT to the same variant.
         variant, target = domain.choose(route, user or session or h.get("x-lockgate-sticky-key") or "", h)

@@ -45,6 +45,11 @@ class Settings(msgspec.Struct, kw_only=True):
     stable_upstream: str = "http://127.0.0.1:9000/v1"
     canary_upstream: str = "http://127.0.0.1:9000/v1"
     deployment: str = "default"
+    # Ungoverned passthrough (LOCKGATE_PASSTHROUGH=true): a request whose deployment has no rolled-out release
+    # goes to the `default` endpoint with the client's own model and parameters, outside release governance.
+    # Off by default: such a request is a 404 model_not_found, so no API key reaches an upstream outside release
+    # governance by naming a deployment or model (roll a release out with PUT /lockgate/v1/deployments/{d}).
+    passthrough: bool = False
     app: str = "default"
     rollout_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
     rollout_step_interval_s: float = 5.0

@@ -169,7 +169,8 @@ async def run(env: Any = None) -> dict[str, Any]:
     """Every figure of the distributed shape (the embedded bench env is not used: this starts its own)."""
     figures = await replication_cost()
     with tempfile.TemporaryDirectory() as tmp:
-        topo = Topology(tmp, extra_env={"LOCKGATE_ACK_WAIT_S": "5"})
+        # passthrough: the load's requests name no rolled-out deployment (router throughput, not governance)
+        topo = Topology(tmp, extra_env={"LOCKGATE_ACK_WAIT_S": "5", "LOCKGATE_PASSTHROUGH": "true"})
         started = time.monotonic()
         await topo.start()
         figures["topology_start_s"] = time.monotonic() - started

@@ -35,7 +35,8 @@ RATES = (0.0, 0.1)
 async def _router(env: BenchEnv, settings: Settings, upstream: str) -> AsyncIterator[tuple[str, int]]:
     """`lockgate serve router` on `settings`' prefix, so the evaluator here reads its events."""
     environ = {**os.environ, "LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
-               "LOCKGATE_HOME": env.home, "LOCKGATE_STABLE_UPSTREAM": upstream, "LOCKGATE_CANARY_UPSTREAM": upstream}
+               "LOCKGATE_HOME": env.home, "LOCKGATE_STABLE_UPSTREAM": upstream, "LOCKGATE_CANARY_UPSTREAM": upstream,
+               "LOCKGATE_PASSTHROUGH": "true"}  # the default deployment, no rollout: as the router bench measures
     served = Process([sys.executable, "-m", "lockgate.cli", "serve", "router", "--router-port", "0"], environ,
                      "http://")
     try:

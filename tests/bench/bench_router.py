@@ -70,9 +70,11 @@ async def _served_router(env: BenchEnv, upstream: str, tree: str = "") -> AsyncI
     default sampling, its own event loop and CPU; yields its URL and pid. `tree`: another checkout's
     code (its shared/ and dev/ first on the path), for a side-by-side comparison."""
     settings = env.settings()
+    # The proxy hop as measured since the start: the default deployment passes the client's model through
+    # (an older checkout `tree` ignores the setting it does not know, and passed through anyway).
     environ = {**os.environ, "LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
                "LOCKGATE_HOME": env.home, "LOCKGATE_STABLE_UPSTREAM": upstream,
-               "LOCKGATE_CANARY_UPSTREAM": upstream}
+               "LOCKGATE_CANARY_UPSTREAM": upstream, "LOCKGATE_PASSTHROUGH": "true"}
     if tree:
         environ["PYTHONPATH"] = f"{tree}/shared{os.pathsep}{tree}/dev"
     # Ready once it printed its endpoint (the line after "serving").
@@ -182,8 +184,9 @@ async def _shadow_overhead(env: BenchEnv) -> dict[str, Any]:
     (practically) none: the copies are scheduled off the request path, so the users' p50/p99 should not
     move beyond noise (the copies still cost the router CPU, which shows at the higher percentiles)."""
     _KEY["admin"] = bootstrap(env.home).admin_key
+    # passthrough: the warm-up before the first rollout is served as it always was
     async with _sim_process(env) as sim_url, stack(env, "router", stable_upstream=sim_url,
-                                                   canary_upstream=sim_url) as st:
+                                                   canary_upstream=sim_url, passthrough=True) as st:
         router, bus = st.services["router"], st.ctx.bus
         for release, endpoint in (("base", "default"), ("cand", "canary")):
             await register_model_release(bus, release, "m", endpoint)

@@ -27,9 +27,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="module")
 def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Topology]:
-    """The whole topology; consumers redeliver after 5 s (not 30) so a killed replica's work moves on soon."""
+    """The whole topology; consumers redeliver after 5 s (not 30) so a killed replica's work moves on soon. The
+    load's requests name no rolled-out deployment: the routers pass them through (faults, not governance)."""
     topo = Topology(tmp_path_factory.mktemp("cluster"), prefix="lg",
-                    extra_env={"LOCKGATE_ACK_WAIT_S": "5", "LOCKGATE_ROLLOUT_STEP_INTERVAL_S": "3600"})
+                    extra_env={"LOCKGATE_ACK_WAIT_S": "5", "LOCKGATE_ROLLOUT_STEP_INTERVAL_S": "3600",
+                               "LOCKGATE_PASSTHROUGH": "true"})
     asyncio.run(topo.start())
     yield topo
     topo.stop()

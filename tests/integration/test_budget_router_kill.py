@@ -110,7 +110,7 @@ async def test_a_router_killed_mid_load_never_overshoots_and_strands_at_most_its
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOCKGATE_NATS_URL": settings.nats_url,
            "LOCKGATE_PREFIX": settings.prefix, "LOCKGATE_HOME": settings.home,
            "LOCKGATE_CLICKHOUSE_URL": settings.clickhouse_url, "LOCKGATE_DATABASE": settings.database,
-           "LOCKGATE_STABLE_UPSTREAM": sim.url, "LOCKGATE_DEPLOYMENT": "chat",
+           "LOCKGATE_STABLE_UPSTREAM": sim.url, "LOCKGATE_DEPLOYMENT": "chat", "LOCKGATE_PASSTHROUGH": "true",
            "LOCKGATE_GATEWAY_FILE": str(gateway)}
     a, b = (ServiceProcess(f"router-{n}", ["serve", "router", "--router-port", "0"], env) for n in "ab")
     try:

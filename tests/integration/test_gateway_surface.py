@@ -45,7 +45,8 @@ def keys(context: ServiceContext) -> Bootstrap:
 @pytest.fixture
 async def router(context: ServiceContext, run_services: Any, sim: SimServer, tmp_path: Any) -> Any:
     """A router whose `default` endpoint is the simulator (OpenAI-compatible) and whose `claude` endpoint
-    is the same simulator's Anthropic Messages API; `claude-m` names the `assistant` deployment."""
+    is the same simulator's Anthropic Messages API; `claude-m` names the `assistant` deployment. These tests
+    are about the wire, so the router opts in to passthrough: ungoverned deployments reach the simulator."""
     (tmp_path / "endpoints.yaml").write_text(
         f"endpoints:\n  default: {{url: {sim.url}}}\n"
         f"  claude: {{url: {sim.url}, provider: anthropic, credential: ANTHROPIC_KEY}}\n"
@@ -53,7 +54,7 @@ async def router(context: ServiceContext, run_services: Any, sim: SimServer, tmp
     (tmp_path / "secrets.yaml").write_text("ANTHROPIC_KEY: sk-ant-held-by-lockgate\n")
     context.settings = context.settings.replace(endpoints_file=str(tmp_path / "endpoints.yaml"),
                                                 secrets_file=str(tmp_path / "secrets.yaml"),
-                                                deployment="chat", app="shop")
+                                                deployment="chat", app="shop", passthrough=True)
     return (await run_services("router"))["router"]
 
 

@@ -130,3 +130,37 @@ async def test_a_block_ends_the_break_glass_override_of_its_release(
     route = router.rollouts.route("chat")
     assert (route.canary.release, route.weight) == ("bad", 0.0), route.reason
     assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+async def test_a_break_glass_override_covers_only_the_rollout_it_was_signed_for(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # An admin broke glass for a canary of the never-gated `bad` (10%); the rollout was aborted. Weeks later an
+    # operator starts `bad` again with a plain PUT. Before: the old override was carried into the new rollout and
+    # still covered `bad`, so set-weight gave it 50% (200) with no decision and no new statement.
+    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7")
+    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": 10, "break_glass": glass}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    assert (router.rollouts.route("chat").weight, router.rollouts.route("chat").override.actor) == (10.0, "boss")
+    operator, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    auth = {"Authorization": f"Bearer {operator}"}
+    async with http.post(f"{router.url}{DEPLOYMENT}/abort", headers=auth) as resp:
+        aborted = await resp.json()
+    assert resp.status == 200 and aborted["override"] is None, aborted
+    assert "break-glass override by boss for bad ended: its rollout was aborted" in aborted["reason"]
+
+    again = {"stable_release": "r1", "canary_release": "bad", "strategy": {"steps": [50, 100], "interval_s": 3600}}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=again, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.post(f"{router.url}{DEPLOYMENT}/set-weight", json={"weight": 50}, headers=auth) as resp:
+        refused = await resp.json()
+    assert resp.status == 409 and refused["error"]["code"] == "not_admitted", refused
+    # Nor does a new rollout of another release bring the old statement back for `bad` by a PATCH.
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={**again, "canary_release": "same"}, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+    await _pass(router, signer, "same")
+    async with http.patch(f"{router.url}{DEPLOYMENT}", json={"canary_release": "bad"}, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()
+    route = router.rollouts.route("chat")
+    assert (route.canary.release, route.weight, route.override) == ("bad", 0.0, None), route.reason
+    assert set(await _releases(http, router, 40)) == {"r1"}  # nobody is served `bad`

@@ -166,3 +166,35 @@ async def test_block_after_promotion_skips_a_blue_green_release_whose_analysis_n
     async with http.post(f"{router.url}/lockgate/v1/deployments/chat/undo", json={"to": "r2"}) as resp:
         assert resp.status == 409
         assert "'r2' was never fully promoted and healthy on 'chat'" in (await resp.json())["error"]["message"]
+
+
+async def test_undo_to_needs_the_releases_current_decision_to_allow_it(
+        stack: tuple[Any, Signer], http: aiohttp.ClientSession) -> None:
+    # r1 was known-good on chat before r2 was promoted. Since then the gate re-gated r1 (a drift, a new eval) and
+    # it waits for a reviewer. Before: `undo --to r1` put it back to 100% (only a BLOCK was refused).
+    router, signer = stack
+    bus = router.ctx.bus
+    await _canary(http, router, signer, "r1", "r2")
+    await _promote(http, router)
+    s = router.ctx.settings
+    base = ["--home", s.home, "--nats", s.nats_url, "--prefix", s.prefix, "--database", s.database,
+            "rollout", "--router", router.url]
+
+    async def run(*args: str) -> Any:
+        return await asyncio.to_thread(CliRunner().invoke, cli, [*base, *args])
+
+    await _decide(bus, signer, "r1", "NEEDS_REVIEW", publish=False)
+    review = await run("undo", "chat", "--to", "r1")
+    assert review.exit_code == 4, review.output
+    assert "'r1' is awaiting review (its current gate decision is NEEDS_REVIEW)" in review.output
+    assert "lockgate gate approve r1" in review.output
+    # No decision at all (gone from KV, or one that does not verify): fail closed, saying how to go on.
+    await (await bus.kv(bus.subjects.kv_gates)).delete(token("r1"))
+    none = await run("undo", "chat", "--to", "r1")
+    assert none.exit_code == 4 and "'r1' has no verified gate decision now" in none.output, none.output
+    assert "gate it again" in none.output
+    assert router.rollouts.route("chat").stable.release == "r2"  # neither refusal moved traffic
+    await _decide(bus, signer, "r1", "PASS", publish=False)  # approved: a PASS
+    undone = await run("undo", "chat", "--to", "r1")
+    assert undone.exit_code == 0, undone.output
+    assert router.rollouts.route("chat").stable.release == "r1"

@@ -41,8 +41,14 @@ async def sims() -> AsyncIterator[tuple[SimServer, SimServer]]:
 
 
 @pytest.fixture
+def passthrough() -> bool:
+    """Governed by default: a test about the wire opts in with `@pytest.mark.parametrize("passthrough", [True])`."""
+    return False
+
+
+@pytest.fixture
 async def services(context: ServiceContext, run_services: Any, sims: tuple[SimServer, SimServer],
-                   signer: Signer) -> Any:
+                   signer: Signer, passthrough: bool) -> Any:
     """The router, and the sink that stores what it announces."""
     stable, canary = sims
     # r1 (stable) and r2 (canary) are registered releases whose model configs send them to the two
@@ -53,7 +59,7 @@ async def services(context: ServiceContext, run_services: Any, sims: tuple[SimSe
     kv = await context.bus.kv(context.bus.subjects.kv_gates)
     await kv.put(token("r1"), msgspec.json.encode(gate(signer, release="r1", decision="PASS")))
     context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
-                                                deployment="chat", app="shop")
+                                                deployment="chat", app="shop", passthrough=passthrough)
     return await run_services("sink", "router")
 
 
@@ -104,8 +110,14 @@ async def _start_canary(http: aiohttp.ClientSession, router: Any, **body: Any) -
         return await resp.json()
 
 
+@pytest.fixture
+async def governed(router: Any, http: aiohttp.ClientSession) -> None:
+    """Deployment `chat` (the default) governed: r1, gated, serves everyone; canary r2 waits at 0% for a decision."""
+    await _start_canary(http, router)
+
+
 async def test_non_streaming_completion_and_event_with_incoming_trace(router: Any, http: aiohttp.ClientSession,
-                                                                      sims: Any, keys: Bootstrap) -> None:
+                                                                      sims: Any, keys: Bootstrap, governed: None) -> None:
     bus = router.ctx.bus
     sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -134,7 +146,8 @@ async def test_non_streaming_completion_and_event_with_incoming_trace(router: An
     assert event.latency_ms > 0 and event.provider == "openai"
 
 
-async def test_streaming_completion_hides_injected_usage(router: Any, http: aiohttp.ClientSession) -> None:
+async def test_streaming_completion_hides_injected_usage(router: Any, http: aiohttp.ClientSession,
+                                                         governed: None) -> None:
     bus = router.ctx.bus
     sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
     async with http.post(f"{router.url}/v1/chat/completions", json=_chat(stream=True)) as resp:
@@ -150,7 +163,7 @@ async def test_streaming_completion_hides_injected_usage(router: Any, http: aioh
     assert event.ttft_ms > 0 and event.finish_reason == "stop"
 
 
-async def test_streaming_usage_kept_when_asked(router: Any, http: aiohttp.ClientSession) -> None:
+async def test_streaming_usage_kept_when_asked(router: Any, http: aiohttp.ClientSession, governed: None) -> None:
     body = _chat(stream=True, stream_options={"include_usage": True})
     async with http.post(f"{router.url}/v1/chat/completions", json=body) as resp:
         lines = [ln.decode().strip() async for ln in resp.content if ln.strip()]
@@ -236,6 +249,7 @@ async def test_malformed_gate_message_goes_to_dlq_and_router_keeps_working(
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
 
 
+@pytest.mark.parametrize("passthrough", [True])  # the client's own models reach the simulator as it sent them
 async def test_upstream_failure_is_502_and_error_event(router: Any, http: aiohttp.ClientSession) -> None:
     bus = router.ctx.bus
     sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
@@ -318,7 +332,7 @@ async def test_routes_restored_from_kv(context: ServiceContext, run_services: An
     assert router.endpoints == {"router": router.url}
 
 
-async def test_secrets_in_prompts_never_reach_the_bus(router: Any, http: aiohttp.ClientSession) -> None:
+async def test_secrets_in_prompts_never_reach_the_bus(router: Any, http: aiohttp.ClientSession, governed: None) -> None:
     bus = router.ctx.bus
     sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
     secret = "sk-live0123456789abcdefghijkl"
@@ -384,7 +398,8 @@ async def test_a_header_that_is_not_utf8_is_a_400_naming_it(router: Any, sims: A
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-async def test_revoked_key_is_refused_at_once(router: Any, keys: Bootstrap, context: ServiceContext) -> None:
+async def test_revoked_key_is_refused_at_once(router: Any, keys: Bootstrap, context: ServiceContext,
+                                              governed: None) -> None:
     store = KeyStore(context.settings.home)
     plain, rec = store.create("acme", "shop")
     async with aiohttp.ClientSession() as c:
@@ -536,31 +551,42 @@ async def test_break_glass_is_admin_only_signed_recorded_and_shown_until_cleared
         assert err["error"]["code"] == "invalid_break_glass"
     assert router.rollouts.route("chat").phase == "idle"  # none of them changed anything
     # signed for a canary start, not a promote: not this action
-    status, err = await _post(http, router, "promote",
-                              break_glass=break_glass(settings, "chat", "r2", "canary", "hotfix for incident 42"))
+    canary_glass = break_glass(settings, "chat", "r2", "canary", "hotfix for incident 42")
+    status, err = await _post(http, router, "promote", break_glass=canary_glass)
     assert status == 403 and "altered" in err["error"]["message"]
 
-    status, route = await _post(http, router, "promote", break_glass=glass)
-    assert status == 200 and route["phase"] == "promoted" and route["stable"]["release"] == "r2"
+    # As a canary start it gives r2 its weight, and is kept in the route for its rollout: shown until cleared.
+    status, route = await _put(http, router, initial_weight=10, break_glass=canary_glass)
+    assert status == 200 and route["weight"] == 10.0
     override = route["override"]
     assert (override["reason"], override["actor"], override["key_id"]) == (
-        "hotfix for incident 42", "boss", glass["key_id"])
+        "hotfix for incident 42", "boss", canary_glass["key_id"])
     assert override["api_key"].startswith("apikey:") and keys.admin_key not in override["api_key"]
-    states = [_states.decode((await sub.next_msg(timeout=10)).data) for _ in range(2)]
-    await sub.unsubscribe()  # states left unread would hold the bus's drain at teardown (30 s)
-    assert "BREAK-GLASS by boss" in states[-1].reason and "hotfix for incident 42" in states[-1].reason
     async with http.get(f"{router.url}/lockgate/v1/deployments/chat") as resp:
         assert (await resp.json())["override"]["reason"] == "hotfix for incident 42"  # still shown
     await router.rollouts.flush()
     [shown] = (await read_status(bus))["overrides"]  # what `lockgate status` shows
     assert (shown["deployment"], shown["release"], shown["by"], shown["reason"]) == (
         "chat", "r2", "boss", "hotfix for incident 42")
-
     async with http.delete(f"{router.url}/lockgate/v1/deployments/chat/break-glass",
                            headers=bearer(operator)) as resp:
         assert resp.status == 403
     async with http.delete(f"{router.url}/lockgate/v1/deployments/chat/break-glass") as resp:
-        assert resp.status == 200 and (await resp.json())["override"] is None
+        cleared = await resp.json()
+        assert resp.status == 200 and cleared["override"] is None and cleared["weight"] == 0.0
+    await router.rollouts.flush()
+    assert await read_overrides(bus) == []
+
+    # The signed promote makes r2 stable; it ends the rollout, so nothing is left in the route to cover a later one
+    # (the reason, the rollout event and the audit log record it).
+    status, route = await _post(http, router, "promote", break_glass=glass)
+    assert status == 200 and route["phase"] == "promoted" and route["stable"]["release"] == "r2"
+    assert route["override"] is None and "BREAK-GLASS by boss: hotfix for incident 42" in route["reason"]
+    states = []
+    while not states or states[-1].phase != "promoted":
+        states.append(_states.decode((await sub.next_msg(timeout=10)).data))
+    await sub.unsubscribe()  # states left unread would hold the bus's drain at teardown (30 s)
+    assert "BREAK-GLASS by boss" in states[-1].reason and "hotfix for incident 42" in states[-1].reason
     await router.rollouts.flush()
     assert await read_overrides(bus) == []
 
@@ -627,8 +653,9 @@ async def test_provider_key_comes_from_lockgate_config_never_from_the_client(
     assert list(router.upstreams.by_id) == ["openai-prod"]  # the allow-list replaces the built-in pair
     async with aiohttp.ClientSession() as c, c.post(
             f"{router.url}/v1/chat/completions", json=_chat(), headers=bearer(keys.app_key)) as resp:
-        # The default route's `default` endpoint is not in this allow-list: refused, nothing sent.
-        assert resp.status == 502 and "not configured" in (await resp.json())["error"]["message"]
+        # No release of `chat` was rolled out: refused as an unknown model, nothing sent.
+        assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"
+    assert stable.total_requests == 0
     await register_model_release(context.bus, "p1", "m", "openai-prod")
     await store_pass(context.bus, "p1", context.settings)
     async with aiohttp.ClientSession(headers=bearer(keys.admin_key)) as c:
@@ -761,7 +788,8 @@ async def test_openai_client_with_a_key_below_the_role_gets_permission_denied(ro
     assert router.rollouts.route("chat").canary is None
 
 
-async def test_openai_client_with_an_app_key_completes_and_streams(router: Any, keys: Bootstrap, sims: Any) -> None:
+async def test_openai_client_with_an_app_key_completes_and_streams(router: Any, keys: Bootstrap, sims: Any,
+                                                                   governed: None) -> None:
     async with _openai(router, keys.app_key) as client:
         once = await client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
         assert once.choices[0].message.content == "hello there" and once.usage and once.usage.total_tokens > 0
@@ -772,3 +800,47 @@ async def test_openai_client_with_an_app_key_completes_and_streams(router: Any, 
     assert text == "hello there"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0  # asked for, so kept
     assert sims[0].requests == {"m": 2} and sims[0].authorizations == [None, None]  # the key stays here
+
+
+@pytest.mark.parametrize("passthrough", [False, True], ids=["governed", "passthrough"])
+async def test_only_a_deployment_with_a_rolled_out_release_reaches_an_upstream_unless_passthrough_is_opted_in(
+        router: Any, http: aiohttp.ClientSession, keys: Bootstrap, sims: Any, passthrough: bool) -> None:
+    # A team governs `support` (r1 serves it, gated; r2 waits for a decision); `chat`, the router's default
+    # deployment, and `anything` were never rolled out. Before: a request naming `anything` by header, or a model
+    # no deployment maps (so the default deployment), reached the `default` endpoint with the client's own model
+    # and parameters, outside release governance.
+    async with http.put(f"{router.url}/lockgate/v1/deployments/support",
+                        json={"stable_release": "r1", "canary_release": "r2"}) as resp:
+        assert resp.status == 200, await resp.text()
+    hi = [{"role": "user", "content": "hi"}]
+    async with _openai(router, keys.app_key) as client:
+        governed = await client.chat.completions.with_raw_response.create(model="support", messages=hi)
+        assert governed.headers["x-lockgate-release"] == "r1" and sims[0].requests == {"m": 1}
+        ungoverned = {"by header": {"model": "m", "extra_headers": {"x-lockgate-deployment": "anything"}},
+                      "unmapped model": {"model": "m"}}
+        listed = {m.id async for m in client.models.list()}
+        if not passthrough:
+            for what, ask in ungoverned.items():
+                for stream in (False, True):
+                    with pytest.raises(openai.NotFoundError) as caught:
+                        await client.chat.completions.create(messages=hi, stream=stream, temperature=2, **ask)
+                    err = caught.value
+                    assert (err.status_code, err.code, err.type) == (404, "model_not_found", "invalid_request_error")
+                    assert "governed releases only" in err.message and "LOCKGATE_PASSTHROUGH" in err.message, what
+            by_header = await _refusal(client, ungoverned["by header"])
+            assert "Deployment 'anything' (x-lockgate-deployment) has no rolled-out release" in by_header
+            assert "model 'm' does not exist here" in await _refusal(client, ungoverned["unmapped model"])
+            assert (sims[0].requests, sims[1].total_requests) == ({"m": 1}, 0)  # the upstream never heard of them
+            assert listed == {"support"}  # no upstream list: its models are not served
+        else:
+            for ask in ungoverned.values():
+                answer = await client.chat.completions.with_raw_response.create(messages=hi, **ask)
+                assert answer.headers["x-lockgate-release"] == "" and answer.parse().choices[0].message.content
+            assert sims[0].requests == {"m": 3}
+            assert listed == {"support", "m", "broken"}  # the default deployment passes the upstream's names through
+
+
+async def _refusal(client: openai.AsyncOpenAI, ask: dict[str, Any]) -> str:
+    with pytest.raises(openai.NotFoundError) as caught:
+        await client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **ask)
+    return caught.value.message

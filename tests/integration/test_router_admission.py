@@ -1,4 +1,7 @@
-"""Budgets, rate limits and the response cache through the real router, nats-server and the `openai` client."""
+"""Budgets, rate limits and the response cache through the real router, nats-server and the `openai` client.
+
+The routers pass ungoverned deployments through to the simulator (`passthrough=True`): these tests are about
+admission by budget, rate and cache, not release governance."""
 
 from __future__ import annotations
 
@@ -100,7 +103,7 @@ async def counter(bus: Bus, key: str) -> Amount:
 async def test_over_budget_is_a_429_naming_the_budget_and_settling_frees_the_unused_part(
         settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
     limit_usd = 0.0001
-    s = settings.replace(stable_upstream=sim.url, deployment="chat",
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="chat",
                          gateway_file=gateway(tmp_path, budgets={"acme-daily": {"tenant": "acme", "usd": limit_usd}}))
     keys = bootstrap(s.home, tenant="acme", app="shop")
     router = await stack.add(s, store, "router-a")
@@ -148,7 +151,7 @@ async def test_every_choice_is_reserved_so_n_cannot_spend_past_the_budget(
         settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
     one = reservation()  # n=1: the prompt estimate and max_tokens
     limit_usd = 3 * one.usd / NANO  # room for three such calls, never for one asking for ten choices
-    s = settings.replace(stable_upstream=sim.url, deployment="chat",
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="chat",
                          gateway_file=gateway(tmp_path, budgets={"acme-daily": {"tenant": "acme", "usd": limit_usd}}))
     keys = bootstrap(s.home, tenant="acme", app="shop")
     c = client(await stack.add(s, store, "router-a"), keys.app_key)
@@ -169,7 +172,7 @@ async def test_every_choice_is_reserved_so_n_cannot_spend_past_the_budget(
 async def test_1000_concurrent_requests_on_two_replicas_overshoot_at_most_one_reservation_each(
         settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
     limit_usd = 0.002  # room for roughly 80 of the 1,000 calls
-    s = settings.replace(stable_upstream=sim.url, deployment="chat",
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="chat",
                          gateway_file=gateway(tmp_path, budgets={"small": {"app": "shop", "usd": limit_usd}}))
     keys = bootstrap(s.home, tenant="acme", app="shop")
     a = await stack.add(s, store, "router-a")
@@ -205,7 +208,7 @@ async def test_a_budget_whose_limit_changed_from_usd_to_tokens_still_admits(
         settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
     # Before: the counter kept the day's USD spend while the edited budget no longer limited USD (its
     # limit there became 0), so every request was refused "0 of 100000 tokens spent" for the rest of the day.
-    usd = settings.replace(stable_upstream=sim.url, deployment="chat",
+    usd = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="chat",
                            gateway_file=gateway(tmp_path, budgets={"acme-daily": {"tenant": "acme", "usd": 1.0}}))
     keys = bootstrap(usd.home, tenant="acme", app="shop")
     before = await stack.add(usd, store, "router-a")
@@ -224,7 +227,7 @@ async def test_budget_store_down_fails_closed(settings: Settings, store: Store, 
     own = NatsServer(tmp_path / "own-nats")  # this test stops its bus, so not the session's server
     await own.start()
     try:
-        s = settings.replace(nats_url=own.url, stable_upstream=sim.url, deployment="chat",
+        s = settings.replace(nats_url=own.url, stable_upstream=sim.url, passthrough=True, deployment="chat",
                              gateway_file=gateway(tmp_path, budgets={"acme-daily": {"tenant": "acme", "usd": 1.0}}))
         keys = bootstrap(s.home, tenant="acme", app="shop")
         router = await stack.add(s, store, "router-a")
@@ -247,7 +250,7 @@ async def test_budget_store_down_can_fail_open(settings: Settings, store: Store,
     own = NatsServer(tmp_path / "own-nats")
     await own.start()
     try:
-        s = settings.replace(nats_url=own.url, stable_upstream=sim.url, deployment="chat",
+        s = settings.replace(nats_url=own.url, stable_upstream=sim.url, passthrough=True, deployment="chat",
                              gateway_file=gateway(tmp_path, fail_open=True,
                                                   budgets={"acme-daily": {"tenant": "acme", "usd": 1.0}}))
         keys = bootstrap(s.home, tenant="acme", app="shop")
@@ -263,7 +266,7 @@ async def test_budget_store_down_can_fail_open(settings: Settings, store: Store,
 
 async def test_rate_limit_429_after_n_requests_per_minute(settings: Settings, store: Store, stack: Stack,
                                                           sim: SimServer, tmp_path: Path) -> None:
-    s = settings.replace(stable_upstream=sim.url, deployment="chat",
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="chat",
                          gateway_file=gateway(tmp_path, rate_limits=[{"tenant": "acme", "rpm": 3}]))
     keys = bootstrap(s.home, tenant="acme", app="shop")
     router = await stack.add(s, store, "router-a")
@@ -289,7 +292,7 @@ async def test_rate_limit_429_after_n_requests_per_minute(settings: Settings, st
 
 async def test_a_shared_rate_limit_admits_n_across_two_replicas(settings: Settings, store: Store, stack: Stack,
                                                                  sim: SimServer, tmp_path: Path) -> None:
-    s = settings.replace(stable_upstream=sim.url, deployment="chat",
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="chat",
                          gateway_file=gateway(tmp_path, rate_limits=[{"tenant": "acme", "rpm": 10, "shared": True}]))
     keys = bootstrap(s.home, tenant="acme", app="shop")
     a = await stack.add(s, store, "router-a")
@@ -323,7 +326,7 @@ async def test_a_shared_rate_limit_falls_back_to_the_replicas_bucket_while_the_s
     own = NatsServer(tmp_path / "own-nats")  # this test stops its bus, so not the session's server
     await own.start()
     try:
-        s = settings.replace(nats_url=own.url, stable_upstream=sim.url, deployment="chat",
+        s = settings.replace(nats_url=own.url, stable_upstream=sim.url, passthrough=True, deployment="chat",
                              gateway_file=gateway(tmp_path, rate_limits=[{"tenant": "acme", "rpm": 2, "shared": True}]))
         keys = bootstrap(s.home, tenant="acme", app="shop")
         router = await stack.add(s, store, "router-a")
@@ -343,7 +346,7 @@ async def test_a_shared_rate_limit_falls_back_to_the_replicas_bucket_while_the_s
 
 async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Store, stack: Stack, sim: SimServer,
                                                   tmp_path: Path) -> None:
-    s = settings.replace(stable_upstream=sim.url, deployment="faq", app="shop",
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="faq", app="shop",
                          gateway_file=gateway(tmp_path, cache={"deployments": {"faq": {"ttl_s": 60}}}))
     keys = bootstrap(s.home, tenant="acme", app="shop")
     router = await stack.add(s, store, "router-a")
@@ -426,7 +429,7 @@ async def test_under_auth_the_router_leases_and_reports_but_an_app_cannot_touch_
 
 async def test_a_shared_cache_answers_on_the_other_replica(settings: Settings, store: Store, stack: Stack,
                                                            sim: SimServer, tmp_path: Path) -> None:
-    s = settings.replace(stable_upstream=sim.url, deployment="faq", app="shop",
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="faq", app="shop",
                          gateway_file=gateway(tmp_path, cache={"deployments": {"faq": {"ttl_s": 60, "shared": True}}}))
     keys = bootstrap(s.home, tenant="acme", app="shop")
     a = await stack.add(s, store, "router-a")
@@ -443,7 +446,7 @@ async def test_a_shared_cache_answers_on_the_other_replica(settings: Settings, s
 
 async def test_a_streamed_answer_is_cached_and_replayed_as_sse(settings: Settings, store: Store, stack: Stack,
                                                                sim: SimServer, tmp_path: Path) -> None:
-    s = settings.replace(stable_upstream=sim.url, deployment="faq", app="shop",
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="faq", app="shop",
                          gateway_file=gateway(tmp_path, cache={"deployments": {"faq": {"ttl_s": 60}}}))
     keys = bootstrap(s.home, tenant="acme", app="shop")
     router = await stack.add(s, store, "router-a")
@@ -486,7 +489,7 @@ async def test_a_streamed_answer_is_cached_and_replayed_as_sse(settings: Setting
 async def test_a_token_budget_per_key_stops_one_key_not_the_others(settings: Settings, store: Store, stack: Stack,
                                                                    sim: SimServer, tmp_path: Path) -> None:
     # 100 tokens a day for each key: a `hi` with max_tokens 20 reserves 33 and uses 18.
-    s = settings.replace(stable_upstream=sim.url, deployment="chat", gateway_file=gateway(
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="chat", gateway_file=gateway(
         tmp_path, budgets={"per-key": {"tenant": "acme", "per": "key", "tokens": 100}}))
     keys = bootstrap(s.home, tenant="acme", app="shop")
     router = await stack.add(s, store, "router-a")

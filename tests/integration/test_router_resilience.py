@@ -203,12 +203,14 @@ Gateway = Callable[..., Awaitable[Any]]
 
 @pytest.fixture
 async def gateway(context: ServiceContext, run_services: Any, tmp_path: Any) -> Gateway:
-    """Factory: the router with these endpoints (id -> endpoint settings, as in endpoints.yaml)."""
+    """Factory: the router with these endpoints (id -> endpoint settings, as in endpoints.yaml), passing
+    ungoverned deployments through to them (these tests are about the upstream calls, not governance)."""
 
     async def start(endpoints: dict[str, dict[str, Any]], groups: dict[str, Any] | None = None) -> Any:
         path = tmp_path / "endpoints.yaml"
         path.write_text(json.dumps({"endpoints": endpoints, "groups": groups or {}}))  # JSON is YAML
-        context.settings = context.settings.replace(endpoints_file=str(path), deployment="chat", app="shop")
+        context.settings = context.settings.replace(endpoints_file=str(path), deployment="chat", app="shop",
+                                                    passthrough=True)
         return (await run_services("router"))["router"]
 
     return start

@@ -80,8 +80,9 @@ async def test_no_planted_secret_is_stored_anywhere(
     secrets_ = planted()
     texts = [text for text, _ in secrets_.values()]
     everything = "\n".join(texts)
+    # passthrough: the request reaches the simulator as sent, with everything a client could put in it
     context.settings = context.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url,
-                                                deployment="chat", app="shop")
+                                                deployment="chat", app="shop", passthrough=True)
     # Spans go to the bus (and so to the sink and otel_traces) only when force_flush ships them.
     context.telemetry = Telemetry(exporter=NatsSpanExporter(context.bus, asyncio.get_running_loop()),
                                   schedule_delay_ms=600_000)

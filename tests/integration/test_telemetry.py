@@ -196,8 +196,9 @@ async def test_router_metrics_move_with_requests(context: ServiceContext, run_se
                                                  metric_reader: InMemoryMetricReader) -> None:
     config = SimConfig(models={"m": ModelSpec(default="hello"), "broken": ModelSpec(error_rate=1.0)})
     async with SimServer(config) as sim, aiohttp.ClientSession() as http:
+        # passthrough: the client's own model (`broken` fails upstream) reaches the simulator
         context.settings = context.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url,
-                                                    deployment="chat", app="shop")
+                                                    deployment="chat", app="shop", passthrough=True)
         router = (await run_services("router"))["router"]
         auth = {"Authorization": f"Bearer {bootstrap(context.settings.home, app='shop').app_key}"}
         bus = context.bus

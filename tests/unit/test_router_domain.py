@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 import pytest
 
 from lockgate.contracts import GateDecided
-from lockgate.services.router import domain
+from lockgate.services.router import domain, progress
 from lockgate.services.router.domain import CanaryRequest, InvalidRollout, Route, Target
 
 pytestmark = pytest.mark.timeout(30)
@@ -144,13 +146,15 @@ def test_reject_after_promotion_rolls_back_to_previous_stable() -> None:
     assert domain.choose(back, "anyone")[1].release == "r1"
 
 
-def test_break_glass_promotes_and_stays_until_cleared() -> None:
+def test_break_glass_promotes_and_a_canary_override_stays_until_cleared() -> None:
     glass = domain.Override(release="r2", action="promote", actor="apikey:x(admin@t/a)", reason="incident", at=1.0)
     with pytest.raises(domain.NotAdmitted, match="no verified gate decision"):
         domain.manual_promote(_canary(), None)
     r = domain.manual_promote(_canary(), glass)
-    assert r.phase == "promoted" and r.override == glass and "BREAK-GLASS" in r.reason
-    assert domain.clear_override(r).override is None
+    # The promotion ends the rollout the statement was for: recorded in the reason, not kept to cover a later one.
+    assert r.phase == "promoted" and r.override is None and "BREAK-GLASS by apikey:x(admin@t/a): incident" in r.reason
+    with pytest.raises(InvalidRollout, match="no break-glass override to clear"):
+        domain.clear_override(r)
     # Verified against the canary read before the change; a PATCH in between put another release there.
     other = msgspec.structs.replace(_canary(), canary=domain.Target(release="r3"))
     with pytest.raises(domain.NotAdmitted, match="override is for 'r2', but the canary of 'd' is now 'r3'"):
@@ -177,3 +181,69 @@ def test_manual_abort_and_promote_need_a_canary() -> None:
     with pytest.raises(InvalidRollout):
         domain.abort(domain.default_route("d"), "x")
     assert domain.promote(_canary(), "by operator").stable.release == "r2"
+
+
+# A break-glass override covers the one rollout it was signed for.
+GLASS = domain.Override(release="r2", action="canary", actor="boss", reason="incident 7", at=1.0)
+
+
+def _glassed() -> Route:
+    """A canary of r2 given 30% by an admin's break-glass override (no decision allows r2)."""
+    return domain.start_canary(domain.default_route("d"), CanaryRequest(
+        stable_release="r1", canary_release="r2", initial_weight=30), stable=STABLE, canary=CANARY,
+        first_step=10.0, override=GLASS)
+
+
+@pytest.mark.parametrize(("end", "why"), [
+    (lambda r: domain.abort(r, "by operator"), "its rollout was aborted"),
+    (lambda r: domain.promote(r, "by operator"), "its rollout was promoted"),
+    # the stable the canary started from is BLOCKed: back on the known-good before it, the canary with it
+    (lambda r: domain.on_decision(msgspec.structs.replace(r, good=[Target(release="r0"), STABLE]),
+                                  _decision("BLOCK", "r1", "b1"), STEPS, 5.0, now=1.0), "its rollout was rolled back"),
+    (lambda r: domain.undo_to(msgspec.structs.replace(r, good=[Target(release="r0"), STABLE],
+                                                      stable=Target(release="r9")), "r0",
+                              _decision("PASS", "r0"), "ops"), "its rollout was undone"),
+    (lambda r: domain.start_canary(r, CanaryRequest(stable_release="r1", canary_release="r2"), stable=STABLE,
+                                   canary=CANARY, first_step=10.0), "a new rollout started without one"),
+])
+def test_a_break_glass_override_ends_with_its_rollout(end: Any, why: str) -> None:
+    r = _glassed()
+    assert (r.override, r.weight) == (GLASS, 30.0)
+    ended = end(r)
+    assert ended.override is None
+    assert f"break-glass override by boss for r2 ended: {why}" in ended.reason
+
+
+def test_an_override_of_an_earlier_rollout_never_covers_a_later_one_of_the_same_release() -> None:
+    # Break glass for r2, abort; a later PUT of r2 without a statement: it waits at 0%, and neither a weight nor
+    # a PATCH back to it is covered (before, the old override was carried into the new rollout and covered r2).
+    aborted = domain.abort(_glassed(), "by operator")
+    again = domain.start_canary(aborted, CanaryRequest(stable_release="r1", canary_release="r2"), stable=STABLE,
+                                canary=CANARY, first_step=10.0)
+    assert (again.override, again.weight) == (None, 0.0)
+    live = msgspec.structs.replace(again, phase="progressing")
+    with pytest.raises(domain.NotAdmitted, match="no verified gate decision"):
+        progress.set_weight(live, 50, "ops")
+    moved = progress.replace_canary(msgspec.structs.replace(live, canary=Target(release="r3")), CANARY, None, 5.0)
+    assert (moved.weight, moved.phase) == (0.0, "idle")
+    # A new statement for the new rollout is its own, and says the old one ended.
+    fresh = msgspec.structs.replace(GLASS, reason="incident 8", at=2.0)
+    renewed = domain.start_canary(_glassed(), CanaryRequest(stable_release="r1", canary_release="r2",
+                                                            initial_weight=30), stable=STABLE, canary=CANARY,
+                                  first_step=10.0, override=fresh)
+    assert renewed.override == fresh and "ended: a new rollout started with its own" in renewed.reason
+
+
+def test_a_retry_of_an_aborted_rollout_is_not_covered_by_an_override_left_in_its_route() -> None:
+    # A route persisted before overrides ended with their rollout may still hold one on an aborted rollout.
+    stale = msgspec.structs.replace(domain.abort(_glassed(), "x"), override=GLASS)
+    retried = progress.retry(stale, "ops", 10.0)
+    assert (retried.override, retried.weight, retried.phase) == (None, 0.0, "idle")
+    assert "ended: a retry is a new attempt" in retried.reason
+
+
+def test_a_block_ends_the_override_once_and_says_so() -> None:
+    blocked = domain.on_decision(_glassed(), _decision("BLOCK", id_="b1"), STEPS, 5.0, now=1.0)
+    assert blocked is not None and (blocked.override, blocked.phase, blocked.weight) == (None, "aborted", 0.0)
+    assert blocked.reason.count("break-glass override by boss") == 1
+    assert blocked.reason.endswith("break-glass override by boss ended by the gate's BLOCK")

@@ -113,9 +113,16 @@ def test_undo_to_a_named_known_good_release() -> None:
     ("r9", None, "refused: 'r9' was never fully promoted and healthy on 'd' (known-good releases, newest first: r2, r1)"),
     ("r1", _decision("BLOCK", "r1", reason="toxicity 0.3"), "refused: 'r1' is now BLOCKed by the gate: toxicity 0.3"),
     ("r3", None, "refused: 'r3' is already the stable release of 'd'"),
+    # Known-good once, re-gated since and waiting for a human: an operator's undo must not bypass the review.
+    ("r1", _decision("NEEDS_REVIEW", "r1", reason="drift in output_tokens"),
+     "refused: 'r1' is awaiting review (its current gate decision is NEEDS_REVIEW: drift in output_tokens); it serves "
+     "again once a reviewer approves it (lockgate gate approve r1)"),
+    # No decision at all (none stored, or it does not verify): fail closed, saying how to proceed.
+    ("r1", None, "refused: 'r1' has no verified gate decision now (none stored, or it does not verify)"),
+    ("r1", _decision("PASS", "r2"), "refused: 'r1' has no verified gate decision now"),  # another release's
 ])
-def test_undo_to_refuses_a_release_never_promoted_blocked_or_serving(release: str, decision: GateDecided | None,
-                                                                     message: str) -> None:
+def test_undo_to_refuses_a_release_never_promoted_not_allowed_now_or_serving(
+        release: str, decision: GateDecided | None, message: str) -> None:
     r = _promoted(_promoted(domain.default_route("d"), "r1", "r2"), "r2", "r3")
     with pytest.raises(InvalidRollout) as err:
         domain.undo_to(r, release, decision, "ops")

@@ -443,7 +443,8 @@ def register(cli: click.Group) -> None:
     @rollout.command("undo")
     @click.argument("deployment")
     @click.option("--to", "to", default=None, metavar="RELEASE",
-                  help="An earlier known-good release (fully promoted and healthy here, not BLOCKed now).")
+                  help="An earlier known-good release (fully promoted and healthy here) whose current verified "
+                       "gate decision allows it (not BLOCKed, awaiting review or undecided).")
     @json_option
     @click.pass_context
     @handle_errors
