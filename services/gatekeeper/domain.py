@@ -218,6 +218,7 @@ def _remedy(what: str, pin: Pin) -> str:
     return ("run it on the suite with exactly that content" if pin.hash else
             f"run it on suite {pin.name} (a suite file registers under its `name:`)")
 
+
 def with_rules(out: Outcome, rules: Sequence[RuleResult]) -> Outcome:
     """The outcome with extra release rules (registration, artifact lifecycle): a FAIL (say an artifact past
     its sunset) blocks and leads the reason with its remediation; a PASS (a deprecated artifact) only adds

@@ -184,8 +184,8 @@ class GateHandlers:
         app = str((bundle or {}).get("app", ""))
         if self.gates is None or bundle is None or (required := self.gates.for_app(app)) is None:
             return ()
-        used_policy = domain.Used(policy, await self.registrations.names("policy", policy))
-        used_suite = domain.Used(suite, await self.registrations.names("eval_suite", suite)) \
+        used_policy = domain.Used(policy, await self.registrations.names(required.policy.kind, policy))
+        used_suite = domain.Used(suite, await self.registrations.names(required.suite.kind, suite)) \
             if required.suite else None
         return domain.required_rules(release, app, required, used_policy, used_suite)
 
