@@ -14,7 +14,7 @@ from lockgate.cli.stack import _until_signalled, embedded_settings, serve_stack,
 from lockgate.config import Settings
 from lockgate.server.apikeys import FILE, KeyStore, read_credential
 from lockgate_dev import sim as simulator
-from lockgate_dev.demo import APP, demo_sim_config, run_demo
+from lockgate_dev.demo import APP, demo_sim_config, run_demo, write_demo_gates
 
 
 async def _dev_up(settings: Settings, sim_port: int, demo: bool) -> None:
@@ -26,6 +26,8 @@ async def _dev_up(settings: Settings, sim_port: int, demo: bool) -> None:
         stable_upstream=server.url if settings.stable_upstream == default.stable_upstream else None,
         canary_upstream=server.url if settings.canary_upstream == default.canary_upstream else None,
         app=APP if demo and settings.app == default.app else None,  # the first app key is the demo's
+        # The demo app's gate is fixed here, not by whoever requests its evals (unless the operator set one).
+        gates_file=None if settings.gates_file else write_demo_gates(settings.home),
     )
 
     async def on_ready(runtime: object) -> None:
@@ -37,7 +39,9 @@ async def _dev_up(settings: Settings, sim_port: int, demo: bool) -> None:
                            console=console, admin_key=admin_key, app_key=app_key)
 
     try:
-        await serve_stack(settings, extra={"simulator": server.url + "  (simulated LLM upstream)"},
+        await serve_stack(settings, extra={"simulator": server.url + "  (simulated LLM upstream)",
+                                           "gates": settings.gates_file + "  (the policy each app's releases "
+                                                                          "must be gated by)"},
                           on_ready=on_ready)
     finally:
         await server.stop()

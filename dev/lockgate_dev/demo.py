@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,13 +23,14 @@ from lockgate.bus import Bus
 from lockgate.codec import Codec
 from lockgate.contracts import EvalRequested, GateDecided, RolloutState
 from lockgate.errors import LockgateError
-from lockgate.ids import uuid7
+from lockgate.ids import content_hash, uuid7
 from lockgate_dev.sim import ModelSpec, SimConfig
 
 DEPLOYMENT = "shop-web"
 APP = "shop"
 BASELINE, BAD, GOOD = "shop-v1", "shop-v2-rc1", "shop-v2-rc2"
 MODELS = {BASELINE: "sim-stable", BAD: "sim-bad", GOOD: "sim-good"}
+POLICY, SUITE = "shop-release-policy", "shop-qa"
 
 
 def _data(name: str) -> bytes:
@@ -58,20 +60,43 @@ def demo_sim_config() -> SimConfig:
     )
 
 
+def _suite_doc(dataset: str) -> dict[str, Any]:
+    """The demo suite, its dataset named by hash."""
+    return {**yaml.safe_load(_data("suite.yaml")), "dataset": dataset}
+
+
+def demo_gates() -> dict[str, Any]:
+    """The dev stack's gates file: the demo app's releases must be gated by exactly the demo's policy and
+    suite, so an eval under a policy of the operator's choosing cannot pass them (the hashes are those
+    `_register` gets)."""
+    dataset = content_hash(artifacts.canonical_bytes(_data("qa.jsonl"), "application/jsonl"))
+    suite = content_hash(artifacts.canonical_bytes(_suite_doc(dataset), "application/json"))
+    policy = content_hash(artifacts.canonical_bytes(_data("policy.yaml"), "application/yaml"))
+    return {"apps": {APP: {"policy": f"{POLICY}={policy}", "suite": f"{SUITE}={suite}"}}}
+
+
+def write_demo_gates(home: str) -> str:
+    """Write `demo_gates()` as `{home}/demo-gates.yaml` (rewritten at each start: it follows the demo's data)."""
+    path = Path(home) / "demo-gates.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("# Written by `lockgate dev up` (LOCKGATE_GATES_FILE names your own instead): the policy\n"
+                    "# and suite that must gate each app's releases, whatever policy an eval names.\n"
+                    + yaml.safe_dump(demo_gates(), sort_keys=False))
+    return str(path)
+
+
 async def _register(bus: Bus) -> dict[str, dict[str, str]]:
     dataset = await artifacts.register(bus, "dataset", "shop-qa", _data("qa.jsonl"), media_type="application/jsonl")
-    suite_doc = yaml.safe_load(_data("suite.yaml"))
-    suite_doc["dataset"] = dataset.hash
-    suite = await artifacts.register(bus, "eval_suite", "shop-qa", suite_doc)
-    policy = await artifacts.register(bus, "policy", "shop-release-policy", _data("policy.yaml"),
-                                      media_type="application/yaml")
+    suite_doc = _suite_doc(dataset.hash)
+    suite = await artifacts.register(bus, "eval_suite", SUITE, suite_doc)
+    policy = await artifacts.register(bus, "policy", POLICY, _data("policy.yaml"), media_type="application/yaml")
     prompt = await artifacts.register(bus, "prompt", "shop-answer", suite_doc["prompt"])
     out = {}
     for release, model in MODELS.items():
         config = await artifacts.register(bus, "model_config", f"shop-{model}", {"model": model, "endpoint": "default",
                                                                                      "temperature": 0})
-        arts = {"dataset/shop-qa": dataset.hash, "eval_suite/shop-qa": suite.hash,
-                "policy/shop-release-policy": policy.hash, "prompt/shop-answer": prompt.hash,
+        arts = {"dataset/shop-qa": dataset.hash, f"eval_suite/{SUITE}": suite.hash,
+                f"policy/{POLICY}": policy.hash, "prompt/shop-answer": prompt.hash,
                 f"model_config/shop-{model}": config.hash}
         await artifacts.register_release(bus, release, APP, arts, parent="" if release == BASELINE else BASELINE)
         out[release] = arts

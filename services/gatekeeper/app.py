@@ -8,6 +8,7 @@ from lockgate.contracts import AuditEntry, DriftReport, EvalCompleted, GateRevie
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.gatekeeper.chain import Chainer
 from lockgate.services.gatekeeper.driftgate import DriftGate
+from lockgate.services.gatekeeper.gatesfile import load_gates_file
 from lockgate.services.gatekeeper.handlers import GateHandlers
 from lockgate.signing import gatekeeper_signer
 
@@ -20,7 +21,9 @@ class Gatekeeper(Service):
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
         self.signer = gatekeeper_signer(ctx.settings)
-        self.handlers = GateHandlers(ctx, self.tracer, self.signer)
+        # Read once, at start: an invalid gates file stops the gatekeeper (ConfigError naming the file)
+        # rather than let evals be judged by whatever policy they name.
+        self.handlers = GateHandlers(ctx, self.tracer, self.signer, load_gates_file(ctx.settings.gates_file))
         s = ctx.bus.subjects
         consume(ctx.bus, self.consumers, subject=s.eval_completed, stream="events",
                 durable=s.durable("gatekeeper", "evals"), wire_type=EvalCompleted, origin="gatekeeper",

@@ -9,15 +9,19 @@ from dataclasses import dataclass
 
 from lockgate.contracts import EvalCompleted, RuleResult
 from lockgate.contracts.gates import Decision
+from lockgate.services.gatekeeper.gatesfile import Pin, Required
 from lockgate.services.gatekeeper.policy import OPS, Limits, Policy, ReviewTrigger, Rule, parse_policy
 from lockgate.services.gatekeeper.review import review_reasons
 from lockgate.services.gatekeeper.rules import Evidence, evaluate_rule
 
-__all__ = ["OPS", "Evidence", "Limits", "Outcome", "Policy", "ReviewTrigger", "Rule", "decide", "decide_eval",
-           "decision_id", "evaluate_rule", "judged_artifacts", "parse_policy", "release_rules", "with_rules"]
+__all__ = ["OPS", "Evidence", "Limits", "Outcome", "Pin", "Policy", "Required", "ReviewTrigger", "Rule", "Used",
+           "decide", "decide_eval", "decision_id", "evaluate_rule", "judged_artifacts", "meets", "parse_policy",
+           "release_rules", "required_rules", "with_rules"]
 
 RELEASE_REGISTERED = "release_registered"
 RELEASE_ARTIFACTS = "release_artifacts"
+REQUIRED_POLICY = "required_policy"
+REQUIRED_SUITE = "required_suite"
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,59 @@ def judged_artifacts(decision_artifacts: Mapping[str, str]) -> dict[str, str]:
     """The release artifacts (`kind/name` -> hash) a decision names, without the suite and policy it adds
     under the bare keys `eval_suite` and `policy`."""
     return {k: v for k, v in decision_artifacts.items() if "/" in k}
+
+
+@dataclass(frozen=True)
+class Used:
+    """The artifact version an eval used (`hash`, "" for none) and the names it was registered under as
+    that kind (what a name-only requirement is checked against)."""
+
+    hash: str
+    names: frozenset[str] = frozenset()
+
+    def __str__(self) -> str:
+        if not self.hash:
+            return "none"
+        if not self.names:
+            return f"{self.hash} (registered under no name)"
+        first, *others = sorted(self.names)
+        return f"{first}={self.hash}" + (f" (also registered as {', '.join(others)})" if others else "")
+
+
+def meets(pin: Pin, used: Used) -> bool:
+    """True if `used` is what `pin` requires: exactly its content, or (a name-only pin) any version of its name."""
+    return used.hash == pin.hash if pin.hash else pin.name in used.names
+
+
+def required_rules(release: str, app: str, required: Required | None, policy: Used,
+                   suite: Used | None = None) -> tuple[RuleResult, ...]:
+    """FAIL rules when the eval of `release` (of `app`) used another policy or suite than the gates file
+    requires for the app; () when it requires nothing or the eval meets it.
+
+    The requirement is the gatekeeper's configuration, not the eval's: otherwise whoever requests the
+    eval could choose a policy that passes anything."""
+    if required is None:
+        return ()
+    out = []
+    for rule, what, pin, used in ((REQUIRED_POLICY, "policy", required.policy, policy),
+                                  (REQUIRED_SUITE, "suite", required.suite, suite or Used(""))):
+        if pin is None or meets(pin, used):
+            continue
+        out.append(RuleResult(
+            rule=rule, metric=what, op="is required", threshold=1.0, observed=0.0, verdict="FAIL",
+            hint=f"release {release!r} of app {app!r} must be gated by {what} {pin} (gates file "
+                 f"{required.source}): this eval used {what} {used}; {_remedy(what, pin)}"))
+    return tuple(out)
+
+
+def _remedy(what: str, pin: Pin) -> str:
+    """How to run an eval that meets `pin`, in the CLI's terms."""
+    if what == "policy":
+        return ("run it with `--policy FILE`, FILE holding exactly that content" if pin.hash else
+                f"run it with `--policy {pin.name}.yaml` (a policy file registers under its file name), "
+                f"or any policy registered as {pin.name}")
+    return ("run it on the suite with exactly that content" if pin.hash else
+            f"run it on suite {pin.name} (a suite file registers under its `name:`)")
 
 
 def with_rules(out: Outcome, rules: Sequence[RuleResult]) -> Outcome:

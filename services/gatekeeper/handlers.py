@@ -9,14 +9,16 @@ from opentelemetry.trace import SpanKind
 
 from lockgate import artifacts
 from lockgate.bus import Delivery
-from lockgate.contracts import EvalCompleted, GateDecided, GateReview
+from lockgate.contracts import EvalCompleted, GateDecided, GateReview, RuleResult
 from lockgate.errors import ConfigError, NotFound, SignatureError
 from lockgate.evalruns import check_result, requested_run
 from lockgate.identity import author_of, verify_review
 from lockgate.provenance import lifecycle
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain
+from lockgate.services.gatekeeper.gatesfile import Gates
 from lockgate.services.gatekeeper.records import Records
+from lockgate.services.gatekeeper.registrations import Registrations
 from lockgate.services.gatekeeper.review import ReviewRules, apply_review
 from lockgate.signing import Signer, Verifier, publish_key
 
@@ -27,11 +29,14 @@ log = logging.getLogger("lockgate.gatekeeper")
 class GateHandlers:
     """Decides a release from its eval result or a human review; every path ends in an audit row."""
 
-    def __init__(self, ctx: ServiceContext, tracer: trace.Tracer, signer: Signer) -> None:
+    def __init__(self, ctx: ServiceContext, tracer: trace.Tracer, signer: Signer, gates: Gates | None = None) -> None:
         self.ctx = ctx
         self.tracer = tracer
         self.signer = signer
         self.records = Records(ctx)
+        # The policy (and suite) each app's releases must be gated by (None: whatever the eval names).
+        self.gates = gates
+        self.registrations = Registrations(ctx.bus)
         # Before countersigning a stored decision (a review), it must be ours or the configured roots'.
         self.verifier = Verifier(ctx.bus, ctx.settings, also=[signer.public])
         self._key_published = False
@@ -53,7 +58,8 @@ class GateHandlers:
             # (That only the evaluator can record runs is the NATS permissions' job.)
             check_result(done, await requested_run(self.ctx.bus, done.run_id))
             # The binding in KV is the authority on what the release holds (the lineage tables may lag it).
-            registered = _artifacts(await self._bundle(done.release))
+            bundle = await self._bundle(done.release)
+            registered = _artifacts(bundle)
             # An eval that names no artifacts judged the release as registered (see domain.release_rules).
             release_arts = registered if registered is not None else done.artifacts
             policy, policy_error = await self._policy(done)
@@ -67,6 +73,9 @@ class GateHandlers:
             # Artifacts past their sunset block (naming the successor); deprecated ones warn.
             outcome = domain.with_rules(outcome, await lifecycle.gate_rules(self.ctx.bus, self.ctx.settings,
                                                                             release_arts))
+            # The gates file, not the eval's requester, says which policy and suite may gate the app.
+            outcome = domain.with_rules(outcome, await self._required(done.release, bundle, done.policy,
+                                                                      done.suite))
             # Last, so its remediation leads the reason: fail closed for a name nobody registered (or other content).
             outcome = domain.with_rules(outcome, domain.release_rules(done.release, registered,
                                                                       done.artifacts or None))
@@ -125,8 +134,12 @@ class GateHandlers:
                 bundle = await self._bundle(current.release)
                 failed = domain.release_rules(current.release, _artifacts(bundle),
                                               domain.judged_artifacts(current.artifacts))
+                # Nor one decided under another policy (or suite) than the gates file requires now: it may
+                # have been decided before the file required it.
+                failed = failed or await self._required(current.release, bundle, current.policy,
+                                                        current.artifacts.get("eval_suite", ""))
                 if failed:
-                    refusal = f"{review.action} by {reviewer} refused: {failed[0].hint}"
+                    refusal = f"{review.action} by {reviewer} refused: {'; '.join(r.hint for r in failed)}"
                 else:
                     try:
                         rules, author = await self._review_rules(current, bundle)
@@ -162,6 +175,19 @@ class GateHandlers:
         if not rules.forbid_self_approval or bundle is None:
             return rules, None
         return rules, author_of(self.ctx.settings, bundle)
+
+    async def _required(self, release: str, bundle: dict | None, policy: str,
+                        suite: str) -> tuple[RuleResult, ...]:
+        """FAIL rules when the policy or suite (hashes) an eval of the registered `bundle` used is not what
+        the gates file requires for its app; () without a requirement (or an unregistered release, which
+        release_rules blocks)."""
+        app = str((bundle or {}).get("app", ""))
+        if self.gates is None or bundle is None or (required := self.gates.for_app(app)) is None:
+            return ()
+        used_policy = domain.Used(policy, await self.registrations.names(required.policy.kind, policy))
+        used_suite = domain.Used(suite, await self.registrations.names(required.suite.kind, suite)) \
+            if required.suite else None
+        return domain.required_rules(release, app, required, used_policy, used_suite)
 
     async def _bundle(self, release: str) -> dict | None:
         """The bundle `release` is bound to, None if it is not registered; BusUnavailable (retried) if the

@@ -83,6 +83,9 @@ class Settings(msgspec.Struct, kw_only=True):
     # PEM public keys, and revoked ids) plus these PEM files (comma-separated); never keys from the bus
     trust_file: str = ""
     trusted_keys: str = ""
+    # gatekeeper: YAML naming the policy (and suite) that must gate each app's releases
+    # (services/gatekeeper/gatesfile.py); empty: an eval is judged by the policy it names
+    gates_file: str = ""
     # evaluator
     eval_cache: bool = True
     # lineage: POST OpenLineage RunEvents live (START when an eval run or rollout starts, COMPLETE/FAIL when

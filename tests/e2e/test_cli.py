@@ -41,6 +41,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     assert up.started(120), up.output
     endpoints = printed_endpoints(up.output)
     assert f"{home}/credentials/router-admin.key" in up.output  # where the first admin key is, never the key
+    # The demo app's policy and suite are fixed by the stack's gates file, not by whoever requests an eval.
+    assert f"{home}/demo-gates.yaml" in up.output and "shop-release-policy=sha256:" in (home / "demo-gates.yaml").read_text()
     assert all(not endpoints[n].removesuffix("/v1").endswith(":0") for n in ("nats", "router", "grpc", "simulator")), \
         up.output  # the ports the servers bound, not the 0 they were asked for
     env["LOCKGATE_NATS_URL"] = endpoints["nats"]

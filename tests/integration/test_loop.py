@@ -12,7 +12,16 @@ from lockgate.config import Settings
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.runtime import Runtime
 from lockgate.services.query import traces as trace_queries
-from lockgate_dev.demo import APP, BAD, BASELINE, DEPLOYMENT, GOOD, demo_sim_config, run_demo
+from lockgate_dev.demo import (
+    APP,
+    BAD,
+    BASELINE,
+    DEPLOYMENT,
+    GOOD,
+    demo_sim_config,
+    run_demo,
+    write_demo_gates,
+)
 from lockgate_dev.sim import SimServer
 from tests.helpers import eventually
 
@@ -24,8 +33,9 @@ async def test_release_goes_through_the_whole_loop(settings: Settings) -> None:
     await sim.start()
     # Embedded as `lockgate up` runs: its own nats-server with a user per service, each service on
     # a connection of its own, so every publish in the loop passes the permission table.
+    # With the gates file `lockgate dev up` writes: the demo's evals name the policy it requires.
     runtime = Runtime(settings.replace(stable_upstream=sim.url, canary_upstream=sim.url,
-                                       nats_url="nats://127.0.0.1:0"))
+                                       nats_url="nats://127.0.0.1:0", gates_file=write_demo_gates(settings.home)))
     await runtime.start()
     try:
         assert runtime.services is not None and runtime.ctx is not None

@@ -1,0 +1,186 @@
+"""The gates file on a real nats-server and chDB: the policy an app's releases must be gated by is the
+gatekeeper's configuration, not whatever policy the operator who requests the eval names.
+
+Before it, an operator could register `policy/lenient` (no real thresholds), run `lockgate eval run
+--policy lenient.yaml`, get a signed PASS and roll the release out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from lockgate import artifacts
+from lockgate.bus import Bus
+from lockgate.cli.gate import current_decision
+from lockgate.cli.main import cli
+from lockgate.codec import Codec
+from lockgate.config import Settings
+from lockgate.contracts import GateAudited, GateDecided, GateReview
+from lockgate.errors import ConfigError
+from lockgate.identity import sign_review
+from lockgate.server.service import ServiceContext
+from lockgate.signing import Keyring, Signer, ensure_signer_trusted, trust_file_path, trust_key
+from lockgate.subjects import token
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import admin_headers, person, register_model_release, store_pass
+
+pytestmark = pytest.mark.timeout(90)
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+RULES = [{"name": "latency", "metric": "latency_p95_ms", "op": "<=", "threshold": 2000}]
+# Both pass a model that answers every case right; only strict would stop one that does not.
+STRICT = {"name": "strict", "use_interval": False,
+          "rules": [{"name": "accuracy", "metric": "exact_match", "op": ">=", "threshold": 0.9}, *RULES]}
+LENIENT = {"name": "lenient", "use_interval": False, "rules": RULES}
+
+
+def answers() -> dict[str, str]:
+    """Right answers to every case of the fixture suite."""
+    cases = [json.loads(line) for line in (FIXTURES / "suites" / "qa.jsonl").read_text().splitlines()]
+    return {c["vars"]["question"]: c["expected"] for c in cases}
+
+
+@pytest.fixture
+def trusted(settings: Settings) -> Keyring:
+    """The gatekeeper's key in the trust file, as `lockgate up` writes it; the consumers' keyring."""
+    ensure_signer_trusted(settings)
+    return Keyring.from_settings(settings)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, str]:
+    """The policy files an operator would pass to `eval run --policy` (each registers under its file name)."""
+    out = {}
+    for name, doc in (("strict", STRICT), ("lenient", LENIENT)):
+        out[name] = str(tmp_path / f"{name}.yaml")
+        Path(out[name]).write_text(yaml.safe_dump(doc))
+    return out
+
+
+def gates_file(tmp_path: Path, apps: dict[str, Any]) -> str:
+    path = tmp_path / "gates.yaml"
+    path.write_text(yaml.safe_dump({"apps": apps}))
+    return str(path)
+
+
+@pytest.fixture
+async def stack(context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path,
+                trusted: Keyring) -> AsyncIterator[dict[str, Any]]:
+    """Evaluator, gatekeeper and router with a gates file requiring policy strict for app shop (every test
+    release's app), the simulator as the eval's endpoint, and r1 passed as the stable release."""
+    await artifacts.register_file(context.bus, "dataset", FIXTURES / "suites" / "qa.jsonl")
+    context.settings = context.settings.replace(
+        gates_file=gates_file(tmp_path, {"shop": {"policy": "strict"}}), stable_upstream="http://127.0.0.1:9/v1",
+        canary_upstream="http://127.0.0.1:9/v1", deployment="chat")
+    async with SimServer(SimConfig(models={"good": ModelSpec(answers=answers(), latency_ms=2)})) as sim:
+        svcs = await run_services("sink", "query", "evaluator", "gatekeeper", "router")
+        for release in ("r1", "r2"):
+            await register_model_release(context.bus, release, "good")
+        await store_pass(context.bus, "r1", context.settings)
+        yield {"sim": sim.url, "router": svcs["router"]}
+
+
+async def eval_run(settings: Settings, sim: str, release: str, policy: str) -> Result:
+    """`lockgate eval run` as an operator types it, on the fixture suite, waiting for the gate's decision."""
+    args = ["--nats", settings.nats_url, "--prefix", settings.prefix, "eval", "run",
+            str(FIXTURES / "suites" / "qa.yaml"), "--candidate", release, "--endpoint", sim, "--model", "good",
+            "--policy", policy, "--timeout", "60", "--json"]
+    # In a thread: the CLI runs its own event loop.
+    return await asyncio.to_thread(CliRunner().invoke, cli, args, catch_exceptions=False)
+
+
+async def canary(router: Any, release: str) -> dict[str, Any]:
+    """What the router does when asked to canary `release` (it admits only a verified PASS)."""
+    async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
+        body = {"stable_release": "r1", "canary_release": release}
+        async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+            return await resp.json()
+
+
+async def test_an_eval_under_a_laxer_policy_than_the_gates_file_requires_is_blocked(
+    bus: Bus, settings: Settings, context: ServiceContext, stack: dict[str, Any], files: dict[str, str],
+    trusted: Keyring
+) -> None:
+    lenient = await eval_run(settings, stack["sim"], "r2", files["lenient"])
+    assert lenient.exit_code == 5, lenient.output  # the gate did not pass
+    out = json.loads(lenient.output)["decision"]
+    d = await current_decision(bus, "r2")
+    assert (d.decision, d.id) == ("BLOCK", out["id"])
+    assert trusted.verify(d) == d.key_id
+    # Every rule of the policy the operator chose passed: only the requirement blocks.
+    assert [(r.rule, r.verdict) for r in d.rules] == [("latency", "PASS"), ("required_policy", "FAIL")]
+    lenient_hash = d.policy
+    assert d.reason.startswith(
+        f"release 'r2' of app 'shop' must be gated by policy strict (gates file {context.settings.gates_file}): "
+        f"this eval used policy lenient={lenient_hash}; run it with `--policy strict.yaml`")
+    state = await canary(stack["router"], "r2")
+    assert (state["phase"], state["weight"]) == ("aborted", 0.0)  # the router sees the BLOCK, no PASS
+
+    strict = await eval_run(settings, stack["sim"], "r2", files["strict"])
+    assert strict.exit_code == 0, strict.output
+    passed = await current_decision(bus, "r2")
+    assert passed.decision == "PASS" and passed.policy != lenient_hash
+    assert [(r.rule, r.verdict) for r in passed.rules] == [("accuracy", "PASS"), ("latency", "PASS")]
+    assert trusted.verify(passed) == passed.key_id
+    state = await canary(stack["router"], "r2")
+    assert (state["phase"], state["canary"]["release"], state["admitted"]) == ("progressing", "r2", passed.id)
+
+
+audited: Codec[GateAudited] = Codec(GateAudited)
+
+
+@pytest.fixture
+async def audit(bus: Bus) -> AsyncIterator[Any]:
+    sub = await bus.nc.subscribe(bus.subjects.gate_audit)
+    yield sub
+    await sub.unsubscribe()
+
+
+async def test_an_exact_pin_blocks_another_version_of_the_name_and_approvals_of_it_are_refused(
+    bus: Bus, settings: Settings, context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path,
+    audit: Any, trusted: Keyring
+) -> None:
+    pinned = (await artifacts.register(bus, "policy", "strict", STRICT)).hash
+    # Another version under the same name, with the same rules, plus review of every prompt change.
+    other = (await artifacts.register(bus, "policy", "strict", {
+        **STRICT, "review": {"require_when": [{"artifact_changed": "model_config/*"}]}})).hash
+    path = gates_file(tmp_path, {"*": {"policy": f"strict={pinned}"}})
+    arts = await register_model_release(bus, "r3", "good")
+    # A NEEDS_REVIEW decided under `other` before the gates file pinned the version, by a trusted key.
+    earlier = Signer.generate()
+    trust_key(trust_file_path(settings), earlier.public)
+    pending = earlier.sign(GateDecided(
+        release="r3", decision="NEEDS_REVIEW", rules=[], policy=other, review_required="model_config/* changed",
+        artifacts={**arts, "policy": other, "eval_suite": "sha256:suite"}))
+    await (await bus.kv(bus.subjects.kv_gates)).put(token("r3"), msgspec.json.encode(pending))
+    context.settings = context.settings.replace(gates_file=path)
+    await run_services("sink", "query", "gatekeeper")
+    ann = person(settings, "ann", "approver")
+
+    await bus.publish(bus.subjects.gate_review("r3"), sign_review(ann, GateReview(
+        release="r3", action="approve", actor="ann", reason="lgtm", decision_id=pending.id)))
+    row = audited.decode((await audit.next_msg(timeout=20)).data)
+    assert (row.action, row.actor) == ("refused", "ann")
+    assert row.reason == (f"approve by ann refused: release 'r3' of app 'shop' must be gated by policy "
+                          f"strict={pinned} (gates file {path}): this eval used policy strict={other}; run it with "
+                          "`--policy FILE`, FILE holding exactly that content")
+    assert (await current_decision(bus, "r3")) == pending  # still NEEDS_REVIEW, never PASS
+
+
+async def test_an_invalid_gates_file_stops_the_gatekeeper_naming_the_file(
+    context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path
+) -> None:
+    path = gates_file(tmp_path, {"shop": {"policy": "strict=sha256:abc"}})
+    context.settings = context.settings.replace(gates_file=path)
+    with pytest.raises(ConfigError, match=f"gates file {path} is invalid: policy 'strict=sha256:abc': .* - at "
+                                          r"`\$.apps.shop.policy`"):
+        await run_services("gatekeeper")

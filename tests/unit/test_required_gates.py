@@ -1,0 +1,138 @@
+"""The gates file: which policy and suite must gate an app's releases (decoding, and the pure rule)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lockgate.errors import ConfigError
+from lockgate.services.gatekeeper.domain import Outcome, Used, required_rules, with_rules
+from lockgate.services.gatekeeper.gatesfile import Gates, Pin, Required, load_gates_file
+
+pytestmark = pytest.mark.timeout(10)
+H1, H2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+SOURCE = "/etc/lockgate/gates.yaml"
+
+
+def required(policy: Pin, suite: Pin | None = None) -> Required:
+    return Required(policy=policy, suite=suite, source=SOURCE)
+
+
+@pytest.mark.parametrize(
+    ("pin", "used", "meets"),
+    [
+        (Pin("policy", "strict"), Used(H1, frozenset({"strict"})), True),  # any version of the name
+        (Pin("policy", "strict"), Used(H2, frozenset({"lenient", "strict"})), True),  # one of its names
+        (Pin("policy", "strict"), Used(H1, frozenset({"lenient"})), False),
+        (Pin("policy", "strict"), Used(H1), False),  # registered under no name the gatekeeper can see
+        (Pin("policy", "strict"), Used(""), False),  # the eval named no policy
+        (Pin("policy", "strict", H1), Used(H1, frozenset({"copy"})), True),  # exact content, whatever its name
+        (Pin("policy", "strict", H1), Used(H2, frozenset({"strict"})), False),  # another version of the name
+    ],
+)
+def test_a_policy_meets_a_pin_by_name_or_by_exact_content(pin: Pin, used: Used, meets: bool) -> None:
+    rules = required_rules("r2", "support-bot", required(pin), used)
+    if meets:
+        assert rules == ()
+        return
+    [rule] = rules
+    assert (rule.rule, rule.metric, rule.verdict) == ("required_policy", "policy", "FAIL")
+    assert rule.hint.startswith(f"release 'r2' of app 'support-bot' must be gated by policy {pin} "
+                                f"(gates file {SOURCE}): this eval used policy ")
+
+
+def test_the_hint_says_what_was_required_what_was_used_and_what_to_do() -> None:
+    [by_name] = required_rules("r2", "support-bot", required(Pin("policy", "strict")),
+                               Used(H1, frozenset({"lenient"})))
+    assert by_name.hint == (f"release 'r2' of app 'support-bot' must be gated by policy strict (gates file {SOURCE}): "
+                            f"this eval used policy lenient={H1}; run it with `--policy strict.yaml` (a policy file "
+                            "registers under its file name), or any policy registered as strict")
+    [exact] = required_rules("r2", "support-bot", required(Pin("policy", "strict", H2)), Used(""))
+    assert f"must be gated by policy strict={H2} (gates file" in exact.hint
+    assert exact.hint.endswith("this eval used policy none; run it with `--policy FILE`, FILE holding exactly that "
+                               "content")
+    [nameless] = required_rules("r2", "a", required(Pin("policy", "strict")), Used(H1, frozenset({"b", "c"})))
+    assert f"this eval used policy b={H1} (also registered as c);" in nameless.hint
+
+
+def test_a_required_suite_is_checked_too_and_only_when_required() -> None:
+    strict = Used(H1, frozenset({"strict"}))
+    assert required_rules("r", "a", required(Pin("policy", "strict")), strict, Used(H2, frozenset({"tiny"}))) == ()
+    [rule] = required_rules("r", "a", required(Pin("policy", "strict"), Pin("eval_suite", "full")), strict,
+                            Used(H2, frozenset({"tiny"})))
+    assert (rule.rule, rule.metric) == ("required_suite", "suite")
+    assert f"must be gated by suite full (gates file {SOURCE}): this eval used suite tiny={H2}; run it on suite " \
+           "full" in rule.hint
+    both = required_rules("r", "a", required(Pin("policy", "p", H2), Pin("eval_suite", "full", H1)),
+                          Used(H1, frozenset({"p"})), Used(H1, frozenset({"x"})))
+    assert [r.rule for r in both] == ["required_policy"]  # the suite is exactly the required content
+
+
+def test_no_gates_file_requires_nothing() -> None:
+    assert load_gates_file("") is None
+    assert required_rules("r", "a", None, Used(H1, frozenset({"lenient"}))) == ()
+
+
+def test_a_named_app_has_its_own_entry_and_any_other_app_the_star_entry() -> None:
+    strict, baseline = required(Pin("policy", "strict")), required(Pin("policy", "baseline"))
+    gates = Gates(SOURCE, {"support-bot": strict, "*": baseline})
+    assert (gates.for_app("support-bot"), gates.for_app("shop")) == (strict, baseline)
+    assert Gates(SOURCE, {"support-bot": strict}).for_app("shop") is None  # not covered: nothing required
+
+
+def test_a_policy_that_passes_but_is_not_the_required_one_blocks_with_the_hint_first() -> None:
+    passed = Outcome("PASS", (), "all 0 rules of policy 'lenient' passed")
+    rules = required_rules("r2", "support-bot", required(Pin("policy", "strict")), Used(H1, frozenset({"lenient"})))
+    blocked = with_rules(passed, rules)
+    assert blocked.decision == "BLOCK" and [r.rule for r in blocked.rules] == ["required_policy"]
+    assert blocked.reason.startswith("release 'r2' of app 'support-bot' must be gated by policy strict")
+    held = with_rules(Outcome("NEEDS_REVIEW", (), "review required: x", "x"), rules)
+    assert held.decision == "BLOCK"
+
+
+def test_a_gates_file_decodes_into_pins_with_the_kind_implied(tmp_path: Path) -> None:
+    path = tmp_path / "gates.yaml"
+    path.write_text(f'apps:\n  support-bot: {{policy: strict={H1}, suite: support-quality}}\n'
+                    '  "*": {policy: baseline}\n')
+    gates = load_gates_file(str(path))
+    assert gates is not None and gates.source == str(path)
+    assert gates.apps == {"support-bot": Required(Pin("policy", "strict", H1), Pin("eval_suite", "support-quality"),
+                                                  str(path)),
+                          "*": Required(Pin("policy", "baseline"), None, str(path))}
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("apps:\n  bot: {policy: strict=sha256:abc}\n",
+         "policy 'strict=sha256:abc': after '=' comes the exact version, sha256: and 64 lowercase hex digits, "
+         "not 'sha256:abc' - at `$.apps.bot.policy`"),
+        (f"apps:\n  bot: {{policy: strict, suite: 'full={H1.upper()}'}}\n", "- at `$.apps.bot.suite`"),
+        ("apps:\n  bot: {policy: policy/strict}\n",
+         "policy 'policy/strict': write the name alone ('strict'); the kind (policy) is implied by the key "
+         "- at `$.apps.bot.policy`"),
+        ("apps:\n  bot: {policy: strict, suite: eval_suite/full}\n", "write the name alone ('full')"),
+        ("apps:\n  bot: {policy: 'has space'}\n", "'has space' is not an artifact name"),
+        ("apps:\n  bot: {polcy: strict}\n", "Object contains unknown field `polcy` - at `$.apps.bot`"),
+        ("apps:\n  bot: {suite: full}\n", "Object missing required field `policy` - at `$.apps.bot`"),
+        ("apps:\n  bot: {policy: ''}\n", "- at `$.apps.bot.policy`"),
+        ("apps:\n  bot: strict\n", "Expected `object`, got `str` - at `$.apps.bot`"),
+        ("apps:\n  'bad app': {policy: strict}\n", "app 'bad app' is not an app name"),
+        ("app:\n  bot: {policy: strict}\n", "Object contains unknown field `app`"),
+        ("", "Expected `object`, got `null`"),
+        ("apps: [1\n", "is not valid YAML"),
+    ],
+)
+def test_an_invalid_gates_file_is_refused_naming_the_file_and_the_field(tmp_path: Path, text: str,
+                                                                         said: str) -> None:
+    path = tmp_path / "gates.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_gates_file(str(path))
+    assert err.value.message.startswith(f"gates file {path} ") and said in err.value.message, err.value.message
+
+
+def test_a_missing_gates_file_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"cannot read gates file {tmp_path}/none.yaml"):
+        load_gates_file(str(tmp_path / "none.yaml"))
