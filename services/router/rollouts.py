@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import nats.js.errors
 
-from lockgate import analysisruns, artifacts
+from lockgate import analysisruns, shipped
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import (
@@ -28,6 +28,7 @@ from lockgate.contracts import (
 )
 from lockgate.errors import (
     BusUnavailable,
+    ConfigError,
     InvalidEvent,
     LockgateError,
     NotFound,
@@ -52,9 +53,6 @@ _gate_codec: Codec[GateDecided] = Codec(GateDecided)
 # A change that lost a compare-and-set is recomputed on the reloaded route and tried again; the
 # short jittered pause keeps contending replicas from colliding again in step.
 _CAS_RETRY = RetryPolicy(attempts=5, initial_s=0.005, max_s=0.1)
-# Sampling parameters a model config may fix for its release (they override the client's).
-_PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "presence_penalty",
-           "frequency_penalty", "stop")
 
 
 class RouterNotReady(Retryable):
@@ -745,27 +743,14 @@ class Rollouts:
         (default `default`) and sampling parameters. Anything else is InvalidRollout.
         """
         try:
-            bundle = await artifacts.release_of(self.ctx.bus, release)
-        except NotFound as exc:
+            ships = await shipped.of_release(self.ctx.bus, release)
+        except (NotFound, ConfigError) as exc:
             raise domain.InvalidRollout(exc.message) from None
-        configs = [h for k, h in bundle["artifacts"].items() if k.startswith("model_config/")]
-        if len(configs) != 1:
-            raise domain.InvalidRollout(f"release {release!r} must carry exactly one model_config artifact "
-                                        f"(it has {len(configs)}): the router serves a release as it says")
         try:
-            config = await artifacts.load_structured(self.ctx.bus, configs[0])
-        except NotFound as exc:
-            raise domain.InvalidRollout(f"model config of release {release!r}: {exc.message}") from None
-        model = config.get("model") if isinstance(config, dict) else None
-        if not isinstance(model, str) or not model:
-            raise domain.InvalidRollout(f"model config {configs[0]} of release {release!r} names no model")
-        endpoint = config.get("endpoint", "default")
-        try:
-            self.endpoints.get(str(endpoint))
+            self.endpoints.get(ships.endpoint)
         except UnknownEndpoint as exc:
             raise domain.InvalidRollout(f"release {release!r}: {exc.message}") from None
-        params = {k: config[k] for k in _PARAMS if k in config}
-        return domain.Target(release=release, endpoint=str(endpoint), model=model, params=params)
+        return domain.Target(release=release, endpoint=ships.endpoint, model=ships.model, params=ships.params)
 
     async def _stored_decision(self, release: str) -> GateDecided | None:
         try:

@@ -17,7 +17,7 @@ import msgspec
 
 from lockgate import artifacts
 from lockgate.bus import Bus
-from lockgate.errors import ConfigError
+from lockgate.errors import ConfigError, NotFound
 
 # Sampling parameters a model config may fix for its release (they override the client's and the suite's).
 PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "presence_penalty",
@@ -42,7 +42,10 @@ async def of_release(bus: Bus, release: str) -> Shipped:
     if len(configs) != 1:
         raise ConfigError(f"release {release!r} must carry exactly one model_config artifact (it has "
                           f"{len(configs)}): a release is served and evaluated as it says")
-    config = await artifacts.load_structured(bus, configs[0])
+    try:
+        config = await artifacts.load_structured(bus, configs[0])
+    except NotFound as exc:
+        raise NotFound(f"model config of release {release!r}: {exc.message}") from None
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, str) or not model:
         raise ConfigError(f"model config {configs[0]} of release {release!r} names no model")
