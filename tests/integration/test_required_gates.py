@@ -78,10 +78,11 @@ async def stack(context: ServiceContext, run_services: Callable[..., Any], tmp_p
     """Evaluator, gatekeeper and router with a gates file requiring policy strict for app shop (every test
     release's app), the simulator as the eval's endpoint, and r1 passed as the stable release."""
     await artifacts.register_file(context.bus, "dataset", FIXTURES / "suites" / "qa.jsonl")
-    context.settings = context.settings.replace(
-        gates_file=gates_file(tmp_path, {"shop": {"policy": "strict"}}), stable_upstream="http://127.0.0.1:9/v1",
-        canary_upstream="http://127.0.0.1:9/v1", deployment="chat")
     async with SimServer(SimConfig(models={"good": ModelSpec(answers=answers(), latency_ms=2)})) as sim:
+        # The releases ship to the allow-list's `default` endpoint, where the evaluator then calls them.
+        context.settings = context.settings.replace(
+            gates_file=gates_file(tmp_path, {"shop": {"policy": "strict"}}), stable_upstream=sim.url,
+            canary_upstream="http://127.0.0.1:9/v1", deployment="chat")
         svcs = await run_services("sink", "query", "evaluator", "gatekeeper", "router")
         for release in ("r1", "r2"):
             await register_model_release(context.bus, release, "good")
