@@ -48,7 +48,7 @@ class Loaded:
     prices: dict[str, pricing.ModelPrice] = field(default_factory=dict)
     price_source: str = ""
     target: Access | None = None  # the evaluated endpoint (a call task)
-    model: str = ""  # the evaluated model (a call task)
+    model: str = ""  # the evaluated model (a call task: what the release ships), which prices its tokens
     params: dict = field(default_factory=dict)  # sampling parameters the release's model config fixes
     judge: Access | None = None  # the suite judge's endpoint, when it has one
     judge_params: JudgeParams | None = None  # the suite's LLM judge, when it has one
@@ -82,11 +82,11 @@ class Execution:
         """Suite, dataset and price book; ConfigError/NotFound name what is wrong."""
         suite = domain.parse_suite(await artifacts.load_structured(self.ctx.bus, req.suite))
         target = judged = judge_params = None
-        model, params = "", {}
+        model, params = req.model or suite.model, {}
         if suite.task.type == "call":
             # A rerun (which no gate reads) may try another model on purpose; a gated run evaluates what ships.
             ships = None if req.rerun_of else await self._shipped(req.release)
-            target, model, params = targets.evaluated(self.ctx.settings, ships, req.endpoint, req.model or suite.model)
+            target, model, params = targets.evaluated(self.ctx.settings, ships, req.endpoint, model)
         spec = next((s for s in suite.scorers if s.name == judge.NAME), None)
         if spec is not None:
             judge_params = judge.parse_params(spec.params)
@@ -153,7 +153,7 @@ class Execution:
         results = sorted([*finished, *new], key=lambda r: (order[r.case_id], r.repeat))
         outcome = await self._summarise(req, loaded, results)
         outcome.environment = environment.for_run(
-            environment.host(), model=loaded.model or req.model or suite.model,
+            environment.host(), model=loaded.model,
             endpoint=loaded.target.id if loaded.target is not None else req.endpoint,
             params=_params(suite, loaded), suite=req.suite,
             dataset=suite.dataset if isinstance(suite.dataset, str) else "inline", repeats=suite.repeats,
@@ -193,7 +193,7 @@ class Execution:
     async def _summarise(self, req: EvalRequested, loaded: Loaded, results: list[domain.CaseResult]) -> Outcome:
         suite = loaded.suite
         warnings: list[str] = []
-        model = req.model or suite.model
+        model = loaded.model
         costs = None
         price = loaded.prices.get(model)
         if price is not None:
@@ -234,7 +234,7 @@ class Execution:
             return
         base = await persist.run_cases(self.ctx.bus, base_run)
         outcome.baseline_run = base_run
-        price = loaded.prices.get(req.model or suite.model)
+        price = loaded.prices.get(loaded.model)
         # The baseline's tokens are priced like the candidate's: the comparison is of usage at today's prices.
         cost = None if price is None else (lambda r: price.cost(r.input_tokens, r.output_tokens))
         comparisons, warnings, outcome.ratios = await asyncio.to_thread(summary.compare_all, suite, results, base,

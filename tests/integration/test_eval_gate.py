@@ -156,6 +156,7 @@ async def test_a_release_is_evaluated_as_it_ships_not_as_the_request_asks(
     assert f"asks for endpoint '{elsewhere.url}'" in refused[1].reason
     assert (judged.decision, judged.eval_run) == ("BLOCK", shipped.run_id)
     assert [(r.rule, r.observed) for r in judged.rules if r.verdict == "FAIL"] == [("accuracy", 0.5)]
+    assert "model 'bad' is not in the shipped price book" in judged.reason  # priced as the model it ran
 
 
 async def test_malformed_request_goes_to_dlq_and_a_failed_eval_is_blocked(
