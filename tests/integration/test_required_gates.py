@@ -23,9 +23,8 @@ from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.cli.gate import current_decision
 from lockgate.cli.main import cli
-from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import GateAudited, GateDecided, GateReview
+from lockgate.contracts import GateDecided, GateReview
 from lockgate.errors import ConfigError
 from lockgate.identity import sign_review
 from lockgate.server.service import ServiceContext
@@ -33,6 +32,7 @@ from lockgate.signing import Keyring, Signer, ensure_signer_trusted, trust_file_
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import admin_headers, person, register_model_release, store_pass
+from tests.integration.test_gate_flow import audit, audited  # noqa: F401  (the gate audit subscription)
 
 pytestmark = pytest.mark.timeout(90)
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -136,19 +136,11 @@ async def test_an_eval_under_a_laxer_policy_than_the_gates_file_requires_is_bloc
     assert (state["phase"], state["canary"]["release"], state["admitted"]) == ("progressing", "r2", passed.id)
 
 
-audited: Codec[GateAudited] = Codec(GateAudited)
-
-
-@pytest.fixture
-async def audit(bus: Bus) -> AsyncIterator[Any]:
-    sub = await bus.nc.subscribe(bus.subjects.gate_audit)
-    yield sub
-    await sub.unsubscribe()
 
 
 async def test_an_exact_pin_blocks_another_version_of_the_name_and_approvals_of_it_are_refused(
     bus: Bus, settings: Settings, context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path,
-    audit: Any, trusted: Keyring
+    audit: Any, trusted: Keyring,  # noqa: F811
 ) -> None:
     pinned = (await artifacts.register(bus, "policy", "strict", STRICT)).hash
     # Another version under the same name, with the same rules, plus review of every prompt change.
