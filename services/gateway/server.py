@@ -123,12 +123,17 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         """Validate and publish a batch; UNAVAILABLE if JetStream does not acknowledge (safe to retry)."""
         key = await authenticate(self.keys, context)
         # Ingest keys are tenant-scoped: one event for another tenant refuses the whole batch, so a
-        # key can never add to another tenant's ledger.
+        # key can never add to another tenant's ledger. A key scoped to deployments may report only theirs:
+        # events feed each deployment's drift and canary analysis, which another app's key must not sway.
         for index, msg in enumerate(request.events):
             if msg.tenant and msg.tenant != key.tenant:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     f"event {index} is for tenant {msg.tenant!r}; {key.label} may only ingest "
                                     f"for tenant {key.tenant!r}")
+            if msg.deployment and not key.may_use(msg.deployment):
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"event {index} is for deployment {msg.deployment!r}; {key.label} may only "
+                                    f"ingest for {key.scope}")
         events: list[Encoded] = []
         rejections = []
         for index, msg in enumerate(request.events):

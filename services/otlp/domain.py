@@ -23,7 +23,7 @@ from lockgate.codec import encode
 from lockgate.contracts import InferenceEvent, SpanBatch, SpanRecord
 from lockgate.errors import InvalidEvent
 from lockgate.redact import scrub_span
-from lockgate.server.apikeys import Forbidden
+from lockgate.server.apikeys import Forbidden, in_scope
 from lockgate.services.otlp import genai
 
 # Span.SpanKind and Status.StatusCode numbers, as the Collector's exporter names them
@@ -111,12 +111,13 @@ class Decoded:
 
 
 def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
-           window: tuple[datetime, datetime] | None = None) -> Decoded:
-    """Map a request sent with an API key of `tenant` (whose app is `app`, used when a span names none).
+           window: tuple[datetime, datetime] | None = None, deployments: tuple[str, ...] = ()) -> Decoded:
+    """Map a request sent with an API key of `tenant` (whose app is `app`, used when a span names none, and
+    whose scope is `deployments`, empty for every deployment).
 
     A span starting outside `window` (earliest, latest) is refused: a span dated 1970 or 2299 would
     open a storage partition of its own. Raises Forbidden if any span or resource names another
-    tenant: nothing of the request is kept."""
+    tenant, or a model call names a deployment outside the key's scope: nothing of the request is kept."""
     out = Decoded()
     # No span ends after this: not after the window's end, nor (without a window) past what a datetime holds.
     latest = window[1] if window is not None else _ts(_MAX_NS)
@@ -178,6 +179,10 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                     out.problem(f"span {span_id} stored, but no inference event made of it: {exc.message}")
                     continue
                 if event is not None:
+                    # Its event would count in that deployment's drift and canary analysis.
+                    if event.deployment and not in_scope(deployments, event.deployment):
+                        raise Forbidden(f"span {span.name!r} is for deployment {event.deployment!r}; this API "
+                                        f"key may only send model calls of {', '.join(deployments)}")
                     out.events.append(event)
     return out
 

@@ -57,11 +57,12 @@ class Receiver:
         return self.keys.authenticate(bearer(headers.get("authorization")) or headers.get("x-api-key"))
 
     async def export(self, key: ApiKey, request: ExportTraceServiceRequest) -> ExportTraceServiceResponse:
-        """Publish a request's spans and inference events; raises Forbidden (another tenant's span),
-        or BusUnavailable (retryable: nothing or only part was acknowledged, and a retry completes it)."""
+        """Publish a request's spans and inference events; raises Forbidden (another tenant's span, or a model
+        call of a deployment outside the key's scope), or BusUnavailable (retryable: nothing or only part was
+        acknowledged, and a retry completes it)."""
         now = datetime.now(UTC)
         window = (now - timedelta(seconds=self.limits.past_s), now + timedelta(seconds=self.limits.future_s))
-        decoded = domain.decode(request, tenant=key.tenant, app=key.app, window=window)
+        decoded = domain.decode(request, tenant=key.tenant, app=key.app, window=window, deployments=key.deployments)
         received = len(decoded.spans) + decoded.rejected
         metrics.events_in("otlp", received)
         batches, too_large = domain.span_batches(decoded.spans, key.tenant)

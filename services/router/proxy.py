@@ -146,22 +146,45 @@ class Proxy:
                                    "passthrough (LOCKGATE_PASSTHROUGH=true)",
                               "invalid_request_error", code="model_not_found", param=param)
 
+    def _out_of_scope(self, headers: Any, key: ApiKey, deployment: str, model: str) -> web.Response:
+        """OpenAI's answer for a model the key's project may not use (403 `model_not_found`): the deployment the
+        request picked, how, and the key's scope, by its label (never the key)."""
+        param: str | None = "model"
+        if headers.get("x-lockgate-deployment"):
+            what, param = f"Deployment {deployment!r} (x-lockgate-deployment)", None
+        elif model in self.endpoints.models:
+            what = f"The model {model!r} maps to deployment {deployment!r} (the endpoints file's models:), which"
+        elif model == deployment:
+            what = f"The model {model!r} names deployment {deployment!r}, which"
+        else:
+            what = (f"The model {model!r} is no deployment's name nor mapped to one, so it goes to the default "
+                    f"deployment {deployment!r}, which")
+        return error_response(403, f"{what} is outside the scope of API key {key.label}: it may use "
+                                   f"{key.scope}. Send a model of those (GET /v1/models lists them), or ask an "
+                                   f"operator to widen the key's scope (lockgate keys scope {key.id})",
+                              "invalid_request_error", code="model_not_found", param=param)
+
     async def models(self, request: web.Request) -> web.Response:
-        """`GET /v1/models`: the model names a key can send. Keys are not scoped to deployments, so
-        that is every name with a governed deployment behind it (the `models:` map and deployments named
-        like a model); with passthrough opted in, also the `models:` names of unconfigured deployments and,
-        when the default deployment passes the client's model through to an OpenAI-compatible endpoint,
-        whatever that endpoint lists."""
+        """`GET /v1/models`: the model names the calling key can send, within its deployment scope: every
+        name with a governed deployment behind it (the `models:` map and deployments named like a model);
+        with passthrough opted in, also the `models:` names of unconfigured deployments and, when the default
+        deployment passes the client's model through to an OpenAI-compatible endpoint, whatever that
+        endpoint lists."""
         try:
-            self.keys.authenticate(bearer(request.headers.get("Authorization")))
+            key = self.keys.authenticate(bearer(request.headers.get("Authorization")))
         except AuthError as exc:
             return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
         owners: dict[str, str] = {m: d for m, d in self.endpoints.models.items() if self.route_of(d) is not None}
         for name, route in self.rollouts.routes.items():
             if route.stable.model:
                 owners.setdefault(name, name)
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": f"lockgate:{d}"} for m, d in owners.items()]
-        default = self.route_of(self.settings.deployment)
+        # A name is listed when the deployment it would reach (as `forward` picks it) is in the key's scope.
+        def listable(model: str) -> bool:
+            return key.may_use(self.deployment_of({}, model))
+
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": f"lockgate:{d}"} for m, d in owners.items()
+                if listable(m)]
+        default = self.route_of(self.settings.deployment) if key.may_use(self.settings.deployment) else None
         target = default.stable if default is not None else None
         endpoint = self.endpoints.by_id.get(target.endpoint) if target is not None else None
         if target is not None and not target.model and endpoint is not None and endpoint.provider == "openai":
@@ -170,7 +193,8 @@ class Proxy:
                     listed = _model_list.decode(await resp.read()).get("data") if resp.status == 200 else None
             except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError):
                 listed = None  # the configured names still answer; the upstream's are a bonus
-            data += [m for m in listed or () if isinstance(m, dict) and m.get("id") not in owners]
+            data += [m for m in listed or () if isinstance(m, dict) and m.get("id") not in owners
+                     and listable(str(m.get("id")))]
         return web.json_response({"object": "list", "data": data})
 
     async def forward(self, request: web.Request, op: Operation) -> web.StreamResponse:
@@ -205,6 +229,11 @@ class Proxy:
                 if len(_good_names) > 4096:  # names come from clients: keep the memo bounded
                     _good_names.clear()
                 _good_names.add(value)
+        # Before the route is looked up, so before admission (budgets, rate limits, cache), shadowing and any
+        # upstream: another deployment's releases, credentials and limits are not this key's to spend. Refused
+        # alike whether or not a release was rolled out to it.
+        if not key.may_use(deployment):
+            return self._out_of_scope(h, key, deployment, req.model)
         route = self.route_of(deployment)
         if route is None:
             return self._ungoverned(h, deployment, req.model)

@@ -192,6 +192,43 @@ def test_keys_cli_and_router_authentication(stack: dict[str, str]) -> None:
     assert call("POST", "/v1/chat/completions", key, chat) == 401
 
 
+def test_keys_scoped_to_deployments_through_the_cli_and_the_router(stack: dict[str, str]) -> None:
+    import urllib.error
+    import urllib.request
+
+    def chat(key: str, deployment: str) -> tuple[int, dict]:
+        body = json.dumps({"model": "sim-stable", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        req = urllib.request.Request(stack["E2E_ROUTER"] + "/v1/chat/completions", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}",
+                                              "x-lockgate-deployment": deployment})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    created = run("keys", "create", "--tenant", "acme", "--app", "helpdesk", "--deployment", "support", env=stack)
+    assert "may use support" in created.stdout
+    key = created.stdout.strip().splitlines()[-1]
+    listed = {k["app"]: k for k in json.loads(run("keys", "list", "--json", env=stack).stdout)}
+    assert listed["helpdesk"]["deployments"] == ["support"]
+    assert all(k["deployments"] == [] for app, k in listed.items() if app != "helpdesk")  # every deployment
+    assert "every deployment" in run("keys", "list", env=stack).stdout
+
+    # Another deployment: refused for the key's scope (403), whether or not a release serves it.
+    status, body = chat(key, "shop-web")
+    assert status == 403 and body["error"]["code"] == "model_not_found", body
+    assert f"apikey:{listed['helpdesk']['id']}" in body["error"]["message"] and key not in body["error"]["message"]
+    assert chat(key, "support")[0] == 404  # its own: accepted, and unknown as no release was rolled out to it
+
+    run("keys", "scope", listed["helpdesk"]["id"], "--deployment", "shop-web", env=stack)
+    assert chat(key, "shop-web")[0] not in (401, 403)  # from the router's next request
+    assert chat(key, "support")[0] == 403
+    refused = run("keys", "create", "--tenant", "acme", "--app", "ops", "--role", "operator", "--deployment",
+                  "support", env=stack, check=False)
+    assert refused.returncode == 2 and "app keys only" in refused.stderr, refused.stderr
+
+
 def _admin_call(stack: dict[str, str], method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
     """The router's admin API with the admin key `dev up` made; (status, JSON body)."""
     import urllib.error

@@ -296,6 +296,28 @@ async def test_send_for_another_tenant_is_permission_denied(bus: Bus, channel: g
     assert await stored_events(bus) == {}  # the whole batch was refused, the valid event too
 
 
+async def test_send_by_a_key_scoped_to_deployments_reports_only_theirs(bus: Bus, gateway: Any,
+                                                                        settings: Settings) -> None:
+    # Events count in their deployment's drift and canary analysis: a key scoped to `support` must not sway
+    # `billing`'s. Before: a scoped key did not exist, and any key reported events of every deployment.
+    plain, _ = KeyStore(settings.home).create("acme", "shop", deployments=["support"])
+    async with grpc.aio.insecure_channel(gateway.endpoints["grpc"], interceptors=grpc_key(plain)) as ch:
+        stub = ingest_pb2_grpc.IngestStub(ch)
+        batch = ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(app="shop", deployment="support"),
+                                                  ingest_pb2.InferenceEvent(app="shop", deployment="billing")])
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Send(batch, timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "event 1 is for deployment 'billing'" in err.value.details() and "may only ingest for support" in \
+            err.value.details() and plain not in err.value.details()
+        assert await stored_events(bus) == {}  # the whole batch was refused
+        reply = await stub.Send(ingest_pb2.InferenceBatch(events=[
+            ingest_pb2.InferenceEvent(app="shop", deployment="support"), ingest_pb2.InferenceEvent(app="shop")]),
+            timeout=10)
+        assert reply.accepted == 2  # its own deployment, and events of no deployment
+    assert [e.deployment for e in (await stored_events(bus))[bus.subjects.inference("shop")]] == ["support", ""]
+
+
 def _self_signed(tmp: Any) -> tuple[Any, Any]:
     import datetime as dt
     import ipaddress

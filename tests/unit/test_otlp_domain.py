@@ -81,6 +81,25 @@ def test_another_tenants_span_refuses_the_request() -> None:
                              app="a").spans) == 1
 
 
+def _model_call(deployment: str | None) -> dict:
+    attrs = [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}]
+    if deployment is not None:
+        attrs.append({"key": "lockgate.deployment", "value": {"stringValue": deployment}})
+    return span(attributes=attrs)
+
+
+def test_an_otlp_model_call_of_a_deployment_outside_the_keys_scope_refuses_the_request() -> None:
+    # Its event would count in `billing`'s drift and canary analysis.
+    with pytest.raises(Forbidden, match="deployment 'billing'; this API key may only send model calls of support"):
+        domain.decode(request(_model_call("billing")), tenant="acme", app="a", deployments=("support",))
+    with pytest.raises(Forbidden):  # named on the resource, as an SDK's resource attributes do
+        domain.decode(request(_model_call(None), resource={"lockgate.deployment": "billing"}), tenant="acme",
+                      app="a", deployments=("support",))
+    for deployment, scope in (("support", ("support",)), (None, ("support",)), ("billing", ())):
+        (event,) = domain.decode(request(_model_call(deployment)), tenant="acme", app="a", deployments=scope).events
+        assert event.deployment == (deployment or "")
+
+
 def test_a_model_call_becomes_an_event_and_a_bad_one_is_reported_but_stored() -> None:
     call = span(attributes=[{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}},
                             {"key": "gen_ai.usage.input_tokens", "value": {"intValue": "12"}}])

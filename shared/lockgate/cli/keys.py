@@ -1,4 +1,4 @@
-"""`lockgate keys create|list|revoke`: the API keys clients and operators present to the router and gRPC API.
+"""`lockgate keys create|list|scope|revoke`: the API keys clients and operators present to the router and gRPC API.
 
 Keys live hashed in `{home}/apikeys.json` (0600), so this command runs where the stack's home is;
 the running services pick up changes on their next request.
@@ -13,6 +13,7 @@ import click
 from lockgate.cli.audit import record_change
 from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console, output
+from lockgate.errors import ConfigError
 from lockgate.server.apikeys import ROLES, KeyStore
 
 
@@ -38,25 +39,57 @@ def register(cli: click.Group) -> None:
     @click.option("--app", required=True)
     @click.option("--role", type=click.Choice(ROLES), default="app", show_default=True)
     @click.option("--description", default="")
+    @click.option("--deployment", "deployments", multiple=True, metavar="NAME",
+                  help="A deployment the key may send traffic to (repeat for more; app keys only). "
+                       "None: every deployment.")
     @click.pass_context
     @handle_errors
-    def create(ctx: click.Context, tenant: str, app: str, role: str, description: str) -> None:
+    def create(ctx: click.Context, tenant: str, app: str, role: str, description: str,
+               deployments: tuple[str, ...]) -> None:
         """Create a key and print it once (only its hash is kept)."""
-        plain, rec = ctx.obj["keys"].create(tenant, app, role, description)
-        console.print(f"created key [bold]{rec.id}[/bold] ({role} for {tenant}/{app}); it is shown only now:")
+        plain, rec = ctx.obj["keys"].create(tenant, app, role, description, deployments)
+        console.print(f"created key [bold]{rec.id}[/bold] ({role} for {tenant}/{app}, may use {rec.scope}); "
+                      "it is shown only now:")
         click.echo(plain)
         record_change(ctx.obj["settings"], target=f"apikey:{rec.id}", action="create",
-                      details={"role": role, "tenant": tenant, "app": app, "description": description})
+                      details={"role": role, "tenant": tenant, "app": app, "description": description,
+                               "deployments": rec.scope})
 
     @keys.command("list")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
     @click.pass_context
     @handle_errors
     def list_(ctx: click.Context, as_json: bool) -> None:
-        """Every key: id, scope, role, when created and revoked (never the key)."""
-        rows = [{"id": k.id, "tenant": k.tenant, "app": k.app, "role": k.role, "created": _when(k.created_at),
-                 "revoked": _when(k.revoked_at), "description": k.description} for k in ctx.obj["keys"].keys()]
-        output(rows, as_json)
+        """Every key: id, tenant and app, deployments, role, when created and revoked (never the key)."""
+        keys = ctx.obj["keys"].keys()
+        if as_json:  # a list for programs: [] is every deployment, as in the keys file
+            output([{"id": k.id, "tenant": k.tenant, "app": k.app, "deployments": list(k.deployments),
+                     "role": k.role, "created": _when(k.created_at), "revoked": _when(k.revoked_at),
+                     "description": k.description} for k in keys], True)
+            return
+        output([{"id": k.id, "tenant": k.tenant, "app": k.app, "deployments": k.scope, "role": k.role,
+                 "created": _when(k.created_at), "revoked": _when(k.revoked_at), "description": k.description}
+                for k in keys], False)
+
+    @keys.command("scope")
+    @click.argument("key_id")
+    @click.option("--deployment", "deployments", multiple=True, metavar="NAME",
+                  help="A deployment the key may send traffic to (repeat for more). Replaces the key's scope.")
+    @click.option("--every-deployment", is_flag=True, help="Lift the scope: the key may use every deployment.")
+    @click.pass_context
+    @handle_errors
+    def scope(ctx: click.Context, key_id: str, deployments: tuple[str, ...], every_deployment: bool) -> None:
+        """Change which deployments an app key may use; the router applies it from its next request."""
+        # Widening to every deployment is said out loud: a forgotten --deployment must not do it.
+        if bool(deployments) == every_deployment:
+            raise ConfigError("name the key's deployments with --deployment NAME (repeatable), or lift its scope "
+                              "with --every-deployment")
+        before, after = ctx.obj["keys"].rescope(key_id, deployments)
+        console.print(f"key {after.id} ({after.role} for {after.tenant}/{after.app}) may use {after.scope} "
+                      f"(was: {before.scope})")
+        record_change(ctx.obj["settings"], target=f"apikey:{after.id}", action="scope",
+                      details={"role": after.role, "tenant": after.tenant, "app": after.app,
+                               "deployments": after.scope, "previous": before.scope})
 
     @keys.command("revoke")
     @click.argument("key_id")

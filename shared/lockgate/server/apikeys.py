@@ -1,5 +1,8 @@
 """Lockgate API keys: random virtual keys scoped to a tenant and app, with a role, hashed at rest.
 
+A key may also name the deployments it may send traffic to (`deployments`); none means every one,
+which is what keys made before the field existed decode to.
+
 The plaintext `lg-...` key is shown once (returned by `create`); `{home}/apikeys.json` (0600) keeps
 only its sha256, so a copy of the file does not let anyone call the router or the gRPC gateway.
 Services re-read the file when it changes, so a key created or revoked by the CLI takes effect on
@@ -14,6 +17,7 @@ import hmac
 import os
 import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -47,11 +51,23 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float = 0.0
     revoked_at: float = 0.0
     description: str = ""
+    # The deployments this key may send traffic to and report events of; empty: every deployment. The
+    # default keeps files written before scopes existed loading, with the access they had.
+    deployments: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
         """Who this key is, for audit records and reasons (never the secret)."""
         return f"apikey:{self.id}({self.role}@{self.tenant}/{self.app})"
+
+    @property
+    def scope(self) -> str:
+        """The deployments this key may use, as people read it."""
+        return ", ".join(self.deployments) if self.deployments else "every deployment"
+
+    def may_use(self, deployment: str) -> bool:
+        """Whether this key may send traffic to (or report events of) `deployment`."""
+        return in_scope(self.deployments, deployment)
 
 
 class _File(msgspec.Struct):
@@ -140,8 +156,9 @@ class KeyStore:
         os.replace(tmp, self.path)  # atomic: readers see the old file or the new one
         self._stamp = None
 
-    def create(self, tenant: str, app: str, role: str = "app", description: str = "") -> tuple[str, ApiKey]:
-        """A new key: (plaintext shown once, stored record)."""
+    def create(self, tenant: str, app: str, role: str = "app", description: str = "",
+               deployments: Iterable[str] = ()) -> tuple[str, ApiKey]:
+        """A new key: (plaintext shown once, stored record); `deployments` empty: every deployment."""
         if role not in ROLES:
             raise ConfigError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
         # Every event and budget of the key carries these names: one outside the grammar would have each of
@@ -149,11 +166,25 @@ class KeyStore:
         for kind, name in (("tenant", tenant), ("app", app)):
             if not is_name(name):
                 raise ConfigError(f"invalid {kind} {name!r} for an API key: {NAME_RULE}")
+        scope = deployment_scope(role, deployments)
         plain = PREFIX + secrets.token_urlsafe(32)
         rec = ApiKey(id=secrets.token_hex(6), hash=_digest(plain), tenant=tenant, app=app, role=role,  # type: ignore[arg-type]
-                     created_at=time.time(), description=description)
+                     created_at=time.time(), description=description, deployments=scope)
         self._write([*self.keys(), rec])
         return plain, rec
+
+    def rescope(self, key_id: str, deployments: Iterable[str]) -> tuple[ApiKey, ApiKey]:
+        """Set the deployments a live key may use (empty: every one); (before, after). Services read the
+        file again on their next request, so the key keeps working, within its new scope."""
+        keys = self.keys()
+        for i, k in enumerate(keys):
+            if k.id == key_id:
+                if k.revoked_at:
+                    raise ConfigError(f"API key {key_id!r} is revoked: create a new key instead")
+                keys[i] = msgspec.structs.replace(k, deployments=deployment_scope(k.role, deployments))
+                self._write(keys)
+                return k, keys[i]
+        raise NotFound(f"no API key with id {key_id!r} in {self.path}")
 
     def revoke(self, key_id: str) -> ApiKey:
         """Revoke a key by id (it stays listed, marked revoked)."""
@@ -164,6 +195,25 @@ class KeyStore:
                 self._write(keys)
                 return keys[i]
         raise NotFound(f"no API key with id {key_id!r} in {self.path}")
+
+
+def in_scope(deployments: tuple[str, ...], deployment: str) -> bool:
+    """The scope rule: an empty scope is every deployment, else the deployment must be one of it."""
+    return not deployments or deployment in deployments
+
+
+def deployment_scope(role: str, deployments: Iterable[str]) -> tuple[str, ...]:
+    """The checked scope of a key of `role`: deployment names in the grammar, each once, in the order given.
+    Only app keys take one: the admin API's roles act on every deployment, so a scope on an operator key
+    would read as a limit the admin API does not apply."""
+    scope = tuple(dict.fromkeys(deployments))
+    if scope and role != "app":
+        raise ConfigError(f"a deployment scope applies to app keys only (this one is {role!r}): the admin API's "
+                          "roles are not limited per deployment")
+    for name in scope:
+        if not is_name(name):
+            raise ConfigError(f"invalid deployment {name!r} for an API key: {NAME_RULE}")
+    return scope
 
 
 # role checks
