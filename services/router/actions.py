@@ -14,7 +14,7 @@ from lockgate.identity import IdentityRefused
 from lockgate.server.apikeys import ApiKey, Forbidden
 from lockgate.server.body import closing, read_body
 from lockgate.services.router.audit import record_action
-from lockgate.services.router.domain import InvalidRollout, NotAdmitted
+from lockgate.services.router.domain import AlreadyServing, InvalidRollout, NotAdmitted
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import error_response
 
@@ -24,6 +24,7 @@ _REFUSALS: tuple[tuple[type[LockgateError], int, str, str | None], ...] = (
     (IdentityRefused, 403, "permission_denied", "invalid_break_glass"),
     (Forbidden, 403, "permission_denied", "insufficient_role"),
     (NotAdmitted, 409, "conflict", "not_admitted"),
+    (AlreadyServing, 409, "conflict", "already_serving"),
     (InvalidEvent, 400, "invalid_request_error", None),  # a bad name, an unreadable body
 )
 REFUSED = (IdentityRefused, Forbidden, InvalidEvent, InvalidRollout, Retryable)  # what `refusal` answers

@@ -107,15 +107,21 @@ class Admin:
                             content_type="application/json")
 
     async def put(self, request: web.Request) -> web.Response:
-        """Start a canary: {stable_release, canary_release, canary_model?, initial_weight?, break_glass?}."""
+        """Start a canary: {stable_release, canary_release, initial_weight?, strategy?, break_glass?}; or give a
+        deployment with no stable release its first one: {stable_release} alone."""
+        action = "canary"
         try:
             deployment = check_name(request.match_info["deployment"], "deployment")
             req = decode_canary(await read_body(request))
-            override = self._override(request, deployment, req.break_glass, req.canary_release, "canary")
-            route = await self.rollouts.start_canary(deployment, req, override, actor=request[KEY].label)
-            await record_action(self.rollouts.ctx.bus, request[KEY], "canary", route, override)
+            if req.first:
+                action, override = "first-release", None
+                route = await self.rollouts.first_release(deployment, req.stable_release, actor=request[KEY].label)
+            else:
+                override = self._override(request, deployment, req.break_glass, req.canary_release, "canary")
+                route = await self.rollouts.start_canary(deployment, req, override, actor=request[KEY].label)
+            await record_action(self.rollouts.ctx.bus, request[KEY], action, route, override)
         except REFUSED as exc:
-            return refusal(exc, "canary", invalid=400)  # a PUT's release or spec is the request's own fault
+            return refusal(exc, action, invalid=400)  # a PUT's release or spec is the request's own fault
         return _json(route)
 
     async def patch(self, request: web.Request) -> web.Response:

@@ -10,7 +10,7 @@ from lockgate.services.router.domain import Override, Route
 
 
 async def record_action(bus: Any, key: ApiKey, action: str, route: Route, override: Override | None) -> None:
-    """Append one audit entry for an admin action (canary, promote, abort, pause, resume, set-weight,
+    """Append one audit entry for an admin action (canary, first-release, promote, abort, pause, resume, set-weight,
     clear-override) that took effect:
     who (the person who signed a break-glass, else the API key's label, never the key), on which deployment,
     and the route it left."""

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from lockgate.contracts import GateDecided, RolloutState
-from lockgate.contracts.names import Name, check_names
+from lockgate.contracts.names import Name, OptName, check_names
 from lockgate.errors import LockgateError
 from lockgate.services.router.strategy import AnalysisStatus, HeaderRoute, Strategy
 
@@ -143,20 +143,37 @@ class ManualRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
 
 class CanaryRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Body of `PUT /lockgate/v1/deployments/{deployment}`."""
+    """Body of `PUT /lockgate/v1/deployments/{deployment}`: a canary of `canary_release` from `stable_release`,
+    or, without `canary_release`, a deployment's first release (`first`)."""
 
     stable_release: Name
-    canary_release: Name  # releases only: endpoint and model come from each release's model config
+    # Releases only: endpoint and model come from each release's model config. Empty: a first release.
+    canary_release: OptName = ""
     initial_weight: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None  # percent; None: the first step
     break_glass: BreakGlass | None = None
     strategy: Strategy | None = None  # this deployment's steps, interval and analysis
 
     def __post_init__(self) -> None:
         check_names(self)
-        if not self.canary_release.strip() or not self.stable_release.strip():
-            raise ValueError("stable_release and canary_release must be non-empty")
-        if self.canary_release == self.stable_release:
+        if not self.stable_release.strip():
+            raise ValueError("stable_release must be non-empty")
+        if self.first:
+            # A first release has nothing to compare a canary with (Argo Rollouts' first rollout goes
+            # straight to 100%), so nothing about a canary applies; and break-glass covers a canary only,
+            # never a release that takes all traffic (a new stable always needs an allowing decision).
+            given = [f for f in ("initial_weight", "strategy", "break_glass") if getattr(self, f) is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} apply to a canary only: without canary_release, "
+                                 "stable_release is the deployment's first release and serves all traffic once a "
+                                 "verified gate decision allows it (break-glass never covers a release that serves "
+                                 "everyone)")
+        elif self.canary_release == self.stable_release:
             raise ValueError("canary_release must differ from stable_release")
+
+    @property
+    def first(self) -> bool:
+        """True for a first release: `stable_release` alone."""
+        return not self.canary_release
 
 
 _canary_decoder = msgspec.json.Decoder(CanaryRequest)
@@ -180,6 +197,32 @@ class NotAdmitted(InvalidRollout):
 def allows(decision: GateDecided | None, release: str) -> bool:
     """True when a (verified) decision allows exactly this release: PASS, which an approved review also yields."""
     return decision is not None and decision.release == release and decision.decision == "PASS"
+
+
+class AlreadyServing(InvalidRollout):
+    """A first release for a deployment that already serves one (HTTP 409)."""
+
+
+def require_allowed(release: str, decision: GateDecided | None, what: str, also: str = "") -> None:
+    """NotAdmitted unless `decision` (verified; None if there is none) allows `release`, naming the decision in the
+    way (or its absence) and what to do; `what` is the release's part ("stable release"), `also` a last word."""
+    if allows(decision, release):
+        return
+    subject = f"{what} {release!r}"
+    if decision is None or decision.release != release:
+        msg = (f"refused: {subject} has no verified gate decision allowing it (none stored, or it does not verify): "
+               f"gate it first (lockgate eval run SUITE --candidate {release} --policy POLICY), then try again")
+    else:
+        why = f": {decision.reason}" if decision.reason else ""
+        if decision.decision == "BLOCK":
+            msg = f"refused: {subject} is BLOCKed by the gate (decision {decision.id}{why}); fix it and gate a new release"
+        elif decision.decision == "NEEDS_REVIEW":
+            msg = (f"refused: {subject} is awaiting review (decision {decision.id} is NEEDS_REVIEW{why}); it is "
+                   f"allowed once a reviewer approves it (lockgate gate approve {release})")
+        else:
+            msg = (f"refused: the current gate decision of {subject} ({decision.id}) is {decision.decision}{why}, "
+                   "which does not allow it")
+    raise NotAdmitted(f"{msg}{'; ' + also if also else ''}")
 
 
 def decode_canary(body: bytes) -> CanaryRequest:
@@ -263,6 +306,35 @@ def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Ta
                                          "a new rollout started" + (" with its own" if override else " without one")),
                  decision_id="", next_step_at=0.0, admitted="", start_weight=float(asked), good=good,
                  override=override)
+
+
+def first_release(route: Route, target: Target, decision: GateDecided | None, actor: str = "") -> Route:
+    """A deployment's first release: `target` serves all traffic at once (a finished rollout: phase promoted, no
+    canary), if and only if `decision` (its verified current one, None if none) allows it (NotAdmitted otherwise).
+
+    Only for a deployment without a stable release (AlreadyServing otherwise): a serving release changes through
+    a canary or blue-green rollout, which gates the new one step by step against it.
+    """
+    current = route.stable.release
+    if current:
+        if current == target.release:
+            raise AlreadyServing(f"refused: {target.release!r} is already the stable release of "
+                                 f"{route.deployment!r}: a first release is for a deployment that serves none")
+        raise AlreadyServing(
+            f"refused: {route.deployment!r} already serves {current!r}, and stable_release alone only gives a "
+            f"deployment its first release; a serving release changes through a rollout that gates the new one "
+            f"against it: PUT stable_release {current!r} with canary_release {target.release!r} (canary or "
+            "blue-green strategy)")
+    require_allowed(target.release, decision, "first release",
+                    "a first release serves all traffic at once, so a break-glass override cannot cover it")
+    assert decision is not None  # allowed
+    return _bump(route, stable=target, canary=None, weight=0.0, phase="promoted", step=0, cursor=0, **_FINISHED,
+                 promoted_at=0.0, scale_down_at=0.0, next_step_at=0.0, start_weight=0.0, previous=None,
+                 strategy=None, started_at=0.0, paused=False, analysis=None, override=None,
+                 good=remember(route.good, target), decision_id=decision.id, admitted=decision.id,
+                 reason=f"first release {target.release} serves 100% (rolled out by {actor or 'operator'}): "
+                        f"verified gate decision {decision.id} allows it; later releases roll out as a canary "
+                        "from it")
 
 
 def override_ended(route: Route, reason: str, why: str) -> str:

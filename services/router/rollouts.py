@@ -264,12 +264,11 @@ class Rollouts:
         stable, canary = await self.target(req.stable_release), await self.target(req.canary_release)
         decision = await self._stored_decision(req.canary_release)
         current = self.route(deployment).stable.release
-        if req.stable_release != current and not domain.allows(
-                await self._stored_decision(req.stable_release), req.stable_release):
-            raise domain.NotAdmitted(
-                f"refused: stable release {req.stable_release!r} has no verified gate decision allowing it "
-                f"(the current stable is {current or 'none'!r}); a break-glass override covers only the canary "
-                "release it names: start from a stable a decision allows")
+        if req.stable_release != current:
+            domain.require_allowed(req.stable_release, await self._stored_decision(req.stable_release),
+                                   "stable release", f"the current stable is {current or 'none'!r}; a break-glass "
+                                   "override covers only the canary release it names: start from a stable a "
+                                   "decision allows")
         if override is None:
             if req.initial_weight and not domain.allows(decision, req.canary_release):
                 raise domain.NotAdmitted(
@@ -287,6 +286,21 @@ class Rollouts:
             self.evidence.forget(deployment, keep={req.stable_release, req.canary_release})
             if decision is not None:
                 self.apply_decision(decision)
+
+        self._poisoned.pop(deployment, None)
+        await self._until_won(change)
+        self._raise_if_poisoned(deployment)
+        return self.route(deployment)
+
+    async def first_release(self, deployment: str, release: str, actor: str = "") -> Route:
+        """Give a deployment without a stable release its first one, serving 100% at once, if and only if the
+        release's verified current decision allows it, as a new stable of a canary needs (domain.first_release)."""
+        await self._await_ready()
+        target = await self.target(release)
+        decision = await self._stored_decision(release)
+
+        def change() -> None:
+            self._apply(domain.first_release(self.route(deployment), target, decision, actor), actor=actor)
 
         self._poisoned.pop(deployment, None)
         await self._until_won(change)

@@ -156,15 +156,31 @@ def test_roles_bound_what_the_cli_may_do(stack: dict[str, str], tmp_path: Path) 
     assert out.returncode == 5 and "refused role 'viewer'" in out.stderr, out.stderr
 
 
-def test_keys_cli_and_router_authentication(stack: dict[str, str]) -> None:
+def _gated_release(stack: dict[str, str], tmp_path: Path, release: str, model: str) -> None:
+    """Register `release` (app shop, served by the simulator's `model`) and gate it as the stack's gates file pins
+    the app (the demo's policy and suite): a PASS, or AssertionError."""
+    demo = Path(__file__).parents[2] / "dev" / "lockgate_dev" / "demo_data"
+    for name in ("suite.yaml", "qa.jsonl", "policy.yaml"):
+        (tmp_path / name).write_bytes((demo / name).read_bytes())
+    config = tmp_path / f"{release}.json"
+    config.write_text(json.dumps({"model": model, "endpoint": "default"}))
+    [art] = json.loads(run("artifact", "register", "model_config", str(config), "--json", env=stack).stdout)
+    run("release", "create", release, "--app", "shop", "--artifact", f"model_config/{release}={art['hash']}",
+        env=stack)
+    gated = run("eval", "run", str(tmp_path / "suite.yaml"), "--candidate", release, "--policy",
+                str(tmp_path / "policy.yaml"), "--json", env=stack)
+    assert json.loads(gated.stdout)["decision"]["decision"] == "PASS", gated.stdout
+
+
+def test_keys_cli_and_router_authentication(stack: dict[str, str], tmp_path: Path) -> None:
     import urllib.error
     import urllib.request
 
     router = stack["E2E_ROUTER"]
 
-    def call(method: str, path: str, key: str | None, body: bytes | None = None) -> int:
+    def call(method: str, path: str, key: str | None, body: bytes | None = None, **headers: str) -> int:
         req = urllib.request.Request(router + path, data=body, method=method,
-                                     headers={"Content-Type": "application/json",
+                                     headers={"Content-Type": "application/json", **headers,
                                               **({"Authorization": f"Bearer {key}"} if key else {})})
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
@@ -180,8 +196,11 @@ def test_keys_cli_and_router_authentication(stack: dict[str, str]) -> None:
     created = run("keys", "create", "--tenant", "acme", "--app", "shop", env=stack).stdout
     key = created.strip().splitlines()[-1]
     assert key.startswith("lg-")
-    # Accepted (not 401): then refused as an unknown model, since the dev stack governs by default and no release
-    # of its default deployment was rolled out (tests/integration/test_router.py serves a governed one with a key).
+    # Accepted (not 401) and answered: `keys-web` serves its first release, gated (the dev stack governs: a
+    # deployment no release was rolled out to answers 404, as the default one still does).
+    _gated_release(stack, tmp_path, "keys-r1", "sim-stable")
+    run("rollout", "--router", router, "start", "keys-web", "--stable", "keys-r1", "--json", env=stack)
+    assert call("POST", "/v1/chat/completions", key, chat, **{"x-lockgate-deployment": "keys-web"}) == 200
     assert call("POST", "/v1/chat/completions", key, chat) == 404
     assert call("POST", "/lockgate/v1/deployments/shop-web/promote", key) == 403  # an app key is no operator
     listed = json.loads(run("keys", "list", "--json", env=stack).stdout)
@@ -189,7 +208,7 @@ def test_keys_cli_and_router_authentication(stack: dict[str, str]) -> None:
     assert key not in json.dumps(listed)  # only hashes are kept
     assert "apikeys.json" not in key and (Path(stack["E2E_HOME"]) / "apikeys.json").stat().st_mode & 0o777 == 0o600
     run("keys", "revoke", mine["id"], env=stack)
-    assert call("POST", "/v1/chat/completions", key, chat) == 401
+    assert call("POST", "/v1/chat/completions", key, chat, **{"x-lockgate-deployment": "keys-web"}) == 401
 
 
 def test_keys_scoped_to_deployments_through_the_cli_and_the_router(stack: dict[str, str]) -> None:

@@ -269,7 +269,9 @@ async def test_upstream_failure_is_502_and_error_event(router: Any, http: aiohtt
 
 @pytest.mark.parametrize(
     ("body", "part"),
-    [({"stable_release": "r1"}, "canary_release"), ({"stable_release": "a", "canary_release": "a"}, "differ"),
+    # A stable release alone is a first release (test_router_first_release.py): nothing of a canary applies to it.
+    [({"stable_release": "r1", "initial_weight": 10}, "initial_weight apply to a canary only"),
+     ({"stable_release": "a", "canary_release": "a"}, "differ"),
      ({"stable_release": "a", "canary_release": "b", "initial_weight": 300}, "initial_weight"),
      ({"stable_release": "a", "canary_release": "b", "bogus": 1}, "bogus")],
 )

@@ -1,5 +1,5 @@
-"""`lockgate rollout get|watch|pause|resume|approve|abort|retry|promote|undo|set-weight|patch|history|analysis`:
-operate a deployment's rollout.
+"""`lockgate rollout start|get|watch|pause|resume|approve|abort|retry|promote|undo|set-weight|patch|history|analysis`:
+roll a release out and operate a deployment's rollout.
 
 Actions go to the router's admin API with an API key (operator or admin role for changes, any
 role for `get` and `watch`); the router records the key's identity as the actor. `history` and
@@ -240,8 +240,10 @@ def watch_line(v: dict[str, Any]) -> str:
 
 
 def finished(route: dict[str, Any]) -> bool:
-    """True once a rollout completed (promoted, post-promotion analysis done) or aborted."""
-    return route.get("canary") is not None and (
+    """True once a rollout completed (promoted, post-promotion analysis done; a first release at once) or
+    aborted."""
+    rolled_out = route.get("canary") is not None or bool((route.get("stable") or {}).get("release"))
+    return rolled_out and (
         route.get("phase") == "aborted" or (route.get("phase") == "promoted" and not route.get("verifying")))
 
 
@@ -315,7 +317,8 @@ def register(cli: click.Group) -> None:
                   help="An operator or admin API key (default: HOME/credentials/router-admin.key).")
     @click.pass_context
     def rollout(ctx: click.Context, router_url: str | None, api_key: str | None) -> None:
-        """Operate a deployment's canary: see it, pause, resume, abort, set its weight, read its history."""
+        """Roll a release out and operate a deployment's canary: see it, pause, resume, abort, set its weight,
+        read its history."""
         settings = ctx.obj["settings"]
         ctx.obj["router_url"] = router_url or f"http://127.0.0.1:{settings.router_port}"
         ctx.obj["api_key"] = api_key
@@ -355,6 +358,31 @@ def register(cli: click.Group) -> None:
             return
         if rows:
             table(run_rows(verified_runs(ctx.obj["settings"], rows)), title="latest analysis record")
+
+    @rollout.command("start")
+    @click.argument("deployment")
+    @click.option("--stable", "stable", required=True, metavar="RELEASE",
+                  help="The stable release: alone, the deployment's first release (it serves 100% at once).")
+    @click.option("--canary", "canary", default=None, metavar="RELEASE",
+                  help="A new release to roll out as a canary from --stable (it waits at 0% for a decision).")
+    @click.option("--initial-weight", type=click.FloatRange(0, 100), default=None,
+                  help="The canary's first weight (percent) once a decision allows it; default the first step.")
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def start(ctx: click.Context, deployment: str, stable: str, canary: str | None, initial_weight: float | None,
+              as_json: bool) -> None:
+        """Roll a release out (PUT .../DEPLOYMENT). With --stable alone: a deployment's first release serves all
+        traffic at once, only if its verified gate decision allows it. With --canary: a canary of that release
+        from --stable (the serving release), gated step by step."""
+        body: dict[str, Any] = {"stable_release": stable}
+        if canary is not None:
+            body["canary_release"] = canary
+        if initial_weight is not None:
+            if canary is None:
+                raise ConfigError("--initial-weight is a canary's: give --canary too (a first release serves 100%)")
+            body["initial_weight"] = initial_weight
+        show(admin(ctx).call("PUT", f"/{deployment}", body), as_json)
 
     def action(name: str, doc: str, *, reason: bool = False) -> None:
         @click.argument("deployment")
