@@ -141,7 +141,8 @@ class Proxy:
             what = (f"The model {model!r} does not exist here: no deployment is named like it or mapped to it (the "
                     f"endpoints file's models:), and the default deployment {deployment!r} has no rolled-out release")
         return error_response(404, f"{what}. The router serves governed releases only: roll out a release for "
-                                   f"{deployment!r} (PUT /lockgate/v1/deployments/{deployment}), send a model that has "
+                                   f"{deployment!r} once the gate allows one (lockgate rollout start {deployment} --stable "
+                                   f"RELEASE), send a model that has "
                                    "one (GET /v1/models lists them), or have the operator opt in to ungoverned "
                                    "passthrough (LOCKGATE_PASSTHROUGH=true)",
                               "invalid_request_error", code="model_not_found", param=param)
