@@ -217,6 +217,7 @@ async def _reaction(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, 
         trust_key(trust_file_path(st.ctx.settings), signer.public)
         samples: list[float] = []
         await register_model_release(bus, "base")
+        await store_pass(bus, "base", st.ctx.settings)  # the stable a canary starts from serves by a decision
         for i in range(TRIALS):
             release = f"rel-{i}"
             await register_model_release(bus, release)  # a rollout names registered releases only
