@@ -32,6 +32,7 @@ class Target(msgspec.Struct, frozen=True, kw_only=True):
     """
 
     release: str
+    app: str = ""  # the release's app ("" in routes stored before it was recorded)
     endpoint: str = "default"
     model: str = ""
     params: dict[str, Any] = {}
@@ -284,12 +285,30 @@ def _bump(route: Route, **changes: object) -> Route:
     return msgspec.structs.replace(route, version=route.version + 1, **changes)
 
 
+def same_app(route: Route, *targets: Target) -> None:
+    """InvalidRollout unless every target is of the app the deployment serves (its stable's, else the first
+    target's). A deployment serves one app's releases, so the gates file's requirement for that app (which
+    the gatekeeper applies by a release's registered app) cannot be sidestepped by registering a release
+    under another app and rolling it out here. An app unknown ("": a route stored before apps were recorded)
+    constrains nothing."""
+    known = [t for t in (route.stable if route.stable.release else None, *targets) if t is not None and t.app]
+    if not known:
+        return
+    serving = known[0]
+    for t in known[1:]:
+        if t.app != serving.app:
+            raise InvalidRollout(f"refused: release {t.release!r} is of app {t.app!r}, but {route.deployment!r} "
+                                 f"serves app {serving.app!r} ({serving.release}): a deployment's releases are of "
+                                 "one app, so that app's gates apply to every release it serves")
+
+
 def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Target, first_step: float,
                  override: Override | None = None) -> Route:
     """Begin a canary at 0%, waiting for a decision that allows it; with an override, at its initial weight.
 
-    `stable` and `canary` are the targets the releases' bundles resolve to.
+    `stable` and `canary` are the targets the releases' bundles resolve to, of the app the deployment serves.
     """
+    same_app(route, stable, canary)
     asked = first_step if req.initial_weight is None else req.initial_weight
     weight = asked if override is not None else 0.0
     # The stable a canary starts from serves everyone by a decision (or override): known-good unless

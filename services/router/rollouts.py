@@ -764,7 +764,8 @@ class Rollouts:
             self.endpoints.get(ships.endpoint)
         except UnknownEndpoint as exc:
             raise domain.InvalidRollout(f"release {release!r}: {exc.message}") from None
-        return domain.Target(release=release, endpoint=ships.endpoint, model=ships.model, params=ships.params)
+        return domain.Target(release=release, app=ships.app, endpoint=ships.endpoint, model=ships.model,
+                             params=ships.params)
 
     async def _stored_decision(self, release: str) -> GateDecided | None:
         try:

@@ -28,6 +28,7 @@ class Shipped(msgspec.Struct, frozen=True, kw_only=True):
     """A release's model config, resolved: where and how its traffic is served."""
 
     release: str
+    app: str = ""  # the app the release belongs to (its registration says)
     config: str  # the model_config artifact (`model_config/name` key's hash)
     model: str
     endpoint: str = "default"
@@ -49,5 +50,6 @@ async def of_release(bus: Bus, release: str) -> Shipped:
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, str) or not model:
         raise ConfigError(f"model config {configs[0]} of release {release!r} names no model")
-    return Shipped(release=release, config=configs[0], model=model, endpoint=str(config.get("endpoint", "default")),
+    return Shipped(release=release, app=str(bundle.get("app") or ""), config=configs[0], model=model,
+                   endpoint=str(config.get("endpoint", "default")),
                    params={k: config[k] for k in PARAMS if k in config})

@@ -14,7 +14,7 @@ from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import KeyStore
 from lockgate.signing import Signer
 from lockgate.subjects import token
-from tests.helpers import break_glass
+from tests.helpers import break_glass, register_model_release
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import _pass, _start
 from tests.integration.test_rollout_strategies import _releases
@@ -164,3 +164,32 @@ async def test_a_break_glass_override_covers_only_the_rollout_it_was_signed_for(
     route = router.rollouts.route("chat")
     assert (route.canary.release, route.weight, route.override) == ("bad", 0.0, None), route.reason
     assert set(await _releases(http, router, 40)) == {"r1"}  # nobody is served `bad`
+
+
+async def test_a_release_of_another_app_cannot_be_rolled_out_on_a_deployment(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # The gates file requires app shop's releases to pass policy strict. An operator registered `other` under
+    # app `lab` (which the file does not cover), gated it with a policy of their own (PASS), then rolled it out
+    # on shop's deployment: the gatekeeper applies requirements by a release's app, so nothing stopped it.
+    await register_model_release(router.ctx.bus, "other", "same", "canary", app="lab")
+    await _pass_only(router, signer, "other")
+    await _start(http, router, "same", {"steps": [50], "interval_s": 3600})  # shop's r1 serves; `same` waits
+    attempts = [("PUT", {"stable_release": "r1", "canary_release": "other", "initial_weight": 50}, 400),
+                ("PUT", {"stable_release": "other", "canary_release": "same"}, 400),  # as the new stable
+                ("PATCH", {"canary_release": "other"}, 409)]  # in place of the live rollout's canary (a conflict)
+    for method, body, status in attempts:
+        async with http.request(method, f"{router.url}{DEPLOYMENT}", json=body) as resp:
+            answer = await resp.json()
+        assert resp.status == status, (method, body, answer)
+        assert ("release 'other' is of app 'lab', but 'chat' serves app 'shop' (r1): a deployment's releases are "
+                "of one app") in answer["error"]["message"], answer
+    route = router.rollouts.route("chat")
+    assert (route.stable.release, route.canary.release, route.weight) == ("r1", "same", 0.0)
+    assert set(await _releases(http, router, 60)) == {"r1"}  # `other` is served to nobody
+
+
+async def _pass_only(router: Any, signer: Signer, release: str) -> None:
+    """A verified PASS for `release` in the gates bucket, without any rollout to act on."""
+    kv = await router.ctx.bus.kv(router.ctx.bus.subjects.kv_gates)
+    await kv.put(token(release), msgspec.json.encode(signer.sign(GateDecided(release=release, rules=[],
+                                                                             decision="PASS"))))

@@ -247,3 +247,19 @@ def test_a_block_ends_the_override_once_and_says_so() -> None:
     assert blocked is not None and (blocked.override, blocked.phase, blocked.weight) == (None, "aborted", 0.0)
     assert blocked.reason.count("break-glass override by boss") == 1
     assert blocked.reason.endswith("break-glass override by boss ended by the gate's BLOCK")
+
+
+def test_a_deployment_serves_the_releases_of_one_app() -> None:
+    shop, lab, legacy = Target(release="r1", app="shop"), Target(release="x", app="lab"), Target(release="old")
+    serving = Route(deployment="chat", stable=shop)
+    domain.same_app(serving, Target(release="r2", app="shop"))
+    with pytest.raises(InvalidRollout, match="release 'x' is of app 'lab', but 'chat' serves app 'shop' \\(r1\\)"):
+        domain.same_app(serving, Target(release="r2", app="shop"), lab)
+    # No stable yet: the releases named together must agree with each other.
+    with pytest.raises(InvalidRollout, match="release 'x' is of app 'lab'"):
+        domain.same_app(Route(deployment="chat", stable=Target(release="")), shop, lab)
+    # An app nobody recorded (a route stored before apps were) constrains nothing.
+    domain.same_app(Route(deployment="chat", stable=legacy), lab)
+    with pytest.raises(InvalidRollout):
+        domain.start_canary(serving, CanaryRequest(stable_release="r1", canary_release="x"), stable=shop, canary=lab,
+                            first_step=10.0)
