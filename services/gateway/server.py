@@ -130,10 +130,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     f"event {index} is for tenant {msg.tenant!r}; {key.label} may only ingest "
                                     f"for tenant {key.tenant!r}")
-            if msg.deployment and not key.may_use(msg.deployment):
+            # An event naming no deployment is watched as the deployment named like its app (drift groups
+            # by `deployment or app`), and the app is the event's to name: a scoped key names one of its own.
+            if not key.may_use(msg.deployment):
+                what = (f"is for deployment {msg.deployment!r}" if msg.deployment else
+                        f"names no deployment (it would count as deployment {msg.app!r}, its app's name)")
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"event {index} is for deployment {msg.deployment!r}; {key.label} may only "
-                                    f"ingest for {key.scope}")
+                                    f"event {index} {what}; {key.label} may only ingest for {key.scope}: "
+                                    "name the deployment of each event")
         events: list[Encoded] = []
         rejections = []
         for index, msg in enumerate(request.events):

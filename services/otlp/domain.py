@@ -179,10 +179,13 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                     out.problem(f"span {span_id} stored, but no inference event made of it: {exc.message}")
                     continue
                 if event is not None:
-                    # Its event would count in that deployment's drift and canary analysis.
-                    if event.deployment and not in_scope(deployments, event.deployment):
-                        raise Forbidden(f"span {span.name!r} is for deployment {event.deployment!r}; this API "
-                                        f"key may only send model calls of {', '.join(deployments)}")
+                    # Its event would count in that deployment's drift and canary analysis; one naming no
+                    # deployment counts as the deployment named like its app, which the span may name.
+                    if not in_scope(deployments, event.deployment):
+                        what = (f"is for deployment {event.deployment!r}" if event.deployment else
+                                f"names no deployment (it would count as deployment {event.app!r}, its app's name)")
+                        raise Forbidden(f"span {span.name!r} {what}; this API key may only send model calls of "
+                                        f"{', '.join(deployments)}: name the deployment (lockgate.deployment)")
                     out.events.append(event)
     return out
 

@@ -312,10 +312,33 @@ async def test_send_by_a_key_scoped_to_deployments_reports_only_theirs(bus: Bus,
             err.value.details() and plain not in err.value.details()
         assert await stored_events(bus) == {}  # the whole batch was refused
         reply = await stub.Send(ingest_pb2.InferenceBatch(events=[
-            ingest_pb2.InferenceEvent(app="shop", deployment="support"), ingest_pb2.InferenceEvent(app="shop")]),
-            timeout=10)
-        assert reply.accepted == 2  # its own deployment, and events of no deployment
-    assert [e.deployment for e in (await stored_events(bus))[bus.subjects.inference("shop")]] == ["support", ""]
+            ingest_pb2.InferenceEvent(app="shop", deployment="support")]), timeout=10)
+        assert reply.accepted == 1
+    assert [e.deployment for e in (await stored_events(bus))[bus.subjects.inference("shop")]] == ["support"]
+
+
+async def test_a_scoped_key_cannot_report_events_of_no_deployment_that_count_as_the_one_named_like_their_app(
+        bus: Bus, gateway: Any, settings: Settings) -> None:
+    # Drift watches an event of no deployment as the deployment named like its app, and the event names its
+    # app: a key scoped to `support` sent canary events of app `billing` and no deployment into `billing`'s drift
+    # and canary analysis. Before: accepted (the scope was checked only on events that named a deployment).
+    plain, _ = KeyStore(settings.home).create("acme", "shop", deployments=["support"])
+    everywhere, _ = KeyStore(settings.home).create("acme", "shop")
+    async with grpc.aio.insecure_channel(gateway.endpoints["grpc"], interceptors=grpc_key(plain)) as ch:
+        stub = ingest_pb2_grpc.IngestStub(ch)
+        for app in ("billing", "shop"):
+            batch = ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(app=app, variant="canary")])
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Send(batch, timeout=10)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert f"event 0 names no deployment (it would count as deployment {app!r}" in err.value.details()
+            assert "may only ingest for support" in err.value.details() and plain not in err.value.details()
+    assert await stored_events(bus) == {}
+    async with grpc.aio.insecure_channel(gateway.endpoints["grpc"], interceptors=grpc_key(everywhere)) as ch:
+        reply = await ingest_pb2_grpc.IngestStub(ch).Send(
+            ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(app="shop")]), timeout=10)
+        assert reply.accepted == 1  # a key of every deployment may still leave it out
+    assert [e.deployment for e in (await stored_events(bus))[bus.subjects.inference("shop")]] == [""]
 
 
 def _self_signed(tmp: Any) -> tuple[Any, Any]:

@@ -486,3 +486,26 @@ async def test_a_span_with_a_bad_link_or_no_sensible_end_is_refused_alone(
     assert store.rows("SELECT SpanName, Links.TraceId AS links FROM otel_traces") == [
         {"SpanName": "kept", "links": ["01" * 16]}]
     assert store.scalar("SELECT latency_ms FROM inference_events") == 1000
+
+
+async def test_a_scoped_keys_model_call_must_name_a_deployment_of_its_scope(
+        stack: Any, store: Store, settings: Settings) -> None:
+    # A model call naming no deployment is watched by drift as the deployment named like its app, and the span
+    # names its app (service.name): a key scoped to `support` swayed `billing`'s drift and canary analysis.
+    # Before: stored (the scope was checked only on model calls that named a deployment).
+    url = stack.endpoints["otlp-http"] + "/v1/traces"
+    scoped, _ = KeyStore(settings.home).create("acme", "shop", deployments=["support"])
+    async with aiohttp.ClientSession() as http:
+        async def post(**resource: str) -> tuple[int, Any]:
+            body = _json_request("5b8efff798038103d269b633813fc60c", "call", **resource)
+            async with http.post(url, json=body, headers={"x-api-key": scoped}) as r:
+                return r.status, await r.json()
+
+        status, body = await post(**{"service.name": "billing"})
+        assert status == 403 and "names no deployment (it would count as deployment 'billing'" in body["message"]
+        assert scoped not in body["message"]
+        status, body = await post(**{"service.name": "billing", "lockgate.deployment": "support"})
+        assert status == 200 and body == {}
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="event stored")
+    assert store.rows("SELECT app, deployment FROM inference_events") == [{"app": "billing", "deployment": "support"}]
