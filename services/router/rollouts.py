@@ -263,12 +263,19 @@ class Rollouts:
         await self._await_ready()
         stable, canary = await self.target(req.stable_release), await self.target(req.canary_release)
         decision = await self._stored_decision(req.canary_release)
-        current = self.route(deployment).stable.release
-        if req.stable_release != current:
-            domain.require_allowed(req.stable_release, await self._stored_decision(req.stable_release),
-                                   "stable release", f"the current stable is {current or 'none'!r}; a break-glass "
-                                   "override covers only the canary release it names: start from a stable a "
-                                   "decision allows")
+        stable_decision = await self._stored_decision(req.stable_release)
+
+        def check_stable() -> None:
+            # On the route this attempt changes: a change that lost to another replica's write is recomputed on
+            # the reloaded route, whose stable may no longer be the one the request keeps (a BLOCKed release
+            # put back at 100% without a decision, had it been checked once against the stale route).
+            current = self.route(deployment).stable.release
+            if req.stable_release != current:
+                domain.require_allowed(req.stable_release, stable_decision, "stable release",
+                                       f"the current stable is {current or 'none'!r}; a break-glass override covers "
+                                       "only the canary release it names: start from a stable a decision allows")
+
+        check_stable()
         if override is None:
             if req.initial_weight and not domain.allows(decision, req.canary_release):
                 raise domain.NotAdmitted(
@@ -277,6 +284,7 @@ class Rollouts:
                     "may override with break_glass")
 
         def change() -> None:
+            check_stable()
             strategy = req.strategy
             steps = domain.normalize_steps(strategy.weights()) if strategy and strategy.weights() else self.steps
             started = domain.start_canary(self.route(deployment), req, stable=stable, canary=canary,

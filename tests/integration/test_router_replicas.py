@@ -136,3 +136,45 @@ async def test_every_replica_holds_the_drift_report_its_analysis_reads(replicas:
     async with asyncio.timeout(10):
         await asyncio.gather(*(e.wait() for e in seen.values()))
     assert [r.rollouts.evidence.drift("chat", "r2", 0.0) for r in (a, b)] == [report, report]
+
+
+async def test_a_replica_behind_on_the_route_cannot_put_back_a_blocked_stable(
+    replicas: tuple[Any, Any], bus: Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A canary PUT keeping "the current stable" needs no decision for it; a replica whose KV watch lags checked
+    that against its stale route, lost the compare-and-set to the other replica's write, recomputed the change on
+    the reloaded route without checking again, and so put a BLOCKed release back as stable at 100%. Before: 200,
+    `r0` (BLOCKed) served everyone; now 409, and the route the other replica wrote stays."""
+    import msgspec
+
+    from lockgate import artifacts
+    from lockgate.subjects import token
+
+    a, b = replicas
+    for release in ("r0", "r1", "r2", "r3"):
+        await register_model_release(bus, release)
+    await store_pass(bus, "r0", a.ctx.settings)
+    await store_pass(bus, "r2", a.ctx.settings)
+    async with aiohttp.ClientSession(headers=admin_headers(a.ctx.settings.home)) as http:
+        async def put(router: Any, body: dict[str, str]) -> tuple[int, str]:
+            async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+                return resp.status, await resp.text()
+
+        assert (await put(a, {"stable_release": "r0"}))[0] == 200  # its first release
+        await b.rollouts.wait_for(lambda r: "chat" in r and r["chat"].stable.release == "r0", timeout=10)
+        signer = Signer.generate()  # the gate BLOCKs r0 since (a re-evaluation, a newer policy)
+        trust_key(trust_file_path(a.ctx.settings), signer.public)
+        block = GateDecided(release="r0", rules=[], decision="BLOCK", reason="re-evaluated",
+                            artifacts=dict((await artifacts.release_of(bus, "r0"))["artifacts"]))
+        await (await bus.kv(bus.subjects.kv_gates)).put(token("r0"), msgspec.json.encode(signer.sign(block)))
+
+        monkeypatch.setattr(a.rollouts, "_on_entry", lambda entry: None)  # replica a's watch lags from here
+        status, text = await put(b, {"stable_release": "r2", "canary_release": "r3"})
+        assert status == 200, text
+        assert a.rollouts.route("chat").stable.release == "r0"  # a has not seen it
+
+        status, text = await put(a, {"stable_release": "r0", "canary_release": "r1"})
+        assert status == 409, text
+        assert "stable release 'r0' is BLOCKed" in text and "the current stable is 'r2'" in text
+    route = a.rollouts.route("chat")  # a reloaded the route it lost to
+    assert (route.stable.release, route.canary.release if route.canary else None) == ("r2", "r3")
