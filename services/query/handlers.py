@@ -93,9 +93,10 @@ class QueryHandlers:
         await self._respond(msg, reply)
 
     async def _respond(self, msg: Any, reply: bytes) -> None:
+        # Counted before the reply leaves: a caller holding its answer finds it counted already.
+        await self.answered.bump()
         with contextlib.suppress(Exception):
             await msg.respond(reply)
-        await self.answered.bump()
 
     async def finish(self) -> None:
         """Wait for the operator queries being answered (the subscription is drained first)."""
