@@ -23,13 +23,34 @@ class UntrustedEvalResult(InvalidEvent):
     """An eval result for a run nobody requested, or whose content differs from the request (dead-lettered)."""
 
 
+class RunIdTaken(InvalidEvent):
+    """An eval request under a run id already recorded for another request (dead-lettered)."""
+
+
 async def record_request(bus: Any, req: EvalRequested) -> None:
-    """Record a request the evaluator accepted, before it runs (so its result can never arrive first)."""
+    """Record a request the evaluator accepted, before it runs (so its result can never arrive first).
+
+    A run id binds once: its stored cases are what a redelivery resumes from, so a second request under it
+    (another release, model or suite, or a rerun's run id now asked without `rerun_of`) would be judged on
+    the first one's answers without a call. Only the same request again (a redelivery) passes; any other
+    raises RunIdTaken."""
+    key = token(req.run_id)
     try:
         kv = await bus.kv(bus.subjects.kv_eval_runs)
-        await kv.put(token(req.run_id), encode(req))
+        try:
+            await kv.create(key, encode(req))
+            return
+        except nats.js.errors.KeyWrongLastSequenceError:
+            entry = await kv.get(key)
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
         raise BusUnavailable(f"cannot record eval run {req.run_id} in KV {bus.subjects.kv_eval_runs}: {exc!r}") from None
+    recorded = _requests.decode(entry.value) if entry.value else None
+    if recorded != req:
+        was = f"release {recorded.release!r}" + (f", a rerun of {recorded.rerun_of}" if recorded.rerun_of else "") \
+            if recorded is not None else "a request"
+        raise RunIdTaken(f"eval request {req.id} ({req.release}) refused: run id {req.run_id!r} is already "
+                         f"recorded for another request ({was}); its stored cases are that request's. "
+                         "Give every eval a new run id")
 
 
 async def requested_run(bus: Any, run_id: str) -> EvalRequested | None:

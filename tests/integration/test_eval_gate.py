@@ -220,3 +220,38 @@ async def test_an_eval_longer_than_ack_wait_is_not_redelivered(
         decision = await next_decision(gates)
         assert sim.requests == {"slow": 10}
     assert decision.decision == "PASS"
+
+
+async def test_a_run_id_binds_once_so_no_request_reuses_another_requests_stored_cases(
+    bus: Bus, store: Store, context: Any, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
+) -> None:
+    # A rerun (never gated) may call another model; its cases are stored under its run id. A gated request
+    # reusing that run id then "resumed" from those cases, called nothing, and the weak release got a PASS for
+    # the strong model's answers.
+    suite, policy = await register_qa(bus)
+    await register_model_release(bus, "v-weak", "bad")
+    config = SimConfig(models={"good": ModelSpec(answers=qa_answers()),
+                               "bad": ModelSpec(answers=qa_answers(wrong_every=2))})
+    gates = await subscribe(bus.subjects.gate_decided_all)
+    reran = await subscribe(bus.subjects.eval_reran)
+    dlq = await subscribe(bus.subjects.dlq_all)
+    async with SimServer(config) as sim:
+        context.settings = context.settings.replace(stable_upstream=sim.url)
+        sink = (await run_services("sink", "query", "evaluator", "gatekeeper"))["sink"].handlers
+        strong = request(release="v-weak", suite=suite, endpoint=sim.url, model="good", policy=policy,
+                         rerun_of=uuid7())
+        await bus.publish(bus.subjects.eval_requested, strong)
+        await reran.next_msg(timeout=30)
+        await eventually(lambda: len(eval_cases(store, strong.run_id)) >= 20, [sink.progress("eval_cases")],
+                         what="the rerun's cases stored")
+        reused = request(run_id=strong.run_id, release="v-weak", suite=suite, endpoint="", model="",
+                         policy=policy)
+        await bus.publish(bus.subjects.eval_requested, reused)
+        letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=30)).data)
+        fresh = request(release="v-weak", suite=suite, endpoint="", model="", policy=policy)
+        await bus.publish(bus.subjects.eval_requested, fresh)
+        decision = await next_decision(gates)
+        assert sim.requests == {"good": 20, "bad": 20}
+    assert letter.origin == "evaluator" and strong.run_id in letter.error and "already" in letter.error
+    # The reused run decided nothing: the first decision is the fresh run's, of the model that ships.
+    assert (decision.eval_run, decision.decision) == (fresh.run_id, "BLOCK")
