@@ -83,6 +83,8 @@ class Execution:
         suite = domain.parse_suite(await artifacts.load_structured(self.ctx.bus, req.suite))
         target = judged = judge_params = None
         model, params = req.model or suite.model, {}
+        if isinstance(suite.task, domain.RecordedTask) and not req.rerun_of:
+            targets.recorded(req.release, suite.task.app, suite.task.release)
         if suite.task.type == "call":
             # A rerun (which no gate reads) may try another model on purpose; a gated run evaluates what ships.
             ships = None if req.rerun_of else await self._shipped(req.release)

@@ -64,3 +64,12 @@ def evaluated(settings: Settings, shipped: Shipped | None, endpoint: str, model:
         raise ConfigError(f"{where}, but the eval asks for endpoint {endpoint!r}: the gate judges what ships; "
                           f"omit the endpoint or give {shipped.endpoint!r}")
     return access, shipped.model, dict(shipped.params)
+
+
+def recorded(release: str, task_app: str, task_release: str) -> None:
+    """Refuse (ConfigError) a gated run of `release` on a recorded task of another release's traffic: its PASS
+    would judge what another release answered, not what `release` ships."""
+    if task_release != release:
+        raise ConfigError(f"the suite scores events recorded for release {task_release!r} (app {task_app!r}), "
+                          f"but the eval is of release {release!r}: the gate judges what the release answered; "
+                          f"run a suite whose task records release {release!r}")

@@ -228,7 +228,12 @@ async def test_recorded_task_scores_inference_events_without_calls(
                                            "input_tokens", "output_tokens"], rows, token="rec")
     suite = await register_suite(bus, dataset=CASES[:5], task={"type": "recorded", "app": "shop", "release": "r7"})
     sink = (await run_services("sink", "query", "evaluator"))["sink"].handlers
-    req = request(suite=suite, endpoint="", model="")
+    # An eval of another release on r7's traffic fails before reading any: it would judge r7's answers.
+    other = request(suite=suite, endpoint="", model="")
+    await bus.publish(bus.subjects.eval_requested, other)
+    refused = await results(other.run_id)
+    assert refused.status == "failed" and "recorded for release 'r7'" in refused.error and "'cand'" in refused.error
+    req = request(release="r7", suite=suite, endpoint="", model="")
     await bus.publish(bus.subjects.eval_requested, req)
     done = await results(req.run_id)
     await stored(store, sink, req.run_id, 5)

@@ -114,3 +114,10 @@ def test_a_release_with_a_model_config_is_evaluated_as_it_ships(tmp_path: Path) 
         targets.evaluated(s, None, "", "any")
     with pytest.raises(ConfigError, match="no model to evaluate"):
         targets.evaluated(s, None, "open", "")
+
+
+def test_a_gated_run_scores_only_its_own_releases_recorded_events() -> None:
+    targets.recorded("r7", "shop", "r7")  # its own traffic: fine
+    with pytest.raises(ConfigError) as exc:
+        targets.recorded("weak", "shop", "strong")
+    assert "recorded for release 'strong'" in exc.value.message and "release 'weak'" in exc.value.message
