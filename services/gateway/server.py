@@ -24,7 +24,7 @@ from lockgate.decisionwatch import watch_decisions
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, SignatureError
 from lockgate.ids import uuid7_time
 from lockgate.outbox import Encoded, encode_event, publish_events
-from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
+from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer, event_out_of_scope
 from lockgate.server.grpcdecode import DecodeErrors
 from lockgate.server.tls import bind_grpc, grpc_credentials
 from lockgate.signing import Verifier
@@ -130,11 +130,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     f"event {index} is for tenant {msg.tenant!r}; {key.label} may only ingest "
                                     f"for tenant {key.tenant!r}")
-            # An event naming no deployment is watched as the deployment named like its app (drift groups
-            # by `deployment or app`), and the app is the event's to name: a scoped key names one of its own.
-            if not key.may_use(msg.deployment):
-                what = (f"is for deployment {msg.deployment!r}" if msg.deployment else
-                        f"names no deployment (it would count as deployment {msg.app!r}, its app's name)")
+            if what := event_out_of_scope(key.deployments, msg.deployment, msg.app):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     f"event {index} {what}; {key.label} may only ingest for {key.scope}: "
                                     "name the deployment of each event")

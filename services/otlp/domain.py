@@ -23,7 +23,7 @@ from lockgate.codec import encode
 from lockgate.contracts import InferenceEvent, SpanBatch, SpanRecord
 from lockgate.errors import InvalidEvent
 from lockgate.redact import scrub_span
-from lockgate.server.apikeys import Forbidden, in_scope
+from lockgate.server.apikeys import Forbidden, event_out_of_scope
 from lockgate.services.otlp import genai
 
 # Span.SpanKind and Status.StatusCode numbers, as the Collector's exporter names them
@@ -179,11 +179,7 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                     out.problem(f"span {span_id} stored, but no inference event made of it: {exc.message}")
                     continue
                 if event is not None:
-                    # Its event would count in that deployment's drift and canary analysis; one naming no
-                    # deployment counts as the deployment named like its app, which the span may name.
-                    if not in_scope(deployments, event.deployment):
-                        what = (f"is for deployment {event.deployment!r}" if event.deployment else
-                                f"names no deployment (it would count as deployment {event.app!r}, its app's name)")
+                    if what := event_out_of_scope(deployments, event.deployment, event.app):
                         raise Forbidden(f"span {span.name!r} {what}; this API key may only send model calls of "
                                         f"{', '.join(deployments)}: name the deployment (lockgate.deployment)")
                     out.events.append(event)

@@ -62,6 +62,11 @@ async def next_decision(sub: Any, timeout: float = 30) -> GateDecided:
     return decided.decode((await sub.next_msg(timeout=timeout)).data)
 
 
+def good_and_bad() -> SimConfig:
+    """The simulator with a model right on every qa.jsonl case ("good") and one wrong on every other ("bad")."""
+    return SimConfig(models={"good": ModelSpec(answers=qa_answers()), "bad": ModelSpec(answers=qa_answers(wrong_every=2))})
+
+
 def request(**fields: Any) -> EvalRequested:
     return EvalRequested(**{"run_id": uuid7(), "concurrency": 4, "timeout_s": 5.0, **fields})
 
@@ -134,8 +139,7 @@ async def test_a_release_is_evaluated_as_it_ships_not_as_the_request_asks(
     # PASS, and the router then served the weak model under it.
     suite, policy = await register_qa(bus)
     await register_model_release(bus, "v-weak", "bad")
-    config = SimConfig(models={"good": ModelSpec(answers=qa_answers()),
-                               "bad": ModelSpec(answers=qa_answers(wrong_every=2))})
+    config = good_and_bad()
     gates = await subscribe(bus.subjects.gate_decided_all)
     async with SimServer(config) as sim, SimServer(config) as elsewhere:
         context.settings = context.settings.replace(stable_upstream=sim.url)  # the `default` endpoint
@@ -230,8 +234,7 @@ async def test_a_run_id_binds_once_so_no_request_reuses_another_requests_stored_
     # the strong model's answers.
     suite, policy = await register_qa(bus)
     await register_model_release(bus, "v-weak", "bad")
-    config = SimConfig(models={"good": ModelSpec(answers=qa_answers()),
-                               "bad": ModelSpec(answers=qa_answers(wrong_every=2))})
+    config = good_and_bad()
     gates = await subscribe(bus.subjects.gate_decided_all)
     reran = await subscribe(bus.subjects.eval_reran)
     dlq = await subscribe(bus.subjects.dlq_all)

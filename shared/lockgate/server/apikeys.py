@@ -202,6 +202,17 @@ def in_scope(deployments: tuple[str, ...], deployment: str) -> bool:
     return not deployments or deployment in deployments
 
 
+def event_out_of_scope(deployments: tuple[str, ...], deployment: str, app: str) -> str:
+    """Why a key of scope `deployments` may not report an event of `deployment` ("" when it may). An event
+    counts in its deployment's drift and canary analysis; one naming none counts as the deployment named
+    like its app (drift groups by `deployment or app`), and the app is the event's to name, so a scoped key
+    must name a deployment of its own."""
+    if in_scope(deployments, deployment):
+        return ""
+    return (f"is for deployment {deployment!r}" if deployment else
+            f"names no deployment (it would count as deployment {app!r}, its app's name)")
+
+
 def deployment_scope(role: str, deployments: Iterable[str]) -> tuple[str, ...]:
     """The checked scope of a key of `role`: deployment names in the grammar, each once, in the order given.
     Only app keys take one: the admin API's roles act on every deployment, so a scope on an operator key
