@@ -54,16 +54,20 @@ FROM otel_traces
 _OF_TRACE = "(TraceId = {id:String} OR has(Links.TraceId, {id:String}))"
 
 # The seconds a trace spans (its own spans and those linking to it) from the lookup table, as
-# scalars ClickHouse evaluates first, so partition and primary-key pruning see constants.
+# scalars ClickHouse evaluates first, so partition and primary-key pruning see constants. The bounds are
+# DateTime64 like Timestamp: against a DateTime (whole seconds) ClickHouse's min-max index, the partition
+# key's, reads `Timestamp < hi` as `Timestamp <= hi - 1` (ClickHouse issue #113993) and skipped every part
+# whose earliest span lay inside the window's last second, past its start: typically the part holding the
+# sink's batch span that links to a request, so the trace came back without it (or empty, all parts skipped).
 _TRACE = f"""
 WITH (SELECT toUInt32(toUnixTimestamp(min(Start))) FROM otel_traces_trace_id_ts WHERE TraceId = {{id:String}}) AS lo,
      (SELECT toUInt32(toUnixTimestamp(max(End)) + 1) FROM otel_traces_trace_id_ts WHERE TraceId = {{id:String}}) AS hi
-{_SPANS}WHERE Timestamp >= toDateTime(lo) AND Timestamp < toDateTime(hi) AND {_OF_TRACE}
+{_SPANS}WHERE Timestamp >= toDateTime64(lo, 9) AND Timestamp < toDateTime64(hi, 9) AND {_OF_TRACE}
 ORDER BY time
 """
 # The same spans without the window: the answer when the window reads nothing although spans were
-# stored (seen under load: the lookup row present, the windowed read empty), so a stored trace is
-# never reported missing. A trace nobody stored pays this one scan before its NotFound.
+# stored (their lookup rows not written, e.g. gone with a truncated lookup table), so a stored trace
+# is never reported missing. A trace nobody stored pays this one scan before its NotFound.
 _TRACE_UNWINDOWED = f"{_SPANS}WHERE {_OF_TRACE}\nORDER BY time\n"
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from lockgate.contracts import CostEntry, CostLedger, SpanRecord
 from lockgate.errors import ConfigError, NotFound
+from lockgate.services.query import traces
 from lockgate.services.query.cost import DIMENSIONS, cost_rollup
 from lockgate.services.query.traces import trace
 from lockgate.store import Store, open_store
@@ -54,6 +55,31 @@ def test_trace_by_id_reads_its_range_from_the_lookup_table_and_equals_a_full_sca
     store.command("TRUNCATE TABLE otel_traces_trace_id_ts")
     assert sorted((r["span_id"], bool(r["linked"])) for r in trace(store, ids[0])) == sorted(
         _full_scan(store, ids[0]))
+
+
+def test_trace_by_id_reads_spans_stored_in_a_part_of_their_own_late_in_the_windows_last_second(store: Store) -> None:
+    # The loop's shape: the router's span, then the sink's batch span linking to it, each its own insert (own
+    # part), the sink's in the window's last second and after its start: the window ends at that second + 1.
+    # A strict `Timestamp < DateTime` bound let ClickHouse's min-max index (the partition key's) prune a part
+    # whose spans all lie inside that second (read as `Timestamp <= second`): the router span came back alone,
+    # so the unwindowed fallback never ran. Merges stopped, so the parts stay as the sink wrote them.
+    store.command("SYSTEM STOP MERGES otel_traces")
+    request, alone = "a" * 32, "b" * 32
+    parts = [([_span(request, T0 + timedelta(milliseconds=250), 1)], None),
+             ([_span("c" * 32, T0 + timedelta(seconds=1, milliseconds=500), 2, links=[request])], "sink-batch-1"),
+             ([_span(alone, T0 + timedelta(days=1, microseconds=1), 3)], "sink-batch-2"),  # one span, one part
+             ([_span(alone, T0 + timedelta(days=1, seconds=2, milliseconds=999), 4)], None)]
+    for spans, token in parts:
+        store.insert_columns("otel_traces", OTEL_TRACES.columns, OTEL_TRACES.data(spans), token=token)
+    assert store.scalar("SELECT count() FROM system.parts WHERE database = currentDatabase() "
+                        "AND table = 'otel_traces' AND active") == len(parts)
+    for trace_id in (request, alone, "c" * 32):
+        want = _full_scan(store, trace_id)
+        assert sorted((r["span_id"], bool(r["linked"])) for r in trace(store, trace_id)) == sorted(want), trace_id
+        # ...read by the window itself, not by the fallback
+        windowed = store.rows(traces._TRACE, {"id": trace_id})
+        assert sorted((r["span_id"], bool(r["linked"])) for r in windowed) == sorted(want), trace_id
+    assert len(_full_scan(store, request)) == 2 and len(_full_scan(store, alone)) == 2
 
 
 def _ledger(n: int, seed: int = 7) -> CostLedger:
