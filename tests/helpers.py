@@ -16,8 +16,9 @@ from lockgate.telemetry import Telemetry
 
 
 async def eventually(check: Callable[[], bool], progress: Sequence[Progress], timeout_s: float = 30.0,
-                     what: str = "condition") -> None:
-    """Re-check `check()` each time one of the services reports progress, until true or timeout."""
+                     what: str | Callable[[], str] = "condition") -> None:
+    """Re-check `check()` each time one of the services reports progress, until true or timeout
+    (`what` names the condition in the TimeoutError; a callable is asked then, to say what was seen)."""
     deadline = time.monotonic() + timeout_s
     while True:
         # Counts read before the check, so progress made while it runs wakes the wait below.
@@ -26,7 +27,7 @@ async def eventually(check: Callable[[], bool], progress: Sequence[Progress], ti
             return
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError(f"{what} not reached within {timeout_s:.0f}s")
+            raise TimeoutError(f"{what() if callable(what) else what} not reached within {timeout_s:.0f}s")
         waits = [asyncio.create_task(p.wait_for(c + 1, remaining)) for p, c in zip(progress, seen, strict=True)]
         done, pending = await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:

@@ -30,7 +30,7 @@ LIMIT {{limit:UInt32}}
 
 def recent_traces(store: Store, limit: Limit = 20, service: str | None = None) -> list[dict[str, Any]]:
     """The newest traces with their span count, services and duration."""
-    where = "Timestamp > now() - INTERVAL 7 DAY"
+    where = "Timestamp > now64(9) - INTERVAL 7 DAY"  # DateTime64 bound: see _TRACE
     params: dict[str, Any] = {"limit": limit}
     if service:
         where += " AND TraceId IN (SELECT TraceId FROM otel_traces WHERE ServiceName = {service:String})"

@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 
 from lockgate import metrics
-from lockgate.outbox import Outbox
+from lockgate.outbox import UNTIL_BACK, Outbox
 from lockgate.server.apikeys import KeyStore
 from lockgate.server.httplog import SERVER_LOG
 from lockgate.server.service import Service, ServiceContext, fewer_collections
@@ -31,8 +31,10 @@ class RouterService(Service):
         self.upstreams = Endpoints(ctx.settings)  # the operator's allow-list; a bad file fails the start
         self.rollouts = Rollouts(ctx, self.upstreams)
         # The request path only adds; when the bus cannot keep up the oldest events go first
-        # (counted), so the freshest traffic is what drift and cost see.
-        self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, name="router-events",
+        # (counted), so the freshest traffic is what drift and cost see. Publishes are retried until
+        # the bus is back: an outage costs only what overflows the buffer.
+        self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, retry=UNTIL_BACK,
+                              name="router-events",
                               on_sent=metrics.events_out_counter("router"), on_drop=metrics.drop_counter("router"))
         self.keys = KeyStore(ctx.settings.home)  # clients and operators authenticate with these
         self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, ctx.telemetry.server_spans(self.name),

@@ -22,7 +22,7 @@ from lockgate.contracts.names import check_name
 from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.decisionwatch import ReconnectCounter, watch_decisions
 from lockgate.errors import BusUnavailable, ClientClosed, NotFound, SignatureError
-from lockgate.outbox import Outbox, encode_event, event_from_fields
+from lockgate.outbox import UNTIL_BACK, Outbox, encode_event, event_from_fields
 from lockgate.retry import RetryPolicy
 from lockgate.signing import Verifier
 from lockgate.subjects import Subjects, token
@@ -55,6 +55,10 @@ class Client:
     `emit` never blocks and never raises for a full buffer: it returns False and counts the event
     in `dropped`. It raises InvalidEvent at once for an event the contract forbids, so one bad
     event never reaches (and poisons) a batch. Call it from the event loop's thread.
+
+    While the bus is away, publishes are retried until it is back (or `max_attempts` times, if
+    given), and the buffer (`max_buffer` events) takes what is emitted meanwhile; `close()` waits
+    at most `close_timeout_s` for a bus still away, then counts what is left in `failed`.
     """
 
     def __init__(
@@ -68,7 +72,8 @@ class Client:
         batch_size: int = 500,
         flush_interval_s: float = 0.05,
         max_in_flight: int = 8,
-        max_attempts: int = 10,
+        max_attempts: int | None = None,
+        close_timeout_s: float = 10.0,
         verify: bool = True,
         trusted_keys: list[str] | None = None,
         user: str = "",
@@ -98,7 +103,8 @@ class Client:
             capacity=max_buffer,
             overflow="drop_newest",
             max_in_flight=max_in_flight,
-            retry=RetryPolicy(attempts=max_attempts, initial_s=0.05, max_s=2.0),
+            retry=UNTIL_BACK if max_attempts is None else RetryPolicy(attempts=max_attempts, initial_s=0.05, max_s=2.0),
+            close_timeout_s=close_timeout_s,
             name="lockgate-sdk",
         )
         self._started = False
@@ -129,7 +135,8 @@ class Client:
 
     @property
     def failed(self) -> int:
-        """Events given up on after `max_attempts` publishes."""
+        """Events given up on: after `max_attempts` publishes if set, else those the bus had not taken
+        when `close()` stopped waiting for it."""
         return self._outbox.failed
 
     @property

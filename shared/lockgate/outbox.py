@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter
 from typing import Any
@@ -59,6 +60,9 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 PUBLISH_RETRY = RetryPolicy(attempts=5, initial_s=0.05, max_s=2.0)
+# An Outbox's publishes: retried until the bus is back, however long; the buffer's capacity bounds what an
+# outage costs (its overflow policy counts what it refuses), and close() bounds how long a stop waits.
+UNTIL_BACK = RetryPolicy(attempts=None, initial_s=0.05, max_s=2.0)
 
 
 class Encoded(msgspec.Struct, frozen=True, gc=False):
@@ -199,16 +203,17 @@ async def publish_events(
     batch_size: int = BATCH_SIZE,
     headers: Mapping[str, str] | None = None,
     retry: RetryPolicy = PUBLISH_RETRY,
+    give_up: Callable[[], bool] | None = None,
     timeout_s: float = 5.0,
 ) -> int:
     """Publish events, one message per app and chunk; returns how many JetStream acknowledged.
 
     Raises PublishFailed (carrying `sent` and `failed`) when any chunk was not acknowledged after
-    the retries; the other chunks are published all the same. `headers` go on every message; a
-    chunk without a `traceparent` there gets its first event's trace."""
+    the retries (`retry`'s attempts, or until `give_up()`); the other chunks are published all the
+    same. `headers` go on every message; a chunk without a `traceparent` there gets its first event's trace."""
     chunks = chunk_by_app(events, batch_size)
     errors = await asyncio.gather(
-        *(_publish_chunk(js, subjects.inference(c[0].app), c, headers, retry, timeout_s) for c in chunks)
+        *(_publish_chunk(js, subjects.inference(c[0].app), c, headers, retry, give_up, timeout_s) for c in chunks)
     )
     failed = sum(len(c) for c, exc in zip(chunks, errors, strict=True) if exc is not None)
     sent = len(events) - failed
@@ -216,7 +221,9 @@ async def publish_events(
         first = next(exc for exc in errors if exc is not None)
         # Only a transient error was retried: one that fails the same way every time (a payload over the
         # server's max_payload, a closed connection) was tried once, and saying otherwise misleads.
-        tries = f"after {retry.attempts} attempts" if isinstance(first, TRANSIENT) else "(not retried: it fails the same way each time)"
+        tries = ("(not retried: it fails the same way each time)" if not isinstance(first, TRANSIENT)
+                 else f"after {retry.attempts} attempts" if retry.attempts is not None
+                 else "(retried until the publisher stopped waiting)")
         raise PublishFailed(
             f"JetStream did not acknowledge {failed} of {len(events)} inference events "
             f"{tries}: {first!r}; they are counted as failed",
@@ -232,6 +239,7 @@ async def _publish_chunk(
     chunk: list[Encoded],
     headers: Mapping[str, str] | None,
     retry: RetryPolicy,
+    give_up: Callable[[], bool] | None,
     timeout_s: float,
 ) -> Exception | None:
     try:
@@ -250,6 +258,7 @@ async def _publish_chunk(
             lambda: js.publish(subject, data, headers=hdrs, timeout=timeout_s),
             retry_on=TRANSIENT,
             what=f"publish of {len(chunk)} events to {subject}",
+            give_up=give_up,
         )
     except Exception as exc:  # counted by the caller, never lost silently
         log.warning("%d inference events for %s not published: %r", len(chunk), subject, exc)
@@ -262,8 +271,10 @@ class Outbox:
 
     `add` never blocks and never raises: when the buffer refuses an event (full under
     `drop_newest`, evicted under `drop_oldest`, or the outbox closed) it counts in `dropped`.
-    `sent` counts events JetStream acknowledged, `failed` those given up after the retries.
-    Nothing is published before `start(js)`. A server process passes `on_sent(n)` and
+    `sent` counts events JetStream acknowledged, `failed` those given up after the retries. With
+    `retry=UNTIL_BACK` a publish is retried until the bus is back, however long (the bounded buffer
+    takes the events meanwhile), and only once `close()` has waited `close_timeout_s` is what is left
+    counted failed. Nothing is published before `start(js)`. A server process passes `on_sent(n)` and
     `on_drop(n, reason)` to count the same in its metrics (the SDK passes none: no OpenTelemetry).
     """
 
@@ -277,6 +288,8 @@ class Outbox:
         overflow: Overflow = "drop_newest",
         max_in_flight: int = 1,
         retry: RetryPolicy = PUBLISH_RETRY,
+        close_timeout_s: float = 10.0,
+        publish_timeout_s: float = 5.0,
         name: str = "outbox",
         on_sent: Callable[[int], None] | None = None,
         on_drop: Callable[[int, str], None] | None = None,
@@ -284,6 +297,9 @@ class Outbox:
         self.subjects = subjects
         self.batch_size = batch_size
         self.retry = retry
+        self.close_timeout_s = close_timeout_s
+        self.publish_timeout_s = publish_timeout_s  # each attempt's wait for its ack
+        self._give_up_at: float | None = None  # set by close(): when publishes still failing are given up
         self.js: Any = None
         self.sent = 0
         self.failed = 0
@@ -332,18 +348,24 @@ class Outbox:
         await self._batcher.flush()
 
     async def close(self) -> None:
-        """Flush what is left and wait for the acks; later events are refused. Never started, nothing can
+        """Flush what is left and wait for the acks (publishes still failing after `close_timeout_s` are
+        counted failed); later events are refused. Never started, nothing can
         publish what is buffered: it is counted dropped ("closed") rather than kept unseen."""
         if self.js is None:
             self._batcher.abandon("closed")
             return
+        self._give_up_at = time.monotonic() + self.close_timeout_s
         await self._batcher.close()
+
+    def _give_up(self) -> bool:
+        return self._give_up_at is not None and time.monotonic() >= self._give_up_at
 
     async def _publish(self, events: list[Encoded]) -> None:
         try:
             # Awaited before the add: `self.sent += await ...` would read the counter before the
             # await and lose the counts of batches acknowledged meanwhile.
-            sent = await publish_events(self.js, self.subjects, events, batch_size=self.batch_size, retry=self.retry)
+            sent = await publish_events(self.js, self.subjects, events, batch_size=self.batch_size, retry=self.retry,
+                                        give_up=self._give_up, timeout_s=self.publish_timeout_s)
         except PublishFailed as exc:
             self.sent += exc.sent
             self.failed += exc.failed

@@ -70,7 +70,7 @@ class Load:
         settings = settings_of(self.topo)
         app_auth = credentials.for_identity(settings, "app")
         self.client = Client(self.topo.nats.url, prefix=self.topo.prefix, app=f"{self.app}-sdk",
-                             user=app_auth.user, password=app_auth.password, max_attempts=30)
+                             user=app_auth.user, password=app_auth.password)
         await self.client.start()
         self.key, _ = KeyStore(self.topo.home).create("default", f"{self.app}-web", description="cluster test")
         self.http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {self.key}"},

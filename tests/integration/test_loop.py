@@ -9,6 +9,7 @@ import pytest
 from rich.console import Console
 
 from lockgate.config import Settings
+from lockgate.errors import NotFound
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.runtime import Runtime
 from lockgate.services.query import traces as trace_queries
@@ -93,14 +94,17 @@ async def test_release_goes_through_the_whole_loop(settings: Settings) -> None:
         # one trace id links the router's span and the sink's span
         trace_id = story["traces"][0]
 
+        found: set[str] = set()
+
         def trace_complete() -> bool:
             try:
-                spans = trace_queries.trace(store, trace_id)
-            except Exception:
+                found.update(s["service"] for s in trace_queries.trace(store, trace_id))
+            except NotFound:
                 return False
-            return {"lockgate-router", "lockgate-sink"} <= {s["service"] for s in spans}
+            return {"lockgate-router", "lockgate-sink"} <= found
 
-        await eventually(trace_complete, [sink.spans], what=f"router and sink spans of trace {trace_id}")
+        await eventually(trace_complete, [sink.spans],
+                         what=lambda: f"router and sink spans of trace {trace_id} (found {sorted(found)})")
         spans = trace_queries.trace(store, trace_id)
         router_span = next(s for s in spans if s["service"] == "lockgate-router")
         assert router_span["trace_id"] == trace_id

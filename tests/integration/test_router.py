@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -846,3 +847,44 @@ async def _refusal(client: openai.AsyncOpenAI, ask: dict[str, Any]) -> str:
     with pytest.raises(openai.NotFoundError) as caught:
         await client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **ask)
     return caught.value.message
+
+
+class _CountedPublishes:
+    """The router's JetStream context, publishes counted: `reached` is set at the `n`th attempt."""
+
+    def __init__(self, js: Any, n: int) -> None:
+        self.js, self.n, self.calls, self.reached = js, n, 0, asyncio.Event()
+
+    async def publish(self, *args: Any, **kw: Any) -> Any:
+        self.calls += 1
+        if self.calls >= self.n:
+            self.reached.set()
+        return await self.js.publish(*args, **kw)
+
+
+async def test_events_wait_out_an_inference_stream_outage_of_any_length(
+        router: Any, http: aiohttp.ClientSession, keys: Bootstrap, governed: None) -> None:
+    # The stream taking the router's events goes away (as while JetStream elects a new leader, or
+    # is restored): no publish is acknowledged. Requests are still served, and their events
+    # are retried until the stream is back, however many attempts that takes (the router gave up
+    # after 5 attempts, counting the events failed: lost for drift, cost and canary analysis).
+    bus = router.ctx.bus
+    stream = bus.subjects.streams["inference"].name
+    await bus.js.delete_stream(stream)
+    # Each attempt waits out its timeout (the router's own live-event subscription takes the message
+    # and answers nothing): a short one keeps the test short.
+    router.batcher.publish_timeout_s = 0.2
+    # Beyond the 5 attempts a publish used to get: a publisher that gave up makes no 8th attempt.
+    attempts = router.batcher.js = _CountedPublishes(router.batcher.js, 8)
+    for i in range(5):
+        async with http.post(f"{router.url}/v1/chat/completions", json=_chat(f"q{i}"),
+                             headers=bearer(keys.app_key)) as resp:
+            assert resp.status == 200, await resp.text()
+    await asyncio.wait_for(attempts.reached.wait(), 30)
+    assert router.batcher.failed == 0
+    await bus.ensure_topology()  # the stream is back
+    await router.batcher.flush()
+    assert (router.batcher.sent, router.batcher.failed, router.batcher.dropped) == (5, 0, 0)
+    prompts = [e.prompt for _, _, data in [m async for m in bus.stored_since(stream, bus.subjects.inference("shop"), 0)]
+               for e in _events.decode(data)]
+    assert sorted(prompts) == [f"q{i}" for i in range(5)]  # each once

@@ -193,6 +193,31 @@ async def test_outbox_counts_failed_after_retries_and_drops_when_refusing() -> N
     assert not box.add(event()) and box.dropped == 3  # closed: refused and counted, never raised
 
 
+UNTIL_BACK_NOW = RetryPolicy(attempts=None, initial_s=0, max_s=0)  # UNTIL_BACK without its backoff
+
+
+async def test_an_outbox_retrying_until_back_rides_out_an_outage_of_any_length() -> None:
+    # Twenty failed publishes in a row, four times what PUBLISH_RETRY allows: nothing given up.
+    js = FakeJetStream(fail={"a": [nats.errors.NoRespondersError()] * 20})
+    box = outbox(retry=UNTIL_BACK_NOW)
+    box.start(js)
+    events = [event("a", i) for i in range(3)]
+    assert all(map(box.add, events))
+    await box.flush()
+    assert (box.sent, box.failed, box.dropped, len(js.calls)) == (3, 0, 0, 21)
+    assert [e.id for e in js.events()] == [e.id for e in events]
+    assert len({h["Nats-Msg-Id"] for _, _, h in js.calls}) == 1  # every retry the same message: deduplicated
+
+
+async def test_close_gives_up_on_a_bus_still_away_after_its_timeout_and_counts_it_failed() -> None:
+    js = FakeJetStream(fail={"a": [nats.errors.NoRespondersError()] * 10_000})
+    box = outbox(retry=UNTIL_BACK_NOW, close_timeout_s=0)
+    box.start(js)
+    assert box.add(event("a", 1))
+    await box.close()
+    assert (box.sent, box.failed, box.dropped) == (0, 1, 0)
+
+
 async def test_outbox_drop_oldest_keeps_the_newest() -> None:
     js = FakeJetStream()
     box = outbox(capacity=2, overflow="drop_oldest")

@@ -45,6 +45,40 @@ async def test_gives_up_after_attempts_and_raises_the_last_error() -> None:
     assert calls == 3
 
 
+async def test_without_an_attempt_limit_it_retries_until_the_caller_gives_up() -> None:
+    calls = 0
+
+    async def broken() -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError(f"down {calls}")
+
+    async def no_sleep(s: float) -> None:
+        return None
+
+    # Far beyond the default five attempts: only give_up() ends it, asked after each failure.
+    with pytest.raises(ConnectionError, match="down 40"):
+        await RetryPolicy(attempts=None).call(broken, retry_on=ConnectionError, sleep=no_sleep,
+                                              give_up=lambda: calls >= 40)
+    assert calls == 40
+
+
+async def test_give_up_also_ends_a_limited_policy_early() -> None:
+    calls = 0
+
+    async def broken() -> None:
+        nonlocal calls
+        calls += 1
+        raise ConnectionError("down")
+
+    async def no_sleep(s: float) -> None:
+        return None
+
+    with pytest.raises(ConnectionError):
+        await RetryPolicy(attempts=10).call(broken, retry_on=ConnectionError, sleep=no_sleep, give_up=lambda: True)
+    assert calls == 1
+
+
 async def test_does_not_retry_other_errors() -> None:
     calls = 0
 
