@@ -1,7 +1,8 @@
 """Live evidence for canary analysis: recent inference events per deployment and release. Pure, no I/O.
 
-Every replica keeps its own copy, fed from the inference subjects (the router's own events and
-the SDK's alike), so replicas see the same evidence and reach the same verdicts; the routes KV's
+Every replica keeps its own copy, fed from the events of requests the routers served (the subject
+only routers may publish to: an application's events are stored, priced and watched for drift, but
+never steer a rollout), so replicas see the same evidence and reach the same verdicts; the routes KV's
 compare-and-set decides which replica's verdict is written. Rows live in columnar ring buffers, so
 summarising a window is a few vectorised masks, not a Python loop on the router's event loop.
 """

@@ -74,7 +74,7 @@ def _evidence(rollouts: Rollouts, take: Callable[[bytes], None]) -> Callable[[Ms
 
 
 def evidence_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
-    """For `inference.>`: the live inference events of every producer."""
+    """For `inference.*.router`: the events of requests the routers served (`subjects.served`)."""
 
     def take(data: bytes) -> None:
         value = _inference.decode(data)

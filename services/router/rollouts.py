@@ -455,9 +455,9 @@ class Rollouts:
         return any(progress.collecting(r) or progress.shadowing(r) for r in self.routes.values())
 
     def observe(self, events: list[InferenceEvent]) -> None:
-        """Keep the events of deployments whose canary is under analysis (either variant's release; an
-        SDK event that names only its variant counts for that variant's release), and pair shadow events
-        with the served ones of mirrored deployments."""
+        """Keep the events of deployments whose canary is under analysis (either variant's release), and pair
+        shadow events with the served ones of mirrored deployments. Only the routers' events of requests they
+        served arrive here (`subjects.served`): an application's could say anything."""
         shadowed = fresh = False
         for e in events:
             deployment = e.deployment or e.app
@@ -473,7 +473,7 @@ class Rollouts:
                 shadowed = True
             if not progress.collecting(route):
                 continue
-            release = e.release or (route.canary.release if e.variant == "canary" else route.stable.release)
+            release = e.release
             # Shadow events count for the candidate too: a blue-green preview is judged on mirrored traffic.
             if release in (route.canary.release, route.stable.release):
                 self.evidence.add(e, release)

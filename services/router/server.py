@@ -34,7 +34,7 @@ class RouterService(Service):
         # (counted), so the freshest traffic is what drift and cost see. Publishes are retried until
         # the bus is back: an outage costs only what overflows the buffer.
         self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, retry=UNTIL_BACK,
-                              name="router-events",
+                              served=True, name="router-events",
                               on_sent=metrics.events_out_counter("router"), on_drop=metrics.drop_counter("router"))
         self.keys = KeyStore(ctx.settings.home)  # clients and operators authenticate with these
         self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, ctx.telemetry.server_spans(self.name),
@@ -70,8 +70,9 @@ class RouterService(Service):
         fewer_collections()  # each request allocates dozens of containers: see fewer_collections
         await self.rollouts.restore()
         self.spawn(self.rollouts.run_watch(), "route-watch")
-        # Live evidence for canary analysis: every inference event, from this replica and every other producer.
-        self._evidence = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.inference_all,
+        # Live evidence for canary analysis: the events of requests served by this replica and the others,
+        # on the subject only routers may publish to (an application's events could say anything).
+        self._evidence = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.served_all,
                                                          cb=evidence_callback(self.rollouts))
         self._scores = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.eval_scores_all,
                                                        cb=scores_callback(self.rollouts))  # online evaluation

@@ -205,15 +205,18 @@ async def publish_events(
     retry: RetryPolicy = PUBLISH_RETRY,
     give_up: Callable[[], bool] | None = None,
     timeout_s: float = 5.0,
+    served: bool = False,
 ) -> int:
     """Publish events, one message per app and chunk; returns how many JetStream acknowledged.
 
     Raises PublishFailed (carrying `sent` and `failed`) when any chunk was not acknowledged after
     the retries (`retry`'s attempts, or until `give_up()`); the other chunks are published all the
-    same. `headers` go on every message; a chunk without a `traceparent` there gets its first event's trace."""
+    same. `headers` go on every message; a chunk without a `traceparent` there gets its first event's trace.
+    `served`: the router's events of requests it served, on `subjects.served` (see there)."""
     chunks = chunk_by_app(events, batch_size)
+    subject = subjects.served if served else subjects.inference
     errors = await asyncio.gather(
-        *(_publish_chunk(js, subjects.inference(c[0].app), c, headers, retry, give_up, timeout_s) for c in chunks)
+        *(_publish_chunk(js, subject(c[0].app), c, headers, retry, give_up, timeout_s) for c in chunks)
     )
     failed = sum(len(c) for c, exc in zip(chunks, errors, strict=True) if exc is not None)
     sent = len(events) - failed
@@ -290,6 +293,7 @@ class Outbox:
         retry: RetryPolicy = PUBLISH_RETRY,
         close_timeout_s: float = 10.0,
         publish_timeout_s: float = 5.0,
+        served: bool = False,
         name: str = "outbox",
         on_sent: Callable[[int], None] | None = None,
         on_drop: Callable[[int, str], None] | None = None,
@@ -299,6 +303,7 @@ class Outbox:
         self.retry = retry
         self.close_timeout_s = close_timeout_s
         self.publish_timeout_s = publish_timeout_s  # each attempt's wait for its ack
+        self.served = served  # the router's: published on `subjects.served`
         self._give_up_at: float | None = None  # set by close(): when publishes still failing are given up
         self.js: Any = None
         self.sent = 0
@@ -365,7 +370,8 @@ class Outbox:
             # Awaited before the add: `self.sent += await ...` would read the counter before the
             # await and lose the counts of batches acknowledged meanwhile.
             sent = await publish_events(self.js, self.subjects, events, batch_size=self.batch_size, retry=self.retry,
-                                        give_up=self._give_up, timeout_s=self.publish_timeout_s)
+                                        give_up=self._give_up, timeout_s=self.publish_timeout_s,
+                                        served=self.served)
         except PublishFailed as exc:
             self.sent += exc.sent
             self.failed += exc.failed

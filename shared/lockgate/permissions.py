@@ -4,7 +4,8 @@ for SDK applications, derived from `subjects.py` so the table cannot drift from 
 Publishing is what the trust model guards: only the gatekeeper publishes gate decisions (and
 writes the gates and keys buckets), only the evaluator publishes eval completions, only an
 approver (or admin) publishes reviews, and an application publishes inference events and
-nothing else. Reading is granted per stream (JetStream cannot narrow a consumer's filter by
+nothing else; only the router publishes the events of requests it served (`served`), the one
+live evidence canary analysis takes. Reading is granted per stream (JetStream cannot narrow a consumer's filter by
 permission), but a service creates, deletes, fetches from and acks only its own durable consumers
 (DURABLES), so one service cannot rebind, delete or drain another's; only the sink deletes a
 message from a stream (a dead-lettered, unreadable original). Buckets are read by message get, not
@@ -166,11 +167,11 @@ def grant(s: Subjects, identity: str) -> Grant:
     elif identity == "query":
         g.add(service).add(Grant(subscribe=[s.query], responses=True))
     elif identity == "gateway":
-        g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_all]))
+        g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_sent]))
         g.add(Grant(subscribe=[s.gate_decided_all]))  # WatchDecisions follows the announcements (decisionwatch.py)
     elif identity == "otlp":
         # The OTLP receiver: spans it was sent, and the inference events of GenAI spans; nothing else.
-        g.add(service).add(Grant(publish=[s.inference_all]))
+        g.add(service).add(Grant(publish=[s.inference_sent]))
     elif identity == "lineage":
         # It binds each release name once (create-only KV) and publishes the bound releases and the
         # edges as facts.
@@ -203,10 +204,11 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(_consume(s, "router")).add(_read_kv(s.kv_gates)).add(_write_kv(s.kv_routes))
         g.add(_watch_kv(s.kv_routes))  # every replica applies the others' route writes as they happen
         g.add(_read_kv(s.kv_releases)).add(_read_objects(s.object_store))
-        g.add(Grant(publish=[s.rollout_all, s.inference_all, s.query]))
+        # Its events of served requests on `served` (canary evidence), which no application may publish to.
+        g.add(Grant(publish=[s.rollout_all, s.served_all, s.query]))
         g.add(Grant(publish=[s.audit("router")]))  # its manual rollout actions and overrides, as itself
-        # Canary analysis reads live inference events (core subscription, every replica all of them).
-        g.add(Grant(subscribe=[s.inference_all]))
+        # Canary analysis reads the served events (core subscription, every replica all of them).
+        g.add(Grant(subscribe=[s.served_all]))
         # Budgets: it leases from the shared counters (compare-and-set) and reports what they refused.
         g.add(_write_kv(s.kv_budgets)).add(Grant(publish=[s.budget_all]))
         g.add(_write_kv(s.kv_response_cache))  # answers shared between replicas (opt-in per deployment)
@@ -220,7 +222,7 @@ def grant(s: Subjects, identity: str) -> Grant:
     elif identity == APP:
         # The SDK: send inference events, read decisions and the keys that verify them, and follow the
         # announcements of new decisions (decisionwatch.py): no consumer anywhere (see _ephemeral).
-        g.add(_read_kv(s.kv_gates)).add(_read_kv(s.kv_keys)).add(Grant(publish=[s.inference_all]))
+        g.add(_read_kv(s.kv_gates)).add(_read_kv(s.kv_keys)).add(Grant(publish=[s.inference_sent]))
         g.add(Grant(subscribe=[s.gate_decided_all]))
     elif identity in ("viewer", "operator", "approver"):
         g.add(_viewer(s))

@@ -115,11 +115,27 @@ class Subjects:
 
     # subjects
     def inference(self, app: str) -> str:
+        """Inference events an application sends (SDK, gRPC, OTLP, or JSON on the subject)."""
         return f"{self.prefix}.inference.{token(app)}"
+
+    def served(self, app: str) -> str:
+        """Inference events of requests the router served: only the router may publish here, so these
+        alone are a canary's live evidence (an application could send any event on `inference`)."""
+        return f"{self.prefix}.inference.{token(app)}.router"
 
     @property
     def inference_all(self) -> str:
+        """Both kinds: every consumer that stores, prices or watches events takes all of them."""
         return f"{self.prefix}.inference.>"
+
+    @property
+    def inference_sent(self) -> str:
+        """Every app's `inference` subject, and not `served`: what applications may publish."""
+        return f"{self.prefix}.inference.*"
+
+    @property
+    def served_all(self) -> str:
+        return f"{self.prefix}.inference.*.router"
 
     @property
     def artifact_registered(self) -> str:

@@ -54,8 +54,8 @@ def _attempts(js: Any, stream: str, filter_subject: str, deliver: str) -> dict[s
 
 
 # Subscribers that would be handed the copies, as they subscribe: the query service's request subject (a queue
-# subscription) and an exact inference subject (an application's own events, as a monitor could follow them).
-VICTIMS = {"query": (lambda s: s.query, lambda s: s.query_group), "router": (lambda s: s.inference("shop"), None)}
+# subscription) and an exact served subject (the router's canary evidence, as a monitor could follow it).
+VICTIMS = {"query": (lambda s: s.query, lambda s: s.query_group), "router": (lambda s: s.served("shop"), None)}
 
 
 @pytest.mark.parametrize(("identity", "bucket", "victim"), [

@@ -351,7 +351,7 @@ async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Sto
     keys = bootstrap(s.home, tenant="acme", app="shop")
     router = await stack.add(s, store, "router-a")
     bus = router.ctx.bus
-    sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
+    sub = await bus.nc.subscribe(bus.subjects.served("shop"))
     now = [0.0]
     router.admission.clock = lambda: now[0]
     c = client(router, keys.app_key)
@@ -451,7 +451,7 @@ async def test_a_streamed_answer_is_cached_and_replayed_as_sse(settings: Setting
     keys = bootstrap(s.home, tenant="acme", app="shop")
     router = await stack.add(s, store, "router-a")
     bus = router.ctx.bus
-    sub = await bus.nc.subscribe(bus.subjects.inference("shop"))
+    sub = await bus.nc.subscribe(bus.subjects.served("shop"))
     c = client(router, keys.app_key)
 
     async def stream(**extra: Any) -> tuple[str, list[Any], Any]:

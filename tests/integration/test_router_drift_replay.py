@@ -1,7 +1,7 @@
 """A router replica that (re)starts mid-rollout, or whose bus connection comes back, reads back the drift reports
 published meanwhile, so its analysis' `drift` metric has the latest report at once instead of WAITING for the
-monitor's next one. On a real nats-server with auth on: the router reads as its own identity, the reports come
-from the drift monitor's."""
+monitor's next one; and its live evidence is what routers served, never an application's events. On a real
+nats-server with auth on: the router reads as its own identity, the reports come from the drift monitor's."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from lockgate import credentials
 from lockgate.bus import Bus
 from lockgate.config import Settings
 from lockgate.contracts import DriftReport, FeatureDrift, GateDecided, InferenceEvent
+from lockgate.credentials import NotAllowed
 from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
@@ -97,9 +98,9 @@ def _report(comparison: str, psi: float, ended: datetime | None = None) -> Drift
 
 
 async def _answers(stack: Stack, router: Any) -> None:
-    """The analysis' minimum sample: ten answers per variant, reported by an application as live traffic (no
-    drift report), taken by `router` when this returns."""
-    app, taken, observe = await stack.bus("app"), asyncio.Event(), router.rollouts.observe
+    """The analysis' minimum sample: ten answers per variant, served by another router replica as live traffic
+    (no drift report), taken by `router` when this returns."""
+    other, taken, observe = await stack.bus("router"), asyncio.Event(), router.rollouts.observe
 
     def observed(events: list[InferenceEvent]) -> None:
         observe(events)
@@ -107,8 +108,8 @@ async def _answers(stack: Stack, router: Any) -> None:
 
     router.rollouts.observe = observed
     spec = router.rollouts.route("chat").strategy.analysis
-    await app.publish(app.subjects.inference("shop"), [InferenceEvent(app="shop", deployment="chat", release=r)
-                                                       for r in ("r1", "r2") for _ in range(spec.min_sample)])
+    await other.publish(other.subjects.served("shop"), [InferenceEvent(app="shop", deployment="chat", release=r)
+                                                        for r in ("r1", "r2") for _ in range(spec.min_sample)])
     async with asyncio.timeout(10):
         await taken.wait()
 
@@ -191,3 +192,32 @@ async def test_reports_published_while_a_replica_was_cut_off_are_read_back_when_
         assert b.rollouts.evidence.drift("chat", "r2", 0.0) == report
     finally:
         await relay.close()
+
+
+async def test_an_applications_events_never_count_as_a_canarys_live_evidence(stack: Stack) -> None:
+    # Before: the router took every inference event as evidence, so an application (its shared NATS user, an API
+    # key on the gRPC ingest or OTLP receiver) could report answers nobody served, naming the canary: good ones
+    # to carry a failing canary through its analysis, failing ones to roll a good canary back.
+    router = await stack.replica("router-a")
+    await _rollout(stack, router)
+    seen: list[InferenceEvent] = []
+    observe, taken = router.rollouts.observe, asyncio.Event()
+
+    def observed(events: list[InferenceEvent]) -> None:
+        seen.extend(events)
+        observe(events)
+        taken.set()
+
+    router.rollouts.observe = observed
+    app = await stack.bus("app")
+    forged = [InferenceEvent(app="shop", deployment="chat", release="r2", latency_ms=1.0) for _ in range(50)]
+    with pytest.raises(NotAllowed):  # the served subject is the routers' alone
+        await app.publish(app.subjects.served("shop"), forged)
+    await app.publish(app.subjects.inference("shop"), forged)  # accepted: stored, priced, watched for drift
+    # What another replica served, published after the forged events were acknowledged: the first thing observed.
+    other = await stack.bus("router")
+    served = [InferenceEvent(app="shop", deployment="chat", release="r2", status="error")]
+    await other.publish(other.subjects.served("shop"), served)
+    async with asyncio.timeout(10):
+        await taken.wait()
+    assert [e.id for e in seen] == [e.id for e in served]

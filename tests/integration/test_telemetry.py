@@ -202,7 +202,7 @@ async def test_router_metrics_move_with_requests(context: ServiceContext, run_se
         router = (await run_services("router"))["router"]
         auth = {"Authorization": f"Bearer {bootstrap(context.settings.home, app='shop').app_key}"}
         bus = context.bus
-        events = await bus.nc.subscribe(bus.subjects.inference("shop"))
+        events = await bus.nc.subscribe(bus.subjects.served("shop"))
         assert await _scrape(http, router.url) == {}
 
         async def chat(model: str) -> int:

@@ -65,7 +65,16 @@ def test_only_the_owner_may_publish(subject: str) -> None:
 
 def test_an_application_publishes_inference_only() -> None:
     facts = [p for p in grant(S, "app").publish if not p.startswith("$JS.")]
-    assert facts == [S.inference_all]
+    assert facts == [S.inference_sent]
+
+
+@pytest.mark.parametrize("identity", [i for i in IDENTITIES if i not in ("router", "admin")])
+def test_only_the_router_publishes_the_events_of_served_requests(identity: str) -> None:
+    # Canary analysis takes these alone as live evidence: an application (or a service ingesting for one)
+    # publishing there could steer a rollout with events of requests nobody served.
+    assert not any(matches(p, S.served("shop")) for p in grant(S, identity).publish)
+    assert any(matches(p, S.served("shop")) for p in grant(S, "router").publish)
+    assert not any(matches(p, S.inference("shop")) for p in grant(S, "router").publish)
 
 
 @pytest.mark.parametrize("identity", ["app", "viewer", "approver", "operator"])
@@ -80,7 +89,7 @@ def test_applications_and_the_cli_create_no_consumer(identity: str) -> None:
 
 def test_the_otlp_receiver_publishes_spans_and_inference_only() -> None:
     facts = [p for p in grant(S, "otlp").publish if not p.startswith("$")]
-    assert sorted(facts) == sorted([S.dlq_all, S.spans, S.inference_all])
+    assert sorted(facts) == sorted([S.dlq_all, S.spans, S.inference_sent])
 
 
 def test_replies_stay_private_to_each_identity() -> None:
