@@ -87,8 +87,10 @@ class DriftMonitor:
                 out[idx, t] = self.embedder.embed([texts[i][:_TEXT_CHARS] for i in idx])  # type: ignore[index]
         return out
 
-    def observe_events(self, events: Sequence[InferenceEvent | InferenceScored]) -> list[DriftReport]:
-        """Group a batch by deployment and observe each group, as a whole and by variant."""
+    def observe_events(self, events: Sequence[InferenceEvent | InferenceScored], *,
+                       variants: bool = True) -> list[DriftReport]:
+        """Group a batch by deployment and observe each group as a whole, and by variant when `variants`
+        (answers a router served: an application's events never fill a canary's or its stable's window)."""
         groups: dict[str, list[InferenceEvent | InferenceScored]] = {}
         for e in events:
             groups.setdefault(deployment_of(e), []).append(e)
@@ -99,7 +101,8 @@ class DriftMonitor:
             last = group[-1]
             reports += self.observe(deployment, batch.values, batch.times, app=last.app, tenant=last.tenant,
                                     vectors=vectors)
-            reports += self.observe_variants(deployment, group, batch, vectors)
+            if variants:
+                reports += self.observe_variants(deployment, group, batch, vectors)
         return reports
 
     def observe(self, deployment: str, values: np.ndarray, times: np.ndarray, *, app: str = "",

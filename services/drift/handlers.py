@@ -137,19 +137,22 @@ class DriftHandlers:
 
     async def on_inference(self, value: list[InferenceEvent] | InferenceEvent, delivery: Delivery) -> None:
         """Observe a message's events once; emit any reports that came due."""
-        await self._observe(value if isinstance(value, list) else [value], delivery)
+        events = value if isinstance(value, list) else [value]
+        await self._observe(events, delivery, variants=self.ctx.bus.subjects.is_served(delivery.subject))
 
     async def on_scores(self, value: InferenceScored, delivery: Delivery) -> None:
         """An online score of a sampled event (the evaluator's): a row of score features."""
-        await self._observe([value], delivery)
+        await self._observe([value], delivery, variants=value.served)
 
-    async def _observe(self, events: list[InferenceEvent] | list[InferenceScored], delivery: Delivery) -> None:
+    async def _observe(self, events: list[InferenceEvent] | list[InferenceScored], delivery: Delivery, *,
+                       variants: bool) -> None:
+        """`variants`: the events are answers a router served, so they also fill the canary-versus-stable windows."""
         await self._restore()
         # Shadow calls answered nobody: they are the candidate's, not the deployment's traffic.
         events = [e for e in events if e.variant != "shadow"]
         token = delivery.msg_id or f"{delivery.subject}-seq-{delivery.stream_seq}"
         if token not in self._seen:
-            reports = self.monitor.observe_events(events)
+            reports = self.monitor.observe_events(events, variants=variants)
             self._pending += reports
             self._seen[token] = None
             if len(self._seen) > _SEEN_MAX:

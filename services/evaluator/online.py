@@ -102,19 +102,19 @@ def chosen(event: InferenceEvent, p: Plan) -> bool:
     return event.status == "ok" and event.response is not None and sampled(event.id, p.rate(event.variant))
 
 
-def _scored(event: InferenceEvent, values: dict[str, float], results: list[Score]) -> InferenceScored:
+def _scored(event: InferenceEvent, values: dict[str, float], results: list[Score], served: bool) -> InferenceScored:
     # The answer's time, so a re-sent score is the same fact and windows of answers and scores agree.
     return InferenceScored(event_id=event.id, tenant=event.tenant, trace_id=event.trace_id, source=SOURCE,
                            time=event.time, app=event.app, deployment=event.deployment, variant=event.variant,
-                           release=event.release, scores=values, results=results)
+                           release=event.release, scores=values, results=results, served=served)
 
 
-def score(event: InferenceEvent, p: Plan) -> InferenceScored | None:
-    """The deterministic scores of one event if it is chosen, else None."""
+def score(event: InferenceEvent, p: Plan, served: bool = False) -> InferenceScored | None:
+    """The deterministic scores of one event if it is chosen, else None (`served`: a router served it)."""
     if not chosen(event, p):
         return None
     values = {s.label: ONLINE[s.name](event.response or "", None, s.params) for s in p.scorers}
-    return _scored(event, values, [Score(scorer=k, value=v) for k, v in values.items()])
+    return _scored(event, values, [Score(scorer=k, value=v) for k, v in values.items()], served)
 
 
 def wants_judge(event: InferenceEvent, p: Plan) -> bool:
@@ -122,8 +122,9 @@ def wants_judge(event: InferenceEvent, p: Plan) -> bool:
     return p.judge is not None and chosen(event, p) and sampled(f"{event.id}:{JUDGE}", p.judge.sample)
 
 
-def judged(event: InferenceEvent, value: float | None, error: str = "") -> InferenceScored:
+def judged(event: InferenceEvent, value: float | None, error: str = "", served: bool = False) -> InferenceScored:
     """The judge's outcome on one event: a score, or the error that left it without one (stored and shown to
     operators, so scrubbed of secrets an upstream may have echoed, and kept short)."""
     why = "" if value is not None else scrub_secrets(error or "no score")[:MAX_ERROR]
-    return _scored(event, {JUDGE: value} if value is not None else {}, [Score(scorer=JUDGE, value=value, error=why)])
+    return _scored(event, {JUDGE: value} if value is not None else {}, [Score(scorer=JUDGE, value=value, error=why)],
+                   served)

@@ -113,7 +113,7 @@ class OnlineEval:
         self.judged = Progress()  # judge outcomes published, scores and errors alike
         self.judge_errors = Progress()  # judge outcomes without a score (outage, unreadable reply, no endpoint)
         self.judge_skipped = Progress()  # answers not judged: the judge's queue was full or today's budget spent
-        self._queue: asyncio.Queue[tuple[InferenceEvent, JudgeSpec]] = asyncio.Queue(QUEUE)
+        self._queue: asyncio.Queue[tuple[InferenceEvent, JudgeSpec, bool]] = asyncio.Queue(QUEUE)
         self._judges: dict[str, _JudgeState] = {}
         self._workers: list[asyncio.Task[None]] = []
         self._closed = False
@@ -126,9 +126,10 @@ class OnlineEval:
         nacks the message: scores are idempotent by the scored event's id); queue the judge's work."""
         bus = self.ctx.bus
         n = 0
+        served = bus.subjects.is_served(delivery.subject)  # a router's events: its scores are canary evidence
         for event in value if isinstance(value, list) else [value]:
             plan = await self.plans.get(event.deployment or event.app)
-            result = online.score(event, plan) if plan.active else None
+            result = online.score(event, plan, served) if plan.active else None
             if result is None:
                 continue
             if result.scores:
@@ -136,17 +137,17 @@ class OnlineEval:
                                   msg_id=f"scored-{result.tenant}-{result.event_id}")
                 n += 1
             if plan.judge is not None and online.wants_judge(event, plan):
-                await self._enqueue(event, plan.judge)
+                await self._enqueue(event, plan.judge, served)
         await self.scored.bump(n)
 
-    async def _enqueue(self, event: InferenceEvent, spec: JudgeSpec) -> None:
+    async def _enqueue(self, event: InferenceEvent, spec: JudgeSpec, served: bool) -> None:
         if self._closed:  # stopping: the consumer may still deliver, but no worker may start again
             await self.judge_skipped.bump()
             return
         if not self._workers:
             self._workers = [asyncio.create_task(self._work(), name=f"evaluator:judge-{i}") for i in range(WORKERS)]
         try:
-            self._queue.put_nowait((event, spec))
+            self._queue.put_nowait((event, spec, served))
         except asyncio.QueueFull:
             await self.judge_skipped.bump()
 
@@ -186,19 +187,19 @@ class OnlineEval:
         # `_closed` as well as the cancel: a cancel that lands inside the HTTP client's own timeout or
         # connection handling can be consumed there, and the worker must still stop.
         while not self._closed:
-            event, spec = await self._queue.get()
+            event, spec, served = await self._queue.get()
             try:
-                await self._judge(event, spec)
+                await self._judge(event, spec, served)
             except Exception:  # one bad job must not stop the worker
                 log.exception("judging event %s failed", event.id)
 
-    async def _judge(self, event: InferenceEvent, spec: JudgeSpec) -> None:
+    async def _judge(self, event: InferenceEvent, spec: JudgeSpec, served: bool) -> None:
         """Ask the judge n times (each call within its rate and budget); publish a score or the error."""
         deployment = event.deployment or event.app
         try:
             state = self._state(deployment, spec)
         except ConfigError as exc:
-            await self._publish(online.judged(event, None, exc.message))
+            await self._publish(online.judged(event, None, exc.message, served))
             return
         params = judge.JudgeParams(model=spec.model, rubric=spec.rubric, n=spec.n, temperature=spec.temperature,
                                    pass_mark=spec.pass_mark)
@@ -226,9 +227,9 @@ class OnlineEval:
         try:
             if not replies:
                 raise judge.JudgeParseError(failures[0])
-            result = online.judged(event, judge.aggregate(replies, spec.pass_mark).score)
+            result = online.judged(event, judge.aggregate(replies, spec.pass_mark).score, served=served)
         except judge.JudgeParseError as exc:
-            result = online.judged(event, None, exc.message)
+            result = online.judged(event, None, exc.message, served)
         await self._publish(result)
 
     async def _call(self, state: _JudgeState, msgs: list[dict[str, str]], reserved: Reservation) -> _Reply:

@@ -506,8 +506,11 @@ class Rollouts:
             self.evidence.add(msgspec.structs.replace(e, status="error", error_type="breaker_open"), canary)
 
     def observe_scores(self, scored: list[InferenceScored]) -> None:
-        """Keep the online scores of answers of deployments under analysis, by the answer's release."""
+        """Keep the online scores of answers of deployments under analysis, by the answer's release: answers a
+        router served only (an application's events are scored too, but could say anything)."""
         for s in scored:
+            if not s.served:
+                continue
             route = self.routes.get(s.deployment or s.app)
             if route is None or route.canary is None or not progress.collecting(route):
                 continue

@@ -137,6 +137,10 @@ class Subjects:
     def served_all(self) -> str:
         return f"{self.prefix}.inference.*.router"
 
+    def is_served(self, subject: str) -> bool:
+        """Whether a message on `subject` carries events of requests a router served (see `served`)."""
+        return subject.startswith(f"{self.prefix}.inference.") and subject.endswith(".router")
+
     @property
     def artifact_registered(self) -> str:
         return f"{self.prefix}.artifact.registered"

@@ -37,7 +37,7 @@ async def test_the_next_report_after_a_restart_covers_the_events_from_before_it(
     window = settings.drift_window_size
     assert settings.drift_reference_size == window == 50  # the sizes below are those of the test settings
     sub = await bus.nc.subscribe(bus.subjects.drift("chat"))
-    subject = bus.subjects.inference("shop")
+    subject = bus.subjects.served("shop")  # as the router publishes what it served
     first = ServiceSet(context, ["drift"])
     await first.start()
     drift = first["drift"]

@@ -19,7 +19,7 @@ import pytest
 from lockgate import credentials
 from lockgate.bus import Bus
 from lockgate.config import Settings
-from lockgate.contracts import DriftReport, FeatureDrift, GateDecided, InferenceEvent
+from lockgate.contracts import DriftReport, FeatureDrift, GateDecided, InferenceEvent, InferenceScored
 from lockgate.credentials import NotAllowed
 from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.signing import Signer, trust_file_path, trust_key
@@ -221,3 +221,27 @@ async def test_an_applications_events_never_count_as_a_canarys_live_evidence(sta
     async with asyncio.timeout(10):
         await taken.wait()
     assert [e.id for e in seen] == [e.id for e in served]
+
+
+async def test_only_scores_of_served_answers_count_as_a_canarys_evidence(stack: Stack) -> None:
+    # The evaluator scores every sampled event, an application's included, and says which answers a router served.
+    router = await stack.replica("router-a")
+    await _rollout(stack, router)
+    observe, taken = router.rollouts.observe_scores, asyncio.Event()
+    seen: list[InferenceScored] = []
+
+    def observed(scored: list[InferenceScored]) -> None:
+        observe(scored)
+        seen.extend(scored)
+        if len(seen) == 2:
+            taken.set()
+
+    router.rollouts.observe_scores = observed
+    evaluator = await stack.bus("evaluator")
+    for served, value in ((False, 1.0), (True, 0.0)):
+        scored = InferenceScored(event_id=f"e-{served}", app="shop", deployment="chat", variant="canary",
+                                 release="r2", scores={"pii_free": value}, served=served)
+        await evaluator.publish(evaluator.subjects.eval_scores("chat"), scored)
+    async with asyncio.timeout(10):
+        await taken.wait()
+    assert router.rollouts.evidence.sample("chat", "r2", 0).scores == {"pii_free": [0.0]}

@@ -71,6 +71,9 @@ class InferenceScored(Event, frozen=True, kw_only=True, tag="lockgate.inference.
     release: OptName = ""
     scores: dict[str, float] = {}
     results: list[Score] = []
+    # The scored answer is one a router served (it came on `Subjects.served`): only such scores are a
+    # canary's evidence, since an application may send any event on its own subject.
+    served: bool = False
 
     def measured(self) -> dict[str, float]:
         """The scores, with NaN for each scorer that failed: the evidence analysis counts as an error."""
