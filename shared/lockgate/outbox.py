@@ -55,6 +55,9 @@ TRANSIENT: tuple[type[BaseException], ...] = (
     nats.errors.FlushTimeoutError,
     nats.errors.UnexpectedEOF,
     nats.js.errors.ServiceUnavailableError,
+    # No responder for the subject: js.publish's name for NoRespondersError, as while a JetStream cluster elects
+    # the stream's new leader after a node died.
+    nats.js.errors.NoStreamResponseError,
     nats.js.errors.ServerError,
     OSError,
 )

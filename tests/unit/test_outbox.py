@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 import nats.errors
+import nats.js.errors
 import pytest
 
 from lockgate.codec import Codec
@@ -122,8 +123,10 @@ async def test_secrets_are_scrubbed_before_the_bytes_leave() -> None:
     assert "sk-abc" not in payload and "[REDACTED]" in payload
 
 
-async def test_a_transient_failure_is_retried_with_the_same_msg_id() -> None:
-    js = FakeJetStream(fail={"a": [nats.errors.TimeoutError(), nats.errors.NoRespondersError()]})
+# NoStreamResponseError: what js.publish raises for "no responders", as while a cluster elects a stream's leader.
+@pytest.mark.parametrize("then", [nats.errors.NoRespondersError(), nats.js.errors.NoStreamResponseError()])
+async def test_a_transient_failure_is_retried_with_the_same_msg_id(then: Exception) -> None:
+    js = FakeJetStream(fail={"a": [nats.errors.TimeoutError(), then]})
     events = [event("a", i) for i in range(4)]
     assert await publish_events(js, SUBJECTS, events, retry=NO_WAIT) == 4
     assert len(js.calls) == 3 and len(js.acked) == 1

@@ -29,54 +29,33 @@ async def test_retries_until_success_with_growing_capped_waits() -> None:
     assert waits == [0.1, 0.2, 0.25]
 
 
-async def test_gives_up_after_attempts_and_raises_the_last_error() -> None:
-    calls = 0
+class Broken:
+    """A call that always fails, counting its calls."""
 
-    async def broken() -> None:
-        nonlocal calls
-        calls += 1
-        raise ConnectionError(f"down {calls}")
+    def __init__(self) -> None:
+        self.calls = 0
 
-    async def no_sleep(s: float) -> None:
-        return None
-
-    with pytest.raises(ConnectionError, match="down 3"):
-        await RetryPolicy(attempts=3).call(broken, retry_on=ConnectionError, sleep=no_sleep)
-    assert calls == 3
+    async def __call__(self) -> None:
+        self.calls += 1
+        raise ConnectionError(f"down {self.calls}")
 
 
-async def test_without_an_attempt_limit_it_retries_until_the_caller_gives_up() -> None:
-    calls = 0
-
-    async def broken() -> None:
-        nonlocal calls
-        calls += 1
-        raise ConnectionError(f"down {calls}")
-
-    async def no_sleep(s: float) -> None:
-        return None
-
-    # Far beyond the default five attempts: only give_up() ends it, asked after each failure.
-    with pytest.raises(ConnectionError, match="down 40"):
-        await RetryPolicy(attempts=None).call(broken, retry_on=ConnectionError, sleep=no_sleep,
-                                              give_up=lambda: calls >= 40)
-    assert calls == 40
+async def no_sleep(s: float) -> None:
+    return None
 
 
-async def test_give_up_also_ends_a_limited_policy_early() -> None:
-    calls = 0
-
-    async def broken() -> None:
-        nonlocal calls
-        calls += 1
-        raise ConnectionError("down")
-
-    async def no_sleep(s: float) -> None:
-        return None
-
-    with pytest.raises(ConnectionError):
-        await RetryPolicy(attempts=10).call(broken, retry_on=ConnectionError, sleep=no_sleep, give_up=lambda: True)
-    assert calls == 1
+@pytest.mark.parametrize(("attempts", "give_up_after", "calls"), [
+    (3, None, 3),  # the attempts are spent
+    (None, 40, 40),  # no limit: far beyond the default five, only give_up() ends it, asked after each failure
+    (10, 1, 1),  # give_up() ends a limited policy early too
+])
+async def test_gives_up_when_the_attempts_are_spent_or_the_caller_says_so_and_raises_the_last_error(
+        attempts: int | None, give_up_after: int | None, calls: int) -> None:
+    broken = Broken()
+    give_up = None if give_up_after is None else (lambda: broken.calls >= give_up_after)
+    with pytest.raises(ConnectionError, match=f"down {calls}$"):
+        await RetryPolicy(attempts=attempts).call(broken, retry_on=ConnectionError, sleep=no_sleep, give_up=give_up)
+    assert broken.calls == calls
 
 
 async def test_does_not_retry_other_errors() -> None:
