@@ -12,14 +12,14 @@ from lockgate.bus import Delivery
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview, RuleResult
 from lockgate.errors import ConfigError, NotFound, SignatureError
 from lockgate.evalruns import check_result, requested_run
-from lockgate.identity import author_of, verify_review
+from lockgate.identity import author_of, verify_review, withdrawn_approvals
 from lockgate.provenance import lifecycle
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.gatesfile import Gates
 from lockgate.services.gatekeeper.records import Records
 from lockgate.services.gatekeeper.registrations import Registrations
-from lockgate.services.gatekeeper.review import ReviewRules, apply_review
+from lockgate.services.gatekeeper.review import ReviewRules, apply_review, signed_approvals
 from lockgate.signing import Signer, Verifier, publish_key
 
 __all__ = ["GateHandlers"]
@@ -148,7 +148,12 @@ class GateHandlers:
                             else f"not JSON or YAML ({exc})"
                         refusal = (f"{review.action} by {reviewer} refused: policy {current.policy} is unusable: "
                                    f"{why}")
-            outcome = apply_review(current, review, new_id, reviewer=reviewer, rules=rules, author=author)
+            # Earlier approvals count only while their signers are still trusted: a revoked (stolen) key's
+            # approval must not complete an N-person rule with one honest approver.
+            withdrawn = withdrawn_approvals(self.ctx.settings, signed_approvals(current)) \
+                if current is not None and review.action == "approve" else {}
+            outcome = apply_review(current, review, new_id, reviewer=reviewer, rules=rules, author=author,
+                                   withdrawn=withdrawn)
             if refusal or outcome.decision is None:
                 await self._refuse(review, current, new_id, key, actor=reviewer, reason=refusal or outcome.reason)
                 return

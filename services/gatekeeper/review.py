@@ -57,15 +57,24 @@ class ReviewOutcome:
     reason: str
 
 
+def signed_approvals(decision: GateDecided) -> list[tuple[str, str]]:
+    """Each approval of a decision with the key id it was signed with ("" for one decided before those were kept)."""
+    keys = decision.approval_keys if len(decision.approval_keys) == len(decision.approvals) else \
+        [""] * len(decision.approvals)
+    return list(zip(decision.approvals, keys, strict=True))
+
+
 def apply_review(current: GateDecided | None, review: GateReview, new_id: str, *, reviewer: str,
-                 rules: ReviewRules = ReviewRules(), author: str | None = None) -> ReviewOutcome:
+                 rules: ReviewRules = ReviewRules(), author: str | None = None,
+                 withdrawn: Mapping[str, str] | None = None) -> ReviewOutcome:
     """Approve/reject a NEEDS_REVIEW decision as `reviewer` (the verified signer, never the payload's claim).
 
     - a review must name the decision it answers, and that must be the latest: a stale or replayed one is refused;
     - approve without a pending NEEDS_REVIEW is refused (no new decision, audit action "refused"):
       one command must never turn a BLOCK (perhaps a hard safety gate) into PASS;
     - an approval counts once per person; the decision stays NEEDS_REVIEW (re-signed, listing the
-      approvals so far) until `rules.approvals` distinct people approved, then it is PASS;
+      approvals so far) until `rules.approvals` distinct people approved, then it is PASS; an earlier
+      approval in `withdrawn` (its person or key no longer trusted: name -> why) no longer counts;
     - with `forbid_self_approval`, the release's author may not approve, and an unknown author (a release
       not signed by its author) cannot be told apart from the reviewer, so every approval is refused;
     - reject of a pending decision blocks; of one that is not pending it is an override to BLOCK (audit
@@ -79,7 +88,11 @@ def apply_review(current: GateDecided | None, review: GateReview, new_id: str, *
         named = f"names decision {review.decision_id}" if review.decision_id else "names no decision"
         return ReviewOutcome(None, "refused", f"{refused}: it {named}, but the latest is {current.id}")
     pending = current.decision == "NEEDS_REVIEW"
-    approvals = list(current.approvals)
+    withdrawn = withdrawn or {}
+    kept = [(a, k) for a, k in signed_approvals(current) if a not in withdrawn]
+    approvals, approval_keys = [a for a, _ in kept], [k for _, k in kept]
+    dropped = "".join(f"; the approval by {why}, no longer counts" for a, why in withdrawn.items()
+                      if a in current.approvals)
     if review.action == "approve":
         if not pending:
             return ReviewOutcome(None, "refused", f"{refused}: the latest decision for {review.release} is "
@@ -95,7 +108,8 @@ def apply_review(current: GateDecided | None, review: GateReview, new_id: str, *
             return ReviewOutcome(None, "refused", f"{refused}: {reviewer} already approved; the policy needs "
                                                   f"{rules.approvals} distinct approvers")
         approvals.append(reviewer)
-    was = f"was NEEDS_REVIEW: {current.review_required or current.reason}"
+        approval_keys.append(review.key_id)
+    was = f"was NEEDS_REVIEW: {current.review_required or current.reason}{dropped}"
     if review.action == "approve" and len(approvals) < rules.approvals:
         verdict, action = "NEEDS_REVIEW", "approved"
         reason = (f"approved by {who} ({len(approvals)} of {rules.approvals} distinct approvers: "
@@ -113,6 +127,7 @@ def apply_review(current: GateDecided | None, review: GateReview, new_id: str, *
     new = GateDecided(id=new_id, release=current.release, decision=verdict, rules=current.rules,
                       eval_run=current.eval_run, policy=current.policy, baseline=current.baseline,
                       artifacts=current.artifacts, reason=reason, review_required=current.review_required,
-                      reviewed_by=reviewer, approvals=approvals, tenant=current.tenant, source="gatekeeper",
+                      reviewed_by=reviewer, approvals=approvals, approval_keys=approval_keys,
+                      tenant=current.tenant, source="gatekeeper",
                       trace_id=review.trace_id)
     return ReviewOutcome(new, action, reason)

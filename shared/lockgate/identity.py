@@ -150,6 +150,25 @@ def verify_review(settings: Settings, review: GateReview) -> str:
     return name
 
 
+def withdrawn_approvals(settings: Settings, approvals: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Of the (name, key id) approvals of a pending decision, those that no longer count, with why: the person
+    is gone from the trust file, lost the reviewer role, or the key is revoked or no longer theirs. A key id of
+    "" (a decision from before key ids were kept) is judged by the person's current key."""
+    trust = read_trust_file(trust_file_path(settings))
+    out: dict[str, str] = {}
+    for name, key_id in approvals:
+        person = trust.people.get(name)
+        if person is None:
+            out[name] = f"{name} is no longer a trusted person"
+        elif key_id and key_id != person.key_id:
+            out[name] = f"{name}'s key {key_id} that signed it is no longer theirs"
+        elif (key_id or person.key_id) in trust.revoked:
+            out[name] = f"{name}'s key {key_id or person.key_id} is revoked"
+        elif not set(REVIEWER_ROLES) & set(person.roles):
+            out[name] = f"{name} no longer has role {' or '.join(REVIEWER_ROLES)}"
+    return out
+
+
 # Break-glass overrides
 
 

@@ -27,7 +27,7 @@ _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
 # Fields appended to GateDecided after decisions were first signed: signed only when set, so a decision
 # signed before a field existed still verifies after an upgrade (its canonical bytes are unchanged).
-_SIGNED_WHEN_SET = ("approvals",)
+_SIGNED_WHEN_SET = ("approvals", "approval_keys")
 
 
 def canonical(decision: GateDecided) -> bytes:

@@ -504,3 +504,25 @@ async def test_a_revoked_person_cannot_approve(
     row = await next_refusal(audit)
     assert row.actor == "unverified" and "ann's revoked key" in row.reason
     assert (await current_decision(bus, "v14")) == held
+
+
+async def test_an_approval_by_a_key_revoked_since_no_longer_counts(
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, audit: Any, settings: Settings
+) -> None:
+    # Before: mallory's (stolen) key approved, an admin revoked it, and one honest approver then completed the
+    # two-person rule: "PASS (approved by mallory, bob)". Revoking a key also takes back what it approved.
+    await run_services("sink", "query", "gatekeeper")
+    await held_for_review(bus, store, gates, "v15", {"approvals": 2})
+    mallory, bob, carol = (person(settings, "mallory", "approver"), person(settings, "bob", "approver"),
+                           person(settings, "carol", "approver"))
+    first = await request_review(bus, "v15", "approve", mallory, "fine", timeout_s=20)
+    assert (first.decision, first.approvals, first.approval_keys) == ("NEEDS_REVIEW", ["mallory"], [mallory.key_id])
+    revoke_person(trust_file_path(settings), "mallory")
+
+    second = await request_review(bus, "v15", "approve", bob, "agreed", timeout_s=20)
+    assert (second.decision, second.approvals) == ("NEEDS_REVIEW", ["bob"]) and "1 of 2" in second.reason
+    assert f"the approval by mallory's key {mallory.key_id} is revoked, no longer counts" in second.reason
+    assert Keyring.from_settings(settings).verify(second) == second.key_id
+    third = await request_review(bus, "v15", "approve", carol, "agreed too", timeout_s=20)
+    assert (third.decision, third.approvals, third.approval_keys) == ("PASS", ["bob", "carol"],
+                                                                      [bob.key_id, carol.key_id])

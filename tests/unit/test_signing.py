@@ -121,16 +121,18 @@ def test_cli_trust_and_revoke_edit_the_trust_file(tmp_path: Path) -> None:
 
 
 def test_a_decision_signed_before_approvals_existed_still_verifies() -> None:
-    # The bytes an older gatekeeper signed had no `approvals` field at all.
+    # The bytes an older gatekeeper signed had no `approvals` (nor `approval_keys`) field at all.
     signer = Signer.generate()
     d = msgspec.structs.replace(decision(), key_id=signer.key_id)
     old = msgspec.to_builtins(d)
     old.pop("approvals")
+    old.pop("approval_keys")
     signed = msgspec.structs.replace(d, signature=signer.sign_bytes(canonical_json({**old, "signature": ""})))
     assert Keyring([signer.public]).verify(signed) == signer.key_id
-    # once set, approvals are signed: stripping or changing them breaks the signature
-    approved = signer.sign(msgspec.structs.replace(d, approvals=["ann", "bob"]))
-    for tampered in (msgspec.structs.replace(approved, approvals=[]), msgspec.structs.replace(approved, approvals=["ann"])):
+    # once set, approvals and their keys are signed: stripping or changing them breaks the signature
+    approved = signer.sign(msgspec.structs.replace(d, approvals=["ann", "bob"], approval_keys=["k1", "k2"]))
+    for tampered in (msgspec.structs.replace(approved, approvals=[]), msgspec.structs.replace(approved, approvals=["ann"]),
+                     msgspec.structs.replace(approved, approval_keys=["k1", "k3"])):
         with pytest.raises(SignatureError):
             Keyring([signer.public]).verify(tampered)
 

@@ -46,6 +46,9 @@ class GateDecided(Event, frozen=True, kw_only=True, tag="lockgate.gate.decided")
     review_required: str = ""
     reviewed_by: str = ""
     approvals: list[str] = []  # the distinct people who approved this NEEDS_REVIEW so far (a policy may need N)
+    # The key id each of `approvals` signed with (same order): an approval counts only while that key is
+    # its person's and trusted, so revoking a stolen key also takes back what it approved.
+    approval_keys: list[str] = []
 
 
 class GateReview(Event, frozen=True, kw_only=True, tag="lockgate.gate.review"):
