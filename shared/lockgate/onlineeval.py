@@ -49,6 +49,10 @@ class ScorerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
             raise ValueError(f"scorer {self.name} needs params.{need}")
         if self.name == "json_schema" and not isinstance(self.params["schema"], dict):
             raise ValueError("scorer json_schema: params.schema must be a JSON Schema object")
+        if self.as_ and self.as_ != self.name and self.as_ in SCORERS:
+            # A metric reading `score json_valid` must be the json_valid scorer, never a regex named so.
+            raise ValueError(f"scorer {self.name}: `as: {self.as_}` is another scorer's name; name its score "
+                             "something of its own")
 
     @property
     def label(self) -> str:

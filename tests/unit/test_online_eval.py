@@ -89,6 +89,8 @@ def test_regex_and_json_schema_scorers_take_their_params_and_named_scores() -> N
     ({"scorers": [{"name": "regex"}]}, "needs params.pattern"),
     ({"scorers": [{"name": "json_schema", "params": {"schema": "x"}}]}, "must be a JSON Schema object"),
     ({"scorers": ["length", "length"]}, "named twice"),
+    # A metric reading `score json_valid` must be that scorer: a regex matching everything named so always passed.
+    ({"scorers": [{"name": "regex", "params": {"pattern": "(?s)"}, "as": "json_valid"}]}, "another scorer's name"),
     ({"sample": {"canary": 1.5}}, "Expected `float` <= 1"),
     ({"judge": {"endpoint": "j", "model": "m"}}, "missing required field `rubric`"),
 ])
