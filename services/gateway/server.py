@@ -43,12 +43,14 @@ _STRING_FIELDS = tuple(
 _NUMBER_FIELDS = ("input_tokens", "output_tokens", "cached_tokens", "latency_ms", "ttft_ms")
 
 
-def event_from_proto(msg: ingest_pb2.InferenceEvent, tenant: str = "default") -> InferenceEvent:
-    """Validate one proto event into the contract (tenant: the caller's key's); raises InvalidEvent with the reason."""
-    if not msg.app:
+def event_from_proto(msg: ingest_pb2.InferenceEvent, tenant: str = "default", app: str = "") -> InferenceEvent:
+    """Validate one proto event into the contract (tenant and app: the caller's key's, unless the event names
+    its app); raises InvalidEvent with the reason."""
+    if not (msg.app or app):
         raise InvalidEvent("app is required (the application that made the call)")
     raw: dict[str, Any] = {f: getattr(msg, f) for f in _STRING_FIELDS if getattr(msg, f)}
-    raw["tenant"] = tenant  # Send refused any event naming another tenant before this
+    raw["tenant"] = tenant  # Send refused any event naming another tenant (or app) before this
+    raw.setdefault("app", app)
     raw.update({f: getattr(msg, f) for f in _NUMBER_FIELDS})
     for f in ("prompt", "response"):
         if msg.HasField(f):
@@ -130,7 +132,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     f"event {index} is for tenant {msg.tenant!r}; {key.label} may only ingest "
                                     f"for tenant {key.tenant!r}")
-            if what := event_out_of_scope(key.deployments, msg.deployment, msg.app):
+            if msg.app and msg.app != key.app:  # its spend and drift would be another app's
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"event {index} is for app {msg.app!r}; {key.label} may only ingest "
+                                    f"for app {key.app!r}")
+            if what := event_out_of_scope(key.deployments, msg.deployment, key.app):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     f"event {index} {what}; {key.label} may only ingest for {key.scope}: "
                                     "name the deployment of each event")
@@ -139,7 +145,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         for index, msg in enumerate(request.events):
             try:
                 # Checked as the SDK checks (contract and time window), so a consumer never parks it.
-                events.append(encode_event(event_from_proto(msg, key.tenant), check=True))
+                events.append(encode_event(event_from_proto(msg, key.tenant, key.app), check=True))
             except InvalidEvent as exc:
                 rejections.append(ingest_pb2.Rejection(index=index, reason=exc.message))
         headers: dict[str, str] = {}

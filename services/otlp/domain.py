@@ -112,12 +112,12 @@ class Decoded:
 
 def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
            window: tuple[datetime, datetime] | None = None, deployments: tuple[str, ...] = ()) -> Decoded:
-    """Map a request sent with an API key of `tenant` (whose app is `app`, used when a span names none, and
+    """Map a request sent with an API key of `tenant` (whose app is `app`, the app of every event made, and
     whose scope is `deployments`, empty for every deployment).
 
     A span starting outside `window` (earliest, latest) is refused: a span dated 1970 or 2299 would
     open a storage partition of its own. Raises Forbidden if any span or resource names another
-    tenant, or a model call names a deployment outside the key's scope: nothing of the request is kept."""
+    tenant or app, or a model call names a deployment outside the key's scope: nothing of the request is kept."""
     out = Decoded()
     # No span ends after this: not after the window's end, nor (without a window) past what a datetime holds.
     latest = window[1] if window is not None else _ts(_MAX_NS)
@@ -162,6 +162,11 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                 if named is not None:
                     raise Forbidden(f"span {span.name!r} is for tenant {named!r}; this API key may only send "
                                     f"spans for tenant {tenant!r}")
+                # Its model calls are the key's app's events (spend, drift): another app named is refused too.
+                named = genai.other_app(facts, app)
+                if named is not None:
+                    raise Forbidden(f"span {span.name!r} is for app {named!r}; this API key may only send "
+                                    f"spans of app {app!r}")
                 # Scrubbed here, at the edge: an instrumentation records request headers, statements and
                 # prompts as they were, and the span travels the bus before the store.
                 out.spans.append(scrub_span(SpanRecord(

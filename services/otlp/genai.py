@@ -22,7 +22,6 @@ from typing import Any
 import msgspec
 
 from lockgate.contracts import InferenceEvent
-from lockgate.contracts.names import is_name
 from lockgate.errors import InvalidEvent
 from lockgate.ids import derived_id
 
@@ -43,7 +42,7 @@ RESPONSE = ("gen_ai.output.messages", "gen_ai.completion", "gen_ai.completion.0.
 SESSION = ("gen_ai.conversation.id", "session.id")
 # lockgate's own names for what no convention says: set them on the resource or on the span
 TENANT = "lockgate.tenant"
-APP = ("lockgate.app", "service.name")
+APP = "lockgate.app"
 DEPLOYMENT, RELEASE, VARIANT = "lockgate.deployment", "lockgate.release", "lockgate.variant"
 
 # gen_ai.operation.name values that are a call to a model (the others: agents, tools, workflows)
@@ -109,14 +108,14 @@ def other_tenant(span: SpanFacts, tenant: str) -> str | None:
     return None
 
 
-def app_of(span: SpanFacts, default: str) -> str:
-    """`lockgate.app`, else `service.name`, if it is a valid name; else `default` (the API key's app)."""
+def other_app(span: SpanFacts, app: str) -> str | None:
+    """An app other than `app` (the API key's) that the span or its resource names in `lockgate.app`, if either
+    does. `service.name` names the service, which is not always its lockgate app: it never decides."""
     for attrs in (span.attributes, span.resource):
-        for name in APP:
-            value = attrs.get(name)
-            if is_name(value):
-                return value
-    return default
+        value = attrs.get(APP)
+        if value is not None and str(value) != app:
+            return str(value)
+    return None
 
 
 def _count(span: SpanFacts, names: tuple[str, ...]) -> int:
@@ -175,7 +174,7 @@ def to_event(span: SpanFacts, *, tenant: str, app: str) -> InferenceEvent | None
             tenant=tenant,
             trace_id=span.trace_id,
             span_id=span.span_id,
-            app=app_of(span, app),
+            app=app,  # the API key's: another named in lockgate.app refused the request already
             deployment=_text(where.get(DEPLOYMENT)),
             release=_text(where.get(RELEASE)),
             variant=_text(where.get(VARIANT)) or "stable",

@@ -281,9 +281,10 @@ def test_an_opentelemetry_sdk_exports_its_spans_to_lockgate_up(stack: dict[str, 
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-    from lockgate.server.apikeys import read_credential
+    from lockgate.server.apikeys import KeyStore, read_credential
 
     key = read_credential(Path(stack["E2E_HOME"]) / "credentials" / "router-app.key")
+    app = KeyStore(stack["E2E_HOME"]).authenticate(key).app  # its model calls are the key's app's events
     provider = TracerProvider(resource=Resource.create({"service.name": "e2e-otlp"}))
     provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(
         endpoint=stack["E2E_OTLP_GRPC"], insecure=True, headers={"authorization": f"Bearer {key}"})))
@@ -298,7 +299,7 @@ def test_an_opentelemetry_sdk_exports_its_spans_to_lockgate_up(stack: dict[str, 
     assert _sql_count(stack, "SELECT count() AS n FROM otel_traces WHERE TraceId = "
                              f"'{trace_id}' AND ServiceName = 'e2e-otlp'", 2) == 2
     assert _sql_count(stack, "SELECT count() AS n FROM inference_events WHERE trace_id = "
-                             f"'{trace_id}' AND app = 'e2e-otlp' AND input_tokens = 10", 1) == 1
+                             f"'{trace_id}' AND app = '{app}' AND input_tokens = 10", 1) == 1
 
 
 def test_reviews_and_break_glass_are_signed_by_people(stack: dict[str, str], tmp_path: Path) -> None:

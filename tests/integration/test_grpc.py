@@ -104,7 +104,7 @@ async def stored_events(bus: Bus) -> dict[str, list[InferenceEvent]]:
     return out
 
 
-async def test_send_rejects_invalid_events_and_publishes_the_rest_per_app(
+async def test_send_rejects_invalid_events_and_publishes_the_rest_as_the_keys_app(
     bus: Bus, channel: grpc.aio.Channel
 ) -> None:
     stub = ingest_pb2_grpc.IngestStub(channel)
@@ -126,30 +126,41 @@ async def test_send_rejects_invalid_events_and_publishes_the_rest_per_app(
             ),
             ingest_pb2.InferenceEvent(app="shop", input_tokens=-1),
             ingest_pb2.InferenceEvent(app="shop", model="m2"),
-            ingest_pb2.InferenceEvent(model="no app"),
-            ingest_pb2.InferenceEvent(app="search", tenant="acme"),
+            ingest_pb2.InferenceEvent(model="no app"),  # the key's app (acme/shop)
+            ingest_pb2.InferenceEvent(app="shop", tenant="acme"),
             ingest_pb2.InferenceEvent(app="shop", time=too_old),  # outside the accepted window
             ingest_pb2.InferenceEvent(app="shop", id="x" * 129),  # an id is a key, not a payload
         ]
     )
     reply = await stub.Send(batch, timeout=10)
-    assert (reply.accepted, reply.rejected) == (3, 4)
-    assert [r.index for r in reply.rejections] == [1, 3, 5, 6]
+    assert (reply.accepted, reply.rejected) == (4, 3)
+    assert [r.index for r in reply.rejections] == [1, 5, 6]
     assert "$.input_tokens" in reply.rejections[0].reason
-    assert "app is required" in reply.rejections[1].reason
-    assert "before now" in reply.rejections[2].reason and "$.time" in reply.rejections[2].reason
-    assert reply.rejections[3].reason == "Expected `str` of length <= 128 - at `$.id`"
+    assert "before now" in reply.rejections[1].reason and "$.time" in reply.rejections[1].reason
+    assert reply.rejections[2].reason == "Expected `str` of length <= 128 - at `$.id`"
 
     stored = await stored_events(bus)
-    assert sorted(stored) == [bus.subjects.inference("search"), bus.subjects.inference("shop")]
+    assert sorted(stored) == [bus.subjects.inference("shop")]
     shop = stored[bus.subjects.inference("shop")]
-    assert [e.model for e in shop] == ["m", "m2"]
+    assert [e.model for e in shop] == ["m", "m2", "no app", ""]
     first = shop[0]
     assert first.id == "01900000-0000-7000-8000-000000000001"
     assert first.time == at
     assert (first.prompt, first.response, first.variant) == ("hi", None, "stable")
     assert (first.attributes, first.scores) == ({"k": "v"}, {"helpful": 0.5})
-    assert [e.tenant for e in stored[bus.subjects.inference("search")]] == ["acme"]
+    assert {(e.tenant, e.app) for e in shop} == {("acme", "shop")}
+
+
+async def test_an_event_of_another_app_refuses_the_batch(bus: Bus, channel: grpc.aio.Channel) -> None:
+    # Its spend and drift would be that app's: an acme/shop key charged app `billing` (seen through OTLP).
+    stub = ingest_pb2_grpc.IngestStub(channel)
+    batch = ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(app="shop"),
+                                              ingest_pb2.InferenceEvent(app="billing", input_tokens=900_000)])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Send(batch, timeout=10)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "event 1 is for app 'billing'" in err.value.details() and "may only ingest for app 'shop'" in err.value.details()
+    assert await stored_events(bus) == {}
 
 
 async def test_send_refuses_alone_an_event_too_large_for_the_bus(bus: Bus, channel: grpc.aio.Channel) -> None:
@@ -319,19 +330,19 @@ async def test_send_by_a_key_scoped_to_deployments_reports_only_theirs(bus: Bus,
 
 async def test_a_scoped_key_cannot_report_events_of_no_deployment_that_count_as_the_one_named_like_their_app(
         bus: Bus, gateway: Any, settings: Settings) -> None:
-    # Drift watches an event of no deployment as the deployment named like its app, and the event names its
-    # app: a key scoped to `support` sent canary events of app `billing` and no deployment into `billing`'s drift
-    # and canary analysis. Before: accepted (the scope was checked only on events that named a deployment).
+    # Drift watches an event of no deployment as the deployment named like its app: a key scoped to `support`
+    # sent canary events of no deployment into the drift and canary analysis of the deployment named like its
+    # app. Before: accepted (the scope was checked only on events that named a deployment).
     plain, _ = KeyStore(settings.home).create("acme", "shop", deployments=["support"])
     everywhere, _ = KeyStore(settings.home).create("acme", "shop")
     async with grpc.aio.insecure_channel(gateway.endpoints["grpc"], interceptors=grpc_key(plain)) as ch:
         stub = ingest_pb2_grpc.IngestStub(ch)
-        for app in ("billing", "shop"):
+        for app in ("", "shop"):  # the key's app, named or not
             batch = ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(app=app, variant="canary")])
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await stub.Send(batch, timeout=10)
             assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-            assert f"event 0 names no deployment (it would count as deployment {app!r}" in err.value.details()
+            assert "event 0 names no deployment (it would count as deployment 'shop'" in err.value.details()
             assert "may only ingest for support" in err.value.details() and plain not in err.value.details()
     assert await stored_events(bus) == {}
     async with grpc.aio.insecure_channel(gateway.endpoints["grpc"], interceptors=grpc_key(everywhere)) as ch:

@@ -95,7 +95,8 @@ async def _check_stored(stack: Any, store: Store, service: str) -> None:
     assert call["SpanAttributes"]["gen_ai.usage.input_tokens"] == "1200"
     assert call["SpanAttributes"]["gen_ai.response.finish_reasons"] == '["stop"]'
     event = store.rows("SELECT * FROM inference_events")[0]
-    assert (event["tenant"], event["app"], event["model"], event["provider"]) == ("acme", service, "gpt-4o-mini",
+    # the key's app (acme/shop), whatever the service's name
+    assert (event["tenant"], event["app"], event["model"], event["provider"]) == ("acme", "shop", "gpt-4o-mini",
                                                                                   "openai")
     assert (event["input_tokens"], event["output_tokens"], event["finish_reason"]) == (1200, 300, "stop")
     assert (event["trace_id"], event["span_id"]) == (call["TraceId"], call["SpanId"])
@@ -152,6 +153,10 @@ async def test_otlp_json_is_stored_with_hex_ids_and_refusals_store_nothing(
         assert status == 403 and "tenant 'acme'" in body["message"]
         assert (await post(_json_request(good, "refused", **{"lockgate.tenant": "globex"}),
                            {"x-api-key": keys.app_key}))[0] == 403
+        # a span naming another app than the key's is refused too (its model calls would be that app's spend)
+        status, body, _ = await post(_json_request(good, "refused", **{"lockgate.app": "billing"}),
+                                     {"x-api-key": keys.app_key})
+        assert status == 403 and "is for app 'billing'" in body["message"]
         status, body, _ = await post(_json_request(good, "accepted", **{"service.name": "bot"}),
                                      {"x-api-key": keys.app_key})
         assert status == 200 and body == {}
@@ -162,7 +167,7 @@ async def test_otlp_json_is_stored_with_hex_ids_and_refusals_store_nothing(
     assert row == [{"TraceId": good, "SpanId": "00f067aa0ba902b7", "SpanName": "accepted", "SpanKind": "Client",
                     "Duration": 250_000_000}]
     event = store.rows("SELECT app, model, input_tokens, operation FROM inference_events")[0]
-    assert event == {"app": "bot", "model": "gpt-4o", "input_tokens": 10, "operation": "chat"}
+    assert event == {"app": "shop", "model": "gpt-4o", "input_tokens": 10, "operation": "chat"}  # the key's app
 
 
 async def test_a_body_that_is_not_the_gzip_it_claims_is_a_400_saying_so(stack: Any, keys: Bootstrap) -> None:
@@ -490,8 +495,8 @@ async def test_a_span_with_a_bad_link_or_no_sensible_end_is_refused_alone(
 
 async def test_a_scoped_keys_model_call_must_name_a_deployment_of_its_scope(
         stack: Any, store: Store, settings: Settings) -> None:
-    # A model call naming no deployment is watched by drift as the deployment named like its app, and the span
-    # names its app (service.name): a key scoped to `support` swayed `billing`'s drift and canary analysis.
+    # A model call naming no deployment is watched by drift as the deployment named like its app: a key scoped
+    # to `support` swayed the drift and canary analysis of the deployment named like its app.
     # Before: stored (the scope was checked only on model calls that named a deployment).
     url = stack.endpoints["otlp-http"] + "/v1/traces"
     scoped, _ = KeyStore(settings.home).create("acme", "shop", deployments=["support"])
@@ -502,10 +507,10 @@ async def test_a_scoped_keys_model_call_must_name_a_deployment_of_its_scope(
                 return r.status, await r.json()
 
         status, body = await post(**{"service.name": "billing"})
-        assert status == 403 and "names no deployment (it would count as deployment 'billing'" in body["message"]
+        assert status == 403 and "names no deployment (it would count as deployment 'shop'" in body["message"]
         assert scoped not in body["message"]
         status, body = await post(**{"service.name": "billing", "lockgate.deployment": "support"})
         assert status == 200 and body == {}
     sink = stack["sink"].handlers
     await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="event stored")
-    assert store.rows("SELECT app, deployment FROM inference_events") == [{"app": "billing", "deployment": "support"}]
+    assert store.rows("SELECT app, deployment FROM inference_events") == [{"app": "shop", "deployment": "support"}]

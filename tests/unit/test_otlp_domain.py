@@ -81,6 +81,18 @@ def test_another_tenants_span_refuses_the_request() -> None:
                              app="a").spans) == 1
 
 
+def test_a_span_of_another_app_refuses_the_request() -> None:
+    # Its model calls would be that app's events (spend, drift): an app key sent spans naming `billing`
+    # and charged billing with 1.8 USD. The key's app decides, as its tenant does; service.name never names it.
+    with pytest.raises(Forbidden, match="span 'work' is for app 'billing'; this API key may only send spans of app 'a'"):
+        domain.decode(request(span(), resource={"lockgate.app": "billing"}), tenant="acme", app="a")
+    tagged = span(attributes=[{"key": "lockgate.app", "value": {"stringValue": "billing"}}])
+    with pytest.raises(Forbidden):
+        domain.decode(request(span(), tagged), tenant="acme", app="a")
+    assert len(domain.decode(request(span(), resource={"service.name": "billing", "lockgate.app": "a"}),
+                             tenant="acme", app="a").spans) == 1
+
+
 def _model_call(deployment: str | None) -> dict:
     attrs = [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}]
     if deployment is not None:
@@ -96,7 +108,7 @@ def test_an_otlp_model_call_of_a_deployment_outside_the_keys_scope_refuses_the_r
         domain.decode(request(_model_call(None), resource={"lockgate.deployment": "billing"}), tenant="acme",
                       app="a", deployments=("support",))
     # No deployment: drift would count it as the deployment named like its app, which a span may name.
-    with pytest.raises(Forbidden, match="names no deployment .it would count as deployment 'shop'"):
+    with pytest.raises(Forbidden, match="names no deployment .it would count as deployment 'a'"):
         domain.decode(request(_model_call(None)), tenant="acme", app="a", deployments=("support",))
     for deployment, scope in (("support", ("support",)), (None, ()), ("billing", ())):
         (event,) = domain.decode(request(_model_call(deployment)), tenant="acme", app="a", deployments=scope).events
@@ -112,7 +124,7 @@ def test_a_model_call_becomes_an_event_and_a_bad_one_is_reported_but_stored() ->
     out = domain.decode(request(call, bad), tenant="acme", app="a")
     assert len(out.spans) == 2 and out.rejected == 0
     (event,) = out.events
-    assert (event.input_tokens, event.app, event.status) == (12, "shop", "error")
+    assert (event.input_tokens, event.app, event.status) == (12, "a", "error")  # the key's app, not service.name
     assert "no inference event" in out.problems[0]
 
 

@@ -37,7 +37,7 @@ OPENINFERENCE = {"openinference.span.kind": "LLM", "llm.provider": "openai", "ll
 
 @pytest.mark.parametrize("attrs", [SEMCONV, OPENLLMETRY, OPENINFERENCE], ids=["semconv", "openllmetry", "openinference"])
 def test_each_scheme_maps_to_the_same_event(attrs: dict[str, Any]) -> None:
-    e = genai.to_event(span(attrs), tenant="acme", app="fallback")
+    e = genai.to_event(span(attrs), tenant="acme", app="shop")
     assert e is not None
     assert (e.tenant, e.app, e.model, e.provider, e.operation) == ("acme", "shop", "gpt-4o", "openai", "chat")
     assert (e.input_tokens, e.output_tokens, e.cached_tokens) == (100, 20, 40)
@@ -106,11 +106,16 @@ def test_an_error_span_is_an_error_event() -> None:
     assert e is not None and e.error_type == "RateLimitError"
 
 
-def test_app_and_release_from_lockgate_names_else_service_name_else_the_keys_app() -> None:
-    resource = {"service.name": "shop", "lockgate.app": "checkout", "lockgate.deployment": "web",
+def test_the_app_is_the_keys_and_release_and_deployment_from_lockgate_names() -> None:
+    # service.name names a service, not always its lockgate app; lockgate.app naming another app is refused
+    # at the request (domain.decode), so the event's app is the API key's.
+    resource = {"service.name": "shop-api", "lockgate.app": "checkout", "lockgate.deployment": "web",
                 "lockgate.release": "shop-v2"}
-    e = genai.to_event(span(SEMCONV, resource), tenant="acme", app="a")
+    e = genai.to_event(span(SEMCONV, resource), tenant="acme", app="checkout")
     assert e is not None and (e.app, e.deployment, e.release, e.variant) == ("checkout", "web", "shop-v2", "stable")
+    assert genai.other_app(span(SEMCONV, resource), "checkout") is None
+    assert genai.other_app(span(SEMCONV, resource), "shop") == "checkout"
+    assert genai.other_app(span(SEMCONV | {"lockgate.app": "billing"}, resource), "checkout") == "billing"
     e = genai.to_event(span(SEMCONV | {"lockgate.variant": "canary"}, {"service.name": "bad name!"}),
                        tenant="acme", app="keys-app")
     assert e is not None and (e.app, e.variant) == ("keys-app", "canary")
