@@ -64,6 +64,11 @@ class Admin:
             return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
         except Forbidden as exc:
             return error_response(403, exc.message, "permission_denied", code="insufficient_role")
+        deployment = request.match_info.get("deployment")
+        if deployment is not None and not key.may_use(deployment):
+            # Another team's deployment, on a router several share: not to be read or changed with this key.
+            return error_response(403, f"{key.label} may only use {key.scope}, not deployment {deployment!r}",
+                                  "permission_denied", code="deployment_not_in_scope")
         request[KEY] = key
         return await handler(request)
 
@@ -86,8 +91,10 @@ class Admin:
         return app
 
     async def list(self, request: web.Request) -> web.Response:
-        """Every configured deployment's route."""
-        return _json(sorted(self.rollouts.routes.values(), key=lambda r: r.deployment))
+        """Every configured deployment's route (of the key's scope)."""
+        key: ApiKey = request[KEY]
+        return _json(sorted((r for r in self.rollouts.routes.values() if key.may_use(r.deployment)),
+                            key=lambda r: r.deployment))
 
     async def get(self, request: web.Request) -> web.Response:
         """One deployment's current route (the default route if never configured)."""

@@ -243,9 +243,9 @@ def test_keys_scoped_to_deployments_through_the_cli_and_the_router(stack: dict[s
     run("keys", "scope", listed["helpdesk"]["id"], "--deployment", "shop-web", env=stack)
     assert chat(key, "shop-web")[0] not in (401, 403)  # from the router's next request
     assert chat(key, "support")[0] == 403
-    refused = run("keys", "create", "--tenant", "acme", "--app", "ops", "--role", "operator", "--deployment",
+    refused = run("keys", "create", "--tenant", "acme", "--app", "ops", "--role", "admin", "--deployment",
                   "support", env=stack, check=False)
-    assert refused.returncode == 2 and "app keys only" in refused.stderr, refused.stderr
+    assert refused.returncode == 2 and "takes no deployment scope" in refused.stderr, refused.stderr
 
 
 def _admin_call(stack: dict[str, str], method: str, path: str, body: dict | None = None) -> tuple[int, dict]:

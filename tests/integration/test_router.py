@@ -413,6 +413,27 @@ async def test_revoked_key_is_refused_at_once(router: Any, keys: Bootstrap, cont
             assert resp.status == 401
 
 
+async def test_an_operator_key_scoped_to_deployments_reads_and_changes_only_those(
+        router: Any, http: aiohttp.ClientSession, governed: None) -> None:
+    # Before: an operator key of tenant acme/app other started, un-analysed and promoted a canary on another team's
+    # deployment (its tenant and app named who acted, they limited nothing). On a shared router, scope it.
+    store = KeyStore(router.ctx.settings.home)
+    theirs, _ = store.create("acme", "other", "operator", deployments=["support"])
+    viewer, _ = store.create("acme", "other", "viewer", deployments=["support"])
+    base = f"{router.url}/lockgate/v1/deployments"
+    for key, method, path in ((theirs, "POST", "/chat/promote"), (theirs, "PATCH", "/chat"), (viewer, "GET", "/chat"),
+                              (theirs, "PUT", "/chat")):
+        async with http.request(method, base + path, headers=bearer(key), json={"stable_release": "r1"}) as resp:
+            body = await resp.json()
+            assert (resp.status, body["error"]["code"]) == (403, "deployment_not_in_scope"), (method, path, body)
+            assert "may only use support, not deployment 'chat'" in body["error"]["message"] and key not in str(body)
+    async with http.get(base, headers=bearer(viewer)) as resp:
+        assert resp.status == 200 and await resp.json() == []  # chat's route is not listed to it
+    async with http.get(base, headers=bearer(store.create("acme", "ops", "viewer")[0])) as resp:
+        assert [r["deployment"] for r in await resp.json()] == ["chat"]  # an unscoped key sees every route
+    assert router.rollouts.route("chat").phase != "promoted"
+
+
 @pytest.mark.parametrize("action", ["promote", "abort"])
 async def test_admin_api_needs_operator_or_admin(router: Any, keys: Bootstrap, action: str) -> None:
     # Before: an unauthenticated POST .../promote made a never-gated canary stable.

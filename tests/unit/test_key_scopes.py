@@ -55,8 +55,8 @@ def test_a_scope_is_stored_checked_and_read_back(tmp_path: Path) -> None:
     ("app", ["a b"], "invalid deployment 'a b' for an API key"),
     ("app", ["support", "*"], "invalid deployment '*' for an API key"),
     ("app", [""], "invalid deployment '' for an API key"),
-    ("operator", ["support"], "applies to app keys only (this one is 'operator')"),
-    ("viewer", ["support"], "applies to app keys only"),
+    ("admin", ["support"], "an admin key acts on every deployment and takes no deployment scope"),
+    ("operator", ["a b"], "invalid deployment 'a b' for an API key"),
 ])
 def test_a_bad_scope_is_refused_and_no_key_is_made(tmp_path: Path, role: str, deployments: list[str],
                                                    error: str) -> None:
@@ -80,8 +80,10 @@ def test_a_live_keys_scope_changes_and_applies_to_the_same_secret(tmp_path: Path
     with pytest.raises(ConfigError, match="is revoked"):
         store.rescope(rec.id, ["support"])
     admin = store.create("acme", "ops", "admin")[1]
-    with pytest.raises(ConfigError, match="app keys only"):
+    with pytest.raises(ConfigError, match="takes no deployment scope"):
         store.rescope(admin.id, ["support"])
+    operator = store.create("acme", "ops", "operator")[1]
+    assert store.rescope(operator.id, ["support"])[1].deployments == ("support",)
 
 
 def test_keys_create_list_and_scope_through_the_cli(tmp_path: Path) -> None:

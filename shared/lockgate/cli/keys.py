@@ -40,7 +40,8 @@ def register(cli: click.Group) -> None:
     @click.option("--role", type=click.Choice(ROLES), default="app", show_default=True)
     @click.option("--description", default="")
     @click.option("--deployment", "deployments", multiple=True, metavar="NAME",
-                  help="A deployment the key may send traffic to (repeat for more; app keys only). "
+                  help="A deployment the key may use: send traffic to (app), read or operate in the admin API "
+                       "(viewer, approver, operator); repeat for more; not for admin keys. "
                        "None: every deployment.")
     @click.pass_context
     @handle_errors
@@ -79,7 +80,7 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     @handle_errors
     def scope(ctx: click.Context, key_id: str, deployments: tuple[str, ...], every_deployment: bool) -> None:
-        """Change which deployments an app key may use; the router applies it from its next request."""
+        """Change which deployments a key (any role but admin) may use; the router applies it from its next request."""
         # Widening to every deployment is said out loud: a forgotten --deployment must not do it.
         if bool(deployments) == every_deployment:
             raise ConfigError("name the key's deployments with --deployment NAME (repeatable), or lift its scope "

@@ -215,12 +215,12 @@ def event_out_of_scope(deployments: tuple[str, ...], deployment: str, app: str) 
 
 def deployment_scope(role: str, deployments: Iterable[str]) -> tuple[str, ...]:
     """The checked scope of a key of `role`: deployment names in the grammar, each once, in the order given.
-    Only app keys take one: the admin API's roles act on every deployment, so a scope on an operator key
-    would read as a limit the admin API does not apply."""
+    Every role but admin takes one: an app key's traffic and events, and what a viewer, approver or operator
+    key may read or change in the admin API; an admin key acts on every deployment (keys, break-glass)."""
     scope = tuple(dict.fromkeys(deployments))
-    if scope and role != "app":
-        raise ConfigError(f"a deployment scope applies to app keys only (this one is {role!r}): the admin API's "
-                          "roles are not limited per deployment")
+    if scope and role == "admin":
+        raise ConfigError("an admin key acts on every deployment and takes no deployment scope: make an operator "
+                          "key scoped to them instead")
     for name in scope:
         if not is_name(name):
             raise ConfigError(f"invalid deployment {name!r} for an API key: {NAME_RULE}")
