@@ -186,14 +186,21 @@ async def drained(admin: Bus, *durables: str, timeout_s: float = 90.0) -> None:
     """Wait until the sink's consumers have nothing pending or unacknowledged (all stored)."""
     streams = {"inference": "inference", "cost_ledger": "facts", "spans": "telemetry"}
 
+    last: list[str] = [""]
+
     async def check() -> None:
         for purpose in durables:
             stream = admin.subjects.streams[streams[purpose]].name
             info = await admin.js.consumer_info(stream, admin.subjects.durable("sink", purpose))
             if info.num_pending or info.num_ack_pending:
-                raise NotYet(f"{purpose}: {info.num_pending} pending, {info.num_ack_pending} unacknowledged")
+                last[0] = (f"{purpose}: {info.num_pending} pending, {info.num_ack_pending} unacknowledged, "
+                           f"{info.num_redelivered} redelivered, {info.num_waiting} fetches waiting")
+                raise NotYet(last[0])
 
-    await until(check, timeout_s, f"sink consumers {', '.join(durables)} drained")
+    try:
+        await until(check, timeout_s, f"sink consumers {', '.join(durables)} drained")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc} (last seen: {last[0]})") from None
 
 
 def report(name: str, **figures: Any) -> None:
