@@ -43,14 +43,12 @@ _STRING_FIELDS = tuple(
 _NUMBER_FIELDS = ("input_tokens", "output_tokens", "cached_tokens", "latency_ms", "ttft_ms")
 
 
-def event_from_proto(msg: ingest_pb2.InferenceEvent, tenant: str = "default", app: str = "") -> InferenceEvent:
-    """Validate one proto event into the contract (tenant and app: the caller's key's, unless the event names
-    its app); raises InvalidEvent with the reason."""
-    if not (msg.app or app):
-        raise InvalidEvent("app is required (the application that made the call)")
+def event_from_proto(msg: ingest_pb2.InferenceEvent, tenant: str, app: str) -> InferenceEvent:
+    """Validate one proto event into the contract, as the caller's key's tenant and app; raises InvalidEvent
+    with the reason."""
     raw: dict[str, Any] = {f: getattr(msg, f) for f in _STRING_FIELDS if getattr(msg, f)}
-    raw["tenant"] = tenant  # Send refused any event naming another tenant (or app) before this
-    raw.setdefault("app", app)
+    # Send refused any event naming another tenant or app before this; one naming none is the key's.
+    raw["tenant"], raw["app"] = tenant, app
     raw.update({f: getattr(msg, f) for f in _NUMBER_FIELDS})
     for f in ("prompt", "response"):
         if msg.HasField(f):

@@ -2,7 +2,7 @@
 
 Each span becomes a SpanRecord in the OTel Collector ClickHouse exporter's layout (values written as
 the Collector writes them: bools `true`, arrays and maps as JSON), and each model-call span also an
-InferenceEvent (`genai.py`). The API key decides the tenant: a span naming another tenant refuses
+InferenceEvent (`genai.py`). The API key decides the tenant and the app: a span naming another refuses
 the whole request, and every stored span carries the key's tenant in `lockgate.tenant`.
 """
 

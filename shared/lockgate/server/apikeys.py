@@ -205,8 +205,8 @@ def in_scope(deployments: tuple[str, ...], deployment: str) -> bool:
 def event_out_of_scope(deployments: tuple[str, ...], deployment: str, app: str) -> str:
     """Why a key of scope `deployments` may not report an event of `deployment` ("" when it may). An event
     counts in its deployment's drift and canary analysis; one naming none counts as the deployment named
-    like its app (drift groups by `deployment or app`), and the app is the event's to name, so a scoped key
-    must name a deployment of its own."""
+    like its app (`app`, the key's: drift groups by `deployment or app`), so a scoped key must name a
+    deployment of its own."""
     if in_scope(deployments, deployment):
         return ""
     return (f"is for deployment {deployment!r}" if deployment else
