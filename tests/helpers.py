@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from lockgate.server.registry import ServiceSet
@@ -132,6 +133,31 @@ async def register_model_release(bus: Any, release: str, model: str = "m", endpo
     arts = {f"model_config/{release}-config": config.hash, **(extra_artifacts or {})}
     await artifacts.register_release(bus, release, app, arts)
     return arts
+
+
+@contextlib.asynccontextmanager
+async def recorder(bus: Any, settings: Any) -> AsyncIterator[Any]:
+    """A lineage recorder on `bus`: the applied state's only writer, which `apply` asks to record it."""
+    svcs = ServiceSet(ServiceContext(bus=bus, telemetry=Telemetry(), settings=settings), ["lineage"])
+    await svcs.start()
+    try:
+        yield svcs["lineage"]
+    finally:
+        await svcs.stop()
+
+
+async def apply_folder(bus: Any, settings: Any, folder: Any, *, lineage: Any = None) -> Any:
+    """`lockgate apply FOLDER` through `bus`, recorded by a lineage recorder on `lineage` (or `bus`)."""
+    from lockgate.gitops.documents import load_folder
+    from lockgate.gitops.git import provenance
+    from lockgate.gitops.plan import diff
+    from lockgate.gitops.resolve import resolve
+    from lockgate.gitops.state import apply, read_bindings, read_state
+
+    desired = resolve(load_folder(folder))
+    plan = diff(desired, await read_state(bus), await read_bindings(bus, [r.release for r in desired if r.release]))
+    async with recorder(lineage or bus, settings):
+        return plan, await apply(bus, plan, desired, provenance(folder), directory=str(folder))
 
 
 def grpc_key(key: str) -> list[Any]:

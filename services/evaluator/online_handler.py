@@ -29,11 +29,10 @@ import nats.errors
 import nats.js.errors
 
 from lockgate.bus import Delivery
-from lockgate.contracts import InferenceEvent, InferenceScored
+from lockgate.contracts import InferenceEvent, InferenceScored, StateEntry
 from lockgate.documents import convert
 from lockgate.endpoints import Access
 from lockgate.errors import BusUnavailable, ConfigError, LockgateError
-from lockgate.gitops.plan import StateEntry
 from lockgate.gitops.state import state_key
 from lockgate.kvcas import KVUnavailable
 from lockgate.onlineeval import JudgeSpec, OnlineEvalSpec

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 from lockgate.bus import consume
 from lockgate.contracts import (
     EvalCompleted,
@@ -12,6 +15,7 @@ from lockgate.contracts import (
     RolloutState,
 )
 from lockgate.server.service import Service, ServiceContext
+from lockgate.services.lineage.applied_handler import AppliedState
 from lockgate.services.lineage.handlers import LineageHandlers
 from lockgate.services.lineage.live_handler import LiveLineage
 
@@ -25,6 +29,8 @@ class Lineage(Service):
         super().__init__(ctx)
         self.live = LiveLineage(ctx) if ctx.settings.openlineage_url else None
         self.handlers = LineageHandlers(ctx, self.live)
+        self.applied = AppliedState(ctx)  # the applied state's only writer (`lockgate apply` asks)
+        self._applies: Any = None
         s = ctx.bus.subjects
         # The events stream also carries drift and cost records, so subscribe per subject
         # rather than decode (and dead-letter) everything on the stream. Artifacts add no edge.
@@ -45,12 +51,20 @@ class Lineage(Service):
                     handler=self.live.on_requested, batch_size=64, ack_wait_s=ctx.settings.ack_wait_s)
 
     async def start(self) -> None:
-        """Start posting OpenLineage events, when configured."""
+        """Take apply requests (one queue group: each is recorded once), and start posting OpenLineage
+        events, when configured."""
+        s = self.ctx.bus.subjects
+        self._applies = await self.ctx.bus.nc.subscribe(s.gitops_apply_all, queue=s.gitops_group,
+                                                        cb=self.applied.on_request)
         if self.live is not None:
             self.live.start()
 
     async def stop(self) -> None:
-        """Send the OpenLineage events still queued, then stop."""
+        """Finish the apply being recorded, send the OpenLineage events still queued, then stop."""
+        if self._applies is not None:
+            with contextlib.suppress(Exception):
+                await self._applies.drain()
+            self._applies = None
         if self.live is not None:
             await self.live.close()
         await super().stop()

@@ -403,6 +403,11 @@ class Bus:
             raise self.refused(subject) or BusUnavailable(
                 f"JetStream did not acknowledge publish to {subject}: {exc!r}") from None
 
+    async def request(self, subject: str, data: bytes, *, timeout_s: float) -> Msg:
+        """A core NATS request; NotAllowed at once when the server refuses `subject` to this connection
+        (nats-py's own errors otherwise: no responders, timeout, payload too large)."""
+        return await self._unless_refused(subject, lambda: self.nc.request(subject, data, timeout=timeout_s))
+
     async def _unless_refused(self, subject: str, call: Callable[[], Awaitable[Any]]) -> Any:
         """Await `call()`, a publish or request on `subject`, or raise NotAllowed as soon as the server
         refuses that subject to this connection."""

@@ -177,6 +177,10 @@ def grant(s: Subjects, identity: str) -> Grant:
         # edges as facts.
         g.add(service).add(_consume(s, "lineage")).add(_read_objects(s.object_store))
         g.add(_create_kv(s.kv_releases)).add(Grant(publish=[s.release_bound, s.lineage_edges, s.query]))
+        # The applied state's only writer: it records each apply it is asked for, with an audit row, and
+        # announces it.
+        g.add(_write_kv(s.kv_gitops)).add(Grant(publish=[s.apply_recorded, s.audit("lineage")],
+                                                subscribe=[s.gitops_apply_all], responses=True))
     elif identity == "evaluator":
         # It records each requested run (the gatekeeper decides only on those) and its cases as facts.
         g.add(service).add(_consume(s, "evaluator")).add(_read_objects(s.object_store))
@@ -227,11 +231,11 @@ def grant(s: Subjects, identity: str) -> Grant:
     elif identity in ("viewer", "operator", "approver"):
         g.add(_viewer(s))
         if identity == "operator":
-            # `release create` binds the name itself (create-only KV) before announcing it.
-            # `apply` also keeps the folder's applied state and announces what it changed.
-            g.add(_write_objects(s.object_store)).add(_create_kv(s.kv_releases)).add(_write_kv(s.kv_gitops))
+            # `release create` binds the name itself (create-only KV) before announcing it. `apply` asks the
+            # lineage recorder to record the folder's applied state: it never writes the bucket itself.
+            g.add(_write_objects(s.object_store)).add(_create_kv(s.kv_releases))
             g.add(Grant(
-                publish=[s.eval_requested, s.artifact_registered, s.release_registered, s.apply_recorded],
+                publish=[s.eval_requested, s.artifact_registered, s.release_registered, s.gitops_apply("operator")],
                 subscribe=[s.eval_completed, f"{s.prefix}.progress.eval.>", s.gate_decided_all, s.eval_reran]))
             g.add(Grant(publish=[s.audit("operator")]))  # key changes made from the CLI, recorded as itself
             # `alias set` and `artifact deprecate` append signed records to the provenance stream.

@@ -278,6 +278,20 @@ class Subjects:
     def audit_all(self) -> str:
         return f"{self.prefix}.audit.>"
 
+    def gitops_apply(self, identity: str) -> str:
+        """Where `identity` asks the lineage recorder to record an apply (ApplyRequest, request/reply);
+        permissions let only the operator publish there (and the admin, who may publish anything)."""
+        return f"{self.prefix}.gitops.apply.{token(identity)}"
+
+    @property
+    def gitops_apply_all(self) -> str:
+        return f"{self.prefix}.gitops.apply.*"
+
+    @property
+    def gitops_group(self) -> str:
+        """Queue group of the lineage recorders answering applies: each request is recorded by one of them."""
+        return f"{self.prefix}_gitops"
+
     def alias(self, app: str, alias: str) -> str:
         """Where an alias's signed history is appended (one subject per app and alias)."""
         return f"{self.prefix}.provenance.alias.{token(app)}.{token(alias)}"

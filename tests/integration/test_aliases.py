@@ -139,7 +139,7 @@ async def test_sunset_artifacts_refuse_an_alias_and_deprecated_ones_warn(bus: Bu
 
 
 async def test_aliases_declared_in_the_gitops_folder_are_planned_and_applied_signed(
-        bus: Bus, settings: Settings, tmp_path: Any) -> None:
+        bus: Bus, settings: Settings, tmp_path: Any, run_services: Any) -> None:
     import shutil
     from pathlib import Path
 
@@ -149,6 +149,7 @@ async def test_aliases_declared_in_the_gitops_folder_are_planned_and_applied_sig
         "kind: alias\nname: production\napp: gitshop\nrelease: gitshop-base\n")
     person(settings, "ann", "operator")
 
+    await run_services("lineage")  # the applied state's writer
     planned = await cli(settings, "plan", str(repo), "--json")
     assert planned.exit_code == 2
     [step] = [s for s in json.loads(planned.output)["steps"] if s["kind"] == "alias"]

@@ -1,5 +1,7 @@
 """`apply` on a real nats-server: what it registers carries the folder's Git provenance, the applied
-state records it, and the apply is announced once (ApplyRecorded); applying again announces nothing."""
+state records it, and the apply is announced once (ApplyRecorded); applying again announces nothing.
+The lineage recorder is the state's only writer: it audits each apply, refuses a request that does not
+hold together, and the operator identity can no longer write the bucket itself."""
 
 from __future__ import annotations
 
@@ -13,12 +15,26 @@ import pytest
 
 from lockgate import artifacts
 from lockgate.bus import Bus
-from lockgate.contracts import ApplyRecorded, ArtifactRegistered
-from lockgate.gitops.documents import load_folder
+from lockgate.codec import to_json
+from lockgate.config import Settings
+from lockgate.contracts import (
+    AppliedChange,
+    ApplyRecorded,
+    ApplyReply,
+    ApplyRequest,
+    ArtifactRegistered,
+    AuditEntry,
+    StateEntry,
+)
+from lockgate.credentials import NotAllowed
+from lockgate.gitops.documents import GitopsError, load_folder
 from lockgate.gitops.git import provenance
 from lockgate.gitops.plan import diff
 from lockgate.gitops.resolve import resolve
-from lockgate.gitops.state import apply, read_bindings, read_state
+from lockgate.gitops.state import apply, read_state, state_key
+from lockgate.ids import content_hash
+from tests.helpers import apply_folder, recorder
+from tests.integration.test_nats_auth import _bus, secured  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,13 +48,8 @@ def _git(repo: Path, *args: str) -> str:
                           env=env).stdout.strip()
 
 
-async def _plan_and_apply(bus: Bus, repo: Path) -> tuple[object, ApplyRecorded]:
-    desired = resolve(load_folder(repo))
-    plan = diff(desired, await read_state(bus), await read_bindings(bus, [r.release for r in desired if r.release]))
-    return plan, await apply(bus, plan, desired, provenance(repo), directory=str(repo))
-
-
-async def test_apply_records_git_provenance_and_announces_itself_once(bus: Bus, tmp_path: Path) -> None:
+async def test_apply_records_git_provenance_and_announces_itself_once(bus: Bus, settings: Settings,
+                                                                      tmp_path: Path) -> None:
     repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
     await asyncio.to_thread(_git, repo, "init", "-q")
     await asyncio.to_thread(_git, repo, "add", ".")
@@ -56,7 +67,7 @@ async def test_apply_records_git_provenance_and_announces_itself_once(bus: Bus, 
     await bus.nc.subscribe(bus.subjects.apply_recorded, cb=on_apply)
     await bus.nc.subscribe(bus.subjects.artifact_registered, cb=on_artifact)
 
-    plan, event = await _plan_and_apply(bus, repo)
+    plan, event = await apply_folder(bus, settings, repo)
     got = await asyncio.wait_for(applied.get(), 10)
     assert got.id == event.id and (got.commit, got.author, got.dirty) == (head, "Bo <bo@example.com>", False)
     assert len(got.changes) == 11 and {c.action for c in got.changes} == {"add"}
@@ -69,7 +80,96 @@ async def test_apply_records_git_provenance_and_announces_itself_once(bus: Bus, 
     state = await read_state(bus)
     assert {(e.commit, e.dirty) for e in state.values()} == {(head, False)} and len(state) == 11
 
-    again, event = await _plan_and_apply(bus, repo)
+    again, event = await apply_folder(bus, settings, repo)
     assert again.exit_code == 0 and event.changes == [] and event.unchanged == 11  # type: ignore[attr-defined]
     await bus.nc.flush()
     assert applied.empty()  # an apply that changed nothing announces nothing
+
+
+async def test_every_apply_is_audited_by_the_recorder_naming_who_applied_and_the_commit(
+        bus: Bus, settings: Settings, tmp_path: Path) -> None:
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    audited: asyncio.Queue[AuditEntry] = asyncio.Queue()
+
+    async def on_audit(msg: object) -> None:
+        await audited.put(msgspec.json.decode(msg.data, type=AuditEntry))  # type: ignore[attr-defined]
+
+    await bus.nc.subscribe(bus.subjects.audit("lineage"), cb=on_audit)
+    _, event = await apply_folder(bus, settings, repo)
+    entry = await asyncio.wait_for(audited.get(), 10)
+    assert (entry.kind, entry.action, entry.actor, entry.target, entry.id) == (
+        "apply", "apply", "operator", str(repo), event.id)
+    assert entry.details["identity"] == "operator" and "add deployment/gitshop-web" in entry.details["changes"]
+
+
+def _deployment_entry(spec: dict, digest: str | None = None) -> StateEntry:
+    return StateEntry(kind="deployment", name="chat", digest=digest or content_hash(spec), spec=spec)
+
+
+SPEC = {"app": "shop", "stable": "r1", "canary": "", "rollout": {"strategy": "canary", "steps": [10.0, 100.0],
+                                                                 "interval_s": 60.0}}
+
+
+@pytest.mark.parametrize(("request_", "why"), [
+    # An entry the folder could not have produced: its digest is not its spec's (what `plan` compares).
+    (ApplyRequest(directory="d", changes=[AppliedChange(action="add", kind="deployment", name="chat", digest="x")],
+                  entries=[_deployment_entry(SPEC, "x")]), "is not the hash of its spec"),
+    # An online_eval the evaluator cannot use (an unknown field where a scorer list belongs).
+    (ApplyRequest(directory="d", changes=[AppliedChange(action="add", kind="deployment", name="chat",
+                                                        digest=content_hash({**SPEC, "online_eval": {"scorer": 1}}))],
+                  entries=[_deployment_entry({**SPEC, "online_eval": {"scorer": 1}})]), "online_eval"),
+    # Entries slipped in beside the changes, which no audit row would name.
+    (ApplyRequest(directory="d", entries=[_deployment_entry(SPEC)]), "belong to no change"),
+    # Another provenance on an entry than the apply's (the audit row would name the wrong commit).
+    (ApplyRequest(directory="d", commit="abc", changes=[AppliedChange(action="add", kind="deployment", name="chat",
+                                                                      digest=content_hash(SPEC))],
+                  entries=[_deployment_entry(SPEC)]), "Git provenance"),
+])
+async def test_the_recorder_refuses_an_apply_that_does_not_hold_together_and_records_nothing(
+        bus: Bus, settings: Settings, request_: ApplyRequest, why: str) -> None:
+    async with recorder(bus, settings) as lineage:
+        msg = await bus.request(bus.subjects.gitops_apply("operator"), to_json(request_), timeout_s=10)
+        assert lineage.applied.answered.count == 1
+    reply = msgspec.json.decode(msg.data, type=ApplyReply)
+    assert reply.recorded is None and why in reply.error, reply.error
+    assert await read_state(bus) == {}
+
+
+async def test_apply_without_a_lineage_recorder_says_so_and_records_nothing(
+        bus: Bus, settings: Settings, tmp_path: Path) -> None:
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+
+    desired = resolve(load_folder(repo))
+    plan = diff(desired, {}, {})
+    with pytest.raises(GitopsError, match="no lineage recorder answers applies"):
+        await apply(bus, plan, desired, provenance(repo), directory=str(repo))
+    assert await read_state(bus) == {}
+
+
+async def test_the_operator_identity_applies_through_the_recorder_and_cannot_write_the_state_itself(
+        secured: tuple, tmp_path: Path) -> None:  # noqa: F811
+    _, settings, admin = secured
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    operator, lineage, app = (await _bus(settings, "operator"), await _bus(settings, "lineage"),
+                              await _bus(settings, "app"))
+    try:
+        _, event = await apply_folder(operator, settings, repo, lineage=lineage)
+        assert len(event.changes) == 11 and len(await read_state(operator)) == 11
+        key = state_key("deployment", "gitshop-web")
+        # Before: the operator identity put entries itself, skipping the audit row and the recorder's checks.
+        kv = await operator.kv(operator.subjects.kv_gitops)
+        with pytest.raises(Exception):  # noqa: B017 - refused by the server (a permissions violation)
+            await asyncio.wait_for(kv.put(key, b'{"kind": "deployment"}'), 5)
+        assert operator.refused(f"$KV.{operator.subjects.kv_gitops}.{key}") is not None
+        with pytest.raises(Exception):  # noqa: B017 - nor delete one
+            await asyncio.wait_for(kv.delete(key), 5)
+        # An application may not ask for an apply, in its own name or the operator's.
+        for identity in ("app", "operator"):
+            with pytest.raises(NotAllowed):
+                await app.request(app.subjects.gitops_apply(identity), to_json(ApplyRequest(directory="d")),
+                                  timeout_s=5)
+        assert (await read_state(admin))["deployment/gitshop-web"].digest == next(
+            c.digest for c in event.changes if c.kind == "deployment")
+    finally:
+        for b in (operator, lineage, app):
+            await b.close()

@@ -50,7 +50,7 @@ async def test_two_evaluator_replicas_spend_at_most_the_judges_budget_with_calls
         secured: Any, tmp_path: Path, judge: SimServer) -> None:  # noqa: F811
     _, settings, admin = secured
     settings = settings.replace(endpoints_file=_endpoints(tmp_path, judge=judge.url))
-    await _apply(admin, _folder(tmp_path, DOC))
+    await _apply(admin, settings, _folder(tmp_path, DOC))
     buses: list[Bus] = []
     replicas: list[ServiceSet] = []
     try:
@@ -88,7 +88,7 @@ async def test_two_evaluator_replicas_spend_at_most_the_judges_budget_with_calls
 async def test_an_unreachable_budget_store_means_no_judge_call_and_an_error_outcome(
         context: ServiceContext, run_services: Any, tmp_path: Path, judge: SimServer) -> None:
     context.settings = context.settings.replace(endpoints_file=_endpoints(tmp_path, judge=judge.url))
-    await _apply(context.bus, _folder(tmp_path, DOC))
+    await _apply(context.bus, context.settings, _folder(tmp_path, DOC))
     await context.bus.js.delete_key_value(context.bus.subjects.kv_budgets)  # the store is gone
     evaluator = (await run_services("evaluator"))["evaluator"]
     got: asyncio.Queue[bytes] = asyncio.Queue()

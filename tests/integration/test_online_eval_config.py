@@ -16,19 +16,16 @@ import msgspec
 import pytest
 
 from lockgate.bus import Bus
+from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
-from lockgate.gitops.documents import load_folder
-from lockgate.gitops.git import provenance
-from lockgate.gitops.plan import diff
-from lockgate.gitops.resolve import resolve
-from lockgate.gitops.state import apply, read_bindings, read_state, state_key
+from lockgate.gitops.state import state_key
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.services.query.registry import run as run_query
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import eventually, register_model_release
+from tests.helpers import apply_folder, eventually, register_model_release
 from tests.integration.test_nats_auth import _bus, secured  # noqa: F401 - the fixture
 from tests.integration.test_query_service import _cli
 from tests.integration.test_rollout_analysis import _pass, _start, _traffic_until
@@ -45,10 +42,15 @@ def _folder(tmp: Path, online_eval: str) -> Path:
     return root
 
 
-async def _apply(bus: Bus, folder: Path) -> None:
-    desired = resolve(load_folder(folder))
-    plan = diff(desired, await read_state(bus), await read_bindings(bus, [r.release for r in desired if r.release]))
-    await apply(bus, plan, desired, provenance(folder), directory=str(folder))
+async def _apply(bus: Bus, settings: Settings, folder: Path) -> None:
+    if bus.auth.enabled:  # a secured server: the recorder runs as the lineage identity, as in a stack
+        lineage = await _bus(settings, "lineage")
+        try:
+            await apply_folder(bus, settings, folder, lineage=lineage)
+        finally:
+            await lineage.close()
+    else:
+        await apply_folder(bus, settings, folder)
 
 
 def _event(i: int, variant: str, response: str = '{"answer": "Paris"}') -> InferenceEvent:
@@ -86,7 +88,7 @@ online_eval:
 
 async def test_rates_per_variant_and_scorers_come_from_the_applied_deployment_and_scores_are_stored_once(
         context: ServiceContext, run_services: Any, tmp_path: Path) -> None:
-    await _apply(context.bus, _folder(tmp_path, ONLINE_EVAL))
+    await _apply(context.bus, context.settings, _folder(tmp_path, ONLINE_EVAL))
     services = await run_services("sink", "evaluator", "query")
     evaluator, sink = services["evaluator"], services["sink"]
     bus = context.bus
@@ -143,7 +145,7 @@ online_eval:
 async def _judge_answers(context: ServiceContext, run_services: Any, tmp_path: Path,
                          n: int) -> tuple[Any, Any, list[InferenceEvent]]:
     """Apply deployment `chat` with a judge, start the sink and the evaluator, publish n canary answers."""
-    await _apply(context.bus, _folder(tmp_path, JUDGE.format(budget=5, price=0.1)))
+    await _apply(context.bus, context.settings, _folder(tmp_path, JUDGE.format(budget=5, price=0.1)))
     services = await run_services("sink", "evaluator")
     events = [_event(i, "canary") for i in range(n)]
     await context.bus.publish(context.bus.subjects.inference("shop"), events)
@@ -179,7 +181,7 @@ async def test_a_judge_budget_below_one_calls_largest_cost_makes_no_call(
         context.settings = context.settings.replace(endpoints_file=_endpoints(tmp_path, judge=judge.url))
         # One call may cost more than the day's budget: none is made, since its largest cost is reserved before
         # it (calls within a budget, and two replicas sharing one: tests/integration/test_judge_budget.py).
-        await _apply(context.bus, _folder(tmp_path, JUDGE.format(budget="0.000001", price=1000)))
+        await _apply(context.bus, context.settings, _folder(tmp_path, JUDGE.format(budget="0.000001", price=1000)))
         evaluator = (await run_services("evaluator"))["evaluator"]
         await context.bus.publish(context.bus.subjects.inference("shop"), [_event(i, "canary") for i in range(6)])
         await evaluator.online.judge_skipped.wait_for(6, timeout_s=60)
@@ -204,7 +206,7 @@ async def judged_canary(context: ServiceContext, run_services: Any, tmp_path: Pa
         await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))
         endpoints = _endpoints(tmp_path, default=stable.url, canary=canary.url, judge=judge.url)
         context.settings = context.settings.replace(endpoints_file=endpoints, deployment="chat", app="shop")
-        await _apply(context.bus, _folder(tmp_path, JUDGE.format(budget=5, price=0.1)))
+        await _apply(context.bus, context.settings, _folder(tmp_path, JUDGE.format(budget=5, price=0.1)))
         services = await run_services("router", "evaluator")
         yield services["router"], services["evaluator"], signer
 
@@ -229,7 +231,7 @@ async def test_a_canary_analysed_on_the_judge_during_a_judge_outage_is_paused_ne
 
 async def test_the_evaluator_reads_deployment_documents_and_cannot_change_them(secured: Any, tmp_path: Path) -> None:  # noqa: F811
     _, settings, admin = secured
-    await _apply(admin, _folder(tmp_path, ONLINE_EVAL))
+    await _apply(admin, settings, _folder(tmp_path, ONLINE_EVAL))
     evaluator = await _bus(settings, "evaluator")
     try:
         kv = await evaluator.kv(evaluator.subjects.kv_gitops)
@@ -246,7 +248,7 @@ async def test_a_judge_on_an_endpoint_outside_the_allow_list_is_never_called_and
         context: ServiceContext, run_services: Any, tmp_path: Path) -> None:
     # The document cannot send live answers anywhere the operator did not list: only ids of the endpoints file.
     context.settings = context.settings.replace(endpoints_file=_endpoints(tmp_path, judge="http://127.0.0.1:9/v1"))
-    await _apply(context.bus, _folder(tmp_path, JUDGE.format(budget=5, price=0.1).replace("endpoint: judge",
+    await _apply(context.bus, context.settings, _folder(tmp_path, JUDGE.format(budget=5, price=0.1).replace("endpoint: judge",
                                                                                           "endpoint: elsewhere")))
     evaluator = (await run_services("evaluator"))["evaluator"]
     got: asyncio.Queue[bytes] = asyncio.Queue()

@@ -30,7 +30,7 @@ from lockgate.contracts.evals import (
     MetricInterval,
 )
 from lockgate.contracts.gates import GateAudited, GateDecided, GateReview, RuleResult
-from lockgate.contracts.gitops import AppliedChange, ApplyRecorded
+from lockgate.contracts.gitops import AppliedChange, ApplyRecorded, ApplyReply, ApplyRequest, StateEntry
 from lockgate.contracts.inference import InferenceEvent, InferenceScored, Score
 from lockgate.contracts.provenance import AliasChanged, ArtifactLifecycle
 from lockgate.contracts.rollout import AnalysisMetric, AnalysisRun, RolloutState
@@ -80,6 +80,8 @@ __all__ = [
     "EVENT_TYPES",
     "AnyEvent",
     "AppliedChange",
+    "ApplyReply",
+    "ApplyRequest",
     "ApplyRecorded",
     "ArtifactKind",
     "ArtifactRegistered",
@@ -117,6 +119,7 @@ __all__ = [
     "Score",
     "SpanBatch",
     "SpanRecord",
+    "StateEntry",
     "json_schema",
     "utcnow",
 ]

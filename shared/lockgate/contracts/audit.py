@@ -7,7 +7,8 @@ from typing import Literal
 
 from lockgate.contracts.envelope import Event
 
-AuditKind = Literal["decision", "review", "override", "refusal", "rollout", "break_glass", "key", "alias", "lifecycle"]
+AuditKind = Literal["decision", "review", "override", "refusal", "rollout", "break_glass", "key", "alias", "lifecycle",
+                    "apply"]
 
 
 class AuditEntry(Event, frozen=True, kw_only=True, tag="lockgate.audit.entry"):

@@ -1,4 +1,9 @@
-"""What `lockgate apply` did: the Git provenance of one apply and the changes it made."""
+"""What `lockgate apply` did: the Git provenance of one apply, the changes it made, and the applied state.
+
+The CLI does not write the applied state (KV `{prefix}_gitops`) itself: it sends an `ApplyRequest` to the
+lineage recorder, the bucket's only writer, which checks it, records its entries, appends an audit row
+and announces the apply (`ApplyRecorded`). So no change of the state (a deployment's `online_eval`, which
+feeds canary analysis, for one) escapes the audit log."""
 
 from __future__ import annotations
 
@@ -23,6 +28,27 @@ class AppliedChange(msgspec.Struct, frozen=True, kw_only=True):
     source: str = ""  # the folder file it came from, relative to the folder
 
 
+class StateEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """What one apply recorded for a resource: its content hash and the Git provenance of that apply."""
+
+    kind: str
+    name: str
+    digest: str
+    release: str = ""
+    source: str = ""
+    spec: dict = {}
+    commit: str = ""
+    author: str = ""
+    dirty: bool = False
+    applied_at: str = ""
+    applied_by: str = ""
+
+    @property
+    def key(self) -> str:
+        """`kind/name`."""
+        return f"{self.kind}/{self.name}"
+
+
 class ApplyRecorded(Event, frozen=True, kw_only=True, tag="lockgate.gitops.applied"):
     """One `lockgate apply DIR`: the Git commit, author and dirty flag of the folder, and what changed."""
 
@@ -33,3 +59,24 @@ class ApplyRecorded(Event, frozen=True, kw_only=True, tag="lockgate.gitops.appli
     applied_by: str = ""  # the personal identity that signed the releases, if any
     changes: list[AppliedChange] = []
     unchanged: int = 0
+
+
+class ApplyRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What `lockgate apply` asks the lineage recorder to record (on `Subjects.gitops_apply(identity)`):
+    the changes it carried out, and the state entry of each change that is not a removal."""
+
+    directory: str
+    commit: str = ""
+    author: str = ""
+    dirty: bool = False
+    applied_by: str = ""
+    changes: list[AppliedChange] = []
+    entries: list[StateEntry] = []
+    unchanged: int = 0
+
+
+class ApplyReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The lineage recorder's answer: the announced apply, or why nothing was recorded."""
+
+    recorded: ApplyRecorded | None = None
+    error: str = ""

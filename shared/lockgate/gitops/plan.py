@@ -15,32 +15,12 @@ from typing import Literal
 
 import msgspec
 
+from lockgate.contracts.gitops import StateEntry
 from lockgate.gitops.documents import ORDER
 from lockgate.gitops.resolve import Resource
 
 Action = Literal["add", "change", "unchanged", "remove", "orphan"]
 CHANGES = ("add", "change", "remove")
-
-
-class StateEntry(msgspec.Struct, frozen=True, kw_only=True):
-    """What one apply recorded for a resource: its content hash and the Git provenance of that apply."""
-
-    kind: str
-    name: str
-    digest: str
-    release: str = ""
-    source: str = ""
-    spec: dict = {}
-    commit: str = ""
-    author: str = ""
-    dirty: bool = False
-    applied_at: str = ""
-    applied_by: str = ""
-
-    @property
-    def key(self) -> str:
-        """`kind/name`."""
-        return f"{self.kind}/{self.name}"
 
 
 class Step(msgspec.Struct, frozen=True, kw_only=True):

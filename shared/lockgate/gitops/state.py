@@ -12,19 +12,20 @@ immutable, lineage and audit keep naming them).
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import contextlib
 
 import msgspec
+import nats.errors
 
 from lockgate import artifacts
 from lockgate.bus import Bus
+from lockgate.codec import to_json
 from lockgate.config import Settings
-from lockgate.contracts import ApplyRecorded
-from lockgate.contracts.gitops import AppliedChange
-from lockgate.errors import NotFound
+from lockgate.contracts import AppliedChange, ApplyRecorded, ApplyReply, ApplyRequest, StateEntry
+from lockgate.errors import LockgateError, NotFound
 from lockgate.gitops.documents import GitopsError
 from lockgate.gitops.git import Provenance
-from lockgate.gitops.plan import Plan, StateEntry
+from lockgate.gitops.plan import Plan
 from lockgate.gitops.resolve import ARTIFACT_KIND, Resource
 from lockgate.identity import Identity, bundle_content
 from lockgate.ids import content_hash
@@ -32,6 +33,7 @@ from lockgate.provenance import aliases
 from lockgate.subjects import token
 
 _entry = msgspec.json.Decoder(StateEntry)
+_replies = msgspec.json.Decoder(ApplyReply)
 
 
 def state_key(kind: str, name: str) -> str:
@@ -81,47 +83,84 @@ def _labels(res: Resource, prov: Provenance) -> dict[str, str]:
 
 async def apply(bus: Bus, plan: Plan, desired: list[Resource], prov: Provenance, *, directory: str,
                 author: Identity | None = None, settings: Settings | None = None,
-                audit_as: str = "operator") -> ApplyRecorded:
-    """Carry out the plan's changes in dependency order, record each entry, then announce the apply.
+                audit_as: str = "operator", timeout_s: float = 30.0) -> ApplyRecorded:
+    """Carry out the plan's changes in dependency order, then have the lineage recorder record them.
 
-    An alias is moved with a record signed by `author` and checked against `settings`' trust file, so a
-    folder with aliases needs both; apply refuses before changing anything if they are missing."""
+    The recorder is the applied state's only writer: it records each entry, appends an audit row and
+    announces the apply. What was carried out before a step failed is recorded all the same, so the next
+    plan starts from it. An alias is moved with a record signed by `author` and checked against
+    `settings`' trust file, so a folder with aliases needs both; apply refuses before changing anything if
+    they are missing."""
     if any(s.kind == "alias" and s.action != "remove" for s in plan.changes) and (author is None or settings is None):
         raise GitopsError("the folder moves aliases, and every alias change is signed: apply with a personal "
                           "identity (`--as NAME`, `lockgate identity create NAME`)")
     by_key = {r.key: r for r in desired}
-    kv = await bus.kv(bus.subjects.kv_gitops)
-    now = datetime.now(UTC).isoformat()
     who = author.name if author else ""
     done: list[AppliedChange] = []
-    for step in plan.changes:
-        if step.action == "remove":
-            await kv.delete(state_key(step.kind, step.name))
-            done.append(AppliedChange(action="remove", kind=step.kind, name=step.name, previous=step.previous,
-                                      release=step.previous_release, source=step.source))
-            continue
-        res = by_key[f"{step.kind}/{step.name}"]
-        if res.kind == "release":
-            b = res.bundle
-            await artifacts.register_release(bus, res.release, b["app"], b["artifacts"], parent=b["parent"],
-                                             description=res.description or f"applied from {res.source}",
-                                             author=author)
-        elif res.kind == "alias":
-            assert author is not None and settings is not None
-            await aliases.set_alias(bus, settings, author, res.spec["app"], res.spec["alias"], res.release,
-                                    reason=res.description or f"applied from {res.source}",
-                                    origin=f"gitops {prov.commit}".strip(), audit_as=audit_as)
-        elif res.kind in ARTIFACT_KIND:
-            await artifacts.register(bus, ARTIFACT_KIND[res.kind], res.name, res.content,  # type: ignore[arg-type]
-                                     media_type=res.media_type, labels=_labels(res, prov), signer=author)
-        entry = StateEntry(kind=res.kind, name=res.name, digest=res.digest, release=res.release, source=res.source,
-                           spec=res.spec, commit=prov.commit, author=prov.author, dirty=prov.dirty,
-                           applied_at=now, applied_by=who)
-        await kv.put(state_key(res.kind, res.name), msgspec.json.encode(entry))
-        done.append(AppliedChange(action=step.action, kind=res.kind, name=res.name,  # type: ignore[arg-type]
-                                  digest=res.digest, previous=step.previous, release=res.release, source=res.source))
-    event = ApplyRecorded(directory=directory, commit=prov.commit, author=prov.author, dirty=prov.dirty,
-                          applied_by=who, changes=done, unchanged=plan.count("unchanged"))
-    if done:  # an apply that changed nothing leaves no trace: it did nothing
-        await bus.publish(bus.subjects.apply_recorded, event)
-    return event
+    entries: list[StateEntry] = []
+
+    def request() -> ApplyRequest:
+        return ApplyRequest(directory=directory, commit=prov.commit, author=prov.author, dirty=prov.dirty,
+                            applied_by=who, changes=done, entries=entries, unchanged=plan.count("unchanged"))
+
+    try:
+        for step in plan.changes:
+            if step.action == "remove":
+                done.append(AppliedChange(action="remove", kind=step.kind, name=step.name, previous=step.previous,
+                                          release=step.previous_release, source=step.source))
+                continue
+            res = by_key[f"{step.kind}/{step.name}"]
+            await _carry_out(bus, res, prov, author=author, settings=settings, audit_as=audit_as)
+            entries.append(StateEntry(kind=res.kind, name=res.name, digest=res.digest, release=res.release,
+                                      source=res.source, spec=res.spec, commit=prov.commit, author=prov.author,
+                                      dirty=prov.dirty, applied_by=who))
+            done.append(AppliedChange(action=step.action, kind=res.kind, name=res.name,  # type: ignore[arg-type]
+                                      digest=res.digest, previous=step.previous, release=res.release,
+                                      source=res.source))
+    except Exception:
+        if done:  # what was carried out before the failure is recorded all the same; the failure is what is told
+            with contextlib.suppress(LockgateError):
+                await _record(bus, request(), audit_as, timeout_s)
+        raise
+    if not done:  # an apply that changed nothing leaves no trace: it did nothing
+        return ApplyRecorded(directory=directory, commit=prov.commit, author=prov.author, dirty=prov.dirty,
+                             applied_by=who, unchanged=plan.count("unchanged"))
+    return await _record(bus, request(), audit_as, timeout_s)
+
+
+async def _carry_out(bus: Bus, res: Resource, prov: Provenance, *, author: Identity | None,
+                     settings: Settings | None, audit_as: str) -> None:
+    """Register what one resource needs (deployments and budgets are desired state only: nothing)."""
+    if res.kind == "release":
+        b = res.bundle
+        await artifacts.register_release(bus, res.release, b["app"], b["artifacts"], parent=b["parent"],
+                                         description=res.description or f"applied from {res.source}",
+                                         author=author)
+    elif res.kind == "alias":
+        assert author is not None and settings is not None
+        await aliases.set_alias(bus, settings, author, res.spec["app"], res.spec["alias"], res.release,
+                                reason=res.description or f"applied from {res.source}",
+                                origin=f"gitops {prov.commit}".strip(), audit_as=audit_as)
+    elif res.kind in ARTIFACT_KIND:
+        await artifacts.register(bus, ARTIFACT_KIND[res.kind], res.name, res.content,  # type: ignore[arg-type]
+                                 media_type=res.media_type, labels=_labels(res, prov), signer=author)
+
+
+async def _record(bus: Bus, request: ApplyRequest, identity: str, timeout_s: float) -> ApplyRecorded:
+    """Ask the lineage recorder to record the applied state (request/reply as `identity`)."""
+    subject = bus.subjects.gitops_apply(identity)
+    try:
+        msg = await bus.request(subject, to_json(request), timeout_s=timeout_s)
+    except nats.errors.NoRespondersError:
+        raise GitopsError("no lineage recorder answers applies (start the stack, or `lockgate serve lineage`): "
+                          "what was registered stays, the applied state is unchanged") from None
+    except nats.errors.TimeoutError:
+        raise GitopsError(f"the lineage recorder did not record the apply within {timeout_s:g} s: run "
+                          "`lockgate plan` to see what it recorded") from None
+    except nats.errors.MaxPayloadError:
+        raise GitopsError(f"the apply's {len(request.entries)} entries do not fit in one NATS message: apply the "
+                          "folder in parts") from None
+    reply = _replies.decode(msg.data)
+    if reply.recorded is None:
+        raise GitopsError(reply.error or "the lineage recorder recorded nothing and said not why")
+    return reply.recorded
