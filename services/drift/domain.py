@@ -40,6 +40,22 @@ def deployment_of(event: InferenceEvent | InferenceScored) -> str:
     return event.deployment or event.app
 
 
+# The now-versus-reference windows of the events no router served (an application's own) are kept apart
+# from the served ones under the deployment's name and this suffix ('#' is in no name): an application's
+# events neither sway the served windows, whose reports move traffic, nor hide drift in them.
+UNSERVED = "#app"
+
+
+def window_key(deployment: str, served: bool) -> str:
+    """The key of a deployment's now-versus-reference windows for served or for other events."""
+    return deployment if served else deployment + UNSERVED
+
+
+def deployment_named(key: str) -> str:
+    """The deployment a windows key is of."""
+    return key.removesuffix(UNSERVED)
+
+
 def _present(column: np.ndarray) -> np.ndarray:
     return column[~np.isnan(column)]
 
@@ -64,7 +80,8 @@ class DriftMonitor:
 
     def reset(self, deployment: str) -> None:
         """Forget a deployment's windows (after a promotion the new traffic is the reference)."""
-        self.windows.pop(deployment, None)
+        for served in (True, False):
+            self.windows.pop(window_key(deployment, served), None)
         self.pairs.pop(deployment, None)
 
     def end_rollout(self, deployment: str) -> None:
@@ -88,9 +105,10 @@ class DriftMonitor:
         return out
 
     def observe_events(self, events: Sequence[InferenceEvent | InferenceScored], *,
-                       variants: bool = True) -> list[DriftReport]:
-        """Group a batch by deployment and observe each group as a whole, and by variant when `variants`
-        (answers a router served: an application's events never fill a canary's or its stable's window)."""
+                       served: bool = True) -> list[DriftReport]:
+        """Group a batch by deployment and observe each group as a whole, and by variant when `served`
+        (answers a router served: an application's events fill neither a canary's nor its stable's window,
+        and their now-versus-reference windows are their own)."""
         groups: dict[str, list[InferenceEvent | InferenceScored]] = {}
         for e in events:
             groups.setdefault(deployment_of(e), []).append(e)
@@ -100,17 +118,19 @@ class DriftMonitor:
             vectors = self.vectors(batch)
             last = group[-1]
             reports += self.observe(deployment, batch.values, batch.times, app=last.app, tenant=last.tenant,
-                                    vectors=vectors)
-            if variants:
+                                    vectors=vectors, served=served)
+            if served:
                 reports += self.observe_variants(deployment, group, batch, vectors)
         return reports
 
     def observe(self, deployment: str, values: np.ndarray, times: np.ndarray, *, app: str = "",
-                tenant: str = "default", vectors: np.ndarray | None = None) -> list[DriftReport]:
-        """Append rows to the deployment's windows; one report per `window_size` rows past the reference."""
-        w = self.windows.get(deployment)
+                tenant: str = "default", vectors: np.ndarray | None = None, served: bool = True) -> list[DriftReport]:
+        """Append rows to the deployment's windows (its served or its other ones); one report per
+        `window_size` rows past the reference."""
+        key = window_key(deployment, served)
+        w = self.windows.get(key)
         if w is None:
-            w = self.windows[deployment] = Windows(self.reference_size, self.window_size, self.dim)
+            w = self.windows[key] = Windows(self.reference_size, self.window_size, self.dim)
         w.app, w.tenant = app or w.app, tenant
         if self.dim and not w.text_ref.full:
             w.text_ref.fill(values, times, vectors)
@@ -124,7 +144,7 @@ class DriftMonitor:
             i += k
             if w.since_report >= w.window_size:
                 w.since_report = 0
-                reports.append(self.report(deployment, w))
+                reports.append(self.report(deployment, w, served=served))
         return reports
 
     def observe_variants(self, deployment: str, group: Sequence[InferenceEvent | InferenceScored], batch: Rows,
@@ -169,17 +189,17 @@ class DriftMonitor:
         features = self.compare(ref_values, cur_values, ref_text, cur_text)
         return [self._report(deployment, last.app, last.tenant, ref_values, cur_values, cur_times, features,
                              comparison="canary_vs_stable", release=p.canary_release,
-                             reference_release=p.stable_release)]
+                             reference_release=p.stable_release, served=True)]
 
-    def report(self, deployment: str, w: Windows) -> DriftReport:
+    def report(self, deployment: str, w: Windows, *, served: bool = True) -> DriftReport:
         """Compare the current window with the reference, feature by feature."""
         ref_values = w.ref.values[:w.ref.n]
         cur_values, cur_times, cur_text = w.cur.ordered()
         features = self.compare(ref_values, cur_values, w.text_ref.ordered()[2], cur_text)
-        return self._report(deployment, w.app, w.tenant, ref_values, cur_values, cur_times, features)
+        return self._report(deployment, w.app, w.tenant, ref_values, cur_values, cur_times, features, served=served)
 
     def _report(self, deployment: str, app: str, tenant: str, ref: np.ndarray, cur: np.ndarray, times: np.ndarray,
-                features: list[FeatureDrift], **kw: str) -> DriftReport:
+                features: list[FeatureDrift], **kw: str | bool) -> DriftReport:
         texts = any(f.feature in TEXTS for f in features)
         return DriftReport(
             deployment=deployment, app=app, tenant=tenant, source="lockgate-drift",

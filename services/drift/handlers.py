@@ -102,13 +102,13 @@ class DriftHandlers:
         kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
         m = self.monitor
         try:
-            for deployment in dirty:
-                w = m.windows.get(deployment)
+            for windows in dirty:  # a deployment's served windows, or its application's (domain.window_key)
+                w = m.windows.get(windows)
                 if w is None:
                     continue
-                key, pair = token(deployment), m.pairs.get(deployment)
+                key, pair = token(windows), m.pairs.get(windows)
                 name = m.embedder.name if m.embedder is not None else ""
-                values = {key: msgspec.json.encode(snapshots.snapshot(deployment, w, pair, m.labels))}
+                values = {key: msgspec.json.encode(snapshots.snapshot(windows, w, pair, m.labels))}
                 values |= {f"{key}.text.{part}": msgspec.json.encode(ring)
                            for part, ring in snapshots.text_rings(w, pair, name).items()}
                 for k, value in values.items():
@@ -138,26 +138,27 @@ class DriftHandlers:
     async def on_inference(self, value: list[InferenceEvent] | InferenceEvent, delivery: Delivery) -> None:
         """Observe a message's events once; emit any reports that came due."""
         events = value if isinstance(value, list) else [value]
-        await self._observe(events, delivery, variants=self.ctx.bus.subjects.is_served(delivery.subject))
+        await self._observe(events, delivery, served=self.ctx.bus.subjects.is_served(delivery.subject))
 
     async def on_scores(self, value: InferenceScored, delivery: Delivery) -> None:
         """An online score of a sampled event (the evaluator's): a row of score features."""
-        await self._observe([value], delivery, variants=value.served)
+        await self._observe([value], delivery, served=value.served)
 
     async def _observe(self, events: list[InferenceEvent] | list[InferenceScored], delivery: Delivery, *,
-                       variants: bool) -> None:
-        """`variants`: the events are answers a router served, so they also fill the canary-versus-stable windows."""
+                       served: bool) -> None:
+        """`served`: the events are answers a router served (their reports may move traffic), so they also fill
+        the canary-versus-stable windows."""
         await self._restore()
         # Shadow calls answered nobody: they are the candidate's, not the deployment's traffic.
         events = [e for e in events if e.variant != "shadow"]
         token = delivery.msg_id or f"{delivery.subject}-seq-{delivery.stream_seq}"
         if token not in self._seen:
-            reports = self.monitor.observe_events(events, variants=variants)
+            reports = self.monitor.observe_events(events, served=served)
             self._pending += reports
             self._seen[token] = None
             if len(self._seen) > _SEEN_MAX:
                 self._seen.popitem(last=False)
-            self._dirty |= {domain.deployment_of(e) for e in events}
+            self._dirty |= {domain.window_key(domain.deployment_of(e), served) for e in events}
             await self.events.bump(len(events))
         while self._pending:
             await self._emit(self._pending[0])
@@ -174,11 +175,13 @@ class DriftHandlers:
             return
         async with self._saving:  # a save in flight must not put the old windows back after the delete
             self.monitor.reset(state.deployment)
-            self._dirty.discard(state.deployment)
             kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
-            key = token(state.deployment)
-            for k in (key, *(f"{key}.text.{part}" for part in snapshots.TEXT_PARTS)):
-                await kv.delete(k)
+            for served in (True, False):
+                windows = domain.window_key(state.deployment, served)
+                self._dirty.discard(windows)
+                key = token(windows)
+                for k in (key, *(f"{key}.text.{part}" for part in snapshots.TEXT_PARTS)):
+                    await kv.delete(k)
         await self.resets.bump()
 
     async def _emit(self, report: DriftReport) -> None:

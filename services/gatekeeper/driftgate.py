@@ -90,7 +90,10 @@ class DriftGate:
             return None
 
     async def on_drift(self, report: DriftReport, delivery: Delivery) -> None:
-        """BLOCK the deployment's canary release when its policy's drift rules fail on the report."""
+        """BLOCK the deployment's canary release when its policy's drift rules fail on the report (one of
+        answers the routers served: an application's own events are no evidence of what a release did)."""
+        if not report.served:
+            return
         named = report.comparison == "canary_vs_stable" and bool(report.release)
         release = canary_release(None if named else await self._route(report.deployment), report)
         current = await self.records.current(release) if release else None

@@ -75,7 +75,10 @@ class Evidence:
             ring.append((at, float(value)))
 
     def add_drift(self, report: DriftReport) -> None:
-        """Keep a drift report if it is the newest of its deployment and comparison (and canary release)."""
+        """Keep a drift report if it is the newest of its deployment and comparison (and canary release), and
+        of answers the routers served: one of an application's own events is no evidence of what a release did."""
+        if not report.served:
+            return
         key = (report.deployment, report.release if report.comparison == "canary_vs_stable" else "")
         held = self._drift.get(key)
         if held is None or report.window_end >= held.window_end:

@@ -261,8 +261,11 @@ def on_drift(route: Route, report: DriftReport) -> Route | None:
     the canary's traffic: drift that appears then is taken as the canary's (fail-safe). Only drift that
     can harm counts: latency (or cost) that fell is an improvement, so it alone never aborts.
     An analysis with a `drift` metric judges drift itself (its features, its limit, its dry run), so
-    then the report is only its evidence and never aborts on its own.
+    then the report is only its evidence and never aborts on its own. A report of events no router served
+    (an application's own, which it may send as it likes) moves nothing.
     """
+    if not report.served:
+        return None
     verifying = route.phase == "promoted" and route.verifying
     since = route.promoted_at if verifying else route.started_at
     if drift_judged(route):

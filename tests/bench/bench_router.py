@@ -283,7 +283,7 @@ async def _fault_to_zero(env: BenchEnv, session: aiohttp.ClientSession) -> dict[
             await router.rollouts.wait_for(lambda r: r["fault"].phase == "progressing", timeout=10)
             if not analysed:
                 now = datetime.now(UTC)
-                report = DriftReport(deployment="fault", window_start=now, window_end=now, reference_n=500,
+                report = DriftReport(served=True, deployment="fault", window_start=now, window_end=now, reference_n=500,
                                      current_n=500, drifted=True, features=[FeatureDrift(
                                          feature="output_tokens", psi=0.5, ks_stat=0.5, ks_pvalue=0.0,
                                          reference_mean=10, current_mean=30, drifted=True)])

@@ -167,7 +167,7 @@ async def test_drift_report_for_the_canary_aborts_it_naming_the_feature(router: 
     await _start(http, router, "same", {"steps": [50, 100], "interval_s": 60})
     await _pass(router, signer, "same")
     now = datetime.now(UTC)
-    report = DriftReport(deployment="chat", app="shop", window_start=now, window_end=now, reference_n=50,
+    report = DriftReport(served=True, deployment="chat", app="shop", window_start=now, window_end=now, reference_n=50,
                          current_n=50, drifted=True, source="lockgate-drift", features=[
                              FeatureDrift(feature="output_tokens", psi=0.9, ks_stat=0.6, ks_pvalue=1e-6,
                                           reference_mean=12, current_mean=36, drifted=True),

@@ -91,7 +91,7 @@ async def test_drift_over_the_policy_threshold_is_a_signed_block_naming_the_feat
     await _canary(http, router, signer, "r1", "r2", policy=policy.hash)
     now = datetime.now(UTC)
     # PSI 0.15: under the drift monitor's own threshold (the router alone would not act), over the policy's 0.1.
-    report = DriftReport(deployment="chat", app="shop", window_start=now, window_end=now, reference_n=500,
+    report = DriftReport(served=True, deployment="chat", app="shop", window_start=now, window_end=now, reference_n=500,
                          current_n=500, drifted=False, source="lockgate-drift", features=[
                              FeatureDrift(feature="output_tokens", psi=0.15, ks_stat=0.3, ks_pvalue=1e-4,
                                           reference_mean=12, current_mean=20, drifted=False),

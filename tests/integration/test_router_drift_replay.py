@@ -91,7 +91,7 @@ async def _rollout(stack: Stack, router: Any) -> None:
 def _report(comparison: str, psi: float, ended: datetime | None = None) -> DriftReport:
     end = ended or datetime.now(UTC)
     canary = {"release": "r2", "reference_release": "r1"} if comparison == "canary_vs_stable" else {}
-    return DriftReport(deployment="chat", window_start=end - timedelta(seconds=30), window_end=end, reference_n=100,
+    return DriftReport(served=True, deployment="chat", window_start=end - timedelta(seconds=30), window_end=end, reference_n=100,
                        current_n=100, drifted=False, comparison=comparison,  # type: ignore[arg-type]
                        features=[FeatureDrift(feature="output_tokens", psi=psi, ks_stat=0.1, ks_pvalue=0.5,
                                               reference_mean=50, current_mean=51, drifted=False)], **canary)

@@ -129,7 +129,7 @@ async def test_every_replica_holds_the_drift_report_its_analysis_reads(replicas:
 
         router.rollouts.observe_drift = recorded
     now = datetime.now(UTC)
-    report = DriftReport(deployment="chat", window_start=now - timedelta(seconds=30), window_end=now,
+    report = DriftReport(served=True, deployment="chat", window_start=now - timedelta(seconds=30), window_end=now,
                          reference_n=100, current_n=100, features=[], drifted=False, comparison="canary_vs_stable",
                          release="r2", reference_release="r1")
     await bus.publish(bus.subjects.drift("chat"), report)

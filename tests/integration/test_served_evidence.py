@@ -1,24 +1,33 @@
 """Only answers a router served are a canary's live evidence, on the real nats-server: an application's events
-(its own subject, which any application may publish on) are stored, priced and watched for drift as a whole, but
-fill no canary-versus-stable window of the drift monitor, and their online scores are marked not served (the
-router's analysis skips those). The router's own evidence subscription is in test_router_drift_replay."""
+(its own subject, which any application may publish on) are stored, priced and watched for drift in windows of
+their own, but fill no canary-versus-stable window of the drift monitor, their drift reports say they are not
+served (neither the router nor the gatekeeper acts on those), and their online scores are marked not served
+(the router's analysis skips those). The router's own evidence subscription is in test_router_drift_replay."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import pytest
 
+from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.codec import Codec
-from lockgate.contracts import DriftReport, InferenceEvent, InferenceScored
+from lockgate.contracts import DriftReport, GateDecided, InferenceEvent, InferenceScored
+from lockgate.server.apikeys import bootstrap
 from lockgate.server.service import ServiceContext
+from lockgate.services.gatekeeper.domain import decision_id
+from lockgate.signing import ensure_signer_trusted
+from tests.helpers import register_model_release
+from tests.integration.test_drift_canary import _decide
 from tests.integration.test_drift_restart import _events
 
 pytestmark = pytest.mark.timeout(90)
 
 _reports: Codec[DriftReport] = Codec(DriftReport)
 _scores: Codec[InferenceScored] = Codec(InferenceScored)
+_decided: Codec[GateDecided] = Codec(GateDecided)
 
 
 async def test_an_applications_canary_events_fill_no_canary_window(
@@ -58,3 +67,57 @@ async def test_online_scores_say_whether_a_router_served_the_answer(
         scored = _scores.decode((await sub.next_msg(timeout=15)).data)
         got[scored.event_id] = scored.served
     assert got == {sent.id: False, served.id: True}
+
+
+@pytest.mark.parametrize("acts", ["router", "gatekeeper"])
+async def test_an_applications_own_drifting_events_neither_abort_a_canary_nor_block_it(
+        context: ServiceContext, bus: Bus, run_services: Any, acts: str) -> None:
+    # Found by a probe: 1,000 gRPC events of the app naming its deployment, answers of 4,000 tokens, drifted the
+    # deployment's now-versus-reference window and aborted a passing canary within seconds. Either the router
+    # acts on a DRIFT report itself, or (the monitor's own threshold out of reach) the gatekeeper's drift policy.
+    window = context.settings.drift_window_size
+    signer = ensure_signer_trusted(context.settings)
+    await register_model_release(bus, "r1", "m", "default")
+    await register_model_release(bus, "r2", "m", "canary")
+    context.settings = context.settings.replace(deployment="chat", app="shop")
+    policy = ""
+    if acts == "gatekeeper":
+        context.settings = context.settings.replace(drift_psi_threshold=1e9)
+        policy = (await artifacts.register(bus, "policy", "drift-watch", {
+            "name": "drift-watch", "rules": [{"metric": "score", "op": ">=", "threshold": 0.5}], "drift": [{"compare": "now_vs_reference", "max_psi": 0.5}]})).hash
+    await _decide(bus, signer, "r1", "PASS", publish=False)
+    router = (await run_services("drift", "gatekeeper", "router"))["router"]
+    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+    body = {"stable_release": "r1", "canary_release": "r2", "strategy": {"steps": [50, 100], "interval_s": 3600}}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as http, \
+            http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    await _decide(bus, signer, "r2", "PASS", policy=policy)
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "progressing", timeout=10)
+    reports = await bus.nc.subscribe(bus.subjects.drift("chat"))
+    blocks = await bus.nc.subscribe(bus.subjects.gate_decided("r2"))
+
+    def output_psi(report: DriftReport) -> float:
+        return next(f.psi for f in report.features if f.feature == "output_tokens")
+
+    app = bus.subjects.inference("shop")  # what any application may publish on
+    await bus.publish(app, _events(window, "stable", start=0))
+    await bus.publish(app, _events(window, "stable", start=100, words=60))  # answers twelve times as long
+    forged = _reports.decode((await reports.next_msg(timeout=15)).data)
+    assert output_psi(forged) > 0.5 and not forged.served
+    # The same drift in answers the router served: this one acts (reports are handled in order, so by then the
+    # application's report was handled, and had it acted the canary would be aborted or blocked already).
+    served = bus.subjects.served("shop")
+    await bus.publish(served, _events(window, "stable", start=200))
+    await bus.publish(served, _events(window, "stable", start=300, words=60))
+    acted = _reports.decode((await reports.next_msg(timeout=15)).data)
+    assert output_psi(acted) > 0.5 and acted.served
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=15)
+    reason = router.rollouts.route("chat").reason
+    if acts == "router":
+        assert acted.id in reason and forged.id not in reason, reason
+        return
+    block = _decided.decode((await blocks.next_msg(timeout=15)).data)
+    while block.decision != "BLOCK":
+        block = _decided.decode((await blocks.next_msg(timeout=15)).data)
+    assert block.id == decision_id(acted.id), "the BLOCK came from the application's report"

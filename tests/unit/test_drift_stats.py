@@ -87,6 +87,19 @@ def test_monitor_reports_every_window_after_the_reference() -> None:
     assert len(m.observe_events(_events(500, start=750))) == 2
 
 
+def test_events_no_router_served_have_windows_of_their_own_and_reports_that_say_so() -> None:
+    m = DriftMonitor(reference_size=100, window_size=50, psi_threshold=0.2)
+    assert m.observe_events(_events(100), served=True) == []  # the served reference
+    # An application's events of the same deployment, drifting: their own windows, their own reports.
+    [own] = m.observe_events(_events(100, start=100) + _events(50, output=400.0, start=200), served=False)
+    assert own.drifted and not own.served and own.deployment == "d1"
+    # The served windows never saw them: the next served window is compared with the served reference.
+    [served] = m.observe_events(_events(50, start=300), served=True)
+    assert served.served and not served.drifted and served.reference_n == 100
+    m.reset("d1")  # a promotion: both start again
+    assert m.windows == {}
+
+
 def test_monitor_flags_a_shift_and_resets_on_promotion() -> None:
     m = DriftMonitor(reference_size=100, window_size=50, psi_threshold=0.2)
     m.observe_events(_events(100))

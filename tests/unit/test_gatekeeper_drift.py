@@ -31,7 +31,7 @@ def report(comparison: str = "now_vs_reference", tests: dict[str, float] | None 
                               "test_drifted": tests[name] < 0.05} if name in tests else {}))
              for name, v in psi.items()]
     extra = {"release": "r2", "reference_release": "r1"} if comparison == "canary_vs_stable" else {}
-    return DriftReport(deployment="chat", window_start=now, window_end=now, reference_n=500, current_n=500,
+    return DriftReport(served=True, deployment="chat", window_start=now, window_end=now, reference_n=500, current_n=500,
                        features=feats, drifted=any(f.drifted for f in feats), comparison=comparison,  # type: ignore[arg-type]
                        **extra)
 

@@ -31,11 +31,19 @@ def _f(feature: str, ref: float, cur: float, *, drifted: bool = True, psi: float
 def _report(*features: FeatureDrift, comparison: str = "canary_vs_stable", release: str = "r2",
             end: float = 200.0) -> DriftReport:
     t = datetime.fromtimestamp(end, UTC)
-    return DriftReport(deployment="d", window_start=t, window_end=t, reference_n=50, current_n=50,
+    return DriftReport(served=True, deployment="d", window_start=t, window_end=t, reference_n=50, current_n=50,
                        features=list(features), drifted=any(f.drifted for f in features),
                        comparison=comparison,  # type: ignore[arg-type]
                        release=release if comparison == "canary_vs_stable" else "",
                        reference_release="r1" if comparison == "canary_vs_stable" else "")
+
+
+def test_evidence_takes_no_report_of_events_no_router_served() -> None:
+    ev = Evidence(lambda e: None)
+    ev.add_drift(msgspec.structs.replace(_report(_f("output_tokens", 12, 36)), served=False))
+    ev.add_drift(msgspec.structs.replace(_report(_f("output_tokens", 12, 36), comparison="now_vs_reference"),
+                                         served=False))
+    assert ev.drift("d", "r2", since=0.0) is None
 
 
 def _measure(spec: AnalysisSpec, report: DriftReport | None) -> analysis.MetricResult:

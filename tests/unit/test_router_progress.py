@@ -102,7 +102,7 @@ def test_paused_canary_is_measured_but_never_advanced() -> None:
 
 def _report(drifted: bool = True, end: float = 200.0) -> DriftReport:
     when = datetime.fromtimestamp(end, UTC)
-    return DriftReport(deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
+    return DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
                        drifted=drifted, features=[
                            FeatureDrift(feature="output_tokens", psi=0.9, ks_stat=0.5, ks_pvalue=0.001,
                                         reference_mean=10, current_mean=30, drifted=drifted),
@@ -116,11 +116,13 @@ def test_drift_during_a_live_canary_aborts_it_naming_the_feature() -> None:
     assert "DRIFT in output_tokens (PSI 0.9" in new.reason and "latency_ms" not in new.reason
 
 
-@pytest.mark.parametrize("case", ["no drift", "before the canary", "no weight", "promoted"])
+@pytest.mark.parametrize("case", ["no drift", "not served", "before the canary", "no weight", "promoted"])
 def test_drift_that_does_not_concern_a_live_canary_is_ignored(case: str) -> None:
     route, report = _live(), _report()
     if case == "no drift":
         report = _report(drifted=False)
+    elif case == "not served":  # an application's own events: it may send whatever it likes
+        report = msgspec.structs.replace(report, served=False)
     elif case == "before the canary":
         report = _report(end=50.0)
     elif case == "no weight":
@@ -133,7 +135,7 @@ def test_drift_that_does_not_concern_a_live_canary_is_ignored(case: str) -> None
 @pytest.mark.parametrize(("ref", "cur", "aborts"), [(30.0, 20.0, False), (20.0, 30.0, True)])
 def test_latency_that_drifted_down_is_an_improvement_and_never_aborts(ref: float, cur: float, aborts: bool) -> None:
     when = datetime.fromtimestamp(200.0, UTC)
-    report = DriftReport(deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
+    report = DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
                          drifted=True, features=[FeatureDrift(feature="latency_ms", psi=0.45, ks_stat=0.5,
                                                               ks_pvalue=0.001, reference_mean=ref, current_mean=cur,
                                                               drifted=True)])
@@ -150,7 +152,7 @@ def test_latency_that_drifted_down_is_an_improvement_and_never_aborts(ref: float
 def test_a_canary_that_got_better_is_never_aborted_for_drift(feature: str, ref: float, cur: float,
                                                              aborts: bool) -> None:
     when = datetime.fromtimestamp(200.0, UTC)
-    report = DriftReport(deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
+    report = DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
                          drifted=True, features=[FeatureDrift(feature=feature, psi=0.45, ks_stat=0.5, ks_pvalue=0.001,
                                                               reference_mean=ref, current_mean=cur, drifted=True)])
     new = progress.on_drift(_live(), report)
@@ -195,7 +197,7 @@ def test_per_deployment_steps_and_interval() -> None:
 
 def _categorical(feature: str, ref: float, cur: float) -> DriftReport:
     when = datetime.fromtimestamp(200.0, UTC)
-    return DriftReport(deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
+    return DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
                        drifted=True, features=[FeatureDrift(feature=feature, psi=1.2, ks_stat=80.0, ks_pvalue=1e-9,
                                                             reference_mean=ref, current_mean=cur, drifted=True)])
 

@@ -146,11 +146,13 @@ def drift(ctx: click.Context, deployment: str | None, limit: int, as_json: bool)
         return
     rows = [{"time": r.get("time"), "deployment": r.get("deployment"), "window": f"{r.get('reference_n')} vs "
              f"{r.get('current_n')}", "comparison": r.get("comparison") or "now_vs_reference",
+             "events": "served" if r.get("served") else "app's own",
              "feature": f.get("feature"), "psi": f.get("psi"), "test": _drift_test(f),
              "reference_mean": f.get("reference_mean"), "current_mean": f.get("current_mean"),
              "drifted": "DRIFT" if f.get("drifted") else "-"}
             for r in reports for f in r.get("features", [])]
-    output(rows, False, title="drift reports (DRIFT: the feature's test found drift and PSI >= the threshold)")
+    output(rows, False, title="drift reports (DRIFT: the feature's test found drift and PSI >= the threshold; "
+                              "only reports of served events move traffic)")
 
 
 def _drift_test(f: dict) -> str:

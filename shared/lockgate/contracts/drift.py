@@ -48,7 +48,9 @@ class DriftReport(Event, frozen=True, kw_only=True, tag="lockgate.drift.report")
     `comparison`: "now_vs_reference" compares the deployment's latest window with its reference (the first
     events after the last promotion); "canary_vs_stable" compares a rollout's canary window (`release`) with
     the stable variant's window of the same deployment (`reference_release`). `embedder` names the text
-    embedder of the text features ("" when no text was compared).
+    embedder of the text features ("" when no text was compared). `served`: both windows hold only answers
+    a router served (events on `Subjects.served`); only such a report moves traffic or gates a release,
+    since an application may report any event of its own deployment (always true of canary_vs_stable).
     """
 
     deployment: str
@@ -63,3 +65,4 @@ class DriftReport(Event, frozen=True, kw_only=True, tag="lockgate.drift.report")
     release: str = ""
     reference_release: str = ""
     embedder: str = ""
+    served: bool = False
