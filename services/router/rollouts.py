@@ -347,10 +347,13 @@ class Rollouts:
         release back, within a blue-green scale-down window; with `to`, a named known-good release) or
         clear-override."""
         await self._await_ready()
-        # `undo --to`: refused if that release is BLOCKed now (its verified current decision); `retry`: the
-        # canary's current decision restarts it at once (a release BLOCKed since is refused).
-        canary = self.route(deployment).canary
-        release = to if action == "undo" else (canary.release if action == "retry" and canary else "")
+        # `undo`: refused if the release it puts back is not allowed now (its verified current decision: the gate
+        # may have BLOCKed it since); `retry`: the canary's current decision restarts it at once (a release
+        # BLOCKed since is refused).
+        now = self.route(deployment)
+        previous = now.previous.release if now.previous else ""
+        release = (to or previous) if action == "undo" else (
+            now.canary.release if action == "retry" and now.canary else "")
         decision = await self._stored_decision(release) if release else None
 
         def change() -> None:
@@ -362,7 +365,12 @@ class Rollouts:
             elif action == "clear-override":
                 self._apply(domain.clear_override(route), actor=actor)
             elif action == "undo" or (action == "abort" and route.phase == "promoted" and route.scale_down_at):
-                # Within a blue-green scale-down window an abort is an instant swap back, like undo.
+                # Within a blue-green scale-down window an abort is an instant swap back, like undo (an abort is
+                # always allowed: it takes the release the operator stops off, whatever the previous one's gate).
+                if action == "undo" and route.previous is not None:
+                    domain.require_allowed(route.previous.release,
+                                           decision if route.previous.release == release else None,
+                                           "previous release", also="roll forward with a new release instead")
                 self._apply(bluegreen.undo(route, actor), actor=actor)
             elif action == "abort":
                 if route.phase in ("promoted", "aborted"):

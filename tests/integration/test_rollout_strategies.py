@@ -8,13 +8,16 @@ import asyncio
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 from click.testing import CliRunner
 
 from lockgate.cli.main import cli
+from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import KeyStore
 from lockgate.services.router import progress
 from lockgate.signing import Signer
+from lockgate.subjects import token
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import ERRORS, _pass, _start, _traffic_until
 
@@ -100,6 +103,25 @@ async def test_blue_green_preview_by_header_only_promotion_switches_all_traffic_
     assert status == 200, body
     assert body["stable"]["release"] == "r1" and body["reason"].startswith("rolled back same: undone by apikey:")
     assert set(await _releases(http, router, 100)) == {"r1"}
+
+
+async def test_blue_green_undo_puts_the_previous_release_back_only_if_its_gate_allows_it_now(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # The previous release was known-good when it was replaced; the gate may have BLOCKed it since (as `undo --to`
+    # checks). An abort, the operator stopping the new release, still swaps back: it is always allowed.
+    await _start(http, router, "same", {"interval_s": 0.1, "blue_green": {"scale_down_delay_s": 3600}})
+    await _pass(router, signer, "same")
+    status, body = await _post(http, router, "promote")
+    assert status == 200 and body["stable"]["release"] == "same", body
+    kv = await router.ctx.bus.kv(router.ctx.bus.subjects.kv_gates)
+    blocked = signer.sign(GateDecided(release="r1", rules=[], decision="BLOCK", reason="a sunset artifact"))
+    await kv.put(token("r1"), msgspec.json.encode(blocked))
+    status, body = await _post(http, router, "undo")
+    assert status == 409 and "previous release 'r1' is BLOCKed by the gate" in body["error"]["message"], body
+    assert router.rollouts.route("chat").stable.release == "same" and set(await _releases(http, router, 20)) == {"same"}
+    await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))
+    status, body = await _post(http, router, "undo")
+    assert status == 200 and body["stable"]["release"] == "r1", body
 
 
 async def test_blue_green_failed_post_promotion_analysis_rolls_back(
