@@ -123,15 +123,15 @@ def break_glass(settings: Any, deployment: str, release: str, action: str, reaso
 
 async def register_model_release(bus: Any, release: str, model: str = "m", endpoint: str = "default", *,
                                  extra_artifacts: dict[str, str] | None = None, app: str = "shop",
-                                 **params: Any) -> dict[str, str]:
-    """Register a release whose model config sends it to `endpoint` with `model` (the router serves it so),
-    plus `extra_artifacts` (`kind/name` -> hash of a registered artifact); returns its artifact map."""
+                                 tenant: str = "default", **params: Any) -> dict[str, str]:
+    """Register a release of `tenant` whose model config sends it to `endpoint` with `model` (the router serves
+    it so), plus `extra_artifacts` (`kind/name` -> hash of a registered artifact); returns its artifact map."""
     from lockgate import artifacts
 
     config = await artifacts.register(bus, "model_config", f"{release}-config",
                                       {"model": model, "endpoint": endpoint, **params})
     arts = {f"model_config/{release}-config": config.hash, **(extra_artifacts or {})}
-    await artifacts.register_release(bus, release, app, arts)
+    await artifacts.register_release(bus, release, app, arts, tenant=tenant)
     return arts
 
 

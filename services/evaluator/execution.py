@@ -52,6 +52,7 @@ class Loaded:
     params: dict = field(default_factory=dict)  # sampling parameters the release's model config fixes
     judge: Access | None = None  # the suite judge's endpoint, when it has one
     judge_params: JudgeParams | None = None  # the suite's LLM judge, when it has one
+    tenant: str = ""  # a recorded task: the tenant its release is bound under, whose served events it scores
 
 
 @dataclass
@@ -82,9 +83,11 @@ class Execution:
         """Suite, dataset and price book; ConfigError/NotFound name what is wrong."""
         suite = domain.parse_suite(await artifacts.load_structured(self.ctx.bus, req.suite))
         target = judged = judge_params = None
-        model, params = req.model or suite.model, {}
-        if isinstance(suite.task, domain.RecordedTask) and not req.rerun_of:
-            targets.recorded(req.release, suite.task.app, suite.task.release)
+        model, params, tenant = req.model or suite.model, {}, ""
+        if isinstance(suite.task, domain.RecordedTask):
+            if not req.rerun_of:
+                targets.recorded(req.release, suite.task.app, suite.task.release)
+            tenant = await self._bound_tenant(suite.task.release)
         if suite.task.type == "call":
             # A rerun (which no gate reads) may try another model on purpose; a gated run evaluates what ships.
             ships = None if req.rerun_of else await self._shipped(req.release)
@@ -112,7 +115,22 @@ class Execution:
         else:
             prices = pricing.load_file(self.ctx.settings.price_book)
             source = self.ctx.settings.price_book or "the shipped price book"
-        return Loaded(suite, cases, inputs, prices, source, target, model, params, judged, judge_params)
+        return Loaded(suite, cases, inputs, prices, source, target, model, params, judged, judge_params, tenant)
+
+    async def _bound_tenant(self, release: str) -> str:
+        """The tenant `release` was registered under (its binding, never the request): a recorded task scores
+        only the events a router served to that tenant. NotFound when the release is not registered."""
+        try:
+            bundle = await artifacts.release_of(self.ctx.bus, release)
+        except NotFound:
+            raise NotFound(f"the suite scores events recorded for release {release!r}, which is not registered "
+                           "(`lockgate release create`, or `apply`): only events a router served to the tenant "
+                           "it is registered under count") from None
+        tenant = bundle.get("tenant")
+        if not isinstance(tenant, str) or not tenant:
+            raise ConfigError(f"release {release!r} is bound under no tenant, so no recorded event can be told "
+                              "to be its own")
+        return tenant
 
     async def _shipped(self, release: str) -> Shipped | None:
         """The release's model config; None when it is not registered or carries none usable (the run is then
@@ -173,8 +191,8 @@ class Execution:
             judge_hook = judge_step(upstream, params)
         if suite.task.type == "recorded":
             t = suite.task
-            events = await persist.recorded_events(self.ctx.bus, t.app, t.release, t.since)
-            made = recorded.results(suite, cases, events, skip)
+            events = await persist.recorded_events(self.ctx.bus, t.app, t.release, t.since, loaded.tenant)
+            made = recorded.results(suite, cases, events, skip, tenant=loaded.tenant)
             return await runner.judge_results(made, judge_hook, concurrency=req.concurrency, on_result=on_result,
                                               stopping=self.stopping)
         bucket = TokenBucket(suite.rate_limit_rps) if suite.rate_limit_rps else None

@@ -98,9 +98,10 @@ async def stored_event_id(bus: Bus, run_id: str) -> str | None:
     return await ask(bus, "eval_run_event_id", {"run_id": run_id}, into=str | None)
 
 
-async def recorded_events(bus: Bus, app: str, release: str, since: str) -> list[dict[str, Any]]:
-    """Inference events with a prompt and response for app/release (since a time), most recent first."""
-    args: dict[str, Any] = {"app": app, "release": release}
+async def recorded_events(bus: Bus, app: str, release: str, since: str, tenant: str) -> list[dict[str, Any]]:
+    """Inference events a router served to `tenant`, with a prompt and response, for app/release (since a
+    time), most recent first."""
+    args: dict[str, Any] = {"app": app, "release": release, "tenant": tenant}
     if since:
         at = datetime.fromisoformat(since)
         args["since"] = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)  # naive times are UTC

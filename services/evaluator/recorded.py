@@ -4,7 +4,8 @@ Matching rule: an event answers a case when its recorded `prompt` (the router re
 user message) equals the case's rendered user message, both with surrounding whitespace
 stripped. Repeat r of a case takes the r-th most recent matching event; a case (or repeat) with
 no matching event is an errored row ("no recorded response"), so missing traffic is visible
-and scores 0 rather than vanishing. Redacted prompts (sink redaction) cannot match.
+and scores 0 rather than vanishing. Redacted prompts (sink redaction) cannot match. The events are
+only those a router served to the release's tenant (the query selects them; see execution.py).
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ def index(events: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, An
 
 
 def results(suite: domain.Suite, cases: Sequence[domain.Case], events: Sequence[Mapping[str, Any]],
-            skip: set[tuple[str, int]]) -> list[domain.CaseResult]:
-    """A scored CaseResult for every (case, repeat) not in `skip`."""
+            skip: set[tuple[str, int]], tenant: str = "") -> list[domain.CaseResult]:
+    """A scored CaseResult for every (case, repeat) not in `skip`; `events` are those a router served to
+    `tenant`, which a missing case's error names."""
     by_prompt = index(events)
     task = suite.task
     where = f"{task.app}/{task.release}" if isinstance(task, domain.RecordedTask) else "the recorded events"
+    if tenant:
+        where += f" (only events a router served to tenant {tenant!r} count)"
     out = []
     for case in cases:
         prompt = domain.render(suite, case)[-1]["content"]

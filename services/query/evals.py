@@ -58,12 +58,14 @@ def eval_run_event_id(store: Store, run_id: str) -> str | None:
     return rows[0]["event_id"] if rows else None
 
 
-def recorded_events(store: Store, app: str, release: str, since: datetime | None = None,
+def recorded_events(store: Store, app: str, release: str, tenant: str, since: datetime | None = None,
                     before_us: int | None = None, before_id: str = "", limit: Limit = 500) -> list[dict[str, Any]]:
-    """Inference events with a prompt and response for app/release, most recent first, one per id;
-    paged by (time_us, id) before the last row of the previous page."""
-    where = "app = {app:String} AND release = {release:String} AND prompt IS NOT NULL AND response IS NOT NULL"
-    params: dict[str, Any] = {"app": app, "release": release, "limit": max(0, limit)}
+    """Inference events of `tenant` that a router served, with a prompt and response, for app/release, most
+    recent first, one per id; paged by (time_us, id) before the last row of the previous page."""
+    # Only served events: an application (of any tenant) may send events naming any release on its own subject.
+    where = ("tenant = {tenant:String} AND served AND app = {app:String} AND release = {release:String} "
+             "AND prompt IS NOT NULL AND response IS NOT NULL")
+    params: dict[str, Any] = {"tenant": tenant, "app": app, "release": release, "limit": max(0, limit)}
     if since is not None:
         where += " AND time >= {since:DateTime64(6, 'UTC')}"
         # naive times are UTC; the parameter is sent as naive UTC

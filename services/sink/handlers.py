@@ -208,9 +208,13 @@ class SinkHandlers:
         """Persist every message of one fetch in one insert; events stored already (by id) are skipped."""
         messages = [(value if isinstance(value, list) else [value], delivery) for value, delivery in items]
         msg_ids = list(chain.from_iterable(repeat(_token(d), len(batch)) for batch, d in messages))
+        # From the subject alone: only the router may publish on its own, whatever an event says.
+        is_served = self.ctx.bus.subjects.is_served
+        served = list(chain.from_iterable(repeat(is_served(d.subject), len(batch)) for batch, d in messages))
         spans = [self._message_span(batch, d) for batch, d in messages if batch]
         try:
-            written = await self.inference.write(messages, extra={"msg_id": msg_ids}, transform=self._redaction)
+            written = await self.inference.write(messages, extra={"msg_id": msg_ids, "served": served},
+                                                 transform=self._redaction)
         finally:
             for span in spans:
                 span.end()

@@ -242,7 +242,8 @@ async def raw_clickhouse(st: Stack, events: list[InferenceEvent]) -> dict[str, A
         scrub = redaction(st.ctx.settings.redact)
         chunks = [
             INFERENCE_EVENTS.data(events[i : i + rows_per_insert],
-                                  {"msg_id": [f"raw-{i}"] * len(events[i : i + rows_per_insert])},
+                                  {"msg_id": [f"raw-{i}"] * len(events[i : i + rows_per_insert]),
+                                   "served": [False] * len(events[i : i + rows_per_insert])},
                                   scrub)
             for i in range(0, len(events), rows_per_insert)
         ]

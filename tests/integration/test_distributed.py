@@ -42,7 +42,8 @@ def test_migrations_and_idempotent_insert_on_clickhouse_server() -> None:
         store = open_store(url, "lockgate_it")
         open_store(url, "lockgate_it")  # migrations are safe to run twice
         events = [InferenceEvent(app="shop", model="m", output_tokens=i) for i in range(100)]
-        columns = INFERENCE_EVENTS.data(events, {"msg_id": ["m1"] * len(events)})
+        columns = INFERENCE_EVENTS.data(events, {"msg_id": ["m1"] * len(events),
+                                                 "served": [False] * len(events)})
         for _ in range(2):
             store.insert_columns("inference_events", INFERENCE_EVENTS.columns, columns, token="batch-1")
         assert store.scalar("SELECT count() FROM inference_events") == 100

@@ -17,7 +17,7 @@ from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import EvalCompleted, EvalRequested
+from lockgate.contracts import EvalCompleted, EvalRequested, InferenceEvent
 from lockgate.contracts.evals import EvalProgress
 from lockgate.ids import uuid7
 from lockgate.server.registry import ServiceSet
@@ -27,7 +27,7 @@ from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import eventually
+from tests.helpers import eventually, register_model_release
 
 pytestmark = pytest.mark.timeout(120)
 completed: Codec[EvalCompleted] = Codec(EvalCompleted)
@@ -222,10 +222,11 @@ async def test_recorded_task_scores_inference_events_without_calls(
     bus: Bus, store: Store, run_services: Callable[..., Any], results: Callable[[str], Any]
 ) -> None:
     now = datetime.now(UTC).replace(tzinfo=None)
-    rows = [[f"e{i}", now, "shop", "r7", c["input"] + "  ", c["expected"] if i % 2 == 0 else "wrong", 12.5, 3, 2]
-            for i, c in enumerate(CASES[:4])]
-    store.insert_rows("inference_events", ["id", "time", "app", "release", "prompt", "response", "latency_ms",
-                                           "input_tokens", "output_tokens"], rows, token="rec")
+    rows = [[f"e{i}", now, "default", True, "shop", "r7", c["input"] + "  ", c["expected"] if i % 2 == 0 else "wrong",
+             12.5, 3, 2] for i, c in enumerate(CASES[:4])]
+    store.insert_rows("inference_events", ["id", "time", "tenant", "served", "app", "release", "prompt", "response",
+                                           "latency_ms", "input_tokens", "output_tokens"], rows, token="rec")
+    await register_model_release(bus, "r7")
     suite = await register_suite(bus, dataset=CASES[:5], task={"type": "recorded", "app": "shop", "release": "r7"})
     sink = (await run_services("sink", "query", "evaluator"))["sink"].handlers
     # An eval of another release on r7's traffic fails before reading any: it would judge r7's answers.
@@ -240,8 +241,67 @@ async def test_recorded_task_scores_inference_events_without_calls(
     assert done.status == "completed" and done.n_cases == 5 and done.n_errors == 1
     assert done.metrics["exact_match"] == pytest.approx(2 / 5) and done.metrics["latency_p50_ms"] == 12.5
     cases = {c["case_id"]: c for c in eval_cases(store, req.run_id)}
-    assert cases["c04"]["error"] == "no recorded response for this prompt in shop/r7"
+    assert cases["c04"]["error"] == ("no recorded response for this prompt in shop/r7 (only events a router served "
+                                     "to tenant 'default' count)")
     assert cases["c01"]["output"] == "wrong"
+
+
+async def test_a_recorded_task_scores_only_what_a_router_served_to_the_releases_tenant(
+    bus: Bus, store: Store, run_services: Callable[..., Any], results: Callable[[str], Any]
+) -> None:
+    """The red-team probe: another tenant's key with the same app name, or any application of the release's
+    own tenant, reports the expected answers as the release's; none of them is scored, only what a router
+    served to the tenant the release is registered under."""
+    await register_model_release(bus, "news-v1", app="news", tenant="acme")
+    await register_model_release(bus, "news-v2", app="news", tenant="acme")
+    suites = {r: await register_suite(bus, dataset=CASES[:6], task={"type": "recorded", "app": "news", "release": r})
+              for r in ("news-v1", "news-v2")}
+    sink = (await run_services("sink", "query", "evaluator"))["sink"].handlers
+
+    def events(release: str, tenant: str, cases: range, wrong: int = -1) -> list[InferenceEvent]:
+        # `served` in the attributes is what a forger may write: the sink believes only the subject
+        return [InferenceEvent(tenant=tenant, app="news", release=release, prompt=CASES[i]["input"],
+                               response="wrong" if i == wrong else CASES[i]["expected"],
+                               attributes={"served": "true"}) for i in cases]
+
+    sent, served = bus.subjects.inference("news"), bus.subjects.served("news")
+    published = 0
+    for release in ("news-v1", "news-v2"):
+        for subject, tenant in ((sent, "acme"), (sent, "evil"), (served, "evil")):  # all right answers
+            await bus.publish(subject, events(release, tenant, range(6)))
+            published += 6
+    await bus.publish(served, events("news-v1", "acme", range(4), wrong=1))  # what the router served
+    await sink.events.wait_for(published + 4, 15)
+    stored_as = {(r["release"], r["tenant"], r["served"]): r["n"] for r in store.rows(
+        "SELECT release, tenant, served, count() AS n FROM inference_events GROUP BY release, tenant, served")}
+    assert stored_as == {(r, t, s): 6 for r in ("news-v1", "news-v2") for t, s in
+                         (("acme", False), ("evil", False), ("evil", True))} | {("news-v1", "acme", True): 4}
+
+    req = request(release="news-v1", suite=suites["news-v1"], endpoint="", model="")
+    await bus.publish(bus.subjects.eval_requested, req)
+    done = await results(req.run_id)
+    await stored(store, sink, req.run_id, 6)
+    assert done.status == "completed" and (done.n_cases, done.n_errors) == (6, 2)
+    assert done.metrics["exact_match"] == pytest.approx(3 / 6)  # c1 as served (wrong), c4 and c5 missing
+    cases = {c["case_id"]: c for c in eval_cases(store, req.run_id)}
+    assert cases["c01"]["output"] == "wrong" and cases["c00"]["output"] == CASES[0]["expected"]
+    missing = "no recorded response for this prompt in news/news-v1 (only events a router served to tenant 'acme' count)"
+    assert cases["c04"]["error"] == cases["c05"]["error"] == missing
+
+    # Nothing served at all: every case is missing, the run fails (and the gate blocks it), saying why.
+    forged = request(release="news-v2", suite=suites["news-v2"], endpoint="", model="")
+    await bus.publish(bus.subjects.eval_requested, forged)
+    failed = await results(forged.run_id)
+    assert failed.status == "failed" and failed.n_errors == 6 and failed.metrics["exact_match"] == 0.0
+    assert failed.error == ("all 6 calls failed; first error: no recorded response for this prompt in news/news-v2 "
+                            "(only events a router served to tenant 'acme' count)")
+
+    # A recorded task of a release nobody registered cannot say whose events are its own: it fails.
+    suite = await register_suite(bus, dataset=CASES[:6], task={"type": "recorded", "app": "news", "release": "nv3"})
+    unbound = request(release="nv3", suite=suite, endpoint="", model="")
+    await bus.publish(bus.subjects.eval_requested, unbound)
+    refused = await results(unbound.run_id)
+    assert refused.status == "failed" and "release 'nv3', which is not registered" in refused.error
 
 
 async def test_calibration_from_logprobs_gives_ece_and_brier(

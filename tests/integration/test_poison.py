@@ -81,6 +81,6 @@ def test_rows_the_store_refuses_are_a_permanent_error(store: Store) -> None:
     # A value beyond its column (UInt32) that bypassed the contract: retrying cannot help, so the
     # error is not Retryable and the sink's batcher isolates the message that holds it.
     event = InferenceEvent(app="shop", input_tokens=2**32)
-    data = INFERENCE_EVENTS.data([event], {"msg_id": ["m"]})
+    data = INFERENCE_EVENTS.data([event], {"msg_id": ["m"], "served": [False]})
     with pytest.raises(RowsRefused, match="refused the rows"):
         store.insert_columns(INFERENCE_EVENTS.name, INFERENCE_EVENTS.columns, data, token=None)

@@ -138,18 +138,24 @@ async def test_large_runs_arrive_page_by_page_without_gaps_or_repeats(
     assert [(r.case_id, r.repeat) for r in results] == [(f"c{i:02d}", r) for i in range(20) for r in range(2)]
     assert results[0].scores == {"exact_match": 1.0} and results[0].output_tokens == 4
 
-    # recorded outputs page by (time, id), newest first, one row per event id
+    # recorded outputs page by (time, id), newest first, one row per event id; only the events a router
+    # served to the tenant asked for (an application's own, or another tenant's, are never recorded outputs)
     base = datetime(2024, 1, 1)
-    events = [[f"e{i:03d}", base + timedelta(seconds=i // 3), "shop", "v1", f"p{i}", "r" * 30_000]
+    events = [[f"e{i:03d}", base + timedelta(seconds=i // 3), "acme", True, "shop", "v1", f"p{i}", "r" * 30_000]
               for i in range(60)]
-    columns = ("id", "time", "app", "release", "prompt", "response")
-    store.insert_rows("inference_events", columns, events, token=None)
+    others = [[f"x{i}", base, tenant, served, "shop", "v1", "p1", "forged"]
+              for i, (tenant, served) in enumerate([("acme", False), ("evil", True), ("evil", False)])]
+    columns = ("id", "time", "tenant", "served", "app", "release", "prompt", "response")
+    store.insert_rows("inference_events", columns, events + others, token=None)
     store.insert_rows("inference_events", columns, events[10:12], token=None)
-    got = await ask_pages(bus, "recorded_events", {"app": "shop", "release": "v1"}, page=7,
+    got = await ask_pages(bus, "recorded_events", {"app": "shop", "release": "v1", "tenant": "acme"}, page=7,
                           after=lambda r: {"before_us": r["time_us"], "before_id": r["id"]})
     assert [e["id"] for e in got] == [f"e{i:03d}" for i in reversed(range(60))]
-    since = await persist.recorded_events(bus, "shop", "v1", "2024-01-01T00:00:19")
+    since = await persist.recorded_events(bus, "shop", "v1", "2024-01-01T00:00:19", "acme")
     assert {e["id"] for e in since} == {f"e{i:03d}" for i in range(57, 60)}
+    assert [e["id"] for e in await persist.recorded_events(bus, "shop", "v1", "", "evil")] == ["x1"]
+    with pytest.raises(ConfigError, match="needs 'tenant'"):  # no tenant, no events: never every tenant's
+        await ask(bus, "recorded_events", {"app": "shop", "release": "v1"})
 
 
 async def test_replicas_in_one_queue_group_share_the_requests(

@@ -136,6 +136,9 @@ def test_recorded_outputs_match_by_stripped_prompt_most_recent_first() -> None:
     by = {(r.case_id, r.repeat): r for r in out}
     assert by[("c1", 0)].output == "a1" and by[("c1", 1)].output == "x" and ("c0", 1) not in by
     assert by[("c2", 0)].error.startswith("no recorded response") and by[("c1", 0)].scores["exact_match"] == 1.0
+    # a missing case says whose served events were looked at
+    mine = recorded.results(s, s.dataset[2:3], events, skip=set(), tenant="acme")
+    assert mine[0].error.endswith("(only events a router served to tenant 'acme' count)")
 
 
 def test_cache_key_is_canonical() -> None:

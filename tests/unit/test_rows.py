@@ -61,7 +61,7 @@ CASE = EvalCaseResult(case_id="c1", repeat=1, input="q", expected="a", output="a
 # One sample per table: (values, extra columns); the integration test inserts each for real.
 SAMPLE_ROWS: dict[str, tuple[list[Any], dict[str, list[Any]]]] = {
     "inference_events": ([InferenceEvent(app="shop", prompt="p", attributes={"k": "v"}, scores={"s": 1.0}),
-                          InferenceEvent(app="shop")], {"msg_id": ["m1", "m1"]}),
+                          InferenceEvent(app="shop")], {"msg_id": ["m1", "m1"], "served": [True, False]}),
     "otel_traces": ([SPAN], {}),
     "dead_letters": ([DeadLetter(origin="sink", subject="x", reason="r", payload=b"\xffok", headers={"h": "1"})], {}),
     "artifacts": ([ArtifactRegistered(kind="dataset", name="qa", hash="sha256:1", labels={"a": "b"})], {}),
@@ -131,13 +131,17 @@ def test_values_are_converted_by_type() -> None:
 
 def test_extra_columns_and_transforms() -> None:
     table = INFERENCE_EVENTS
-    row = _row(table, *SAMPLE_ROWS["inference_events"][:1], extra={"msg_id": ["m", "m"]})
-    assert row["msg_id"] == "m" and row["prompt"] == "p"
+    row = _row(table, *SAMPLE_ROWS["inference_events"][:1], extra={"msg_id": ["m", "m"], "served": [True, True]})
+    assert row["msg_id"] == "m" and row["served"] is True and row["prompt"] == "p"
     event = InferenceEvent(app="a", prompt="secret")
-    data = table.data([event], {"msg_id": ["m"]}, transform={"prompt": lambda p: p and "[REDACTED]"})
+    data = table.data([event], {"msg_id": ["m"], "served": [False]},
+                      transform={"prompt": lambda p: p and "[REDACTED]"})
     assert data[table.index("prompt")] == ["[REDACTED]"]
     with pytest.raises(ValueError, match="msg_id"):
         table.data([InferenceEvent(app="a")])
+    # whether a router served it is the sink's to say (from the subject): no row is written without it
+    with pytest.raises(ValueError, match="served"):
+        table.data([InferenceEvent(app="a")], {"msg_id": ["m"]})
     # an event is stored once per (tenant, id), whatever its message: another tenant's id is another event
     assert table.keys(data) == [(event.tenant, event.id)]
     cases = EVAL_CASES.data(SAMPLE_ROWS["eval_cases"][0])

@@ -33,8 +33,9 @@ INFERENCE_EVENTS = Table(
     "inference_events", InferenceEvent, exclude=("schema_version",),
     # the NATS message an event arrived in (for tracing a row back to its message); an event is
     # stored once per (tenant, id), whatever messages carried it: ids are chosen by producers, so
-    # another tenant's event under the same id is another event, never this one's duplicate
-    extra={"msg_id": str}, key=("tenant", "id"),
+    # another tenant's event under the same id is another event, never this one's duplicate. `served`:
+    # it came on a router's subject (Subjects.served), which the sink knows and no producer can claim
+    extra={"msg_id": str, "served": bool}, key=("tenant", "id"),
 )
 
 # The OpenTelemetry Collector ClickHouse exporter's layout, so its tools read ours.
