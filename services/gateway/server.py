@@ -15,16 +15,17 @@ import msgspec
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from lockgate import telemetry
+from lockgate import artifacts, telemetry
 from lockgate.bus import Bus
 from lockgate.client import get_decision
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
+from lockgate.contracts.names import check_name
 from lockgate.decisionwatch import watch_decisions
-from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, SignatureError
+from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, NotFound, SignatureError
 from lockgate.ids import uuid7_time
 from lockgate.outbox import Encoded, encode_event, publish_events
-from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer, event_out_of_scope
+from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer, event_out_of_scope, owns_release
 from lockgate.server.grpcdecode import DecodeErrors
 from lockgate.server.tls import bind_grpc, grpc_credentials
 from lockgate.signing import Verifier
@@ -156,35 +157,56 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
         return ingest_pb2.IngestReply(accepted=accepted, rejected=len(rejections), rejections=rejections)
 
 
+def _no_decision(release: str) -> str:
+    """NOT_FOUND's message: the same for a release never decided, never bound, or of another tenant or app."""
+    return f"no gate decision for release {release!r} (not evaluated yet?)"
+
+
 class GatesServicer(gates_pb2_grpc.GatesServicer):
     """Gates: the latest decision per release (KV), and a stream of decisions (announcements, read from KV).
 
-    Only decisions whose signature verifies are served: a client in any language can act on
-    what it receives (and still verify it again with the key from `lockgate gate keys`)."""
+    A key reads the decisions of its own tenant's and app's releases only (`owns_release`: whose a release
+    is comes from its binding); any other release is answered as one never decided. Only decisions whose
+    signature verifies are served: a client in any language can act on what it receives (and still verify
+    it again with the key from `lockgate gate keys`)."""
 
     def __init__(self, bus: Bus, verifier: Verifier, keys: KeyStore) -> None:
         self.bus = bus
         self.verifier = verifier
         self.keys = keys
 
+    async def _owned(self, key: ApiKey, release: str, context: grpc.aio.ServicerContext) -> bool:
+        """Whether `release` is bound to the key's tenant and app; UNAVAILABLE if the binding cannot be read
+        (a watch then ends, rather than skip a decision the key may read: the client watches again)."""
+        try:
+            bundle: dict[str, Any] | None = await artifacts.release_of(self.bus, release)
+        except NotFound:
+            bundle = None
+        except BusUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
+        return owns_release(key, bundle)
+
     async def GetDecision(
         self, request: gates_pb2.GetDecisionRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        """The latest decision for a release; NOT_FOUND if the gate never decided it."""
-        await authenticate(self.keys, context)
+        """The latest decision for a release of the key's tenant and app; NOT_FOUND if the gate never decided
+        it, or if it is not the key's (alike, so a key cannot learn which releases exist)."""
+        key = await authenticate(self.keys, context)
         if not request.release:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "release is required")
         try:
-            decision = await get_decision(await self.bus.kv(self.bus.subjects.kv_gates), request.release)
+            check_name(request.release, "release")
         except InvalidName as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+        # Before the decision is read: a stored decision of another tenant's release, even a bad one, says nothing.
+        if not await self._owned(key, request.release, context):
+            await context.abort(grpc.StatusCode.NOT_FOUND, _no_decision(request.release))
+        try:
+            decision = await get_decision(await self.bus.kv(self.bus.subjects.kv_gates), request.release)
         except SignatureError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
         if decision is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"no gate decision for release {request.release!r} (not evaluated yet?)",
-            )
+            await context.abort(grpc.StatusCode.NOT_FOUND, _no_decision(request.release))
         try:
             await self.verifier.verify(decision)
         except SignatureError as exc:
@@ -194,8 +216,9 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
     async def WatchDecisions(
         self, request: gates_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gates_pb2.Decision]:
-        """Current decisions, then each new one, until the client cancels."""
-        await authenticate(self.keys, context)
+        """Current decisions of the key's tenant's and app's releases, then each new one, until the client
+        cancels; other releases' decisions are skipped."""
+        key = await authenticate(self.keys, context)
         kv = await self.bus.kv(self.bus.subjects.kv_gates)
         decisions = await watch_decisions(kv, request.release_prefix, nc=self.bus.nc, subjects=self.bus.subjects,
                                           reconnects=self.bus)
@@ -203,6 +226,8 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
             # Initial metadata tells the client the watch is live: later decisions will arrive.
             await context.send_initial_metadata((("lockgate-watch", "ready"),))
             async for decision in decisions:
+                if not await self._owned(key, decision.release, context):
+                    continue
                 try:
                     await self.verifier.verify(decision)
                 except SignatureError as exc:

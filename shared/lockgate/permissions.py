@@ -169,6 +169,7 @@ def grant(s: Subjects, identity: str) -> Grant:
     elif identity == "gateway":
         g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_sent]))
         g.add(Grant(subscribe=[s.gate_decided_all]))  # WatchDecisions follows the announcements (decisionwatch.py)
+        g.add(_read_kv(s.kv_releases))  # whose a release is: a key reads its own tenant's and app's decisions
     elif identity == "otlp":
         # The OTLP receiver: spans it was sent, and the inference events of GenAI spans; nothing else.
         g.add(service).add(Grant(publish=[s.inference_sent]))

@@ -12,6 +12,7 @@ import msgspec
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
@@ -84,7 +85,16 @@ def decision(release: str, verdict: str = "PASS") -> GateDecided:
     ))
 
 
+async def bind(bus: Bus, *releases: str, tenant: str = "acme", app: str = "shop") -> None:
+    """Bind release names as `release create` does: the binding says whose each release is (the keys fixture's
+    acme/shop by default), and a key reads the decisions of its own releases only."""
+    for release in releases:
+        await artifacts.bind_release(bus, artifacts.release_bundle(release, app, {}, tenant=tenant))
+
+
 async def put_decision(bus: Bus, d: GateDecided) -> None:
+    """Store a decision of a release bound to acme/shop."""
+    await bind(bus, d.release)
     kv = await bus.kv(bus.subjects.kv_gates)
     await kv.put(token(d.release), encode(d))
 
@@ -259,6 +269,7 @@ async def test_watch_streams_current_then_new_decisions_for_a_prefix(
 
     # New decisions through the gatekeeper's write path: stored in KV, then announced (what the watch follows).
     records = Records(context)
+    await bind(bus, "search-v1", "shop-v2")
     await records.announce(decision("search-v1"), key="k-search")  # filtered out by the prefix
     await records.announce(decision("shop-v2", verdict="FAIL"), key="k-shop")
     got = await asyncio.wait_for(call.read(), 10)
@@ -267,9 +278,10 @@ async def test_watch_streams_current_then_new_decisions_for_a_prefix(
 
 
 async def test_watch_on_an_empty_bucket_sees_a_decision_made_after_it_started(
-    context: ServiceContext, channel: grpc.aio.Channel, keys: Bootstrap
+    bus: Bus, context: ServiceContext, channel: grpc.aio.Channel, keys: Bootstrap
 ) -> None:
     stub = gates_pb2_grpc.GatesStub(channel)
+    await bind(bus, "any")
     call = stub.WatchDecisions(gates_pb2.WatchRequest(), metadata=_auth(keys))
     await asyncio.wait_for(call.initial_metadata(), 10)
     await Records(context).announce(decision("any"), key="k-any")
@@ -396,13 +408,14 @@ async def test_tls_when_configured(context: Any, run_services: Callable[..., Any
 
 
 async def test_names_that_used_to_share_a_key_get_their_own_decision(
-    context: ServiceContext, channel: grpc.aio.Channel
+    bus: Bus, context: ServiceContext, channel: grpc.aio.Channel
 ) -> None:
     # Issue 7: `shop.v3` and `shop_v3` mapped to one KV key, so asking for the BLOCKed `shop.v3`
     # returned `shop_v3`'s PASS. Both are written through the gatekeeper's own write path.
     stub = gates_pb2_grpc.GatesStub(channel)
     records = Records(context)
     blocked, passed = decision("shop.v3", "FAIL"), decision("shop_v3")
+    await bind(bus, "shop.v3", "shop_v3", "shop-v3")
     await records.announce(blocked, key="k-blocked")
     await records.announce(passed, key="k-passed")
 
@@ -424,6 +437,7 @@ async def test_names_that_used_to_share_a_key_get_their_own_decision(
 async def test_a_decision_stored_under_another_release_is_refused(bus: Bus, channel: grpc.aio.Channel) -> None:
     # A validly signed PASS for `shop_v3`, copied under `shop.v3`'s key, must not answer for `shop.v3`.
     stub = gates_pb2_grpc.GatesStub(channel)
+    await bind(bus, "shop.v3", "shop_v3")
     kv = await bus.kv(bus.subjects.kv_gates)
     await kv.put(token("shop.v3"), encode(decision("shop_v3")))
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -443,6 +457,7 @@ async def test_get_decision_refuses_unknown_revoked_and_unsigned_keys(
     kv = await bus.kv(bus.subjects.kv_gates)
     cases = {"r-rogue": (rogue.sign, "unknown key id"), "r-retired": (retired.sign, "revoked key id"),
              "r-unsigned": (lambda d: d, "is not signed")}
+    await bind(bus, *cases)
     for release, (sign, _) in cases.items():
         await kv.put(token(release), encode(sign(GateDecided(release=release, decision="PASS", rules=[]))))
     for release, (_, reason) in cases.items():
@@ -450,6 +465,87 @@ async def test_get_decision_refuses_unknown_revoked_and_unsigned_keys(
             await stub.GetDecision(gates_pb2.GetDecisionRequest(release=release), timeout=10)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert reason in err.value.details()
+
+
+# Reading decisions: a key reads its own tenant's and app's releases only, whose its binding says.
+
+
+async def _not_found(stub: gates_pb2_grpc.GatesStub, release: str) -> str:
+    """GetDecision's NOT_FOUND details for `release`, with the name taken out (what tells one release from another)."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetDecision(gates_pb2.GetDecisionRequest(release=release), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND, err.value
+    return err.value.details().replace(repr(release), "<release>")
+
+
+async def test_another_tenants_or_apps_key_cannot_tell_a_decided_release_from_an_unknown_one(
+    bus: Bus, gateway: Any, settings: Settings, channel: grpc.aio.Channel
+) -> None:
+    # Red-team probe: an app key of tenant `evil`, app `news` read tenant `default`'s BLOCK of `shop-v2-rc1`
+    # (rules, observed values, a hint with the run id and SQL). Before: GetDecision checked no tenant or app.
+    await put_decision(bus, decision("shop-v2-rc1", "FAIL"))  # bound to acme/shop, the channel's key
+    kv = await bus.kv(bus.subjects.kv_gates)
+    # A bad decision (unsigned) of acme/shop's: the owner is told so, anyone else learns nothing from it.
+    await bind(bus, "shop-v2-rc2")
+    await kv.put(token("shop-v2-rc2"), encode(GateDecided(release="shop-v2-rc2", decision="PASS", rules=[])))
+    await bind(bus, "shop-v2-rc3")  # bound, never decided
+    await kv.put(token("ghost-v1"), encode(decision("ghost-v1", "FAIL")))  # decided, never bound: nobody's
+
+    owner = gates_pb2_grpc.GatesStub(channel)
+    got = await owner.GetDecision(gates_pb2.GetDecisionRequest(release="shop-v2-rc1"), timeout=10)
+    assert (got.release, got.decision, got.eval_run) == ("shop-v2-rc1", "BLOCK", "run-1")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await owner.GetDecision(gates_pb2.GetDecisionRequest(release="shop-v2-rc2"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    unknown = await _not_found(owner, "shop-v2-rc9")
+
+    store = KeyStore(settings.home)
+    others = {"another tenant, same app": store.create("evil", "shop")[0],
+              "another app, same tenant": store.create("acme", "news")[0],
+              "the probe's": store.create("evil", "news")[0],
+              "another tenant's admin": store.create("evil", "news", "admin")[0]}
+    for who, key in others.items():
+        async with grpc.aio.insecure_channel(gateway.endpoints["grpc"], interceptors=grpc_key(key)) as ch:
+            stub = gates_pb2_grpc.GatesStub(ch)
+            for release in ("shop-v2-rc1", "shop-v2-rc2", "shop-v2-rc3", "ghost-v1", "shop-v2-rc9"):
+                assert await _not_found(stub, release) == unknown, (who, release)
+    assert await _not_found(owner, "shop-v2-rc3") == unknown
+    assert await _not_found(owner, "ghost-v1") == unknown  # whose is a decision of a name never bound? nobody's
+
+
+async def test_a_watch_streams_only_the_decisions_of_the_keys_own_releases(
+    bus: Bus, context: ServiceContext, gateway: Any, settings: Settings, channel: grpc.aio.Channel, keys: Bootstrap
+) -> None:
+    # Before: WatchDecisions streamed every tenant's and app's decisions to any key.
+    await put_decision(bus, decision("shop-v2-rc1", "FAIL"))  # acme/shop's, decided before the watches start
+    await bind(bus, "shop-v3")
+    await bind(bus, "evil-v1", tenant="evil")  # evil/shop's
+    await bind(bus, "news-v1", app="news")  # acme/news's
+    store = KeyStore(settings.home)
+    evil, news = store.create("evil", "shop")[0], store.create("acme", "news")[0]
+    stub = gates_pb2_grpc.GatesStub(channel)
+    calls = {who: stub.WatchDecisions(gates_pb2.WatchRequest(), metadata=(("authorization", f"Bearer {key}"),))
+             for who, key in (("acme/shop", keys.app_key), ("evil/shop", evil), ("acme/news", news))}
+    for call in calls.values():
+        await asyncio.wait_for(call.initial_metadata(), 10)
+
+    async def releases(call: Any, n: int) -> list[str]:
+        return [(await asyncio.wait_for(call.read(), 10)).release for _ in range(n)]
+
+    assert await releases(calls["acme/shop"], 1) == ["shop-v2-rc1"]
+    # A watch yields in the order decisions were stored, so the first one each watch reads after others' shows
+    # it skipped those; acme/shop's last decision comes after everyone else's for the same reason.
+    records = Records(context)
+    await records.announce(decision("ghost-v1"), key="k-ghost")  # never bound: nobody's
+    await records.announce(decision("shop-v3"), key="k-shop")
+    await records.announce(decision("evil-v1"), key="k-evil")
+    await records.announce(decision("news-v1"), key="k-news")
+    await records.announce(decision("shop-v2-rc1"), key="k-shop-again")
+    assert await releases(calls["evil/shop"], 1) == ["evil-v1"]
+    assert await releases(calls["acme/news"], 1) == ["news-v1"]
+    assert await releases(calls["acme/shop"], 2) == ["shop-v3", "shop-v2-rc1"]
+    for call in calls.values():
+        call.cancel()
 
 
 async def test_two_tenants_sending_one_event_id_are_each_stored_and_billed_once(

@@ -372,3 +372,42 @@ async def test_the_otlp_receiver_publishes_spans_and_events_as_itself(secured) -
         await bus.close()
     for stream in ("telemetry", "inference"):
         assert (await admin.js.stream_info(admin.subjects.streams[stream].name)).state.messages == 1
+
+
+async def test_the_gateway_reads_release_bindings_as_itself_and_binds_none(secured) -> None:
+    # GetDecision answers a key only for a release of its tenant and app, which the binding says: the gateway
+    # identity reads the releases bucket (a message get), and may not bind a name itself.
+    import asyncio
+
+    import grpc
+
+    from lockgate import artifacts
+    from lockgate.codec import encode
+    from lockgate.server.apikeys import bootstrap
+    from lockgate.services.gateway.server import GrpcServer
+    from lockgate.signing import Signer, trust_file_path, trust_key
+    from lockgate.subjects import token
+    from lockgate.v1 import gates_pb2, gates_pb2_grpc
+    from tests.helpers import grpc_key
+
+    _, settings, admin = secured
+    signer = Signer.generate()
+    trust_key(trust_file_path(settings), signer.public)
+    key = bootstrap(settings.home, tenant="acme", app="shop").app_key
+    await artifacts.bind_release(admin, artifacts.release_bundle("shop-v2", "shop", {}, tenant="acme"))
+    await (await admin.kv(admin.subjects.kv_gates)).put(token("shop-v2"), encode(signer.sign(_decision("shop-v2"))))
+    bus = await _bus(settings, "gateway")
+    server = GrpcServer(bus, port=0, settings=settings)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(server.address, interceptors=grpc_key(key)) as ch:
+            got = await gates_pb2_grpc.GatesStub(ch).GetDecision(gates_pb2.GetDecisionRequest(release="shop-v2"),
+                                                                 timeout=10)
+        assert (got.release, got.decision) == ("shop-v2", "PASS")
+        kv = await bus.kv(bus.subjects.kv_releases)
+        with pytest.raises(Exception):  # noqa: B017 - refused by the server (a permissions violation)
+            await asyncio.wait_for(kv.create(token("shop-v3"), b"{}"), 5)
+        assert bus.refused(f"$KV.{bus.subjects.kv_releases}.{token('shop-v3')}") is not None
+    finally:
+        await server.stop()
+        await bus.close()

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from lockgate.cli.main import cli
 from lockgate.errors import ConfigError, NotFound
-from lockgate.server.apikeys import ApiKey, KeyStore, in_scope
+from lockgate.server.apikeys import ApiKey, KeyStore, in_scope, owns_release
 
 # Nothing listens on port 1: the CLI's audit record of a key change says so at once instead of waiting.
 NO_STACK = {"LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
@@ -31,6 +31,23 @@ NO_STACK = {"LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
 def test_the_scope_rule(scope: tuple[str, ...], deployment: str, allowed: bool) -> None:
     assert in_scope(scope, deployment) is allowed
     assert ApiKey(id="k", hash="h", tenant="acme", app="shop", deployments=scope).may_use(deployment) is allowed
+
+
+@pytest.mark.parametrize(("bundle", "owned"), [
+    ({"release": "r", "tenant": "acme", "app": "shop"}, True),
+    ({"release": "r", "tenant": "evil", "app": "shop"}, False),  # another tenant's app of the same name
+    ({"release": "r", "tenant": "acme", "app": "news"}, False),  # another app of the tenant
+    ({"release": "r", "tenant": "evil", "app": "news"}, False),
+    (None, False),  # never bound: nobody's, whatever the gate decided under the name
+    ({"release": "r", "app": "shop"}, False),  # lockgate writes a tenant into every binding: fail closed
+    ({"release": "r", "tenant": "acme"}, False),
+])
+@pytest.mark.parametrize("role", ["app", "viewer", "admin"])
+def test_a_key_reads_the_decisions_of_its_own_tenants_and_apps_releases_only(
+        bundle: dict[str, str] | None, owned: bool, role: str) -> None:
+    # Before: any key read every tenant's decisions over gRPC (GetDecision, WatchDecisions).
+    key = ApiKey(id="k", hash="h", tenant="acme", app="shop", role=role)  # type: ignore[arg-type]
+    assert owns_release(key, bundle) is owned
 
 
 def test_a_key_file_written_before_scopes_loads_with_every_deployment(tmp_path: Path) -> None:

@@ -17,9 +17,9 @@ import hmac
 import os
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -211,6 +211,16 @@ def event_out_of_scope(deployments: tuple[str, ...], deployment: str, app: str) 
         return ""
     return (f"is for deployment {deployment!r}" if deployment else
             f"names no deployment (it would count as deployment {app!r}, its app's name)")
+
+
+def owns_release(key: ApiKey, bundle: Mapping[str, Any] | None) -> bool:
+    """Whether `key` may read the gate decisions of the release bound to `bundle` (None: a name never bound).
+
+    Only the binding (the create-only releases bucket) says whose a release is, never the request or the
+    decision (whose tenant is the eval request's). A release of another tenant or app, and one nobody bound,
+    are alike to the key: callers answer both as an unknown release, so a key learns no other release's name.
+    A bundle without a tenant or app (lockgate writes both into every binding) is nobody's."""
+    return bundle is not None and bundle.get("tenant") == key.tenant and bundle.get("app") == key.app
 
 
 def deployment_scope(role: str, deployments: Iterable[str]) -> tuple[str, ...]:

@@ -50,15 +50,17 @@ class GatesServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetDecision(self, request, context):
-        """The latest decision for a release; NOT_FOUND if none was made.
+        """The latest decision for a release of the caller's key's tenant and app (as the release's
+        binding records them); NOT_FOUND if none was made, or if the release is not the key's (alike).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchDecisions(self, request, context):
-        """The current decision of every matching release, then every new one, until the client
-        cancels. Initial metadata (lockgate-watch: ready) is sent once the watch is live.
+        """The current decision of every matching release of the key's tenant and app, then every new
+        one, until the client cancels. Initial metadata (lockgate-watch: ready) is sent once the
+        watch is live.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
