@@ -479,8 +479,9 @@ class Admission:
     def remember(self, ticket: Ticket, deployment: str, response: web.StreamResponse, rec: Any,
                  streamed: list[bytes] | None = None) -> None:
         """Keep a successful answer of a cacheable request for its deployment's TTL: a body, or the
-        lines of a stream as the client received them (`streamed`)."""
-        if ticket.cache_key is None or rec.status != "ok":
+        lines of a stream as the client received them (`streamed`). Not one a fallback served: the key is
+        the chosen target's (a canary's release), whose answer it is not."""
+        if ticket.cache_key is None or rec.status != "ok" or "lockgate.fallback_from" in rec.attributes:
             return
         spec = self.cache.spec(deployment)
         if streamed is not None:

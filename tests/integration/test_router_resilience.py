@@ -491,6 +491,23 @@ async def test_endpoint_falls_back_to_its_named_fallback(gateway: Gateway, keys:
                                         "lockgate.fallback_reason": "first_byte", "lockgate.attempts": "2"}
 
 
+async def test_an_answer_a_fallback_served_is_not_cached_as_the_chosen_targets(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, tmp_path: Any) -> None:
+    # Before: the fallback's answer was kept under the chosen target's key (for a canary: its release), so an
+    # identical request was a hit, recorded as the chosen target's success for the TTL while it was failing.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"cache": {"deployments": {"chat": {"ttl_s": 600}}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("main", ("status", 500)) as main, FakeLLM("backup") as backup:
+        router = await gateway({"default": {"url": main.url, "retry": {"attempts": 1}, "fallback": "backup"},
+                                "backup": {"url": backup.url}})
+        async with client(router, keys) as c:
+            for _ in range(2):
+                raw = await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, temperature=0)
+                assert raw.headers["x-lockgate-cache"] == "miss"
+                assert raw.parse().choices[0].message.content == "backup says hi"
+    assert (main.calls, backup.calls) == (2, 2)
+
+
 # Circuit breaker
 
 
