@@ -408,9 +408,10 @@ def scrub(body: bytes, endpoint: Endpoint) -> bytes:
 
 
 def _credential_forms(endpoint: Endpoint) -> list[bytes]:
-    """Each value lockgate sends the endpoint as its credential, as an echo may quote it: the header's value
-    (`Bearer <key>`), the bare key (which `Bearer <key>` contains), each also as a JSON string holds it."""
-    values = {*endpoint.auth_headers.values(), *filter(None, [endpoint.authorization])}
-    bare = {v.split(" ", 1)[1] if " " in v else v for v in values}
-    forms = {f for v in bare if v for f in (v.encode(), msgspec.json.encode(v)[1:-1])}
-    return sorted(forms, key=len, reverse=True)  # a longer form first: never left half-replaced
+    """The keys lockgate sends the endpoint, as an echo may quote them: each credential header's value
+    without its `Bearer ` (so `Bearer <key>` becomes `Bearer [REDACTED]` and a bare quote is masked too),
+    raw and as a JSON string holds it (a `"` or `\\` in a key is escaped there)."""
+    values = [*endpoint.auth_headers.values(), endpoint.authorization or ""]
+    keys = {v.removeprefix("Bearer ") for v in values} - {""}
+    forms = {f for k in keys for f in (k.encode(), msgspec.json.encode(k)[1:-1])}
+    return sorted(forms, key=len, reverse=True)  # the longer first: a form inside another never half-replaces it
