@@ -439,9 +439,10 @@ class Admission:
 
     # -- response cache ------------------------------------------------------------------------------
 
-    async def lookup(self, ticket: Ticket, deployment: str, release: str, body: bytes, rec: Any,
+    async def lookup(self, ticket: Ticket, operation: str, deployment: str, release: str, body: bytes, rec: Any,
                      headers: dict[str, str], shown_usage: bool = False) -> web.Response | None:
-        """A cached answer for this request (the reservation released, the event marked as a hit), or None.
+        """A cached answer for this request to `operation` (its path: one body sent to two operations has
+        two answers) with the reservation released and the event marked as a hit, or None.
         `shown_usage`: a stream's client asked for the usage chunk (the upstream body always asks)."""
         spec = self.cache.spec(deployment) if ticket is not OPEN else None
         if spec is None:
@@ -452,8 +453,8 @@ class Admission:
             return None
         if isinstance(data, dict) and data.get("stream"):
             data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": shown_usage}
-        ticket.cache_key = request_key(ticket.tenant, deployment, release, data, spec) if isinstance(data, dict) \
-            else None
+        ticket.cache_key = (request_key(ticket.tenant, deployment, release, operation, data, spec)
+                            if isinstance(data, dict) else None)
         if ticket.cache_key is None:
             return None
         entry = self.cache.get(ticket.cache_key, self.clock())
@@ -478,8 +479,9 @@ class Admission:
     def remember(self, ticket: Ticket, deployment: str, response: web.StreamResponse, rec: Any,
                  streamed: list[bytes] | None = None) -> None:
         """Keep a successful answer of a cacheable request for its deployment's TTL: a body, or the
-        lines of a stream as the client received them (`streamed`)."""
-        if ticket.cache_key is None or rec.status != "ok":
+        lines of a stream as the client received them (`streamed`). Not one a fallback served: the key is
+        the chosen target's (a canary's release), whose answer it is not."""
+        if ticket.cache_key is None or rec.status != "ok" or "lockgate.fallback_from" in rec.attributes:
             return
         spec = self.cache.spec(deployment)
         if streamed is not None:

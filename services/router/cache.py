@@ -3,15 +3,18 @@ in an in-process LRU bounded in bytes. Pure: the clock is passed in, nothing her
 
 The key is a hash of the canonical JSON (sorted keys) of the request as the upstream would receive it
 (the release's model and parameters applied), without the fields that do not change the answer
-(`user`, `stream_options`, `metadata`), together with the tenant, deployment and release: one
-tenant never gets another's answer, and a promoted release never serves its predecessor's. A
+(`user`, `stream_options`, `metadata`), together with the operation (its path), whether it streams,
+the tenant, deployment and release: one tenant never gets another's answer, a promoted release never
+serves its predecessor's, and one body sent to two operations (an embeddings request, then the same
+body to `/v1/responses`) never gets the other operation's answer. A
 request that samples (temperature above 0; absent means the provider's default of 1) is not cached
 unless the deployment asks for it (`any_temperature`).
 
 Streams are cached too: the entry is the stream as the client received it (its SSE bytes, the
 hidden usage chunk left out), replayed as one `text/event-stream` body on a hit. A streamed request
-and the same request unstreamed have different keys (`stream` is part of the body), and so do
-streams that differ in `stream_options` (with or without the usage chunk).
+and the same request unstreamed have different keys (whether it streams is part of the key, so a
+JSON body never answers a stream nor SSE bytes a plain request), and so do streams that differ in
+`stream_options` (with or without the usage chunk).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ import msgspec
 
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 # Fields that change nothing in the answer: who asks, how usage is streamed, the caller's tags.
-_IGNORED = frozenset({"user", "stream_options", "metadata"})
-_IGNORED_STREAMED = frozenset({"user", "metadata"})
+# `stream` is keyed on its own, as a bool: `"stream": false` and no `stream` are the same request.
+_IGNORED = frozenset({"user", "stream_options", "metadata", "stream"})
+_IGNORED_STREAMED = frozenset({"user", "metadata", "stream"})
 EVENT_STREAM = "text/event-stream"
 _canonical = msgspec.json.Encoder(order="sorted")
 
@@ -45,15 +49,18 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 64 * 1024 * 1024
 
 
-def request_key(tenant: str, deployment: str, release: str, body: dict[str, Any], spec: CacheSpec) -> str | None:
-    """The cache key of a request body (a decoded JSON object), or None when it must not be cached."""
+def request_key(tenant: str, deployment: str, release: str, operation: str, body: dict[str, Any],
+                spec: CacheSpec) -> str | None:
+    """The cache key of a request body (a decoded JSON object) sent to `operation` (its path, e.g.
+    "/embeddings"), or None when it must not be cached."""
     temperature = body.get("temperature", 1.0)
     if not spec.any_temperature and not (isinstance(temperature, int | float) and temperature <= 0):
         return None
+    streamed = bool(body.get("stream"))
     # A stream's bytes say whether usage was included: its stream_options are part of the key.
-    ignored = _IGNORED_STREAMED if body.get("stream") else _IGNORED
+    ignored = _IGNORED_STREAMED if streamed else _IGNORED
     kept = {k: v for k, v in body.items() if k not in ignored}
-    return hashlib.sha256(_canonical.encode([tenant, deployment, release, kept])).hexdigest()
+    return hashlib.sha256(_canonical.encode([tenant, deployment, release, operation, streamed, kept])).hexdigest()
 
 
 class Entry(msgspec.Struct, frozen=True):

@@ -278,8 +278,8 @@ class Proxy:
         rec = _Record(status="ok", provider=hops[0].endpoint.provider)
         streamed: list[bytes] | None = None
         try:
-            hit = await self.admission.lookup(ticket, deployment, target.release, hops[0].body, rec, out_headers,
-                                              want_usage)
+            hit = await self.admission.lookup(ticket, op.path, deployment, target.release, hops[0].body, rec,
+                                              out_headers, want_usage)
             if hit is not None:
                 response = hit
             elif stream:

@@ -1,9 +1,10 @@
 """The router's calls to upstream endpoints: timeouts, retries within a budget, circuit breakers and
 the fallback chain (rules in resilience.py), plus the headers that cross in each direction.
 
-upstream.py moves bytes; the providers translate them. Nothing here ever puts an upstream URL in
-a client-visible message: errors name endpoints by id, and an upstream's own error body has the
-endpoint's address replaced by its id before it is passed on.
+upstream.py moves bytes; the providers translate them. Nothing here ever puts an upstream URL or
+credential in a client-visible message: errors name endpoints by id, and an upstream's own error body
+has the endpoint's address replaced by its id, its credential (which an upstream may quote back) and
+any other secret masked before it is passed on (`scrub`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import aiohttp
+import msgspec
 from yarl import URL
 
 from lockgate.errors import LockgateError
+from lockgate.redact import MARK, scrub_bytes
 from lockgate.services.router import h1, resilience
 from lockgate.services.router.endpoints import Endpoint, Endpoints
 from lockgate.services.router.providers import Unsupported
@@ -385,14 +388,30 @@ def _blended(endpoint: Endpoint) -> float | None:
     return None if endpoint.price is None else endpoint.price.input_per_mtok + endpoint.price.output_per_mtok
 
 
+_MARK = MARK.encode()
+
+
 def scrub(body: bytes, endpoint: Endpoint) -> bytes:
-    """An upstream error body with the endpoint's address replaced by its id (URLs stay internal): its
-    origin, `host:port` and the bare host, so an address on a default port (`https://llm.internal/v1`,
-    which names no port) or a message naming only the host is replaced too."""
+    """An upstream error body as a client, log or event may see it: the endpoint's credential replaced by a
+    marker (an upstream or a proxy in front of it may quote the Authorization it received), its address by its
+    id (URLs stay internal), and whatever else the project's secret patterns find masked. The address in
+    each form: its origin, `host:port` and the bare host, so an address on a default port
+    (`https://llm.internal/v1`, which names no port) or a message naming only the host is replaced too."""
+    for secret in _credential_forms(endpoint):
+        body = body.replace(secret, _MARK)
     url = endpoint.url
     host = url.host
-    if not host or host.encode() not in body:
-        return body
-    for form in (f"{url.scheme}://{host}:{url.port}", str(url.origin()), f"{host}:{url.port}", host):
-        body = body.replace(form.encode(), f"endpoint {endpoint.id}".encode())
-    return body
+    if host and host.encode() in body:
+        for form in (f"{url.scheme}://{host}:{url.port}", str(url.origin()), f"{host}:{url.port}", host):
+            body = body.replace(form.encode(), f"endpoint {endpoint.id}".encode())
+    return scrub_bytes(body)
+
+
+def _credential_forms(endpoint: Endpoint) -> list[bytes]:
+    """The keys lockgate sends the endpoint, as an echo may quote them: each credential header's value
+    without its `Bearer ` (so `Bearer <key>` becomes `Bearer [REDACTED]` and a bare quote is masked too),
+    raw and as a JSON string holds it (a `"` or `\\` in a key is escaped there)."""
+    values = [*endpoint.auth_headers.values(), endpoint.authorization or ""]
+    keys = {v.removeprefix("Bearer ") for v in values} - {""}
+    forms = {f for k in keys for f in (k.encode(), msgspec.json.encode(k)[1:-1])}
+    return sorted(forms, key=len, reverse=True)  # the longer first: a form inside another never half-replaces it

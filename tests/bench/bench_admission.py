@@ -41,7 +41,7 @@ async def _per_call_us(adm: Admission, body: bytes, cache: bool) -> float:
     for _ in range(N):
         ticket = await adm.admit(key, "chat", "gpt-4o-mini", req)
         if cache:
-            await adm.lookup(ticket, "faq", "", body, rec, {})
+            await adm.lookup(ticket, "/chat/completions", "faq", "", body, rec, {})
         adm.settle(ticket, rec)
     return (time.perf_counter() - t0) / N * 1e6
 

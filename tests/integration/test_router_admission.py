@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import openai
 import pytest
@@ -484,6 +485,44 @@ async def test_a_streamed_answer_is_cached_and_replayed_as_sse(settings: Setting
     assert miss.attributes["cache"] == "miss" and miss.output_tokens > 0
     assert (hit.attributes["cache"], hit.response, hit.output_tokens) == ("hit", ANSWER, 0)
     await sub.unsubscribe()
+
+
+async def test_one_body_sent_to_two_operations_is_two_entries(settings: Settings, store: Store, stack: Stack,
+                                                               sim: SimServer, tmp_path: Path) -> None:
+    # Before: the key had no operation, so this body sent to /v1/responses after /v1/embeddings came back
+    # `x-lockgate-cache: hit` with the embeddings list, and the hit's event recorded it as the turn's answer:
+    # any key of the tenant could plant another operation's answers for the TTL.
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="shop-web", app="shop",
+                         gateway_file=gateway(tmp_path, cache={"deployments": {"shop-web": {"ttl_s": 600}}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    bus = router.ctx.bus
+    sub = await bus.nc.subscribe(bus.subjects.served("shop"))
+    body = {"model": MODEL, "input": "what is the refund policy?", "temperature": 0}
+
+    async def post(path: str, **extra: Any) -> tuple[str, str, bytes]:
+        async with http.post(f"{router.url}/v1/{path}", json={**body, **extra}) as resp:
+            assert resp.status == 200
+            return resp.headers["x-lockgate-cache"], resp.content_type, await resp.read()
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
+        embedded = await post("embeddings")
+        answered = await post("responses")
+        streamed = await post("responses", stream=True)  # nor a stream from the unstreamed turn's entry
+        again = [await post("responses", stream=False), await post("embeddings")]  # each from its own entry
+    assert (embedded[0], answered[0], streamed[0]) == ("miss", "miss", "miss") and sim.requests[MODEL] == 3
+    assert msgspec.json.decode(embedded[2])["object"] == "list"
+    turn = msgspec.json.decode(answered[2])
+    assert turn["object"] == "response" and turn["output"][0]["content"][0]["text"] == ANSWER
+    assert streamed[1] == "text/event-stream" and b"response.output_text.delta" in streamed[2]
+    assert again == [("hit", "application/json", answered[2]), ("hit", "application/json", embedded[2])]
+
+    events = []
+    while len(events) < 5:
+        events += _events.decode((await sub.next_msg(timeout=10)).data)
+    await sub.unsubscribe()
+    turns = [e for e in events if e.attributes.get("lockgate.api") == "responses"]
+    assert [(e.attributes["cache"], e.response) for e in turns] == [("miss", ANSWER)] * 2 + [("hit", ANSWER)]
 
 
 async def test_a_token_budget_per_key_stops_one_key_not_the_others(settings: Settings, store: Store, stack: Stack,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -37,7 +38,9 @@ class FakeLLM:
     "error_body" (a 200 whose body is an error), "response_failed" (a failed Responses API turn), "html_400" (a proxy's own 400 page), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
     "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event naming the upstream's address
     after its first event), "chunk_then_garbage" (a data line that is not JSON after the first event),
-    "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set)."""
+    "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set),
+    ("echo_key", message) and ("chunk_then_echo_key", message) (a 401, or a stream's error event, whose message
+    quotes the Authorization it received: `{auth}` the header's value, `{key}` the bare key)."""
 
     def __init__(self, name: str, *actions: Any, usage: dict[str, Any] | None = None) -> None:
         self.name = name
@@ -106,10 +109,14 @@ class FakeLLM:
         if action == "hang":
             await self._release.wait()
             return web.Response(status=500)
+        if isinstance(action, tuple) and action[0] == "echo_key":  # a 401 quoting the credential it was sent
+            auth = request.headers.get("Authorization", "")
+            message = action[1].format(auth=auth, key=auth.removeprefix("Bearer "))
+            return web.json_response({"error": {"message": message, "type": "auth_error", "code": "401"}}, status=401)
         if isinstance(action, tuple) and action[0] == "delay":  # a slow provider: answers after a while
             await asyncio.sleep(action[1])
             action = "ok"
-        if isinstance(action, tuple):
+        if isinstance(action, tuple) and action[0] == "status":
             _, status, headers, message = (*action, {}, f"{self.name} failed at {self.url}/chat/completions")[:4]
             error = {"error": {"message": message, "type": "server_error"}}
             return web.json_response(error, status=status, headers=headers)
@@ -153,6 +160,13 @@ class FakeLLM:
             return resp
         if action == "chunk_then_error":  # the provider's own error event in the middle of a stream
             error = {"error": {"message": f"overloaded at {self.url}", "type": "server_error"}}
+            await resp.write(f"data: {json.dumps(error)}\n\n".encode())
+            await resp.write_eof()
+            return resp
+        if isinstance(action, tuple) and action[0] == "chunk_then_echo_key":  # the same, as a stream's error event
+            auth = request.headers.get("Authorization", "")
+            error = {"error": {"message": action[1].format(auth=auth, key=auth.removeprefix("Bearer ")),
+                               "type": "auth_error"}}
             await resp.write(f"data: {json.dumps(error)}\n\n".encode())
             await resp.write_eof()
             return resp
@@ -477,6 +491,23 @@ async def test_endpoint_falls_back_to_its_named_fallback(gateway: Gateway, keys:
                                         "lockgate.fallback_reason": "first_byte", "lockgate.attempts": "2"}
 
 
+async def test_an_answer_a_fallback_served_is_not_cached_as_the_chosen_targets(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, tmp_path: Any) -> None:
+    # Before: the fallback's answer was kept under the chosen target's key (for a canary: its release), so an
+    # identical request was a hit, recorded as the chosen target's success for the TTL while it was failing.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"cache": {"deployments": {"chat": {"ttl_s": 600}}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("main", ("status", 500)) as main, FakeLLM("backup") as backup:
+        router = await gateway({"default": {"url": main.url, "retry": {"attempts": 1}, "fallback": "backup"},
+                                "backup": {"url": backup.url}})
+        async with client(router, keys) as c:
+            for _ in range(2):
+                raw = await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, temperature=0)
+                assert raw.headers["x-lockgate-cache"] == "miss"
+                assert raw.parse().choices[0].message.content == "backup says hi"
+    assert (main.calls, backup.calls) == (2, 2)
+
+
 # Circuit breaker
 
 
@@ -581,6 +612,41 @@ async def test_a_failed_response_is_passed_on_without_the_upstreams_address(gate
     assert failed.error.message == "overloaded at endpoint default/v1"
     (event,) = await events(1)
     assert (event.status, event.error_type) == ("error", "response_failed")
+
+
+@pytest.mark.parametrize(("secret", "echo"), [
+    ("sk-live-SUPERSECRET-0123456789abcdef", "Authentication Error, Received API Key = {auth}"),
+    # A key no secret pattern knows, quoted bare: only the endpoint's own credential says what to hide.
+    ("opaque-7f3a9c1e", "invalid key {key} for this proxy"),
+], ids=["bearer", "bare"])
+@pytest.mark.parametrize("how", ["401", "401-stream", "stream-error-event"])
+async def test_an_upstream_quoting_the_provider_key_never_shows_it(
+        gateway: Gateway, keys: Bootstrap, events: Any, context: ServiceContext, tmp_path: Any,
+        caplog: pytest.LogCaptureFixture, secret: str, echo: str, how: str) -> None:
+    # Before: a 401 quoting the Authorization it received (LiteLLM-style proxies do) reached the client as it
+    # was, the provider key in its message: scrub replaced only the endpoint's address.
+    caplog.set_level(logging.DEBUG)
+    (tmp_path / "secrets.yaml").write_text(json.dumps({"SIM_KEY": secret}))
+    context.settings = context.settings.replace(secrets_file=str(tmp_path / "secrets.yaml"))
+    action = ("chunk_then_echo_key" if how == "stream-error-event" else "echo_key", echo)
+    async with FakeLLM("up", action) as up:
+        router = await gateway({"default": {"url": up.url, "credential": "SIM_KEY"}})
+        async with client(router, keys) as c:
+            if how == "stream-error-event":
+                chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES,
+                                                                            stream=True))
+                assert [ch.choices[0].delta.content for ch in chunks] == ["up says hi"]
+                visible = str(error)
+            else:
+                with pytest.raises(openai.AuthenticationError) as caught:
+                    await c.chat.completions.create(model="m", messages=MESSAGES, stream=how == "401-stream")
+                visible = _visible(caught.value)
+    assert up.headers[0]["Authorization"] == f"Bearer {secret}"  # the upstream did get it, and quoted it
+    assert "[REDACTED]" in visible
+    assert secret not in visible and "sk-live" not in visible and "SUPERSECRET" not in visible
+    (event,) = await events(1)
+    assert event.status == "error" and secret not in msgspec.json.encode(event).decode()
+    assert secret not in caplog.text
 
 
 async def test_embeddings_refuse_stream_before_any_upstream_call(gateway: Gateway, keys: Bootstrap) -> None:

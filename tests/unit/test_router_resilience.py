@@ -7,11 +7,13 @@ import email.utils
 import random
 from pathlib import Path
 
+import msgspec
 import pytest
 from multidict import CIMultiDict
 from yarl import URL
 
 from lockgate.config import Settings
+from lockgate.endpoints import EndpointSpec, resolve
 from lockgate.errors import ConfigError
 from lockgate.retry import RetryPolicy
 from lockgate.services.router.endpoints import Endpoint, Endpoints
@@ -242,6 +244,23 @@ def test_upstream_address_is_replaced_by_the_endpoint_id_in_error_bodies() -> No
     ep = Endpoint(id="prod", url=URL("https://llm.internal.example/v1"))
     body = b'{"error": {"message": "overloaded: https://llm.internal.example/v1/chat (llm.internal.example)"}}'
     assert scrub(body, ep) == b'{"error": {"message": "overloaded: endpoint prod/v1/chat (endpoint prod)"}}'
+
+
+@pytest.mark.parametrize(("provider", "key"), [("openai", "opaque-7f3a9c1e"), ("anthropic", 'op"aque\\7f3a')])
+def test_the_endpoints_credential_is_masked_in_error_bodies(provider: str, key: str) -> None:
+    """Before: an upstream quoting the key it was sent passed it on to the client (scrub knew only addresses)."""
+    access = resolve("prod", EndpointSpec(url="http://10.0.0.7:8000/v1", credential="K", provider=provider),  # type: ignore[arg-type]
+                     {"K": key})
+    ep = Endpoint(id="prod", url=URL("http://10.0.0.7:8000/v1/chat/completions"), provider=provider,
+                  authorization=access.authorization, auth_headers=access.headers)
+    for echo in (f"Bearer {key}", key, f"Received API Key = Bearer {key}"):
+        body = msgspec.json.encode({"error": {"message": f"bad key {echo} at 10.0.0.7:8000"}})  # a JSON string
+        message = msgspec.json.decode(scrub(body, ep))["error"]["message"]  # still JSON, as the client reads it
+        assert key not in message and "[REDACTED]" in message and message.endswith("at endpoint prod"), message
+        assert key.encode() not in scrub(echo.encode(), ep)  # and quoted raw (a text body, a log line)
+    # Other secrets an upstream may quote (another key of the tenant's, say) are masked too.
+    assert scrub(b'{"error": {"message": "key sk-proj-abcdefghijklmnopqrstu"}}', ep) == (
+        b'{"error": {"message": "key [REDACTED]"}}')
 
 
 def test_rank_by_price_puts_the_cheapest_first_and_unpriced_last() -> None:
