@@ -16,7 +16,7 @@ import yaml
 from lockgate.bus import Bus
 from lockgate.contracts import ArtifactKind, ArtifactRegistered, ReleaseRegistered
 from lockgate.contracts.artifacts import ARTIFACT_KINDS
-from lockgate.contracts.names import NAME_RULE, is_name
+from lockgate.contracts.names import NAME_RULE, check_name, is_name
 from lockgate.documents import check_aliases
 from lockgate.errors import BusUnavailable, ConfigError, NotFound, ReleaseConflict
 from lockgate.identity import Identity, bundle_content, sign_bundle
@@ -252,6 +252,7 @@ async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str
     With `author`, the binding carries the author's signature over the bundle, so a policy can refuse
     their approval of it. ReleaseConflict if the name is already bound to other artifacts.
     """
+    check_name(tenant, "tenant")  # before anything is bound under it
     await check_references(bus, artifacts)
     await check_parent(bus, release, parent)
     bundle = release_bundle(release, app, artifacts, parent=parent, tenant=tenant)

@@ -27,6 +27,7 @@ from lockgate.contracts import (
     StateEntry,
 )
 from lockgate.credentials import NotAllowed
+from lockgate.errors import NotFound
 from lockgate.gitops.documents import GitopsError, load_folder
 from lockgate.gitops.git import provenance
 from lockgate.gitops.plan import diff
@@ -34,6 +35,7 @@ from lockgate.gitops.resolve import resolve
 from lockgate.gitops.state import apply, read_state, state_key
 from lockgate.ids import content_hash
 from tests.helpers import apply_folder, recorder
+from tests.integration.test_aliases import cli
 from tests.integration.test_nats_auth import _bus, secured  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(60)
@@ -173,3 +175,30 @@ async def test_the_operator_identity_applies_through_the_recorder_and_cannot_wri
     finally:
         for b in (operator, lineage, app):
             await b.close()
+
+
+async def test_a_release_belongs_to_the_tenant_its_document_or_release_create_names(
+        bus: Bus, settings: Settings, tmp_path: Path) -> None:
+    # Recorded evals and gRPC decision reads keep to a release's tenant (its binding): releases of tenants other
+    # than `default` must be possible to make, from a folder and from the CLI.
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    line = repo / "releases" / "gitshop.yaml"
+    line.write_text(line.read_text() + "tenant: acme\n")
+    _, event = await apply_folder(bus, settings, repo)
+    names = [c.release for c in event.changes if c.kind == "release"]
+    assert {(await artifacts.release_of(bus, n))["tenant"] for n in names} >= {"acme"}
+    acme = next(n for n in names if n.startswith("gitshop@"))
+    assert (await artifacts.release_of(bus, acme))["tenant"] == "acme"
+    default = resolve(load_folder(FIXTURE))  # the same line of the default tenant is another release
+    assert acme not in {r.release for r in default if r.kind == "release"}
+
+    prompt = next(c.digest for c in event.changes if c.name == "gitshop-answer")
+    made = await cli(settings, "release", "create", "acme-r1", "--app", "shop", "--tenant", "acme",
+                     "--artifact", f"prompt/gitshop-answer={prompt}")
+    assert made.exit_code == 0, made.output
+    assert (await artifacts.release_of(bus, "acme-r1"))["tenant"] == "acme"
+    refused = await cli(settings, "release", "create", "bad-r1", "--app", "shop", "--tenant", "a b",
+                        "--artifact", f"prompt/gitshop-answer={prompt}")
+    assert refused.exit_code == 1 and "invalid tenant 'a b'" in refused.output, refused.output
+    with pytest.raises(NotFound):  # nothing was bound under the refused tenant
+        await artifacts.release_of(bus, "bad-r1")

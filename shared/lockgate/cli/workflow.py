@@ -54,9 +54,12 @@ def register(cli: click.Group) -> None:
     @click.option("--app", required=True)
     @click.option("--artifact", "pairs", multiple=True, required=True, metavar="KIND/NAME=HASH")
     @click.option("--parent", default="")
+    @click.option("--tenant", default="default", show_default=True,
+                  help="Whose release it is: its recorded evals and gRPC decision reads keep to this tenant.")
     @click.pass_context
     @handle_errors
-    def release_create(ctx: click.Context, name: str, app: str, pairs: tuple[str, ...], parent: str) -> None:
+    def release_create(ctx: click.Context, name: str, app: str, pairs: tuple[str, ...], parent: str,
+                       tenant: str) -> None:
         """Record a release as a set of artifact versions."""
         from lockgate import artifacts
         from lockgate.errors import ConfigError
@@ -72,7 +75,8 @@ def register(cli: click.Group) -> None:
         # The author's signature lets a policy refuse their own approval (forbid_self_approval).
         author = optional_identity(ctx)
         with_bus(ctx.obj["settings"], lambda bus: artifacts.register_release(bus, name, app, arts, parent=parent,
-                                                                             author=author), role="operator")
+                                                                             tenant=tenant, author=author),
+                 role="operator")
         by = f", authored by {author.name}" if author else " (no author: no personal identity, see --as)"
         console.print(f"release {name} recorded with {len(arts)} artifacts{by}")
 

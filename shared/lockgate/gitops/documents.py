@@ -84,6 +84,7 @@ class Release(_Doc, frozen=True, kw_only=True, tag="release"):
     artifacts: Annotated[list[ArtifactRef], msgspec.Meta(min_length=1)]
     release: OptName = ""
     parent: OptName = ""
+    tenant: Name = "default"  # whose release it is: recorded tasks and gRPC decision reads keep to its tenant
 
 
 class Rollout(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

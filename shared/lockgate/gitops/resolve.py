@@ -128,11 +128,13 @@ def _release(src: Source, doc: Release, artifacts: dict[str, Resource]) -> Resou
         hashes[f"{ARTIFACT_KIND[res.kind]}/{res.name}"] = res.digest
     # Without an explicit name, the version is a function of the content: the same folder names the same
     # release on any stack, and an edited artifact names a new one.
-    version = content_hash({"app": doc.app, "artifacts": hashes, "parent": doc.parent})[7:19]
+    # (The tenant only when it is not the default one, so the versions of existing folders keep their names.)
+    owner = {"tenant": doc.tenant} if doc.tenant != "default" else {}
+    version = content_hash({"app": doc.app, "artifacts": hashes, "parent": doc.parent, **owner})[7:19]
     name = doc.release or f"{doc.name}@{version}"
     if doc.parent and doc.parent == name:
         raise _bad(src, f"release {name!r} cannot be its own parent", "$.parent")
-    bundle = release_bundle(name, doc.app, hashes, parent=doc.parent)
+    bundle = release_bundle(name, doc.app, hashes, parent=doc.parent, tenant=doc.tenant)
     return Resource(kind="release", name=doc.name, digest=content_hash(bundle_content(bundle)), source=src.path,
                     release=name, bundle=bundle, labels=dict(doc.labels), description=doc.description)
 

@@ -135,7 +135,7 @@ async def _carry_out(bus: Bus, res: Resource, prov: Provenance, *, author: Ident
         b = res.bundle
         await artifacts.register_release(bus, res.release, b["app"], b["artifacts"], parent=b["parent"],
                                          description=res.description or f"applied from {res.source}",
-                                         author=author)
+                                         tenant=b["tenant"], author=author)
     elif res.kind == "alias":
         assert author is not None and settings is not None
         await aliases.set_alias(bus, settings, author, res.spec["app"], res.spec["alias"], res.release,
