@@ -4,7 +4,8 @@ One durable consumer with one message in flight across all replicas (max_ack_pen
 are chained in stream order. The chain's head (the last row) lives in KV and is written only with
 compare-and-set on its revision, before the row is published for the sink: of two replicas extending
 the same head only one wins, so the chain never forks. A redelivered entry that already won the head
-only republishes that row (Nats-Msg-Id `audit-<seq>`, and the sink stores each seq once).
+only republishes that row (Nats-Msg-Id `audit-<seq>`, and the sink stores each seq once); an entry of
+another producer, or another content, under the head's id is a row of its own (ids are the producers').
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class Chainer:
 
         async def attempt() -> None:
             head, revision = await self._head(kv)
-            if head is not None and head.id == entry.id:
+            if head is not None and auditchain.records(head, entry, producer):
                 await self._publish(head)  # redelivered after its row won the head
                 return
             if head is not None and head.hash != self._published:

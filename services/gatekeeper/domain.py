@@ -245,12 +245,15 @@ def summarise_warnings(warnings: list[str]) -> str:
     return "evaluator warning" + ("s" if len(parts) > 1 else "") + ": " + "; ".join(parts)
 
 
-def decision_id(eval_event_id: str) -> str:
+def decision_id(eval_event_id: str, salt: str) -> str:
     """A UUIDv7-shaped id derived from an event (eval or review), so a redelivery yields the same decision id.
 
-    The 48-bit time comes from the eval event's UUIDv7 (keeping ids time-ordered); the rest is a hash.
+    The 48-bit time comes from the eval event's UUIDv7 (keeping ids time-ordered); the rest is a hash over
+    the event's id and `salt`, the gatekeeper's secret (`Signer.id_salt`): whoever may publish on the events
+    stream (an operator, an approver choosing a review's id) cannot predict the id, so cannot publish first
+    under it and have JetStream drop the decision as a duplicate of theirs.
     """
-    digest = hashlib.sha256(f"gate:{eval_event_id}".encode()).digest()
+    digest = hashlib.sha256(f"gate:{salt}:{eval_event_id}".encode()).digest()
     try:
         ms = uuid.UUID(eval_event_id).int >> 80
     except ValueError:

@@ -109,7 +109,7 @@ class DriftGate:
         if outcome is None:
             return
         decision = self.signer.sign(GateDecided(
-            id=domain.decision_id(report.id), release=release, decision="BLOCK", rules=list(outcome.rules),
+            id=domain.decision_id(report.id, self.signer.id_salt), release=release, decision="BLOCK", rules=list(outcome.rules),
             eval_run=current.eval_run, policy=current.policy, baseline=current.baseline,
             artifacts=current.artifacts, reason=outcome.reason, tenant=report.tenant, source="gatekeeper",
             trace_id=report.trace_id))

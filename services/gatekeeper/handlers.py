@@ -33,7 +33,7 @@ class GateHandlers:
         self.ctx = ctx
         self.tracer = tracer
         self.signer = signer
-        self.records = Records(ctx)
+        self.records = Records(ctx, signer.id_salt)
         # The policy (and suite) each app's releases must be gated by (None: whatever the eval names).
         self.gates = gates
         self.registrations = Registrations(ctx.bus)
@@ -83,7 +83,7 @@ class GateHandlers:
             arts = {**(done.artifacts or release_arts),
                     **{k: v for k, v in (("eval_suite", done.suite), ("policy", done.policy)) if v}}
             decision = self.signer.sign(GateDecided(
-                id=domain.decision_id(done.id), release=done.release, decision=outcome.decision,
+                id=domain.decision_id(done.id, self.signer.id_salt), release=done.release, decision=outcome.decision,
                 rules=list(outcome.rules), eval_run=done.run_id, policy=done.policy, baseline=done.baseline,
                 reason=outcome.reason, artifacts=arts, review_required=outcome.review_required,
                 tenant=done.tenant, source="gatekeeper", trace_id=done.trace_id,
@@ -105,7 +105,7 @@ class GateHandlers:
             "gatekeeper.review", context=delivery.trace_context, kind=SpanKind.CONSUMER,
             attributes={"lockgate.release": review.release, "lockgate.review": review.action},
         ):
-            new_id = domain.decision_id(review.id)
+            new_id = domain.decision_id(review.id, self.signer.id_salt)
             key = f"gate-review-{review.id}"
             current = await self.records.current(review.release)
             if current is not None and current.id == new_id:

@@ -24,8 +24,9 @@ class Records:
     """Audit fact first, KV second, event last: a retry repeats the rest; msg ids and the sink's lookup of
     the decision id dedupe it."""
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, salt: str) -> None:
         self.ctx = ctx
+        self.salt = salt  # the gatekeeper's secret (Signer.id_salt): no other identity predicts an entry's id
 
     async def audit(self, decision: GateDecided, *, action: str, actor: str, key: str,
                     reason: str | None = None) -> None:
@@ -40,7 +41,7 @@ class Records:
         await self.ctx.bus.publish(self.ctx.bus.subjects.gate_audit, row, msg_id=f"audit-{key}")
         await auditlog.record(
             self.ctx.bus, "gatekeeper", kind=_KINDS.get(action, "review"), actor=actor, target=decision.release,
-            action=action, reason=row.reason, tenant=decision.tenant, entry_id=derived_id("audit-entry", key),
+            action=action, reason=row.reason, tenant=decision.tenant, entry_id=derived_id("audit-entry", self.salt, key),
             trace_id=decision.trace_id, details={"decision": decision.decision, "decision_id": decision.id,
                                                  "eval_run": decision.eval_run, "policy": decision.policy,
                                                  "signed_by": decision.key_id})

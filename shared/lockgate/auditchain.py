@@ -69,6 +69,15 @@ def seal(entry: AuditEntry, producer: str, head: AuditRecord | None, signer: Sig
     return msgspec.structs.replace(record, hash=digest, signature=signer.sign_bytes(digest.encode()))
 
 
+def records(record: AuditRecord, entry: AuditEntry, producer: str) -> bool:
+    """Whether `record` is the row of this entry from this producer (a redelivery), not merely a row under the
+    same id: ids are chosen by producers, so another identity's entry may carry it."""
+    return (record.id, record.producer, record.kind, record.actor, record.target, record.action, record.reason,
+            record.details, record.tenant, record.trace_id, record.time) == (
+        entry.id, producer, entry.kind, entry.actor, entry.target, entry.action, entry.reason, dict(entry.details),
+        entry.tenant, entry.trace_id, _utc(entry.time))
+
+
 def from_row(row: dict[str, Any]) -> AuditRecord:
     """A stored row (a dict from the query service or ClickHouse) as an AuditRecord; ValueError if unreadable."""
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import os
 from collections.abc import Iterable
@@ -109,6 +110,13 @@ class Signer:
     def public_raw(self) -> bytes:
         """The raw 32-byte public key (what the KV keyring stores)."""
         return self.public.public_bytes(*_RAW)
+
+    @functools.cached_property
+    def id_salt(self) -> str:
+        """A secret only this key's holders can compute, the same on every replica (Ed25519 signing is
+        deterministic): mixed into ids derived from others' events, so no other identity can predict them,
+        publish first under them and have JetStream drop ours as duplicates of theirs."""
+        return self.sign_bytes(b"lockgate: the salt of ids derived by the gatekeeper")
 
     def sign_bytes(self, data: bytes) -> str:
         """A base64 Ed25519 signature over `data` (a person's review, override or release statement)."""

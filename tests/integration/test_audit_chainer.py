@@ -92,3 +92,25 @@ async def test_a_replica_that_died_before_publishing_leaves_no_gap(context: Serv
     await Chainer(context, SIGNER).on_entry(entry(1), delivered(bus, "router"))
     got = [records.decode((await published.next_msg(timeout=10)).data) for _ in range(2)]
     assert [r.seq for r in got] == [1, 2] and got[0] == orphan and got[1].prev_hash == orphan.hash
+
+
+async def test_another_producers_entry_under_the_same_id_never_stands_for_ours(context: ServiceContext, bus: Bus,
+                                                                               published: Any) -> None:
+    # Found by a probe: the operator published, on its own audit subject, an entry under the id the gatekeeper
+    # would give its decision's entry ("decision PASS", actor gatekeeper); the chainer then took the gatekeeper's
+    # genuine entry for a redelivery of the head and dropped it, and `audit verify` said intact.
+    chainer = Chainer(context, SIGNER)
+    genuine = AuditEntry(kind="decision", actor="gatekeeper", target="shop-v2", action="decided",
+                         details={"decision": "BLOCK"})
+    forged = AuditEntry(id=genuine.id, time=genuine.time, kind="decision", actor="gatekeeper", target="shop-v2",
+                        action="decided", details={"decision": "PASS"})
+    await chainer.on_entry(forged, delivered(bus, "operator"))
+    await chainer.on_entry(genuine, delivered(bus, "gatekeeper"))
+    await chainer.on_entry(genuine, delivered(bus, "gatekeeper"))  # a true redelivery is still recorded once
+    rows: dict[int, AuditRecord] = {}
+    while len(rows) < 2:
+        r = records.decode((await published.next_msg(timeout=10)).data)
+        rows[r.seq] = r
+    assert [(rows[s].producer, rows[s].details["decision"]) for s in sorted(rows)] == [
+        ("operator", "PASS"), ("gatekeeper", "BLOCK")]
+    assert (await head(bus)).seq == 2

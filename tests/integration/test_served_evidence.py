@@ -120,4 +120,4 @@ async def test_an_applications_own_drifting_events_neither_abort_a_canary_nor_bl
     block = _decided.decode((await blocks.next_msg(timeout=15)).data)
     while block.decision != "BLOCK":
         block = _decided.decode((await blocks.next_msg(timeout=15)).data)
-    assert block.id == decision_id(acted.id), "the BLOCK came from the application's report"
+    assert block.id == decision_id(acted.id, signer.id_salt), "the BLOCK came from the application's report"

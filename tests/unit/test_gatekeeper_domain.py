@@ -124,10 +124,10 @@ def test_unusable_policy_blocks_with_the_reason() -> None:
 def test_decision_id_is_deterministic_uuid7_and_time_ordered_like_its_eval() -> None:
     a = EvalCompleted(run_id="r", release="v", suite="s")
     b = EvalCompleted(run_id="r", release="v", suite="s")
-    ida, idb = domain.decision_id(a.id), domain.decision_id(b.id)
-    assert ida == domain.decision_id(a.id) and ida != idb
+    ida, idb = domain.decision_id(a.id, "s"), domain.decision_id(b.id, "s")
+    assert ida == domain.decision_id(a.id, "s") and ida != idb and ida != domain.decision_id(a.id, "t")
     assert uuid.UUID(ida).version == 7 and uuid.UUID(ida).int >> 80 == uuid.UUID(a.id).int >> 80
-    assert uuid.UUID(domain.decision_id("not-a-uuid")).version == 7
+    assert uuid.UUID(domain.decision_id("not-a-uuid", "s")).version == 7
 
 
 def test_evaluator_warnings_are_grouped_not_repeated_per_metric() -> None:
