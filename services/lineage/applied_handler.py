@@ -13,9 +13,11 @@ import nats.errors
 import nats.js.errors
 
 from lockgate import auditlog
-from lockgate.codec import to_json
+from lockgate.codec import UNDECODABLE, to_json, undecodable
 from lockgate.contracts import ApplyRecorded, ApplyReply, ApplyRequest
+from lockgate.errors import BusUnavailable
 from lockgate.gitops.state import state_key
+from lockgate.identity import IdentityRefused, verify_apply
 from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.lineage import applied
 
@@ -37,24 +39,39 @@ class AppliedState:
         identity = msg.subject.rsplit(".", 1)[-1]
         try:
             request = _requests.decode(msg.data)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            await self._answer(msg, ApplyReply(error=f"an apply request of {identity} is not an ApplyRequest: {exc}"))
+        except (*UNDECODABLE, msgspec.ValidationError) as exc:
+            await self._refuse(msg, f"an apply request of {identity} is not an ApplyRequest: {undecodable(exc)}")
             return
         why = applied.problem(request)
+        try:
+            # A person named is a person who signed it (the trust file's word); unsigned, it is the identity's.
+            actor = verify_apply(self.ctx.settings, request) if request.applied_by else identity
+        except IdentityRefused as exc:
+            why = why or exc.message
         if why is not None:
-            log.warning("apply of %s by %s refused: %s", request.directory, identity, why)
-            await self._answer(msg, ApplyReply(error=f"apply of {request.directory} refused: {why}"))
+            await self._refuse(msg, f"apply of {request.directory[:200]} by {identity} refused: {why}")
             return
         try:
-            event = await self._record(request, identity)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            # Entries written so far stay (each is the folder's truth); the caller's next apply writes the rest.
+            event = await self._record(request, identity, actor)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, BusUnavailable) as exc:
+            # The audit entry, if it was stored, names what was asked; entries written so far stay (each is the
+            # folder's truth) and the caller's next apply writes the rest.
             await self._answer(msg, ApplyReply(error=f"the applied state could not be recorded: {exc!r}"))
             return
         await self._answer(msg, ApplyReply(recorded=event))
 
-    async def _record(self, request: ApplyRequest, identity: str) -> ApplyRecorded:
+    async def _record(self, request: ApplyRequest, identity: str, actor: str) -> ApplyRecorded:
         bus = self.ctx.bus
+        event = applied.recorded(request)
+        if not request.changes:
+            return event  # an apply that changed nothing leaves no trace: it did nothing
+        # The audit entry first: once it is on the stream the chainer appends it, so no recorded change is
+        # ever without its row (a failure after it leaves a row of a change partly made, never the reverse).
+        await auditlog.record(
+            bus, "lineage", kind="apply", actor=actor, target=request.directory, action="apply", entry_id=event.id,
+            details={"identity": identity, "commit": request.commit, "author": request.author,
+                     "dirty": str(request.dirty).lower(),
+                     "changes": ", ".join(f"{c.action} {c.kind}/{c.name}" for c in request.changes)})
         kv = await bus.kv(bus.subjects.kv_gitops)
         now = datetime.now(UTC)
         entries = {e.key: e for e in request.entries}
@@ -65,17 +82,12 @@ class AppliedState:
                     await kv.delete(key)
             else:
                 await kv.put(key, msgspec.json.encode(applied.stamped(entries[f"{change.kind}/{change.name}"], now)))
-        event = applied.recorded(request)
-        if not request.changes:
-            return event  # an apply that changed nothing leaves no trace: it did nothing
-        await auditlog.record(
-            bus, "lineage", kind="apply", actor=request.applied_by or identity, target=request.directory,
-            action="apply", entry_id=event.id,
-            details={"identity": identity, "commit": request.commit, "author": request.author,
-                     "dirty": str(request.dirty).lower(), "changes": ", ".join(
-                         f"{c.action} {c.kind}/{c.name}" for c in request.changes)[:2000]})
         await bus.publish(bus.subjects.apply_recorded, event)
         return event
+
+    async def _refuse(self, msg: Any, why: str) -> None:
+        log.warning("%s", why)
+        await self._answer(msg, ApplyReply(error=why))
 
     async def _answer(self, msg: Any, reply: ApplyReply) -> None:
         await self.answered.bump()  # before the reply leaves: a caller holding it finds it counted

@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-from lockgate.codec import to_json
+from lockgate.codec import UNDECODABLE, to_json, undecodable
 from lockgate.errors import ConfigError, LockgateError, QueryUnavailable, ReplyTooLarge
 from lockgate.queryclient import QueryRequest
 from lockgate.server.service import Progress
@@ -68,9 +68,9 @@ class QueryHandlers:
         answered in its own turn, so the next named query need not wait for it."""
         try:
             request = _requests.decode(msg.data)
-        except msgspec.DecodeError as exc:
+        except UNDECODABLE as exc:  # a request nested too deeply too: answered, never left to time out
             await self._respond(msg, error_reply(ConfigError(
-                f'a query request is {{"query": name, "args": {{...}}}}: {exc}')))
+                f'a query request is {{"query": name, "args": {{...}}}}: {undecodable(exc)}')))
             return
         if request.query == OPERATOR_SQL:
             if self._sql_waiting >= MAX_SQL_WAITING:

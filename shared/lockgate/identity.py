@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lockgate.config import Settings
-from lockgate.contracts import GateReview
+from lockgate.contracts import ApplyRequest, GateReview
 from lockgate.contracts.names import check_name
 from lockgate.errors import ConfigError, NotFound, SignatureError
 from lockgate.ids import canonical_json
@@ -122,6 +122,31 @@ def verify_person(settings: Settings, key_id: str, signature: str, data: bytes, 
     except (InvalidSignature, binascii.Error, ValueError):
         raise IdentityRefused(f"{what} does not match its signature by {name}'s key {key_id} "
                               "(altered after signing, or signed by someone else?)") from None
+    return name
+
+
+# Applies
+
+
+def apply_bytes(request: ApplyRequest) -> bytes:
+    """What a person signs for an apply: the whole request but its signature."""
+    return canonical_json(msgspec.to_builtins(msgspec.structs.replace(request, signature="")))
+
+
+def sign_apply(identity: Identity, request: ApplyRequest) -> ApplyRequest:
+    """The apply as `identity`: its name as `applied_by`, its key id, and its signature."""
+    unsigned = msgspec.structs.replace(request, applied_by=identity.name, key_id=identity.key_id, signature="")
+    return msgspec.structs.replace(unsigned, signature=identity.sign(apply_bytes(unsigned)))
+
+
+def verify_apply(settings: Settings, request: ApplyRequest) -> str:
+    """The operator's (or admin's) name that signed the apply; IdentityRefused if it names a person who did
+    not sign it."""
+    what = f"apply of {request.directory}"
+    name = verify_person(settings, request.key_id, request.signature, apply_bytes(request),
+                         roles=("operator", "admin"), what=what)
+    if request.applied_by != name:
+        raise IdentityRefused(f"{what} claims applied_by {request.applied_by!r} but is signed by {name}")
     return name
 
 

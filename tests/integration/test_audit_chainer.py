@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from lockgate import auditchain
+from lockgate import auditchain, auditlog
 from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec, encode
 from lockgate.contracts import AuditEntry, AuditRecord
@@ -114,3 +114,17 @@ async def test_another_producers_entry_under_the_same_id_never_stands_for_ours(c
     assert [(rows[s].producer, rows[s].details["decision"]) for s in sorted(rows)] == [
         ("operator", "PASS"), ("gatekeeper", "BLOCK")]
     assert (await head(bus)).seq == 2
+
+
+async def test_an_entry_is_cut_to_what_its_row_can_hold(bus: Bus) -> None:
+    # Found by a probe: an apply of a directory a million characters long made an entry whose sealed row did not fit
+    # in the chain head's one NATS message; the chainer retried it for seconds, blocking the chain, then
+    # dead-lettered it, and the change it recorded had no row.
+    sub = await bus.nc.subscribe(bus.subjects.audit("router"))
+    sent = await auditlog.record(bus, "router", kind="rollout", actor="a" * 1000, target="t" * 1_000_000,
+                                 action="x" * 500, reason="r" * 100_000,
+                                 details={f"k{i}": "v" * 10_000 for i in range(100)})
+    got = Codec(AuditEntry).decode((await sub.next_msg(timeout=10)).data)  # within the contract's bounds
+    assert got.id == sent.id and got.target.endswith("[cut here]") and len(got.details) == 64
+    record = auditchain.seal(got, "router", None, SIGNER)
+    assert len(encode(record)) < bus.nc.max_payload // 2

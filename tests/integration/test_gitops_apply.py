@@ -9,6 +9,7 @@ import asyncio
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -32,9 +33,9 @@ from lockgate.gitops.documents import GitopsError, load_folder
 from lockgate.gitops.git import provenance
 from lockgate.gitops.plan import diff
 from lockgate.gitops.resolve import resolve
-from lockgate.gitops.state import apply, read_state, state_key
+from lockgate.gitops.state import apply, read_bindings, read_state, state_key
 from lockgate.ids import content_hash
-from tests.helpers import apply_folder, recorder
+from tests.helpers import apply_folder, person, recorder
 from tests.integration.test_aliases import cli
 from tests.integration.test_nats_auth import _bus, secured  # noqa: F401 - the fixture
 
@@ -202,3 +203,49 @@ async def test_a_release_belongs_to_the_tenant_its_document_or_release_create_na
     assert refused.exit_code == 1 and "invalid tenant 'a b'" in refused.output, refused.output
     with pytest.raises(NotFound):  # nothing was bound under the refused tenant
         await artifacts.release_of(bus, "bad-r1")
+
+
+async def test_an_apply_names_a_person_only_with_their_signature(bus: Bus, settings: Settings, tmp_path: Path) -> None:
+    # Found by a probe: an unsigned request saying applied_by "alice" (nobody in the trust file) was recorded and
+    # its audit row named alice as the actor.
+    audited: asyncio.Queue[AuditEntry] = asyncio.Queue()
+
+    async def on_audit(msg: object) -> None:
+        await audited.put(msgspec.json.decode(msg.data, type=AuditEntry))  # type: ignore[attr-defined]
+
+    await bus.nc.subscribe(bus.subjects.audit("lineage"), cb=on_audit)
+    change = AppliedChange(action="add", kind="deployment", name="chat", digest=content_hash(SPEC))
+    claimed = ApplyRequest(directory="d", applied_by="alice", changes=[change],
+                           entries=[StateEntry(kind="deployment", name="chat", digest=content_hash(SPEC), spec=SPEC,
+                                               applied_by="alice")])
+    async with recorder(bus, settings):
+        msg = await bus.request(bus.subjects.gitops_apply("operator"), to_json(claimed), timeout_s=10)
+        reply = msgspec.json.decode(msg.data, type=ApplyReply)
+        assert reply.recorded is None and "is not signed by a person" in reply.error, reply.error
+        assert await read_state(bus) == {}
+        # Signed by a trusted operator, the row names them.
+        ann = person(settings, "ann", "operator")
+        repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+        desired = resolve(load_folder(repo))
+        plan = diff(desired, await read_state(bus), await read_bindings(bus, [r.release for r in desired if r.release]))
+        event = await apply(bus, plan, desired, provenance(repo), directory=str(repo), author=ann, settings=settings)
+    assert event.applied_by == "ann"
+    entry = await asyncio.wait_for(audited.get(), 10)
+    assert (entry.actor, entry.details["identity"]) == ("ann", "operator")
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    # A directory of a million characters: its audit row could not be sealed (over NATS' max payload), while the
+    # state was recorded and reported recorded: a change without a row.
+    (lambda: to_json(ApplyRequest(directory="d" * 1_000_000)), "Expected `str` of length <= 4096"),
+    # Nested beyond Python's recursion limit where a spec takes any JSON: answered, never left to time out.
+    (lambda: b'{"directory": "d", "entries": [{"kind": "deployment", "name": "n", "digest": "x", "spec": {"a": '
+     + b"[" * 200_000 + b"]" * 200_000 + b"}}]}", "nested too deeply"),
+])
+async def test_an_apply_request_beyond_its_bounds_is_refused_with_the_reason(
+        bus: Bus, settings: Settings, body: Any, why: str) -> None:
+    async with recorder(bus, settings):
+        msg = await bus.request(bus.subjects.gitops_apply("operator"), body(), timeout_s=10)
+    reply = msgspec.json.decode(msg.data, type=ApplyReply)
+    assert reply.recorded is None and why in reply.error, reply.error
+    assert await read_state(bus) == {}

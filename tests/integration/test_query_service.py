@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from lockgate.bus import Bus
 from lockgate.config import Settings
 from lockgate.errors import ConfigError, NotFound, QueryUnavailable, ReplyTooLarge, Retryable
-from lockgate.queryclient import NoQueryService, ask, ask_pages
+from lockgate.queryclient import NoQueryService, ask, ask_pages, decode_reply
 from lockgate.server.service import ServiceContext
 from lockgate.services.evaluator import persist
 from lockgate.store import Store
@@ -90,6 +90,11 @@ async def test_errors_come_back_as_the_lockgate_error_they_were(run_services: Ca
     # a typed argument arrives as JSON text and is converted at the edge
     since = datetime.now(UTC) - timedelta(days=1)
     assert await ask(bus, "cost_rollup", {"by": ["app"], "since": since}) == []
+    # Arguments nested deeper than Python's recursion limit (a probe's 200,000 `[`): answered with the reason,
+    # never left to time out unanswered.
+    deep = b'{"query": "decisions", "args": {"a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}}"
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        decode_reply((await bus.nc.request(bus.subjects.query, deep, timeout=10)).data, "decisions")
 
 
 async def test_a_limit_or_time_clickhouse_cannot_take_is_refused_at_the_edge_not_called_an_outage(

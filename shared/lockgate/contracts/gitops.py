@@ -7,11 +7,12 @@ feeds canary analysis, for one) escapes the audit log."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from lockgate.contracts.envelope import Event
+from lockgate.contracts.names import OptName, check_names
 
 ChangeAction = Literal["add", "change", "remove"]
 
@@ -61,18 +62,30 @@ class ApplyRecorded(Event, frozen=True, kw_only=True, tag="lockgate.gitops.appli
     unchanged: int = 0
 
 
+Text = Annotated[str, msgspec.Meta(max_length=1024)]
+
+
 class ApplyRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What `lockgate apply` asks the lineage recorder to record (on `Subjects.gitops_apply(identity)`):
-    the changes it carried out, and the state entry of each change that is not a removal."""
+    the changes it carried out, and the state entry of each change that is not a removal.
 
-    directory: str
-    commit: str = ""
-    author: str = ""
+    `applied_by` is a person only with their signature (`key_id`, `signature` over the request without it),
+    which the recorder checks against the trust file; unsigned, the apply is the NATS identity's. Bounded, so
+    that what the recorder records always fits in its audit row."""
+
+    directory: Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+    commit: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    author: Text = ""
     dirty: bool = False
-    applied_by: str = ""
-    changes: list[AppliedChange] = []
-    entries: list[StateEntry] = []
-    unchanged: int = 0
+    applied_by: OptName = ""
+    changes: Annotated[list[AppliedChange], msgspec.Meta(max_length=10_000)] = []
+    entries: Annotated[list[StateEntry], msgspec.Meta(max_length=10_000)] = []
+    unchanged: Annotated[int, msgspec.Meta(ge=0)] = 0
+    key_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    signature: Annotated[str, msgspec.Meta(max_length=256)] = ""
+
+    def __post_init__(self) -> None:
+        check_names(self)
 
 
 class ApplyReply(msgspec.Struct, frozen=True, kw_only=True):

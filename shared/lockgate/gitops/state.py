@@ -27,7 +27,7 @@ from lockgate.gitops.documents import GitopsError
 from lockgate.gitops.git import Provenance
 from lockgate.gitops.plan import Plan
 from lockgate.gitops.resolve import ARTIFACT_KIND, Resource
-from lockgate.identity import Identity, bundle_content
+from lockgate.identity import Identity, bundle_content, sign_apply
 from lockgate.ids import content_hash
 from lockgate.provenance import aliases
 from lockgate.subjects import token
@@ -100,8 +100,9 @@ async def apply(bus: Bus, plan: Plan, desired: list[Resource], prov: Provenance,
     entries: list[StateEntry] = []
 
     def request() -> ApplyRequest:
-        return ApplyRequest(directory=directory, commit=prov.commit, author=prov.author, dirty=prov.dirty,
-                            applied_by=who, changes=done, entries=entries, unchanged=plan.count("unchanged"))
+        unsigned = ApplyRequest(directory=directory, commit=prov.commit, author=prov.author, dirty=prov.dirty,
+                                applied_by=who, changes=done, entries=entries, unchanged=plan.count("unchanged"))
+        return sign_apply(author, unsigned) if author is not None else unsigned  # the recorder checks who
 
     try:
         for step in plan.changes:
