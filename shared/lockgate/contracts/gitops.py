@@ -15,14 +15,16 @@ from lockgate.contracts.envelope import Event
 from lockgate.contracts.names import OptName, check_names
 
 ChangeAction = Literal["add", "change", "remove"]
+Kind = Annotated[str, msgspec.Meta(max_length=32)]
+ResourceName = Annotated[str, msgspec.Meta(max_length=300)]  # a document's name; an alias's is `app/alias`
 
 
 class AppliedChange(msgspec.Struct, frozen=True, kw_only=True):
     """One resource an apply added, changed or pruned (`digest` is its content hash, `previous` the old one)."""
 
     action: ChangeAction
-    kind: str
-    name: str
+    kind: Kind
+    name: ResourceName
     digest: str = ""
     previous: str = ""
     release: str = ""  # for a release: the immutable release name the change bound
@@ -32,8 +34,8 @@ class AppliedChange(msgspec.Struct, frozen=True, kw_only=True):
 class StateEntry(msgspec.Struct, frozen=True, kw_only=True):
     """What one apply recorded for a resource: its content hash and the Git provenance of that apply."""
 
-    kind: str
-    name: str
+    kind: Kind
+    name: ResourceName
     digest: str
     release: str = ""
     source: str = ""
