@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from lockgate import metrics
+from lockgate.config import Settings
 from lockgate.outbox import UNTIL_BACK, Outbox
 from lockgate.server.apikeys import KeyStore
 from lockgate.server.httplog import SERVER_LOG
@@ -19,6 +21,7 @@ from lockgate.services.router.endpoints import Endpoints
 from lockgate.services.router.handlers import drift_callback, evidence_callback, replay_drift, scores_callback
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
+from lockgate.spool import Spool, claim
 
 
 class RouterService(Service):
@@ -32,9 +35,10 @@ class RouterService(Service):
         self.rollouts = Rollouts(ctx, self.upstreams)
         # The request path only adds; when the bus cannot keep up the oldest events go first
         # (counted), so the freshest traffic is what drift and cost see. Publishes are retried until
-        # the bus is back: an outage costs only what overflows the buffer.
+        # the bus is back: an outage costs only what overflows the buffer. The spool keeps them through a
+        # kill -9 too: the next router on it publishes them first.
         self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, retry=UNTIL_BACK,
-                              served=True, name="router-events",
+                              served=True, name="router-events", spool=open_spool(ctx.settings),
                               on_sent=metrics.events_out_counter("router"), on_drop=metrics.drop_counter("router"))
         self.keys = KeyStore(ctx.settings.home)  # clients and operators authenticate with these
         self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, ctx.telemetry.server_spans(self.name),
@@ -136,4 +140,16 @@ class RouterService(Service):
         return web.json_response({"status": "ok" if bus == "connected" else "degraded", "bus": bus,
                                   "ready": self.rollouts.ready.is_set(),
                                   "events_dropped": self.batcher.dropped,
-                                  "events_failed": self.batcher.failed})
+                                  "events_failed": self.batcher.failed,
+                                  "events_spooled": spool.pending if (spool := self.batcher.spool) else 0,
+                                  "events_not_spooled": spool.refused if spool else 0})
+
+
+def open_spool(settings: Settings) -> Spool | None:
+    """The router's spool (see Settings.router_spool_dir); SpoolBusy if its directory is a live router's."""
+    if not settings.router_spool:
+        return None
+    if settings.router_spool_dir:
+        return Spool(settings.router_spool_dir, max_bytes=settings.router_spool_max_bytes)
+    base = os.path.join(settings.home, "spool", f"router-{settings.router_port}")
+    return claim(base, max_bytes=settings.router_spool_max_bytes)

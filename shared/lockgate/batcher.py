@@ -50,6 +50,9 @@ class Batcher(Generic[T]):
         # nobody awaits (submitted ones raise to their caller instead). A callback, not a metric,
         # so the SDK that uses this batcher needs no OpenTelemetry.
         on_drop: Callable[[int, str], None] | None = None,
+        # Called with each item `drop_oldest` evicts (before on_drop), for an owner that keeps a copy of it
+        # elsewhere (the Outbox's spool).
+        on_evict: Callable[[T], None] | None = None,
         max_in_flight: int = 1,
         isolate: Callable[[BaseException], bool] | None = None,
         name: str = "batcher",
@@ -65,6 +68,7 @@ class Batcher(Generic[T]):
         self.capacity = capacity
         self.overflow = overflow
         self._on_drop = on_drop
+        self._on_evict = on_evict
         # A failed batch of several items is flushed again one item at a time when `isolate`
         # says so, so one poison item cannot fail the others.
         self._isolate = isolate
@@ -181,6 +185,11 @@ class Batcher(Generic[T]):
             self._report_loss(1, "overflow")
             return False
         old, old_fut = self._items.popleft()
+        if self._on_evict is not None:
+            try:
+                self._on_evict(old)
+            except Exception:  # as counting a loss, never the cause of another
+                log.debug("%s: on_evict failed", self.name, exc_info=True)
         self._bytes -= self._size(old) if self._size else 0
         self._taken += 1  # the evicted item will never be flushed: flush() must not wait on it
         self.dropped += 1

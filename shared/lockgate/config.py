@@ -50,6 +50,13 @@ class Settings(msgspec.Struct, kw_only=True):
     # Off by default: such a request is a 404 model_not_found, so no API key reaches an upstream outside release
     # governance by naming a deployment or model (roll a release out with PUT /lockgate/v1/deployments/{d}).
     passthrough: bool = False
+    # The router's events wait for the bus in a spool on local disk as well as in memory, so a router killed -9
+    # loses none (lockgate.spool): router_spool_dir, or else the first of {home}/spool/router-<router_port>,
+    # ...-2, ...-3 that no live router holds (replicas never share one; a restarted one takes over a dead one's).
+    # It refuses events beyond router_spool_max_bytes (they then wait in memory only, counted).
+    router_spool: bool = True
+    router_spool_dir: str = ""
+    router_spool_max_bytes: int = 512 * 1024 * 1024
     app: str = "default"
     rollout_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
     rollout_step_interval_s: float = 5.0

@@ -6,7 +6,8 @@ the message reuse the same bytes) and publishes through `publish_events`: events
 and chunked by count and bytes, one JetStream message per chunk on `subjects.inference(app)` with
 `Nats-Msg-Id = batch_id(chunk)` (so a chunk retried after a lost ack is dropped by JetStream as a
 duplicate), transient NATS errors retried with the one RetryPolicy. `Outbox` is the buffered way
-in: the one Batcher in front of that routine, for producers that must never wait on the bus.
+in: the one Batcher in front of that routine, for producers that must never wait on the bus; given a
+`lockgate.spool.Spool`, what it accepted also outlives its process (the router's does).
 
 The SDK imports this module: it needs nothing beyond nats-py and msgspec.
 """
@@ -19,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import msgspec.inspect as mi
@@ -35,6 +36,9 @@ from lockgate.limits import EventLimits
 from lockgate.redact import scrub_event
 from lockgate.retry import RetryPolicy
 from lockgate.subjects import Subjects
+
+if TYPE_CHECKING:
+    from lockgate.spool import Spool
 
 log = logging.getLogger("lockgate.outbox")
 
@@ -209,17 +213,19 @@ async def publish_events(
     give_up: Callable[[], bool] | None = None,
     timeout_s: float = 5.0,
     served: bool = False,
+    on_acked: Callable[[list[Encoded]], None] | None = None,
 ) -> int:
     """Publish events, one message per app and chunk; returns how many JetStream acknowledged.
 
     Raises PublishFailed (carrying `sent` and `failed`) when any chunk was not acknowledged after
     the retries (`retry`'s attempts, or until `give_up()`); the other chunks are published all the
     same. `headers` go on every message; a chunk without a `traceparent` there gets its first event's trace.
-    `served`: the router's events of requests it served, on `subjects.served` (see there)."""
+    `served`: the router's events of requests it served, on `subjects.served` (see there).
+    `on_acked(chunk)` is called with each chunk JetStream acknowledged, as its ack arrives."""
     chunks = chunk_by_app(events, batch_size)
     subject = subjects.served if served else subjects.inference
     errors = await asyncio.gather(
-        *(_publish_chunk(js, subject(c[0].app), c, headers, retry, give_up, timeout_s) for c in chunks)
+        *(_publish_chunk(js, subject(c[0].app), c, headers, retry, give_up, timeout_s, on_acked) for c in chunks)
     )
     failed = sum(len(c) for c, exc in zip(chunks, errors, strict=True) if exc is not None)
     sent = len(events) - failed
@@ -247,6 +253,7 @@ async def _publish_chunk(
     retry: RetryPolicy,
     give_up: Callable[[], bool] | None,
     timeout_s: float,
+    on_acked: Callable[[list[Encoded]], None] | None = None,
 ) -> Exception | None:
     try:
         # The JSON array the sink decodes, made in one copy of the events' bytes: the brackets go on the
@@ -269,6 +276,8 @@ async def _publish_chunk(
     except Exception as exc:  # counted by the caller, never lost silently
         log.warning("%d inference events for %s not published: %r", len(chunk), subject, exc)
         return exc
+    if on_acked is not None:  # outside the try: what it does is no publish failure
+        on_acked(chunk)
     return None
 
 
@@ -282,6 +291,12 @@ class Outbox:
     takes the events meanwhile), and only once `close()` has waited `close_timeout_s` is what is left
     counted failed. Nothing is published before `start(js)`. A server process passes `on_sent(n)` and
     `on_drop(n, reason)` to count the same in its metrics (the SDK passes none: no OpenTelemetry).
+
+    With a `spool` (lockgate.spool), each event accepted is appended to it before it enters the buffer,
+    and settled there once acknowledged (or refused or evicted by the buffer, as counted in `dropped`):
+    what is neither when the process dies (kill -9) or closes (a bus still away) is published by the next
+    Outbox on the same spool, before its own events (`recovered` counts them). Failures are then reported
+    to `on_drop` as "spooled", not lost. The Outbox closes the spool when it closes.
     """
 
     def __init__(
@@ -300,6 +315,7 @@ class Outbox:
         name: str = "outbox",
         on_sent: Callable[[int], None] | None = None,
         on_drop: Callable[[int, str], None] | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self.subjects = subjects
         self.batch_size = batch_size
@@ -314,6 +330,7 @@ class Outbox:
         self._refused_closed = 0
         self._on_sent = on_sent
         self._on_drop = on_drop
+        self.spool = spool
         self._batcher: Batcher[Encoded] = Batcher(
             self._publish,
             max_items=batch_size,
@@ -321,10 +338,15 @@ class Outbox:
             capacity=capacity,
             overflow=overflow,
             on_drop=on_drop,
+            on_evict=None if spool is None else self._settle_one,
             max_in_flight=max_in_flight,
             name=name,
             autostart=False,
         )
+        self.recovered = 0  # events an earlier process left in the spool, queued first
+        if spool is not None:
+            for event in spool.take_recovered():
+                self.recovered += self._batcher.add(event)
 
     @property
     def dropped(self) -> int:
@@ -341,6 +363,13 @@ class Outbox:
 
     def add(self, event: Encoded) -> bool:
         """Queue one event (O(1), never blocks); False if it was refused."""
+        spool = self.spool
+        if spool is not None and not self._batcher.closed:
+            event = spool.append(event)  # before the buffer: from here on a kill -9 does not lose it
+            if self._batcher.add(event):
+                return True
+            spool.settle((event,))  # refused (full under drop_newest) and counted dropped: not kept either
+            return False
         try:
             return self._batcher.add(event)  # asked first: a closed batcher is the rare case, and raises
         except RuntimeError:
@@ -360,10 +389,16 @@ class Outbox:
         counted failed); later events are refused. Never started, nothing can
         publish what is buffered: it is counted dropped ("closed") rather than kept unseen."""
         if self.js is None:
-            self._batcher.abandon("closed")
-            return
-        self._give_up_at = time.monotonic() + self.close_timeout_s
-        await self._batcher.close()
+            self._batcher.abandon("closed" if self.spool is None else "spooled")
+        else:
+            self._give_up_at = time.monotonic() + self.close_timeout_s
+            await self._batcher.close()
+        if self.spool is not None:
+            self.spool.close()  # what was not acknowledged stays there for the next start
+
+    def _settle_one(self, event: Encoded) -> None:
+        assert self.spool is not None
+        self.spool.settle((event,))
 
     def _give_up(self) -> bool:
         return self._give_up_at is not None and time.monotonic() >= self._give_up_at
@@ -374,12 +409,13 @@ class Outbox:
             # await and lose the counts of batches acknowledged meanwhile.
             sent = await publish_events(self.js, self.subjects, events, batch_size=self.batch_size, retry=self.retry,
                                         give_up=self._give_up, timeout_s=self.publish_timeout_s,
-                                        served=self.served)
+                                        served=self.served, on_acked=None if self.spool is None else self.spool.settle)
         except PublishFailed as exc:
             self.sent += exc.sent
             self.failed += exc.failed
             self._report(self._on_sent, exc.sent)
-            self._report(self._on_drop, exc.failed, "publish_failed")
+            # Spooled, they are published by the next start on the spool: not lost, but not published by this one.
+            self._report(self._on_drop, exc.failed, "publish_failed" if self.spool is None else "spooled")
         else:
             self.sent += sent
             self._report(self._on_sent, sent)

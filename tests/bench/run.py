@@ -21,7 +21,7 @@ from typing import Any
 from tests.bench.common import bench_env
 
 BENCHES = ["bench_ingest", "bench_otlp", "bench_router", "bench_stacks", "bench_online_eval", "bench_evaluator",
-           "bench_schema", "bench_provenance", "bench_cluster", "bench_drift"]
+           "bench_schema", "bench_provenance", "bench_cluster", "bench_drift", "bench_spool"]
 
 
 def machine() -> dict[str, Any]:

@@ -21,12 +21,17 @@ if TYPE_CHECKING:
     from lockgate.server.runtime import Runtime
 
 
-async def _until_signalled() -> None:
+def _stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM, which from now on no longer end the process at once."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def _until_signalled() -> None:
+    await _stop_on_signals().wait()
 
 
 def _print_endpoints(endpoints: dict[str, str]) -> None:
@@ -176,13 +181,16 @@ def register(cli: click.Group) -> None:
 
         async def run() -> None:
             runtime = Runtime(settings, services=list(dict.fromkeys(services)), embedded_nats=False)
+            # Before the ready line: a SIGTERM right after it (a rolling restart, a test) must stop the
+            # process gracefully, not kill it with the default handler before this one is installed.
+            stop = _stop_on_signals()
             try:
                 await runtime.start()
                 console.print(f"[bold green]{' + '.join(services)}[/bold green] serving")
                 _print_endpoints(runtime.endpoints)
                 # The last line at start: whoever waits for this process knows its endpoints now.
                 console.print("[dim]SIGTERM or Ctrl-C stops it; queued events are flushed first.[/dim]")
-                await _until_signalled()
+                await stop.wait()
             finally:
                 await runtime.stop()
 
