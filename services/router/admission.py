@@ -38,7 +38,7 @@ from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent
 from lockgate.errors import ConfigError, LockgateError
 from lockgate.kvcas import KV_ERRORS, RETRY_S, CasStore, KVUnavailable
-from lockgate.llmwire import ApiRequest, text_of
+from lockgate.llmwire import ApiRequest
 from lockgate.pricebook import ModelPrice, load_price_book
 from lockgate.server.apikeys import ApiKey
 from lockgate.services.router.budgets import (
@@ -95,7 +95,7 @@ class GatewayFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     cache: CacheConfig = CacheConfig()
     fail_open: bool = False
     default_max_tokens: Annotated[int, msgspec.Meta(gt=0)] = 4096
-    bytes_per_token: Positive = 1.0  # prompt estimate; 1.0 never under-counts a byte-level tokenizer
+    bytes_per_token: Positive = 1.0  # input estimate from body bytes; 1.0 never under-counts a byte-level tokenizer
     lease_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.05
     lease_s: Positive = 5.0
     # a KV round trip under load; past it the request fails closed (or open). Not on the hot path: leases only.
@@ -168,18 +168,16 @@ class Admission:
 
     # -- admission ---------------------------------------------------------------------------------
 
-    async def admit(self, key: ApiKey, deployment: str, model: str, req: ApiRequest) -> Ticket | web.Response:
+    async def admit(self, key: ApiKey, deployment: str, model: str, req: ApiRequest,
+                    body_bytes: int) -> Ticket | web.Response:
         """Reserve the request's largest cost on every budget that covers it, after its rate limits;
-        a Ticket to settle after the call, or the 429/503 answer."""
+        a Ticket to settle after the call, or the 429/503 answer. `body_bytes`: the length of the longest
+        body an upstream of this request may receive (input_estimate)."""
         if not self.active:
             return OPEN
-        messages = req.messages
-        text_bytes = sum(len(text_of(m.content).encode()) for m in messages)
-        # completions' `prompt` and embeddings'/responses' `input`: their JSON is at least as long as the text
-        text_bytes += sum(len(msgspec.json.encode(v)) for v in (req.prompt, req.input) if v is not None)
         max_out = most_output(req, self.file.default_max_tokens)
         price = self.prices.get(model)
-        cost = cost_of(price, input_estimate(text_bytes, len(messages), self.file.bytes_per_token), max_out)
+        cost = cost_of(price, input_estimate(body_bytes, req, self.file.bytes_per_token), max_out)
         if self.limiter and (refused := await self._rate_limit(key, cost.tokens)):
             return error_response(429, refused.message, "requests", code="rate_limit_exceeded",
                                   headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s)))})

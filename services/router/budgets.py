@@ -142,10 +142,23 @@ def period_id(period: Period, now: datetime) -> str:
     return now.strftime("%Y-%m-%d" if period == "day" else "%Y-%m")
 
 
-def input_estimate(text_bytes: int, messages: int, bytes_per_token: float) -> int:
-    """An upper bound of the prompt's tokens: byte-level tokenizers never make more tokens than bytes
-    (bytes_per_token 1.0), plus a few per message for the role and separators."""
-    return math.ceil(text_bytes / bytes_per_token) + 8 * messages + 3
+# Input a provider adds to a request that declares tools (its tool-use instructions: a few hundred
+# tokens at Anthropic), which no byte of the request carries.
+TOOLS_TOKENS = 1000
+
+
+def input_estimate(body_bytes: int, req: ApiRequest, bytes_per_token: float) -> int:
+    """An upper bound of a request's input tokens, from the length of its body as the upstream receives it.
+
+    Every text an upstream reads is in that body, whatever field carries it (messages and their tool calls,
+    tools, response_format, prompt, input, instructions, a provider translation's fields), as JSON, which
+    only lengthens text, and no byte-level tokenizer makes more tokens than bytes (bytes_per_token 1.0).
+    Counting fields instead missed every one not counted (a Responses API `instructions` of 250 KB was
+    reserved as 20 tokens). Plus a few tokens per message for the chat template, and TOOLS_TOKENS when
+    tools are declared. Not bounded: what the body only points at (images and files by URL or id, a
+    stored previous response or prompt, a hosted tool's results)."""
+    tools = TOOLS_TOKENS if req.declares_tools() else 0
+    return math.ceil(body_bytes / bytes_per_token) + 8 * len(req.messages) + 3 + tools
 
 
 def most_output(req: ApiRequest, default_max_tokens: int) -> int:

@@ -258,8 +258,9 @@ class Proxy:
             return error_response(502, exc.message, "upstream_not_configured")
         except Unsupported as exc:
             return error_response(400, exc.message, "invalid_request_error")
-        # Budgets and rate limits, once the model the upstream will bill is known: 429/503 or a ticket.
-        ticket = await self.admission.admit(key, deployment, model, req)
+        # Budgets and rate limits, once the model the upstream will bill is known: 429/503 or a ticket. The input
+        # is bounded by the bodies the upstreams get (a release's patch or a translation may lengthen them).
+        ticket = await self.admission.admit(key, deployment, model, req, max(len(hop.body) for hop in hops))
         if isinstance(ticket, web.Response):
             return ticket
 

@@ -171,7 +171,7 @@ class RateLimiter:
                     continue
                 if n > capacity:
                     return Refusal(f"this request may use up to {n} tokens, more than key {key_id}'s "
-                                   f"limit of {capacity} tokens per minute; lower max_tokens", 60.0)
+                                   f"limit of {capacity} tokens per minute; shorten the request or lower max_tokens", 60.0)
                 if spec.shared and shared_ok:
                     share = self.shares.get((i, kind, key_id))
                     if share is not None and now < share.expires and share.available >= n:

@@ -40,7 +40,8 @@ Count = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 
 class ApiRequest(msgspec.Struct):
     """The fields the router reads from a request of any operation (chat: `messages`; completions:
-    `prompt`; embeddings and responses: `input`)."""
+    `prompt`; embeddings and responses: `input`). Admission bounds the input by the body's length, not
+    by these fields (llmwire reads only some of what an upstream reads)."""
 
     model: str = ""
     stream: bool = False
@@ -57,6 +58,13 @@ class ApiRequest(msgspec.Struct):
     max_output_tokens: Count | None = None  # the Responses API's name for it
     n: Count | None = None  # choices, each up to the max tokens
     best_of: Count | None = None  # completions: generated (and billed) server-side
+    # Whether tools are declared (a provider then adds instructions of its own to the input). Raw: their
+    # JSON as sent, not decoded into objects on every request; absent, `null` and `[]` are at most 4 bytes.
+    tools: msgspec.Raw = msgspec.Raw()
+
+    def declares_tools(self) -> bool:
+        """The request declares at least one tool (chat completions' or the Responses API's `tools`)."""
+        return len(self.tools) > 4
 
 
 # The most tokens one count of a call's usage may say: far above any real call (the largest context

@@ -15,7 +15,7 @@ import yaml
 from aiohttp import web
 
 from lockgate.config import Settings
-from lockgate.llmwire import ChatRequest, Message
+from lockgate.llmwire import ApiRequest, Message
 from lockgate.server.apikeys import ApiKey
 from lockgate.services.router.admission import Admission
 from lockgate.services.router.budgets import Allowance, Amount, period_id
@@ -31,15 +31,15 @@ def _admission(policy: dict[str, Any]) -> Admission:
 
 async def _per_call_us(adm: Admission, body: bytes, cache: bool) -> float:
     key = ApiKey(id="k1", hash="", tenant="acme", app="shop")
-    req = ChatRequest(model="gpt-4o-mini", messages=[Message(role="user", content="hello there")], max_tokens=64)
+    req = ApiRequest(model="gpt-4o-mini", messages=[Message(role="user", content="hello there")], max_tokens=64)
     rec = SimpleNamespace(status="ok", error_type="", input_tokens=5, output_tokens=20, cached_tokens=0,
                           attributes={}, response_model="", text="", finish_reason="")
-    first = await adm.admit(key, "chat", "gpt-4o-mini", req)
+    first = await adm.admit(key, "chat", "gpt-4o-mini", req, len(body))
     assert not isinstance(first, web.Response), first.text
     adm.settle(first, rec)
     t0 = time.perf_counter()
     for _ in range(N):
-        ticket = await adm.admit(key, "chat", "gpt-4o-mini", req)
+        ticket = await adm.admit(key, "chat", "gpt-4o-mini", req, len(body))
         if cache:
             await adm.lookup(ticket, "/chat/completions", "faq", "", body, rec, {})
         adm.settle(ticket, rec)

@@ -29,6 +29,7 @@ import yaml
 
 from lockgate.bus import Bus
 from lockgate.config import Settings
+from lockgate.llmwire import ApiRequest
 from lockgate.pricebook import load_price_book
 from lockgate.server.apikeys import bootstrap
 from lockgate.services.router.budgets import NANO, Counter, cost_of, input_estimate
@@ -49,8 +50,10 @@ KILL_AFTER = 15  # answered calls on replica b before it is killed -9
 
 
 def reservation() -> int:
-    """Nano-USD the router reserves for one `hi` with max_tokens 20."""
-    return cost_of(PRICE, input_estimate(len(b"hi"), 1, 1.0), MAX_TOKENS).usd
+    """Nano-USD the router reserves for one `hi` with max_tokens 20 (the input bounded by its body's bytes, as
+    the openai client sends it: compact JSON)."""
+    body = msgspec.json.encode({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS})
+    return cost_of(PRICE, input_estimate(len(body), msgspec.json.decode(body, type=ApiRequest), 1.0), MAX_TOKENS).usd
 
 
 @pytest.fixture

@@ -46,9 +46,15 @@ _events: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
 _budget_events: Codec[BudgetEvent] = Codec(BudgetEvent)
 
 
-def reservation() -> Amount:
-    """What the router reserves for one `hi` with max_tokens 20 (its prompt estimate + max_tokens)."""
-    return cost_of(PRICE, input_estimate(len(b"hi"), 1, 1.0), MAX_TOKENS)
+HI = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": MAX_TOKENS}
+
+
+def reservation(body: dict[str, Any] = HI) -> Amount:
+    """What the router reserves for one request (by default `ask`'s `hi` with max_tokens 20): its input
+    estimate, bounded by the body's bytes as the openai client sends it (compact JSON), + max_tokens."""
+    raw = msgspec.json.encode(body)
+    req = msgspec.json.decode(raw, type=ApiRequest)
+    return cost_of(PRICE, input_estimate(len(raw), req, 1.0), req.max_tokens or req.max_output_tokens or 0)
 
 
 @pytest.fixture
@@ -103,7 +109,7 @@ async def counter(bus: Bus, key: str) -> Amount:
 
 async def test_over_budget_is_a_429_naming_the_budget_and_settling_frees_the_unused_part(
         settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
-    limit_usd = 0.0001
+    limit_usd = 0.0003
     s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="chat",
                          gateway_file=gateway(tmp_path, budgets={"acme-daily": {"tenant": "acme", "usd": limit_usd}}))
     keys = bootstrap(s.home, tenant="acme", app="shop")
@@ -119,7 +125,7 @@ async def test_over_budget_is_a_429_naming_the_budget_and_settling_frees_the_unu
     err = refused.value
     assert err.status_code == 429 and err.code == "budget_exceeded"
     message = err.body["message"]
-    assert "budget acme-daily (0.0001 USD per day) is exhausted for day 20" in message
+    assert "budget acme-daily (0.0003 USD per day) is exhausted for day 20" in message
     assert "It resets at" in message and int(err.response.headers["Retry-After"]) > 0
 
     # Each call reserved more than it used: had the reservations stayed spent, only limit // reservation
@@ -402,16 +408,17 @@ async def test_under_auth_the_router_leases_and_reports_but_an_app_cannot_touch_
                                   auth=credentials.for_identity(settings, identity),
                                   manage_topology=identity == "admin")
             await buses[identity].connect()
-        s = settings.replace(gateway_file=gateway(tmp_path, budgets={"tiny": {"tokens": 40}}))
+        one = reservation().tokens
+        s = settings.replace(gateway_file=gateway(tmp_path, budgets={"tiny": {"tokens": one + 10}}))
         adm = Admission(s, buses["router"], replica="router-a")
         key = KeyStore(s.home).create("acme", "shop")[1]
-        req = msgspec.convert({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20},
-                              type=ApiRequest)  # as the router decodes every request
+        body = msgspec.json.encode(HI)
+        req = msgspec.json.decode(body, type=ApiRequest)  # as the router decodes every request
         events = await buses["admin"].nc.subscribe(buses["admin"].subjects.budget("acme"))
         adm.events.start()
-        ticket = await adm.admit(key, "chat", MODEL, req)  # leases from the counter as the router identity
+        ticket = await adm.admit(key, "chat", MODEL, req, len(body))  # leases from the counter as the router identity
         assert isinstance(ticket, Ticket) and ticket.charges
-        refused = await adm.admit(key, "chat", MODEL, req)  # 33 tokens reserved of 40: the next does not fit
+        refused = await adm.admit(key, "chat", MODEL, req, len(body))  # one reserved, 10 tokens left: no room
         assert refused.status == 429
         await adm.events.flush()
         assert _budget_events.decode((await events.next_msg(timeout=10)).data).budget == "tiny"
@@ -527,9 +534,10 @@ async def test_one_body_sent_to_two_operations_is_two_entries(settings: Settings
 
 async def test_a_token_budget_per_key_stops_one_key_not_the_others(settings: Settings, store: Store, stack: Stack,
                                                                    sim: SimServer, tmp_path: Path) -> None:
-    # 100 tokens a day for each key: a `hi` with max_tokens 20 reserves 33 and uses 18.
+    # 200 tokens a day for each key: a `hi` with max_tokens 20 reserves its body's bytes + 31 and uses 18.
+    assert reservation().tokens < 150
     s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="chat", gateway_file=gateway(
-        tmp_path, budgets={"per-key": {"tenant": "acme", "per": "key", "tokens": 100}}))
+        tmp_path, budgets={"per-key": {"tenant": "acme", "per": "key", "tokens": 200}}))
     keys = bootstrap(s.home, tenant="acme", app="shop")
     router = await stack.add(s, store, "router-a")
     c = client(router, keys.app_key)
@@ -538,6 +546,102 @@ async def test_a_token_budget_per_key_stops_one_key_not_the_others(settings: Set
         for _ in range(10):
             u = (await ask(c)).usage
             used += u.prompt_tokens + u.completion_tokens
-    assert used <= 100 and "budget per-key (100 tokens per day)" in refused.value.body["message"]
+    assert used <= 200 and "budget per-key (200 tokens per day)" in refused.value.body["message"]
     other, _ = KeyStore(s.home).create("acme", "shop")
     assert (await ask(client(router, other))).choices[0].message.content == ANSWER
+
+
+WORDS = "word " * 50_000  # 250 KB: 65,000 tokens as the simulator counts them (1.3 a word)
+
+
+async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    # Compact JSON, as reservation() measures it (aiohttp's `json=` adds spaces)
+    async with http.post(url, data=msgspec.json.encode(body), headers={"x-lockgate-deployment": "shop-web",
+                                                                       "Content-Type": "application/json"}) as resp:
+        return resp.status, await resp.json()
+
+
+@pytest.mark.parametrize(("policy", "code"), [
+    ({"budgets": {"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}}}, "budget_exceeded"),
+    ({"rate_limits": [{"tenant": "acme", "rpm": 1000, "tpm": 30000}]}, "rate_limit_exceeded"),
+], ids=["budget", "tpm"])
+async def test_responses_instructions_are_reserved_so_one_request_cannot_overshoot_a_limit(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path, policy: dict[str, Any],
+        code: str) -> None:
+    # Before: the input estimate counted messages, `prompt` and `input` only, so this turn reserved about 20
+    # tokens, was answered (65,007 tokens used) and left the budget at 65013 / 20000, the TPM bucket 35k below 0.
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="shop-web",
+                         gateway_file=gateway(tmp_path, **policy))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    url = f"{router.url}/v1/responses"
+    probe = {"model": MODEL, "instructions": WORDS, "input": "hi", "max_output_tokens": 5}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
+        status, refused = await _post(http, url, probe)
+        assert status == 429 and refused["error"]["code"] == code, (status, sim.total_requests)
+        assert f"up to {reservation(probe).tokens}" in refused["error"]["message"]
+        assert reservation(probe).tokens > len(WORDS)
+        assert sim.total_requests == 0  # refused before any upstream call
+        # An ordinary turn still fits, and settles on what it used.
+        status, answered = await _post(http, url, {"model": MODEL, "input": "hi", "max_output_tokens": 5})
+    assert status == 200 and sim.requests == {MODEL: 1}
+    used = answered["usage"]["input_tokens"] + answered["usage"]["output_tokens"]
+    if "budgets" in policy:
+        await router.admission.return_expired(force=True)
+        assert (await counter(router.ctx.bus, f"day-tokens.{_today()}")).tokens == used
+
+
+TOOL = {"type": "function", "function": {"name": "lookup", "description": WORDS,
+                                         "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
+CALL = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": msgspec.json.encode(
+    {"q": WORDS}).decode()}}
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [TOOL]},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                  {"role": "tool", "tool_call_id": "call_1", "content": "found"}, {"role": "user", "content": "hi"}]},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "object", "description": WORDS, "properties": {"a": {"type": "string"}}}}}},
+], ids=["tools", "tool-calls", "json-schema"])
+async def test_a_chat_request_heavy_outside_its_messages_content_is_refused_before_the_upstream(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path, extra: dict[str, Any]) -> None:
+    # Before: tool definitions, assistant tool calls and schemas were not in the estimate: 250 KB of them
+    # reserved as a `hi` and reached the upstream under a 20,000-token budget.
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="shop-web", gateway_file=gateway(
+        tmp_path, budgets={"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    url = f"{router.url}/v1/chat/completions"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
+        status, refused = await _post(http, url, {**HI, **extra})
+        assert status == 429 and refused["error"]["code"] == "budget_exceeded", (status, sim.total_requests)
+        assert sim.total_requests == 0
+        status, answered = await _post(http, url, HI)
+    assert status == 200 and sim.requests == {MODEL: 1}
+    await router.admission.return_expired(force=True)
+    assert (await counter(router.ctx.bus, f"day-tokens.{_today()}")).tokens == answered["usage"]["total_tokens"]
+
+
+async def test_an_anthropic_translated_request_is_bounded_by_the_body_it_sends(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    # The upstream reads the translated body (tool calls as tool_use blocks, tools with input_schema): that is
+    # the body admission bounds.
+    (tmp_path / "endpoints.yaml").write_text(
+        f"endpoints:\n  default: {{url: {sim.url}, provider: anthropic, credential: ANTHROPIC_KEY}}\n")
+    (tmp_path / "secrets.yaml").write_text("ANTHROPIC_KEY: sk-ant-held-by-lockgate\n")
+    s = settings.replace(endpoints_file=str(tmp_path / "endpoints.yaml"), secrets_file=str(tmp_path / "secrets.yaml"),
+                         passthrough=True, deployment="shop-web", gateway_file=gateway(
+                             tmp_path, budgets={"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    url = f"{router.url}/v1/chat/completions"
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
+        for extra in ({"tools": [TOOL]}, {"messages": [{"role": "system", "content": WORDS}, *HI["messages"]]}):
+            status, refused = await _post(http, url, {**HI, **extra})
+            assert status == 429 and refused["error"]["code"] == "budget_exceeded", (status, sim.total_requests)
+        assert sim.total_requests == 0
+        status, answered = await _post(http, url, HI)
+    assert status == 200 and sim.requests == {MODEL: 1} and "x-api-key" in sim.headers[-1]
+    await router.admission.return_expired(force=True)
+    assert (await counter(router.ctx.bus, f"day-tokens.{_today()}")).tokens == answered["usage"]["total_tokens"]

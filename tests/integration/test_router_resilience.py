@@ -20,6 +20,7 @@ from aiohttp import web
 
 from lockgate.codec import Codec
 from lockgate.contracts import InferenceEvent
+from lockgate.llmwire import ApiRequest
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.services.router.budgets import Counter, input_estimate
@@ -693,7 +694,8 @@ async def test_absurd_usage_from_an_upstream_never_poisons_a_budget(
         await router.admission.return_expired(force=True)
         kv = await context.bus.kv(context.bus.subjects.kv_budgets)
         leased = msgspec.json.decode((await kv.get(f"daily.{datetime.now(UTC):%Y-%m-%d}")).value, type=Counter).leased
-        assert leased.tokens == 5 * (input_estimate(len(b"hi"), 1, 1.0) + 20)
+        sent = int(liar.headers[-1]["Content-Length"])  # the body the upstream got: what the input estimate bounds
+        assert leased.tokens == 5 * (input_estimate(sent, msgspec.convert({"messages": MESSAGES}, ApiRequest), 1.0) + 20)
 
 
 # Headers and what the client may see

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 
 import msgspec
@@ -12,6 +13,7 @@ from lockgate.llmwire import ApiRequest
 from lockgate.pricebook import ModelPrice
 from lockgate.services.router.budgets import (
     NANO,
+    TOOLS_TOKENS,
     ZERO,
     Allowance,
     Amount,
@@ -36,7 +38,9 @@ from lockgate.services.router.cache import (
     request_key,
     to_shared,
 )
+from lockgate.services.router.providers import provider
 from lockgate.services.router.ratelimit import Lacking, Level, RateLimiter, RateLimitSpec, give_back, lease
+from lockgate.services.router.wire import CHAT as CHAT_OP
 
 NOW = datetime(2026, 12, 3, 23, 59, 59, tzinfo=UTC)
 PRICE = ModelPrice(input_per_mtok=1.0, output_per_mtok=2.0)
@@ -81,15 +85,73 @@ def test_counter_key_per_split_and_period() -> None:
     assert period_id("day", datetime(2026, 12, 4, 0, 0, tzinfo=UTC)) == "2026-12-04"
 
 
+def _estimate(body: dict) -> int:
+    raw = msgspec.json.encode(body)
+    return input_estimate(len(raw), msgspec.json.decode(raw, type=ApiRequest), 1.0)
+
+
 def test_reservation_is_an_upper_bound_of_the_call() -> None:
     prompt = "héllo there"
-    estimate = input_estimate(len(prompt.encode()), 1, 1.0)
+    estimate = _estimate({"model": "m", "messages": [{"role": "user", "content": prompt}]})
     assert estimate >= len(prompt.encode())  # never fewer tokens than bytes
     reserved = cost_of(PRICE, estimate, 100)
     assert reserved.tokens == estimate + 100
     assert reserved.usd == pytest.approx((estimate * 1.0 + 100 * 2.0) / 1e6 * NANO, abs=1)
     assert cost_of(PRICE, 10, 20).usd <= reserved.usd
     assert cost_of(None, 10, 20) == Amount(0, 30)  # unpriced: tokens still count
+
+
+BIG = "wörd 日本 " * 2_000  # 26 KB: non-ASCII too, whose UTF-8 bytes a byte-level tokenizer may each make a token
+SCHEMA = {"type": "object", "description": BIG, "properties": {"a": {"type": "string"}}}
+TOOL = {"type": "function", "function": {"name": "lookup", "description": BIG, "parameters": SCHEMA}}
+USER = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [{"role": "system", "content": BIG}, USER]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": BIG}]}]},
+    {"messages": [{"role": "user", "content": "hi", "name": BIG}]},  # any field, read or not: it is in the body
+    {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [  # a tool call's arguments
+        {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": BIG}}]},
+                  {"role": "tool", "tool_call_id": "c1", "content": "ok"}, USER]},
+    {"messages": [USER], "tools": [TOOL]},
+    {"messages": [USER], "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}},
+    {"prompt": BIG},  # completions
+    {"prompt": [BIG, BIG]},
+    {"input": [BIG, "hi"]},  # embeddings
+    {"instructions": BIG, "input": "hi"},  # responses: the probe's field, unreserved before
+    {"input": [{"role": "user", "content": [{"type": "input_text", "text": BIG}]}]},
+    {"input": "hi", "tools": [{"type": "function", "name": "lookup", "description": BIG, "parameters": SCHEMA}]},
+], ids=["system", "parts", "name", "tool-calls", "tools", "json-schema", "prompt", "prompts", "embeddings",
+        "instructions", "input-items", "responses-tools"])
+def test_the_input_estimate_bounds_every_text_of_the_body_whatever_field_carries_it(body: dict) -> None:
+    # Before: only messages' content, `prompt` and `input` were counted, so a Responses API `instructions`
+    # (or tools, tool calls, a schema) of any size reserved a few tokens and overshot budgets and TPM limits.
+    estimate = _estimate({"model": "m", "max_tokens": 5, **body})
+    copies = msgspec.json.encode(body).count(BIG.encode())
+    assert copies and estimate >= copies * len(BIG.encode())  # a byte-level tokenizer: at most a token a byte
+
+
+def test_an_anthropic_translation_is_bounded_by_its_own_body() -> None:
+    # The upstream reads the translated body (tool calls as tool_use blocks, content as blocks): the router
+    # bounds that body, which carries every text the client sent.
+    body = {"model": "m", "messages": [{"role": "system", "content": BIG}, USER, {
+        "role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": msgspec.json.encode({"q": BIG}).decode()}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": BIG}], "tools": [TOOL]}
+    client = msgspec.json.encode(body)
+    translated = provider("anthropic").request(CHAT_OP, client)
+    req = msgspec.json.decode(client, type=ApiRequest)
+    assert input_estimate(len(translated), req, 1.0) >= 4 * len(BIG.encode()) + TOOLS_TOKENS
+
+
+@pytest.mark.parametrize(("tools", "declared"), [(None, False), ([], False), ([TOOL], True)])
+def test_declared_tools_add_the_providers_tool_instructions(tools: list | None, declared: bool) -> None:
+    raw = msgspec.json.encode({"model": "m", "messages": [USER], **({} if tools is None else {"tools": tools})})
+    req = msgspec.json.decode(raw, type=ApiRequest)
+    assert req.declares_tools() is declared
+    assert input_estimate(len(raw), req, 1.0) == len(raw) + 8 + 3 + (TOOLS_TOKENS if declared else 0)
+    assert input_estimate(len(raw), req, 2.0) == math.ceil(len(raw) / 2) + 8 + 3 + (TOOLS_TOKENS if declared else 0)
 
 
 @pytest.mark.parametrize(("body", "most"), [
@@ -184,7 +246,7 @@ def test_tpm_charges_the_reservation_and_settles_to_usage() -> None:
     rl.settle("t", "a", "k1", reserved=600, used=100, now=0.0)
     assert rl.admit("t", "a", "k1", 600, now=0.0) is None
     too_big = rl.admit("t", "a", "k1", 5000, now=0.0)
-    assert too_big is not None and "lower max_tokens" in too_big.message
+    assert too_big is not None and "shorten the request or lower max_tokens" in too_big.message
 
 
 def test_a_refused_request_takes_nothing_from_any_bucket() -> None:
