@@ -24,7 +24,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,7 +38,7 @@ from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent
 from lockgate.errors import ConfigError, LockgateError
 from lockgate.kvcas import KV_ERRORS, RETRY_S, CasStore, KVUnavailable
-from lockgate.llmwire import ApiRequest
+from lockgate.llmwire import ApiRequest, OutputLimits
 from lockgate.pricebook import ModelPrice, load_price_book
 from lockgate.server.apikeys import ApiKey
 from lockgate.services.router.budgets import (
@@ -168,14 +168,15 @@ class Admission:
 
     # -- admission ---------------------------------------------------------------------------------
 
-    async def admit(self, key: ApiKey, deployment: str, model: str, req: ApiRequest,
-                    body_bytes: int) -> Ticket | web.Response:
+    async def admit(self, key: ApiKey, deployment: str, model: str, req: ApiRequest, body_bytes: int,
+                    sent: Sequence[OutputLimits] = ()) -> Ticket | web.Response:
         """Reserve the request's largest cost on every budget that covers it, after its rate limits;
         a Ticket to settle after the call, or the 429/503 answer. `body_bytes`: the length of the longest
-        body an upstream of this request may receive (input_estimate)."""
+        body an upstream of this request may receive (input_estimate); `sent`: the output limits of each
+        (a release's params or a provider's translation may set others than the client's)."""
         if not self.active:
             return OPEN
-        max_out = most_output(req, self.file.default_max_tokens)
+        max_out = most_output(req, self.file.default_max_tokens, sent)
         price = self.prices.get(model)
         cost = cost_of(price, input_estimate(body_bytes, req, self.file.bytes_per_token), max_out)
         if self.limiter and (refused := await self._rate_limit(key, cost.tokens)):

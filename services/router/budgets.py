@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 import msgspec
 
 from lockgate.errors import ConfigError
-from lockgate.llmwire import ApiRequest
+from lockgate.llmwire import ApiRequest, OutputLimits
 from lockgate.pricebook import ModelPrice
 
 NANO = 1_000_000_000  # nano-USD per USD
@@ -161,14 +162,20 @@ def input_estimate(body_bytes: int, req: ApiRequest, bytes_per_token: float) -> 
     return math.ceil(body_bytes / bytes_per_token) + 8 * len(req.messages) + 3 + tools
 
 
-def most_output(req: ApiRequest, default_max_tokens: int) -> int:
+def most_output(req: ApiRequest, default_max_tokens: int, sent: Sequence[OutputLimits] = ()) -> int:
     """The most output tokens one request may generate and be billed for: its max tokens (else the
     configured default) for each choice (`n`, or a completion's `best_of`, all generated and billed),
-    for each prompt of a completions batch (a list of strings or of token lists)."""
-    per_choice = req.max_completion_tokens or req.max_tokens or req.max_output_tokens or default_max_tokens
+    for each prompt of a completions batch (a list of strings or of token lists). `sent`: the limits of
+    the request as each upstream gets it, when they differ from the client's (a release's params, a provider
+    translation's required max_tokens): the largest counts."""
     prompt = req.prompt
     prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
-    return per_choice * max(req.n or 1, req.best_of or 1) * prompts
+    return max(_per_prompt(limits, default_max_tokens) for limits in (req, *sent)) * prompts
+
+
+def _per_prompt(limits: OutputLimits | ApiRequest, default_max_tokens: int) -> int:
+    per_choice = limits.max_completion_tokens or limits.max_tokens or limits.max_output_tokens or default_max_tokens
+    return per_choice * max(limits.n or 1, limits.best_of or 1)
 
 
 def cost_of(price: ModelPrice | None, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> Amount:

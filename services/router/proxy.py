@@ -28,7 +28,7 @@ from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import UnreadableBody
-from lockgate.llmwire import ApiRequest
+from lockgate.llmwire import ApiRequest, OutputLimits
 from lockgate.outbox import Outbox, encode_event
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.server.body import closing, read_body
@@ -69,6 +69,7 @@ from lockgate.services.router.wire import (
 # bytes pass through untouched: ask upstreams for identity encoding, never what the client accepts.
 _UP_BASE = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
 _api_request = msgspec.json.Decoder(ApiRequest)
+_output_limits = msgspec.json.Decoder(OutputLimits)
 _good_names: set[str] = set()  # names already checked (the same few deployments on every request)
 _model_list = msgspec.json.Decoder(dict[str, Any])
 
@@ -260,7 +261,9 @@ class Proxy:
             return error_response(400, exc.message, "invalid_request_error")
         # Budgets and rate limits, once the model the upstream will bill is known: 429/503 or a ticket. The input
         # is bounded by the bodies the upstreams get (a release's patch or a translation may lengthen them).
-        ticket = await self.admission.admit(key, deployment, model, req, max(len(hop.body) for hop in hops))
+        # The output too: a release's params or a translation may set another max_tokens than the client's.
+        sent = [req if hop.body is body else _output_limits.decode(hop.body) for hop in hops]
+        ticket = await self.admission.admit(key, deployment, model, req, max(len(hop.body) for hop in hops), sent)
         if isinstance(ticket, web.Response):
             return ticket
 

@@ -38,7 +38,21 @@ class ChatRequest(msgspec.Struct):
 Count = Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)]
 
 
-class ApiRequest(msgspec.Struct):
+class OutputLimits(msgspec.Struct):
+    """What bounds a request's output, read from any body an upstream gets (the client's, or one a release's
+    params or a provider translation changed). What admission reserves for (budgets, token rate limits):
+    never below one, as OpenAI's own checks say, so no request can reserve less than nothing; and at most a
+    32-bit integer, as providers take them, so their product stays a price (a 400-digit max_tokens overflowed
+    the float of its cost: a 500)."""
+
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
+    max_output_tokens: Count | None = None  # the Responses API's name for it
+    n: Count | None = None  # choices, each up to the max tokens
+    best_of: Count | None = None  # completions: generated (and billed) server-side
+
+
+class ApiRequest(OutputLimits):
     """The fields the router reads from a request of any operation (chat: `messages`; completions:
     `prompt`; embeddings and responses: `input`). Admission bounds the input by the body's length, not
     by these fields (llmwire reads only some of what an upstream reads)."""
@@ -50,14 +64,6 @@ class ApiRequest(msgspec.Struct):
     messages: list[Message] = []
     prompt: Any = None
     input: Any = None
-    # What admission reserves for (budgets, token rate limits): never below one, as OpenAI's own checks
-    # say, so no request can reserve less than nothing; and at most a 32-bit integer, as providers take
-    # them, so their product stays a price (a 400-digit max_tokens overflowed the float of its cost: a 500).
-    max_tokens: Count | None = None
-    max_completion_tokens: Count | None = None
-    max_output_tokens: Count | None = None  # the Responses API's name for it
-    n: Count | None = None  # choices, each up to the max tokens
-    best_of: Count | None = None  # completions: generated (and billed) server-side
     # Whether tools are declared (a provider then adds instructions of its own to the input). Raw: their
     # JSON as sent, not decoded into objects on every request; absent, `null` and `[]` are at most 4 bytes.
     tools: msgspec.Raw = msgspec.Raw()

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
 import openai
 import pytest
+import yaml
 
 from lockgate.cli.status import read_overrides, read_status
 from lockgate.codec import Codec
@@ -48,8 +51,14 @@ def passthrough() -> bool:
 
 
 @pytest.fixture
+def gateway_policy() -> dict[str, Any] | None:
+    """No gateway file (budgets, rate limits, cache) unless a test parametrizes one."""
+    return None
+
+
+@pytest.fixture
 async def services(context: ServiceContext, run_services: Any, sims: tuple[SimServer, SimServer],
-                   signer: Signer, passthrough: bool) -> Any:
+                   signer: Signer, passthrough: bool, gateway_policy: dict[str, Any] | None, tmp_path: Path) -> Any:
     """The router, and the sink that stores what it announces."""
     stable, canary = sims
     # r1 (stable) and r2 (canary) are registered releases whose model configs send them to the two
@@ -61,6 +70,9 @@ async def services(context: ServiceContext, run_services: Any, sims: tuple[SimSe
     await kv.put(token("r1"), msgspec.json.encode(gate(signer, release="r1", decision="PASS")))
     context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
                                                 deployment="chat", app="shop", passthrough=passthrough)
+    if gateway_policy is not None:
+        (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(gateway_policy))
+        context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
     return await run_services("sink", "router")
 
 
@@ -648,6 +660,24 @@ async def test_canary_is_served_with_its_releases_model_and_params(router: Any, 
         assert resp.status == 200 and resp.headers["x-lockgate-release"] == "r5"
         assert (await resp.json())["choices"][0]["message"]["content"] == "canary says hi"
     assert sims[1].requests == {"m": 1}
+
+
+@pytest.mark.parametrize("gateway_policy", [{"budgets": {"acme-tokens": {"tenant": "acme", "tokens": 20_000}}}])
+async def test_a_releases_own_max_tokens_is_what_admission_reserves(router: Any, http: aiohttp.ClientSession,
+                                                                    keys: Bootstrap, sims: Any, signer: Signer) -> None:
+    # Before: the reservation read the client's max_tokens (10) while the upstream got the release's (50,000):
+    # each such call could spend 5,000 times what was reserved, past any budget or token rate limit.
+    bus = router.ctx.bus
+    await register_model_release(bus, "r6", "m", "canary", max_tokens=50_000)
+    await _put(http, router, canary_release="r6")
+    await bus.publish(bus.subjects.gate_decided("r6"), gate(signer, release="r6", decision="PASS"))
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
+    body = {**_chat(), "max_tokens": 10}
+    async with http.post(f"{router.url}/v1/chat/completions", json=body, headers=bearer(keys.app_key)) as resp:
+        refused = await resp.json()
+        assert resp.status == 429 and refused["error"]["code"] == "budget_exceeded", refused
+    needs = re.search(r"needs up to (\d+)", refused["error"]["message"])
+    assert needs is not None and int(needs.group(1)) > 50_000 and sims[1].total_requests == 0
 
 
 async def test_release_name_cannot_be_rebound_to_other_content(router: Any) -> None:

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from lockgate.errors import ConfigError
-from lockgate.llmwire import ApiRequest
+from lockgate.llmwire import ApiRequest, OutputLimits
 from lockgate.pricebook import ModelPrice
 from lockgate.services.router.budgets import (
     NANO,
@@ -355,3 +355,12 @@ def test_shared_entries_carry_their_expiry_across_clocks() -> None:
     assert got is not None and got.expires == pytest.approx(13.0) and got.input_tokens == 3
     assert from_shared(data, now=7.0, wall=5010.0) is None  # expired meanwhile
     assert from_shared(b"not msgpack", now=0.0, wall=0.0) is None
+
+
+def test_the_most_output_is_the_largest_any_upstream_of_the_request_may_generate() -> None:
+    # A release's params (or a provider translation) may send another max_tokens than the client's.
+    req = ApiRequest(max_tokens=10, n=2)
+    assert most_output(req, 4096) == 20
+    assert most_output(req, 4096, [OutputLimits(max_tokens=50_000)]) == 50_000
+    assert most_output(req, 4096, [OutputLimits(max_tokens=5)]) == 20  # the client's larger ask still counts
+    assert most_output(ApiRequest(), 100, [OutputLimits(max_tokens=4096, n=3)]) == 3 * 4096
