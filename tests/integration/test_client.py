@@ -234,7 +234,7 @@ async def test_decisions_yields_current_then_new_for_a_prefix(
         stream = c.decisions("shop-")
         assert await asyncio.wait_for(anext(stream), 10) == first  # the watch is live from here
         for d in (gate("search-1"), gate("shop-2", "BLOCK")):  # stored, then announced, as the gatekeeper does
-            await Records(context).announce(d, key=d.id)
+            await Records(context, "salt").announce(d, key=d.id)
         got = await asyncio.wait_for(anext(stream), 10)
         assert (got.release, got.decision) == ("shop-2", "BLOCK")
         await stream.aclose()
@@ -260,7 +260,7 @@ async def test_names_that_used_to_share_a_key_get_their_own_decision(
 ) -> None:
     # Issue 7: `shop.v3`, `shop_v3`, `shop v3` and `shop*v3` shared one KV key. Written through the
     # gatekeeper's own write path, each valid name now reads back its own decision.
-    records = Records(context)
+    records = Records(context, "salt")
     blocked, passed = gate("shop.v3", "BLOCK"), gate("shop_v3")
     await records.announce(blocked, key="k-blocked")
     await records.announce(passed, key="k-passed")

@@ -268,7 +268,7 @@ async def test_watch_streams_current_then_new_decisions_for_a_prefix(
     assert (await asyncio.wait_for(call.read(), 10)).release == "shop-v1"
 
     # New decisions through the gatekeeper's write path: stored in KV, then announced (what the watch follows).
-    records = Records(context)
+    records = Records(context, "salt")
     await bind(bus, "search-v1", "shop-v2")
     await records.announce(decision("search-v1"), key="k-search")  # filtered out by the prefix
     await records.announce(decision("shop-v2", verdict="FAIL"), key="k-shop")
@@ -284,7 +284,7 @@ async def test_watch_on_an_empty_bucket_sees_a_decision_made_after_it_started(
     await bind(bus, "any")
     call = stub.WatchDecisions(gates_pb2.WatchRequest(), metadata=_auth(keys))
     await asyncio.wait_for(call.initial_metadata(), 10)
-    await Records(context).announce(decision("any"), key="k-any")
+    await Records(context, "salt").announce(decision("any"), key="k-any")
     assert (await asyncio.wait_for(call.read(), 10)).release == "any"
     call.cancel()
 
@@ -413,7 +413,7 @@ async def test_names_that_used_to_share_a_key_get_their_own_decision(
     # Issue 7: `shop.v3` and `shop_v3` mapped to one KV key, so asking for the BLOCKed `shop.v3`
     # returned `shop_v3`'s PASS. Both are written through the gatekeeper's own write path.
     stub = gates_pb2_grpc.GatesStub(channel)
-    records = Records(context)
+    records = Records(context, "salt")
     blocked, passed = decision("shop.v3", "FAIL"), decision("shop_v3")
     await bind(bus, "shop.v3", "shop_v3", "shop-v3")
     await records.announce(blocked, key="k-blocked")
@@ -535,7 +535,7 @@ async def test_a_watch_streams_only_the_decisions_of_the_keys_own_releases(
     assert await releases(calls["acme/shop"], 1) == ["shop-v2-rc1"]
     # A watch yields in the order decisions were stored, so the first one each watch reads after others' shows
     # it skipped those; acme/shop's last decision comes after everyone else's for the same reason.
-    records = Records(context)
+    records = Records(context, "salt")
     await records.announce(decision("ghost-v1"), key="k-ghost")  # never bound: nobody's
     await records.announce(decision("shop-v3"), key="k-shop")
     await records.announce(decision("evil-v1"), key="k-evil")

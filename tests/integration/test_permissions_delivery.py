@@ -110,7 +110,7 @@ async def test_the_sdk_reads_and_follows_decisions_as_app_without_a_consumer(sec
     s = admin.subjects
     trust_key(trust_file_path(settings), SIGNER.public)
     gatekeeper = await _bus(settings, "gatekeeper")
-    records = Records(ServiceContext(bus=gatekeeper, telemetry=Telemetry(), settings=settings))
+    records = Records(ServiceContext(bus=gatekeeper, telemetry=Telemetry(), settings=settings), "salt")
     app = credentials.for_identity(settings, "app")
     before = _signed("shop-1")
     await records.announce(before, key="k-before")

@@ -18,9 +18,9 @@ from tests.helpers import break_glass, register_model_release, store_pass
 from tests.integration import test_router as router_tests
 from tests.integration.test_rollout_operate import _cli
 
-services, router, http, keys, sims, signer, passthrough = (
+services, router, http, keys, sims, signer, passthrough, gateway_policy = (
     router_tests.services, router_tests.router, router_tests.http, router_tests.keys, router_tests.sims,
-    router_tests.signer, router_tests.passthrough)
+    router_tests.signer, router_tests.passthrough, router_tests.gateway_policy)
 
 pytestmark = pytest.mark.timeout(120)
 _states: Codec[RolloutState] = Codec(RolloutState)
