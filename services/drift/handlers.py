@@ -35,6 +35,7 @@ class DriftHandlers:
         # Reports computed but not yet published (a failed emit is retried on redelivery),
         # and recently observed message tokens, so a redelivered message is not counted twice.
         self._pending: list[DriftReport] = []
+        self._emitting = asyncio.Lock()
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._restored = False
         # Deployments whose windows changed since the last save; `saved` counts the events the last save covered.
@@ -149,8 +150,9 @@ class DriftHandlers:
         """`served`: the events are answers a router served (their reports may move traffic), so they also fill
         the canary-versus-stable windows."""
         await self._restore()
-        # Shadow calls answered nobody: they are the candidate's, not the deployment's traffic.
-        events = [e for e in events if e.variant != "shadow"]
+        # Shadow calls answered nobody: they are the candidate's, not the deployment's traffic. Cached answers
+        # are replays of earlier ones: one request repeated would otherwise fill (and dilute) a window.
+        events = [e for e in events if e.variant != "shadow" and not (isinstance(e, InferenceEvent) and e.cached)]
         token = delivery.msg_id or f"{delivery.subject}-seq-{delivery.stream_seq}"
         if token not in self._seen:
             reports = self.monitor.observe_events(events, served=served)
@@ -160,9 +162,12 @@ class DriftHandlers:
                 self._seen.popitem(last=False)
             self._dirty |= {domain.window_key(domain.deployment_of(e), served) for e in events}
             await self.events.bump(len(events))
-        while self._pending:
-            await self._emit(self._pending[0])
-            self._pending.pop(0)
+        # One emitter at a time: the inference and scores consumers run concurrently, and two loops over the
+        # same list published a report twice and popped the next one unpublished (then from an empty list).
+        async with self._emitting:
+            while self._pending:
+                await self._emit(self._pending[0])
+                self._pending.pop(0)
 
     async def on_rollout(self, state: RolloutState, delivery: Delivery) -> None:
         """A promotion makes the new traffic the reference; an abort ends the canary's window."""

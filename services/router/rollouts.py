@@ -468,6 +468,8 @@ class Rollouts:
         served arrive here (`subjects.served`): an application's could say anything."""
         shadowed = fresh = False
         for e in events:
+            if e.cached:  # a replay: an app repeating one cached request must not fill the canary's sample
+                continue
             deployment = e.deployment or e.app
             route = self.routes.get(deployment)
             if route is None or route.canary is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
@@ -21,6 +22,8 @@ from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
 from tests.helpers import sink_stored
+
+_reports: Codec[DriftReport] = Codec(DriftReport)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -192,3 +195,24 @@ async def test_scores_near_the_float_limit_give_a_report_that_decodes_and_is_sto
     await sink_stored(svcs["sink"].handlers, drift_reports=1)
     assert await asyncio.to_thread(drift_reports, store, "huge")
     await sub.unsubscribe()
+
+
+async def test_reports_due_when_two_consumers_emit_at_once_are_each_published_once(
+        context: ServiceContext, bus: Bus) -> None:
+    # Found by a probe: the inference and the scores consumers emitted the same pending reports concurrently; one
+    # report was published twice, the next popped unpublished, then "pop from empty list" dead-lettered a score.
+    handlers = DriftHandlers(context)
+    sub = await bus.nc.subscribe(bus.subjects.drift("chat"))
+    now = datetime.now(UTC)
+    due = [DriftReport(deployment="chat", window_start=now, window_end=now, reference_n=50, current_n=50,
+                       features=[], drifted=False) for _ in range(2)]
+    handlers._pending = list(due)
+
+    def delivery(n: int) -> Delivery:
+        return Delivery(subject=bus.subjects.served("shop"), msg_id=f"m{n}", headers={}, deliveries=1, stream_seq=n)
+
+    await asyncio.gather(handlers._observe([], delivery(1), served=True), handlers._observe([], delivery(2), served=True))
+    got = [_reports.decode((await sub.next_msg(timeout=5)).data).id for _ in range(2)]
+    assert sorted(got) == sorted(r.id for r in due) and handlers._pending == []
+    await bus.nc.flush()  # the server has sent this connection everything published before the flush
+    assert sub.pending_msgs == 0  # and nothing more

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from lockgate import artifacts
@@ -121,3 +122,14 @@ async def test_an_applications_own_drifting_events_neither_abort_a_canary_nor_bl
     while block.decision != "BLOCK":
         block = _decided.decode((await blocks.next_msg(timeout=15)).data)
     assert block.id == decision_id(acted.id, signer.id_salt), "the BLOCK came from the application's report"
+
+
+async def test_cached_answers_fill_no_drift_window(context: ServiceContext, bus: Bus, run_services: Any) -> None:
+    # Replays of one answer (the router's response cache) would fill and dilute a canary's window.
+    drift = (await run_services("drift"))["drift"].handlers
+    served = bus.subjects.served("shop")
+    hits = [msgspec.structs.replace(e, attributes={"cache": "hit"}) for e in _events(30, "canary", start=0)]
+    await bus.publish(served, hits)
+    await bus.publish(served, _events(5, "canary", start=100))
+    await drift.events.wait_for(5, 15)  # in order on one consumer: the hits were handled first
+    assert drift.events.count == 5 and drift.monitor.windows["chat"].ref.n == 5

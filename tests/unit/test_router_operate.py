@@ -144,3 +144,18 @@ def test_requests_diverted_by_the_canarys_open_breaker_count_as_canary_failures(
     canary = rollouts.evidence.sample("d", "r2", route.started_at)
     assert (canary.n, canary.errors) == (4, 4)
     assert rollouts.evidence.sample("d", "r1", route.started_at).n == 6  # stable served them: its evidence too
+
+
+def test_answers_from_the_response_cache_are_no_evidence(tmp_path: Path) -> None:
+    """Found by a probe: an app repeating one request its canary answered well got 4,873 cache hits counted as
+    the canary's traffic (no upstream call, its tokens and latency the cached answer's): a canary whose real
+    answers failed analysis was promoted. A replay is no evidence of what the release does."""
+    ctx = ServiceContext(bus=None, telemetry=Telemetry(), settings=Settings(home=str(tmp_path)))  # type: ignore[arg-type]
+    rollouts = Rollouts(ctx, Endpoints(ctx.settings))
+    rollouts.routes["d"] = route = _live()
+    hit = InferenceEvent(app="d", deployment="d", release="r2", variant="canary", attributes={"cache": "hit"})
+    rollouts.observe([hit] * 50)
+    assert rollouts.evidence.sample("d", "r2", route.started_at).n == 0
+    rollouts.observe([InferenceEvent(app="d", deployment="d", release="r2", variant="canary",
+                                     attributes={"cache": "miss"})])
+    assert rollouts.evidence.sample("d", "r2", route.started_at).n == 1

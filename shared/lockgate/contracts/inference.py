@@ -45,6 +45,12 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
     attributes: dict[str, str] = {}
     scores: dict[str, float] = {}
 
+    @property
+    def cached(self) -> bool:
+        """Answered from the router's response cache (its `cache: hit`): a replay of an earlier answer, so no
+        evidence of what its release does (repeating one request could otherwise fill a canary's sample)."""
+        return self.attributes.get("cache") == "hit"
+
 
 class Score(msgspec.Struct, frozen=True, kw_only=True):
     """One scorer's outcome on one answer: its value, or why there is none (a judge outage, a judge
