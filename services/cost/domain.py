@@ -15,10 +15,10 @@ __all__ = ["ModelPrice", "PriceBook", "PriceBookError", "distinct_events", "even
 
 
 def distinct_events(events: Sequence[InferenceEvent]) -> list[InferenceEvent]:
-    """The first event of each (tenant, id), in order: an event listed twice in one message is priced once."""
-    first: dict[tuple[str, str], InferenceEvent] = {}
+    """The first event of each (tenant, app, id), in order: an event listed twice in one message is priced once."""
+    first: dict[tuple[str, str, str], InferenceEvent] = {}
     for e in events:
-        first.setdefault((e.tenant, e.id), e)
+        first.setdefault((e.tenant, e.app, e.id), e)
     return list(first.values())
 
 def event_cost(e: InferenceEvent, price: ModelPrice) -> float:

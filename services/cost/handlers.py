@@ -26,8 +26,8 @@ class CostHandlers:
         # Ids derive from the events, not the message: a redelivered message, or the same events
         # re-sent under another message id, republishes duplicates JetStream drops (within its
         # duplicate window; the sink stores a ledger entry once per event id whatever the delay).
-        # An event is its (tenant, id): another tenant's event under the same id is priced on its own.
-        token = content_hash(sorted((e.tenant, e.id) for e in events))[7:47]
+        # An event is its (tenant, app, id): another tenant's or app's event under the same id is priced on its own.
+        token = content_hash(sorted((e.tenant, e.app, e.id) for e in events))[7:47]
         priced = domain.price_events(events, self.book)
         bus = self.ctx.bus
         ledger = CostLedger(id=derived_id("cost-ledger", token), price_book=self.book.hash, entries=priced.entries,

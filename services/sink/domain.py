@@ -198,7 +198,7 @@ def key_strings(keys: Sequence[Any]) -> list[str]:
         # sorted (a set's order would make it sort from scratch, a third of the token's time).
         return list(dict.fromkeys(keys))
     if keys and isinstance(keys[0], tuple) and all(isinstance(v, str) for v in keys[0]):
-        # (tenant, id) of every inference event and ledger entry: joined in C, in arrival order as above.
+        # (tenant, app, id) of every inference event and ledger entry: joined in C, in arrival order as above.
         return list(dict.fromkeys(map("\x00".join, keys)))
     return list({"\x00".join(map(str, k)) if isinstance(k, tuple) else str(k) for k in keys})
 

@@ -99,8 +99,9 @@ def span_id() -> str:
 
 
 def batch_id(events: Sequence[Any]) -> str:
-    """Deterministic id for a batch: the same events give the same Nats-Msg-Id. An event is its tenant and
-    id (producers choose ids, so another tenant's batch under the same ids must not be taken for this one
-    and dropped by JetStream as its duplicate)."""
-    # One hash of the (tenant, id) pairs joined: the same bytes, so the same digest, as hashing them one by one.
-    return "b-" + hashlib.sha256("".join([f"{e.tenant}\x00{e.id}\x00" for e in events]).encode()).hexdigest()[:40]
+    """Deterministic id for a batch: the same events give the same Nats-Msg-Id. An event is its tenant, app
+    and id (producers choose ids, so another tenant's or app's batch under the same ids must not be taken for
+    this one and dropped by JetStream as its duplicate)."""
+    # One hash of the (tenant, app, id) triples joined: the same bytes, so the same digest, as one by one.
+    return "b-" + hashlib.sha256("".join([f"{e.tenant}\x00{getattr(e, 'app', '')}\x00{e.id}\x00"
+                                          for e in events]).encode()).hexdigest()[:40]

@@ -14,7 +14,7 @@ back yet; a torn or garbled last record (length + CRC-32 framing) is detected an
 start, never read as an event.
 
 A re-published event is harmless: the event was spooled under its id, JetStream drops a message
-whose Nats-Msg-Id it saw within its duplicate window, and the sink stores one row per (tenant, id)
+whose Nats-Msg-Id it saw within its duplicate window, and the sink stores one row per (tenant, app, id)
 whatever messages carry it. Only an acknowledgement the process did not live to record is published
 again; a record is never published twice by one process.
 

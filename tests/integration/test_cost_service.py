@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
 from lockgate.bus import Bus, Delivery
@@ -122,6 +123,24 @@ async def test_an_event_resent_under_other_message_ids_is_stored_and_billed_once
     rollup = await asyncio.to_thread(cost_rollup, store, ["tenant"])
     assert sum(r["calls"] for r in rollup) == 4
     assert sum(r["cost_usd"] for r in rollup) == pytest.approx(sum(EXPECTED))
+
+
+async def test_another_apps_event_under_the_same_id_hides_nothing(run_services, bus: Bus, store: Store) -> None:
+    """Found by a probe: app `shop` sent, first, an event under the id `support`'s next event would have (same
+    tenant); support's event (2M gpt-4o tokens, $12.50) was then taken for its duplicate: not stored, not billed,
+    no dead letter. Another app's event under the same id is another event."""
+    svcs = await run_services("sink", "cost")
+    mine = _batch()[0]
+    theirs = msgspec.structs.replace(mine, app="support", input_tokens=1_000_000, output_tokens=1_000_000)
+    await bus.publish(bus.subjects.inference("shop"), [mine])
+    await bus.publish(bus.subjects.inference("support"), [theirs])
+    await svcs["sink"].handlers.events.wait_for(2)
+    await svcs["cost"].handlers.events.wait_for(2)
+    await sink_stored(svcs["sink"].handlers, cost_ledger=2)
+    assert store.rows("SELECT app, input_tokens FROM inference_events ORDER BY app") == [
+        {"app": "shop", "input_tokens": mine.input_tokens}, {"app": "support", "input_tokens": 1_000_000}]
+    billed = store.rows("SELECT app, cost_usd FROM cost_ledger ORDER BY app")
+    assert [r["app"] for r in billed] == ["shop", "support"] and billed[1]["cost_usd"] > billed[0]["cost_usd"]
 
 
 async def test_malformed_message_goes_to_dlq_and_next_is_processed(run_services, bus: Bus, store: Store) -> None:

@@ -282,16 +282,17 @@ async def test_a_chunk_of_any_size_is_the_json_array_of_its_events(n: int) -> No
         for i, (e, d) in enumerate(zip(events, js.events(), strict=True))]  # the events' own bytes untouched
 
 
-def test_batch_id_is_the_hash_of_the_tenants_and_ids_in_order() -> None:
+def test_batch_id_is_the_hash_of_the_tenants_apps_and_ids_in_order() -> None:
     # The id a chunk had before must stay its id: JetStream deduplicates a retry by it.
     events = [event("a", i) for i in range(3)]
     h = hashlib.sha256()
     for e in events:
-        h.update(f"{e.tenant}\x00{e.id}\x00".encode())
+        h.update(f"{e.tenant}\x00{e.app}\x00{e.id}\x00".encode())
     assert batch_id(events) == "b-" + h.hexdigest()[:40]
     assert batch_id(events[::-1]) != batch_id(events)
-    # Another tenant's events under the same ids are another batch (JetStream dropped it as a duplicate).
+    # Another tenant's or app's events under the same ids are another batch (JetStream dropped it as a duplicate).
     assert batch_id([msgspec.structs.replace(e, tenant="globex") for e in events]) != batch_id(events)
+    assert batch_id([msgspec.structs.replace(e, app="support") for e in events]) != batch_id(events)
 
 
 @pytest.mark.parametrize(("spare", "chunks"), [(0, 1), (-1, 2)])

@@ -142,8 +142,8 @@ def test_extra_columns_and_transforms() -> None:
     # whether a router served it is the sink's to say (from the subject): no row is written without it
     with pytest.raises(ValueError, match="served"):
         table.data([InferenceEvent(app="a")], {"msg_id": ["m"]})
-    # an event is stored once per (tenant, id), whatever its message: another tenant's id is another event
-    assert table.keys(data) == [(event.tenant, event.id)]
+    # an event is stored once per (tenant, app, id), whatever its message: another tenant's or app's id is another
+    assert table.keys(data) == [(event.tenant, event.app, event.id)]
     cases = EVAL_CASES.data(SAMPLE_ROWS["eval_cases"][0])
     assert EVAL_CASES.keys(cases) == [("run", "c1", 1), ("run", "c2", 0)]  # a key of several columns: tuples
 

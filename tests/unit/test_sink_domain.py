@@ -51,8 +51,8 @@ def test_new_rows_per_row(keys: list, origins: list[int], stored: set, expected:
 
 def test_events_and_ledger_entries_are_facts_of_their_own_looked_up_in_their_time_range() -> None:
     by_table = {p.table.name: p for p in (*FACTS, INFERENCE)}
-    # Ids are chosen by producers: another tenant's event under the same id is another fact.
-    for name, key in (("inference_events", ("tenant", "id")), ("cost_ledger", ("tenant", "event_id"))):
+    # Ids are chosen by producers: another tenant's or app's event under the same id is another fact.
+    for name, key in (("inference_events", ("tenant", "app", "id")), ("cost_ledger", ("tenant", "app", "event_id"))):
         assert by_table[name].table.key == key
         assert by_table[name].per_row and by_table[name].within == "time"
 

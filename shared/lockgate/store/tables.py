@@ -32,10 +32,11 @@ _ROUTING = ("source", "trace_id", "span_id", "schema_version")
 INFERENCE_EVENTS = Table(
     "inference_events", InferenceEvent, exclude=("schema_version",),
     # the NATS message an event arrived in (for tracing a row back to its message); an event is
-    # stored once per (tenant, id), whatever messages carried it: ids are chosen by producers, so
-    # another tenant's event under the same id is another event, never this one's duplicate. `served`:
-    # it came on a router's subject (Subjects.served), which the sink knows and no producer can claim
-    extra={"msg_id": str, "served": bool}, key=("tenant", "id"),
+    # stored once per (tenant, app, id), whatever messages carried it: ids are chosen by producers, so
+    # another tenant's or app's event under the same id is another event, never this one's duplicate (one
+    # app sending another's id first hid that app's event and its cost). `served`: it came on a router's
+    # subject (Subjects.served), which the sink knows and no producer can claim
+    extra={"msg_id": str, "served": bool}, key=("tenant", "app", "id"),
 )
 
 # The OpenTelemetry Collector ClickHouse exporter's layout, so its tools read ours.
@@ -83,16 +84,17 @@ ROLLOUT_EVENTS = Table("rollout_events", RolloutState, exclude=(*_ROUTING, "tena
 DRIFT_REPORTS = Table("drift_reports", DriftReport, exclude=(*_ROUTING, "tenant", "drifted"), items="features",
                       key=("id",))
 
-# One row per priced event, (tenant, event id) as inference_events; the entry's own time and tenant are the columns.
+# One row per priced event, (tenant, app, event id) as inference_events; the entry's own time and tenant are the
+# columns.
 COST_LEDGER = Table("cost_ledger", CostLedger, exclude=(*_ROUTING, "id", "time", "tenant"), items="entries",
-                    key=("tenant", "event_id"))
+                    key=("tenant", "app", "event_id"))
 
 # The hash-chained audit log (lockgate.auditchain): one row per seq, however often the chainer republishes it.
 AUDIT_LOG = Table("audit_log", AuditRecord, exclude=_ROUTING, key=("seq",))
 
 # Online evaluation of live answers: one row per (answer, scorer), its value or its error (a judge outage).
 INFERENCE_SCORES = Table("inference_scores", InferenceScored, exclude=(*_ROUTING, "id", "scores"), items="results",
-                         key=("tenant", "event_id", "scorer"))
+                         key=("tenant", "app", "event_id", "scorer"))
 
 
 # Signed analysis measurements of rollouts (lockgate.analysisruns): one row per measurement.
