@@ -59,6 +59,7 @@ class OtlpService(Service):
         if self._grpc is not None:
             await self._grpc.stop(2.0)
             self._grpc = None
+        self.receiver.close()
         await super().stop()
 
 

@@ -22,7 +22,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from lockgate.codec import encode
 from lockgate.contracts import InferenceEvent, SpanBatch, SpanRecord
 from lockgate.errors import InvalidEvent
-from lockgate.redact import scrub_span
+from lockgate.redact import scrub_mapping, scrub_span
 from lockgate.server.apikeys import Forbidden, event_out_of_scope
 from lockgate.services.otlp import genai
 
@@ -81,11 +81,27 @@ def strings(attrs: Mapping[str, Any]) -> dict[str, str]:
     return {k: as_string(v) for k, v in attrs.items()}
 
 
-_MAX_NS = 253402300799 * 10**9  # 9999-12-31T23:59:59Z
+# The last instant otel_traces' DateTime64(9) columns hold (2262-04-11): without a window, nothing later is kept.
+_MAX_NS = 2**63 - 1
 
 
 def _ts(ns: int) -> datetime:
     return datetime.fromtimestamp(ns / 1e9, UTC)
+
+
+def _event_outside(events: Sequence[tuple[datetime, str, dict[str, str]]], window: tuple[datetime, datetime] | None,
+                   latest: datetime) -> tuple[int, datetime] | None:
+    """The first span event (index, time) outside `window` (without one: after `latest`), or None."""
+    for n, (at, _, _) in enumerate(events):
+        if (window is not None and not window[0] <= at <= window[1]) or at > latest:
+            return n, at
+    return None
+
+
+def _window_text(window: tuple[datetime, datetime] | None, latest: datetime) -> str:
+    if window is None:
+        return f"up to {latest.isoformat(timespec='seconds')}"
+    return f"{window[0].isoformat(timespec='seconds')} to {window[1].isoformat(timespec='seconds')}"
 
 
 def _hex_id(raw: bytes, size: int, what: str, *, optional: bool = False) -> str:
@@ -119,11 +135,13 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
     open a storage partition of its own. Raises Forbidden if any span or resource names another
     tenant or app, or a model call names a deployment outside the key's scope: nothing of the request is kept."""
     out = Decoded()
-    # No span ends after this: not after the window's end, nor (without a window) past what a datetime holds.
+    # No span ends after this: not after the window's end, nor (without a window) past what the store holds.
     latest = window[1] if window is not None else _ts(_MAX_NS)
     for rs in request.resource_spans:
         resource = attributes(rs.resource.attributes)
-        stored_resource = strings(resource) | {genai.TENANT: tenant}
+        # Scrubbed once per resource, and the service name taken from the scrubbed copy: ServiceName is a
+        # column of its own, and kept a secret that ResourceAttributes['service.name'] had masked.
+        stored_resource = dict(scrub_mapping(strings(resource))) | {genai.TENANT: tenant}
         service = stored_resource.get("service.name", "")
         for ss in rs.scope_spans:
             scope = ss.scope
@@ -153,6 +171,15 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                     out.problem(f"span {span_id} refused: its end {_ts(span.end_time_unix_nano).isoformat()} is "
                                 f"after the accepted window's end {latest.isoformat(timespec='seconds')}")
                     continue
+                # Span events' times are a column too (Events.Timestamp, DateTime64(9): 1900 to 2262): one the
+                # store cannot hold failed the insert of every span published with it. (Links carry no time.)
+                events = [(_ts(e.time_unix_nano), e.name, strings(attributes(e.attributes))) for e in span.events]
+                if late := _event_outside(events, window, latest):
+                    n, at = late
+                    out.rejected += 1
+                    out.problem(f"span {span_id} refused: its event {n} ({span.events[n].name!r}) time "
+                                f"{at.isoformat()} is outside the accepted window {_window_text(window, latest)}")
+                    continue
                 facts = genai.SpanFacts(
                     trace_id=trace_id, span_id=span_id, name=span.name, start=start,
                     duration_ns=max(0, span.end_time_unix_nano - span.start_time_unix_nano),
@@ -175,8 +202,7 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                     service=service, resource=stored_resource, scope_name=scope.name, scope_version=scope.version,
                     attributes=strings(attrs), duration_ns=facts.duration_ns,
                     status_code=STATUSES.get(span.status.code, "Unset"), status_message=span.status.message,
-                    events=[(_ts(e.time_unix_nano), e.name, strings(attributes(e.attributes))) for e in span.events],
-                    links=links,
+                    events=events, links=links,
                 )))
                 try:
                     event = genai.to_event(facts, tenant=tenant, app=app)

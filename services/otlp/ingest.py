@@ -9,8 +9,11 @@ same message ids and event ids, so JetStream and the sink keep one copy.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -43,12 +46,17 @@ class Receiver:
     """The transport-independent receiver: one per service, shared by the gRPC and HTTP servers."""
 
     def __init__(self, bus: Bus, keys: KeyStore, *, limits: EventLimits | None = None, max_in_flight: int = 64,
-                 retry_after_s: float = 1.0) -> None:
+                 retry_after_s: float = 1.0, decode_threads: int | None = None) -> None:
         self.bus = bus
         self.keys = keys
         self.limits = limits or EventLimits()  # the window of span times, as for inference events
         self.retry_after_s = retry_after_s
         self._slots = asyncio.Semaphore(max_in_flight)
+        # Its own threads, not the loop's default executor, which the sink's lookups and the store share:
+        # a few large exports decoding must not hold those up. More threads than CPUs would add nothing
+        # but contention for the GIL.
+        self._threads = decode_threads or min(4, os.cpu_count() or 1)
+        self._pool: ThreadPoolExecutor | None = None
         self.retry_asked = Progress()  # exports answered "retry later"; tests await it instead of sleeping
 
     def authenticate(self, headers: Mapping[str, str]) -> ApiKey:
@@ -56,15 +64,44 @@ class Receiver:
         AuthError when absent, unknown or revoked."""
         return self.keys.authenticate(bearer(headers.get("authorization")) or headers.get("x-api-key"))
 
-    async def export(self, key: ApiKey, request: ExportTraceServiceRequest) -> ExportTraceServiceResponse:
-        """Publish a request's spans and inference events; raises Forbidden (another tenant's span, or a model
-        call of a deployment outside the key's scope), or BusUnavailable (retryable: nothing or only part was
-        acknowledged, and a retry completes it)."""
+    async def export(self, key: ApiKey, request: ExportTraceServiceRequest | Callable[[], ExportTraceServiceRequest]
+                     ) -> ExportTraceServiceResponse:
+        """Publish a request's spans and inference events (`request` may be a function parsing it, which runs
+        off the event loop too); raises InvalidEvent (it does not parse), Forbidden (another tenant's span, or
+        a model call of a deployment outside the key's scope), or BusUnavailable (retryable: too many exports
+        in flight, or nothing or only part was acknowledged, and a retry completes it)."""
+        try:
+            # The slot first: parsing, mapping and scrubbing a 16 MiB export costs about a second of CPU,
+            # so the exports being worked on, and the memory they hold, are bounded by the slots.
+            if self._slots.locked():
+                raise Busy("too many OTLP exports in flight; retry shortly")
+            async with self._slots:
+                # Off the event loop, which the router and every other service share in embedded mode:
+                # on it, a 15 MB export stalled them all for a second (three at once, for almost four).
+                loop = asyncio.get_running_loop()
+                decoded, received, batches, events = await loop.run_in_executor(
+                    self._decoder(), functools.partial(self._prepare, key, request))
+                metrics.events_in("otlp", received)
+                await self._publish(batches, events)
+        except BusUnavailable:
+            await self.retry_asked.bump()
+            raise
+        metrics.events_out("otlp", received - decoded.rejected + len(events))
+        if decoded.rejected:
+            metrics.events_dropped("otlp", decoded.rejected, reason="refused")
+        if decoded.problems:
+            log.info("OTLP export from %s: %d spans refused; %s", key.label, decoded.rejected, decoded.problems[0])
+        return wire.response(decoded.rejected, decoded.problems)
+
+    def _prepare(self, key: ApiKey, request: ExportTraceServiceRequest | Callable[[], ExportTraceServiceRequest]
+                 ) -> tuple[domain.Decoded, int, list[tuple[str, bytes]], list[Encoded]]:
+        """Parse (when given a parser), map, scrub and encode one export: pure CPU, run in the receiver's pool."""
+        if callable(request):
+            request = request()
         now = datetime.now(UTC)
         window = (now - timedelta(seconds=self.limits.past_s), now + timedelta(seconds=self.limits.future_s))
         decoded = domain.decode(request, tenant=key.tenant, app=key.app, window=window, deployments=key.deployments)
         received = len(decoded.spans) + decoded.rejected
-        metrics.events_in("otlp", received)
         batches, too_large = domain.span_batches(decoded.spans, key.tenant)
         for span in too_large:
             decoded.rejected += 1
@@ -79,20 +116,18 @@ class Receiver:
                 decoded.problem(f"span {event.span_id}: its inference event was refused: {exc.message}")
                 continue
             events.append(encoded)
-        try:
-            if self._slots.locked():
-                raise Busy("too many OTLP exports in flight; retry shortly")
-            async with self._slots:
-                await self._publish(batches, events)
-        except BusUnavailable:
-            await self.retry_asked.bump()
-            raise
-        metrics.events_out("otlp", received - decoded.rejected + len(events))
-        if decoded.rejected:
-            metrics.events_dropped("otlp", decoded.rejected, reason="refused")
-        if decoded.problems:
-            log.info("OTLP export from %s: %d spans refused; %s", key.label, decoded.rejected, decoded.problems[0])
-        return wire.response(decoded.rejected, decoded.problems)
+        return decoded, received, batches, events
+
+    def _decoder(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self._threads, thread_name_prefix="otlp-decode")
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the decoding threads (an export decoding still finishes); a later export starts them again."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     async def _publish(self, batches: list[tuple[str, bytes]], events: list[Encoded]) -> None:
         subject = self.bus.subjects.spans

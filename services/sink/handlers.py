@@ -18,8 +18,9 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
 from lockgate import metrics
 from lockgate.bus import Delivery
-from lockgate.contracts import DeadLetter, InferenceEvent, SpanBatch
-from lockgate.errors import StoreUnavailable
+from lockgate.codec import encode
+from lockgate.contracts import DeadLetter, InferenceEvent, SpanBatch, SpanRecord
+from lockgate.errors import RowsRefused, StoreUnavailable
 from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.sink import domain
 from lockgate.store import Store
@@ -234,10 +235,34 @@ class SinkHandlers:
         )
 
     async def on_spans(self, batch: SpanBatch, delivery: Delivery) -> None:
-        """Persist exported spans (no span of its own: that would trace the tracing)."""
-        await self.ctx.store.ainsert_columns("otel_traces", OTEL_TRACES.columns, OTEL_TRACES.data(batch.spans),
-                                             token=_token(delivery))
+        """Persist exported spans (no span of its own: that would trace the tracing). A span the store refuses
+        is dead-lettered alone; the others of its batch are stored."""
+        refused: list[tuple[SpanRecord, str]] = []
+        await self._insert_spans(batch.spans, _token(delivery), refused)
+        if refused:
+            # Once per message however often it is redelivered; the batch's readable original stays.
+            await self.ctx.bus.dead_letter(
+                "sink-spans", subject=delivery.subject, reason="rejected",
+                payload=encode(msgspec.structs.replace(batch, spans=[span for span, _ in refused])),
+                error="; ".join(f"span {span.span_id}: {why}" for span, why in refused[:20]),
+                headers=delivery.headers, deliveries=delivery.deliveries, msg_id=f"rows-sink-spans-{_token(delivery)}")
         await self.spans.bump(len(batch.spans))
+
+    async def _insert_spans(self, spans: Sequence[SpanRecord], token: str,
+                            refused: list[tuple[SpanRecord, str]]) -> None:
+        try:
+            await self.ctx.store.ainsert_columns("otel_traces", OTEL_TRACES.columns, OTEL_TRACES.data(spans),
+                                                 token=token)
+        except RowsRefused as exc:
+            # One bad row (an event time no DateTime64 holds) failed the insert of every span with it: the halves
+            # are inserted apart, so it costs about 2*log2(n) inserts, not n. Each part has a token of its own,
+            # the same on a redelivery, so a part stored before is not stored again.
+            if len(spans) == 1:
+                refused.append((spans[0], exc.message))
+                return
+            mid = len(spans) // 2
+            await self._insert_spans(spans[:mid], f"{token}/a", refused)
+            await self._insert_spans(spans[mid:], f"{token}/b", refused)
 
     async def on_dead_letter(self, letter: DeadLetter, delivery: Delivery) -> None:
         """Make dead letters queryable."""

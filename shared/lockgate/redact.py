@@ -229,11 +229,12 @@ def _scrub_text(text: str) -> str:
 
 
 def scrub_span(span: SpanRecord) -> SpanRecord:
-    """The span with secrets scrubbed from its free text: name, status message, and the attributes of
-    the span, its resource, its events and its links (an exported span carries whatever its
-    instrumentation recorded: request headers, database statements, prompts)."""
+    """The span with secrets scrubbed from its free text: name, status message, service name, trace state,
+    scope name and version, and the attributes of the span, its resource, its events and its links (and
+    the links' trace state): an exported span carries whatever its instrumentation recorded (request
+    headers, database statements, prompts), and every one of these is a column of `otel_traces`."""
     changed: dict[str, object] = {}
-    for name in ("name", "status_message"):
+    for name in ("name", "status_message", "service", "trace_state", "scope_name", "scope_version"):
         text = getattr(span, name)
         if text and (scrubbed := _scrub_text(text)) != text:
             changed[name] = scrubbed
@@ -246,7 +247,8 @@ def scrub_span(span: SpanRecord) -> SpanRecord:
         if events != span.events:
             changed["events"] = events
     if span.links:
-        links = [(trace, span_id, state, dict(scrub_mapping(attrs))) for trace, span_id, state, attrs in span.links]
+        links = [(trace, span_id, _scrub_text(state), dict(scrub_mapping(attrs)))
+                 for trace, span_id, state, attrs in span.links]
         if links != span.links:
             changed["links"] = links
     return msgspec.structs.replace(span, **changed) if changed else span

@@ -1,7 +1,9 @@
 """OTLP ingest end to end: an application process sends spans with the standard Python OTLP exporter
-(gRPC, then HTTP/protobuf) to the OTLP receiver; time until every span is counted in `otel_traces`.
+(gRPC, then HTTP/protobuf) to the OTLP receiver; time until every span is counted in `otel_traces`. And
+the longest event-loop stall while the receiver takes large exports (in embedded mode the router shares
+that loop).
 
-`python -m tests.bench.bench_otlp --spans 20000` runs it alone.
+`python -m tests.bench.bench_otlp --spans 20000` runs it alone; `--stall-only` runs only the stall figures.
 """
 
 from __future__ import annotations
@@ -137,23 +139,142 @@ async def receiver_capacity(st: Stack, key: str, requests: int = 40, concurrency
             "end_to_end_spans_per_s": round(visible / max(t_visible - t0, 1e-9))}
 
 
+def _large_request(target_bytes: int, tag: str) -> Any:
+    """One OTLP request of about `target_bytes` encoded: spans with a few hundred bytes of attributes each."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    now = time.time_ns()
+    request = ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    rs.resource.attributes.add(key="service.name").value.string_value = f"bench-stall-{tag}"
+    ss = rs.scope_spans.add()
+    filler = "GET /v1/orders?page=2 200 OK " * 8
+    per_span = 0
+    i = 0
+    while per_span == 0 or i * per_span < target_bytes:
+        span = ss.spans.add(name=f"request {i % 50}", trace_id=os.urandom(16), span_id=os.urandom(8), kind=2,
+                            start_time_unix_nano=now, end_time_unix_nano=now + 1_000_000)
+        span.attributes.add(key="http.route").value.string_value = "/ask"
+        span.attributes.add(key="http.response.body").value.string_value = filler
+        span.attributes.add(key="bench.i").value.int_value = i
+        span.events.add(time_unix_nano=now + 1000, name="retry")
+        if i == 0:
+            per_span = max(1, span.ByteSize())
+        i += 1
+    return request
+
+
+async def loop_stall(env: BenchEnv, size_mb: float = 15.0, concurrent: int = 3) -> dict[str, Any]:
+    """The longest event-loop stall (a 5 ms ticker's worst lateness) while the receiver takes one
+    `size_mb` export over each transport and encoding, then `concurrent` at once over HTTP/protobuf."""
+    import aiohttp
+    import grpc
+    from google.protobuf import json_format
+
+    from lockgate.services.otlp import wire
+
+    async with stack(env, "otlp") as st:
+        key = bootstrap(st.ctx.settings.home, tenant="default", app="bench").app_key
+        url = st.services.endpoints["otlp-http"] + "/v1/traces"
+        target = int(size_mb * 2**20)
+        requests = [await asyncio.to_thread(_large_request, target, str(n)) for n in range(max(1, concurrent))]
+        protobuf = [r.SerializeToString() for r in requests]
+        # OTLP/JSON is about twice protobuf's size: a request of half the size, to stay under the 16 MiB limit
+        half = await asyncio.to_thread(_large_request, target // 2, "json")
+        as_json = await asyncio.to_thread(lambda: json_format.MessageToJson(half, indent=None).encode())
+        # OTLP/JSON's ids are hex, not base64: a span's ids as the receiver reads them
+        as_json = await asyncio.to_thread(_hex_ids, as_json)
+        worst = 0.0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal worst
+            tick = 0.005
+            clock = asyncio.get_running_loop()
+            while not stop.is_set():
+                due = clock.time() + tick
+                await asyncio.sleep(tick)
+                worst = max(worst, clock.time() - due)
+
+        async def measured(make: Any) -> dict[str, Any]:
+            nonlocal worst
+            worst = 0.0
+            stop.clear()
+            task = asyncio.create_task(ticker())
+            t0 = time.perf_counter()
+            statuses = await make()
+            elapsed = time.perf_counter() - t0
+            stop.set()
+            await task
+            return {"statuses": statuses, "answered_s": round(elapsed, 3), "longest_loop_stall_ms": round(worst * 1e3, 1)}
+
+        async with aiohttp.ClientSession() as http:
+            async def post(body: bytes, ctype: str) -> int:
+                async with http.post(url, data=body, headers={"x-api-key": key, "Content-Type": ctype}) as r:
+                    await r.read()
+                    return r.status
+
+            async def one_http_protobuf() -> list[int]:
+                return [await post(protobuf[0], wire.PROTOBUF)]
+
+            async def one_http_json() -> list[int]:
+                return [await post(as_json, wire.JSON)]
+
+            async def many_http_protobuf() -> list[int]:
+                return list(await asyncio.gather(*(post(b, wire.PROTOBUF) for b in protobuf)))
+
+            async with grpc.aio.insecure_channel(st.services.endpoints["otlp-grpc"], options=[
+                    ("grpc.max_send_message_length", 32 * 2**20)]) as channel:
+                export = channel.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+
+                async def one_grpc() -> list[str]:
+                    try:
+                        await export(protobuf[0], metadata=(("x-api-key", key),))
+                        return ["OK"]
+                    except grpc.aio.AioRpcError as exc:
+                        return [exc.code().name]
+
+                figures = {"request_bytes": len(protobuf[0]), "json_bytes": len(as_json),
+                           "spans": len(requests[0].resource_spans[0].scope_spans[0].spans),
+                           "http_protobuf": await measured(one_http_protobuf),
+                           "http_json": await measured(one_http_json),
+                           "grpc": await measured(one_grpc),
+                           f"http_protobuf_x{len(protobuf)}": await measured(many_http_protobuf)}
+    return figures
+
+
+def _hex_ids(body: bytes) -> bytes:
+    import base64
+
+    doc = json.loads(body)
+    for rs in doc["resourceSpans"]:
+        for ss in rs["scopeSpans"]:
+            for span in ss["spans"]:
+                for k in ("traceId", "spanId"):
+                    span[k] = base64.b64decode(span[k]).hex()
+    return json.dumps(doc).encode()
+
+
 async def run(env: BenchEnv, n: int = 20_000, timeout_s: float = 300.0) -> dict[str, Any]:
-    """OTLP ingest spans/s end to end with the standard Python exporter, gRPC and HTTP."""
+    """OTLP ingest spans/s end to end with the standard Python exporter, gRPC and HTTP; the loop's stalls."""
     async with stack(env, "sink", "otlp") as st:
         key = bootstrap(st.ctx.settings.home, tenant="default", app="bench").app_key
         grpc_figures = await _send(env, st, "grpc", key, n, timeout_s)
         http_figures = await _send(env, st, "http", key, n, timeout_s)
         capacity = await receiver_capacity(st, key, timeout_s=timeout_s)
     return {"bench": "otlp", "export_batch": EXPORT_BATCH, "grpc": grpc_figures, "http_protobuf": http_figures,
-            "receiver_capacity_grpc": capacity}
+            "receiver_capacity_grpc": capacity, "loop_stall_15mb": await loop_stall(env)}
 
 
-async def _main(n: int) -> None:
+async def _main(n: int, stall_only: bool) -> None:
     async with bench_env() as env:
-        print(json.dumps(await run(env, n), indent=2))
+        figures = {"bench": "otlp", "loop_stall_15mb": await loop_stall(env)} if stall_only else await run(env, n)
+        print(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--spans", type=int, default=20_000)
-    asyncio.run(_main(parser.parse_args().spans))
+    parser.add_argument("--stall-only", action="store_true", help="only the event-loop stall figures")
+    args = parser.parse_args()
+    asyncio.run(_main(args.spans, args.stall_only))

@@ -514,3 +514,129 @@ async def test_a_scoped_keys_model_call_must_name_a_deployment_of_its_scope(
     sink = stack["sink"].handlers
     await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="event stored")
     assert store.rows("SELECT app, deployment FROM inference_events") == [{"app": "shop", "deployment": "support"}]
+
+
+def _protobuf_post(url: str, key: str, request: trace_service_pb2.ExportTraceServiceRequest) -> Any:
+    """POST one OTLP/HTTP protobuf export; (status, parsed answer, headers)."""
+    async def post(http: aiohttp.ClientSession) -> tuple[int, Any, Any]:
+        async with http.post(url, data=request.SerializeToString(),
+                             headers={"x-api-key": key, "Content-Type": "application/x-protobuf"}) as r:
+            body = await r.read()
+            parsed = (trace_service_pb2.ExportTraceServiceResponse.FromString(body) if r.status == 200
+                      else status_pb2.Status.FromString(body))
+            return r.status, parsed, r.headers
+    return post
+
+
+async def test_a_span_event_time_the_store_cannot_hold_refuses_that_span_alone(
+        stack: Any, store: Store, keys: Bootstrap) -> None:
+    # An event at 2**64-1 ns (year 2554) or in 2300 fails a DateTime64(9) column: the sink dead-lettered the
+    # whole SpanBatch, so the 5 valid spans sent with it were lost while the exporter was answered 200.
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    rs.resource.attributes.add(key="service.name").value.string_value = "poisoned"
+    spans = rs.scope_spans.add().spans
+    now = time.time_ns()
+    year_2300 = 10_413_792_000 * 10**9
+    for n in range(7):
+        span = spans.add(name=f"span {n}", trace_id=b"\x07" * 16, span_id=bytes([n + 1]) * 8,
+                         start_time_unix_nano=now, end_time_unix_nano=now + 10**6)
+        span.events.add(name="retry", time_unix_nano=now + 1000)
+        if n == 0:
+            span.attributes.extend([KeyValue(key="gen_ai.operation.name", value=AnyValue(string_value="chat")),
+                                    KeyValue(key="gen_ai.request.model", value=AnyValue(string_value="gpt-4o-mini"))])
+    spans[5].events.add(name="endless", time_unix_nano=2**64 - 1)
+    spans[6].events.add(name="far", time_unix_nano=year_2300)
+    async with aiohttp.ClientSession() as http:
+        status, reply, _ = await _protobuf_post(stack.endpoints["otlp-http"] + "/v1/traces", keys.app_key, request)(http)
+    assert status == 200
+    assert reply.partial_success.rejected_spans == 2
+    message = reply.partial_success.error_message
+    assert f"span {'06' * 8} refused: its event 1 ('endless') time 2554-" in message, message
+    assert f"span {'07' * 8} refused: its event 1 ('far') time 2300-" in message, message
+    assert "outside the accepted window" in message
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "otel_traces", "ServiceName = 'poisoned'") == 5, [sink.spans],
+                     what="the 5 valid spans stored")
+    await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="the model call's event")
+    assert sorted(r["SpanName"] for r in store.rows("SELECT SpanName FROM otel_traces")) == [
+        f"span {n}" for n in range(5)]
+    assert sink.dead_letters.count == 0
+
+
+async def test_service_name_trace_state_and_scope_are_scrubbed_too(stack: Any, store: Store, keys: Bootstrap) -> None:
+    # ServiceName, TraceState, ScopeName, ScopeVersion and a link's TraceState kept an API key intact, while
+    # the same key in ResourceAttributes['service.name'] was masked.
+    secret = "sk-proj-" + "Q9w8E7r6" * 4
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    rs = request.resource_spans.add()
+    rs.resource.attributes.add(key="service.name").value.string_value = secret
+    ss = rs.scope_spans.add()
+    ss.scope.name, ss.scope.version = f"lib {secret}", f"1.0+{secret}"
+    span = ss.spans.add(name="leaky", trace_id=b"\x09" * 16, span_id=b"\x09" * 8, trace_state=f"vendor={secret}",
+                        start_time_unix_nano=time.time_ns())
+    span.links.add(trace_id=b"\x0a" * 16, span_id=b"\x0a" * 8, trace_state=f"other={secret}")
+    async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"]) as channel:
+        reply = await trace_service_pb2_grpc.TraceServiceStub(channel).Export(
+            request, metadata=(("x-api-key", keys.app_key),))
+    assert not reply.HasField("partial_success")
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "otel_traces", "SpanName = 'leaky'") == 1, [sink.spans],
+                     what="the span stored")
+    row = store.rows("SELECT * FROM otel_traces WHERE SpanName = 'leaky'")[0]
+    assert secret not in repr(row), row
+    assert (row["ServiceName"], row["ResourceAttributes"]["service.name"]) == ("[REDACTED]", "[REDACTED]")
+    assert (row["TraceState"], row["ScopeName"], row["ScopeVersion"]) == (
+        "vendor=[REDACTED]", "lib [REDACTED]", "1.0+[REDACTED]")
+    assert row["Links.TraceState"] == ["other=[REDACTED]"]
+
+
+async def test_an_export_being_decoded_holds_a_slot_and_leaves_the_event_loop_free(
+        run_services: Callable[..., Any], keys: Bootstrap, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 15 MB export was parsed, mapped and scrubbed on the event loop, before it took an in-flight slot: the
+    # router (same loop, embedded) stalled for seconds, and concurrent exports were not bounded at all.
+    import threading
+
+    from lockgate.services.otlp import domain
+
+    otlp = (await run_services("otlp"))["otlp"]
+    otlp.receiver._slots = asyncio.Semaphore(1)  # one export at a time, so the second finds the slots full
+    decoding, release = threading.Event(), threading.Event()
+    released: list[bool] = []  # whether the hold ended by the test's release (not by its timeout)
+    decode = domain.decode
+
+    def held(request: Any, **kwargs: Any) -> Any:
+        if request.resource_spans[0].scope_spans[0].spans[0].name == "held":
+            decoding.set()
+            # On the event loop (before), this froze the test too, so nothing released it before its timeout.
+            released.append(release.wait(timeout=5))
+        return decode(request, **kwargs)
+
+    monkeypatch.setattr(domain, "decode", held)
+
+    def one(name: str) -> trace_service_pb2.ExportTraceServiceRequest:
+        request = trace_service_pb2.ExportTraceServiceRequest()
+        request.resource_spans.add().scope_spans.add().spans.add(
+            name=name, trace_id=b"\x0b" * 16, span_id=bytes([len(name)]) * 8, start_time_unix_nano=time.time_ns())
+        return request
+
+    url = otlp.endpoints["otlp-http"] + "/v1/traces"
+    async with aiohttp.ClientSession() as http:
+        first = asyncio.create_task(_protobuf_post(url, keys.app_key, one("held"))(http))
+        assert await asyncio.to_thread(decoding.wait, 10)
+        try:
+            # Answered while the first export is still being decoded: the loop is free, and the slot is taken.
+            status, answer, headers = await _protobuf_post(url, "lg-not-a-key", one("other"))(http)
+            assert status == 401
+            status, answer, headers = await _protobuf_post(url, keys.app_key, one("second"))(http)
+            assert (status, headers["Retry-After"]) == (503, "1")
+            assert "too many OTLP exports in flight" in answer.message
+            assert answer.details[0].Is(error_details_pb2.RetryInfo.DESCRIPTOR)
+            assert not first.done()
+        finally:
+            release.set()
+        status, reply, _ = await first
+        assert released == [True], "the event loop was blocked while the export was decoded"
+        assert status == 200 and not reply.HasField("partial_success")
+        status, _, _ = await _protobuf_post(url, keys.app_key, one("second"))(http)  # the slot is free again
+        assert status == 200

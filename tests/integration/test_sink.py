@@ -9,8 +9,16 @@ import nats
 import pytest
 
 from lockgate.bus import Bus, Delivery
-from lockgate.codec import Codec
-from lockgate.contracts import CostEntry, CostLedger, DriftReport, FeatureDrift, InferenceEvent
+from lockgate.codec import Codec, encode
+from lockgate.contracts import (
+    CostEntry,
+    CostLedger,
+    DriftReport,
+    FeatureDrift,
+    InferenceEvent,
+    SpanBatch,
+    SpanRecord,
+)
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
 from lockgate.store import Store
@@ -181,3 +189,30 @@ async def test_an_event_resent_under_another_message_id_later_is_stored_once(
     await svcs["sink"].handlers.events.wait_for(18)
     assert store.scalar("SELECT count() FROM inference_events") == 13
     assert store.scalar("SELECT uniqExact(id) FROM inference_events") == 13
+
+
+async def test_a_span_the_store_refuses_is_dead_lettered_alone(run_services, bus: Bus, store: Store) -> None:
+    # One span event at 2**64-1 ns (year 2554, past DateTime64(9)) failed the insert of its whole SpanBatch,
+    # which was dead-lettered: every valid span published with it was lost. (A batch published before the
+    # OTLP receiver refused such spans, or by another producer.)
+    now = datetime.now(UTC)
+
+    def span(n: int, event_at: datetime) -> SpanRecord:
+        return SpanRecord(timestamp=now, trace_id="0c" * 16, span_id=f"{n:016x}", parent_span_id="", trace_state="",
+                          name=f"span {n}", kind="Internal", service="batch", resource={}, scope_name="",
+                          scope_version="", attributes={}, duration_ns=1000, status_code="Unset", status_message="",
+                          events=[(event_at, "retry", {})])
+
+    endless = datetime.fromtimestamp((2**64 - 1) / 1e9, UTC)
+    spans = [span(n, endless if n == 3 else now) for n in range(6)]
+    svcs = await run_services("sink")
+    sink = svcs["sink"].handlers
+    await bus.publish(bus.subjects.spans, encode(SpanBatch(id="poisoned-batch", spans=spans)), msg_id="poisoned-batch")
+    await sink.dead_letters.wait_for(1)  # sent once the others were stored
+    assert sorted(r["SpanName"] for r in store.rows("SELECT SpanName FROM otel_traces")) == [
+        f"span {n}" for n in (0, 1, 2, 4, 5)]
+    await sink.spans.wait_for(6)
+    letter = store.rows("SELECT origin, reason, error FROM dead_letters")
+    assert len(letter) == 1 and (letter[0]["origin"], letter[0]["reason"]) == ("sink-spans", "rejected")
+    assert f"span {3:016x}: insert into otel_traces refused the rows" in letter[0]["error"]
+    assert "Events.Timestamp" in letter[0]["error"]

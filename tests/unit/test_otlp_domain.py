@@ -71,6 +71,37 @@ def test_spans_outside_the_time_window_are_refused_alone() -> None:
     assert "1970-01-01T00:00:00+00:00 is outside the accepted window" in out.problems[0]
 
 
+@pytest.mark.parametrize("event_ns", [0, 2**64 - 1, 10_413_792_000 * 10**9])  # 1970, 2554, 2300
+def test_a_span_with_an_event_outside_the_time_window_is_refused_alone(event_ns: int) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.fromtimestamp(NOW / 1e9, UTC)
+    window = (now - timedelta(days=30), now + timedelta(hours=1))
+    bad = span(spanId="0000000000000001", events=[{"timeUnixNano": str(NOW), "name": "ok"},
+                                                  {"timeUnixNano": str(event_ns), "name": "late"}])
+    for out in (domain.decode(request(span(), bad), tenant="acme", app="a", window=window),
+                domain.decode(request(span(), bad), tenant="acme", app="a") if event_ns == 2**64 - 1 else None):
+        if out is None:
+            continue
+        assert [s.span_id for s in out.spans] == [SPAN] and out.rejected == 1
+        assert out.problems[0].startswith("span 0000000000000001 refused: its event 1 ('late') time ")
+        assert "outside the accepted window" in out.problems[0]
+
+
+def test_service_name_trace_state_and_scope_are_scrubbed() -> None:
+    key = "sk-proj-" + "Q9w8E7r6" * 4
+    body = {"resourceSpans": [{"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": key}}]},
+                               "scopeSpans": [{"scope": {"name": f"lib {key}", "version": key},
+                                               "spans": [span(traceState=f"v={key}",
+                                                              links=[{"traceId": TRACE, "spanId": PARENT,
+                                                                      "traceState": f"w={key}"}])]}]}]}
+    (rec,) = domain.decode(wire.request_from_json(msgspec.json.encode(body)), tenant="acme", app="a").spans
+    assert key not in repr(rec)
+    assert (rec.service, rec.resource["service.name"], rec.trace_state, rec.scope_name, rec.scope_version) == (
+        "[REDACTED]", "[REDACTED]", "v=[REDACTED]", "lib [REDACTED]", "[REDACTED]")
+    assert rec.links[0][2] == "w=[REDACTED]"
+
+
 def test_another_tenants_span_refuses_the_request() -> None:
     with pytest.raises(Forbidden, match="tenant 'globex'"):
         domain.decode(request(span(), resource={"lockgate.tenant": "globex"}), tenant="acme", app="a")
