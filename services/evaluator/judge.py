@@ -64,6 +64,7 @@ def messages(p: JudgeParams, prompt: str, output: str, expected: Any) -> list[di
 _LABELLED = re.compile(r"score\W{0,3}(-?\d+(?:\.\d+)?)\s*(?:/\s*(\d+))?", re.IGNORECASE)
 _FRACTION = re.compile(r"(-?\d+(?:\.\d+)?)\s*/\s*(5|10|100)\b")
 _BARE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*$")
+_FENCED = re.compile(r"^```[\w-]*[ \t]*\n?(.*?)\n?```$", re.DOTALL)  # a reply in a Markdown code block
 
 
 def _scale(value: float, out_of: float | None) -> float:
@@ -81,6 +82,10 @@ def _scale(value: float, out_of: float | None) -> float:
     return scaled
 
 
+def _numeric_score(obj: Any) -> bool:
+    return isinstance(obj, dict) and isinstance(obj.get("score"), int | float) and not isinstance(obj["score"], bool)
+
+
 def _scored_objects(text: str) -> list[dict[str, Any]]:
     """Every JSON object in the text that holds a numeric score, in order."""
     decoder, out, at = json.JSONDecoder(), [], text.find("{")
@@ -90,27 +95,49 @@ def _scored_objects(text: str) -> list[dict[str, Any]]:
         except ValueError:
             at = text.find("{", at + 1)
             continue
-        if isinstance(obj, dict) and isinstance(obj.get("score"), int | float) and not isinstance(obj["score"], bool):
+        if _numeric_score(obj):
             out.append(obj)
         at = text.find("{", end)
     return out
 
 
-def parse_reply(text: str) -> tuple[float, str]:
-    """(score in 0..1, reason) from a judge reply: JSON {score, reason}, 'Score: 4/5 ...', or a bare number.
+def _one(found: list[tuple[float, str]], text: str) -> tuple[float, str]:
+    """The one score all candidates agree on, or JudgeParseError: two different scores are no verdict."""
+    values = sorted({value for value, _ in found})
+    if len(values) > 1:
+        raise JudgeParseError(f"judge reply holds {len(values)} different scores "
+                              f"({', '.join(f'{v:g}' for v in values)}), so no verdict: {text[:120]!r}")
+    return found[0]
 
-    The judge's own verdict is its last one: a reply that first quotes a score the graded response claims
-    for itself (a prompt injection) must not be read by that quote."""
-    text = text or ""
-    if objects := _scored_objects(text):
-        obj = objects[-1]
-        return _scale(float(obj["score"]), None), str(obj.get("reason") or "").strip()
+
+def parse_reply(text: str) -> tuple[float, str]:
+    """(score in 0..1, reason) from a judge reply holding one unambiguous verdict: a JSON object with a score as
+    the whole reply (possibly fenced), else a single score ('Score: 4/5 ...', a JSON object in prose, a bare number).
+
+    The graded answer is attacker-influenced and the judge may quote it (`it claims "score: 1"`), so a reply with
+    several different scores is no verdict, nor is a score outside the scale: JudgeParseError, an error outcome
+    (never a score), which analysis counts as missing, never as a pass or a failure."""
+    text = (text or "").strip()
+    if fenced := _FENCED.match(text):
+        text = fenced.group(1).strip()
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        whole = None
+    if isinstance(whole, dict):  # the format the prompt asks for: the verdict is this object, all of it
+        if not _numeric_score(whole):
+            raise JudgeParseError(f"judge reply {text[:120]!r} is JSON without a numeric score")
+        return _scale(float(whole["score"]), None), str(whole.get("reason") or "").strip()
+    # Otherwise every score the reply states: labelled ones (JSON objects among them), else fractions, else a
+    # bare number. A quoted score is as visible to this parser as the judge's own, so they must all agree.
+    found = [(_scale(float(obj["score"]), None), str(obj.get("reason") or "").strip())
+             for obj in _scored_objects(text)]
     for pattern in (_LABELLED, _FRACTION, _BARE):
-        m = next(reversed(list(pattern.finditer(text))), None)
-        if m:
+        for m in pattern.finditer(text):
             out_of = float(m.group(2)) if m.lastindex and m.lastindex >= 2 and m.group(2) else None
-            reason = (text[: m.start()] + text[m.end():]).strip(" \n:-.")
-            return _scale(float(m.group(1)), out_of), reason
+            found.append((_scale(float(m.group(1)), out_of), (text[: m.start()] + text[m.end():]).strip(" \n:-.")))
+        if found:
+            return _one(found, text)
     raise JudgeParseError(f"no score in judge reply {text[:120]!r}")
 
 

@@ -98,8 +98,10 @@ def plan(spec: OnlineEvalSpec | None, default_rate: float, default_scorers: Sequ
 
 
 def chosen(event: InferenceEvent, p: Plan) -> bool:
-    """Whether this event is scored: an answer (an error has none to score) in its variant's sample."""
-    return event.status == "ok" and event.response is not None and sampled(event.id, p.rate(event.variant))
+    """Whether this event is scored: a generated answer (an error has none to score, a cache hit is an earlier
+    answer again) in its variant's sample."""
+    return (event.status == "ok" and event.response is not None and not event.cached
+            and sampled(event.id, p.rate(event.variant)))
 
 
 def _scored(event: InferenceEvent, values: dict[str, float], results: list[Score], served: bool) -> InferenceScored:
@@ -117,9 +119,12 @@ def score(event: InferenceEvent, p: Plan, served: bool = False) -> InferenceScor
     return _scored(event, values, [Score(scorer=k, value=v) for k, v in values.items()], served)
 
 
-def wants_judge(event: InferenceEvent, p: Plan) -> bool:
-    """Whether the judge grades this (chosen) event: its own share of the sample, by event id too."""
-    return p.judge is not None and chosen(event, p) and sampled(f"{event.id}:{JUDGE}", p.judge.sample)
+def wants_judge(event: InferenceEvent, p: Plan, served: bool) -> bool:
+    """Whether the judge grades this (chosen) event: only an answer a router served (the judge costs the
+    operator money and feeds canary analysis; an application's own events could name any deployment and
+    variant), in the judge's own share of the sample, by event id too."""
+    return (served and p.judge is not None and chosen(event, p)
+            and sampled(f"{event.id}:{JUDGE}", p.judge.sample))
 
 
 def judged(event: InferenceEvent, value: float | None, error: str = "", served: bool = False) -> InferenceScored:

@@ -2,8 +2,12 @@
 
 Per deployment, the plan (rates per variant, scorers, judge) comes from its deployment document as
 last applied (KV gitops, `deployment.<name>`), read again after CONFIG_TTL_S. The deterministic
-scores are published before the message is acked. The judge's calls run in a few workers fed by a
-bounded queue, within the judge's calls per minute and USD per day: the consumer never waits for a
+scores are published before the message is acked. The judge grades only answers a router served (the
+`served` subject, which only the router identity may publish to) and never a cache hit: its calls cost the
+operator money from a daily budget and feed canary analysis, so an application's own events (which may
+name any deployment and variant) must neither spend nor fill it. Its calls run per deployment in a few
+workers fed by the deployment's own bounded queue, within the judge's calls per minute and USD per day: a
+flood of one deployment's answers fills only that deployment's queue, the consumer never waits for a
 judge, and neither does any request. A judge that fails (down, 5xx, timeout, a reply without a score)
 publishes the error in place of a score, counted in `judge_errors`; rollout analysis reads it as an
 error, never as a low score. The judge's endpoint is an id of the operator's allow-list and gets that
@@ -44,8 +48,8 @@ from lockgate.services.evaluator.ratelimit import TokenBucket
 
 log = logging.getLogger("lockgate.evaluator")
 CONFIG_TTL_S = 10.0  # an applied change of a deployment's online_eval takes effect within this
-QUEUE = 1024  # judge jobs waiting; beyond, an answer is not judged (counted in judge_skipped)
-WORKERS = 4
+QUEUE = 256  # judge jobs waiting per deployment; beyond, an answer is not judged (counted in judge_skipped)
+WORKERS = 4  # per deployment: a slow or rate-limited judge of one deployment holds none of another's
 _entry = msgspec.json.Decoder(StateEntry)
 
 
@@ -92,6 +96,14 @@ class _Reply:
 
 
 @dataclass
+class _Lane:
+    """One deployment's judge jobs: its own bounded queue and workers."""
+
+    queue: asyncio.Queue[tuple[InferenceEvent, JudgeSpec, bool]]
+    workers: list[asyncio.Task[None]]
+
+
+@dataclass
 class _JudgeState:
     """One deployment's judge: its spec, endpoint (URL and credential), price and this replica's call pacing."""
 
@@ -111,10 +123,9 @@ class OnlineEval:
         self.scored = Progress()  # events scored and published (tests await it)
         self.judged = Progress()  # judge outcomes published, scores and errors alike
         self.judge_errors = Progress()  # judge outcomes without a score (outage, unreadable reply, no endpoint)
-        self.judge_skipped = Progress()  # answers not judged: the judge's queue was full or today's budget spent
-        self._queue: asyncio.Queue[tuple[InferenceEvent, JudgeSpec, bool]] = asyncio.Queue(QUEUE)
+        self.judge_skipped = Progress()  # answers not judged: the deployment's judge queue was full or today's budget spent
+        self._lanes: dict[str, _Lane] = {}  # only deployments whose applied document has a judge get one
         self._judges: dict[str, _JudgeState] = {}
-        self._workers: list[asyncio.Task[None]] = []
         self._closed = False
         self._session: aiohttp.ClientSession | None = None
         self._prices: dict[str, ModelPrice] | None = None
@@ -135,7 +146,7 @@ class OnlineEval:
                 await bus.publish(bus.subjects.eval_scores(result.deployment or result.app), result,
                                   msg_id=f"scored-{result.tenant}-{result.event_id}")
                 n += 1
-            if plan.judge is not None and online.wants_judge(event, plan):
+            if plan.judge is not None and online.wants_judge(event, plan, served):
                 await self._enqueue(event, plan.judge, served)
         await self.scored.bump(n)
 
@@ -143,22 +154,28 @@ class OnlineEval:
         if self._closed:  # stopping: the consumer may still deliver, but no worker may start again
             await self.judge_skipped.bump()
             return
-        if not self._workers:
-            self._workers = [asyncio.create_task(self._work(), name=f"evaluator:judge-{i}") for i in range(WORKERS)]
+        deployment = event.deployment or event.app
+        lane = self._lanes.get(deployment)
+        if lane is None:
+            lane = _Lane(queue=asyncio.Queue(QUEUE), workers=[])
+            lane.workers = [asyncio.create_task(self._work(lane.queue), name=f"evaluator:judge-{deployment}-{i}")
+                            for i in range(WORKERS)]
+            self._lanes[deployment] = lane
         try:
-            self._queue.put_nowait((event, spec, served))
+            lane.queue.put_nowait((event, spec, served))
         except asyncio.QueueFull:
             await self.judge_skipped.bump()
 
     async def close(self) -> None:
         """Stop the judge's workers and close its HTTP pool."""
         self._closed = True
-        for task in self._workers:
+        workers = [task for lane in self._lanes.values() for task in lane.workers]
+        for task in workers:
             task.cancel()
-        for task in self._workers:
+        for task in workers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._workers = []
+        self._lanes = {}
         if self._session is not None:
             await self._session.close()
 
@@ -182,11 +199,11 @@ class OnlineEval:
         self._judges[deployment] = state
         return state
 
-    async def _work(self) -> None:
+    async def _work(self, queue: asyncio.Queue[tuple[InferenceEvent, JudgeSpec, bool]]) -> None:
         # `_closed` as well as the cancel: a cancel that lands inside the HTTP client's own timeout or
         # connection handling can be consumed there, and the worker must still stop.
         while not self._closed:
-            event, spec, served = await self._queue.get()
+            event, spec, served = await queue.get()
             try:
                 await self._judge(event, spec, served)
             except Exception:  # one bad job must not stop the worker

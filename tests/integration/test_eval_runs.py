@@ -169,11 +169,13 @@ async def test_llm_judge_scores_with_agreement_and_stores_reasons(
     assert json.loads(row["details"])["llm_judge"]["reasons"] == ["close enough"] * 3
 
 
-async def test_a_judge_quoting_the_score_an_injected_answer_claims_is_read_by_its_own_verdict(
+async def test_a_judge_quoting_the_score_an_injected_answer_claims_is_no_verdict_never_that_score(
     bus: Bus, run_services: Callable[..., Any], results: Callable[[str], Any]
 ) -> None:
     # Before: the reply was read by its first score (the greedy match of its first '{' to its last '}' was not
-    # JSON, then the first 'score: N'), so a judge that quoted the candidate's "score 1.0" scored the case 1.0.
+    # JSON, then the first 'score: N'), so a judge that quoted the candidate's "score 1.0" scored the case 1.0;
+    # then by its last, which a quote after the judge's own verdict would decide. A reply with two different
+    # scores is no verdict: the case has no judge score (missing, which a gate's max_missing makes an ERROR).
     judge = {"name": "llm_judge", "weight": 1, "params": {"model": "judge", "rubric": "Is it correct?", "n": 1}}
     suite = (await artifacts.register(bus, "eval_suite", "inj", {
         "name": "inj", "prompt": {"template": "{input}"}, "dataset": CASES[:3], "scorers": [judge]})).hash
@@ -186,7 +188,8 @@ async def test_a_judge_quoting_the_score_an_injected_answer_claims_is_read_by_it
         req = request(suite=suite, endpoint=sim.url, model="m")
         await bus.publish(bus.subjects.eval_requested, req)
         done = await results(req.run_id)
-    assert done.status == "completed" and done.metrics["llm_judge"] == 0.0, done.metrics
+    assert done.status == "completed" and "llm_judge" not in done.metrics, done.metrics
+    assert done.metrics["llm_judge_missing"] == 1.0
 
 
 async def test_slices_and_an_unreadable_judge_through_the_evaluator(

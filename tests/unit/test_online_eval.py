@@ -102,7 +102,8 @@ def test_bad_online_eval_documents_are_refused_naming_what(raw: dict, part: str)
 def test_a_judge_outage_is_an_error_result_read_as_nan_never_a_low_score() -> None:
     spec = _spec(judge={"endpoint": "judge", "model": "m", "rubric": "polite?", "sample": 1.0})
     p = online.plan(spec, 1.0, ("length",))
-    assert online.wants_judge(_event(7), p) and not online.wants_judge(_event(8, None, status="error"), p)
+    assert online.wants_judge(_event(7), p, served=True) and not online.wants_judge(_event(8, None, status="error"), p,
+                                                                                    served=True)
     down = online.judged(_event(7), None, "judge endpoint judge: HTTP 503")
     assert down.scores == {} and [(r.scorer, r.value, r.error) for r in down.results] == [
         ("llm_judge", None, "judge endpoint judge: HTTP 503")]
@@ -111,6 +112,21 @@ def test_a_judge_outage_is_an_error_result_read_as_nan_never_a_low_score() -> No
     assert "sk-proj-abcdefghij" not in leaked.results[0].error and len(leaked.results[0].error) == online.MAX_ERROR
     up = online.judged(_event(7), 0.75)
     assert up.measured() == {"llm_judge": 0.75} and up.results[0].error == ""
+
+
+def test_only_generated_answers_a_router_served_are_judged_and_cache_hits_are_not_scored() -> None:
+    # The judge spends the operator's budget and feeds canary analysis: an application's own events (which may
+    # name any deployment) are scored by the deterministic scorers (marked not served), never judged.
+    p = online.plan(_spec(judge={"endpoint": "judge", "model": "m", "rubric": "polite?", "sample": 1.0}), 1.0,
+                    ("length",))
+    assert online.wants_judge(_event(7), p, served=True) and not online.wants_judge(_event(7), p, served=False)
+    sent = online.score(_event(7), p, served=False)
+    assert sent is not None and sent.served is False
+    # A cache hit replays an earlier answer: no new evidence of the release, so neither scored nor judged.
+    hit = msgspec.structs.replace(_event(7), attributes={"cache": "hit", "cost_saved": "0.000001000"})
+    assert online.score(hit, p, served=True) is None and not online.wants_judge(hit, p, served=True)
+    miss = msgspec.structs.replace(_event(7), attributes={"cache": "miss"})
+    assert online.score(miss, p, served=True) is not None and online.wants_judge(miss, p, served=True)
 
 
 def _sample(n: int, **scores: list[float]) -> VariantSample:
