@@ -57,6 +57,7 @@ from lockgate.services.router.budgets import (
     lease_ask,
     most_output,
     period_id,
+    pointed_at,
     resolve,
 )
 from lockgate.services.router.cache import (
@@ -96,6 +97,10 @@ class GatewayFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     fail_open: bool = False
     default_max_tokens: Annotated[int, msgspec.Meta(gt=0)] = 4096
     bytes_per_token: Positive = 1.0  # input estimate from body bytes; 1.0 never under-counts a byte-level tokenizer
+    # Input a body points at without carrying it (budgets.pointed_at): per image part, and once for a stored
+    # response, conversation or file (up to a model's whole context window).
+    media_tokens: Annotated[int, msgspec.Meta(ge=0)] = 1500
+    stored_input_tokens: Annotated[int, msgspec.Meta(ge=0)] = 200_000
     lease_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.05
     lease_s: Positive = 5.0
     # a KV round trip under load; past it the request fails closed (or open). Not on the hot path: leases only.
@@ -169,16 +174,18 @@ class Admission:
     # -- admission ---------------------------------------------------------------------------------
 
     async def admit(self, key: ApiKey, deployment: str, model: str, req: ApiRequest, body_bytes: int,
-                    sent: Sequence[OutputLimits] = ()) -> Ticket | web.Response:
+                    sent: Sequence[OutputLimits] = (), body: bytes = b"") -> Ticket | web.Response:
         """Reserve the request's largest cost on every budget that covers it, after its rate limits;
         a Ticket to settle after the call, or the 429/503 answer. `body_bytes`: the length of the longest
         body an upstream of this request may receive (input_estimate); `sent`: the output limits of each
-        (a release's params or a provider's translation may set others than the client's)."""
+        (a release's params or a provider's translation may set others than the client's); `body`: the
+        client's, for what it points at (images, stored state: budgets.pointed_at)."""
         if not self.active:
             return OPEN
         max_out = most_output(req, self.file.default_max_tokens, sent)
         price = self.prices.get(model)
-        cost = cost_of(price, input_estimate(body_bytes, req, self.file.bytes_per_token), max_out)
+        pointed = pointed_at(body, self.file.media_tokens, self.file.stored_input_tokens)
+        cost = cost_of(price, input_estimate(body_bytes, req, self.file.bytes_per_token, pointed), max_out)
         if self.limiter and (refused := await self._rate_limit(key, cost.tokens)):
             return error_response(429, refused.message, "requests", code="rate_limit_exceeded",
                                   headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s)))})

@@ -148,18 +148,33 @@ def period_id(period: Period, now: datetime) -> str:
 TOOLS_TOKENS = 1000
 
 
-def input_estimate(body_bytes: int, req: ApiRequest, bytes_per_token: float) -> int:
+# What a body only points at, and the tokens reserved for each pointer found. JSON escapes every quote inside a
+# string, so a quoted key or type name below occurs in a body only as a key or a value, never inside text.
+_MEDIA = (b'"image_url"', b'"input_image"')  # an image part (chat names it twice: its type and its key)
+_STORED = (b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"input_file"')
+
+
+def pointed_at(body: bytes, media_tokens: int, stored_tokens: int) -> int:
+    """Input tokens a request body refers to without carrying them: `media_tokens` for each image part
+    found, and `stored_tokens` (up to a model's whole context) once if it names a stored response,
+    conversation or file. Counted in C over the bytes; an over-count only reserves more."""
+    media = sum(body.count(p) for p in _MEDIA) * media_tokens
+    return media + (stored_tokens if any(p in body for p in _STORED) else 0)
+
+
+def input_estimate(body_bytes: int, req: ApiRequest, bytes_per_token: float, pointed: int = 0) -> int:
     """An upper bound of a request's input tokens, from the length of its body as the upstream receives it.
 
     Every text an upstream reads is in that body, whatever field carries it (messages and their tool calls,
     tools, response_format, prompt, input, instructions, a provider translation's fields), as JSON, which
     only lengthens text, and no byte-level tokenizer makes more tokens than bytes (bytes_per_token 1.0).
     Counting fields instead missed every one not counted (a Responses API `instructions` of 250 KB was
-    reserved as 20 tokens). Plus a few tokens per message for the chat template, and TOOLS_TOKENS when
-    tools are declared. Not bounded: what the body only points at (images and files by URL or id, a
-    stored previous response or prompt, a hosted tool's results)."""
+    reserved as 20 tokens). Plus a few tokens per message for the chat template, TOOLS_TOKENS when tools are
+    declared, and `pointed`: what the body only points at (`pointed_at`: images, a stored response,
+    conversation or file). Still not bounded: a hosted tool's results (web or file search) and a stored prompt
+    template by id."""
     tools = TOOLS_TOKENS if req.declares_tools() else 0
-    return math.ceil(body_bytes / bytes_per_token) + 8 * len(req.messages) + 3 + tools
+    return math.ceil(body_bytes / bytes_per_token) + 8 * len(req.messages) + 3 + tools + pointed
 
 
 def most_output(req: ApiRequest, default_max_tokens: int, sent: Sequence[OutputLimits] = ()) -> int:

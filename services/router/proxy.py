@@ -263,7 +263,8 @@ class Proxy:
         # is bounded by the bodies the upstreams get (a release's patch or a translation may lengthen them).
         # The output too: a release's params or a translation may set another max_tokens than the client's.
         sent = [req if hop.body is body else _output_limits.decode(hop.body) for hop in hops]
-        ticket = await self.admission.admit(key, deployment, model, req, max(len(hop.body) for hop in hops), sent)
+        ticket = await self.admission.admit(key, deployment, model, req, max(len(hop.body) for hop in hops), sent,
+                                            body)
         if isinstance(ticket, web.Response):
             return ticket
 

@@ -623,6 +623,30 @@ async def test_a_chat_request_heavy_outside_its_messages_content_is_refused_befo
     assert (await counter(router.ctx.bus, f"day-tokens.{_today()}")).tokens == answered["usage"]["total_tokens"]
 
 
+@pytest.mark.parametrize(("path", "body"), [
+    # A stored response (up to a model's whole context) and a stored conversation: none of it in the body.
+    ("/v1/responses", {"model": MODEL, "input": "and now?", "previous_response_id": "resp_1", "max_output_tokens": 5}),
+    ("/v1/responses", {"model": MODEL, "input": "and now?", "conversation": "conv_1", "max_output_tokens": 5}),
+    # Images by URL: each is tokens the upstream reads that no byte of the body carries.
+    ("/v1/chat/completions", {"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is in these?"},
+        *({"type": "image_url", "image_url": {"url": f"https://img.example/{i}.png"}} for i in range(8))]}]}),
+], ids=["previous-response", "conversation", "images"])
+async def test_what_a_body_only_points_at_is_reserved_too(settings: Settings, store: Store, stack: Stack,
+                                                          sim: SimServer, tmp_path: Path, path: str,
+                                                          body: dict[str, Any]) -> None:
+    # Before: chaining previous_response_id (each turn's input holds every earlier one), a conversation or image
+    # URLs reserved only the few bytes naming them, so a small token budget or rate limit did not hold.
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="shop-web", gateway_file=gateway(
+        tmp_path, budgets={"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}}))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
+        status, refused = await _post(http, f"{router.url}{path}", body)
+    assert status == 429 and refused["error"]["code"] == "budget_exceeded", (status, refused)
+    assert sim.total_requests == 0
+
+
 async def test_an_anthropic_translated_request_is_bounded_by_the_body_it_sends(
         settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
     # The upstream reads the translated body (tool calls as tool_use blocks, tools with input_schema): that is

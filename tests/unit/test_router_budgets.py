@@ -27,6 +27,7 @@ from lockgate.services.router.budgets import (
     lease_ask,
     most_output,
     period_id,
+    pointed_at,
     resolve,
 )
 from lockgate.services.router.cache import (
@@ -364,3 +365,14 @@ def test_the_most_output_is_the_largest_any_upstream_of_the_request_may_generate
     assert most_output(req, 4096, [OutputLimits(max_tokens=50_000)]) == 50_000
     assert most_output(req, 4096, [OutputLimits(max_tokens=5)]) == 20  # the client's larger ask still counts
     assert most_output(ApiRequest(), 100, [OutputLimits(max_tokens=4096, n=3)]) == 3 * 4096
+
+
+def test_what_a_body_points_at_is_counted_from_its_keys_never_from_its_text() -> None:
+    chat_image = msgspec.json.encode({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://img.example/a.png"}}]}]})
+    assert pointed_at(chat_image, 1500, 200_000) == 2 * 1500  # its type and its key: an over-count reserves more
+    assert pointed_at(msgspec.json.encode({"input": "hi", "previous_response_id": "r"}), 1500, 200_000) == 200_000
+    assert pointed_at(msgspec.json.encode({"input": [{"type": "input_file", "file_id": "f"}]}), 1500, 7) == 7
+    # The same words inside a text are escaped in JSON: nothing is pointed at.
+    text = msgspec.json.encode({"messages": [{"role": "user", "content": 'say "image_url" and "file_id"'}]})
+    assert pointed_at(text, 1500, 200_000) == 0
