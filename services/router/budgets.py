@@ -12,6 +12,7 @@ on budget. Money is counted in integer nano-USD so the counters add up exactly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Sequence
@@ -151,13 +152,18 @@ TOOLS_TOKENS = 1000
 # What a body only points at, and the tokens reserved for each pointer found. JSON escapes every quote inside a
 # string, so a quoted key or type name below occurs in a body only as a key or a value, never inside text.
 _MEDIA = (b'"image_url"', b'"input_image"')  # an image part (chat names it twice: its type and its key)
-_STORED = (b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"input_file"')
+_STORED = (b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"input_file"', b'"item_reference"')
 
 
 def pointed_at(body: bytes, media_tokens: int, stored_tokens: int) -> int:
     """Input tokens a request body refers to without carrying them: `media_tokens` for each image part
     found, and `stored_tokens` (up to a model's whole context) once if it names a stored response,
-    conversation or file. Counted in C over the bytes; an over-count only reserves more."""
+    conversation or file. Counted in C over the bytes; an over-count only reserves more. A body with a `\\u`
+    escape is scanned as re-encoded (keys written plainly): `"previous_response_\\u0069d"` is the same key to
+    every JSON parser, and hid it from the scan."""
+    if b"\\u" in body:
+        with contextlib.suppress(msgspec.DecodeError, RecursionError):  # unreadable: the router refuses it anyway
+            body = msgspec.json.encode(msgspec.json.decode(body))
     media = sum(body.count(p) for p in _MEDIA) * media_tokens
     return media + (stored_tokens if any(p in body for p in _STORED) else 0)
 

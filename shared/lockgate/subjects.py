@@ -138,8 +138,14 @@ class Subjects:
         return f"{self.prefix}.inference.*.router"
 
     def is_served(self, subject: str) -> bool:
-        """Whether a message on `subject` carries events of requests a router served (see `served`)."""
-        return subject.startswith(f"{self.prefix}.inference.") and subject.endswith(".router")
+        """Whether a message on `subject` carries events of requests a router served (see `served`): exactly
+        `<prefix>.inference.<app token>.router`, the shape `served_all` subscribes to. An app named `router`
+        publishes on `<prefix>.inference.router`, which applications may: one token, never served."""
+        head = f"{self.prefix}.inference."
+        if not subject.startswith(head) or not subject.endswith(".router"):
+            return False
+        app = subject[len(head):-len(".router")]
+        return bool(app) and "." not in app
 
     @property
     def artifact_registered(self) -> str:

@@ -133,3 +133,18 @@ async def test_cached_answers_fill_no_drift_window(context: ServiceContext, bus:
     await bus.publish(served, _events(5, "canary", start=100))
     await drift.events.wait_for(5, 15)  # in order on one consumer: the hits were handled first
     assert drift.events.count == 5 and drift.monitor.windows["chat"].ref.n == 5
+
+
+async def test_an_app_named_router_is_an_application_like_any_other(
+        context: ServiceContext, bus: Bus, run_services: Any) -> None:
+    # Found by a probe: `lg.inference.router` (the subject of an app named `router`, which any application may
+    # publish on, and an API key of any tenant may be made for) ended in `.router` and counted as served: its
+    # drifting events aborted another tenant's canary over NATS and over OTLP.
+    services = await run_services("drift", "sink")
+    drift, sink = services["drift"].handlers, services["sink"].handlers
+    events = [msgspec.structs.replace(e, app="router") for e in _events(5, "canary", start=0)]
+    await bus.publish(bus.subjects.inference("router"), events)
+    await drift.events.wait_for(5, 15)
+    await sink.events.wait_for(5, 15)
+    assert set(drift.monitor.windows) == {"chat#app"} and "chat" not in drift.monitor.pairs
+    assert context.store.rows("SELECT DISTINCT served FROM inference_events") == [{"served": False}]

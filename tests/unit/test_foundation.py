@@ -55,6 +55,15 @@ def test_subjects_are_prefixed_and_tokens_safe() -> None:
         Subjects("bad.prefix")
 
 
+def test_only_the_routers_own_subjects_are_served() -> None:
+    # Found by a probe: an app named `router` publishes on `t1.inference.router`, which ended in `.router` and was
+    # taken as served (its events then aborted another tenant's canary through drift, over NATS and OTLP alike).
+    s = Subjects("t1")
+    assert s.is_served(s.served("shop")) and s.is_served(s.served("router"))
+    assert not any(s.is_served(x) for x in (s.inference("router"), s.inference("shop"), "t1.inference..router",
+                                            "t1.inference.a.b.router", "t2.inference.shop.router"))
+
+
 def test_settings_from_env() -> None:
     s = from_env({"LOCKGATE_ROUTER_PORT": "9999", "LOCKGATE_PREFIX": "zz"})
     assert s.router_port == 9999 and s.prefix == "zz"

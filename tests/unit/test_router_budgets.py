@@ -376,3 +376,16 @@ def test_what_a_body_points_at_is_counted_from_its_keys_never_from_its_text() ->
     # The same words inside a text are escaped in JSON: nothing is pointed at.
     text = msgspec.json.encode({"messages": [{"role": "user", "content": 'say "image_url" and "file_id"'}]})
     assert pointed_at(text, 1500, 200_000) == 0
+
+
+def test_an_escaped_key_or_a_stored_item_is_pointed_at_too() -> None:
+    # Found by a probe: `"previous_response_\u0069d"` is `previous_response_id` to every JSON parser, but not to a
+    # scan of the raw bytes (200 where the plain key got 429); stored items by reference were not looked for.
+    for raw in (b'{"input": "hi", "previous_response_\\u0069d": "resp_1"}',
+                b'{"input": "hi", "conv\\u0065rsation": "conv_1"}',
+                b'{"input": [{"type": "item_reference", "id": "msg_1"}]}'):
+        assert pointed_at(raw, 1500, 200_000) == 200_000, raw
+    image = b'{"messages": [{"role": "user", "content": [{"type": "\\u0069mage_url", "\\u0069mage_url": {"url": "u"}}]}]}'
+    assert pointed_at(image, 1500, 200_000) == 2 * 1500
+    # Escaped quotes inside a text still name nothing.
+    assert pointed_at(b'{"input": "say \\u0022image_url\\u0022"}', 1500, 200_000) == 0
