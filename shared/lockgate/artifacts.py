@@ -201,9 +201,15 @@ async def release_of(bus: Bus, release: str) -> dict[str, Any]:
     except (nats.errors.Error, TimeoutError) as exc:
         # Retryable: the gatekeeper must not mistake an unreachable bucket for an unregistered release.
         raise BusUnavailable(f"cannot read release {release!r}: {exc!r}") from None
-    bundle = json.loads(entry.value)
-    if bundle.get("release") != release:  # key shared with a differently spelled name
-        raise NotFound(f"release {release!r} is not registered (its key holds {bundle.get('release')!r})")
+    try:
+        bundle = json.loads(entry.value)
+    except ValueError:  # not JSON (`release create` writes only bundles, but the bucket takes any bytes)
+        bundle = None
+    if not isinstance(bundle, dict) or bundle.get("release") != release:
+        # A key shared with a differently spelled name, or a value that is no bundle at all (an operator can
+        # create one by hand): no binding of this release, for every reader alike.
+        held = bundle.get("release") if isinstance(bundle, dict) else "no bundle"
+        raise NotFound(f"release {release!r} is not registered (its key holds {held!r})")
     return bundle
 
 
