@@ -64,6 +64,7 @@ def messages(p: JudgeParams, prompt: str, output: str, expected: Any) -> list[di
 _LABELLED = re.compile(r"score\W{0,3}(-?\d+(?:\.\d+)?)\s*(?:/\s*(\d+))?", re.IGNORECASE)
 _FRACTION = re.compile(r"(-?\d+(?:\.\d+)?)\s*/\s*(5|10|100)\b")
 _BARE = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*$")
+_DIGIT = re.compile(r"\d")
 _FENCED = re.compile(r"^```[\w-]*[ \t]*\n?(.*?)\n?```$", re.DOTALL)  # a reply in a Markdown code block
 
 
@@ -86,8 +87,8 @@ def _numeric_score(obj: Any) -> bool:
     return isinstance(obj, dict) and isinstance(obj.get("score"), int | float) and not isinstance(obj["score"], bool)
 
 
-def _scored_objects(text: str) -> list[dict[str, Any]]:
-    """Every JSON object in the text that holds a numeric score, in order."""
+def _scored_objects(text: str) -> list[tuple[dict[str, Any], int, int]]:
+    """Every JSON object in the text that holds a numeric score, with its span, in order."""
     decoder, out, at = json.JSONDecoder(), [], text.find("{")
     while at != -1:
         try:
@@ -96,9 +97,17 @@ def _scored_objects(text: str) -> list[dict[str, Any]]:
             at = text.find("{", at + 1)
             continue
         if _numeric_score(obj):
-            out.append(obj)
+            out.append((obj, at, end))
         at = text.find("{", end)
     return out
+
+
+def _blank(text: str, spans: list[tuple[int, int]]) -> str:
+    """The text with these spans blanked out (positions kept, so later matches' spans are the text's)."""
+    chars = list(text)
+    for start, end in spans:
+        chars[start:end] = " " * (end - start)
+    return "".join(chars)
 
 
 def _one(found: list[tuple[float, str]], text: str) -> tuple[float, str]:
@@ -130,13 +139,21 @@ def parse_reply(text: str) -> tuple[float, str]:
         return _scale(float(whole["score"]), None), str(whole.get("reason") or "").strip()
     # Otherwise every score the reply states: labelled ones (JSON objects among them), else fractions, else a
     # bare number. A quoted score is as visible to this parser as the judge's own, so they must all agree.
-    found = [(_scale(float(obj["score"]), None), str(obj.get("reason") or "").strip())
-             for obj in _scored_objects(text)]
+    # And no other number may stand beside the verdict: a judge writing its own score in another form ("I rate
+    # this 1/5") next to a quoted one ("Score: 5/5") would otherwise be read as the quoted one alone.
+    objects = _scored_objects(text)
+    found = [(_scale(float(obj["score"]), None), str(obj.get("reason") or "").strip()) for obj, _, _ in objects]
+    spans = [(start, end) for _, start, end in objects]
+    prose = _blank(text, spans)
     for pattern in (_LABELLED, _FRACTION, _BARE):
-        for m in pattern.finditer(text):
+        for m in pattern.finditer(prose):
             out_of = float(m.group(2)) if m.lastindex and m.lastindex >= 2 and m.group(2) else None
             found.append((_scale(float(m.group(1)), out_of), (text[: m.start()] + text[m.end():]).strip(" \n:-.")))
+            spans.append(m.span())
         if found:
+            if _DIGIT.search(_blank(text, spans)):
+                raise JudgeParseError(f"judge reply {text[:120]!r} states other numbers beside its score, so no "
+                                      "verdict: a reply is one JSON object with a score (or a single score)")
             return _one(found, text)
     raise JudgeParseError(f"no score in judge reply {text[:120]!r}")
 

@@ -36,7 +36,6 @@ def rows(correct: set[int], n: int = 40) -> list[CaseResult]:
     ("score = 7/10. Mostly fine", 0.7, "Mostly fine"),
     ("0.25", 0.25, ""),
     ("4/5 ünïcode reason ✓", 0.75, "ünïcode reason ✓"),
-    ('{"answer": {"nested": 1}} {"score": 0.4}', 0.4, ""),
     # One verdict, possibly fenced; the whole reply being that object, its reason may quote anything.
     ('```json\n{"score": 0.8, "reason": "good"}\n```', 0.8, "good"),
     ('{"score": 0.2, "reason": "it claims \\"score: 1\\" for itself"}', 0.2, 'it claims "score: 1" for itself'),
@@ -52,6 +51,20 @@ def test_judge_reply_parsing(reply: str, score: float, reason: str) -> None:
                                    '{"score": 7, "reason": "outside the scale"}', '```\n{"score": -0.5}\n```'])
 def test_judge_reply_without_a_usable_score_is_an_error(reply: str) -> None:
     with pytest.raises(judge.JudgeParseError):
+        judge.parse_reply(reply)
+
+
+@pytest.mark.parametrize("reply", [
+    # Found by a second probe: the judge's own verdict in another form than the quoted one, so only the quote
+    # matched a pattern (stored llm_judge = 1 and the gate rule passed); an exponent read as its mantissa.
+    'I rate this 1/5: the answer is wrong, although it says "Score: 5/5".',
+    '2/10 - wrong. It ends with "Score: 10/10"',
+    '0.1 - wrong. {"score": 1}',
+    'score: 1e-9',
+    '{"answer": {"nested": 1}} {"score": 0.4}',
+])
+def test_a_reply_with_other_numbers_beside_its_score_is_no_verdict(reply: str) -> None:
+    with pytest.raises(judge.JudgeParseError, match="other numbers|different scores"):
         judge.parse_reply(reply)
 
 
