@@ -65,6 +65,12 @@ class Chainer:
                 # again (deduplicated), so the stored chain never has a gap before ours.
                 await self._publish(head)
             record = auditchain.seal(entry, producer, head, self.signer)
+            size = len(encode(record))
+            if size > self.ctx.bus.nc.max_payload - 4096:  # the head and the row are one NATS message each
+                # The contract bounds characters, not bytes (a probe's control characters, escaped six bytes
+                # each, made 1 MB within every bound): refused at once, never retried into a stalled chain.
+                raise InvalidEvent(f"audit entry {entry.id} of {producer} would make a row of {size:,} bytes, over "
+                                   f"what one NATS message holds ({self.ctx.bus.nc.max_payload:,})")
             try:
                 if revision:
                     await kv.update(HEAD, encode(record), last=revision)

@@ -83,6 +83,11 @@ def stamped(entry: StateEntry, at: datetime) -> StateEntry:
     return msgspec.structs.replace(entry, applied_at=at.isoformat())
 
 
+def changes_digest(request: ApplyRequest) -> str:
+    """The content hash of an apply's whole change list, as its audit row states it."""
+    return content_hash(msgspec.to_builtins(request.changes))
+
+
 def recorded(request: ApplyRequest) -> ApplyRecorded:
     """The announcement of an apply once its entries are recorded."""
     return ApplyRecorded(directory=request.directory, commit=request.commit, author=request.author,

@@ -71,7 +71,10 @@ class AppliedState:
             bus, "lineage", kind="apply", actor=actor, target=request.directory, action="apply", entry_id=event.id,
             details={"identity": identity, "commit": request.commit, "author": request.author,
                      "dirty": str(request.dirty).lower(),
-                     "changes": ", ".join(f"{c.action} {c.kind}/{c.name}" for c in request.changes)})
+                     # The list is cut to what a row holds; its count and digest stand for all of it (the
+                     # announced ApplyRecorded and the bucket's history hold the whole list to check them by).
+                     "changes": ", ".join(f"{c.action} {c.kind}/{c.name}" for c in request.changes),
+                     "changes_count": len(request.changes), "changes_digest": applied.changes_digest(request)})
         kv = await bus.kv(bus.subjects.kv_gitops)
         now = datetime.now(UTC)
         entries = {e.key: e for e in request.entries}

@@ -13,6 +13,7 @@ from lockgate import auditchain, auditlog
 from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec, encode
 from lockgate.contracts import AuditEntry, AuditRecord
+from lockgate.errors import InvalidEvent
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper.chain import HEAD, Chainer, HeadContended
 from lockgate.signing import Keyring, Signer
@@ -128,3 +129,16 @@ async def test_an_entry_is_cut_to_what_its_row_can_hold(bus: Bus) -> None:
     assert got.id == sent.id and got.target.endswith("[cut here]") and len(got.details) == 64
     record = auditchain.seal(got, "router", None, SIGNER)
     assert len(encode(record)) < bus.nc.max_payload // 2
+
+
+async def test_an_entry_too_large_in_bytes_is_refused_at_once_and_the_chain_goes_on(
+        context: ServiceContext, bus: Bus, published: Any) -> None:
+    # Found by a probe: control characters (six bytes each once escaped) made a 1 MB entry within every character
+    # bound; each such entry held the chain about 14 s of retries before its dead letter.
+    chainer = Chainer(context, SIGNER)
+    huge = AuditEntry(kind="rollout", actor="a", target="t", action="x",
+                      details={f"k{i}": "\x01" * 4096 for i in range(64)})
+    with pytest.raises(InvalidEvent, match="over what one NATS message holds"):
+        await chainer.on_entry(huge, delivered(bus, "operator"))
+    await chainer.on_entry(entry(1), delivered(bus, "router"))
+    assert records.decode((await published.next_msg(timeout=10)).data).seq == 1

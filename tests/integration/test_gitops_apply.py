@@ -249,3 +249,30 @@ async def test_an_apply_request_beyond_its_bounds_is_refused_with_the_reason(
     reply = msgspec.json.decode(msg.data, type=ApplyReply)
     assert reply.recorded is None and why in reply.error, reply.error
     assert await read_state(bus) == {}
+
+
+async def test_an_apply_row_stands_for_every_change_even_when_its_list_is_cut(bus: Bus, settings: Settings) -> None:
+    # Found by a probe: 20 budget changes with 300-character names pushed a deployment change (with its online_eval)
+    # past the row's cut: the row never named it. The row now carries the count and digest of the whole list, and
+    # a name that reads as more of the list (`x, add deployment/y`) is refused at the edge.
+    audited: asyncio.Queue[AuditEntry] = asyncio.Queue()
+
+    async def on_audit(msg: object) -> None:
+        await audited.put(msgspec.json.decode(msg.data, type=AuditEntry))  # type: ignore[attr-defined]
+
+    await bus.nc.subscribe(bus.subjects.audit("lineage"), cb=on_audit)
+    budgets = [StateEntry(kind="budget", name=f"b{i}-" + "x" * 290, digest=f"sha256:{i}") for i in range(20)]
+    entries = [*budgets, StateEntry(kind="deployment", name="hidden", digest=content_hash(SPEC), spec=SPEC)]
+    changes = [AppliedChange(action="add", kind=e.kind, name=e.name, digest=e.digest) for e in entries]
+    request = ApplyRequest(directory="d", changes=changes, entries=entries)
+    sneaky = b'{"directory": "d", "changes": [{"action": "add", "kind": "budget", "name": "x, add deployment/y"}]}'
+    async with recorder(bus, settings):
+        reply = msgspec.json.decode((await bus.request(bus.subjects.gitops_apply("operator"), sneaky,
+                                                       timeout_s=10)).data, type=ApplyReply)
+        assert reply.recorded is None and "$.changes[0].name" in reply.error, reply.error
+        msg = await bus.request(bus.subjects.gitops_apply("operator"), to_json(request), timeout_s=10)
+    assert msgspec.json.decode(msg.data, type=ApplyReply).recorded is not None
+    row = await asyncio.wait_for(audited.get(), 10)
+    assert "deployment/hidden" not in row.details["changes"] and row.details["changes"].endswith("[cut here]")
+    assert row.details["changes_count"] == "21"
+    assert row.details["changes_digest"] == content_hash(msgspec.to_builtins(changes))

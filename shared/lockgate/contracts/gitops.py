@@ -15,8 +15,10 @@ from lockgate.contracts.envelope import Event
 from lockgate.contracts.names import OptName, check_names
 
 ChangeAction = Literal["add", "change", "remove"]
-Kind = Annotated[str, msgspec.Meta(max_length=32)]
-ResourceName = Annotated[str, msgspec.Meta(max_length=300)]  # a document's name; an alias's is `app/alias`
+Kind = Annotated[str, msgspec.Meta(pattern=r"^[a-z_]{1,32}$")]
+# A document's name, or an alias's `app/alias`: the name grammar, so no name can read as more of a change list
+# (`x, remove deployment/y`) where changes are written out, as in an apply's audit row.
+ResourceName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@/+-]{0,299}$")]
 
 
 class AppliedChange(msgspec.Struct, frozen=True, kw_only=True):
