@@ -23,6 +23,7 @@ class OtlpService(Service):
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
         self.receiver = Receiver(ctx.bus, KeyStore(ctx.settings.home), limits=EventLimits.from_settings(ctx.settings))
+        self.http = HttpApp(self.receiver)
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
         self._endpoints: dict[str, str] = {}
@@ -37,7 +38,7 @@ class OtlpService(Service):
         s = self.ctx.settings
         tls = ssl_context(s)  # a bad certificate fails the start, before anything binds
         self._grpc, port = await serve_grpc(self.receiver, s.host, s.otlp_grpc_port, grpc_credentials(s))
-        self._http = web.AppRunner(HttpApp(self.receiver).app(), access_log=None, handle_signals=False,
+        self._http = web.AppRunner(self.http.app(), access_log=None, handle_signals=False,
                                    shutdown_timeout=2.0, logger=SERVER_LOG)
         await self._http.setup()
         try:

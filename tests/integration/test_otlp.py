@@ -640,3 +640,34 @@ async def test_an_export_being_decoded_holds_a_slot_and_leaves_the_event_loop_fr
         assert status == 200 and not reply.HasField("partial_success")
         status, _, _ = await _protobuf_post(url, keys.app_key, one("second"))(http)  # the slot is free again
         assert status == 200
+
+
+async def test_bodies_being_received_are_bounded_in_number_and_time(
+        run_services: Callable[..., Any], keys: Bootstrap) -> None:
+    # Found by a probe: 40 connections each declaring 16 MB and trickling it a byte every 5 s held 600 MB for as
+    # long as they liked (the decode slot is taken once the body is in). Now at most MAX_BODIES bodies are being
+    # received (past them: 503, retry), and one that does not arrive within its time is dropped (408).
+    otlp = (await run_services("otlp"))["otlp"]
+    otlp.http._bodies = asyncio.Semaphore(1)
+    otlp.http.body_read_s = 0.5
+    url = otlp.endpoints["otlp-http"]
+    host, port = url.split("//", 1)[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(f"POST /v1/traces HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {keys.app_key}\r\n"
+                 f"Content-Type: application/x-protobuf\r\nContent-Length: 16000000\r\n\r\n".encode() + b"\x0a" * 1000)
+    await writer.drain()
+    request = trace_service_pb2.ExportTraceServiceRequest()
+    request.resource_spans.add().scope_spans.add().spans.add(
+        name="ok", trace_id=b"\x0c" * 16, span_id=b"\x0c" * 8, start_time_unix_nano=time.time_ns())
+    async with aiohttp.ClientSession() as http:
+        # The one body slot is the trickler's (its headers are in, its body is not): told to retry.
+        status = 0
+        while status != 503:  # until the trickler's request has reached the handler and holds the slot
+            status, answer, headers = await _protobuf_post(url + "/v1/traces", keys.app_key, request)(http)
+            assert status in (200, 503)
+        assert headers["Retry-After"] == "1" and "too many OTLP exports being received" in answer.message
+        trickled = await asyncio.wait_for(reader.read(200), 10)  # dropped once its time is up
+        assert trickled.startswith(b"HTTP/1.1 408"), trickled[:80]
+        status, _, _ = await _protobuf_post(url + "/v1/traces", keys.app_key, request)(http)
+    writer.close()
+    assert status == 200
