@@ -188,6 +188,8 @@ async def loop_stall(env: BenchEnv, size_mb: float = 15.0, concurrent: int = 3) 
         stop = asyncio.Event()
 
         async def ticker() -> None:
+            # The timer is the instrument, not a wait for anything: how late a 5 ms sleep wakes is how long
+            # the event loop was held by something else (the export being received).
             nonlocal worst
             tick = 0.005
             clock = asyncio.get_running_loop()
