@@ -613,8 +613,8 @@ def consume(
 ) -> ConsumerSpec:
     """Register a durable pull consumer whose handler gets decoded Structs.
 
-    With `limits` (inference consumers), a message's events that break them are dead-lettered
-    with the reason and the handler gets the rest.
+    With `limits` (inference consumers), a message's events that break them, or that are not of the
+    tenant and app its subject names, are dead-lettered with the reason and the handler gets the rest.
 
     With `ordered` (the default) the handler sees messages one by one in stream order, which
     stateful handlers (rollouts, drift windows, gate decisions) rely on; otherwise up to
@@ -646,7 +646,13 @@ def consume(
             return
         metrics.events_in(origin, len(value) if isinstance(value, list) else 1)
         if limits is not None:
-            kept, refused = limits.split(value)
+            sender = bus.subjects.sender(msg.subject)
+            if sender is None:
+                await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "over limits",
+                                           f"subject {msg.subject!r} names no tenant and app: events are "
+                                           f"published on {bus.subjects.prefix}.inference.<tenant>.<app>")
+                return
+            kept, refused = limits.split(value, sender=sender)
             if refused and not kept:
                 await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "over limits",
                                            "; ".join(r for _, r in refused[:20]))

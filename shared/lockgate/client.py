@@ -21,7 +21,7 @@ from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
 from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.decisionwatch import ReconnectCounter, watch_decisions
-from lockgate.errors import BusUnavailable, ClientClosed, NotFound, SignatureError
+from lockgate.errors import BusUnavailable, ClientClosed, InvalidEvent, NotFound, SignatureError
 from lockgate.outbox import UNTIL_BACK, Outbox, encode_event, event_from_fields
 from lockgate.retry import RetryPolicy
 from lockgate.signing import Verifier
@@ -184,6 +184,10 @@ class Client:
         # Raised while connecting, it ends nats-py's connect loop, which retries bad credentials forever.
         if self._nc is None and "authorization violation" in str(exc).lower():
             raise self._bad_credentials()
+        if "permissions violation" in str(exc).lower():
+            # A publish its NATS user may not make (another app's subject): its batches wait unacknowledged.
+            log.error("lockgate-sdk: NATS refused: %s (is this client's tenant and app its credential's?)", exc)
+            return
         log.debug("lockgate-sdk: NATS error %s", exc)
 
     async def close(self) -> None:
@@ -212,15 +216,22 @@ class Client:
         await self.close()
 
     def emit(self, event: InferenceEvent | None = None, **fields: Any) -> bool:
-        """Buffer one event (given, or built from fields with this client's app and tenant)."""
+        """Buffer one event (given, or built from fields with this client's app and tenant); an event of
+        another tenant or app is refused (InvalidEvent)."""
         if event is None:
             fields.setdefault("app", self.app)
             fields.setdefault("tenant", self.tenant)
             # Built and checked in one step, so the bytes need no decoding to be known good; without a
             # given time the event is timed by this clock as it is built, so it is inside the time window.
-            return self._outbox.add(encode_event(event_from_fields(fields), check="built",
-                                                 clock_time="time" not in fields))
-        return self._outbox.add(encode_event(event, check=True))
+            encoded = encode_event(event_from_fields(fields), check="built", clock_time="time" not in fields)
+        else:
+            encoded = encode_event(event, check=True)
+        if encoded.tenant != self.tenant or encoded.app != self.app:
+            # Its subject names this client's tenant and app, and consumers refuse another's event on it (a
+            # per-application NATS user may publish on its own subject only): refused here, not lost there.
+            raise InvalidEvent(f"invalid inference event: tenant {encoded.tenant!r}, app {encoded.app!r}; this client "
+                               f"sends tenant {self.tenant!r}, app {self.app!r}: make a Client for each - at `$.app`")
+        return self._outbox.add(encoded)
 
     async def flush(self) -> None:
         """Return once every event emitted before this call is acknowledged (or counted failed)."""

@@ -4,6 +4,7 @@ connection options (user, password or creds file, TLS, a private reply inbox) bu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import ssl
@@ -11,8 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lockgate.errors import ConfigError
-from lockgate.permissions import IDENTITIES, inbox
+from lockgate.contracts.names import check_name
+from lockgate.errors import ConfigError, NotFound
+from lockgate.permissions import IDENTITIES, app_user, inbox
+
+log = logging.getLogger("lockgate.credentials")
 
 
 class NotAllowed(ConfigError):
@@ -35,11 +39,74 @@ def ensure(home: str | Path) -> dict[str, str]:
     for identity in IDENTITIES:
         path = where / f"{identity}.json"
         if not path.exists():
-            # O_EXCL + 0600 from the start: the secret is never readable by others, not even briefly.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"user": identity, "password": secrets.token_urlsafe(32)}, fh)
+            _create(path, identity)
         out[identity] = _read(path)["password"]
+    return out
+
+
+def _create(path: Path, user: str, **extra: str) -> str:
+    # O_EXCL + 0600 from the start: the secret is never readable by others, not even briefly.
+    password = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"user": user, "password": password, **extra}, fh)
+    return password
+
+
+def _apps(home: str | Path) -> Path:
+    return directory(home) / "apps"
+
+
+def app_path(home: str | Path, tenant: str, app: str) -> Path:
+    """Where one application's NATS credential lives (`create_app`)."""
+    return _apps(home) / f"{app_user(tenant, app)}.json"
+
+
+def create_app(home: str | Path, tenant: str, app: str, *, rotate: bool = False) -> Path:
+    """A NATS user for one tenant's application (permissions.app_user: it publishes that tenant's and app's
+    events only), written 0600 under `{home}/credentials/apps/`; ConfigError if it exists and `rotate` is
+    not asked (a new password then replaces it: the old one stops working at the reload)."""
+    check_name(app, "app")
+    check_name(tenant, "tenant")
+    ensure(home)
+    where = _apps(home)
+    where.mkdir(exist_ok=True)
+    os.chmod(where, 0o700)
+    path = app_path(home, tenant, app)
+    if path.exists():
+        if not rotate:
+            raise ConfigError(f"tenant {tenant!r} app {app!r} has a NATS credential already ({path}); "
+                              "--rotate replaces its password")
+        path.unlink()
+    _create(path, app_user(tenant, app), tenant=tenant, app=app)
+    return path
+
+
+def revoke_app(home: str | Path, tenant: str, app: str) -> Path:
+    """Delete one application's NATS credential (NotFound if it has none)."""
+    path = app_path(home, tenant, app)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        raise NotFound(f"tenant {tenant!r} app {app!r} has no NATS credential ({path})") from None
+    return path
+
+
+def apps(home: str | Path) -> dict[str, dict[str, str]]:
+    """Every application credential of a home, by user: {"user", "password", "tenant", "app"}. A file that
+    does not read is skipped with a warning, so one bad file does not take every user down at a reload."""
+    out: dict[str, dict[str, str]] = {}
+    for path in sorted(_apps(home).glob("*.json")) if _apps(home).is_dir() else []:
+        try:
+            data = json.loads(path.read_text())
+            found = {k: str(data[k]) for k in ("user", "password", "tenant", "app")}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("skipping NATS credential %s: %s", path, exc.__class__.__name__)
+            continue
+        if found["user"] != app_user(found["tenant"], found["app"]):
+            log.warning("skipping NATS credential %s: its user is not its tenant's and app's", path)
+            continue
+        out[found["user"]] = found
     return out
 
 

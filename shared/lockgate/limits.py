@@ -2,7 +2,8 @@
 
 The contract says what an event is; these limits say what a running lockgate accepts, so one odd
 producer cannot turn storage against everyone (an event dated 1900 or 2299 opens a ClickHouse
-partition of its own; 15,000 events in one message make one insert the size of many). Consumers
+partition of its own; 15,000 events in one message make one insert the size of many), and an event
+travels only on its own tenant's and app's subject. Consumers
 check them at their edge (`consume(..., limits=...)`): the events that break a limit are
 dead-lettered with the reason, the others go on. The SDK checks the same before an event leaves.
 """
@@ -22,7 +23,7 @@ from lockgate.contracts import InferenceEvent
 # that is a fifth of the SDK's time. So `event_error` builds it at most once per _REFRESH_S; an
 # event outside that narrowed window is judged by the exact check.
 _REFRESH_S = 1.0
-_time = attrgetter("time")
+_time, _sender = attrgetter("time"), attrgetter("tenant", "app")
 
 
 def _within(times: list[datetime], earliest: datetime, latest: datetime) -> bool:
@@ -87,24 +88,30 @@ class EventLimits:
                     f"({now.isoformat(timespec='seconds')})")
         return ""
 
-    def split(self, value: InferenceEvent | Sequence[InferenceEvent], now: datetime | None = None
-              ) -> tuple[list[InferenceEvent], list[tuple[int, str]]]:
-        """(accepted events, [(index, reason)] of the refused ones) of one message."""
+    def split(self, value: InferenceEvent | Sequence[InferenceEvent], now: datetime | None = None, *,
+              sender: tuple[str, str] | None = None) -> tuple[list[InferenceEvent], list[tuple[int, str]]]:
+        """(accepted events, [(index, reason)] of the refused ones) of one message. With `sender` (the
+        (tenant, app) of the subject it came on: `Subjects.sender`), an event of another tenant or app is
+        refused: a per-application NATS user may publish on its own subject only, so the subject, not
+        the event, says whose it is."""
         events = list(value) if isinstance(value, Sequence) else [value]
         if len(events) > self.max_events:
             return [], [(-1, f"{len(events)} events in one message; at most {self.max_events} are accepted")]
         now = now or datetime.now(UTC)
         earliest, latest = now - timedelta(seconds=self.past_s), now + timedelta(seconds=self.future_s)
-        if _within(list(map(_time, events)), earliest, latest):  # the usual case: two passes in C
+        if _within(list(map(_time, events)), earliest, latest) and (  # the usual case: passes in C
+                sender is None or set(map(_sender, events)) == {sender}):
             return events, []
         kept: list[InferenceEvent] = []
         refused: list[tuple[int, str]] = []
         for i, event in enumerate(events):
+            if sender is not None and (event.tenant, event.app) != sender:
+                refused.append((i, f"tenant {event.tenant!r} and app {event.app!r} are not those of the subject "
+                                   f"it came on (tenant {sender[0]!r}, app {sender[1]!r}) - at `$[{i}]`"))
+                continue
             reason = self._time_error(event, now, earliest, latest)
             if reason:
                 refused.append((i, f"{reason} - at `$[{i}].time`"))
             else:
                 kept.append(event)
         return kept, refused
-
-

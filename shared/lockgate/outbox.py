@@ -2,8 +2,8 @@
 
 Every producer of inference events (the SDK, the router, gRPC ingest) turns each event into an
 `Encoded` with `encode_event` (secrets scrubbed, then encoded once: the SDK's validity check and
-the message reuse the same bytes) and publishes through `publish_events`: events grouped by app
-and chunked by count and bytes, one JetStream message per chunk on `subjects.inference(app)` with
+the message reuse the same bytes) and publishes through `publish_events`: events grouped by tenant and app
+and chunked by count and bytes, one JetStream message per chunk on `subjects.inference(app, tenant)` with
 `Nats-Msg-Id = batch_id(chunk)` (so a chunk retried after a lost ack is dropped by JetStream as a
 duplicate), transient NATS errors retried with the one RetryPolicy. `Outbox` is the buffered way
 in: the one Batcher in front of that routine, for producers that must never wait on the bus; given a
@@ -177,29 +177,30 @@ def encode_event(event: InferenceEvent, *, check: bool | str = False, clock_time
     return Encoded(event.app, event.id, event.tenant, parent, data)
 
 
-_app, _data = attrgetter("app"), attrgetter("data")
+_sender, _data = attrgetter("tenant", "app"), attrgetter("data")
 
 
-def chunk_by_app(events: Sequence[Encoded], batch_size: int = BATCH_SIZE,
-                 batch_bytes: int = BATCH_BYTES) -> list[list[Encoded]]:
-    """Events grouped by app (in first-seen order) and cut into chunks of at most `batch_size`
-    events and about `batch_bytes` bytes."""
-    # The usual batch (an SDK's, or a router's with one app): one app, within both limits, so one chunk,
+def chunk_by_sender(events: Sequence[Encoded], batch_size: int = BATCH_SIZE,
+                    batch_bytes: int = BATCH_BYTES) -> list[list[Encoded]]:
+    """Events grouped by tenant and app (in first-seen order: each group has a subject of its own) and cut
+    into chunks of at most `batch_size` events and about `batch_bytes` bytes."""
+    # The usual batch (an SDK's, or a router's with one app): one sender, within both limits, so one chunk,
     # found in C instead of a Python step per event.
-    if events and len(events) <= batch_size and len(set(map(_app, events))) == 1:
+    if events and len(events) <= batch_size and len(set(map(_sender, events))) == 1:
         if sum(map(len, map(_data, events))) + len(events) <= batch_bytes:
             return [list(events)]
-    by_app: dict[str, list[list[Encoded]]] = {}
-    sizes: dict[str, int] = {}
+    by_sender: dict[tuple[str, str], list[list[Encoded]]] = {}
+    sizes: dict[tuple[str, str], int] = {}
     for event in events:
-        chunks = by_app.setdefault(event.app, [[]])
+        key = (event.tenant, event.app)
+        chunks = by_sender.setdefault(key, [[]])
         size = len(event.data) + 1
-        if chunks[-1] and (len(chunks[-1]) >= batch_size or sizes[event.app] + size > batch_bytes):
+        if chunks[-1] and (len(chunks[-1]) >= batch_size or sizes[key] + size > batch_bytes):
             chunks.append([])
-            sizes[event.app] = 0
+            sizes[key] = 0
         chunks[-1].append(event)
-        sizes[event.app] = sizes.get(event.app, 0) + size
-    return [chunk for chunks in by_app.values() for chunk in chunks]
+        sizes[key] = sizes.get(key, 0) + size
+    return [chunk for chunks in by_sender.values() for chunk in chunks]
 
 
 async def publish_events(
@@ -215,17 +216,17 @@ async def publish_events(
     served: bool = False,
     on_acked: Callable[[list[Encoded]], None] | None = None,
 ) -> int:
-    """Publish events, one message per app and chunk; returns how many JetStream acknowledged.
+    """Publish events, one message per tenant, app and chunk; returns how many JetStream acknowledged.
 
     Raises PublishFailed (carrying `sent` and `failed`) when any chunk was not acknowledged after
     the retries (`retry`'s attempts, or until `give_up()`); the other chunks are published all the
     same. `headers` go on every message; a chunk without a `traceparent` there gets its first event's trace.
     `served`: the router's events of requests it served, on `subjects.served` (see there).
     `on_acked(chunk)` is called with each chunk JetStream acknowledged, as its ack arrives."""
-    chunks = chunk_by_app(events, batch_size)
+    chunks = chunk_by_sender(events, batch_size)
     subject = subjects.served if served else subjects.inference
     errors = await asyncio.gather(
-        *(_publish_chunk(js, subject(c[0].app), c, headers, retry, give_up, timeout_s, on_acked) for c in chunks)
+        *(_publish_chunk(js, subject(c[0].app, c[0].tenant), c, headers, retry, give_up, timeout_s, on_acked) for c in chunks)
     )
     failed = sum(len(c) for c, exc in zip(chunks, errors, strict=True) if exc is not None)
     sent = len(events) - failed

@@ -4,7 +4,7 @@ for SDK applications, derived from `subjects.py` so the table cannot drift from 
 Publishing is what the trust model guards: only the gatekeeper publishes gate decisions (and
 writes the gates and keys buckets), only the evaluator publishes eval completions, only an
 approver (or admin) publishes reviews, and an application publishes inference events and
-nothing else; only the router publishes the events of requests it served (`served`), the one
+nothing else (a per-application user, `app_user`, its own tenant's and app's only); only the router publishes the events of requests it served (`served`), the one
 live evidence canary analysis takes. Reading is granted per stream (JetStream cannot narrow a consumer's filter by
 permission), but a service creates, deletes, fetches from and acks only its own durable consumers
 (DURABLES), so one service cannot rebind, delete or drain another's; only the sink deletes a
@@ -16,12 +16,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lockgate.subjects import Subjects
+from lockgate.errors import ConfigError
+from lockgate.subjects import Subjects, token, untoken
 
 SERVICES = ("sink", "query", "gateway", "otlp", "lineage", "evaluator", "gatekeeper", "router", "drift", "cost")
 ROLES = ("viewer", "operator", "approver", "admin")
 APP = "app"
 IDENTITIES = (*SERVICES, *ROLES, APP)
+APPS = "apps"  # per-application users, `apps.<tenant>.<app>` (`app_user`), made by `lockgate app-credential`
+
+
+def app_user(tenant: str, app: str) -> str:
+    """The NATS user of one tenant's application: it publishes that tenant's and app's events, nothing else.
+    Its reply inbox (`_INBOX.apps.<tenant>.<app>`) lies outside the shared `app` user's (`_INBOX.app`)."""
+    return f"{APPS}.{token(tenant)}.{token(app)}"
+
+
+def app_of(user: str) -> tuple[str, str] | None:
+    """(tenant, app) of a per-application user; None for any other identity."""
+    parts = user.split(".")
+    if len(parts) != 3 or parts[0] != APPS:
+        return None
+    try:
+        return untoken(parts[1]), untoken(parts[2])
+    except ConfigError:  # not a token `app_user` makes
+        return None
 
 
 @dataclass
@@ -156,6 +175,11 @@ def grant(s: Subjects, identity: str) -> Grant:
     # Every service may report its failures and its spans.
     service = Grant(publish=[s.dlq_all, s.spans]).add(_read_kv(s.kv_keys))
     g = _base(identity)
+    scoped = app_of(identity)
+    if scoped is not None:
+        # One tenant's application: its own events only. Decisions are read over gRPC with an API key, which
+        # is scoped to the releases of its tenant and app (the gates bucket is not).
+        return g.add(Grant(publish=[s.inference(scoped[1], scoped[0])]))
     if identity == "admin":
         return Grant(publish=[">"], subscribe=[">"], responses=True)
     if identity == "sink":
@@ -239,6 +263,8 @@ def grant(s: Subjects, identity: str) -> Grant:
                 publish=[s.eval_requested, s.artifact_registered, s.release_registered, s.gitops_apply("operator")],
                 subscribe=[s.eval_completed, f"{s.prefix}.progress.eval.>", s.gate_decided_all, s.eval_reran]))
             g.add(Grant(publish=[s.audit("operator")]))  # key changes made from the CLI, recorded as itself
+            # `app-credential` asks the embedded runtime to re-read the home's users (which it may not write).
+            g.add(Grant(publish=[s.nats_reload]))
             # `alias set` and `artifact deprecate` append signed records to the provenance stream.
             g.add(Grant(publish=[s.provenance_all]))
         if identity == "approver":

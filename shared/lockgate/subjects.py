@@ -114,14 +114,17 @@ class Subjects:
         )
 
     # subjects
-    def inference(self, app: str) -> str:
-        """Inference events an application sends (SDK, gRPC, OTLP, or JSON on the subject)."""
-        return f"{self.prefix}.inference.{token(app)}"
+    def inference(self, app: str, tenant: str = "default") -> str:
+        """Inference events an application sends (SDK, gRPC, OTLP, or JSON on the subject), under its
+        tenant and app: `<prefix>.inference.<tenant>.<app>`. The subject names who sent them, and a
+        per-application NATS user may publish on its own only, so consumers refuse an event of another
+        tenant or app on it (`sender`)."""
+        return f"{self.prefix}.inference.{token(tenant)}.{token(app)}"
 
-    def served(self, app: str) -> str:
+    def served(self, app: str, tenant: str = "default") -> str:
         """Inference events of requests the router served: only the router may publish here, so these
         alone are a canary's live evidence (an application could send any event on `inference`)."""
-        return f"{self.prefix}.inference.{token(app)}.router"
+        return f"{self.inference(app, tenant)}.router"
 
     @property
     def inference_all(self) -> str:
@@ -130,22 +133,34 @@ class Subjects:
 
     @property
     def inference_sent(self) -> str:
-        """Every app's `inference` subject, and not `served`: what applications may publish."""
-        return f"{self.prefix}.inference.*"
+        """Every tenant's and app's `inference` subject, and not `served`: what applications may publish."""
+        return f"{self.prefix}.inference.*.*"
 
     @property
     def served_all(self) -> str:
-        return f"{self.prefix}.inference.*.router"
+        return f"{self.prefix}.inference.*.*.router"
+
+    def _inference_tokens(self, subject: str) -> list[str] | None:
+        head = f"{self.prefix}.inference."
+        return subject[len(head):].split(".") if subject.startswith(head) else None
 
     def is_served(self, subject: str) -> bool:
         """Whether a message on `subject` carries events of requests a router served (see `served`): exactly
-        `<prefix>.inference.<app token>.router`, the shape `served_all` subscribes to. An app named `router`
-        publishes on `<prefix>.inference.router`, which applications may: one token, never served."""
-        head = f"{self.prefix}.inference."
-        if not subject.startswith(head) or not subject.endswith(".router"):
-            return False
-        app = subject[len(head):-len(".router")]
-        return bool(app) and "." not in app
+        `<prefix>.inference.<tenant>.<app>.router`, the shape `served_all` subscribes to. An app named
+        `router` publishes on `<prefix>.inference.<tenant>.router`, which applications may: never served."""
+        tokens = self._inference_tokens(subject)
+        return tokens is not None and len(tokens) == 3 and tokens[2] == "router" and all(tokens[:2])
+
+    def sender(self, subject: str) -> tuple[str, str] | None:
+        """(tenant, app) an inference subject (sent or served) belongs to; None when `subject` is no such
+        subject. The only events a message on it may carry are that tenant's and app's."""
+        tokens = self._inference_tokens(subject)
+        if tokens is None or not (len(tokens) == 2 or (len(tokens) == 3 and tokens[2] == "router")):
+            return None
+        try:
+            return untoken(tokens[0]), untoken(tokens[1])
+        except ConfigError:
+            return None
 
     @property
     def artifact_registered(self) -> str:
@@ -322,6 +337,12 @@ class Subjects:
     def query(self) -> str:
         """Request/reply subject on which the query service answers named queries."""
         return f"{self.prefix}.query"
+
+    @property
+    def nats_reload(self) -> str:
+        """Request/reply: the embedded runtime re-reads its home's NATS users (an application credential
+        created or revoked) and reloads its nats-server. Carries nothing: the files are the authority."""
+        return f"{self.prefix}.nats.reload"
 
     @property
     def query_group(self) -> str:

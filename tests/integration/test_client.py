@@ -86,26 +86,32 @@ async def test_close_publishes_what_the_timer_has_not(bus: Bus, settings: Settin
     assert c.sent == 7
 
 
-async def test_flush_waits_for_acks_and_routes_by_the_events_app(bus: Bus, settings: Settings) -> None:
+async def test_flush_waits_for_acks_of_the_clients_own_subject(bus: Bus, settings: Settings) -> None:
     async with client(settings, flush_interval_s=60) as c:
         c.emit()
-        c.emit(InferenceEvent(app="search"))
+        # Another app's event would go on another subject (consumers hold events to theirs): refused at emit.
+        with pytest.raises(InvalidEvent, match="this client sends tenant 'default', app 'shop'"):
+            c.emit(InferenceEvent(app="search"))
+        c.emit(InferenceEvent(app="shop"))
         await c.flush()
-        assert c.sent == 2
+        assert (c.sent, c.dropped) == (2, 0)
         events, msgs = await stored(bus)
-    assert sorted(e.app for e in events) == ["search", "shop"]
-    assert sorted(m.subject for m in msgs) == sorted(bus.subjects.inference(a) for a in ("search", "shop"))
+    assert [e.app for e in events] == ["shop", "shop"]
+    assert {m.subject for m in msgs} == {bus.subjects.inference("shop")}
 
 
 async def test_emit_fills_defaults_from_the_client_and_keeps_a_given_event(bus: Bus, settings: Settings) -> None:
-    given = InferenceEvent(app="other", tenant="t2", model="g")
+    given = InferenceEvent(app="shop", tenant="acme", model="g")
     async with Client(settings.nats_url, prefix=settings.prefix, app="shop", tenant="acme") as c:
         assert c.emit(model="m", input_tokens=3)
         assert c.emit(given)
-    events, _ = await stored(bus)
+        with pytest.raises(InvalidEvent, match="tenant 't2', app 'shop'"):
+            c.emit(InferenceEvent(app="shop", tenant="t2"))
+    events, msgs = await stored(bus)
     built = next(e for e in events if e.model == "m")
     assert (built.app, built.tenant, built.input_tokens) == ("shop", "acme", 3)
     assert [e for e in events if e.model == "g"] == [given]
+    assert {m.subject for m in msgs} == {bus.subjects.inference("shop", "acme")}
 
 
 async def test_events_emitted_before_start_are_sent_once_started(bus: Bus, settings: Settings) -> None:

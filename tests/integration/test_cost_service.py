@@ -51,7 +51,8 @@ async def test_ledger_records_and_rollup(run_services, bus: Bus, store: Store) -
     records = await bus.nc.subscribe(bus.subjects.cost_all)
     svcs = await run_services("sink", "cost")
     events = _batch()
-    await bus.publish(bus.subjects.inference("shop"), events)
+    await bus.publish(bus.subjects.inference("shop"), events[:3])
+    await bus.publish(bus.subjects.inference("shop", "acme"), events[3])  # each tenant's on its own subject
 
     got = [Codec(CostRecord).decode((await records.next_msg(timeout=15)).data) for _ in range(3)]
     by_model = {r.model: r for r in got}
@@ -109,10 +110,11 @@ async def test_an_event_resent_under_other_message_ids_is_stored_and_billed_once
     svcs = await run_services("sink", "cost")
     events = _batch()
     subject = bus.subjects.inference("shop")
-    await bus.publish(subject, events, msg_id="first")
+    await bus.publish(subject, events[:3], msg_id="first")
+    await bus.publish(bus.subjects.inference("shop", "acme"), events[3], msg_id="first-acme")
     await bus.publish(subject, [events[1], events[0]], msg_id="resent-by-the-sdk")
     await bus.publish(subject, [events[2], events[2]], msg_id="twice-in-one-array")
-    await bus.publish(subject, events[3], msg_id="alone")
+    await bus.publish(bus.subjects.inference("shop", "acme"), events[3], msg_id="alone")
     await svcs["sink"].handlers.events.wait_for(9)
     await svcs["cost"].handlers.events.wait_for(9)
     await sink_stored(svcs["sink"].handlers, cost_ledger=4)  # one ledger fact per message

@@ -267,13 +267,13 @@ async def test_a_recorded_task_scores_only_what_a_router_served_to_the_releases_
                                response="wrong" if i == wrong else CASES[i]["expected"],
                                attributes={"served": "true"}) for i in cases]
 
-    sent, served = bus.subjects.inference("news"), bus.subjects.served("news")
+    sent, served = bus.subjects.inference, bus.subjects.served
     published = 0
     for release in ("news-v1", "news-v2"):
         for subject, tenant in ((sent, "acme"), (sent, "evil"), (served, "evil")):  # all right answers
-            await bus.publish(subject, events(release, tenant, range(6)))
+            await bus.publish(subject("news", tenant), events(release, tenant, range(6)))
             published += 6
-    await bus.publish(served, events("news-v1", "acme", range(4), wrong=1))  # what the router served
+    await bus.publish(served("news", "acme"), events("news-v1", "acme", range(4), wrong=1))  # what the router served
     await sink.events.wait_for(published + 4, 15)
     stored_as = {(r["release"], r["tenant"], r["served"]): r["n"] for r in store.rows(
         "SELECT release, tenant, served, count() AS n FROM inference_events GROUP BY release, tenant, served")}

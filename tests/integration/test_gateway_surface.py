@@ -68,7 +68,7 @@ async def events(router: Any) -> AsyncIterator[asyncio.Queue[InferenceEvent]]:
         for e in _events.decode(msg.data):
             queue.put_nowait(e)
 
-    sub = await bus.nc.subscribe(bus.subjects.served("shop"), cb=on_message)
+    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"), cb=on_message)
     yield queue
     await sub.unsubscribe()
 

@@ -150,8 +150,8 @@ async def test_send_rejects_invalid_events_and_publishes_the_rest_as_the_keys_ap
     assert reply.rejections[2].reason == "Expected `str` of length <= 128 - at `$.id`"
 
     stored = await stored_events(bus)
-    assert sorted(stored) == [bus.subjects.inference("shop")]
-    shop = stored[bus.subjects.inference("shop")]
+    assert sorted(stored) == [bus.subjects.inference("shop", "acme")]
+    shop = stored[bus.subjects.inference("shop", "acme")]
     assert [e.model for e in shop] == ["m", "m2", "no app", ""]
     first = shop[0]
     assert first.id == "01900000-0000-7000-8000-000000000001"
@@ -183,7 +183,7 @@ async def test_send_refuses_alone_an_event_too_large_for_the_bus(bus: Bus, chann
     assert (reply.accepted, reply.rejected) == (1, 1)
     assert reply.rejections[0].index == 0 and "larger than 900000 bytes" in reply.rejections[0].reason
     stored = await stored_events(bus)
-    assert [e.prompt for e in stored[bus.subjects.inference("shop")]] == ["small"]
+    assert [e.prompt for e in stored[bus.subjects.inference("shop", "acme")]] == ["small"]
 
 
 async def test_a_timestamp_out_of_range_is_refused_alone(bus: Bus, channel: grpc.aio.Channel) -> None:
@@ -197,7 +197,7 @@ async def test_a_timestamp_out_of_range_is_refused_alone(bus: Bus, channel: grpc
     assert (reply.accepted, reply.rejected) == (1, 2)
     assert all(r.reason.endswith("at `$.time`") for r in reply.rejections), reply.rejections
     stored = await stored_events(bus)
-    assert [e.model for e in stored[bus.subjects.inference("shop")]] == ["kept"]
+    assert [e.model for e in stored[bus.subjects.inference("shop", "acme")]] == ["kept"]
 
 
 async def test_a_request_that_does_not_decode_is_invalid_argument(bus: Bus, channel: grpc.aio.Channel) -> None:
@@ -222,7 +222,7 @@ async def test_send_retried_with_the_same_ids_is_stored_once(bus: Bus, channel: 
     for _ in range(2):
         assert (await stub.Send(batch, timeout=10)).accepted == 3
     stored = await stored_events(bus)
-    assert [e.id for e in stored[bus.subjects.inference("shop")]] == [e.id for e in events]
+    assert [e.id for e in stored[bus.subjects.inference("shop", "acme")]] == [e.id for e in events]
 
 
 async def test_get_decision_returns_the_kv_value_or_not_found(bus: Bus, channel: grpc.aio.Channel) -> None:
@@ -337,7 +337,7 @@ async def test_send_by_a_key_scoped_to_deployments_reports_only_theirs(bus: Bus,
         reply = await stub.Send(ingest_pb2.InferenceBatch(events=[
             ingest_pb2.InferenceEvent(app="shop", deployment="support")]), timeout=10)
         assert reply.accepted == 1
-    assert [e.deployment for e in (await stored_events(bus))[bus.subjects.inference("shop")]] == ["support"]
+    assert [e.deployment for e in (await stored_events(bus))[bus.subjects.inference("shop", "acme")]] == ["support"]
 
 
 async def test_a_scoped_key_cannot_report_events_of_no_deployment_that_count_as_the_one_named_like_their_app(
@@ -361,7 +361,7 @@ async def test_a_scoped_key_cannot_report_events_of_no_deployment_that_count_as_
         reply = await ingest_pb2_grpc.IngestStub(ch).Send(
             ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(app="shop")]), timeout=10)
         assert reply.accepted == 1  # a key of every deployment may still leave it out
-    assert [e.deployment for e in (await stored_events(bus))[bus.subjects.inference("shop")]] == [""]
+    assert [e.deployment for e in (await stored_events(bus))[bus.subjects.inference("shop", "acme")]] == [""]
 
 
 def _self_signed(tmp: Any) -> tuple[Any, Any]:
@@ -636,4 +636,4 @@ async def test_malformed_ids_and_an_endless_user_hash_are_refused_alone_naming_t
     for rejection, (_, field) in zip(reply.rejections, bad, strict=True):
         assert rejection.reason.endswith(f"at `$.{field}`"), rejection.reason
     stored = await stored_events(bus)
-    assert [e.model for e in stored[bus.subjects.inference("shop")]] == ["kept"]
+    assert [e.model for e in stored[bus.subjects.inference("shop", "acme")]] == ["kept"]

@@ -132,7 +132,7 @@ async def governed(router: Any, http: aiohttp.ClientSession) -> None:
 async def test_non_streaming_completion_and_event_with_incoming_trace(router: Any, http: aiohttp.ClientSession,
                                                                       sims: Any, keys: Bootstrap, governed: None) -> None:
     bus = router.ctx.bus
-    sub = await bus.nc.subscribe(bus.subjects.served("shop"))
+    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
     trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
     # The tenant and app headers are the client's choice, so the event takes both from the key instead.
     headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01", "Authorization": f"Bearer {keys.app_key}",
@@ -162,7 +162,7 @@ async def test_non_streaming_completion_and_event_with_incoming_trace(router: An
 async def test_streaming_completion_hides_injected_usage(router: Any, http: aiohttp.ClientSession,
                                                          governed: None) -> None:
     bus = router.ctx.bus
-    sub = await bus.nc.subscribe(bus.subjects.served("shop"))
+    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
     async with http.post(f"{router.url}/v1/chat/completions", json=_chat(stream=True)) as resp:
         assert resp.status == 200
         lines = [ln.decode().strip() async for ln in resp.content if ln.strip()]
@@ -265,7 +265,7 @@ async def test_malformed_gate_message_goes_to_dlq_and_router_keeps_working(
 @pytest.mark.parametrize("passthrough", [True])  # the client's own models reach the simulator as it sent them
 async def test_upstream_failure_is_502_and_error_event(router: Any, http: aiohttp.ClientSession) -> None:
     bus = router.ctx.bus
-    sub = await bus.nc.subscribe(bus.subjects.served("shop"))
+    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
     async with http.post(f"{router.url}/v1/chat/completions", json={**_chat(), "model": "broken"}) as resp:
         assert resp.status == 502
         err = (await resp.json())["error"]
@@ -349,7 +349,7 @@ async def test_routes_restored_from_kv(context: ServiceContext, run_services: An
 
 async def test_secrets_in_prompts_never_reach_the_bus(router: Any, http: aiohttp.ClientSession, governed: None) -> None:
     bus = router.ctx.bus
-    sub = await bus.nc.subscribe(bus.subjects.served("shop"))
+    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
     secret = "sk-live0123456789abcdefghijkl"
     body = {"model": "m", "messages": [{"role": "user", "content": f"my key is {secret}, keep it safe"}]}
     async with http.post(f"{router.url}/v1/chat/completions", json=body) as resp:
@@ -936,6 +936,6 @@ async def test_events_wait_out_an_inference_stream_outage_of_any_length(
     await bus.ensure_topology()  # the stream is back
     await router.batcher.flush()
     assert (router.batcher.sent, router.batcher.failed, router.batcher.dropped) == (5, 0, 0)
-    prompts = [e.prompt for _, _, data in [m async for m in bus.stored_since(stream, bus.subjects.served("shop"), 0)]
+    prompts = [e.prompt for _, _, data in [m async for m in bus.stored_since(stream, bus.subjects.served("shop", "acme"), 0)]
                for e in _events.decode(data)]
     assert sorted(prompts) == [f"q{i}" for i in range(5)]  # each once

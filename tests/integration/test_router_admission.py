@@ -358,7 +358,7 @@ async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Sto
     keys = bootstrap(s.home, tenant="acme", app="shop")
     router = await stack.add(s, store, "router-a")
     bus = router.ctx.bus
-    sub = await bus.nc.subscribe(bus.subjects.served("shop"))
+    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
     now = [0.0]
     router.admission.clock = lambda: now[0]
     c = client(router, keys.app_key)
@@ -459,7 +459,7 @@ async def test_a_streamed_answer_is_cached_and_replayed_as_sse(settings: Setting
     keys = bootstrap(s.home, tenant="acme", app="shop")
     router = await stack.add(s, store, "router-a")
     bus = router.ctx.bus
-    sub = await bus.nc.subscribe(bus.subjects.served("shop"))
+    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
     c = client(router, keys.app_key)
 
     async def stream(**extra: Any) -> tuple[str, list[Any], Any]:
@@ -504,7 +504,7 @@ async def test_one_body_sent_to_two_operations_is_two_entries(settings: Settings
     keys = bootstrap(s.home, tenant="acme", app="shop")
     router = await stack.add(s, store, "router-a")
     bus = router.ctx.bus
-    sub = await bus.nc.subscribe(bus.subjects.served("shop"))
+    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
     body = {"model": MODEL, "input": "what is the refund policy?", "temperature": 0}
 
     async def post(path: str, **extra: Any) -> tuple[str, str, bytes]:

@@ -235,7 +235,7 @@ async def gateway(context: ServiceContext, run_services: Any, tmp_path: Any) -> 
 async def events(context: ServiceContext) -> AsyncIterator[Callable[[int], Awaitable[list[InferenceEvent]]]]:
     """`await events(n)`: the next n inference events the router announced."""
     bus = context.bus
-    sub = await bus.nc.subscribe(bus.subjects.served("shop"))
+    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
 
     async def take(n: int) -> list[InferenceEvent]:
         got: list[InferenceEvent] = []

@@ -52,7 +52,7 @@ async def _health(url: str) -> dict[str, Any]:
 async def _stored_ids(bus: Bus) -> Counter[str]:
     """How many times each router event is on the inference stream, by event id."""
     stream = bus.subjects.streams["inference"].name
-    return Counter(e.id for _, _, data in [m async for m in bus.stored_since(stream, bus.subjects.served("shop"), 0)]
+    return Counter(e.id for _, _, data in [m async for m in bus.stored_since(stream, bus.subjects.served("shop", "acme"), 0)]
                    for e in _events.decode(data))
 
 

@@ -47,7 +47,8 @@ def test_redaction_modes() -> None:
 
 def test_subjects_are_prefixed_and_tokens_safe() -> None:
     s = Subjects("t1")
-    assert s.inference("my.app name") == "t1.inference.my=2Eapp=20name"
+    assert s.inference("my.app name", "acme co") == "t1.inference.acme=20co.my=2Eapp=20name"
+    assert s.inference("shop") == "t1.inference.default.shop"
     assert s.gate_decided("rel*1") == "t1.gate.decided.rel=2A1"
     assert s.streams["inference"].name == "T1_INFERENCE"
     assert token("") == "="
@@ -59,9 +60,21 @@ def test_only_the_routers_own_subjects_are_served() -> None:
     # Found by a probe: an app named `router` publishes on `t1.inference.router`, which ended in `.router` and was
     # taken as served (its events then aborted another tenant's canary through drift, over NATS and OTLP alike).
     s = Subjects("t1")
-    assert s.is_served(s.served("shop")) and s.is_served(s.served("router"))
-    assert not any(s.is_served(x) for x in (s.inference("router"), s.inference("shop"), "t1.inference..router",
-                                            "t1.inference.a.b.router", "t2.inference.shop.router"))
+    assert s.is_served(s.served("shop")) and s.is_served(s.served("router")) and s.is_served(s.served("a", "router"))
+    assert not any(s.is_served(x) for x in (s.inference("router"), s.inference("shop"), "t1.inference.t..router",
+                                            "t1.inference.shop.router", "t1.inference.a.b.c.router",
+                                            "t2.inference.t.shop.router"))
+
+
+def test_an_inference_subject_names_its_sender() -> None:
+    # Consumers hold a message's events to the tenant and app its subject names (a per-application NATS user
+    # may publish on its own subject only), so the subject must say both, one-to-one, sent or served.
+    s = Subjects("t1")
+    assert s.sender(s.inference("my.app", "acme co")) == ("acme co", "my.app")
+    assert s.sender(s.served("shop", "t")) == ("t", "shop")
+    assert s.sender(s.inference("router", "t")) == ("t", "router")
+    assert not any(s.sender(x) for x in ("t1.inference.shop", "t1.inference.a.b.c", "t1.inference.a.b.c.router",
+                                         "t1.inference.a=41.b", "t2.inference.a.b", "t1.eval.a.b"))
 
 
 def test_settings_from_env() -> None:

@@ -29,6 +29,20 @@ def test_events_outside_the_time_window_are_refused_by_index_the_rest_kept() -> 
     assert limits.split(events[0], NOW) == ([events[0]], [])  # a message of one event
 
 
+def test_events_of_another_tenant_or_app_than_the_subjects_are_refused_by_index() -> None:
+    # The subject names the sender (a per-application NATS user publishes on its own only): an event claiming
+    # another tenant or app there would be stored, priced and watched as theirs.
+    events = [_at(timedelta(0)), InferenceEvent(app="shop", tenant="globex", time=NOW),
+              InferenceEvent(app="other", time=NOW), _at(timedelta(days=-60))]
+    kept, refused = EventLimits().split(events, NOW, sender=("default", "shop"))
+    assert kept == [events[0]]
+    assert [i for i, _ in refused] == [1, 2, 3]
+    assert refused[0][1] == ("tenant 'globex' and app 'shop' are not those of the subject it came on "
+                             "(tenant 'default', app 'shop') - at `$[1]`")
+    assert "app 'other'" in refused[1][1] and refused[2][1].endswith("at `$[3].time`")
+    assert EventLimits().split(events[:1], NOW, sender=("default", "shop")) == ([events[0]], [])
+
+
 def test_a_message_over_the_event_limit_is_refused_whole() -> None:
     kept, refused = EventLimits(max_events=3).split([_at(timedelta(0))] * 4, NOW)
     assert kept == [] and refused == [(-1, "4 events in one message; at most 3 are accepted")]

@@ -20,7 +20,7 @@ from lockgate.codec import Codec
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import PublishFailed
 from lockgate.ids import batch_id
-from lockgate.outbox import Encoded, Outbox, chunk_by_app, encode_event, publish_events
+from lockgate.outbox import Encoded, Outbox, chunk_by_sender, encode_event, publish_events
 from lockgate.retry import RetryPolicy
 from lockgate.subjects import Subjects
 
@@ -71,13 +71,21 @@ def event(app: str = "a", n: int = 0, **kw: Any) -> Encoded:
         ("", 500, []),
     ],
 )
-def test_chunk_by_app_groups_then_caps_each_chunk(apps: str, batch_size: int, expected: list) -> None:
+def test_chunk_by_sender_groups_then_caps_each_chunk(apps: str, batch_size: int, expected: list) -> None:
     events = [event(app, i) for i, app in enumerate(apps)]
-    chunks = chunk_by_app(events, batch_size)
+    chunks = chunk_by_sender(events, batch_size)
     assert [(c[0].app, len(c)) for c in chunks] == expected
     assert all(len({e.app for e in c}) == 1 for c in chunks)
     for app in set(apps):  # each app's events keep their order across its chunks
         assert [e for c in chunks for e in c if e.app == app] == [e for e in events if e.app == app]
+
+
+def test_chunk_by_sender_never_mixes_tenants_of_one_app() -> None:
+    # Each chunk goes out on its sender's subject (`lg.inference.<tenant>.<app>`), which consumers hold it to.
+    events = [event("a", 0, tenant="t1"), event("a", 1, tenant="t2"), event("a", 2, tenant="t1")]
+    chunks = chunk_by_sender(events)
+    ids = [e.id for e in events]
+    assert [[(e.tenant, ids.index(e.id)) for e in c] for c in chunks] == [[("t1", 0), ("t1", 2)], [("t2", 1)]]
 
 
 async def test_one_message_per_app_and_chunk_with_the_chunks_batch_id() -> None:
@@ -256,11 +264,11 @@ async def test_outbox_reports_its_counts_to_the_callbacks_a_server_turns_into_me
 def test_chunks_are_cut_by_bytes_so_large_events_never_exceed_the_message_limit() -> None:
     big = [event("a", i, prompt="x" * 1000) for i in range(10)]
     limit = 3 * len(big[0].data) + 2  # room for two events and most of a third
-    chunks = chunk_by_app(big, batch_size=500, batch_bytes=limit)
+    chunks = chunk_by_sender(big, batch_size=500, batch_bytes=limit)
     assert [len(c) for c in chunks] == [2, 2, 2, 2, 2]
     assert [e for c in chunks for e in c] == big
     # An event larger than the limit still goes, alone: the server's refusal then names the size.
-    assert [len(c) for c in chunk_by_app([event("a", prompt="y" * 5000), event("a")], batch_bytes=limit)] == [1, 1]
+    assert [len(c) for c in chunk_by_sender([event("a", prompt="y" * 5000), event("a")], batch_bytes=limit)] == [1, 1]
 
 
 async def test_published_message_is_the_json_array_of_the_encoded_events() -> None:
@@ -299,6 +307,6 @@ def test_batch_id_is_the_hash_of_the_tenants_apps_and_ids_in_order() -> None:
 def test_one_apps_events_are_one_chunk_up_to_the_byte_limit_exactly(spare: int, chunks: int) -> None:
     events = [event("a", i) for i in range(4)]
     limit = sum(len(e.data) + 1 for e in events) + spare
-    out = chunk_by_app(events, batch_size=4, batch_bytes=limit)
+    out = chunk_by_sender(events, batch_size=4, batch_bytes=limit)
     assert len(out) == chunks and [e.id for c in out for e in c] == [e.id for e in events]
-    assert len(chunk_by_app(events, batch_size=3)) == 2
+    assert len(chunk_by_sender(events, batch_size=3)) == 2

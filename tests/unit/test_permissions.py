@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lockgate.permissions import IDENTITIES, grant
+from lockgate.permissions import IDENTITIES, app_of, app_user, grant
 from lockgate.server.natsserver import deploy_auth_config
 from lockgate.subjects import Subjects
 
@@ -66,6 +66,18 @@ def test_only_the_owner_may_publish(subject: str) -> None:
 def test_an_application_publishes_inference_only() -> None:
     facts = [p for p in grant(S, "app").publish if not p.startswith("$JS.")]
     assert facts == [S.inference_sent]
+
+
+def test_an_application_user_publishes_its_own_tenants_and_apps_events_only() -> None:
+    user = app_user("acme co", "shop.v2")
+    assert app_of(user) == ("acme co", "shop.v2") and app_of("app") is None and app_of("apps.a=41.b") is None
+    g = grant(S, user)
+    assert [p for p in g.publish if not p.startswith("$JS.")] == [S.inference("shop.v2", "acme co")]
+    assert g.subscribe == [f"_INBOX.{user}.>"] and not g.responses
+    # Its replies are its own: outside the shared `app` user's inbox.
+    assert not any(matches(p, f"_INBOX.{user}.x") for p in grant(S, "app").subscribe)
+    for subject in (S.inference("shop.v2", "acme"), S.served("shop.v2", "acme co"), S.gate_decided("r")):
+        assert not any(matches(p, subject) for p in g.publish)
 
 
 @pytest.mark.parametrize("identity", [i for i in IDENTITIES if i not in ("router", "admin")])

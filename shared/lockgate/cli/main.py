@@ -259,6 +259,7 @@ def schema(out: str | None) -> None:
 
 def _register_subcommands() -> None:
     from lockgate.cli import (
+        appcreds,
         attest,
         audit,
         budget,
@@ -281,6 +282,7 @@ def _register_subcommands() -> None:
     gate.register(cli)
     identity.register(cli)
     keys.register(cli)
+    appcreds.register(cli)
     audit.register(cli)
     rollout.register(cli)
     gitops.register(cli)

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -36,12 +37,14 @@ def deploy_auth_config(subjects: Subjects) -> str:
     return header + text + "\n"
 
 
-def auth_config(subjects: Subjects, passwords: dict[str, str], *, tls_cert: str = "", tls_key: str = "",
-                tls_ca: str = "") -> str:
-    """nats-server configuration: one user per identity with the permissions of permissions.py,
-    and TLS on the client listener when a certificate is given. JSON is valid NATS config."""
+def auth_config(subjects: Subjects, passwords: dict[str, str], *, apps: dict[str, str] | None = None,
+                tls_cert: str = "", tls_key: str = "", tls_ca: str = "") -> str:
+    """nats-server configuration: one user per identity with the permissions of permissions.py, plus the
+    per-application users in `apps` (user -> password: credentials.apps), and TLS on the client listener
+    when a certificate is given. JSON is valid NATS config."""
     users = []
-    for identity in IDENTITIES:
+    passwords = passwords | (apps or {})
+    for identity in (*IDENTITIES, *(apps or {})):
         g = grant(subjects, identity)
         perms: dict[str, object] = {"publish": {"allow": g.publish}, "subscribe": {"allow": g.subscribe}}
         if g.responses:
@@ -75,6 +78,8 @@ log = logging.getLogger("lockgate.natsserver")
 
 # Logged before "Server is ready", once the client listener is bound (stable since gnatsd).
 _LISTENING = "Listening for client connections on "
+# What the server logs after SIGHUP (server/reload.go, server/signal.go).
+_RELOADED, _RELOAD_FAILED = "Reloaded server configuration", "Failed to reload server configuration"
 
 
 class NatsServer:
@@ -101,6 +106,8 @@ class NatsServer:
         self.restarts = 0  # times `supervise` brought the server back
         # Sees every line the server logs, from its own thread (a cluster waits on "metadata leader").
         self.on_line = on_line
+        self._watchers: tuple[Callable[[str], None], ...] = ()  # a reload's, for its outcome
+        self._reloading = asyncio.Lock()
 
     @property
     def url(self) -> str:
@@ -112,13 +119,7 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         args = [binary(), "-js", "-sd", str(self.store_dir), "-a", self.host, "-p", str(self.port or -1)]
         if self.config:
-            # The file holds passwords: created 0600, rewritten each start so it follows the table.
-            path = self.store_dir / "server.conf"
-            path.unlink(missing_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write(self.config)
-            args += ["-c", str(path)]
+            args += ["-c", str(self._write_config())]
         args += self.args
         # Popen only forks and execs; the wait for readiness below runs in a thread.
         self.proc = subprocess.Popen(  # noqa: ASYNC220
@@ -135,20 +136,62 @@ class NatsServer:
             where = f"port {self.port}" if self.port else "a free port"
             raise ConfigError(f"nats-server did not start on {self.host}, {where}, within {timeout_s:.0f}s") from None
 
+    def _write_config(self) -> Path:
+        # The file holds passwords: created 0600, rewritten each start (and reload) so it follows the table.
+        path = self.store_dir / "server.conf"
+        path.unlink(missing_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(self.config)
+        return path
+
+    async def reload(self, config: str, timeout_s: float = 10.0) -> None:
+        """Apply `config` (users and permissions: an application credential made or revoked) to the running
+        server without a restart: the file is rewritten and the server sent SIGHUP, its own reload signal.
+        Returns once the server logged the reload; ConfigError with its reason if it refused the file (it
+        then keeps the configuration it had). A restart by `supervise` starts with `config` too."""
+        async with self._reloading:
+            if self.proc is None or self.proc.poll() is not None:
+                raise ConfigError("nats-server is not running: the new configuration applies when it starts")
+            self.config = config
+            await asyncio.to_thread(self._write_config)
+            loop = asyncio.get_running_loop()
+            outcome: asyncio.Future[str] = loop.create_future()
+
+            def seen(line: str) -> None:  # on the thread that reads the server's log
+                if _RELOADED in line or _RELOAD_FAILED in line:
+                    loop.call_soon_threadsafe(lambda: outcome.done() or outcome.set_result(line))
+
+            self._watchers = (*self._watchers, seen)
+            try:
+                self.proc.send_signal(signal.SIGHUP)
+                line = await asyncio.wait_for(outcome, timeout_s)
+            except TimeoutError:
+                raise ConfigError(f"nats-server did not confirm a reload within {timeout_s:.0f}s") from None
+            finally:
+                self._watchers = tuple(w for w in self._watchers if w is not seen)
+            if _RELOAD_FAILED in line:
+                raise ConfigError(f"nats-server refused the new configuration: {line.strip()}")
+
+    def _line(self, line: str) -> None:
+        for watcher in self._watchers:
+            watcher(line)
+        if self.on_line is not None:
+            self.on_line(line)
+
     def _wait_ready(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
         lines = []
         for raw in self.proc.stderr:
             line = raw.decode(errors="replace")
             lines.append(line)
-            if self.on_line is not None:
-                self.on_line(line)
+            self._line(line)
             if _LISTENING in line:
                 # "host:port", or "[::]:port" for IPv6
                 self.port = int(line.split(_LISTENING, 1)[1].strip().rpartition(":")[2])
             if "Server is ready" in line:
                 # keep draining the pipe so the server never blocks on a full stderr buffer
-                threading_drain(self.proc.stderr, self.on_line)
+                threading_drain(self.proc.stderr, self._line)
                 return
         raise ConfigError("nats-server exited during start:\n" + "".join(lines[-10:]))
 
@@ -192,7 +235,6 @@ def _die_with_parent() -> None:
     # In the child before exec: the kernel kills nats-server when the process that started it dies,
     # even by SIGKILL, so no orphan keeps acknowledging publishes nobody will consume.
     import ctypes
-    import signal
 
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,6 +14,7 @@ from urllib.parse import urlparse
 from lockgate import credentials, metrics
 from lockgate.bus import Bus
 from lockgate.config import Settings
+from lockgate.errors import LockgateError
 from lockgate.server.health import HealthServer
 from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.server.registry import ServiceSet, available
@@ -21,6 +23,7 @@ from lockgate.subjects import Subjects
 from lockgate.telemetry import NatsSpanExporter, Telemetry
 
 if TYPE_CHECKING:
+    from nats.aio.msg import Msg
     from opentelemetry.sdk.metrics import MeterProvider
 
 log = logging.getLogger("lockgate.server.runtime")
@@ -62,14 +65,10 @@ class Runtime:
         if self.embedded_nats:
             url = urlparse(s.nats_url)
             # Users for every service, role and the SDK: generated once under the home, 0600.
-            passwords = credentials.ensure(s.home)
-            tls = bool(s.tls_cert and s.tls_key)
-            config = auth_config(Subjects(s.prefix), passwords, tls_cert=s.tls_cert, tls_key=s.tls_key,
-                                 tls_ca=s.tls_ca)
             # port 0 asks nats-server for a free one; the real URL replaces the setting below
             port = 4222 if url.port is None else url.port
-            self.nats = NatsServer(Path(s.home) / "nats", port=port, host=url.hostname or s.host, config=config,
-                                   tls=tls)
+            self.nats = NatsServer(Path(s.home) / "nats", port=port, host=url.hostname or s.host,
+                                   config=self._nats_config(), tls=bool(s.tls_cert and s.tls_key))
             await self.nats.start()
             self._supervisor = asyncio.create_task(self.nats.supervise(), name="nats-server supervisor")
             self.settings = s = s.replace(nats_url=self.nats.url)
@@ -111,12 +110,33 @@ class Runtime:
                 self.buses.append(bus)
                 await bus.connect()
             contexts[name] = ServiceContext(bus=bus, store=store, telemetry=telemetry, settings=s)
+        if self.nats is not None:
+            # `lockgate app-credential` wrote or removed a user under the home: apply it without a restart.
+            await main.nc.subscribe(subjects.nats_reload, cb=self._on_reload)
         self.ctx = ServiceContext(bus=main, store=store, telemetry=telemetry, settings=s)
         self.services = ServiceSet(self.ctx, self.names, contexts)
         await self.services.start()
         if s.health_port:
             self._health = HealthServer(lambda: self.buses, s.host, s.health_port)
             self.health_url = await self._health.start()
+
+    def _nats_config(self) -> str:
+        """The embedded nats-server's users (every identity's, and each application credential's) and TLS."""
+        s = self.settings
+        return auth_config(Subjects(s.prefix), credentials.ensure(s.home),
+                           apps={user: c["password"] for user, c in credentials.apps(s.home).items()},
+                           tls_cert=s.tls_cert, tls_key=s.tls_key, tls_ca=s.tls_ca)
+
+    async def _on_reload(self, msg: Msg) -> None:
+        assert self.nats is not None
+        try:
+            await self.nats.reload(await asyncio.to_thread(self._nats_config))
+            reply = {"ok": True, "apps": len(credentials.apps(self.settings.home))}
+        except LockgateError as exc:
+            log.error("NATS users not reloaded: %s", exc.message)
+            reply = {"ok": False, "error": exc.message}
+        if msg.reply:
+            await msg.respond(json.dumps(reply).encode())
 
     @property
     def endpoints(self) -> dict[str, str]:

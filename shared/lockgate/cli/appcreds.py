@@ -1,0 +1,112 @@
+"""`lockgate app-credential create|revoke|list`: a NATS user for one tenant's application.
+
+The shared `app` user may publish any tenant's and app's events and read every decision; a per-application
+user publishes its own tenant's and app's events only (`lg.inference.<tenant>.<app>`, permissions.app_user).
+The credential is a file in the stack's home (0600), so this command runs where the home is; a running
+`lockgate up` applies the change at once (its nats-server reloads its users), and the change is recorded in
+the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import click
+import nats.errors
+
+from lockgate import credentials
+from lockgate.cli.access import chosen_role, connect_once
+from lockgate.cli.audit import record_change
+from lockgate.cli.main import handle_errors
+from lockgate.cli.render import console, err_console, output
+from lockgate.config import Settings
+from lockgate.errors import ConfigError
+from lockgate.subjects import Subjects
+
+_RELOAD_TIMEOUT_S = 15.0
+
+
+async def _reload(settings: Settings) -> tuple[bool, str]:
+    """Ask the running stack to reload its NATS users: (applied, what to tell the user about it)."""
+    nc = await connect_once(settings, chosen_role("admin"), "the running stack was not told")
+    if nc is None:
+        return False, f"no stack answers at {settings.nats_url}: the next `lockgate up` on this home applies it"
+    try:
+        reply = json.loads((await nc.request(Subjects(settings.prefix).nats_reload, b"",
+                                             timeout=_RELOAD_TIMEOUT_S)).data)
+    except (nats.errors.Error, TimeoutError, ValueError) as exc:  # no responder: a deployed server, not ours
+        return False, (f"the stack at {settings.nats_url} did not reload its users ({exc.__class__.__name__}): a "
+                       "deployed nats-server takes them from its configuration and a reload")
+    finally:
+        await nc.close()
+    if not reply.get("ok"):
+        raise ConfigError(f"the running nats-server refused its new users: {reply.get('error')}")
+    return True, "the running stack applied it"
+
+
+def register(cli: click.Group) -> None:
+    """Attach `app-credential` to the top-level group."""
+
+    @cli.group("app-credential")
+    @click.option("--home", envvar="LOCKGATE_HOME", default=None,
+                  help="The stack's home (default: settings, ./.lockgate).")
+    @click.pass_context
+    def group(ctx: click.Context, home: str | None) -> None:
+        """NATS users for single applications: each publishes its own tenant's and app's events only."""
+        if home:
+            ctx.obj["settings"] = ctx.obj["settings"].replace(home=home)
+
+    @group.command("create")
+    @click.option("--tenant", required=True)
+    @click.option("--app", required=True)
+    @click.option("--rotate", is_flag=True, help="Replace the password of an existing credential.")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+    @click.pass_context
+    @handle_errors
+    def create(ctx: click.Context, tenant: str, app: str, rotate: bool, as_json: bool) -> None:
+        """Write a credential (user and password, 0600) for an application, and apply it to a running stack."""
+        settings = ctx.obj["settings"]
+        path = credentials.create_app(settings.home, tenant, app, rotate=rotate)
+        user = credentials.app_user(tenant, app)
+        applied, said = asyncio.run(_reload(settings))
+        record_change(settings, target=f"nats-app:{user}", action="rotate" if rotate else "create",
+                      details={"tenant": tenant, "app": app})
+        subject = Subjects(settings.prefix).inference(app, tenant)
+        if as_json:
+            output({"user": user, "tenant": tenant, "app": app, "file": str(path), "subject": subject,
+                    "applied": applied}, True)
+            return
+        console.print(f"{'rotated' if rotate else 'created'} NATS user [bold]{user}[/bold] for {tenant}/{app} in "
+                      f"{path}: it publishes on {subject} only; {said}", highlight=False, soft_wrap=True)
+        console.print(f"  SDK: Client(url, app={app!r}, tenant={tenant!r}, user=..., password=...) from that file",
+                      highlight=False, soft_wrap=True)
+
+    @group.command("revoke")
+    @click.option("--tenant", required=True)
+    @click.option("--app", required=True)
+    @click.pass_context
+    @handle_errors
+    def revoke(ctx: click.Context, tenant: str, app: str) -> None:
+        """Delete an application's credential; a running stack refuses it from the reload on."""
+        settings = ctx.obj["settings"]
+        path = credentials.revoke_app(settings.home, tenant, app)
+        applied, said = asyncio.run(_reload(settings))
+        record_change(settings, target=f"nats-app:{credentials.app_user(tenant, app)}", action="revoke",
+                      details={"tenant": tenant, "app": app})
+        console.print(f"revoked the NATS credential of {tenant}/{app} ({path}); {said}", highlight=False,
+                      soft_wrap=True)
+        if not applied:
+            err_console.print("[yellow]note:[/yellow] until a nats-server reloads its users, the credential still "
+                              "connects", highlight=False, soft_wrap=True)
+
+    @group.command("list")
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+    @click.pass_context
+    @handle_errors
+    def list_(ctx: click.Context, as_json: bool) -> None:
+        """Every application credential of the home: user, tenant, app and the subject it may publish on."""
+        settings = ctx.obj["settings"]
+        s = Subjects(settings.prefix)
+        output([{"user": user, "tenant": c["tenant"], "app": c["app"], "subject": s.inference(c["app"], c["tenant"])}
+                for user, c in credentials.apps(settings.home).items()], as_json)

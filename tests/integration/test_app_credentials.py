@@ -1,0 +1,139 @@
+"""Per-application NATS users, on the embedded runtime as `lockgate up` runs it: `lockgate app-credential
+create` applies a user at once (the nats-server reloads), that user publishes its own tenant's and app's
+events and nothing else, an event of another tenant or app on its subject is dead-lettered alone, and a
+revoked user is refused. Before, the one `app` user published any tenant's events and read every decision."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+from click.testing import CliRunner, Result
+
+from lockgate.cli.main import cli
+from lockgate.client import Client
+from lockgate.codec import encode
+from lockgate.config import Settings
+from lockgate.contracts import InferenceEvent
+from lockgate.credentials import NotAllowed
+from lockgate.errors import InvalidEvent
+from lockgate.server.runtime import Runtime
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def stack(settings: Settings) -> AsyncIterator[Runtime]:
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink"])
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+def _cli(runtime: Runtime, *args: str) -> Result:
+    s = runtime.settings
+    env = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix, "LOCKGATE_ROLE": ""}
+    return CliRunner().invoke(cli, ["app-credential", *args], env=env, catch_exceptions=False)
+
+
+async def run_cli(runtime: Runtime, *args: str) -> Result:
+    # In a thread: the CLI waits on the runtime, which answers on this loop.
+    return await asyncio.to_thread(_cli, runtime, *args)
+
+
+async def _ignore(exc: Exception) -> None:
+    pass  # nats-py logs a traceback for a connection closed by the server otherwise
+
+
+async def _connect(runtime: Runtime, user: str, password: str, errors: list[str]) -> nats.NATS:
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    return await nats.connect(runtime.settings.nats_url, user=user, password=password, allow_reconnect=False,
+                              max_reconnect_attempts=0, connect_timeout=5, error_cb=on_error,
+                              inbox_prefix=f"_INBOX.{user}")
+
+
+async def test_an_app_credential_publishes_its_own_events_only_and_is_refused_once_revoked(stack: Runtime) -> None:
+    created = await run_cli(stack, "create", "--tenant", "acme", "--app", "shop", "--json")
+    assert created.exit_code == 0, created.output
+    made = json.loads(created.output)
+    assert made["applied"] is True and made["subject"] == stack.ctx.bus.subjects.inference("shop", "acme")
+    secret, mode = await asyncio.to_thread(lambda p: (json.loads(p.read_text()), p.stat().st_mode), Path(made["file"]))
+    assert mode & 0o777 == 0o600
+    sink = stack.services["sink"].handlers
+    s = stack.ctx.bus.subjects
+
+    # Applied without a restart: the SDK connects as that user and its events are stored.
+    async with Client(stack.settings.nats_url, prefix=s.prefix, app="shop", tenant="acme", user=secret["user"],
+                      password=secret["password"]) as client:
+        client.emit(input_tokens=7)
+        await client.flush()
+        assert client.sent == 1
+        # One client is one sender: another tenant's event is refused before it leaves.
+        with pytest.raises(InvalidEvent, match="make a Client for each"):
+            client.emit(InferenceEvent(app="shop", tenant="globex"))
+    await sink.events.wait_for(1)
+
+    errors: list[str] = []
+    nc = await _connect(stack, secret["user"], secret["password"], errors)
+    try:
+        js = nc.jetstream()
+        # Another tenant's subject, the router's served subject, a gate decision: refused by the server.
+        for subject in (s.inference("shop", "globex"), s.inference("other", "acme"), s.served("shop", "acme"),
+                        s.gate_decided("shop-v2")):
+            with pytest.raises((TimeoutError, nats.errors.Error)):
+                await js.publish(subject, b"{}", timeout=1)
+        # Nor may it read decisions (another tenant's among them): no subscription on their announcements.
+        await nc.subscribe(s.gate_decided_all)
+        await nc.flush()
+        # Its own subject, with one of its events and one claiming another tenant: that one alone is
+        # dead-lettered, naming why; the other is stored.
+        mine, forged = InferenceEvent(app="shop", tenant="acme"), InferenceEvent(app="shop", tenant="globex")
+        await js.publish(s.inference("shop", "acme"), encode([mine, forged]), timeout=5)
+        await sink.events.wait_for(2)
+        await sink.dead_letters.wait_for(1)
+    finally:
+        await nc.close()
+    violations = [e for e in errors if "permissions violation" in e.lower()]
+    assert len(violations) >= 5, errors
+    rows = stack.ctx.store.rows("SELECT tenant, app, count() AS n FROM inference_events GROUP BY tenant, app")
+    assert rows == [{"tenant": "acme", "app": "shop", "n": 2}]
+    letter = stack.ctx.store.rows("SELECT reason, error FROM dead_letters")
+    assert len(letter) == 1 and "tenant 'globex' and app 'shop' are not those of the subject" in letter[0]["error"]
+
+    # A connection open while the credential is revoked is closed by the reload, not left publishing.
+    gone = asyncio.Event()
+
+    async def closed() -> None:
+        gone.set()
+
+    held = await nats.connect(stack.settings.nats_url, user=secret["user"], password=secret["password"],
+                              allow_reconnect=False, connect_timeout=5, closed_cb=closed, error_cb=_ignore,
+                              inbox_prefix=f"_INBOX.{secret['user']}")
+    revoked = await run_cli(stack, "revoke", "--tenant", "acme", "--app", "shop")
+    assert revoked.exit_code == 0 and "the running stack applied it" in revoked.output, revoked.output
+    await asyncio.wait_for(gone.wait(), 10)
+    assert held.is_closed
+    with pytest.raises(nats.errors.Error):
+        await _connect(stack, secret["user"], secret["password"], [])
+    with pytest.raises(NotAllowed):
+        await Client(stack.settings.nats_url, prefix=s.prefix, app="shop", tenant="acme", user=secret["user"],
+                     password=secret["password"]).start()
+    listed = await run_cli(stack, "list", "--json")
+    assert json.loads(listed.output) == []
+
+
+async def test_cli_errors_are_one_line(stack: Runtime) -> None:
+    assert (await run_cli(stack, "create", "--tenant", "acme", "--app", "shop")).exit_code == 0
+    again = await run_cli(stack, "create", "--tenant", "acme", "--app", "shop")
+    assert again.exit_code != 0 and "has a NATS credential already" in again.output and "Traceback" not in again.output
+    bad = await run_cli(stack, "create", "--tenant", "acme", "--app", "no spaces")
+    assert bad.exit_code != 0 and "invalid app" in bad.output
+    missing = await run_cli(stack, "revoke", "--tenant", "acme", "--app", "nope")
+    assert missing.exit_code != 0 and "has no NATS credential" in missing.output
