@@ -84,6 +84,10 @@ from lockgate.services.router.wire import USAGE_WARNING, error_response
 
 log = logging.getLogger("lockgate.router.admission")
 
+# The failures that mean the upstream generated nothing (besides an HTTP error status): it was never reached,
+# or never tried. Every other failure may have followed a 200 and generated tokens the provider bills.
+NOTHING_GENERATED = frozenset({"upstream_unreachable", "upstream_circuit_open", "upstream_not_configured"})
+
 BudgetName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -293,11 +297,12 @@ class Admission:
             used = ticket.cost
         elif rec.input_tokens or rec.output_tokens:
             used = cost_of(ticket.price, rec.input_tokens, rec.output_tokens, rec.cached_tokens)
-        elif rec.status != "ok" and (rec.error_type.isdigit() or rec.error_type.startswith("upstream_")):
-            used = ZERO  # refused or unreachable before generating anything: nothing billed
+        elif rec.status != "ok" and (rec.error_type.isdigit() or rec.error_type in NOTHING_GENERATED):
+            used = ZERO  # refused (an HTTP error status) or never reached: nothing generated, nothing billed
         else:
-            # Interrupted streams, cancelled calls, answers without usage: the provider may bill tokens
-            # the router never saw, so the reservation stays spent.
+            # Interrupted streams (cut, or ended by the provider's error event or a bad chunk after content
+            # went out), a 200 whose body did not read, timeouts, cancelled calls, answers without usage: the
+            # provider may bill tokens the router never counted, so the reservation stays spent.
             used = ticket.cost
         self._finish(ticket, used)
 

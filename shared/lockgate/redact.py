@@ -47,6 +47,8 @@ PATTERNS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
      "detect-secrets GitHubTokenDetector; gitleaks github-fine-grained-pat"),
     ("gitlab", r"\bglpat-[A-Za-z0-9_-]{20,}", ("glpat-",), "gitleaks gitlab-pat"),
+    # lockgate's own API keys: `lg-` and 32 random bytes, base64url (server/apikeys.py).
+    ("lockgate api key", r"\blg-[A-Za-z0-9_-]{40,}", ("lg-",), "lockgate apikeys.PREFIX"),
     ("hugging face", r"\bhf_[A-Za-z0-9]{30,}", ("hf_",), "gitleaks huggingface-access-token"),
     ("npm", r"\bnpm_[A-Za-z0-9]{36}", ("npm_",), "gitleaks npm-access-token"),
     ("sendgrid", r"\bSG\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}", ("sg.",), "detect-secrets SendGridDetector"),
@@ -205,20 +207,20 @@ def _clean_value(value: object) -> bool:
     return True
 
 
+# An event's free text: every field a producer writes as it likes (a name field follows the name grammar).
+_EVENT_TEXT = ("prompt", "response", "session_id", "error_type", "model", "response_model", "provider", "operation",
+               "status", "finish_reason", "variant", "user_hash")
+
+
 def scrub_event(event: InferenceEvent) -> InferenceEvent:
-    """The event with secrets scrubbed from its free text: prompt, response, session id, attributes, error."""
-    prompt, response, session_id, error_type = event.prompt, event.response, event.session_id, event.error_type
-    attributes = event.attributes
+    """The event with secrets scrubbed from its free text (`_EVENT_TEXT`) and its attributes."""
     # Each field is looked at once and only a changed one is replaced: most events have nothing to scrub.
     changed: dict[str, object] = {}
-    if prompt and (scrubbed := scrub_secrets(prompt)) != prompt:
-        changed["prompt"] = scrubbed
-    if response and (scrubbed := scrub_secrets(response)) != response:
-        changed["response"] = scrubbed
-    if session_id and (scrubbed := scrub_secrets(session_id)) != session_id:
-        changed["session_id"] = scrubbed
-    if error_type and (scrubbed := scrub_secrets(error_type)) != error_type:
-        changed["error_type"] = scrubbed
+    for name in _EVENT_TEXT:
+        text = getattr(event, name)
+        if text and (scrubbed := scrub_secrets(text)) != text:
+            changed[name] = scrubbed
+    attributes = event.attributes
     if attributes and (mapping := scrub_mapping(attributes)) is not attributes:
         changed["attributes"] = mapping
     return msgspec.structs.replace(event, **changed) if changed else event

@@ -5,6 +5,7 @@ header passthrough, and no upstream URL in anything a client sees."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -696,6 +697,37 @@ async def test_absurd_usage_from_an_upstream_never_poisons_a_budget(
         leased = msgspec.json.decode((await kv.get(f"daily.{datetime.now(UTC):%Y-%m-%d}")).value, type=Counter).leased
         sent = int(liar.headers[-1]["Content-Length"])  # the body the upstream got: what the input estimate bounds
         assert leased.tokens == 5 * (input_estimate(sent, msgspec.convert({"messages": MESSAGES}, ApiRequest), 1.0) + 20)
+
+
+@pytest.mark.parametrize(("action", "stream", "error_type", "kept"), [
+    ("chunk_then_error", True, "upstream_stream_error", True),
+    ("chunk_then_garbage", True, "upstream_bad_chunk", True),
+    ("error_body", False, "upstream_error", True),
+    ("html_400", False, "400", False),
+], ids=["error-event", "bad-chunk", "200-error-body", "refused-400"])
+async def test_a_call_that_failed_after_generating_keeps_its_reservation(
+        gateway: Gateway, keys: Bootstrap, events: Any, context: ServiceContext, tmp_path: Any,
+        action: str, stream: bool, error_type: str, kept: bool) -> None:
+    # Found by a probe: a stream the provider ended with its error event (or a bad chunk) after 500 generated
+    # tokens reached the client was charged nothing, its whole reservation given back: the budget never saw
+    # tokens the provider bills. Only a call refused (an HTTP error status) or never sent costs nothing.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "tokens": 10_000}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("up", action) as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            with contextlib.suppress(openai.APIError):
+                reply = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=200, stream=stream)
+                if stream:
+                    await _read(reply)
+        (event,) = await events(1)
+        assert (event.status, event.error_type, event.output_tokens) == ("error", error_type, 0)
+        await router.admission.return_expired(force=True)
+        kv = await context.bus.kv(context.bus.subjects.kv_budgets)
+        leased = msgspec.json.decode((await kv.get(f"daily.{datetime.now(UTC):%Y-%m-%d}")).value, type=Counter).leased
+        sent = int(up.headers[-1]["Content-Length"])
+        reservation = input_estimate(sent, msgspec.convert({"messages": MESSAGES}, ApiRequest), 1.0) + 200
+        assert leased.tokens == (reservation if kept else 0)
 
 
 # Headers and what the client may see

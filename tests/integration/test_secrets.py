@@ -63,6 +63,7 @@ def planted() -> dict[str, tuple[str, str]]:
     add("jwt", "eyJhbGciOiJIUzI1NiJ9." + "eyJ" + _r(30) + "." + _r(43))
     bearer = _r(32)
     add("bearer token", f"Bearer {bearer}", bearer)
+    add("lockgate api key", "lg-" + _r(43, string.ascii_letters + string.digits + "-_"))  # apikeys.PREFIX
     return out
 
 

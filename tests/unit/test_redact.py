@@ -43,6 +43,17 @@ def test_event_session_id_and_attributes_are_scrubbed_and_clean_events_are_uncha
     assert secret not in out.session_id and secret not in repr(out.attributes) and out.attributes["token"] == MARK
 
 
+def test_every_free_text_field_of_an_event_is_scrubbed() -> None:
+    # Found by a probe: a secret in a span's gen_ai.request.model was masked in otel_traces but stored as the
+    # inference event's model (and the ledger's); gRPC events kept it in user_hash, finish_reason and the like.
+    text, secret = FORMATS["openai sk-proj-"]
+    fields = dict.fromkeys(("model", "response_model", "provider", "operation", "status", "finish_reason",
+                            "variant", "user_hash", "error_type"), text)
+    out = scrub_event(InferenceEvent(app="a", **fields))
+    assert all(getattr(out, name) == MARK for name in fields), out
+    assert secret not in repr(out)
+
+
 def test_a_services_own_span_is_scrubbed_as_it_becomes_a_record() -> None:
     # A service's span may record an upstream's error text or a header: to_record is where it is made.
     from opentelemetry.sdk.trace import TracerProvider
