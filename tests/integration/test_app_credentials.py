@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,14 +16,18 @@ import nats.errors
 import pytest
 from click.testing import CliRunner, Result
 
+from lockgate.bus import Bus
 from lockgate.cli.main import cli
 from lockgate.client import Client
 from lockgate.codec import encode
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
-from lockgate.credentials import NotAllowed
+from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.errors import InvalidEvent
+from lockgate.permissions import IDENTITIES
+from lockgate.server.natsserver import NatsServer, env_password
 from lockgate.server.runtime import Runtime
+from lockgate.subjects import Subjects
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -137,3 +142,41 @@ async def test_cli_errors_are_one_line(stack: Runtime) -> None:
     assert bad.exit_code != 0 and "invalid app" in bad.output
     missing = await run_cli(stack, "revoke", "--tenant", "acme", "--app", "nope")
     assert missing.exit_code != 0 and "has no NATS credential" in missing.output
+
+
+async def test_a_deployed_server_takes_an_applications_user_from_nats_config(
+        tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `lockgate nats-config --app acme shop`: the user reads its password from the server's environment, like
+    # every identity's, and may publish its own tenant's and app's events only.
+    out = CliRunner().invoke(cli, ["nats-config", "--app", "acme", "shop"], env={"LOCKGATE_PREFIX": unique})
+    assert out.exit_code == 0, out.output
+    user = "apps.acme.shop"
+    passwords = {i: "p" + secrets.token_hex(16) for i in (*IDENTITIES, user)}
+    for identity, password in passwords.items():
+        monkeypatch.setenv(env_password(identity), password)
+    assert env_password(user) == "LOCKGATE_NATS_PASSWORD_APPS_ACME_SHOP"
+    server = NatsServer(tmp_path / "nats", config=out.output)
+    await server.start()
+    try:
+        admin = Bus(server.url, Subjects(unique), auth=NatsAuth(user="admin", password=passwords["admin"]))
+        await admin.connect()
+        errors: list[str] = []
+
+        async def on_error(exc: Exception) -> None:
+            errors.append(str(exc))
+
+        nc = await nats.connect(server.url, user=user, password=passwords[user], allow_reconnect=False,
+                                error_cb=on_error, inbox_prefix=f"_INBOX.{user}")
+        try:
+            js, s = nc.jetstream(), admin.subjects
+            assert (await js.publish(s.inference("shop", "acme"), b"[]", timeout=5)).seq >= 1
+            with pytest.raises((TimeoutError, nats.errors.Error)):
+                await js.publish(s.inference("shop", "globex"), b"[]", timeout=1)
+        finally:
+            await nc.close()
+            await admin.close()
+        assert any("permissions violation" in e.lower() for e in errors), errors
+    finally:
+        server.stop()
+    clash = CliRunner().invoke(cli, ["nats-config", "--app", "a-b", "c", "--app", "a_b", "c"])
+    assert clash.exit_code != 0 and "LOCKGATE_NATS_PASSWORD_APPS_A_B_C" in clash.output

@@ -135,17 +135,22 @@ def register(cli: click.Group) -> None:
     @click.option("--cluster", is_flag=True,
                   help="A JetStream cluster node's whole configuration with accounts (LOCKGATE for every "
                        "identity, SYS the system account) and authenticated routes (deploy/nats/cluster.conf).")
+    @click.option("--app", "apps", multiple=True, nargs=2, metavar="TENANT APP",
+                  help="Add an application's own user (`apps.TENANT.APP`: its events only; see `app-credential`), "
+                       "password from LOCKGATE_NATS_PASSWORD_APPS_TENANT_APP. Repeatable.")
     @click.pass_context
     @handle_errors
-    def nats_config(ctx: click.Context, cluster: bool) -> None:
+    def nats_config(ctx: click.Context, cluster: bool, apps: tuple[tuple[str, str], ...]) -> None:
         """Print users and permissions for a deployed nats-server (deploy/nats/auth.conf), passwords
         from its environment: LOCKGATE_NATS_PASSWORD_<SERVICE or ROLE>."""
+        from lockgate.contracts.names import check_name
         from lockgate.server.natsaccounts import cluster_config
         from lockgate.server.natsserver import deploy_auth_config
         from lockgate.subjects import Subjects
 
+        pairs = [(check_name(tenant, "tenant"), check_name(app, "app")) for tenant, app in apps]
         subjects = Subjects(ctx.obj["settings"].prefix)
-        click.echo(cluster_config(subjects) if cluster else deploy_auth_config(subjects), nl=False)
+        click.echo(cluster_config(subjects, apps=pairs) if cluster else deploy_auth_config(subjects, pairs), nl=False)
 
     @cli.command()
     @click.argument("services", nargs=-1, required=True)
