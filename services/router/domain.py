@@ -98,6 +98,9 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     # (no post-promotion analysis pending, never BLOCKed since). Kept in the route's KV record, so a rollback
     # needs no lookup on the path from the triggering event to the weight change.
     good: list[Target] = []
+    # Break-glass statements used on this deployment, (digest of the statement, until when it could still
+    # verify): each is good once, so a statement seen in a rollout event or the audit log cannot be replayed.
+    spent: list[tuple[str, float]] = []
 
 
 GOOD_KEPT = 10  # known-good releases a route remembers
@@ -193,6 +196,10 @@ def decode_manual(body: bytes) -> ManualRequest:
 
 class NotAdmitted(InvalidRollout):
     """The release has no verified decision allowing it (HTTP 409); only an admin's break-glass overrides."""
+
+
+class OverrideReplayed(InvalidRollout):
+    """A break-glass statement used once already (HTTP 403 `invalid_break_glass`)."""
 
 
 def allows(decision: GateDecided | None, release: str) -> bool:
@@ -303,7 +310,7 @@ def same_app(route: Route, *targets: Target) -> None:
 
 
 def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Target, first_step: float,
-                 override: Override | None = None) -> Route:
+                 override: Override | None = None, now: float = 0.0) -> Route:
     """Begin a canary at 0%, waiting for a decision that allows it; with an override, at its initial weight.
 
     `stable` and `canary` are the targets the releases' bundles resolve to, of the app the deployment serves.
@@ -324,7 +331,7 @@ def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Ta
                  reason=override_ended(route, f"canary {req.canary_release} started at {weight:g}%; {why}",
                                          "a new rollout started" + (" with its own" if override else " without one")),
                  decision_id="", next_step_at=0.0, admitted="", start_weight=float(asked), good=good,
-                 override=override)
+                 override=override, spent=route.spent if override is None else spend(route, override, now))
 
 
 def first_release(route: Route, target: Target, decision: GateDecided | None, actor: str = "") -> Route:
@@ -354,6 +361,24 @@ def first_release(route: Route, target: Target, decision: GateDecided | None, ac
                  reason=f"first release {target.release} serves 100% (rolled out by {actor or 'operator'}): "
                         f"verified gate decision {decision.id} allows it; later releases roll out as a canary "
                         "from it")
+
+
+# How long after its signing time a statement may still verify (identity.OVERRIDE_MAX_AGE_S, plus the skew
+# it allows ahead): a spent one is remembered that long, then forgotten, as it can no longer be used.
+STATEMENT_LIFE_S = 600.0 + 60.0
+
+
+def spend(route: Route, override: Override, now: float) -> list[tuple[str, float]]:
+    """The route's spent statements with `override`'s added (those past their life dropped); OverrideReplayed
+    if it was spent already: an admin's signature allows one action, not every repeat of it for ten minutes."""
+    signed = (override.release, override.action, override.reason, override.at, override.key_id, override.signature)
+    digest = hashlib.sha256(msgspec.json.encode(signed)).hexdigest()[:32]
+    live = [(d, until) for d, until in route.spent if until > now]
+    if any(d == digest for d, _ in live):
+        raise OverrideReplayed(f"refused: this break-glass statement ({override.action} of {override.release} by "
+                               f"{override.actor}, signed at {override.at:.0f}) was used already; each is good "
+                               "once: sign a fresh one with `lockgate break-glass`")
+    return [*live, (digest, override.at + STATEMENT_LIFE_S)]
 
 
 def override_ended(route: Route, reason: str, why: str) -> str:
@@ -520,7 +545,7 @@ def undo_to(route: Route, release: str, decision: GateDecided | None, actor: str
                  **_FINISHED, scale_down_at=0.0, override=None)
 
 
-def manual_promote(route: Route, override: Override | None) -> Route:
+def manual_promote(route: Route, override: Override | None, now: float = 0.0) -> Route:
     """An operator's promote: only an admitted canary, unless an admin's break-glass override is given."""
     if route.canary is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no canary to promote")
@@ -537,7 +562,8 @@ def manual_promote(route: Route, override: Override | None) -> Route:
                           f"{route.deployment!r} is now {route.canary.release!r}")
     # The promotion ends the rollout, so the statement is not kept in the route (the reason, the rollout event
     # and the audit log record it); nor is an override the rollout was started with.
-    return promote(route, f"BREAK-GLASS by {override.actor}: {override.reason}")
+    return msgspec.structs.replace(promote(route, f"BREAK-GLASS by {override.actor}: {override.reason}"),
+                                   spent=spend(route, override, now))
 
 
 def clear_override(route: Route) -> Route:

@@ -288,7 +288,7 @@ class Rollouts:
             strategy = req.strategy
             steps = domain.normalize_steps(strategy.weights()) if strategy and strategy.weights() else self.steps
             started = domain.start_canary(self.route(deployment), req, stable=stable, canary=canary,
-                                          first_step=steps[0], override=override)
+                                          first_step=steps[0], override=override, now=time.time())
             self._apply(msgspec.structs.replace(started, strategy=strategy, started_at=time.time(), paused=False,
                                                 analysis=None), actor=actor or (override.actor if override else ""))
             self.evidence.forget(deployment, keep={req.stable_release, req.canary_release})
@@ -377,7 +377,7 @@ class Rollouts:
                     raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
                 self._apply(domain.abort(route, f"by operator {actor}" if actor else "by operator"), actor=actor)
             else:
-                promoted = domain.manual_promote(route, override)
+                promoted = domain.manual_promote(route, override, time.time())
                 if actor and override is None:  # the override's reason names its admin already
                     promoted = msgspec.structs.replace(promoted, reason=f"{promoted.reason} {actor}")
                 promoted = bluegreen.promoted(promoted, time.time(), progress.interval_of(route, self.interval_s))

@@ -166,6 +166,38 @@ async def test_a_break_glass_override_covers_only_the_rollout_it_was_signed_for(
     assert set(await _releases(http, router, 40)) == {"r1"}  # nobody is served `bad`
 
 
+async def test_a_break_glass_statement_is_good_once(router: Any, http: aiohttp.ClientSession) -> None:
+    # Before: a statement stayed valid for its ten minutes however often it was sent. It is shown in the rollout
+    # event and the audit log, so an admin API key without any personal key could, after an abort, put the
+    # never-gated `bad` back at 10% with the same statement (or promote twice with one promote statement).
+    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7")
+    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": 10, "break_glass": glass}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.post(f"{router.url}{DEPLOYMENT}/abort") as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+        replayed = await resp.json()
+    assert resp.status == 403 and replayed["error"]["code"] == "invalid_break_glass", replayed
+    assert "was used already; each is good once" in replayed["error"]["message"]
+    assert router.rollouts.route("chat").phase == "aborted" and router.rollouts.route("chat").weight == 0.0
+    # A fresh statement does it again, and a promote statement promotes once.
+    fresh = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7, again")
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={**body, "break_glass": fresh}) as resp:
+        assert resp.status == 200, await resp.text()
+    promote = {"break_glass": break_glass(router.ctx.settings, "chat", "bad", "promote", "incident 7")}
+    async with http.post(f"{router.url}{DEPLOYMENT}/promote", json=promote) as resp:
+        assert resp.status == 200, await resp.text()
+    assert router.rollouts.route("chat").stable.release == "bad"
+    # Back to r1 (which a decision allows), `bad` a canary again at 0%: the same promote statement is spent.
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={"stable_release": "r1", "canary_release": "bad"}) as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.post(f"{router.url}{DEPLOYMENT}/promote", json=promote) as resp:
+        again = await resp.json()
+    assert resp.status == 403 and "was used already" in again["error"]["message"], again
+    assert (router.rollouts.route("chat").stable.release, router.rollouts.route("chat").weight) == ("r1", 0.0)
+
+
 async def test_a_release_of_another_app_cannot_be_rolled_out_on_a_deployment(
         router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     # The gates file requires app shop's releases to pass policy strict. An operator registered `other` under

@@ -263,3 +263,18 @@ def test_a_deployment_serves_the_releases_of_one_app() -> None:
     with pytest.raises(InvalidRollout):
         domain.start_canary(serving, CanaryRequest(stable_release="r1", canary_release="x"), stable=shop, canary=lab,
                             first_step=10.0)
+
+
+def test_a_spent_statement_is_refused_until_it_could_no_longer_verify() -> None:
+    glass = domain.Override(release="r2", action="canary", actor="boss", reason="x", at=1000.0, signature="sig-a")
+    route = Route(deployment="d", stable=Target(release="r1"))
+    spent = domain.spend(route, glass, now=1001.0)
+    route = msgspec.structs.replace(route, spent=spent)
+    with pytest.raises(domain.OverrideReplayed, match="used already"):
+        domain.spend(route, glass, now=1500.0)
+    other = msgspec.structs.replace(glass, signature="sig-b")
+    assert len(domain.spend(route, other, now=1500.0)) == 2
+    # Past its life (signing time + 10 min + skew) it is forgotten: the signature check refuses it by then.
+    assert domain.spend(route, other, now=1000.0 + domain.STATEMENT_LIFE_S + 1) == [
+        (domain.spend(Route(deployment="d", stable=Target(release="r1")), other, 0.0)[0][0],
+         1000.0 + domain.STATEMENT_LIFE_S)]
