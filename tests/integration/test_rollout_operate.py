@@ -223,3 +223,16 @@ async def test_every_measurement_is_a_signed_stored_record_and_a_changed_one_is_
     assert flagged.exit_code == 4, flagged.output
     assert "UNVERIFIED" in flagged.output and f"1 of {looks} analysis records of chat do not verify" in flagged.output
     assert "does not match its signature" in flagged.output
+
+
+async def test_an_odd_deployment_name_is_a_one_line_refusal_and_a_slash_is_part_of_the_name(
+        router: Any, keys: Bootstrap) -> None:
+    # Found by a probe: a name with a space was put in the URL as it came (a 62-line http.client traceback), and
+    # one with a slash was taken for two path segments (a plain "404: Not Found").
+    for args in (["start", "bad name!", "--stable", "same"], ["abort", "bad name!"], ["get", "bad name!"]):
+        result = await _cli(router, *args, key=keys.admin_key)
+        assert result.exit_code != 0 and "invalid deployment 'bad name!'" in result.output, (args, result.output)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    result = await _cli(router, "abort", "team/chat", key=keys.admin_key)
+    assert result.exit_code != 0 and "'team/chat'" in result.output and "404: Not Found" not in result.output, \
+        result.output

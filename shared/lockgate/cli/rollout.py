@@ -14,6 +14,7 @@ import datetime as dt
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import yaml
 from lockgate.cli import access
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, output, table
+from lockgate.contracts.names import check_name
 from lockgate.errors import ConfigError, LockgateError, SignatureError
 from lockgate.server.apikeys import read_credential
 
@@ -91,6 +93,12 @@ class RolloutAborted(LockgateError):
     """The watched rollout was aborted (or rolled back)."""
 
     exit_code = 6
+
+
+def _at(deployment: str, action: str = "") -> str:
+    """The admin API path of a deployment's `action`: the name checked here (a bad one is a one-line error, not a
+    malformed URL) and escaped, so that no character of it is taken for part of the path."""
+    return f"/{urllib.parse.quote(check_name(deployment, 'deployment'), safe='')}{action}"
 
 
 def _message(body: bytes) -> str:
@@ -335,7 +343,7 @@ def register(cli: click.Group) -> None:
         if metrics:
             table(metrics, title="last analysis")
         if (route.get("strategy") or {}).get("shadow"):
-            table(shadow_rows(admin(click.get_current_context()).call("GET", f"/{route.get('deployment')}/shadow")),
+            table(shadow_rows(admin(click.get_current_context()).call("GET", _at(route.get("deployment", ""), "/shadow"))),
                   title="shadow (candidate vs served)", columns=["field", "value"])
 
     @rollout.command("get")
@@ -346,7 +354,7 @@ def register(cli: click.Group) -> None:
     def get(ctx: click.Context, deployment: str, as_json: bool) -> None:
         """Phase, weights, step, admission, the last analysis against its thresholds and the latest signed
         analysis record."""
-        route = admin(ctx).call("GET", f"/{deployment}")
+        route = admin(ctx).call("GET", _at(deployment))
         show(route, as_json)
         if as_json or not (route.get("strategy") or {}):
             return
@@ -382,7 +390,7 @@ def register(cli: click.Group) -> None:
             if canary is None:
                 raise ConfigError("--initial-weight is a canary's: give --canary too (a first release serves 100%)")
             body["initial_weight"] = initial_weight
-        show(admin(ctx).call("PUT", f"/{deployment}", body), as_json)
+        show(admin(ctx).call("PUT", _at(deployment), body), as_json)
 
     def action(name: str, doc: str, *, reason: bool = False) -> None:
         @click.argument("deployment")
@@ -391,7 +399,7 @@ def register(cli: click.Group) -> None:
         @handle_errors
         def run(ctx: click.Context, deployment: str, as_json: bool, **kw: Any) -> None:
             body = {"reason": kw["reason"]} if kw.get("reason") else None
-            route = admin(ctx).call("POST", f"/{deployment}/{name}", body)
+            route = admin(ctx).call("POST", _at(deployment, f"/{name}"), body)
             if as_json:
                 emit_json(route)
             else:
@@ -428,7 +436,7 @@ def register(cli: click.Group) -> None:
         last: dict[str, Any] | None = None
         with contextlib.suppress(TimeoutError):  # the stream went idle past the deadline: timed out below
             # The router pushes each change (and a keepalive line when idle); the socket waits, nothing polls.
-            for route in client.stream(f"/{deployment}/watch", idle_s=min(timeout_s, 30.0)):
+            for route in client.stream(_at(deployment, "/watch"), idle_s=min(timeout_s, 30.0)):
                 if time.monotonic() > deadline:
                     break
                 if route is None:
@@ -479,7 +487,7 @@ def register(cli: click.Group) -> None:
     def undo(ctx: click.Context, deployment: str, to: str | None, as_json: bool) -> None:
         """Put the previous release back as stable (blue-green: within the scale-down window), or with --to a
         named earlier known-good release."""
-        route = admin(ctx).call("POST", f"/{deployment}/undo", {"to": to} if to else None)
+        route = admin(ctx).call("POST", _at(deployment, "/undo"), {"to": to} if to else None)
         if as_json:
             emit_json(route)
         else:
@@ -493,7 +501,7 @@ def register(cli: click.Group) -> None:
     @handle_errors
     def set_weight(ctx: click.Context, deployment: str, weight: float, as_json: bool) -> None:
         """Change only the canary's weight (percent); a release no decision allows gets none."""
-        route = admin(ctx).call("POST", f"/{deployment}/set-weight", {"weight": weight})
+        route = admin(ctx).call("POST", _at(deployment, "/set-weight"), {"weight": weight})
         if as_json:
             emit_json(route)
         else:
@@ -516,7 +524,7 @@ def register(cli: click.Group) -> None:
         analysis; null removes an optional one): the rollout keeps its phase, step and analysis, and the canary
         its endpoint. --weight and --canary-release apply on top of -f/--patch."""
         body = patch_body(weight, canary_release, file, inline)
-        show(admin(ctx).call("PATCH", f"/{deployment}", body), as_json)
+        show(admin(ctx).call("PATCH", _at(deployment), body), as_json)
 
     @rollout.command("history")
     @click.argument("deployment")
