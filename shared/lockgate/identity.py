@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,21 +60,27 @@ class Identity:
         return self.signer.sign_bytes(data)
 
 
-def create_identity(settings: Settings, name: str) -> Identity:
-    """Make NAME's key pair under the home (private 0600); ConfigError if NAME already has one."""
+# A passphrase source: called only when a key is encrypted (or, creating one, to encrypt it).
+Passphrase = Callable[[], bytes | None]
+
+
+def create_identity(settings: Settings, name: str, passphrase: Passphrase | None = None) -> Identity:
+    """Make NAME's key pair under the home (private 0600, encrypted with `passphrase()` when it gives one);
+    ConfigError if NAME already has one."""
     check_name(name, "identity")
     folder = identities_dir(settings)
     path = folder / f"{name}.key"
     if path.exists():
         raise ConfigError(f"identity {name!r} already exists in {path}; its public key is {path.with_suffix('.pub')}")
-    signer = Signer.load_or_create(path)
+    signer = Signer.load_or_create(path, passphrase)
     folder.chmod(0o700)
     path.with_suffix(".pub").write_bytes(public_pem(signer.public))
     return Identity(name, signer)
 
 
-def load_identity(settings: Settings, name: str | None) -> Identity:
-    """NAME's identity (`--as` / LOCKGATE_IDENTITY), or the only one under the home when NAME is not given."""
+def load_identity(settings: Settings, name: str | None, passphrase: Passphrase | None = None) -> Identity:
+    """NAME's identity (`--as` / LOCKGATE_IDENTITY), or the only one under the home when NAME is not given;
+    `passphrase()` unlocks an encrypted key."""
     folder = identities_dir(settings)
     if not name:
         found = sorted(p.stem for p in folder.glob("*.key")) if folder.is_dir() else []
@@ -87,7 +93,7 @@ def load_identity(settings: Settings, name: str | None) -> Identity:
     path = folder / f"{name}.key"
     if not path.exists():
         raise NotFound(f"identity {name!r} has no key at {path} (`lockgate identity create {name}`)")
-    return Identity(name, Signer.load_or_create(path))
+    return Identity(name, Signer.load_or_create(path, passphrase))
 
 
 def _public(pem: str) -> Ed25519PublicKey:

@@ -7,7 +7,7 @@ import binascii
 import functools
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -82,26 +82,37 @@ class Signer:
         return cls(Ed25519PrivateKey.generate())
 
     @classmethod
-    def load_or_create(cls, path: str | Path) -> Signer:
-        """Load a PEM private key, or create one readable only by its owner (0600)."""
+    def load_or_create(cls, path: str | Path, passphrase: Callable[[], bytes | None] | None = None) -> Signer:
+        """Load a PEM private key, or create one readable only by its owner (0600). `passphrase()` is asked
+        only for a key that is encrypted (loading) or to encrypt a new one (creating: None leaves it plain)."""
         p = Path(path)
         if p.exists():
+            data = p.read_bytes()
+            secret = None
+            if b"ENCRYPTED" in data[:64]:
+                secret = passphrase() if passphrase is not None else None
+                if not secret:
+                    raise ConfigError(f"private key {p} is encrypted: give its passphrase "
+                                      "(LOCKGATE_IDENTITY_PASSPHRASE, or at the prompt)")
             try:
-                key = serialization.load_pem_private_key(p.read_bytes(), password=None)
+                key = serialization.load_pem_private_key(data, password=secret)
             except (ValueError, TypeError) as exc:
-                raise ConfigError(f"signing key {p} is not an unencrypted PEM private key: {exc}") from None
+                if secret:
+                    raise ConfigError(f"private key {p}: wrong passphrase, or not a PEM private key") from None
+                raise ConfigError(f"signing key {p} is not a PEM private key: {exc}") from None
             if not isinstance(key, Ed25519PrivateKey):
                 raise ConfigError(f"signing key {p} is {type(key).__name__}, expected an Ed25519 key")
             return cls(key)
         signer = cls.generate()
-        pem = signer._private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption())
+        secret = passphrase() if passphrase is not None else None
+        encryption = serialization.BestAvailableEncryption(secret) if secret else serialization.NoEncryption()
+        pem = signer._private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
         p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
             # O_EXCL: two processes racing to create the key must not silently overwrite each other.
             fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileExistsError:
-            return cls.load_or_create(p)
+            return cls.load_or_create(p, passphrase)
         with os.fdopen(fd, "wb") as fh:
             fh.write(pem)
         return signer

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import stat
 from pathlib import Path
 
 import msgspec
 import pytest
+from click.testing import CliRunner
 
+from lockgate.cli.main import cli
 from lockgate.config import Settings
 from lockgate.contracts import GateReview
 from lockgate.errors import ConfigError, NotFound
@@ -142,3 +145,29 @@ def test_release_author_is_the_signer_of_the_bundle(settings: Settings) -> None:
     assert author_of(settings, forged) == "ann"  # the name comes from the key, never the payload
     revoke_person(trust_file_path(settings), "ann")
     assert author_of(settings, signed) == "ann"  # what she authored stays hers
+
+
+def test_an_encrypted_personal_key_signs_only_with_its_passphrase(settings: Settings) -> None:
+    # Before, a personal key was a plain file: whoever read {home}/identities/NAME.key signed as NAME.
+    boss = create_identity(settings, "boss", lambda: b"correct horse")
+    key = Path(settings.home) / "identities" / "boss.key"
+    assert b"ENCRYPTED PRIVATE KEY" in key.read_bytes() and stat.S_IMODE(key.stat().st_mode) == 0o600
+    with pytest.raises(ConfigError, match="is encrypted: give its passphrase"):
+        load_identity(settings, "boss")
+    with pytest.raises(ConfigError, match="wrong passphrase"):
+        load_identity(settings, "boss", lambda: b"battery staple")
+    assert load_identity(settings, "boss", lambda: b"correct horse").key_id == boss.key_id
+
+
+def test_the_cli_asks_an_encrypted_keys_passphrase_and_says_so_in_one_line(settings: Settings) -> None:
+    env = {"LOCKGATE_HOME": settings.home, "LOCKGATE_IDENTITY_PASSPHRASE": "s3cret words"}
+    made = CliRunner().invoke(cli, ["identity", "create", "boss", "--passphrase"], env=env)
+    assert made.exit_code == 0 and "encrypted" in made.output, made.output
+    sign = ["--as", "boss", "break-glass", "chat", "r2", "--action", "canary", "--reason", "incident 7"]
+    locked = CliRunner().invoke(cli, sign, env={**env, "LOCKGATE_IDENTITY_PASSPHRASE": ""})
+    assert locked.exit_code != 0 and "is encrypted: give its passphrase" in locked.output
+    assert len(locked.output.strip().splitlines()) == 1 and "Traceback" not in locked.output
+    wrong = CliRunner().invoke(cli, sign, env={**env, "LOCKGATE_IDENTITY_PASSPHRASE": "guess"})
+    assert wrong.exit_code != 0 and "wrong passphrase" in wrong.output
+    signed = CliRunner().invoke(cli, sign, env=env)
+    assert signed.exit_code == 0 and json.loads(signed.output)["break_glass"]["signature"], signed.output

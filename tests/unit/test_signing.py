@@ -74,7 +74,7 @@ def test_key_file_is_created_private_and_reloaded(tmp_path: Path) -> None:
 def test_bad_key_files_are_config_errors(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pem"
     junk.write_text("nope")
-    with pytest.raises(ConfigError, match="not an unencrypted PEM private key"):
+    with pytest.raises(ConfigError, match="is not a PEM private key"):
         Signer.load_or_create(junk)
     with pytest.raises(ConfigError, match="not a PEM public key"):
         Keyring.from_pem_files([junk])

@@ -8,20 +8,45 @@ private key stays under the home (0600); an admin trusts its public key with a r
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 
 import click
 
 from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console
+from lockgate.errors import ConfigError
 from lockgate.identity import Identity, create_identity, identities_dir, load_identity, sign_override
 from lockgate.signing import public_pem, read_trust_file, trust_file_path
+
+PASSPHRASE_ENV = "LOCKGATE_IDENTITY_PASSPHRASE"
+
+
+def _passphrase() -> bytes | None:
+    """An encrypted key's passphrase: LOCKGATE_IDENTITY_PASSPHRASE, else asked at the terminal (None without
+    one: the caller says the key is encrypted)."""
+    given = os.environ.get(PASSPHRASE_ENV)
+    if given:
+        return given.encode()
+    if sys.stdin.isatty():
+        return click.prompt("passphrase of your personal key", hide_input=True, err=True).encode()
+    return None
+
+
+def _new_passphrase() -> bytes:
+    given = os.environ.get(PASSPHRASE_ENV)
+    if given:
+        return given.encode()
+    if not sys.stdin.isatty():
+        raise ConfigError(f"--passphrase needs a terminal to ask it twice, or {PASSPHRASE_ENV}")
+    return click.prompt("passphrase for the new key", hide_input=True, confirmation_prompt=True, err=True).encode()
 
 
 def chosen_identity(ctx: click.Context) -> Identity:
     """The identity of `--as` / LOCKGATE_IDENTITY, or the only one under the home (NotFound otherwise)."""
     root = ctx.find_root().obj
-    return load_identity(root["settings"], root.get("identity"))
+    return load_identity(root["settings"], root.get("identity"), _passphrase)
 
 
 def optional_identity(ctx: click.Context) -> Identity | None:
@@ -42,14 +67,18 @@ def register(cli: click.Group) -> None:
 
     @identity.command("create")
     @click.argument("name")
+    @click.option("--passphrase", is_flag=True,
+                  help=f"Encrypt the private key with a passphrase (asked twice, or {PASSPHRASE_ENV}); every "
+                       "signature then asks for it: whoever copies the file cannot sign as NAME.")
     @click.pass_context
     @handle_errors
-    def create(ctx: click.Context, name: str) -> None:
+    def create(ctx: click.Context, name: str, passphrase: bool) -> None:
         """Make NAME's Ed25519 key pair under the home; prints the public key for an admin to trust."""
-        ident = create_identity(ctx.obj["settings"], name)
+        ident = create_identity(ctx.obj["settings"], name, _new_passphrase if passphrase else None)
         pub = identities_dir(ctx.obj["settings"]) / f"{name}.pub"
         console.print(f"created identity [bold]{name}[/bold] (key id {ident.key_id}); private key "
-                      f"{pub.with_suffix('.key')} (0600). An admin trusts it with:", highlight=False)
+                      f"{pub.with_suffix('.key')} (0600{', encrypted' if passphrase else ''}). An admin trusts it "
+                      "with:", highlight=False)
         click.echo(f"  lockgate gate trust --person {name} --role approver {pub}")
         click.echo(public_pem(ident.signer.public).decode(), nl=False)
 
