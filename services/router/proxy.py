@@ -252,8 +252,8 @@ class Proxy:
         # A failing canary falls back to stable for this request: stable's body goes along.
         starts = [(variant, target)] if variant == "stable" else [(variant, target), ("stable", route.stable)]
         try:
-            hops = chain(self.endpoints, [(t.endpoint, _body_for(body, req.model, t, inject_usage), (v, t))
-                                          for v, t in starts], partial(_prepare, op),
+            hops = chain(self.endpoints, [(t.endpoint, _body_for(body, req.model, t, inject_usage), (v, t),
+                                           t.model) for v, t in starts], partial(_prepare, op),
                          partial(self.upstream.members, self.endpoints))
         except UnknownEndpoint as exc:  # a route persisted before the allow-list changed
             return error_response(502, exc.message, "upstream_not_configured")

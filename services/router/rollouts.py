@@ -41,7 +41,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.router import analysis, bluegreen, domain, patch, progress, runs
 from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
-from lockgate.services.router.evidence import Evidence
+from lockgate.services.router.evidence import Evidence, is_evidence
 from lockgate.services.router.shadowstats import Budget, Ledger, ShadowSummary
 from lockgate.signing import Verifier
 from lockgate.subjects import token, untoken
@@ -498,15 +498,16 @@ class Rollouts:
             changed.set()
 
     def _diverted(self, route: Route, e: InferenceEvent, release: str) -> None:
-        """A canary that fails its own calls trips its endpoint's breaker; from then on its requests are served
-        by stable, skipped without a call, and would leave no canary evidence: the canary would wait for its
-        minimum sample for ever instead of being aborted. So once the canary has failed a call of its own in
-        this rollout, a request of its diverted by the open breaker counts as one more canary failure. (A
-        breaker left open by an earlier release does not judge a new canary that has not failed itself.)"""
+        """A canary that fails its own calls trips its model's breaker on its endpoint; from then on its
+        requests are served by stable, skipped without a call, and would leave no canary evidence: the canary
+        would wait for its minimum sample for ever instead of being aborted. So once the canary has failed a
+        call of its own in this rollout (not one its client failed), a request of its diverted by the open
+        breaker counts as one more canary failure. (A breaker left open by an earlier release does not judge
+        a new canary that has not failed itself.)"""
         assert route.canary is not None
         canary = route.canary.release
         if release == canary:
-            if e.status != "ok":
+            if e.status != "ok" and is_evidence(e.status, e.error_type):
                 self._failing[route.deployment] = (canary, route.started_at)
             return
         attrs = e.attributes

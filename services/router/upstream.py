@@ -70,13 +70,16 @@ class ChunkTimeout(TimeoutError):
 
 class Hop(NamedTuple):
     """One place to send the request: the endpoint, the URL, body and headers as its provider takes
-    them (with lockgate's credential for it alone), and the caller's tag (its target)."""
+    them (with lockgate's credential for it alone), the caller's tag (its target) and the model its
+    breaker on that endpoint is kept for: the release's (never a name the client picks, which would
+    make a breaker per name; "" when the release passes the client's model through)."""
 
     endpoint: Endpoint
     url: URL
     body: bytes
     headers: dict[str, str]
     tag: Any
+    model: str = ""
 
 
 # How a request reaches one endpoint: (endpoint, body) -> (url, body, headers); raises Unsupported
@@ -166,16 +169,29 @@ class Reply:
 
 
 class _Health:
-    """One endpoint's breaker, retry budget and first-byte latency (an exponentially weighted mean,
-    for groups that choose by latency), shared by every request this replica sends there."""
+    """One endpoint's breakers, retry budget and first-byte latency (an exponentially weighted mean,
+    for groups that choose by latency), shared by every request this replica sends there.
 
-    __slots__ = ("breaker", "budget", "latency_s", "policy")
+    A breaker per release model the endpoint serves (Hop.model): a model that fails (a canary's new
+    one, withdrawn or overloaded) is skipped alone, while the others on the same endpoint (stable's)
+    keep being served and remain a canary's fallback. An endpoint that is down trips each model's
+    breaker in turn; retries stay budgeted per endpoint, the load they add is the endpoint's."""
+
+    __slots__ = ("_breakers", "_spec", "budget", "latency_s", "policy")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.latency_s: float | None = None
-        self.breaker = resilience.Breaker(endpoint.breaker)
+        self._spec = endpoint.breaker
+        self._breakers: dict[str, resilience.Breaker] = {}
         self.budget = resilience.RetryBudget(endpoint.retry)
         self.policy = endpoint.retry.policy()
+
+    def breaker(self, model: str) -> resilience.Breaker:
+        """The breaker of calls for `model` (made on first use)."""
+        found = self._breakers.get(model)
+        if found is None:
+            found = self._breakers[model] = resilience.Breaker(self._spec)
+        return found
 
 
 class Failed(NamedTuple):
@@ -241,7 +257,8 @@ class Upstream:
         attempts = 0
         for hop in hops:
             h = self.health(hop.endpoint)
-            if not h.breaker.allow(self.clock()):
+            breaker = h.breaker(hop.model)
+            if not breaker.allow(self.clock()):
                 failures.append(Failed(hop, "breaker_open"))
                 continue
             h.budget.request(self.clock())
@@ -252,14 +269,14 @@ class Upstream:
                 verdict: bool | None = None
                 started = loop.time()
                 try:
-                    reply, failed = await self._try(hop, headers, stream, deadline, h)
+                    reply, failed = await self._try(hop, headers, stream, deadline, breaker)
                     verdict = failed is None or (failed.kind == "http" and not resilience.breaker_failure(failed.status))
                 finally:
                     # A cancelled call (the client left) gives no verdict: only free a half-open probe.
                     if verdict is None:
-                        h.breaker.abandon()
+                        breaker.abandon()
                     else:
-                        h.breaker.record(self.clock(), verdict)
+                        breaker.record(self.clock(), verdict)
                 if failed is None:
                     assert reply is not None
                     took = loop.time() - started
@@ -272,7 +289,7 @@ class Upstream:
                 failures.append(failed._replace(elapsed_s=loop.time() - started))
                 wait = None
                 # A hung upstream is not asked again (a second wait as long as the first): fall back.
-                if failed.kind != "first_byte" and h.breaker.state == "closed":
+                if failed.kind != "first_byte" and breaker.state == "closed":
                     after = (resilience.retry_after_s(failed.headers, time.time())
                              if failed.headers is not None else None)
                     wait = resilience.retry_wait(hop.endpoint.retry, tries, after, deadline - loop.time(), h.policy)
@@ -284,7 +301,7 @@ class Upstream:
         return self._give_up(hops, failures, attempts)
 
     async def _try(self, hop: Hop, headers: dict[str, str], stream: bool, deadline: float,
-                   h: _Health) -> tuple[Reply | None, Failed | None]:
+                   breaker: resilience.Breaker) -> tuple[Reply | None, Failed | None]:
         """One call: a Reply when the hop answered with a 200 or a client error, else how it failed.
         A 200 stream is answered once its first line came, so a retry or fallback is possible until
         then and never after; the connect bound is the pool's, the others are the loop's timers."""
@@ -323,7 +340,7 @@ class Upstream:
         if streaming:
             reply._stream, reply._first = opened, first
             reply._stall, reply._deadline = ep.timeouts.between_chunks_s, deadline
-            reply._broken = lambda: h.breaker.record(self.clock(), False)
+            reply._broken = lambda: breaker.record(self.clock(), False)
         else:
             reply.body = body if status == 200 else scrub(body, ep)
         return reply, None
@@ -345,7 +362,9 @@ class Upstream:
             reply.body = scrub(answered.body, answered.hop.endpoint)
             return reply
         if last is None:
-            raise UpstreamUnavailable(f"endpoint {tried} is failing and skipped (circuit breaker open); "
+            skipped = ", ".join(dict.fromkeys(f"{f.hop.endpoint.id} for model {f.hop.model!r}" if f.hop.model
+                                              else f.hop.endpoint.id for f in failures))
+            raise UpstreamUnavailable(f"endpoint {skipped} is failing and skipped (circuit breaker open); "
                                       "retry later", 502, "upstream_circuit_open", earlier)
         ep = last.hop.endpoint
         if last.kind == "connect":
@@ -359,19 +378,19 @@ class Upstream:
                                   f"(tried: {tried})", 504, "upstream_timeout", earlier)
 
 
-def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any]], prepare: Prepare,
+def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any, str]], prepare: Prepare,
           members: Callable[[str], list[str]] = lambda eid: [eid]) -> list[Hop]:
-    """The hops for a request: each start (endpoint id, body, tag), the chosen target first, then
-    its named fallbacks, then the next start's, each prepared for its endpoint's provider. A start
+    """The hops for a request: each start (endpoint id, body, tag, Hop.model), the chosen target first,
+    then its named fallbacks, then the next start's, each prepared for its endpoint's provider. A start
     naming a group becomes its members, best first (`members`). The first hop must be configured
     and able to serve the request (UnknownEndpoint, Unsupported); a later one that is not (a stale
     stable route, a fallback speaking a provider without this operation) is left out."""
-    starts = [(m, body, tag) for eid, body, tag in starts for m in members(eid)]
-    ids = resilience.fallback_chain([eid for eid, _, _ in starts], endpoints.fallbacks)
+    starts = [(m, body, tag, model) for eid, body, tag, model in starts for m in members(eid)]
+    ids = resilience.fallback_chain([eid for eid, *_ in starts], endpoints.fallbacks)
     hops: list[Hop] = []
     for position, (index, eid) in enumerate(ids):
         if position == 0 or eid in endpoints.by_id:
-            _, body, tag = starts[index]
+            _, body, tag, model = starts[index]
             endpoint = endpoints.get(eid)
             try:
                 url, prepared, headers = prepare(endpoint, body)
@@ -379,7 +398,7 @@ def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any]], prepar
                 if position == 0:
                     raise
                 continue
-            hops.append(Hop(endpoint, url, prepared, headers, tag))
+            hops.append(Hop(endpoint, url, prepared, headers, tag, model))
     return hops
 
 

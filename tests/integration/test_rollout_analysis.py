@@ -17,11 +17,18 @@ from lockgate.bus import Bus
 from lockgate.cli.main import cli
 from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import AuditEntry, DriftReport, FeatureDrift, GateDecided, RolloutState
+from lockgate.contracts import (
+    AuditEntry,
+    DriftReport,
+    FeatureDrift,
+    GateDecided,
+    InferenceEvent,
+    RolloutState,
+)
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
-from lockgate.services.router.domain import Route
+from lockgate.services.router.domain import Route, bucket
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects, token
@@ -37,11 +44,14 @@ CANARY = SimConfig(models={"bad": ModelSpec(default="bad canary", error_rate=0.0
                            "same": ModelSpec(default="same canary", error_rate=0.005),
                            "long": ModelSpec(default=" ".join(["tripled"] * 9)),
                            "echo": ModelSpec(default="stable says hi"),
-                           "flaky": ModelSpec(default="flaky canary", error_rate=0.5)}, seed=3)
+                           "flaky": ModelSpec(default="flaky canary", error_rate=0.5),
+                           # healthy, with answers slow enough that a client can hang up on one mid-stream
+                           "slow": ModelSpec(default=" ".join(["slow"] * 40), latency_ms=200)}, seed=3)
 ERRORS = {"metrics": [{"name": "error_rate", "max_increase": 0.01},
                       {"name": "latency_p95", "max_ratio": 3.0, "max": 2000}],
           "min_sample": 100, "failure_limit": 0, "inconclusive_limit": 1000}
 _states: Codec[RolloutState] = Codec(RolloutState)
+_events: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
 
 
 @pytest.fixture
@@ -60,6 +70,7 @@ async def router(context: ServiceContext, run_services: Any, signer: Signer) -> 
         await register_model_release(context.bus, "long", "long", "canary")
         await register_model_release(context.bus, "echo", "echo", "canary")
         await register_model_release(context.bus, "flaky", "flaky", "canary")
+        await register_model_release(context.bus, "slow", "slow", "canary")
         kv = await context.bus.kv(context.bus.subjects.kv_gates)
         await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))
         context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
@@ -67,6 +78,7 @@ async def router(context: ServiceContext, run_services: Any, signer: Signer) -> 
         services = await run_services("sink", "router")
         router = services["router"]
         router.sink = services["sink"]
+        router.canary_sim = canary
         yield router
 
 
@@ -145,6 +157,45 @@ async def test_canary_with_five_percent_errors_is_aborted_at_its_first_step(rout
     async with http.post(f"{router.url}/v1/chat/completions",
                          json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": "u"}) as resp:
         assert resp.headers["x-lockgate-release"] == "r1"
+
+
+async def test_requests_the_client_fails_on_a_healthy_canary_do_not_abort_it(router: Any, http: aiohttp.ClientSession,
+                                                                             signer: Signer) -> None:
+    """Found by a probe: with an app key, a client picked users that hash to the canary and hung up on 30 of
+    their answers and sent 30 bodies the upstream refuses (400); counted as the canary's errors, they aborted a
+    canary all of whose real requests were answered, at its first look (`error_rate 0.1893 > threshold 0.05`)."""
+    bus = router.ctx.bus
+    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
+    analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05}], "min_sample": 100, "failure_limit": 0}
+    await _start(http, router, "slow", {"steps": [50, 100], "interval_s": 0.1, "analysis": analysis})
+    await _pass(router, signer, "slow")
+    users = [u for u in (f"mallory-{i}" for i in range(200)) if bucket("chat", u) < 5000][:10]  # the canary's half
+    url = f"{router.url}/v1/chat/completions"
+
+    async def hang_up(user: str) -> None:  # reads the answer's first event, then closes the connection
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        async with http.post(url, json=body, headers={"x-lockgate-user": user}) as resp:
+            assert resp.headers["x-lockgate-variant"] == "canary"
+            assert (await resp.content.readline()).startswith(b"data: ")
+            resp.close()
+
+    async def refused(user: str) -> None:  # forwarded as it is, refused by the upstream
+        async with http.post(url, json={"model": "m", "messages": []}, headers={"x-lockgate-user": user}) as resp:
+            assert (resp.status, resp.headers["x-lockgate-variant"]) == (400, "canary")
+
+    await asyncio.gather(*(hang_up(users[i % 10]) for i in range(30)), *(refused(users[i % 10]) for i in range(30)))
+    seen: dict[str, int] = {}
+    while seen.get("client_disconnected", 0) < 30 or seen.get("400", 0) < 30:  # stored, as every request is
+        for e in _events.decode((await sub.next_msg(timeout=10)).data):
+            if e.variant == "canary" and e.status == "error":
+                seen[e.error_type] = seen.get(e.error_type, 0) + 1
+    await sub.unsubscribe()
+    assert router.canary_sim.disconnects >= 30  # the router hung up on the upstream too
+
+    sent = await _traffic_until(http, router, lambda r: r.phase in ("promoted", "aborted"))
+    route = router.rollouts.route("chat")
+    assert route.phase == "promoted", f"not promoted after {sent} requests: {route.reason}"
+    assert route.stable.release == "slow"
 
 
 async def test_noop_canary_goes_through_every_step_and_is_promoted(router: Any, http: aiohttp.ClientSession,

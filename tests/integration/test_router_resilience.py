@@ -36,7 +36,8 @@ FAST_RETRY = {"attempts": 3, "initial_s": 0.01, "max_s": 0.02}
 
 class FakeLLM:
     """A double for an outside OpenAI-compatible API. Each request takes the next scripted action (the
-    last one repeats): "ok", ("status", code, headers[, message]), "hang" (no answer until the test ends),
+    last one repeats): "ok", ("status", code, headers[, message]), ("status_for", model, code) (that status for
+    requests of `model`, an answer for the others), "hang" (no answer until the test ends),
     "error_body" (a 200 whose body is an error), "response_failed" (a failed Responses API turn), "html_400" (a proxy's own 400 page), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
     "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event naming the upstream's address
     after its first event), "chunk_then_garbage" (a data line that is not JSON after the first event),
@@ -115,6 +116,8 @@ class FakeLLM:
             auth = request.headers.get("Authorization", "")
             message = action[1].format(auth=auth, key=auth.removeprefix("Bearer "))
             return web.json_response({"error": {"message": message, "type": "auth_error", "code": "401"}}, status=401)
+        if isinstance(action, tuple) and action[0] == "status_for":
+            action = ("status", action[2]) if body["model"] == action[1] else "ok"
         if isinstance(action, tuple) and action[0] == "delay":  # a slow provider: answers after a while
             await asyncio.sleep(action[1])
             action = "ok"
@@ -538,6 +541,35 @@ async def test_breaker_opens_skips_to_fallback_then_half_open_probe_recovers(gat
         served, superseded = _split(await events(7))
         assert sorted(e.attributes["lockgate.endpoint"] for e in served) == ["backup"] * 3 + ["default"] * 2
         assert len(superseded) == 2  # the two failed calls; the skip while open is no call
+
+
+async def test_a_canary_models_open_breaker_leaves_stables_model_on_the_endpoint_served(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any) -> None:
+    # Found by a probe: the breaker was the endpoint's, so a canary whose model failed (503) opened it for
+    # stable's model on the same endpoint too: stable's requests and the canary's fallback to stable were
+    # refused with `endpoint default is failing and skipped (circuit breaker open)`.
+    async with FakeLLM("shared", ("status_for", "m-canary", 503)) as shared:
+        router = await gateway({"default": {"url": shared.url, "retry": FAST_RETRY,
+                                            "breaker": {"consecutive_failures": 3, "cooldown_s": 30}}})
+        await register_model_release(context.bus, "r1", "m", "default")
+        await register_model_release(context.bus, "r2", "m-canary", "default")
+        await store_pass(context.bus, "r1", context.settings)
+        route = {"stable_release": "r1", "canary_release": "r2", "initial_weight": 100,
+                 "break_glass": break_glass(context.settings, "chat", "r2", "canary", "breaker test")}
+        async with openai.AsyncOpenAI(base_url=f"{router.url}/lockgate/v1", api_key=keys.admin_key) as admin:
+            await admin.put("/deployments/chat", body=route, cast_to=object)
+        async with client(router, keys) as c:
+            # Three 503s in a row open m-canary's breaker; the same request then falls back to stable's model.
+            first = await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+            assert shared.calls == 4
+            # Open: the canary is skipped without a call, and stable's model on the same endpoint answers.
+            second = await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+        assert shared.calls == 5 and [h["x-lockgate-release"] for h in (first.headers, second.headers)] == ["r1"] * 2
+        assert [r.parse().choices[0].message.content for r in (first, second)] == ["shared says hi"] * 2
+        served, superseded = _split(await events(5))
+        assert [(e.release, e.model, e.status) for e in served] == [("r1", "m", "ok")] * 2
+        assert [(e.release, e.model, e.error_type) for e in superseded] == [("r2", "m-canary", "503")] * 3
+        assert served[1].attributes["lockgate.fallback_reason"] == "breaker_open"
 
 
 async def test_open_breaker_without_fallback_is_502_naming_the_endpoint(gateway: Gateway, keys: Bootstrap) -> None:

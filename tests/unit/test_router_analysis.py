@@ -152,6 +152,43 @@ def test_evidence_summarises_a_window_per_release() -> None:
     assert ev.sample("d", "r2", since=0).n == 0 and ev.sample("d", "r1", since=0).n == 1
 
 
+@pytest.mark.parametrize(("status", "error_type", "evidence"), [
+    ("ok", "", True),
+    ("error", "client_disconnected", False),  # the client hung up: nothing the release did
+    ("error", "400", False), ("error", "404", False), ("error", "413", False), ("error", "422", False),
+    ("error", "408", True), ("error", "429", True),  # the upstream timed out or throttles: the release's
+    ("error", "500", True), ("error", "502", True), ("error", "503", True),
+    ("error", "upstream_timeout", True), ("error", "upstream_unreachable", True), ("error", "connect", True),
+    ("error", "connect_timeout", True), ("error", "first_byte", True), ("error", "breaker_open", True),
+    ("error", "upstream_circuit_open", True), ("error", "stream_interrupted:truncated", True),
+    ("error", "stream_interrupted:ChunkTimeout", True), ("error", "upstream_stream_error", True),
+    ("error", "upstream_bad_chunk", True), ("error", "upstream_bad_response", True),
+    ("error", "upstream_error", True), ("error", "response_failed", True), ("error", "", True),
+])
+def test_only_failures_the_release_caused_are_evidence(status: str, error_type: str, evidence: bool) -> None:
+    from lockgate.services.router.evidence import is_evidence
+
+    assert is_evidence(status, error_type) is evidence
+
+
+def test_evidence_leaves_out_what_the_client_failed_from_every_metric() -> None:
+    from datetime import UTC, datetime
+
+    from lockgate.contracts import InferenceEvent
+    from lockgate.services.router.evidence import Evidence
+
+    ev = Evidence(price=lambda e: 0.01)
+    for i, (status, error_type) in enumerate([("ok", ""), ("error", "503"), ("error", "client_disconnected"),
+                                              ("error", "400"), ("error", "429")]):
+        ev.add(InferenceEvent(app="shop", deployment="d", release="r", status=status, error_type=error_type,
+                              latency_ms=100.0 * (i + 1), ttft_ms=5.0, output_tokens=7, scores={"s": 1.0},
+                              time=datetime.fromtimestamp(1000 + i, UTC)))
+    s = ev.sample("d", "r", since=0)
+    assert (s.n, s.errors) == (3, 2)  # the answer, the 503 and the 429; neither the hang-up nor the 400
+    assert list(s.latency_ms) == [100.0] and list(s.tokens) == [7.0] and list(s.cost) == [0.01] * 3
+    assert s.scores == {"s": [1.0, 1.0, 1.0]}
+
+
 def test_evidence_buffers_grow_then_keep_the_newest() -> None:
     from datetime import UTC, datetime
 

@@ -139,11 +139,15 @@ def test_requests_diverted_by_the_canarys_open_breaker_count_as_canary_failures(
         "lockgate.fallback_reason": "breaker_open"})
     rollouts.observe([diverted] * 3)  # a breaker some earlier release left open: not this canary's failure
     assert rollouts.evidence.sample("d", "r2", route.started_at).n == 0
+    rollouts.observe([InferenceEvent(app="d", deployment="d", release="r2", variant="canary", status="error",
+                                     error_type=why) for why in ("client_disconnected", "400")])
+    rollouts.observe([diverted] * 3)  # the canary's only failures were its clients': still not its failure
+    assert rollouts.evidence.sample("d", "r2", route.started_at).n == 0
     rollouts.observe([InferenceEvent(app="d", deployment="d", release="r2", variant="canary", status="error")])
     rollouts.observe([diverted] * 3)
     canary = rollouts.evidence.sample("d", "r2", route.started_at)
     assert (canary.n, canary.errors) == (4, 4)
-    assert rollouts.evidence.sample("d", "r1", route.started_at).n == 6  # stable served them: its evidence too
+    assert rollouts.evidence.sample("d", "r1", route.started_at).n == 9  # stable served them: its evidence too
 
 
 def test_answers_from_the_response_cache_are_no_evidence(tmp_path: Path) -> None:

@@ -53,10 +53,10 @@ def test_concurrency_requests_and_cost_caps() -> None:
 
 
 def _event(trace: str, variant: str, response: str, status: str = "ok", latency: float = 10.0,
-           out: int = 3) -> InferenceEvent:
+           out: int = 3, error_type: str = "") -> InferenceEvent:
     return InferenceEvent(tenant="t", app="shop", deployment="chat", variant=variant,
                           release="cand" if variant == "shadow" else "r1", trace_id=trace, response=response,
-                          status=status, latency_ms=latency, output_tokens=out, model="m")
+                          status=status, latency_ms=latency, output_tokens=out, model="m", error_type=error_type)
 
 
 def test_ledger_pairs_by_trace_in_either_order_and_compares() -> None:
@@ -80,3 +80,18 @@ def test_ledger_pairs_by_trace_in_either_order_and_compares() -> None:
     assert s.recent[1].output_tokens_delta == 6
     ledger.start("chat", "cand")  # a new rollout starts from nothing
     assert ledger.summary("chat").pairs == 0 and ledger.spent("chat") == 0.0
+
+
+def test_pairs_the_client_failed_are_not_compared() -> None:
+    """As canary analysis: a client's hang-up or a body the upstream refused says nothing of either release."""
+    ledger = Ledger(lambda e: 0.002 if e.variant == "shadow" else None)
+    ledger.start("chat", "cand")
+    ledger.add("chat", _event("1" * 32, "stable", "", status="error", error_type="client_disconnected"))
+    ledger.add("chat", _event("1" * 32, "shadow", "hi"))
+    ledger.add("chat", _event("2" * 32, "stable", "", status="error", error_type="400"))
+    ledger.add("chat", _event("2" * 32, "shadow", "", status="error", error_type="400"))
+    ledger.add("chat", _event("3" * 32, "stable", "hi"))
+    ledger.add("chat", _event("3" * 32, "shadow", "", status="error", error_type="503"))
+    s = ledger.summary("chat")
+    assert (s.shadow_events, s.pairs, s.served_error_rate, s.shadow_error_rate) == (3, 1, 0.0, 1.0)
+    assert s.shadow_cost_usd == pytest.approx(0.006)  # every shadow call cost, compared or not
