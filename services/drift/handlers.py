@@ -151,8 +151,10 @@ class DriftHandlers:
         the canary-versus-stable windows."""
         await self._restore()
         # Shadow calls answered nobody: they are the candidate's, not the deployment's traffic. Cached answers
-        # are replays of earlier ones: one request repeated would otherwise fill (and dilute) a window.
-        events = [e for e in events if e.variant != "shadow" and not (isinstance(e, InferenceEvent) and e.cached)]
+        # are replays of earlier ones: one request repeated would otherwise fill (and dilute) a window. Failures
+        # the client caused (a hang-up, a refused body) are the client's doing, which it may aim at one arm.
+        events = [e for e in events if e.variant != "shadow"
+                  and not (isinstance(e, InferenceEvent) and (e.cached or e.client_failed))]
         token = delivery.msg_id or f"{delivery.subject}-seq-{delivery.stream_seq}"
         if token not in self._seen:
             reports = self.monitor.observe_events(events, served=served)

@@ -19,25 +19,6 @@ from lockgate.services.router.analysis import VariantSample
 
 MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bounded memory
 _FIRST = 1024  # buffers start small and double up to MAX_ROWS
-# Upstream 4xx that are the release's doing after all: the upstream timed out waiting, or throttles.
-_UPSTREAM_4XX = frozenset({"408", "429"})
-
-
-def is_evidence(status: str, error_type: str) -> bool:
-    """Whether an event says anything about the release that served it. A failure the client caused does
-    not: it hung up before the answer (`client_disconnected`), or sent a body the upstream refused (a 4xx,
-    passed on as the upstream's status; 408 and 429 excepted). Counted, any client with an app key could
-    pick users that hash to a canary and fail it at will, so such events are left out of the sample
-    altogether (as Flagger's success rate counts only 5xx against a release). Everything else the release
-    or its upstream did counts: 5xx, timeouts, connection errors, broken or truncated streams, bad answers,
-    an error inside a 200."""
-    if status == "ok":
-        return True
-    if error_type == "client_disconnected":
-        return False
-    return not (error_type.isdigit() and 400 <= int(error_type) < 500 and error_type not in _UPSTREAM_4XX)
-
-
 class _Ring:
     """One release's rows: time, failed, latency, ttft (0 = not streamed), tokens, cost (-1 = unpriced)."""
 
@@ -72,8 +53,9 @@ class Evidence:
 
     def add(self, event: InferenceEvent, release: str | None = None) -> None:
         """Record one event under its release (or `release`, for events that name only a variant); one the
-        client failed (`is_evidence`) counts nowhere: not as a request, an error, a latency or a cost."""
-        if not is_evidence(event.status, event.error_type):
+        client failed (`InferenceEvent.client_failed`) counts nowhere: not as a request, an error, a latency
+        or a cost."""
+        if event.client_failed:
             return
         key = (event.deployment or event.app, event.release if release is None else release)
         ring = self._rings.get(key)

@@ -41,7 +41,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.router import analysis, bluegreen, domain, patch, progress, runs
 from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
-from lockgate.services.router.evidence import Evidence, is_evidence
+from lockgate.services.router.evidence import Evidence
 from lockgate.services.router.shadowstats import Budget, Ledger, ShadowSummary
 from lockgate.signing import Verifier
 from lockgate.subjects import token, untoken
@@ -507,7 +507,7 @@ class Rollouts:
         assert route.canary is not None
         canary = route.canary.release
         if release == canary:
-            if e.status != "ok" and is_evidence(e.status, e.error_type):
+            if e.status != "ok" and not e.client_failed:
                 self._failing[route.deployment] = (canary, route.started_at)
             return
         attrs = e.attributes

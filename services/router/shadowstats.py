@@ -8,7 +8,7 @@ over any budget is not mirrored, and counted under the reason. The clock is inje
 `Ledger` pairs each shadow event with the served event of the same trace (every replica sees every
 event, so every replica pairs the same) and keeps a per-deployment comparison: exact match, length,
 latency and error deltas, and the shadow's cost. A pair either of whose calls the client failed
-(evidence.is_evidence) is not compared; the shadow call's cost counts all the same.
+(InferenceEvent.client_failed) is not compared; the shadow call's cost counts all the same.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections.abc import Callable
 import msgspec
 
 from lockgate.contracts import InferenceEvent
-from lockgate.services.router.evidence import is_evidence
 from lockgate.services.router.strategy import ShadowSpec
 
 _PENDING_MAX = 4096  # unpaired events kept per ledger (served events that were not mirrored age out)
@@ -166,7 +165,7 @@ class Ledger:
             return
         served, shadow = (other, event) if event.variant == "shadow" else (event, other)
         # As in canary analysis: a pair the client failed (hung up, body refused) compares no releases.
-        if is_evidence(served.status, served.error_type) and is_evidence(shadow.status, shadow.error_type):
+        if not (served.client_failed or shadow.client_failed):
             c.pair(served, shadow)
 
     def summary(self, deployment: str, budget: Budget | None = None) -> ShadowSummary:

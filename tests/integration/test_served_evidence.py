@@ -135,6 +135,22 @@ async def test_cached_answers_fill_no_drift_window(context: ServiceContext, bus:
     assert drift.events.count == 5 and drift.monitor.windows["chat"].ref.n == 5
 
 
+async def test_failures_the_client_caused_fill_no_drift_window(
+        context: ServiceContext, bus: Bus, run_services: Any) -> None:
+    # A client may pick users that hash to the canary and hang up on them, or send bodies the upstream refuses:
+    # counted, their error share would drift the canary against stable (and abort it) at the client's will.
+    drift = (await run_services("drift"))["drift"].handlers
+    served = bus.subjects.served("shop")
+    theirs = [msgspec.structs.replace(e, status="error", error_type=kind, output_tokens=0)
+              for e, kind in zip(_events(30, "canary", start=0), ["client_disconnected", "400"] * 15, strict=True)]
+    await bus.publish(served, theirs)
+    await bus.publish(served, [msgspec.structs.replace(e, status="error", error_type="503")
+                               for e in _events(2, "canary", start=50)])  # the release's own: counted
+    await bus.publish(served, _events(5, "canary", start=100))
+    await drift.events.wait_for(7, 15)  # in order on one consumer: the client's were handled first
+    assert drift.events.count == 7 and drift.monitor.windows["chat"].ref.n == 7
+
+
 async def test_an_app_named_router_is_an_application_like_any_other(
         context: ServiceContext, bus: Bus, run_services: Any) -> None:
     # Found by a probe: `lg.inference.router` (the subject of an app named `router`, which any application may

@@ -166,9 +166,9 @@ def test_evidence_summarises_a_window_per_release() -> None:
     ("error", "upstream_error", True), ("error", "response_failed", True), ("error", "", True),
 ])
 def test_only_failures_the_release_caused_are_evidence(status: str, error_type: str, evidence: bool) -> None:
-    from lockgate.services.router.evidence import is_evidence
+    from lockgate.contracts import InferenceEvent
 
-    assert is_evidence(status, error_type) is evidence
+    assert InferenceEvent(app="a", status=status, error_type=error_type).client_failed is not evidence
 
 
 def test_evidence_leaves_out_what_the_client_failed_from_every_metric() -> None:

@@ -12,6 +12,7 @@ from lockgate.contracts.names import Name, OptName
 
 # Bounded by the columns that store them (UInt32, Float32): a value beyond is refused when decoded,
 # with its field named, instead of failing the insert of every event stored with it.
+_THROTTLED = frozenset({"408", "429"})  # upstream 4xx that are the release's doing: see client_failed
 NonNeg = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 NonNegF = Annotated[float, msgspec.Meta(ge=0, le=3.4e38)]
 
@@ -50,6 +51,18 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
         """Answered from the router's response cache (its `cache: hit`): a replay of an earlier answer, so no
         evidence of what its release does (repeating one request could otherwise fill a canary's sample)."""
         return self.attributes.get("cache") == "hit"
+
+    @property
+    def client_failed(self) -> bool:
+        """A failure the client caused: it hung up before the answer (`client_disconnected`), or sent a body
+        the upstream refused (a 4xx, recorded as its status; 408 and 429 excepted: the upstream timed out or
+        throttles). No evidence of what the release does: counted, any client could pick users that hash to a
+        canary and fail it at will, so analysis, shadow comparisons and drift leave such events out (as
+        Flagger's success rate counts only 5xx against a release)."""
+        if self.status == "ok":
+            return False
+        e = self.error_type
+        return e == "client_disconnected" or (len(e) == 3 and e[0] == "4" and e.isdigit() and e not in _THROTTLED)
 
 
 class Score(msgspec.Struct, frozen=True, kw_only=True):
