@@ -53,7 +53,8 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
         home = runtime.settings.home  # absolute (embedded_settings)
         console.print(f"  [bold]{'credentials':<11}[/bold] {credentials.directory(home)}  (NATS users, 0600: the "
                       f"CLI finds them with --home {home} or LOCKGATE_HOME; roles "
-                      f"{', '.join(ROLES)}; SDK apps use app.json)", soft_wrap=True)
+                      f"{', '.join(ROLES)}; an SDK app uses its own, `lockgate app-credential create --tenant T --app A`, "
+                      "or the shared app.json, trusted with every tenant)", soft_wrap=True)
         # The router and the gRPC gateway take only API keys: make the first ones and say where they
         # are (files 0600; the keys themselves are never printed or logged).
         keys = bootstrap(settings.home, app=settings.app)
