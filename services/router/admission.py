@@ -134,12 +134,14 @@ _SHARED_MAX = 900_000  # bytes: a shared entry fits NATS' default 1 MB message
 class Ticket:
     """One admitted request: what it reserved where, settled once after the call."""
 
-    __slots__ = ("app", "cache_key", "charges", "cost", "key_id", "price", "tenant")
+    __slots__ = ("app", "cache_key", "charges", "cost", "key_id", "price", "prices", "tenant")
 
-    def __init__(self, key: ApiKey | None, cost: Amount, price: ModelPrice | None) -> None:
+    def __init__(self, key: ApiKey | None, cost: Amount, price: ModelPrice | None,
+                 prices: dict[str, ModelPrice | None] | None = None) -> None:
         self.tenant, self.app, self.key_id = (key.tenant, key.app, key.id) if key else ("", "", "")
         self.cost = cost
-        self.price = price
+        self.price = price  # what the reservation was priced at: the dearest model the request may reach
+        self.prices = prices or {}  # every model it may reach (a canary's, stable's on fallback), for settling
         self.charges: list[tuple[str, Budget, Amount]] = []  # counter, budget, amount reserved
         self.cache_key: str | None = None
 
@@ -178,22 +180,29 @@ class Admission:
     # -- admission ---------------------------------------------------------------------------------
 
     async def admit(self, key: ApiKey, deployment: str, model: str, req: ApiRequest, body_bytes: int,
-                    sent: Sequence[OutputLimits] = (), body: bytes = b"") -> Ticket | web.Response:
+                    sent: Sequence[OutputLimits] = (), body: bytes = b"", also: Sequence[str] = ()
+                    ) -> Ticket | web.Response:
         """Reserve the request's largest cost on every budget that covers it, after its rate limits;
         a Ticket to settle after the call, or the 429/503 answer. `body_bytes`: the length of the longest
         body an upstream of this request may receive (input_estimate); `sent`: the output limits of each
         (a release's params or a provider's translation may set others than the client's); `body`: the
-        client's, for what it points at (images, stored state: budgets.pointed_at)."""
+        client's, for what it points at (images, stored state: budgets.pointed_at); `also`: the other models
+        the request may be billed at (stable's, when a canary falls back to it): the dearest is reserved."""
         if not self.active:
             return OPEN
         max_out = most_output(req, self.file.default_max_tokens, sent)
-        price = self.prices.get(model)
         pointed = pointed_at(body, self.file.media_tokens, self.file.stored_input_tokens)
-        cost = cost_of(price, input_estimate(body_bytes, req, self.file.bytes_per_token, pointed), max_out)
+        tokens_in = input_estimate(body_bytes, req, self.file.bytes_per_token, pointed)
+        prices = {m: self.prices.get(m) for m in (model, *also)}
+        # An unpriced model among them is named below (a USD budget cannot be enforced on it); else the dearest.
+        model = next((m for m, p in prices.items() if p is None), None) or max(
+            prices, key=lambda m: cost_of(prices[m], tokens_in, max_out).usd)
+        price = prices[model]
+        cost = cost_of(price, tokens_in, max_out)
         if self.limiter and (refused := await self._rate_limit(key, cost.tokens)):
             return error_response(429, refused.message, "requests", code="rate_limit_exceeded",
                                   headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s)))})
-        ticket = Ticket(key, cost, price)
+        ticket = Ticket(key, cost, price, prices)
         now = self.clock()
         wall = self.wall()
         periods = self._periods if self._periods.ordinal == wall.toordinal() else self._new_periods(wall)
@@ -286,8 +295,9 @@ class Admission:
                 await self._cas_rate(kv_key(slot), lambda state, c=capacity, u=units: (
                     give_back(state, c, self.wall_s(), u), u, 0.0))
 
-    def settle(self, ticket: Ticket, rec: Any) -> None:
-        """After the call: charge what it really used and give the rest of the reservation back."""
+    def settle(self, ticket: Ticket, rec: Any, model: str = "") -> None:
+        """After the call: charge what it really used, at the price of the `model` that answered, and give the
+        rest of the reservation back."""
         if ticket is OPEN or ticket.cost is ZERO:
             return
         if USAGE_WARNING in rec.attributes:
@@ -296,7 +306,8 @@ class Admission:
             # number reaches the counter (which would refuse everything for the rest of the period).
             used = ticket.cost
         elif rec.input_tokens or rec.output_tokens:
-            used = cost_of(ticket.price, rec.input_tokens, rec.output_tokens, rec.cached_tokens)
+            used = cost_of(ticket.prices.get(model, ticket.price), rec.input_tokens, rec.output_tokens,
+                           rec.cached_tokens)
         elif rec.status != "ok" and (rec.error_type.isdigit() or rec.error_type in NOTHING_GENERATED):
             used = ZERO  # refused (an HTTP error status) or never reached: nothing generated, nothing billed
         else:

@@ -264,7 +264,7 @@ class Proxy:
         # The output too: a release's params or a translation may set another max_tokens than the client's.
         sent = [req if hop.body is body else _output_limits.decode(hop.body) for hop in hops]
         ticket = await self.admission.admit(key, deployment, model, req, max(len(hop.body) for hop in hops), sent,
-                                            body)
+                                            body, also=[t.model or req.model for _, t in starts[1:]])
         if isinstance(ticket, web.Response):
             return ticket
 
@@ -303,10 +303,10 @@ class Proxy:
             raise
         finally:
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
-            self.admission.settle(ticket, rec)
             if rec.served is not None:  # a fallback served: the event says which variant answered
                 variant, target = rec.served
                 model = target.model or req.model
+            self.admission.settle(ticket, rec, model)  # at the price of the model that answered, as the ledger
             # The event and the span's attributes are bookkeeping: build them on the next loop
             # turn, after aiohttp has handed the response to the socket, not before.
             loop = asyncio.get_running_loop()

@@ -474,6 +474,42 @@ async def test_failing_canary_falls_back_to_stable(gateway: Gateway, keys: Boots
                                     "lockgate.fallback_from_variant": "canary", "lockgate.fallback_from_release": "r2"}
 
 
+async def test_a_canary_that_may_fall_back_reserves_at_the_dearer_model_and_settles_at_the_one_that_answered(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any) -> None:
+    # Found by a probe's reading: the reservation was priced at the chosen canary's model only, while a failing
+    # canary's request is answered (and billed) by stable's: a cheap canary let requests past a budget that
+    # stable's price would have refused.
+    (tmp_path / "prices.yaml").write_text(json.dumps({"version": "t", "currency": "USD", "models": {
+        "m": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0},
+        "m-canary": {"input_per_mtok": 1.0, "output_per_mtok": 1.0}}}))
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "usd": 1.0}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"),
+                                                price_book=str(tmp_path / "prices.yaml"))
+    async with FakeLLM("stable") as stable, FakeLLM("canary", ("status", 500)) as canary:
+        router = await gateway({"default": {"url": stable.url},
+                                "canary": {"url": canary.url, "retry": {"attempts": 1}}})
+        await register_model_release(context.bus, "r1", "m", "default")
+        await register_model_release(context.bus, "r2", "m-canary", "canary")
+        await store_pass(context.bus, "r1", context.settings)
+        route = {"stable_release": "r1", "canary_release": "r2", "initial_weight": 100,
+                 "break_glass": break_glass(context.settings, "chat", "r2", "canary", "fallback test")}
+        async with openai.AsyncOpenAI(base_url=f"{router.url}/lockgate/v1", api_key=keys.admin_key) as admin:
+            await admin.put("/deployments/chat", body=route, cast_to=object)
+        async with client(router, keys) as c:
+            # At stable's $1,000 per million tokens, 2,000 output tokens alone are $2: over the $1 budget. At the
+            # canary's $1 they were $0.002, and the request went through to be answered by stable.
+            with pytest.raises(openai.RateLimitError, match="budget daily"):
+                await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=2000)
+            assert canary.calls == stable.calls == 0
+            done = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=20)
+        assert done.choices[0].message.content == "stable says hi" and (canary.calls, stable.calls) == (1, 1)
+        await router.admission.return_expired(force=True)
+        kv = await context.bus.kv(context.bus.subjects.kv_budgets)
+        leased = msgspec.json.decode((await kv.get(f"daily.{datetime.now(UTC):%Y-%m-%d}")).value, type=Counter).leased
+        # Settled on the answer's usage (1 in, 3 out) at stable's price, the model that answered: $0.004.
+        assert leased.usd == 4_000_000
+
+
 async def test_endpoint_falls_back_to_its_named_fallback(gateway: Gateway, keys: Bootstrap, events: Any) -> None:
     async with FakeLLM("main", "hang") as main, FakeLLM("backup") as backup:
         router = await gateway({"default": {"url": main.url, "timeouts": {"first_byte_s": 0.05}, "fallback": "backup"},
