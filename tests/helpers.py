@@ -80,6 +80,14 @@ def admin_headers(home: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {bootstrap(home).admin_key}"}
 
 
+async def judged(bus: Any, release: str) -> dict[str, str]:
+    """The artifacts a gate decision for the registered `release` names, as the gatekeeper's do: those its name is
+    bound to (the router admits a release only with a decision about exactly that content)."""
+    from lockgate import artifacts
+
+    return dict((await artifacts.release_of(bus, release))["artifacts"])
+
+
 async def store_pass(bus: Any, release: str, settings: Any) -> None:
     """A PASS for the registered `release` in the gates KV, naming its registered artifacts, signed by a key
     the settings' trust file trusts (a gatekeeper stand-in: like the gatekeeper, it passes no release that

@@ -207,6 +207,23 @@ def allows(decision: GateDecided | None, release: str) -> bool:
     return decision is not None and decision.release == release and decision.decision == "PASS"
 
 
+def other_content(decision: GateDecided, bound: Mapping[str, str] | None) -> str:
+    """How the release artifacts (`kind/name` -> hash) `decision` judged differ from `bound`, what its release
+    name holds now (None: not registered); "" when they are exactly the same.
+
+    A decision speaks for the content it judged, not for whatever its release name holds later: an allowing one
+    admits the release only while the two are the same. The suite and policy a decision also names (bare keys
+    `eval_suite` and `policy`) are not release content."""
+    judged = {k: v for k, v in decision.artifacts.items() if "/" in k}
+    if bound is None:
+        return f"release {decision.release!r} is not registered"
+    diffs = [f"{k} judged {judged.get(k) or 'nothing'}, bound to {bound.get(k) or 'nothing'}"
+             for k in sorted({*judged, *bound}) if judged.get(k) != bound.get(k)]
+    if not diffs:
+        return ""
+    return f"decision {decision.id} judged other content than release {decision.release!r} holds ({'; '.join(diffs)})"
+
+
 class AlreadyServing(InvalidRollout):
     """A first release for a deployment that already serves one (HTTP 409)."""
 

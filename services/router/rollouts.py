@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 import nats.js.errors
 
-from lockgate import analysisruns, shipped
+from lockgate import analysisruns, artifacts, shipped
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import (
@@ -339,6 +339,11 @@ class Rollouts:
             log.info("decision %s for %s is superseded by %s (%s): applying that one", decision.id, decision.release,
                      current.id, current.decision)
             decision = current
+        elif current is None or current.id != decision.id:
+            checked = await self._about_bound_content(decision)
+            if checked is None:
+                return
+            decision = checked
         await self._until_won(lambda: self.apply_decision(decision))
 
     async def manual(self, deployment: str, action: str, override: domain.Override | None = None,
@@ -809,6 +814,25 @@ class Rollouts:
             return None
         if decision.release != release:  # a decision only ever speaks for the release it names
             log.warning("ignoring stored gate decision under %s: it is for %s", release, decision.release)
+            return None
+        return await self._about_bound_content(decision)
+
+    async def _about_bound_content(self, decision: GateDecided) -> GateDecided | None:
+        """`decision`, or None when it allows its release but judged other content than the release name is
+        bound to now (domain.other_content): then it admits nothing, as one that does not verify.
+
+        Every admission (first release, canary start, patch, retry, undo, a decision from the bus) takes its
+        decision from here or `_stored_decision`, so a PASS never admits content it did not judge, however the
+        name came to hold it."""
+        if not domain.allows(decision, decision.release):
+            return decision  # only an allowing decision admits anything
+        try:
+            bound = (await artifacts.release_of(self.ctx.bus, decision.release)).get("artifacts")
+        except NotFound:
+            bound = None
+        why = domain.other_content(decision, bound if isinstance(bound, dict) else None)
+        if why:
+            log.warning("ignoring gate decision %s for %s: %s", decision.id, decision.release, why)
             return None
         return decision
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -18,7 +20,7 @@ from lockgate.contracts import ArtifactKind, ArtifactRegistered, ReleaseRegister
 from lockgate.contracts.artifacts import ARTIFACT_KINDS
 from lockgate.contracts.names import NAME_RULE, check_name, is_name
 from lockgate.documents import check_aliases
-from lockgate.errors import BusUnavailable, ConfigError, NotFound, ReleaseConflict
+from lockgate.errors import ArtifactCorrupt, BusUnavailable, ConfigError, NotFound, ReleaseConflict
 from lockgate.identity import Identity, bundle_content, sign_bundle
 from lockgate.ids import canonical_json, content_hash
 from lockgate.subjects import token
@@ -96,8 +98,7 @@ async def register(
         raise ConfigError(f"invalid artifact name {name!r}: {NAME_RULE}")
     data = canonical_bytes(content, media_type)
     digest = content_hash(data)
-    store = await bus.objects()
-    await store.put(digest, data)
+    await _store_once(bus, digest, data)
     stored_type = "application/json" if media_type == "application/yaml" else media_type
     event = ArtifactRegistered(
         kind=kind, name=name, hash=digest, size=len(data), media_type=stored_type,
@@ -107,6 +108,27 @@ async def register(
         event = msgspec.structs.replace(event, key_id=signer.key_id, signature=signer.sign(signed_bytes(event)))
     await bus.publish(bus.subjects.artifact_registered, event, msg_id=f"artifact-{digest}-{kind}-{name}")
     return event
+
+
+async def _store_once(bus: Bus, digest: str, data: bytes) -> None:
+    """Put `data` under its hash unless the store already holds it: an object under the same hash is the same
+    content, so a second put would only churn chunks. Put again when the stored object's own digest says other
+    bytes (altered in the store), which repairs it; `load` refuses such bytes either way."""
+    store = await bus.objects()
+    try:
+        info = await store.get_info(digest)
+    except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError):
+        info = None
+    except nats.errors.Error as exc:
+        raise BusUnavailable(f"cannot look up artifact {digest}: {exc!r}") from None
+    if info is not None and info.digest == _object_digest(data):
+        return
+    await store.put(digest, data)
+
+
+def _object_digest(data: bytes) -> str:
+    """The digest the object store records for `data` (`SHA-256=` and the URL-safe base64 of its sha256)."""
+    return "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
 
 
 async def register_file(bus: Bus, kind: ArtifactKind, path: str | Path, *, name: str | None = None,
@@ -139,13 +161,26 @@ async def require(bus: Bus, digest: str) -> None:
 
 
 async def load(bus: Bus, digest: str) -> bytes:
-    """The bytes of an artifact by hash."""
+    """The bytes of an artifact by hash, only if they are that hash's content (ArtifactCorrupt otherwise).
+
+    The hash is the artifact's identity everywhere (a pinned policy, a gated release's model config), and
+    whoever may register artifacts may also write any bytes under any name in the object store: every reader
+    goes through here, so none acts on content other than the hash it was given."""
     store = await bus.objects()
     try:
         result = await store.get(digest)
+    except nats.js.errors.DigestMismatchError:  # the chunks are not what the object's metadata says
+        raise ArtifactCorrupt(f"artifact {digest} is corrupt: its stored chunks do not match their own "
+                              "digest (altered in the object store); register its content again") from None
     except Exception as exc:  # nats.js.errors.ObjectNotFoundError and friends
         raise NotFound(f"artifact {digest} is not in the object store ({type(exc).__name__})") from None
-    return result.data
+    data = bytes(result.data or b"")
+    stored = content_hash(data)
+    if stored != digest:
+        raise ArtifactCorrupt(f"artifact {digest} is corrupt: the object store holds other bytes under its hash "
+                              f"(their hash is {stored}), altered after it was registered; it is refused "
+                              "wherever it is used: register its content again to repair it")
+    return data
 
 
 async def load_structured(bus: Bus, digest: str) -> Any:

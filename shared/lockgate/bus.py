@@ -274,8 +274,7 @@ class Bus:
         for bucket in (self.subjects.kv_gates, self.subjects.kv_routes, self.subjects.kv_keys, self.subjects.kv_drift,
                        self.subjects.kv_eval_runs, self.subjects.kv_gitops):
             await self.js.create_key_value(bucket=bucket, history=10, replicas=self.replicas)
-        # One value per release name, written once (create) and never updated.
-        await self.js.create_key_value(bucket=self.subjects.kv_releases, history=1, replicas=self.replicas)
+        await self._ensure_write_once(self.subjects.kv_releases)
         # Cached upstream responses expire so a stale answer never outlives a model update for long.
         await self.js.create_key_value(bucket=self.subjects.kv_eval_cache, history=1, ttl=7 * 24 * 3600,
                                        replicas=self.replicas)
@@ -288,6 +287,25 @@ class Bus:
         await self.js.create_key_value(bucket=self.subjects.kv_response_cache, history=1, ttl=24 * 3600,
                                        replicas=self.replicas)
         await self.js.create_object_store(bucket=self.subjects.object_store, replicas=self.replicas)
+
+    async def _ensure_write_once(self, bucket: str) -> None:
+        """A KV bucket whose every key is written once, by the server's rule: one value per release name.
+
+        A create alone (expected last sequence 0) is only what the client asks for; any identity that may put
+        to the bucket could otherwise overwrite, delete or purge a bound name with a plain put, and a release
+        PASSed for one bundle would then serve another. A second message on a key's subject is refused
+        (discard new per subject at one message), and so are rollups, deletes and purges. A bucket made before
+        this is updated in place (the server may tighten these settings, never loosen them)."""
+        stream = f"KV_{bucket}"
+        try:
+            config = (await self.js.stream_info(stream)).config
+        except nats.js.errors.NotFoundError:
+            await self.js.create_key_value(bucket=bucket, history=1, replicas=self.replicas)
+            config = (await self.js.stream_info(stream)).config
+        once = {"max_msgs_per_subject": 1, "discard": DiscardPolicy.NEW, "discard_new_per_subject": True,
+                "allow_rollup_hdrs": False, "deny_delete": True, "deny_purge": True}
+        if any(getattr(config, k) != v for k, v in once.items()):
+            await self.js.update_stream(config.evolve(**once))
 
     async def kv(self, bucket: str) -> Any:
         """A KV bucket handle (created at connect)."""

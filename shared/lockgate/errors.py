@@ -71,6 +71,13 @@ class NotFound(LockgateError):
     exit_code = 3
 
 
+class ArtifactCorrupt(NotFound):
+    """The bytes stored under an artifact's hash are not that content (altered in the object store): every
+    reader refuses them as if the artifact were absent, since what the hash names is not there."""
+
+    exit_code = 4  # as a signature that does not verify: tampering found
+
+
 class UpstreamError(LockgateError):
     """An upstream LLM endpoint failed or answered something unusable."""
 

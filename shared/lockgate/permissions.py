@@ -154,8 +154,10 @@ def _read_objects(bucket: str) -> Grant:
 
 
 def _write_objects(bucket: str) -> Grant:
-    # A put looks the object up by message get, then replaces its earlier chunks with a subject purge; reading
-    # an object's bytes (an ordered consumer) is _read_objects.
+    # A put looks the object up by message get, then replaces its earlier chunks with a subject purge (and purges
+    # its own chunks if it fails); reading an object's bytes (an ordered consumer) is _read_objects. This grant can
+    # put any bytes under any name: what keeps them from being used is that every read checks them against the
+    # hash they are stored under (artifacts.load), not this grant.
     return _read_stream(f"OBJ_{bucket}").add(Grant(publish=[f"$O.{bucket}.>", f"$JS.API.STREAM.PURGE.OBJ_{bucket}"]))
 
 

@@ -46,7 +46,7 @@ async def of_release(bus: Bus, release: str) -> Shipped:
     try:
         config = await artifacts.load_structured(bus, configs[0])
     except NotFound as exc:
-        raise NotFound(f"model config of release {release!r}: {exc.message}") from None
+        raise type(exc)(f"model config of release {release!r}: {exc.message}") from None  # ArtifactCorrupt stays so
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, str) or not model:
         raise ConfigError(f"model config {configs[0]} of release {release!r} names no model")

@@ -272,14 +272,14 @@ async def _fault_to_zero(env: BenchEnv, session: aiohttp.ClientSession) -> dict[
         drift_ms: list[float] = []
         for i in range(FAULT_TRIALS * 2):
             release = f"c-{i}"
-            await register_model_release(bus, release, "c", "canary")
+            arts = await register_model_release(bus, release, "c", "canary")
             analysed = i < FAULT_TRIALS
             strategy = _FAULT_STRATEGY if analysed else {"steps": [50, 100], "interval_s": 3600}
             async with session.put(url, json={"stable_release": "base", "canary_release": release,
                                               "strategy": strategy}) as resp:
                 assert resp.status == 200, await resp.text()
             await bus.publish(bus.subjects.gate_decided(release),
-                              signer.sign(GateDecided(release=release, decision="PASS", rules=[])))
+                              signer.sign(GateDecided(release=release, decision="PASS", rules=[], artifacts=arts)))
             await router.rollouts.wait_for(lambda r: r["fault"].phase == "progressing", timeout=10)
             if not analysed:
                 now = datetime.now(UTC)

@@ -16,7 +16,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import register_model_release
+from tests.helpers import judged, register_model_release
 from tests.integration.test_rollout_analysis import _pass, _start, _traffic_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -37,7 +37,8 @@ async def stack(context: ServiceContext, run_services: Any) -> AsyncIterator[tup
         await register_model_release(context.bus, "r1", "m", "default")
         await register_model_release(context.bus, "leaky", "leaky", "canary")
         kv = await context.bus.kv(context.bus.subjects.kv_gates)
-        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))
+        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
+            release="r1", rules=[], decision="PASS", artifacts=await judged(context.bus, "r1")))))
         context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
                                                     deployment="chat", app="shop", online_eval_sample=1.0)
         services = await run_services("router", "evaluator")

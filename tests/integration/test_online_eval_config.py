@@ -25,7 +25,7 @@ from lockgate.services.query.registry import run as run_query
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import apply_folder, eventually, register_model_release
+from tests.helpers import apply_folder, eventually, judged, register_model_release
 from tests.integration.test_nats_auth import _bus, secured  # noqa: F401 - the fixture
 from tests.integration.test_query_service import _cli
 from tests.integration.test_rollout_analysis import _pass, _start, _traffic_until
@@ -204,7 +204,8 @@ async def judged_canary(context: ServiceContext, run_services: Any, tmp_path: Pa
         await register_model_release(context.bus, "r1", "m", "default")
         await register_model_release(context.bus, "r2", "m", "canary")
         kv = await context.bus.kv(context.bus.subjects.kv_gates)
-        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))
+        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
+            release="r1", rules=[], decision="PASS", artifacts=await judged(context.bus, "r1")))))
         endpoints = _endpoints(tmp_path, default=stable.url, canary=canary.url, judge=judge.url)
         context.settings = context.settings.replace(endpoints_file=endpoints, deployment="chat", app="shop")
         await _apply(context.bus, context.settings, _folder(tmp_path, JUDGE.format(budget=5, price=0.1)))

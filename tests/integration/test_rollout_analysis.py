@@ -34,7 +34,7 @@ from lockgate.store import Store
 from lockgate.subjects import Subjects, token
 from lockgate.telemetry import Telemetry
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import register_model_release, sink_stored
+from tests.helpers import judged, register_model_release, sink_stored
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -72,7 +72,8 @@ async def router(context: ServiceContext, run_services: Any, signer: Signer) -> 
         await register_model_release(context.bus, "flaky", "flaky", "canary")
         await register_model_release(context.bus, "slow", "slow", "canary")
         kv = await context.bus.kv(context.bus.subjects.kv_gates)
-        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))
+        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
+            release="r1", rules=[], decision="PASS", artifacts=await judged(context.bus, "r1")))))
         context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
                                                     deployment="chat", app="shop")
         services = await run_services("sink", "router")
@@ -101,8 +102,8 @@ async def _start(http: aiohttp.ClientSession, router: Any, canary: str, strategy
 
 async def _pass(router: Any, signer: Signer, release: str) -> None:
     bus = router.ctx.bus
-    await bus.publish(bus.subjects.gate_decided(release), signer.sign(GateDecided(release=release, rules=[],
-                                                                                  decision="PASS")))
+    await bus.publish(bus.subjects.gate_decided(release), signer.sign(GateDecided(
+        release=release, rules=[], decision="PASS", artifacts=await judged(bus, release))))
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "progressing", timeout=10)
 
 
@@ -406,8 +407,8 @@ async def test_two_replicas_measure_the_same_evidence_and_abort_once(settings: S
         await register_model_release(bus, "r1", "m", "default")
         await register_model_release(bus, "bad", "bad", "canary")
         kv = await bus.kv(bus.subjects.kv_gates)
-        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[],
-                                                                              decision="PASS"))))
+        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
+            release="r1", rules=[], decision="PASS", artifacts=await judged(bus, "r1")))))
         buses: list[Bus] = []
         sets: list[ServiceSet] = []
         try:

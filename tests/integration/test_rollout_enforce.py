@@ -14,7 +14,7 @@ from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import KeyStore
 from lockgate.signing import Signer
 from lockgate.subjects import token
-from tests.helpers import break_glass, register_model_release
+from tests.helpers import break_glass, judged, register_model_release
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import _pass, _start
 from tests.integration.test_rollout_strategies import _releases
@@ -66,7 +66,7 @@ async def test_a_pass_superseded_by_a_block_does_not_admit_the_canary_when_it_ar
         router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     # The gatekeeper passed `bad` (d1), then blocked it (d2, current in KV). d1 reaches the router late (a
     # redelivery after a nack): the release's current decision is the BLOCK, so d1 must admit nothing.
-    passed = signer.sign(GateDecided(release="bad", rules=[], decision="PASS"))
+    passed = signer.sign(GateDecided(release="bad", rules=[], decision="PASS", artifacts=await judged(router.ctx.bus, "bad")))
     blocked = signer.sign(GateDecided(release="bad", rules=[], decision="BLOCK", reason="toxicity"))
     bus = router.ctx.bus
     kv = await bus.kv(bus.subjects.kv_gates)
@@ -223,5 +223,5 @@ async def test_a_release_of_another_app_cannot_be_rolled_out_on_a_deployment(
 async def _pass_only(router: Any, signer: Signer, release: str) -> None:
     """A verified PASS for `release` in the gates bucket, without any rollout to act on."""
     kv = await router.ctx.bus.kv(router.ctx.bus.subjects.kv_gates)
-    await kv.put(token(release), msgspec.json.encode(signer.sign(GateDecided(release=release, rules=[],
-                                                                             decision="PASS"))))
+    await kv.put(token(release), msgspec.json.encode(signer.sign(GateDecided(
+        release=release, rules=[], decision="PASS", artifacts=await judged(router.ctx.bus, release)))))

@@ -23,7 +23,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.signing import Signer, Verifier, ensure_signer_trusted
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import register_model_release
+from tests.helpers import judged, register_model_release
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,7 +60,8 @@ async def http(keys: Bootstrap) -> AsyncIterator[aiohttp.ClientSession]:
 async def _decide(bus: Any, signer: Signer, release: str, verdict: str, *, policy: str = "",
                   publish: bool = True) -> GateDecided:
     """A gatekeeper-signed decision made current in KV (and announced), as the gatekeeper's eval path does."""
-    d = signer.sign(GateDecided(release=release, rules=[], decision=verdict, policy=policy))  # type: ignore[arg-type]
+    d = signer.sign(GateDecided(release=release, rules=[], decision=verdict, policy=policy,  # type: ignore[arg-type]
+                                artifacts=await judged(bus, release)))
     await (await bus.kv(bus.subjects.kv_gates)).put(token(release), msgspec.json.encode(d))
     if publish:
         await bus.publish(bus.subjects.gate_decided(release), d)

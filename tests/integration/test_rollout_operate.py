@@ -23,6 +23,7 @@ from lockgate.server.apikeys import Bootstrap, KeyStore
 from lockgate.services.router.domain import Route
 from lockgate.signing import Signer
 from lockgate.subjects import token
+from tests.helpers import judged
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import ERRORS, _pass, _start, _traffic_until
 
@@ -94,8 +95,8 @@ async def test_retry_restarts_an_aborted_rollout_from_step_zero_and_is_refused_o
     await _pass(router, signer, "same")
     # The gatekeeper keeps each release's current decision in KV: what a retry is admitted by.
     kv = await router.ctx.bus.kv(router.ctx.bus.subjects.kv_gates)
-    await kv.put(token("same"), msgspec.json.encode(signer.sign(GateDecided(release="same", rules=[],
-                                                                             decision="PASS"))))
+    await kv.put(token("same"), msgspec.json.encode(signer.sign(GateDecided(
+        release="same", rules=[], decision="PASS", artifacts=await judged(router.ctx.bus, "same")))))
     operator, rec = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
     refused = await _cli(router, "retry", "chat", key=operator)
     assert refused.exit_code == 4 and "is progressing, not aborted; only an aborted rollout can be retried" in \

@@ -18,6 +18,7 @@ from lockgate.server.apikeys import KeyStore
 from lockgate.services.router import progress
 from lockgate.signing import Signer
 from lockgate.subjects import token
+from tests.helpers import judged
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import ERRORS, _pass, _start, _traffic_until
 
@@ -119,7 +120,8 @@ async def test_blue_green_undo_puts_the_previous_release_back_only_if_its_gate_a
     status, body = await _post(http, router, "undo")
     assert status == 409 and "previous release 'r1' is BLOCKed by the gate" in body["error"]["message"], body
     assert router.rollouts.route("chat").stable.release == "same" and set(await _releases(http, router, 20)) == {"same"}
-    await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))
+    await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
+        release="r1", rules=[], decision="PASS", artifacts=await judged(router.ctx.bus, "r1")))))
     status, body = await _post(http, router, "undo")
     assert status == 200 and body["stable"]["release"] == "r1", body
 

@@ -17,9 +17,11 @@ import openai
 import pytest
 import yaml
 
+from lockgate.bus import Bus
 from lockgate.cli.status import read_overrides, read_status
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, GateDecided, InferenceEvent, RolloutState
+from lockgate.errors import NotFound
 from lockgate.identity import sign_override
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.service import ServiceContext
@@ -27,7 +29,15 @@ from lockgate.services.router.domain import Route, Target
 from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import break_glass, person, raw_http, register_model_release, sink_stored, store_pass
+from tests.helpers import (
+    break_glass,
+    judged,
+    person,
+    raw_http,
+    register_model_release,
+    sink_stored,
+    store_pass,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -67,7 +77,7 @@ async def services(context: ServiceContext, run_services: Any, sims: tuple[SimSe
     await register_model_release(context.bus, "r2", "m", "canary")
     # r1, the stable release the tests start from, passed its gate (a new stable needs an allowing decision).
     kv = await context.bus.kv(context.bus.subjects.kv_gates)
-    await kv.put(token("r1"), msgspec.json.encode(gate(signer, release="r1", decision="PASS")))
+    await kv.put(token("r1"), msgspec.json.encode(await gate(context.bus, signer, release="r1", decision="PASS")))
     context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
                                                 deployment="chat", app="shop", passthrough=passthrough)
     if gateway_policy is not None:
@@ -89,9 +99,15 @@ async def signer(context: ServiceContext) -> Signer:
     return s
 
 
-def gate(signer: Signer, **fields: Any) -> GateDecided:
-    """A signed decision (the router ignores unsigned ones)."""
-    return signer.sign(GateDecided(**{"release": "r2", "rules": [], **fields}))
+async def gate(bus: Bus, signer: Signer, **fields: Any) -> GateDecided:
+    """A signed decision (the router ignores unsigned ones) naming the content its release is bound to, as the
+    gatekeeper's do (the router admits a release only with a decision about exactly that content)."""
+    release = fields.get("release", "r2")
+    try:
+        bound = await judged(bus, release)
+    except NotFound:  # a decision for a name nobody registered
+        bound = {}
+    return signer.sign(GateDecided(**{"release": release, "rules": [], "artifacts": bound, **fields}))
 
 
 @pytest.fixture
@@ -208,7 +224,7 @@ async def test_gate_pass_promotes_step_by_step(router: Any, services: Any, http:
     bus, store = router.ctx.bus, router.ctx.store
     sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
     await _start_canary(http, router)
-    await bus.publish(bus.subjects.gate_decided("r2"), gate(signer, decision="PASS"))
+    await bus.publish(bus.subjects.gate_decided("r2"), await gate(router.ctx.bus, signer, decision="PASS"))
     states: list[RolloutState] = []
     while not states or states[-1].phase != "promoted":
         states.append(_states.decode((await sub.next_msg(timeout=10)).data))
@@ -231,7 +247,7 @@ async def test_gate_block_sends_canary_to_zero_at_once(router: Any, http: aiohtt
     bus = router.ctx.bus
     await _start_canary(http, router, initial_weight=100,
                         break_glass=break_glass(router.ctx.settings, "chat", "r2", "canary", "block test"))
-    decision = gate(signer, decision="BLOCK", reason="toxicity too high")
+    decision = await gate(router.ctx.bus, signer, decision="BLOCK", reason="toxicity too high")
     await bus.publish(bus.subjects.gate_decided("r2"), decision)
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
     route = router.rollouts.route("chat")
@@ -243,7 +259,7 @@ async def test_gate_block_sends_canary_to_zero_at_once(router: Any, http: aiohtt
 async def test_decision_already_in_kv_applies_when_canary_starts(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     bus = router.ctx.bus
     kv = await bus.kv(bus.subjects.kv_gates)
-    await kv.put(token("r2"), msgspec.json.encode(gate(signer, decision="BLOCK")))
+    await kv.put(token("r2"), msgspec.json.encode(await gate(router.ctx.bus, signer, decision="BLOCK")))
     state = await _start_canary(http, router)
     assert (state["phase"], state["weight"]) == ("aborted", 0.0)
 
@@ -258,7 +274,7 @@ async def test_malformed_gate_message_goes_to_dlq_and_router_keeps_working(
                       msg_id="bad-gate")
     letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=10)).data)
     assert letter.origin == "router" and b'"release":5' in letter.payload
-    await bus.publish(bus.subjects.gate_decided("r2"), gate(signer, decision="BLOCK"))
+    await bus.publish(bus.subjects.gate_decided("r2"), await gate(router.ctx.bus, signer, decision="BLOCK"))
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
 
 
@@ -503,7 +519,8 @@ async def test_never_gated_canary_waits_at_zero_and_cannot_be_promoted(router: A
 async def test_blocked_canary_cannot_be_promoted(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     # Before: a BLOCKed release was made stable by an unauthenticated promote.
     await _put(http, router)
-    await router.ctx.bus.publish(router.ctx.bus.subjects.gate_decided("r2"), gate(signer, decision="BLOCK"))
+    await router.ctx.bus.publish(router.ctx.bus.subjects.gate_decided("r2"),
+                                 await gate(router.ctx.bus, signer, decision="BLOCK"))
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
     status, err = await _post(http, router, "promote")
     assert status == 409
@@ -521,13 +538,14 @@ async def test_needs_review_gets_zero_until_approved(router: Any, http: aiohttp.
     # Before: a release awaiting review served 10% at once.
     bus = router.ctx.bus
     await _put(http, router)
-    held = gate(signer, decision="NEEDS_REVIEW", reason="prompt changed")
+    held = await gate(router.ctx.bus, signer, decision="NEEDS_REVIEW", reason="prompt changed")
     await bus.publish(bus.subjects.gate_decided("r2"), held)
     await router.rollouts.wait_for(lambda r: r["chat"].decision_id == held.id, timeout=10)
     assert (router.rollouts.route("chat").weight, router.rollouts.route("chat").phase) == (0.0, "idle")
     assert (await _post(http, router, "promote"))[0] == 409
     # An approval is a new decision the gatekeeper signs: PASS for exactly this release.
-    await bus.publish(bus.subjects.gate_decided("r2"), gate(signer, decision="PASS", reason="approved by ann"))
+    await bus.publish(bus.subjects.gate_decided("r2"),
+                      await gate(router.ctx.bus, signer, decision="PASS", reason="approved by ann"))
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
 
 
@@ -535,7 +553,7 @@ async def test_pass_for_another_release_does_not_admit(router: Any, http: aiohtt
                                                        signer: Signer) -> None:
     bus = router.ctx.bus
     await _put(http, router)
-    other = gate(signer, release="r3", decision="PASS")
+    other = await gate(router.ctx.bus, signer, release="r3", decision="PASS")
     kv = await bus.kv(bus.subjects.kv_gates)
     await kv.put(token("r2"), msgspec.json.encode(other))  # stored under r2's key, but it speaks for r3
     status, route = await _put(http, router, canary_release="r2")
@@ -546,9 +564,9 @@ async def test_reject_after_promotion_rolls_back(router: Any, http: aiohttp.Clie
     # Before: a reject after promotion changed nothing.
     bus = router.ctx.bus
     await _put(http, router)
-    await bus.publish(bus.subjects.gate_decided("r2"), gate(signer, decision="PASS"))
+    await bus.publish(bus.subjects.gate_decided("r2"), await gate(router.ctx.bus, signer, decision="PASS"))
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
-    rejected = gate(signer, decision="BLOCK", reason="rejected by ann: leaks PII")
+    rejected = await gate(router.ctx.bus, signer, decision="BLOCK", reason="rejected by ann: leaks PII")
     await bus.publish(bus.subjects.gate_decided("r2"), rejected)
     await router.rollouts.wait_for(lambda r: r["chat"].decision_id == rejected.id, timeout=10)
     route = router.rollouts.route("chat")
@@ -653,7 +671,8 @@ async def test_canary_is_served_with_its_releases_model_and_params(router: Any, 
     bus = router.ctx.bus
     await register_model_release(bus, "r5", "m", "canary", temperature=0)
     await _put(http, router, canary_release="r5")
-    await bus.publish(bus.subjects.gate_decided("r5"), gate(signer, release="r5", decision="PASS"))
+    await bus.publish(bus.subjects.gate_decided("r5"),
+                      await gate(router.ctx.bus, signer, release="r5", decision="PASS"))
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
     # The client asks for another model: the release's model config decides.
     async with http.post(f"{router.url}/v1/chat/completions", json={**_chat(), "model": "gpt-whatever"}) as resp:
@@ -670,7 +689,8 @@ async def test_a_releases_own_max_tokens_is_what_admission_reserves(router: Any,
     bus = router.ctx.bus
     await register_model_release(bus, "r6", "m", "canary", max_tokens=50_000)
     await _put(http, router, canary_release="r6")
-    await bus.publish(bus.subjects.gate_decided("r6"), gate(signer, release="r6", decision="PASS"))
+    await bus.publish(bus.subjects.gate_decided("r6"),
+                      await gate(router.ctx.bus, signer, release="r6", decision="PASS"))
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
     body = {**_chat(), "max_tokens": 10}
     async with http.post(f"{router.url}/v1/chat/completions", json=body, headers=bearer(keys.app_key)) as resp:
@@ -790,7 +810,7 @@ async def test_untrusted_decisions_move_no_traffic_and_are_dead_lettered(
         (GateDecided(release="r2", decision="PASS", rules=[]), "is not signed"),
         (retired.sign(GateDecided(release="r2", decision="PASS", rules=[])), "revoked key id"),
         # A genuine PASS for r1 replayed on r2's subject must not count for r2 either.
-        (gate(signer, release="r1", decision="PASS"), "arrived on"),
+        (await gate(router.ctx.bus, signer, release="r1", decision="PASS"), "arrived on"),
     ]
     for forged, _ in attacks:
         await bus.publish(bus.subjects.gate_decided("r2"), forged)
@@ -801,7 +821,7 @@ async def test_untrusted_decisions_move_no_traffic_and_are_dead_lettered(
     route = router.rollouts.route("chat")
     assert (route.phase, route.weight) == ("idle", 0.0)  # r2 was never gated: no forged PASS admits it
     # The consumer is still acting on trusted decisions.
-    await bus.publish(bus.subjects.gate_decided("r2"), gate(signer, decision="BLOCK"))
+    await bus.publish(bus.subjects.gate_decided("r2"), await gate(router.ctx.bus, signer, decision="BLOCK"))
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
 
 

@@ -1,0 +1,222 @@
+"""Content changed after it was gated, on the real nats-server, evaluator, gatekeeper and router.
+
+Before, the operator NATS identity (it registers artifacts and binds releases) could put other bytes under an
+artifact's hash in the object store: a pinned strict policy then read as a lax one, and the same eval request got
+a signed PASS; a PASSed release's model config served another model. It could also put another bundle over a
+bound release name in the releases bucket (create-only was only the client's expected-sequence header), and the
+router admitted the new content with the old PASS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import nats.errors
+import nats.js.errors
+import pytest
+import yaml
+
+from lockgate import artifacts
+from lockgate.bus import Bus
+from lockgate.codec import Codec
+from lockgate.contracts import EvalCompleted, EvalRequested, GateDecided
+from lockgate.errors import ArtifactCorrupt
+from lockgate.ids import canonical_json, uuid7
+from lockgate.server.service import ServiceContext
+from lockgate.signing import Signer, ensure_signer_trusted
+from lockgate.subjects import token
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import register_model_release, store_pass
+from tests.integration import test_rollout_analysis as analysis_tests
+from tests.integration.test_nats_auth import _bus, secured  # noqa: F401  (the fixture)
+from tests.integration.test_required_gates import LENIENT, STRICT, answers, gates_file
+from tests.integration.test_rollout_strategies import _releases
+
+router, http, keys, signer = analysis_tests.router, analysis_tests.http, analysis_tests.keys, analysis_tests.signer
+
+pytestmark = pytest.mark.timeout(120)
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+DEPLOYMENT = "/lockgate/v1/deployments/chat"
+_decided: Codec[GateDecided] = Codec(GateDecided)
+_completed: Codec[EvalCompleted] = Codec(EvalCompleted)
+
+
+async def _tamper(bus: Bus, digest: str, content: Any) -> None:
+    """Other bytes under `digest`, put straight into the object store as any identity that may write it can."""
+    await (await bus.objects()).put(digest, canonical_json(content))
+
+
+@pytest.fixture
+async def gated(context: ServiceContext, run_services: Callable[..., Any],
+                tmp_path: Path) -> AsyncIterator[dict[str, str]]:
+    """Evaluator and gatekeeper with the gates file pinning policy strict by hash for app shop; release `poor`
+    ships a model that answers every case wrong (strict blocks it, lenient would pass it)."""
+    bus = context.bus
+    ensure_signer_trusted(context.settings)
+    dataset = (await artifacts.register_file(bus, "dataset", FIXTURES / "suites" / "qa.jsonl")).hash
+    suite = (await artifacts.register(bus, "eval_suite", "qa",
+                                      yaml.safe_load((FIXTURES / "suites" / "qa.yaml").read_text()))).hash
+    strict = (await artifacts.register(bus, "policy", "strict", STRICT)).hash
+    async with SimServer(SimConfig(models={"good": ModelSpec(answers=answers()),
+                                           "poor": ModelSpec(default="no idea")})) as sim:
+        context.settings = context.settings.replace(
+            gates_file=gates_file(tmp_path, {"shop": {"policy": f"strict={strict}"}}), stable_upstream=sim.url)
+        await run_services("sink", "query", "evaluator", "gatekeeper")
+        await register_model_release(bus, "poor", "poor")
+        await register_model_release(bus, "good", "good")
+        yield {"suite": suite, "dataset": dataset, "strict": strict, "sim": sim.url}
+
+
+async def _gate(bus: Bus, release: str, suite: str, policy: str) -> tuple[EvalCompleted, GateDecided]:
+    """Request an eval of `release` as an operator does, and wait for its run's result and decision."""
+    run_id = uuid7()
+    done, decided = bus.nc.subscribe(bus.subjects.eval_completed), bus.nc.subscribe(bus.subjects.gate_decided(release))
+    completed_sub, decided_sub = await done, await decided
+    try:
+        await bus.publish(bus.subjects.eval_requested, EvalRequested(run_id=run_id, release=release, suite=suite,
+                                                                     endpoint="", policy=policy))
+        async with asyncio.timeout(60):
+            while (completed := _completed.decode((await completed_sub.next_msg(timeout=60)).data)).run_id != run_id:
+                pass
+            while (decision := _decided.decode((await decided_sub.next_msg(timeout=60)).data)).eval_run != run_id:
+                pass
+    finally:
+        await completed_sub.unsubscribe()
+        await decided_sub.unsubscribe()
+    return completed, decision
+
+
+async def test_a_policy_altered_under_its_pinned_hash_blocks_instead_of_passing(
+        context: ServiceContext, gated: dict[str, str]) -> None:
+    bus = context.bus
+    _, blocked = await _gate(bus, "poor", gated["suite"], gated["strict"])
+    assert blocked.decision == "BLOCK" and blocked.policy == gated["strict"], blocked
+    # The lenient policy's bytes under the pinned hash: the gates file is satisfied by the hash alone.
+    await _tamper(bus, gated["strict"], LENIENT)
+    completed, decision = await _gate(bus, "poor", gated["suite"], gated["strict"])
+    assert completed.status == "completed"
+    assert decision.decision == "BLOCK", decision
+    assert f"policy {gated['strict']} is unusable: artifact {gated['strict']} is corrupt: the object store holds " \
+           f"other bytes under its hash (their hash is {artifacts.content_hash(canonical_json(LENIENT))})" \
+           in decision.reason, decision.reason
+
+
+async def test_a_dataset_altered_under_its_hash_fails_the_eval_run(
+        context: ServiceContext, gated: dict[str, str]) -> None:
+    # The cases the suite pins, replaced by ones the poor model answers "right".
+    await _tamper(context.bus, gated["dataset"], [{"id": "x", "vars": {"question": "?"}, "expected": "no idea"}])
+    completed, decision = await _gate(context.bus, "poor", gated["suite"], gated["strict"])
+    assert completed.status == "failed" and completed.n_cases == 0, completed
+    assert f"artifact {gated['dataset']} is corrupt" in completed.error, completed.error
+    assert decision.decision == "BLOCK", decision
+
+
+async def test_a_release_whose_model_config_was_altered_is_not_admitted(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # `same` was gated (PASS naming its bundle); its model config's bytes now name the bad model.
+    bus = router.ctx.bus
+    config = (await artifacts.release_of(bus, "same"))["artifacts"]["model_config/same-config"]
+    await store_pass(bus, "same", router.ctx.settings)
+    await _tamper(bus, config, {"model": "bad", "endpoint": "canary"})
+    for method, url, body in (("PUT", f"{DEPLOYMENT}", {"stable_release": "r1", "canary_release": "same",
+                                                        "initial_weight": 50}),
+                              ("PUT", "/lockgate/v1/deployments/fresh", {"stable_release": "same"})):
+        async with http.request(method, f"{router.url}{url}", json=body) as resp:
+            answer = await resp.json()
+        assert resp.status == 400, answer
+        assert (f"model config of release 'same': artifact {config} is corrupt: the object store holds other bytes "
+                "under its hash") in answer["error"]["message"], answer
+    assert "fresh" not in router.rollouts.routes and "chat" not in router.rollouts.routes
+
+
+async def test_a_pass_for_other_content_than_the_release_holds_admits_nothing(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # A PASS for `bad` that judged another model config (`same`'s): what a PASS of the content a release name
+    # held before it was rebound looks like. Signed by a trusted key, current in the gates bucket, and announced.
+    bus = router.ctx.bus
+    other = await artifacts.release_of(bus, "same")
+    stale = signer.sign(GateDecided(release="bad", rules=[], decision="PASS",
+                                    artifacts={"model_config/bad-config": other["artifacts"]["model_config/same-config"],
+                                               "policy": "sha256:p"}))
+    await (await bus.kv(bus.subjects.kv_gates)).put(token("bad"), msgspec.json.encode(stale))
+
+    async with http.put(f"{router.url}/lockgate/v1/deployments/fresh", json={"stable_release": "bad"}) as resp:
+        answer = await resp.json()
+    assert resp.status == 409 and answer["error"]["code"] == "not_admitted", answer  # no first release
+    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": 50}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+        answer = await resp.json()
+    assert resp.status == 409 and answer["error"]["code"] == "not_admitted", answer  # no weight at start
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={**body, "initial_weight": 0,
+                                                           "strategy": {"steps": [50, 100], "interval_s": 3600}}) as resp:
+        assert resp.status == 200, await resp.text()
+    # As announced on the bus: what the router's gate handler calls once the signature verifies.
+    await router.rollouts.on_decision(stale)
+    route = router.rollouts.route("chat")
+    assert (route.canary.release, route.weight, route.phase, route.admitted) == ("bad", 0.0, "idle", ""), route
+    assert set(await _releases(http, router, 40)) == {"r1"}  # nobody is served `bad`
+
+    # A PASS naming what `bad` holds admits it: only the content was wrong.
+    bound = (await artifacts.release_of(bus, "bad"))["artifacts"]
+    await bus.publish(bus.subjects.gate_decided("bad"), signer.sign(GateDecided(
+        release="bad", rules=[], decision="PASS", artifacts={**bound, "policy": "sha256:p"})))
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "progressing", timeout=10)
+
+
+async def test_the_operator_cannot_rebind_delete_or_purge_a_bound_release(secured) -> None:  # noqa: F811
+    _, settings, admin = secured
+    operator = await _bus(settings, "operator")
+    try:
+        config = await artifacts.register(operator, "model_config", "c", {"model": "good"})
+        other = await artifacts.register(operator, "model_config", "c", {"model": "bad"})
+        await artifacts.register_release(operator, "rb1", "shop", {"model_config/c": config.hash})
+        kv = await operator.kv(operator.subjects.kv_releases)
+        bound = (await kv.get(token("rb1"))).value
+        rebound = canonical_json(artifacts.release_bundle("rb1", "shop", {"model_config/c": other.hash}))
+        for attempt in (lambda: kv.put(token("rb1"), rebound), lambda: kv.delete(token("rb1")),
+                        lambda: kv.purge(token("rb1")), lambda: kv.update(token("rb1"), rebound, last=1)):
+            with pytest.raises(nats.js.errors.APIError):
+                await attempt()
+        assert (await kv.get(token("rb1"))).value == bound
+        assert (await artifacts.release_of(admin, "rb1"))["artifacts"] == {"model_config/c": config.hash}
+        # Binding the same content again is still accepted; other content is a ReleaseConflict; a new name binds.
+        await artifacts.register_release(operator, "rb1", "shop", {"model_config/c": config.hash})
+        await artifacts.register_release(operator, "rb2", "shop", {"model_config/c": other.hash})
+    finally:
+        await operator.close()
+
+
+async def test_bytes_the_operator_puts_under_a_hash_are_refused_and_registering_again_repairs_them(
+        secured) -> None:  # noqa: F811
+    _, settings, admin = secured
+    operator = await _bus(settings, "operator")
+    try:
+        strict = await artifacts.register(operator, "policy", "strict", STRICT)
+        await _tamper(operator, strict.hash, LENIENT)  # the operator may still write the store
+        with pytest.raises(ArtifactCorrupt, match=f"artifact {strict.hash} is corrupt: the object store holds other "
+                                                  "bytes under its hash"):
+            await artifacts.load_structured(admin, strict.hash)
+        await artifacts.register(operator, "policy", "strict", STRICT)
+        assert await artifacts.load_structured(admin, strict.hash) == STRICT
+    finally:
+        await operator.close()
+
+
+async def test_a_releases_bucket_made_before_is_made_write_once(bus: Bus) -> None:
+    # A deployment whose bucket was created as a plain KV (history 1, any put accepted) before this fix.
+    name = bus.subjects.kv_releases
+    await bus.js.delete_key_value(name)
+    old = await bus.js.create_key_value(bucket=name, history=1)
+    await old.create(token("r0"), b"{}")
+    await old.put(token("r0"), b'{"release": "r0"}')  # accepted then
+    await bus.ensure_topology()
+    kv = await bus.kv(name)
+    with pytest.raises(nats.errors.Error):
+        await kv.put(token("r0"), b"{}")
+    assert (await kv.get(token("r0"))).value == b'{"release": "r0"}'
+    await bus.ensure_topology()  # and again: nothing left to change
