@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from fnmatch import fnmatchcase
 
-from lockgate.contracts import DriftReport, FeatureDrift, RuleResult
+from lockgate.contracts import DriftReport, FeatureDrift, RuleResult, request_side
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.policy import DriftRule, Policy
 
@@ -18,9 +18,12 @@ __all__ = ["applies", "decide_drift", "drift_results"]
 
 
 def _matches(rule: DriftRule, f: FeatureDrift) -> bool:
-    # A categorical feature is named `feature:category`: the bare feature name matches it too.
-    return not rule.features or any(fnmatchcase(f.feature, g) or fnmatchcase(f.feature.partition(":")[0], g)
-                                    for g in rule.features)
+    # A categorical feature is named `feature:category`: the bare feature name matches it too. A rule naming no
+    # feature judges the answers only: a request-side feature (input tokens, prompt text) is what clients send,
+    # which any client moves as it likes, so it blocks a release only under a rule that names it.
+    if not rule.features:
+        return not request_side(f.feature)
+    return any(fnmatchcase(f.feature, g) or fnmatchcase(f.feature.partition(":")[0], g) for g in rule.features)
 
 
 def _describe(f: FeatureDrift) -> str:

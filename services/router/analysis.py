@@ -365,14 +365,21 @@ def _sorted(sample: VariantSample) -> VariantSample:
 
 
 def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, look: int,
-            drift: DriftReport | None = None) -> Measurement:
+            drift: DriftReport | None = None, *, baseline_final: bool = False) -> Measurement:
     """Judge the canary against stable at look `look` (1 for the first look with enough data); `drift` is the
-    latest drift report covering the canary (None: none yet), for `drift` metrics."""
+    latest drift report covering the canary (None: none yet), for `drift` metrics. `baseline_final`: `stable` can
+    grow no more (after a blue-green promotion the old release gets no traffic), so once the canary has its
+    sample a baseline short of `min_sample` is INCONCLUSIVE, not WAITING: no data never passes, and never waits
+    for ever either."""
     if canary.n < spec.min_sample or stable.n < spec.min_sample:
-        why = f"waiting for {spec.min_sample} events per variant (canary {canary.n}, stable {stable.n})"
-        results = [MetricResult(name=m.label, verdict="WAITING", canary_n=canary.n, stable_n=stable.n, why=why)
+        final = baseline_final and canary.n >= spec.min_sample
+        verdict: Verdict = "INCONCLUSIVE" if final else "WAITING"
+        why = (f"baseline has {stable.n} events of the {spec.min_sample} needed and gets no more (canary "
+               f"{canary.n}): no data is never a pass") if final else \
+            f"waiting for {spec.min_sample} events per variant (canary {canary.n}, stable {stable.n})"
+        results = [MetricResult(name=m.label, verdict=verdict, canary_n=canary.n, stable_n=stable.n, why=why)
                    for m in spec.metrics]
-        return Measurement(verdict="WAITING", look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
+        return Measurement(verdict=verdict, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
     z = z_of(sequential.look_alpha(spec.alpha, look, len(spec.metrics)))
     canary, stable = _sorted(canary), _sorted(stable)
     results = [msgspec.structs.replace(_judge(m, canary, stable, z, drift), dry_run=True) if m.dry_run

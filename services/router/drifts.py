@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lockgate.contracts import DriftReport, FeatureDrift
+from lockgate.contracts import DriftReport, FeatureDrift, request_side
 
 # Features where less is better: their drift downwards is an improvement, not a reason to abort.
 _LOWER_IS_BETTER = frozenset({"latency_ms", "ttft_ms", "cost_usd"})
@@ -13,10 +13,14 @@ _HIGHER_IS_BETTER = frozenset({"score.pii_free", "score.non_toxic", "score.json_
 
 
 def harmless(f: FeatureDrift) -> bool:
-    """Drift that is no reason to roll back: an improvement, or a change the rollout makes by design.
+    """Drift that is no reason to roll back: an improvement, a change the rollout makes by design, or a change in
+    what clients send (input tokens, prompt text: `request_side`), which a client makes as it likes and no release
+    causes.
 
     Categorical features are named `feature:category` after the category whose share moved.
     """
+    if request_side(f.feature):
+        return True
     name, _, category = f.feature.partition(":")
     rose = f.current_mean > f.reference_mean
     if name == "model":

@@ -14,6 +14,7 @@ from nats.aio.msg import Msg
 from lockgate.bus import Delivery, Handler
 from lockgate.contracts import DriftReport, GateDecided, InferenceEvent, InferenceScored
 from lockgate.errors import LockgateError, SignatureError
+from lockgate.ids import batch_id
 from lockgate.services.router import progress
 from lockgate.services.router.rollouts import Rollouts
 
@@ -49,22 +50,38 @@ def drift_handler(rollouts: Rollouts) -> Handler:
     return handle
 
 
-def _evidence(rollouts: Rollouts, take: Callable[[bytes], None]) -> Callable[[Msg], Awaitable[None]]:
+class Seen:
+    """The Nats-Msg-Ids of the evidence messages taken lately (bounded): a message that comes twice (published
+    again, or both live and in the replay at start) counts once."""
+
+    def __init__(self, limit: int = _SEEN_MAX) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._limit = limit
+
+    def first(self, msg_id: str) -> bool:
+        """True the first time `msg_id` is offered (always for a message without one)."""
+        if not msg_id:
+            return True
+        if msg_id in self._ids:
+            return False
+        self._ids[msg_id] = None
+        if len(self._ids) > self._limit:
+            self._ids.popitem(last=False)
+        return True
+
+
+def _evidence(rollouts: Rollouts, take: Callable[[bytes], None],
+              seen: Seen | None = None) -> Callable[[Msg], Awaitable[None]]:
     """A core-NATS callback feeding analysis evidence: every replica sees every message (no queue
     group), so all replicas measure the same evidence. Duplicate publishes (same Nats-Msg-Id) count
     once; undecodable messages are the sink's to dead-letter, here they are only skipped."""
-    seen: OrderedDict[str, None] = OrderedDict()
+    seen = seen or Seen()
 
     async def on_message(msg: Msg) -> None:
         if not rollouts.analysing():
             return  # no canary under analysis: not worth decoding
-        msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
-        if msg_id:
-            if msg_id in seen:
-                return
-            seen[msg_id] = None
-            if len(seen) > _SEEN_MAX:
-                seen.popitem(last=False)
+        if not seen.first((msg.headers or {}).get("Nats-Msg-Id", "")):
+            return
         try:
             take(msg.data)
         except (msgspec.DecodeError, UnicodeDecodeError):  # not evidence (the durable consumers dead-letter it)
@@ -73,14 +90,15 @@ def _evidence(rollouts: Rollouts, take: Callable[[bytes], None]) -> Callable[[Ms
     return on_message
 
 
-def evidence_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
-    """For `inference.*.router`: the events of requests the routers served (`subjects.served`)."""
+def evidence_callback(rollouts: Rollouts, seen: Seen | None = None) -> Callable[[Msg], Awaitable[None]]:
+    """For `inference.*.*.router`: the events of requests the routers served (`subjects.served`); `seen` is
+    shared with `replay_served`, so a batch both live and replayed counts once."""
 
     def take(data: bytes) -> None:
         value = _inference.decode(data)
         rollouts.observe(value if isinstance(value, list) else [value])
 
-    return _evidence(rollouts, take)
+    return _evidence(rollouts, take, seen)
 
 
 def drift_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
@@ -94,25 +112,63 @@ def scores_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
     return _evidence(rollouts, lambda data: rollouts.observe_scores([_scored.decode(data)]))
 
 
+async def _replay(rollouts: Rollouts, stream_key: str, reads: dict[str, float], take: Callable[[bytes], bool],
+                  what: str) -> int:
+    """Read back the messages stored in stream `stream_key` on each subject of `reads` since its time (unix
+    seconds), oldest first, into
+    `take` (True if it took the message); returns how many were taken. An unreadable message is skipped and a
+    stream that cannot be read ends the replay, both logged: the start goes on, and evidence then comes from live
+    messages only."""
+    bus, taken = rollouts.ctx.bus, 0
+    stream = bus.subjects.streams[stream_key].name
+    try:
+        for subject, since in reads.items():
+            async for seq, stored_on, data in bus.stored_since(stream, subject, since):
+                try:
+                    taken += take(data)
+                except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec checks UTF-8 with Python's codec
+                    log.warning("%s replay skipped unreadable message %d of %s on %s: %s", what, seq, stream,
+                                stored_on, exc)
+    except LockgateError as exc:
+        log.warning("%s replay stopped after %d messages (evidence comes from live ones): %s", what, taken, exc)
+    return taken
+
+
 async def replay_drift(rollouts: Rollouts) -> int:
     """At start, after subscribing to live reports: the drift reports each deployment under analysis got since its
     rollout started (`progress.drift_replay`), as evidence, so a replica that (re)starts mid-rollout does not
-    hold its drift metric WAITING until the monitor's next report. Returns how many were taken. An unreadable
-    message is skipped and a stream that cannot be read ends the replay, both logged: the start goes on, and
-    evidence then comes from live reports only."""
-    bus = rollouts.ctx.bus
-    stream, taken = bus.subjects.streams["events"].name, 0
-    try:
-        for deployment, since in progress.drift_replay(rollouts.routes.values(), time.time()).items():
-            async for seq, subject, data in bus.stored_since(stream, bus.subjects.drift(deployment), since):
-                try:
-                    report = _drift.decode(data)
-                except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec checks UTF-8 with Python's codec
-                    log.warning("drift replay skipped unreadable message %d of %s on %s: %s", seq, stream, subject,
-                                exc)
-                    continue
-                rollouts.observe_drift(report)
-                taken += 1
-    except LockgateError as exc:
-        log.warning("drift replay stopped after %d reports (evidence comes from live reports): %s", taken, exc)
-    return taken
+    hold its drift metric WAITING until the monitor's next report. Returns how many were taken."""
+    subjects = rollouts.ctx.bus.subjects
+
+    def take(data: bytes) -> bool:
+        rollouts.observe_drift(_drift.decode(data))
+        return True
+
+    reads = {subjects.drift(d): since for d, since in progress.drift_replay(rollouts.routes.values(), time.time()).items()}
+    return await _replay(rollouts, "events", reads, take, "drift")
+
+
+def _published_id(value: list[InferenceEvent] | InferenceEvent) -> str:
+    """The Nats-Msg-Id the message carried: a batch's id (the routers' outbox), an event's own (Bus.publish)."""
+    return batch_id(value) if isinstance(value, list) else value.id
+
+
+async def replay_served(rollouts: Rollouts, seen: Seen) -> int:
+    """At start, after subscribing to live served events (`evidence_callback` with the same `seen`): the events of
+    requests the routers served since the earliest rollout whose evidence is kept (`progress.served_replay`), as
+    evidence. Evidence lives in memory, so without it a replica that (re)starts mid-canary measures from zero, and
+    one that restarts after a blue-green promotion never again has the old release's baseline (it gets no traffic
+    after the promotion): its post-promotion analysis could not judge the release. Each deployment keeps what
+    `Rollouts.observe` keeps (its rollout's releases), within the evidence's row limits. Returns the batches taken."""
+    since = progress.served_replay(rollouts.routes.values(), time.time())
+    if since is None:
+        return 0
+
+    def take(data: bytes) -> bool:
+        value = _inference.decode(data)
+        if not seen.first(_published_id(value)):
+            return False  # taken live already
+        rollouts.observe(value if isinstance(value, list) else [value])
+        return True
+
+    return await _replay(rollouts, "inference", {rollouts.ctx.bus.subjects.served_all: since}, take, "served events")

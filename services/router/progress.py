@@ -72,6 +72,22 @@ def drift_replay(routes: Iterable[Route], now: float) -> dict[str, float]:
     return {r.deployment: max(r.started_at, now - DRIFT_REPLAY_MAX_S) for r in routes if collecting(r)}
 
 
+# How far back a router that starts mid-rollout reads the served inference events at most (before the promotion,
+# for a release under post-promotion analysis, whose baseline is the old release's traffic before it). The read is
+# one message get per published batch (about 0.5 ms; the routers publish at most about 20 batches a second each),
+# so an hour of a busy deployment on one replica holds the start for about half a minute.
+SERVED_REPLAY_MAX_S = 3600.0
+
+
+def served_replay(routes: Iterable[Route], now: float) -> float | None:
+    """The time (unix seconds) from which the served inference events stored may be evidence for a rollout whose
+    evidence is kept (`collecting`): the earliest rollout start, at most `SERVED_REPLAY_MAX_S` before now (before
+    the promotion, for a release under post-promotion analysis); None when no rollout keeps evidence."""
+    starts = [max(r.started_at, (r.promoted_at if r.phase == "promoted" else now) - SERVED_REPLAY_MAX_S)
+              for r in routes if collecting(r)]
+    return min(starts) if starts else None
+
+
 def shadowing(route: Route) -> bool:
     """True while the rollout mirrors traffic to its candidate: a shadow strategy, admitted and live."""
     return (route.strategy is not None and route.strategy.shadow is not None and route.canary is not None
@@ -204,8 +220,14 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
         return _bump(route, analysis=st, next_step_at=nxt)
     if m.verdict == "INCONCLUSIVE":
         st = msgspec.structs.replace(st, inconclusives=st.inconclusives + 1)
-        if st.inconclusives > spec.inconclusive_limit and not route.paused and not verifying:
-            why = describe(culprit) if culprit else "inconclusive"
+        why = describe(culprit) if culprit else "inconclusive"
+        if st.inconclusives > spec.inconclusive_limit and verifying:
+            # A promoted release has all the traffic: there is no step to hold it at, and one never verified
+            # must not keep it for ever (fail-closed), so past the limit it is rolled back.
+            return msgspec.structs.replace(
+                domain.rollback(route, f"post-promotion analysis inconclusive {st.inconclusives} times: {why}",
+                                decision_id=route.decision_id), analysis=st, paused=False)
+        if st.inconclusives > spec.inconclusive_limit and not route.paused:
             return _bump(route, analysis=st, paused=True, next_step_at=nxt,
                          reason=f"paused at {_where(route)}: analysis inconclusive {st.inconclusives} times "
                                 f"({why}); resume or abort")
@@ -254,12 +276,17 @@ def drift_judged(route: Route) -> bool:
 
 
 def on_drift(route: Route, report: DriftReport) -> Route | None:
-    """A DRIFT report covering a live canary's traffic aborts it, naming the drifting features; one
+    """A DRIFT report of a live canary's traffic against stable's aborts it, naming the drifting features; one
     covering a blue-green release under post-promotion analysis rolls it back.
 
-    The drift monitor watches a deployment as a whole, so during a rollout its current window holds
-    the canary's traffic: drift that appears then is taken as the canary's (fail-safe). Only drift that
-    can harm counts: latency (or cost) that fell is an improvement, so it alone never aborts.
+    Only a canary-versus-stable report of the canary's release acts on a live canary: both windows are of the
+    same time, so what moves the whole deployment (a client's long prompts, load that slows every answer) moves
+    both and cancels out. A now-versus-reference report compares the deployment with its past: during a canary
+    it is read, never acted on. After a blue-green promotion there is no stable arm left, and the monitor's
+    reference restarted with the promoted release, so its now-versus-reference reports are of that release
+    alone: they roll it back, on answer-side features only like every report.
+    Only drift that can harm counts (`drifts.harmful`): latency (or cost) that fell is an improvement, and a
+    request-side feature (input tokens, prompt text) is what clients send, so neither ever aborts on its own.
     An analysis with a `drift` metric judges drift itself (its features, its limit, its dry run), so
     then the report is only its evidence and never aborts on its own. A report of events no router served
     (an application's own, which it may send as it likes) moves nothing.
@@ -273,15 +300,18 @@ def on_drift(route: Route, report: DriftReport) -> Route | None:
     if (route.canary is None or not report.drifted or report.window_end.timestamp() < since
             or not (verifying or (route.phase not in ("promoted", "aborted") and route.weight > 0))):
         return None
+    if not verifying and (report.comparison != "canary_vs_stable" or report.release != route.canary.release):
+        return None
     harmful = drifts.harmful(report)
-    if report.features and not harmful:  # e.g. a faster canary: drift, but no harm to roll back for
+    if report.features and not harmful:  # e.g. a faster canary, or longer prompts: drift, but no harm to roll back for
         return None
     features = ", ".join(drifts.describe(f) for f in harmful) or "unnamed feature"
     if verifying:
         why = f"drift report {report.id} during post-promotion analysis: DRIFT in {features}"
         return domain.rollback(route, why, decision_id=route.decision_id)
     return msgspec.structs.replace(
-        domain.abort(route, f"drift report {report.id} at {_where(route)}: DRIFT in {features}"), paused=False)
+        domain.abort(route, f"drift report {report.id} (canary {report.release} vs stable {report.reference_release}) "
+                            f"at {_where(route)}: DRIFT in {features}"), paused=False)
 
 
 def _live(route: Route) -> None:

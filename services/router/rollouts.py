@@ -489,8 +489,10 @@ class Rollouts:
             if not progress.collecting(route):
                 continue
             release = e.release
-            # Shadow events count for the candidate too: a blue-green preview is judged on mirrored traffic.
-            if release in (route.canary.release, route.stable.release):
+            # Shadow events count for the candidate too: a blue-green preview is judged on mirrored traffic. After a
+            # promotion the old release's events (from before it, read back at start) are the baseline.
+            if release in (route.canary.release, route.stable.release) or (
+                    route.phase == "promoted" and route.previous is not None and release == route.previous.release):
                 self.evidence.add(e, release)
                 self._diverted(route, e, release)
                 if progress.analysed(route) and deployment not in self._fresh:
@@ -582,7 +584,8 @@ class Rollouts:
             canary = self.evidence.sample(route.deployment, route.stable.release, since)
             stable = self.evidence.sample(route.deployment, route.previous.release, route.started_at)
             return analysis.measure(spec, canary, stable, look,
-                                    self.evidence.drift(route.deployment, route.stable.release, since))
+                                    self.evidence.drift(route.deployment, route.stable.release, since),
+                                    baseline_final=True)
         since = route.started_at if spec.window_s is None else max(route.started_at, now - spec.window_s)
         canary = self.evidence.sample(route.deployment, route.canary.release, since)
         stable = self.evidence.sample(route.deployment, route.stable.release, since)

@@ -18,7 +18,14 @@ from lockgate.server.service import Service, ServiceContext, fewer_collections
 from lockgate.services.router.admin import PREFIX, Admin
 from lockgate.services.router.admission import Admission
 from lockgate.services.router.endpoints import Endpoints
-from lockgate.services.router.handlers import drift_callback, evidence_callback, replay_drift, scores_callback
+from lockgate.services.router.handlers import (
+    Seen,
+    drift_callback,
+    evidence_callback,
+    replay_drift,
+    replay_served,
+    scores_callback,
+)
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.spool import Spool, claim
@@ -76,8 +83,9 @@ class RouterService(Service):
         self.spawn(self.rollouts.run_watch(), "route-watch")
         # Live evidence for canary analysis: the events of requests served by this replica and the others,
         # on the subject only routers may publish to (an application's events could say anything).
+        served = Seen()  # shared with the replay below: a batch both live and stored counts once
         self._evidence = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.served_all,
-                                                         cb=evidence_callback(self.rollouts))
+                                                         cb=evidence_callback(self.rollouts, served))
         self._scores = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.eval_scores_all,
                                                        cb=scores_callback(self.rollouts))  # online evaluation
         self._drifts = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.drift_all,
@@ -85,6 +93,9 @@ class RouterService(Service):
         # A replica that starts mid-rollout reads back the reports already published (live ones keep arriving
         # above meanwhile; the newest per deployment and comparison wins), so its drift metric need not wait.
         await replay_drift(self.rollouts)
+        # And the served events since each rollout under analysis started: evidence lives in memory, and a
+        # restart after a blue-green promotion would otherwise lose the old release's baseline for good.
+        await replay_served(self.rollouts, served)
         self.spawn(self._replay_after_reconnects(), "drift-replay")
         # Timeouts are per endpoint (endpoints.py, applied in upstream.py), so the pool has none of its own.
         self.proxy.upstream.session = aiohttp.ClientSession(

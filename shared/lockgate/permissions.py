@@ -240,6 +240,8 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(Grant(publish=[s.audit("router")]))  # its manual rollout actions and overrides, as itself
         # Canary analysis reads the served events (core subscription, every replica all of them).
         g.add(Grant(subscribe=[s.served_all]))
+        # and reads them back at start, for the rollouts under analysis (its evidence is kept in memory only).
+        g.add(_read_stream(s.streams["inference"].name))
         # Budgets: it leases from the shared counters (compare-and-set) and reports what they refused.
         g.add(_write_kv(s.kv_budgets)).add(Grant(publish=[s.budget_all]))
         g.add(_write_kv(s.kv_response_cache))  # answers shared between replicas (opt-in per deployment)

@@ -27,7 +27,7 @@ from lockgate.contracts import (
 )
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.registry import ServiceSet
-from lockgate.server.service import ServiceContext
+from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.router.domain import Route, bucket
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
@@ -52,6 +52,7 @@ ERRORS = {"metrics": [{"name": "error_rate", "max_increase": 0.01},
           "min_sample": 100, "failure_limit": 0, "inconclusive_limit": 1000}
 _states: Codec[RolloutState] = Codec(RolloutState)
 _events: Codec[list[InferenceEvent]] = Codec(list[InferenceEvent])
+_reports: Codec[DriftReport] = Codec(DriftReport)
 
 
 @pytest.fixture
@@ -108,13 +109,13 @@ async def _pass(router: Any, signer: Signer, release: str) -> None:
 
 
 async def _traffic_until(http: aiohttp.ClientSession, router: Any, done: Callable[[Route], bool],
-                         limit: int = 6000, batch: int = 40) -> int:
+                         limit: int = 6000, batch: int = 40, prompt: str = "hi") -> int:
     """Send requests from distinct users, a batch at a time, until `done(route)` or `limit` requests."""
     sent = 0
     url = f"{router.url}/v1/chat/completions"
 
     async def one(i: int) -> None:
-        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": f"user-{i}"}
+        body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "user": f"user-{i}"}
         async with http.post(url, json=body) as resp:
             await resp.read()
 
@@ -220,7 +221,8 @@ async def test_drift_report_for_the_canary_aborts_it_naming_the_feature(router: 
     await _pass(router, signer, "same")
     now = datetime.now(UTC)
     report = DriftReport(served=True, deployment="chat", app="shop", window_start=now, window_end=now, reference_n=50,
-                         current_n=50, drifted=True, source="lockgate-drift", features=[
+                         current_n=50, drifted=True, source="lockgate-drift", comparison="canary_vs_stable",
+                         release="same", reference_release="r1", features=[
                              FeatureDrift(feature="output_tokens", psi=0.9, ks_stat=0.6, ks_pvalue=1e-6,
                                           reference_mean=12, current_mean=36, drifted=True),
                              FeatureDrift(feature="latency_ms", psi=0.02, ks_stat=0.1, ks_pvalue=0.4,
@@ -247,7 +249,46 @@ async def test_canary_whose_answers_triple_in_length_is_aborted_by_the_drift_mon
     route = router.rollouts.route("chat")
     assert route.phase == "aborted", f"not aborted after {sent} requests: {route.reason}"
     assert route.weight == 0.0 and route.stable.release == "r1"
-    assert "DRIFT in output_tokens (PSI" in route.reason
+    assert "DRIFT in output_tokens (PSI" in route.reason and "(canary long vs stable r1)" in route.reason
+
+
+async def test_long_prompts_on_both_arms_never_abort_a_good_canary(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, run_services: Any) -> None:
+    # Before: a client sending ~200-word prompts to random users moved input_tokens in the deployment's report
+    # against its reference (PSI 3.4, mean 6.8 -> 132.9) and aborted a good canary within seconds. Only the
+    # canary's window against stable's acts on a canary, and what clients send never aborts on its own.
+    drift = (await run_services("drift"))["drift"]
+    bus = router.ctx.bus
+    reports = await bus.nc.subscribe(bus.subjects.drift("chat"))
+    handled, on_drift = Progress(), router.rollouts.on_drift
+
+    async def counted(report: DriftReport) -> None:
+        await on_drift(report)
+        await handled.bump()
+
+    router.rollouts.on_drift = counted
+    # The canary answers as stable does; error_rate alone is analysed (no drift metric), so drift reports act.
+    await _start(http, router, "echo", {"steps": [50, 100], "interval_s": 3600,
+                                        "analysis": {"metrics": [{"name": "error_rate", "max_increase": 0.01}]}})
+    reference, long = router.ctx.settings.drift_reference_size, " ".join(f"word{i}" for i in range(200))
+    await _traffic_until(http, router, lambda r: False, limit=reference, batch=reference // 5)  # short prompts
+    # Then the long prompts start, on stable alone while the canary waits for its decision: the stable window the
+    # canary's first one is compared with holds what clients send now, as on any deployment past its first minutes.
+    # Four at a time, so the canary's first calls open few connections (cold ones would slow its first window).
+    before = reference + await _traffic_until(http, router, lambda r: False, limit=2 * reference, batch=4, prompt=long)
+    await drift.handlers.events.wait_for(before, 30)
+    await _pass(router, signer, "echo")
+    sent = await _traffic_until(http, router, lambda r: r.phase != "progressing", limit=400, batch=4, prompt=long)
+    await drift.handlers.events.wait_for(before + sent, 30)
+    await handled.wait_for(drift.handlers.reports.count, 30)  # the router has acted on every report there is
+    route = router.rollouts.route("chat")
+    assert (route.phase, route.weight) == ("progressing", 50.0), route.reason
+
+    seen = [_reports.decode((await reports.next_msg(timeout=5)).data) for _ in range(drift.handlers.reports.count)]
+    moved = [r for r in seen if r.comparison == "now_vs_reference"
+             and any(f.feature == "input_tokens" and f.drifted for f in r.features)]
+    assert moved, "the deployment's report shows the prompts' drift (what aborted the canary before)"
+    assert any(r.comparison == "canary_vs_stable" and r.release == "echo" for r in seen)
 
 
 async def test_canary_whose_errors_shift_the_error_mix_is_aborted_by_categorical_drift(

@@ -107,11 +107,15 @@ async def test_an_applications_own_drifting_events_neither_abort_a_canary_nor_bl
     forged = _reports.decode((await reports.next_msg(timeout=15)).data)
     assert output_psi(forged) > 0.5 and not forged.served
     # The same drift in answers the router served: this one acts (reports are handled in order, so by then the
-    # application's report was handled, and had it acted the canary would be aborted or blocked already).
+    # application's report was handled, and had it acted the canary would be aborted or blocked already). The
+    # router acts on the canary's window against stable's only, the gatekeeper's policy here on the deployment's.
     served = bus.subjects.served("shop")
     await bus.publish(served, _events(window, "stable", start=200))
-    await bus.publish(served, _events(window, "stable", start=300, words=60))
+    await bus.publish(served, _events(window, "canary" if acts == "router" else "stable", start=300, words=60))
+    kind = "canary_vs_stable" if acts == "router" else "now_vs_reference"
     acted = _reports.decode((await reports.next_msg(timeout=15)).data)
+    while acted.comparison != kind:
+        acted = _reports.decode((await reports.next_msg(timeout=15)).data)
     assert output_psi(acted) > 0.5 and acted.served
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=15)
     reason = router.rollouts.route("chat").reason

@@ -243,3 +243,12 @@ def test_the_local_model_is_used_when_installed_and_the_hashing_vectoriser_other
     model = text.default_embedder()
     assert (model.name, model.dim) == ("all-MiniLM-L6-v2", 384)
     assert model.embed(["a", "b"]).shape == (2, 384)
+
+
+def test_every_request_side_feature_is_one_the_monitor_measures() -> None:
+    # The router and the gatekeeper never act on these alone (lockgate.contracts.REQUEST_FEATURES): a feature
+    # renamed in the monitor but not there would turn into one that aborts canaries again.
+    from lockgate.contracts import REQUEST_FEATURES
+    from lockgate.services.drift.features import FEATURES, TEXTS
+
+    assert set(REQUEST_FEATURES) <= set(FEATURES) | set(TEXTS)

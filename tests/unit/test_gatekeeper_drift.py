@@ -139,3 +139,14 @@ def test_a_canary_versus_stable_report_is_evidence_about_the_release_it_names() 
     unnamed = msgspec.structs.replace(report("canary_vs_stable", output_tokens=0.5), release="")
     live = decode_route(msgspec.json.encode({"canary": {"release": "r3"}, "phase": "progressing"}))
     assert (canary_release(live, unnamed), canary_release(aborted, unnamed)) == ("r3", "")
+
+
+def test_a_rule_naming_no_feature_judges_the_answers_not_what_clients_send() -> None:
+    # Before: a rule without `features` judged every feature, so a client sending long prompts (input_tokens,
+    # prompt_text) had a release BLOCKed and rolled back. Such a feature is judged only by a rule that names it.
+    moved = report(input_tokens=3.4, prompt_text=0.0, output_tokens=0.01, tests={"prompt_text": 1e-9})
+    assert decide_drift(policy({"max_psi": 0.2, "test": True}), moved) is None
+    named = decide_drift(policy({"max_psi": 0.2, "features": ["input_tokens"]}), moved)
+    assert named is not None and named.decision == "BLOCK" and "DRIFT in input_tokens" in named.reason
+    texts = decide_drift(policy({"test": True, "features": ["prompt_*"]}), moved)
+    assert texts is not None and "prompt_text" in texts.reason

@@ -211,3 +211,14 @@ def test_dry_run_metrics_are_shown_but_never_decide() -> None:
     assert m.verdict == "SUCCESSFUL" and m.failing() is None
     assert [(r.name, r.verdict, r.dry_run) for r in m.metrics] == [("error_rate", "SUCCESSFUL", False),
                                                                    ("latency_p50", "FAILED", True)]
+
+
+def test_a_baseline_that_can_grow_no_more_is_inconclusive_once_the_canary_has_its_sample() -> None:
+    # After a blue-green promotion the old release gets no traffic: its events before the promotion are all the
+    # baseline there will ever be, so waiting for more would wait for ever.
+    canary, stable = _rates(500, 0, 0, 0)
+    assert analysis.measure(ERRORS, canary, stable, look=1).verdict == "WAITING"
+    m = analysis.measure(ERRORS, canary, stable, look=1, baseline_final=True)
+    assert m.verdict == "INCONCLUSIVE" and "baseline has 0 events of the 100 needed and gets no more" in m.metrics[0].why
+    canary, stable = _rates(99, 0, 0, 0)  # the canary's own sample is still to come: waiting, as always
+    assert analysis.measure(ERRORS, canary, stable, look=1, baseline_final=True).verdict == "WAITING"

@@ -8,10 +8,10 @@ import msgspec
 import pytest
 
 from lockgate.contracts import DriftReport, FeatureDrift
-from lockgate.services.router import domain, progress
+from lockgate.services.router import domain, drifts, progress
 from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricResult, MetricSpec
 from lockgate.services.router.domain import CanaryRequest, InvalidRollout, NotAdmitted, Route, Target
-from lockgate.services.router.strategy import Strategy
+from lockgate.services.router.strategy import BlueGreen, Strategy
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -100,9 +100,13 @@ def test_paused_canary_is_measured_but_never_advanced() -> None:
     assert progress.due_at(plain) is None  # without analysis a paused canary needs no timer at all
 
 
+# The canary's window against stable's: the only kind of report that acts on a live canary.
+_ARMS: dict[str, str] = {"comparison": "canary_vs_stable", "release": "r2", "reference_release": "r1"}
+
+
 def _report(drifted: bool = True, end: float = 200.0) -> DriftReport:
     when = datetime.fromtimestamp(end, UTC)
-    return DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
+    return DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50, **_ARMS,
                        drifted=drifted, features=[
                            FeatureDrift(feature="output_tokens", psi=0.9, ks_stat=0.5, ks_pvalue=0.001,
                                         reference_mean=10, current_mean=30, drifted=drifted),
@@ -135,7 +139,7 @@ def test_drift_that_does_not_concern_a_live_canary_is_ignored(case: str) -> None
 @pytest.mark.parametrize(("ref", "cur", "aborts"), [(30.0, 20.0, False), (20.0, 30.0, True)])
 def test_latency_that_drifted_down_is_an_improvement_and_never_aborts(ref: float, cur: float, aborts: bool) -> None:
     when = datetime.fromtimestamp(200.0, UTC)
-    report = DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
+    report = DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50, **_ARMS,
                          drifted=True, features=[FeatureDrift(feature="latency_ms", psi=0.45, ks_stat=0.5,
                                                               ks_pvalue=0.001, reference_mean=ref, current_mean=cur,
                                                               drifted=True)])
@@ -152,7 +156,7 @@ def test_latency_that_drifted_down_is_an_improvement_and_never_aborts(ref: float
 def test_a_canary_that_got_better_is_never_aborted_for_drift(feature: str, ref: float, cur: float,
                                                              aborts: bool) -> None:
     when = datetime.fromtimestamp(200.0, UTC)
-    report = DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
+    report = DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50, **_ARMS,
                          drifted=True, features=[FeatureDrift(feature=feature, psi=0.45, ks_stat=0.5, ks_pvalue=0.001,
                                                               reference_mean=ref, current_mean=cur, drifted=True)])
     new = progress.on_drift(_live(), report)
@@ -197,7 +201,7 @@ def test_per_deployment_steps_and_interval() -> None:
 
 def _categorical(feature: str, ref: float, cur: float) -> DriftReport:
     when = datetime.fromtimestamp(200.0, UTC)
-    return DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
+    return DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50, **_ARMS,
                        drifted=True, features=[FeatureDrift(feature=feature, psi=1.2, ks_stat=80.0, ks_pvalue=1e-9,
                                                             reference_mean=ref, current_mean=cur, drifted=True)])
 
@@ -234,3 +238,51 @@ def test_drift_reports_are_replayed_per_deployment_under_analysis_from_its_rollo
     later = 100.0 + 2 * progress.DRIFT_REPLAY_MAX_S
     assert progress.drift_replay([_live()], now=later) == {"d": later - progress.DRIFT_REPLAY_MAX_S}
     assert progress.drift_replay([idle], now=200.0) == {}
+
+
+def _moved(feature: str, comparison: str = "canary_vs_stable", ref: float = 6.8, cur: float = 132.9) -> DriftReport:
+    when = datetime.fromtimestamp(200.0, UTC)
+    arms = _ARMS if comparison == "canary_vs_stable" else {"comparison": comparison}
+    return DriftReport(served=True, deployment="d", window_start=when, window_end=when, reference_n=50, current_n=50,
+                       drifted=True, **arms,  # type: ignore[arg-type]
+                       features=[FeatureDrift(feature=feature, psi=3.4, ks_stat=0.9, ks_pvalue=1e-9,
+                                              reference_mean=ref, current_mean=cur, drifted=True, test_drifted=True)])
+
+
+@pytest.mark.parametrize("feature", ["input_tokens", "prompt_text"])
+def test_what_clients_send_never_aborts_a_canary_nor_rolls_a_release_back(feature: str) -> None:
+    # Before: a client sending ~200-word prompts moved input_tokens in the deployment's report and aborted a
+    # good canary within seconds. What clients send is no release's doing: reported, never acted on.
+    assert drifts.harmless(_moved(feature).features[0]) and not drifts.harmful(_moved(feature))
+    assert progress.on_drift(_live(), _moved(feature)) is None
+    promoted = msgspec.structs.replace(domain.promote(_live(), "by operator"), verifying=True, promoted_at=150.0)
+    assert progress.on_drift(promoted, _moved(feature, "now_vs_reference")) is None
+
+
+def test_only_the_canarys_window_against_stables_acts_on_a_live_canary() -> None:
+    # The deployment against its past moves with load and with what clients send, on both arms at once: a report
+    # of the deployment as a whole (or of another canary release) never aborts this canary.
+    slower = _moved("latency_ms", "now_vs_reference", ref=5.0, cur=50.0)
+    assert progress.on_drift(_live(), slower) is None
+    other = msgspec.structs.replace(_moved("latency_ms", ref=5.0, cur=50.0), release="r0")
+    assert progress.on_drift(_live(), other) is None
+    new = progress.on_drift(_live(), _moved("latency_ms", ref=5.0, cur=50.0))
+    assert new is not None and new.phase == "aborted" and "(canary r2 vs stable r1)" in new.reason
+    # After a promotion there is no stable arm: the promoted release's own window against its reference acts.
+    promoted = msgspec.structs.replace(domain.promote(_live(), "by operator"), verifying=True, promoted_at=150.0)
+    back = progress.on_drift(promoted, slower)
+    assert back is not None and back.phase == "aborted" and "during post-promotion analysis" in back.reason
+
+
+def test_served_events_are_replayed_from_the_earliest_rollout_under_analysis_within_a_bound() -> None:
+    other = msgspec.structs.replace(_live(), deployment="e", started_at=40.0)
+    idle = msgspec.structs.replace(_live(), deployment="f", strategy=None, started_at=10.0)  # no analysis
+    assert progress.served_replay([_live(), other, idle], now=200.0) == 40.0
+    assert progress.served_replay([idle], now=200.0) is None
+    later = 100.0 + 2 * progress.SERVED_REPLAY_MAX_S
+    assert progress.served_replay([_live()], now=later) == later - progress.SERVED_REPLAY_MAX_S
+    # Under post-promotion analysis the baseline is the old release's traffic before the promotion.
+    bg = Strategy(blue_green=BlueGreen(post_promotion_analysis=SPEC))
+    verifying = msgspec.structs.replace(domain.promote(_live(strategy=bg), "by operator"), verifying=True,
+                                        promoted_at=5000.0)
+    assert progress.served_replay([verifying], now=later) == 5000.0 - progress.SERVED_REPLAY_MAX_S

@@ -194,3 +194,15 @@ def test_shadow_only_analysis_never_gives_the_candidate_weight() -> None:
     r = _pass(_route({"shadow": {}, "analysis": msgspec.to_builtins(SPEC), "interval_s": 10}))
     new = progress.on_measurement(r, _m("SUCCESSFUL"), DEFAULT, 10.0, now=110.0)
     assert new is not None and new.weight == 0.0 and new.phase == "progressing" and "shadow only" in new.reason
+
+
+def test_a_post_promotion_analysis_inconclusive_past_its_limit_rolls_back() -> None:
+    # After a promotion there is no step to hold the release at, and the old release gets no traffic: a
+    # verification that stays inconclusive (e.g. no baseline left to compare with) must not keep it for ever.
+    r = _bg(post_promotion_analysis=msgspec.to_builtins(msgspec.structs.replace(SPEC, inconclusive_limit=1)))
+    p = bluegreen.promote(r, "by operator", now=200.0, interval_s=10.0)
+    once = progress.on_measurement(p, _m("INCONCLUSIVE"), DEFAULT, 10.0, now=210.0)
+    assert once is not None and once.verifying and once.phase == "promoted"
+    back = progress.on_measurement(once, _m("INCONCLUSIVE"), DEFAULT, 10.0, now=220.0)
+    assert back is not None and (back.phase, back.stable.release) == ("aborted", "r1")
+    assert back.reason.startswith("rolled back r2: post-promotion analysis inconclusive 2 times: error_rate")

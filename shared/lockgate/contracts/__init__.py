@@ -18,7 +18,7 @@ from lockgate.contracts.audit import AuditEntry, AuditKind, AuditRecord
 from lockgate.contracts.budget import BudgetEvent
 from lockgate.contracts.cost import CostEntry, CostLedger, CostRecord
 from lockgate.contracts.dlq import DeadLetter
-from lockgate.contracts.drift import DriftReport, FeatureDrift
+from lockgate.contracts.drift import REQUEST_FEATURES, DriftReport, FeatureDrift, request_side
 from lockgate.contracts.envelope import SCHEMA_VERSION, Event, utcnow
 from lockgate.contracts.evals import (
     BaselineComparison,
@@ -74,6 +74,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
 AnyEvent = Union[EVENT_TYPES]  # noqa: UP007 - a runtime tagged union for msgspec
 
 __all__ = [
+    "REQUEST_FEATURES",
     "SCHEMA_VERSION",
     "AliasChanged",
     "ArtifactLifecycle",
@@ -121,6 +122,7 @@ __all__ = [
     "SpanRecord",
     "StateEntry",
     "json_schema",
+    "request_side",
     "utcnow",
 ]
 

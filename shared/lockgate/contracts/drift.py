@@ -11,6 +11,17 @@ from lockgate.contracts.envelope import Event
 
 Comparison = Literal["now_vs_reference", "canary_vs_stable"]
 
+# Features the drift monitor measures of the request, not of the answer: what clients send. A client moves them
+# as it likes (a burst of long prompts), and on both arms of a rollout at once, so their drift says nothing of a
+# release: they are reported, and a gate policy may judge them by naming them, but they never abort a canary
+# or roll a release back on their own.
+REQUEST_FEATURES = frozenset({"input_tokens", "prompt_text"})
+
+
+def request_side(feature: str) -> bool:
+    """True for a feature measured of the request (`REQUEST_FEATURES`), categorical ones by their name."""
+    return feature.partition(":")[0] in REQUEST_FEATURES
+
 
 class FeatureDrift(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Drift of one feature between the reference and current windows.

@@ -1,0 +1,106 @@
+"""A router that restarts mid-rollout reads back the served inference events of the rollouts under analysis from
+JetStream: its evidence lives in memory, and after a blue-green promotion the old release gets no traffic, so
+without the replay a restarted router never again had the baseline its post-promotion analysis compares with. On
+the real nats-server with the simulator: the router process is stopped and another started on the same bus."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from lockgate.bus import Bus
+from lockgate.contracts import GateDecided, InferenceEvent
+from lockgate.server.apikeys import bootstrap
+from lockgate.server.service import ServiceContext
+from lockgate.signing import Signer, trust_file_path, trust_key
+from lockgate.store import Store
+from lockgate.subjects import Subjects, token
+from lockgate_dev.sim import SimServer
+from tests.helpers import Replicas, register_model_release
+from tests.integration.test_rollout_analysis import CANARY, ERRORS, STABLE, _pass, _start, _traffic_until
+
+pytestmark = pytest.mark.timeout(120)
+_events = msgspec.json.Decoder(list[InferenceEvent])
+
+
+class Stack(Replicas):
+    """Router processes, each on a bus connection of its own, that can be stopped as a process dies."""
+
+    def __init__(self, context: ServiceContext, store: Store) -> None:
+        super().__init__()
+        self.context, self.store = context, store
+
+    async def start(self) -> Any:
+        s = self.context.settings
+        bus = Bus(s.nats_url, Subjects(s.prefix), name=f"router-{len(self.sets)}")
+        await bus.connect()
+        return await self.router(bus, s, self.store)
+
+    async def stop(self, router: Any) -> None:
+        """Stop the router and close its connection (what a restart leaves of it: KV and the streams)."""
+        svcs = next(svcs for svcs in self.sets if svcs["router"] is router)
+        await svcs.stop()
+        self.sets.remove(svcs)
+        bus = router.ctx.bus
+        self.buses.remove(bus)
+        await bus.close()
+
+
+@pytest.fixture
+async def stack(context: ServiceContext, store: Store) -> AsyncIterator[tuple[Stack, Signer]]:
+    signer = Signer.generate()
+    trust_key(trust_file_path(context.settings), signer.public)
+    async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
+        await register_model_release(context.bus, "r1", "m", "default")
+        await register_model_release(context.bus, "bad", "bad", "canary")
+        kv = await context.bus.kv(context.bus.subjects.kv_gates)
+        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))
+        context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
+                                                    deployment="chat", app="shop")
+        s = Stack(context, store)
+        try:
+            yield s, signer
+        finally:
+            await s.close()
+
+
+@pytest.fixture
+async def http(context: ServiceContext) -> AsyncIterator[aiohttp.ClientSession]:
+    keys = bootstrap(context.settings.home, tenant="acme", app="shop")
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as s:
+        yield s
+
+
+async def test_a_failing_release_promoted_before_a_router_restart_is_rolled_back_after_it(
+        stack: tuple[Stack, Signer], http: aiohttp.ClientSession) -> None:
+    # Before: the old release's baseline lived only in the router's memory, and after the promotion it gets no
+    # traffic: the restarted router's post-promotion analysis waited for 100 of its events for ever ("canary 7594,
+    # stable 0") while the failing release served everyone.
+    replicas, signer = stack
+    router = await replicas.start()
+    await _start(http, router, "bad", {"interval_s": 0.1, "blue_green": {"post_promotion_analysis": ERRORS}})
+    await _pass(router, signer, "bad")
+    before = await _traffic_until(http, router, lambda r: False, limit=400)  # the old release's evidence
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/promote") as resp:
+        body = await resp.json()
+        assert resp.status == 200 and body["verifying"], body
+    await replicas.stop(router)  # its outbox flushed: every served event is in the stream
+
+    router = await replicas.start()
+    route = router.rollouts.route("chat")
+    assert (route.phase, route.verifying, route.stable.release) == ("promoted", True, "bad")
+    # Read back before it serves: each served event of the old release once (none taken twice, live and stored).
+    bus = router.ctx.bus
+    stored = [e for _, _, data in [m async for m in bus.stored_since(bus.subjects.streams["inference"].name,
+                                                                      bus.subjects.served_all, 0)]
+              for e in _events.decode(data) if e.release == "r1"]
+    assert len(stored) >= before and router.rollouts.evidence.sample("chat", "r1", route.started_at).n == len(stored)
+    sent = await _traffic_until(http, router, lambda r: r.phase == "aborted", limit=3000)
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not rolled back after {sent} requests: {route.reason}"
+    assert route.stable.release == "r1" and route.reason.startswith(
+        "rolled back bad: post-promotion analysis failed: error_rate ")
