@@ -20,7 +20,7 @@ from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects, token
 from lockgate_dev.sim import SimServer
-from tests.helpers import Replicas, register_model_release
+from tests.helpers import Replicas, judged, register_model_release
 from tests.integration.test_rollout_analysis import CANARY, ERRORS, STABLE, _pass, _start, _traffic_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -58,7 +58,8 @@ async def stack(context: ServiceContext, store: Store) -> AsyncIterator[tuple[St
         await register_model_release(context.bus, "r1", "m", "default")
         await register_model_release(context.bus, "bad", "bad", "canary")
         kv = await context.bus.kv(context.bus.subjects.kv_gates)
-        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(release="r1", rules=[], decision="PASS"))))
+        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
+            release="r1", rules=[], decision="PASS", artifacts=await judged(context.bus, "r1")))))
         context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
                                                     deployment="chat", app="shop")
         s = Stack(context, store)
