@@ -116,13 +116,14 @@ def forget(good: list[Target], release: str) -> list[Target]:
 
 
 def last_good(route: Route, failing: str) -> Target | None:
-    """Where a rollback goes: the newest known-good release other than the failing one; for a route recorded
-    before known-good history existed, the stable before the last promotion."""
+    """Where a rollback goes: the newest known-good release other than the failing one, else None.
+
+    Never `route.previous` by itself: an empty history cannot tell a route stored before known-good history
+    existed from one whose history BLOCKs emptied, and in the second the previous release is BLOCKed (a
+    rollback once put it back at 100%)."""
     for t in reversed(route.good):
         if t.release != failing:
             return t
-    if not route.good and route.previous is not None and route.previous.release != failing:
-        return route.previous
     return None
 
 
@@ -372,12 +373,23 @@ def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], i
     must not let the release back in later (a PATCH or set-weight of it)."""
     glass = route.override
     if decision.decision != "BLOCK" or glass is None or glass.release != decision.release:
-        return _on_decision(route, decision, steps, interval_s, now)
+        return _forget_blocked(route, decision, _on_decision(route, decision, steps, interval_s, now))
     # Ended here, said once: the abort or rollback the BLOCK also makes finds no override left to end.
     bare = msgspec.structs.replace(route, override=None)
     base = _on_decision(bare, decision, steps, interval_s, now) or _bump(bare)
-    return msgspec.structs.replace(base, reason=f"{base.reason}; break-glass override by {glass.actor} ended by "
-                                                "the gate's BLOCK")
+    ended = msgspec.structs.replace(base, reason=f"{base.reason}; break-glass override by {glass.actor} ended by "
+                                                 "the gate's BLOCK")
+    return _forget_blocked(route, decision, ended)
+
+
+def _forget_blocked(route: Route, decision: GateDecided, new: Route | None) -> Route | None:
+    """`new` (None: no change) without the release a BLOCK names in its known-good history, whatever part the
+    release plays in the route (an aborted canary's release may have been known-good before), so no later
+    rollback puts it back."""
+    base = new or route
+    if decision.decision != "BLOCK" or all(t.release != decision.release for t in base.good):
+        return new
+    return msgspec.structs.replace(new or _bump(route), good=forget(base.good, decision.release))
 
 
 def _on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
@@ -455,8 +467,10 @@ def rollback(route: Route, why: str, *, decision_id: str, failed: bool = True) -
     good = forget(route.good, failing) if failed else route.good
     target = last_good(route, failing)
     if target is None:
-        # Nothing to fall back to: keep serving, but say so loudly in the status.
+        # Nothing to fall back to: keep serving, but say so loudly in the status. A failed release's
+        # post-promotion analysis ends here: were it to pass later, it would make the failed release known-good.
         return _bump(route, decision_id=decision_id, admitted="", good=good,
+                     verifying=route.verifying and not failed,
                      reason=f"{why}; NO known-good release to roll back to: still serving {failing}")
     back = "" if route.previous is not None and target.release == route.previous.release else \
         f"; back on last known-good {target.release}"

@@ -102,6 +102,37 @@ async def test_a_block_of_the_stable_rolls_it_back_while_a_canary_of_another_rel
     assert set(await _releases(http, router, 40)) == {"r1"}
 
 
+async def test_a_rollback_after_a_blue_green_promotion_never_puts_back_a_blocked_release(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # `same` was promoted blue-green from r1 (post-promotion analysis running, r1 kept for instant rollback).
+    # The gate BLOCKs r1, then `same`. Before: with no known-good release left, the rollback fell back to the
+    # previous release, r1, BLOCKed, and all traffic went to it.
+    await _start(http, router, "same", {"interval_s": 0.1, "blue_green": {
+        "post_promotion_analysis": analysis_tests.ERRORS, "scale_down_delay_s": 600}})
+    await _pass(router, signer, "same")
+    async with http.post(f"{router.url}{DEPLOYMENT}/promote") as resp:
+        promoted = await resp.json()
+    assert resp.status == 200 and promoted["verifying"], promoted
+    assert [t["release"] for t in promoted["good"]] == ["r1"]  # `same` is known-good once its analysis passes
+    bus = router.ctx.bus
+    old = signer.sign(GateDecided(release="r1", rules=[], decision="BLOCK", reason="a sunset artifact"))
+    await bus.publish(bus.subjects.gate_decided("r1"), old)
+    await router.rollouts.wait_for(lambda r: not r["chat"].good, timeout=10)  # r1 is no longer known-good
+    new = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="leaks PII"))
+    await bus.publish(bus.subjects.gate_decided("same"), new)
+    await router.rollouts.wait_for(lambda r: r["chat"].decision_id == new.id, timeout=10)
+    route = router.rollouts.route("chat")
+    assert (route.stable.release, route.good, route.verifying) == ("same", [], False), route.reason
+    assert "rolled back" not in route.reason
+    assert "gate BLOCK after promotion: leaks PII; NO known-good release to roll back to: still serving same" \
+        in route.reason
+    assert set(await _releases(http, router, 40)) == {"same"}  # never the BLOCKed r1
+    # Nor does an operator's abort in the scale-down window swap the BLOCKed r1 back.
+    async with http.post(f"{router.url}{DEPLOYMENT}/abort") as resp:
+        assert resp.status == 200, await resp.text()
+    assert router.rollouts.route("chat").stable.release == "same"
+
+
 async def test_a_block_ends_the_break_glass_override_of_its_release(
         router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     # An admin broke glass for `bad` on chat; the gate then BLOCKed it. The override stays in the route until an
