@@ -71,8 +71,11 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     decision_id: str = ""
     next_step_at: float = 0.0  # unix seconds; wall clock so a restarted router resumes on time
     version: int = 0
-    # Admission: the verified decision (id) that allows the canary's release, "" while none does.
+    # Admission: the verified decision (id) that allows the canary's release, "" while none does, and the id of
+    # the key that signed it ("" in routes stored before it was recorded): what raises the canary's traffic
+    # checks that key is still trusted (rollouts.Rollouts._admission_now).
     admitted: str = ""
+    admitted_by: str = ""
     start_weight: float = 0.0  # the weight asked for, served once the canary is admitted (0: first step)
     previous: Target | None = None  # stable before the last promotion: where a later reject rolls back to
     override: Override | None = None
@@ -194,6 +197,11 @@ def decode_manual(body: bytes) -> ManualRequest:
 
 class NotAdmitted(InvalidRollout):
     """The release has no verified decision allowing it (HTTP 409); only an admin's break-glass overrides."""
+
+
+def admission(decision: GateDecided) -> dict[str, str]:
+    """The route fields of a canary that `decision` (verified, allowing it) admits."""
+    return {"admitted": decision.id, "admitted_by": decision.key_id}
 
 
 def allows(decision: GateDecided | None, release: str) -> bool:
@@ -351,7 +359,7 @@ def first_release(route: Route, target: Target, decision: GateDecided | None, ac
     return _bump(route, stable=target, canary=None, weight=0.0, phase="promoted", step=0, cursor=0, **_FINISHED,
                  promoted_at=0.0, scale_down_at=0.0, next_step_at=0.0, start_weight=0.0, previous=None,
                  strategy=None, started_at=0.0, paused=False, analysis=None, override=None,
-                 good=remember(route.good, target), decision_id=decision.id, admitted=decision.id,
+                 good=remember(route.good, target), decision_id=decision.id, **admission(decision),
                  reason=f"first release {target.release} serves 100% (rolled out by {actor or 'operator'}): "
                         f"verified gate decision {decision.id} allows it; later releases roll out as a canary "
                         "from it")
@@ -412,14 +420,14 @@ def _on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], 
         if first:
             # The weight the operator asked for, now that a decision allows it.
             nxt = next((i for i, s in enumerate(steps) if s >= first), len(steps) - 1)
-            return _bump(route, weight=first, phase="progressing", step=nxt + 1, admitted=decision.id,
+            return _bump(route, weight=first, phase="progressing", step=nxt + 1, **admission(decision),
                          reason=f"gate PASS{why}; canary at {first:g}%", decision_id=decision.id,
                          next_step_at=now + interval_s)
         nxt = next((i for i, s in enumerate(steps) if s > route.weight), None)
         if nxt is None:
-            return promote(msgspec.structs.replace(route, admitted=decision.id), f"gate PASS at {route.weight:g}%",
+            return promote(msgspec.structs.replace(route, **admission(decision)), f"gate PASS at {route.weight:g}%",
                            decision_id=decision.id)
-        return _bump(route, weight=steps[nxt], phase="progressing", step=nxt + 1, admitted=decision.id,
+        return _bump(route, weight=steps[nxt], phase="progressing", step=nxt + 1, **admission(decision),
                      reason=f"gate PASS{why}; step {nxt + 1}/{len(steps)}: canary at {steps[nxt]:g}%",
                      decision_id=decision.id, next_step_at=now + interval_s)
     if decision.decision == "NEEDS_REVIEW":
@@ -552,6 +560,35 @@ def manual_promote(route: Route, override: Override | None) -> Route:
     # The promotion ends the rollout, so the statement is not kept in the route (the reason, the rollout event
     # and the audit log record it); nor is an override the rollout was started with.
     return promote(route, f"BREAK-GLASS by {override.actor}: {override.reason}")
+
+
+def rests_on_admission(route: Route) -> bool:
+    """True for a live canary that takes (or may take) traffic on a decision it was admitted by, not on a
+    break-glass override covering it: what raises its traffic must check that admission again first."""
+    if route.canary is None or route.phase not in ("idle", "progressing") or not route.admitted:
+        return False
+    return route.override is None or route.override.release != route.canary.release
+
+
+def readmit(route: Route, decision: GateDecided | None, why_not: str = "") -> Route | None:
+    """Check a live canary's admission again against its release's current decision (`decision`, verified against
+    the trust file as it is now; None when none is stored or it no longer verifies, `why_not` saying why): None
+    while it still holds; else the canary back to 0%, waiting for a decision as a new canary does.
+
+    The route keeps the id of the decision that admitted it, checked when it was read; the gatekeeper's key that
+    signed it may have been revoked (or dropped from the trust file) since, and what that key signed no longer
+    counts: neither for a new rollout nor for raising or promoting one it admitted before."""
+    if not rests_on_admission(route) or allows(decision, route.canary.release if route.canary else ""):
+        return None
+    assert route.canary is not None
+    release = route.canary.release
+    if decision is None or decision.release != release:
+        now = f"it no longer verifies ({why_not})" if why_not else "no verified decision allows it now"
+    else:
+        now = f"the current decision {decision.id} is {decision.decision}"
+    return _bump(route, phase="idle", weight=0.0, next_step_at=0.0, admitted="", admitted_by="", decision_id="",
+                 reason=f"canary {release} back to 0%: admitted by gate decision {route.admitted}, but {now}; it waits "
+                        "for a decision a trusted key signed")
 
 
 def clear_override(route: Route) -> Route:

@@ -4,15 +4,18 @@ traffic, whatever sequence of operator actions leads there."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
+from click.testing import CliRunner
 
+from lockgate.cli.main import cli
 from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import KeyStore
-from lockgate.signing import Signer
+from lockgate.signing import Signer, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
 from tests.helpers import break_glass, register_model_release
 from tests.integration import test_rollout_analysis as analysis_tests
@@ -131,6 +134,61 @@ async def test_a_rollback_after_a_blue_green_promotion_never_puts_back_a_blocked
     async with http.post(f"{router.url}{DEPLOYMENT}/abort") as resp:
         assert resp.status == 200, await resp.text()
     assert router.rollouts.route("chat").stable.release == "same"
+
+
+async def test_a_canary_admitted_by_a_revoked_key_is_neither_raised_nor_promoted(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # A gatekeeper key (trusted, then revoked with `lockgate gate revoke`) signed the PASS that admitted `same` at
+    # 10%. Before: a new PUT of it was refused, but set-weight 90 and promote were 200, on the admission the route
+    # had cached, and the timer's steps went on too.
+    s = router.ctx.settings
+    bus = router.ctx.bus
+    gates = await bus.kv(bus.subjects.kv_gates)
+    await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600})
+    attempts = [("POST", "/promote", None), ("POST", "/set-weight", {"weight": 90}), ("PATCH", "", {"weight": 90}),
+                ("POST", "/resume", None)]
+    for method, action, body in attempts:
+        leaked = Signer.generate()  # a key of its own each time: a new PASS admits the canary again
+        trust_key(trust_file_path(s), leaked.public)
+        passed = leaked.sign(GateDecided(release="same", rules=[], decision="PASS"))
+        await gates.put(token("same"), msgspec.json.encode(passed))
+        await bus.publish(bus.subjects.gate_decided("same"), passed)
+        await router.rollouts.wait_for(lambda r, p=passed: r["chat"].admitted == p.id, timeout=10)
+        assert router.rollouts.route("chat").weight == 10.0
+        if action == "/resume":
+            async with http.post(f"{router.url}{DEPLOYMENT}/pause") as resp:  # holding traffic needs no check
+                assert resp.status == 200, await resp.text()
+        revoked = await asyncio.to_thread(CliRunner().invoke, cli, ["--home", s.home, "--nats", s.nats_url, "--prefix",
+                                                                    s.prefix, "gate", "revoke", leaked.key_id])
+        assert revoked.exit_code == 0, revoked.output
+        async with http.request(method, f"{router.url}{DEPLOYMENT}{action}", json=body) as resp:
+            refused = await resp.json()
+        assert resp.status == 409 and refused["error"]["code"] == "not_admitted", (action, refused)
+        message = refused["error"]["message"]
+        assert f"canary same back to 0%: admitted by gate decision {passed.id}, but it no longer verifies" in message
+        assert f"signed by revoked key id {leaked.key_id!r}" in message
+        route = router.rollouts.route("chat")
+        assert (route.weight, route.phase, route.admitted, route.stable.release) == (0.0, "idle", "", "r1"), action
+        assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+async def test_the_timer_does_not_step_a_canary_whose_admitting_key_was_revoked(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # The same revocation while the steps run on their own: the next step un-admits the canary, never raises it.
+    s = router.ctx.settings
+    leaked = Signer.generate()
+    trust_key(trust_file_path(s), leaked.public)
+    await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 0.3})
+    passed = leaked.sign(GateDecided(release="same", rules=[], decision="PASS"))
+    bus = router.ctx.bus
+    await (await bus.kv(bus.subjects.kv_gates)).put(token("same"), msgspec.json.encode(passed))
+    await bus.publish(bus.subjects.gate_decided("same"), passed)
+    await router.rollouts.wait_for(lambda r: r["chat"].weight == 10.0, timeout=10)
+    revoke_key(trust_file_path(s), leaked.key_id)
+    await router.rollouts.wait_for(lambda r: r["chat"].weight != 10.0, timeout=10)  # the next step is due
+    route = router.rollouts.route("chat")
+    assert (route.weight, route.phase) == (0.0, "idle"), route.reason
+    assert "it no longer verifies" in route.reason
 
 
 async def test_a_block_ends_the_break_glass_override_of_its_release(
