@@ -273,6 +273,12 @@ def choose(route: Route, user: str, headers: Mapping[str, str] | None = None) ->
     return "stable", route.stable
 
 
+def stable_only(route: Route) -> Route:
+    """The route as a replica cut off from the bus serves it: no canary weight, header route or shadow (it
+    would not hear a BLOCK of the canary), everyone on stable."""
+    return msgspec.structs.replace(route, canary=None, weight=0.0, header_route=None)
+
+
 @functools.lru_cache(maxsize=8192)  # the same users call again and again: a sha256 per user, not per request
 def user_hash(user: str) -> str:
     """Pseudonymous user id for events: never the raw id."""

@@ -124,6 +124,9 @@ class Rollouts:
         self._fresh: set[str] = set()
         self._failing: dict[str, tuple[str, float]] = {}  # deployment -> the rollout whose canary failed a call
         self._held: dict[str, float] = {}  # deployment -> when its due step may read its admission again
+        # True while this replica serves stable only: cut off from the bus longer than router_cut_off_s, until it
+        # is back and has reloaded its routes (run_cut_off; read by the proxy on every request).
+        self.cut_off = False
 
     # reads (hot path)
     def route(self, deployment: str) -> Route:
@@ -188,6 +191,59 @@ class Rollouts:
         async for entry in watcher:
             if entry is not None:
                 self._on_entry(entry)
+
+    async def run_cut_off(self) -> None:
+        """Serve stable only while cut off from the bus (runs until close()).
+
+        A replica that cannot hear the bus hears no BLOCK of a canary and no other replica's abort: past
+        `router_cut_off_s` it stops sending anyone to a canary (weight, header route, shadow) until the connection
+        is back and its routes are read again from KV (what the others decided meanwhile). A shorter loss (a
+        server restart) changes nothing: the decisions it missed are redelivered once it is back."""
+        bus, bound = self.ctx.bus, self.ctx.settings.router_cut_off_s
+        seen = bus.reconnects
+        while True:
+            await bus.lost(seen)
+            if bus.reconnects == seen:  # down now
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(bound):
+                        seen = await bus.reconnected(after=seen)
+                        continue  # back within the bound
+                self._cut(True, f"cut off from the bus for more than {bound:g} s (router_cut_off_s)")
+                seen = await bus.reconnected(after=seen)
+            else:  # a loss seen only once it was over: short, so nothing to catch up on
+                seen = bus.reconnects
+                continue
+            await self._caught_up()
+            self._cut(False, "back on the bus with its routes reloaded")
+
+    async def _caught_up(self) -> None:
+        """Persist what this replica changed while cut off (compare-and-set: what another replica wrote wins),
+        then read every route again from KV; retried while the bus fails it."""
+        policy = RetryPolicy(attempts=None, initial_s=0.1, max_s=2.0)
+
+        async def once() -> None:
+            await self.flush()
+            try:
+                stored = await self._kv.keys()
+            except nats.js.errors.NoKeysError:
+                stored = []
+            except nats.errors.Error as exc:
+                raise BusUnavailable(f"cannot list routes in KV: {exc!r}") from None
+            keys = set()
+            for key in stored:
+                with contextlib.suppress(LockgateError):  # a key no deployment maps to (the watch ignores it too)
+                    keys.add(untoken(key))
+            for deployment in keys | set(self.routes):
+                if not self._unpersisted[deployment]:
+                    await self._reload(deployment)
+
+        await policy.call(once, retry_on=LockgateError, what="reload routes after a cut-off")
+
+    def _cut(self, cut_off: bool, why: str) -> None:
+        if cut_off != self.cut_off:
+            self.cut_off = cut_off
+            log.warning("%s: serving %s", why, "stable only" if cut_off else "canaries again")
+            self._notify()
 
     async def close(self) -> None:
         """Stop watching KV."""

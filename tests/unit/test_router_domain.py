@@ -281,3 +281,15 @@ def test_readmit_takes_back_a_canary_whose_admitting_decision_no_longer_verifies
     assert domain.readmit(domain.abort(admitted, "x"), None) is None
     glass = domain.Override(release="r2", action="canary", actor="boss", reason="incident", at=1.0)
     assert domain.readmit(msgspec.structs.replace(admitted, override=glass), None) is None
+
+
+def test_a_replica_cut_off_from_the_bus_serves_the_stable_release_only() -> None:
+    from lockgate.services.router.strategy import HeaderRoute
+
+    live = msgspec.structs.replace(_canary(weight=50, phase="progressing"),
+                                   header_route=HeaderRoute(header="x-lockgate-canary", value="always"))
+    tagged = {"x-lockgate-canary": "always"}
+    assert domain.choose(live, "anyone", tagged)[1] == CANARY
+    cut = domain.stable_only(live)
+    assert {domain.choose(cut, f"user-{i}", tagged)[1].release for i in range(200)} == {"r1"}
+    assert cut.canary is None  # nothing to mirror to either (Shadow.maybe_mirror)
