@@ -71,8 +71,11 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     decision_id: str = ""
     next_step_at: float = 0.0  # unix seconds; wall clock so a restarted router resumes on time
     version: int = 0
-    # Admission: the verified decision (id) that allows the canary's release, "" while none does.
+    # Admission: the verified decision (id) that allows the canary's release, "" while none does, and the id of
+    # the key that signed it ("" in routes stored before it was recorded): what raises the canary's traffic
+    # checks that key is still trusted (rollouts.Rollouts._admission_now).
     admitted: str = ""
+    admitted_by: str = ""
     start_weight: float = 0.0  # the weight asked for, served once the canary is admitted (0: first step)
     previous: Target | None = None  # stable before the last promotion: where a later reject rolls back to
     override: Override | None = None
@@ -119,13 +122,14 @@ def forget(good: list[Target], release: str) -> list[Target]:
 
 
 def last_good(route: Route, failing: str) -> Target | None:
-    """Where a rollback goes: the newest known-good release other than the failing one; for a route recorded
-    before known-good history existed, the stable before the last promotion."""
+    """Where a rollback goes: the newest known-good release other than the failing one, else None.
+
+    Never `route.previous` by itself: an empty history cannot tell a route stored before known-good history
+    existed from one whose history BLOCKs emptied, and in the second the previous release is BLOCKed (a
+    rollback once put it back at 100%)."""
     for t in reversed(route.good):
         if t.release != failing:
             return t
-    if not route.good and route.previous is not None and route.previous.release != failing:
-        return route.previous
     return None
 
 
@@ -200,6 +204,11 @@ class NotAdmitted(InvalidRollout):
 
 class OverrideReplayed(InvalidRollout):
     """A break-glass statement used once already (HTTP 403 `invalid_break_glass`)."""
+
+
+def admission(decision: GateDecided) -> dict[str, str]:
+    """The route fields of a canary that `decision` (verified, allowing it) admits."""
+    return {"admitted": decision.id, "admitted_by": decision.key_id}
 
 
 def allows(decision: GateDecided | None, release: str) -> bool:
@@ -288,6 +297,12 @@ def choose(route: Route, user: str, headers: Mapping[str, str] | None = None) ->
     return "stable", route.stable
 
 
+def stable_only(route: Route) -> Route:
+    """The route as a replica cut off from the bus serves it: no canary weight, header route or shadow (it
+    would not hear a BLOCK of the canary), everyone on stable."""
+    return msgspec.structs.replace(route, canary=None, weight=0.0, header_route=None)
+
+
 @functools.lru_cache(maxsize=8192)  # the same users call again and again: a sha256 per user, not per request
 def user_hash(user: str) -> str:
     """Pseudonymous user id for events: never the raw id."""
@@ -374,7 +389,7 @@ def first_release(route: Route, target: Target, decision: GateDecided | None, ac
     return _bump(route, stable=target, canary=None, weight=0.0, phase="promoted", step=0, cursor=0, **_FINISHED,
                  promoted_at=0.0, scale_down_at=0.0, next_step_at=0.0, start_weight=0.0, previous=None,
                  strategy=None, started_at=0.0, paused=False, analysis=None, override=None,
-                 good=remember(route.good, target), decision_id=decision.id, admitted=decision.id,
+                 good=remember(route.good, target), decision_id=decision.id, **admission(decision),
                  reason=f"first release {target.release} serves 100% (rolled out by {actor or 'operator'}): "
                         f"verified gate decision {decision.id} allows it; later releases roll out as a canary "
                         "from it")
@@ -414,12 +429,23 @@ def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], i
     must not let the release back in later (a PATCH or set-weight of it)."""
     glass = route.override
     if decision.decision != "BLOCK" or glass is None or glass.release != decision.release:
-        return _on_decision(route, decision, steps, interval_s, now)
+        return _forget_blocked(route, decision, _on_decision(route, decision, steps, interval_s, now))
     # Ended here, said once: the abort or rollback the BLOCK also makes finds no override left to end.
     bare = msgspec.structs.replace(route, override=None)
     base = _on_decision(bare, decision, steps, interval_s, now) or _bump(bare)
-    return msgspec.structs.replace(base, reason=f"{base.reason}; break-glass override by {glass.actor} ended by "
-                                                "the gate's BLOCK")
+    ended = msgspec.structs.replace(base, reason=f"{base.reason}; break-glass override by {glass.actor} ended by "
+                                                 "the gate's BLOCK")
+    return _forget_blocked(route, decision, ended)
+
+
+def _forget_blocked(route: Route, decision: GateDecided, new: Route | None) -> Route | None:
+    """`new` (None: no change) without the release a BLOCK names in its known-good history, whatever part the
+    release plays in the route (an aborted canary's release may have been known-good before), so no later
+    rollback puts it back."""
+    base = new or route
+    if decision.decision != "BLOCK" or all(t.release != decision.release for t in base.good):
+        return new
+    return msgspec.structs.replace(new or _bump(route), good=forget(base.good, decision.release))
 
 
 def _on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
@@ -442,14 +468,14 @@ def _on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], 
         if first:
             # The weight the operator asked for, now that a decision allows it.
             nxt = next((i for i, s in enumerate(steps) if s >= first), len(steps) - 1)
-            return _bump(route, weight=first, phase="progressing", step=nxt + 1, admitted=decision.id,
+            return _bump(route, weight=first, phase="progressing", step=nxt + 1, **admission(decision),
                          reason=f"gate PASS{why}; canary at {first:g}%", decision_id=decision.id,
                          next_step_at=now + interval_s)
         nxt = next((i for i, s in enumerate(steps) if s > route.weight), None)
         if nxt is None:
-            return promote(msgspec.structs.replace(route, admitted=decision.id), f"gate PASS at {route.weight:g}%",
+            return promote(msgspec.structs.replace(route, **admission(decision)), f"gate PASS at {route.weight:g}%",
                            decision_id=decision.id)
-        return _bump(route, weight=steps[nxt], phase="progressing", step=nxt + 1, admitted=decision.id,
+        return _bump(route, weight=steps[nxt], phase="progressing", step=nxt + 1, **admission(decision),
                      reason=f"gate PASS{why}; step {nxt + 1}/{len(steps)}: canary at {steps[nxt]:g}%",
                      decision_id=decision.id, next_step_at=now + interval_s)
     if decision.decision == "NEEDS_REVIEW":
@@ -497,8 +523,10 @@ def rollback(route: Route, why: str, *, decision_id: str, failed: bool = True) -
     good = forget(route.good, failing) if failed else route.good
     target = last_good(route, failing)
     if target is None:
-        # Nothing to fall back to: keep serving, but say so loudly in the status.
+        # Nothing to fall back to: keep serving, but say so loudly in the status. A failed release's
+        # post-promotion analysis ends here: were it to pass later, it would make the failed release known-good.
         return _bump(route, decision_id=decision_id, admitted="", good=good,
+                     verifying=route.verifying and not failed,
                      reason=f"{why}; NO known-good release to roll back to: still serving {failing}")
     back = "" if route.previous is not None and target.release == route.previous.release else \
         f"; back on last known-good {target.release}"
@@ -581,6 +609,35 @@ def manual_promote(route: Route, override: Override | None, now: float = 0.0) ->
     # and the audit log record it); nor is an override the rollout was started with.
     return msgspec.structs.replace(promote(route, f"BREAK-GLASS by {override.actor}: {override.reason}"),
                                    spent=spend(route, override, now))
+
+
+def rests_on_admission(route: Route) -> bool:
+    """True for a live canary that takes (or may take) traffic on a decision it was admitted by, not on a
+    break-glass override covering it: what raises its traffic must check that admission again first."""
+    if route.canary is None or route.phase not in ("idle", "progressing") or not route.admitted:
+        return False
+    return route.override is None or route.override.release != route.canary.release
+
+
+def readmit(route: Route, decision: GateDecided | None, why_not: str = "") -> Route | None:
+    """Check a live canary's admission again against its release's current decision (`decision`, verified against
+    the trust file as it is now; None when none is stored or it no longer verifies, `why_not` saying why): None
+    while it still holds; else the canary back to 0%, waiting for a decision as a new canary does.
+
+    The route keeps the id of the decision that admitted it, checked when it was read; the gatekeeper's key that
+    signed it may have been revoked (or dropped from the trust file) since, and what that key signed no longer
+    counts: neither for a new rollout nor for raising or promoting one it admitted before."""
+    if not rests_on_admission(route) or allows(decision, route.canary.release if route.canary else ""):
+        return None
+    assert route.canary is not None
+    release = route.canary.release
+    if decision is None or decision.release != release:
+        now = f"it no longer verifies ({why_not})" if why_not else "no verified decision allows it now"
+    else:
+        now = f"the current decision {decision.id} is {decision.decision}"
+    return _bump(route, phase="idle", weight=0.0, next_step_at=0.0, admitted="", admitted_by="", decision_id="",
+                 reason=f"canary {release} back to 0%: admitted by gate decision {route.admitted}, but {now}; it waits "
+                        "for a decision a trusted key signed")
 
 
 def clear_override(route: Route) -> Route:

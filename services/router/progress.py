@@ -395,6 +395,7 @@ def replace_canary(route: Route, canary: domain.Target, decision: GateDecided | 
     covered = route.override is not None and route.override.release == canary.release
     admitted = decision.id if allowed and decision is not None else ""
     changes: dict[str, object] = {"canary": canary, "admitted": admitted, "analysis": None, "started_at": now,
+                                  "admitted_by": decision.key_id if admitted and decision is not None else "",
                                   "reason": f"canary release now {canary.release} at {_where(route)}"}
     if not allowed and not covered:
         changes.update(weight=0.0, phase="idle", next_step_at=0.0, decision_id="",

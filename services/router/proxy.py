@@ -122,11 +122,13 @@ class Proxy:
         return model if model in self.rollouts.routes else self.settings.deployment
 
     def route_of(self, deployment: str) -> domain.Route | None:
-        """The route that serves a deployment: its governed one (a release was rolled out), else the default
-        route when passthrough is opted in to, else None (the request is refused)."""
+        """The route that serves a deployment: its governed one (a release was rolled out; stable only while this
+        replica is cut off from the bus), else the default route when passthrough is opted in to, else None (the
+        request is refused)."""
         route = self.rollouts.routes.get(deployment)
         if route is not None and route.stable.release:
-            return route
+            # Cut off from the bus, this replica would not hear a BLOCK of the canary: stable only.
+            return domain.stable_only(route) if self.rollouts.cut_off else route
         return self.rollouts.route(deployment) if self.settings.passthrough else None
 
     def _ungoverned(self, headers: Any, deployment: str, model: str) -> web.Response:

@@ -53,6 +53,11 @@ _gate_codec: Codec[GateDecided] = Codec(GateDecided)
 # A change that lost a compare-and-set is recomputed on the reloaded route and tried again; the
 # short jittered pause keeps contending replicas from colliding again in step.
 _CAS_RETRY = RetryPolicy(attempts=5, initial_s=0.005, max_s=0.1)
+# A due step whose canary's decision could not be read (the bus away) waits this long before it is tried again.
+_ADMISSION_RETRY_S = 1.0
+# A canary's admission read again (Rollouts._admission_now): its release, its current verified decision (None:
+# none, or it does not verify) and why not; None when the admission still holds without a read.
+Admission = tuple[str, GateDecided | None, str] | None
 
 
 class RouterNotReady(Retryable):
@@ -118,6 +123,10 @@ class Rollouts:
         # arrives (not at the next tick), and one without new evidence waits up to one interval more for it.
         self._fresh: set[str] = set()
         self._failing: dict[str, tuple[str, float]] = {}  # deployment -> the rollout whose canary failed a call
+        self._held: dict[str, float] = {}  # deployment -> when its due step may read its admission again
+        # True while this replica serves stable only: cut off from the bus longer than router_cut_off_s, until it
+        # is back and has reloaded its routes (run_cut_off; read by the proxy on every request).
+        self.cut_off = False
 
     # reads (hot path)
     def route(self, deployment: str) -> Route:
@@ -183,6 +192,59 @@ class Rollouts:
             if entry is not None:
                 self._on_entry(entry)
 
+    async def run_cut_off(self) -> None:
+        """Serve stable only while cut off from the bus (runs until close()).
+
+        A replica that cannot hear the bus hears no BLOCK of a canary and no other replica's abort: past
+        `router_cut_off_s` it stops sending anyone to a canary (weight, header route, shadow) until the connection
+        is back and its routes are read again from KV (what the others decided meanwhile). A shorter loss (a
+        server restart) changes nothing: the decisions it missed are redelivered once it is back."""
+        bus, bound = self.ctx.bus, self.ctx.settings.router_cut_off_s
+        seen = bus.reconnects
+        while True:
+            await bus.lost(seen)
+            if bus.reconnects == seen:  # down now
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(bound):
+                        seen = await bus.reconnected(after=seen)
+                        continue  # back within the bound
+                self._cut(True, f"cut off from the bus for more than {bound:g} s (router_cut_off_s)")
+                seen = await bus.reconnected(after=seen)
+            else:  # a loss seen only once it was over: short, so nothing to catch up on
+                seen = bus.reconnects
+                continue
+            await self._caught_up()
+            self._cut(False, "back on the bus with its routes reloaded")
+
+    async def _caught_up(self) -> None:
+        """Persist what this replica changed while cut off (compare-and-set: what another replica wrote wins),
+        then read every route again from KV; retried while the bus fails it."""
+        policy = RetryPolicy(attempts=None, initial_s=0.1, max_s=2.0)
+
+        async def once() -> None:
+            await self.flush()
+            try:
+                stored = await self._kv.keys()
+            except nats.js.errors.NoKeysError:
+                stored = []
+            except nats.errors.Error as exc:
+                raise BusUnavailable(f"cannot list routes in KV: {exc!r}") from None
+            keys = set()
+            for key in stored:
+                with contextlib.suppress(LockgateError):  # a key no deployment maps to (the watch ignores it too)
+                    keys.add(untoken(key))
+            for deployment in keys | set(self.routes):
+                if not self._unpersisted[deployment]:
+                    await self._reload(deployment)
+
+        await policy.call(once, retry_on=LockgateError, what="reload routes after a cut-off")
+
+    def _cut(self, cut_off: bool, why: str) -> None:
+        if cut_off != self.cut_off:
+            self.cut_off = cut_off
+            log.warning("%s: serving %s", why, "stable only" if cut_off else "canaries again")
+            self._notify()
+
     async def close(self) -> None:
         """Stop watching KV."""
         watcher, self._watcher = self._watcher, None
@@ -223,11 +285,11 @@ class Rollouts:
         while True:
             self._wake.clear()  # before reading: a change or evidence from now on wakes the wait below
             now = time.time()
-            due = [d for d in (self._due(r) for r in self.routes.values()) if d is not None]
+            due = [d for d in (self._timer_due(r) for r in self.routes.values()) if d is not None]
             if due and min(due) <= now:
                 for route in list(self.routes.values()):
-                    when = self._due(route)
-                    if when is not None and when <= now:
+                    when = self._timer_due(route)
+                    if when is not None and when <= now and await self._may_step(route, now):
                         self._step(route, now)
                 try:
                     await self.flush()
@@ -240,6 +302,27 @@ class Rollouts:
             with contextlib.suppress(TimeoutError):  # a step fell due
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    def _timer_due(self, route: Route) -> float | None:
+        """`_due`, no earlier than a deployment's admission can be read again (see `_may_step`)."""
+        when, held = self._due(route), self._held.get(route.deployment)
+        return when if when is None or held is None else max(when, held)
+
+    async def _may_step(self, route: Route, now: float) -> bool:
+        """True when the timer may step a due route: a step may raise a canary's traffic or promote it, so the
+        decision that admitted it must still verify (a revoked key's no longer does: the canary goes back to 0%
+        instead). False too when the route changed meanwhile (the loop looks again) or the decision cannot be
+        read (tried again in `_ADMISSION_RETRY_S`: a step never rests on an admission nobody could check)."""
+        try:
+            admission = await self._admission_now(route)
+        except BusUnavailable as exc:
+            log.warning("%s: not stepped: %s", route.deployment, exc.message)
+            self._held[route.deployment] = now + _ADMISSION_RETRY_S
+            return False
+        self._held.pop(route.deployment, None)
+        if self.routes.get(route.deployment) is not route:
+            return False
+        return not self._unadmit(route, admission)
 
     def _due(self, route: Route) -> float | None:
         """When the timer next acts on a route: its analysis look once it is due and new evidence has arrived
@@ -360,8 +443,12 @@ class Rollouts:
         release = (to or previous) if action == "undo" else (
             now.canary.release if action == "retry" and now.canary else "")
         decision = await self._stored_decision(release) if release else None
+        # `promote`: the decision that admitted the canary must still verify (its key may be revoked since).
+        admission = await self._admission_now(now) if action == "promote" and override is None else None
+        refused = ""
 
         def change() -> None:
+            nonlocal refused
             route = self.route(deployment)
             if action == "retry":
                 self._retry(route, decision, actor)
@@ -382,6 +469,9 @@ class Rollouts:
                     raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
                 self._apply(domain.abort(route, f"by operator {actor}" if actor else "by operator"), actor=actor)
             else:
+                refused = self._unadmit(route, admission, actor) if override is None else ""
+                if refused:
+                    return
                 promoted = domain.manual_promote(route, override, time.time())
                 if actor and override is None:  # the override's reason names its admin already
                     promoted = msgspec.structs.replace(promoted, reason=f"{promoted.reason} {actor}")
@@ -391,6 +481,8 @@ class Rollouts:
         self._poisoned.pop(deployment, None)
         await self._until_won(change)
         self._raise_if_poisoned(deployment)
+        if refused:
+            raise domain.NotAdmitted(refused)
         return self.route(deployment)
 
     async def patch(self, deployment: str, body: dict[str, Any], actor: str) -> Route:
@@ -398,16 +490,25 @@ class Rollouts:
         its phase, step and analysis. A new canary release needs a verified decision allowing it to keep
         a weight (else it waits at 0%, as a new canary does)."""
         await self._await_ready()
-        doc = patch.apply(self.route(deployment), body)
+        now = self.route(deployment)
+        doc = patch.apply(now, body)
         canary = await self.target(doc.canary_release) if doc.canary_release else None
         decision = await self._stored_decision(doc.canary_release) if doc.canary_release else None
+        # A higher weight for the same canary: the decision that admitted it must still verify.
+        raises = doc.weight > now.weight and now.canary is not None and doc.canary_release == now.canary.release
+        admission = await self._admission_now(now) if raises else None
+        refused = ""
 
         def change() -> None:
+            nonlocal refused
             route = self.route(deployment)
             doc_now = patch.apply(route, body)  # recomputed on the route a lost compare-and-set reloads
             fields = patch.changed(route, doc_now)
             if not fields:
                 raise domain.InvalidRollout(f"the patch changes nothing on {deployment!r}")
+            refused = self._unadmit(route, admission, actor) if "weight" in fields and raises else ""
+            if refused:
+                return
             new = route
             if "canary_release" in fields:
                 assert canary is not None
@@ -425,6 +526,8 @@ class Rollouts:
         self._poisoned.pop(deployment, None)
         await self._until_won(change)
         self._raise_if_poisoned(deployment)
+        if refused:
+            raise domain.NotAdmitted(refused)
         return self.route(deployment)
 
     def _retry(self, route: Route, decision: GateDecided | None, actor: str) -> None:
@@ -444,9 +547,18 @@ class Rollouts:
                       why: str = "") -> Route:
         """Operator pause, resume or set-weight (progress.py), recorded with the actor's identity."""
         await self._await_ready()
+        now = self.route(deployment)
+        # Raising the weight or resuming the steps: the decision that admitted the canary must still verify.
+        raises = action == "resume" or (action == "set-weight" and weight > now.weight)
+        admission = await self._admission_now(now) if raises else None
+        refused = ""
 
         def change() -> None:
+            nonlocal refused
             route = self.route(deployment)
+            refused = self._unadmit(route, admission, actor) if raises else ""
+            if refused:
+                return
             if action == "pause":
                 new = progress.pause(route, actor, why)
             elif action == "resume":
@@ -460,6 +572,8 @@ class Rollouts:
         self._poisoned.pop(deployment, None)
         await self._until_won(change)
         self._raise_if_poisoned(deployment)
+        if refused:
+            raise domain.NotAdmitted(refused)
         return self.route(deployment)
 
     # live evidence
@@ -798,15 +912,20 @@ class Rollouts:
                              params=ships.params)
 
     async def _stored_decision(self, release: str) -> GateDecided | None:
+        return (await self._read_decision(release))[0]
+
+    async def _read_decision(self, release: str) -> tuple[GateDecided | None, str]:
+        """The release's current decision in KV if it verifies against the trust file as it is now, else None
+        and why ("" when none is stored)."""
         try:
             kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_gates)
             entry = await kv.get(token(release))
         except nats.js.errors.KeyNotFoundError:
-            return None
+            return None, ""
         except nats.errors.Error as exc:
             raise BusUnavailable(f"cannot read gate decision for {release!r}: {exc!r}") from None
         if not entry.value:
-            return None
+            return None, ""
         try:
             decision = _gate_codec.decode(entry.value)
             if decision.release != release:
@@ -814,11 +933,41 @@ class Rollouts:
             await self.verifier.verify(decision)
         except (InvalidEvent, SignatureError) as exc:
             log.warning("ignoring stored gate decision for %s: %s", release, exc.message)
-            return None
+            return None, exc.message
         if decision.release != release:  # a decision only ever speaks for the release it names
             log.warning("ignoring stored gate decision under %s: it is for %s", release, decision.release)
+            return None, f"it is for {decision.release!r}"
+        if await self._about_bound_content(decision) is None:
+            return None, f"decision {decision.id} judged other content than {release!r} holds now"
+        return decision, ""
+
+    async def _admission_now(self, route: Route) -> Admission:
+        """Before raising a canary's traffic or promoting it, whether the decision that admitted it still counts:
+        None when it does (the key that signed it is still trusted, as the trust file says now), or when the
+        route does not rest on a decision (`domain.rests_on_admission`); else the canary's release and its current
+        decision, read again and verified (a newer one a trusted key signed may allow it), with why not."""
+        if not domain.rests_on_admission(route) or (route.admitted_by and self.verifier.trusts(route.admitted_by)):
             return None
-        return await self._about_bound_content(decision)
+        assert route.canary is not None
+        decision, why_not = await self._read_decision(route.canary.release)
+        return route.canary.release, decision, why_not
+
+    def _unadmit(self, route: Route, admission: Admission, actor: str = "") -> str:
+        """Take the canary of `route` (the current one) back to 0% if the admission read for it no longer holds;
+        returns the refusal to give the operator, "" when it holds. The admission was read for one canary
+        release: one that became the canary (or was admitted) while it was read was admitted by a decision
+        verified just now, so it holds."""
+        if admission is None:
+            return ""
+        release, decision, why_not = admission
+        if not domain.rests_on_admission(route) or route.canary is None or route.canary.release != release:
+            return ""
+        new = domain.readmit(route, decision, why_not)
+        if new is None:
+            return ""
+        log.warning("%s: %s", route.deployment, new.reason)
+        self._apply(new, actor=actor)
+        return f"refused: {new.reason}"
 
     async def _about_bound_content(self, decision: GateDecided) -> GateDecided | None:
         """`decision`, or None when it allows its release but judged other content than the release name is

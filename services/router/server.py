@@ -105,6 +105,7 @@ class RouterService(Service):
         )
         self.batcher.start(self.ctx.bus.js)
         self.spawn(self.rollouts.run_timer(), "rollout-timer")
+        self.spawn(self.rollouts.run_cut_off(), "bus-cut-off")
         self.spawn(self.admission.run(), "budget-leases")
         # handler_cancellation: a client that closes its connection cancels its request's handler, and
         # with it the upstream call (proxy.forward records client_disconnected).
@@ -148,8 +149,11 @@ class RouterService(Service):
         # Requests are still served while the bus is away (events wait in the bounded outbox), so a
         # lost bus is "degraded", not a failed health check that would restart a working router.
         bus = self.ctx.bus.state
-        return web.json_response({"status": "ok" if bus == "connected" else "degraded", "bus": bus,
+        # Cut off longer than router_cut_off_s (and until its routes are reloaded), it serves stable only.
+        cut_off = self.rollouts.cut_off
+        return web.json_response({"status": "ok" if bus == "connected" and not cut_off else "degraded", "bus": bus,
                                   "ready": self.rollouts.ready.is_set(),
+                                  "serving": "stable_only" if cut_off else "all",
                                   "events_dropped": self.batcher.dropped,
                                   "events_failed": self.batcher.failed,
                                   "events_spooled": spool.pending if (spool := self.batcher.spool) else 0,

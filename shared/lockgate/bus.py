@@ -170,6 +170,12 @@ class Bus:
             await self._state_changed.wait_for(lambda: self.reconnects > after)
         return self.reconnects
 
+    async def lost(self, after: int) -> None:
+        """Wait until the connection is lost (not connected), or has come back more than `after` times (a loss
+        whose end came first)."""
+        async with self._state_changed:
+            await self._state_changed.wait_for(lambda: self.state != "connected" or self.reconnects > after)
+
     async def wait_state(self, state: str, timeout_s: float = 30.0) -> None:
         """Wait until the connection is in `state` (see `state`); woken by the client's callbacks."""
         async with self._state_changed:

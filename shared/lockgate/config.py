@@ -57,6 +57,13 @@ class Settings(msgspec.Struct, kw_only=True):
     router_spool: bool = True
     router_spool_dir: str = ""
     router_spool_max_bytes: int = 512 * 1024 * 1024
+    # A router replica cut off from the bus longer than this (seconds) hears no gate decision (a BLOCK) and no
+    # other replica's route change, so it serves stable only (no canary weight, header route or shadow) until
+    # it is back and has reloaded its routes (/healthz `serving: stable_only`). Decisions reach connected
+    # replicas within milliseconds, so the bound only has to ride out a nats-server restart or a cluster leader
+    # election (a few seconds; the client tries again every 2 s) without dropping canaries on every blip: 10 s
+    # is the longest a BLOCKed canary keeps traffic on a replica that cannot hear it. 0: at once.
+    router_cut_off_s: float = 10.0
     app: str = "default"
     rollout_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
     rollout_step_interval_s: float = 5.0

@@ -421,11 +421,21 @@ class Verifier:
             self.keyring = self._load()
         return self.keyring.verify(decision)
 
-    def _mtime(self) -> int:
+    def trusts(self, kid: str) -> bool:
+        """True if key `kid` is trusted and not revoked by the trust roots as they are now (the trust file is
+        read again if it changed): what a key signed earlier counts only while this holds."""
+        if self._changed():
+            self.keyring = self._load()
+        return kid in self.keyring.keys and kid not in self.keyring.revoked
+
+    def _mtime(self) -> tuple[int, int, int]:
+        # The inode too: the trust file is replaced whole (os.replace), and two writes within one tick of the
+        # file system's coarse clock leave the same mtime (a revocation right after a trust went unseen).
         try:
-            return trust_file_path(self.settings).stat().st_mtime_ns
+            st = trust_file_path(self.settings).stat()
         except OSError:
-            return 0
+            return 0, 0, 0
+        return st.st_mtime_ns, st.st_ino, st.st_size
 
     def _changed(self) -> bool:
         """True if the trust file changed since it was read (a revocation must apply at once)."""

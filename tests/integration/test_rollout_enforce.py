@@ -4,15 +4,18 @@ traffic, whatever sequence of operator actions leads there."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
 import msgspec
 import pytest
+from click.testing import CliRunner
 
+from lockgate.cli.main import cli
 from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import KeyStore
-from lockgate.signing import Signer
+from lockgate.signing import Signer, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
 from tests.helpers import break_glass, judged, register_model_release
 from tests.integration import test_rollout_analysis as analysis_tests
@@ -100,6 +103,92 @@ async def test_a_block_of_the_stable_rolls_it_back_while_a_canary_of_another_rel
     route = router.rollouts.route("chat")
     assert (route.stable.release, route.weight, route.phase) == ("r1", 0.0, "aborted"), route.reason
     assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+async def test_a_rollback_after_a_blue_green_promotion_never_puts_back_a_blocked_release(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # `same` was promoted blue-green from r1 (post-promotion analysis running, r1 kept for instant rollback).
+    # The gate BLOCKs r1, then `same`. Before: with no known-good release left, the rollback fell back to the
+    # previous release, r1, BLOCKed, and all traffic went to it.
+    await _start(http, router, "same", {"interval_s": 0.1, "blue_green": {
+        "post_promotion_analysis": analysis_tests.ERRORS, "scale_down_delay_s": 600}})
+    await _pass(router, signer, "same")
+    async with http.post(f"{router.url}{DEPLOYMENT}/promote") as resp:
+        promoted = await resp.json()
+    assert resp.status == 200 and promoted["verifying"], promoted
+    assert [t["release"] for t in promoted["good"]] == ["r1"]  # `same` is known-good once its analysis passes
+    bus = router.ctx.bus
+    old = signer.sign(GateDecided(release="r1", rules=[], decision="BLOCK", reason="a sunset artifact"))
+    await bus.publish(bus.subjects.gate_decided("r1"), old)
+    await router.rollouts.wait_for(lambda r: not r["chat"].good, timeout=10)  # r1 is no longer known-good
+    new = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="leaks PII"))
+    await bus.publish(bus.subjects.gate_decided("same"), new)
+    await router.rollouts.wait_for(lambda r: r["chat"].decision_id == new.id, timeout=10)
+    route = router.rollouts.route("chat")
+    assert (route.stable.release, route.good, route.verifying) == ("same", [], False), route.reason
+    assert "rolled back" not in route.reason
+    assert "gate BLOCK after promotion: leaks PII; NO known-good release to roll back to: still serving same" \
+        in route.reason
+    assert set(await _releases(http, router, 40)) == {"same"}  # never the BLOCKed r1
+    # Nor does an operator's abort in the scale-down window swap the BLOCKed r1 back.
+    async with http.post(f"{router.url}{DEPLOYMENT}/abort") as resp:
+        assert resp.status == 200, await resp.text()
+    assert router.rollouts.route("chat").stable.release == "same"
+
+
+async def test_a_canary_admitted_by_a_revoked_key_is_neither_raised_nor_promoted(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # A gatekeeper key (trusted, then revoked with `lockgate gate revoke`) signed the PASS that admitted `same` at
+    # 10%. Before: a new PUT of it was refused, but set-weight 90 and promote were 200, on the admission the route
+    # had cached, and the timer's steps went on too.
+    s = router.ctx.settings
+    bus = router.ctx.bus
+    gates = await bus.kv(bus.subjects.kv_gates)
+    await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600})
+    attempts = [("POST", "/promote", None), ("POST", "/set-weight", {"weight": 90}), ("PATCH", "", {"weight": 90}),
+                ("POST", "/resume", None)]
+    for method, action, body in attempts:
+        leaked = Signer.generate()  # a key of its own each time: a new PASS admits the canary again
+        trust_key(trust_file_path(s), leaked.public)
+        passed = leaked.sign(GateDecided(release="same", rules=[], decision="PASS", artifacts=await judged(bus, "same")))
+        await gates.put(token("same"), msgspec.json.encode(passed))
+        await bus.publish(bus.subjects.gate_decided("same"), passed)
+        await router.rollouts.wait_for(lambda r, p=passed: r["chat"].admitted == p.id, timeout=10)
+        assert router.rollouts.route("chat").weight == 10.0
+        if action == "/resume":
+            async with http.post(f"{router.url}{DEPLOYMENT}/pause") as resp:  # holding traffic needs no check
+                assert resp.status == 200, await resp.text()
+        revoked = await asyncio.to_thread(CliRunner().invoke, cli, ["--home", s.home, "--nats", s.nats_url, "--prefix",
+                                                                    s.prefix, "gate", "revoke", leaked.key_id])
+        assert revoked.exit_code == 0, revoked.output
+        async with http.request(method, f"{router.url}{DEPLOYMENT}{action}", json=body) as resp:
+            refused = await resp.json()
+        assert resp.status == 409 and refused["error"]["code"] == "not_admitted", (action, refused)
+        message = refused["error"]["message"]
+        assert f"canary same back to 0%: admitted by gate decision {passed.id}, but it no longer verifies" in message
+        assert f"signed by revoked key id {leaked.key_id!r}" in message
+        route = router.rollouts.route("chat")
+        assert (route.weight, route.phase, route.admitted, route.stable.release) == (0.0, "idle", "", "r1"), action
+        assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+async def test_the_timer_does_not_step_a_canary_whose_admitting_key_was_revoked(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # The same revocation while the steps run on their own: the next step un-admits the canary, never raises it.
+    s = router.ctx.settings
+    leaked = Signer.generate()
+    trust_key(trust_file_path(s), leaked.public)
+    await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 0.3})
+    bus = router.ctx.bus
+    passed = leaked.sign(GateDecided(release="same", rules=[], decision="PASS", artifacts=await judged(bus, "same")))
+    await (await bus.kv(bus.subjects.kv_gates)).put(token("same"), msgspec.json.encode(passed))
+    await bus.publish(bus.subjects.gate_decided("same"), passed)
+    await router.rollouts.wait_for(lambda r: r["chat"].weight == 10.0, timeout=10)
+    revoke_key(trust_file_path(s), leaked.key_id)
+    await router.rollouts.wait_for(lambda r: r["chat"].weight != 10.0, timeout=10)  # the next step is due
+    route = router.rollouts.route("chat")
+    assert (route.weight, route.phase) == (0.0, "idle"), route.reason
+    assert "it no longer verifies" in route.reason
 
 
 async def test_a_block_ends_the_break_glass_override_of_its_release(

@@ -278,3 +278,33 @@ def test_a_spent_statement_is_refused_until_it_could_no_longer_verify() -> None:
     assert domain.spend(route, other, now=1000.0 + domain.STATEMENT_LIFE_S + 1) == [
         (domain.spend(Route(deployment="d", stable=Target(release="r1")), other, 0.0)[0][0],
          1000.0 + domain.STATEMENT_LIFE_S)]
+
+
+def test_readmit_takes_back_a_canary_whose_admitting_decision_no_longer_verifies() -> None:
+    admitted = domain.on_decision(_canary(weight=0), _decision("PASS", id_="p1"), STEPS, 5.0, now=1.0)
+    assert admitted is not None and (admitted.weight, admitted.admitted) == (10.0, "p1")
+    assert domain.readmit(admitted, _decision("PASS", id_="p1")) is None  # still verifies
+    assert domain.readmit(admitted, _decision("PASS", id_="p2")) is None  # a newer PASS allows it too
+    gone = domain.readmit(admitted, None, "signed by revoked key id 'k1'")
+    assert gone is not None and (gone.weight, gone.phase, gone.admitted, gone.decision_id) == (0.0, "idle", "", "")
+    assert gone.reason == ("canary r2 back to 0%: admitted by gate decision p1, but it no longer verifies (signed by "
+                           "revoked key id 'k1'); it waits for a decision a trusted key signed")
+    held = domain.readmit(admitted, _decision("NEEDS_REVIEW", id_="n1"))
+    assert held is not None and held.weight == 0.0 and "the current decision n1 is NEEDS_REVIEW" in held.reason
+    # Nothing to check: a canary not admitted yet, a finished rollout, or one a break-glass override covers.
+    assert domain.readmit(_canary(weight=0), None) is None
+    assert domain.readmit(domain.abort(admitted, "x"), None) is None
+    glass = domain.Override(release="r2", action="canary", actor="boss", reason="incident", at=1.0)
+    assert domain.readmit(msgspec.structs.replace(admitted, override=glass), None) is None
+
+
+def test_a_replica_cut_off_from_the_bus_serves_the_stable_release_only() -> None:
+    from lockgate.services.router.strategy import HeaderRoute
+
+    live = msgspec.structs.replace(_canary(weight=50, phase="progressing"),
+                                   header_route=HeaderRoute(header="x-lockgate-canary", value="always"))
+    tagged = {"x-lockgate-canary": "always"}
+    assert domain.choose(live, "anyone", tagged)[1] == CANARY
+    cut = domain.stable_only(live)
+    assert {domain.choose(cut, f"user-{i}", tagged)[1].release for i in range(200)} == {"r1"}
+    assert cut.canary is None  # nothing to mirror to either (Shadow.maybe_mirror)

@@ -135,3 +135,34 @@ def test_release_that_failed_post_promotion_cannot_be_undone_to() -> None:
     assert back is not None
     with pytest.raises(InvalidRollout, match="'r2' was never fully promoted and healthy"):
         domain.undo_to(back, "r2", None, "ops")
+
+
+def test_a_rollback_never_puts_back_a_previous_release_the_gate_blocked_since() -> None:
+    # r2 was promoted blue-green from r1 and is under post-promotion analysis. The gate BLOCKs r1 (no longer
+    # known-good: the history is empty), then r2. Before, an empty history fell back to `previous`: r1, BLOCKed,
+    # took all traffic back.
+    p = _promoted(domain.default_route("d"), "r1", "r2", BG)
+    r = domain.on_decision(p, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 300.0)
+    assert r is not None and _good(r) == [] and r.previous is not None and r.previous.release == "r1"
+    back = domain.on_decision(r, _decision("BLOCK", "r2", "b2", "drift"), STEPS, 10.0, 301.0)
+    assert back is not None and back.stable.release == "r2" and domain.choose(back, "anyone")[1].release == "r2"
+    assert "NO known-good release to roll back to: still serving r2" in back.reason
+    # Its post-promotion analysis is over: passing later must not make the BLOCKed r2 known-good.
+    assert not back.verifying and progress.on_measurement(back, _m("SUCCESSFUL"), STEPS, 10.0, now=310.0) is None
+    # The same for a failed post-promotion analysis, and for an operator's abort in the scale-down window.
+    failed = progress.on_measurement(r, _m("FAILED"), STEPS, 10.0, now=310.0)
+    assert failed is not None and failed.stable.release == "r2" and "NO known-good release" in failed.reason
+    assert bluegreen.undo(r, "ops").stable.release == "r2"
+
+
+def test_a_block_of_a_known_good_release_as_a_canary_drops_it_from_the_history() -> None:
+    # r1 and r2 were known-good; undone to r1, r2 is rolled out again as a canary and BLOCKed there (aborted). A
+    # later rollback of r1 must not go back to r2.
+    r = _promoted(_promoted(domain.default_route("d"), "r1", "r2"), "r2", "r3")
+    r = _start(domain.undo_to(r, "r1", _decision("PASS", "r1"), "ops"), "r1", "r2")
+    blocked = domain.on_decision(r, _decision("BLOCK", "r2", "b2"), STEPS, 10.0, 300.0)
+    assert blocked is not None and blocked.phase == "aborted" and _good(blocked) == ["r1", "r3"]
+    again = domain.on_decision(blocked, _decision("BLOCK", "r2", "b2"), STEPS, 10.0, 301.0)
+    assert again is None  # a redelivery changes nothing
+    back = domain.on_decision(blocked, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 302.0)
+    assert back is not None and back.stable.release == "r3"

@@ -15,11 +15,13 @@ from lockgate.ids import canonical_json
 from lockgate.signing import (
     Keyring,
     Signer,
+    Verifier,
     canonical,
     default_key_path,
     gatekeeper_signer,
     public_pem,
     revoke_key,
+    trust_file_path,
     trust_key,
 )
 
@@ -148,3 +150,14 @@ def test_an_explicit_signing_key_must_exist_never_made_per_process(tmp_path: Pat
     shared = gatekeeper_signer(Settings(home=str(tmp_path / "other"), signing_key=str(default_key_path(
         Settings(home=str(tmp_path))))))
     assert shared.key_id == home_key.key_id
+
+
+def test_a_verifier_stops_trusting_a_key_as_soon_as_the_trust_file_revokes_it(tmp_path: Path) -> None:
+    # What a router asks before raising a canary a decision of that key admitted earlier.
+    settings = Settings(home=str(tmp_path))
+    signer = Signer.generate()
+    trust_key(trust_file_path(settings), signer.public)
+    verifier = Verifier(None, settings)
+    assert verifier.trusts(signer.key_id) and not verifier.trusts("0" * 16)
+    revoke_key(trust_file_path(settings), signer.key_id)
+    assert not verifier.trusts(signer.key_id)

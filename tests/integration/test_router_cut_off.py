@@ -1,0 +1,87 @@
+"""A router replica cut off from NATS serves stable only once the loss outlasts `router_cut_off_s`: it would not
+hear a BLOCK of the canary, nor another replica's abort. Back on the bus, it reloads its routes and serves what
+was decided meanwhile. On a real nats-server with auth on, one replica partitioned by a relay."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from lockgate import credentials
+from lockgate.bus import Bus
+from lockgate.contracts import GateDecided
+from lockgate.signing import Signer, trust_file_path, trust_key
+from lockgate.subjects import Subjects
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import Relay, Replicas, admin_headers
+from tests.integration.test_router_drift_replay import Stack, _rollout, stack
+
+pytestmark = pytest.mark.timeout(90)
+__all__ = ["stack"]  # the fixture, imported
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[SimServer]:
+    async with SimServer(SimConfig(models={"m": ModelSpec(default="hi")})) as s:
+        yield s
+
+
+async def _releases(router: Any, n: int, headers: dict[str, str] | None = None) -> set[str]:
+    """The releases that answered n requests of distinct users through `router`."""
+    seen = set()
+    async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
+        for i in range(n):
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": f"user-{i}"}
+            async with http.post(f"{router.url}/v1/chat/completions", json=body, headers=headers or {}) as resp:
+                assert resp.status == 200, await resp.text()
+                seen.add(resp.headers["x-lockgate-release"])
+    return seen
+
+
+async def _health(router: Any) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(f"{router.url}/healthz") as resp:
+        return dict(await resp.json())
+
+
+async def test_a_replica_cut_off_from_the_bus_stops_serving_the_canary_until_it_has_caught_up(
+        stack: Stack, sim: SimServer) -> None:
+    # Before: router-b, cut off, kept sending half its users to r2 after the gate BLOCKed it (router-a aborted
+    # the canary), 5 s and 35 s later alike, until its connection came back.
+    stack.settings = stack.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url)
+    a = await stack.replica("router-a")
+    await _rollout(stack, a)  # r2 at 50% against r1
+    relay, partitioned = Relay(int(stack.settings.nats_url.rpartition(":")[2])), Replicas()
+    try:
+        bus = Bus(f"nats://127.0.0.1:{await relay.start()}", Subjects(stack.settings.prefix), name="router-b",
+                  auth=credentials.for_identity(stack.settings, "router"), manage_topology=False)
+        await bus.connect()
+        b = await partitioned.router(bus, stack.settings.replace(router_cut_off_s=0.3), stack.store)
+        assert await _releases(b, 40) == {"r1", "r2"}
+        assert (await _health(b))["serving"] == "all"
+
+        relay.cut()  # router-b alone loses the server, which stays up for router-a
+        await bus.wait_state("reconnecting", timeout_s=10)
+        await b.rollouts.wait_for(lambda _: b.rollouts.cut_off, timeout=10)  # once the bound is over
+        health = await _health(b)
+        assert (health["status"], health["bus"], health["serving"]) == ("degraded", "reconnecting", "stable_only")
+        admin = stack.named["admin"]
+        signer = Signer.generate()
+        trust_key(trust_file_path(stack.settings), signer.public)
+        await admin.publish(admin.subjects.gate_decided("r2"),
+                            signer.sign(GateDecided(release="r2", rules=[], decision="BLOCK", reason="toxicity")))
+        await a.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
+        await a.rollouts.flush()
+        assert b.rollouts.route("chat").weight == 50.0  # b cannot know
+        assert await _releases(b, 40) == {"r1"}  # ... yet sends nobody to the BLOCKed canary
+
+        relay.heal()
+        await b.rollouts.wait_for(lambda _: not b.rollouts.cut_off, timeout=30)  # reconnected, routes reloaded
+        route = b.rollouts.route("chat")
+        assert (route.phase, route.weight) == ("aborted", 0.0), route.reason
+        assert (await _health(b))["serving"] == "all" and await _releases(b, 40) == {"r1"}
+    finally:
+        await partitioned.close()  # through the relay, while it still relays
+        await relay.close()
