@@ -38,11 +38,18 @@ def spec_of(route: Route) -> AnalysisSpec | None:
     if s is None or route.canary is None:
         return None
     bg = s.blue_green
-    if route.phase == "progressing":
+    if route.phase == "progressing" or held(route):
         return bg.pre_promotion_analysis if bg is not None else s.analysis
     if route.phase == "promoted" and route.verifying and bg is not None:
         return bg.post_promotion_analysis
     return None
+
+
+def held(route: Route) -> bool:
+    """A canary a break-glass override holds at its weight: no decision admits it, so no step moves it, but the
+    analysis its strategy asks for still judges it (a failure aborts it; a pass moves nothing, since a promotion
+    needs a statement of its own). The override skips the gate, never the live evidence."""
+    return route.phase == "idle" and route.override is not None and route.canary is not None and route.weight > 0
 
 
 def analysed(route: Route) -> bool:
@@ -104,6 +111,8 @@ def due_at(route: Route) -> float | None:
         elif route.scale_down_at:
             times.append(route.scale_down_at)
         return min(times) if times else None
+    if held(route):  # looked at every interval, from its start (the first look applies the initial delay)
+        return (route.next_step_at or route.started_at) if analysed(route) else None
     if route.phase != "progressing":
         return None
     s = route.strategy
@@ -238,6 +247,12 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
     if st.successes < spec.count:
         return _bump(route, analysis=st, next_step_at=nxt)
     st = msgspec.structs.replace(st, successes=0)
+    if held(route):
+        glass = route.override
+        assert glass is not None
+        return _bump(route, analysis=st, next_step_at=nxt,
+                     reason=f"analysis passed at {route.weight:g}%: held there by the break-glass override by "
+                            f"{glass.actor} (no decision admits {glass.release}; promote with a promote statement)")
     if verifying:
         return _bump(route, analysis=st, verifying=False, next_step_at=0.0, good=domain.remember(route.good, route.stable),
                      reason=f"{route.reason}; post-promotion analysis passed")

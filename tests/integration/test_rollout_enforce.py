@@ -314,3 +314,25 @@ async def _pass_only(router: Any, signer: Signer, release: str) -> None:
     kv = await router.ctx.bus.kv(router.ctx.bus.subjects.kv_gates)
     await kv.put(token(release), msgspec.json.encode(signer.sign(GateDecided(
         release=release, rules=[], decision="PASS", artifacts=await judged(router.ctx.bus, release)))))
+
+
+async def test_a_break_glass_canary_is_still_judged_by_its_analysis(router: Any, http: aiohttp.ClientSession) -> None:
+    # Found by a probe: a break-glass canary started with steps and an analysis served its weight with neither
+    # (phase idle, analysis none) for as long as nobody looked; only a deployment-wide drift report stopped it.
+    # The override skips the gate, not the live evidence: a failing canary is aborted, a passing one held.
+    strategy = {"steps": [20, 50, 100], "interval_s": 0.2, "analysis": analysis_tests.ERRORS}
+    for canary, outcome in (("bad", "aborted"), ("same", "idle")):
+        glass = break_glass(router.ctx.settings, "chat", canary, "canary", f"incident with {canary}")
+        body = {"stable_release": "r1", "canary_release": canary, "initial_weight": 50, "strategy": strategy,
+                "break_glass": glass}
+        async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+        looked = (lambda r: r.phase == "aborted") if outcome == "aborted" else (
+            lambda r: r.analysis is not None and r.analysis.last is not None and r.analysis.last.verdict == "PASSED")
+        await analysis_tests._traffic_until(http, router, looked, limit=4000)
+        route = router.rollouts.route("chat")
+        assert route.phase == outcome, route.reason
+        if outcome == "aborted":
+            assert "analysis failed" in route.reason and route.weight == 0.0
+        else:  # passed, and still at the weight the statement was signed for: no step without a decision
+            assert (route.weight, route.step) == (50.0, 0) and "held there by the break-glass override" in route.reason
