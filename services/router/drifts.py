@@ -10,17 +10,24 @@ from lockgate.contracts import DriftReport, FeatureDrift, request_side
 # Features where less is better: their drift downwards is an improvement, not a reason to abort.
 _LOWER_IS_BETTER = frozenset({"latency_ms", "ttft_ms", "cost_usd"})
 _HIGHER_IS_BETTER = frozenset({"score.pii_free", "score.non_toxic", "score.json_valid"})  # the share that passed
+# The least rise in a latency's mean that is worth a rollback. A distribution test sees milliseconds: two arms on
+# one busy machine differ by a millisecond or two (scheduling, a cold connection), which no user notices and
+# which aborted healthy canaries (PSI 0.6 for a mean of 1.3 -> 2.5 ms). Latency that matters is judged by a
+# `latency_p95` analysis metric, with the ratio and bound the operator chose.
+MATERIAL_LATENCY_MS = 25.0
 
 
 def harmless(f: FeatureDrift) -> bool:
-    """Drift that is no reason to roll back: an improvement, a change the rollout makes by design, or a change in
+    """Drift that is no reason to roll back: an improvement, a change the rollout makes by design, a change in
     what clients send (input tokens, prompt text: `request_side`), which a client makes as it likes and no release
-    causes.
+    causes, or a latency that rose by less than MATERIAL_LATENCY_MS.
 
     Categorical features are named `feature:category` after the category whose share moved.
     """
     if request_side(f.feature):
         return True
+    if f.feature in ("latency_ms", "ttft_ms") and f.current_mean - f.reference_mean < MATERIAL_LATENCY_MS:
+        return True  # a faster answer, or one slower by less than anyone notices
     name, _, category = f.feature.partition(":")
     rose = f.current_mean > f.reference_mean
     if name == "model":
