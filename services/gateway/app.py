@@ -1,8 +1,10 @@
-"""Gateway wiring: the gRPC API on the configured host and port (0 binds a free port)."""
+"""Gateway wiring: the gRPC API on the configured host and port (0 binds a free port), and the relay of
+per-application NATS users' events (relay.py)."""
 
 from __future__ import annotations
 
 from lockgate.server.service import Service, ServiceContext
+from lockgate.services.gateway.relay import Relay
 from lockgate.services.gateway.server import GrpcServer
 
 
@@ -15,6 +17,7 @@ class Gateway(Service):
         super().__init__(ctx)
         s = ctx.settings
         self.server = GrpcServer(ctx.bus, s.host, s.grpc_port, settings=s)
+        self.relay = Relay(ctx.bus)
         self._serving = False
 
     @property
@@ -25,11 +28,13 @@ class Gateway(Service):
     async def start(self) -> None:
         """Bind and serve."""
         await self.server.start()
+        await self.relay.start()
         self._serving = True
 
     async def stop(self) -> None:
         """Stop taking calls; running ones get two seconds (open watches are then cancelled)."""
         self._serving = False
+        await self.relay.stop()
         await self.server.stop(2.0)
         await super().stop()
 

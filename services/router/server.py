@@ -45,7 +45,7 @@ class RouterService(Service):
         # the bus is back: an outage costs only what overflows the buffer. The spool keeps them through a
         # kill -9 too: the next router on it publishes them first.
         self.batcher = Outbox(ctx.bus.subjects, overflow="drop_oldest", max_in_flight=4, retry=UNTIL_BACK,
-                              served=True, name="router-events", spool=open_spool(ctx.settings),
+                              via="served", name="router-events", spool=open_spool(ctx.settings),
                               on_sent=metrics.events_out_counter("router"), on_drop=metrics.drop_counter("router"))
         self.keys = KeyStore(ctx.settings.home)  # clients and operators authenticate with these
         self.proxy = Proxy(ctx.settings, self.rollouts, self.batcher, ctx.telemetry.server_spans(self.name),

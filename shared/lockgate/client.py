@@ -21,8 +21,9 @@ from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
 from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.decisionwatch import ReconnectCounter, watch_decisions
-from lockgate.errors import BusUnavailable, ClientClosed, InvalidEvent, NotFound, SignatureError
+from lockgate.errors import BusUnavailable, ClientClosed, ConfigError, InvalidEvent, NotFound, SignatureError
 from lockgate.outbox import UNTIL_BACK, Outbox, encode_event, event_from_fields
+from lockgate.permissions import app_of
 from lockgate.retry import RetryPolicy
 from lockgate.signing import Verifier
 from lockgate.subjects import Subjects, token
@@ -88,6 +89,10 @@ class Client:
         # The application's NATS identity (`app` in `{home}/credentials/app.json`, or your own user).
         self._auth = NatsAuth(user=user, password=password, creds_file=creds_file, tls_ca=tls_ca,
                               tls_cert=tls_cert, tls_key=tls_key)
+        scoped = app_of(user)
+        if scoped not in (None, (tenant, app)):
+            raise ConfigError(f"NATS user {user!r} sends the events of tenant {scoped[0]!r}, app {scoped[1]!r} "
+                              f"only; this client is tenant {tenant!r}, app {app!r}")
         self.subjects = Subjects(prefix)
         self.app = app
         self.tenant = tenant
@@ -106,6 +111,8 @@ class Client:
             retry=UNTIL_BACK if max_attempts is None else RetryPolicy(attempts=max_attempts, initial_s=0.05, max_s=2.0),
             close_timeout_s=close_timeout_s,
             name="lockgate-sdk",
+            # A per-application user publishes through the gateway's relay (Subjects.ingest); any other directly.
+            via="sent" if scoped is None else "relay",
         )
         self._started = False
         self._closed = False

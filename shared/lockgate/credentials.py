@@ -100,10 +100,11 @@ def apps(home: str | Path) -> dict[str, dict[str, str]]:
         try:
             data = json.loads(path.read_text())
             found = {k: str(data[k]) for k in ("user", "password", "tenant", "app")}
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            mine = found["user"] == app_user(found["tenant"], found["app"])
+        except Exception as exc:  # whatever a hand-edited file trips on (bad JSON, a lone surrogate, nesting)
             log.warning("skipping NATS credential %s: %s", path, exc.__class__.__name__)
             continue
-        if found["user"] != app_user(found["tenant"], found["app"]):
+        if not mine:
             log.warning("skipping NATS credential %s: its user is not its tenant's and app's", path)
             continue
         out[found["user"]] = found

@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 import msgspec.inspect as mi
@@ -67,6 +67,8 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 PUBLISH_RETRY = RetryPolicy(attempts=5, initial_s=0.05, max_s=2.0)
+Via = Literal["sent", "served", "relay"]
+
 # An Outbox's publishes: retried until the bus is back, however long; the buffer's capacity bounds what an
 # outage costs (its overflow policy counts what it refuses), and close() bounds how long a stop waits.
 UNTIL_BACK = RetryPolicy(attempts=None, initial_s=0.05, max_s=2.0)
@@ -213,7 +215,7 @@ async def publish_events(
     retry: RetryPolicy = PUBLISH_RETRY,
     give_up: Callable[[], bool] | None = None,
     timeout_s: float = 5.0,
-    served: bool = False,
+    via: Via = "sent",
     on_acked: Callable[[list[Encoded]], None] | None = None,
 ) -> int:
     """Publish events, one message per tenant, app and chunk; returns how many JetStream acknowledged.
@@ -221,10 +223,11 @@ async def publish_events(
     Raises PublishFailed (carrying `sent` and `failed`) when any chunk was not acknowledged after
     the retries (`retry`'s attempts, or until `give_up()`); the other chunks are published all the
     same. `headers` go on every message; a chunk without a `traceparent` there gets its first event's trace.
-    `served`: the router's events of requests it served, on `subjects.served` (see there).
+    `via`: "sent" on `subjects.inference`; "served", the router's events of requests it served, on
+    `subjects.served`; "relay", a per-application NATS user's, on `subjects.ingest` (see there).
     `on_acked(chunk)` is called with each chunk JetStream acknowledged, as its ack arrives."""
     chunks = chunk_by_sender(events, batch_size)
-    subject = subjects.served if served else subjects.inference
+    subject = {"sent": subjects.inference, "served": subjects.served, "relay": subjects.ingest}[via]
     errors = await asyncio.gather(
         *(_publish_chunk(js, subject(c[0].app, c[0].tenant), c, headers, retry, give_up, timeout_s, on_acked) for c in chunks)
     )
@@ -312,7 +315,7 @@ class Outbox:
         retry: RetryPolicy = PUBLISH_RETRY,
         close_timeout_s: float = 10.0,
         publish_timeout_s: float = 5.0,
-        served: bool = False,
+        via: Via = "sent",
         name: str = "outbox",
         on_sent: Callable[[int], None] | None = None,
         on_drop: Callable[[int, str], None] | None = None,
@@ -323,7 +326,7 @@ class Outbox:
         self.retry = retry
         self.close_timeout_s = close_timeout_s
         self.publish_timeout_s = publish_timeout_s  # each attempt's wait for its ack
-        self.served = served  # the router's: published on `subjects.served`
+        self.via = via  # which subject its events go on (publish_events)
         self._give_up_at: float | None = None  # set by close(): when publishes still failing are given up
         self.js: Any = None
         self.sent = 0
@@ -410,7 +413,7 @@ class Outbox:
             # await and lose the counts of batches acknowledged meanwhile.
             sent = await publish_events(self.js, self.subjects, events, batch_size=self.batch_size, retry=self.retry,
                                         give_up=self._give_up, timeout_s=self.publish_timeout_s,
-                                        served=self.served, on_acked=None if self.spool is None else self.spool.settle)
+                                        via=self.via, on_acked=None if self.spool is None else self.spool.settle)
         except PublishFailed as exc:
             self.sent += exc.sent
             self.failed += exc.failed

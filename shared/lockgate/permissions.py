@@ -179,9 +179,10 @@ def grant(s: Subjects, identity: str) -> Grant:
     g = _base(identity)
     scoped = app_of(identity)
     if scoped is not None:
-        # One tenant's application: its own events only. Decisions are read over gRPC with an API key, which
-        # is scoped to the releases of its tenant and app (the gates bucket is not).
-        return g.add(Grant(publish=[s.inference(scoped[1], scoped[0])]))
+        # One tenant's application: its own events only, through the gateway's relay (Subjects.ingest: never
+        # a stream's subject, whose acknowledgement JetStream would publish on any reply subject it named).
+        # Decisions are read over gRPC with an API key, scoped to its tenant's and app's releases.
+        return g.add(Grant(publish=[s.ingest(scoped[1], scoped[0])]))
     if identity == "admin":
         return Grant(publish=[">"], subscribe=[">"], responses=True)
     if identity == "sink":
@@ -194,6 +195,8 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(Grant(subscribe=[s.query], responses=True))
     elif identity == "gateway":
         g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_sent]))
+        # The relay of per-application users' events: it answers them on their own inboxes only.
+        g.add(Grant(subscribe=[s.ingest_all], publish=[f"{inbox(APPS)}.>"]))
         g.add(Grant(subscribe=[s.gate_decided_all]))  # WatchDecisions follows the announcements (decisionwatch.py)
         g.add(_read_kv(s.kv_releases))  # whose a release is: a key reads its own tenant's and app's decisions
     elif identity == "otlp":

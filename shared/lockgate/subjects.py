@@ -126,6 +126,34 @@ class Subjects:
         alone are a canary's live evidence (an application could send any event on `inference`)."""
         return f"{self.inference(app, tenant)}.router"
 
+    def ingest(self, app: str, tenant: str = "default") -> str:
+        """Where a per-application NATS user sends its events (`<prefix>.ingest.<tenant>.<app>`): no stream
+        captures it, so nothing answers a publish here but the gateway's relay, which puts the events on
+        `inference` and acknowledges to the sender's own inbox only. (A publish on a stream's subject is
+        acknowledged by JetStream on whatever reply subject the publisher names, unchecked: a KV key of any
+        bucket, say.)"""
+        return f"{self.prefix}.ingest.{token(tenant)}.{token(app)}"
+
+    @property
+    def ingest_all(self) -> str:
+        return f"{self.prefix}.ingest.*.*"
+
+    @property
+    def ingest_group(self) -> str:
+        """Queue group of the gateway replicas' relays: each message is relayed once."""
+        return f"{self.prefix}_ingest"
+
+    def ingest_sender(self, subject: str) -> tuple[str, str] | None:
+        """(tenant, app) of an `ingest` subject; None for any other."""
+        head = f"{self.prefix}.ingest."
+        parts = subject[len(head):].split(".") if subject.startswith(head) else []
+        if len(parts) != 2:
+            return None
+        try:
+            return untoken(parts[0]), untoken(parts[1])
+        except ConfigError:
+            return None
+
     @property
     def inference_all(self) -> str:
         """Both kinds: every consumer that stores, prices or watches events takes all of them."""

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.fixture
 async def stack(settings: Settings) -> AsyncIterator[Runtime]:
-    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink"])
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "gateway"])
     await runtime.start()
     yield runtime
     await runtime.stop()
@@ -68,7 +68,7 @@ async def test_an_app_credential_publishes_its_own_events_only_and_is_refused_on
     created = await run_cli(stack, "create", "--tenant", "acme", "--app", "shop", "--json")
     assert created.exit_code == 0, created.output
     made = json.loads(created.output)
-    assert made["applied"] is True and made["subject"] == stack.ctx.bus.subjects.inference("shop", "acme")
+    assert made["applied"] is True and made["subject"] == stack.ctx.bus.subjects.ingest("shop", "acme")
     secret, mode = await asyncio.to_thread(lambda p: (json.loads(p.read_text()), p.stat().st_mode), Path(made["file"]))
     assert mode & 0o777 == 0o600
     sink = stack.services["sink"].handlers
@@ -89,9 +89,10 @@ async def test_an_app_credential_publishes_its_own_events_only_and_is_refused_on
     nc = await _connect(stack, secret["user"], secret["password"], errors)
     try:
         js = nc.jetstream()
-        # Another tenant's subject, the router's served subject, a gate decision: refused by the server.
-        for subject in (s.inference("shop", "globex"), s.inference("other", "acme"), s.served("shop", "acme"),
-                        s.gate_decided("shop-v2")):
+        # Another tenant's subject, the router's served subject, a gate decision, and even its own inference
+        # subject (a stream's: JetStream would acknowledge on any reply subject it named): refused by the server.
+        for subject in (s.ingest("shop", "globex"), s.inference("shop", "acme"), s.inference("other", "acme"),
+                        s.served("shop", "acme"), s.gate_decided("shop-v2")):
             with pytest.raises((TimeoutError, nats.errors.Error)):
                 await js.publish(subject, b"{}", timeout=1)
         # Nor may it read decisions (another tenant's among them): no subscription on their announcements.
@@ -100,15 +101,27 @@ async def test_an_app_credential_publishes_its_own_events_only_and_is_refused_on
         # Its own subject, with one of its events and one claiming another tenant: that one alone is
         # dead-lettered, naming why; the other is stored.
         mine, forged = InferenceEvent(app="shop", tenant="acme"), InferenceEvent(app="shop", tenant="globex")
-        await js.publish(s.inference("shop", "acme"), encode([mine, forged]), timeout=5)
+        await js.publish(s.ingest("shop", "acme"), encode([mine, forged]), timeout=5)
         await sink.events.wait_for(2)
         await sink.dead_letters.wait_for(1)
+        # Found by a probe: JetStream acknowledged a publish on the reply subject the publisher named, unchecked,
+        # so an application's user had the acknowledgement stored as any KV key's value (a budget counter reset,
+        # a PASS, a route or the audit head erased). Its events go through the gateway's relay now, which answers
+        # only on the sender's own inbox: a message naming another reply subject is dropped whole.
+        gates = await stack.ctx.bus.kv(s.kv_gates)
+        await gates.put("victim", b"signed decision")
+        relay = stack.services["gateway"].relay
+        await nc.publish(s.ingest("shop", "acme"), encode([InferenceEvent(app="shop", tenant="acme")]),
+                         reply=f"$KV.{s.kv_gates}.victim")
+        await nc.flush()
+        await relay.refused.wait_for(1, 10)
+        assert (await gates.get("victim")).value == b"signed decision"
     finally:
         await nc.close()
     violations = [e for e in errors if "permissions violation" in e.lower()]
-    assert len(violations) >= 5, errors
+    assert len(violations) >= 6, errors
     rows = stack.ctx.store.rows("SELECT tenant, app, count() AS n FROM inference_events GROUP BY tenant, app")
-    assert rows == [{"tenant": "acme", "app": "shop", "n": 2}]
+    assert rows == [{"tenant": "acme", "app": "shop", "n": 2}]  # the refused message's event was never relayed
     letter = stack.ctx.store.rows("SELECT reason, error FROM dead_letters")
     assert len(letter) == 1 and "tenant 'globex' and app 'shop' are not those of the subject" in letter[0]["error"]
 
@@ -135,7 +148,14 @@ async def test_an_app_credential_publishes_its_own_events_only_and_is_refused_on
 
 
 async def test_cli_errors_are_one_line(stack: Runtime) -> None:
-    assert (await run_cli(stack, "create", "--tenant", "acme", "--app", "shop")).exit_code == 0
+    # Found by a probe: one hand-edited file whose tenant is a lone surrogate stopped every reload (and `lockgate
+    # up`): a revoked user could still connect. A file that does not read is skipped, the others applied.
+    apps = Path(stack.settings.home) / "credentials" / "apps"
+    await asyncio.to_thread(apps.mkdir, exist_ok=True)
+    await asyncio.to_thread((apps / "zz-bad.json").write_text,
+                            '{"user": "x", "password": "p", "tenant": "\\ud800", "app": "a"}')
+    made = await run_cli(stack, "create", "--tenant", "acme", "--app", "shop")
+    assert made.exit_code == 0 and "the running stack applied it" in made.output, made.output
     again = await run_cli(stack, "create", "--tenant", "acme", "--app", "shop")
     assert again.exit_code != 0 and "has a NATS credential already" in again.output and "Traceback" not in again.output
     bad = await run_cli(stack, "create", "--tenant", "acme", "--app", "no spaces")
@@ -168,10 +188,14 @@ async def test_a_deployed_server_takes_an_applications_user_from_nats_config(
         nc = await nats.connect(server.url, user=user, password=passwords[user], allow_reconnect=False,
                                 error_cb=on_error, inbox_prefix=f"_INBOX.{user}")
         try:
-            js, s = nc.jetstream(), admin.subjects
-            assert (await js.publish(s.inference("shop", "acme"), b"[]", timeout=5)).seq >= 1
-            with pytest.raises((TimeoutError, nats.errors.Error)):
-                await js.publish(s.inference("shop", "globex"), b"[]", timeout=1)
+            s = admin.subjects
+            own = await admin.nc.subscribe(s.ingest("shop", "acme"))  # where the gateway's relay would take them
+            await admin.nc.flush()
+            await nc.publish(s.ingest("shop", "acme"), b"[]")
+            assert (await own.next_msg(timeout=5)).data == b"[]"
+            for subject in (s.ingest("shop", "globex"), s.inference("shop", "acme")):
+                with pytest.raises((TimeoutError, nats.errors.Error)):
+                    await nc.jetstream().publish(subject, b"[]", timeout=1)
         finally:
             await nc.close()
             await admin.close()

@@ -72,11 +72,14 @@ def test_an_application_user_publishes_its_own_tenants_and_apps_events_only() ->
     user = app_user("acme co", "shop.v2")
     assert app_of(user) == ("acme co", "shop.v2") and app_of("app") is None and app_of("apps.a=41.b") is None
     g = grant(S, user)
-    assert [p for p in g.publish if not p.startswith("$JS.")] == [S.inference("shop.v2", "acme co")]
+    # Not even its own inference subject: a stream's, whose acknowledgement JetStream publishes on any reply
+    # subject the publisher names. The gateway relays `ingest` there, answering the sender's own inbox only.
+    assert [p for p in g.publish if not p.startswith("$JS.")] == [S.ingest("shop.v2", "acme co")]
     assert g.subscribe == [f"_INBOX.{user}.>"] and not g.responses
     # Its replies are its own: outside the shared `app` user's inbox.
     assert not any(matches(p, f"_INBOX.{user}.x") for p in grant(S, "app").subscribe)
-    for subject in (S.inference("shop.v2", "acme"), S.served("shop.v2", "acme co"), S.gate_decided("r")):
+    for subject in (S.inference("shop.v2", "acme co"), S.ingest("shop.v2", "acme"), S.served("shop.v2", "acme co"),
+                    S.gate_decided("r")):
         assert not any(matches(p, subject) for p in g.publish)
 
 

@@ -308,3 +308,20 @@ def test_a_replica_cut_off_from_the_bus_serves_the_stable_release_only() -> None
     cut = domain.stable_only(live)
     assert {domain.choose(cut, f"user-{i}", tagged)[1].release for i in range(200)} == {"r1"}
     assert cut.canary is None  # nothing to mirror to either (Shadow.maybe_mirror)
+
+
+def test_another_spelling_of_a_spent_signature_is_the_same_statement() -> None:
+    # Found by a probe: base64 decoding ignores the unused bits of the last character before `==`, so 16 spellings
+    # of one Ed25519 signature verify; each was a statement of its own, good once, so one statement served 16 times.
+    import base64
+
+    raw = bytes(range(64))
+    text = base64.b64encode(raw).decode()
+    assert text.endswith("==")
+    respelled = text[:-3] + chr(ord(text[-3]) + 1) + "=="
+    assert base64.b64decode(respelled, validate=True) == raw and respelled != text
+    glass = domain.Override(release="r2", action="canary", actor="boss", reason="x", at=1000.0, signature=text)
+    route = msgspec.structs.replace(Route(deployment="d", stable=Target(release="r1")),
+                                    spent=domain.spend(Route(deployment="d", stable=Target(release="r1")), glass, 1001.0))
+    with pytest.raises(domain.OverrideReplayed):
+        domain.spend(route, msgspec.structs.replace(glass, signature=respelled), 1002.0)

@@ -1,7 +1,8 @@
 """`lockgate app-credential create|revoke|list`: a NATS user for one tenant's application.
 
 The shared `app` user may publish any tenant's and app's events and read every decision; a per-application
-user publishes its own tenant's and app's events only (`lg.inference.<tenant>.<app>`, permissions.app_user).
+user publishes its own tenant's and app's events only (on `lg.ingest.<tenant>.<app>`, relayed by the gateway to
+`lg.inference.<tenant>.<app>`: permissions.app_user, services/gateway/relay.py).
 The credential is a file in the stack's home (0600), so this command runs where the home is; a running
 `lockgate up` applies the change at once (its nats-server reloads its users), and the change is recorded in
 the audit log.
@@ -72,7 +73,7 @@ def register(cli: click.Group) -> None:
         applied, said = asyncio.run(_reload(settings))
         record_change(settings, target=f"nats-app:{user}", action="rotate" if rotate else "create",
                       details={"tenant": tenant, "app": app})
-        subject = Subjects(settings.prefix).inference(app, tenant)
+        subject = Subjects(settings.prefix).ingest(app, tenant)
         if as_json:
             output({"user": user, "tenant": tenant, "app": app, "file": str(path), "subject": subject,
                     "applied": applied}, True)
@@ -108,5 +109,5 @@ def register(cli: click.Group) -> None:
         """Every application credential of the home: user, tenant, app and the subject it may publish on."""
         settings = ctx.obj["settings"]
         s = Subjects(settings.prefix)
-        output([{"user": user, "tenant": c["tenant"], "app": c["app"], "subject": s.inference(c["app"], c["tenant"])}
+        output([{"user": user, "tenant": c["tenant"], "app": c["app"], "subject": s.ingest(c["app"], c["tenant"])}
                 for user, c in credentials.apps(settings.home).items()], as_json)

@@ -129,14 +129,18 @@ class Runtime:
 
     async def _on_reload(self, msg: Msg) -> None:
         assert self.nats is not None
+        if not msg.reply or msg.data:
+            # Only the CLI's request (empty, awaiting an answer): a stray message (a JetStream acknowledgement
+            # someone pointed here with a reply subject of theirs) reloads nothing.
+            return
         try:
             await self.nats.reload(await asyncio.to_thread(self._nats_config))
             reply = {"ok": True, "apps": len(credentials.apps(self.settings.home))}
-        except LockgateError as exc:
-            log.error("NATS users not reloaded: %s", exc.message)
-            reply = {"ok": False, "error": exc.message}
-        if msg.reply:
-            await msg.respond(json.dumps(reply).encode())
+        except Exception as exc:  # the CLI is answered whatever failed, and told what
+            message = exc.message if isinstance(exc, LockgateError) else repr(exc)
+            log.error("NATS users not reloaded: %s", message)
+            reply = {"ok": False, "error": message}
+        await msg.respond(json.dumps(reply).encode())
 
     @property
     def endpoints(self) -> dict[str, str]:

@@ -1,0 +1,66 @@
+"""The relay of per-application NATS users' events: `ingest.<tenant>.<app>` onto `inference.<tenant>.<app>`.
+
+A publish on a stream's subject is acknowledged by JetStream on the reply subject the publisher named, whatever
+it is and unchecked by any permission: an application that could publish on `inference` could have that
+acknowledgement stored as the value of any KV key (a budget's counter reset, a gate decision or a route erased).
+So an application's own user publishes where no stream listens, and this relay, as the gateway's identity,
+publishes the bytes as they came (its headers too: the message id keeps JetStream's duplicate check) on the
+inference subject of the same tenant and app, and passes JetStream's acknowledgement back only to a reply
+subject in that user's own inbox. Consumers check the events against the subject as for any other sender.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from lockgate.bus import Bus
+from lockgate.permissions import app_user, inbox
+from lockgate.server.service import Progress
+
+log = logging.getLogger("lockgate.gateway.relay")
+
+_ACK_TIMEOUT_S = 5.0  # JetStream's acknowledgement; the sender's own publish times out and retries after it
+
+
+class Relay:
+    """Relays every per-application user's events (one of the gateway replicas each: a queue group)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.relayed = Progress()
+        self.refused = Progress()  # messages whose reply was not their sender's inbox: never relayed
+        self._sub: Subscription | None = None
+
+    async def start(self) -> None:
+        s = self.bus.subjects
+        self._sub = await self.bus.nc.subscribe(s.ingest_all, queue=s.ingest_group, cb=self.on_message)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+
+    async def on_message(self, msg: Msg) -> None:
+        s = self.bus.subjects
+        sender = s.ingest_sender(msg.subject)
+        # The server let only that tenant's and app's user publish here; its replies go to its own inbox. Any other
+        # reply subject is someone aiming the acknowledgement elsewhere: the message is dropped whole.
+        if sender is None or not msg.reply or not msg.reply.startswith(f"{inbox(app_user(*sender))}."):
+            await self.refused.bump()
+            log.warning("relay: dropped a message on %s whose reply %r is not its sender's inbox", msg.subject,
+                        msg.reply)
+            return
+        tenant, app = sender
+        try:
+            ack = await self.bus.nc.request(s.inference(app, tenant), msg.data, timeout=_ACK_TIMEOUT_S,
+                                            headers=msg.headers)
+        except (nats.errors.Error, TimeoutError) as exc:
+            # No answer: the sender's publish times out too and is retried, as if it had published itself.
+            log.warning("relay: events of %s/%s not acknowledged by JetStream: %r", tenant, app, exc)
+            return
+        await self.bus.nc.publish(msg.reply, ack.data, headers=ack.headers)
+        await self.relayed.bump()
