@@ -22,8 +22,9 @@ from lockgate.subjects import token
 NANO = 1_000_000_000  # the ledger counts nano-USD: integers add exactly
 
 
-class Ledger(msgspec.Struct, frozen=True, kw_only=True):
-    """One deployment's judge spend on one UTC day (its KV key names both)."""
+class Ledger(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One deployment's judge spend on one UTC day (its KV key names both). Unknown fields are refused, as a
+    budget counter's (router/budgets.Counter): a stray JetStream acknowledgement stored here is no ledger at 0."""
 
     spent: int = 0  # nano-USD: settled costs plus the reservations of calls in flight
     minute: int = 0  # the minute (since the epoch) that `calls` counts

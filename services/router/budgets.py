@@ -205,8 +205,11 @@ def cost_of(price: ModelPrice | None, input_tokens: int, output_tokens: int, cac
     return Amount(usd, input_tokens + output_tokens)
 
 
-class Counter(msgspec.Struct, frozen=True, kw_only=True):
-    """What a budget counter holds in the KV: the amount leased to replicas in one period."""
+class Counter(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a budget counter holds in the KV: the amount leased to replicas in one period. Unknown fields are
+    refused: any identity that may publish on a stream's subject can have a JetStream acknowledgement
+    (`{"stream":..,"seq":..}`) stored under a key, which read leniently would be a counter at zero (the budget
+    reset); refused, the counter is unreadable and the budget fails closed (as when the store is down)."""
 
     leased: Amount = ZERO
 

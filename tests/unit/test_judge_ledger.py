@@ -51,3 +51,12 @@ def test_the_largest_cost_bounds_what_the_provider_can_bill() -> None:
     prompt_bytes = sum(len(m["content"].encode()) for m in msgs)
     assert largest >= judgeledger.cost(price, prompt_bytes, 256) > judgeledger.cost(price, prompt_bytes // 4, 20)
     assert judgeledger.cost(ModelPrice(input_per_mtok=0, output_per_mtok=1000), 0, 16) == 16_000_000  # no float noise
+
+
+def test_a_stray_jetstream_acknowledgement_is_no_ledger_at_zero() -> None:
+    import msgspec
+
+    from lockgate.services.evaluator.judgeledger import Ledger
+
+    with pytest.raises(msgspec.ValidationError, match="unknown field"):
+        msgspec.json.decode(b'{"stream":"LG_INFERENCE","seq":132}', type=Ledger)

@@ -389,3 +389,16 @@ def test_an_escaped_key_or_a_stored_item_is_pointed_at_too() -> None:
     assert pointed_at(image, 1500, 200_000) == 2 * 1500
     # Escaped quotes inside a text still name nothing.
     assert pointed_at(b'{"input": "say \\u0022image_url\\u0022"}', 1500, 200_000) == 0
+
+
+def test_a_stray_jetstream_acknowledgement_is_no_counter_at_zero() -> None:
+    # Found by a probe: JetStream publishes a publish's acknowledgement on any reply subject the publisher names,
+    # so one landed as a budget counter's value; read leniently it was a counter at zero, the budget reset. Now it
+    # is unreadable, which fails the budget closed (as a store that is down).
+    import msgspec
+
+    from lockgate.services.router.budgets import Counter
+
+    with pytest.raises(msgspec.ValidationError, match="unknown field"):
+        msgspec.json.decode(b'{"stream":"LG_INFERENCE","seq":132}', type=Counter)
+    assert msgspec.json.decode(msgspec.json.encode(Counter()), type=Counter) == Counter()
