@@ -444,18 +444,24 @@ async def test_retries_stop_when_the_budget_is_spent(gateway: Gateway, keys: Boo
 # Fallbacks
 
 
+async def _canary_at_100(gateway: Gateway, keys: Bootstrap, context: ServiceContext, stable: str, canary: str) -> Any:
+    """A router whose deployment `chat` sends every request to canary r2 (model m-canary at `canary`), stable r1
+    (model m at `stable`) behind it: r2 under a break-glass override, as no decision allows it."""
+    router = await gateway({"default": {"url": stable}, "canary": {"url": canary, "retry": {"attempts": 1}}})
+    await register_model_release(context.bus, "r1", "m", "default")
+    await register_model_release(context.bus, "r2", "m-canary", "canary")
+    await store_pass(context.bus, "r1", context.settings)
+    route = {"stable_release": "r1", "canary_release": "r2", "initial_weight": 100,
+             "break_glass": break_glass(context.settings, "chat", "r2", "canary", "fallback test")}
+    async with openai.AsyncOpenAI(base_url=f"{router.url}/lockgate/v1", api_key=keys.admin_key) as admin:
+        await admin.put("/deployments/chat", body=route, cast_to=object)
+    return router
+
+
 async def test_failing_canary_falls_back_to_stable(gateway: Gateway, keys: Bootstrap, context: ServiceContext,
                                                    events: Any) -> None:
     async with FakeLLM("stable") as stable, FakeLLM("canary", ("status", 500)) as canary:
-        router = await gateway({"default": {"url": stable.url},
-                                "canary": {"url": canary.url, "retry": {"attempts": 1}}})
-        await register_model_release(context.bus, "r1", "m", "default")
-        await register_model_release(context.bus, "r2", "m-canary", "canary")
-        await store_pass(context.bus, "r1", context.settings)
-        route = {"stable_release": "r1", "canary_release": "r2", "initial_weight": 100,
-                 "break_glass": break_glass(context.settings, "chat", "r2", "canary", "fallback test")}
-        async with openai.AsyncOpenAI(base_url=f"{router.url}/lockgate/v1", api_key=keys.admin_key) as admin:
-            await admin.put("/deployments/chat", body=route, cast_to=object)
+        router = await _canary_at_100(gateway, keys, context, stable.url, canary.url)
         async with client(router, keys) as c:
             # Before: a failing canary at 100% gave 502s while stable was healthy.
             raw = await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
@@ -486,15 +492,7 @@ async def test_a_canary_that_may_fall_back_reserves_at_the_dearer_model_and_sett
     context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"),
                                                 price_book=str(tmp_path / "prices.yaml"))
     async with FakeLLM("stable") as stable, FakeLLM("canary", ("status", 500)) as canary:
-        router = await gateway({"default": {"url": stable.url},
-                                "canary": {"url": canary.url, "retry": {"attempts": 1}}})
-        await register_model_release(context.bus, "r1", "m", "default")
-        await register_model_release(context.bus, "r2", "m-canary", "canary")
-        await store_pass(context.bus, "r1", context.settings)
-        route = {"stable_release": "r1", "canary_release": "r2", "initial_weight": 100,
-                 "break_glass": break_glass(context.settings, "chat", "r2", "canary", "fallback test")}
-        async with openai.AsyncOpenAI(base_url=f"{router.url}/lockgate/v1", api_key=keys.admin_key) as admin:
-            await admin.put("/deployments/chat", body=route, cast_to=object)
+        router = await _canary_at_100(gateway, keys, context, stable.url, canary.url)
         async with client(router, keys) as c:
             # At stable's $1,000 per million tokens, 2,000 output tokens alone are $2: over the $1 budget. At the
             # canary's $1 they were $0.002, and the request went through to be answered by stable.
