@@ -131,25 +131,31 @@ def verify_person(settings: Settings, key_id: str, signature: str, data: bytes, 
     return name
 
 
-# Applies
+# Statements a person signs whole (an apply, a review)
 
 
-def apply_bytes(request: ApplyRequest) -> bytes:
-    """What a person signs for an apply: the whole request but its signature."""
-    return canonical_json(msgspec.to_builtins(msgspec.structs.replace(request, signature="")))
+def statement_bytes(statement: Any) -> bytes:
+    """What a person signs of a statement (an ApplyRequest, a GateReview): the whole of it but its signature."""
+    return canonical_json(msgspec.to_builtins(msgspec.structs.replace(statement, signature="")))
+
+
+def _signed(identity: Identity, statement: Any, signer_field: str) -> Any:
+    """`statement` as `identity`: its name in `signer_field`, its key id, and its signature over the rest."""
+    unsigned = msgspec.structs.replace(statement, **{signer_field: identity.name}, key_id=identity.key_id,
+                                       signature="")
+    return msgspec.structs.replace(unsigned, signature=identity.sign(statement_bytes(unsigned)))
 
 
 def sign_apply(identity: Identity, request: ApplyRequest) -> ApplyRequest:
     """The apply as `identity`: its name as `applied_by`, its key id, and its signature."""
-    unsigned = msgspec.structs.replace(request, applied_by=identity.name, key_id=identity.key_id, signature="")
-    return msgspec.structs.replace(unsigned, signature=identity.sign(apply_bytes(unsigned)))
+    return _signed(identity, request, "applied_by")  # type: ignore[no-any-return]
 
 
 def verify_apply(settings: Settings, request: ApplyRequest) -> str:
     """The operator's (or admin's) name that signed the apply; IdentityRefused if it names a person who did
     not sign it."""
     what = f"apply of {request.directory}"
-    name = verify_person(settings, request.key_id, request.signature, apply_bytes(request),
+    name = verify_person(settings, request.key_id, request.signature, statement_bytes(request),
                          roles=("operator", "admin"), what=what)
     if request.applied_by != name:
         raise IdentityRefused(f"{what} claims applied_by {request.applied_by!r} but is signed by {name}")
@@ -159,22 +165,16 @@ def verify_apply(settings: Settings, request: ApplyRequest) -> str:
 # Reviews
 
 
-def review_bytes(review: GateReview) -> bytes:
-    """What a reviewer signs: the whole review (ids, release, action, reason, decision) but the signature."""
-    return canonical_json(msgspec.to_builtins(msgspec.structs.replace(review, signature="")))
-
-
 def sign_review(identity: Identity, review: GateReview) -> GateReview:
     """The review as `identity`: its name as actor, its key id, and its signature."""
-    unsigned = msgspec.structs.replace(review, actor=identity.name, key_id=identity.key_id, signature="")
-    return msgspec.structs.replace(unsigned, signature=identity.sign(review_bytes(unsigned)))
+    return _signed(identity, review, "actor")  # type: ignore[no-any-return]
 
 
 def verify_review(settings: Settings, review: GateReview) -> str:
     """The approver's (or admin's) name that signed the review; IdentityRefused if none did, or if it
     claims another actor than the signer."""
     what = f"{review.action} of {review.release} (review {review.id})"
-    name = verify_person(settings, review.key_id, review.signature, review_bytes(review), roles=REVIEWER_ROLES,
+    name = verify_person(settings, review.key_id, review.signature, statement_bytes(review), roles=REVIEWER_ROLES,
                          what=what)
     if review.actor and review.actor != name:
         raise IdentityRefused(f"{what} claims actor {review.actor!r} but is signed by {name}")

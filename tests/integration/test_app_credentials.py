@@ -10,6 +10,7 @@ import json
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -51,17 +52,13 @@ async def run_cli(runtime: Runtime, *args: str) -> Result:
     return await asyncio.to_thread(_cli, runtime, *args)
 
 
-async def _ignore(exc: Exception) -> None:
-    pass  # nats-py logs a traceback for a connection closed by the server otherwise
-
-
-async def _connect(runtime: Runtime, user: str, password: str, errors: list[str]) -> nats.NATS:
-    async def on_error(exc: Exception) -> None:
+async def _connect(runtime: Runtime, user: str, password: str, errors: list[str], closed: Any = None) -> nats.NATS:
+    async def on_error(exc: Exception) -> None:  # kept for asserts (nats-py would log a traceback otherwise)
         errors.append(str(exc))
 
     return await nats.connect(runtime.settings.nats_url, user=user, password=password, allow_reconnect=False,
                               max_reconnect_attempts=0, connect_timeout=5, error_cb=on_error,
-                              inbox_prefix=f"_INBOX.{user}")
+                              inbox_prefix=f"_INBOX.{user}", closed_cb=closed)
 
 
 async def test_an_app_credential_publishes_its_own_events_only_and_is_refused_once_revoked(stack: Runtime) -> None:
@@ -131,9 +128,7 @@ async def test_an_app_credential_publishes_its_own_events_only_and_is_refused_on
     async def closed() -> None:
         gone.set()
 
-    held = await nats.connect(stack.settings.nats_url, user=secret["user"], password=secret["password"],
-                              allow_reconnect=False, connect_timeout=5, closed_cb=closed, error_cb=_ignore,
-                              inbox_prefix=f"_INBOX.{secret['user']}")
+    held = await _connect(stack, secret["user"], secret["password"], [], closed=closed)
     revoked = await run_cli(stack, "revoke", "--tenant", "acme", "--app", "shop")
     assert revoked.exit_code == 0 and "the running stack applied it" in revoked.output, revoked.output
     await asyncio.wait_for(gone.wait(), 10)

@@ -72,6 +72,15 @@ async def gated(context: ServiceContext, run_services: Callable[..., Any],
         yield {"suite": suite, "dataset": dataset, "strict": strict, "sim": sim.url}
 
 
+async def _next(sub: Any, codec: Any, wanted: Any) -> Any:
+    """The next message on `sub` whose decoded value `wanted` accepts: the others are other runs'."""
+    async with asyncio.timeout(60):
+        while True:
+            value = codec.decode((await sub.next_msg(timeout=60)).data)
+            if wanted(value):
+                return value
+
+
 async def _gate(bus: Bus, release: str, suite: str, policy: str) -> tuple[EvalCompleted, GateDecided]:
     """Request an eval of `release` as an operator does, and wait for its run's result and decision."""
     run_id = uuid7()
@@ -80,11 +89,8 @@ async def _gate(bus: Bus, release: str, suite: str, policy: str) -> tuple[EvalCo
     try:
         await bus.publish(bus.subjects.eval_requested, EvalRequested(run_id=run_id, release=release, suite=suite,
                                                                      endpoint="", policy=policy))
-        async with asyncio.timeout(60):
-            while (completed := _completed.decode((await completed_sub.next_msg(timeout=60)).data)).run_id != run_id:
-                pass
-            while (decision := _decided.decode((await decided_sub.next_msg(timeout=60)).data)).eval_run != run_id:
-                pass
+        completed = await _next(completed_sub, _completed, lambda c: c.run_id == run_id)
+        decision = await _next(decided_sub, _decided, lambda d: d.eval_run == run_id)
     finally:
         await completed_sub.unsubscribe()
         await decided_sub.unsubscribe()

@@ -30,7 +30,7 @@ from lockgate.contracts import (
     MetricInterval,
 )
 from lockgate.evalruns import record_request
-from lockgate.identity import Identity, create_identity, review_bytes, sign_review
+from lockgate.identity import Identity, create_identity, sign_review, statement_bytes
 from lockgate.ids import uuid7
 from lockgate.server.service import ServiceContext
 from lockgate.services.query.decisions import decisions
@@ -445,7 +445,7 @@ async def test_unsigned_or_forged_reviews_on_the_bus_are_refused_and_dead_letter
 def _lying(ident: Identity, review: GateReview) -> GateReview:
     """Validly signed by `ident`, but with `review.actor` (someone else) inside the signed bytes."""
     unsigned = msgspec.structs.replace(review, key_id=ident.key_id, signature="")
-    return msgspec.structs.replace(unsigned, signature=ident.sign(review_bytes(unsigned)))
+    return msgspec.structs.replace(unsigned, signature=ident.sign(statement_bytes(unsigned)))
 
 
 async def test_two_distinct_approvers_are_needed_and_the_same_one_twice_does_not_pass(

@@ -666,14 +666,18 @@ async def test_release_naming_an_unknown_endpoint_is_refused(router: Any, http: 
     assert status == 400 and "not registered" in err["error"]["message"]
 
 
+async def _promoted(router: Any, http: aiohttp.ClientSession, signer: Signer, release: str, **params: Any) -> None:
+    """Register `release` (model m on the canary endpoint, with `params`), roll it out and PASS it: promoted."""
+    bus = router.ctx.bus
+    await register_model_release(bus, release, "m", "canary", **params)
+    await _put(http, router, canary_release=release)
+    await bus.publish(bus.subjects.gate_decided(release), await gate(bus, signer, release=release, decision="PASS"))
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
+
+
 async def test_canary_is_served_with_its_releases_model_and_params(router: Any, http: aiohttp.ClientSession,
                                                                    sims: Any, signer: Signer) -> None:
-    bus = router.ctx.bus
-    await register_model_release(bus, "r5", "m", "canary", temperature=0)
-    await _put(http, router, canary_release="r5")
-    await bus.publish(bus.subjects.gate_decided("r5"),
-                      await gate(router.ctx.bus, signer, release="r5", decision="PASS"))
-    await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
+    await _promoted(router, http, signer, "r5", temperature=0)
     # The client asks for another model: the release's model config decides.
     async with http.post(f"{router.url}/v1/chat/completions", json={**_chat(), "model": "gpt-whatever"}) as resp:
         assert resp.status == 200 and resp.headers["x-lockgate-release"] == "r5"
@@ -686,12 +690,7 @@ async def test_a_releases_own_max_tokens_is_what_admission_reserves(router: Any,
                                                                     keys: Bootstrap, sims: Any, signer: Signer) -> None:
     # Before: the reservation read the client's max_tokens (10) while the upstream got the release's (50,000):
     # each such call could spend 5,000 times what was reserved, past any budget or token rate limit.
-    bus = router.ctx.bus
-    await register_model_release(bus, "r6", "m", "canary", max_tokens=50_000)
-    await _put(http, router, canary_release="r6")
-    await bus.publish(bus.subjects.gate_decided("r6"),
-                      await gate(router.ctx.bus, signer, release="r6", decision="PASS"))
-    await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
+    await _promoted(router, http, signer, "r6", max_tokens=50_000)
     body = {**_chat(), "max_tokens": 10}
     async with http.post(f"{router.url}/v1/chat/completions", json=body, headers=bearer(keys.app_key)) as resp:
         refused = await resp.json()

@@ -353,12 +353,7 @@ async def test_a_shared_rate_limit_falls_back_to_the_replicas_bucket_while_the_s
 
 async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Store, stack: Stack, sim: SimServer,
                                                   tmp_path: Path) -> None:
-    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="faq", app="shop",
-                         gateway_file=gateway(tmp_path, cache={"deployments": {"faq": {"ttl_s": 60}}}))
-    keys = bootstrap(s.home, tenant="acme", app="shop")
-    router = await stack.add(s, store, "router-a")
-    bus = router.ctx.bus
-    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
+    router, keys, sub = await _caching(settings, store, stack, sim, tmp_path, "faq", 60)
     now = [0.0]
     router.admission.clock = lambda: now[0]
     c = client(router, keys.app_key)
@@ -452,14 +447,20 @@ async def test_a_shared_cache_answers_on_the_other_replica(settings: Settings, s
     assert sim.requests[MODEL] == 1
 
 
-async def test_a_streamed_answer_is_cached_and_replayed_as_sse(settings: Settings, store: Store, stack: Stack,
-                                                               sim: SimServer, tmp_path: Path) -> None:
-    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="faq", app="shop",
-                         gateway_file=gateway(tmp_path, cache={"deployments": {"faq": {"ttl_s": 60}}}))
+async def _caching(settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path, deployment: str,
+                   ttl_s: float) -> tuple[Any, Any, Any]:
+    """A router caching `deployment`'s answers for `ttl_s`, an app key of acme/shop, and a subscription to the
+    events it serves them."""
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment=deployment, app="shop",
+                         gateway_file=gateway(tmp_path, cache={"deployments": {deployment: {"ttl_s": ttl_s}}}))
     keys = bootstrap(s.home, tenant="acme", app="shop")
     router = await stack.add(s, store, "router-a")
-    bus = router.ctx.bus
-    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
+    return router, keys, await router.ctx.bus.nc.subscribe(router.ctx.bus.subjects.served("shop", "acme"))
+
+
+async def test_a_streamed_answer_is_cached_and_replayed_as_sse(settings: Settings, store: Store, stack: Stack,
+                                                               sim: SimServer, tmp_path: Path) -> None:
+    router, keys, sub = await _caching(settings, store, stack, sim, tmp_path, "faq", 60)
     c = client(router, keys.app_key)
 
     async def stream(**extra: Any) -> tuple[str, list[Any], Any]:
@@ -499,12 +500,7 @@ async def test_one_body_sent_to_two_operations_is_two_entries(settings: Settings
     # Before: the key had no operation, so this body sent to /v1/responses after /v1/embeddings came back
     # `x-lockgate-cache: hit` with the embeddings list, and the hit's event recorded it as the turn's answer:
     # any key of the tenant could plant another operation's answers for the TTL.
-    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="shop-web", app="shop",
-                         gateway_file=gateway(tmp_path, cache={"deployments": {"shop-web": {"ttl_s": 600}}}))
-    keys = bootstrap(s.home, tenant="acme", app="shop")
-    router = await stack.add(s, store, "router-a")
-    bus = router.ctx.bus
-    sub = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
+    router, keys, sub = await _caching(settings, store, stack, sim, tmp_path, "shop-web", 600)
     body = {"model": MODEL, "input": "what is the refund policy?", "temperature": 0}
 
     async def post(path: str, **extra: Any) -> tuple[str, str, bytes]:

@@ -444,12 +444,14 @@ async def test_retries_stop_when_the_budget_is_spent(gateway: Gateway, keys: Boo
 # Fallbacks
 
 
-async def _canary_at_100(gateway: Gateway, keys: Bootstrap, context: ServiceContext, stable: str, canary: str) -> Any:
-    """A router whose deployment `chat` sends every request to canary r2 (model m-canary at `canary`), stable r1
-    (model m at `stable`) behind it: r2 under a break-glass override, as no decision allows it."""
-    router = await gateway({"default": {"url": stable}, "canary": {"url": canary, "retry": {"attempts": 1}}})
+async def _canary_at_100(gateway: Gateway, keys: Bootstrap, context: ServiceContext,
+                         endpoints: dict[str, dict[str, Any]], canary_endpoint: str = "canary") -> Any:
+    """A router on `endpoints` whose deployment `chat` sends every request to canary r2 (model m-canary on
+    `canary_endpoint`), stable r1 (model m on `default`) behind it: r2 under a break-glass override, as no
+    decision allows it."""
+    router = await gateway(endpoints)
     await register_model_release(context.bus, "r1", "m", "default")
-    await register_model_release(context.bus, "r2", "m-canary", "canary")
+    await register_model_release(context.bus, "r2", "m-canary", canary_endpoint)
     await store_pass(context.bus, "r1", context.settings)
     route = {"stable_release": "r1", "canary_release": "r2", "initial_weight": 100,
              "break_glass": break_glass(context.settings, "chat", "r2", "canary", "fallback test")}
@@ -461,7 +463,8 @@ async def _canary_at_100(gateway: Gateway, keys: Bootstrap, context: ServiceCont
 async def test_failing_canary_falls_back_to_stable(gateway: Gateway, keys: Bootstrap, context: ServiceContext,
                                                    events: Any) -> None:
     async with FakeLLM("stable") as stable, FakeLLM("canary", ("status", 500)) as canary:
-        router = await _canary_at_100(gateway, keys, context, stable.url, canary.url)
+        router = await _canary_at_100(gateway, keys, context, {
+            "default": {"url": stable.url}, "canary": {"url": canary.url, "retry": {"attempts": 1}}})
         async with client(router, keys) as c:
             # Before: a failing canary at 100% gave 502s while stable was healthy.
             raw = await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
@@ -492,7 +495,8 @@ async def test_a_canary_that_may_fall_back_reserves_at_the_dearer_model_and_sett
     context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"),
                                                 price_book=str(tmp_path / "prices.yaml"))
     async with FakeLLM("stable") as stable, FakeLLM("canary", ("status", 500)) as canary:
-        router = await _canary_at_100(gateway, keys, context, stable.url, canary.url)
+        router = await _canary_at_100(gateway, keys, context, {
+            "default": {"url": stable.url}, "canary": {"url": canary.url, "retry": {"attempts": 1}}})
         async with client(router, keys) as c:
             # At stable's $1,000 per million tokens, 2,000 output tokens alone are $2: over the $1 budget. At the
             # canary's $1 they were $0.002, and the request went through to be answered by stable.
@@ -583,15 +587,9 @@ async def test_a_canary_models_open_breaker_leaves_stables_model_on_the_endpoint
     # stable's model on the same endpoint too: stable's requests and the canary's fallback to stable were
     # refused with `endpoint default is failing and skipped (circuit breaker open)`.
     async with FakeLLM("shared", ("status_for", "m-canary", 503)) as shared:
-        router = await gateway({"default": {"url": shared.url, "retry": FAST_RETRY,
-                                            "breaker": {"consecutive_failures": 3, "cooldown_s": 30}}})
-        await register_model_release(context.bus, "r1", "m", "default")
-        await register_model_release(context.bus, "r2", "m-canary", "default")
-        await store_pass(context.bus, "r1", context.settings)
-        route = {"stable_release": "r1", "canary_release": "r2", "initial_weight": 100,
-                 "break_glass": break_glass(context.settings, "chat", "r2", "canary", "breaker test")}
-        async with openai.AsyncOpenAI(base_url=f"{router.url}/lockgate/v1", api_key=keys.admin_key) as admin:
-            await admin.put("/deployments/chat", body=route, cast_to=object)
+        router = await _canary_at_100(gateway, keys, context, {"default": {
+            "url": shared.url, "retry": FAST_RETRY, "breaker": {"consecutive_failures": 3, "cooldown_s": 30}}},
+            canary_endpoint="default")
         async with client(router, keys) as c:
             # Three 503s in a row open m-canary's breaker; the same request then falls back to stable's model.
             first = await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)

@@ -90,10 +90,10 @@ def test_refused_reviews_say_why(settings: Settings) -> None:
 
 def _signed_as(ident: object, r: GateReview) -> GateReview:
     """A review whose payload claims `r.actor` but is validly signed by `ident` (a lying client)."""
-    from lockgate.identity import review_bytes
+    from lockgate.identity import statement_bytes
 
     unsigned = msgspec.structs.replace(r, key_id=ident.key_id, signature="")  # type: ignore[attr-defined]
-    return msgspec.structs.replace(unsigned, signature=ident.sign(review_bytes(unsigned)))  # type: ignore[attr-defined]
+    return msgspec.structs.replace(unsigned, signature=ident.sign(statement_bytes(unsigned)))  # type: ignore[attr-defined]
 
 
 def test_trust_file_people_rotate_and_never_share_a_key(settings: Settings) -> None:
