@@ -13,6 +13,10 @@ measurement is Successful, Failed or Inconclusive, and the rollout counts them a
   than its threshold is aborted with probability at most alpha over the whole rollout.
   A metric SUCCEEDS on its point estimate once the sample is large enough; between the two it is
   INCONCLUSIVE.
+- One caller cannot dilute the others' evidence: the canary's requests are judged per API key (`groups`),
+  each key with `min_sample` requests alone and the keys under it pooled, so successful requests one key
+  aims at the canary no longer outweigh the failures others see. Online scores and drift are not per
+  request key: they are judged on the whole canary as before.
 """
 
 from __future__ import annotations
@@ -138,6 +142,9 @@ class MetricResult(msgspec.Struct, frozen=True, kw_only=True):
     dry_run: bool = False
     higher_is_better: bool = False  # a score held to a floor (min, max_decrease), not a ceiling
     features: list[str] = []  # drift metrics: the features found drifted (what the value counts)
+    # Whose canary requests this result judged when they were judged per API key (`groups`), e.g.
+    # `API key 3f9a0c12d4e5`; empty: all of them together.
+    group: str = ""
 
 
 class Measurement(msgspec.Struct, frozen=True, kw_only=True):
@@ -169,6 +176,9 @@ class VariantSample:
     tokens: Sequence[float] = ()
     cost: Sequence[float] = ()  # priced requests only
     scores: Mapping[str, Sequence[float]] = field(default_factory=dict)  # online evaluation, by scorer
+    # The same requests split by the API key that sent them (InferenceEvent.key_id; "" for none), without
+    # scores; empty when one key sent them all.
+    by_key: Mapping[str, VariantSample] = field(default_factory=dict)
 
 
 def z_of(alpha_one_sided: float) -> float:
@@ -358,6 +368,50 @@ def _verdict(base: dict[str, object], canary: float, stable: float | None, thres
                         threshold=threshold, bound=bound, why=why)
 
 
+def groups(canary: VariantSample, min_sample: int) -> list[tuple[str, VariantSample]]:
+    """The canary's requests as they are judged: each API key with at least `min_sample` requests alone (most
+    requests first), then the keys under it pooled (if the pool has `min_sample`). One group of all of them, named
+    "", when one key sent every request or none has `min_sample` on its own: judged as before. Judged all
+    pooled, one key's successful requests aimed at the canary would dilute every other caller's failures."""
+    alone = sorted(((k, s) for k, s in canary.by_key.items() if s.n >= min_sample), key=lambda ks: (-ks[1].n, ks[0]))
+    if len(canary.by_key) < 2 or not alone:
+        return [("", canary)]
+    found = [(f"API key {k}" if k else "requests naming no API key", s) for k, s in alone]
+    rest = [s for s in canary.by_key.values() if s.n < min_sample]
+    pooled = _pool(rest)
+    if pooled.n >= min_sample:
+        found.append((f"{len(rest)} other API keys, pooled", pooled))  # two at least: each is under min_sample
+    return found
+
+
+def _pool(samples: Sequence[VariantSample]) -> VariantSample:
+    """Several keys' requests as one sample (no scores: they are judged on the whole canary)."""
+    def cat(values: list[Sequence[float]]) -> np.ndarray:
+        return np.concatenate([np.asarray(v, dtype=np.float64) for v in values]) if values else np.empty(0)
+    return VariantSample(n=sum(s.n for s in samples), errors=sum(s.errors for s in samples),
+                         latency_ms=cat([s.latency_ms for s in samples]), ttft_ms=cat([s.ttft_ms for s in samples]),
+                         tokens=cat([s.tokens for s in samples]), cost=cat([s.cost for s in samples]))
+
+
+_RANK = {"FAILED": 0, "WAITING": 1, "INCONCLUSIVE": 2, "SUCCESSFUL": 3}
+
+
+def _deciding(results: list[MetricResult]) -> MetricResult:
+    """Of one metric's results per group, the one that decides: failed before waiting before inconclusive
+    before successful, and among equals the one furthest past (or nearest to) its threshold."""
+    def margin(r: MetricResult) -> float:
+        return r.canary - r.threshold if r.canary is not None and r.threshold is not None else 0.0
+    return min(results, key=lambda r: (_RANK[r.verdict], -margin(r)))
+
+
+def _judge_groups(spec: MetricSpec, canary: VariantSample, judged: list[tuple[str, VariantSample]],
+                  stable: VariantSample, z: float, drift: DriftReport | None) -> MetricResult:
+    """A metric judged once per group of requests (scores and drift, not per request key: on the whole canary)."""
+    if spec.name in ("score", "drift") or len(judged) == 1 and not judged[0][0]:
+        return _judge(spec, canary, stable, z, drift)
+    return _deciding([msgspec.structs.replace(_judge(spec, s, stable, z, drift), group=g) for g, s in judged])
+
+
 def _sorted(sample: VariantSample) -> VariantSample:
     """The sample with latency and ttft as sorted arrays: one sort per variant serves every quantile."""
     return replace(sample, latency_ms=np.sort(np.asarray(sample.latency_ms, dtype=np.float64)),
@@ -382,8 +436,10 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
         return Measurement(verdict=verdict, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
     z = z_of(sequential.look_alpha(spec.alpha, look, len(spec.metrics)))
     canary, stable = _sorted(canary), _sorted(stable)
-    results = [msgspec.structs.replace(_judge(m, canary, stable, z, drift), dry_run=True) if m.dry_run
-               else _judge(m, canary, stable, z, drift) for m in spec.metrics]
+    judged = [(g, s if s is canary else _sorted(s)) for g, s in groups(canary, spec.min_sample)]
+    results = [_judge_groups(m, canary, judged, stable, z, drift) for m in spec.metrics]
+    results = [msgspec.structs.replace(r, dry_run=True) if m.dry_run else r
+               for r, m in zip(results, spec.metrics, strict=True)]
     verdicts = {r.verdict for r in results if not r.dry_run}
     # A metric still waiting for its data (online scores) holds the step: never a pass, not yet a look.
     overall: Verdict = ("FAILED" if "FAILED" in verdicts else "WAITING" if "WAITING" in verdicts
@@ -392,9 +448,11 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
 
 
 def describe(result: MetricResult) -> str:
-    """`error_rate 0.052 > threshold 0.015 (stable 0.005; 400 vs 400 requests)` for reasons and tables."""
+    """`error_rate 0.052 > threshold 0.015 (stable 0.005; 400 vs 400 requests)` for reasons and tables; a result
+    judged per API key names its group: `error_rate 0.2 > threshold 0.015 on API key 3f9a0c12d4e5 (...)`."""
+    on = f" on {result.group}" if result.group else ""
     if result.canary is None:
-        return f"{result.name}: {result.why}"
+        return f"{result.name}{on}: {result.why}"
     if result.name == "drift":
         op = ">" if result.verdict == "FAILED" else "<="
         return f"drift {result.canary:g} drifted features {op} max {result.threshold:g}: {result.why}"
@@ -403,5 +461,5 @@ def describe(result: MetricResult) -> str:
     what = "scores" if result.name.startswith("score:") else "requests"
     op = (">" if result.verdict != "SUCCESSFUL" else "<=") if not result.higher_is_better else \
         ("<" if result.verdict != "SUCCESSFUL" else ">=")
-    return (f"{result.name} {result.canary:.4g}{unit} {op} threshold {result.threshold:.4g}{unit} "
+    return (f"{result.name} {result.canary:.4g}{unit} {op} threshold {result.threshold:.4g}{unit}{on} "
             f"({stable}{result.canary_n} canary vs {result.stable_n} stable {what})")

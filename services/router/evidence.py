@@ -4,13 +4,15 @@ Every replica keeps its own copy, fed from the events of requests the routers se
 only routers may publish to: an application's events are stored, priced and watched for drift, but
 never steer a rollout), so replicas see the same evidence and reach the same verdicts; the routes KV's
 compare-and-set decides which replica's verdict is written. Rows live in columnar ring buffers, so
-summarising a window is a few vectorised masks, not a Python loop on the router's event loop.
+summarising a window is a few vectorised masks, not a Python loop on the router's event loop. Each row
+keeps the API key that sent its request (an index into the keys seen), so a window splits by caller.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -19,19 +21,23 @@ from lockgate.services.router.analysis import VariantSample
 
 MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bounded memory
 _FIRST = 1024  # buffers start small and double up to MAX_ROWS
+_COLS = 7
+
+
 class _Ring:
-    """One release's rows: time, failed, latency, ttft (0 = not streamed), tokens, cost (-1 = unpriced)."""
+    """One release's rows: time, failed, latency, ttft (0 = not streamed), tokens, cost (-1 = unpriced), and the
+    index of the request's API key (`Evidence._keys`)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.cap = min(_FIRST, limit)
         self.n = self.pos = 0
-        self.cols = np.zeros((6, self.cap), dtype=np.float64)
+        self.cols = np.zeros((_COLS, self.cap), dtype=np.float64)
 
-    def add(self, row: tuple[float, float, float, float, float, float]) -> None:
+    def add(self, row: tuple[float, float, float, float, float, float, float]) -> None:
         if self.n == self.cap < self.limit:  # full and never wrapped: grow in place of overwriting
             self.cap = min(2 * self.cap, self.limit)
-            grown = np.zeros((6, self.cap), dtype=np.float64)
+            grown = np.zeros((_COLS, self.cap), dtype=np.float64)
             grown[:, :self.n] = self.cols
             self.cols, self.pos = grown, self.n
         self.cols[:, self.pos] = row
@@ -50,6 +56,9 @@ class Evidence:
         self._scores: dict[tuple[str, str], dict[str, deque[tuple[float, float]]]] = {}
         # The latest drift report per deployment and canary release ("" for now-versus-reference ones).
         self._drift: dict[tuple[str, str], DriftReport] = {}
+        # API key ids interned: a row holds its key's index (few keys, many rows). Never shrinks: keys are few.
+        self._keys: list[str] = []
+        self._key_index: dict[str, int] = {}
 
     def add(self, event: InferenceEvent, release: str | None = None) -> None:
         """Record one event under its release (or `release`, for events that name only a variant); one the
@@ -62,8 +71,12 @@ class Evidence:
         if ring is None:
             ring = self._rings[key] = _Ring(self._max)
         cost = self._price(event)
+        index = self._key_index.get(event.key_id)
+        if index is None:
+            index = self._key_index[event.key_id] = len(self._keys)
+            self._keys.append(event.key_id)
         ring.add((event.time.timestamp(), float(event.status != "ok"), event.latency_ms, event.ttft_ms,
-                  float(event.input_tokens + event.output_tokens), -1.0 if cost is None else cost))
+                  float(event.input_tokens + event.output_tokens), -1.0 if cost is None else cost, float(index)))
         if event.scores:  # scores an SDK attached to its own events
             self.add_scores(key[0], key[1], event.time.timestamp(), event.scores)
 
@@ -106,17 +119,22 @@ class Evidence:
             del self._scores[key]
 
     def sample(self, deployment: str, release: str, since: float) -> VariantSample:
-        """What `release` served for `deployment` from `since` (unix seconds) on (copies: safe to hand
-        to another thread while events keep arriving)."""
+        """What `release` served for `deployment` from `since` (unix seconds) on, also split by API key when more
+        than one sent its requests (copies: safe to hand to another thread while events keep arriving)."""
         ring = self._rings.get((deployment, release))
         scores = {name: [v for t, v in ring_ if t >= since]
                   for name, ring_ in self._scores.get((deployment, release), {}).items()}
         if ring is None or not ring.n:
             return VariantSample(scores=scores)
-        t, failed, latency, ttft, tokens, cost = ring.cols[:, :ring.n]
+        t, failed, latency, ttft, tokens, cost, key = ring.cols[:, :ring.n]
         window = t >= since
-        ok = window & (failed == 0)
-        # Latency and tokens describe answers: a failed call's timing is the error's, not the model's.
-        return VariantSample(n=int(window.sum()), errors=int((window & (failed != 0)).sum()), latency_ms=latency[ok],
-                             ttft_ms=ttft[ok & (ttft > 0)], tokens=tokens[ok], cost=cost[window & (cost >= 0)],
-                             scores=scores)
+
+        def of(rows: np.ndarray) -> VariantSample:
+            ok = rows & (failed == 0)
+            # Latency and tokens describe answers: a failed call's timing is the error's, not the model's.
+            return VariantSample(n=int(rows.sum()), errors=int((rows & (failed != 0)).sum()), latency_ms=latency[ok],
+                                 ttft_ms=ttft[ok & (ttft > 0)], tokens=tokens[ok], cost=cost[rows & (cost >= 0)])
+
+        keys = np.unique(key[window])
+        by_key = {self._keys[int(k)]: of(window & (key == k)) for k in keys} if len(keys) > 1 else {}
+        return replace(of(window), scores=scores, by_key=by_key)

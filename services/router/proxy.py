@@ -360,6 +360,7 @@ class Proxy:
                 user_hash=domain.user_hash(user),
                 session_id=session,  # scrubbed with the rest of the event in the outbox
                 attributes=attributes,
+                key_id=key.id,  # the caller, so canary analysis judges each key's requests apart
             )
         except Exception:  # the request is answered already: end the span, let the loop log the bug
             span.end()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Literal
 
 from lockgate.contracts import AnalysisMetric, AnalysisRun
-from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricSpec
+from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricResult, MetricSpec
 from lockgate.services.router.domain import Route
 
 _PHASES = {"SUCCESSFUL": "Successful", "FAILED": "Failed", "INCONCLUSIVE": "Inconclusive"}
@@ -56,6 +56,12 @@ def outcome(before: Route, after: Route | None) -> str:
     return "held"
 
 
+def _why(result: MetricResult) -> str:
+    """The result's why, naming whose requests it judged when they were judged per API key (in the text: the
+    record's metrics are a v1 contract, so a field appended to them would change its payloads)."""
+    return "; ".join(w for w in (result.why, f"judged on {result.group}" if result.group else "") if w)
+
+
 def record(before: Route, after: Route | None, m: Measurement, spec: AnalysisSpec) -> AnalysisRun | None:
     """The record of a measurement (None while it only waits for its minimum sample: no look was taken)."""
     if m.verdict == "WAITING" or before.canary is None:
@@ -66,7 +72,7 @@ def record(before: Route, after: Route | None, m: Measurement, spec: AnalysisSpe
     status = (after or before).analysis
     metrics = [AnalysisMetric(name=r.name, verdict=r.verdict, condition=condition(s), canary=r.canary,
                               stable=r.stable, threshold=r.threshold, bound=r.bound, canary_n=r.canary_n,
-                              stable_n=r.stable_n, dry_run=r.dry_run, why=r.why)
+                              stable_n=r.stable_n, dry_run=r.dry_run, why=_why(r))
                for r, s in zip(m.metrics, spec.metrics, strict=True)]
     return AnalysisRun(
         deployment=before.deployment, release=judged, baseline=baseline, template=template(before),

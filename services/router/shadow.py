@@ -130,7 +130,7 @@ class Shadow:
                 cached_tokens=answer.cached_tokens, latency_ms=(time.perf_counter() - t0) * 1000.0, status=status,
                 error_type=error, finish_reason=answer.finish_reason, prompt=last_user_text(req.messages),
                 response=answer.text if status == "ok" else None, user_hash=domain.user_hash(user),
-                session_id=session)
+                session_id=session, key_id=key.id)
         except (msgspec.ValidationError, ValueError) as exc:
             log.warning("shadow event for %s not recorded: %s", deployment, exc)
             return

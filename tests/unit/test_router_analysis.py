@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -222,3 +223,95 @@ def test_a_baseline_that_can_grow_no_more_is_inconclusive_once_the_canary_has_it
     assert m.verdict == "INCONCLUSIVE" and "baseline has 0 events of the 100 needed and gets no more" in m.metrics[0].why
     canary, stable = _rates(99, 0, 0, 0)  # the canary's own sample is still to come: waiting, as always
     assert analysis.measure(ERRORS, canary, stable, look=1, baseline_final=True).verdict == "WAITING"
+
+
+# Per-API-key analysis. Found by a probe: a caller with one valid key aimed successful requests at the canary
+# (users that hash to it); pooled, about 12x the real canary traffic made a canary whose real requests failed
+# 20% of the time SUCCESSFUL (its 5xx diluted below stable + 1%).
+_P4 = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.01)], min_sample=200, window_s=600)
+_P4_STABLE = VariantSample(n=2000, errors=10)  # stable: 0.5% errors
+
+
+def _split(by_key: dict[str, VariantSample]) -> VariantSample:
+    """One canary sample of several keys' requests, as Evidence.sample makes it."""
+    parts = list(by_key.values())
+    return VariantSample(n=sum(p.n for p in parts), errors=sum(p.errors for p in parts),
+                         latency_ms=[v for p in parts for v in p.latency_ms], by_key=by_key)
+
+
+@pytest.mark.parametrize("flood", [13, 100])  # 13x: the first multiple past 12.3x that dilutes 20% below 1.5%
+@pytest.mark.parametrize("callers", [1, 4])  # the real traffic from one key, or from four keys of 50 each
+def test_one_key_flooding_the_canary_with_good_requests_cannot_dilute_the_others_failures(flood: int,
+                                                                                          callers: int) -> None:
+    real = {f"k-real-{i}": VariantSample(n=200 // callers, errors=40 // callers) for i in range(callers)}
+    canary = _split({**real, "k-mallory": VariantSample(n=200 * flood)})
+    pooled = VariantSample(n=canary.n, errors=canary.errors)  # what analysis judged before
+    assert analysis.measure(_P4, pooled, _P4_STABLE, look=1).verdict == "SUCCESSFUL"
+    m = analysis.measure(_P4, canary, _P4_STABLE, look=1)
+    assert m.verdict == "FAILED" and m.canary_n == 200 * (flood + 1)
+    (r,) = m.metrics
+    group = "API key k-real-0" if callers == 1 else "4 other API keys, pooled"
+    assert (r.group, r.canary_n, r.canary) == (group, 200, pytest.approx(0.2))
+    assert analysis.describe(r).startswith(f"error_rate 0.2 > threshold 0.015 on {group} (stable 0.005; 200 canary")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_with_one_key_every_verdict_is_what_it_was(seed: int) -> None:
+    """Property over random shapes: one key's requests (and keys none of which has the minimum sample alone)
+    are judged exactly as pooled requests were, every metric, every look."""
+    rng = random.Random(seed)
+    spec = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=rng.choice([0.0, 0.01, 0.05])),
+                                 MetricSpec(name="latency_p95", max_ratio=rng.choice([1.1, 1.5, 3.0])),
+                                 MetricSpec(name="tokens_per_request", max_ratio=1.2, dry_run=True)],
+                        min_sample=rng.choice([20, 100]))
+
+    def shape(n: int, rate: float, slow: float) -> VariantSample:
+        errors = sum(rng.random() < rate for _ in range(n))
+        return VariantSample(n=n, errors=errors, latency_ms=[rng.lognormvariate(4, 0.3) * slow for _ in range(n - errors)],
+                             tokens=[float(rng.randint(5, 50)) for _ in range(n - errors)])
+
+    for _ in range(20):
+        canary = shape(rng.randint(10, 600), rng.choice([0.0, 0.01, 0.05, 0.2]), rng.choice([1.0, 1.3, 3.0]))
+        stable = shape(rng.randint(10, 600), 0.01, 1.0)
+        look = rng.randint(1, 6)
+        before = analysis.measure(spec, canary, stable, look)
+        assert analysis.measure(spec, replace(canary, by_key={"k1": canary}), stable, look) == before
+        small = spec.min_sample - 1  # several keys, none with the minimum alone: still one pool
+        parts = {f"k{i}": VariantSample(n=min(small, canary.n - i * small)) for i in range(-(-canary.n // small))}
+        assert analysis.measure(spec, replace(canary, by_key=parts), stable, look) == before
+        assert all(not r.group for r in before.metrics)
+
+
+def test_every_judged_key_must_pass_and_a_key_under_the_minimum_alone_is_not_judged() -> None:
+    good = VariantSample(n=300, errors=1, latency_ms=[10.0] * 299)
+    slow = VariantSample(n=300, errors=1, latency_ms=[100.0] * 299)
+    stable = VariantSample(n=2000, errors=10, latency_ms=[10.0] * 1990)
+    spec = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.01),
+                                 MetricSpec(name="latency_p95", max_ratio=2.0)], min_sample=200)
+    assert analysis.measure(spec, _split({"a": good, "b": good}), stable, 1).verdict == "SUCCESSFUL"
+    m = analysis.measure(spec, _split({"a": good, "b": slow}), stable, 1)
+    assert m.verdict == "FAILED" and m.metrics[0].verdict == "SUCCESSFUL"
+    assert (m.metrics[1].verdict, m.metrics[1].group) == ("FAILED", "API key b")
+    # The residual: while the other callers' requests are under the minimum, a key that has it is judged alone.
+    few = VariantSample(n=150, errors=30)
+    m = analysis.measure(spec, _split({"a": good, "b": few}), stable, 1)
+    assert m.verdict == "SUCCESSFUL" and m.metrics[0].group == "API key a"
+
+
+def test_evidence_keeps_each_requests_api_key() -> None:
+    from datetime import UTC, datetime
+
+    from lockgate.contracts import InferenceEvent
+    from lockgate.services.router.evidence import Evidence
+
+    ev = Evidence(price=lambda e: None)
+    for i in range(30):
+        key = "k-a" if i < 10 else "k-b"
+        ev.add(InferenceEvent(app="shop", deployment="d", release="r2", status="error" if i % 5 == 0 else "ok",
+                              latency_ms=float(i), key_id=key, time=datetime.fromtimestamp(100 + i, UTC)))
+    s = ev.sample("d", "r2", since=0)
+    assert (s.n, s.errors) == (30, 6) and set(s.by_key) == {"k-a", "k-b"}
+    a, b = s.by_key["k-a"], s.by_key["k-b"]
+    assert (a.n, a.errors, sorted(a.latency_ms)) == (10, 2, [1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0, 9.0])
+    assert (b.n, b.errors) == (20, 4)
+    assert ev.sample("d", "r2", since=110).by_key == {}  # only k-b's requests in the window: not split

@@ -202,7 +202,7 @@ def _step_text(step: Any) -> str:
 def metric_rows(route: dict[str, Any]) -> list[dict[str, Any]]:
     """The last measurement, one row per metric: canary and stable values against the threshold."""
     last = (route.get("analysis") or {}).get("last") or {}
-    return [{"metric": m["name"] + (" (dry run)" if m.get("dry_run") else ""), "verdict": m["verdict"], "canary": m.get("canary"), "stable": m.get("stable"),
+    return [{"metric": m["name"] + (f" on {m['group']}" if m.get("group") else "") + (" (dry run)" if m.get("dry_run") else ""), "verdict": m["verdict"], "canary": m.get("canary"), "stable": m.get("stable"),
              "threshold": m.get("threshold"), "n (canary/stable)": f"{m.get('canary_n', 0)}/{m.get('stable_n', 0)}",
              "why": m.get("why", "")} for m in last.get("metrics", [])]
 

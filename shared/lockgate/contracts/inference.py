@@ -45,6 +45,11 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
     session_id: str = ""
     attributes: dict[str, str] = {}
     scores: dict[str, float] = {}
+    # Appended: the id (never the secret) of the API key that authenticated the request, set by the router;
+    # empty on the events applications send (the SDK and gRPC have no such field; whatever an application's
+    # own event says here is no evidence: only served events steer a rollout). Canary analysis judges each
+    # key's requests apart, so one caller's traffic cannot dilute or outvote another's (router analysis.py).
+    key_id: Annotated[str, msgspec.Meta(max_length=128, description="the router API key's id")] = ""
 
     @property
     def cached(self) -> bool:
