@@ -1,5 +1,5 @@
 """Gateway wiring: the gRPC API on the configured host and port (0 binds a free port), and the relay of
-per-application NATS users' events (relay.py)."""
+applications' NATS users' events (relay.py)."""
 
 from __future__ import annotations
 

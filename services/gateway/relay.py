@@ -1,12 +1,14 @@
-"""The relay of per-application NATS users' events: `ingest.<tenant>.<app>` onto `inference.<tenant>.<app>`.
+"""The relay of applications' events: `ingest.<tenant>.<app>` onto `inference.<tenant>.<app>`.
 
 A publish on a stream's subject is acknowledged by JetStream on the reply subject the publisher named, whatever
 it is and unchecked by any permission: an application that could publish on `inference` could have that
 acknowledgement stored as the value of any KV key (a budget's counter reset, a gate decision or a route erased).
-So an application's own user publishes where no stream listens, and this relay, as the gateway's identity,
-publishes the bytes as they came (its headers too: the message id keeps JetStream's duplicate check) on the
-inference subject of the same tenant and app, and passes JetStream's acknowledgement back only to a reply
-subject in that user's own inbox. Consumers check the events against the subject as for any other sender.
+So applications' users (each per-application user, and the shared `app` user) publish where no stream listens,
+and this relay, as the gateway's identity, publishes the bytes as they came (its headers too: the message id
+keeps JetStream's duplicate check) on the inference subject of the same tenant and app, and passes JetStream's
+acknowledgement back only to a reply subject in an inbox of an application user who may publish there: that
+tenant's and app's own user's, or the shared `app` user's (which may publish any tenant's and app's events).
+Consumers check the events against the subject as for any other sender.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from lockgate.bus import Bus
-from lockgate.permissions import app_user, inbox
+from lockgate.permissions import APP, app_user, inbox
 from lockgate.server.service import Progress
 
 log = logging.getLogger("lockgate.gateway.relay")
@@ -27,12 +29,12 @@ _ACK_TIMEOUT_S = 5.0  # JetStream's acknowledgement; the sender's own publish ti
 
 
 class Relay:
-    """Relays every per-application user's events (one of the gateway replicas each: a queue group)."""
+    """Relays every application user's events (one of the gateway replicas each: a queue group)."""
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.relayed = Progress()
-        self.refused = Progress()  # messages whose reply was not their sender's inbox: never relayed
+        self.refused = Progress()  # messages whose reply was no application user's inbox: never relayed
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -47,12 +49,14 @@ class Relay:
     async def on_message(self, msg: Msg) -> None:
         s = self.bus.subjects
         sender = s.ingest_sender(msg.subject)
-        # The server let only that tenant's and app's user publish here; its replies go to its own inbox. Any other
-        # reply subject is someone aiming the acknowledgement elsewhere: the message is dropped whole.
-        if sender is None or not msg.reply or not msg.reply.startswith(f"{inbox(app_user(*sender))}."):
+        # The server let only that tenant's and app's user and the shared `app` user publish here; their replies go
+        # to their own inboxes. Any other reply subject is someone aiming the acknowledgement elsewhere: the
+        # message is dropped whole.
+        if sender is None or not msg.reply or not msg.reply.startswith(
+                (f"{inbox(app_user(*sender))}.", f"{inbox(APP)}.")):
             await self.refused.bump()
-            log.warning("relay: dropped a message on %s whose reply %r is not its sender's inbox", msg.subject,
-                        msg.reply)
+            log.warning("relay: dropped a message on %s whose reply %r is not an application user's inbox",
+                        msg.subject, msg.reply)
             return
         tenant, app = sender
         try:

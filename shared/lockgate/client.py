@@ -23,7 +23,7 @@ from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.decisionwatch import ReconnectCounter, watch_decisions
 from lockgate.errors import BusUnavailable, ClientClosed, ConfigError, InvalidEvent, NotFound, SignatureError
 from lockgate.outbox import UNTIL_BACK, Outbox, encode_event, event_from_fields
-from lockgate.permissions import app_of
+from lockgate.permissions import APP, app_of
 from lockgate.retry import RetryPolicy
 from lockgate.signing import Verifier
 from lockgate.subjects import Subjects, token
@@ -111,8 +111,9 @@ class Client:
             retry=UNTIL_BACK if max_attempts is None else RetryPolicy(attempts=max_attempts, initial_s=0.05, max_s=2.0),
             close_timeout_s=close_timeout_s,
             name="lockgate-sdk",
-            # A per-application user publishes through the gateway's relay (Subjects.ingest); any other directly.
-            via="sent" if scoped is None else "relay",
+            # An application credential (its own user, or the shared `app`) publishes through the gateway's relay
+            # (Subjects.ingest: it may publish on no stream's subject); another user (your own) or none, directly.
+            via="relay" if scoped is not None or user == APP else "sent",
         )
         self._started = False
         self._closed = False

@@ -224,7 +224,8 @@ async def publish_events(
     the retries (`retry`'s attempts, or until `give_up()`); the other chunks are published all the
     same. `headers` go on every message; a chunk without a `traceparent` there gets its first event's trace.
     `via`: "sent" on `subjects.inference`; "served", the router's events of requests it served, on
-    `subjects.served`; "relay", a per-application NATS user's, on `subjects.ingest` (see there).
+    `subjects.served`; "relay", an application NATS user's (its own or the shared `app`), on `subjects.ingest`
+    (see there).
     `on_acked(chunk)` is called with each chunk JetStream acknowledged, as its ack arrives."""
     chunks = chunk_by_sender(events, batch_size)
     subject = {"sent": subjects.inference, "served": subjects.served, "relay": subjects.ingest}[via]

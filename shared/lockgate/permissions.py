@@ -4,7 +4,7 @@ for SDK applications, derived from `subjects.py` so the table cannot drift from 
 Publishing is what the trust model guards: only the gatekeeper publishes gate decisions (and
 writes the gates and keys buckets), only the evaluator publishes eval completions, only an
 approver (or admin) publishes reviews, and an application publishes inference events and
-nothing else (a per-application user, `app_user`, its own tenant's and app's only); only the router publishes the events of requests it served (`served`), the one
+nothing else, through the gateway's relay (a per-application user, `app_user`, its own tenant's and app's only); only the router publishes the events of requests it served (`served`), the one
 live evidence canary analysis takes. Reading is granted per stream (JetStream cannot narrow a consumer's filter by
 permission), but a service creates, deletes, fetches from and acks only its own durable consumers
 (DURABLES), so one service cannot rebind, delete or drain another's; only the sink deletes a
@@ -176,13 +176,15 @@ def grant(s: Subjects, identity: str) -> Grant:
     st = {k: v.name for k, v in s.streams.items()}
     # Every service may report its failures and its spans.
     service = Grant(publish=[s.dlq_all, s.spans]).add(_read_kv(s.kv_keys))
-    g = _base(identity)
     scoped = app_of(identity)
     if scoped is not None:
         # One tenant's application: its own events only, through the gateway's relay (Subjects.ingest: never
         # a stream's subject, whose acknowledgement JetStream would publish on any reply subject it named).
-        # Decisions are read over gRPC with an API key, scoped to its tenant's and app's releases.
-        return g.add(Grant(publish=[s.ingest(scoped[1], scoped[0])]))
+        # Decisions are read over gRPC with an API key, scoped to its tenant's and app's releases. Nor any
+        # JetStream API request (`_base`'s), which it never makes: JetStream answers those too on any reply
+        # subject, a KV key's included.
+        return Grant(publish=[s.ingest(scoped[1], scoped[0])], subscribe=[f"{inbox(identity)}.>"])
+    g = _base(identity)
     if identity == "admin":
         return Grant(publish=[">"], subscribe=[">"], responses=True)
     if identity == "sink":
@@ -195,8 +197,9 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(service).add(Grant(subscribe=[s.query], responses=True))
     elif identity == "gateway":
         g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_sent]))
-        # The relay of per-application users' events: it answers them on their own inboxes only.
-        g.add(Grant(subscribe=[s.ingest_all], publish=[f"{inbox(APPS)}.>"]))
+        # The relay of application users' events (each per-application user's, the shared `app`'s): it answers
+        # them on their own inboxes only.
+        g.add(Grant(subscribe=[s.ingest_all], publish=[f"{inbox(APPS)}.>", f"{inbox(APP)}.>"]))
         g.add(Grant(subscribe=[s.gate_decided_all]))  # WatchDecisions follows the announcements (decisionwatch.py)
         g.add(_read_kv(s.kv_releases))  # whose a release is: a key reads its own tenant's and app's decisions
     elif identity == "otlp":
@@ -256,9 +259,11 @@ def grant(s: Subjects, identity: str) -> Grant:
     elif identity == "cost":
         g.add(service).add(_consume(s, "cost")).add(Grant(publish=[s.cost_all, s.cost_ledger, s.query]))
     elif identity == APP:
-        # The SDK: send inference events, read decisions and the keys that verify them, and follow the
-        # announcements of new decisions (decisionwatch.py): no consumer anywhere (see _ephemeral).
-        g.add(_read_kv(s.kv_gates)).add(_read_kv(s.kv_keys)).add(Grant(publish=[s.inference_sent]))
+        # The SDK: send inference events of any tenant and app through the gateway's relay (`ingest`, as a
+        # per-application user does: never a stream's subject, see there), read decisions and the keys that
+        # verify them, and follow the announcements of new decisions (decisionwatch.py): no consumer anywhere
+        # (see _ephemeral).
+        g.add(_read_kv(s.kv_gates)).add(_read_kv(s.kv_keys)).add(Grant(publish=[s.ingest_all]))
         g.add(Grant(subscribe=[s.gate_decided_all]))
     elif identity in ("viewer", "operator", "approver"):
         g.add(_viewer(s))

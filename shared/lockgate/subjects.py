@@ -127,11 +127,11 @@ class Subjects:
         return f"{self.inference(app, tenant)}.router"
 
     def ingest(self, app: str, tenant: str = "default") -> str:
-        """Where a per-application NATS user sends its events (`<prefix>.ingest.<tenant>.<app>`): no stream
-        captures it, so nothing answers a publish here but the gateway's relay, which puts the events on
-        `inference` and acknowledges to the sender's own inbox only. (A publish on a stream's subject is
-        acknowledged by JetStream on whatever reply subject the publisher names, unchecked: a KV key of any
-        bucket, say.)"""
+        """Where an application's NATS user (its own, or the shared `app`) sends its events
+        (`<prefix>.ingest.<tenant>.<app>`): no stream captures it, so nothing answers a publish here but the
+        gateway's relay, which puts the events on `inference` and acknowledges to an application user's inbox
+        only. (A publish on a stream's subject is acknowledged by JetStream on whatever reply subject the
+        publisher names, unchecked: a KV key of any bucket, say.)"""
         return f"{self.prefix}.ingest.{token(tenant)}.{token(app)}"
 
     @property
@@ -161,7 +161,8 @@ class Subjects:
 
     @property
     def inference_sent(self) -> str:
-        """Every tenant's and app's `inference` subject, and not `served`: what applications may publish."""
+        """Every tenant's and app's `inference` subject, and not `served`: what the services that ingest for
+        applications (gRPC, OTLP) publish; applications' own NATS users publish on `ingest` (see there)."""
         return f"{self.prefix}.inference.*.*"
 
     @property

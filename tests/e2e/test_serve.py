@@ -70,7 +70,8 @@ def test_served_services_connect_as_themselves(tmp_path: Path, unique: str) -> N
     asyncio.run(server.start())
     env = {**os.environ, "LOCKGATE_NATS_URL": server.url, "LOCKGATE_PREFIX": unique, "LOCKGATE_HOME": str(tmp_path),
            "LOCKGATE_CLICKHOUSE_URL": f"chdb://{tmp_path / 'ch'}"}
-    served = Process([*LOCKGATE, "serve", "sink", "query"], env, "serving")
+    # The gateway relays the application's events: the `app` user publishes on `ingest`, no stream's subject.
+    served = Process([*LOCKGATE, "serve", "sink", "query", "gateway", "--grpc-port", "0"], env, "serving")
     try:
         assert served.started(60), served.output
 
@@ -78,7 +79,7 @@ def test_served_services_connect_as_themselves(tmp_path: Path, unique: str) -> N
             app = credentials.for_identity(Settings(home=str(tmp_path)), "app")
             bus = Bus(server.url, Subjects(unique), auth=app, manage_topology=False)
             await bus.connect()
-            await bus.publish(bus.subjects.inference("shop"), [InferenceEvent(app="shop") for _ in range(5)])
+            await bus.publish(bus.subjects.ingest("shop"), [InferenceEvent(app="shop") for _ in range(5)])
             await bus.close()
 
         asyncio.run(publish_as_app())

@@ -17,6 +17,7 @@ import nats.errors
 import pytest
 from click.testing import CliRunner, Result
 
+from lockgate import credentials
 from lockgate.bus import Bus
 from lockgate.cli.main import cli
 from lockgate.client import Client
@@ -52,6 +53,27 @@ async def run_cli(runtime: Runtime, *args: str) -> Result:
     return await asyncio.to_thread(_cli, runtime, *args)
 
 
+class Errors(list[str]):
+    """What nats-py reported on a connection, awaitable: the server's -ERR for a refused publish may come after
+    the PONG that ends a flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._changed = asyncio.Event()
+
+    def append(self, error: str) -> None:
+        super().append(error)
+        self._changed.set()
+
+    async def refused(self, subject: str, timeout_s: float = 10.0) -> None:
+        """Wait for the permissions violation of a publish to `subject` (nats-py lower-cases the error)."""
+        expected = f'permissions violation for publish to "{subject}"'.lower()
+        async with asyncio.timeout(timeout_s):
+            while not any(expected in e.lower() for e in self):
+                self._changed.clear()
+                await self._changed.wait()
+
+
 async def _connect(runtime: Runtime, user: str, password: str, errors: list[str], closed: Any = None) -> nats.NATS:
     async def on_error(exc: Exception) -> None:  # kept for asserts (nats-py would log a traceback otherwise)
         errors.append(str(exc))
@@ -82,7 +104,7 @@ async def test_an_app_credential_publishes_its_own_events_only_and_is_refused_on
             client.emit(InferenceEvent(app="shop", tenant="globex"))
     await sink.events.wait_for(1)
 
-    errors: list[str] = []
+    errors = Errors()
     nc = await _connect(stack, secret["user"], secret["password"], errors)
     try:
         js = nc.jetstream()
@@ -112,6 +134,9 @@ async def test_an_app_credential_publishes_its_own_events_only_and_is_refused_on
                          reply=f"$KV.{s.kv_gates}.victim")
         await nc.flush()
         await relay.refused.wait_for(1, 10)
+        # Nor a JetStream API request, which it never needs: JetStream answers those on any reply subject too.
+        await nc.publish("$JS.API.INFO", b"", reply=f"$KV.{s.kv_gates}.victim")
+        await errors.refused("$JS.API.INFO")
         assert (await gates.get("victim")).value == b"signed decision"
     finally:
         await nc.close()
@@ -140,6 +165,53 @@ async def test_an_app_credential_publishes_its_own_events_only_and_is_refused_on
                      password=secret["password"]).start()
     listed = await run_cli(stack, "list", "--json")
     assert json.loads(listed.output) == []
+
+
+async def test_the_shared_app_user_publishes_through_the_relay_and_cannot_aim_an_acknowledgement(
+        stack: Runtime) -> None:
+    # Found by a probe: the shared `app` user (the SDK's default credential) published on `inference`, a stream's
+    # subject, and JetStream acknowledged on whatever reply subject it named, unchecked: `{"stream":..,"seq":..}`
+    # stored as any KV key's value (a gate decision, a route, the audit head erased, a budget counter reset).
+    # It publishes on `ingest` now, any tenant's and app's, and the gateway's relay answers its own inbox only.
+    s = stack.ctx.bus.subjects
+    app = credentials.for_identity(stack.settings, "app")
+    sink, relay = stack.services["sink"].handlers, stack.services["gateway"].relay
+    gates = await stack.ctx.bus.kv(s.kv_gates)
+    await gates.put("victim", b"signed decision")
+
+    # The SDK with the shared credential: its events are relayed and stored, any tenant's.
+    async with Client(stack.settings.nats_url, prefix=s.prefix, app="shop", tenant="acme", user=app.user,
+                      password=app.password) as client:
+        client.emit(input_tokens=7)
+        await client.flush()
+        assert client.sent == 1
+    await sink.events.wait_for(1)
+    await relay.relayed.wait_for(1, 10)  # through the relay, not on a stream's subject
+
+    errors = Errors()
+    nc = await _connect(stack, app.user, app.password, errors)
+    try:
+        # A stream's subject, the acknowledgement aimed at a KV key: refused by the server, nothing stored.
+        await nc.publish(s.inference("shop", "acme"), encode([InferenceEvent(app="shop", tenant="acme")]),
+                         reply=f"$KV.{s.kv_gates}.victim")
+        await errors.refused(s.inference("shop", "acme"))
+        # On `ingest`, a reply outside its inbox: dropped by the relay, never relayed.
+        await nc.publish(s.ingest("shop", "globex"), encode([InferenceEvent(app="shop", tenant="globex")]),
+                         reply=f"$KV.{s.kv_gates}.victim")
+        await nc.flush()
+        await relay.refused.wait_for(1, 10)
+        assert (await gates.get("victim")).value == b"signed decision"
+        # Its own inbox: relayed with its headers, so JetStream's duplicate check holds across the relay.
+        js, data = nc.jetstream(), encode([InferenceEvent(app="shop", tenant="globex")])
+        first = await js.publish(s.ingest("shop", "globex"), data, headers={"Nats-Msg-Id": "once"}, timeout=5)
+        again = await js.publish(s.ingest("shop", "globex"), data, headers={"Nats-Msg-Id": "once"}, timeout=5)
+        assert (bool(first.duplicate), again.duplicate, again.seq) == (False, True, first.seq)
+    finally:
+        await nc.close()
+    await sink.events.wait_for(2)
+    rows = stack.ctx.store.rows("SELECT tenant, app, count() AS n FROM inference_events GROUP BY tenant, app "
+                                "ORDER BY tenant")
+    assert rows == [{"tenant": "acme", "app": "shop", "n": 1}, {"tenant": "globex", "app": "shop", "n": 1}]
 
 
 async def test_cli_errors_are_one_line(stack: Runtime) -> None:

@@ -64,10 +64,11 @@ def test_sink_and_query_as_compose_runs_them_on_a_clickhouse_server(tmp_path: Pa
 
     with ClickHouseContainer("clickhouse/clickhouse-server:24.8", port=8123) as ch:
         url = f"http://{ch.username}:{ch.password}@{ch.get_container_host_ip()}:{ch.get_exposed_port(8123)}"
-        topo = Topology(tmp_path, clickhouse_url=url, services=())
+        # The gateway relays the application's events: the `app` user publishes on `ingest`, no stream's subject.
+        topo = Topology(tmp_path, clickhouse_url=url, services=("gateway",), scaled_replicas=1)
         asyncio.run(topo.start())
         try:
-            assert set(topo.processes) == {"simulator", "sink", "query"}
+            assert set(topo.processes) == {"simulator", "sink", "query", "gateway-1"}
 
             async def publish_and_count() -> None:
                 s = Settings(home=str(topo.home))
@@ -78,7 +79,7 @@ def test_sink_and_query_as_compose_runs_them_on_a_clickhouse_server(tmp_path: Pa
                 reader = await viewer(topo)
                 for bus in (app, admin):
                     await bus.connect()
-                await app.publish(app.subjects.inference("shop"), [InferenceEvent(app="shop") for _ in range(50)])
+                await app.publish(app.subjects.ingest("shop"), [InferenceEvent(app="shop") for _ in range(50)])
                 info = await admin.js.stream_info(admin.subjects.streams["inference"].name)
                 assert info.config.num_replicas == 3
                 await drained(admin, "inference")

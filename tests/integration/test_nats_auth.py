@@ -128,19 +128,30 @@ async def test_viewer_cannot_review_and_operator_cannot_decide(secured) -> None:
 
 
 async def test_an_sdk_application_sends_inference_events_only(secured) -> None:
+    from lockgate.services.gateway.relay import Relay
+
     _, settings, admin = secured
     app = credentials.for_identity(settings, "app")
-    async with Client(settings.nats_url, prefix=settings.prefix, app="shop", user=app.user,
-                      password=app.password) as client:
-        assert client.emit(InferenceEvent(app="shop"))
-        await client.flush()
+    gateway = await _bus(settings, "gateway")
+    relay = Relay(gateway)  # the SDK publishes on `ingest`, no stream's subject: the gateway's relay stores them
+    await relay.start()
+    try:
+        async with Client(settings.nats_url, prefix=settings.prefix, app="shop", user=app.user,
+                          password=app.password) as client:
+            assert client.emit(InferenceEvent(app="shop"))
+            await client.flush()
+            assert client.sent == 1
+    finally:
+        await relay.stop()
+        await gateway.close()
     info = await admin.js.stream_info(admin.subjects.streams["inference"].name)
     assert info.state.messages == 1
     bus = Bus(settings.nats_url, admin.subjects, auth=app, manage_topology=False)
     await bus.connect()
     try:
-        with pytest.raises(NotAllowed):
-            await bus.publish(bus.subjects.gate_decided("shop-v2"), _decision("shop-v2"))
+        for subject in (bus.subjects.gate_decided("shop-v2"), bus.subjects.inference("shop")):
+            with pytest.raises(NotAllowed):
+                await bus.publish(subject, _decision("shop-v2"))
     finally:
         await bus.close()
 

@@ -214,7 +214,10 @@ async def test_an_applications_events_never_count_as_a_canarys_live_evidence(sta
     forged = [InferenceEvent(app="shop", deployment="chat", release="r2", latency_ms=1.0) for _ in range(50)]
     with pytest.raises(NotAllowed):  # the served subject is the routers' alone
         await app.publish(app.subjects.served("shop"), forged)
-    await app.publish(app.subjects.inference("shop"), forged)  # accepted: stored, priced, watched for drift
+    # Where an application's events land (the gateway relays its NATS user's, gRPC and OTLP publish them):
+    # accepted, stored, priced, watched for drift.
+    gateway = await stack.bus("gateway")
+    await gateway.publish(gateway.subjects.inference("shop"), forged)
     # What another replica served, published after the forged events were acknowledged: the first thing observed.
     other = await stack.bus("router")
     served = [InferenceEvent(app="shop", deployment="chat", release="r2", status="error")]

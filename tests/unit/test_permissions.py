@@ -64,8 +64,19 @@ def test_only_the_owner_may_publish(subject: str) -> None:
 
 
 def test_an_application_publishes_inference_only() -> None:
+    # Through the gateway's relay: `ingest`, any tenant's and app's for the shared user.
     facts = [p for p in grant(S, "app").publish if not p.startswith("$JS.")]
-    assert facts == [S.inference_sent]
+    assert facts == [S.ingest_all]
+
+
+@pytest.mark.parametrize("identity", ["app", app_user("acme", "shop")])
+def test_no_application_user_publishes_on_a_streams_subject(identity: str) -> None:
+    # JetStream acknowledges a publish on a stream's subject on whatever reply subject the publisher names,
+    # unchecked: a KV key's, where the acknowledgement is stored as the key's value.
+    subjects = [sub.replace("*", "t").replace(">", "t.x") for spec in S.streams.values() for sub in spec.subjects]
+    subjects += [f"$KV.{b}.k" for b in (S.kv_gates, S.kv_routes, S.kv_budgets, S.kv_audit, S.kv_keys)]
+    subjects += [f"$O.{S.object_store}.C.x", S.inference("shop", "acme"), S.served("shop", "acme")]
+    assert [sub for sub in subjects if may_publish(identity, sub)] == []
 
 
 def test_an_application_user_publishes_its_own_tenants_and_apps_events_only() -> None:
@@ -74,7 +85,8 @@ def test_an_application_user_publishes_its_own_tenants_and_apps_events_only() ->
     g = grant(S, user)
     # Not even its own inference subject: a stream's, whose acknowledgement JetStream publishes on any reply
     # subject the publisher names. The gateway relays `ingest` there, answering the sender's own inbox only.
-    assert [p for p in g.publish if not p.startswith("$JS.")] == [S.ingest("shop.v2", "acme co")]
+    # Nor any JetStream API request, which it never makes and whose answer JetStream sends on any reply subject.
+    assert g.publish == [S.ingest("shop.v2", "acme co")]
     assert g.subscribe == [f"_INBOX.{user}.>"] and not g.responses
     # Its replies are its own: outside the shared `app` user's inbox.
     assert not any(matches(p, f"_INBOX.{user}.x") for p in grant(S, "app").subscribe)
