@@ -1,9 +1,10 @@
-"""Gateway wiring: the gRPC API on the configured host and port (0 binds a free port), and the relay of
-applications' NATS users' events (relay.py)."""
+"""Gateway wiring: the gRPC API on the configured host and port (0 binds a free port), the relay of
+applications' NATS users' events (relay.py) and their decision reads (reads.py)."""
 
 from __future__ import annotations
 
 from lockgate.server.service import Service, ServiceContext
+from lockgate.services.gateway.reads import Reads
 from lockgate.services.gateway.relay import Relay
 from lockgate.services.gateway.server import GrpcServer
 
@@ -18,6 +19,7 @@ class Gateway(Service):
         s = ctx.settings
         self.server = GrpcServer(ctx.bus, s.host, s.grpc_port, settings=s)
         self.relay = Relay(ctx.bus)
+        self.reads = Reads(ctx.bus)
         self._serving = False
 
     @property
@@ -29,12 +31,14 @@ class Gateway(Service):
         """Bind and serve."""
         await self.server.start()
         await self.relay.start()
+        await self.reads.start()
         self._serving = True
 
     async def stop(self) -> None:
         """Stop taking calls; running ones get two seconds (open watches are then cancelled)."""
         self._serving = False
         await self.relay.stop()
+        await self.reads.stop()
         await self.server.stop(2.0)
         await super().stop()
 

@@ -20,7 +20,7 @@ from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
 from lockgate.credentials import NatsAuth, NotAllowed
-from lockgate.decisionwatch import ReconnectCounter, watch_decisions
+from lockgate.decisionwatch import GatewaySource, ReconnectCounter, follow_decisions, watch_decisions
 from lockgate.errors import BusUnavailable, ClientClosed, ConfigError, InvalidEvent, NotFound, SignatureError
 from lockgate.outbox import UNTIL_BACK, Outbox, encode_event, event_from_fields
 from lockgate.permissions import APP, app_of
@@ -41,9 +41,13 @@ async def get_decision(kv: Any, release: str) -> GateDecided | None:
         entry = await kv.get(token(release))
     except nats.js.errors.KeyNotFoundError:  # also covers deleted/purged keys
         return None
-    if not entry.value:
+    return _stored_decision(entry.value, release)
+
+
+def _stored_decision(value: bytes | None, release: str) -> GateDecided | None:
+    if not value:
         return None
-    decision = _decisions.decode(entry.value)
+    decision = _decisions.decode(value)
     if decision.release != release:
         raise SignatureError(f"decision {decision.id} stored for release {release!r} is for "
                              f"{decision.release!r}: refusing it")
@@ -115,6 +119,13 @@ class Client:
             # (Subjects.ingest: it may publish on no stream's subject); another user (your own) or none, directly.
             via="relay" if scoped is not None or user == APP else "sent",
         )
+        # And reads decisions through the gateway (Subjects.reads: it makes no JetStream API request), following
+        # every announcement (the shared user) or the gateway's copies of its own releases' (its own user).
+        self._announcements: str | None = None
+        if user == APP:
+            self._announcements = self.subjects.gate_decided_all
+        elif scoped is not None:
+            self._announcements = self.subjects.app_decided_of(app, tenant)
         self._started = False
         self._closed = False
         self._nc: Any = None
@@ -252,9 +263,16 @@ class Client:
     async def decision(self, release: str) -> GateDecided | None:
         """The latest gate decision for a release, or None.
 
+        Read from the gates bucket; with an application's NATS user (the shared `app` or its own), through the
+        gateway (its own user: None for a release not its tenant's and app's), the signature checked here alike.
         Raises InvalidName for a bad name, SignatureError if the decision does not verify or is not
         for `release`."""
-        decision = await get_decision(await self._gates(), release)
+        if self._announcements is None:
+            decision = await get_decision(await self._gates(), release)
+        else:
+            check_name(release, "release")
+            entries = await self._gateway().read(token(release))
+            decision = _stored_decision(entries[0].value if entries else None, release)
         if decision is not None:
             await self._check(decision)
         return decision
@@ -265,8 +283,12 @@ class Client:
         A decision whose signature does not verify is skipped, logged and counted in
         `rejected_decisions`, never yielded."""
         # A consumer-free watch (decisionwatch): the `app` identity may not create consumers (nats-server#8274).
-        decisions = await watch_decisions(await self._gates(), release_prefix, nc=self._nc, subjects=self.subjects,
-                                          reconnects=self._reconnects)
+        if self._announcements is None:
+            decisions = await watch_decisions(await self._gates(), release_prefix, nc=self._nc,
+                                              subjects=self.subjects, reconnects=self._reconnects)
+        else:
+            decisions = await follow_decisions(self._gateway(release_prefix), release_prefix, nc=self._nc,
+                                               announcements=self._announcements, reconnects=self._reconnects)
         try:
             async for decision in decisions:
                 try:
@@ -284,11 +306,18 @@ class Client:
             return
         await self._verifier.verify(decision)
 
-    async def _gates(self) -> Any:
+    def _started_or_raise(self) -> None:
         if self._closed:
             raise self._closed_error()
         if self._js is None:
             raise BusUnavailable("the lockgate client is not started; call start() or use `async with`")
+
+    def _gateway(self, release_prefix: str = "") -> GatewaySource:
+        self._started_or_raise()
+        return GatewaySource(self._nc, self.subjects, self.tenant, self.app, release_prefix)
+
+    async def _gates(self) -> Any:
+        self._started_or_raise()
         try:
             return await self._js.key_value(self.subjects.kv_gates)
         except nats.js.errors.BucketNotFoundError:

@@ -12,6 +12,10 @@ nothing twice, and an announcement of a decision KV has since replaced (a redeli
 Decision times are not used: they come from the gatekeepers' clocks and can tie, while KV's order is the one
 `decision()` answers by. A decision written and never announced (the gatekeeper stopped in between) is announced
 when its redelivered event is decided again.
+
+An application's NATS user (the shared `app`, or one application's own) makes no JetStream API request: it reads
+through the gateway (`GatewaySource`), which answers with the entries as stored, and follows `gate.decided` (the
+shared user) or the gateway's per-tenant-and-app copies of it (`Subjects.app_decided`, one application's user).
 """
 
 from __future__ import annotations
@@ -26,15 +30,17 @@ import nats.errors
 import nats.js.errors
 
 from lockgate.codec import Codec
-from lockgate.contracts import GateDecided
-from lockgate.errors import BusUnavailable, InvalidEvent
+from lockgate.contracts import DecisionsRead, GateDecided, StoredDecision
+from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, NotFound
 from lockgate.kvread import kv_keys
 from lockgate.retry import RetryPolicy
-from lockgate.subjects import Subjects, token
+from lockgate.subjects import Subjects, token, untoken
 
 log = logging.getLogger("lockgate.decisions")
 
 _decisions: Codec[GateDecided] = Codec(GateDecided)
+_reads: Codec[DecisionsRead] = Codec(DecisionsRead)
+_REQUEST_TIMEOUT_S = 5.0  # one gateway answer (a read of each key of the bucket, and of their bindings)
 # A read the store does not answer (a leader election, a short outage) is retried before the watch gives up.
 _READ_RETRY = RetryPolicy(attempts=6, initial_s=0.2, max_s=3.0)
 _READ_FAILED = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
@@ -68,6 +74,56 @@ class ReconnectCounter:
         return self.reconnects
 
 
+class Source(Protocol):
+    """Where a watch reads decisions: each entry (`key`, `revision`, `value`) of one key, or of every key (None)."""
+
+    async def read(self, key: str | None) -> list[Any]: ...
+
+
+class KvSource:
+    """The gates bucket itself, by message get (an identity that may read it: services, your own NATS user)."""
+
+    def __init__(self, kv: Any, js: Any, bucket: str) -> None:
+        self.kv, self.js, self.bucket = kv, js, bucket
+
+    async def read(self, key: str | None) -> list[Any]:
+        keys = [key] if key is not None else await _read(lambda: kv_keys(self.js, self.bucket), self.bucket)
+        entries = [await _read(lambda k=k: _latest(self.kv, k), self.bucket) for k in keys]
+        return [e for e in entries if e is not None]
+
+
+class GatewaySource:
+    """The gateway's answers to an application user (`Subjects.reads`, services/gateway/reads.py), which makes no
+    JetStream API request: the entries as stored, so their signatures are checked here as if read from KV."""
+
+    def __init__(self, nc: Any, subjects: Subjects, tenant: str, app: str, release_prefix: str = "") -> None:
+        self.nc, self.subjects = nc, subjects
+        self.tenant, self.app, self.release_prefix = tenant, app, release_prefix
+
+    async def read(self, key: str | None) -> list[StoredDecision]:
+        s = self.subjects
+        try:
+            subject = (s.read_decisions(self.app, self.tenant, self.release_prefix) if key is None
+                       else s.read_decision(self.app, self.tenant, untoken(key)))
+        except ConfigError:  # no release's key (an announcement's subject of several tokens): nothing to ask for
+            return []
+        try:
+            msg = await _READ_RETRY.call(lambda: self.nc.request(subject, b"", timeout=_REQUEST_TIMEOUT_S),
+                                         retry_on=_READ_FAILED, what=f"read gate decisions on {subject}")
+        except _READ_FAILED as exc:
+            raise BusUnavailable(f"cannot read gate decisions through the lockgate gateway ({subject}): {exc!r}; "
+                                 "is the gateway service running with this prefix?") from None
+        try:
+            answer = _reads.decode(msg.data)
+        except InvalidEvent as exc:
+            raise BusUnavailable(f"the gateway's answer on {subject} does not decode: {exc.message}") from None
+        if answer.error == "not_found":
+            raise NotFound(answer.message)
+        if answer.error:
+            raise BusUnavailable(answer.message)
+        return answer.entries
+
+
 async def watch_decisions(kv: Any, release_prefix: str = "", *, nc: Any, subjects: Subjects,
                           reconnects: Reconnects | None = None) -> AsyncIterator[GateDecided]:
     """Start a watch on the gates bucket `kv`; returns an iterator of current decisions, then every new one.
@@ -75,30 +131,36 @@ async def watch_decisions(kv: Any, release_prefix: str = "", *, nc: Any, subject
     Once this returns the watch is subscribed, so any decision announced afterwards is seen. Announcements made
     while the connection is down are lost to a subscription: after each reconnection (`reconnects`) every key is
     read again. The iterator raises BusUnavailable if the bucket stays unreadable."""
+    return await follow_decisions(KvSource(kv, nc.jetstream(), subjects.kv_gates), release_prefix, nc=nc,
+                                  announcements=subjects.gate_decided_all, reconnects=reconnects)
+
+
+async def follow_decisions(source: Source, release_prefix: str = "", *, nc: Any, announcements: str,
+                           reconnects: Reconnects | None = None) -> AsyncIterator[GateDecided]:
+    """`watch_decisions` reading `source`, woken by the announcements on `announcements` (a subject ending in a
+    wildcard whose token is the release's KV key: `gate.decided.>`, or the gateway's `decided.<tenant>.<app>.*`)."""
     wake: asyncio.Queue[str | None] = asyncio.Queue()  # a key to read again; None: every key
-    head = subjects.gate_decided_all[:-1]
+    head = announcements[:-1]
 
     async def on_announced(msg: Any) -> None:
         wake.put_nowait(msg.subject[len(head):])  # `gate.decided.<token(release)>`: the release's key
 
-    sub = await nc.subscribe(subjects.gate_decided_all, cb=on_announced)
+    sub = await nc.subscribe(announcements, cb=on_announced)
     await nc.flush()  # the server has the subscription: what is announced from now on reaches it
-    return _follow(kv, nc.jetstream(), subjects.kv_gates, sub, wake, release_prefix, reconnects)
+    return _follow(source, sub, wake, release_prefix, reconnects)
 
 
-async def _follow(kv: Any, js: Any, bucket: str, sub: Any, wake: asyncio.Queue[str | None], release_prefix: str,
+async def _follow(source: Source, sub: Any, wake: asyncio.Queue[str | None], release_prefix: str,
                   reconnects: Reconnects | None) -> AsyncIterator[GateDecided]:
     relist = asyncio.ensure_future(_relist_after_reconnects(reconnects, wake)) if reconnects else None
     seen: dict[str, int] = {}  # key -> the revision last read
     try:
         key: str | None = None
         while True:
-            keys = [key] if key is not None else await _read(lambda: kv_keys(js, bucket), bucket)
             fresh = []
-            for k in keys:
-                entry = await _read(lambda k=k: _latest(kv, k), bucket)
-                if entry is not None and entry.revision > seen.get(k, 0):
-                    seen[k] = entry.revision
+            for entry in await source.read(key):
+                if entry.revision > seen.get(entry.key, 0):
+                    seen[entry.key] = entry.revision
                     fresh.append(entry)
             for entry in sorted(fresh, key=lambda e: e.revision):  # in the order KV stored them
                 decision = _decision(entry)

@@ -4,7 +4,8 @@ for SDK applications, derived from `subjects.py` so the table cannot drift from 
 Publishing is what the trust model guards: only the gatekeeper publishes gate decisions (and
 writes the gates and keys buckets), only the evaluator publishes eval completions, only an
 approver (or admin) publishes reviews, and an application publishes inference events and
-nothing else, through the gateway's relay (a per-application user, `app_user`, its own tenant's and app's only); only the router publishes the events of requests it served (`served`), the one
+nothing else, through the gateway's relay (a per-application user, `app_user`, its own tenant's and app's only),
+and reads decisions through the gateway too: no application user makes a JetStream API request; only the router publishes the events of requests it served (`served`), the one
 live evidence canary analysis takes. Reading is granted per stream (JetStream cannot narrow a consumer's filter by
 permission), but a service creates, deletes, fetches from and acks only its own durable consumers
 (DURABLES), so one service cannot rebind, delete or drain another's; only the sink deletes a
@@ -180,10 +181,19 @@ def grant(s: Subjects, identity: str) -> Grant:
     if scoped is not None:
         # One tenant's application: its own events only, through the gateway's relay (Subjects.ingest: never
         # a stream's subject, whose acknowledgement JetStream would publish on any reply subject it named).
-        # Decisions are read over gRPC with an API key, scoped to its tenant's and app's releases. Nor any
-        # JetStream API request (`_base`'s), which it never makes: JetStream answers those too on any reply
+        # Its decisions (its tenant's and app's releases') are read through the gateway too (`reads`), and followed
+        # on the gateway's copies of their announcements (`app_decided`: `gate.decided` carries every tenant's
+        # decisions whole). Nor any JetStream API request (`_base`'s): JetStream answers those too on any reply
         # subject, a KV key's included.
-        return Grant(publish=[s.ingest(scoped[1], scoped[0])], subscribe=[f"{inbox(identity)}.>"])
+        tenant, app = scoped
+        return Grant(publish=[s.ingest(app, tenant), f"{s.reads(app, tenant)}.>"],
+                     subscribe=[f"{inbox(identity)}.>", s.app_decided_of(app, tenant)])
+    if identity == APP:
+        # The SDK: send inference events of any tenant and app through the gateway's relay (`ingest`, as a
+        # per-application user does: never a stream's subject, see there), read every decision through the
+        # gateway (`reads`) and follow their announcements (decisionwatch.py). No JetStream API request at all
+        # (not `_base`'s): JetStream answers one on whatever reply subject it names, unchecked (a KV key's).
+        return Grant(publish=[s.ingest_all, s.reads_all], subscribe=[f"{inbox(identity)}.>", s.gate_decided_all])
     g = _base(identity)
     if identity == "admin":
         return Grant(publish=[">"], subscribe=[">"], responses=True)
@@ -201,6 +211,9 @@ def grant(s: Subjects, identity: str) -> Grant:
         # them on their own inboxes only.
         g.add(Grant(subscribe=[s.ingest_all], publish=[f"{inbox(APPS)}.>", f"{inbox(APP)}.>"]))
         g.add(Grant(subscribe=[s.gate_decided_all]))  # WatchDecisions follows the announcements (decisionwatch.py)
+        # Applications' users' decision reads (reads.py), answered on their inboxes as above, and the announcements
+        # passed on to each release's tenant and app.
+        g.add(Grant(subscribe=[s.reads_all], publish=[s.app_decided_all]))
         g.add(_read_kv(s.kv_releases))  # whose a release is: a key reads its own tenant's and app's decisions
     elif identity == "otlp":
         # The OTLP receiver: spans it was sent, and the inference events of GenAI spans; nothing else.
@@ -258,13 +271,6 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(_write_kv(s.kv_drift)).add(Grant(publish=[s.drift_all, s.query]))
     elif identity == "cost":
         g.add(service).add(_consume(s, "cost")).add(Grant(publish=[s.cost_all, s.cost_ledger, s.query]))
-    elif identity == APP:
-        # The SDK: send inference events of any tenant and app through the gateway's relay (`ingest`, as a
-        # per-application user does: never a stream's subject, see there), read decisions and the keys that
-        # verify them, and follow the announcements of new decisions (decisionwatch.py): no consumer anywhere
-        # (see _ephemeral).
-        g.add(_read_kv(s.kv_gates)).add(_read_kv(s.kv_keys)).add(Grant(publish=[s.ingest_all]))
-        g.add(Grant(subscribe=[s.gate_decided_all]))
     elif identity in ("viewer", "operator", "approver"):
         g.add(_viewer(s))
         if identity == "operator":

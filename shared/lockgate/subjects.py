@@ -154,6 +154,54 @@ class Subjects:
         except ConfigError:
             return None
 
+    def reads(self, app: str, tenant: str = "default") -> str:
+        """Where an application's NATS user (its own, or the shared `app`) asks the gateway for decisions
+        (`<prefix>.reads.<tenant>.<app>.decision.<key>` one release's, `.decisions.<token(prefix)>` every current one
+        whose release starts with the prefix): it makes no JetStream API request, whose answer JetStream sends on
+        whatever reply subject the requester names (a KV key's, stored as its value). The gateway answers a reply
+        subject in an application user's inbox only (services/gateway/reads.py)."""
+        return f"{self.prefix}.reads.{token(tenant)}.{token(app)}"
+
+    def read_decision(self, app: str, tenant: str, release: str) -> str:
+        return f"{self.reads(app, tenant)}.decision.{token(release)}"
+
+    def read_decisions(self, app: str, tenant: str, release_prefix: str) -> str:
+        return f"{self.reads(app, tenant)}.decisions.{token(release_prefix)}"
+
+    @property
+    def reads_all(self) -> str:
+        return f"{self.prefix}.reads.*.*.*.*"
+
+    @property
+    def reads_group(self) -> str:
+        """Queue group of the gateway replicas answering reads (and passing announcements on): each once."""
+        return f"{self.prefix}_reads"
+
+    def read_request(self, subject: str) -> tuple[str, str, str, str] | None:
+        """(tenant, app, `decision` or `decisions`, the release or release prefix) of a `reads` subject; None for
+        any other."""
+        head = f"{self.prefix}.reads."
+        parts = subject[len(head):].split(".") if subject.startswith(head) else []
+        if len(parts) != 4 or parts[2] not in ("decision", "decisions"):
+            return None
+        try:
+            return untoken(parts[0]), untoken(parts[1]), parts[2], untoken(parts[3])
+        except ConfigError:
+            return None
+
+    def app_decided(self, app: str, tenant: str, release: str) -> str:
+        """The gateway passes each `gate.decided` announcement on here, to the release's tenant's and app's users
+        (as its binding records them), empty: a per-application user may subscribe to its own only, while
+        `gate.decided` carries every tenant's decisions whole. The last token is the release's KV key."""
+        return f"{self.prefix}.decided.{token(tenant)}.{token(app)}.{token(release)}"
+
+    def app_decided_of(self, app: str, tenant: str) -> str:
+        return f"{self.prefix}.decided.{token(tenant)}.{token(app)}.*"
+
+    @property
+    def app_decided_all(self) -> str:
+        return f"{self.prefix}.decided.*.*.*"
+
     @property
     def inference_all(self) -> str:
         """Both kinds: every consumer that stores, prices or watches events takes all of them."""

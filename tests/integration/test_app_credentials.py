@@ -12,24 +12,27 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 from click.testing import CliRunner, Result
 
-from lockgate import credentials
+from lockgate import artifacts, credentials
 from lockgate.bus import Bus
 from lockgate.cli.main import cli
 from lockgate.client import Client
 from lockgate.codec import encode
 from lockgate.config import Settings
-from lockgate.contracts import InferenceEvent
+from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.credentials import NatsAuth, NotAllowed
-from lockgate.errors import InvalidEvent
+from lockgate.errors import InvalidEvent, SignatureError
 from lockgate.permissions import IDENTITIES
 from lockgate.server.natsserver import NatsServer, env_password
 from lockgate.server.runtime import Runtime
-from lockgate.subjects import Subjects
+from lockgate.signing import Signer, trust_file_path, trust_key
+from lockgate.subjects import Subjects, token
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -212,6 +215,123 @@ async def test_the_shared_app_user_publishes_through_the_relay_and_cannot_aim_an
     rows = stack.ctx.store.rows("SELECT tenant, app, count() AS n FROM inference_events GROUP BY tenant, app "
                                 "ORDER BY tenant")
     assert rows == [{"tenant": "acme", "app": "shop", "n": 1}, {"tenant": "globex", "app": "shop", "n": 1}]
+
+
+SIGNER = Signer.generate()
+
+
+def _signed(release: str, decision: str = "PASS") -> GateDecided:
+    return SIGNER.sign(GateDecided(release=release, decision=decision, rules=[]))
+
+
+async def _decide(runtime: Runtime, decision: GateDecided) -> None:
+    """What the gatekeeper does (Records.announce): the decision into KV, then announced."""
+    bus = runtime.ctx.bus
+    await (await bus.kv(bus.subjects.kv_gates)).put(token(decision.release), encode(decision))
+    await bus.publish(bus.subjects.gate_decided(decision.release), decision, msg_id=f"{decision.id}")
+
+
+async def test_the_shared_app_user_makes_no_jetstream_api_request_and_reads_decisions_through_the_gateway(
+        stack: Runtime) -> None:
+    # Found by a probe: JetStream answers an API request (STREAM.INFO, MSG.GET, DIRECT.GET, ...) on whatever reply
+    # subject the requester names, unchecked. The shared `app` user read decisions and keys with such requests, so
+    # a STREAM.INFO with reply `$KV.<bucket>.victim` stored the answer's JSON as that key's value (a decision, a
+    # route, a budget counter, the audit head). It reads through the gateway now and may make no API request.
+    s = stack.ctx.bus.subjects
+    app = credentials.for_identity(stack.settings, "app")
+    reads = stack.services["gateway"].reads
+    gates = await stack.ctx.bus.kv(s.kv_gates)
+    await gates.put("victim", b"signed decision")
+    errors = Errors()
+    nc = await _connect(stack, app.user, app.password, errors)
+    try:
+        for request in (f"$JS.API.STREAM.INFO.KV_{s.kv_gates}", f"$JS.API.STREAM.INFO.{s.streams['events'].name}",
+                        f"$JS.API.STREAM.MSG.GET.KV_{s.kv_gates}"):
+            await nc.publish(request, b"", reply=f"$KV.{s.kv_gates}.victim")
+            await errors.refused(request)
+        # The gateway's reads answer an application user's inbox only: a reply anywhere else is dropped.
+        await nc.publish(s.read_decisions("shop", "acme", ""), b"", reply=f"$KV.{s.kv_gates}.victim")
+        await nc.flush()
+        await reads.refused.wait_for(1, 10)
+        assert (await gates.get("victim")).value == b"signed decision"
+    finally:
+        await nc.close()
+
+    # The SDK with the shared credential reads any tenant's signed decision, and follows new ones.
+    await trust(stack)
+    theirs = _signed("globex-v1")
+    await _decide(stack, theirs)
+    async with Client(stack.settings.nats_url, prefix=s.prefix, app="shop", tenant="acme", user=app.user,
+                      password=app.password, trust_file=str(trust_file_path(stack.settings))) as client:
+        assert await client.decision("globex-v1") == theirs
+        assert await client.decision("unknown") is None
+        decisions = client.decisions("globex-")
+        assert await asyncio.wait_for(anext(decisions), 10) == theirs
+        newer = _signed("globex-v2", "BLOCK")
+        await _decide(stack, newer)
+        assert await asyncio.wait_for(anext(decisions), 10) == newer
+        await decisions.aclose()
+        # Still verified here: a decision altered on its way (or in KV) is refused, whoever passed it on.
+        await gates.put(token("globex-v3"), encode(msgspec.structs.replace(_signed("globex-v3", "BLOCK"),
+                                                                           decision="PASS")))
+        with pytest.raises(SignatureError, match="signature invalid"):
+            await client.decision("globex-v3")
+
+
+async def trust(runtime: Runtime) -> None:
+    await asyncio.to_thread(trust_key, trust_file_path(runtime.settings), SIGNER.public)
+
+
+async def test_an_app_credential_reads_and_follows_its_own_releases_decisions_only(stack: Runtime) -> None:
+    # Before, a per-application user could read no decision over NATS at all (only over gRPC with an API key):
+    # it reads its own tenant's and app's releases' through the gateway now, by their binding as gRPC does.
+    created = await run_cli(stack, "create", "--tenant", "acme", "--app", "shop", "--json")
+    assert created.exit_code == 0, created.output
+    secret = json.loads(await asyncio.to_thread(Path(json.loads(created.output)["file"]).read_text))
+    bus, s = stack.ctx.bus, stack.ctx.bus.subjects
+    await trust(stack)
+    for release, tenant, app in (("shop-v1", "acme", "shop"), ("shop-v2", "acme", "shop"),
+                                 ("globex-v1", "globex", "shop"), ("other-v1", "acme", "other")):
+        await artifacts.bind_release(bus, artifacts.release_bundle(release, app, {}, tenant=tenant))
+    mine, theirs, other = _signed("shop-v1"), _signed("globex-v1"), _signed("other-v1")
+    for d in (mine, theirs, other):
+        await _decide(stack, d)
+    reads = stack.services["gateway"].reads
+    async with Client(stack.settings.nats_url, prefix=s.prefix, app="shop", tenant="acme", user=secret["user"],
+                      password=secret["password"], trust_file=str(trust_file_path(stack.settings))) as client:
+        assert await client.decision("shop-v1") == mine
+        # Another tenant's release, or another app's: as one never decided.
+        assert await client.decision("globex-v1") is None
+        assert await client.decision("other-v1") is None
+        decisions = client.decisions()
+        assert await asyncio.wait_for(anext(decisions), 10) == mine  # the current one of its own, alone
+        await _decide(stack, _signed("globex-v1", "BLOCK"))  # another tenant's: never yielded to it
+        newer = _signed("shop-v2", "BLOCK")
+        await _decide(stack, newer)
+        assert await asyncio.wait_for(anext(decisions), 10) == newer
+        await decisions.aclose()
+
+    errors = Errors()
+    nc = await _connect(stack, secret["user"], secret["password"], errors)
+    try:
+        # Another tenant's reads subject, and `gate.decided`, which carries every tenant's decisions whole: refused.
+        await nc.publish(s.read_decision("shop", "globex", "globex-v1"), b"", reply=f"_INBOX.{secret['user']}.x")
+        await errors.refused(s.read_decision("shop", "globex", "globex-v1"))
+        await nc.subscribe(s.gate_decided_all)
+        await nc.subscribe(s.app_decided_of("shop", "globex"))
+        await nc.flush()
+        # Its own reads subject with the answer aimed at the shared user's inbox (every release) or a KV key:
+        # no answer it can read, and none stored.
+        refused = reads.refused.count
+        await nc.publish(s.read_decisions("shop", "acme", ""), b"", reply=f"$KV.{s.kv_gates}.victim")
+        await nc.flush()
+        await reads.refused.wait_for(refused + 1, 10)
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await (await bus.kv(s.kv_gates)).get("victim")
+    finally:
+        await nc.close()
+    violations = [e for e in errors if "permissions violation" in e.lower()]
+    assert len(violations) >= 3, errors
 
 
 async def test_cli_errors_are_one_line(stack: Runtime) -> None:

@@ -19,6 +19,7 @@ from lockgate.credentials import NotAllowed
 from lockgate.errors import NotFound
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper.records import Records
+from lockgate.services.gateway.reads import Reads
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
@@ -114,6 +115,9 @@ async def test_the_sdk_reads_and_follows_decisions_as_app_without_a_consumer(sec
     app = credentials.for_identity(settings, "app")
     before = _signed("shop-1")
     await records.announce(before, key="k-before")
+    gateway = await _bus(settings, "gateway")
+    reads = Reads(gateway)  # the `app` user reads through the gateway: no JetStream API request of its own
+    await reads.start()
     try:
         async with Client(settings.nats_url, prefix=settings.prefix, app="shop", user=app.user,
                           password=app.password, trust_file=str(trust_file_path(settings))) as client:
@@ -134,6 +138,8 @@ async def test_the_sdk_reads_and_follows_decisions_as_app_without_a_consumer(sec
             assert (await admin.js.stream_info(f"KV_{s.kv_gates}")).state.consumer_count == 0
             await decisions.aclose()
     finally:
+        await reads.stop()
+        await gateway.close()
         await gatekeeper.close()
 
 

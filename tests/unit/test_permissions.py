@@ -64,9 +64,20 @@ def test_only_the_owner_may_publish(subject: str) -> None:
 
 
 def test_an_application_publishes_inference_only() -> None:
-    # Through the gateway's relay: `ingest`, any tenant's and app's for the shared user.
-    facts = [p for p in grant(S, "app").publish if not p.startswith("$JS.")]
-    assert facts == [S.ingest_all]
+    # Through the gateway's relay: `ingest`, any tenant's and app's for the shared user; and its decision reads.
+    assert grant(S, "app").publish == [S.ingest_all, S.reads_all]
+
+
+@pytest.mark.parametrize("identity", ["app", app_user("acme", "shop")])
+def test_no_application_user_makes_a_jetstream_api_request(identity: str) -> None:
+    # JetStream answers an API request (STREAM.INFO, MSG.GET, DIRECT.GET, ...) on whatever reply subject the
+    # requester names, unchecked: a KV key's, where the answer is stored as the key's value. Before, the shared
+    # `app` user read decisions and keys with such requests; both read through the gateway now.
+    g = grant(S, identity)
+    assert [p for p in g.publish if p.startswith("$")] == []
+    for request in ("$JS.API.INFO", f"$JS.API.STREAM.INFO.KV_{S.kv_gates}", f"$JS.API.STREAM.MSG.GET.KV_{S.kv_keys}",
+                    f"$JS.API.DIRECT.GET.KV_{S.kv_gates}.$KV.{S.kv_gates}.k", "$JS.API.STREAM.NAMES"):
+        assert not may_publish(identity, request), request
 
 
 @pytest.mark.parametrize("identity", ["app", app_user("acme", "shop")])
@@ -86,8 +97,14 @@ def test_an_application_user_publishes_its_own_tenants_and_apps_events_only() ->
     # Not even its own inference subject: a stream's, whose acknowledgement JetStream publishes on any reply
     # subject the publisher names. The gateway relays `ingest` there, answering the sender's own inbox only.
     # Nor any JetStream API request, which it never makes and whose answer JetStream sends on any reply subject.
-    assert g.publish == [S.ingest("shop.v2", "acme co")]
-    assert g.subscribe == [f"_INBOX.{user}.>"] and not g.responses
+    assert g.publish == [S.ingest("shop.v2", "acme co"), f"{S.reads('shop.v2', 'acme co')}.>"]
+    # Its decisions are read through the gateway, and followed on the gateway's copies of its own releases'
+    # announcements: `gate.decided` carries every tenant's decisions whole.
+    assert g.subscribe == [f"_INBOX.{user}.>", S.app_decided_of("shop.v2", "acme co")] and not g.responses
+    assert not any(matches(p, S.gate_decided("r")) for p in g.subscribe)
+    assert not any(matches(p, S.app_decided("shop.v2", "acme", "r")) for p in g.subscribe)
+    assert not any(matches(p, S.read_decision("shop.v2", "acme", "r")) for p in g.publish)
+    assert any(matches(p, S.read_decisions("shop.v2", "acme co", "")) for p in g.publish)
     # Its replies are its own: outside the shared `app` user's inbox.
     assert not any(matches(p, f"_INBOX.{user}.x") for p in grant(S, "app").subscribe)
     for subject in (S.inference("shop.v2", "acme co"), S.ingest("shop.v2", "acme"), S.served("shop.v2", "acme co"),

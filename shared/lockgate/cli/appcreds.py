@@ -79,7 +79,8 @@ def register(cli: click.Group) -> None:
                     "applied": applied}, True)
             return
         console.print(f"{'rotated' if rotate else 'created'} NATS user [bold]{user}[/bold] for {tenant}/{app} in "
-                      f"{path}: it publishes on {subject} only; {said}", highlight=False, soft_wrap=True)
+                      f"{path}: it publishes its events on {subject} only, and reads its own releases' decisions "
+                      f"through the gateway; {said}", highlight=False, soft_wrap=True)
         console.print(f"  SDK: Client(url, app={app!r}, tenant={tenant!r}, user=..., password=...) from that file",
                       highlight=False, soft_wrap=True)
 

@@ -29,7 +29,14 @@ from lockgate.contracts.evals import (
     EvalReran,
     MetricInterval,
 )
-from lockgate.contracts.gates import GateAudited, GateDecided, GateReview, RuleResult
+from lockgate.contracts.gates import (
+    DecisionsRead,
+    GateAudited,
+    GateDecided,
+    GateReview,
+    RuleResult,
+    StoredDecision,
+)
 from lockgate.contracts.gitops import AppliedChange, ApplyRecorded, ApplyReply, ApplyRequest, StateEntry
 from lockgate.contracts.inference import InferenceEvent, InferenceScored, Score
 from lockgate.contracts.provenance import AliasChanged, ArtifactLifecycle
@@ -105,6 +112,7 @@ __all__ = [
     "EvalReran",
     "Event",
     "FeatureDrift",
+    "DecisionsRead",
     "GateAudited",
     "GateDecided",
     "InferenceEvent",
@@ -121,6 +129,7 @@ __all__ = [
     "SpanBatch",
     "SpanRecord",
     "StateEntry",
+    "StoredDecision",
     "json_schema",
     "request_side",
     "utcnow",

@@ -84,3 +84,21 @@ class GateAudited(Event, frozen=True, kw_only=True, tag="lockgate.gate.audited")
     reason: str = ""
     signature: str = ""
     key_id: str = ""
+
+
+class StoredDecision(msgspec.Struct, frozen=True, kw_only=True):
+    """One gates-bucket entry as stored: its key (the release's token), KV revision and value, the gatekeeper's
+    signed bytes untouched, so a reader verifies the signature itself (the gateway passing it on cannot forge one)."""
+
+    key: str
+    revision: int
+    value: bytes
+
+
+class DecisionsRead(msgspec.Struct, frozen=True, kw_only=True):
+    """The gateway's answer to an application user's decision read (`Subjects.reads`): the entries it may read
+    (none for a release it may not, alike to one never decided), or what kept it from reading them."""
+
+    entries: list[StoredDecision] = []
+    error: Literal["", "not_found", "unavailable"] = ""
+    message: str = ""

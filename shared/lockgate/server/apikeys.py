@@ -220,7 +220,13 @@ def owns_release(key: ApiKey, bundle: Mapping[str, Any] | None) -> bool:
     decision (whose tenant is the eval request's). A release of another tenant or app, and one nobody bound,
     are alike to the key: callers answer both as an unknown release, so a key learns no other release's name.
     A bundle without a tenant or app (lockgate writes both into every binding) is nobody's."""
-    return bundle is not None and bundle.get("tenant") == key.tenant and bundle.get("app") == key.app
+    return bound_to(bundle, key.tenant, key.app)
+
+
+def bound_to(bundle: Mapping[str, Any] | None, tenant: str, app: str) -> bool:
+    """Whether a release's binding (`owns_release`) is `tenant`'s and `app`'s: what an application's own NATS user
+    may read the decisions of (services/gateway/reads.py), as a key of that tenant and app may."""
+    return bundle is not None and bundle.get("tenant") == tenant and bundle.get("app") == app
 
 
 def deployment_scope(role: str, deployments: Iterable[str]) -> tuple[str, ...]:
