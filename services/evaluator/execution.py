@@ -187,7 +187,8 @@ class Execution:
         judge_hook = None
         if (params := loaded.judge_params) is not None:
             at = loaded.judge or Access(id="", base="")  # no endpoint: each call fails, and says so
-            upstream = Upstream(self.session, at.base, params.model, policy, cache, headers=at.headers)
+            upstream = Upstream(self.session, at.base, params.model, policy, cache, headers=at.headers,
+                                provider=at.provider)
             judge_hook = judge_step(upstream, params)
         if suite.task.type == "recorded":
             t = suite.task
@@ -197,7 +198,7 @@ class Execution:
                                               stopping=self.stopping)
         bucket = TokenBucket(suite.rate_limit_rps) if suite.rate_limit_rps else None
         at = loaded.target or Access(id=req.endpoint, base=req.endpoint)
-        target = Upstream(self.session, at.base, loaded.model, policy, cache, bucket, at.headers)
+        target = Upstream(self.session, at.base, loaded.model, policy, cache, bucket, at.headers, at.provider)
         call = functools.partial(target, params=_params(suite, loaded))
         return await runner.run_cases(suite, cases, call, concurrency=req.concurrency, skip=skip,
                                       on_result=on_result, judge=judge_hook, stopping=self.stopping)

@@ -255,7 +255,7 @@ class OnlineEval:
         try:
             done = await runner.complete(self._session, state.access.base, spec.model, msgs, state.policy,
                                          {"temperature": spec.temperature, "max_tokens": spec.max_tokens},
-                                         state.access.headers)
+                                         state.access.headers, state.access.provider)
         except LockgateError as exc:
             if isinstance(exc, runner.UpstreamRefused):
                 await self.budget.settle(reserved, 0)

@@ -1,4 +1,6 @@
-"""Calls an OpenAI-compatible endpoint for every case: pooled, bounded, retried."""
+"""Calls an endpoint for every case: pooled, bounded, retried. An OpenAI-compatible endpoint is called as it
+is; an Anthropic Messages one through the translation the router serves it with (lockgate.anthropicwire), so
+a gate judges the answers the router would serve."""
 
 from __future__ import annotations
 
@@ -11,14 +13,16 @@ from typing import Any, TypeVar
 import aiohttp
 import msgspec
 
+from lockgate import anthropicwire
 from lockgate.errors import LockgateError, UpstreamError
+from lockgate.llmwire import Completion as WireCompletion
 from lockgate.llmwire import Usage, decode_completion
 from lockgate.redact import MARK
 from lockgate.retry import RetryPolicy
 from lockgate.services.evaluator import calibrated, domain
 
 T = TypeVar("T")
-RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504, 529})  # 529: Anthropic is overloaded
 
 
 @dataclass(frozen=True)
@@ -60,22 +64,58 @@ class _Transient(Exception):
         self.status = status
 
 
+class _OpenAI:
+    """An OpenAI-compatible endpoint: chat completions as they are."""
+
+    path = "/chat/completions"
+    headers: dict[str, str] = {}
+
+    def request(self, body: dict[str, Any]) -> dict[str, Any]:
+        return body
+
+    def completion(self, data: bytes) -> WireCompletion:
+        return decode_completion(data)
+
+
+class _Anthropic:
+    """An Anthropic Messages endpoint, asked and read through the router's own translation."""
+
+    path = "/messages"
+    headers = {"anthropic-version": anthropicwire.VERSION}
+
+    def request(self, body: dict[str, Any]) -> dict[str, Any]:
+        return anthropicwire.request(body)  # Untranslatable (log probabilities, n > 1) as the router refuses them
+
+    def completion(self, data: bytes) -> WireCompletion:
+        msg = msgspec.json.decode(data)
+        if not isinstance(msg, dict) or msg.get("type") != "message":
+            raise msgspec.DecodeError("not an Anthropic message")
+        try:
+            return msgspec.convert(anthropicwire.response(msg), WireCompletion)
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:  # a message of the wrong shape
+            raise msgspec.DecodeError(f"not an Anthropic Messages answer: {exc!r}") from None
+
+
+_WIRES: dict[str, _OpenAI | _Anthropic] = {"openai": _OpenAI(), "anthropic": _Anthropic()}
+
+
 async def complete(
     session: aiohttp.ClientSession, endpoint: str, model: str, messages: list[dict[str, str]], policy: CallPolicy,
-    params: dict[str, Any] | None = None, headers: Mapping[str, str] | None = None,
+    params: dict[str, Any] | None = None, headers: Mapping[str, str] | None = None, provider: str = "openai",
 ) -> Completion:
     """One chat completion with retries and exponential backoff; raises UpstreamError when it gives up
     (UpstreamRefused when the endpoint's last answer was an error status). `headers` carry the endpoint's
-    credential: never in an error message."""
-    url = endpoint.rstrip("/") + "/chat/completions"
-    body = {"model": model, "messages": messages, "temperature": 0, **(params or {})}
+    credential: never in an error message. `provider` is the endpoint's (endpoints.Access.provider)."""
+    wire = _WIRES[provider]  # the allow-list admits no other provider
+    url = endpoint.rstrip("/") + wire.path
+    body = wire.request({"model": model, "messages": messages, "temperature": 0, **(params or {})})
     retry = policy.retry()
     last: _Transient | None = None
 
     async def attempt() -> Completion:
         nonlocal last
         try:
-            return await _call(session, url, body, policy.timeout_s, headers or {})
+            return await _call(session, url, body, policy.timeout_s, headers or {}, wire)
         except _Transient as exc:
             last = exc
             raise
@@ -94,10 +134,10 @@ async def complete(
 
 
 async def _call(session: aiohttp.ClientSession, url: str, body: dict[str, Any], timeout_s: float,
-                headers: Mapping[str, str]) -> Completion:
+                headers: Mapping[str, str], wire: _OpenAI | _Anthropic) -> Completion:
     started = time.perf_counter()
     try:
-        async with session.post(url, json=body, headers=headers,
+        async with session.post(url, json=body, headers={**wire.headers, **headers},
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status in RETRYABLE_STATUS:
                 raise _Transient(f"HTTP {resp.status} from {url}", _retry_after(resp.headers.get("Retry-After")),
@@ -112,7 +152,7 @@ async def _call(session: aiohttp.ClientSession, url: str, body: dict[str, Any], 
         raise _Transient(f"cannot reach {url}: {exc!r}") from None
     latency_ms = (time.perf_counter() - started) * 1000.0
     try:
-        completion = decode_completion(data)
+        completion = wire.completion(data)
     except msgspec.DecodeError as exc:
         raise UpstreamError(f"{url} answered something that is not a chat completion: {exc}") from None
     first = completion.choices[0] if completion.choices else None

@@ -4,6 +4,8 @@ offline eval run only) a plain URL, with none: the development setup with the si
 An eval run (EvalRequested.endpoint, a suite judge's `endpoint:`) names an endpoint id or a URL; the online
 judge names an id only, since a deployment document must never send live answers anywhere the operator did
 not list. A listed endpoint whose credential is missing is a ConfigError naming both: never a call without it.
+An endpoint of either provider is called in its own API (runner.complete): an `anthropic` one through the
+router's translation, so what the gate judges is what the router serves.
 A release that carries a model config is evaluated as it ships (`evaluated`), whatever the run names.
 """
 
@@ -18,16 +20,12 @@ from lockgate.shipped import Shipped
 
 
 def listed(settings: Settings, endpoint_id: str, what: str = "endpoint") -> Access:
-    """An allow-listed endpoint's URL and credential; ConfigError (prefixed by `what`) when it is not listed,
-    its credential is missing, or it does not speak the OpenAI API the evaluator calls."""
+    """An allow-listed endpoint's URL, credential and provider; ConfigError (prefixed by `what`) when it is not
+    listed or its credential is missing."""
     try:
-        access = AllowList(settings).access(endpoint_id, what)
+        return AllowList(settings).access(endpoint_id, what)
     except UnknownEndpoint as exc:  # a ConfigError here: the run (or the judge's outcome) says why
         raise ConfigError(exc.message) from None
-    if access.provider != "openai":
-        raise ConfigError(f"{what} {endpoint_id!r} speaks the {access.provider} API; the evaluator calls "
-                          "OpenAI-compatible chat completions: name an OpenAI-compatible endpoint")
-    return access
 
 
 def of_run(settings: Settings, endpoint: str, what: str = "endpoint") -> Access:

@@ -17,15 +17,16 @@ from lockgate.services.evaluator.ratelimit import TokenBucket
 
 
 class Upstream:
-    """Calls `model` at `endpoint` (a base URL) with `headers` (its credential, if any): a cache hit costs no
-    call; misses wait for the rate limit, then call."""
+    """Calls `model` at `endpoint` (a base URL) with `headers` (its credential, if any), in the API of its
+    `provider` (runner.complete): a cache hit costs no call; misses wait for the rate limit, then call."""
 
     def __init__(self, session: aiohttp.ClientSession, endpoint: str, model: str, policy: runner.CallPolicy,
                  cache: ResponseCache | None = None, bucket: TokenBucket | None = None,
-                 headers: Mapping[str, str] | None = None) -> None:
+                 headers: Mapping[str, str] | None = None, provider: str = "openai") -> None:
         self.session = session
         self.endpoint = endpoint
         self.headers = headers
+        self.provider = provider
         self.model = model
         self.policy = policy
         self.cache = cache
@@ -46,7 +47,7 @@ class Upstream:
             await self.bucket.acquire()
         self.calls += 1
         done = await runner.complete(self.session, self.endpoint, self.model, messages, self.policy, params,
-                                     self.headers)
+                                     self.headers, self.provider)
         if self.cache is not None:
             self.cache.put(key, Cached(done.text, done.latency_ms, done.input_tokens, done.output_tokens,
                                        done.logprobs))

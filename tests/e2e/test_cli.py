@@ -100,12 +100,45 @@ def test_cli_errors_are_one_line_with_an_exit_code(stack: dict[str, str]) -> Non
 
 
 def test_queries_without_a_running_stack_read_clickhouse_instead_of_hanging(tmp_path: Path) -> None:
-    # Nothing listens at the NATS URL: the CLI says nothing about NATS and reads the store itself.
-    env = {**os.environ, "LOCKGATE_HOME": str(tmp_path), "LOCKGATE_NATS_URL": "nats://127.0.0.1:1",
-           "LOCKGATE_CLICKHOUSE_URL": f"chdb://{tmp_path}/clickhouse"}
-    proc = subprocess.run([*LOCKGATE, "decisions", "--json"], capture_output=True, text=True, env=env, timeout=60)
+    # Nothing listens at the NATS URL: the CLI says nothing about NATS and reads the home's store itself.
+    home, cwd = tmp_path / "home", tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {**os.environ, "LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
+    env.pop("LOCKGATE_CLICKHOUSE_URL", None)
+    made = "from lockgate.store import open_store; open_store(f'chdb://{__import__(\"sys\").argv[1]}').close()"
+    subprocess.run([sys.executable, "-c", made, str(home / "clickhouse")], check=True, env=env, timeout=120)
+    proc = subprocess.run([*LOCKGATE, "--home", str(home), "decisions", "--json"], capture_output=True, text=True,
+                          env=env, timeout=60, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == []
+
+    # A home with no database: said in one line with an exit code, never an empty database made and read.
+    nowhere = tmp_path / "nowhere"
+    proc = subprocess.run([*LOCKGATE, "--home", str(nowhere), "sql", "SELECT count() FROM inference_events"],
+                          capture_output=True, text=True, env=env, timeout=60, cwd=cwd)
+    assert proc.returncode == 3 and proc.stdout == "", (proc.stdout, proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert f"there is no database at {nowhere / 'clickhouse'}" in proc.stderr
+    assert not nowhere.exists() and list(cwd.iterdir()) == []
+
+
+def test_a_query_that_misses_a_running_stacks_nats_fails_rather_than_reading_an_empty_database(
+        stack: dict[str, str], tmp_path: Path) -> None:
+    # The stack runs from its home on a NATS port the CLI was not given (`up --nats-port 0`), queried from
+    # another directory with --home: the CLI opened a new empty ./.lockgate/clickhouse there and printed 0.
+    env = {**stack, "LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
+    del env["LOCKGATE_HOME"]
+    proc = subprocess.run([*LOCKGATE, "--home", stack["E2E_HOME"], "sql", "SELECT count() AS n FROM inference_events"],
+                          capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert proc.returncode != 0 and proc.stdout == "", (proc.stdout, proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert "--nats URL" in proc.stderr and f"{stack['E2E_HOME']}/clickhouse" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing created where it ran
+    # Given the stack's NATS URL, the same query answers from the stack.
+    proc = subprocess.run([*LOCKGATE, "--home", stack["E2E_HOME"], "--nats", stack["LOCKGATE_NATS_URL"], "sql",
+                           "SELECT count() AS n FROM inference_events", "--json"],
+                          capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0 and json.loads(proc.stdout)[0]["n"] >= 0, proc.stderr
 
 
 def test_schema_command_writes_json_schema(tmp_path: Path) -> None:

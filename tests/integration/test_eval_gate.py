@@ -163,6 +163,36 @@ async def test_a_release_is_evaluated_as_it_ships_not_as_the_request_asks(
     assert "model 'bad' is not in the shipped price book" in judged.reason  # priced as the model it ran
 
 
+async def test_a_release_served_by_an_anthropic_endpoint_is_evaluated_through_the_routers_translation(
+    bus: Bus, context: Any, run_services: Callable[..., Any], subscribe: Callable[[str], Any], tmp_path: Path
+) -> None:
+    # The router serves an `anthropic` endpoint by translating chat completions to Anthropic Messages; the
+    # evaluator refused to call one ("speaks the anthropic API"), so such a release was always BLOCKed and could
+    # reach clients only through the ungoverned passthrough.
+    suite, policy = await register_qa(bus)
+    await register_model_release(bus, "v-claude", "good", "claude", temperature=0)
+    key = "sk-ant-" + uuid7()
+    gates = await subscribe(bus.subjects.gate_decided_all)
+    evals = await subscribe(bus.subjects.eval_completed)
+    async with SimServer(SimConfig(models={"good": ModelSpec(answers=qa_answers())}, require_key=key)) as sim:
+        (tmp_path / "endpoints.yaml").write_text(
+            f"endpoints:\n  claude: {{url: '{sim.url}', provider: anthropic, credential: CLAUDE_KEY}}\n")
+        (tmp_path / "secrets.yaml").write_text(f"CLAUDE_KEY: {key}\n")
+        context.settings = context.settings.replace(endpoints_file=str(tmp_path / "endpoints.yaml"),
+                                                    secrets_file=str(tmp_path / "secrets.yaml"))
+        await run_services("query", "evaluator", "gatekeeper")
+        req = request(release="v-claude", suite=suite, endpoint="", model="", policy=policy)
+        await bus.publish(bus.subjects.eval_requested, req)
+        decision = await next_decision(gates)
+        done = Codec(EvalCompleted).decode((await evals.next_msg(timeout=5)).data)
+        # Every call went out as the router sends it: Anthropic's version header and its key header.
+        assert sim.requests == {"good": 20} and sim.unauthorized == 0
+        assert all(h.get("anthropic-version") and h.get("x-api-key") == key for h in sim.headers)
+    assert (done.status, done.n_errors, done.metrics["exact_match"]) == ("completed", 0, 1.0), done.error
+    assert done.metrics["n"] == 20 and done.environment["endpoint"] == "claude"
+    assert (decision.release, decision.decision, decision.eval_run) == ("v-claude", "PASS", req.run_id)
+
+
 async def test_malformed_request_goes_to_dlq_and_a_failed_eval_is_blocked(
     bus: Bus, store: Store, run_services: Callable[..., Any], subscribe: Callable[[str], Any]
 ) -> None:

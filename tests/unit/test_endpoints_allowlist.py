@@ -84,8 +84,8 @@ def test_the_evaluator_calls_ids_with_their_key_and_plain_urls_of_eval_runs_with
     assert targets.of_run(s, "judge").headers == {"Authorization": "Bearer sk-judge-secret"}
     url = targets.of_run(s, "http://judge.test/v1/")  # the same URL, not named by id: no key goes there
     assert (url.base, url.headers) == ("http://judge.test/v1", {})
-    with pytest.raises(ConfigError, match="judge endpoint 'claude' speaks the anthropic API"):
-        targets.listed(s, "claude", "judge endpoint")
+    claude = targets.listed(s, "claude", "judge endpoint")  # called in its own API (runner.complete)
+    assert (claude.provider, claude.headers) == ("anthropic", {"x-api-key": "sk-ant-x"})
     with pytest.raises(ConfigError, match="endpoint 'nope' is not in the endpoint allow-list"):
         targets.of_run(s, "nope")
     with pytest.raises(ConfigError, match="credential 'NOWHERE_KEY' of endpoint 'broken'"):

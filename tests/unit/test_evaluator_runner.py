@@ -9,8 +9,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from lockgate.anthropicwire import Untranslatable
 from lockgate.errors import UpstreamError
 from lockgate.services.evaluator import domain, runner
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer, count_tokens
 
 pytestmark = pytest.mark.timeout(20)
 FAST = runner.CallPolicy(timeout_s=2.0, backoff_s=0.001)
@@ -113,3 +115,21 @@ async def test_unreachable_endpoint_is_an_upstream_error() -> None:
         with pytest.raises(UpstreamError, match="cannot reach"):
             await runner.complete(session, "http://127.0.0.1:9/v1", "m", [{"role": "user", "content": "x"}],
                                   runner.CallPolicy(timeout_s=1.0, max_retries=1, backoff_s=0.001))
+
+
+async def test_an_anthropic_endpoint_is_called_in_anthropic_messages_as_the_router_calls_it() -> None:
+    config = SimConfig(models={"c": ModelSpec(answers={"hi": "Hello there"}, cached_tokens=2)}, require_key="sk-a")
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    async with SimServer(config) as sim, aiohttp.ClientSession() as session:
+        done = await runner.complete(session, sim.url, "c", msgs, FAST, {"temperature": 0.2},
+                                     {"x-api-key": "sk-a"}, "anthropic")
+        # the system message travelled as Anthropic's `system`; cached prompt tokens count inside the input
+        assert (done.text, done.output_tokens) == ("Hello there", count_tokens("Hello there"))
+        assert done.input_tokens == count_tokens("be brief hi")
+        assert sim.headers[-1]["anthropic-version"] and sim.unauthorized == 0
+        # What Anthropic cannot answer is refused before any call, as the router refuses it (a case error).
+        with pytest.raises(Untranslatable, match="log probabilities"):
+            await runner.complete(session, sim.url, "c", msgs, FAST, {"logprobs": True}, {"x-api-key": "sk-a"},
+                                  "anthropic")
+        assert sim.requests == {"c": 1}
+

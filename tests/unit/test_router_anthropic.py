@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lockgate.services.router.providers import anthropic
+from lockgate import anthropicwire as anthropic
 
 pytestmark = pytest.mark.timeout(30)
 

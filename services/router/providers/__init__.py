@@ -2,8 +2,8 @@
 
 `openai` (OpenAI-compatible): every operation, bodies and stream bytes pass through untouched.
 `anthropic` (Anthropic Messages): chat completions only, translated both ways by the pure
-`providers.anthropic` module; the client always sees the OpenAI wire. upstream.py moves bytes, these
-translate them.
+`lockgate.anthropicwire` module (shared: the evaluator calls Anthropic endpoints through it too); the
+client always sees the OpenAI wire. upstream.py moves bytes, these translate them.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import msgspec
 
+from lockgate import anthropicwire as anthropic
 from lockgate.codec import UNDECODABLE
 from lockgate.errors import LockgateError
-from lockgate.services.router.providers import anthropic
 from lockgate.services.router.wire import CHAT, Operation, error_body
 
 PROVIDERS = ("openai", "anthropic")

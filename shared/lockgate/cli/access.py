@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -16,7 +17,7 @@ from lockgate.bus import Bus
 from lockgate.codec import to_json
 from lockgate.config import Settings
 from lockgate.credentials import NotAllowed
-from lockgate.errors import StoreUnavailable
+from lockgate.errors import NotFound, StoreUnavailable
 from lockgate.subjects import Subjects
 
 T = TypeVar("T")
@@ -28,20 +29,38 @@ def query(settings: Settings, name: str, direct: bool = False, role: str = "view
     if not direct:
         with contextlib.suppress(_NoStack):
             return asyncio.run(_over_nats(settings, name, args, chosen_role(role)))
-    return _direct(settings, name, args)
+    return _direct(settings, name, args, direct)
 
 
-def _direct(settings: Settings, name: str, args: dict[str, Any]) -> Any:
+def store_url(settings: Settings) -> str:
+    """The ClickHouse of the stack at `settings.home`: the configured URL, else chDB beside JetStream's data
+    under the home, where `lockgate up` keeps it."""
+    if settings.clickhouse_url != Settings().clickhouse_url:
+        return settings.clickhouse_url
+    return f"chdb://{(Path(settings.home) / 'clickhouse').resolve()}"
+
+
+def _direct(settings: Settings, name: str, args: dict[str, Any], asked: bool) -> Any:
     # The query service's own registry, so both paths check arguments and build rows alike.
     from lockgate.services.query import registry
     from lockgate.store import open_store
+    from lockgate.store.client import chdb_in_use, chdb_path
 
+    url = store_url(settings)
+    why = "" if asked else f"no running stack answers at {settings.nats_url}, and "
+    path = chdb_path(url)
+    if path is not None and not path.is_dir():
+        # Opening it would create an empty database and answer every query from it: 0 rows, exit 0, wrongly.
+        raise NotFound(f"{why}there is no database at {path}: give the running stack's --nats URL (as "
+                       f"`lockgate up` printed it) or its --home, or start one with `lockgate up`")
+    if path is not None and chdb_in_use(path):  # a running stack's: chDB opens a directory in one process only
+        raise StoreUnavailable(f"{why}the database at {path} is in use by the stack running from it, which answers "
+                               "queries only over NATS: give its --nats URL (as `lockgate up` printed it)")
     try:
-        store = open_store(settings.clickhouse_url, settings.database)
+        store = open_store(url, settings.database)
     except StoreUnavailable as exc:
         raise StoreUnavailable(
-            f"no running stack at {settings.nats_url} and ClickHouse at {settings.clickhouse_url} "
-            f"could not be opened ({exc.message}); start one with `lockgate up`"
+            f"{why}ClickHouse at {url} could not be opened ({exc.message}); start one with `lockgate up`"
         ) from None
     try:
         rows = registry.run(store, name, args)

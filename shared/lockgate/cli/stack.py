@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from lockgate import credentials
+from lockgate.cli import access
 from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console
 from lockgate.config import Settings
@@ -87,11 +88,9 @@ def embedded_settings(settings: Settings, home: str | None, nats_port: int, rout
                       grpc_port: int, otlp_grpc_port: int | None = None, otlp_http_port: int | None = None) -> Settings:
     """Settings for `up`: ClickHouse beside JetStream's data under `home` (else the global --home or
     LOCKGATE_HOME) unless configured; every listener on 127.0.0.1 unless LOCKGATE_HOST says otherwise."""
-    home_path = Path(home or settings.home)
-    clickhouse = settings.clickhouse_url
-    if clickhouse == Settings().clickhouse_url:  # not configured: keep it beside JetStream's data
-        clickhouse = f"chdb://{(home_path / 'clickhouse').resolve()}"
-    return settings.replace(home=str(home_path.resolve()), clickhouse_url=clickhouse, nats_url=f"nats://127.0.0.1:{nats_port}",
+    settings = settings.replace(home=str(Path(home or settings.home).resolve()))
+    # not configured: beside JetStream's data, where the CLI's queries look for it (access.store_url)
+    return settings.replace(clickhouse_url=access.store_url(settings), nats_url=f"nats://127.0.0.1:{nats_port}",
                             router_port=router_port, grpc_port=grpc_port, otlp_grpc_port=otlp_grpc_port,
                             otlp_http_port=otlp_http_port)
 

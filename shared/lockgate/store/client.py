@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import os
 import re
 import threading
 from collections.abc import Sequence
@@ -39,15 +41,42 @@ READONLY_SETTINGS = {"max_execution_time": "25", "max_memory_usage": "2000000000
 _OVER_BOUNDS = frozenset({158, 159, 241, 307, 396})
 
 
+def chdb_path(url: str) -> Path | None:
+    """The directory a chdb:// URL names (chdb://relative/path and chdb:///abs/path both do); None for an
+    in-memory database or another scheme."""
+    parsed = urlparse(url)
+    location = (parsed.netloc + parsed.path) if parsed.netloc else parsed.path
+    if parsed.scheme != "chdb" or location in ("", "memory", ":memory:"):
+        return None
+    return Path(location).expanduser().resolve()
+
+
+def chdb_in_use(path: Path) -> bool:
+    """Another process has the chDB directory open: ClickHouse holds its `status` file flock'd while it runs,
+    with its PID on the first line (this process's own engine is no obstacle: chDB shares it). Asked before
+    opening, since chDB refuses a second process by printing its native error to stderr first."""
+    try:
+        fd = os.open(path / "status", os.O_RDONLY)
+    except OSError:
+        return False  # never opened, or not a chDB directory: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        first = os.read(fd, 64).decode(errors="replace").partition("\n")[0]
+        return first != f"PID: {os.getpid()}"
+    finally:
+        os.close(fd)  # releases the probe's own lock, if it got one
+    return False
+
+
 def _raw_client(url: str, database: str | None, settings: dict[str, str] | None = None) -> Any:
     parsed = urlparse(url)
     if parsed.scheme == "chdb":
-        # chdb://relative/path and chdb:///abs/path both name a directory; one per process.
-        # Each client is its own chDB session (session settings are per handle) on shared data.
-        location = (parsed.netloc + parsed.path) if parsed.netloc else parsed.path
-        if location in ("", "memory", ":memory:"):
+        # One directory per process. Each client is its own chDB session (session settings are per handle)
+        # on shared data.
+        path = chdb_path(url)
+        if path is None:
             return clickhouse_connect.get_client(dsn="chdb://memory", database=database, settings=settings)
-        path = Path(location).expanduser().resolve()
         path.mkdir(parents=True, exist_ok=True)
         return clickhouse_connect.get_client(dsn=f"chdb://{path}", database=database, settings=settings)
     if parsed.scheme in ("http", "https"):

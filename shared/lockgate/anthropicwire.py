@@ -1,5 +1,8 @@
 """OpenAI chat completions <-> Anthropic Messages, both ways, streaming included. Pure: no I/O.
 
+Shared by the router (which serves an `anthropic` endpoint behind the OpenAI wire) and the evaluator (which
+calls it the same way, so the gate judges what the router serves).
+
 Requests: system and developer messages become `system`; assistant tool calls become `tool_use`
 blocks and `tool` messages `tool_result` blocks in a user turn; consecutive turns of one role are
 merged (Anthropic wants user and assistant to alternate); `max_tokens` is required there, so a
