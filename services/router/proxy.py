@@ -53,6 +53,7 @@ from lockgate.services.router.wire import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
+    LIMIT_FIELDS,
     OUTPUT_MESSAGES,
     RESPONSES,
     Choices,
@@ -223,6 +224,11 @@ class Proxy:
         if req.stream and op.chunk is None:  # as OpenAI's embeddings API, which has no stream parameter
             return error_response(400, f"invalid {op.api} request: 'stream' is not a parameter of {op.api}; "
                                        "its answer comes whole", "invalid_request_error", param="stream")
+        if op.max_fields and (foreign := _foreign_limit(req, op)) is not None:
+            return error_response(400, f"invalid {op.api} request: {foreign!r} is not a parameter of {op.api}, whose "
+                                       f"upstreams ignore it, so it would not bound the answer (nor what admission "
+                                       f"reserves for it); set {' or '.join(repr(f) for f in op.max_fields)} instead",
+                                  "invalid_request_error", param=foreign)
         deployment = self.deployment_of(h, req.model)
         # Names become subjects and KV keys downstream: refuse a bad one here, not as a dead letter later.
         for header, value in (("x-lockgate-deployment", deployment), ("x-lockgate-app", h.get("x-lockgate-app")),
@@ -266,7 +272,8 @@ class Proxy:
         # The output too: a release's params or a translation may set another max_tokens than the client's.
         sent = [req if hop.body is body else _output_limits.decode(hop.body) for hop in hops]
         ticket = await self.admission.admit(key, deployment, model, req, max(len(hop.body) for hop in hops), sent,
-                                            body, also=[t.model or req.model for _, t in starts[1:]])
+                                            body, also=[t.model or req.model for _, t in starts[1:]],
+                                            max_fields=op.max_fields)
         if isinstance(ticket, web.Response):
             return ticket
 
@@ -481,6 +488,16 @@ class Proxy:
                 with contextlib.suppress(ConnectionResetError):  # gone after the last byte: answered anyway
                     await out.write_eof()
             return out
+
+
+def _foreign_limit(req: ApiRequest, op: Operation) -> str | None:
+    """An output limit the client set in a field its operation's upstreams do not read (`max_tokens` on the
+    Responses API, `max_completion_tokens` on completions), else None. Passed on, the upstream generated up
+    to its own default (thousands of tokens) against a limit the client, and admission, believed was 1."""
+    for name in LIMIT_FIELDS:
+        if name not in op.max_fields and getattr(req, name) is not None:
+            return name
+    return None
 
 
 def _undecodable_header(headers: Any) -> str | None:

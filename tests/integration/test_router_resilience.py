@@ -883,3 +883,25 @@ async def test_an_anthropic_answer_of_the_wrong_shape_is_a_bad_response_not_a_cr
             assert error == "stream interrupted: endpoint default sent a stream event that is not a chat.completions chunk"
     assert [(e.status, e.error_type) for e in await events(2)] == [("error", "upstream_bad_response"),
                                                                   ("error", "upstream_bad_chunk")]
+
+
+async def test_an_over_budget_refusal_says_the_request_needs_more_than_is_left(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, tmp_path: Any) -> None:
+    # Before: after a call used more than it reserved, the refusal named only the store's counter:
+    # "N of 1000 tokens spent or reserved, this request needs up to N" (N under 100), which seemed to fit. The deficit
+    # this replica owes the counter (charged at its next lease) is what blocked.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "tokens": 1000}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("long", usage={"prompt_tokens": 1, "completion_tokens": 950, "total_tokens": 951}) as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1)  # ignores it: 950 tokens
+            with pytest.raises(openai.RateLimitError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1)
+    message = caught.value.body["message"]
+    sent = int(up.headers[-1]["Content-Length"])
+    need = input_estimate(sent, msgspec.convert({"messages": MESSAGES}, ApiRequest), 1.0) + 1
+    leased = max(need, 50)  # the first call's lease: at least 5% of the limit
+    assert need > 1000 - 951  # what is left once the first call's 951 tokens are counted
+    assert (f"this request needs up to {need} tokens, more than the 49 tokens left (951 of 1000 tokens spent or "
+            f"reserved, {951 - leased} tokens of it used beyond reservations)") in message, message
