@@ -64,6 +64,7 @@ from lockgate.services.router.wire import (
     is_openai_error,
     openai_error,
     patch_body,
+    stream_error,
 )
 
 # The router reads every body it forwards (usage, finish reason), and auto_decompress is off so
@@ -441,6 +442,13 @@ class Proxy:
                             ended = True
                         else:  # the client's SDK decodes every other data line as JSON: check it does decode
                             usage_only = chunk(payload, rec)  # UNDECODABLE when it is no chunk
+                            # An error event in any operation's stream, in any shape an upstream sends (chat's
+                            # `{"error": ..}` on /v1/responses, vLLM's `{"object": "error"}`): the call failed.
+                            # Only error events are scrubbed: an answer's own text passes as generated.
+                            if rec.status == "ok" and (err := stream_error(payload)) is not None:
+                                rec.status, rec.error_type = "error", "upstream_stream_error"
+                                if err is not payload:
+                                    line = b"data: " + err + line[len(line.rstrip(b"\r\n")):]
                             if rec.status != "ok":  # the upstream's error event: its address stays internal
                                 line = scrub(line, endpoint)
                             if not rec.ttft_ms and (rec.out.parts or rec.out.tools):

@@ -216,6 +216,37 @@ def parse_response_event(data: bytes, rec: _Record) -> bool:
     return False
 
 
+class _ErrorMark(msgspec.Struct):
+    object: Any = None
+    error: Any = None
+    message: Any = None
+    type: Any = None
+    code: Any = None
+
+
+_error_mark = msgspec.json.Decoder(_ErrorMark)
+
+
+def stream_error(data: bytes) -> bytes | None:
+    """An upstream's error event in a stream of any operation, as the client gets it; None when the event is
+    no error. OpenAI's shape (`{"error": {...}}`, which the SDK raises) stays as it is; vLLM's (`{"object":
+    "error", "message": ...}`), which the SDK would read as a chunk without choices, is put in it. An unescaped
+    `"error"` occurs in JSON only as a key or a whole value, never inside a text: most events are not decoded
+    twice."""
+    if b'"error"' not in data:
+        return None
+    try:
+        mark = _error_mark.decode(data)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return None  # the operation's own codec judged it already
+    if mark.error:  # as the SDK reads it
+        return data
+    if mark.object != "error":
+        return None
+    return error_body(str(mark.message or "(no message)"), str(mark.type or "upstream_error"),
+                      None if mark.code is None else str(mark.code))
+
+
 class Operation(msgspec.Struct, frozen=True):
     """One OpenAI operation the gateway serves: its upstream path, its GenAI operation name and how its
     request and answers are read. `stream_usage`: streams may be asked to include usage (then hidden).

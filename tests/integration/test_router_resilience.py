@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import msgspec
 import openai
 import pytest
@@ -40,7 +41,7 @@ class FakeLLM:
     requests of `model`, an answer for the others), "hang" (no answer until the test ends),
     "error_body" (a 200 whose body is an error), "response_failed" (a failed Responses API turn), "html_400" (a proxy's own 400 page), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
     "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event naming the upstream's address
-    after its first event), "chunk_then_garbage" (a data line that is not JSON after the first event),
+    after its first event), "chunk_then_vllm_error" (the same error event as vLLM sends it, `object: error`), "chunk_then_garbage" (a data line that is not JSON after the first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set),
     ("echo_key", message) and ("chunk_then_echo_key", message) (a 401, or a stream's error event, whose message
     quotes the Authorization it received: `{auth}` the header's value, `{key}` the bare key)."""
@@ -72,6 +73,7 @@ class FakeLLM:
     async def __aenter__(self) -> FakeLLM:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._chat)  # chat chunks: a completions stream reads them alike
         app.router.add_post("/v1/embeddings", self._chat)  # counted like a chat call: never answered well
         app.router.add_post("/v1/responses", self._chat)  # for "response_failed" only
         app.router.add_post("/v1/messages", self._messages)  # Anthropic Messages, for the "misshapen" answers
@@ -161,6 +163,12 @@ class FakeLLM:
                 self.hung_up.set()
             return resp
         if action == "chunk_then_end":  # a stream that stops cleanly before its end (no finish, no [DONE])
+            await resp.write_eof()
+            return resp
+        if action == "chunk_then_vllm_error":  # vLLM's error event: no `error` key, `object: error`
+            error = {"object": "error", "message": f"overloaded at {self.url}", "type": "InternalServerError",
+                     "code": 500}
+            await resp.write(f"data: {json.dumps(error)}\n\n".encode())
             await resp.write_eof()
             return resp
         if action == "chunk_then_error":  # the provider's own error event in the middle of a stream
@@ -665,6 +673,30 @@ async def test_an_error_event_in_a_stream_is_recorded_as_an_error(gateway: Gatew
     assert error == "overloaded at endpoint default/v1"
     (event,) = await events(1)
     assert (event.status, event.error_type, event.response) == ("error", "upstream_stream_error", "up says hi")
+
+
+@pytest.mark.parametrize(("action", "path"), [
+    ("chunk_then_vllm_error", "chat"), ("chunk_then_vllm_error", "completions"), ("chunk_then_error", "responses"),
+], ids=["chat-vllm", "completions-vllm", "responses-chat-shape"])
+async def test_an_error_event_of_any_shape_in_any_stream_is_scrubbed_and_recorded(
+        gateway: Gateway, keys: Bootstrap, events: Any, action: str, path: str) -> None:
+    # Before: only an error the operation's codec knew was scrubbed; vLLM's `{"object": "error", ...}` on chat and
+    # completions, and chat's `{"error": {...}}` on /v1/responses, reached the client with the upstream's address
+    # (http://127.0.0.1:PORT/v1), and their events said ok.
+    async with FakeLLM("up", action) as up:
+        router = await gateway({"default": {"url": up.url}})
+        body = {"model": "m", "stream": True, **({"messages": MESSAGES} if path == "chat" else
+                                                  {"prompt": "hi"} if path == "completions" else {"input": "hi"})}
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{router.url}/v1/{path.replace('chat', 'chat/completions')}", json=body,
+                headers={"Authorization": f"Bearer {keys.app_key}"}) as resp:
+            text = (await resp.read()).decode()
+    assert "127.0.0.1" not in text and str(up.port) not in text, text
+    (error,) = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:") and "error" in line]
+    # In OpenAI's shape, which the SDK raises (vLLM's would have been read as a chunk without choices).
+    assert error["error"]["message"] == "overloaded at endpoint default/v1"
+    (event,) = await events(1)
+    assert (event.status, event.error_type) == ("error", "upstream_stream_error")
 
 
 async def test_a_failed_response_is_passed_on_without_the_upstreams_address(gateway: Gateway, keys: Bootstrap,
