@@ -74,6 +74,9 @@ _api_request = msgspec.json.Decoder(ApiRequest)
 _output_limits = msgspec.json.Decoder(OutputLimits)
 _good_names: set[str] = set()  # names already checked (the same few deployments on every request)
 _model_list = msgspec.json.Decoder(dict[str, Any])
+# The methods of the gateway's own paths, for the 405 of another method (server.py routes them).
+_METHODS = {"/v1/chat/completions": ("POST",), "/v1/completions": ("POST",), "/v1/embeddings": ("POST",),
+            "/v1/responses": ("POST",), "/v1/models": ("GET",)}
 
 
 class _ClientGone(Exception):
@@ -180,6 +183,37 @@ class Proxy:
             key = self.keys.authenticate(bearer(request.headers.get("Authorization")))
         except AuthError as exc:
             return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
+        return web.json_response({"object": "list", "data": await self._listed(key)})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """`GET /v1/models/{model}` (the SDK's `models.retrieve`): the model as `GET /v1/models` lists it for
+        the calling key, else OpenAI's 404 `model_not_found` (a name outside the key's scope is not found)."""
+        try:
+            key = self.keys.authenticate(bearer(request.headers.get("Authorization")))
+        except AuthError as exc:
+            return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
+        name = request.match_info["model"]
+        found = next((m for m in await self._listed(key) if m.get("id") == name), None)
+        if found is None:
+            return error_response(404, f"The model {name!r} does not exist here or is not one API key {key.label} "
+                                       "may use (GET /v1/models lists those it may)", "invalid_request_error",
+                                  code="model_not_found", param="model")
+        return web.json_response(found)
+
+    async def unknown(self, request: web.Request) -> web.Response:
+        """Any other `/v1/` path or method, answered in OpenAI's error shape as OpenAI answers it (the SDK raises
+        NotFoundError or an APIStatusError) rather than aiohttp's plain-text 404/405."""
+        allowed = _METHODS.get(request.path.rstrip("/"))
+        if allowed is not None and request.method not in allowed:
+            return error_response(405, f"{request.method} {request.path} is not supported: use "
+                                       f"{' or '.join(allowed)}", "invalid_request_error",
+                                  headers={"Allow": ", ".join(allowed)})
+        return error_response(404, f"Invalid URL ({request.method} {request.path}): the router serves POST "
+                                   "/v1/chat/completions, /v1/completions, /v1/embeddings and /v1/responses, and GET "
+                                   "/v1/models", "invalid_request_error", code="unknown_url")
+
+    async def _listed(self, key: ApiKey) -> list[dict[str, Any]]:
+        """The models `GET /v1/models` lists for a key."""
         owners: dict[str, str] = {m: d for m, d in self.endpoints.models.items() if self.route_of(d) is not None}
         for name, route in self.rollouts.routes.items():
             if route.stable.model:
@@ -197,11 +231,11 @@ class Proxy:
             try:
                 async with self._get(endpoint, "/models") as resp:
                     listed = _model_list.decode(await resp.read()).get("data") if resp.status == 200 else None
-            except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError):
+            except (aiohttp.ClientError, TimeoutError, *UNDECODABLE):
                 listed = None  # the configured names still answer; the upstream's are a bonus
             data += [m for m in listed or () if isinstance(m, dict) and m.get("id") not in owners
                      and listable(str(m.get("id")))]
-        return web.json_response({"object": "list", "data": data})
+        return data
 
     async def forward(self, request: web.Request, op: Operation) -> web.StreamResponse:
         """Proxy one request of any operation to the stable or canary upstream of its deployment."""
