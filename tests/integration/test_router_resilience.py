@@ -43,6 +43,7 @@ class FakeLLM:
     "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event naming the upstream's address
     after its first event), "chunk_then_vllm_error" (the same error event as vLLM sends it, `object: error`), "chunk_then_garbage" (a data line that is not JSON after the first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set),
+    "chunks_paced" (the same at a chunk every 50 ms, as a model generating a long answer),
     ("echo_key", message) and ("chunk_then_echo_key", message) (a 401, or a stream's error event, whose message
     quotes the Authorization it received: `{auth}` the header's value, `{key}` the bare key)."""
 
@@ -161,6 +162,12 @@ class FakeLLM:
                     await resp.write(chunk(choices=[{"index": 0, "delta": {"content": "."}, "finish_reason": None}]))
             except ConnectionError:
                 self.hung_up.set()
+            return resp
+        if action == "chunks_paced":  # a long answer: a chunk every 50 ms until the router hangs up
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    await asyncio.sleep(0.05)  # the pace of a generating model, not synchronisation
+                    await resp.write(chunk(choices=[{"index": 0, "delta": {"content": "."}, "finish_reason": None}]))
             return resp
         if action == "chunk_then_end":  # a stream that stops cleanly before its end (no finish, no [DONE])
             await resp.write_eof()
@@ -318,7 +325,7 @@ async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: 
             chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
             assert [ch.choices[0].delta.content for ch in chunks] == ["stall says hi"]
             # Before: the stream just ended, so the client took the first words for the whole answer.
-            assert error == "stream interrupted: endpoint default sent nothing for 0.05 s"
+            assert error == "stream interrupted: endpoint default sent nothing for 0.05 s (between_chunks_s)"
             (event,) = await events(1)
             assert (event.status, event.error_type) == ("error", "stream_interrupted:ChunkTimeout")
             assert event.response == "stall says hi"
@@ -326,6 +333,27 @@ async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: 
             # The stall counts against the endpoint: its breaker (one failure opens it) sends the next to backup.
             done = await c.chat.completions.create(model="m", messages=MESSAGES)
         assert done.choices[0].message.content == "backup says hi" and stall.calls == 1
+
+
+async def test_a_stream_still_sending_at_its_total_time_says_so_and_spares_the_breaker(
+        gateway: Gateway, keys: Bootstrap, events: Any) -> None:
+    # Before: the client read "endpoint default sent nothing for 2 s" of a stream that sent a chunk every 0.2 s
+    # until total_s ran out, the event said stream_interrupted:ChunkTimeout, and the breaker counted it as the
+    # endpoint's failure: long answers opened it and sent healthy traffic to the fallback.
+    async with FakeLLM("long", "chunks_paced", "ok") as long, FakeLLM("backup") as backup:
+        router = await gateway({"default": {"url": long.url, "fallback": "backup",
+                                            "timeouts": {"between_chunks_s": 0.5, "total_s": 1},
+                                            "breaker": {"consecutive_failures": 1, "cooldown_s": 30}},
+                                "backup": {"url": backup.url}})
+        async with client(router, keys) as c:
+            chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
+            assert len(chunks) > 5
+            assert error == ("stream interrupted: endpoint default was still sending when the request's 1 s in all "
+                             "(total_s) ran out")
+            (event,) = await events(1)
+            assert (event.status, event.error_type) == ("error", "stream_interrupted:TotalTimeout")
+            done = await c.chat.completions.create(model="m", messages=MESSAGES)  # the breaker stayed closed
+        assert done.choices[0].message.content == "long says hi" and backup.calls == 0
 
 
 @pytest.mark.parametrize(("action", "why", "error_type"), [
