@@ -23,7 +23,7 @@ from lockgate.errors import LockgateError
 from lockgate.redact import MARK, scrub_bytes
 from lockgate.services.router import h1, resilience
 from lockgate.services.router.endpoints import Endpoint, Endpoints
-from lockgate.services.router.providers import Unsupported
+from lockgate.services.router.providers import Unsupported, provider
 
 # Request headers the client's SDK sends that the provider acts on (beta features, idempotent
 # retries, SDK telemetry); the client's Authorization is lockgate's business and never forwarded.
@@ -342,7 +342,7 @@ class Upstream:
                 opened.release()
             raise
         status = opened.status
-        passed = returned_headers(opened.headers)
+        passed = provider(ep.provider).returned(opened.headers, returned_headers(opened.headers))
         if not streaming:
             opened.release()
             if status != 200 and resilience.retryable_status(status):

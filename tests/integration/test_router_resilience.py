@@ -96,6 +96,16 @@ class FakeLLM:
         async with self._seen:
             self.headers.append(dict(request.headers))
             self._seen.notify_all()
+        action = self.actions.pop(0) if len(self.actions) > 1 else self.actions[0]
+        if action in ("anthropic_ok", "anthropic_429"):  # an answer or a refusal with Anthropic's own headers
+            headers = {"request-id": "req_anth_1", "anthropic-ratelimit-requests-remaining": "7",
+                       "anthropic-ratelimit-tokens-reset": "2026-12-05T00:00:00Z", "anthropic-organization-id": "o"}
+            if action == "anthropic_429":
+                return web.json_response({"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}},
+                                         status=429, headers={**headers, "retry-after": "40"})
+            return web.json_response({"type": "message", "id": "m1", "model": "m", "role": "assistant",
+                                      "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+                                      "usage": {"input_tokens": 1, "output_tokens": 1}}, headers=headers)
         if not (await request.json()).get("stream"):
             return web.json_response({"type": "message", "id": "m1", "model": "m", "content": 42, "usage": "x"})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -871,6 +881,27 @@ async def test_sdk_headers_forwarded_and_upstream_request_id_returned(gateway: G
         assert raw.headers["x-request-id"] == "req-up-1"
         assert raw.headers["x-ratelimit-remaining-requests"] == "99"
         assert raw.headers["x-ratelimit-reset-tokens"] == "6ms"
+
+
+@pytest.mark.parametrize("action", ["anthropic_ok", "anthropic_429"])
+async def test_an_anthropic_endpoints_request_id_and_rate_limits_reach_the_client_under_openais_names(
+        gateway: Gateway, keys: Bootstrap, action: str) -> None:
+    # Before: only retry-after passed; Anthropic's `request-id` (what its support asks for) and its
+    # `anthropic-ratelimit-*` headers were dropped.
+    async with FakeLLM("claude", action) as up:
+        router = await gateway({"default": {"url": up.url, "provider": "anthropic", "retry": {"attempts": 1}}})
+        async with client(router, keys) as c:
+            if action == "anthropic_ok":
+                headers = (await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)).headers
+            else:
+                with pytest.raises(openai.RateLimitError) as caught:
+                    await c.chat.completions.create(model="m", messages=MESSAGES)
+                headers = caught.value.response.headers
+                assert headers["retry-after"] == "40"
+    assert headers["x-request-id"] == "req_anth_1"
+    assert headers["x-ratelimit-remaining-requests"] == "7"
+    assert headers["x-ratelimit-reset-tokens"] == "2026-12-05T00:00:00Z"
+    assert "anthropic-organization-id" not in headers and "request-id" not in headers
 
 
 @pytest.mark.parametrize("failure", ["500", "404", "refused", "host named alone"])
