@@ -1,5 +1,6 @@
 """The OpenAI surface of the gateway: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
-`/v1/responses` and `GET /v1/models`. Every POST takes one path (`forward`): pick the deployment by
+`/v1/responses`, `GET /v1/models` and `/v1/models/{model}` (any other /v1 path or method: OpenAI's error shape,
+`unknown`). Every POST takes one path (`forward`): pick the deployment by
 model name, the variant by route, proxy to its upstream through the endpoint's provider, record one event.
 Each operation only brings its codec (wire.Operation); each provider its translation (providers/).
 
