@@ -8,6 +8,7 @@ from typing import Annotated
 import msgspec
 from aiohttp import web
 
+from lockgate.codec import UNDECODABLE, undecodable
 from lockgate.contracts.names import check_name
 from lockgate.errors import InvalidEvent, LockgateError, Retryable, UnreadableBody
 from lockgate.identity import IdentityRefused
@@ -82,8 +83,8 @@ class Actions:
                 raise InvalidRollout('set-weight needs {"weight": PERCENT}')
         except REFUSED as exc:
             return refusal(exc, action, invalid=400)
-        except msgspec.DecodeError as exc:
-            return error_response(400, f"invalid request: {exc}", "invalid_request_error")
+        except UNDECODABLE as exc:  # a string that is not UTF-8 too (was a 500)
+            return error_response(400, f"invalid request: {undecodable(exc)}", "invalid_request_error")
         try:
             # `approve` is `resume` by another name: it ends a pause step that waits for approval.
             route = await self.rollouts.operate(deployment, "resume" if action == "approve" else action,

@@ -80,7 +80,7 @@ from lockgate.services.router.ratelimit import (
     lease,
     refusal,
 )
-from lockgate.services.router.wire import USAGE_WARNING, error_response
+from lockgate.services.router.wire import CHAT, USAGE_WARNING, error_response
 
 log = logging.getLogger("lockgate.router.admission")
 
@@ -180,17 +180,18 @@ class Admission:
     # -- admission ---------------------------------------------------------------------------------
 
     async def admit(self, key: ApiKey, deployment: str, model: str, req: ApiRequest, body_bytes: int,
-                    sent: Sequence[OutputLimits] = (), body: bytes = b"", also: Sequence[str] = ()
-                    ) -> Ticket | web.Response:
+                    sent: Sequence[OutputLimits] = (), body: bytes = b"", also: Sequence[str] = (),
+                    max_fields: Sequence[str] = CHAT.max_fields) -> Ticket | web.Response:
         """Reserve the request's largest cost on every budget that covers it, after its rate limits;
         a Ticket to settle after the call, or the 429/503 answer. `body_bytes`: the length of the longest
         body an upstream of this request may receive (input_estimate); `sent`: the output limits of each
         (a release's params or a provider's translation may set others than the client's); `body`: the
         client's, for what it points at (images, stored state: budgets.pointed_at); `also`: the other models
-        the request may be billed at (stable's, when a canary falls back to it): the dearest is reserved."""
+        the request may be billed at (stable's, when a canary falls back to it): the dearest is reserved;
+        `max_fields`: the fields that bound the output of the request's operation (budgets.most_output)."""
         if not self.active:
             return OPEN
-        max_out = most_output(req, self.file.default_max_tokens, sent)
+        max_out = most_output(req, max_fields, self.file.default_max_tokens, sent)
         pointed = pointed_at(body, self.file.media_tokens, self.file.stored_input_tokens)
         tokens_in = input_estimate(body_bytes, req, self.file.bytes_per_token, pointed)
         prices = {m: self.prices.get(m) for m in (model, *also)}
@@ -346,14 +347,25 @@ class Admission:
 
     def _over_budget(self, b: Budget, counter: str, need: Amount, leased: Amount, model: str, max_out: int,
                      wall: datetime) -> web.Response:
+        """The 429 saying what blocks: the request needs more than is left. What is left is the limit less what
+        the store's counter holds leased, plus what this replica holds of it unreserved, less what calls here
+        used beyond their reservations (a deficit the next lease charges to the counter first). Saying only the
+        counter's figure read "0.000046 of 0.0005 USD spent or reserved, needs 0.000057", which seemed to fit."""
         pid = period_id(b.spec.period, wall)
-        used = []
+        available = self._allowance(counter).available
+        left = b.limit - leased + available
+        dims = []
         if b.limits_usd:
-            used.append(f"{leased.usd / NANO:.6f} of {b.spec.usd:g} USD spent or reserved, this request needs up to "
-                        f"{need.usd / NANO:.6f} USD ({model} prices, up to {max_out} output tokens)")
+            dims.append((_usd, "USD", left.usd, need.usd, b.limit.usd, available.usd,
+                         f" ({model} prices, up to {max_out} output tokens)"))
         if b.limits_tokens:
-            used.append(f"{leased.tokens} of {b.spec.tokens} tokens spent or reserved, this request needs up to "
-                        f"{need.tokens}")
+            dims.append((str, "tokens", left.tokens, need.tokens, b.limit.tokens, available.tokens, ""))
+        blocking = [d for d in dims if d[2] < d[3]] or dims  # a store that refused holds what blocks
+        used = []
+        for fmt, unit, have, want, limit, held, priced in blocking:
+            beyond = f", {fmt(-held)} {unit} of it used beyond reservations" if held < 0 else ""
+            used.append(f"this request needs up to {fmt(want)} {unit}{priced}, more than the {fmt(max(have, 0))} "
+                        f"{unit} left ({fmt(limit - have)} of {fmt(limit)} {unit} spent or reserved{beyond})")
         reset = _period_end(b.spec.period, wall)
         return error_response(
             429, f"budget {b.describe()} is exhausted for {b.spec.period} {pid}: {'; '.join(used)}. "
@@ -554,6 +566,10 @@ class Admission:
         if self._shared_kv is None:
             self._shared_kv = await self.bus.kv(self.bus.subjects.kv_response_cache)
         return self._shared_kv
+
+
+def _usd(nano: int) -> str:
+    return f"{nano / NANO:.6f}"
 
 
 def _period_end(period: str, now: datetime) -> datetime:

@@ -183,19 +183,23 @@ def input_estimate(body_bytes: int, req: ApiRequest, bytes_per_token: float, poi
     return math.ceil(body_bytes / bytes_per_token) + 8 * len(req.messages) + 3 + tools + pointed
 
 
-def most_output(req: ApiRequest, default_max_tokens: int, sent: Sequence[OutputLimits] = ()) -> int:
-    """The most output tokens one request may generate and be billed for: its max tokens (else the
-    configured default) for each choice (`n`, or a completion's `best_of`, all generated and billed),
-    for each prompt of a completions batch (a list of strings or of token lists). `sent`: the limits of
-    the request as each upstream gets it, when they differ from the client's (a release's params, a provider
-    translation's required max_tokens): the largest counts."""
+def most_output(req: ApiRequest, fields: Sequence[str], default_max_tokens: int,
+                sent: Sequence[OutputLimits] = ()) -> int:
+    """The most output tokens one request may generate and be billed for: the largest of its `fields` (the
+    max tokens its operation's upstream reads: wire.Operation.max_fields), else the configured default, for
+    each choice (`n`, or a completion's `best_of`, all generated and billed), for each prompt of a completions
+    batch (a list of strings or of token lists). A limit in a field the operation does not read bounds
+    nothing: read from any field, `max_tokens: 1` on the Responses API reserved 1 token for an answer of
+    thousands. `sent`: the limits of the request as each upstream gets it, when they differ from the client's
+    (a release's params, a provider translation's required max_tokens): the largest counts. Budgets and
+    token rate limits both reserve this."""
     prompt = req.prompt
     prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
-    return max(_per_prompt(limits, default_max_tokens) for limits in (req, *sent)) * prompts
+    return max(_per_prompt(limits, fields, default_max_tokens) for limits in (req, *sent)) * prompts
 
 
-def _per_prompt(limits: OutputLimits | ApiRequest, default_max_tokens: int) -> int:
-    per_choice = limits.max_completion_tokens or limits.max_tokens or limits.max_output_tokens or default_max_tokens
+def _per_prompt(limits: OutputLimits | ApiRequest, fields: Sequence[str], default_max_tokens: int) -> int:
+    per_choice = max((getattr(limits, f) or 0 for f in fields), default=0) or default_max_tokens
     return per_choice * max(limits.n or 1, limits.best_of or 1)
 
 

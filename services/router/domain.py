@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from lockgate.codec import UNDECODABLE, undecodable
 from lockgate.contracts import GateDecided, RolloutState
 from lockgate.contracts.names import Name, OptName, check_names
 from lockgate.errors import LockgateError
@@ -196,8 +197,8 @@ def decode_manual(body: bytes) -> ManualRequest:
         return ManualRequest()
     try:
         return _manual_decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise InvalidRollout(f"invalid request: {exc}") from None
+    except UNDECODABLE as exc:  # a string that is not UTF-8 too (was a 500)
+        raise InvalidRollout(f"invalid request: {undecodable(exc)}") from None
 
 
 class NotAdmitted(InvalidRollout):
@@ -265,8 +266,8 @@ def decode_canary(body: bytes) -> CanaryRequest:
     """A canary request from its JSON body, or InvalidRollout naming the path of what is wrong."""
     try:
         return _canary_decoder.decode(body)
-    except msgspec.DecodeError as exc:  # ValidationError included
-        raise InvalidRollout(f"invalid canary request: {exc}") from None
+    except UNDECODABLE as exc:  # ValidationError included, and a string that is not UTF-8 (was a 500)
+        raise InvalidRollout(f"invalid canary request: {undecodable(exc)}") from None
 
 
 def normalize_steps(steps: tuple[float, ...] | list[float]) -> tuple[float, ...]:

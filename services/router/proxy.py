@@ -1,5 +1,6 @@
 """The OpenAI surface of the gateway: `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
-`/v1/responses` and `GET /v1/models`. Every POST takes one path (`forward`): pick the deployment by
+`/v1/responses`, `GET /v1/models` and `/v1/models/{model}` (any other /v1 path or method: OpenAI's error shape,
+`unknown`). Every POST takes one path (`forward`): pick the deployment by
 model name, the variant by route, proxy to its upstream through the endpoint's provider, record one event.
 Each operation only brings its codec (wire.Operation); each provider its translation (providers/).
 
@@ -53,6 +54,7 @@ from lockgate.services.router.wire import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
+    LIMIT_FIELDS,
     OUTPUT_MESSAGES,
     RESPONSES,
     Choices,
@@ -63,6 +65,7 @@ from lockgate.services.router.wire import (
     is_openai_error,
     openai_error,
     patch_body,
+    stream_error,
 )
 
 # The router reads every body it forwards (usage, finish reason), and auto_decompress is off so
@@ -72,6 +75,9 @@ _api_request = msgspec.json.Decoder(ApiRequest)
 _output_limits = msgspec.json.Decoder(OutputLimits)
 _good_names: set[str] = set()  # names already checked (the same few deployments on every request)
 _model_list = msgspec.json.Decoder(dict[str, Any])
+# The methods of the gateway's own paths, for the 405 of another method (server.py routes them).
+_METHODS = {"/v1/chat/completions": ("POST",), "/v1/completions": ("POST",), "/v1/embeddings": ("POST",),
+            "/v1/responses": ("POST",), "/v1/models": ("GET",)}
 
 
 class _ClientGone(Exception):
@@ -178,6 +184,37 @@ class Proxy:
             key = self.keys.authenticate(bearer(request.headers.get("Authorization")))
         except AuthError as exc:
             return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
+        return web.json_response({"object": "list", "data": await self._listed(key)})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """`GET /v1/models/{model}` (the SDK's `models.retrieve`): the model as `GET /v1/models` lists it for
+        the calling key, else OpenAI's 404 `model_not_found` (a name outside the key's scope is not found)."""
+        try:
+            key = self.keys.authenticate(bearer(request.headers.get("Authorization")))
+        except AuthError as exc:
+            return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
+        name = request.match_info["model"]
+        found = next((m for m in await self._listed(key) if m.get("id") == name), None)
+        if found is None:
+            return error_response(404, f"The model {name!r} does not exist here or is not one API key {key.label} "
+                                       "may use (GET /v1/models lists those it may)", "invalid_request_error",
+                                  code="model_not_found", param="model")
+        return web.json_response(found)
+
+    async def unknown(self, request: web.Request) -> web.Response:
+        """Any other `/v1/` path or method, answered in OpenAI's error shape as OpenAI answers it (the SDK raises
+        NotFoundError or an APIStatusError) rather than aiohttp's plain-text 404/405."""
+        allowed = _METHODS.get(request.path.rstrip("/"))
+        if allowed is not None and request.method not in allowed:
+            return error_response(405, f"{request.method} {request.path} is not supported: use "
+                                       f"{' or '.join(allowed)}", "invalid_request_error",
+                                  headers={"Allow": ", ".join(allowed)})
+        return error_response(404, f"Invalid URL ({request.method} {request.path}): the router serves POST "
+                                   "/v1/chat/completions, /v1/completions, /v1/embeddings and /v1/responses, and GET "
+                                   "/v1/models", "invalid_request_error", code="unknown_url")
+
+    async def _listed(self, key: ApiKey) -> list[dict[str, Any]]:
+        """The models `GET /v1/models` lists for a key."""
         owners: dict[str, str] = {m: d for m, d in self.endpoints.models.items() if self.route_of(d) is not None}
         for name, route in self.rollouts.routes.items():
             if route.stable.model:
@@ -195,11 +232,11 @@ class Proxy:
             try:
                 async with self._get(endpoint, "/models") as resp:
                     listed = _model_list.decode(await resp.read()).get("data") if resp.status == 200 else None
-            except (aiohttp.ClientError, TimeoutError, msgspec.DecodeError):
+            except (aiohttp.ClientError, TimeoutError, *UNDECODABLE):
                 listed = None  # the configured names still answer; the upstream's are a bonus
             data += [m for m in listed or () if isinstance(m, dict) and m.get("id") not in owners
                      and listable(str(m.get("id")))]
-        return web.json_response({"object": "list", "data": data})
+        return data
 
     async def forward(self, request: web.Request, op: Operation) -> web.StreamResponse:
         """Proxy one request of any operation to the stable or canary upstream of its deployment."""
@@ -223,6 +260,11 @@ class Proxy:
         if req.stream and op.chunk is None:  # as OpenAI's embeddings API, which has no stream parameter
             return error_response(400, f"invalid {op.api} request: 'stream' is not a parameter of {op.api}; "
                                        "its answer comes whole", "invalid_request_error", param="stream")
+        if op.max_fields and (foreign := _foreign_limit(req, op)) is not None:
+            return error_response(400, f"invalid {op.api} request: {foreign!r} is not a parameter of {op.api}, whose "
+                                       f"upstreams ignore it, so it would not bound the answer (nor what admission "
+                                       f"reserves for it); set {' or '.join(repr(f) for f in op.max_fields)} instead",
+                                  "invalid_request_error", param=foreign)
         deployment = self.deployment_of(h, req.model)
         # Names become subjects and KV keys downstream: refuse a bad one here, not as a dead letter later.
         for header, value in (("x-lockgate-deployment", deployment), ("x-lockgate-app", h.get("x-lockgate-app")),
@@ -266,7 +308,8 @@ class Proxy:
         # The output too: a release's params or a translation may set another max_tokens than the client's.
         sent = [req if hop.body is body else _output_limits.decode(hop.body) for hop in hops]
         ticket = await self.admission.admit(key, deployment, model, req, max(len(hop.body) for hop in hops), sent,
-                                            body, also=[t.model or req.model for _, t in starts[1:]])
+                                            body, also=[t.model or req.model for _, t in starts[1:]],
+                                            max_fields=op.max_fields)
         if isinstance(ticket, web.Response):
             return ticket
 
@@ -434,6 +477,13 @@ class Proxy:
                             ended = True
                         else:  # the client's SDK decodes every other data line as JSON: check it does decode
                             usage_only = chunk(payload, rec)  # UNDECODABLE when it is no chunk
+                            # An error event in any operation's stream, in any shape an upstream sends (chat's
+                            # `{"error": ..}` on /v1/responses, vLLM's `{"object": "error"}`): the call failed.
+                            # Only error events are scrubbed: an answer's own text passes as generated.
+                            if rec.status == "ok" and (err := stream_error(payload)) is not None:
+                                rec.status, rec.error_type = "error", "upstream_stream_error"
+                                if err is not payload:
+                                    line = b"data: " + err + line[len(line.rstrip(b"\r\n")):]
                             if rec.status != "ok":  # the upstream's error event: its address stays internal
                                 line = scrub(line, endpoint)
                             if not rec.ttft_ms and (rec.out.parts or rec.out.tools):
@@ -481,6 +531,16 @@ class Proxy:
                 with contextlib.suppress(ConnectionResetError):  # gone after the last byte: answered anyway
                     await out.write_eof()
             return out
+
+
+def _foreign_limit(req: ApiRequest, op: Operation) -> str | None:
+    """An output limit the client set in a field its operation's upstreams do not read (`max_tokens` on the
+    Responses API, `max_completion_tokens` on completions), else None. Passed on, the upstream generated up
+    to its own default (thousands of tokens) against a limit the client, and admission, believed was 1."""
+    for name in LIMIT_FIELDS:
+        if name not in op.max_fields and getattr(req, name) is not None:
+            return name
+    return None
 
 
 def _undecodable_header(headers: Any) -> str | None:

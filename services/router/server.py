@@ -71,6 +71,9 @@ class RouterService(Service):
         app.router.add_post("/v1/embeddings", self.proxy.embeddings)
         app.router.add_post("/v1/responses", self.proxy.responses)
         app.router.add_get("/v1/models", self.proxy.models)
+        app.router.add_get("/v1/models/{model:.+}", self.proxy.model)
+        # Last: any other /v1/ path or method gets OpenAI's error shape, not aiohttp's plain text.
+        app.router.add_route("*", "/v1/{tail:.*}", self.proxy.unknown)
         app.router.add_get("/healthz", self._health)
         app.router.add_get("/metrics", metrics.serve_prometheus)  # on the gateway's port: no second listener
         app.add_subapp(PREFIX, self.admin.app())

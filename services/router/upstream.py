@@ -23,7 +23,7 @@ from lockgate.errors import LockgateError
 from lockgate.redact import MARK, scrub_bytes
 from lockgate.services.router import h1, resilience
 from lockgate.services.router.endpoints import Endpoint, Endpoints
-from lockgate.services.router.providers import Unsupported
+from lockgate.services.router.providers import Unsupported, provider
 
 # Request headers the client's SDK sends that the provider acts on (beta features, idempotent
 # retries, SDK telemetry); the client's Authorization is lockgate's business and never forwarded.
@@ -65,7 +65,11 @@ class UpstreamUnavailable(LockgateError):
 
 
 class ChunkTimeout(TimeoutError):
-    """A stream went quiet for longer than its endpoint's between-chunks timeout (or ran out of total time)."""
+    """A stream went quiet for longer than its endpoint's between-chunks timeout."""
+
+
+class TotalTimeout(TimeoutError):
+    """A stream was still sending when the request's total time (`total_s`) ran out."""
 
 
 class Hop(NamedTuple):
@@ -126,8 +130,8 @@ class Reply:
         return attrs
 
     async def lines(self) -> AsyncIterator[bytes]:
-        """The stream's lines; ChunkTimeout when the upstream stalls between two of them, BrokenReply
-        when its connection fails."""
+        """The stream's lines; ChunkTimeout when the upstream stalls between two of them, TotalTimeout when
+        the request's total time runs out first, BrokenReply when its connection fails."""
         stream = self._stream
         if stream is None:
             return
@@ -137,9 +141,16 @@ class Reply:
             try:
                 line = await stream.readline()
             except h1.Stalled:
+                ep = self.hop.endpoint
+                if asyncio.get_running_loop().time() >= self._deadline:
+                    # The request's time ran out while the endpoint kept within its between-chunks bound: a
+                    # long answer, not a failing endpoint. Counted against the breaker, long generations would
+                    # open it and send healthy traffic to the fallback.
+                    raise TotalTimeout(f"endpoint {ep.id} was still sending when the request's "
+                                       f"{ep.timeouts.total_s:g} s in all (total_s) ran out") from None
                 self._break()
-                raise ChunkTimeout(f"endpoint {self.hop.endpoint.id} sent nothing for "
-                                   f"{self.hop.endpoint.timeouts.between_chunks_s:g} s") from None
+                raise ChunkTimeout(f"endpoint {ep.id} sent nothing for {ep.timeouts.between_chunks_s:g} s "
+                                   "(between_chunks_s)") from None
             except h1.BrokenReply:
                 self._break()
                 raise
@@ -331,7 +342,7 @@ class Upstream:
                 opened.release()
             raise
         status = opened.status
-        passed = returned_headers(opened.headers)
+        passed = provider(ep.provider).returned(opened.headers, returned_headers(opened.headers))
         if not streaming:
             opened.release()
             if status != 200 and resilience.retryable_status(status):

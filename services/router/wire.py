@@ -216,9 +216,42 @@ def parse_response_event(data: bytes, rec: _Record) -> bool:
     return False
 
 
+class _ErrorMark(msgspec.Struct):
+    object: Any = None
+    error: Any = None
+    message: Any = None
+    type: Any = None
+    code: Any = None
+
+
+_error_mark = msgspec.json.Decoder(_ErrorMark)
+
+
+def stream_error(data: bytes) -> bytes | None:
+    """An upstream's error event in a stream of any operation, as the client gets it; None when the event is
+    no error. OpenAI's shape (`{"error": {...}}`, which the SDK raises) stays as it is; vLLM's (`{"object":
+    "error", "message": ...}`), which the SDK would read as a chunk without choices, is put in it. An unescaped
+    `"error"` occurs in JSON only as a key or a whole value, never inside a text: most events are not decoded
+    twice."""
+    if b'"error"' not in data:
+        return None
+    try:
+        mark = _error_mark.decode(data)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return None  # the operation's own codec judged it already
+    if mark.error:  # as the SDK reads it
+        return data
+    if mark.object != "error":
+        return None
+    return error_body(str(mark.message or "(no message)"), str(mark.type or "upstream_error"),
+                      None if mark.code is None else str(mark.code))
+
+
 class Operation(msgspec.Struct, frozen=True):
     """One OpenAI operation the gateway serves: its upstream path, its GenAI operation name and how its
-    request and answers are read. `stream_usage`: streams may be asked to include usage (then hidden)."""
+    request and answers are read. `stream_usage`: streams may be asked to include usage (then hidden).
+    `max_fields`: the request fields that bound its output as its upstreams read them (admission reserves
+    from these alone; a client's limit in another field is refused, as its upstream would ignore it)."""
 
     name: str  # gen_ai.operation.name
     api: str  # the OpenAI API, recorded as the event's `lockgate.api` attribute
@@ -227,18 +260,23 @@ class Operation(msgspec.Struct, frozen=True):
     parse: Callable[[bytes, _Record], None]
     chunk: Callable[[bytes, _Record], bool] | None
     prompt: Callable[[ApiRequest], str | None]
+    max_fields: tuple[str, ...] = ()
 
 
+# Chat: OpenAI reads max_completion_tokens (max_tokens is its older name), while an OpenAI-compatible
+# server that predates the new name reads max_tokens only: both bound the output, the larger is reserved.
 CHAT = Operation("chat", "chat.completions", "/chat/completions", True, parse_completion, parse_chunk,
-                 lambda r: last_user_text(r.messages))
+                 lambda r: last_user_text(r.messages), ("max_completion_tokens", "max_tokens"))
 COMPLETIONS = Operation("text_completion", "completions", "/completions", True, parse_completion, parse_chunk,
-                        lambda r: input_text(r.prompt))
+                        lambda r: input_text(r.prompt), ("max_tokens",))
 EMBEDDINGS = Operation("embeddings", "embeddings", "/embeddings", False, parse_embeddings, None,
                        lambda r: input_text(r.input))
 # The Responses API generates a model turn from a conversation, which GenAI semconv calls "chat"; there is
 # no "responses" operation name there, and "chat" keeps drift, cost and evaluation treating both alike.
 RESPONSES = Operation("chat", "responses", "/responses", False, parse_response, parse_response_event,
-                      lambda r: input_text(r.input))
+                      lambda r: input_text(r.input), ("max_output_tokens",))
+# Every field that bounds some operation's output (a client's in another operation is refused).
+LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 def openai_error(data: bytes) -> str:

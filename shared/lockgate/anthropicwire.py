@@ -16,6 +16,7 @@ Streams: `StreamTranslator` turns Anthropic's SSE events into OpenAI chunks.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -277,6 +278,25 @@ class StreamTranslator:
         if kind == "error":
             raise Untranslatable(error(event)["error"]["message"])
         return []  # ping, content_block_stop, and event types added later
+
+
+# Anthropic's rate-limit headers under the names OpenAI (and so the client's SDK and dashboards) use.
+_RATE_LIMITS = {f"anthropic-ratelimit-{kind}-{what}": f"x-ratelimit-{what}-{kind}"
+                for kind in ("requests", "tokens") for what in ("limit", "remaining", "reset")}
+
+
+def returned_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Anthropic's request id (`request-id`, what its support asks for) as `x-request-id`, and its
+    `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}` as `x-ratelimit-{limit,remaining,reset}-
+    {requests,tokens}`, values as they came (a reset is a time there, a duration at OpenAI)."""
+    out: dict[str, str] = {}
+    for name, value in headers.items():
+        low = name.lower()
+        if low == "request-id":
+            out["x-request-id"] = value
+        elif (mapped := _RATE_LIMITS.get(low)) is not None:
+            out[mapped] = value
+    return out
 
 
 def sse(chunk: dict[str, Any]) -> bytes:

@@ -23,13 +23,18 @@ _encoder = msgspec.json.Encoder()
 encode: Callable[[Any], bytes] = _encoder.encode
 
 # What decoding JSON from outside can raise: msgspec raises RecursionError, not DecodeError, for arrays
-# or objects nested deeper than Python's recursion limit where the type allows anything (`Any`).
-UNDECODABLE = (msgspec.DecodeError, RecursionError)
+# or objects nested deeper than Python's recursion limit where the type allows anything (`Any`), and
+# UnicodeDecodeError for a string that is not UTF-8 (it checks strings with Python's codec): both were a 500.
+UNDECODABLE = (msgspec.DecodeError, RecursionError, UnicodeDecodeError)
 
 
 def undecodable(exc: Exception) -> str:
     """What was wrong, for a message, with JSON whose decoding raised one of UNDECODABLE."""
-    return "JSON is nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+    if isinstance(exc, RecursionError):
+        return "JSON is nested too deeply"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"JSON is not valid UTF-8 (byte {exc.start})"
+    return str(exc)
 
 
 def _result_hook(value: Any) -> Any:

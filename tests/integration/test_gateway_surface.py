@@ -280,3 +280,48 @@ async def test_openai_client_timeout_cancels_the_non_streamed_upstream_call(
     # is ready, nobody is there to take it (before, the router waited for it and read it).
     await asyncio.wait_for(sim.disconnected.wait(), timeout=15)
     assert sim.disconnects == 1
+
+
+@pytest.mark.parametrize("path", ["chat/completions", "completions", "embeddings", "responses"])
+async def test_a_body_that_is_not_utf8_is_a_400_in_openais_shape(router: Any, keys: Bootstrap, path: str) -> None:
+    # Before: msgspec's UnicodeDecodeError escaped the decoding: a plain-text 500 and an ERROR traceback.
+    body = b'{"model":"m","messages":[{"role":"user","content":"\xff"}],"prompt":"a","input":"a"}'
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{router.url}/v1/{path}", data=body, headers={"Authorization": f"Bearer {keys.app_key}",
+                                                           "Content-Type": "application/json"}) as resp:
+        status, error = resp.status, (await resp.json())["error"]
+    assert status == 400 and error["type"] == "invalid_request_error"
+    assert "JSON is not valid UTF-8" in error["message"]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), [
+    ("PUT", "", b'{"stable_release":"\xff"}'),
+    ("PATCH", "", b'{"canary_release":"\xff"}'),
+    ("POST", "/promote", b'{"to":"\xff"}'),
+    ("POST", "/pause", b'{"reason":"\xff"}'),
+], ids=["put", "patch", "promote", "pause"])
+async def test_an_admin_body_that_is_not_utf8_is_refused_in_the_apis_shape(
+        router: Any, keys: Bootstrap, method: str, path: str, body: bytes) -> None:
+    async with aiohttp.ClientSession() as http, http.request(
+            method, f"{router.url}/lockgate/v1/deployments/zz{path}", data=body,
+            headers={"Authorization": f"Bearer {keys.admin_key}", "Content-Type": "application/json"}) as resp:
+        status, error = resp.status, (await resp.json())["error"]
+    assert status in (400, 409) and "JSON is not valid UTF-8" in error["message"], (status, error)
+
+
+async def test_every_v1_answer_is_in_openais_error_shape(router: Any, sim: SimServer, keys: Bootstrap) -> None:
+    # Before: GET /v1/models/{id} (models.retrieve), unknown /v1 paths (moderations.create) and wrong methods got
+    # aiohttp's plain-text 404/405, which the SDK raises without a message or code.
+    via, _ = clients(router, sim, keys)
+    assert (await via.models.retrieve("claude-m")).id == "claude-m"  # a name GET /v1/models lists
+    assert (await via.models.retrieve("m")).id == "m"  # listed from the passthrough endpoint's own list
+    with pytest.raises(openai.NotFoundError) as caught:
+        await via.models.retrieve("no-such-model")
+    assert caught.value.code == "model_not_found" and "'no-such-model'" in caught.value.message
+    with pytest.raises(openai.NotFoundError) as caught:
+        await via.moderations.create(input="hi")
+    assert caught.value.type == "invalid_request_error" and "POST /v1/moderations" in caught.value.message
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{router.url}/v1/chat/completions", headers={"Authorization": f"Bearer {keys.app_key}"}) as resp:
+        status, allow, error = resp.status, resp.headers.get("Allow"), (await resp.json())["error"]
+    assert (status, allow, error["type"]) == (405, "POST", "invalid_request_error")

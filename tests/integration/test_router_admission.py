@@ -665,3 +665,30 @@ async def test_an_anthropic_translated_request_is_bounded_by_the_body_it_sends(
     assert status == 200 and sim.requests == {MODEL: 1} and "x-api-key" in sim.headers[-1]
     await router.admission.return_expired(force=True)
     assert (await counter(router.ctx.bus, f"day-tokens.{_today()}")).tokens == answered["usage"]["total_tokens"]
+
+
+@pytest.mark.parametrize(("path", "body", "foreign", "own"), [
+    ("/v1/responses", {"model": MODEL, "input": "hi", "max_tokens": 1}, "max_tokens", "'max_output_tokens'"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_completion_tokens": 1}, "max_completion_tokens",
+     "'max_tokens'"),
+    ("/v1/chat/completions", {**HI, "max_tokens": None, "max_output_tokens": 1}, "max_output_tokens",
+     "'max_completion_tokens' or 'max_tokens'"),
+], ids=["responses-max_tokens", "completions-max_completion_tokens", "chat-max_output_tokens"])
+async def test_a_limit_in_a_field_the_operation_does_not_read_is_refused_not_reserved(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path, path: str,
+        body: dict[str, Any], foreign: str, own: str) -> None:
+    # Before: admission reserved output from the first max field present, whatever the operation, so
+    # `max_tokens: 1` on /v1/responses reserved 1 token while the upstream (which reads max_output_tokens
+    # only) generated 3,000: one request spent 9 times a 400-token budget, N concurrent ones N times that.
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="shop-web", gateway_file=gateway(
+        tmp_path, budgets={"day-tokens": {"tenant": "acme", "period": "day", "tokens": 400}},
+        rate_limits=[{"tenant": "acme", "rpm": 1000, "tpm": 400}]))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
+        status, refused = await _post(http, f"{router.url}{path}", {k: v for k, v in body.items() if v is not None})
+    assert status == 400, (status, refused)
+    err = refused["error"]
+    assert (err["type"], err["param"]) == ("invalid_request_error", foreign)
+    assert f"{foreign!r} is not a parameter of" in err["message"] and f"set {own} instead" in err["message"]
+    assert sim.total_requests == 0

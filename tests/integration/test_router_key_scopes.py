@@ -99,6 +99,11 @@ async def test_a_key_scoped_to_support_is_served_there_and_refused_elsewhere_bef
         assert sims["billing"].total_requests == 0 and sims["support"].total_requests == 3  # never called
 
         assert {m.id async for m in client.models.list()} == {"support", "helpdesk"}
+        # One model by name (models.retrieve) is limited alike: a name outside the scope is not found.
+        assert (await client.models.retrieve("helpdesk")).owned_by == "lockgate:support"
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.models.retrieve("invoices")
+        assert caught.value.code == "model_not_found"
 
     # The same requests with a key of every deployment: `billing` is governed and served, so the refusals
     # above were the scope's.

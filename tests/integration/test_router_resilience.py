@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import msgspec
 import openai
 import pytest
@@ -40,8 +41,9 @@ class FakeLLM:
     requests of `model`, an answer for the others), "hang" (no answer until the test ends),
     "error_body" (a 200 whose body is an error), "response_failed" (a failed Responses API turn), "html_400" (a proxy's own 400 page), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
     "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event naming the upstream's address
-    after its first event), "chunk_then_garbage" (a data line that is not JSON after the first event),
+    after its first event), "chunk_then_vllm_error" (the same error event as vLLM sends it, `object: error`), "chunk_then_garbage" (a data line that is not JSON after the first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set),
+    "chunks_paced" (the same at a chunk every 50 ms, as a model generating a long answer),
     ("echo_key", message) and ("chunk_then_echo_key", message) (a 401, or a stream's error event, whose message
     quotes the Authorization it received: `{auth}` the header's value, `{key}` the bare key)."""
 
@@ -72,6 +74,7 @@ class FakeLLM:
     async def __aenter__(self) -> FakeLLM:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._chat)  # chat chunks: a completions stream reads them alike
         app.router.add_post("/v1/embeddings", self._chat)  # counted like a chat call: never answered well
         app.router.add_post("/v1/responses", self._chat)  # for "response_failed" only
         app.router.add_post("/v1/messages", self._messages)  # Anthropic Messages, for the "misshapen" answers
@@ -93,6 +96,16 @@ class FakeLLM:
         async with self._seen:
             self.headers.append(dict(request.headers))
             self._seen.notify_all()
+        action = self.actions.pop(0) if len(self.actions) > 1 else self.actions[0]
+        if action in ("anthropic_ok", "anthropic_429"):  # an answer or a refusal with Anthropic's own headers
+            headers = {"request-id": "req_anth_1", "anthropic-ratelimit-requests-remaining": "7",
+                       "anthropic-ratelimit-tokens-reset": "2026-12-05T00:00:00Z", "anthropic-organization-id": "o"}
+            if action == "anthropic_429":
+                return web.json_response({"type": "error", "error": {"type": "rate_limit_error", "message": "slow"}},
+                                         status=429, headers={**headers, "retry-after": "40"})
+            return web.json_response({"type": "message", "id": "m1", "model": "m", "role": "assistant",
+                                      "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+                                      "usage": {"input_tokens": 1, "output_tokens": 1}}, headers=headers)
         if not (await request.json()).get("stream"):
             return web.json_response({"type": "message", "id": "m1", "model": "m", "content": 42, "usage": "x"})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -160,7 +173,19 @@ class FakeLLM:
             except ConnectionError:
                 self.hung_up.set()
             return resp
+        if action == "chunks_paced":  # a long answer: a chunk every 50 ms until the router hangs up
+            with contextlib.suppress(ConnectionError):
+                while True:
+                    await asyncio.sleep(0.05)  # the pace of a generating model, not synchronisation
+                    await resp.write(chunk(choices=[{"index": 0, "delta": {"content": "."}, "finish_reason": None}]))
+            return resp
         if action == "chunk_then_end":  # a stream that stops cleanly before its end (no finish, no [DONE])
+            await resp.write_eof()
+            return resp
+        if action == "chunk_then_vllm_error":  # vLLM's error event: no `error` key, `object: error`
+            error = {"object": "error", "message": f"overloaded at {self.url}", "type": "InternalServerError",
+                     "code": 500}
+            await resp.write(f"data: {json.dumps(error)}\n\n".encode())
             await resp.write_eof()
             return resp
         if action == "chunk_then_error":  # the provider's own error event in the middle of a stream
@@ -310,7 +335,7 @@ async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: 
             chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
             assert [ch.choices[0].delta.content for ch in chunks] == ["stall says hi"]
             # Before: the stream just ended, so the client took the first words for the whole answer.
-            assert error == "stream interrupted: endpoint default sent nothing for 0.05 s"
+            assert error == "stream interrupted: endpoint default sent nothing for 0.05 s (between_chunks_s)"
             (event,) = await events(1)
             assert (event.status, event.error_type) == ("error", "stream_interrupted:ChunkTimeout")
             assert event.response == "stall says hi"
@@ -318,6 +343,27 @@ async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: 
             # The stall counts against the endpoint: its breaker (one failure opens it) sends the next to backup.
             done = await c.chat.completions.create(model="m", messages=MESSAGES)
         assert done.choices[0].message.content == "backup says hi" and stall.calls == 1
+
+
+async def test_a_stream_still_sending_at_its_total_time_says_so_and_spares_the_breaker(
+        gateway: Gateway, keys: Bootstrap, events: Any) -> None:
+    # Before: the client read "endpoint default sent nothing for 2 s" of a stream that sent a chunk every 0.2 s
+    # until total_s ran out, the event said stream_interrupted:ChunkTimeout, and the breaker counted it as the
+    # endpoint's failure: long answers opened it and sent healthy traffic to the fallback.
+    async with FakeLLM("long", "chunks_paced", "ok") as long, FakeLLM("backup") as backup:
+        router = await gateway({"default": {"url": long.url, "fallback": "backup",
+                                            "timeouts": {"between_chunks_s": 0.5, "total_s": 1},
+                                            "breaker": {"consecutive_failures": 1, "cooldown_s": 30}},
+                                "backup": {"url": backup.url}})
+        async with client(router, keys) as c:
+            chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
+            assert len(chunks) > 5
+            assert error == ("stream interrupted: endpoint default was still sending when the request's 1 s in all "
+                             "(total_s) ran out")
+            (event,) = await events(1)
+            assert (event.status, event.error_type) == ("error", "stream_interrupted:TotalTimeout")
+            done = await c.chat.completions.create(model="m", messages=MESSAGES)  # the breaker stayed closed
+        assert done.choices[0].message.content == "long says hi" and backup.calls == 0
 
 
 @pytest.mark.parametrize(("action", "why", "error_type"), [
@@ -667,6 +713,30 @@ async def test_an_error_event_in_a_stream_is_recorded_as_an_error(gateway: Gatew
     assert (event.status, event.error_type, event.response) == ("error", "upstream_stream_error", "up says hi")
 
 
+@pytest.mark.parametrize(("action", "path"), [
+    ("chunk_then_vllm_error", "chat"), ("chunk_then_vllm_error", "completions"), ("chunk_then_error", "responses"),
+], ids=["chat-vllm", "completions-vllm", "responses-chat-shape"])
+async def test_an_error_event_of_any_shape_in_any_stream_is_scrubbed_and_recorded(
+        gateway: Gateway, keys: Bootstrap, events: Any, action: str, path: str) -> None:
+    # Before: only an error the operation's codec knew was scrubbed; vLLM's `{"object": "error", ...}` on chat and
+    # completions, and chat's `{"error": {...}}` on /v1/responses, reached the client with the upstream's address
+    # (http://127.0.0.1:PORT/v1), and their events said ok.
+    async with FakeLLM("up", action) as up:
+        router = await gateway({"default": {"url": up.url}})
+        body = {"model": "m", "stream": True, **({"messages": MESSAGES} if path == "chat" else
+                                                  {"prompt": "hi"} if path == "completions" else {"input": "hi"})}
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{router.url}/v1/{path.replace('chat', 'chat/completions')}", json=body,
+                headers={"Authorization": f"Bearer {keys.app_key}"}) as resp:
+            text = (await resp.read()).decode()
+    assert "127.0.0.1" not in text and str(up.port) not in text, text
+    (error,) = [json.loads(line[5:]) for line in text.splitlines() if line.startswith("data:") and "error" in line]
+    # In OpenAI's shape, which the SDK raises (vLLM's would have been read as a chunk without choices).
+    assert error["error"]["message"] == "overloaded at endpoint default/v1"
+    (event,) = await events(1)
+    assert (event.status, event.error_type) == ("error", "upstream_stream_error")
+
+
 async def test_a_failed_response_is_passed_on_without_the_upstreams_address(gateway: Gateway, keys: Bootstrap,
                                                                               events: Any) -> None:
     # Before: the failed turn went to the client as the upstream wrote it, its address in the error.
@@ -813,6 +883,27 @@ async def test_sdk_headers_forwarded_and_upstream_request_id_returned(gateway: G
         assert raw.headers["x-ratelimit-reset-tokens"] == "6ms"
 
 
+@pytest.mark.parametrize("action", ["anthropic_ok", "anthropic_429"])
+async def test_an_anthropic_endpoints_request_id_and_rate_limits_reach_the_client_under_openais_names(
+        gateway: Gateway, keys: Bootstrap, action: str) -> None:
+    # Before: only retry-after passed; Anthropic's `request-id` (what its support asks for) and its
+    # `anthropic-ratelimit-*` headers were dropped.
+    async with FakeLLM("claude", action) as up:
+        router = await gateway({"default": {"url": up.url, "provider": "anthropic", "retry": {"attempts": 1}}})
+        async with client(router, keys) as c:
+            if action == "anthropic_ok":
+                headers = (await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)).headers
+            else:
+                with pytest.raises(openai.RateLimitError) as caught:
+                    await c.chat.completions.create(model="m", messages=MESSAGES)
+                headers = caught.value.response.headers
+                assert headers["retry-after"] == "40"
+    assert headers["x-request-id"] == "req_anth_1"
+    assert headers["x-ratelimit-remaining-requests"] == "7"
+    assert headers["x-ratelimit-reset-tokens"] == "2026-12-05T00:00:00Z"
+    assert "anthropic-organization-id" not in headers and "request-id" not in headers
+
+
 @pytest.mark.parametrize("failure", ["500", "404", "refused", "host named alone"])
 async def test_no_upstream_url_in_any_error(gateway: Gateway, keys: Bootstrap, closed_port: int,
                                             failure: str) -> None:
@@ -883,3 +974,25 @@ async def test_an_anthropic_answer_of_the_wrong_shape_is_a_bad_response_not_a_cr
             assert error == "stream interrupted: endpoint default sent a stream event that is not a chat.completions chunk"
     assert [(e.status, e.error_type) for e in await events(2)] == [("error", "upstream_bad_response"),
                                                                   ("error", "upstream_bad_chunk")]
+
+
+async def test_an_over_budget_refusal_says_the_request_needs_more_than_is_left(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, tmp_path: Any) -> None:
+    # Before: after a call used more than it reserved, the refusal named only the store's counter:
+    # "N of 1000 tokens spent or reserved, this request needs up to N" (N under 100), which seemed to fit. The deficit
+    # this replica owes the counter (charged at its next lease) is what blocked.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "tokens": 1000}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("long", usage={"prompt_tokens": 1, "completion_tokens": 950, "total_tokens": 951}) as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1)  # ignores it: 950 tokens
+            with pytest.raises(openai.RateLimitError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1)
+    message = caught.value.body["message"]
+    sent = int(up.headers[-1]["Content-Length"])
+    need = input_estimate(sent, msgspec.convert({"messages": MESSAGES}, ApiRequest), 1.0) + 1
+    leased = max(need, 50)  # the first call's lease: at least 5% of the limit
+    assert need > 1000 - 951  # what is left once the first call's 951 tokens are counted
+    assert (f"this request needs up to {need} tokens, more than the 49 tokens left (951 of 1000 tokens spent or "
+            f"reserved, {951 - leased} tokens of it used beyond reservations)") in message, message

@@ -139,3 +139,16 @@ def test_usage_that_is_no_count_is_passed_on_never_added(bad: object) -> None:
     else:
         assert u["prompt_tokens"] == bad and u["total_tokens"] == bad and u["completion_tokens"] == 2
     assert anthropic.usage(["not", "a", "dict"])["prompt_tokens"] == 0
+
+
+def test_anthropic_request_id_and_rate_limit_headers_get_openais_names() -> None:
+    got = anthropic.returned_headers({"Request-Id": "req_1", "anthropic-ratelimit-requests-limit": "50",
+                                      "anthropic-ratelimit-requests-remaining": "49",
+                                      "anthropic-ratelimit-requests-reset": "2026-12-05T00:00:01Z",
+                                      "anthropic-ratelimit-tokens-limit": "1000",
+                                      "anthropic-ratelimit-tokens-remaining": "900",
+                                      "anthropic-ratelimit-tokens-reset": "2026-12-05T00:00:02Z",
+                                      "anthropic-ratelimit-input-tokens-limit": "5", "content-type": "x"})
+    assert got == {"x-request-id": "req_1", "x-ratelimit-limit-requests": "50", "x-ratelimit-remaining-requests": "49",
+                   "x-ratelimit-reset-requests": "2026-12-05T00:00:01Z", "x-ratelimit-limit-tokens": "1000",
+                   "x-ratelimit-remaining-tokens": "900", "x-ratelimit-reset-tokens": "2026-12-05T00:00:02Z"}

@@ -11,6 +11,7 @@ import pytest
 from lockgate.errors import ConfigError
 from lockgate.llmwire import ApiRequest, OutputLimits
 from lockgate.pricebook import ModelPrice
+from lockgate.services.router import wire
 from lockgate.services.router.budgets import (
     NANO,
     TOOLS_TOKENS,
@@ -42,6 +43,7 @@ from lockgate.services.router.cache import (
 from lockgate.services.router.providers import provider
 from lockgate.services.router.ratelimit import Lacking, Level, RateLimiter, RateLimitSpec, give_back, lease
 from lockgate.services.router.wire import CHAT as CHAT_OP
+from lockgate.services.router.wire import COMPLETIONS, RESPONSES, Operation
 
 NOW = datetime(2026, 12, 3, 23, 59, 59, tzinfo=UTC)
 PRICE = ModelPrice(input_per_mtok=1.0, output_per_mtok=2.0)
@@ -155,19 +157,26 @@ def test_declared_tools_add_the_providers_tool_instructions(tools: list | None, 
     assert input_estimate(len(raw), req, 2.0) == math.ceil(len(raw) / 2) + 8 + 3 + (TOOLS_TOKENS if declared else 0)
 
 
-@pytest.mark.parametrize(("body", "most"), [
-    ({}, 4096),  # no max tokens: the configured default
-    ({"max_tokens": 100}, 100),
-    ({"max_tokens": 100, "max_completion_tokens": 50}, 50),  # the newer name wins, as OpenAI reads it
-    ({"max_output_tokens": 70}, 70),  # the Responses API's name
-    ({"max_tokens": 100, "n": 4}, 400),  # every choice may reach the max
-    ({"max_tokens": 100, "n": 2, "best_of": 5}, 500),  # completions generate (and bill) best_of of them
-    ({"max_tokens": 100, "prompt": ["a", "b", "c"]}, 300),  # a completions batch: each prompt its own
-    ({"max_tokens": 100, "prompt": [1, 2, 3]}, 100),  # one prompt given as tokens
-    ({"max_tokens": 100, "n": 2, "prompt": [[1, 2], [3]]}, 400),  # two tokenised prompts, two choices each
+@pytest.mark.parametrize(("op", "body", "most"), [
+    (wire.CHAT, {}, 4096),  # no max tokens: the configured default
+    (wire.CHAT, {"max_tokens": 100}, 100),
+    # OpenAI reads the newer name, a server that predates it max_tokens: the larger is reserved
+    (wire.CHAT, {"max_tokens": 100, "max_completion_tokens": 50}, 100),
+    (wire.CHAT, {"max_tokens": 50, "max_completion_tokens": 100}, 100),
+    (RESPONSES, {"max_output_tokens": 70}, 70),  # the Responses API's name
+    (wire.CHAT, {"max_tokens": 100, "n": 4}, 400),  # every choice may reach the max
+    (COMPLETIONS, {"max_tokens": 100, "n": 2, "best_of": 5}, 500),  # completions generate (and bill) best_of
+    (COMPLETIONS, {"max_tokens": 100, "prompt": ["a", "b", "c"]}, 300),  # a completions batch: each prompt its own
+    (COMPLETIONS, {"max_tokens": 100, "prompt": [1, 2, 3]}, 100),  # one prompt given as tokens
+    (COMPLETIONS, {"max_tokens": 100, "n": 2, "prompt": [[1, 2], [3]]}, 400),  # two tokenised prompts, two choices
+    # A field the operation's upstream does not read bounds nothing: the default is reserved (the proxy refuses
+    # such a client body; a release's params could still carry one).
+    (RESPONSES, {"max_tokens": 1}, 4096),
+    (COMPLETIONS, {"max_completion_tokens": 1}, 4096),
+    (wire.CHAT, {"max_output_tokens": 1}, 4096),
 ])
-def test_the_reservation_covers_every_choice_and_prompt(body: dict, most: int) -> None:
-    assert most_output(msgspec.json.decode(msgspec.json.encode(body), type=ApiRequest), 4096) == most
+def test_the_reservation_covers_every_choice_and_prompt(op: Operation, body: dict, most: int) -> None:
+    assert most_output(msgspec.json.decode(msgspec.json.encode(body), type=ApiRequest), op.max_fields, 4096) == most
 
 
 @pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of"])
@@ -361,10 +370,11 @@ def test_shared_entries_carry_their_expiry_across_clocks() -> None:
 def test_the_most_output_is_the_largest_any_upstream_of_the_request_may_generate() -> None:
     # A release's params (or a provider translation) may send another max_tokens than the client's.
     req = ApiRequest(max_tokens=10, n=2)
-    assert most_output(req, 4096) == 20
-    assert most_output(req, 4096, [OutputLimits(max_tokens=50_000)]) == 50_000
-    assert most_output(req, 4096, [OutputLimits(max_tokens=5)]) == 20  # the client's larger ask still counts
-    assert most_output(ApiRequest(), 100, [OutputLimits(max_tokens=4096, n=3)]) == 3 * 4096
+    chat = wire.CHAT.max_fields
+    assert most_output(req, chat, 4096) == 20
+    assert most_output(req, chat, 4096, [OutputLimits(max_tokens=50_000)]) == 50_000
+    assert most_output(req, chat, 4096, [OutputLimits(max_tokens=5)]) == 20  # the client's larger ask still counts
+    assert most_output(ApiRequest(), chat, 100, [OutputLimits(max_tokens=4096, n=3)]) == 3 * 4096
 
 
 def test_what_a_body_points_at_is_counted_from_its_keys_never_from_its_text() -> None:

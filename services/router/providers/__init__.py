@@ -9,7 +9,7 @@ client always sees the OpenAI wire. upstream.py moves bytes, these translate the
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
 from typing import Any
 
 import msgspec
@@ -47,6 +47,10 @@ class OpenAI:
     def lines(self, content: AsyncIterable[bytes], include_usage: bool) -> AsyncIterable[bytes]:
         return content
 
+    def returned(self, headers: Mapping[str, str], passed: dict[str, str]) -> dict[str, str]:
+        """The headers for the client: `passed` (upstream.returned_headers, OpenAI's names) as they are."""
+        return passed
+
 
 class Anthropic:
     """An Anthropic Messages upstream behind the OpenAI chat-completions wire."""
@@ -81,6 +85,12 @@ class Anthropic:
         except UNDECODABLE:
             return data
         return msgspec.json.encode(anthropic.error(body)) if isinstance(body, dict) else data
+
+    def returned(self, headers: Mapping[str, str], passed: dict[str, str]) -> dict[str, str]:
+        """The headers for the client: `passed` plus Anthropic's request id and rate limits under OpenAI's names
+        (only `retry-after` shares a name, so the rest was dropped)."""
+        passed.update(anthropic.returned_headers(headers))
+        return passed
 
     async def lines(self, content: AsyncIterable[bytes], include_usage: bool) -> AsyncIterator[bytes]:
         """Anthropic SSE lines in, OpenAI SSE lines out; an `error` event goes out as an OpenAI error
