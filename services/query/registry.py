@@ -31,6 +31,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "traces_for_release": ("traces", "traces_for_release"),
     "trace": ("traces", "trace"),
     "dead_letters": ("traces", "dead_letters"),
+    "dead_letter_counts": ("traces", "dead_letter_counts"),
     "decisions": ("decisions", "decisions"),
     "eval_runs": ("evals", "eval_runs"),
     "eval_cases": ("evals", "eval_cases"),
@@ -53,6 +54,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "consecutive_errors": ("decisions", "consecutive_errors"),
     "release_artifacts": ("decisions", "release_artifacts"),
     "artifact_names": ("provenance", "artifact_names"),  # the lineage recorder's live OpenLineage events
+    "served_events": ("served", "served_events"),  # a starting router's canary evidence
 }
 
 

@@ -94,3 +94,9 @@ def dead_letters(store: Store, origin: str | None = None, limit: Limit = 50) -> 
         f"FROM dead_letters WHERE {where} ORDER BY time DESC LIMIT {{limit:UInt32}}",
         {"origin": origin or "", "limit": limit},
     )
+
+
+def dead_letter_counts(store: Store) -> list[dict[str, Any]]:
+    """{origin, dead_letters}: how many dead letters each origin sent, stored (the DLQ stream keeps a letter only
+    until the sink has stored it)."""
+    return store.rows("SELECT origin, count() AS dead_letters FROM dead_letters GROUP BY origin ORDER BY origin")

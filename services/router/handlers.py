@@ -7,10 +7,13 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 from nats.aio.msg import Msg
 
+from lockgate import queryclient
 from lockgate.bus import Delivery, Handler
 from lockgate.contracts import DriftReport, GateDecided, InferenceEvent, InferenceScored
 from lockgate.errors import LockgateError, SignatureError
@@ -24,6 +27,8 @@ _inference = msgspec.json.Decoder(list[InferenceEvent] | InferenceEvent)
 _scored = msgspec.json.Decoder(InferenceScored)
 _drift = msgspec.json.Decoder(DriftReport)
 _SEEN_MAX = 4096
+# Stored served events asked for at once: a page of rows without prompts fits one NATS message.
+_STORED_PAGE = 500
 
 
 def gate_handler(rollouts: Rollouts) -> Handler:
@@ -159,16 +164,57 @@ async def replay_served(rollouts: Rollouts, seen: Seen) -> int:
     evidence. Evidence lives in memory, so without it a replica that (re)starts mid-canary measures from zero, and
     one that restarts after a blue-green promotion never again has the old release's baseline (it gets no traffic
     after the promotion): its post-promotion analysis could not judge the release. Each deployment keeps what
-    `Rollouts.observe` keeps (its rollout's releases), within the evidence's row limits. Returns the batches taken."""
+    `Rollouts.observe` keeps (its rollout's releases), within the evidence's row limits. Returns the batches taken.
+
+    The inference stream keeps an event only until every consumer has acknowledged it (interest retention), so
+    the replay reads the messages still in it first, then the rest from the record the sink keeps in ClickHouse
+    (the `served_events` query): in that order, an event consumed between the two reads is found in the second."""
     since = progress.served_replay(rollouts.routes.values(), time.time())
     if since is None:
         return 0
+    taken: dict[str, bool] = {}  # message id -> taken here (False: live already), across both reads
 
     def take(data: bytes) -> bool:
         value = _inference.decode(data)
-        if not seen.first(_published_id(value)):
+        msg_id = _published_id(value)
+        if msg_id in taken:
+            return False  # read twice
+        if not (taken.setdefault(msg_id, seen.first(msg_id))):
             return False  # taken live already
         rollouts.observe(value if isinstance(value, list) else [value])
         return True
 
-    return await _replay(rollouts, "inference", {rollouts.ctx.bus.subjects.served_all: since}, take, "served events")
+    batches = await _replay(rollouts, "inference", {rollouts.ctx.bus.subjects.served_all: since}, take,
+                            "served events")
+    return batches + await _replay_stored(rollouts, seen, taken, since)
+
+
+async def _replay_stored(rollouts: Rollouts, seen: Seen, taken: dict[str, bool], since: float) -> int:
+    """The served events the sink stored since `since`, page by page, each batch (message id) taken once with
+    `taken` and `seen`; a query that fails ends the replay, logged (evidence then comes from live events)."""
+    args: dict[str, object] = {"since": datetime.fromtimestamp(since, UTC).isoformat()}
+    batches = 0
+    try:
+        while True:
+            rows = await queryclient.ask(rollouts.ctx.bus, "served_events", {**args, "limit": _STORED_PAGE},
+                                         into=list[dict[str, Any]])
+            events = []
+            for row in rows:
+                msg_id = row.pop("msg_id", "")
+                first = taken.get(msg_id)
+                if first is None:
+                    first = taken[msg_id] = not msg_id or seen.first(msg_id)
+                    batches += first
+                if first:
+                    try:
+                        events.append(msgspec.convert(row, InferenceEvent, strict=False))
+                    except msgspec.ValidationError as exc:
+                        log.warning("served events replay skipped stored event %s: %s", row.get("id"), exc)
+            rollouts.observe(events)
+            if len(rows) < _STORED_PAGE:
+                return batches
+            args |= {"after_time": rows[-1]["time"], "after_id": rows[-1]["id"]}
+    except LockgateError as exc:
+        log.warning("served events replay from the record stopped after %d messages (evidence comes from live "
+                    "ones): %s", batches, exc)
+    return batches

@@ -154,7 +154,10 @@ class RouterService(Service):
         bus = self.ctx.bus.state
         # Cut off longer than router_cut_off_s (and until its routes are reloaded), it serves stable only.
         cut_off = self.rollouts.cut_off
-        return web.json_response({"status": "ok" if bus == "connected" and not cut_off else "degraded", "bus": bus,
+        # A full inference stream refuses the events of every request served (they wait in the outbox or spool).
+        full = await self.ctx.bus.full_streams() if bus == "connected" else []
+        return web.json_response({"status": "ok" if bus == "connected" and not cut_off and not full else "degraded",
+                                  "bus": bus, "streams_full": full,
                                   "ready": self.rollouts.ready.is_set(),
                                   "serving": "stable_only" if cut_off else "all",
                                   "events_dropped": self.batcher.dropped,

@@ -15,7 +15,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from lockgate import metrics, telemetry
 from lockgate.batcher import Batcher
@@ -28,7 +28,7 @@ from lockgate.kvread import kv_keys
 from lockgate.limits import EventLimits
 from lockgate.redact import scrub_bytes, scrub_mapping, scrub_secrets
 from lockgate.retry import RetryPolicy
-from lockgate.subjects import Subjects
+from lockgate.subjects import StreamSpec, Subjects
 
 log = logging.getLogger("lockgate.bus")
 
@@ -104,6 +104,12 @@ class Consumers:
 
     def __len__(self) -> int:
         return len(self.specs)
+
+
+def stream_full(stored: int, max_bytes: int, max_payload: int) -> bool:
+    """Whether a discard-new stream holding `stored` of its `max_bytes` refuses publishes: less room than one large
+    message (a tenth of the stream, at most `max_payload`, the largest the server accepts)."""
+    return max_bytes > 0 and max_bytes - stored < min(max_payload, max_bytes // 10)
 
 
 class Bus:
@@ -269,11 +275,13 @@ class Bus:
                 deny_delete=spec.append_only,
                 deny_purge=spec.append_only,
                 num_replicas=self.replicas,
+                retention=RetentionPolicy.INTEREST if spec.retention == "interest" else RetentionPolicy.LIMITS,
             )
             try:
                 await self.js.add_stream(cfg)
             except nats.js.errors.BadRequestError:
-                await self.js.update_stream(cfg)
+                await self._update_stream(cfg)
+            await self._ensure_readers(spec)
         # No allow_direct (nats-py's default): a get is a STREAM.MSG.GET, answered by the stream's leader, so a
         # key read after its writer's acknowledged put sees that write (the decision watch reads a key when the
         # gatekeeper announces it); a direct get may be answered by a replica that has not applied it yet.
@@ -293,6 +301,54 @@ class Bus:
         await self.js.create_key_value(bucket=self.subjects.kv_response_cache, history=1, ttl=24 * 3600,
                                        replicas=self.replicas)
         await self.js.create_object_store(bucket=self.subjects.object_store, replicas=self.replicas)
+
+    async def _update_stream(self, cfg: StreamConfig) -> None:
+        """Bring an existing stream to `cfg`. A home made before inference and dead letters kept their messages
+        only while unconsumed has them under limits retention: nats-server (2.10 on) changes that in place, and
+        the messages every consumer acknowledged already go. A server that refuses the change keeps the stream as
+        it is, with a warning naming the way to migrate: it is not recreated here, since that would drop the
+        events its consumers have not read yet."""
+        try:
+            await self.js.update_stream(cfg)
+        except nats.js.errors.BadRequestError as exc:
+            if cfg.retention != RetentionPolicy.INTEREST:
+                raise
+            log.warning("stream %s keeps its limits retention (%s): it fills with events already consumed and then "
+                        "refuses every publish until they expire. To migrate, once its consumers show pending 0 "
+                        "(`lockgate status`): stop the stack, `nats stream rm %s` and start it again (the stream is "
+                        "recreated with interest retention)", cfg.name, exc.description or exc, cfg.name)
+            await self.js.update_stream(cfg.evolve(retention=RetentionPolicy.LIMITS))
+
+    async def _ensure_readers(self, spec: StreamSpec) -> None:
+        """Declare the durable consumers an interest stream keeps its messages for (`StreamSpec.readers`), before
+        any producer publishes: a message nobody has shown interest in yet would be dropped at once. Each service
+        sets its own consumer's settings when it starts (the same name and filter); an existing one is left as
+        it is."""
+        for durable in spec.readers:
+            try:
+                await self.js.consumer_info(spec.name, durable)
+            except nats.js.errors.NotFoundError:
+                await self.js.add_consumer(spec.name, ConsumerConfig(
+                    name=durable, durable_name=durable, filter_subject=spec.subjects[0], ack_policy=AckPolicy.EXPLICIT))
+
+    async def full_streams(self, every: bool = False) -> list[dict[str, Any]]:
+        """The streams that refuse publishes now, each {stream, bytes, max_bytes}: discard new and less room left
+        than one large message (a tenth of the stream, at most the server's largest message). The streams producers
+        fill at traffic rates (interest retention: every service may read their state), or `every` stream (an
+        identity that may read them all: the CLI's status). A stream whose state cannot be read is left out."""
+        out = []
+        for spec in self.subjects.streams.values():
+            if spec.discard != "new" or not (every or spec.retention == "interest"):
+                continue
+            try:
+                state = (await self._unless_refused(f"{_API}.STREAM.INFO.{spec.name}",
+                                                    lambda n=spec.name: self.js.stream_info(n))).state
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError, NotAllowed) as exc:
+                log.debug("%s: no state of stream %s: %r", self.name, spec.name, exc)
+                continue
+            if stream_full(state.bytes, spec.max_bytes, self.nc.max_payload if self.nc else 1 << 20):
+                out.append({"stream": spec.name, "bytes": state.bytes, "max_bytes": spec.max_bytes})
+        return out
 
     async def _ensure_write_once(self, bucket: str) -> None:
         """A KV bucket whose every key is written once, by the server's rule: one value per release name.

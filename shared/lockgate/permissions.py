@@ -169,14 +169,21 @@ def _manage_topology(s: Subjects) -> Grant:
                                   s.kv_eval_cache, s.kv_audit, s.kv_gitops, s.kv_budgets,
                                   s.kv_response_cache)]
     names.append(f"OBJ_{s.object_store}")
-    return Grant(publish=[f"$JS.API.STREAM.{op}.{n}" for n in names for op in ("CREATE", "UPDATE", "INFO")])
+    # And the durable consumers an interest stream keeps its messages for (StreamSpec.readers): declared before
+    # anyone publishes, then each fetched from only by its own service (_durables).
+    readers = [f"$JS.API.CONSUMER.{op}.{spec.name}.{d}{tail}" for spec in s.streams.values() for d in spec.readers
+               for op, tail in (("CREATE", ""), ("CREATE", ".>"), ("INFO", ""))]
+    return Grant(publish=[f"$JS.API.STREAM.{op}.{n}" for n in names for op in ("CREATE", "UPDATE", "INFO")] + readers)
 
 
 def grant(s: Subjects, identity: str) -> Grant:
     """The permissions of one identity under the prefix of `s`."""
     st = {k: v.name for k, v in s.streams.items()}
-    # Every service may report its failures and its spans.
-    service = Grant(publish=[s.dlq_all, s.spans]).add(_read_kv(s.kv_keys))
+    # Every service may report its failures and its spans, and see whether the streams events and dead letters go
+    # to refuse publishes (full: its health says so, Bus.full_streams).
+    service = Grant(publish=[s.dlq_all, s.spans] + [f"$JS.API.STREAM.INFO.{spec.name}"
+                                                      for spec in s.streams.values() if spec.retention == "interest"]
+                    ).add(_read_kv(s.kv_keys))
     scoped = app_of(identity)
     if scoped is not None:
         # One tenant's application: its own events only, through the gateway's relay (Subjects.ingest: never

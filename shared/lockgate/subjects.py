@@ -49,6 +49,13 @@ GiB = 1 << 30
 class StreamSpec:
     """A JetStream stream: its name, the subjects it captures and its limits.
 
+    `retention` says what a message stays for: `limits` keeps it until `max_age_s` or `max_bytes` pushes it
+    out (streams read back by sequence: histories, drift reports, the audit queue); `interest` keeps it only
+    until every durable consumer on the stream has acknowledged it, so `max_bytes` bounds the backlog nobody
+    consumed yet, not all traffic within `max_age_s`. An interest stream's `readers` (durable consumer names,
+    filtering on the stream's subject) are declared with it, so an event published before its services first
+    start is kept for them rather than dropped for want of interest.
+
     At `max_age_s` the oldest messages expire whatever their consumers did. At `max_bytes` the
     `discard` policy decides: `new` refuses the publish (the producer sees the bus as unavailable,
     keeps its events buffered and retries, so nothing is lost silently), `old` drops the oldest
@@ -62,6 +69,8 @@ class StreamSpec:
     discard: Literal["old", "new"] = "new"
     duplicate_window_s: float = 120.0
     append_only: bool = False  # no message may be deleted and the stream never purged (provenance)
+    retention: Literal["limits", "interest"] = "limits"
+    readers: tuple[str, ...] = ()  # interest: the durable consumers that read every message
 
 
 @dataclass(frozen=True)
@@ -79,10 +88,15 @@ class Subjects:
             self,
             "streams",
             {
-                # Hours of backlog at ordinary rates; past it producers buffer and retry (discard new): the
-                # stream never drops an unconsumed event. Sizes stay small because nats-server reserves
-                # them up front: a developer's `lockgate up` must start on a laptop with a few GB free.
-                "inference": StreamSpec(f"{s}_INFERENCE", (f"{p}.inference.>",), max_bytes=2 * GiB),
+                # Interest: an event is gone once the sink, evaluator, drift monitor and cost service have each
+                # acknowledged it (the sink's table is the record), so 2 GiB bound only the backlog they have not
+                # consumed yet: hours of it at ordinary rates; past it producers buffer and retry (discard new),
+                # the stream never drops an unconsumed event. Sizes stay small because nats-server reserves them
+                # up front: a developer's `lockgate up` must start on a laptop with a few GB free.
+                "inference": StreamSpec(f"{s}_INFERENCE", (f"{p}.inference.>",), max_bytes=2 * GiB,
+                                        retention="interest", readers=tuple(
+                                            f"{p}_{r}" for r in ("sink_inference", "evaluator_online",
+                                                                 "drift_inference", "cost_inference"))),
                 "events": StreamSpec(
                     f"{s}_EVENTS",
                     (
@@ -102,7 +116,9 @@ class Subjects:
                 "facts": StreamSpec(f"{s}_FACTS", (f"{p}.fact.>",), max_bytes=GiB),
                 "telemetry": StreamSpec(f"{s}_TELEMETRY", (f"{p}.telemetry.>",), max_age_s=24 * 3600,
                                         max_bytes=GiB // 2, discard="old"),
-                "dlq": StreamSpec(f"{s}_DLQ", (f"{p}.dlq.>",), max_age_s=30 * 24 * 3600, max_bytes=GiB // 2),
+                # Interest too: a dead letter is gone once the sink stored it (`dead_letters` reads the table).
+                "dlq": StreamSpec(f"{s}_DLQ", (f"{p}.dlq.>",), max_age_s=30 * 24 * 3600, max_bytes=GiB // 2,
+                                  retention="interest", readers=(f"{p}_sink_dlq",)),
                 # Entries waiting for the audit chainer (the gatekeeper); kept long enough to outlast an outage.
                 "audit": StreamSpec(f"{s}_AUDIT", (f"{p}.audit.>",), max_age_s=30 * 24 * 3600,
                                     max_bytes=GiB // 8),

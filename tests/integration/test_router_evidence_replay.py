@@ -5,11 +5,13 @@ the real nats-server with the simulator: the router process is stopped and anoth
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
 import msgspec
+import nats.errors
 import pytest
 
 from lockgate.bus import Bus
@@ -105,3 +107,50 @@ async def test_a_failing_release_promoted_before_a_router_restart_is_rolled_back
     assert route.phase == "aborted", f"not rolled back after {sent} requests: {route.reason}"
     assert route.stable.release == "r1" and route.reason.startswith(
         "rolled back bad: post-promotion analysis failed: error_rate ")
+
+
+async def _consume_as_the_other_readers(bus: Bus, sink_events: Any, events: int) -> None:
+    """What the stack's consumers do with the served events: the sink stores them (awaited), the evaluator, drift
+    monitor and cost service take them (acked here), after which the stream keeps none of them."""
+    await sink_events.wait_for(events)
+    spec = bus.subjects.streams["inference"]
+    others = [d for d in spec.readers if not d.endswith("_sink_inference")]
+    subs = [await bus.js.pull_subscribe_bind(d, spec.name) for d in others]
+    for _ in range(100):
+        for sub in subs:
+            with contextlib.suppress(TimeoutError, nats.errors.TimeoutError):
+                for msg in await sub.fetch(1000, timeout=0.2):
+                    await msg.ack_sync()
+        if (await bus.js.stream_info(spec.name)).state.messages == 0:
+            return
+    raise AssertionError("the inference stream kept events every reader acknowledged")
+
+
+async def test_a_restarted_router_reads_back_evidence_its_stream_no_longer_keeps_from_the_record(
+        stack: tuple[Stack, Signer], http: aiohttp.ClientSession, run_services: Callable[..., Any],
+        store: Store) -> None:
+    # The inference stream keeps an event only until every consumer took it (interest retention): the served events
+    # of the old release are then only in ClickHouse, and the restarted router must read them from there (through
+    # the query service). Before: read from the stream alone, the baseline was gone and the analysis never judged.
+    replicas, signer = stack
+    sink = (await run_services("sink", "query"))["sink"]
+    router = await replicas.start()
+    await _start(http, router, "bad", {"interval_s": 0.1, "blue_green": {"post_promotion_analysis": ERRORS}})
+    await _pass(router, signer, "bad")
+    await _traffic_until(http, router, lambda r: False, limit=400)
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/promote") as resp:
+        assert resp.status == 200, await resp.text()
+    await replicas.stop(router)
+    bus = router.ctx.bus
+    served = [e async for _, _, data in stack[0].context.bus.stored_since(
+        bus.subjects.streams["inference"].name, bus.subjects.inference_all, 0) for e in _events.decode(data)]
+    await _consume_as_the_other_readers(stack[0].context.bus, sink.handlers.events, len(served))
+    stored = store.rows("SELECT count() AS n FROM inference_events WHERE served AND release = 'r1'")[0]["n"]
+    assert stored >= 400
+
+    router = await replicas.start()
+    route = router.rollouts.route("chat")
+    assert router.rollouts.evidence.sample("chat", "r1", route.started_at).n == stored
+    sent = await _traffic_until(http, router, lambda r: r.phase == "aborted", limit=3000)
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not rolled back after {sent} requests: {route.reason}"

@@ -1,6 +1,7 @@
-"""`lockgate status`: is the pipeline keeping up, and did anything land in the DLQ?
+"""`lockgate status`: is the pipeline keeping up, is a stream full, and did anything land in the DLQ?
 
-Read straight from JetStream, not ClickHouse: works embedded or distributed, stack running or not.
+Read from JetStream: works embedded or distributed, stack running or not. Only the dead letters already stored
+come from the record (the query service, when one answers): the DLQ stream keeps a letter until the sink stored it.
 """
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from typing import Any
 
 import click
 
-from lockgate.bus import Bus
+from lockgate import queryclient
+from lockgate.bus import Bus, stream_full
 from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import emit_json, table
+from lockgate.errors import LockgateError
 
 
 async def read_status(bus: Bus) -> dict[str, Any]:
@@ -22,16 +25,28 @@ async def read_status(bus: Bus) -> dict[str, Any]:
     streams, consumers = [], []
     for key, spec in bus.subjects.streams.items():
         info = await bus.js.stream_info(spec.name)
+        full = spec.discard == "new" and stream_full(info.state.bytes, spec.max_bytes, bus.nc.max_payload)
         streams.append({"stream": spec.name, "role": key, "messages": info.state.messages,
-                        "bytes": info.state.bytes, "consumers": info.state.consumer_count})
+                        "bytes": info.state.bytes, "max_bytes": spec.max_bytes,
+                        "retention": getattr(info.config.retention, "value", info.config.retention),
+                        "consumers": info.state.consumer_count,
+                        # discard new: every publish is refused until its consumers take their backlog
+                        "state": "FULL: refusing publishes" if full else "ok"})
         for c in await bus.js.consumers_info(spec.name):
             consumers.append({"consumer": c.name, "stream": spec.name, "pending": c.num_pending or 0,
                               "unacked": c.num_ack_pending or 0, "redelivered": c.num_redelivered or 0,
                               "waiting": c.num_waiting or 0})
     dlq = await bus.js.stream_info(bus.subjects.streams["dlq"].name, subjects_filter=bus.subjects.dlq_all)
     prefix = f"{bus.subjects.prefix}.dlq."
-    dead = [{"origin": subject.removeprefix(prefix), "dead_letters": count}
-            for subject, count in sorted((dlq.state.subjects or {}).items())]
+    waiting = {subject.removeprefix(prefix): count for subject, count in (dlq.state.subjects or {}).items()}
+    try:
+        stored = {r["origin"]: r["dead_letters"] for r in await queryclient.ask(bus, "dead_letter_counts", timeout_s=10)}
+    except LockgateError:  # no query service: the letters the sink has not stored yet only
+        stored = {}
+    # Stored: in the record (`lockgate dlq`); not yet: in the DLQ stream, for the sink to store (a letter
+    # being stored just now may be counted in both).
+    dead = [{"origin": origin, "dead_letters": stored.get(origin, 0), "not_yet_stored": waiting.get(origin, 0)}
+            for origin in sorted(stored.keys() | waiting.keys())]
     return {"streams": streams, "consumers": sorted(consumers, key=lambda c: c["consumer"]), "dead_letters": dead,
             "overrides": await read_overrides(bus)}
 
@@ -66,7 +81,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             emit_json(report)
             return
-        table(report["streams"], title="streams")
+        table(report["streams"], title="streams (FULL: producers are refused until the consumers below catch up)")
         table(report["consumers"], title="consumers (pending = not yet delivered; unacked = in flight)")
         table(report["dead_letters"], title="dead letters by origin", empty="no dead letters")
         table(report["overrides"], title="BREAK-GLASS overrides in effect (an admin clears them: "

@@ -2,7 +2,8 @@
 
 `/livez` answers while the event loop runs. `/readyz` is 200 only when every bus connection of the
 process is connected: a worker cut off from NATS does no work, so it must not count as ready (a
-rolling restart waits for the new pod to reach the bus before stopping the next one). The router's
+rolling restart waits for the new pod to reach the bus before stopping the next one); `streams_full` names a
+stream that refuses publishes, its backlog unconsumed (`Bus.full_streams`). The router's
 own `/healthz` stays 200 on a lost bus, since it still serves requests while events wait in its outbox.
 """
 
@@ -45,7 +46,11 @@ class HealthServer:
         return web.json_response({"status": "live"})
 
     async def _ready(self, request: web.Request) -> web.Response:
-        states = {bus.name: bus.state for bus in self._buses()}
+        buses = self._buses()
+        states = {bus.name: bus.state for bus in buses}
         ready = bool(states) and all(state == "connected" for state in states.values())
-        return web.json_response({"status": "ready" if ready else "not ready", "bus": states},
-                                 status=200 if ready else 503)
+        # A full stream refuses what producers publish (discard new): said here, but the process stays ready, since
+        # restarting it or taking it out of service frees no room; its consumers' backlog does (`lockgate status`).
+        full = {s["stream"]: s for bus in buses if bus.state == "connected" for s in await bus.full_streams()}
+        return web.json_response({"status": "ready" if ready else "not ready", "bus": states,
+                                  "streams_full": list(full.values())}, status=200 if ready else 503)
