@@ -182,3 +182,17 @@ async def test_a_drift_report_for_a_deployment_whose_route_key_holds_jetstream_j
     assert letter.origin.startswith("gatekeeper") and letter.reason == "rejected"
     assert "the route of 'chat' in KV" in letter.error and "is unreadable" in letter.error
     assert report.id.encode() in letter.payload
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_the_router_admits_no_canary_on_a_decision_key_holding_jetstream_json(
+        stack: tuple[Any, Signer], http: aiohttp.ClientSession, shape: str) -> None:  # noqa: F811
+    router, _ = stack
+    bus = router.ctx.bus
+    await _aim(bus, bus.subjects.kv_gates, token("r2"), shape)
+    body = {"stable_release": "r1", "canary_release": "r2", "strategy": {"steps": [50, 100], "interval_s": 3600}}
+    async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    route = router.rollouts.route("chat")
+    assert (route.phase, route.weight, route.admitted) == ("idle", 0.0, "")  # waits for a verified decision
+    assert route.stable.release == "r1"
