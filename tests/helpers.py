@@ -15,6 +15,51 @@ from lockgate.server.registry import ServiceSet
 from lockgate.server.service import Progress, ServiceContext
 from lockgate.telemetry import Telemetry
 
+# What JetStream answers on whatever reply subject a requester names (a `$KV.<bucket>.<key>` one stores it as the
+# key's value): a publish's acknowledgement, a duplicate's, an API answer (STREAM.INFO, STREAM.MSG.GET) and an API
+# error. Literal copies for unit tests of decoding; `aim_jetstream_reply` has the server itself write them.
+JETSTREAM_JSON: dict[str, bytes] = {
+    "ack": b'{"stream":"LG_EVENTS","seq":42}',
+    "duplicate": b'{"stream":"LG_EVENTS","seq":42,"duplicate":true}',
+    "stream_info": b'{"type":"io.nats.jetstream.api.v1.stream_info_response","total":0,"offset":0,"limit":0,'
+                   b'"config":{"name":"LG_EVENTS","subjects":["lg.x.>"],"retention":"limits","max_consumers":-1,'
+                   b'"max_msgs":-1,"max_bytes":-1,"max_age":0,"storage":"file","num_replicas":1},'
+                   b'"created":"2026-01-01T00:00:00Z","state":{"messages":1,"bytes":64,"first_seq":1,'
+                   b'"last_seq":1,"consumer_count":0},"ts":"2026-01-01T00:00:00Z"}',
+    "msg_get": b'{"type":"io.nats.jetstream.api.v1.stream_msg_get_response","message":{"subject":"lg.x.y",'
+               b'"seq":1,"data":"e30=","time":"2026-01-01T00:00:00Z"}}',
+    "error": b'{"type":"io.nats.jetstream.api.v1.stream_info_response","error":{"code":404,"err_code":10059,'
+             b'"description":"stream not found"}}',
+}
+
+
+async def aim_jetstream_reply(nc: Any, stream: str, subject: str, bucket: str, key: str, shape: str) -> bytes:
+    """Have the nats-server store its own answer of kind `shape` (a JETSTREAM_JSON key) as `key`'s value in KV
+    `bucket`, as any identity that may publish on a stream's `subject` or ask the JetStream API can; returns the
+    value stored. `subject` is one of `stream`'s (a message is published on it for every shape)."""
+    js = nc.jetstream()
+    kv = await js.key_value(bucket)
+    watcher = await kv.watch(key, include_history=False)  # before the answer is asked for: it is never missed
+    try:
+        target, msg_id = f"$KV.{bucket}.{key}", {"Nats-Msg-Id": f"aim-{bucket}-{key}-{shape}"}
+        published = await js.publish(subject, b"{}", headers=msg_id)
+        if shape in ("ack", "duplicate"):
+            # a fresh message id is acknowledged as stored; the same one again as a duplicate
+            headers = {"Nats-Msg-Id": f"{msg_id['Nats-Msg-Id']}-new"} if shape == "ack" else msg_id
+            await nc.publish(subject, b"{}", reply=target, headers=headers)
+        elif shape == "msg_get":
+            await nc.publish(f"$JS.API.STREAM.MSG.GET.{stream}", b'{"seq":%d}' % published.seq, reply=target)
+        else:
+            await nc.publish(f"$JS.API.STREAM.INFO.{stream if shape == 'stream_info' else 'NO_SUCH_STREAM'}", b"",
+                             reply=target)
+        while True:
+            entry = await watcher.updates(timeout=5)
+            if entry is not None and entry.value and (entry.value.startswith(b'{"stream":')
+                                                      or b'"type":"io.nats.jetstream.api.' in entry.value):
+                return bytes(entry.value)
+    finally:
+        await watcher.stop()
+
 
 async def eventually(check: Callable[[], bool], progress: Sequence[Progress], timeout_s: float = 30.0,
                      what: str | Callable[[], str] = "condition") -> None:

@@ -14,7 +14,7 @@ from lockgate.contracts import DriftReport, FeatureDrift, RuleResult, request_si
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.policy import DriftRule, Policy
 
-__all__ = ["applies", "decide_drift", "drift_results"]
+__all__ = ["applies", "decide_drift", "drift_results", "unjudgeable"]
 
 
 def _matches(rule: DriftRule, f: FeatureDrift) -> bool:
@@ -98,3 +98,12 @@ def decide_drift(policy: Policy, report: DriftReport) -> Outcome | None:
     why = "; ".join(f"{r.rule}: {r.hint}" for r in failing)
     where = f"deployment {report.deployment!r}" + (" (canary vs stable)" if report.comparison == "canary_vs_stable" else "")
     return Outcome("BLOCK", results, f"drift policy {policy.name!r} of {where}: {why}")
+
+
+def unjudgeable(report: DriftReport, release: str, why: str) -> Outcome:
+    """BLOCK for a live canary whose stored decision cannot be read: its policy (and so its drift rules) is
+    unknown, and "no decision" would let it run on unjudged; the gate fails closed instead."""
+    hint = f"{why}; drift report {report.id} cannot be judged by its policy: gate the release again"
+    rule = RuleResult(rule="stored decision readable", metric="decision", op="==", threshold=1.0, observed=0.0,
+                      verdict="FAIL", hint=hint)
+    return Outcome("BLOCK", (rule,), f"drift on deployment {report.deployment!r} about {release!r}, unjudged: {hint}")

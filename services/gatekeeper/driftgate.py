@@ -14,10 +14,11 @@ import nats.js.errors
 from lockgate import artifacts
 from lockgate.bus import Delivery
 from lockgate.contracts import DriftReport, GateDecided
-from lockgate.errors import BusUnavailable, ConfigError, NotFound
+from lockgate.errors import BusUnavailable, ConfigError, NotFound, UnreadableValue
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain
-from lockgate.services.gatekeeper.drift import decide_drift
+from lockgate.services.gatekeeper.domain import Outcome
+from lockgate.services.gatekeeper.drift import decide_drift, unjudgeable
 from lockgate.services.gatekeeper.records import Records
 from lockgate.signing import Signer
 from lockgate.subjects import token
@@ -29,10 +30,16 @@ class _Target(msgspec.Struct, frozen=True):
     release: str = ""
 
 
-class _Route(msgspec.Struct, frozen=True):
+class _Route(msgspec.Struct, frozen=True, kw_only=True):
     """What the gate reads of the router's route record (KV, read-only): which release is the canary, and
-    whether it is live. The router's own Struct is not imported: services never import each other."""
+    whether it is live. The router's own Struct is not imported: services never import each other.
 
+    `deployment` and `stable` are required as in the router's record: JSON that is no route (JetStream's
+    acknowledgement or API answer aimed at the key) is refused, never read as a route without a canary. Unknown
+    fields stay allowed: this is a view of a record the router evolves by appending fields."""
+
+    deployment: str
+    stable: _Target
     canary: _Target | None = None
     phase: str = "idle"
     verifying: bool = False
@@ -45,7 +52,7 @@ _routes = msgspec.json.Decoder(_Route)
 
 def decode_route(raw: bytes) -> _Route:
     """The gate's view of a route record (msgspec.DecodeError if unreadable)."""
-    return _routes.decode(raw or b"{}")
+    return _routes.decode(raw)
 
 
 def canary_release(route: _Route | None, report: DriftReport) -> str:
@@ -84,10 +91,16 @@ class DriftGate:
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"cannot read route {deployment!r} from KV {s.kv_routes}: {exc!r}") from None
         try:
-            return decode_route(entry.value)
+            route = decode_route(entry.value)
         except msgspec.DecodeError as exc:
-            log.warning("ignoring unreadable route %s: %s", deployment, exc)
-            return None
+            why = str(exc)
+        else:
+            if route.deployment == deployment:
+                return route
+            why = f"it is the route of {route.deployment!r}"
+        # Never "no canary": the report would go unjudged. Refused (dead-lettered with this reason) instead.
+        raise UnreadableValue(f"the route of {deployment!r} in KV {s.kv_routes} is unreadable ({why}): a drift "
+                              "report naming no release cannot say which canary it is about")
 
     async def on_drift(self, report: DriftReport, delivery: Delivery) -> None:
         """BLOCK the deployment's canary release when its policy's drift rules fail on the report (one of
@@ -96,7 +109,13 @@ class DriftGate:
             return
         named = report.comparison == "canary_vs_stable" and bool(report.release)
         release = canary_release(None if named else await self._route(report.deployment), report)
-        current = await self.records.current(release) if release else None
+        if not release:
+            return
+        try:
+            current = await self.records.current(release)
+        except UnreadableValue as exc:
+            await self._block(report, release, unjudgeable(report, release, exc.message), None)
+            return
         # Only a release gated under a policy can be judged by it; an already blocked one needs no second BLOCK.
         if current is None or not current.policy or current.decision == "BLOCK":
             return
@@ -108,11 +127,15 @@ class DriftGate:
         outcome = decide_drift(policy, report)
         if outcome is None:
             return
+        await self._block(report, release, outcome, current)
+
+    async def _block(self, report: DriftReport, release: str, outcome: Outcome, current: GateDecided | None) -> None:
+        """Sign, record and announce the BLOCK of `release` (keeping what `current`, if readable, judged)."""
         decision = self.signer.sign(GateDecided(
             id=domain.decision_id(report.id, self.signer.id_salt), release=release, decision="BLOCK", rules=list(outcome.rules),
-            eval_run=current.eval_run, policy=current.policy, baseline=current.baseline,
-            artifacts=current.artifacts, reason=outcome.reason, tenant=report.tenant, source="gatekeeper",
-            trace_id=report.trace_id))
+            eval_run=current.eval_run if current else "", policy=current.policy if current else "",
+            baseline=current.baseline if current else "", artifacts=current.artifacts if current else {},
+            reason=outcome.reason, tenant=report.tenant, source="gatekeeper", trace_id=report.trace_id))
         key = f"gate-drift-{report.id}"
         await self.publish_key()
         await self.records.audit(decision, action="decided", actor="gatekeeper", key=key)

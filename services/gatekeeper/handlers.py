@@ -10,7 +10,7 @@ from opentelemetry.trace import SpanKind
 from lockgate import artifacts
 from lockgate.bus import Delivery
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview, RuleResult
-from lockgate.errors import ConfigError, NotFound, SignatureError
+from lockgate.errors import ConfigError, NotFound, SignatureError, UnreadableValue
 from lockgate.evalruns import check_result, requested_run
 from lockgate.identity import author_of, verify_review, withdrawn_approvals
 from lockgate.provenance import lifecycle
@@ -107,7 +107,11 @@ class GateHandlers:
         ):
             new_id = domain.decision_id(review.id, self.signer.id_salt)
             key = f"gate-review-{review.id}"
-            current = await self.records.current(review.release)
+            try:
+                current = await self.records.current(review.release)
+            except UnreadableValue as exc:  # refused below as a release with no decision: nothing to review
+                log.warning("review %s: %s", review.id, exc.message)
+                current = None
             if current is not None and current.id == new_id:
                 await self.records.announce(current, key=key)  # redelivered after KV was written
                 return

@@ -9,7 +9,7 @@ import nats.js.errors
 from lockgate import auditlog
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateAudited, GateDecided
-from lockgate.errors import BusUnavailable, InvalidEvent
+from lockgate.errors import BusUnavailable, InvalidEvent, UnreadableValue
 from lockgate.ids import derived_id
 from lockgate.queryclient import ask
 from lockgate.server.service import ServiceContext
@@ -57,7 +57,8 @@ class Records:
         await self.ctx.bus.publish(s.gate_decided(decision.release), decision, msg_id=key)
 
     async def current(self, release: str) -> GateDecided | None:
-        """The release's latest decision from KV (None if never gated or unreadable)."""
+        """The release's latest decision from KV (None if never gated); UnreadableValue when its key holds
+        anything else, which must never pass for "never gated" (no decision, so nothing for drift to block)."""
         s = self.ctx.bus.subjects
         try:
             kv = await self.ctx.bus.kv(s.kv_gates)
@@ -70,10 +71,14 @@ class Records:
             return None
         try:
             decision = _decided.decode(entry.value)
-        except InvalidEvent:
-            return None
+        except InvalidEvent as exc:
+            raise UnreadableValue(f"the decision of {release!r} in KV {s.kv_gates} is unreadable: "
+                                  f"{exc.message}") from None
         # A review must never countersign a decision about another release stored under this key.
-        return decision if decision.release == release else None
+        if decision.release != release:
+            raise UnreadableValue(f"the decision stored for {release!r} in KV {s.kv_gates} is about "
+                                  f"{decision.release!r}")
+        return decision
 
     async def consecutive_errors(self, release: str, exclude_run: str) -> int:
         """Errored decisions in a row for the release, from the audit log (via the query service)."""

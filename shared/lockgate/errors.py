@@ -129,3 +129,8 @@ class AuditBroken(LockgateError):
     """The audit log's hash chain has a missing, altered or unsigned row (`lockgate audit verify`)."""
 
     exit_code = 4  # as `gate verify` on a bad signature: tampering found
+
+
+class UnreadableValue(LockgateError):
+    """A KV key holds something that is not what its bucket stores (JetStream answers requests and publishes on
+    any reply subject a requester names, a `$KV.` key's included): refused, never read as absent."""

@@ -10,8 +10,9 @@ import pytest
 from lockgate.contracts import DriftReport, FeatureDrift
 from lockgate.errors import PolicyError
 from lockgate.services.gatekeeper.domain import parse_policy
-from lockgate.services.gatekeeper.drift import decide_drift, drift_results
+from lockgate.services.gatekeeper.drift import decide_drift, drift_results, unjudgeable
 from lockgate.services.gatekeeper.driftgate import canary_release, decode_route
+from tests.helpers import JETSTREAM_JSON
 
 pytestmark = pytest.mark.timeout(10)
 EVAL = [{"metric": "score", "op": ">=", "threshold": 0.8}]
@@ -19,6 +20,12 @@ EVAL = [{"metric": "score", "op": ">=", "threshold": 0.8}]
 
 def policy(*drift: dict) -> object:
     return parse_policy({"name": "p", "rules": EVAL, "drift": list(drift)})
+
+
+def _record(route: dict) -> bytes:
+    """A route record as the router writes it (with its deployment and stable, and fields the gate ignores)."""
+    return msgspec.json.encode({"deployment": "chat", "stable": {"release": "r1", "endpoint": "default"},
+                                "version": 3, **route})
 
 
 def report(comparison: str = "now_vs_reference", tests: dict[str, float] | None = None, **psi: float) -> DriftReport:
@@ -96,10 +103,10 @@ def test_malformed_drift_rules_name_the_field(rule: dict, message: str) -> None:
     ({"canary": {"release": "r2"}, "phase": "promoted", "verifying": False}, ""),  # promoted: no canary now
     ({"canary": {"release": "r2"}, "phase": "idle"}, ""),  # waiting for its decision, no traffic
     ({"canary": {"release": "r2"}, "phase": "progressing", "started_at": 4e9}, ""),  # the report predates it
-    ({"phase": "idle", "stable": {"release": "r1"}}, ""),
+    ({"phase": "idle"}, ""),
 ])
 def test_drift_report_is_evidence_about_a_live_canary_only(route: dict, release: str) -> None:
-    assert canary_release(decode_route(msgspec.json.encode(route)), report(output_tokens=0.5)) == release
+    assert canary_release(decode_route(_record(route)), report(output_tokens=0.5)) == release
 
 
 def test_a_rule_can_target_canary_versus_stable_reports_only() -> None:
@@ -131,13 +138,13 @@ def test_a_test_rule_fails_on_the_feature_s_own_drift_test() -> None:
 
 
 def test_a_canary_versus_stable_report_is_evidence_about_the_release_it_names() -> None:
-    aborted = decode_route(msgspec.json.encode({"canary": {"release": "r2"}, "phase": "aborted"}))
+    aborted = decode_route(_record({"canary": {"release": "r2"}, "phase": "aborted"}))
     assert canary_release(aborted, report("canary_vs_stable", output_tokens=0.5)) == "r2"
     assert canary_release(None, report("canary_vs_stable", output_tokens=0.5)) == "r2"
     assert canary_release(None, report(output_tokens=0.5)) == ""
     # events that named no release (an SDK's): the route's live canary, as for now-vs-reference reports
     unnamed = msgspec.structs.replace(report("canary_vs_stable", output_tokens=0.5), release="")
-    live = decode_route(msgspec.json.encode({"canary": {"release": "r3"}, "phase": "progressing"}))
+    live = decode_route(_record({"canary": {"release": "r3"}, "phase": "progressing"}))
     assert (canary_release(live, unnamed), canary_release(aborted, unnamed)) == ("r3", "")
 
 
@@ -150,3 +157,20 @@ def test_a_rule_naming_no_feature_judges_the_answers_not_what_clients_send() -> 
     assert named is not None and named.decision == "BLOCK" and "DRIFT in input_tokens" in named.reason
     texts = decide_drift(policy({"test": True, "features": ["prompt_*"]}), moved)
     assert texts is not None and "prompt_text" in texts.reason
+
+
+@pytest.mark.parametrize("shape", sorted(JETSTREAM_JSON))
+def test_jetstream_json_under_a_route_key_is_no_route(shape: str) -> None:
+    # Before: every field had a default, so JetStream's acknowledgement or API answer aimed at the key read as a
+    # route without a canary, and a drift report about the live canary went unjudged.
+    with pytest.raises(msgspec.ValidationError, match="missing required field"):
+        decode_route(JETSTREAM_JSON[shape])
+    with pytest.raises(msgspec.DecodeError):
+        decode_route(b"")
+
+
+def test_a_release_whose_decision_is_unreadable_is_blocked_saying_why() -> None:
+    out = unjudgeable(report(output_tokens=0.5), "r2", "the decision of 'r2' in KV lg_gates is unreadable: x")
+    assert out.decision == "BLOCK"
+    assert [(r.verdict, r.rule) for r in out.rules] == [("FAIL", "stored decision readable")]
+    assert "about 'r2', unjudged: the decision of 'r2' in KV lg_gates is unreadable" in out.reason

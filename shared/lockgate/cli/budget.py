@@ -18,6 +18,7 @@ from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import output
+from lockgate.errors import UnreadableValue
 from lockgate.services.router.admission import load_gateway_file
 from lockgate.services.router.budgets import NANO, Budget, Counter, period_id, resolve
 
@@ -30,7 +31,12 @@ async def read_budgets(bus: Bus, budgets: list[Budget], now: datetime) -> list[d
         pid = period_id(b.spec.period, now)
         mine = [k for k in entries if k.startswith(f"{b.name}.") and k.endswith(f".{pid}")] or [f"{b.name}.{pid}"]
         for key in sorted(mine):
-            leased = msgspec.json.decode(entries[key], type=Counter).leased if key in entries else Counter().leased
+            try:
+                leased = msgspec.json.decode(entries[key], type=Counter).leased if key in entries else Counter().leased
+            except msgspec.DecodeError as exc:
+                raise UnreadableValue(f"budget counter {key} in KV {bus.subjects.kv_budgets} is unreadable ({exc}): the "
+                                      "router takes it as its budget store down (refused, or uncounted with fail_open)"
+                                      ) from None
             split = key[len(b.name) + 1: -len(pid) - 1]
             rows.append({
                 "budget": b.name, "split": split, "period": pid,

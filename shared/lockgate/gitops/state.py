@@ -22,7 +22,7 @@ from lockgate.bus import Bus
 from lockgate.codec import to_json
 from lockgate.config import Settings
 from lockgate.contracts import AppliedChange, ApplyRecorded, ApplyReply, ApplyRequest, StateEntry
-from lockgate.errors import LockgateError, NotFound
+from lockgate.errors import LockgateError, NotFound, UnreadableValue
 from lockgate.gitops.documents import GitopsError
 from lockgate.gitops.git import Provenance
 from lockgate.gitops.plan import Plan
@@ -44,9 +44,13 @@ def state_key(kind: str, name: str) -> str:
 async def read_state(bus: Bus) -> dict[str, StateEntry]:
     """Every resource the last applies recorded, by `kind/name`."""
     out = {}
-    for value in (await bus.kv_entries(bus.subjects.kv_gitops)).values():
+    for key, value in (await bus.kv_entries(bus.subjects.kv_gitops)).items():
         if value:
-            state = _entry.decode(value)
+            try:
+                state = _entry.decode(value)
+            except msgspec.DecodeError as exc:  # never "not applied": plan would show it as a change to make
+                raise UnreadableValue(f"applied state {key} in KV {bus.subjects.kv_gitops} is unreadable ({exc}): "
+                                      "apply the folder again to rewrite it") from None
             out[state.key] = state
     return out
 
