@@ -23,7 +23,8 @@ class Cost(Service):
         consume(ctx.bus, self.consumers, subject=s.inference_all, stream="inference", durable=s.durable("cost", "inference"),
                 wire_type=list[InferenceEvent] | InferenceEvent, origin="cost",
                 handler=self.handlers.on_inference, batch_size=64, ack_wait_s=ctx.settings.ack_wait_s,
-                limits=EventLimits.from_settings(ctx.settings))
+                # The sink records what the edge refuses; a bad message costs this consumer a failed decode.
+                limits=EventLimits.from_settings(ctx.settings), records_refusals=False)
 
 
 def create(ctx: ServiceContext) -> Cost:

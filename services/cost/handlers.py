@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from lockgate.bus import Delivery
-from lockgate.contracts import CostLedger, InferenceEvent
+from lockgate.codec import encode
+from lockgate.contracts import CostEntry, CostLedger, InferenceEvent
 from lockgate.ids import content_hash, derived_id
+from lockgate.outbox import BATCH_BYTES, chunked
 from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.cost import domain
 
@@ -18,7 +20,7 @@ class CostHandlers:
         self.events = Progress()
 
     async def on_inference(self, value: list[InferenceEvent] | InferenceEvent, delivery: Delivery) -> None:
-        """One ledger fact per message, then one CostRecord per (tenant, app, deployment, model)."""
+        """The ledger facts of a message (chunked when large), then one CostRecord per (tenant, app, deployment, model)."""
         received = value if isinstance(value, list) else [value]
         events = domain.distinct_events(received)
         if not events:
@@ -30,10 +32,26 @@ class CostHandlers:
         token = content_hash(sorted((e.tenant, e.app, e.id) for e in events))[7:47]
         priced = domain.price_events(events, self.book)
         bus = self.ctx.bus
-        ledger = CostLedger(id=derived_id("cost-ledger", token), price_book=self.book.hash, entries=priced.entries,
-                            source="lockgate-cost", tenant=events[0].tenant)
-        await bus.publish(bus.subjects.cost_ledger, ledger)
+        for ledger, data in self._ledgers(token, priced.entries, events[0].tenant):
+            await bus.publish(bus.subjects.cost_ledger, data, msg_id=ledger.id)
         for key, record in zip(priced.group_keys, priced.records, strict=True):
             msg_id = f"cost-{token}-{content_hash(list(key))[7:31]}"
             await bus.publish(bus.subjects.cost(record.tenant), record, msg_id=msg_id)
         await self.events.bump(len(received))  # handled, repeats included
+
+    def _ledgers(self, token: str, entries: list[CostEntry], tenant: str) -> list[tuple[CostLedger, bytes]]:
+        """The ledger facts of one message, each with its JSON: one, or as many as it takes to keep each under a
+        bus message's bytes (an entry's JSON is about 2.5 times its event's: a message of 5,000 events, which
+        the limits allow, made a ledger over NATS' max_payload that was never billed)."""
+        def ledger(part: list[CostEntry], *suffix: str) -> CostLedger:
+            # Ids from the events and the cut alone: a redelivery republishes the same facts, deduplicated.
+            return CostLedger(id=derived_id("cost-ledger", token, *suffix), price_book=self.book.hash,
+                              entries=part, source="lockgate-cost", tenant=tenant)
+
+        whole = ledger(entries)
+        data = encode(whole)
+        if len(data) <= BATCH_BYTES:  # the usual message: encoded once
+            return [(whole, data)]
+        parts = chunked(entries, [len(encode(e)) + 1 for e in entries], max_items=len(entries))
+        out = [ledger(part, f"{i + 1}/{len(parts)}") for i, part in enumerate(parts)]
+        return [(one, encode(one)) for one in out]

@@ -21,7 +21,8 @@ class Drift(Service):
         consume(bus, self.consumers, subject=s.inference_all, stream="inference", durable=s.durable("drift", "inference"),
                 wire_type=list[InferenceEvent] | InferenceEvent, origin="drift",
                 handler=self.handlers.on_inference, batch_size=64, ack_wait_s=ctx.settings.ack_wait_s,
-                limits=EventLimits.from_settings(ctx.settings))
+                # The sink records what the edge refuses; a bad message costs this consumer a failed decode.
+                limits=EventLimits.from_settings(ctx.settings), records_refusals=False)
         # Online scores of sampled live traffic (the evaluator's), as score features.
         consume(bus, self.consumers, subject=s.eval_scores_all, stream="events", durable=s.durable("drift", "scores"),
                 wire_type=InferenceScored, origin="drift", handler=self.handlers.on_scores,

@@ -30,7 +30,9 @@ class Evaluator(Service):
         self.online = OnlineEval(ctx)
         consume(ctx.bus, self.consumers, subject=s.inference_all, stream="inference",
                 durable=s.durable("evaluator", "online"), wire_type=list[InferenceEvent] | InferenceEvent,
-                origin="evaluator", handler=self.online.on_inference, ack_wait_s=ctx.settings.ack_wait_s)
+                origin="evaluator", handler=self.online.on_inference, ack_wait_s=ctx.settings.ack_wait_s,
+                # The sink records an undecodable message; a bad message costs this consumer a failed decode.
+                records_refusals=False)
 
     async def stop(self) -> None:
         """Cancel in-flight evals (redelivered later), stop the online judge, and close the HTTP pools."""

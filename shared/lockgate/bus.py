@@ -22,7 +22,7 @@ from lockgate.batcher import Batcher
 from lockgate.codec import Codec, encode
 from lockgate.contracts import DeadLetter, Event
 from lockgate.credentials import NatsAuth, NotAllowed
-from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, Retryable
+from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, PayloadTooLarge, Retryable
 from lockgate.ids import batch_id
 from lockgate.kvread import kv_keys
 from lockgate.limits import EventLimits
@@ -479,6 +479,11 @@ class Bus:
         telemetry.inject(hdrs)
         try:
             return await self._unless_refused(subject, lambda: self.js.publish(subject, data, headers=hdrs, timeout=5))
+        except nats.errors.MaxPayloadError:
+            # Not transient: retried, the same bytes are refused again until the message is dead-lettered
+            # as "retries exhausted" (a cost ledger of 5,000 events was never billed that way).
+            raise PayloadTooLarge(f"a message of {len(data):,} bytes to {subject} is over the NATS server's "
+                                  f"max_payload ({self.nc.max_payload:,} bytes)") from None
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise self.refused(subject) or BusUnavailable(
                 f"JetStream did not acknowledge publish to {subject}: {exc!r}") from None
@@ -548,9 +553,16 @@ class Bus:
             stream_seq=stream_seq,
             cut_from=cut_from,
         )
+        try:
+            await self.publish(self.subjects.dlq(origin), letter, msg_id=msg_id or None)
+        except BusUnavailable:
+            # The DLQ full or down: the caller leaves the message to be redelivered; this says it waits.
+            metrics.dead_letter_failed(origin)
+            log.warning("dead letter from %s on %s not stored (%s): its message waits for redelivery",
+                        origin, subject, reason)
+            raise
         metrics.dead_letter(origin)
         log.warning("dead letter from %s on %s: %s", origin, subject, reason)
-        await self.publish(self.subjects.dlq(origin), letter, msg_id=msg_id or None)
 
 
 def _is_auth_failure(exc: BaseException) -> bool:
@@ -690,11 +702,19 @@ def consume(
     ordered: bool = True,
     max_ack_pending: int | None = None,
     limits: EventLimits | None = None,
+    records_refusals: bool = True,
 ) -> ConsumerSpec:
     """Register a durable pull consumer whose handler gets decoded Structs.
 
     With `limits` (inference consumers), a message's events that break them, or that are not of the
     tenant and app its subject names, are dead-lettered with the reason and the handler gets the rest.
+    Event times are judged against the time JetStream stored the message, so every consumer, and every
+    redelivery, refuses the same events.
+
+    `records_refusals=False` is for a consumer of a stream another consumer records (the sink records every
+    inference message): what the edge refuses for the message's own sake (undecodable, over limits) is skipped
+    without a letter, as the recorder's letter holds it. A bad message then costs this consumer a failed decode,
+    not a scrubbed copy of its bytes, and garbage cannot hold it behind.
 
     With `ordered` (the default) the handler sees messages one by one in stream order, which
     stateful handlers (rollouts, drift windows, gate decisions) rely on; otherwise up to
@@ -704,12 +724,23 @@ def consume(
 
     The edge owns acknowledgement: undecodable -> DLQ + ack; Retryable -> nack with backoff
     (DLQ after max_deliver); any other failure -> DLQ + ack, so one bad message never stops
-    the consumer. A message that cannot be dead-lettered is nacked, never lost.
+    the consumer. A message that cannot be dead-lettered is nacked, never lost: JetStream is given no
+    max_deliver of its own (it would drop the message without a trace), the edge counts deliveries itself.
+    One letter per message and reason (a message id from the original's stream and sequence), however
+    often the message is redelivered or however many consumers letter it.
     """
     if ordered and max_workers > 1:
         raise ValueError(f"consumer {durable}: ordered handling runs one message at a time; "
                          "pass ordered=False to use max_workers")
     codec: Codec[Any] = Codec(wire_type)
+
+    async def refuse(msg: Msg, headers: dict[str, str], deliveries: int, reason: str, error: str) -> None:
+        if records_refusals:
+            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, reason, error)
+        else:
+            log.debug("%s skipped message %d of %s (%s: %s); its recorder letters it", origin,
+                      msg.metadata.sequence.stream, msg.metadata.stream, reason, error[:200])
+            await msg.ack()
 
     async def on_message(msg: Msg) -> None:
         meta = msg.metadata
@@ -719,29 +750,35 @@ def consume(
         try:
             value = codec.decode(body)
         except InvalidEvent as exc:
-            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", exc.message)
+            await refuse(msg, headers, deliveries, "invalid event", exc.message)
             return
         except Exception as exc:  # whatever the decoder trips on is bad input: park it, never leave it unacked
-            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "invalid event", repr(exc))
+            await refuse(msg, headers, deliveries, "invalid event", repr(exc))
             return
         metrics.events_in(origin, len(value) if isinstance(value, list) else 1)
+        events: Any = value  # the message's own events: a letter of the refused ones indexes them
+        refused: list[tuple[int, str]] = []
         if limits is not None:
             sender = bus.subjects.sender(msg.subject)
             if sender is None:
-                await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "over limits",
-                                           f"subject {msg.subject!r} names no tenant and app: events are "
-                                           f"published on {bus.subjects.prefix}.inference.<tenant>.<app>")
+                await refuse(msg, headers, deliveries, "over limits",
+                             f"subject {msg.subject!r} names no tenant and app: events are "
+                             f"published on {bus.subjects.prefix}.inference.<tenant>.<app>")
                 return
-            kept, refused = limits.split(value, sender=sender)
+            # Against the message's stored time, not this clock at read time: a consumer reading it later
+            # (behind, or redelivered) must not refuse an edge event another one stored.
+            kept, refused = limits.split(value, now=meta.timestamp, sender=sender)
             if refused and not kept:
-                await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "over limits",
-                                           "; ".join(r for _, r in refused[:20]))
+                await refuse(msg, headers, deliveries, "over limits", "; ".join(r for _, r in refused[:20]))
                 return
-            if refused:
-                # Only the refused events are parked; the others go on, so they are not lost with them.
-                if not await _dead_letter_events(bus, msg, origin, headers, deliveries, value, refused):
-                    return
-                value = kept
+            value = kept if refused else value
+        if deliveries > max_deliver and not refused:
+            # Delivered max_deliver times and never settled: its handler outlived ack_wait, its process died, or
+            # its letter could not be stored. JetStream redelivers it for ever; the edge parks it here. (One with
+            # refused events comes back until their letter is stored; its handler sees the valid ones again.)
+            await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "retries exhausted",
+                                       f"delivered {deliveries} times without being settled")
+            return
         delivery = Delivery(
             subject=msg.subject,
             msg_id=headers.get("Nats-Msg-Id", ""),
@@ -766,6 +803,11 @@ def consume(
             log.exception("handler for %s failed", origin)
             await _dead_letter_and_ack(bus, msg, origin, headers, deliveries, "handler crashed", repr(exc))
             return
+        # The refused events are lettered after the valid ones are handled: a letter the DLQ cannot take now holds
+        # back only them (the redelivery finds the others handled: handlers keep one copy per event).
+        if refused and records_refusals and not await _dead_letter_events(bus, msg, origin, headers, deliveries,
+                                                                         events, refused):
+            return
         await msg.ack()
 
     spec = ConsumerSpec(
@@ -773,14 +815,15 @@ def consume(
         stream=bus.subjects.streams[stream].name,
         durable=durable,
         origin=origin,
-        # One delivery beyond max_deliver, so the last failure can still be dead-lettered by the edge.
         config=ConsumerConfig(
             name=durable,
             durable_name=durable,
             filter_subject=subject,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=ack_wait_s,
-            max_deliver=max_deliver + 1,
+            # Unlimited: past its max_deliver JetStream would drop a message unseen, one whose letter the DLQ
+            # refused among them. The edge dead-letters after max_deliver deliveries itself (see above).
+            max_deliver=-1,
             max_ack_pending=max_ack_pending,
         ),
         batch_size=max(1, batch_size),
@@ -858,17 +901,27 @@ def consume_batch(
     return spec
 
 
+def _letter_id(msg: Msg, reason: str, origin: str = "") -> str:
+    """The message id of the letter for one stored message and reason: JetStream keeps one within the DLQ's
+    duplicate window, whichever consumer (or redelivery) sends it. `origin` for a reason of one consumer's own
+    (its handler failed); none for one of the message's (undecodable, over limits), the same for every consumer."""
+    meta = msg.metadata
+    kind = reason.replace(" ", "-")
+    return f"letter-{meta.stream}-{meta.sequence.stream}-{kind}" + (f"-{origin}" if origin else "")
+
+
+# Reasons that belong to the message itself, whoever reads it.
+_MESSAGE_REASONS = frozenset({"invalid event", "over limits"})
+
+
 async def _dead_letter_events(bus: Bus, msg: Msg, origin: str, headers: dict[str, str], deliveries: int,
                               events: list[Any], refused: list[tuple[int, str]]) -> bool:
-    """Dead-letter some events of a message (the message itself stays to be handled); False if the
-    letter could not be sent, in which case the message was nacked for redelivery."""
-    meta = msg.metadata
+    """Dead-letter some events of a message (the message itself stays); False if the letter could not be
+    sent, in which case the message was nacked for redelivery."""
     try:
         await bus.dead_letter(origin, subject=msg.subject, payload=encode([events[i] for i, _ in refused]),
                               reason="over limits", error="; ".join(r for _, r in refused[:20]),
-                              headers=headers, deliveries=deliveries,
-                              # once per message, however often it is redelivered
-                              msg_id=f"limits-{origin}-{meta.stream}-{meta.sequence.stream}")
+                              headers=headers, deliveries=deliveries, msg_id=_letter_id(msg, "over limits"))
     except BusUnavailable:
         await msg.nak(delay=NACK_BACKOFF.delay(deliveries))
         return False
@@ -884,7 +937,7 @@ async def _dead_letter_and_ack(
     reason: str,
     error: str,
 ) -> None:
-    """Park a message in the DLQ (scrubbed) and ack it.
+    """Park a message in the DLQ (scrubbed) and ack it; nack it if the DLQ does not take the letter.
 
     The letter names the original's stream and sequence: an unreadable message is poison for every
     consumer of its stream and its raw bytes may carry secrets a well-behaved producer would have
@@ -901,9 +954,10 @@ async def _dead_letter_and_ack(
             deliveries=deliveries,
             stream=meta.stream,
             stream_seq=meta.sequence.stream,
+            msg_id=_letter_id(msg, reason, "" if reason in _MESSAGE_REASONS else origin),
         )
     except BusUnavailable:
-        # Could not park it: leave it unacked so JetStream redelivers rather than lose it.
+        # Could not park it: leave it unacked so JetStream redelivers (without end: see `consume`) rather than lose it.
         await msg.nak(delay=NACK_BACKOFF.delay(deliveries))
         return
     await msg.ack()

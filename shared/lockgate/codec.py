@@ -80,6 +80,14 @@ class Codec(Generic[T]):
             raise InvalidEvent(f"JSON is not valid UTF-8: {exc}") from None
         except RecursionError as exc:
             raise InvalidEvent(undecodable(exc)) from None
+        # msgspec checks UTF-8 only inside what it decodes: bytes in an unknown field's key or value are skipped
+        # unread ("mo\xc3del" stored an event whose model was empty). The whole body is checked: isascii costs
+        # about 2% of decoding a 500-event message, the full check on non-ASCII about 8%.
+        if isinstance(data, bytes) and not data.isascii():
+            try:
+                str(data, "utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidEvent(f"JSON is not valid UTF-8: {exc.reason} at byte {exc.start}") from None
         if self._batch_names:
             try:
                 names.check_all(value)

@@ -61,6 +61,11 @@ class BusUnavailable(Retryable):
     """NATS could not be reached or JetStream did not acknowledge."""
 
 
+class PayloadTooLarge(LockgateError):
+    """A message larger than the NATS server's max_payload: the same bytes are refused every time, so it is
+    not retried (split what it carries into smaller messages)."""
+
+
 class ClientClosed(LockgateError):
     """An SDK client used after close(): a Client is started once; make a new one."""
 

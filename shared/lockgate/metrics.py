@@ -46,6 +46,10 @@ class _Instruments:
             description="events a service lost, by reason (buffer overflow, failed flush nobody awaited)")
         self.dead_letters = meter.create_counter(
             "lockgate.dead_letters", unit="{message}", description="messages sent to the DLQ, by origin")
+        self.dead_letters_failed = meter.create_counter(
+            "lockgate.dead_letters.failed", unit="{message}",
+            description="dead letters JetStream did not take (DLQ full or down), by origin: their messages are "
+                        "redelivered until one is stored")
         self.redeliveries_skipped = meter.create_counter(
             "lockgate.redeliveries.skipped", unit="{message}",
             description="redelivered messages whose rows were already stored")
@@ -189,6 +193,11 @@ def drop_counter(service: str) -> Callable[[int, str], None]:
 def dead_letter(origin: str) -> None:
     """Count one message sent to the DLQ by `origin`."""
     _add("dead_letters", 1, {"origin": origin})
+
+
+def dead_letter_failed(origin: str) -> None:
+    """Count one dead letter `origin` could not publish (its message waits for redelivery)."""
+    _add("dead_letters_failed", 1, {"origin": origin})
 
 
 def redeliveries_skipped(service: str, n: int) -> None:

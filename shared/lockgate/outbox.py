@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from operator import attrgetter
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import msgspec
 import msgspec.inspect as mi
@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     from lockgate.spool import Spool
 
 log = logging.getLogger("lockgate.outbox")
+
+T = TypeVar("T")
 
 BATCH_SIZE = 500
 # Keeps each message under NATS' default 1 MB max_payload whatever the events' sizes (a chunk is cut
@@ -191,18 +193,27 @@ def chunk_by_sender(events: Sequence[Encoded], batch_size: int = BATCH_SIZE,
     if events and len(events) <= batch_size and len(set(map(_sender, events))) == 1:
         if sum(map(len, map(_data, events))) + len(events) <= batch_bytes:
             return [list(events)]
-    by_sender: dict[tuple[str, str], list[list[Encoded]]] = {}
-    sizes: dict[tuple[str, str], int] = {}
+    by_sender: dict[tuple[str, str], list[Encoded]] = {}
     for event in events:
-        key = (event.tenant, event.app)
-        chunks = by_sender.setdefault(key, [[]])
-        size = len(event.data) + 1
-        if chunks[-1] and (len(chunks[-1]) >= batch_size or sizes[key] + size > batch_bytes):
+        by_sender.setdefault((event.tenant, event.app), []).append(event)
+    return [chunk for group in by_sender.values()
+            for chunk in chunked(group, [len(e.data) + 1 for e in group], max_items=batch_size, max_bytes=batch_bytes)]
+
+
+def chunked(items: Sequence[T], sizes: Sequence[int], *, max_items: int = BATCH_SIZE,
+            max_bytes: int = BATCH_BYTES) -> list[list[T]]:
+    """`items` in order, cut into chunks of at most `max_items` whose `sizes` (encoded bytes, separator
+    included) add up to at most `max_bytes`: each chunk fits one bus message. A chunk is cut before the item
+    that would cross a limit; one item larger than `max_bytes` goes alone (and the server says why)."""
+    chunks: list[list[T]] = [[]]
+    size = 0
+    for item, n in zip(items, sizes, strict=True):
+        if chunks[-1] and (len(chunks[-1]) >= max_items or size + n > max_bytes):
             chunks.append([])
-            sizes[key] = 0
-        chunks[-1].append(event)
-        sizes[key] = sizes.get(key, 0) + size
-    return [chunk for chunks in by_sender.values() for chunk in chunks]
+            size = 0
+        chunks[-1].append(item)
+        size += n
+    return chunks if chunks[0] else []
 
 
 async def publish_events(

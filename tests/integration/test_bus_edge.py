@@ -8,22 +8,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from lockgate import bus as bus_module
 from lockgate.bus import Bus, Delivery, consume, consume_batch
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, InferenceEvent
-from lockgate.errors import LockgateError, Retryable, StoreUnavailable
+from lockgate.errors import LockgateError, PayloadTooLarge, Retryable, StoreUnavailable
+from lockgate.limits import EventLimits
+from lockgate.retry import RetryPolicy
 from lockgate.server.natsserver import binary
 from lockgate.subjects import Subjects
-from tests.helpers import dead_letters
+from tests.helpers import dead_letters, metric_points
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -350,3 +354,116 @@ async def test_a_bus_with_consumers_holds_one_connection(monitored_server: tuple
         assert s.query in conn["subscriptions_list"]
     finally:
         await bus.close()
+
+
+@pytest.fixture
+def quick_nacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redeliveries within milliseconds, so a test sees many of them."""
+    monkeypatch.setattr(bus_module, "NACK_BACKOFF", RetryPolicy(initial_s=0.01, max_s=0.05))
+
+
+async def _refusing_dlq(bus: Bus) -> Callable[[], Awaitable[None]]:
+    """Make the DLQ stream refuse every publish (full, discard new); returns what makes it take them again."""
+    name = bus.subjects.streams["dlq"].name
+    config = (await bus.js.stream_info(name)).config
+    await bus.js.update_stream(config.evolve(max_msgs=1, discard=DiscardPolicy.NEW))
+    await bus.publish(bus.subjects.dlq("filler"), b"{}", msg_id="filler")
+
+    async def restore() -> None:
+        await bus.js.update_stream(config.evolve(max_msgs=-1))
+    return restore
+
+
+async def test_a_message_whose_letter_the_dlq_refuses_is_redelivered_until_stored(
+        bus: Bus, quick_nacks: None, metric_reader: InMemoryMetricReader) -> None:
+    # The probe: with the DLQ full, 10 valid events and a far-future one in one message were nacked before
+    # their handler ran, then dropped by JetStream after max_deliver+1 deliveries: never stored, no letter.
+    durable = bus.subjects.durable("test", "dlqfull")
+    handled: asyncio.Queue[list[str]] = asyncio.Queue()
+
+    async def handle(value: list[InferenceEvent], delivery: Delivery) -> None:
+        await handled.put([e.session_id for e in value])
+
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+            wire_type=list[InferenceEvent] | InferenceEvent, origin="test", handler=handle, max_deliver=2,
+            limits=EventLimits())
+    restore = await _refusing_dlq(bus)
+    stored_letters = await bus.js.subscribe(bus.subjects.dlq("test"), ordered_consumer=True)
+    wire = await _ack_wire(bus, durable)
+    await bus.start()
+    valid = [InferenceEvent(app="x", session_id=f"v{i}") for i in range(10)]
+    far = InferenceEvent(app="x", session_id="far", time=datetime.now(UTC) + timedelta(days=30))
+    await bus.publish(bus.subjects.inference("x"), [*valid, far])
+
+    # The valid events are handled at once, and the message comes back past max_deliver (2) while its letter fails.
+    for _ in range(5):
+        assert await asyncio.wait_for(handled.get(), 10) == [e.session_id for e in valid]
+    assert metric_points(metric_reader, "lockgate.dead_letters.failed") and dead_letters(metric_reader) == 0
+    await restore()
+    letter = letters.decode((await stored_letters.next_msg(timeout=10)).data)
+    assert letter.reason == "over limits" and "after now" in letter.error
+    assert [e.session_id for e in Codec(list[InferenceEvent]).decode(letter.payload)] == ["far"]
+    while (settled := await _settlements(wire, 1)) != ["ack"]:
+        assert settled == ["nak"]
+    assert dead_letters(metric_reader) == 1
+
+
+async def test_a_message_every_consumer_refuses_makes_one_letter(bus: Bus) -> None:
+    # Sink, cost, drift and evaluator each lettered the same garbage: 4 letters of 340 kB per 256 KiB message.
+    names = ("one", "two", "three")
+    wires = [await _ack_wire(bus, bus.subjects.durable("test", n)) for n in names]
+    for n in names:
+        consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference",
+                durable=bus.subjects.durable("test", n), wire_type=list[InferenceEvent] | InferenceEvent, origin=n,
+                handler=_never_called, limits=EventLimits())
+    await bus.start()
+    await bus.publish(bus.subjects.inference("x"), b"\x00" + bytes(range(256)) * 64, msg_id="garbage")
+    for wire in wires:
+        assert await _settlements(wire, 1) == ["ack"]
+    assert (await bus.js.stream_info(bus.subjects.streams["dlq"].name)).state.messages == 1
+
+
+async def _never_called(value: Any, delivery: Delivery) -> None:
+    raise AssertionError(f"handler called with {value!r}")
+
+
+async def test_event_times_are_judged_at_the_time_the_message_was_stored(bus: Bus) -> None:
+    # A consumer reading a message later than another (behind, or redelivered) refused an event the first
+    # stored: 30 days minus a second was stored by the sink and refused by cost 1.5 s later.
+    limits = EventLimits(past_s=2.0)
+    edge = InferenceEvent(app="x", time=datetime.now(UTC) - timedelta(seconds=1))
+    await bus.publish(bus.subjects.inference("x"), [edge])
+    await asyncio.sleep(1.5)  # the clock, not synchronisation: read now, the event is over 2 s old
+    got: asyncio.Queue[str] = asyncio.Queue()
+
+    async def handle(value: list[InferenceEvent], delivery: Delivery) -> None:
+        await got.put(value[0].id)
+
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference",
+            durable=bus.subjects.durable("test", "late"), wire_type=list[InferenceEvent] | InferenceEvent,
+            origin="test", handler=handle, limits=limits)
+    await bus.start()
+    assert await asyncio.wait_for(got.get(), 10) == edge.id
+
+
+async def test_invalid_utf8_outside_the_known_fields_is_dead_lettered(bus: Bus) -> None:
+    # msgspec skips unknown fields unread: "mo\xc3del" was stored as an event whose model was empty.
+    durable = bus.subjects.durable("test", "utf8key")
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+            wire_type=list[InferenceEvent] | InferenceEvent, origin="test", handler=_never_called)
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("test"))
+    await bus.start()
+    for i, (bad, offset) in enumerate(((b'[{"type":"lockgate.inference","app":"x","mo\xc3del":"y"}]', 43),
+                                       (b'[{"type":"lockgate.inference","app":"x","extra":"\xff"}]', 49))):
+        await bus.publish(bus.subjects.inference("x"), bad, msg_id=f"bad-{i}")
+        letter = letters.decode((await dlq.next_msg(timeout=10)).data)
+        assert letter.reason == "invalid event" and "not valid UTF-8" in letter.error
+        assert letter.error.endswith(f"at byte {offset}")
+
+
+async def test_a_message_over_max_payload_is_a_permanent_error(bus: Bus) -> None:
+    # Mapped to BusUnavailable, it was retried as if NATS were down, and its message dead-lettered
+    # "retries exhausted" at last: the same bytes are refused every time.
+    with pytest.raises(PayloadTooLarge, match="max_payload") as refused:
+        await bus.publish(bus.subjects.inference("x"), b"x" * (bus.nc.max_payload + 1), msg_id="too-large")
+    assert not isinstance(refused.value, Retryable)

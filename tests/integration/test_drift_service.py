@@ -111,14 +111,17 @@ async def test_promotion_resets_the_reference(run_services, bus: Bus, store: Sto
     assert handlers.events.count == 150
 
 
-async def test_malformed_message_goes_to_dlq_and_next_is_processed(run_services, bus: Bus) -> None:
-    letters = await bus.nc.subscribe(bus.subjects.dlq("drift"))
-    svcs = await run_services("drift")
+async def test_malformed_message_is_skipped_and_next_is_processed(run_services, bus: Bus) -> None:
+    # The sink letters it (once); drift goes on after a failed decode, writing no copy of its own.
+    letters = await bus.nc.subscribe(bus.subjects.dlq_all)
+    svcs = await run_services("sink", "drift")
     await bus.publish(bus.subjects.inference("shop"), b'[{"type":"lockgate.inference"}]', msg_id="bad-1")
     await bus.publish(bus.subjects.inference("shop"), _events(3, output=100, seed=5))
     letter = Codec(DeadLetter).decode((await letters.next_msg(timeout=15)).data)
-    assert letter.origin == "drift" and letter.payload == b'[{"type":"lockgate.inference"}]'
+    assert letter.origin == "sink" and letter.payload == b'[{"type":"lockgate.inference"}]'
     await svcs["drift"].handlers.events.wait_for(3)
+    await svcs["sink"].handlers.dead_letters.wait_for(1)
+    assert (await bus.js.stream_info(bus.subjects.streams["dlq"].name)).state.messages == 1
 
 
 async def test_redelivered_message_is_observed_once(context: ServiceContext) -> None:

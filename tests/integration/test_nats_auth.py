@@ -327,7 +327,7 @@ async def test_every_consumer_a_service_registers_is_in_its_grant(context: Servi
 
 async def test_a_poison_original_is_deleted_by_the_sink_and_a_forged_letter_deletes_nothing(
         settings: Settings) -> None:
-    # Embedded as `lockgate up` runs it: drift (inference consumer) dead-letters an unreadable message;
+    # Embedded as `lockgate up` runs it: the sink dead-letters an unreadable inference message (drift skips it);
     # the sink stores the letter and removes the original, which only it may do. A dead letter the
     # router forges about a gate decision is stored, but the decision is readable, so it stays.
     runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "drift"])

@@ -15,12 +15,14 @@ import msgspec
 import nats.errors
 import nats.js.errors
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lockgate.codec import Codec
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import PublishFailed
 from lockgate.ids import batch_id
-from lockgate.outbox import Encoded, Outbox, chunk_by_sender, encode_event, publish_events
+from lockgate.outbox import Encoded, Outbox, chunk_by_sender, chunked, encode_event, publish_events
 from lockgate.retry import RetryPolicy
 from lockgate.subjects import Subjects
 
@@ -269,6 +271,17 @@ def test_chunks_are_cut_by_bytes_so_large_events_never_exceed_the_message_limit(
     assert [e for c in chunks for e in c] == big
     # An event larger than the limit still goes, alone: the server's refusal then names the size.
     assert [len(c) for c in chunk_by_sender([event("a", prompt="y" * 5000), event("a")], batch_bytes=limit)] == [1, 1]
+
+
+@given(st.lists(st.integers(1, 120), max_size=60), st.integers(1, 8), st.integers(1, 300))
+def test_chunked_keeps_order_and_each_chunk_within_both_limits(sizes: list[int], max_items: int,
+                                                                 max_bytes: int) -> None:
+    # One mechanism for every fact cut to fit a bus message (SDK batches, cost ledgers).
+    chunks = chunked(list(range(len(sizes))), sizes, max_items=max_items, max_bytes=max_bytes)
+    assert [i for c in chunks for i in c] == list(range(len(sizes)))
+    for c in chunks:
+        assert 1 <= len(c) <= max_items
+        assert len(c) == 1 or sum(sizes[i] for i in c) <= max_bytes  # only an item over the limit goes alone
 
 
 async def test_published_message_is_the_json_array_of_the_encoded_events() -> None:
