@@ -196,6 +196,7 @@ class SinkHandlers:
         self.inference = Writer(ctx.store, domain.INFERENCE)
         self.facts = {p.table.name: Writer(ctx.store, p) for p in domain.FACTS}
         self.events = Progress()  # inference events handled (a skipped redelivery counts again)
+        self.rows = Progress()  # inference events inserted (each once: what a count of the table finds)
         self.spans = Progress()
         self.dead_letters = Progress()
         self.skipped_redeliveries = 0
@@ -221,6 +222,7 @@ class SinkHandlers:
                 span.end()
         self.skipped_redeliveries += written.skipped_messages
         metrics.redeliveries_skipped("sink", written.skipped_messages)
+        await self.rows.bump(written.rows)
         await self.events.bump(sum(len(batch) for batch, _ in messages))
 
     def _message_span(self, events: list[InferenceEvent], delivery: Delivery) -> trace.Span:
