@@ -13,9 +13,9 @@ measurement is Successful, Failed or Inconclusive, and the rollout counts them a
   than its threshold is aborted with probability at most alpha over the whole rollout.
   A metric SUCCEEDS on its point estimate once the sample is large enough; between the two it is
   INCONCLUSIVE.
-- One caller cannot dilute the others' evidence: the canary's requests are judged per API key (`groups`),
-  each key with `min_sample` requests alone and the keys under it pooled, so successful requests one key
-  aims at the canary no longer outweigh the failures others see. Online scores and drift are not per
+- One caller cannot dilute the others' evidence: the canary's requests are judged all together and per API key
+  (`groups`), each key with `min_sample` requests alone and the keys under it pooled, so successful requests one
+  key aims at the canary no longer outweigh the failures others see, nor hide those of callers under `min_sample`. Online scores and drift are not per
   request key: they are judged on the whole canary as before.
 """
 
@@ -369,14 +369,15 @@ def _verdict(base: dict[str, object], canary: float, stable: float | None, thres
 
 
 def groups(canary: VariantSample, min_sample: int) -> list[tuple[str, VariantSample]]:
-    """The canary's requests as they are judged: each API key with at least `min_sample` requests alone (most
-    requests first), then the keys under it pooled (if the pool has `min_sample`). One group of all of them, named
-    "", when one key sent every request or none has `min_sample` on its own: judged as before. Judged all
-    pooled, one key's successful requests aimed at the canary would dilute every other caller's failures."""
+    """The canary's requests as they are judged: all of them together (named ""), then each API key with at least
+    `min_sample` requests alone (most requests first), then the keys under it pooled (if the pool has
+    `min_sample`). Judged only all together, one key's successful requests aimed at the canary would dilute every
+    other caller's failures; judged only per key, the same key's `min_sample` good requests would leave the failures
+    of callers under `min_sample` unjudged. With one key, or none with `min_sample` alone: all together, as before."""
     alone = sorted(((k, s) for k, s in canary.by_key.items() if s.n >= min_sample), key=lambda ks: (-ks[1].n, ks[0]))
     if len(canary.by_key) < 2 or not alone:
         return [("", canary)]
-    found = [(f"API key {k}" if k else "requests naming no API key", s) for k, s in alone]
+    found = [("", canary)] + [(f"API key {k}" if k else "requests naming no API key", s) for k, s in alone]
     rest = [s for s in canary.by_key.values() if s.n < min_sample]
     pooled = _pool(rest)
     if pooled.n >= min_sample:
@@ -398,10 +399,11 @@ _RANK = {"FAILED": 0, "WAITING": 1, "INCONCLUSIVE": 2, "SUCCESSFUL": 3}
 
 def _deciding(results: list[MetricResult]) -> MetricResult:
     """Of one metric's results per group, the one that decides: failed before waiting before inconclusive
-    before successful, and among equals the one furthest past (or nearest to) its threshold."""
+    before successful; among equals one of a named group (an operator reads which key failed) before all requests
+    together, then the one furthest past (or nearest to) its threshold."""
     def margin(r: MetricResult) -> float:
         return r.canary - r.threshold if r.canary is not None and r.threshold is not None else 0.0
-    return min(results, key=lambda r: (_RANK[r.verdict], -margin(r)))
+    return min(results, key=lambda r: (_RANK[r.verdict], not r.group, -margin(r)))
 
 
 def _judge_groups(spec: MetricSpec, canary: VariantSample, judged: list[tuple[str, VariantSample]],

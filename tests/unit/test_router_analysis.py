@@ -282,7 +282,7 @@ def test_with_one_key_every_verdict_is_what_it_was(seed: int) -> None:
         assert all(not r.group for r in before.metrics)
 
 
-def test_every_judged_key_must_pass_and_a_key_under_the_minimum_alone_is_not_judged() -> None:
+def test_every_judged_key_must_pass_and_callers_under_the_minimum_are_judged_with_all_requests() -> None:
     good = VariantSample(n=300, errors=1, latency_ms=[10.0] * 299)
     slow = VariantSample(n=300, errors=1, latency_ms=[100.0] * 299)
     stable = VariantSample(n=2000, errors=10, latency_ms=[10.0] * 1990)
@@ -292,10 +292,14 @@ def test_every_judged_key_must_pass_and_a_key_under_the_minimum_alone_is_not_jud
     m = analysis.measure(spec, _split({"a": good, "b": slow}), stable, 1)
     assert m.verdict == "FAILED" and m.metrics[0].verdict == "SUCCESSFUL"
     assert (m.metrics[1].verdict, m.metrics[1].group) == ("FAILED", "API key b")
-    # The residual: while the other callers' requests are under the minimum, a key that has it is judged alone.
+    # A key with the minimum cannot hide the failures of callers under it (a probe: 1,000 good requests of one key
+    # passed a canary whose other callers' 99 requests all failed): all requests together are judged too.
     few = VariantSample(n=150, errors=30)
     m = analysis.measure(spec, _split({"a": good, "b": few}), stable, 1)
-    assert m.verdict == "SUCCESSFUL" and m.metrics[0].group == "API key a"
+    assert m.verdict == "FAILED" and (m.metrics[0].verdict, m.metrics[0].group) == ("FAILED", "")
+    hidden = _split({"a": VariantSample(n=1000, errors=0, latency_ms=[10.0] * 1000),
+                     **{f"v{i}": VariantSample(n=9, errors=9) for i in range(11)}})
+    assert analysis.measure(spec, hidden, stable, 1).verdict == "FAILED"
 
 
 def test_evidence_keeps_each_requests_api_key() -> None:
