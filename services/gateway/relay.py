@@ -22,6 +22,7 @@ from nats.aio.subscription import Subscription
 from lockgate.bus import Bus
 from lockgate.permissions import APP, app_user, inbox
 from lockgate.server.service import Progress
+from lockgate.subjects import token
 
 log = logging.getLogger("lockgate.gateway.relay")
 
@@ -61,10 +62,24 @@ class Relay:
         tenant, app = sender
         try:
             ack = await self.bus.nc.request(s.inference(app, tenant), msg.data, timeout=_ACK_TIMEOUT_S,
-                                            headers=msg.headers)
+                                            headers=_headers(msg.headers, tenant, app))
         except (nats.errors.Error, TimeoutError) as exc:
             # No answer: the sender's publish times out too and is retried, as if it had published itself.
             log.warning("relay: events of %s/%s not acknowledged by JetStream: %r", tenant, app, exc)
             return
         await self.bus.nc.publish(msg.reply, ack.data, headers=ack.headers)
         await self.relayed.bump()
+
+
+def _headers(headers: dict[str, str] | None, tenant: str, app: str) -> dict[str, str] | None:
+    """The sender's headers as relayed: its message id within its own tenant's and app's (JetStream's duplicate
+    check spans the stream, so an id another sender can compute, of events whose ids are predictable, would have its
+    publish taken for theirs and dropped as a duplicate), and no other JetStream control header (`Nats-Expected-*`,
+    `Nats-Rollup`, `Nats-TTL`, ...), which are JetStream's instructions to whoever publishes: here, the gateway."""
+    if not headers:
+        return headers
+    out = {k: v for k, v in headers.items() if not k.lower().startswith("nats-")}
+    msg_id = next((v for k, v in headers.items() if k.lower() == "nats-msg-id"), None)
+    if msg_id:
+        out["Nats-Msg-Id"] = f"{token(tenant)}.{token(app)}.{msg_id}"
+    return out

@@ -391,3 +391,32 @@ async def test_a_deployed_server_takes_an_applications_user_from_nats_config(
         server.stop()
     clash = CliRunner().invoke(cli, ["nats-config", "--app", "a-b", "c", "--app", "a_b", "c"])
     assert clash.exit_code != 0 and "LOCKGATE_NATS_PASSWORD_APPS_A_B_C" in clash.output
+
+
+async def test_an_app_credential_cannot_take_another_tenants_message_ids(stack: Runtime) -> None:
+    # Found by a probe: the relay passed the sender's Nats-Msg-Id on as it was, and JetStream's duplicate check
+    # spans the stream, so a tenant that sent its own event first under the id of another tenant's next batch (the
+    # SDK's is a hash of the events' tenant, app and ids, which may be predictable) had that batch acknowledged as
+    # a duplicate and never stored, billed or dead-lettered.
+    users = {}
+    for tenant, app in (("evil", "x"), ("acme", "shop")):
+        made = await run_cli(stack, "create", "--tenant", tenant, "--app", app, "--json")
+        assert made.exit_code == 0, made.output
+        users[tenant] = json.loads(Path(json.loads(made.output)["file"]).read_text())
+    s, sink = stack.ctx.bus.subjects, stack.services["sink"].handlers
+    victim = [InferenceEvent(app="shop", tenant="acme", id="order-42")]
+    msg_id = "predictable-batch-id"
+    acks = []
+    for tenant, app, events in (("evil", "x", [InferenceEvent(app="x", tenant="evil", id="junk")]),
+                                ("acme", "shop", victim)):
+        nc = await _connect(stack, users[tenant]["user"], users[tenant]["password"], [])
+        try:
+            acks.append(await nc.jetstream().publish(s.ingest(app, tenant), encode(events), timeout=5,
+                                                     headers={"Nats-Msg-Id": msg_id, "Nats-Expected-Stream": "nope"}))
+        finally:
+            await nc.close()
+    assert [a.duplicate for a in acks] == [None, None] and acks[0].seq != acks[1].seq
+    await sink.rows.wait_for(2)
+    rows = stack.ctx.store.rows("SELECT tenant, id, msg_id FROM inference_events ORDER BY tenant")
+    assert rows == [{"tenant": "acme", "id": "order-42", "msg_id": f"{token('acme')}.{token('shop')}.{msg_id}"},
+                    {"tenant": "evil", "id": "junk", "msg_id": f"{token('evil')}.{token('x')}.{msg_id}"}]
