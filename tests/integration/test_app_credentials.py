@@ -402,7 +402,7 @@ async def test_an_app_credential_cannot_take_another_tenants_message_ids(stack: 
     for tenant, app in (("evil", "x"), ("acme", "shop")):
         made = await run_cli(stack, "create", "--tenant", tenant, "--app", app, "--json")
         assert made.exit_code == 0, made.output
-        users[tenant] = json.loads(Path(json.loads(made.output)["file"]).read_text())
+        users[tenant] = json.loads(await asyncio.to_thread(Path(json.loads(made.output)["file"]).read_text))
     s, sink = stack.ctx.bus.subjects, stack.services["sink"].handlers
     victim = [InferenceEvent(app="shop", tenant="acme", id="order-42")]
     msg_id = "predictable-batch-id"
