@@ -37,7 +37,7 @@ from lockgate.batcher import Batcher
 from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent
 from lockgate.errors import ConfigError, LockgateError
-from lockgate.kvcas import KV_ERRORS, RETRY_S, CasStore, KVUnavailable
+from lockgate.kvcas import KV_ERRORS, RETRY_S, CasStore, KVUnavailable, KVUnreadable
 from lockgate.llmwire import ApiRequest, OutputLimits
 from lockgate.pricebook import ModelPrice, load_price_book
 from lockgate.server.apikeys import ApiKey
@@ -200,9 +200,14 @@ class Admission:
             prices, key=lambda m: cost_of(prices[m], tokens_in, max_out).usd)
         price = prices[model]
         cost = cost_of(price, tokens_in, max_out)
-        if self.limiter and (refused := await self._rate_limit(key, cost.tokens)):
-            return error_response(429, refused.message, "requests", code="rate_limit_exceeded",
-                                  headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s)))})
+        if self.limiter:
+            try:
+                refused = await self._rate_limit(key, cost.tokens)
+            except KVUnreadable as exc:
+                return error_response(503, exc.message, "service_unavailable", code="rate_limit_unreadable")
+            if refused:
+                return error_response(429, refused.message, "requests", code="rate_limit_exceeded",
+                                      headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s)))})
         ticket = Ticket(key, cost, price, prices)
         now = self.clock()
         wall = self.wall()
@@ -225,6 +230,18 @@ class Admission:
             except asyncio.CancelledError:  # the client went away while waiting: give back what was reserved
                 self._undo(ticket)
                 raise
+            except KVUnreadable as exc:
+                # The store answered with a value that is no counter: no outage, so fail_open does not apply
+                # (an identity that can aim JetStream's answer at the key would otherwise lift the budget).
+                self._undo(ticket)
+                self._report("counter_unreadable", b, counter, key, deployment, model, need, None, wall)
+                bucket = self.counters.bucket
+                return error_response(503, f"budget {b.describe()} cannot be checked: {exc.message} (KV {bucket}); "
+                                           "refusing the request whatever `fail_open` says (the store answered: a "
+                                           "value that is no counter is not an outage). An operator resets the "
+                                           f"counter by deleting it: nats kv del {bucket} {counter} (the period's "
+                                           "count restarts from zero)", "service_unavailable",
+                                      code="budget_counter_unreadable")
             except KVUnavailable as exc:
                 self._report("store_unavailable", b, counter, key, deployment, model, need, None, wall)
                 if self.file.fail_open:
@@ -242,7 +259,8 @@ class Admission:
         return ticket
 
     async def _rate_limit(self, key: ApiKey, tokens: int) -> Refusal | None:
-        """The rate limits' verdict: None when admitted (its units taken), else the Refusal. A shared
+        """The rate limits' verdict: None when admitted (its units taken), else the Refusal (KVUnreadable when a
+        shared bucket's value cannot be read). A shared
         limit leases from the KV when this replica's share falls short (a few times at most: other
         requests and replicas take from the same buckets meanwhile)."""
         for _ in range(4):
@@ -269,6 +287,12 @@ class Admission:
             try:
                 got, wait = await self._cas_rate(name, lambda state: lease(state, lack.capacity, self.wall_s(), ask,
                                                                            lack.need))
+            except KVUnreadable as exc:  # no outage: falling back to this replica's bucket would lift the limit
+                bucket = self.counters.bucket
+                raise KVUnreadable(
+                    f"rate limit of key {lack.slot[2]} ({lack.capacity} {lack.slot[1]} per minute, shared) cannot be "
+                    f"checked: {exc.message} (KV {bucket}); refusing the request. An operator resets the bucket by "
+                    f"deleting it: nats kv del {bucket} {name} (it starts full again)") from None
             except KVUnavailable:
                 self.limiter.local_until = self.clock() + RETRY_S
                 return None

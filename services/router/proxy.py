@@ -67,6 +67,7 @@ from lockgate.services.router.wire import (
     patch_body,
     stream_error,
 )
+from lockgate.subjects import token
 
 # The router reads every body it forwards (usage, finish reason), and auto_decompress is off so
 # bytes pass through untouched: ask upstreams for identity encoding, never what the client accepts.
@@ -125,12 +126,17 @@ class Proxy:
         mapped = self.endpoints.models.get(model)
         if mapped:
             return mapped
-        return model if model in self.rollouts.routes else self.settings.deployment
+        # One whose route is unreadable is still that deployment (refused as such), never the default one.
+        known = model in self.rollouts.routes or model in self.rollouts.unreadable
+        return model if known else self.settings.deployment
 
     def route_of(self, deployment: str) -> domain.Route | None:
         """The route that serves a deployment: its governed one (a release was rolled out; stable only while this
         replica is cut off from the bus), else the default route when passthrough is opted in to, else None (the
-        request is refused)."""
+        request is refused). None too while its route in KV is unreadable (`_unreadable_route`): which release
+        governs it is unknown, so neither its last route nor the ungoverned default serves it."""
+        if deployment in self.rollouts.unreadable:
+            return None
         route = self.rollouts.routes.get(deployment)
         if route is not None and route.stable.release:
             # Cut off from the bus, this replica would not hear a BLOCK of the canary: stable only.
@@ -155,6 +161,17 @@ class Proxy:
                                    "one (GET /v1/models lists them), or have the operator opt in to ungoverned "
                                    "passthrough (LOCKGATE_PASSTHROUGH=true)",
                               "invalid_request_error", code="model_not_found", param=param)
+
+    def _unreadable_route(self, deployment: str) -> web.Response:
+        """503 for a deployment whose route record cannot be read, saying how an operator writes it again."""
+        why = self.rollouts.unreadable.get(deployment, "")
+        bucket = self.rollouts.ctx.bus.subjects.kv_routes
+        return error_response(503, f"Deployment {deployment!r} is not served: its route record (KV {bucket}, key "
+                                   f"{token(deployment)}) is unreadable ({why}), so which release serves it is "
+                                   f"unknown. An operator writes it again: lockgate rollout start {deployment} "
+                                   f"--stable RELEASE [--canary RELEASE] (PUT /lockgate/v1/deployments/{deployment}), "
+                                   "with releases a verified gate decision allows",
+                              "service_unavailable", code="route_unreadable")
 
     def _out_of_scope(self, headers: Any, key: ApiKey, deployment: str, model: str) -> web.Response:
         """OpenAI's answer for a model the key's project may not use (403 `model_not_found`): the deployment the
@@ -217,7 +234,7 @@ class Proxy:
         """The models `GET /v1/models` lists for a key."""
         owners: dict[str, str] = {m: d for m, d in self.endpoints.models.items() if self.route_of(d) is not None}
         for name, route in self.rollouts.routes.items():
-            if route.stable.model:
+            if route.stable.model and name not in self.rollouts.unreadable:
                 owners.setdefault(name, name)
         # A name is listed when the deployment it would reach (as `forward` picks it) is in the key's scope.
         def listable(model: str) -> bool:
@@ -282,6 +299,8 @@ class Proxy:
             return self._out_of_scope(h, key, deployment, req.model)
         route = self.route_of(deployment)
         if route is None:
+            if deployment in self.rollouts.unreadable:
+                return self._unreadable_route(deployment)
             return self._ungoverned(h, deployment, req.model)
         user = req.user or h.get("x-lockgate-user") or ""
         session = h.get("x-lockgate-session") or ""

@@ -106,6 +106,10 @@ class Rollouts:
         self._unpersisted: Counter[str] = Counter()  # outbox entries per deployment
         self.conflicts = 0  # changes dropped because another replica's write won
         self._poisoned: dict[str, str] = {}  # deployment -> why its last change was dropped unpersisted
+        # deployment -> why its route in KV cannot be read (JetStream's answer aimed at its key, say): the proxy
+        # refuses it until a readable route is written. Its last good route, if any, stays in `routes` so that
+        # an operator's change (compare-and-set on the unreadable value's revision) starts from it.
+        self.unreadable: dict[str, str] = {}
         # Decisions move traffic, so only those signed by a trusted gatekeeper key are acted on.
         self.verifier = Verifier(ctx.bus, s)
         # Analysis records are signed with the router's own key (never the gatekeeper's: lockgate.analysisruns).
@@ -268,7 +272,7 @@ class Rollouts:
         try:
             route = _route_decoder.decode(entry.value)
         except msgspec.DecodeError as exc:
-            log.warning("ignoring unreadable route %s: %s", key, exc)
+            self._unreadable(key, entry.revision, str(exc))
             return
         self._set(key, route, entry.revision)
 
@@ -277,6 +281,16 @@ class Rollouts:
             self.routes.pop(key, None)
         else:
             self.routes[key] = route
+        self._revisions[key] = revision
+        self.unreadable.pop(key, None)
+        self._notify()
+
+    def _unreadable(self, key: str, revision: int, why: str) -> None:
+        """The deployment's route in KV is no route: refused (never the default route, which passthrough would
+        serve ungoverned) until one is written. The revision is kept so that the write repairing it wins its
+        compare-and-set at once."""
+        log.warning("route of %s in KV is unreadable (%s): refusing its requests until a route is written", key, why)
+        self.unreadable[key] = why
         self._revisions[key] = revision
         self._notify()
 
@@ -391,7 +405,12 @@ class Rollouts:
         decision = await self._stored_decision(release)
 
         def change() -> None:
-            self._apply(domain.first_release(self.route(deployment), target, decision, actor), actor=actor)
+            route = self.route(deployment)
+            if deployment in self.unreadable:
+                # Its route in KV is unreadable: written anew as a first release, alike on every replica (one
+                # restarted since holds no route for it, one running since its last), so that this repairs it.
+                route = msgspec.structs.replace(domain.default_route(deployment), version=route.version)
+            self._apply(domain.first_release(route, target, decision, actor), actor=actor)
 
         self._poisoned.pop(deployment, None)
         await self._until_won(change)
@@ -853,6 +872,7 @@ class Rollouts:
             except nats.errors.Error as exc:
                 raise BusUnavailable(f"cannot write route {route.deployment!r} to KV: {exc!r}") from None
             self._revisions[route.deployment] = item.revision
+            self.unreadable.pop(route.deployment, None)  # a readable route is stored over it
         if item.announce:
             await bus.publish(bus.subjects.rollout(route.deployment), state)
             item.announce = False  # a retry after the records failed must not announce twice
@@ -882,8 +902,7 @@ class Rollouts:
         try:
             route = _route_decoder.decode(entry.value)
         except msgspec.DecodeError as exc:
-            log.warning("ignoring unreadable route %s: %s", deployment, exc)
-            self._revisions[deployment] = entry.revision
+            self._unreadable(deployment, entry.revision, str(exc))
             return
         self._set(deployment, route, entry.revision)
 

@@ -28,7 +28,13 @@ _enc = msgspec.json.Encoder()
 
 
 class KVUnavailable(LockgateError):
-    """A KV bucket of shared counters did not answer (or held a value that cannot be read)."""
+    """A KV bucket of shared counters did not answer (or held a value that cannot be read: KVUnreadable)."""
+
+
+class KVUnreadable(KVUnavailable):
+    """The store answered, but a key holds a value its reader cannot decode (JetStream's answer to a publish or API
+    request aimed at the key, say). No outage: a caller that lets traffic through while the store is down must
+    refuse on this (it is a KVUnavailable for the callers that refuse on both)."""
 
 
 class CasStore:
@@ -85,7 +91,7 @@ class CasStore:
             self._failed(exc.message)
             raise
         except msgspec.DecodeError as exc:
-            raise KVUnavailable(f"{what} is unreadable: {exc}") from None
+            raise KVUnreadable(f"{what} is unreadable: {exc}") from None
         except KV_ERRORS as exc:
             message = f"{store} (NATS KV bucket {self.bucket}) did not answer: {type(exc).__name__}"
             self._failed(message)

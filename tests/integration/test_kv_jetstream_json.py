@@ -26,7 +26,7 @@ from lockgate.contracts import DeadLetter, DriftReport, FeatureDrift, GateDecide
 from lockgate.errors import AuditBroken, BusUnavailable, InvalidEvent, NotFound, UnreadableValue
 from lockgate.evalruns import requested_run
 from lockgate.gitops.state import read_state, state_key
-from lockgate.kvcas import CasStore, KVUnavailable
+from lockgate.kvcas import CasStore, KVUnavailable, KVUnreadable
 from lockgate.onlineeval import JudgeSpec
 from lockgate.server.service import ServiceContext
 from lockgate.services.drift.handlers import _snapshots
@@ -113,7 +113,7 @@ async def test_every_reader_of_every_bucket_refuses_jetstream_json(context: Serv
 
     # budgets: the router's counter and the judge's ledger are unreadable, so they refuse (never "nothing used")
     await _aim(bus, s.kv_budgets, "tiny.2026-12", shape)
-    with pytest.raises(KVUnavailable, match="is unreadable"):
+    with pytest.raises(KVUnreadable, match="is unreadable"):  # no outage: refused even where fail_open is set
         await CasStore(bus, s.kv_budgets, timeout_s=5).update(
             "tiny.2026-12", lambda b: _counter_dec.decode(b or b"{}"), lambda c: (c, None), "budget counter tiny")
     with pytest.raises(UnreadableValue, match=r"budget counter tiny\.2026-12 in KV .* is unreadable"):

@@ -35,8 +35,9 @@ async def read_budgets(bus: Bus, budgets: list[Budget], now: datetime) -> list[d
                 leased = msgspec.json.decode(entries[key], type=Counter).leased if key in entries else Counter().leased
             except msgspec.DecodeError as exc:
                 raise UnreadableValue(f"budget counter {key} in KV {bus.subjects.kv_budgets} is unreadable ({exc}): the "
-                                      "router takes it as its budget store down (refused, or uncounted with fail_open)"
-                                      ) from None
+                                      "router refuses the requests it counts, whatever fail_open says, until it is "
+                                      f"deleted (nats kv del {bus.subjects.kv_budgets} {key}: the period's count "
+                                      "restarts from zero)") from None
             split = key[len(b.name) + 1: -len(pid) - 1]
             rows.append({
                 "budget": b.name, "split": split, "period": pid,

@@ -9,13 +9,13 @@ from lockgate.contracts.names import Name, OptName
 
 
 class BudgetEvent(Event, frozen=True, kw_only=True, tag="lockgate.budget"):
-    """A budget stopped traffic: over its limit, or its store unreachable.
+    """A budget stopped traffic: over its limit, its store unreachable, or its counter unreadable.
 
     Published on `lg.budget.<tenant>` by the router replica that refused, at most once per counter
     and reason every few seconds; `denied` counts the requests refused since the previous event.
     """
 
-    reason: Literal["over_budget", "store_unavailable"]
+    reason: Literal["over_budget", "store_unavailable", "counter_unreadable"]
     budget: str
     counter: str  # the KV key charged: budget, split value (key, app, tenant) and period
     period: Literal["day", "month"]
