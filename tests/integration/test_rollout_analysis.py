@@ -62,24 +62,29 @@ async def signer(context: ServiceContext) -> Signer:
     return s
 
 
+async def serving(context: ServiceContext, run_services: Any, signer: Signer, stable_url: str, canary_url: str,
+                  canaries: tuple[str, ...]) -> Any:
+    """The sink and a router of deployment `chat` (app `shop`): r1 (model `m`, endpoint `default`) stable and
+    PASSed, each canary release registered with the model of its name on endpoint `canary`."""
+    await register_model_release(context.bus, "r1", "m", "default")
+    for release in canaries:
+        await register_model_release(context.bus, release, release, "canary")
+    kv = await context.bus.kv(context.bus.subjects.kv_gates)
+    await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
+        release="r1", rules=[], decision="PASS", artifacts=await judged(context.bus, "r1")))))
+    context.settings = context.settings.replace(stable_upstream=stable_url, canary_upstream=canary_url,
+                                                deployment="chat", app="shop")
+    services = await run_services("sink", "router")
+    router = services["router"]
+    router.sink = services["sink"]
+    return router
+
+
 @pytest.fixture
 async def router(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
     async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
-        await register_model_release(context.bus, "r1", "m", "default")
-        await register_model_release(context.bus, "bad", "bad", "canary")
-        await register_model_release(context.bus, "same", "same", "canary")
-        await register_model_release(context.bus, "long", "long", "canary")
-        await register_model_release(context.bus, "echo", "echo", "canary")
-        await register_model_release(context.bus, "flaky", "flaky", "canary")
-        await register_model_release(context.bus, "slow", "slow", "canary")
-        kv = await context.bus.kv(context.bus.subjects.kv_gates)
-        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
-            release="r1", rules=[], decision="PASS", artifacts=await judged(context.bus, "r1")))))
-        context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
-                                                    deployment="chat", app="shop")
-        services = await run_services("sink", "router")
-        router = services["router"]
-        router.sink = services["sink"]
+        router = await serving(context, run_services, signer, stable.url, canary.url,
+                               ("bad", "same", "long", "echo", "flaky", "slow"))
         router.canary_sim = canary
         yield router
 

@@ -15,16 +15,14 @@ import msgspec
 import pytest
 from aiohttp import web
 
-from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import Bootstrap, KeyStore
 from lockgate.server.service import ServiceContext
 from lockgate.services.router.domain import bucket
 from lockgate.signing import Signer
-from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import judged, register_model_release, sink_stored
+from tests.helpers import sink_stored
 from tests.integration import test_rollout_analysis as analysis_tests
-from tests.integration.test_rollout_analysis import _pass, _start
+from tests.integration.test_rollout_analysis import _pass, _start, serving
 
 http, keys, signer = analysis_tests.http, analysis_tests.keys, analysis_tests.signer
 
@@ -71,16 +69,7 @@ class PickyCanary:
 async def router(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
     stable_sim = SimServer(SimConfig(models={"m": ModelSpec(default="stable says hi")}, seed=3))  # never fails
     async with stable_sim as stable, PickyCanary() as canary:
-        await register_model_release(context.bus, "r1", "m", "default")
-        await register_model_release(context.bus, "picky", "picky", "canary")
-        kv = await context.bus.kv(context.bus.subjects.kv_gates)
-        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
-            release="r1", rules=[], decision="PASS", artifacts=await judged(context.bus, "r1")))))
-        context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
-                                                    deployment="chat", app="shop")
-        services = await run_services("sink", "router")
-        router = services["router"]
-        router.sink = services["sink"]
+        router = await serving(context, run_services, signer, stable.url, canary.url, ("picky",))
         yield router
 
 
