@@ -116,6 +116,8 @@ async def _delete_topology(settings: Settings) -> None:
             await js.delete_key_value(bucket)
     with contextlib.suppress(Exception):
         await js.delete_object_store(subjects.object_store)
+    with contextlib.suppress(Exception):
+        await js.delete_object_store(subjects.object_dead_letters)
     await nc.close()
 
 

@@ -87,10 +87,10 @@ def trace(store: Store, trace_id: str) -> list[dict[str, Any]]:
 
 
 def dead_letters(store: Store, origin: str | None = None, limit: Limit = 50) -> list[dict[str, Any]]:
-    """Newest dead letters with their reason."""
+    """Newest dead letters with their reason; `original` names the object holding a cut payload whole."""
     where = "origin = {origin:String}" if origin else "1"
     return store.rows(
-        f"SELECT time, origin, subject, reason, error, deliveries, substring(payload, 1, 200) AS payload "
+        f"SELECT time, origin, subject, reason, error, deliveries, substring(payload, 1, 200) AS payload, original "
         f"FROM dead_letters WHERE {where} ORDER BY time DESC LIMIT {{limit:UInt32}}",
         {"origin": origin or "", "limit": limit},
     )

@@ -17,10 +17,11 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 
 from lockgate import metrics
-from lockgate.bus import Delivery
+from lockgate.bus import Delivery, original_name
 from lockgate.codec import encode
 from lockgate.contracts import DeadLetter, InferenceEvent, SpanBatch, SpanRecord
 from lockgate.errors import RowsRefused, StoreUnavailable
+from lockgate.redact import scrub_bytes
 from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.sink import domain
 from lockgate.store import Store
@@ -278,8 +279,8 @@ class SinkHandlers:
         # its stream. The sink is the only identity allowed to delete; it checks the original itself,
         # because a dead letter can be published by any service.
         bus = self.ctx.bus
-        if not letter.stream or letter.stream_seq <= 0 or letter.cut_from:
-            return  # no original to delete, or the letter holds only part of it: the original is the copy
+        if not letter.stream or letter.stream_seq <= 0:
+            return  # no original to delete
         if letter.stream not in {spec.name for spec in bus.subjects.streams.values()}:
             log.warning("dead letter %s names stream %s, which is not lockgate's: nothing deleted",
                         letter.id, letter.stream)
@@ -292,5 +293,12 @@ class SinkHandlers:
             # A rejected (readable) message stays, as does anything a forged letter points at.
             log.debug("dead letter %s: message %d of %s is %s; kept", letter.id, letter.stream_seq, letter.stream,
                       "on another subject" if subject != letter.subject else "a readable event")
+            return
+        if letter.cut_from and not await bus.kept_original(original_name(scrub_bytes(payload), letter.stream,
+                                                                         letter.stream_seq)):
+            # The letter holds only the start: the rest goes only once the bucket holds this message's whole
+            # (scrubbed) copy, checked here, never taken from the letter's word.
+            log.warning("dead letter %s: message %d of %s is cut and its whole copy is not stored; kept",
+                        letter.id, letter.stream_seq, letter.stream)
             return
         await bus.delete(letter.stream, letter.stream_seq)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -15,7 +13,7 @@ import nats.errors
 import nats.js.errors
 import yaml
 
-from lockgate.bus import Bus
+from lockgate.bus import Bus, object_digest
 from lockgate.contracts import ArtifactKind, ArtifactRegistered, ReleaseRegistered
 from lockgate.contracts.artifacts import ARTIFACT_KINDS
 from lockgate.contracts.names import NAME_RULE, check_name, is_name
@@ -121,14 +119,9 @@ async def _store_once(bus: Bus, digest: str, data: bytes) -> None:
         info = None
     except nats.errors.Error as exc:
         raise BusUnavailable(f"cannot look up artifact {digest}: {exc!r}") from None
-    if info is not None and info.digest == _object_digest(data):
+    if info is not None and info.digest == object_digest(data):
         return
     await store.put(digest, data)
-
-
-def _object_digest(data: bytes) -> str:
-    """The digest the object store records for `data` (`SHA-256=` and the URL-safe base64 of its sha256)."""
-    return "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
 
 
 async def register_file(bus: Bus, kind: ArtifactKind, path: str | Path, *, name: str | None = None,

@@ -4,7 +4,10 @@ KV, object store, request/reply and the durable pull consumers, whose edge owns 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
+import json
 import logging
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -22,13 +25,20 @@ from lockgate.batcher import Batcher
 from lockgate.codec import Codec, encode
 from lockgate.contracts import DeadLetter, Event
 from lockgate.credentials import NatsAuth, NotAllowed
-from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, PayloadTooLarge, Retryable
+from lockgate.errors import (
+    BusUnavailable,
+    InvalidEvent,
+    LockgateError,
+    OriginalAltered,
+    PayloadTooLarge,
+    Retryable,
+)
 from lockgate.ids import batch_id
 from lockgate.kvread import kv_keys
 from lockgate.limits import EventLimits
 from lockgate.redact import scrub_bytes, scrub_mapping, scrub_secrets
 from lockgate.retry import RetryPolicy
-from lockgate.subjects import StreamSpec, Subjects
+from lockgate.subjects import DLQ_ORIGINALS_MAX_BYTES, StreamSpec, Subjects
 
 log = logging.getLogger("lockgate.bus")
 
@@ -43,7 +53,7 @@ FETCH_TIMEOUT_S = 1.0
 # and redelivered after ack_wait.
 GRACE_S = 10.0
 # A dead letter must fit in one NATS message (1 MB by default) with its payload in base64: a larger
-# payload is cut to this, and the original stays in its stream for the operator to read.
+# payload is cut to this, and the whole original is kept in the dead-letter originals bucket (`original_name`).
 MAX_LETTER_PAYLOAD = 256 * 1024
 # Declaring streams, buckets and consumers: JetStream API calls the cluster's metadata leader answers.
 # Between two leaders, or with many processes starting at once, one can time out; each is idempotent.
@@ -301,6 +311,11 @@ class Bus:
         await self.js.create_key_value(bucket=self.subjects.kv_response_cache, history=1, ttl=24 * 3600,
                                        replicas=self.replicas)
         await self.js.create_object_store(bucket=self.subjects.object_store, replicas=self.replicas)
+        # The whole originals of cut dead letters, for as long as the letters' own stream keeps letters (the
+        # `dead_letters` table keeps them as long by default); a full bucket refuses new objects (discard new).
+        await self.js.create_object_store(bucket=self.subjects.object_dead_letters, replicas=self.replicas,
+                                          ttl=self.subjects.streams["dlq"].max_age_s,
+                                          max_bytes=DLQ_ORIGINALS_MAX_BYTES)
 
     async def _update_stream(self, cfg: StreamConfig) -> None:
         """Bring an existing stream to `cfg`. A home made before inference and dead letters kept their messages
@@ -399,6 +414,71 @@ class Bus:
     async def objects(self) -> Any:
         """The content-addressed artifact object store."""
         return await self.js.object_store(self.subjects.object_store)
+
+    async def keep_original(self, name: str, data: bytes) -> None:
+        """Store a dead letter's whole original (scrubbed) under `name` (`original_name`), unless the bucket holds
+        those bytes under it already (another consumer, or an earlier delivery, stored it); BusUnavailable if the
+        bucket does not take it (full, or down)."""
+        bucket = self.subjects.object_dead_letters
+        try:
+            store = await self.js.object_store(bucket)
+            try:
+                info = await store.get_info(name)
+            except nats.js.errors.NotFoundError:
+                info = None
+            if info is not None and info.digest == object_digest(data):
+                return
+            # A put replaces an object whose bytes differ (altered in the bucket): it repairs it.
+            await store.put(name, data)
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot keep the original of a dead letter as {name} in bucket {bucket}: "
+                                 f"{exc!r}") from None
+
+    async def kept_original(self, name: str) -> bool:
+        """Whether the dead-letter originals bucket holds an object under `name` with the bytes its name says."""
+        try:
+            store = await self.js.object_store(self.subjects.object_dead_letters)
+            info = await store.get_info(name)
+        except nats.js.errors.NotFoundError:
+            return False
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot look up dead-letter original {name}: {exc!r}") from None
+        return info.digest == _object_digest_of_hex(name.rpartition(".")[2])
+
+    async def original(self, name: str) -> bytes | None:
+        """The whole original of a cut dead letter (`DeadLetter.original`), or None once it expired; OriginalAltered
+        if the bucket holds other bytes than its name's sha256 says (every service may write there).
+
+        Read by message gets, as `stored_since` reads a stream: the viewer role may create no consumer."""
+        bucket = self.subjects.object_dead_letters
+        stream = f"OBJ_{bucket}"
+        meta_subject = f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        try:
+            meta = await self._unless_refused(f"{_API}.STREAM.MSG.GET.{stream}",
+                                              lambda: self.js.get_last_msg(stream, meta_subject))
+        except nats.js.errors.NotFoundError:
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot read dead-letter original {name}: {exc!r}") from None
+        try:
+            info = json.loads(meta.data or b"{}")
+            chunk_subject, chunks = f"$O.{bucket}.C.{info['nuid']}", int(info.get("chunks") or 0)
+        except (ValueError, KeyError, TypeError):
+            raise OriginalAltered(f"dead-letter original {name} has unreadable metadata (altered in bucket "
+                                  f"{bucket})") from None
+        if info.get("deleted"):
+            return None
+        data, seq = bytearray(), 1
+        for _ in range(chunks):
+            chunk = await self._next_stored(stream, chunk_subject, seq)
+            if chunk is None:  # its first chunks expired already (written before the metadata)
+                return None
+            data += chunk.data or b""
+            seq = chunk.seq + 1
+        if hashlib.sha256(data).hexdigest() != name.rpartition(".")[2]:
+            raise OriginalAltered(f"dead-letter original {name} is altered: the bucket holds {len(data):,} bytes "
+                                  "under its name that are not the ones its sha256 names; they are not shown")
+        return bytes(data)
 
     async def stored(self, stream: str, seq: int) -> tuple[str, bytes] | None:
         """The subject and bytes of one stored message, or None if it is gone (deleted or expired)."""
@@ -533,27 +613,35 @@ class Bus:
         Cookie, ...) are masked whole, and keys, tokens and passwords in the payload, the other
         headers and the error are replaced by a marker, so parking a message never stores a secret.
         `stream` and `stream_seq` say where the original is stored: once the letter is stored, the
-        sink deletes an unreadable original there (no other identity may delete a message)."""
+        sink deletes an unreadable original there (no other identity may delete a message).
+
+        A payload over MAX_LETTER_PAYLOAD is cut in the letter and kept whole, scrubbed, in the dead-letter
+        originals bucket first (`original`): streams keep a message only until its consumers acknowledge it, so
+        the stream is no copy. If the bucket does not take it, no letter is sent (BusUnavailable, as when the
+        DLQ refuses one): the caller leaves the message to be redelivered."""
         reason, error = scrub_secrets(reason), scrub_secrets(error[:2000])
-        size, cut_from = len(payload), 0
-        if size > MAX_LETTER_PAYLOAD:
-            cut_from = size
-            where = f"stream {stream} #{stream_seq}" if stream else "nowhere else"
-            error = f"{error} [payload of {size} bytes cut to its first {MAX_LETTER_PAYLOAD}; the original is kept in {where}]"
-            payload = payload[:MAX_LETTER_PAYLOAD]
-        letter = DeadLetter(
-            origin=origin,
-            subject=subject,
-            reason=reason,
-            error=error,
-            payload=scrub_bytes(payload),
-            headers=scrub_mapping(headers or {}),
-            deliveries=deliveries,
-            stream=stream,
-            stream_seq=stream_seq,
-            cut_from=cut_from,
-        )
+        # Scrubbed whole, then cut: a secret across the cut is still recognised.
+        size, cut_from, original, scrubbed = len(payload), 0, "", scrub_bytes(payload)
         try:
+            if size > MAX_LETTER_PAYLOAD:
+                cut_from, original = size, original_name(scrubbed, stream, stream_seq)
+                await self.keep_original(original, scrubbed)
+                error = (f"{error} [payload of {size} bytes cut to its first {MAX_LETTER_PAYLOAD}; the whole original, "
+                         f"scrubbed, is kept as {original}: `lockgate dlq --original {original}`]")
+                scrubbed = scrubbed[:MAX_LETTER_PAYLOAD]
+            letter = DeadLetter(
+                origin=origin,
+                subject=subject,
+                reason=reason,
+                error=error,
+                payload=scrubbed,
+                headers=scrub_mapping(headers or {}),
+                deliveries=deliveries,
+                stream=stream,
+                stream_seq=stream_seq,
+                cut_from=cut_from,
+                original=original,
+            )
             await self.publish(self.subjects.dlq(origin), letter, msg_id=msg_id or None)
         except BusUnavailable:
             # The DLQ full or down: the caller leaves the message to be redelivered; this says it waits.
@@ -563,6 +651,27 @@ class Bus:
             raise
         metrics.dead_letter(origin)
         log.warning("dead letter from %s on %s: %s", origin, subject, reason)
+
+
+def original_name(data: bytes, stream: str = "", seq: int = 0) -> str:
+    """The object name of a dead letter's whole original (`data`, scrubbed): the stream and sequence it was stored
+    at, when known, and its sha256. Every consumer and redelivery lettering one message names one object (stored
+    once), and a reader checks the bytes it gets against the name (any service may write to the bucket)."""
+    digest = hashlib.sha256(data).hexdigest()
+    return f"{stream}.{seq}.{digest}" if stream else digest
+
+
+def object_digest(data: bytes) -> str:
+    """The digest the object store records for `data` (`SHA-256=` and the URL-safe base64 of its sha256)."""
+    return _object_digest_of_hex(hashlib.sha256(data).hexdigest())
+
+
+def _object_digest_of_hex(sha256_hex: str) -> str:
+    try:
+        raw = bytes.fromhex(sha256_hex)
+    except ValueError:
+        return ""
+    return "SHA-256=" + base64.urlsafe_b64encode(raw).decode()
 
 
 def _is_auth_failure(exc: BaseException) -> bool:

@@ -83,6 +83,13 @@ class ArtifactCorrupt(NotFound):
     exit_code = 4  # as a signature that does not verify: tampering found
 
 
+class OriginalAltered(NotFound):
+    """The bytes a dead letter's original is stored under are not the ones its name's sha256 says (altered in the
+    bucket, which every service may write to): they are not shown, as if the original were gone."""
+
+    exit_code = 4  # as a signature that does not verify: tampering found
+
+
 class UpstreamError(LockgateError):
     """An upstream LLM endpoint failed or answered something unusable."""
 

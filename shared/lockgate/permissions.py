@@ -168,7 +168,7 @@ def _manage_topology(s: Subjects) -> Grant:
     names += [f"KV_{b}" for b in (s.kv_gates, s.kv_routes, s.kv_keys, s.kv_drift, s.kv_eval_runs, s.kv_releases,
                                   s.kv_eval_cache, s.kv_audit, s.kv_gitops, s.kv_budgets,
                                   s.kv_response_cache)]
-    names.append(f"OBJ_{s.object_store}")
+    names += [f"OBJ_{s.object_store}", f"OBJ_{s.object_dead_letters}"]
     # And the durable consumers an interest stream keeps its messages for (StreamSpec.readers): declared before
     # anyone publishes, then each fetched from only by its own service (_durables).
     readers = [f"$JS.API.CONSUMER.{op}.{spec.name}.{d}{tail}" for spec in s.streams.values() for d in spec.readers
@@ -180,10 +180,12 @@ def grant(s: Subjects, identity: str) -> Grant:
     """The permissions of one identity under the prefix of `s`."""
     st = {k: v.name for k, v in s.streams.items()}
     # Every service may report its failures and its spans, and see whether the streams events and dead letters go
-    # to refuse publishes (full: its health says so, Bus.full_streams).
+    # to refuse publishes (full: its health says so, Bus.full_streams). A letter whose payload is cut keeps the
+    # whole original in the dead-letter originals bucket (Bus.dead_letter), which each service may therefore
+    # write to, with `_write_objects`' caveat: a reader checks the bytes against the sha256 their name ends with.
     service = Grant(publish=[s.dlq_all, s.spans] + [f"$JS.API.STREAM.INFO.{spec.name}"
                                                       for spec in s.streams.values() if spec.retention == "interest"]
-                    ).add(_read_kv(s.kv_keys))
+                    ).add(_read_kv(s.kv_keys)).add(_write_objects(s.object_dead_letters))
     scoped = app_of(identity)
     if scoped is not None:
         # One tenant's application: its own events only, through the gateway's relay (Subjects.ingest: never
@@ -306,6 +308,8 @@ def _viewer(s: Subjects) -> Grant:
     for bucket in (s.kv_gates, s.kv_keys, s.kv_routes, s.kv_audit, s.kv_releases, s.kv_gitops, s.kv_budgets):
         g.add(_read_kv(bucket))
     g.add(_read_stream(s.streams["provenance"].name))  # alias histories and artifact lifecycles
+    # `dlq --original`: the whole originals of cut dead letters, read by message gets (Bus.original).
+    g.add(_read_stream(f"OBJ_{s.object_dead_letters}"))
     for spec in s.streams.values():
         g.add(Grant(publish=[f"$JS.API.STREAM.INFO.{spec.name}", f"$JS.API.CONSUMER.LIST.{spec.name}",
                              f"$JS.API.CONSUMER.NAMES.{spec.name}"]))

@@ -43,6 +43,9 @@ def untoken(tok: str) -> str:
 
 
 GiB = 1 << 30
+# The dead-letter originals bucket (`Subjects.object_dead_letters`): full, it refuses the next original, whose
+# letter then waits as when the DLQ is full. Reserved up front like a stream's size (see `StreamSpec`).
+DLQ_ORIGINALS_MAX_BYTES = GiB // 2
 
 
 @dataclass(frozen=True)
@@ -504,3 +507,9 @@ class Subjects:
     @property
     def object_store(self) -> str:
         return f"{self.prefix}_artifacts"
+
+    @property
+    def object_dead_letters(self) -> str:
+        """The whole originals of dead letters whose payload was cut (`DeadLetter.original`), scrubbed: an object
+        store kept as long as the dead-letter stream keeps letters, at most `DLQ_ORIGINALS_MAX_BYTES`."""
+        return f"{self.prefix}_dlq_originals"

@@ -86,6 +86,8 @@ SAMPLES = [
     CostRecord(app="shop", deployment="web", model="m", calls=2, input_tokens=3, output_tokens=4,
                cached_tokens=0, cost_usd=0.01, window_start=NOW, window_end=NOW),
     DeadLetter(origin="sink", subject="lg.inference.x", reason="invalid event", payload=b"\x00\xffbytes"),
+    DeadLetter(origin="sink", subject="lg.inference.x", reason="invalid event", payload=b"\x00" * 8, cut_from=900_000,
+               stream="LG_INFERENCE", stream_seq=7, original="LG_INFERENCE.7." + "0" * 64),
     SpanBatch(spans=[SpanRecord(timestamp=NOW, trace_id="a" * 32, span_id="b" * 16, parent_span_id="",
                                 trace_state="", name="s", kind="Server", service="lockgate-router", resource={},
                                 scope_name="x", scope_version="1", attributes={"a": "1"}, duration_ns=5,

@@ -408,6 +408,35 @@ async def test_a_message_whose_letter_the_dlq_refuses_is_redelivered_until_store
     assert dead_letters(metric_reader) == 1
 
 
+async def test_a_cut_letter_waits_until_its_whole_original_is_kept(bus: Bus, quick_nacks: None) -> None:
+    # Nothing may be acknowledged whose bytes are not kept: the stream drops a message once its consumers took it.
+    durable = bus.subjects.durable("test", "originals")
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+            wire_type=list[InferenceEvent] | InferenceEvent, origin="test", handler=_never_called, limits=EventLimits())
+    bucket = f"OBJ_{bus.subjects.object_dead_letters}"
+    config = (await bus.js.stream_info(bucket)).config
+    await bus.js.update_stream(config.evolve(max_bytes=64 * 1024))  # full: refuses its first 128 KiB chunk
+    stored_letters = await bus.js.subscribe(bus.subjects.dlq("test"), ordered_consumer=True)
+    wire = await _ack_wire(bus, durable)
+    await bus.start()
+    body = b"\x00" + b"password=hunter2hunter2 " + b"x" * (bus_module.MAX_LETTER_PAYLOAD * 2)
+    await bus.publish(bus.subjects.inference("x"), body, msg_id="big-garbage")
+
+    assert await _settlements(wire, 3) == ["nak"] * 3  # no letter without the whole original
+    with pytest.raises(TimeoutError):
+        await stored_letters.next_msg(timeout=0)
+    await bus.js.update_stream(config)
+    letter = letters.decode((await stored_letters.next_msg(timeout=10)).data)
+    while (settled := await _settlements(wire, 1)) != ["ack"]:
+        assert settled == ["nak"]
+    assert letter.cut_from == len(body) and len(letter.payload) == bus_module.MAX_LETTER_PAYLOAD
+    whole = await bus.original(letter.original)
+    assert whole is not None and len(whole) > bus_module.MAX_LETTER_PAYLOAD and b"hunter2" not in whole
+    assert whole[:bus_module.MAX_LETTER_PAYLOAD] == letter.payload
+    # Stored once (its 128 KiB chunks and their metadata): the failed puts left nothing behind.
+    assert (await bus.js.stream_info(bucket)).state.messages == -(-len(whole) // (128 * 1024)) + 1
+
+
 async def test_a_message_every_consumer_refuses_makes_one_letter(bus: Bus) -> None:
     # Sink, cost, drift and evaluator each lettered the same garbage: 4 letters of 340 kB per 256 KiB message.
     names = ("one", "two", "three")

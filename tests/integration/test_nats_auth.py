@@ -14,13 +14,13 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from lockgate import credentials
-from lockgate.bus import Bus
+from lockgate.bus import MAX_LETTER_PAYLOAD, Bus, original_name
 from lockgate.client import Client
 from lockgate.config import Settings
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview, InferenceEvent
 from lockgate.credentials import NotAllowed
 from lockgate.errors import BusUnavailable
-from lockgate.permissions import IDENTITIES, grant
+from lockgate.permissions import IDENTITIES, SERVICES, grant
 from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.server.registry import ServiceSet, available
 from lockgate.server.runtime import Runtime
@@ -260,6 +260,27 @@ async def test_only_the_sink_may_delete_a_message(secured) -> None:
     finally:
         await sink.close()
     assert await admin.stored(stream, ack.seq) is None
+
+
+async def test_each_service_keeps_a_cut_letters_original_and_the_viewer_roles_read_it(secured) -> None:
+    # A letter over 256 KiB is cut; its sender keeps the whole original in the originals bucket first, as itself.
+    _, settings, admin = secured
+    kept = {}
+    for identity in SERVICES:
+        payload = b"{" + identity.encode() * (MAX_LETTER_PAYLOAD // len(identity) + 1)
+        bus = await _bus(settings, identity)
+        try:
+            await bus.dead_letter(identity, subject=admin.subjects.inference("shop"), payload=payload,
+                                  reason="invalid event")
+        finally:
+            await bus.close()
+        kept[original_name(payload)] = payload
+    for role in ("viewer", "operator", "approver"):
+        reader = await _bus(settings, role)
+        try:
+            assert {name: await reader.original(name) for name in kept} == kept, role
+        finally:
+            await reader.close()
 
 
 async def test_the_router_cannot_rebind_delete_or_drain_the_sinks_durable(secured) -> None:

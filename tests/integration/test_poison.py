@@ -4,13 +4,18 @@ and ingestion never stalls."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import msgspec
 import pytest
+from click.testing import CliRunner, Result
 
 from lockgate.bus import MAX_LETTER_PAYLOAD, Bus
 from lockgate.codec import encode
+from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import RowsRefused
 from lockgate.store import Store
@@ -70,7 +75,7 @@ async def test_a_flood_of_poison_harms_only_itself(run_services, bus: Bus, store
     assert "after now" in errors and "before now" in errors and "$[10].time" in errors and "$[11].time" in errors
     cut = [r for r in sink if f"cut to its first {MAX_LETTER_PAYLOAD}" in r["error"]]
     assert len(cut) == 1 and cut[0]["size"] <= MAX_LETTER_PAYLOAD
-    # The garbage is kept whole in its stream (the letter holds only part of it); nothing else was.
+    # Only the garbage was cut (its whole copy is kept as an object: see below); nothing else was.
     assert {r["reason"] for r in sink} == {"invalid event", "over limits"}
 
     # Billing saw exactly the stored events: one ledger per message with valid events.
@@ -86,3 +91,51 @@ def test_rows_the_store_refuses_are_a_permanent_error(store: Store) -> None:
     data = INFERENCE_EVENTS.data([event], {"msg_id": ["m"], "served": [False]})
     with pytest.raises(RowsRefused, match="refused the rows"):
         store.insert_columns(INFERENCE_EVENTS.name, INFERENCE_EVENTS.columns, data, token=None)
+
+
+def _dlq_cli(settings: Settings, *args: str) -> Result:
+    from lockgate.cli.main import cli
+
+    env = {"LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
+           "LOCKGATE_DATABASE": settings.database, "LOCKGATE_CLICKHOUSE_URL": settings.clickhouse_url,
+           "LOCKGATE_HOME": settings.home}
+    return CliRunner().invoke(cli, ["dlq", *args], env=env)
+
+
+async def test_a_cut_letters_whole_original_outlives_its_stream(run_services, bus: Bus, store: Store,
+                                                                settings: Settings, tmp_path: Path) -> None:
+    # The probe: the inference stream keeps a message only until its consumers acknowledge it, so a 1 MB garbage
+    # message lettered cut to 256 KiB lost the rest of its bytes as soon as the sink and cost had taken it, while
+    # its letter said "the original is kept in stream LG_INFERENCE #n".
+    inference = bus.subjects.streams["inference"].name
+    for durable in bus.subjects.streams["inference"].readers:  # only the consumers running here hold messages
+        if durable not in (bus.subjects.durable("sink", "inference"), bus.subjects.durable("cost", "inference")):
+            await bus.js.delete_consumer(inference, durable)
+    svcs = await run_services("sink", "cost", "query")
+    sink = svcs["sink"].handlers
+    key = "sk-proj-" + "A1b2C3d4" * 6  # a leaked API key, past the first 256 KiB
+    body = b"\x00garbage " + b"0123456789abcdef" * 32_000 + f" Authorization: {key} ".encode() + b"tail" * 100_000
+    assert 880_000 < len(body) < 1_000_000
+    ack = await bus.publish(bus.subjects.inference("shop"), body, msg_id="huge-garbage")
+    await bus.publish(bus.subjects.inference("shop"), _ok(1, "after"))  # cost handles it after the garbage
+    await sink.dead_letters.wait_for(1)
+    await sink.progress("cost_ledger").wait_for(1)
+
+    [letter] = store.rows("SELECT original, error, length(payload) AS size FROM dead_letters")
+    assert letter["size"] <= MAX_LETTER_PAYLOAD and f"cut to its first {MAX_LETTER_PAYLOAD}" in letter["error"]
+    assert letter["original"].startswith(f"{inference}.{ack.seq}.") and letter["original"] in letter["error"], (
+        "the letter names no copy of the bytes past its cut")
+    assert await bus.stored(inference, ack.seq) is None  # its consumers took it: the stream holds it no more
+
+    out = tmp_path / "original.bin"
+    got = await asyncio.to_thread(_dlq_cli, settings, "--original", letter["original"], "--out", str(out))
+    assert got.exit_code == 0, got.output
+    whole = out.read_bytes()
+    assert key.encode() not in whole and b"Authorization: [REDACTED]" in whole  # scrubbed as the letter is
+    assert whole == body.replace(key.encode(), b"[REDACTED]")  # every byte past the cut is there
+    listed = await asyncio.to_thread(_dlq_cli, settings, "--json")
+    assert [r["original"] for r in json.loads(listed.output)] == [letter["original"]]
+
+    # Once the bucket no longer holds it (its 30 days passed): one line and exit code 3.
+    gone = await asyncio.to_thread(_dlq_cli, settings, "--original", f"{inference}.{ack.seq + 99}.{'0' * 64}")
+    assert gone.exit_code == 3 and "is no longer stored" in gone.output and len(gone.output.splitlines()) == 1

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lockgate.permissions import IDENTITIES, app_of, app_user, grant
+from lockgate.permissions import IDENTITIES, SERVICES, app_of, app_user, grant
 from lockgate.server.natsserver import deploy_auth_config
 from lockgate.subjects import Subjects
 
@@ -55,6 +55,10 @@ FACTS = {
     S.audit("viewer"): {"admin"},
     S.audit_records: {"gatekeeper", "admin"},
     "$KV.lg_audit.head": {"gatekeeper", "admin"},
+    # the whole originals of cut dead letters: every service that dead-letters keeps them, in their bucket only
+    "$O.lg_dlq_originals.C.nuid": {*SERVICES, "admin"},
+    "$O.lg_dlq_originals.M.bmFtZQ==": {*SERVICES, "admin"},
+    "$O.lg_artifacts.C.nuid": {"operator", "admin"},
 }
 
 
@@ -129,6 +133,12 @@ def test_applications_and_the_cli_create_no_consumer(identity: str) -> None:
     made = [p for p in g.publish if p.startswith(("$JS.API.CONSUMER.CREATE", "$JS.API.CONSUMER.DURABLE.CREATE",
                                                   "$JS.API.CONSUMER.MSG.NEXT", "$JS.ACK"))]
     assert made == []
+
+
+@pytest.mark.parametrize("identity", IDENTITIES)
+def test_the_viewer_roles_read_dead_letter_originals_by_message_get(identity: str) -> None:
+    get = "$JS.API.STREAM.MSG.GET.OBJ_lg_dlq_originals"
+    assert may_publish(identity, get) == (identity != "app"), identity
 
 
 def test_the_otlp_receiver_publishes_spans_and_inference_only() -> None:

@@ -18,6 +18,7 @@ from lockgate.cli.render import err_console, output
 from lockgate.config import Settings, from_env
 from lockgate.errors import LockgateError
 from lockgate.permissions import ROLES
+from lockgate.subjects import Subjects
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -224,12 +225,36 @@ def history(ctx: click.Context, deployment: str, at: str | None, limit: int, as_
 @cli.command()
 @click.option("--origin", help="Only letters from this origin (service).")
 @click.option("--limit", default=20, type=click.IntRange(min=1), show_default=True)
+@click.option("--original", metavar="NAME",
+              help="Write the whole original of a letter whose payload was cut (its `original` column), scrubbed, "
+                   "to stdout (or --out); kept as long as the dead-letter stream's age (30 days).")
+@click.option("--out", type=click.Path(dir_okay=False), help="With --original: write to this file instead of stdout.")
 @json_option
 @click.pass_context
 @handle_errors
-def dlq(ctx: click.Context, origin: str | None, limit: int, as_json: bool) -> None:
+def dlq(ctx: click.Context, origin: str | None, limit: int, original: str | None, out: str | None,
+        as_json: bool) -> None:
     """Dead letters: messages that could not be processed, with the reason."""
-    output(_query(ctx, "dead_letters", origin=origin, limit=limit), as_json, title="dead letters")
+    if original is None:
+        output(_query(ctx, "dead_letters", origin=origin, limit=limit), as_json, title="dead letters")
+        return
+    from lockgate.cli.access import with_bus
+    from lockgate.errors import NotFound
+
+    async def read(bus: Any) -> bytes | None:
+        return await bus.original(original)
+
+    data = with_bus(_settings(ctx), read)
+    if data is None:
+        days = Subjects(_settings(ctx).prefix).streams["dlq"].max_age_s / 86400
+        raise NotFound(f"dead-letter original {original} is no longer stored (kept {days:g} days, or no letter "
+                       "names it): its letter's payload holds the first 256 KiB")
+    if out:
+        with open(out, "wb") as fh:
+            fh.write(data)
+    else:
+        click.get_binary_stream("stdout").write(data)
+
 
 
 @cli.command()

@@ -19,6 +19,9 @@ class DeadLetter(Event, frozen=True, kw_only=True, tag="lockgate.dlq"):
     # unreadable original once this letter is stored; empty for letters made outside a consumer.
     stream: str = ""
     stream_seq: int = 0
-    # Set when a payload too large for one NATS message was cut to its start: the original's size.
-    # The original is then kept in its stream (found by stream and sequence); 0: `payload` is whole.
+    # Set when a payload too large for one NATS message was cut to its start: the original's size;
+    # 0: `payload` is whole.
     cut_from: int = 0
+    # With `cut_from`: the object (in the `<prefix>_dlq_originals` bucket) holding the whole original, scrubbed
+    # like `payload`; its name ends with the sha256 of those bytes (`lockgate dlq --original NAME` reads it).
+    original: str = ""
