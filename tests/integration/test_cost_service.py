@@ -61,8 +61,8 @@ async def test_ledger_records_and_rollup(run_services, bus: Bus, store: Store) -
     book = svcs["cost"].price_book
     assert {r.price_book for r in got} == {book.hash}
 
-    # the ledger fact precedes the CostRecord publishes; the sink stores it
-    await sink_stored(svcs["sink"].handlers, cost_ledger=1)
+    # a ledger fact per message (two), each before its CostRecords; the sink stores both
+    await sink_stored(svcs["sink"].handlers, cost_ledger=2)
     rows = store.rows("SELECT event_id, cost_usd, priced, price_book FROM cost_ledger")
     assert len(rows) == 4
     cost = {r["event_id"]: r["cost_usd"] for r in rows}
