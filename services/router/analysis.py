@@ -449,6 +449,18 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
     return Measurement(verdict=overall, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
 
 
+def incomplete(m: Measurement, why: str) -> Measurement:
+    """A look taken while evidence it should judge is known missing (`why`; a restarted router that has not yet
+    read back the served events from before its start): it judged a part of the evidence only. A FAILED look
+    stands: the failures seen are real whatever the missing events hold, and a failing canary must not be kept
+    live by the wait (aborting is the safe side). Any other becomes WAITING, each metric saying why: it holds the
+    step, never a pass and not counted as a look, since the missing events may hold the failures."""
+    if m.verdict == "FAILED":
+        return m
+    results = [r if r.dry_run else msgspec.structs.replace(r, verdict="WAITING", why=why) for r in m.metrics]
+    return msgspec.structs.replace(m, verdict="WAITING", metrics=results)
+
+
 def describe(result: MetricResult) -> str:
     """`error_rate 0.052 > threshold 0.015 (stable 0.005; 400 vs 400 requests)` for reasons and tables; a result
     judged per API key names its group: `error_rate 0.2 > threshold 0.015 on API key 3f9a0c12d4e5 (...)`."""

@@ -18,6 +18,7 @@ from lockgate.bus import Delivery, Handler
 from lockgate.contracts import DriftReport, GateDecided, InferenceEvent, InferenceScored
 from lockgate.errors import LockgateError, SignatureError
 from lockgate.ids import batch_id
+from lockgate.retry import RetryPolicy
 from lockgate.services.router import progress
 from lockgate.services.router.rollouts import Rollouts
 
@@ -118,12 +119,12 @@ def scores_callback(rollouts: Rollouts) -> Callable[[Msg], Awaitable[None]]:
 
 
 async def _replay(rollouts: Rollouts, stream_key: str, reads: dict[str, float], take: Callable[[bytes], bool],
-                  what: str) -> int:
+                  what: str, *, give_up: bool = True) -> int:
     """Read back the messages stored in stream `stream_key` on each subject of `reads` since its time (unix
     seconds), oldest first, into
     `take` (True if it took the message); returns how many were taken. An unreadable message is skipped and a
     stream that cannot be read ends the replay, both logged: the start goes on, and evidence then comes from live
-    messages only."""
+    messages only (`give_up=False`: the error is raised, for the caller to try again)."""
     bus, taken = rollouts.ctx.bus, 0
     stream = bus.subjects.streams[stream_key].name
     try:
@@ -135,6 +136,8 @@ async def _replay(rollouts: Rollouts, stream_key: str, reads: dict[str, float], 
                     log.warning("%s replay skipped unreadable message %d of %s on %s: %s", what, seq, stream,
                                 stored_on, exc)
     except LockgateError as exc:
+        if not give_up:
+            raise
         log.warning("%s replay stopped after %d messages (evidence comes from live ones): %s", what, taken, exc)
     return taken
 
@@ -158,21 +161,40 @@ def _published_id(value: list[InferenceEvent] | InferenceEvent) -> str:
     return batch_id(value) if isinstance(value, list) else value.id
 
 
-async def replay_served(rollouts: Rollouts, seen: Seen) -> int:
-    """At start, after subscribing to live served events (`evidence_callback` with the same `seen`): the events of
-    requests the routers served since the earliest rollout whose evidence is kept (`progress.served_replay`), as
-    evidence. Evidence lives in memory, so without it a replica that (re)starts mid-canary measures from zero, and
-    one that restarts after a blue-green promotion never again has the old release's baseline (it gets no traffic
-    after the promotion): its post-promotion analysis could not judge the release. Each deployment keeps what
-    `Rollouts.observe` keeps (its rollout's releases), within the evidence's row limits. Returns the batches taken.
+# The read-back of the served events is tried until it completes (the deployments it covers wait meanwhile): soon
+# after a blip, then every half minute at most while the query service (or the stream) stays away.
+REPLAY_RETRY = RetryPolicy(attempts=None, initial_s=1.0, max_s=30.0)
+_PENDING = "served evidence before the restart not yet read back from the record ({})"
+
+
+def await_served(rollouts: Rollouts) -> None:
+    """At start, before serving: mark the deployments `replay_served` reads evidence back for, whose looks wait
+    until it completes (`Rollouts.await_replay`)."""
+    rollouts.await_replay(_PENDING.format("reading"))
+
+
+async def replay_served(rollouts: Rollouts, seen: Seen, retry: RetryPolicy | None = None) -> int:
+    """After `await_served` and subscribing to live served events (`evidence_callback` with the same `seen`), in
+    the background while the replica serves: the events of requests the routers served since the earliest rollout
+    whose evidence is kept (`progress.served_replay`), as evidence. Evidence lives in memory, so without it a
+    replica that (re)starts mid-canary measures from zero, and one that restarts after a blue-green promotion
+    never again has the old release's baseline (it gets no traffic after the promotion): its post-promotion
+    analysis could not judge the release. Each deployment keeps what `Rollouts.observe` keeps (its rollout's
+    releases), within the evidence's row limits. Returns the batches taken.
 
     The inference stream keeps an event only until every consumer has acknowledged it (interest retention), so
     the replay reads the messages still in it first, then the rest from the record the sink keeps in ClickHouse
-    (the `served_events` query): in that order, an event consumed between the two reads is found in the second."""
+    (the `served_events` query): in that order, an event consumed between the two reads is found in the second.
+    A read that fails is tried again from the start (`retry`, default `REPLAY_RETRY`; a batch is taken once across
+    tries) until both complete: until then the deployments marked by `await_served` judge part of their evidence
+    only, and their looks wait (`analysis.incomplete`) saying why, so a canary that failed before the restart is
+    not promoted on the healthy traffic after it."""
     since = progress.served_replay(rollouts.routes.values(), time.time())
     if since is None:
+        rollouts.replay_done()
         return 0
-    taken: dict[str, bool] = {}  # message id -> taken here (False: live already), across both reads
+    taken: dict[str, bool] = {}  # message id -> taken here (False: live already), across both reads and tries
+    stored: set[str] = set()  # the ids of the events taken from the record, so a try again takes the rest only
 
     def take(data: bytes) -> bool:
         value = _inference.decode(data)
@@ -184,37 +206,50 @@ async def replay_served(rollouts: Rollouts, seen: Seen) -> int:
         rollouts.observe(value if isinstance(value, list) else [value])
         return True
 
-    batches = await _replay(rollouts, "inference", {rollouts.ctx.bus.subjects.served_all: since}, take,
-                            "served events")
-    return batches + await _replay_stored(rollouts, seen, taken, since)
+    async def once() -> int:
+        try:
+            batches = await _replay(rollouts, "inference", {rollouts.ctx.bus.subjects.served_all: since}, take,
+                                    "served events", give_up=False)
+        except LockgateError as exc:
+            rollouts.replay_stalled(_PENDING.format(f"inference stream: {exc.message}"))
+            log.warning("served events replay from the stream failed (tried again; looks wait): %s", exc)
+            raise
+        try:
+            return batches + await _replay_stored(rollouts, seen, taken, stored, since)
+        except LockgateError as exc:
+            rollouts.replay_stalled(_PENDING.format(f"query service: {exc.message}"))
+            log.warning("served events replay from the record failed (tried again; looks wait): %s", exc)
+            raise
+
+    batches = await (retry or REPLAY_RETRY).call(once, retry_on=LockgateError, what="served events replay")
+    rollouts.replay_done()
+    return batches
 
 
-async def _replay_stored(rollouts: Rollouts, seen: Seen, taken: dict[str, bool], since: float) -> int:
+async def _replay_stored(rollouts: Rollouts, seen: Seen, taken: dict[str, bool], stored: set[str],
+                         since: float) -> int:
     """The served events the sink stored since `since`, page by page, each batch (message id) taken once with
-    `taken` and `seen`; a query that fails ends the replay, logged (evidence then comes from live events)."""
+    `taken` and `seen` and each event once with `stored` (a batch may straddle pages, and a try that failed may
+    have taken a part of it); a query that fails raises its LockgateError (the caller tries again)."""
     args: dict[str, object] = {"since": datetime.fromtimestamp(since, UTC).isoformat()}
     batches = 0
-    try:
-        while True:
-            rows = await queryclient.ask(rollouts.ctx.bus, "served_events", {**args, "limit": _STORED_PAGE},
-                                         into=list[dict[str, Any]])
-            events = []
-            for row in rows:
-                msg_id = row.pop("msg_id", "")
-                first = taken.get(msg_id)
-                if first is None:
-                    first = taken[msg_id] = not msg_id or seen.first(msg_id)
-                    batches += first
-                if first:
-                    try:
-                        events.append(msgspec.convert(row, InferenceEvent, strict=False))
-                    except msgspec.ValidationError as exc:
-                        log.warning("served events replay skipped stored event %s: %s", row.get("id"), exc)
-            rollouts.observe(events)
-            if len(rows) < _STORED_PAGE:
-                return batches
-            args |= {"after_time": rows[-1]["time"], "after_id": rows[-1]["id"]}
-    except LockgateError as exc:
-        log.warning("served events replay from the record stopped after %d messages (evidence comes from live "
-                    "ones): %s", batches, exc)
-    return batches
+    while True:
+        rows = await queryclient.ask(rollouts.ctx.bus, "served_events", {**args, "limit": _STORED_PAGE},
+                                     into=list[dict[str, Any]])
+        events = []
+        for row in rows:
+            msg_id = row.pop("msg_id", "")
+            first = taken.get(msg_id)
+            if first is None:
+                first = taken[msg_id] = not msg_id or seen.first(msg_id)
+                batches += first
+            if first and row.get("id") not in stored:
+                try:
+                    events.append(msgspec.convert(row, InferenceEvent, strict=False))
+                    stored.add(row["id"])
+                except msgspec.ValidationError as exc:
+                    log.warning("served events replay skipped stored event %s: %s", row.get("id"), exc)
+        rollouts.observe(events)
+        if len(rows) < _STORED_PAGE:
+            return batches
+        args |= {"after_time": rows[-1]["time"], "after_id": rows[-1]["id"]}

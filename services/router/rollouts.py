@@ -127,6 +127,10 @@ class Rollouts:
         # arrives (not at the next tick), and one without new evidence waits up to one interval more for it.
         self._fresh: set[str] = set()
         self._failing: dict[str, tuple[str, float]] = {}  # deployment -> the rollout whose canary failed a call
+        # deployment -> why the served events from before this replica started are not all read back yet
+        # (`handlers.replay_served`): its looks judge part of its evidence, so they wait (`analysis.incomplete`).
+        self.unreplayed: dict[str, str] = {}
+        self.replayed = asyncio.Event()  # set once the served events from before the start are read back
         self._held: dict[str, float] = {}  # deployment -> when its due step may read its admission again
         # True while this replica serves stable only: cut off from the bus longer than router_cut_off_s, until it
         # is back and has reloaded its routes (run_cut_off; read by the proxy on every request).
@@ -637,6 +641,25 @@ class Rollouts:
             changed, self._shadowed = self._shadowed, asyncio.Event()
             changed.set()
 
+    def await_replay(self, why: str) -> None:
+        """At start, before serving: every deployment whose analysis reads evidence from before now (`collecting`)
+        waits for the served events from before the start to be read back; `why` says what the looks wait for."""
+        self.unreplayed = {r.deployment: why for r in self.routes.values() if progress.collecting(r)}
+        if not self.unreplayed:
+            self.replayed.set()
+
+    def replay_stalled(self, why: str) -> None:
+        """The read-back failed (it is tried again): the waiting deployments' looks say why."""
+        self.unreplayed = dict.fromkeys(self.unreplayed, why)
+
+    def replay_done(self) -> None:
+        """The served events from before the start are all read back: the waiting deployments are judged again,
+        their next look as soon as it is due."""
+        self._fresh.update(self.unreplayed)
+        self.unreplayed = {}
+        self.replayed.set()
+        self._wake.set()
+
     def _diverted(self, route: Route, e: InferenceEvent, release: str) -> None:
         """A canary that fails its own calls trips its model's breaker on its endpoint; from then on its
         requests are served by stable, skipped without a call, and would leave no canary evidence: the canary
@@ -753,6 +776,9 @@ class Rollouts:
                 if errored is not None:
                     self._apply(errored, announce=errored.phase != route.phase, runs=[self._sign(run)] if run else [])
                 return
+            missing = self.unreplayed.get(route.deployment)
+            if missing is not None:
+                m = analysis.incomplete(m, missing)
             new = progress.on_measurement(route, m, steps, interval, now)
             run = runs.record(route, new, m, spec)
             if new is not None:

@@ -20,6 +20,7 @@ from lockgate.services.router.admission import Admission
 from lockgate.services.router.endpoints import Endpoints
 from lockgate.services.router.handlers import (
     Seen,
+    await_served,
     drift_callback,
     evidence_callback,
     replay_drift,
@@ -97,8 +98,11 @@ class RouterService(Service):
         # above meanwhile; the newest per deployment and comparison wins), so its drift metric need not wait.
         await replay_drift(self.rollouts)
         # And the served events since each rollout under analysis started: evidence lives in memory, and a
-        # restart after a blue-green promotion would otherwise lose the old release's baseline for good.
-        await replay_served(self.rollouts, served)
+        # restart after a blue-green promotion would otherwise lose the old release's baseline for good. Read in
+        # the background (the query service may be away for long: requests are served meanwhile), tried until it
+        # completes; until then the deployments it covers are marked, and their looks wait (never a pass).
+        await_served(self.rollouts)
+        self.spawn(replay_served(self.rollouts, served), "served-replay")
         self.spawn(self._replay_after_reconnects(), "drift-replay")
         # Timeouts are per endpoint (endpoints.py, applied in upstream.py), so the pool has none of its own.
         self.proxy.upstream.session = aiohttp.ClientSession(

@@ -5,6 +5,7 @@ the real nats-server with the simulator: the router process is stopped and anoth
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -16,12 +17,14 @@ import pytest
 
 from lockgate.bus import Bus
 from lockgate.contracts import GateDecided, InferenceEvent
+from lockgate.retry import RetryPolicy
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.service import ServiceContext
+from lockgate.services.router import handlers
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects, token
-from lockgate_dev.sim import SimServer
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import Replicas, judged, register_model_release
 from tests.integration.test_rollout_analysis import CANARY, ERRORS, STABLE, _pass, _start, _traffic_until
 
@@ -79,11 +82,12 @@ async def http(context: ServiceContext) -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def test_a_failing_release_promoted_before_a_router_restart_is_rolled_back_after_it(
-        stack: tuple[Stack, Signer], http: aiohttp.ClientSession) -> None:
+        stack: tuple[Stack, Signer], http: aiohttp.ClientSession, run_services: Callable[..., Any]) -> None:
     # Before: the old release's baseline lived only in the router's memory, and after the promotion it gets no
     # traffic: the restarted router's post-promotion analysis waited for 100 of its events for ever ("canary 7594,
     # stable 0") while the failing release served everyone.
     replicas, signer = stack
+    await run_services("query")  # the record is empty (no sink): the replay completes on what the stream holds
     router = await replicas.start()
     await _start(http, router, "bad", {"interval_s": 0.1, "blue_green": {"post_promotion_analysis": ERRORS}})
     await _pass(router, signer, "bad")
@@ -96,7 +100,9 @@ async def test_a_failing_release_promoted_before_a_router_restart_is_rolled_back
     router = await replicas.start()
     route = router.rollouts.route("chat")
     assert (route.phase, route.verifying, route.stable.release) == ("promoted", True, "bad")
-    # Read back before it serves: each served event of the old release once (none taken twice, live and stored).
+    async with asyncio.timeout(30):  # read back in the background
+        await router.rollouts.replayed.wait()
+    # Read back: each served event of the old release once (none taken twice, live and stored).
     bus = router.ctx.bus
     stored = [e for _, _, data in [m async for m in bus.stored_since(bus.subjects.streams["inference"].name,
                                                                       bus.subjects.served_all, 0)]
@@ -150,7 +156,78 @@ async def test_a_restarted_router_reads_back_evidence_its_stream_no_longer_keeps
 
     router = await replicas.start()
     route = router.rollouts.route("chat")
+    async with asyncio.timeout(30):
+        await router.rollouts.replayed.wait()
     assert router.rollouts.evidence.sample("chat", "r1", route.started_at).n == stored
     sent = await _traffic_until(http, router, lambda r: r.phase == "aborted", limit=3000)
     route = router.rollouts.route("chat")
     assert route.phase == "aborted", f"not rolled back after {sent} requests: {route.reason}"
+
+
+async def test_a_router_restarted_while_the_query_service_is_down_holds_a_canary_that_failed_before_it(
+        stack: tuple[Stack, Signer], http: aiohttp.ClientSession, run_services: Callable[..., Any],
+        store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: the read-back from the record failed ("stopped after 0 messages"), the restarted router judged only
+    # the healthy events after its restart and promoted a canary whose 16% errors before it were in the record,
+    # never judged; and it served nothing while it waited 30 s for the query service.
+    replicas, signer = stack
+    monkeypatch.setattr(handlers, "REPLAY_RETRY", RetryPolicy(attempts=None, initial_s=0.05, max_s=0.2))
+    sink = (await run_services("sink"))["sink"]
+    query = await run_services("query")
+    context = replicas.context
+    failing = SimConfig(models={"bad": ModelSpec(default="bad canary", error_rate=0.5)}, seed=3)
+    healthy = SimConfig(models={"bad": ModelSpec(default="bad canary")}, seed=3)
+    async with SimServer(failing) as before, SimServer(healthy) as after:
+        context.settings = context.settings.replace(canary_upstream=before.url)
+        router = await replicas.start()
+        # No look before the restart (a look is due one interval after the gate's PASS).
+        await _start(http, router, "bad", {"steps": [50, 100], "interval_s": 8, "analysis": ERRORS})
+        await _pass(router, signer, "bad")
+        await _traffic_until(http, router, lambda r: False, limit=400)
+        route = router.rollouts.route("chat")
+        assert (route.phase, route.weight, route.analysis) == ("progressing", 50, None), route.reason
+        await replicas.stop(router)
+        bus = context.bus
+        served = [e async for _, _, data in bus.stored_since(
+            bus.subjects.streams["inference"].name, bus.subjects.inference_all, 0) for e in _events.decode(data)]
+        await _consume_as_the_other_readers(bus, sink.handlers.events, len(served))  # in the record only
+        failed = store.rows("SELECT count() AS n FROM inference_events WHERE served AND release = 'bad' "
+                            "AND status != 'ok'")[0]["n"]
+        assert failed >= 10  # its breaker then diverts the rest to stable (counted as canary failures)
+
+        await query.stop()
+        context.settings = context.settings.replace(canary_upstream=after.url)
+        router = await replicas.start()
+        assert not router.rollouts.replayed.is_set()  # serving while the record cannot be read
+        statuses = []
+        url = f"{router.url}/v1/chat/completions"
+        for i in range(300):  # healthy traffic: enough for a look (100 events per variant) on its own
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": f"after-{i}"}
+            async with http.post(url, json=body) as resp:
+                statuses.append(resp.status)
+        assert statuses.count(200) >= 295, statuses  # stable's and the canary's own 0.5% aside
+
+        def waited(r: Any) -> bool:
+            last = r.analysis.last if r.analysis else None
+            return r.phase != "progressing" or r.weight != 50 or (last is not None and last.canary_n >= 100)
+
+        await router.rollouts.wait_for(lambda routes: waited(routes["chat"]), timeout=30)
+        route = router.rollouts.route("chat")
+        assert route.analysis is not None and route.analysis.last is not None
+        last = route.analysis.last
+        assert (route.phase, route.weight, last.verdict) == ("progressing", 50, "WAITING"), \
+            f"judged on the evidence after the restart alone: {route.reason} ({last.verdict})"
+        assert route.analysis.look == 0 and route.analysis.successes == 0
+        why = last.metrics[0].why
+        assert why.startswith("served evidence before the restart not yet read back from the record (query "
+                              "service: no query service answers"), why
+
+        await run_services("query")  # back: the read-back completes, and the canary is judged on all of it
+        async with asyncio.timeout(30):
+            await router.rollouts.replayed.wait()
+        assert not router.rollouts.unreplayed
+        await router.rollouts.wait_for(lambda routes: routes["chat"].phase != "progressing", timeout=30)
+        route = router.rollouts.route("chat")
+        assert route.phase == "aborted" and route.reason.startswith(
+            "aborted bad: analysis failed at step 1 (50%): error_rate "), \
+            route.reason

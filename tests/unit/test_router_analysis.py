@@ -319,3 +319,23 @@ def test_evidence_keeps_each_requests_api_key() -> None:
     assert (a.n, a.errors, sorted(a.latency_ms)) == (10, 2, [1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0, 9.0])
     assert (b.n, b.errors) == (20, 4)
     assert ev.sample("d", "r2", since=110).by_key == {}  # only k-b's requests in the window: not split
+
+
+_MISSING = "served evidence before the restart not yet read back from the record (query service: down)"
+
+
+def test_a_look_on_part_of_the_evidence_waits_unless_it_failed() -> None:
+    # A restarted router that has not read back the events from before its restart: the healthy ones after it
+    # never pass a canary whose failures may be in the rest, but failures seen are failures.
+    spec = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.01),
+                                 MetricSpec(name="latency_p95", max_ratio=3.0, dry_run=True)], min_sample=100)
+    canary, stable = _rates(400, 0, 400, 2)
+    passed = analysis.measure(spec, canary, stable, look=1)
+    assert passed.verdict == "SUCCESSFUL"
+    held = analysis.incomplete(passed, _MISSING)
+    assert held.verdict == "WAITING" and held.metrics[0].verdict == "WAITING" and held.metrics[0].why == _MISSING
+    assert held.metrics[1] == passed.metrics[1]  # a dry-run metric is shown as measured
+    assert analysis.incomplete(analysis.measure(spec, *_rates(400, 8, 400, 8), look=1), _MISSING).verdict == \
+        "WAITING"  # inconclusive: the rest may decide it
+    failed = analysis.measure(spec, *_rates(600, 30, 600, 3), look=1)
+    assert failed.verdict == "FAILED" and analysis.incomplete(failed, _MISSING) == failed

@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from lockgate.contracts import DriftReport, FeatureDrift
-from lockgate.services.router import domain, drifts, progress
+from lockgate.services.router import analysis, domain, drifts, progress
 from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricResult, MetricSpec
 from lockgate.services.router.domain import CanaryRequest, InvalidRollout, NotAdmitted, Route, Target
 from lockgate.services.router.strategy import BlueGreen, Strategy
@@ -298,3 +298,14 @@ def test_a_latency_that_rose_by_less_than_anyone_notices_never_aborts() -> None:
     assert progress.on_drift(_live(), noise) is None
     slow = _moved("latency_ms", ref=5.0, cur=5.0 + drifts.MATERIAL_LATENCY_MS + 1)
     assert not any(drifts.harmless(f) for f in slow.features)
+
+
+def test_a_look_on_part_of_the_evidence_holds_the_step_and_is_not_counted() -> None:
+    held = analysis.incomplete(_m("SUCCESSFUL"), "served evidence before the restart not yet read back")
+    new = progress.on_measurement(_live(), held, STEPS, 1.0, now=102.0)
+    assert new is not None and (new.phase, new.weight, new.next_step_at) == ("progressing", 25.0, 103.0)
+    assert new.analysis is not None and (new.analysis.look, new.analysis.successes) == (0, 0)
+    assert new.analysis.last is not None and new.analysis.last.verdict == "WAITING"
+    # A failure seen meanwhile still aborts.
+    new = progress.on_measurement(_live(), analysis.incomplete(_m("FAILED"), "not read back"), STEPS, 1.0, now=102.0)
+    assert new is not None and new.phase == "aborted"
