@@ -345,10 +345,13 @@ class Rollouts:
     def _due(self, route: Route) -> float | None:
         """When the timer next acts on a route: its analysis look once it is due and new evidence has arrived
         (the look follows the evidence at once, not a tick later), else one interval later all the same, so
-        looks go on without traffic. Looks stay at most one per interval: the same alpha spent per look."""
+        looks go on without traffic. Looks stay at most one per interval: the same alpha spent per look. A
+        deployment waiting for the read-back of its evidence (`unreplayed`) looks one interval late too: its look
+        would only wait, and written first it would put off by an interval the look of a replica that has all of
+        the evidence (the next look is shared in KV)."""
         when = progress.due_at(route)
         if when is None or when != route.next_step_at or not progress.analysed(route) \
-                or route.deployment in self._fresh:
+                or (route.deployment in self._fresh and route.deployment not in self.unreplayed):
             return when
         return when + progress.interval_of(route, self.interval_s)
 
