@@ -283,7 +283,9 @@ async def _fault_to_zero(env: BenchEnv, session: aiohttp.ClientSession) -> dict[
             await router.rollouts.wait_for(lambda r: r["fault"].phase == "progressing", timeout=10)
             if not analysed:
                 now = datetime.now(UTC)
-                report = DriftReport(served=True, deployment="fault", window_start=now, window_end=now, reference_n=500,
+                # The canary's window against stable's: the one comparison that aborts a canary.
+                report = DriftReport(served=True, deployment="fault", comparison="canary_vs_stable", release=release,
+                                     reference_release="base", window_start=now, window_end=now, reference_n=500,
                                      current_n=500, drifted=True, features=[FeatureDrift(
                                          feature="output_tokens", psi=0.5, ks_stat=0.5, ks_pvalue=0.0,
                                          reference_mean=10, current_mean=30, drifted=True)])
