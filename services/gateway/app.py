@@ -32,6 +32,9 @@ class Gateway(Service):
         await self.server.start()
         await self.relay.start()
         await self.reads.start()
+        # The server has their subscriptions before this reports started: a publish on `ingest` sent in between
+        # would find no responder (NoStreamResponseError; a test publishing once right after start saw it).
+        await self.ctx.bus.nc.flush()
         self._serving = True
 
     async def stop(self) -> None:
