@@ -19,6 +19,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, DiscardPolicy
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from lockgate import bus as bus_module
+from lockgate import limits as limits_module
 from lockgate.bus import Bus, Delivery, consume, consume_batch
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, InferenceEvent
@@ -456,13 +457,22 @@ async def _never_called(value: Any, delivery: Delivery) -> None:
     raise AssertionError(f"handler called with {value!r}")
 
 
-async def test_event_times_are_judged_at_the_time_the_message_was_stored(bus: Bus) -> None:
+class _ReadLate(datetime):
+    """The clock of a consumer that reads a message 1.5 s after it was stored (behind, or redelivered)."""
+
+    @classmethod
+    def now(cls, tz: Any = None) -> datetime:  # type: ignore[override]
+        return datetime.now(tz) + timedelta(seconds=1.5)
+
+
+async def test_event_times_are_judged_at_the_time_the_message_was_stored(bus: Bus,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # A consumer reading a message later than another (behind, or redelivered) refused an event the first
     # stored: 30 days minus a second was stored by the sink and refused by cost 1.5 s later.
     limits = EventLimits(past_s=2.0)
     edge = InferenceEvent(app="x", time=datetime.now(UTC) - timedelta(seconds=1))
     await bus.publish(bus.subjects.inference("x"), [edge])
-    await asyncio.sleep(1.5)  # the clock, not synchronisation: read now, the event is over 2 s old
+    monkeypatch.setattr(limits_module, "datetime", _ReadLate)  # read by its clock, the event is over 2 s old
     got: asyncio.Queue[str] = asyncio.Queue()
 
     async def handle(value: list[InferenceEvent], delivery: Delivery) -> None:

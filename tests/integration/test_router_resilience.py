@@ -174,10 +174,14 @@ class FakeLLM:
                 self.hung_up.set()
             return resp
         if action == "chunks_paced":  # a long answer: a chunk every 50 ms until the router hangs up
-            with contextlib.suppress(ConnectionError):
-                while True:
-                    await asyncio.sleep(0.05)  # the pace of a generating model, not synchronisation
+            while not self.hung_up.is_set():
+                try:
                     await resp.write(chunk(choices=[{"index": 0, "delta": {"content": "."}, "finish_reason": None}]))
+                except ConnectionError:
+                    self.hung_up.set()
+                    break
+                with contextlib.suppress(TimeoutError):  # the next chunk 50 ms on, as a model generates
+                    await asyncio.wait_for(self.hung_up.wait(), 0.05)
             return resp
         if action == "chunk_then_end":  # a stream that stops cleanly before its end (no finish, no [DONE])
             await resp.write_eof()
