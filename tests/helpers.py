@@ -188,6 +188,26 @@ async def register_model_release(bus: Any, release: str, model: str = "m", endpo
     return arts
 
 
+async def chat_releases(context: Any, signer: Any, stable_url: str, canary_url: str, canaries: Sequence[str],
+                        **settings: Any) -> None:
+    """Deployment `chat` of app `shop`: r1 (model `m`, endpoint `default`) registered and PASSed by `signer`, each
+    canary release registered with the model of its name on endpoint `canary`, and the context's settings
+    pointing those endpoints at `stable_url` and `canary_url` (plus `settings`)."""
+    import msgspec
+
+    from lockgate.contracts import GateDecided
+    from lockgate.subjects import token
+
+    await register_model_release(context.bus, "r1", "m", "default")
+    for release in canaries:
+        await register_model_release(context.bus, release, release, "canary")
+    kv = await context.bus.kv(context.bus.subjects.kv_gates)
+    await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
+        release="r1", rules=[], decision="PASS", artifacts=await judged(context.bus, "r1")))))
+    context.settings = context.settings.replace(stable_upstream=stable_url, canary_upstream=canary_url,
+                                                deployment="chat", app="shop", **settings)
+
+
 @contextlib.asynccontextmanager
 async def recorder(bus: Any, settings: Any) -> AsyncIterator[Any]:
     """A lineage recorder on `bus`: the applied state's only writer, which `apply` asks to record it."""

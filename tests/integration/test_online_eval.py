@@ -7,16 +7,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import msgspec
 import pytest
 
-from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.signing import Signer, trust_file_path, trust_key
-from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import judged, register_model_release
+from tests.helpers import chat_releases
 from tests.integration.test_rollout_analysis import _pass, _start, _traffic_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -34,13 +31,7 @@ async def stack(context: ServiceContext, run_services: Any) -> AsyncIterator[tup
     signer = Signer.generate()
     trust_key(trust_file_path(context.settings), signer.public)
     async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
-        await register_model_release(context.bus, "r1", "m", "default")
-        await register_model_release(context.bus, "leaky", "leaky", "canary")
-        kv = await context.bus.kv(context.bus.subjects.kv_gates)
-        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
-            release="r1", rules=[], decision="PASS", artifacts=await judged(context.bus, "r1")))))
-        context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
-                                                    deployment="chat", app="shop", online_eval_sample=1.0)
+        await chat_releases(context, signer, stable.url, canary.url, ("leaky",), online_eval_sample=1.0)
         services = await run_services("router", "evaluator")
         yield services["router"], services["evaluator"], signer
 

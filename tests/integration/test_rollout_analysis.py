@@ -34,7 +34,7 @@ from lockgate.store import Store
 from lockgate.subjects import Subjects, token
 from lockgate.telemetry import Telemetry
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import judged, register_model_release, sink_stored
+from tests.helpers import chat_releases, judged, register_model_release, sink_stored
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,14 +66,7 @@ async def serving(context: ServiceContext, run_services: Any, signer: Signer, st
                   canaries: tuple[str, ...]) -> Any:
     """The sink and a router of deployment `chat` (app `shop`): r1 (model `m`, endpoint `default`) stable and
     PASSed, each canary release registered with the model of its name on endpoint `canary`."""
-    await register_model_release(context.bus, "r1", "m", "default")
-    for release in canaries:
-        await register_model_release(context.bus, release, release, "canary")
-    kv = await context.bus.kv(context.bus.subjects.kv_gates)
-    await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
-        release="r1", rules=[], decision="PASS", artifacts=await judged(context.bus, "r1")))))
-    context.settings = context.settings.replace(stable_upstream=stable_url, canary_upstream=canary_url,
-                                                deployment="chat", app="shop")
+    await chat_releases(context, signer, stable_url, canary_url, canaries)
     services = await run_services("sink", "router")
     router = services["router"]
     router.sink = services["sink"]

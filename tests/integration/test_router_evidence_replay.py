@@ -16,16 +16,16 @@ import nats.errors
 import pytest
 
 from lockgate.bus import Bus
-from lockgate.contracts import GateDecided, InferenceEvent
+from lockgate.contracts import InferenceEvent
 from lockgate.retry import RetryPolicy
 from lockgate.server.apikeys import bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.services.router import handlers
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
-from lockgate.subjects import Subjects, token
+from lockgate.subjects import Subjects
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import Replicas, judged, register_model_release
+from tests.helpers import Replicas, chat_releases
 from tests.integration.test_rollout_analysis import CANARY, ERRORS, STABLE, _pass, _start, _traffic_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,13 +60,7 @@ async def stack(context: ServiceContext, store: Store) -> AsyncIterator[tuple[St
     signer = Signer.generate()
     trust_key(trust_file_path(context.settings), signer.public)
     async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
-        await register_model_release(context.bus, "r1", "m", "default")
-        await register_model_release(context.bus, "bad", "bad", "canary")
-        kv = await context.bus.kv(context.bus.subjects.kv_gates)
-        await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
-            release="r1", rules=[], decision="PASS", artifacts=await judged(context.bus, "r1")))))
-        context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
-                                                    deployment="chat", app="shop")
+        await chat_releases(context, signer, stable.url, canary.url, ("bad",))
         s = Stack(context, store)
         try:
             yield s, signer
