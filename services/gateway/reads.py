@@ -30,7 +30,7 @@ from lockgate.codec import encode
 from lockgate.contracts import DecisionsRead, StoredDecision
 from lockgate.errors import BusUnavailable, ConfigError, NotFound
 from lockgate.kvread import kv_keys
-from lockgate.permissions import APP, app_user, inbox
+from lockgate.permissions import APP, app_reader
 from lockgate.server.apikeys import bound_to
 from lockgate.server.service import Progress
 from lockgate.subjects import token, untoken
@@ -66,15 +66,14 @@ class Reads:
         # The server let only that tenant's and app's user and the shared `app` user publish here. The reply
         # subject says who reads the answer: the shared user's inbox, every release; the named tenant's and app's
         # user's, its own releases'; any other is someone aiming the answer elsewhere (a KV key): dropped.
-        shared = f"{inbox(APP)}."
-        if request is None or not msg.reply or not msg.reply.startswith(
-                (shared, f"{inbox(app_user(request[0], request[1]))}.")):
+        reader = None if request is None else app_reader(msg.reply, request[0], request[1])
+        if request is None or reader is None:
             await self.refused.bump()
             log.warning("reads: dropped a request on %s whose reply %r is not an application user's inbox",
                         msg.subject, msg.reply)
             return
         tenant, app, kind, name = request
-        scope = None if msg.reply.startswith(shared) else (tenant, app)
+        scope = None if reader == APP else (tenant, app)
         try:
             entries = await self._read(kind, name, scope)
         except NotFound as exc:

@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from lockgate.bus import Bus
-from lockgate.permissions import APP, app_user, inbox
+from lockgate.permissions import app_reader
 from lockgate.server.service import Progress
 from lockgate.subjects import token
 
@@ -53,8 +53,7 @@ class Relay:
         # The server let only that tenant's and app's user and the shared `app` user publish here; their replies go
         # to their own inboxes. Any other reply subject is someone aiming the acknowledgement elsewhere: the
         # message is dropped whole.
-        if sender is None or not msg.reply or not msg.reply.startswith(
-                (f"{inbox(app_user(*sender))}.", f"{inbox(APP)}.")):
+        if sender is None or app_reader(msg.reply, *sender) is None:
             await self.refused.bump()
             log.warning("relay: dropped a message on %s whose reply %r is not an application user's inbox",
                         msg.subject, msg.reply)

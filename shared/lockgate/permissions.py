@@ -65,6 +65,15 @@ def inbox(identity: str) -> str:
     return f"_INBOX.{identity}"
 
 
+def app_reader(reply: str | None, tenant: str, app: str) -> str | None:
+    """Which application user a reply subject is an inbox of, for a request on a subject of `tenant`'s `app`: the
+    shared `app` user's (APP), that tenant's and app's own user's (`app_user`), or neither (None: someone aiming
+    the answer elsewhere, a KV key's subject say). The gateway's relay and reads answer only these."""
+    if not reply:
+        return None
+    return next((user for user in (APP, app_user(tenant, app)) if reply.startswith(f"{inbox(user)}.")), None)
+
+
 def _base(identity: str) -> Grant:
     # Every connection reads its own replies (requests, JetStream API, pull fetches, KV watches).
     # STREAM.NAMES (names only) is how nats-py finds the stream behind an object-store subject.
