@@ -399,10 +399,7 @@ class Rollouts:
             if decision is not None:
                 self.apply_decision(decision)
 
-        self._poisoned.pop(deployment, None)
-        await self._until_won(change)
-        self._raise_if_poisoned(deployment)
-        return self.route(deployment)
+        return await self._settle(deployment, change)
 
     async def first_release(self, deployment: str, release: str, actor: str = "") -> Route:
         """Give a deployment without a stable release its first one, serving 100% at once, if and only if the
@@ -419,10 +416,7 @@ class Rollouts:
                 route = msgspec.structs.replace(domain.default_route(deployment), version=route.version)
             self._apply(domain.first_release(route, target, decision, actor), actor=actor)
 
-        self._poisoned.pop(deployment, None)
-        await self._until_won(change)
-        self._raise_if_poisoned(deployment)
-        return self.route(deployment)
+        return await self._settle(deployment, change)
 
     def apply_decision(self, decision: GateDecided) -> int:
         """Apply a gate decision to every deployment canarying its release; returns how many changed."""
@@ -471,10 +465,8 @@ class Rollouts:
         decision = await self._stored_decision(release) if release else None
         # `promote`: the decision that admitted the canary must still verify (its key may be revoked since).
         admission = await self._admission_now(now) if action == "promote" and override is None else None
-        refused = ""
 
-        def change() -> None:
-            nonlocal refused
+        def change() -> str:
             route = self.route(deployment)
             if action == "retry":
                 self._retry(route, decision, actor)
@@ -497,19 +489,15 @@ class Rollouts:
             else:
                 refused = self._unadmit(route, admission, actor) if override is None else ""
                 if refused:
-                    return
+                    return refused
                 promoted = domain.manual_promote(route, override, time.time())
                 if actor and override is None:  # the override's reason names its admin already
                     promoted = msgspec.structs.replace(promoted, reason=f"{promoted.reason} {actor}")
                 promoted = bluegreen.promoted(promoted, time.time(), progress.interval_of(route, self.interval_s))
                 self._apply(promoted, actor=actor)
+            return ""
 
-        self._poisoned.pop(deployment, None)
-        await self._until_won(change)
-        self._raise_if_poisoned(deployment)
-        if refused:
-            raise domain.NotAdmitted(refused)
-        return self.route(deployment)
+        return await self._settle(deployment, change)
 
     async def patch(self, deployment: str, body: dict[str, Any], actor: str) -> Route:
         """A JSON merge patch of the deployment (patch.py): only the fields it names change; the rollout keeps
@@ -523,10 +511,8 @@ class Rollouts:
         # A higher weight for the same canary: the decision that admitted it must still verify.
         raises = doc.weight > now.weight and now.canary is not None and doc.canary_release == now.canary.release
         admission = await self._admission_now(now) if raises else None
-        refused = ""
 
-        def change() -> None:
-            nonlocal refused
+        def change() -> str:
             route = self.route(deployment)
             doc_now = patch.apply(route, body)  # recomputed on the route a lost compare-and-set reloads
             fields = patch.changed(route, doc_now)
@@ -534,7 +520,7 @@ class Rollouts:
                 raise domain.InvalidRollout(f"the patch changes nothing on {deployment!r}")
             refused = self._unadmit(route, admission, actor) if "weight" in fields and raises else ""
             if refused:
-                return
+                return refused
             new = route
             if "canary_release" in fields:
                 assert canary is not None
@@ -548,13 +534,9 @@ class Rollouts:
             self._apply(new, actor=actor)
             if "canary_release" in fields:
                 self.evidence.forget(deployment, keep={new.stable.release, canary.release})
+            return ""
 
-        self._poisoned.pop(deployment, None)
-        await self._until_won(change)
-        self._raise_if_poisoned(deployment)
-        if refused:
-            raise domain.NotAdmitted(refused)
-        return self.route(deployment)
+        return await self._settle(deployment, change)
 
     def _retry(self, route: Route, decision: GateDecided | None, actor: str) -> None:
         if decision is not None and route.canary is not None and decision.release == route.canary.release \
@@ -577,14 +559,12 @@ class Rollouts:
         # Raising the weight or resuming the steps: the decision that admitted the canary must still verify.
         raises = action == "resume" or (action == "set-weight" and weight > now.weight)
         admission = await self._admission_now(now) if raises else None
-        refused = ""
 
-        def change() -> None:
-            nonlocal refused
+        def change() -> str:
             route = self.route(deployment)
             refused = self._unadmit(route, admission, actor) if raises else ""
             if refused:
-                return
+                return refused
             if action == "pause":
                 new = progress.pause(route, actor, why)
             elif action == "resume":
@@ -594,13 +574,9 @@ class Rollouts:
             else:
                 raise domain.InvalidRollout(f"unknown rollout action {action!r}")
             self._apply(new, actor=actor)
+            return ""
 
-        self._poisoned.pop(deployment, None)
-        await self._until_won(change)
-        self._raise_if_poisoned(deployment)
-        if refused:
-            raise domain.NotAdmitted(refused)
-        return self.route(deployment)
+        return await self._settle(deployment, change)
 
     # live evidence
     def analysing(self) -> bool:
@@ -815,6 +791,22 @@ class Rollouts:
                 self._apply(new)
 
         await self._until_won(change)
+
+    async def _settle(self, deployment: str, change: Callable[[], str | None]) -> Route:
+        """An operator's change of one deployment, run until its compare-and-set wins; the route it leaves.
+        Raises what dropped the write, or NotAdmitted with the admission re-check `change` returned as refused."""
+        self._poisoned.pop(deployment, None)
+        refused: str | None = None
+
+        def attempt() -> None:
+            nonlocal refused
+            refused = change()
+
+        await self._until_won(attempt)
+        self._raise_if_poisoned(deployment)
+        if refused:
+            raise domain.NotAdmitted(refused)
+        return self.route(deployment)
 
     def _raise_if_poisoned(self, deployment: str) -> None:
         reason = self._poisoned.pop(deployment, None)
