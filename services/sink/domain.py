@@ -6,7 +6,6 @@ import functools
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
@@ -29,6 +28,7 @@ from lockgate.contracts import (
     ReleaseRegistered,
     RolloutState,
 )
+from lockgate.ids import uuid7_prefix
 from lockgate.redact import RedactMode, redact, scrub_mapping, scrub_secrets
 from lockgate.store import tables
 from lockgate.store.rows import Table
@@ -43,7 +43,11 @@ class Projection:
     `per_row`: each row is a fact of its own (an inference event, a ledger entry), so rows sharing a
     key are duplicates even within one message; otherwise rows sharing a key are one fact's rows.
     `within`: the time column that bounds the lookup to the batch's time range, so a high-volume
-    table is never searched whole (a re-sent event carries the time it was first sent with)."""
+    table is never searched whole (a re-sent fact carries the time it was first sent with).
+    `keys_table`: a table of every stored row's key, ordered by it (kept by a materialized view), looked up
+    instead, with no time bound: for facts a producer may re-send under another time (an app building an
+    event again under its id). The key's last column is then an id whose text sorts as it was made (UUIDv7),
+    which the stored-keys window orders rows by."""
 
     table: Table
     subject: Callable[[Subjects], str]
@@ -51,6 +55,7 @@ class Projection:
     wire_type: Any
     per_row: bool = False
     within: str | None = None
+    keys_table: str | None = None
 
 
 FACTS: tuple[Projection, ...] = (
@@ -65,7 +70,8 @@ FACTS: tuple[Projection, ...] = (
     Projection(tables.ROLLOUT_EVENTS, lambda s: s.rollout_all, "events", RolloutState),
     Projection(tables.DRIFT_REPORTS, lambda s: s.drift_all, "events", DriftReport),
     # One row per event id: the bill counts an event once, whichever ledger facts carry it.
-    Projection(tables.COST_LEDGER, lambda s: s.cost_ledger, "facts", CostLedger, per_row=True, within="time"),
+    Projection(tables.COST_LEDGER, lambda s: s.cost_ledger, "facts", CostLedger, per_row=True,
+               keys_table="cost_ledger_keys"),
     Projection(tables.AUDIT_LOG, lambda s: s.audit_records, "facts", AuditRecord),
     # One row per (answer, scorer): a score re-sent (a redelivery, the evaluator re-scoring) is stored once.
     Projection(tables.INFERENCE_SCORES, lambda s: s.eval_scores_all, "events", InferenceScored, per_row=True,
@@ -86,7 +92,23 @@ def events_in(value: InferenceEvent | list[InferenceEvent]) -> int:
 
 
 INFERENCE = Projection(tables.INFERENCE_EVENTS, lambda s: s.inference_all, "inference",
-                       list[InferenceEvent] | InferenceEvent, per_row=True, within="time")
+                       list[InferenceEvent] | InferenceEvent, per_row=True, keys_table="inference_event_keys")
+
+# How far ahead of now an id's time may lie and still order it in the stored-keys window: ids any producer
+# chooses, one sorting after every real one would otherwise raise the window's horizon past all later ids
+# once it was forgotten, and every row after would be looked up.
+ID_AHEAD_S = 86_400.0
+
+
+def id_order(keys: Sequence[tuple[str, ...]]) -> list[str]:
+    """Where each row falls in the stored-keys window: its id's first 13 characters, a UUIDv7's milliseconds
+    in hex, which sort as its time. Any other id falls where its text sorts: as sound, but spared fewer lookups."""
+    return [key[-1][:13] for key in keys]
+
+
+def id_ceiling(now_s: float) -> str:
+    """The latest id order the window vouches for (`ID_AHEAD_S` past `now_s`): a row after it is always looked up."""
+    return uuid7_prefix(int((now_s + ID_AHEAD_S) * 1000))
 
 
 def redaction(mode: RedactMode) -> dict[str, Callable[[Any], Any]]:
@@ -141,42 +163,50 @@ def new_rows(keys: Sequence[Any], origins: Sequence[int] | None, stored: set[Any
 class StoredWindow:
     """The keys of the rows one writer stored lately, so that most rows need no lookup in the store.
 
-    Sound only where that writer is the table's only one (chDB: one process per data path), and for
-    a projection with a time column (a re-sent fact carries the time it was first sent with). Every
-    row whose time is after `horizon` was then stored through this window: `horizon` starts as the
-    table's latest time when the writer starts (what earlier processes stored lies at or before
-    it), and rises past the rows this window forgets (oldest generation first, to bound memory). The
-    keys of a failed insert are remembered too (it may have landed all the same). A row after
-    `horizon` whose key is not here is therefore new, without asking the store; any other row is
-    looked up.
+    Sound only where that writer is the table's only one (chDB: one process per data path). Rows are
+    ordered by a value a re-sent fact keeps (its time, for facts re-sent with the time they were first sent
+    with; else its id's order, `id_order`). Every row ordered after `horizon` was then stored through this
+    window: `horizon` starts as the table's latest order when the writer starts (what earlier processes stored
+    lies at or before it), and rises past the rows this window forgets (oldest generation first, to bound
+    memory). The keys of a failed insert are remembered too (it may have landed all the same). A row after
+    `horizon` whose key is not here is therefore new, without asking the store; any other row is looked up,
+    as is every row after `ceiling()`, if given, which the horizon never rises past (an order a producer may
+    choose: one far ahead would make every later row a lookup once it was forgotten).
 
     Keys are kept as their hashes (about 60 bytes each instead of 120): a hash found here means
     "perhaps stored", and the row is looked up, so a collision costs a lookup, never a row."""
 
-    def __init__(self, horizon: datetime, capacity: int = 1_000_000, generations: int = 4) -> None:
+    def __init__(self, horizon: Any, capacity: int = 1_000_000, generations: int = 4,
+                 ceiling: Callable[[], Any] | None = None) -> None:
         self.horizon = horizon
+        self.ceiling = ceiling
         self._per_generation = max(1, capacity // generations)
         self._generations = generations
         self._keys: list[set[int]] = [set()]
-        self._latest: list[datetime] = [horizon]  # the latest time of each generation's rows
+        self._latest: list[Any] = [horizon]  # the latest order of each generation's rows
 
-    def to_look_up(self, keys: Sequence[Any], times: Sequence[datetime]) -> list[int]:
+    def to_look_up(self, keys: Sequence[Any], orders: Sequence[Any]) -> list[int]:
         """Indices of the rows whose keys may be stored already (so must be looked up)."""
         hashes = list(map(hash, keys))
         known: set[int] = set()
         for generation in self._keys:  # set operations at C speed; `known` is empty but for redeliveries
             known |= generation.intersection(hashes)
         horizon = self.horizon
-        if not known and times and min(times) > horizon:  # the usual batch: all new, found in one pass in C
-            return []
-        return [i for i, (h, t) in enumerate(zip(hashes, times, strict=True)) if t <= horizon or h in known]
+        ceiling = self.ceiling() if self.ceiling is not None else None
+        if not known and orders and min(orders) > horizon and (ceiling is None or max(orders) <= ceiling):
+            return []  # the usual batch: all new, found in a few passes in C
+        return [i for i, (h, t) in enumerate(zip(hashes, orders, strict=True))
+                if t <= horizon or h in known or (ceiling is not None and t > ceiling)]
 
-    def stored(self, keys: Sequence[Any], times: Sequence[datetime]) -> None:
+    def stored(self, keys: Sequence[Any], orders: Sequence[Any]) -> None:
         """Remember rows an insert stored, or tried to store."""
         if not keys:
             return
         self._keys[-1].update(map(hash, keys))
-        self._latest[-1] = max(self._latest[-1], max(times))
+        latest = max(orders)
+        if self.ceiling is not None and latest > (ceiling := self.ceiling()):
+            latest = max((t for t in orders if t <= ceiling), default=self._latest[-1])
+        self._latest[-1] = max(self._latest[-1], latest)
         if len(self._keys[-1]) >= self._per_generation:
             self._keys.append(set())
             self._latest.append(self.horizon)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -81,21 +82,30 @@ class Writer:
         # lookup was a third of the sink's time under load). Elsewhere (a ClickHouse server shared by
         # sink replicas) every batch is looked up.
         self._window: domain.StoredWindow | None = None
-        self._windowed = bool(store.exclusive and projection.within)
+        self._windowed = bool(store.exclusive and (projection.within or projection.keys_table))
 
     async def _open_window(self) -> domain.StoredWindow:
         if self._window is None:
             # One window per table and store, shared by every writer of this process on it.
             windows = _WINDOWS.setdefault(self.store, {})
             if self.table.name not in windows:
-                # Rows stored before this process wrote the table (by an earlier one) lie at or before this time.
-                # As microseconds, so no driver's time zone handling can shift it.
-                micros = await self.store.arows(
-                    f"SELECT toUnixTimestamp64Micro(max({self.projection.within})) AS t FROM {self.table.name}")
-                horizon = _EPOCH + timedelta(microseconds=int(micros[0]["t"] if micros else 0))
-                windows.setdefault(self.table.name, domain.StoredWindow(horizon))
+                windows.setdefault(self.table.name, await self._new_window())
             self._window = windows[self.table.name]
         return self._window
+
+    async def _new_window(self) -> domain.StoredWindow:
+        # Rows stored before this process wrote the table (by an earlier one) lie at or before the horizon.
+        if self.projection.keys_table:
+            order = f"substring({self.table.key[-1]}, 1, 13)"  # domain.id_order
+            rows = await self.store.arows(
+                f"SELECT max({order}) AS o FROM {self.projection.keys_table} WHERE {order} <= {{ceiling:String}}",
+                {"ceiling": domain.id_ceiling(time.time())})
+            return domain.StoredWindow(rows[0]["o"] if rows else "",
+                                       ceiling=lambda: domain.id_ceiling(time.time()))
+        # As microseconds, so no driver's time zone handling can shift it.
+        micros = await self.store.arows(
+            f"SELECT toUnixTimestamp64Micro(max({self.projection.within})) AS t FROM {self.table.name}")
+        return domain.StoredWindow(_EPOCH + timedelta(microseconds=int(micros[0]["t"] if micros else 0)))
 
     def _stored_keys(self, keys: set[Any], times: list[Any] | None) -> set[Any]:
         """Which of these keys (as `Table.keys` gives them) are stored already."""
@@ -119,7 +129,8 @@ class Writer:
             col = self.projection.within
             cond = f"{col} >= {{lo:DateTime64(6, 'UTC')}} AND {col} <= {{hi:DateTime64(6, 'UTC')}} AND {cond}"
             params.update(lo=min(times), hi=max(times))
-        rows = self.store.rows(f"SELECT DISTINCT {', '.join(key)} FROM {self.table.name} WHERE {cond}", params)
+        rows = self.store.rows(f"SELECT DISTINCT {', '.join(key)} FROM {self.projection.keys_table or self.table.name}"
+                               f" WHERE {cond}", params)
         if single:
             return {r[key[0]] for r in rows}
         return {tuple(r[c] for c in key) for r in rows}
@@ -138,12 +149,14 @@ class Writer:
             return Written()
         keys = self.table.keys(data)
         times = data[self.table.index(self.projection.within)] if self.projection.within else None
+        orders = domain.id_order(keys) if self.projection.keys_table else times
         async with self._lock:
             window = await self._open_window() if self._windowed else None
             ask, ask_times = keys, times
-            if window is not None and times is not None:
-                rows = window.to_look_up(keys, times)
-                ask, ask_times = [keys[i] for i in rows], [times[i] for i in rows]
+            if window is not None and orders is not None:
+                rows = window.to_look_up(keys, orders)
+                ask = [keys[i] for i in rows]
+                ask_times = [times[i] for i in rows] if times is not None else None
             stored: set[Any] = set()
             if ask:
                 try:
@@ -163,15 +176,15 @@ class Writer:
             if len(keep) < n:
                 data = domain.select(data, keep)
                 keys = [keys[i] for i in keep]
-                times = [times[i] for i in keep] if times is not None else None
+                orders = [orders[i] for i in keep] if orders is not None else None
             token = domain.batch_token(domain.key_strings(keys))
             try:
                 await self.store.ainsert_columns(self.table.name, self.table.columns, data, token=token)
             finally:
-                if window is not None and times is not None:
+                if window is not None and orders is not None:
                     # Stored, or perhaps stored (a failed insert may have landed all the same): a key
                     # remembered here is looked up when it comes again, so neither case stores it twice.
-                    window.stored(keys, times)
+                    window.stored(keys, orders)
         return Written(rows=len(data[0]), skipped_messages=skipped)
 
     def _origins(self, messages: Sequence[tuple[Sequence[msgspec.Struct], Delivery]],

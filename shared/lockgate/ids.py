@@ -45,14 +45,20 @@ def uuid7() -> str:
     ms = time.time_ns() // 1_000_000
     if ms > _last or not _prefix:  # the millisecond part is formatted once per millisecond
         _last = ms = max(ms, _last)
-        t = (ms & 0xFFFFFFFFFFFF).to_bytes(6, "big").hex()  # 48 bits of milliseconds
-        _prefix = f"{t[:8]}-{t[8:12]}-7"
+        _prefix = f"{uuid7_prefix(ms)}-7"
     p = _pos
     if p >= _POOL:
         _pool, p = _fill(), 0
     _pos = p + 20
     r = _pool  # 80 random bits, of which the version (digit 0, not used) and variant take 6
     return f"{_prefix}{r[p + 1 : p + 4]}-{r[p + 4 : p + 8]}-{r[p + 8 : p + 20]}"
+
+
+def uuid7_prefix(ms: int) -> str:
+    """The first 13 characters of a UUIDv7 made at `ms` (milliseconds since the epoch): its 48 bits of time in hex,
+    so that such prefixes sort as their times do."""
+    t = (ms & 0xFFFFFFFFFFFF).to_bytes(6, "big").hex()
+    return f"{t[:8]}-{t[8:12]}"
 
 
 _UUID7 = re.compile(r"^([0-9a-f]{8})-([0-9a-f]{4})-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

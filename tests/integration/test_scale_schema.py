@@ -136,6 +136,9 @@ def test_retention_settings_become_table_ttls(chdb_url: str, unique: str) -> Non
         assert "TTL toDateTime(time) + toIntervalDay(7)" in ddl("inference_events")
         assert "TTL toDateTime(Timestamp) + toIntervalDay(30)" in ddl("otel_traces")  # the default
         assert "TTL" not in ddl("cost_ledger") and "TTL" not in ddl("audit_log")
+        # The stored keys are kept as long as their rows: the sink finds a re-sent event's id there.
+        assert "TTL toDateTime(time) + toIntervalDay(7)" in ddl("inference_event_keys")
+        assert "TTL" not in ddl("cost_ledger_keys")
         again = open_store(chdb_url, unique, retention="inference_events=7,cost_ledger=0")
         again.close()
         assert "TTL toDateTime(time) + toIntervalDay(7)" in ddl("inference_events")

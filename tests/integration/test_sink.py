@@ -3,8 +3,9 @@ queryable."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
+import msgspec
 import nats
 import pytest
 
@@ -174,6 +175,54 @@ async def test_an_event_stored_by_an_earlier_process_and_resent_is_stored_once(
     await sink.on_inference([(events[:2], delivery("once-more"))])  # known to the store, not to this writer
     assert store.scalar("SELECT count() FROM inference_events") == 13
     assert store.scalar("SELECT uniqExact(id) FROM inference_events") == 13
+
+
+async def test_an_event_resent_with_another_time_after_a_restart_is_stored_once(
+    context: ServiceContext, store: Store
+) -> None:
+    """A producer re-sends events with other times (built again under their ids) to a restarted sink, which never
+    saw them: found by id in the table of stored keys, whatever their times. Before, the lookup was bounded to the
+    batch's times and the restarted writer vouched for rows later than the table's latest: stored twice."""
+    from lockgate.services.sink.handlers import SinkHandlers
+    from lockgate.store import open_store
+
+    def delivery(msg_id: str) -> Delivery:
+        return Delivery(subject="s", msg_id=msg_id, headers={}, deliveries=1, stream_seq=1)
+
+    events = _events(4)
+    await SinkHandlers(context, Telemetry().tracer("test")).on_inference([(events, delivery("first"))])
+    later = open_store(store.url, store.database)
+    restarted = ServiceContext(bus=context.bus, store=later, telemetry=Telemetry(), settings=context.settings)
+    sink = SinkHandlers(restarted, Telemetry().tracer("test"))
+    again = [msgspec.structs.replace(e, time=e.time + timedelta(minutes=5)) for e in events[:2]]
+    await sink.on_inference([([*again, *_events(1)], delivery("again"))])
+    earlier = [msgspec.structs.replace(e, time=e.time - timedelta(minutes=5)) for e in events[2:]]
+    await sink.on_inference([(earlier, delivery("once-more"))])
+    assert store.scalar("SELECT count() FROM inference_events") == 5
+    assert store.scalar("SELECT uniqExact(id) FROM inference_events") == 5
+
+
+async def test_an_event_the_sdk_builds_again_under_its_id_is_stored_and_billed_once(
+    run_services, settings, store: Store
+) -> None:
+    """An application emits an event again under its own id (its retry of a request it logged): the SDK times each
+    build, so the two differ in time and message. One row, one ledger entry, and the new neighbour stored."""
+    from lockgate.client import Client
+
+    svcs = await run_services("sink", "cost")
+    async with Client(settings.nats_url, prefix=settings.prefix, app="shop") as client:
+        client.emit(id="order-42-answer", deployment="web", model="sim-good", input_tokens=10)
+        await client.flush()
+        await svcs["sink"].handlers.events.wait_for(1)
+        client.emit(id="order-42-answer", deployment="web", model="sim-good", input_tokens=10)
+        client.emit(deployment="web", model="sim-good")
+        await client.flush()
+    await svcs["sink"].handlers.events.wait_for(3)
+    assert store.scalar("SELECT count() FROM inference_events") == 2
+    assert store.scalar("SELECT count() FROM inference_events WHERE id = 'order-42-answer'") == 1
+    await svcs["sink"].handlers.progress("cost_ledger").wait_for(2)  # a ledger for each of the two messages
+    assert store.scalar("SELECT count() FROM cost_ledger") == 2
+    assert store.scalar("SELECT count() FROM cost_ledger WHERE event_id = 'order-42-answer'") == 1
 
 
 async def test_an_event_resent_under_another_message_id_later_is_stored_once(

@@ -8,13 +8,17 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from lockgate.contracts import InferenceEvent
+from lockgate.ids import uuid7_prefix
 from lockgate.server.service import fewer_collections
 from lockgate.services.sink.domain import (
     FACTS,
+    ID_AHEAD_S,
     INFERENCE,
     StoredWindow,
     batch_token,
     events_in,
+    id_ceiling,
+    id_order,
     key_strings,
     new_rows,
     redaction,
@@ -49,12 +53,15 @@ def test_new_rows_per_row(keys: list, origins: list[int], stored: set, expected:
     assert new_rows(keys, origins, stored, per_row=True) == expected
 
 
-def test_events_and_ledger_entries_are_facts_of_their_own_looked_up_in_their_time_range() -> None:
+def test_events_and_ledger_entries_are_facts_of_their_own() -> None:
     by_table = {p.table.name: p for p in (*FACTS, INFERENCE)}
     # Ids are chosen by producers: another tenant's or app's event under the same id is another fact.
     for name, key in (("inference_events", ("tenant", "app", "id")), ("cost_ledger", ("tenant", "app", "event_id"))):
         assert by_table[name].table.key == key
-        assert by_table[name].per_row and by_table[name].within == "time"
+        assert by_table[name].per_row
+        # A producer may build an event again under its id at another time: its row, and its ledger entry, are
+        # looked up in a table of every stored key, whatever their time.
+        assert by_table[name].within is None and by_table[name].keys_table == f"{name}_keys".replace("events", "event")
 
 
 def test_select_and_token() -> None:
@@ -106,6 +113,24 @@ def test_stored_window_forgets_oldest_first_and_raises_its_horizon_past_them() -
     # e1..e4 are forgotten: rows up to their latest time are looked up again, later ones are vouched for
     assert window.horizon == _at(4)
     assert window.to_look_up([("e4",), ("e5",), ("x",)], [_at(4), _at(5), _at(7)]) == [0, 1]
+
+
+def test_ids_order_the_window_as_they_were_made_and_none_far_ahead_raises_its_horizon() -> None:
+    now = T0.timestamp()
+    made = [uuid7_prefix(int((now + s) * 1000)) + "-7abc-8def-0123456789ab" for s in (0, 1, 2)]
+    keys = [("t", "a", i) for i in made]
+    assert id_order(keys) == sorted(id_order(keys)) and id_order(keys)[0] == made[0][:13]
+    ceiling = id_ceiling(now)
+    assert id_order([("t", "a", uuid7_prefix(int((now + ID_AHEAD_S - 1) * 1000)))])[0] <= ceiling
+    window = StoredWindow(horizon="", capacity=2, generations=1, ceiling=lambda: ceiling)
+    # A producer's id sorting after every real one ("zzz"), stored and then forgotten, leaves the horizon where the
+    # real ids put it, so a later real id is still vouched for; the far-ahead id itself is always looked up.
+    window.stored([keys[0], ("t", "a", "zzzzzzzz")], [made[0][:13], "zzzzzzzz"])
+    window.stored([keys[1]], [made[1][:13]])
+    assert window.horizon == made[0][:13]
+    assert window.to_look_up([keys[2], ("t", "a", "zzzzzzzz")], [made[2][:13], "zzzzzzzz"]) == [1]
+    # Any id is sound to order by its text: one at or before the horizon is looked up.
+    assert window.to_look_up([("t", "a", "00000000-0000")], ["00000000-0000"]) == [0]
 
 
 def test_an_insert_is_sized_by_the_events_its_messages_carry() -> None:

@@ -15,6 +15,7 @@ from lockgate.store.client import Store
 # lineage, evals, gate decisions and the audit log are the record of what was shipped and why).
 TTL_COLUMNS: dict[str, str] = {
     "inference_events": "time",
+    "inference_event_keys": "time",
     "inference_scores": "time",
     "otel_traces": "Timestamp",
     "otel_traces_trace_id_ts": "End",
@@ -22,12 +23,18 @@ TTL_COLUMNS: dict[str, str] = {
     "drift_reports": "time",
     "rollout_events": "time",
     "cost_ledger": "time",
+    "cost_ledger_keys": "time",
     "cost_hourly": "hour",
 }
+
+# A table kept as long as another unless set itself: stored keys, as long as their rows (a key kept longer only
+# refuses a re-send of an expired event; one dropped sooner would let it be stored, or billed, twice).
+FOLLOWS: dict[str, str] = {"inference_event_keys": "inference_events", "cost_ledger_keys": "cost_ledger"}
 
 # High-volume raw data goes first; the bill (ledger, then its hourly rollup) is kept longest.
 DEFAULT_DAYS: dict[str, int] = {
     "inference_events": 90,
+    "inference_event_keys": 90,
     "inference_scores": 90,
     "otel_traces": 30,
     "otel_traces_trace_id_ts": 30,
@@ -35,20 +42,24 @@ DEFAULT_DAYS: dict[str, int] = {
     "drift_reports": 365,
     "rollout_events": 0,
     "cost_ledger": 400,
+    "cost_ledger_keys": 400,
     "cost_hourly": 0,
 }
 
 
 def parse_retention(text: str) -> dict[str, int]:
     """Days per table: the defaults, overridden by `table=days,...`."""
-    days = dict(DEFAULT_DAYS)
+    given: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         table, sep, value = part.partition("=")
         table = table.strip()
         if not sep or table not in TTL_COLUMNS or not value.strip().isdigit():
             raise ConfigError(f"retention {part!r} must be TABLE=DAYS (days >= 0, 0 = for ever) with TABLE one of "
                               f"{', '.join(TTL_COLUMNS)}")
-        days[table] = int(value)
+        given[table] = int(value)
+    days = {**DEFAULT_DAYS, **given}
+    for table, leader in FOLLOWS.items():
+        days[table] = given.get(table, days[leader])
     return days
 
 

@@ -105,5 +105,6 @@ TABLES: tuple[Table, ...] = (
     EVAL_CASES, GATE_DECISIONS, ROLLOUT_EVENTS, DRIFT_REPORTS, COST_LEDGER, AUDIT_LOG, INFERENCE_SCORES, ANALYSIS_RUNS,
 )
 
-# Kept by materialized views (migration 005), never written by the sink: no contract Struct of their own.
-DERIVED: tuple[str, ...] = ("otel_traces_trace_id_ts", "otel_traces_trace_id_ts_mv", "cost_hourly", "cost_hourly_mv")
+# Kept by materialized views (migrations 005 and 016), never written by the sink: no contract Struct of their own.
+DERIVED: tuple[str, ...] = ("otel_traces_trace_id_ts", "otel_traces_trace_id_ts_mv", "cost_hourly", "cost_hourly_mv",
+                             "inference_event_keys", "inference_event_keys_mv", "cost_ledger_keys", "cost_ledger_keys_mv")
