@@ -14,14 +14,18 @@ It also passes each `gate.decided` announcement on to `decided.<tenant>.<app>.<k
 empty: an application's own user may follow its own releases' announcements there, while `gate.decided` carries
 every tenant's decisions whole (the shared `app` user follows that one).
 
-A decisions read is answered a page at a time, each page under the connection's max_payload (`DecisionsPage`,
-`next_after`): before, one answer held every decision (about 3 KB each), and past about 350 its publish failed and
-nobody was answered. An answer that still cannot be sent is replaced by an error, never by silence; in a decisions
-read, a value no message can carry is withheld and named in its page (as the SDK skips one that does not decode).
+Each request is served in a task of its own, at most `_SLOTS` at once and `_PER_READER` of them one reader's (the
+shared user, or one tenant's and app's user): before, one callback answered them one after the other, and one
+app's burst of decisions reads held every other tenant's read behind it (20 of them, 5 s). A decisions read is
+answered a page at a time, each page under the connection's max_payload (`DecisionsPage`, `next_after`): before,
+one answer held every decision (about 3 KB each), and past about 350 its publish failed and nobody was answered.
+An answer that still cannot be sent is replaced by an error, never by silence; in a decisions read, a value no
+message can carry is withheld and named in its page (as the SDK skips one that does not decode).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,6 +52,9 @@ log = logging.getLogger("lockgate.gateway.reads")
 _READ_FAILED = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
 _pages: Codec[DecisionsPage] = Codec(DecisionsPage)
 
+_SLOTS = 16  # requests one gateway replica serves at once
+_PER_READER = 4  # of those, one reader's: one application user cannot take every slot
+_QUEUED_PER_READER = 64  # one reader's requests waiting or served; the next ones are refused at once (no read)
 _ROOM = 4096  # bytes of max_payload kept for a page's envelope (error, message, next key) and any headers
 
 
@@ -61,6 +68,14 @@ class _Page:
     withheld: list[str] = field(default_factory=list)
 
 
+class _Reader:
+    """One application user's requests in flight, and its share of the slots."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.slots = asyncio.Semaphore(_PER_READER)
+
+
 class Reads:
     """Answers applications' users' decision reads and passes announcements on (one gateway replica each: a queue
     group)."""
@@ -69,8 +84,18 @@ class Reads:
         self.bus = bus
         self.answered = Progress()
         self.refused = Progress()  # requests whose reply was no application user's inbox: never answered
+        self.busy = Progress()  # requests answered "unavailable" unread: their reader had too many in flight
         self.passed_on = Progress()  # announcements passed on to a release's tenant's and app's subject
         self._subs: list[Subscription] = []
+        self._slots = asyncio.Semaphore(_SLOTS)
+        self._readers: dict[str, _Reader] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Release key -> its binding's tenant and app. The releases bucket takes one value per key, never replaced,
+        # deleted or purged (Bus._ensure_write_once), so a binding read once holds for good and a scoped read
+        # checks each key of the gates bucket once per process, not once per request. A key with no binding, or
+        # one whose value is no bundle (refused by `release_of`, as for every reader), is not kept: it is read
+        # again each time, as a name not bound yet may be bound later.
+        self._bindings: dict[str, Mapping[str, Any]] = {}
 
     async def start(self) -> None:
         s, nc = self.bus.subjects, self.bus.nc
@@ -81,6 +106,10 @@ class Reads:
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs = []
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def on_read(self, msg: Msg) -> None:
         request = self.bus.subjects.read_request(msg.subject)
@@ -93,12 +122,34 @@ class Reads:
             log.warning("reads: dropped a request on %s whose reply %r is not an application user's inbox",
                         msg.subject, msg.reply)
             return
+        # Served in a task of its own: this callback is the subscription's only one, and a read waited on here
+        # would hold every other reader's behind it.
+        state = self._readers.setdefault(reader, _Reader())
+        if state.in_flight >= _QUEUED_PER_READER:
+            await self.busy.bump()
+            await self._send(msg.reply, DecisionsRead(
+                error="unavailable", message=f"the lockgate gateway is serving {_QUEUED_PER_READER} reads of "
+                                             f"this application user already: retry once they are answered"))
+            return
+        state.in_flight += 1
+        task = asyncio.create_task(self._serve(msg.reply, msg.data, request, reader, state))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reply: str, data: bytes, request: tuple[str, str, str, str], reader: str,
+                     state: _Reader) -> None:
         try:
-            answer = await self._answer(msg.data, request, reader)
-        except Exception as exc:  # a defect: said to the reader and logged, never left unanswered
-            log.exception("reads: request on %s failed", msg.subject)
-            answer = DecisionsRead(error="unavailable", message=f"the lockgate gateway failed: {exc!r}")
-        await self._send(msg.reply, answer)
+            async with state.slots, self._slots:
+                try:
+                    answer = await self._answer(data, request, reader)
+                except Exception as exc:  # a defect: said to the reader and logged, never left unanswered
+                    log.exception("reads: request on %s failed", request)
+                    answer = DecisionsRead(error="unavailable", message=f"the lockgate gateway failed: {exc!r}")
+            await self._send(reply, answer)
+        finally:
+            state.in_flight -= 1
+            if not state.in_flight:
+                self._readers.pop(reader, None)
 
     async def _answer(self, data: bytes, request: tuple[str, str, str, str], reader: str) -> DecisionsRead:
         tenant, app, kind, name = request
@@ -177,8 +228,12 @@ class Reads:
             return False
 
     async def _binding(self, key: str) -> Mapping[str, Any]:
-        """The bundle a release key is bound to (`release_of`'s errors if none)."""
-        return await artifacts.release_of(self.bus, untoken(key))
+        """The tenant and app a release key is bound to (`release_of`'s errors if none)."""
+        binding = self._bindings.get(key)
+        if binding is None:
+            bundle = await artifacts.release_of(self.bus, untoken(key))
+            binding = self._bindings[key] = {"tenant": bundle.get("tenant"), "app": bundle.get("app")}
+        return binding
 
     async def _send(self, reply: str, answer: DecisionsRead) -> None:
         data = encode(answer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import nats
 import pytest
@@ -21,8 +22,11 @@ from lockgate.config import Settings
 from lockgate.contracts import DecisionsRead, GateDecided, RuleResult
 from lockgate.errors import BusUnavailable
 from lockgate.server.runtime import Runtime
+from lockgate.server.service import Progress
+from lockgate.services.gateway import reads as gateway_reads
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.subjects import token
+from tests.helpers import aim_jetstream_reply
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -133,3 +137,88 @@ async def test_a_value_no_message_carries_is_an_error_for_its_own_read_and_withh
             await client.decision("huge")
         # Every other decision is still listed: one such value (no decision the gatekeeper writes) ends no read.
         assert await _take(client.decisions(""), 1) == {"shop-v1": decided}
+
+
+async def test_one_apps_burst_of_decisions_reads_does_not_hold_another_tenants_read(
+        stack: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = stack.ctx.bus.subjects
+    await _bind(stack, "globex", "globex-v1")
+    await _decide(stack, _signed("globex-v1"))
+    reads = stack.services["gateway"].reads
+    # acme's reads are held in the store (a slow bucket, a big one) until the test lets them go, so whatever the
+    # machine's speed they are outstanding while globex reads.
+    let_go, held = asyncio.Event(), Progress()
+    read = reads._read
+
+    async def held_for_acme(kind: str, name: str, scope: Any, *args: Any) -> Any:
+        if scope == ("acme", "shop"):
+            await held.bump()
+            await let_go.wait()
+        return await read(kind, name, scope, *args)
+
+    monkeypatch.setattr(reads, "_read", held_for_acme)
+
+    burst, victim = await _connect(stack, "acme"), await _connect(stack, "globex")
+    try:
+        answered, answers = Progress(), []
+
+        async def on_answer(msg: Any) -> None:
+            answers.append(_answers.decode(msg.data))
+            await answered.bump()
+
+        await burst.subscribe("_INBOX.apps.acme.shop.burst.>", cb=on_answer)
+        # One more than a reader may have in flight: the last is answered at once, unread.
+        n = gateway_reads._QUEUED_PER_READER + 1
+        for i in range(n):
+            await burst.publish(s.read_decisions("shop", "acme", ""), b"", reply=f"_INBOX.apps.acme.shop.burst.{i}")
+        await burst.flush()
+        await held.wait_for(1, 10)
+
+        # Another tenant's read is answered while acme's are all still outstanding.
+        answer = _answers.decode((await victim.request(s.read_decision("shop", "globex", "globex-v1"), b"",
+                                                       timeout=10)).data)
+        assert [e.key for e in answer.entries] == [token("globex-v1")] and not answer.error
+        await answered.wait_for(1, 10)
+        assert answers[0].error == "unavailable" and "retry" in answers[0].message
+        await held.wait_for(gateway_reads._PER_READER, 10)
+        assert held.count == gateway_reads._PER_READER  # acme holds its share of the slots, no more
+        assert answered.count == 1
+
+        let_go.set()
+        await answered.wait_for(n, 30)
+        assert all(not a.error for a in answers[1:]) and len(answers) == n
+    finally:
+        await burst.close()
+        await victim.close()
+
+
+async def test_a_scoped_reader_reads_each_release_binding_once(stack: Runtime,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    s = stack.ctx.bus.subjects
+    mine, theirs = [f"shop-{i}" for i in range(20)], [f"globex-{i}" for i in range(20)]
+    await _bind(stack, "acme", *mine)
+    await _bind(stack, "globex", *theirs)
+    # A release key holding JetStream's own JSON (aimed there by an identity that may): no binding, refused.
+    await aim_jetstream_reply(stack.ctx.bus.nc, s.streams["dlq"].name, s.dlq("readsprobe"), s.kv_releases,
+                              token("rogue"), "ack")
+    await _decide(stack, *(_signed(r) for r in [*mine, *theirs, "rogue"]))
+    calls = []
+    release_of = artifacts.release_of
+
+    async def counted(bus: Any, release: str) -> Any:
+        calls.append(release)
+        return await release_of(bus, release)
+
+    monkeypatch.setattr(artifacts, "release_of", counted)
+    nc = await _connect(stack, "acme")
+    try:
+        for reading in ("first", "second"):
+            calls.clear()
+            answer = _answers.decode((await nc.request(s.read_decisions("shop", "acme", ""), b"{}", timeout=10)).data)
+            assert sorted(e.key for e in answer.entries) == sorted(token(r) for r in mine), reading
+            if reading == "first":
+                assert len(calls) == len(mine) + len(theirs) + 1
+        # Read once, a binding holds (the releases bucket is write-once); the unbound key is read, and refused, again.
+        assert calls == ["rogue"]
+    finally:
+        await nc.close()
