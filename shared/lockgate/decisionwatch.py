@@ -29,8 +29,8 @@ from typing import Any, Protocol
 import nats.errors
 import nats.js.errors
 
-from lockgate.codec import Codec
-from lockgate.contracts import DecisionsRead, GateDecided, StoredDecision
+from lockgate.codec import Codec, encode
+from lockgate.contracts import DecisionsPage, DecisionsRead, GateDecided, StoredDecision
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, NotFound
 from lockgate.kvread import kv_keys
 from lockgate.retry import RetryPolicy
@@ -40,7 +40,7 @@ log = logging.getLogger("lockgate.decisions")
 
 _decisions: Codec[GateDecided] = Codec(GateDecided)
 _reads: Codec[DecisionsRead] = Codec(DecisionsRead)
-_REQUEST_TIMEOUT_S = 5.0  # one gateway answer (a read of each key of the bucket, and of their bindings)
+_REQUEST_TIMEOUT_S = 5.0  # one gateway answer (a page: the keys of the bucket listed, and a message of them read)
 # A read the store does not answer (a leader election, a short outage) is retried before the watch gives up.
 _READ_RETRY = RetryPolicy(attempts=6, initial_s=0.2, max_s=3.0)
 _READ_FAILED = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
@@ -94,7 +94,8 @@ class KvSource:
 
 class GatewaySource:
     """The gateway's answers to an application user (`Subjects.reads`, services/gateway/reads.py), which makes no
-    JetStream API request: the entries as stored, so their signatures are checked here as if read from KV."""
+    JetStream API request: the entries as stored, so their signatures are checked here as if read from KV. Every
+    key is read a page at a time (`DecisionsPage`), each page one message under the server's max_payload."""
 
     def __init__(self, nc: Any, subjects: Subjects, tenant: str, app: str, release_prefix: str = "") -> None:
         self.nc, self.subjects = nc, subjects
@@ -107,8 +108,23 @@ class GatewaySource:
                        else s.read_decision(self.app, self.tenant, untoken(key)))
         except ConfigError:  # no release's key (an announcement's subject of several tokens): nothing to ask for
             return []
+        if key is not None:
+            return (await self._ask(subject, b"")).entries
+        entries: list[StoredDecision] = []
+        after = ""
+        while True:
+            answer = await self._ask(subject, encode(DecisionsPage(after=after)))
+            entries += answer.entries
+            if not answer.next_after:  # the last page (a gateway from before pages answers in one)
+                return entries
+            if answer.next_after <= after:  # would ask for the same page again, for ever
+                raise BusUnavailable(f"the gateway's answer on {subject} asks to go on after {answer.next_after!r}, "
+                                     f"not past {after!r}")
+            after = answer.next_after
+
+    async def _ask(self, subject: str, body: bytes) -> DecisionsRead:
         try:
-            msg = await _READ_RETRY.call(lambda: self.nc.request(subject, b"", timeout=_REQUEST_TIMEOUT_S),
+            msg = await _READ_RETRY.call(lambda: self.nc.request(subject, body, timeout=_REQUEST_TIMEOUT_S),
                                          retry_on=_READ_FAILED, what=f"read gate decisions on {subject}")
         except _READ_FAILED as exc:
             raise BusUnavailable(f"cannot read gate decisions through the lockgate gateway ({subject}): {exc!r}; "
@@ -121,7 +137,9 @@ class GatewaySource:
             raise NotFound(answer.message)
         if answer.error:
             raise BusUnavailable(answer.message)
-        return answer.entries
+        if answer.message:  # keys withheld (a value no message carries): skipped, as an undecodable one is
+            log.warning("gate decisions read on %s: %s", subject, answer.message)
+        return answer
 
 
 async def watch_decisions(kv: Any, release_prefix: str = "", *, nc: Any, subjects: Subjects,

@@ -11,8 +11,9 @@ import nats.js.errors
 import pytest
 
 from lockgate.codec import encode
-from lockgate.contracts import GateDecided
-from lockgate.decisionwatch import ReconnectCounter, watch_decisions
+from lockgate.contracts import DecisionsPage, DecisionsRead, GateDecided, StoredDecision
+from lockgate.decisionwatch import GatewaySource, ReconnectCounter, watch_decisions
+from lockgate.errors import BusUnavailable
 from lockgate.subjects import Subjects, token
 
 pytestmark = pytest.mark.timeout(10)
@@ -107,3 +108,40 @@ async def test_current_then_announced_newest_per_release_and_a_relist_after_reco
 
     await watch.aclose()
     assert conn.unsubscribed
+
+
+class Gateway:
+    """The gateway's reads as a connection's requests: `pages` answers in turn, each request's body kept."""
+
+    def __init__(self, *pages: bytes) -> None:
+        self.pages = list(pages)
+        self.asked: list[tuple[str, bytes]] = []
+
+    async def request(self, subject: str, body: bytes, timeout: float) -> Any:
+        self.asked.append((subject, body))
+        return SimpleNamespace(data=self.pages.pop(0))
+
+
+def _entry(key: str, revision: int) -> StoredDecision:
+    return StoredDecision(key=key, revision=revision, value=b"signed")
+
+
+async def test_the_gateway_source_reads_every_page_of_the_current_decisions() -> None:
+    a, b, c = _entry("a", 1), _entry("b", 2), _entry("c", 3)
+    nc = Gateway(encode(DecisionsRead(entries=[a, b], next_after="b")), encode(DecisionsRead(entries=[c])),
+                 encode(DecisionsRead(entries=[b])))
+    source = GatewaySource(nc, S, "acme", "shop")
+    assert await source.read(None) == [a, b, c]
+    assert await source.read("b") == [b]
+    listing = S.read_decisions("shop", "acme", "")
+    assert nc.asked == [(listing, encode(DecisionsPage(after=""))), (listing, encode(DecisionsPage(after="b"))),
+                        (S.read_decision("shop", "acme", "b"), b"")]  # one key: a body-less request, as before
+
+
+async def test_a_gateway_from_before_pages_answers_in_one_and_one_that_does_not_move_on_is_refused() -> None:
+    a = _entry("a", 1)
+    before_pages = b'{"entries":[{"key":"a","revision":1,"value":"c2lnbmVk"}],"error":"","message":""}'
+    assert await GatewaySource(Gateway(before_pages), S, "acme", "shop").read(None) == [a]
+    stuck = encode(DecisionsRead(entries=[a], next_after="a"))
+    with pytest.raises(BusUnavailable, match="not past 'a'"):
+        await GatewaySource(Gateway(stuck, stuck), S, "acme", "shop").read(None)

@@ -30,6 +30,7 @@ from lockgate.contracts.evals import (
     MetricInterval,
 )
 from lockgate.contracts.gates import (
+    DecisionsPage,
     DecisionsRead,
     GateAudited,
     GateDecided,
@@ -112,6 +113,7 @@ __all__ = [
     "EvalReran",
     "Event",
     "FeatureDrift",
+    "DecisionsPage",
     "DecisionsRead",
     "GateAudited",
     "GateDecided",

@@ -95,10 +95,22 @@ class StoredDecision(msgspec.Struct, frozen=True, kw_only=True):
     value: bytes
 
 
+class DecisionsPage(msgspec.Struct, frozen=True, kw_only=True):
+    """An application user's request for one page of a decisions read (`Subjects.read_decisions`): the entries
+    whose keys sort after `after` ("" for the first page). A request without a body (an SDK from before pages)
+    is answered in one message, or with an error when its entries do not fit in one."""
+
+    after: str = ""
+
+
 class DecisionsRead(msgspec.Struct, frozen=True, kw_only=True):
     """The gateway's answer to an application user's decision read (`Subjects.reads`): the entries it may read
-    (none for a release it may not, alike to one never decided), or what kept it from reading them."""
+    (none for a release it may not, alike to one never decided), or what kept it from reading them.
+
+    A page holds what fits in one NATS message: `next_after` is the key to ask after (`DecisionsPage`) for the
+    rest, empty on the last page."""
 
     entries: list[StoredDecision] = []
     error: Literal["", "not_found", "unavailable"] = ""
     message: str = ""
+    next_after: str = ""
