@@ -1,9 +1,12 @@
 """Pure drift gate: a policy's drift rules over a live DriftReport for a canary release (no I/O).
 
-A drift report is evidence about the release the deployment is canarying (a canary_vs_stable report names
-it): a matching feature whose PSI exceeds a rule's `max_psi`, or with `test: true` whose own drift test found
-drift, fails the rule, and a failing rule that is not a dry run blocks the release. A rule limited to one
-`compare` kind ignores the other kind of report.
+A drift report is evidence about one release (`driftgate.canary_release` says which): a canary_vs_stable
+report about the canary it compares with stable over the same time; a now_vs_reference one only about a release
+under post-promotion analysis, the deployment's one arm (while a canary has a stable arm, the deployment's
+window is mostly stable's traffic and moves with what clients ask: it never judges the canary). A matching
+feature whose PSI exceeds a rule's `max_psi`, or with `test: true` whose own drift test found drift, fails the
+rule, and a failing rule that is not a dry run blocks the release. A rule limited to one `compare` kind ignores
+the other kind of report.
 """
 
 from __future__ import annotations
@@ -96,7 +99,8 @@ def decide_drift(policy: Policy, report: DriftReport) -> Outcome | None:
     if not failing:
         return None
     why = "; ".join(f"{r.rule}: {r.hint}" for r in failing)
-    where = f"deployment {report.deployment!r}" + (" (canary vs stable)" if report.comparison == "canary_vs_stable" else "")
+    where = f"deployment {report.deployment!r}" + (" (canary vs stable)" if report.comparison == "canary_vs_stable"
+                                                   else " (now vs reference)")
     return Outcome("BLOCK", results, f"drift policy {policy.name!r} of {where}: {why}")
 
 

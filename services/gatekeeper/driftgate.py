@@ -1,6 +1,6 @@
-"""NATS edge of the drift gate: a DriftReport for a deployment whose canary release is under a policy with
-drift rules (now-versus-reference, or canary-versus-stable naming the canary) becomes a signed BLOCK of that
-release (the router acts on BLOCK: it rolls the canary back)."""
+"""NATS edge of the drift gate: a DriftReport about a release under a policy with drift rules (a canary-versus-
+stable report of the canary, or after a blue-green promotion the deployment's now-versus-reference one) becomes
+a signed BLOCK of that release (the router acts on BLOCK: it rolls the canary back)."""
 
 from __future__ import annotations
 
@@ -56,20 +56,23 @@ def decode_route(raw: bytes) -> _Route:
 
 
 def canary_release(route: _Route | None, report: DriftReport) -> str:
-    """The release a drift report is evidence about: the canary a canary_vs_stable report names (its window
-    is that release's own traffic, whatever the route's phase since: a canary the router already aborted
-    still earns its BLOCK); else (events that name no release) a live canary (or preview), or a release under post-promotion analysis,
-    whose traffic the report's window covers; "" when there is none."""
+    """The release a drift report is evidence about, "" when none.
+
+    A canary_vs_stable report: the canary it names (its window is that release's own traffic, whatever the
+    route's phase since: a canary the router already aborted still earns its BLOCK), or, naming none, the live
+    canary (or preview). A now_vs_reference report: only a release under post-promotion analysis, the one arm
+    left, whose traffic its window is. Never a canary that has a stable arm: the deployment's window is then
+    mostly stable's traffic and moves with what clients ask (a probe had a healthy canary BLOCKed, for good,
+    by asking other questions), and the same-time canary-versus-stable comparison is what judges it."""
     if report.comparison == "canary_vs_stable" and report.release:
         return report.release
-    if route is None:
+    if route is None or route.canary is None:
         return ""
-    verifying = route.phase == "promoted" and route.verifying
-    since = route.promoted_at if verifying else route.started_at
-    if route.canary is None or not (route.phase == "progressing" or verifying) \
-            or report.window_end.timestamp() < since:
-        return ""
-    return route.canary.release
+    if report.comparison == "canary_vs_stable":
+        live, since = route.phase == "progressing", route.started_at
+    else:
+        live, since = route.phase == "promoted" and route.verifying, route.promoted_at
+    return route.canary.release if live and report.window_end.timestamp() >= since else ""
 
 
 class DriftGate:

@@ -206,14 +206,16 @@ class Review(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class DriftRule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """`drift: [{max_psi: 0.2, features: [output_tokens, "finish_reason:*"]}]`: a live drift report in which a
-    matching feature's PSI exceeds `max_psi` blocks the deployment's canary release (the router then rolls it
-    back), naming the feature. `features` are globs over the report's feature names (categorical ones are
-    `feature:category`); empty matches every feature of the answer (request-side ones, input_tokens and
-    prompt_text, which any client moves with what it sends, only when named). `test: true` also fails a feature
-    whose own drift test (KS, chi-squared, Z, Wasserstein, Jensen-Shannon, or the text embedding test) found
-    drift; a rule needs `max_psi`, `test` or both. `compare` limits the rule to one kind of report:
-    "now_vs_reference" (the deployment's latest window against its reference) or "canary_vs_stable" (a rollout's
-    canary window against the stable variant's); "any" (the default) judges both."""
+    matching feature's PSI exceeds `max_psi` blocks the release it is about (the router then rolls it back),
+    naming the feature: a canary by a canary-versus-stable report, a release under post-promotion analysis by the
+    deployment's now-versus-reference one (never a canary that has a stable arm: `driftgate.canary_release`).
+    `features` are globs over the report's feature names (categorical ones are `feature:category`); empty
+    matches every feature of the answer (request-side ones, input_tokens and prompt_text, which any client moves
+    with what it sends, only when named). `test: true` also fails a feature whose own drift test (KS,
+    chi-squared, Z, Wasserstein, Jensen-Shannon, or the text embedding test) found drift; a rule needs `max_psi`,
+    `test` or both. `compare` limits the rule to one kind of report: "now_vs_reference" (the deployment's latest
+    window against its reference) or "canary_vs_stable" (a rollout's canary window against the stable
+    variant's); "any" (the default) judges both, each where it applies."""
 
     max_psi: Annotated[float, msgspec.Meta(gt=0)] | None = None
     test: bool = False

@@ -58,11 +58,13 @@ class MetricSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     scores per variant is WAITING: no step passes on a handful of scored answers.
 
     `drift` is the number of features the drift monitor's latest report covering the canary found drifted
-    in a way that can harm (an improvement never counts), held to `max` (e.g. 0): the canary-versus-stable
-    report of the canary's release when there is one, else the deployment's now-versus-reference one.
+    in a way that can harm (an improvement never counts), held to `max` (e.g. 0): while the canary has a stable
+    arm, the canary-versus-stable report of its release produced since the current step began, never the
+    deployment's now-versus-reference one (mostly stable's traffic, moved by what clients ask); after a
+    blue-green promotion, the deployment's now-versus-reference one (`progress.drift_evidence`).
     `features` restricts it to named features (`finish_reason` covers every `finish_reason:category`);
     a feature counts on the monitor's own alarm, or with `min_psi` on its test's verdict and a PSI at least
-    that. No report covering the canary yet is WAITING: no data never passes.
+    that. No such report yet is WAITING: no data never passes, nor fails.
     """
 
     name: MetricName
@@ -297,7 +299,8 @@ def _judge_drift(spec: MetricSpec, report: DriftReport | None) -> MetricResult:
     """The harmfully drifted features of the report covering the canary, counted against `max`."""
     if report is None:
         return MetricResult(name="drift", verdict="WAITING",
-                            why="waiting for a drift report covering the canary (is the drift monitor running?)")
+                            why="waiting for a drift report covering the canary since this step began (its window "
+                                "against stable's; after a promotion, the deployment's): is the drift monitor running?")
     base = {"name": "drift", "canary_n": report.current_n, "stable_n": report.reference_n}
     which = (f"{report.comparison} report {report.id}" + (f" of {report.release} vs {report.reference_release}"
                                                          if report.comparison == "canary_vs_stable" else ""))

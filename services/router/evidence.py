@@ -17,6 +17,7 @@ from dataclasses import replace
 import numpy as np
 
 from lockgate.contracts import DriftReport, InferenceEvent
+from lockgate.contracts.drift import Comparison
 from lockgate.services.router.analysis import VariantSample
 
 MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bounded memory
@@ -91,22 +92,23 @@ class Evidence:
 
     def add_drift(self, report: DriftReport) -> None:
         """Keep a drift report if it is the newest of its deployment and comparison (and canary release), and
-        of answers the routers served: one of an application's own events is no evidence of what a release did."""
-        if not report.served:
+        of answers the routers served: one of an application's own events is no evidence of what a release did
+        (nor is a canary-versus-stable one naming no release: it is about no canary in particular)."""
+        if not report.served or (report.comparison == "canary_vs_stable" and not report.release):
             return
         key = (report.deployment, report.release if report.comparison == "canary_vs_stable" else "")
         held = self._drift.get(key)
         if held is None or report.window_end >= held.window_end:
             self._drift[key] = report
 
-    def drift(self, deployment: str, release: str, since: float) -> DriftReport | None:
-        """The newest drift report covering `release` from `since` (unix seconds) on: the canary-versus-stable
-        one of that release if there is one, else the deployment's now-versus-reference one."""
-        for key in ((deployment, release), (deployment, "")):
-            report = self._drift.get(key)
-            if report is not None and report.window_end.timestamp() >= since:
-                return report
-        return None
+    def drift(self, deployment: str, release: str, since: float,
+              comparison: Comparison = "canary_vs_stable") -> DriftReport | None:
+        """The newest drift report of `comparison` whose window ends at `since` (unix seconds) or later:
+        canary_vs_stable, the one of `release`; now_vs_reference, the deployment's, whatever `release` (it covers
+        the whole deployment's traffic). Never one kind in place of the other: which kind is evidence about a
+        release is the caller's to say (`progress.drift_evidence`)."""
+        report = self._drift.get((deployment, release if comparison == "canary_vs_stable" else ""))
+        return report if report is not None and report.window_end.timestamp() >= since else None
 
     def forget(self, deployment: str, keep: set[str]) -> None:
         """Drop a deployment's rows except for the releases in `keep` (and its now-versus-reference drift,

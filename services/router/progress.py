@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import msgspec
 
 from lockgate.contracts import DriftReport, GateDecided
+from lockgate.contracts.drift import Comparison
 from lockgate.services.router import bluegreen, domain, drifts, program
 from lockgate.services.router.analysis import AnalysisSpec, Measurement, describe
 from lockgate.services.router.domain import InvalidRollout, NotAdmitted, Route
@@ -153,7 +154,8 @@ def on_time(route: Route, steps: tuple[float, ...], interval_s: float, now: floa
     """Changes the clock alone makes: a timed pause step ends, a blue-green preview promotes itself (without a
     pre-promotion analysis), its old release scales down, or a plain step falls due."""
     if program.pause_over(route, now) and route.strategy is not None:
-        return program.run(route, route.strategy.program(), interval_s, now, f"timed pause at {_where(route)} over")
+        return program.run(stepped(route, now), route.strategy.program(), interval_s, now,
+                           f"timed pause at {_where(route)} over")
     if bluegreen.scale_down_due(route, now):
         return bluegreen.scale_down(route)
     if analysed(route) or route.paused:
@@ -184,6 +186,7 @@ def _advance(route: Route, st: AnalysisStatus, steps: tuple[float, ...], interva
     if route.strategy is not None and route.strategy.shadow_only():
         return _bump(route, analysis=st, next_step_at=now + interval_s,
                      reason=f"{where}; shadow only: the candidate serves no user until promoted by hand")
+    st = msgspec.structs.replace(st, step_at=now)  # the looks of the step that begins count reports from now
     if program.programmed(route) and route.strategy is not None:
         return program.run(msgspec.structs.replace(route, analysis=st), route.strategy.program(), interval_s, now,
                            where)
@@ -192,6 +195,33 @@ def _advance(route: Route, st: AnalysisStatus, steps: tuple[float, ...], interva
         return msgspec.structs.replace(domain.promote(route, f"analysis passed at {route.weight:g}%"), analysis=st)
     return _bump(route, analysis=st, weight=steps[following], step=following + 1, next_step_at=now + interval_s,
                  reason=f"{where}; step {following + 1}/{len(steps)}: canary at {steps[following]:g}%")
+
+
+def stepped(route: Route, now: float) -> Route:
+    """The route of an analysed rollout whose next step begins at `now` (a pause step over): its looks count
+    drift reports produced from then on only."""
+    if not analysed(route):
+        return route
+    return msgspec.structs.replace(route, analysis=msgspec.structs.replace(route.analysis or AnalysisStatus(),
+                                                                           step_at=now))
+
+
+def drift_evidence(route: Route, since: float) -> tuple[Comparison, str, float]:
+    """Which drift report a `drift` metric's look judges: its comparison, the release it is about, and the time
+    its window must end at or after (`since`: the rollout's start, or its analysis window).
+
+    While the canary has a stable arm (live, held by an override, a blue-green preview), only the
+    canary-versus-stable report of its release: the deployment's now-versus-reference one is mostly stable's
+    traffic, and moves with what clients ask (a probe drifted it at will and aborted, or promoted, canaries on it).
+    It must be produced since the current step began (`AnalysisStatus.step_at`): the report that passed one
+    step never passes the next, nor the promotion. After a blue-green promotion there is no stable arm, and
+    the monitor's reference restarted with the promoted release: its now-versus-reference reports are of that
+    release alone."""
+    if route.phase == "promoted":
+        return "now_vs_reference", route.stable.release, since
+    assert route.canary is not None
+    step = route.analysis.step_at if route.analysis is not None else 0.0
+    return "canary_vs_stable", route.canary.release, max(since, step)
 
 
 def _bump(route: Route, **changes: object) -> Route:
@@ -352,8 +382,8 @@ def resume(route: Route, actor: str, interval_s: float, now: float) -> Route:
     st = route.analysis and msgspec.structs.replace(route.analysis, inconclusives=0)
     live = route.phase == "progressing"
     if route.step_pause and route.strategy is not None and live:  # approval of a pause step: the next step now
-        return program.run(msgspec.structs.replace(route, analysis=st), route.strategy.program(), interval_s, now,
-                           f"approved at {_where(route)} by {actor}")
+        return program.run(stepped(msgspec.structs.replace(route, analysis=st), now), route.strategy.program(),
+                           interval_s, now, f"approved at {_where(route)} by {actor}")
     # A canary waiting for a decision (a new canary release, NEEDS_REVIEW, an override cleared) runs no step:
     # its program starts again from the first step once a decision allows it.
     return _bump(route, paused=False, step_pause=False, resume_at=0.0, analysis=st,

@@ -19,12 +19,15 @@ def template(route: Route) -> Literal["canary", "pre-promotion", "post-promotion
     return "post-promotion" if route.phase == "promoted" else "pre-promotion"
 
 
-def condition(spec: MetricSpec) -> str:
-    """A metric's limits as text: `<= stable + 0.01 and <= 0.05`."""
+def condition(spec: MetricSpec, verifying: bool = False) -> str:
+    """A metric's limits as text: `<= stable + 0.01 and <= 0.05`; a drift metric's names the kind of report it
+    judges (`progress.drift_evidence`): the canary's window against stable's, or after a promotion the
+    deployment's against its reference."""
     if spec.name == "drift":
         among = f" among {', '.join(spec.features)}" if spec.features else ""
         by = f" (test significant and PSI >= {spec.min_psi:g})" if spec.min_psi is not None else ""
-        return f"<= {spec.max:g} drifted features{among}{by}"
+        kind = "now_vs_reference" if verifying else "canary_vs_stable"
+        return f"<= {spec.max:g} drifted features{among}{by} in the {kind} report"
     parts = []
     if spec.max is not None:
         parts.append(f"<= {spec.max:g}")
@@ -70,7 +73,7 @@ def record(before: Route, after: Route | None, m: Measurement, spec: AnalysisSpe
     judged = before.stable.release if verifying else before.canary.release
     baseline = (before.previous.release if before.previous else "") if verifying else before.stable.release
     status = (after or before).analysis
-    metrics = [AnalysisMetric(name=r.name, verdict=r.verdict, condition=condition(s), canary=r.canary,
+    metrics = [AnalysisMetric(name=r.name, verdict=r.verdict, condition=condition(s, verifying), canary=r.canary,
                               stable=r.stable, threshold=r.threshold, bound=r.bound, canary_n=r.canary_n,
                               stable_n=r.stable_n, dry_run=r.dry_run, why=_why(r))
                for r, s in zip(m.metrics, spec.metrics, strict=True)]
@@ -98,5 +101,5 @@ def error(route: Route, after: Route | None, spec: AnalysisSpec, why: str) -> An
                        outcome=outcome(route, after),
                        successes_needed=spec.count, failure_limit=spec.failure_limit,
                        inconclusive_limit=spec.inconclusive_limit,
-                       metrics=[AnalysisMetric(name=s.label, verdict="ERROR", condition=condition(s),
+                       metrics=[AnalysisMetric(name=s.label, verdict="ERROR", condition=condition(s, verifying),
                                                dry_run=s.dry_run) for s in spec.metrics])

@@ -131,3 +131,6 @@ class AnalysisStatus(msgspec.Struct, frozen=True, kw_only=True):
     consecutive_errors: int = 0  # looks in a row that raised; any measured look resets it
     last: Measurement | None = None
     at: float = 0.0
+    # Unix seconds the current step began (0: when the rollout started): a `drift` metric's look counts only a
+    # report produced since, so one report never passes two steps, or a step and the promotion.
+    step_at: float = 0.0

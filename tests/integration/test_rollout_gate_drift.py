@@ -1,5 +1,6 @@
 """Closed loop through the gate and the rollout history, on the real bus: a drift report over a policy's
-drift rule becomes a signed BLOCK naming the feature and the router goes back to stable; rollbacks and
+drift rule becomes a signed BLOCK naming the feature and the router goes back to stable (the canary's report
+against stable's while it has a stable arm, never the deployment's; the deployment's after a promotion); rollbacks and
 `lockgate rollout undo --to` go to the last (or a named) known-good release."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lockgate.codec import Codec
 from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
+from lockgate.services.gatekeeper.domain import decision_id
 from lockgate.signing import Signer, Verifier, ensure_signer_trusted
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
@@ -84,31 +86,72 @@ async def _promote(http: aiohttp.ClientSession, router: Any) -> None:
         assert resp.status == 200, await resp.text()
 
 
+def _report(comparison: str, **psi: float) -> DriftReport:
+    """A report of served answers as the drift monitor publishes it, ending now, with these features' PSIs (and the
+    monitor's own alarm on latency_ms alone: output_tokens stays under its threshold, so the router never acts
+    on the report by itself, only on the gate's BLOCK)."""
+    now = datetime.now(UTC)
+    arms = {"release": "r2", "reference_release": "r1"} if comparison == "canary_vs_stable" else {}
+    return DriftReport(served=True, deployment="chat", app="shop", window_start=now, window_end=now, reference_n=500,
+                       current_n=500, drifted=False, source="lockgate-drift", comparison=comparison,  # type: ignore[arg-type]
+                       features=[FeatureDrift(feature=f, psi=v, ks_stat=0.3, ks_pvalue=1e-4, reference_mean=12,
+                                              current_mean=20, drifted=f == "latency_ms") for f, v in psi.items()],
+                       **arms)
+
+
+async def _blocked(bus: Any) -> GateDecided:
+    return _decided.decode((await (await bus.kv(bus.subjects.kv_gates)).get(token("r2"))).value)
+
+
 async def test_drift_over_the_policy_threshold_is_a_signed_block_naming_the_feature_and_rolls_back(
         stack: tuple[Any, Signer], http: aiohttp.ClientSession) -> None:
     router, signer = stack
     bus = router.ctx.bus
     policy = await artifacts.register(bus, "policy", "canary-drift", POLICY)
     await _canary(http, router, signer, "r1", "r2", policy=policy.hash)
-    now = datetime.now(UTC)
-    # PSI 0.15: under the drift monitor's own threshold (the router alone would not act), over the policy's 0.1.
-    report = DriftReport(served=True, deployment="chat", app="shop", window_start=now, window_end=now, reference_n=500,
-                         current_n=500, drifted=False, source="lockgate-drift", features=[
-                             FeatureDrift(feature="output_tokens", psi=0.15, ks_stat=0.3, ks_pvalue=1e-4,
-                                          reference_mean=12, current_mean=20, drifted=False),
-                             FeatureDrift(feature="latency_ms", psi=0.5, ks_stat=0.1, ks_pvalue=0.4,
-                                          reference_mean=5, current_mean=9, drifted=True)])
+    # First the deployment's window against its past, far over the rule (the rule names no `compare`): while r2 has
+    # a stable arm it is no evidence about r2. Found by a probe: it is mostly stable's traffic, and a client that
+    # only asked other questions had a healthy canary BLOCKed on it, for good (PSI 9.68, mean 2 -> 10.64).
+    deployment = _report("now_vs_reference", output_tokens=9.68)
+    await bus.publish(bus.subjects.drift("chat"), deployment)
+    # Then the canary's window against stable's. PSI 0.15: under the drift monitor's own threshold (the router alone
+    # would not act), over the policy's 0.1. The gate takes reports one at a time, in order.
+    report = _report("canary_vs_stable", output_tokens=0.15, latency_ms=0.5)
     await bus.publish(bus.subjects.drift("chat"), report)
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=30)
     route = router.rollouts.route("chat")
     assert route.weight == 0.0 and route.stable.release == "r1"
-    assert route.reason.startswith("aborted r2: gate BLOCK: drift policy 'canary-drift'")
+    assert route.reason.startswith("aborted r2: gate BLOCK: drift policy 'canary-drift' of deployment 'chat' "
+                                   "(canary vs stable)"), route.reason
     assert "drift psi <= 0.1 on output_tokens: DRIFT in output_tokens (PSI 0.15" in route.reason
     assert "latency_ms" not in route.reason  # outside the rule's feature filter
-    stored = _decided.decode((await (await bus.kv(bus.subjects.kv_gates)).get(token("r2"))).value)
+    stored = await _blocked(bus)
+    assert stored.id == decision_id(report.id, signer.id_salt), "BLOCKed on the deployment's report"
     assert (stored.decision, stored.policy, stored.key_id) == ("BLOCK", policy.hash, signer.key_id)
     await Verifier(bus, router.ctx.settings).verify(stored)  # signed by the trusted gatekeeper key
     assert [(r.verdict, r.metric) for r in stored.rules] == [("FAIL", "drift_psi:output_tokens")]
+
+
+async def test_after_a_blue_green_promotion_the_deployments_report_is_judged_by_the_policy(
+        stack: tuple[Any, Signer], http: aiohttp.ClientSession) -> None:
+    # The promoted release serves everyone: the deployment's window against its reference (restarted at the
+    # promotion) is that release's own traffic, the one arm left, and the policy judges it.
+    router, signer = stack
+    bus = router.ctx.bus
+    policy = await artifacts.register(bus, "policy", "canary-drift", POLICY)
+    analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.01}], "min_sample": 100}
+    await _canary(http, router, signer, "r1", "r2", policy=policy.hash,
+                  strategy={"interval_s": 3600, "blue_green": {"post_promotion_analysis": analysis}})
+    await _promote(http, router)
+    await router.rollouts.flush()  # the gate reads the route (verifying since the promotion) from KV
+    assert router.rollouts.route("chat").verifying
+    report = _report("now_vs_reference", output_tokens=0.15)
+    await bus.publish(bus.subjects.drift("chat"), report)
+    await router.rollouts.wait_for(lambda r: r["chat"].stable.release == "r1", timeout=30)
+    assert router.rollouts.route("chat").reason.startswith("rolled back r2: gate BLOCK after promotion")
+    stored = await _blocked(bus)
+    assert stored.id == decision_id(report.id, signer.id_salt) and stored.decision == "BLOCK"
+    assert "drift policy 'canary-drift' of deployment 'chat' (now vs reference)" in stored.reason
 
 
 async def test_block_after_promotion_and_undo_to_go_to_known_good_releases(

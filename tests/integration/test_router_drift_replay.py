@@ -154,11 +154,14 @@ async def test_reports_from_before_the_rollout_and_unreadable_messages_are_not_r
     with caplog.at_level(logging.WARNING, logger="lockgate.router"):
         b = await stack.replica("router-b")
 
-    # Only the report of the deployment as a whole (now against its reference) covers the canary: the one of
-    # r2's window against r1's was stored before this rollout started, so it is no evidence for it.
-    assert b.rollouts.evidence.drift("chat", "r2", 0.0) == report
+    # The one of r2's window against r1's was stored before this rollout started, so it is no evidence for it and
+    # is not read back; the deployment's (now against its reference) is, and it is never the canary's evidence:
+    # it judges a release only once it is the deployment's one arm, after a blue-green promotion. (Before, the
+    # canary's drift metric judged it while no report of the canary's own existed.)
+    assert b.rollouts.evidence.drift("chat", "r2", 0.0) is None
+    assert b.rollouts.evidence.drift("chat", "r2", 0.0, "now_vs_reference") == report
     await _answers(stack, b)
-    assert f"now_vs_reference report {report.id}" in _drift_metric(b).why
+    assert _drift_metric(b).verdict == "WAITING"
     assert sum("drift replay skipped unreadable message" in r.getMessage() for r in caplog.records) == 2
     async with aiohttp.ClientSession() as http, http.get(f"{b.url}/healthz") as resp:  # and it serves
         assert resp.status == 200 and (await resp.json())["ready"]

@@ -98,15 +98,29 @@ def test_malformed_drift_rules_name_the_field(rule: dict, message: str) -> None:
 
 
 @pytest.mark.parametrize(("route", "release"), [
-    ({"canary": {"release": "r2"}, "phase": "progressing", "started_at": 0}, "r2"),
     ({"canary": {"release": "r2"}, "phase": "promoted", "verifying": True, "promoted_at": 0}, "r2"),
+    ({"canary": {"release": "r2"}, "phase": "promoted", "verifying": True, "promoted_at": 4e9}, ""),  # predates it
     ({"canary": {"release": "r2"}, "phase": "promoted", "verifying": False}, ""),  # promoted: no canary now
+    # A canary with a stable arm: the deployment's window is mostly stable's traffic, moved by what clients ask.
+    # Before, a probe's client asked other questions and had a healthy canary BLOCKed (for good) on this report.
+    ({"canary": {"release": "r2"}, "phase": "progressing", "started_at": 0}, ""),
     ({"canary": {"release": "r2"}, "phase": "idle"}, ""),  # waiting for its decision, no traffic
-    ({"canary": {"release": "r2"}, "phase": "progressing", "started_at": 4e9}, ""),  # the report predates it
     ({"phase": "idle"}, ""),
 ])
-def test_drift_report_is_evidence_about_a_live_canary_only(route: dict, release: str) -> None:
+def test_a_now_vs_reference_report_is_evidence_about_a_release_under_post_promotion_analysis_only(
+        route: dict, release: str) -> None:
     assert canary_release(decode_route(_record(route)), report(output_tokens=0.5)) == release
+
+
+@pytest.mark.parametrize(("route", "release"), [
+    ({"canary": {"release": "r3"}, "phase": "progressing", "started_at": 0}, "r3"),
+    ({"canary": {"release": "r3"}, "phase": "progressing", "started_at": 4e9}, ""),  # the report predates it
+    ({"canary": {"release": "r3"}, "phase": "promoted", "verifying": True}, ""),  # no stable arm to compare with
+    ({"canary": {"release": "r3"}, "phase": "idle"}, ""),
+])
+def test_a_canary_vs_stable_report_naming_no_release_is_about_the_live_canary(route: dict, release: str) -> None:
+    unnamed = msgspec.structs.replace(report("canary_vs_stable", output_tokens=0.5), release="")
+    assert canary_release(decode_route(_record(route)), unnamed) == release
 
 
 def test_a_rule_can_target_canary_versus_stable_reports_only() -> None:
@@ -142,7 +156,7 @@ def test_a_canary_versus_stable_report_is_evidence_about_the_release_it_names() 
     assert canary_release(aborted, report("canary_vs_stable", output_tokens=0.5)) == "r2"
     assert canary_release(None, report("canary_vs_stable", output_tokens=0.5)) == "r2"
     assert canary_release(None, report(output_tokens=0.5)) == ""
-    # events that named no release (an SDK's): the route's live canary, as for now-vs-reference reports
+    # events that named no release (an SDK's): the route's live canary
     unnamed = msgspec.structs.replace(report("canary_vs_stable", output_tokens=0.5), release="")
     live = decode_route(_record({"canary": {"release": "r3"}, "phase": "progressing"}))
     assert (canary_release(live, unnamed), canary_release(aborted, unnamed)) == ("r3", "")

@@ -58,7 +58,9 @@ def test_drift_metric_needs_max_and_nothing_relative() -> None:
     with pytest.raises(msgspec.ValidationError, match="features and min_psi are for drift metrics"):
         msgspec.convert({"name": "error_rate", "max": 0.1, "features": ["output_tokens"]}, MetricSpec)
     spec = msgspec.convert({"name": "drift", "max": 0, "features": ["output_tokens"]}, MetricSpec)
-    assert runs.condition(spec) == "<= 0 drifted features among output_tokens"
+    assert runs.condition(spec) == "<= 0 drifted features among output_tokens in the canary_vs_stable report"
+    assert runs.condition(spec, verifying=True) == (
+        "<= 0 drifted features among output_tokens in the now_vs_reference report")  # after a promotion
 
 
 def test_no_report_covering_the_canary_never_passes() -> None:
@@ -112,18 +114,23 @@ def test_dry_run_drift_is_shown_and_never_decides() -> None:
     assert m.metrics[0].verdict == "FAILED" and m.metrics[0].dry_run and m.verdict == "SUCCESSFUL"
 
 
-def test_evidence_keeps_the_newest_report_preferring_canary_vs_stable() -> None:
+def test_evidence_keeps_the_newest_report_of_each_kind_and_never_one_for_the_other() -> None:
     ev = Evidence(lambda e: None)
     assert ev.drift("d", "r2", since=100.0) is None
     now_vs_ref = _report(_f("output_tokens", 12, 36), comparison="now_vs_reference", end=150.0)
     ev.add_drift(now_vs_ref)
-    assert ev.drift("d", "r2", since=100.0) == now_vs_ref  # the fallback while no canary window is compared
-    assert ev.drift("d", "r2", since=160.0) is None  # older than the window asked for
+    # Before, the deployment's report stood in for the canary's while none of its own existed: a probe's client
+    # drifted it by what it asked and aborted a healthy canary, or promoted a bad one on ~95% stable traffic.
+    assert ev.drift("d", "r2", since=100.0) is None
+    assert ev.drift("d", "r2", since=100.0, comparison="now_vs_reference") == now_vs_ref
+    assert ev.drift("d", "", since=160.0, comparison="now_vs_reference") is None  # older than the window asked for
     older, newer = _report(end=170.0), _report(end=180.0)
     ev.add_drift(newer)
     ev.add_drift(older)  # a late redelivery never replaces a newer report
+    ev.add_drift(_report(end=190.0, release=""))  # a canary-versus-stable report about no release: about none
     assert ev.drift("d", "r2", since=100.0) == newer
-    assert ev.drift("d", "r3", since=100.0) == now_vs_ref  # another canary release's report is not this one's
+    assert ev.drift("d", "r2", since=100.0, comparison="now_vs_reference") == now_vs_ref
+    assert ev.drift("d", "r3", since=100.0) is None  # another canary release's report is not this one's
     ev.forget("d", keep={"r1", "r3"})
     assert ev.drift("d", "r2", since=100.0) is None
 
@@ -151,7 +158,7 @@ def test_the_record_names_the_drifted_features_and_signs_them_only_when_set() ->
     assert run is not None and (run.phase, run.outcome, run.drifted_features) == ("Failed", "aborted", ["output_tokens"])
     (metric,) = run.metrics
     assert (metric.name, metric.condition, metric.canary, metric.threshold) == (
-        "drift", "<= 0 drifted features", 1.0, 0.0)
+        "drift", "<= 0 drifted features in the canary_vs_stable report", 1.0, 0.0)
     assert "DRIFT in output_tokens" in metric.why
     signer = Signer.generate()
     ring = Keyring([signer.public])
@@ -162,3 +169,47 @@ def test_the_record_names_the_drifted_features_and_signs_them_only_when_set() ->
     # A record made before the field existed signs the same bytes as before: it has no `drifted_features` key.
     plain = AnalysisRun(deployment="d", release="r2", phase="Successful")
     assert b"drifted_features" not in analysisruns.content(plain)
+
+
+def _passed(route: Route, at: float) -> Route:
+    calm = _f("output_tokens", 12, 12, drifted=False, psi=0.01)
+    m = analysis.measure(DRIFT, SAMPLE, SAMPLE, look=1, drift=_report(calm, end=at - 1.0))
+    assert m.verdict == "SUCCESSFUL"
+    after = progress.on_measurement(route, m, (50.0, 100.0), 1.0, now=at)
+    assert after is not None
+    return after
+
+
+def test_a_live_canary_is_judged_on_its_own_report_since_its_step_began_only() -> None:
+    # Before, a probe's bad canary was promoted on one now-versus-reference report (~95% stable traffic) judged at
+    # both looks: the one that advanced it to 100% and the one that promoted it.
+    route = _live(DRIFT)
+    assert progress.drift_evidence(route, since=100.0) == ("canary_vs_stable", "r2", 100.0)
+    advanced = _passed(route, at=150.0)
+    assert (advanced.weight, advanced.analysis.step_at) == (100.0, 150.0)  # type: ignore[union-attr]
+    assert progress.drift_evidence(advanced, since=100.0) == ("canary_vs_stable", "r2", 150.0)
+    ev = Evidence(lambda e: None)
+    ev.add_drift(_report(end=149.0))  # the report that passed step 1
+    assert ev.drift("d", *progress.drift_evidence(advanced, since=100.0)[1:], "canary_vs_stable") is None
+    fresh = _report(end=151.0)
+    ev.add_drift(fresh)
+    assert ev.drift("d", *progress.drift_evidence(advanced, since=100.0)[1:], "canary_vs_stable") == fresh
+
+
+def test_a_step_after_a_pause_counts_reports_from_the_pause_s_end() -> None:
+    program = msgspec.convert({"steps": [50, {"pause": {"duration_s": 10}}, 100], "interval_s": 1.0,
+                               "analysis": msgspec.to_builtins(DRIFT)}, Strategy)
+    route = msgspec.structs.replace(_live(DRIFT), strategy=program, cursor=1)
+    paused = _passed(route, at=150.0)
+    assert paused.paused and paused.step_pause and paused.analysis.step_at == 150.0  # type: ignore[union-attr]
+    over = progress.on_time(paused, (50.0, 100.0), 1.0, now=161.0)
+    assert over is not None and over.weight == 100.0 and not over.paused
+    assert progress.drift_evidence(over, since=100.0)[2] == 161.0
+    approved = progress.resume(msgspec.structs.replace(paused, resume_at=0.0), "ops", 1.0, now=170.0)
+    assert approved.weight == 100.0 and progress.drift_evidence(approved, since=100.0)[2] == 170.0
+
+
+def test_after_a_blue_green_promotion_the_deployments_report_is_the_evidence() -> None:
+    promoted = msgspec.structs.replace(_live(DRIFT), phase="promoted", verifying=True, stable=Target(release="r2"),
+                                       previous=Target(release="r1"), promoted_at=300.0)
+    assert progress.drift_evidence(promoted, since=300.0) == ("now_vs_reference", "r2", 300.0)
