@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lockgate.bus import consume
 from lockgate.contracts import EvalRequested, InferenceEvent
+from lockgate.limits import EventLimits
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.evaluator.handlers import EvalHandlers
 from lockgate.services.evaluator.online_handler import OnlineEval
@@ -31,8 +32,8 @@ class Evaluator(Service):
         consume(ctx.bus, self.consumers, subject=s.inference_all, stream="inference",
                 durable=s.durable("evaluator", "online"), wire_type=list[InferenceEvent] | InferenceEvent,
                 origin="evaluator", handler=self.online.on_inference, ack_wait_s=ctx.settings.ack_wait_s,
-                # The sink records an undecodable message; a bad message costs this consumer a failed decode.
-                records_refusals=False)
+                # The sink records what the edge refuses; a bad message costs this consumer a failed decode.
+                limits=EventLimits.from_settings(ctx.settings), records_refusals=False)
 
     async def stop(self) -> None:
         """Cancel in-flight evals (redelivered later), stop the online judge, and close the HTTP pools."""

@@ -70,6 +70,26 @@ async def test_online_scores_say_whether_a_router_served_the_answer(
     assert got == {sent.id: False, served.id: True}
 
 
+async def test_the_online_evaluator_scores_no_event_of_another_tenant_or_app_than_its_subject(
+        context: ServiceContext, bus: Bus, run_services: Any) -> None:
+    # Found by a probe: the online evaluator, alone among the inference stream's readers, took a message's events
+    # whatever tenant and app they named; a per-application user's events named as tenant default's app and
+    # deployment were scored, and stored in `inference_scores` as that tenant's (sink, cost and drift refused them).
+    context.settings = context.settings.replace(online_eval_sample=1.0)
+    await run_services("evaluator")
+    sub = await bus.nc.subscribe(bus.subjects.eval_scores("chat"))
+    forged = InferenceEvent(tenant="default", app="shop", deployment="chat", response="fine")
+    own = InferenceEvent(tenant="evil", app="bot", deployment="chat", response="fine")
+    later = InferenceEvent(tenant="evil", app="bot", deployment="chat", response="fine")
+    subject = bus.subjects.inference("bot", "evil")  # what that user may publish on
+    await bus.publish(subject, [forged, own])
+    await bus.publish(subject, [later])  # handled after the first message: its score comes after that one's
+    scored = []
+    while later.id not in scored:
+        scored.append(_scores.decode((await sub.next_msg(timeout=15)).data).event_id)
+    assert scored == [own.id, later.id]
+
+
 @pytest.mark.parametrize("acts", ["router", "gatekeeper"])
 async def test_an_applications_own_drifting_events_neither_abort_a_canary_nor_block_it(
         context: ServiceContext, bus: Bus, run_services: Any, acts: str) -> None:
