@@ -10,11 +10,12 @@ import hashlib
 import json
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import nats
+import nats.aio.client
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
@@ -116,6 +117,34 @@ class Consumers:
         return len(self.specs)
 
 
+def wire_size(payload: bytes, headers: Mapping[str, str] | None) -> int:
+    """The bytes nats-server counts against max_payload for one message: its payload and, with headers, the header
+    block nats-py writes before it (`NATS/1.0`, a `Key: value` line per header, a blank line)."""
+    if headers is None:
+        return len(payload)
+    size = len(b"NATS/1.0\r\n\r\n")
+    for key, value in headers.items():
+        if key.strip():  # nats-py skips an empty key; a value's CR and LF become spaces, one byte each
+            size += len(key.strip().encode()) + len(value.strip().encode()) + len(b": \r\n")
+    return size + len(payload)
+
+
+class _Client(nats.aio.client.Client):
+    """nats-py's client, refusing a message larger than the server takes before it reaches the wire.
+
+    nats-py compares only the payload with max_payload; the server counts the headers too, answers a larger
+    message with -ERR 'Maximum Payload Violation', and nats-py then closes the connection for good: every
+    subscription and consumer of the process on it gone (an application's message lengthened by the gateway's
+    relay did that to the gateway). Every publish nats-py makes (a request, a respond, JetStream, KV, objects)
+    goes through this one, which raises nats-py's own MaxPayloadError instead."""
+
+    async def publish(self, subject: str, payload: bytes = b"", reply: str = "",
+                      headers: dict[str, str] | None = None) -> None:
+        if headers is not None and wire_size(payload, headers) > self.max_payload:
+            raise nats.errors.MaxPayloadError
+        await super().publish(subject, payload, reply, headers)
+
+
 def stream_full(stored: int, max_bytes: int, max_payload: int) -> bool:
     """Whether a discard-new stream holding `stored` of its `max_bytes` refuses publishes: less room than one large
     message (a tenth of the stream, at most `max_payload`, the largest the server accepts)."""
@@ -154,8 +183,9 @@ class Bus:
 
     async def connect(self) -> None:
         """Connect, then create streams, KV buckets and the object store (idempotent)."""
+        nc = _Client()
         try:
-            self.nc = await nats.connect(
+            await nc.connect(
                 self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True,
                 error_cb=self._on_error, disconnected_cb=self._on_state, reconnected_cb=self._on_reconnected,
                 closed_cb=self._on_state, **self.auth.options()
@@ -167,6 +197,7 @@ class Bus:
                    BusUnavailable(f"cannot reach NATS at {self.url}: {exc}")) from None
         except OSError as exc:
             raise BusUnavailable(f"cannot reach NATS at {self.url}: {exc}") from None
+        self.nc = nc  # only now: `_on_error` tells the first connect's errors by its absence
         self.js = self.nc.jetstream()
         if self.manage_topology:
             await API_RETRY.call(self.ensure_topology, retry_on=_API_TRANSIENT, what="declare streams and buckets")
@@ -557,16 +588,23 @@ class Bus:
         if msg_id:
             hdrs["Nats-Msg-Id"] = msg_id
         telemetry.inject(hdrs)
+        # Not transient: retried, the same bytes are refused again until the message is dead-lettered as "retries
+        # exhausted" (a cost ledger of 5,000 events was never billed that way). The headers count: nats-py checks
+        # only the payload, and a message the server refuses closes the connection for good (`_Client`).
+        if (size := wire_size(data, hdrs)) > self.nc.max_payload:
+            raise self._too_large(subject, data, size)
         try:
             return await self._unless_refused(subject, lambda: self.js.publish(subject, data, headers=hdrs, timeout=5))
         except nats.errors.MaxPayloadError:
-            # Not transient: retried, the same bytes are refused again until the message is dead-lettered
-            # as "retries exhausted" (a cost ledger of 5,000 events was never billed that way).
-            raise PayloadTooLarge(f"a message of {len(data):,} bytes to {subject} is over the NATS server's "
-                                  f"max_payload ({self.nc.max_payload:,} bytes)") from None
+            raise self._too_large(subject, data, wire_size(data, hdrs)) from None
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise self.refused(subject) or BusUnavailable(
                 f"JetStream did not acknowledge publish to {subject}: {exc!r}") from None
+
+    def _too_large(self, subject: str, data: bytes, size: int) -> PayloadTooLarge:
+        return PayloadTooLarge(f"a message of {size:,} bytes ({len(data):,} of payload, {size - len(data):,} of "
+                               f"headers) to {subject} is over the NATS server's max_payload "
+                               f"({self.nc.max_payload:,} bytes)")
 
     async def request(self, subject: str, data: bytes, *, timeout_s: float) -> Msg:
         """A core NATS request; NotAllowed at once when the server refuses `subject` to this connection

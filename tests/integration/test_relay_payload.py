@@ -1,0 +1,73 @@
+"""The gateway's relay and a message near the server's max_payload, on the embedded runtime as `lockgate up` runs
+it (users and permissions on): the relay never republishes more than the server takes, and a connection nats-py
+closed for good does not go unnoticed."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import nats
+import nats.aio.client
+import nats.errors
+import nats.js.errors
+import pytest
+
+from lockgate import credentials
+from lockgate.config import Settings
+from lockgate.contracts import InferenceEvent
+from lockgate.errors import PayloadTooLarge
+from lockgate.server.runtime import Runtime
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def stack(settings: Settings) -> AsyncIterator[Runtime]:
+    for tenant, app in (("evil", "x"), ("acme", "shop")):
+        credentials.create_app(settings.home, tenant, app)  # before the start: the server loads them at once
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "gateway"])
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+async def _connect(runtime: Runtime, user: str) -> nats.NATS:
+    if user == "app":
+        auth = credentials.for_identity(runtime.settings, "app")
+        name, password = auth.user, auth.password
+    else:
+        found = await asyncio.to_thread(credentials.apps, runtime.settings.home)
+        name, password = user, found[user]["password"]
+    return await nats.connect(runtime.settings.nats_url, user=name, password=password, allow_reconnect=False,
+                              connect_timeout=5, inbox_prefix=f"_INBOX.{name}")
+
+
+def _hpub_headers_size(headers: dict[str, str]) -> int:
+    """What nats-py puts before the payload of a message with `headers` (the server counts it in max_payload)."""
+    return len(b"NATS/1.0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n")
+
+
+async def test_a_header_heavy_message_over_max_payload_never_reaches_the_wire(stack: Runtime) -> None:
+    # nats-py compares only the payload with max_payload; the server counts the headers too and answers a larger
+    # message with -ERR, on which nats-py closes the connection for good. Every lockgate connection checks both.
+    bus = stack.ctx.bus
+    body = b"A" * (bus.nc.max_payload - 10)
+    with pytest.raises(nats.errors.MaxPayloadError):
+        await bus.nc.publish("nowhere", body, headers=_PAD)
+    with pytest.raises(PayloadTooLarge, match="of headers"):
+        await bus.publish(bus.subjects.inference("shop"), body, msg_id="too-large-with-headers", headers=_PAD)
+    await bus.nc.flush()
+    assert bus.state == "connected"
+    ack = await bus.publish(bus.subjects.inference("shop"), [InferenceEvent(app="shop")])
+    assert ack.seq > 0
+
+
+_PAD = {"X-Pad": "p" * 100}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
