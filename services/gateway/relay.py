@@ -9,17 +9,24 @@ keeps JetStream's duplicate check) on the inference subject of the same tenant a
 acknowledgement back only to a reply subject in an inbox of an application user who may publish there: that
 tenant's and app's own user's, or the shared `app` user's (which may publish any tenant's and app's events).
 Consumers check the events against the subject as for any other sender.
+
+A message the server took from its sender can be too large once relayed: its message id is scoped (longer), and
+the server counts headers in max_payload. Published anyway, the server would answer the gateway with -ERR, on
+which nats-py closes the gateway's connection for good (relay, reads and the gRPC API gone for every tenant). Such
+a message is refused alone: its sender is answered as JetStream answers a message over a stream's size limit, a
+permanent error, not retried.
 """
 
 from __future__ import annotations
 
 import logging
 
+import msgspec
 import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from lockgate.bus import Bus
+from lockgate.bus import Bus, wire_size
 from lockgate.permissions import app_reader
 from lockgate.server.service import Progress
 from lockgate.subjects import token
@@ -27,6 +34,9 @@ from lockgate.subjects import token
 log = logging.getLogger("lockgate.gateway.relay")
 
 _ACK_TIMEOUT_S = 5.0  # JetStream's acknowledgement; the sender's own publish times out and retries after it
+# JetStream's own error for a message over a stream's size limit (JSStreamMessageExceedsMaximumErr): a client
+# takes it as it would from the stream, a bad request not worth retrying.
+_TOO_LARGE = {"code": 400, "err_code": 10054}
 
 
 class Relay:
@@ -36,6 +46,7 @@ class Relay:
         self.bus = bus
         self.relayed = Progress()
         self.refused = Progress()  # messages whose reply was no application user's inbox: never relayed
+        self.oversized = Progress()  # messages over max_payload once relayed: refused, their sender answered
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -59,9 +70,19 @@ class Relay:
                         msg.subject, msg.reply)
             return
         tenant, app = sender
+        subject, headers = s.inference(app, tenant), _headers(msg.headers, tenant, app)
+        if (size := wire_size(msg.data, headers)) > (limit := self.bus.nc.max_payload):
+            await self.oversized.bump()
+            log.warning("relay: refused a message of %s/%s: %d bytes relayed, over max_payload (%d)",
+                        tenant, app, size, limit)
+            error = {**_TOO_LARGE, "description": (
+                f"message size exceeds maximum allowed: relayed to {subject} (its message id scoped to its tenant and "
+                f"app), it is {size:,} bytes with its headers, over the NATS server's max_payload ({limit:,} bytes); "
+                "send smaller messages")}
+            await self.bus.nc.publish(msg.reply, msgspec.json.encode({"error": error}))
+            return
         try:
-            ack = await self.bus.nc.request(s.inference(app, tenant), msg.data, timeout=_ACK_TIMEOUT_S,
-                                            headers=_headers(msg.headers, tenant, app))
+            ack = await self.bus.nc.request(subject, msg.data, timeout=_ACK_TIMEOUT_S, headers=headers)
         except (nats.errors.Error, TimeoutError) as exc:
             # No answer: the sender's publish times out too and is retried, as if it had published itself.
             log.warning("relay: events of %s/%s not acknowledged by JetStream: %r", tenant, app, exc)

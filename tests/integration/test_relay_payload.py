@@ -8,6 +8,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 
+import msgspec
 import nats
 import nats.aio.client
 import nats.errors
@@ -15,8 +16,9 @@ import nats.js.errors
 import pytest
 
 from lockgate import credentials
+from lockgate.codec import encode
 from lockgate.config import Settings
-from lockgate.contracts import InferenceEvent
+from lockgate.contracts import DecisionsRead, InferenceEvent
 from lockgate.errors import PayloadTooLarge
 from lockgate.server.runtime import Runtime
 
@@ -47,6 +49,42 @@ async def _connect(runtime: Runtime, user: str) -> nats.NATS:
 def _hpub_headers_size(headers: dict[str, str]) -> int:
     """What nats-py puts before the payload of a message with `headers` (the server counts it in max_payload)."""
     return len(b"NATS/1.0\r\n" + b"".join(f"{k}: {v}\r\n".encode() for k, v in headers.items()) + b"\r\n")
+
+
+async def test_a_message_the_relay_would_lengthen_past_max_payload_is_refused_alone(stack: Runtime) -> None:
+    # Found by a probe: an application user sent one message on its own `ingest` subject with a Nats-Msg-Id, its
+    # payload and headers a few bytes under max_payload. The relay republished it with the id scoped to its
+    # tenant and app (longer), nats-py counted only the payload and sent it, nats-server answered -ERR 'Maximum
+    # Payload Violation' and nats-py closed the gateway's connection for good: relay, reads and the gRPC API dead
+    # for every tenant, silently. It is refused alone now, and its sender told why.
+    s, relay = stack.ctx.bus.subjects, stack.services["gateway"].relay
+    gateway = stack.services["gateway"].ctx.bus
+    for attacker, tenant, app in (("apps.evil.x", "evil", "x"), ("app", "globex", "shop")):
+        nc = await _connect(stack, attacker)
+        try:
+            headers = {"Nats-Msg-Id": "x"}
+            body = b"A" * (nc.max_payload - _hpub_headers_size(headers))  # fits exactly, as the server took it
+            with pytest.raises(nats.js.errors.APIError, match="max_payload") as refused:
+                await nc.jetstream().publish(s.ingest(app, tenant), body, headers=headers, timeout=5)
+            assert refused.value.code == 400, refused.value  # a permanent refusal: the SDK does not retry it
+        finally:
+            await nc.close()
+    assert relay.oversized.count == 2 and gateway.state == "connected"
+
+    # Another tenant's events are still relayed and acknowledged, and reads still answered.
+    victim = await _connect(stack, "apps.acme.shop")
+    try:
+        ack = await victim.jetstream().publish(s.ingest("shop", "acme"), encode([InferenceEvent(app="shop",
+                                                                                                tenant="acme")]),
+                                               headers={"Nats-Msg-Id": "after"}, timeout=5)
+        assert ack.seq > 0 and not ack.duplicate
+        read = await victim.request(s.read_decisions("shop", "acme", ""), b"", timeout=5)
+        assert msgspec.json.decode(read.data, type=DecisionsRead).error == ""
+    finally:
+        await victim.close()
+    await stack.services["sink"].handlers.events.wait_for(1)
+    rows = stack.ctx.store.rows("SELECT tenant, app, count() AS n FROM inference_events GROUP BY tenant, app")
+    assert rows == [{"tenant": "acme", "app": "shop", "n": 1}]
 
 
 async def test_a_header_heavy_message_over_max_payload_never_reaches_the_wire(stack: Runtime) -> None:
