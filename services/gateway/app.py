@@ -3,6 +3,10 @@ applications' NATS users' events (relay.py) and their decision reads (reads.py).
 
 from __future__ import annotations
 
+import contextlib
+
+import nats.errors
+
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.gateway.reads import Reads
 from lockgate.services.gateway.relay import Relay
@@ -40,8 +44,11 @@ class Gateway(Service):
     async def stop(self) -> None:
         """Stop taking calls; running ones get two seconds (open watches are then cancelled)."""
         self._serving = False
-        await self.relay.stop()
-        await self.reads.stop()
+        for part in (self.relay, self.reads):
+            # A connection nats-py closed for good took their subscriptions with it (the runtime stops for that):
+            # the gRPC API is stopped all the same.
+            with contextlib.suppress(nats.errors.ConnectionClosedError):
+                await part.stop()
         await self.server.stop(2.0)
         await super().stop()
 

@@ -27,6 +27,7 @@ from lockgate.codec import Codec, encode
 from lockgate.contracts import DeadLetter, Event
 from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.errors import (
+    BusClosed,
     BusUnavailable,
     InvalidEvent,
     LockgateError,
@@ -180,6 +181,10 @@ class Bus:
         self._loops: dict[ConsumerSpec, _PullLoop] = {}
         self._state_changed = asyncio.Condition()
         self.reconnects = 0  # times the connection came back after a loss
+        # Why nats-py closed the connection for good, if it did (a protocol error: it never reconnects after one);
+        # None while open or once closed by `close`.
+        self.closed_error: BusClosed | None = None
+        self._closing = False
 
     async def connect(self) -> None:
         """Connect, then create streams, KV buckets and the object store (idempotent)."""
@@ -188,7 +193,7 @@ class Bus:
             await nc.connect(
                 self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True,
                 error_cb=self._on_error, disconnected_cb=self._on_state, reconnected_cb=self._on_reconnected,
-                closed_cb=self._on_state, **self.auth.options()
+                closed_cb=self._on_closed, **self.auth.options()
             )
         except NotAllowed:
             raise
@@ -205,6 +210,26 @@ class Bus:
     async def _on_state(self) -> None:
         async with self._state_changed:
             self._state_changed.notify_all()
+
+    async def _on_closed(self) -> None:
+        if self.nc is not None and not self._closing and self.closed_error is None:
+            # Not by `close`: nats-py closed it after an -ERR from the server and will not reconnect. Nothing on this
+            # connection works again (subscriptions, consumers, publishes), so it is said loudly, and the runtime
+            # ends the process (`closed`) rather than serve on without it.
+            cause = self.nc.last_error
+            self.closed_error = BusClosed(
+                f"NATS closed the connection of {self.name} for good ({cause or 'no reason given'}); nats-py does "
+                "not reconnect after that, so its subscriptions and consumers are gone: the process stops for its "
+                "supervisor to start it again")
+            log.error("%s", self.closed_error.message)
+        await self._on_state()
+
+    async def closed(self) -> BusClosed:
+        """Wait until nats-py closes the connection for good (never after `close`); returns why."""
+        async with self._state_changed:
+            await self._state_changed.wait_for(lambda: self.closed_error is not None)
+        assert self.closed_error is not None
+        return self.closed_error
 
     async def _on_reconnected(self) -> None:
         self.reconnects += 1
@@ -296,6 +321,7 @@ class Bus:
     async def close(self) -> None:
         """Stop consumers (finishing in-flight handlers), then drain the connection."""
         await self.stop_consumers()
+        self._closing = True
         if self.nc is not None and not self.nc.is_closed:
             if self.nc.is_connected:
                 await self.nc.drain()

@@ -61,6 +61,11 @@ class BusUnavailable(Retryable):
     """NATS could not be reached or JetStream did not acknowledge."""
 
 
+class BusClosed(BusUnavailable):
+    """NATS closed a connection for good (a protocol error, after which nats-py never reconnects): every
+    subscription and consumer on it is gone, so the process ends and its supervisor starts it again."""
+
+
 class PayloadTooLarge(LockgateError):
     """A message larger than the NATS server's max_payload: the same bytes are refused every time, so it is
     not retried (split what it carries into smaller messages)."""

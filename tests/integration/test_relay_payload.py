@@ -5,9 +5,11 @@ closed for good does not go unnoticed."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncIterator
 
+import aiohttp
 import msgspec
 import nats
 import nats.aio.client
@@ -87,6 +89,34 @@ async def test_a_message_the_relay_would_lengthen_past_max_payload_is_refused_al
     assert rows == [{"tenant": "acme", "app": "shop", "n": 1}]
 
 
+async def test_a_connection_closed_for_good_is_reported_and_ends_the_runtime(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    # Before, a connection nats-py closed after a protocol -ERR was never replaced and nothing said so: the process
+    # served on without it, /healthz ok, its subscriptions gone. It is logged, /readyz says so, and the runtime
+    # fails (`lockgate up` and `serve` stop and exit non-zero, for a supervisor to start the process again).
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0", health_port=_free_port()),
+                      services=["sink", "gateway"])
+    await runtime.start()
+    try:
+        failed = asyncio.ensure_future(runtime.failed())
+        gateway = runtime.services["gateway"].ctx.bus
+        nc = gateway.nc
+        # What nats-py sent before the bus's check: a header-heavy message over max_payload (nats-py's own publish,
+        # without the check), which the server answers with -ERR 'Maximum Payload Violation'.
+        with caplog.at_level(logging.ERROR, logger="lockgate.bus"):
+            await nats.aio.client.Client.publish(nc, "nowhere", b"A" * (nc.max_payload - 10), headers=_PAD)
+            failure = await asyncio.wait_for(failed, 10)
+        assert gateway.state == "closed" and gateway.name in failure.message, failure
+        assert "maximum payload violation" in failure.message.lower(), failure
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [failure.message]
+        async with aiohttp.ClientSession() as http, http.get(runtime.health_url + "/readyz") as resp:
+            body = await resp.json()
+        assert resp.status == 503 and body["bus"][gateway.name] == "closed", body
+        assert {state for name, state in body["bus"].items() if name != gateway.name} == {"connected"}, body
+    finally:
+        await runtime.stop()
+
+
 async def test_a_header_heavy_message_over_max_payload_never_reaches_the_wire(stack: Runtime) -> None:
     # nats-py compares only the payload with max_payload; the server counts the headers too and answers a larger
     # message with -ERR, on which nats-py closes the connection for good. Every lockgate connection checks both.
@@ -97,7 +127,7 @@ async def test_a_header_heavy_message_over_max_payload_never_reaches_the_wire(st
     with pytest.raises(PayloadTooLarge, match="of headers"):
         await bus.publish(bus.subjects.inference("shop"), body, msg_id="too-large-with-headers", headers=_PAD)
     await bus.nc.flush()
-    assert bus.state == "connected"
+    assert bus.state == "connected" and bus.closed_error is None
     ack = await bus.publish(bus.subjects.inference("shop"), [InferenceEvent(app="shop")])
     assert ack.seq > 0
 

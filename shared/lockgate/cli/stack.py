@@ -35,6 +35,19 @@ async def _until_signalled() -> None:
     await _stop_on_signals().wait()
 
 
+async def _until_stopped(stop: asyncio.Event, runtime: Runtime) -> None:
+    """Until SIGINT or SIGTERM (`stop`); raises BusClosed first if NATS closed one of the runtime's connections for
+    good (`Runtime.failed`): the caller stops the runtime and the command exits non-zero, for a supervisor to start
+    it again."""
+    signalled, failed = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(runtime.failed())
+    done, pending = await asyncio.wait({signalled, failed}, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    if failed in done:
+        console.print("stopping: a NATS connection closed for good; flushing buffers and closing consumers ...")
+        raise failed.result()
+
+
 def _print_endpoints(endpoints: dict[str, str]) -> None:
     for name, url in endpoints.items():
         console.print(f"  [bold]{name:<11}[/bold] {url}")
@@ -65,7 +78,7 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
         if on_ready is not None:
             await on_ready(runtime)
         console.print("[dim]Ctrl-C stops the stack; queued events are flushed first.[/dim]")
-        await _until_signalled()
+        await _until_stopped(_stop_on_signals(), runtime)
         console.print("stopping: flushing buffers and closing consumers ...")
     finally:
         await runtime.stop()
@@ -195,7 +208,7 @@ def register(cli: click.Group) -> None:
                 _print_endpoints(runtime.endpoints)
                 # The last line at start: whoever waits for this process knows its endpoints now.
                 console.print("[dim]SIGTERM or Ctrl-C stops it; queued events are flushed first.[/dim]")
-                await stop.wait()
+                await _until_stopped(stop, runtime)
             finally:
                 await runtime.stop()
 

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 from lockgate import credentials, metrics
 from lockgate.bus import Bus
 from lockgate.config import Settings
-from lockgate.errors import LockgateError
+from lockgate.errors import BusClosed, LockgateError
 from lockgate.server.health import HealthServer
 from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.server.registry import ServiceSet, available
@@ -141,6 +141,21 @@ class Runtime:
             log.error("NATS users not reloaded: %s", message)
             reply = {"ok": False, "error": message}
         await msg.respond(json.dumps(reply).encode())
+
+    async def failed(self) -> BusClosed:
+        """Wait until nats-py closes one of the process's connections for good (`Bus.closed`); returns why.
+
+        The connection is not replaced in place: every service made its subscriptions, consumers and watches on it
+        at start, and nats-py never reconnects a closed connection. So the process ends (`lockgate up` and `serve`
+        stop and exit non-zero) and its supervisor (compose's restart policy, k8s) starts it again, with new
+        connections, as it restarts a process that crashed."""
+        waits = [asyncio.ensure_future(bus.closed()) for bus in self.buses]
+        if not waits:
+            raise RuntimeError("Runtime.failed() before start()")
+        done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for wait in pending:
+            wait.cancel()
+        return next(iter(done)).result()
 
     @property
     def endpoints(self) -> dict[str, str]:
