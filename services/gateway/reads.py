@@ -103,13 +103,14 @@ class Reads:
                       await nc.subscribe(s.gate_decided_all, queue=s.reads_group, cb=self.on_decided)]
 
     async def stop(self) -> None:
-        for sub in self._subs:
-            await sub.unsubscribe()
-        self._subs = []
+        # The reads in flight first: an unsubscribe raises on a connection nats-py closed for good.
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for sub in self._subs:
+            await sub.unsubscribe()
+        self._subs = []
 
     async def on_read(self, msg: Msg) -> None:
         request = self.bus.subjects.read_request(msg.subject)
