@@ -155,6 +155,24 @@ def test_a_rollback_never_puts_back_a_previous_release_the_gate_blocked_since() 
     assert bluegreen.undo(r, "ops").stable.release == "r2"
 
 
+def test_a_rollback_with_nowhere_to_go_keeps_a_live_canary_admitted_and_checked() -> None:
+    # r1, the stable and only known-good release, is BLOCKed while a canary of r2 runs: r1 keeps serving and the
+    # canary goes on. Before, the canary's admission was cleared, so whatever raised it checked nothing.
+    live = _start(domain.default_route("d"), "r1", "r2")
+    assert (live.phase, live.admitted) == ("progressing", live.decision_id)
+    back = domain.on_decision(live, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 300.0)
+    assert back is not None and "NO known-good release to roll back to: still serving r1" in back.reason
+    assert (back.phase, back.admitted, back.stable.release) == ("progressing", live.admitted, "r1")
+    assert domain.rests_on_admission(back)
+    gone = domain.readmit(back, None, "signed by revoked key id 'k1'")
+    assert gone is not None and (gone.phase, gone.weight) == ("idle", 0.0)
+    # A progressing canary whose route records no admission is checked all the same.
+    unrecorded = msgspec.structs.replace(live, admitted="")
+    assert domain.rests_on_admission(unrecorded)
+    gone = domain.readmit(unrecorded, None)
+    assert gone is not None and "admitted by a gate decision the route does not record" in gone.reason
+
+
 def test_a_block_of_a_known_good_release_as_a_canary_drops_it_from_the_history() -> None:
     # r1 and r2 were known-good; undone to r1, r2 is rolled out again as a canary and BLOCKed there (aborted). A
     # later rollback of r1 must not go back to r2.
