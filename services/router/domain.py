@@ -543,9 +543,26 @@ def rollback(route: Route, why: str, *, decision_id: str, failed: bool = True) -
                      reason=f"{why}; NO known-good release to roll back to: still serving {failing}")
     back = "" if route.previous is not None and target.release == route.previous.release else \
         f"; back on last known-good {target.release}"
+    return _back_to(route, target, f"{why}{back}", decision_id=decision_id, good=good)
+
+
+def _back_to(route: Route, target: Target, why: str, *, decision_id: str, good: list[Target]) -> Route:
     return _bump(route, stable=target, previous=None, weight=0.0, phase="aborted", next_step_at=0.0,
                  decision_id=decision_id, admitted="", good=good, **_FINISHED, scale_down_at=0.0, override=None,
-                 reason=override_ended(route, f"rolled back {failing}: {why}{back}", "its rollout was rolled back"))
+                 reason=override_ended(route, f"rolled back {route.stable.release}: {why}", "its rollout was rolled back"))
+
+
+def undo(route: Route, decision: GateDecided | None, actor: str) -> Route:
+    """An operator's `undo`: the release the last promotion replaced (`previous`) takes all traffic back, exactly
+    that one, if and only if its current decision (`decision`, verified, None if none) allows it (NotAdmitted
+    otherwise). Never another release in its place: the newest known-good one, where an automatic rollback goes,
+    may be a release the operator did not check (one awaiting review since), and `previous` need not be in the
+    known-good history (a blue-green promotion still under post-promotion analysis when the next rollout began)."""
+    if route.phase != "promoted" or route.previous is None:
+        raise InvalidRollout(f"deployment {route.deployment!r} has no promoted release to undo")
+    require_allowed(route.previous.release, decision, "previous release", also="roll forward with a new release instead")
+    return _back_to(route, route.previous, f"undone by {actor or 'operator'}", decision_id=route.decision_id,
+                    good=route.good)
 
 
 def on_reject_known_good(route: Route, decision: GateDecided) -> Route | None:

@@ -517,15 +517,15 @@ class Rollouts:
                 followed[:] = [to]
             elif action == "clear-override":
                 self._apply(domain.clear_override(route), actor=actor)
-            elif action == "undo" or (action == "abort" and route.phase == "promoted" and route.scale_down_at):
-                # Within a blue-green scale-down window an abort is an instant swap back, like undo (an abort is
-                # always allowed: it takes the release the operator stops off, whatever the previous one's gate).
-                if action == "undo" and route.previous is not None:
-                    domain.require_allowed(route.previous.release,
-                                           decision if route.previous.release == release else None,
-                                           "previous release", also="roll forward with a new release instead")
-                    followed[:] = [route.previous.release]
-                self._apply(bluegreen.undo(route, actor), actor=actor)
+            elif action == "undo":
+                # Exactly the previous release, whose decision was checked; never another in its place.
+                self._apply(bluegreen.undo(route, decision, actor), actor=actor)
+                assert route.previous is not None
+                followed[:] = [route.previous.release]
+            elif action == "abort" and route.phase == "promoted" and route.scale_down_at:
+                # Within a blue-green scale-down window an abort is an instant swap back to the last known-good
+                # release (an abort is always allowed: it takes off the release the operator stops).
+                self._apply(bluegreen.abort_promotion(route, actor), actor=actor)
             elif action == "abort":
                 if route.phase in ("promoted", "aborted"):
                     raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")

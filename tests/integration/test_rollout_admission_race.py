@@ -1,6 +1,7 @@
 """The admission invariant under interleavings, through the real router (HTTP control API, nats-server, chDB):
 a release whose current verified decision is not an allowing one is never admitted by an operator action, however
-the gate's BLOCK interleaves with it; and what raises a canary rests on the release's current decision.
+the gate's BLOCK interleaves with it; what raises a canary rests on the release's current decision; and `undo`
+puts back exactly the release whose decision it checked.
 
 The races are made deterministic at one seam, the router's read of a stored decision (`Rollouts._read_decision`):
 the operator's read is held while the gate BLOCKs the release and the router's gate handler has acted on it."""
@@ -196,6 +197,40 @@ async def test_a_canary_left_live_by_a_rollback_with_nowhere_to_go_is_still_chec
     route = router.rollouts.route("chat")
     assert (route.weight, route.phase) == (0.0, "idle"), route.reason
     assert "it no longer verifies" in route.reason
+
+
+async def test_undo_puts_back_exactly_the_previous_release_whose_decision_it_checked(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Found by a probe: `same` was promoted blue-green from r1 (post-promotion analysis still running, so not
+    # known-good), then `echo` was promoted from it as a canary: previous is `same`, the known-good history r1 and
+    # `echo`. The gate then put r1 back under review. Before: undo checked the decision of `same` but put back the
+    # newest known-good release, r1, awaiting review: 200, and r1 served everyone.
+    never_ends = {**analysis_tests.ERRORS, "min_sample": 100_000}
+    await _start(http, router, "same", {"interval_s": 3600, "blue_green": {
+        "post_promotion_analysis": never_ends, "scale_down_delay_s": 600}})
+    await _pass(router, signer, "same")
+    status, promoted = await _call(http, "POST", f"{router.url}{DEPLOYMENT}/promote")
+    assert status == 200 and promoted["verifying"] and [t["release"] for t in promoted["good"]] == ["r1"], promoted
+    body = {"stable_release": "same", "canary_release": "echo", "strategy": STEPS}
+    assert (await _call(http, "PUT", f"{router.url}{DEPLOYMENT}", body))[0] == 200
+    await _passed(router, signer, "echo")
+    await _pass(router, signer, "echo")
+    status, promoted = await _call(http, "POST", f"{router.url}{DEPLOYMENT}/promote")
+    assert status == 200 and promoted["previous"]["release"] == "same", promoted
+    assert [t["release"] for t in promoted["good"]] == ["r1", "echo"], promoted
+    for release in ("r1", "same"):
+        await _store(router, signer.sign(GateDecided(release=release, rules=[], decision="NEEDS_REVIEW",
+                                                     reason="re-gated", artifacts=await judged(router.ctx.bus, release))))
+    # The release undo puts back is awaiting review: refused, and nothing else is put back in its place.
+    status, refused = await _call(http, "POST", f"{router.url}{DEPLOYMENT}/undo")
+    assert status == 409 and refused["error"]["code"] == "not_admitted", refused
+    assert "previous release 'same' is awaiting review" in refused["error"]["message"], refused
+    assert router.rollouts.route("chat").stable.release == "echo"
+    # Approved (a PASS): undo puts back `same`, the release it checked, never r1.
+    await _passed(router, signer, "same")
+    status, undone = await _call(http, "POST", f"{router.url}{DEPLOYMENT}/undo")
+    assert status == 200 and undone["stable"]["release"] == "same", undone
+    assert set(await _releases(http, router, 40)) == {"same"}
 
 
 async def test_a_block_is_acted_on_routes_that_hold_every_replicas_write_before_it(
