@@ -7,6 +7,7 @@ import datetime as dt
 
 import msgspec
 
+from lockgate.contracts import GateDecided
 from lockgate.services.router import domain
 from lockgate.services.router.domain import InvalidRollout, Route
 from lockgate.services.router.strategy import BlueGreen
@@ -67,13 +68,26 @@ def auto_promotion_due(route: Route, now: float) -> bool:
     return spec(route) is not None and route.phase == "progressing" and 0 < route.promote_at <= now
 
 
-def undo(route: Route, actor: str) -> Route:
-    """Swap the previous release back in (instant: it never stopped being routable)."""
+def _swappable(route: Route) -> None:
     if route.phase != "promoted" or route.previous is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no promoted release to undo")
     if spec(route) is not None and not route.scale_down_at:
         raise InvalidRollout(f"the old release {route.previous.release!r} of {route.deployment!r} is scaled down "
                              "(scale_down_delay_s is over): start a new rollout to go back to it")
+
+
+def undo(route: Route, decision: GateDecided | None, actor: str) -> Route:
+    """An operator's undo: the previous release swapped back in (instant: it never stopped being routable), exactly
+    that one and only if its current decision (`decision`, verified, None if none) allows it (domain.undo)."""
+    _swappable(route)
+    return domain.undo(route, decision, actor)
+
+
+def abort_promotion(route: Route, actor: str) -> Route:
+    """An operator's abort within the scale-down window: the promoted release stops, the last known-good release
+    takes all traffic back as a rollback does (never a release the gate BLOCKed since: then it keeps serving and says
+    so). Always allowed: it takes off the release the operator stops, whatever the previous one's gate says."""
+    _swappable(route)
     return domain.rollback(route, f"undone by {actor or 'operator'}", decision_id=route.decision_id, failed=False)
 
 

@@ -75,8 +75,9 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     next_step_at: float = 0.0  # unix seconds; wall clock so a restarted router resumes on time
     version: int = 0
     # Admission: the verified decision (id) that allows the canary's release, "" while none does, and the id of
-    # the key that signed it ("" in routes stored before it was recorded): what raises the canary's traffic
-    # checks that key is still trusted (rollouts.Rollouts._admission_now).
+    # the key that signed it ("" in routes stored before it was recorded). What raises the canary's traffic reads
+    # the release's current decision first (rollouts.Rollouts._admission_now): the admission holds only while
+    # that one allows the release.
     admitted: str = ""
     admitted_by: str = ""
     start_weight: float = 0.0  # the weight asked for, served once the canary is admitted (0: first step)
@@ -534,14 +535,34 @@ def rollback(route: Route, why: str, *, decision_id: str, failed: bool = True) -
     if target is None:
         # Nothing to fall back to: keep serving, but say so loudly in the status. A failed release's
         # post-promotion analysis ends here: were it to pass later, it would make the failed release known-good.
-        return _bump(route, decision_id=decision_id, admitted="", good=good,
+        # A live canary of another release goes on, admitted by its own decision, which is kept: whatever raises
+        # it must still check that one (cleared, the timer stepped the canary on without any check).
+        live = route.canary is not None and route.phase in ("idle", "progressing")
+        return _bump(route, decision_id=decision_id, admitted=route.admitted if live else "", good=good,
                      verifying=route.verifying and not failed,
                      reason=f"{why}; NO known-good release to roll back to: still serving {failing}")
     back = "" if route.previous is not None and target.release == route.previous.release else \
         f"; back on last known-good {target.release}"
+    return _back_to(route, target, f"{why}{back}", decision_id=decision_id, good=good)
+
+
+def _back_to(route: Route, target: Target, why: str, *, decision_id: str, good: list[Target]) -> Route:
     return _bump(route, stable=target, previous=None, weight=0.0, phase="aborted", next_step_at=0.0,
                  decision_id=decision_id, admitted="", good=good, **_FINISHED, scale_down_at=0.0, override=None,
-                 reason=override_ended(route, f"rolled back {failing}: {why}{back}", "its rollout was rolled back"))
+                 reason=override_ended(route, f"rolled back {route.stable.release}: {why}", "its rollout was rolled back"))
+
+
+def undo(route: Route, decision: GateDecided | None, actor: str) -> Route:
+    """An operator's `undo`: the release the last promotion replaced (`previous`) takes all traffic back, exactly
+    that one, if and only if its current decision (`decision`, verified, None if none) allows it (NotAdmitted
+    otherwise). Never another release in its place: the newest known-good one, where an automatic rollback goes,
+    may be a release the operator did not check (one awaiting review since), and `previous` need not be in the
+    known-good history (a blue-green promotion still under post-promotion analysis when the next rollout began)."""
+    if route.phase != "promoted" or route.previous is None:
+        raise InvalidRollout(f"deployment {route.deployment!r} has no promoted release to undo")
+    require_allowed(route.previous.release, decision, "previous release", also="roll forward with a new release instead")
+    return _back_to(route, route.previous, f"undone by {actor or 'operator'}", decision_id=route.decision_id,
+                    good=route.good)
 
 
 def on_reject_known_good(route: Route, decision: GateDecided) -> Route | None:
@@ -622,8 +643,11 @@ def manual_promote(route: Route, override: Override | None, now: float = 0.0) ->
 
 def rests_on_admission(route: Route) -> bool:
     """True for a live canary that takes (or may take) traffic on a decision it was admitted by, not on a
-    break-glass override covering it: what raises its traffic must check that admission again first."""
-    if route.canary is None or route.phase not in ("idle", "progressing") or not route.admitted:
+    break-glass override covering it: what raises its traffic must check that admission again first. A progressing
+    canary rests on one even when the route records none (a route stored before admissions were recorded): it is
+    checked all the same, never stepped on unchecked."""
+    if route.canary is None or route.phase not in ("idle", "progressing") or not (
+            route.admitted or route.phase == "progressing"):
         return False
     return route.override is None or route.override.release != route.canary.release
 
@@ -631,11 +655,13 @@ def rests_on_admission(route: Route) -> bool:
 def readmit(route: Route, decision: GateDecided | None, why_not: str = "") -> Route | None:
     """Check a live canary's admission again against its release's current decision (`decision`, verified against
     the trust file as it is now; None when none is stored or it no longer verifies, `why_not` saying why): None
-    while it still holds; else the canary back to 0%, waiting for a decision as a new canary does.
+    while it allows the release; else the canary back to 0%, waiting for a decision as a new canary does.
 
-    The route keeps the id of the decision that admitted it, checked when it was read; the gatekeeper's key that
-    signed it may have been revoked (or dropped from the trust file) since, and what that key signed no longer
-    counts: neither for a new rollout nor for raising or promoting one it admitted before."""
+    The decision that admitted the canary was current when it was read, and may not be now: the gate may have
+    decided again since in a way this route never heard of (a BLOCK acted on while an operator's change of the
+    route was in flight, or by a replica that did not have the canary yet), or the gatekeeper's key that signed it
+    may have been revoked (or dropped from the trust file) since; what that key signed no longer counts, neither
+    for a new rollout nor for raising or promoting one it admitted before."""
     if not rests_on_admission(route) or allows(decision, route.canary.release if route.canary else ""):
         return None
     assert route.canary is not None
@@ -644,9 +670,10 @@ def readmit(route: Route, decision: GateDecided | None, why_not: str = "") -> Ro
         now = f"it no longer verifies ({why_not})" if why_not else "no verified decision allows it now"
     else:
         now = f"the current decision {decision.id} is {decision.decision}"
+    by = f"gate decision {route.admitted}" if route.admitted else "a gate decision the route does not record"
     return _bump(route, phase="idle", weight=0.0, next_step_at=0.0, admitted="", admitted_by="", decision_id="",
-                 reason=f"canary {release} back to 0%: admitted by gate decision {route.admitted}, but {now}; it waits "
-                        "for a decision a trusted key signed")
+                 reason=f"canary {release} back to 0%: admitted by {by}, but {now}; it waits for a decision a trusted "
+                        "key signed")
 
 
 def clear_override(route: Route) -> Route:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,9 +56,15 @@ _gate_codec: Codec[GateDecided] = Codec(GateDecided)
 _CAS_RETRY = RetryPolicy(attempts=5, initial_s=0.005, max_s=0.1)
 # A due step whose canary's decision could not be read (the bus away) waits this long before it is tried again.
 _ADMISSION_RETRY_S = 1.0
+# How long a gate decision waits for this replica's KV watch to apply the route writes made before it
+# (Rollouts._routes_current); past it, every route is read again from KV instead.
+_WATCH_LAG_S = 2.0
 # A canary's admission read again (Rollouts._admission_now): its release, its current verified decision (None:
-# none, or it does not verify) and why not; None when the admission still holds without a read.
+# none, or it does not verify) and why not; None when the admission holds (or the route rests on none).
 Admission = tuple[str, GateDecided | None, str] | None
+# An operator's change of a route (Rollouts._settle): run again on every compare-and-set attempt, it reads what it
+# checks (decisions) and then changes the route in memory without awaiting; returns a refusal ("" or None: none).
+Change = Callable[[], Awaitable[str | None] | str | None]
 
 
 class RouterNotReady(Retryable):
@@ -103,6 +110,8 @@ class Rollouts:
         self._kv: Any = None
         self._watcher: Any = None
         self._revisions: dict[str, int] = {}  # KV revision each in-memory route is based on
+        self._watched = 0  # the last KV revision (of any route) the watch has applied or passed over
+        self._watch_moved = asyncio.Event()
         self._unpersisted: Counter[str] = Counter()  # outbox entries per deployment
         self.conflicts = 0  # changes dropped because another replica's write won
         self._poisoned: dict[str, str] = {}  # deployment -> why its last change was dropped unpersisted
@@ -231,21 +240,47 @@ class Rollouts:
 
         async def once() -> None:
             await self.flush()
-            try:
-                stored = await self._kv.keys()
-            except nats.js.errors.NoKeysError:
-                stored = []
-            except nats.errors.Error as exc:
-                raise BusUnavailable(f"cannot list routes in KV: {exc!r}") from None
-            keys = set()
-            for key in stored:
-                with contextlib.suppress(LockgateError):  # a key no deployment maps to (the watch ignores it too)
-                    keys.add(untoken(key))
-            for deployment in keys | set(self.routes):
-                if not self._unpersisted[deployment]:
-                    await self._reload(deployment)
+            await self._reload_all()
 
         await policy.call(once, retry_on=LockgateError, what="reload routes after a cut-off")
+
+    async def _reload_all(self) -> None:
+        """Read every route again from KV, but those with changes of this replica not persisted yet (their
+        compare-and-set settles them)."""
+        try:
+            stored = await self._kv.keys()
+        except nats.js.errors.NoKeysError:
+            stored = []
+        except nats.errors.Error as exc:
+            raise BusUnavailable(f"cannot list routes in KV: {exc!r}") from None
+        keys = set()
+        for key in stored:
+            with contextlib.suppress(LockgateError):  # a key no deployment maps to (the watch ignores it too)
+                keys.add(untoken(key))
+        for deployment in keys | set(self.routes):
+            if not self._unpersisted[deployment]:
+                await self._reload(deployment)
+
+    async def _routes_current(self) -> None:
+        """Return once this replica's routes hold every route write any replica made before now: its KV watch has
+        applied the bucket's last revision as it is now (a watch that lags longer: every route is read again).
+
+        A gate decision is acted on by one replica (the durable consumer's), on the routes it holds, and acked:
+        acted on a route that lacks another replica's write just before (a canary just started or patched in, on
+        a decision read before the BLOCK was stored), it would change nothing, and the BLOCK would be lost."""
+        bus, bucket = self.ctx.bus, self.ctx.bus.subjects.kv_routes
+        try:
+            last = (await bus.js.stream_info(f"KV_{bucket}")).state.last_seq
+        except nats.errors.Error as exc:
+            raise BusUnavailable(f"cannot read the state of the routes bucket: {exc!r}") from None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_WATCH_LAG_S):
+                while self._watched < last:
+                    await self._watch_moved.wait()
+                return
+        log.warning("route watch behind the routes bucket (at %d of %d) for %g s: reading every route again",
+                    self._watched, last, _WATCH_LAG_S)
+        await self._reload_all()
 
     def _cut(self, cut_off: bool, why: str) -> None:
         if cut_off != self.cut_off:
@@ -261,6 +296,10 @@ class Rollouts:
                 await watcher.stop()
 
     def _on_entry(self, entry: Any) -> None:
+        if entry.revision > self._watched:
+            self._watched = entry.revision
+            moved, self._watch_moved = self._watch_moved, asyncio.Event()
+            moved.set()
         try:
             key = untoken(entry.key)  # KV keys are tokens of deployment names (one-to-one)
         except LockgateError:
@@ -366,49 +405,47 @@ class Rollouts:
         """
         await self._await_ready()
         stable, canary = await self.target(req.stable_release), await self.target(req.canary_release)
-        decision = await self._stored_decision(req.canary_release)
-        stable_decision = await self._stored_decision(req.stable_release)
-
-        def check_stable() -> None:
-            # On the route this attempt changes: a change that lost to another replica's write is recomputed on
-            # the reloaded route, whose stable may no longer be the one the request keeps (a BLOCKed release
-            # put back at 100% without a decision, had it been checked once against the stale route).
-            current = self.route(deployment).stable.release
-            if req.stable_release != current:
-                domain.require_allowed(req.stable_release, stable_decision, "stable release",
-                                       f"the current stable is {current or 'none'!r}; a break-glass override covers "
-                                       "only the canary release it names: start from a stable a decision allows")
-
-        check_stable()
-        if override is None:
-            if req.initial_weight and not domain.allows(decision, req.canary_release):
+        if override is None and req.initial_weight:
+            if not domain.allows(await self._stored_decision(req.canary_release), req.canary_release):
                 raise domain.NotAdmitted(
                     f"refused: canary {req.canary_release!r} has no verified gate decision allowing it, so it "
                     "cannot start at a weight; start it without initial_weight (it waits at 0%) or an admin "
                     "may override with break_glass")
+        followed: list[str] = []
 
-        def change() -> None:
-            check_stable()
+        async def change() -> None:
+            # The new stable's decision is read on every attempt and checked on the route this attempt changes: a
+            # change that lost to another replica's write is recomputed on the reloaded route, whose stable may no
+            # longer be the one the request keeps (a BLOCKed release put back at 100% without a decision, had it been
+            # checked once against the stale route).
+            stable_decision = await self._stored_decision(req.stable_release)
+            route = self.route(deployment)
+            current = route.stable.release
+            if req.stable_release != current:
+                domain.require_allowed(req.stable_release, stable_decision, "stable release",
+                                       f"the current stable is {current or 'none'!r}; a break-glass override covers "
+                                       "only the canary release it names: start from a stable a decision allows")
             strategy = req.strategy
             steps = domain.normalize_steps(strategy.weights()) if strategy and strategy.weights() else self.steps
-            started = domain.start_canary(self.route(deployment), req, stable=stable, canary=canary,
+            # At 0% (or held at its break-glass weight): the canary's decision is read once the route holds it
+            # (`_settle` follows it), so a BLOCK stored meanwhile is the one acted on.
+            started = domain.start_canary(route, req, stable=stable, canary=canary,
                                           first_step=steps[0], override=override, now=time.time())
             self._apply(msgspec.structs.replace(started, strategy=strategy, started_at=time.time(), paused=False,
                                                 analysis=None), actor=actor or (override.actor if override else ""))
             self.evidence.forget(deployment, keep={req.stable_release, req.canary_release})
-            if decision is not None:
-                self.apply_decision(decision)
+            followed[:] = [req.canary_release, *([req.stable_release] if req.stable_release != current else [])]
 
-        return await self._settle(deployment, change)
+        return await self._settle(deployment, change, followed)
 
     async def first_release(self, deployment: str, release: str, actor: str = "") -> Route:
         """Give a deployment without a stable release its first one, serving 100% at once, if and only if the
         release's verified current decision allows it, as a new stable of a canary needs (domain.first_release)."""
         await self._await_ready()
         target = await self.target(release)
-        decision = await self._stored_decision(release)
 
-        def change() -> None:
+        async def change() -> None:
+            decision = await self._stored_decision(release)  # on every attempt
             route = self.route(deployment)
             if deployment in self.unreadable:
                 # Its route in KV is unreadable: written anew as a first release, alike on every replica (one
@@ -416,7 +453,7 @@ class Rollouts:
                 route = msgspec.structs.replace(domain.default_route(deployment), version=route.version)
             self._apply(domain.first_release(route, target, decision, actor), actor=actor)
 
-        return await self._settle(deployment, change)
+        return await self._settle(deployment, change, [release])
 
     def apply_decision(self, decision: GateDecided) -> int:
         """Apply a gate decision to every deployment canarying its release; returns how many changed."""
@@ -447,6 +484,7 @@ class Rollouts:
             if checked is None:
                 return
             decision = checked
+        await self._routes_current()
         await self._until_won(lambda: self.apply_decision(decision))
 
     async def manual(self, deployment: str, action: str, override: domain.Override | None = None,
@@ -455,33 +493,39 @@ class Rollouts:
         release back, within a blue-green scale-down window; with `to`, a named known-good release) or
         clear-override."""
         await self._await_ready()
-        # `undo`: refused if the release it puts back is not allowed now (its verified current decision: the gate
-        # may have BLOCKed it since); `retry`: the canary's current decision restarts it at once (a release
-        # BLOCKed since is refused).
-        now = self.route(deployment)
-        previous = now.previous.release if now.previous else ""
-        release = (to or previous) if action == "undo" else (
-            now.canary.release if action == "retry" and now.canary else "")
-        decision = await self._stored_decision(release) if release else None
-        # `promote`: the decision that admitted the canary must still verify (its key may be revoked since).
-        admission = await self._admission_now(now) if action == "promote" and override is None else None
+        followed: list[str] = []
 
-        def change() -> str:
+        async def change() -> str:
+            # Read on every attempt, for the route as it is then. `undo`: refused if the release it puts back is not
+            # allowed now (its verified current decision: the gate may have BLOCKed it since); `retry`: refused for
+            # a release BLOCKed since; `promote`: the canary must still be admitted (`_admission_now`).
+            before = self.route(deployment)
+            previous = before.previous.release if before.previous else ""
+            release = (to or previous) if action == "undo" else (
+                before.canary.release if action == "retry" and before.canary else "")
+            decision = await self._stored_decision(release) if release else None
+            admission = await self._admission_now(before) if action == "promote" and override is None else None
+            # The route as it is after the reads; a decision read for another release than the one this change puts
+            # back counts as none (domain's checks name the release).
             route = self.route(deployment)
             if action == "retry":
                 self._retry(route, decision, actor)
+                assert route.canary is not None
+                followed[:] = [route.canary.release]
             elif action == "undo" and to:
                 self._apply(domain.undo_to(route, to, decision, actor), actor=actor)
+                followed[:] = [to]
             elif action == "clear-override":
                 self._apply(domain.clear_override(route), actor=actor)
-            elif action == "undo" or (action == "abort" and route.phase == "promoted" and route.scale_down_at):
-                # Within a blue-green scale-down window an abort is an instant swap back, like undo (an abort is
-                # always allowed: it takes the release the operator stops off, whatever the previous one's gate).
-                if action == "undo" and route.previous is not None:
-                    domain.require_allowed(route.previous.release,
-                                           decision if route.previous.release == release else None,
-                                           "previous release", also="roll forward with a new release instead")
-                self._apply(bluegreen.undo(route, actor), actor=actor)
+            elif action == "undo":
+                # Exactly the previous release, whose decision was checked; never another in its place.
+                self._apply(bluegreen.undo(route, decision, actor), actor=actor)
+                assert route.previous is not None
+                followed[:] = [route.previous.release]
+            elif action == "abort" and route.phase == "promoted" and route.scale_down_at:
+                # Within a blue-green scale-down window an abort is an instant swap back to the last known-good
+                # release (an abort is always allowed: it takes off the release the operator stops).
+                self._apply(bluegreen.abort_promotion(route, actor), actor=actor)
             elif action == "abort":
                 if route.phase in ("promoted", "aborted"):
                     raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
@@ -495,24 +539,30 @@ class Rollouts:
                     promoted = msgspec.structs.replace(promoted, reason=f"{promoted.reason} {actor}")
                 promoted = bluegreen.promoted(promoted, time.time(), progress.interval_of(route, self.interval_s))
                 self._apply(promoted, actor=actor)
+                assert route.canary is not None
+                followed[:] = [route.canary.release]
             return ""
 
-        return await self._settle(deployment, change)
+        return await self._settle(deployment, change, followed)
 
     async def patch(self, deployment: str, body: dict[str, Any], actor: str) -> Route:
         """A JSON merge patch of the deployment (patch.py): only the fields it names change; the rollout keeps
         its phase, step and analysis. A new canary release needs a verified decision allowing it to keep
         a weight (else it waits at 0%, as a new canary does)."""
         await self._await_ready()
-        now = self.route(deployment)
-        doc = patch.apply(now, body)
+        doc = patch.apply(self.route(deployment), body)
         canary = await self.target(doc.canary_release) if doc.canary_release else None
-        decision = await self._stored_decision(doc.canary_release) if doc.canary_release else None
-        # A higher weight for the same canary: the decision that admitted it must still verify.
-        raises = doc.weight > now.weight and now.canary is not None and doc.canary_release == now.canary.release
-        admission = await self._admission_now(now) if raises else None
+        followed: list[str] = []
 
-        def change() -> str:
+        async def change() -> str:
+            # Read on every attempt, for the route as it is then: a new canary release's decision; for a higher
+            # weight of the same canary, its admission (`_admission_now`).
+            before = self.route(deployment)
+            doc_before = patch.apply(before, body)
+            swapped = before.canary is None or doc_before.canary_release != before.canary.release
+            decision = await self._stored_decision(canary.release) if canary is not None and swapped else None
+            raises = doc_before.weight > before.weight and not swapped
+            admission = await self._admission_now(before) if raises else None
             route = self.route(deployment)
             doc_now = patch.apply(route, body)  # recomputed on the route a lost compare-and-set reloads
             fields = patch.changed(route, doc_now)
@@ -533,12 +583,16 @@ class Rollouts:
                                           reason=f"patched {', '.join(fields)} by {actor or 'operator'}: {new.reason}")
             self._apply(new, actor=actor)
             if "canary_release" in fields:
+                assert canary is not None
                 self.evidence.forget(deployment, keep={new.stable.release, canary.release})
+                followed[:] = [canary.release]
             return ""
 
-        return await self._settle(deployment, change)
+        return await self._settle(deployment, change, followed)
 
     def _retry(self, route: Route, decision: GateDecided | None, actor: str) -> None:
+        """The rollout restarted at 0%; the canary's current decision, read once the route holds it, is acted on
+        after (`_settle` follows it): a release still allowed goes straight to its first step."""
         if decision is not None and route.canary is not None and decision.release == route.canary.release \
                 and decision.decision == "BLOCK":
             raise domain.InvalidRollout(f"refused: {decision.release!r} is BLOCKed by the gate"
@@ -548,19 +602,17 @@ class Rollouts:
         self._apply(restarted, actor=actor)
         assert restarted.canary is not None
         self.evidence.forget(route.deployment, keep={restarted.stable.release, restarted.canary.release})
-        if decision is not None:
-            self.apply_decision(decision)
 
     async def operate(self, deployment: str, action: str, actor: str, *, weight: float = 0.0,
                       why: str = "") -> Route:
         """Operator pause, resume or set-weight (progress.py), recorded with the actor's identity."""
         await self._await_ready()
-        now = self.route(deployment)
-        # Raising the weight or resuming the steps: the decision that admitted the canary must still verify.
-        raises = action == "resume" or (action == "set-weight" and weight > now.weight)
-        admission = await self._admission_now(now) if raises else None
 
-        def change() -> str:
+        async def change() -> str:
+            # Raising the weight or resuming the steps: the canary must still be admitted, read on every attempt.
+            before = self.route(deployment)
+            raises = action == "resume" or (action == "set-weight" and weight > before.weight)
+            admission = await self._admission_now(before) if raises else None
             route = self.route(deployment)
             refused = self._unadmit(route, admission, actor) if raises else ""
             if refused:
@@ -794,21 +846,47 @@ class Rollouts:
 
         await self._until_won(change)
 
-    async def _settle(self, deployment: str, change: Callable[[], str | None]) -> Route:
+    async def _settle(self, deployment: str, change: Change, follow: Sequence[str] = ()) -> Route:
         """An operator's change of one deployment, run until its compare-and-set wins; the route it leaves.
-        Raises what dropped the write, or NotAdmitted with the admission re-check `change` returned as refused."""
+        Raises what dropped the write, or NotAdmitted with the admission re-check `change` returned as refused.
+
+        Then the releases `follow` names once the change won (those it started, admitted or put back: `change` may
+        fill it in) follow their current decision, read now (`_follow`): what `change` read of them was current
+        when read, not when the route took it."""
         self._poisoned.pop(deployment, None)
         refused: str | None = None
 
-        def attempt() -> None:
+        async def attempt() -> None:
             nonlocal refused
-            refused = change()
+            result = change()
+            refused = await result if inspect.isawaitable(result) else result
 
         await self._until_won(attempt)
         self._raise_if_poisoned(deployment)
         if refused:
             raise domain.NotAdmitted(refused)
+        for release in dict.fromkeys(follow):
+            await self._follow(deployment, release)
+        self._raise_if_poisoned(deployment)
         return self.route(deployment)
+
+    async def _follow(self, deployment: str, release: str) -> None:
+        """`release`'s current decision, read now that the route holds what an operator's change made of it, acted on
+        as the gate handler does (a BLOCK aborts its canary or rolls it back as the stable; a PASS admits a canary
+        waiting for one), and a canary of it on `deployment` no decision allows now taken back to 0%.
+
+        The change decided on a decision read before the route held it. A BLOCK stored meanwhile was acted on by the
+        gate handler on the route as it was then, without the release (a canary not started yet), and acked: it is
+        never delivered again, and the earlier PASS would have admitted the BLOCKed release for good."""
+
+        async def attempt() -> None:
+            decision, why_not = await self._read_decision(release)  # again on every attempt
+            if decision is not None:
+                self.apply_decision(decision)
+            route = self.route(deployment)
+            self._unadmit(route, self._admission(route, release, decision, why_not))
+
+        await self._until_won(attempt)
 
     def _raise_if_poisoned(self, deployment: str) -> None:
         reason = self._poisoned.pop(deployment, None)
@@ -817,10 +895,13 @@ class Rollouts:
 
     async def _until_won(self, change: Callable[[], object]) -> None:
         # A change that lost to another replica's write is recomputed on the reloaded route, so a
-        # decision or operator action is never silently dropped, only re-applied (or found moot).
+        # decision or operator action is never silently dropped, only re-applied (or found moot). A change that
+        # is a coroutine function reads what it checks again on each attempt, never reusing an earlier read.
         async def attempt() -> None:
             before = self.conflicts
-            change()
+            result = change()
+            if inspect.isawaitable(result):
+                await result
             await self.flush()
             if self.conflicts != before:
                 raise RouteContended(f"route kept changing under {_CAS_RETRY.attempts} attempts; retrying later")
@@ -984,15 +1065,31 @@ class Rollouts:
         return decision, ""
 
     async def _admission_now(self, route: Route) -> Admission:
-        """Before raising a canary's traffic or promoting it, whether the decision that admitted it still counts:
-        None when it does (the key that signed it is still trusted, as the trust file says now), or when the
-        route does not rest on a decision (`domain.rests_on_admission`); else the canary's release and its current
-        decision, read again and verified (a newer one a trusted key signed may allow it), with why not."""
-        if not domain.rests_on_admission(route) or (route.admitted_by and self.verifier.trusts(route.admitted_by)):
+        """Before raising a canary's traffic or promoting it, whether it is still admitted (`_admission`, on its
+        release's current decision read again now); None as well when the route does not rest on a decision
+        (`domain.rests_on_admission`).
+
+        Never the route's record of its admission alone: the decision that admitted the canary may have been
+        superseded by one the route never heard of (a BLOCK acted on by a replica that did not hold the canary
+        yet), or signed by a key revoked since."""
+        if not domain.rests_on_admission(route):
             return None
         assert route.canary is not None
-        decision, why_not = await self._read_decision(route.canary.release)
-        return route.canary.release, decision, why_not
+        release = route.canary.release
+        decision, why_not = await self._read_decision(release)
+        return self._admission(route, release, decision, why_not)
+
+    def _admission(self, route: Route, release: str, decision: GateDecided | None, why_not: str) -> Admission:
+        """None when `release`'s current decision (`decision`, verified against the trust file as it is now; None
+        with `why_not` saying why it does not count, or with "" when none is stored) allows it, a newer PASS than
+        the one that admitted its canary included; with none stored (a decision taken from the bus alone, as
+        `on_decision` does), when the key that signed the route's admission is still trusted. Else the release,
+        that decision and why not, for `_unadmit`."""
+        if domain.allows(decision, release):
+            return None
+        if decision is None and not why_not and route.admitted_by and self.verifier.trusts(route.admitted_by):
+            return None
+        return release, decision, why_not
 
     def _unadmit(self, route: Route, admission: Admission, actor: str = "") -> str:
         """Take the canary of `route` (the current one) back to 0% if the admission read for it no longer holds;

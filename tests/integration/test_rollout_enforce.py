@@ -72,13 +72,13 @@ async def test_a_pass_superseded_by_a_block_does_not_admit_the_canary_when_it_ar
     passed = signer.sign(GateDecided(release="bad", rules=[], decision="PASS", artifacts=await judged(router.ctx.bus, "bad")))
     blocked = signer.sign(GateDecided(release="bad", rules=[], decision="BLOCK", reason="toxicity"))
     bus = router.ctx.bus
-    kv = await bus.kv(bus.subjects.kv_gates)
-    await kv.put(token("bad"), msgspec.json.encode(blocked))
     await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
     await _pass(router, signer, "same")
     async with http.patch(f"{router.url}{DEPLOYMENT}", json={"canary_release": "bad"}) as resp:
         assert resp.status == 200, await resp.text()
     assert (router.rollouts.route("chat").weight, router.rollouts.route("chat").phase) == (0.0, "idle")
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token("bad"), msgspec.json.encode(blocked))
     await bus.publish(bus.subjects.gate_decided("bad"), passed)
     await router.rollouts.wait_for(lambda r: r["chat"].decision_id in (passed.id, blocked.id), timeout=10)
     route = router.rollouts.route("chat")

@@ -152,7 +152,47 @@ def test_a_rollback_never_puts_back_a_previous_release_the_gate_blocked_since() 
     # The same for a failed post-promotion analysis, and for an operator's abort in the scale-down window.
     failed = progress.on_measurement(r, _m("FAILED"), STEPS, 10.0, now=310.0)
     assert failed is not None and failed.stable.release == "r2" and "NO known-good release" in failed.reason
-    assert bluegreen.undo(r, "ops").stable.release == "r2"
+    assert bluegreen.abort_promotion(r, "ops").stable.release == "r2"
+    # And undo, which puts back `previous` itself, only with a decision allowing it now: r1's is a BLOCK.
+    with pytest.raises(domain.NotAdmitted, match="previous release 'r1' is BLOCKed"):
+        bluegreen.undo(r, _decision("BLOCK", "r1", "b1"), "ops")
+
+
+def test_undo_puts_back_exactly_the_previous_release_and_only_if_its_decision_allows_it() -> None:
+    # r2 was promoted blue-green from r1 (still under post-promotion analysis: not known-good), then r3 from r2 as a
+    # canary: previous is r2, the known-good history r1 and r3. Before, undo checked r2's decision but put back the
+    # newest known-good release, r1, whatever its decision now.
+    r = _promoted(_promoted(domain.default_route("d"), "r1", "r2", BG), "r2", "r3")
+    assert r.previous is not None and r.previous.release == "r2" and _good(r) == ["r1", "r3"]
+    undone = bluegreen.undo(r, _decision("PASS", "r2"), "ops")
+    assert (undone.stable.release, undone.phase, undone.previous) == ("r2", "aborted", None)
+    assert undone.reason == "rolled back r3: undone by ops" and _good(undone) == ["r1", "r3"]
+    for verdict, why in (("NEEDS_REVIEW", "is awaiting review"), ("BLOCK", "is BLOCKed by the gate")):
+        with pytest.raises(domain.NotAdmitted, match=f"previous release 'r2' {why}"):
+            bluegreen.undo(r, _decision(verdict, "r2"), "ops")
+    for none in (None, _decision("PASS", "r1")):  # none, or one for another release
+        with pytest.raises(domain.NotAdmitted, match="previous release 'r2' has no verified gate decision"):
+            bluegreen.undo(r, none, "ops")
+    # An abort, which always may take off the release the operator stops, goes to the last known-good one.
+    assert bluegreen.abort_promotion(r, "ops").stable.release == "r1"
+
+
+def test_a_rollback_with_nowhere_to_go_keeps_a_live_canary_admitted_and_checked() -> None:
+    # r1, the stable and only known-good release, is BLOCKed while a canary of r2 runs: r1 keeps serving and the
+    # canary goes on. Before, the canary's admission was cleared, so whatever raised it checked nothing.
+    live = _start(domain.default_route("d"), "r1", "r2")
+    assert (live.phase, live.admitted) == ("progressing", live.decision_id)
+    back = domain.on_decision(live, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 300.0)
+    assert back is not None and "NO known-good release to roll back to: still serving r1" in back.reason
+    assert (back.phase, back.admitted, back.stable.release) == ("progressing", live.admitted, "r1")
+    assert domain.rests_on_admission(back)
+    gone = domain.readmit(back, None, "signed by revoked key id 'k1'")
+    assert gone is not None and (gone.phase, gone.weight) == ("idle", 0.0)
+    # A progressing canary whose route records no admission is checked all the same.
+    unrecorded = msgspec.structs.replace(live, admitted="")
+    assert domain.rests_on_admission(unrecorded)
+    gone = domain.readmit(unrecorded, None)
+    assert gone is not None and "admitted by a gate decision the route does not record" in gone.reason
 
 
 def test_a_block_of_a_known_good_release_as_a_canary_drops_it_from_the_history() -> None:

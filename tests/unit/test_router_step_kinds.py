@@ -142,12 +142,15 @@ def test_blue_green_auto_promotes_after_its_delay_and_keeps_the_old_release_for_
     p = _tick(r, 130.0)
     assert (p.phase, p.stable.release, p.previous.release, p.scale_down_at) == ("promoted", "r2", "r1", 190.0)  # type: ignore[union-attr]
     assert all(domain.choose(p, f"u{i}", {})[1].release == "r2" for i in range(100))
-    undone = bluegreen.undo(p, "ops")
+    allowed = GateDecided(release="r1", decision="PASS", rules=[])
+    undone = bluegreen.undo(p, allowed, "ops")
     assert (undone.stable.release, undone.phase) == ("r1", "aborted") and "undone by ops" in undone.reason
     down = _tick(p, 190.0)
     assert down.scale_down_at == 0.0 and "r1 scaled down" in down.reason
     with pytest.raises(InvalidRollout, match="scaled down"):
-        bluegreen.undo(down, "ops")
+        bluegreen.undo(down, allowed, "ops")
+    with pytest.raises(InvalidRollout, match="scaled down"):
+        bluegreen.abort_promotion(down, "ops")
 
 
 def test_blue_green_pre_promotion_analysis_must_pass_before_auto_promotion() -> None:
