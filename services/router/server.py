@@ -158,10 +158,12 @@ class RouterService(Service):
         bus = self.ctx.bus.state
         # Cut off longer than router_cut_off_s (and until its routes are reloaded), it serves stable only.
         cut_off = self.rollouts.cut_off
-        # A full inference stream refuses the events of every request served (they wait in the outbox or spool).
+        # A full inference stream refuses the events of every request served (they wait in the outbox or spool); a
+        # full DLQ or dead-letter originals bucket keeps bad input's letters waiting or without their originals.
         full = await self.ctx.bus.full_streams() if bus == "connected" else []
         return web.json_response({"status": "ok" if bus == "connected" and not cut_off and not full else "degraded",
                                   "bus": bus, "streams_full": full,
+                                  "dead_letters_waiting": self.ctx.bus.letters_waiting,
                                   "ready": self.rollouts.ready.is_set(),
                                   "serving": "stable_only" if cut_off else "all",
                                   "events_dropped": self.batcher.dropped,

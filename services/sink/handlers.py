@@ -298,6 +298,12 @@ class SinkHandlers:
             log.warning("dead letter %s names stream %s, which is not lockgate's: nothing deleted",
                         letter.id, letter.stream)
             return
+        if letter.cut_from and not letter.original:
+            # The bucket refused its whole original (the letter's error says why): the message, the one copy of the
+            # bytes past the cut, stays in its stream until its consumers have taken it or it expires.
+            log.debug("dead letter %s: message %d of %s is cut and its whole original was not kept; kept", letter.id,
+                      letter.stream_seq, letter.stream)
+            return
         original = await bus.stored(letter.stream, letter.stream_seq)
         if original is None:  # deleted already (another consumer dead-lettered it too) or expired
             return

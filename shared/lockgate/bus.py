@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,10 @@ log = logging.getLogger("lockgate.bus")
 # Delay before JetStream redelivers a nacked message, by its delivery count (jittered, so the
 # messages of one failed batch do not all come back in the same instant).
 NACK_BACKOFF = RetryPolicy(initial_s=0.2, max_s=30.0)
+# Delay before JetStream redelivers a message whose letter was not stored (the DLQ full or down), by its delivery
+# count: it grows to minutes, so messages that cannot be settled yet come back seldom and leave the consumer's workers
+# to the messages behind them (at 30 s, about 440 of them took every delivery of the sink's inference consumer).
+LETTER_BACKOFF = RetryPolicy(initial_s=0.2, max_s=300.0)
 # Pause after a failed fetch (reconnecting, consumer gone), by consecutive failures.
 FETCH_BACKOFF = RetryPolicy(initial_s=0.1, max_s=5.0)
 # A pull request lives this long on the server, so one orphaned by a stop expires soon.
@@ -63,6 +68,11 @@ API_RETRY = RetryPolicy(attempts=6, initial_s=0.2, max_s=3.0)
 _API_TRANSIENT = (TimeoutError, nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
 # The JetStream API's subject prefix (no JetStream domain is used).
 _API = "$JS.API"
+# JetStream's answers to a put that mean the bucket will not take it until an operator acts: its store failed
+# (maximum bytes or messages exceeded), or the server's storage is exhausted. Retried, they only come back.
+_STORE_REFUSED = frozenset({10077, 10047, 10023})
+# How many messages waiting for their letter a bus remembers (`letters_waiting`): each is warned about once.
+_UNSENT_MAX = 10_000
 
 
 @dataclass
@@ -185,6 +195,9 @@ class Bus:
         # None while open or once closed by `close`.
         self.closed_error: BusClosed | None = None
         self._closing = False
+        # Letters this process could not store, by message id, with when it last tried: its message waits, and is
+        # warned about once rather than at every redelivery (`letters_waiting`).
+        self._unsent: dict[str, float] = {}
 
     async def connect(self) -> None:
         """Connect, then create streams, KV buckets and the object store (idempotent)."""
@@ -407,7 +420,9 @@ class Bus:
         """The streams that refuse publishes now, each {stream, bytes, max_bytes}: discard new and less room left
         than one large message (a tenth of the stream, at most the server's largest message). The streams producers
         fill at traffic rates (interest retention: every service may read their state), or `every` stream (an
-        identity that may read them all: the CLI's status). A stream whose state cannot be read is left out."""
+        identity that may read them all: the CLI's status), and the dead-letter originals bucket's stream (every
+        service writes there), with `bucket`: full, a cut letter goes without its whole original
+        (`dead_letter`). A stream whose state cannot be read is left out."""
         out = []
         for spec in self.subjects.streams.values():
             if spec.discard != "new" or not (every or spec.retention == "interest"):
@@ -420,7 +435,36 @@ class Bus:
                 continue
             if stream_full(state.bytes, spec.max_bytes, self.nc.max_payload if self.nc else 1 << 20):
                 out.append({"stream": spec.name, "bytes": state.bytes, "max_bytes": spec.max_bytes})
+        if (originals := await self.originals_state()) is not None and originals["full"]:
+            out.append({k: originals[k] for k in ("stream", "bytes", "max_bytes", "bucket")})
         return out
+
+    async def originals_state(self) -> dict[str, Any] | None:
+        """The dead-letter originals bucket as `lockgate status` and health show it: {bucket, stream, messages,
+        bytes, max_bytes, full}, its limit as the server has it; None if its state cannot be read. Full by a full
+        stream's rule (`stream_full`): the next large original may be refused."""
+        bucket = self.subjects.object_dead_letters
+        stream = f"OBJ_{bucket}"
+        try:
+            info = await self._unless_refused(f"{_API}.STREAM.INFO.{stream}", lambda: self.js.stream_info(stream))
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, NotAllowed) as exc:
+            log.debug("%s: no state of bucket %s: %r", self.name, bucket, exc)
+            return None
+        max_bytes = info.config.max_bytes or 0
+        full = info.config.discard == DiscardPolicy.NEW and stream_full(
+            info.state.bytes, max_bytes, self.nc.max_payload if self.nc else 1 << 20)
+        return {"bucket": bucket, "stream": stream, "messages": info.state.messages, "bytes": info.state.bytes,
+                "max_bytes": max_bytes, "full": full}
+
+    @property
+    def letters_waiting(self) -> int:
+        """Messages whose letter this process could not store lately (the DLQ full or down) and has not stored
+        since: each waits for it, redelivered (see `consume`). Lately: within two of the longest redelivery delays,
+        so a message settled another way (another replica's letter) stops counting."""
+        if not self._unsent:
+            return 0
+        since = time.monotonic() - 2 * LETTER_BACKOFF.max_s
+        return sum(1 for at in self._unsent.values() if at >= since)
 
     async def _ensure_write_once(self, bucket: str) -> None:
         """A KV bucket whose every key is written once, by the server's rule: one value per release name.
@@ -472,10 +516,11 @@ class Bus:
         """The content-addressed artifact object store."""
         return await self.js.object_store(self.subjects.object_store)
 
-    async def keep_original(self, name: str, data: bytes) -> None:
+    async def keep_original(self, name: str, data: bytes) -> str:
         """Store a dead letter's whole original (scrubbed) under `name` (`original_name`), unless the bucket holds
-        those bytes under it already (another consumer, or an earlier delivery, stored it); BusUnavailable if the
-        bucket does not take it (full, or down)."""
+        those bytes under it already (another consumer, or an earlier delivery, stored it). Returns "" once the
+        bucket holds them, else why it refuses them for good (full, or gone: only an operator changes that);
+        BusUnavailable if it cannot be reached (down, or no answer), when a later try may succeed."""
         bucket = self.subjects.object_dead_letters
         try:
             store = await self.js.object_store(bucket)
@@ -484,12 +529,20 @@ class Bus:
             except nats.js.errors.NotFoundError:
                 info = None
             if info is not None and info.digest == object_digest(data):
-                return
+                return ""
             # A put replaces an object whose bytes differ (altered in the bucket): it repairs it.
             await store.put(name, data)
+        except nats.js.errors.BucketNotFoundError:
+            return f"bucket {bucket} does not exist"
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _STORE_REFUSED:
+                return f"bucket {bucket} refused it: {exc.description or repr(exc)}"
+            raise BusUnavailable(f"cannot keep the original of a dead letter as {name} in bucket {bucket}: "
+                                 f"{exc!r}") from None
         except (nats.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"cannot keep the original of a dead letter as {name} in bucket {bucket}: "
                                  f"{exc!r}") from None
+        return ""
 
     async def kept_original(self, name: str) -> bool:
         """Whether the dead-letter originals bucket holds an object under `name` with the bytes its name says."""
@@ -681,17 +734,29 @@ class Bus:
 
         A payload over MAX_LETTER_PAYLOAD is cut in the letter and kept whole, scrubbed, in the dead-letter
         originals bucket first (`original`): streams keep a message only until its consumers acknowledge it, so
-        the stream is no copy. If the bucket does not take it, no letter is sent (BusUnavailable, as when the
-        DLQ refuses one): the caller leaves the message to be redelivered."""
+        the stream is no copy. If the bucket refuses it for good (full: `full_streams` names it), the letter is
+        sent without it, its error saying the bytes past the cut were not kept and why; if the bucket cannot be
+        reached, no letter is sent. BusUnavailable when no letter was stored (as when the DLQ refuses one): the
+        caller leaves the message to be redelivered. Warned about once per message (`msg_id`)."""
         reason, error = scrub_secrets(reason), scrub_secrets(error[:2000])
         # Scrubbed whole, then cut: a secret across the cut is still recognised.
         size, cut_from, original, scrubbed = len(payload), 0, "", scrub_bytes(payload)
         try:
             if size > MAX_LETTER_PAYLOAD:
-                cut_from, original = size, original_name(scrubbed, stream, stream_seq)
-                await self.keep_original(original, scrubbed)
-                error = (f"{error} [payload of {size} bytes cut to its first {MAX_LETTER_PAYLOAD}; the whole original, "
-                         f"scrubbed, is kept as {original}: `lockgate dlq --original {original}`]")
+                cut_from, name = size, original_name(scrubbed, stream, stream_seq)
+                # Full, the bucket stays full until its originals expire (30 days) or an operator makes room: a
+                # message waiting for it would wait as long, and every message of its consumer behind the hundreds
+                # an application can send. So the letter goes with the start and says what was lost.
+                if refused := await self.keep_original(name, scrubbed):
+                    error = (f"{error} [payload of {size} bytes cut to its first {MAX_LETTER_PAYLOAD}; its whole "
+                             f"original was NOT kept ({refused}): the bytes past the cut are lost]")
+                    if not msg_id or msg_id not in self._unsent:  # not a redelivery whose letter failed before
+                        log.warning("dead letter from %s on %s: its whole original of %d bytes not kept (%s); the "
+                                    "letter holds its first %d", origin, subject, size, refused, MAX_LETTER_PAYLOAD)
+                else:
+                    original = name
+                    error = (f"{error} [payload of {size} bytes cut to its first {MAX_LETTER_PAYLOAD}; the whole "
+                             f"original, scrubbed, is kept as {original}: `lockgate dlq --original {original}`]")
                 scrubbed = scrubbed[:MAX_LETTER_PAYLOAD]
             letter = DeadLetter(
                 origin=origin,
@@ -707,14 +772,30 @@ class Bus:
                 original=original,
             )
             await self.publish(self.subjects.dlq(origin), letter, msg_id=msg_id or None)
-        except BusUnavailable:
-            # The DLQ full or down: the caller leaves the message to be redelivered; this says it waits.
+        except BusUnavailable as exc:
+            # The DLQ full or down: the caller leaves the message to be redelivered; this says it waits (once: a
+            # redelivery of the same message is counted, not logged again).
             metrics.dead_letter_failed(origin)
-            log.warning("dead letter from %s on %s not stored (%s): its message waits for redelivery",
-                        origin, subject, reason)
+            first = self._letter_failed(msg_id)
+            log.log(logging.WARNING if first else logging.DEBUG, "dead letter from %s on %s not stored (%s: %s): its "
+                    "message waits for redelivery%s", origin, subject, reason, exc.message,
+                    " (logged once per message)" if msg_id else "")
             raise
+        if msg_id:
+            self._unsent.pop(msg_id, None)
         metrics.dead_letter(origin)
         log.warning("dead letter from %s on %s: %s", origin, subject, reason)
+
+    def _letter_failed(self, msg_id: str) -> bool:
+        """Note a letter that was not stored (its message waits); False if this message's letter (`msg_id`)
+        failed before and has not been stored since. A letter without a message id is always a first."""
+        if not msg_id:
+            return True
+        first = self._unsent.pop(msg_id, None) is None
+        self._unsent[msg_id] = time.monotonic()  # last: the oldest go first past _UNSENT_MAX
+        while len(self._unsent) > _UNSENT_MAX:
+            del self._unsent[next(iter(self._unsent))]
+        return first
 
 
 def original_name(data: bytes, stream: str = "", seq: int = 0) -> str:
@@ -898,7 +979,9 @@ def consume(
     The edge owns acknowledgement: undecodable -> DLQ + ack; Retryable -> nack with backoff
     (DLQ after max_deliver); any other failure -> DLQ + ack, so one bad message never stops
     the consumer. A message that cannot be dead-lettered is nacked, never lost: JetStream is given no
-    max_deliver of its own (it would drop the message without a trace), the edge counts deliveries itself.
+    max_deliver of its own (it would drop the message without a trace), the edge counts deliveries itself, and
+    each redelivery comes later than the last (LETTER_BACKOFF, up to minutes). A large one whose whole original the
+    originals bucket refuses (full) is not such a message: its letter goes without it (`Bus.dead_letter`).
     One letter per message and reason (a message id from the original's stream and sequence), however
     often the message is redelivered or however many consumers letter it.
     """
@@ -1096,7 +1179,7 @@ async def _dead_letter_events(bus: Bus, msg: Msg, origin: str, headers: dict[str
                               reason="over limits", error="; ".join(r for _, r in refused[:20]),
                               headers=headers, deliveries=deliveries, msg_id=_letter_id(msg, "over limits"))
     except BusUnavailable:
-        await msg.nak(delay=NACK_BACKOFF.delay(deliveries))
+        await msg.nak(delay=LETTER_BACKOFF.delay(deliveries))
         return False
     return True
 
@@ -1130,7 +1213,8 @@ async def _dead_letter_and_ack(
             msg_id=_letter_id(msg, reason, "" if reason in _MESSAGE_REASONS else origin),
         )
     except BusUnavailable:
-        # Could not park it: leave it unacked so JetStream redelivers (without end: see `consume`) rather than lose it.
-        await msg.nak(delay=NACK_BACKOFF.delay(deliveries))
+        # Could not park it: leave it unacked so JetStream redelivers (without end: see `consume`) rather than lose it,
+        # ever later, so the messages that cannot be settled yet do not take the consumer from those behind them.
+        await msg.nak(delay=LETTER_BACKOFF.delay(deliveries))
         return
     await msg.ack()

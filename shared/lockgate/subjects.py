@@ -44,7 +44,7 @@ def untoken(tok: str) -> str:
 
 GiB = 1 << 30
 # The dead-letter originals bucket (`Subjects.object_dead_letters`): full, it refuses the next original, whose
-# letter then waits as when the DLQ is full. Reserved up front like a stream's size (see `StreamSpec`).
+# letter then goes without it, saying so (`Bus.dead_letter`). Reserved up front like a stream's size (`StreamSpec`).
 DLQ_ORIGINALS_MAX_BYTES = GiB // 2
 
 

@@ -82,7 +82,7 @@ def test_demo_then_query_everything(stack: dict[str, str]) -> None:
 
     health = json.loads(run("status", "--json", env=stack).stdout)
     assert {s["role"] for s in health["streams"]} == {"inference", "events", "facts", "telemetry", "dlq", "audit",
-                                                     "provenance"}
+                                                     "provenance", "dlq_originals"}
     assert any(c["consumer"] == "lg_sink_inference" for c in health["consumers"])
 
 

@@ -9,6 +9,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import aiohttp
 import msgspec
 import pytest
 from click.testing import CliRunner, Result
@@ -18,6 +19,7 @@ from lockgate.codec import encode
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import RowsRefused
+from lockgate.server.health import HealthServer
 from lockgate.store import Store
 from lockgate.store.tables import INFERENCE_EVENTS
 
@@ -94,12 +96,7 @@ def test_rows_the_store_refuses_are_a_permanent_error(store: Store) -> None:
 
 
 def _dlq_cli(settings: Settings, *args: str) -> Result:
-    from lockgate.cli.main import cli
-
-    env = {"LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
-           "LOCKGATE_DATABASE": settings.database, "LOCKGATE_CLICKHOUSE_URL": settings.clickhouse_url,
-           "LOCKGATE_HOME": settings.home}
-    return CliRunner().invoke(cli, ["dlq", *args], env=env)
+    return _cli(settings, "dlq", *args)
 
 
 async def test_a_cut_letters_whole_original_outlives_its_stream(run_services, bus: Bus, store: Store,
@@ -139,3 +136,61 @@ async def test_a_cut_letters_whole_original_outlives_its_stream(run_services, bu
     # Once the bucket no longer holds it (its 30 days passed): one line and exit code 3.
     gone = await asyncio.to_thread(_dlq_cli, settings, "--original", f"{inference}.{ack.seq + 99}.{'0' * 64}")
     assert gone.exit_code == 3 and "is no longer stored" in gone.output and len(gone.output.splitlines()) == 1
+
+
+async def test_garbage_whose_original_the_full_bucket_refuses_holds_back_no_event(
+        run_services, bus: Bus, store: Store, settings: Settings) -> None:
+    # The probe: with `lg_dlq_originals` full, each undecodable message over 256 KiB was nacked for ever; once about
+    # 440 were stuck the sink's inference consumer got only their redeliveries, and no tenant's events were stored
+    # for minutes on end, while /healthz said ok with `streams_full` empty and `lockgate status` did not show the
+    # bucket. Here the bucket is made small (300 KiB) and filled through the inference subject, as an application's
+    # garbage fills it.
+    svcs = await run_services("sink")
+    sink = svcs["sink"].handlers
+    subject = bus.subjects.inference("shop")
+    bucket = f"OBJ_{bus.subjects.object_dead_letters}"
+    config = (await bus.js.stream_info(bucket)).config
+    await bus.js.update_stream(config.evolve(max_bytes=300 * 1024))
+    await bus.publish(subject, b"\x00fill " + b"f" * (280 * 1024), msg_id="fill")
+    await sink.dead_letters.wait_for(1)
+    assert [s["stream"] for s in await bus.full_streams()] == [bucket]  # 19 KiB left: full
+
+    health = HealthServer(lambda: [bus], "127.0.0.1", 0)
+    url = await health.start()
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/readyz") as resp:
+            ready = await resp.json()
+    finally:
+        await health.stop()
+    assert [(s["stream"], s["bucket"]) for s in ready["streams_full"]] == [(bucket, bus.subjects.object_dead_letters)]
+    shown = await asyncio.to_thread(_cli, settings, "status")
+    assert shown.exit_code == 0 and "dlq_originals" in shown.output and "FULL dlq_originals" in shown.output, (
+        shown.output)
+    report = json.loads((await asyncio.to_thread(_cli, settings, "status", "--json")).output)
+    assert {s["role"]: s["state"] for s in report["streams"]}["dlq_originals"].startswith("FULL")
+
+    body = b"\x00garbage " + b"g" * 300_000  # over 256 KiB: its whole original would go to the full bucket
+    await bus.publish(subject, body, msg_id="garbage")
+    valid = _ok(5, "after")
+    await bus.publish(subject, valid)
+    await bus.publish(subject, _ok(3, "later"))
+    await sink.events.wait_for(8, timeout_s=20)
+    await sink.dead_letters.wait_for(2, timeout_s=20)  # before: never; the garbage was nacked for ever
+    assert store.scalar("SELECT count() FROM inference_events") == 8
+
+    letter = store.rows("SELECT original, error, length(payload) AS size FROM dead_letters "
+                        "WHERE error LIKE '%300009 bytes%'")
+    assert len(letter) == 1 and letter[0]["original"] == "" and letter[0]["size"] == MAX_LETTER_PAYLOAD
+    assert "whole original was NOT kept" in letter[0]["error"] and "maximum bytes exceeded" in letter[0]["error"]
+    consumer = await bus.js.consumer_info(bus.subjects.streams["inference"].name,
+                                          bus.subjects.durable("sink", "inference"))
+    assert (consumer.num_pending, consumer.num_ack_pending) == (0, 0)  # nothing left waiting or in flight
+
+
+def _cli(settings: Settings, *args: str) -> Result:
+    from lockgate.cli.main import cli
+
+    env = {"LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
+           "LOCKGATE_DATABASE": settings.database, "LOCKGATE_CLICKHOUSE_URL": settings.clickhouse_url,
+           "LOCKGATE_HOME": settings.home}
+    return CliRunner().invoke(cli, list(args), env=env)

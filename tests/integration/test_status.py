@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
+from click.testing import CliRunner, Result
 
 from lockgate.bus import Bus
 from lockgate.cli.status import read_status as status
+from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 
 pytestmark = pytest.mark.timeout(60)
@@ -28,4 +32,30 @@ async def test_status_shows_backlog_and_dead_letters_by_origin(run_services, bus
     # Stored by the sink, so read from the record: the DLQ stream keeps a letter only until then.
     [dead] = report["dead_letters"]
     assert (dead["origin"], dead["dead_letters"]) == ("sink", 1)
-    assert {s["role"]: s["state"] for s in report["streams"]} == {r: "ok" for r in bus.subjects.streams}
+    # The dead-letter originals bucket among them (a stream too): full, cut letters go without their originals.
+    assert {s["role"]: s["state"] for s in report["streams"]} == {r: "ok" for r in [*bus.subjects.streams,
+                                                                                    "dlq_originals"]}
+
+
+async def test_status_says_full_only_of_a_full_stream(bus: Bus, settings: Settings) -> None:
+    # The probe: the heading said "streams (FULL: producers are refused ...)" with every stream ok.
+    shown = await asyncio.to_thread(_status_cli, settings)
+    assert shown.exit_code == 0, shown.output
+    assert "streams" in shown.output and "FULL" not in shown.output, shown.output
+
+    inference = bus.subjects.streams["inference"].name
+    config = (await bus.js.stream_info(inference)).config
+    await bus.js.update_stream(config.evolve(max_bytes=64 * 1024))
+    await bus.publish(bus.subjects.inference("shop"), InferenceEvent(app="shop", prompt="x" * 60_000))
+    shown = await asyncio.to_thread(_status_cli, settings)
+    assert "FULL: producers are refused" in shown.output and "FULL: refusing publishes" in shown.output, shown.output
+    assert "FULL dlq_originals" not in shown.output  # only what is full is explained
+
+
+def _status_cli(settings: Settings) -> Result:
+    from lockgate.cli.main import cli
+
+    env = {"LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
+           "LOCKGATE_DATABASE": settings.database, "LOCKGATE_CLICKHOUSE_URL": settings.clickhouse_url,
+           "LOCKGATE_HOME": settings.home}
+    return CliRunner().invoke(cli, ["status"], env=env)

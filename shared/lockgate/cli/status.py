@@ -1,4 +1,5 @@
-"""`lockgate status`: is the pipeline keeping up, is a stream full, and did anything land in the DLQ?
+"""`lockgate status`: is the pipeline keeping up, is a stream (or the dead-letter originals bucket) full, and did
+anything land in the DLQ?
 
 Read from JetStream: works embedded or distributed, stack running or not. Only the dead letters already stored
 come from the record (the query service, when one answers): the DLQ stream keeps a letter until the sink stored it.
@@ -19,23 +20,34 @@ from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import emit_json, table
 from lockgate.errors import LockgateError
 
+# A full stream's state, and the dead-letter originals bucket's row among the streams with what its being full means.
+STREAM_FULL = "FULL: refusing publishes"
+ORIGINALS_ROLE = "dlq_originals"
+ORIGINALS_FULL = "FULL: cut letters go without their whole original"
+
 
 async def read_status(bus: Bus) -> dict[str, Any]:
     """Streams (messages, bytes), durable consumers (pending, unacked, redelivered) and dead letters by origin."""
     streams, consumers = [], []
     for key, spec in bus.subjects.streams.items():
         info = await bus.js.stream_info(spec.name)
-        full = spec.discard == "new" and stream_full(info.state.bytes, spec.max_bytes, bus.nc.max_payload)
+        max_bytes = info.config.max_bytes or spec.max_bytes  # the limit the server enforces
+        full = spec.discard == "new" and stream_full(info.state.bytes, max_bytes, bus.nc.max_payload)
         streams.append({"stream": spec.name, "role": key, "messages": info.state.messages,
-                        "bytes": info.state.bytes, "max_bytes": spec.max_bytes,
+                        "bytes": info.state.bytes, "max_bytes": max_bytes,
                         "retention": getattr(info.config.retention, "value", info.config.retention),
                         "consumers": info.state.consumer_count,
                         # discard new: every publish is refused until its consumers take their backlog
-                        "state": "FULL: refusing publishes" if full else "ok"})
+                        "state": STREAM_FULL if full else "ok"})
         for c in await bus.js.consumers_info(spec.name):
             consumers.append({"consumer": c.name, "stream": spec.name, "pending": c.num_pending or 0,
                               "unacked": c.num_ack_pending or 0, "redelivered": c.num_redelivered or 0,
                               "waiting": c.num_waiting or 0})
+    originals = await bus.originals_state()
+    if originals is not None:  # a stream too (object stores are): shown with them
+        streams.append({"stream": originals["stream"], "role": ORIGINALS_ROLE, "messages": originals["messages"],
+                        "bytes": originals["bytes"], "max_bytes": originals["max_bytes"], "retention": "limits",
+                        "consumers": 0, "state": ORIGINALS_FULL if originals["full"] else "ok"})
     dlq = await bus.js.stream_info(bus.subjects.streams["dlq"].name, subjects_filter=bus.subjects.dlq_all)
     prefix = f"{bus.subjects.prefix}.dlq."
     waiting = {subject.removeprefix(prefix): count for subject, count in (dlq.state.subjects or {}).items()}
@@ -49,6 +61,16 @@ async def read_status(bus: Bus) -> dict[str, Any]:
             for origin in sorted(stored.keys() | waiting.keys())]
     return {"streams": streams, "consumers": sorted(consumers, key=lambda c: c["consumer"]), "dead_letters": dead,
             "overrides": await read_overrides(bus)}
+
+
+def streams_title(streams: list[dict[str, Any]]) -> str:
+    """The streams table's heading: what FULL means, only when a row is."""
+    states = {s["state"] for s in streams}
+    notes = [note for state, note in (
+        (STREAM_FULL, "FULL: producers are refused until the consumers below catch up"),
+        (ORIGINALS_FULL, f"FULL {ORIGINALS_ROLE}: a letter over 256 KiB keeps its first 256 KiB only, until "
+                         "originals expire or an operator makes room")) if state in states]
+    return f"streams ({'; '.join(notes)})" if notes else "streams"
 
 
 async def read_overrides(bus: Bus) -> list[dict[str, Any]]:
@@ -81,7 +103,7 @@ def register(cli: click.Group) -> None:
         if as_json:
             emit_json(report)
             return
-        table(report["streams"], title="streams (FULL: producers are refused until the consumers below catch up)")
+        table(report["streams"], title=streams_title(report["streams"]))
         table(report["consumers"], title="consumers (pending = not yet delivered; unacked = in flight)")
         table(report["dead_letters"], title="dead letters by origin", empty="no dead letters")
         table(report["overrides"], title="BREAK-GLASS overrides in effect (an admin clears them: "

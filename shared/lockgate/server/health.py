@@ -3,7 +3,9 @@
 `/livez` answers while the event loop runs. `/readyz` is 200 only when every bus connection of the
 process is connected: a worker cut off from NATS does no work, so it must not count as ready (a
 rolling restart waits for the new pod to reach the bus before stopping the next one); `streams_full` names a
-stream that refuses publishes, its backlog unconsumed (`Bus.full_streams`). The router's
+stream that refuses publishes, its backlog unconsumed, and a full dead-letter originals bucket (`Bus.full_streams`);
+`dead_letters_waiting` counts the messages whose letter this process could not store (`Bus.letters_waiting`). The
+router's
 own `/healthz` stays 200 on a lost bus, since it still serves requests while events wait in its outbox.
 """
 
@@ -53,4 +55,6 @@ class HealthServer:
         # restarting it or taking it out of service frees no room; its consumers' backlog does (`lockgate status`).
         full = {s["stream"]: s for bus in buses if bus.state == "connected" for s in await bus.full_streams()}
         return web.json_response({"status": "ready" if ready else "not ready", "bus": states,
-                                  "streams_full": list(full.values())}, status=200 if ready else 503)
+                                  "streams_full": list(full.values()),
+                                  "dead_letters_waiting": sum(bus.letters_waiting for bus in buses)},
+                                 status=200 if ready else 503)
