@@ -24,4 +24,5 @@ class DeadLetter(Event, frozen=True, kw_only=True, tag="lockgate.dlq"):
     cut_from: int = 0
     # With `cut_from`: the object (in the `<prefix>_dlq_originals` bucket) holding the whole original, scrubbed
     # like `payload`; its name ends with the sha256 of those bytes (`lockgate dlq --original NAME` reads it).
+    # Empty with `cut_from` when the bucket refused it (full): the bytes past the cut are lost, as `error` says.
     original: str = ""
