@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Callable, Sequence
+import heapq
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any
@@ -94,10 +95,10 @@ def events_in(value: InferenceEvent | list[InferenceEvent]) -> int:
 INFERENCE = Projection(tables.INFERENCE_EVENTS, lambda s: s.inference_all, "inference",
                        list[InferenceEvent] | InferenceEvent, per_row=True, keys_table="inference_event_keys")
 
-# How far ahead of now an id's time may lie and still order it in the stored-keys window: ids any producer
-# chooses, one sorting after every real one would otherwise raise the window's horizon past all later ids
-# once it was forgotten, and every row after would be looked up.
-ID_AHEAD_S = 86_400.0
+# How far ahead of now an id's time may lie and still count in the stored-keys window's horizon: ids any
+# producer chooses, and a horizon raised to an id's time makes every row before that time a lookup (one far ahead,
+# forgotten, would have made every later row one). An id further ahead is looked up, and counts once now reaches it.
+ID_AHEAD_S = 300.0
 
 
 def id_order(keys: Sequence[tuple[str, ...]]) -> list[str]:
@@ -160,6 +161,14 @@ def new_rows(keys: Sequence[Any], origins: Sequence[int] | None, stored: set[Any
             if k not in stored and owner.setdefault(k, o) == o]
 
 
+# Orders stored after the ceiling are kept by their first 11 characters (a UUIDv7's 256 ms), so that a producer
+# whose clock runs ahead keeps a few thousand of them, not one per event; a prefix followed by the largest
+# character sorts after every order that starts with it.
+AHEAD_PREFIX = 11
+_AFTER_PREFIX = "\U0010ffff"
+AHEAD_MAX = 65_536
+
+
 class StoredWindow:
     """The keys of the rows one writer stored lately, so that most rows need no lookup in the store.
 
@@ -169,21 +178,30 @@ class StoredWindow:
     window: `horizon` starts as the table's latest order when the writer starts (what earlier processes stored
     lies at or before it), and rises past the rows this window forgets (oldest generation first, to bound
     memory). The keys of a failed insert are remembered too (it may have landed all the same). A row after
-    `horizon` whose key is not here is therefore new, without asking the store; any other row is looked up,
-    as is every row after `ceiling()`, if given, which the horizon never rises past (an order a producer may
-    choose: one far ahead would make every later row a lookup once it was forgotten).
+    `horizon` whose key is not here is therefore new, without asking the store; any other row is looked up.
+
+    With `ceiling()` (an order a producer chooses, its id), an order after it is no part of that bound: one far
+    ahead would make every later row a lookup once forgotten. Such a row is looked up, and the orders stored after
+    the ceiling are kept (coarsened, `_ahead`: at store time, or at start from the table) until the ceiling passes
+    them, when the horizon rises past them: a re-sent row keeps being looked up however late it comes. Past
+    `ahead_max` of them, every row from the earliest not kept on (`_floor`) is looked up.
 
     Keys are kept as their hashes (about 60 bytes each instead of 120): a hash found here means
     "perhaps stored", and the row is looked up, so a collision costs a lookup, never a row."""
 
     def __init__(self, horizon: Any, capacity: int = 1_000_000, generations: int = 4,
-                 ceiling: Callable[[], Any] | None = None) -> None:
+                 ceiling: Callable[[], Any] | None = None, ahead: Iterable[str] = (), ahead_max: int = AHEAD_MAX) -> None:
         self.horizon = horizon
         self.ceiling = ceiling
         self._per_generation = max(1, capacity // generations)
         self._generations = generations
         self._keys: list[set[int]] = [set()]
         self._latest: list[Any] = [horizon]  # the latest order of each generation's rows
+        self._ahead: list[str] = []  # a heap of the prefixes (`AHEAD_PREFIX`) of orders stored after the ceiling
+        self._ahead_set: set[str] = set()
+        self._ahead_max = ahead_max
+        self._floor: str | None = None  # the earliest prefix of those not kept in `_ahead`
+        self._keep_ahead(ahead)
 
     def to_look_up(self, keys: Sequence[Any], orders: Sequence[Any]) -> list[int]:
         """Indices of the rows whose keys may be stored already (so must be looked up)."""
@@ -191,12 +209,14 @@ class StoredWindow:
         known: set[int] = set()
         for generation in self._keys:  # set operations at C speed; `known` is empty but for redeliveries
             known |= generation.intersection(hashes)
-        horizon = self.horizon
-        ceiling = self.ceiling() if self.ceiling is not None else None
-        if not known and orders and min(orders) > horizon and (ceiling is None or max(orders) <= ceiling):
+        ceiling = self._fold()
+        horizon, floor = self.horizon, self._floor
+        if not known and orders and min(orders) > horizon and (ceiling is None or max(orders) <= ceiling) \
+                and (floor is None or max(orders) < floor):
             return []  # the usual batch: all new, found in a few passes in C
         return [i for i, (h, t) in enumerate(zip(hashes, orders, strict=True))
-                if t <= horizon or h in known or (ceiling is not None and t > ceiling)]
+                if t <= horizon or h in known or (ceiling is not None and t > ceiling)
+                or (floor is not None and t >= floor)]
 
     def stored(self, keys: Sequence[Any], orders: Sequence[Any]) -> None:
         """Remember rows an insert stored, or tried to store."""
@@ -205,6 +225,7 @@ class StoredWindow:
         self._keys[-1].update(map(hash, keys))
         latest = max(orders)
         if self.ceiling is not None and latest > (ceiling := self.ceiling()):
+            self._keep_ahead(t for t in orders if t > ceiling)
             latest = max((t for t in orders if t <= ceiling), default=self._latest[-1])
         self._latest[-1] = max(self._latest[-1], latest)
         if len(self._keys[-1]) >= self._per_generation:
@@ -213,6 +234,30 @@ class StoredWindow:
             if len(self._keys) > self._generations:
                 self._keys.pop(0)
                 self.horizon = max(self.horizon, self._latest.pop(0))
+
+    def _keep_ahead(self, orders: Iterable[str]) -> None:
+        for prefix in {t[:AHEAD_PREFIX] for t in orders}:
+            if prefix in self._ahead_set:
+                continue
+            if len(self._ahead) < self._ahead_max:
+                heapq.heappush(self._ahead, prefix)
+                self._ahead_set.add(prefix)
+            elif self._floor is None or prefix < self._floor:
+                self._floor = prefix
+
+    def _fold(self) -> Any:
+        """The ceiling now, after raising the horizon past the kept orders it has passed."""
+        if self.ceiling is None:
+            return None
+        ceiling = self.ceiling()
+        while self._ahead and self._ahead[0] <= ceiling[:AHEAD_PREFIX]:
+            # Past every order of this prefix: those of rows stored ahead of the ceiling are at or before it now.
+            prefix = heapq.heappop(self._ahead)
+            self._ahead_set.discard(prefix)
+            self.horizon = max(self.horizon, prefix + _AFTER_PREFIX)
+        return ceiling
+
+
 
 
 def select(data: Sequence[Sequence[Any]], rows: Sequence[int]) -> list[list[Any]]:

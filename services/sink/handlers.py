@@ -96,11 +96,16 @@ class Writer:
     async def _new_window(self) -> domain.StoredWindow:
         # Rows stored before this process wrote the table (by an earlier one) lie at or before the horizon.
         if self.projection.keys_table:
-            order = f"substring({self.table.key[-1]}, 1, 13)"  # domain.id_order
-            rows = await self.store.arows(
-                f"SELECT max({order}) AS o FROM {self.projection.keys_table} WHERE {order} <= {{ceiling:String}}",
-                {"ceiling": domain.id_ceiling(time.time())})
-            return domain.StoredWindow(rows[0]["o"] if rows else "",
+            id_column, table = self.table.key[-1], self.projection.keys_table
+            order = f"substring({id_column}, 1, 13)"  # domain.id_order
+            ceiling = {"ceiling": domain.id_ceiling(time.time())}
+            rows = await self.store.arows(f"SELECT max({order}) AS o FROM {table} WHERE {order} <= {{ceiling:String}}",
+                                          ceiling)
+            # And the orders stored after it (ids ahead of now), which the window keeps until now reaches them.
+            ahead = await self.store.arows(
+                f"SELECT DISTINCT substring({id_column}, 1, {domain.AHEAD_PREFIX}) AS p FROM {table}"
+                f" WHERE {order} > {{ceiling:String}} ORDER BY p LIMIT {domain.AHEAD_MAX + 1}", ceiling)
+            return domain.StoredWindow(rows[0]["o"] if rows else "", ahead=[r["p"] for r in ahead],
                                        ceiling=lambda: domain.id_ceiling(time.time()))
         # As microseconds, so no driver's time zone handling can shift it.
         micros = await self.store.arows(

@@ -133,6 +133,43 @@ def test_ids_order_the_window_as_they_were_made_and_none_far_ahead_raises_its_ho
     assert window.to_look_up([("t", "a", "00000000-0000")], ["00000000-0000"]) == [0]
 
 
+def test_a_row_stored_ahead_of_the_ceiling_is_looked_up_once_now_reaches_it() -> None:
+    """Found by a probe: an id timed past the ceiling when stored was left out of the horizon; once the clock had
+    passed it, a re-send came after the horizon and, forgotten by the window (or after a restart), was stored again."""
+    clock = [T0.timestamp()]
+
+    def ceiling() -> str:
+        return id_ceiling(clock[0])
+
+    def made(seconds: float, tail: str = "-7abc-8def-0123456789ab") -> tuple[str, str, str]:
+        return ("t", "a", uuid7_prefix(int((clock[0] + seconds) * 1000)) + tail)
+
+    ahead = made(ID_AHEAD_S + 60)
+    window = StoredWindow(horizon="", capacity=2, generations=1, ceiling=ceiling)
+    window.stored([ahead], id_order([ahead]))
+    assert window.to_look_up([ahead], id_order([ahead])) == [0]  # after the ceiling: looked up
+    others = [made(0, "-7abc-8def-00000000000" + str(i)) for i in range(2)]
+    window.stored(others, id_order(others))  # the window forgets the generation holding it
+    clock[0] += 120  # now past it: the ceiling no longer makes it a lookup
+    assert window.to_look_up([ahead], id_order([ahead])) == [0]
+    later = made(1)
+    assert window.to_look_up([later], id_order([later])) == [0]  # the horizon rose past it, for a while
+    clock[0] += ID_AHEAD_S
+    assert window.to_look_up([made(0)], id_order([made(0)])) == []
+    # A restarted writer is given the table's orders after the ceiling: the same.
+    clock[0] = T0.timestamp()
+    restarted = StoredWindow(horizon="", ceiling=ceiling, ahead=[id_order([ahead])[0][:11]])
+    clock[0] += 120
+    assert restarted.to_look_up([ahead], id_order([ahead])) == [0]
+    # Past `ahead_max` orders kept, every row from the earliest one not kept on is looked up.
+    clock[0] = T0.timestamp()
+    first, second = made(ID_AHEAD_S + 60), made(ID_AHEAD_S + 3600)
+    bounded = StoredWindow(horizon="", ceiling=ceiling, ahead_max=1)
+    bounded.stored([first, second], id_order([first, second]))
+    clock[0] += 2 * 3600
+    assert bounded.to_look_up([first, second], id_order([first, second])) == [0, 1]
+
+
 def test_an_insert_is_sized_by_the_events_its_messages_carry() -> None:
     one = InferenceEvent(app="shop")
     assert events_in(one) == 1
