@@ -62,7 +62,7 @@ async def test_two_evaluator_replicas_spend_at_most_the_judges_budget_with_calls
         online = [r["evaluator"].online for r in replicas]
         events = [_event(i, "canary") for i in range(4 * N)]
         for e in events:  # one message each: both replicas' consumers take a share
-            await admin.publish(admin.subjects.served("shop"), e)
+            await admin.publish(admin.subjects.served("shop", "acme"), e)
         progress = [p for o in online for p in (o.judged, o.judge_skipped)]
         await eventually(lambda: sum(o.judged.count + o.judge_skipped.count for o in online) == len(events),
                          progress, timeout_s=60, what="every answer judged or skipped")
@@ -97,7 +97,7 @@ async def test_an_unreachable_budget_store_means_no_judge_call_and_an_error_outc
         await got.put(msg.data)
 
     await context.bus.nc.subscribe(context.bus.subjects.eval_scores("chat"), cb=on)
-    await context.bus.publish(context.bus.subjects.served("shop"), [_event(i, "canary") for i in range(2)])
+    await context.bus.publish(context.bus.subjects.served("shop", "acme"), [_event(i, "canary") for i in range(2)])
     await evaluator.online.judge_errors.wait_for(2, timeout_s=60)
     outcomes = [msgspec.json.decode(await asyncio.wait_for(got.get(), 10)) for _ in range(4)]
     judged = [o for o in outcomes if o["results"][0]["scorer"] == "llm_judge"]

@@ -61,13 +61,13 @@ async def test_unserved_events_of_another_tenant_or_the_app_neither_call_the_jud
     # deployment's own app reporting answers nobody served; many more than the budget pays for.
     other = [msgspec.structs.replace(_event(i, "canary"), tenant="gitshop") for i in range(4 * N)]
     own = [_event(i, "canary") for i in range(4 * N)]
-    await bus.publish(bus.subjects.inference("shop"), other)
-    await bus.publish(bus.subjects.inference("shop"), own)
+    await bus.publish(bus.subjects.inference("shop", "gitshop"), other)
+    await bus.publish(bus.subjects.inference("shop", "acme"), own)
     # Scored before their message is acked, and a judge job is queued before that: every decision is made.
     await evaluator.scored.wait_for(len(other) + len(own), timeout_s=30)
 
     served = [_event(i, "canary") for i in range(N)]
-    await bus.publish(bus.subjects.served("shop"), served)
+    await bus.publish(bus.subjects.served("shop", "acme"), served)
     await eventually(lambda: len(_judged(seen)) >= N, [evaluator.judged, evaluator.judge_skipped], timeout_s=60,
                      what=lambda: f"{N} judge outcomes (judged {evaluator.judged.count}, "
                                   f"skipped {evaluator.judge_skipped.count})")
@@ -96,12 +96,12 @@ async def test_a_cache_hit_the_router_served_is_neither_judged_nor_scored(
     # cache (tests/integration/test_router_admission.py::test_cache_hit_miss_ttl_and_temperature).
     miss = msgspec.structs.replace(_event(0, "canary"), attributes={"cache": "miss", "lockgate.endpoint": "default"})
     hit = msgspec.structs.replace(_event(1, "canary"), attributes={"cache": "hit", "cost_saved": "0.000012000"})
-    await bus.publish(bus.subjects.served("shop"), [hit, miss])
+    await bus.publish(bus.subjects.served("shop", "acme"), [hit, miss])
     await evaluator.scored.wait_for(1, timeout_s=30)
     await evaluator.judged.wait_for(1, timeout_s=30)
     # A later answer: judged once the hit's job, had there been one, was long under way.
     marker = _event(2, "canary")
-    await bus.publish(bus.subjects.served("shop"), [marker])
+    await bus.publish(bus.subjects.served("shop", "acme"), [marker])
     await eventually(lambda: marker.id in _judged(seen), [evaluator.judged], timeout_s=30, what="the marker judged")
 
     assert set(_judged(seen)) == {miss.id, marker.id} and judge.requests == {"judge-m": 2}
@@ -142,11 +142,11 @@ async def test_a_flood_of_one_deployments_answers_does_not_starve_anothers_judge
     bus = context.bus
     flood = [_event(i, "canary") for i in range(FLOOD)]
     for at in range(0, FLOOD, 100):
-        await bus.publish(bus.subjects.served("shop"), flood[at:at + 100])
+        await bus.publish(bus.subjects.served("shop", "acme"), flood[at:at + 100])
     await evaluator.scored.wait_for(FLOOD, timeout_s=60)  # every flood job queued or skipped
 
     answers = [_faq(i) for i in range(3)]
-    await bus.publish(bus.subjects.served("shop"), answers)
+    await bus.publish(bus.subjects.served("shop", "acme"), answers)
     await eventually(lambda: len(_judged(quiet)) == len(answers), [evaluator.judged, evaluator.judge_skipped],
                      timeout_s=30, what=lambda: f"faq's answers judged (judged {evaluator.judged.count}, "
                                                 f"skipped {evaluator.judge_skipped.count})")

@@ -94,7 +94,7 @@ async def test_rates_per_variant_and_scorers_come_from_the_applied_deployment_an
     bus = context.bus
     canary = [_event(i, "canary") for i in range(20)]
     stable = [_event(i, "stable") for i in range(20)]
-    await bus.publish(bus.subjects.inference("shop"), [*canary, *stable], msg_id="batch-1")
+    await bus.publish(bus.subjects.inference("shop", "acme"), [*canary, *stable], msg_id="batch-1")
     await evaluator.online.scored.wait_for(20, timeout_s=30)
 
     want = {("r2", "canary", "braced"), ("r2", "canary", "json_schema"), ("r2", "canary", "pii_free")}
@@ -149,7 +149,7 @@ async def _judge_answers(context: ServiceContext, run_services: Any, tmp_path: P
     await _apply(context.bus, context.settings, _folder(tmp_path, JUDGE.format(budget=5, price=0.1)))
     services = await run_services("sink", "evaluator")
     events = [_event(i, "canary") for i in range(n)]
-    await context.bus.publish(context.bus.subjects.served("shop"), events)
+    await context.bus.publish(context.bus.subjects.served("shop", "acme"), events)
     return services["evaluator"], services["sink"], events
 
 
@@ -162,7 +162,7 @@ async def test_a_judge_answering_5xx_or_refusing_connections_gives_errors_never_
         await evaluator.online.judge_errors.wait_for(5, timeout_s=60)
     # The judge's server is gone now: connections are refused.
     gone = [_event(i, "canary") for i in range(5, 8)]
-    await context.bus.publish(context.bus.subjects.served("shop"), gone)
+    await context.bus.publish(context.bus.subjects.served("shop", "acme"), gone)
     await evaluator.online.judge_errors.wait_for(8, timeout_s=60)
     assert evaluator.online.judged.count == 8
     rows = await _until(context, [sink.handlers.facts["inference_scores"].stored],
@@ -184,7 +184,7 @@ async def test_a_judge_budget_below_one_calls_largest_cost_makes_no_call(
         # it (calls within a budget, and two replicas sharing one: tests/integration/test_judge_budget.py).
         await _apply(context.bus, context.settings, _folder(tmp_path, JUDGE.format(budget="0.000001", price=1000)))
         evaluator = (await run_services("evaluator"))["evaluator"]
-        await context.bus.publish(context.bus.subjects.served("shop"), [_event(i, "canary") for i in range(6)])
+        await context.bus.publish(context.bus.subjects.served("shop", "acme"), [_event(i, "canary") for i in range(6)])
         await evaluator.online.judge_skipped.wait_for(6, timeout_s=60)
         assert judge.total_requests == 0 and evaluator.online.judged.count == 0
 
@@ -259,7 +259,7 @@ async def test_a_judge_on_an_endpoint_outside_the_allow_list_is_never_called_and
         await got.put(msg.data)
 
     await context.bus.nc.subscribe(context.bus.subjects.eval_scores("chat"), cb=on_score)
-    await context.bus.publish(context.bus.subjects.served("shop"), _event(0, "canary"))
+    await context.bus.publish(context.bus.subjects.served("shop", "acme"), _event(0, "canary"))
     await evaluator.online.judge_errors.wait_for(1, timeout_s=30)
     outcomes = [msgspec.json.decode(await asyncio.wait_for(got.get(), 10)) for _ in range(2)]
     judged = next(o for o in outcomes if o["results"][0]["scorer"] == "llm_judge")
