@@ -148,7 +148,8 @@ async def test_a_live_canary_whose_decision_key_holds_jetstream_json_is_blocked_
     policy = await artifacts.register(bus, "policy", "canary-drift", POLICY)
     await _canary(http, router, signer, "r1", "r2", policy=policy.hash)
     await _aim(bus, bus.subjects.kv_gates, token("r2"), shape)
-    await bus.publish(bus.subjects.drift("chat"), _report())
+    # The canary's own report against stable's (a deployment's now-versus-reference report judges no canary).
+    await bus.publish(bus.subjects.drift("chat"), _report(comparison="canary_vs_stable", release="r2"))
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=30)
     route = router.rollouts.route("chat")
     assert route.weight == 0.0 and route.stable.release == "r1"

@@ -120,7 +120,7 @@ async def _judged_rollout(router: Any, http: Any, signer: Signer, release: str) 
         last = r.analysis.last if r.analysis is not None else None
         return last is not None and min(last.canary_n, last.stable_n) >= JUDGED["min_sample"]
 
-    sent = await _traffic_until(http, router, sampled, limit=400, batch=20)
+    sent = await _traffic_until(http, router, sampled, limit=4000, batch=20)  # stops once sampled
     assert sampled(router.rollouts.route("chat")), f"no sample after {sent} requests"
     return handled
 
@@ -198,7 +198,7 @@ async def test_after_a_blue_green_promotion_the_deployments_report_judges_the_pr
         last = r.analysis.last if r.analysis is not None else None
         return last is not None and min(last.canary_n, last.stable_n) >= JUDGED["min_sample"]
 
-    await _traffic_until(http, router, sampled, limit=400, batch=20)
+    await _traffic_until(http, router, sampled, limit=4000, batch=20)  # stops once sampled
     route = router.rollouts.route("chat")
     assert route.verifying and sampled(route), route.reason
     report = _served("now_vs_reference", "", drifted=True)
