@@ -90,17 +90,20 @@ class RouterService(Service):
         served = Seen()  # shared with the replay below: a batch both live and stored counts once
         self._evidence = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.served_all,
                                                          cb=evidence_callback(self.rollouts, served))
+        # Online evaluation: before the read-back below, so that no score falls between the two (one in both
+        # counts once: Evidence keeps each scorer's score of an answer once).
         self._scores = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.eval_scores_all,
-                                                       cb=scores_callback(self.rollouts))  # online evaluation
+                                                       cb=scores_callback(self.rollouts))
         self._drifts = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.drift_all,
                                                        cb=drift_callback(self.rollouts))  # drift metrics
         # A replica that starts mid-rollout reads back the reports already published (live ones keep arriving
         # above meanwhile; the newest per deployment and comparison wins), so its drift metric need not wait.
         await replay_drift(self.rollouts)
-        # And the served events since each rollout under analysis started: evidence lives in memory, and a
-        # restart after a blue-green promotion would otherwise lose the old release's baseline for good. Read in
-        # the background (the query service may be away for long: requests are served meanwhile), tried until it
-        # completes; until then the deployments it covers are marked, and their looks wait (never a pass).
+        # And the served events since each rollout under analysis started, with their online scores: evidence lives
+        # in memory, and a restart after a blue-green promotion would otherwise lose the old release's baseline
+        # (events and scores) for good. Read in the background (the query service may be away for long: requests
+        # are served meanwhile), tried until it completes; until then the deployments it covers are marked, and
+        # their looks wait (never a pass).
         await_served(self.rollouts)
         self.spawn(replay_served(self.rollouts, served), "served-replay")
         self.spawn(self._replay_after_reconnects(), "drift-replay")
