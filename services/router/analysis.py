@@ -256,8 +256,10 @@ def _values(sample: VariantSample, name: str) -> Sequence[float]:
     return sample.tokens if name == "tokens_per_request" else sample.cost
 
 
-def _judge_score(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: float) -> MetricResult:
-    """An online score's mean: lower-is-better limits as for tokens, or higher-is-better `min`/`max_decrease`."""
+def _judge_score(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: float,
+                 baseline_final: bool = False) -> MetricResult:
+    """An online score's mean: lower-is-better limits as for tokens, or higher-is-better `min`/`max_decrease`.
+    `baseline_final`: stable's scores can grow no more (see `measure`)."""
     # NaN marks a scorer error (InferenceScored.measured: e.g. the LLM judge was down): no score, not a low one.
     values = [v for v in canary.scores.get(spec.scorer, ()) if v == v]
     stable_values = [v for v in stable.scores.get(spec.scorer, ()) if v == v]
@@ -271,6 +273,12 @@ def _judge_score(spec: MetricSpec, canary: VariantSample, stable: VariantSample,
             (relative and stable_errors > len(stable_values)):
         return MetricResult(**base, verdict="INCONCLUSIVE",  # type: ignore[arg-type]
                             why=f"scorer errors ({errors} canary, {stable_errors} stable): no data is never a pass")
+    if short and baseline_final and relative and len(values) >= spec.min_scores:
+        # As for events (`measure`): a baseline that gets no more scores would hold the look WAITING for ever,
+        # never counted against inconclusive_limit, and the unverified release would keep all the traffic.
+        return MetricResult(**base, verdict="INCONCLUSIVE",  # type: ignore[arg-type]
+                            why=f"baseline has {len(stable_values)} scores of the {spec.min_scores} needed and gets "
+                                f"no more (canary {len(values)}): no data is never a pass")
     if short:
         return MetricResult(**base, verdict="WAITING",  # type: ignore[arg-type]
                             why=f"waiting for {spec.min_scores} scores per variant (is online evaluation on?)")
@@ -321,9 +329,9 @@ def _judge_drift(spec: MetricSpec, report: DriftReport | None) -> MetricResult:
 
 
 def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: float,
-           drift: DriftReport | None = None) -> MetricResult:
+           drift: DriftReport | None = None, baseline_final: bool = False) -> MetricResult:
     if spec.name == "score":
-        return _judge_score(spec, canary, stable, z)
+        return _judge_score(spec, canary, stable, z, baseline_final)
     if spec.name == "drift":
         return _judge_drift(spec, drift)
     name = spec.name
@@ -410,10 +418,10 @@ def _deciding(results: list[MetricResult]) -> MetricResult:
 
 
 def _judge_groups(spec: MetricSpec, canary: VariantSample, judged: list[tuple[str, VariantSample]],
-                  stable: VariantSample, z: float, drift: DriftReport | None) -> MetricResult:
+                  stable: VariantSample, z: float, drift: DriftReport | None, baseline_final: bool) -> MetricResult:
     """A metric judged once per group of requests (scores and drift, not per request key: on the whole canary)."""
     if spec.name in ("score", "drift") or len(judged) == 1 and not judged[0][0]:
-        return _judge(spec, canary, stable, z, drift)
+        return _judge(spec, canary, stable, z, drift, baseline_final)
     return _deciding([msgspec.structs.replace(_judge(spec, s, stable, z, drift), group=g) for g, s in judged])
 
 
@@ -429,7 +437,7 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
     latest drift report covering the canary (None: none yet), for `drift` metrics. `baseline_final`: `stable` can
     grow no more (after a blue-green promotion the old release gets no traffic), so once the canary has its
     sample a baseline short of `min_sample` is INCONCLUSIVE, not WAITING: no data never passes, and never waits
-    for ever either."""
+    for ever either; and so is a score metric's baseline short of `min_scores` once the canary has them."""
     if canary.n < spec.min_sample or stable.n < spec.min_sample:
         final = baseline_final and canary.n >= spec.min_sample
         verdict: Verdict = "INCONCLUSIVE" if final else "WAITING"
@@ -442,7 +450,7 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
     z = z_of(sequential.look_alpha(spec.alpha, look, len(spec.metrics)))
     canary, stable = _sorted(canary), _sorted(stable)
     judged = [(g, s if s is canary else _sorted(s)) for g, s in groups(canary, spec.min_sample)]
-    results = [_judge_groups(m, canary, judged, stable, z, drift) for m in spec.metrics]
+    results = [_judge_groups(m, canary, judged, stable, z, drift, baseline_final) for m in spec.metrics]
     results = [msgspec.structs.replace(r, dry_run=True) if m.dry_run else r
                for r, m in zip(results, spec.metrics, strict=True)]
     verdicts = {r.verdict for r in results if not r.dry_run}

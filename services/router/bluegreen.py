@@ -86,9 +86,10 @@ def undo(route: Route, decision: GateDecided | None, actor: str) -> Route:
 def abort_promotion(route: Route, actor: str) -> Route:
     """An operator's abort within the scale-down window: the promoted release stops, the last known-good release
     takes all traffic back as a rollback does (never a release the gate BLOCKed since: then it keeps serving and says
-    so). Always allowed: it takes off the release the operator stops, whatever the previous one's gate says."""
+    so). Always allowed: it takes off the release the operator stops, whatever the previous one's gate says. The
+    stopped release leaves the known-good history too (an undo keeps it), so no later rollback puts it back."""
     _swappable(route)
-    return domain.rollback(route, f"undone by {actor or 'operator'}", decision_id=route.decision_id, failed=False)
+    return domain.rollback(route, f"aborted by {actor or 'operator'}", decision_id=route.decision_id, failed=True)
 
 
 def scale_down_due(route: Route, now: float) -> bool:

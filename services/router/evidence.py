@@ -10,7 +10,6 @@ keeps the API key that sent its request (an index into the keys seen), so a wind
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
@@ -53,8 +52,10 @@ class Evidence:
         self._price = price
         self._max = max_rows
         self._rings: dict[tuple[str, str], _Ring] = {}
-        # Online evaluation scores per (deployment, release) and scorer: (time, value), newest last.
-        self._scores: dict[tuple[str, str], dict[str, deque[tuple[float, float]]]] = {}
+        # Online evaluation scores per (deployment, release) and scorer: the scored answer's event id -> (time,
+        # value), oldest first. By event id, so an answer's score counts once however often it arrives (live and
+        # read back at start, or re-sent after the bus's duplicate window).
+        self._scores: dict[tuple[str, str], dict[str, dict[str, tuple[float, float]]]] = {}
         # The latest drift report per deployment and canary release ("" for now-versus-reference ones).
         self._drift: dict[tuple[str, str], DriftReport] = {}
         # API key ids interned: a row holds its key's index (few keys, many rows). Never shrinks: keys are few.
@@ -79,16 +80,22 @@ class Evidence:
         ring.add((event.time.timestamp(), float(event.status != "ok"), event.latency_ms, event.ttft_ms,
                   float(event.input_tokens + event.output_tokens), -1.0 if cost is None else cost, float(index)))
         if event.scores:  # scores an SDK attached to its own events
-            self.add_scores(key[0], key[1], event.time.timestamp(), event.scores)
+            self.add_scores(key[0], key[1], event.id, event.time.timestamp(), event.scores)
 
-    def add_scores(self, deployment: str, release: str, at: float, scores: Mapping[str, float]) -> None:
-        """Record online evaluation scores of one answer (unix seconds `at`)."""
+    def add_scores(self, deployment: str, release: str, event_id: str, at: float,
+                   scores: Mapping[str, float]) -> None:
+        """Record online evaluation scores of one answer (`event_id`, answered at unix seconds `at`); a scorer's
+        score of an answer already recorded is not counted again (the first one stands, as the sink keeps it)."""
         per = self._scores.setdefault((deployment, release), {})
         for name, value in scores.items():
             ring = per.get(name)
             if ring is None:
-                ring = per[name] = deque(maxlen=self._max)
-            ring.append((at, float(value)))
+                ring = per[name] = {}
+            if event_id in ring:
+                continue
+            ring[event_id] = (at, float(value))
+            if len(ring) > self._max:
+                del ring[next(iter(ring))]  # the oldest recorded
 
     def add_drift(self, report: DriftReport) -> None:
         """Keep a drift report if it is the newest of its deployment and comparison (and canary release), and
@@ -124,7 +131,7 @@ class Evidence:
         """What `release` served for `deployment` from `since` (unix seconds) on, also split by API key when more
         than one sent its requests (copies: safe to hand to another thread while events keep arriving)."""
         ring = self._rings.get((deployment, release))
-        scores = {name: [v for t, v in ring_ if t >= since]
+        scores = {name: [v for t, v in ring_.values() if t >= since]
                   for name, ring_ in self._scores.get((deployment, release), {}).items()}
         if ring is None or not ring.n:
             return VariantSample(scores=scores)

@@ -180,19 +180,24 @@ async def replay_served(rollouts: Rollouts, seen: Seen, retry: RetryPolicy | Non
     replica that (re)starts mid-canary measures from zero, and one that restarts after a blue-green promotion
     never again has the old release's baseline (it gets no traffic after the promotion): its post-promotion
     analysis could not judge the release. Each deployment keeps what `Rollouts.observe` keeps (its rollout's
-    releases), within the evidence's row limits. Returns the batches taken.
+    releases), within the evidence's row limits, and the online scores of those answers (`replay_scores`). Returns
+    the batches taken.
 
     The inference stream keeps an event only until every consumer has acknowledged it (interest retention), so
     the replay reads the messages still in it first, then the rest from the record the sink keeps in ClickHouse
     (the `served_events` query): in that order, an event consumed between the two reads is found in the second.
     A read that fails is tried again from the start (`retry`, default `REPLAY_RETRY`; a batch is taken once across
-    tries) until both complete: until then the deployments marked by `await_served` judge part of their evidence
-    only, and their looks wait (`analysis.incomplete`) saying why, so a canary that failed before the restart is
-    not promoted on the healthy traffic after it."""
-    since = progress.served_replay(rollouts.routes.values(), time.time())
+    tries, a score once by its answer and scorer) until all three reads complete: until then the deployments marked
+    by `await_served` judge part of their evidence only, and their looks wait (`analysis.incomplete`) saying why,
+    so a canary that failed before the restart is not promoted on the healthy traffic after it."""
+    now = time.time()
+    since = progress.served_replay(rollouts.routes.values(), now)
     if since is None:
         rollouts.replay_done()
         return 0
+    # Each deployment's online scores from its own rollout's start (`progress.served_replay` of its route alone).
+    scores = {rollouts.ctx.bus.subjects.eval_scores(r.deployment): start for r in list(rollouts.routes.values())
+              if (start := progress.served_replay([r], now)) is not None}
     taken: dict[str, bool] = {}  # message id -> taken here (False: live already), across both reads and tries
     stored: set[str] = set()  # the ids of the events taken from the record, so a try again takes the rest only
 
@@ -215,15 +220,46 @@ async def replay_served(rollouts: Rollouts, seen: Seen, retry: RetryPolicy | Non
             log.warning("served events replay from the stream failed (tried again; looks wait): %s", exc)
             raise
         try:
-            return batches + await _replay_stored(rollouts, seen, taken, stored, since)
+            batches += await _replay_stored(rollouts, seen, taken, stored, since)
         except LockgateError as exc:
             rollouts.replay_stalled(_PENDING.format(f"query service: {exc.message}"))
             log.warning("served events replay from the record failed (tried again; looks wait): %s", exc)
             raise
+        try:
+            await replay_scores(rollouts, scores)
+        except LockgateError as exc:
+            rollouts.replay_stalled(_PENDING.format(f"online scores: {exc.message}"))
+            log.warning("online scores replay failed (tried again; looks wait): %s", exc)
+            raise
+        return batches
 
     batches = await (retry or REPLAY_RETRY).call(once, retry_on=LockgateError, what="served events replay")
     rollouts.replay_done()
     return batches
+
+
+async def replay_scores(rollouts: Rollouts, reads: dict[str, float]) -> int:
+    """The online scores published on each subject of `reads` (`eval.scores.<deployment>`) since its time (unix
+    seconds), as evidence (`Rollouts.observe_scores`: served answers only, each scorer's score of an answer once,
+    so what also came live counts once); returns how many messages were read. Scores are evidence kept in memory
+    like the served events: without this a restarted replica judged a score metric from zero, and after a
+    blue-green promotion never again had the old release's scores (it gets no traffic), so the post-promotion
+    analysis waited for ever. The events stream keeps them by limits (`Subjects.streams`: days, far longer than
+    `progress.SERVED_REPLAY_MAX_S`), not by interest, so the stream alone holds them all: no read of the record.
+    A stream that cannot be read raises its LockgateError (the caller tries again)."""
+    batch: list[InferenceScored] = []
+
+    def take(data: bytes) -> bool:
+        batch.append(_scored.decode(data))
+        if len(batch) >= _STORED_PAGE:  # in pages: thousands of messages need not all be held first
+            rollouts.observe_scores(batch)
+            batch.clear()
+        return True
+
+    read = await _replay(rollouts, "events", reads, take, "online scores", give_up=False)
+    if batch:
+        rollouts.observe_scores(batch)
+    return read
 
 
 async def _replay_stored(rollouts: Rollouts, seen: Seen, taken: dict[str, bool], stored: set[str],

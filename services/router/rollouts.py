@@ -722,7 +722,8 @@ class Rollouts:
             release = s.release or (route.canary.release if s.variant == "canary" else route.stable.release)
             if release in (route.canary.release, route.stable.release) or (
                     route.previous is not None and release == route.previous.release):
-                self.evidence.add_scores(route.deployment, release, s.time.timestamp(), s.measured())  # NaN: an error
+                self.evidence.add_scores(route.deployment, release, s.event_id, s.time.timestamp(),
+                                         s.measured())  # NaN: an error
                 if progress.analysed(route):
                     self._fresh.add(route.deployment)
                     self._wake.set()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import logging
 import os
 from typing import Any
 
@@ -14,7 +17,8 @@ from lockgate.config import Settings
 from lockgate.outbox import UNTIL_BACK, Outbox
 from lockgate.server.apikeys import KeyStore
 from lockgate.server.httplog import SERVER_LOG
-from lockgate.server.service import Service, ServiceContext, fewer_collections
+from lockgate.server.service import Progress, Service, ServiceContext, fewer_collections
+from lockgate.services.router import clock
 from lockgate.services.router.admin import PREFIX, Admin
 from lockgate.services.router.admission import Admission
 from lockgate.services.router.endpoints import Endpoints
@@ -30,6 +34,8 @@ from lockgate.services.router.handlers import (
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.spool import Spool, claim
+
+log = logging.getLogger("lockgate.router")
 
 
 class RouterService(Service):
@@ -58,6 +64,8 @@ class RouterService(Service):
         self._evidence: Any = None
         self._scores: Any = None
         self._drifts: Any = None
+        self.clock: clock.Offset | None = None  # this replica's clock against the NATS server's (None: unknown)
+        self.clock_checked = Progress()  # clock probes answered
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -90,17 +98,20 @@ class RouterService(Service):
         served = Seen()  # shared with the replay below: a batch both live and stored counts once
         self._evidence = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.served_all,
                                                          cb=evidence_callback(self.rollouts, served))
+        # Online evaluation: before the read-back below, so that no score falls between the two (one in both
+        # counts once: Evidence keeps each scorer's score of an answer once).
         self._scores = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.eval_scores_all,
-                                                       cb=scores_callback(self.rollouts))  # online evaluation
+                                                       cb=scores_callback(self.rollouts))
         self._drifts = await self.ctx.bus.nc.subscribe(self.ctx.bus.subjects.drift_all,
                                                        cb=drift_callback(self.rollouts))  # drift metrics
         # A replica that starts mid-rollout reads back the reports already published (live ones keep arriving
         # above meanwhile; the newest per deployment and comparison wins), so its drift metric need not wait.
         await replay_drift(self.rollouts)
-        # And the served events since each rollout under analysis started: evidence lives in memory, and a
-        # restart after a blue-green promotion would otherwise lose the old release's baseline for good. Read in
-        # the background (the query service may be away for long: requests are served meanwhile), tried until it
-        # completes; until then the deployments it covers are marked, and their looks wait (never a pass).
+        # And the served events since each rollout under analysis started, with their online scores: evidence lives
+        # in memory, and a restart after a blue-green promotion would otherwise lose the old release's baseline
+        # (events and scores) for good. Read in the background (the query service may be away for long: requests
+        # are served meanwhile), tried until it completes; until then the deployments it covers are marked, and
+        # their looks wait (never a pass).
         await_served(self.rollouts)
         self.spawn(replay_served(self.rollouts, served), "served-replay")
         self.spawn(self._replay_after_reconnects(), "drift-replay")
@@ -114,6 +125,7 @@ class RouterService(Service):
         self.spawn(self.rollouts.run_timer(), "rollout-timer")
         self.spawn(self.rollouts.run_cut_off(), "bus-cut-off")
         self.spawn(self.admission.run(), "budget-leases")
+        self.spawn(self._watch_clock(), "clock-skew")
         # handler_cancellation: a client that closes its connection cancels its request's handler, and
         # with it the upstream call (proxy.forward records client_disconnected).
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False, shutdown_timeout=2.0,
@@ -131,6 +143,25 @@ class RouterService(Service):
         while True:
             seen = await self.ctx.bus.reconnected(after=seen)
             await replay_drift(self.rollouts)
+
+    async def _watch_clock(self) -> None:
+        # Rollout times are written with one replica's clock and read with another's (clock.py): a replica whose
+        # clock is off says so, in its health and its log, each time it is measured.
+        stream = self.ctx.bus.subjects.streams["events"].name  # one the router may read: the answer has `ts`
+        while True:
+            try:
+                sent = clock.now()
+                reply = await self.ctx.bus.nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=2.0)
+                measured = clock.offset(sent, clock.now(), json.loads(reply.data).get("ts"))
+            except Exception:  # the bus away (the cut-off watch handles that) or an odd answer: unknown for now
+                measured = None
+            if measured is not None and measured.skewed:
+                log.warning("this replica's clock is %+.1f s off the NATS server's (more than %g s): rollout times "
+                            "it writes and compares are wrong by as much; synchronise its clock (NTP)",
+                            measured.seconds, clock.MAX_SKEW_S)
+            self.clock = measured
+            await self.clock_checked.bump()
+            await asyncio.sleep(clock.PROBE_EVERY_S)
 
     async def stop(self) -> None:
         """Stop serving (in-flight requests finish), flush events and route changes, close the pool."""
@@ -161,9 +192,14 @@ class RouterService(Service):
         # A full inference stream refuses the events of every request served (they wait in the outbox or spool); a
         # full DLQ or dead-letter originals bucket keeps bad input's letters waiting or without their originals.
         full = await self.ctx.bus.full_streams() if bus == "connected" else []
-        return web.json_response({"status": "ok" if bus == "connected" and not cut_off and not full else "degraded",
+        # A clock off the server's (clock.py) makes the rollout times this replica writes and compares wrong.
+        skewed = self.clock is not None and self.clock.skewed
+        healthy = bus == "connected" and not cut_off and not full and not skewed
+        return web.json_response({"status": "ok" if healthy else "degraded",
                                   "bus": bus, "streams_full": full,
                                   "dead_letters_waiting": self.ctx.bus.letters_waiting,
+                                  "clock_offset_s": round(self.clock.seconds, 3) if self.clock else None,
+                                  "clock_skewed": skewed,
                                   "ready": self.rollouts.ready.is_set(),
                                   "serving": "stable_only" if cut_off else "all",
                                   "events_dropped": self.batcher.dropped,

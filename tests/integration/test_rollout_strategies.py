@@ -102,8 +102,29 @@ async def test_blue_green_preview_by_header_only_promotion_switches_all_traffic_
     assert set(await _releases(http, router, 100)) == {"same"}  # promotion switches all traffic at once
     status, body = await _post(http, router, "abort")
     assert status == 200, body
-    assert body["stable"]["release"] == "r1" and body["reason"].startswith("rolled back same: undone by apikey:")
+    assert body["stable"]["release"] == "r1" and body["reason"].startswith("rolled back same: aborted by apikey:")
     assert set(await _releases(http, router, 100)) == {"r1"}
+
+
+async def test_a_blue_green_release_aborted_after_its_promotion_is_no_longer_known_good(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Found by a probe (p5): an abort within the scale-down window swapped back but left the aborted release in the
+    # route's known-good history, so a later BLOCK of the old stable put all traffic back on the release the
+    # operator had stopped a minute earlier.
+    await _start(http, router, "same", {"interval_s": 0.1, "blue_green": {"scale_down_delay_s": 3600}})
+    await _pass(router, signer, "same")
+    status, body = await _post(http, router, "promote")
+    assert status == 200 and [t["release"] for t in body["good"]] == ["r1", "same"], body
+    status, body = await _post(http, router, "abort")
+    assert status == 200 and body["stable"]["release"] == "r1", body
+    assert [t["release"] for t in body["good"]] == ["r1"], body
+    bus = router.ctx.bus
+    await bus.publish(bus.subjects.gate_decided("r1"), signer.sign(GateDecided(
+        release="r1", rules=[], decision="BLOCK", reason="a sunset artifact")))
+    await router.rollouts.wait_for(lambda r: "gate BLOCK" in r["chat"].reason, timeout=10)
+    route = router.rollouts.route("chat")
+    assert route.stable.release == "r1" and "NO known-good release to roll back to: still serving r1" in route.reason
+    assert set(await _releases(http, router, 50)) == {"r1"}
 
 
 async def test_blue_green_undo_puts_the_previous_release_back_only_if_its_gate_allows_it_now(

@@ -225,6 +225,39 @@ def test_a_baseline_that_can_grow_no_more_is_inconclusive_once_the_canary_has_it
     assert analysis.measure(ERRORS, canary, stable, look=1, baseline_final=True).verdict == "WAITING"
 
 
+def test_a_score_baseline_that_can_grow_no_more_is_inconclusive_once_the_canary_has_its_scores() -> None:
+    # The same for online scores (p5): a score baseline short of min_scores stayed WAITING after a promotion, which
+    # is not a look, so inconclusive_limit never rolled the unverified release back.
+    spec = AnalysisSpec(metrics=[MetricSpec(name="score", scorer="pii_free", max_decrease=0.02, min_scores=30)],
+                        min_sample=10)
+    canary, stable = VariantSample(n=100, scores={"pii_free": [0.0] * 40}), VariantSample(n=100, scores={
+        "pii_free": [1.0] * 12})
+    assert analysis.measure(spec, canary, stable, look=1).verdict == "WAITING"
+    m = analysis.measure(spec, canary, stable, look=1, baseline_final=True)
+    assert m.verdict == "INCONCLUSIVE"
+    assert m.metrics[0].why.startswith("baseline has 12 scores of the 30 needed and gets no more (canary 40)")
+    short = VariantSample(n=100, scores={"pii_free": [0.0] * 29})  # the canary's own scores are still to come
+    assert analysis.measure(spec, short, stable, look=1, baseline_final=True).verdict == "WAITING"
+    floor = AnalysisSpec(metrics=[MetricSpec(name="score", scorer="pii_free", min=0.5, min_scores=30)],
+                         min_sample=10)  # an absolute floor needs no baseline: judged on the canary alone
+    assert analysis.measure(floor, canary, stable, look=1, baseline_final=True).verdict == "FAILED"
+
+
+def test_evidence_counts_each_scorers_score_of_an_answer_once() -> None:
+    # A score comes live and again in a restarted router's read-back, or is re-sent past the bus's duplicate window.
+    from lockgate.services.router.evidence import Evidence
+
+    ev = Evidence(price=lambda e: None, max_rows=3)
+    ev.add_scores("d", "r", "e1", 10.0, {"pii_free": 1.0, "length": 12.0})
+    ev.add_scores("d", "r", "e1", 10.0, {"pii_free": 0.0})  # again: the first one stands
+    ev.add_scores("d", "r", "e1", 10.0, {"llm_judge": 0.75})  # the judge's score of the same answer: its own
+    assert ev.sample("d", "r", since=0).scores == {"pii_free": [1.0], "length": [12.0], "llm_judge": [0.75]}
+    for i in range(2, 6):
+        ev.add_scores("d", "r", f"e{i}", 10.0 + i, {"pii_free": float(i)})
+    assert ev.sample("d", "r", since=0).scores["pii_free"] == [3.0, 4.0, 5.0]  # bounded: the newest answers
+    assert ev.sample("d", "r", since=14).scores["pii_free"] == [4.0, 5.0]
+
+
 # Per-API-key analysis. Found by a probe: a caller with one valid key aimed successful requests at the canary
 # (users that hash to it); pooled, about 12x the real canary traffic made a canary whose real requests failed
 # 20% of the time SUCCESSFUL (its 5xx diluted below stable + 1%).

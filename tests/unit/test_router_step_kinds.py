@@ -145,6 +145,10 @@ def test_blue_green_auto_promotes_after_its_delay_and_keeps_the_old_release_for_
     allowed = GateDecided(release="r1", decision="PASS", rules=[])
     undone = bluegreen.undo(p, allowed, "ops")
     assert (undone.stable.release, undone.phase) == ("r1", "aborted") and "undone by ops" in undone.reason
+    assert [t.release for t in undone.good] == ["r1", "r2"]  # undone, not failed: still known-good
+    aborted = bluegreen.abort_promotion(p, "ops")  # the operator stopped it: no longer known-good
+    assert aborted.stable.release == "r1" and "aborted by ops" in aborted.reason
+    assert [t.release for t in aborted.good] == ["r1"]
     down = _tick(p, 190.0)
     assert down.scale_down_at == 0.0 and "r1 scaled down" in down.reason
     with pytest.raises(InvalidRollout, match="scaled down"):
