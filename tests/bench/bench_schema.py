@@ -106,9 +106,9 @@ def _cost(store: Store) -> dict[str, Any]:
            "FROM cost_ledger GROUP BY tenant, app, deployment, day ORDER BY cost_usd DESC")
     # The sink's lookup before each insert (its own code): 5,000 ledger entries, half of them stored already.
     mid = built["rows"] // 2
-    stored = store.rows("SELECT event_id, time FROM cost_ledger WHERE event_id IN {ids:Array(String)}",
+    stored = store.rows("SELECT event_id, time, tenant, app FROM cost_ledger WHERE event_id IN {ids:Array(String)}",
                         {"ids": [f"e{n}" for n in range(mid, mid + 2500)]})
-    entries = [CostEntry(event_id=r["event_id"], time=r["time"], tenant="t0", app="app0") for r in stored]
+    entries = [CostEntry(event_id=r["event_id"], time=r["time"], tenant=r["tenant"], app=r["app"]) for r in stored]
     entries += [CostEntry(event_id=f"new-{i}", time=stored[i]["time"], tenant="t0", app="app0") for i in range(2500)]
     writer = Writer(store, next(p for p in FACTS if p.table is COST_LEDGER))
     data = COST_LEDGER.data([CostLedger(price_book="pb1", entries=entries)])
