@@ -76,7 +76,7 @@ FACTS: tuple[Projection, ...] = (
     Projection(tables.AUDIT_LOG, lambda s: s.audit_records, "facts", AuditRecord),
     # One row per (answer, scorer): a score re-sent (a redelivery, the evaluator re-scoring) is stored once.
     Projection(tables.INFERENCE_SCORES, lambda s: s.eval_scores_all, "events", InferenceScored, per_row=True,
-               within="time"),
+               keys_table="inference_scores_keys"),
     # A look every interval per analysed rollout: the lookup of redelivered records stays within their times.
     Projection(tables.ANALYSIS_RUNS, lambda s: s.analysis_runs, "facts", AnalysisRun, within="time"),
 )

@@ -17,6 +17,8 @@ from lockgate.contracts import (
     DriftReport,
     FeatureDrift,
     InferenceEvent,
+    InferenceScored,
+    Score,
     SpanBatch,
     SpanRecord,
 )
@@ -200,6 +202,29 @@ async def test_an_event_resent_with_another_time_after_a_restart_is_stored_once(
     await sink.on_inference([(earlier, delivery("once-more"))])
     assert store.scalar("SELECT count() FROM inference_events") == 5
     assert store.scalar("SELECT uniqExact(id) FROM inference_events") == 5
+
+
+async def test_a_score_of_an_event_resent_with_another_time_is_stored_once(context: ServiceContext, store: Store) -> None:
+    """The evaluator scores a re-sent event again, with the event's new time: a restarted sink finds the (event,
+    scorer) in the table of stored score keys, whatever the time. Before, the lookup read the batch's times only."""
+    from lockgate.services.sink.handlers import SinkHandlers
+    from lockgate.store import open_store
+
+    def scored(event_id: str, at: datetime) -> InferenceScored:
+        return InferenceScored(event_id=event_id, app="shop", deployment="web", time=at,
+                               results=[Score(scorer="pii_free", value=1.0), Score(scorer="judge", value=0.5)])
+
+    first = [scored(f"ev-{i}", datetime.now(UTC)) for i in range(3)]
+    sink = SinkHandlers(context, Telemetry().tracer("test"))
+    await sink.facts["inference_scores"].on_facts([(s, Delivery(subject="s", msg_id=s.id, headers={}, deliveries=1,
+                                                                stream_seq=1)) for s in first])
+    later = open_store(store.url, store.database)
+    restarted = SinkHandlers(ServiceContext(bus=context.bus, store=later, telemetry=Telemetry(),
+                                            settings=context.settings), Telemetry().tracer("test"))
+    again = [scored(s.event_id, s.time + timedelta(minutes=5)) for s in first[:2]]
+    await restarted.facts["inference_scores"].on_facts([
+        (s, Delivery(subject="s", msg_id=s.id, headers={}, deliveries=1, stream_seq=2)) for s in again])
+    assert store.scalar("SELECT count() FROM inference_scores") == 6
 
 
 async def test_an_event_the_sdk_builds_again_under_its_id_is_stored_and_billed_once(

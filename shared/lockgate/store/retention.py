@@ -17,6 +17,7 @@ TTL_COLUMNS: dict[str, str] = {
     "inference_events": "time",
     "inference_event_keys": "time",
     "inference_scores": "time",
+    "inference_scores_keys": "time",
     "otel_traces": "Timestamp",
     "otel_traces_trace_id_ts": "End",
     "dead_letters": "time",
@@ -29,13 +30,15 @@ TTL_COLUMNS: dict[str, str] = {
 
 # A table kept as long as another unless set itself: stored keys, as long as their rows (a key kept longer only
 # refuses a re-send of an expired event; one dropped sooner would let it be stored, or billed, twice).
-FOLLOWS: dict[str, str] = {"inference_event_keys": "inference_events", "cost_ledger_keys": "cost_ledger"}
+FOLLOWS: dict[str, str] = {"inference_event_keys": "inference_events", "cost_ledger_keys": "cost_ledger",
+                           "inference_scores_keys": "inference_scores"}
 
 # High-volume raw data goes first; the bill (ledger, then its hourly rollup) is kept longest.
 DEFAULT_DAYS: dict[str, int] = {
     "inference_events": 90,
     "inference_event_keys": 90,
     "inference_scores": 90,
+    "inference_scores_keys": 90,
     "otel_traces": 30,
     "otel_traces_trace_id_ts": 30,
     "dead_letters": 30,

@@ -94,7 +94,7 @@ AUDIT_LOG = Table("audit_log", AuditRecord, exclude=_ROUTING, key=("seq",))
 
 # Online evaluation of live answers: one row per (answer, scorer), its value or its error (a judge outage).
 INFERENCE_SCORES = Table("inference_scores", InferenceScored, exclude=(*_ROUTING, "id", "scores"), items="results",
-                         key=("tenant", "app", "event_id", "scorer"))
+                         key=("tenant", "app", "scorer", "event_id"))  # the event id last: the sink orders by it
 
 
 # Signed analysis measurements of rollouts (lockgate.analysisruns): one row per measurement.
@@ -107,4 +107,5 @@ TABLES: tuple[Table, ...] = (
 
 # Kept by materialized views (migrations 005 and 016), never written by the sink: no contract Struct of their own.
 DERIVED: tuple[str, ...] = ("otel_traces_trace_id_ts", "otel_traces_trace_id_ts_mv", "cost_hourly", "cost_hourly_mv",
-                             "inference_event_keys", "inference_event_keys_mv", "cost_ledger_keys", "cost_ledger_keys_mv")
+                             "inference_event_keys", "inference_event_keys_mv", "cost_ledger_keys", "cost_ledger_keys_mv",
+                             "inference_scores_keys", "inference_scores_keys_mv")
