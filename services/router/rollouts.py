@@ -64,7 +64,7 @@ _WATCH_LAG_S = 2.0
 Admission = tuple[str, GateDecided | None, str] | None
 # An operator's change of a route (Rollouts._settle): run again on every compare-and-set attempt, it reads what it
 # checks (decisions) and then changes the route in memory without awaiting; returns a refusal ("" or None: none).
-Change = Callable[[], Awaitable[str | None] | str | None]
+Change = Callable[[], Awaitable[str | None]]
 
 
 class RouterNotReady(Retryable):
@@ -859,8 +859,7 @@ class Rollouts:
 
         async def attempt() -> None:
             nonlocal refused
-            result = change()
-            refused = await result if inspect.isawaitable(result) else result
+            refused = await change()
 
         await self._until_won(attempt)
         self._raise_if_poisoned(deployment)
