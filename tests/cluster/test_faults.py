@@ -11,6 +11,8 @@ import asyncio
 import time
 
 import aiohttp
+import nats.errors
+import nats.js.errors
 import pytest
 
 from lockgate.bus import Bus
@@ -76,8 +78,25 @@ async def test_nats_node_killed_under_load(topology: Topology, admin: Bus, uniqu
     await _check_stored(topology, admin, load)
 
 
+async def _streams_settled(admin: Bus) -> None:
+    """Every stream has a leader and each of its replicas is current: after a node's restart (an earlier test's), a
+    publish to a stream still electing went unanswered (NoStreamResponseError) although the node itself was healthy."""
+
+    async def settled() -> None:
+        for spec in admin.subjects.streams.values():
+            try:
+                cluster = (await admin.js.stream_info(spec.name)).cluster
+            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+                raise NotYet(f"stream {spec.name}: {exc!r}") from None
+            if cluster is None or not cluster.leader or not all(r.current for r in cluster.replicas or []):
+                raise NotYet(f"stream {spec.name} has no leader or a replica catching up")
+
+    await until(settled, 60, "every stream led, with current replicas")
+
+
 async def _rollout(topo: Topology, admin: Bus, deployment: str) -> dict:
     """A canary in progress on `deployment` (stable passed its gate, the canary waits for its own)."""
+    await _streams_settled(admin)
     settings = settings_of(topo)
     stable, canary = f"{deployment}-r1", f"{deployment}-r2"
     await register_model_release(admin, stable, model="sim-stable")
