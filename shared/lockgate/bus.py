@@ -667,14 +667,12 @@ class Bus:
         if msg_id:
             hdrs["Nats-Msg-Id"] = msg_id
         telemetry.inject(hdrs)
-        # Not transient: retried, the same bytes are refused again until the message is dead-lettered as "retries
-        # exhausted" (a cost ledger of 5,000 events was never billed that way). The headers count: nats-py checks
-        # only the payload, and a message the server refuses closes the connection for good (`_Client`).
-        if (size := wire_size(data, hdrs)) > self.nc.max_payload:
-            raise self._too_large(subject, data, size)
         try:
             return await self._unless_refused(subject, lambda: self.js.publish(subject, data, headers=hdrs, timeout=5))
         except nats.errors.MaxPayloadError:
+            # Refused before the wire, headers counted (`_Client`). Not transient: retried, the same bytes are
+            # refused again until the message is dead-lettered as "retries exhausted" (a cost ledger of 5,000
+            # events was never billed that way).
             raise self._too_large(subject, data, wire_size(data, hdrs)) from None
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise self.refused(subject) or BusUnavailable(

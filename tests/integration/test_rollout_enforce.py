@@ -19,6 +19,7 @@ from lockgate.signing import Signer, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
 from tests.helpers import break_glass, judged, register_model_release
 from tests.integration import test_rollout_analysis as analysis_tests
+from tests.integration.test_rollout_admission_race import _announce, _signed_pass
 from tests.integration.test_rollout_analysis import _pass, _start
 from tests.integration.test_rollout_strategies import _releases
 
@@ -142,18 +143,14 @@ async def test_a_canary_admitted_by_a_revoked_key_is_neither_raised_nor_promoted
     # 10%. Before: a new PUT of it was refused, but set-weight 90 and promote were 200, on the admission the route
     # had cached, and the timer's steps went on too.
     s = router.ctx.settings
-    bus = router.ctx.bus
-    gates = await bus.kv(bus.subjects.kv_gates)
     await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600})
     attempts = [("POST", "/promote", None), ("POST", "/set-weight", {"weight": 90}), ("PATCH", "", {"weight": 90}),
                 ("POST", "/resume", None)]
     for method, action, body in attempts:
         leaked = Signer.generate()  # a key of its own each time: a new PASS admits the canary again
         trust_key(trust_file_path(s), leaked.public)
-        passed = leaked.sign(GateDecided(release="same", rules=[], decision="PASS", artifacts=await judged(bus, "same")))
-        await gates.put(token("same"), msgspec.json.encode(passed))
-        await bus.publish(bus.subjects.gate_decided("same"), passed)
-        await router.rollouts.wait_for(lambda r, p=passed: r["chat"].admitted == p.id, timeout=10)
+        passed = await _signed_pass(router, leaked, "same")
+        await _announce(router, passed)
         assert router.rollouts.route("chat").weight == 10.0
         if action == "/resume":
             async with http.post(f"{router.url}{DEPLOYMENT}/pause") as resp:  # holding traffic needs no check
@@ -179,10 +176,7 @@ async def test_the_timer_does_not_step_a_canary_whose_admitting_key_was_revoked(
     leaked = Signer.generate()
     trust_key(trust_file_path(s), leaked.public)
     await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 0.3})
-    bus = router.ctx.bus
-    passed = leaked.sign(GateDecided(release="same", rules=[], decision="PASS", artifacts=await judged(bus, "same")))
-    await (await bus.kv(bus.subjects.kv_gates)).put(token("same"), msgspec.json.encode(passed))
-    await bus.publish(bus.subjects.gate_decided("same"), passed)
+    await _announce(router, await _signed_pass(router, leaked, "same"))
     await router.rollouts.wait_for(lambda r: r["chat"].weight == 10.0, timeout=10)
     revoke_key(trust_file_path(s), leaked.key_id)
     await router.rollouts.wait_for(lambda r: r["chat"].weight != 10.0, timeout=10)  # the next step is due
