@@ -141,6 +141,32 @@ def test_a_query_that_misses_a_running_stacks_nats_fails_rather_than_reading_an_
     assert proc.returncode == 0 and json.loads(proc.stdout)[0]["n"] >= 0, proc.stderr
 
 
+def test_the_cli_finds_the_stack_running_from_its_home_on_ports_it_was_not_given(
+        stack: dict[str, str], tmp_path: Path) -> None:
+    # `dev up --nats-port 0 --router-port 0`: with only --home, the CLI reaches that stack (HOME/stack.json),
+    # for NATS queries and for the router's admin API alike; before, it asked port 4222 and 8080 and failed.
+    env = {k: v for k, v in stack.items() if k not in ("LOCKGATE_NATS_URL", "LOCKGATE_HOME", "LOCKGATE_ROUTER_URL")}
+    home = Path(stack["E2E_HOME"])
+    assert "nats://127.0.0.1:" in (home / "stack.json").read_text() and "key" not in (home / "stack.json").read_text()
+    proc = subprocess.run([*LOCKGATE, "--home", str(home), "status", "--json"], capture_output=True, text=True,
+                          env=env, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout), proc.stdout
+    proc = subprocess.run([*LOCKGATE, "--home", str(home), "rollout", "get", "no-such-deployment", "--json"],
+                          capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr  # the router answered (a deployment never rolled out: no releases)
+    assert json.loads(proc.stdout)["good"] == [], proc.stdout
+
+    # A file left by a stack that no longer runs (killed with -9) is ignored: the CLI says it found none.
+    stale = tmp_path / "stale-home"
+    stale.mkdir()
+    (stale / "stack.json").write_text((home / "stack.json").read_text().replace(
+        f'"pid": {json.loads((home / "stack.json").read_text())["pid"]}', '"pid": 999999999'))
+    proc = subprocess.run([*LOCKGATE, "--home", str(stale), "sql", "SELECT 1"], capture_output=True, text=True,
+                          env=env, timeout=60, cwd=tmp_path)
+    assert proc.returncode != 0 and "nats://127.0.0.1:4222" in proc.stderr, proc.stderr
+
+
 def test_schema_command_writes_json_schema(tmp_path: Path) -> None:
     out = tmp_path / "schema.json"
     run("schema", "--out", str(out), env=dict(os.environ))

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from lockgate.cli import access
+from lockgate.cli import access, running
 from lockgate.cli.render import err_console, output
 from lockgate.config import Settings, from_env
 from lockgate.errors import LockgateError
@@ -71,6 +71,9 @@ def cli(ctx: click.Context, nats_url: str | None, clickhouse_url: str | None, pr
     except LockgateError as exc:
         err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    if nats_url is None:  # neither --nats nor LOCKGATE_NATS_URL: the stack running from the home, if one does
+        found = running.endpoints(settings.home).get("nats")
+        settings = settings.replace(nats_url=found) if found else settings
     # Only an explicit --clickhouse means "read ClickHouse yourself"; the environment variable just
     # configures where the stack's ClickHouse lives.
     explicit = ctx.get_parameter_source("clickhouse_url") == click.core.ParameterSource.COMMANDLINE

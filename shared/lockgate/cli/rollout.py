@@ -22,7 +22,7 @@ from typing import Any
 import click
 import yaml
 
-from lockgate.cli import access
+from lockgate.cli import access, running
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, output, table
 from lockgate.contracts.names import check_name
@@ -320,7 +320,8 @@ def register(cli: click.Group) -> None:
 
     @cli.group()
     @click.option("--router", "router_url", envvar="LOCKGATE_ROUTER_URL",
-                  help="Base URL of the router (default http://127.0.0.1:ROUTER_PORT from settings).")
+                  help="Base URL of the router (default: the one the stack running from the home serves, else "
+                       "http://127.0.0.1:ROUTER_PORT from settings).")
     @click.option("--api-key", envvar="LOCKGATE_API_KEY",
                   help="An operator or admin API key (default: HOME/credentials/router-admin.key).")
     @click.pass_context
@@ -328,7 +329,8 @@ def register(cli: click.Group) -> None:
         """Roll a release out and operate a deployment's canary: see it, pause, resume, abort, set its weight,
         read its history."""
         settings = ctx.obj["settings"]
-        ctx.obj["router_url"] = router_url or f"http://127.0.0.1:{settings.router_port}"
+        ctx.obj["router_url"] = (router_url or running.endpoints(settings.home).get("router", "").removesuffix("/v1")
+                                 or f"http://127.0.0.1:{settings.router_port}")
         ctx.obj["api_key"] = api_key
 
     def admin(ctx: click.Context) -> RouterAdmin:

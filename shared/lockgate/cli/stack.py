@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from lockgate import credentials
-from lockgate.cli import access
+from lockgate.cli import access, running
 from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console
 from lockgate.config import Settings
@@ -65,6 +65,7 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
         console.print("[bold green]lockgate is up[/bold green] (embedded: nats-server + chDB + all services)")
         _print_endpoints(runtime.endpoints | (extra or {}))
         home = runtime.settings.home  # absolute (embedded_settings)
+        running.write(home, runtime.endpoints | (extra or {}))  # for the CLI: `lockgate --home HOME ...` finds it
         console.print(f"  [bold]{'credentials':<11}[/bold] {credentials.directory(home)}  (NATS users, 0600: the "
                       f"CLI finds them with --home {home} or LOCKGATE_HOME; roles "
                       f"{', '.join(ROLES)}; an SDK app uses its own, `lockgate app-credential create --tenant T --app A`, "
@@ -81,6 +82,7 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
         await _until_stopped(_stop_on_signals(), runtime)
         console.print("stopping: flushing buffers and closing consumers ...")
     finally:
+        running.remove(runtime.settings.home)
         await runtime.stop()
     console.print("stopped cleanly.")
 
