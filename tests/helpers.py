@@ -164,14 +164,15 @@ def person(settings: Any, name: str, *roles: str) -> Any:
 
 
 def break_glass(settings: Any, deployment: str, release: str, action: str, reason: str,
-                admin: str = "boss") -> dict[str, Any]:
-    """The `break_glass` object `lockgate break-glass` prints, signed now by a trusted admin person."""
+                admin: str = "boss", weight: float = 10.0) -> dict[str, Any]:
+    """The `break_glass` object `lockgate break-glass` prints, signed now by a trusted admin person (a canary's for
+    `weight` percent)."""
     import time
 
     from lockgate.identity import sign_override
 
     return sign_override(person(settings, admin, "admin"), deployment=deployment, release=release, action=action,
-                         reason=reason, at=int(time.time()))
+                         reason=reason, at=int(time.time()), weight=weight if action == "canary" else None)
 
 
 async def register_model_release(bus: Any, release: str, model: str = "m", endpoint: str = "default", *,

@@ -15,7 +15,13 @@ from lockgate.identity import IdentityRefused
 from lockgate.server.apikeys import ApiKey, Forbidden
 from lockgate.server.body import closing, read_body
 from lockgate.services.router.audit import record_action
-from lockgate.services.router.domain import AlreadyServing, InvalidRollout, NotAdmitted, OverrideReplayed
+from lockgate.services.router.domain import (
+    AlreadyServing,
+    InvalidRollout,
+    NotAdmitted,
+    OverrideExceeded,
+    OverrideReplayed,
+)
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import error_response
 
@@ -24,6 +30,7 @@ _encoder = msgspec.json.Encoder()
 _REFUSALS: tuple[tuple[type[LockgateError], int, str, str | None], ...] = (
     (IdentityRefused, 403, "permission_denied", "invalid_break_glass"),
     (OverrideReplayed, 403, "permission_denied", "invalid_break_glass"),
+    (OverrideExceeded, 403, "permission_denied", "invalid_break_glass"),
     (Forbidden, 403, "permission_denied", "insufficient_role"),
     (NotAdmitted, 409, "conflict", "not_admitted"),
     (AlreadyServing, 409, "conflict", "already_serving"),

@@ -219,6 +219,7 @@ class Admin:
         require_role(key, "admin")
         person = verify_override(self.rollouts.ctx.settings, deployment=deployment, release=release, action=action,
                                  reason=glass.reason, at=glass.at, key_id=glass.key_id, signature=glass.signature,
-                                 now=time.time())
+                                 now=time.time(), weight=glass.weight)
         return Override(release=release, action=action, actor=person, reason=glass.reason, at=glass.at,
-                        key_id=glass.key_id, signature=glass.signature, api_key=key.label)
+                        key_id=glass.key_id, signature=glass.signature, api_key=key.label,
+                        weight=100.0 if glass.weight is None else glass.weight)

@@ -20,6 +20,8 @@ async def record_action(bus: Any, key: ApiKey, action: str, route: Route, overri
     if override is not None:  # the admin's signed statement, so the row can be checked against it
         details |= {"override": override.action, "override_key_id": override.key_id,
                     "override_signature": override.signature, "override_at": override.at}
+        if override.action == "canary":  # signed as well
+            details["override_weight"] = override.weight
     await auditlog.record(
         bus, "router", kind=kind, actor=override.actor if override is not None else key.label,
         target=route.deployment, action=action, reason=override.reason if override is not None else route.reason,

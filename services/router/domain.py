@@ -59,6 +59,7 @@ class Override(msgspec.Struct, frozen=True, kw_only=True):
     key_id: str = ""
     signature: str = ""
     api_key: str = ""  # the label of the admin API key that sent it, never the key
+    weight: float = 100.0  # a canary's: the most traffic the admin signed for it to take without a decision
 
 
 class Route(msgspec.Struct, frozen=True, kw_only=True):
@@ -145,6 +146,9 @@ class BreakGlass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     at: int = 0  # unix seconds when signed
     key_id: str = ""
     signature: str = ""
+    # A canary's: the percent of traffic the admin signed for it (the canary starts there and gets no more
+    # without a decision allowing it); none for a promote.
+    weight: Annotated[float, msgspec.Meta(gt=0, le=100)] | None = None
 
 
 class ManualRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -204,6 +208,10 @@ def decode_manual(body: bytes) -> ManualRequest:
 
 class NotAdmitted(InvalidRollout):
     """The release has no verified decision allowing it (HTTP 409); only an admin's break-glass overrides."""
+
+
+class OverrideExceeded(InvalidRollout):
+    """A request for more traffic than a break-glass statement was signed for (HTTP 403 `invalid_break_glass`)."""
 
 
 class OverrideReplayed(InvalidRollout):
@@ -352,7 +360,12 @@ def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Ta
     `stable` and `canary` are the targets the releases' bundles resolve to, of the app the deployment serves.
     """
     same_app(route, stable, canary)
-    asked = first_step if req.initial_weight is None else req.initial_weight
+    if override is not None and req.initial_weight not in (None, override.weight):
+        raise OverrideExceeded(f"refused: the break-glass statement by {override.actor} lets {canary.release!r} take "
+                               f"{override.weight:g}% of {route.deployment!r}, not the {req.initial_weight:g}% asked; "
+                               "leave initial_weight out, or have the admin sign another")
+    # With an override, the weight its admin signed for; else the one asked, given once a decision allows it.
+    asked = override.weight if override is not None else first_step if req.initial_weight is None else req.initial_weight
     weight = asked if override is not None else 0.0
     # The stable a canary starts from serves everyone by a decision (or override): known-good unless
     # it is the same release that was already there unverified (a promotion whose analysis was cut short).

@@ -398,10 +398,14 @@ def set_weight(route: Route, weight: float, actor: str) -> Route:
     if bluegreen.spec(route) is not None:
         raise InvalidRollout(f"{route.deployment!r} is a blue-green rollout: its preview gets traffic by header "
                              "only, and all of it at promotion (lockgate rollout promote)")
-    covered = route.override is not None and route.override.release == route.canary.release
-    if weight > 0 and not route.admitted and not covered:
+    glass = route.override if route.override is not None and route.override.release == route.canary.release else None
+    if weight > 0 and not route.admitted and glass is None:
         raise NotAdmitted(f"refused: canary {route.canary.release!r} has no verified gate decision allowing it, "
                           "so it cannot get weight; an admin may start it with break_glass")
+    if not route.admitted and glass is not None and weight > glass.weight:
+        raise NotAdmitted(f"refused: canary {route.canary.release!r} has no verified gate decision allowing it, and "
+                          f"the break-glass override by {glass.actor} lets it take at most {glass.weight:g}%; an admin "
+                          "signs another for more")
     return _bump(route, weight=float(weight),
                  reason=f"weight set to {weight:g}% (was {route.weight:g}%) by {actor}")
 

@@ -203,27 +203,35 @@ def withdrawn_approvals(settings: Settings, approvals: Iterable[tuple[str, str]]
 # Break-glass overrides
 
 
-def override_bytes(*, deployment: str, release: str, action: str, reason: str, at: int, key_id: str) -> bytes:
-    """What an admin signs to override admission: which deployment, release and action, why, and when."""
+def override_bytes(*, deployment: str, release: str, action: str, reason: str, at: int, key_id: str,
+                   weight: float | None) -> bytes:
+    """What an admin signs to override admission: which deployment, release and action, the most traffic a
+    canary may take by it (percent; None for a promote, which gives it all), why, and when."""
     return canonical_json({"deployment": deployment, "release": release, "action": action, "reason": reason,
-                           "at": at, "key_id": key_id})
+                           "at": at, "key_id": key_id, "weight": None if weight is None else float(weight)})
 
 
 def sign_override(identity: Identity, *, deployment: str, release: str, action: str, reason: str,
-                  at: int) -> dict[str, Any]:
+                  at: int, weight: float | None = None) -> dict[str, Any]:
     """The `break_glass` object of an admin API request, signed by `identity`."""
     sig = identity.sign(override_bytes(deployment=deployment, release=release, action=action, reason=reason,
-                                       at=at, key_id=identity.key_id))
-    return {"reason": reason, "at": at, "key_id": identity.key_id, "signature": sig}
+                                       at=at, key_id=identity.key_id, weight=weight))
+    return {"reason": reason, "at": at, "key_id": identity.key_id, "signature": sig} | (
+        {"weight": weight} if weight is not None else {})
 
 
 def verify_override(settings: Settings, *, deployment: str, release: str, action: str, reason: str, at: int,
-                    key_id: str, signature: str, now: float) -> str:
-    """The admin's name that signed this override for exactly this deployment, release and action, recently."""
+                    key_id: str, signature: str, now: float, weight: float | None = None) -> str:
+    """The admin's name that signed this override for exactly this deployment, release, action and weight,
+    recently."""
     what = f"break-glass {action} of {release or 'nothing'} on {deployment}"
     name = verify_person(settings, key_id, signature, override_bytes(
-        deployment=deployment, release=release, action=action, reason=reason, at=at, key_id=key_id),
+        deployment=deployment, release=release, action=action, reason=reason, at=at, key_id=key_id, weight=weight),
         roles=("admin",), what=what)
+    if action == "canary" and weight is None:
+        # The admin decides how much traffic goes to a release no gate allowed, not whoever holds an admin API key.
+        raise IdentityRefused(f"{what} names no weight: a canary's statement says how much traffic it covers; sign "
+                              "one with `lockgate break-glass ... --action canary --weight PERCENT`")
     if not now - OVERRIDE_MAX_AGE_S <= at <= now + 60:  # a little clock skew, never a stale copy
         raise IdentityRefused(f"{what} was signed at {at:.0f}, not within {OVERRIDE_MAX_AGE_S:.0f}s of now "
                               f"({now:.0f}): sign a fresh one with `lockgate break-glass`")

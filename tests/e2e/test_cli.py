@@ -397,12 +397,20 @@ def test_reviews_and_break_glass_are_signed_by_people(stack: dict[str, str], tmp
                               {**body, "break_glass": {"reason": "incident 7"}})
     assert status == 403 and "not signed by a person" in err["error"]["message"]
     not_admin = json.loads(run("--as", "ann", "break-glass", "glass", "glass-r1", "--action", "canary",
-                               "--reason", "incident 7", env=stack).stdout)
+                               "--weight", "20", "--reason", "incident 7", env=stack).stdout)
     status, err = _admin_call(stack, "PUT", "/lockgate/v1/deployments/glass", {**body, **not_admin})
     assert status == 403 and "needs admin" in err["error"]["message"]
 
+    # The weight is the admin's: a statement names it, and a PUT asking more than it says is refused.
+    unweighted = run("--as", "boss", "break-glass", "glass", "glass-r1", "--action", "canary", "--reason", "incident 7",
+                     env=stack, check=False)
+    assert unweighted.returncode == 2 and "--weight PERCENT is required" in unweighted.stderr, unweighted.stderr
+    small = json.loads(run("--as", "boss", "break-glass", "glass", "glass-r1", "--action", "canary", "--weight", "5",
+                           "--reason", "incident 7", env=stack).stdout)
+    status, err = _admin_call(stack, "PUT", "/lockgate/v1/deployments/glass", {**body, **small})
+    assert status == 403 and "lets 'glass-r1' take 5% of 'glass', not the 20% asked" in err["error"]["message"], err
     signed = json.loads(run("--as", "boss", "break-glass", "glass", "glass-r1", "--action", "canary",
-                            "--reason", "incident 7", env=stack).stdout)
+                            "--weight", "20", "--reason", "incident 7", env=stack).stdout)
     status, route = _admin_call(stack, "PUT", "/lockgate/v1/deployments/glass", {**body, **signed})
     assert status == 200 and route["weight"] == 20.0 and route["override"]["actor"] == "boss"
     shown = json.loads(run("status", "--json", env=stack).stdout)["overrides"]

@@ -87,7 +87,7 @@ async def produce_one_of_each(runtime: Runtime) -> None:
         async with http.post(f"{router.url}/lockgate/v1/deployments/chat/abort") as resp:
             assert resp.status == 200, await resp.text()
         # A break-glass override, signed by an admin person, gives the never-gated release traffic.
-        glass = break_glass(s, "glass", "shop-v3", "canary", "incident 7")
+        glass = break_glass(s, "glass", "shop-v3", "canary", "incident 7", weight=20)
         body = {"stable_release": "shop-v1", "canary_release": "shop-v3", "initial_weight": 20, "break_glass": glass}
         async with http.put(f"{router.url}/lockgate/v1/deployments/glass", json=body) as resp:
             assert resp.status == 200, await resp.text()
@@ -117,6 +117,9 @@ async def test_verify_passes_then_names_the_altered_or_deleted_row(stack: Runtim
                     ("router", "break_glass", "canary", "boss"), ("admin", "key", "create", "admin")}
     by_key = {(r["producer"], r["kind"], r["action"], r["target"]) for r in rows if r["actor"].startswith("apikey:")}
     assert by_key == {("router", "rollout", "canary", "chat"), ("router", "rollout", "abort", "chat")}
+    # The break-glass row holds the admin's whole statement, its signed weight included, to check it against.
+    [glass] = store.rows("SELECT details FROM audit_log WHERE kind = 'break_glass'")
+    assert (glass["details"]["override_weight"], glass["details"]["weight"]) == ("20.0", "20.0"), glass
 
     ok = await run_cli(stack, "audit", "verify")
     assert ok.exit_code == 0, ok.output

@@ -316,7 +316,7 @@ async def test_a_break_glass_canary_is_still_judged_by_its_analysis(router: Any,
     # The override skips the gate, not the live evidence: a failing canary is aborted, a passing one held.
     strategy = {"steps": [20, 50, 100], "interval_s": 0.2, "analysis": analysis_tests.ERRORS}
     for canary, outcome in (("bad", "aborted"), ("same", "idle")):
-        glass = break_glass(router.ctx.settings, "chat", canary, "canary", f"incident with {canary}")
+        glass = break_glass(router.ctx.settings, "chat", canary, "canary", f"incident with {canary}", weight=50)
         body = {"stable_release": "r1", "canary_release": canary, "initial_weight": 50, "strategy": strategy,
                 "break_glass": glass}
         async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
@@ -330,3 +330,39 @@ async def test_a_break_glass_canary_is_still_judged_by_its_analysis(router: Any,
             assert "analysis failed" in route.reason and route.weight == 0.0
         else:  # passed, and still at the weight the statement was signed for: no step without a decision
             assert (route.weight, route.step) == (50.0, 0) and "held there by the break-glass override" in route.reason
+
+
+async def test_a_break_glass_canary_gets_no_more_weight_than_its_admin_signed_for(
+        router: Any, http: aiohttp.ClientSession) -> None:
+    # The admin signed "canary of the never-gated `bad` on chat, 10%". Before: the statement did not name the
+    # weight, so the admin API key chose it (100% as well), and an operator's set-weight then gave `bad` 90%.
+    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7", weight=10)
+    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": 100, "break_glass": glass}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+        refused = await resp.json()
+    assert resp.status == 403 and refused["error"]["code"] == "invalid_break_glass", refused
+    assert "lets 'bad' take 10% of 'chat', not the 100% asked" in refused["error"]["message"]
+    assert "chat" not in router.rollouts.routes or router.rollouts.route("chat").canary is None
+    # A weight the statement does not say is no weight at all: the signature covers it.
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={**body, "initial_weight": None,
+                                                           "break_glass": {**glass, "weight": 100}}) as resp:
+        refused = await resp.json()
+    assert resp.status == 403 and "altered" in refused["error"]["message"], refused
+    del body["initial_weight"]  # the statement's weight
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={**body, "break_glass": break_glass(
+            router.ctx.settings, "chat", "bad", "canary", "incident 7", weight=10)}) as resp:
+        assert resp.status == 200, await resp.text()
+    assert router.rollouts.route("chat").weight == 10.0
+
+    operator, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    auth = {"Authorization": f"Bearer {operator}"}
+    for method, action, payload in [("POST", "/set-weight", {"weight": 90}), ("PATCH", "", {"weight": 90})]:
+        async with http.request(method, f"{router.url}{DEPLOYMENT}{action}", json=payload, headers=auth) as resp:
+            refused = await resp.json()
+        assert resp.status == 409 and refused["error"]["code"] == "not_admitted", (action, refused)
+        assert "the break-glass override by boss lets it take at most 10%" in refused["error"]["message"]
+        assert router.rollouts.route("chat").weight == 10.0, action
+    async with http.post(f"{router.url}{DEPLOYMENT}/set-weight", json={"weight": 5}, headers=auth) as resp:
+        assert resp.status == 200, await resp.text()  # less traffic for it needs nothing
+    share = await _releases(http, router, 200)
+    assert share.count("bad") < 30, share.count("bad")

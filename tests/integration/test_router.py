@@ -202,7 +202,8 @@ async def test_streaming_usage_kept_when_asked(router: Any, http: aiohttp.Client
 async def test_canary_split_by_weight_is_sticky(router: Any, http: aiohttp.ClientSession, sims: Any) -> None:
     # No decision for r2: only an admin's break-glass lets it take a weight (and holds it there).
     state = await _start_canary(http, router, initial_weight=30,
-                                break_glass=break_glass(router.ctx.settings, "chat", "r2", "canary", "split test"))
+                                break_glass=break_glass(router.ctx.settings, "chat", "r2", "canary", "split test",
+                                                        weight=30))
     assert (state["weight"], state["phase"], state["canary"]["release"]) == (30.0, "idle", "r2")
     seen: dict[str, str] = {}
     for i in range(300):
@@ -246,7 +247,7 @@ async def test_gate_pass_promotes_step_by_step(router: Any, services: Any, http:
 async def test_gate_block_sends_canary_to_zero_at_once(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     bus = router.ctx.bus
     await _start_canary(http, router, initial_weight=100,
-                        break_glass=break_glass(router.ctx.settings, "chat", "r2", "canary", "block test"))
+                        break_glass=break_glass(router.ctx.settings, "chat", "r2", "canary", "block test", weight=100))
     decision = await gate(router.ctx.bus, signer, decision="BLOCK", reason="toxicity too high")
     await bus.publish(bus.subjects.gate_decided("r2"), decision)
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)

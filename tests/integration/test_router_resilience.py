@@ -504,7 +504,7 @@ async def _canary_at_100(gateway: Gateway, keys: Bootstrap, context: ServiceCont
     await register_model_release(context.bus, "r2", "m-canary", canary_endpoint)
     await store_pass(context.bus, "r1", context.settings)
     route = {"stable_release": "r1", "canary_release": "r2", "initial_weight": 100,
-             "break_glass": break_glass(context.settings, "chat", "r2", "canary", "fallback test")}
+             "break_glass": break_glass(context.settings, "chat", "r2", "canary", "fallback test", weight=100)}
     async with openai.AsyncOpenAI(base_url=f"{router.url}/lockgate/v1", api_key=keys.admin_key) as admin:
         await admin.put("/deployments/chat", body=route, cast_to=object)
     return router

@@ -112,7 +112,7 @@ def test_trust_file_people_rotate_and_never_share_a_key(settings: Settings) -> N
         trust_person(path, "ann", a2.public, ["approver"])
 
 
-def test_break_glass_needs_an_admin_signature_for_this_deployment_release_and_action(settings: Settings) -> None:
+def test_break_glass_needs_an_admin_signature_for_this_deployment_release_action_and_weight(settings: Settings) -> None:
     boss = person(settings, "boss", "admin")
     ann = person(settings, "ann", "approver")
     now = 1_800_000_000
@@ -126,10 +126,20 @@ def test_break_glass_needs_an_admin_signature_for_this_deployment_release_and_ac
 
     assert check() == "boss"
     for change, why in [({"deployment": "other"}, "altered"), ({"release": "r3"}, "altered"),
-                        ({"action": "canary"}, "altered"), ({"reason": "changed"}, "altered"),
+                        ({"action": "canary", "weight": 10.0}, "altered"), ({"reason": "changed"}, "altered"),
+                        ({"weight": 100.0}, "altered"),
                         ({"now": now + OVERRIDE_MAX_AGE_S + 1}, "not within"), ({"signature": ""}, "not signed")]:
         with pytest.raises(IdentityRefused, match=why):
             check(**change)
+    # A canary's statement covers the weight it names, and no other.
+    canary = sign_override(boss, deployment="chat", release="r2", action="canary", reason="incident 42", at=now,
+                           weight=10)
+    assert check(action="canary", weight=10.0, signature=canary["signature"]) == "boss"
+    unweighted = sign_override(boss, deployment="chat", release="r2", action="canary", reason="incident 42", at=now)
+    with pytest.raises(IdentityRefused, match="names no weight"):
+        check(action="canary", signature=unweighted["signature"])
+    with pytest.raises(IdentityRefused, match="altered"):
+        check(action="canary", weight=50.0, signature=canary["signature"])
     approver = sign_override(ann, deployment="chat", release="r2", action="promote", reason="incident", at=now)
     with pytest.raises(IdentityRefused, match="needs admin"):
         check(reason="incident", key_id=approver["key_id"], signature=approver["signature"])
@@ -163,7 +173,7 @@ def test_the_cli_asks_an_encrypted_keys_passphrase_and_says_so_in_one_line(setti
     env = {"LOCKGATE_HOME": settings.home, "LOCKGATE_IDENTITY_PASSPHRASE": "s3cret words"}
     made = CliRunner().invoke(cli, ["identity", "create", "boss", "--passphrase"], env=env)
     assert made.exit_code == 0 and "encrypted" in made.output, made.output
-    sign = ["--as", "boss", "break-glass", "chat", "r2", "--action", "canary", "--reason", "incident 7"]
+    sign = ["--as", "boss", "break-glass", "chat", "r2", "--action", "canary", "--weight", "10", "--reason", "incident 7"]
     locked = CliRunner().invoke(cli, sign, env={**env, "LOCKGATE_IDENTITY_PASSPHRASE": ""})
     assert locked.exit_code != 0 and "is encrypted: give its passphrase" in locked.output
     assert len(locked.output.strip().splitlines()) == 1 and "Traceback" not in locked.output

@@ -105,13 +105,20 @@ def register(cli: click.Group) -> None:
     @click.option("--action", type=click.Choice(["promote", "canary"]), required=True,
                   help="promote: POST .../DEPLOYMENT/promote; canary: PUT .../DEPLOYMENT with RELEASE as canary.")
     @click.option("--reason", required=True, help="Why admission is overridden (recorded and shown until cleared).")
+    @click.option("--weight", type=click.FloatRange(0, 100, min_open=True), default=None,
+                  help="With --action canary (required): the percent of traffic RELEASE takes, and the most it may "
+                       "get without a gate decision allowing it.")
     @click.pass_context
     @handle_errors
-    def break_glass(ctx: click.Context, deployment: str, release: str, action: str, reason: str) -> None:
+    def break_glass(ctx: click.Context, deployment: str, release: str, action: str, reason: str,
+                    weight: float | None) -> None:
         """Sign a break-glass override as an admin person; prints the `break_glass` object for the admin API.
 
-        It is valid for 10 minutes and only for this deployment, release and action.
+        It is valid for 10 minutes and only for this deployment, release, action and weight.
         """
+        if (action == "canary") != (weight is not None):
+            raise click.UsageError("--weight PERCENT is required with --action canary (the traffic the override lets "
+                                  "RELEASE take) and does not apply to --action promote (all of it)")
         glass = sign_override(chosen_identity(ctx), deployment=deployment, release=release, action=action,
-                              reason=reason, at=int(time.time()))
+                              reason=reason, at=int(time.time()), weight=weight)
         click.echo(json.dumps({"break_glass": glass}))
