@@ -159,10 +159,21 @@ def test_break_glass_promotes_and_a_canary_override_stays_until_cleared() -> Non
     other = msgspec.structs.replace(_canary(), canary=domain.Target(release="r3"))
     with pytest.raises(domain.NotAdmitted, match="override is for 'r2', but the canary of 'd' is now 'r3'"):
         domain.manual_promote(other, glass)
+    canary_glass = msgspec.structs.replace(glass, action="canary", weight=30.0)
     held = domain.start_canary(domain.default_route("d"), CanaryRequest(
         stable_release="r1", canary_release="r2", initial_weight=30), stable=STABLE, canary=CANARY,
-        first_step=10.0, override=glass)
+        first_step=10.0, override=canary_glass)
     assert held.weight == 30.0
+    # The weight is the statement's: none asked is it, another is refused, and nothing raises it past it.
+    assert domain.start_canary(domain.default_route("d"), CanaryRequest(stable_release="r1", canary_release="r2"),
+                               stable=STABLE, canary=CANARY, first_step=10.0, override=canary_glass).weight == 30.0
+    with pytest.raises(domain.OverrideExceeded, match="lets 'r2' take 30% of 'd', not the 50% asked"):
+        domain.start_canary(domain.default_route("d"), CanaryRequest(
+            stable_release="r1", canary_release="r2", initial_weight=50), stable=STABLE, canary=CANARY,
+            first_step=10.0, override=canary_glass)
+    with pytest.raises(domain.NotAdmitted, match="lets it take at most 30%"):
+        progress.set_weight(held, 31, "ops")
+    assert progress.set_weight(held, 20, "ops").weight == 20.0
     cleared = domain.clear_override(held)
     assert (cleared.weight, cleared.override) == (0.0, None)
 
@@ -184,7 +195,7 @@ def test_manual_abort_and_promote_need_a_canary() -> None:
 
 
 # A break-glass override covers the one rollout it was signed for.
-GLASS = domain.Override(release="r2", action="canary", actor="boss", reason="incident 7", at=1.0)
+GLASS = domain.Override(release="r2", action="canary", actor="boss", reason="incident 7", at=1.0, weight=30.0)
 
 
 def _glassed() -> Route:
