@@ -22,8 +22,9 @@ def distinct_events(events: Sequence[InferenceEvent]) -> list[InferenceEvent]:
     return list(first.values())
 
 def event_cost(e: InferenceEvent, price: ModelPrice) -> float:
-    """What one inference event cost under `price`."""
-    return price.cost(e.input_tokens, e.output_tokens, e.cached_tokens)
+    """What one inference event cost under `price`: its billed tokens (the worst case the router charged for a
+    call whose usage is unknown, as its budgets did)."""
+    return price.cost(*e.billed_tokens)
 
 
 class Priced(msgspec.Struct):
@@ -43,21 +44,21 @@ def price_events(events: Sequence[InferenceEvent], book: PriceBook) -> Priced:
         model = e.model if e.model in models else (e.response_model if e.response_model in models else "")
         price = models.get(model) if model else None
         cost = event_cost(e, price) if price else 0.0
+        tokens_in, tokens_out, cached = e.billed_tokens
         model = model or e.model or e.response_model
         entries.append(CostEntry(
             event_id=e.id, time=e.time, tenant=e.tenant, app=e.app, deployment=e.deployment, release=e.release,
-            model=model, input_tokens=e.input_tokens, output_tokens=e.output_tokens,
-            cached_tokens=e.cached_tokens, cost_usd=cost, priced=price is not None))
+            model=model, input_tokens=tokens_in, output_tokens=tokens_out,
+            cached_tokens=cached, cost_usd=cost, priced=price is not None))
         key = (e.tenant, e.app, e.deployment, model)
         g = groups.get(key)
         if g is None:
-            groups[key] = [1, e.input_tokens, e.output_tokens, e.cached_tokens, cost, int(price is None),
-                           e.time, e.time]
+            groups[key] = [1, tokens_in, tokens_out, cached, cost, int(price is None), e.time, e.time]
         else:
             g[0] += 1
-            g[1] += e.input_tokens
-            g[2] += e.output_tokens
-            g[3] += e.cached_tokens
+            g[1] += tokens_in
+            g[2] += tokens_out
+            g[3] += cached
             g[4] += cost
             g[5] += price is None
             g[6] = min(g[6], e.time)

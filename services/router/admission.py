@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 import yaml
@@ -36,6 +36,7 @@ from aiohttp import web
 from lockgate.batcher import Batcher
 from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent
+from lockgate.contracts.inference import CHARGED_INPUT_TOKENS, CHARGED_OUTPUT_TOKENS, USAGE_UNKNOWN
 from lockgate.errors import ConfigError, LockgateError
 from lockgate.kvcas import KV_ERRORS, RETRY_S, CasStore, KVUnavailable, KVUnreadable
 from lockgate.llmwire import ApiRequest, OutputLimits
@@ -59,6 +60,8 @@ from lockgate.services.router.budgets import (
     period_id,
     pointed_at,
     resolve,
+    still_needed,
+    worst_case,
 )
 from lockgate.services.router.cache import (
     EVENT_STREAM,
@@ -84,9 +87,12 @@ from lockgate.services.router.wire import CHAT, USAGE_WARNING, error_response
 
 log = logging.getLogger("lockgate.router.admission")
 
-# The failures that mean the upstream generated nothing (besides an HTTP error status): it was never reached,
-# or never tried. Every other failure may have followed a 200 and generated tokens the provider bills.
-NOTHING_GENERATED = frozenset({"upstream_unreachable", "upstream_circuit_open", "upstream_not_configured"})
+# The failures of a request no upstream answered (besides an HTTP error status): never reached, never tried,
+# or given up on. The calls it made that may have generated (abandoned after their request went out) are
+# charged on their own (settle's `abandoned`); nothing else was generated. Every other failure may have
+# followed a 200 and generated tokens the provider bills.
+NOTHING_GENERATED = frozenset({"upstream_unreachable", "upstream_circuit_open", "upstream_not_configured",
+                               "upstream_timeout"})
 
 BudgetName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -131,19 +137,50 @@ _SHARED_WAIT_S = 0.2  # the most a shared-cache lookup may add to a request
 _SHARED_MAX = 900_000  # bytes: a shared entry fits NATS' default 1 MB message
 
 
-class Ticket:
-    """One admitted request: what it reserved where, settled once after the call."""
+class Call(NamedTuple):
+    """One upstream call of a request, as budgets price it: the model it is billed at, the length of the body it
+    sends and that body's output limits."""
 
-    __slots__ = ("app", "cache_key", "charges", "cost", "key_id", "price", "prices", "tenant")
+    model: str
+    body_bytes: int
+    limits: OutputLimits
+
+
+class Refused(NamedTuple):
+    """Why a reservation was refused: the error answer's status, message, type, code and headers."""
+
+    status: int
+    message: str
+    type_: str
+    code: str
+    headers: dict[str, str] | None = None
+
+    def response(self) -> web.Response:
+        """The refusal as the client gets it, in OpenAI's error shape."""
+        return error_response(self.status, self.message, self.type_, code=self.code, headers=self.headers)
+
+
+class Ticket:
+    """One admitted request: what it reserved where, settled once after its calls."""
+
+    __slots__ = ("app", "cache_key", "charges", "cost", "deployment", "key", "key_id", "max_fields", "pointed",
+                 "price", "prices", "req", "tenant")
 
     def __init__(self, key: ApiKey | None, cost: Amount, price: ModelPrice | None,
                  prices: dict[str, ModelPrice | None] | None = None) -> None:
+        self.key = key
         self.tenant, self.app, self.key_id = (key.tenant, key.app, key.id) if key else ("", "", "")
-        self.cost = cost
+        self.cost = cost  # everything reserved (on each budget, its part), and in the token rate limits
         self.price = price  # what the reservation was priced at: the dearest model the request may reach
         self.prices = prices or {}  # every model it may reach (a canary's, stable's on fallback), for settling
         self.charges: list[tuple[str, Budget, Amount]] = []  # counter, budget, amount reserved
         self.cache_key: str | None = None
+        # What a call's worst case is computed from (Admission.worst): the request, what its body points at and
+        # the fields that bound its output; and its deployment, for budget events.
+        self.req: ApiRequest | None = None
+        self.pointed = 0
+        self.max_fields: Sequence[str] = ()
+        self.deployment = ""
 
 
 OPEN = Ticket(None, ZERO, None)  # admitted with nothing to settle (no policy applies)
@@ -209,6 +246,7 @@ class Admission:
                 return error_response(429, refused.message, "requests", code="rate_limit_exceeded",
                                       headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s)))})
         ticket = Ticket(key, cost, price, prices)
+        ticket.req, ticket.pointed, ticket.max_fields, ticket.deployment = req, pointed, max_fields, deployment
         now = self.clock()
         wall = self.wall()
         periods = self._periods if self._periods.ordinal == wall.toordinal() else self._new_periods(wall)
@@ -221,50 +259,119 @@ class Admission:
                                            f"{b.describe()} cannot be enforced; add the model to the price book "
                                            "(settings.price_book)", "permission_error", code="model_unpriced")
             counter, need = b.counter(key.tenant, key.app, key.id, periods), b.need(cost)
-            allowance = self._allowance(counter)
-            if allowance.take(need, now):
-                ticket.charges.append((counter, b, need))
-                continue
             try:
-                leased = await self._lease(b, counter, need)
+                taken = await self._take(b, counter, need, key, deployment, model, max_out, now, wall)
             except asyncio.CancelledError:  # the client went away while waiting: give back what was reserved
                 self._undo(ticket)
                 raise
-            except KVUnreadable as exc:
-                # The store answered with a value that is no counter: no outage, so fail_open does not apply
-                # (an identity that can aim JetStream's answer at the key would otherwise lift the budget).
+            if isinstance(taken, Refused):
                 self._undo(ticket)
-                self._report("counter_unreadable", b, counter, key, deployment, model, need, None, wall)
-                bucket = self.counters.bucket
-                return error_response(503, f"budget {b.describe()} cannot be checked: {exc.message} (KV {bucket}); "
-                                           "refusing the request whatever `fail_open` says (the store answered: a "
-                                           "value that is no counter is not an outage). An operator resets the "
-                                           f"counter by deleting it: nats kv del {bucket} {counter} (the period's "
-                                           "count restarts from zero)", "service_unavailable",
-                                      code="budget_counter_unreadable")
-            except KVUnavailable as exc:
-                self._report("store_unavailable", b, counter, key, deployment, model, need, None, wall)
-                if self.file.fail_open:
-                    continue  # nothing reserved on this budget: the request goes through uncounted
-                self._undo(ticket)
-                return error_response(503, f"budget {b.describe()} cannot be checked: {exc.message}; refusing "
-                                           "the request (fail closed; `fail_open: true` in the gateway file lets "
-                                           "traffic through while the store is down)", "service_unavailable",
-                                      code="budget_store_unavailable")
-            if leased is not None:  # the store's counter when it refused
-                self._undo(ticket)
-                self._report("over_budget", b, counter, key, deployment, model, need, leased, wall)
-                return self._over_budget(b, counter, need, leased, model, max_out, wall)
-            ticket.charges.append((counter, b, need))
+                return taken.response()
+            if taken:
+                ticket.charges.append((counter, b, need))
         return ticket
 
-    async def _rate_limit(self, key: ApiKey, tokens: int) -> Refusal | None:
+    async def _take(self, b: Budget, counter: str, need: Amount, key: ApiKey, deployment: str, model: str,
+                    max_out: int, now: float, wall: datetime, asking: str = "this request") -> bool | Refused:
+        """Reserve `need` on one budget's counter: True when reserved, False when nothing was (its store is
+        unreachable and the gateway fails open: the request goes through uncounted on it), else the refusal.
+        `asking`: who needs it, for the over-budget message."""
+        if self._allowance(counter).take(need, now):
+            return True
+        try:
+            leased = await self._lease(b, counter, need)
+        except KVUnreadable as exc:
+            # The store answered with a value that is no counter: no outage, so fail_open does not apply
+            # (an identity that can aim JetStream's answer at the key would otherwise lift the budget).
+            self._report("counter_unreadable", b, counter, key, deployment, model, need, None, wall)
+            bucket = self.counters.bucket
+            return Refused(503, f"budget {b.describe()} cannot be checked: {exc.message} (KV {bucket}); "
+                                "refusing the request whatever `fail_open` says (the store answered: a "
+                                "value that is no counter is not an outage). An operator resets the "
+                                f"counter by deleting it: nats kv del {bucket} {counter} (the period's "
+                                "count restarts from zero)", "service_unavailable", "budget_counter_unreadable")
+        except KVUnavailable as exc:
+            self._report("store_unavailable", b, counter, key, deployment, model, need, None, wall)
+            if self.file.fail_open:
+                return False
+            return Refused(503, f"budget {b.describe()} cannot be checked: {exc.message}; refusing "
+                                "the request (fail closed; `fail_open: true` in the gateway file lets "
+                                "traffic through while the store is down)", "service_unavailable",
+                           "budget_store_unavailable")
+        if leased is not None:  # the store's counter when it refused
+            self._report("over_budget", b, counter, key, deployment, model, need, leased, wall)
+            return self._over_budget(b, counter, need, leased, model, max_out, wall, asking)
+        return True
+
+    # -- calls whose usage is unknown ----------------------------------------------------------------
+
+    def worst(self, ticket: Ticket, call: Call) -> tuple[int, int, Amount]:
+        """A call's worst case (budgets.worst_case): input and output tokens, and their cost at its model's price."""
+        assert ticket.req is not None  # an admitted ticket (OPEN has no calls to price)
+        return worst_case(ticket.prices.get(call.model, ticket.price), call.body_bytes, ticket.req, call.limits,
+                          ticket.max_fields, self.file.default_max_tokens, self.file.bytes_per_token, ticket.pointed)
+
+    async def cover(self, ticket: Ticket, spent: Sequence[Call], then: Call) -> str | None:
+        """Before a call (a fallback) that follows calls abandoned after their request went out: reserve what the
+        request may now spend beyond what it holds, i.e. the abandoned calls' worst cases plus this call's, less
+        its reservation, on the budgets its admission charged and in its token rate limits (admission reserved
+        one call's worth; each abandoned call may be billed in full). None when reserved (or nothing more is
+        needed), else why not: the call is not made."""
+        key = ticket.key
+        if key is None or ticket.req is None or ticket.cost is ZERO:
+            return None
+        spent_cost = sum((self.worst(ticket, c)[2] for c in spent), ZERO)
+        _, max_out, then_cost = self.worst(ticket, then)
+        need = still_needed(ticket.cost, spent_cost, then_cost)
+        if need == ZERO:
+            return None
+        extra = Ticket(key, need, ticket.price, ticket.prices)
+        if self.limiter and need.tokens:
+            try:
+                refused = await self._rate_limit(key, need.tokens, requests=0)
+            except KVUnreadable as exc:
+                return exc.message
+            if refused:
+                return refused.message
+        now, wall = self.clock(), self.wall()
+        for counter, b, _ in ticket.charges:  # the counters admission reserved on, of that period
+            part = b.need(need)
+            if part == ZERO:
+                continue
+            try:
+                taken = await self._take(b, counter, part, key, ticket.deployment, then.model, max_out, now, wall,
+                                         asking="a further reservation for it")
+            except asyncio.CancelledError:
+                self._undo(extra)
+                raise
+            if isinstance(taken, Refused):
+                self._undo(extra)
+                return taken.message
+            if taken:
+                extra.charges.append((counter, b, part))
+        for counter, b, part in extra.charges:
+            at = next(i for i, c in enumerate(ticket.charges) if c[0] == counter)
+            ticket.charges[at] = (counter, b, ticket.charges[at][2] + part)
+        ticket.cost = ticket.cost + need
+        return None
+
+    def _unknown(self, ticket: Ticket, rec: Any, call: Call) -> Amount:
+        """A call whose usage is unknown costs its worst case; its record says so, and what was charged (its
+        event's attributes), so the cost accountant books the same."""
+        tokens_in, tokens_out, cost = self.worst(ticket, call)
+        rec.attributes[USAGE_UNKNOWN] = "worst_case"
+        rec.attributes[CHARGED_INPUT_TOKENS] = str(tokens_in)
+        rec.attributes[CHARGED_OUTPUT_TOKENS] = str(tokens_out)
+        return cost
+
+    async def _rate_limit(self, key: ApiKey, tokens: int, requests: int = 1) -> Refusal | None:
         """The rate limits' verdict: None when admitted (its units taken), else the Refusal (KVUnreadable when a
         shared bucket's value cannot be read). A shared
         limit leases from the KV when this replica's share falls short (a few times at most: other
-        requests and replicas take from the same buckets meanwhile)."""
+        requests and replicas take from the same buckets meanwhile). `requests`: 0 for a further reservation
+        of a request already counted."""
         for _ in range(4):
-            verdict = self.limiter.admit(key.tenant, key.app, key.id, tokens, self.clock())
+            verdict = self.limiter.admit(key.tenant, key.app, key.id, tokens, self.clock(), requests)
             if not isinstance(verdict, list):
                 return verdict
             for lack in verdict:
@@ -320,25 +427,35 @@ class Admission:
                 await self._cas_rate(kv_key(slot), lambda state, c=capacity, u=units: (
                     give_back(state, c, self.wall_s(), u), u, 0.0))
 
-    def settle(self, ticket: Ticket, rec: Any, model: str = "") -> None:
-        """After the call: charge what it really used, at the price of the `model` that answered, and give the
-        rest of the reservation back."""
+    def settle(self, ticket: Ticket, rec: Any, model: str = "", call: Call | None = None,
+               abandoned: Sequence[tuple[Any, Call]] = ()) -> None:
+        """After the request: charge what its calls used and give the rest of its reservations back. The call
+        `rec` records (`call`, when one answered) costs its usage at the price of the `model` that answered, as
+        the ledger prices it; nothing when refused (an HTTP error status) or when no upstream answered; its worst
+        case when its usage is unknown. Each call `abandoned` after its request went out (a first-byte timeout, a
+        broken reply: a record and its call) costs its worst case whatever the last call did. A call charged its
+        worst case has its record say so (`_unknown`)."""
         if ticket is OPEN or ticket.cost is ZERO:
             return
-        if USAGE_WARNING in rec.attributes:
-            # Usage the router did not believe (10^30 tokens, a negative count): what the provider bills is
-            # unknown, as for an answer without usage, so the reservation stays spent, and no absurd
-            # number reaches the counter (which would refuse everything for the rest of the period).
-            used = ticket.cost
-        elif rec.input_tokens or rec.output_tokens:
-            used = cost_of(ticket.prices.get(model, ticket.price), rec.input_tokens, rec.output_tokens,
-                           rec.cached_tokens)
-        elif rec.status != "ok" and (rec.error_type.isdigit() or rec.error_type in NOTHING_GENERATED):
-            used = ZERO  # refused (an HTTP error status) or never reached: nothing generated, nothing billed
-        else:
+        used = ZERO
+        for gone_rec, gone in abandoned:
+            used += self._unknown(ticket, gone_rec, gone)
+        # Usage the router did not believe (10^30 tokens, a negative count) is as none: no absurd number reaches
+        # the counter (which would refuse everything for the rest of the period).
+        believed = USAGE_WARNING not in rec.attributes
+        if believed and (rec.input_tokens or rec.output_tokens):
+            used += cost_of(ticket.prices.get(model, ticket.price), rec.input_tokens, rec.output_tokens,
+                            rec.cached_tokens)
+        elif believed and rec.status != "ok" and (rec.error_type.isdigit() or rec.error_type in NOTHING_GENERATED):
+            pass  # refused (an HTTP error status) or no upstream answered: the calls it abandoned are counted above
+        elif call is not None:
             # Interrupted streams (cut, or ended by the provider's error event or a bad chunk after content
-            # went out), a 200 whose body did not read, timeouts, cancelled calls, answers without usage: the
-            # provider may bill tokens the router never counted, so the reservation stays spent.
+            # went out), a 200 whose body did not read, answers without usage: the provider may bill tokens
+            # the router never counted.
+            used += self._unknown(ticket, rec, call)
+        else:
+            # Which call ran, and how far, is unknown (the client left before any answer): everything reserved
+            # stays spent.
             used = ticket.cost
         self._finish(ticket, used)
 
@@ -370,9 +487,9 @@ class Admission:
         return a
 
     def _over_budget(self, b: Budget, counter: str, need: Amount, leased: Amount, model: str, max_out: int,
-                     wall: datetime) -> web.Response:
-        """The 429 saying what blocks: the request needs more than is left. What is left is the limit less what
-        the store's counter holds leased, plus what this replica holds of it unreserved, less what calls here
+                     wall: datetime, asking: str = "this request") -> Refused:
+        """The 429 saying what blocks: the request (`asking`) needs more than is left. What is left is the limit less
+        what the store's counter holds leased, plus what this replica holds of it unreserved, less what calls here
         used beyond their reservations (a deficit the next lease charges to the counter first). Saying only the
         counter's figure read "0.000046 of 0.0005 USD spent or reserved, needs 0.000057", which seemed to fit."""
         pid = period_id(b.spec.period, wall)
@@ -388,13 +505,13 @@ class Admission:
         used = []
         for fmt, unit, have, want, limit, held, priced in blocking:
             beyond = f", {fmt(-held)} {unit} of it used beyond reservations" if held < 0 else ""
-            used.append(f"this request needs up to {fmt(want)} {unit}{priced}, more than the {fmt(max(have, 0))} "
+            used.append(f"{asking} needs up to {fmt(want)} {unit}{priced}, more than the {fmt(max(have, 0))} "
                         f"{unit} left ({fmt(limit - have)} of {fmt(limit)} {unit} spent or reserved{beyond})")
         reset = _period_end(b.spec.period, wall)
-        return error_response(
+        return Refused(
             429, f"budget {b.describe()} is exhausted for {b.spec.period} {pid}: {'; '.join(used)}. "
-                 f"It resets at {reset:%Y-%m-%d %H:%M} UTC.", "insufficient_quota", code="budget_exceeded",
-            headers={"Retry-After": str(max(1, math.ceil((reset - wall).total_seconds())))})
+                 f"It resets at {reset:%Y-%m-%d %H:%M} UTC.", "insufficient_quota", "budget_exceeded",
+            {"Retry-After": str(max(1, math.ceil((reset - wall).total_seconds())))})
 
     # -- the shared counters -------------------------------------------------------------------------
 

@@ -209,6 +209,24 @@ def cost_of(price: ModelPrice | None, input_tokens: int, output_tokens: int, cac
     return Amount(usd, input_tokens + output_tokens)
 
 
+def worst_case(price: ModelPrice | None, body_bytes: int, req: ApiRequest, limits: OutputLimits,
+               fields: Sequence[str], default_max_tokens: int, bytes_per_token: float,
+               pointed: int = 0) -> tuple[int, int, Amount]:
+    """What one call may be billed at most: its input estimate (from the `body_bytes` it sends), the most output its
+    body's `limits` (and the client's) allow, and their cost at its model's `price`. Charged for a call whose usage
+    the router never learns (abandoned after its request went out), as admission reserves for a request of that
+    call alone."""
+    tokens_in = input_estimate(body_bytes, req, bytes_per_token, pointed)
+    tokens_out = most_output(req, fields, default_max_tokens, (limits,))
+    return tokens_in, tokens_out, cost_of(price, tokens_in, tokens_out)
+
+
+def still_needed(held: Amount, spent: Amount, then: Amount) -> Amount:
+    """What a request must reserve besides the `held` reservation before a call whose worst case is `then`, once
+    calls it abandoned may have spent `spent` of it (ZERO when what it holds covers both)."""
+    return Amount(max(0, spent.usd + then.usd - held.usd), max(0, spent.tokens + then.tokens - held.tokens))
+
+
 class Counter(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """What a budget counter holds in the KV: the amount leased to replicas in one period. Unknown fields are
     refused: any identity that may publish on a stream's subject can have a JetStream acknowledgement

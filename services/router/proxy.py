@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import secrets
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -34,13 +35,14 @@ from lockgate.outbox import Outbox, encode_event
 from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
 from lockgate.server.body import closing, read_body
 from lockgate.services.router import domain
-from lockgate.services.router.admission import OPEN_ADMISSION, Admission
+from lockgate.services.router.admission import OPEN, OPEN_ADMISSION, Admission, Call
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.h1 import BrokenReply
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.shadow import Shadow
 from lockgate.services.router.upstream import (
+    Cover,
     Failed,
     Hop,
     Reply,
@@ -332,6 +334,10 @@ class Proxy:
         if isinstance(ticket, web.Response):
             return ticket
 
+        call_of = partial(_call_of, hops, sent, req.model)
+        # A fallback after calls abandoned once sent takes a further reservation first (Admission.cover).
+        cover = partial(self._cover, ticket, call_of) if ticket is not OPEN else None
+
         span = self.spans.start(f"{op.name} {model}", h.get("traceparent"))
         sc = span.get_span_context()
         trace_id, span_id = f"{sc.trace_id:032x}", f"{sc.span_id:016x}"
@@ -355,9 +361,9 @@ class Proxy:
                 # A cacheable stream keeps the lines the client received, for the cache to replay.
                 streamed = [] if ticket.cache_key is not None else None
                 response = await self._stream(request, op, hops, up_headers, out_headers, want_usage, t0, rec,
-                                              streamed)
+                                              streamed, cover)
             else:
-                response = await self._once(op, hops, up_headers, out_headers, rec)
+                response = await self._once(op, hops, up_headers, out_headers, rec, cover)
                 if request.transport is None:  # the client left while the upstream worked: nobody got the answer
                     rec.status, rec.error_type = "error", "client_disconnected"
         except asyncio.CancelledError:
@@ -370,20 +376,34 @@ class Proxy:
             if rec.served is not None:  # a fallback served: the event says which variant answered
                 variant, target = rec.served
                 model = target.model or req.model
-            self.admission.settle(ticket, rec, model)  # at the price of the model that answered, as the ledger
+            # Calls that failed before the answer (retried, or fallen back from) are events of their own,
+            # so a canary's failures count in its analysis even when a retry or stable answered.
+            attempts = [_Record.attempt(failed) for failed in rec.earlier]
+            if ticket is not OPEN:
+                # At the price of the model that answered, as the ledger; each call abandoned after its request
+                # went out at its worst case, whatever the last call did (its record, the request's own for the
+                # chosen hop's, says so).
+                abandoned = [(a, call_of(f.hop)) for f, a in zip(rec.earlier, attempts, strict=True) if f.abandoned]
+                if rec.gone is not None:
+                    abandoned.append((rec, call_of(rec.gone)))
+                self.admission.settle(ticket, rec, model, call_of(rec.hop) if rec.hop is not None else None,
+                                      abandoned)
             # The event and the span's attributes are bookkeeping: build them on the next loop
             # turn, after aiohttp has handed the response to the socket, not before.
             loop = asyncio.get_running_loop()
             loop.call_soon(self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user,
                            session, rec, op)
-            # Calls that failed before the answer (retried, or fallen back from) are events of their own,
-            # so a canary's failures count in its analysis even when a retry or stable answered.
-            for failed in rec.earlier:
+            for failed, attempt in zip(rec.earlier, attempts, strict=True):
                 f_variant, f_target = failed.hop.tag
                 loop.call_soon(self._record, INVALID_SPAN, key, trace_id, secrets.token_hex(8), deployment, f_variant,
-                               f_target, f_target.model or req.model, req, user, session, _Record.attempt(failed), op)
+                               f_target, f_target.model or req.model, req, user, session, attempt, op)
         self.admission.remember(ticket, deployment, response, rec, streamed)
         return response
+
+    async def _cover(self, ticket: Any, call_of: Callable[[Hop], Call], hop: Hop, gone: list[Hop]) -> str | None:
+        """Upstream.send's Cover: reserve for `hop`'s call what the calls `gone` may have spent beyond the request's
+        reservation (None), or say why it may not be made."""
+        return await self.admission.cover(ticket, [call_of(h) for h in gone], call_of(hop))
 
     def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
                 target: domain.Target, model: str, req: ApiRequest, user: str, session: str,
@@ -437,12 +457,11 @@ class Proxy:
         return self.upstream.session.get(endpoint.url_for(path), headers=dict(endpoint.auth_headers))  # type: ignore[union-attr]
 
     async def _once(self, op: Operation, hops: list[Hop], up_headers: dict[str, str], out_headers: dict[str, str],
-                    rec: _Record) -> web.StreamResponse:
+                    rec: _Record, cover: Cover | None = None) -> web.StreamResponse:
         try:
-            reply = await self.upstream.send(hops, up_headers, stream=False)
+            reply = await self.upstream.send(hops, up_headers, stream=False, cover=cover)
         except UpstreamUnavailable as exc:
-            rec.earlier = exc.earlier
-            return rec.fail(exc.http, exc.message, exc.type_, out_headers)
+            return rec.unavailable(exc, out_headers)
         endpoint, target = rec.took(reply, out_headers)
         prov = provider(endpoint.provider)
         if reply.status != 200:
@@ -462,14 +481,13 @@ class Proxy:
 
     async def _stream(self, request: web.Request, op: Operation, hops: list[Hop], up_headers: dict[str, str],
                       out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record,
-                      streamed: list[bytes] | None = None) -> web.StreamResponse:
+                      streamed: list[bytes] | None = None, cover: Cover | None = None) -> web.StreamResponse:
         chunk = op.chunk
         assert chunk is not None  # forward refuses a stream of an operation that has none
         try:
-            reply = await self.upstream.send(hops, up_headers, stream=True)
+            reply = await self.upstream.send(hops, up_headers, stream=True, cover=cover)
         except UpstreamUnavailable as exc:
-            rec.earlier = exc.earlier
-            return rec.fail(exc.http, exc.message, exc.type_, out_headers)
+            return rec.unavailable(exc, out_headers)
         endpoint, target = rec.took(reply, out_headers)
         prov = provider(endpoint.provider)
         async with reply:
@@ -552,6 +570,13 @@ class Proxy:
             return out
 
 
+def _call_of(hops: list[Hop], sent: list[OutputLimits], model: str, hop: Hop) -> Call:
+    """One hop's call as budgets price it: its release's model (else the client's `model`), the length of its body
+    and that body's output limits (`sent`, one per hop)."""
+    at = next(i for i, h in enumerate(hops) if h is hop)
+    return Call(hop.tag[1].model or model, len(hop.body), sent[at])
+
+
 def _foreign_limit(req: ApiRequest, op: Operation) -> str | None:
     """An output limit the client set in a field its operation's upstreams do not read (`max_tokens` on the
     Responses API, `max_completion_tokens` on completions), else None. Passed on, the upstream generated up
@@ -591,6 +616,8 @@ class _Record:
         "cached_tokens",
         "earlier",
         "error_type",
+        "gone",
+        "hop",
         "input_tokens",
         "latency_ms",
         "out",
@@ -615,6 +642,8 @@ class _Record:
         self.served: tuple[str, domain.Target] | None = None
         self.earlier: list[Failed] = []
         self.superseded = False
+        self.hop: Hop | None = None  # the call that answered, for its worst case when its usage is unknown
+        self.gone: Hop | None = None  # the chosen hop's call, abandoned after it went out, when none answered
 
     @classmethod
     def attempt(cls, failed: Failed) -> _Record:
@@ -626,11 +655,19 @@ class _Record:
         rec.superseded = True
         return rec
 
+    def unavailable(self, exc: UpstreamUnavailable, headers: dict[str, str]) -> web.Response:
+        """No upstream answered: the calls made are evidence, and the error goes to the client."""
+        self.earlier = exc.earlier
+        if exc.own is not None and exc.own.abandoned:
+            self.gone = exc.own.hop
+        return self.fail(exc.http, exc.message, exc.type_, headers, exc.code)
+
     def took(self, reply: Reply, headers: dict[str, str]) -> tuple[Endpoint, domain.Target]:
         """Note which hop answered (for the event and the response headers) and pass its headers on."""
         headers.update(reply.headers)
         self.attributes.update(reply.attributes())
         self.earlier = reply.earlier
+        self.hop = reply.hop
         self.provider = reply.hop.endpoint.provider
         variant, target = reply.hop.tag
         if reply.fallback_from is not None:
@@ -658,9 +695,10 @@ class _Record:
         self.out.add_text(0, text)
         self.out.finish[0] = finish_reason
 
-    def fail(self, http: int, message: str, type_: str, headers: dict[str, str]) -> web.Response:
+    def fail(self, http: int, message: str, type_: str, headers: dict[str, str],
+             code: str | None = None) -> web.Response:
         self.status, self.error_type = "error", type_
-        return error_response(http, message, type_, headers=headers)
+        return error_response(http, message, type_, code=code, headers=headers)
 
     def upstream_failed(self, status: int, data: bytes, endpoint: Endpoint, target: domain.Target,
                         headers: dict[str, str]) -> web.Response:

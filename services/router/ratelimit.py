@@ -156,9 +156,11 @@ class RateLimiter:
             b.refill(now)
         return b
 
-    def admit(self, tenant: str, app: str, key_id: str, tokens: int, now: float) -> Refusal | list[Lacking] | None:
-        """Take one request and `tokens` from every bucket of this key, or none of them and a Refusal,
-        or, when a shared bucket's share here does not cover the request, none of them and what to lease."""
+    def admit(self, tenant: str, app: str, key_id: str, tokens: int, now: float,
+              requests: int = 1) -> Refusal | list[Lacking] | None:
+        """Take `requests` (one request, or none for a further reservation of one already admitted) and `tokens`
+        from every bucket of this key, or none of them and a Refusal, or, when a shared bucket's share here does
+        not cover the request, none of them and what to lease."""
         taken: list[tuple[Bucket, float]] = []
         drawn: list[tuple[Share, float]] = []
         lacking: list[Lacking] = []
@@ -166,8 +168,8 @@ class RateLimiter:
         for i, spec in enumerate(self.specs):
             if not spec.matches(tenant, app, key_id):
                 continue
-            for kind, capacity, n in (("requests", spec.rpm, 1), ("tokens", spec.tpm, tokens)):
-                if capacity is None:
+            for kind, capacity, n in (("requests", spec.rpm, requests), ("tokens", spec.tpm, tokens)):
+                if capacity is None or (not n and kind == "requests"):
                     continue
                 if n > capacity:
                     return Refusal(f"this request may use up to {n} tokens, more than key {key_id}'s "

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, NamedTuple, NoReturn
 
 import aiohttp
 import msgspec
@@ -55,13 +55,18 @@ def returned_headers(upstream: Mapping[str, str]) -> dict[str, str]:
 
 class UpstreamUnavailable(LockgateError):
     """No endpoint in the chain answered: the client gets `http` (502, or 504 on a timeout).
-    `earlier`: the failed calls before the last one (evidence, like Reply.earlier)."""
+    `earlier`: the failed calls besides the chosen hop's own (evidence, like Reply.earlier); `own`: the chosen
+    hop's last failure, which the request's own event describes (a skip while its breaker was open, or a call);
+    `code`: the error's code, when one says more than its type."""
 
-    def __init__(self, message: str, http: int, type_: str, earlier: list[Failed] | None = None) -> None:
+    def __init__(self, message: str, http: int, type_: str, earlier: list[Failed] | None = None,
+                 own: Failed | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.http = http
         self.type_ = type_
         self.earlier = earlier or []
+        self.own = own
+        self.code = code
 
 
 class ChunkTimeout(TimeoutError):
@@ -89,6 +94,10 @@ class Hop(NamedTuple):
 # How a request reaches one endpoint: (endpoint, body) -> (url, body, headers); raises Unsupported
 # when the endpoint's provider cannot serve it.
 Prepare = Callable[[Endpoint, bytes], tuple[URL, bytes, dict[str, str]]]
+# Asked before a call that follows calls abandoned after their request went out (Failed.abandoned), with that
+# call's hop and the abandoned ones': None when the request may make it, else why not (the call is not made).
+# The caller's budgets reserved one call's worth, and each abandoned call may be billed in full.
+Cover = Callable[[Hop, list[Hop]], Awaitable[str | None]]
 
 
 class Reply:
@@ -219,6 +228,12 @@ class Failed(NamedTuple):
         """For the event: why this hop was left (an HTTP status or the kind of failure)."""
         return str(self.status) if self.kind == "http" else self.kind
 
+    @property
+    def abandoned(self) -> bool:
+        """The request went out and its answer was given up on (no first byte in time, a broken reply): the
+        provider may have generated, and bill, the whole answer, which the router never saw."""
+        return self.kind == "first_byte"
+
 
 class Upstream:
     """Sends requests along a fallback chain; one per router, holding the connection pool."""
@@ -255,12 +270,13 @@ class Upstream:
         if self.session is not None:
             await self.session.close()
 
-    async def send(self, hops: Sequence[Hop], headers: dict[str, str], *, stream: bool) -> Reply:
+    async def send(self, hops: Sequence[Hop], headers: dict[str, str], *, stream: bool,
+                   cover: Cover | None = None) -> Reply:
         """The first good answer along `hops`, retrying each within its budget.
 
         Returns the serving hop's Reply (a 200, or a client error the upstream gave, passed on as
         it is, or the last hop's 429/5xx when every hop failed with one); raises UpstreamUnavailable
-        when no hop answered at all.
+        when no hop answered at all, or when `cover` refuses a call after an abandoned one (a 504).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + hops[0].endpoint.timeouts.total_s
@@ -272,6 +288,11 @@ class Upstream:
             if not breaker.allow(self.clock()):
                 failures.append(Failed(hop, "breaker_open"))
                 continue
+            if cover is not None and (gone := [f.hop for f in failures if f.abandoned]):
+                refused = await cover(hop, gone)
+                if refused is not None:
+                    breaker.abandon()  # no call: a half-open probe slot goes back
+                    self._not_covered(hops, failures, hop, refused)
             h.budget.request(self.clock())
             tries = 0
             while True:
@@ -356,14 +377,27 @@ class Upstream:
             reply.body = body if status == 200 else scrub(body, ep)
         return reply, None
 
+    @staticmethod
+    def _split(hops: Sequence[Hop], failures: list[Failed]) -> tuple[Failed, list[Failed]]:
+        """The request's own failure (the chosen hop's last) and the other calls, which are evidence."""
+        own = max(i for i, f in enumerate(failures) if f.hop is hops[0])
+        return failures[own], [f for i, f in enumerate(failures) if i != own and f.kind != "breaker_open"]
+
+    def _not_covered(self, hops: Sequence[Hop], failures: list[Failed], hop: Hop, why: str) -> NoReturn:
+        """The 504 of a request whose next call the caller would not cover after an abandoned one."""
+        own, earlier = self._split(hops, failures)
+        gone = ", ".join(dict.fromkeys(f.hop.endpoint.id for f in failures if f.abandoned))
+        raise UpstreamUnavailable(f"the call to endpoint {gone} was given up on (no answer within its first-byte "
+                                  "timeout, or a broken reply) and is charged as if it generated its whole answer; "
+                                  f"its fallback {hop.endpoint.id} was not called: {why}",
+                                  504, "upstream_timeout", earlier, own, code="fallback_not_covered")
+
     def _give_up(self, hops: Sequence[Hop], failures: list[Failed], attempts: int) -> Reply:
         """Every hop failed: the last upstream answer if there was one, else a 502/504 naming endpoints."""
         tried = ", ".join(dict.fromkeys(f.hop.endpoint.id for f in failures))
         calls = [f for f in failures if f.kind != "breaker_open"]
         last = calls[-1] if calls else None
-        # The request's own event is the chosen hop's (its last failure); the other calls are evidence.
-        own = max(i for i, f in enumerate(failures) if f.hop is hops[0])
-        earlier = [f for i, f in enumerate(failures) if i != own and f.kind != "breaker_open"]
+        own, earlier = self._split(hops, failures)
         answered = next((f for f in reversed(failures) if f.kind == "http"), None)
         if answered is not None:
             reply = Reply(answered.hop, answered.status, answered.headers or {}, attempts,
@@ -376,17 +410,18 @@ class Upstream:
             skipped = ", ".join(dict.fromkeys(f"{f.hop.endpoint.id} for model {f.hop.model!r}" if f.hop.model
                                               else f.hop.endpoint.id for f in failures))
             raise UpstreamUnavailable(f"endpoint {skipped} is failing and skipped (circuit breaker open); "
-                                      "retry later", 502, "upstream_circuit_open", earlier)
+                                      "retry later", 502, "upstream_circuit_open", earlier, own)
         ep = last.hop.endpoint
         if last.kind == "connect":
             raise UpstreamUnavailable(f"endpoint {ep.id} is unreachable (tried: {tried})", 502,
-                                      "upstream_unreachable", earlier)
+                                      "upstream_unreachable", earlier, own)
         if last.kind == "connect_timeout":
             raise UpstreamUnavailable(f"endpoint {ep.id} did not accept a connection within "
-                                      f"{ep.timeouts.connect_s:g} s (tried: {tried})", 504, "upstream_timeout", earlier)
+                                      f"{ep.timeouts.connect_s:g} s (tried: {tried})", 504, "upstream_timeout", earlier,
+                                      own)
         raise UpstreamUnavailable(f"endpoint {ep.id} did not answer within {ep.timeouts.first_byte_s:g} s "
                                   f"(first byte) or the request's {hops[0].endpoint.timeouts.total_s:g} s in all "
-                                  f"(tried: {tried})", 504, "upstream_timeout", earlier)
+                                  f"(tried: {tried})", 504, "upstream_timeout", earlier, own)
 
 
 def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any, str]], prepare: Prepare,

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 _encoder = msgspec.json.Encoder()
 OUTPUT_MESSAGES = "gen_ai.output.messages"
 # An upstream's usage the router did not believe (a count negative, absurd or not a number): the event
-# attribute naming it; those counts are 0 in the event, and the call's budgets keep its whole reservation.
+# attribute naming it; those counts are 0 in the event, and the call's budgets charge its worst case.
 USAGE_WARNING = "lockgate.usage_warning"
 
 
@@ -109,7 +109,7 @@ def _usage(rec: _Record, usage: TokenUsage) -> None:
     rec.input_tokens, rec.output_tokens = usage.input_tokens, usage.output_tokens
     if usage.cached_tokens:
         rec.cached_tokens = usage.cached_tokens
-    if usage.doubt:  # the event says so, and settlement keeps the reservation (admission.settle)
+    if usage.doubt:  # the event says so, and settlement charges the call's worst case (admission.settle)
         rec.attributes[USAGE_WARNING] = (f"usage not believed: {usage.doubt} (a token count is a whole number "
                                          f"from 0 to {MAX_CALL_TOKENS:,}); counted as 0")
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -20,13 +21,16 @@ import openai
 import pytest
 from aiohttp import web
 
+from lockgate.cli.budget import read_budgets
 from lockgate.codec import Codec
-from lockgate.contracts import InferenceEvent
+from lockgate.contracts import CostLedger, InferenceEvent
 from lockgate.llmwire import ApiRequest
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
-from lockgate.services.router.budgets import Counter, input_estimate
-from tests.helpers import break_glass, register_model_release, store_pass
+from lockgate.services.query.cost import cost_rollup
+from lockgate.services.router.admission import load_gateway_file
+from lockgate.services.router.budgets import Counter, input_estimate, resolve
+from tests.helpers import break_glass, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -866,6 +870,157 @@ async def test_a_call_that_failed_after_generating_keeps_its_reservation(
         sent = int(up.headers[-1]["Content-Length"])
         reservation = input_estimate(sent, msgspec.convert({"messages": MESSAGES}, ApiRequest), 1.0) + 200
         assert leased.tokens == (reservation if kept else 0)
+
+
+# What a call given up on after its request went out costs (a first-byte timeout, a broken reply)
+
+
+async def _counter(router: Any, context: ServiceContext, name: str = "daily") -> Any:
+    """A budget's counter of today once this replica gave back what it holds: what the requests spent."""
+    await router.admission.return_expired(force=True)
+    kv = await context.bus.kv(context.bus.subjects.kv_budgets)
+    return msgspec.json.decode((await kv.get(f"{name}.{datetime.now(UTC):%Y-%m-%d}")).value, type=Counter).leased
+
+
+def _worst(sent: int, max_tokens: int) -> tuple[int, int]:
+    """The worst case of a call whose body was `sent` bytes long (its input estimate, its output limit)."""
+    return input_estimate(sent, msgspec.convert({"messages": MESSAGES}, ApiRequest), 1.0), max_tokens
+
+
+async def test_a_canarys_abandoned_call_is_charged_its_worst_case_and_booked_alike_when_stable_answers(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, run_services: Any,
+        store: Any) -> None:
+    # Found by a probe: a canary whose call was given up on at its first-byte timeout (a long answer asked for)
+    # was never charged once stable answered: the budget, the per-minute tokens and the cost ledger counted
+    # stable's usage only, while the provider generated, and bills, both answers.
+    (tmp_path / "prices.yaml").write_text(json.dumps({"version": "t", "currency": "USD", "models": {
+        "m": {"input_per_mtok": 1.0, "output_per_mtok": 4.0},
+        "m-canary": {"input_per_mtok": 2.0, "output_per_mtok": 8.0}}}))
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "usd": 100.0,
+                                                                             "tokens": 1_000_000}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"),
+                                                price_book=str(tmp_path / "prices.yaml"))
+    ledgers = await context.bus.nc.subscribe(context.bus.subjects.cost_ledger)
+    svcs = await run_services("sink", "cost")
+    async with FakeLLM("stable") as stable, FakeLLM("canary", "hang") as canary:
+        router = await _canary_at_100(gateway, keys, context, {
+            "default": {"url": stable.url},
+            "canary": {"url": canary.url, "timeouts": {"first_byte_s": 0.05}, "breaker": {"consecutive_failures": 100}}})
+        async with client(router, keys) as c:
+            done = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=200)
+            chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=200,
+                                                                        stream=True))
+        assert done.choices[0].message.content == "stable says hi" and error is None
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "stable says hi"
+        await canary.seen(2)
+        worst = [_worst(int(h["Content-Length"]), 200) for h in canary.headers]  # the canary's two bodies
+        served, superseded = _split(await events(4))
+        assert [(e.variant, e.status, e.input_tokens, e.output_tokens) for e in served] == [("stable", "ok", 1, 3)] * 2
+        # Each abandoned call's event says its usage is unknown and what was charged for it.
+        assert [(e.variant, e.model, e.error_type, e.input_tokens, e.output_tokens) for e in superseded] == [
+            ("canary", "m-canary", "first_byte", 0, 0)] * 2
+        assert [(e.attributes["lockgate.usage_unknown"], int(e.attributes["lockgate.charged_input_tokens"]),
+                 int(e.attributes["lockgate.charged_output_tokens"])) for e in superseded] == [
+            ("worst_case", *w) for w in worst]
+        spent = await _counter(router, context)
+    # The budget: each abandoned call's worst case at the canary's price, and stable's usage at stable's.
+    usd = sum(math.ceil((i * 2.0 + o * 8.0) / 1e6 * 1e9) + math.ceil((1 * 1.0 + 3 * 4.0) / 1e6 * 1e9) for i, o in worst)
+    assert (spent.tokens, spent.usd) == (sum(i + o + 4 for i, o in worst), usd)
+    # The cost ledger books the same: `lockgate cost` and `lockgate budget list` agree.
+    entries = 0
+    messages = 0
+    while entries < 4:
+        entries += len(Codec(CostLedger).decode((await ledgers.next_msg(timeout=15)).data).entries)
+        messages += 1
+    await sink_stored(svcs["sink"].handlers, cost_ledger=messages)
+    (cost,) = await asyncio.to_thread(cost_rollup, store, ["tenant"])
+    (listed,) = await read_budgets(context.bus, resolve(load_gateway_file(str(tmp_path / "gateway.yaml")).budgets),
+                                   datetime.now(UTC))
+    assert (cost["calls"], cost["tokens"]) == (4, listed["tokens_used"])
+    assert cost["cost_usd"] == pytest.approx(listed["usd_used"], abs=1e-6)
+    assert cost["cost_usd"] == pytest.approx(usd / 1e9, abs=1e-8)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
+async def test_an_abandoned_call_stays_charged_when_its_fallback_refuses_the_request(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, tmp_path: Any, stream: bool) -> None:
+    # Found by a probe: when the fallback answered 4xx/5xx (a backup with tighter limits), the whole reservation
+    # was given back, although the abandoned call generated its whole answer: 12 requests for 2,000 tokens each
+    # went through an 8,000-token budget that counted 0. Now each abandoned call keeps its worst case.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "tokens": 1000}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("main", "hang") as main, FakeLLM("backup", ("status", 400)) as backup:
+        router = await gateway({"default": {"url": main.url, "timeouts": {"first_byte_s": 0.05}, "fallback": "backup",
+                                            "breaker": {"consecutive_failures": 100}},
+                                "backup": {"url": backup.url}})
+        outcomes: list[int] = []
+        async with client(router, keys) as c:
+            while len(outcomes) < 8 and 429 not in outcomes:
+                try:
+                    reply = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=200, stream=stream)
+                    outcomes.append(200)
+                    if stream:
+                        await _read(reply)
+                except openai.APIStatusError as exc:
+                    outcomes.append(exc.status_code)
+        admitted = len([o for o in outcomes if o != 429])
+        await main.seen(admitted)
+        tokens_in, tokens_out = _worst(int(main.headers[0]["Content-Length"]), 200)
+        worst = tokens_in + tokens_out
+        # Request k is admitted while k calls' worst cases fit; its fallback is called while one more fits too
+        # (k abandoned and the fallback's own), else it ends 504. So: 400s, then one 504, then 429s.
+        expected = []
+        for k in range(1, 9):
+            expected.append(429 if k * worst > 1000 else 504 if (k + 1) * worst > 1000 else 400)
+            if expected[-1] == 429:
+                break
+        assert outcomes == expected and 504 in outcomes
+        assert backup.calls == outcomes.count(400)
+        spent = await _counter(router, context)
+    assert spent.tokens == admitted * worst <= 1000
+
+
+@pytest.mark.parametrize("limit", ["budget", "tpm"])
+async def test_a_fallback_is_not_called_when_what_the_abandoned_call_may_have_spent_leaves_no_room_for_it(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, limit: str) -> None:
+    # Admission reserved one call's worth, and the abandoned call may have spent all of it: the fallback takes a
+    # further reservation first, or is not called (before, it always was, charged to nothing).
+    policy = ({"budgets": {"daily": {"tenant": "acme", "tokens": 400}}} if limit == "budget"
+              else {"rate_limits": [{"tenant": "acme", "tpm": 400}]})
+    (tmp_path / "gateway.yaml").write_text(json.dumps(policy))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("main", "hang") as main, FakeLLM("backup") as backup:
+        router = await gateway({"default": {"url": main.url, "timeouts": {"first_byte_s": 0.05}, "fallback": "backup",
+                                            "breaker": {"consecutive_failures": 100}},
+                                "backup": {"url": backup.url}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=200)
+            # What the abandoned call may have spent stays spent: the next request does not fit either.
+            with pytest.raises(openai.RateLimitError) as after:
+                await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=200)
+        await main.seen(1)
+        tokens_in, tokens_out = _worst(int(main.headers[0]["Content-Length"]), 200)
+        assert tokens_in + tokens_out <= 400 < 2 * (tokens_in + tokens_out)  # one call fits, not two
+        assert backup.calls == 0 and main.calls == 1
+        assert caught.value.status_code == 504
+        body = caught.value.body
+        assert body["code"] == "fallback_not_covered" and body["type"] == "upstream_timeout"
+        assert body["message"].startswith(
+            "the call to endpoint default was given up on (no answer within its first-byte timeout, or a broken "
+            "reply) and is charged as if it generated its whole answer; its fallback backup was not called: ")
+        assert (("budget daily (400 tokens per day) is exhausted" in body["message"] and
+                 "a further reservation for it needs up to" in body["message"]) if limit == "budget"
+                else "rate limit of key" in body["message"]), body["message"]
+        assert after.value.body["code"] == ("budget_exceeded" if limit == "budget" else "rate_limit_exceeded")
+        (event,) = await events(1)  # the request's own event is the abandoned call's
+        assert (event.status, event.error_type, event.input_tokens, event.output_tokens) == (
+            "error", "upstream_timeout", 0, 0)
+        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.")} == {
+            "lockgate.usage_unknown": "worst_case", "lockgate.charged_input_tokens": str(tokens_in),
+            "lockgate.charged_output_tokens": str(tokens_out)}
+        if limit == "budget":
+            assert (await _counter(router, context)).tokens == tokens_in + tokens_out
 
 
 # Headers and what the client may see

@@ -73,6 +73,28 @@ def test_price_events_entries_and_groups() -> None:
     assert by_model[("default", "mystery")].cost_usd == 0.0
 
 
+@pytest.mark.parametrize(("attributes", "billed"), [
+    ({"lockgate.usage_unknown": "worst_case", "lockgate.charged_input_tokens": "300",
+      "lockgate.charged_output_tokens": "2000"}, (300, 2000, 0)),
+    ({"lockgate.charged_input_tokens": "300", "lockgate.charged_output_tokens": "2000"}, (5, 1, 2)),  # not unknown
+    ({"lockgate.usage_unknown": "worst_case", "lockgate.charged_input_tokens": "-3",
+      "lockgate.charged_output_tokens": "2000"}, (5, 1, 2)),  # no count: the usage it reported
+    ({"lockgate.usage_unknown": "worst_case", "lockgate.charged_input_tokens": str(2**32),
+      "lockgate.charged_output_tokens": "1"}, (5, 1, 2)),  # beyond what a usage field holds
+], ids=["charged", "not-unknown", "negative", "too-large"])
+def test_a_call_whose_usage_is_unknown_is_priced_at_what_the_router_charged(attributes: dict, billed: tuple) -> None:
+    # Found by a probe: the router's budgets kept a call's worst case when it gave up on the call after sending
+    # it, while the ledger priced its event's usage (none): `lockgate cost` showed half of what the budget kept.
+    book = parse_price_book(BOOK)
+    e = InferenceEvent(app="a", model="m-cache", input_tokens=5, output_tokens=1, cached_tokens=2,
+                       attributes=attributes)
+    assert e.billed_tokens == billed
+    (entry,) = price_events([e], book).entries
+    assert (entry.input_tokens, entry.output_tokens, entry.cached_tokens) == billed
+    assert entry.cost_usd == pytest.approx(book.models["m-cache"].cost(*billed), rel=1e-12) == event_cost(
+        e, book.models["m-cache"])
+
+
 def test_price_book_hash_follows_content() -> None:
     a = parse_price_book(BOOK)
     b = parse_price_book({**BOOK, "version": "t2"})

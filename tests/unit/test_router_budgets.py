@@ -30,6 +30,8 @@ from lockgate.services.router.budgets import (
     period_id,
     pointed_at,
     resolve,
+    still_needed,
+    worst_case,
 )
 from lockgate.services.router.cache import (
     CacheConfig,
@@ -102,6 +104,24 @@ def test_reservation_is_an_upper_bound_of_the_call() -> None:
     assert reserved.usd == pytest.approx((estimate * 1.0 + 100 * 2.0) / 1e6 * NANO, abs=1)
     assert cost_of(PRICE, 10, 20).usd <= reserved.usd
     assert cost_of(None, 10, 20) == Amount(0, 30)  # unpriced: tokens still count
+
+
+def test_a_calls_worst_case_is_what_admission_reserves_for_that_call_alone() -> None:
+    raw = msgspec.json.encode({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "n": 2})
+    req = msgspec.json.decode(raw, type=ApiRequest)
+    # A release's params may send another limit: the larger of the client's and the body's counts.
+    tokens_in, tokens_out, cost = worst_case(PRICE, len(raw), req, OutputLimits(max_tokens=300, n=2), CHAT_OP.max_fields,
+                                             4096, 1.0, pointed=1500)
+    assert (tokens_in, tokens_out) == (input_estimate(len(raw), req, 1.0, 1500), 600)
+    assert cost == cost_of(PRICE, tokens_in, tokens_out)
+
+
+def test_a_further_reservation_covers_what_abandoned_calls_may_have_spent_and_the_next_call() -> None:
+    held = Amount(1000, 300)
+    assert still_needed(held, ZERO, Amount(1000, 300)) == ZERO  # admission's reservation covers the first call
+    assert still_needed(held, Amount(1000, 300), Amount(800, 250)) == Amount(800, 250)
+    assert still_needed(held, Amount(400, 100), Amount(500, 250)) == Amount(0, 50)  # each dimension on its own
+    assert still_needed(Amount(3000, 900), Amount(1000, 300), Amount(1000, 300)) == ZERO  # reserved already
 
 
 BIG = "wörd 日本 " * 2_000  # 26 KB: non-ASCII too, whose UTF-8 bytes a byte-level tokenizer may each make a token
@@ -257,6 +277,14 @@ def test_tpm_charges_the_reservation_and_settles_to_usage() -> None:
     assert rl.admit("t", "a", "k1", 600, now=0.0) is None
     too_big = rl.admit("t", "a", "k1", 5000, now=0.0)
     assert too_big is not None and "shorten the request or lower max_tokens" in too_big.message
+
+
+def test_a_further_reservation_takes_tokens_and_no_request() -> None:
+    rl = RateLimiter([RateLimitSpec(key="k1", rpm=1, tpm=1000)])
+    assert rl.admit("t", "a", "k1", 400, now=0.0) is None
+    assert rl.admit("t", "a", "k1", 400, now=0.0, requests=0) is None  # the same request's fallback
+    refused = rl.admit("t", "a", "k1", 400, now=0.0, requests=0)
+    assert refused is not None and "1000 tokens per minute" in refused.message
 
 
 def test_a_refused_request_takes_nothing_from_any_bucket() -> None:

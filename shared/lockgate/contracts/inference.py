@@ -15,6 +15,12 @@ from lockgate.contracts.names import Name, OptName
 _THROTTLED = frozenset({"408", "429"})  # upstream 4xx that are the release's doing: see client_failed
 NonNeg = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 NonNegF = Annotated[float, msgspec.Meta(ge=0, le=3.4e38)]
+# A call whose usage the router never learnt (given up on after its request went out, or answered without usage
+# it believes) is charged its worst case on the budgets: its event keeps the usage it reported (none, mostly) and
+# says so in these attributes, with the tokens charged, so the cost accountant books what the budgets kept.
+USAGE_UNKNOWN = "lockgate.usage_unknown"
+CHARGED_INPUT_TOKENS = "lockgate.charged_input_tokens"
+CHARGED_OUTPUT_TOKENS = "lockgate.charged_output_tokens"
 
 
 # gc=False: an event holds only strings, numbers and flat dicts of them, so it can never be part of a
@@ -58,6 +64,17 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
         return self.attributes.get("cache") == "hit"
 
     @property
+    def billed_tokens(self) -> tuple[int, int, int]:
+        """(input, output, cached input) tokens the call is billed for: its usage, or for a call whose usage is
+        unknown (`lockgate.usage_unknown`) the worst case the router charged for it (`lockgate.charged_*`)."""
+        if USAGE_UNKNOWN in self.attributes:
+            tokens_in = _count(self.attributes.get(CHARGED_INPUT_TOKENS))
+            tokens_out = _count(self.attributes.get(CHARGED_OUTPUT_TOKENS))
+            if tokens_in is not None and tokens_out is not None:
+                return tokens_in, tokens_out, 0
+        return self.input_tokens, self.output_tokens, self.cached_tokens
+
+    @property
     def client_failed(self) -> bool:
         """A failure the client caused: it hung up before the answer (`client_disconnected`), or sent a body
         the upstream refused (a 4xx, recorded as its status; 408 and 429 excepted: the upstream timed out or
@@ -68,6 +85,14 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
             return False
         e = self.error_type
         return e == "client_disconnected" or (len(e) == 3 and e[0] == "4" and e.isdigit() and e not in _THROTTLED)
+
+
+def _count(value: str | None) -> int | None:
+    """A token count an attribute holds, within the usage fields' bounds; None when it holds none."""
+    if value is None or not value.isascii() or not value.isdigit() or len(value) > 10:
+        return None
+    n = int(value)
+    return n if n <= 2**32 - 1 else None
 
 
 class Score(msgspec.Struct, frozen=True, kw_only=True):
