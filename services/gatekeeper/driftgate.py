@@ -20,6 +20,7 @@ from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.drift import decide_drift, unjudgeable
 from lockgate.services.gatekeeper.records import Records
+from lockgate.services.gatekeeper.review import VETOED
 from lockgate.signing import Signer
 from lockgate.subjects import token
 
@@ -133,9 +134,12 @@ class DriftGate:
         await self._block(report, release, outcome, current)
 
     async def _block(self, report: DriftReport, release: str, outcome: Outcome, current: GateDecided | None) -> None:
-        """Sign, record and announce the BLOCK of `release` (keeping what `current`, if readable, judged)."""
+        """Sign, record and announce the BLOCK of `release` (keeping what `current`, if readable, judged, and a
+        person's standing veto of it, which a later eval of the same content must still see)."""
+        vetoes = [r for r in current.rules if r.rule == VETOED and r.verdict == "FAIL"] if current else []
         decision = self.signer.sign(GateDecided(
-            id=domain.decision_id(report.id, self.signer.id_salt), release=release, decision="BLOCK", rules=list(outcome.rules),
+            id=domain.decision_id(report.id, self.signer.id_salt), release=release, decision="BLOCK",
+            rules=[*outcome.rules, *vetoes],
             eval_run=current.eval_run if current else "", policy=current.policy if current else "",
             baseline=current.baseline if current else "", artifacts=current.artifacts if current else {},
             reason=outcome.reason, tenant=report.tenant, source="gatekeeper", trace_id=report.trace_id))

@@ -76,6 +76,8 @@ class GateHandlers:
             # The gates file, not the eval's requester, says which policy and suite may gate the app.
             outcome = domain.with_rules(outcome, await self._required(done.release, bundle, done.policy,
                                                                       done.suite))
+            # A person's reject of this content stands over a re-run of its eval: at most NEEDS_REVIEW.
+            outcome = domain.under_veto(outcome, await self._veto(done.release, done.artifacts or release_arts))
             # Last, so its remediation leads the reason: fail closed for a name nobody registered (or other content).
             outcome = domain.with_rules(outcome, domain.release_rules(done.release, registered,
                                                                       done.artifacts or None))
@@ -197,6 +199,14 @@ class GateHandlers:
         used_suite = domain.Used(suite, await self.registrations.names(required.suite.kind, suite)) \
             if required.suite else None
         return domain.required_rules(release, app, required, used_policy, used_suite)
+
+    async def _veto(self, release: str, judged: dict[str, str] | None) -> RuleResult | None:
+        """The standing veto of a person over the content `judged` of `release` (domain.standing_veto)."""
+        try:
+            current = await self.records.current(release)
+        except UnreadableValue as exc:
+            return domain.standing_veto(None, {}, unreadable=exc.message)
+        return domain.standing_veto(current, domain.judged_artifacts(judged or {}))
 
     async def _bundle(self, release: str) -> dict | None:
         """The bundle `release` is bound to, None if it is not registered; BusUnavailable (retried) if the

@@ -99,6 +99,13 @@ async def eval_run(settings: Settings, sim: str, release: str, policy: str) -> R
     return await asyncio.to_thread(CliRunner().invoke, cli, args, catch_exceptions=False)
 
 
+async def review(settings: Settings, person: str, action: str, release: str, reason: str) -> Result:
+    """`lockgate --as PERSON gate approve|reject RELEASE` as that person types it."""
+    args = ["--nats", settings.nats_url, "--prefix", settings.prefix, "--home", settings.home, "--as", person,
+            "gate", action, release, "--reason", reason, "--json"]
+    return await asyncio.to_thread(CliRunner().invoke, cli, args, catch_exceptions=False)
+
+
 async def canary(router: Any, release: str) -> dict[str, Any]:
     """What the router does when asked to canary `release` (it admits only a verified PASS)."""
     async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
@@ -177,3 +184,40 @@ async def test_an_invalid_gates_file_stops_the_gatekeeper_naming_the_file(
     with pytest.raises(ConfigError, match=f"gates file {path} is invalid: policy 'strict=sha256:abc': .* - at "
                                           r"`\$.apps.shop.policy`"):
         await run_services("gatekeeper")
+
+
+# A person's reject binds the content it rejected.
+
+
+async def test_a_persons_reject_stands_over_a_rerun_of_the_eval_until_an_approver_approves(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
+) -> None:
+    # Before: carol rejected r2 (a signed BLOCK), any operator re-ran the eval of the unchanged release, the
+    # gatekeeper signed a new PASS over the veto and the router admitted it.
+    assert (await eval_run(settings, stack["sim"], "r2", files["strict"])).exit_code == 0
+    person(settings, "carol", "approver")
+    person(settings, "ann", "approver")
+    rejected = await review(settings, "carol", "reject", "r2", "tone regressed: do not ship")
+    assert rejected.exit_code == 0, rejected.output
+    veto = json.loads(rejected.output)
+    assert (veto["decision"], veto["reviewed_by"]) == ("BLOCK", "carol")
+
+    for _ in range(2):  # a re-run, and a re-run of that: the veto is carried on
+        rerun = await eval_run(settings, stack["sim"], "r2", files["strict"])
+        assert rerun.exit_code == 5, rerun.output  # held for review, not passed
+        held = await current_decision(bus, "r2")
+        assert held.decision == "NEEDS_REVIEW" and trusted.verify(held) == held.key_id
+        assert [(r.rule, r.verdict) for r in held.rules] == [("accuracy", "PASS"), ("latency", "PASS"),
+                                                             ("vetoed", "FAIL")]
+        assert held.reason.startswith(f"release 'r2' was rejected by carol (decision {veto['id']}: override: "
+                                      "rejected by carol: tone regressed: do not ship")
+        state = await canary(stack["router"], "r2")
+        assert (state["phase"], state["weight"]) == ("idle", 0.0)  # awaiting review takes no traffic
+
+    # An approver's approval, not an operator's re-run, lifts it.
+    approved = await review(settings, "ann", "approve", "r2", "tone checked again: fine")
+    assert approved.exit_code == 0, approved.output
+    lifted = await current_decision(bus, "r2")
+    assert (lifted.decision, lifted.approvals) == ("PASS", ["ann"]) and lifted.rules[-1].verdict == "PASS"
+    await stack["router"].rollouts.wait_for(lambda routes: routes["chat"].admitted == lifted.id, timeout=20)
+
