@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from lockgate.contracts import EvalCompleted, GateDecided, RuleResult
 from lockgate.contracts.gates import Decision
+from lockgate.services.gatekeeper import baseline as baselines
 from lockgate.services.gatekeeper.gatesfile import Pin, Required
 from lockgate.services.gatekeeper.policy import OPS, Limits, Policy, ReviewTrigger, Rule, parse_policy
 from lockgate.services.gatekeeper.review import VETOED, review_reasons
@@ -102,27 +103,39 @@ def decide(policy: Policy, evidence: Evidence | Mapping[str, float], *, prior_er
     return Outcome("PASS", results, "; ".join([head, *notes]), "", errored)
 
 
-def evidence_of(done: EvalCompleted) -> Evidence:
-    """The evidence an EvalCompleted carries."""
+def evidence_of(done: EvalCompleted, not_compared: str = "") -> Evidence:
+    """The evidence an EvalCompleted carries (without its comparisons when `not_compared` says why)."""
+    if not_compared:
+        return Evidence(metrics=done.metrics, intervals=done.intervals, run_id=done.run_id, not_compared=not_compared)
     return Evidence(metrics=done.metrics, intervals=done.intervals, comparisons=done.comparisons,
                     run_id=done.run_id, ratios=done.ratios)
 
 
 def decide_eval(policy: Policy | None, policy_error: str, done: EvalCompleted, *, prior_errors: int = 0,
                 candidate_artifacts: Mapping[str, str] | None = None,
-                baseline_artifacts: Mapping[str, str] | None = None) -> Outcome:
-    """The gate's outcome for a finished eval; a failed run or an unusable policy blocks (fail closed)."""
+                baseline_artifacts: Mapping[str, str] | None = None, baseline_refused: str = "") -> Outcome:
+    """The gate's outcome for a finished eval; a failed run or an unusable policy blocks (fail closed).
+
+    `baseline_refused` says why the eval's baseline is no yardstick (baseline.refusal): its comparisons are
+    set aside, and a policy judged on them blocks (rule baseline_allowed) rather than pass on no evidence."""
     if done.status != "completed":
         # Rules still shown when possible: "error_rate = 1" explains more than the status alone.
         rules = decide(policy, evidence_of(done)).rules if policy is not None else ()
         return Outcome("BLOCK", rules, f"eval run {done.run_id} {done.status}: {done.error or 'no error given'}")
     if policy is None:
         return Outcome("BLOCK", (), policy_error or "no policy to judge the eval by")
-    reasons = review_reasons(policy.review.require_when, done.comparisons, candidate_artifacts or done.artifacts,
-                             baseline_artifacts) if policy.review else []
-    out = decide(policy, evidence_of(done), prior_errors=prior_errors, review=reasons)
+    not_compared = f"the baseline was refused (rule {baselines.BASELINE_ALLOWED})" if baseline_refused else ""
+    reasons = review_reasons(policy.review.require_when, {} if not_compared else done.comparisons,
+                             candidate_artifacts or done.artifacts,
+                             None if not_compared else baseline_artifacts) if policy.review else []
+    out = decide(policy, evidence_of(done, not_compared), prior_errors=prior_errors, review=reasons)
     if done.warnings:
         out = Outcome(out.decision, out.rules, f"{out.reason}; {summarise_warnings(done.warnings)}",
+                      out.review_required, out.errored)
+    if baseline_refused:
+        if baselines.uses_baseline(policy):
+            return with_rules(out, (baselines.refused_rule(baseline_refused),))
+        out = Outcome(out.decision, out.rules, f"{out.reason}; not compared: {baseline_refused}",
                       out.review_required, out.errored)
     return out
 
