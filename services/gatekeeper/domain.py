@@ -7,16 +7,17 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from lockgate.contracts import EvalCompleted, RuleResult
+from lockgate.contracts import EvalCompleted, GateDecided, RuleResult
 from lockgate.contracts.gates import Decision
+from lockgate.services.gatekeeper import baseline as baselines
 from lockgate.services.gatekeeper.gatesfile import Pin, Required
 from lockgate.services.gatekeeper.policy import OPS, Limits, Policy, ReviewTrigger, Rule, parse_policy
-from lockgate.services.gatekeeper.review import review_reasons
+from lockgate.services.gatekeeper.review import VETOED, review_reasons
 from lockgate.services.gatekeeper.rules import Evidence, evaluate_rule
 
 __all__ = ["OPS", "Evidence", "Limits", "Outcome", "Pin", "Policy", "Required", "ReviewTrigger", "Rule", "Used",
            "decide", "decide_eval", "decision_id", "evaluate_rule", "judged_artifacts", "meets", "parse_policy",
-           "release_rules", "required_rules", "with_rules"]
+           "release_rules", "required_rules", "standing_veto", "under_veto", "with_rules"]
 
 RELEASE_REGISTERED = "release_registered"
 RELEASE_ARTIFACTS = "release_artifacts"
@@ -102,27 +103,39 @@ def decide(policy: Policy, evidence: Evidence | Mapping[str, float], *, prior_er
     return Outcome("PASS", results, "; ".join([head, *notes]), "", errored)
 
 
-def evidence_of(done: EvalCompleted) -> Evidence:
-    """The evidence an EvalCompleted carries."""
+def evidence_of(done: EvalCompleted, not_compared: str = "") -> Evidence:
+    """The evidence an EvalCompleted carries (without its comparisons when `not_compared` says why)."""
+    if not_compared:
+        return Evidence(metrics=done.metrics, intervals=done.intervals, run_id=done.run_id, not_compared=not_compared)
     return Evidence(metrics=done.metrics, intervals=done.intervals, comparisons=done.comparisons,
                     run_id=done.run_id, ratios=done.ratios)
 
 
 def decide_eval(policy: Policy | None, policy_error: str, done: EvalCompleted, *, prior_errors: int = 0,
                 candidate_artifacts: Mapping[str, str] | None = None,
-                baseline_artifacts: Mapping[str, str] | None = None) -> Outcome:
-    """The gate's outcome for a finished eval; a failed run or an unusable policy blocks (fail closed)."""
+                baseline_artifacts: Mapping[str, str] | None = None, baseline_refused: str = "") -> Outcome:
+    """The gate's outcome for a finished eval; a failed run or an unusable policy blocks (fail closed).
+
+    `baseline_refused` says why the eval's baseline is no yardstick (baseline.refusal): its comparisons are
+    set aside, and a policy judged on them blocks (rule baseline_allowed) rather than pass on no evidence."""
     if done.status != "completed":
         # Rules still shown when possible: "error_rate = 1" explains more than the status alone.
         rules = decide(policy, evidence_of(done)).rules if policy is not None else ()
         return Outcome("BLOCK", rules, f"eval run {done.run_id} {done.status}: {done.error or 'no error given'}")
     if policy is None:
         return Outcome("BLOCK", (), policy_error or "no policy to judge the eval by")
-    reasons = review_reasons(policy.review.require_when, done.comparisons, candidate_artifacts or done.artifacts,
-                             baseline_artifacts) if policy.review else []
-    out = decide(policy, evidence_of(done), prior_errors=prior_errors, review=reasons)
+    not_compared = f"the baseline was refused (rule {baselines.BASELINE_ALLOWED})" if baseline_refused else ""
+    reasons = review_reasons(policy.review.require_when, {} if not_compared else done.comparisons,
+                             candidate_artifacts or done.artifacts,
+                             None if not_compared else baseline_artifacts) if policy.review else []
+    out = decide(policy, evidence_of(done, not_compared), prior_errors=prior_errors, review=reasons)
     if done.warnings:
         out = Outcome(out.decision, out.rules, f"{out.reason}; {summarise_warnings(done.warnings)}",
+                      out.review_required, out.errored)
+    if baseline_refused:
+        if baselines.uses_baseline(policy):
+            return with_rules(out, (baselines.refused_rule(baseline_refused),))
+        out = Outcome(out.decision, out.rules, f"{out.reason}; not compared: {baseline_refused}",
                       out.review_required, out.errored)
     return out
 
@@ -158,6 +171,47 @@ def release_rules(release: str, registered: Mapping[str, str] | None,
                        observed=float(len(diffs)), verdict="FAIL",
                        hint=f"the eval judged other artifacts than release {release!r} is registered with "
                             f"({', '.join(diffs)}): run the eval for the registered release"),)
+
+
+def standing_veto(current: GateDecided | None, judged: Mapping[str, str], unreadable: str = "") -> RuleResult | None:
+    """The veto a new eval of the release content `judged` stays under (None: it is judged afresh).
+
+    A person's reject (a BLOCK by a reviewer) binds the content it rejected, and any operator may request
+    evals: a new eval of the same content must not sign a PASS over it. The veto is carried as the `vetoed`
+    rule on each later decision about that content until an approval passes one (review.apply_review marks
+    it lifted). A decision about other content (a changed binding) binds nothing here. `unreadable` says why
+    the release's current decision cannot be read: it may have been a veto, so the same holds.
+    """
+    if unreadable:
+        return _veto(f"the current decision cannot be read ({unreadable}); it may be a person's reject")
+    if current is None or current.decision == "PASS" or judged_artifacts(current.artifacts) != dict(judged):
+        return None
+    carried = next((r for r in current.rules if r.rule == VETOED and r.verdict == "FAIL"), None)
+    if carried is not None:
+        return carried
+    if current.decision == "BLOCK" and current.reviewed_by:
+        return _veto(f"release {current.release!r} was rejected by {current.reviewed_by} (decision {current.id}: "
+                     f"{current.reason})")
+    return None
+
+
+def _veto(why: str) -> RuleResult:
+    return RuleResult(rule=VETOED, metric="review", op="approved after the reject", threshold=1.0, observed=0.0,
+                      verdict="FAIL",
+                      hint=f"{why}; a new eval of the same content does not lift a reject: an approver's "
+                           "`lockgate gate approve` of this decision does (or gate the change as a new release)",
+                      explanation="A person rejected this content; an eval cannot overrule a person.")
+
+
+def under_veto(out: Outcome, veto: RuleResult | None) -> Outcome:
+    """The outcome under a standing veto: at most NEEDS_REVIEW (an approver decides), the veto carried on."""
+    if veto is None:
+        return out
+    if out.decision == "BLOCK":
+        return Outcome("BLOCK", (*out.rules, veto), f"{out.reason}; {veto.hint}", out.review_required, out.errored)
+    review = "; ".join(x for x in (veto.hint, out.review_required) if x)
+    reason = f"{veto.hint}; {out.reason}" if out.reason else veto.hint
+    return Outcome("NEEDS_REVIEW", (*out.rules, veto), reason, review, out.errored)
 
 
 def judged_artifacts(decision_artifacts: Mapping[str, str]) -> dict[str, str]:

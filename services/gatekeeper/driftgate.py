@@ -20,6 +20,7 @@ from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.drift import decide_drift, unjudgeable
 from lockgate.services.gatekeeper.records import Records
+from lockgate.services.gatekeeper.review import VETOED
 from lockgate.signing import Signer
 from lockgate.subjects import token
 
@@ -45,6 +46,7 @@ class _Route(msgspec.Struct, frozen=True, kw_only=True):
     verifying: bool = False
     started_at: float = 0.0
     promoted_at: float = 0.0
+    good: list[_Target] = []  # the known-good history, newest last
 
 
 _routes = msgspec.json.Decoder(_Route)
@@ -53,6 +55,34 @@ _routes = msgspec.json.Decoder(_Route)
 def decode_route(raw: bytes) -> _Route:
     """The gate's view of a route record (msgspec.DecodeError if unreadable)."""
     return _routes.decode(raw)
+
+
+def known_good(route: _Route | None) -> str:
+    """The deployment's newest known-good release (else its stable one), "" when it serves none."""
+    if route is None:
+        return ""
+    return route.good[-1].release if route.good else route.stable.release
+
+
+async def read_route(ctx: ServiceContext, deployment: str) -> _Route | None:
+    """The route of `deployment` (None if it has none); UnreadableValue when its key holds anything else, which
+    must never pass for "no route"."""
+    s = ctx.bus.subjects
+    try:
+        entry = await (await ctx.bus.kv(s.kv_routes)).get(token(deployment))
+    except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.BucketNotFoundError):
+        return None
+    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+        raise BusUnavailable(f"cannot read route {deployment!r} from KV {s.kv_routes}: {exc!r}") from None
+    try:
+        route = decode_route(entry.value)
+    except msgspec.DecodeError as exc:
+        why = str(exc)
+    else:
+        if route.deployment == deployment:
+            return route
+        why = f"it is the route of {route.deployment!r}"
+    raise UnreadableValue(f"the route of {deployment!r} in KV {s.kv_routes} is unreadable ({why})")
 
 
 def canary_release(route: _Route | None, report: DriftReport) -> str:
@@ -86,24 +116,12 @@ class DriftGate:
         self.publish_key = publish_key
 
     async def _route(self, deployment: str) -> _Route | None:
-        s = self.ctx.bus.subjects
         try:
-            entry = await (await self.ctx.bus.kv(s.kv_routes)).get(token(deployment))
-        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError, nats.js.errors.BucketNotFoundError):
-            return None
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise BusUnavailable(f"cannot read route {deployment!r} from KV {s.kv_routes}: {exc!r}") from None
-        try:
-            route = decode_route(entry.value)
-        except msgspec.DecodeError as exc:
-            why = str(exc)
-        else:
-            if route.deployment == deployment:
-                return route
-            why = f"it is the route of {route.deployment!r}"
-        # Never "no canary": the report would go unjudged. Refused (dead-lettered with this reason) instead.
-        raise UnreadableValue(f"the route of {deployment!r} in KV {s.kv_routes} is unreadable ({why}): a drift "
-                              "report naming no release cannot say which canary it is about")
+            return await read_route(self.ctx, deployment)
+        except UnreadableValue as exc:
+            # Never "no canary": the report would go unjudged. Refused (dead-lettered with this reason) instead.
+            raise UnreadableValue(f"{exc.message}: a drift report naming no release cannot say which canary it "
+                                  "is about") from None
 
     async def on_drift(self, report: DriftReport, delivery: Delivery) -> None:
         """BLOCK the deployment's canary release when its policy's drift rules fail on the report (one of
@@ -133,9 +151,12 @@ class DriftGate:
         await self._block(report, release, outcome, current)
 
     async def _block(self, report: DriftReport, release: str, outcome: Outcome, current: GateDecided | None) -> None:
-        """Sign, record and announce the BLOCK of `release` (keeping what `current`, if readable, judged)."""
+        """Sign, record and announce the BLOCK of `release` (keeping what `current`, if readable, judged, and a
+        person's standing veto of it, which a later eval of the same content must still see)."""
+        vetoes = [r for r in current.rules if r.rule == VETOED and r.verdict == "FAIL"] if current else []
         decision = self.signer.sign(GateDecided(
-            id=domain.decision_id(report.id, self.signer.id_salt), release=release, decision="BLOCK", rules=list(outcome.rules),
+            id=domain.decision_id(report.id, self.signer.id_salt), release=release, decision="BLOCK",
+            rules=[*outcome.rules, *vetoes],
             eval_run=current.eval_run if current else "", policy=current.policy if current else "",
             baseline=current.baseline if current else "", artifacts=current.artifacts if current else {},
             reason=outcome.reason, tenant=report.tenant, source="gatekeeper", trace_id=report.trace_id))

@@ -5,12 +5,15 @@ register a policy with no thresholds and gate their own release with it. The fil
 configuration (settings.gates_file, LOCKGATE_GATES_FILE), never read from the bus:
 
     apps:
-      support-bot: {policy: strict=sha256:<64 hex>, suite: support-quality}
+      support-bot: {policy: strict=sha256:<64 hex>, suite: support-quality, baseline: {deployment: support-web}}
       "*": {policy: baseline}        # any app not named
 
 A value is `NAME`, any version registered under that artifact name (which trusts whoever may register
 versions under it: operators), or `NAME=sha256:<64 hex>`, exactly that content (the name is for people;
 the hash decides). The kind is implied by the key: `policy` names a policy, `suite` an eval_suite.
+`baseline: {deployment: D}` fixes what the app's evals are compared with: the newest known-good release of
+deployment D, as its route says when the eval is decided (the eval's requester would otherwise choose the
+yardstick of the policy's relative rules).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from lockgate.contracts.names import NAME_RULE, is_name
+from lockgate.contracts.names import NAME_RULE, Name, is_name
 from lockgate.documents import NonEmpty, at, load_yaml, reroot
 from lockgate.errors import ConfigError
 
@@ -63,11 +66,22 @@ def parse_pin(value: str, key: str) -> Pin:
     return Pin(kind, name, digest)
 
 
+class _Baseline(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where an app's evals take their baseline from: the deployment whose known-good release it is."""
+
+    deployment: Name
+
+    def __post_init__(self) -> None:
+        if not is_name(self.deployment):
+            raise ValueError(f"deployment {self.deployment!r} is not a deployment name ({NAME_RULE})")
+
+
 class _AppGates(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One app's entry as written in the file."""
 
     policy: NonEmpty
     suite: str = ""
+    baseline: _Baseline | None = None
 
     def __post_init__(self) -> None:
         for key in ("policy", "suite"):
@@ -87,11 +101,13 @@ class _GatesFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
 
 @dataclass(frozen=True)
 class Required:
-    """What must gate the releases of an app: a policy, perhaps a suite, and where that was said."""
+    """What must gate the releases of an app: a policy, perhaps a suite and the deployment whose known-good
+    release is the baseline, and where that was said."""
 
     policy: Pin
     suite: Pin | None
     source: str  # the gates file, for the hint
+    baseline_deployment: str = ""  # "": the eval's baseline is whatever it names (refused unless allowed)
 
 
 @dataclass(frozen=True)
@@ -124,5 +140,6 @@ def load_gates_file(path: str | Path) -> Gates | None:
         except msgspec.ValidationError as exc:
             raise ConfigError(f"gates file {source} is invalid: {reroot(where, exc)}") from None
         apps[app] = Required(policy=parse_pin(entry.policy, "policy"),
-                             suite=parse_pin(entry.suite, "suite") if entry.suite else None, source=source)
+                             suite=parse_pin(entry.suite, "suite") if entry.suite else None, source=source,
+                             baseline_deployment=entry.baseline.deployment if entry.baseline else "")
     return Gates(source, apps)

@@ -15,7 +15,9 @@ from lockgate.evalruns import check_result, requested_run
 from lockgate.identity import author_of, verify_review, withdrawn_approvals
 from lockgate.provenance import lifecycle
 from lockgate.server.service import ServiceContext
+from lockgate.services.gatekeeper import baseline as baselines
 from lockgate.services.gatekeeper import domain
+from lockgate.services.gatekeeper.driftgate import known_good, read_route
 from lockgate.services.gatekeeper.gatesfile import Gates
 from lockgate.services.gatekeeper.records import Records
 from lockgate.services.gatekeeper.registrations import Registrations
@@ -63,19 +65,23 @@ class GateHandlers:
             # An eval that names no artifacts judged the release as registered (see domain.release_rules).
             release_arts = registered if registered is not None else done.artifacts
             policy, policy_error = await self._policy(done)
-            prior, baseline = 0, None
+            prior, baseline, refused = 0, None, ""
             if policy is not None and done.status == "completed":
                 prior = await self.records.consecutive_errors(done.release, done.run_id)
-                if policy.review:
-                    baseline = _artifacts(await self._bundle(done.baseline)) if done.baseline else None
+                if done.baseline:
+                    refused, baseline = await self._baseline(done, bundle)
             outcome = domain.decide_eval(policy, policy_error, done, prior_errors=prior,
-                                         candidate_artifacts=release_arts, baseline_artifacts=baseline)
+                                         candidate_artifacts=release_arts, baseline_artifacts=baseline,
+                                         baseline_refused=refused)
             # Artifacts past their sunset block (naming the successor); deprecated ones warn.
             outcome = domain.with_rules(outcome, await lifecycle.gate_rules(self.ctx.bus, self.ctx.settings,
                                                                             release_arts))
             # The gates file, not the eval's requester, says which policy and suite may gate the app.
             outcome = domain.with_rules(outcome, await self._required(done.release, bundle, done.policy,
                                                                       done.suite))
+            outcome = domain.with_rules(outcome, await self._required_baseline(done, bundle))
+            # A person's reject of this content stands over a re-run of its eval: at most NEEDS_REVIEW.
+            outcome = domain.under_veto(outcome, await self._veto(done.release, done.artifacts or release_arts))
             # Last, so its remediation leads the reason: fail closed for a name nobody registered (or other content).
             outcome = domain.with_rules(outcome, domain.release_rules(done.release, registered,
                                                                       done.artifacts or None))
@@ -197,6 +203,49 @@ class GateHandlers:
         used_suite = domain.Used(suite, await self.registrations.names(required.suite.kind, suite)) \
             if required.suite else None
         return domain.required_rules(release, app, required, used_policy, used_suite)
+
+    async def _veto(self, release: str, judged: dict[str, str] | None) -> RuleResult | None:
+        """The standing veto of a person over the content `judged` of `release` (domain.standing_veto)."""
+        try:
+            current = await self.records.current(release)
+        except UnreadableValue as exc:
+            return domain.standing_veto(None, {}, unreadable=exc.message)
+        return domain.standing_veto(current, domain.judged_artifacts(judged or {}))
+
+    async def _baseline(self, done: EvalCompleted, bundle: dict | None) -> tuple[str, dict[str, str] | None]:
+        """Why the eval's baseline is refused as its yardstick ("" if it is not; baseline.refusal), and its
+        artifacts (None when unknown or refused: review triggers then take every artifact as changed)."""
+        base = await self._bundle(done.baseline)
+        try:
+            current = await self.records.current(done.baseline)
+            if current is not None:
+                await self.verifier.verify(current)
+        except (UnreadableValue, SignatureError) as exc:
+            return f"baseline {done.baseline!r}'s current decision cannot be trusted: {exc.message}", None
+        compared = done.baseline_run if done.baseline_run or done.comparisons else None
+        app = None if bundle is None else str(bundle.get("app", ""))
+        why = baselines.refusal(done.baseline, current, _artifacts(base), app=app,
+                                baseline_app=str((base or {}).get("app", "")), compared_run=compared)
+        if not why and current is not None:
+            # Its PASS must have been decided under what the gates file requires of the app now.
+            failed = await self._required(done.baseline, base, current.policy,
+                                          current.artifacts.get("eval_suite", ""))
+            why = "; ".join(f"baseline {done.baseline!r} is not gated as required: {r.hint}" for r in failed)
+        return why, None if why else _artifacts(base)
+
+    async def _required_baseline(self, done: EvalCompleted, bundle: dict | None) -> tuple[RuleResult, ...]:
+        """FAIL when the gates file pins the app's baseline to a deployment's known-good release and the eval
+        compared with another (baseline.required_baseline_rules)."""
+        app = str((bundle or {}).get("app", ""))
+        required = self.gates.for_app(app) if self.gates is not None and bundle is not None else None
+        if required is None or not required.baseline_deployment:
+            return ()
+        try:
+            expected: str | None = known_good(await read_route(self.ctx, required.baseline_deployment))
+            unreadable = ""
+        except UnreadableValue as exc:
+            expected, unreadable = None, exc.message
+        return baselines.required_baseline_rules(done.release, app, required, done.baseline, expected, unreadable)
 
     async def _bundle(self, release: str) -> dict | None:
         """The bundle `release` is bound to, None if it is not registered; BusUnavailable (retried) if the

@@ -6,8 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from lockgate.contracts import BaselineComparison, GateDecided, GateReview
+import msgspec
+
+from lockgate.contracts import BaselineComparison, GateDecided, GateReview, RuleResult
 from lockgate.services.gatekeeper.policy import Review, ReviewTrigger
+
+# The rule a person's reject of some content leaves on every later decision about that content, until an
+# approval lifts it (domain.standing_veto): a new eval must not sign a PASS over it.
+VETOED = "vetoed"
 
 
 def review_reasons(triggers: tuple[ReviewTrigger, ...], comparisons: Mapping[str, BaselineComparison],
@@ -78,7 +84,9 @@ def apply_review(current: GateDecided | None, review: GateReview, new_id: str, *
     - with `forbid_self_approval`, the release's author may not approve, and an unknown author (a release
       not signed by its author) cannot be told apart from the reviewer, so every approval is refused;
     - reject of a pending decision blocks; of one that is not pending it is an override to BLOCK (audit
-      action "override"): a human veto is always allowed because it can only make the gate stricter.
+      action "override"): a human veto is always allowed because it can only make the gate stricter. It
+      stands over later evals of the same content (domain.standing_veto) until an approval passes one;
+      that PASS marks the `vetoed` rule lifted.
     """
     who = f"{reviewer}: {review.reason}"
     refused = f"{review.action} by {who} refused"
@@ -124,10 +132,18 @@ def apply_review(current: GateDecided | None, review: GateReview, new_id: str, *
     else:
         verdict, action = "BLOCK", "override"
         reason = f"override: rejected by {who}; warning: the gate had decided {current.decision}"
-    new = GateDecided(id=new_id, release=current.release, decision=verdict, rules=current.rules,
+    rules = _lifted(current.rules, approvals) if verdict == "PASS" else current.rules
+    new = GateDecided(id=new_id, release=current.release, decision=verdict, rules=rules,
                       eval_run=current.eval_run, policy=current.policy, baseline=current.baseline,
                       artifacts=current.artifacts, reason=reason, review_required=current.review_required,
                       reviewed_by=reviewer, approvals=approvals, approval_keys=approval_keys,
                       tenant=current.tenant, source="gatekeeper",
                       trace_id=review.trace_id)
     return ReviewOutcome(new, action, reason)
+
+
+def _lifted(rules: list[RuleResult], approvals: list[str]) -> list[RuleResult]:
+    """`rules` with a standing veto marked lifted by the approvals that passed the decision."""
+    by = ", ".join(approvals)
+    return [msgspec.structs.replace(r, verdict="PASS", observed=1.0, hint=f"lifted by the approval of {by}: {r.hint}")
+            if r.rule == VETOED and r.verdict == "FAIL" else r for r in rules]

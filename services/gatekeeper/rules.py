@@ -24,6 +24,8 @@ class Evidence:
     comparisons: Mapping[str, BaselineComparison] = field(default_factory=dict)
     run_id: str = ""
     ratios: Mapping[str, MetricInterval] = field(default_factory=dict)  # candidate/baseline - 1, bootstrapped
+    # Why the comparisons were set aside ("" if they were not): the baseline was refused as a yardstick.
+    not_compared: str = ""
 
 
 def _finite(*xs: float | None) -> bool:
@@ -159,8 +161,11 @@ def evaluate_rule(rule: Rule, evidence: Evidence | Mapping[str, float],
     if rule.kind in ("count", "rate"):
         return _failures(rule, ev)
     if rule.kind == "slices":
-        return _slices(rule, ev)
+        return _slices(rule, ev) if not ev.not_compared else \
+            _no_data(rule, f"{rule.metric} per slice was not compared: {ev.not_compared}")
     comp = ev.comparisons.get(rule.metric)
+    if ev.not_compared:
+        return _no_data(rule, f"{rule.metric} was not compared: {ev.not_compared}")
     if comp is None and ev.comparisons:
         # A baseline was compared, just not on this metric: say so rather than ask for a baseline.
         return _no_data(rule, f"the baseline comparison has no {rule.metric}; it compared "

@@ -122,13 +122,14 @@ async def register_release(bus: Bus, release: str, system_prompt: str, *, author
 
 
 async def test_regression_is_blocked_naming_the_rule_and_the_decision_is_signed(
-    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, trusted: Keyring
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, trusted: Keyring, settings: Settings
 ) -> None:
     policy = await register_policy(bus)
     svcs = await run_services("sink", "query", "gatekeeper")
     dataset = await artifacts.register(bus, "dataset", "qa", [{"input": "q", "expected": "a"}])
     arts = await register_release(bus, "v2", "p1", **{"dataset/qa": dataset.hash})
     await register_release(bus, "v1", "p1", **{"dataset/qa": dataset.hash})  # the baseline: same artifacts
+    await store_pass(bus, "v1", settings)  # a baseline the gate allows
     done = completed("v2", policy, em=0.78, em_ci=(0.75, 0.81), diff=-0.12, diff_ci=(-0.15, -0.09), n=400,
                      artifacts=arts)
     await finish_eval(bus, done)
@@ -148,12 +149,14 @@ async def test_regression_is_blocked_naming_the_rule_and_the_decision_is_signed(
 
 
 async def test_noisy_small_sample_is_inconclusive_and_needs_review(
-    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any
+    bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, settings: Settings
 ) -> None:
     # Documented choice: INCONCLUSIVE beyond limits.max_inconclusive (default 0) -> NEEDS_REVIEW, never PASS.
     policy = await register_policy(bus, {k: v for k, v in POLICY.items() if k != "review"})
     await run_services("query", "gatekeeper")
     await register_release(bus, "v3", "p3")
+    await register_release(bus, "v1", "p1")
+    await store_pass(bus, "v1", settings)  # the baseline
     await finish_eval(bus,
                       completed("v3", policy, em=0.85, em_ci=(0.6, 1.0), diff=-0.05, diff_ci=(-0.3, 0.2), n=10))
     d = await next_decision(gates)
@@ -389,12 +392,13 @@ async def next_refusal(sub: Any) -> GateAudited:
             return row
 
 
-async def held_for_review(bus: Bus, store: Store, gates: Any, release: str, review: dict | None = None,
+async def held_for_review(bus: Bus, settings: Settings, gates: Any, release: str, review: dict | None = None,
                           author: Identity | None = None) -> GateDecided:
     """Register `release` (signed by `author` if given), gate it under a policy whose prompt change needs
-    review (`review` adds to that section), and return the NEEDS_REVIEW decision."""
+    review (`review` adds to that section) against baseline v1 (PASSed), and return the NEEDS_REVIEW decision."""
     policy = await register_policy(bus, {**POLICY, "review": {**POLICY["review"], **(review or {})}})
     await register_release(bus, "v1", "old")
+    await store_pass(bus, "v1", settings)
     arts = await register_release(bus, release, f"new-{release}", author=author)
     await finish_eval(bus, completed(release, policy, em=0.9, em_ci=(0.88, 0.92), diff=0.0, diff_ci=(-0.01, 0.01),
                                      n=2000, artifacts=arts))
@@ -409,7 +413,7 @@ async def test_unsigned_or_forged_reviews_on_the_bus_are_refused_and_dead_letter
     bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, audit: Any, settings: Settings
 ) -> None:
     svcs = await run_services("sink", "query", "gatekeeper")
-    held = await held_for_review(bus, store, gates, "v10")
+    held = await held_for_review(bus, settings, gates, "v10")
     dlq = await bus.nc.subscribe(bus.subjects.dlq("gatekeeper"))
     ann = person(settings, "ann", "approver")
     ops = person(settings, "ops", "operator")
@@ -452,7 +456,7 @@ async def test_two_distinct_approvers_are_needed_and_the_same_one_twice_does_not
     bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, audit: Any, settings: Settings
 ) -> None:
     await run_services("sink", "query", "gatekeeper")
-    await held_for_review(bus, store, gates, "v11", {"approvals": 2})
+    await held_for_review(bus, settings, gates, "v11", {"approvals": 2})
     ann, bob = person(settings, "ann", "approver"), person(settings, "bob", "admin")
 
     first = await request_review(bus, "v11", "approve", ann, "looks fine", timeout_s=20)
@@ -475,7 +479,7 @@ async def test_the_author_cannot_approve_their_own_release_when_the_policy_forbi
 ) -> None:
     await run_services("sink", "query", "gatekeeper")
     ann, bob = person(settings, "ann", "approver", "operator"), person(settings, "bob", "approver")
-    await held_for_review(bus, store, gates, "v12", {"forbid_self_approval": True}, author=ann)
+    await held_for_review(bus, settings, gates, "v12", {"forbid_self_approval": True}, author=ann)
     assert (await artifacts.release_of(bus, "v12"))["author"]["name"] == "ann"
 
     with pytest.raises(ReviewRefused, match="no new decision"):
@@ -486,7 +490,7 @@ async def test_the_author_cannot_approve_their_own_release_when_the_policy_forbi
     assert (approved.decision, approved.approvals) == ("PASS", ["bob"])
 
     # A release with no signed author cannot be told apart from its reviewer: nobody may approve it.
-    await held_for_review(bus, store, gates, "v13", {"forbid_self_approval": True})
+    await held_for_review(bus, settings, gates, "v13", {"forbid_self_approval": True})
     with pytest.raises(ReviewRefused, match="no new decision"):
         await request_review(bus, "v13", "approve", bob, "lgtm", timeout_s=5)
     assert "author of v13 is unknown" in (await next_refusal(audit)).reason
@@ -496,7 +500,7 @@ async def test_a_revoked_person_cannot_approve(
     bus: Bus, store: Store, run_services: Callable[..., Any], gates: Any, audit: Any, settings: Settings
 ) -> None:
     await run_services("sink", "query", "gatekeeper")
-    held = await held_for_review(bus, store, gates, "v14")
+    held = await held_for_review(bus, settings, gates, "v14")
     ann = person(settings, "ann", "approver")
     revoke_person(trust_file_path(settings), "ann")
     with pytest.raises(ReviewRefused, match="no new decision"):
@@ -512,7 +516,7 @@ async def test_an_approval_by_a_key_revoked_since_no_longer_counts(
     # Before: mallory's (stolen) key approved, an admin revoked it, and one honest approver then completed the
     # two-person rule: "PASS (approved by mallory, bob)". Revoking a key also takes back what it approved.
     await run_services("sink", "query", "gatekeeper")
-    await held_for_review(bus, store, gates, "v15", {"approvals": 2})
+    await held_for_review(bus, settings, gates, "v15", {"approvals": 2})
     mallory, bob, carol = (person(settings, "mallory", "approver"), person(settings, "bob", "approver"),
                            person(settings, "carol", "approver"))
     first = await request_review(bus, "v15", "approve", mallory, "fine", timeout_s=20)

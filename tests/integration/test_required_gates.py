@@ -8,6 +8,7 @@ Before it, an operator could register `policy/lenient` (no real thresholds), run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.signing import Keyring, Signer, ensure_signer_trusted, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import admin_headers, person, register_model_release, store_pass
+from tests.helpers import admin_headers, person, register_model_release, sink_stored, store_pass
 from tests.integration.test_gate_flow import audit, audited  # noqa: F401  (the gate audit subscription)
 
 pytestmark = pytest.mark.timeout(90)
@@ -41,12 +42,18 @@ RULES = [{"name": "latency", "metric": "latency_p95_ms", "op": "<=", "threshold"
 STRICT = {"name": "strict", "use_interval": False,
           "rules": [{"name": "accuracy", "metric": "exact_match", "op": ">=", "threshold": 0.9}, *RULES]}
 LENIENT = {"name": "lenient", "use_interval": False, "rules": RULES}
+# "No regression against the baseline" (the usual CI gate) and few errors. An app's first release has nothing to
+# compare with, so a missing comparison passes that rule; a baseline pinned by the gates file makes leaving it
+# out a BLOCK once the deployment serves a release.
+REL = {"name": "rel", "use_interval": False, "rules": [
+    {"name": "no-regression", "metric": "exact_match", "relative": {"max_regression": 0.02}, "no_data": "pass"},
+    {"name": "few-errors", "metric": "error_rate", "op": "<=", "threshold": 0.05}]}
 
 
-def answers() -> dict[str, str]:
-    """Right answers to every case of the fixture suite."""
+def answers(wrong_every: int = 0) -> dict[str, str]:
+    """Right answers to every case of the fixture suite (with `wrong_every` N, every Nth one left out)."""
     cases = [json.loads(line) for line in (FIXTURES / "suites" / "qa.jsonl").read_text().splitlines()]
-    return {c["vars"]["question"]: c["expected"] for c in cases}
+    return {c["vars"]["question"]: c["expected"] for i, c in enumerate(cases) if not wrong_every or i % wrong_every}
 
 
 @pytest.fixture
@@ -60,7 +67,7 @@ def trusted(settings: Settings) -> Keyring:
 def files(tmp_path: Path) -> dict[str, str]:
     """The policy files an operator would pass to `eval run --policy` (each registers under its file name)."""
     out = {}
-    for name, doc in (("strict", STRICT), ("lenient", LENIENT)):
+    for name, doc in (("strict", STRICT), ("lenient", LENIENT), ("rel", REL)):
         out[name] = str(tmp_path / f"{name}.yaml")
         Path(out[name]).write_text(yaml.safe_dump(doc))
     return out
@@ -72,37 +79,56 @@ def gates_file(tmp_path: Path, apps: dict[str, Any]) -> str:
     return str(path)
 
 
+@contextlib.asynccontextmanager
+async def gated(context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path,
+                apps: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """Sink, query, evaluator, gatekeeper and router with the gates file `apps`, and the simulator as the
+    allow-list's `default` endpoint, where releases ship (model `good` answers every case, `bad` half)."""
+    await artifacts.register_file(context.bus, "dataset", FIXTURES / "suites" / "qa.jsonl")
+    models = {"good": ModelSpec(answers=answers(), latency_ms=2), "bad": ModelSpec(answers=answers(2), latency_ms=2)}
+    async with SimServer(SimConfig(models=models)) as sim:
+        # The releases ship to the allow-list's `default` endpoint, where the evaluator then calls them.
+        context.settings = context.settings.replace(
+            gates_file=gates_file(tmp_path, apps), stable_upstream=sim.url,
+            canary_upstream="http://127.0.0.1:9/v1", deployment="chat")
+        svcs = await run_services("sink", "query", "evaluator", "gatekeeper", "router")
+        yield {"sim": sim.url, "router": svcs["router"], "sink": svcs["sink"].handlers}
+
+
 @pytest.fixture
 async def stack(context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path,
                 trusted: Keyring) -> AsyncIterator[dict[str, Any]]:
-    """Evaluator, gatekeeper and router with a gates file requiring policy strict for app shop (every test
-    release's app), the simulator as the eval's endpoint, and r1 passed as the stable release."""
-    await artifacts.register_file(context.bus, "dataset", FIXTURES / "suites" / "qa.jsonl")
-    async with SimServer(SimConfig(models={"good": ModelSpec(answers=answers(), latency_ms=2)})) as sim:
-        # The releases ship to the allow-list's `default` endpoint, where the evaluator then calls them.
-        context.settings = context.settings.replace(
-            gates_file=gates_file(tmp_path, {"shop": {"policy": "strict"}}), stable_upstream=sim.url,
-            canary_upstream="http://127.0.0.1:9/v1", deployment="chat")
-        svcs = await run_services("sink", "query", "evaluator", "gatekeeper", "router")
+    """The stack with a gates file requiring policy strict for app shop (every test release's app), and r1
+    passed as the stable release."""
+    async with gated(context, run_services, tmp_path, {"shop": {"policy": "strict"}}) as svcs:
         for release in ("r1", "r2"):
             await register_model_release(context.bus, release, "good")
         await store_pass(context.bus, "r1", context.settings)
-        yield {"sim": sim.url, "router": svcs["router"]}
+        yield svcs
 
 
-async def eval_run(settings: Settings, sim: str, release: str, policy: str) -> Result:
-    """`lockgate eval run` as an operator types it, on the fixture suite, waiting for the gate's decision."""
+async def eval_run(settings: Settings, sim: str, release: str, policy: str, *more: str) -> Result:
+    """`lockgate eval run` as an operator types it, on the fixture suite, waiting for the gate's decision
+    (`more`: further options; with `--baseline` no --endpoint and --model: the release's model config says)."""
+    where = ["--endpoint", sim, "--model", "good"] if sim else []
     args = ["--nats", settings.nats_url, "--prefix", settings.prefix, "eval", "run",
-            str(FIXTURES / "suites" / "qa.yaml"), "--candidate", release, "--endpoint", sim, "--model", "good",
-            "--policy", policy, "--timeout", "60", "--json"]
+            str(FIXTURES / "suites" / "qa.yaml"), "--candidate", release, *where,
+            "--policy", policy, "--timeout", "60", "--json", *more]
     # In a thread: the CLI runs its own event loop.
     return await asyncio.to_thread(CliRunner().invoke, cli, args, catch_exceptions=False)
 
 
-async def canary(router: Any, release: str) -> dict[str, Any]:
+async def review(settings: Settings, person: str, action: str, release: str, reason: str) -> Result:
+    """`lockgate --as PERSON gate approve|reject RELEASE` as that person types it."""
+    args = ["--nats", settings.nats_url, "--prefix", settings.prefix, "--home", settings.home, "--as", person,
+            "gate", action, release, "--reason", reason, "--json"]
+    return await asyncio.to_thread(CliRunner().invoke, cli, args, catch_exceptions=False)
+
+
+async def canary(router: Any, release: str, stable: str = "r1") -> dict[str, Any]:
     """What the router does when asked to canary `release` (it admits only a verified PASS)."""
     async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
-        body = {"stable_release": "r1", "canary_release": release}
+        body = {"stable_release": stable, "canary_release": release}
         async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
             return await resp.json()
 
@@ -177,3 +203,114 @@ async def test_an_invalid_gates_file_stops_the_gatekeeper_naming_the_file(
     with pytest.raises(ConfigError, match=f"gates file {path} is invalid: policy 'strict=sha256:abc': .* - at "
                                           r"`\$.apps.shop.policy`"):
         await run_services("gatekeeper")
+
+
+# Whoever requests an eval chooses its baseline: the yardstick of a policy's relative rules.
+
+
+async def test_a_release_the_gate_blocked_is_no_baseline_for_a_regression_rule(
+    bus: Bus, settings: Settings, context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path,
+    files: dict[str, str], trusted: Keyring
+) -> None:
+    # Before: the gate BLOCKed rb1 (half its answers wrong), and rb2, the same model, compared with rb1 "fell 0
+    # below baseline (0.5 -> 0.5)" under the pinned policy: a signed PASS, and the router admitted it.
+    async with gated(context, run_services, tmp_path, {"shop": {"policy": "rel"}}) as svcs:
+        await register_model_release(bus, "r1", "good")
+        for release in ("rb1", "rb2"):
+            await register_model_release(bus, release, "bad")
+        first = await eval_run(settings, "", "r1", files["rel"])
+        assert first.exit_code == 0, first.output  # nothing to compare with yet
+        await sink_stored(svcs["sink"], eval_runs=1)  # the next eval compares with r1's stored run
+        worse = await eval_run(settings, "", "rb1", files["rel"], "--baseline", "r1")
+        assert worse.exit_code == 5, worse.output
+        blocked = await current_decision(bus, "rb1")
+        assert blocked.decision == "BLOCK"
+        assert "no-regression: exact_match fell 0.5 below baseline (1 -> 0.5)" in blocked.reason
+        await sink_stored(svcs["sink"], eval_runs=2)
+
+        fooled = await eval_run(settings, "", "rb2", files["rel"], "--baseline", "rb1")
+        assert fooled.exit_code == 5, fooled.output
+        d = await current_decision(bus, "rb2")
+        assert d.decision == "BLOCK" and trusted.verify(d) == d.key_id
+        assert [(r.rule, r.verdict) for r in d.rules] == [
+            ("no-regression", "NO_DATA"), ("few-errors", "PASS"), ("baseline_allowed", "FAIL")]
+        assert d.reason.startswith(f"baseline 'rb1' is not allowed by the gate: its current decision is BLOCK "
+                                   f"({blocked.reason[:40]}")
+        assert "run the eval with `--baseline` naming one" in d.reason
+        state = await canary(svcs["router"], "rb2")
+        assert (state["phase"], state["weight"]) == ("aborted", 0.0)  # the BLOCK: no PASS exists
+
+
+async def test_a_gates_file_pins_the_baseline_to_the_deployments_known_good_release(
+    bus: Bus, settings: Settings, context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path,
+    files: dict[str, str], trusted: Keyring
+) -> None:
+    apps = {"shop": {"policy": "rel", "baseline": {"deployment": "chat"}}}
+    async with gated(context, run_services, tmp_path, apps) as svcs:
+        await register_model_release(bus, "r1", "good")
+        await register_model_release(bus, "r2", "good")
+        await register_model_release(bus, "rb1", "bad")
+        first = await eval_run(settings, "", "r1", files["rel"])
+        assert first.exit_code == 0, first.output  # chat serves nothing yet: nothing to compare with
+        await sink_stored(svcs["sink"], eval_runs=1)
+        async with aiohttp.ClientSession(headers=admin_headers(settings.home)) as http:
+            async with http.put(f"{svcs['router'].url}/lockgate/v1/deployments/chat",
+                                json={"stable_release": "r1"}) as resp:
+                assert (await resp.json())["phase"] == "promoted"  # chat's first release: known-good
+
+        # Leaving the baseline out (the relative rule would have no data, which it lets pass) is refused.
+        omitted = await eval_run(settings, "", "rb1", files["rel"])
+        assert omitted.exit_code == 5, omitted.output
+        d = await current_decision(bus, "rb1")
+        assert d.decision == "BLOCK" and [r.rule for r in d.rules if r.verdict == "FAIL"] == ["required_baseline"]
+        assert d.reason.startswith(f"release 'rb1' of app 'shop' must be compared with the known-good release of "
+                                   f"deployment 'chat' (gates file {context.settings.gates_file}), now 'r1': this "
+                                   "eval compared with none; run it with `--baseline r1`")
+        against = await eval_run(settings, "", "rb1", files["rel"], "--baseline", "r1")
+        assert against.exit_code == 5, against.output
+        d = await current_decision(bus, "rb1")
+        assert [r.rule for r in d.rules if r.verdict == "FAIL"] == ["no-regression"]  # judged, and it regressed
+
+        good = await eval_run(settings, "", "r2", files["rel"], "--baseline", "r1")
+        assert good.exit_code == 0, good.output
+        passed = await current_decision(bus, "r2")
+        assert passed.decision == "PASS" and trusted.verify(passed) == passed.key_id
+        state = await canary(svcs["router"], "r2")
+        assert (state["phase"], state["admitted"]) == ("progressing", passed.id)
+
+
+# A person's reject binds the content it rejected.
+
+
+async def test_a_persons_reject_stands_over_a_rerun_of_the_eval_until_an_approver_approves(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
+) -> None:
+    # Before: carol rejected r2 (a signed BLOCK), any operator re-ran the eval of the unchanged release, the
+    # gatekeeper signed a new PASS over the veto and the router admitted it.
+    assert (await eval_run(settings, stack["sim"], "r2", files["strict"])).exit_code == 0
+    person(settings, "carol", "approver")
+    person(settings, "ann", "approver")
+    rejected = await review(settings, "carol", "reject", "r2", "tone regressed: do not ship")
+    assert rejected.exit_code == 0, rejected.output
+    veto = json.loads(rejected.output)
+    assert (veto["decision"], veto["reviewed_by"]) == ("BLOCK", "carol")
+
+    for _ in range(2):  # a re-run, and a re-run of that: the veto is carried on
+        rerun = await eval_run(settings, stack["sim"], "r2", files["strict"])
+        assert rerun.exit_code == 5, rerun.output  # held for review, not passed
+        held = await current_decision(bus, "r2")
+        assert held.decision == "NEEDS_REVIEW" and trusted.verify(held) == held.key_id
+        assert [(r.rule, r.verdict) for r in held.rules] == [("accuracy", "PASS"), ("latency", "PASS"),
+                                                             ("vetoed", "FAIL")]
+        assert held.reason.startswith(f"release 'r2' was rejected by carol (decision {veto['id']}: override: "
+                                      "rejected by carol: tone regressed: do not ship")
+        state = await canary(stack["router"], "r2")
+        assert (state["phase"], state["weight"]) == ("idle", 0.0)  # awaiting review takes no traffic
+
+    # An approver's approval, not an operator's re-run, lifts it.
+    approved = await review(settings, "ann", "approve", "r2", "tone checked again: fine")
+    assert approved.exit_code == 0, approved.output
+    lifted = await current_decision(bus, "r2")
+    assert (lifted.decision, lifted.approvals) == ("PASS", ["ann"]) and lifted.rules[-1].verdict == "PASS"
+    await stack["router"].rollouts.wait_for(lambda routes: routes["chat"].admitted == lifted.id, timeout=20)
+

@@ -21,7 +21,7 @@ from lockgate.codec import Codec
 from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
-from lockgate.services.gatekeeper.domain import decision_id
+from lockgate.services.gatekeeper.domain import decision_id, judged_artifacts, standing_veto
 from lockgate.signing import Signer, Verifier, ensure_signer_trusted
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
@@ -242,3 +242,26 @@ async def test_undo_to_needs_the_releases_current_decision_to_allow_it(
     undone = await run("undo", "chat", "--to", "r1")
     assert undone.exit_code == 0, undone.output
     assert router.rollouts.route("chat").stable.release == "r1"
+
+
+async def test_a_drift_block_keeps_a_persons_standing_veto(stack: tuple[Any, Signer]) -> None:
+    # r2 is held for review under carol's veto (a re-run of its eval after her reject), and a late report about its
+    # canary arrives. Without the veto on the drift BLOCK, the next eval of the same content found a gatekeeper
+    # BLOCK, not a person's, and was judged afresh: a PASS over her reject.
+    router, signer = stack
+    bus = router.ctx.bus
+    policy = await artifacts.register(bus, "policy", "canary-drift", POLICY)
+    arts = await judged(bus, "r2")
+    rejected = GateDecided(id="d-carol", release="r2", decision="BLOCK", rules=[], reviewed_by="carol",
+                           reason="override: rejected by carol: tone regressed", artifacts=arts)
+    veto = standing_veto(rejected, judged_artifacts(arts))
+    assert veto is not None
+    held = signer.sign(GateDecided(release="r2", rules=[veto], decision="NEEDS_REVIEW", policy=policy.hash,
+                                   artifacts=arts))
+    await (await bus.kv(bus.subjects.kv_gates)).put(token("r2"), msgspec.json.encode(held))
+    decisions = await bus.nc.subscribe(bus.subjects.gate_decided("r2"))
+    await bus.publish(bus.subjects.drift("chat"), _report("canary_vs_stable", output_tokens=0.15))
+    blocked = _decided.decode((await decisions.next_msg(timeout=30)).data)
+    await decisions.unsubscribe()
+    assert blocked.decision == "BLOCK" and [r.metric for r in blocked.rules] == ["drift_psi:output_tokens", "review"]
+    assert standing_veto(blocked, judged_artifacts(arts)) == veto  # the next eval of r2 stays held

@@ -137,3 +137,55 @@ def test_review_section_sets_approvals_and_self_approval() -> None:
     with pytest.raises(PolicyError, match="approvals"):
         parse_policy({"name": "p", "rules": [{"metric": "m", "op": ">=", "threshold": 1}],
                       "review": {"approvals": 0}})
+
+
+# A person's reject stands over later evals of the same content (domain.standing_veto): before, any operator
+# re-ran the eval of a rejected release and the gatekeeper signed a PASS over the veto.
+ARTS = {"prompt/system": "sha256:a", "model_config/m": "sha256:c"}
+
+
+def decided(decision: str, *, by: str = "", arts: dict | None = None, rules: list | None = None) -> GateDecided:
+    return GateDecided(id="d1", release="v2", decision=decision, rules=rules or [], reviewed_by=by,
+                       reason=f"override: rejected by {by}: tone regressed" if by else "x",
+                       artifacts={**(ARTS if arts is None else arts), "policy": "sha256:p", "eval_suite": "sha256:s"})
+
+
+def test_a_persons_reject_stands_over_a_new_eval_of_the_same_content_and_is_carried_on() -> None:
+    veto = domain.standing_veto(decided("BLOCK", by="carol"), ARTS)
+    assert veto is not None and (veto.rule, veto.verdict) == ("vetoed", "FAIL")
+    assert veto.hint.startswith("release 'v2' was rejected by carol (decision d1: override: rejected by carol: "
+                                "tone regressed); a new eval of the same content does not lift a reject")
+    passed = domain.Outcome("PASS", (), "all 2 rules of policy 'p' passed")
+    held = domain.under_veto(passed, veto)
+    assert held.decision == "NEEDS_REVIEW" and held.rules[-1] == veto
+    assert held.reason.startswith("release 'v2' was rejected by carol") and "carol" in held.review_required
+    blocked = domain.under_veto(domain.Outcome("BLOCK", (), "accuracy failed"), veto)
+    assert blocked.decision == "BLOCK" and blocked.reason.startswith("accuracy failed; release 'v2' was rejected")
+    # The NEEDS_REVIEW (or BLOCK) it leads to carries it: the eval after it is held the same way.
+    carried = decided("NEEDS_REVIEW", rules=list(held.rules))
+    assert domain.standing_veto(carried, ARTS) == veto
+    # Other content (another binding) is judged afresh, and so is a release nobody rejected.
+    assert domain.standing_veto(decided("BLOCK", by="carol"), {**ARTS, "prompt/system": "sha256:b"}) is None
+    assert domain.standing_veto(decided("BLOCK"), ARTS) is None
+    assert domain.standing_veto(None, ARTS) is None
+    assert domain.under_veto(passed, None) == passed
+    # A current decision that cannot be read may hide a reject: held too.
+    unread = domain.standing_veto(None, ARTS, unreadable="not a decision")
+    assert unread is not None and unread.rule == "vetoed" and "cannot be read (not a decision)" in unread.hint
+
+
+def test_an_approval_lifts_the_veto_and_an_approved_pass_binds_nothing() -> None:
+    held = GateDecided(id="d1", release="v2", decision="NEEDS_REVIEW", review_required="vetoed",
+                       rules=[domain.standing_veto(decided("BLOCK", by="carol"), ARTS)], artifacts=ARTS)
+    half = apply_review(held, review(), "d2", reviewer="ann", rules=ReviewRules(approvals=2)).decision
+    assert half is not None and half.decision == "NEEDS_REVIEW"
+    assert domain.standing_veto(half, ARTS) is not None  # one of two approvals: the veto still stands
+    passed = apply_review(half, review(decision_id="d2"), "d3", reviewer="bob", rules=ReviewRules(approvals=2))
+    assert passed.decision is not None and passed.decision.decision == "PASS"
+    [lifted] = passed.decision.rules
+    assert (lifted.rule, lifted.verdict) == ("vetoed", "PASS") and lifted.hint.startswith(
+        "lifted by the approval of ann, bob: release 'v2' was rejected by carol")
+    assert domain.standing_veto(passed.decision, ARTS) is None  # the next eval is judged afresh
+    # A reject of it again blocks and stands again.
+    again = apply_review(passed.decision, review("reject", decision_id="d3"), "d4", reviewer="carol").decision
+    assert again is not None and domain.standing_veto(again, ARTS) is not None

@@ -1,4 +1,4 @@
-"""The gates file: which policy and suite must gate an app's releases (decoding, and the pure rule)."""
+"""The gates file: which policy, suite and baseline gate an app's releases (decoding, and the pure rules)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,17 @@ from pathlib import Path
 
 import pytest
 
+from lockgate.contracts import BaselineComparison, EvalCompleted, GateDecided
 from lockgate.errors import ConfigError
-from lockgate.services.gatekeeper.domain import Outcome, Used, required_rules, with_rules
+from lockgate.services.gatekeeper.baseline import refusal, required_baseline_rules, uses_baseline
+from lockgate.services.gatekeeper.domain import (
+    Outcome,
+    Used,
+    decide_eval,
+    parse_policy,
+    required_rules,
+    with_rules,
+)
 from lockgate.services.gatekeeper.gatesfile import Gates, Pin, Required, load_gates_file
 
 pytestmark = pytest.mark.timeout(10)
@@ -136,3 +145,104 @@ def test_an_invalid_gates_file_is_refused_naming_the_file_and_the_field(tmp_path
 def test_a_missing_gates_file_is_refused_naming_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"cannot read gates file {tmp_path}/none.yaml"):
         load_gates_file(str(tmp_path / "none.yaml"))
+
+
+# The baseline an eval is compared with (baseline.py): before, the eval's requester named any release, a BLOCKed
+# one included, and a pinned "no regression vs baseline" policy passed a regression against the real yardstick.
+BASE_ARTS = {"model_config/m": H1}
+REL = {"name": "rel", "rules": [{"name": "no-regression", "metric": "exact_match",
+                                 "relative": {"max_regression": 0.02}},
+                                {"name": "errors", "metric": "error_rate", "op": "<=", "threshold": 0.05}]}
+
+
+def base_decision(decision: str = "PASS", **changes: object) -> GateDecided:
+    return GateDecided(**{"id": "d0", "release": "v1", "decision": decision, "rules": [], "eval_run": "run-v1",
+                          "artifacts": {**BASE_ARTS, "policy": H2}, "reason": "accuracy failed", **changes})
+
+
+@pytest.mark.parametrize(
+    ("decision", "registered", "baseline_app", "compared", "said"),
+    [
+        (base_decision(), BASE_ARTS, "shop", "run-v1", ""),
+        (base_decision(), BASE_ARTS, "shop", None, ""),  # nothing compared: any allowed run
+        (base_decision("BLOCK"), BASE_ARTS, "shop", "run-v1",
+         "baseline 'v1' is not allowed by the gate: its current decision is BLOCK (accuracy failed)"),
+        (base_decision("BLOCK", reviewed_by="carol"), BASE_ARTS, "shop", "run-v1",
+         "its current decision is BLOCK, rejected by carol"),
+        (base_decision("NEEDS_REVIEW"), BASE_ARTS, "shop", "run-v1", "its current decision is NEEDS_REVIEW"),
+        (None, BASE_ARTS, "shop", "run-v1", "baseline 'v1' has no gate decision: the gate never allowed it"),
+        (base_decision(), None, "", "run-v1", "baseline 'v1' is not a registered release"),
+        (base_decision(), BASE_ARTS, "other", "run-v1", "baseline 'v1' is a release of app 'other', not of 'shop'"),
+        (base_decision(), {"model_config/m": H2}, "shop", "run-v1", "judged other artifacts than it is registered"),
+        (base_decision(), BASE_ARTS, "shop", "run-v0",
+         "this eval compared with run run-v0 of baseline 'v1', but its PASS (decision d0) judged run run-v1"),
+    ],
+)
+def test_a_baseline_is_a_yardstick_only_while_the_gate_allows_it(
+        decision: GateDecided | None, registered: dict | None, baseline_app: str, compared: str | None,
+        said: str) -> None:
+    why = refusal("v1", decision, registered, app="shop", baseline_app=baseline_app, compared_run=compared)
+    assert said in why if said else why == ""
+
+
+def completed_against(baseline: str, diff: float) -> EvalCompleted:
+    cmp = BaselineComparison(metric="exact_match", candidate=0.5, baseline=0.5 - diff, diff=diff, n_pairs=20)
+    return EvalCompleted(run_id="r", release="v2", suite="s", baseline=baseline, baseline_run="run-b",
+                         metrics={"exact_match": 0.5, "error_rate": 0.0}, comparisons={"exact_match": cmp})
+
+
+def test_a_refused_baseline_blocks_a_policy_judged_against_it_and_its_comparison_is_set_aside() -> None:
+    policy = parse_policy({**REL, "use_interval": False})
+    fooled = decide_eval(policy, "", completed_against("v-bad", 0.0))
+    assert fooled.decision == "PASS"  # what the comparison alone says (0.5 -> 0.5)
+    why = "baseline 'v-bad' is not allowed by the gate: its current decision is BLOCK (accuracy failed)"
+    out = decide_eval(policy, "", completed_against("v-bad", 0.0), baseline_refused=why)
+    assert out.decision == "BLOCK" and out.reason.startswith(why)
+    assert [(r.rule, r.verdict) for r in out.rules] == [
+        ("no-regression", "NO_DATA"), ("errors", "PASS"), ("baseline_allowed", "FAIL")]
+    assert out.rules[0].hint == "exact_match was not compared: the baseline was refused (rule baseline_allowed)"
+    # Even where the policy lets missing data pass, a refused baseline cannot.
+    lax = parse_policy({**REL, "use_interval": False, "no_data": "pass"})
+    assert decide_eval(lax, "", completed_against("v-bad", 0.0), baseline_refused=why).decision == "BLOCK"
+    # A policy judged on no comparison only notes it.
+    absolute = parse_policy({"name": "abs", "rules": [REL["rules"][1]], "use_interval": False})
+    noted = decide_eval(absolute, "", completed_against("v-bad", 0.0), baseline_refused=why)
+    assert noted.decision == "PASS" and noted.reason.endswith(f"; not compared: {why}")
+    assert uses_baseline(parse_policy({"name": "m", "rules": [REL["rules"][1]],
+                                       "review": {"require_when": [{"metric_moved": "pii*", "by": 0.01}]}}))
+    assert not uses_baseline(parse_policy({"name": "d", "rules": [{**REL["rules"][0], "dry_run": True}]}))
+
+
+def test_a_pinned_baseline_is_the_deployments_known_good_release() -> None:
+    pinned = Required(Pin("policy", "strict"), None, SOURCE, baseline_deployment="shop-web")
+    assert required_baseline_rules("v2", "shop", pinned, "v1", "v1") == ()
+    assert required_baseline_rules("v2", "shop", required(Pin("policy", "strict")), "v-bad", "v1") == ()
+    [other] = required_baseline_rules("v2", "shop", pinned, "v-bad", "v1")
+    assert (other.rule, other.verdict) == ("required_baseline", "FAIL")
+    assert other.hint == (f"release 'v2' of app 'shop' must be compared with the known-good release of deployment "
+                          f"'shop-web' (gates file {SOURCE}), now 'v1': this eval compared with v-bad; run it with "
+                          "`--baseline v1`")
+    [none] = required_baseline_rules("v2", "shop", pinned, "", "v1")
+    assert "this eval compared with none; run it with `--baseline v1`" in none.hint
+    assert required_baseline_rules("v2", "shop", pinned, "", "") == ()  # it serves nothing yet: no baseline
+    [early] = required_baseline_rules("v2", "shop", pinned, "v-bad", "")
+    assert "which serves none yet: this eval compared with 'v-bad'; run it without `--baseline`" in early.hint
+    [unread] = required_baseline_rules("v2", "shop", pinned, "v1", None, "the route is unreadable")
+    assert unread.hint.endswith("which cannot be read: the route is unreadable")
+
+
+def test_a_gates_file_pins_the_baseline_to_a_deployment(tmp_path: Path) -> None:
+    path = tmp_path / "gates.yaml"
+    path.write_text("apps:\n  shop: {policy: strict, baseline: {deployment: shop-web}}\n")
+    gates = load_gates_file(str(path))
+    assert gates is not None and gates.apps["shop"].baseline_deployment == "shop-web"
+    for text, said in (("{policy: strict, baseline: {deployment: 'a b'}}",
+                        "deployment 'a b' is not a deployment name (1-128 characters"),
+                       ("{policy: strict, baseline: {release: v1}}", "unknown field `release` - at "
+                                                                     "`$.apps.shop.baseline`"),
+                       ("{policy: strict, baseline: shop-web}", "Expected `object | null`, got `str` - at "
+                                                                "`$.apps.shop.baseline`")):
+        path.write_text(f"apps:\n  shop: {text}\n")
+        with pytest.raises(ConfigError) as err:
+            load_gates_file(str(path))
+        assert said in err.value.message, err.value.message
