@@ -139,6 +139,20 @@ async def test_junk_and_forged_records_on_an_alias_are_skipped_and_said(stack: R
     assert "records skipped" in listed.stderr
 
 
+async def test_the_operator_credential_publishes_only_on_an_alias_or_a_lifecycle_subject(
+        stack: Runtime, operator: Any) -> None:
+    # Before, it might publish anywhere under `lg.provenance.>`.
+    nc, errors = operator
+    p = stack.settings.prefix
+    for subject in (f"{p}.provenance.junk", f"{p}.provenance.alias.shop", f"{p}.provenance.alias.shop.staging.x",
+                    f"{p}.provenance.lifecycle.a.b"):
+        await nc.publish(subject, JUNK)
+        await errors.refused(subject)
+    # Where `alias set` and `artifact deprecate` append, it still may (readers skip what it alone publishes).
+    assert await _append(nc, stack.ctx.bus.subjects.alias("shop", "staging"), JUNK) > 0
+    assert await _append(nc, stack.ctx.bus.subjects.lifecycle("sha256:" + "0" * 64), JUNK) > 0
+
+
 async def test_junk_on_a_lifecycle_neither_dead_letters_the_gate_nor_hides_a_deprecation(
         stack: Runtime, operator: Any) -> None:
     nc, _ = operator
