@@ -50,6 +50,10 @@ class _Instruments:
             "lockgate.dead_letters.failed", unit="{message}",
             description="dead letters JetStream did not take (DLQ full or down), by origin: their messages are "
                         "redelivered until one is stored")
+        self.provenance_skipped = meter.create_counter(
+            "lockgate.provenance.skipped", unit="{record}",
+            description="messages on a provenance history's subject that readers skip (unreadable, not signed by a "
+                        "trusted person, a copy, another history's), by kind; each counted once per process")
         self.redeliveries_skipped = meter.create_counter(
             "lockgate.redeliveries.skipped", unit="{message}",
             description="redelivered messages whose rows were already stored")
@@ -204,6 +208,11 @@ def redeliveries_skipped(service: str, n: int) -> None:
     """Count redelivered messages skipped because their rows were already stored."""
     if n:
         _add("redeliveries_skipped", n, {"service": service})
+
+
+def provenance_skipped(kind: str) -> None:
+    """Count one message a provenance reader skipped, by why (`chain.SkipKind`)."""
+    _add("provenance_skipped", 1, {"kind": kind})
 
 
 def router_request(variant: str, status: str, duration_s: float) -> None:

@@ -301,8 +301,10 @@ def grant(s: Subjects, identity: str) -> Grant:
             g.add(Grant(publish=[s.audit("operator")]))  # key changes made from the CLI, recorded as itself
             # `app-credential` asks the embedded runtime to re-read the home's users (which it may not write).
             g.add(Grant(publish=[s.nats_reload]))
-            # `alias set` and `artifact deprecate` append signed records to the provenance stream.
-            g.add(Grant(publish=[s.provenance_all]))
+            # `alias set` and `artifact deprecate` append signed records to the provenance stream, on one
+            # alias's or one artifact's subject only. nats-server cannot check a signature: what it lets the
+            # credential alone publish there, readers skip (lockgate.provenance.chain).
+            g.add(Grant(publish=[s.alias_any, s.lifecycle_any]))
         if identity == "approver":
             g.add(Grant(publish=[s.gate_review_all], subscribe=[s.gate_decided_all]))
     else:

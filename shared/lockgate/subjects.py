@@ -417,9 +417,19 @@ class Subjects:
     def alias_all(self) -> str:
         return f"{self.prefix}.provenance.alias.>"
 
+    @property
+    def alias_any(self) -> str:
+        """Any one alias's history subject (an app token and an alias token): where `alias set` appends."""
+        return f"{self.prefix}.provenance.alias.*.*"
+
     def lifecycle(self, digest: str) -> str:
         """Where an artifact version's signed lifecycle (deprecation, sunset, successor) is appended."""
         return f"{self.prefix}.provenance.lifecycle.{token(digest)}"
+
+    @property
+    def lifecycle_any(self) -> str:
+        """Any one artifact version's lifecycle subject: where `artifact deprecate` appends."""
+        return f"{self.prefix}.provenance.lifecycle.*"
 
     @property
     def provenance_all(self) -> str:

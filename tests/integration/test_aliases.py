@@ -1,6 +1,7 @@
 """Aliases through the CLI on a real nats-server: `alias set` appends signed records, `history APP/ALIAS
---at T` answers what the alias pointed to then, a forged or altered record fails verification, and an
-artifact past its sunset stops a release from being aliased (a deprecated one only warns)."""
+--at T` answers what the alias pointed to then, a signed record that forks the history fails verification, and an
+artifact past its sunset stops a release from being aliased (a deprecated one only warns). A record nobody trusted
+signed is skipped and said (tests/integration/test_provenance_junk.py has the operator credential's junk)."""
 
 from __future__ import annotations
 
@@ -99,16 +100,27 @@ async def test_alias_history_at_a_time_and_a_forged_record_fails(bus: Bus, setti
     refused = await cli(settings, "--as", "mallory", "alias", "set", "shop", "production", "shop-v1")
     assert refused.exit_code == 4 and "no person's" in refused.output
 
-    # Someone with publish rights appends a record pointing production elsewhere, reusing ann's signature.
+    # Someone with publish rights appends a record pointing production elsewhere, reusing ann's signature: it is
+    # no part of the history (skipped, and said), so production still points where ann put it.
     subject = bus.subjects.alias("shop", "production")
     last = msgspec.json.decode((await bus.js.get_last_msg(bus.subjects.streams["provenance"].name, subject)).data,
                                type=AliasChanged)
     forged = msgspec.structs.replace(last, id="forged", release="shop-v1", previous=last.release, seq=last.seq + 1,
                                      prev_digest=chain.digest(last), time=datetime.now(UTC))
     await bus.js.publish(subject, encode(forged))
+    skipped = await cli(settings, "history", "shop/production")
+    assert skipped.exit_code == 0 and "shop/production now: shop-v2" in skipped.stderr, skipped.output
+    assert "1 record skipped: not signed by a trusted person" in skipped.stderr
+    # A record a trusted person signed that forks the history (another #2 after #1) breaks it: exit 4, named ...
+    oldest = await bus.js.get_msg(bus.subjects.streams["provenance"].name, 1, subject=subject, next=True)
+    first_record = msgspec.json.decode(oldest.data, type=AliasChanged)
+    fork = chain.seal(person(settings, "ann", "operator"),
+                      msgspec.structs.replace(first_record, id="fork", release="shop-v1", time=datetime.now(UTC)),
+                      first_record)
+    await bus.js.publish(subject, encode(fork))
     tampered = await cli(settings, "history", "shop/production")
-    assert tampered.exit_code == 4 and "change #3 (shop-v1)" in tampered.output
-    assert "does not match its signature" in tampered.output and len(tampered.output.strip().splitlines()) == 1
+    assert tampered.exit_code == 4 and "change #2 (shop-v1): expected record #3 here" in tampered.output
+    assert len(tampered.stderr.strip().splitlines()) == 1
     # ... and nobody can build on a history that does not check out.
     on_top = await cli(settings, "--as", "ann", "alias", "set", "shop", "production", "shop-v1")
     assert on_top.exit_code == 4

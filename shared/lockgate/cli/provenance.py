@@ -1,7 +1,8 @@
 """`lockgate alias`, `lockgate artifact deprecate` and `history APP/ALIAS`: signed provenance from the CLI.
 
 Changes are signed with the personal identity (`--as NAME`, `lockgate identity create`) of a person the
-trust file knows as operator or admin; reads verify every record of a history against the trust file.
+trust file knows as operator or admin; reads verify every record of a history against the trust file, and say
+how many messages on it they skipped (not signed by a trusted person, unreadable, copies, another history's).
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ def _row(r: Any, signer: str = "") -> dict[str, Any]:
             "origin": r.origin, "reason": r.reason}
 
 
+def _skipped_row(s: Any) -> dict[str, Any]:
+    return {"stream_seq": s.stream_seq, "subject": s.subject, "kind": s.kind, "detail": s.detail}
+
+
+def warn_skipped(skipped: list[Any], where: str, listing: str = "") -> None:
+    """One warning line on stderr for the messages a read skipped (none: nothing)."""
+    from lockgate.provenance.chain import summary
+
+    if skipped:
+        hint = f"; `{listing}` lists them" if listing else ""
+        err_console.print(f"[yellow]warning:[/yellow] {where}: {summary(skipped)} (no part of it: they change "
+                          f"nothing{hint})", highlight=False, soft_wrap=True)
+
+
 def split_alias(ref: str) -> tuple[str, str]:
     """`APP/ALIAS` -> (app, alias); ConfigError otherwise."""
     app, sep, alias = ref.partition("/")
@@ -38,10 +53,13 @@ def alias_history(ctx: click.Context, ref: str, at: str | None, limit: int, as_j
     app, alias = split_alias(ref)
     when = parse_time(at)
     settings = ctx.obj["settings"]
-    current, upto, signers = with_bus(settings, lambda bus: aliases.pointed_at(bus, settings, app, alias, when))
+    current, upto, signers, skipped = with_bus(settings, lambda bus: aliases.pointed_at(bus, settings, app, alias,
+                                                                                        when))
     rows = [_row(r, s) for r, s in zip(upto, signers, strict=True)][::-1][:max(1, limit)]
     view = {"alias": ref, "at": when, "release": current.release if current else None,
-            "since": current.time if current else None, "history": rows}
+            "since": current.time if current else None, "history": rows,
+            "skipped": [_skipped_row(s) for s in skipped]}
+    warn_skipped(skipped, f"the history of {ref}")
     if as_json:
         emit_json(view)
         return
@@ -78,8 +96,10 @@ def register(cli: click.Group) -> None:
         settings = ctx.obj["settings"]
         identity = chosen_identity(ctx)
         role = chosen_role("operator")
-        record, findings = with_bus(settings, lambda bus: aliases.set_alias(
+        record, findings, skipped = with_bus(settings, lambda bus: aliases.set_alias(
             bus, settings, identity, app, name, release, reason=reason, audit_as=role), role="operator")
+        warn_skipped(skipped, f"the history of {app}/{name} and its release's artifact lifecycles",
+                     f"lockgate history {app}/{name} --json")
         for f in findings:
             err_console.print(f"[yellow]warning:[/yellow] {f.message()}", highlight=False, soft_wrap=True)
         if as_json:
@@ -104,7 +124,9 @@ def register(cli: click.Group) -> None:
 
         settings = ctx.obj["settings"]
         when = parse_time(at)
-        current, _, signers = with_bus(settings, lambda bus: aliases.pointed_at(bus, settings, app, name, when))
+        current, _, signers, skipped = with_bus(settings, lambda bus: aliases.pointed_at(bus, settings, app, name,
+                                                                                         when))
+        warn_skipped(skipped, f"the history of {app}/{name}", f"lockgate history {app}/{name} --json")
         if current is None:
             raise NotFound(f"alias {app}/{name} points to nothing {'at ' + when.isoformat() if when else 'yet'} "
                            f"(`lockgate alias set {app} {name} RELEASE`)")
@@ -123,7 +145,8 @@ def register(cli: click.Group) -> None:
         from lockgate.provenance import aliases
 
         settings = ctx.obj["settings"]
-        records = with_bus(settings, lambda bus: aliases.list_aliases(bus, settings, app))
+        records, skipped = with_bus(settings, lambda bus: aliases.list_aliases(bus, settings, app))
+        warn_skipped(skipped, f"the alias histories{' of ' + app if app else ''}")
         output([_row(r) for r in records], as_json, title="aliases (signatures verified)", empty="no aliases",
                columns=None if as_json else ["app", "alias", "release", "time", "signed_by", "seq"])
 
@@ -150,9 +173,10 @@ def register(cli: click.Group) -> None:
         identity = chosen_identity(ctx)
         when = parse_time(sunset, "--sunset")
         role = chosen_role("operator")
-        record = with_bus(settings, lambda bus: lifecycle.deprecate(
+        record, skipped = with_bus(settings, lambda bus: lifecycle.deprecate(
             bus, settings, identity, digest, successor=successor, sunset=when, reason=reason, audit_as=role),
             role="operator")
+        warn_skipped(skipped, f"the lifecycle of {digest}")
         if as_json:
             emit_json(record)
         else:

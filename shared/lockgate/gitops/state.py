@@ -73,7 +73,7 @@ async def read_aliases(bus: Bus, settings: Settings, desired: list[Resource]) ->
     out = {}
     for res in desired:
         if res.kind == "alias":
-            current, _, _ = await aliases.pointed_at(bus, settings, res.spec["app"], res.spec["alias"])
+            current, _, _, _ = await aliases.pointed_at(bus, settings, res.spec["app"], res.spec["alias"])
             if current is not None:
                 out[res.name] = current.release
     return out

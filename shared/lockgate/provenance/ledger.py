@@ -2,23 +2,28 @@
 
 Appends are conditional on the subject's last stream sequence (`Nats-Expected-Last-Subject-Sequence`),
 so two writers racing on one alias cannot both chain onto the same record: the second is refused and
-says so. The stream denies deletes and purges, and keeps every record for ever.
+says so. The stream denies deletes and purges, and keeps every record for ever: a message nobody trusted
+signed stays too, so reading skips it (`chain.read`) and says so.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-import msgspec
 import nats.errors
 import nats.js.errors
 
+from lockgate import metrics
 from lockgate.bus import Bus
 from lockgate.codec import encode
 from lockgate.contracts.provenance import AliasChanged, ArtifactLifecycle
-from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent
+from lockgate.errors import BusUnavailable, ConfigError
+from lockgate.provenance import chain
 
 R = TypeVar("R", AliasChanged, ArtifactLifecycle)
+log = logging.getLogger("lockgate.provenance")
 
 
 class ConcurrentChange(ConfigError):
@@ -45,27 +50,10 @@ async def append(bus: Bus, subject: str, record: Any, after_seq: int) -> int:
     return int(ack.seq)
 
 
-def _decode(data: bytes, kind: type[R], subject: str, seq: int) -> R:
-    try:
-        return msgspec.json.decode(data, type=kind)
-    except msgspec.DecodeError as exc:
-        raise InvalidEvent(f"provenance record {seq} on {subject} is not a {kind.__name__}: {exc}") from None
-
-
-async def last(bus: Bus, subject: str, kind: type[R]) -> tuple[int, R] | None:
-    """The stream sequence and record last appended on `subject`, or None if it has none."""
-    try:
-        msg = await bus.js.get_last_msg(_stream(bus), subject)
-    except nats.js.errors.NotFoundError:
-        return None
-    except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-        raise BusUnavailable(f"cannot read the provenance stream ({subject}): {exc!r}") from None
-    return int(msg.seq), _decode(msg.data or b"", kind, subject, int(msg.seq))
-
-
-async def history(bus: Bus, subject: str, kind: type[R]) -> list[R]:
-    """Every record appended on `subject`, oldest first (one message-get per record: histories are short)."""
-    out: list[R] = []
+async def messages(bus: Bus, subject: str) -> list[tuple[int, bytes]]:
+    """Every message on `subject` (stream sequence, bytes), oldest first (one message-get each: histories
+    are short)."""
+    out: list[tuple[int, bytes]] = []
     seq = 1
     while True:
         try:
@@ -74,14 +62,40 @@ async def history(bus: Bus, subject: str, kind: type[R]) -> list[R]:
             return out
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"cannot read the provenance stream ({subject}): {exc!r}") from None
-        out.append(_decode(msg.data or b"", kind, subject, int(msg.seq)))
+        out.append((int(msg.seq), msg.data or b""))
         seq = int(msg.seq) + 1
 
 
-async def subjects(bus: Bus, pattern: str) -> list[str]:
-    """The subjects under `pattern` that hold records."""
+async def read(bus: Bus, subject: str, kind: type[R], owner: str,
+               verify: Callable[[R], str]) -> chain.History[R]:
+    """The verified history of `owner` on `subject`, with what it skipped; ChainBroken if a signed record does
+    not follow it."""
+    return chain.read(subject, await messages(bus, subject), kind, owner, verify)
+
+
+# (subject, stream sequence) of the skipped messages this process has logged: a service logs each once, not at
+# every read (the gatekeeper reads a lifecycle per decision). Bounded: past it, a message may be logged again.
+_reported: set[tuple[str, int]] = set()
+_REPORTED_MAX = 10_000
+
+
+def reported(skipped: Iterable[chain.Skipped]) -> None:
+    """Log and count each skipped message the first time this process sees it (a service's reads; the CLI
+    shows its own summary)."""
+    for s in skipped:
+        if (s.subject, s.stream_seq) in _reported:
+            continue
+        if len(_reported) >= _REPORTED_MAX:
+            _reported.clear()
+        _reported.add((s.subject, s.stream_seq))
+        log.warning("provenance %s", s.message())
+        metrics.provenance_skipped(s.kind)
+
+
+async def subjects(bus: Bus, pattern: str) -> dict[str, int]:
+    """The subjects under `pattern` that hold messages, and how many each holds."""
     try:
         info = await bus.js.stream_info(_stream(bus), subjects_filter=pattern)
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
         raise BusUnavailable(f"cannot list the provenance stream: {exc!r}") from None
-    return sorted((info.state.subjects or {}).keys())
+    return dict(sorted((info.state.subjects or {}).items()))

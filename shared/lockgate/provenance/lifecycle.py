@@ -16,6 +16,7 @@ from lockgate.errors import ConfigError, LockgateError
 from lockgate.identity import Identity
 from lockgate.provenance import chain, ledger
 from lockgate.provenance.trust import verifier
+from lockgate.subjects import token
 
 
 class SunsetArtifact(LockgateError):
@@ -62,47 +63,47 @@ def refusal(findings: list[Finding], release: str) -> SunsetArtifact | None:
     return SunsetArtifact(f"release {release} uses sunset artifacts: {'; '.join(past)}")
 
 
-async def current(bus: Bus, settings: Settings, digest: str) -> ArtifactLifecycle | None:
-    """The verified lifecycle record in force for an artifact version, or None (never deprecated)."""
-    records = await ledger.history(bus, bus.subjects.lifecycle(digest), ArtifactLifecycle)
-    if any(r.hash != digest for r in records):
-        raise chain.ChainBroken(f"the lifecycle history of {digest} holds a record for another artifact")
-    chain.check(records, verifier(settings))
-    return records[-1] if records else None
+async def history(bus: Bus, settings: Settings, digest: str) -> chain.History[ArtifactLifecycle]:
+    """The verified lifecycle records of an artifact version, with the messages on its subject that are not
+    part of it (skipped); ChainBroken if a signed record does not follow the one before it."""
+    return await ledger.read(bus, bus.subjects.lifecycle(digest), ArtifactLifecycle, digest, verifier(settings))
 
 
 async def for_release(bus: Bus, settings: Settings, release_artifacts: Mapping[str, str],
-                      now: datetime | None = None) -> list[Finding]:
-    """The lifecycle findings of a release's artifacts (`kind/name` -> hash) now."""
-    records = {}
-    for digest in set(release_artifacts.values()):
-        record = await current(bus, settings, digest)
-        if record is not None:
-            records[digest] = record
-    return assess(release_artifacts, records, now or datetime.now(UTC))
+                      now: datetime | None = None) -> tuple[list[Finding], list[chain.Skipped]]:
+    """The lifecycle findings of a release's artifacts (`kind/name` -> hash) now, from the record in force for
+    each (its last verified one), and the messages skipped reading them."""
+    records, skipped = {}, []
+    for digest in sorted(set(release_artifacts.values())):
+        found = await history(bus, settings, digest)
+        skipped += found.skipped
+        if found.records:
+            records[digest] = found.records[-1]
+    return assess(release_artifacts, records, now or datetime.now(UTC)), skipped
 
 
 async def deprecate(bus: Bus, settings: Settings, identity: Identity, digest: str, *, successor: str = "",
-                    sunset: datetime | None = None, reason: str = "", audit_as: str = "operator") -> ArtifactLifecycle:
-    """Append a signed deprecation of an artifact version (with successor and sunset), audited."""
+                    sunset: datetime | None = None, reason: str = "", audit_as: str = "operator",
+                    ) -> tuple[ArtifactLifecycle, list[chain.Skipped]]:
+    """Append a signed deprecation of an artifact version (with successor and sunset), audited; with the
+    messages skipped reading its lifecycle."""
     await artifacts.require(bus, digest)  # NotFound unless the version exists
     if successor:
         if successor == digest:
             raise ConfigError("an artifact cannot be its own successor")
         await artifacts.require(bus, successor)
-    subject = bus.subjects.lifecycle(digest)
-    found = await ledger.last(bus, subject, ArtifactLifecycle)
-    await current(bus, settings, digest)  # never extend a history that does not check out
-    after, prev = found if found else (0, None)
+    found = await history(bus, settings, digest)  # never extend a history that does not check out
+    prev = found.records[-1] if found.records else None
     record = chain.seal(identity, ArtifactLifecycle(hash=digest, successor=successor, sunset=sunset,
                                                     reason=reason, seq=0), prev)
     verifier(settings, allow_revoked=False)(record)  # refused before it is written if the signer may not
-    await ledger.append(bus, subject, record, after)
+    # After the subject's last message, skipped or not: anything appended since the read refuses this one.
+    await ledger.append(bus, bus.subjects.lifecycle(digest), record, found.last_seq)
     await auditlog.record(bus, audit_as, kind="lifecycle", actor=identity.name, target=digest, action="deprecate",
                           reason=reason, entry_id=record.id,
                           details={"successor": successor, "sunset": sunset.isoformat() if sunset else "",
                                    "seq": record.seq, "key_id": record.key_id})
-    return record
+    return record, found.skipped
 
 
 def rule_results(findings: list[Finding]) -> list[RuleResult]:
@@ -113,11 +114,26 @@ def rule_results(findings: list[Finding]) -> list[RuleResult]:
                        hint=f.message()) for f in findings]
 
 
+def skipped_rule(skipped: list[chain.Skipped], release_artifacts: Mapping[str, str]) -> list[RuleResult]:
+    """Pure: a PASS rule naming the lifecycle messages skipped (none: no rule). They are no part of any
+    artifact's lifecycle, so they decide nothing; the decision says they were there."""
+    if not skipped:
+        return []
+    subjects = {s.subject for s in skipped}
+    keys = sorted(k for k, digest in release_artifacts.items() if any(s.endswith(f".{token(digest)}") for s in subjects))
+    return [RuleResult(rule="lifecycle records skipped", metric="skipped", op="ignored", threshold=0.0,
+                       observed=float(len(skipped)), verdict="PASS",
+                       hint=f"{chain.summary(skipped, 'lifecycle record')} ({', '.join(keys)}; not taken into account)")]
+
+
 async def gate_rules(bus: Bus, settings: Settings, release_artifacts: Mapping[str, str],
                      now: datetime | None = None) -> list[RuleResult]:
-    """What the gatekeeper adds to a decision; a lifecycle history that does not verify fails closed."""
+    """What the gatekeeper adds to a decision; a lifecycle history that does not verify fails closed. Messages
+    on a lifecycle subject that are no part of it are skipped, logged once and named in a PASS rule."""
     try:
-        return rule_results(await for_release(bus, settings, release_artifacts, now))
+        findings, skipped = await for_release(bus, settings, release_artifacts, now)
     except chain.ChainBroken as exc:
         return [RuleResult(rule="lifecycle", metric="signature", op="verified", threshold=1.0, observed=0.0,
                            verdict="FAIL", hint=exc.message)]
+    ledger.reported(skipped)
+    return [*rule_results(findings), *skipped_rule(skipped, release_artifacts)]
