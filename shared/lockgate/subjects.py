@@ -432,10 +432,6 @@ class Subjects:
         return f"{self.prefix}.provenance.lifecycle.*"
 
     @property
-    def provenance_all(self) -> str:
-        return f"{self.prefix}.provenance.>"
-
-    @property
     def spans(self) -> str:
         return f"{self.prefix}.telemetry.spans"
 
