@@ -181,3 +181,14 @@ def test_plan_refuses_a_document_linked_from_outside_the_folder(tmp_path: Path) 
     proc = run("plan", str(repo), env=_no_stack(tmp_path / "home"), check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "prompts/ext.yaml is refused: it is a symbolic link" in proc.stderr and "outside the folder" in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["1", "2.5", "true", "'text'"])
+def test_plan_refuses_a_scalar_inline_spec_in_one_line(tmp_path: Path, value: str) -> None:
+    # Found by a probe: `spec: 1` (2.5, true) printed a 45-line traceback from hashing the content.
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "x.yaml").write_text(f"kind: policy\nname: p\nspec: {value}\n")
+    proc = run("plan", str(tmp_path / "docs"), env=_no_stack(tmp_path / "home"), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "document x.yaml is invalid: inline content is a mapping or a list" in proc.stderr
+    assert "at `$.spec`" in proc.stderr

@@ -4,7 +4,7 @@ Any `*.yaml` / `*.yml` file under the folder (hidden folders such as `.git` skip
 how the folder is arranged into sub-folders is the team's choice. Nothing is read from outside the
 folder: a symbolic link out of it, like a `file:` out of it, is refused. Content kinds (dataset, prompt,
 model_config, tool, suite, policy) become content-addressed artifacts: their content is `spec:`
-inline or `file:` beside the document (a dataset may be a JSONL file). A release names artifacts of
+inline (a mapping or a list) or `file:` beside the document (a dataset may be a JSONL file). A release names artifacts of
 the folder by `kind/name`; a deployment names releases of the folder; a budget is a spending limit.
 Every error names the file and the path inside it (`... - at `$.rollout.steps[0]``).
 """
@@ -52,6 +52,9 @@ class ContentDoc(_Doc, frozen=True, kw_only=True):
         super().__post_init__()
         if (self.spec is None) == (not self.file):
             raise at("$.spec", "give exactly one of `spec` (inline content) and `file` (a path beside the document)")
+        if self.spec is not None and not isinstance(self.spec, dict | list):
+            raise at("$.spec", f"inline content is a mapping or a list, not {type(self.spec).__name__} "
+                               f"{self.spec!r:.40} (put text in a file named by `file:`)")
 
 
 class Dataset(ContentDoc, frozen=True, kw_only=True, tag="dataset"):
