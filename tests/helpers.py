@@ -228,10 +228,12 @@ async def apply_folder(bus: Any, settings: Any, folder: Any, *, lineage: Any = N
     from lockgate.gitops.resolve import resolve
     from lockgate.gitops.state import apply, read_bindings, read_state
 
-    desired = resolve(load_folder(folder))
+    sources = load_folder(folder)
+    desired = resolve(sources)
     plan = diff(desired, await read_state(bus), await read_bindings(bus, [r.release for r in desired if r.release]))
+    prov = provenance(folder, reads=[r for s in sources for r in s.reads])
     async with recorder(lineage or bus, settings):
-        return plan, await apply(bus, plan, desired, provenance(folder), directory=str(folder))
+        return plan, await apply(bus, plan, desired, prov, directory=str(folder))
 
 
 def grpc_key(key: str) -> list[Any]:

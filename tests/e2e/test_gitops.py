@@ -123,3 +123,72 @@ def test_plan_without_a_stack_fails_fast_for_ci(tmp_path: Path) -> None:
     env = {**os.environ, "LOCKGATE_HOME": str(tmp_path), "LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
     proc = run("plan", str(FIXTURE), env=env, check=False)
     assert proc.returncode == 1 and "no lockgate stack answers" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _no_stack(home: Path) -> dict[str, str]:
+    return {**os.environ, "LOCKGATE_HOME": str(home), "LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
+
+
+@pytest.mark.parametrize("folder", ["deploy", "deploy/prompts"])
+def test_plan_refuses_a_folder_git_would_read_as_a_bare_repository_and_runs_nothing(tmp_path: Path,
+                                                                                   folder: str) -> None:
+    # Found by a probe: a bare repository's files committed beside the documents (HEAD, config, objects/, refs/)
+    # made git take the folder for a Git directory and obey its `config`: `plan` (viewer, run by CI on pull
+    # requests) ran its `core.fsmonitor` command.
+    marker = tmp_path / "PWNED"
+    repo = tmp_path / "repo"
+    deploy = repo / "deploy"
+    shutil.copytree(FIXTURE / "prompts", deploy / "prompts")
+    (deploy / "objects").mkdir()
+    (deploy / "refs" / "heads").mkdir(parents=True)
+    (deploy / "objects" / ".keep").write_text("")
+    (deploy / "refs" / "heads" / ".keep").write_text("")
+    (deploy / "HEAD").write_text("ref: refs/heads/main\n")
+    (deploy / "config").write_text(f'[core]\n\trepositoryformatversion = 0\n\tbare = false\n\tworktree = .\n'
+                                   f'\tfsmonitor = "echo pwned > {marker}; false"\n')
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "a bare repository's files beside the documents")
+    proc = run("plan", str(repo / folder), env=_no_stack(tmp_path / "home"), check=False)
+    assert not marker.exists()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "holds a Git directory's files" in proc.stderr, proc.stderr
+
+
+def test_plan_runs_no_command_the_repository_configures(tmp_path: Path) -> None:
+    # A work tree whose own .git/config names a command (a folder handed over with its .git): git runs none.
+    marker = tmp_path / "PWNED"
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "x")
+    _git(repo, "config", "core.fsmonitor", f"echo fsmonitor >> {marker}; false")
+    proc = run("plan", str(repo), env=_no_stack(tmp_path / "home"), check=False)
+    assert proc.returncode == 1 and "no lockgate stack answers" in proc.stderr  # it got as far as the stack
+    assert not marker.exists(), marker.read_text()
+
+
+def test_plan_refuses_a_document_linked_from_outside_the_folder(tmp_path: Path) -> None:
+    # Found by a probe: a committed symbolic link to a document outside the repository was applied under the
+    # commit with `git.dirty=false`, and again, with other content, after the outside file changed.
+    outside = tmp_path / "outside.yaml"
+    outside.write_text("kind: prompt\nname: gitshop-ext\nspec: {system: outside the repository}\n")
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    (repo / "prompts" / "ext.yaml").symlink_to(outside)
+    _git(repo, "init", "-q")
+    _git(repo, "add", ".")
+    _git(repo, "commit", "-qm", "x")
+    proc = run("plan", str(repo), env=_no_stack(tmp_path / "home"), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "prompts/ext.yaml is refused: it is a symbolic link" in proc.stderr and "outside the folder" in proc.stderr
+
+
+@pytest.mark.parametrize("value", ["1", "2.5", "true", "'text'"])
+def test_plan_refuses_a_scalar_inline_spec_in_one_line(tmp_path: Path, value: str) -> None:
+    # Found by a probe: `spec: 1` (2.5, true) printed a 45-line traceback from hashing the content.
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "x.yaml").write_text(f"kind: policy\nname: p\nspec: {value}\n")
+    proc = run("plan", str(tmp_path / "docs"), env=_no_stack(tmp_path / "home"), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "document x.yaml is invalid: inline content is a mapping or a list" in proc.stderr
+    assert "at `$.spec`" in proc.stderr

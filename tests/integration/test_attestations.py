@@ -1,6 +1,7 @@
 """Attestations: a real gate decision exported as an in-toto Statement in a DSSE envelope verifies offline
-(`lockgate attest verify`), and fails, with exit 4 and one line, when the payload, the decision inside it
-or the signer is not what was attested; artifacts registered with a key carry its signature."""
+(`lockgate attest verify`), and fails, with exit 4 and one line, when the payload, the decision inside it,
+the release's artifacts (not exactly those the decision judged) or the signer (untrusted, or not an operator
+or admin) is not what was attested; artifacts registered with a key carry its signature."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ async def test_a_real_decision_attestation_verifies_and_tampering_fails(
     bus: Bus, settings: Settings, run_services: Callable[..., Any], subscribe: Callable[[str], Any],  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    ann = person(settings, "ann", "approver")
+    ann = person(settings, "ann", "operator")
     # As `lockgate up` does: the gatekeeper's key is a trust root.
     trust_key(trust_file_path(settings), Signer.load_or_create(default_key_path(settings)).public)
     suite, policy = await register_qa(bus)
@@ -94,6 +95,28 @@ async def test_a_real_decision_attestation_verifies_and_tampering_fails(
     assert stranger.exit_code == 4 and "no person's" in stranger.output
     junk = await cli("attest", "verify", write("junk.json", {"payloadType": "text/plain"}))
     assert junk.exit_code == 4 and len(junk.output.strip().splitlines()) == 1
+
+    # Found by a probe: a genuine PASS with the judged artifact swapped for another (under another key), the
+    # subject digest recomputed and the envelope signed again by a trusted person, verified ("decision PASS"),
+    # and so did a bundle with no artifacts: only the keys both named were compared.
+    other = await artifacts.register(bus, "prompt", "blocked", {"template": "never judged"})
+    bundle = stmt["predicate"]["release"]
+    for artifacts_ in ({"prompt/blocked": other.hash}, {}, {**bundle["artifacts"], "prompt/blocked": other.hash},
+                       {"prompt/answer": other.hash}):
+        forged_bundle = {**bundle, "artifacts": artifacts_}
+        forged = {**stmt, "subject": [{"name": "release:v-att", "digest": {"sha256": attest.bundle_digest(forged_bundle)}}],
+                  "predicate": {**stmt["predicate"], "release": forged_bundle}}
+        refused = await cli("attest", "verify", write("forged.json", _resign(env, forged, ann)))
+        assert refused.exit_code == 4 and "judged other content than the release holds" in refused.output, (
+            artifacts_, refused.output)
+        assert len(refused.output.strip().splitlines()) == 1
+    # An approver (or viewer) is trusted, but may not attest: the envelope's signer alone vouches for a release
+    # statement's bundle and a decision statement's eval summary, so it takes one who may make releases.
+    pia = person(settings, "pia", "approver")
+    approver = await cli("attest", "verify", write("approver.json", _resign(env, stmt, pia)))
+    assert approver.exit_code == 4 and "it needs operator or admin" in approver.output, approver.output
+    made_by_approver = await cli("--as", "pia", "attest", "decision", "v-att", "--out", str(tmp_path / "pia.json"))
+    assert made_by_approver.exit_code == 4 and not (tmp_path / "pia.json").exists()
 
     release = await cli("--as", "ann", "attest", "release", "v-att", "--out", str(tmp_path / "release.json"))
     assert release.exit_code == 0

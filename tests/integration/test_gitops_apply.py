@@ -6,6 +6,7 @@ hold together, and the operator identity can no longer write the bucket itself."
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -145,7 +146,7 @@ async def test_apply_without_a_lineage_recorder_says_so_and_records_nothing(
     desired = resolve(load_folder(repo))
     plan = diff(desired, {}, {})
     with pytest.raises(GitopsError, match="no lineage recorder answers applies"):
-        await apply(bus, plan, desired, provenance(repo), directory=str(repo))
+        await apply(bus, plan, desired, provenance(repo, reads=()), directory=str(repo))
     assert await read_state(bus) == {}
 
 
@@ -228,7 +229,7 @@ async def test_an_apply_names_a_person_only_with_their_signature(bus: Bus, setti
         repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
         desired = resolve(load_folder(repo))
         plan = diff(desired, await read_state(bus), await read_bindings(bus, [r.release for r in desired if r.release]))
-        event = await apply(bus, plan, desired, provenance(repo), directory=str(repo), author=ann, settings=settings)
+        event = await apply(bus, plan, desired, provenance(repo, reads=()), directory=str(repo), author=ann, settings=settings)
     assert event.applied_by == "ann"
     entry = await asyncio.wait_for(audited.get(), 10)
     assert (entry.actor, entry.details["identity"]) == ("ann", "operator")
@@ -276,3 +277,33 @@ async def test_an_apply_row_stands_for_every_change_even_when_its_list_is_cut(bu
     assert "deployment/hidden" not in row.details["changes"] and row.details["changes"].endswith("[cut here]")
     assert row.details["changes_count"] == "21"
     assert row.details["changes_digest"] == content_hash(msgspec.to_builtins(changes))
+
+
+async def test_a_document_git_ignores_is_applied_as_dirty_through_the_cli(bus: Bus, settings: Settings,
+                                                                          tmp_path: Path) -> None:
+    # Found by a probe: a gitignored policy document was read and applied under the commit, `git.dirty=false` on
+    # its registration, the applied state and the apply's audit row, while no commit held it.
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    (repo / ".gitignore").write_text("policies/loose.yaml\n")
+    for args in (("init", "-q"), ("add", "."), ("commit", "-qm", "x")):
+        await asyncio.to_thread(_git, repo, *args)
+    clean = await cli(settings, "plan", str(repo), "--json")
+    assert clean.exit_code == 2 and json.loads(clean.stdout)["git"]["dirty"] is False, clean.output
+    (repo / "policies" / "loose.yaml").write_text(
+        (repo / "policies" / "default.yaml").read_text().replace("gitshop-gate", "gitshop-loose"))
+    assert await asyncio.to_thread(_git, repo, "status", "--porcelain") == ""  # git itself sees nothing
+
+    planned = await cli(settings, "plan", str(repo), "--json")
+    assert planned.exit_code == 2 and json.loads(planned.stdout)["git"]["dirty"] is True, planned.output
+    audited: asyncio.Queue[AuditEntry] = asyncio.Queue()
+
+    async def on_audit(msg: object) -> None:
+        await audited.put(msgspec.json.decode(msg.data, type=AuditEntry))  # type: ignore[attr-defined]
+
+    await bus.nc.subscribe(bus.subjects.audit("lineage"), cb=on_audit)
+    async with recorder(bus, settings):
+        applied = await cli(settings, "apply", str(repo))
+    assert applied.exit_code == 0, applied.output
+    row = await asyncio.wait_for(audited.get(), 10)
+    assert row.kind == "apply" and row.details["dirty"] == "true"
+    assert (await read_state(bus))["policy/gitshop-loose"].dirty is True

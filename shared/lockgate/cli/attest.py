@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -10,6 +11,20 @@ from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, err_console
 from lockgate.errors import ConfigError
+
+# Who may sign an attestation: those who may make what it describes (register releases, request evals). The
+# envelope's signer alone vouches for a release statement's bundle and a decision statement's eval summary.
+ATTESTERS = ("operator", "admin")
+
+
+def _signer(settings: Any) -> Callable[[str, str, bytes], str]:
+    """The envelope check: a trusted person's current key, with a role in ATTESTERS."""
+    from lockgate.identity import verify_person
+
+    def check(kid: str, sig: str, data: bytes) -> str:
+        return verify_person(settings, kid, sig, data, roles=ATTESTERS, what="the attestation", allow_revoked=False)
+
+    return check
 
 
 def _write(doc: dict[str, Any], out: str | None) -> None:
@@ -50,15 +65,19 @@ def register(cli: click.Group) -> None:
         settings = ctx.obj["settings"]
         identity = chosen_identity(ctx)
 
+        ring = Keyring.from_settings(settings)
+
         async def work(bus: Any) -> dict[str, Any]:
             decision = await current_decision(bus, release)
-            Keyring.from_settings(settings).verify(decision)  # never attest a decision the trust roots refuse
+            ring.verify(decision)  # never attest a decision the trust roots refuse
             found = await ask(bus, "lineage_export", {"release": release, "limit": 1000})
             run = next((e for e in found["evals"] if e["run_id"] == decision.eval_run), None)
             return at.envelope(at.decision_statement(decision, await artifacts.release_of(bus, release), run),
                                identity)
 
-        _write(with_bus(settings, work), out)
+        env = with_bus(settings, work)
+        at.verify(env, _signer(settings), ring.verify)  # never write one `attest verify` refuses (say why now)
+        _write(env, out)
 
     @attest.command("release")
     @click.argument("release")
@@ -70,6 +89,7 @@ def register(cli: click.Group) -> None:
         from lockgate import artifacts
         from lockgate.cli.identity import chosen_identity
         from lockgate.provenance import attest as at
+        from lockgate.signing import Keyring
 
         settings = ctx.obj["settings"]
         identity = chosen_identity(ctx)
@@ -77,7 +97,9 @@ def register(cli: click.Group) -> None:
         async def work(bus: Any) -> dict[str, Any]:
             return at.envelope(at.release_statement(await artifacts.release_of(bus, release)), identity)
 
-        _write(with_bus(settings, work), out)
+        env = with_bus(settings, work)
+        at.verify(env, _signer(settings), Keyring.from_settings(settings).verify)
+        _write(env, out)
 
     @attest.command("verify")
     @click.argument("path", type=click.Path(dir_okay=False))
@@ -87,11 +109,11 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     @handle_errors
     def attest_verify(ctx: click.Context, path: str, keys: tuple[str, ...], as_json: bool) -> None:
-        """Check an attestation offline against the trust file: who signed the envelope, that the subject is
-        the release it describes, and (for a decision) the gatekeeper's signature. Exit 4 if anything fails."""
+        """Check an attestation offline against the trust file: who signed the envelope (an operator or admin),
+        that the subject is the release it describes, and (for a decision) the gatekeeper's signature over
+        exactly the artifacts the release holds. Exit 4 if anything fails."""
         import json
 
-        from lockgate.identity import verify_person
         from lockgate.provenance import attest as at
         from lockgate.signing import Keyring
 
@@ -109,10 +131,7 @@ def register(cli: click.Group) -> None:
         if keys:
             ring = ring.merge(Keyring.from_pem_files(keys))
 
-        def signer(kid: str, sig: str, data: bytes) -> str:
-            return verify_person(settings, kid, sig, data, roles=(), what="the attestation", allow_revoked=False)
-
-        result = at.verify(env, signer, ring.verify)
+        result = at.verify(env, _signer(settings), ring.verify)
         if as_json:
             emit_json({k: v for k, v in result.items() if k != "statement"}
                       | {"predicateType": result["statement"]["predicateType"],

@@ -72,7 +72,9 @@ def _load(directory: str) -> tuple[list[Any], Any]:
     from lockgate.gitops.git import provenance
     from lockgate.gitops.resolve import resolve
 
-    return resolve(load_folder(directory)), provenance(directory)
+    sources = load_folder(directory)
+    # The files the plan read: one that Git ignores is in no commit, so the provenance is dirty.
+    return resolve(sources), provenance(directory, reads=[r for s in sources for r in s.reads])
 
 
 async def _plan(bus: Any, desired: list[Any], prune: bool, settings: Any) -> Any:

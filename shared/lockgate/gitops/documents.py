@@ -1,15 +1,17 @@
 """The folder's documents: one YAML file per resource, its type given by `kind:`.
 
 Any `*.yaml` / `*.yml` file under the folder (hidden folders such as `.git` skipped) is one document;
-how the folder is arranged into sub-folders is the team's choice. Content kinds (dataset, prompt,
+how the folder is arranged into sub-folders is the team's choice. Nothing is read from outside the
+folder: a symbolic link out of it, like a `file:` out of it, is refused. Content kinds (dataset, prompt,
 model_config, tool, suite, policy) become content-addressed artifacts: their content is `spec:`
-inline or `file:` beside the document (a dataset may be a JSONL file). A release names artifacts of
+inline (a mapping or a list) or `file:` beside the document (a dataset may be a JSONL file). A release names artifacts of
 the folder by `kind/name`; a deployment names releases of the folder; a budget is a spending limit.
 Every error names the file and the path inside it (`... - at `$.rollout.steps[0]``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -50,6 +52,9 @@ class ContentDoc(_Doc, frozen=True, kw_only=True):
         super().__post_init__()
         if (self.spec is None) == (not self.file):
             raise at("$.spec", "give exactly one of `spec` (inline content) and `file` (a path beside the document)")
+        if self.spec is not None and not isinstance(self.spec, dict | list):
+            raise at("$.spec", f"inline content is a mapping or a list, not {type(self.spec).__name__} "
+                               f"{self.spec!r:.40} (put text in a file named by `file:`)")
 
 
 class Dataset(ContentDoc, frozen=True, kw_only=True, tag="dataset"):
@@ -134,11 +139,13 @@ ORDER = (*CONTENT_KINDS, "release", "alias", "deployment", "budget")
 
 
 class Source(msgspec.Struct, frozen=True, kw_only=True):
-    """One document as read: its file relative to the folder, and the bytes of its `file:` if any."""
+    """One document as read: its file relative to the folder, the bytes of its `file:` if any, and every
+    path (relative to the folder) whose bytes it read, symbolic links and their targets alike."""
 
     path: str
     doc: Document
     file_bytes: bytes | None = None
+    reads: tuple[str, ...] = ()
 
 
 def kind_of(doc: Document) -> str:
@@ -153,19 +160,29 @@ def load_folder(folder: str | Path) -> list[Source]:
         raise GitopsError(f"{root} is not a folder")
     files = sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    real = root.resolve()
     sources = []
     for path in files:
         rel = path.relative_to(root).as_posix()
+        # A symbolic link out of the folder would bring content that no commit of it holds (and that can change
+        # under an unchanged commit), so it is refused as `file:` outside the folder is.
+        if not path.resolve().is_relative_to(real):
+            raise GitopsError(f"document {rel} is refused: it is a symbolic link to {path.resolve()}, outside the "
+                              "folder (a commit of the folder does not hold that content)")
         doc = load_yaml(path, Document, name="document", error=GitopsError, shown=rel)  # type: ignore[arg-type]
         data = None
+        reads = {rel, path.resolve().relative_to(real).as_posix()}
         if isinstance(doc, ContentDoc) and doc.file:
             target = (path.parent / doc.file).resolve()
-            if not target.is_relative_to(root.resolve()):
+            if not target.is_relative_to(real):
                 raise GitopsError(f"document {rel} is invalid: `file` must stay inside the folder - at `$.file`")
             try:
                 data = target.read_bytes()
             except OSError as exc:
                 raise GitopsError(f"document {rel} is invalid: cannot read {doc.file}: "
                                   f"{exc.strerror or exc} - at `$.file`") from None
-        sources.append(Source(path=rel, doc=doc, file_bytes=data))
+            named = os.path.relpath(os.path.normpath(path.parent / doc.file), root)  # a link named by `file:`
+            reads |= {target.relative_to(real).as_posix(), *([Path(named).as_posix()] if not
+                                                              named.startswith("..") else [])}
+        sources.append(Source(path=rel, doc=doc, file_bytes=data, reads=tuple(sorted(reads))))
     return sources

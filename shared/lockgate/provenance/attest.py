@@ -2,9 +2,10 @@
 subject is the release's bundle digest (pure: no I/O; the signer and the checks are passed in).
 
 A decision's predicate carries the gatekeeper-signed decision itself and the release bundle it judged, so
-`verify` checks three things offline: the envelope's signature (a person of the trust file), that the
-subject digest is the bundle's, and the decision's own signature (the trust roots); a release's predicate
-carries the bundle (and its author's signature, when it has one).
+`verify` checks offline: the envelope's signature (a person of the trust file, whose role the caller
+checks), that the subject digest is the bundle's, the decision's own signature (the trust roots), and that
+the bundle's artifacts are exactly those the decision judged (no more, no fewer, the same hashes); a
+release's predicate carries the bundle (and its author's signature, when it has one).
 """
 
 from __future__ import annotations
@@ -91,6 +92,24 @@ def _payload(env: Mapping[str, Any]) -> bytes:
         raise AttestationRefused("the envelope's payload is not base64") from None
 
 
+def other_content(decision: GateDecided, artifacts: Any) -> str:
+    """How the release artifacts the decision judged (its `kind/name` keys; the bare `eval_suite` and `policy`
+    are not release content) differ from the bundle's; "" when they are exactly the same, key for key.
+
+    Only the same set counts: a bundle that dropped a judged artifact, or holds one the gate never saw, is
+    content nobody judged, and the decision (the gatekeeper's signature) does not speak for it."""
+    if not isinstance(artifacts, dict) or not all(isinstance(v, str) for v in artifacts.values()):
+        return "the release's artifacts are not a mapping of kind/name to hash"
+    judged = {k: v for k, v in decision.artifacts.items() if "/" in k}
+    if not judged:
+        return f"decision {decision.id} names no artifacts it judged, so it speaks for no content"
+    diffs = [f"{k} judged {judged.get(k) or 'nothing'}, release holds {artifacts.get(k) or 'nothing'}"
+             for k in sorted({*judged, *artifacts}) if judged.get(k) != artifacts.get(k)]
+    if not diffs:
+        return ""
+    return f"the decision judged other content than the release holds ({'; '.join(diffs)})"
+
+
 def verify(env: Mapping[str, Any], check_signer: Callable[[str, str, bytes], str],
            check_decision: Callable[[GateDecided], str]) -> dict[str, Any]:
     """The verified Statement, with `signed_by` and (for a decision) `decision_key`; AttestationRefused
@@ -131,11 +150,9 @@ def verify(env: Mapping[str, Any], check_signer: Callable[[str, str, bytes], str
             out["decision_key"] = check_decision(decision)
         except SignatureError as exc:
             raise AttestationRefused(f"predicate decision: {exc.message}") from None
-        mismatched = sorted(k for k, h in bundle.get("artifacts", {}).items()
-                            if k in decision.artifacts and decision.artifacts[k] != h)
-        if mismatched:
-            raise AttestationRefused(f"the decision judged other versions of {', '.join(mismatched)} than the "
-                                     "release holds")
+        different = other_content(decision, bundle.get("artifacts"))
+        if different:
+            raise AttestationRefused(different)
         evaluation = stmt["predicate"].get("eval")
         if evaluation is not None and evaluation.get("run_id") != decision.eval_run:
             raise AttestationRefused(f"the predicate's eval run {evaluation.get('run_id')} is not the one the "
