@@ -12,9 +12,10 @@ import aiohttp
 import msgspec
 
 from lockgate import artifacts, shipped
-from lockgate.contracts import EvalCompleted, EvalRequested, EvalReran, LineageRun
+from lockgate.contracts import EvalCompleted, EvalRequested, EvalReran, LineageRun, ReleaseBinding
 from lockgate.endpoints import Access
 from lockgate.errors import ConfigError, NotFound
+from lockgate.evalruns import binding_of
 from lockgate.provenance import environment
 from lockgate.server.service import ServiceContext
 from lockgate.services.evaluator import (
@@ -79,6 +80,15 @@ class Execution:
         self.session = session
         self.stopping = stopping
 
+    async def binding(self, req: EvalRequested) -> ReleaseBinding:
+        """The release's binding now, read before `load` chooses what to call: the result carries it as what
+        the run evaluated, and the gate passes the run only while the release is still bound so. Read once:
+        a name registered during the run must never be taken for what was evaluated."""
+        try:
+            return binding_of(await artifacts.release_of(self.ctx.bus, req.release))
+        except NotFound:
+            return binding_of(None)
+
     async def load(self, req: EvalRequested) -> Loaded:
         """Suite, dataset and price book; ConfigError/NotFound name what is wrong."""
         suite = domain.parse_suite(await artifacts.load_structured(self.ctx.bus, req.suite))
@@ -134,8 +144,9 @@ class Execution:
 
     async def _shipped(self, release: str) -> Shipped | None:
         """The release's model config; None when it is not registered or carries none usable (the run is then
-        evaluated as asked, and the gatekeeper blocks an unregistered release; the router serves no release
-        without one). An unreadable bus stays an error (retried), never "evaluate as asked"."""
+        evaluated as asked, and the gatekeeper blocks a release that was not registered when the run started;
+        the router serves no release without one). An unreadable bus stays an error (retried), never "evaluate
+        as asked"."""
         try:
             return await shipped.of_release(self.ctx.bus, release)
         except (NotFound, ConfigError):
@@ -178,6 +189,9 @@ class Execution:
             params=_params(suite, loaded), suite=req.suite,
             dataset=suite.dataset if isinstance(suite.dataset, str) else "inline", repeats=suite.repeats,
             concurrency=req.concurrency, timeout_s=req.timeout_s, cache=bool(cache is not None))
+        # Whether `model` and `endpoint` were called ("call") or only name the run ("recorded": it scored
+        # served events): the gate checks a called model against the release's model config.
+        outcome.environment["task"] = suite.task.type
         return outcome
 
     async def _run(self, req: EvalRequested, loaded: Loaded, skip: set[tuple[str, int]],
@@ -299,18 +313,22 @@ class Execution:
         """The EvalCompleted id of a run already stored (a redelivery after the run row was written)."""
         return await persist.stored_event_id(self.ctx.bus, run_id)
 
-    async def finish(self, req: EvalRequested, outcome: Outcome, inputs: list[str],
+    async def finish(self, req: EvalRequested, outcome: Outcome, inputs: list[str], binding: ReleaseBinding,
                      event_id: str | None = None) -> EvalCompleted:
-        """Publish EvalCompleted (the sink stores it as the run's `eval_runs` row) and the lineage run."""
+        """Publish EvalCompleted (the sink stores it as the run's `eval_runs` row) and the lineage run.
+
+        `binding` is the release's as `binding()` read it when the run started; it is never read again here: a
+        release registered while the run called what its request named would be named as what was judged."""
         n_errors = sum(1 for r in outcome.results if r.error)
-        # The release's prompt, model config ... versions, so the decision names what it judged.
-        arts = dict(req.artifacts) or await persist.release_artifacts(self.ctx.bus, req.release) or {}
+        # The release's prompt, model config ... versions, so the decision names what it judged; an unregistered
+        # name's are only what the request says (the gate blocks it).
+        arts = dict(binding.artifacts) if binding.registered else dict(req.artifacts)
         done = EvalCompleted(
             run_id=req.run_id, release=req.release, suite=req.suite, baseline=req.baseline, policy=req.policy,
             status=outcome.status, n_cases=len(outcome.results), n_errors=n_errors, metrics=outcome.metrics,
             error=outcome.error, intervals=outcome.intervals, baseline_run=outcome.baseline_run,
             comparisons=outcome.comparisons, warnings=outcome.warnings, artifacts=arts,
-            ratios=outcome.ratios, environment=outcome.environment,
+            ratios=outcome.ratios, environment=outcome.environment, binding=binding,
             tenant=req.tenant, source="evaluator", **({"id": event_id} if event_id else {}),
         )
         await self.publish(done, inputs)

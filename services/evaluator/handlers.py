@@ -104,6 +104,8 @@ class EvalHandlers:
             ex = Execution(self.ctx, self.session(), self.stopping)
             # A redelivery after the run row was stored re-publishes the same event (recomputed, no calls).
             event_id = await ex.stored_event_id(req.run_id) if delivery.deliveries > 1 else None
+            # Before `load` picks what to call: what the run evaluates is the release as bound now.
+            binding = await ex.binding(req)
             try:
                 loaded = await ex.load(req)
             except (ConfigError, NotFound) as exc:
@@ -111,7 +113,7 @@ class EvalHandlers:
                 if req.rerun_of:
                     await ex.rerun(req, None, load_error(exc))
                 else:
-                    await ex.finish(req, load_error(exc), [], event_id)
+                    await ex.finish(req, load_error(exc), [], binding, event_id)
                 return
             outcome = await ex.execute(req, loaded)
             span.set_attribute("lockgate.cases", len(outcome.results))
@@ -119,4 +121,4 @@ class EvalHandlers:
             if req.rerun_of:  # never an EvalCompleted: a rerun must not move any gate
                 await ex.rerun(req, loaded, outcome)
                 return
-            await ex.finish(req, outcome, loaded.inputs, event_id)
+            await ex.finish(req, outcome, loaded.inputs, binding, event_id)

@@ -108,8 +108,3 @@ async def recorded_events(bus: Bus, app: str, release: str, since: str, tenant: 
     return await ask_pages(bus, "recorded_events", args,
                            after=lambda r: {"before_us": r["time_us"], "before_id": r["id"]})
 
-
-
-async def release_artifacts(bus: Bus, release: str) -> dict[str, str] | None:
-    """A release's registered artifacts (`kind/name` -> hash), or None if the store does not know it."""
-    return await ask(bus, "release_artifacts", {"release": release}, into=dict[str, str] | None)

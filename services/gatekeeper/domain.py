@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from lockgate.contracts import EvalCompleted, GateDecided, RuleResult
+from lockgate.contracts import EvalCompleted, GateDecided, ReleaseBinding, RuleResult
 from lockgate.contracts.gates import Decision
 from lockgate.services.gatekeeper import baseline as baselines
 from lockgate.services.gatekeeper.gatesfile import Pin, Required
@@ -16,11 +16,14 @@ from lockgate.services.gatekeeper.review import VETOED, review_reasons
 from lockgate.services.gatekeeper.rules import Evidence, evaluate_rule
 
 __all__ = ["OPS", "Evidence", "Limits", "Outcome", "Pin", "Policy", "Required", "ReviewTrigger", "Rule", "Used",
-           "decide", "decide_eval", "decision_id", "evaluate_rule", "judged_artifacts", "meets", "parse_policy",
-           "release_rules", "required_rules", "standing_veto", "under_veto", "with_rules"]
+           "binding_rules", "called_rules", "decide", "decide_eval", "decision_id", "evaluate_rule",
+           "judged_artifacts", "meets", "parse_policy", "release_rules", "required_rules", "standing_veto",
+           "under_veto", "with_rules"]
 
 RELEASE_REGISTERED = "release_registered"
 RELEASE_ARTIFACTS = "release_artifacts"
+RELEASE_BINDING = "release_binding"
+RELEASE_MODEL = "release_model"
 REQUIRED_POLICY = "required_policy"
 REQUIRED_SUITE = "required_suite"
 
@@ -212,6 +215,59 @@ def under_veto(out: Outcome, veto: RuleResult | None) -> Outcome:
     review = "; ".join(x for x in (veto.hint, out.review_required) if x)
     reason = f"{veto.hint}; {out.reason}" if out.reason else veto.hint
     return Outcome("NEEDS_REVIEW", (*out.rules, veto), reason, review, out.errored)
+
+
+def binding_rules(release: str, run_id: str, started: ReleaseBinding | None,
+                  current: ReleaseBinding) -> tuple[RuleResult, ...]:
+    """FAIL rules when `release` is not bound now (`current`) as it was when eval run `run_id` started
+    (`started`, what the run evaluated); () when it is, or when it is not registered now (release_rules
+    blocks that).
+
+    The evaluator chooses what to call when a run starts: for a name bound to nothing, what the request
+    names. A registration landing during the run would otherwise have the decision name, and the router
+    admit, content that was never called. `started` None: an evaluator that did not say (fail closed).
+    """
+    if not current.registered:
+        return ()
+    if started is None:
+        return (RuleResult(rule=RELEASE_BINDING, metric="binding", op="recorded", threshold=1.0, observed=0.0,
+                           verdict="FAIL", hint=f"eval run {run_id} does not say which binding of release "
+                                                f"{release!r} it evaluated (an evaluator older than the gatekeeper): "
+                                                "run the eval again"),)
+    if not started.registered:
+        return (RuleResult(rule=RELEASE_REGISTERED, metric="release", op="registered at start", threshold=1.0,
+                           observed=0.0, verdict="FAIL",
+                           hint=f"release {release!r} was not registered when eval run {run_id} started and was "
+                                f"registered during it (bundle {current.bundle}): the run called what its request "
+                                "named, not the release; run the eval again now that it is registered"),)
+    if started.bundle == current.bundle:
+        return ()
+    diffs = [f"{key} {started.artifacts.get(key, 'absent')} then, {current.artifacts.get(key, 'absent')} now"
+             for key in sorted({*started.artifacts, *current.artifacts})
+             if started.artifacts.get(key) != current.artifacts.get(key)]
+    return (RuleResult(rule=RELEASE_BINDING, metric="binding", op="unchanged", threshold=0.0,
+                       observed=float(max(1, len(diffs))), verdict="FAIL",
+                       hint=f"release {release!r} is bound to other content than when eval run {run_id} started "
+                            f"(bundle {started.bundle} then, {current.bundle} now"
+                            + (f": {', '.join(diffs)}" if diffs else "") + "): run the eval for the release as "
+                            "it is bound now"),)
+
+
+def called_rules(release: str, model: str, endpoint: str, config: str,
+                 environment: Mapping[str, str]) -> tuple[RuleResult, ...]:
+    """FAIL rules when the run whose `environment` is given called another model or endpoint than `release`'s
+    model config (`config`) ships (`model` at `endpoint`); () when it called those, or called nothing (a
+    recorded task, or an evaluator that does not say)."""
+    if environment.get("task") != "call":
+        return ()
+    called = {"model": environment.get("model", ""), "endpoint": environment.get("endpoint", "")}
+    diffs = [f"{what} {called[what]!r}, the release ships {ships!r}"
+             for what, ships in (("model", model), ("endpoint", endpoint)) if called[what] != ships]
+    if not diffs:
+        return ()
+    return (RuleResult(rule=RELEASE_MODEL, metric="model", op="is shipped", threshold=1.0, observed=0.0,
+                       verdict="FAIL", hint=f"the eval called {'; '.join(diffs)} ({config}): the gate judges what "
+                                            f"release {release!r} ships; run the eval without --model and --endpoint"),)
 
 
 def judged_artifacts(decision_artifacts: Mapping[str, str]) -> dict[str, str]:

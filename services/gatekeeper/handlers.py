@@ -18,6 +18,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import baseline as baselines
 from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.driftgate import known_good, read_route
+from lockgate.services.gatekeeper.evaluated import evaluated_rules
 from lockgate.services.gatekeeper.gatesfile import Gates
 from lockgate.services.gatekeeper.records import Records
 from lockgate.services.gatekeeper.registrations import Registrations
@@ -82,9 +83,11 @@ class GateHandlers:
             outcome = domain.with_rules(outcome, await self._required_baseline(done, bundle))
             # A person's reject of this content stands over a re-run of its eval: at most NEEDS_REVIEW.
             outcome = domain.under_veto(outcome, await self._veto(done.release, done.artifacts or release_arts))
-            # Last, so its remediation leads the reason: fail closed for a name nobody registered (or other content).
-            outcome = domain.with_rules(outcome, domain.release_rules(done.release, registered,
-                                                                      done.artifacts or None))
+            # Last, so its remediation leads the reason: fail closed for a name nobody registered (or other content),
+            # one bound otherwise than when the run started, or evaluated on another model than it ships.
+            outcome = domain.with_rules(outcome, (*await evaluated_rules(self.ctx.bus, done, bundle),
+                                                  *domain.release_rules(done.release, registered,
+                                                                        done.artifacts or None)))
             span.set_attribute("lockgate.decision", outcome.decision)
             arts = {**(done.artifacts or release_arts),
                     **{k: v for k, v in (("eval_suite", done.suite), ("policy", done.policy)) if v}}

@@ -1,19 +1,23 @@
 """Requested eval runs in KV: the evaluator records each request it accepts, and the gatekeeper
-decides only on an EvalCompleted for a recorded run whose content matches it.
+decides only on an EvalCompleted for a recorded run whose content matches it. Both read a release's
+binding the same way (`binding_of`): the evaluator when a run starts, the gatekeeper when it decides.
 
 Who may write this bucket (the evaluator's NATS identity only) is enforced by NATS permissions.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 
 from lockgate.codec import Codec, encode
-from lockgate.contracts import EvalCompleted, EvalRequested
+from lockgate.contracts import EvalCompleted, EvalRequested, ReleaseBinding
 from lockgate.errors import BusUnavailable, InvalidEvent
+from lockgate.identity import bundle_content
+from lockgate.ids import content_hash
 from lockgate.subjects import token
 
 _requests: Codec[EvalRequested] = Codec(EvalRequested)
@@ -75,3 +79,12 @@ def check_result(done: EvalCompleted, req: EvalRequested | None) -> None:
     if diffs:
         raise UntrustedEvalResult(f"eval result {done.id} for run {done.run_id!r} refused: it does not match the "
                                   f"request ({'; '.join(diffs)})")
+
+
+def binding_of(bundle: Mapping[str, Any] | None) -> ReleaseBinding:
+    """A release's binding as `artifacts.release_of` read it (None: not registered): its bundle's content
+    hash, without the author (what makes two registrations the same release), and its artifacts."""
+    if bundle is None:
+        return ReleaseBinding(registered=False)
+    return ReleaseBinding(registered=True, bundle=content_hash(bundle_content(bundle)),
+                          artifacts=dict(bundle.get("artifacts") or {}))

@@ -40,6 +40,7 @@ from lockgate.contracts import (
     LineageEdge,
     LineageEdges,
     LineageRun,
+    ReleaseBinding,
     ReleaseRegistered,
     RolloutState,
     RuleResult,
@@ -60,6 +61,9 @@ SAMPLES = [
     LineageRun(run_id="run-1", kind="eval", release="r1", inputs=["a"], outputs=["b"]),
     EvalRequested(run_id="run-1", release="r1", suite="sha256:1", endpoint="http://x/v1"),
     EvalCompleted(run_id="run-1", release="r1", suite="sha256:1", metrics={"exact_match": 0.9}),
+    EvalCompleted(run_id="run-2", release="r1", suite="sha256:1", environment={"task": "call", "model": "m"},
+                  binding=ReleaseBinding(registered=True, bundle="sha256:b", artifacts={"model_config/m": "sha256:m"})),
+    EvalCompleted(run_id="run-3", release="r9", suite="sha256:1", binding=ReleaseBinding(registered=False)),
     EvalReran(run_id="run-2", rerun_of="run-1", release="r1", suite="sha256:1", metrics={"exact_match": 0.9},
               stored_metrics={"exact_match": 0.85}),
     GateDecided(release="r1", decision="BLOCK", rules=[
@@ -140,6 +144,16 @@ def test_new_decoder_reads_older_event_missing_defaulted_fields() -> None:
     old = {"type": "lockgate.inference", "id": "x", "time": "2026-01-01T00:00:00Z", "app": "shop"}
     event = Codec(InferenceEvent).decode(msgspec.json.encode(old))
     assert event.app == "shop" and event.input_tokens == 0 and event.attributes == {}
+
+
+def test_an_eval_result_without_the_binding_its_run_started_on_decodes_as_saying_none() -> None:
+    # Appended after v1: an older evaluator's result still decodes; the gate blocks it (it says no binding).
+    old = {"type": "lockgate.eval.completed", "id": "x", "time": "2026-01-01T00:00:00Z", "run_id": "run-1",
+           "release": "r1", "suite": "sha256:1"}
+    assert Codec(EvalCompleted).decode(msgspec.json.encode(old)).binding is None
+    unbound = msgspec.json.decode(encode(EvalCompleted(run_id="r", release="r1", suite="s",
+                                                       binding=ReleaseBinding())))["binding"]
+    assert unbound == {"registered": False, "bundle": "", "artifacts": {}}  # said, and said unregistered
 
 
 def test_unknown_schema_version_is_rejected_with_the_version() -> None:

@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
+from click.testing import CliRunner, Result
 
 from lockgate import artifacts
 from lockgate.bus import Bus
+from lockgate.cli.gate import current_decision
+from lockgate.cli.main import cli
 from lockgate.codec import Codec
+from lockgate.config import Settings
 from lockgate.contracts import DeadLetter, EvalCompleted, EvalRequested, GateDecided, LineageRun
+from lockgate.evalruns import binding_of
 from lockgate.ids import uuid7
 from lockgate.services.query.decisions import decisions, latest_decision
 from lockgate.services.query.evals import eval_cases, eval_runs
+from lockgate.signing import Keyring, ensure_signer_trusted
 from lockgate.store import Store
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import eventually, register_model_release, sink_stored
+from tests.helpers import admin_headers, eventually, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(90)
 FIXTURES = Path(__file__).parent.parent / "fixtures"
@@ -288,3 +297,109 @@ async def test_a_run_id_binds_once_so_no_request_reuses_another_requests_stored_
     assert letter.origin == "evaluator" and strong.run_id in letter.error and "already" in letter.error
     # The reused run decided nothing: the first decision is the fresh run's, of the model that ships.
     assert (decision.eval_run, decision.decision) == (fresh.run_id, "BLOCK")
+
+
+# A release registered while its eval runs (q2 report, defect 1). The evaluator chooses what to call when a run
+# starts: for a name bound to nothing, the model and endpoint the request names. It read the release's artifacts
+# again when the run finished, so a release registered meanwhile, with a model the gate had blocked, got a PASS
+# for the requested model's answers, and the router served it.
+
+
+class HeldSim(SimServer):
+    """The simulator holding every chat call until `go` is set; `called` is set at the first one (the run
+    has chosen what to call)."""
+
+    def __init__(self, config: SimConfig) -> None:
+        super().__init__(config)
+        self.called = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        self.called.set()
+        await self.go.wait()
+        return await super()._chat(request)
+
+
+@pytest.fixture
+async def held(context: Any, run_services: Callable[..., Any]) -> AsyncIterator[dict[str, Any]]:
+    """Evaluator, gatekeeper and router (deployment `chat`, stable `r1` passed) with a held simulator as the
+    allow-list's `default` endpoint, where every test release ships; the gatekeeper's key trusted."""
+    ensure_signer_trusted(context.settings)
+    suite, policy = await register_qa(context.bus)
+    async with HeldSim(good_and_bad()) as sim:
+        context.settings = context.settings.replace(stable_upstream=sim.url, canary_upstream="http://127.0.0.1:9/v1",
+                                                    deployment="chat")
+        svcs = await run_services("sink", "query", "evaluator", "gatekeeper", "router")
+        await register_model_release(context.bus, "r1", "good")
+        await store_pass(context.bus, "r1", context.settings)
+        yield {"sim": sim, "router": svcs["router"], "suite": suite, "policy": policy}
+
+
+async def eval_run(settings: Settings, release: str, *args: str) -> Result:
+    """`lockgate eval run` as an operator types it, on the fixture suite and policy, waiting for the gate's
+    decision."""
+    argv = ["--nats", settings.nats_url, "--prefix", settings.prefix, "eval", "run",
+            str(FIXTURES / "suites" / "qa.yaml"), "--candidate", release,
+            "--policy", str(FIXTURES / "policies" / "default.yaml"), "--timeout", "60", "--json", *args]
+    return await asyncio.to_thread(CliRunner().invoke, cli, argv, catch_exceptions=False)  # its own loop
+
+
+async def canary(router: Any, release: str) -> dict[str, Any]:
+    """What the router does when asked to canary `release` beside r1 (it admits only a verified PASS)."""
+    async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
+        body = {"stable_release": "r1", "canary_release": release}
+        async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
+            return await resp.json()
+
+
+async def test_a_release_registered_while_its_eval_runs_gets_no_pass_and_no_traffic(
+    bus: Bus, settings: Settings, context: Any, held: dict[str, Any], subscribe: Callable[[str], Any]
+) -> None:
+    sim = held["sim"]
+    evals = await subscribe(bus.subjects.eval_completed)
+    # Name v-late is bound to nothing: the run calls what the operator names, the good model at the simulator.
+    running = asyncio.create_task(eval_run(settings, "v-late", "--endpoint", sim.url, "--model", "good"))
+    await asyncio.wait_for(sim.called.wait(), 30)
+    # While it runs, the operator registers v-late with the model the gate blocks (as `release create` does).
+    late = await register_model_release(bus, "v-late", "bad")
+    sim.go.set()
+    result = await running
+    assert result.exit_code == 5, result.output  # the gate did not pass
+    assert sim.requests == {"good": 20}  # what was evaluated: the model the request named, never v-late's
+    done = Codec(EvalCompleted).decode((await evals.next_msg(timeout=5)).data)
+    assert done.binding is not None and not done.binding.registered and done.artifacts == {}
+
+    d = await current_decision(bus, "v-late")
+    assert (d.decision, d.id) == ("BLOCK", json.loads(result.output)["decision"]["id"])
+    assert Keyring.from_settings(context.settings).verify(d) == d.key_id  # signed, and it is the gatekeeper's
+    # Every rule of the policy passed (the good model answered): only what changed blocks, and says what.
+    assert [r.rule for r in d.rules if r.verdict == "FAIL"] == ["release_registered", "release_model"]
+    bound = binding_of(await artifacts.release_of(bus, "v-late"))
+    assert d.reason.startswith(
+        f"release 'v-late' was not registered when eval run {done.run_id} started and was registered during it "
+        f"(bundle {bound.bundle}): the run called what its request named, not the release; run the eval again")
+    assert (f"the eval called model 'good', the release ships 'bad'; endpoint '{sim.url}', the release ships "
+            f"'default' ({late['model_config/v-late-config']})") in d.reason
+    state = await canary(held["router"], "v-late")
+    assert (state["phase"], state["weight"]) == ("aborted", 0.0)  # no PASS: the router serves none of it
+
+
+async def test_a_release_registered_before_its_eval_and_unchanged_still_passes_and_is_admitted(
+    bus: Bus, settings: Settings, held: dict[str, Any], subscribe: Callable[[str], Any]
+) -> None:
+    sim = held["sim"]
+    sim.go.set()
+    arts = await register_model_release(bus, "v-early", "good")
+    evals = await subscribe(bus.subjects.eval_completed)
+    result = await eval_run(settings, "v-early")  # evaluated as it ships
+    assert result.exit_code == 0, result.output
+    done = Codec(EvalCompleted).decode((await evals.next_msg(timeout=5)).data)
+    # The result says what the run started on: the release as bound, which is what the decision names.
+    assert done.binding == binding_of(await artifacts.release_of(bus, "v-early")) and done.artifacts == arts
+    assert (done.environment["task"], done.environment["model"], done.environment["endpoint"]) == (
+        "call", "good", "default")
+    d = await current_decision(bus, "v-early")
+    assert d.decision == "PASS" and [r.verdict for r in d.rules] == ["PASS", "PASS", "PASS"]
+    assert {**arts, "eval_suite": held["suite"], "policy": held["policy"]} == d.artifacts
+    state = await canary(held["router"], "v-early")
+    assert (state["phase"], state["canary"]["release"], state["admitted"]) == ("progressing", "v-early", d.id)

@@ -28,8 +28,10 @@ from lockgate.contracts import (
     GateDecided,
     GateReview,
     MetricInterval,
+    ReleaseBinding,
 )
-from lockgate.evalruns import record_request
+from lockgate.errors import NotFound
+from lockgate.evalruns import binding_of, record_request
 from lockgate.identity import Identity, create_identity, sign_review, statement_bytes
 from lockgate.ids import uuid7
 from lockgate.server.service import ServiceContext
@@ -97,9 +99,20 @@ def request_of(done: EvalCompleted, **changes: Any) -> EvalRequested:
     return EvalRequested(**fields)
 
 
+async def started_on(bus: Bus, release: str) -> ReleaseBinding:
+    """The release's binding now, as the evaluator reads it when a run starts."""
+    try:
+        return binding_of(await artifacts.release_of(bus, release))
+    except NotFound:
+        return binding_of(None)
+
+
 async def finish_eval(bus: Bus, done: EvalCompleted) -> None:
-    """What the evaluator does for a run: record the accepted request, later publish its result."""
+    """What the evaluator does for a run: record the accepted request, read the release's binding as the run
+    starts (unless `done` says another), later publish its result."""
     await record_request(bus, request_of(done))
+    if done.binding is None:
+        done = msgspec.structs.replace(done, binding=await started_on(bus, done.release))
     await bus.publish(bus.subjects.eval_completed, done)
 
 
@@ -344,6 +357,55 @@ async def test_an_unregistered_release_is_blocked_and_registering_it_later_does_
             state = await resp.json()
     assert (state["phase"], state["weight"]) == ("aborted", 0.0)  # the BLOCK from KV; no PASS exists
     assert (await current_decision(bus, "v15")) == d
+
+
+async def test_a_result_about_other_than_the_release_as_bound_now_is_blocked_however_good(
+    bus: Bus, run_services: Callable[..., Any], gates: Any, trusted: Keyring, settings: Settings
+) -> None:
+    # Before: the gate compared the release's binding with the artifacts the evaluator read when the run
+    # finished. A run that started on a name bound to nothing (it called what its request named) was passed
+    # once the name was registered during it, and nothing compared the model it called with the release's.
+    policy = await register_policy(bus, {k: v for k, v in POLICY.items() if k != "review"})
+    await run_services("sink", "query", "gatekeeper")
+    arts = await register_model_release(bus, "v17", "m")  # ships model m at the allow-list's `default`
+    await register_release(bus, "v1", "p1")
+    await store_pass(bus, "v1", settings)  # the baseline
+    bound = await started_on(bus, "v17")
+    shipped = {"task": "call", "model": "m", "endpoint": "default"}
+    results = {  # what an evaluator could say about a run of v17, every metric great
+        "as bound": {"binding": bound, "environment": shipped},
+        "registered during the run": {"binding": binding_of(None), "environment": shipped},
+        "another model": {"binding": bound, "environment": {**shipped, "model": "strong"}},
+        "another endpoint": {"binding": bound, "environment": {**shipped, "endpoint": "http://10.0.0.9/v1"}},
+        "scored served events": {"binding": bound, "environment": {**shipped, "task": "recorded", "model": ""}},
+        "not said (an older evaluator)": {"binding": None, "environment": shipped},
+    }
+    got = {}
+    for i, (case, said) in enumerate(results.items()):
+        done = msgspec.structs.replace(completed("v17", policy, em=0.99, em_ci=(0.98, 1.0), diff=0.0,
+                                                 diff_ci=(-0.01, 0.01), n=2000, artifacts=arts),
+                                       run_id=f"run-v17-{i}", **said)
+        await record_request(bus, request_of(done))
+        await bus.publish(bus.subjects.eval_completed, done)
+        got[case] = await next_decision(gates)
+        assert trusted.verify(got[case]) == got[case].key_id
+    fails = {case: [(r.rule, r.hint) for r in d.rules if r.verdict == "FAIL"] for case, d in got.items()}
+    assert {case: d.decision for case, d in got.items()} == {
+        "as bound": "PASS", "registered during the run": "BLOCK", "another model": "BLOCK",
+        "another endpoint": "BLOCK", "scored served events": "PASS", "not said (an older evaluator)": "BLOCK"}
+    [(rule, hint)] = fails["registered during the run"]
+    assert rule == "release_registered" and hint.startswith(
+        f"release 'v17' was not registered when eval run run-v17-1 started and was registered during it (bundle "
+        f"{bound.bundle})")
+    config = arts["model_config/v17-config"]
+    assert fails["another model"] == [("release_model", f"the eval called model 'strong', the release ships 'm' "
+                                                        f"({config}): the gate judges what release 'v17' ships; run the "
+                                                        "eval without --model and --endpoint")]
+    assert [r for r, _ in fails["another endpoint"]] == ["release_model"]
+    assert "endpoint 'http://10.0.0.9/v1', the release ships 'default'" in fails["another endpoint"][0][1]
+    [(rule, hint)] = fails["not said (an older evaluator)"]
+    assert rule == "release_binding" and "does not say which binding of release 'v17' it evaluated" in hint
+    assert got["registered during the run"].reason.startswith("release 'v17' was not registered when eval run")
 
 
 async def test_an_approval_never_passes_a_release_that_is_not_registered_or_holds_other_content(

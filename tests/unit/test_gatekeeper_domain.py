@@ -194,6 +194,57 @@ def test_an_eval_of_other_artifacts_than_the_release_holds_is_blocked(judged: di
     assert said in rule.hint and "other artifacts than release 'r' is registered with" in rule.hint
 
 
+BOUND = {"release": "r", "app": "shop", "tenant": "default", "parent": "", "artifacts": {"model_config/m": "sha256:m"}}
+
+
+def test_a_release_registered_or_rebound_during_its_eval_is_blocked_naming_the_change() -> None:
+    # Before: the gate compared the release's binding with the artifacts the evaluator read when the run
+    # finished, so a name registered while the run called what its request named got a PASS.
+    from lockgate.evalruns import binding_of
+    from lockgate.services.gatekeeper.domain import binding_rules
+
+    now = binding_of(BOUND)
+    assert binding_rules("r", "run-1", now, now) == ()  # bound before the run, unchanged
+    assert binding_rules("r", "run-1", None, binding_of(None)) == ()  # not registered now: release_rules says so
+    assert binding_of({**BOUND, "author": {"name": "ann"}}) == now  # the author is not the release's content
+    [late] = binding_rules("r", "run-1", binding_of(None), now)
+    assert (late.rule, late.verdict) == ("release_registered", "FAIL")
+    assert late.hint.startswith(f"release 'r' was not registered when eval run run-1 started and was registered "
+                                f"during it (bundle {now.bundle}): the run called what its request named")
+    other = binding_of({**BOUND, "artifacts": {"model_config/m": "sha256:n"}})
+    [rebound] = binding_rules("r", "run-1", other, now)
+    assert (rebound.rule, rebound.verdict) == ("release_binding", "FAIL")
+    assert f"(bundle {other.bundle} then, {now.bundle} now: model_config/m sha256:n then, sha256:m now)" in rebound.hint
+    [moved] = binding_rules("r", "run-1", binding_of({**BOUND, "app": "other"}), now)  # same artifacts, other app
+    assert moved.rule == "release_binding" and moved.hint.endswith(f"{now.bundle} now): run the eval for the release "
+                                                                   "as it is bound now")
+    [unsaid] = binding_rules("r", "run-1", None, now)  # an evaluator that does not say: fail closed
+    assert (unsaid.rule, unsaid.verdict) == ("release_binding", "FAIL") and "does not say" in unsaid.hint
+
+
+@pytest.mark.parametrize(
+    ("environment", "said"),
+    [
+        ({"task": "call", "model": "m1", "endpoint": "default"}, ""),
+        ({"task": "call", "model": "m2", "endpoint": "default"}, "called model 'm2', the release ships 'm1'"),
+        ({"task": "call", "model": "m1", "endpoint": "http://evil/v1"},
+         "called endpoint 'http://evil/v1', the release ships 'default'"),
+        ({"task": "recorded", "model": "", "endpoint": ""}, ""),  # scored served events: nothing called
+        ({"model": "m2", "endpoint": "x"}, ""),  # an evaluator that does not say (binding_rules blocks it)
+    ],
+)
+def test_a_run_that_called_another_model_or_endpoint_than_the_release_ships_is_blocked(
+        environment: dict[str, str], said: str) -> None:
+    from lockgate.services.gatekeeper.domain import called_rules
+
+    rules = called_rules("r", "m1", "default", "sha256:c", environment)
+    if not said:
+        assert rules == ()
+        return
+    [rule] = rules
+    assert (rule.rule, rule.verdict) == ("release_model", "FAIL") and said in rule.hint
+
+
 def test_a_decision_judged_the_release_artifacts_it_names_not_its_suite_or_policy() -> None:
     from lockgate.services.gatekeeper.domain import judged_artifacts
 

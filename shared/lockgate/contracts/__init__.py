@@ -28,6 +28,7 @@ from lockgate.contracts.evals import (
     EvalRequested,
     EvalReran,
     MetricInterval,
+    ReleaseBinding,
 )
 from lockgate.contracts.gates import (
     DecisionsPage,
@@ -122,6 +123,7 @@ __all__ = [
     "LineageEdge",
     "LineageEdges",
     "LineageRun",
+    "ReleaseBinding",
     "ReleaseRegistered",
     "RolloutState",
     "AnalysisMetric",

@@ -56,6 +56,15 @@ class EvalRequested(Event, frozen=True, kw_only=True, tag="lockgate.eval.request
     rerun_of: str = ""
 
 
+class ReleaseBinding(msgspec.Struct, frozen=True, kw_only=True):
+    """A release name's binding as the evaluator read it when a run started, before any call: what the run
+    evaluated. The gatekeeper passes a run only while the release is still bound exactly so."""
+
+    registered: bool = False  # False: the name was bound to nothing; the run evaluated what its request named
+    bundle: str = ""  # the bound bundle's content hash, without its author (lockgate.evalruns.binding_of)
+    artifacts: dict[str, str] = {}  # its artifact versions, `kind/name` -> hash
+
+
 class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.completed"):
     """Aggregates of a finished eval run; per-case rows are in `eval_cases`."""
 
@@ -80,6 +89,9 @@ class EvalCompleted(Event, frozen=True, kw_only=True, tag="lockgate.eval.complet
     # What the run ran on, to reproduce it: Python, lockgate and package versions (hash), OS, CPU/GPU,
     # seeds, and the model, endpoint and sampling parameters it called (lockgate.provenance.environment).
     environment: dict[str, str] = {}
+    # The release's binding when the run started (`artifacts` above are its artifacts when it was registered).
+    # None: an evaluator that did not say, whose result the gate blocks.
+    binding: ReleaseBinding | None = None
 
 
 class EvalReran(Event, frozen=True, kw_only=True, tag="lockgate.eval.reran"):
