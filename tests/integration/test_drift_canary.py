@@ -112,5 +112,7 @@ async def test_a_canary_whose_output_triples_against_stable_is_blocked_by_the_dr
     assert out.test == "ks" and out.test_drifted and out.p_value is not None and out.p_value < 1e-6
     assert out.current_mean > 2.5 * out.reference_mean and out.psi > 0.5
     assert (out.reference_size, out.current_size) == (50, 50)
+    # Every feature is reported with its own sizes; only the policy's feature (output tokens) judged the canary
+    # (the canary's longer answers take longer too, so latency may drift as much on a loaded machine).
     latency = next(f for f in report.features if f.feature == "latency_ms")
-    assert latency.psi < out.psi
+    assert (latency.reference_size, latency.current_size) == (50, 50)

@@ -32,6 +32,7 @@ from lockgate.server.runtime import Runtime
 from lockgate.signing import Signer
 from tests.helpers import person, register_model_release
 from tests.integration.test_app_credentials import Errors
+from tests.integration.test_gate_flow import started_on
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -169,7 +170,7 @@ async def test_junk_on_a_lifecycle_neither_dead_letters_the_gate_nor_hides_a_dep
 
     policy = (await artifacts.register(bus, "policy", POLICY["name"], POLICY)).hash
     done = EvalCompleted(run_id="run-junk", release="shop-lc", suite="sha256:suite", policy=policy, n_cases=50,
-                         metrics={"exact_match": 0.9})
+                         metrics={"exact_match": 0.9}, binding=await started_on(bus, "shop-lc"))
     await record_request(bus, EvalRequested(run_id=done.run_id, release=done.release, suite=done.suite,
                                             policy=policy, endpoint="http://127.0.0.1:9/v1"))
     decided = await bus.nc.subscribe(bus.subjects.gate_decided("shop-lc"))
