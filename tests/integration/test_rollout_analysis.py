@@ -307,7 +307,7 @@ async def test_canary_whose_errors_shift_the_error_mix_is_aborted_by_categorical
 
 async def test_pause_holds_the_weight_and_resume_continues(router: Any, http: aiohttp.ClientSession,
                                                            signer: Signer, keys: Bootstrap) -> None:
-    operator, rec = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    operator, rec = KeyStore(router.ctx.settings.home).create("default", "ops", "operator", "on call")
     await _start(http, router, "same", {"steps": [25, 100], "interval_s": 0.1, "analysis": ERRORS})
     await _pass(router, signer, "same")
     url = f"{router.url}/lockgate/v1/deployments/chat"
