@@ -831,12 +831,26 @@ class Rollouts:
 
     def observe_drift(self, report: DriftReport) -> None:
         """A drift report as evidence for analyses with a `drift` metric (every replica sees every report)."""
-        route = self.routes.get(report.deployment)
+        route = self._drift_route(report)
         if route is not None and progress.collecting(route):
             self.evidence.add_drift(report)
             if progress.drift_judged(route):
                 self._fresh.add(route.deployment)
                 self._wake.set()  # a look that is due is taken now, on this report
+
+    def _drift_route(self, report: DriftReport) -> Route | None:
+        """The route a drift report is evidence about; None when there is none, or when the report's events are
+        another tenant's than the one whose releases the deployment serves: the drift monitor keeps each tenant's
+        events in windows of their own, and a tenant whose key may send traffic here (unscoped, say) could steer
+        what its own window compares, arm by arm. The gate ignores such a report too (driftgate.py). A route
+        stored before targets recorded their tenant takes every report, as before."""
+        route = self.routes.get(report.deployment)
+        owner = route and (route.stable.tenant or (route.canary.tenant if route.canary else ""))
+        if owner and report.tenant != owner:
+            log.debug("%s: drift report %s is of tenant %r's events, not of %r whose releases it serves: not evidence",
+                     report.deployment, report.id, report.tenant, owner)
+            return None
+        return route
 
     async def on_drift(self, report: DriftReport) -> None:
         """A drift report: evidence for analyses with a `drift` metric; without one, a DRIFT covering a live
@@ -845,7 +859,7 @@ class Rollouts:
         self.observe_drift(report)
 
         def change() -> None:
-            route = self.routes.get(report.deployment)
+            route = self._drift_route(report)
             new = progress.on_drift(route, report) if route is not None else None
             if new is not None:
                 self._apply(new)

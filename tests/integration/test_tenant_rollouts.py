@@ -11,6 +11,7 @@ signed a lasting BLOCK of it under acme's policy, which aborted acme's canary an
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -18,9 +19,9 @@ import msgspec
 import pytest
 
 from lockgate import artifacts
-from lockgate.contracts import GateDecided
+from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
-from lockgate.server.service import ServiceContext
+from lockgate.server.service import Progress, ServiceContext
 from lockgate.signing import Signer, ensure_signer_trusted
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
@@ -164,3 +165,59 @@ async def test_an_admin_key_rolls_out_any_tenants_release_but_never_two_tenants_
     err = {}
     assert await _call(router, admin, "PATCH", "bravo-chat", {"canary_release": "acme-v2"}, answer=err) == 409
     assert "a deployment's releases are of one tenant" in err["error"]["message"], err
+
+
+def _report(tenant: str, deployment: str, release: str, reference: str) -> DriftReport:
+    """A served canary-versus-stable report of `tenant`'s events naming `release`, far over acme's drift rule and
+    the router's own alarm (answers 2 -> 11 tokens, as the probe's bravo asked them)."""
+    now = datetime.now(UTC)
+    feature = FeatureDrift(feature="output_tokens", psi=13.8, ks_stat=0.9, ks_pvalue=1e-9, reference_mean=2.0,
+                           current_mean=11.0, drifted=True)
+    return DriftReport(served=True, tenant=tenant, deployment=deployment, app="support", window_start=now,
+                       window_end=now, reference_n=50, current_n=50, drifted=True, features=[feature],
+                       comparison="canary_vs_stable", release=release, reference_release=reference,
+                       source="lockgate-drift")
+
+
+async def _current(router: Any, release: str) -> GateDecided:
+    kv = await router.ctx.bus.kv(router.ctx.bus.subjects.kv_gates)
+    return msgspec.json.decode((await kv.get(token(release))).value, type=GateDecided)
+
+
+async def test_the_gate_judges_a_release_only_on_drift_reports_of_its_own_tenants_events(
+        stack: dict[str, Any]) -> None:
+    router, gate = stack["router"], stack["gate"]
+    bus = router.ctx.bus
+    # The router's own abort on a DRIFT report would take acme-v2 off too: counted, to see what it did.
+    handled, on_drift = Progress(), router.rollouts.on_drift
+
+    async def counted(report: DriftReport) -> None:
+        await on_drift(report)
+        await handled.bump()
+
+    router.rollouts.on_drift = counted
+    # bravo's events naming acme's canary (bravo's traffic through a deployment serving it: its own, before the
+    # router refused that, or acme's, with an unscoped key); and acme's events on a deployment serving bravo's.
+    foreign = [_report("bravo", "bravo-chat", "acme-v2", "acme-v1"), _report("bravo", "acme-chat", "acme-v2", "acme-v1"),
+               _report("acme", "bravo-chat", "acme-v2", "bravo-v1")]
+    for report in foreign:
+        await bus.publish(bus.subjects.drift(report.deployment), report)
+    await gate.ignored.wait_for(len(foreign), 30)
+    await handled.wait_for(len(foreign), 30)
+    assert (await _current(router, "acme-v2")).decision == "PASS"
+    route = router.rollouts.route("acme-chat")
+    assert (route.phase, route.weight, route.canary.release) == ("progressing", 50.0, "acme-v2"), route.reason  # type: ignore[union-attr]
+    assert router.rollouts.evidence.drift("acme-chat", "acme-v2", 0.0) is None  # no evidence for its analysis
+
+    # acme's own events on acme's deployment: the same report is judged, BLOCKed under acme's policy, and the
+    # router takes the canary back.
+    decided = await bus.nc.subscribe(bus.subjects.gate_decided("acme-v2"))
+    own = _report("acme", "acme-chat", "acme-v2", "acme-v1")
+    await bus.publish(bus.subjects.drift("acme-chat"), own)
+    await decided.next_msg(timeout=30)
+    await decided.unsubscribe()
+    await router.rollouts.wait_for(lambda r: r["acme-chat"].phase == "aborted", timeout=30)
+    blocked = await _current(router, "acme-v2")
+    assert (blocked.decision, blocked.tenant, blocked.policy) == ("BLOCK", "acme", stack["policy"])
+    assert "drift policy 'acme-policy' of deployment 'acme-chat'" in blocked.reason
+    assert gate.ignored.count == len(foreign)
