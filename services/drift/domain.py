@@ -44,16 +44,33 @@ def deployment_of(event: InferenceEvent | InferenceScored) -> str:
 # from the served ones under the deployment's name and this suffix ('#' is in no name): an application's
 # events neither sway the served windows, whose reports move traffic, nor hide drift in them.
 UNSERVED = "#app"
+# Every window is one tenant's: its events are stored as that tenant's (the subject's tenant, or the API key's),
+# and a tenant may name any deployment (an application's own NATS user names the deployment it likes; an unscoped
+# key reaches every deployment), so the windows are kept per tenant and each report says whose events it compares:
+# another tenant's never fill a deployment's own windows, and the router and the gate judge a release only on
+# reports of its own tenant. A tenant's windows are keyed after '~' (in no name, like '#'); the default tenant's
+# keep the keys they had before tenants were kept apart, so a stack of one tenant restarts into its windows.
+DEFAULT_TENANT = "default"
+_TENANT = "~"
 
 
-def window_key(deployment: str, served: bool) -> str:
-    """The key of a deployment's now-versus-reference windows for served or for other events."""
-    return deployment if served else deployment + UNSERVED
+def window_key(tenant: str, deployment: str, served: bool) -> str:
+    """The key of a tenant's now-versus-reference windows of a deployment, for served or for other events (the
+    served key also keys the tenant's canary-versus-stable windows of the deployment)."""
+    key = deployment if tenant == DEFAULT_TENANT else f"{deployment}{_TENANT}{tenant}"
+    return key if served else key + UNSERVED
+
+
+def windows_of(key: str) -> tuple[str, str, bool]:
+    """The (tenant, deployment, served) a windows key is of."""
+    base = key.removesuffix(UNSERVED)
+    deployment, sep, tenant = base.partition(_TENANT)
+    return (tenant if sep else DEFAULT_TENANT), deployment, base == key
 
 
 def deployment_named(key: str) -> str:
     """The deployment a windows key is of."""
-    return key.removesuffix(UNSERVED)
+    return windows_of(key)[1]
 
 
 def _present(column: np.ndarray) -> np.ndarray:
@@ -78,17 +95,23 @@ class DriftMonitor:
         self.text_stride = max(1, self.window_size // TEXT_ROWS)
         self._rows_seen = 0  # rows offered for embedding, to pick every text_stride-th
 
-    def reset(self, deployment: str) -> None:
-        """Forget a deployment's windows (after a promotion the new traffic is the reference)."""
-        for served in (True, False):
-            self.windows.pop(window_key(deployment, served), None)
-        self.pairs.pop(deployment, None)
+    def keys_of(self, deployment: str) -> set[str]:
+        """The keys of every tenant's windows of a deployment (served and others)."""
+        return {k for k in (*self.windows, *self.pairs) if deployment_named(k) == deployment}
 
-    def end_rollout(self, deployment: str) -> None:
-        """A rollout ended (promoted or aborted): no canary window until the next canary's traffic."""
-        pair = self.pairs.get(deployment)
-        if pair is not None:
-            pair.new_canary("")
+    def reset(self, deployment: str) -> None:
+        """Forget a deployment's windows, every tenant's (after a promotion the new traffic is the reference)."""
+        for key in self.keys_of(deployment):
+            self.windows.pop(key, None)
+            self.pairs.pop(key, None)
+
+    def end_rollout(self, deployment: str) -> set[str]:
+        """A rollout ended (promoted or aborted): no canary window until the next canary's traffic, in any
+        tenant's windows; returns the keys of the windows it changed."""
+        ended = {k for k in self.keys_of(deployment) if k in self.pairs}
+        for key in ended:
+            self.pairs[key].new_canary("")
+        return ended
 
     def vectors(self, batch: Rows) -> np.ndarray | None:
         """(n, 2, dim) embeddings of the batch's prompts and answers (NaN where absent or not sampled)."""
@@ -106,32 +129,31 @@ class DriftMonitor:
 
     def observe_events(self, events: Sequence[InferenceEvent | InferenceScored], *,
                        served: bool = True) -> list[DriftReport]:
-        """Group a batch by deployment and observe each group as a whole, and by variant when `served`
+        """Group a batch by tenant and deployment and observe each group as a whole, and by variant when `served`
         (answers a router served: an application's events fill neither a canary's nor its stable's window,
         and their now-versus-reference windows are their own)."""
-        groups: dict[str, list[InferenceEvent | InferenceScored]] = {}
+        groups: dict[tuple[str, str], list[InferenceEvent | InferenceScored]] = {}
         for e in events:
-            groups.setdefault(deployment_of(e), []).append(e)
+            groups.setdefault((e.tenant, deployment_of(e)), []).append(e)
         reports: list[DriftReport] = []
-        for deployment, group in groups.items():
+        for (tenant, deployment), group in groups.items():
             batch = rows(group, self.labels)
             vectors = self.vectors(batch)
-            last = group[-1]
-            reports += self.observe(deployment, batch.values, batch.times, app=last.app, tenant=last.tenant,
+            reports += self.observe(deployment, batch.values, batch.times, app=group[-1].app, tenant=tenant,
                                     vectors=vectors, served=served)
             if served:
-                reports += self.observe_variants(deployment, group, batch, vectors)
+                reports += self.observe_variants(deployment, group, batch, vectors, tenant=tenant)
         return reports
 
     def observe(self, deployment: str, values: np.ndarray, times: np.ndarray, *, app: str = "",
                 tenant: str = "default", vectors: np.ndarray | None = None, served: bool = True) -> list[DriftReport]:
-        """Append rows to the deployment's windows (its served or its other ones); one report per
+        """Append rows to the tenant's windows of the deployment (its served or its other ones); one report per
         `window_size` rows past the reference."""
-        key = window_key(deployment, served)
+        key = window_key(tenant, deployment, served)
         w = self.windows.get(key)
         if w is None:
-            w = self.windows[key] = Windows(self.reference_size, self.window_size, self.dim)
-        w.app, w.tenant = app or w.app, tenant
+            w = self.windows[key] = Windows(self.reference_size, self.window_size, self.dim, tenant=tenant)
+        w.app = app or w.app
         if self.dim and not w.text_ref.full:
             w.text_ref.fill(values, times, vectors)
         i = w.ref.fill(values, times, None)
@@ -148,15 +170,17 @@ class DriftMonitor:
         return reports
 
     def observe_variants(self, deployment: str, group: Sequence[InferenceEvent | InferenceScored], batch: Rows,
-                         vectors: np.ndarray | None) -> list[DriftReport]:
-        """Stable rows fill the stable window; canary rows the canary's, one report per `window_size` of them."""
+                         vectors: np.ndarray | None, *, tenant: str = DEFAULT_TENANT) -> list[DriftReport]:
+        """Stable rows fill the stable window; canary rows the canary's, one report per `window_size` of them (the
+        tenant's windows of the deployment: `group` is that tenant's events)."""
         variants = np.array([e.variant for e in group])
         stable, canary = np.flatnonzero(variants == "stable"), np.flatnonzero(variants == "canary")
         if not len(canary) and not len(stable):
             return []  # shadow or preview traffic only
-        p = self.pairs.get(deployment)
+        key = window_key(tenant, deployment, True)
+        p = self.pairs.get(key)
         if p is None:
-            p = self.pairs[deployment] = Pair(self.window_size, self.dim)
+            p = self.pairs[key] = Pair(self.window_size, self.dim)
         if len(stable):
             p.stable.push(batch.values[stable], batch.times[stable], None if vectors is None else vectors[stable])
             p.stable_release = group[stable[-1]].release or p.stable_release

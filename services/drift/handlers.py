@@ -75,6 +75,11 @@ class DriftHandlers:
         except (msgspec.DecodeError, ValueError) as exc:
             log.warning("ignoring unreadable drift windows %s: %s", key, exc)
             return
+        if snap.tenant != domain.windows_of(snap.deployment)[0]:
+            # Saved before windows were kept per tenant, last filled by another tenant's events than the default
+            # tenant's its key now means: mixed, so they refill from live traffic instead.
+            log.info("ignoring drift windows %s saved with tenant %r's events: they refill", key, snap.tenant)
+            return
         m.windows[snap.deployment] = w
         if pair is not None:
             m.pairs[snap.deployment] = pair
@@ -162,7 +167,7 @@ class DriftHandlers:
             self._seen[token] = None
             if len(self._seen) > _SEEN_MAX:
                 self._seen.popitem(last=False)
-            self._dirty |= {domain.window_key(domain.deployment_of(e), served) for e in events}
+            self._dirty |= {domain.window_key(e.tenant, domain.deployment_of(e), served) for e in events}
             await self.events.bump(len(events))
         # One emitter at a time: the inference and scores consumers run concurrently, and two loops over the
         # same list published a report twice and popped the next one unpublished (then from an empty list).
@@ -177,14 +182,15 @@ class DriftHandlers:
             return
         await self._restore()  # before changing windows that a restore would otherwise put back
         if state.phase == "aborted":
-            self.monitor.end_rollout(state.deployment)
-            self._dirty.add(state.deployment)
+            self._dirty |= self.monitor.end_rollout(state.deployment)
             return
         async with self._saving:  # a save in flight must not put the old windows back after the delete
+            # Every tenant's windows of the deployment, and the default tenant's keys whatever this replica holds.
+            keys = self.monitor.keys_of(state.deployment) | {domain.window_key(domain.DEFAULT_TENANT, state.deployment,
+                                                                               served) for served in (True, False)}
             self.monitor.reset(state.deployment)
             kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
-            for served in (True, False):
-                windows = domain.window_key(state.deployment, served)
+            for windows in sorted(keys):
                 self._dirty.discard(windows)
                 key = token(windows)
                 for k in (key, *(f"{key}.text.{part}" for part in snapshots.TEXT_PARTS)):

@@ -15,7 +15,7 @@ from lockgate import artifacts
 from lockgate.bus import Delivery
 from lockgate.contracts import DriftReport, GateDecided
 from lockgate.errors import BusUnavailable, ConfigError, NotFound, UnreadableValue
-from lockgate.server.service import ServiceContext
+from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.drift import decide_drift, unjudgeable
@@ -29,6 +29,7 @@ log = logging.getLogger("lockgate.gatekeeper")
 
 class _Target(msgspec.Struct, frozen=True):
     release: str = ""
+    tenant: str = ""  # "" in routes stored before the router recorded it
 
 
 class _Route(msgspec.Struct, frozen=True, kw_only=True):
@@ -114,6 +115,7 @@ class DriftGate:
         self.signer = signer
         self.records = records
         self.publish_key = publish_key
+        self.ignored = Progress()  # reports not judged: another tenant's events, or a deployment of another's
 
     async def _route(self, deployment: str) -> _Route | None:
         try:
@@ -129,8 +131,14 @@ class DriftGate:
         if not report.served:
             return
         named = report.comparison == "canary_vs_stable" and bool(report.release)
-        release = canary_release(None if named else await self._route(report.deployment), report)
+        route = None if named else await self._route(report.deployment)
+        release = canary_release(route, report)
         if not release:
+            return
+        why = await self._not_its_tenant(report, release, route, named)
+        if why:
+            log.warning("drift report %s not judged against %s: %s", report.id, release, why)
+            await self.ignored.bump()
             return
         try:
             current = await self.records.current(release)
@@ -149,6 +157,39 @@ class DriftGate:
         if outcome is None:
             return
         await self._block(report, release, outcome, current)
+
+    async def _not_its_tenant(self, report: DriftReport, release: str, route: _Route | None, named: bool) -> str:
+        """Why `report` is no evidence about `release` for want of tenant ("" when it is): its events must be of the
+        tenant the release is registered under (the binding says, never the report), and the deployment must
+        serve that tenant's releases. A BLOCK applies to every deployment of the release, so another tenant's
+        events (its own traffic through a deployment serving the release, arm by arm as it likes) would otherwise
+        stop the release everywhere."""
+        try:
+            owner = await self._tenant_of(release)
+        except NotFound as exc:
+            return exc.message
+        if report.tenant != owner:
+            return f"its events are tenant {report.tenant!r}'s, and {release!r} is registered under {owner!r}"
+        if named:
+            try:
+                route = await self._route(report.deployment)
+            except UnreadableValue:
+                route = None  # the report names its release, whose tenant was checked: judged as before
+        for t in (route.stable, route.canary) if route is not None else ():
+            if t is not None and t.release and t.release != release \
+                    and (t.tenant or await self._tenant_of(t.release, "")) != owner:
+                return (f"deployment {report.deployment!r} serves {t.release!r}, not a release of {owner!r} "
+                        "(a deployment serves one tenant's releases)")
+        return ""
+
+    async def _tenant_of(self, release: str, missing: str | None = None) -> str:
+        """The tenant `release` is registered under; NotFound if it is not registered (`missing` instead, if given)."""
+        try:
+            return str((await artifacts.release_of(self.ctx.bus, release)).get("tenant") or "")
+        except NotFound:
+            if missing is None:
+                raise
+            return missing
 
     async def _block(self, report: DriftReport, release: str, outcome: Outcome, current: GateDecided | None) -> None:
         """Sign, record and announce the BLOCK of `release` (keeping what `current`, if readable, judged, and a

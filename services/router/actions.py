@@ -21,6 +21,7 @@ from lockgate.services.router.domain import (
     NotAdmitted,
     OverrideExceeded,
     OverrideReplayed,
+    ReleaseNotInScope,
 )
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import error_response
@@ -31,6 +32,7 @@ _REFUSALS: tuple[tuple[type[LockgateError], int, str, str | None], ...] = (
     (IdentityRefused, 403, "permission_denied", "invalid_break_glass"),
     (OverrideReplayed, 403, "permission_denied", "invalid_break_glass"),
     (OverrideExceeded, 403, "permission_denied", "invalid_break_glass"),
+    (ReleaseNotInScope, 403, "permission_denied", "release_not_in_scope"),
     (Forbidden, 403, "permission_denied", "insufficient_role"),
     (NotAdmitted, 409, "conflict", "not_admitted"),
     (AlreadyServing, 409, "conflict", "already_serving"),

@@ -10,7 +10,7 @@ import msgspec
 from aiohttp import web
 
 from lockgate.contracts.names import check_name
-from lockgate.errors import InvalidName
+from lockgate.errors import InvalidName, Retryable
 from lockgate.identity import verify_override
 from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer, require_role
 from lockgate.server.body import read_body
@@ -19,6 +19,7 @@ from lockgate.services.router.audit import record_action
 from lockgate.services.router.domain import (
     BreakGlass,
     Override,
+    ReleaseNotInScope,
     Route,
     decode_canary,
     decode_manual,
@@ -31,6 +32,12 @@ from lockgate.services.router.wire import error_response
 _encoder = msgspec.json.Encoder()
 KEY = web.RequestKey("lockgate.key", ApiKey)  # the authenticated caller of an admin request
 PREFIX = "/lockgate/v1/deployments"
+
+
+def tenant_of(key: ApiKey) -> str | None:
+    """Whose releases `key` may roll out: its tenant's; None (any tenant's) for an admin key, which acts on every
+    deployment (as it takes no deployment scope), though never to mix tenants on one (domain.same_tenant)."""
+    return None if key.role == "admin" else key.tenant
 
 
 def _json(route: Route | list[Route], status: int = 200) -> web.Response:
@@ -69,6 +76,16 @@ class Admin:
             # Another team's deployment, on a router several share: not to be read or changed with this key.
             return error_response(403, f"{key.label} may only use {key.scope}, not deployment {deployment!r}",
                                   "permission_denied", code="deployment_not_in_scope")
+        if deployment is not None and request.method not in ("GET", "HEAD"):
+            try:
+                await self.rollouts.check_tenant(deployment, tenant_of(key))
+            except ReleaseNotInScope as exc:
+                # Another tenant's deployment in the key's scope (an unscoped key): its releases are not this
+                # tenant's to roll out, pause, abort or promote.
+                return error_response(403, f"{key.label}: {exc.message}", "permission_denied",
+                                      code="release_not_in_scope")
+            except Retryable as exc:
+                return error_response(503, exc.message, "unavailable")
         request[KEY] = key
         return await handler(request)
 
@@ -122,10 +139,12 @@ class Admin:
             req = decode_canary(await read_body(request))
             if req.first:
                 action, override = "first-release", None
-                route = await self.rollouts.first_release(deployment, req.stable_release, actor=request[KEY].label)
+                route = await self.rollouts.first_release(deployment, req.stable_release, actor=request[KEY].label,
+                                                          tenant=tenant_of(request[KEY]))
             else:
                 override = self._override(request, deployment, req.break_glass, req.canary_release, "canary")
-                route = await self.rollouts.start_canary(deployment, req, override, actor=request[KEY].label)
+                route = await self.rollouts.start_canary(deployment, req, override, actor=request[KEY].label,
+                                                         tenant=tenant_of(request[KEY]))
             await record_action(self.rollouts.ctx.bus, request[KEY], action, route, override)
         except REFUSED as exc:
             return refusal(exc, action, invalid=400)  # a PUT's release or spec is the request's own fault
@@ -140,7 +159,7 @@ class Admin:
         try:
             deployment = check_name(request.match_info["deployment"], "deployment")
             body = decode_patch(await read_body(request))
-            route = await self.rollouts.patch(deployment, body, actor=request[KEY].label)
+            route = await self.rollouts.patch(deployment, body, actor=request[KEY].label, tenant=tenant_of(request[KEY]))
             await record_action(self.rollouts.ctx.bus, request[KEY], "patch", route, None)
         except REFUSED as exc:
             return refusal(exc, "patch")

@@ -36,6 +36,7 @@ class Target(msgspec.Struct, frozen=True, kw_only=True):
 
     release: str
     app: str = ""  # the release's app ("" in routes stored before it was recorded)
+    tenant: str = ""  # the tenant the release is registered under ("" in routes stored before it was recorded)
     endpoint: str = "default"
     model: str = ""
     params: dict[str, Any] = {}
@@ -249,6 +250,11 @@ class AlreadyServing(InvalidRollout):
     """A first release for a deployment that already serves one (HTTP 409)."""
 
 
+class ReleaseNotInScope(InvalidRollout):
+    """A key of one tenant asked to roll out, or change the rollout of, another tenant's release (HTTP 403
+    `release_not_in_scope`)."""
+
+
 def require_allowed(release: str, decision: GateDecided | None, what: str, also: str = "") -> None:
     """NotAdmitted unless `decision` (verified; None if there is none) allows `release`, naming the decision in the
     way (or its absence) and what to do; `what` is the release's part ("stable release"), `also` a last word."""
@@ -353,6 +359,19 @@ def same_app(route: Route, *targets: Target) -> None:
                                  "one app, so that app's gates apply to every release it serves")
 
 
+def same_tenant(route: Route, *targets: Target) -> None:
+    """InvalidRollout unless every target is of the tenant whose releases the deployment serves (its stable's,
+    else the first target's). The gate judges a release's drift by its own tenant's reports only, and the
+    deployment's operators are that tenant's keys: another tenant's release on it would be judged and changed
+    by neither. A tenant unknown ("": a route stored before tenants were recorded) constrains nothing."""
+    known = [t for t in (route.stable if route.stable.release else None, *targets) if t is not None and t.tenant]
+    for t in known[1:]:
+        if t.tenant != known[0].tenant:
+            raise InvalidRollout(f"refused: release {t.release!r} is of tenant {t.tenant!r}, but {route.deployment!r} "
+                                 f"serves tenant {known[0].tenant!r}'s releases ({known[0].release}): a deployment's "
+                                 "releases are of one tenant")
+
+
 def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Target, first_step: float,
                  override: Override | None = None, now: float = 0.0) -> Route:
     """Begin a canary at 0%, waiting for a decision that allows it; with an override, at its initial weight.
@@ -360,6 +379,7 @@ def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Ta
     `stable` and `canary` are the targets the releases' bundles resolve to, of the app the deployment serves.
     """
     same_app(route, stable, canary)
+    same_tenant(route, stable, canary)
     if override is not None and req.initial_weight not in (None, override.weight):
         raise OverrideExceeded(f"refused: the break-glass statement by {override.actor} lets {canary.release!r} take "
                                f"{override.weight:g}% of {route.deployment!r}, not the {req.initial_weight:g}% asked; "

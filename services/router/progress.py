@@ -440,6 +440,7 @@ def replace_canary(route: Route, canary: domain.Target, decision: GateDecided | 
     (or an override covering it) it gets no weight until one does."""
     _live(route)
     domain.same_app(route, canary)
+    domain.same_tenant(route, canary)
     allowed = domain.allows(decision, canary.release)
     covered = route.override is not None and route.override.release == canary.release
     admitted = decision.id if allowed and decision is not None else ""

@@ -396,15 +396,18 @@ class Rollouts:
 
     # changes
     async def start_canary(self, deployment: str, req: domain.CanaryRequest,
-                           override: domain.Override | None = None, actor: str = "") -> Route:
+                           override: domain.Override | None = None, actor: str = "",
+                           tenant: str | None = None) -> Route:
         """Start a canary at 0%; if a verified decision already allows its release (KV), act on it at once.
 
         A new stable release takes all traffic, so it too needs a decision that allows it, always: an
         admin's break-glass `override` is signed for the canary release only. A canary asked to start at
-        a weight needs one as well, unless the override is given.
+        a weight needs one as well, unless the override is given. With `tenant` (the caller's; None for an admin),
+        both releases must be registered under it.
         """
         await self._await_ready()
-        stable, canary = await self.target(req.stable_release), await self.target(req.canary_release)
+        stable = await self.target(req.stable_release, tenant)
+        canary = await self.target(req.canary_release, tenant)
         if override is None and req.initial_weight:
             if not domain.allows(await self._stored_decision(req.canary_release), req.canary_release):
                 raise domain.NotAdmitted(
@@ -438,11 +441,12 @@ class Rollouts:
 
         return await self._settle(deployment, change, followed)
 
-    async def first_release(self, deployment: str, release: str, actor: str = "") -> Route:
+    async def first_release(self, deployment: str, release: str, actor: str = "", tenant: str | None = None) -> Route:
         """Give a deployment without a stable release its first one, serving 100% at once, if and only if the
-        release's verified current decision allows it, as a new stable of a canary needs (domain.first_release)."""
+        release's verified current decision allows it, as a new stable of a canary needs (domain.first_release);
+        with `tenant` (the caller's; None for an admin), a release registered under it."""
         await self._await_ready()
-        target = await self.target(release)
+        target = await self.target(release, tenant)
 
         async def change() -> None:
             decision = await self._stored_decision(release)  # on every attempt
@@ -545,13 +549,14 @@ class Rollouts:
 
         return await self._settle(deployment, change, followed)
 
-    async def patch(self, deployment: str, body: dict[str, Any], actor: str) -> Route:
+    async def patch(self, deployment: str, body: dict[str, Any], actor: str, tenant: str | None = None) -> Route:
         """A JSON merge patch of the deployment (patch.py): only the fields it names change; the rollout keeps
         its phase, step and analysis. A new canary release needs a verified decision allowing it to keep
-        a weight (else it waits at 0%, as a new canary does)."""
+        a weight (else it waits at 0%, as a new canary does); with `tenant` (the caller's; None for an admin), one
+        registered under it."""
         await self._await_ready()
         doc = patch.apply(self.route(deployment), body)
-        canary = await self.target(doc.canary_release) if doc.canary_release else None
+        canary = await self.target(doc.canary_release, tenant) if doc.canary_release else None
         followed: list[str] = []
 
         async def change() -> str:
@@ -826,12 +831,26 @@ class Rollouts:
 
     def observe_drift(self, report: DriftReport) -> None:
         """A drift report as evidence for analyses with a `drift` metric (every replica sees every report)."""
-        route = self.routes.get(report.deployment)
+        route = self._drift_route(report)
         if route is not None and progress.collecting(route):
             self.evidence.add_drift(report)
             if progress.drift_judged(route):
                 self._fresh.add(route.deployment)
                 self._wake.set()  # a look that is due is taken now, on this report
+
+    def _drift_route(self, report: DriftReport) -> Route | None:
+        """The route a drift report is evidence about; None when there is none, or when the report's events are
+        another tenant's than the one whose releases the deployment serves: the drift monitor keeps each tenant's
+        events in windows of their own, and a tenant whose key may send traffic here (unscoped, say) could steer
+        what its own window compares, arm by arm. The gate ignores such a report too (driftgate.py). A route
+        stored before targets recorded their tenant takes every report, as before."""
+        route = self.routes.get(report.deployment)
+        owner = route and (route.stable.tenant or (route.canary.tenant if route.canary else ""))
+        if owner and report.tenant != owner:
+            log.debug("%s: drift report %s is of tenant %r's events, not of %r whose releases it serves: not evidence",
+                     report.deployment, report.id, report.tenant, owner)
+            return None
+        return route
 
     async def on_drift(self, report: DriftReport) -> None:
         """A drift report: evidence for analyses with a `drift` metric; without one, a DRIFT covering a live
@@ -840,7 +859,7 @@ class Rollouts:
         self.observe_drift(report)
 
         def change() -> None:
-            route = self.routes.get(report.deployment)
+            route = self._drift_route(report)
             new = progress.on_drift(route, report) if route is not None else None
             if new is not None:
                 self._apply(new)
@@ -1016,23 +1035,48 @@ class Rollouts:
         except TimeoutError:
             raise RouterNotReady("router routes not restored within 30 s") from None
 
-    async def target(self, release: str) -> domain.Target:
+    async def target(self, release: str, tenant: str | None = None) -> domain.Target:
         """Where a release's traffic goes, exactly as its bound bundle's model config says.
 
         The release must be registered (its name bound to one bundle in the releases KV) with one
         `model_config/...` artifact naming a model and, optionally, an endpoint id of the allow-list
-        (default `default`) and sampling parameters. Anything else is InvalidRollout.
+        (default `default`) and sampling parameters. Anything else is InvalidRollout. With `tenant` (the
+        caller's, None for an admin), ReleaseNotInScope unless the release is registered under that tenant.
         """
         try:
             ships = await shipped.of_release(self.ctx.bus, release)
         except (NotFound, ConfigError) as exc:
             raise domain.InvalidRollout(exc.message) from None
+        if tenant is not None and ships.tenant != tenant:
+            raise domain.ReleaseNotInScope(_not_theirs(release, ships.tenant, tenant))
         try:
             self.endpoints.get(ships.endpoint)
         except UnknownEndpoint as exc:
             raise domain.InvalidRollout(f"release {release!r}: {exc.message}") from None
-        return domain.Target(release=release, app=ships.app, endpoint=ships.endpoint, model=ships.model,
-                             params=ships.params)
+        return domain.Target(release=release, app=ships.app, tenant=ships.tenant, endpoint=ships.endpoint,
+                             model=ships.model, params=ships.params)
+
+    async def check_tenant(self, deployment: str, tenant: str | None) -> None:
+        """ReleaseNotInScope unless the releases `deployment` serves (stable, canary, the previous stable) are
+        `tenant`'s (None: an admin's, any tenant's); a deployment serving none is anyone's to give a first release.
+
+        A deployment's releases are of one tenant (domain.same_tenant) from its first release on, so this holds
+        for every change made after it; a route stored before targets recorded their tenant is read from the
+        releases' bindings."""
+        if tenant is None:
+            return
+        route = self.route(deployment)
+        for t in (route.stable, route.canary, route.previous):
+            if t is None or not t.release:
+                continue
+            owner = t.tenant
+            if not owner:
+                try:
+                    owner = str((await artifacts.release_of(self.ctx.bus, t.release)).get("tenant") or "")
+                except NotFound:
+                    owner = ""
+            if owner != tenant:
+                raise domain.ReleaseNotInScope(_not_theirs(t.release, owner, tenant, deployment))
 
     async def _stored_decision(self, release: str) -> GateDecided | None:
         return (await self._read_decision(release))[0]
@@ -1126,6 +1170,16 @@ class Rollouts:
             log.warning("ignoring gate decision %s for %s: %s", decision.id, decision.release, why)
             return None
         return decision
+
+
+def _not_theirs(release: str, owner: str, tenant: str, deployment: str = "") -> str:
+    """Why a key of `tenant` may not roll out `release` (of tenant `owner`), or change `deployment` serving it."""
+    theirs = f"a release of tenant {owner!r}" if owner else "a release registered under no tenant"
+    if deployment:
+        return (f"refused: {deployment!r} serves {release!r}, {theirs}; a key of tenant {tenant!r} changes only "
+                "the rollouts of its own tenant's releases (an admin key may change any)")
+    return (f"refused: {release!r} is {theirs}; a key of tenant {tenant!r} rolls out only its own tenant's "
+            "releases (register the release under that tenant, `release create --tenant`, or use an admin key)")
 
 
 def _pricer(settings: Settings) -> Callable[[InferenceEvent], float | None]:

@@ -29,6 +29,7 @@ class Shipped(msgspec.Struct, frozen=True, kw_only=True):
 
     release: str
     app: str = ""  # the app the release belongs to (its registration says)
+    tenant: str = ""  # the tenant it is registered under (its registration says)
     config: str  # the model_config artifact (`model_config/name` key's hash)
     model: str
     endpoint: str = "default"
@@ -50,6 +51,7 @@ async def of_release(bus: Bus, release: str) -> Shipped:
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, str) or not model:
         raise ConfigError(f"model config {configs[0]} of release {release!r} names no model")
-    return Shipped(release=release, app=str(bundle.get("app") or ""), config=configs[0], model=model,
+    return Shipped(release=release, app=str(bundle.get("app") or ""), tenant=str(bundle.get("tenant") or ""),
+                   config=configs[0], model=model,
                    endpoint=str(config.get("endpoint", "default")),
                    params={k: config[k] for k in PARAMS if k in config})

@@ -40,8 +40,9 @@ _reports: Codec[DriftReport] = Codec(DriftReport)
 async def stack(context: ServiceContext, run_services: Any) -> AsyncIterator[tuple[Any, Signer]]:
     signer = ensure_signer_trusted(context.settings)  # the key the gatekeeper service signs with
     async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
-        await register_model_release(context.bus, "r1", "m", "default")
-        await register_model_release(context.bus, "r2", "m", "canary")
+        # Registered under the tenant whose key sends the traffic: a release is judged on its own tenant's events.
+        await register_model_release(context.bus, "r1", "m", "default", tenant="acme")
+        await register_model_release(context.bus, "r2", "m", "canary", tenant="acme")
         # The monitor's own alarm threshold is out of reach, so the router never aborts on a report by itself:
         # the rollback below is the gate's drift policy acting, nothing else.
         context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
+import msgspec
 import numpy as np
 import pytest
 
@@ -16,10 +17,13 @@ from lockgate.config import Settings
 from lockgate.contracts import DeadLetter, DriftReport, InferenceEvent, InferenceScored, RolloutState
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
+from lockgate.services.drift import snapshots
+from lockgate.services.drift.features import FEATURES
 from lockgate.services.drift.handlers import DriftHandlers
+from lockgate.services.drift.windows import Windows
 from lockgate.services.query.drift import drift_reports
 from lockgate.store import Store
-from lockgate.subjects import Subjects
+from lockgate.subjects import Subjects, token
 from lockgate.telemetry import Telemetry
 from tests.helpers import sink_stored
 
@@ -220,3 +224,35 @@ async def test_reports_due_when_two_consumers_emit_at_once_are_each_published_on
     assert sorted(got) == sorted(r.id for r in due) and handlers._pending == []
     await bus.nc.flush()  # the server has sent this connection everything published before the flush
     assert sub.pending_msgs == 0  # and nothing more
+
+
+async def test_each_tenants_windows_survive_a_restart_and_windows_saved_mixed_refill(
+        context: ServiceContext, bus: Bus, settings) -> None:
+    sub = await bus.nc.subscribe(bus.subjects.drift("checkout"))
+    # Saved before windows were kept per tenant: the deployment's key held whoever's events came, and its snapshot
+    # named the tenant of the last one (here acme's reference, as a key now meaning the default tenant's).
+    mixed = Windows(50, 50, tenant="acme")
+    mixed.ref.fill(np.full((50, len(FEATURES)), 5.0), np.zeros(50), None)
+    kv = await bus.kv(bus.subjects.kv_drift)
+    await kv.put(token("checkout"), msgspec.json.encode(snapshots.snapshot("checkout", mixed)))
+
+    first = ServiceSet(context, ["drift"])
+    await first.start()
+    acme = [msgspec.structs.replace(e, tenant="acme") for e in _events(50, output=100, seed=1)]
+    await bus.publish(bus.subjects.inference("shop", "acme"), acme)  # acme's reference, then the process stops
+    # The default tenant's served answers: a reference of their own, no report (had the mixed windows been taken as
+    # the default tenant's, these would be their current window: a report, the first the subscription gets).
+    await bus.publish(bus.subjects.served("shop"), _events(50, output=100, seed=3))
+    handlers = first["drift"].handlers
+    await handlers.events.wait_for(100)
+    assert set(handlers.monitor.windows) == {"checkout", "checkout~acme#app"}
+    await first.stop()
+    await bus.stop_consumers()
+
+    async with restarted(context, settings) as bus2:
+        shifted = [msgspec.structs.replace(e, tenant="acme") for e in _events(50, output=400, seed=2)]
+        await bus2.publish(bus.subjects.inference("shop", "acme"), shifted)
+        report = report_codec.decode((await sub.next_msg(timeout=15)).data)
+        assert (report.tenant, report.reference_n, report.drifted) == ("acme", 50, True)
+        out = next(f for f in report.features if f.feature == "output_tokens")
+        assert out.reference_mean < 150 < out.current_mean

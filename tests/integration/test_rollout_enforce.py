@@ -36,7 +36,7 @@ async def test_approving_a_pause_step_never_gives_weight_to_a_canary_no_decision
     await _start(http, router, "same", {"steps": [{"pause": {}}, 50], "interval_s": 3600})
     await _pass(router, signer, "same")
     await router.rollouts.wait_for(lambda r: r["chat"].step_pause, timeout=10)
-    operator, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    operator, _ = KeyStore(router.ctx.settings.home).create("default", "ops", "operator", "on call")
     auth = {"Authorization": f"Bearer {operator}"}
     async with http.patch(f"{router.url}{DEPLOYMENT}", json={"canary_release": "bad"}, headers=auth) as resp:
         assert resp.status == 200, await resp.text()
@@ -199,7 +199,7 @@ async def test_a_block_ends_the_break_glass_override_of_its_release(
     await kv.put(token("bad"), msgspec.json.encode(blocked))
     await bus.publish(bus.subjects.gate_decided("bad"), blocked)
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
-    operator, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    operator, _ = KeyStore(router.ctx.settings.home).create("default", "ops", "operator", "on call")
     auth = {"Authorization": f"Bearer {operator}"}
     async with http.put(f"{router.url}{DEPLOYMENT}", json={"stable_release": "r1", "canary_release": "same",
                                                            "strategy": {"steps": [50, 100], "interval_s": 3600}},
@@ -225,7 +225,7 @@ async def test_a_break_glass_override_covers_only_the_rollout_it_was_signed_for(
     async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
         assert resp.status == 200, await resp.text()
     assert (router.rollouts.route("chat").weight, router.rollouts.route("chat").override.actor) == (10.0, "boss")
-    operator, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    operator, _ = KeyStore(router.ctx.settings.home).create("default", "ops", "operator", "on call")
     auth = {"Authorization": f"Bearer {operator}"}
     async with http.post(f"{router.url}{DEPLOYMENT}/abort", headers=auth) as resp:
         aborted = await resp.json()
@@ -354,7 +354,7 @@ async def test_a_break_glass_canary_gets_no_more_weight_than_its_admin_signed_fo
         assert resp.status == 200, await resp.text()
     assert router.rollouts.route("chat").weight == 10.0
 
-    operator, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    operator, _ = KeyStore(router.ctx.settings.home).create("default", "ops", "operator", "on call")
     auth = {"Authorization": f"Bearer {operator}"}
     for method, action, payload in [("POST", "/set-weight", {"weight": 90}), ("PATCH", "", {"weight": 90})]:
         async with http.request(method, f"{router.url}{DEPLOYMENT}{action}", json=payload, headers=auth) as resp:

@@ -97,7 +97,7 @@ async def test_retry_restarts_an_aborted_rollout_from_step_zero_and_is_refused_o
     kv = await router.ctx.bus.kv(router.ctx.bus.subjects.kv_gates)
     await kv.put(token("same"), msgspec.json.encode(signer.sign(GateDecided(
         release="same", rules=[], decision="PASS", artifacts=await judged(router.ctx.bus, "same")))))
-    operator, rec = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    operator, rec = KeyStore(router.ctx.settings.home).create("default", "ops", "operator", "on call")
     refused = await _cli(router, "retry", "chat", key=operator)
     assert refused.exit_code == 4 and "is progressing, not aborted; only an aborted rollout can be retried" in \
         refused.output
@@ -129,7 +129,7 @@ async def _patchable(router: Any, http: aiohttp.ClientSession, signer: Signer) -
     await _pass(router, signer, "same")
     before = router.rollouts.route("chat")
     assert before.canary is not None and before.canary.endpoint == "canary"
-    operator, rec = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    operator, rec = KeyStore(router.ctx.settings.home).create("default", "ops", "operator", "on call")
     bus = router.ctx.bus
     await router.rollouts.flush()  # the decision's change announced before we listen
     return before, operator, rec, await bus.nc.subscribe(bus.subjects.rollout("chat"))

@@ -78,7 +78,7 @@ async def test_pause_until_approved_holds_until_an_operator_resumes(
     viewer, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "viewer")
     status, _ = await _post(http, router, "approve", viewer)
     assert status == 403 and router.rollouts.route("chat").paused
-    operator, rec = KeyStore(router.ctx.settings.home).create("acme", "ops", "operator", "on call")
+    operator, rec = KeyStore(router.ctx.settings.home).create("default", "ops", "operator", "on call")
     s = router.ctx.settings
     result = await asyncio.to_thread(
         CliRunner().invoke, cli, ["--home", s.home, "--nats", s.nats_url, "--prefix", s.prefix, "rollout",

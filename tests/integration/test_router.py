@@ -584,7 +584,7 @@ async def test_break_glass_is_admin_only_signed_recorded_and_shown_until_cleared
     sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
     await _put(http, router)
     glass = break_glass(settings, "chat", "r2", "promote", "hotfix for incident 42")
-    operator, _ = KeyStore(settings.home).create("acme", "ops", "operator")
+    operator, _ = KeyStore(settings.home).create("default", "ops", "operator")  # of the releases' tenant
     status, err = await _post(http, router, "promote", bearer(operator), break_glass=glass)
     assert status == 403 and "requires role admin" in err["error"]["message"]
     status, err = await _post(http, router, "promote", break_glass={})  # a reason is required

@@ -138,17 +138,19 @@ def decisions(ctx: click.Context, release: str | None, limit: int, as_json: bool
 
 @cli.command()
 @click.option("--deployment", help="Only this deployment.")
+@click.option("--tenant", help="Only reports of this tenant's events.")
 @click.option("--limit", default=30, type=click.IntRange(min=1), show_default=True)
 @json_option
 @click.pass_context
 @handle_errors
-def drift(ctx: click.Context, deployment: str | None, limit: int, as_json: bool) -> None:
-    """Drift reports per deployment and feature."""
-    reports = _query(ctx, "drift_reports", deployment=deployment, limit=limit)
+def drift(ctx: click.Context, deployment: str | None, tenant: str | None, limit: int, as_json: bool) -> None:
+    """Drift reports per deployment and feature, each of one tenant's events."""
+    reports = _query(ctx, "drift_reports", deployment=deployment, limit=limit, **({"tenant": tenant} if tenant else {}))
     if as_json:
         output(reports, True)
         return
-    rows = [{"time": r.get("time"), "deployment": r.get("deployment"), "window": f"{r.get('reference_n')} vs "
+    rows = [{"time": r.get("time"), "tenant": r.get("tenant"), "deployment": r.get("deployment"),
+             "window": f"{r.get('reference_n')} vs "
              f"{r.get('current_n')}", "comparison": r.get("comparison") or "now_vs_reference",
              "events": "served" if r.get("served") else "app's own",
              "feature": f.get("feature"), "psi": f.get("psi"), "test": _drift_test(f),

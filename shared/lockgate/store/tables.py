@@ -83,7 +83,7 @@ GATE_DECISIONS = Table("gate_decisions", GateAudited, exclude=_ROUTING, key=("id
 ROLLOUT_EVENTS = Table("rollout_events", RolloutState, exclude=(*_ROUTING, "tenant", "actor"), key=("id",))
 
 # One row per feature; the feature's `drifted` is the column, the report's is their disjunction.
-DRIFT_REPORTS = Table("drift_reports", DriftReport, exclude=(*_ROUTING, "tenant", "drifted"), items="features",
+DRIFT_REPORTS = Table("drift_reports", DriftReport, exclude=(*_ROUTING, "drifted"), items="features",
                       key=("id",))
 
 # One row per priced event, (tenant, app, event id) as inference_events; the entry's own time and tenant are the

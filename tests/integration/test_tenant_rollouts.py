@@ -1,0 +1,223 @@
+"""Two tenants with the same app name on one router and one gate, each with its own scoped keys: a key rolls out and
+changes only its own tenant's releases, a deployment serves one tenant's releases, and a drift report of one
+tenant's events never judges another tenant's release (in the gate, whose BLOCK applies to every deployment of
+the release, nor in the router's own analysis and abort).
+
+Found by a probe: bravo's operator key, scoped to bravo's own deployment, rolled acme's production release out
+there as a canary (200: the router checked the deployment, never whose release it was, and app names are not
+per tenant); bravo's own traffic then made a canary-versus-stable report naming acme's release, and the gate
+signed a lasting BLOCK of it under acme's policy, which aborted acme's canary and marked its stable BLOCKed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import msgspec
+import pytest
+
+from lockgate import artifacts
+from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
+from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
+from lockgate.server.service import Progress, ServiceContext
+from lockgate.signing import Signer, ensure_signer_trusted
+from lockgate.subjects import token
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import judged, register_model_release
+
+pytestmark = pytest.mark.timeout(90)
+
+SIM = SimConfig(models={"m": ModelSpec(default="hi")}, seed=3)
+# acme's policy: a canary whose answers drift against stable's is BLOCKed (what the probe had bravo trigger).
+POLICY = {"name": "acme-policy", "rules": [{"metric": "score", "op": ">=", "threshold": 0.8}],
+          "drift": [{"max_psi": 0.5, "features": ["output_tokens"], "compare": "canary_vs_stable"}]}
+BASE = "/lockgate/v1/deployments"
+
+
+@pytest.fixture
+def keys(context: ServiceContext) -> Bootstrap:
+    return bootstrap(context.settings.home, tenant="acme", app="support")
+
+
+@pytest.fixture
+async def stack(context: ServiceContext, run_services: Any, keys: Bootstrap) -> AsyncIterator[dict[str, Any]]:
+    """The gatekeeper and a router. Tenant acme's releases acme-v1 (stable) and acme-v2, bravo's bravo-v1 and
+    bravo-v2, all of app `support` and PASSed (acme's under acme's drift policy); acme-v1 serves `acme-chat` with
+    acme-v2 canaried at 50%, bravo-v1 serves `bravo-chat`. Each tenant's operator key is scoped to its own
+    deployments (bravo's also to `bravo-new`, which serves nothing yet)."""
+    signer = ensure_signer_trusted(context.settings)  # the gatekeeper's key
+    async with SimServer(SIM) as stable, SimServer(SIM) as canary:
+        context.settings = context.settings.replace(stable_upstream=stable.url, canary_upstream=canary.url,
+                                                    deployment="chat", app="support")
+        bus = context.bus
+        policy = await artifacts.register(bus, "policy", "acme-policy", POLICY)
+        for tenant in ("acme", "bravo"):
+            await register_model_release(bus, f"{tenant}-v1", "m", "default", app="support", tenant=tenant)
+            await register_model_release(bus, f"{tenant}-v2", "m", "canary", app="support", tenant=tenant)
+            for release in (f"{tenant}-v1", f"{tenant}-v2"):
+                await _decide(bus, signer, release, policy.hash if tenant == "acme" else "")
+        services = await run_services("gatekeeper", "router")
+        router = services["router"]
+        store = KeyStore(context.settings.home)
+        acme, _ = store.create("acme", "support", "operator", deployments=["acme-chat"])
+        bravo, bravo_rec = store.create("bravo", "support", "operator", deployments=["bravo-chat", "bravo-new"])
+        assert await _call(router, acme, "PUT", "acme-chat", {"stable_release": "acme-v1"}) == 200
+        assert await _call(router, acme, "PUT", "acme-chat", {
+            "stable_release": "acme-v1", "canary_release": "acme-v2", "initial_weight": 50,
+            "strategy": {"steps": [50, 100], "interval_s": 3600}}) == 200
+        assert await _call(router, bravo, "PUT", "bravo-chat", {"stable_release": "bravo-v1"}) == 200
+        await router.rollouts.flush()
+        yield {"router": router, "gate": services["gatekeeper"].drift, "signer": signer, "policy": policy.hash,
+               "acme": acme, "bravo": bravo, "bravo_rec": bravo_rec, "admin": keys.admin_key}
+
+
+async def _decide(bus: Any, signer: Signer, release: str, policy: str) -> None:
+    d = signer.sign(GateDecided(release=release, rules=[], decision="PASS", policy=policy, tenant=release.split("-")[0],
+                                artifacts=await judged(bus, release)))
+    await (await bus.kv(bus.subjects.kv_gates)).put(token(release), msgspec.json.encode(d))
+
+
+async def _call(router: Any, key: str, method: str, deployment: str, body: Any = None, action: str = "",
+                answer: dict[str, Any] | None = None) -> int:
+    """The admin API's status for one call with `key` (its JSON body put in `answer`)."""
+    url = f"{router.url}{BASE}/{deployment}" + (f"/{action}" if action else "")
+    headers = {"Authorization": f"Bearer {key}"}
+    if method == "PATCH":
+        headers["Content-Type"] = "application/merge-patch+json"
+    async with aiohttp.ClientSession(headers=headers) as http, http.request(
+            method, url, data=None if body is None else msgspec.json.encode(body)) as resp:
+        if answer is not None:
+            answer.update(await resp.json())
+        return resp.status
+
+
+async def test_a_tenants_scoped_operator_key_cannot_roll_out_another_tenants_release_on_its_own_deployment(
+        stack: dict[str, Any]) -> None:
+    router, bravo = stack["router"], stack["bravo"]
+    before = router.rollouts.route("bravo-chat")
+    # The probe's two PUTs on bravo's own deployment, and every other way to put acme's release on it.
+    attempts = {
+        "first release": ("PUT", "bravo-new", {"stable_release": "acme-v1"}),
+        "stable and canary": ("PUT", "bravo-chat", {"stable_release": "acme-v2", "canary_release": "acme-v1",
+                                                    "initial_weight": 50}),
+        "canary": ("PUT", "bravo-chat", {"stable_release": "bravo-v1", "canary_release": "acme-v1"}),
+    }
+    for what, (method, deployment, body) in attempts.items():
+        err: dict[str, Any] = {}
+        assert await _call(router, bravo, method, deployment, body, answer=err) == 403, what
+        assert err["error"]["code"] == "release_not_in_scope", (what, err)
+        message = err["error"]["message"]
+        assert "'acme-v1' is a release of tenant 'acme'" in message or "'acme-v2' is a release of tenant 'acme'" \
+            in message, message
+        assert "a key of tenant 'bravo' rolls out only its own tenant's releases" in message, message
+        assert "PASS" not in message  # nor says what acme's decision is
+    # A canary of bravo's own, then a PATCH swapping acme's release in.
+    assert await _call(router, bravo, "PUT", "bravo-chat", {"stable_release": "bravo-v1",
+                                                            "canary_release": "bravo-v2"}) == 200
+    err = {}
+    assert await _call(router, bravo, "PATCH", "bravo-chat", {"canary_release": "acme-v1"}, answer=err) == 403
+    assert err["error"]["code"] == "release_not_in_scope", err
+    route = router.rollouts.route("bravo-chat")
+    assert (route.stable.release, route.canary and route.canary.release) == ("bravo-v1", "bravo-v2")
+    assert (route.stable.tenant, route.canary and route.canary.tenant) == ("bravo", "bravo")
+    assert before.stable.release == "bravo-v1" and router.rollouts.route("bravo-new").stable.release == ""
+    assert router.rollouts.route("acme-chat").canary.release == "acme-v2"  # type: ignore[union-attr]
+
+
+async def test_another_tenants_deployment_in_an_unscoped_keys_reach_is_not_its_to_change(
+        stack: dict[str, Any]) -> None:
+    router = stack["router"]
+    # bravo's operator key without a scope reaches every deployment (README: scope the keys of tenants that share
+    # a router): it may read acme's route, never change it.
+    unscoped, _ = KeyStore(router.ctx.settings.home).create("bravo", "support", "operator")
+    assert await _call(router, unscoped, "GET", "acme-chat") == 200
+    changes = [("POST", None, "pause"), ("POST", {"weight": 100}, "set-weight"), ("POST", None, "abort"),
+               ("POST", None, "promote"), ("POST", None, "retry"), ("POST", None, "undo"),
+               ("PATCH", {"weight": 100}, ""),
+               ("PUT", {"stable_release": "acme-v1", "canary_release": "acme-v2"}, ""),
+               ("PUT", {"stable_release": "bravo-v1", "canary_release": "bravo-v2"}, "")]
+    for method, body, action in changes:
+        err: dict[str, Any] = {}
+        assert await _call(router, unscoped, method, "acme-chat", body, action, answer=err) == 403, (method, action)
+        assert err["error"]["code"] == "release_not_in_scope", (method, action, err)
+        assert "'acme-chat' serves 'acme-v1', a release of tenant 'acme'" in err["error"]["message"], err
+    route = router.rollouts.route("acme-chat")
+    assert (route.phase, route.weight, route.paused) == ("progressing", 50.0, False)
+    # acme's own key changes it.
+    assert await _call(router, stack["acme"], "POST", "acme-chat", None, "pause") == 200
+
+
+async def test_an_admin_key_rolls_out_any_tenants_release_but_never_two_tenants_on_one_deployment(
+        stack: dict[str, Any]) -> None:
+    router, admin = stack["router"], stack["admin"]
+    assert await _call(router, admin, "PUT", "shared", {"stable_release": "acme-v1"}) == 200
+    assert router.rollouts.route("shared").stable.tenant == "acme"
+    for body in ({"stable_release": "acme-v1", "canary_release": "bravo-v2"},
+                 {"stable_release": "bravo-v1", "canary_release": "bravo-v2"}):
+        err: dict[str, Any] = {}
+        assert await _call(router, admin, "PUT", "shared", body, answer=err) == 400, body
+        assert "serves tenant 'acme''s releases (acme-v1): a deployment's releases are of one tenant" in \
+            err["error"]["message"], err
+    assert await _call(router, admin, "PUT", "bravo-chat", {"stable_release": "bravo-v1",
+                                                            "canary_release": "bravo-v2"}) == 200
+    err = {}
+    assert await _call(router, admin, "PATCH", "bravo-chat", {"canary_release": "acme-v2"}, answer=err) == 409
+    assert "a deployment's releases are of one tenant" in err["error"]["message"], err
+
+
+def _report(tenant: str, deployment: str, release: str, reference: str) -> DriftReport:
+    """A served canary-versus-stable report of `tenant`'s events naming `release`, far over acme's drift rule and
+    the router's own alarm (answers 2 -> 11 tokens, as the probe's bravo asked them)."""
+    now = datetime.now(UTC)
+    feature = FeatureDrift(feature="output_tokens", psi=13.8, ks_stat=0.9, ks_pvalue=1e-9, reference_mean=2.0,
+                           current_mean=11.0, drifted=True)
+    return DriftReport(served=True, tenant=tenant, deployment=deployment, app="support", window_start=now,
+                       window_end=now, reference_n=50, current_n=50, drifted=True, features=[feature],
+                       comparison="canary_vs_stable", release=release, reference_release=reference,
+                       source="lockgate-drift")
+
+
+async def _current(router: Any, release: str) -> GateDecided:
+    kv = await router.ctx.bus.kv(router.ctx.bus.subjects.kv_gates)
+    return msgspec.json.decode((await kv.get(token(release))).value, type=GateDecided)
+
+
+async def test_the_gate_judges_a_release_only_on_drift_reports_of_its_own_tenants_events(
+        stack: dict[str, Any]) -> None:
+    router, gate = stack["router"], stack["gate"]
+    bus = router.ctx.bus
+    # The router's own abort on a DRIFT report would take acme-v2 off too: counted, to see what it did.
+    handled, on_drift = Progress(), router.rollouts.on_drift
+
+    async def counted(report: DriftReport) -> None:
+        await on_drift(report)
+        await handled.bump()
+
+    router.rollouts.on_drift = counted
+    # bravo's events naming acme's canary (bravo's traffic through a deployment serving it: its own, before the
+    # router refused that, or acme's, with an unscoped key); and acme's events on a deployment serving bravo's.
+    foreign = [_report("bravo", "bravo-chat", "acme-v2", "acme-v1"), _report("bravo", "acme-chat", "acme-v2", "acme-v1"),
+               _report("acme", "bravo-chat", "acme-v2", "bravo-v1")]
+    for report in foreign:
+        await bus.publish(bus.subjects.drift(report.deployment), report)
+    await gate.ignored.wait_for(len(foreign), 30)
+    await handled.wait_for(len(foreign), 30)
+    assert (await _current(router, "acme-v2")).decision == "PASS"
+    route = router.rollouts.route("acme-chat")
+    assert (route.phase, route.weight, route.canary.release) == ("progressing", 50.0, "acme-v2"), route.reason  # type: ignore[union-attr]
+    assert router.rollouts.evidence.drift("acme-chat", "acme-v2", 0.0) is None  # no evidence for its analysis
+
+    # acme's own events on acme's deployment: the same report is judged, BLOCKed under acme's policy, and the
+    # router takes the canary back.
+    decided = await bus.nc.subscribe(bus.subjects.gate_decided("acme-v2"))
+    own = _report("acme", "acme-chat", "acme-v2", "acme-v1")
+    await bus.publish(bus.subjects.drift("acme-chat"), own)
+    await decided.next_msg(timeout=30)
+    await decided.unsubscribe()
+    await router.rollouts.wait_for(lambda r: r["acme-chat"].phase == "aborted", timeout=30)
+    blocked = await _current(router, "acme-v2")
+    assert (blocked.decision, blocked.tenant, blocked.policy) == ("BLOCK", "acme", stack["policy"])
+    assert "drift policy 'acme-policy' of deployment 'acme-chat'" in blocked.reason
+    assert gate.ignored.count == len(foreign)

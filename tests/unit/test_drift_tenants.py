@@ -1,0 +1,63 @@
+"""The drift monitor keeps each tenant's windows of a deployment apart (served, an application's own, and a rollout's
+canary and stable): a report compares one tenant's events and names that tenant. Pure.
+
+Before, windows were keyed by deployment alone: another tenant's events naming the deployment (its application's
+own NATS user may name any; an unscoped key reaches any) filled the deployment's windows, and a report said the
+tenant of whichever event came last."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from lockgate.contracts import InferenceEvent
+from lockgate.services.drift.domain import DriftMonitor, window_key, windows_of
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _events(n: int, tenant: str, *, tokens: int, variant: str = "stable", start: int = 0) -> list[InferenceEvent]:
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    return [InferenceEvent(app="support", tenant=tenant, deployment="d", variant=variant,
+                           release="r2" if variant == "canary" else "r1", model="m", output_tokens=tokens + i % 3,
+                           input_tokens=8, latency_ms=20.0 + i % 5, time=t0 + timedelta(seconds=start + i))
+            for i in range(n)]
+
+
+def test_windows_keys_name_tenant_deployment_and_events_and_the_default_tenant_keeps_its_keys() -> None:
+    assert (window_key("default", "d", True), window_key("default", "d", False)) == ("d", "d#app")
+    for tenant in ("default", "acme", "app", "a.b@c/d"):
+        for served in (True, False):
+            assert windows_of(window_key(tenant, "mix-a", served)) == (tenant, "mix-a", served)
+    assert window_key("app", "d", True) != window_key("default", "d", False)  # a tenant named `app` is its own
+
+
+@pytest.mark.parametrize("served", [True, False])
+def test_another_tenants_events_fill_windows_of_their_own(served: bool) -> None:
+    m = DriftMonitor(reference_size=40, window_size=40, psi_threshold=0.2)
+    assert m.observe_events(_events(40, "acme", tokens=2), served=served) == []  # acme's reference
+    # bravo's long answers naming acme's deployment, in one batch with acme's next short ones
+    reports = m.observe_events([*_events(40, "bravo", tokens=400, start=40), *_events(40, "acme", tokens=2, start=80)],
+                               served=served)
+    (report,) = [r for r in reports if r.comparison == "now_vs_reference"]
+    assert (report.tenant, report.deployment, report.served, report.drifted) == ("acme", "d", served, False)
+    out = next(f for f in report.features if f.feature == "output_tokens")
+    assert out.reference_mean == pytest.approx(out.current_mean)
+    assert {windows_of(k)[:2] for k in m.windows} == {("acme", "d"), ("bravo", "d")}
+
+
+def test_a_rollouts_canary_and_stable_windows_are_one_tenants() -> None:
+    m = DriftMonitor(reference_size=40, window_size=40, psi_threshold=0.2)
+    m.observe_events(_events(40, "acme", tokens=2))  # acme's stable window
+    # bravo's canary answers, three times longer, fill only bravo's canary window, whose stable side is empty
+    assert [r for r in m.observe_events(_events(40, "bravo", tokens=6, variant="canary", start=40))
+            if r.comparison == "canary_vs_stable"] == []
+    (report,) = [r for r in m.observe_events(_events(40, "acme", tokens=2, variant="canary", start=80))
+                 if r.comparison == "canary_vs_stable"]
+    assert (report.tenant, report.release, report.reference_release, report.drifted) == ("acme", "r2", "r1", False)
+    # A rollout's end, and a promotion, reach every tenant's windows of the deployment.
+    assert m.end_rollout("d") == {window_key("acme", "d", True), window_key("bravo", "d", True)}
+    m.observe_events(_events(40, "other", tokens=2), served=False)
+    m.reset("d")
+    assert m.windows == {} and m.pairs == {}
