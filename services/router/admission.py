@@ -433,8 +433,8 @@ class Admission:
         `rec` records (`call`, when one answered) costs its usage at the price of the `model` that answered, as
         the ledger prices it; nothing when refused (an HTTP error status) or when no upstream answered; its worst
         case when its usage is unknown. Each call `abandoned` after its request went out (a first-byte timeout, a
-        broken reply: a record and its call) costs its worst case whatever the last call did. A call charged its
-        worst case has its record say so (`_unknown`)."""
+        broken reply, a call under way when the client left: a record and its call) costs its worst case whatever
+        the last call did. A call charged its worst case has its record say so (`_unknown`)."""
         if ticket is OPEN or ticket.cost is ZERO:
             return
         used = ZERO
@@ -453,9 +453,11 @@ class Admission:
             # went out), a 200 whose body did not read, answers without usage: the provider may bill tokens
             # the router never counted.
             used += self._unknown(ticket, rec, call)
+        elif rec.error_type == "client_disconnected":
+            pass  # the client left before any call answered: the one under way then is among `abandoned`
         else:
-            # Which call ran, and how far, is unknown (the client left before any answer): everything reserved
-            # stays spent.
+            # Which call ran, and how far, is unknown (the request failed in an unforeseen way): everything
+            # reserved stays spent.
             used = ticket.cost
         self._finish(ticket, used)
 

@@ -46,6 +46,7 @@ from lockgate.services.router.upstream import (
     Failed,
     Hop,
     Reply,
+    Underway,
     Upstream,
     UpstreamUnavailable,
     chain,
@@ -352,6 +353,7 @@ class Proxy:
             self.shadow.maybe_mirror(route, variant, key, deployment, body, req, trace_id, user, session)
         rec = _Record(status="ok", provider=hops[0].endpoint.provider)
         streamed: list[bytes] | None = None
+        underway = Underway()  # the upstream call in flight, should the client leave before one answers
         try:
             hit = await self.admission.lookup(ticket, op.path, deployment, target.release, hops[0].body, rec,
                                               out_headers, want_usage)
@@ -361,15 +363,21 @@ class Proxy:
                 # A cacheable stream keeps the lines the client received, for the cache to replay.
                 streamed = [] if ticket.cache_key is not None else None
                 response = await self._stream(request, op, hops, up_headers, out_headers, want_usage, t0, rec,
-                                              streamed, cover)
+                                              streamed, cover, underway)
             else:
-                response = await self._once(op, hops, up_headers, out_headers, rec, cover)
+                response = await self._once(op, hops, up_headers, out_headers, rec, cover, underway)
                 if request.transport is None:  # the client left while the upstream worked: nobody got the answer
                     rec.status, rec.error_type = "error", "client_disconnected"
         except asyncio.CancelledError:
             # The client closed its connection (the server cancels the handler, server.py): the upstream
-            # call was cancelled with it, its connection closed, so the provider stops generating.
+            # call was cancelled with it and its connection closed. A stream's provider stops generating then; a
+            # non-streamed one goes on and bills the whole answer: a call under way when the client left (before
+            # any answered) is abandoned after its request went out, charged its worst case like a first-byte
+            # timeout. The calls that failed before it are evidence (and charged) as when one answers.
             rec.status, rec.error_type = "error", "client_disconnected"
+            if rec.hop is None:
+                rec.earlier = underway.earlier
+                rec.gone = underway.hop
             raise
         finally:
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
@@ -457,9 +465,9 @@ class Proxy:
         return self.upstream.session.get(endpoint.url_for(path), headers=dict(endpoint.auth_headers))  # type: ignore[union-attr]
 
     async def _once(self, op: Operation, hops: list[Hop], up_headers: dict[str, str], out_headers: dict[str, str],
-                    rec: _Record, cover: Cover | None = None) -> web.StreamResponse:
+                    rec: _Record, cover: Cover | None = None, underway: Underway | None = None) -> web.StreamResponse:
         try:
-            reply = await self.upstream.send(hops, up_headers, stream=False, cover=cover)
+            reply = await self.upstream.send(hops, up_headers, stream=False, cover=cover, underway=underway)
         except UpstreamUnavailable as exc:
             return rec.unavailable(exc, out_headers)
         endpoint, target = rec.took(reply, out_headers)
@@ -481,11 +489,12 @@ class Proxy:
 
     async def _stream(self, request: web.Request, op: Operation, hops: list[Hop], up_headers: dict[str, str],
                       out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record,
-                      streamed: list[bytes] | None = None, cover: Cover | None = None) -> web.StreamResponse:
+                      streamed: list[bytes] | None = None, cover: Cover | None = None,
+                      underway: Underway | None = None) -> web.StreamResponse:
         chunk = op.chunk
         assert chunk is not None  # forward refuses a stream of an operation that has none
         try:
-            reply = await self.upstream.send(hops, up_headers, stream=True, cover=cover)
+            reply = await self.upstream.send(hops, up_headers, stream=True, cover=cover, underway=underway)
         except UpstreamUnavailable as exc:
             return rec.unavailable(exc, out_headers)
         endpoint, target = rec.took(reply, out_headers)

@@ -100,6 +100,24 @@ Prepare = Callable[[Endpoint, bytes], tuple[URL, bytes, dict[str, str]]]
 Cover = Callable[[Hop, list[Hop]], Awaitable[str | None]]
 
 
+class Underway:
+    """What a send has done so far, for a caller cancelled before it returned (the client left): the hop whose call
+    is under way (its connection being opened, its request sent, its answer awaited), else None, and the calls that
+    failed before it. A call under way may be generating a whole answer the provider bills although nobody reads
+    it (OpenAI does not stop a non-streamed generation when the connection drops)."""
+
+    __slots__ = ("failures", "hop")
+
+    def __init__(self) -> None:
+        self.hop: Hop | None = None
+        self.failures: list[Failed] = []
+
+    @property
+    def earlier(self) -> list[Failed]:
+        """The failed calls (not the skips while a breaker was open), as Reply.earlier."""
+        return [f for f in self.failures if f.kind != "breaker_open"]
+
+
 class Reply:
     """The answer of the hop that served: status, body (non-streamed, or any non-200), the headers
     to pass on, and for a 200 stream its lines (the first one already read, so a retry or fallback
@@ -271,16 +289,18 @@ class Upstream:
             await self.session.close()
 
     async def send(self, hops: Sequence[Hop], headers: dict[str, str], *, stream: bool,
-                   cover: Cover | None = None) -> Reply:
+                   cover: Cover | None = None, underway: Underway | None = None) -> Reply:
         """The first good answer along `hops`, retrying each within its budget.
 
         Returns the serving hop's Reply (a 200, or a client error the upstream gave, passed on as
         it is, or the last hop's 429/5xx when every hop failed with one); raises UpstreamUnavailable
         when no hop answered at all, or when `cover` refuses a call after an abandoned one (a 504).
+        `underway`: kept up to date with the call in flight and the failures so far.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + hops[0].endpoint.timeouts.total_s
-        failures: list[Failed] = []
+        underway = underway if underway is not None else Underway()
+        failures = underway.failures
         attempts = 0
         for hop in hops:
             h = self.health(hop.endpoint)
@@ -300,8 +320,10 @@ class Upstream:
                 attempts += 1
                 verdict: bool | None = None
                 started = loop.time()
+                underway.hop = hop
                 try:
                     reply, failed = await self._try(hop, headers, stream, deadline, breaker)
+                    underway.hop = None  # answered or failed: no longer in flight (a failure is in `failures`)
                     verdict = failed is None or (failed.kind == "http" and not resilience.breaker_failure(failed.status))
                 finally:
                     # A cancelled call (the client left) gives no verdict: only free a half-open probe.

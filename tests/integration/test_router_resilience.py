@@ -980,6 +980,47 @@ async def test_an_abandoned_call_stays_charged_when_its_fallback_refuses_the_req
     assert spent.tokens == admitted * worst <= 1000
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
+async def test_a_call_the_client_gives_up_on_before_its_answer_is_charged_its_worst_case_and_booked_alike(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, run_services: Any,
+        store: Any, stream: bool) -> None:
+    # Found by a probe: a client whose SDK timeout was just under the generation time gave up on each
+    # non-streamed call while the upstream kept generating (as OpenAI does, and bills), and the call's event said
+    # client_disconnected with no usage: the cost ledger booked nothing. Now a call under way when the client
+    # leaves is charged its worst case, like one given up on at the first-byte timeout, and its event says so.
+    (tmp_path / "prices.yaml").write_text(json.dumps({"version": "t", "currency": "USD", "models": {
+        "m": {"input_per_mtok": 1.0, "output_per_mtok": 4.0}}}))
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "usd": 100.0,
+                                                                             "tokens": 1_000_000}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"),
+                                                price_book=str(tmp_path / "prices.yaml"))
+    ledgers = await context.bus.nc.subscribe(context.bus.subjects.cost_ledger)
+    svcs = await run_services("sink", "cost")
+    async with FakeLLM("slow", "hang") as slow:
+        router = await gateway({"default": {"url": slow.url, "timeouts": {"first_byte_s": 30}}})
+        async with openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=keys.app_key, max_retries=0,
+                                      timeout=0.5) as c:
+            with pytest.raises(openai.APITimeoutError):
+                await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=300, stream=stream)
+        await slow.seen(1)
+        tokens_in, tokens_out = _worst(int(slow.headers[0]["Content-Length"]), 300)
+        (event,) = await events(1)
+        assert (event.status, event.error_type, event.input_tokens, event.output_tokens) == (
+            "error", "client_disconnected", 0, 0)
+        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.")} == {
+            "lockgate.usage_unknown": "worst_case", "lockgate.charged_input_tokens": str(tokens_in),
+            "lockgate.charged_output_tokens": str(tokens_out)}
+        spent = await _counter(router, context)
+    usd = math.ceil((tokens_in * 1.0 + tokens_out * 4.0) / 1e6 * 1e9)
+    assert (spent.tokens, spent.usd) == (tokens_in + tokens_out, usd)
+    # The cost ledger books the same as the budget kept.
+    Codec(CostLedger).decode((await ledgers.next_msg(timeout=15)).data)
+    await sink_stored(svcs["sink"].handlers, cost_ledger=1)
+    (cost,) = await asyncio.to_thread(cost_rollup, store, ["tenant"])
+    assert (cost["calls"], cost["tokens"]) == (1, tokens_in + tokens_out)
+    assert cost["cost_usd"] == pytest.approx(usd / 1e9, abs=1e-8)
+
+
 @pytest.mark.parametrize("limit", ["budget", "tpm"])
 async def test_a_fallback_is_not_called_when_what_the_abandoned_call_may_have_spent_leaves_no_room_for_it(
         gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, limit: str) -> None:
