@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -63,8 +64,8 @@ from lockgate.services.router.wire import (
     Choices,
     ErrorAnswer,
     Operation,
-    error_body,
     error_response,
+    interrupted_event,
     is_openai_error,
     openai_error,
     patch_body,
@@ -276,7 +277,8 @@ class Proxy:
             return closing(error_response(exc.http_status, f"invalid {op.api} request: {exc.message}",
                                           "invalid_request_error"))
         except UNDECODABLE as exc:
-            return error_response(400, f"invalid {op.api} request: {undecodable(exc)}", "invalid_request_error")
+            return error_response(400, f"invalid {op.api} request: {undecodable(exc)}", "invalid_request_error",
+                                  param=_param_of(exc))
         if req.stream and op.chunk is None:  # as OpenAI's embeddings API, which has no stream parameter
             return error_response(400, f"invalid {op.api} request: 'stream' is not a parameter of {op.api}; "
                                        "its answer comes whole", "invalid_request_error", param="stream")
@@ -485,7 +487,10 @@ class Proxy:
         except ErrorAnswer:  # a 200 whose body is an error: to the client a failure, as a 5xx would be
             return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} answered HTTP 200 with "
                                  f"an error: {openai_error(scrub(reply.body, endpoint))}", "upstream_error", out_headers)
-        return web.Response(body=data, status=200, content_type="application/json", headers=out_headers)
+        # The upstream's charset stays when its body passes as it came (an OpenAI-compatible provider's).
+        charset = reply.charset if prov.name == "openai" else ""
+        return web.Response(body=data, status=200, content_type="application/json", charset=charset or None,
+                            headers=out_headers)
 
     async def _stream(self, request: web.Request, op: Operation, hops: list[Hop], up_headers: dict[str, str],
                       out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record,
@@ -508,6 +513,7 @@ class Proxy:
             hiding = False
             ended = False  # the upstream's end marker came (`data: [DONE]`)
             failure = ""  # why the stream broke off, for the error event that ends it
+            events = 0  # the upstream's events so far: a Responses stream's next sequence_number (they count from 0)
             # An event's lines go out in one write when the event ends (its blank line): one send for
             # each event instead of one for each line.
             pending: list[bytes] = []
@@ -522,6 +528,7 @@ class Proxy:
                         if payload == b"[DONE]":
                             ended = True
                         else:  # the client's SDK decodes every other data line as JSON: check it does decode
+                            events += 1
                             usage_only = chunk(payload, rec)  # UNDECODABLE when it is no chunk
                             # An error event in any operation's stream, in any shape an upstream sends (chat's
                             # `{"error": ..}` on /v1/responses, vLLM's `{"object": "error"}`): the call failed.
@@ -569,8 +576,8 @@ class Proxy:
                 # raises: the answer it read is incomplete, and the stream's status line said 200.
                 tail = b"".join(pending)
                 if failure:
-                    tail += (b"\n" if tail and not tail.endswith(b"\n\n") else b"") + b"data: " + error_body(
-                        f"stream interrupted: {failure}", "upstream_error", "stream_interrupted") + b"\n\n"
+                    tail += (b"\n" if tail and not tail.endswith(b"\n\n") else b"") + interrupted_event(
+                        op, f"stream interrupted: {failure}", events)
                 with contextlib.suppress(_ClientGone):
                     await _write(out, tail)
             if rec.status == "ok":
@@ -593,6 +600,17 @@ def _foreign_limit(req: ApiRequest, op: Operation) -> str | None:
     for name in LIMIT_FIELDS:
         if name not in op.max_fields and getattr(req, name) is not None:
             return name
+    return None
+
+
+_AT_PATH = re.compile(r" - at `\$\.([^`]+)`$")
+
+
+def _param_of(exc: BaseException) -> str | None:
+    """The request field a validation error is about, as OpenAI's `param` names it (`n`, `messages[0].role`),
+    from msgspec's `- at `$.n`` (None for JSON that does not parse, or an error about the whole body)."""
+    if isinstance(exc, msgspec.ValidationError) and (found := _AT_PATH.search(str(exc))) is not None:
+        return found.group(1)
     return None
 
 
@@ -734,16 +752,17 @@ def _prepare(op: Operation, endpoint: Endpoint, body: bytes) -> tuple[URL, bytes
     """The URL, body and headers of a request to one endpoint, as its provider takes them (Unsupported
     when it cannot serve the operation), with lockgate's key for that endpoint alone."""
     prov = provider(endpoint.provider)
-    body = prov.request(op, body)
     # The URL and headers depend only on the endpoint and the operation: built once, not per request
     # (the headers dict is shared, so nothing may change it; upstream.py copies before adding to it).
+    # The path first: a provider without the operation says so (Unsupported) before its translation of the
+    # body meets fields of another API's shape (a Responses tool has no `function`).
     known = _prepared.get((id(endpoint), op.path))
     if known is None or known[0] is not endpoint:
+        url = endpoint.url_for(prov.path(op))
         if len(_prepared) > 1024:  # endpoints reloaded many times: forget the old ones
             _prepared.clear()
-        known = _prepared[(id(endpoint), op.path)] = (endpoint, endpoint.url_for(prov.path(op)),
-                                                      {**prov.headers, **endpoint.auth_headers})
-    return known[1], body, known[2]
+        known = _prepared[(id(endpoint), op.path)] = (endpoint, url, {**prov.headers, **endpoint.auth_headers})
+    return known[1], prov.request(op, body), known[2]
 
 
 _prepared: dict[tuple[int, str], tuple[Endpoint, URL, dict[str, str]]] = {}

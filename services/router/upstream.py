@@ -30,8 +30,10 @@ from lockgate.services.router.providers import Unsupported, provider
 _FORWARD = ("OpenAI-Organization", "OpenAI-Project", "OpenAI-Beta", "Idempotency-Key", "Accept")
 _FORWARD_PREFIX = "x-stainless-"
 _FORWARD_LOWER = frozenset(n.lower() for n in _FORWARD)
-# Response headers the client needs to pace itself and to quote to the provider's support.
-_RETURN = ("Retry-After", "retry-after-ms", "x-request-id")
+# Response headers the client needs to pace itself and to quote to the provider's support (OpenAI's
+# processing time, API version and organization: what its SDK's users log next to the request id).
+_RETURN = ("Retry-After", "retry-after-ms", "x-request-id", "openai-processing-ms", "openai-version",
+           "openai-organization")
 _RETURN_PREFIX = "x-ratelimit-"
 _RETURN_LOWER = frozenset(n.lower() for n in _RETURN)
 
@@ -48,7 +50,7 @@ def returned_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     """The upstream's rate-limit, retry and request-id headers, for the client."""
     out: dict[str, str] = {}
     for name, value in upstream.items():
-        if name[0] in "rRxX" and ((low := name.lower()) in _RETURN_LOWER or low.startswith(_RETURN_PREFIX)):
+        if name[0] in "rRxXoO" and ((low := name.lower()) in _RETURN_LOWER or low.startswith(_RETURN_PREFIX)):
             out[name] = value
     return out
 
@@ -123,7 +125,7 @@ class Reply:
     to pass on, and for a 200 stream its lines (the first one already read, so a retry or fallback
     was still possible until then and never after)."""
 
-    __slots__ = ("_broken", "_deadline", "_first", "_stall", "_stream", "attempts", "body", "earlier",
+    __slots__ = ("_broken", "_deadline", "_first", "_stall", "_stream", "attempts", "body", "charset", "earlier",
                  "fallback_from", "fallback_reason", "headers", "hop", "status")
 
     def __init__(self, hop: Hop, status: int, headers: dict[str, str], attempts: int,
@@ -140,6 +142,7 @@ class Reply:
         # evidence about the release (a new canary on a recovering endpoint is not judged by it).
         self.earlier: list[Failed] = []
         self.body = b""
+        self.charset = ""  # the charset the upstream's Content-Type named, kept when its body passes as it came
         self._stream: h1.Stream | None = None
         self._first = b""
         self._stall = 0.0
@@ -391,6 +394,7 @@ class Upstream:
             if status != 200 and resilience.retryable_status(status):
                 return None, Failed(hop, "http", status, body, passed)
         reply = Reply(hop, status, passed, 1, None)
+        reply.charset = _charset(opened.headers)
         if streaming:
             reply._stream, reply._first = opened, first
             reply._stall, reply._deadline = ep.timeouts.between_chunks_s, deadline
@@ -468,6 +472,17 @@ def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any, str]], p
                 continue
             hops.append(Hop(endpoint, url, prepared, headers, tag, model))
     return hops
+
+
+def _charset(headers: Mapping[str, str]) -> str:
+    """The `charset` parameter of a Content-Type header (`application/json; charset=utf-8`), else ""."""
+    for name, value in headers.items():
+        if name.lower() == "content-type":
+            for param in value.split(";")[1:]:
+                key, _, val = param.partition("=")
+                if key.strip().lower() == "charset":
+                    return val.strip().strip('"')
+    return ""
 
 
 def _blended(endpoint: Endpoint) -> float | None:

@@ -165,13 +165,18 @@ async def test_every_choice_is_reserved_so_n_cannot_spend_past_the_budget(
     with pytest.raises(openai.RateLimitError) as refused:
         await ask(c, n=10)
     assert refused.value.code == "budget_exceeded" and f"up to {10 * MAX_TOKENS} output tokens" in refused.value.body["message"]
-    with pytest.raises(openai.BadRequestError, match=r"Expected `int` >= 1 - at `\$.max_tokens`"):
+    with pytest.raises(openai.BadRequestError, match=r"Expected `int` >= 1 - at `\$.max_tokens`") as bad:
         await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=-10**6)
+    assert bad.value.param == "max_tokens"  # OpenAI's `param` names the field (before, null)
     # A count too large for a provider (its cost once overflowed a float: a 500) is the client's mistake too.
     for field in ("max_tokens", "max_completion_tokens", "n"):
-        with pytest.raises(openai.BadRequestError, match=rf"Expected `int` <= 2147483647 - at `\$.{field}`"):
+        with pytest.raises(openai.BadRequestError, match=rf"Expected `int` <= 2147483647 - at `\$.{field}`") as bad:
             await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                             extra_body={field: int("9" * 400)})
+        assert bad.value.param == field
+    with pytest.raises(openai.BadRequestError) as bad:
+        await c.chat.completions.create(model=MODEL, messages=[{"role": 5, "content": "hi"}])  # type: ignore[misc]
+    assert bad.value.param == "messages[0].role"
     assert sim.total_requests == 0  # none reached the upstream
     assert (await ask(c)).usage.completion_tokens > 0  # one choice fits
 

@@ -148,11 +148,24 @@ class FakeLLM:
             return web.json_response({"id": "r1", "object": "response", "model": body["model"], "status": "failed",
                                       "output": [], "error": {"code": "server_error",
                                                               "message": f"overloaded at {self.url}"}})
+        if action == "response_events_then_hang":  # a Responses stream that stalls after its first two events
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for seq, event in enumerate(({"type": "response.created", "response": {"id": "r1", "object": "response",
+                                                                                 "model": body["model"],
+                                                                                 "status": "in_progress", "output": []}},
+                                         {"type": "response.output_text.delta", "item_id": "m1", "output_index": 0,
+                                          "content_index": 0, "delta": "partial"})):
+                event = {**event, "sequence_number": seq}
+                await resp.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+            await self._release.wait()
+            return resp
         if action == "error_body":  # a 200 whose body is an error object
             return web.json_response({"error": {"message": f"overloaded at {self.url}", "type": "server_error"}})
         text = f"{self.name} says hi"
         headers = {"x-request-id": f"req-{self.name}-{n}", "x-ratelimit-remaining-requests": "99",
-                   "x-ratelimit-reset-tokens": "6ms"}
+                   "x-ratelimit-reset-tokens": "6ms", "openai-processing-ms": "321", "openai-version": "2020-10-01",
+                   "openai-organization": "org-q7"}
         if not body.get("stream"):
             return web.json_response({
                 "id": f"c{n}", "object": "chat.completion", "created": 1, "model": body["model"],
@@ -351,6 +364,30 @@ async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: 
             # The stall counts against the endpoint: its breaker (one failure opens it) sends the next to backup.
             done = await c.chat.completions.create(model="m", messages=MESSAGES)
         assert done.choices[0].message.content == "backup says hi" and stall.calls == 1
+
+
+async def test_a_responses_stream_the_router_cuts_ends_with_a_typed_error_event(gateway: Gateway, keys: Bootstrap,
+                                                                               events: Any) -> None:
+    # Before, a Responses stream ended with chat's untyped `data: {"error": ...}`: a client dispatching on the
+    # event's `type` (the Responses event union) got an event of no type. Now OpenAI's `event: error`, typed, with
+    # the next sequence number; the SDK still raises (the event keeps the `error` object it reads).
+    async with FakeLLM("stall", "response_events_then_hang") as stall:
+        router = await gateway({"default": {"url": stall.url, "timeouts": {"between_chunks_s": 0.05}}})
+        async with client(router, keys) as c:
+            got, error = await _read(await c.responses.create(model="m", input="hi", stream=True))
+        assert [e.type for e in got] == ["response.created", "response.output_text.delta"]
+        assert error == "stream interrupted: endpoint default sent nothing for 0.05 s (between_chunks_s)"
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{router.url}/v1/responses", json={"model": "m", "input": "hi", "stream": True},
+                headers={"Authorization": f"Bearer {keys.app_key}"}) as resp:
+            raw = (await resp.read()).decode()
+        last = raw.strip().split("\n\n")[-1].split("\n")
+        assert last[0] == "event: error" and last[1].startswith("data: ")
+        data = json.loads(last[1].removeprefix("data: "))
+        assert {k: data[k] for k in ("type", "code", "message", "param", "sequence_number")} == {
+            "type": "error", "code": "stream_interrupted", "param": None, "sequence_number": 2,
+            "message": "stream interrupted: endpoint default sent nothing for 0.05 s (between_chunks_s)"}
+        assert [e.error_type for e in await events(2)] == ["stream_interrupted:ChunkTimeout"] * 2
 
 
 async def test_a_stream_still_sending_at_its_total_time_says_so_and_spares_the_breaker(
@@ -1081,6 +1118,10 @@ async def test_sdk_headers_forwarded_and_upstream_request_id_returned(gateway: G
         assert raw.headers["x-request-id"] == "req-up-1"
         assert raw.headers["x-ratelimit-remaining-requests"] == "99"
         assert raw.headers["x-ratelimit-reset-tokens"] == "6ms"
+        # What OpenAI's SDK users log beside the request id (before, dropped), and the upstream's charset.
+        assert (raw.headers["openai-processing-ms"], raw.headers["openai-version"],
+                raw.headers["openai-organization"]) == ("321", "2020-10-01", "org-q7")
+        assert raw.headers["content-type"] == "application/json; charset=utf-8"
 
 
 @pytest.mark.parametrize("action", ["anthropic_ok", "anthropic_429"])
