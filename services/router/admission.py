@@ -645,7 +645,7 @@ class Admission:
         saved = cost_of(self.prices.get(entry.model), entry.input_tokens, entry.output_tokens, entry.cached_tokens)
         # Nothing was generated: the event carries no usage (so cost accounting charges nothing) and
         # says what the hit saved.
-        rec.answered(entry.model, entry.text, entry.finish_reason)
+        rec.response_model = entry.model  # what it answered: the caller reads it from the body (rec.replayed)
         rec.attributes.update({"cache": "hit", "cost_saved": f"{saved.usd / NANO:.9f}"})
         headers["x-lockgate-cache"] = "hit"
         ticket.cache_key = None
@@ -672,7 +672,7 @@ class Admission:
             return
         entry = Entry(body=body, expires=self.clock() + spec.ttl_s, model=rec.response_model,
                       input_tokens=rec.input_tokens, output_tokens=rec.output_tokens, cached_tokens=rec.cached_tokens,
-                      text=rec.text, finish_reason=rec.finish_reason, content_type=content_type)
+                      content_type=content_type)
         if self.cache.put(ticket.cache_key, entry) and spec.shared and len(body) < _SHARED_MAX:
             task = asyncio.get_running_loop().create_task(self._shared_put(ticket.cache_key, entry))
             self._puts.add(task)  # held until done: the loop keeps only weak references to tasks

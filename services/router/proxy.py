@@ -61,6 +61,7 @@ from lockgate.services.router.wire import (
     LIMIT_FIELDS,
     OUTPUT_MESSAGES,
     RESPONSES,
+    USAGE_WARNING,
     Choices,
     ErrorAnswer,
     Operation,
@@ -361,6 +362,7 @@ class Proxy:
                                               out_headers, want_usage)
             if hit is not None:
                 response = hit
+                rec.replayed(op, hit.body, stream)
             elif stream:
                 # A cacheable stream keeps the lines the client received, for the cache to replay.
                 streamed = [] if ticket.cache_key is not None else None
@@ -716,11 +718,24 @@ class _Record:
         """Choice 0's finish reason."""
         return self.out.finish.get(0, "")
 
-    def answered(self, model: str, text: str, finish_reason: str) -> None:
-        """An answer that did not come from an upstream (a cache hit): one choice."""
-        self.response_model = model
-        self.out.add_text(0, text)
-        self.out.finish[0] = finish_reason
+    def replayed(self, op: Operation, body: Any, stream: bool) -> None:
+        """A cached answer (`body`: the JSON, or the stream's SSE bytes, the client got): its event records what
+        the miss's did, every choice, text and tool call, read from those bytes as they were read then; no usage,
+        nothing was generated (the cache's attributes say what the hit saved)."""
+        if not isinstance(body, bytes):
+            return
+        model = self.response_model
+        with contextlib.suppress(*UNDECODABLE, ErrorAnswer):  # a stored answer read well once
+            if not stream:
+                op.parse(body, self)
+            elif op.chunk is not None:
+                for line in body.splitlines():
+                    payload = line[5:].strip() if line.startswith(b"data:") else b""
+                    if payload and payload != b"[DONE]":
+                        op.chunk(payload, self)
+        self.response_model = self.response_model or model
+        self.input_tokens = self.output_tokens = self.cached_tokens = 0
+        self.attributes.pop(USAGE_WARNING, None)
 
     def fail(self, http: int, message: str, type_: str, headers: dict[str, str],
              code: str | None = None) -> web.Response:

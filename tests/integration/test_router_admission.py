@@ -500,6 +500,33 @@ async def test_a_streamed_answer_is_cached_and_replayed_as_sse(settings: Setting
     await sub.unsubscribe()
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
+async def test_a_cache_hits_event_records_every_choice_and_tool_call_as_the_miss_did(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path, stream: bool) -> None:
+    # Found by a probe: a hit served both choices and both tool calls, while its event held choice 0's text alone
+    # (an empty `response`, no gen_ai.output.messages): what the client got was missing from the record.
+    router, keys, sub = await _caching(settings, store, stack, sim, tmp_path, "faq", 60)
+    c = client(router, keys.app_key)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    for expected in ("miss", "hit"):
+        raw = await c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "cache tools q"}], max_tokens=MAX_TOKENS,
+            temperature=0, n=2, tools=tools, stream=stream)  # type: ignore[arg-type]
+        if stream:
+            [chunk async for chunk in raw.parse()]
+        assert raw.headers["x-lockgate-cache"] == expected
+    events: list[InferenceEvent] = []
+    while len(events) < 2:
+        events += _events.decode((await sub.next_msg(timeout=10)).data)
+    miss, hit = events
+    await sub.unsubscribe()
+    output = "gen_ai.output.messages"
+    assert output in miss.attributes and len(msgspec.json.decode(miss.attributes[output])) == 2
+    assert (hit.attributes["cache"], hit.attributes.get(output), hit.response, hit.finish_reason) == (
+        "hit", miss.attributes[output], miss.response, miss.finish_reason)
+    assert (hit.input_tokens, hit.output_tokens, hit.response_model) == (0, 0, miss.response_model)
+
+
 async def test_one_body_sent_to_two_operations_is_two_entries(settings: Settings, store: Store, stack: Stack,
                                                                sim: SimServer, tmp_path: Path) -> None:
     # Before: the key had no operation, so this body sent to /v1/responses after /v1/embeddings came back
