@@ -163,8 +163,8 @@ class Refused(NamedTuple):
 class Ticket:
     """One admitted request: what it reserved where, settled once after its calls."""
 
-    __slots__ = ("app", "cache_key", "charges", "cost", "deployment", "key", "key_id", "max_fields", "pointed",
-                 "price", "prices", "req", "tenant")
+    __slots__ = ("app", "cache_key", "charges", "cost", "deployment", "key", "key_id", "limits", "max_fields",
+                 "pointed", "price", "prices", "req", "tenant")
 
     def __init__(self, key: ApiKey | None, cost: Amount, price: ModelPrice | None,
                  prices: dict[str, ModelPrice | None] | None = None) -> None:
@@ -181,6 +181,8 @@ class Ticket:
         self.pointed = 0
         self.max_fields: Sequence[str] = ()
         self.deployment = ""
+        # The key's router rate limits after admission, as `x-ratelimit-*` headers (RateLimiter.headers).
+        self.limits: dict[str, str] = {}
 
 
 OPEN = Ticket(None, ZERO, None)  # admitted with nothing to settle (no policy applies)
@@ -242,10 +244,15 @@ class Admission:
                 refused = await self._rate_limit(key, cost.tokens)
             except KVUnreadable as exc:
                 return error_response(503, exc.message, "service_unavailable", code="rate_limit_unreadable")
+            # The key's own limits as OpenAI reports its: what a client paces itself on (on a 429 and every answer).
+            limits = self.limiter.headers(key.tenant, key.app, key.id, self.clock())
             if refused:
                 return error_response(429, refused.message, "requests", code="rate_limit_exceeded",
-                                      headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s)))})
+                                      headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s))),
+                                               **limits})
         ticket = Ticket(key, cost, price, prices)
+        if self.limiter:
+            ticket.limits = limits
         ticket.req, ticket.pointed, ticket.max_fields, ticket.deployment = req, pointed, max_fields, deployment
         now = self.clock()
         wall = self.wall()

@@ -348,7 +348,7 @@ class Proxy:
         flags = "01" if sc.trace_flags.sampled else "00"
         up_headers = {**_UP_BASE, "traceparent": f"00-{trace_id}-{span_id}-{flags}"}
         forward_headers(h, up_headers)
-        out_headers = {"x-lockgate-variant": variant, "x-lockgate-release": target.release,
+        out_headers = {**ticket.limits, "x-lockgate-variant": variant, "x-lockgate-release": target.release,
                        "x-lockgate-trace-id": trace_id}
         # Shadow: a sampled copy to the candidate, scheduled off the request path (`body` is as the client
         # sent it, before this release's patches).
@@ -693,7 +693,7 @@ class _Record:
 
     def took(self, reply: Reply, headers: dict[str, str]) -> tuple[Endpoint, domain.Target]:
         """Note which hop answered (for the event and the response headers) and pass its headers on."""
-        headers.update(reply.headers)
+        _pass_headers(headers, reply.headers)
         self.attributes.update(reply.attributes())
         self.earlier = reply.earlier
         self.hop = reply.hop
@@ -754,6 +754,26 @@ class _Record:
                                           f"{status}: {openai_error(data)}", "upstream_error", headers=headers)
         return error_response(502, f"endpoint {endpoint.id} for release {target.release!r} failed with "
                                    f"HTTP {status}: {openai_error(data)}", "upstream_error", headers=headers)
+
+
+def _pass_headers(headers: dict[str, str], upstream: dict[str, str]) -> None:
+    """Add the upstream's headers to the answer's. Where the key has a router rate limit of a kind (`headers`
+    holds its `x-ratelimit-*-{requests,tokens}`, ratelimit.RateLimiter.headers), the client sees the binding one:
+    the router's, unless the upstream reports fewer remaining (a shared organization's limit running out)."""
+    router = {kind for kind in ("requests", "tokens") if f"x-ratelimit-remaining-{kind}" in headers}
+    if not router:
+        headers.update(upstream)
+        return
+    theirs = {name.lower(): value for name, value in upstream.items()}
+    for kind in tuple(router):
+        remaining = theirs.get(f"x-ratelimit-remaining-{kind}", "")
+        if remaining.isdigit() and int(remaining) < int(headers[f"x-ratelimit-remaining-{kind}"]):
+            for name in (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}"):
+                headers.pop(name, None)
+            router.discard(kind)
+    kept = tuple(f"-{kind}" for kind in router)
+    headers.update({name: value for name, value in upstream.items()
+                    if not (name.lower().startswith("x-ratelimit-") and name.lower().endswith(kept))})
 
 
 def _body_for(body: bytes, model: str, target: domain.Target, inject_usage: bool) -> bytes:

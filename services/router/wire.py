@@ -11,6 +11,7 @@ Streamed, each choice has its own buffer, so interleaved chunks never mix.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -319,6 +320,9 @@ def interrupted_event(op: Operation, message: str, sequence: int) -> bytes:
 
 def error_response(status: int, message: str, type_: str, *, headers: dict[str, str] | None = None,
                    code: str | None = None, param: str | None = None) -> web.Response:
-    """An OpenAI-style error response."""
+    """An OpenAI-style error response, with an `x-request-id` as OpenAI's every answer has (the SDK's
+    `request_id`, what a user quotes): the upstream's when `headers` carry one, else the router's own."""
+    if headers is None or not any(name.lower() == "x-request-id" for name in headers):
+        headers = {**(headers or {}), "x-request-id": f"req_lockgate_{secrets.token_hex(12)}"}
     return web.Response(body=error_body(message, type_, code, param), status=status,
                         content_type="application/json", headers=headers)

@@ -285,13 +285,22 @@ async def test_rate_limit_429_after_n_requests_per_minute(settings: Settings, st
     now = [1000.0]
     router.admission.clock = lambda: now[0]  # the minute passes when the test says so
     c = client(router, keys.app_key)
-    for _ in range(3):
-        await ask(c)
+    # Each answer reports the key's own limit as OpenAI reports its, for a client that paces itself on it (before,
+    # none: the upstream's, or nothing, while the router's limit was the one that bound).
+    for left in (2, 1, 0):
+        raw = await c.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                                max_tokens=MAX_TOKENS)
+        assert (raw.headers["x-ratelimit-limit-requests"], raw.headers["x-ratelimit-remaining-requests"],
+                raw.headers["x-ratelimit-reset-requests"]) == ("3", str(left), f"{(3 - left) * 20}s".replace("60s", "1m0s"))
     with pytest.raises(openai.RateLimitError) as limited:
         await ask(c)
     assert limited.value.code == "rate_limit_exceeded"
     assert "3 requests per minute" in limited.value.body["message"]
-    assert limited.value.response.headers["Retry-After"] == "20"
+    headers = limited.value.response.headers
+    assert headers["Retry-After"] == "20"
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"],
+            headers["x-ratelimit-reset-requests"]) == ("3", "0", "1m0s")
+    assert headers["x-request-id"].startswith("req_") and limited.value.request_id == headers["x-request-id"]
     # Another key of the same tenant has its own bucket.
     other, _ = KeyStore(s.home).create("acme", "shop")
     await ask(client(router, other))

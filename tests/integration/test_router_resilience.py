@@ -1124,6 +1124,28 @@ async def test_sdk_headers_forwarded_and_upstream_request_id_returned(gateway: G
         assert raw.headers["content-type"] == "application/json; charset=utf-8"
 
 
+@pytest.mark.parametrize(("rpm", "stream"), [(5, False), (5, True), (500, False)])
+async def test_the_rate_limit_headers_are_the_binding_ones_the_routers_or_the_upstreams(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, tmp_path: Any, rpm: int, stream: bool) -> None:
+    # Found by a probe: under a router limit of 2 requests a minute, the 200s said the upstream's "500 requests,
+    # 499 remaining", so a client pacing on them ran into the router's 429. Now each kind the key has a router limit
+    # of says the binding one: the router's, unless the upstream has fewer remaining (it says 99 here).
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"rate_limits": [{"tenant": "acme", "rpm": rpm}]}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("up") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            raw = await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, stream=stream)
+            if stream:
+                await _read(raw.parse())
+    limits = {k: v for k, v in raw.headers.items() if k.startswith("x-ratelimit-")}
+    if rpm == 5:
+        assert limits == {"x-ratelimit-limit-requests": "5", "x-ratelimit-remaining-requests": "4",
+                          "x-ratelimit-reset-requests": "12s", "x-ratelimit-reset-tokens": "6ms"}
+    else:  # the upstream's 99 binds: its own headers, as they came
+        assert limits == {"x-ratelimit-remaining-requests": "99", "x-ratelimit-reset-tokens": "6ms"}
+
+
 @pytest.mark.parametrize("action", ["anthropic_ok", "anthropic_429"])
 async def test_an_anthropic_endpoints_request_id_and_rate_limits_reach_the_client_under_openais_names(
         gateway: Gateway, keys: Bootstrap, action: str) -> None:
