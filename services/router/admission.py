@@ -163,8 +163,8 @@ class Refused(NamedTuple):
 class Ticket:
     """One admitted request: what it reserved where, settled once after its calls."""
 
-    __slots__ = ("app", "cache_key", "charges", "cost", "deployment", "key", "key_id", "max_fields", "pointed",
-                 "price", "prices", "req", "tenant")
+    __slots__ = ("app", "cache_key", "charges", "cost", "deployment", "key", "key_id", "limits", "max_fields",
+                 "pointed", "price", "prices", "req", "tenant")
 
     def __init__(self, key: ApiKey | None, cost: Amount, price: ModelPrice | None,
                  prices: dict[str, ModelPrice | None] | None = None) -> None:
@@ -181,6 +181,8 @@ class Ticket:
         self.pointed = 0
         self.max_fields: Sequence[str] = ()
         self.deployment = ""
+        # The key's router rate limits after admission, as `x-ratelimit-*` headers (RateLimiter.headers).
+        self.limits: dict[str, str] = {}
 
 
 OPEN = Ticket(None, ZERO, None)  # admitted with nothing to settle (no policy applies)
@@ -242,10 +244,15 @@ class Admission:
                 refused = await self._rate_limit(key, cost.tokens)
             except KVUnreadable as exc:
                 return error_response(503, exc.message, "service_unavailable", code="rate_limit_unreadable")
+            # The key's own limits as OpenAI reports its: what a client paces itself on (on a 429 and every answer).
+            limits = self.limiter.headers(key.tenant, key.app, key.id, self.clock())
             if refused:
                 return error_response(429, refused.message, "requests", code="rate_limit_exceeded",
-                                      headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s)))})
+                                      headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s))),
+                                               **limits})
         ticket = Ticket(key, cost, price, prices)
+        if self.limiter:
+            ticket.limits = limits
         ticket.req, ticket.pointed, ticket.max_fields, ticket.deployment = req, pointed, max_fields, deployment
         now = self.clock()
         wall = self.wall()
@@ -433,8 +440,8 @@ class Admission:
         `rec` records (`call`, when one answered) costs its usage at the price of the `model` that answered, as
         the ledger prices it; nothing when refused (an HTTP error status) or when no upstream answered; its worst
         case when its usage is unknown. Each call `abandoned` after its request went out (a first-byte timeout, a
-        broken reply: a record and its call) costs its worst case whatever the last call did. A call charged its
-        worst case has its record say so (`_unknown`)."""
+        broken reply, a call under way when the client left: a record and its call) costs its worst case whatever
+        the last call did. A call charged its worst case has its record say so (`_unknown`)."""
         if ticket is OPEN or ticket.cost is ZERO:
             return
         used = ZERO
@@ -453,9 +460,11 @@ class Admission:
             # went out), a 200 whose body did not read, answers without usage: the provider may bill tokens
             # the router never counted.
             used += self._unknown(ticket, rec, call)
+        elif rec.error_type == "client_disconnected":
+            pass  # the client left before any call answered: the one under way then is among `abandoned`
         else:
-            # Which call ran, and how far, is unknown (the client left before any answer): everything reserved
-            # stays spent.
+            # Which call ran, and how far, is unknown (the request failed in an unforeseen way): everything
+            # reserved stays spent.
             used = ticket.cost
         self._finish(ticket, used)
 
@@ -643,7 +652,7 @@ class Admission:
         saved = cost_of(self.prices.get(entry.model), entry.input_tokens, entry.output_tokens, entry.cached_tokens)
         # Nothing was generated: the event carries no usage (so cost accounting charges nothing) and
         # says what the hit saved.
-        rec.answered(entry.model, entry.text, entry.finish_reason)
+        rec.response_model = entry.model  # what it answered: the caller reads it from the body (rec.replayed)
         rec.attributes.update({"cache": "hit", "cost_saved": f"{saved.usd / NANO:.9f}"})
         headers["x-lockgate-cache"] = "hit"
         ticket.cache_key = None
@@ -670,7 +679,7 @@ class Admission:
             return
         entry = Entry(body=body, expires=self.clock() + spec.ttl_s, model=rec.response_model,
                       input_tokens=rec.input_tokens, output_tokens=rec.output_tokens, cached_tokens=rec.cached_tokens,
-                      text=rec.text, finish_reason=rec.finish_reason, content_type=content_type)
+                      content_type=content_type)
         if self.cache.put(ticket.cache_key, entry) and spec.shared and len(body) < _SHARED_MAX:
             task = asyncio.get_running_loop().create_task(self._shared_put(ticket.cache_key, entry))
             self._puts.add(task)  # held until done: the loop keeps only weak references to tasks

@@ -72,8 +72,6 @@ class Entry(msgspec.Struct, frozen=True):
     input_tokens: int = 0
     output_tokens: int = 0
     cached_tokens: int = 0
-    text: str = ""  # the answer and why it ended, for the hit's inference event
-    finish_reason: str = ""
     content_type: str = "application/json"  # EVENT_STREAM: a stream's SSE bytes, replayed as they were sent
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import secrets
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ from lockgate.services.router.upstream import (
     Failed,
     Hop,
     Reply,
+    Underway,
     Upstream,
     UpstreamUnavailable,
     chain,
@@ -59,11 +61,12 @@ from lockgate.services.router.wire import (
     LIMIT_FIELDS,
     OUTPUT_MESSAGES,
     RESPONSES,
+    USAGE_WARNING,
     Choices,
     ErrorAnswer,
     Operation,
-    error_body,
     error_response,
+    interrupted_event,
     is_openai_error,
     openai_error,
     patch_body,
@@ -275,7 +278,8 @@ class Proxy:
             return closing(error_response(exc.http_status, f"invalid {op.api} request: {exc.message}",
                                           "invalid_request_error"))
         except UNDECODABLE as exc:
-            return error_response(400, f"invalid {op.api} request: {undecodable(exc)}", "invalid_request_error")
+            return error_response(400, f"invalid {op.api} request: {undecodable(exc)}", "invalid_request_error",
+                                  param=_param_of(exc))
         if req.stream and op.chunk is None:  # as OpenAI's embeddings API, which has no stream parameter
             return error_response(400, f"invalid {op.api} request: 'stream' is not a parameter of {op.api}; "
                                        "its answer comes whole", "invalid_request_error", param="stream")
@@ -344,7 +348,7 @@ class Proxy:
         flags = "01" if sc.trace_flags.sampled else "00"
         up_headers = {**_UP_BASE, "traceparent": f"00-{trace_id}-{span_id}-{flags}"}
         forward_headers(h, up_headers)
-        out_headers = {"x-lockgate-variant": variant, "x-lockgate-release": target.release,
+        out_headers = {**ticket.limits, "x-lockgate-variant": variant, "x-lockgate-release": target.release,
                        "x-lockgate-trace-id": trace_id}
         # Shadow: a sampled copy to the candidate, scheduled off the request path (`body` is as the client
         # sent it, before this release's patches).
@@ -352,24 +356,32 @@ class Proxy:
             self.shadow.maybe_mirror(route, variant, key, deployment, body, req, trace_id, user, session)
         rec = _Record(status="ok", provider=hops[0].endpoint.provider)
         streamed: list[bytes] | None = None
+        underway = Underway()  # the upstream call in flight, should the client leave before one answers
         try:
             hit = await self.admission.lookup(ticket, op.path, deployment, target.release, hops[0].body, rec,
                                               out_headers, want_usage)
             if hit is not None:
                 response = hit
+                rec.replayed(op, hit.body, stream)
             elif stream:
                 # A cacheable stream keeps the lines the client received, for the cache to replay.
                 streamed = [] if ticket.cache_key is not None else None
                 response = await self._stream(request, op, hops, up_headers, out_headers, want_usage, t0, rec,
-                                              streamed, cover)
+                                              streamed, cover, underway)
             else:
-                response = await self._once(op, hops, up_headers, out_headers, rec, cover)
+                response = await self._once(op, hops, up_headers, out_headers, rec, cover, underway)
                 if request.transport is None:  # the client left while the upstream worked: nobody got the answer
                     rec.status, rec.error_type = "error", "client_disconnected"
         except asyncio.CancelledError:
             # The client closed its connection (the server cancels the handler, server.py): the upstream
-            # call was cancelled with it, its connection closed, so the provider stops generating.
+            # call was cancelled with it and its connection closed. A stream's provider stops generating then; a
+            # non-streamed one goes on and bills the whole answer: a call under way when the client left (before
+            # any answered) is abandoned after its request went out, charged its worst case like a first-byte
+            # timeout. The calls that failed before it are evidence (and charged) as when one answers.
             rec.status, rec.error_type = "error", "client_disconnected"
+            if rec.hop is None:
+                rec.earlier = underway.earlier
+                rec.gone = underway.hop
             raise
         finally:
             rec.latency_ms = (time.perf_counter() - t0) * 1000.0
@@ -457,9 +469,9 @@ class Proxy:
         return self.upstream.session.get(endpoint.url_for(path), headers=dict(endpoint.auth_headers))  # type: ignore[union-attr]
 
     async def _once(self, op: Operation, hops: list[Hop], up_headers: dict[str, str], out_headers: dict[str, str],
-                    rec: _Record, cover: Cover | None = None) -> web.StreamResponse:
+                    rec: _Record, cover: Cover | None = None, underway: Underway | None = None) -> web.StreamResponse:
         try:
-            reply = await self.upstream.send(hops, up_headers, stream=False, cover=cover)
+            reply = await self.upstream.send(hops, up_headers, stream=False, cover=cover, underway=underway)
         except UpstreamUnavailable as exc:
             return rec.unavailable(exc, out_headers)
         endpoint, target = rec.took(reply, out_headers)
@@ -477,15 +489,19 @@ class Proxy:
         except ErrorAnswer:  # a 200 whose body is an error: to the client a failure, as a 5xx would be
             return rec.fail(502, f"endpoint {endpoint.id} for release {target.release!r} answered HTTP 200 with "
                                  f"an error: {openai_error(scrub(reply.body, endpoint))}", "upstream_error", out_headers)
-        return web.Response(body=data, status=200, content_type="application/json", headers=out_headers)
+        # The upstream's charset stays when its body passes as it came (an OpenAI-compatible provider's).
+        charset = reply.charset if prov.name == "openai" else ""
+        return web.Response(body=data, status=200, content_type="application/json", charset=charset or None,
+                            headers=out_headers)
 
     async def _stream(self, request: web.Request, op: Operation, hops: list[Hop], up_headers: dict[str, str],
                       out_headers: dict[str, str], want_usage: bool, t0: float, rec: _Record,
-                      streamed: list[bytes] | None = None, cover: Cover | None = None) -> web.StreamResponse:
+                      streamed: list[bytes] | None = None, cover: Cover | None = None,
+                      underway: Underway | None = None) -> web.StreamResponse:
         chunk = op.chunk
         assert chunk is not None  # forward refuses a stream of an operation that has none
         try:
-            reply = await self.upstream.send(hops, up_headers, stream=True, cover=cover)
+            reply = await self.upstream.send(hops, up_headers, stream=True, cover=cover, underway=underway)
         except UpstreamUnavailable as exc:
             return rec.unavailable(exc, out_headers)
         endpoint, target = rec.took(reply, out_headers)
@@ -499,6 +515,7 @@ class Proxy:
             hiding = False
             ended = False  # the upstream's end marker came (`data: [DONE]`)
             failure = ""  # why the stream broke off, for the error event that ends it
+            events = 0  # the upstream's events so far: a Responses stream's next sequence_number (they count from 0)
             # An event's lines go out in one write when the event ends (its blank line): one send for
             # each event instead of one for each line.
             pending: list[bytes] = []
@@ -513,6 +530,7 @@ class Proxy:
                         if payload == b"[DONE]":
                             ended = True
                         else:  # the client's SDK decodes every other data line as JSON: check it does decode
+                            events += 1
                             usage_only = chunk(payload, rec)  # UNDECODABLE when it is no chunk
                             # An error event in any operation's stream, in any shape an upstream sends (chat's
                             # `{"error": ..}` on /v1/responses, vLLM's `{"object": "error"}`): the call failed.
@@ -560,8 +578,8 @@ class Proxy:
                 # raises: the answer it read is incomplete, and the stream's status line said 200.
                 tail = b"".join(pending)
                 if failure:
-                    tail += (b"\n" if tail and not tail.endswith(b"\n\n") else b"") + b"data: " + error_body(
-                        f"stream interrupted: {failure}", "upstream_error", "stream_interrupted") + b"\n\n"
+                    tail += (b"\n" if tail and not tail.endswith(b"\n\n") else b"") + interrupted_event(
+                        op, f"stream interrupted: {failure}", events)
                 with contextlib.suppress(_ClientGone):
                     await _write(out, tail)
             if rec.status == "ok":
@@ -584,6 +602,17 @@ def _foreign_limit(req: ApiRequest, op: Operation) -> str | None:
     for name in LIMIT_FIELDS:
         if name not in op.max_fields and getattr(req, name) is not None:
             return name
+    return None
+
+
+_AT_PATH = re.compile(r" - at `\$\.([^`]+)`$")
+
+
+def _param_of(exc: BaseException) -> str | None:
+    """The request field a validation error is about, as OpenAI's `param` names it (`n`, `messages[0].role`),
+    from msgspec's `- at `$.n`` (None for JSON that does not parse, or an error about the whole body)."""
+    if isinstance(exc, msgspec.ValidationError) and (found := _AT_PATH.search(str(exc))) is not None:
+        return found.group(1)
     return None
 
 
@@ -664,7 +693,7 @@ class _Record:
 
     def took(self, reply: Reply, headers: dict[str, str]) -> tuple[Endpoint, domain.Target]:
         """Note which hop answered (for the event and the response headers) and pass its headers on."""
-        headers.update(reply.headers)
+        _pass_headers(headers, reply.headers)
         self.attributes.update(reply.attributes())
         self.earlier = reply.earlier
         self.hop = reply.hop
@@ -689,11 +718,24 @@ class _Record:
         """Choice 0's finish reason."""
         return self.out.finish.get(0, "")
 
-    def answered(self, model: str, text: str, finish_reason: str) -> None:
-        """An answer that did not come from an upstream (a cache hit): one choice."""
-        self.response_model = model
-        self.out.add_text(0, text)
-        self.out.finish[0] = finish_reason
+    def replayed(self, op: Operation, body: Any, stream: bool) -> None:
+        """A cached answer (`body`: the JSON, or the stream's SSE bytes, the client got): its event records what
+        the miss's did, every choice, text and tool call, read from those bytes as they were read then; no usage,
+        nothing was generated (the cache's attributes say what the hit saved)."""
+        if not isinstance(body, bytes):
+            return
+        model = self.response_model
+        with contextlib.suppress(*UNDECODABLE, ErrorAnswer):  # a stored answer read well once
+            if not stream:
+                op.parse(body, self)
+            elif op.chunk is not None:
+                for line in body.splitlines():
+                    payload = line[5:].strip() if line.startswith(b"data:") else b""
+                    if payload and payload != b"[DONE]":
+                        op.chunk(payload, self)
+        self.response_model = self.response_model or model
+        self.input_tokens = self.output_tokens = self.cached_tokens = 0
+        self.attributes.pop(USAGE_WARNING, None)
 
     def fail(self, http: int, message: str, type_: str, headers: dict[str, str],
              code: str | None = None) -> web.Response:
@@ -714,6 +756,26 @@ class _Record:
                                    f"HTTP {status}: {openai_error(data)}", "upstream_error", headers=headers)
 
 
+def _pass_headers(headers: dict[str, str], upstream: dict[str, str]) -> None:
+    """Add the upstream's headers to the answer's. Where the key has a router rate limit of a kind (`headers`
+    holds its `x-ratelimit-*-{requests,tokens}`, ratelimit.RateLimiter.headers), the client sees the binding one:
+    the router's, unless the upstream reports fewer remaining (a shared organization's limit running out)."""
+    router = {kind for kind in ("requests", "tokens") if f"x-ratelimit-remaining-{kind}" in headers}
+    if not router:
+        headers.update(upstream)
+        return
+    theirs = {name.lower(): value for name, value in upstream.items()}
+    for kind in tuple(router):
+        remaining = theirs.get(f"x-ratelimit-remaining-{kind}", "")
+        if remaining.isdigit() and int(remaining) < int(headers[f"x-ratelimit-remaining-{kind}"]):
+            for name in (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}"):
+                headers.pop(name, None)
+            router.discard(kind)
+    kept = tuple(f"-{kind}" for kind in router)
+    headers.update({name: value for name, value in upstream.items()
+                    if not (name.lower().startswith("x-ratelimit-") and name.lower().endswith(kept))})
+
+
 def _body_for(body: bytes, model: str, target: domain.Target, inject_usage: bool) -> bytes:
     """The request as one target's endpoint gets it: its release's model and params, usage asked for."""
     if (target.model and target.model != model) or inject_usage or target.params:
@@ -725,16 +787,17 @@ def _prepare(op: Operation, endpoint: Endpoint, body: bytes) -> tuple[URL, bytes
     """The URL, body and headers of a request to one endpoint, as its provider takes them (Unsupported
     when it cannot serve the operation), with lockgate's key for that endpoint alone."""
     prov = provider(endpoint.provider)
-    body = prov.request(op, body)
     # The URL and headers depend only on the endpoint and the operation: built once, not per request
     # (the headers dict is shared, so nothing may change it; upstream.py copies before adding to it).
+    # The path first: a provider without the operation says so (Unsupported) before its translation of the
+    # body meets fields of another API's shape (a Responses tool has no `function`).
     known = _prepared.get((id(endpoint), op.path))
     if known is None or known[0] is not endpoint:
+        url = endpoint.url_for(prov.path(op))
         if len(_prepared) > 1024:  # endpoints reloaded many times: forget the old ones
             _prepared.clear()
-        known = _prepared[(id(endpoint), op.path)] = (endpoint, endpoint.url_for(prov.path(op)),
-                                                      {**prov.headers, **endpoint.auth_headers})
-    return known[1], body, known[2]
+        known = _prepared[(id(endpoint), op.path)] = (endpoint, url, {**prov.headers, **endpoint.auth_headers})
+    return known[1], prov.request(op, body), known[2]
 
 
 _prepared: dict[tuple[int, str], tuple[Endpoint, URL, dict[str, str]]] = {}

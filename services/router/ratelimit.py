@@ -220,6 +220,32 @@ class RateLimiter:
         spec = self.specs[slot[0]]
         return (spec.rpm if slot[1] == "requests" else spec.tpm) or 0
 
+    def headers(self, tenant: str, app: str, key_id: str, now: float) -> dict[str, str]:
+        """The key's binding limits as OpenAI reports its own (`x-ratelimit-{limit,remaining,reset}-{requests,
+        tokens}`, reset as `1m30s`/`250ms`: until the bucket is full again), for a client that paces itself on
+        them: per kind, the bucket with the least left of those that apply. A shared limit's level lives in the
+        KV, not here: it is left out (none of its kind is reported)."""
+        best: dict[str, tuple[float, int, float]] = {}
+        for i, spec in enumerate(self.specs):
+            if not spec.matches(tenant, app, key_id):
+                continue
+            for kind, capacity in (("requests", spec.rpm), ("tokens", spec.tpm)):
+                if capacity is None:
+                    continue
+                if spec.shared:
+                    best[kind] = (-math.inf, 0, 0.0)  # its kind is not reported
+                    continue
+                b = self._bucket(i, kind, key_id, capacity, now)
+                if kind not in best or b.level < best[kind][0]:
+                    best[kind] = (b.level, capacity, (b.capacity - b.level) / b.rate)
+        out: dict[str, str] = {}
+        for kind, (level, capacity, full_in) in best.items():
+            if capacity:
+                out[f"x-ratelimit-limit-{kind}"] = str(capacity)
+                out[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(level)))
+                out[f"x-ratelimit-reset-{kind}"] = duration(full_in)
+        return out
+
     def settle(self, tenant: str, app: str, key_id: str, reserved: int, used: int, now: float) -> None:
         """Correct the tokens buckets from the reservation to what the call used."""
         for i, spec in enumerate(self.specs):
@@ -238,3 +264,13 @@ class RateLimiter:
 def refusal(key_id: str, capacity: int, kind: str, wait: float) -> Refusal:
     """The 429's words and Retry-After for a bucket that needs `wait` seconds more."""
     return Refusal(f"rate limit of key {key_id} reached: {capacity} {kind} per minute; retry in {wait:.1f}s", wait)
+
+
+def duration(seconds: float) -> str:
+    """A wait as OpenAI's rate-limit headers write it: `250ms`, `1.5s`, `1m30s`."""
+    ms = math.ceil(seconds * 1000)
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms, 60_000)
+    text = f"{rest / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    return f"{minutes}m{text}" if minutes else text

@@ -30,8 +30,10 @@ from lockgate.services.router.providers import Unsupported, provider
 _FORWARD = ("OpenAI-Organization", "OpenAI-Project", "OpenAI-Beta", "Idempotency-Key", "Accept")
 _FORWARD_PREFIX = "x-stainless-"
 _FORWARD_LOWER = frozenset(n.lower() for n in _FORWARD)
-# Response headers the client needs to pace itself and to quote to the provider's support.
-_RETURN = ("Retry-After", "retry-after-ms", "x-request-id")
+# Response headers the client needs to pace itself and to quote to the provider's support (OpenAI's
+# processing time, API version and organization: what its SDK's users log next to the request id).
+_RETURN = ("Retry-After", "retry-after-ms", "x-request-id", "openai-processing-ms", "openai-version",
+           "openai-organization")
 _RETURN_PREFIX = "x-ratelimit-"
 _RETURN_LOWER = frozenset(n.lower() for n in _RETURN)
 
@@ -48,7 +50,7 @@ def returned_headers(upstream: Mapping[str, str]) -> dict[str, str]:
     """The upstream's rate-limit, retry and request-id headers, for the client."""
     out: dict[str, str] = {}
     for name, value in upstream.items():
-        if name[0] in "rRxX" and ((low := name.lower()) in _RETURN_LOWER or low.startswith(_RETURN_PREFIX)):
+        if name[0] in "rRxXoO" and ((low := name.lower()) in _RETURN_LOWER or low.startswith(_RETURN_PREFIX)):
             out[name] = value
     return out
 
@@ -100,12 +102,30 @@ Prepare = Callable[[Endpoint, bytes], tuple[URL, bytes, dict[str, str]]]
 Cover = Callable[[Hop, list[Hop]], Awaitable[str | None]]
 
 
+class Underway:
+    """What a send has done so far, for a caller cancelled before it returned (the client left): the hop whose call
+    is under way (its connection being opened, its request sent, its answer awaited), else None, and the calls that
+    failed before it. A call under way may be generating a whole answer the provider bills although nobody reads
+    it (OpenAI does not stop a non-streamed generation when the connection drops)."""
+
+    __slots__ = ("failures", "hop")
+
+    def __init__(self) -> None:
+        self.hop: Hop | None = None
+        self.failures: list[Failed] = []
+
+    @property
+    def earlier(self) -> list[Failed]:
+        """The failed calls (not the skips while a breaker was open), as Reply.earlier."""
+        return [f for f in self.failures if f.kind != "breaker_open"]
+
+
 class Reply:
     """The answer of the hop that served: status, body (non-streamed, or any non-200), the headers
     to pass on, and for a 200 stream its lines (the first one already read, so a retry or fallback
     was still possible until then and never after)."""
 
-    __slots__ = ("_broken", "_deadline", "_first", "_stall", "_stream", "attempts", "body", "earlier",
+    __slots__ = ("_broken", "_deadline", "_first", "_stall", "_stream", "attempts", "body", "charset", "earlier",
                  "fallback_from", "fallback_reason", "headers", "hop", "status")
 
     def __init__(self, hop: Hop, status: int, headers: dict[str, str], attempts: int,
@@ -122,6 +142,7 @@ class Reply:
         # evidence about the release (a new canary on a recovering endpoint is not judged by it).
         self.earlier: list[Failed] = []
         self.body = b""
+        self.charset = ""  # the charset the upstream's Content-Type named, kept when its body passes as it came
         self._stream: h1.Stream | None = None
         self._first = b""
         self._stall = 0.0
@@ -271,16 +292,18 @@ class Upstream:
             await self.session.close()
 
     async def send(self, hops: Sequence[Hop], headers: dict[str, str], *, stream: bool,
-                   cover: Cover | None = None) -> Reply:
+                   cover: Cover | None = None, underway: Underway | None = None) -> Reply:
         """The first good answer along `hops`, retrying each within its budget.
 
         Returns the serving hop's Reply (a 200, or a client error the upstream gave, passed on as
         it is, or the last hop's 429/5xx when every hop failed with one); raises UpstreamUnavailable
         when no hop answered at all, or when `cover` refuses a call after an abandoned one (a 504).
+        `underway`: kept up to date with the call in flight and the failures so far.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + hops[0].endpoint.timeouts.total_s
-        failures: list[Failed] = []
+        underway = underway if underway is not None else Underway()
+        failures = underway.failures
         attempts = 0
         for hop in hops:
             h = self.health(hop.endpoint)
@@ -300,8 +323,10 @@ class Upstream:
                 attempts += 1
                 verdict: bool | None = None
                 started = loop.time()
+                underway.hop = hop
                 try:
                     reply, failed = await self._try(hop, headers, stream, deadline, breaker)
+                    underway.hop = None  # answered or failed: no longer in flight (a failure is in `failures`)
                     verdict = failed is None or (failed.kind == "http" and not resilience.breaker_failure(failed.status))
                 finally:
                     # A cancelled call (the client left) gives no verdict: only free a half-open probe.
@@ -369,6 +394,7 @@ class Upstream:
             if status != 200 and resilience.retryable_status(status):
                 return None, Failed(hop, "http", status, body, passed)
         reply = Reply(hop, status, passed, 1, None)
+        reply.charset = _charset(opened.headers)
         if streaming:
             reply._stream, reply._first = opened, first
             reply._stall, reply._deadline = ep.timeouts.between_chunks_s, deadline
@@ -446,6 +472,17 @@ def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any, str]], p
                 continue
             hops.append(Hop(endpoint, url, prepared, headers, tag, model))
     return hops
+
+
+def _charset(headers: Mapping[str, str]) -> str:
+    """The `charset` parameter of a Content-Type header (`application/json; charset=utf-8`), else ""."""
+    for name, value in headers.items():
+        if name.lower() == "content-type":
+            for param in value.split(";")[1:]:
+                key, _, val = param.partition("=")
+                if key.strip().lower() == "charset":
+                    return val.strip().strip('"')
+    return ""
 
 
 def _blended(endpoint: Endpoint) -> float | None:

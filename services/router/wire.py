@@ -11,6 +11,7 @@ Streamed, each choice has its own buffer, so interleaved chunks never mix.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -303,8 +304,25 @@ def error_body(message: str, type_: str, code: str | None = None, param: str | N
     return _encoder.encode({"error": {"message": message, "type": type_, "param": param, "code": code}})
 
 
+def interrupted_event(op: Operation, message: str, sequence: int) -> bytes:
+    """The event that ends a stream the router cut short, in the shape of the operation's API: a Responses stream
+    gets a typed `event: error` (`type`, `code`, `message`, `param`, the next `sequence_number`) as OpenAI sends
+    it, keeping the `error` object by which the openai SDK raises (a cut answer never reads as a whole one);
+    the others the `data: {"error": ...}` event the SDK raises."""
+    if op.api == "responses":
+        return b"event: error\ndata: " + _encoder.encode({
+            "type": "error", "code": "stream_interrupted", "message": message, "param": None,
+            "sequence_number": sequence,
+            "error": {"message": message, "type": "upstream_error", "param": None, "code": "stream_interrupted"},
+        }) + b"\n\n"
+    return b"data: " + error_body(message, "upstream_error", "stream_interrupted") + b"\n\n"
+
+
 def error_response(status: int, message: str, type_: str, *, headers: dict[str, str] | None = None,
                    code: str | None = None, param: str | None = None) -> web.Response:
-    """An OpenAI-style error response."""
+    """An OpenAI-style error response, with an `x-request-id` as OpenAI's every answer has (the SDK's
+    `request_id`, what a user quotes): the upstream's when `headers` carry one, else the router's own."""
+    if headers is None or not any(name.lower() == "x-request-id" for name in headers):
+        headers = {**(headers or {}), "x-request-id": f"req_lockgate_{secrets.token_hex(12)}"}
     return web.Response(body=error_body(message, type_, code, param), status=status,
                         content_type="application/json", headers=headers)

@@ -238,6 +238,11 @@ async def test_anthropic_endpoint_behind_the_openai_wire(router: Any, context: S
         await via.chat.completions.create(model="claude-m", messages=msgs, n=2)
     with pytest.raises(openai.BadRequestError, match="Anthropic Messages"):
         await via.embeddings.create(model="claude-m", input="x")
+    # Responses tools have no `function`: the refusal is the operation's, before any translation (before,
+    # "request cannot be translated: KeyError('function')").
+    with pytest.raises(openai.BadRequestError, match="Anthropic Messages, which has no responses operation"):
+        await via.responses.create(model="claude-m", input="hi", tools=[
+            {"type": "function", "name": "lookup", "parameters": {"type": "object"}, "strict": False}])
 
 
 async def test_client_disconnect_is_recorded_and_cancels_the_upstream(

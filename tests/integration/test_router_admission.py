@@ -165,13 +165,18 @@ async def test_every_choice_is_reserved_so_n_cannot_spend_past_the_budget(
     with pytest.raises(openai.RateLimitError) as refused:
         await ask(c, n=10)
     assert refused.value.code == "budget_exceeded" and f"up to {10 * MAX_TOKENS} output tokens" in refused.value.body["message"]
-    with pytest.raises(openai.BadRequestError, match=r"Expected `int` >= 1 - at `\$.max_tokens`"):
+    with pytest.raises(openai.BadRequestError, match=r"Expected `int` >= 1 - at `\$.max_tokens`") as bad:
         await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=-10**6)
+    assert bad.value.param == "max_tokens"  # OpenAI's `param` names the field (before, null)
     # A count too large for a provider (its cost once overflowed a float: a 500) is the client's mistake too.
     for field in ("max_tokens", "max_completion_tokens", "n"):
-        with pytest.raises(openai.BadRequestError, match=rf"Expected `int` <= 2147483647 - at `\$.{field}`"):
+        with pytest.raises(openai.BadRequestError, match=rf"Expected `int` <= 2147483647 - at `\$.{field}`") as bad:
             await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
                                             extra_body={field: int("9" * 400)})
+        assert bad.value.param == field
+    with pytest.raises(openai.BadRequestError) as bad:
+        await c.chat.completions.create(model=MODEL, messages=[{"role": 5, "content": "hi"}])  # type: ignore[misc]
+    assert bad.value.param == "messages[0].role"
     assert sim.total_requests == 0  # none reached the upstream
     assert (await ask(c)).usage.completion_tokens > 0  # one choice fits
 
@@ -280,13 +285,22 @@ async def test_rate_limit_429_after_n_requests_per_minute(settings: Settings, st
     now = [1000.0]
     router.admission.clock = lambda: now[0]  # the minute passes when the test says so
     c = client(router, keys.app_key)
-    for _ in range(3):
-        await ask(c)
+    # Each answer reports the key's own limit as OpenAI reports its, for a client that paces itself on it (before,
+    # none: the upstream's, or nothing, while the router's limit was the one that bound).
+    for left in (2, 1, 0):
+        raw = await c.chat.completions.with_raw_response.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                                max_tokens=MAX_TOKENS)
+        assert (raw.headers["x-ratelimit-limit-requests"], raw.headers["x-ratelimit-remaining-requests"],
+                raw.headers["x-ratelimit-reset-requests"]) == ("3", str(left), f"{(3 - left) * 20}s".replace("60s", "1m0s"))
     with pytest.raises(openai.RateLimitError) as limited:
         await ask(c)
     assert limited.value.code == "rate_limit_exceeded"
     assert "3 requests per minute" in limited.value.body["message"]
-    assert limited.value.response.headers["Retry-After"] == "20"
+    headers = limited.value.response.headers
+    assert headers["Retry-After"] == "20"
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"],
+            headers["x-ratelimit-reset-requests"]) == ("3", "0", "1m0s")
+    assert headers["x-request-id"].startswith("req_") and limited.value.request_id == headers["x-request-id"]
     # Another key of the same tenant has its own bucket.
     other, _ = KeyStore(s.home).create("acme", "shop")
     await ask(client(router, other))
@@ -493,6 +507,33 @@ async def test_a_streamed_answer_is_cached_and_replayed_as_sse(settings: Setting
     assert miss.attributes["cache"] == "miss" and miss.output_tokens > 0
     assert (hit.attributes["cache"], hit.response, hit.output_tokens) == ("hit", ANSWER, 0)
     await sub.unsubscribe()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
+async def test_a_cache_hits_event_records_every_choice_and_tool_call_as_the_miss_did(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path, stream: bool) -> None:
+    # Found by a probe: a hit served both choices and both tool calls, while its event held choice 0's text alone
+    # (an empty `response`, no gen_ai.output.messages): what the client got was missing from the record.
+    router, keys, sub = await _caching(settings, store, stack, sim, tmp_path, "faq", 60)
+    c = client(router, keys.app_key)
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    for expected in ("miss", "hit"):
+        raw = await c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "cache tools q"}], max_tokens=MAX_TOKENS,
+            temperature=0, n=2, tools=tools, stream=stream)  # type: ignore[arg-type]
+        if stream:
+            [chunk async for chunk in raw.parse()]
+        assert raw.headers["x-lockgate-cache"] == expected
+    events: list[InferenceEvent] = []
+    while len(events) < 2:
+        events += _events.decode((await sub.next_msg(timeout=10)).data)
+    miss, hit = events
+    await sub.unsubscribe()
+    output = "gen_ai.output.messages"
+    assert output in miss.attributes and len(msgspec.json.decode(miss.attributes[output])) == 2
+    assert (hit.attributes["cache"], hit.attributes.get(output), hit.response, hit.finish_reason) == (
+        "hit", miss.attributes[output], miss.response, miss.finish_reason)
+    assert (hit.input_tokens, hit.output_tokens, hit.response_model) == (0, 0, miss.response_model)
 
 
 async def test_one_body_sent_to_two_operations_is_two_entries(settings: Settings, store: Store, stack: Stack,

@@ -148,11 +148,24 @@ class FakeLLM:
             return web.json_response({"id": "r1", "object": "response", "model": body["model"], "status": "failed",
                                       "output": [], "error": {"code": "server_error",
                                                               "message": f"overloaded at {self.url}"}})
+        if action == "response_events_then_hang":  # a Responses stream that stalls after its first two events
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for seq, event in enumerate(({"type": "response.created", "response": {"id": "r1", "object": "response",
+                                                                                 "model": body["model"],
+                                                                                 "status": "in_progress", "output": []}},
+                                         {"type": "response.output_text.delta", "item_id": "m1", "output_index": 0,
+                                          "content_index": 0, "delta": "partial"})):
+                event = {**event, "sequence_number": seq}
+                await resp.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+            await self._release.wait()
+            return resp
         if action == "error_body":  # a 200 whose body is an error object
             return web.json_response({"error": {"message": f"overloaded at {self.url}", "type": "server_error"}})
         text = f"{self.name} says hi"
         headers = {"x-request-id": f"req-{self.name}-{n}", "x-ratelimit-remaining-requests": "99",
-                   "x-ratelimit-reset-tokens": "6ms"}
+                   "x-ratelimit-reset-tokens": "6ms", "openai-processing-ms": "321", "openai-version": "2020-10-01",
+                   "openai-organization": "org-q7"}
         if not body.get("stream"):
             return web.json_response({
                 "id": f"c{n}", "object": "chat.completion", "created": 1, "model": body["model"],
@@ -351,6 +364,30 @@ async def test_stream_that_stalls_between_chunks_is_ended_and_recorded(gateway: 
             # The stall counts against the endpoint: its breaker (one failure opens it) sends the next to backup.
             done = await c.chat.completions.create(model="m", messages=MESSAGES)
         assert done.choices[0].message.content == "backup says hi" and stall.calls == 1
+
+
+async def test_a_responses_stream_the_router_cuts_ends_with_a_typed_error_event(gateway: Gateway, keys: Bootstrap,
+                                                                               events: Any) -> None:
+    # Before, a Responses stream ended with chat's untyped `data: {"error": ...}`: a client dispatching on the
+    # event's `type` (the Responses event union) got an event of no type. Now OpenAI's `event: error`, typed, with
+    # the next sequence number; the SDK still raises (the event keeps the `error` object it reads).
+    async with FakeLLM("stall", "response_events_then_hang") as stall:
+        router = await gateway({"default": {"url": stall.url, "timeouts": {"between_chunks_s": 0.05}}})
+        async with client(router, keys) as c:
+            got, error = await _read(await c.responses.create(model="m", input="hi", stream=True))
+        assert [e.type for e in got] == ["response.created", "response.output_text.delta"]
+        assert error == "stream interrupted: endpoint default sent nothing for 0.05 s (between_chunks_s)"
+        async with aiohttp.ClientSession() as http, http.post(
+                f"{router.url}/v1/responses", json={"model": "m", "input": "hi", "stream": True},
+                headers={"Authorization": f"Bearer {keys.app_key}"}) as resp:
+            raw = (await resp.read()).decode()
+        last = raw.strip().split("\n\n")[-1].split("\n")
+        assert last[0] == "event: error" and last[1].startswith("data: ")
+        data = json.loads(last[1].removeprefix("data: "))
+        assert {k: data[k] for k in ("type", "code", "message", "param", "sequence_number")} == {
+            "type": "error", "code": "stream_interrupted", "param": None, "sequence_number": 2,
+            "message": "stream interrupted: endpoint default sent nothing for 0.05 s (between_chunks_s)"}
+        assert [e.error_type for e in await events(2)] == ["stream_interrupted:ChunkTimeout"] * 2
 
 
 async def test_a_stream_still_sending_at_its_total_time_says_so_and_spares_the_breaker(
@@ -980,6 +1017,47 @@ async def test_an_abandoned_call_stays_charged_when_its_fallback_refuses_the_req
     assert spent.tokens == admitted * worst <= 1000
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
+async def test_a_call_the_client_gives_up_on_before_its_answer_is_charged_its_worst_case_and_booked_alike(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, run_services: Any,
+        store: Any, stream: bool) -> None:
+    # Found by a probe: a client whose SDK timeout was just under the generation time gave up on each
+    # non-streamed call while the upstream kept generating (as OpenAI does, and bills), and the call's event said
+    # client_disconnected with no usage: the cost ledger booked nothing. Now a call under way when the client
+    # leaves is charged its worst case, like one given up on at the first-byte timeout, and its event says so.
+    (tmp_path / "prices.yaml").write_text(json.dumps({"version": "t", "currency": "USD", "models": {
+        "m": {"input_per_mtok": 1.0, "output_per_mtok": 4.0}}}))
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "usd": 100.0,
+                                                                             "tokens": 1_000_000}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"),
+                                                price_book=str(tmp_path / "prices.yaml"))
+    ledgers = await context.bus.nc.subscribe(context.bus.subjects.cost_ledger)
+    svcs = await run_services("sink", "cost")
+    async with FakeLLM("slow", "hang") as slow:
+        router = await gateway({"default": {"url": slow.url, "timeouts": {"first_byte_s": 30}}})
+        async with openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=keys.app_key, max_retries=0,
+                                      timeout=0.5) as c:
+            with pytest.raises(openai.APITimeoutError):
+                await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=300, stream=stream)
+        await slow.seen(1)
+        tokens_in, tokens_out = _worst(int(slow.headers[0]["Content-Length"]), 300)
+        (event,) = await events(1)
+        assert (event.status, event.error_type, event.input_tokens, event.output_tokens) == (
+            "error", "client_disconnected", 0, 0)
+        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.")} == {
+            "lockgate.usage_unknown": "worst_case", "lockgate.charged_input_tokens": str(tokens_in),
+            "lockgate.charged_output_tokens": str(tokens_out)}
+        spent = await _counter(router, context)
+    usd = math.ceil((tokens_in * 1.0 + tokens_out * 4.0) / 1e6 * 1e9)
+    assert (spent.tokens, spent.usd) == (tokens_in + tokens_out, usd)
+    # The cost ledger books the same as the budget kept.
+    Codec(CostLedger).decode((await ledgers.next_msg(timeout=15)).data)
+    await sink_stored(svcs["sink"].handlers, cost_ledger=1)
+    (cost,) = await asyncio.to_thread(cost_rollup, store, ["tenant"])
+    assert (cost["calls"], cost["tokens"]) == (1, tokens_in + tokens_out)
+    assert cost["cost_usd"] == pytest.approx(usd / 1e9, abs=1e-8)
+
+
 @pytest.mark.parametrize("limit", ["budget", "tpm"])
 async def test_a_fallback_is_not_called_when_what_the_abandoned_call_may_have_spent_leaves_no_room_for_it(
         gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, limit: str) -> None:
@@ -1040,6 +1118,32 @@ async def test_sdk_headers_forwarded_and_upstream_request_id_returned(gateway: G
         assert raw.headers["x-request-id"] == "req-up-1"
         assert raw.headers["x-ratelimit-remaining-requests"] == "99"
         assert raw.headers["x-ratelimit-reset-tokens"] == "6ms"
+        # What OpenAI's SDK users log beside the request id (before, dropped), and the upstream's charset.
+        assert (raw.headers["openai-processing-ms"], raw.headers["openai-version"],
+                raw.headers["openai-organization"]) == ("321", "2020-10-01", "org-q7")
+        assert raw.headers["content-type"] == "application/json; charset=utf-8"
+
+
+@pytest.mark.parametrize(("rpm", "stream"), [(5, False), (5, True), (500, False)])
+async def test_the_rate_limit_headers_are_the_binding_ones_the_routers_or_the_upstreams(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, tmp_path: Any, rpm: int, stream: bool) -> None:
+    # Found by a probe: under a router limit of 2 requests a minute, the 200s said the upstream's "500 requests,
+    # 499 remaining", so a client pacing on them ran into the router's 429. Now each kind the key has a router limit
+    # of says the binding one: the router's, unless the upstream has fewer remaining (it says 99 here).
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"rate_limits": [{"tenant": "acme", "rpm": rpm}]}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("up") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            raw = await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, stream=stream)
+            if stream:
+                await _read(raw.parse())
+    limits = {k: v for k, v in raw.headers.items() if k.startswith("x-ratelimit-")}
+    if rpm == 5:
+        assert limits == {"x-ratelimit-limit-requests": "5", "x-ratelimit-remaining-requests": "4",
+                          "x-ratelimit-reset-requests": "12s", "x-ratelimit-reset-tokens": "6ms"}
+    else:  # the upstream's 99 binds: its own headers, as they came
+        assert limits == {"x-ratelimit-remaining-requests": "99", "x-ratelimit-reset-tokens": "6ms"}
 
 
 @pytest.mark.parametrize("action", ["anthropic_ok", "anthropic_429"])

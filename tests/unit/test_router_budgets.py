@@ -43,7 +43,15 @@ from lockgate.services.router.cache import (
     to_shared,
 )
 from lockgate.services.router.providers import provider
-from lockgate.services.router.ratelimit import Lacking, Level, RateLimiter, RateLimitSpec, give_back, lease
+from lockgate.services.router.ratelimit import (
+    Lacking,
+    Level,
+    RateLimiter,
+    RateLimitSpec,
+    duration,
+    give_back,
+    lease,
+)
 from lockgate.services.router.wire import CHAT as CHAT_OP
 from lockgate.services.router.wire import COMPLETIONS, RESPONSES, Operation
 
@@ -440,3 +448,16 @@ def test_a_stray_jetstream_acknowledgement_is_no_counter_at_zero() -> None:
     with pytest.raises(msgspec.ValidationError, match="unknown field"):
         msgspec.json.decode(b'{"stream":"LG_INFERENCE","seq":132}', type=Counter)
     assert msgspec.json.decode(msgspec.json.encode(Counter()), type=Counter) == Counter()
+
+
+def test_rate_limit_headers_report_the_binding_bucket_of_each_kind_as_openai_writes_them() -> None:
+    rl = RateLimiter([RateLimitSpec(rpm=10, tpm=1000), RateLimitSpec(key="k1", rpm=2), RateLimitSpec(tpm=50, shared=True)])
+    assert rl.admit("acme", "shop", "k1", 10, 0.0) is not None  # 10 tokens: the shared bucket must lease first
+    rl.local_until = 1.0  # the KV out of reach: its buckets are this replica's
+    assert rl.admit("acme", "shop", "k1", 10, 0.0) is None
+    # rpm 2 binds (1 left, full again in 30 s); the shared tokens limit lives in the KV: tokens are not reported.
+    assert rl.headers("acme", "shop", "k1", 0.0) == {
+        "x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "1", "x-ratelimit-reset-requests": "30s"}
+    assert RateLimiter([]).headers("acme", "shop", "k1", 0.0) == {}
+    assert [duration(s) for s in (0, 0.0004, 0.25, 1.5, 59.9999, 90.25)] == ["0ms", "1ms", "250ms", "1.5s", "1m0s",
+                                                                           "1m30.25s"]
