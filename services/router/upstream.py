@@ -32,8 +32,8 @@ _FORWARD_PREFIX = "x-stainless-"
 _FORWARD_LOWER = frozenset(n.lower() for n in _FORWARD)
 # Response headers the client needs to pace itself and to quote to the provider's support (OpenAI's
 # processing time, API version and organization: what its SDK's users log next to the request id).
-_RETURN = ("Retry-After", "retry-after-ms", "x-request-id", "openai-processing-ms", "openai-version",
-           "openai-organization")
+# Not `openai-organization`: the operator's provider account is none of an application's business.
+_RETURN = ("Retry-After", "retry-after-ms", "x-request-id", "openai-processing-ms", "openai-version")
 _RETURN_PREFIX = "x-ratelimit-"
 _RETURN_LOWER = frozenset(n.lower() for n in _RETURN)
 
