@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
@@ -794,6 +795,53 @@ async def test_an_upstream_quoting_the_provider_key_never_shows_it(
     (event,) = await events(1)
     assert event.status == "error" and secret not in msgspec.json.encode(event).decode()
     assert secret not in caplog.text
+
+
+# A base64-like provider key: `/` and `+` are what encoders escape.
+ECHOED_KEY = "UPCANARYA/x+Y9z8q7w6e5r4t3y2u1i0oPQRs"
+
+
+def _echoes(how: str) -> Callable[[str, Any], web.Response]:
+    """An upstream (or a gateway in front of it) quoting the credential it received, in one encoding or another."""
+    def answer(auth: str, body: Any) -> web.Response:
+        key = auth.removeprefix("Bearer ")
+        if how == "headers":  # a 429 whose request id and rate-limit header are the Authorization it received
+            return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
+                                     headers={"x-request-id": auth, "x-ratelimit-remaining-requests": key,
+                                              "Retry-After": "30"})
+        quoted = {"escaped-slash": key.replace("/", "\\/"),  # PHP's json_encode, several Java and .NET encoders
+                  "percent": quote(key, safe=""),
+                  "unicode": "".join(f"\\u{ord(c):04x}" for c in key),
+                  "dotnet": key.replace("+", "\\u002B")}[how]  # System.Text.Json escapes `+`
+        return web.Response(text='{"error": {"message": "bad key ' + quoted + '", "type": "auth_error"}}',
+                            status=401, content_type="application/json")
+    return answer
+
+
+@pytest.mark.parametrize("how", ["headers", "escaped-slash", "percent", "unicode", "dotnet"])
+async def test_an_upstream_quoting_the_provider_key_in_headers_or_an_encoded_form_never_shows_it(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, tmp_path: Any, how: str) -> None:
+    # Before: the key reached the app-key client in the passed-back `x-request-id` and `x-ratelimit-*` (only the
+    # body was scrubbed), and in a body that wrote it `\/`-escaped, percent-encoded or `\u`-escaped (only the raw
+    # and plain JSON forms were masked).
+    (tmp_path / "secrets.yaml").write_text(json.dumps({"SIM_KEY": ECHOED_KEY}))
+    context.settings = context.settings.replace(secrets_file=str(tmp_path / "secrets.yaml"))
+    async with FakeLLM("up", ("answer", _echoes(how))) as up:
+        router = await gateway({"default": {"url": up.url, "credential": "SIM_KEY"}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES)
+    assert up.headers[0]["Authorization"] == f"Bearer {ECHOED_KEY}" and up.calls == 1
+    visible = _visible(caught.value)
+    assert ECHOED_KEY not in visible and "u1i0oPQRs" not in visible, visible
+    message = caught.value.response.json()["error"]["message"]  # still JSON, as the client reads it
+    assert ECHOED_KEY not in message and "[REDACTED]" in message + visible
+    if how == "headers":
+        headers = caught.value.response.headers
+        assert (headers["x-request-id"], headers["x-ratelimit-remaining-requests"], headers["retry-after"]) == (
+            "Bearer [REDACTED]", "[REDACTED]", "30")
+    else:
+        assert message == "bad key [REDACTED]"
 
 
 async def test_secrets_in_other_choices_and_tool_call_arguments_never_reach_the_event(
