@@ -22,7 +22,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from lockgate.codec import encode
 from lockgate.contracts import InferenceEvent, SpanBatch, SpanRecord
 from lockgate.errors import InvalidEvent
-from lockgate.redact import scrub_mapping, scrub_span
+from lockgate.redact import scrub_mapping, scrub_span, scrub_value
 from lockgate.server.apikeys import Forbidden, event_out_of_scope
 from lockgate.services.otlp import genai
 
@@ -51,16 +51,6 @@ def attributes(kvs: Iterable[KeyValue]) -> dict[str, Any]:
     return {kv.key: value(kv.value) for kv in kvs}
 
 
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return base64.b64encode(v).decode()
-    if isinstance(v, list):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _json_safe(x) for k, x in v.items()}
-    return v
-
-
 def as_string(v: Any) -> str:
     """A value as the Collector's exporter stores it in a Map(String, String) column."""
     if isinstance(v, str):
@@ -73,7 +63,9 @@ def as_string(v: Any) -> str:
         return base64.b64encode(v).decode()
     if isinstance(v, int | float):
         return repr(v)
-    return msgspec.json.encode(_json_safe(v)).decode()
+    # Each string scrubbed before encoding (bytes become base64, as msgspec writes them): the scrub of the stored
+    # JSON text reads `\n` where the string had a newline, and missed a secret right after one.
+    return msgspec.json.encode(scrub_value(v)).decode()
 
 
 def strings(attrs: Mapping[str, Any]) -> dict[str, str]:

@@ -24,6 +24,7 @@ import msgspec
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import InvalidEvent
 from lockgate.ids import derived_id
+from lockgate.redact import scrub_value
 
 OPERATION = ("gen_ai.operation.name",)
 MODEL = ("gen_ai.request.model", "llm.model_name", "embedding.model_name", "llm.request.model",
@@ -142,12 +143,13 @@ def _text(value: Any) -> str:
 
 
 def _content(value: Any) -> str | None:
-    # Structured messages (gen_ai.input.messages as an array of maps) are kept as their JSON.
+    # Structured messages (gen_ai.input.messages as an array of maps) are kept as their JSON, each string scrubbed
+    # before it is encoded (the event's own scrub reads JSON text, where a newline before a secret is `\n`).
     if value is None:
         return None
     if isinstance(value, str):
         return value
-    return msgspec.json.encode(value).decode()
+    return msgspec.json.encode(scrub_value(value)).decode()
 
 
 def event_id(tenant: str, trace_id: str, span_id: str) -> str:

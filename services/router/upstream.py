@@ -3,24 +3,27 @@ the fallback chain (rules in resilience.py), plus the headers that cross in each
 
 upstream.py moves bytes; the providers translate them. Nothing here ever puts an upstream URL or
 credential in a client-visible message: errors name endpoints by id, and an upstream's own error body
-has the endpoint's address replaced by its id, its credential (which an upstream may quote back) and
-any other secret masked before it is passed on (`scrub`).
+and the headers passed back have the endpoint's address replaced by its id, its credential (which an
+upstream may quote back, in any form) and any other secret masked before they are passed on (`scrub`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, NamedTuple, NoReturn
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
 from yarl import URL
 
 from lockgate.errors import LockgateError
-from lockgate.redact import MARK, scrub_bytes
+from lockgate.redact import MARK, MIN_SECRET, scrub_bytes, scrub_json, scrub_secrets
 from lockgate.services.router import h1, resilience
 from lockgate.services.router.endpoints import Endpoint, Endpoints
 from lockgate.services.router.providers import Unsupported, provider
@@ -388,7 +391,7 @@ class Upstream:
                 opened.release()
             raise
         status = opened.status
-        passed = provider(ep.provider).returned(opened.headers, returned_headers(opened.headers))
+        passed = passed_back(provider(ep.provider).returned(opened.headers, returned_headers(opened.headers)), ep)
         if not streaming:
             opened.release()
             if status != 200 and resilience.retryable_status(status):
@@ -494,26 +497,77 @@ _MARK = MARK.encode()
 
 
 def scrub(body: bytes, endpoint: Endpoint) -> bytes:
-    """An upstream error body as a client, log or event may see it: the endpoint's credential replaced by a
-    marker (an upstream or a proxy in front of it may quote the Authorization it received), its address by its
-    id (URLs stay internal), and whatever else the project's secret patterns find masked. The address in
-    each form: its origin, `host:port` and the bare host, so an address on a default port
+    """An upstream error body (or a stream's line, or a header's value) as a client, log or event may see it: the
+    endpoint's credential replaced by a marker (an upstream or a proxy in front of it may quote the Authorization it
+    received), its address by its id (URLs stay internal), and whatever else the project's secret patterns find
+    masked. The address in each form: its origin, `host:port` and the bare host, so an address on a default port
     (`https://llm.internal/v1`, which names no port) or a message naming only the host is replaced too."""
-    for secret in _credential_forms(endpoint):
+    keys = _keys(endpoint)
+    for secret in _credential_forms(keys):
         body = body.replace(secret, _MARK)
     url = endpoint.url
     host = url.host
     if host and host.encode() in body:
         for form in (f"{url.scheme}://{host}:{url.port}", str(url.origin()), f"{host}:{url.port}", host):
             body = body.replace(form.encode(), f"endpoint {endpoint.id}".encode())
+    if b"\\" in body:
+        # JSON may write any character of the key escaped (.NET's encoder writes `+` as `\u002B`, another all of
+        # them): no list of forms covers that, so a JSON body, or a stream's `data:` line, is read as what it says.
+        body = _decoded(body, keys)
     return scrub_bytes(body)
 
 
-def _credential_forms(endpoint: Endpoint) -> list[bytes]:
-    """The keys lockgate sends the endpoint, as an echo may quote them: each credential header's value
-    without its `Bearer ` (so `Bearer <key>` becomes `Bearer [REDACTED]` and a bare quote is masked too),
-    raw and as a JSON string holds it (a `"` or `\\` in a key is escaped there)."""
+def _decoded(body: bytes, keys: frozenset[str]) -> bytes:
+    """A JSON body (or `data: <JSON>` line) with the keys and secrets masked in each string it holds."""
+    start = 5 if body.startswith(b"data:") else 0
+    data = body[start:].strip()  # the line's spaces and newline are kept as they were
+    start = body.index(data, start) if data else len(body)
+
+    def mask(text: str) -> str:
+        for key in keys:
+            text = text.replace(key, MARK)
+        return scrub_secrets(text)
+
+    text = data.decode("utf-8", "surrogateescape")
+    masked = scrub_json(text, mask)
+    if masked == text:
+        return body
+    return body[:start] + masked.encode("utf-8", "surrogateescape") + body[start + len(data):]
+
+
+def passed_back(headers: dict[str, str], endpoint: Endpoint) -> dict[str, str]:
+    """The upstream's headers for the client (`returned_headers`, mapped by the provider) with the endpoint's
+    credential, address and other secrets masked in their values, as in an error body: an upstream, or a proxy or
+    gateway in front of it, may echo the Authorization it received in `x-request-id` or a rate-limit header."""
+    # One scrub of them all for the usual answer, whose values hold nothing to mask; values too short to hold a
+    # secret or the key (rate-limit counts, `6ms`) are left out of it.
+    shortest = min([MIN_SECRET, *map(len, _keys(endpoint))])
+    joined = "\n".join(v for v in headers.values() if len(v) >= shortest).encode("utf-8", "surrogateescape")
+    if not joined or scrub(joined, endpoint) == joined:
+        return headers
+    return {name: scrub(value.encode("utf-8", "surrogateescape"), endpoint).decode("utf-8", "surrogateescape")
+            for name, value in headers.items()}
+
+
+def _keys(endpoint: Endpoint) -> frozenset[str]:
+    """The keys lockgate sends the endpoint: each credential header's value without its `Bearer ` (so `Bearer
+    <key>` becomes `Bearer [REDACTED]` and a bare quote is masked too)."""
     values = [*endpoint.auth_headers.values(), endpoint.authorization or ""]
-    keys = {v.removeprefix("Bearer ") for v in values} - {""}
-    forms = {f for k in keys for f in (k.encode(), msgspec.json.encode(k)[1:-1])}
+    return frozenset({v.removeprefix("Bearer ") for v in values} - {""})
+
+
+@functools.lru_cache(maxsize=256)
+def _credential_forms(keys: frozenset[str]) -> list[bytes]:
+    """The keys as an echo may quote them: raw; as a JSON string holds them (a `"` or `\\` escaped), also with `/`
+    written `\\/` (PHP's json_encode and several Java and .NET serializers do so by default, and base64 keys hold
+    `/`); and percent-encoded (a URL or form quoting the key), with upper and lower-case hex digits."""
+    forms: set[bytes] = set()
+    for key in keys:
+        as_json = msgspec.json.encode(key)[1:-1]
+        quoted = {quote(key, safe=""), quote(key)}
+        forms |= {key.encode(), as_json, as_json.replace(b"/", b"\\/"),
+                  *(q.encode() for q in quoted), *(_PERCENT.sub(lambda m: m[0].lower(), q).encode() for q in quoted)}
     return sorted(forms, key=len, reverse=True)  # the longer first: a form inside another never half-replaces it
+
+
+_PERCENT = re.compile("%[0-9A-F]{2}")

@@ -32,6 +32,7 @@ from lockgate.llmwire import (
     input_text,
     last_user_text,
 )
+from lockgate.redact import scrub_json, scrub_secrets
 
 if TYPE_CHECKING:
     from lockgate.services.router.proxy import _Record
@@ -94,15 +95,20 @@ class Choices:
         return bool(self.tools) or any(c > 0 for c in (*self.parts, *self.finish))
 
     def output_messages(self) -> str:
-        """Every choice in the GenAI output-messages shape, as JSON."""
+        """Every choice in the GenAI output-messages shape, as JSON, its text scrubbed of secrets.
+
+        Each string is scrubbed before it is encoded (a tool call's arguments as the JSON they hold): in the JSON
+        text a newline before a key is `\n`, and a credential the arguments name (`{"api_key": ...}`) sits in a
+        string within a string, so the event's own scrub of this attribute let both through."""
         out: list[dict[str, Any]] = []
         for c in sorted({*self.parts, *self.tools, *self.finish}):
             parts: list[dict[str, Any]] = []
             if self.parts.get(c):
-                parts.append({"type": "text", "content": self.text(c)})
+                parts.append({"type": "text", "content": scrub_secrets(self.text(c))})
             for _, call in sorted(self.tools.get(c, {}).items()):
-                parts.append({"type": "tool_call", "id": call[0], "name": call[1], "arguments": "".join(call[2:])})
-            out.append({"role": "assistant", "parts": parts, "finish_reason": self.finish.get(c, "")})
+                parts.append({"type": "tool_call", "id": scrub_secrets(call[0]), "name": scrub_secrets(call[1]),
+                              "arguments": scrub_json("".join(call[2:]))})
+            out.append({"role": "assistant", "parts": parts, "finish_reason": scrub_secrets(self.finish.get(c, ""))})
         return _encoder.encode(out).decode()
 
 

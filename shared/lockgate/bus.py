@@ -39,7 +39,7 @@ from lockgate.errors import (
 from lockgate.ids import batch_id
 from lockgate.kvread import kv_keys
 from lockgate.limits import EventLimits
-from lockgate.redact import scrub_bytes, scrub_mapping, scrub_secrets
+from lockgate.redact import scrub_bytes, scrub_mapping, scrub_secrets, shown_url
 from lockgate.retry import RetryPolicy
 from lockgate.subjects import DLQ_ORIGINALS_MAX_BYTES, StreamSpec, Subjects
 
@@ -212,9 +212,9 @@ class Bus:
             raise
         except nats.errors.Error as exc:
             raise (self._bad_credentials() if _is_auth_failure(exc) else
-                   BusUnavailable(f"cannot reach NATS at {self.url}: {exc}")) from None
+                   BusUnavailable(f"cannot reach NATS at {shown_url(self.url)}: {exc}")) from None
         except OSError as exc:
-            raise BusUnavailable(f"cannot reach NATS at {self.url}: {exc}") from None
+            raise BusUnavailable(f"cannot reach NATS at {shown_url(self.url)}: {exc}") from None
         self.nc = nc  # only now: `_on_error` tells the first connect's errors by its absence
         self.js = self.nc.jetstream()
         if self.manage_topology:
@@ -273,11 +273,11 @@ class Bus:
             # retry wrong credentials forever (max_reconnect_attempts=-1).
             raise self._bad_credentials()
         if self.nc is None and not self.wait_for_server and isinstance(exc, OSError | TimeoutError):
-            raise BusUnavailable(f"no lockgate stack answers at {self.url} ({exc or type(exc).__name__}); start one "
+            raise BusUnavailable(f"no lockgate stack answers at {shown_url(self.url)} ({exc or type(exc).__name__}); start one "
                                  "with `lockgate up` (or pass --nats URL / LOCKGATE_NATS_URL)")
         if self.nc is None and isinstance(exc, ssl.SSLError):
             # A certificate that does not verify will not verify on the next attempt either.
-            raise BusUnavailable(f"TLS to NATS at {self.url} failed: {exc} (check LOCKGATE_TLS_CA)")
+            raise BusUnavailable(f"TLS to NATS at {shown_url(self.url)} failed: {exc} (check LOCKGATE_TLS_CA)")
         if "permissions violation" in text.lower():
             # 'nats: Permissions Violation for Publish to "lg.gate.decided.x"': keep the subject
             subject = text.rpartition(" to ")[2].strip().strip('"')
@@ -292,7 +292,7 @@ class Bus:
 
     def _bad_credentials(self) -> NotAllowed:
         who = repr(self.auth.user) if self.auth.enabled else "a connection without credentials"
-        return NotAllowed(f"NATS at {self.url} refused the credentials of {who} (check --home or LOCKGATE_HOME, "
+        return NotAllowed(f"NATS at {shown_url(self.url)} refused the credentials of {who} (check --home or LOCKGATE_HOME, "
                           "or LOCKGATE_NATS_USER and LOCKGATE_NATS_PASSWORD)")
 
     def refused(self, subject: str, action: str = "publish to") -> NotAllowed | None:

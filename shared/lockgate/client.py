@@ -24,6 +24,7 @@ from lockgate.decisionwatch import GatewaySource, ReconnectCounter, follow_decis
 from lockgate.errors import BusUnavailable, ClientClosed, ConfigError, InvalidEvent, NotFound, SignatureError
 from lockgate.outbox import UNTIL_BACK, Outbox, encode_event, event_from_fields
 from lockgate.permissions import APP, app_of
+from lockgate.redact import shown_url
 from lockgate.retry import RetryPolicy
 from lockgate.signing import Verifier
 from lockgate.subjects import Subjects, token
@@ -185,15 +186,15 @@ class Client:
         except nats.errors.Error as exc:
             if "authorization violation" in str(exc).lower() or isinstance(exc, nats.errors.AuthorizationError):
                 raise self._bad_credentials() from None
-            raise BusUnavailable(f"cannot reach NATS at {self.nats_url}: {exc}") from None
+            raise BusUnavailable(f"cannot reach NATS at {shown_url(self.nats_url)}: {exc}") from None
         except OSError as exc:
-            raise BusUnavailable(f"cannot reach NATS at {self.nats_url}: {exc}") from None
+            raise BusUnavailable(f"cannot reach NATS at {shown_url(self.nats_url)}: {exc}") from None
         self._js = self._nc.jetstream()
         self._outbox.start(self._js)
         self._started = True
 
     def _bad_credentials(self) -> NotAllowed:
-        return NotAllowed(f"NATS at {self.nats_url} refused this application's credentials "
+        return NotAllowed(f"NATS at {shown_url(self.nats_url)} refused this application's credentials "
                           "(pass user and password, or creds_file)")
 
     def _closed_error(self) -> ClientClosed:
@@ -225,7 +226,7 @@ class Client:
             except OSError as exc:
                 # nats-py writes the publishes it buffered while disconnected to the dead socket, and
                 # raised ConnectionResetError out of close(); those batches are counted failed already.
-                log.warning("lockgate-sdk: NATS connection to %s lost while closing: %r", self.nats_url, exc)
+                log.warning("lockgate-sdk: NATS connection to %s lost while closing: %r", shown_url(self.nats_url), exc)
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -6,7 +6,9 @@ expression (an alternation of anchored, literal-prefixed patterns) and no depend
 the detectors maintained by gitleaks (config/gitleaks.toml) and Yelp's detect-secrets (plugins:
 aws, basic_auth, github_token, jwt, keyword, private_key, slack, stripe, ...); the source of each
 row is named beside it. Context patterns (a keyword, a URL's user) keep their context and lose only
-the secret, so a scrubbed text still says what was there.
+the secret, so a scrubbed text still says what was there. Serialized text (JSON and its escapes) is read
+by a second table made from the same rows (`_escaped`); a caller that knows a value's structure scrubs its
+strings before encoding it (`scrub_value`, `scrub_json`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import functools
 import hashlib
 import re
 import string
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
 
@@ -30,8 +32,9 @@ MARK = "[REDACTED]"
 # lower-cased text (a substring test costs nanoseconds; a regex pass costs microseconds), and a pattern
 # may start with a group named `keep`: that part (a keyword, a URL's user) survives the scrub.
 PATTERNS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    # A key cut short (no END line) is masked to the end of its body, escaped newlines (`\n`) included.
     ("private key", r"-----BEGIN[A-Z0-9 ]{0,40}PRIVATE KEY[A-Z ]{0,10}-----(?:[\s\S]*?-----END[A-Z0-9 ]{0,40}"
-                    r"PRIVATE KEY[A-Z ]{0,10}-----|[A-Za-z0-9+/=\s\\]*)", ("private key",),
+                    r"PRIVATE KEY[A-Z ]{0,10}-----|(?:[A-Za-z0-9+/=\s]|\\[nrt])*)", ("private key",),
      "detect-secrets PrivateKeyDetector"),
     # `sk-` covers OpenAI (sk-, sk-proj-, sk-svcacct-, sk-admin-) and Anthropic (sk-ant-api03-).
     ("openai/anthropic", r"\bsk-[A-Za-z0-9_-]{16,}", ("sk-",), "gitleaks openai-api-key, anthropic-api-key"),
@@ -59,12 +62,22 @@ PATTERNS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      "detect-secrets JwtTokenDetector"),
     ("bearer / basic auth", r"(?P<keep>\b(?i:bearer|basic|token|digest)\s+)[A-Za-z0-9._~+/=-]{12,}",
      ("bearer", "basic", "token", "digest"), "detect-secrets BasicAuthDetector; gitleaks authorization header"),
-    ("password in a URL", r"(?P<keep>\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@\"'<>]{1,128}:)[^\s@/\"'<>]{1,256}(?=@)",
-     ("://",), "detect-secrets BasicAuthDetector"),
+    # The user may be empty: `redis://:password@cache:6379` is how Redis URLs carry a password.
+    ("password in a URL", r"(?P<keep>\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@\"'<>]{0,128}:)[^\s@/\"'<>]{1,256}(?=@)",
+     ("://", ":\\/\\/"), "detect-secrets BasicAuthDetector"),
+    # SQL sets a password with a quoted literal and no `=`: `ALTER USER bob WITH PASSWORD '...'`, `CREATE USER a
+    # IDENTIFIED BY '...'` (MySQL; ClickHouse's `IDENTIFIED WITH sha256_password BY '...'`), `PASSWORD('...')`.
+    # Its triggers are the statement's own spelling (one space, as written): "password" alone is common prose.
+    ("sql password", r"(?P<keep>(?i:\b(?:password|identified(?:\s+with\s+\w+)?\s+by))\s*\(?\s*')[^'\n]{1,256}(?=')",
+     ("password '", "password('", "by '"), "lockgate: db.statement spans (PostgreSQL, MySQL, ClickHouse)"),
     ("keyword assignment", r"(?P<keep>(?i:\b(?:aws_?secret_?(?:access_?)?key|secret_?access_?key|password|passwd|pwd|"
                            r"secret|api[_-]?key|apikey|access[_-]?token|auth[_-]?token|client[_-]?secret|"
                            r"private[_-]?key|x-api-key|accountkey)\b)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&]{6,}",
      ("pass", "pwd", "secret", "key", "token"), "detect-secrets KeywordDetector, AWSKeyDetector; Azure AccountKey="),
+    # A credential header without a scheme (`Authorization: <token>`); with one, the bearer row keeps the scheme.
+    ("authorization header", r"(?P<keep>(?i:\b(?:proxy-)?authorization)[\"']?\s*[:=]\s*[\"']?)"
+                             r"(?!(?i:bearer|basic|token|digest)\b)[^\s\"',;&]{8,}",
+     ("authorization",), "gitleaks authorization header; detect-secrets KeywordDetector"),
 )
 # An AWS secret key is 40 base64 characters with no prefix: caught standalone when it mixes upper,
 # lower and digits (a hex digest never does). Source: gitleaks aws secret heuristic.
@@ -73,7 +86,8 @@ _MIXED = (re.compile("[a-z]"), re.compile("[A-Z]"), re.compile("[0-9]"))
 
 # Patterns whose secret is a run of 12+ token characters run only when the text has such a run:
 # one str.translate and one substring test (about 3 µs per KB) spare prose every regex pass.
-_NO_RUN_NEEDED = frozenset({"private key", "password in a URL", "keyword assignment"})
+_NO_RUN_NEEDED = frozenset({"private key", "password in a URL", "keyword assignment", "authorization header",
+                            "sql password"})
 _TOKEN_CHARS = frozenset(string.ascii_letters + string.digits + "_-./+=~")
 _B64_CHARS = frozenset(string.ascii_letters + string.digits + "/+")
 _TOKEN_MAP = str.maketrans({chr(i): "a" if chr(i) in _TOKEN_CHARS else " " for i in range(128)})
@@ -83,11 +97,61 @@ _RUN_12, _RUN_40 = "a" * 12, "a" * 40
 _COMPILED = tuple((re.compile(pattern), triggers, name not in _NO_RUN_NEEDED)
                   for name, pattern, triggers, _ in PATTERNS)
 
+# Serialized text (JSON: a dead letter's raw bytes, an attribute holding JSON; a repr in a log line) writes a
+# newline or tab before a secret as `\n` or `\t`, whose letter is a word character, so `\b` sees no boundary
+# there; and once JSON is nested in a JSON string, a keyword's quotes are `\"`. Text holding a backslash is
+# scrubbed with a second table, made from the first by these rules (text without one pays one substring test):
+# - whitespace may be written escaped, and a quote escaped once or more (`\"`, `\\\"`: JSON in JSON);
+# - a secret runs on over a backslash only when it starts no escape that could end the secret (`\"` closing a
+#   nested string, `\n`, `\t`, `\u...`): a mask leaves escapes whole, so valid JSON stays valid, and a password
+#   holding a backslash (`Pa\\ss` in JSON, `Pa\ss` in a decoded prompt that also names a Windows path) is still
+#   masked whole, unless the backslash comes before an escape's letter (`\\n` reads as JSON within JSON's newline);
+# - a URL's `://` may be written `:\/\/` (PHP's and several Java and .NET encoders' default);
+# - a secret starts at a word boundary that is not an escape's letter, or right after an escape. The second is a
+#   pattern of its own that starts with the escape's backslash: a regex whose first character is a literal is
+#   searched for at C speed, where a look-behind tried at every position made the scan three times as slow.
+_ESCAPE = r"(?P<esc>\\(?:[nrtbf]|u[0-9a-fA-F]{4}))"
+_STARTS = re.compile(r"\\b(?!\)|$)")  # a `\b` starting a match, not one ending it
+
+
+def _escaped(pattern: str) -> tuple[re.Pattern[str], re.Pattern[str] | None]:
+    """A pattern of PATTERNS as it reads serialized text (the rules above): the scan from word boundaries, and the
+    one from escapes (None for a pattern that needs no boundary)."""
+    pattern = re.sub(r"\\s([*+])", lambda m: r"(?:\s|\\[nrt])" + m.group(1), pattern)
+    pattern = re.sub(r"\[\^((?:\\.|[^\]])*)\]", _escaped_run, pattern)
+    pattern = pattern.replace(r"[\"']?", r"(?:\\*[\"'])?").replace("://", r":\\?/\\?/")
+    # A mask from the boundary on must not take an escape's letter (`\npm_...`: a newline, then `pm_...`); where
+    # the start is kept context (a keyword, a scheme) it is left as it was, so those scans skip the test.
+    start = r"\b" if "(?P<keep>" in pattern else r"\b(?<!(?<!\\)\\)"
+    scan = re.compile(_STARTS.sub(lambda _: start, pattern))
+    return scan, re.compile(f"{_ESCAPE}(?:{_STARTS.sub('', pattern)})") if _STARTS.search(pattern) else None
+
+
+def _escaped_run(m: re.Match[str]) -> str:
+    # `[^X]`: a character that is not X, or a backslash starting no escape that ends a run: an escaped backslash
+    # before none of another backslash, a quote or an escape's letter (`\\n` is a newline in JSON within JSON), or
+    # a backslash before a character of neither X nor an escape's letters.
+    x = m.group(1)
+    return rf"(?:[^\\{x}]|\\(?:\\(?![\\\"bfnrtu])|[^\\{x}\"bfnrtu]))"
+
+
+_ESCAPED = tuple((*_escaped(pattern), triggers, name not in _NO_RUN_NEEDED) for name, pattern, triggers, _ in PATTERNS)
+# The bare AWS secret key may follow an escape too (`\nwJalr...`, `\/wJalr...`); a rare scan (40-character runs).
+_BASE64_40_ESCAPED = re.compile(r"(?<!(?<!\\)\\)(?<!(?<!\\)(?<!\\u[0-9a-fA-F]{3})[A-Za-z0-9/+=])[A-Za-z0-9/+]{40}"
+                                r"(?![A-Za-z0-9/+=])")
+
 # Each distinct trigger word is looked for once per text (substring tests run at C speed; a regex
 # alternation of them would be tried at every position and costs far more on long text).
-_TRIGGERS = tuple(sorted({t for _, _, triggers, _ in PATTERNS for t in triggers}))
+# A trigger holding a shorter one ("password '" holds "pass"; `:\/\/` a backslash, which escaped text has) is looked
+# for only once that one was found: most text pays for no more searches than it has distinct trigger families.
+_ESCAPED_MARK = "\\"
+_ONLY_ESCAPED = frozenset({_ESCAPED_MARK})
+_TRIGGER_WORDS = sorted({_ESCAPED_MARK, *(t for _, _, triggers, _ in PATTERNS for t in triggers)}, key=len)
+_WITHIN = {t: next((p for p in _TRIGGER_WORDS if len(p) < len(t) and p in t), None) for t in _TRIGGER_WORDS}
+_TRIGGERS = tuple(t for t, within in _WITHIN.items() if within is None)
+_NESTED_TRIGGERS = tuple((t, within) for t, within in _WITHIN.items() if within is not None)
 # The shortest text that can hold a secret any pattern matches ("pwd=" and six characters).
-_MIN_SECRET = 10
+MIN_SECRET = 10
 
 # Header and attribute names whose whole value is a credential (compared lower-case).
 SECRET_NAMES = re.compile(r"(?i)(?:^|[-_.])(?:authorization|auth|cookie|set-cookie|api[-_]?key|apikey|x-api-key|token|"
@@ -96,8 +160,8 @@ SECRET_NAMES = re.compile(r"(?i)(?:^|[-_.])(?:authorization|auth|cookie|set-cook
 
 
 def _mark(m: re.Match[str]) -> str:
-    kept = m.groupdict().get("keep")
-    return (kept or "") + MARK
+    groups = m.groupdict()
+    return (groups.get("esc") or "") + (groups.get("keep") or "") + MARK
 
 
 def _mark_base64(m: re.Match[str]) -> str:
@@ -107,7 +171,7 @@ def _mark_base64(m: re.Match[str]) -> str:
 
 def scrub_secrets(text: str) -> str:
     """Replace API keys, tokens, passwords and private keys with a marker (context words are kept)."""
-    if len(text) < _MIN_SECRET:
+    if len(text) < MIN_SECRET:
         return text
     # Short values (attribute values, session ids, routes) repeat across events: remember their result.
     return _scrub_short(text) if len(text) <= _SHORT else _scrub(text)
@@ -124,9 +188,14 @@ def _scrub_short(text: str) -> str:
 def _scrub(text: str) -> str:
     lower = text.lower()
     found = {t for t in _TRIGGERS if t in lower}
-    if not found and len(text) < 40:  # no trigger, and too short for a bare AWS secret key
+    for t, within in _NESTED_TRIGGERS:
+        if within in found and t in lower:
+            found.add(t)
+    if found <= _ONLY_ESCAPED and len(text) < 40:  # no trigger, and too short for a bare AWS secret key
         return text
     long_run = _RUN_12 in text.translate(_TOKEN_MAP)
+    if _ESCAPED_MARK in found:
+        return _scrub_escaped(text, found, long_run)
     for pattern, triggers, needs_run in _COMPILED:
         if (long_run or not needs_run) and not found.isdisjoint(triggers):
             text = pattern.sub(_mark, text)
@@ -135,11 +204,61 @@ def _scrub(text: str) -> str:
     return text
 
 
+def _scrub_escaped(text: str, found: set[str], long_run: bool) -> str:
+    for scan, after_escape, triggers, needs_run in _ESCAPED:
+        if (long_run or not needs_run) and not found.isdisjoint(triggers):
+            text = scan.sub(_mark, text)
+            if after_escape is not None:
+                text = after_escape.sub(_mark, text)
+    if long_run and _RUN_40 in text.translate(_B64_MAP):
+        text = _BASE64_40_ESCAPED.sub(_mark_base64, text)
+    return text
+
+
 def scrub_bytes(data: bytes) -> bytes:
     """`scrub_secrets` over raw bytes of any encoding (bytes that are not UTF-8 pass through as they are)."""
     text = data.decode("utf-8", "surrogateescape")
     scrubbed = scrub_secrets(text)
     return data if scrubbed == text else scrubbed.encode("utf-8", "surrogateescape")
+
+
+def scrub_value(value: Any, text: Callable[[str], str] = scrub_secrets) -> Any:
+    """A decoded JSON value (strings, numbers, lists, maps: structured span attributes, an answer's tool calls) with
+    every string scrubbed (`text`) and the value of a credential-named key masked whole, at any depth. Scrub before
+    encoding: the scrub then reads each string as it is, not JSON's escapes of it."""
+    if isinstance(value, str):
+        return text(value)
+    if isinstance(value, list | tuple):
+        return [scrub_value(v, text) for v in value]
+    if isinstance(value, dict):
+        return {text(k) if isinstance(k, str) else k: MARK if isinstance(k, str) and secret_name(k) else
+                scrub_value(v, text) for k, v in value.items()}
+    return value
+
+
+def scrub_json(data: str, text: Callable[[str], str] = scrub_secrets) -> str:
+    """JSON text (a tool call's arguments, an upstream's error body) with `scrub_value` applied to what it holds,
+    encoded again only when that changed something; text that is not JSON is scrubbed as text."""
+    try:
+        doc = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return text(data)
+    scrubbed = scrub_value(doc, text)
+    return data if scrubbed == doc else msgspec.json.encode(scrubbed).decode()
+
+
+# A URL's userinfo: a password after its user, or a token standing alone (`nats://TOKEN@host`).
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]{1,20}://)(?P<user>[^\s:/@,]*)(?P<password>:[^\s@,]*)?@")
+
+
+def shown_url(url: str) -> str:
+    """A URL, or a list of them (`nats://a,nats://b`), as a message may show it: the password of each one's userinfo
+    (or a token standing there alone) replaced by the marker. The CLI and SDK name the server they could not reach,
+    and a CI job's log keeps what they print."""
+    if "@" not in url:
+        return url
+    return _USERINFO.sub(lambda m: (f"{m['scheme']}{m['user']}:{MARK}@" if m["password"] is not None
+                                    else f"{m['scheme']}{MARK}@"), url)
 
 
 @functools.lru_cache(maxsize=4096)

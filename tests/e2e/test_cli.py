@@ -122,6 +122,22 @@ def test_queries_without_a_running_stack_read_clickhouse_instead_of_hanging(tmp_
     assert not nowhere.exists() and list(cwd.iterdir()) == []
 
 
+def test_a_nats_urls_password_is_never_printed(tmp_path: Path) -> None:
+    # Before: CI sets LOCKGATE_NATS_URL (or --nats) from a secret, and a stack that did not answer was named with its
+    # password in the error a CI log keeps: `no lockgate stack answers at nats://ci:<password>@...`.
+    env = {**os.environ, "LOCKGATE_HOME": str(tmp_path), "LOCKGATE_NATS_URL": "nats://ci:CIPWCANARY6@127.0.0.1:1"}
+    env.pop("LOCKGATE_CLICKHOUSE_URL", None)
+    printed = {}
+    for args in (["status"], ["traces"], ["--nats", "tls://q6user:CLIPW/CANARY2@127.0.0.1:1", "traces"],
+                 ["app-credential", "create", "--tenant", "acme", "--app", "shop"]):
+        proc = subprocess.run([*LOCKGATE, *args], capture_output=True, text=True, env=env, timeout=120)
+        printed[args[-1]] = proc.stdout + proc.stderr
+    assert "nats://ci:[REDACTED]@127.0.0.1:1" in printed["status"]
+    assert "tls://q6user:[REDACTED]@127.0.0.1:1" in printed["traces"]
+    assert printed["shop"].count("nats://ci:[REDACTED]@127.0.0.1:1") == 2  # the audit note and the reload's
+    assert not [out for out in printed.values() if "CANARY" in out], printed
+
+
 def test_a_query_that_misses_a_running_stacks_nats_fails_rather_than_reading_an_empty_database(
         stack: dict[str, str], tmp_path: Path) -> None:
     # The stack runs from its home on a NATS port the CLI was not given (`up --nats-port 0`), queried from

@@ -16,7 +16,14 @@ from lockgate.client import Client
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
-from lockgate.errors import ClientClosed, InvalidEvent, InvalidName, PublishFailed, SignatureError
+from lockgate.errors import (
+    BusUnavailable,
+    ClientClosed,
+    InvalidEvent,
+    InvalidName,
+    PublishFailed,
+    SignatureError,
+)
 from lockgate.ids import batch_id
 from lockgate.outbox import encode_event, publish_events
 from lockgate.server.natsserver import NatsServer
@@ -329,6 +336,14 @@ async def test_a_publish_no_retry_can_help_is_not_said_to_have_been_retried(bus:
     assert subjects == [bus.subjects.inference("shop")]
     message = err.value.message
     assert "MaxPayloadError" in message and "not retried" in message and "attempts" not in message, message
+
+
+async def test_a_nats_urls_password_is_not_in_the_error_an_application_logs() -> None:
+    # Before: `BusUnavailable: cannot reach NATS at nats://shopapp:<password>@...`, in the application's own log (a
+    # password holding `/` is a URL nats-py cannot parse; a refused connection is retried, not raised).
+    with pytest.raises(BusUnavailable) as caught:
+        await Client("nats://shopapp:SDKPW/CANARY8@127.0.0.1:1", app="shop").start()
+    assert "nats://shopapp:[REDACTED]@127.0.0.1:1" in str(caught.value) and "CANARY" not in str(caught.value)
 
 
 async def test_start_twice_keeps_one_connection_and_start_after_close_is_refused(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -377,6 +378,58 @@ async def test_secrets_in_exported_spans_never_reach_the_bus_or_otel_traces(
     assert row["ResourceAttributes"]["api_key"] == "[REDACTED]"
     assert row["StatusMessage"] == "upstream said: password=[REDACTED]"
     assert row["SpanName"] == "GET /v1?key=[REDACTED]"
+
+
+async def test_secrets_in_structured_span_values_and_common_span_text_never_reach_the_store(
+        stack: Any, store: Store, keys: Bootstrap, bus: Bus) -> None:
+    # Before: gen_ai.input.messages sent as the GenAI conventions shape it (an array of maps) was encoded to JSON and
+    # then scrubbed as JSON text, where a newline before a key is `\n`: otel_traces and inference_events.prompt kept
+    # it, an array attribute alike, and a credential-named key inside a map was not masked. A SQL `PASSWORD '...'`, a
+    # Redis URL's password (empty user) and `Authorization: <token>` in a status message were kept too.
+    canaries = ("OTLPNLMSGCANARY", "OTLPNLARRCANARY", "OTLPPROMPTTOKENCANARY", "OTLPKVTOKENCANARY",
+                "OTLPKVCOOKIECANARY", "OTLPSQLPWCANARY", "OTLPREDISPWCANARY", "OTLPSTATUSRAWCANARY")
+    messages = [{"role": "user", "parts": [{"type": "text", "content": "my key:\nsk-proj-OTLPNLMSGCANARY000000000"}]},
+                {"role": "assistant", "parts": [{"type": "tool_call", "name": "login",
+                                                 "arguments": {"user": "bob", "token": "OTLPPROMPTTOKENCANARY"}}]}]
+    exporter = HttpExporter(endpoint=stack.endpoints["otlp-http"] + "/v1/traces", headers={"x-api-key": keys.app_key})
+
+    def emit() -> None:
+        provider = TracerProvider(resource=Resource.create({"service.name": "structured"}))
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        with provider.get_tracer("test-app").start_as_current_span("chat gpt-4o-mini") as span:
+            span.set_attributes({
+                "gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini", "gen_ai.provider.name": "openai",
+                "gen_ai.input.messages": messages,  # type: ignore[dict-item]  # the SDK and exporter take maps
+                "tags": ["a\nghp_OTLPNLARRCANARY00000000000000000000"],
+                "kv": {"token": "OTLPKVTOKENCANARY", "cookie": "sid=OTLPKVCOOKIECANARY", "n": 1},  # type: ignore[dict-item]
+                "db.statement": "ALTER USER bob WITH PASSWORD 'OTLPSQLPWCANARY1'",
+                "conn": "redis://:OTLPREDISPWCANARY@cache:6379",
+            })
+            span.set_status(Status(StatusCode.ERROR, "failed: Authorization: OTLPSTATUSRAWCANARY12345"))
+        provider.shutdown()
+
+    await asyncio.to_thread(emit)
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "otel_traces", "ServiceName = 'structured'") == 1, [sink.spans],
+                     what="the span stored")
+    await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="its event stored")
+    stored = repr(store.rows("SELECT * FROM otel_traces")) + repr(store.rows("SELECT * FROM inference_events"))
+    stream = bus.subjects.streams["telemetry"].name
+    info = await bus.js.stream_info(stream)
+    stored += repr([(await bus.js.get_msg(stream, seq)).data for seq in range(1, info.state.last_seq + 1)])
+    assert not [c for c in canaries if c in stored], stored
+    row = store.rows("SELECT SpanAttributes, StatusMessage FROM otel_traces WHERE ServiceName = 'structured'")[0]
+    attrs = row["SpanAttributes"]
+    assert json.loads(attrs["gen_ai.input.messages"])[0]["parts"][0]["content"] == "my key:\n[REDACTED]"
+    assert json.loads(attrs["tags"]) == ["a\n[REDACTED]"]
+    assert json.loads(attrs["kv"]) == {"token": "[REDACTED]", "cookie": "[REDACTED]", "n": 1}
+    assert attrs["db.statement"] == "ALTER USER bob WITH PASSWORD '[REDACTED]'"
+    assert attrs["conn"] == "redis://:[REDACTED]@cache:6379"
+    assert row["StatusMessage"] == "failed: Authorization: [REDACTED]"
+    event = store.rows("SELECT prompt, error_type FROM inference_events")[0]
+    prompt = json.loads(event["prompt"])
+    assert prompt[1]["parts"][0]["arguments"] == {"user": "bob", "token": "[REDACTED]"}
+    assert event["error_type"] == "failed: Authorization: [REDACTED]"
 
 
 async def test_another_tenant_sending_a_spans_ids_first_cannot_erase_it(

@@ -138,6 +138,40 @@ async def test_a_cut_letters_whole_original_outlives_its_stream(run_services, bu
     assert gone.exit_code == 3 and "is no longer stored" in gone.output and len(gone.output.splitlines()) == 1
 
 
+async def test_secrets_in_a_poison_messages_json_are_scrubbed_in_its_letter_and_its_whole_original(
+        run_services, bus: Bus, store: Store, settings: Settings, tmp_path: Path) -> None:
+    # The probe: a dead letter's payload is the raw JSON, where a newline or tab before a secret is written `\n` or
+    # `\t` and a JSON text within a string quotes its keys `\"api_key\"`. The same event stored valid was scrubbed,
+    # but its letter (dead_letters.payload) and its whole original (lg_dlq_originals) kept all six secrets.
+    sink = (await run_services("sink"))["sink"].handlers
+    secrets = {"sk-proj-DLQCANARYNL000000000000000", "AKIADLQCANARYTAB1234", "DLQCANARYBEARER123456",
+               "ghp_DLQCANARYGHP00000000000000000000000", "DLQCANARYTOOLARG99", "DLQCANARYPW77"}
+    prompt = ("my key is:\nsk-proj-DLQCANARYNL000000000000000\tAKIADLQCANARYTAB1234\nBearer DLQCANARYBEARER123456"
+              "\nghp_DLQCANARYGHP00000000000000000000000")
+    response = json.dumps({"api_key": "DLQCANARYTOOLARG99", "password": "DLQCANARYPW77"})
+    big_key = "sk-proj-DLQBIGCANARY" + "0" * 20
+    subject = bus.subjects.inference("shop")
+    # A wrong type: the message is JSON, the event it holds is refused.
+    await bus.publish(subject, _wire(input_tokens="notanumber", prompt=prompt, response=response), msg_id="small")
+    big = _wire(input_tokens="notanumber", prompt="x" * 300_000 + "\n" + big_key)
+    assert len(big) > MAX_LETTER_PAYLOAD
+    await bus.publish(subject, big, msg_id="big")
+    await sink.dead_letters.wait_for(2)
+
+    letters = store.rows("SELECT payload, original FROM dead_letters ORDER BY length(payload)")
+    small_letter, big_letter = letters
+    assert not [s for s in secrets if s in small_letter["payload"]], small_letter["payload"]
+    stored = json.loads(small_letter["payload"])  # every escape left whole: still the JSON it was
+    assert stored["prompt"] == "my key is:\n[REDACTED]\t[REDACTED]\nBearer [REDACTED]\n[REDACTED]"
+    assert json.loads(stored["response"]) == {"api_key": "[REDACTED]", "password": "[REDACTED]"}
+
+    out = tmp_path / "original.bin"
+    got = await asyncio.to_thread(_cli, settings, "dlq", "--original", big_letter["original"], "--out", str(out))
+    assert got.exit_code == 0, got.output
+    whole = out.read_bytes()
+    assert b"DLQBIGCANARY" not in whole and json.loads(whole)["prompt"].endswith("x\n[REDACTED]")
+
+
 async def test_garbage_whose_original_the_full_bucket_refuses_holds_back_no_event(
         run_services, bus: Bus, store: Store, settings: Settings) -> None:
     # The probe: with `lg_dlq_originals` full, each undecodable message over 256 KiB was nacked for ever; once about

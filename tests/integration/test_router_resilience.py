@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import msgspec
@@ -49,7 +50,8 @@ class FakeLLM:
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set),
     "chunks_paced" (the same at a chunk every 50 ms, as a model generating a long answer),
     ("echo_key", message) and ("chunk_then_echo_key", message) (a 401, or a stream's error event, whose message
-    quotes the Authorization it received: `{auth}` the header's value, `{key}` the bare key)."""
+    quotes the Authorization it received: `{auth}` the header's value, `{key}` the bare key), ("answer", make)
+    (the response `make(authorization, body)` returns)."""
 
     def __init__(self, name: str, *actions: Any, usage: dict[str, Any] | None = None) -> None:
         self.name = name
@@ -133,6 +135,8 @@ class FakeLLM:
             auth = request.headers.get("Authorization", "")
             message = action[1].format(auth=auth, key=auth.removeprefix("Bearer "))
             return web.json_response({"error": {"message": message, "type": "auth_error", "code": "401"}}, status=401)
+        if isinstance(action, tuple) and action[0] == "answer":
+            return action[1](request.headers.get("Authorization", ""), body)
         if isinstance(action, tuple) and action[0] == "status_for":
             action = ("status", action[2]) if body["model"] == action[1] else "ok"
         if isinstance(action, tuple) and action[0] == "delay":  # a slow provider: answers after a while
@@ -828,6 +832,91 @@ async def test_an_upstream_quoting_the_provider_key_never_shows_it(
     (event,) = await events(1)
     assert event.status == "error" and secret not in msgspec.json.encode(event).decode()
     assert secret not in caplog.text
+
+
+# A base64-like provider key: `/` and `+` are what encoders escape.
+ECHOED_KEY = "UPCANARYA/x+Y9z8q7w6e5r4t3y2u1i0oPQRs"
+
+
+def _echoes(how: str) -> Callable[[str, Any], web.Response]:
+    """An upstream (or a gateway in front of it) quoting the credential it received, in one encoding or another."""
+    def answer(auth: str, body: Any) -> web.Response:
+        key = auth.removeprefix("Bearer ")
+        if how == "headers":  # a 429 whose request id and rate-limit header are the Authorization it received
+            return web.json_response({"error": {"message": "slow down", "type": "rate_limit"}}, status=429,
+                                     headers={"x-request-id": auth, "x-ratelimit-remaining-requests": key,
+                                              "Retry-After": "30"})
+        quoted = {"escaped-slash": key.replace("/", "\\/"),  # PHP's json_encode, several Java and .NET encoders
+                  "percent": quote(key, safe=""),
+                  "unicode": "".join(f"\\u{ord(c):04x}" for c in key),
+                  "dotnet": key.replace("+", "\\u002B")}[how]  # System.Text.Json escapes `+`
+        return web.Response(text='{"error": {"message": "bad key ' + quoted + '", "type": "auth_error"}}',
+                            status=401, content_type="application/json")
+    return answer
+
+
+@pytest.mark.parametrize("how", ["headers", "escaped-slash", "percent", "unicode", "dotnet"])
+async def test_an_upstream_quoting_the_provider_key_in_headers_or_an_encoded_form_never_shows_it(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, tmp_path: Any, how: str) -> None:
+    # Before: the key reached the app-key client in the passed-back `x-request-id` and `x-ratelimit-*` (only the
+    # body was scrubbed), and in a body that wrote it `\/`-escaped, percent-encoded or `\u`-escaped (only the raw
+    # and plain JSON forms were masked).
+    (tmp_path / "secrets.yaml").write_text(json.dumps({"SIM_KEY": ECHOED_KEY}))
+    context.settings = context.settings.replace(secrets_file=str(tmp_path / "secrets.yaml"))
+    async with FakeLLM("up", ("answer", _echoes(how))) as up:
+        router = await gateway({"default": {"url": up.url, "credential": "SIM_KEY"}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES)
+    assert up.headers[0]["Authorization"] == f"Bearer {ECHOED_KEY}" and up.calls == 1
+    visible = _visible(caught.value)
+    assert ECHOED_KEY not in visible and "u1i0oPQRs" not in visible, visible
+    message = caught.value.response.json()["error"]["message"]  # still JSON, as the client reads it
+    assert ECHOED_KEY not in message and "[REDACTED]" in message + visible
+    if how == "headers":
+        headers = caught.value.response.headers
+        assert (headers["x-request-id"], headers["x-ratelimit-remaining-requests"], headers["retry-after"]) == (
+            "Bearer [REDACTED]", "[REDACTED]", "30")
+    else:
+        assert message == "bad key [REDACTED]"
+
+
+async def test_secrets_in_other_choices_and_tool_call_arguments_never_reach_the_event(
+        gateway: Gateway, keys: Bootstrap, events: Any) -> None:
+    # Before: gen_ai.output.messages (every choice and tool call, as JSON) was scrubbed as JSON text, where a key
+    # after a newline is `\nsk-...` and a tool call's arguments are a JSON text in a string: the second choice's
+    # keys and the arguments' credentials were stored as they were (inference_events, the spool, LG_INFERENCE).
+    arguments = json.dumps({"note": "use this\nsk-proj-MULTITOOLNL000000000000", "hdr": "x\nBearer MULTITOOLBEAR12345",
+                            "api_key": "TOOLARGCANARY99", "token": "TOOLTOKENCANARY1", "db": {"password": "pw1"}})
+    second = "second:\nsk-proj-MULTICHOICENL00000000000\n\tAKIAMULTICHOICE12345\nghp_MULTICHOICEGHP0000000000000000000000"
+    secrets = ("MULTITOOLNL", "MULTITOOLBEAR", "TOOLARGCANARY", "TOOLTOKENCANARY", '"pw1"', "MULTICHOICENL",
+               "AKIAMULTICHOICE", "MULTICHOICEGHP")
+
+    def answer(auth: str, body: Any) -> web.Response:
+        call = {"id": "t2", "type": "function", "function": {"name": "lookup", "arguments": arguments}}
+        return web.json_response({"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "first"},
+                                               "finish_reason": "stop"},
+                                              {"index": 1, "message": {"role": "assistant", "content": second,
+                                                                       "tool_calls": [call]},
+                                               "finish_reason": "tool_calls"}],
+                                  "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}})
+
+    async with FakeLLM("up", ("answer", answer)) as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            done = await c.chat.completions.create(model="m", messages=MESSAGES, n=2)
+    assert done.choices[1].message.tool_calls[0].function.arguments == arguments  # the answer goes out as generated
+    (event,) = await events(1)
+    stored = msgspec.json.encode(event).decode()
+    assert not [s for s in secrets if s in stored], stored
+    first, other = json.loads(event.attributes["gen_ai.output.messages"])
+    assert first["parts"] == [{"type": "text", "content": "first"}]
+    text, call = other["parts"]
+    assert text["content"] == "second:\n[REDACTED]\n\t[REDACTED]\n[REDACTED]"
+    assert (call["name"], json.loads(call["arguments"])) == ("lookup", {
+        "note": "use this\n[REDACTED]", "hdr": "x\nBearer [REDACTED]", "api_key": "[REDACTED]", "token": "[REDACTED]",
+        "db": {"password": "[REDACTED]"}})
 
 
 async def test_embeddings_refuse_stream_before_any_upstream_call(gateway: Gateway, keys: Bootstrap) -> None:

@@ -18,6 +18,7 @@ from lockgate.codec import to_json
 from lockgate.config import Settings
 from lockgate.credentials import NotAllowed
 from lockgate.errors import NotFound, StoreUnavailable
+from lockgate.redact import shown_url
 from lockgate.subjects import Subjects
 
 T = TypeVar("T")
@@ -47,7 +48,7 @@ def _direct(settings: Settings, name: str, args: dict[str, Any], asked: bool) ->
     from lockgate.store.client import chdb_in_use, chdb_path
 
     url = store_url(settings)
-    why = "" if asked else f"no running stack answers at {settings.nats_url}, and "
+    why = "" if asked else f"no running stack answers at {shown_url(settings.nats_url)}, and "
     path = chdb_path(url)
     if path is not None and not path.is_dir():
         # Opening it would create an empty database and answer every query from it: 0 rows, exit 0, wrongly.
@@ -116,7 +117,7 @@ async def connect_once(settings: Settings, role: str, purpose: str) -> Any:
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         if "authorization violation" in str(exc).lower() or isinstance(exc, nats.errors.AuthorizationError):
             where = credentials.directory(settings.home)
-            raise NotAllowed(f"NATS at {settings.nats_url} refused role {role!r}, so {purpose}: no valid "
+            raise NotAllowed(f"NATS at {shown_url(settings.nats_url)} refused role {role!r}, so {purpose}: no valid "
                              f"credentials in {where} (pass --home DIR or LOCKGATE_HOME as given to "
                              f"`lockgate up`)") from None
         return None

@@ -23,6 +23,7 @@ from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console, err_console, output
 from lockgate.config import Settings
 from lockgate.errors import ConfigError
+from lockgate.redact import shown_url
 from lockgate.subjects import Subjects
 
 _RELOAD_TIMEOUT_S = 15.0
@@ -32,12 +33,12 @@ async def _reload(settings: Settings) -> tuple[bool, str]:
     """Ask the running stack to reload its NATS users: (applied, what to tell the user about it)."""
     nc = await connect_once(settings, chosen_role("admin"), "the running stack was not told")
     if nc is None:
-        return False, f"no stack answers at {settings.nats_url}: the next `lockgate up` on this home applies it"
+        return False, f"no stack answers at {shown_url(settings.nats_url)}: the next `lockgate up` on this home applies it"
     try:
         reply = json.loads((await nc.request(Subjects(settings.prefix).nats_reload, b"",
                                              timeout=_RELOAD_TIMEOUT_S)).data)
     except (nats.errors.Error, TimeoutError, ValueError) as exc:  # no responder: a deployed server, not ours
-        return False, (f"the stack at {settings.nats_url} did not reload its users ({exc.__class__.__name__}): a "
+        return False, (f"the stack at {shown_url(settings.nats_url)} did not reload its users ({exc.__class__.__name__}): a "
                        "deployed nats-server takes them from its configuration and a reload")
     finally:
         await nc.close()

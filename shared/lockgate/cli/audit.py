@@ -25,6 +25,7 @@ from lockgate.config import Settings
 from lockgate.contracts import AuditRecord
 from lockgate.errors import AuditBroken, BusUnavailable
 from lockgate.queryclient import ask_pages
+from lockgate.redact import shown_url
 from lockgate.retry import RetryPolicy
 from lockgate.signing import Keyring
 
@@ -100,7 +101,7 @@ def record_change(settings: Settings, *, target: str, action: str, reason: str =
     to, which is said on stderr (the next `lockgate up` starts from the files as they are)."""
     role = chosen_role("admin")
     if not asyncio.run(_stack_answers(settings, role)):
-        err_console.print(f"[yellow]note:[/yellow] no stack answers at {settings.nats_url}: this change is not "
+        err_console.print(f"[yellow]note:[/yellow] no stack answers at {shown_url(settings.nats_url)}: this change is not "
                           "in the audit log", highlight=False, soft_wrap=True)
         return
     # Who is at the keyboard, as told (unverified, unlike the NATS identity the row is recorded under).

@@ -27,6 +27,7 @@ from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, output, table
 from lockgate.contracts.names import check_name
 from lockgate.errors import ConfigError, LockgateError, SignatureError
+from lockgate.redact import shown_url
 from lockgate.server.apikeys import read_credential
 
 _ADMIN = "/lockgate/v1/deployments"
@@ -63,7 +64,7 @@ class RouterAdmin:
             raise RolloutRefused(f"router refused ({exc.code}): {_message(exc.read())}") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise RouterUnavailable(f"cannot reach the router admin API at {self.url} ({reason}); "
+            raise RouterUnavailable(f"cannot reach the router admin API at {shown_url(self.url)} ({reason}); "
                                     "pass --router URL or set LOCKGATE_ROUTER_URL") from None
 
 
@@ -76,7 +77,7 @@ class RouterAdmin:
         except urllib.error.HTTPError as exc:
             raise RolloutRefused(f"router refused ({exc.code}): {_message(exc.read())}") from None
         except (urllib.error.URLError, ConnectionError) as exc:
-            raise RouterUnavailable(f"cannot reach the router admin API at {self.url} ({getattr(exc, 'reason', exc)}); "
+            raise RouterUnavailable(f"cannot reach the router admin API at {shown_url(self.url)} ({getattr(exc, 'reason', exc)}); "
                                     "pass --router URL or set LOCKGATE_ROUTER_URL") from None
         with resp:
             for line in resp:

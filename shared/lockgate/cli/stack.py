@@ -17,6 +17,7 @@ from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console
 from lockgate.config import Settings
 from lockgate.permissions import ROLES
+from lockgate.redact import shown_url
 
 if TYPE_CHECKING:
     from lockgate.server.runtime import Runtime
@@ -50,7 +51,7 @@ async def _until_stopped(stop: asyncio.Event, runtime: Runtime) -> None:
 
 def _print_endpoints(endpoints: dict[str, str]) -> None:
     for name, url in endpoints.items():
-        console.print(f"  [bold]{name:<11}[/bold] {url}")
+        console.print(f"  [bold]{name:<11}[/bold] {shown_url(url)}")
 
 
 async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None,
