@@ -223,7 +223,7 @@ async def _reaction(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, 
             await register_model_release(bus, release)  # a rollout names registered releases only
             # Never gated: only an admin's break-glass gives it a weight (admission holds in the bench too).
             payload = {"stable_release": "base", "canary_release": release, "initial_weight": 50,
-                       "break_glass": break_glass(st.ctx.settings, "bench", release, "canary", "bench")}
+                       "break_glass": break_glass(st.ctx.settings, "bench", release, "canary", "bench", weight=50)}
             async with session.put(f"{router.url}/lockgate/v1/deployments/bench", json=payload) as resp:
                 assert resp.status == 200, await resp.text()
             decision = signer.sign(GateDecided(release=release, decision="BLOCK", rules=[]))
