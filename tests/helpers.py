@@ -367,3 +367,15 @@ async def raw_http(url: str, method: str, path: str, headers: dict[str, bytes], 
     writer.close()
     status_line, _, rest = answer.partition(b"\r\n")
     return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+async def run_cli(runtime: Any, *args: str) -> Any:
+    """The CLI as a user runs it against an embedded runtime (its home holds the credentials and the trust file), in
+    a thread: the CLI waits on the runtime, which answers on this loop."""
+    from click.testing import CliRunner
+
+    from lockgate.cli.main import cli
+
+    s = runtime.settings
+    env = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix, "LOCKGATE_ROLE": ""}
+    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env=env, catch_exceptions=False)

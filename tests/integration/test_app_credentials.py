@@ -33,6 +33,7 @@ from lockgate.server.natsserver import NatsServer, env_password
 from lockgate.server.runtime import Runtime
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.subjects import Subjects, token
+from tests.helpers import run_cli
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,15 +46,8 @@ async def stack(settings: Settings) -> AsyncIterator[Runtime]:
     await runtime.stop()
 
 
-def _cli(runtime: Runtime, *args: str) -> Result:
-    s = runtime.settings
-    env = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix, "LOCKGATE_ROLE": ""}
-    return CliRunner().invoke(cli, ["app-credential", *args], env=env, catch_exceptions=False)
-
-
-async def run_cli(runtime: Runtime, *args: str) -> Result:
-    # In a thread: the CLI waits on the runtime, which answers on this loop.
-    return await asyncio.to_thread(_cli, runtime, *args)
+async def app_credential(runtime: Runtime, *args: str) -> Result:
+    return await run_cli(runtime, "app-credential", *args)
 
 
 class Errors(list[str]):
@@ -87,7 +81,7 @@ async def _connect(runtime: Runtime, user: str, password: str, errors: list[str]
 
 
 async def test_an_app_credential_publishes_its_own_events_only_and_is_refused_once_revoked(stack: Runtime) -> None:
-    created = await run_cli(stack, "create", "--tenant", "acme", "--app", "shop", "--json")
+    created = await app_credential(stack, "create", "--tenant", "acme", "--app", "shop", "--json")
     assert created.exit_code == 0, created.output
     made = json.loads(created.output)
     assert made["applied"] is True and made["subject"] == stack.ctx.bus.subjects.ingest("shop", "acme")
@@ -157,7 +151,7 @@ async def test_an_app_credential_publishes_its_own_events_only_and_is_refused_on
         gone.set()
 
     held = await _connect(stack, secret["user"], secret["password"], [], closed=closed)
-    revoked = await run_cli(stack, "revoke", "--tenant", "acme", "--app", "shop")
+    revoked = await app_credential(stack, "revoke", "--tenant", "acme", "--app", "shop")
     assert revoked.exit_code == 0 and "the running stack applied it" in revoked.output, revoked.output
     await asyncio.wait_for(gone.wait(), 10)
     assert held.is_closed
@@ -166,7 +160,7 @@ async def test_an_app_credential_publishes_its_own_events_only_and_is_refused_on
     with pytest.raises(NotAllowed):
         await Client(stack.settings.nats_url, prefix=s.prefix, app="shop", tenant="acme", user=secret["user"],
                      password=secret["password"]).start()
-    listed = await run_cli(stack, "list", "--json")
+    listed = await app_credential(stack, "list", "--json")
     assert json.loads(listed.output) == []
 
 
@@ -285,7 +279,7 @@ async def trust(runtime: Runtime) -> None:
 async def test_an_app_credential_reads_and_follows_its_own_releases_decisions_only(stack: Runtime) -> None:
     # Before, a per-application user could read no decision over NATS at all (only over gRPC with an API key):
     # it reads its own tenant's and app's releases' through the gateway now, by their binding as gRPC does.
-    created = await run_cli(stack, "create", "--tenant", "acme", "--app", "shop", "--json")
+    created = await app_credential(stack, "create", "--tenant", "acme", "--app", "shop", "--json")
     assert created.exit_code == 0, created.output
     secret = json.loads(await asyncio.to_thread(Path(json.loads(created.output)["file"]).read_text))
     bus, s = stack.ctx.bus, stack.ctx.bus.subjects
@@ -341,13 +335,13 @@ async def test_cli_errors_are_one_line(stack: Runtime) -> None:
     await asyncio.to_thread(apps.mkdir, exist_ok=True)
     await asyncio.to_thread((apps / "zz-bad.json").write_text,
                             '{"user": "x", "password": "p", "tenant": "\\ud800", "app": "a"}')
-    made = await run_cli(stack, "create", "--tenant", "acme", "--app", "shop")
+    made = await app_credential(stack, "create", "--tenant", "acme", "--app", "shop")
     assert made.exit_code == 0 and "the running stack applied it" in made.output, made.output
-    again = await run_cli(stack, "create", "--tenant", "acme", "--app", "shop")
+    again = await app_credential(stack, "create", "--tenant", "acme", "--app", "shop")
     assert again.exit_code != 0 and "has a NATS credential already" in again.output and "Traceback" not in again.output
-    bad = await run_cli(stack, "create", "--tenant", "acme", "--app", "no spaces")
+    bad = await app_credential(stack, "create", "--tenant", "acme", "--app", "no spaces")
     assert bad.exit_code != 0 and "invalid app" in bad.output
-    missing = await run_cli(stack, "revoke", "--tenant", "acme", "--app", "nope")
+    missing = await app_credential(stack, "revoke", "--tenant", "acme", "--app", "nope")
     assert missing.exit_code != 0 and "has no NATS credential" in missing.output
 
 
@@ -400,7 +394,7 @@ async def test_an_app_credential_cannot_take_another_tenants_message_ids(stack: 
     # a duplicate and never stored, billed or dead-lettered.
     users = {}
     for tenant, app in (("evil", "x"), ("acme", "shop")):
-        made = await run_cli(stack, "create", "--tenant", tenant, "--app", app, "--json")
+        made = await app_credential(stack, "create", "--tenant", tenant, "--app", app, "--json")
         assert made.exit_code == 0, made.output
         users[tenant] = json.loads(await asyncio.to_thread(Path(json.loads(made.output)["file"]).read_text))
     s, sink = stack.ctx.bus.subjects, stack.services["sink"].handlers

@@ -5,25 +5,30 @@ cannot append entries in another's name."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from click.testing import CliRunner, Result
 
 from lockgate import artifacts, credentials
 from lockgate.bus import Bus
 from lockgate.cli.gate import request_review
-from lockgate.cli.main import cli
 from lockgate.config import Settings
 from lockgate.contracts import AuditEntry, EvalCompleted, EvalRequested
 from lockgate.credentials import NotAllowed
 from lockgate.evalruns import record_request
 from lockgate.server.runtime import Runtime
 from lockgate.store import Store
-from tests.helpers import admin_headers, break_glass, eventually, person, register_model_release, store_pass
+from tests.helpers import (
+    admin_headers,
+    break_glass,
+    eventually,
+    person,
+    register_model_release,
+    run_cli,
+    store_pass,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -40,17 +45,6 @@ async def stack(settings: Settings) -> AsyncIterator[Runtime]:
     yield runtime
     await runtime.stop()
 
-
-def lockgate(runtime: Runtime, *args: str) -> Result:
-    """The CLI as a user runs it against the stack: its home holds the credentials and the trust file."""
-    s = runtime.settings
-    env = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix,
-           "LOCKGATE_ROLE": ""}
-    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
-
-
-async def run_cli(runtime: Runtime, *args: str) -> Result:
-    return await asyncio.to_thread(lockgate, runtime, *args)
 
 
 async def as_identity(runtime: Runtime, identity: str) -> Bus:

@@ -17,10 +17,8 @@ from typing import Any
 import msgspec
 import nats
 import pytest
-from click.testing import CliRunner, Result
 
 from lockgate import artifacts, credentials
-from lockgate.cli.main import cli
 from lockgate.codec import encode
 from lockgate.config import Settings
 from lockgate.contracts import AliasChanged, EvalCompleted, EvalRequested, GateDecided
@@ -30,7 +28,7 @@ from lockgate.permissions import inbox
 from lockgate.provenance import chain
 from lockgate.server.runtime import Runtime
 from lockgate.signing import Signer
-from tests.helpers import person, register_model_release
+from tests.helpers import person, register_model_release, run_cli
 from tests.integration.test_app_credentials import Errors
 from tests.integration.test_gate_flow import started_on
 
@@ -50,17 +48,6 @@ async def stack(settings: Settings) -> AsyncIterator[Runtime]:
     yield runtime
     await runtime.stop()
 
-
-def lockgate(runtime: Runtime, *args: str) -> Result:
-    """The CLI as a user runs it against the stack, its home holding the credentials and the trust file."""
-    s = runtime.settings
-    env = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix,
-           "LOCKGATE_ROLE": ""}
-    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
-
-
-async def run_cli(runtime: Runtime, *args: str) -> Result:
-    return await asyncio.to_thread(lockgate, runtime, *args)
 
 
 @pytest.fixture
