@@ -154,9 +154,12 @@ _NESTED_TRIGGERS = tuple((t, within) for t, within in _WITHIN.items() if within 
 MIN_SECRET = 10
 
 # Header and attribute names whose whole value is a credential (compared lower-case).
-SECRET_NAMES = re.compile(r"(?i)(?:^|[-_.])(?:authorization|auth|cookie|set-cookie|api[-_]?key|apikey|x-api-key|token|"
-                          r"secret|password|passwd|credential|credentials|session[-_]?token|signature|private[-_]?key)"
-                          r"(?:$|[-_.])")
+_SECRET_WORDS = (r"(?:authorization|auth|cookie|set-cookie|api[-_]?key|apikey|x-api-key|token|secret|password|passwd|"
+                 r"credential|credentials|session[-_]?token|signature|private[-_]?key)")
+SECRET_NAMES = re.compile(rf"(?i)(?:^|[-_.]){_SECRET_WORDS}(?:$|[-_.])")
+# In a structured value (a tool call's arguments, a span attribute's map) a key names a credential only when it ends
+# with the word: `password_length: 16`, `auth_type: "oauth"` or `max_token: 256` are what they say.
+_SECRET_KEY = re.compile(rf"(?i)(?:^|[-_.]){_SECRET_WORDS}$")
 
 
 def _mark(m: re.Match[str]) -> str:
@@ -224,15 +227,16 @@ def scrub_bytes(data: bytes) -> bytes:
 
 def scrub_value(value: Any, text: Callable[[str], str] = scrub_secrets) -> Any:
     """A decoded JSON value (strings, numbers, lists, maps: structured span attributes, an answer's tool calls) with
-    every string scrubbed (`text`) and the value of a credential-named key masked whole, at any depth. Scrub before
-    encoding: the scrub then reads each string as it is, not JSON's escapes of it."""
+    every string scrubbed (`text`) and what a key naming a credential (`_SECRET_KEY`) holds masked whole, at any
+    depth, but for numbers, booleans and nulls, which are kept as they are. Scrub before encoding: the scrub then reads each string as it
+    is, not JSON's escapes of it."""
     if isinstance(value, str):
         return text(value)
     if isinstance(value, list | tuple):
         return [scrub_value(v, text) for v in value]
     if isinstance(value, dict):
-        return {text(k) if isinstance(k, str) else k: MARK if isinstance(k, str) and secret_name(k) else
-                scrub_value(v, text) for k, v in value.items()}
+        return {text(k) if isinstance(k, str) else k: MARK if isinstance(v, str | list | tuple | dict) and
+                isinstance(k, str) and _SECRET_KEY.search(k) else scrub_value(v, text) for k, v in value.items()}
     return value
 
 

@@ -161,6 +161,11 @@ def test_scrub_value_scrubs_every_string_and_masks_credential_named_keys_at_any_
                                   {"kv": {"authorization": MARK, "n": 3, "x-api-key": MARK}}, b"\x00", None]
     assert scrub_json('{"token": "abc", "q": "hi"}') == '{"token":"[REDACTED]","q":"hi"}'
     assert scrub_json('{"q": "hi"}') == '{"q": "hi"}'  # unchanged text is returned as it was
+    # A key that only mentions a credential word, and numbers or booleans, are what they say (found by a probe:
+    # a tool's `password_length: 16` was stored "[REDACTED]").
+    args = {"password_length": 16, "auth_type": "oauth", "max_token": 256, "token_count": 7, "is_auth": True,
+            "note": "signature below", "db_password": "hunter2hunter2", "session": {"api_key": "k-123456"}}
+    assert scrub_value(args) == {**args, "db_password": MARK, "session": {"api_key": MARK}}
     assert scrub_json(f"not json {key}") == f"not json {MARK}"
 
 
