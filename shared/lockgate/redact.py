@@ -60,8 +60,12 @@ PATTERNS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      "detect-secrets SlackDetector"),
     ("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", ("eyj",),
      "detect-secrets JwtTokenDetector"),
-    ("bearer / basic auth", r"(?P<keep>\b(?i:bearer|basic|token|digest)\s+)[A-Za-z0-9._~+/=-]{12,}",
-     ("bearer", "basic", "token", "digest"), "detect-secrets BasicAuthDetector; gitleaks authorization header"),
+    ("bearer / digest auth", r"(?P<keep>\b(?i:bearer|digest)\s+)[A-Za-z0-9._~+/=-]{12,}",
+     ("bearer", "digest"), "detect-secrets BasicAuthDetector; gitleaks authorization header"),
+    # "basic" and "token" are common words: what follows them is a credential only when it is no plain lowercase
+    # word ("a basic introduction", "token authentication" are prose; base64 and token alphabets mix in more).
+    ("basic / token auth", r"(?P<keep>\b(?i:basic|token)\s+)(?![a-z]+(?![A-Za-z0-9._~+/=-]))[A-Za-z0-9._~+/=-]{12,}",
+     ("basic", "token"), "detect-secrets BasicAuthDetector; gitleaks authorization header"),
     # The user may be empty: `redis://:password@cache:6379` is how Redis URLs carry a password.
     ("password in a URL", r"(?P<keep>\b[A-Za-z][A-Za-z0-9+.-]{1,20}://[^\s:/@\"'<>]{0,128}:)[^\s@/\"'<>]{1,256}(?=@)",
      ("://", ":\\/\\/"), "detect-secrets BasicAuthDetector"),

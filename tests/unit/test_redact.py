@@ -177,3 +177,16 @@ def test_scrub_value_scrubs_every_string_and_masks_credential_named_keys_at_any_
 ])
 def test_shown_url_masks_userinfo_passwords_and_tokens(url: str, shown: str) -> None:
     assert shown_url(url) == shown
+
+
+@pytest.mark.parametrize(("text", "scrubbed"), [
+    # Found by a probe: a 12-letter word after "basic" or "token" was masked in ordinary prompts.
+    ("Explain this basic introduction to Python", "Explain this basic introduction to Python"),
+    ("the token authentication scheme", "the token authentication scheme"),
+    ("Authorization: Basic dXNlcjpwYXNzd29yZA==", f"Authorization: Basic {MARK}"),
+    ("token ghx7f8a9b0c1d2e3", f"token {MARK}"),
+    ("Token 0123456789abcdef", f"Token {MARK}"),
+    ("Bearer abcdefghijklmnopqrstu", f"Bearer {MARK}"),
+])
+def test_basic_and_token_mask_credentials_not_the_plain_words_after_them(text: str, scrubbed: str) -> None:
+    assert scrub_secrets(text) == scrubbed
