@@ -105,3 +105,23 @@ def test_row_policies_parse_and_name_users_that_exist(store: Store) -> None:
     for stmt in statements:
         assert _parses(store, stmt) == ""
         assert set(re.findall(r"\bTO\s+(\w+)", stmt)) <= users, stmt
+
+
+def test_a_tenant_reader_is_granted_only_tables_its_row_policies_restrict_and_all_of_them(store: Store) -> None:
+    # Before: the tenant reader was granted lockgate.* and its policy covered 4 tables, so it read every tenant's
+    # cost rollup, scores, analysis runs, audit log, drift reports and spans.
+    with_tenant = {r["table"] for r in store.rows(
+        "SELECT c.table AS table FROM system.columns AS c JOIN system.tables AS t ON c.database = t.database "
+        "AND c.table = t.name WHERE c.database = {db:String} AND c.name = 'tenant' AND t.engine NOT LIKE '%View'",
+        {"db": store.database})}
+    assert {"inference_events", "cost_hourly", "drift_reports", "audit_log"} <= with_tenant
+    sql = "\n".join(ln for ln in POLICIES.read_text().splitlines() if not ln.lstrip().startswith("--"))
+    policies = {m[0]: ({t.strip().removeprefix("lockgate.") for t in m[1].split(",")}, m[2], m[3]) for m in
+                re.findall(r"CREATE ROW POLICY IF NOT EXISTS (\w+) ON (.+?)\s+USING (.+?) TO (\w+);", sql, re.S)}
+    assert policies["tenant_acme"][:2] == (with_tenant, "tenant = 'acme'")
+    assert policies["tenant_acme_spans"][0] == {"otel_traces"}
+    assert policies["reader_all"][0] == with_tenant | {"otel_traces"}
+    users = {u.tag: u for u in ET.fromstring(USERS.read_text()).find("users") or []}
+    granted = {(q.text or "").strip().removeprefix("GRANT SELECT ON lockgate.") for q in
+               users["lockgate_reader_acme"].iter("query")}
+    assert granted == with_tenant | {"otel_traces"}
