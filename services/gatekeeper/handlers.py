@@ -95,7 +95,9 @@ class GateHandlers:
                 id=domain.decision_id(done.id, self.signer.id_salt), release=done.release, decision=outcome.decision,
                 rules=list(outcome.rules), eval_run=done.run_id, policy=done.policy, baseline=done.baseline,
                 reason=outcome.reason, artifacts=arts, review_required=outcome.review_required,
-                tenant=done.tenant, source="gatekeeper", trace_id=done.trace_id,
+                # The release's tenant, whoever asked for the eval (`lockgate eval run` names none): its stored row is
+                # then its tenant's to read (the ClickHouse row policies go by it).
+                tenant=str((bundle or {}).get("tenant") or done.tenant), source="gatekeeper", trace_id=done.trace_id,
             ))
             key = f"gate-{decision.eval_run or decision.id}"
             await self.publish_key()

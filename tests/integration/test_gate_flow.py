@@ -592,3 +592,24 @@ async def test_an_approval_by_a_key_revoked_since_no_longer_counts(
     third = await request_review(bus, "v15", "approve", carol, "agreed too", timeout_s=20)
     assert (third.decision, third.approvals, third.approval_keys) == ("PASS", ["bob", "carol"],
                                                                       [bob.key_id, carol.key_id])
+
+
+async def test_a_decision_is_recorded_under_its_releases_tenant_whoever_asked_for_the_eval(
+    bus: Bus, run_services: Callable[..., Any], gates: Any, settings: Settings
+) -> None:
+    # Before: under the eval request's tenant: `lockgate eval run` names none, so acme's decisions were stored as
+    # tenant default, outside acme's row policy and inside default's.
+    policy = await register_policy(bus, {k: v for k, v in POLICY.items() if k != "review"})
+    await run_services("sink", "query", "gatekeeper")
+    arts = await register_model_release(bus, "acme-r2", "m", tenant="acme")
+    await register_release(bus, "v1", "p1")
+    await store_pass(bus, "v1", settings)
+    done = msgspec.structs.replace(completed("acme-r2", policy, em=0.99, em_ci=(0.98, 1.0), diff=0.0,
+                                             diff_ci=(-0.01, 0.01), n=2000, artifacts=arts),
+                                   run_id="run-acme-r2", binding=await started_on(bus, "acme-r2"),
+                                   environment={"task": "call", "model": "m", "endpoint": "default"})
+    assert done.tenant == "default"
+    await record_request(bus, request_of(done))
+    await bus.publish(bus.subjects.eval_completed, done)
+    decided = await next_decision(gates)
+    assert (decided.release, decided.decision, decided.tenant) == ("acme-r2", "PASS", "acme")
