@@ -198,12 +198,20 @@ def standing_veto(current: GateDecided | None, judged: Mapping[str, str], unread
     return None
 
 
-def _veto(why: str) -> RuleResult:
+def drift_veto(release: str, report_id: str, reason: str) -> RuleResult:
+    """The veto a drift BLOCK puts on the content it judged: live evidence from production is not overruled by an
+    offline eval of the same content (as a person's reject is not); an approver's approval lifts it."""
+    reason = reason if len(reason) <= 200 else reason[:197] + "..."
+    return _veto(f"release {release!r} was BLOCKed on live evidence (drift report {report_id}: {reason})",
+                 "Production traffic showed this content drift; an offline eval cannot overrule that.")
+
+
+def _veto(why: str, explanation: str = "A person rejected this content; an eval cannot overrule a person.") -> RuleResult:
     return RuleResult(rule=VETOED, metric="review", op="approved after the reject", threshold=1.0, observed=0.0,
                       verdict="FAIL",
                       hint=f"{why}; a new eval of the same content does not lift a reject: an approver's "
                            "`lockgate gate approve` of this decision does (or gate the change as a new release)",
-                      explanation="A person rejected this content; an eval cannot overrule a person.")
+                      explanation=explanation)
 
 
 def under_veto(out: Outcome, veto: RuleResult | None) -> Outcome:

@@ -195,6 +195,8 @@ class DriftGate:
         """Sign, record and announce the BLOCK of `release` (keeping what `current`, if readable, judged, and a
         person's standing veto of it, which a later eval of the same content must still see)."""
         vetoes = [r for r in current.rules if r.rule == VETOED and r.verdict == "FAIL"] if current else []
+        # The BLOCK binds the content it judged: a re-run of its eval is held for an approver, never a PASS over it.
+        vetoes = vetoes or ([domain.drift_veto(release, report.id, outcome.reason)] if current else [])
         decision = self.signer.sign(GateDecided(
             id=domain.decision_id(report.id, self.signer.id_salt), release=release, decision="BLOCK",
             rules=[*outcome.rules, *vetoes],

@@ -100,7 +100,8 @@ async def test_a_canary_whose_output_triples_against_stable_is_blocked_by_the_dr
     stored = _decided.decode((await (await bus.kv(bus.subjects.kv_gates)).get(token("r2"))).value)
     assert (stored.decision, stored.policy, stored.key_id) == ("BLOCK", policy.hash, signer.key_id)
     await Verifier(bus, router.ctx.settings).verify(stored)  # signed by the trusted gatekeeper key
-    assert [(r.verdict, r.metric) for r in stored.rules] == [("FAIL", "drift_psi:output_tokens")]
+    # the drift rule, and the veto that holds a re-run of the eval of the same content for an approver
+    assert [(r.verdict, r.metric) for r in stored.rules] == [("FAIL", "drift_psi:output_tokens"), ("FAIL", "review")]
 
     # The report it acted on: the canary's window against the stable one's, the test and sizes per feature.
     while True:

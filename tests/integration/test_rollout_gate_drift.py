@@ -21,7 +21,13 @@ from lockgate.codec import Codec
 from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
-from lockgate.services.gatekeeper.domain import decision_id, judged_artifacts, standing_veto
+from lockgate.services.gatekeeper.domain import (
+    Outcome,
+    decision_id,
+    judged_artifacts,
+    standing_veto,
+    under_veto,
+)
 from lockgate.signing import Signer, Verifier, ensure_signer_trusted
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
@@ -129,7 +135,8 @@ async def test_drift_over_the_policy_threshold_is_a_signed_block_naming_the_feat
     assert stored.id == decision_id(report.id, signer.id_salt), "BLOCKed on the deployment's report"
     assert (stored.decision, stored.policy, stored.key_id) == ("BLOCK", policy.hash, signer.key_id)
     await Verifier(bus, router.ctx.settings).verify(stored)  # signed by the trusted gatekeeper key
-    assert [(r.verdict, r.metric) for r in stored.rules] == [("FAIL", "drift_psi:output_tokens")]
+    # the drift rule, and the veto that holds a re-run of the eval of the same content for an approver
+    assert [(r.verdict, r.metric) for r in stored.rules] == [("FAIL", "drift_psi:output_tokens"), ("FAIL", "review")]
 
 
 async def test_after_a_blue_green_promotion_the_deployments_report_is_judged_by_the_policy(
@@ -265,3 +272,25 @@ async def test_a_drift_block_keeps_a_persons_standing_veto(stack: tuple[Any, Sig
     await decisions.unsubscribe()
     assert blocked.decision == "BLOCK" and [r.metric for r in blocked.rules] == ["drift_psi:output_tokens", "review"]
     assert standing_veto(blocked, judged_artifacts(arts)) == veto  # the next eval of r2 stays held
+
+
+async def test_a_drift_block_stands_over_a_rerun_of_the_eval_of_the_same_content(stack: tuple[Any, Signer]) -> None:
+    # Before: a drift BLOCK (production traffic drifted) was replaced by the PASS of any re-run of r2's eval, and the
+    # router admitted r2 again. The BLOCK now binds the content it judged, as a person's reject does.
+    router, signer = stack
+    bus = router.ctx.bus
+    policy = await artifacts.register(bus, "policy", "canary-drift", POLICY)
+    arts = await judged(bus, "r2")
+    passed = signer.sign(GateDecided(release="r2", rules=[], decision="PASS", policy=policy.hash, artifacts=arts))
+    await (await bus.kv(bus.subjects.kv_gates)).put(token("r2"), msgspec.json.encode(passed))
+    decisions = await bus.nc.subscribe(bus.subjects.gate_decided("r2"))
+    await bus.publish(bus.subjects.drift("chat"), _report("canary_vs_stable", output_tokens=0.15))
+    blocked = _decided.decode((await decisions.next_msg(timeout=30)).data)
+    await decisions.unsubscribe()
+    assert blocked.decision == "BLOCK"
+    veto = standing_veto(blocked, judged_artifacts(arts))
+    assert veto is not None and "was BLOCKed on live evidence (drift report" in veto.hint, blocked.rules
+    # What the next eval of the same content gets: held for an approver, never a PASS over the drift.
+    rerun = under_veto(Outcome("PASS", (), "all rules passed"), veto)
+    assert rerun.decision == "NEEDS_REVIEW" and veto.hint in rerun.review_required
+    assert standing_veto(blocked, {**judged_artifacts(arts), "prompt/other": "sha256:new"}) is None  # new content
