@@ -444,29 +444,29 @@ class Admission:
         the last call did. A call charged its worst case has its record say so (`_unknown`)."""
         if ticket is OPEN or ticket.cost is ZERO:
             return
-        used = ZERO
-        for gone_rec, gone in abandoned:
-            used += self._unknown(ticket, gone_rec, gone)
+        spent = sum((self._unknown(ticket, r, c) for r, c in abandoned), ZERO)
+        final = self._final(ticket, rec, model, call)
+        # Which call ran, and how far, unknown (the request failed in an unforeseen way): everything reserved stays spent.
+        self._finish(ticket, ticket.cost if final is None else spent + final)
+
+    def _final(self, ticket: Ticket, rec: Any, model: str, call: Call | None) -> Amount | None:
+        """What the call `rec` records costs (settle); None when it is unknown which call ran."""
         # Usage the router did not believe (10^30 tokens, a negative count) is as none: no absurd number reaches
         # the counter (which would refuse everything for the rest of the period).
         believed = USAGE_WARNING not in rec.attributes
         if believed and (rec.input_tokens or rec.output_tokens):
-            used += cost_of(ticket.prices.get(model, ticket.price), rec.input_tokens, rec.output_tokens,
-                            rec.cached_tokens)
-        elif believed and rec.status != "ok" and (rec.error_type.isdigit() or rec.error_type in NOTHING_GENERATED):
-            pass  # refused (an HTTP error status) or no upstream answered: the calls it abandoned are counted above
-        elif call is not None:
+            return cost_of(ticket.prices.get(model, ticket.price), rec.input_tokens, rec.output_tokens,
+                           rec.cached_tokens)
+        if believed and rec.status != "ok" and (rec.error_type.isdigit() or rec.error_type in NOTHING_GENERATED):
+            return ZERO  # refused (an HTTP error status) or no upstream answered: what it abandoned is charged apart
+        if call is not None:
             # Interrupted streams (cut, or ended by the provider's error event or a bad chunk after content
             # went out), a 200 whose body did not read, answers without usage: the provider may bill tokens
             # the router never counted.
-            used += self._unknown(ticket, rec, call)
-        elif rec.error_type == "client_disconnected":
-            pass  # the client left before any call answered: the one under way then is among `abandoned`
-        else:
-            # Which call ran, and how far, is unknown (the request failed in an unforeseen way): everything
-            # reserved stays spent.
-            used = ticket.cost
-        self._finish(ticket, used)
+            return self._unknown(ticket, rec, call)
+        if rec.error_type == "client_disconnected":
+            return ZERO  # the client left before any call answered: the one under way then is among `abandoned`
+        return None
 
     def release(self, ticket: Ticket) -> None:
         """Nothing was spent (a cache hit): give the whole reservation back."""
