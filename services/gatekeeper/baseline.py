@@ -51,8 +51,7 @@ def refusal(baseline: str, decision: GateDecided | None, registered: Mapping[str
         by = f", rejected by {decision.reviewed_by}" if decision.reviewed_by else ""
         return (f"baseline {baseline!r} is not allowed by the gate: its current decision is {decision.decision}"
                 f"{by} ({_cut(decision.reason)})")
-    judged = {k: v for k, v in decision.artifacts.items() if "/" in k}
-    if judged != dict(registered):
+    if decision.judged != dict(registered):
         return (f"baseline {baseline!r}'s PASS (decision {decision.id}) judged other artifacts than it is "
                 "registered with")
     if compared_run is not None and compared_run != decision.eval_run:

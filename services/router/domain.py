@@ -236,11 +236,9 @@ def other_content(decision: GateDecided, bound: Mapping[str, str] | None) -> str
     A decision speaks for the content it judged, not for whatever its release name holds later: an allowing one
     admits the release only while the two are the same. The suite and policy a decision also names (bare keys
     `eval_suite` and `policy`) are not release content."""
-    judged = {k: v for k, v in decision.artifacts.items() if "/" in k}
     if bound is None:
         return f"release {decision.release!r} is not registered"
-    diffs = [f"{k} judged {judged.get(k) or 'nothing'}, bound to {bound.get(k) or 'nothing'}"
-             for k in sorted({*judged, *bound}) if judged.get(k) != bound.get(k)]
+    diffs = decision.differences(bound, "bound to")
     if not diffs:
         return ""
     return f"decision {decision.id} judged other content than release {decision.release!r} holds ({'; '.join(diffs)})"

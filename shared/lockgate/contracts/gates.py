@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import msgspec
@@ -49,6 +50,18 @@ class GateDecided(Event, frozen=True, kw_only=True, tag="lockgate.gate.decided")
     # The key id each of `approvals` signed with (same order): an approval counts only while that key is
     # its person's and trusted, so revoking a stolen key also takes back what it approved.
     approval_keys: list[str] = []
+
+    @property
+    def judged(self) -> dict[str, str]:
+        """The release content it judged (`kind/name` -> hash), without the suite and policy it names under the bare
+        keys `eval_suite` and `policy`."""
+        return {k: v for k, v in self.artifacts.items() if "/" in k}
+
+    def differences(self, held: Mapping[str, str], holding: str) -> list[str]:
+        """Each artifact where the content it judged and `held` (what a release holds, said as `holding`) differ."""
+        judged = self.judged
+        return [f"{k} judged {judged.get(k) or 'nothing'}, {holding} {held.get(k) or 'nothing'}"
+                for k in sorted({*judged, *held}) if judged.get(k) != held.get(k)]
 
 
 class GateReview(Event, frozen=True, kw_only=True, tag="lockgate.gate.review"):

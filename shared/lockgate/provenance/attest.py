@@ -100,11 +100,9 @@ def other_content(decision: GateDecided, artifacts: Any) -> str:
     content nobody judged, and the decision (the gatekeeper's signature) does not speak for it."""
     if not isinstance(artifacts, dict) or not all(isinstance(v, str) for v in artifacts.values()):
         return "the release's artifacts are not a mapping of kind/name to hash"
-    judged = {k: v for k, v in decision.artifacts.items() if "/" in k}
-    if not judged:
+    if not decision.judged:
         return f"decision {decision.id} names no artifacts it judged, so it speaks for no content"
-    diffs = [f"{k} judged {judged.get(k) or 'nothing'}, release holds {artifacts.get(k) or 'nothing'}"
-             for k in sorted({*judged, *artifacts}) if judged.get(k) != artifacts.get(k)]
+    diffs = decision.differences(artifacts, "release holds")
     if not diffs:
         return ""
     return f"the decision judged other content than the release holds ({'; '.join(diffs)})"
