@@ -578,17 +578,23 @@ async def test_failing_canary_falls_back_to_stable(gateway: Gateway, keys: Boots
                                     "lockgate.fallback_from_variant": "canary", "lockgate.fallback_from_release": "r2"}
 
 
+def _priced(context: ServiceContext, tmp_path: Any, models: dict[str, tuple[float, float]], budget: dict[str, Any]
+            ) -> None:
+    """The router's settings with a price book (model -> input and output USD per million tokens) and one daily
+    budget of tenant acme (`budget`: its usd and tokens)."""
+    (tmp_path / "prices.yaml").write_text(json.dumps({"version": "t", "currency": "USD", "models": {
+        m: {"input_per_mtok": i, "output_per_mtok": o} for m, (i, o) in models.items()}}))
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", **budget}}}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"),
+                                                price_book=str(tmp_path / "prices.yaml"))
+
+
 async def test_a_canary_that_may_fall_back_reserves_at_the_dearer_model_and_settles_at_the_one_that_answered(
         gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any) -> None:
     # Found by a probe's reading: the reservation was priced at the chosen canary's model only, while a failing
     # canary's request is answered (and billed) by stable's: a cheap canary let requests past a budget that
     # stable's price would have refused.
-    (tmp_path / "prices.yaml").write_text(json.dumps({"version": "t", "currency": "USD", "models": {
-        "m": {"input_per_mtok": 1000.0, "output_per_mtok": 1000.0},
-        "m-canary": {"input_per_mtok": 1.0, "output_per_mtok": 1.0}}}))
-    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "usd": 1.0}}}))
-    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"),
-                                                price_book=str(tmp_path / "prices.yaml"))
+    _priced(context, tmp_path, {"m": (1000.0, 1000.0), "m-canary": (1.0, 1.0)}, {"usd": 1.0})
     async with FakeLLM("stable") as stable, FakeLLM("canary", ("status", 500)) as canary:
         router = await _canary_at_100(gateway, keys, context, {
             "default": {"url": stable.url}, "canary": {"url": canary.url, "retry": {"attempts": 1}}})
@@ -1019,13 +1025,7 @@ async def test_a_canarys_abandoned_call_is_charged_its_worst_case_and_booked_ali
     # Found by a probe: a canary whose call was given up on at its first-byte timeout (a long answer asked for)
     # was never charged once stable answered: the budget, the per-minute tokens and the cost ledger counted
     # stable's usage only, while the provider generated, and bills, both answers.
-    (tmp_path / "prices.yaml").write_text(json.dumps({"version": "t", "currency": "USD", "models": {
-        "m": {"input_per_mtok": 1.0, "output_per_mtok": 4.0},
-        "m-canary": {"input_per_mtok": 2.0, "output_per_mtok": 8.0}}}))
-    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "usd": 100.0,
-                                                                             "tokens": 1_000_000}}}))
-    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"),
-                                                price_book=str(tmp_path / "prices.yaml"))
+    _priced(context, tmp_path, {"m": (1.0, 4.0), "m-canary": (2.0, 8.0)}, {"usd": 100.0, "tokens": 1_000_000})
     ledgers = await context.bus.nc.subscribe(context.bus.subjects.cost_ledger)
     svcs = await run_services("sink", "cost")
     async with FakeLLM("stable") as stable, FakeLLM("canary", "hang") as canary:
@@ -1114,12 +1114,7 @@ async def test_a_call_the_client_gives_up_on_before_its_answer_is_charged_its_wo
     # non-streamed call while the upstream kept generating (as OpenAI does, and bills), and the call's event said
     # client_disconnected with no usage: the cost ledger booked nothing. Now a call under way when the client
     # leaves is charged its worst case, like one given up on at the first-byte timeout, and its event says so.
-    (tmp_path / "prices.yaml").write_text(json.dumps({"version": "t", "currency": "USD", "models": {
-        "m": {"input_per_mtok": 1.0, "output_per_mtok": 4.0}}}))
-    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "usd": 100.0,
-                                                                             "tokens": 1_000_000}}}))
-    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"),
-                                                price_book=str(tmp_path / "prices.yaml"))
+    _priced(context, tmp_path, {"m": (1.0, 4.0)}, {"usd": 100.0, "tokens": 1_000_000})
     ledgers = await context.bus.nc.subscribe(context.bus.subjects.cost_ledger)
     svcs = await run_services("sink", "cost")
     async with FakeLLM("slow", "hang") as slow:
