@@ -17,7 +17,7 @@ from lockgate import anthropicwire
 from lockgate.errors import LockgateError, UpstreamError
 from lockgate.llmwire import Completion as WireCompletion
 from lockgate.llmwire import Usage, decode_completion
-from lockgate.redact import MARK
+from lockgate.redact import MARK, shown_url
 from lockgate.retry import RetryPolicy
 from lockgate.services.evaluator import calibrated, domain
 
@@ -108,6 +108,7 @@ async def complete(
     credential: never in an error message. `provider` is the endpoint's (endpoints.Access.provider)."""
     wire = _WIRES[provider]  # the allow-list admits no other provider
     url = endpoint.rstrip("/") + wire.path
+    shown = shown_url(url)  # an endpoint may carry its credential (userinfo, `?api-key=`): messages name this
     body = wire.request({"model": model, "messages": messages, "temperature": 0, **(params or {})})
     retry = policy.retry()
     last: _Transient | None = None
@@ -115,7 +116,7 @@ async def complete(
     async def attempt() -> Completion:
         nonlocal last
         try:
-            return await _call(session, url, body, policy.timeout_s, headers or {}, wire)
+            return await _call(session, url, shown, body, policy.timeout_s, headers or {}, wire)
         except _Transient as exc:
             last = exc
             raise
@@ -127,37 +128,37 @@ async def complete(
         await asyncio.sleep(delay)  # backoff between attempts, not synchronisation
 
     try:
-        return await retry.call(attempt, retry_on=_Transient, what=f"call to {url}", sleep=wait)
+        return await retry.call(attempt, retry_on=_Transient, what=f"call to {shown}", sleep=wait)
     except _Transient as exc:
         error = UpstreamRefused if exc.status is not None else UpstreamError
         raise error(f"{exc} (gave up after {retry.attempts} attempts)") from None
 
 
-async def _call(session: aiohttp.ClientSession, url: str, body: dict[str, Any], timeout_s: float,
+async def _call(session: aiohttp.ClientSession, url: str, shown: str, body: dict[str, Any], timeout_s: float,
                 headers: Mapping[str, str], wire: _OpenAI | _Anthropic) -> Completion:
     started = time.perf_counter()
     try:
         async with session.post(url, json=body, headers={**wire.headers, **headers},
                                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status in RETRYABLE_STATUS:
-                raise _Transient(f"HTTP {resp.status} from {url}", _retry_after(resp.headers.get("Retry-After")),
+                raise _Transient(f"HTTP {resp.status} from {shown}", _retry_after(resp.headers.get("Retry-After")),
                                  resp.status)
             if resp.status >= 400:
                 text = _hidden((await resp.text())[:200], headers)
-                raise UpstreamRefused(f"HTTP {resp.status} from {url}: {text}")
+                raise UpstreamRefused(f"HTTP {resp.status} from {shown}: {text}")
             data = await resp.read()
     except TimeoutError:
-        raise _Transient(f"timed out after {timeout_s:g}s calling {url}") from None
+        raise _Transient(f"timed out after {timeout_s:g}s calling {shown}") from None
     except aiohttp.ClientError as exc:
-        raise _Transient(f"cannot reach {url}: {exc!r}") from None
+        raise _Transient(f"cannot reach {shown}: {shown_url(repr(exc))}") from None
     latency_ms = (time.perf_counter() - started) * 1000.0
     try:
         completion = wire.completion(data)
     except msgspec.DecodeError as exc:
-        raise UpstreamError(f"{url} answered something that is not a chat completion: {exc}") from None
+        raise UpstreamError(f"{shown} answered something that is not a chat completion: {exc}") from None
     first = completion.choices[0] if completion.choices else None
     if first is None or first.message is None:
-        raise UpstreamError(f"{url} answered without choices[0].message") from None
+        raise UpstreamError(f"{shown} answered without choices[0].message") from None
     usage = (completion.usage or Usage()).tokens()
     return Completion(
         text=first.message.content or "", latency_ms=latency_ms,

@@ -261,12 +261,12 @@ _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]{1,20}://)(?P<user>[
 
 def shown_url(url: str) -> str:
     """A URL, or a list of them (`nats://a,nats://b`), as a message may show it: the password of each one's userinfo
-    (or a token standing there alone) replaced by the marker. The CLI and SDK name the server they could not reach,
-    and a CI job's log keeps what they print."""
-    if "@" not in url:
-        return url
-    return _USERINFO.sub(lambda m: (f"{m['scheme']}{m['user']}:{MARK}@" if m["password"] is not None
-                                    else f"{m['scheme']}{MARK}@"), url)
+    (or a token standing there alone) replaced by the marker, and a credential in its query (`?api-key=...`) too.
+    The CLI, SDK and services name the server they could not reach, and a CI job's log keeps what they print."""
+    if "@" in url:
+        url = _USERINFO.sub(lambda m: (f"{m['scheme']}{m['user']}:{MARK}@" if m["password"] is not None
+                                       else f"{m['scheme']}{MARK}@"), url)
+    return scrub_secrets(url)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -122,6 +122,9 @@ async def test_openlineage_export_of_eval_runs_and_gate_decisions(
     assert len(events) == 5 and received == events  # the HTTP transport posted each one
     gone = await asyncio.to_thread(lockgate, settings, "lineage", "export", "--release", "shop-v2", "--url", server.url)
     assert gone.exit_code == 1 and "cannot send OpenLineage events" in gone.output.splitlines()[-1]
+    keyed = await asyncio.to_thread(lockgate, settings, "lineage", "export", "--release", "shop-v2",
+                                    "--url", f"{server.url}?api-key=OLKEYCANARY0123")
+    assert keyed.exit_code == 1 and "OLKEYCANARY" not in keyed.output  # a CI log keeps what the CLI prints
     release_ev = next(e for e in events if e["job"]["name"] == "release/shop")
     assert {d["name"] for d in release_ev["inputs"]} == {"prompt/answer", "model_config/sim"}
     assert release_ev["outputs"][0]["name"] == "release/shop-v2"

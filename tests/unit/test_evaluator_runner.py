@@ -117,6 +117,18 @@ async def test_unreachable_endpoint_is_an_upstream_error() -> None:
                                   runner.CallPolicy(timeout_s=1.0, max_retries=1, backoff_s=0.001))
 
 
+async def test_an_endpoint_credential_stays_out_of_the_error(stub: tuple[str, list[int]]) -> None:
+    # Before, "HTTP 400 from http://127.0.0.1:PORT/v1/chat/completions?api-key=AZSECRET..." went into the eval result.
+    url, plan = stub
+    plan.append(400)
+    async with aiohttp.ClientSession() as session:
+        for endpoint in (f"{url}?api-key=AZSECRET0123456789", "http://ci:PWSECRET0123@127.0.0.1:9/v1"):
+            with pytest.raises(UpstreamError) as caught:
+                await runner.complete(session, endpoint, "m", [{"role": "user", "content": "x"}],
+                                      runner.CallPolicy(timeout_s=1.0, max_retries=1, backoff_s=0.001))
+            assert "SECRET" not in str(caught.value) and "[REDACTED]" in str(caught.value)
+
+
 async def test_an_anthropic_endpoint_is_called_in_anthropic_messages_as_the_router_calls_it() -> None:
     config = SimConfig(models={"c": ModelSpec(answers={"hi": "Hello there"}, cached_tokens=2)}, require_key="sk-a")
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]

@@ -174,6 +174,7 @@ def test_scrub_value_scrubs_every_string_and_masks_credential_named_keys_at_any_
     ("tls://q6user:CLIPW/CANARY2@127.0.0.1:1", "tls://q6user:[REDACTED]@127.0.0.1:1"),
     ("nats://s3cr3t-token@n1:4222,nats://a:b@n2:4222", "nats://[REDACTED]@n1:4222,nats://a:[REDACTED]@n2:4222"),
     ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+    ("https://lineage.example/api/v1?api-key=LGKEYCANARY01", "https://lineage.example/api/v1?api-key=[REDACTED]"),
 ])
 def test_shown_url_masks_userinfo_passwords_and_tokens(url: str, shown: str) -> None:
     assert shown_url(url) == shown

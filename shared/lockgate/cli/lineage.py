@@ -10,6 +10,7 @@ from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.provenance_time import parse_time
 from lockgate.cli.render import emit_json, err_console, output
 from lockgate.errors import LockgateError
+from lockgate.redact import shown_url
 
 
 class LineageSendFailed(LockgateError):
@@ -29,10 +30,10 @@ def post_events(url: str, events: list[dict[str, Any]], timeout_s: float = 10.0)
             with urllib.request.urlopen(req, timeout=timeout_s) as resp:
                 resp.read()
         except urllib.error.HTTPError as exc:
-            raise LineageSendFailed(f"{url} refused OpenLineage event {event['run']['runId']} "
+            raise LineageSendFailed(f"{shown_url(url)} refused OpenLineage event {event['run']['runId']} "
                                     f"({exc.code} {exc.reason})") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError, ValueError) as exc:
-            raise LineageSendFailed(f"cannot send OpenLineage events to {url}: {getattr(exc, 'reason', exc)}") from None
+            raise LineageSendFailed(f"cannot send OpenLineage events to {shown_url(url)}: {getattr(exc, 'reason', exc)}") from None
 
 
 class _DefaultShow(click.Group):
@@ -116,4 +117,4 @@ def register(cli: click.Group) -> None:
             click.echo(json.dumps(event, sort_keys=True, default=str))
         if url:
             post_events(url, events)
-            err_console.print(f"sent {len(events)} events to {url}", highlight=False)
+            err_console.print(f"sent {len(events)} events to {shown_url(url)}", highlight=False)

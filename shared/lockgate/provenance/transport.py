@@ -14,6 +14,7 @@ import aiohttp
 
 from lockgate import metrics
 from lockgate.batcher import Batcher
+from lockgate.redact import shown_url
 from lockgate.retry import RetryPolicy
 
 log = logging.getLogger("lockgate.openlineage")
@@ -29,6 +30,7 @@ class HttpTransport:
     def __init__(self, url: str, *, capacity: int = 10_000, timeout_s: float = 10.0,
                  policy: RetryPolicy | None = None, service: str = "lineage") -> None:
         self.url = url
+        self.shown = shown_url(url)  # an endpoint may carry its credential: logs and errors name this
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.policy = policy or RetryPolicy(attempts=5, initial_s=0.2, max_s=5.0)
         self.service = service
@@ -62,7 +64,7 @@ class HttpTransport:
         """Count `n` events lost (a full queue, a failed send)."""
         self.dropped += n
         metrics.events_dropped(f"{self.service}.openlineage", n, reason)
-        log.warning("dropped %d OpenLineage events for %s (%s)", n, self.url, reason)
+        log.warning("dropped %d OpenLineage events for %s (%s)", n, self.shown, reason)
 
     async def _send(self, events: list[dict[str, Any]]) -> None:
         if self._session is None or self._session.closed:
@@ -70,7 +72,7 @@ class HttpTransport:
         for event in events:
             try:
                 await self.policy.call(lambda e=event: self._post(e), retry_on=(_Again, aiohttp.ClientError, TimeoutError),
-                                       what=f"POST OpenLineage event to {self.url}")
+                                       what=f"POST OpenLineage event to {self.shown}")
                 self.sent += 1
             except (_Again, aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 log.warning("OpenLineage event %s not sent: %r", event.get("run", {}).get("runId"), exc)
@@ -82,4 +84,4 @@ class HttpTransport:
             if resp.status == 429 or resp.status >= 500:
                 raise _Again(f"{resp.status}")
             if resp.status >= 400:  # the endpoint refuses this event: another try would be refused too
-                raise ValueError(f"{self.url} refused an OpenLineage event ({resp.status}): {await resp.text()}")
+                raise ValueError(f"{self.shown} refused an OpenLineage event ({resp.status}): {await resp.text()}")
