@@ -1043,18 +1043,32 @@ class Rollouts:
         (default `default`) and sampling parameters. Anything else is InvalidRollout. With `tenant` (the
         caller's, None for an admin), ReleaseNotInScope unless the release is registered under that tenant.
         """
+        if tenant is not None:
+            await self._check_own(release, tenant)
         try:
             ships = await shipped.of_release(self.ctx.bus, release)
         except (NotFound, ConfigError) as exc:
             raise domain.InvalidRollout(exc.message) from None
-        if tenant is not None and ships.tenant != tenant:
-            raise domain.ReleaseNotInScope(_not_theirs(release, ships.tenant, tenant))
         try:
             self.endpoints.get(ships.endpoint)
         except UnknownEndpoint as exc:
             raise domain.InvalidRollout(f"release {release!r}: {exc.message}") from None
         return domain.Target(release=release, app=ships.app, tenant=ships.tenant, endpoint=ships.endpoint,
                              model=ships.model, params=ships.params)
+
+    async def _check_own(self, release: str, tenant: str) -> None:
+        """ReleaseNotInScope unless `release` is registered under `tenant`: a release of another tenant and one
+        registered by nobody are refused alike, so a tenant's key learns nothing of other tenants' release names
+        (before, another's was refused naming its tenant, an unknown one as not registered)."""
+        try:
+            owner: str | None = str((await artifacts.release_of(self.ctx.bus, release)).get("tenant") or "")
+        except NotFound:
+            owner = None
+        if owner != tenant:
+            raise domain.ReleaseNotInScope(
+                f"refused: {release!r} is not a registered release of tenant {tenant!r}; a key of tenant {tenant!r} "
+                f"rolls out only its own tenant's releases (register it under that tenant, `release create --tenant "
+                f"{tenant}`, or use an admin key)")
 
     async def check_tenant(self, deployment: str, tenant: str | None) -> None:
         """ReleaseNotInScope unless the releases `deployment` serves (stable, canary, the previous stable) are
@@ -1172,14 +1186,12 @@ class Rollouts:
         return decision
 
 
-def _not_theirs(release: str, owner: str, tenant: str, deployment: str = "") -> str:
-    """Why a key of `tenant` may not roll out `release` (of tenant `owner`), or change `deployment` serving it."""
+def _not_theirs(release: str, owner: str, tenant: str, deployment: str) -> str:
+    """Why a key of `tenant` may not change `deployment`, serving `release` of tenant `owner` (what an unscoped key
+    reads of it anyway)."""
     theirs = f"a release of tenant {owner!r}" if owner else "a release registered under no tenant"
-    if deployment:
-        return (f"refused: {deployment!r} serves {release!r}, {theirs}; a key of tenant {tenant!r} changes only "
-                "the rollouts of its own tenant's releases (an admin key may change any)")
-    return (f"refused: {release!r} is {theirs}; a key of tenant {tenant!r} rolls out only its own tenant's "
-            "releases (register the release under that tenant, `release create --tenant`, or use an admin key)")
+    return (f"refused: {deployment!r} serves {release!r}, {theirs}; a key of tenant {tenant!r} changes only "
+            "the rollouts of its own tenant's releases (an admin key may change any)")
 
 
 def _pricer(settings: Settings) -> Callable[[InferenceEvent], float | None]:
