@@ -19,7 +19,7 @@ from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.drift import decide_drift, unjudgeable
-from lockgate.services.gatekeeper.records import Records
+from lockgate.services.gatekeeper.records import Records, Stored
 from lockgate.services.gatekeeper.review import VETOED
 from lockgate.signing import Signer
 from lockgate.subjects import token
@@ -140,10 +140,14 @@ class DriftGate:
             log.warning("drift report %s not judged against %s: %s", report.id, release, why)
             await self.ignored.bump()
             return
-        try:
-            current = await self.records.current(release)
-        except UnreadableValue as exc:
-            await self._block(report, release, unjudgeable(report, release, exc.message), None)
+        stored = await self.records.read(release)
+        if stored.unreadable:
+            await self._block(report, release, unjudgeable(report, release, stored.unreadable), stored)
+            return
+        current = stored.decision
+        if current is not None and current.id == domain.decision_id(report.id, self.signer.id_salt):
+            # Redelivered after its BLOCK was stored.
+            await self.records.finish(current, action="decided", actor="gatekeeper", key=f"gate-drift-{report.id}")
             return
         # Only a release gated under a policy can be judged by it; an already blocked one needs no second BLOCK.
         if current is None or not current.policy or current.decision == "BLOCK":
@@ -156,7 +160,7 @@ class DriftGate:
         outcome = decide_drift(policy, report)
         if outcome is None:
             return
-        await self._block(report, release, outcome, current)
+        await self._block(report, release, outcome, stored)
 
     async def _not_its_tenant(self, report: DriftReport, release: str, route: _Route | None, named: bool) -> str:
         """Why `report` is no evidence about `release` for want of tenant ("" when it is): its events must be of the
@@ -191,9 +195,10 @@ class DriftGate:
                 raise
             return missing
 
-    async def _block(self, report: DriftReport, release: str, outcome: Outcome, current: GateDecided | None) -> None:
-        """Sign, record and announce the BLOCK of `release` (keeping what `current`, if readable, judged, and a
-        person's standing veto of it, which a later eval of the same content must still see)."""
+    async def _block(self, report: DriftReport, release: str, outcome: Outcome, stored: Stored) -> None:
+        """Sign, record and announce the BLOCK of `release` over the decision `stored` (keeping what it judged, if
+        readable, and a person's standing veto of it, which a later eval of the same content must still see)."""
+        current = stored.decision
         vetoes = [r for r in current.rules if r.rule == VETOED and r.verdict == "FAIL"] if current else []
         # The BLOCK binds the content it judged: a re-run of its eval is held for an approver, never a PASS over it.
         vetoes = vetoes or ([domain.drift_veto(release, report.id, outcome.reason)] if current else [])
@@ -203,8 +208,7 @@ class DriftGate:
             eval_run=current.eval_run if current else "", policy=current.policy if current else "",
             baseline=current.baseline if current else "", artifacts=current.artifacts if current else {},
             reason=outcome.reason, tenant=report.tenant, source="gatekeeper", trace_id=report.trace_id))
-        key = f"gate-drift-{report.id}"
         await self.publish_key()
-        await self.records.audit(decision, action="decided", actor="gatekeeper", key=key)
-        await self.records.announce(decision, key=key)
+        await self.records.settle(decision, over=stored.revision, action="decided", actor="gatekeeper",
+                                  key=f"gate-drift-{report.id}")
         log.info("release %s BLOCK by drift: %s", release, outcome.reason)

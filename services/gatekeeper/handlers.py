@@ -22,7 +22,7 @@ from lockgate.services.gatekeeper.evaluated import evaluated_rules
 from lockgate.services.gatekeeper.gatesfile import Gates
 from lockgate.services.gatekeeper.records import Records
 from lockgate.services.gatekeeper.registrations import Registrations
-from lockgate.services.gatekeeper.review import ReviewRules, apply_review, signed_approvals
+from lockgate.services.gatekeeper.review import ReviewRules, apply_review, review_action, signed_approvals
 from lockgate.signing import Signer, Verifier, publish_key
 
 __all__ = ["GateHandlers"]
@@ -60,6 +60,14 @@ class GateHandlers:
             # and baseline, is judged; anything else raises UntrustedEvalResult and is dead-lettered.
             # (That only the evaluator can record runs is the NATS permissions' job.)
             check_result(done, await requested_run(self.ctx.bus, done.run_id))
+            decision_id = domain.decision_id(done.id, self.signer.id_salt)
+            key = f"gate-{done.run_id or decision_id}"
+            # What it is judged over: stored only over this (Records), so a person's reject or a drift BLOCK landing
+            # meanwhile has it judged again, under their veto.
+            stored = await self.records.read(done.release)
+            if stored.decision is not None and stored.decision.id == decision_id:
+                await self.records.finish(stored.decision, action="decided", actor="gatekeeper", key=key)
+                return  # redelivered after its decision was stored
             # The binding in KV is the authority on what the release holds (the lineage tables may lag it).
             bundle = await self._bundle(done.release)
             registered = _artifacts(bundle)
@@ -82,7 +90,8 @@ class GateHandlers:
                                                                       done.suite))
             outcome = domain.with_rules(outcome, await self._required_baseline(done, bundle))
             # A person's reject of this content stands over a re-run of its eval: at most NEEDS_REVIEW.
-            outcome = domain.under_veto(outcome, await self._veto(done.release, done.artifacts or release_arts))
+            outcome = domain.under_veto(outcome, domain.standing_veto(
+                stored.decision, domain.judged_artifacts(done.artifacts or release_arts), stored.unreadable))
             # Last, so its remediation leads the reason: fail closed for a name nobody registered (or other content),
             # one bound otherwise than when the run started, or evaluated on another model than it ships.
             outcome = domain.with_rules(outcome, (*await evaluated_rules(self.ctx.bus, done, bundle),
@@ -92,17 +101,15 @@ class GateHandlers:
             arts = {**(done.artifacts or release_arts),
                     **{k: v for k, v in (("eval_suite", done.suite), ("policy", done.policy)) if v}}
             decision = self.signer.sign(GateDecided(
-                id=domain.decision_id(done.id, self.signer.id_salt), release=done.release, decision=outcome.decision,
+                id=decision_id, release=done.release, decision=outcome.decision,
                 rules=list(outcome.rules), eval_run=done.run_id, policy=done.policy, baseline=done.baseline,
                 reason=outcome.reason, artifacts=arts, review_required=outcome.review_required,
                 # The release's tenant, whoever asked for the eval (`lockgate eval run` names none): its stored row is
                 # then its tenant's to read (the ClickHouse row policies go by it).
                 tenant=str((bundle or {}).get("tenant") or done.tenant), source="gatekeeper", trace_id=done.trace_id,
             ))
-            key = f"gate-{decision.eval_run or decision.id}"
             await self.publish_key()
-            await self.records.audit(decision, action="decided", actor="gatekeeper", key=key)
-            await self.records.announce(decision, key=key)
+            await self.records.settle(decision, over=stored.revision, action="decided", actor="gatekeeper", key=key)
             if outcome.decision != "PASS":
                 log.info("release %s %s: %s", done.release, outcome.decision, outcome.reason)
 
@@ -118,13 +125,12 @@ class GateHandlers:
         ):
             new_id = domain.decision_id(review.id, self.signer.id_salt)
             key = f"gate-review-{review.id}"
-            try:
-                current = await self.records.current(review.release)
-            except UnreadableValue as exc:  # refused below as a release with no decision: nothing to review
-                log.warning("review %s: %s", review.id, exc.message)
-                current = None
-            if current is not None and current.id == new_id:
-                await self.records.announce(current, key=key)  # redelivered after KV was written
+            stored = await self.records.read(review.release)
+            if stored.unreadable:  # refused below as a release with no decision: nothing to review
+                log.warning("review %s: %s", review.id, stored.unreadable)
+            current = stored.decision
+            if current is not None and current.id == new_id:  # redelivered after its decision was stored
+                await self.records.finish(current, action=review_action(current), actor=current.reviewed_by, key=key)
                 return
             try:
                 reviewer = verify_review(self.ctx.settings, review)
@@ -174,8 +180,8 @@ class GateHandlers:
                 return
             decision = self.signer.sign(outcome.decision)
             await self.publish_key()
-            await self.records.audit(decision, action=outcome.action, actor=reviewer, key=key)
-            await self.records.announce(decision, key=key)
+            # Over the decision it answers: an eval's decision stored meanwhile makes it stale (refused when redelivered).
+            await self.records.settle(decision, over=stored.revision, action=outcome.action, actor=reviewer, key=key)
 
     async def _refuse(self, review: GateReview, current: GateDecided | None, new_id: str, key: str, *,
                       actor: str, reason: str) -> None:
@@ -208,14 +214,6 @@ class GateHandlers:
         used_suite = domain.Used(suite, await self.registrations.names(required.suite.kind, suite)) \
             if required.suite else None
         return domain.required_rules(release, app, required, used_policy, used_suite)
-
-    async def _veto(self, release: str, judged: dict[str, str] | None) -> RuleResult | None:
-        """The standing veto of a person over the content `judged` of `release` (domain.standing_veto)."""
-        try:
-            current = await self.records.current(release)
-        except UnreadableValue as exc:
-            return domain.standing_veto(None, {}, unreadable=exc.message)
-        return domain.standing_veto(current, domain.judged_artifacts(judged or {}))
 
     async def _baseline(self, done: EvalCompleted, bundle: dict | None) -> tuple[str, dict[str, str] | None]:
         """Why the eval's baseline is refused as its yardstick ("" if it is not; baseline.refusal), and its

@@ -1,7 +1,9 @@
-"""Where decisions go: the append-only audit log (a fact the sink stores), KV `lg_gates`, and the bus
+"""Where decisions go: KV `lg_gates`, the append-only audit log (a fact the sink stores), and the bus
 (adapter, translates errors)."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import nats.errors
 import nats.js.errors
@@ -9,7 +11,7 @@ import nats.js.errors
 from lockgate import auditlog
 from lockgate.codec import Codec, encode
 from lockgate.contracts import GateAudited, GateDecided
-from lockgate.errors import BusUnavailable, InvalidEvent, UnreadableValue
+from lockgate.errors import BusUnavailable, InvalidEvent, Retryable, UnreadableValue
 from lockgate.ids import derived_id
 from lockgate.queryclient import ask
 from lockgate.server.service import ServiceContext
@@ -20,9 +22,24 @@ _decided: Codec[GateDecided] = Codec(GateDecided)
 _KINDS = {"decided": "decision", "refused": "refusal", "override": "override"}
 
 
+class Stored(NamedTuple):
+    """A release's decision as stored in KV, and what a decision made on it is stored over."""
+
+    decision: GateDecided | None  # None: none stored, or `unreadable`
+    revision: int  # its KV revision (0: the key was never written, or deleted)
+    unreadable: str = ""  # why the value stored is no decision of the release ("" when it is, or none is)
+
+
+class DecisionRaced(Retryable):
+    """Another decision of the release was stored after the one this was made on was read: nothing of this one is
+    recorded, and its message is redelivered to be judged again on what is stored now."""
+
+
 class Records:
-    """Audit fact first, KV second, event last: a retry repeats the rest; msg ids and the sink's lookup of
-    the decision id dedupe it."""
+    """KV first, by compare-and-set over the decision the new one was made on, then the audit fact, then the
+    event: a redelivery finds its decision stored and repeats the rest (msg ids and the sink's lookup of the
+    decision id dedupe them). Stored over what it read, a decision never replaces one it did not see: an eval's
+    PASS judged before a person's reject landed (or a drift BLOCK) is judged again, under that veto."""
 
     def __init__(self, ctx: ServiceContext, salt: str) -> None:
         self.ctx = ctx
@@ -46,39 +63,64 @@ class Records:
                                                  "eval_run": decision.eval_run, "policy": decision.policy,
                                                  "signed_by": decision.key_id})
 
-    async def announce(self, decision: GateDecided, *, key: str) -> None:
-        """Make the decision current in KV, then publish it."""
+    async def settle(self, decision: GateDecided, *, over: int, action: str, actor: str, key: str) -> None:
+        """Store the decision over revision `over` (Stored.revision of what it was made on), then audit and
+        announce it; DecisionRaced, with nothing recorded, when another decision was stored meanwhile."""
+        await self.store(decision, over=over)
+        await self.finish(decision, action=action, actor=actor, key=key)
+
+    async def finish(self, decision: GateDecided, *, action: str, actor: str, key: str) -> None:
+        """Audit and announce a stored decision (again, for a message redelivered after its decision was stored)."""
+        await self.audit(decision, action=action, actor=actor, key=key)
+        await self.ctx.bus.publish(self.ctx.bus.subjects.gate_decided(decision.release), decision, msg_id=key)
+
+    async def store(self, decision: GateDecided, *, over: int) -> None:
+        """Make the decision current in KV, only over revision `over` (0: where none is stored); DecisionRaced
+        when the key moved on from it."""
         s = self.ctx.bus.subjects
         try:
             kv = await self.ctx.bus.kv(s.kv_gates)
-            await kv.put(token(decision.release), encode(decision))
+            if over:
+                await kv.update(token(decision.release), encode(decision), last=over)
+            else:
+                await kv.create(token(decision.release), encode(decision))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise DecisionRaced(f"decision {decision.id} of {decision.release!r} not stored: another decision of it "
+                                "was stored after the one it was made on; judged again") from None
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"cannot write decision for {decision.release} to KV {s.kv_gates}: {exc!r}") from None
-        await self.ctx.bus.publish(s.gate_decided(decision.release), decision, msg_id=key)
 
     async def current(self, release: str) -> GateDecided | None:
         """The release's latest decision from KV (None if never gated); UnreadableValue when its key holds
         anything else, which must never pass for "never gated" (no decision, so nothing for drift to block)."""
+        stored = await self.read(release)
+        if stored.unreadable:
+            raise UnreadableValue(stored.unreadable)
+        return stored.decision
+
+    async def read(self, release: str) -> Stored:
+        """The release's latest decision from KV with its revision; what the key holds if it is no decision of
+        the release is `unreadable`, never "never gated"."""
         s = self.ctx.bus.subjects
         try:
             kv = await self.ctx.bus.kv(s.kv_gates)
             entry = await kv.get(token(release))
-        except nats.js.errors.KeyNotFoundError:
-            return None
+        except nats.js.errors.KeyNotFoundError:  # and deleted: create() writes over its tombstone
+            return Stored(None, 0)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
             raise BusUnavailable(f"cannot read decision for {release} from KV {s.kv_gates}: {exc!r}") from None
         if not entry.value:
-            return None
+            return Stored(None, entry.revision)
         try:
             decision = _decided.decode(entry.value)
         except InvalidEvent as exc:
-            raise UnreadableValue(f"the decision of {release!r} in KV {s.kv_gates} is unreadable: "
-                                  f"{exc.message}") from None
+            return Stored(None, entry.revision, f"the decision of {release!r} in KV {s.kv_gates} is unreadable: "
+                                                f"{exc.message}")
         # A review must never countersign a decision about another release stored under this key.
         if decision.release != release:
-            raise UnreadableValue(f"the decision stored for {release!r} in KV {s.kv_gates} is about "
-                                  f"{decision.release!r}")
-        return decision
+            return Stored(None, entry.revision, f"the decision stored for {release!r} in KV {s.kv_gates} is about "
+                                                f"{decision.release!r}")
+        return Stored(decision, entry.revision)
 
     async def consecutive_errors(self, release: str, exclude_run: str) -> int:
         """Errored decisions in a row for the release, from the audit log (via the query service)."""

@@ -142,6 +142,13 @@ def apply_review(current: GateDecided | None, review: GateReview, new_id: str, *
     return ReviewOutcome(new, action, reason)
 
 
+def review_action(decision: GateDecided) -> str:
+    """The audit action of a decision apply_review made (its verdict and reason say which)."""
+    if decision.decision != "BLOCK":
+        return "approved"
+    return "override" if decision.reason.startswith("override:") else "rejected"
+
+
 def _lifted(rules: list[RuleResult], approvals: list[str]) -> list[RuleResult]:
     """`rules` with a standing veto marked lifted by the approvals that passed the decision."""
     by = ", ".join(approvals)

@@ -32,6 +32,7 @@ from lockgate.services.gatekeeper.records import Records
 from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects, token
+from tests.helpers import announce
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -247,7 +248,7 @@ async def test_decisions_yields_current_then_new_for_a_prefix(
         stream = c.decisions("shop-")
         assert await asyncio.wait_for(anext(stream), 10) == first  # the watch is live from here
         for d in (gate("search-1"), gate("shop-2", "BLOCK")):  # stored, then announced, as the gatekeeper does
-            await Records(context, "salt").announce(d, key=d.id)
+            await announce(Records(context, "salt"), d, d.id)
         got = await asyncio.wait_for(anext(stream), 10)
         assert (got.release, got.decision) == ("shop-2", "BLOCK")
         await stream.aclose()
@@ -275,8 +276,8 @@ async def test_names_that_used_to_share_a_key_get_their_own_decision(
     # gatekeeper's own write path, each valid name now reads back its own decision.
     records = Records(context, "salt")
     blocked, passed = gate("shop.v3", "BLOCK"), gate("shop_v3")
-    await records.announce(blocked, key="k-blocked")
-    await records.announce(passed, key="k-passed")
+    await announce(records, blocked, "k-blocked")
+    await announce(records, passed, "k-passed")
     async with client(settings) as c:
         assert await c.decision("shop.v3") == blocked
         assert await c.decision("shop_v3") == passed
@@ -294,7 +295,7 @@ async def test_names_that_used_to_share_a_key_get_their_own_decision(
         got = [await asyncio.wait_for(anext(stream), 10) for _ in range(2)]
         assert sorted(d.release for d in got) == ["shop.v3", "shop_v3"]
         relisted = gate("shop-v4")
-        await records.announce(relisted, key="k-relisted")
+        await announce(records, relisted, "k-relisted")
         assert await asyncio.wait_for(anext(stream), 10) == relisted
         await stream.aclose()
 

@@ -25,7 +25,7 @@ from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, t
 from lockgate.store import Store
 from lockgate.subjects import token
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
-from tests.helpers import eventually, grpc_key
+from tests.helpers import announce, eventually, grpc_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -270,8 +270,8 @@ async def test_watch_streams_current_then_new_decisions_for_a_prefix(
     # New decisions through the gatekeeper's write path: stored in KV, then announced (what the watch follows).
     records = Records(context, "salt")
     await bind(bus, "search-v1", "shop-v2")
-    await records.announce(decision("search-v1"), key="k-search")  # filtered out by the prefix
-    await records.announce(decision("shop-v2", verdict="FAIL"), key="k-shop")
+    await announce(records, decision("search-v1"), "k-search")  # filtered out by the prefix
+    await announce(records, decision("shop-v2", verdict="FAIL"), "k-shop")
     got = await asyncio.wait_for(call.read(), 10)
     assert (got.release, got.decision) == ("shop-v2", "BLOCK")
     call.cancel()
@@ -284,7 +284,7 @@ async def test_watch_on_an_empty_bucket_sees_a_decision_made_after_it_started(
     await bind(bus, "any")
     call = stub.WatchDecisions(gates_pb2.WatchRequest(), metadata=_auth(keys))
     await asyncio.wait_for(call.initial_metadata(), 10)
-    await Records(context, "salt").announce(decision("any"), key="k-any")
+    await announce(Records(context, "salt"), decision("any"), "k-any")
     assert (await asyncio.wait_for(call.read(), 10)).release == "any"
     call.cancel()
 
@@ -416,8 +416,8 @@ async def test_names_that_used_to_share_a_key_get_their_own_decision(
     records = Records(context, "salt")
     blocked, passed = decision("shop.v3", "FAIL"), decision("shop_v3")
     await bind(bus, "shop.v3", "shop_v3", "shop-v3")
-    await records.announce(blocked, key="k-blocked")
-    await records.announce(passed, key="k-passed")
+    await announce(records, blocked, "k-blocked")
+    await announce(records, passed, "k-passed")
 
     for release, want in (("shop.v3", blocked), ("shop_v3", passed)):
         got = await stub.GetDecision(gates_pb2.GetDecisionRequest(release=release), timeout=10)
@@ -540,11 +540,11 @@ async def test_a_watch_streams_only_the_decisions_of_the_keys_own_releases(
     # A watch yields in the order decisions were stored, so the first one each watch reads after others' shows
     # it skipped those; acme/shop's last decision comes after everyone else's for the same reason.
     records = Records(context, "salt")
-    await records.announce(decision("ghost-v1"), key="k-ghost")  # never bound: nobody's
-    await records.announce(decision("shop-v3"), key="k-shop")
-    await records.announce(decision("evil-v1"), key="k-evil")
-    await records.announce(decision("news-v1"), key="k-news")
-    await records.announce(decision("shop-v2-rc1"), key="k-shop-again")
+    await announce(records, decision("ghost-v1"), "k-ghost")  # never bound: nobody's
+    await announce(records, decision("shop-v3"), "k-shop")
+    await announce(records, decision("evil-v1"), "k-evil")
+    await announce(records, decision("news-v1"), "k-news")
+    await announce(records, decision("shop-v2-rc1"), "k-shop-again")
     assert await releases(calls["evil/shop"], 1) == ["evil-v1"]
     assert await releases(calls["acme/news"], 1) == ["news-v1"]
     assert await releases(calls["acme/shop"], 2) == ["shop-v3", "shop-v2-rc1"]

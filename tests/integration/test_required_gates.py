@@ -29,6 +29,7 @@ from lockgate.contracts import GateDecided, GateReview
 from lockgate.errors import ConfigError
 from lockgate.identity import sign_review
 from lockgate.server.service import ServiceContext
+from lockgate.services.gatekeeper import handlers
 from lockgate.signing import Keyring, Signer, ensure_signer_trusted, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
@@ -92,7 +93,7 @@ async def gated(context: ServiceContext, run_services: Callable[..., Any], tmp_p
             gates_file=gates_file(tmp_path, apps), stable_upstream=sim.url,
             canary_upstream="http://127.0.0.1:9/v1", deployment="chat")
         svcs = await run_services("sink", "query", "evaluator", "gatekeeper", "router")
-        yield {"sim": sim.url, "router": svcs["router"], "sink": svcs["sink"].handlers}
+        yield {"sim": sim.url, "router": svcs["router"], "sink": svcs["sink"].handlers, "gatekeeper": svcs["gatekeeper"]}
 
 
 @pytest.fixture
@@ -314,3 +315,35 @@ async def test_a_persons_reject_stands_over_a_rerun_of_the_eval_until_an_approve
     assert (lifted.decision, lifted.approvals) == ("PASS", ["ann"]) and lifted.rules[-1].verdict == "PASS"
     await stack["router"].rollouts.wait_for(lambda routes: routes["chat"].admitted == lifted.id, timeout=20)
 
+
+
+async def test_a_pass_judged_before_a_persons_reject_landed_is_judged_again_under_it(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: carol's reject was stored while the gatekeeper was judging a re-run of r2's eval, and the PASS it
+    # made without seeing the reject was stored over it: the veto was gone and the router admitted r2.
+    assert (await eval_run(settings, stack["sim"], "r2", files["strict"])).exit_code == 0
+    person(settings, "carol", "approver")
+    rejected: list[Result] = []
+    judge = handlers.evaluated_rules
+
+    async def reject_meanwhile(*args: Any) -> Any:  # a step of the judgement, after what is stored was read
+        if not rejected:
+            rejected.append(await review(settings, "carol", "reject", "r2", "tone regressed: do not ship"))
+        return await judge(*args)
+
+    monkeypatch.setattr(handlers, "evaluated_rules", reject_meanwhile)
+    rerun = await eval_run(settings, stack["sim"], "r2", files["strict"])
+    assert rejected and rejected[0].exit_code == 0, rejected and rejected[0].output
+    assert json.loads(rejected[0].output)["decision"] == "BLOCK"
+    assert rerun.exit_code == 5, rerun.output  # judged again, under the veto: held for review
+    # What the CLI shows is its run's decision, not carol's reject announced while it waited.
+    assert (json.loads(rerun.output)["decision"]["decision"], json.loads(rerun.output)["decision"]["eval_run"]) == \
+        ("NEEDS_REVIEW", json.loads(rerun.output)["run_id"])
+    held = await current_decision(bus, "r2")
+    assert held.decision == "NEEDS_REVIEW" and trusted.verify(held) == held.key_id
+    assert [r.rule for r in held.rules if r.verdict == "FAIL"] == ["vetoed"]
+    assert "rejected by carol" in held.reason
+    state = await canary(stack["router"], "r2")
+    assert (state["phase"], state["weight"]) == ("idle", 0.0)

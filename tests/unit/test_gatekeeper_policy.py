@@ -8,7 +8,7 @@ from lockgate.contracts import BaselineComparison, GateDecided, GateReview
 from lockgate.errors import PolicyError
 from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.policy import parse_policy
-from lockgate.services.gatekeeper.review import ReviewRules, apply_review, review_reasons
+from lockgate.services.gatekeeper.review import ReviewRules, apply_review, review_action, review_reasons
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -88,6 +88,16 @@ def test_approve_and_reject_a_pending_decision() -> None:
     assert ok.decision.approvals == ["ann"] and "mallory" not in ok.reason  # the claim is never believed
     no = apply_review(cur, review("reject"), "new-2", reviewer="bob")
     assert (no.action, no.decision.decision) == ("rejected", "BLOCK") and "bob: read it" in no.reason
+
+
+def test_the_audit_action_of_a_stored_review_decision_is_read_back_from_it() -> None:
+    # A review redelivered after its decision was stored is audited then, by what the decision says.
+    outcomes = [apply_review(pending(), review(), "a", reviewer="ann"),
+                apply_review(pending(), review(), "b", reviewer="ann", rules=ReviewRules(approvals=2)),
+                apply_review(pending(), review("reject"), "c", reviewer="bob"),
+                apply_review(pending("PASS"), review("reject"), "d", reviewer="bob")]
+    assert [o.action for o in outcomes] == ["approved", "approved", "rejected", "override"]
+    assert [review_action(o.decision) for o in outcomes if o.decision] == [o.action for o in outcomes]
 
 
 def test_approve_without_pending_review_is_refused_and_reject_is_an_override() -> None:

@@ -226,7 +226,11 @@ async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpo
                         if event.run_id == run_id:
                             completed = event
                     elif kind == "gate":
-                        decision = Codec(GateDecided).decode(data)
+                        # The decision of this run only: a person's review of the release, or another run's
+                        # decision, announced meanwhile is not what this eval was judged (before, it was shown so).
+                        gated = Codec(GateDecided).decode(data)
+                        if gated.eval_run == run_id:
+                            decision = gated
     except TimeoutError:
         raise LockgateError(f"eval {run_id} did not finish within {timeout_s:.0f}s; is the evaluator running?") \
             from None
