@@ -745,8 +745,15 @@ class _Record:
     def upstream_failed(self, status: int, data: bytes, endpoint: Endpoint, target: domain.Target,
                         headers: dict[str, str]) -> web.Response:
         """4xx are the caller's to see as they are (in OpenAI's error shape: an HTML or text page from a
-        proxy in front of the upstream becomes one naming the endpoint); 5xx become a 502 naming the upstream."""
+        proxy in front of the upstream becomes one naming the endpoint), but for 401, 403 and 407: they refuse
+        lockgate's credential for the endpoint, not the caller's key, and a client told 401 takes its own key for
+        bad (the openai SDK raises AuthenticationError); those and 5xx become a 502 naming the upstream."""
         self.status, self.error_type = "error", str(status)
+        if status in (401, 403, 407):
+            return error_response(502, f"endpoint {endpoint.id} for release {target.release!r} refused lockgate's "
+                                       f"credential for it (HTTP {status}: {openai_error(data)}); the operator's "
+                                       "endpoint credential needs fixing, not your API key", "upstream_error",
+                                  code="upstream_auth_failed", headers=headers)
         if 400 <= status < 500:
             if is_openai_error(data):
                 return web.Response(body=data, status=status, content_type="application/json", headers=headers)

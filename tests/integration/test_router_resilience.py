@@ -829,9 +829,14 @@ async def test_an_upstream_quoting_the_provider_key_never_shows_it(
                 assert [ch.choices[0].delta.content for ch in chunks] == ["up says hi"]
                 visible = str(error)
             else:
-                with pytest.raises(openai.AuthenticationError) as caught:
+                # The endpoint refused lockgate's credential, not the client's key: a 502 naming the endpoint (before,
+                # the 401 as it came, and the openai SDK raised AuthenticationError over a key that was fine).
+                with pytest.raises(openai.InternalServerError) as caught:
                     await c.chat.completions.create(model="m", messages=MESSAGES, stream=how == "401-stream")
                 visible = _visible(caught.value)
+                error = caught.value.response.json()["error"]
+                assert (caught.value.status_code, error["code"]) == (502, "upstream_auth_failed"), error
+                assert error["message"].startswith("endpoint default for release ") and "HTTP 401" in error["message"]
     assert up.headers[0]["Authorization"] == f"Bearer {secret}"  # the upstream did get it, and quoted it
     assert "[REDACTED]" in visible
     assert secret not in visible and "sk-live" not in visible and "SUPERSECRET" not in visible
@@ -884,7 +889,7 @@ async def test_an_upstream_quoting_the_provider_key_in_headers_or_an_encoded_for
         assert (headers["x-request-id"], headers["x-ratelimit-remaining-requests"], headers["retry-after"]) == (
             "Bearer [REDACTED]", "[REDACTED]", "30")
     else:
-        assert message == "bad key [REDACTED]"
+        assert "(HTTP 401: bad key [REDACTED])" in message, message
 
 
 async def test_secrets_in_other_choices_and_tool_call_arguments_never_reach_the_event(

@@ -158,6 +158,8 @@ def test_evidence_summarises_a_window_per_release() -> None:
     ("error", "client_disconnected", False),  # the client hung up: nothing the release did
     ("error", "400", False), ("error", "404", False), ("error", "413", False), ("error", "422", False),
     ("error", "408", True), ("error", "429", True),  # the upstream timed out or throttles: the release's
+    # Its endpoint refused lockgate's credential: the release's endpoint is broken, whatever the client sent.
+    ("error", "401", True), ("error", "403", True), ("error", "407", True),
     ("error", "500", True), ("error", "502", True), ("error", "503", True),
     ("error", "upstream_timeout", True), ("error", "upstream_unreachable", True), ("error", "connect", True),
     ("error", "connect_timeout", True), ("error", "first_byte", True), ("error", "breaker_open", True),

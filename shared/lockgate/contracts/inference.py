@@ -12,7 +12,9 @@ from lockgate.contracts.names import Name, OptName
 
 # Bounded by the columns that store them (UInt32, Float32): a value beyond is refused when decoded,
 # with its field named, instead of failing the insert of every event stored with it.
-_THROTTLED = frozenset({"408", "429"})  # upstream 4xx that are the release's doing: see client_failed
+# Upstream 4xx that are the release's doing, not the client's (see client_failed): the endpoint refused lockgate's
+# credential for it (401, 403, 407: the router answers those 502), timed out or throttles (408, 429).
+_RELEASES_DOING = frozenset({"401", "403", "407", "408", "429"})
 NonNeg = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 NonNegF = Annotated[float, msgspec.Meta(ge=0, le=3.4e38)]
 # A call whose usage the router never learnt (given up on after its request went out, or answered without usage
@@ -77,14 +79,14 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
     @property
     def client_failed(self) -> bool:
         """A failure the client caused: it hung up before the answer (`client_disconnected`), or sent a body
-        the upstream refused (a 4xx, recorded as its status; 408 and 429 excepted: the upstream timed out or
-        throttles). No evidence of what the release does: counted, any client could pick users that hash to a
+        the upstream refused (a 4xx, recorded as its status; but for `_RELEASES_DOING`: the endpoint refused its
+        credential, timed out or throttles). No evidence of what the release does: counted, any client could pick users that hash to a
         canary and fail it at will, so analysis, shadow comparisons and drift leave such events out (as
         Flagger's success rate counts only 5xx against a release)."""
         if self.status == "ok":
             return False
         e = self.error_type
-        return e == "client_disconnected" or (len(e) == 3 and e[0] == "4" and e.isdigit() and e not in _THROTTLED)
+        return e == "client_disconnected" or (len(e) == 3 and e[0] == "4" and e.isdigit() and e not in _RELEASES_DOING)
 
 
 def _count(value: str | None) -> int | None:
