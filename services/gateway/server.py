@@ -25,7 +25,15 @@ from lockgate.decisionwatch import watch_decisions
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, NotFound, SignatureError
 from lockgate.ids import uuid7_time
 from lockgate.outbox import Encoded, encode_event, publish_events
-from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer, event_out_of_scope, owns_release
+from lockgate.server.apikeys import (
+    ApiKey,
+    AuthError,
+    Forbidden,
+    KeyStore,
+    bearer,
+    event_out_of_scope,
+    owns_release,
+)
 from lockgate.server.grpcdecode import DecodeErrors
 from lockgate.server.tls import bind_grpc, grpc_credentials
 from lockgate.signing import Verifier
@@ -103,14 +111,19 @@ def decision_to_proto(d: GateDecided) -> gates_pb2.Decision:
     )
 
 
-async def authenticate(keys: KeyStore, context: grpc.aio.ServicerContext) -> ApiKey:
-    """The caller's API key from `authorization: Bearer lg-...` metadata; aborts UNAUTHENTICATED otherwise."""
+async def authenticate(keys: KeyStore, context: grpc.aio.ServicerContext, *, sender: bool = False) -> ApiKey:
+    """The caller's API key from `authorization: Bearer lg-...` metadata; aborts UNAUTHENTICATED otherwise, and
+    PERMISSION_DENIED for a `sender` call (events) from a key whose role may not send."""
     metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    presented = bearer(metadata.get("authorization"))
     try:
-        return keys.authenticate(bearer(metadata.get("authorization")))
+        return keys.authenticate_sender(presented) if sender else keys.authenticate(presented)
     except AuthError as exc:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.message)
         raise  # abort raises; this keeps type checkers and readers sure nothing follows
+    except Forbidden as exc:
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, exc.message)
+        raise
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServicer):
@@ -122,7 +135,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
 
     async def Send(self, request: ingest_pb2.InferenceBatch, context: grpc.aio.ServicerContext) -> Any:
         """Validate and publish a batch; UNAVAILABLE if JetStream does not acknowledge (safe to retry)."""
-        key = await authenticate(self.keys, context)
+        key = await authenticate(self.keys, context, sender=True)
         # Ingest keys are tenant-scoped: one event for another tenant refuses the whole batch, so a
         # key can never add to another tenant's ledger. A key scoped to deployments may report only theirs:
         # events feed each deployment's drift and canary analysis, which another app's key must not sway.

@@ -61,8 +61,8 @@ class Receiver:
 
     def authenticate(self, headers: Mapping[str, str]) -> ApiKey:
         """The API key of `Authorization: Bearer lg-...` or `x-api-key: lg-...` (header names lower-case);
-        AuthError when absent, unknown or revoked."""
-        return self.keys.authenticate(bearer(headers.get("authorization")) or headers.get("x-api-key"))
+        AuthError when absent, unknown or revoked, Forbidden when its role may not send (apikeys.SENDERS)."""
+        return self.keys.authenticate_sender(bearer(headers.get("authorization")) or headers.get("x-api-key"))
 
     async def export(self, key: ApiKey, request: ExportTraceServiceRequest | Callable[[], ExportTraceServiceRequest]
                      ) -> ExportTraceServiceResponse:

@@ -23,10 +23,12 @@ from lockgate.services.router.domain import (
     Route,
     decode_canary,
     decode_manual,
+    default_route,
 )
 from lockgate.services.router.patch import CONTENT_TYPES
 from lockgate.services.router.patch import decode as decode_patch
 from lockgate.services.router.rollouts import Rollouts
+from lockgate.services.router.shadowstats import ShadowSummary
 from lockgate.services.router.wire import error_response
 
 _encoder = msgspec.json.Encoder()
@@ -81,13 +83,17 @@ class Admin:
                 await self.rollouts.check_tenant(deployment, tenant_of(key))
             except ReleaseNotInScope as exc:
                 # Another tenant's deployment in the key's scope (an unscoped key): its releases are not this
-                # tenant's to roll out, pause, abort or promote.
+                # tenant's to roll out, pause, abort or promote. (Reads of it answer as for a deployment never
+                # configured: `_shown`.)
                 return error_response(403, f"{key.label}: {exc.message}", "permission_denied",
                                       code="release_not_in_scope")
             except Retryable as exc:
                 return error_response(503, exc.message, "unavailable")
         request[KEY] = key
-        return await handler(request)
+        try:
+            return await handler(request)
+        except Retryable as exc:  # a release's binding `_shown` needed could not be read
+            return error_response(503, exc.message, "unavailable")
 
     def app(self) -> web.Application:
         """The admin API, mounted at PREFIX as a sub-application: its middlewares (authentication, and
@@ -107,19 +113,30 @@ class Admin:
         Actions(self.rollouts, KEY).add_routes(app)  # pause, resume, set-weight
         return app
 
+    async def _readable(self, key: ApiKey, route: Route) -> bool:
+        """Whether `key` may read `route`: one serving its own tenant's releases, or none yet (an admin key reads
+        every route). Another tenant's route tells its release names, decision ids and the gate's and drift's
+        reasons, so to such a key it is as if never configured (BusUnavailable if a binding cannot be read)."""
+        return await self.rollouts.serves_tenant(route, tenant_of(key))
+
+    async def _shown(self, key: ApiKey, route: Route) -> Route:
+        """`route` as `key` reads it: itself, or, when another tenant's (`_readable`), the route of a deployment
+        never configured, so that the answer does not even tell that the deployment exists."""
+        return route if await self._readable(key, route) else default_route(route.deployment)
+
     async def list(self, request: web.Request) -> web.Response:
-        """Every configured deployment's route (of the key's scope)."""
+        """Every configured deployment's route the key may read (of its scope and tenant)."""
         key: ApiKey = request[KEY]
-        return _json(sorted((r for r in self.rollouts.routes.values() if key.may_use(r.deployment)),
-                            key=lambda r: r.deployment))
+        routes = [r for r in self.rollouts.routes.values() if key.may_use(r.deployment)]
+        return _json(sorted([r for r in routes if await self._readable(key, r)], key=lambda r: r.deployment))
 
     async def get(self, request: web.Request) -> web.Response:
-        """One deployment's current route (the default route if never configured)."""
+        """One deployment's current route (the default route if never configured, or not the key's to read)."""
         try:
             deployment = check_name(request.match_info["deployment"], "deployment")
         except InvalidName as exc:
             return error_response(400, exc.message, "invalid_request_error")
-        return _json(self.rollouts.route(deployment))
+        return _json(await self._shown(request[KEY], self.rollouts.route(deployment)))
 
     async def shadow(self, request: web.Request) -> web.Response:
         """How the rollout's shadow answers compare with the served ones (this replica's mirror counts)."""
@@ -127,8 +144,10 @@ class Admin:
             deployment = check_name(request.match_info["deployment"], "deployment")
         except InvalidName as exc:
             return error_response(400, exc.message, "invalid_request_error")
-        return web.Response(body=_encoder.encode(self.rollouts.shadow_summary(deployment)),
-                            content_type="application/json")
+        readable = await self._readable(request[KEY], self.rollouts.route(deployment))
+        # Another tenant's: the summary of a deployment that never shadowed anything (candidate, answers, costs untold).
+        summary = self.rollouts.shadow_summary(deployment) if readable else ShadowSummary(deployment=deployment)
+        return web.Response(body=_encoder.encode(summary), content_type="application/json")
 
     async def put(self, request: web.Request) -> web.Response:
         """Start a canary: {stable_release, canary_release, initial_weight?, strategy?, break_glass?}; or give a
@@ -172,6 +191,8 @@ class Admin:
             deployment = check_name(request.match_info["deployment"], "deployment")
         except InvalidName as exc:
             return error_response(400, exc.message, "invalid_request_error")
+        key: ApiKey = request[KEY]
+        await self._readable(key, self.rollouts.route(deployment))  # a binding unreadable: a 503, not an empty stream
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         last: Route | None = None
@@ -179,11 +200,15 @@ class Admin:
             async for route in self.rollouts.changes(deployment):
                 if route is None:
                     await resp.write(b"\n")  # keepalive: a client that went away ends the watch here
-                elif route != last:
-                    await resp.write(_encoder.encode(route) + b"\n")
-                    last = route
-        except (ConnectionResetError, ConnectionError):
-            return resp
+                    continue
+                # Read as `get` reads it at every change: a deployment serving none may get another tenant's
+                # first release while watched.
+                shown = await self._shown(key, route)
+                if shown != last:
+                    await resp.write(_encoder.encode(shown) + b"\n")
+                    last = shown
+        except (ConnectionResetError, ConnectionError, Retryable):
+            return resp  # a binding unreadable mid-watch ends it (the client watches again), never shows the route
         return resp
 
     async def retry(self, request: web.Request) -> web.Response:

@@ -33,7 +33,7 @@ from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import UnreadableBody
 from lockgate.llmwire import ApiRequest, OutputLimits
 from lockgate.outbox import Outbox, encode_event
-from lockgate.server.apikeys import ApiKey, AuthError, KeyStore, bearer
+from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer
 from lockgate.server.body import closing, read_body
 from lockgate.services.router import domain
 from lockgate.services.router.admission import OPEN, OPEN_ADMISSION, Admission, Call
@@ -265,9 +265,11 @@ class Proxy:
         t0 = time.perf_counter()
         h = request.headers
         try:
-            key = self.keys.authenticate(bearer(h.get("Authorization")))
+            key = self.keys.authenticate_sender(bearer(h.get("Authorization")))
         except AuthError as exc:
             return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
+        except Forbidden as exc:  # a viewer's key (say) reading its dashboards spends no provider money
+            return error_response(403, exc.message, "permission_denied", code="insufficient_role")
         if (bad := _undecodable_header(h)) is not None:
             return error_response(400, f"invalid {op.api} request: header {bad} is not UTF-8 text",
                                   "invalid_request_error")

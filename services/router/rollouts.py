@@ -1072,14 +1072,19 @@ class Rollouts:
 
     async def check_tenant(self, deployment: str, tenant: str | None) -> None:
         """ReleaseNotInScope unless the releases `deployment` serves (stable, canary, the previous stable) are
-        `tenant`'s (None: an admin's, any tenant's); a deployment serving none is anyone's to give a first release.
+        `tenant`'s (None: an admin's, any tenant's); a deployment serving none is anyone's to give a first release."""
+        if not await self.serves_tenant(self.route(deployment), tenant):
+            raise domain.ReleaseNotInScope(_not_theirs(deployment, tenant or ""))
+
+    async def serves_tenant(self, route: Route, tenant: str | None) -> bool:
+        """Whether every release `route` serves (stable, canary, the previous stable) is `tenant`'s (None: an
+        admin's, any tenant's): what a key of `tenant` may change, and read (a route serving none is anyone's).
 
         A deployment's releases are of one tenant (domain.same_tenant) from its first release on, so this holds
         for every change made after it; a route stored before targets recorded their tenant is read from the
-        releases' bindings."""
+        releases' bindings (BusUnavailable when they cannot be read)."""
         if tenant is None:
-            return
-        route = self.route(deployment)
+            return True
         for t in (route.stable, route.canary, route.previous):
             if t is None or not t.release:
                 continue
@@ -1090,7 +1095,8 @@ class Rollouts:
                 except NotFound:
                     owner = ""
             if owner != tenant:
-                raise domain.ReleaseNotInScope(_not_theirs(t.release, owner, tenant, deployment))
+                return False
+        return True
 
     async def _stored_decision(self, release: str) -> GateDecided | None:
         return (await self._read_decision(release))[0]
@@ -1186,12 +1192,11 @@ class Rollouts:
         return decision
 
 
-def _not_theirs(release: str, owner: str, tenant: str, deployment: str) -> str:
-    """Why a key of `tenant` may not change `deployment`, serving `release` of tenant `owner` (what an unscoped key
-    reads of it anyway)."""
-    theirs = f"a release of tenant {owner!r}" if owner else "a release registered under no tenant"
-    return (f"refused: {deployment!r} serves {release!r}, {theirs}; a key of tenant {tenant!r} changes only "
-            "the rollouts of its own tenant's releases (an admin key may change any)")
+def _not_theirs(deployment: str, tenant: str) -> str:
+    """Why a key of `tenant` may not change `deployment`, which serves another tenant's releases: neither those
+    releases nor their tenant are named (the key cannot read that route either: it reads as one never configured)."""
+    return (f"refused: {deployment!r} serves releases that are not tenant {tenant!r}'s; a key of tenant {tenant!r} "
+            "changes only the rollouts of its own tenant's releases (an admin key may change any)")
 
 
 def _pricer(settings: Settings) -> Callable[[InferenceEvent], float | None]:

@@ -136,9 +136,12 @@ async def test_another_tenants_deployment_in_an_unscoped_keys_reach_is_not_its_t
         stack: dict[str, Any]) -> None:
     router = stack["router"]
     # bravo's operator key without a scope reaches every deployment (README: scope the keys of tenants that share
-    # a router): it may read acme's route, never change it.
+    # a router): it may not change acme's route. (Nor read it: it reads as a deployment never configured, where it
+    # used to get acme's route whole, 200, with its release names, decision ids and reasons; see the next test.)
     unscoped, _ = KeyStore(router.ctx.settings.home).create("bravo", "support", "operator")
-    assert await _call(router, unscoped, "GET", "acme-chat") == 200
+    read: dict[str, Any] = {}
+    assert await _call(router, unscoped, "GET", "acme-chat", answer=read) == 200
+    assert read["stable"]["release"] == "" and read["canary"] is None, read
     changes = [("POST", None, "pause"), ("POST", {"weight": 100}, "set-weight"), ("POST", None, "abort"),
                ("POST", None, "promote"), ("POST", None, "retry"), ("POST", None, "undo"),
                ("PATCH", {"weight": 100}, ""),
@@ -148,11 +151,59 @@ async def test_another_tenants_deployment_in_an_unscoped_keys_reach_is_not_its_t
         err: dict[str, Any] = {}
         assert await _call(router, unscoped, method, "acme-chat", body, action, answer=err) == 403, (method, action)
         assert err["error"]["code"] == "release_not_in_scope", (method, action, err)
-        assert "'acme-chat' serves 'acme-v1', a release of tenant 'acme'" in err["error"]["message"], err
+        message = err["error"]["message"]
+        assert "'acme-chat' serves releases that are not tenant 'bravo''s" in message, err
+        # Nor does the refusal tell what the route would not: acme's releases, or that they are acme's.
+        assert "acme-v" not in message and "'acme'" not in message, message
     route = router.rollouts.route("acme-chat")
     assert (route.phase, route.weight, route.paused) == ("progressing", 50.0, False)
     # acme's own key changes it.
     assert await _call(router, stack["acme"], "POST", "acme-chat", None, "pause") == 200
+
+
+async def _read(router: Any, key: str, path: str, lines: int = 0) -> Any:
+    """The admin API's answer to a read (GET PREFIX + path) with `key`: its JSON, or a watch's first `lines`."""
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http, http.get(
+            f"{router.url}{BASE}{path}") as resp:
+        assert resp.status == 200, await resp.text()
+        if not lines:
+            return await resp.json()
+        return [msgspec.json.decode(await resp.content.readline()) for _ in range(lines)]
+
+
+@pytest.mark.parametrize("role", ["viewer", "operator"])
+async def test_an_unscoped_key_reads_another_tenants_deployment_as_one_never_configured(
+        stack: dict[str, Any], role: str) -> None:
+    # Found by a probe: acme's unscoped viewer listed and read default's deployment (stable and canary release
+    # names, their tenant, the decision id and the text of the drift abort): the tenant check ran on changes only.
+    router = stack["router"]
+    store = KeyStore(router.ctx.settings.home)
+    bravo, _ = store.create("bravo", "support", role)  # no deployment scope: every deployment is in its reach
+    acme, _ = store.create("acme", "support", role)
+    unknown = await _read(router, bravo, "/never-configured")
+    assert unknown["stable"]["release"] == "" and unknown["canary"] is None
+
+    def as_unknown(name: str) -> dict[str, Any]:
+        return {**unknown, "deployment": name}
+
+    # acme's deployment: not listed, read (route, watch) exactly as a name nobody configured, its shadow comparison
+    # empty. bravo's own and the one serving nothing yet are read as they are.
+    assert [r["deployment"] for r in await _read(router, bravo, "")] == ["bravo-chat"]
+    assert await _read(router, bravo, "/acme-chat") == as_unknown("acme-chat")
+    assert await _read(router, bravo, "/acme-chat/watch", lines=1) == [as_unknown("acme-chat")]
+    # acme-chat's shadow comparison as a shadowing rollout's first events start it (its candidate named).
+    router.rollouts.shadows.start("acme-chat", "acme-v2")
+    assert (await _read(router, acme, "/acme-chat/shadow"))["candidate"] == "acme-v2"
+    shadow = await _read(router, bravo, "/acme-chat/shadow")
+    assert shadow == {**await _read(router, bravo, "/never-configured/shadow"), "deployment": "acme-chat"}
+    assert (await _read(router, bravo, "/bravo-chat"))["stable"]["release"] == "bravo-v1"
+    # acme's own key of the same role reads its route whole.
+    assert [r["deployment"] for r in await _read(router, acme, "")] == ["acme-chat"]
+    mine = await _read(router, acme, "/acme-chat")
+    assert (mine["stable"]["release"], mine["canary"]["release"], mine["weight"]) == ("acme-v1", "acme-v2", 50.0)
+    assert await _read(router, acme, "/acme-chat/watch", lines=1) == [mine]
+    # An admin key reads every route.
+    assert [r["deployment"] for r in await _read(router, stack["admin"], "")] == ["acme-chat", "bravo-chat"]
 
 
 async def test_an_admin_key_rolls_out_any_tenants_release_but_never_two_tenants_on_one_deployment(

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from lockgate.cli.main import cli
 from lockgate.errors import ConfigError, NotFound
-from lockgate.server.apikeys import ApiKey, KeyStore, in_scope, owns_release
+from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, in_scope, owns_release
 
 # Nothing listens on port 1: the CLI's audit record of a key change says so at once instead of waiting.
 NO_STACK = {"LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
@@ -48,6 +48,24 @@ def test_a_key_reads_the_decisions_of_its_own_tenants_and_apps_releases_only(
     # Before: any key read every tenant's decisions over gRPC (GetDecision, WatchDecisions).
     key = ApiKey(id="k", hash="h", tenant="acme", app="shop", role=role)  # type: ignore[arg-type]
     assert owns_release(key, bundle) is owned
+
+
+@pytest.mark.parametrize(("role", "sends"), [("app", True), ("admin", True), ("viewer", False), ("approver", False),
+                                            ("operator", False)])
+def test_only_an_app_or_admin_key_sends_traffic_events_and_spans(tmp_path: Path, role: str, sends: bool) -> None:
+    # Before: every data-plane path took a key of any role (a viewer's chat served, its events billed).
+    store = KeyStore(tmp_path)
+    plain, rec = store.create("acme", "shop", role)
+    assert store.authenticate(plain) == rec  # every role authenticates (reads, the admin API)
+    if sends:
+        assert store.authenticate_sender(plain) == rec
+    else:
+        with pytest.raises(Forbidden) as caught:
+            store.authenticate_sender(plain)
+        assert f"{rec.label} may not send" in caught.value.message and "requires role app" in caught.value.message
+        assert plain not in caught.value.message
+    with pytest.raises(AuthError):  # an unknown key is still 401, whatever the path
+        store.authenticate_sender("lg-unknown")
 
 
 def test_a_key_file_written_before_scopes_loads_with_every_deployment(tmp_path: Path) -> None:

@@ -37,7 +37,9 @@ def register(cli: click.Group) -> None:
     @keys.command("create")
     @click.option("--tenant", required=True)
     @click.option("--app", required=True)
-    @click.option("--role", type=click.Choice(ROLES), default="app", show_default=True)
+    @click.option("--role", type=click.Choice(ROLES), default="app", show_default=True,
+                  help="app: send traffic, inference events and spans; viewer, approver: read routes in the admin "
+                       "API; operator: change them too; admin: everything, keys included.")
     @click.option("--description", default="")
     @click.option("--deployment", "deployments", multiple=True, metavar="NAME",
                   help="A deployment the key may use: send traffic to (app), read or operate in the admin API "

@@ -146,6 +146,13 @@ class KeyStore:
             raise AuthError("invalid API key: unknown or revoked")
         return found
 
+    def authenticate_sender(self, key: str | None) -> ApiKey:
+        """The live key record for a presented key that may send data (`require_sender`): AuthError as
+        `authenticate`, Forbidden for a key of a role that only reads or operates."""
+        found = self.authenticate(key)
+        require_sender(found)
+        return found
+
     # writing
     def _write(self, keys: list[ApiKey]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,6 +259,20 @@ def require_role(key: ApiKey, *roles: str) -> None:
     if key.role in roles or (key.role == "admin" and "operator" in roles):
         return
     raise Forbidden(f"{key.label} may not do this: requires role {' or '.join(roles)}")
+
+
+# Who may put data in: traffic through the router, inference events over gRPC, spans over OTLP. What a key sends is
+# billed to its tenant, counted in drift and taken as a deployment's canary evidence, so it is an application's
+# (an admin key may do anything); a viewer's, approver's or operator's key reads or operates the rollouts.
+SENDERS: tuple[str, ...] = ("app", "admin")
+
+
+def require_sender(key: ApiKey) -> None:
+    """Forbidden unless the key's role may send traffic, inference events and spans (SENDERS)."""
+    if key.role not in SENDERS:
+        raise Forbidden(f"{key.label} may not send traffic, inference events or spans: that requires role app (or "
+                        f"admin), and a {key.role} key only reads or operates rollouts; send with an app key "
+                        f"(`lockgate keys create --tenant {key.tenant} --app {key.app}`)")
 
 
 class Bootstrap(msgspec.Struct, frozen=True):
