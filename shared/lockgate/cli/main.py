@@ -172,7 +172,8 @@ def _drift_test(f: dict) -> str:
 
 @cli.command()
 @click.option("--by", default="tenant,app,deployment,day", show_default=True,
-              help="Comma-separated grouping: tenant, app, deployment, release, model, day.")
+              help="Comma-separated grouping: tenant, app, deployment, release, model, day. An app or a release "
+                   "is grouped with its tenant (their names are a tenant's).")
 @click.option("--tenant", help="Only this tenant.")
 @json_option
 @click.pass_context
@@ -181,8 +182,10 @@ def cost(ctx: click.Context, by: str, tenant: str | None, as_json: bool) -> None
     """Spend rolled up from the cost ledger."""
     groups = [g.strip() for g in by.split(",") if g.strip()]
     rows = _query(ctx, "cost_rollup", by=groups, tenant=tenant)
-    columns = [*groups, "calls", "input_tokens", "output_tokens", "cost_usd", "unpriced_calls"]
-    output(rows, as_json, title="cost (USD)", columns=None if as_json else columns)
+    figures = ["calls", "input_tokens", "output_tokens", "cost_usd", "unpriced_calls"]
+    # The groups as the query made them: `tenant` is added before an app or a release.
+    made = [c for c in rows[0] if c not in {*figures, "cached_tokens", "tokens"}] if rows else groups
+    output(rows, as_json, title="cost (USD)", columns=None if as_json else [*made, *figures])
 
 
 @cli.command()
