@@ -89,25 +89,36 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 @cli.command()
 @click.argument("trace_id", required=False)
-@click.option("--release", help="Traces touching this release.")
-@click.option("--service", help="Only traces that passed through this service (e.g. router).")
+@click.option("--release", help="Traces touching this release, as its tenant sees them (see --tenant).")
+@click.option("--service", help="Only traces that passed through this lockgate service (e.g. router).")
+@click.option("--tenant", help="Only this tenant's spans, and lockgate's own that name no tenant. With --release "
+                               "the default is the tenant the release is registered under.")
 @click.option("--limit", default=20, type=click.IntRange(min=1), show_default=True)
 @json_option
 @click.pass_context
 @handle_errors
-def traces(ctx: click.Context, trace_id: str | None, release: str | None, service: str | None, limit: int,
-           as_json: bool) -> None:
-    """Recent traces, the traces of a release, or every span of one trace."""
+def traces(ctx: click.Context, trace_id: str | None, release: str | None, service: str | None, tenant: str | None,
+           limit: int, as_json: bool) -> None:
+    """Recent traces, the traces of a release, or every span of one trace, each span with its tenant."""
+    scope = {"tenant": tenant} if tenant else {}
     if trace_id:
-        rows = _query(ctx, "trace", trace_id=trace_id)
-        output(rows, as_json, title=f"trace {trace_id}",
-               columns=["time", "service", "name", "kind", "duration_ms", "status", "span_id", "parent_span_id",
-                        "linked"])
+        rows = _query(ctx, "trace", trace_id=trace_id, **scope)
+        output(rows, as_json, title=f"trace {trace_id}" + (f" (tenant {tenant})" if tenant else ""),
+               columns=["time", "tenant", "origin", "service", "name", "kind", "duration_ms", "status", "span_id",
+                        "parent_span_id", "linked"])
+        tenants = sorted({r["tenant"] for r in rows if r.get("tenant")})
+        if not tenant and len(tenants) > 1:
+            # Any tenant that learns a trace id (it travels in `traceparent`) may send spans into it.
+            err_console.print(f"[yellow]note:[/yellow] trace {trace_id} holds spans of {len(tenants)} tenants "
+                              f"({', '.join(tenants)}): each span's tenant is the one its sender's key belongs to "
+                              "(origin otlp: its service name and attributes are that sender's); --tenant T shows "
+                              "one tenant's", highlight=False, soft_wrap=True)
     elif release:
-        output(_query(ctx, "traces_for_release", release=release, limit=limit), as_json,
-               title=f"traces of {release}")
+        output(_query(ctx, "traces_for_release", release=release, limit=limit, **scope), as_json,
+               title=f"traces of {release}" + (f" (tenant {tenant})" if tenant else ""))
     else:
-        output(_query(ctx, "recent_traces", limit=limit, service=service), as_json, title="recent traces")
+        output(_query(ctx, "recent_traces", limit=limit, service=service, **scope), as_json,
+               title="recent traces" + (f" (tenant {tenant})" if tenant else ""))
 
 
 @cli.command()
