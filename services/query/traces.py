@@ -1,4 +1,5 @@
-"""Traces from `otel_traces`: recent, by id (including spans that link to it), by release."""
+"""Traces from `otel_traces`: recent, by id (including spans that link to it), by release; each span with
+the tenant it was sent under, and any of these scoped to one tenant."""
 
 from __future__ import annotations
 
@@ -11,44 +12,82 @@ from lockgate.store import Store
 
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 
-_SUMMARY = """
+# A span received over OTLP. The receiver stamps each with its API key's tenant as the resource attribute
+# `lockgate.tenant` (a sender naming another tenant is refused), and lockgate's own services set no such
+# resource attribute: so this says the span's service name and attributes are what a tenant's sender wrote
+# (`service.name=lockgate-router` among them), not what a lockgate service recorded.
+_REPORTED = "mapContains(ResourceAttributes, 'lockgate.tenant')"
+# The tenant a span belongs to: its sender's for a span received over OTLP; for lockgate's own, the tenant it
+# names where it knows one (the sink's span of a message of one tenant's events), else '' (none).
+_TENANT = f"if({_REPORTED}, ResourceAttributes['lockgate.tenant'], SpanAttributes['lockgate.tenant'])"
+# One tenant's view: its spans and lockgate's own that name no tenant (the router's, the gatekeeper's).
+_IN_SCOPE = f"{_TENANT} IN ({{tenant:String}}, '')"
+
+_SUMMARY = f"""
 SELECT TraceId AS trace_id,
        min(Timestamp) AS start,
        round((max(toUnixTimestamp64Nano(Timestamp) + Duration) - min(toUnixTimestamp64Nano(Timestamp))) / 1e6, 3)
            AS duration_ms,
        count() AS spans,
+       arrayStringConcat(arraySort(arrayFilter(t -> t != '', groupUniqArray({_TENANT}))), ',') AS tenants,
        arrayStringConcat(arraySort(groupUniqArray(ServiceName)), ',') AS services,
        argMin(SpanName, Timestamp) AS root,
        countIf(StatusCode = 'Error') AS errors
 FROM otel_traces
-WHERE {where}
-GROUP BY TraceId
+WHERE {{where}}
+GROUP BY TraceId{{having}}
 ORDER BY start DESC
-LIMIT {{limit:UInt32}}
+LIMIT {{{{limit:UInt32}}}}
 """
 
 
-def recent_traces(store: Store, limit: Limit = 20, service: str | None = None) -> list[dict[str, Any]]:
-    """The newest traces with their span count, services and duration."""
+def _summaries(store: Store, where: str, params: dict[str, Any], tenant: str | None,
+               having: str = "") -> list[dict[str, Any]]:
+    if tenant is not None:
+        where, params = f"{where} AND {_IN_SCOPE}", params | {"tenant": tenant}
+    return store.rows(_SUMMARY.format(where=where, having=having), params)
+
+
+def recent_traces(store: Store, limit: Limit = 20, service: str | None = None,
+                  tenant: str | None = None) -> list[dict[str, Any]]:
+    """The newest traces with their span count, tenants, services and duration; with `tenant`, the traces
+    holding a span of that tenant, each summed over that tenant's spans and lockgate's own."""
     where = "Timestamp > now64(9) - INTERVAL 7 DAY"  # DateTime64 bound: see _TRACE
     params: dict[str, Any] = {"limit": limit}
     if service:
-        where += " AND TraceId IN (SELECT TraceId FROM otel_traces WHERE ServiceName = {service:String})"
+        # Always a lockgate service (`router` is `lockgate-router`): a span a tenant sent naming itself so is not one.
+        where += (" AND TraceId IN (SELECT TraceId FROM otel_traces WHERE ServiceName = {service:String} "
+                  f"AND NOT {_REPORTED})")
         params["service"] = service if service.startswith("lockgate-") else f"lockgate-{service}"
-    return store.rows(_SUMMARY.format(where=where), params)
+    having = f"\nHAVING countIf({_TENANT} = {{tenant:String}}) > 0" if tenant is not None else ""
+    return _summaries(store, where, params, tenant, having)
 
 
-def traces_for_release(store: Store, release: str, limit: Limit = 20) -> list[dict[str, Any]]:
-    """Traces whose spans are tagged with a release (router requests, evals, gate decisions)."""
-    where = ("TraceId IN (SELECT TraceId FROM otel_traces "
-             "WHERE SpanAttributes['lockgate.release'] = {release:String})")
-    return store.rows(_SUMMARY.format(where=where), {"release": release, "limit": limit})
+def release_tenant(store: Store, release: str) -> str | None:
+    """The tenant a release is registered under (its binding's, write-once), or None if nobody registered it."""
+    rows = store.rows("SELECT tenant FROM releases WHERE release = {release:String} ORDER BY time LIMIT 1",
+                      {"release": release})
+    return str(rows[0]["tenant"]) if rows else None
 
 
-_SPANS = """
+def traces_for_release(store: Store, release: str, limit: Limit = 20,
+                       tenant: str | None = None) -> list[dict[str, Any]]:
+    """Traces whose spans are tagged with a release (router requests, evals, gate decisions), read as the
+    release's tenant sees them: `tenant`, else the one the release is registered under (any tenant's spans
+    name any release they like; only a release nobody registered is read across tenants)."""
+    tenant = tenant if tenant is not None else release_tenant(store, release)
+    tagged = "SpanAttributes['lockgate.release'] = {release:String}"
+    if tenant is not None:
+        tagged += f" AND {_IN_SCOPE}"
+    where = f"TraceId IN (SELECT TraceId FROM otel_traces WHERE {tagged})"
+    return _summaries(store, where, {"release": release, "limit": limit}, tenant)
+
+
+_SPANS = f"""
 SELECT Timestamp AS time, TraceId AS trace_id, SpanId AS span_id, ParentSpanId AS parent_span_id,
+       {_TENANT} AS tenant, if({_REPORTED}, 'otlp', 'lockgate') AS origin,
        ServiceName AS service, SpanName AS name, SpanKind AS kind, round(Duration / 1e6, 3) AS duration_ms,
-       StatusCode AS status, SpanAttributes AS attributes, TraceId != {id:String} AS linked
+       StatusCode AS status, SpanAttributes AS attributes, TraceId != {{id:String}} AS linked
 FROM otel_traces
 """
 _OF_TRACE = "(TraceId = {id:String} OR has(Links.TraceId, {id:String}))"
@@ -62,17 +101,17 @@ _OF_TRACE = "(TraceId = {id:String} OR has(Links.TraceId, {id:String}))"
 _TRACE = f"""
 WITH (SELECT toUInt32(toUnixTimestamp(min(Start))) FROM otel_traces_trace_id_ts WHERE TraceId = {{id:String}}) AS lo,
      (SELECT toUInt32(toUnixTimestamp(max(End)) + 1) FROM otel_traces_trace_id_ts WHERE TraceId = {{id:String}}) AS hi
-{_SPANS}WHERE Timestamp >= toDateTime64(lo, 9) AND Timestamp < toDateTime64(hi, 9) AND {_OF_TRACE}
-ORDER BY time
-"""
+{_SPANS}WHERE Timestamp >= toDateTime64(lo, 9) AND Timestamp < toDateTime64(hi, 9) AND {_OF_TRACE}"""
 # The same spans without the window: the answer when the window reads nothing although spans were
 # stored (their lookup rows not written, e.g. gone with a truncated lookup table), so a stored trace
 # is never reported missing. A trace nobody stored pays this one scan before its NotFound.
-_TRACE_UNWINDOWED = f"{_SPANS}WHERE {_OF_TRACE}\nORDER BY time\n"
+_TRACE_UNWINDOWED = f"{_SPANS}WHERE {_OF_TRACE}"
 
 
-def trace(store: Store, trace_id: str) -> list[dict[str, Any]]:
-    """Every span of one trace, plus spans that link to it (a sink batch carrying this request).
+def trace(store: Store, trace_id: str, tenant: str | None = None) -> list[dict[str, Any]]:
+    """Every span of one trace, plus spans that link to it (a sink batch carrying this request), each with its
+    `tenant` and `origin` (`otlp`: a tenant's sender wrote it); with `tenant`, only that tenant's spans and
+    lockgate's own that name none.
 
     otel_traces is ordered by service, name and time, not by trace: the lookup table says which
     seconds hold the trace, so only those are read, however many days of spans are stored; only
@@ -80,9 +119,15 @@ def trace(store: Store, trace_id: str) -> list[dict[str, Any]]:
     trace_id = trace_id.strip().lower()
     if not _TRACE_ID.match(trace_id):
         raise ConfigError(f"trace id {trace_id!r} must be 32 hex characters")
-    rows = store.rows(_TRACE, {"id": trace_id}) or store.rows(_TRACE_UNWINDOWED, {"id": trace_id})
+    params: dict[str, Any] = {"id": trace_id}
+    scope = ""
+    if tenant is not None:
+        scope, params["tenant"] = f" AND {_IN_SCOPE}", tenant
+    rows = (store.rows(f"{_TRACE}{scope}\nORDER BY time", params)
+            or store.rows(f"{_TRACE_UNWINDOWED}{scope}\nORDER BY time", params))
     if not rows:
-        raise NotFound(f"no spans for trace {trace_id} (spans arrive within a second of the request)")
+        of = f" of tenant {tenant!r}" if tenant is not None else ""
+        raise NotFound(f"no spans{of} for trace {trace_id} (spans arrive within a second of the request)")
     return rows
 
 

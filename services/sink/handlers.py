@@ -249,10 +249,17 @@ class SinkHandlers:
         parent = trace.get_current_span(delivery.trace_context).get_span_context() if delivery.trace_context else None
         parent_trace = format(parent.trace_id, "032x") if parent and parent.is_valid else ""
         links = [lk for t, s in domain.linked_traces(events, parent_trace) if (lk := _link(t, s))]
+        attributes: dict[str, str | int] = {"messaging.destination.name": delivery.subject,
+                                            "lockgate.events": len(events), "messaging.message.id": delivery.msg_id}
+        # Whose events these are, from the subject (only that tenant's are stored from it): the span joins the
+        # trace its sender's traceparent or events name, any tenant's, and a trace read scoped to one tenant
+        # (`lockgate traces --tenant`, `--release`) leaves out another's.
+        sender = self.ctx.bus.subjects.sender(delivery.subject)
+        if sender is not None:
+            attributes["lockgate.tenant"] = sender[0]
         return self.tracer.start_span(
             "sink.persist inference_events", context=delivery.trace_context, kind=SpanKind.CONSUMER, links=links,
-            attributes={"messaging.destination.name": delivery.subject, "lockgate.events": len(events),
-                        "messaging.message.id": delivery.msg_id},
+            attributes=attributes,
         )
 
     async def on_spans(self, batch: SpanBatch, delivery: Delivery) -> None:

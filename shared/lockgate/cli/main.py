@@ -89,25 +89,36 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 
 @cli.command()
 @click.argument("trace_id", required=False)
-@click.option("--release", help="Traces touching this release.")
-@click.option("--service", help="Only traces that passed through this service (e.g. router).")
+@click.option("--release", help="Traces touching this release, as its tenant sees them (see --tenant).")
+@click.option("--service", help="Only traces that passed through this lockgate service (e.g. router).")
+@click.option("--tenant", help="Only this tenant's spans, and lockgate's own that name no tenant. With --release "
+                               "the default is the tenant the release is registered under.")
 @click.option("--limit", default=20, type=click.IntRange(min=1), show_default=True)
 @json_option
 @click.pass_context
 @handle_errors
-def traces(ctx: click.Context, trace_id: str | None, release: str | None, service: str | None, limit: int,
-           as_json: bool) -> None:
-    """Recent traces, the traces of a release, or every span of one trace."""
+def traces(ctx: click.Context, trace_id: str | None, release: str | None, service: str | None, tenant: str | None,
+           limit: int, as_json: bool) -> None:
+    """Recent traces, the traces of a release, or every span of one trace, each span with its tenant."""
+    scope = {"tenant": tenant} if tenant else {}
     if trace_id:
-        rows = _query(ctx, "trace", trace_id=trace_id)
-        output(rows, as_json, title=f"trace {trace_id}",
-               columns=["time", "service", "name", "kind", "duration_ms", "status", "span_id", "parent_span_id",
-                        "linked"])
+        rows = _query(ctx, "trace", trace_id=trace_id, **scope)
+        output(rows, as_json, title=f"trace {trace_id}" + (f" (tenant {tenant})" if tenant else ""),
+               columns=["time", "tenant", "origin", "service", "name", "kind", "duration_ms", "status", "span_id",
+                        "parent_span_id", "linked"])
+        tenants = sorted({r["tenant"] for r in rows if r.get("tenant")})
+        if not tenant and len(tenants) > 1:
+            # Any tenant that learns a trace id (it travels in `traceparent`) may send spans into it.
+            err_console.print(f"[yellow]note:[/yellow] trace {trace_id} holds spans of {len(tenants)} tenants "
+                              f"({', '.join(tenants)}): each span's tenant is the one its sender's key belongs to "
+                              "(origin otlp: its service name and attributes are that sender's); --tenant T shows "
+                              "one tenant's", highlight=False, soft_wrap=True)
     elif release:
-        output(_query(ctx, "traces_for_release", release=release, limit=limit), as_json,
-               title=f"traces of {release}")
+        output(_query(ctx, "traces_for_release", release=release, limit=limit, **scope), as_json,
+               title=f"traces of {release}" + (f" (tenant {tenant})" if tenant else ""))
     else:
-        output(_query(ctx, "recent_traces", limit=limit, service=service), as_json, title="recent traces")
+        output(_query(ctx, "recent_traces", limit=limit, service=service, **scope), as_json,
+               title="recent traces" + (f" (tenant {tenant})" if tenant else ""))
 
 
 @cli.command()
@@ -172,7 +183,8 @@ def _drift_test(f: dict) -> str:
 
 @cli.command()
 @click.option("--by", default="tenant,app,deployment,day", show_default=True,
-              help="Comma-separated grouping: tenant, app, deployment, release, model, day.")
+              help="Comma-separated grouping: tenant, app, deployment, release, model, day. An app or a release "
+                   "is grouped with its tenant (their names are a tenant's).")
 @click.option("--tenant", help="Only this tenant.")
 @json_option
 @click.pass_context
@@ -181,8 +193,10 @@ def cost(ctx: click.Context, by: str, tenant: str | None, as_json: bool) -> None
     """Spend rolled up from the cost ledger."""
     groups = [g.strip() for g in by.split(",") if g.strip()]
     rows = _query(ctx, "cost_rollup", by=groups, tenant=tenant)
-    columns = [*groups, "calls", "input_tokens", "output_tokens", "cost_usd", "unpriced_calls"]
-    output(rows, as_json, title="cost (USD)", columns=None if as_json else columns)
+    figures = ["calls", "input_tokens", "output_tokens", "cost_usd", "unpriced_calls"]
+    # The groups as the query made them: `tenant` is added before an app or a release.
+    made = [c for c in rows[0] if c not in {*figures, "cached_tokens", "tokens"}] if rows else groups
+    output(rows, as_json, title="cost (USD)", columns=None if as_json else [*made, *figures])
 
 
 @cli.command()
