@@ -831,6 +831,9 @@ def _end_span(span: Any, e: InferenceEvent, finish_reasons: tuple[str, ...] = ()
                 "lockgate.release": e.release,
                 "lockgate.deployment": e.deployment,
                 "lockgate.app": e.app,
+                # Whose request: a caller's traceparent puts this span in whatever trace it names, and a tenant's
+                # trace view (services/query/traces.py) keeps lockgate's own spans of its tenant or of none.
+                "lockgate.tenant": e.tenant,
             })
             if e.status != "ok":
                 span.set_attribute("error.type", e.error_type)

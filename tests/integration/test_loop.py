@@ -108,6 +108,8 @@ async def test_release_goes_through_the_whole_loop(settings: Settings) -> None:
         spans = trace_queries.trace(store, trace_id)
         router_span = next(s for s in spans if s["service"] == "lockgate-router")
         assert router_span["trace_id"] == trace_id
+        # The request's tenant: in another tenant's view of this trace it is not shown as lockgate's of no tenant.
+        assert (router_span["tenant"], router_span["origin"]) == ("default", "lockgate")
         assert any(s["service"] == "lockgate-sink" for s in spans)
 
         # the permission table covers the whole loop: no service was refused anything
