@@ -195,9 +195,10 @@ async def replay_served(rollouts: Rollouts, seen: Seen, retry: RetryPolicy | Non
     if since is None:
         rollouts.replay_done()
         return 0
-    # Each deployment's online scores from its own rollout's start (`progress.served_replay` of its route alone).
+    # Each deployment's online scores from its own rollout's start (`progress.served_replay` of its route alone), for
+    # the rollouts whose evidence is kept (a shadow comparison reads no scores).
     scores = {rollouts.ctx.bus.subjects.eval_scores(r.deployment): start for r in list(rollouts.routes.values())
-              if (start := progress.served_replay([r], now)) is not None}
+              if progress.collecting(r) and (start := progress.served_replay([r], now)) is not None}
     # message id -> True while the record's rows of its batch are taken (a batch may straddle pages), False once it
     # is taken whole (live, or from the stream): across both reads and tries
     taken: dict[str, bool] = {}
