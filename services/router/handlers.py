@@ -195,10 +195,13 @@ async def replay_served(rollouts: Rollouts, seen: Seen, retry: RetryPolicy | Non
     if since is None:
         rollouts.replay_done()
         return 0
-    # Each deployment's online scores from its own rollout's start (`progress.served_replay` of its route alone).
+    # Each deployment's online scores from its own rollout's start (`progress.served_replay` of its route alone), for
+    # the rollouts whose evidence is kept (a shadow comparison reads no scores).
     scores = {rollouts.ctx.bus.subjects.eval_scores(r.deployment): start for r in list(rollouts.routes.values())
-              if (start := progress.served_replay([r], now)) is not None}
-    taken: dict[str, bool] = {}  # message id -> taken here (False: live already), across both reads and tries
+              if progress.collecting(r) and (start := progress.served_replay([r], now)) is not None}
+    # message id -> True while the record's rows of its batch are taken (a batch may straddle pages), False once it
+    # is taken whole (live, or from the stream): across both reads and tries
+    taken: dict[str, bool] = {}
     stored: set[str] = set()  # the ids of the events taken from the record, so a try again takes the rest only
 
     def take(data: bytes) -> bool:
@@ -206,7 +209,10 @@ async def replay_served(rollouts: Rollouts, seen: Seen, retry: RetryPolicy | Non
         msg_id = _published_id(value)
         if msg_id in taken:
             return False  # read twice
-        if not (taken.setdefault(msg_id, seen.first(msg_id))):
+        # A batch still in the stream is mostly stored already: taken here whole, its rows in the record are not taken
+        # again (they were, counting each of its events twice: in the stream until its last consumer took it).
+        taken[msg_id] = False
+        if not seen.first(msg_id):
             return False  # taken live already
         rollouts.observe(value if isinstance(value, list) else [value])
         return True

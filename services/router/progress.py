@@ -89,10 +89,11 @@ SERVED_REPLAY_MAX_S = 3600.0
 
 def served_replay(routes: Iterable[Route], now: float) -> float | None:
     """The time (unix seconds) from which the served inference events stored may be evidence for a rollout whose
-    evidence is kept (`collecting`): the earliest rollout start, at most `SERVED_REPLAY_MAX_S` before now (before
-    the promotion, for a release under post-promotion analysis); None when no rollout keeps evidence."""
+    evidence is kept (`collecting`) or whose shadow copies are compared (`shadowing`): the earliest rollout start,
+    at most `SERVED_REPLAY_MAX_S` before now (before the promotion, for a release under post-promotion analysis);
+    None when no rollout keeps evidence."""
     starts = [max(r.started_at, (r.promoted_at if r.phase == "promoted" else now) - SERVED_REPLAY_MAX_S)
-              for r in routes if collecting(r)]
+              for r in routes if collecting(r) or shadowing(r)]
     return min(starts) if starts else None
 
 

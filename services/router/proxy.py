@@ -103,7 +103,8 @@ class Proxy:
         self.spans = spans
         self.upstream = Upstream()  # its session is opened by the router's start
         self.admission: Admission = OPEN_ADMISSION  # budgets, rate limits, cache: set by the service
-        self.shadow = Shadow(rollouts, endpoints, batcher, lambda: self.upstream.session)
+        self.shadow = Shadow(rollouts, endpoints, batcher, lambda: self.upstream.session,
+                             gateway=lambda: self.admission.file)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         """`POST /v1/chat/completions`."""

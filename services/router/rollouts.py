@@ -43,7 +43,7 @@ from lockgate.services.router import analysis, bluegreen, domain, patch, progres
 from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.evidence import Evidence
-from lockgate.services.router.shadowstats import Budget, Ledger, ShadowSummary
+from lockgate.services.router.shadowstats import Budget, Ledger, ShadowSummary, spend_key
 from lockgate.signing import Verifier
 from lockgate.subjects import token, untoken
 
@@ -652,7 +652,8 @@ class Rollouts:
             route = self.routes.get(deployment)
             if route is None or route.canary is None:
                 continue
-            if progress.shadowing(route):
+            # Read back at a start (handlers.replay_served), events of an earlier rollout are none of this one's.
+            if progress.shadowing(route) and e.time.timestamp() >= route.started_at:
                 rollout = (route.canary.release, route.started_at)
                 if self._ledgers.get(deployment) != rollout:  # a new rollout compares from nothing
                     self._ledgers[deployment] = rollout
@@ -679,9 +680,10 @@ class Rollouts:
 
     def await_replay(self, why: str) -> None:
         """At start, before serving: every deployment whose analysis reads evidence from before now (`collecting`)
-        waits for the served events from before the start to be read back; `why` says what the looks wait for."""
+        waits for the served events from before the start to be read back; `why` says what the looks wait for.
+        (A mirrored deployment's comparison is read back too, but nothing waits for it.)"""
         self.unreplayed = {r.deployment: why for r in self.routes.values() if progress.collecting(r)}
-        if not self.unreplayed:
+        if progress.served_replay(self.routes.values(), time.time()) is None:
             self.replayed.set()
 
     def replay_stalled(self, why: str) -> None:
@@ -757,7 +759,9 @@ class Rollouts:
         rollout = (route.canary.release, route.started_at)
         held = self._budgets.get(route.deployment)
         if held is None or held[0] != rollout or held[1].spec != route.strategy.shadow:
-            held = self._budgets[route.deployment] = (rollout, Budget(route.strategy.shadow, time.monotonic))
+            # The rollout's cost is kept in the KV under its key (shadow.SpendStore): a changed spec keeps its spend.
+            held = self._budgets[route.deployment] = (rollout, Budget(
+                route.strategy.shadow, time.monotonic, spend_key(route.deployment, *rollout)))
         return held[1]
 
     def shadow_summary(self, deployment: str) -> ShadowSummary:

@@ -1,14 +1,20 @@
 """Shadow traffic bookkeeping: the mirror's budget and the served-versus-shadow comparison. Pure, no I/O.
 
 `Budget` decides, per request and without waiting, whether one more mirrored call fits: a sampled
-share, a token bucket of `max_rps` (burst: one second's worth), `max_concurrency` calls in flight,
-`max_requests` per rollout and `max_cost_usd` (spent as measured from the shadow events). A request
-over any budget is not mirrored, and counted under the reason. The clock is injected.
+share, a token bucket of `max_rps` (burst: one second's worth), `max_concurrency` calls in flight and
+`max_requests` per rollout (on this replica). A request over any of them is not mirrored, and counted
+under the reason. The clock is injected.
+
+`max_cost_usd` is the rollout's, over every replica and restart: its spend is a `Spend` in NATS KV (the
+budget bucket, key `spend_key`), into which each copy reserves its worst case before it is made (`reserve`)
+and settles its real cost after (`settle`), by compare-and-set (shadow.py). Kept in a replica's memory, it
+started from 0 on every replica that (re)started mid-rollout: each one spent another `max_cost_usd`.
 
 `Ledger` pairs each shadow event with the served event of the same trace (every replica sees every
 event, so every replica pairs the same) and keeps a per-deployment comparison: exact match, length,
 latency and error deltas, and the shadow's cost. A pair either of whose calls the client failed
-(InferenceEvent.client_failed) is not compared; the shadow call's cost counts all the same.
+(InferenceEvent.client_failed) is not compared; the shadow call's cost counts all the same. Events read back
+from the record at a start (handlers.replay_served) carry no answer: their pairs compare all but the texts.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ import msgspec
 
 from lockgate.contracts import InferenceEvent
 from lockgate.services.router.strategy import ShadowSpec
+from lockgate.subjects import token
+
+NANO = 1_000_000_000  # nano-USD per USD: the stored spend is an integer, so replicas' changes add up exactly
 
 _PENDING_MAX = 4096  # unpaired events kept per ledger (served events that were not mirrored age out)
 _RECENT = 20  # pair comparisons kept to show
@@ -28,25 +37,26 @@ _RECENT = 20  # pair comparisons kept to show
 class Budget:
     """One rollout's mirror budget on this replica (rate and concurrency are per replica)."""
 
-    def __init__(self, spec: ShadowSpec, clock: Callable[[], float]) -> None:
+    def __init__(self, spec: ShadowSpec, clock: Callable[[], float], key: str = "") -> None:
         self.spec = spec
         self.clock = clock
+        self.key = key  # the rollout's Spend in the KV (`spend_key`)
         self.tokens = spec.max_rps  # a full bucket: one second's worth of burst
         self.last = clock()
         self.in_flight = 0
         self.sent = 0
         self.skipped: Counter[str] = Counter()
+        self.spent_usd: float | None = None  # the rollout's Spend as the store last answered this replica
 
-    def admit(self, draw: float, spent_usd: float) -> bool:
-        """True when one more mirrored call fits (`draw` in [0, 1) samples it); it is then in flight until `done`."""
+    def admit(self, draw: float) -> bool:
+        """True when one more mirrored call fits (`draw` in [0, 1) samples it); it is then in flight until `done`,
+        or until `refused` when its cost cannot be reserved."""
         spec = self.spec
         why = ""
         if draw >= spec.sample:
             why = "not_sampled"
         elif spec.max_requests is not None and self.sent >= spec.max_requests:
             why = "over_max_requests"
-        elif spec.max_cost_usd is not None and spent_usd >= spec.max_cost_usd:
-            why = "over_max_cost"
         elif self.in_flight >= spec.max_concurrency:
             why = "over_max_concurrency"
         else:
@@ -67,15 +77,47 @@ class Budget:
         """A mirrored call finished (answered, failed or timed out)."""
         self.in_flight -= 1
 
+    def refused(self, why: str) -> None:
+        """An admitted call was not made after all (its cost did not fit `max_cost_usd`, or could not be
+        reserved): it is counted under `why`, and takes no slot, request or rate token."""
+        self.in_flight -= 1
+        self.sent -= 1
+        self.tokens = min(self.spec.max_rps, self.tokens + 1.0)
+        self.skipped[why] += 1
+
+
+class Spend(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One rollout's shadow spend, as the KV holds it for every replica. Unknown fields are refused, as a budget
+    counter's (budgets.Counter): a stray JetStream acknowledgement stored under the key is no spend at 0."""
+
+    spent: int = 0  # nano-USD: settled copies plus the reservations of copies in flight
+
+
+def spend_key(deployment: str, candidate: str, started_at: float) -> str:
+    """The KV key of a rollout's Spend: its deployment, candidate and start (a new rollout starts at 0). `_shadow.`
+    cannot be a gateway budget's key (their names start with a letter or digit), nor the judges' `_judge.`."""
+    return f"_shadow.{token(deployment)}.{token(candidate)}.{round(started_at * 1e6)}"
+
+
+def reserve(state: Spend | None, need: int, cap_usd: float) -> Spend | None:
+    """The spend with a copy's worst case (`need`, nano-USD) reserved, or None when it does not fit the cap."""
+    spent = (state or Spend()).spent
+    return Spend(spent=spent + need) if spent + need <= round(cap_usd * NANO) else None
+
+
+def settle(state: Spend | None, reserved: int, used: int) -> Spend:
+    """The spend with a copy's reservation replaced by what it cost."""
+    return Spend(spent=max(0, (state or Spend()).spent - reserved + used))
+
 
 class PairResult(msgspec.Struct, frozen=True, kw_only=True):
     """One served answer against its shadow: the deltas are shadow minus served."""
 
     trace_id: str
-    exact_match: bool
+    exact_match: bool | None  # None: an answer is not known (read back from the record, which keeps none)
     served_status: str
     shadow_status: str
-    length_delta: int  # characters of the answer
+    length_delta: int | None  # characters of the answer (None as exact_match)
     output_tokens_delta: int
     latency_delta_ms: float
 
@@ -87,6 +129,7 @@ class ShadowSummary(msgspec.Struct, frozen=True, kw_only=True):
     candidate: str = ""
     shadow_events: int = 0
     pairs: int = 0
+    text_pairs: int = 0  # pairs whose answers are both known: what exact match and length compare
     exact_match_rate: float | None = None
     served_error_rate: float | None = None
     shadow_error_rate: float | None = None
@@ -94,6 +137,9 @@ class ShadowSummary(msgspec.Struct, frozen=True, kw_only=True):
     mean_output_tokens_delta: float | None = None
     mean_latency_delta_ms: float | None = None
     shadow_cost_usd: float = 0.0
+    # The rollout's spend against `max_cost_usd` (every replica's copies, settled or in flight) as the store last
+    # answered this replica; None without a cap, or before this replica reserved for a copy.
+    spent_usd: float | None = None
     mirrored: int = 0  # calls this replica sent
     in_flight: int = 0
     skipped: dict[str, int] = {}  # requests this replica did not mirror, by budget
@@ -105,7 +151,7 @@ class _Comparison:
 
     def __init__(self, candidate: str) -> None:
         self.candidate = candidate
-        self.shadow_events = self.pairs = self.exact = self.served_errors = self.shadow_errors = 0
+        self.shadow_events = self.pairs = self.texts = self.exact = self.served_errors = self.shadow_errors = 0
         self.length = self.tokens = 0
         self.latency = self.cost = 0.0
         self.recent: list[PairResult] = []
@@ -113,16 +159,21 @@ class _Comparison:
 
     def pair(self, served: InferenceEvent, shadow: InferenceEvent) -> None:
         ok = served.status == "ok" and shadow.status == "ok"
-        r = PairResult(trace_id=served.trace_id, exact_match=ok and (served.response or "") == (shadow.response or ""),
+        # A live ok event always carries its answer; one read back from the record carries none (None).
+        texts = all(e.status != "ok" or e.response is not None for e in (served, shadow))
+        r = PairResult(trace_id=served.trace_id,
+                       exact_match=(ok and served.response == shadow.response) if texts else None,
                        served_status=served.status, shadow_status=shadow.status,
-                       length_delta=len(shadow.response or "") - len(served.response or ""),
+                       length_delta=len(shadow.response or "") - len(served.response or "") if texts else None,
                        output_tokens_delta=shadow.output_tokens - served.output_tokens,
                        latency_delta_ms=shadow.latency_ms - served.latency_ms)
         self.pairs += 1
-        self.exact += r.exact_match
+        if texts:
+            self.texts += 1
+            self.exact += bool(r.exact_match)
+            self.length += r.length_delta or 0
         self.served_errors += served.status != "ok"
         self.shadow_errors += shadow.status != "ok"
-        self.length += r.length_delta
         self.tokens += r.output_tokens_delta
         self.latency += r.latency_delta_ms
         self.recent = [*self.recent[-(_RECENT - 1):], r]
@@ -138,11 +189,6 @@ class Ledger:
     def start(self, deployment: str, candidate: str) -> None:
         """A new rollout: its comparison starts from nothing."""
         self._by[deployment] = _Comparison(candidate)
-
-    def spent(self, deployment: str) -> float:
-        """USD the shadow calls of the deployment's rollout cost so far (from their events)."""
-        c = self._by.get(deployment)
-        return c.cost if c is not None else 0.0
 
     def add(self, deployment: str, event: InferenceEvent) -> None:
         """One event of a deployment whose rollout mirrors: a shadow one, or a served one it may pair with."""
@@ -171,17 +217,18 @@ class Ledger:
     def summary(self, deployment: str, budget: Budget | None = None) -> ShadowSummary:
         """The comparison so far, with this replica's budget counts."""
         c = self._by.get(deployment)
-        counts = {"mirrored": budget.sent, "in_flight": budget.in_flight,
-                  "skipped": dict(budget.skipped)} if budget is not None else {}
+        counts = {"mirrored": budget.sent, "in_flight": budget.in_flight, "skipped": dict(budget.skipped),
+                  "spent_usd": budget.spent_usd} if budget is not None else {}
         if c is None:
             return ShadowSummary(deployment=deployment, **counts)  # type: ignore[arg-type]
         n = c.pairs
 
-        def mean(total: float) -> float | None:
-            return total / n if n else None
+        def mean(total: float, of: int = n) -> float | None:
+            return total / of if of else None
 
         return ShadowSummary(deployment=deployment, candidate=c.candidate, shadow_events=c.shadow_events, pairs=n,
-                             exact_match_rate=mean(c.exact), served_error_rate=mean(c.served_errors),
-                             shadow_error_rate=mean(c.shadow_errors), mean_length_delta=mean(c.length),
+                             text_pairs=c.texts, exact_match_rate=mean(c.exact, c.texts),
+                             served_error_rate=mean(c.served_errors), shadow_error_rate=mean(c.shadow_errors),
+                             mean_length_delta=mean(c.length, c.texts),
                              mean_output_tokens_delta=mean(c.tokens), mean_latency_delta_ms=mean(c.latency),
                              shadow_cost_usd=c.cost, recent=list(c.recent), **counts)  # type: ignore[arg-type]

@@ -1,10 +1,14 @@
 """Shadow rollouts on the real nats-server, chDB and the simulator: a sampled share of live requests is
 mirrored to the candidate off the request path, users get only stable's answers, shadow events are
-stored with variant "shadow" and compared with the served ones, and the budget caps the mirror."""
+stored with variant "shadow" and compared with the served ones, and the budget caps the mirror: the cost cap over
+every replica, those started mid-rollout included."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,11 +16,15 @@ import pytest
 from click.testing import CliRunner
 
 from lockgate.cli.main import cli
+from lockgate.server.service import ServiceContext
+from lockgate.services.router.shadowstats import spend_key
 from lockgate.signing import Signer
 from lockgate.store import Store
-from tests.helpers import eventually
+from lockgate_dev.sim import SimServer
+from tests.helpers import chat_releases, eventually
 from tests.integration import test_rollout_analysis as analysis_tests
-from tests.integration.test_rollout_analysis import _pass, _start
+from tests.integration.test_rollout_analysis import CANARY, STABLE, _pass, _start
+from tests.integration.test_router_evidence_replay import Stack
 
 # The router stack of the analysis tests (simulated stable and canary upstreams, releases, signed decisions).
 router, http, keys, signer = analysis_tests.router, analysis_tests.http, analysis_tests.keys, analysis_tests.signer
@@ -101,3 +109,101 @@ async def test_shadow_budget_caps_the_mirror_whatever_the_traffic(
         assert resp.status == 200
     await _answers(http, router, 20)
     assert (await _summary(http, router))["mirrored"] == 7
+
+
+# The candidate `long` answers 9 words (12 tokens) at 1,000 USD per million output tokens: 0.012 USD a copy, and
+# at most 0.016 with max_tokens 16 (input is free). A cap of 0.1 USD holds 8 copies, 6 when all are in flight at once.
+COPY_USD, CAP_USD = 0.012, 0.1
+CAPPED = {"shadow": {"sample": 1.0, "max_cost_usd": CAP_USD, **WIDE}}
+
+
+@pytest.fixture
+async def replicas(context: ServiceContext, store: Store, run_services: Any, signer: Signer,
+                   tmp_path: Path) -> AsyncIterator[tuple[Stack, Any]]:
+    """Router processes (each on a bus connection of its own) of deployment `chat`, with the sink and the query
+    service (what a starting router reads back from), and the candidates' simulator."""
+    (tmp_path / "prices.yaml").write_text(json.dumps({"version": "t", "currency": "USD", "models": {
+        "m": {"input_per_mtok": 0, "output_per_mtok": 1}, "long": {"input_per_mtok": 0, "output_per_mtok": 1000}}}))
+    async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
+        await chat_releases(context, signer, stable.url, canary.url, ("long",), price_book=str(tmp_path / "prices.yaml"))
+        await run_services("sink", "query")
+        stack = Stack(context, store)
+        try:
+            yield stack, canary
+        finally:
+            await stack.close()
+
+
+async def _asked(http: aiohttp.ClientSession, router: Any, n: int, batch: int = 5) -> None:
+    """n requests from distinct users, a batch at a time, each answered 200 by stable; then the router's copies of
+    them are made (or refused) and settled."""
+    url = f"{router.url}/v1/chat/completions"
+
+    async def one(i: int) -> None:
+        body = {"model": "m", "messages": [{"role": "user", "content": f"q {i}"}], "user": f"u-{i}", "max_tokens": 16}
+        async with http.post(url, json=body) as resp:
+            assert (resp.status, resp.headers["x-lockgate-release"]) == (200, "r1"), await resp.text()
+
+    for start in range(0, n, batch):
+        await asyncio.gather(*(one(i) for i in range(start, min(n, start + batch))))
+    await router.proxy.shadow.idle()
+
+
+async def test_a_shadow_rollouts_cost_cap_holds_across_replicas_started_mid_rollout(
+        replicas: tuple[Stack, Any], http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Found by a probe: the spend was kept in each replica's memory, from the shadow events it saw since it started,
+    # so a replica started mid-rollout (a restart, a rolling deploy, one more replica) mirrored another full
+    # max_cost_usd to the candidate (a cap of 0.0001 USD spent 0.000336 with one more router), and its comparison
+    # held only what it had seen since.
+    stack, candidate = replicas
+    a = await stack.start()
+    await _start(http, a, "long", CAPPED)
+    await _pass(a, signer, "long")
+    await _asked(http, a, 30)
+    first = candidate.requests.get("long", 0)
+    # each copy's worst case is reserved before it is made, so copies in flight count too
+    assert 6 <= first <= 8, f"{first} copies of 0.012 USD on a cap of 0.1 USD"
+    summary = await _summary(http, a)
+    assert summary["mirrored"] == first and summary["skipped"] == {"over_max_cost": 30 - first}
+    await a.rollouts.wait_for_shadow("chat", lambda s: s.shadow_events == first, timeout=30)
+
+    b = await stack.start()  # a replica started mid-rollout: the rollout's spend is the store's, not its own
+    await _asked(http, b, 30)
+    await asyncio.gather(_asked(http, a, 20), _asked(http, b, 20))
+    copies = candidate.requests.get("long", 0)
+    assert copies <= 8, f"{copies} copies of 0.012 USD on a cap of 0.1 USD: a replica started mid-rollout " \
+                        "mirrored past the cap"
+    shown = await _summary(http, b)
+    assert shown["mirrored"] + (await _summary(http, a))["mirrored"] == copies
+    assert shown["mirrored"] + shown["skipped"]["over_max_cost"] == 50
+    bus = a.ctx.bus
+    kv = await bus.kv(bus.subjects.kv_budgets)
+    stored = json.loads((await kv.get(spend_key("chat", "long", a.rollouts.route("chat").started_at))).value)
+    assert stored == {"spent": pytest.approx(copies * COPY_USD * 1e9, abs=copies)}  # every copy settled, none held
+
+    # and its comparison is the rollout's, read back at its start: the same as the replica that saw every copy
+    async with asyncio.timeout(30):
+        await b.rollouts.replayed.wait()
+    whole = await a.rollouts.wait_for_shadow("chat", lambda s: s.pairs == copies, timeout=30)
+    try:
+        started = await b.rollouts.wait_for_shadow("chat", lambda s: s.pairs == copies, timeout=10)
+    except TimeoutError:
+        started = b.rollouts.shadow_summary("chat")
+    assert (started.shadow_events, started.pairs) == (whole.shadow_events, whole.pairs) == (copies, copies)
+    assert started.shadow_cost_usd == pytest.approx(whole.shadow_cost_usd) == pytest.approx(copies * COPY_USD)
+
+
+async def test_a_capped_shadow_makes_no_copy_while_its_spend_cannot_be_read(
+        replicas: tuple[Stack, Any], http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Shadowing is optional: with the rollout's spend unknown (the store away, or a value under its key that is no
+    # spend) the candidate gets no copy, and users are served as ever.
+    stack, candidate = replicas
+    a = await stack.start()
+    await _start(http, a, "long", CAPPED)
+    await _pass(a, signer, "long")
+    bus = a.ctx.bus
+    kv = await bus.kv(bus.subjects.kv_budgets)
+    await kv.put(spend_key("chat", "long", a.rollouts.route("chat").started_at), b'{"stream":"KV_x","seq":1}')
+    await _asked(http, a, 10)
+    assert candidate.requests.get("long", 0) == 0
+    assert (await _summary(http, a))["skipped"] == {"cost_store_unavailable": 10}

@@ -158,6 +158,36 @@ async def test_a_restarted_router_reads_back_evidence_its_stream_no_longer_keeps
     assert route.phase == "aborted", f"not rolled back after {sent} requests: {route.reason}"
 
 
+async def test_a_restarted_router_counts_once_the_evidence_both_its_stream_and_the_record_hold(
+        stack: tuple[Stack, Signer], http: aiohttp.ClientSession, run_services: Callable[..., Any],
+        store: Store) -> None:
+    # Found while extending the read-back to shadow comparisons: a batch is in the stream until its last consumer
+    # takes it, and in the record once the sink has stored it. Read from the stream, then from the record, each such
+    # event was counted twice: a restarted router held twice the evidence of what was served (both releases alike,
+    # so twice as sure of the same rates), and a shadow comparison twice the copies.
+    replicas, signer = stack
+    sink = (await run_services("sink", "query"))["sink"]
+    router = await replicas.start()
+    await _start(http, router, "bad", {"interval_s": 0.1, "blue_green": {"post_promotion_analysis": ERRORS}})
+    await _pass(router, signer, "bad")
+    await _traffic_until(http, router, lambda r: False, limit=200)
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/promote") as resp:
+        assert resp.status == 200, await resp.text()
+    await replicas.stop(router)
+    bus = replicas.context.bus
+    served = [e async for _, _, data in bus.stored_since(
+        bus.subjects.streams["inference"].name, bus.subjects.inference_all, 0) for e in _events.decode(data)]
+    await sink.handlers.events.wait_for(len(served))  # in the record, and still in the stream (no other reader ran)
+    stored = store.rows("SELECT count() AS n FROM inference_events WHERE served AND release = 'r1'")[0]["n"]
+    assert stored == sum(e.release == "r1" for e in served) >= 200
+
+    router = await replicas.start()
+    route = router.rollouts.route("chat")
+    async with asyncio.timeout(30):
+        await router.rollouts.replayed.wait()
+    assert router.rollouts.evidence.sample("chat", "r1", route.started_at).n == stored
+
+
 async def test_a_router_restarted_while_the_query_service_is_down_holds_a_canary_that_failed_before_it(
         stack: tuple[Stack, Signer], http: aiohttp.ClientSession, run_services: Callable[..., Any],
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lockgate.contracts import InferenceEvent
-from lockgate.services.router.shadowstats import Budget, Ledger
+from lockgate.services.router import shadowstats
+from lockgate.services.router.shadowstats import NANO, Budget, Ledger, Spend, spend_key
 from lockgate.services.router.strategy import ShadowSpec
 
 pytestmark = pytest.mark.timeout(30)
@@ -19,13 +20,13 @@ class Clock:
         return self.now
 
 
-def _admit(budget: Budget, n: int, draw: float = 0.0, spent: float = 0.0) -> int:
-    return sum(budget.admit(draw, spent) for _ in range(n))
+def _admit(budget: Budget, n: int, draw: float = 0.0) -> int:
+    return sum(budget.admit(draw) for _ in range(n))
 
 
 def test_sample_share_is_what_the_draw_says() -> None:
     b = Budget(ShadowSpec(sample=0.25, max_rps=1e4, max_concurrency=256), Clock())
-    admitted = sum(b.admit(i / 100, 0.0) for i in range(100))
+    admitted = sum(b.admit(i / 100) for i in range(100))
     assert admitted == 25 and b.skipped == {"not_sampled": 75}
 
 
@@ -39,17 +40,38 @@ def test_rate_is_a_token_bucket_with_one_second_of_burst() -> None:
     assert _admit(b, 20) == 5 and b.sent == 12
 
 
-def test_concurrency_requests_and_cost_caps() -> None:
+def test_concurrency_and_requests_caps_and_a_refused_copy_takes_nothing() -> None:
     clock = Clock()
-    b = Budget(ShadowSpec(sample=1.0, max_rps=1e4, max_concurrency=2, max_requests=5, max_cost_usd=0.01), clock)
+    b = Budget(ShadowSpec(sample=1.0, max_rps=3, max_concurrency=2, max_requests=5), clock)
     assert _admit(b, 4) == 2 and b.skipped["over_max_concurrency"] == 2
+    b.refused("over_max_cost")  # its cost did not fit: no slot, request or rate token taken
+    assert (b.in_flight, b.sent, b.tokens, b.skipped["over_max_cost"]) == (1, 1, 2.0, 1)
     b.done()
-    b.done()
-    assert _admit(b, 1, spent=0.01) == 0 and b.skipped["over_max_cost"] == 1
+    clock.now += 1.0
     assert _admit(b, 2) == 2
     b.done()
     b.done()
-    assert _admit(b, 5) == 1 and b.sent == 5 and b.skipped["over_max_requests"] == 4
+    clock.now += 1.0
+    assert _admit(b, 5) == 2 and b.sent == 5 and b.skipped["over_max_requests"] == 3
+
+
+def test_the_rollouts_spend_reserves_worst_cases_up_to_the_cap_and_settles_to_real_costs() -> None:
+    spend: Spend | None = None
+    taken = 0
+    while (after := shadowstats.reserve(spend, 3 * NANO // 1000, 0.01)) is not None:  # 0.003 USD each
+        spend, taken = after, taken + 1
+    assert taken == 3 and spend == Spend(spent=9 * NANO // 1000)  # a fourth would pass 0.01
+    spend = shadowstats.settle(spend, 3 * NANO // 1000, NANO // 1000)  # one cost 0.001: its room is back
+    assert shadowstats.reserve(spend, 3 * NANO // 1000, 0.01) == Spend(spent=10 * NANO // 1000)
+    assert shadowstats.reserve(None, NANO // 100 + 1, 0.01) is None  # one copy's worst case over the cap alone
+    assert shadowstats.settle(None, 5, 0) == Spend(spent=0)  # never below nothing
+
+
+def test_each_rollout_has_a_spend_of_its_own_no_gateway_budget_can_take() -> None:
+    a = spend_key("chat", "cand", 1700000000.123456)
+    assert a == "_shadow.chat.cand.1700000000123456"
+    assert spend_key("chat", "cand", 1700000001.0) != a and spend_key("chat.v2", "cand", 1700000000.123456) != a
+    assert spend_key("chat.v2", "c", 1.0).count(".") == 3  # names are tokens: the parts stay apart
 
 
 def _event(trace: str, variant: str, response: str, status: str = "ok", latency: float = 10.0,
@@ -79,7 +101,7 @@ def test_ledger_pairs_by_trace_in_either_order_and_compares() -> None:
     assert s.recent[1].length_delta == len("a much longer answer") - len("short")
     assert s.recent[1].output_tokens_delta == 6
     ledger.start("chat", "cand")  # a new rollout starts from nothing
-    assert ledger.summary("chat").pairs == 0 and ledger.spent("chat") == 0.0
+    assert ledger.summary("chat").pairs == 0 and ledger.summary("chat").shadow_cost_usd == 0.0
 
 
 def test_pairs_the_client_failed_are_not_compared() -> None:
@@ -95,3 +117,22 @@ def test_pairs_the_client_failed_are_not_compared() -> None:
     s = ledger.summary("chat")
     assert (s.shadow_events, s.pairs, s.served_error_rate, s.shadow_error_rate) == (3, 1, 0.0, 1.0)
     assert s.shadow_cost_usd == pytest.approx(0.006)  # every shadow call cost, compared or not
+
+
+def test_pairs_read_back_from_the_record_compare_all_but_the_answers_it_does_not_keep() -> None:
+    """The record (the `served_events` query a starting router reads back) keeps no answer: such a pair counts for
+    errors, tokens, latency and cost, not for exact match or length (an empty answer on both sides would match)."""
+    ledger = Ledger(lambda e: 0.002 if e.variant == "shadow" else None)
+    ledger.start("chat", "cand")
+    ledger.add("chat", _event("1" * 32, "stable", "same"))
+    ledger.add("chat", _event("1" * 32, "shadow", "same"))
+    ledger.add("chat", _event("2" * 32, "stable", None, out=3))  # type: ignore[arg-type]  # read back
+    ledger.add("chat", _event("2" * 32, "shadow", None, out=5, latency=30.0))  # type: ignore[arg-type]
+    ledger.add("chat", _event("3" * 32, "stable", None))  # type: ignore[arg-type]
+    ledger.add("chat", _event("3" * 32, "shadow", None, status="error"))  # type: ignore[arg-type]
+    s = ledger.summary("chat")
+    assert (s.shadow_events, s.pairs, s.text_pairs) == (3, 3, 1)
+    assert s.exact_match_rate == 1.0 and s.mean_length_delta == 0.0  # of the pair whose answers are known
+    assert s.shadow_error_rate == pytest.approx(1 / 3) and s.mean_output_tokens_delta == pytest.approx(2 / 3)
+    assert s.shadow_cost_usd == pytest.approx(0.006)
+    assert [p.exact_match for p in s.recent] == [True, None, None]
