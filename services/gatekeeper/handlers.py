@@ -144,7 +144,8 @@ class GateHandlers:
             rules, author = ReviewRules(), None
             if current is not None:
                 try:
-                    await self.verifier.verify(current)
+                    # As history: what a key retired since decided before is still ours (only a leaked key's is not).
+                    await self.verifier.verify(current, history=True)
                 except SignatureError as exc:
                     # Never countersign content we cannot prove we decided.
                     refusal = f"{review.action} by {reviewer} refused: the stored decision fails: {exc.message}"
@@ -222,7 +223,8 @@ class GateHandlers:
         try:
             current = await self.records.current(done.baseline)
             if current is not None:
-                await self.verifier.verify(current)
+                # As history: a baseline PASSed before a rotation is still one (a leaked key's PASS is not).
+                await self.verifier.verify(current, history=True)
         except (UnreadableValue, SignatureError) as exc:
             return f"baseline {done.baseline!r}'s current decision cannot be trusted: {exc.message}", None
         compared = done.baseline_run if done.baseline_run or done.comparisons else None

@@ -123,7 +123,8 @@ def _link(row: AuditRecord, prev: AuditRecord | None, keyring: Keyring) -> Break
     if chain_hash(row) != row.hash:
         return Break(row.seq, "row altered (its content does not match its hash)")
     try:
-        keyring.verify_bytes(row.key_id, row.hash.encode(), row.signature, f"row {row.seq}")
+        # By seq: a key retired since still verifies the rows it chained before its retirement.
+        keyring.verify_bytes(row.key_id, row.hash.encode(), row.signature, f"row {row.seq}", audit_seq=row.seq)
     except SignatureError as exc:
         return Break(row.seq, exc.message)
     if row.prev_hash != (prev.hash if prev else GENESIS):
@@ -179,7 +180,8 @@ def _link_head(head: AuditRecord, keyring: Keyring) -> Break | None:
     if chain_hash(head) != head.hash:
         return Break(head.seq, "the chain head in KV is altered (its content does not match its hash)")
     try:
-        keyring.verify_bytes(head.key_id, head.hash.encode(), head.signature, f"the chain head (seq {head.seq})")
+        keyring.verify_bytes(head.key_id, head.hash.encode(), head.signature, f"the chain head (seq {head.seq})",
+                             audit_seq=head.seq)
     except SignatureError as exc:
         return Break(head.seq, exc.message)
     return None

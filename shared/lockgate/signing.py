@@ -7,9 +7,10 @@ import binascii
 import functools
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import nats.errors
@@ -140,12 +141,32 @@ class Signer:
         return msgspec.structs.replace(unsigned, signature=base64.b64encode(sig).decode())
 
 
-class Keyring:
-    """Trusted public keys by key id, and revoked ids; `verify` raises SignatureError unless a decision checks out."""
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
-    def __init__(self, keys: Iterable[Ed25519PublicKey] = (), revoked: Iterable[str] = (), source: str = "") -> None:
+
+def _when(t: datetime) -> str:
+    return f"{_utc(t):%Y-%m-%d %H:%M:%S}Z"
+
+
+class RetiredKey(NamedTuple):
+    """A decision key rotated out (`gate retire`): what it signed before its retirement stays verifiable as
+    history (decisions up to `at`, audit rows up to seq `until_seq`), but it admits nothing and signs nothing new."""
+
+    public: Ed25519PublicKey
+    at: datetime
+    until_seq: int
+
+
+class Keyring:
+    """Trusted public keys by key id, revoked ids and retired keys; `verify` raises SignatureError unless a
+    decision checks out."""
+
+    def __init__(self, keys: Iterable[Ed25519PublicKey] = (), revoked: Iterable[str] = (), source: str = "",
+                 retired: Mapping[str, RetiredKey] | None = None) -> None:
         self.keys: dict[str, Ed25519PublicKey] = {}
         self.revoked: set[str] = set(revoked)
+        self.retired: dict[str, RetiredKey] = dict(retired or {})
         self.source = source  # where the keys came from, named in refusals
         for k in keys:
             self.add(k)
@@ -162,8 +183,8 @@ class Keyring:
         return kid
 
     def merge(self, other: Keyring) -> Keyring:
-        """A keyring trusting both rings' keys and honouring both rings' revocations."""
-        ring = Keyring(revoked=self.revoked | other.revoked,
+        """A keyring trusting both rings' keys and honouring both rings' revocations and retirements."""
+        ring = Keyring(revoked=self.revoked | other.revoked, retired={**self.retired, **other.retired},
                        source=" + ".join(s for s in (self.source, other.source) if s))
         ring.keys = {**self.keys, **other.keys}
         return ring
@@ -190,7 +211,8 @@ class Keyring:
 
     @classmethod
     def from_trust_file(cls, path: str | Path) -> Keyring:
-        """Keys of a trust file (`{"keys": {id: PEM}, "revoked": [id]}`); empty if the file does not exist."""
+        """Keys of a trust file (`{"keys": {id: PEM}, "revoked": [id], "retired": {id: ...}}`); empty if the file
+        does not exist."""
         p = Path(path)
         try:
             data = msgspec.json.decode(p.read_bytes(), type=TrustFile)
@@ -202,15 +224,10 @@ class Keyring:
             raise ConfigError(f'trust file {p} is not {{"keys": {{id: PEM}}, "revoked": [id]}}: {exc}') from None
         ring = cls(revoked=data.revoked, source=str(p))
         for kid, pem in data.keys.items():
-            try:
-                key = serialization.load_pem_public_key(pem.encode())
-            except ValueError as exc:
-                raise ConfigError(f"trust file {p}: key {kid!r} is not a PEM public key: {exc}") from None
-            if not isinstance(key, Ed25519PublicKey):
-                raise ConfigError(f"trust file {p}: key {kid!r} is {type(key).__name__}, expected Ed25519")
-            if key_id(key) != kid:
-                raise ConfigError(f"trust file {p}: key listed as {kid!r} has id {key_id(key)!r}")
-            ring.add(key)
+            ring.add(_listed_key(p, kid, pem))
+        for kid, retirement in data.retired.items():
+            ring.retired[kid] = RetiredKey(_listed_key(p, kid, retirement.key), _utc(retirement.at),
+                                           retirement.until_seq)
         return ring
 
     @classmethod
@@ -220,14 +237,34 @@ class Keyring:
         paths = trusted_paths(settings)
         return ring.merge(cls.from_pem_files(paths)) if paths else ring
 
-    def verify(self, decision: GateDecided) -> str:
-        """Check the signature; returns the key id or raises SignatureError with a one-line reason."""
+    def why_untrusted(self, kid: str) -> str:
+        """Why key `kid` may not sign anything anyone acts on now ("" when it may): revoked, retired or unknown."""
+        if kid in self.revoked:
+            return f"key {kid} is revoked in {self.source or 'the trust roots'}"
+        if kid in self.retired:
+            return f"key {kid} was retired at {_when(self.retired[kid].at)} in {self.source or 'the trust roots'}"
+        if kid not in self.keys:
+            return f"key {kid} is not in the trust roots ({self.source or 'none configured'})"
+        return ""
+
+    def verify(self, decision: GateDecided, *, history: bool = False) -> str:
+        """Check the signature; returns the key id or raises SignatureError with a one-line reason.
+
+        A decision signed by a retired key admits nothing (the router, the SDK, attestations: re-gate the
+        release); with `history` it verifies as what was decided, if it was signed before the retirement."""
         if not decision.signature:
             raise SignatureError(f"signature invalid: decision {decision.id} for {decision.release} is not signed")
+        what = f"decision {decision.id} for {decision.release}"
         if decision.key_id in self.revoked:
-            raise SignatureError(f"signature invalid: decision {decision.id} for {decision.release} was signed by "
-                                 f"revoked key id {decision.key_id!r}")
-        public = self.keys.get(decision.key_id)
+            raise SignatureError(f"signature invalid: {what} was signed by revoked key id {decision.key_id!r}")
+        retired = self.retired.get(decision.key_id)
+        if retired is not None and not history:
+            raise SignatureError(f"{what} was signed by key id {decision.key_id!r}, retired at {_when(retired.at)}: "
+                                 f"a retired key admits nothing; re-gate {decision.release} (run its eval again)")
+        if retired is not None and _utc(decision.time) > retired.at:
+            raise SignatureError(f"signature invalid: {what} was signed by retired key id {decision.key_id!r} after "
+                                 f"its retirement at {_when(retired.at)}")
+        public = retired.public if retired is not None else self.keys.get(decision.key_id)
         if public is None:
             known = ", ".join(sorted(self.keys)) or "none"
             raise SignatureError(f"signature invalid: decision {decision.id} was signed by unknown key id "
@@ -236,17 +273,27 @@ class Keyring:
             sig = base64.b64decode(decision.signature, validate=True)
             public.verify(sig, canonical(decision))
         except (InvalidSignature, binascii.Error, ValueError):
-            raise SignatureError(f"signature invalid: decision {decision.id} for {decision.release} does not "
-                                 f"match its signature by key {decision.key_id} (altered after signing?)") from None
+            raise SignatureError(f"signature invalid: {what} does not match its signature by key {decision.key_id} "
+                                 "(altered after signing?)") from None
         return decision.key_id
 
-    def verify_bytes(self, kid: str, data: bytes, signature: str, what: str) -> str:
-        """Check a signature over `data` by key `kid`; returns the key id or raises SignatureError naming `what`."""
+    def verify_bytes(self, kid: str, data: bytes, signature: str, what: str, *, audit_seq: int | None = None) -> str:
+        """Check a signature over `data` by key `kid`; returns the key id or raises SignatureError naming `what`.
+
+        A retired key verifies only the audit log's rows up to the seq it was retired at (`audit_seq` is the
+        row's); a revoked key nothing, and that is said apart from an altered row: a revoked key counts as
+        leaked, so nothing it signed can be told from a forgery."""
         if not signature:
             raise SignatureError(f"signature invalid: {what} is not signed")
         if kid in self.revoked:
-            raise SignatureError(f"signature invalid: {what} was signed by revoked key id {kid!r}")
-        public = self.keys.get(kid)
+            raise SignatureError(f"{what} was signed by revoked key id {kid!r} (revoked keys count as leaked: "
+                                 "nothing they signed is believed)")
+        retired = self.retired.get(kid)
+        if retired is not None and (audit_seq is None or audit_seq > retired.until_seq):
+            upto = f" (it signed the audit log up to seq {retired.until_seq})" if audit_seq is not None else ""
+            raise SignatureError(f"{what} was signed by retired key id {kid!r} after its retirement at "
+                                 f"{_when(retired.at)}{upto}")
+        public = retired.public if retired is not None else self.keys.get(kid)
         if public is None:
             known = ", ".join(sorted(self.keys)) or "none"
             raise SignatureError(f"signature invalid: {what} was signed by unknown key id {kid!r} "
@@ -258,6 +305,19 @@ class Keyring:
         return kid
 
 
+def _listed_key(path: Path, kid: str, pem: str) -> Ed25519PublicKey:
+    """The Ed25519 key a trust file lists under `kid` (ConfigError if it is not one, or has another id)."""
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except ValueError as exc:
+        raise ConfigError(f"trust file {path}: key {kid!r} is not a PEM public key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ConfigError(f"trust file {path}: key {kid!r} is {type(key).__name__}, expected Ed25519")
+    if key_id(key) != kid:
+        raise ConfigError(f"trust file {path}: key listed as {kid!r} has id {key_id(key)!r}")
+    return key
+
+
 class Person(msgspec.Struct, forbid_unknown_fields=True):
     """A person the trust file knows: their public key (one at a time; re-trusting rotates it) and roles."""
 
@@ -266,13 +326,25 @@ class Person(msgspec.Struct, forbid_unknown_fields=True):
     roles: list[str] = []
 
 
-class TrustFile(msgspec.Struct, forbid_unknown_fields=True):
-    """The trust roots on disk: key id -> PEM public key (several, for rotation), revoked key ids, and the
-    people whose signed reviews and break-glass overrides count (name -> key and roles)."""
+class Retirement(msgspec.Struct, forbid_unknown_fields=True):
+    """A decision key rotated out (`gate retire`): its PEM, when, and the audit chain's head seq then."""
+
+    key: str  # PEM public key: what it signed before is still checked against it
+    at: datetime
+    until_seq: int = 0
+
+
+class TrustFile(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """The trust roots on disk: key id -> PEM public key (several, for rotation), revoked key ids (leaked), retired
+    keys (rotated out), and the people whose signed reviews and break-glass overrides count (name -> key and roles).
+
+    Empty fields are left out when written: a reader older than `retired` refuses the file only once a key is
+    retired, not after any change."""
 
     keys: dict[str, str] = {}
     revoked: list[str] = []
     people: dict[str, Person] = {}
+    retired: dict[str, Retirement] = {}
 
 
 def trust_file_path(settings: Settings) -> Path:
@@ -306,6 +378,11 @@ def trust_key(path: str | Path, public: Ed25519PublicKey) -> str:
     kid = key_id(public)
     if kid in data.revoked:
         raise ConfigError(f"key {kid} is revoked in {p}; remove it from `revoked` first if that was a mistake")
+    if kid in data.retired:
+        # Trusted again it would sign new decisions and audit rows past its retirement; a gatekeeper holding it
+        # (`lockgate up` trusts the home's key) needs a key of its own.
+        raise ConfigError(f"key {kid} was retired in {p}: it signs nothing new; give the gatekeeper a new key "
+                          "(LOCKGATE_SIGNING_KEY, or move {home}/keys/gatekeeper.pem aside and `lockgate up` makes one)")
     if data.keys.get(kid) != public_pem(public).decode():
         data.keys[kid] = public_pem(public).decode()
         _write_trust_file(p, data)
@@ -339,7 +416,7 @@ def trust_person(path: str | Path, name: str, public: Ed25519PublicKey, roles: I
     kid = key_id(public)
     if kid in data.revoked:
         raise ConfigError(f"key {kid} is revoked in {p}; {name} needs a new identity (`lockgate identity create`)")
-    if kid in data.keys:
+    if kid in data.keys or kid in data.retired:
         raise ConfigError(f"key {kid} is a decision-signing key in {p}; a person needs a key of their own")
     holder = next((n for n, person in data.people.items() if person.key_id == kid and n != name), None)
     if holder is not None:
@@ -364,13 +441,41 @@ def revoke_person(path: str | Path, name: str) -> str:
 
 
 def revoke_key(path: str | Path, kid: str) -> None:
-    """Revoke a key id in a trust file: decisions it signed are refused from the next verification on."""
+    """Revoke a key id in a trust file (it leaked): everything it signed is refused from the next verification on,
+    the audit rows it signed included. A retired key found leaked later is revoked alike."""
     p = Path(path)
     data = read_trust_file(p)
     data.keys.pop(kid, None)
+    data.retired.pop(kid, None)
     if kid not in data.revoked:
         data.revoked.append(kid)
     _write_trust_file(p, data)
+
+
+def retire_key(path: str | Path, kid: str, *, until_seq: int, at: datetime | None = None) -> Retirement:
+    """Retire a trusted decision key (a rotation, not a leak): what it signed up to now (`at`; the audit chain's
+    rows up to `until_seq`) still verifies as history, but it admits and signs nothing new. Retiring it again
+    only raises `until_seq` (rows chained while it was being retired). Returns the retirement recorded."""
+    p = Path(path)
+    data = read_trust_file(p)
+    if kid in data.retired:
+        was = data.retired[kid]
+        if until_seq > was.until_seq:
+            data.retired[kid] = was = msgspec.structs.replace(was, until_seq=until_seq)
+            _write_trust_file(p, data)
+        return was
+    if kid in data.revoked:
+        raise ConfigError(f"key {kid} is revoked in {p} (leaked): what it signed is refused for good, not retired")
+    if kid not in data.keys:
+        known = ", ".join(sorted(data.keys)) or "none"
+        raise ConfigError(f"key {kid} is not a trusted decision key in {p} (trusted: {known})")
+    if len(data.keys) == 1:
+        raise ConfigError(f"key {kid} is the only decision key trusted in {p}: trust its successor first "
+                          "(`lockgate gate trust new.pem`) and give the gatekeepers that key")
+    retirement = Retirement(key=data.keys.pop(kid), at=_utc(at or datetime.now(UTC)), until_seq=until_seq)
+    data.retired[kid] = retirement
+    _write_trust_file(p, data)
+    return retirement
 
 
 def ensure_signer_trusted(settings: Settings) -> Signer:
@@ -412,21 +517,26 @@ class Verifier:
         ring = Keyring.from_settings(self.settings)
         return ring.merge(Keyring(self._also, source="own key")) if self._also else ring
 
-    async def verify(self, decision: GateDecided) -> str:
-        """Raise SignatureError unless the decision is signed by a trusted, unrevoked key; returns the key id."""
+    async def verify(self, decision: GateDecided, *, history: bool = False) -> str:
+        """Raise SignatureError unless the decision is signed by a trusted, unrevoked key (with `history`, or by
+        a key retired after it signed: Keyring.verify); returns the key id."""
         # The trust file may have changed (a rotation, a revocation, `lockgate up` writing it after we
         # started): re-read the local configuration, never the bus, before refusing or accepting.
         if decision.key_id not in self.keyring.keys or decision.key_id in self.keyring.revoked \
                 or self._changed():
             self.keyring = self._load()
-        return self.keyring.verify(decision)
+        return self.keyring.verify(decision, history=history)
 
     def trusts(self, kid: str) -> bool:
-        """True if key `kid` is trusted and not revoked by the trust roots as they are now (the trust file is
-        read again if it changed): what a key signed earlier counts only while this holds."""
+        """True if key `kid` is trusted and neither revoked nor retired by the trust roots as they are now (the
+        trust file is read again if it changed): what a key signed earlier counts only while this holds."""
+        return not self.why_untrusted(kid)
+
+    def why_untrusted(self, kid: str) -> str:
+        """Why key `kid` may not sign anything acted on, by the trust roots as they are now ("" when it may)."""
         if self._changed():
             self.keyring = self._load()
-        return kid in self.keyring.keys and kid not in self.keyring.revoked
+        return self.keyring.why_untrusted(kid)
 
     def _mtime(self) -> tuple[int, int, int]:
         # The inode too: the trust file is replaced whole (os.replace), and two writes within one tick of the

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -14,12 +15,15 @@ import pytest
 from lockgate import artifacts, credentials
 from lockgate.bus import Bus
 from lockgate.cli.gate import request_review
+from lockgate.codec import encode
 from lockgate.config import Settings
-from lockgate.contracts import AuditEntry, EvalCompleted, EvalRequested
+from lockgate.contracts import AuditEntry, EvalCompleted, EvalRequested, GateDecided
 from lockgate.credentials import NotAllowed
 from lockgate.evalruns import record_request
 from lockgate.server.runtime import Runtime
+from lockgate.signing import Signer
 from lockgate.store import Store
+from lockgate.subjects import token
 from tests.helpers import (
     admin_headers,
     break_glass,
@@ -55,10 +59,9 @@ async def as_identity(runtime: Runtime, identity: str) -> Bus:
     return bus
 
 
-async def produce_one_of_each(runtime: Runtime) -> None:
-    """A gate decision, a human override (a review), a canary start, an abort and a break-glass override,
-    and an API key created."""
-    bus, s = runtime.ctx.bus, runtime.settings  # the admin connection stands in for the evaluator and approver
+async def decide_one(runtime: Runtime) -> None:
+    """A gate decision by the runtime's gatekeeper: shop-v2's BLOCK (its eval scored under the policy)."""
+    bus = runtime.ctx.bus  # the admin connection stands in for the evaluator
     policy = (await artifacts.register(bus, "policy", POLICY["name"], POLICY)).hash
     done = EvalCompleted(run_id="run-audit", release="shop-v2", suite="sha256:suite", policy=policy, n_cases=50,
                          metrics={"exact_match": 0.5})
@@ -68,6 +71,13 @@ async def produce_one_of_each(runtime: Runtime) -> None:
     await bus.publish(bus.subjects.eval_completed, done)
     await decided.next_msg(timeout=30)
     await decided.unsubscribe()
+
+
+async def produce_one_of_each(runtime: Runtime) -> None:
+    """A gate decision, a human override (a review), a canary start, an abort and a break-glass override,
+    and an API key created."""
+    bus, s = runtime.ctx.bus, runtime.settings  # the admin connection stands in for the approver
+    await decide_one(runtime)
     await request_review(bus, "shop-v2", "reject", person(s, "ann", "approver"), "not this week", timeout_s=30)
 
     for release in ("shop-v1", "shop-v3"):
@@ -165,3 +175,79 @@ async def test_an_identity_cannot_append_in_another_identitys_name(stack: Runtim
     [row] = store.rows("SELECT seq, producer, actor, reason FROM audit_log")
     assert (row["seq"], row["producer"], row["actor"]) == (1, "router", "gatekeeper")
     assert (await run_cli(stack, "audit", "verify")).exit_code == 0
+
+
+async def test_a_rotated_gatekeeper_key_is_retired_and_what_it_signed_still_verifies(
+    settings: Settings, store: Store, tmp_path: Path
+) -> None:
+    # Before (r1 probe, finding 2): the README's rotation was `gate trust new.pem`, then `gate revoke OLD`, after
+    # which `audit verify` of an untouched log said "broken at seq 1" for good, and every decision the old key had
+    # signed stopped verifying: a rotation could not be told from a leak.
+    base = settings.replace(nats_url="nats://127.0.0.1:0", deployment="chat")
+    names = ["sink", "query", "gatekeeper", "router"]
+    first = Runtime(base, services=names)
+    await first.start()
+    try:
+        bus = first.ctx.bus
+        old = first.services["gatekeeper"].signer
+        await decide_one(first)  # shop-v2's BLOCK, by the gatekeeper on its old key
+        for release in ("shop-v1", "shop-v4"):
+            await register_model_release(bus, release)
+        await store_pass(bus, "shop-v1", first.settings)
+        # shop-v4's PASS, signed with the old key before its rotation (as the gatekeeper signs).
+        arts = dict((await artifacts.release_of(bus, "shop-v4"))["artifacts"])
+        kv = await bus.kv(bus.subjects.kv_gates)
+        await kv.put(token("shop-v4"), encode(old.sign(GateDecided(release="shop-v4", decision="PASS", rules=[],
+                                                                    artifacts=arts))))
+        created = await run_cli(first, "keys", "create", "--tenant", "acme", "--app", "shop", "--role", "viewer")
+        assert created.exit_code == 0, created.output
+        await stored(first, store, 2)
+    finally:
+        await first.stop()
+
+    # The rotation: the gatekeeper restarts on its new key (trusted in the home's trust file as it starts), and the
+    # old key is retired once no gatekeeper holds it.
+    new = Signer.load_or_create(tmp_path / "gatekeeper-2.pem")
+    rotated = Runtime(base.replace(signing_key=str(tmp_path / "gatekeeper-2.pem")), services=names)
+    await rotated.start()
+    router = rotated.services["router"]
+
+    async def canary(deployment: str) -> dict:
+        async with aiohttp.ClientSession(headers=admin_headers(rotated.settings.home)) as http:
+            body = {"stable_release": "shop-v1", "canary_release": "shop-v4"}
+            async with http.put(f"{router.url}/lockgate/v1/deployments/{deployment}", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                return await resp.json()
+
+    try:
+        before = await canary("pre")  # the old key still trusted: its PASS admits (an audited canary start, seq 3)
+        assert (before["phase"], before["canary"]["release"]) == ("progressing", "shop-v4"), before
+        await stored(rotated, store, 3)
+        retired = await run_cli(rotated, "gate", "retire", old.key_id)
+        assert retired.exit_code == 0, retired.output
+        assert f"retired key {old.key_id}" in retired.output and "(audit rows up to seq 3)" in retired.output
+        await stored(rotated, store, 4)  # the retirement's own row, chained by the new key
+        ok = await run_cli(rotated, "audit", "verify")
+        assert ok.exit_code == 0, ok.output
+        assert ok.output.startswith("ok: audit log intact: 4 rows (seq 1..4") and \
+            f"signed by key(s) {', '.join(sorted([old.key_id, new.key_id]))}" in ok.output
+        verified = await run_cli(rotated, "gate", "verify", "shop-v2")  # history: what it decided stays provable
+        assert verified.exit_code == 0, verified.output
+        assert f"is signed by key {old.key_id} (retired at " in verified.output and "it admits nothing now" in \
+            verified.output
+
+        # It admits nothing new: a canary resting on its PASS waits for the release to be gated again.
+        after = await canary("chat")
+        assert (after["phase"], after["weight"]) == ("idle", 0.0), after
+        assert after["reason"] == "canary shop-v4 started at 0%; 0% until a verified gate decision allows it"
+
+        # A leak is another matter: revoked, the old key's rows are said to be signed by a revoked key, not altered.
+        revoked = await run_cli(rotated, "gate", "revoke", old.key_id)
+        assert revoked.exit_code == 0, revoked.output
+        await stored(rotated, store, 6)
+        broken = await run_cli(rotated, "audit", "verify")
+        assert broken.exit_code == 4
+        assert broken.stderr.strip() == f"error: audit log broken at seq 1: row 1 was signed by revoked key id " \
+                                        f"{old.key_id!r} (revoked keys count as leaked: nothing they signed is believed)"
+    finally:
+        await rotated.stop()

@@ -12,7 +12,7 @@ import pytest
 from lockgate import auditchain
 from lockgate.codec import to_json
 from lockgate.contracts import AuditEntry, AuditRecord
-from lockgate.signing import Keyring, Signer
+from lockgate.signing import Keyring, RetiredKey, Signer
 from lockgate.store.tables import AUDIT_LOG
 
 SIGNER = Signer.generate()
@@ -100,7 +100,26 @@ def test_a_revoked_key_fails_every_row_it_signed() -> None:
     rows = chain(2)
     revoked = Keyring([SIGNER.public], revoked=[SIGNER.key_id])
     report = auditchain.verify(rows, revoked, rows[-1])
-    assert report.broken is not None and "revoked key id" in report.broken.reason
+    assert report.broken is not None and report.broken.seq == 1
+    assert report.broken.reason == f"row 1 was signed by revoked key id {SIGNER.key_id!r} (revoked keys count as " \
+                                   "leaked: nothing they signed is believed)"
+
+
+def test_a_retired_key_verifies_the_rows_it_chained_before_its_retirement_only() -> None:
+    # A rotation is not a leak: the old key's rows up to its retirement still verify, with the new key's after them.
+    successor = Signer.generate()
+    rows = chain(2)
+    more = auditchain.seal(AuditEntry(kind="key", actor="admin", target="signing-key:x", action="retire"), "admin",
+                           rows[-1], successor)
+    rotated = Keyring([successor.public], retired={SIGNER.key_id: RetiredKey(SIGNER.public, T0, 2)})
+    report = auditchain.verify([*rows, more], rotated, more)
+    assert report.ok and report.keys == {SIGNER.key_id, successor.key_id}
+    # A row it chained past its retirement (a gatekeeper still holding it) is named as such, not as altered.
+    late = auditchain.seal(AuditEntry(kind="key", actor="admin", target="x", action="y"), "admin", rows[-1], SIGNER)
+    report = auditchain.verify([*rows, late], rotated, late)
+    assert report.broken is not None and report.broken.seq == 3
+    assert report.broken.reason == f"row 3 was signed by retired key id {SIGNER.key_id!r} after its retirement at " \
+                                   "2026-01-02 03:04:05Z (it signed the audit log up to seq 2)"
 
 
 def test_a_truncated_tail_is_caught_by_the_head() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -20,6 +21,7 @@ from lockgate.signing import (
     default_key_path,
     gatekeeper_signer,
     public_pem,
+    retire_key,
     revoke_key,
     trust_file_path,
     trust_key,
@@ -99,6 +101,49 @@ def test_trust_file_keys_rotation_and_revocation(tmp_path: Path) -> None:
     assert ring.verify(d_new) == new.key_id
     with pytest.raises(ConfigError, match="revoked"):
         trust_key(path, old.public)
+
+
+def test_a_retired_key_verifies_what_it_signed_before_as_history_and_admits_nothing(tmp_path: Path) -> None:
+    """A rotation: the old key's decisions up to its retirement verify as history (`gate verify`, a baseline), none
+    admits (the router, the SDK, `eval run`), and one it signed after its retirement is refused even as history."""
+    path = tmp_path / "trust.json"
+    old, new = Signer.generate(), Signer.generate()
+    trust_key(path, old.public)
+    with pytest.raises(ConfigError, match="the only decision key trusted"):
+        retire_key(path, old.key_id, until_seq=0)
+    trust_key(path, new.public)
+    before = old.sign(GateDecided(release="r", decision="PASS", rules=[], time=datetime(2026, 1, 1, tzinfo=UTC)))
+    at = datetime(2026, 2, 1, tzinfo=UTC)
+    retired = retire_key(path, old.key_id, until_seq=7, at=at)
+    assert (retired.at, retired.until_seq) == (at, 7)
+    ring = Keyring.from_trust_file(path)
+    assert old.key_id not in ring.keys and ring.why_untrusted(old.key_id) == (
+        f"key {old.key_id} was retired at 2026-02-01 00:00:00Z in {path}")
+    assert ring.verify(before, history=True) == old.key_id
+    with pytest.raises(SignatureError) as err:
+        ring.verify(before)
+    assert err.value.message == (f"decision {before.id} for r was signed by key id {old.key_id!r}, retired at "
+                                 "2026-02-01 00:00:00Z: a retired key admits nothing; re-gate r (run its eval again)")
+    after = old.sign(GateDecided(release="r", decision="PASS", rules=[], time=at + timedelta(seconds=1)))
+    with pytest.raises(SignatureError, match="after its retirement at 2026-02-01 00:00:00Z"):
+        ring.verify(after, history=True)
+    with pytest.raises(SignatureError, match="altered after signing"):
+        ring.verify(msgspec.structs.replace(before, decision="BLOCK"), history=True)
+    # Retired again (rows chained while it was retired): only the seq grows, the time stays.
+    assert retire_key(path, old.key_id, until_seq=9).until_seq == 9
+    assert retire_key(path, old.key_id, until_seq=3).until_seq == 9
+    assert Keyring.from_trust_file(path).retired[old.key_id][1:] == (at, 9)
+    # Never trusted again (a gatekeeper still holding it is given a new key), nor taken as a person's.
+    with pytest.raises(ConfigError, match="was retired"):
+        trust_key(path, old.public)
+    # Found leaked later, it is revoked: nothing it signed counts any more.
+    revoke_key(path, old.key_id)
+    ring = Keyring.from_trust_file(path)
+    assert old.key_id not in ring.retired
+    with pytest.raises(SignatureError, match="revoked key id"):
+        ring.verify(before, history=True)
+    with pytest.raises(ConfigError, match="is revoked"):
+        retire_key(path, old.key_id, until_seq=0)
 
 
 def test_cli_trust_and_revoke_edit_the_trust_file(tmp_path: Path) -> None:

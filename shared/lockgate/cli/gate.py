@@ -12,7 +12,7 @@ import msgspec
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
-from lockgate.cli.audit import record_change
+from lockgate.cli.audit import read_head, record_change
 from lockgate.cli.identity import chosen_identity
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, table
@@ -27,6 +27,7 @@ from lockgate.signing import (
     Keyring,
     load_public_key,
     public_pem,
+    retire_key,
     revoke_key,
     revoke_person,
     trust_file_path,
@@ -95,19 +96,23 @@ def _keyring(settings: Settings, keys: tuple[str, ...]) -> Keyring:
 
 
 def _verify(settings: Settings, release: str | None, path: str | None,
-            keys: tuple[str, ...]) -> tuple[GateDecided, str]:
-    """The decision (from a file or the stack) and the id of the trusted key that signed it."""
+            keys: tuple[str, ...]) -> tuple[GateDecided, Keyring]:
+    """The decision (from a file or the stack) and the keyring it verified against, as history: a key retired
+    since it signed still verifies what it decided before (it admits nothing, which the caller says)."""
+    ring = _keyring(settings, keys)
     d: GateDecided | None = None
     if path:
         try:
             d = msgspec.json.decode(Path(path).read_bytes(), type=GateDecided)
         except msgspec.DecodeError as exc:
             raise SignatureError(f"{path} is not a gate decision: {exc}") from None
-        return d, _keyring(settings, keys).verify(d)
+        ring.verify(d, history=True)
+        return d, ring
 
-    async def work(bus: Bus) -> tuple[GateDecided, str]:
+    async def work(bus: Bus) -> tuple[GateDecided, Keyring]:
         dec = await current_decision(bus, release or "")
-        return dec, _keyring(settings, keys).verify(dec)
+        ring.verify(dec, history=True)
+        return dec, ring
 
     return with_bus(settings, work)
 
@@ -181,17 +186,21 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     @handle_errors
     def verify(ctx: click.Context, release: str | None, path: str | None, keys: tuple[str, ...]) -> None:
-        """Check a decision's signature: offline (--file + --key) or against the running stack. Exit 4 if bad."""
+        """Check a decision's signature: offline (--file + --key) or against the running stack. Exit 4 if bad. One a
+        key retired since signed verifies as history (said so: it admits nothing now)."""
         settings: Settings = ctx.obj["settings"]
         if bool(release) == bool(path):
             raise LockgateError("give exactly one of RELEASE or --file")
         try:
-            d, kid = _verify(settings, release, path, keys)
+            d, ring = _verify(settings, release, path, keys)
         except SignatureError as exc:
             # click.echo, not rich: scripts rely on exactly one line, which rich would wrap.
             click.echo(f"error: {exc.message}", err=True)
             sys.exit(exc.exit_code)
-        click.echo(f"ok: decision {d.id} ({d.release}: {d.decision}) is signed by key {kid}")
+        retired = ring.retired.get(d.key_id)
+        note = "" if retired is None else (f" (retired at {retired.at:%Y-%m-%d %H:%M:%S}Z, after it signed this: "
+                                           f"it admits nothing now; re-gate {d.release} to roll it out)")
+        click.echo(f"ok: decision {d.id} ({d.release}: {d.decision}) is signed by key {d.key_id}{note}")
 
     @gate.command("trust")
     @click.argument("key", type=click.Path(exists=True, dir_okay=False))
@@ -225,7 +234,8 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     @handle_errors
     def revoke_cmd(ctx: click.Context, key_id: str | None, person: str | None) -> None:
-        """Revoke KEY_ID (or --person NAME's key) in the trust file: what it signs is refused from then on."""
+        """Revoke KEY_ID (or --person NAME's key) in the trust file because it leaked: everything it signed is
+        refused from then on, its decisions and audit rows included. A key rotated out is `gate retire`d."""
         path = trust_file_path(ctx.obj["settings"])
         if bool(key_id) == bool(person):
             raise LockgateError("give exactly one of KEY_ID or --person NAME")
@@ -239,6 +249,35 @@ def register(cli: click.Group) -> None:
         click.echo(f"revoked key {key_id} in {path}")
         record_change(ctx.obj["settings"], target=f"signing-key:{key_id}", action="revoke",
                       details={"trust_file": path})
+
+    @gate.command("retire")
+    @click.argument("key_id")
+    @click.pass_context
+    @handle_errors
+    def retire_cmd(ctx: click.Context, key_id: str) -> None:
+        """Retire decision key KEY_ID after a rotation (run it once no gatekeeper holds the key): what it signed
+        until now still verifies as history (`gate verify`, `audit verify`: the audit rows up to the chain's head
+        now), but it admits nothing and signs nothing new. Reads that head from the running stack."""
+        settings: Settings = ctx.obj["settings"]
+        path = trust_file_path(settings)
+
+        async def retire(bus: Bus) -> Any:
+            async def head_seq() -> int:
+                head = await read_head(bus)
+                return head.seq if head is not None else 0
+
+            await asyncio.to_thread(retire_key, path, key_id, until_seq=await head_seq())
+            # A gatekeeper still holding the key chains nothing once the trust file says so, but a row it chained
+            # between our read and the change is past that seq: read the head again, so such rows verify too.
+            return await asyncio.to_thread(retire_key, path, key_id, until_seq=await head_seq())
+
+        retirement = with_bus(settings, retire)
+        at = f"{retirement.at:%Y-%m-%d %H:%M:%S}Z"
+        click.echo(f"retired key {key_id} in {path}: what it signed until {at} (audit rows up to seq "
+                   f"{retirement.until_seq}) still verifies; it admits nothing new, so re-gate a release whose "
+                   "current decision it signed")
+        record_change(settings, target=f"signing-key:{key_id}", action="retire",
+                      details={"trust_file": path, "until_seq": str(retirement.until_seq), "at": at})
 
     @gate.command("keys")
     @click.pass_context
