@@ -10,7 +10,7 @@ from lockgate.services.gatekeeper.chain import Chainer
 from lockgate.services.gatekeeper.driftgate import DriftGate
 from lockgate.services.gatekeeper.gatesfile import load_gates_file
 from lockgate.services.gatekeeper.handlers import GateHandlers
-from lockgate.signing import gatekeeper_signer
+from lockgate.signing import ensure_signer_trusted, gatekeeper_signer
 
 
 class Gatekeeper(Service):
@@ -20,7 +20,11 @@ class Gatekeeper(Service):
 
     def __init__(self, ctx: ServiceContext) -> None:
         super().__init__(ctx)
-        self.signer = gatekeeper_signer(ctx.settings)
+        # Trust roots are configuration. Without LOCKGATE_TRUST_FILE they are the home's trust.json, where the
+        # gatekeeper's persistent key is trusted before it signs anything (what `lockgate up` relies on; refused for
+        # a key revoked or retired there). An explicit trust file (k8s: a mounted ConfigMap) is the operator's,
+        # never written: a key it does not trust signs nothing (OwnKey).
+        self.signer = gatekeeper_signer(ctx.settings) if ctx.settings.trust_file else ensure_signer_trusted(ctx.settings)
         # Read once, at start: an invalid gates file stops the gatekeeper (ConfigError naming the file)
         # rather than let evals be judged by whatever policy they name.
         self.handlers = GateHandlers(ctx, self.tracer, self.signer, load_gates_file(ctx.settings.gates_file))
@@ -32,19 +36,25 @@ class Gatekeeper(Service):
                 durable=s.durable("gatekeeper", "reviews"), wire_type=GateReview, origin="gatekeeper",
                 handler=self.handlers.on_review, ack_wait_s=ctx.settings.ack_wait_s)
         # Drift reports over a policy's drift rules BLOCK the deployment's canary release (driftgate.py).
-        self.drift = DriftGate(ctx, self.signer, self.handlers.records, self.handlers.publish_key)
+        self.drift = DriftGate(ctx, self.handlers.own, self.handlers.records, self.handlers.publish_key)
         consume(ctx.bus, self.consumers, subject=s.drift_all, stream="events",
                 durable=s.durable("gatekeeper", "drift"), wire_type=DriftReport, origin="gatekeeper",
                 handler=self.drift.on_drift, batch_size=1, ack_wait_s=ctx.settings.ack_wait_s)
         # The key that signs decisions also signs the audit chain; one entry in flight keeps it in order.
-        self.chainer = Chainer(ctx, self.signer)
+        self.chainer = Chainer(ctx, self.handlers.own)
         consume(ctx.bus, self.consumers, subject=s.audit_all, stream="audit",
                 durable=s.durable("gatekeeper", "audit"), wire_type=AuditEntry, origin="gatekeeper",
                 handler=self.chainer.on_entry, ack_wait_s=ctx.settings.ack_wait_s, max_ack_pending=1)
 
     async def start(self) -> None:
         """Copy the public key to KV for information (consumers trust only their trust file)."""
+        self.handlers.own.problem()  # a key the trust roots do not trust is said at once, not at the first message
         await self.handlers.publish_key()
+
+    def problems(self) -> list[str]:
+        """Not ready while its signing key is not trusted: it then decides and chains nothing."""
+        problem = self.handlers.own.problem()
+        return [problem] if problem else []
 
 
 def create(ctx: ServiceContext) -> Gatekeeper:

@@ -23,7 +23,7 @@ from lockgate.contracts import AuditEntry, AuditRecord
 from lockgate.errors import BusUnavailable, InvalidEvent, Retryable
 from lockgate.retry import RetryPolicy
 from lockgate.server.service import ServiceContext
-from lockgate.signing import Signer
+from lockgate.services.gatekeeper.ownkey import OwnKey
 from lockgate.subjects import untoken
 
 HEAD = auditchain.HEAD_KEY
@@ -38,9 +38,11 @@ class HeadContended(Retryable):
 class Chainer:
     """Turns AuditEntry messages into the next AuditRecord of the chain."""
 
-    def __init__(self, ctx: ServiceContext, signer: Signer) -> None:
+    def __init__(self, ctx: ServiceContext, own: OwnKey) -> None:
         self.ctx = ctx
-        self.signer = signer
+        # Chains only while the trust roots trust its key: a row signed by a revoked key, or by a retired one past
+        # its retirement, would break `audit verify` for good.
+        self.own = own
         self._published = ""  # hash of the last row this replica saw acknowledged by JetStream
 
     def producer(self, subject: str) -> str:
@@ -64,7 +66,7 @@ class Chainer:
                 # The replica that won the head may have stopped before publishing its row: publish it
                 # again (deduplicated), so the stored chain never has a gap before ours.
                 await self._publish(head)
-            record = auditchain.seal(entry, producer, head, self.signer)
+            record = auditchain.seal(entry, producer, head, await self.own.require())
             size = len(encode(record))
             if size > self.ctx.bus.nc.max_payload - 4096:  # the head and the row are one NATS message each
                 # The contract bounds characters, not bytes (a probe's control characters, escaped six bytes

@@ -19,9 +19,9 @@ from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.drift import decide_drift, unjudgeable
+from lockgate.services.gatekeeper.ownkey import OwnKey
 from lockgate.services.gatekeeper.records import Records, Stored
 from lockgate.services.gatekeeper.review import VETOED
-from lockgate.signing import Signer
 from lockgate.subjects import token
 
 log = logging.getLogger("lockgate.gatekeeper")
@@ -109,10 +109,11 @@ def canary_release(route: _Route | None, report: DriftReport) -> str:
 class DriftGate:
     """Judges drift reports by the policy of the canary release's current decision."""
 
-    def __init__(self, ctx: ServiceContext, signer: Signer, records: Records,
+    def __init__(self, ctx: ServiceContext, own: OwnKey, records: Records,
                  publish_key: Callable[[], Awaitable[None]]) -> None:
         self.ctx = ctx
-        self.signer = signer
+        self.own = own  # signs only while the trust roots trust its key
+        self.signer = own.signer
         self.records = records
         self.publish_key = publish_key
         self.ignored = Progress()  # reports not judged: another tenant's events, or a deployment of another's
@@ -202,7 +203,7 @@ class DriftGate:
         vetoes = [r for r in current.rules if r.rule == VETOED and r.verdict == "FAIL"] if current else []
         # The BLOCK binds the content it judged: a re-run of its eval is held for an approver, never a PASS over it.
         vetoes = vetoes or ([domain.drift_veto(release, report.id, outcome.reason)] if current else [])
-        decision = self.signer.sign(GateDecided(
+        decision = (await self.own.require()).sign(GateDecided(
             id=domain.decision_id(report.id, self.signer.id_salt), release=release, decision="BLOCK",
             rules=[*outcome.rules, *vetoes],
             eval_run=current.eval_run if current else "", policy=current.policy if current else "",

@@ -20,6 +20,7 @@ from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.driftgate import known_good, read_route
 from lockgate.services.gatekeeper.evaluated import evaluated_rules
 from lockgate.services.gatekeeper.gatesfile import Gates
+from lockgate.services.gatekeeper.ownkey import OwnKey
 from lockgate.services.gatekeeper.records import Records
 from lockgate.services.gatekeeper.registrations import Registrations
 from lockgate.services.gatekeeper.review import ReviewRules, apply_review, review_action, signed_approvals
@@ -40,8 +41,10 @@ class GateHandlers:
         # The policy (and suite) each app's releases must be gated by (None: whatever the eval names).
         self.gates = gates
         self.registrations = Registrations(ctx.bus)
-        # Before countersigning a stored decision (a review), it must be ours or the configured roots'.
-        self.verifier = Verifier(ctx.bus, ctx.settings, also=[signer.public])
+        # The configured trust roots: before countersigning a stored decision (a review) or comparing with a
+        # baseline's, it must verify; and our own key must be trusted before it signs anything (OwnKey).
+        self.verifier = Verifier(ctx.bus, ctx.settings)
+        self.own = OwnKey(ctx, signer, self.verifier)
         self._key_published = False
 
     async def publish_key(self) -> None:
@@ -100,7 +103,7 @@ class GateHandlers:
             span.set_attribute("lockgate.decision", outcome.decision)
             arts = {**(done.artifacts or release_arts),
                     **{k: v for k, v in (("eval_suite", done.suite), ("policy", done.policy)) if v}}
-            decision = self.signer.sign(GateDecided(
+            decision = (await self.own.require()).sign(GateDecided(
                 id=decision_id, release=done.release, decision=outcome.decision,
                 rules=list(outcome.rules), eval_run=done.run_id, policy=done.policy, baseline=done.baseline,
                 reason=outcome.reason, artifacts=arts, review_required=outcome.review_required,
@@ -179,7 +182,7 @@ class GateHandlers:
             if refusal or outcome.decision is None:
                 await self._refuse(review, current, new_id, key, actor=reviewer, reason=refusal or outcome.reason)
                 return
-            decision = self.signer.sign(outcome.decision)
+            decision = (await self.own.require()).sign(outcome.decision)
             await self.publish_key()
             # Over the decision it answers: an eval's decision stored meanwhile makes it stale (refused when redelivered).
             await self.records.settle(decision, over=stored.revision, action=outcome.action, actor=reviewer, key=key)

@@ -506,16 +506,14 @@ def trusted_paths(settings: Settings) -> list[str]:
 class Verifier:
     """What a consumer uses: the configured trust roots (trust file + pinned PEMs), never keys from the bus."""
 
-    def __init__(self, bus: Any, settings: Settings, *, also: Iterable[Ed25519PublicKey] = ()) -> None:
+    def __init__(self, bus: Any, settings: Settings) -> None:
         self.bus = bus
         self.settings = settings
-        self._also = list(also)  # keys trusted besides the configuration (the gatekeeper's own)
         self._stamp = self._mtime()
         self.keyring = self._load()
 
     def _load(self) -> Keyring:
-        ring = Keyring.from_settings(self.settings)
-        return ring.merge(Keyring(self._also, source="own key")) if self._also else ring
+        return Keyring.from_settings(self.settings)
 
     async def verify(self, decision: GateDecided, *, history: bool = False) -> str:
         """Raise SignatureError unless the decision is signed by a trusted, unrevoked key (with `history`, or by

@@ -12,15 +12,27 @@ import pytest
 from lockgate import auditchain, auditlog
 from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec, encode
+from lockgate.config import Settings
 from lockgate.contracts import AuditEntry, AuditRecord
 from lockgate.errors import InvalidEvent
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper.chain import HEAD, Chainer, HeadContended
-from lockgate.signing import Keyring, Signer
+from lockgate.services.gatekeeper.ownkey import OwnKey
+from lockgate.signing import Keyring, Signer, trust_file_path, trust_key
 
 pytestmark = pytest.mark.timeout(60)
 records: Codec[AuditRecord] = Codec(AuditRecord)
 SIGNER = Signer.generate()
+
+
+@pytest.fixture(autouse=True)
+def trusted(settings: Settings) -> None:
+    """SIGNER is a gatekeeper key the trust roots trust: the chainer chains with no other."""
+    trust_key(trust_file_path(settings), SIGNER.public)
+
+
+def chainer_of(context: ServiceContext) -> Chainer:
+    return Chainer(context, OwnKey(context, SIGNER))
 
 
 @pytest.fixture
@@ -48,7 +60,7 @@ async def test_two_replicas_appending_at_once_extend_one_chain(context: ServiceC
     entries = [entry(i) for i in range(12)]
 
     async def replica(mine: list[AuditEntry]) -> None:
-        chainer = Chainer(context, SIGNER)
+        chainer = chainer_of(context)
         for e in mine:
             for _ in range(50):  # what the consumer edge does with HeadContended: nack, then redeliver
                 try:
@@ -73,7 +85,7 @@ async def test_two_replicas_appending_at_once_extend_one_chain(context: ServiceC
 
 async def test_a_redelivered_entry_is_recorded_once_and_its_row_republished(context: ServiceContext, bus: Bus,
                                                                              published: Any) -> None:
-    chainer = Chainer(context, SIGNER)
+    chainer = chainer_of(context)
     first, second = entry(1), entry(2)
     await chainer.on_entry(first, delivered(bus, "gatekeeper"))
     await chainer.on_entry(first, delivered(bus, "gatekeeper"))  # redelivered: the ack was lost
@@ -90,7 +102,7 @@ async def test_a_replica_that_died_before_publishing_leaves_no_gap(context: Serv
     orphan = auditchain.seal(entry(0), "router", None, SIGNER)
     kv = await bus.kv(bus.subjects.kv_audit)
     await kv.create(HEAD, encode(orphan))
-    await Chainer(context, SIGNER).on_entry(entry(1), delivered(bus, "router"))
+    await chainer_of(context).on_entry(entry(1), delivered(bus, "router"))
     got = [records.decode((await published.next_msg(timeout=10)).data) for _ in range(2)]
     assert [r.seq for r in got] == [1, 2] and got[0] == orphan and got[1].prev_hash == orphan.hash
 
@@ -100,7 +112,7 @@ async def test_another_producers_entry_under_the_same_id_never_stands_for_ours(c
     # Found by a probe: the operator published, on its own audit subject, an entry under the id the gatekeeper
     # would give its decision's entry ("decision PASS", actor gatekeeper); the chainer then took the gatekeeper's
     # genuine entry for a redelivery of the head and dropped it, and `audit verify` said intact.
-    chainer = Chainer(context, SIGNER)
+    chainer = chainer_of(context)
     genuine = AuditEntry(kind="decision", actor="gatekeeper", target="shop-v2", action="decided",
                          details={"decision": "BLOCK"})
     forged = AuditEntry(id=genuine.id, time=genuine.time, kind="decision", actor="gatekeeper", target="shop-v2",
@@ -135,7 +147,7 @@ async def test_an_entry_too_large_in_bytes_is_refused_at_once_and_the_chain_goes
         context: ServiceContext, bus: Bus, published: Any) -> None:
     # Found by a probe: control characters (six bytes each once escaped) made a 1 MB entry within every character
     # bound; each such entry held the chain about 14 s of retries before its dead letter.
-    chainer = Chainer(context, SIGNER)
+    chainer = chainer_of(context)
     huge = AuditEntry(kind="rollout", actor="a", target="t", action="x",
                       details={f"k{i}": "\x01" * 4096 for i in range(64)})
     with pytest.raises(InvalidEvent, match="over what one NATS message holds"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from lockgate.errors import NotFound
 from lockgate.evalruns import binding_of, record_request
 from lockgate.identity import Identity, create_identity, sign_review, statement_bytes
 from lockgate.ids import uuid7
+from lockgate.server.health import HealthServer
+from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
 from lockgate.services.query.decisions import decisions
 from lockgate.signing import (
@@ -41,12 +44,15 @@ from lockgate.signing import (
     Signer,
     ensure_signer_trusted,
     public_pem,
+    retire_key,
+    revoke_key,
     revoke_person,
     trust_file_path,
     trust_key,
 )
 from lockgate.store import Store
-from lockgate.subjects import token
+from lockgate.subjects import Subjects, token
+from lockgate.telemetry import Telemetry
 from tests.helpers import admin_headers, person, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
@@ -613,3 +619,62 @@ async def test_a_decision_is_recorded_under_its_releases_tenant_whoever_asked_fo
     await bus.publish(bus.subjects.eval_completed, done)
     decided = await next_decision(gates)
     assert (decided.release, decided.decision, decided.tenant) == ("acme-r2", "PASS", "acme")
+
+
+@asynccontextmanager
+async def gatekeeper_process(context: ServiceContext, settings: Settings) -> AsyncIterator[ServiceSet]:
+    """A gatekeeper replica as a process of its own (its own bus), with `settings` (its signing key); stopped and
+    disconnected at exit, so nothing more is delivered to it."""
+    own = Bus(settings.nats_url, Subjects(settings.prefix), name="gatekeeper-replica")
+    await own.connect()
+    replica = ServiceSet(ServiceContext(bus=own, store=context.store, telemetry=Telemetry(), settings=settings),
+                         ["gatekeeper"])
+    try:
+        await replica.start()
+        yield replica
+    finally:
+        await replica.stop()
+        await own.close()
+
+
+@pytest.mark.parametrize("distrust", ["revoke", "retire"])
+async def test_a_gatekeeper_whose_key_is_revoked_or_retired_signs_nothing_and_a_trusted_replica_decides(
+    bus: Bus, context: ServiceContext, run_services: Callable[..., Any], gates: Any, settings: Settings,
+    tmp_path: Path, distrust: str
+) -> None:
+    # Before (r1 probe, finding 3): a gatekeeper whose key was revoked kept consuming and signing; the router refused
+    # what it signed, so the evals, approvals and rejects it took were lost (an approval used up, a reject that
+    # never blocked).
+    policy = await register_policy(bus)
+    await run_services("sink", "query")
+    await register_release(bus, "v1", "p1")
+    await store_pass(bus, "v1", settings)  # the baseline
+    arts = await register_release(bus, "v18", "p18")
+    fresh = Signer.load_or_create(tmp_path / "fresh.pem")  # the key it is rotated to, trusted first
+    trust_key(trust_file_path(settings), fresh.public)
+    async with gatekeeper_process(context, settings) as stale:
+        kid = stale["gatekeeper"].signer.key_id
+        if distrust == "revoke":
+            revoke_key(trust_file_path(settings), kid)
+        else:
+            retire_key(trust_file_path(settings), kid, until_seq=0)
+        await finish_eval(bus, completed("v18", policy, em=0.9, em_ci=(0.88, 0.92), diff=0.0, diff_ci=(-0.01, 0.01),
+                                         n=2000, artifacts=arts))
+        await stale["gatekeeper"].handlers.own.refused.wait_for(1)  # handed the result, it signed nothing
+        health = HealthServer(lambda: [stale.ctx.bus], "127.0.0.1", 0, problems=stale.problems)
+        url = await health.start()
+        try:
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/readyz") as resp:
+                code, ready = resp.status, await resp.json()
+        finally:
+            await health.stop()
+        assert code == 503 and ready["status"] == "not ready", ready
+        [problem] = ready["problems"]
+        said = "is revoked" if distrust == "revoke" else "was retired"
+        assert problem.startswith(f"gatekeeper: this gatekeeper's signing key is not trusted: key {kid} {said}"), problem
+    # The result was left for a replica whose key is trusted, which decides it: nothing was lost.
+    async with gatekeeper_process(context, settings.replace(signing_key=str(tmp_path / "fresh.pem"))):
+        d = await next_decision(gates)
+        assert (d.release, d.eval_run, d.key_id) == ("v18", "run-v18", fresh.key_id)
+        assert Keyring.from_settings(settings).verify(d) == fresh.key_id
+        assert await current_decision(bus, "v18") == d

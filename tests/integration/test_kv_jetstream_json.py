@@ -35,6 +35,7 @@ from lockgate.services.evaluator.judgebudget import JudgeBudget
 from lockgate.services.evaluator.online_handler import Plans
 from lockgate.services.gatekeeper.chain import Chainer
 from lockgate.services.gatekeeper.driftgate import DriftGate
+from lockgate.services.gatekeeper.ownkey import OwnKey
 from lockgate.services.gatekeeper.records import Records
 from lockgate.services.router.admission import _counter_dec
 from lockgate.services.router.budgets import BudgetSpec, resolve
@@ -77,7 +78,7 @@ async def test_every_reader_of_every_bucket_refuses_jetstream_json(context: Serv
     value = await _aim(bus, s.kv_routes, token("chat"), shape)
     with pytest.raises(msgspec.DecodeError):
         _route_decoder.decode(value)
-    gate = DriftGate(context, signer, Records(context, "salt"), publish_key=lambda: None)  # type: ignore[arg-type,return-value]
+    gate = DriftGate(context, OwnKey(context, signer), Records(context, "salt"), publish_key=lambda: None)  # type: ignore[arg-type,return-value]
     with pytest.raises(UnreadableValue, match="the route of 'chat' in KV .* is unreadable"):
         await gate._route("chat")
 
@@ -109,7 +110,7 @@ async def test_every_reader_of_every_bucket_refuses_jetstream_json(context: Serv
     with pytest.raises(AuditBroken, match="chain head .* is unreadable"):
         await read_head(bus)
     with pytest.raises(BusUnavailable, match="audit chain head in KV is unreadable"):
-        await Chainer(context, signer)._head(await bus.kv(s.kv_audit))
+        await Chainer(context, OwnKey(context, signer))._head(await bus.kv(s.kv_audit))
 
     # budgets: the router's counter and the judge's ledger are unreadable, so they refuse (never "nothing used")
     await _aim(bus, s.kv_budgets, "tiny.2026-12", shape)

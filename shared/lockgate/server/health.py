@@ -4,14 +4,15 @@
 process is connected: a worker cut off from NATS does no work, so it must not count as ready (a
 rolling restart waits for the new pod to reach the bus before stopping the next one); `streams_full` names a
 stream that refuses publishes, its backlog unconsumed, and a full dead-letter originals bucket (`Bus.full_streams`);
-`dead_letters_waiting` counts the messages whose letter this process could not store (`Bus.letters_waiting`). The
-router's
-own `/healthz` stays 200 on a lost bus, since it still serves requests while events wait in its outbox.
+`dead_letters_waiting` counts the messages whose letter this process could not store (`Bus.letters_waiting`);
+`problems` lists what keeps a service from its work though connected (`Service.problems`: a gatekeeper whose signing
+key is not trusted), and any makes it not ready. The router's own `/healthz` stays 200 on a lost bus, since it still
+serves requests while events wait in its outbox.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
@@ -20,10 +21,13 @@ from lockgate.server.httplog import SERVER_LOG
 
 
 class HealthServer:
-    """Serves /livez and /readyz for the buses `buses()` returns (the runtime's, as they are now)."""
+    """Serves /livez and /readyz for the buses `buses()` returns (the runtime's, as they are now) and the services'
+    `problems()`."""
 
-    def __init__(self, buses: Callable[[], list[Bus]], host: str, port: int) -> None:
+    def __init__(self, buses: Callable[[], list[Bus]], host: str, port: int,
+                 problems: Callable[[], Sequence[str]] = list) -> None:
         self._buses = buses
+        self._problems = problems
         self._host, self._port = host, port
         self._runner: web.AppRunner | None = None
 
@@ -50,11 +54,13 @@ class HealthServer:
     async def _ready(self, request: web.Request) -> web.Response:
         buses = self._buses()
         states = {bus.name: bus.state for bus in buses}
-        ready = bool(states) and all(state == "connected" for state in states.values())
+        problems = list(self._problems())
+        ready = bool(states) and all(state == "connected" for state in states.values()) and not problems
         # A full stream refuses what producers publish (discard new): said here, but the process stays ready, since
         # restarting it or taking it out of service frees no room; its consumers' backlog does (`lockgate status`).
         full = {s["stream"]: s for bus in buses if bus.state == "connected" for s in await bus.full_streams()}
         return web.json_response({"status": "ready" if ready else "not ready", "bus": states,
                                   "streams_full": list(full.values()),
-                                  "dead_letters_waiting": sum(bus.letters_waiting for bus in buses)},
+                                  "dead_letters_waiting": sum(bus.letters_waiting for bus in buses),
+                                 "problems": problems},
                                  status=200 if ready else 503)

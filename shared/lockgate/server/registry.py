@@ -71,6 +71,10 @@ class ServiceSet:
             except Exception:
                 log.exception("stopping %s failed", svc.name)
 
+    def problems(self) -> list[str]:
+        """What keeps a service from its work though its bus is connected (Service.problems), each naming it."""
+        return [f"{svc.name}: {problem}" for svc in self.services for problem in svc.problems()]
+
     @property
     def endpoints(self) -> dict[str, str]:
         """Every endpoint served, by name."""

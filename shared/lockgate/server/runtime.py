@@ -75,13 +75,6 @@ class Runtime:
         # One MeterProvider per process; its service.name says which services the process hosts.
         service_name = "lockgate" if len(self.names) > 1 else f"lockgate-{self.names[0]}"
         self._meters = metrics.install(service_name, otlp_endpoint=s.otlp_endpoint)
-        if "gatekeeper" in self.names and not s.trust_file:
-            # Trust roots are configuration: `lockgate up` writes the gatekeeper's persistent key
-            # into {home}/trust.json, which every consumer reads, before any decision is signed. An
-            # explicit LOCKGATE_TRUST_FILE (k8s: a mounted ConfigMap) is the operator's, never written.
-            from lockgate.signing import ensure_signer_trusted
-
-            await asyncio.to_thread(ensure_signer_trusted, s)
         store = None
         if STORE_OWNERS & set(self.names):
             from lockgate.store import open_store
@@ -117,7 +110,8 @@ class Runtime:
         self.services = ServiceSet(self.ctx, self.names, contexts)
         await self.services.start()
         if s.health_port:
-            self._health = HealthServer(lambda: self.buses, s.host, s.health_port)
+            services = self.services
+            self._health = HealthServer(lambda: self.buses, s.host, s.health_port, problems=services.problems)
             self.health_url = await self._health.start()
 
     def _nats_config(self) -> str:

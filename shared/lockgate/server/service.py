@@ -82,6 +82,11 @@ class Service:
         """Human-facing endpoints this service serves (printed by `lockgate up`)."""
         return {}
 
+    def problems(self) -> list[str]:
+        """What keeps this service from its work though its bus is connected ([] when nothing): `/readyz` is 503
+        while there is any (a gatekeeper whose signing key is not trusted)."""
+        return []
+
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run background work that is cancelled on stop."""
         task = asyncio.create_task(coro, name=f"{self.name}:{name}")
