@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,14 @@ from lockgate.evalruns import binding_of
 from lockgate.ids import uuid7
 from lockgate.services.query.decisions import decisions, latest_decision
 from lockgate.services.query.evals import eval_cases, eval_runs
-from lockgate.signing import Keyring, ensure_signer_trusted
+from lockgate.signing import (
+    Keyring,
+    Signer,
+    default_key_path,
+    ensure_signer_trusted,
+    revoke_key,
+    trust_file_path,
+)
 from lockgate.store import Store
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
@@ -335,13 +343,13 @@ async def held(context: Any, run_services: Callable[..., Any]) -> AsyncIterator[
         yield {"sim": sim, "router": svcs["router"], "suite": suite, "policy": policy}
 
 
-async def eval_run(settings: Settings, release: str, *args: str) -> Result:
-    """`lockgate eval run` as an operator types it, on the fixture suite and policy, waiting for the gate's
-    decision."""
-    argv = ["--nats", settings.nats_url, "--prefix", settings.prefix, "eval", "run",
+async def eval_run(settings: Settings, release: str, *args: str, env: dict[str, str] | None = None) -> Result:
+    """`lockgate eval run` as an operator types it (with `env`), on the fixture suite and policy, waiting for the
+    gate's decision."""
+    argv = ["--nats", settings.nats_url, "--prefix", settings.prefix, "--home", settings.home, "eval", "run",
             str(FIXTURES / "suites" / "qa.yaml"), "--candidate", release,
             "--policy", str(FIXTURES / "policies" / "default.yaml"), "--timeout", "60", "--json", *args]
-    return await asyncio.to_thread(CliRunner().invoke, cli, argv, catch_exceptions=False)  # its own loop
+    return await asyncio.to_thread(CliRunner().invoke, cli, argv, env=env, catch_exceptions=False)  # its own loop
 
 
 async def canary(router: Any, release: str) -> dict[str, Any]:
@@ -403,3 +411,29 @@ async def test_a_release_registered_before_its_eval_and_unchanged_still_passes_a
     assert {**arts, "eval_suite": held["suite"], "policy": held["policy"]} == d.artifacts
     state = await canary(held["router"], "v-early")
     assert (state["phase"], state["canary"]["release"], state["admitted"]) == ("progressing", "v-early", d.id)
+
+
+async def test_eval_run_exits_4_on_a_gate_decision_its_trust_roots_refuse(
+    bus: Bus, settings: Settings, held: dict[str, Any], tmp_path: Path
+) -> None:
+    # Before (r1 probe, finding 3): `eval run` printed the PASS and exited 0 on a decision signed by a key its trust
+    # roots had revoked, which `gate verify` refused (exit 4) and the router would not admit; CI reads 0 as "the gate
+    # passed". Here the CI job's trust file revokes the key the gatekeeper still signs with (its hosts did not get
+    # the revocation yet).
+    held["sim"].go.set()
+    await register_model_release(bus, "v-ci", "good")
+    kid = Signer.load_or_create(default_key_path(settings)).key_id  # the gatekeeper's key
+    ci_trust = tmp_path / "ci-trust.json"
+    shutil.copy(trust_file_path(settings), ci_trust)
+    revoke_key(ci_trust, kid)
+    result = await eval_run(settings, "v-ci", env={"LOCKGATE_TRUST_FILE": str(ci_trust)})
+    assert result.exit_code == 4, result.output
+    assert not result.stdout.strip() and len(result.stderr.splitlines()) == 1, result.output  # no PASS shown
+    assert result.stderr.startswith("error: the gate decision of eval ") and " for v-ci is refused: signature " \
+        "invalid: decision " in result.stderr and f"was signed by revoked key id {kid!r}" in result.stderr
+    d = await current_decision(bus, "v-ci")
+    assert d.decision == "PASS" and d.key_id == kid  # what it refused: the stack's PASS, as `gate verify` does
+    verified = await asyncio.to_thread(CliRunner().invoke, cli, [
+        "--nats", settings.nats_url, "--prefix", settings.prefix, "gate", "verify", "v-ci"],
+        env={"LOCKGATE_TRUST_FILE": str(ci_trust)})
+    assert verified.exit_code == 4 and f"revoked key id {kid!r}" in verified.stderr

@@ -112,7 +112,7 @@ async def eval_run(settings: Settings, sim: str, release: str, policy: str, *mor
     """`lockgate eval run` as an operator types it, on the fixture suite, waiting for the gate's decision
     (`more`: further options; with `--baseline` no --endpoint and --model: the release's model config says)."""
     where = ["--endpoint", sim, "--model", "good"] if sim else []
-    args = ["--nats", settings.nats_url, "--prefix", settings.prefix, "eval", "run",
+    args = ["--nats", settings.nats_url, "--prefix", settings.prefix, "--home", settings.home, "eval", "run",
             str(FIXTURES / "suites" / "qa.yaml"), "--candidate", release, *where,
             "--policy", policy, "--timeout", "60", "--json", *more]
     # In a thread: the CLI runs its own event loop.

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,6 +16,9 @@ from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, output
 from lockgate.contracts.artifacts import ARTIFACT_KINDS
+
+if TYPE_CHECKING:
+    from lockgate.signing import Keyring
 
 
 def register(cli: click.Group) -> None:
@@ -104,10 +107,15 @@ def register(cli: click.Group) -> None:
     @handle_errors
     def eval_run(ctx: click.Context, suite: str, candidate: str, baseline: str, endpoint: str, model: str,
                  policy_path: str | None, concurrency: int, timeout_s: float, no_cache: bool, as_json: bool) -> None:
-        """Register a suite (and its JSONL dataset), run it through the evaluator, wait for the result."""
+        """Register a suite (and its JSONL dataset), run it through the evaluator, wait for the result. The gate's
+        decision counts only if it verifies against the trust roots (exit 4 otherwise, as `gate verify`)."""
+        from lockgate.signing import Keyring
+
+        # Read before the eval starts: a malformed trust file is said before anything is registered or run.
+        keyring = Keyring.from_settings(ctx.obj["settings"])
         result = with_bus(ctx.obj["settings"], lambda bus: _eval(
             bus, Path(suite), candidate, baseline, endpoint, model, policy_path, concurrency, timeout_s,
-            cache=not no_cache), role="operator")
+            keyring, cache=not no_cache), role="operator")
         if as_json:
             emit_json(result)
         else:
@@ -156,8 +164,8 @@ def _print_eval(result: dict[str, Any], candidate: str) -> None:
 
 
 async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpoint: str, model: str,
-                policy_path: str | None, concurrency: int, timeout_s: float, *, cache: bool = True
-                ) -> dict[str, Any]:
+                policy_path: str | None, concurrency: int, timeout_s: float, keyring: Keyring, *,
+                cache: bool = True) -> dict[str, Any]:
     import msgspec
     from rich.progress import (
         BarColumn,
@@ -173,7 +181,7 @@ async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpo
     from lockgate.contracts import EvalCompleted, EvalRequested, GateDecided
     from lockgate.contracts.evals import EvalProgress
     from lockgate.documents import convert, load_yaml
-    from lockgate.errors import LockgateError
+    from lockgate.errors import LockgateError, SignatureError
     from lockgate.ids import uuid7
     from lockgate.services.evaluator.domain import Suite
     from lockgate.services.gatekeeper.policy import Policy
@@ -243,5 +251,12 @@ async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpo
         "intervals": msgspec.to_builtins(completed.intervals), "comparisons": msgspec.to_builtins(completed.comparisons),
         "warnings": list(completed.warnings)}
     if decision is not None:
+        # CI reads exit 0 as "the gate passed": only a decision the trust roots verify says so (a PASS signed by a
+        # revoked, retired or unknown key is refused by the router, so it must not pass here either).
+        try:
+            keyring.verify(decision)
+        except SignatureError as exc:
+            raise SignatureError(f"the gate decision of eval {run_id} for {candidate} is refused: {exc.message}") \
+                from None
         result["decision"] = json.loads(encode(decision))
     return result
