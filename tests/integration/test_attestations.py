@@ -22,7 +22,7 @@ from lockgate.errors import SignatureError
 from lockgate.identity import Identity, create_identity
 from lockgate.provenance import attest
 from lockgate.provenance.trust import artifact_signer
-from lockgate.signing import Signer, default_key_path, trust_file_path, trust_key
+from lockgate.signing import Signer, default_key_path, retire_key, trust_file_path, trust_key
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import person, sink_stored
 from tests.integration.test_aliases import lockgate
@@ -117,6 +117,13 @@ async def test_a_real_decision_attestation_verifies_and_tampering_fails(
     assert approver.exit_code == 4 and "it needs operator or admin" in approver.output, approver.output
     made_by_approver = await cli("--as", "pia", "attest", "decision", "v-att", "--out", str(tmp_path / "pia.json"))
     assert made_by_approver.exit_code == 4 and not (tmp_path / "pia.json").exists()
+
+    # The gatekeeper's key rotated out (a successor trusted, the old one retired, not revoked): an attestation is a
+    # record of what was decided, and one made before still verifies (before, exit 4: "a retired key admits nothing").
+    trust_key(trust_file_path(settings), Signer.generate().public)
+    retire_key(trust_file_path(settings), decision.key_id, until_seq=0)
+    rotated = await cli("attest", "verify", str(out))
+    assert rotated.exit_code == 0 and "verified: decision PASS for v-att" in rotated.output, rotated.output
 
     release = await cli("--as", "ann", "attest", "release", "v-att", "--out", str(tmp_path / "release.json"))
     assert release.exit_code == 0

@@ -131,7 +131,9 @@ def register(cli: click.Group) -> None:
         if keys:
             ring = ring.merge(Keyring.from_pem_files(keys))
 
-        result = at.verify(env, _signer(settings), ring.verify)
+        # An attestation is a record of what was decided: one signed before its gatekeeper key was rotated out
+        # (retired, not revoked) still verifies, as `gate verify` and `audit verify` read history.
+        result = at.verify(env, _signer(settings), lambda decision: ring.verify(decision, history=True))
         if as_json:
             emit_json({k: v for k, v in result.items() if k != "statement"}
                       | {"predicateType": result["statement"]["predicateType"],
