@@ -8,7 +8,6 @@ import asyncio
 from typing import Any
 
 import aiohttp
-import msgspec
 import pytest
 from click.testing import CliRunner
 
@@ -16,10 +15,9 @@ from lockgate.cli.main import cli
 from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import KeyStore
 from lockgate.signing import Signer, revoke_key, trust_file_path, trust_key
-from lockgate.subjects import token
-from tests.helpers import break_glass, judged, register_model_release
+from tests.helpers import break_glass, gate_decided, judged, register_model_release, store_decision
 from tests.integration import test_rollout_analysis as analysis_tests
-from tests.integration.test_rollout_admission_race import _announce, _signed_pass
+from tests.integration.test_rollout_admission_race import _announce, _passed, _signed_pass
 from tests.integration.test_rollout_analysis import _pass, _start
 from tests.integration.test_rollout_strategies import _releases
 
@@ -78,9 +76,8 @@ async def test_a_pass_superseded_by_a_block_does_not_admit_the_canary_when_it_ar
     async with http.patch(f"{router.url}{DEPLOYMENT}", json={"canary_release": "bad"}) as resp:
         assert resp.status == 200, await resp.text()
     assert (router.rollouts.route("chat").weight, router.rollouts.route("chat").phase) == (0.0, "idle")
-    kv = await bus.kv(bus.subjects.kv_gates)
-    await kv.put(token("bad"), msgspec.json.encode(blocked))
-    await bus.publish(bus.subjects.gate_decided("bad"), passed)
+    await store_decision(bus, blocked)
+    await bus.publish(bus.subjects.gate_decided("bad"), passed)  # d1 again, not stored: it is not the current one
     await router.rollouts.wait_for(lambda r: r["chat"].decision_id in (passed.id, blocked.id), timeout=10)
     route = router.rollouts.route("chat")
     assert (route.weight, route.phase, route.decision_id) == (0.0, "aborted", blocked.id), route.reason
@@ -99,7 +96,7 @@ async def test_a_block_of_the_stable_rolls_it_back_while_a_canary_of_another_rel
         assert resp.status == 200, await resp.text()
     bus = router.ctx.bus
     blocked = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="leaks PII"))
-    await bus.publish(bus.subjects.gate_decided("same"), blocked)
+    await gate_decided(bus, blocked)
     await router.rollouts.wait_for(lambda r: "same" not in {t.release for t in r["chat"].good}, timeout=10)
     route = router.rollouts.route("chat")
     assert (route.stable.release, route.weight, route.phase) == ("r1", 0.0, "aborted"), route.reason
@@ -120,10 +117,10 @@ async def test_a_rollback_after_a_blue_green_promotion_never_puts_back_a_blocked
     assert [t["release"] for t in promoted["good"]] == ["r1"]  # `same` is known-good once its analysis passes
     bus = router.ctx.bus
     old = signer.sign(GateDecided(release="r1", rules=[], decision="BLOCK", reason="a sunset artifact"))
-    await bus.publish(bus.subjects.gate_decided("r1"), old)
+    await gate_decided(bus, old)
     await router.rollouts.wait_for(lambda r: not r["chat"].good, timeout=10)  # r1 is no longer known-good
     new = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="leaks PII"))
-    await bus.publish(bus.subjects.gate_decided("same"), new)
+    await gate_decided(bus, new)
     await router.rollouts.wait_for(lambda r: r["chat"].decision_id == new.id, timeout=10)
     route = router.rollouts.route("chat")
     assert (route.stable.release, route.good, route.verifying) == ("same", [], False), route.reason
@@ -195,9 +192,7 @@ async def test_a_block_ends_the_break_glass_override_of_its_release(
         assert resp.status == 200, await resp.text()
     bus = router.ctx.bus
     blocked = signer.sign(GateDecided(release="bad", rules=[], decision="BLOCK", reason="toxicity"))
-    kv = await bus.kv(bus.subjects.kv_gates)
-    await kv.put(token("bad"), msgspec.json.encode(blocked))
-    await bus.publish(bus.subjects.gate_decided("bad"), blocked)
+    await gate_decided(bus, blocked)
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
     operator, _ = KeyStore(router.ctx.settings.home).create("default", "ops", "operator", "on call")
     auth = {"Authorization": f"Bearer {operator}"}
@@ -287,7 +282,7 @@ async def test_a_release_of_another_app_cannot_be_rolled_out_on_a_deployment(
     # app `lab` (which the file does not cover), gated it with a policy of their own (PASS), then rolled it out
     # on shop's deployment: the gatekeeper applies requirements by a release's app, so nothing stopped it.
     await register_model_release(router.ctx.bus, "other", "same", "canary", app="lab")
-    await _pass_only(router, signer, "other")
+    await _passed(router, signer, "other")  # stored, with no rollout of it to act on
     await _start(http, router, "same", {"steps": [50], "interval_s": 3600})  # shop's r1 serves; `same` waits
     attempts = [("PUT", {"stable_release": "r1", "canary_release": "other", "initial_weight": 50}, 400),
                 ("PUT", {"stable_release": "other", "canary_release": "same"}, 400),  # as the new stable
@@ -301,13 +296,6 @@ async def test_a_release_of_another_app_cannot_be_rolled_out_on_a_deployment(
     route = router.rollouts.route("chat")
     assert (route.stable.release, route.canary.release, route.weight) == ("r1", "same", 0.0)
     assert set(await _releases(http, router, 60)) == {"r1"}  # `other` is served to nobody
-
-
-async def _pass_only(router: Any, signer: Signer, release: str) -> None:
-    """A verified PASS for `release` in the gates bucket, without any rollout to act on."""
-    kv = await router.ctx.bus.kv(router.ctx.bus.subjects.kv_gates)
-    await kv.put(token(release), msgspec.json.encode(signer.sign(GateDecided(
-        release=release, rules=[], decision="PASS", artifacts=await judged(router.ctx.bus, release)))))
 
 
 async def test_a_break_glass_canary_is_still_judged_by_its_analysis(router: Any, http: aiohttp.ClientSession) -> None:
