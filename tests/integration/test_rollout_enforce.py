@@ -5,6 +5,8 @@ traffic, whatever sequence of operator actions leads there."""
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -82,6 +84,72 @@ async def test_a_pass_superseded_by_a_block_does_not_admit_the_canary_when_it_ar
     route = router.rollouts.route("chat")
     assert (route.weight, route.phase, route.decision_id) == (0.0, "aborted", blocked.id), route.reason
     assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+def _handled(router: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, asyncio.Event]:
+    """An event per decision id, set once the router's gate handler has handled that message (acted on it or not):
+    what a test waits on when the right outcome is that nothing changes."""
+    rollouts, on_decision = router.rollouts, router.rollouts.on_decision
+    handled: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+    async def handle(decision: GateDecided) -> None:
+        await on_decision(decision)
+        handled[decision.id].set()
+
+    monkeypatch.setattr(rollouts, "on_decision", handle)
+    return handled
+
+
+async def test_a_pass_stamped_later_than_the_current_decision_does_not_admit_the_canary_when_it_arrives_late(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by a probe: a gatekeeper replica whose clock ran 300 s ahead signed a PASS of `bad`; a person then
+    # rejected it and its re-run is NEEDS_REVIEW under the veto (current in KV, stamped by a correct clock). The old
+    # PASS reaches the router again (a redelivery). Before: the router compared the two decisions' times, took the
+    # PASS for the newer one and put the vetoed canary at 50% until its next step.
+    bus = router.ctx.bus
+    handled = _handled(router, monkeypatch)
+    ahead = signer.sign(GateDecided(release="bad", rules=[], decision="PASS", artifacts=await judged(bus, "bad"),
+                                    time=datetime.now(UTC) + timedelta(seconds=300)))
+    await store_decision(bus, ahead)
+    held = signer.sign(GateDecided(release="bad", rules=[], decision="NEEDS_REVIEW", reason="vetoed: rejected by alice",
+                                   review_required="vetoed", artifacts=await judged(bus, "bad")))
+    await store_decision(bus, held)
+    await _start(http, router, "bad", {"steps": [50, 100], "interval_s": 3600})
+    route = router.rollouts.route("chat")
+    assert (route.weight, route.phase, route.decision_id) == (0.0, "idle", held.id), route.reason
+    await bus.publish(bus.subjects.gate_decided("bad"), ahead)  # the redelivery: not the current decision
+    await asyncio.wait_for(handled[ahead.id].wait(), 10)
+    route = router.rollouts.route("chat")
+    assert (route.weight, route.phase, route.decision_id, route.admitted) == (0.0, "idle", held.id, ""), route.reason
+    assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+async def test_a_pass_announced_without_a_verified_current_decision_admits_nothing(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A PASS of `same` on the bus while KV holds no decision of it that verifies: none at all, or one signed by a key
+    # revoked since. A message alone is no current decision (the gatekeeper stores before it announces), so it
+    # admits nothing. Before: it was applied, and the canary got 50%.
+    bus = router.ctx.bus
+    handled = _handled(router, monkeypatch)
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    retired = Signer.generate()
+    trust_key(trust_file_path(router.ctx.settings), retired.public)
+    unverified = retired.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="toxicity"))
+    for stored in (None, unverified):
+        if stored is not None:
+            await store_decision(bus, stored)
+            revoke_key(trust_file_path(router.ctx.settings), retired.key_id)
+        passed = await _signed_pass(router, signer, "same")
+        await bus.publish(bus.subjects.gate_decided("same"), passed)
+        await asyncio.wait_for(handled[passed.id].wait(), 10)
+        route = router.rollouts.route("chat")
+        assert (route.weight, route.phase, route.admitted) == (0.0, "idle", ""), (stored and stored.id, route.reason)
+    assert set(await _releases(http, router, 40)) == {"r1"}
+    # A message that allows nothing is still acted on: it can only make the route stricter.
+    blocked = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="leaks PII"))
+    await bus.publish(bus.subjects.gate_decided("same"), blocked)
+    await router.rollouts.wait_for(lambda r: r["chat"].decision_id == blocked.id, timeout=10)
+    assert router.rollouts.route("chat").phase == "aborted"
 
 
 async def test_a_block_of_the_stable_rolls_it_back_while_a_canary_of_another_release_waits(
