@@ -137,19 +137,33 @@ async def store_pass(bus: Any, release: str, settings: Any) -> None:
     """A PASS for the registered `release` in the gates KV, naming its registered artifacts, signed by a key
     the settings' trust file trusts (a gatekeeper stand-in: like the gatekeeper, it passes no release that
     is not registered; NotFound if the test did not register it)."""
-    import msgspec
-
     from lockgate import artifacts
     from lockgate.contracts import GateDecided
     from lockgate.signing import Signer, trust_file_path, trust_key
-    from lockgate.subjects import token
 
     bundle = await artifacts.release_of(bus, release)
     signer = Signer.generate()
     trust_key(trust_file_path(settings), signer.public)
-    kv = await bus.kv(bus.subjects.kv_gates)
     decision = GateDecided(release=release, rules=[], decision="PASS", artifacts=dict(bundle["artifacts"]))
-    await kv.put(token(release), msgspec.json.encode(signer.sign(decision)))
+    await store_decision(bus, signer.sign(decision))
+
+
+async def store_decision(bus: Any, decision: Any) -> None:
+    """`decision` as its release's current one in the gates bucket, as the gatekeeper writes it (before it announces
+    it), without the gatekeeper's compare-and-set: the router reads a release's current decision from there only."""
+    from lockgate.codec import encode
+    from lockgate.subjects import token
+
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token(decision.release), encode(decision))
+
+
+async def gate_decided(bus: Any, decision: Any, msg_id: str | None = None) -> None:
+    """A gatekeeper stand-in deciding: `decision` made its release's current one (`store_decision`), then published on
+    `gate.decided.<release>`. The router acts on a release's current decision, never on a message alone; a test that
+    means a stale, replayed or forged message publishes it without storing it."""
+    await store_decision(bus, decision)
+    await bus.publish(bus.subjects.gate_decided(decision.release), decision, msg_id=msg_id)
 
 
 async def announce(records: Any, decision: Any, key: str) -> None:
@@ -200,17 +214,13 @@ async def chat_releases(context: Any, signer: Any, stable_url: str, canary_url: 
     """Deployment `chat` of app `shop`: r1 (model `m`, endpoint `default`) registered and PASSed by `signer`, each
     canary release registered with the model of its name on endpoint `canary`, and the context's settings
     pointing those endpoints at `stable_url` and `canary_url` (plus `settings`)."""
-    import msgspec
-
     from lockgate.contracts import GateDecided
-    from lockgate.subjects import token
 
     await register_model_release(context.bus, "r1", "m", "default")
     for release in canaries:
         await register_model_release(context.bus, release, release, "canary")
-    kv = await context.bus.kv(context.bus.subjects.kv_gates)
-    await kv.put(token("r1"), msgspec.json.encode(signer.sign(GateDecided(
-        release="r1", rules=[], decision="PASS", artifacts=await judged(context.bus, "r1")))))
+    await store_decision(context.bus, signer.sign(GateDecided(release="r1", rules=[], decision="PASS",
+                                                              artifacts=await judged(context.bus, "r1"))))
     context.settings = context.settings.replace(stable_upstream=stable_url, canary_upstream=canary_url,
                                                 deployment="chat", app="shop", **settings)
 

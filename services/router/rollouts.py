@@ -474,20 +474,23 @@ class Rollouts:
     async def on_decision(self, decision: GateDecided) -> None:
         """Handle a decision from the bus: apply in memory, then persist (retried via nack).
 
-        The release's current decision is the one in KV (the gatekeeper writes it there before publishing):
-        a message that a newer verified decision superseded (a PASS redelivered after the BLOCK that
-        followed it) is not acted on; the current decision is applied in its place."""
+        The release's current decision is the one in KV (the gatekeeper writes it there before publishing, by
+        compare-and-set): that one is applied, whatever the message is. A message it superseded (a PASS
+        redelivered after the BLOCK that followed it) is never acted on, whatever the decisions' times say: they
+        are the gatekeepers' clocks, and a replica's running ahead made an old PASS outrank the NEEDS_REVIEW after
+        it. Without a verified current decision, a message is applied only if it allows nothing (it can only make
+        the route stricter)."""
         await self._await_ready()
         current = await self._stored_decision(decision.release)
-        if current is not None and current.id != decision.id and current.time > decision.time:
-            log.info("decision %s for %s is superseded by %s (%s): applying that one", decision.id, decision.release,
-                     current.id, current.decision)
+        if current is not None:
+            if current.id != decision.id:
+                log.info("decision %s for %s is not its current one, %s (%s): applying that", decision.id,
+                         decision.release, current.id, current.decision)
             decision = current
-        elif current is None or current.id != decision.id:
-            checked = await self._about_bound_content(decision)
-            if checked is None:
-                return
-            decision = checked
+        elif domain.allows(decision, decision.release):
+            log.warning("ignoring gate decision %s for %s: it is not the release's current verified decision",
+                        decision.id, decision.release)
+            return
         await self._routes_current()
         await self._until_won(lambda: self.apply_decision(decision))
 

@@ -28,7 +28,15 @@ from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.bench import loadgen
 from tests.bench.common import SIM_PIDS, BenchEnv, bench_env, percentiles, sim_process, stack
-from tests.helpers import Process, break_glass, printed_endpoints, register_model_release, store_pass
+from tests.helpers import (
+    Process,
+    break_glass,
+    gate_decided,
+    printed_endpoints,
+    register_model_release,
+    store_decision,
+    store_pass,
+)
 
 N_REQUESTS = 3000
 CONCURRENCY = 8
@@ -227,6 +235,7 @@ async def _reaction(env: BenchEnv, session: aiohttp.ClientSession) -> dict[str, 
             async with session.put(f"{router.url}/lockgate/v1/deployments/bench", json=payload) as resp:
                 assert resp.status == 200, await resp.text()
             decision = signer.sign(GateDecided(release=release, decision="BLOCK", rules=[]))
+            await store_decision(bus, decision)  # current first, as the gatekeeper stores it: the router acts on that
             t0 = time.perf_counter()
             await bus.publish(bus.subjects.gate_decided(release), decision)
             await router.rollouts.wait_for(lambda routes, rel=release: routes["bench"].canary.release == rel
@@ -278,8 +287,7 @@ async def _fault_to_zero(env: BenchEnv, session: aiohttp.ClientSession) -> dict[
             async with session.put(url, json={"stable_release": "base", "canary_release": release,
                                               "strategy": strategy}) as resp:
                 assert resp.status == 200, await resp.text()
-            await bus.publish(bus.subjects.gate_decided(release),
-                              signer.sign(GateDecided(release=release, decision="PASS", rules=[], artifacts=arts)))
+            await gate_decided(bus, signer.sign(GateDecided(release=release, decision="PASS", rules=[], artifacts=arts)))
             await router.rollouts.wait_for(lambda r: r["fault"].phase == "progressing", timeout=10)
             if not analysed:
                 now = datetime.now(UTC)

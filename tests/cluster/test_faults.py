@@ -21,7 +21,7 @@ from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate_dev.cluster import SCALED, Topology
 from tests.cluster.conftest import settings_of
 from tests.cluster.load import Load, NotYet, drained, report, stored, until, viewer
-from tests.helpers import judged, register_model_release, store_pass
+from tests.helpers import gate_decided, judged, register_model_release, store_pass
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -192,9 +192,8 @@ async def test_rolling_restart_during_a_canary(topology: Topology, admin: Bus, u
     await _rollout(topology, admin, unique)
     signer = Signer.generate()
     trust_key(trust_file_path(settings_of(topology)), signer.public)
-    await admin.publish(admin.subjects.gate_decided(f"{unique}-r2"),
-                        signer.sign(GateDecided(release=f"{unique}-r2", rules=[], decision="PASS",
-                                                artifacts=await judged(admin, f"{unique}-r2"))))
+    await gate_decided(admin, signer.sign(GateDecided(release=f"{unique}-r2", rules=[], decision="PASS",
+                                                      artifacts=await judged(admin, f"{unique}-r2"))))
     key = topology.keys.admin_key
 
     async def routes() -> list[dict]:

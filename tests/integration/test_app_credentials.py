@@ -33,7 +33,7 @@ from lockgate.server.natsserver import NatsServer, env_password
 from lockgate.server.runtime import Runtime
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.subjects import Subjects, token
-from tests.helpers import run_cli
+from tests.helpers import gate_decided, run_cli
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -220,9 +220,7 @@ def _signed(release: str, decision: str = "PASS") -> GateDecided:
 
 async def _decide(runtime: Runtime, decision: GateDecided) -> None:
     """What the gatekeeper does (Records.announce): the decision into KV, then announced."""
-    bus = runtime.ctx.bus
-    await (await bus.kv(bus.subjects.kv_gates)).put(token(decision.release), encode(decision))
-    await bus.publish(bus.subjects.gate_decided(decision.release), decision, msg_id=f"{decision.id}")
+    await gate_decided(runtime.ctx.bus, decision, msg_id=f"{decision.id}")
 
 
 async def test_the_shared_app_user_makes_no_jetstream_api_request_and_reads_decisions_through_the_gateway(

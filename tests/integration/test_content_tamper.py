@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import msgspec
 import nats.errors
 import nats.js.errors
 import pytest
@@ -31,7 +30,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.signing import Signer, ensure_signer_trusted
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import register_model_release, store_pass
+from tests.helpers import gate_decided, register_model_release, store_decision, store_pass
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_nats_auth import _bus, secured  # noqa: F401  (the fixture)
 from tests.integration.test_required_gates import LENIENT, STRICT, answers, gates_file
@@ -149,7 +148,7 @@ async def test_a_pass_for_other_content_than_the_release_holds_admits_nothing(
     stale = signer.sign(GateDecided(release="bad", rules=[], decision="PASS",
                                     artifacts={"model_config/bad-config": other["artifacts"]["model_config/same-config"],
                                                "policy": "sha256:p"}))
-    await (await bus.kv(bus.subjects.kv_gates)).put(token("bad"), msgspec.json.encode(stale))
+    await store_decision(bus, stale)
 
     async with http.put(f"{router.url}/lockgate/v1/deployments/fresh", json={"stable_release": "bad"}) as resp:
         answer = await resp.json()
@@ -169,7 +168,7 @@ async def test_a_pass_for_other_content_than_the_release_holds_admits_nothing(
 
     # A PASS naming what `bad` holds admits it: only the content was wrong.
     bound = (await artifacts.release_of(bus, "bad"))["artifacts"]
-    await bus.publish(bus.subjects.gate_decided("bad"), signer.sign(GateDecided(
+    await gate_decided(bus, signer.sign(GateDecided(
         release="bad", rules=[], decision="PASS", artifacts={**bound, "policy": "sha256:p"})))
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "progressing", timeout=10)
 

@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import msgspec
 import pytest
 
 from lockgate import artifacts
@@ -20,7 +19,8 @@ from lockgate.server.service import ServiceContext
 from lockgate.signing import Signer, Verifier, ensure_signer_trusted
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import judged, register_model_release
+from tests.helpers import register_model_release
+from tests.integration.test_rollout_gate_drift import _decide
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -57,16 +57,6 @@ async def http(context: ServiceContext) -> AsyncIterator[aiohttp.ClientSession]:
     keys: Bootstrap = bootstrap(context.settings.home, tenant="acme", app="shop")
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as s:
         yield s
-
-
-async def _decide(bus: Any, signer: Signer, release: str, verdict: str, *, policy: str = "",
-                  publish: bool = True) -> None:
-    """A gatekeeper-signed decision made current in KV (and announced), as the gatekeeper's eval path does."""
-    d = signer.sign(GateDecided(release=release, rules=[], decision=verdict, policy=policy,  # type: ignore[arg-type]
-                                artifacts=await judged(bus, release)))
-    await (await bus.kv(bus.subjects.kv_gates)).put(token(release), msgspec.json.encode(d))
-    if publish:
-        await bus.publish(bus.subjects.gate_decided(release), d)
 
 
 async def test_a_canary_whose_output_triples_against_stable_is_blocked_by_the_drift_policy_and_rolled_back(

@@ -20,7 +20,7 @@ import pytest
 from lockgate.contracts import GateDecided
 from lockgate.signing import Signer, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
-from tests.helpers import judged
+from tests.helpers import gate_decided, judged, store_decision
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import _pass, _start
 from tests.integration.test_rollout_strategies import _releases
@@ -32,12 +32,6 @@ DEPLOYMENT = "/lockgate/v1/deployments/chat"
 STEPS = {"steps": [10, 50, 100], "interval_s": 3600}
 
 
-async def _store(router: Any, decision: GateDecided) -> None:
-    """`decision` as the release's current one in the gates bucket (the gatekeeper writes it there first)."""
-    kv = await router.ctx.bus.kv(router.ctx.bus.subjects.kv_gates)
-    await kv.put(token(decision.release), msgspec.json.encode(decision))
-
-
 async def _signed_pass(router: Any, signer: Signer, release: str) -> GateDecided:
     return signer.sign(GateDecided(release=release, rules=[], decision="PASS",
                                    artifacts=await judged(router.ctx.bus, release)))
@@ -46,14 +40,13 @@ async def _signed_pass(router: Any, signer: Signer, release: str) -> GateDecided
 async def _passed(router: Any, signer: Signer, release: str) -> GateDecided:
     """A fresh PASS of `release`, stored as its current decision (not announced)."""
     decision = await _signed_pass(router, signer, release)
-    await _store(router, decision)
+    await store_decision(router.ctx.bus, decision)
     return decision
 
 
 async def _announce(router: Any, decision: GateDecided) -> None:
     """`decision` stored, then announced, as the gatekeeper does; returns once the router admitted the canary by it."""
-    await _store(router, decision)
-    await router.ctx.bus.publish(router.ctx.bus.subjects.gate_decided(decision.release), decision)
+    await gate_decided(router.ctx.bus, decision)
     await router.rollouts.wait_for(lambda r: r["chat"].admitted == decision.id, timeout=10)
 
 
@@ -84,8 +77,7 @@ async def _block_during_read(router: Any, signer: Signer, release: str,
     request = asyncio.create_task(action())
     await asyncio.wait_for(held.wait(), 10)
     blocked = signer.sign(GateDecided(release=release, rules=[], decision="BLOCK", reason="toxicity"))
-    await _store(router, blocked)
-    await router.ctx.bus.publish(router.ctx.bus.subjects.gate_decided(release), blocked)
+    await gate_decided(router.ctx.bus, blocked)
     await asyncio.wait_for(handled.wait(), 10)
     go.set()
     return await request, blocked
@@ -151,7 +143,7 @@ async def test_a_canary_is_raised_only_while_its_admitting_decision_is_still_the
     await _announce(router, await _signed_pass(router, signer, "same"))
     assert router.rollouts.route("chat").weight == 10.0
     blocked = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="toxicity"))
-    await _store(router, blocked)
+    await store_decision(router.ctx.bus, blocked)
     for method, action, body in [("POST", "/promote", None), ("POST", "/set-weight", {"weight": 90}),
                                  ("PATCH", "", {"weight": 90})]:
         status, refused = await _call(http, method, f"{router.url}{DEPLOYMENT}{action}", body)
@@ -160,12 +152,12 @@ async def test_a_canary_is_raised_only_while_its_admitting_decision_is_still_the
         route = router.rollouts.route("chat")
         assert (route.weight, route.phase, route.admitted) == (0.0, "idle", ""), action
         await _announce(router, await _signed_pass(router, signer, "same"))  # admitted again for the next attempt
-        await _store(router, blocked)
+        await store_decision(router.ctx.bus, blocked)
     # The timer's next step alike: back to 0%, never on to 50%.
     await _passed(router, signer, "same")
     await _start(http, router, "same", {**STEPS, "interval_s": 1.0})  # admitted at once by its stored PASS
     assert router.rollouts.route("chat").weight == 10.0
-    await _store(router, blocked)
+    await store_decision(router.ctx.bus, blocked)
     await router.rollouts.wait_for(lambda r: r["chat"].weight != 10.0, timeout=10)  # the next step is due
     route = router.rollouts.route("chat")
     assert (route.weight, route.phase) == (0.0, "idle"), route.reason
@@ -186,8 +178,7 @@ async def test_a_canary_left_live_by_a_rollback_with_nowhere_to_go_is_still_chec
     await _announce(router, passed)
     assert router.rollouts.route("chat").weight == 10.0
     blocked = signer.sign(GateDecided(release="r1", rules=[], decision="BLOCK", reason="a sunset artifact"))
-    await _store(router, blocked)
-    await router.ctx.bus.publish(router.ctx.bus.subjects.gate_decided("r1"), blocked)
+    await gate_decided(router.ctx.bus, blocked)
     await router.rollouts.wait_for(lambda r: r["chat"].decision_id == blocked.id, timeout=10)
     route = router.rollouts.route("chat")
     assert "NO known-good release to roll back to: still serving r1" in route.reason
@@ -219,8 +210,9 @@ async def test_undo_puts_back_exactly_the_previous_release_whose_decision_it_che
     assert status == 200 and promoted["previous"]["release"] == "same", promoted
     assert [t["release"] for t in promoted["good"]] == ["r1", "echo"], promoted
     for release in ("r1", "same"):
-        await _store(router, signer.sign(GateDecided(release=release, rules=[], decision="NEEDS_REVIEW",
-                                                     reason="re-gated", artifacts=await judged(router.ctx.bus, release))))
+        await store_decision(router.ctx.bus, signer.sign(GateDecided(
+            release=release, rules=[], decision="NEEDS_REVIEW", reason="re-gated",
+            artifacts=await judged(router.ctx.bus, release))))
     # The release undo puts back is awaiting review: refused, and nothing else is put back in its place.
     status, refused = await _call(http, "POST", f"{router.url}{DEPLOYMENT}/undo")
     assert status == 409 and refused["error"]["code"] == "not_admitted", refused
@@ -264,8 +256,7 @@ async def test_a_block_is_acted_on_routes_that_hold_every_replicas_write_before_
 
     monkeypatch.setattr(rollouts, "_read_decision", read_seen)
     blocked = signer.sign(GateDecided(release="bad", rules=[], decision="BLOCK", reason="toxicity"))
-    await _store(router, blocked)
-    await bus.publish(bus.subjects.gate_decided("bad"), blocked)
+    await gate_decided(bus, blocked)
     await asyncio.wait_for(decided.wait(), 10)
     monkeypatch.setattr(rollouts, "_on_entry", on_entry)  # the watch catches up
     for entry in held:

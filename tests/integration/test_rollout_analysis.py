@@ -34,7 +34,7 @@ from lockgate.store import Store
 from lockgate.subjects import Subjects, token
 from lockgate.telemetry import Telemetry
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import chat_releases, judged, register_model_release, sink_stored
+from tests.helpers import chat_releases, gate_decided, judged, register_model_release, sink_stored
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -103,8 +103,8 @@ async def _start(http: aiohttp.ClientSession, router: Any, canary: str, strategy
 
 async def _pass(router: Any, signer: Signer, release: str) -> None:
     bus = router.ctx.bus
-    await bus.publish(bus.subjects.gate_decided(release), signer.sign(GateDecided(
-        release=release, rules=[], decision="PASS", artifacts=await judged(bus, release))))
+    await gate_decided(bus, signer.sign(GateDecided(release=release, rules=[], decision="PASS",
+                                                    artifacts=await judged(bus, release))))
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "progressing", timeout=10)
 
 

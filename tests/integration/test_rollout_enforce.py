@@ -5,10 +5,11 @@ traffic, whatever sequence of operator actions leads there."""
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
-import msgspec
 import pytest
 from click.testing import CliRunner
 
@@ -16,10 +17,9 @@ from lockgate.cli.main import cli
 from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import KeyStore
 from lockgate.signing import Signer, revoke_key, trust_file_path, trust_key
-from lockgate.subjects import token
-from tests.helpers import break_glass, judged, register_model_release
+from tests.helpers import break_glass, gate_decided, judged, register_model_release, store_decision
 from tests.integration import test_rollout_analysis as analysis_tests
-from tests.integration.test_rollout_admission_race import _announce, _signed_pass
+from tests.integration.test_rollout_admission_race import _announce, _passed, _signed_pass
 from tests.integration.test_rollout_analysis import _pass, _start
 from tests.integration.test_rollout_strategies import _releases
 
@@ -78,13 +78,78 @@ async def test_a_pass_superseded_by_a_block_does_not_admit_the_canary_when_it_ar
     async with http.patch(f"{router.url}{DEPLOYMENT}", json={"canary_release": "bad"}) as resp:
         assert resp.status == 200, await resp.text()
     assert (router.rollouts.route("chat").weight, router.rollouts.route("chat").phase) == (0.0, "idle")
-    kv = await bus.kv(bus.subjects.kv_gates)
-    await kv.put(token("bad"), msgspec.json.encode(blocked))
-    await bus.publish(bus.subjects.gate_decided("bad"), passed)
+    await store_decision(bus, blocked)
+    await bus.publish(bus.subjects.gate_decided("bad"), passed)  # d1 again, not stored: it is not the current one
     await router.rollouts.wait_for(lambda r: r["chat"].decision_id in (passed.id, blocked.id), timeout=10)
     route = router.rollouts.route("chat")
     assert (route.weight, route.phase, route.decision_id) == (0.0, "aborted", blocked.id), route.reason
     assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+def _handled(router: Any, monkeypatch: pytest.MonkeyPatch) -> dict[str, asyncio.Event]:
+    """An event per decision id, set once the router's gate handler has handled that message (acted on it or not):
+    what a test waits on when the right outcome is that nothing changes."""
+    rollouts, on_decision = router.rollouts, router.rollouts.on_decision
+    handled: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+    async def handle(decision: GateDecided) -> None:
+        await on_decision(decision)
+        handled[decision.id].set()
+
+    monkeypatch.setattr(rollouts, "on_decision", handle)
+    return handled
+
+
+async def test_a_pass_stamped_later_than_the_current_decision_does_not_admit_the_canary_when_it_arrives_late(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Found by a probe: a gatekeeper replica whose clock ran 300 s ahead signed a PASS of `bad`; a person then
+    # rejected it and its re-run is NEEDS_REVIEW under the veto (current in KV, stamped by a correct clock). The old
+    # PASS reaches the router again (a redelivery). Before: the router compared the two decisions' times, took the
+    # PASS for the newer one and put the vetoed canary at 50% until its next step.
+    bus = router.ctx.bus
+    handled = _handled(router, monkeypatch)
+    ahead = signer.sign(GateDecided(release="bad", rules=[], decision="PASS", artifacts=await judged(bus, "bad"),
+                                    time=datetime.now(UTC) + timedelta(seconds=300)))
+    await store_decision(bus, ahead)
+    held = signer.sign(GateDecided(release="bad", rules=[], decision="NEEDS_REVIEW", reason="vetoed: rejected by alice",
+                                   review_required="vetoed", artifacts=await judged(bus, "bad")))
+    await store_decision(bus, held)
+    await _start(http, router, "bad", {"steps": [50, 100], "interval_s": 3600})
+    route = router.rollouts.route("chat")
+    assert (route.weight, route.phase, route.decision_id) == (0.0, "idle", held.id), route.reason
+    await bus.publish(bus.subjects.gate_decided("bad"), ahead)  # the redelivery: not the current decision
+    await asyncio.wait_for(handled[ahead.id].wait(), 10)
+    route = router.rollouts.route("chat")
+    assert (route.weight, route.phase, route.decision_id, route.admitted) == (0.0, "idle", held.id, ""), route.reason
+    assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+async def test_a_pass_announced_without_a_verified_current_decision_admits_nothing(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A PASS of `same` on the bus while KV holds no decision of it that verifies: none at all, or one signed by a key
+    # revoked since. A message alone is no current decision (the gatekeeper stores before it announces), so it
+    # admits nothing. Before: it was applied, and the canary got 50%.
+    bus = router.ctx.bus
+    handled = _handled(router, monkeypatch)
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    retired = Signer.generate()
+    trust_key(trust_file_path(router.ctx.settings), retired.public)
+    unverified = retired.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="toxicity"))
+    for stored in (None, unverified):
+        if stored is not None:
+            await store_decision(bus, stored)
+            revoke_key(trust_file_path(router.ctx.settings), retired.key_id)
+        passed = await _signed_pass(router, signer, "same")
+        await bus.publish(bus.subjects.gate_decided("same"), passed)
+        await asyncio.wait_for(handled[passed.id].wait(), 10)
+        route = router.rollouts.route("chat")
+        assert (route.weight, route.phase, route.admitted) == (0.0, "idle", ""), (stored and stored.id, route.reason)
+    assert set(await _releases(http, router, 40)) == {"r1"}
+    # A message that allows nothing is still acted on: it can only make the route stricter.
+    blocked = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="leaks PII"))
+    await bus.publish(bus.subjects.gate_decided("same"), blocked)
+    await router.rollouts.wait_for(lambda r: r["chat"].decision_id == blocked.id, timeout=10)
+    assert router.rollouts.route("chat").phase == "aborted"
 
 
 async def test_a_block_of_the_stable_rolls_it_back_while_a_canary_of_another_release_waits(
@@ -99,7 +164,7 @@ async def test_a_block_of_the_stable_rolls_it_back_while_a_canary_of_another_rel
         assert resp.status == 200, await resp.text()
     bus = router.ctx.bus
     blocked = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="leaks PII"))
-    await bus.publish(bus.subjects.gate_decided("same"), blocked)
+    await gate_decided(bus, blocked)
     await router.rollouts.wait_for(lambda r: "same" not in {t.release for t in r["chat"].good}, timeout=10)
     route = router.rollouts.route("chat")
     assert (route.stable.release, route.weight, route.phase) == ("r1", 0.0, "aborted"), route.reason
@@ -120,10 +185,10 @@ async def test_a_rollback_after_a_blue_green_promotion_never_puts_back_a_blocked
     assert [t["release"] for t in promoted["good"]] == ["r1"]  # `same` is known-good once its analysis passes
     bus = router.ctx.bus
     old = signer.sign(GateDecided(release="r1", rules=[], decision="BLOCK", reason="a sunset artifact"))
-    await bus.publish(bus.subjects.gate_decided("r1"), old)
+    await gate_decided(bus, old)
     await router.rollouts.wait_for(lambda r: not r["chat"].good, timeout=10)  # r1 is no longer known-good
     new = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="leaks PII"))
-    await bus.publish(bus.subjects.gate_decided("same"), new)
+    await gate_decided(bus, new)
     await router.rollouts.wait_for(lambda r: r["chat"].decision_id == new.id, timeout=10)
     route = router.rollouts.route("chat")
     assert (route.stable.release, route.good, route.verifying) == ("same", [], False), route.reason
@@ -195,9 +260,7 @@ async def test_a_block_ends_the_break_glass_override_of_its_release(
         assert resp.status == 200, await resp.text()
     bus = router.ctx.bus
     blocked = signer.sign(GateDecided(release="bad", rules=[], decision="BLOCK", reason="toxicity"))
-    kv = await bus.kv(bus.subjects.kv_gates)
-    await kv.put(token("bad"), msgspec.json.encode(blocked))
-    await bus.publish(bus.subjects.gate_decided("bad"), blocked)
+    await gate_decided(bus, blocked)
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
     operator, _ = KeyStore(router.ctx.settings.home).create("default", "ops", "operator", "on call")
     auth = {"Authorization": f"Bearer {operator}"}
@@ -287,7 +350,7 @@ async def test_a_release_of_another_app_cannot_be_rolled_out_on_a_deployment(
     # app `lab` (which the file does not cover), gated it with a policy of their own (PASS), then rolled it out
     # on shop's deployment: the gatekeeper applies requirements by a release's app, so nothing stopped it.
     await register_model_release(router.ctx.bus, "other", "same", "canary", app="lab")
-    await _pass_only(router, signer, "other")
+    await _passed(router, signer, "other")  # stored, with no rollout of it to act on
     await _start(http, router, "same", {"steps": [50], "interval_s": 3600})  # shop's r1 serves; `same` waits
     attempts = [("PUT", {"stable_release": "r1", "canary_release": "other", "initial_weight": 50}, 400),
                 ("PUT", {"stable_release": "other", "canary_release": "same"}, 400),  # as the new stable
@@ -301,13 +364,6 @@ async def test_a_release_of_another_app_cannot_be_rolled_out_on_a_deployment(
     route = router.rollouts.route("chat")
     assert (route.stable.release, route.canary.release, route.weight) == ("r1", "same", 0.0)
     assert set(await _releases(http, router, 60)) == {"r1"}  # `other` is served to nobody
-
-
-async def _pass_only(router: Any, signer: Signer, release: str) -> None:
-    """A verified PASS for `release` in the gates bucket, without any rollout to act on."""
-    kv = await router.ctx.bus.kv(router.ctx.bus.subjects.kv_gates)
-    await kv.put(token(release), msgspec.json.encode(signer.sign(GateDecided(
-        release=release, rules=[], decision="PASS", artifacts=await judged(router.ctx.bus, release)))))
 
 
 async def test_a_break_glass_canary_is_still_judged_by_its_analysis(router: Any, http: aiohttp.ClientSession) -> None:

@@ -31,7 +31,7 @@ from lockgate.services.gatekeeper.domain import (
 from lockgate.signing import Signer, Verifier, ensure_signer_trusted
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import judged, register_model_release
+from tests.helpers import gate_decided, judged, register_model_release, store_decision
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,9 +70,7 @@ async def _decide(bus: Any, signer: Signer, release: str, verdict: str, *, polic
     """A gatekeeper-signed decision made current in KV (and announced), as the gatekeeper's eval path does."""
     d = signer.sign(GateDecided(release=release, rules=[], decision=verdict, policy=policy,  # type: ignore[arg-type]
                                 artifacts=await judged(bus, release)))
-    await (await bus.kv(bus.subjects.kv_gates)).put(token(release), msgspec.json.encode(d))
-    if publish:
-        await bus.publish(bus.subjects.gate_decided(release), d)
+    await (gate_decided if publish else store_decision)(bus, d)
     return d
 
 

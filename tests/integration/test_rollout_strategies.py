@@ -18,7 +18,7 @@ from lockgate.server.apikeys import KeyStore
 from lockgate.services.router import progress
 from lockgate.signing import Signer
 from lockgate.subjects import token
-from tests.helpers import judged
+from tests.helpers import gate_decided, judged
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import ERRORS, _pass, _start, _traffic_until
 
@@ -119,7 +119,7 @@ async def test_a_blue_green_release_aborted_after_its_promotion_is_no_longer_kno
     assert status == 200 and body["stable"]["release"] == "r1", body
     assert [t["release"] for t in body["good"]] == ["r1"], body
     bus = router.ctx.bus
-    await bus.publish(bus.subjects.gate_decided("r1"), signer.sign(GateDecided(
+    await gate_decided(bus, signer.sign(GateDecided(
         release="r1", rules=[], decision="BLOCK", reason="a sunset artifact")))
     await router.rollouts.wait_for(lambda r: "gate BLOCK" in r["chat"].reason, timeout=10)
     route = router.rollouts.route("chat")

@@ -31,6 +31,7 @@ from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import (
     break_glass,
+    gate_decided,
     judged,
     person,
     raw_http,
@@ -225,7 +226,7 @@ async def test_gate_pass_promotes_step_by_step(router: Any, services: Any, http:
     bus, store = router.ctx.bus, router.ctx.store
     sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
     await _start_canary(http, router)
-    await bus.publish(bus.subjects.gate_decided("r2"), await gate(router.ctx.bus, signer, decision="PASS"))
+    await gate_decided(bus, await gate(router.ctx.bus, signer, decision="PASS"))
     states: list[RolloutState] = []
     while not states or states[-1].phase != "promoted":
         states.append(_states.decode((await sub.next_msg(timeout=10)).data))
@@ -249,7 +250,7 @@ async def test_gate_block_sends_canary_to_zero_at_once(router: Any, http: aiohtt
     await _start_canary(http, router, initial_weight=100,
                         break_glass=break_glass(router.ctx.settings, "chat", "r2", "canary", "block test", weight=100))
     decision = await gate(router.ctx.bus, signer, decision="BLOCK", reason="toxicity too high")
-    await bus.publish(bus.subjects.gate_decided("r2"), decision)
+    await gate_decided(bus, decision)
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
     route = router.rollouts.route("chat")
     assert route.weight == 0.0 and route.decision_id == decision.id and "toxicity" in route.reason
@@ -275,7 +276,7 @@ async def test_malformed_gate_message_goes_to_dlq_and_router_keeps_working(
                       msg_id="bad-gate")
     letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=10)).data)
     assert letter.origin == "router" and b'"release":5' in letter.payload
-    await bus.publish(bus.subjects.gate_decided("r2"), await gate(router.ctx.bus, signer, decision="BLOCK"))
+    await gate_decided(bus, await gate(router.ctx.bus, signer, decision="BLOCK"))
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
 
 
@@ -524,8 +525,7 @@ async def test_never_gated_canary_waits_at_zero_and_cannot_be_promoted(router: A
 async def test_blocked_canary_cannot_be_promoted(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     # Before: a BLOCKed release was made stable by an unauthenticated promote.
     await _put(http, router)
-    await router.ctx.bus.publish(router.ctx.bus.subjects.gate_decided("r2"),
-                                 await gate(router.ctx.bus, signer, decision="BLOCK"))
+    await gate_decided(router.ctx.bus, await gate(router.ctx.bus, signer, decision="BLOCK"))
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
     status, err = await _post(http, router, "promote")
     assert status == 409
@@ -544,13 +544,12 @@ async def test_needs_review_gets_zero_until_approved(router: Any, http: aiohttp.
     bus = router.ctx.bus
     await _put(http, router)
     held = await gate(router.ctx.bus, signer, decision="NEEDS_REVIEW", reason="prompt changed")
-    await bus.publish(bus.subjects.gate_decided("r2"), held)
+    await gate_decided(bus, held)
     await router.rollouts.wait_for(lambda r: r["chat"].decision_id == held.id, timeout=10)
     assert (router.rollouts.route("chat").weight, router.rollouts.route("chat").phase) == (0.0, "idle")
     assert (await _post(http, router, "promote"))[0] == 409
     # An approval is a new decision the gatekeeper signs: PASS for exactly this release.
-    await bus.publish(bus.subjects.gate_decided("r2"),
-                      await gate(router.ctx.bus, signer, decision="PASS", reason="approved by ann"))
+    await gate_decided(bus, await gate(router.ctx.bus, signer, decision="PASS", reason="approved by ann"))
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
 
 
@@ -569,10 +568,10 @@ async def test_reject_after_promotion_rolls_back(router: Any, http: aiohttp.Clie
     # Before: a reject after promotion changed nothing.
     bus = router.ctx.bus
     await _put(http, router)
-    await bus.publish(bus.subjects.gate_decided("r2"), await gate(router.ctx.bus, signer, decision="PASS"))
+    await gate_decided(bus, await gate(router.ctx.bus, signer, decision="PASS"))
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
     rejected = await gate(router.ctx.bus, signer, decision="BLOCK", reason="rejected by ann: leaks PII")
-    await bus.publish(bus.subjects.gate_decided("r2"), rejected)
+    await gate_decided(bus, rejected)
     await router.rollouts.wait_for(lambda r: r["chat"].decision_id == rejected.id, timeout=10)
     route = router.rollouts.route("chat")
     assert (route.stable.release, route.weight, route.phase) == ("r1", 0.0, "aborted")
@@ -676,7 +675,7 @@ async def _promoted(router: Any, http: aiohttp.ClientSession, signer: Signer, re
     bus = router.ctx.bus
     await register_model_release(bus, release, "m", "canary", **params)
     await _put(http, router, canary_release=release)
-    await bus.publish(bus.subjects.gate_decided(release), await gate(bus, signer, release=release, decision="PASS"))
+    await gate_decided(bus, await gate(bus, signer, release=release, decision="PASS"))
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
 
 
@@ -825,7 +824,7 @@ async def test_untrusted_decisions_move_no_traffic_and_are_dead_lettered(
     route = router.rollouts.route("chat")
     assert (route.phase, route.weight) == ("idle", 0.0)  # r2 was never gated: no forged PASS admits it
     # The consumer is still acting on trusted decisions.
-    await bus.publish(bus.subjects.gate_decided("r2"), await gate(router.ctx.bus, signer, decision="BLOCK"))
+    await gate_decided(bus, await gate(router.ctx.bus, signer, decision="BLOCK"))
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "aborted", timeout=10)
 
 

@@ -16,7 +16,7 @@ from lockgate.contracts import GateDecided
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.subjects import Subjects
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import Relay, Replicas, admin_headers
+from tests.helpers import Relay, Replicas, admin_headers, gate_decided
 from tests.integration.test_router_drift_replay import Stack, _rollout, stack
 
 pytestmark = pytest.mark.timeout(90)
@@ -70,8 +70,8 @@ async def test_a_replica_cut_off_from_the_bus_stops_serving_the_canary_until_it_
         admin = stack.named["admin"]
         signer = Signer.generate()
         trust_key(trust_file_path(stack.settings), signer.public)
-        await admin.publish(admin.subjects.gate_decided("r2"),
-                            signer.sign(GateDecided(release="r2", rules=[], decision="BLOCK", reason="toxicity")))
+        await gate_decided(admin, signer.sign(GateDecided(release="r2", rules=[], decision="BLOCK",
+                                                          reason="toxicity")))
         await a.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
         await a.rollouts.flush()
         assert b.rollouts.route("chat").weight == 50.0  # b cannot know

@@ -25,7 +25,15 @@ from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects
-from tests.helpers import Relay, Replicas, admin_headers, judged, register_model_release, store_pass
+from tests.helpers import (
+    Relay,
+    Replicas,
+    admin_headers,
+    gate_decided,
+    judged,
+    register_model_release,
+    store_pass,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -82,9 +90,8 @@ async def _rollout(stack: Stack, router: Any) -> None:
         body = {"stable_release": "r1", "canary_release": "r2", "strategy": STRATEGY}
         async with http.put(f"{router.url}/lockgate/v1/deployments/chat", json=body) as resp:
             assert resp.status == 200, await resp.text()
-    await admin.publish(admin.subjects.gate_decided("r2"),
-                        signer.sign(GateDecided(release="r2", rules=[], decision="PASS",
-                                                artifacts=await judged(admin, "r2"))))
+    await gate_decided(admin, signer.sign(GateDecided(release="r2", rules=[], decision="PASS",
+                                                      artifacts=await judged(admin, "r2"))))
     await router.rollouts.wait_for(lambda r: "chat" in r and r["chat"].phase == "progressing", timeout=10)
     await router.rollouts.flush()  # in KV, where a replica started next restores it from
 

@@ -20,7 +20,7 @@ from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
-from tests.helpers import admin_headers, judged, register_model_release, sink_stored, store_pass
+from tests.helpers import admin_headers, gate_decided, judged, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -76,8 +76,8 @@ async def test_canary_on_one_replica_is_routed_and_promoted_once_by_both(
                               and r["chat"].canary.release == "r2", timeout=10)
     assert b.rollouts.route("chat").weight == a.rollouts.route("chat").weight
 
-    await bus.publish(bus.subjects.gate_decided("r2"),
-                      signer.sign(GateDecided(release="r2", rules=[], decision="PASS", artifacts=await judged(bus, "r2"))))
+    await gate_decided(bus, signer.sign(GateDecided(release="r2", rules=[], decision="PASS",
+                                                    artifacts=await judged(bus, "r2"))))
     for router in (a, b):
         await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
         assert router.rollouts.route("chat").stable.release == "r2"
@@ -114,7 +114,7 @@ async def test_every_replica_holds_the_drift_report_its_analysis_reads(replicas:
         body = {"stable_release": "r1", "canary_release": "r2", "strategy": strategy}
         async with http.put(f"{a.url}/lockgate/v1/deployments/chat", json=body) as resp:
             assert resp.status == 200, await resp.text()
-    await bus.publish(bus.subjects.gate_decided("r2"), signer.sign(GateDecided(
+    await gate_decided(bus, signer.sign(GateDecided(
         release="r2", rules=[], decision="PASS", artifacts=await judged(bus, "r2"))))
     for router in (a, b):  # under analysis on both: each keeps evidence
         await router.rollouts.wait_for(lambda r: "chat" in r and r["chat"].phase == "progressing", timeout=10)
