@@ -41,6 +41,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     assert up.started(120), up.output
     endpoints = printed_endpoints(up.output)
     assert f"{home}/credentials/router-admin.key" in up.output  # where the first admin key is, never the key
+    # What to send, as a shell runs it (test_the_key_files_are_sent_as_the_banner_says follows it).
+    assert f"Authorization: Bearer $(cat {home}/credentials/router-app.key)" in up.output, up.output
     # The demo app's policy and suite are fixed by the stack's gates file, not by whoever requests an eval.
     assert f"{home}/demo-gates.yaml" in up.output and "shop-release-policy=sha256:" in (home / "demo-gates.yaml").read_text()
     assert all(not endpoints[n].removesuffix("/v1").endswith(":0") for n in ("nats", "router", "grpc", "simulator")), \
@@ -284,6 +286,28 @@ def test_keys_cli_and_router_authentication(stack: dict[str, str], tmp_path: Pat
     assert "apikeys.json" not in key and (Path(stack["E2E_HOME"]) / "apikeys.json").stat().st_mode & 0o777 == 0o600
     run("keys", "revoke", mine["id"], env=stack)
     assert call("POST", "/v1/chat/completions", key, chat, **{"x-lockgate-deployment": "keys-web"}) == 401
+
+
+def test_the_key_files_are_sent_as_the_banner_says(stack: dict[str, str]) -> None:
+    # Found by a probe: the banner said to send the app key file as `Authorization: Bearer <key>`, but the file held
+    # `<id> <key>`, so `Bearer $(cat router-app.key)` (and `LOCKGATE_API_KEY=$(cat router-admin.key)`) got 401.
+    import urllib.error
+    import urllib.request
+
+    creds = Path(stack["E2E_HOME"]) / "credentials"
+
+    def status(path: str, file: Path) -> int:
+        value = subprocess.run(["bash", "-c", f'printf %s "$(cat {file})"'], capture_output=True, text=True,
+                               check=True).stdout  # `$(cat FILE)` as the user's shell expands it
+        req = urllib.request.Request(stack["E2E_ROUTER"] + path, headers={"Authorization": f"Bearer {value}"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert status("/v1/models", creds / "router-app.key") == 200
+    assert status("/lockgate/v1/deployments", creds / "router-admin.key") == 200
 
 
 def test_keys_scoped_to_deployments_through_the_cli_and_the_router(stack: dict[str, str]) -> None:
