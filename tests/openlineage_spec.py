@@ -12,6 +12,7 @@ client's Serde must serialise the typed event back to exactly the JSON we emitte
 from __future__ import annotations
 
 import enum
+import re
 import types
 import typing
 from typing import Any
@@ -36,6 +37,11 @@ from lockgate.provenance.openlineage import FACET_SCHEMAS
 
 class SpecViolation(ValueError):
     """The event does not fit the official OpenLineage model."""
+
+
+# The spec's eventTime is `format: date-time`: RFC 3339, whose times carry an offset (`Z` or `+hh:mm`). The
+# client's validator parses with dateutil, which takes a time without one (Marquez, a ZonedDateTime, does not).
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\d[Tt]\d\d:\d\d:\d\d(\.\d+)?([Zz]|[+-]\d\d:\d\d)")
 
 
 def _custom(name: str, schema: dict[str, Any]) -> type:
@@ -152,6 +158,8 @@ def check(event: dict[str, Any]) -> RunEvent:
     for required in ("producer", "eventTime", "eventType", "schemaURL"):
         if not event.get(required):
             raise SpecViolation(f"$: {required} is required")
+    if not RFC3339.fullmatch(str(event["eventTime"])):
+        raise SpecViolation(f"$.eventTime: {event['eventTime']!r} is not an RFC 3339 date-time with an offset")
     typed = _attrs(RunEvent, event, "$")
     assert isinstance(typed.run, Run) and isinstance(typed.job, Job)
     assert all(isinstance(d, InputDataset) for d in typed.inputs or [])

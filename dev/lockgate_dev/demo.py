@@ -2,7 +2,9 @@
 
 Register a baseline and two candidates, evaluate all three, gate them (one is blocked, one
 passes), roll the good one out through the router under simulated traffic, and leave drift
-reports, costs and traces behind to query.
+reports, costs and traces behind to query. Each act shows one thing: the gate stops the wrong
+candidate before any traffic (act 3); the good one, which answers the rest as stable does, is
+promoted step by step while the drift monitor compares its answers with stable's (act 4).
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import yaml
 from rich.console import Console
 
 from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.codec import Codec
-from lockgate.contracts import EvalRequested, GateDecided, RolloutState
+from lockgate.contracts import DriftReport, EvalRequested, GateDecided, RolloutState
 from lockgate.errors import LockgateError
 from lockgate.ids import content_hash, uuid7
 from lockgate_dev.sim import ModelSpec, SimConfig
@@ -42,18 +45,21 @@ def _cases() -> list[dict[str, Any]]:
 
 
 def demo_sim_config() -> SimConfig:
-    """Simulated models: a correct stable one, a correct and chattier candidate, a wrong candidate."""
+    """Simulated models: a correct stable one, a correct candidate that answers the rest as stable does, and a
+    wrong candidate."""
     template = yaml.safe_load(_data("suite.yaml"))["prompt"]["template"]
     right = {template.format(**c["vars"]): str(c["expected"]) for c in _cases()}
     wrong = {q: ("I am not sure" if i % 2 else a) for i, (q, a) in enumerate(right.items())}
+    # The demo's traffic asks what no case answers: the default reply. The good candidate's is stable's words
+    # and timing, so the drift monitor finds its answers like stable's and it is promoted. (It used to be a
+    # longer, "chattier" reply: harmful drift in output_tokens, which aborted the canary the demo said it promoted
+    # whenever the monitor compared the two before the last step.)
+    reply = ModelSpec(default="Thanks for asking, here is a short answer.", latency_ms=20, jitter_ms=5, ttft_ms=5)
     return SimConfig(
         seed=7,
         models={
-            "sim-stable": ModelSpec(answers=right, default="Thanks for asking, here is a short answer.",
-                                    latency_ms=20, jitter_ms=5, ttft_ms=5),
-            "sim-good": ModelSpec(answers=right, latency_ms=15, jitter_ms=5, ttft_ms=4,
-                                  default="Thanks for asking! Here is a longer, friendlier answer that explains "
-                                          "the options, the prices and the delivery times in more detail."),
+            "sim-stable": msgspec.structs.replace(reply, answers=right),
+            "sim-good": msgspec.structs.replace(reply, answers=right),
             "sim-bad": ModelSpec(answers=wrong, default="Sorry, something went wrong on my side.",
                                  latency_ms=60, jitter_ms=20, error_rate=0.02),
         },
@@ -169,34 +175,49 @@ async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
         colour = "green" if d.decision == "PASS" else "red"
         say(f"   {release:<12} [{colour}]{d.decision}[/{colour}]  {_verdicts(d)}")
 
+    # Each canary's rollout states, printed as they come: its act ends when it is promoted or aborted.
     rollouts: list[RolloutState] = []
+    settled = {BAD: asyncio.Event(), GOOD: asyncio.Event()}
     rollout_codec: Codec[RolloutState] = Codec(RolloutState)
-    finished = asyncio.Event()  # the good canary promoted, or aborted by live evidence (drift, analysis)
+    drift_codec: Codec[DriftReport] = Codec(DriftReport)
+    compared: list[DriftReport] = []  # the drift monitor's reports of the good canary against stable
 
     async def on_rollout(msg: Any) -> None:
         state = rollout_codec.decode(msg.data)
+        if state.canary_release not in settled:
+            return
         rollouts.append(state)
-        if (state.phase == "promoted" and state.stable_release == GOOD) or (
-                state.phase == "aborted" and state.canary_release == GOOD):
-            finished.set()
-
-    sub = await bus.nc.subscribe(bus.subjects.rollout(DEPLOYMENT), cb=on_rollout)
-    traces: list[str] = []
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {app_key}"}) as http:
-        say(f"\n[bold]3. Canary {BAD}[/bold] through the router: the gate blocked it, so it gets 0% at once")
-        await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": BAD},
-                        admin_key)
-        say(f"\n[bold]4. Canary {GOOD}[/bold] under simulated traffic: the gate passed it, so it is promoted "
-            "step by step")
-        await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": GOOD},
-                        admin_key)
-        sent = await asyncio.wait_for(_traffic(http, router_url, finished, traffic, traces), 300)
-    await sub.unsubscribe()
-    for state in rollouts:
         reason = state.reason.split("; evaluator warning")[0]  # the full text is in `lockgate gate explain`
-        say(f"   {state.phase:<12} canary={state.canary_release or '-':<12} weight={state.canary_weight:>5.1f}%  "
-            f"{reason}")
-    say(f"   sent {sent} requests through the router ({router_url})")
+        say(f"   {state.phase:<12} canary={state.canary_release:<12} weight={state.canary_weight:>5.1f}%  {reason}")
+        if state.phase in ("promoted", "aborted"):
+            settled[state.canary_release].set()
+
+    async def on_drift(msg: Any) -> None:
+        report = drift_codec.decode(msg.data)
+        if report.comparison == "canary_vs_stable" and report.release == GOOD and report.served:
+            compared.append(report)
+
+    subs = [await bus.nc.subscribe(bus.subjects.rollout(DEPLOYMENT), cb=on_rollout),
+            await bus.nc.subscribe(bus.subjects.drift(DEPLOYMENT), cb=on_drift)]
+    traces: list[str] = []
+    try:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {app_key}"}) as http:
+            say(f"\n[bold]3. Canary {BAD}[/bold] through the router: the gate blocked it, so it gets 0% at once")
+            await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": BAD}, admin_key)
+            await _settled(settled[BAD], BAD)
+            say(f"\n[bold]4. Canary {GOOD}[/bold] under simulated traffic: the gate passed it, so the router moves it "
+                "up step by step, while the drift monitor compares its answers with stable's (harmful drift would "
+                "abort it)")
+            await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": GOOD}, admin_key)
+            sent = await asyncio.wait_for(_traffic(http, router_url, settled[GOOD], traffic, traces), 300)
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+    final = [s for s in rollouts if s.canary_release == GOOD][-1]
+    say(f"   the drift monitor compared {GOOD}'s answers with {BASELINE}'s {len(compared)} times while it had "
+        "traffic (every `drift_window_size` canary answers)")
+    say(f"   sent {sent} requests through the router ({router_url}); {DEPLOYMENT} now serves "
+        f"[cyan]{final.stable_release}[/cyan]")
 
     say("\n[bold]5. Look deeper[/bold]")
     for cmd in (f"lockgate gate explain {BAD}", "lockgate decisions",
@@ -206,4 +227,15 @@ async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
                 "lockgate dlq"):
         say(f"   $ {cmd}")
     return {"decisions": {r: d.decision for r, d in decisions.items()}, "requests": sent, "traces": traces,
-            "rollouts": [(s.phase, s.canary_weight) for s in rollouts]}
+            "rollouts": [(s.phase, s.canary_weight) for s in rollouts],
+            "final": {"phase": final.phase, "stable": final.stable_release, "canary": final.canary_release},
+            "drift_reports": len(compared)}
+
+
+async def _settled(done: asyncio.Event, release: str) -> None:
+    """Wait until the router promoted or aborted `release` (LockgateError after 60 s: the stack is not deciding)."""
+    try:
+        await asyncio.wait_for(done.wait(), 60)
+    except TimeoutError:
+        raise LockgateError(f"the router neither promoted nor aborted canary {release} within 60 s: "
+                            f"see `lockgate rollout get {DEPLOYMENT}`") from None

@@ -32,7 +32,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """`lockgate dev up` with every server on port 0; yields the environment that points the CLI at the
     endpoints it printed."""
     home = tmp_path_factory.mktemp("home")
-    env = {**os.environ, "LOCKGATE_ROLLOUT_STEP_INTERVAL_S": "0.2", "LOCKGATE_DRIFT_REFERENCE_SIZE": "100",
+    # Steps of 1 s: the demo's canary gets a few hundred answers, so the drift monitor compares it with stable
+    # (every 100 canary answers) before it is promoted, as on a stack with the default settings.
+    env = {**os.environ, "LOCKGATE_ROLLOUT_STEP_INTERVAL_S": "1", "LOCKGATE_DRIFT_REFERENCE_SIZE": "100",
            "LOCKGATE_DRIFT_WINDOW_SIZE": "100", "COLUMNS": "200"}
     # "Ctrl-C stops ..." follows the list of endpoints, so all of them have been printed by then.
     up = Process([*LOCKGATE, "dev", "up", "--home", str(home), "--nats-port", "0", "--router-port", "0",
@@ -41,6 +43,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     assert up.started(120), up.output
     endpoints = printed_endpoints(up.output)
     assert f"{home}/credentials/router-admin.key" in up.output  # where the first admin key is, never the key
+    # What to send, as a shell runs it (test_the_key_files_are_sent_as_the_banner_says follows it).
+    assert f"Authorization: Bearer $(cat {home}/credentials/router-app.key)" in up.output, up.output
     # The demo app's policy and suite are fixed by the stack's gates file, not by whoever requests an eval.
     assert f"{home}/demo-gates.yaml" in up.output and "shop-release-policy=sha256:" in (home / "demo-gates.yaml").read_text()
     assert all(not endpoints[n].removesuffix("/v1").endswith(":0") for n in ("nats", "router", "grpc", "simulator")), \
@@ -59,7 +63,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 def test_demo_then_query_everything(stack: dict[str, str]) -> None:
     demo = run("demo", "--router", stack["E2E_ROUTER"], "--sim", stack["E2E_SIM"], "--traffic", "300", env=stack)
-    assert "BLOCK" in demo.stdout and "promoted" in demo.stdout
+    # What the demo reached, not what its headlines say (before, the headline's "promoted" passed this test while
+    # the good canary was aborted for drift, as a new user's first run showed): the route the router serves,
+    # and the rollout it went through.
+    route = json.loads(run("rollout", "get", "shop-web", "--json", env=stack).stdout)
+    assert (route["phase"], route["stable"]["release"]) == ("promoted", "shop-v2-rc2"), route["reason"]
+    assert "shop-web now serves shop-v2-rc2" in demo.stdout  # and the demo says so, from the route it saw last
+    rc1_aborted = ("SELECT count() AS n FROM rollout_events WHERE deployment = 'shop-web' AND canary_release = "
+                   "'shop-v2-rc1' AND phase = 'aborted' AND canary_weight = 0")
+    assert _sql_count(stack, rc1_aborted, 1) == 1  # the blocked candidate got no traffic
+    steps = ("SELECT count() AS n FROM rollout_events WHERE deployment = 'shop-web' AND canary_release = "
+             "'shop-v2-rc2' AND phase = 'progressing' AND canary_weight > 0")
+    assert _sql_count(stack, steps, 4) >= 4  # 10, 25, 50, 100%
+    # ...while the drift monitor compared its answers with stable's, and found them alike.
+    compared = ("SELECT count() AS n FROM drift_reports WHERE deployment = 'shop-web' AND comparison = "
+                "'canary_vs_stable' AND release = 'shop-v2-rc2' AND feature = 'output_tokens'")
+    assert _sql_count(stack, compared, 1) >= 1
+    assert _sql_count(stack, compared + " AND drifted", 0) == 0
 
     decisions = json.loads(run("decisions", "--json", env=stack).stdout)
     assert {d["release"]: d["decision"] for d in decisions}["shop-v2-rc1"] == "BLOCK"
@@ -284,6 +304,28 @@ def test_keys_cli_and_router_authentication(stack: dict[str, str], tmp_path: Pat
     assert "apikeys.json" not in key and (Path(stack["E2E_HOME"]) / "apikeys.json").stat().st_mode & 0o777 == 0o600
     run("keys", "revoke", mine["id"], env=stack)
     assert call("POST", "/v1/chat/completions", key, chat, **{"x-lockgate-deployment": "keys-web"}) == 401
+
+
+def test_the_key_files_are_sent_as_the_banner_says(stack: dict[str, str]) -> None:
+    # Found by a probe: the banner said to send the app key file as `Authorization: Bearer <key>`, but the file held
+    # `<id> <key>`, so `Bearer $(cat router-app.key)` (and `LOCKGATE_API_KEY=$(cat router-admin.key)`) got 401.
+    import urllib.error
+    import urllib.request
+
+    creds = Path(stack["E2E_HOME"]) / "credentials"
+
+    def status(path: str, file: Path) -> int:
+        value = subprocess.run(["bash", "-c", f'printf %s "$(cat {file})"'], capture_output=True, text=True,
+                               check=True).stdout  # `$(cat FILE)` as the user's shell expands it
+        req = urllib.request.Request(stack["E2E_ROUTER"] + path, headers={"Authorization": f"Bearer {value}"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert status("/v1/models", creds / "router-app.key") == 200
+    assert status("/lockgate/v1/deployments", creds / "router-admin.key") == 200
 
 
 def test_keys_scoped_to_deployments_through_the_cli_and_the_router(stack: dict[str, str]) -> None:

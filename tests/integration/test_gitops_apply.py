@@ -307,3 +307,31 @@ async def test_a_document_git_ignores_is_applied_as_dirty_through_the_cli(bus: B
     row = await asyncio.wait_for(audited.get(), 10)
     assert row.kind == "apply" and row.details["dirty"] == "true"
     assert (await read_state(bus))["policy/gitshop-loose"].dirty is True
+
+
+async def test_a_release_parent_named_by_its_document_is_planned_and_applied_through_the_cli(
+        bus: Bus, settings: Settings, tmp_path: Path) -> None:
+    # Found by a probe: `parent: rb`, the name of a release document of the folder (as `stable:` and an alias's
+    # `release:` name one), was refused: "parent release 'rb' is not registered and no release of the folder is
+    # named so". Now it binds to that document's release, here a release line's current `rb@<12 hex>`.
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    (repo / "releases" / "rb.yaml").write_text("kind: release\nname: rb\napp: gitshop\n"
+                                               "artifacts: [prompt/gitshop-system]\n")
+    (repo / "releases" / "ra.yaml").write_text("kind: release\nname: ra\napp: gitshop\nparent: rb\n"
+                                               "artifacts: [prompt/gitshop-answer]\n")
+    planned = await cli(settings, "plan", str(repo), "--json")
+    assert planned.exit_code == 2, planned.output
+    release = {s["name"]: s["release"] for s in json.loads(planned.stdout)["steps"] if s["kind"] == "release"}
+    assert release["rb"].startswith("rb@") and release["ra"].startswith("ra@")
+    async with recorder(bus, settings):
+        applied = await cli(settings, "apply", str(repo))
+    assert applied.exit_code == 0, applied.output
+    assert (await artifacts.release_of(bus, release["ra"]))["parent"] == release["rb"]
+
+    # A parent that is neither a document nor a release: one line that says what `parent:` may name.
+    (repo / "releases" / "ra.yaml").write_text("kind: release\nname: ra\napp: gitshop\nparent: rc\n"
+                                               "artifacts: [prompt/gitshop-answer]\n")
+    refused = await cli(settings, "plan", str(repo))
+    assert refused.exit_code == 1
+    assert ("document releases/ra.yaml: parent 'rc' is neither a release document of the folder (by its `name:`), "
+            "the `release:` of one, nor a registered release - at `$.parent`") in refused.output

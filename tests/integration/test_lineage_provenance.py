@@ -131,6 +131,9 @@ async def test_openlineage_export_of_eval_runs_and_gate_decisions(
     rollout_ev = next(e for e in events if e["job"]["name"] == "rollout/web")
     assert rollout_ev["eventType"] == "START"  # the canary's first change
     assert rollout_ev["run"]["facets"]["lockgate_rollout"]["weights"] == {"shop-v1": 90.0, "shop-v2": 10.0}
+    # The CLI read these rows over NATS from the query service, whose times are strings: each eventTime is still
+    # RFC 3339 with its offset (before, `2026-12-05T11:18:54.260872`, which Marquez refuses).
+    assert all(e["eventTime"].endswith("Z") for e in events), [e["eventTime"] for e in events]
     for event in events:
         check(event)  # the official model, strictly (tests/openlineage_spec.py)
     by_job = {e["job"]["name"]: e for e in events if e["eventType"] == "COMPLETE"}

@@ -64,6 +64,7 @@ async def test_release_goes_through_the_whole_loop(settings: Settings) -> None:
         phases = [(p, w) for p, w in story["rollouts"]]
         assert ("aborted", 0.0) in phases
         assert phases[-1][0] == "promoted"
+        assert story["final"] == {"phase": "promoted", "stable": GOOD, "canary": GOOD}
         weights = [w for p, w in phases if p == "progressing"]
         assert weights == sorted(weights) and len(weights) >= 2
 

@@ -165,8 +165,8 @@ def test_a_release_parent_must_be_bound_or_of_the_folder_and_binds_first(folder:
     _release_doc(folder, "p2", "kin-p2", "kin-p1")
     errors = diff(resolve(load_folder(folder)), {}, {}).errors
     assert errors == [
-        "document releases/orphan.yaml: parent release 'kin-typo' is not registered and no release of the folder "
-        "is named so - at `$.parent`",
+        "document releases/orphan.yaml: parent 'kin-typo' is neither a release document of the folder (by its "
+        "`name:`), the `release:` of one, nor a registered release - at `$.parent`",
         "document releases/p1.yaml: the parents of release 'kin-p1' form a cycle (kin-p1 -> kin-p2 -> kin-p1) - at "
         "`$.parent`",
         "document releases/p2.yaml: the parents of release 'kin-p2' form a cycle (kin-p2 -> kin-p1 -> kin-p2) - at "
@@ -176,4 +176,58 @@ def test_a_release_parent_must_be_bound_or_of_the_folder_and_binds_first(folder:
     assert diff(desired, {}, {"kin-typo": "sha256:x", "kin-p1": p1}).errors == []
     _release_doc(folder, "self", "kin-self", "kin-self")
     with pytest.raises(GitopsError, match=r"release 'kin-self' cannot be its own parent - at `\$.parent`"):
+        resolve(load_folder(folder))
+
+
+def _line_doc(folder: Path, name: str, parent: str, prompt: str = "gitshop-system") -> None:
+    (folder / "releases" / f"{name}.yaml").write_text(
+        f"kind: release\nname: {name}\napp: gitshop\nparent: {parent}\nartifacts: [prompt/{prompt}]\n")
+
+
+def test_a_release_parent_may_name_a_release_document_as_stable_and_canary_do(folder: Path) -> None:
+    # Found by a probe: `parent: gitshop-base` (the document's name, as a deployment's `stable:` takes it) was
+    # refused with "no release of the folder is named so"; only its release, `gitshop-v1`, was taken. A release
+    # line's name (`gitshop@<12 hex>`) changes with its content, so one line could not name another as parent.
+    _release_doc(folder, "by-doc", "kin-by-doc", "gitshop-base")  # a pinned document: its release
+    _line_doc(folder, "child-line", "gitshop")  # a release line: its current version
+    _line_doc(folder, "grandchild-line", "child-line", "gitshop-answer")
+    desired = {r.name: r for r in resolve(load_folder(folder)) if r.kind == "release"}
+    assert desired["by-doc"].bundle["parent"] == "gitshop-v1"
+    assert desired["child-line"].bundle["parent"] == desired["gitshop"].release
+    assert desired["grandchild-line"].bundle["parent"] == desired["child-line"].release
+    plan = diff(list(desired.values()), {}, {})
+    assert plan.errors == []
+    order = [s.name for s in plan.steps]
+    assert order.index("gitshop") < order.index("child-line") < order.index("grandchild-line")
+    # Release names still work, and name the same release as the document's name does.
+    _release_doc(folder, "by-release", "kin-by-release", "gitshop-v1")
+    assert next(r for r in resolve(load_folder(folder)) if r.name == "by-release").bundle["parent"] == "gitshop-v1"
+
+    # The parent line gets a new version: so does the child line, whose bundle names it.
+    _edit(folder / "prompts" / "answer.yaml", "no punctuation.", "no punctuation at all.")
+    again = {r.name: r for r in resolve(load_folder(folder)) if r.kind == "release"}
+    assert again["child-line"].bundle["parent"] == again["gitshop"].release != desired["gitshop"].release
+    assert again["child-line"].release != desired["child-line"].release
+
+
+@pytest.mark.parametrize(("docs", "message"), [
+    ([("ra", "rb"), ("rb", "ra")], "document releases/rb.yaml is invalid: the parents of release document 'rb' form "
+                                   "a cycle (rb -> ra -> rb) - at `$.parent`"),
+    ([("self", "self")], "release document 'self' cannot be its own parent - at `$.parent`"),
+])
+def test_release_documents_whose_parents_loop_are_refused_naming_them(folder: Path, docs: list[tuple[str, str]],
+                                                                     message: str) -> None:
+    for name, parent in docs:
+        _line_doc(folder, name, parent)
+    with pytest.raises(GitopsError) as info:
+        resolve(load_folder(folder))
+    assert message in str(info.value)
+
+
+def test_a_parent_that_names_one_document_and_another_ones_release_is_refused(folder: Path) -> None:
+    _release_doc(folder, "kin-a", "kin-b", "gitshop-v1")  # document kin-a is release kin-b ...
+    _release_doc(folder, "kin-b", "kin-b2", "gitshop-v1")  # ... and document kin-b is another release
+    _line_doc(folder, "child", "kin-b")
+    with pytest.raises(GitopsError, match=r"parent 'kin-b' is both a release document's name and the release of "
+                                          r"document 'kin-a': rename one of them - at `\$.parent`"):
         resolve(load_folder(folder))

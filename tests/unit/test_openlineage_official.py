@@ -57,6 +57,19 @@ def test_start_and_end_of_one_run_share_the_run_id_and_job() -> None:
     assert len({e["run"]["runId"] for e in rollout}) == 1
 
 
+@pytest.mark.parametrize(("time", "expected"), [
+    (T, "2026-12-01T09:00:00Z"),
+    (T.replace(tzinfo=None), "2026-12-01T09:00:00Z"),  # a naive datetime from ClickHouse is UTC
+    ("2026-12-01T09:00:00.250000", "2026-12-01T09:00:00.250000Z"),  # the query service's rows: ISO strings
+    ("2026-12-01 09:00:00", "2026-12-01T09:00:00Z"),
+    ("2026-12-01T11:00:00+02:00", "2026-12-01T09:00:00Z"),
+])
+def test_event_time_is_rfc3339_in_utc_whether_the_row_holds_a_datetime_or_a_string(time: Any, expected: str) -> None:
+    event = ol.eval_event({**EVAL, "time": time}, ["sha256:d"], RELEASE, ARTS, NS)
+    assert event["eventTime"] == expected
+    check(event)
+
+
 def _broken(change: Any) -> dict[str, Any]:
     event = copy.deepcopy(_events()[1])
     change(event)
@@ -67,7 +80,9 @@ def _broken(change: Any) -> dict[str, Any]:
     ("no producer", lambda e: e.pop("producer"), "producer is required"),
     ("bad eventType", lambda e: e.update(eventType="DONE"), "'DONE' is not one of"),
     ("runId not a UUID", lambda e: e["run"].update(runId="run-7"), "Run refused it"),
-    ("eventTime without a time", lambda e: e.update(eventTime="2026-12-01"), "RunEvent refused it"),
+    ("eventTime without a time", lambda e: e.update(eventTime="2026-12-01"), "not an RFC 3339 date-time"),
+    ("eventTime without an offset", lambda e: e.update(eventTime="2026-12-05T11:18:54.260872"),
+     "not an RFC 3339 date-time with an offset"),
     ("unknown key on the event", lambda e: e.update(status="ok"), "status not in the spec's RunEvent"),
     ("unknown key on the run", lambda e: e["run"].update(id="x"), "id not in the spec's Run"),
     ("unknown key on the job", lambda e: e["job"].update(kind="x"), "kind not in the spec's Job"),

@@ -63,7 +63,16 @@ def register(cli: click.Group) -> None:
     def list_(ctx: click.Context, path: str | None, as_json: bool) -> None:
         """Each budget's use this period (spent or held by a router replica) against its limit."""
         settings = ctx.obj["settings"]
-        budgets = resolve(load_gateway_file(path or settings.gateway_file).budgets)
+        file = path or settings.gateway_file
+        budgets = resolve(load_gateway_file(file).budgets)
         now = datetime.now(UTC)
         rows = with_bus(settings, lambda bus: read_budgets(bus, budgets, now))
-        output(rows, as_json, title="budgets (used = spent or held by a router replica)", empty="no budgets declared")
+        output(rows, as_json, title="budgets (used = spent or held by a router replica)", empty=_none_declared(file))
+
+
+def _none_declared(file: str) -> str:
+    """Why there is nothing to list: an applied GitOps budget document is no budget the router holds anyone to."""
+    where = f"the gateway file {file} declares none" if file else \
+        "no gateway file is set (LOCKGATE_GATEWAY_FILE, or --file)"
+    return (f"no budgets: {where}. The router enforces only the gateway file's budgets; a GitOps `kind: budget` "
+            "document is desired state, recorded by `apply` and shown by `plan`, and limits nothing.")

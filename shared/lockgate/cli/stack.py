@@ -74,8 +74,11 @@ async def serve_stack(settings: Settings, *, extra: dict[str, str] | None = None
         # The router and the gRPC gateway take only API keys: make the first ones and say where they
         # are (files 0600; the keys themselves are never printed or logged).
         keys = bootstrap(settings.home, app=settings.app)
-        console.print(f"  [bold]{'admin key':<11}[/bold] {keys.admin_file}  (role admin: router admin API, `lockgate keys`)")
-        console.print(f"  [bold]{'app key':<11}[/bold] {keys.app_file}  (send as `Authorization: Bearer <key>`)")
+        # A key file holds the key alone, so what the banner says to send works as written.
+        console.print(f"  [bold]{'admin key':<11}[/bold] {keys.admin_file}  (role admin: router admin API, "
+                      "`lockgate keys`; the file holds the key alone)")
+        console.print(f"  [bold]{'app key':<11}[/bold] {keys.app_file}  (the key alone: send "
+                      f"`Authorization: Bearer $(cat {keys.app_file})`)", soft_wrap=True)
         _print_people(runtime.settings)
         if on_ready is not None:
             await on_ready(runtime)

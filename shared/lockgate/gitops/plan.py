@@ -107,7 +107,8 @@ def diff(desired: list[Resource], state: dict[str, StateEntry], bound: dict[str,
 
 
 def _parent_errors(desired: list[Resource], bound: dict[str, str]) -> list[str]:
-    """A release's parent must be bound already or be another release of the folder (applied before it)."""
+    """A release's parent must be bound already or be another release of the folder (applied before it); a
+    parent naming a release document was resolved to its release already (resolve.py)."""
     parents = {r.release: r.bundle.get("parent", "") for r in desired if r.kind == "release"}
     errors = []
     for res in desired:
@@ -115,8 +116,8 @@ def _parent_errors(desired: list[Resource], bound: dict[str, str]) -> list[str]:
         if not parent or res.release in bound:
             continue
         if parent not in bound and parent not in parents:
-            errors.append(f"document {res.source}: parent release {parent!r} is not registered and no release "
-                          f"of the folder is named so - at `$.parent`")
+            errors.append(f"document {res.source}: parent {parent!r} is neither a release document of the folder "
+                          f"(by its `name:`), the `release:` of one, nor a registered release - at `$.parent`")
             continue
         seen = [res.release]
         while parent in parents and parent not in bound and parent not in seen:

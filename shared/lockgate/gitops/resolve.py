@@ -3,7 +3,8 @@
 A content document becomes the canonical bytes of an artifact (the hash `lockgate artifact register`
 would give the same content); a release becomes the bundle that `release create` binds; a deployment
 or budget becomes its resolved spec. References are checked here: a release names artifacts of the
-folder, a deployment names releases of the folder, a suite's `dataset:` may name a dataset document.
+folder, a deployment names releases of the folder, a suite's `dataset:` may name a dataset document, and a
+release's `parent:` names a release document of the folder or a release.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def _policy(src: Source, res: Resource) -> None:
         raise GitopsError(f"document {src.path} is invalid: {src.doc.file}: {exc}") from None  # type: ignore[union-attr]
 
 
-def _release(src: Source, doc: Release, artifacts: dict[str, Resource]) -> Resource:
+def _release(src: Source, doc: Release, artifacts: dict[str, Resource], parent: str) -> Resource:
+    """A release document's bundle; `parent` is its `parent:` resolved to a release name."""
     hashes = {}
     for i, ref in enumerate(doc.artifacts):
         res = artifacts.get(ref)
@@ -127,16 +129,53 @@ def _release(src: Source, doc: Release, artifacts: dict[str, Resource]) -> Resou
                        f"$.artifacts[{i}]")
         hashes[f"{ARTIFACT_KIND[res.kind]}/{res.name}"] = res.digest
     # Without an explicit name, the version is a function of the content: the same folder names the same
-    # release on any stack, and an edited artifact names a new one.
+    # release on any stack, and an edited artifact names a new one. The parent counts as the release it
+    # resolves to, so a line whose parent line gets a new version gets one too (its bundle names the parent).
     # (The tenant only when it is not the default one, so the versions of existing folders keep their names.)
     owner = {"tenant": doc.tenant} if doc.tenant != "default" else {}
-    version = content_hash({"app": doc.app, "artifacts": hashes, "parent": doc.parent, **owner})[7:19]
+    version = content_hash({"app": doc.app, "artifacts": hashes, "parent": parent, **owner})[7:19]
     name = doc.release or f"{doc.name}@{version}"
-    if doc.parent and doc.parent == name:
+    if parent and parent == name:
         raise _bad(src, f"release {name!r} cannot be its own parent", "$.parent")
-    bundle = release_bundle(name, doc.app, hashes, parent=doc.parent, tenant=doc.tenant)
+    bundle = release_bundle(name, doc.app, hashes, parent=parent, tenant=doc.tenant)
     return Resource(kind="release", name=doc.name, digest=content_hash(bundle_content(bundle)), source=src.path,
                     release=name, bundle=bundle, labels=dict(doc.labels), description=doc.description)
+
+
+def _releases(sources: list[Source], artifacts: dict[str, Resource]) -> dict[str, Resource]:
+    """The folder's release documents by name. A `parent:` names a release document of the folder, as a
+    deployment's `stable:` does (then its release, resolved first: a release line's name depends on its
+    parent's), or else a release by its name (bound already, or a document's `release:`), as before."""
+    docs: dict[str, Source] = {s.doc.name: s for s in sources}
+    pinned = {s.doc.release: s.doc.name for s in sources if isinstance(s.doc, Release) and s.doc.release}
+    out: dict[str, Resource] = {}
+
+    def build(src: Source, chain: list[str]) -> Resource:
+        doc = src.doc
+        assert isinstance(doc, Release)
+        if doc.name in out:
+            return out[doc.name]
+        parent = doc.parent
+        if parent in docs:
+            if pinned.get(parent, parent) != parent:
+                raise _bad(src, f"parent {parent!r} is both a release document's name and the release of "
+                                f"document {pinned[parent]!r}: rename one of them", "$.parent")
+            target = docs[parent].doc
+            assert isinstance(target, Release)
+            if target.release:
+                parent = target.release  # a pinned name does not depend on its own parent
+            elif parent == doc.name:
+                raise _bad(src, f"release document {doc.name!r} cannot be its own parent", "$.parent")
+            elif parent in chain:
+                cycle = [doc.name, *chain[chain.index(parent):], doc.name]  # each one's parent follows it
+                raise _bad(src, f"the parents of release document {doc.name!r} form a cycle "
+                                f"({' -> '.join(cycle)})", "$.parent")
+            else:
+                parent = build(docs[parent], [*chain, doc.name]).release
+        out[doc.name] = _release(src, doc, artifacts, parent)
+        return out[doc.name]
+
+    return {s.doc.name: build(s, []) for s in sources}
 
 
 def _deployment(src: Source, doc: Deployment, releases: dict[str, Resource]) -> Resource:
@@ -197,10 +236,7 @@ def resolve(sources: list[Source]) -> list[Resource]:
             if kind == "policy":
                 _policy(src, res)
             artifacts[res.key] = res
-    releases = {}
-    for src in by_kind["release"]:
-        assert isinstance(src.doc, Release)
-        releases[src.doc.name] = _release(src, src.doc, artifacts)
+    releases = _releases(by_kind["release"], artifacts)
     out = [*artifacts.values(), *releases.values()]
     for src in by_kind["alias"]:
         assert isinstance(src.doc, Alias)

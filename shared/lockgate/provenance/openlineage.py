@@ -77,6 +77,13 @@ def run_uuid(run_id: str) -> str:
 
 
 def _time(value: Any) -> str:
+    """An RFC 3339 eventTime in UTC (`...Z`), as the spec's `date-time` requires. Rows read from ClickHouse carry
+    datetimes, rows the query service sends over NATS carry ISO strings: both are UTC when they name no offset."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value  # not a time at all: shown as it is, so the consumer names what it refused
     if isinstance(value, datetime):
         t = value if value.tzinfo else value.replace(tzinfo=UTC)
         return t.astimezone(UTC).isoformat().replace("+00:00", "Z")

@@ -285,34 +285,52 @@ class Bootstrap(msgspec.Struct, frozen=True):
 
 
 def bootstrap(home: str | Path, *, tenant: str = "default", app: str = "default") -> Bootstrap:
-    """Create the first admin key and an app key once (plaintext in 0600 files under home/credentials)."""
+    """Create the first admin key and an app key once (plaintext in 0600 files under home/credentials).
+
+    A file holds the key alone (`lg-...`), what `Authorization: Bearer $(cat FILE)` sends; its id is in `lockgate
+    keys list`. Homes made before hold `<id> <key>`: such a file of a live key is rewritten to the key alone."""
     home = Path(home)
     creds = home / "credentials"
     admin_file, app_file = creds / "router-admin.key", creds / "router-app.key"
     store = KeyStore(home)
-    live = {k.id for k in store.keys() if not k.revoked_at}
     keys: dict[Path, str] = {}
     for path, role, who in ((admin_file, "admin", "first admin"), (app_file, "app", "demo app")):
         with contextlib.suppress(FileNotFoundError):
-            kid, _, plain = path.read_text().strip().partition(" ")
-            if kid in live:
+            text = path.read_text()
+            plain = _key_of(text)
+            with contextlib.suppress(AuthError):
+                store.authenticate(plain)  # live: kept (a revoked or unknown one is replaced)
+                if text.strip() != plain:
+                    _write_key(creds, path, plain)
                 keys[path] = plain
                 continue
-        plain, rec = store.create(tenant, app, role, description=f"{who} key made by `lockgate up`")
-        creds.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{rec.id} {plain}\n")
+        plain, _ = store.create(tenant, app, role, description=f"{who} key made by `lockgate up`")
+        _write_key(creds, path, plain)
         keys[path] = plain
     return Bootstrap(admin_key=keys[admin_file], app_key=keys[app_file], admin_file=str(admin_file),
                      app_file=str(app_file))
 
 
+def _key_of(text: str) -> str:
+    """The key in a credentials file: the key alone, or the last field of `<id> <key>` (homes made before)."""
+    fields = text.split()
+    return fields[-1] if fields else ""
+
+
+def _write_key(creds: Path, path: Path, plain: str) -> None:
+    creds.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{plain}\n")
+    os.replace(tmp, path)  # atomic: a reader sees the old file or the new one, never a half-written key
+
+
 def read_credential(path: str | Path) -> str:
     """The plaintext key in a credentials file written by `bootstrap` (ConfigError if absent)."""
     try:
-        text = Path(path).read_text().strip()
+        text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError(f"no API key at {path} ({exc.strerror}): start the stack with `lockgate up --home DIR` "
                           "or pass the key explicitly") from None
-    return text.rpartition(" ")[2]
+    return _key_of(text)
