@@ -1153,8 +1153,8 @@ class Rollouts:
     def _admission(self, route: Route, release: str, decision: GateDecided | None, why_not: str) -> Admission:
         """None when `release`'s current decision (`decision`, verified against the trust file as it is now; None
         with `why_not` saying why it does not count, or with "" when none is stored) allows it, a newer PASS than
-        the one that admitted its canary included; with none stored (a decision taken from the bus alone, as
-        `on_decision` does), when the key that signed the route's admission is still trusted. Else the release,
+        the one that admitted its canary included; with none stored (deleted from KV since it admitted the
+        canary), when the key that signed the route's admission is still trusted. Else the release,
         that decision and why not, for `_unadmit`."""
         if domain.allows(decision, release):
             return None
