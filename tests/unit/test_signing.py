@@ -162,9 +162,17 @@ def test_cli_trust_and_revoke_edit_the_trust_file(tmp_path: Path) -> None:
     assert signer.key_id in Keyring.from_trust_file(tmp_path / "trust.json").keys
     listed = runner.invoke(cli, ["gate", "keys"], env=env)
     assert listed.exit_code == 0 and f"# key id {signer.key_id}" in listed.output
+    # A mistyped id: refused in one line naming the trusted keys (before, "revoked key nope", exit 0, while the
+    # leaked key stayed trusted).
+    typo = runner.invoke(cli, ["gate", "revoke", "nope"], env=env)
+    assert typo.exit_code != 0 and "'nope' is no decision key of the trust roots" in typo.output, typo.output
+    assert signer.key_id in typo.output and len(typo.output.strip().splitlines()) == 1
+    assert Keyring.from_trust_file(tmp_path / "trust.json").revoked == set()
     gone = runner.invoke(cli, ["gate", "revoke", signer.key_id], env=env)
     assert gone.exit_code == 0
     assert Keyring.from_trust_file(tmp_path / "trust.json").revoked == {signer.key_id}
+    again = runner.invoke(cli, ["gate", "revoke", signer.key_id], env=env)  # revoked already: still says so
+    assert again.exit_code == 0, again.output
 
 
 def test_a_decision_signed_before_approvals_existed_still_verifies() -> None:

@@ -21,12 +21,13 @@ from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, GateReview
 from lockgate.contracts.names import check_name
-from lockgate.errors import LockgateError, NotFound, SignatureError
+from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
 from lockgate.identity import PERSON_ROLES, Identity, sign_review
 from lockgate.signing import (
     Keyring,
     load_public_key,
     public_pem,
+    read_trust_file,
     retire_key,
     revoke_key,
     revoke_person,
@@ -245,7 +246,16 @@ def register(cli: click.Group) -> None:
             record_change(ctx.obj["settings"], target=f"person:{person}", action="revoke",
                           details={"key_id": key_id, "trust_file": path})
             return
-        revoke_key(path, key_id or "")
+        key_id = key_id or ""
+        ring = Keyring.from_settings(ctx.obj["settings"])
+        if key_id not in {*ring.keys, *ring.retired, *ring.revoked}:
+            # A mistyped id revoked nothing while the leaked key stayed trusted (before, "revoked key nope", exit 0).
+            holder = next((name for name, p in read_trust_file(path).people.items() if p.key_id == key_id), None)
+            if holder is not None:
+                raise ConfigError(f"key {key_id} is {holder}'s personal key: `lockgate gate revoke --person {holder}`")
+            raise ConfigError(f"key {key_id!r} is no decision key of the trust roots (trusted: "
+                              f"{', '.join(sorted(ring.keys)) or 'none'}); nothing revoked (`lockgate gate keys`)")
+        revoke_key(path, key_id)
         click.echo(f"revoked key {key_id} in {path}")
         record_change(ctx.obj["settings"], target=f"signing-key:{key_id}", action="revoke",
                       details={"trust_file": path})
