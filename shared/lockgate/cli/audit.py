@@ -113,7 +113,7 @@ def record_change(settings: Settings, *, target: str, action: str, reason: str =
         await auditlog.record(bus, role, kind="key", actor=bus.auth.user or role, target=target, action=action,
                               reason=reason, details={**told, **(details or {})})
 
-    with_bus(settings, work, role="admin")
+    with_bus(settings, work, role=role)  # as the role it records as: its own audit subject is all it needs
 
 
 def register(cli: click.Group) -> None:

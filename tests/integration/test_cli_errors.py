@@ -1,0 +1,89 @@
+"""The CLI's errors against a running stack, as `lockgate up` runs it (embedded nats-server with its users): a role
+the permission table does not allow a command, a request the server refuses a user the CLI cannot check, a router URL
+that is not the router, a credential change whose audit row fails, and `--json` errors a script reads."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from lockgate import credentials
+from lockgate.cli.main import cli
+from lockgate.config import Settings
+from lockgate.server.runtime import Runtime
+
+pytestmark = pytest.mark.timeout(90)
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "gitops"
+
+
+@pytest.fixture
+async def stack(settings: Settings) -> AsyncIterator[Runtime]:
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink"])
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+async def lockgate(runtime: Runtime, *args: str, **env: str | None) -> Result:
+    """The CLI as a user runs it against the stack (in a thread: the stack answers on this loop)."""
+    s = runtime.settings
+    base = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix,
+            "LOCKGATE_ROLE": None, "LOCKGATE_NATS_USER": None, "LOCKGATE_NATS_PASSWORD": None}
+    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env={**base, **env}, catch_exceptions=False)
+
+
+def one_line(result: Result) -> str:
+    assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1, result.output
+    return result.stderr
+
+
+async def test_a_role_or_user_that_may_not_register_is_told_so_in_one_line(stack: Runtime, tmp_path: Path) -> None:
+    # Before: `--role viewer artifact register` (and release create, apply, and as approver) waited ~6 s for an answer
+    # to a JetStream request the server refused, then printed nats-py's `TimeoutError: nats: timeout` traceback.
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("hello")
+    for role in ("viewer", "approver"):
+        refused = await lockgate(stack, "--role", role, "artifact", "register", "prompt", str(prompt))
+        assert refused.exit_code == 5 and one_line(refused) == (
+            f"error: role {role!r} may not run `lockgate artifact register`: use --role operator or admin\n")
+    release = await lockgate(stack, "--role", "viewer", "release", "create", "r1", "--app", "a", "--artifact",
+                             "prompt/p=sha256:00")
+    assert release.exit_code == 5 and "role 'viewer' may not run `lockgate release create`" in one_line(release)
+    applied = await lockgate(stack, "--role", "viewer", "apply", str(FIXTURE))
+    assert applied.exit_code == 1 and "role 'viewer' may not run `lockgate apply`" in one_line(applied)
+
+    # A user the CLI cannot check against its roles (here a service's, given as LOCKGATE_NATS_USER): the server
+    # refuses its request, and the CLI says whose and which subject, once nothing answered it.
+    cost = credentials.for_identity(stack.settings, "cost")
+    denied = await lockgate(stack, "artifact", "register", "prompt", str(prompt), "--json",
+                            LOCKGATE_NATS_USER=cost.user, LOCKGATE_NATS_PASSWORD=cost.password)
+    assert denied.exit_code == 5, denied.output
+    said = one_line(denied)
+    assert said.startswith("error: 'cost' may not run `lockgate artifact register`: NATS refused it ") and \
+        "(permissions violation)" in said
+    assert json.loads(denied.stdout) == {"error": said.removeprefix("error: ").rstrip("\n"), "exit_code": 5}
+
+    # The operator may: the same file registers.
+    made = await lockgate(stack, "--role", "operator", "artifact", "register", "prompt", str(prompt), "--json")
+    assert made.exit_code == 0 and json.loads(made.stdout)[0]["name"] == "p", made.output
+
+
+async def test_json_errors_and_exit_codes_a_script_reads(stack: Runtime, tmp_path: Path) -> None:
+    # Before: every failing `--json` command left stdout empty: `... --json | jq` reported a parse error, not why.
+    missing = await lockgate(stack, "gate", "explain", "nope", "--json")
+    assert missing.exit_code == 3 and json.loads(missing.stdout) == {
+        "error": one_line(missing).removeprefix("error: ").rstrip("\n"), "exit_code": 3}
+    # Credentials the stack refuses (a home without them): 5 from every command, but plan's 1 (CI reads 2 there).
+    stranger = {"LOCKGATE_HOME": str(tmp_path / "elsewhere")}  # tmp_path is the stack's home
+    for args in (("status", "--json"), ("decisions", "--json"), ("gate", "explain", "nope", "--json")):
+        refused = await lockgate(stack, *args, **stranger)
+        assert refused.exit_code == 5 and json.loads(refused.stdout)["exit_code"] == 5, (args, refused.output)
+        assert "refused" in one_line(refused)
+    planned = await lockgate(stack, "plan", str(FIXTURE), "--json", **stranger)
+    assert planned.exit_code == 1 and json.loads(planned.stdout)["exit_code"] == 1, planned.output
