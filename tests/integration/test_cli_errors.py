@@ -74,6 +74,17 @@ async def test_a_role_or_user_that_may_not_register_is_told_so_in_one_line(stack
     assert made.exit_code == 0 and json.loads(made.stdout)[0]["name"] == "p", made.output
 
 
+async def test_a_router_url_that_is_not_the_router_is_one_line(stack: Runtime) -> None:
+    # Before: a router URL naming a NATS port (anything not HTTP) raised http.client.BadStatusLine as a traceback.
+    url = "http://" + stack.settings.nats_url.removeprefix("nats://")
+    for args in (("get", "chat"), ("watch", "chat", "--json"), ("pause", "chat")):
+        got = await lockgate(stack, "rollout", "--api-key", "lg-x", *args, LOCKGATE_ROUTER_URL=url)
+        said = (f"something other than the router admin API answers at {url} (not HTTP JSON); pass --router URL "
+                "(as `lockgate up` printed it) or set LOCKGATE_ROUTER_URL")
+        assert got.exit_code == 1 and one_line(got) == f"error: {said}\n", got.output
+        assert got.stdout == (json.dumps({"error": said, "exit_code": 1}) + "\n" if "--json" in args else "")
+
+
 async def test_json_errors_and_exit_codes_a_script_reads(stack: Runtime, tmp_path: Path) -> None:
     # Before: every failing `--json` command left stdout empty: `... --json | jq` reported a parse error, not why.
     missing = await lockgate(stack, "gate", "explain", "nope", "--json")
