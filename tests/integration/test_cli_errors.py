@@ -9,6 +9,8 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import nats
+import nats.errors
 import pytest
 from click.testing import CliRunner, Result
 
@@ -83,6 +85,34 @@ async def test_a_router_url_that_is_not_the_router_is_one_line(stack: Runtime) -
                 "(as `lockgate up` printed it) or set LOCKGATE_ROUTER_URL")
         assert got.exit_code == 1 and one_line(got) == f"error: {said}\n", got.output
         assert got.stdout == (json.dumps({"error": said, "exit_code": 1}) + "\n" if "--json" in args else "")
+
+
+async def test_a_credential_change_whose_audit_row_fails_is_undone(stack: Runtime) -> None:
+    # Before: the credential file was written (or deleted) first, then the stack reloaded it, then the audit row was
+    # recorded: when the row failed the command failed, but the user stayed, applied, and no audit row said so.
+    made = await lockgate(stack, "app-credential", "create", "--tenant", "acme", "--app", "shop", "--json")
+    assert made.exit_code == 0 and json.loads(made.stdout)["applied"] is True, made.output
+    path = credentials.app_path(stack.settings.home, "acme", "shop")
+    before = await asyncio.to_thread(path.read_bytes)
+    secret = json.loads(before)
+
+    # The audit log's stream gone: every audit row fails from here on.
+    bus = stack.ctx.bus
+    await bus.js.delete_stream(bus.subjects.streams["audit"].name)
+    rotated = await lockgate(stack, "app-credential", "create", "--tenant", "acme", "--app", "shop", "--rotate")
+    assert rotated.exit_code == 1 and await asyncio.to_thread(path.read_bytes) == before, rotated.output
+    assert one_line(rotated).endswith(f"; the credential of acme/shop was left as it was ({path}): nothing changed\n")
+    # and the stack serves the old password again (it had taken the new one before the row failed)
+    nc = await nats.connect(stack.settings.nats_url, user=secret["user"], password=secret["password"],
+                            allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
+    await nc.close()
+
+    revoked = await lockgate(stack, "app-credential", "revoke", "--tenant", "acme", "--app", "shop")
+    assert revoked.exit_code == 1 and await asyncio.to_thread(path.read_bytes) == before, revoked.output
+    other = await lockgate(stack, "app-credential", "create", "--tenant", "acme", "--app", "other")
+    assert other.exit_code == 1 and not credentials.app_path(stack.settings.home, "acme", "other").exists()
+    listed = await lockgate(stack, "app-credential", "list", "--json")
+    assert [c["user"] for c in json.loads(listed.stdout)] == [secret["user"]]
 
 
 async def test_json_errors_and_exit_codes_a_script_reads(stack: Runtime, tmp_path: Path) -> None:

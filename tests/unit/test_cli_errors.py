@@ -81,6 +81,31 @@ def test_apply_as_a_viewer_is_refused_in_one_line_with_the_exit_code_ci_reads(ho
     assert got.stderr == "error: role 'viewer' may not run `lockgate apply`: use --role operator or admin\n"
 
 
+def test_a_credential_or_key_change_a_role_may_not_audit_is_not_made(home: Path) -> None:
+    # Before: `--role viewer app-credential create` wrote the user's file, then failed to have the stack reload it
+    # and to record it in the audit log: the next `up` loaded a user no audit row records. `revoke` deleted the file
+    # first alike. Refused now before the file is touched.
+    path = credentials.app_path(home, "t", "a")
+    refused = invoke(home, "--role", "viewer", "app-credential", "create", "--tenant", "t", "--app", "a")
+    assert refused.exit_code == 5, refused.output
+    assert refused.stderr.startswith("error: role 'viewer' may not change application credentials") and \
+        refused.stderr.endswith("use --role operator or admin\n")
+    assert not path.exists() and json.loads(invoke(home, "app-credential", "list", "--json").stdout) == []
+
+    made = invoke(home, "app-credential", "create", "--tenant", "t", "--app", "a")  # admin, no stack: not audited
+    assert made.exit_code == 0 and "not in the audit log" in made.stderr, made.output
+    before = path.read_bytes()
+    for args in (("revoke",), ("create", "--rotate")):
+        again = invoke(home, "--role", "approver", "app-credential", *args, "--tenant", "t", "--app", "a")
+        assert again.exit_code == 5 and "role 'approver' may not change application credentials" in again.stderr
+        assert path.read_bytes() == before
+
+    key = invoke(home, "--role", "viewer", "keys", "create", "--tenant", "t", "--app", "a")
+    assert key.exit_code == 5 and key.stdout == "", key.output  # no key printed, none made
+    assert key.stderr.startswith("error: role 'viewer' may not change API keys")
+    assert json.loads(invoke(home, "keys", "list", "--json").stdout) == []
+
+
 @pytest.mark.parametrize("args", [
     ("status", "--json"), ("decisions", "--json"), ("sql", "SELECT 1", "--json"), ("lineage", "r1", "--json"),
     ("gate", "explain", "r1", "--json"), ("audit", "verify", "--json"), ("plan", str(FIXTURE), "--json"),
