@@ -11,13 +11,15 @@ from typing import Any, TypeVar
 import click
 import nats
 import nats.errors
+import nats.js.errors
 
 from lockgate import credentials, queryclient
 from lockgate.bus import Bus
 from lockgate.codec import to_json
 from lockgate.config import Settings
 from lockgate.credentials import NotAllowed
-from lockgate.errors import NotFound, StoreUnavailable
+from lockgate.errors import BusUnavailable, StoreUnavailable
+from lockgate.permissions import ROLES, Grant, grant, inbox
 from lockgate.redact import shown_url
 from lockgate.subjects import Subjects
 
@@ -52,7 +54,9 @@ def _direct(settings: Settings, name: str, args: dict[str, Any], asked: bool) ->
     path = chdb_path(url)
     if path is not None and not path.is_dir():
         # Opening it would create an empty database and answer every query from it: 0 rows, exit 0, wrongly.
-        raise NotFound(f"{why}there is no database at {path}: give the running stack's --nats URL (as "
+        # No stack to ask and nothing to read: the exit code of every command that finds no stack (1), not 3,
+        # which says the thing asked for does not exist.
+        raise BusUnavailable(f"{why}there is no database at {path}: give the running stack's --nats URL (as "
                        f"`lockgate up` printed it) or its --home, or start one with `lockgate up`")
     if path is not None and chdb_in_use(path):  # a running stack's: chDB opens a directory in one process only
         raise StoreUnavailable(f"{why}the database at {path} is in use by the stack running from it, which answers "
@@ -79,10 +83,60 @@ def chosen_role(default: str) -> str:
     return explicit or default
 
 
+def command() -> str:
+    """The command being run, as typed (`lockgate artifact register`), for errors that name it."""
+    ctx = click.get_current_context(silent=True)
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(["lockgate", *reversed(names)])
+
+
+def subject_covers(have: str, need: str) -> bool:
+    """True if the NATS subject pattern `have` matches every subject `need` (itself a pattern) matches."""
+    h, n = have.split("."), need.split(".")
+    for i, token in enumerate(h):
+        if token == ">":
+            return len(n) > i
+        if i >= len(n) or n[i] == ">" or token not in ("*", n[i]):
+            return False
+    return len(h) == len(n)
+
+
+def covers(have: Grant, need: Grant) -> bool:
+    """True if `have` allows every publish and subscription `need` does (patterns compared as NATS matches them)."""
+    return all(any(subject_covers(h, n) for h in have.publish) for n in need.publish) and \
+        all(any(subject_covers(h, n) for h in have.subscribe) for n in need.subscribe)
+
+
+def require(settings: Settings, role: str, doing: str, need: Callable[[str], Grant]) -> None:
+    """Refuse at once (NotAllowed) what the permission table says `role` may not do, naming the roles that may:
+    before, the CLI asked and waited for a NATS timeout (a refused JetStream request gets no answer), then printed
+    nats-py's traceback. `need(r)` is what doing it asks of role `r`. Only a lockgate role is checked, by the user
+    it connects as: another user's grants (LOCKGATE_NATS_USER, an open server) are the server's to know."""
+    user = credentials.for_identity(settings, role).user
+    if user not in ROLES:
+        return
+    s = Subjects(settings.prefix)
+    if covers(grant(s, user), need(user)):
+        return
+    able = [r for r in ROLES if covers(grant(s, r), need(r))]
+    raise NotAllowed(f"role {user!r} may not {doing}: use --role {' or '.join(able)}")
+
+
+def role_needs(settings: Settings, role: str) -> Callable[[str], Grant]:
+    """What a command that runs as `role` at least needs: that role's grant, less its own reply inbox."""
+    g = grant(Subjects(settings.prefix), role)
+    own = f"{inbox(role)}.>"
+    return lambda _: Grant(publish=g.publish, subscribe=[x for x in g.subscribe if x != own])
+
+
 def with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]], role: str = "viewer") -> T:
     """Run `work` with a Bus connected as the chosen role (a short-lived CLI connection); `role` is the
-    command's default, the least it needs."""
-    role = chosen_role(role)
+    command's default, the least it needs: a --role that may not do what it may is refused before connecting."""
+    needed, role = role, chosen_role(role)
+    require(settings, role, f"run `{command()}`", role_needs(settings, needed))
 
     async def run() -> T:
         bus = Bus(settings.nats_url, Subjects(settings.prefix), name=f"lockgate-cli-{role}",
@@ -90,10 +144,24 @@ def with_bus(settings: Settings, work: Callable[[Bus], Awaitable[T]], role: str 
         await bus.connect()
         try:
             return await work(bus)
+        except (TimeoutError, nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as exc:
+            raise unanswered(bus, exc) from None
         finally:
             await bus.close()
 
     return asyncio.run(run())
+
+
+def unanswered(bus: Bus, exc: Exception) -> NotAllowed | BusUnavailable:
+    """Why a request of the CLI got no answer, in one line: the server refused this connection a subject (a
+    refused request gets no answer, so it times out), or nothing answered in time."""
+    who = repr(bus.auth.user) if bus.auth.user else "a connection without credentials"
+    if bus.denied:
+        return NotAllowed(f"{who} may not run `{command()}`: NATS refused it {bus.denied[-1]} (permissions "
+                          "violation); use a role that may (--role operator to register and evaluate, approver "
+                          "to review)")
+    return BusUnavailable(f"NATS at {shown_url(bus.url)} did not answer `{command()}` ({who}) in time "
+                          f"({exc.__class__.__name__}): is the stack, and its JetStream, running?")
 
 
 async def _quiet(exc: Exception) -> None:

@@ -11,27 +11,32 @@ the audit log.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import click
 import nats.errors
 
 from lockgate import credentials
-from lockgate.cli.access import chosen_role, connect_once
-from lockgate.cli.audit import record_change
+from lockgate.cli.access import connect_once
+from lockgate.cli.audit import may_record, record_change
 from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console, err_console, output
 from lockgate.config import Settings
-from lockgate.errors import ConfigError
+from lockgate.contracts.names import check_name
+from lockgate.errors import ConfigError, LockgateError
 from lockgate.redact import shown_url
 from lockgate.subjects import Subjects
 
 _RELOAD_TIMEOUT_S = 15.0
 
 
-async def _reload(settings: Settings) -> tuple[bool, str]:
-    """Ask the running stack to reload its NATS users: (applied, what to tell the user about it)."""
-    nc = await connect_once(settings, chosen_role("admin"), "the running stack was not told")
+async def _reload(settings: Settings, role: str) -> tuple[bool, str]:
+    """Ask the running stack, as `role`, to reload its NATS users: (applied, what to tell the user about it)."""
+    nc = await connect_once(settings, role, "the running stack was not told")
     if nc is None:
         return False, f"no stack answers at {shown_url(settings.nats_url)}: the next `lockgate up` on this home applies it"
     try:
@@ -45,6 +50,48 @@ async def _reload(settings: Settings) -> tuple[bool, str]:
     if not reply.get("ok"):
         raise ConfigError(f"the running nats-server refused its new users: {reply.get('error')}")
     return True, "the running stack applied it"
+
+
+def _change(settings: Settings, tenant: str, app: str, make: Callable[[], Path], *, action: str) -> tuple[Path, bool, str]:
+    """Make one credential change (`make`), apply it to a running stack and record it in the audit log, or leave
+    the home as it was: the role is checked before anything is touched, and if the reload or the audit row fails
+    the file is put back (and the stack reloaded again if it had taken the change). Before, the file was written
+    (or deleted) first, and a failing reload or audit row left a user the next `up` loads with no audit row.
+    Returns (path, applied, what to tell the user about applying it)."""
+    check_name(tenant, "tenant")
+    check_name(app, "app")
+    role = may_record(settings, "change application credentials (record the change in the audit log and have "
+                                "the stack reload its users)", Subjects(settings.prefix).nats_reload)
+    path = credentials.app_path(settings.home, tenant, app)
+    before = path.read_bytes() if path.is_file() else None
+    made = make()
+    applied = False
+    try:
+        applied, said = asyncio.run(_reload(settings, role))
+        record_change(settings, target=f"nats-app:{credentials.app_user(tenant, app)}", action=action,
+                      details={"tenant": tenant, "app": app})
+    except BaseException as exc:
+        _restore(path, before)
+        if applied:
+            with contextlib.suppress(Exception):  # the error said is the one that undid the change
+                asyncio.run(_reload(settings, role))
+        kept = f"the credential of {tenant}/{app} was left as it was ({path}): nothing changed"
+        if isinstance(exc, LockgateError):  # said in its one line
+            exc.message = f"{exc.message}; {kept}"
+        else:
+            err_console.print(f"[yellow]note:[/yellow] {kept}", highlight=False, soft_wrap=True)
+        raise
+    return made, applied, said
+
+
+def _restore(path: Path, before: bytes | None) -> None:
+    """Put a credential file back as it was: absent, or these bytes (0600, as credentials writes them)."""
+    if before is None:
+        path.unlink(missing_ok=True)
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(before)
 
 
 def register(cli: click.Group) -> None:
@@ -69,11 +116,10 @@ def register(cli: click.Group) -> None:
     def create(ctx: click.Context, tenant: str, app: str, rotate: bool, as_json: bool) -> None:
         """Write a credential (user and password, 0600) for an application, and apply it to a running stack."""
         settings = ctx.obj["settings"]
-        path = credentials.create_app(settings.home, tenant, app, rotate=rotate)
+        path, applied, said = _change(settings, tenant, app,
+                                      lambda: credentials.create_app(settings.home, tenant, app, rotate=rotate),
+                                      action="rotate" if rotate else "create")
         user = credentials.app_user(tenant, app)
-        applied, said = asyncio.run(_reload(settings))
-        record_change(settings, target=f"nats-app:{user}", action="rotate" if rotate else "create",
-                      details={"tenant": tenant, "app": app})
         subject = Subjects(settings.prefix).ingest(app, tenant)
         if as_json:
             output({"user": user, "tenant": tenant, "app": app, "file": str(path), "subject": subject,
@@ -93,10 +139,8 @@ def register(cli: click.Group) -> None:
     def revoke(ctx: click.Context, tenant: str, app: str) -> None:
         """Delete an application's credential; a running stack refuses it from the reload on."""
         settings = ctx.obj["settings"]
-        path = credentials.revoke_app(settings.home, tenant, app)
-        applied, said = asyncio.run(_reload(settings))
-        record_change(settings, target=f"nats-app:{credentials.app_user(tenant, app)}", action="revoke",
-                      details={"tenant": tenant, "app": app})
+        path, applied, said = _change(settings, tenant, app, lambda: credentials.revoke_app(settings.home, tenant, app),
+                                      action="revoke")
         console.print(f"revoked the NATS credential of {tenant}/{app} ({path}); {said}", highlight=False,
                       soft_wrap=True)
         if not applied:

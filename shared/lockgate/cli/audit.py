@@ -24,10 +24,12 @@ from lockgate.cli.render import emit_json, err_console, table
 from lockgate.config import Settings
 from lockgate.contracts import AuditRecord
 from lockgate.errors import AuditBroken, BusUnavailable
+from lockgate.permissions import Grant
 from lockgate.queryclient import ask_pages
 from lockgate.redact import shown_url
 from lockgate.retry import RetryPolicy
 from lockgate.signing import Keyring
+from lockgate.subjects import Subjects
 
 _head_decoder = msgspec.json.Decoder(AuditRecord)
 
@@ -93,12 +95,23 @@ async def _stack_answers(settings: Settings, role: str) -> bool:
     return True
 
 
+def may_record(settings: Settings, doing: str, *also: str) -> str:
+    """The role a key change is recorded as (admin unless --role), once the permission table says it may append to
+    the audit log (and publish to `also`); NotAllowed otherwise, naming the roles that may. Called before the change
+    is made: before, a role that may not audit had the change made, then reported failed, and never audited."""
+    role = chosen_role("admin")
+    s = Subjects(settings.prefix)
+    access.require(settings, role, doing, lambda r: Grant(publish=[s.audit(r), *also]))
+    return role
+
+
 def record_change(settings: Settings, *, target: str, action: str, reason: str = "",
                   details: Mapping[str, object] | None = None) -> None:
     """Append a key change made from the CLI to the audit log, as the CLI's identity (admin unless --role).
 
-    The change itself is a file in the home, made first; with no stack running there is no log to append
-    to, which is said on stderr (the next `lockgate up` starts from the files as they are)."""
+    The change itself is a file in the home, made first (once `may_record` allowed it); with no stack running
+    there is no log to append to, which is said on stderr (the next `lockgate up` starts from the files as they
+    are)."""
     role = chosen_role("admin")
     if not asyncio.run(_stack_answers(settings, role)):
         err_console.print(f"[yellow]note:[/yellow] no stack answers at {shown_url(settings.nats_url)}: this change is not "
@@ -113,7 +126,7 @@ def record_change(settings: Settings, *, target: str, action: str, reason: str =
         await auditlog.record(bus, role, kind="key", actor=bus.auth.user or role, target=target, action=action,
                               reason=reason, details={**told, **(details or {})})
 
-    with_bus(settings, work, role="admin")
+    with_bus(settings, work, role=role)  # as the role it records as: its own audit subject is all it needs
 
 
 def register(cli: click.Group) -> None:

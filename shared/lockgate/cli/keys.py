@@ -10,7 +10,7 @@ import datetime as dt
 
 import click
 
-from lockgate.cli.audit import record_change
+from lockgate.cli.audit import may_record, record_change
 from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console, output
 from lockgate.errors import ConfigError
@@ -50,6 +50,7 @@ def register(cli: click.Group) -> None:
     def create(ctx: click.Context, tenant: str, app: str, role: str, description: str,
                deployments: tuple[str, ...]) -> None:
         """Create a key and print it once (only its hash is kept)."""
+        may_record(ctx.obj["settings"], "change API keys (record the change in the audit log)")
         plain, rec = ctx.obj["keys"].create(tenant, app, role, description, deployments)
         console.print(f"created key [bold]{rec.id}[/bold] ({role} for {tenant}/{app}, may use {rec.scope}); "
                       "it is shown only now:")
@@ -87,6 +88,7 @@ def register(cli: click.Group) -> None:
         if bool(deployments) == every_deployment:
             raise ConfigError("name the key's deployments with --deployment NAME (repeatable), or lift its scope "
                               "with --every-deployment")
+        may_record(ctx.obj["settings"], "change API keys (record the change in the audit log)")
         before, after = ctx.obj["keys"].rescope(key_id, deployments)
         console.print(f"key {after.id} ({after.role} for {after.tenant}/{after.app}) may use {after.scope} "
                       f"(was: {before.scope})")
@@ -100,6 +102,7 @@ def register(cli: click.Group) -> None:
     @handle_errors
     def revoke(ctx: click.Context, key_id: str) -> None:
         """Revoke a key by id: the router and gRPC API refuse it from their next call."""
+        may_record(ctx.obj["settings"], "change API keys (record the change in the audit log)")
         rec = ctx.obj["keys"].revoke(key_id)
         console.print(f"revoked key {rec.id} ({rec.role} for {rec.tenant}/{rec.app})")
         record_change(ctx.obj["settings"], target=f"apikey:{rec.id}", action="revoke",

@@ -9,9 +9,10 @@ import logging
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, NoReturn
 
 import click
+import nats.errors
 
 from lockgate.cli import access, running
 from lockgate.cli.render import err_console, output
@@ -26,20 +27,34 @@ def _settings(ctx: click.Context) -> Settings:
 
 
 def handle_errors(func: Callable[..., Any], *, exit_code: int | None = None) -> Callable[..., Any]:
-    """A user sees one line and an exit code, never a traceback: the error's own code, or `exit_code`
-    for every error (commands whose codes CI reads, where 2 already means "changes planned")."""
+    """A user sees one line and an exit code, never a traceback: the error's own code (the table under "Exit codes"
+    in README.md), or `exit_code` for every error (commands whose codes CI reads, where 2 already means "changes
+    planned"). With --json the error is on stdout too, as `{"error": ..., "exit_code": N}`: a script that pipes it to
+    a JSON reader reads why, not a parse error of nothing."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except LockgateError as exc:
-            err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
-            sys.exit(exc.exit_code if exit_code is None else exit_code)
+            fail(exc.message, exc.exit_code if exit_code is None else exit_code, as_json=kwargs.get("as_json", False))
+        except nats.errors.Error as exc:  # a NATS error no command turned into its own (with_bus names most)
+            role = access.chosen_role("")
+            who = f"role {role!r}" if role else "its default role"
+            fail(f"NATS answered `{access.command()}` ({who}) with an error: {exc or exc.__class__.__name__}",
+                 1 if exit_code is None else exit_code, as_json=kwargs.get("as_json", False))
         except KeyboardInterrupt:
             sys.exit(130)
 
     return wrapper
+
+
+def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
+    """End the command: one line on stderr (and with `as_json` the same on stdout, as JSON), then exit `code`."""
+    if as_json:
+        sys.stdout.write(json.dumps({"error": message, "exit_code": code}) + "\n")
+    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

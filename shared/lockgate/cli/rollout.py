@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import http.client
 import json
 import time
 import urllib.error
@@ -62,10 +63,18 @@ class RouterAdmin:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
             raise RolloutRefused(f"router refused ({exc.code}): {_message(exc.read())}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise RouterUnavailable(f"cannot reach the router admin API at {shown_url(self.url)} ({reason}); "
-                                    "pass --router URL or set LOCKGATE_ROUTER_URL") from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: Exception) -> RouterUnavailable:
+        # URLError and timeouts are OSErrors; an HTTPException (BadStatusLine, RemoteDisconnected) or a body that
+        # is not JSON means something other than the router answers at the URL (a NATS port, another web server).
+        if isinstance(exc, http.client.HTTPException | ValueError):
+            what = f"something other than the router admin API answers at {shown_url(self.url)} (not HTTP JSON)"
+        else:
+            what = (f"cannot reach the router admin API at {shown_url(self.url)} "
+                    f"({getattr(exc, 'reason', None) or str(exc) or exc.__class__.__name__})")
+        return RouterUnavailable(f"{what}; pass --router URL (as `lockgate up` printed it) or set LOCKGATE_ROUTER_URL")
 
 
     def stream(self, path: str, idle_s: float) -> Any:
@@ -76,12 +85,14 @@ class RouterAdmin:
             resp = urllib.request.urlopen(req, timeout=idle_s)
         except urllib.error.HTTPError as exc:
             raise RolloutRefused(f"router refused ({exc.code}): {_message(exc.read())}") from None
-        except (urllib.error.URLError, ConnectionError) as exc:
-            raise RouterUnavailable(f"cannot reach the router admin API at {shown_url(self.url)} ({getattr(exc, 'reason', exc)}); "
-                                    "pass --router URL or set LOCKGATE_ROUTER_URL") from None
+        except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as exc:
+            raise self._unavailable(exc) from None
         with resp:
-            for line in resp:
-                yield json.loads(line) if line.strip() else None
+            try:
+                for line in resp:
+                    yield json.loads(line) if line.strip() else None
+            except (http.client.HTTPException, ValueError) as exc:
+                raise self._unavailable(exc) from None
 
 
 class WatchTimedOut(LockgateError):
