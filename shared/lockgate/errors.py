@@ -38,6 +38,8 @@ class BodyTooLarge(UnreadableBody):
 class InvalidName(InvalidEvent):
     """A tenant, app, deployment or release name breaks the name grammar (lockgate.contracts.names)."""
 
+    exit_code = 2  # invalid input, as README's "Exit codes" says of a name
+
 
 class UnknownSchemaVersion(InvalidEvent):
     """An event declares a schema_version this build does not understand."""

@@ -26,7 +26,7 @@ from lockgate.cli.gate import current_decision
 from lockgate.cli.main import cli
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, GateReview
-from lockgate.errors import ConfigError
+from lockgate.errors import ConfigError, NotFound
 from lockgate.identity import sign_review
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import handlers
@@ -347,3 +347,18 @@ async def test_a_pass_judged_before_a_persons_reject_landed_is_judged_again_unde
     assert "rejected by carol" in held.reason
     state = await canary(stack["router"], "r2")
     assert (state["phase"], state["weight"]) == ("idle", 0.0)
+
+
+async def test_eval_run_names_an_unregistered_release_or_a_bad_name_before_anything_runs(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str]
+) -> None:
+    # Before: a release nobody registered ran, and the evaluator refused it as "EvalRequested.endpoint is empty"
+    # (blaming the endpoint) while a BLOCK of the unbound name was signed and audited; a bad name was a ValueError
+    # traceback raised after the suite, dataset and policy were stored.
+    for release, wanted in (("nope", "release 'nope' is not registered"), ("bad name", "invalid release 'bad name'")):
+        refused = await eval_run(settings, "", release, files["strict"])
+        said, answered = refused.output.strip().splitlines()  # the line on stderr, and (--json) on stdout
+        assert refused.exit_code == 2 and said.startswith("error: ") and wanted in said, refused.output
+        assert json.loads(answered) == {"error": said.removeprefix("error: "), "exit_code": 2}
+    with pytest.raises(NotFound):  # nothing ran, so nothing was decided
+        await current_decision(bus, "nope")

@@ -109,9 +109,14 @@ def register(cli: click.Group) -> None:
                  policy_path: str | None, concurrency: int, timeout_s: float, no_cache: bool, as_json: bool) -> None:
         """Register a suite (and its JSONL dataset), run it through the evaluator, wait for the result. The gate's
         decision counts only if it verifies against the trust roots (exit 4 otherwise, as `gate verify`)."""
+        from lockgate.contracts.names import check_name
         from lockgate.signing import Keyring
 
-        # Read before the eval starts: a malformed trust file is said before anything is registered or run.
+        # Checked before anything is registered or run: the names (a bad one raised a traceback once the suite,
+        # dataset and policy were stored), and a malformed trust file.
+        check_name(candidate, "release")
+        if baseline:
+            check_name(baseline, "baseline release")
         keyring = Keyring.from_settings(ctx.obj["settings"])
         result = with_bus(ctx.obj["settings"], lambda bus: _eval(
             bus, Path(suite), candidate, baseline, endpoint, model, policy_path, concurrency, timeout_s,
@@ -181,11 +186,19 @@ async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpo
     from lockgate.contracts import EvalCompleted, EvalRequested, GateDecided
     from lockgate.contracts.evals import EvalProgress
     from lockgate.documents import convert, load_yaml
-    from lockgate.errors import LockgateError, SignatureError
+    from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
     from lockgate.ids import uuid7
     from lockgate.services.evaluator.domain import Suite
     from lockgate.services.gatekeeper.policy import Policy
 
+    if not endpoint:
+        # The release's model config names where it is evaluated; before, one nobody registered was refused by the
+        # evaluator as "EvalRequested.endpoint is empty", blaming the endpoint.
+        try:
+            await artifacts.release_of(bus, candidate)
+        except NotFound:
+            raise ConfigError(f"release {candidate!r} is not registered: register it (`lockgate release create` or "
+                              "`lockgate apply`), or evaluate a model directly with --endpoint and --model") from None
     doc = load_yaml(suite_path, dict, name="eval suite")
     dataset = doc.get("dataset")
     ds_path = suite_path.parent / dataset if isinstance(dataset, str) and not dataset.startswith("sha256:") else None
