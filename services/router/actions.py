@@ -17,6 +17,7 @@ from lockgate.server.body import closing, read_body
 from lockgate.services.router.audit import record_action
 from lockgate.services.router.domain import (
     AlreadyServing,
+    InvalidRequest,
     InvalidRollout,
     NotAdmitted,
     OverrideExceeded,
@@ -34,6 +35,7 @@ _REFUSALS: tuple[tuple[type[LockgateError], int, str, str | None], ...] = (
     (OverrideExceeded, 403, "permission_denied", "invalid_break_glass"),
     (ReleaseNotInScope, 403, "permission_denied", "release_not_in_scope"),
     (Forbidden, 403, "permission_denied", "insufficient_role"),
+    (InvalidRequest, 400, "invalid_request_error", None),  # malformed whatever the deployment's state
     (NotAdmitted, 409, "conflict", "not_admitted"),
     (AlreadyServing, 409, "conflict", "already_serving"),
     (InvalidEvent, 400, "invalid_request_error", None),  # a bad name, an unreadable body
@@ -42,8 +44,9 @@ REFUSED = (IdentityRefused, Forbidden, InvalidEvent, InvalidRollout, Retryable) 
 
 
 def refusal(exc: LockgateError, action: str, invalid: int = 409) -> web.Response:
-    """The answer to an admin action refused with `exc`, one of REFUSED. An InvalidRollout is `invalid`:
-    409 when it contradicts the deployment's state, 400 when the request itself is malformed."""
+    """The answer to an admin action refused with `exc`, one of REFUSED. A malformed request (InvalidRequest,
+    InvalidEvent) is a 400; another InvalidRollout is `invalid`: 409 when it contradicts the deployment's state, 400
+    for a PUT's release or spec."""
     if isinstance(exc, UnreadableBody):
         return closing(error_response(exc.http_status, exc.message, "invalid_request_error"))
     for kind, status, kind_name, code in _REFUSALS:
@@ -89,9 +92,9 @@ class Actions:
             raw = await read_body(request)
             body = _decoder.decode(raw) if raw.strip() else ActionRequest()
             if action == "set-weight" and body.weight is None:
-                raise InvalidRollout('set-weight needs {"weight": PERCENT}')
+                raise InvalidRequest('set-weight needs {"weight": PERCENT}')
         except REFUSED as exc:
-            return refusal(exc, action, invalid=400)
+            return refusal(exc, action)
         except UNDECODABLE as exc:  # a string that is not UTF-8 too (was a 500)
             return error_response(400, f"invalid request: {undecodable(exc)}", "invalid_request_error")
         try:

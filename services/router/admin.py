@@ -34,6 +34,9 @@ from lockgate.services.router.wire import error_response
 _encoder = msgspec.json.Encoder()
 KEY = web.RequestKey("lockgate.key", ApiKey)  # the authenticated caller of an admin request
 PREFIX = "/lockgate/v1/deployments"
+_PATHS = (f"GET {PREFIX}, GET|PUT|PATCH {PREFIX}/{{deployment}}, GET .../{{deployment}}/watch|shadow, POST "
+          ".../{deployment}/pause|resume|approve|set-weight|abort|promote|retry|undo and DELETE "
+          ".../{deployment}/break-glass")
 
 
 def tenant_of(key: ApiKey) -> str | None:
@@ -44,6 +47,38 @@ def tenant_of(key: ApiKey) -> str | None:
 
 def _json(route: Route | list[Route], status: int = 200) -> web.Response:
     return web.Response(body=_encoder.encode(route), status=status, content_type="application/json")
+
+
+def not_routed(request: web.Request, allowed: set[str], serves: str) -> web.Response:
+    """The JSON error (the shape of every other answer, not aiohttp's plain text) for a path nothing serves (404,
+    saying what `serves`), or a method its path does not take (405 with `Allow`)."""
+    if allowed:
+        methods = sorted(allowed)
+        return error_response(405, f"{request.method} {request.path} is not supported: use {' or '.join(methods)}",
+                              "invalid_request_error", headers={"Allow": ", ".join(methods)})
+    return error_response(404, f"Invalid URL ({request.method} {request.path}): {serves}", "invalid_request_error",
+                          code="unknown_url")
+
+
+@web.middleware
+async def _unrouted(request: web.Request, handler: Any) -> web.StreamResponse:
+    """An admin path or method no route takes: `not_routed`, before any key is asked for (nothing is read)."""
+    exc = request.match_info.http_exception
+    if exc is None:
+        return await handler(request)
+    allowed = exc.allowed_methods if isinstance(exc, web.HTTPMethodNotAllowed) else set()
+    return not_routed(request, set(allowed), f"the admin API serves {_PATHS}")
+
+
+async def unrouted(request: web.Request) -> web.Response:
+    """The router's last route (outside `/v1/`, whose own catch-all answers in OpenAI's words, and the admin API):
+    `not_routed`, with the methods the path's own routes take, if any, for a 405."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]
+    return not_routed(request, allowed, f"the router serves the OpenAI API under /v1/, the admin API under {PREFIX} "
+                                        "and GET /healthz and /metrics")
 
 
 @web.middleware
@@ -98,7 +133,7 @@ class Admin:
     def app(self) -> web.Application:
         """The admin API, mounted at PREFIX as a sub-application: its middlewares (authentication, and
         finishing a call whose client left) run for admin calls only, never on the data plane's path."""
-        app = web.Application(middlewares=[_finish_when_client_leaves, self.middleware])
+        app = web.Application(middlewares=[_finish_when_client_leaves, _unrouted, self.middleware])
         app.router.add_get("", self.list)
         app.router.add_get("/{deployment}", self.get)
         app.router.add_get("/{deployment}/shadow", self.shadow)

@@ -14,7 +14,7 @@ import msgspec
 
 from lockgate.codec import UNDECODABLE, undecodable
 from lockgate.contracts.names import Name, check_names
-from lockgate.services.router.domain import InvalidRollout, Route
+from lockgate.services.router.domain import InvalidRequest, InvalidRollout, Route
 from lockgate.services.router.strategy import Strategy
 
 CONTENT_TYPES = ("application/merge-patch+json", "application/json")
@@ -52,26 +52,27 @@ def merge(target: Any, patch: Any) -> Any:
 
 
 def decode(body: bytes) -> dict[str, Any]:
-    """A merge patch body: a JSON object, or InvalidRollout."""
+    """A merge patch body: a JSON object, or InvalidRequest."""
     try:
         patch = msgspec.json.decode(body) if body.strip() else None
     except UNDECODABLE as exc:
-        raise InvalidRollout(f"invalid merge patch: {undecodable(exc)}") from None
+        raise InvalidRequest(f"invalid merge patch: {undecodable(exc)}") from None
     if not isinstance(patch, dict) or not patch:
-        raise InvalidRollout('a merge patch is a non-empty JSON object, e.g. {"weight": 10}')
+        raise InvalidRequest('a merge patch is a non-empty JSON object, e.g. {"weight": 10}')
     return patch
 
 
 def apply(route: Route, patch: dict[str, Any]) -> Document:
-    """The document after the patch, validated; InvalidRollout names what is wrong or not patchable."""
+    """The document after the patch, validated: InvalidRequest when the patch makes no valid document (a weight
+    out of range, a wrong type), else InvalidRollout naming what is not patchable."""
     if route.canary is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no rollout to patch: PUT starts one")
     try:
         doc = msgspec.convert(merge(document(route), patch), Document)
     except msgspec.ValidationError as exc:
-        raise InvalidRollout(f"invalid deployment after the patch: {exc}") from None
+        raise InvalidRequest(f"invalid deployment after the patch: {exc}") from None
     except RecursionError:  # a patch that decoded but nests deeper than merging it can recurse
-        raise InvalidRollout("invalid merge patch: JSON is nested too deeply") from None
+        raise InvalidRequest("invalid merge patch: JSON is nested too deeply") from None
     if doc.stable_release != route.stable.release:
         raise InvalidRollout("a PATCH does not change stable_release: PUT starts a new rollout from a new stable")
     if doc.canary_release is None:

@@ -591,8 +591,8 @@ async def test_break_glass_is_admin_only_signed_recorded_and_shown_until_cleared
     operator, _ = KeyStore(settings.home).create("default", "ops", "operator")  # of the releases' tenant
     status, err = await _post(http, router, "promote", bearer(operator), break_glass=glass)
     assert status == 403 and "requires role admin" in err["error"]["message"]
-    status, err = await _post(http, router, "promote", break_glass={})  # a reason is required
-    assert status == 409 and "reason" in err["error"]["message"]
+    status, err = await _post(http, router, "promote", break_glass={})  # a reason is required: a malformed request
+    assert status == 400 and "reason" in err["error"]["message"]
 
     # Before: an admin API key and a free-text reason were enough, recorded but not signed.
     ann = person(settings, "ann", "approver")

@@ -1,0 +1,100 @@
+"""The router's admin API answers each request for what it is (real nats-server, the simulator, HTTP and the CLI):
+a malformed request is a 400 whatever the deployment's state, a path or method no route takes a JSON 404 or 405.
+
+Found by a probe: a malformed POST promote/abort/undo body or a PATCH weight of 500 was a 409 `conflict`; unknown
+paths got aiohttp's plain-text "404: Not Found"."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from lockgate.server.apikeys import Bootstrap
+from lockgate.server.service import ServiceContext
+from lockgate.signing import Signer
+from lockgate_dev.sim import SimServer
+from tests.helpers import chat_releases
+from tests.integration import test_rollout_analysis as analysis_tests
+from tests.integration.test_rollout_analysis import CANARY, STABLE, _pass, _start
+
+http, keys, signer = analysis_tests.http, analysis_tests.keys, analysis_tests.signer
+
+pytestmark = pytest.mark.timeout(120)
+BASE = "/lockgate/v1/deployments"
+
+
+@pytest.fixture
+def passthrough() -> bool:
+    """Governed (the default): a deployment nobody rolled out is served by nothing."""
+    return False
+
+
+@pytest.fixture
+async def router(context: ServiceContext, run_services: Any, signer: Signer, passthrough: bool) -> AsyncIterator[Any]:
+    """A router whose default deployment is `chat`: r1 (stable, PASSed) and `same` (a canary release) registered,
+    nothing rolled out."""
+    async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
+        await chat_releases(context, signer, stable.url, canary.url, ("same",), passthrough=passthrough)
+        yield (await run_services("router"))["router"]
+
+
+async def _raw(http: aiohttp.ClientSession, router: Any, method: str, path: str, body: bytes | None = None,
+               headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], Any]:
+    """Status, headers and JSON answer of one request (`path` under the router's root; a PATCH as a merge patch)."""
+    if method == "PATCH":
+        headers = {"Content-Type": "application/merge-patch+json", **(headers or {})}
+    async with http.request(method, f"{router.url}{path}", data=body, headers=headers) as resp:
+        assert resp.content_type == "application/json", (method, path, resp.status, await resp.text())
+        return resp.status, dict(resp.headers), await resp.json()
+
+
+async def test_a_malformed_admin_request_is_a_400_whatever_the_deployments_state(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    before = router.rollouts.route("chat")
+    malformed = [("POST", "/promote", b"{bad", "JSON is malformed"), ("POST", "/abort", b"[1,2]", "Expected `object`"),
+                 ("POST", "/undo", b'{"to": 5}', "Expected `str | null`, got `int` - at `$.to`"),
+                 ("POST", "/retry", b'{"bogus": 1}', "unknown field `bogus`"),
+                 ("POST", "/pause", b"{bad", "JSON is malformed"),
+                 ("POST", "/set-weight", b'{"weight": "x"}', "Expected `float | null`, got `str`"),
+                 ("POST", "/set-weight", b"{}", 'set-weight needs {"weight": PERCENT}'),
+                 ("PATCH", "", b'{"weight": 500}', "Expected `float` <= 100.0 - at `$.weight`"),
+                 ("PATCH", "", b"null", "a merge patch is a non-empty JSON object"),
+                 ("PATCH", "", b'{"strategy": {"steps": "x"}}', "at `$.strategy.steps`")]
+    for method, action, body, why in malformed:
+        status, _, answer = await _raw(http, router, method, f"{BASE}/chat{action}", body)
+        assert (status, answer["error"]["type"]) == (400, "invalid_request_error"), (action, body, answer)
+        assert why in answer["error"]["message"], (action, body, answer)
+    assert router.rollouts.route("chat").version == before.version  # nothing changed
+    # The same bodies on a finished rollout: still the request's fault, never a conflict with the state.
+    async with http.post(f"{router.url}{BASE}/chat/promote") as resp:
+        assert resp.status == 200, await resp.text()
+    for method, action, body, _why in malformed:
+        status, _, answer = await _raw(http, router, method, f"{BASE}/chat{action}", body)
+        assert (status, answer["error"]["type"]) == (400, "invalid_request_error"), (action, body, answer)
+
+
+async def test_a_path_or_method_no_route_takes_is_a_json_404_or_405(
+        router: Any, http: aiohttp.ClientSession, keys: Bootstrap) -> None:
+    for path in (f"{BASE}/chat/nosuchaction", f"{BASE}/chat/watch/more", "/lockgate/v1/nothing", "/"):
+        status, _, answer = await _raw(http, router, "POST" if "chat" in path else "GET", path)
+        assert (status, answer["error"]["code"]) == (404, "unknown_url"), (path, answer)
+        assert "Invalid URL" in answer["error"]["message"], answer
+    status, headers, answer = await _raw(http, router, "DELETE", f"{BASE}/chat")
+    assert status == 405 and {"GET", "PUT", "PATCH"} <= set(headers["Allow"].split(", ")), (headers, answer)
+    assert "DELETE /lockgate/v1/deployments/chat is not supported: use " in answer["error"]["message"], answer
+    status, headers, answer = await _raw(http, router, "POST", "/healthz")
+    assert (status, headers["Allow"]) == (405, "GET, HEAD"), (headers, answer)
+    # No key needed to be told a path does not exist (nothing is read); a real admin path still asks for one.
+    async with aiohttp.ClientSession() as anonymous:
+        assert (await _raw(anonymous, router, "POST", f"{BASE}/chat/nosuchaction"))[0] == 404
+        assert (await _raw(anonymous, router, "GET", f"{BASE}/chat"))[0] == 401
+        async with anonymous.get(f"{router.url}/healthz") as resp:
+            assert resp.status == 200
+    # /v1/ keeps its own catch-all, in OpenAI's words.
+    status, _, answer = await _raw(http, router, "GET", "/v1/nothing")
+    assert status == 404 and "the router serves POST /v1/chat/completions" in answer["error"]["message"]
