@@ -1,11 +1,14 @@
 """The router's admin API answers each request for what it is (real nats-server, the simulator, HTTP and the CLI):
-a malformed request is a 400 whatever the deployment's state, a path or method no route takes a JSON 404 or 405.
+a malformed request is a 400 whatever the deployment's state, a path or method no route takes a JSON 404 or 405,
+and a PATCH of a finished rollout says that it is finished.
 
 Found by a probe: a malformed POST promote/abort/undo body or a PATCH weight of 500 was a 409 `conflict`; unknown
-paths got aiohttp's plain-text "404: Not Found"."""
+paths got aiohttp's plain-text "404: Not Found"; and a PATCH of the weight of a promoted rollout was refused because
+"canary_release must differ from stable_release", a field nobody sent."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,6 +22,7 @@ from lockgate_dev.sim import SimServer
 from tests.helpers import chat_releases
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import CANARY, STABLE, _pass, _start
+from tests.integration.test_rollout_operate import _cli
 
 http, keys, signer = analysis_tests.http, analysis_tests.keys, analysis_tests.signer
 
@@ -49,6 +53,12 @@ async def _raw(http: aiohttp.ClientSession, router: Any, method: str, path: str,
     async with http.request(method, f"{router.url}{path}", data=body, headers=headers) as resp:
         assert resp.content_type == "application/json", (method, path, resp.status, await resp.text())
         return resp.status, dict(resp.headers), await resp.json()
+
+
+def _one_line(result: Any) -> str:
+    out = result.output.strip()
+    assert "\n" not in out and "Traceback" not in out, out
+    return out
 
 
 async def test_a_malformed_admin_request_is_a_400_whatever_the_deployments_state(
@@ -98,3 +108,39 @@ async def test_a_path_or_method_no_route_takes_is_a_json_404_or_405(
     # /v1/ keeps its own catch-all, in OpenAI's words.
     status, _, answer = await _raw(http, router, "GET", "/v1/nothing")
     assert status == 404 and "the router serves POST /v1/chat/completions" in answer["error"]["message"]
+
+
+async def test_a_finished_rollout_has_nothing_to_patch_and_get_shows_no_canary_once_promoted(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Bootstrap) -> None:
+    await _start(http, router, "same", {"steps": [100], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    assert (await _cli(router, "promote", "chat", key=keys.admin_key)).exit_code == 0
+    promoted = router.rollouts.route("chat")
+    assert (promoted.phase, promoted.stable.release, promoted.canary and promoted.canary.release) == (
+        "promoted", "same", "same")
+    for args in (["--weight", "30"], ["--patch", '{"strategy": {"interval_s": 120}}']):
+        refused = await _cli(router, "patch", "chat", *args, key=keys.admin_key)
+        line = _one_line(refused)
+        assert refused.exit_code == 4 and "router refused (409): deployment 'chat' has no live rollout (promoted " \
+            "same): PUT starts one (lockgate rollout start chat --stable same --canary RELEASE)" in line, line
+        assert "canary_release" not in line, line
+    # The table shows no canary; the JSON keeps the route as stored: the promoted release's target, weight 0,
+    # under phase promoted.
+    table = await _cli(router, "get", "chat", key=keys.admin_key)
+    rows = {cells[0]: cells[1] for line in table.output.splitlines()
+            if len(cells := [c.strip() for c in line.strip("│┃ ").split("│")]) == 2}
+    assert (rows["phase"], rows["stable"], rows["canary"]) == ("promoted", "same", "-"), table.output
+    shown = await _cli(router, "get", "chat", "--json", key=keys.admin_key)
+    route = json.loads(shown.output)
+    assert (route["phase"], route["weight"], route["canary"]["release"]) == ("promoted", 0.0, "same")
+
+    # An aborted rollout: the same answer, naming the aborted canary and retry.
+    async with http.put(f"{router.url}{BASE}/chat", json={"stable_release": "same", "canary_release": "r1"}) as resp:
+        assert resp.status == 200, await resp.text()
+    assert (await _cli(router, "abort", "chat", key=keys.admin_key)).exit_code == 0
+    status, _, answer = await _raw(http, router, "PATCH", f"{BASE}/chat", b'{"weight": 30}')
+    assert status == 409 and answer["error"]["message"] == (
+        "deployment 'chat' has no live rollout (aborted r1): PUT starts one (lockgate rollout start chat --stable "
+        "same --canary RELEASE); `lockgate rollout retry chat` restarts the aborted one"), answer
+    table = await _cli(router, "get", "chat", key=keys.admin_key)
+    assert "aborted" in table.output and "r1" in table.output, table.output  # an aborted canary is still shown

@@ -147,8 +147,10 @@ def _when(ts: float) -> str:
 
 
 def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
-    """`rollout get` as rows: where the canary stands, then the last analysis's metric values."""
-    canary = route.get("canary") or {}
+    """`rollout get` as rows: where the canary stands, then the last analysis's metric values. A promoted rollout
+    has no canary: the route keeps the promoted one's target (weight 0, the JSON's `canary`) until the next
+    rollout, shown as `-` (it is the stable release now)."""
+    canary = {} if route.get("phase") == "promoted" else route.get("canary") or {}
     strategy = route.get("strategy") or {}
     status = route.get("analysis") or {}
     phase = route.get("phase", "")
@@ -235,7 +237,8 @@ def watch_line(v: dict[str, Any]) -> str:
     """One line per change: `14:02:11 progressing step 2/4 canary 25% | error_rate 0.004 <= 0.015 ... | reason`."""
     phase = v["phase"] + (" (paused)" if v["paused"] else "")
     of = f"/{v['steps']}" if v["steps"] else ""
-    parts = [f"{dt.datetime.now(dt.UTC):%H:%M:%S} {phase} step {v['step']}{of} canary {v['canary'] or '-'} "
+    canary = "-" if v["phase"] == "promoted" else v["canary"] or "-"  # as `rollout get` shows it (`summary`)
+    parts = [f"{dt.datetime.now(dt.UTC):%H:%M:%S} {phase} step {v['step']}{of} canary {canary} "
              f"{v['weight']:g}% (stable {v['stable'] or '-'})"]
     a = v["analysis"]
     if a and a["metrics"]:
