@@ -1,9 +1,11 @@
 """The router's admin API answers each request for what it is (real nats-server, the simulator, HTTP and the CLI):
-a malformed request is a 400 whatever the deployment's state, a path or method no route takes a JSON 404 or 405,
-and a PATCH of a finished rollout says that it is finished.
+a malformed request is a 400 whatever the deployment's state, a path or method no route takes a JSON 404 or 405, a
+deployment nothing serves a 404 `deployment_not_found` (CLI exit 3), and a PATCH of a finished rollout says that
+it is finished.
 
 Found by a probe: a malformed POST promote/abort/undo body or a PATCH weight of 500 was a 409 `conflict`; unknown
-paths got aiohttp's plain-text "404: Not Found"; and a PATCH of the weight of a promoted rollout was refused because
+paths got aiohttp's plain-text "404: Not Found"; `rollout get nope` showed an invented idle route (exit 0) for a
+name the proxy answers 404 `model_not_found`; and a PATCH of the weight of a promoted rollout was refused because
 "canary_release must differ from stable_release", a field nobody sent."""
 
 from __future__ import annotations
@@ -144,3 +146,53 @@ async def test_a_finished_rollout_has_nothing_to_patch_and_get_shows_no_canary_o
         "same --canary RELEASE); `lockgate rollout retry chat` restarts the aborted one"), answer
     table = await _cli(router, "get", "chat", key=keys.admin_key)
     assert "aborted" in table.output and "r1" in table.output, table.output  # an aborted canary is still shown
+
+
+async def test_a_deployment_nothing_serves_is_not_found_on_every_read_and_action(
+        router: Any, http: aiohttp.ClientSession, keys: Bootstrap) -> None:
+    # `chat` is the router's default deployment, and nothing was rolled out to it: the proxy answers its requests 404
+    # model_not_found, so the admin API does not show a route for it either; `nope` is a name nobody configured.
+    async with http.post(f"{router.url}/v1/chat/completions", headers={"Authorization": f"Bearer {keys.app_key}"},
+                         json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}) as resp:
+        assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"
+    for name in ("nope", "chat"):
+        said = (f"no deployment {name!r}: nothing is rolled out to it that this key may read (GET {BASE} lists those "
+                f"it may; `lockgate rollout start {name} --stable RELEASE`, PUT {BASE}/{name}, gives it its first "
+                "release)")
+        for method, path, body in (("GET", "", None), ("GET", "/shadow", None), ("GET", "/watch", None),
+                                   ("POST", "/promote", None), ("POST", "/abort", None), ("POST", "/retry", None),
+                                   ("POST", "/undo", None), ("POST", "/pause", None), ("POST", "/resume", None),
+                                   ("POST", "/set-weight", b'{"weight": 30}'), ("PATCH", "", b'{"weight": 30}'),
+                                   ("DELETE", "/break-glass", None)):
+            status, _, answer = await _raw(http, router, method, f"{BASE}/{name}{path}", body)
+            assert (status, answer["error"]["code"]) == (404, "deployment_not_found"), (method, path, answer)
+            assert answer["error"]["message"] == said, answer
+        for args in (["get", name], ["watch", name, "--timeout", "30"], ["set-weight", name, "30"],
+                     ["patch", name, "--weight", "30"], ["promote", name]):
+            result = await _cli(router, *args, key=keys.admin_key)
+            assert (result.exit_code, _one_line(result)) == (3, f"error: {said}"), (args, result.output)
+    assert router.rollouts.routes == {}  # and nothing was made by asking
+
+    # Once a release is rolled out to it, it is read.
+    assert (await _cli(router, "start", "nope", "--stable", "r1", key=keys.admin_key)).exit_code == 0
+    got = await _cli(router, "get", "nope", "--json", key=keys.admin_key)
+    assert got.exit_code == 0 and json.loads(got.output)["stable"]["release"] == "r1", got.output
+
+
+@pytest.mark.parametrize("passthrough", [True])
+async def test_with_passthrough_a_deployment_nobody_rolled_out_is_served_and_read_as_the_default_route(
+        router: Any, http: aiohttp.ClientSession, keys: Bootstrap) -> None:
+    # Passthrough serves every deployment nobody rolled out with the ungoverned default route (the router's default
+    # deployment `chat`, or any other by header): that route is what serves it, so it is what a read shows.
+    for name in ("chat", "nope"):
+        async with http.post(f"{router.url}/v1/chat/completions",
+                             headers={"Authorization": f"Bearer {keys.app_key}", "x-lockgate-deployment": name},
+                             json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}) as resp:
+            assert resp.status == 200 and resp.headers["x-lockgate-release"] == "", await resp.text()
+        status, _, route = await _raw(http, router, "GET", f"{BASE}/{name}")
+        assert (status, route["phase"], route["stable"]["release"], route["canary"]) == (200, "idle", "", None), route
+        got = await _cli(router, "get", name, key=keys.admin_key)
+        assert got.exit_code == 0 and "(default)" in got.output, got.output
+        # It has no rollout to act on: the state's answer (409), not a 404.
+        status, _, answer = await _raw(http, router, "POST", f"{BASE}/{name}/promote")
+        assert status == 409 and "has no canary to promote" in answer["error"]["message"], answer

@@ -483,7 +483,8 @@ async def test_admin_api_needs_operator_or_admin(router: Any, keys: Bootstrap, a
             assert resp.status == 403
         viewer, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "viewer")
         async with c.get(f"{router.url}/lockgate/v1/deployments/chat", headers=bearer(viewer)) as resp:
-            assert resp.status == 200  # reading a route is a viewer's right
+            # Reading a route is a viewer's right (nothing is rolled out to chat: not found, neither 401 nor 403).
+            assert resp.status == 404 and (await resp.json())["error"]["code"] == "deployment_not_found"
     assert router.rollouts.route("chat").canary is None
 
 

@@ -26,7 +26,7 @@ from lockgate.cli import access, running
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, output, table
 from lockgate.contracts.names import check_name
-from lockgate.errors import ConfigError, LockgateError, SignatureError
+from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
 from lockgate.redact import shown_url
 from lockgate.server.apikeys import read_credential
 
@@ -61,7 +61,7 @@ class RouterAdmin:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            raise RolloutRefused(f"router refused ({exc.code}): {_message(exc.read())}") from None
+            raise _refused(exc) from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
             reason = getattr(exc, "reason", exc)
             raise RouterUnavailable(f"cannot reach the router admin API at {shown_url(self.url)} ({reason}); "
@@ -75,7 +75,7 @@ class RouterAdmin:
         try:
             resp = urllib.request.urlopen(req, timeout=idle_s)
         except urllib.error.HTTPError as exc:
-            raise RolloutRefused(f"router refused ({exc.code}): {_message(exc.read())}") from None
+            raise _refused(exc) from None
         except (urllib.error.URLError, ConnectionError) as exc:
             raise RouterUnavailable(f"cannot reach the router admin API at {shown_url(self.url)} ({getattr(exc, 'reason', exc)}); "
                                     "pass --router URL or set LOCKGATE_ROUTER_URL") from None
@@ -102,11 +102,28 @@ def _at(deployment: str, action: str = "") -> str:
     return f"/{urllib.parse.quote(check_name(deployment, 'deployment'), safe='')}{action}"
 
 
+def _refused(exc: urllib.error.HTTPError) -> LockgateError:
+    """The router's refusal as the CLI's error: NotFound (exit 3) for a deployment nothing serves, else
+    RolloutRefused (exit 4) with the router's status and message."""
+    body = exc.read()
+    message = _message(body)
+    if exc.code == 404 and _code(body) == "deployment_not_found":
+        return NotFound(message)
+    return RolloutRefused(f"router refused ({exc.code}): {message}")
+
+
 def _message(body: bytes) -> str:
     try:
         return str(json.loads(body)["error"]["message"])
     except (ValueError, KeyError, TypeError):
         return body.decode(errors="replace")[:500]
+
+
+def _code(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def _key(home: str, given: str | None) -> str:
