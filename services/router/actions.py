@@ -10,13 +10,14 @@ from aiohttp import web
 
 from lockgate.codec import UNDECODABLE, undecodable
 from lockgate.contracts.names import check_name
-from lockgate.errors import InvalidEvent, LockgateError, Retryable, UnreadableBody
+from lockgate.errors import InvalidEvent, LockgateError, NotFound, Retryable, UnreadableBody
 from lockgate.identity import IdentityRefused
 from lockgate.server.apikeys import ApiKey, Forbidden
 from lockgate.server.body import closing, read_body
 from lockgate.services.router.audit import record_action
 from lockgate.services.router.domain import (
     AlreadyServing,
+    InvalidRequest,
     InvalidRollout,
     NotAdmitted,
     OverrideExceeded,
@@ -27,6 +28,32 @@ from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import error_response
 
 _encoder = msgspec.json.Encoder()
+PREFIX = "/lockgate/v1/deployments"
+
+
+class DeploymentNotFound(NotFound):
+    """A deployment nothing serves (HTTP 404 `deployment_not_found`), or one a key may not read, told alike."""
+
+    def __init__(self, deployment: str) -> None:
+        # One message for both: a key of one tenant learns nothing of another's deployments (admin.Admin._shown).
+        super().__init__(f"no deployment {deployment!r}: nothing is rolled out to it that this key may read "
+                         f"(GET {PREFIX} lists those it may; `lockgate rollout start {deployment} --stable RELEASE`, "
+                         f"PUT {PREFIX}/{deployment}, gives it its first release)")
+
+
+def served(rollouts: Rollouts, deployment: str) -> bool:
+    """Whether anything serves `deployment`, so that it has a route to read or act on: a route was rolled out to it
+    (its record unreadable included: refused by the proxy, still written anew by a PUT), or passthrough serves
+    every deployment nobody rolled out with the ungoverned default route (Proxy.route_of)."""
+    return deployment in rollouts.routes or deployment in rollouts.unreadable or rollouts.ctx.settings.passthrough
+
+
+def require_served(rollouts: Rollouts, deployment: str) -> None:
+    """DeploymentNotFound unless something serves `deployment` (`served`)."""
+    if not served(rollouts, deployment):
+        raise DeploymentNotFound(deployment)
+
+
 # Why an action was refused, as HTTP: first match wins (NotAdmitted is an InvalidRollout).
 _REFUSALS: tuple[tuple[type[LockgateError], int, str, str | None], ...] = (
     (IdentityRefused, 403, "permission_denied", "invalid_break_glass"),
@@ -34,16 +61,19 @@ _REFUSALS: tuple[tuple[type[LockgateError], int, str, str | None], ...] = (
     (OverrideExceeded, 403, "permission_denied", "invalid_break_glass"),
     (ReleaseNotInScope, 403, "permission_denied", "release_not_in_scope"),
     (Forbidden, 403, "permission_denied", "insufficient_role"),
+    (DeploymentNotFound, 404, "invalid_request_error", "deployment_not_found"),
+    (InvalidRequest, 400, "invalid_request_error", None),  # malformed whatever the deployment's state
     (NotAdmitted, 409, "conflict", "not_admitted"),
     (AlreadyServing, 409, "conflict", "already_serving"),
     (InvalidEvent, 400, "invalid_request_error", None),  # a bad name, an unreadable body
 )
-REFUSED = (IdentityRefused, Forbidden, InvalidEvent, InvalidRollout, Retryable)  # what `refusal` answers
+REFUSED = (IdentityRefused, Forbidden, InvalidEvent, InvalidRollout, DeploymentNotFound, Retryable)  # `refusal`'s
 
 
 def refusal(exc: LockgateError, action: str, invalid: int = 409) -> web.Response:
-    """The answer to an admin action refused with `exc`, one of REFUSED. An InvalidRollout is `invalid`:
-    409 when it contradicts the deployment's state, 400 when the request itself is malformed."""
+    """The answer to an admin action refused with `exc`, one of REFUSED. A malformed request (InvalidRequest,
+    InvalidEvent) is a 400; another InvalidRollout is `invalid`: 409 when it contradicts the deployment's state, 400
+    for a PUT's release or spec."""
     if isinstance(exc, UnreadableBody):
         return closing(error_response(exc.http_status, exc.message, "invalid_request_error"))
     for kind, status, kind_name, code in _REFUSALS:
@@ -89,12 +119,13 @@ class Actions:
             raw = await read_body(request)
             body = _decoder.decode(raw) if raw.strip() else ActionRequest()
             if action == "set-weight" and body.weight is None:
-                raise InvalidRollout('set-weight needs {"weight": PERCENT}')
+                raise InvalidRequest('set-weight needs {"weight": PERCENT}')
         except REFUSED as exc:
-            return refusal(exc, action, invalid=400)
+            return refusal(exc, action)
         except UNDECODABLE as exc:  # a string that is not UTF-8 too (was a 500)
             return error_response(400, f"invalid request: {undecodable(exc)}", "invalid_request_error")
         try:
+            require_served(self.rollouts, deployment)
             # `approve` is `resume` by another name: it ends a pause step that waits for approval.
             route = await self.rollouts.operate(deployment, "resume" if action == "approve" else action,
                                                 request[self.key].label,

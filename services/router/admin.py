@@ -14,7 +14,15 @@ from lockgate.errors import InvalidName, Retryable
 from lockgate.identity import verify_override
 from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer, require_role
 from lockgate.server.body import read_body
-from lockgate.services.router.actions import REFUSED, Actions, refusal
+from lockgate.services.router.actions import (
+    PREFIX,
+    REFUSED,
+    Actions,
+    DeploymentNotFound,
+    refusal,
+    require_served,
+    served,
+)
 from lockgate.services.router.audit import record_action
 from lockgate.services.router.domain import (
     BreakGlass,
@@ -33,7 +41,9 @@ from lockgate.services.router.wire import error_response
 
 _encoder = msgspec.json.Encoder()
 KEY = web.RequestKey("lockgate.key", ApiKey)  # the authenticated caller of an admin request
-PREFIX = "/lockgate/v1/deployments"
+_PATHS = (f"GET {PREFIX}, GET|PUT|PATCH {PREFIX}/{{deployment}}, GET .../{{deployment}}/watch|shadow, POST "
+          ".../{deployment}/pause|resume|approve|set-weight|abort|promote|retry|undo and DELETE "
+          ".../{deployment}/break-glass")
 
 
 def tenant_of(key: ApiKey) -> str | None:
@@ -44,6 +54,38 @@ def tenant_of(key: ApiKey) -> str | None:
 
 def _json(route: Route | list[Route], status: int = 200) -> web.Response:
     return web.Response(body=_encoder.encode(route), status=status, content_type="application/json")
+
+
+def not_routed(request: web.Request, allowed: set[str], serves: str) -> web.Response:
+    """The JSON error (the shape of every other answer, not aiohttp's plain text) for a path nothing serves (404,
+    saying what `serves`), or a method its path does not take (405 with `Allow`)."""
+    if allowed:
+        methods = sorted(allowed)
+        return error_response(405, f"{request.method} {request.path} is not supported: use {' or '.join(methods)}",
+                              "invalid_request_error", headers={"Allow": ", ".join(methods)})
+    return error_response(404, f"Invalid URL ({request.method} {request.path}): {serves}", "invalid_request_error",
+                          code="unknown_url")
+
+
+@web.middleware
+async def _unrouted(request: web.Request, handler: Any) -> web.StreamResponse:
+    """An admin path or method no route takes: `not_routed`, before any key is asked for (nothing is read)."""
+    exc = request.match_info.http_exception
+    if exc is None:
+        return await handler(request)
+    allowed = exc.allowed_methods if isinstance(exc, web.HTTPMethodNotAllowed) else set()
+    return not_routed(request, set(allowed), f"the admin API serves {_PATHS}")
+
+
+async def unrouted(request: web.Request) -> web.Response:
+    """The router's last route (outside `/v1/`, whose own catch-all answers in OpenAI's words, and the admin API):
+    `not_routed`, with the methods the path's own routes take, if any, for a 405."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]
+    return not_routed(request, allowed, f"the router serves the OpenAI API under /v1/, the admin API under {PREFIX} "
+                                        "and GET /healthz and /metrics")
 
 
 @web.middleware
@@ -92,13 +134,15 @@ class Admin:
         request[KEY] = key
         try:
             return await handler(request)
+        except DeploymentNotFound as exc:  # a read of a deployment nothing serves, or another tenant's (`_shown`)
+            return refusal(exc, request.method)
         except Retryable as exc:  # a release's binding `_shown` needed could not be read
             return error_response(503, exc.message, "unavailable")
 
     def app(self) -> web.Application:
         """The admin API, mounted at PREFIX as a sub-application: its middlewares (authentication, and
         finishing a call whose client left) run for admin calls only, never on the data plane's path."""
-        app = web.Application(middlewares=[_finish_when_client_leaves, self.middleware])
+        app = web.Application(middlewares=[_finish_when_client_leaves, _unrouted, self.middleware])
         app.router.add_get("", self.list)
         app.router.add_get("/{deployment}", self.get)
         app.router.add_get("/{deployment}/shadow", self.shadow)
@@ -114,15 +158,24 @@ class Admin:
         return app
 
     async def _readable(self, key: ApiKey, route: Route) -> bool:
-        """Whether `key` may read `route`: one serving its own tenant's releases, or none yet (an admin key reads
-        every route). Another tenant's route tells its release names, decision ids and the gate's and drift's
-        reasons, so to such a key it is as if never configured (BusUnavailable if a binding cannot be read)."""
-        return await self.rollouts.serves_tenant(route, tenant_of(key))
+        """Whether `key` may read `route`: a deployment something serves (actions.served), serving its own
+        tenant's releases or none yet (an admin key reads every route). Another tenant's route tells its release
+        names, decision ids and the gate's and drift's reasons, so to such a key it is as if never configured
+        (BusUnavailable if a binding cannot be read)."""
+        return served(self.rollouts, route.deployment) and await self.rollouts.serves_tenant(route, tenant_of(key))
+
+    def _never_configured(self, deployment: str) -> Route:
+        """What is read of a deployment nobody rolled out to (or one a key may not read, told alike): under
+        passthrough, the default route that serves it; else nothing serves it, DeploymentNotFound (before, the
+        default route was shown, phase idle, for a name the proxy answers 404 `model_not_found`)."""
+        if self.rollouts.ctx.settings.passthrough:
+            return default_route(deployment)
+        raise DeploymentNotFound(deployment)
 
     async def _shown(self, key: ApiKey, route: Route) -> Route:
-        """`route` as `key` reads it: itself, or, when another tenant's (`_readable`), the route of a deployment
-        never configured, so that the answer does not even tell that the deployment exists."""
-        return route if await self._readable(key, route) else default_route(route.deployment)
+        """`route` as `key` reads it: itself, or, when not readable (`_readable`), as a deployment never configured
+        (`_never_configured`), so that the answer does not even tell that another tenant's deployment exists."""
+        return route if await self._readable(key, route) else self._never_configured(route.deployment)
 
     async def list(self, request: web.Request) -> web.Response:
         """Every configured deployment's route the key may read (of its scope and tenant)."""
@@ -131,7 +184,8 @@ class Admin:
         return _json(sorted([r for r in routes if await self._readable(key, r)], key=lambda r: r.deployment))
 
     async def get(self, request: web.Request) -> web.Response:
-        """One deployment's current route (the default route if never configured, or not the key's to read)."""
+        """One deployment's current route; 404 `deployment_not_found` if nothing serves it or it is not the key's to
+        read (`_shown`)."""
         try:
             deployment = check_name(request.match_info["deployment"], "deployment")
         except InvalidName as exc:
@@ -145,7 +199,10 @@ class Admin:
         except InvalidName as exc:
             return error_response(400, exc.message, "invalid_request_error")
         readable = await self._readable(request[KEY], self.rollouts.route(deployment))
-        # Another tenant's: the summary of a deployment that never shadowed anything (candidate, answers, costs untold).
+        if not readable:
+            self._never_configured(deployment)  # 404, as `get` answers it
+        # Another tenant's under passthrough: the summary of a deployment that never shadowed anything (candidate,
+        # answers, costs untold).
         summary = self.rollouts.shadow_summary(deployment) if readable else ShadowSummary(deployment=deployment)
         return web.Response(body=_encoder.encode(summary), content_type="application/json")
 
@@ -178,6 +235,7 @@ class Admin:
         try:
             deployment = check_name(request.match_info["deployment"], "deployment")
             body = decode_patch(await read_body(request))
+            require_served(self.rollouts, deployment)
             route = await self.rollouts.patch(deployment, body, actor=request[KEY].label, tenant=tenant_of(request[KEY]))
             await record_action(self.rollouts.ctx.bus, request[KEY], "patch", route, None)
         except REFUSED as exc:
@@ -192,7 +250,8 @@ class Admin:
         except InvalidName as exc:
             return error_response(400, exc.message, "invalid_request_error")
         key: ApiKey = request[KEY]
-        await self._readable(key, self.rollouts.route(deployment))  # a binding unreadable: a 503, not an empty stream
+        # Nothing served, or not the key's: a 404 (a binding unreadable: a 503), never a stream of an invented route.
+        await self._shown(key, self.rollouts.route(deployment))
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         last: Route | None = None
@@ -202,8 +261,11 @@ class Admin:
                     await resp.write(b"\n")  # keepalive: a client that went away ends the watch here
                     continue
                 # Read as `get` reads it at every change: a deployment serving none may get another tenant's
-                # first release while watched.
-                shown = await self._shown(key, route)
+                # first release while watched, or its route be deleted; then the watch ends (watched again: a 404).
+                try:
+                    shown = await self._shown(key, route)
+                except DeploymentNotFound:
+                    return resp
                 if shown != last:
                     await resp.write(_encoder.encode(shown) + b"\n")
                     last = shown
@@ -238,6 +300,7 @@ class Admin:
             return error_response(400, exc.message, "invalid_request_error")
         try:
             body = decode_manual(await read_body(request))
+            require_served(self.rollouts, deployment)
             override = None
             if action == "promote":
                 canary = self.rollouts.route(deployment).canary

@@ -24,7 +24,13 @@ BUCKETS = 10_000
 
 
 class InvalidRollout(LockgateError):
-    """A canary request is malformed or contradicts the deployment's state (HTTP 400)."""
+    """A rollout request contradicts the deployment's state (HTTP 409; a PUT's release or spec, 400), or is
+    malformed (InvalidRequest)."""
+
+
+class InvalidRequest(InvalidRollout):
+    """A request malformed in itself, whatever the deployment's state: a body that is not the JSON its endpoint
+    takes, of the wrong type or out of range (HTTP 400 `invalid_request_error`, never a 409 conflict)."""
 
 
 class Target(msgspec.Struct, frozen=True, kw_only=True):
@@ -198,13 +204,13 @@ _manual_decoder = msgspec.json.Decoder(ManualRequest)
 
 
 def decode_manual(body: bytes) -> ManualRequest:
-    """A promote/abort body (empty means no override), or InvalidRollout."""
+    """A promote/abort/undo body (empty means no override), or InvalidRequest."""
     if not body.strip():
         return ManualRequest()
     try:
         return _manual_decoder.decode(body)
     except UNDECODABLE as exc:  # a string that is not UTF-8 too (was a 500)
-        raise InvalidRollout(f"invalid request: {undecodable(exc)}") from None
+        raise InvalidRequest(f"invalid request: {undecodable(exc)}") from None
 
 
 class NotAdmitted(InvalidRollout):
@@ -276,11 +282,11 @@ def require_allowed(release: str, decision: GateDecided | None, what: str, also:
 
 
 def decode_canary(body: bytes) -> CanaryRequest:
-    """A canary request from its JSON body, or InvalidRollout naming the path of what is wrong."""
+    """A canary request from its JSON body, or InvalidRequest naming the path of what is wrong."""
     try:
         return _canary_decoder.decode(body)
     except UNDECODABLE as exc:  # ValidationError included, and a string that is not UTF-8 (was a 500)
-        raise InvalidRollout(f"invalid canary request: {undecodable(exc)}") from None
+        raise InvalidRequest(f"invalid canary request: {undecodable(exc)}") from None
 
 
 def normalize_steps(steps: tuple[float, ...] | list[float]) -> tuple[float, ...]:

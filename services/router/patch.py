@@ -14,7 +14,7 @@ import msgspec
 
 from lockgate.codec import UNDECODABLE, undecodable
 from lockgate.contracts.names import Name, check_names
-from lockgate.services.router.domain import InvalidRollout, Route
+from lockgate.services.router.domain import InvalidRequest, InvalidRollout, Route
 from lockgate.services.router.strategy import Strategy
 
 CONTENT_TYPES = ("application/merge-patch+json", "application/json")
@@ -52,26 +52,36 @@ def merge(target: Any, patch: Any) -> Any:
 
 
 def decode(body: bytes) -> dict[str, Any]:
-    """A merge patch body: a JSON object, or InvalidRollout."""
+    """A merge patch body: a JSON object, or InvalidRequest."""
     try:
         patch = msgspec.json.decode(body) if body.strip() else None
     except UNDECODABLE as exc:
-        raise InvalidRollout(f"invalid merge patch: {undecodable(exc)}") from None
+        raise InvalidRequest(f"invalid merge patch: {undecodable(exc)}") from None
     if not isinstance(patch, dict) or not patch:
-        raise InvalidRollout('a merge patch is a non-empty JSON object, e.g. {"weight": 10}')
+        raise InvalidRequest('a merge patch is a non-empty JSON object, e.g. {"weight": 10}')
     return patch
 
 
 def apply(route: Route, patch: dict[str, Any]) -> Document:
-    """The document after the patch, validated; InvalidRollout names what is wrong or not patchable."""
-    if route.canary is None:
+    """The document after the patch, validated: InvalidRequest when the patch makes no valid document (a weight
+    out of range, a wrong type: whatever the route), else InvalidRollout when the route has nothing to patch or
+    the patch changes what a PATCH does not."""
+    if not route.stable.release:  # never rolled out (read as the default route under passthrough)
         raise InvalidRollout(f"deployment {route.deployment!r} has no rollout to patch: PUT starts one")
     try:
         doc = msgspec.convert(merge(document(route), patch), Document)
     except msgspec.ValidationError as exc:
-        raise InvalidRollout(f"invalid deployment after the patch: {exc}") from None
+        raise InvalidRequest(f"invalid deployment after the patch: {exc}") from None
     except RecursionError:  # a patch that decoded but nests deeper than merging it can recurse
-        raise InvalidRollout("invalid merge patch: JSON is nested too deeply") from None
+        raise InvalidRequest("invalid merge patch: JSON is nested too deeply") from None
+    # A finished rollout keeps its canary's target (weight 0) until the next PUT: checked before the fields, or a
+    # promoted one (stable and canary the same release) was refused for a canary_release nobody sent.
+    finished = _finished(route)
+    if finished:
+        d = route.deployment
+        retry = f"; `lockgate rollout retry {d}` restarts the aborted one" if route.phase == "aborted" else ""
+        raise InvalidRollout(f"deployment {d!r} has no live rollout ({finished}): PUT starts one (lockgate rollout "
+                             f"start {d} --stable {route.stable.release} --canary RELEASE){retry}")
     if doc.stable_release != route.stable.release:
         raise InvalidRollout("a PATCH does not change stable_release: PUT starts a new rollout from a new stable")
     if doc.canary_release is None:
@@ -79,6 +89,16 @@ def apply(route: Route, patch: dict[str, Any]) -> Document:
     if doc.canary_release == doc.stable_release:
         raise InvalidRollout("canary_release must differ from stable_release")
     return doc
+
+
+def _finished(route: Route) -> str:
+    """Why `route` has no rollout a PATCH could change ("promoted shop-v2", "aborted shop-v2"), or "" for a live
+    one (a canary idle or progressing)."""
+    if route.phase == "promoted":
+        return f"promoted {route.stable.release}"
+    if route.phase == "aborted":
+        return f"aborted {route.canary.release if route.canary is not None else ''}".strip()
+    return "" if route.canary is not None else "no canary"
 
 
 def changed(route: Route, doc: Document) -> list[str]:

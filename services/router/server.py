@@ -19,7 +19,7 @@ from lockgate.server.apikeys import KeyStore
 from lockgate.server.httplog import SERVER_LOG
 from lockgate.server.service import Progress, Service, ServiceContext, fewer_collections
 from lockgate.services.router import clock
-from lockgate.services.router.admin import PREFIX, Admin
+from lockgate.services.router.admin import PREFIX, Admin, unrouted
 from lockgate.services.router.admission import Admission
 from lockgate.services.router.endpoints import Endpoints
 from lockgate.services.router.handlers import (
@@ -86,6 +86,8 @@ class RouterService(Service):
         app.router.add_get("/healthz", self._health)
         app.router.add_get("/metrics", metrics.serve_prometheus)  # on the gateway's port: no second listener
         app.add_subapp(PREFIX, self.admin.app())
+        # Last: any other path or method is answered in the same JSON error shape, not aiohttp's plain text.
+        app.router.add_route("*", "/{tail:.*}", unrouted)
         return app
 
     async def start(self) -> None:

@@ -190,8 +190,8 @@ def test_the_cli_finds_the_stack_running_from_its_home_on_ports_it_was_not_given
     assert json.loads(proc.stdout), proc.stdout
     proc = subprocess.run([*LOCKGATE, "--home", str(home), "rollout", "get", "no-such-deployment", "--json"],
                           capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr  # the router answered (a deployment never rolled out: no releases)
-    assert json.loads(proc.stdout)["good"] == [], proc.stdout
+    # The router answered: a deployment nothing was rolled out to is not found (exit 3, one line).
+    assert proc.returncode == 3 and proc.stderr.startswith("error: no deployment 'no-such-deployment'"), proc.stderr
 
     # A file left by a stack that no longer runs (killed with -9) is ignored: the CLI says it found none.
     stale = tmp_path / "stale-home"

@@ -170,8 +170,8 @@ async def test_patch_weight_keeps_canary_release_upstream_and_rollout_position(
     assert (patched.weight, patched.step, patched.canary) == (30.0, before.step, before.canary)
 
     for body, status, why in (({"stable_release": "bad"}, 409, "PUT starts a new rollout"),
-                              ({"weight": 101}, 409, "invalid deployment after the patch"),
-                              ({}, 409, "non-empty JSON object")):
+                              ({"weight": 101}, 400, "invalid deployment after the patch"),
+                              ({}, 400, "non-empty JSON object")):
         async with http.patch(url, data=json.dumps(body), headers=merge) as resp:
             assert resp.status == status and why in (await resp.json())["error"]["message"]
     viewer, _ = KeyStore(router.ctx.settings.home).create("acme", "ops", "viewer")

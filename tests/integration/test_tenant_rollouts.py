@@ -136,12 +136,12 @@ async def test_another_tenants_deployment_in_an_unscoped_keys_reach_is_not_its_t
         stack: dict[str, Any]) -> None:
     router = stack["router"]
     # bravo's operator key without a scope reaches every deployment (README: scope the keys of tenants that share
-    # a router): it may not change acme's route. (Nor read it: it reads as a deployment never configured, where it
-    # used to get acme's route whole, 200, with its release names, decision ids and reasons; see the next test.)
+    # a router): it may not change acme's route. (Nor read it: it reads as a deployment never configured, 404, where
+    # it used to get acme's route whole, 200, with its release names, decision ids and reasons; see the next test.)
     unscoped, _ = KeyStore(router.ctx.settings.home).create("bravo", "support", "operator")
     read: dict[str, Any] = {}
-    assert await _call(router, unscoped, "GET", "acme-chat", answer=read) == 200
-    assert read["stable"]["release"] == "" and read["canary"] is None, read
+    assert await _call(router, unscoped, "GET", "acme-chat", answer=read) == 404
+    assert read["error"]["code"] == "deployment_not_found" and "acme-v" not in str(read), read
     changes = [("POST", None, "pause"), ("POST", {"weight": 100}, "set-weight"), ("POST", None, "abort"),
                ("POST", None, "promote"), ("POST", None, "retry"), ("POST", None, "undo"),
                ("PATCH", {"weight": 100}, ""),
@@ -161,12 +161,13 @@ async def test_another_tenants_deployment_in_an_unscoped_keys_reach_is_not_its_t
     assert await _call(router, stack["acme"], "POST", "acme-chat", None, "pause") == 200
 
 
-async def _read(router: Any, key: str, path: str, lines: int = 0) -> Any:
-    """The admin API's answer to a read (GET PREFIX + path) with `key`: its JSON, or a watch's first `lines`."""
+async def _read(router: Any, key: str, path: str, lines: int = 0, status: int = 200) -> Any:
+    """The admin API's answer to a read (GET PREFIX + path) with `key`, of `status`: its JSON, or a watch's first
+    `lines`."""
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http, http.get(
             f"{router.url}{BASE}{path}") as resp:
-        assert resp.status == 200, await resp.text()
-        if not lines:
+        assert resp.status == status, await resp.text()
+        if not lines or status != 200:
             return await resp.json()
         return [msgspec.json.decode(await resp.content.readline()) for _ in range(lines)]
 
@@ -180,22 +181,24 @@ async def test_an_unscoped_key_reads_another_tenants_deployment_as_one_never_con
     store = KeyStore(router.ctx.settings.home)
     bravo, _ = store.create("bravo", "support", role)  # no deployment scope: every deployment is in its reach
     acme, _ = store.create("acme", "support", role)
-    unknown = await _read(router, bravo, "/never-configured")
-    assert unknown["stable"]["release"] == "" and unknown["canary"] is None
+    # A name nobody configured: 404 (before, an invented idle route, 200).
+    unknown = await _read(router, bravo, "/never-configured", status=404)
+    assert unknown["error"]["code"] == "deployment_not_found", unknown
 
     def as_unknown(name: str) -> dict[str, Any]:
-        return {**unknown, "deployment": name}
+        """The answer for a name nobody configured, for `name`: the same body but for the name."""
+        return msgspec.json.decode(msgspec.json.encode(unknown).replace(b"never-configured", name.encode()))
 
-    # acme's deployment: not listed, read (route, watch) exactly as a name nobody configured, its shadow comparison
-    # empty. bravo's own and the one serving nothing yet are read as they are.
+    # acme's deployment: not listed, read (route, watch, shadow comparison) exactly as a name nobody configured.
+    # bravo's own is read as it is.
     assert [r["deployment"] for r in await _read(router, bravo, "")] == ["bravo-chat"]
-    assert await _read(router, bravo, "/acme-chat") == as_unknown("acme-chat")
-    assert await _read(router, bravo, "/acme-chat/watch", lines=1) == [as_unknown("acme-chat")]
+    assert await _read(router, bravo, "/acme-chat", status=404) == as_unknown("acme-chat")
+    assert await _read(router, bravo, "/acme-chat/watch", status=404) == as_unknown("acme-chat")
     # acme-chat's shadow comparison as a shadowing rollout's first events start it (its candidate named).
     router.rollouts.shadows.start("acme-chat", "acme-v2")
     assert (await _read(router, acme, "/acme-chat/shadow"))["candidate"] == "acme-v2"
-    shadow = await _read(router, bravo, "/acme-chat/shadow")
-    assert shadow == {**await _read(router, bravo, "/never-configured/shadow"), "deployment": "acme-chat"}
+    assert await _read(router, bravo, "/acme-chat/shadow", status=404) == as_unknown("acme-chat")
+    assert await _read(router, bravo, "/never-configured/shadow", status=404) == unknown
     assert (await _read(router, bravo, "/bravo-chat"))["stable"]["release"] == "bravo-v1"
     # acme's own key of the same role reads its route whole.
     assert [r["deployment"] for r in await _read(router, acme, "")] == ["acme-chat"]

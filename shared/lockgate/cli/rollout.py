@@ -27,7 +27,7 @@ from lockgate.cli import access, running
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, output, table
 from lockgate.contracts.names import check_name
-from lockgate.errors import ConfigError, LockgateError, SignatureError
+from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
 from lockgate.redact import shown_url
 from lockgate.server.apikeys import read_credential
 
@@ -62,7 +62,7 @@ class RouterAdmin:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as exc:
-            raise RolloutRefused(f"router refused ({exc.code}): {_message(exc.read())}") from None
+            raise _refused(exc) from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
             raise self._unavailable(exc) from None
 
@@ -84,7 +84,7 @@ class RouterAdmin:
         try:
             resp = urllib.request.urlopen(req, timeout=idle_s)
         except urllib.error.HTTPError as exc:
-            raise RolloutRefused(f"router refused ({exc.code}): {_message(exc.read())}") from None
+            raise _refused(exc) from None
         except (urllib.error.URLError, ConnectionError, http.client.HTTPException) as exc:
             raise self._unavailable(exc) from None
         with resp:
@@ -113,11 +113,28 @@ def _at(deployment: str, action: str = "") -> str:
     return f"/{urllib.parse.quote(check_name(deployment, 'deployment'), safe='')}{action}"
 
 
+def _refused(exc: urllib.error.HTTPError) -> LockgateError:
+    """The router's refusal as the CLI's error: NotFound (exit 3) for a deployment nothing serves, else
+    RolloutRefused (exit 4) with the router's status and message."""
+    body = exc.read()
+    message = _message(body)
+    if exc.code == 404 and _code(body) == "deployment_not_found":
+        return NotFound(message)
+    return RolloutRefused(f"router refused ({exc.code}): {message}")
+
+
 def _message(body: bytes) -> str:
     try:
         return str(json.loads(body)["error"]["message"])
     except (ValueError, KeyError, TypeError):
         return body.decode(errors="replace")[:500]
+
+
+def _code(body: bytes) -> str:
+    try:
+        return str(json.loads(body)["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return ""
 
 
 def _key(home: str, given: str | None) -> str:
@@ -158,8 +175,10 @@ def _when(ts: float) -> str:
 
 
 def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
-    """`rollout get` as rows: where the canary stands, then the last analysis's metric values."""
-    canary = route.get("canary") or {}
+    """`rollout get` as rows: where the canary stands, then the last analysis's metric values. A promoted rollout
+    has no canary: the route keeps the promoted one's target (weight 0, the JSON's `canary`) until the next
+    rollout, shown as `-` (it is the stable release now)."""
+    canary = {} if route.get("phase") == "promoted" else route.get("canary") or {}
     strategy = route.get("strategy") or {}
     status = route.get("analysis") or {}
     phase = route.get("phase", "")
@@ -246,7 +265,8 @@ def watch_line(v: dict[str, Any]) -> str:
     """One line per change: `14:02:11 progressing step 2/4 canary 25% | error_rate 0.004 <= 0.015 ... | reason`."""
     phase = v["phase"] + (" (paused)" if v["paused"] else "")
     of = f"/{v['steps']}" if v["steps"] else ""
-    parts = [f"{dt.datetime.now(dt.UTC):%H:%M:%S} {phase} step {v['step']}{of} canary {v['canary'] or '-'} "
+    canary = "-" if v["phase"] == "promoted" else v["canary"] or "-"  # as `rollout get` shows it (`summary`)
+    parts = [f"{dt.datetime.now(dt.UTC):%H:%M:%S} {phase} step {v['step']}{of} canary {canary} "
              f"{v['weight']:g}% (stable {v['stable'] or '-'})"]
     a = v["analysis"]
     if a and a["metrics"]:
