@@ -76,7 +76,6 @@ class RouterAdmin:
                     f"({getattr(exc, 'reason', None) or str(exc) or exc.__class__.__name__})")
         return RouterUnavailable(f"{what}; pass --router URL (as `lockgate up` printed it) or set LOCKGATE_ROUTER_URL")
 
-
     def stream(self, path: str, idle_s: float) -> Any:
         """Lines of a streamed answer, decoded (None for a keepalive line); stops when the router closes it.
         A socket quiet for `idle_s` raises TimeoutError."""
