@@ -180,11 +180,11 @@ async def test_patch_weight_keeps_canary_release_upstream_and_rollout_position(
         assert resp.status == 403
     assert router.rollouts.route("chat").weight == 30.0
 
-    # PUT stays the full replace: a new rollout from 0%.
+    # PUT stays the full replace: a new rollout from its first step (the stored PASS of `same` admits it at once).
     await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600})
     replaced = router.rollouts.route("chat")
-    assert (replaced.phase, replaced.weight) == ("idle", 0.0) and replaced.strategy is not None \
-        and replaced.strategy.analysis is None
+    assert (replaced.phase, replaced.weight, replaced.step) == ("progressing", 10.0, 1) \
+        and replaced.strategy is not None and replaced.strategy.analysis is None
 
 
 async def test_every_measurement_is_a_signed_stored_record_and_a_changed_one_is_flagged(
