@@ -86,7 +86,10 @@ class Process:
     """A long-running CLI process whose output is collected; `started` waits for a readiness line."""
 
     def __init__(self, args: list[str], env: dict[str, str], ready_text: str) -> None:
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        # Its own process group, as a shell starts a job: a test can then send Ctrl-C as a terminal does, to the
+        # whole group (`os.killpg(proc.pid, SIGINT)`), the children it started included.
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     start_new_session=True)
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._ready_text = ready_text

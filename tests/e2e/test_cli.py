@@ -56,9 +56,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     env["E2E_HOME"] = str(home)
     env["LOCKGATE_HOME"] = str(home)  # the CLI finds the NATS credentials, API keys and trust file `dev up` made there
     yield env
-    up.proc.send_signal(signal.SIGINT)
+    # Ctrl-C as a terminal sends it, to the whole foreground group. Before, nats-server (in the stack's group) got it
+    # too and exited before the services had flushed: restarted, the drift state not saved, a traceback.
+    os.killpg(up.proc.pid, signal.SIGINT)
     assert up.proc.wait(60) == 0, up.output
-    assert "stopped cleanly" in up.output
+    assert "stopped cleanly" in up.output and "Traceback" not in up.output, up.output
+    assert "restarting it" not in up.output, up.output
+    assert not [line for line in up.lines if "stopping" in line and "failed" in line], up.output
 
 
 def test_demo_then_query_everything(stack: dict[str, str]) -> None:

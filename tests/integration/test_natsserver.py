@@ -47,6 +47,17 @@ async def test_two_servers_on_port_zero_get_different_ports(tmp_path: Path) -> N
         second.stop()
 
 
+async def test_the_server_is_out_of_reach_of_its_terminals_ctrl_c(tmp_path: Path) -> None:
+    # Ctrl-C is sent to the terminal's whole foreground group: before, nats-server was in the stack's and exited on
+    # it before the services had flushed. In a group of its own, the stack stops it, last.
+    server = NatsServer(tmp_path / "js", port=0)
+    await server.start()
+    try:
+        assert server.proc is not None and os.getpgid(server.proc.pid) != os.getpgid(0)
+    finally:
+        server.stop()
+
+
 def _wait_exit(pid: int, timeout_s: float) -> bool:
     """True once process `pid` (not our child) has exited: a pidfd becomes readable, no polling."""
     try:

@@ -142,6 +142,10 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            # A process group of its own: a terminal's Ctrl-C goes to the whole foreground group, and nats-server
+            # exited on it before the services had flushed (restarted, the drift state not saved). The stack stops it
+            # last, and the kernel still kills it with its parent (_die_with_parent).
+            process_group=0,
         )
         self._stopping = False
         try:
