@@ -33,8 +33,10 @@ from aiohttp import web
 
 from lockgate import metrics
 from lockgate.documents import NonNegative, load_yaml
+from lockgate.errors import LockgateError
 from lockgate.ids import uuid7
 from lockgate.llmwire import ChatRequest, Message, decode_request, input_text, last_user_text, text_of
+from lockgate.server.tls import listen_http
 
 
 class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -156,10 +158,12 @@ class _Model:
 class SimServer:
     """The simulator as an aiohttp server: `async with SimServer(cfg) as sim: sim.url`."""
 
-    def __init__(self, config: SimConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, config: SimConfig, host: str = "127.0.0.1", port: int = 0, *,
+                 port_flag: str = "--port") -> None:
         self.config = config
         self.host = host
         self.port = port
+        self.port_flag = port_flag  # the option that chose `port`, named if it cannot be had
         self.requests: dict[str, int] = {}
         # The Authorization header of each chat request, in order: lets tests see which key reached
         # the upstream (lockgate's provider credential, never the client's lockgate key).
@@ -194,8 +198,7 @@ class SimServer:
         app.router.add_get("/metrics", metrics.serve_prometheus)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
+        await listen_http(self._runner, self.host, self.port, what="simulator", flag=self.port_flag)
         self.port = self._runner.addresses[0][1]
 
     async def stop(self) -> None:
@@ -634,8 +637,11 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config) if args.config else SimConfig(models={"sim-model": ModelSpec()})
     if args.require_key:
         config.require_key = args.require_key
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(config, args.host, args.port))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(config, args.host, args.port))
+    except LockgateError as exc:  # a busy --port, say: one line, as `lockgate sim` says it
+        parser.exit(exc.exit_code, f"error: {exc.message}\n")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
 from lockgate.decisionwatch import watch_decisions
-from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, InvalidName, NotFound, SignatureError
+from lockgate.errors import BusUnavailable, InvalidEvent, InvalidName, NotFound, SignatureError
 from lockgate.ids import uuid7_time
 from lockgate.outbox import Encoded, encode_event, publish_events
 from lockgate.server.apikeys import (
@@ -35,7 +35,7 @@ from lockgate.server.apikeys import (
     owns_release,
 )
 from lockgate.server.grpcdecode import DecodeErrors
-from lockgate.server.tls import bind_grpc, grpc_credentials
+from lockgate.server.tls import bind_grpc, grpc_credentials, grpc_server
 from lockgate.signing import Verifier
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
@@ -271,13 +271,11 @@ class GrpcServer:
 
     async def start(self) -> None:
         """Bind and serve."""
-        server = grpc.aio.server(interceptors=[DecodeErrors()])
+        server = grpc_server(interceptors=[DecodeErrors()])
         ingest_pb2_grpc.add_IngestServicer_to_server(IngestServicer(self.bus, self.keys), server)
         gates_pb2_grpc.add_GatesServicer_to_server(GatesServicer(self.bus, self.verifier, self.keys), server)
-        bound = bind_grpc(server, self.host, self.port, grpc_credentials(self.settings))
-        if bound == 0:
-            raise ConfigError(f"cannot bind the gRPC API to {self.host}:{self.port} (port in use?)")
-        self.port = bound
+        self.port = await bind_grpc(server, self.host, self.port, grpc_credentials(self.settings), what="gRPC",
+                                    flag="--grpc-port")
         await server.start()
         self._server = server
         log.info("gRPC API on %s", self.address)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import grpc
 from aiohttp import web
 
-from lockgate.errors import ConfigError
 from lockgate.limits import EventLimits
 from lockgate.server.apikeys import KeyStore
 from lockgate.server.httplog import SERVER_LOG
 from lockgate.server.service import Service, ServiceContext
-from lockgate.server.tls import grpc_credentials, ssl_context
+from lockgate.server.tls import grpc_credentials, listen_http, ssl_context
 from lockgate.services.otlp.ingest import Receiver
 from lockgate.services.otlp.transports import HttpApp, serve_grpc
 
@@ -41,11 +40,8 @@ class OtlpService(Service):
         self._http = web.AppRunner(self.http.app(), access_log=None, handle_signals=False,
                                    shutdown_timeout=2.0, logger=SERVER_LOG)
         await self._http.setup()
-        try:
-            await web.TCPSite(self._http, s.host, s.otlp_http_port, ssl_context=tls).start()
-        except OSError as exc:
-            raise ConfigError(f"cannot bind the OTLP/HTTP receiver to {s.host}:{s.otlp_http_port}: {exc.strerror} "
-                              "(choose another port with --otlp-http-port or LOCKGATE_OTLP_HTTP_PORT)") from None
+        await listen_http(self._http, s.host, s.otlp_http_port, what="OTLP/HTTP", flag="--otlp-http-port",
+                          ssl_context=tls)
         host, http_port = self._http.addresses[0][:2]
         scheme = "https" if tls is not None else "http"
         self._endpoints = {"otlp-grpc": f"{s.host}:{port}", "otlp-http": f"{scheme}://{host}:{http_port}"}

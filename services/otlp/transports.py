@@ -19,11 +19,11 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, LockgateError, UnreadableBody
+from lockgate.errors import BusUnavailable, InvalidEvent, LockgateError, UnreadableBody
 from lockgate.server.apikeys import AuthError, Forbidden
 from lockgate.server.body import closing, read_body
 from lockgate.server.grpcdecode import DecodeErrors
-from lockgate.server.tls import bind_grpc
+from lockgate.server.tls import bind_grpc, grpc_server
 from lockgate.services.otlp import wire
 from lockgate.services.otlp.ingest import Receiver
 
@@ -130,12 +130,9 @@ class HttpApp:
 async def serve_grpc(receiver: Receiver, host: str, port: int, credentials: grpc.ServerCredentials | None = None
                      ) -> tuple[grpc.aio.Server, int]:
     """Start the OTLP/gRPC server; (server, port bound)."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
-                             interceptors=[DecodeErrors()])
+    server = grpc_server(options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)],
+                         interceptors=[DecodeErrors()])
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(receiver), server)
-    bound = bind_grpc(server, host, port, credentials)
-    if bound == 0:
-        raise ConfigError(f"cannot bind the OTLP/gRPC receiver to {host}:{port} (port in use? choose another with "
-                          "--otlp-grpc-port or LOCKGATE_OTLP_GRPC_PORT)")
+    bound = await bind_grpc(server, host, port, credentials, what="OTLP/gRPC", flag="--otlp-grpc-port")
     await server.start()
     return server, bound

@@ -18,6 +18,7 @@ from lockgate.outbox import UNTIL_BACK, Outbox
 from lockgate.server.apikeys import KeyStore
 from lockgate.server.httplog import SERVER_LOG
 from lockgate.server.service import Progress, Service, ServiceContext, fewer_collections
+from lockgate.server.tls import listen_http
 from lockgate.services.router import clock
 from lockgate.services.router.admin import PREFIX, Admin, unrouted
 from lockgate.services.router.admission import Admission
@@ -134,7 +135,8 @@ class RouterService(Service):
                                      handler_cancellation=True, logger=SERVER_LOG)
         await self._runner.setup()
         s = self.ctx.settings
-        await web.TCPSite(self._runner, s.host, s.router_port, backlog=1024).start()  # bursts of new clients
+        await listen_http(self._runner, s.host, s.router_port, what="router", flag="--router-port",
+                          backlog=1024)  # bursts of new clients
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{host}:{port}"
 
@@ -157,6 +159,10 @@ class RouterService(Service):
                 measured = clock.offset(sent, clock.now(), json.loads(reply.data).get("ts"))
             except Exception:  # the bus away (the cut-off watch handles that) or an odd answer: unknown for now
                 measured = None
+            # On Python 3.11 the request's asyncio.wait_for returns a reply that arrived with a cancel and drops the
+            # cancel: stop() then waited on this loop for good (`up` hung when a later listener's port was taken).
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise asyncio.CancelledError
             if measured is not None and measured.skewed:
                 log.warning("this replica's clock is %+.1f s off the NATS server's (more than %g s): rollout times "
                             "it writes and compares are wrong by as much; synchronise its clock (NTP)",

@@ -18,6 +18,7 @@ from aiohttp import web
 
 from lockgate.bus import Bus
 from lockgate.server.httplog import SERVER_LOG
+from lockgate.server.tls import listen_http
 
 
 class HealthServer:
@@ -38,8 +39,7 @@ class HealthServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
                                      logger=SERVER_LOG)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
+        await listen_http(self._runner, self._host, self._port, what="health", flag="--health-port")
         port = self._runner.addresses[0][1]
         return f"http://{self._host}:{port}"
 

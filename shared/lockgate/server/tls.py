@@ -1,14 +1,22 @@
-"""Server TLS for lockgate's own listeners (the gRPC API, the OTLP receiver) from one certificate and
-key in the settings (`grpc_tls_cert`, `grpc_tls_key`): both or neither; plaintext when neither."""
+"""lockgate's own listeners: binding them, and their TLS.
+
+TLS for the gRPC API and the OTLP receiver comes from one certificate and key in the settings
+(`grpc_tls_cert`, `grpc_tls_key`): both or neither; plaintext when neither. Every listener binds through
+`bind_grpc` or `listen_http`, so a port that cannot be had is one ConfigError naming the port and the
+flag that chooses it, never a traceback, and never a port silently shared with another process.
+"""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
+import socket
 import ssl
 from pathlib import Path
 
 import grpc
+from aiohttp import web
 
 from lockgate.config import Settings
 from lockgate.errors import ConfigError
@@ -45,20 +53,86 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
-def bind_grpc(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None) -> int:
-    """Bind a gRPC server to host:port, with TLS when `credentials` are given; the port bound, 0 if none.
+def grpc_server(*, options: list[tuple[str, object]] | None = None,
+                interceptors: list[grpc.aio.ServerInterceptor] | None = None) -> grpc.aio.Server:
+    """A grpc.aio server that owns its port. gRPC sets SO_REUSEPORT by default: a second stack told a port
+    the first one serves bound it too, started "cleanly", and the kernel split connections between them."""
+    return grpc.aio.server(options=[("grpc.so_reuseport", 0), *(options or [])], interceptors=interceptors)
+
+
+async def bind_grpc(server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None, *,
+                    what: str, flag: str) -> int:
+    """Bind a gRPC server (from `grpc_server`) to host:port, with TLS when `credentials` are given; the port
+    bound. If it cannot, the server is stopped and ConfigError names `what` (the listener) and `flag` (the option
+    choosing its port).
 
     The one plaintext listener in lockgate: only without a certificate, on 127.0.0.1 unless the
     operator asks for another host (said in the log), and every call still needs an API key."""
     address = f"{host}:{port}"
     try:
-        if credentials is not None:
-            return server.add_secure_port(address, credentials)
-        if not _loopback(host):
-            log.warning("gRPC on %s without TLS: set grpc_tls_cert and grpc_tls_key to encrypt it", address)
-        return server.add_insecure_port(address)
-    except RuntimeError:  # grpc raises it when the port is taken
-        return 0
+        # gRPC says only "Failed to bind" (and logs its reason to stderr): a plain bind first names the reason.
+        check_free(host, port, what=what, flag=flag)
+        try:
+            if credentials is not None:
+                bound = server.add_secure_port(address, credentials)
+            else:
+                if not _loopback(host):
+                    log.warning("gRPC on %s without TLS: set grpc_tls_cert and grpc_tls_key to encrypt it", address)
+                bound = server.add_insecure_port(address)
+        except RuntimeError:  # how grpc says it could not bind (older versions return 0)
+            bound = 0
+        if bound == 0:
+            raise _refused(what, host, port, flag, None)
+    except ConfigError:
+        await server.stop(None)  # never started: else its shutdown is left to a garbage collection without a loop
+        raise
+    return bound
+
+
+async def listen_http(runner: web.AppRunner, host: str, port: int, *, what: str, flag: str,
+                      ssl_context: ssl.SSLContext | None = None, backlog: int = 128) -> None:
+    """Serve an aiohttp runner on host:port; ConfigError naming `what` and `flag` if the port cannot be had."""
+    _check_port(port, what, flag)
+    try:
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=backlog).start()
+    except OSError as exc:
+        raise _refused(what, host, port, flag, exc) from None
+
+
+def check_free(host: str, port: int, *, what: str, flag: str) -> None:
+    """ConfigError, as a bind would raise it, if host:port cannot be bound now (port 0 always can). A check ahead
+    of binding (`up` makes it before starting anything): the bind itself still fails as clearly if it loses a race."""
+    _check_port(port, what, flag)
+    if port and (refused := _probe(host, port)) is not None:
+        raise _refused(what, host, port, flag, refused)
+
+
+def _check_port(port: int, what: str, flag: str) -> None:
+    # Out of range, grpc binds the port modulo 65536 (-1 is 65535) and asyncio raises OverflowError.
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{what} port {port} is not a port: give {flag} a number from 1 to 65535, or 0 for a "
+                          "free one")
+
+
+def _probe(host: str, port: int) -> OSError | None:
+    """Why host:port cannot be bound (without SO_REUSEPORT, as the server will), or None if it can now."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no owner
+                probe.bind(address)
+    except OSError as exc:  # socket.gaierror too: a host that does not resolve
+        return exc
+    return None
+
+
+def _refused(what: str, host: str, port: int, flag: str, exc: OSError | None) -> ConfigError:
+    if exc is not None and exc.errno == errno.EADDRINUSE:
+        return ConfigError(f"{what} port {port} is in use (another lockgate stack?): choose another with {flag}, "
+                           "or 0 for a free one")
+    reason = (exc.strerror or str(exc)) if exc is not None else "the port is in use or the host is not this machine's"
+    return ConfigError(f"{what} cannot listen on {host}:{port}: {reason} (its port is chosen with {flag})")
 
 
 def _loopback(host: str) -> bool:
