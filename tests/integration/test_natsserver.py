@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import select
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from lockgate.errors import ConfigError
 from lockgate.server.natsserver import NatsServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,6 +36,18 @@ async def test_port_zero_binds_a_free_port_reports_it_and_keeps_it_across_a_rest
         await nc.close()
     finally:
         server.stop()
+
+
+async def test_a_port_another_process_listens_on_is_one_line_naming_it(tmp_path: Path) -> None:
+    # Before: "nats-server exited during start:" and the last ten lines of its log (`lockgate up --nats-port`).
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(ConfigError) as refused:
+            await NatsServer(tmp_path / "js", port=port).start()
+    assert refused.value.message == (f"NATS port {port} is in use (another lockgate stack?): choose another with "
+                                     "--nats-port, or 0 for a free one")
 
 
 async def test_two_servers_on_port_zero_get_different_ports(tmp_path: Path) -> None:

@@ -212,7 +212,12 @@ class NatsServer:
                 # keep draining the pipe so the server never blocks on a full stderr buffer
                 threading_drain(self.proc.stderr, self._line)
                 return
-        raise ConfigError("nats-server exited during start:\n" + "".join(lines[-10:]))
+        fatal = next((line.partition("[FTL] ")[2].strip() for line in reversed(lines) if "[FTL] " in line), "")
+        if "address already in use" in fatal:
+            raise ConfigError(f"NATS port {self.port} is in use (another lockgate stack?): choose another with "
+                              "--nats-port, or 0 for a free one")
+        # Its one fatal line says why (a bad configuration file, say); only without one, the log's last lines.
+        raise ConfigError("nats-server exited during start: " + (fatal or "\n" + "".join(lines[-10:])))
 
     async def supervise(self) -> None:
         """Restart the server whenever it exits until `stop()`, on the same port and store (clients
