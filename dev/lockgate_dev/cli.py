@@ -10,7 +10,14 @@ import click
 from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console
-from lockgate.cli.stack import _until_signalled, embedded_settings, serve_stack, up_options
+from lockgate.cli.stack import (
+    PORT,
+    _until_signalled,
+    embedded_settings,
+    refuse_to_start,
+    serve_stack,
+    up_options,
+)
 from lockgate.config import Settings
 from lockgate.server.apikeys import FILE, KeyStore, read_credential
 from lockgate_dev import sim as simulator
@@ -18,7 +25,7 @@ from lockgate_dev.demo import APP, demo_sim_config, run_demo, write_demo_gates
 
 
 async def _dev_up(settings: Settings, sim_port: int, demo: bool) -> None:
-    server = simulator.SimServer(demo_sim_config(), host=settings.host, port=sim_port)
+    server = simulator.SimServer(demo_sim_config(), host=settings.host, port=sim_port, port_flag="--sim-port")
     await server.start()
     # Upstreams not configured by the operator point at the simulator.
     default = Settings()
@@ -66,7 +73,8 @@ def register(cli: click.Group) -> None:
 
     @dev.command("up")
     @up_options
-    @click.option("--sim-port", default=9000, show_default=True, help="0 picks a free port (printed at start).")
+    @click.option("--sim-port", type=PORT, default=9000, show_default=True,
+                  help="0 picks a free port (printed at start).")
     @click.option("--demo", is_flag=True, help="Run the demo once the stack is up.")
     @click.pass_context
     @handle_errors
@@ -75,6 +83,7 @@ def register(cli: click.Group) -> None:
         """Start the embedded stack with the simulator as its upstream (`make run` adds --demo)."""
         settings = embedded_settings(ctx.obj["settings"], home, nats_port, router_port, grpc_port, otlp_grpc_port,
                                      otlp_http_port)
+        refuse_to_start(settings, sim_port)  # before the simulator takes its port
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(_dev_up(settings, sim_port, demo))
 
@@ -98,7 +107,7 @@ def register(cli: click.Group) -> None:
     @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
                   help="YAML: models with answers, latency and error rate. Default: the demo models.")
     @click.option("--host", default="127.0.0.1", show_default=True)
-    @click.option("--port", default=9000, show_default=True)
+    @click.option("--port", type=PORT, default=9000, show_default=True)
     @handle_errors
     def sim(config_path: str | None, host: str, port: int) -> None:
         """Run the simulated OpenAI-compatible upstream (a SIMULATOR for demos and tests, not a model)."""

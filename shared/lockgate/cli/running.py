@@ -35,14 +35,26 @@ def remove(home: str) -> None:
 
 def endpoints(home: str) -> dict[str, str]:
     """The endpoints of the stack running from `home`; empty if none runs (no file, a stale or unreadable one)."""
+    found = _live(home)
+    return {} if found is None else found[1]
+
+
+def owner(home: str) -> int | None:
+    """The process id of the stack running from `home`, None if none runs: a second `up` on the same home is
+    refused with it before it opens anything (chDB's data path and JetStream's store belong to one process)."""
+    found = _live(home)
+    return None if found is None else found[0]
+
+
+def _live(home: str) -> tuple[int, dict[str, str]] | None:
     try:
         doc = json.loads((Path(home) / FILE).read_text())
         pid, found = int(doc["pid"]), doc["endpoints"]
     except (OSError, ValueError, KeyError, TypeError):
-        return {}
+        return None
     if not _alive(pid) or not isinstance(found, dict):
-        return {}
-    return {str(k): str(v) for k, v in found.items()}
+        return None
+    return pid, {str(k): str(v) for k, v in found.items()}
 
 
 def _alive(pid: int) -> bool:

@@ -8,6 +8,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import click
 
@@ -16,6 +17,7 @@ from lockgate.cli import access, running
 from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console
 from lockgate.config import Settings
+from lockgate.errors import ConfigError
 from lockgate.permissions import ROLES
 from lockgate.redact import shown_url
 
@@ -114,7 +116,31 @@ def embedded_settings(settings: Settings, home: str | None, nats_port: int, rout
                             otlp_http_port=otlp_http_port)
 
 
+def refuse_to_start(settings: Settings, sim_port: int | None = None) -> None:
+    """Before `up` (or `dev up`, with its simulator's port) opens anything: ConfigError if a stack already runs
+    from its home, or if a port it is told to use is taken. Else a second stack from one home failed on chDB's lock
+    in ClickHouse's words after starting nats-server on the first one's store, and a taken port was found only after
+    nats-server, chDB and the services before its listener had started (each listener's bind still says it too)."""
+    from lockgate.server.tls import check_free
+
+    pid = running.owner(settings.home)
+    if pid is not None:
+        raise ConfigError(f"a stack is already running from {settings.home} (pid {pid}): stop it first, or give "
+                          "another --home")
+    nats = urlparse(settings.nats_url)
+    ports = [(nats.hostname or settings.host, nats.port or 0, "NATS", "--nats-port"),
+             (settings.host, settings.router_port, "router", "--router-port"),
+             (settings.host, settings.grpc_port, "gRPC", "--grpc-port"),
+             (settings.host, settings.otlp_grpc_port, "OTLP/gRPC", "--otlp-grpc-port"),
+             (settings.host, settings.otlp_http_port, "OTLP/HTTP", "--otlp-http-port")]
+    if sim_port is not None:
+        ports.append((settings.host, sim_port, "simulator", "--sim-port"))
+    for host, port, what, flag in ports:
+        check_free(host, port, what=what, flag=flag)
+
+
 _PORT_HELP = "0 picks a free port; the endpoints printed at start show the real one."
+PORT = click.IntRange(0, 65535)  # an option's port: out of range is a usage error, not an OverflowError at bind
 
 
 def up_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -123,11 +149,13 @@ def up_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--home", default=None,
                      help="Where JetStream, chDB and the NATS credentials live (default: the global --home, "
                           "LOCKGATE_HOME, or ./.lockgate)."),
-        click.option("--nats-port", default=4222, show_default=True, help=_PORT_HELP),
-        click.option("--router-port", default=8080, show_default=True, help=_PORT_HELP),
-        click.option("--grpc-port", default=50051, show_default=True, help=_PORT_HELP),
-        click.option("--otlp-grpc-port", default=4317, show_default=True, help="OTLP/gRPC receiver. " + _PORT_HELP),
-        click.option("--otlp-http-port", default=4318, show_default=True, help="OTLP/HTTP receiver. " + _PORT_HELP),
+        click.option("--nats-port", type=PORT, default=4222, show_default=True, help=_PORT_HELP),
+        click.option("--router-port", type=PORT, default=8080, show_default=True, help=_PORT_HELP),
+        click.option("--grpc-port", type=PORT, default=50051, show_default=True, help=_PORT_HELP),
+        click.option("--otlp-grpc-port", type=PORT, default=4317, show_default=True,
+                     help="OTLP/gRPC receiver. " + _PORT_HELP),
+        click.option("--otlp-http-port", type=PORT, default=4318, show_default=True,
+                     help="OTLP/HTTP receiver. " + _PORT_HELP),
     )):
         func = option(func)
     return func
@@ -145,6 +173,7 @@ def register(cli: click.Group) -> None:
         """Start the embedded stack: nats-server, chDB and every service in one process."""
         settings = embedded_settings(ctx.obj["settings"], home, nats_port, router_port, grpc_port, otlp_grpc_port,
                                      otlp_http_port)
+        refuse_to_start(settings)
         import uvloop  # the services' loop: cheaper transports than asyncio's (bench_router)
 
         with contextlib.suppress(KeyboardInterrupt):
@@ -173,11 +202,11 @@ def register(cli: click.Group) -> None:
 
     @cli.command()
     @click.argument("services", nargs=-1, required=True)
-    @click.option("--router-port", type=int, help="HTTP port of the router (0 picks a free one).")
-    @click.option("--grpc-port", type=int, help="Port of the gateway's gRPC API (0 picks a free one).")
-    @click.option("--otlp-grpc-port", type=int, help="Port of the OTLP/gRPC receiver (0 picks a free one).")
-    @click.option("--otlp-http-port", type=int, help="Port of the OTLP/HTTP receiver (0 picks a free one).")
-    @click.option("--health-port", type=int,
+    @click.option("--router-port", type=PORT, help="HTTP port of the router (0 picks a free one).")
+    @click.option("--grpc-port", type=PORT, help="Port of the gateway's gRPC API (0 picks a free one).")
+    @click.option("--otlp-grpc-port", type=PORT, help="Port of the OTLP/gRPC receiver (0 picks a free one).")
+    @click.option("--otlp-http-port", type=PORT, help="Port of the OTLP/HTTP receiver (0 picks a free one).")
+    @click.option("--health-port", type=PORT,
                   help="Port of /livez and /readyz (ready: every bus connection is up) for probes; "
                        "LOCKGATE_HEALTH_PORT, default off.")
     @click.option("--host", default="127.0.0.1", show_default=True,

@@ -1,0 +1,80 @@
+"""`lockgate up`, `dev up` and `sim` told a port another process listens on, or a home a stack runs from:
+one line naming it and what to do, exit 2, before anything starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+LOCKGATE = [sys.executable, "-m", "lockgate.cli.__main__"]
+FREE = {"--nats-port": "0", "--router-port": "0", "--grpc-port": "0", "--otlp-grpc-port": "0",
+        "--otlp-http-port": "0"}
+
+
+def lockgate(*args: str) -> subprocess.CompletedProcess[str]:
+    # A refusal takes a second or two; a stack that starts instead runs until this timeout ends the test.
+    return subprocess.run([*LOCKGATE, *args], capture_output=True, text=True, env={**os.environ, "COLUMNS": "300"},
+                          timeout=60)
+
+
+@pytest.fixture
+def taken() -> Iterator[int]:
+    """A port another stack listens on: with SO_REUSEPORT, as its gRPC servers did, so that a gRPC server that
+    sets it too (gRPC's default) may listen there as well."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        yield other.getsockname()[1]
+
+
+def _ports(flag: str, port: int, **more: str) -> list[str]:
+    return [arg for name, value in (FREE | {flag: str(port)} | more).items() for arg in (name, value)]
+
+
+@pytest.mark.parametrize(("flag", "what"), [
+    ("--nats-port", "NATS"), ("--router-port", "router"), ("--grpc-port", "gRPC"),
+    ("--otlp-grpc-port", "OTLP/gRPC"), ("--otlp-http-port", "OTLP/HTTP"),
+])
+def test_up_refuses_a_port_another_stack_listens_on(tmp_path: Path, taken: int, flag: str, what: str) -> None:
+    # Before: --grpc-port and --otlp-grpc-port started "cleanly" and shared the port (the kernel split the
+    # connections between the stacks); --router-port was an OSError traceback, --nats-port ten lines of its log.
+    out = lockgate("up", "--home", str(tmp_path), *_ports(flag, taken))
+    assert (out.returncode, out.stderr) == (2, f"error: {what} port {taken} is in use (another lockgate stack?): "
+                                               f"choose another with {flag}, or 0 for a free one\n"), out.stdout
+    assert not (tmp_path / "nats").exists()  # refused before anything started
+
+
+def test_dev_up_and_sim_refuse_the_simulators_port_by_its_option(tmp_path: Path, taken: int) -> None:
+    out = lockgate("dev", "up", "--home", str(tmp_path), *_ports("--sim-port", taken))
+    assert (out.returncode, out.stderr) == (2, f"error: simulator port {taken} is in use (another lockgate stack?): "
+                                               "choose another with --sim-port, or 0 for a free one\n"), out.stdout
+    out = lockgate("sim", "--port", str(taken))  # before: an OSError traceback
+    assert (out.returncode, out.stderr) == (2, f"error: simulator port {taken} is in use (another lockgate stack?): "
+                                               "choose another with --port, or 0 for a free one\n"), out.stdout
+
+
+def test_a_number_that_is_no_port_is_a_usage_error() -> None:
+    out = lockgate("sim", "--port", "-1")  # before: an OverflowError traceback
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "Invalid value for '--port': -1 is not in the range 0<=x<=65535." in out.stderr
+
+
+@pytest.mark.parametrize("command", [["up"], ["dev", "up", "--sim-port", "0"]])
+def test_up_refuses_a_home_a_stack_runs_from(tmp_path: Path, command: list[str]) -> None:
+    # What a running `up` writes in its home, naming its live process (this one stands in for it).
+    (tmp_path / "stack.json").write_text(json.dumps({"pid": os.getpid(), "endpoints": {}}))
+    out = lockgate(*command, "--home", str(tmp_path), *_ports("--nats-port", 0))
+    # Before: chDB's "Cannot lock file .../clickhouse/status" and "cannot open ClickHouse ..." errors.
+    assert (out.returncode, out.stderr) == (2, f"error: a stack is already running from {tmp_path} (pid "
+                                               f"{os.getpid()}): stop it first, or give another --home\n"), out.stdout
+    assert not (tmp_path / "nats").exists()
