@@ -30,7 +30,10 @@ from lockgate.services.router.providers import Unsupported, provider
 
 # Request headers the client's SDK sends that the provider acts on (beta features, idempotent
 # retries, SDK telemetry); the client's Authorization is lockgate's business and never forwarded.
-_FORWARD = ("OpenAI-Organization", "OpenAI-Project", "OpenAI-Beta", "Idempotency-Key", "Accept")
+# Not `OpenAI-Organization` nor `OpenAI-Project`: they choose whose account lockgate's credential bills, the
+# endpoint's to say (`organization`, `project` in the endpoints file); a client's mismatched one made the provider
+# answer 401, which is a 502 counted against the release: any app key could abort a good canary at will.
+_FORWARD = ("OpenAI-Beta", "Idempotency-Key", "Accept")
 _FORWARD_PREFIX = "x-stainless-"
 _FORWARD_LOWER = frozenset(n.lower() for n in _FORWARD)
 # Response headers the client needs to pace itself and to quote to the provider's support (OpenAI's

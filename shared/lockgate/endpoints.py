@@ -43,6 +43,10 @@ class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True):
     url: Url
     credential: str = ""  # name of the env variable or secrets-file entry holding the provider key
     provider: Provider = "openai"
+    # OpenAI's organization and project the credential is used for (sent as `OpenAI-Organization` and
+    # `OpenAI-Project`). The operator's to choose, never a client's: lockgate does not forward a client's.
+    organization: str = ""
+    project: str = ""
 
 
 class _File(msgspec.Struct):
@@ -96,8 +100,11 @@ def resolve(endpoint_id: str, spec: EndpointSpec, secrets: dict[str, str]) -> Ac
         if not secret:
             raise ConfigError(f"credential {spec.credential!r} of endpoint {endpoint_id!r} is neither an environment "
                               "variable nor an entry of the secrets file (settings.secrets_file)")
+    scope = {name: value for name, value in (("OpenAI-Organization", spec.organization),
+                                             ("OpenAI-Project", spec.project)) if value}
     return Access(id=endpoint_id, base=spec.url.rstrip("/"), provider=spec.provider,
-                  authorization=f"Bearer {secret}" if secret else None, headers=auth_headers(spec.provider, secret))
+                  authorization=f"Bearer {secret}" if secret else None,
+                  headers={**auth_headers(spec.provider, secret), **scope})
 
 
 class AllowList:

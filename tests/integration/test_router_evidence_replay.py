@@ -126,25 +126,34 @@ async def _consume_as_the_other_readers(bus: Bus, sink_events: Any, events: int)
     raise AssertionError("the inference stream kept events every reader acknowledged")
 
 
+async def _promoted_and_stopped(stack: tuple[Stack, Signer], http: aiohttp.ClientSession,
+                                run_services: Callable[..., Any], requests: int) -> tuple[Any, list[Any]]:
+    """Sink and query running; a router served `requests` to r1 and `bad`, promoted `bad` blue-green (post-promotion
+    analysis running) and stopped. The sink, and the served events the inference stream holds."""
+    replicas, signer = stack
+    sink = (await run_services("sink", "query"))["sink"]
+    router = await replicas.start()
+    await _start(http, router, "bad", {"interval_s": 0.1, "blue_green": {"post_promotion_analysis": ERRORS}})
+    await _pass(router, signer, "bad")
+    await _traffic_until(http, router, lambda r: False, limit=requests)
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/promote") as resp:
+        assert resp.status == 200, await resp.text()
+    await replicas.stop(router)
+    bus = replicas.context.bus
+    served = [e async for _, _, data in bus.stored_since(
+        bus.subjects.streams["inference"].name, bus.subjects.inference_all, 0) for e in _events.decode(data)]
+    return sink, served
+
+
 async def test_a_restarted_router_reads_back_evidence_its_stream_no_longer_keeps_from_the_record(
         stack: tuple[Stack, Signer], http: aiohttp.ClientSession, run_services: Callable[..., Any],
         store: Store) -> None:
     # The inference stream keeps an event only until every consumer took it (interest retention): the served events
     # of the old release are then only in ClickHouse, and the restarted router must read them from there (through
     # the query service). Before: read from the stream alone, the baseline was gone and the analysis never judged.
-    replicas, signer = stack
-    sink = (await run_services("sink", "query"))["sink"]
-    router = await replicas.start()
-    await _start(http, router, "bad", {"interval_s": 0.1, "blue_green": {"post_promotion_analysis": ERRORS}})
-    await _pass(router, signer, "bad")
-    await _traffic_until(http, router, lambda r: False, limit=400)
-    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/promote") as resp:
-        assert resp.status == 200, await resp.text()
-    await replicas.stop(router)
-    bus = router.ctx.bus
-    served = [e async for _, _, data in stack[0].context.bus.stored_since(
-        bus.subjects.streams["inference"].name, bus.subjects.inference_all, 0) for e in _events.decode(data)]
-    await _consume_as_the_other_readers(stack[0].context.bus, sink.handlers.events, len(served))
+    replicas, _ = stack
+    sink, served = await _promoted_and_stopped(stack, http, run_services, 400)
+    await _consume_as_the_other_readers(replicas.context.bus, sink.handlers.events, len(served))
     stored = store.rows("SELECT count() AS n FROM inference_events WHERE served AND release = 'r1'")[0]["n"]
     assert stored >= 400
 
@@ -165,18 +174,8 @@ async def test_a_restarted_router_counts_once_the_evidence_both_its_stream_and_t
     # takes it, and in the record once the sink has stored it. Read from the stream, then from the record, each such
     # event was counted twice: a restarted router held twice the evidence of what was served (both releases alike,
     # so twice as sure of the same rates), and a shadow comparison twice the copies.
-    replicas, signer = stack
-    sink = (await run_services("sink", "query"))["sink"]
-    router = await replicas.start()
-    await _start(http, router, "bad", {"interval_s": 0.1, "blue_green": {"post_promotion_analysis": ERRORS}})
-    await _pass(router, signer, "bad")
-    await _traffic_until(http, router, lambda r: False, limit=200)
-    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/promote") as resp:
-        assert resp.status == 200, await resp.text()
-    await replicas.stop(router)
-    bus = replicas.context.bus
-    served = [e async for _, _, data in bus.stored_since(
-        bus.subjects.streams["inference"].name, bus.subjects.inference_all, 0) for e in _events.decode(data)]
+    replicas, _ = stack
+    sink, served = await _promoted_and_stopped(stack, http, run_services, 200)
     await sink.handlers.events.wait_for(len(served))  # in the record, and still in the stream (no other reader ran)
     stored = store.rows("SELECT count() AS n FROM inference_events WHERE served AND release = 'r1'")[0]["n"]
     assert stored == sum(e.release == "r1" for e in served) >= 200

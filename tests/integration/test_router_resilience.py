@@ -1195,13 +1195,18 @@ async def test_a_fallback_is_not_called_when_what_the_abandoned_call_may_have_sp
 
 async def test_sdk_headers_forwarded_and_upstream_request_id_returned(gateway: Gateway, keys: Bootstrap) -> None:
     async with FakeLLM("up") as up:
-        router = await gateway({"default": {"url": up.url}})
+        router = await gateway({"default": {"url": up.url, "organization": "org-ops", "project": "proj-ops"}})
         async with client(router, keys) as c:
             raw = await c.chat.completions.with_raw_response.create(
                 model="m", messages=MESSAGES,
-                extra_headers={"OpenAI-Beta": "assistants=v2", "Idempotency-Key": "idem-1"})
+                extra_headers={"OpenAI-Beta": "assistants=v2", "Idempotency-Key": "idem-1",
+                               "OpenAI-Organization": "org-evil", "OpenAI-Project": "proj-evil"})
         sent = {k.lower(): v for k, v in up.headers[0].items()}
         assert sent["openai-beta"] == "assistants=v2" and sent["idempotency-key"] == "idem-1"
+        # Whose account the credential bills is the endpoint's to say. Before, a client's own went through: a
+        # mismatched one made OpenAI answer 401, a 502 counted against the release (any app key aborted a good
+        # canary at will), and a matching one billed another of the operator's organizations or projects.
+        assert (sent["openai-organization"], sent["openai-project"]) == ("org-ops", "proj-ops")
         assert sent["x-stainless-lang"] == "python" and "x-stainless-package-version" in sent
         assert "authorization" not in sent  # the client's lockgate key stays in lockgate
         assert raw.headers["x-request-id"] == "req-up-1"
