@@ -71,6 +71,13 @@ class GateHandlers:
             if stored.decision is not None and stored.decision.id == decision_id:
                 await self.records.finish(stored.decision, action="decided", actor="gatekeeper", key=key)
                 return  # redelivered after its decision was stored
+            if stored.decision is not None and done.run_id and stored.decision.eval_run == done.run_id:
+                # Redelivered after its decision was stored and then reviewed (or BLOCKed on drift), which keep its
+                # run: judged again, it was stored over the review under the same decision id, which the audit log
+                # and the announcements had already taken (as duplicates) for the first decision.
+                log.info("eval run %s of %s was decided already; its decision is now %s (%s): not judged again",
+                         done.run_id, done.release, stored.decision.id, stored.decision.decision)
+                return
             # The binding in KV is the authority on what the release holds (the lineage tables may lag it).
             bundle = await self._bundle(done.release)
             registered = _artifacts(bundle)

@@ -21,11 +21,12 @@ import yaml
 from click.testing import CliRunner, Result
 
 from lockgate import artifacts
-from lockgate.bus import Bus
+from lockgate.bus import Bus, Delivery
 from lockgate.cli.gate import current_decision
 from lockgate.cli.main import cli
+from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import GateDecided, GateReview
+from lockgate.contracts import EvalCompleted, GateDecided, GateReview
 from lockgate.errors import ConfigError, NotFound
 from lockgate.identity import sign_review
 from lockgate.server.service import ServiceContext
@@ -362,3 +363,23 @@ async def test_eval_run_names_an_unregistered_release_or_a_bad_name_before_anyth
         assert json.loads(answered) == {"error": said.removeprefix("error: "), "exit_code": 2}
     with pytest.raises(NotFound):  # nothing ran, so nothing was decided
         await current_decision(bus, "nope")
+
+
+async def test_an_eval_result_redelivered_after_its_decision_was_reviewed_is_not_judged_again(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
+) -> None:
+    # Found by a probe: a result redelivered after its decision was stored and then rejected (the gatekeeper stopped
+    # before its ack) was judged again and stored over the reject, under the decision id the audit log and the
+    # announcements had already taken for the first decision (their copies dropped as duplicates).
+    passed = await eval_run(settings, stack["sim"], "r2", files["strict"])
+    assert passed.exit_code == 0, passed.output
+    run_id = json.loads(passed.output)["run_id"]
+    person(settings, "carol", "approver")
+    assert (await review(settings, "carol", "reject", "r2", "tone regressed")).exit_code == 0
+    rejected = await current_decision(bus, "r2")
+    results = [Codec(EvalCompleted).decode(data) async for _, _, data in bus.stored_since(
+        bus.subjects.streams["events"].name, bus.subjects.eval_completed, 0)]
+    (done,) = [r for r in results if r.run_id == run_id]
+    await stack["gatekeeper"].handlers.on_eval_completed(done, Delivery(
+        subject=bus.subjects.eval_completed, msg_id=done.id, headers={}, deliveries=2, stream_seq=0))
+    assert await current_decision(bus, "r2") == rejected  # the reject stands, as stored and audited
