@@ -87,6 +87,6 @@ def test_reading_an_alias_of_a_name_no_alias_can_have_is_refused_as_such(stack: 
                        (("alias", "list", ""), "invalid app ''"),
                        (("history", "shop/a b"), "invalid alias 'a b'")):
         refused = run("--role", "viewer", *args, env=stack, check=False)
-        assert refused.returncode == 1 and refused.stderr.startswith(f"error: {said}: 1-128 characters"), \
+        assert refused.returncode == 2 and refused.stderr.startswith(f"error: {said}: 1-128 characters"), \
             (args, refused.stderr)
         assert len(refused.stderr.strip().splitlines()) == 1

@@ -428,7 +428,9 @@ async def test_eval_run_exits_4_on_a_gate_decision_its_trust_roots_refuse(
     revoke_key(ci_trust, kid)
     result = await eval_run(settings, "v-ci", env={"LOCKGATE_TRUST_FILE": str(ci_trust)})
     assert result.exit_code == 4, result.output
-    assert not result.stdout.strip() and len(result.stderr.splitlines()) == 1, result.output  # no PASS shown
+    # No PASS shown: with --json stdout holds the error alone, as the exit-code table says
+    assert json.loads(result.stdout) == {"error": result.stderr.strip().removeprefix("error: "), "exit_code": 4}
+    assert len(result.stderr.splitlines()) == 1, result.output
     assert result.stderr.startswith("error: the gate decision of eval ") and " for v-ci is refused: signature " \
         "invalid: decision " in result.stderr and f"was signed by revoked key id {kid!r}" in result.stderr
     d = await current_decision(bus, "v-ci")

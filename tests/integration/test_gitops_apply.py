@@ -201,7 +201,7 @@ async def test_a_release_belongs_to_the_tenant_its_document_or_release_create_na
     assert (await artifacts.release_of(bus, "acme-r1"))["tenant"] == "acme"
     refused = await cli(settings, "release", "create", "bad-r1", "--app", "shop", "--tenant", "a b",
                         "--artifact", f"prompt/gitshop-answer={prompt}")
-    assert refused.exit_code == 1 and "invalid tenant 'a b'" in refused.output, refused.output
+    assert refused.exit_code == 2 and "invalid tenant 'a b'" in refused.output, refused.output  # invalid input
     with pytest.raises(NotFound):  # nothing was bound under the refused tenant
         await artifacts.release_of(bus, "bad-r1")
 
