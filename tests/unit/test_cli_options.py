@@ -52,3 +52,12 @@ def test_a_key_for_a_name_no_event_may_carry_is_refused(flag: str, value: str, t
     got = CliRunner().invoke(cli, ["keys", "--home", str(tmp_path), "create", *(x for kv in names.items() for x in kv)])
     assert got.exit_code == 2 and f"invalid {flag[2:]} {value!r} for an API key" in got.output, got.output
     assert not (tmp_path / "apikeys.json").exists()
+
+
+def test_the_drift_table_names_each_tests_bound_for_what_it_is() -> None:
+    from lockgate.cli.main import _drift_test
+
+    # Before: `z p=1 (<0.05)`, read as "p=1, which is < 0.05".
+    assert _drift_test({"test": "z", "p_value": 1.0, "threshold": 0.05}) == "z p=1 (alpha 0.05)"
+    assert _drift_test({"test": "wasserstein", "statistic": 0.4, "threshold": 0.1}) == \
+        "wasserstein 0.4 (drift at >= 0.1)"
