@@ -326,13 +326,24 @@ class Replicas:
 
 class Relay:
     """A TCP relay on 127.0.0.1 to `port`: `cut` drops every connection through it and refuses new ones (one
-    client partitioned from a server that stays up), `heal` lets connections through again."""
+    client partitioned from a server that stays up), `heal` lets connections through again. `hold_after(subject)`:
+    the next publish to a subject starting with `subject` goes through, then the server's bytes to that client wait
+    until `release` (a store that applied a write whose answer comes late)."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.open = True
         self._writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
+        self._armed: bytes | None = None
+        self._flows: list[asyncio.Event] = []
+
+    def hold_after(self, subject: str) -> None:
+        self._armed = subject.encode()
+
+    def release(self) -> None:
+        for flow in self._flows:
+            flow.set()
 
     async def start(self) -> int:
         """Listen; returns the relay's port."""
@@ -349,6 +360,7 @@ class Relay:
         self.open = True
 
     async def close(self) -> None:
+        self.release()
         self.cut()
         if self._server is not None:
             self._server.close()
@@ -360,10 +372,23 @@ class Relay:
             return
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
         self._writers += [writer, up_writer]
+        flow = asyncio.Event()  # the server's bytes to this client pass while set
+        flow.set()
+        self._flows.append(flow)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        def watch(data: bytes) -> None:  # client to server: hold the answers after the armed publish
+            if self._armed is not None and any(line.split(b" ")[1:2] and line.split(b" ")[1].startswith(self._armed)
+                                               for line in data.split(b"\r\n") if line.startswith((b"PUB ", b"HPUB "))):
+                self._armed = None
+                flow.clear()
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
             try:
                 while data := await src.read(65536):
+                    if up:
+                        watch(data)
+                    else:
+                        await flow.wait()
                     dst.write(data)
                     await dst.drain()
             except (ConnectionError, OSError):  # the other side went, or `cut` closed it
@@ -371,7 +396,7 @@ class Relay:
             finally:
                 dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
 
 
 async def raw_http(url: str, method: str, path: str, headers: dict[str, bytes], body: bytes = b"") -> tuple[int, bytes]:

@@ -38,7 +38,7 @@ from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent
 from lockgate.contracts.inference import CHARGED_INPUT_TOKENS, CHARGED_OUTPUT_TOKENS, USAGE_UNKNOWN
 from lockgate.errors import ConfigError, LockgateError
-from lockgate.kvcas import KV_ERRORS, RETRY_S, CasStore, KVUnavailable, KVUnreadable
+from lockgate.kvcas import KV_ERRORS, RETRY_S, CasStore, KVOutcomeUnknown, KVUnavailable, KVUnreadable
 from lockgate.llmwire import ApiRequest, OutputLimits
 from lockgate.pricebook import ModelPrice, load_price_book
 from lockgate.server.apikeys import ApiKey
@@ -205,6 +205,9 @@ class Admission:
         self.active = bool(self.budgets or self.limiter or self.file.cache.deployments)
         self.prices = load_price_book(settings.price_book).models if self.active else {}
         self.allowances: dict[str, Allowance] = {}
+        # Per counter, the give-backs this replica dropped unconfirmed (KVOutcomeUnknown: the write may have been
+        # applied, its answer lost). One that did not land stays charged until the period ends (stranded).
+        self.unconfirmed: dict[str, Amount] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._throttle = EventThrottle(self.file.event_interval_s)
         # the shared counters (budgets and rate-limit buckets), changed by compare-and-set
@@ -427,7 +430,9 @@ class Admission:
                                           f"rate-limit bucket {name}", "the rate-limit store")
 
     async def _return_shares(self, now: float) -> None:
-        """Give this replica's unused shares of shared rate limits back (a lost one refills anyway)."""
+        """Give this replica's unused shares of shared rate limits back (a lost one refills anyway). One that
+        failed is dropped, never sent again: its write may have landed (KVOutcomeUnknown), and twice would lift
+        the limit."""
         for slot, units in self.limiter.surrender(now):
             capacity = self.limiter.capacity(slot)
             with contextlib.suppress(KVUnavailable):
@@ -574,8 +579,19 @@ class Admission:
                 continue
             try:
                 await self._cas(counter, ZERO, ZERO - back, None)
-            except KVUnavailable:
-                self._allowance(counter).credit(back)  # keep it; returned on a later sweep
+            except KVOutcomeUnknown as exc:
+                # The give-back was sent and may have landed with only its answer late: sent again it could land
+                # twice (the counter below the spend, the budget granting past its limit by a lease each time).
+                # Its credit is dropped: stranded until the period ends (under-use); a deficit in it is kept and
+                # charged again (counted twice at worst, the safe direction too).
+                owed = back.clip(ZERO)
+                self._allowance(counter).credit(owed)
+                dropped = back - owed
+                self.unconfirmed[counter] = self.unconfirmed.get(counter, ZERO) + dropped
+                log.warning("budget counter %s: give-back of %s not confirmed, not sent again (it stays charged "
+                            "until the period ends): %s", counter, dropped, exc.message)
+            except KVUnavailable:  # nothing was sent: keep it, returned on a later sweep
+                self._allowance(counter).credit(back)
                 if force:
                     log.warning("budget counter %s: %s left leased to this replica at stop", counter, back)
 

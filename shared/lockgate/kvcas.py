@@ -5,7 +5,8 @@ rate-limit buckets (services/router/admission.py) and the evaluator's judge budg
 key and its revision, computes the new state, and writes it only if the revision is still the one it
 read; another replica's write in between makes it read again. The store failing is KVUnavailable (never
 a NATS or timeout error), and for `retry_s` after a failure every call fails at once, so callers queued
-behind one do not each wait out the timeout again.
+behind one do not each wait out the timeout again. A failure once the write was sent is KVOutcomeUnknown:
+the server may have applied it with only its answer late, so a caller must not send it again as if not.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class KVUnreadable(KVUnavailable):
     refuse on this (it is a KVUnavailable for the callers that refuse on both)."""
 
 
+class KVOutcomeUnknown(KVUnavailable):
+    """The store did not answer a write already sent (timeout, connection lost): it may have been applied (a late
+    or lost acknowledgement). A caller that credits or gives back must not send it again (it would land twice);
+    a caller that takes keeps what it may have taken counted (it cannot tell)."""
+
+
 class CasStore:
     """The keys of one KV bucket, each changed only by compare-and-set within `timeout_s`."""
 
@@ -65,8 +72,10 @@ class CasStore:
                      what: str, store: str | None = None) -> Any:
         """`step(state or None)` gives (the new state, or None to write nothing, and the result to return);
         the new state is written only over the revision read, else read again. `what` names the key and
-        `store` the store in errors. Store failures are KVUnavailable."""
+        `store` the store in errors. Store failures are KVUnavailable; KVOutcomeUnknown once the write was sent
+        (it may have been applied)."""
         store = store or self.what
+        sent = False  # a write is on its way: its answer alone tells whether it was applied
         try:
             async with asyncio.timeout(self.timeout_s):
                 kv = await self.kv()
@@ -79,13 +88,15 @@ class CasStore:
                     after, result = step(state)
                     if after is None:
                         return result
+                    sent = True
                     try:
                         if rev is None:
                             await kv.create(key, _enc.encode(after))
                         else:
                             await kv.update(key, _enc.encode(after), last=rev)
                     except nats.js.errors.KeyWrongLastSequenceError:
-                        continue  # another replica changed it in between: read again
+                        sent = False  # refused: another replica changed it in between; read again
+                        continue
                     return result
         except KVUnavailable as exc:
             self._failed(exc.message)
@@ -95,6 +106,8 @@ class CasStore:
         except KV_ERRORS as exc:
             message = f"{store} (NATS KV bucket {self.bucket}) did not answer: {type(exc).__name__}"
             self._failed(message)
+            if sent:
+                raise KVOutcomeUnknown(f"{message} (to a write of {what} it may have applied)") from None
             raise KVUnavailable(message) from None
 
     def _failed(self, message: str) -> None:

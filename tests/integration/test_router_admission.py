@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent, InferenceEvent
 from lockgate.credentials import NotAllowed
+from lockgate.kvcas import RETRY_S
 from lockgate.llmwire import ApiRequest
 from lockgate.pricebook import load_price_book
 from lockgate.server.apikeys import KeyStore, bootstrap
@@ -34,7 +36,7 @@ from lockgate.services.router.budgets import NANO, Amount, Counter, cost_of, inp
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import Replicas
+from tests.helpers import Relay, Replicas
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -733,3 +735,44 @@ async def test_a_limit_in_a_field_the_operation_does_not_read_is_refused_not_res
     assert (err["type"], err["param"]) == ("invalid_request_error", foreign)
     assert f"{foreign!r} is not a parameter of" in err["message"] and f"set {own} instead" in err["message"]
     assert sim.total_requests == 0
+
+
+async def test_a_give_back_whose_answer_came_late_is_not_sent_again(settings: Settings, store: Store, stack: Stack,
+                                                                    sim: SimServer, bus: Bus, tmp_path: Path) -> None:
+    # Before: a sweep's give-back that reached the store but whose answer came after store_timeout_s was read as not
+    # applied, kept, and given back again by the next sweep: the counter fell by the allowance twice (below what
+    # was spent) and the budget granted a lease more than its limit, at every late answer.
+    limit = 10_000
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="chat", gateway_file=gateway(
+        tmp_path, budgets={"acme-daily": {"tenant": "acme", "tokens": limit}}, store_timeout_s=0.5, lease_s=300))
+    relay = Relay(int(settings.nats_url.rpartition(":")[2]))  # the router reaches NATS through it
+    s = s.replace(nats_url=f"nats://127.0.0.1:{await relay.start()}")
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    name = f"acme-daily.{_today()}"
+    try:
+        router = await stack.add(s, store, "router-a")
+        c = client(router, keys.app_key)
+        u = (await ask(c)).usage
+        used = u.prompt_tokens + u.completion_tokens
+        assert (await counter(bus, name)).tokens == limit // 20  # the lease this replica holds
+
+        relay.hold_after(f"$KV.{bus.subjects.kv_budgets}.{name}")
+        await router.admission.return_expired(force=True)  # applied by the store, its answer held past the timeout
+        relay.release()
+        await router.ctx.bus.nc.flush()  # the late answer has arrived
+        assert (await counter(bus, name)).tokens == used
+
+        # Past the store's retry pause, the next sweep and a request the budget cannot cover.
+        router.admission.counters.clock = lambda: time.monotonic() + RETRY_S
+        await router.admission.return_expired(force=True)
+        assert (await counter(bus, name)).tokens == used  # never below what was spent
+        with pytest.raises(openai.RateLimitError) as refused:
+            await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=limit - used)
+        assert refused.value.code == "budget_exceeded"
+        assert (await counter(bus, name)).tokens == used
+        # The give-back it dropped is counted: had it not landed, that much would stay charged (under-use).
+        assert router.admission.unconfirmed[name] == Amount(0, limit // 20 - used)
+    finally:
+        await stack.close()
+        await relay.close()
