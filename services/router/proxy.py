@@ -32,12 +32,13 @@ from lockgate.contracts import InferenceEvent
 from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import UnreadableBody
 from lockgate.llmwire import ApiRequest, OutputLimits
-from lockgate.outbox import Outbox, encode_event
+from lockgate.outbox import Outbox
 from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer
 from lockgate.server.body import closing, read_body
 from lockgate.services.router import domain
 from lockgate.services.router.admission import OPEN, OPEN_ADMISSION, Admission, Call
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
+from lockgate.services.router.fit import TEXT_BYTES, encode_served
 from lockgate.services.router.h1 import BrokenReply
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
 from lockgate.services.router.rollouts import Rollouts
@@ -428,8 +429,11 @@ class Proxy:
             attributes = rec.attributes  # the cache's verdict, if any
             if op.api == "responses":  # its operation name is "chat": say which API it came through
                 attributes["lockgate.api"] = op.api
+            cut: dict[str, int] = {}  # the fields cut to fit one bus message, and their sizes before (fit.py)
             if rec.out.has_more_than_text():
-                attributes[OUTPUT_MESSAGES] = rec.out.output_messages()
+                attributes[OUTPUT_MESSAGES], size = rec.out.output_messages(TEXT_BYTES)
+                if size is not None:
+                    cut[OUTPUT_MESSAGES] = size
             text = rec.text
             event = InferenceEvent(
                 tenant=key.tenant,  # from the key, never from a header the client chooses
@@ -462,7 +466,8 @@ class Proxy:
         except Exception:  # the request is answered already: end the span, let the loop log the bug
             span.end()
             raise
-        self.batcher.add(encode_event(event))  # scrubbed and encoded once, after the answer was sent
+        # Scrubbed, cut to fit one bus message (a larger one is never published) and encoded, after the answer was sent.
+        self.batcher.add(encode_served(event, cut))
         if not rec.superseded:  # a request, not a call it went past (those are events, not requests)
             metrics.router_request(variant, rec.status, rec.latency_ms / 1000.0)
         _end_span(span, event, tuple(r for _, r in sorted(rec.out.finish.items()) if r))

@@ -28,13 +28,14 @@ import msgspec
 from lockgate.contracts import InferenceEvent
 from lockgate.kvcas import CasStore, KVUnavailable
 from lockgate.llmwire import ApiRequest, OutputLimits, last_user_text
-from lockgate.outbox import Outbox, encode_event
+from lockgate.outbox import Outbox
 from lockgate.pricebook import ModelPrice, load_price_book
 from lockgate.server.apikeys import ApiKey
 from lockgate.services.router import domain, shadowstats
 from lockgate.services.router.admission import GatewayFile
 from lockgate.services.router.budgets import cost_of, pointed_at, worst_case
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
+from lockgate.services.router.fit import encode_served
 from lockgate.services.router.providers import Unsupported, provider
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.shadowstats import Budget, Spend
@@ -213,7 +214,7 @@ class Shadow:
             log.warning("shadow event for %s not recorded: %s", deployment, exc)
             return
         with contextlib.suppress(Exception):  # bookkeeping of a copy never raises into the loop
-            self.batcher.add(encode_event(event))
+            self.batcher.add(encode_served(event))  # cut to fit one bus message, as the served request's
 
     def _price(self, target: domain.Target, req: ApiRequest) -> ModelPrice | None:
         return self.prices.get(target.model or req.model)

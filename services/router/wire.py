@@ -33,6 +33,7 @@ from lockgate.llmwire import (
     last_user_text,
 )
 from lockgate.redact import scrub_json, scrub_secrets
+from lockgate.services.router.fit import cut
 
 if TYPE_CHECKING:
     from lockgate.services.router.proxy import _Record
@@ -94,22 +95,40 @@ class Choices:
         """Whether the event needs the output-messages attribute: a second choice or any tool call."""
         return bool(self.tools) or any(c > 0 for c in (*self.parts, *self.finish))
 
-    def output_messages(self) -> str:
-        """Every choice in the GenAI output-messages shape, as JSON, its text scrubbed of secrets.
+    def output_messages(self, limit: int | None = None) -> tuple[str, int | None]:
+        """Every choice in the GenAI output-messages shape, as JSON, its text scrubbed of secrets; and, when their
+        texts and tool-call arguments together were over `limit` UTF-8 bytes, the size the JSON had before each of
+        them was cut to an equal share of `limit` (else None).
 
         Each string is scrubbed before it is encoded (a tool call's arguments as the JSON they hold): in the JSON
         text a newline before a key is `\n`, and a credential the arguments name (`{"api_key": ...}`) sits in a
-        string within a string, so the event's own scrub of this attribute let both through."""
+        string within a string, so the event's own scrub of this attribute let both through. The cut comes after
+        the scrub (half a secret is no longer recognised) and part by part, so the JSON stays whole and every
+        choice, tool call and finish reason is still there (drift reads the tool calls)."""
         out: list[dict[str, Any]] = []
+        long: list[tuple[dict[str, Any], str]] = []  # each part's free text: (part, key)
         for c in sorted({*self.parts, *self.tools, *self.finish}):
             parts: list[dict[str, Any]] = []
             if self.parts.get(c):
                 parts.append({"type": "text", "content": scrub_secrets(self.text(c))})
+                long.append((parts[-1], "content"))
             for _, call in sorted(self.tools.get(c, {}).items()):
                 parts.append({"type": "tool_call", "id": scrub_secrets(call[0]), "name": scrub_secrets(call[1]),
                               "arguments": scrub_json("".join(call[2:]))})
+                long.append((parts[-1], "arguments"))
             out.append({"role": "assistant", "parts": parts, "finish_reason": scrub_secrets(self.finish.get(c, ""))})
-        return _encoder.encode(out).decode()
+        if limit is None or sum(len(p[k]) for p, k in long) * 4 <= limit:  # within it whatever the characters
+            return _encoder.encode(out).decode(), None
+        sizes = [len(p[k].encode("utf-8", "surrogatepass")) for p, k in long]
+        if sum(sizes) <= limit:
+            return _encoder.encode(out).decode(), None
+        share, gone = limit // len(long), 0
+        for (part, key), size in zip(long, sizes, strict=True):
+            if size > share:
+                part[key] = cut(part[key], share)
+                gone += size - len(part[key].encode())
+        data = _encoder.encode(out).decode()
+        return data, len(data.encode("utf-8", "surrogatepass")) + gone
 
 
 def _usage(rec: _Record, usage: TokenUsage) -> None:

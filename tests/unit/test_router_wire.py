@@ -60,7 +60,7 @@ def test_streamed_choices_keep_their_own_buffers() -> None:
                   b'{"choices":[{"index":1,"delta":{},"finish_reason":"length"}]}'):
         parse_chunk(chunk, rec)
     assert (rec.text, rec.finish_reason) == ("a b", "stop")
-    assert json.loads(rec.out.output_messages()) == [
+    assert json.loads(rec.out.output_messages()[0]) == [
         {"role": "assistant", "parts": [{"type": "text", "content": "a b"}], "finish_reason": "stop"},
         {"role": "assistant", "parts": [{"type": "text", "content": "x y"}], "finish_reason": "length"}]
 
@@ -77,7 +77,7 @@ def test_tool_calls_recorded_whole_and_from_stream_deltas() -> None:
         parse_chunk(chunk, streamed)
     want = [{"role": "assistant", "parts": [{"type": "tool_call", "id": "c1", "name": "f", "arguments": '{"q":1}'}],
              "finish_reason": "tool_calls"}]
-    assert json.loads(whole.out.output_messages()) == json.loads(streamed.out.output_messages()) == want
+    assert json.loads(whole.out.output_messages()[0]) == json.loads(streamed.out.output_messages()[0]) == want
     assert whole.text == "" and whole.out.has_more_than_text()
 
 

@@ -1,0 +1,103 @@
+"""The router's inference events, bounded so each one always fits one bus message.
+
+The router records every request it serves with its prompt, its answer and its tool calls. A message on the bus
+carries at most NATS' max_payload (1 MB by default), and an event over it fails its publish the same way every
+time: before this bound the outbox logged it and dropped it, so a long-context call, an `n>1` answer or a large
+tool call was never canary evidence, drift or score input, nor a cost ledger row (while the budgets were charged
+for it). Here the free text is cut instead, after secrets were scrubbed (a secret cut in half would no longer be
+recognised), on a character boundary, and the event says what was cut and how large it was
+(`lockgate.truncated`). Usage, status, latency and the accounting attributes are never cut.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from lockgate.contracts import InferenceEvent
+from lockgate.outbox import BATCH_BYTES, Encoded, encode_event
+from lockgate.redact import scrub_event
+
+TRUNCATED = "lockgate.truncated"  # "field:bytes,..." the fields cut and their sizes (UTF-8 bytes) before the cut
+TEXT_BYTES = 64 * 1024  # what each free-text field and attribute keeps, in UTF-8 bytes
+# The encoded event's bound: well under BATCH_BYTES (what the outbox puts in one message, itself under the 1 MB
+# max_payload with room for the message's headers), so a cut event also shares its message with others.
+EVENT_BYTES = 512 * 1024
+STRIPPED_BYTES = 256  # what a text keeps when the cut event is still larger than EVENT_BYTES (see `encode_served`)
+# The free text a client or an upstream chooses, and nothing else: the model (the ledger's price), the status and
+# the names the router sets are never cut (user_hash and key_id have a bound of their own).
+_TEXT = ("prompt", "response", "session_id", "error_type", "finish_reason", "response_model")
+# Every string field, for the size of the usual event.
+_STRINGS = (*_TEXT, "model", "provider", "operation", "status", "variant", "release", "deployment", "app", "tenant")
+# An event whose strings add up to at most this many characters encodes within EVENT_BYTES whatever they are
+# (JSON writes one character in at most 6 bytes, `\u001f`; 4 KiB is room for the numbers and field names), so
+# the usual event is neither cut nor measured.
+_SMALL = (EVENT_BYTES - 4096) // 6
+
+assert EVENT_BYTES < BATCH_BYTES
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` in at most `limit` UTF-8 bytes, cut on a character boundary (the same text when it fits)."""
+    if len(text) * 4 <= limit:  # no character takes more than 4 bytes: no need to encode it to know
+        return text
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    # "ignore" leaves out the character the cut split (its first bytes only are kept), nothing else.
+    return data[:limit].decode("utf-8", "ignore")
+
+
+def _size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _chars(event: InferenceEvent) -> int:
+    n = sum(len(s) for name in _STRINGS if (s := getattr(event, name)))
+    n += sum(len(k) + len(v) for k, v in event.attributes.items())
+    return n + sum(len(k) for k in event.scores)
+
+
+def cut_event(event: InferenceEvent, limit: int, sizes: dict[str, int], *, drop_text: bool = False) -> InferenceEvent:
+    """The event with each free-text field and attribute value cut to `limit` bytes (with `drop_text`, its prompt
+    and response removed), marked with `lockgate.truncated`. `sizes` holds the sizes before any cut of the fields
+    cut earlier (`name: bytes`, added to here), so a second cut still reports what the text was."""
+    changed: dict[str, object] = {}
+    for name in _TEXT:
+        text = getattr(event, name)
+        if not text:
+            continue
+        if drop_text and name in ("prompt", "response"):
+            sizes.setdefault(name, _size(text))
+            changed[name] = None
+        elif (short := cut(text, limit)) is not text:
+            sizes.setdefault(name, _size(text))
+            changed[name] = short
+    attributes = dict(event.attributes)
+    attributes.pop(TRUNCATED, None)
+    built = () if drop_text else tuple(sizes)  # cut as they were built (JSON kept whole): not cut again but to strip
+    for key, value in event.attributes.items():
+        if key != TRUNCATED and key not in built and (short := cut(value, limit)) is not value:
+            sizes.setdefault(key, _size(value))
+            attributes[key] = short
+    if sizes:
+        attributes[TRUNCATED] = ",".join(f"{k}:{n}" for k, n in sizes.items())
+        changed["attributes"] = attributes
+    return msgspec.structs.replace(event, **changed) if changed else event
+
+
+def encode_served(event: InferenceEvent, sizes: dict[str, int] | None = None) -> Encoded:
+    """The router's event scrubbed and encoded (`encode_event`), its text cut to fit one bus message.
+
+    `sizes`: the fields cut already as the event was built (the output messages, cut part by part so the JSON
+    stays whole), with their sizes before the cut. An event still larger than EVENT_BYTES once each text is
+    cut to TEXT_BYTES (JSON escapes, many attributes) loses its prompt and response and keeps STRIPPED_BYTES of
+    every other text: what the evidence, the ledger and the budgets read is in its numbers and short attributes,
+    and an event is never dropped for its size."""
+    if not sizes and _chars(event) <= _SMALL:
+        return encode_event(event)  # the usual event: one scrub, one encode
+    sizes = dict(sizes or {})
+    event = scrub_event(event)  # first: a cut must never leave half a secret the scrubber would have masked
+    encoded = encode_event(cut_event(event, TEXT_BYTES, sizes))
+    if len(encoded.data) > EVENT_BYTES:
+        encoded = encode_event(cut_event(event, STRIPPED_BYTES, sizes, drop_text=True))
+    return encoded

@@ -1,0 +1,68 @@
+"""The router's events cut to fit one bus message (services/router/fit.py): pure, no I/O."""
+
+from __future__ import annotations
+
+import msgspec
+
+from lockgate.contracts import InferenceEvent
+from lockgate.outbox import BATCH_BYTES, encode_event
+from lockgate.services.router.fit import EVENT_BYTES, TEXT_BYTES, TRUNCATED, cut, encode_served
+
+
+def _event(**fields: object) -> InferenceEvent:
+    base: dict[str, object] = {"tenant": "acme", "app": "shop", "model": "m", "input_tokens": 300_000,
+                               "output_tokens": 9, "latency_ms": 12.5,
+                               "attributes": {"cache": "miss", "lockgate.charged_input_tokens": "7"}}
+    return InferenceEvent(**{**base, **fields})  # type: ignore[arg-type]
+
+
+def _decoded(event: InferenceEvent, sizes: dict[str, int] | None = None) -> dict:
+    data = encode_served(event, sizes).data
+    assert len(data) <= EVENT_BYTES < BATCH_BYTES
+    return msgspec.json.decode(data)
+
+
+def test_cut_keeps_whole_characters_within_the_byte_limit() -> None:
+    text = "aé€😀" * 10  # 1, 2, 3 and 4 bytes
+    for limit in range(0, 45):
+        short = cut(text, limit)
+        assert len(short.encode()) <= limit and text.startswith(short) and len(short.encode()) > limit - 4
+    assert cut(text, 1000) is text
+
+
+def test_a_usual_event_is_encoded_as_before() -> None:
+    event = _event(prompt="hi", response="hello")
+    assert encode_served(event).data == encode_event(event).data
+
+
+def test_long_text_is_cut_and_marked_and_the_numbers_kept() -> None:
+    got = _decoded(_event(prompt="p" * 300_000, response="é" * 700_000))
+    assert len(got["prompt"]) == TEXT_BYTES and len(got["response"].encode()) == TEXT_BYTES
+    assert got["attributes"][TRUNCATED] == "prompt:300000,response:1400000"
+    assert (got["input_tokens"], got["output_tokens"], got["latency_ms"], got["model"]) == (300_000, 9, 12.5, "m")
+    assert got["attributes"]["lockgate.charged_input_tokens"] == "7"
+
+
+def test_a_secret_across_the_cut_is_scrubbed_first() -> None:
+    secret = "sk-" + "A" * 40
+    got = _decoded(_event(prompt="x" * (TEXT_BYTES - 10) + " " + secret + " tail" * 20_000))
+    assert "sk-" not in got["prompt"] and "AAAA" not in got["prompt"]
+    assert got["prompt"].endswith(" [REDACTED")  # the mask was cut, not the secret (cut first: "sk-AAAAAA")
+
+
+def test_an_event_still_too_large_loses_its_text_never_its_accounting() -> None:
+    # Control characters encode to 6 bytes each: three capped fields of them are over the event's bound.
+    got = _decoded(_event(prompt="\x01" * 200_000, response="\x01" * 200_000,
+                          attributes={"gen_ai.output.messages": "\x01" * 200_000, "cache": "miss"}))
+    assert got.get("prompt") is None and got.get("response") is None
+    assert len(got["attributes"]["gen_ai.output.messages"]) == 256
+    assert got["attributes"][TRUNCATED] == "prompt:200000,response:200000,gen_ai.output.messages:200000"
+    assert (got["input_tokens"], got["output_tokens"], got["attributes"]["cache"]) == (300_000, 9, "miss")
+
+
+def test_sizes_cut_as_the_event_was_built_are_reported_and_not_cut_again() -> None:
+    messages = '[{"parts":[' + '"x",' * 20_000 + '"y"]}]'  # over TEXT_BYTES, cut part by part already
+    got = _decoded(_event(prompt="hi", attributes={"gen_ai.output.messages": messages}),
+                   {"gen_ai.output.messages": 2_000_000})
+    assert got["attributes"]["gen_ai.output.messages"] == messages
+    assert got["attributes"][TRUNCATED] == "gen_ai.output.messages:2000000"
