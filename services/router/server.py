@@ -159,10 +159,6 @@ class RouterService(Service):
                 measured = clock.offset(sent, clock.now(), json.loads(reply.data).get("ts"))
             except Exception:  # the bus away (the cut-off watch handles that) or an odd answer: unknown for now
                 measured = None
-            # On Python 3.11 the request's asyncio.wait_for returns a reply that arrived with a cancel and drops the
-            # cancel: stop() then waited on this loop for good (`up` hung when a later listener's port was taken).
-            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                raise asyncio.CancelledError
             if measured is not None and measured.skewed:
                 log.warning("this replica's clock is %+.1f s off the NATS server's (more than %g s): rollout times "
                             "it writes and compares are wrong by as much; synchronise its clock (NTP)",

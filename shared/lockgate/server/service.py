@@ -101,6 +101,12 @@ class Service:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
+            # A task can swallow its cancel: on Python 3.11 asyncio.wait_for (nats-py's request uses it) returns a
+            # result that arrived with the cancel and drops the cancel, and the task's loop goes on. Awaited once,
+            # the stop then waited for good (a restarted router in tests, `up` when a later listener failed): it is
+            # cancelled again until it ends.
+            while not (await asyncio.wait({task}, timeout=1.0))[0]:
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                task.result()
         self._tasks.clear()
