@@ -82,6 +82,18 @@ def _count(store: Store, table: str, where: str = "1") -> int:
     return int(store.scalar(f"SELECT count() FROM {table} WHERE {where}"))
 
 
+async def _stored_with_its_event(stack: Any, store: Store, bus: Bus, service: str) -> str:
+    """Once `service`'s one span and its inference event are stored: what the telemetry stream holds (its messages'
+    bytes, as text), where a secret must not be either."""
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "otel_traces", f"ServiceName = '{service}'") == 1, [sink.spans],
+                     what="the span stored")
+    await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="its event stored")
+    stream = bus.subjects.streams["telemetry"].name
+    info = await bus.js.stream_info(stream)
+    return repr([(await bus.js.get_msg(stream, seq)).data for seq in range(1, info.state.last_seq + 1)])
+
+
 async def _check_stored(stack: Any, store: Store, service: str) -> None:
     sink = stack["sink"].handlers
     where = f"ServiceName = '{service}'"
@@ -361,14 +373,8 @@ async def test_secrets_in_exported_spans_never_reach_the_bus_or_otel_traces(
         provider.shutdown()
 
     await asyncio.to_thread(emit)
-    sink = stack["sink"].handlers
-    await eventually(lambda: _count(store, "otel_traces", "ServiceName = 'leaky'") == 1, [sink.spans],
-                     what="the span stored")
-    await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="its event stored")
+    on_the_bus = await _stored_with_its_event(stack, store, bus, "leaky")
     stored = repr(store.rows("SELECT * FROM otel_traces WHERE ServiceName = 'leaky'"))
-    stream = bus.subjects.streams["telemetry"].name
-    info = await bus.js.stream_info(stream)
-    on_the_bus = repr([(await bus.js.get_msg(stream, seq)).data for seq in range(1, info.state.last_seq + 1)])
     for where, blob in (("otel_traces", stored), ("the telemetry stream", on_the_bus)):
         assert not [s for s in secrets if s in blob], f"a secret reached {where}: {blob[:2000]}"
     row = store.rows("SELECT SpanName, SpanAttributes, ResourceAttributes, StatusMessage FROM otel_traces "
@@ -409,14 +415,8 @@ async def test_secrets_in_structured_span_values_and_common_span_text_never_reac
         provider.shutdown()
 
     await asyncio.to_thread(emit)
-    sink = stack["sink"].handlers
-    await eventually(lambda: _count(store, "otel_traces", "ServiceName = 'structured'") == 1, [sink.spans],
-                     what="the span stored")
-    await eventually(lambda: _count(store, "inference_events") == 1, [sink.events], what="its event stored")
-    stored = repr(store.rows("SELECT * FROM otel_traces")) + repr(store.rows("SELECT * FROM inference_events"))
-    stream = bus.subjects.streams["telemetry"].name
-    info = await bus.js.stream_info(stream)
-    stored += repr([(await bus.js.get_msg(stream, seq)).data for seq in range(1, info.state.last_seq + 1)])
+    stored = await _stored_with_its_event(stack, store, bus, "structured")
+    stored += repr(store.rows("SELECT * FROM otel_traces")) + repr(store.rows("SELECT * FROM inference_events"))
     assert not [c for c in canaries if c in stored], stored
     row = store.rows("SELECT SpanAttributes, StatusMessage FROM otel_traces WHERE ServiceName = 'structured'")[0]
     attrs = row["SpanAttributes"]
