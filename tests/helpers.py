@@ -169,12 +169,6 @@ async def gate_decided(bus: Any, decision: Any, msg_id: str | None = None) -> No
     await bus.publish(bus.subjects.gate_decided(decision.release), decision, msg_id=msg_id)
 
 
-async def announce(records: Any, decision: Any, key: str) -> None:
-    """Make a signed decision current and announce it, as the gatekeeper does (Records: over what is stored)."""
-    await records.store(decision, over=(await records.read(decision.release)).revision)
-    await records.ctx.bus.publish(records.ctx.bus.subjects.gate_decided(decision.release), decision, msg_id=key)
-
-
 def person(settings: Any, name: str, *roles: str) -> Any:
     """A personal identity under the settings' home, trusted in its trust file with `roles` (made once)."""
     from lockgate.identity import create_identity, identities_dir, load_identity

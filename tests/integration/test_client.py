@@ -28,11 +28,10 @@ from lockgate.ids import batch_id
 from lockgate.outbox import encode_event, publish_events
 from lockgate.server.natsserver import NatsServer
 from lockgate.server.service import ServiceContext
-from lockgate.services.gatekeeper.records import Records
 from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import Subjects, token
-from tests.helpers import announce
+from tests.helpers import gate_decided
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -248,7 +247,7 @@ async def test_decisions_yields_current_then_new_for_a_prefix(
         stream = c.decisions("shop-")
         assert await asyncio.wait_for(anext(stream), 10) == first  # the watch is live from here
         for d in (gate("search-1"), gate("shop-2", "BLOCK")):  # stored, then announced, as the gatekeeper does
-            await announce(Records(context, "salt"), d, d.id)
+            await gate_decided(context.bus, d, d.id)
         got = await asyncio.wait_for(anext(stream), 10)
         assert (got.release, got.decision) == ("shop-2", "BLOCK")
         await stream.aclose()
@@ -274,10 +273,9 @@ async def test_names_that_used_to_share_a_key_get_their_own_decision(
 ) -> None:
     # Issue 7: `shop.v3`, `shop_v3`, `shop v3` and `shop*v3` shared one KV key. Written through the
     # gatekeeper's own write path, each valid name now reads back its own decision.
-    records = Records(context, "salt")
     blocked, passed = gate("shop.v3", "BLOCK"), gate("shop_v3")
-    await announce(records, blocked, "k-blocked")
-    await announce(records, passed, "k-passed")
+    await gate_decided(context.bus, blocked, "k-blocked")
+    await gate_decided(context.bus, passed, "k-passed")
     async with client(settings) as c:
         assert await c.decision("shop.v3") == blocked
         assert await c.decision("shop_v3") == passed
@@ -295,7 +293,7 @@ async def test_names_that_used_to_share_a_key_get_their_own_decision(
         got = [await asyncio.wait_for(anext(stream), 10) for _ in range(2)]
         assert sorted(d.release for d in got) == ["shop.v3", "shop_v3"]
         relisted = gate("shop-v4")
-        await announce(records, relisted, "k-relisted")
+        await gate_decided(context.bus, relisted, "k-relisted")
         assert await asyncio.wait_for(anext(stream), 10) == relisted
         await stream.aclose()
 

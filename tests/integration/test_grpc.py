@@ -20,12 +20,11 @@ from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
 from lockgate.ids import uuid7, uuid7_time
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.service import ServiceContext
-from lockgate.services.gatekeeper.records import Records
 from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import token
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
-from tests.helpers import announce, eventually, grpc_key
+from tests.helpers import eventually, gate_decided, grpc_key
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -268,10 +267,9 @@ async def test_watch_streams_current_then_new_decisions_for_a_prefix(
     assert (await asyncio.wait_for(call.read(), 10)).release == "shop-v1"
 
     # New decisions through the gatekeeper's write path: stored in KV, then announced (what the watch follows).
-    records = Records(context, "salt")
     await bind(bus, "search-v1", "shop-v2")
-    await announce(records, decision("search-v1"), "k-search")  # filtered out by the prefix
-    await announce(records, decision("shop-v2", verdict="FAIL"), "k-shop")
+    await gate_decided(context.bus, decision("search-v1"), "k-search")  # filtered out by the prefix
+    await gate_decided(context.bus, decision("shop-v2", verdict="FAIL"), "k-shop")
     got = await asyncio.wait_for(call.read(), 10)
     assert (got.release, got.decision) == ("shop-v2", "BLOCK")
     call.cancel()
@@ -284,7 +282,7 @@ async def test_watch_on_an_empty_bucket_sees_a_decision_made_after_it_started(
     await bind(bus, "any")
     call = stub.WatchDecisions(gates_pb2.WatchRequest(), metadata=_auth(keys))
     await asyncio.wait_for(call.initial_metadata(), 10)
-    await announce(Records(context, "salt"), decision("any"), "k-any")
+    await gate_decided(context.bus, decision("any"), "k-any")
     assert (await asyncio.wait_for(call.read(), 10)).release == "any"
     call.cancel()
 
@@ -413,11 +411,10 @@ async def test_names_that_used_to_share_a_key_get_their_own_decision(
     # Issue 7: `shop.v3` and `shop_v3` mapped to one KV key, so asking for the BLOCKed `shop.v3`
     # returned `shop_v3`'s PASS. Both are written through the gatekeeper's own write path.
     stub = gates_pb2_grpc.GatesStub(channel)
-    records = Records(context, "salt")
     blocked, passed = decision("shop.v3", "FAIL"), decision("shop_v3")
     await bind(bus, "shop.v3", "shop_v3", "shop-v3")
-    await announce(records, blocked, "k-blocked")
-    await announce(records, passed, "k-passed")
+    await gate_decided(context.bus, blocked, "k-blocked")
+    await gate_decided(context.bus, passed, "k-passed")
 
     for release, want in (("shop.v3", blocked), ("shop_v3", passed)):
         got = await stub.GetDecision(gates_pb2.GetDecisionRequest(release=release), timeout=10)
@@ -539,12 +536,11 @@ async def test_a_watch_streams_only_the_decisions_of_the_keys_own_releases(
     assert await releases(calls["acme/shop"], 1) == ["shop-v2-rc1"]  # junk-v1's skipped, the watch goes on
     # A watch yields in the order decisions were stored, so the first one each watch reads after others' shows
     # it skipped those; acme/shop's last decision comes after everyone else's for the same reason.
-    records = Records(context, "salt")
-    await announce(records, decision("ghost-v1"), "k-ghost")  # never bound: nobody's
-    await announce(records, decision("shop-v3"), "k-shop")
-    await announce(records, decision("evil-v1"), "k-evil")
-    await announce(records, decision("news-v1"), "k-news")
-    await announce(records, decision("shop-v2-rc1"), "k-shop-again")
+    await gate_decided(context.bus, decision("ghost-v1"), "k-ghost")  # never bound: nobody's
+    await gate_decided(context.bus, decision("shop-v3"), "k-shop")
+    await gate_decided(context.bus, decision("evil-v1"), "k-evil")
+    await gate_decided(context.bus, decision("news-v1"), "k-news")
+    await gate_decided(context.bus, decision("shop-v2-rc1"), "k-shop-again")
     assert await releases(calls["evil/shop"], 1) == ["evil-v1"]
     assert await releases(calls["acme/news"], 1) == ["news-v1"]
     assert await releases(calls["acme/shop"], 2) == ["shop-v3", "shop-v2-rc1"]

@@ -17,13 +17,10 @@ from lockgate.client import Client
 from lockgate.contracts import GateDecided
 from lockgate.credentials import NotAllowed
 from lockgate.errors import NotFound
-from lockgate.server.service import ServiceContext
-from lockgate.services.gatekeeper.records import Records
 from lockgate.services.gateway.reads import Reads
 from lockgate.signing import Signer, trust_file_path, trust_key
 from lockgate.subjects import Subjects
-from lockgate.telemetry import Telemetry
-from tests.helpers import announce
+from tests.helpers import gate_decided
 from tests.integration.test_nats_auth import _bus, secured  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(60)
@@ -112,10 +109,9 @@ async def test_the_sdk_reads_and_follows_decisions_as_app_without_a_consumer(sec
     s = admin.subjects
     trust_key(trust_file_path(settings), SIGNER.public)
     gatekeeper = await _bus(settings, "gatekeeper")
-    records = Records(ServiceContext(bus=gatekeeper, telemetry=Telemetry(), settings=settings), "salt")
     app = credentials.for_identity(settings, "app")
     before = _signed("shop-1")
-    await announce(records, before, "k-before")
+    await gate_decided(gatekeeper, before, "k-before")
     gateway = await _bus(settings, "gateway")
     reads = Reads(gateway)  # the `app` user reads through the gateway: no JetStream API request of its own
     await reads.start()
@@ -126,15 +122,15 @@ async def test_the_sdk_reads_and_follows_decisions_as_app_without_a_consumer(sec
             decisions = client.decisions("shop-")
             assert await asyncio.wait_for(anext(decisions), 10) == before  # current: made before the watch
             after = _signed("shop-2", "BLOCK")
-            await announce(records, after, "k-after")
+            await gate_decided(gatekeeper, after, "k-after")
             assert await asyncio.wait_for(anext(decisions), 10) == after  # new: made once it was live
             # An announcement of a decision KV has since replaced yields nothing (no regression, no duplicate).
             newer = _signed("shop-1", "BLOCK")
-            await announce(records, newer, "k-newer")
+            await gate_decided(gatekeeper, newer, "k-newer")
             assert await asyncio.wait_for(anext(decisions), 10) == newer
             await gatekeeper.publish(s.gate_decided("shop-1"), before, msg_id="k-stale")
             last = _signed("shop-3")
-            await announce(records, last, "k-last")
+            await gate_decided(gatekeeper, last, "k-last")
             assert await asyncio.wait_for(anext(decisions), 10) == last
             assert (await admin.js.stream_info(f"KV_{s.kv_gates}")).state.consumer_count == 0
             await decisions.aclose()
