@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import nats.errors
+import nats.js.errors
 
 from lockgate import credentials, queryclient
 from lockgate.bus import Bus
@@ -37,11 +39,28 @@ class NotYet(LockgateError):
 
 
 async def until(check: Any, timeout_s: float, what: str) -> Any:
-    """Re-run the readiness check `check()` (raising NotYet) until it returns, within `timeout_s`."""
+    """Re-run the readiness check `check()` (raising NotYet) until it returns, within `timeout_s`.
+
+    A bus request the cluster could not answer yet (a JetStream API timeout or "unavailable" while a leader
+    is elected after a fault) is "not yet" too: nats-py's TimeoutError is the builtin one, and taken for
+    this wait's own timeout it ended the wait at once under a misleading message (CI, a node killed).
+    """
+    last: list[str] = [""]
+
+    async def attempt() -> Any:
+        try:
+            return await check()
+        except NotYet as exc:
+            last[0] = str(exc)
+            raise
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            last[0] = f"the bus did not answer: {exc!r}"
+            raise NotYet(last[0]) from None
+
     try:
-        return await asyncio.wait_for(POLL.call(check, retry_on=NotYet, what=what), timeout_s)
+        return await asyncio.wait_for(POLL.call(attempt, retry_on=NotYet, what=what), timeout_s)
     except TimeoutError:
-        raise TimeoutError(f"{what}: not reached within {timeout_s:.0f}s") from None
+        raise TimeoutError(f"{what}: not reached within {timeout_s:.0f}s (last seen: {last[0] or 'nothing'})") from None
 
 
 @dataclass
@@ -186,21 +205,15 @@ async def drained(admin: Bus, *durables: str, timeout_s: float = 90.0) -> None:
     """Wait until the sink's consumers have nothing pending or unacknowledged (all stored)."""
     streams = {"inference": "inference", "cost_ledger": "facts", "spans": "telemetry"}
 
-    last: list[str] = [""]
-
     async def check() -> None:
         for purpose in durables:
             stream = admin.subjects.streams[streams[purpose]].name
             info = await admin.js.consumer_info(stream, admin.subjects.durable("sink", purpose))
             if info.num_pending or info.num_ack_pending:
-                last[0] = (f"{purpose}: {info.num_pending} pending, {info.num_ack_pending} unacknowledged, "
-                           f"{info.num_redelivered} redelivered, {info.num_waiting} fetches waiting")
-                raise NotYet(last[0])
+                raise NotYet(f"{purpose}: {info.num_pending} pending, {info.num_ack_pending} unacknowledged, "
+                             f"{info.num_redelivered} redelivered, {info.num_waiting} fetches waiting")
 
-    try:
-        await until(check, timeout_s, f"sink consumers {', '.join(durables)} drained")
-    except TimeoutError as exc:
-        raise TimeoutError(f"{exc} (last seen: {last[0]})") from None
+    await until(check, timeout_s, f"sink consumers {', '.join(durables)} drained")
 
 
 def report(name: str, **figures: Any) -> None:

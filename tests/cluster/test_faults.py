@@ -11,8 +11,6 @@ import asyncio
 import time
 
 import aiohttp
-import nats.errors
-import nats.js.errors
 import pytest
 
 from lockgate.bus import Bus
@@ -84,10 +82,7 @@ async def _streams_settled(admin: Bus) -> None:
 
     async def settled() -> None:
         for spec in admin.subjects.streams.values():
-            try:
-                cluster = (await admin.js.stream_info(spec.name)).cluster
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-                raise NotYet(f"stream {spec.name}: {exc!r}") from None
+            cluster = (await admin.js.stream_info(spec.name)).cluster
             if cluster is None or not cluster.leader or not all(r.current for r in cluster.replicas or []):
                 raise NotYet(f"stream {spec.name} has no leader or a replica catching up")
 
