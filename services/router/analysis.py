@@ -127,6 +127,10 @@ class AnalysisSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # traffic before it; stable falls back to the whole rollout when its window is too thin (at 100%).
     # None: everything since the canary started.
     window_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    # Canary requests served since the current step began that a look needs before it may pass: a step (or the
+    # promotion after the last) is never passed on the evidence of the step before it at a lower weight alone.
+    # A failure needs no new evidence (a fault seen is a fault).
+    min_step_sample: Annotated[int, msgspec.Meta(ge=1)] = 10
 
 
 class MetricResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -432,12 +436,14 @@ def _sorted(sample: VariantSample) -> VariantSample:
 
 
 def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, look: int,
-            drift: DriftReport | None = None, *, baseline_final: bool = False) -> Measurement:
+            drift: DriftReport | None = None, *, baseline_final: bool = False, step_n: int | None = None) -> Measurement:
     """Judge the canary against stable at look `look` (1 for the first look with enough data); `drift` is the
     latest drift report covering the canary (None: none yet), for `drift` metrics. `baseline_final`: `stable` can
     grow no more (after a blue-green promotion the old release gets no traffic), so once the canary has its
     sample a baseline short of `min_sample` is INCONCLUSIVE, not WAITING: no data never passes, and never waits
-    for ever either; and so is a score metric's baseline short of `min_scores` once the canary has them."""
+    for ever either; and so is a score metric's baseline short of `min_scores` once the canary has them.
+    `step_n`: the canary's requests since the current step began (None: every one is, as after a promotion); a
+    look that would pass on fewer than `min_step_sample` of them WAITS for more."""
     if canary.n < spec.min_sample or stable.n < spec.min_sample:
         final = baseline_final and canary.n >= spec.min_sample
         verdict: Verdict = "INCONCLUSIVE" if final else "WAITING"
@@ -457,6 +463,13 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
     # A metric still waiting for its data (online scores) holds the step: never a pass, not yet a look.
     overall: Verdict = ("FAILED" if "FAILED" in verdicts else "WAITING" if "WAITING" in verdicts
                         else "INCONCLUSIVE" if "INCONCLUSIVE" in verdicts else "SUCCESSFUL")
+    if overall == "SUCCESSFUL" and step_n is not None and step_n < spec.min_step_sample:
+        # The window still holds the previous step's requests: without new ones at this weight, the look would
+        # pass the step again on the numbers that passed the last one (and promote a canary never tried above it).
+        why = (f"waiting for {spec.min_step_sample} canary requests at this step (min_step_sample; {step_n} since it "
+               "began): a step is not passed on the evidence of the step before it")
+        results = [r if r.dry_run else msgspec.structs.replace(r, verdict="WAITING", why=why) for r in results]
+        overall = "WAITING"
     return Measurement(verdict=overall, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
 
 

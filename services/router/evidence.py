@@ -127,6 +127,11 @@ class Evidence:
         for key in [k for k in self._scores if k[0] == deployment and k[1] not in keep]:
             del self._scores[key]
 
+    def count(self, deployment: str, release: str, since: float) -> int:
+        """How many requests `release` served for `deployment` from `since` (unix seconds) on."""
+        ring = self._rings.get((deployment, release))
+        return int((ring.cols[0, :ring.n] >= since).sum()) if ring is not None else 0
+
     def sample(self, deployment: str, release: str, since: float) -> VariantSample:
         """What `release` served for `deployment` from `since` (unix seconds) on, also split by API key when more
         than one sent its requests (copies: safe to hand to another thread while events keep arriving)."""

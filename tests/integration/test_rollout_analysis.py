@@ -215,6 +215,31 @@ async def test_noop_canary_goes_through_every_step_and_is_promoted(router: Any, 
     assert "analysis passed at 100%" in states[-1].reason
 
 
+async def test_a_step_is_never_passed_on_the_evidence_of_the_step_before_it(router: Any, http: aiohttp.ClientSession,
+                                                                            signer: Signer) -> None:
+    """The look after a step began, with no request served at the new weight yet, holds the step (WAITING)
+    rather than passing it on the window's requests of the step before (it promoted a canary nobody had sent a
+    request to at 100%); requests at the new weight then pass it."""
+    await _start(http, router, "same", {"steps": [25, 100], "interval_s": 0.1, "analysis": ERRORS})
+    await _pass(router, signer, "same")
+    # Batches under min_step_sample (10): a batch in flight when the step begins ends in it, fewer than that.
+    await _traffic_until(http, router, lambda r: r.step == 2 or r.phase != "progressing", batch=5)
+    route = router.rollouts.route("chat")
+    assert (route.phase, route.weight) == ("progressing", 100.0), route.reason
+
+    def held(routes: dict[str, Route]) -> bool:
+        last = routes["chat"].analysis.last if routes["chat"].analysis else None
+        return last is not None and last.verdict == "WAITING" and "min_step_sample" in last.metrics[0].why
+
+    # Looks are taken every 0.1 s without new evidence: the first one at 100% waits for requests sent there.
+    await router.rollouts.wait_for(lambda r: held(r) or r["chat"].phase != "progressing", timeout=10)
+    route = router.rollouts.route("chat")
+    assert route.phase == "progressing" and route.stable.release == "r1", route.reason
+    await _traffic_until(http, router, lambda r: r.phase != "progressing", batch=10)
+    route = router.rollouts.route("chat")
+    assert route.phase == "promoted" and route.stable.release == "same", route.reason
+
+
 async def test_drift_report_for_the_canary_aborts_it_naming_the_feature(router: Any, http: aiohttp.ClientSession,
                                                                         signer: Signer) -> None:
     await _start(http, router, "same", {"steps": [50, 100], "interval_s": 60})

@@ -374,3 +374,14 @@ def test_a_look_on_part_of_the_evidence_waits_unless_it_failed() -> None:
         "WAITING"  # inconclusive: the rest may decide it
     failed = analysis.measure(spec, *_rates(600, 30, 600, 3), look=1)
     assert failed.verdict == "FAILED" and analysis.incomplete(failed, _MISSING) == failed
+
+
+def test_a_look_passes_a_step_only_with_requests_served_at_it() -> None:
+    spec = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.01)], min_sample=100, min_step_sample=10)
+    healthy = _rates(400, 2, 400, 2)
+    held = analysis.measure(spec, *healthy, 1, step_n=9)
+    assert held.verdict == "WAITING" and "10 canary requests at this step" in held.metrics[0].why
+    assert analysis.measure(spec, *healthy, 1, step_n=10).verdict == "SUCCESSFUL"
+    assert analysis.measure(spec, *healthy, 1).verdict == "SUCCESSFUL"  # every request is new (after a promotion)
+    # A failure needs no new requests: what the window shows is a fault whatever the weight.
+    assert analysis.measure(spec, *_rates(400, 40, 400, 2), 1, step_n=0).verdict == "FAILED"
