@@ -438,22 +438,36 @@ def retry(route: Route, actor: str, now: float) -> Route:
 def replace_canary(route: Route, canary: domain.Target, decision: GateDecided | None, now: float) -> Route:
     """A PATCH of the canary release: the new release takes the canary's place at the same step. Its analysis
     starts from nothing (the old release's looks say nothing about it); without a verified decision allowing it
-    (or an override covering it) it gets no weight until one does."""
+    (or an override covering it) it gets no weight until one does.
+
+    A break-glass override covers the canary it names while it stays the canary, at most at its signed weight:
+    swapping another release in ends it, and one it covers comes in at no more than that weight. (Before, a swap
+    to an allowed release, a set-weight to 100 and a swap back put the never-gated release on 100%, with the
+    override still saying 20%: an operator's way around the admin's signature.)"""
     _live(route)
     domain.same_app(route, canary)
     domain.same_tenant(route, canary)
     allowed = domain.allows(decision, canary.release)
-    covered = route.override is not None and route.override.release == canary.release
+    glass = route.override
+    covered = glass is not None and glass.release == canary.release
     admitted = decision.id if allowed and decision is not None else ""
+    reason = f"canary release now {canary.release} at {_where(route)}"
     changes: dict[str, object] = {"canary": canary, "admitted": admitted, "analysis": None, "started_at": now,
-                                  "admitted_by": decision.key_id if admitted and decision is not None else "",
-                                  "reason": f"canary release now {canary.release} at {_where(route)}"}
+                                  "admitted_by": decision.key_id if admitted and decision is not None else ""}
     if not allowed and not covered:
-        changes.update(weight=0.0, phase="idle", next_step_at=0.0, decision_id="",
-                       reason=f"canary release now {canary.release}: 0% until a verified gate decision allows it")
-    elif decision is not None:
-        changes["decision_id"] = decision.id
-    return _bump(route, **changes)
+        reason = f"canary release now {canary.release}: 0% until a verified gate decision allows it"
+        changes.update(weight=0.0, phase="idle", next_step_at=0.0, decision_id="")
+    else:
+        if decision is not None:
+            changes["decision_id"] = decision.id
+        if not allowed and glass is not None and route.weight > glass.weight:  # it rests on the override alone
+            changes["weight"] = glass.weight
+            reason = (f"canary release now {canary.release} at {glass.weight:g}% (was {route.weight:g}%): the "
+                      f"break-glass override by {glass.actor} lets it take at most that")
+    if glass is not None and not covered:
+        changes["override"] = None
+        reason = domain.override_ended(route, reason, f"{canary.release} took the canary's place")
+    return _bump(route, reason=reason, **changes)
 
 
 def replace_strategy(route: Route, strategy: Strategy | None) -> Route:

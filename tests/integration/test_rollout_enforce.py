@@ -422,3 +422,30 @@ async def test_a_break_glass_canary_gets_no_more_weight_than_its_admin_signed_fo
         assert resp.status == 200, await resp.text()  # less traffic for it needs nothing
     share = await _releases(http, router, 200)
     assert share.count("bad") < 30, share.count("bad")
+
+
+async def test_swapping_canaries_never_gives_a_break_glass_release_more_weight_than_signed(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Found by a probe: the admin broke glass for the never-gated `bad` at 10%; an operator swapped an allowed
+    # canary in, set it to 100% and swapped `bad` back: `bad` served every request, the override still saying 10%.
+    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7", weight=10)
+    body = {"stable_release": "r1", "canary_release": "bad", "break_glass": glass}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    await gate_decided(router.ctx.bus, signer.sign(GateDecided(release="same", rules=[], decision="PASS",
+                                                               artifacts=await judged(router.ctx.bus, "same"))))
+    operator, _ = KeyStore(router.ctx.settings.home).create("default", "ops", "operator", "on call")
+    auth = {"Authorization": f"Bearer {operator}"}
+    reasons = []
+    for method, action, payload in [("PATCH", "", {"canary_release": "same"}),
+                                    ("POST", "/set-weight", {"weight": 100}),
+                                    ("PATCH", "", {"canary_release": "bad"})]:
+        async with http.request(method, f"{router.url}{DEPLOYMENT}{action}", json=payload, headers=auth) as resp:
+            assert resp.status == 200, (action, payload, await resp.text())
+            reasons.append((await resp.json())["reason"])
+    # The swap to `same` ended the override (it covered `bad` while it stayed the canary): `bad` is back at 0%.
+    assert "break-glass override by boss for bad ended: same took the canary's place" in reasons[0]
+    route = router.rollouts.route("chat")
+    assert (route.canary.release, route.weight, route.override) == ("bad", 0.0, None), route.reason
+    share = await _releases(http, router, 100)
+    assert share.count("bad") == 0, share.count("bad")
