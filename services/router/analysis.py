@@ -15,8 +15,12 @@ measurement is Successful, Failed or Inconclusive, and the rollout counts them a
   INCONCLUSIVE.
 - One caller cannot dilute the others' evidence: the canary's requests are judged all together and per API key
   (`groups`), each key with `min_sample` requests alone and the keys under it pooled, so successful requests one
-  key aims at the canary no longer outweigh the failures others see, nor hide those of callers under `min_sample`. Online scores and drift are not per
-  request key: they are judged on the whole canary as before.
+  key aims at the canary no longer outweigh the failures others see, nor hide those of callers under `min_sample`.
+- Like is compared with like: each group against the same callers' stable requests, stable re-weighted to the
+  group's mix of callers (`_weights`; a key alone: its own), so a caller whose requests differ from the others'
+  (long prompts) is not held to a baseline made of other callers' requests, nor are the others' limits set by
+  its traffic.
+  Online scores and drift are not per request key: they are judged on the whole canary as before.
 """
 
 from __future__ import annotations
@@ -183,7 +187,7 @@ class VariantSample:
     cost: Sequence[float] = ()  # priced requests only
     scores: Mapping[str, Sequence[float]] = field(default_factory=dict)  # online evaluation, by scorer
     # The same requests split by the API key that sent them (InferenceEvent.key_id; "" for none), without
-    # scores; empty when one key sent them all.
+    # scores (one key: the whole sample); empty: not split (the key mix is unknown, stable is not weighted).
     by_key: Mapping[str, VariantSample] = field(default_factory=dict)
 
 
@@ -192,8 +196,9 @@ def z_of(alpha_one_sided: float) -> float:
     return _NORMAL.inv_cdf(1.0 - alpha_one_sided)
 
 
-def wilson(successes: int, n: int, z: float) -> tuple[float, float]:
-    """Wilson score interval of a proportion (sound near 0 and 1, where errors live)."""
+def wilson(successes: float, n: float, z: float) -> tuple[float, float]:
+    """Wilson score interval of a proportion (sound near 0 and 1, where errors live); `n` may be an effective
+    sample size (a weighted baseline's, `_weighted_rate`) and `successes` then `n` times the weighted rate."""
     if n <= 0:
         return 0.0, 1.0
     p = successes / n
@@ -203,7 +208,7 @@ def wilson(successes: int, n: int, z: float) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def diff_lower(x1: int, n1: int, x2: int, n2: int, z: float) -> float:
+def diff_lower(x1: float, n1: float, x2: float, n2: float, z: float) -> float:
     """Newcombe's hybrid score lower bound of p1 - p2 (canary minus stable)."""
     p1, p2 = x1 / n1, x2 / n2
     l1, _ = wilson(x1, n1, z)
@@ -333,7 +338,10 @@ def _judge_drift(spec: MetricSpec, report: DriftReport | None) -> MetricResult:
 
 
 def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: float,
-           drift: DriftReport | None = None, baseline_final: bool = False) -> MetricResult:
+           drift: DriftReport | None = None, baseline_final: bool = False,
+           weights: list[tuple[VariantSample, float]] | None = None) -> MetricResult:
+    """One metric of `canary` against `stable`; `weights` (`_weights`): stable's keys and the weight of each of their
+    requests or values, stable's statistics then being weighted ones (None: every stable request weighs the same)."""
     if spec.name == "score":
         return _judge_score(spec, canary, stable, z, baseline_final)
     if spec.name == "drift":
@@ -342,15 +350,17 @@ def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: fl
     base = {"name": name, "canary_n": canary.n, "stable_n": stable.n}
     relative = spec.max_increase is not None or spec.max_ratio is not None
     if name == "error_rate":
-        p_c, p_s = canary.errors / canary.n, stable.errors / stable.n
+        # A weighted baseline enters the intervals as its weighted rate over its effective size (see `_weighted_rate`).
+        x_s, n_s = _weighted_rate(weights) if weights is not None else (float(stable.errors), float(stable.n))
+        p_c, p_s = canary.errors / canary.n, x_s / n_s
         threshold = _threshold(spec, p_s)
         assert threshold is not None  # stable always has a rate here
         lo_c, _ = wilson(canary.errors, canary.n, z)
-        _, hi_s = wilson(stable.errors, stable.n, z)
+        _, hi_s = wilson(x_s, n_s, z)
         # Relative limits are held against stable's bound too, so stable's own noise never aborts.
         failed = ((spec.max is not None and lo_c > spec.max)
                   or (spec.max_increase is not None
-                      and diff_lower(canary.errors, canary.n, stable.errors, stable.n, z) > spec.max_increase)
+                      and diff_lower(canary.errors, canary.n, x_s, n_s, z) > spec.max_increase)
                   or (spec.max_ratio is not None and lo_c > spec.max_ratio * hi_s))
         return _verdict(base, p_c, p_s, threshold, lo_c, failed)
     values, stable_values = _values(canary, name), _values(stable, name)
@@ -358,20 +368,100 @@ def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: fl
         return MetricResult(**base, verdict="INCONCLUSIVE", why="no data: never a pass")
     if name in ("tokens_per_request", "cost_per_request"):
         c, c_lo, _ = mean_bounds(values, z)
-        s, _, s_hi = mean_bounds(stable_values, z) if len(stable_values) else (None, None, None)
+        if weights is not None:
+            s, s_hi = _weighted_mean(weights, name, z)
+        else:
+            s, _, s_hi = mean_bounds(stable_values, z) if len(stable_values) else (None, None, None)
     else:
         q = _QUANTILES[name.rsplit("_", 1)[1]]
         # `measure` sorted the latency and ttft values once, so each quantile is an index.
         c = _quantile_sorted(values, q)  # type: ignore[arg-type]
-        s = _quantile_sorted(stable_values, q) if len(stable_values) else None  # type: ignore[arg-type]
         c_lo, _ = _bounds_sorted(values, q, z)  # type: ignore[arg-type]
-        s_hi = _bounds_sorted(stable_values, q, z)[1] if len(stable_values) else None  # type: ignore[arg-type]
+        if weights is not None:
+            s, s_hi = _weighted_quantile(weights, name, q, z)
+        else:
+            s = _quantile_sorted(stable_values, q) if len(stable_values) else None  # type: ignore[arg-type]
+            s_hi = _bounds_sorted(stable_values, q, z)[1] if len(stable_values) else None  # type: ignore[arg-type]
     threshold = _threshold(spec, s)
     lenient = _threshold(spec, s_hi)
     assert threshold is not None and lenient is not None
     # Failing needs the canary's lower bound past the threshold that stable's upper bound sets.
     failed = c_lo > lenient
     return _verdict(base, c, s, threshold, c_lo, failed)
+
+
+# A key's own stable requests stand for its canary requests in the baseline once it has this many values of the
+# metric (the fewest any sample is judged on: AnalysisSpec.min_sample's floor); with fewer (none: each of its users
+# hashes to the canary) a handful of requests would set the baseline of all its canary requests, so the whole stable
+# sample stands for them, as it did for every key before baselines were weighted.
+MIN_STRATUM = 10
+
+
+def _weights(group: Group, name: str) -> list[tuple[VariantSample, float]] | None:
+    """The baseline of `group` for metric `name`: stable's requests re-weighted to the group's mix of callers, as
+    each stable key with the weight of each of its requests (error_rate) or values (the others), summing to 1. Each
+    of the group's keys' share of its canary requests (values) goes to the key's own stable ones if it has
+    MIN_STRATUM of them; the share of the keys that have fewer is spread evenly over all stable requests. One
+    sample weighted evenly: that sample as it is (a key's own stable requests; all of them with one key, or
+    with no key's own). None: the samples are not split by key, stable is compared as it is."""
+    if not group.canary_keys or not group.stable_keys:
+        return None
+
+    def count(s: VariantSample) -> int:
+        return s.n if name == "error_rate" else len(_values(s, name))
+
+    canary = {k: count(s) for k, s in group.canary_keys.items()}
+    stable = {k: count(s) for k, s in group.stable_keys.items()}
+    c_total, s_total = sum(canary.values()), sum(stable.values())
+    if not c_total or not s_total:
+        return None
+    own = {k: c / c_total for k, c in canary.items() if c and stable.get(k, 0) >= MIN_STRATUM}
+    rest = sum(c for k, c in canary.items() if k not in own) / c_total
+    found = [(group.stable_keys[k], w) for k, n in stable.items() if n and (w := own.get(k, 0.0) / n + rest / s_total)]
+    if not rest and len(found) == 1 or rest and not own:
+        return [(found[0][0] if not rest else group.stable, 1.0)]
+    return found
+
+
+def _weighted_rate(weights: list[tuple[VariantSample, float]]) -> tuple[float, float]:
+    """A weighted baseline's error rate as (effective errors, effective size): the rate is sum(w * errors), the
+    size Kish's effective sample size 1 / sum(w^2) over requests. Approximation: the Wilson and Newcombe bounds
+    then treat the baseline as that many equally weighted requests, exact when the weights are equal and wider
+    the more uneven they are (on the side of no abort); an exact stratified variance sum(w^2 n p (1-p)) would be
+    0 for keys without errors and lose Wilson's soundness near 0, where error rates live."""
+    rate = sum(w * s.errors for s, w in weights)
+    n_eff = 1.0 / sum(s.n * w * w for s, w in weights)
+    return rate * n_eff, n_eff
+
+
+def _weighted_mean(weights: list[tuple[VariantSample, float]], name: str, z: float) -> tuple[float, float]:
+    """A weighted baseline's mean of `name` and its upper bound: the variance is the stratified one,
+    sum over keys of w^2 n s^2 with s the key's own standard deviation (its values are independent of the
+    others'), so the difference between callers' requests does not widen it."""
+    mean = var = 0.0
+    for s, w in weights:
+        v = np.asarray(_values(s, name), dtype=np.float64)
+        mean += w * float(v.sum())
+        var += w * w * len(v) * (float(v.var(ddof=1)) if len(v) > 1 else 0.0)
+    return mean, mean + z * math.sqrt(var)
+
+
+def _weighted_quantile(weights: list[tuple[VariantSample, float]], name: str, q: float,
+                       z: float) -> tuple[float, float]:
+    """A weighted baseline's q-quantile (the first value whose cumulative weight reaches q: nearest rank, an
+    observed value) and its upper bound, the quantile at q + z sqrt(q (1 - q) / n_eff) with Kish's effective size
+    n_eff = 1 / sum(w^2). Approximation: the order-statistic bound of `_bounds_sorted` (which is this with equal
+    weights) applied to the weighted distribution as if it were n_eff equally weighted values."""
+    values = np.concatenate([np.asarray(_values(s, name), dtype=np.float64) for s, _ in weights])
+    each = np.concatenate([np.full(len(_values(s, name)), w) for s, w in weights])
+    order = np.argsort(values, kind="stable")
+    values, cum = values[order], np.cumsum(each[order])
+    n_eff = 1.0 / float((each * each).sum())
+
+    def at(p: float) -> float:
+        return float(values[min(len(values) - 1, int(np.searchsorted(cum, p - 1e-12 * cum[-1])))])
+
+    return at(q), at(min(1.0, q + z * math.sqrt(q * (1 - q) / n_eff)))
 
 
 def _verdict(base: dict[str, object], canary: float, stable: float | None, threshold: float, bound: float,
@@ -383,20 +473,42 @@ def _verdict(base: dict[str, object], canary: float, stable: float | None, thres
                         threshold=threshold, bound=bound, why=why)
 
 
-def groups(canary: VariantSample, min_sample: int) -> list[tuple[str, VariantSample]]:
+@dataclass(frozen=True)
+class Group:
+    """Canary requests judged together (`groups`), and stable's requests as `_weights` weights them for it."""
+
+    label: str  # whose requests: "" for all of the canary's, else e.g. `API key 3f9a0c12d4e5`
+    canary: VariantSample
+    stable: VariantSample  # all of stable's
+    canary_keys: Mapping[str, VariantSample] = field(default_factory=dict)  # the group's requests by key
+    stable_keys: Mapping[str, VariantSample] = field(default_factory=dict)  # all of stable's by key
+
+
+def groups(canary: VariantSample, stable: VariantSample, min_sample: int) -> list[Group]:
     """The canary's requests as they are judged: all of them together (named ""), then each API key with at least
-    `min_sample` requests alone (most requests first), then the keys under it pooled (if the pool has
-    `min_sample`). Judged only all together, one key's successful requests aimed at the canary would dilute every
-    other caller's failures; judged only per key, the same key's `min_sample` good requests would leave the failures
-    of callers under `min_sample` unjudged. With one key, or none with `min_sample` alone: all together, as before."""
-    alone = sorted(((k, s) for k, s in canary.by_key.items() if s.n >= min_sample), key=lambda ks: (-ks[1].n, ks[0]))
-    if len(canary.by_key) < 2 or not alone:
-        return [("", canary)]
-    found = [("", canary)] + [(f"API key {k}" if k else "requests naming no API key", s) for k, s in alone]
-    rest = [s for s in canary.by_key.values() if s.n < min_sample]
-    pooled = _pool(rest)
-    if pooled.n >= min_sample:
-        found.append((f"{len(rest)} other API keys, pooled", pooled))  # two at least: each is under min_sample
+    `min_sample` requests alone (most requests first), then the keys under it pooled (if the pool has `min_sample`),
+    each against the same callers' stable requests (`_weights`). Judged only all together, one key's successful
+    requests aimed at the canary would dilute every other caller's failures; judged only per key, the same key's
+    `min_sample` good requests would leave the failures of callers under `min_sample` unjudged. With one key, or
+    none with `min_sample` alone: all together, as before.
+
+    Against every caller's stable requests, a caller whose requests differ from the others' (long prompts: a
+    summariser) was held to a baseline of the others' requests, and a healthy canary aborted (or a caller's limit
+    set by another's traffic). A key alone with fewer than `min_sample` stable requests of its own is still judged
+    alone (against its own if it has MIN_STRATUM, else against all of stable's) and never pooled: pooled, a key
+    with none (every user of it hashed to the canary) would dilute the small callers' failures again."""
+    c_keys = {k: s for k, s in canary.by_key.items() if s.n}
+    s_keys = {k: s for k, s in stable.by_key.items() if s.n}
+    everything = Group("", canary, stable, c_keys, s_keys)
+    alone = sorted(((k, s) for k, s in c_keys.items() if s.n >= min_sample), key=lambda ks: (-ks[1].n, ks[0]))
+    if len(c_keys) < 2 or not alone:
+        return [everything]
+    found = [everything] + [Group(f"API key {k}" if k else "requests naming no API key", s, stable, {k: s}, s_keys)
+                            for k, s in alone]
+    rest = {k: s for k, s in c_keys.items() if s.n < min_sample}
+    pooled = _pool(list(rest.values()))
+    if pooled.n >= min_sample:  # two keys at least: each is under min_sample
+        found.append(Group(f"{len(rest)} other API keys, pooled", pooled, stable, rest, s_keys))
     return found
 
 
@@ -421,12 +533,23 @@ def _deciding(results: list[MetricResult]) -> MetricResult:
     return min(results, key=lambda r: (_RANK[r.verdict], not r.group, -margin(r)))
 
 
-def _judge_groups(spec: MetricSpec, canary: VariantSample, judged: list[tuple[str, VariantSample]],
-                  stable: VariantSample, z: float, drift: DriftReport | None, baseline_final: bool) -> MetricResult:
+def _judge_groups(spec: MetricSpec, canary: VariantSample, stable: VariantSample, judged: list[Group], z: float,
+                  drift: DriftReport | None, baseline_final: bool) -> MetricResult:
     """A metric judged once per group of requests (scores and drift, not per request key: on the whole canary)."""
-    if spec.name in ("score", "drift") or len(judged) == 1 and not judged[0][0]:
+    if spec.name in ("score", "drift"):
         return _judge(spec, canary, stable, z, drift, baseline_final)
-    return _deciding([msgspec.structs.replace(_judge(spec, s, stable, z, drift), group=g) for g, s in judged])
+    found = []
+    for g in judged:
+        weights = _weights(g, spec.name)
+        if weights is not None and len(weights) == 1:  # one sample weighted evenly: compared as it is
+            base = weights[0][0]
+            result = _judge(spec, g.canary, base if base is stable else _sorted(base), z)
+        else:
+            result = _judge(spec, g.canary, stable, z, weights=weights)
+            if weights is not None:  # the stable requests the baseline is made of
+                result = msgspec.structs.replace(result, stable_n=sum(s.n for s, _ in weights))
+        found.append(msgspec.structs.replace(result, group=g.label))
+    return _deciding(found)
 
 
 def _sorted(sample: VariantSample) -> VariantSample:
@@ -455,8 +578,9 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
         return Measurement(verdict=verdict, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
     z = z_of(sequential.look_alpha(spec.alpha, look, len(spec.metrics)))
     canary, stable = _sorted(canary), _sorted(stable)
-    judged = [(g, s if s is canary else _sorted(s)) for g, s in groups(canary, spec.min_sample)]
-    results = [_judge_groups(m, canary, judged, stable, z, drift, baseline_final) for m in spec.metrics]
+    judged = [replace(g, canary=g.canary if g.canary is canary else _sorted(g.canary), stable=stable)
+              for g in groups(canary, stable, spec.min_sample)]
+    results = [_judge_groups(m, canary, stable, judged, z, drift, baseline_final) for m in spec.metrics]
     results = [msgspec.structs.replace(r, dry_run=True) if m.dry_run else r
                for r, m in zip(results, spec.metrics, strict=True)]
     verdicts = {r.verdict for r in results if not r.dry_run}

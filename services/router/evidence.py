@@ -133,8 +133,8 @@ class Evidence:
         return int((ring.cols[0, :ring.n] >= since).sum()) if ring is not None else 0
 
     def sample(self, deployment: str, release: str, since: float) -> VariantSample:
-        """What `release` served for `deployment` from `since` (unix seconds) on, also split by API key when more
-        than one sent its requests (copies: safe to hand to another thread while events keep arriving)."""
+        """What `release` served for `deployment` from `since` (unix seconds) on, also split by the API key that sent
+        each request (copies: safe to hand to another thread while events keep arriving)."""
         ring = self._rings.get((deployment, release))
         scores = {name: [v for t, v in ring_.values() if t >= since]
                   for name, ring_ in self._scores.get((deployment, release), {}).items()}
@@ -149,6 +149,9 @@ class Evidence:
             return VariantSample(n=int(rows.sum()), errors=int((rows & (failed != 0)).sum()), latency_ms=latency[ok],
                                  ttft_ms=ttft[ok & (ttft > 0)], tokens=tokens[ok], cost=cost[rows & (cost >= 0)])
 
+        whole = of(window)
         keys = np.unique(key[window])
-        by_key = {self._keys[int(k)]: of(window & (key == k)) for k in keys} if len(keys) > 1 else {}
-        return replace(of(window), scores=scores, by_key=by_key)
+        # Split on every arm, one key too: analysis compares each caller's canary requests with its own stable ones.
+        by_key = {self._keys[int(k)]: of(window & (key == k)) for k in keys} if len(keys) > 1 else \
+            {self._keys[int(k)]: whole for k in keys}
+        return replace(whole, scores=scores, by_key=by_key)

@@ -131,3 +131,63 @@ async def test_one_key_flooding_the_canary_with_good_requests_cannot_get_a_faili
     (record,) = db.rows("SELECT metrics FROM analysis_runs WHERE phase = 'Failed'")
     (metric,) = msgspec.json.decode(record["metrics"])
     assert metric["why"] == f"significantly above threshold; judged on API key {real_key.id}"
+
+
+# Each caller against its own stable requests. Found by a probe: two callers of one application, A sending short
+# chats and B long prompts (a summariser); B's canary requests were judged against stable's whole window, mostly
+# A's short chats, and a canary answering both exactly as stable does was aborted (`tokens_per_request ... on API
+# key ...`), while A's limit was set by B's stable requests.
+_LONG = "summarise this: " + " ".join(f"word{i}" for i in range(600))
+MIXED = {"metrics": [{"name": "error_rate", "max_increase": 0.05}, {"name": "tokens_per_request", "max_ratio": 1.5}],
+         # min_step_sample: every canary request below is in the look that passes the step (failures need none)
+         "min_sample": 20, "min_step_sample": 90, "failure_limit": 0, "inconclusive_limit": 1000}
+
+
+@pytest.fixture
+async def mixed_router(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
+    """Stable and two canaries answering every prompt as stable does, but `verbose`: B's long prompts with an
+    answer as long (twice the tokens of B's requests; A's are unchanged)."""
+    same = ModelSpec(default="stable says hi")
+    stable_sim = SimServer(SimConfig(models={"m": same}, seed=3))
+    canary_sim = SimServer(SimConfig(models={"same": same, "verbose": ModelSpec(default="stable says hi",
+                                                                                 answers={_LONG: _LONG})}, seed=3))
+    async with stable_sim as stable, canary_sim as canary:
+        yield await serving(context, run_services, signer, stable.url, canary.url, ("same", "verbose"))
+
+
+async def _two_callers(router: Any, http: aiohttp.ClientSession, signer: Signer, release: str) -> tuple[Any, Any]:
+    """A canary of `release` at 50% and two callers in different mixes on the two arms: A (short chats) 100 stable
+    and 60 canary requests, B (long prompts) 20 stable and 30 canary ones (7% of stable's, 33% of the canary's).
+    Stable's first: no look before the canary has min_sample; then A's canary requests, then B's."""
+    store = KeyStore(router.ctx.settings.home)
+    a, a_key = store.create("default", "shop", description="chats")
+    b, b_key = store.create("default", "shop", description="a summariser")
+    await _start(http, router, release, {"steps": [50, 100], "interval_s": 0.1, "analysis": MIXED})
+    await _pass(router, signer, release)
+    await _send(router, a, _users("a", False, 100), ["hi"] * 100, "stable")
+    await _send(router, b, _users("b", False, 20), [_LONG] * 20, "stable")
+    await _send(router, a, _users("a", True, 60), ["hi"] * 60, "canary")
+    await _send(router, b, _users("b", True, 30), [_LONG] * 30, "canary")
+    await router.rollouts.wait_for(lambda r: r["chat"].phase != "progressing" or r["chat"].weight > 50, timeout=30)
+    return a_key, b_key
+
+
+async def test_a_caller_whose_requests_differ_from_the_others_does_not_abort_a_healthy_canary(
+        mixed_router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Bootstrap) -> None:
+    await _two_callers(mixed_router, http, signer, "same")
+    route = mixed_router.rollouts.route("chat")
+    assert (route.phase, route.weight) == ("progressing", 100.0), route.reason
+    assert route.analysis is not None and route.analysis.last is not None
+    last = route.analysis.last
+    assert (last.verdict, last.canary_n, last.stable_n) == ("SUCCESSFUL", 90, 120)
+    tokens = next(m for m in last.metrics if m.name == "tokens_per_request")
+    assert tokens.verdict == "SUCCESSFUL" and tokens.canary == pytest.approx(tokens.stable)  # like with like
+
+
+async def test_a_canary_worse_for_one_caller_only_is_aborted_naming_that_callers_key(
+        mixed_router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Bootstrap) -> None:
+    a_key, b_key = await _two_callers(mixed_router, http, signer, "verbose")
+    route = mixed_router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not aborted: {route.phase} at {route.weight:g}%: {route.reason}"
+    assert route.reason.startswith("aborted verbose: analysis failed at step 1 (50%): tokens_per_request ")
+    assert f" on API key {b_key.id} (stable " in route.reason and "30 canary vs 20 stable requests" in route.reason

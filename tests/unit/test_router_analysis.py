@@ -290,6 +290,22 @@ def test_one_key_flooding_the_canary_with_good_requests_cannot_dilute_the_others
     assert analysis.describe(r).startswith(f"error_rate 0.2 > threshold 0.015 on {group} (stable 0.005; 200 canary")
 
 
+@pytest.mark.parametrize("callers", [1, 4])
+def test_a_flooding_key_without_stable_requests_still_cannot_dilute_the_others_failures(callers: int) -> None:
+    # As above with stable split by key as Evidence.sample splits it: the real callers' stable requests are theirs,
+    # the flooding key has none (each of its users hashes to the canary). It is judged alone (against all of stable:
+    # it has no baseline of its own), never pooled with the callers under min_sample, whose failures it would dilute.
+    real = {f"k-real-{i}": VariantSample(n=200 // callers, errors=40 // callers) for i in range(callers)}
+    canary = _split({**real, "k-mallory": VariantSample(n=200 * 13)})
+    stable = _split({f"k-real-{i}": VariantSample(n=2000 // callers, errors=e)
+                     for i, e in enumerate([10] if callers == 1 else [3, 3, 2, 2])})
+    m = analysis.measure(_P4, canary, stable, look=1)
+    (r,) = m.metrics
+    group = "API key k-real-0" if callers == 1 else "4 other API keys, pooled"
+    assert m.verdict == "FAILED" and (r.group, r.canary_n, r.canary) == (group, 200, pytest.approx(0.2))
+    assert analysis.describe(r).startswith(f"error_rate 0.2 > threshold 0.015 on {group} (stable 0.005; 200 canary")
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_with_one_key_every_verdict_is_what_it_was(seed: int) -> None:
     """Property over random shapes: one key's requests (and keys none of which has the minimum sample alone)
@@ -337,6 +353,100 @@ def test_every_judged_key_must_pass_and_callers_under_the_minimum_are_judged_wit
     assert analysis.measure(spec, hidden, stable, 1).verdict == "FAILED"
 
 
+# Each caller against its own stable requests. Found by a probe: two callers of one application, A sending short
+# chats and B long prompts (a summariser), each costing the same per request on both arms; B's canary requests
+# were judged against stable's whole window (mostly A's short chats) and a healthy canary was aborted
+# (`cost_per_request ... on API key 97e92723180b`), and A's limit was set ~14x too high by B's stable requests.
+_MIX = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.05),
+                             MetricSpec(name="cost_per_request", max_ratio=1.5),
+                             MetricSpec(name="tokens_per_request", max_ratio=1.5),
+                             MetricSpec(name="latency_p95", max_ratio=1.5)], min_sample=20)
+
+
+def _caller(rng: random.Random, n: int, tokens: float, cost: float, latency: float) -> VariantSample:
+    """n requests of one caller, each within 10% of its typical tokens, cost and latency."""
+    def around(v: float) -> list[float]:
+        return [v * rng.uniform(0.9, 1.1) for _ in range(n)]
+    return VariantSample(n=n, tokens=around(tokens), cost=around(cost), latency_ms=around(latency))
+
+
+def _mixed(parts: dict[str, VariantSample]) -> VariantSample:
+    """One arm's sample of several callers, as Evidence.sample makes it."""
+    ps = list(parts.values())
+    return VariantSample(n=sum(p.n for p in ps), errors=sum(p.errors for p in ps),
+                         latency_ms=[v for p in ps for v in p.latency_ms], tokens=[v for p in ps for v in p.tokens],
+                         cost=[v for p in ps for v in p.cost], by_key=parts)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_each_caller_is_judged_against_its_own_stable_requests(seed: int) -> None:
+    rng = random.Random(seed)
+    short = {"tokens": 20.0, "cost": 1e-5, "latency": 200.0}  # caller A: chats
+    long = {"tokens": 1000.0, "cost": 5e-4, "latency": 2000.0}  # caller B: a summariser
+
+    def arms(n_a: int, n_b: int, b: dict[str, float] = long, a: dict[str, float] = short) -> VariantSample:
+        return _mixed({"k-a": _caller(rng, n_a, **a), "k-b": _caller(rng, n_b, **b)})
+
+    # The same per-caller requests on both arms, in different mixes (B 30% of the canary's, 7% of stable's).
+    canary, stable = arms(140, 60), arms(260, 20)
+    m = analysis.measure(_MIX, canary, stable, look=1)
+    assert m.verdict == "SUCCESSFUL", [analysis.describe(r) for r in m.metrics]
+    # Every caller's canary requests against stable's whole window, as before: the healthy canary failed.
+    unsplit = replace(stable, by_key={})
+    assert analysis.measure(_MIX, canary, unsplit, look=1).verdict == "FAILED"
+    # The all-together group's baseline is stable weighted to the canary's mix: about 0.7 A + 0.3 B per request.
+    weighted = analysis._weights(analysis.groups(canary, stable, 20)[0], "cost_per_request")
+    assert weighted is not None and sum(s.n * w for s, w in weighted) == pytest.approx(1.0)
+    assert sum(w * sum(s.cost) for s, w in weighted) == pytest.approx(0.7 * 1e-5 + 0.3 * 5e-4, rel=0.05)
+
+    # A canary that doubles B's cost only: FAILED, naming B's key.
+    worse_b = _mixed({"k-a": canary.by_key["k-a"], "k-b": _caller(rng, 60, **{**long, "cost": 1e-3})})
+    m = analysis.measure(_MIX, worse_b, stable, look=1)
+    failed = m.failing()
+    assert m.verdict == "FAILED" and failed is not None
+    assert (failed.name, failed.group) == ("cost_per_request", "API key k-b")
+    assert failed.threshold == pytest.approx(1.5 * 5e-4, rel=0.05) and failed.stable_n == 20
+
+    # A canary three times as costly for A only: A's limit is 1.5x A's stable cost, not set by B's stable requests
+    # (stable's whole mean, ~4.5e-5 here, would have let A's canary cost 3e-5 pass alone).
+    worse_a = _mixed({"k-a": _caller(rng, 140, **{**short, "cost": 3e-5}), "k-b": canary.by_key["k-b"]})
+    m = analysis.measure(_MIX, worse_a, stable, look=1)
+    failed = m.failing()
+    assert m.verdict == "FAILED" and failed is not None
+    assert (failed.name, failed.group) == ("cost_per_request", "API key k-a")
+    assert failed.threshold == pytest.approx(1.5e-5, rel=0.05) and failed.stable_n == 260
+    unsplit_a = next(r for r in analysis.measure(_MIX, worse_a, unsplit, look=1).metrics if r.name == "cost_per_request")
+    assert unsplit_a.threshold == pytest.approx(1.5 * (260 * 1e-5 + 20 * 5e-4) / 280, rel=0.05)  # what it was
+
+
+def test_a_callers_requests_without_stable_ones_of_its_own_are_held_to_all_of_stable() -> None:
+    # A key whose every user hashed to the canary has no baseline of its own: all of stable's stands for it.
+    rng = random.Random(7)
+    a, b = _caller(rng, 100, 20.0, 1e-5, 200.0), _caller(rng, 100, 20.0, 1e-5, 200.0)
+    canary = _mixed({"k-a": a, "k-b": b})
+    stable = _mixed({"k-a": _caller(rng, 100, 20.0, 1e-5, 200.0), "k-c": _caller(rng, 100, 20.0, 1e-5, 200.0)})
+    (everything, alone_a, alone_b) = analysis.groups(canary, stable, 20)
+    assert (everything.label, alone_a.label, alone_b.label) == ("", "API key k-a", "API key k-b")
+    assert analysis._weights(alone_b, "cost_per_request") == [(stable, 1.0)]  # all of stable, as it is
+    assert analysis._weights(alone_a, "cost_per_request") == [(stable.by_key["k-a"], 1.0)]  # its own
+    # All together: half (A's share) on A's stable requests, half spread over all of stable's.
+    weighted = dict((id(s), w) for s, w in analysis._weights(everything, "cost_per_request") or [])
+    assert weighted == {id(stable.by_key["k-a"]): pytest.approx(0.5 / 100 + 0.5 / 200),
+                        id(stable.by_key["k-c"]): pytest.approx(0.5 / 200)}
+    assert analysis.measure(_MIX, canary, stable, look=1).verdict == "SUCCESSFUL"
+
+
+def test_weighted_quantile_and_rate_agree_with_the_unweighted_ones_on_equal_weights() -> None:
+    rng = random.Random(3)
+    values = [rng.lognormvariate(4, 0.5) for _ in range(333)]
+    s = VariantSample(n=400, errors=67, latency_ms=values)
+    for q in (0.5, 0.95, 0.99):
+        lo_hi = analysis.quantile_bounds(values, q, 2.3)
+        assert analysis._weighted_quantile([(s, 1 / 333)], "latency_p95", q, 2.3) == \
+            (analysis.quantile(values, q), lo_hi[1])
+    assert analysis._weighted_rate([(s, 1 / 400)]) == (pytest.approx(67), pytest.approx(400))
+
+
 def test_evidence_keeps_each_requests_api_key() -> None:
     from datetime import UTC, datetime
 
@@ -353,7 +463,8 @@ def test_evidence_keeps_each_requests_api_key() -> None:
     a, b = s.by_key["k-a"], s.by_key["k-b"]
     assert (a.n, a.errors, sorted(a.latency_ms)) == (10, 2, [1.0, 2.0, 3.0, 4.0, 6.0, 7.0, 8.0, 9.0])
     assert (b.n, b.errors) == (20, 4)
-    assert ev.sample("d", "r2", since=110).by_key == {}  # only k-b's requests in the window: not split
+    one = ev.sample("d", "r2", since=110)  # only k-b's requests in the window: split all the same (stable's are)
+    assert set(one.by_key) == {"k-b"} and one.by_key["k-b"].n == one.n == 20
 
 
 _MISSING = "served evidence before the restart not yet read back from the record (query service: down)"
