@@ -11,6 +11,9 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
+import msgspec
+
+from lockgate.contracts import InferenceEvent
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import Progress, ServiceContext
 from lockgate.telemetry import Telemetry
@@ -265,6 +268,15 @@ def grpc_key(key: str) -> list[Any]:
             return await continuation(self._details(details), request)
 
     return [_Auth()]
+
+
+async def served_events(sub: Any, n: int, timeout_s: float = 10.0) -> list[Any]:
+    """The next `n` inference events the routers served, from a subscription to their served subject: which arm
+    and release answered is the event's to say (an app key's answer does not)."""
+    got: list[Any] = []
+    while len(got) < n:
+        got += msgspec.json.decode((await sub.next_msg(timeout=timeout_s)).data, type=list[InferenceEvent])
+    return got
 
 
 async def sink_stored(sink: object, timeout_s: float = 30.0, **tables: int) -> None:

@@ -23,6 +23,7 @@ from lockgate.services.router.domain import (
     OverrideExceeded,
     OverrideReplayed,
     ReleaseNotInScope,
+    shown,
 )
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import error_response
@@ -133,4 +134,4 @@ class Actions:
             await record_action(self.rollouts.ctx.bus, request[self.key], action, route, None)
         except REFUSED as exc:
             return refusal(exc, action)
-        return web.Response(body=_encoder.encode(route), content_type="application/json")
+        return web.Response(body=_encoder.encode(shown(route)), content_type="application/json")

@@ -32,6 +32,7 @@ from lockgate.services.router.domain import (
     decode_canary,
     decode_manual,
     default_route,
+    shown,
 )
 from lockgate.services.router.patch import CONTENT_TYPES
 from lockgate.services.router.patch import decode as decode_patch
@@ -53,7 +54,8 @@ def tenant_of(key: ApiKey) -> str | None:
 
 
 def _json(route: Route | list[Route], status: int = 200) -> web.Response:
-    return web.Response(body=_encoder.encode(route), status=status, content_type="application/json")
+    body = [shown(r) for r in route] if isinstance(route, list) else shown(route)
+    return web.Response(body=_encoder.encode(body), status=status, content_type="application/json")
 
 
 def not_routed(request: web.Request, allowed: set[str], serves: str) -> web.Response:
@@ -263,12 +265,12 @@ class Admin:
                 # Read as `get` reads it at every change: a deployment serving none may get another tenant's
                 # first release while watched, or its route be deleted; then the watch ends (watched again: a 404).
                 try:
-                    shown = await self._shown(key, route)
+                    view = await self._shown(key, route)
                 except DeploymentNotFound:
                     return resp
-                if shown != last:
-                    await resp.write(_encoder.encode(shown) + b"\n")
-                    last = shown
+                if view != last:
+                    await resp.write(_encoder.encode(shown(view)) + b"\n")
+                    last = view
         except (ConnectionResetError, ConnectionError, Retryable):
             return resp  # a binding unreadable mid-watch ends it (the client watches again), never shows the route
         return resp

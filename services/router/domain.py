@@ -6,6 +6,7 @@ import base64
 import binascii
 import functools
 import hashlib
+import hmac
 import random
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -116,6 +117,10 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     # Break-glass statements used on this deployment, (digest of the statement, until when it could still
     # verify): each is good once, so a statement seen in a rollout event or the audit log cannot be replayed.
     spent: list[tuple[str, float]] = []
+    # The secret of this rollout's sticky buckets (`bucket`), drawn when it starts: a client cannot compute which
+    # arm a user id lands on, so it cannot aim one kind of request at the canary and another at stable. Only the
+    # router reads it: the admin API leaves it out (`shown`). "" in routes stored before: the unsalted hash.
+    salt: str = ""
 
 
 GOOD_KEPT = 10  # known-good releases a route remembers
@@ -297,15 +302,20 @@ def normalize_steps(steps: tuple[float, ...] | list[float]) -> tuple[float, ...]
     return tuple(out)
 
 
-def bucket(deployment: str, user: str) -> int:
-    """Stable bucket in [0, 10000) for a user within a deployment (same user, same bucket)."""
-    digest = hashlib.sha256(f"{deployment}\x00{user}".encode()).digest()
+def bucket(deployment: str, user: str, salt: str = "") -> int:
+    """Stable bucket in [0, 10000) for a user within a deployment and rollout (same user and salt, same bucket).
+
+    Keyed with the rollout's secret salt (Route.salt): anyone can hash a deployment and a user id, and a client
+    that knew its users' arms could send long prompts to the canary's and short ones to stable's, and abort a
+    healthy canary on the difference. "" (a route stored before salts): the unsalted hash it was routed by."""
+    data = f"{deployment}\x00{user}".encode()
+    digest = hmac.digest(salt.encode(), data, "sha256") if salt else hashlib.sha256(data).digest()
     return int.from_bytes(digest[:8], "big") % BUCKETS
 
 
 def choose(route: Route, user: str, headers: Mapping[str, str] | None = None) -> tuple[Variant, Target]:
     """The variant and target for a sticky key (user, session or client key). Raising the weight only
-    moves stable users to canary. Without a key each request draws its own bucket: the split holds,
+    moves stable users to canary (the salt stays for the whole rollout). Without a key each request draws its own bucket: the split holds,
     stickiness cannot (the client's IP is never used, see README). A live rollout's header route sends
     requests that carry its header to the canary (or blue-green preview) first, at any weight."""
     if (route.header_route is not None and route.canary is not None and route.phase == "progressing"
@@ -313,7 +323,7 @@ def choose(route: Route, user: str, headers: Mapping[str, str] | None = None) ->
         return "canary", route.canary
     if route.canary is None or route.weight <= 0:
         return "stable", route.stable
-    spot = bucket(route.deployment, user) if user else random.randrange(BUCKETS)
+    spot = bucket(route.deployment, user, route.salt) if user else random.randrange(BUCKETS)
     if route.weight >= 100 or spot < route.weight * (BUCKETS // 100):
         return "canary", route.canary
     return "stable", route.stable
@@ -377,10 +387,11 @@ def same_tenant(route: Route, *targets: Target) -> None:
 
 
 def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Target, first_step: float,
-                 override: Override | None = None, now: float = 0.0) -> Route:
+                 override: Override | None = None, now: float = 0.0, salt: str = "") -> Route:
     """Begin a canary at 0%, waiting for a decision that allows it; with an override, at its initial weight.
 
     `stable` and `canary` are the targets the releases' bundles resolve to, of the app the deployment serves.
+    `salt` is the new rollout's secret for its sticky buckets (drawn by the caller: this stays deterministic).
     """
     same_app(route, stable, canary)
     same_tenant(route, stable, canary)
@@ -404,7 +415,8 @@ def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Ta
                  reason=override_ended(route, f"canary {req.canary_release} started at {weight:g}%; {why}",
                                          "a new rollout started" + (" with its own" if override else " without one")),
                  decision_id="", next_step_at=0.0, admitted="", start_weight=float(asked), good=good,
-                 override=override, spent=route.spent if override is None else spend(route, override, now))
+                 override=override, spent=route.spent if override is None else spend(route, override, now),
+                 salt=salt)
 
 
 def first_release(route: Route, target: Target, decision: GateDecided | None, actor: str = "") -> Route:
@@ -727,6 +739,15 @@ def clear_override(route: Route) -> Route:
 def due_at(route: Route) -> float | None:
     """When the route next needs a tick, if ever."""
     return route.next_step_at if route.phase == "progressing" else None
+
+
+def shown(route: Route) -> dict[str, Any]:
+    """The route as the admin API shows it (get, list, watch, every change's answer): all of it but its salt,
+    which only the router needs; whoever read it (a viewer, an operator, a log of their output) could tell which
+    arm each user id lands on."""
+    out = msgspec.to_builtins(route)
+    del out["salt"]
+    return out
 
 
 def to_state(route: Route) -> RolloutState:

@@ -352,8 +352,9 @@ class Proxy:
         flags = "01" if sc.trace_flags.sampled else "00"
         up_headers = {**_UP_BASE, "traceparent": f"00-{trace_id}-{span_id}-{flags}"}
         forward_headers(h, up_headers)
-        out_headers = {**ticket.limits, "x-lockgate-variant": variant, "x-lockgate-release": target.release,
-                       "x-lockgate-trace-id": trace_id}
+        out_headers = {**ticket.limits, "x-lockgate-trace-id": trace_id}
+        if key.role == "admin":  # the arm, for an operator debugging; a client that learnt it could steer (README)
+            out_headers |= {"x-lockgate-variant": variant, "x-lockgate-release": target.release}
         # Shadow: a sampled copy to the candidate, scheduled off the request path (`body` is as the client
         # sent it, before this release's patches).
         if op is CHAT:  # shadow rollouts compare chat answers
@@ -709,7 +710,8 @@ class _Record:
         variant, target = reply.hop.tag
         if reply.fallback_from is not None:
             self.served = (variant, target)
-            headers["x-lockgate-variant"], headers["x-lockgate-release"] = variant, target.release
+            if "x-lockgate-variant" in headers:  # shown to an admin key only (Proxy.forward)
+                headers["x-lockgate-variant"], headers["x-lockgate-release"] = variant, target.release
             chosen, planned = reply.fallback_from.tag
             if chosen != variant:  # a canary's failure, for its analysis (the event itself is stable's)
                 self.attributes["lockgate.fallback_from_variant"] = chosen

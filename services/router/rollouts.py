@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import secrets
 import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -415,6 +416,8 @@ class Rollouts:
                     "cannot start at a weight; start it without initial_weight (it waits at 0%) or an admin "
                     "may override with break_glass")
         followed: list[str] = []
+        # The rollout's sticky-bucket secret, drawn here (domain stays deterministic), once for every attempt.
+        salt = secrets.token_hex(16)
 
         async def change() -> None:
             # The new stable's decision is read on every attempt and checked on the route this attempt changes: a
@@ -433,7 +436,7 @@ class Rollouts:
             # At 0% (or held at its break-glass weight): the canary's decision is read once the route holds it
             # (`_settle` follows it), so a BLOCK stored meanwhile is the one acted on.
             started = domain.start_canary(route, req, stable=stable, canary=canary,
-                                          first_step=steps[0], override=override, now=time.time())
+                                          first_step=steps[0], override=override, now=time.time(), salt=salt)
             self._apply(msgspec.structs.replace(started, strategy=strategy, started_at=time.time(), paused=False,
                                                 analysis=None), actor=actor or (override.actor if override else ""))
             self.evidence.forget(deployment, keep={req.stable_release, req.canary_release})

@@ -186,8 +186,9 @@ async def test_with_passthrough_a_deployment_nobody_rolled_out_is_served_and_rea
     # deployment `chat`, or any other by header): that route is what serves it, so it is what a read shows.
     for name in ("chat", "nope"):
         async with http.post(f"{router.url}/v1/chat/completions",
-                             headers={"Authorization": f"Bearer {keys.app_key}", "x-lockgate-deployment": name},
+                             headers={"Authorization": f"Bearer {keys.admin_key}", "x-lockgate-deployment": name},
                              json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}) as resp:
+            # No release (an admin key's answer names the one that served: none here).
             assert resp.status == 200 and resp.headers["x-lockgate-release"] == "", await resp.text()
         status, _, route = await _raw(http, router, "GET", f"{BASE}/{name}")
         assert (status, route["phase"], route["stable"]["release"], route["canary"]) == (200, "idle", "", None), route

@@ -25,6 +25,7 @@ from lockgate.errors import NotFound
 from lockgate.identity import sign_override
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.service import ServiceContext
+from lockgate.services.router import domain
 from lockgate.services.router.domain import Route, Target
 from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import token
@@ -36,6 +37,7 @@ from tests.helpers import (
     person,
     raw_http,
     register_model_release,
+    served_events,
     sink_stored,
     store_pass,
 )
@@ -157,7 +159,8 @@ async def test_non_streaming_completion_and_event_with_incoming_trace(router: An
     async with http.post(f"{router.url}/v1/chat/completions", json=_chat(), headers=headers) as resp:
         assert resp.status == 200
         data = await resp.json()
-        assert resp.headers["x-lockgate-variant"] == "stable"
+        # The arm is the event's (below), never an app key's to read: it could aim requests at one (README).
+        assert "x-lockgate-variant" not in resp.headers and "x-lockgate-release" not in resp.headers
         assert resp.headers["x-lockgate-trace-id"] == trace_id
     assert data["choices"][0]["message"]["content"] == "hello there"
     assert sims[0].requests == {"m": 1}
@@ -219,6 +222,78 @@ async def test_canary_split_by_weight_is_sticky(router: Any, http: aiohttp.Clien
     for user in list(seen)[:20]:
         async with http.post(f"{router.url}/v1/chat/completions", json=_chat(user=user)) as resp:
             assert resp.headers["x-lockgate-variant"] == seen[user]
+
+
+async def _half_canary(http: aiohttp.ClientSession, router: Any, why: str) -> dict[str, Any]:
+    """Canary r2 at 50% of `chat` (an admin's break-glass: no decision allows it)."""
+    return await _start_canary(http, router, initial_weight=50,
+                               break_glass=break_glass(router.ctx.settings, "chat", "r2", "canary", why, weight=50))
+
+
+# What differs from one answer to the next whatever the arm: the request's own ids, time and size.
+_PER_ANSWER = {"x-lockgate-trace-id", "date", "content-length", "x-request-id"}
+
+
+async def test_only_an_admin_keys_answer_names_its_arm(router: Any, http: aiohttp.ClientSession,
+                                                       keys: Bootstrap) -> None:
+    # Probe p1: every answer said `x-lockgate-variant` and `x-lockgate-release`, so one request told a client
+    # which arm a user id was on. Operators debugging (an admin key) still read them; the events keep them.
+    await _half_canary(http, router, "headers test")
+    url = f"{router.url}/v1/chat/completions"
+    seen: set[str] = set()
+    for stream in (False, True):
+        for user in [f"u{i}" for i in range(20)]:  # both arms, but once in 2**19
+            body = _chat(user=user, stream=stream)
+            async with http.post(url, json=body, headers=bearer(keys.app_key)) as resp:
+                assert resp.status == 200 and await resp.read()
+                assert "x-lockgate-variant" not in resp.headers and "x-lockgate-release" not in resp.headers
+                assert resp.headers["x-lockgate-trace-id"]
+            async with http.post(url, json=body, headers=bearer(keys.admin_key)) as resp:
+                assert resp.status == 200 and await resp.read()
+                arm = resp.headers["x-lockgate-variant"]
+                assert resp.headers["x-lockgate-release"] == {"canary": "r2", "stable": "r1"}[arm]
+            seen.add(arm)
+    assert seen == {"canary", "stable"}  # both arms' answers were read
+
+
+async def test_an_app_key_can_neither_compute_nor_read_which_of_its_user_ids_are_on_the_canary(
+        router: Any, http: aiohttp.ClientSession, keys: Bootstrap) -> None:
+    # Probe p1: the sticky bucket was sha256(deployment, user id), which any client computes, and the answer's
+    # headers said the arm; an app key sent long prompts (or max_tokens 1) to its canary user ids only, and
+    # aborted a healthy canary through its analysis and through the canary-versus-stable drift report.
+    bus = router.ctx.bus
+    served = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
+    await _half_canary(http, router, "steering test")
+    salt = router.rollouts.route("chat").salt
+    # The admin API never shows the secret: a change's answer, a read, the list, a watch.
+    base = f"{router.url}/lockgate/v1/deployments"
+    for path in ("/chat", "", "/chat/watch"):
+        async with http.get(base + path) as resp:
+            shown = (await resp.content.readline()).decode()
+            assert resp.status == 200 and "canary" in shown and "salt" not in shown and salt not in shown, shown
+    users = [f"victim-{i}" for i in range(200)]
+    looks: dict[str, dict[str, str]] = {}
+    async with aiohttp.ClientSession(headers=bearer(keys.app_key)) as app:
+        for user in users:
+            async with app.post(f"{router.url}/v1/chat/completions", json=_chat(user=user)) as resp:
+                assert resp.status == 200 and await resp.read()
+                looks[user] = {k.lower(): v for k, v in resp.headers.items() if k.lower() not in _PER_ANSWER}
+    by_hash = {e.user_hash: e.variant for e in await served_events(served, len(users))}
+    arm = {u: by_hash[domain.user_hash(u)] for u in users}
+    assert 60 < sum(v == "canary" for v in arm.values()) < 140  # both arms served
+    # Nothing in the headers says which: canary and stable users' answers carry the same names and values.
+    canary = {json.dumps(looks[u], sort_keys=True) for u in users if arm[u] == "canary"}
+    stable = {json.dumps(looks[u], sort_keys=True) for u in users if arm[u] == "stable"}
+    assert canary == stable and len(canary) == 1, (canary, stable)
+    # Nor does the hash a client can compute predict it: it agrees with the arm by chance only.
+    guessed = sum((domain.bucket("chat", u) < 5000) == (arm[u] == "canary") for u in users)
+    assert 60 < guessed < 140, guessed
+    # The next rollout of the deployment splits its users afresh, under a secret of its own.
+    answer = await _half_canary(http, router, "steering test, again")
+    again = router.rollouts.route("chat")
+    assert again.salt and salt and again.salt != salt and "salt" not in answer
+    moved = sum(domain.choose(again, u)[0] != arm[u] for u in users)
+    assert 60 < moved < 140, moved
 
 
 async def test_gate_pass_promotes_step_by_step(router: Any, services: Any, http: aiohttp.ClientSession,
@@ -891,9 +966,11 @@ async def test_only_a_deployment_with_a_rolled_out_release_reaches_an_upstream_u
                         json={"stable_release": "r1", "canary_release": "r2"}) as resp:
         assert resp.status == 200, await resp.text()
     hi = [{"role": "user", "content": "hi"}]
+    bus = router.ctx.bus
+    served = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
     async with _openai(router, keys.app_key) as client:
-        governed = await client.chat.completions.with_raw_response.create(model="support", messages=hi)
-        assert governed.headers["x-lockgate-release"] == "r1" and sims[0].requests == {"m": 1}
+        await client.chat.completions.create(model="support", messages=hi)
+        assert [e.release for e in await served_events(served, 1)] == ["r1"] and sims[0].requests == {"m": 1}
         ungoverned = {"by header": {"model": "m", "extra_headers": {"x-lockgate-deployment": "anything"}},
                       "unmapped model": {"model": "m"}}
         listed = {m.id async for m in client.models.list()}
@@ -912,9 +989,8 @@ async def test_only_a_deployment_with_a_rolled_out_release_reaches_an_upstream_u
             assert listed == {"support"}  # no upstream list: its models are not served
         else:
             for ask in ungoverned.values():
-                answer = await client.chat.completions.with_raw_response.create(messages=hi, **ask)
-                assert answer.headers["x-lockgate-release"] == "" and answer.parse().choices[0].message.content
-            assert sims[0].requests == {"m": 3}
+                assert (await client.chat.completions.create(messages=hi, **ask)).choices[0].message.content
+            assert [e.release for e in await served_events(served, 2)] == ["", ""] and sims[0].requests == {"m": 3}
             assert listed == {"support", "m", "broken"}  # the default deployment passes the upstream's names through
 
 

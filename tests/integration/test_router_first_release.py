@@ -14,7 +14,7 @@ import pytest
 from lockgate.codec import Codec
 from lockgate.contracts import AuditEntry, RolloutState
 from lockgate.server.apikeys import Bootstrap
-from tests.helpers import break_glass, register_model_release, store_pass
+from tests.helpers import break_glass, register_model_release, served_events, store_pass
 from tests.integration import test_router as router_tests
 from tests.integration.test_rollout_operate import _cli
 
@@ -48,6 +48,7 @@ async def test_a_first_release_serves_everyone_once_a_decision_allows_it_and_lat
     await register_model_release(bus, "fresh", "m", "canary")  # the canary simulator: its answer tells who served
     states = await bus.nc.subscribe(bus.subjects.rollout("chat"))
     audit = await bus.nc.subscribe(bus.subjects.audit("router"))
+    served = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
     async with router_tests._openai(router, keys.app_key) as client:
         await _refused_as_unknown_model(client)  # `chat`, the router's default deployment, has no release
 
@@ -74,9 +75,9 @@ async def test_a_first_release_serves_everyone_once_a_decision_allows_it_and_lat
         assert (shown["stable"]["release"], shown["stable"]["endpoint"], shown["canary"], shown["phase"]) == (
             "fresh", "canary", None, "promoted")
         for user in ("ann", "bob", "cy", ""):
-            answer = await client.chat.completions.with_raw_response.create(model="m", messages=HI, user=user)
-            assert answer.headers["x-lockgate-release"] == "fresh"
-            assert answer.parse().choices[0].message.content == "canary says hi"
+            answer = await client.chat.completions.create(model="m", messages=HI, user=user)
+            assert answer.choices[0].message.content == "canary says hi"
+        assert [e.release for e in await served_events(served, 4)] == ["fresh"] * 4  # the event names it, not the answer
         assert (sims[1].requests, sims[0].total_requests) == ({"m": 4}, 0)
 
     # The route's reason, the rollout event and the audit record say what happened, and who did it.

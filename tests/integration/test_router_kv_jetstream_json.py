@@ -48,6 +48,7 @@ async def _refused(r: Any, key: str, ask: dict[str, Any]) -> openai.InternalServ
 
 
 async def _served_by(r: Any, key: str, ask: dict[str, Any]) -> str:
+    """The release that served `ask`, sent with `key` (an admin key's: only its answers name the release)."""
     async with router_tests._openai(r, key) as c:
         answer = await c.chat.completions.with_raw_response.create(messages=HI, **ask)
     return answer.headers["x-lockgate-release"]
@@ -64,7 +65,7 @@ async def test_a_deployment_whose_route_key_holds_jetstream_json_is_refused_neve
         assert resp.status == 200, await resp.text()
     by_header = {"model": "m", "extra_headers": {"x-lockgate-deployment": "support"}}
     by_name = {"model": "support"}
-    assert await _served_by(router, keys.app_key, by_header) == "r1"
+    assert await _served_by(router, keys.admin_key, by_header) == "r1"
 
     await _aim(bus, bus.subjects.kv_routes, token("support"), shape)
     await router.rollouts.wait_for(lambda _: "support" in router.rollouts.unreadable, timeout=10)
@@ -97,7 +98,7 @@ async def test_a_deployment_whose_route_key_holds_jetstream_json_is_refused_neve
         for r in (router, restarted):
             assert "support" not in r.rollouts.unreadable
             for ask_ in (by_header, by_name):
-                assert await _served_by(r, keys.app_key, ask_) == "r1"
+                assert await _served_by(r, keys.admin_key, ask_) == "r1"
         assert sims[0].requests == {"m": 5}
     finally:
         await replicas.close()

@@ -75,6 +75,8 @@ async def test_canary_on_one_replica_is_routed_and_promoted_once_by_both(
     await b.rollouts.wait_for(lambda r: "chat" in r and r["chat"].canary is not None
                               and r["chat"].canary.release == "r2", timeout=10)
     assert b.rollouts.route("chat").weight == a.rollouts.route("chat").weight
+    # Both split users with the rollout's one secret salt, read from KV: a user gets one arm from either replica.
+    assert b.rollouts.route("chat").salt == a.rollouts.route("chat").salt != ""
 
     await gate_decided(bus, signer.sign(GateDecided(release="r2", rules=[], decision="PASS",
                                                     artifacts=await judged(bus, "r2"))))

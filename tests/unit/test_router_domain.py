@@ -48,6 +48,53 @@ def test_split_is_sticky_and_monotone() -> None:
     assert all(domain.choose(high, u)[0] == "canary" for u, v in zip(users, first, strict=True) if v == "canary")
 
 
+def _salted(salt: str) -> Route:
+    return domain.start_canary(domain.default_route("d"), CanaryRequest(stable_release="r1", canary_release="r2"),
+                               stable=STABLE, canary=CANARY, first_step=STEPS[0], salt=salt)
+
+
+def test_bucket_is_salted_per_rollout() -> None:
+    # Probe p1: the bucket was sha256(deployment, user), so any client computed which of its user ids were on the
+    # canary and aimed long prompts there, short ones at stable, and aborted a healthy canary. Now each rollout
+    # keys it with its own secret: two rollouts of one deployment split users independently, and the unsalted hash
+    # (what a client can compute) says nothing of either.
+    users = [f"user-{i}" for i in range(4000)]
+    one, two = (msgspec.structs.replace(_salted(s), weight=50.0, phase="progressing") for s in ("a" * 32, "b" * 32))
+    assert (one.salt, two.salt) == ("a" * 32, "b" * 32)
+    assert sum(domain.bucket("d", u, one.salt) == domain.bucket("d", u, two.salt) for u in users) < 10
+    on_one = [domain.choose(one, u)[0] == "canary" for u in users]
+    on_two = [domain.choose(two, u)[0] == "canary" for u in users]
+    guess = [domain.bucket("d", u) < 5000 for u in users]  # what a client computed before
+    for other in (on_two, guess):  # each agrees with the arms of rollout one by chance only: half the time
+        assert 0.45 < sum(a == b for a, b in zip(on_one, other, strict=True)) / len(users) < 0.55
+    assert domain.bucket("d", "user-1", "") == domain.bucket("d", "user-1")  # routes stored before: the old hash
+
+
+def test_salted_split_is_sticky_and_monotone_within_a_rollout() -> None:
+    r = domain.on_decision(_salted("c" * 32), _decision("PASS"), STEPS, 5.0, now=100.0)
+    users = [f"u{i}" for i in range(2000)]
+    canary: set[str] = set()
+    now = 105.0
+    while r.phase == "progressing":
+        assert r.salt == "c" * 32  # the rollout keeps its salt at every step
+        arms = {u: domain.choose(r, u)[0] for u in users}
+        assert arms == {u: domain.choose(r, u)[0] for u in users}  # sticky
+        now_canary = {u for u, v in arms.items() if v == "canary"}
+        assert canary <= now_canary  # raising the weight only moves stable users to the canary
+        assert abs(len(now_canary) / len(users) - r.weight / 100) < 0.04
+        canary = now_canary
+        r = domain.tick(r, STEPS, 5.0, now=now)
+        now += 5.0
+    assert r.phase == "promoted"
+
+
+def test_shown_route_leaves_the_salt_out() -> None:
+    r = _salted("d" * 32)
+    view = domain.shown(r)
+    assert "salt" not in view and "d" * 32 not in msgspec.json.encode(view).decode()
+    assert msgspec.convert(view, Route) == msgspec.structs.replace(r, salt="")  # all else as it is
+
+
 def test_no_canary_routes_stable() -> None:
     route = domain.default_route("d")
     assert domain.choose(route, "x") == ("stable", route.stable)
