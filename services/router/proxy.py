@@ -137,15 +137,21 @@ class Proxy:
         known = model in self.rollouts.routes or model in self.rollouts.unreadable
         return model if known else self.settings.deployment
 
-    def route_of(self, deployment: str) -> domain.Route | None:
-        """The route that serves a deployment: its governed one (a release was rolled out; stable only while this
-        replica is cut off from the bus), else the default route when passthrough is opted in to, else None (the
-        request is refused). None too while its route in KV is unreadable (`_unreadable_route`): which release
-        governs it is unknown, so neither its last route nor the ungoverned default serves it."""
+    def route_of(self, deployment: str, tenant: str | None) -> domain.Route | None:
+        """The route that serves a deployment to a key of `tenant` (`ApiKey.tenants`): its governed one (a release
+        was rolled out; stable only while this replica is cut off from the bus), else the default route when
+        passthrough is opted in to, else None (the request is refused). None too while its route in KV is
+        unreadable (`_unreadable_route`): which release governs it is unknown, so neither its last route nor the
+        ungoverned default serves it.
+
+        Another tenant's deployment is served as one nobody rolled out (passthrough or 404, so its existence is
+        not told): its releases, upstream credentials and budgets are not this key's to spend, and what a key
+        sends there would be served evidence in that tenant's canary analysis, free to sink or pass it (the
+        admin API reads and changes such a deployment the same way, admin.py)."""
         if deployment in self.rollouts.unreadable:
             return None
         route = self.rollouts.routes.get(deployment)
-        if route is not None and route.stable.release:
+        if route is not None and route.stable.release and domain.serves_tenant(route, tenant):
             # Cut off from the bus, this replica would not hear a BLOCK of the canary: stable only.
             return domain.stable_only(route) if self.rollouts.cut_off else route
         return self.rollouts.route(deployment) if self.settings.passthrough else None
@@ -239,9 +245,9 @@ class Proxy:
 
     async def _listed(self, key: ApiKey) -> list[dict[str, Any]]:
         """The models `GET /v1/models` lists for a key."""
-        owners: dict[str, str] = {m: d for m, d in self.endpoints.models.items() if self.route_of(d) is not None}
+        owners = {m: d for m, d in self.endpoints.models.items() if self.route_of(d, key.tenants) is not None}
         for name, route in self.rollouts.routes.items():
-            if route.stable.model and name not in self.rollouts.unreadable:
+            if route.stable.model and name not in self.rollouts.unreadable and domain.serves_tenant(route, key.tenants):
                 owners.setdefault(name, name)
         # A name is listed when the deployment it would reach (as `forward` picks it) is in the key's scope.
         def listable(model: str) -> bool:
@@ -249,7 +255,7 @@ class Proxy:
 
         data = [{"id": m, "object": "model", "created": 0, "owned_by": f"lockgate:{d}"} for m, d in owners.items()
                 if listable(m)]
-        default = self.route_of(self.settings.deployment) if key.may_use(self.settings.deployment) else None
+        default = self.route_of(self.settings.deployment, key.tenants) if key.may_use(self.settings.deployment) else None
         target = default.stable if default is not None else None
         endpoint = self.endpoints.by_id.get(target.endpoint) if target is not None else None
         if target is not None and not target.model and endpoint is not None and endpoint.provider == "openai":
@@ -307,7 +313,7 @@ class Proxy:
         # alike whether or not a release was rolled out to it.
         if not key.may_use(deployment):
             return self._out_of_scope(h, key, deployment, req.model)
-        route = self.route_of(deployment)
+        route = self.route_of(deployment, key.tenants)
         if route is None:
             if deployment in self.rollouts.unreadable:
                 return self._unreadable_route(deployment)
