@@ -123,18 +123,21 @@ class Proxy:
         """`POST /v1/responses` (streamed as Responses API events when asked)."""
         return await self.forward(request, RESPONSES)
 
-    def deployment_of(self, headers: Any, model: str) -> str:
-        """Which deployment serves a request: the `x-lockgate-deployment` header, else the endpoints
-        file's `models:` entry for the model, else a configured deployment named like the model, else
-        the router's default deployment (settings.deployment)."""
+    def deployment_of(self, headers: Any, model: str, tenant: str | None) -> str:
+        """Which deployment serves a request of a key of `tenant` (`ApiKey.tenants`): the `x-lockgate-deployment`
+        header, else the endpoints file's `models:` entry for the model, else a configured deployment of the
+        tenant's releases named like the model, else the router's default deployment (settings.deployment)."""
         explicit = headers.get("x-lockgate-deployment")
         if explicit:
             return explicit
         mapped = self.endpoints.models.get(model)
         if mapped:
             return mapped
-        # One whose route is unreadable is still that deployment (refused as such), never the default one.
-        known = model in self.rollouts.routes or model in self.rollouts.unreadable
+        # One whose route is unreadable is still that deployment (refused as such), never the default one. Another
+        # tenant's is a name nobody configured (route_of): the default deployment, as for any such model, so the
+        # answer (404, 403 out of scope or passthrough) does not tell that it exists.
+        route = self.rollouts.routes.get(model)
+        known = (route is not None and domain.serves_tenant(route, tenant)) or model in self.rollouts.unreadable
         return model if known else self.settings.deployment
 
     def route_of(self, deployment: str, tenant: str | None) -> domain.Route | None:
@@ -151,7 +154,10 @@ class Proxy:
         if deployment in self.rollouts.unreadable:
             return None
         route = self.rollouts.routes.get(deployment)
-        if route is not None and route.stable.release and domain.serves_tenant(route, tenant):
+        if route is not None and not domain.serves_tenant(route, tenant):
+            # Not rollouts.route(deployment): that is the governed route, the other tenant's releases.
+            return domain.default_route(deployment) if self.settings.passthrough else None
+        if route is not None and route.stable.release:
             # Cut off from the bus, this replica would not hear a BLOCK of the canary: stable only.
             return domain.stable_only(route) if self.rollouts.cut_off else route
         return self.rollouts.route(deployment) if self.settings.passthrough else None
@@ -251,7 +257,7 @@ class Proxy:
                 owners.setdefault(name, name)
         # A name is listed when the deployment it would reach (as `forward` picks it) is in the key's scope.
         def listable(model: str) -> bool:
-            return key.may_use(self.deployment_of({}, model))
+            return key.may_use(self.deployment_of({}, model, key.tenants))
 
         data = [{"id": m, "object": "model", "created": 0, "owned_by": f"lockgate:{d}"} for m, d in owners.items()
                 if listable(m)]
@@ -298,7 +304,7 @@ class Proxy:
                                        f"upstreams ignore it, so it would not bound the answer (nor what admission "
                                        f"reserves for it); set {' or '.join(repr(f) for f in op.max_fields)} instead",
                                   "invalid_request_error", param=foreign)
-        deployment = self.deployment_of(h, req.model)
+        deployment = self.deployment_of(h, req.model, key.tenants)
         # Names become subjects and KV keys downstream: refuse a bad one here, not as a dead letter later.
         for header, value in (("x-lockgate-deployment", deployment), ("x-lockgate-app", h.get("x-lockgate-app")),
                               ("x-lockgate-tenant", h.get("x-lockgate-tenant"))):
