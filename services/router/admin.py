@@ -47,12 +47,6 @@ _PATHS = (f"GET {PREFIX}, GET|PUT|PATCH {PREFIX}/{{deployment}}, GET .../{{deplo
           ".../{deployment}/break-glass")
 
 
-def tenant_of(key: ApiKey) -> str | None:
-    """Whose releases `key` may roll out: its tenant's; None (any tenant's) for an admin key, which acts on every
-    deployment (as it takes no deployment scope), though never to mix tenants on one (domain.same_tenant)."""
-    return None if key.role == "admin" else key.tenant
-
-
 def _json(route: Route | list[Route], status: int = 200) -> web.Response:
     body = [shown(r) for r in route] if isinstance(route, list) else shown(route)
     return web.Response(body=_encoder.encode(body), status=status, content_type="application/json")
@@ -124,7 +118,7 @@ class Admin:
                                   "permission_denied", code="deployment_not_in_scope")
         if deployment is not None and request.method not in ("GET", "HEAD"):
             try:
-                await self.rollouts.check_tenant(deployment, tenant_of(key))
+                await self.rollouts.check_tenant(deployment, key.tenants)
             except ReleaseNotInScope as exc:
                 # Another tenant's deployment in the key's scope (an unscoped key): its releases are not this
                 # tenant's to roll out, pause, abort or promote. (Reads of it answer as for a deployment never
@@ -164,7 +158,7 @@ class Admin:
         tenant's releases or none yet (an admin key reads every route). Another tenant's route tells its release
         names, decision ids and the gate's and drift's reasons, so to such a key it is as if never configured
         (BusUnavailable if a binding cannot be read)."""
-        return served(self.rollouts, route.deployment) and await self.rollouts.serves_tenant(route, tenant_of(key))
+        return served(self.rollouts, route.deployment) and await self.rollouts.serves_tenant(route, key.tenants)
 
     def _never_configured(self, deployment: str) -> Route:
         """What is read of a deployment nobody rolled out to (or one a key may not read, told alike): under
@@ -218,11 +212,11 @@ class Admin:
             if req.first:
                 action, override = "first-release", None
                 route = await self.rollouts.first_release(deployment, req.stable_release, actor=request[KEY].label,
-                                                          tenant=tenant_of(request[KEY]))
+                                                          tenant=request[KEY].tenants)
             else:
                 override = self._override(request, deployment, req.break_glass, req.canary_release, "canary")
                 route = await self.rollouts.start_canary(deployment, req, override, actor=request[KEY].label,
-                                                         tenant=tenant_of(request[KEY]))
+                                                         tenant=request[KEY].tenants)
             await record_action(self.rollouts.ctx.bus, request[KEY], action, route, override)
         except REFUSED as exc:
             return refusal(exc, action, invalid=400)  # a PUT's release or spec is the request's own fault
@@ -238,7 +232,7 @@ class Admin:
             deployment = check_name(request.match_info["deployment"], "deployment")
             body = decode_patch(await read_body(request))
             require_served(self.rollouts, deployment)
-            route = await self.rollouts.patch(deployment, body, actor=request[KEY].label, tenant=tenant_of(request[KEY]))
+            route = await self.rollouts.patch(deployment, body, actor=request[KEY].label, tenant=request[KEY].tenants)
             await record_action(self.rollouts.ctx.bus, request[KEY], "patch", route, None)
         except REFUSED as exc:
             return refusal(exc, "patch")

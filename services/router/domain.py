@@ -373,6 +373,13 @@ def same_app(route: Route, *targets: Target) -> None:
                                  "one app, so that app's gates apply to every release it serves")
 
 
+def serves_tenant(route: Route, tenant: str | None) -> bool:
+    """Whether a key of `tenant` (None: an admin's, every tenant's) may send traffic to `route`: its releases are
+    of one tenant (`same_tenant`), recorded on its targets. A tenant unknown ("": a route stored before tenants
+    were recorded) constrains nothing."""
+    return tenant is None or route.stable.tenant in ("", tenant)
+
+
 def same_tenant(route: Route, *targets: Target) -> None:
     """InvalidRollout unless every target is of the tenant whose releases the deployment serves (its stable's,
     else the first target's). The gate judges a release's drift by its own tenant's reports only, and the

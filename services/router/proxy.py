@@ -123,28 +123,40 @@ class Proxy:
         """`POST /v1/responses` (streamed as Responses API events when asked)."""
         return await self.forward(request, RESPONSES)
 
-    def deployment_of(self, headers: Any, model: str) -> str:
-        """Which deployment serves a request: the `x-lockgate-deployment` header, else the endpoints
-        file's `models:` entry for the model, else a configured deployment named like the model, else
-        the router's default deployment (settings.deployment)."""
+    def deployment_of(self, headers: Any, model: str, tenant: str | None) -> str:
+        """Which deployment serves a request of a key of `tenant` (`ApiKey.tenants`): the `x-lockgate-deployment`
+        header, else the endpoints file's `models:` entry for the model, else a configured deployment of the
+        tenant's releases named like the model, else the router's default deployment (settings.deployment)."""
         explicit = headers.get("x-lockgate-deployment")
         if explicit:
             return explicit
         mapped = self.endpoints.models.get(model)
         if mapped:
             return mapped
-        # One whose route is unreadable is still that deployment (refused as such), never the default one.
-        known = model in self.rollouts.routes or model in self.rollouts.unreadable
+        # One whose route is unreadable is still that deployment (refused as such), never the default one. Another
+        # tenant's is a name nobody configured (route_of): the default deployment, as for any such model, so the
+        # answer (404, 403 out of scope or passthrough) does not tell that it exists.
+        route = self.rollouts.routes.get(model)
+        known = (route is not None and domain.serves_tenant(route, tenant)) or model in self.rollouts.unreadable
         return model if known else self.settings.deployment
 
-    def route_of(self, deployment: str) -> domain.Route | None:
-        """The route that serves a deployment: its governed one (a release was rolled out; stable only while this
-        replica is cut off from the bus), else the default route when passthrough is opted in to, else None (the
-        request is refused). None too while its route in KV is unreadable (`_unreadable_route`): which release
-        governs it is unknown, so neither its last route nor the ungoverned default serves it."""
+    def route_of(self, deployment: str, tenant: str | None) -> domain.Route | None:
+        """The route that serves a deployment to a key of `tenant` (`ApiKey.tenants`): its governed one (a release
+        was rolled out; stable only while this replica is cut off from the bus), else the default route when
+        passthrough is opted in to, else None (the request is refused). None too while its route in KV is
+        unreadable (`_unreadable_route`): which release governs it is unknown, so neither its last route nor the
+        ungoverned default serves it.
+
+        Another tenant's deployment is served as one nobody rolled out (passthrough or 404, so its existence is
+        not told): its releases, upstream credentials and budgets are not this key's to spend, and what a key
+        sends there would be served evidence in that tenant's canary analysis, free to sink or pass it (the
+        admin API reads and changes such a deployment the same way, admin.py)."""
         if deployment in self.rollouts.unreadable:
             return None
         route = self.rollouts.routes.get(deployment)
+        if route is not None and not domain.serves_tenant(route, tenant):
+            # Not rollouts.route(deployment): that is the governed route, the other tenant's releases.
+            return domain.default_route(deployment) if self.settings.passthrough else None
         if route is not None and route.stable.release:
             # Cut off from the bus, this replica would not hear a BLOCK of the canary: stable only.
             return domain.stable_only(route) if self.rollouts.cut_off else route
@@ -239,17 +251,17 @@ class Proxy:
 
     async def _listed(self, key: ApiKey) -> list[dict[str, Any]]:
         """The models `GET /v1/models` lists for a key."""
-        owners: dict[str, str] = {m: d for m, d in self.endpoints.models.items() if self.route_of(d) is not None}
+        owners = {m: d for m, d in self.endpoints.models.items() if self.route_of(d, key.tenants) is not None}
         for name, route in self.rollouts.routes.items():
-            if route.stable.model and name not in self.rollouts.unreadable:
+            if route.stable.model and name not in self.rollouts.unreadable and domain.serves_tenant(route, key.tenants):
                 owners.setdefault(name, name)
         # A name is listed when the deployment it would reach (as `forward` picks it) is in the key's scope.
         def listable(model: str) -> bool:
-            return key.may_use(self.deployment_of({}, model))
+            return key.may_use(self.deployment_of({}, model, key.tenants))
 
         data = [{"id": m, "object": "model", "created": 0, "owned_by": f"lockgate:{d}"} for m, d in owners.items()
                 if listable(m)]
-        default = self.route_of(self.settings.deployment) if key.may_use(self.settings.deployment) else None
+        default = self.route_of(self.settings.deployment, key.tenants) if key.may_use(self.settings.deployment) else None
         target = default.stable if default is not None else None
         endpoint = self.endpoints.by_id.get(target.endpoint) if target is not None else None
         if target is not None and not target.model and endpoint is not None and endpoint.provider == "openai":
@@ -292,7 +304,7 @@ class Proxy:
                                        f"upstreams ignore it, so it would not bound the answer (nor what admission "
                                        f"reserves for it); set {' or '.join(repr(f) for f in op.max_fields)} instead",
                                   "invalid_request_error", param=foreign)
-        deployment = self.deployment_of(h, req.model)
+        deployment = self.deployment_of(h, req.model, key.tenants)
         # Names become subjects and KV keys downstream: refuse a bad one here, not as a dead letter later.
         for header, value in (("x-lockgate-deployment", deployment), ("x-lockgate-app", h.get("x-lockgate-app")),
                               ("x-lockgate-tenant", h.get("x-lockgate-tenant"))):
@@ -307,7 +319,7 @@ class Proxy:
         # alike whether or not a release was rolled out to it.
         if not key.may_use(deployment):
             return self._out_of_scope(h, key, deployment, req.model)
-        route = self.route_of(deployment)
+        route = self.route_of(deployment, key.tenants)
         if route is None:
             if deployment in self.rollouts.unreadable:
                 return self._unreadable_route(deployment)

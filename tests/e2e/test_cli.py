@@ -261,17 +261,17 @@ def test_roles_bound_what_the_cli_may_do(stack: dict[str, str], tmp_path: Path) 
     assert out.returncode == 5 and "refused role 'viewer'" in out.stderr, out.stderr
 
 
-def _gated_release(stack: dict[str, str], tmp_path: Path, release: str, model: str) -> None:
-    """Register `release` (app shop, served by the simulator's `model`) and gate it as the stack's gates file pins
-    the app (the demo's policy and suite): a PASS, or AssertionError."""
+def _gated_release(stack: dict[str, str], tmp_path: Path, release: str, model: str, tenant: str) -> None:
+    """Register `release` (tenant `tenant`, app shop, served by the simulator's `model`) and gate it as the stack's
+    gates file pins the app (the demo's policy and suite): a PASS, or AssertionError."""
     demo = Path(__file__).parents[2] / "dev" / "lockgate_dev" / "demo_data"
     for name in ("suite.yaml", "qa.jsonl", "policy.yaml"):
         (tmp_path / name).write_bytes((demo / name).read_bytes())
     config = tmp_path / f"{release}.json"
     config.write_text(json.dumps({"model": model, "endpoint": "default"}))
     [art] = json.loads(run("artifact", "register", "model_config", str(config), "--json", env=stack).stdout)
-    run("release", "create", release, "--app", "shop", "--artifact", f"model_config/{release}={art['hash']}",
-        env=stack)
+    run("release", "create", release, "--app", "shop", "--tenant", tenant, "--artifact",
+        f"model_config/{release}={art['hash']}", env=stack)
     gated = run("eval", "run", str(tmp_path / "suite.yaml"), "--candidate", release, "--policy",
                 str(tmp_path / "policy.yaml"), "--json", env=stack)
     assert json.loads(gated.stdout)["decision"]["decision"] == "PASS", gated.stdout
@@ -302,8 +302,9 @@ def test_keys_cli_and_router_authentication(stack: dict[str, str], tmp_path: Pat
     key = created.strip().splitlines()[-1]
     assert key.startswith("lg-")
     # Accepted (not 401) and answered: `keys-web` serves its first release, gated (the dev stack governs: a
-    # deployment no release was rolled out to answers 404, as the default one still does).
-    _gated_release(stack, tmp_path, "keys-r1", "sim-stable")
+    # deployment no release was rolled out to answers 404, as the default one still does). The release is the
+    # key's tenant's: an app key is served only deployments of its own tenant's releases.
+    _gated_release(stack, tmp_path, "keys-r1", "sim-stable", "acme")
     run("rollout", "--router", router, "start", "keys-web", "--stable", "keys-r1", "--json", env=stack)
     assert call("POST", "/v1/chat/completions", key, chat, **{"x-lockgate-deployment": "keys-web"}) == 200
     assert call("POST", "/v1/chat/completions", key, chat) == 404

@@ -198,9 +198,10 @@ def _sync_calls(url: str, key: str) -> None:
 
 async def test_anthropic_endpoint_behind_the_openai_wire(router: Any, context: ServiceContext, sim: SimServer,
                                                          keys: Bootstrap, events: asyncio.Queue[InferenceEvent]) -> None:
-    # The `assistant` deployment's releases send it to the `claude` endpoint (Anthropic Messages).
+    # The `assistant` deployment's releases send it to the `claude` endpoint (Anthropic Messages); they are the app
+    # key's tenant's (`keys`), as an app key is served only deployments of its own tenant's releases.
     for release in ("a1", "a2"):
-        await register_model_release(context.bus, release, "m", "claude")
+        await register_model_release(context.bus, release, "m", "claude", tenant="acme")
     await store_pass(context.bus, "a1", context.settings)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as http, http.put(
             f"{router.url}/lockgate/v1/deployments/assistant", json={"stable_release": "a1", "canary_release": "a2"}

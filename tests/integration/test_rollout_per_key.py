@@ -104,8 +104,9 @@ async def _send(router: Any, key: str, users: list[str], prompts: list[str], var
 async def test_one_key_flooding_the_canary_with_good_requests_cannot_get_a_failing_canary_promoted(
         router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Bootstrap) -> None:
     store = KeyStore(router.ctx.settings.home)
-    real, real_key = store.create("acme", "shop", description="the application's real traffic")
-    mallory, mallory_key = store.create("acme", "shop", description="a caller who floods the canary")
+    # Of the releases' tenant (chat_releases: `default`), as `keys` is: only its keys are served `chat`.
+    real, real_key = store.create("default", "shop", description="the application's real traffic")
+    mallory, mallory_key = store.create("default", "shop", description="a caller who floods the canary")
     await _start(http, router, "picky", {"steps": [50, 100], "interval_s": 0.1, "analysis": ANALYSIS})
     await _pass(router, signer, "picky")
 

@@ -75,9 +75,10 @@ async def services(context: ServiceContext, run_services: Any, sims: tuple[SimSe
     """The router, and the sink that stores what it announces."""
     stable, canary = sims
     # r1 (stable) and r2 (canary) are registered releases whose model configs send them to the two
-    # simulators (the `default` and `canary` endpoints the upstream settings define).
-    await register_model_release(context.bus, "r1", "m", "default")
-    await register_model_release(context.bus, "r2", "m", "canary")
+    # simulators (the `default` and `canary` endpoints the upstream settings define). They are the keys' tenant's
+    # (`keys`): its app key is served only the deployments of its own tenant's releases.
+    await register_model_release(context.bus, "r1", "m", "default", tenant="acme")
+    await register_model_release(context.bus, "r2", "m", "canary", tenant="acme")
     # r1, the stable release the tests start from, passed its gate (a new stable needs an allowing decision).
     kv = await context.bus.kv(context.bus.subjects.kv_gates)
     await kv.put(token("r1"), msgspec.json.encode(await gate(context.bus, signer, release="r1", decision="PASS")))
@@ -534,11 +535,11 @@ async def test_an_operator_key_scoped_to_deployments_reads_and_changes_only_thos
             assert "may only use support, not deployment 'chat'" in body["error"]["message"] and key not in str(body)
     async with http.get(base, headers=bearer(viewer)) as resp:
         assert resp.status == 200 and await resp.json() == []  # chat's route is not listed to it
-    # An unscoped key sees every route of its tenant's releases (chat serves tenant default's r1); another
+    # An unscoped key sees every route of its tenant's releases (chat serves tenant acme's r1); another
     # tenant's unscoped key lists none of them (before, it listed them too, release names, reasons and all).
-    async with http.get(base, headers=bearer(store.create("default", "ops", "viewer")[0])) as resp:
-        assert [r["deployment"] for r in await resp.json()] == ["chat"]
     async with http.get(base, headers=bearer(store.create("acme", "ops", "viewer")[0])) as resp:
+        assert [r["deployment"] for r in await resp.json()] == ["chat"]
+    async with http.get(base, headers=bearer(store.create("globex", "ops", "viewer")[0])) as resp:
         assert await resp.json() == []
     assert router.rollouts.route("chat").phase != "promoted"
 
@@ -609,7 +610,7 @@ async def test_blocked_canary_cannot_be_promoted(router: Any, http: aiohttp.Clie
 
 
 async def test_new_stable_without_decision_is_refused(router: Any, http: aiohttp.ClientSession) -> None:
-    await register_model_release(router.ctx.bus, "r0")
+    await register_model_release(router.ctx.bus, "r0", tenant="acme")
     status, err = await _put(http, router, stable_release="r0", canary_release="r2")
     assert status == 409 and "stable release 'r0'" in err["error"]["message"]
 
@@ -663,7 +664,7 @@ async def test_break_glass_is_admin_only_signed_recorded_and_shown_until_cleared
     sub = await bus.nc.subscribe(bus.subjects.rollout("chat"))
     await _put(http, router)
     glass = break_glass(settings, "chat", "r2", "promote", "hotfix for incident 42")
-    operator, _ = KeyStore(settings.home).create("default", "ops", "operator")  # of the releases' tenant
+    operator, _ = KeyStore(settings.home).create("acme", "ops", "operator")  # of the releases' tenant
     status, err = await _post(http, router, "promote", bearer(operator), break_glass=glass)
     assert status == 403 and "requires role admin" in err["error"]["message"]
     status, err = await _post(http, router, "promote", break_glass={})  # a reason is required: a malformed request
@@ -739,7 +740,7 @@ async def test_rollout_cannot_name_an_upstream_or_a_model(router: Any, http: aio
 
 
 async def test_release_naming_an_unknown_endpoint_is_refused(router: Any, http: aiohttp.ClientSession) -> None:
-    await register_model_release(router.ctx.bus, "r9", "m", "attacker")
+    await register_model_release(router.ctx.bus, "r9", "m", "attacker", tenant="acme")
     status, err = await _put(http, router, canary_release="r9")
     assert status == 400 and "endpoint 'attacker' is not configured" in err["error"]["message"]
     status, err = await _put(http, router, canary_release="never-registered")
@@ -749,7 +750,7 @@ async def test_release_naming_an_unknown_endpoint_is_refused(router: Any, http: 
 async def _promoted(router: Any, http: aiohttp.ClientSession, signer: Signer, release: str, **params: Any) -> None:
     """Register `release` (model m on the canary endpoint, with `params`), roll it out and PASS it: promoted."""
     bus = router.ctx.bus
-    await register_model_release(bus, release, "m", "canary", **params)
+    await register_model_release(bus, release, "m", "canary", tenant="acme", **params)
     await _put(http, router, canary_release=release)
     await gate_decided(bus, await gate(bus, signer, release=release, decision="PASS"))
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "promoted", timeout=20)
@@ -785,9 +786,9 @@ async def test_release_name_cannot_be_rebound_to_other_content(router: Any) -> N
     from lockgate.errors import ReleaseConflict
 
     bus = router.ctx.bus
-    await register_model_release(bus, "r1", "m", "default")  # the same content again: accepted
+    await register_model_release(bus, "r1", "m", "default", tenant="acme")  # the same content again: accepted
     with pytest.raises(ReleaseConflict, match="already registered with other content"):
-        await register_model_release(bus, "r1", "m", "canary")
+        await register_model_release(bus, "r1", "m", "canary", tenant="acme")
     assert (await router.rollouts.target("r1")).endpoint == "default"
     bundle = await artifacts.release_of(bus, "r1")
     assert list(bundle["artifacts"]) == ["model_config/r1-config"]
@@ -809,13 +810,13 @@ async def test_provider_key_comes_from_lockgate_config_never_from_the_client(
         # No release of `chat` was rolled out: refused as an unknown model, nothing sent.
         assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"
     assert stable.total_requests == 0
-    await register_model_release(context.bus, "p1", "m", "openai-prod")
+    await register_model_release(context.bus, "p1", "m", "openai-prod", tenant="acme")
     await store_pass(context.bus, "p1", context.settings)
     async with aiohttp.ClientSession(headers=bearer(keys.admin_key)) as c:
         async with c.put(f"{router.url}/lockgate/v1/deployments/chat",
                          json={"stable_release": "p1", "canary_release": "r1"}) as resp:
             assert resp.status == 400  # r1 is not registered in this test's bus
-        await register_model_release(context.bus, "p2", "m", "openai-prod")
+        await register_model_release(context.bus, "p2", "m", "openai-prod", tenant="acme")
         async with c.put(f"{router.url}/lockgate/v1/deployments/chat",
                          json={"stable_release": "p1", "canary_release": "p2"}) as resp:
             assert resp.status == 200, await resp.text()

@@ -45,7 +45,8 @@ async def test_a_first_release_serves_everyone_once_a_decision_allows_it_and_lat
     # Before: a PUT needed a stable and a canary, different and both gated, so a team with its first (single)
     # gated release could not serve it at all without inventing a second one.
     bus, admin = router.ctx.bus, keys.admin_key
-    await register_model_release(bus, "fresh", "m", "canary")  # the canary simulator: its answer tells who served
+    # On the canary simulator (its answer tells who served); of the app key's tenant, as r1 is (router_tests.services).
+    await register_model_release(bus, "fresh", "m", "canary", tenant="acme")
     states = await bus.nc.subscribe(bus.subjects.rollout("chat"))
     audit = await bus.nc.subscribe(bus.subjects.audit("router"))
     served = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))

@@ -50,7 +50,8 @@ async def router(context: ServiceContext, run_services: Any, sims: dict[str, Sim
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.admin_key}"}) as http:
         for deployment in ("support", "billing"):
             for release in (f"{deployment}-r1", f"{deployment}-r2"):
-                await register_model_release(context.bus, release, "m", f"{deployment}-ep")
+                # The keys' tenant's: an app key is served only deployments of its own tenant's releases.
+                await register_model_release(context.bus, release, "m", f"{deployment}-ep", tenant="acme")
             await store_pass(context.bus, f"{deployment}-r1", context.settings)
             # r2, never gated, waits at 0%: r1 serves everything
             async with http.put(f"{router.url}/lockgate/v1/deployments/{deployment}",

@@ -547,8 +547,9 @@ async def _canary_at_100(gateway: Gateway, keys: Bootstrap, context: ServiceCont
     `canary_endpoint`), stable r1 (model m on `default`) behind it: r2 under a break-glass override, as no
     decision allows it."""
     router = await gateway(endpoints)
-    await register_model_release(context.bus, "r1", "m", "default")
-    await register_model_release(context.bus, "r2", "m-canary", canary_endpoint)
+    # The app key's tenant's (`keys`): an app key is served only deployments of its own tenant's releases.
+    await register_model_release(context.bus, "r1", "m", "default", tenant="acme")
+    await register_model_release(context.bus, "r2", "m-canary", canary_endpoint, tenant="acme")
     await store_pass(context.bus, "r1", context.settings)
     route = {"stable_release": "r1", "canary_release": "r2", "initial_weight": 100,
              "break_glass": break_glass(context.settings, "chat", "r2", "canary", "fallback test", weight=100)}

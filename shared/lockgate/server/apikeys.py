@@ -65,6 +65,13 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True):
         """The deployments this key may use, as people read it."""
         return ", ".join(self.deployments) if self.deployments else "every deployment"
 
+    @property
+    def tenants(self) -> str | None:
+        """Whose deployments and releases this key may use and roll out: its tenant's; None (every tenant's) for
+        an admin key, which acts on every deployment (as it takes no deployment scope), though never to mix
+        tenants on one (the router's domain.same_tenant)."""
+        return None if self.role == "admin" else self.tenant
+
     def may_use(self, deployment: str) -> bool:
         """Whether this key may send traffic to (or report events of) `deployment`."""
         return in_scope(self.deployments, deployment)
