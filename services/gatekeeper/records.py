@@ -70,9 +70,16 @@ class Records:
         await self.finish(decision, action=action, actor=actor, key=key)
 
     async def finish(self, decision: GateDecided, *, action: str, actor: str, key: str) -> None:
-        """Audit and announce a stored decision (again, for a message redelivered after its decision was stored)."""
-        await self.audit(decision, action=action, actor=actor, key=key)
-        await self.ctx.bus.publish(self.ctx.bus.subjects.gate_decided(decision.release), decision, msg_id=key)
+        """Audit and announce a stored decision (again, for a message redelivered after its decision was stored).
+
+        Announced even when its audit rows cannot be written: the decision is current in KV already, and routers
+        and watchers must act on it now (a reject of a live release was held back for as long as the audit queue
+        refused entries: a producer filled it with junk). The audit failure still fails the message, so it is
+        redelivered and the rows retried (both deduplicated by `key`, as is the announcement)."""
+        try:
+            await self.audit(decision, action=action, actor=actor, key=key)
+        finally:
+            await self.ctx.bus.publish(self.ctx.bus.subjects.gate_decided(decision.release), decision, msg_id=key)
 
     async def store(self, decision: GateDecided, *, over: int) -> None:
         """Make the decision current in KV, only over revision `over` (0: where none is stored); DecisionRaced

@@ -53,7 +53,7 @@ class StreamSpec:
     """A JetStream stream: its name, the subjects it captures and its limits.
 
     `retention` says what a message stays for: `limits` keeps it until `max_age_s` or `max_bytes` pushes it
-    out (streams read back by sequence: histories, drift reports, the audit queue); `interest` keeps it only
+    out (streams read back by sequence: histories, drift reports); `interest` keeps it only
     until every durable consumer on the stream has acknowledged it, so `max_bytes` bounds the backlog nobody
     consumed yet, not all traffic within `max_age_s`. An interest stream's `readers` (durable consumer names,
     filtering on the stream's subject) are declared with it, so an event published before its services first
@@ -122,9 +122,13 @@ class Subjects:
                 # Interest too: a dead letter is gone once the sink stored it (`dead_letters` reads the table).
                 "dlq": StreamSpec(f"{s}_DLQ", (f"{p}.dlq.>",), max_age_s=30 * 24 * 3600, max_bytes=GiB // 2,
                                   retention="interest", readers=(f"{p}_sink_dlq",)),
-                # Entries waiting for the audit chainer (the gatekeeper); kept long enough to outlast an outage.
+                # Entries waiting for the audit chainer (the gatekeeper); kept long enough to outlast an outage,
+                # and only until chained (or dead-lettered): interest, so a producer's flood of junk (each identity
+                # may publish on its own subject) is gone once the chainer has read it. Under limits retention it
+                # stayed for 30 days, the full stream refused every later entry, and with them (before decisions
+                # were announced whatever their audit row did) every gate decision's announcement.
                 "audit": StreamSpec(f"{s}_AUDIT", (f"{p}.audit.>",), max_age_s=30 * 24 * 3600,
-                                    max_bytes=GiB // 8),
+                                    max_bytes=GiB // 8, retention="interest", readers=(f"{p}_gatekeeper_audit",)),
                 # Signed alias changes and artifact lifecycles: kept for ever, never deleted or purged,
                 # since "what did production point to a year ago" must stay answerable.
                 "provenance": StreamSpec(f"{s}_PROVENANCE", (f"{p}.provenance.>",), max_age_s=0,

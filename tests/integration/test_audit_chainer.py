@@ -13,15 +13,17 @@ from lockgate import auditchain, auditlog
 from lockgate.bus import Bus, Delivery
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
-from lockgate.contracts import AuditEntry, AuditRecord
-from lockgate.errors import InvalidEvent
+from lockgate.contracts import AuditEntry, AuditRecord, GateDecided
+from lockgate.errors import InvalidEvent, LockgateError
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper.chain import HEAD, Chainer, HeadContended
 from lockgate.services.gatekeeper.ownkey import OwnKey
+from lockgate.services.gatekeeper.records import Records
 from lockgate.signing import Keyring, Signer, trust_file_path, trust_key
 
 pytestmark = pytest.mark.timeout(60)
 records: Codec[AuditRecord] = Codec(AuditRecord)
+decisions: Codec[GateDecided] = Codec(GateDecided)
 SIGNER = Signer.generate()
 
 
@@ -154,3 +156,22 @@ async def test_an_entry_too_large_in_bytes_is_refused_at_once_and_the_chain_goes
         await chainer.on_entry(huge, delivered(bus, "operator"))
     await chainer.on_entry(entry(1), delivered(bus, "router"))
     assert records.decode((await published.next_msg(timeout=10)).data).seq == 1
+
+
+async def test_a_decision_is_announced_while_its_audit_rows_are_refused(context: ServiceContext, bus: Bus) -> None:
+    # Found by a probe: a producer's junk filled the audit queue, every audit entry was refused, and the gatekeeper,
+    # which announced a decision only after its audit rows, announced none: a person's reject of a live release was
+    # stored in KV, but routers and decision watches never heard of it. The decision is current in KV: announced
+    # now, its audit rows failing the message (redelivered, they are retried).
+    queue = bus.subjects.streams["audit"].name
+    info = await bus.js.stream_info(queue)
+    await bus.js.update_stream(info.config.evolve(max_bytes=4096))  # no chainer reads it here: it stays full
+    with pytest.raises(LockgateError):  # filled to the last few bytes: no audit entry fits
+        for i in range(4096):
+            await bus.publish(bus.subjects.audit("operator"), b"junk", msg_id=f"junk-{i}")
+    reject = SIGNER.sign(GateDecided(release="shop-v2", rules=[], decision="BLOCK", reason="rejected by dana"))
+    heard = await bus.nc.subscribe(bus.subjects.gate_decided("shop-v2"))
+    with pytest.raises(LockgateError):  # the audit rows: the message is redelivered and they are written then
+        await Records(context, SIGNER.id_salt).finish(reject, action="rejected", actor="person:dana", key="review-1")
+    announced = decisions.decode((await heard.next_msg(timeout=5)).data)
+    assert (announced.id, announced.decision) == (reject.id, "BLOCK")

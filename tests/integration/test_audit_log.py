@@ -5,6 +5,7 @@ cannot append entries in another's name."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from lockgate import artifacts, credentials
+from lockgate import artifacts, auditlog, credentials
 from lockgate.bus import Bus
 from lockgate.cli.gate import request_review
 from lockgate.codec import encode
@@ -20,6 +21,7 @@ from lockgate.config import Settings
 from lockgate.contracts import AuditEntry, EvalCompleted, EvalRequested, GateDecided
 from lockgate.credentials import NotAllowed
 from lockgate.evalruns import record_request
+from lockgate.retry import RetryPolicy
 from lockgate.server.runtime import Runtime
 from lockgate.signing import Signer
 from lockgate.store import Store
@@ -251,3 +253,33 @@ async def test_a_rotated_gatekeeper_key_is_retired_and_what_it_signed_still_veri
                                         f"{old.key_id!r} (revoked keys count as leaked: nothing they signed is believed)"
     finally:
         await rotated.stop()
+
+
+class _NotYet(Exception):
+    """A readiness check that does not hold yet."""
+
+
+async def test_junk_a_producer_floods_the_audit_queue_with_is_gone_once_the_chainer_read_it(
+        stack: Runtime, store: Store) -> None:
+    # Found by a probe: the operator identity filled the audit queue (LG_AUDIT, 128 MiB) with junk on its own audit
+    # subject in about 2 s; the queue kept it for 30 days (limits retention), refused every later entry, and with
+    # them every gate decision's announcement. Now an entry is kept only until the chainer has read it.
+    operator = await as_identity(stack, "operator")
+    try:
+        for i in range(30):
+            await operator.publish(operator.subjects.audit("operator"), b"\xff not an entry " * 4000, msg_id=f"junk-{i}")
+        await auditlog.record(operator, "operator", kind="rollout", actor="ops", target="web", action="pause")
+    finally:
+        await operator.close()
+    await stored(stack, store, 1)  # the entry after the junk is chained: the chainer has read the junk
+    bus = stack.ctx.bus
+    queue = bus.subjects.streams["audit"].name
+
+    async def emptied() -> None:  # acknowledged, so dropped: the acknowledgements may trail the rows a little
+        if (left := (await bus.js.stream_info(queue)).state.messages) != 0:
+            raise _NotYet(f"{left} entries still in {queue}")
+
+    await asyncio.wait_for(RetryPolicy(attempts=None, initial_s=0.05, max_s=0.5).call(
+        emptied, retry_on=_NotYet, what="the audit queue emptied"), 30)
+    [row] = store.rows("SELECT producer, action FROM audit_log")
+    assert (row["producer"], row["action"]) == ("operator", "pause")
