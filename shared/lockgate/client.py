@@ -35,8 +35,8 @@ _decisions: Codec[GateDecided] = Codec(GateDecided)
 async def get_decision(kv: Any, release: str) -> GateDecided | None:
     """The latest decision for `release` in the gates KV bucket, or None.
 
-    Raises InvalidName for a name outside the grammar, and SignatureError if the stored decision is
-    for another release (a signature alone does not say it answers the question asked)."""
+    Raises InvalidName for a name outside the grammar, and SignatureError if the stored value is no decision or
+    a decision for another release (a signature alone does not say it answers the question asked)."""
     check_name(release, "release")
     try:
         entry = await kv.get(token(release))
@@ -48,7 +48,11 @@ async def get_decision(kv: Any, release: str) -> GateDecided | None:
 def _stored_decision(value: bytes | None, release: str) -> GateDecided | None:
     if not value:
         return None
-    decision = _decisions.decode(value)
+    try:
+        decision = _decisions.decode(value)
+    except InvalidEvent as exc:  # as a decision that does not verify: it admits nothing, whoever reads it
+        raise SignatureError(f"the value stored for release {release!r} is no gate decision ({exc.message}): "
+                             "refusing it") from None
     if decision.release != release:
         raise SignatureError(f"decision {decision.id} stored for release {release!r} is for "
                              f"{decision.release!r}: refusing it")

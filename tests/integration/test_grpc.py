@@ -443,6 +443,21 @@ async def test_a_decision_stored_under_another_release_is_refused(bus: Bus, chan
     assert "is for 'shop_v3'" in err.value.details()
 
 
+async def test_a_value_stored_under_a_release_that_is_no_decision_is_refused_as_one(
+        bus: Bus, channel: grpc.aio.Channel) -> None:
+    # Found by a probe: what the gates key holds when it is no decision (a JetStream reply aimed at it, junk) was
+    # answered UNKNOWN "Unexpected <class 'lockgate.errors.InvalidEvent'>: ...", a Python class name, not an answer.
+    stub = gates_pb2_grpc.GatesStub(channel)
+    await bind(bus, "shop-v4")
+    kv = await bus.kv(bus.subjects.kv_gates)
+    await kv.put(token("shop-v4"), b'{"stream": "LG_GATES", "seq": 7}')
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetDecision(gates_pb2.GetDecisionRequest(release="shop-v4"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "the value stored for release 'shop-v4' is no gate decision" in err.value.details()
+    assert "<class" not in err.value.details()
+
+
 async def test_get_decision_refuses_unknown_revoked_and_unsigned_keys(
     bus: Bus, settings: Settings, channel: grpc.aio.Channel
 ) -> None:

@@ -23,7 +23,14 @@ from lockgate.cli.budget import read_budgets
 from lockgate.client import get_decision
 from lockgate.codec import Codec
 from lockgate.contracts import DeadLetter, DriftReport, FeatureDrift, GateDecided
-from lockgate.errors import AuditBroken, BusUnavailable, InvalidEvent, NotFound, UnreadableValue
+from lockgate.errors import (
+    AuditBroken,
+    BusUnavailable,
+    InvalidEvent,
+    NotFound,
+    SignatureError,
+    UnreadableValue,
+)
 from lockgate.evalruns import requested_run
 from lockgate.gitops.state import read_state, state_key
 from lockgate.kvcas import CasStore, KVUnavailable, KVUnreadable
@@ -71,7 +78,7 @@ async def test_every_reader_of_every_bucket_refuses_jetstream_json(context: Serv
     await _aim(bus, s.kv_gates, token("r2"), shape)
     with pytest.raises(UnreadableValue, match="the decision of 'r2' in KV .* is unreadable"):
         await Records(context, "salt").current("r2")
-    with pytest.raises(InvalidEvent):
+    with pytest.raises(SignatureError, match="the value stored for release 'r2' is no gate decision"):
         await get_decision(await bus.kv(s.kv_gates), "r2")
 
     # routes: the router's decoder and the drift gate's view refuse it (never a route without a canary)
