@@ -231,10 +231,11 @@ class Keyring:
         return ring
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Keyring:
-        """The configured trust roots: the trust file plus settings.trusted_keys PEM files."""
+    def from_settings(cls, settings: Settings, pinned: Iterable[str | Path] = ()) -> Keyring:
+        """The configured trust roots: the trust file plus settings.trusted_keys PEM files, plus `pinned` PEM files
+        (a command's `--key`): these add trust, never take the trust file's revocations or retirements away."""
         ring = cls.from_trust_file(trust_file_path(settings))
-        paths = trusted_paths(settings)
+        paths = [*trusted_paths(settings), *pinned]
         return ring.merge(cls.from_pem_files(paths)) if paths else ring
 
     def why_untrusted(self, kid: str) -> str:

@@ -214,3 +214,35 @@ def test_a_verifier_stops_trusting_a_key_as_soon_as_the_trust_file_revokes_it(tm
     assert verifier.trusts(signer.key_id) and not verifier.trusts("0" * 16)
     revoke_key(trust_file_path(settings), signer.key_id)
     assert not verifier.trusts(signer.key_id)
+
+
+def test_gate_verify_with_a_key_file_still_honours_the_trust_files_revocations_and_retirements(tmp_path: Path) -> None:
+    # Before (probe p3, finding 5): `gate verify --key PEM` replaced the trust roots with the PEM, so a decision
+    # signed by a revoked (leaked) key, or by a retired one after its retirement, printed "ok" and exited 0.
+    from click.testing import CliRunner
+
+    from lockgate.cli.main import cli
+
+    settings = Settings(home=str(tmp_path))
+    leaked, retired, current = Signer.generate(), Signer.generate(), Signer.generate()
+    for s in (leaked, retired, current):
+        trust_key(trust_file_path(settings), s.public)
+    revoke_key(trust_file_path(settings), leaked.key_id)
+    retire_key(trust_file_path(settings), retired.key_id, until_seq=0,
+               at=datetime.now(UTC) - timedelta(hours=1))
+    env = {"LOCKGATE_TRUST_FILE": str(trust_file_path(settings)), "LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
+    runner = CliRunner()
+
+    def verify(signer: Signer) -> object:
+        (tmp_path / "d.json").write_bytes(msgspec.json.encode(signer.sign(decision())))
+        (tmp_path / "k.pem").write_bytes(public_pem(signer.public))
+        return runner.invoke(cli, ["gate", "verify", "--file", str(tmp_path / "d.json"), "--key",
+                                   str(tmp_path / "k.pem")], env=env)
+
+    refused = verify(leaked)
+    assert refused.exit_code == 4 and f"revoked key id {leaked.key_id!r}" in refused.stderr, refused.output
+    after = verify(retired)
+    assert after.exit_code == 4 and "after its retirement" in after.stderr, after.output
+    ok = verify(current)
+    assert ok.exit_code == 0 and f"signed by key {current.key_id}" in ok.output, ok.output
+

@@ -92,8 +92,9 @@ async def request_review(bus: Bus, release: str, action: str, identity: Identity
 
 
 def _keyring(settings: Settings, keys: tuple[str, ...]) -> Keyring:
-    """`--key` files if given, else the configured trust roots; never keys published on the bus."""
-    return Keyring.from_pem_files(keys) if keys else Keyring.from_settings(settings)
+    """The configured trust roots plus `--key` files; never keys published on the bus. Before, `--key` replaced the
+    trust file, and a revoked or retired key's forgery verified."""
+    return Keyring.from_settings(settings, pinned=keys)
 
 
 def _verify(settings: Settings, release: str | None, path: str | None,
@@ -183,7 +184,8 @@ def register(cli: click.Group) -> None:
     @click.argument("release", required=False)
     @click.option("--file", "path", type=click.Path(exists=True, dir_okay=False), help="A decision saved as JSON.")
     @click.option("--key", "keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
-                  help="Trusted public key PEM (repeatable); default: the trust file and settings.trusted_keys.")
+                  help="Also trust this public key PEM (repeatable), besides the trust file and settings.trusted_keys, "
+                       "whose revocations and retirements still apply.")
     @click.pass_context
     @handle_errors
     def verify(ctx: click.Context, release: str | None, path: str | None, keys: tuple[str, ...]) -> None:
