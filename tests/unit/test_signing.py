@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -246,3 +247,32 @@ def test_gate_verify_with_a_key_file_still_honours_the_trust_files_revocations_a
     ok = verify(current)
     assert ok.exit_code == 0 and f"signed by key {current.key_id}" in ok.output, ok.output
 
+
+def test_a_pass_by_approval_admits_nothing_once_an_approval_it_needed_is_withdrawn(tmp_path: Path) -> None:
+    from lockgate.signing import ApprovalWithdrawn, revoke_person, trust_person
+
+    settings, gk = Settings(home=str(tmp_path)), Signer.generate()
+    trust_key(trust_file_path(settings), gk.public)
+    ann, bob = Signer.generate(), Signer.generate()
+    trust_person(trust_file_path(settings), "ann", ann.public, ["approver"])
+    trust_person(trust_file_path(settings), "bob", bob.public, ["approver"])
+    approved = gk.sign(msgspec.structs.replace(decision(), reviewed_by="bob", approvals=["ann", "bob"],
+                                               approval_keys=[ann.key_id, bob.key_id]))
+    pending = gk.sign(msgspec.structs.replace(approved, decision="NEEDS_REVIEW"))
+    verifier = Verifier(None, settings)
+    assert Keyring.from_settings(settings).verify(approved) == gk.key_id
+
+    revoke_person(trust_file_path(settings), "bob")
+    for check in (Keyring.from_settings(settings).verify, lambda d: asyncio.run(verifier.verify(d))):  # what consumers hold
+        with pytest.raises(ApprovalWithdrawn) as refused:
+            check(approved)
+        assert f"the approval by bob (key {bob.key_id}) no longer counts: bob's key {bob.key_id} is revoked" \
+            in refused.value.message and "re-gate v2" in refused.value.message
+    # As history it is still what the gatekeeper decided; a pending decision admits nothing anyway.
+    assert Keyring.from_settings(settings).verify(approved, history=True) == gk.key_id
+    assert Keyring.from_settings(settings).verify(pending) == gk.key_id
+    # A person losing the reviewer role withdraws their approval too; pinned keys alone know no people.
+    trust_person(trust_file_path(settings), "ann", ann.public, ["operator"])
+    with pytest.raises(ApprovalWithdrawn, match="ann no longer has role approver or admin"):
+        Keyring.from_settings(settings).verify(approved)
+    assert Keyring([gk.public]).verify(approved) == gk.key_id
