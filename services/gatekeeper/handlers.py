@@ -23,8 +23,8 @@ from lockgate.services.gatekeeper.gatesfile import Gates
 from lockgate.services.gatekeeper.ownkey import OwnKey
 from lockgate.services.gatekeeper.records import Records
 from lockgate.services.gatekeeper.registrations import Registrations
-from lockgate.services.gatekeeper.review import ReviewRules, apply_review, review_action, signed_approvals
-from lockgate.signing import Signer, Verifier, publish_key
+from lockgate.services.gatekeeper.review import ReviewRules, apply_review, review_action
+from lockgate.signing import Signer, Verifier, publish_key, signed_approvals
 
 __all__ = ["GateHandlers"]
 log = logging.getLogger("lockgate.gatekeeper")

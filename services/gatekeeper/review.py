@@ -10,6 +10,7 @@ import msgspec
 
 from lockgate.contracts import BaselineComparison, GateDecided, GateReview, RuleResult
 from lockgate.services.gatekeeper.policy import Review, ReviewTrigger
+from lockgate.signing import signed_approvals
 
 # The rule a person's reject of some content leaves on every later decision about that content, until an
 # approval lifts it (domain.standing_veto): a new eval must not sign a PASS over it.
@@ -61,13 +62,6 @@ class ReviewOutcome:
     decision: GateDecided | None
     action: str
     reason: str
-
-
-def signed_approvals(decision: GateDecided) -> list[tuple[str, str]]:
-    """Each approval of a decision with the key id it was signed with ("" for one decided before those were kept)."""
-    keys = decision.approval_keys if len(decision.approval_keys) == len(decision.approvals) else \
-        [""] * len(decision.approvals)
-    return list(zip(decision.approvals, keys, strict=True))
 
 
 def apply_review(current: GateDecided | None, review: GateReview, new_id: str, *, reviewer: str,

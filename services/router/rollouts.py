@@ -410,9 +410,12 @@ class Rollouts:
         stable = await self.target(req.stable_release, tenant)
         canary = await self.target(req.canary_release, tenant)
         if override is None and req.initial_weight:
-            if not domain.allows(await self._stored_decision(req.canary_release), req.canary_release):
+            decision, why_not = await self._read_decision(req.canary_release)
+            if not domain.allows(decision, req.canary_release):
+                # Why a stored decision does not count (a revoked key, a withdrawn approval) says how to restore it.
+                why = f" ({why_not})" if why_not else ""
                 raise domain.NotAdmitted(
-                    f"refused: canary {req.canary_release!r} has no verified gate decision allowing it, so it "
+                    f"refused: canary {req.canary_release!r} has no verified gate decision allowing it{why}, so it "
                     "cannot start at a weight; start it without initial_weight (it waits at 0%) or an admin "
                     "may override with break_glass")
         followed: list[str] = []

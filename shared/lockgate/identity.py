@@ -25,10 +25,9 @@ from lockgate.contracts import ApplyRequest, GateReview
 from lockgate.contracts.names import check_name
 from lockgate.errors import ConfigError, NotFound, SignatureError
 from lockgate.ids import canonical_json
-from lockgate.signing import Signer, public_pem, read_trust_file, trust_file_path
+from lockgate.signing import REVIEWER_ROLES, Signer, public_pem, read_trust_file, trust_file_path, withdrawn
 
 PERSON_ROLES = ("operator", "approver", "admin")
-REVIEWER_ROLES = ("approver", "admin")
 # A signed break-glass statement is accepted this long after it was signed: long enough to paste it into
 # a request, short enough that a copy found later cannot be replayed.
 OVERRIDE_MAX_AGE_S = 600.0
@@ -182,22 +181,10 @@ def verify_review(settings: Settings, review: GateReview) -> str:
 
 
 def withdrawn_approvals(settings: Settings, approvals: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Of the (name, key id) approvals of a pending decision, those that no longer count, with why: the person
-    is gone from the trust file, lost the reviewer role, or the key is revoked or no longer theirs. A key id of
-    "" (a decision from before key ids were kept) is judged by the person's current key."""
+    """Of the (name, key id) approvals of a pending decision, those that no longer count by the trust file now,
+    with why (signing.withdrawn; a keyring applies the same to the approvals a PASS rests on)."""
     trust = read_trust_file(trust_file_path(settings))
-    out: dict[str, str] = {}
-    for name, key_id in approvals:
-        person = trust.people.get(name)
-        if person is None:
-            out[name] = f"{name} is no longer a trusted person"
-        elif key_id and key_id != person.key_id:
-            out[name] = f"{name}'s key {key_id} that signed it is no longer theirs"
-        elif (key_id or person.key_id) in trust.revoked:
-            out[name] = f"{name}'s key {key_id or person.key_id} is revoked"
-        elif not set(REVIEWER_ROLES) & set(person.roles):
-            out[name] = f"{name} no longer has role {' or '.join(REVIEWER_ROLES)}"
-    return out
+    return withdrawn(trust.people, set(trust.revoked), approvals)
 
 
 # Break-glass overrides

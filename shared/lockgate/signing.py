@@ -7,7 +7,7 @@ import binascii
 import functools
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -30,6 +30,9 @@ _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 # Fields appended to GateDecided after decisions were first signed: signed only when set, so a decision
 # signed before a field existed still verifies after an upgrade (its canonical bytes are unchanged).
 _SIGNED_WHEN_SET = ("approvals", "approval_keys")
+
+# The roles whose signed review counts (identity checks reviews; a keyring judges the approvals a PASS rests on).
+REVIEWER_ROLES = ("approver", "admin")
 
 
 def canonical(decision: GateDecided) -> bytes:
@@ -158,15 +161,48 @@ class RetiredKey(NamedTuple):
     until_seq: int
 
 
+def signed_approvals(decision: GateDecided) -> list[tuple[str, str]]:
+    """Each approval of a decision with the key id it was signed with ("" for one decided before those were kept)."""
+    keys = decision.approval_keys if len(decision.approval_keys) == len(decision.approvals) else \
+        [""] * len(decision.approvals)
+    return list(zip(decision.approvals, keys, strict=True))
+
+
+def withdrawn(people: Mapping[str, Person], revoked: Collection[str],
+              approvals: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Of (name, key id) approvals, those that no longer count by the trust roots `people` and `revoked`, with why:
+    the person is gone, lost the reviewer role, or the key is revoked or no longer theirs. A key id of "" (a
+    decision from before key ids were kept) is judged by the person's current key."""
+    out: dict[str, str] = {}
+    for name, kid in approvals:
+        person = people.get(name)
+        if person is None:
+            out[name] = f"{name} is no longer a trusted person"
+        elif kid and kid != person.key_id:
+            out[name] = f"{name}'s key {kid} that signed it is no longer theirs"
+        elif (kid or person.key_id) in revoked:
+            out[name] = f"{name}'s key {kid or person.key_id} is revoked"
+        elif not set(REVIEWER_ROLES) & set(person.roles):
+            out[name] = f"{name} no longer has role {' or '.join(REVIEWER_ROLES)}"
+    return out
+
+
+class ApprovalWithdrawn(SignatureError):
+    """A PASS that rests on approvals some of which no longer count (a revoked key, a person gone or without the
+    reviewer role): its signature is sound, but it admits nothing."""
+
+
 class Keyring:
-    """Trusted public keys by key id, revoked ids and retired keys; `verify` raises SignatureError unless a
-    decision checks out."""
+    """Trusted public keys by key id, revoked ids and retired keys, and the people of the trust file (None: not
+    known, no trust file); `verify` raises SignatureError unless a decision checks out."""
 
     def __init__(self, keys: Iterable[Ed25519PublicKey] = (), revoked: Iterable[str] = (), source: str = "",
-                 retired: Mapping[str, RetiredKey] | None = None) -> None:
+                 retired: Mapping[str, RetiredKey] | None = None,
+                 people: Mapping[str, Person] | None = None) -> None:
         self.keys: dict[str, Ed25519PublicKey] = {}
         self.revoked: set[str] = set(revoked)
         self.retired: dict[str, RetiredKey] = dict(retired or {})
+        self.people: dict[str, Person] | None = None if people is None else dict(people)
         self.source = source  # where the keys came from, named in refusals
         for k in keys:
             self.add(k)
@@ -184,8 +220,10 @@ class Keyring:
 
     def merge(self, other: Keyring) -> Keyring:
         """A keyring trusting both rings' keys and honouring both rings' revocations and retirements."""
+        people = None if self.people is None and other.people is None else {**(self.people or {}),
+                                                                             **(other.people or {})}
         ring = Keyring(revoked=self.revoked | other.revoked, retired={**self.retired, **other.retired},
-                       source=" + ".join(s for s in (self.source, other.source) if s))
+                       source=" + ".join(s for s in (self.source, other.source) if s), people=people)
         ring.keys = {**self.keys, **other.keys}
         return ring
 
@@ -222,7 +260,7 @@ class Keyring:
             raise ConfigError(f"trust file {p} cannot be read: {exc.strerror}") from None
         except msgspec.DecodeError as exc:
             raise ConfigError(f'trust file {p} is not {{"keys": {{id: PEM}}, "revoked": [id]}}: {exc}') from None
-        ring = cls(revoked=data.revoked, source=str(p))
+        ring = cls(revoked=data.revoked, source=str(p), people=data.people)
         for kid, pem in data.keys.items():
             ring.add(_listed_key(p, kid, pem))
         for kid, retirement in data.retired.items():
@@ -231,10 +269,11 @@ class Keyring:
         return ring
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Keyring:
-        """The configured trust roots: the trust file plus settings.trusted_keys PEM files."""
+    def from_settings(cls, settings: Settings, pinned: Iterable[str | Path] = ()) -> Keyring:
+        """The configured trust roots: the trust file plus settings.trusted_keys PEM files, plus `pinned` PEM files
+        (a command's `--key`): these add trust, never take the trust file's revocations or retirements away."""
         ring = cls.from_trust_file(trust_file_path(settings))
-        paths = trusted_paths(settings)
+        paths = [*trusted_paths(settings), *pinned]
         return ring.merge(cls.from_pem_files(paths)) if paths else ring
 
     def why_untrusted(self, kid: str) -> str:
@@ -251,7 +290,9 @@ class Keyring:
         """Check the signature; returns the key id or raises SignatureError with a one-line reason.
 
         A decision signed by a retired key admits nothing (the router, the SDK, attestations: re-gate the
-        release); with `history` it verifies as what was decided, if it was signed before the retirement."""
+        release); with `history` it verifies as what was decided, if it was signed before the retirement. Nor
+        does a PASS whose approvals no longer all count (`check_approvals`); as history it is still what the
+        gatekeeper decided."""
         if not decision.signature:
             raise SignatureError(f"signature invalid: decision {decision.id} for {decision.release} is not signed")
         what = f"decision {decision.id} for {decision.release}"
@@ -275,7 +316,28 @@ class Keyring:
         except (InvalidSignature, binascii.Error, ValueError):
             raise SignatureError(f"signature invalid: {what} does not match its signature by key {decision.key_id} "
                                  "(altered after signing?)") from None
+        if not history:
+            self.check_approvals(decision)
         return decision.key_id
+
+    def check_approvals(self, decision: GateDecided) -> None:
+        """ApprovalWithdrawn if `decision` is a PASS resting on approvals and one of them no longer counts by the
+        people and revocations of this ring (none known, no trust file: not judged).
+
+        A review makes a NEEDS_REVIEW a PASS the moment its distinct approvals reach the number its policy
+        requires, so each approval it lists was needed: with one withdrawn, the PASS has fewer than required."""
+        if decision.decision != "PASS" or not decision.approvals or self.people is None:
+            return
+        gone = withdrawn(self.people, self.revoked, signed_approvals(decision))
+        if not gone:
+            return
+        keys = dict(signed_approvals(decision))
+        which = "; ".join(f"the approval by {name} (key {keys[name] or 'unrecorded'}) no longer counts: {why}"
+                          for name, why in gone.items())
+        raise ApprovalWithdrawn(
+            f"decision {decision.id} for {decision.release} is a PASS by approval ({len(decision.approvals)} needed: "
+            f"{', '.join(decision.approvals)}), and {which}: it admits nothing; re-gate {decision.release} (run its "
+            "eval again) and have an approver whose key still counts approve the new decision")
 
     def verify_bytes(self, kid: str, data: bytes, signature: str, what: str, *, audit_seq: int | None = None) -> str:
         """Check a signature over `data` by key `kid`; returns the key id or raises SignatureError naming `what`.

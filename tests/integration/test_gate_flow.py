@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import grpc
 import msgspec
 import pytest
 from click.testing import CliRunner
@@ -35,6 +36,7 @@ from lockgate.errors import NotFound
 from lockgate.evalruns import binding_of, record_request
 from lockgate.identity import Identity, create_identity, sign_review, statement_bytes
 from lockgate.ids import uuid7
+from lockgate.server.apikeys import bootstrap
 from lockgate.server.health import HealthServer
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
@@ -53,7 +55,8 @@ from lockgate.signing import (
 from lockgate.store import Store
 from lockgate.subjects import Subjects, token
 from lockgate.telemetry import Telemetry
-from tests.helpers import admin_headers, person, register_model_release, sink_stored, store_pass
+from lockgate.v1 import gates_pb2, gates_pb2_grpc
+from tests.helpers import admin_headers, grpc_key, person, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
 decided: Codec[GateDecided] = Codec(GateDecided)
@@ -248,7 +251,8 @@ async def test_high_risk_change_waits_for_approval_and_router_holds(
     approved = await request_review(bus, "v5", "approve", ann, "prompt diff reviewed", timeout_s=20)
     assert (approved.decision, approved.reviewed_by, approved.approvals) == ("PASS", "ann", ["ann"])
     assert "approved by ann" in approved.reason
-    assert trusted.verify(approved) == held.key_id
+    # The trust roots as they are now (`trusted` was read before ann was): an approval counts while its person does.
+    assert Keyring.from_settings(settings).verify(approved) == held.key_id
     await router.rollouts.wait_for(lambda routes: routes["chat"].phase == "promoted", timeout=20)
     await sink_stored(services["sink"].handlers, gate_decisions=2)
     history = [(r["action"], r["decision"], r["actor"]) for r in decisions(store, "v5")]
@@ -307,6 +311,54 @@ async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
                                                              settings.prefix, "gate", "explain", "v6", "--json"])
     assert json.loads(explained.output)["decision"] == "BLOCK"
     assert (await current_decision(bus, "v6")) == genuine
+
+
+async def test_a_pass_resting_on_an_approval_admits_nothing_once_the_approvers_key_is_revoked(
+    bus: Bus, router: Any, run_services: Callable[..., Any], gates: Any, settings: Settings
+) -> None:
+    # Before (probe p3, finding 2): after `gate revoke --person dave` (his key leaked), the PASS his approval alone
+    # made of a NEEDS_REVIEW still verified (`gate verify` exit 0, gRPC PASS) and admitted a new rollout at 10%.
+    policy = await register_policy(bus)
+    await finish_eval(bus, completed("v5", policy, em=0.9, em_ci=(0.88, 0.92), diff=0.0, diff_ci=(-0.01, 0.01),
+                                     n=2000, artifacts=(await artifacts.release_of(bus, "v5"))["artifacts"]))
+    assert (await next_decision(gates)).decision == "NEEDS_REVIEW"
+    dave = person(settings, "dave", "approver")
+    approved = await request_review(bus, "v5", "approve", dave, "prompt diff reviewed", timeout_s=20)
+    assert (approved.decision, approved.approvals, approved.approval_keys) == ("PASS", ["dave"], [dave.key_id])
+    gateway = (await run_services("gateway"))["gateway"]
+    app_key = bootstrap(settings.home, tenant="default", app="shop").app_key
+    s = router.ctx.settings
+    runner = CliRunner()
+
+    def lockgate(*args: str) -> Any:
+        return runner.invoke(cli, ["--home", s.home, "--nats", s.nats_url, "--prefix", s.prefix, *args])
+
+    start = {"stable_release": "v1", "canary_release": "v5", "initial_weight": 10}
+    deployment = f"{router.url}/lockgate/v1/deployments/chat"
+    async with aiohttp.ClientSession(headers=admin_headers(s.home)) as http, \
+            grpc.aio.insecure_channel(gateway.endpoints["grpc"], interceptors=grpc_key(app_key)) as channel:
+        stub = gates_pb2_grpc.GatesStub(channel)
+        assert (await stub.GetDecision(gates_pb2.GetDecisionRequest(release="v5"), timeout=10)).decision == "PASS"
+        assert (await asyncio.to_thread(lockgate, "gate", "verify", "v5")).exit_code == 0
+        async with http.put(deployment, json=start) as resp:
+            state = await resp.json()
+        assert resp.status == 200 and (state["phase"], state["weight"]) == ("progressing", 10.0), state
+        async with http.post(f"{deployment}/abort") as resp:
+            assert resp.status == 200, await resp.text()
+
+        revoked = await asyncio.to_thread(lockgate, "gate", "revoke", "--person", "dave")
+        assert revoked.exit_code == 0, revoked.output
+        withdrawn = f"the approval by dave (key {dave.key_id}) no longer counts: dave's key {dave.key_id} is revoked"
+        async with http.put(deployment, json=start) as resp:
+            refused = await resp.json()
+        assert resp.status == 409 and refused["error"]["code"] == "not_admitted", refused
+        assert withdrawn in refused["error"]["message"] and "re-gate v5" in refused["error"]["message"]
+        assert router.rollouts.route("chat").weight == 0.0
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.GetDecision(gates_pb2.GetDecisionRequest(release="v5"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and withdrawn in err.value.details()
+        verified = await asyncio.to_thread(lockgate, "gate", "verify", "v5")
+        assert verified.exit_code == 4 and withdrawn in verified.stderr, verified.output
 
 
 async def test_forged_eval_results_get_no_decision_and_are_dead_lettered(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -214,3 +215,64 @@ def test_a_verifier_stops_trusting_a_key_as_soon_as_the_trust_file_revokes_it(tm
     assert verifier.trusts(signer.key_id) and not verifier.trusts("0" * 16)
     revoke_key(trust_file_path(settings), signer.key_id)
     assert not verifier.trusts(signer.key_id)
+
+
+def test_gate_verify_with_a_key_file_still_honours_the_trust_files_revocations_and_retirements(tmp_path: Path) -> None:
+    # Before (probe p3, finding 5): `gate verify --key PEM` replaced the trust roots with the PEM, so a decision
+    # signed by a revoked (leaked) key, or by a retired one after its retirement, printed "ok" and exited 0.
+    from click.testing import CliRunner
+
+    from lockgate.cli.main import cli
+
+    settings = Settings(home=str(tmp_path))
+    leaked, retired, current = Signer.generate(), Signer.generate(), Signer.generate()
+    for s in (leaked, retired, current):
+        trust_key(trust_file_path(settings), s.public)
+    revoke_key(trust_file_path(settings), leaked.key_id)
+    retire_key(trust_file_path(settings), retired.key_id, until_seq=0,
+               at=datetime.now(UTC) - timedelta(hours=1))
+    env = {"LOCKGATE_TRUST_FILE": str(trust_file_path(settings)), "LOCKGATE_NATS_URL": "nats://127.0.0.1:1"}
+    runner = CliRunner()
+
+    def verify(signer: Signer) -> object:
+        (tmp_path / "d.json").write_bytes(msgspec.json.encode(signer.sign(decision())))
+        (tmp_path / "k.pem").write_bytes(public_pem(signer.public))
+        return runner.invoke(cli, ["gate", "verify", "--file", str(tmp_path / "d.json"), "--key",
+                                   str(tmp_path / "k.pem")], env=env)
+
+    refused = verify(leaked)
+    assert refused.exit_code == 4 and f"revoked key id {leaked.key_id!r}" in refused.stderr, refused.output
+    after = verify(retired)
+    assert after.exit_code == 4 and "after its retirement" in after.stderr, after.output
+    ok = verify(current)
+    assert ok.exit_code == 0 and f"signed by key {current.key_id}" in ok.output, ok.output
+
+
+def test_a_pass_by_approval_admits_nothing_once_an_approval_it_needed_is_withdrawn(tmp_path: Path) -> None:
+    from lockgate.signing import ApprovalWithdrawn, revoke_person, trust_person
+
+    settings, gk = Settings(home=str(tmp_path)), Signer.generate()
+    trust_key(trust_file_path(settings), gk.public)
+    ann, bob = Signer.generate(), Signer.generate()
+    trust_person(trust_file_path(settings), "ann", ann.public, ["approver"])
+    trust_person(trust_file_path(settings), "bob", bob.public, ["approver"])
+    approved = gk.sign(msgspec.structs.replace(decision(), reviewed_by="bob", approvals=["ann", "bob"],
+                                               approval_keys=[ann.key_id, bob.key_id]))
+    pending = gk.sign(msgspec.structs.replace(approved, decision="NEEDS_REVIEW"))
+    verifier = Verifier(None, settings)
+    assert Keyring.from_settings(settings).verify(approved) == gk.key_id
+
+    revoke_person(trust_file_path(settings), "bob")
+    for check in (Keyring.from_settings(settings).verify, lambda d: asyncio.run(verifier.verify(d))):  # what consumers hold
+        with pytest.raises(ApprovalWithdrawn) as refused:
+            check(approved)
+        assert f"the approval by bob (key {bob.key_id}) no longer counts: bob's key {bob.key_id} is revoked" \
+            in refused.value.message and "re-gate v2" in refused.value.message
+    # As history it is still what the gatekeeper decided; a pending decision admits nothing anyway.
+    assert Keyring.from_settings(settings).verify(approved, history=True) == gk.key_id
+    assert Keyring.from_settings(settings).verify(pending) == gk.key_id
+    # A person losing the reviewer role withdraws their approval too; pinned keys alone know no people.
+    trust_person(trust_file_path(settings), "ann", ann.public, ["operator"])
+    with pytest.raises(ApprovalWithdrawn, match="ann no longer has role approver or admin"):
+        Keyring.from_settings(settings).verify(approved)
+    assert Keyring([gk.public]).verify(approved) == gk.key_id

@@ -127,9 +127,7 @@ def register(cli: click.Group) -> None:
             raise at.AttestationRefused(f"{path} is not JSON (a DSSE envelope)") from None
         if not isinstance(env, dict):
             raise at.AttestationRefused(f"{path} is not a DSSE envelope")
-        ring = Keyring.from_settings(settings)
-        if keys:
-            ring = ring.merge(Keyring.from_pem_files(keys))
+        ring = Keyring.from_settings(settings, pinned=keys)
 
         # An attestation is a record of what was decided: one signed before its gatekeeper key was rotated out
         # (retired, not revoked) still verifies, as `gate verify` and `audit verify` read history.

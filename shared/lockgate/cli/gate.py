@@ -92,27 +92,34 @@ async def request_review(bus: Bus, release: str, action: str, identity: Identity
 
 
 def _keyring(settings: Settings, keys: tuple[str, ...]) -> Keyring:
-    """`--key` files if given, else the configured trust roots; never keys published on the bus."""
-    return Keyring.from_pem_files(keys) if keys else Keyring.from_settings(settings)
+    """The configured trust roots plus `--key` files; never keys published on the bus. Before, `--key` replaced the
+    trust file, and a revoked or retired key's forgery verified."""
+    return Keyring.from_settings(settings, pinned=keys)
 
 
 def _verify(settings: Settings, release: str | None, path: str | None,
             keys: tuple[str, ...]) -> tuple[GateDecided, Keyring]:
     """The decision (from a file or the stack) and the keyring it verified against, as history: a key retired
-    since it signed still verifies what it decided before (it admits nothing, which the caller says)."""
+    since it signed still verifies what it decided before (it admits nothing, which the caller says). A PASS whose
+    approvals no longer all count fails: it was decided, but nothing may act on it (Keyring.check_approvals)."""
     ring = _keyring(settings, keys)
+
+    def check(dec: GateDecided) -> None:
+        ring.verify(dec, history=True)
+        ring.check_approvals(dec)
+
     d: GateDecided | None = None
     if path:
         try:
             d = msgspec.json.decode(Path(path).read_bytes(), type=GateDecided)
         except msgspec.DecodeError as exc:
             raise SignatureError(f"{path} is not a gate decision: {exc}") from None
-        ring.verify(d, history=True)
+        check(d)
         return d, ring
 
     async def work(bus: Bus) -> tuple[GateDecided, Keyring]:
         dec = await current_decision(bus, release or "")
-        ring.verify(dec, history=True)
+        check(dec)
         return dec, ring
 
     return with_bus(settings, work)
@@ -183,12 +190,14 @@ def register(cli: click.Group) -> None:
     @click.argument("release", required=False)
     @click.option("--file", "path", type=click.Path(exists=True, dir_okay=False), help="A decision saved as JSON.")
     @click.option("--key", "keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
-                  help="Trusted public key PEM (repeatable); default: the trust file and settings.trusted_keys.")
+                  help="Also trust this public key PEM (repeatable), besides the trust file and settings.trusted_keys, "
+                       "whose revocations and retirements still apply.")
     @click.pass_context
     @handle_errors
     def verify(ctx: click.Context, release: str | None, path: str | None, keys: tuple[str, ...]) -> None:
-        """Check a decision's signature: offline (--file + --key) or against the running stack. Exit 4 if bad. One a
-        key retired since signed verifies as history (said so: it admits nothing now)."""
+        """Check a decision's signature: offline (--file + --key) or against the running stack. Exit 4 if bad, or if
+        it is a PASS whose approvals no longer all count (a revoked approver). One a key retired since signed
+        verifies as history (said so: it admits nothing now)."""
         settings: Settings = ctx.obj["settings"]
         if bool(release) == bool(path):
             raise LockgateError("give exactly one of RELEASE or --file")
