@@ -84,6 +84,7 @@ def test_events_built_from_fields_are_checked_without_decoding_but_as_strictly()
     assert c.emit(latency_ms=12, scores={"q": 1}, time=datetime.now(UTC).isoformat()) and c.pending == 1
 
 
+@pytest.mark.timeout(60)  # 300 examples: over the file's 10 s on a machine the rest of the suite loads
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(
     st.sampled_from(["input_tokens", "latency_ms", "model", "release", "attributes", "scores", "prompt", "time",
