@@ -176,7 +176,8 @@ def release_rules(release: str, registered: Mapping[str, str] | None,
                             f"({', '.join(diffs)}): run the eval for the registered release"),)
 
 
-def standing_veto(current: GateDecided | None, judged: Mapping[str, str], unreadable: str = "") -> RuleResult | None:
+def standing_veto(current: GateDecided | None, judged: Mapping[str, str], unreadable: str = "",
+                  withdrawn: Mapping[str, str] | None = None) -> RuleResult | None:
     """The veto a new eval of the release content `judged` stays under (None: it is judged afresh).
 
     A person's reject (a BLOCK by a reviewer) binds the content it rejected, and any operator may request
@@ -184,11 +185,22 @@ def standing_veto(current: GateDecided | None, judged: Mapping[str, str], unread
     rule on each later decision about that content until an approval passes one (review.apply_review marks
     it lifted). A decision about other content (a changed binding) binds nothing here. `unreadable` says why
     the release's current decision cannot be read: it may have been a veto, so the same holds.
+
+    `withdrawn`: approvals of `current` that no longer count (name -> why: a revoked key, a person gone). A PASS
+    that lifted a veto by such an approval lifted nothing: the veto stands again (else re-running the eval, which
+    the refusal of that PASS advises, signed a clean PASS over the person's reject).
     """
     if unreadable:
         return _veto(f"the current decision cannot be read ({unreadable}); it may be a person's reject")
-    if current is None or current.decision == "PASS" or judged_artifacts(current.artifacts) != dict(judged):
+    if current is None or judged_artifacts(current.artifacts) != dict(judged):
         return None
+    if current.decision == "PASS":
+        lifted = next((r for r in current.rules if r.rule == VETOED and r.verdict == "PASS"), None)
+        gone = {a: why for a, why in (withdrawn or {}).items() if a in current.approvals}
+        if lifted is None or not gone:
+            return None
+        return _veto(f"the veto on release {current.release!r} was lifted by approvals that no longer count "
+                     f"({'; '.join(gone.values())})")
     carried = next((r for r in current.rules if r.rule == VETOED and r.verdict == "FAIL"), None)
     if carried is not None:
         return carried

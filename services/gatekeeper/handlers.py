@@ -100,8 +100,11 @@ class GateHandlers:
                                                                       done.suite))
             outcome = domain.with_rules(outcome, await self._required_baseline(done, bundle))
             # A person's reject of this content stands over a re-run of its eval: at most NEEDS_REVIEW.
+            current = stored.decision
+            withdrawn = withdrawn_approvals(self.ctx.settings, signed_approvals(current)) \
+                if current is not None and current.approvals else {}
             outcome = domain.under_veto(outcome, domain.standing_veto(
-                stored.decision, domain.judged_artifacts(done.artifacts or release_arts), stored.unreadable))
+                current, domain.judged_artifacts(done.artifacts or release_arts), stored.unreadable, withdrawn))
             # Last, so its remediation leads the reason: fail closed for a name nobody registered (or other content),
             # one bound otherwise than when the run started, or evaluated on another model than it ships.
             outcome = domain.with_rules(outcome, (*await evaluated_rules(self.ctx.bus, done, bundle),

@@ -196,6 +196,12 @@ def test_an_approval_lifts_the_veto_and_an_approved_pass_binds_nothing() -> None
     assert (lifted.rule, lifted.verdict) == ("vetoed", "PASS") and lifted.hint.startswith(
         "lifted by the approval of ann, bob: release 'v2' was rejected by carol")
     assert domain.standing_veto(passed.decision, ARTS) is None  # the next eval is judged afresh
+    # ... unless an approval that lifted it no longer counts (bob's key revoked: it leaked): the veto stands again,
+    # or re-running the eval (which the refusal of the PASS advises) signed a clean PASS over carol's reject.
+    again = domain.standing_veto(passed.decision, ARTS, withdrawn={"bob": "bob's key k2 is revoked"})
+    assert again is not None and (again.rule, again.verdict) == ("vetoed", "FAIL")
+    assert "lifted by approvals that no longer count (bob's key k2 is revoked)" in again.hint
+    assert domain.standing_veto(passed.decision, ARTS, withdrawn={"dan": "not one of its approvers"}) is None
     # A reject of it again blocks and stands again.
     again = apply_review(passed.decision, review("reject", decision_id="d3"), "d4", reviewer="carol").decision
     assert again is not None and domain.standing_veto(again, ARTS) is not None
