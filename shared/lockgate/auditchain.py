@@ -122,11 +122,12 @@ def _link(row: AuditRecord, prev: AuditRecord | None, keyring: Keyring) -> Break
         return Break(row.seq, f"row repeated or out of order (it follows seq {prev.seq if prev else 0})")
     if chain_hash(row) != row.hash:
         return Break(row.seq, "row altered (its content does not match its hash)")
-    try:
-        # By seq: a key retired since still verifies the rows it chained before its retirement.
-        keyring.verify_bytes(row.key_id, row.hash.encode(), row.signature, f"row {row.seq}", audit_seq=row.seq)
-    except SignatureError as exc:
-        return Break(row.seq, exc.message)
+    if row.key_id not in keyring.revoked:  # a revoked key's row waits for a trusted row linking over it (verify)
+        try:
+            # By seq: a key retired since still verifies the rows it chained before its retirement.
+            keyring.verify_bytes(row.key_id, row.hash.encode(), row.signature, f"row {row.seq}", audit_seq=row.seq)
+        except SignatureError as exc:
+            return Break(row.seq, exc.message)
     if row.prev_hash != (prev.hash if prev else GENESIS):
         return Break(row.seq, f"row does not link to seq {expected - 1} (its prev_hash is not that row's hash)")
     return None
@@ -150,9 +151,16 @@ def _tail(last: AuditRecord | None, head: AuditRecord | None) -> Break | None:
 
 def verify(rows: Iterable[AuditRecord | dict[str, Any]], keyring: Keyring, head: AuditRecord | None) -> Report:
     """Walk rows in seq order: contiguous from 1, each hash recomputed, signed by a trusted key, linked to
-    the row before; the last row is the chain head. Stops at the first break. Rows may be stored dicts."""
+    the row before; the last row is the chain head. Stops at the first break. Rows may be stored dicts.
+
+    A row a revoked key signed proves nothing by its signature (the key counts as leaked), but a later row a
+    trusted key signed links over it: its prev_hash fixes the hash of every row before it, so those rows are
+    as they were chained. Only rows no trusted row links over are a break. (Before, revoking the key that signed
+    row 1, the documented answer to a leak, broke the log at seq 1 for good: a row deleted or altered later was
+    reported exactly alike.)"""
     report = Report()
     prev: AuditRecord | None = None
+    unvouched: AuditRecord | None = None  # the first row since the last trusted one that a revoked key signed
     for raw in rows:
         try:
             row = from_row(raw) if isinstance(raw, dict) else raw
@@ -164,10 +172,19 @@ def verify(rows: Iterable[AuditRecord | dict[str, Any]], keyring: Keyring, head:
         if (broken := _link(row, prev, keyring)) is not None:
             report.broken = broken
             return report
+        if row.key_id in keyring.revoked:
+            unvouched = unvouched or row
+        else:
+            unvouched = None
         report.rows += 1
         report.keys.add(row.key_id)
         prev = row
     report.last_seq, report.last_hash = (prev.seq, prev.hash) if prev else (0, GENESIS)
+    if unvouched is not None:
+        report.broken = Break(unvouched.seq, f"row {unvouched.seq} was signed by revoked key id {unvouched.key_id!r} "
+                                             "and no row a trusted key signed links over it (revoked keys count as "
+                                             "leaked: nothing they signed alone is believed)")
+        return report
     if head is not None and (broken := _link_head(head, keyring)) is not None:
         report.broken = broken
         return report

@@ -96,13 +96,40 @@ def test_a_chain_resealed_with_another_key_is_refused_by_the_trust_roots() -> No
     assert report.broken is not None and report.broken.seq == 1 and "unknown key id" in report.broken.reason
 
 
-def test_a_revoked_key_fails_every_row_it_signed() -> None:
+def test_a_revoked_key_fails_every_row_no_trusted_row_links_over() -> None:
     rows = chain(2)
     revoked = Keyring([SIGNER.public], revoked=[SIGNER.key_id])
     report = auditchain.verify(rows, revoked, rows[-1])
     assert report.broken is not None and report.broken.seq == 1
-    assert report.broken.reason == f"row 1 was signed by revoked key id {SIGNER.key_id!r} (revoked keys count as " \
-                                   "leaked: nothing they signed is believed)"
+    assert report.broken.reason == f"row 1 was signed by revoked key id {SIGNER.key_id!r} and no row a trusted key " \
+                                   "signed links over it (revoked keys count as leaked: nothing they signed alone " \
+                                   "is believed)"
+
+
+def test_rows_a_revoked_key_signed_are_vouched_for_by_a_trusted_row_linking_over_them() -> None:
+    # Found by a probe: after the key that signed row 1 was revoked (a leak), `audit verify` said "broken at seq 1"
+    # for good, and a row deleted or altered later read exactly alike. A trusted row's prev_hash fixes every row
+    # before it, so the walk goes on and tampering after the revoked rows is still named.
+    successor = Signer.generate()
+    rows = chain(3)
+    for i in range(3):
+        rows.append(auditchain.seal(AuditEntry(kind="key", actor="admin", target="web", action=f"a{i}"), "admin",
+                                    rows[-1], successor))
+    leaked = Keyring([successor.public], revoked=[SIGNER.key_id])
+    report = auditchain.verify(rows, leaked, rows[-1])
+    assert report.ok and report.rows == 6, report.broken
+    missing = auditchain.verify([*rows[:4], rows[5]], leaked, rows[-1])
+    assert missing.broken is not None and (missing.broken.seq, missing.broken.reason) == (5, "row missing (4 is "
+                                                                                             "followed by 6)")
+    altered = auditchain.verify([*rows[:4], msgspec.structs.replace(rows[4], reason="edited"), rows[5]], leaked,
+                                rows[-1])
+    assert altered.broken is not None and altered.broken.seq == 5
+    assert auditchain.verify(rows[:5], leaked, rows[-1]).broken is not None  # a cut tail: the head says so
+    # A row the leaked key signed after the last trusted one (a forgery appended with it) is not vouched for.
+    forged = auditchain.seal(AuditEntry(kind="key", actor="admin", target="web", action="forged"), "admin",
+                             rows[-1], SIGNER)
+    report = auditchain.verify([*rows, forged], leaked, forged)
+    assert report.broken is not None and report.broken.seq == 7
 
 
 def test_a_retired_key_verifies_the_rows_it_chained_before_its_retirement_only() -> None:
