@@ -237,6 +237,11 @@ async def test_a_rotated_gatekeeper_key_is_retired_and_what_it_signed_still_veri
         assert verified.exit_code == 0, verified.output
         assert f"is signed by key {old.key_id} (retired at " in verified.output and "it admits nothing now" in \
             verified.output
+        # Explained, it says so too (before: a plain PASS, found by a probe).
+        explained = await run_cli(rotated, "gate", "explain", "shop-v2")
+        assert explained.exit_code == 0, explained.output
+        said = " ".join(explained.output.split())
+        assert "admits nothing:" in said and f"signed by key id {old.key_id!r}, retired at" in said, explained.output
 
         # It admits nothing new: a canary resting on its PASS waits for the release to be gated again.
         after = await canary("chat")

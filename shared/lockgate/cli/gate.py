@@ -145,6 +145,11 @@ def register(cli: click.Group) -> None:
             return
         console.print(f"[bold]{d.release}: {d.decision}[/bold]  decision {d.id} at {d.time:%Y-%m-%d %H:%M:%S}",
                       highlight=False)
+        try:  # as the router and the SDK read it: a PASS its consumers refuse must not read as one that admits
+            _keyring(ctx.obj["settings"], ()).verify(d)
+        except SignatureError as exc:
+            console.print(f"[bold red]admits nothing:[/bold red] {exc.message} (lockgate gate verify {d.release})",
+                          highlight=False)
         console.print(f"reason: {d.reason}", highlight=False)
         for label, value in (("review required", d.review_required), ("reviewed by", d.reviewed_by),
                              ("eval run", d.eval_run), ("policy", d.policy), ("baseline", d.baseline),
