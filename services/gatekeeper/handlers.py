@@ -24,7 +24,7 @@ from lockgate.services.gatekeeper.ownkey import OwnKey
 from lockgate.services.gatekeeper.records import Records
 from lockgate.services.gatekeeper.registrations import Registrations
 from lockgate.services.gatekeeper.review import ReviewRules, apply_review, review_action
-from lockgate.signing import Signer, Verifier, publish_key, signed_approvals
+from lockgate.signing import Signer, Verifier, publish_key
 
 __all__ = ["GateHandlers"]
 log = logging.getLogger("lockgate.gatekeeper")
@@ -100,11 +100,9 @@ class GateHandlers:
                                                                       done.suite))
             outcome = domain.with_rules(outcome, await self._required_baseline(done, bundle))
             # A person's reject of this content stands over a re-run of its eval: at most NEEDS_REVIEW.
-            current = stored.decision
-            withdrawn = withdrawn_approvals(self.ctx.settings, signed_approvals(current)) \
-                if current is not None and current.approvals else {}
             outcome = domain.under_veto(outcome, domain.standing_veto(
-                current, domain.judged_artifacts(done.artifacts or release_arts), stored.unreadable, withdrawn))
+                stored.decision, domain.judged_artifacts(done.artifacts or release_arts), stored.unreadable,
+                withdrawn_approvals(self.ctx.settings, stored.decision)))
             # Last, so its remediation leads the reason: fail closed for a name nobody registered (or other content),
             # one bound otherwise than when the run started, or evaluated on another model than it ships.
             outcome = domain.with_rules(outcome, (*await evaluated_rules(self.ctx.bus, done, bundle),
@@ -185,8 +183,7 @@ class GateHandlers:
                                    f"{why}")
             # Earlier approvals count only while their signers are still trusted: a revoked (stolen) key's
             # approval must not complete an N-person rule with one honest approver.
-            withdrawn = withdrawn_approvals(self.ctx.settings, signed_approvals(current)) \
-                if current is not None and review.action == "approve" else {}
+            withdrawn = withdrawn_approvals(self.ctx.settings, current) if review.action == "approve" else {}
             outcome = apply_review(current, review, new_id, reviewer=reviewer, rules=rules, author=author,
                                    withdrawn=withdrawn)
             if refusal or outcome.decision is None:

@@ -587,14 +587,13 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
     # A metric still waiting for its data (online scores) holds the step: never a pass, not yet a look.
     overall: Verdict = ("FAILED" if "FAILED" in verdicts else "WAITING" if "WAITING" in verdicts
                         else "INCONCLUSIVE" if "INCONCLUSIVE" in verdicts else "SUCCESSFUL")
+    m = Measurement(verdict=overall, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
     if overall == "SUCCESSFUL" and step_n is not None and step_n < spec.min_step_sample:
         # The window still holds the previous step's requests: without new ones at this weight, the look would
         # pass the step again on the numbers that passed the last one (and promote a canary never tried above it).
-        why = (f"waiting for {spec.min_step_sample} canary requests at this step (min_step_sample; {step_n} since it "
-               "began): a step is not passed on the evidence of the step before it")
-        results = [r if r.dry_run else msgspec.structs.replace(r, verdict="WAITING", why=why) for r in results]
-        overall = "WAITING"
-    return Measurement(verdict=overall, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
+        return _held(m, f"waiting for {spec.min_step_sample} canary requests at this step (min_step_sample; "
+                        f"{step_n} since it began): a step is not passed on the evidence of the step before it")
+    return m
 
 
 def incomplete(m: Measurement, why: str) -> Measurement:
@@ -603,8 +602,11 @@ def incomplete(m: Measurement, why: str) -> Measurement:
     stands: the failures seen are real whatever the missing events hold, and a failing canary must not be kept
     live by the wait (aborting is the safe side). Any other becomes WAITING, each metric saying why: it holds the
     step, never a pass and not counted as a look, since the missing events may hold the failures."""
-    if m.verdict == "FAILED":
-        return m
+    return m if m.verdict == "FAILED" else _held(m, why)
+
+
+def _held(m: Measurement, why: str) -> Measurement:
+    """The look WAITING, each metric that decides saying `why`: it holds the step, and is not counted as a look."""
     results = [r if r.dry_run else msgspec.structs.replace(r, verdict="WAITING", why=why) for r in m.metrics]
     return msgspec.structs.replace(m, verdict="WAITING", metrics=results)
 

@@ -221,8 +221,12 @@ def drift_evidence(route: Route, since: float) -> tuple[Comparison, str, float]:
     if route.phase == "promoted":
         return "now_vs_reference", route.stable.release, since
     assert route.canary is not None
-    step = route.analysis.step_at if route.analysis is not None else 0.0
-    return "canary_vs_stable", route.canary.release, max(since, step)
+    return "canary_vs_stable", route.canary.release, max(since, step_began(route))
+
+
+def step_began(route: Route) -> float:
+    """When the rollout's current step began (unix seconds): its analysis's `step_at`, else the rollout's start."""
+    return max(route.started_at, route.analysis.step_at if route.analysis is not None else 0.0)
 
 
 def _bump(route: Route, **changes: object) -> Route:

@@ -799,10 +799,9 @@ class Rollouts:
         if stable.n < spec.min_sample and since > route.started_at:
             stable = self.evidence.sample(route.deployment, route.stable.release, route.started_at)
         comparison, release, drift_since = progress.drift_evidence(route, since)
-        step_at = max(route.started_at, route.analysis.step_at if route.analysis is not None else 0.0)
         return analysis.measure(spec, canary, stable, look,
                                 self.evidence.drift(route.deployment, release, drift_since, comparison),
-                                step_n=self.evidence.count(route.deployment, route.canary.release, step_at))
+                                step_n=self.evidence.count(route.deployment, route.canary.release, progress.step_began(route)))
 
     def _step(self, route: Route, now: float) -> None:
         """A due route: the clock's own changes first (timed pauses, blue-green promotion and scale-down,

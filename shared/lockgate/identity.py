@@ -21,11 +21,19 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from lockgate.config import Settings
-from lockgate.contracts import ApplyRequest, GateReview
+from lockgate.contracts import ApplyRequest, GateDecided, GateReview
 from lockgate.contracts.names import check_name
 from lockgate.errors import ConfigError, NotFound, SignatureError
 from lockgate.ids import canonical_json
-from lockgate.signing import REVIEWER_ROLES, Signer, public_pem, read_trust_file, trust_file_path, withdrawn
+from lockgate.signing import (
+    REVIEWER_ROLES,
+    Signer,
+    public_pem,
+    read_trust_file,
+    signed_approvals,
+    trust_file_path,
+    withdrawn,
+)
 
 PERSON_ROLES = ("operator", "approver", "admin")
 # A signed break-glass statement is accepted this long after it was signed: long enough to paste it into
@@ -180,11 +188,13 @@ def verify_review(settings: Settings, review: GateReview) -> str:
     return name
 
 
-def withdrawn_approvals(settings: Settings, approvals: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Of the (name, key id) approvals of a pending decision, those that no longer count by the trust file now,
-    with why (signing.withdrawn; a keyring applies the same to the approvals a PASS rests on)."""
+def withdrawn_approvals(settings: Settings, decision: GateDecided | None) -> dict[str, str]:
+    """Of the approvals `decision` lists, those that no longer count by the trust file now, with why
+    (signing.withdrawn; a keyring applies the same to the approvals a PASS rests on)."""
+    if decision is None or not decision.approvals:
+        return {}
     trust = read_trust_file(trust_file_path(settings))
-    return withdrawn(trust.people, set(trust.revoked), approvals)
+    return withdrawn(trust.people, set(trust.revoked), signed_approvals(decision))
 
 
 # Break-glass overrides

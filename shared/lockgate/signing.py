@@ -328,10 +328,11 @@ class Keyring:
         requires, so each approval it lists was needed: with one withdrawn, the PASS has fewer than required."""
         if decision.decision != "PASS" or not decision.approvals or self.people is None:
             return
-        gone = withdrawn(self.people, self.revoked, signed_approvals(decision))
+        approvals = signed_approvals(decision)
+        gone = withdrawn(self.people, self.revoked, approvals)
         if not gone:
             return
-        keys = dict(signed_approvals(decision))
+        keys = dict(approvals)
         which = "; ".join(f"the approval by {name} (key {keys[name] or 'unrecorded'}) no longer counts: {why}"
                           for name, why in gone.items())
         raise ApprovalWithdrawn(
