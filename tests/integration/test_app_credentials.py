@@ -371,7 +371,8 @@ async def test_a_deployed_server_takes_an_applications_user_from_nats_config(
             own = await admin.nc.subscribe(s.ingest("shop", "acme"))  # where the gateway's relay would take them
             await admin.nc.flush()
             await nc.publish(s.ingest("shop", "acme"), b"[]")
-            assert (await own.next_msg(timeout=5)).data == b"[]"
+            await nc.flush(timeout=10)  # the server has it (a loaded machine: CI missed it within 5 s once)
+            assert (await own.next_msg(timeout=10)).data == b"[]"
             for subject in (s.ingest("shop", "globex"), s.inference("shop", "acme")):
                 with pytest.raises((TimeoutError, nats.errors.Error)):
                     await nc.jetstream().publish(subject, b"[]", timeout=1)
