@@ -102,7 +102,9 @@ async def test_a_canary_whose_output_triples_against_stable_is_blocked_by_the_dr
     assert (report.release, report.reference_release) == ("r2", "r1") and not report.drifted
     out = next(f for f in report.features if f.feature == "output_tokens")
     assert out.test == "ks" and out.test_drifted and out.p_value is not None and out.p_value < 1e-6
-    assert out.current_mean > 2.5 * out.reference_mean and out.psi > 0.5
+    # Each window holds 50 requests whose prompt mix depends on how users fell into the arms (a salted hash drawn
+    # per rollout), so the ratio of means varies around 3 by some 15%; twice stable's is far outside stable's own.
+    assert out.current_mean > 2 * out.reference_mean and out.psi > 0.5
     assert (out.reference_size, out.current_size) == (50, 50)
     # Every feature is reported with its own sizes; only the policy's feature (output tokens) judged the canary
     # (the canary's longer answers take longer too, so latency may drift as much on a loaded machine).
