@@ -489,6 +489,34 @@ def trust_person(path: str | Path, name: str, public: Ed25519PublicKey, roles: I
     return kid
 
 
+def undo_grant(path: str | Path, before: TrustFile | None, *, kid: str = "", person: str = "") -> None:
+    """Take back a `trust_key` of `kid` (or a `trust_person` of `person`) that the audit log did not record: that one
+    entry is put back as the trust file `before` held it (None: there was no file), so whatever else changed since
+    stays (a revocation made meanwhile above all); a file the grant created is removed if it holds nothing else."""
+    p = Path(path)
+    data = read_trust_file(p)
+    if person:
+        had = before.people.get(person) if before is not None else None
+        if data.people.get(person) == had:
+            return
+        if had is None:
+            data.people.pop(person, None)
+        else:
+            data.people[person] = had
+    else:
+        was = before.keys.get(kid) if before is not None else None
+        if data.keys.get(kid) == was:
+            return
+        if was is None:
+            data.keys.pop(kid, None)
+        else:
+            data.keys[kid] = was
+    if before is None and data == TrustFile():
+        p.unlink(missing_ok=True)
+        return
+    _write_trust_file(p, data)
+
+
 def revoke_person(path: str | Path, name: str) -> str:
     """Revoke a person's key (kept listed, so what they signed still names them); returns the key id."""
     p = Path(path)

@@ -22,10 +22,14 @@ from lockgate.signing import (
     default_key_path,
     gatekeeper_signer,
     public_pem,
+    read_trust_file,
     retire_key,
     revoke_key,
+    revoke_person,
     trust_file_path,
     trust_key,
+    trust_person,
+    undo_grant,
 )
 
 pytestmark = pytest.mark.timeout(10)
@@ -174,6 +178,25 @@ def test_cli_trust_and_revoke_edit_the_trust_file(tmp_path: Path) -> None:
     assert Keyring.from_trust_file(tmp_path / "trust.json").revoked == {signer.key_id}
     again = runner.invoke(cli, ["gate", "revoke", signer.key_id], env=env)  # revoked already: still says so
     assert again.exit_code == 0, again.output
+
+
+def test_undo_grant_takes_back_that_grant_only(tmp_path: Path) -> None:
+    """What `gate trust` does when the audit log does not take the grant: that entry as it was, the rest kept."""
+    path = tmp_path / "trust.json"
+    key, alice, other = Signer.generate(), Signer.generate(), Signer.generate()
+    trust_key(path, key.public)
+    undo_grant(path, None, kid=key.key_id)
+    assert not path.exists()  # the grant made the file: it is gone again
+    trust_person(path, "alice", alice.public, ["approver"])
+    before = read_trust_file(path)
+    trust_person(path, "alice", other.public, ["admin"])  # a rotation, then a revocation made meanwhile
+    revoke_person(path, "alice")
+    undo_grant(path, before, person="alice")
+    now = read_trust_file(path)
+    assert now.people == before.people and now.revoked == [other.key_id]
+    trust_key(path, key.public)
+    undo_grant(path, before, kid=key.key_id)
+    assert key.key_id not in read_trust_file(path).keys
 
 
 def test_a_decision_signed_before_approvals_existed_still_verifies() -> None:

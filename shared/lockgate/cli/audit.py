@@ -111,7 +111,8 @@ def record_change(settings: Settings, *, target: str, action: str, reason: str =
 
     The change itself is a file in the home, made first (once `may_record` allowed it); with no stack running
     there is no log to append to, which is said on stderr (the next `lockgate up` starts from the files as they
-    are)."""
+    are). When a running stack does not take the entry this raises, and the caller must not leave the change
+    unrecorded in silence: it undoes it (a grant) or says it is in force but unrecorded (a revocation)."""
     role = chosen_role("admin")
     if not asyncio.run(_stack_answers(settings, role)):
         err_console.print(f"[yellow]note:[/yellow] no stack answers at {shown_url(settings.nats_url)}: this change is not "

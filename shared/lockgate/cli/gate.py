@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,10 @@ import msgspec
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
-from lockgate.cli.audit import read_head, record_change
+from lockgate.cli.audit import may_record, read_head, record_change
 from lockgate.cli.identity import chosen_identity
 from lockgate.cli.main import handle_errors, json_option
-from lockgate.cli.render import console, emit_json, table
+from lockgate.cli.render import console, emit_json, err_console, table
 from lockgate.client import get_decision
 from lockgate.codec import Codec
 from lockgate.config import Settings
@@ -25,6 +26,7 @@ from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
 from lockgate.identity import PERSON_ROLES, Identity, sign_review
 from lockgate.signing import (
     Keyring,
+    TrustFile,
     load_public_key,
     public_pem,
     read_trust_file,
@@ -34,6 +36,7 @@ from lockgate.signing import (
     trust_file_path,
     trust_key,
     trust_person,
+    undo_grant,
 )
 
 _decided: Codec[GateDecided] = Codec(GateDecided)
@@ -123,6 +126,51 @@ def _verify(settings: Settings, release: str | None, path: str | None,
         return dec, ring
 
     return with_bus(settings, work)
+
+
+def _recorded_or_undone(settings: Settings, path: Path, before: TrustFile | None, *, kid: str, person: str = "",
+                        details: Mapping[str, object]) -> None:
+    """Record a grant of trust just written to the trust file (`before` it: None if there was no file), or take it
+    back when the audit log does not take it (unreachable, refused by the server): the command then fails in one
+    line saying why and that the grant was undone. Before, the key stayed trusted and no audit row said so."""
+    who = f"{person} (key {kid})" if person else f"key {kid}"
+    try:
+        record_change(settings, target=f"person:{person}" if person else f"signing-key:{kid}", action="trust",
+                      details=details)
+    except BaseException as exc:
+        try:
+            undo_grant(path, before, kid=kid, person=person)
+        except (LockgateError, OSError) as undo:
+            kept = (f"the trust of {who} is not in the audit log and could not be undone ({undo}): take it out of "
+                    f"{path} by hand")
+        else:
+            if person:
+                had = before is not None and person in before.people
+                state = f"{person} is {'as before' if had else 'not'} in {path}"
+            else:
+                had = before is not None and kid in before.keys
+                state = f"key {kid} is {'trusted as before' if had else 'not trusted'} in {path}"
+            kept = f"the trust of {who} was not recorded in the audit log, so it was undone: {state}"
+        if isinstance(exc, LockgateError):  # said in its one line
+            exc.message = f"{exc.message}; {kept}"
+        else:
+            err_console.print(f"[yellow]note:[/yellow] {kept}", highlight=False, soft_wrap=True)
+        raise
+
+
+def _recorded_in_force(settings: Settings, what: str, again: str, *, target: str, action: str,
+                       details: Mapping[str, object]) -> None:
+    """Record a revocation or retirement already written to the trust file. It is a safety action, so it stays in
+    force when the audit log does not take it (or the role may not record it): the command fails in one line saying
+    so and how to record it (run again, it records: a revocation changes nothing more, a retirement at most takes
+    in the audit rows chained since)."""
+    try:
+        may_record(settings, "change the trust file (record the change in the audit log)")
+        record_change(settings, target=target, action=action, details=details)
+    except LockgateError as exc:
+        exc.message = (f"{exc.message}; {what} is in force but not in the audit log: record it with `{again}` "
+                       "once the audit log takes entries")
+        raise
 
 
 def register(cli: click.Group) -> None:
@@ -226,22 +274,29 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     @handle_errors
     def trust_cmd(ctx: click.Context, key: str, person: str | None, roles: tuple[str, ...]) -> None:
-        """Trust KEY (a PEM public or private Ed25519 key) in the trust file; prints its key id."""
-        path = trust_file_path(ctx.obj["settings"])
+        """Trust KEY (a PEM public or private Ed25519 key) in the trust file; prints its key id. The change is
+        recorded in the audit log, or undone: a role that may not record it is refused before the file is
+        touched, and a trust the running stack's audit log does not take is taken back."""
+        settings: Settings = ctx.obj["settings"]
+        path = trust_file_path(settings)
         if person:
             check_name(person, "person")
             if not roles:
                 raise LockgateError("--person needs at least one --role (approver, admin or operator)")
-            kid = trust_person(path, person, load_public_key(key), roles)
-            click.echo(f"trusted {person} ({', '.join(sorted(set(roles)))}) with key {kid} in {path}")
-            record_change(ctx.obj["settings"], target=f"person:{person}", action="trust",
-                          details={"key_id": kid, "roles": ",".join(sorted(set(roles))), "trust_file": path})
-            return
-        if roles:
+        elif roles:
             raise LockgateError("--role applies to a person: add --person NAME")
-        kid = trust_key(path, load_public_key(key))
+        public = load_public_key(key)
+        may_record(settings, "change the trust file (record the change in the audit log)")
+        before = read_trust_file(path) if path.is_file() else None
+        if person:
+            kid = trust_person(path, person, public, roles)
+            _recorded_or_undone(settings, path, before, kid=kid, person=person,
+                                details={"key_id": kid, "roles": ",".join(sorted(set(roles))), "trust_file": path})
+            click.echo(f"trusted {person} ({', '.join(sorted(set(roles)))}) with key {kid} in {path}")
+            return
+        kid = trust_key(path, public)
+        _recorded_or_undone(settings, path, before, kid=kid, details={"trust_file": path})
         click.echo(f"trusted key {kid} in {path}")
-        record_change(ctx.obj["settings"], target=f"signing-key:{kid}", action="trust", details={"trust_file": path})
 
     @gate.command("revoke")
     @click.argument("key_id", required=False)
@@ -257,8 +312,9 @@ def register(cli: click.Group) -> None:
         if person:
             key_id = revoke_person(path, person)
             click.echo(f"revoked {person}'s key {key_id} in {path}")
-            record_change(ctx.obj["settings"], target=f"person:{person}", action="revoke",
-                          details={"key_id": key_id, "trust_file": path})
+            _recorded_in_force(ctx.obj["settings"], f"the revocation of {person}'s key {key_id} in {path}",
+                               f"lockgate gate revoke --person {person}", target=f"person:{person}",
+                               action="revoke", details={"key_id": key_id, "trust_file": path})
             return
         key_id = key_id or ""
         ring = Keyring.from_settings(ctx.obj["settings"])
@@ -271,8 +327,9 @@ def register(cli: click.Group) -> None:
                               f"{', '.join(sorted(ring.keys)) or 'none'}); nothing revoked (`lockgate gate keys`)")
         revoke_key(path, key_id)
         click.echo(f"revoked key {key_id} in {path}")
-        record_change(ctx.obj["settings"], target=f"signing-key:{key_id}", action="revoke",
-                      details={"trust_file": path})
+        _recorded_in_force(ctx.obj["settings"], f"the revocation of key {key_id} in {path}",
+                           f"lockgate gate revoke {key_id}", target=f"signing-key:{key_id}", action="revoke",
+                           details={"trust_file": path})
 
     @gate.command("retire")
     @click.argument("key_id")
@@ -300,8 +357,9 @@ def register(cli: click.Group) -> None:
         click.echo(f"retired key {key_id} in {path}: what it signed until {at} (audit rows up to seq "
                    f"{retirement.until_seq}) still verifies; it admits nothing new, so re-gate a release whose "
                    "current decision it signed")
-        record_change(settings, target=f"signing-key:{key_id}", action="retire",
-                      details={"trust_file": path, "until_seq": str(retirement.until_seq), "at": at})
+        _recorded_in_force(settings, f"the retirement of key {key_id} in {path}", f"lockgate gate retire {key_id}",
+                           target=f"signing-key:{key_id}", action="retire",
+                           details={"trust_file": path, "until_seq": str(retirement.until_seq), "at": at})
 
     @gate.command("keys")
     @click.pass_context

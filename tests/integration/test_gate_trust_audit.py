@@ -1,0 +1,121 @@
+"""`lockgate gate trust|revoke|retire` when the running stack's audit log does not take the change, on the embedded
+runtime as `lockgate up` runs it. A grant of trust is recorded or undone; a revocation or retirement (a safety
+action) stays in force, and the command says it is unrecorded and how to record it. Before, `gate trust` wrote the
+trust file, then failed on the audit row: the key stayed trusted and no audit row said so."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from lockgate.cli.main import cli
+from lockgate.config import Settings
+from lockgate.server.runtime import Runtime
+from lockgate.signing import Keyring, Signer, read_trust_file, trust_file_path, trust_key, trust_person
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+async def stack(settings: Settings) -> AsyncIterator[Runtime]:
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink"])
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+async def lockgate(runtime: Runtime, *args: str, **env: str | None) -> Result:
+    """The CLI as a user runs it against the stack (in a thread: the stack answers on this loop)."""
+    s = runtime.settings
+    base = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix,
+            "LOCKGATE_ROLE": None, "LOCKGATE_NATS_USER": None, "LOCKGATE_NATS_PASSWORD": None,
+            "LOCKGATE_TRUST_FILE": None}
+    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env={**base, **env}, catch_exceptions=False)
+
+
+def one_line(result: Result) -> str:
+    assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1, result.output
+    return result.stderr
+
+
+async def refuse_audit_entries(runtime: Runtime) -> None:
+    """The audit log's stream gone: the stack still answers, but every audit entry fails from here on."""
+    bus = runtime.ctx.bus
+    await bus.js.delete_stream(bus.subjects.streams["audit"].name)
+
+
+async def test_a_grant_of_trust_the_audit_log_does_not_take_is_undone(stack: Runtime, tmp_path: Path) -> None:
+    path = trust_file_path(stack.settings)
+    alice, bob, spare = (Signer.load_or_create(tmp_path / f"{n}.pem") for n in ("alice", "bob", "spare"))
+    # Recorded while the audit log takes entries.
+    trusted = await lockgate(stack, "gate", "trust", "--person", "alice", "--role", "approver",
+                             str(tmp_path / "alice.pem"))
+    assert trusted.exit_code == 0 and f"trusted alice (approver) with key {alice.key_id}" in trusted.output, \
+        trusted.output
+    # A role that may not record the change is refused before the trust file is touched.
+    before = await asyncio.to_thread(path.read_bytes)
+    viewer = await lockgate(stack, "--role", "viewer", "gate", "trust", "--person", "bob", "--role", "admin",
+                            str(tmp_path / "bob.pem"))
+    assert viewer.exit_code == 5 and "role 'viewer' may not change the trust file" in one_line(viewer), viewer.output
+    assert await asyncio.to_thread(path.read_bytes) == before
+
+    await refuse_audit_entries(stack)
+    bob_admin = await lockgate(stack, "gate", "trust", "--person", "bob", "--role", "admin", str(tmp_path / "bob.pem"))
+    said = one_line(bob_admin)
+    assert bob_admin.exit_code == 1 and said.startswith("error: JetStream did not acknowledge publish to "), said
+    assert said.endswith(f"; the trust of bob (key {bob.key_id}) was not recorded in the audit log, so it was "
+                         f"undone: bob is not in {path}\n"), said
+    assert "trusted bob" not in bob_admin.stdout
+    # A new key for alice (a rotation): her old key and role are back.
+    rotated = await lockgate(stack, "gate", "trust", "--person", "alice", "--role", "admin", str(tmp_path / "bob.pem"))
+    assert rotated.exit_code == 1 and one_line(rotated).endswith(f"undone: alice is as before in {path}\n")
+    signing = await lockgate(stack, "gate", "trust", str(tmp_path / "spare.pem"))
+    assert signing.exit_code == 1 and one_line(signing).endswith(
+        f"; the trust of key {spare.key_id} was not recorded in the audit log, so it was undone: key {spare.key_id} "
+        f"is not trusted in {path}\n"), signing.output
+    assert await asyncio.to_thread(path.read_bytes) == before
+    ring = Keyring.from_trust_file(path)
+    assert spare.key_id not in ring.keys and set(ring.people) == {"alice"}
+    assert (ring.people["alice"].key_id, ring.people["alice"].roles) == (alice.key_id, ["approver"])
+
+    # The server refusing the role's credentials (a home without them) undoes it alike.
+    stranger = {"LOCKGATE_HOME": str(tmp_path / "elsewhere"), "LOCKGATE_TRUST_FILE": str(path)}
+    refused = await lockgate(stack, "gate", "trust", str(tmp_path / "spare.pem"), **stranger)
+    assert refused.exit_code == 5 and "refused role 'admin'" in one_line(refused), refused.output
+    assert one_line(refused).endswith(f"undone: key {spare.key_id} is not trusted in {path}\n")
+    assert await asyncio.to_thread(path.read_bytes) == before
+
+
+async def test_a_revocation_or_retirement_the_audit_log_does_not_take_stays_in_force(
+        stack: Runtime, tmp_path: Path) -> None:
+    path = trust_file_path(stack.settings)
+    alice, leaked, old, new = (Signer.load_or_create(tmp_path / f"{n}.pem") for n in ("alice", "leaked", "old", "new"))
+    await asyncio.to_thread(trust_person, path, "alice", alice.public, ["approver"])
+    for signer in (leaked, old, new):
+        await asyncio.to_thread(trust_key, path, signer.public)
+
+    # A role that may not record it: revoked all the same (a leak waits for nobody), said unrecorded at once.
+    viewer = await lockgate(stack, "--role", "viewer", "gate", "revoke", leaked.key_id)
+    said = one_line(viewer)
+    assert viewer.exit_code == 5 and said.startswith("error: role 'viewer' may not change the trust file"), said
+    assert said.endswith(f"; the revocation of key {leaked.key_id} in {path} is in force but not in the audit log: "
+                         f"record it with `lockgate gate revoke {leaked.key_id}` once the audit log takes entries\n")
+    assert leaked.key_id in Keyring.from_trust_file(path).revoked
+
+    await refuse_audit_entries(stack)
+    person = await lockgate(stack, "gate", "revoke", "--person", "alice")
+    assert person.exit_code == 1 and f"revoked alice's key {alice.key_id}" in person.stdout, person.output
+    assert one_line(person).endswith(
+        f"; the revocation of alice's key {alice.key_id} in {path} is in force but not in the audit log: record it "
+        "with `lockgate gate revoke --person alice` once the audit log takes entries\n"), person.output
+    retired = await lockgate(stack, "gate", "retire", old.key_id)
+    assert retired.exit_code == 1 and one_line(retired).endswith(
+        f"; the retirement of key {old.key_id} in {path} is in force but not in the audit log: record it with "
+        f"`lockgate gate retire {old.key_id}` once the audit log takes entries\n"), retired.output
+    data = await asyncio.to_thread(read_trust_file, path)
+    assert {alice.key_id, leaked.key_id} <= set(data.revoked) and set(data.retired) == {old.key_id}
+    assert old.key_id not in data.keys and new.key_id in data.keys
