@@ -52,6 +52,10 @@ class Evidence:
         self._price = price
         self._max = max_rows
         self._rings: dict[tuple[str, str], _Ring] = {}
+        # Requests an open breaker diverted from a canary (`divert`), per deployment and canary release, held until
+        # they count as its failures: from its first failed call of its own on (`charge`), which a replica that
+        # reads its events back out of time order may come to after them.
+        self._diverted: dict[tuple[str, str], _Ring] = {}
         # Online evaluation scores per (deployment, release) and scorer: the scored answer's event id -> (time,
         # value), oldest first. By event id, so an answer's score counts once however often it arrives (live and
         # read back at start, or re-sent after the bus's duplicate window).
@@ -69,18 +73,42 @@ class Evidence:
         if event.client_failed:
             return
         key = (event.deployment or event.app, event.release if release is None else release)
-        ring = self._rings.get(key)
-        if ring is None:
-            ring = self._rings[key] = _Ring(self._max)
+        _ring(self._rings, key, self._max).add(self._row(event))
+        if event.scores:  # scores an SDK attached to its own events
+            self.add_scores(key[0], key[1], event.id, event.time.timestamp(), event.scores)
+
+    def divert(self, event: InferenceEvent, release: str, counted_from: float | None) -> None:
+        """Record a request of `release`'s arm that an open breaker diverted (`event`: stable's answer, as a failure
+        of `release`'s): one of its requests from `counted_from` (unix seconds) on, else held (`charge` counts it
+        later; None: not yet). Its row only: the scores of stable's answer are no evidence of `release`."""
+        key = (event.deployment or event.app, release)
+        held = counted_from is None or event.time.timestamp() < counted_from
+        _ring(self._diverted if held else self._rings, key, self._max).add(self._row(event))
+
+    def charge(self, deployment: str, release: str, since: float) -> None:
+        """Count the diversions held for `release` (`divert`) from `since` (unix seconds) on as its requests."""
+        held = self._diverted.get((deployment, release))
+        if held is None:
+            return
+        rows = held.cols[:, :held.n]
+        due = rows[0] >= since
+        if not due.any():
+            return
+        ring = _ring(self._rings, (deployment, release), self._max)
+        for row in rows[:, due].T:
+            ring.add(tuple(row))
+        del self._diverted[(deployment, release)]
+        for row in rows[:, ~due].T:  # from before `since`: held still
+            _ring(self._diverted, (deployment, release), self._max).add(tuple(row))
+
+    def _row(self, event: InferenceEvent) -> tuple[float, float, float, float, float, float, float]:
         cost = self._price(event)
         index = self._key_index.get(event.key_id)
         if index is None:
             index = self._key_index[event.key_id] = len(self._keys)
             self._keys.append(event.key_id)
-        ring.add((event.time.timestamp(), float(event.status != "ok"), event.latency_ms, event.ttft_ms,
-                  float(event.input_tokens + event.output_tokens), -1.0 if cost is None else cost, float(index)))
-        if event.scores:  # scores an SDK attached to its own events
-            self.add_scores(key[0], key[1], event.id, event.time.timestamp(), event.scores)
+        return (event.time.timestamp(), float(event.status != "ok"), event.latency_ms, event.ttft_ms,
+                float(event.input_tokens + event.output_tokens), -1.0 if cost is None else cost, float(index))
 
     def add_scores(self, deployment: str, release: str, event_id: str, at: float,
                    scores: Mapping[str, float]) -> None:
@@ -122,8 +150,9 @@ class Evidence:
         which may predate the rollout)."""
         for key in [k for k in self._drift if k[0] == deployment and k[1] not in keep]:
             del self._drift[key]
-        for key in [k for k in self._rings if k[0] == deployment and k[1] not in keep]:
-            del self._rings[key]
+        for rings in (self._rings, self._diverted):
+            for key in [k for k in rings if k[0] == deployment and k[1] not in keep]:
+                del rings[key]
         for key in [k for k in self._scores if k[0] == deployment and k[1] not in keep]:
             del self._scores[key]
 
@@ -155,3 +184,11 @@ class Evidence:
         by_key = {self._keys[int(k)]: of(window & (key == k)) for k in keys} if len(keys) > 1 else \
             {self._keys[int(k)]: whole for k in keys}
         return replace(whole, scores=scores, by_key=by_key)
+
+
+def _ring(rings: dict[tuple[str, str], _Ring], key: tuple[str, str], limit: int) -> _Ring:
+    """The ring of `key` in `rings`, made when it has none yet."""
+    ring = rings.get(key)
+    if ring is None:
+        ring = rings[key] = _Ring(limit)
+    return ring

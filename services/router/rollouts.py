@@ -136,7 +136,9 @@ class Rollouts:
         # Analysed deployments with evidence since their last look: a due look is taken as soon as evidence
         # arrives (not at the next tick), and one without new evidence waits up to one interval more for it.
         self._fresh: set[str] = set()
-        self._failing: dict[str, tuple[str, float]] = {}  # deployment -> the rollout whose canary failed a call
+        # deployment -> its rollout (canary release, start) whose canary failed a call of its own, and the first such
+        # call's time: the canary's diversions by an open breaker count as its failures from then on (`_diverted`)
+        self._failing: dict[str, tuple[str, float, float]] = {}
         # deployment -> why the served events from before this replica started are not all read back yet
         # (`handlers.replay_served`): its looks judge part of its evidence, so they wait (`analysis.incomplete`).
         self.unreplayed: dict[str, str] = {}
@@ -710,21 +712,27 @@ class Rollouts:
     def _diverted(self, route: Route, e: InferenceEvent, release: str) -> None:
         """A canary that fails its own calls trips its model's breaker on its endpoint; from then on its
         requests are served by stable, skipped without a call, and would leave no canary evidence: the canary
-        would wait for its minimum sample for ever instead of being aborted. So once the canary has failed a
-        call of its own in this rollout (not one its client failed), a request of its diverted by the open
-        breaker counts as one more canary failure. (A breaker left open by an earlier release does not judge
-        a new canary that has not failed itself.)"""
+        would wait for its minimum sample for ever instead of being aborted. So a request of its diverted by the
+        open breaker counts as one more canary failure if the canary had failed a call of its own in this rollout
+        (not one its client failed) at the diversion's time or before. (A breaker left open by an earlier release
+        does not judge a new canary that has not failed itself.) By the events' times, not the order they come
+        in: a replica reading them back at its start reads the newest (still in the stream) before the rest (from
+        the record), and live ones meanwhile. Counted by arrival, it missed every diversion read before the
+        canary's first failure, and judged a failing canary on a fraction of its failures; a diversion that comes
+        before the failure it follows is held until that failure comes (`Evidence.charge`)."""
         assert route.canary is not None
-        canary = route.canary.release
+        canary, deployment = route.canary.release, route.deployment
+        failing = self._failing.get(deployment)
+        first = failing[2] if failing is not None and failing[:2] == (canary, route.started_at) else None
         if release == canary:
-            if e.status != "ok" and not e.client_failed:
-                self._failing[route.deployment] = (canary, route.started_at)
+            at = e.time.timestamp()
+            if e.status != "ok" and not e.client_failed and at >= route.started_at and (first is None or at < first):
+                self._failing[deployment] = (canary, route.started_at, at)
+                self.evidence.charge(deployment, canary, at)
             return
         attrs = e.attributes
-        if (attrs.get("lockgate.fallback_reason") == "breaker_open"
-                and attrs.get("lockgate.fallback_from_release") == canary
-                and self._failing.get(route.deployment) == (canary, route.started_at)):
-            self.evidence.add(msgspec.structs.replace(e, status="error", error_type="breaker_open"), canary)
+        if attrs.get("lockgate.fallback_reason") == "breaker_open" and attrs.get("lockgate.fallback_from_release") == canary:
+            self.evidence.divert(msgspec.structs.replace(e, status="error", error_type="breaker_open"), canary, first)
 
     def observe_scores(self, scored: list[InferenceScored]) -> None:
         """Keep the online scores of answers of deployments under analysis, by the answer's release: answers a

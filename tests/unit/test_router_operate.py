@@ -3,6 +3,7 @@ tests/integration/test_rollout_operate.py."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
@@ -128,23 +129,34 @@ def test_a_due_look_follows_the_evidence_and_waits_one_interval_more_without_it(
     assert rollouts._due(_live(next_step_at=101.0, strategy=None)) == 101.0  # plain steps: the clock alone
 
 
+def at(second: int) -> datetime:
+    """An event time `second` seconds after the routes' start (`_live`: 100)."""
+    return datetime.fromtimestamp(100 + second, UTC)
+
+
 def test_requests_diverted_by_the_canarys_open_breaker_count_as_canary_failures(tmp_path: Path) -> None:
     """Served by stable without a call to the canary, they would leave the canary without evidence: it would
     wait for its minimum sample for ever. Once it has failed a call itself, each diversion is a failure."""
     ctx = ServiceContext(bus=None, telemetry=Telemetry(), settings=Settings(home=str(tmp_path)))  # type: ignore[arg-type]
     rollouts = Rollouts(ctx, Endpoints(ctx.settings))
     rollouts.routes["d"] = route = _live()
-    diverted = InferenceEvent(app="d", deployment="d", release="r1", variant="stable", attributes={
-        "lockgate.fallback_from_variant": "canary", "lockgate.fallback_from_release": "r2",
-        "lockgate.fallback_reason": "breaker_open"})
-    rollouts.observe([diverted] * 3)  # a breaker some earlier release left open: not this canary's failure
+    clock = iter(range(1, 100))
+
+    def diverted() -> InferenceEvent:
+        return InferenceEvent(app="d", deployment="d", release="r1", variant="stable", time=at(next(clock)),
+                              attributes={"lockgate.fallback_from_variant": "canary",
+                                          "lockgate.fallback_from_release": "r2",
+                                          "lockgate.fallback_reason": "breaker_open"})
+
+    rollouts.observe([diverted() for _ in range(3)])  # a breaker some earlier release left open: not this canary's
     assert rollouts.evidence.sample("d", "r2", route.started_at).n == 0
     rollouts.observe([InferenceEvent(app="d", deployment="d", release="r2", variant="canary", status="error",
-                                     error_type=why) for why in ("client_disconnected", "400")])
-    rollouts.observe([diverted] * 3)  # the canary's only failures were its clients': still not its failure
+                                     error_type=why, time=at(next(clock))) for why in ("client_disconnected", "400")])
+    rollouts.observe([diverted() for _ in range(3)])  # the canary's only failures were its clients': not its own
     assert rollouts.evidence.sample("d", "r2", route.started_at).n == 0
-    rollouts.observe([InferenceEvent(app="d", deployment="d", release="r2", variant="canary", status="error")])
-    rollouts.observe([diverted] * 3)
+    rollouts.observe([InferenceEvent(app="d", deployment="d", release="r2", variant="canary", status="error",
+                                     time=at(next(clock)))])
+    rollouts.observe([diverted() for _ in range(3)])
     canary = rollouts.evidence.sample("d", "r2", route.started_at)
     assert (canary.n, canary.errors) == (4, 4)
     assert rollouts.evidence.sample("d", "r1", route.started_at).n == 9  # stable served them: its evidence too
