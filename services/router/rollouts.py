@@ -45,7 +45,7 @@ from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.evidence import Evidence
 from lockgate.services.router.shadowstats import Budget, Ledger, ShadowSummary, spend_key
-from lockgate.signing import Verifier
+from lockgate.signing import Keyring, Verifier
 from lockgate.subjects import token, untoken
 
 log = logging.getLogger("lockgate.router")
@@ -57,6 +57,9 @@ _gate_codec: Codec[GateDecided] = Codec(GateDecided)
 _CAS_RETRY = RetryPolicy(attempts=5, initial_s=0.005, max_s=0.1)
 # A due step whose canary's decision could not be read (the bus away) waits this long before it is tried again.
 _ADMISSION_RETRY_S = 1.0
+# How often a replica looks whether the trust file changed (run_trust_watch): a revocation takes a canary it
+# admitted back to 0% within about this long.
+TRUST_CHECK_S = 1.0
 # How long a gate decision waits for this replica's KV watch to apply the route writes made before it
 # (Rollouts._routes_current); past it, every route is read again from KV instead.
 _WATCH_LAG_S = 2.0
@@ -362,6 +365,35 @@ class Rollouts:
             with contextlib.suppress(TimeoutError):  # a step fell due
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    async def run_trust_watch(self, every_s: float = TRUST_CHECK_S) -> None:
+        """Take a canary back to 0% as soon as the decision that admitted it stops verifying because the trust roots
+        changed (its key revoked or retired, an approval it rests on withdrawn), not at its next step: before, a
+        canary at 10%, or a paused one, kept its traffic until something would raise it. The trust file is local
+        and nothing announces its changes, so this looks at it (a stat) every `every_s` seconds."""
+        roots: Keyring | None = self.verifier.roots()
+        while True:
+            await asyncio.sleep(every_s)
+            now = self.verifier.roots()
+            if now is roots:
+                continue
+            roots = now
+            for route in list(self.routes.values()):
+                if route.weight <= 0 or not domain.rests_on_admission(route):
+                    continue
+                try:
+                    admission = await self._admission_now(route)
+                except BusUnavailable as exc:
+                    log.warning("%s: admission not checked again after a trust change: %s", route.deployment,
+                                exc.message)
+                    roots = None  # looked at again at the next tick
+                    continue
+                if self.routes.get(route.deployment) is route:  # else changed meanwhile, checked by that change
+                    self._unadmit(route, admission)
+            try:
+                await self.flush()
+            except LockgateError as exc:
+                log.warning("rollout state not persisted yet: %s", exc.message)
 
     def _timer_due(self, route: Route) -> float | None:
         """`_due`, no earlier than a deployment's admission can be read again (see `_may_step`)."""

@@ -333,7 +333,7 @@ async def test_a_pass_resting_on_an_approval_admits_nothing_once_the_approvers_k
     def lockgate(*args: str) -> Any:
         return runner.invoke(cli, ["--home", s.home, "--nats", s.nats_url, "--prefix", s.prefix, *args])
 
-    start = {"stable_release": "v1", "canary_release": "v5", "initial_weight": 10}
+    start = {"stable_release": "v1", "canary_release": "v5", "strategy": {"steps": [10, 50, 100], "interval_s": 3600}}
     deployment = f"{router.url}/lockgate/v1/deployments/chat"
     async with aiohttp.ClientSession(headers=admin_headers(s.home)) as http, \
             grpc.aio.insecure_channel(gateway.endpoints["grpc"], interceptors=grpc_key(app_key)) as channel:
@@ -343,13 +343,19 @@ async def test_a_pass_resting_on_an_approval_admits_nothing_once_the_approvers_k
         async with http.put(deployment, json=start) as resp:
             state = await resp.json()
         assert resp.status == 200 and (state["phase"], state["weight"]) == ("progressing", 10.0), state
-        async with http.post(f"{deployment}/abort") as resp:
-            assert resp.status == 200, await resp.text()
 
         revoked = await asyncio.to_thread(lockgate, "gate", "revoke", "--person", "dave")
         assert revoked.exit_code == 0, revoked.output
         withdrawn = f"the approval by dave (key {dave.key_id}) no longer counts: dave's key {dave.key_id} is revoked"
-        async with http.put(deployment, json=start) as resp:
+        # The canary it admitted goes back to 0% at once, with nothing asking to raise it (before: it kept its 10%
+        # until its next step, an hour later by default, or for good while paused).
+        await router.rollouts.wait_for(lambda r: r["chat"].weight == 0.0, timeout=10)
+        route = router.rollouts.route("chat")
+        assert route.phase == "idle" and withdrawn in route.reason, route.reason
+        assert f"canary v5 back to 0%: admitted by gate decision {approved.id}" in route.reason
+        async with http.post(f"{deployment}/abort") as resp:
+            assert resp.status == 200, await resp.text()
+        async with http.put(deployment, json={**start, "strategy": None, "initial_weight": 10}) as resp:
             refused = await resp.json()
         assert resp.status == 409 and refused["error"]["code"] == "not_admitted", refused
         assert withdrawn in refused["error"]["message"] and "re-gate v5" in refused["error"]["message"]

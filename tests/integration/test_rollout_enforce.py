@@ -250,6 +250,27 @@ async def test_the_timer_does_not_step_a_canary_whose_admitting_key_was_revoked(
     assert "it no longer verifies" in route.reason
 
 
+async def test_a_revocation_takes_a_paused_canary_it_admitted_back_to_zero_at_once(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Before: a canary a leaked key admitted kept its 10% until something would raise it; paused, for good.
+    s = router.ctx.settings
+    leaked = Signer.generate()
+    trust_key(trust_file_path(s), leaked.public)
+    await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600})
+    passed = await _signed_pass(router, leaked, "same")
+    await _announce(router, passed)
+    async with http.post(f"{router.url}{DEPLOYMENT}/pause") as resp:
+        assert resp.status == 200, await resp.text()
+    assert router.rollouts.route("chat").weight == 10.0
+    revoke_key(trust_file_path(s), leaked.key_id)  # as `lockgate gate revoke` writes it: nothing else is told
+    await router.rollouts.wait_for(lambda r: r["chat"].weight == 0.0, timeout=10)
+    route = router.rollouts.route("chat")
+    assert (route.phase, route.admitted, route.stable.release) == ("idle", "", "r1"), route.reason
+    assert f"canary same back to 0%: admitted by gate decision {passed.id}, but it no longer verifies" in route.reason
+    assert f"signed by revoked key id {leaked.key_id!r}" in route.reason
+    assert set(await _releases(http, router, 40)) == {"r1"}
+
+
 async def test_a_block_ends_the_break_glass_override_of_its_release(
         router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     # An admin broke glass for `bad` on chat; the gate then BLOCKed it. The override stays in the route until an
