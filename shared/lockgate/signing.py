@@ -595,9 +595,14 @@ class Verifier:
 
     def why_untrusted(self, kid: str) -> str:
         """Why key `kid` may not sign anything acted on, by the trust roots as they are now ("" when it may)."""
+        return self.roots().why_untrusted(kid)
+
+    def roots(self) -> Keyring:
+        """The trust roots as they are now: the trust file is read again if it changed, into a new Keyring (so a
+        holder of the last one can tell, by identity, that what it verified must be verified again)."""
         if self._changed():
             self.keyring = self._load()
-        return self.keyring.why_untrusted(kid)
+        return self.keyring
 
     def _mtime(self) -> tuple[int, int, int]:
         # The inode too: the trust file is replaced whole (os.replace), and two writes within one tick of the
