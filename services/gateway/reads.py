@@ -12,7 +12,11 @@ gateway cannot forge a decision, only withhold one.
 
 It also passes each `gate.decided` announcement on to `decided.<tenant>.<app>.<key>` of the release's binding,
 empty: an application's own user may follow its own releases' announcements there, while `gate.decided` carries
-every tenant's decisions whole (the shared `app` user follows that one).
+every tenant's decisions whole (the shared `app` user follows that one). An announcement made while no gateway
+passed them on (all stopped, or this one's connection lost) reaches no such watch, whose own connection may never
+have dropped: so once subscribed, at start and after each reconnection, it says on `decided.relist` that every
+watch read all its keys again (before, a BLOCK decided while the gateway was down went unseen by them until the
+release was decided again).
 
 Each request is served in a task of its own, at most `_SLOTS` at once and `_PER_READER` of them one reader's (the
 shared user, or one tenant's and app's user): before, one callback answered them one after the other, and one
@@ -87,6 +91,7 @@ class Reads:
         self.busy = Progress()  # requests answered "unavailable" unread: their reader had too many in flight
         self.passed_on = Progress()  # announcements passed on to a release's tenant's and app's subject
         self._subs: list[Subscription] = []
+        self._relists: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(_SLOTS)
         self._readers: dict[str, _Reader] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -101,8 +106,28 @@ class Reads:
         s, nc = self.bus.subjects, self.bus.nc
         self._subs = [await nc.subscribe(s.reads_all, queue=s.reads_group, cb=self.on_read),
                       await nc.subscribe(s.gate_decided_all, queue=s.reads_group, cb=self.on_decided)]
+        seen = self.bus.reconnects
+        await nc.flush()  # announcements are passed on from here: what came before is read again by every watch
+        await self._relist()
+        self._relists = asyncio.create_task(self._relist_after_reconnects(seen), name="gateway:relist")
+
+    async def _relist(self) -> None:
+        try:
+            await self.bus.nc.publish(self.bus.subjects.app_relist, b"")
+        except nats.errors.Error as exc:  # its watches miss only what was announced while it was away
+            log.warning("reads: the notice to read every decision again not sent: %r", exc)
+
+    async def _relist_after_reconnects(self, seen: int) -> None:
+        while True:
+            # The subscriptions are back with the connection (nats-py sends them before anything else it buffered).
+            seen = await self.bus.reconnected(seen)
+            await self._relist()
 
     async def stop(self) -> None:
+        if self._relists is not None:
+            self._relists.cancel()
+            await asyncio.gather(self._relists, return_exceptions=True)
+            self._relists = None
         # The reads in flight first: an unsubscribe raises on a connection nats-py closed for good.
         tasks = list(self._tasks)
         for task in tasks:

@@ -21,7 +21,7 @@ from lockgate.client import get_decision
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
-from lockgate.decisionwatch import watch_decisions
+from lockgate.decisionwatch import DecisionWithdrawn, verified, watch_decisions
 from lockgate.errors import BusUnavailable, InvalidEvent, InvalidName, NotFound, SignatureError
 from lockgate.ids import uuid7_time
 from lockgate.outbox import Encoded, encode_event, publish_events
@@ -230,24 +230,31 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
         self, request: gates_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gates_pb2.Decision]:
         """Current decisions of the key's tenant's and app's releases, then each new one, until the client
-        cancels; other releases' decisions are skipped."""
+        cancels; other releases' decisions are skipped. A decision streamed that stops verifying (its key revoked or
+        retired, an approval withdrawn: decisionwatch.verified) ends the stream FAILED_PRECONDITION naming its
+        release, its id and why: the client reads the release again (GetDecision) and watches again."""
         key = await authenticate(self.keys, context)
         kv = await self.bus.kv(self.bus.subjects.kv_gates)
         decisions = await watch_decisions(kv, request.release_prefix, nc=self.bus.nc, subjects=self.bus.subjects,
                                           reconnects=self.bus)
+
+        async def owned() -> AsyncIterator[GateDecided]:
+            async for decision in decisions:
+                if await self._owned(key, decision.release, context):
+                    yield decision
+
+        checked = verified(owned(), self.verifier,
+                           refused=lambda exc: log.warning("not streaming gate decision: %s", exc.message))
         try:
             # Initial metadata tells the client the watch is live: later decisions will arrive.
             await context.send_initial_metadata((("lockgate-watch", "ready"),))
-            async for decision in decisions:
-                if not await self._owned(key, decision.release, context):
-                    continue
-                try:
-                    await self.verifier.verify(decision)
-                except SignatureError as exc:
-                    log.warning("not streaming gate decision: %s", exc.message)
-                    continue
-                yield decision_to_proto(decision)
+            try:
+                async for decision in checked:
+                    yield decision_to_proto(decision)
+            except DecisionWithdrawn as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
         finally:
+            await checked.aclose()
             await decisions.aclose()
 
 

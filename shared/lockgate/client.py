@@ -20,7 +20,14 @@ from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
 from lockgate.contracts.names import check_name
 from lockgate.credentials import NatsAuth, NotAllowed
-from lockgate.decisionwatch import GatewaySource, ReconnectCounter, follow_decisions, watch_decisions
+from lockgate.decisionwatch import DecisionWithdrawn as DecisionWithdrawn  # what decisions() raises
+from lockgate.decisionwatch import (
+    GatewaySource,
+    ReconnectCounter,
+    follow_decisions,
+    verified,
+    watch_decisions,
+)
 from lockgate.errors import BusUnavailable, ClientClosed, ConfigError, InvalidEvent, NotFound, SignatureError
 from lockgate.outbox import UNTIL_BACK, Outbox, encode_event, event_from_fields
 from lockgate.permissions import APP, app_of
@@ -286,25 +293,32 @@ class Client:
         """Current decisions, then each new one, for releases starting with `release_prefix`.
 
         A decision whose signature does not verify is skipped, logged and counted in
-        `rejected_decisions`, never yielded."""
+        `rejected_decisions`, never yielded. One yielded that stops verifying with no new decision (its key
+        revoked or retired, an approval withdrawn, in the trust file; checked each second), or whose release's
+        newer decision does not verify, ends the iteration with DecisionWithdrawn (a SignatureError) naming the
+        release, the decision and why: stop acting on it, read `decision()` again and watch again."""
         # A consumer-free watch (decisionwatch): the `app` identity may not create consumers (nats-server#8274).
         if self._announcements is None:
             decisions = await watch_decisions(await self._gates(), release_prefix, nc=self._nc,
                                               subjects=self.subjects, reconnects=self._reconnects)
         else:
+            # Its own user follows the gateway's copies, and reads every key again when a gateway (re)starts.
+            relists = self.subjects.app_relist if self._announcements != self.subjects.gate_decided_all else ""
             decisions = await follow_decisions(self._gateway(release_prefix), release_prefix, nc=self._nc,
-                                               announcements=self._announcements, reconnects=self._reconnects)
+                                               announcements=self._announcements, reconnects=self._reconnects,
+                                               relists=relists)
+        checked = verified(decisions, self._verifier, refused=self._refused) if self.verify else decisions
         try:
-            async for decision in decisions:
-                try:
-                    await self._check(decision)
-                except SignatureError as exc:
-                    self.rejected_decisions += 1
-                    log.warning("ignoring gate decision: %s", exc.message)
-                    continue
+            async for decision in checked:
                 yield decision
         finally:
+            if checked is not decisions:
+                await checked.aclose()
             await decisions.aclose()
+
+    def _refused(self, exc: SignatureError) -> None:
+        self.rejected_decisions += 1
+        log.warning("ignoring gate decision: %s", exc.message)
 
     async def _check(self, decision: GateDecided) -> None:
         if not self.verify:

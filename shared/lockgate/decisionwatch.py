@@ -15,7 +15,14 @@ when its redelivered event is decided again.
 
 An application's NATS user (the shared `app`, or one application's own) makes no JetStream API request: it reads
 through the gateway (`GatewaySource`), which answers with the entries as stored, and follows `gate.decided` (the
-shared user) or the gateway's per-tenant-and-app copies of it (`Subjects.app_decided`, one application's user).
+shared user) or the gateway's per-tenant-and-app copies of it (`Subjects.app_decided`, one application's user),
+reading every key again when a gateway (re)starts passing those on (`Subjects.app_relist`: what was announced
+while none did was passed on to nobody).
+
+A decision can stop admitting anything with no new one written: its key revoked or retired, or an approval it
+rests on withdrawn, in the trust file. `verified` checks what a watch yields, and verifies what it yielded again
+whenever the trust roots change (each second it looks): one that no longer verifies ends the watch with
+DecisionWithdrawn naming it, so a subscriber never keeps acting on a PASS that `decision()` now refuses.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import nats.errors
@@ -31,9 +38,10 @@ import nats.js.errors
 
 from lockgate.codec import Codec, encode
 from lockgate.contracts import DecisionsPage, DecisionsRead, GateDecided, StoredDecision
-from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, NotFound
+from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, NotFound, SignatureError
 from lockgate.kvread import kv_keys
 from lockgate.retry import RetryPolicy
+from lockgate.signing import Verifier
 from lockgate.subjects import Subjects, token, untoken
 
 log = logging.getLogger("lockgate.decisions")
@@ -44,6 +52,23 @@ _REQUEST_TIMEOUT_S = 5.0  # one gateway answer (a page: the keys of the bucket l
 # A read the store does not answer (a leader election, a short outage) is retried before the watch gives up.
 _READ_RETRY = RetryPolicy(attempts=6, initial_s=0.2, max_s=3.0)
 _READ_FAILED = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
+# How often a watch looks whether the trust roots changed (a stat of the trust file): a revocation ends a watch
+# that yielded what the key signed within about this long.
+TRUST_CHECK_S = 1.0
+
+
+class DecisionWithdrawn(SignatureError):
+    """Decisions a watch yielded that no longer verify by the trust roots as they are now (a key revoked or retired,
+    an approval withdrawn), or whose release's newer value does not: they admit nothing; the watch ends with it."""
+
+    def __init__(self, withdrawn: list[tuple[GateDecided, str]]) -> None:
+        #: (release, decision id, why) of each
+        self.withdrawn = [(d.release, d.id, why) for d, why in withdrawn]
+        self.release = self.withdrawn[0][0]
+        each = "; ".join(f"release {release!r}: decision {did} is withdrawn ({why})"
+                         for release, did, why in self.withdrawn)
+        super().__init__(f"{each}. This watch yielded it earlier: stop acting on it, read the release's decision "
+                         "again (decision(), gRPC GetDecision) and watch again")
 
 
 class Reconnects(Protocol):
@@ -154,21 +179,27 @@ async def watch_decisions(kv: Any, release_prefix: str = "", *, nc: Any, subject
 
 
 async def follow_decisions(source: Source, release_prefix: str = "", *, nc: Any, announcements: str,
-                           reconnects: Reconnects | None = None) -> AsyncIterator[GateDecided]:
+                           reconnects: Reconnects | None = None, relists: str = "") -> AsyncIterator[GateDecided]:
     """`watch_decisions` reading `source`, woken by the announcements on `announcements` (a subject ending in a
-    wildcard whose token is the release's KV key: `gate.decided.>`, or the gateway's `decided.<tenant>.<app>.*`)."""
+    wildcard whose token is the release's KV key: `gate.decided.>`, or the gateway's `decided.<tenant>.<app>.*`),
+    and reading every key again on any message on `relists` (the gateway's `decided.relist`), if given."""
     wake: asyncio.Queue[str | None] = asyncio.Queue()  # a key to read again; None: every key
     head = announcements[:-1]
 
     async def on_announced(msg: Any) -> None:
         wake.put_nowait(msg.subject[len(head):])  # `gate.decided.<token(release)>`: the release's key
 
-    sub = await nc.subscribe(announcements, cb=on_announced)
-    await nc.flush()  # the server has the subscription: what is announced from now on reaches it
-    return _follow(source, sub, wake, release_prefix, reconnects)
+    async def on_relist(msg: Any) -> None:
+        wake.put_nowait(None)
+
+    subs = [await nc.subscribe(announcements, cb=on_announced)]
+    if relists:
+        subs.append(await nc.subscribe(relists, cb=on_relist))
+    await nc.flush()  # the server has the subscriptions: what is announced from now on reaches them
+    return _follow(source, subs, wake, release_prefix, reconnects)
 
 
-async def _follow(source: Source, sub: Any, wake: asyncio.Queue[str | None], release_prefix: str,
+async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | None], release_prefix: str,
                   reconnects: Reconnects | None) -> AsyncIterator[GateDecided]:
     relist = asyncio.ensure_future(_relist_after_reconnects(reconnects, wake)) if reconnects else None
     seen: dict[str, int] = {}  # key -> the revision last read
@@ -188,8 +219,63 @@ async def _follow(source: Source, sub: Any, wake: asyncio.Queue[str | None], rel
     finally:
         if relist is not None:
             relist.cancel()
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+
+async def verified(decisions: AsyncIterator[GateDecided], verifier: Verifier, *,
+                   refused: Callable[[SignatureError], None],
+                   every_s: float = TRUST_CHECK_S) -> AsyncIterator[GateDecided]:
+    """The decisions of a watch that verify (`refused` is told of each other one, which is skipped). What it yielded
+    is verified again whenever the trust roots change (looked at every `every_s` seconds, and at each decision):
+    if any no longer verifies, or a release's newer decision does not, it raises DecisionWithdrawn naming them."""
+    yielded: dict[str, GateDecided] = {}  # release -> the decision last yielded for it
+    roots = verifier.roots()
+    pending: asyncio.Future[GateDecided] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(decisions))
+            # A timeout, not a sleep: nothing else wakes a watch when the trust file changes.
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if (now := verifier.roots()) is not roots:
+                roots = now
+                await _still_verified(yielded, verifier)
+            if not done:
+                continue
+            task, pending = pending, None
+            try:
+                decision = task.result()
+            except StopAsyncIteration:
+                return
+            try:
+                await verifier.verify(decision)
+            except SignatureError as exc:
+                if decision.release in yielded:  # what was yielded for it is no longer its current decision
+                    raise DecisionWithdrawn([(yielded[decision.release], f"its release's newer decision {decision.id} "
+                                                                         f"is refused: {exc.message}")]) from None
+                refused(exc)
+                continue
+            # A change `verify` read left a new keyring: what was yielded before is verified against it next round.
+            yielded[decision.release] = decision
+            yield decision
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)  # the watch is not running when it is closed
+
+
+async def _still_verified(yielded: dict[str, GateDecided], verifier: Verifier) -> None:
+    """DecisionWithdrawn naming each of `yielded` that no longer verifies."""
+    withdrawn = []
+    for decision in yielded.values():
+        try:
+            await verifier.verify(decision)
+        except SignatureError as exc:
+            withdrawn.append((decision, exc.message))
+    if withdrawn:
+        raise DecisionWithdrawn(withdrawn)
 
 
 async def _relist_after_reconnects(reconnects: Reconnects, wake: asyncio.Queue[str | None]) -> None:

@@ -201,11 +201,11 @@ def grant(s: Subjects, identity: str) -> Grant:
         # a stream's subject, whose acknowledgement JetStream would publish on any reply subject it named).
         # Its decisions (its tenant's and app's releases') are read through the gateway too (`reads`), and followed
         # on the gateway's copies of their announcements (`app_decided`: `gate.decided` carries every tenant's
-        # decisions whole). Nor any JetStream API request (`_base`'s): JetStream answers those too on any reply
-        # subject, a KV key's included.
+        # decisions whole) and its notice to read them all again (`app_relist`, empty). Nor any JetStream API
+        # request (`_base`'s): JetStream answers those too on any reply subject, a KV key's included.
         tenant, app = scoped
         return Grant(publish=[s.ingest(app, tenant), f"{s.reads(app, tenant)}.>"],
-                     subscribe=[f"{inbox(identity)}.>", s.app_decided_of(app, tenant)])
+                     subscribe=[f"{inbox(identity)}.>", s.app_decided_of(app, tenant), s.app_relist])
     if identity == APP:
         # The SDK: send inference events of any tenant and app through the gateway's relay (`ingest`, as a
         # per-application user does: never a stream's subject, see there), read every decision through the
@@ -229,9 +229,9 @@ def grant(s: Subjects, identity: str) -> Grant:
         # them on their own inboxes only.
         g.add(Grant(subscribe=[s.ingest_all], publish=[f"{inbox(APPS)}.>", f"{inbox(APP)}.>"]))
         g.add(Grant(subscribe=[s.gate_decided_all]))  # WatchDecisions follows the announcements (decisionwatch.py)
-        # Applications' users' decision reads (reads.py), answered on their inboxes as above, and the announcements
-        # passed on to each release's tenant and app.
-        g.add(Grant(subscribe=[s.reads_all], publish=[s.app_decided_all]))
+        # Applications' users' decision reads (reads.py), answered on their inboxes as above, the announcements
+        # passed on to each release's tenant and app, and the notice to read every key again once it passes them on.
+        g.add(Grant(subscribe=[s.reads_all], publish=[s.app_decided_all, s.app_relist]))
         g.add(_read_kv(s.kv_releases))  # whose a release is: a key reads its own tenant's and app's decisions
     elif identity == "otlp":
         # The OTLP receiver: spans it was sent, and the inference events of GenAI spans; nothing else.

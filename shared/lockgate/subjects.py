@@ -226,6 +226,12 @@ class Subjects:
         return f"{self.prefix}.decided.*.*.*"
 
     @property
+    def app_relist(self) -> str:
+        """A gateway that (re)starts passing announcements on says so here, empty: what was announced while none did
+        was passed on to nobody, so each application user's watch reads every key again (decisionwatch.py)."""
+        return f"{self.prefix}.decided.relist"
+
+    @property
     def inference_all(self) -> str:
         """Both kinds: every consumer that stores, prices or watches events takes all of them."""
         return f"{self.prefix}.inference.>"

@@ -20,7 +20,7 @@ from lockgate.contracts import GateDecided, InferenceEvent, RuleResult
 from lockgate.ids import uuid7, uuid7_time
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.service import ServiceContext
-from lockgate.signing import Signer, publish_key, revoke_key, trust_file_path, trust_key
+from lockgate.signing import Signer, publish_key, retire_key, revoke_key, trust_file_path, trust_key
 from lockgate.store import Store
 from lockgate.subjects import token
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
@@ -285,6 +285,34 @@ async def test_watch_on_an_empty_bucket_sees_a_decision_made_after_it_started(
     await gate_decided(context.bus, decision("any"), "k-any")
     assert (await asyncio.wait_for(call.read(), 10)).release == "any"
     call.cancel()
+
+
+@pytest.mark.parametrize("how", ["revoke", "retire"])
+async def test_a_watch_ends_when_a_decision_it_streamed_stops_verifying(
+    bus: Bus, settings: Settings, channel: grpc.aio.Channel, keys: Bootstrap, how: str
+) -> None:
+    # Before: its key revoked or retired in the trust file, GetDecision refused the PASS but the watch said nothing,
+    # and a service acting on the watch kept serving it.
+    key = Signer.generate()
+    trust_key(trust_file_path(settings), key.public)
+    passed = key.sign(GateDecided(release="shop-v1", decision="PASS", rules=[]))
+    await put_decision(bus, passed)
+    stub = gates_pb2_grpc.GatesStub(channel)
+    call = stub.WatchDecisions(gates_pb2.WatchRequest(), metadata=_auth(keys))
+    assert (await asyncio.wait_for(call.read(), 10)).id == passed.id
+    if how == "revoke":
+        revoke_key(trust_file_path(settings), key.key_id)
+    else:
+        retire_key(trust_file_path(settings), key.key_id, until_seq=0)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await asyncio.wait_for(call.read(), 10)  # no new decision: the trust file changed
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    details = err.value.details()
+    assert "release 'shop-v1'" in details and passed.id in details, details
+    assert ("revoked key id" if how == "revoke" else "a retired key admits nothing") in details, details
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.GetDecision(gates_pb2.GetDecisionRequest(release="shop-v1"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 

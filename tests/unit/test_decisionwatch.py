@@ -1,5 +1,6 @@
 """The consumer-free decision watch against a stand-in bucket and connection: current values, then what is
-announced, newest per release by KV revision, and every key read again after a reconnection."""
+announced, newest per release by KV revision, and every key read again after a reconnection; and `verified`,
+which takes back what it yielded once the trust roots no longer admit it."""
 
 from __future__ import annotations
 
@@ -11,9 +12,17 @@ import nats.js.errors
 import pytest
 
 from lockgate.codec import encode
+from lockgate.config import Settings
 from lockgate.contracts import DecisionsPage, DecisionsRead, GateDecided, StoredDecision
-from lockgate.decisionwatch import GatewaySource, ReconnectCounter, watch_decisions
-from lockgate.errors import BusUnavailable
+from lockgate.decisionwatch import (
+    DecisionWithdrawn,
+    GatewaySource,
+    ReconnectCounter,
+    verified,
+    watch_decisions,
+)
+from lockgate.errors import BusUnavailable, SignatureError
+from lockgate.signing import Signer, Verifier, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import Subjects, token
 
 pytestmark = pytest.mark.timeout(10)
@@ -145,3 +154,33 @@ async def test_a_gateway_from_before_pages_answers_in_one_and_one_that_does_not_
     stuck = encode(DecisionsRead(entries=[a], next_after="a"))
     with pytest.raises(BusUnavailable, match="not past 'a'"):
         await GatewaySource(Gateway(stuck, stuck), S, "acme", "shop").read(None)
+
+
+async def test_verified_takes_back_what_it_yielded_once_the_trust_roots_no_longer_admit_it(tmp_path: Any) -> None:
+    settings = Settings(home=str(tmp_path))
+    path = trust_file_path(settings)
+    kept, revoked, unknown = Signer.generate(), Signer.generate(), Signer.generate()
+    for signer in (kept, revoked):
+        trust_key(path, signer.public)
+    queue: asyncio.Queue[GateDecided] = asyncio.Queue()
+
+    async def decisions() -> Any:
+        while True:
+            yield await queue.get()
+
+    refused: list[SignatureError] = []
+    watch = verified(decisions(), Verifier(None, settings), refused=refused.append, every_s=0.01)
+    first, second = (s.sign(GateDecided(release=r, decision="PASS", rules=[]))
+                     for s, r in ((kept, "a"), (revoked, "b")))
+    for d in (unknown.sign(GateDecided(release="c", decision="PASS", rules=[])), first, second):
+        queue.put_nowait(d)
+    assert [await anext(watch), await anext(watch)] == [first, second]
+    assert len(refused) == 1 and "unknown key id" in refused[0].message  # skipped, never yielded
+    pending = asyncio.ensure_future(anext(watch))
+    trust_key(path, Signer.generate().public)  # a change that takes nothing back: the watch goes on
+    assert not (await asyncio.wait({pending}, timeout=0.1))[0]
+    revoke_key(path, revoked.key_id)
+    with pytest.raises(DecisionWithdrawn) as err:
+        await asyncio.wait_for(pending, 5)
+    assert err.value.withdrawn == [("b", second.id, err.value.withdrawn[0][2])]
+    assert "revoked key id" in err.value.withdrawn[0][2] and "release 'a'" not in err.value.message
