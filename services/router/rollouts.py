@@ -45,7 +45,7 @@ from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.evidence import Evidence
 from lockgate.services.router.shadowstats import Budget, Ledger, ShadowSummary, spend_key
-from lockgate.signing import Keyring, Verifier
+from lockgate.signing import TRUST_CHECK_S, Keyring, Verifier
 from lockgate.subjects import token, untoken
 
 log = logging.getLogger("lockgate.router")
@@ -57,9 +57,6 @@ _gate_codec: Codec[GateDecided] = Codec(GateDecided)
 _CAS_RETRY = RetryPolicy(attempts=5, initial_s=0.005, max_s=0.1)
 # A due step whose canary's decision could not be read (the bus away) waits this long before it is tried again.
 _ADMISSION_RETRY_S = 1.0
-# How often a replica looks whether the trust file changed (run_trust_watch): a revocation takes a canary it
-# admitted back to 0% within about this long.
-TRUST_CHECK_S = 1.0
 # How long a gate decision waits for this replica's KV watch to apply the route writes made before it
 # (Rollouts._routes_current); past it, every route is read again from KV instead.
 _WATCH_LAG_S = 2.0

@@ -41,7 +41,7 @@ from lockgate.contracts import DecisionsPage, DecisionsRead, GateDecided, Stored
 from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, NotFound, SignatureError
 from lockgate.kvread import kv_keys
 from lockgate.retry import RetryPolicy
-from lockgate.signing import Verifier
+from lockgate.signing import TRUST_CHECK_S, Verifier
 from lockgate.subjects import Subjects, token, untoken
 
 log = logging.getLogger("lockgate.decisions")
@@ -52,9 +52,6 @@ _REQUEST_TIMEOUT_S = 5.0  # one gateway answer (a page: the keys of the bucket l
 # A read the store does not answer (a leader election, a short outage) is retried before the watch gives up.
 _READ_RETRY = RetryPolicy(attempts=6, initial_s=0.2, max_s=3.0)
 _READ_FAILED = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
-# How often a watch looks whether the trust roots changed (a stat of the trust file): a revocation ends a watch
-# that yielded what the key signed within about this long.
-TRUST_CHECK_S = 1.0
 
 
 class DecisionWithdrawn(SignatureError):

@@ -594,6 +594,11 @@ def trusted_paths(settings: Settings) -> list[str]:
     return [p.strip() for p in settings.trusted_keys.split(",") if p.strip()]
 
 
+# How often a holder of verified decisions (a decision watch, a router's admitted canaries) looks whether the trust
+# roots changed (`Verifier.roots`: a stat of the trust file, which nothing announces): a revocation acts within it.
+TRUST_CHECK_S = 1.0
+
+
 class Verifier:
     """What a consumer uses: the configured trust roots (trust file + pinned PEMs), never keys from the bus."""
 
