@@ -376,7 +376,7 @@ class Rollouts:
                 continue
             roots = now
             for route in list(self.routes.values()):
-                if route.weight <= 0 or not domain.rests_on_admission(route):
+                if not domain.rests_on_admission(route):  # at 0% too: a header route may serve it
                     continue
                 try:
                     admission = await self._admission_now(route)
