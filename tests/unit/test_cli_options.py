@@ -61,3 +61,10 @@ def test_the_drift_table_names_each_tests_bound_for_what_it_is() -> None:
     assert _drift_test({"test": "z", "p_value": 1.0, "threshold": 0.05}) == "z p=1 (alpha 0.05)"
     assert _drift_test({"test": "wasserstein", "statistic": 0.4, "threshold": 0.1}) == \
         "wasserstein 0.4 (drift at >= 0.1)"
+
+
+def test_version_prints_the_installed_package_version() -> None:
+    from importlib.metadata import version
+
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and result.output == f"lockgate, version {version('lockgate')}\n"

@@ -74,6 +74,7 @@ def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
               help="The personal identity that signs reviews, break-glass overrides and releases you author "
                    "(`lockgate identity create NAME`). Default: the only one under the home.")
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO.")
+@click.version_option(package_name="lockgate", prog_name="lockgate")
 @click.pass_context
 def cli(ctx: click.Context, nats_url: str | None, clickhouse_url: str | None, prefix: str | None,
         database: str | None, home: str | None, role: str | None, identity: str | None, verbose: bool) -> None:
