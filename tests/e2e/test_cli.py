@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     assert not [line for line in up.lines if "stopping" in line and "failed" in line], up.output
 
 
-def test_demo_then_query_everything(stack: dict[str, str]) -> None:
+def test_demo_then_query_everything(stack: dict[str, str], tmp_path: Path) -> None:
     demo = run("demo", "--router", stack["E2E_ROUTER"], "--sim", stack["E2E_SIM"], "--traffic", "300", env=stack)
     # What the demo reached, not what its headlines say (before, the headline's "promoted" passed this test while
     # the good canary was aborted for drift, as a new user's first run showed): the route the router serves,
@@ -113,6 +114,19 @@ def test_demo_then_query_everything(stack: dict[str, str]) -> None:
     assert {s["role"] for s in health["streams"]} == {"inference", "events", "facts", "telemetry", "dlq", "audit",
                                                      "provenance", "dlq_originals"}
     assert any(c["consumer"] == "lg_sink_inference" for c in health["consumers"])
+
+    # The commands the demo ends with reach this stack pasted as shown, from another directory and with nothing in
+    # the environment: its home is not ./.lockgate, so they name it. Before, they never did: `lockgate traces ID`
+    # asked the stack of ./.lockgate ("no spans for trace"), or found no credentials.
+    printed = [line.strip().removeprefix("$ ") for line in demo.stdout.splitlines() if line.strip().startswith("$ ")]
+    assert len(printed) == 8 and all(c.startswith(f"lockgate --home {stack['E2E_HOME']} ") for c in printed), demo.stdout
+    assert "source " in demo.stdout and "/bin/lockgate" in demo.stdout  # and where `lockgate` is without the venv
+    pasted = {k: v for k, v in stack.items() if k not in ("LOCKGATE_HOME", "LOCKGATE_NATS_URL")}
+    for command in printed:
+        if command.split()[3] in ("decisions", "traces"):
+            out = subprocess.run([*LOCKGATE, *shlex.split(command)[1:]], capture_output=True, text=True, env=pasted,
+                                 cwd=tmp_path, timeout=60)
+            assert out.returncode == 0 and out.stdout.strip(), f"{command}: {out.stderr}"
 
 
 def test_cli_errors_are_one_line_with_an_exit_code(stack: dict[str, str]) -> None:
