@@ -275,6 +275,34 @@ def test_roles_bound_what_the_cli_may_do(stack: dict[str, str], tmp_path: Path) 
     assert out.returncode == 5 and "refused role 'viewer'" in out.stderr, out.stderr
 
 
+def test_a_role_that_may_not_change_rollouts_is_refused_before_the_router_is_asked(stack: dict[str, str]) -> None:
+    # Before: `--role viewer rollout set-weight/abort/retry ...` went with the admin key of HOME/credentials and
+    # changed the route (as admin), where README says a --role is refused what it may not do before anything is sent.
+    run("demo", "--router", stack["E2E_ROUTER"], "--sim", stack["E2E_SIM"], "--traffic", "20", env=stack)  # shop-v1 PASS
+
+    def refused(role: str, *args: str) -> None:
+        out = run("--role", role, "rollout", *args, env=stack, check=False)
+        assert (out.returncode, out.stderr) == (5, f"error: role {role!r} may not run `lockgate rollout {args[0]}`: "
+                                                   "use --role operator or admin\n"), out.stderr
+
+    for role in ("viewer", "approver"):
+        refused(role, "start", "roles-web", "--stable", "shop-v1")
+    assert run("rollout", "get", "roles-web", env=stack, check=False).returncode == 3  # nothing was started
+    run("--role", "operator", "rollout", "start", "roles-web", "--stable", "shop-v1", env=stack)
+    before = json.loads(run("rollout", "get", "roles-web", "--json", env=stack).stdout)
+    for args in (["pause", "roles-web"], ["resume", "roles-web"], ["approve", "roles-web"], ["abort", "roles-web"],
+                 ["promote", "roles-web"], ["retry", "roles-web"], ["undo", "roles-web"],
+                 ["set-weight", "roles-web", "20"], ["patch", "roles-web", "--weight", "5"]):
+        refused("viewer", *args)
+    refused("approver", "abort", "roles-web")
+    assert json.loads(run("rollout", "get", "roles-web", "--json", env=stack).stdout) == before
+    # Reading a rollout stays every role's.
+    for args in (["get", "roles-web"], ["history", "roles-web"], ["analysis", "roles-web"],
+                 ["watch", "roles-web", "--timeout", "30"]):
+        run("--role", "viewer", "rollout", *args, env=stack)
+    run("--role", "approver", "rollout", "get", "roles-web", env=stack)
+
+
 def _gated_release(stack: dict[str, str], tmp_path: Path, release: str, model: str, tenant: str) -> None:
     """Register `release` (tenant `tenant`, app shop, served by the simulator's `model`) and gate it as the stack's
     gates file pins the app (the demo's policy and suite): a PASS, or AssertionError."""
