@@ -14,8 +14,11 @@ VENV_PY := .venv/bin/python
 setup: .venv/bin/uv
 	$(UV) sync --frozen -q
 
+# `make run ARGS="--router-port 0"`: options for `dev up` (a port taken, another --home). The variable tells `dev up`
+# to give its advice in this form.
+run: export LOCKGATE_VIA_MAKE_RUN := 1
 run: setup
-	.venv/bin/lockgate dev up --demo
+	.venv/bin/lockgate dev up --demo $(ARGS)
 
 up: setup
 	.venv/bin/lockgate up

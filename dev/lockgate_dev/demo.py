@@ -10,8 +10,11 @@ promoted step by step while the drift monitor compares its answers with stable's
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shlex
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from rich.console import Console
 from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.codec import Codec
+from lockgate.config import Settings
 from lockgate.contracts import DriftReport, EvalRequested, GateDecided, RolloutState
 from lockgate.errors import LockgateError
 from lockgate.ids import content_hash, uuid7
@@ -158,8 +162,9 @@ def _verdicts(decision: GateDecided) -> str:
 
 
 async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console, admin_key: str, app_key: str,
-                   traffic: int = 1200) -> dict[str, Any]:
-    """Drive the loop through a running stack and print what happened (admin key for routes, app key for traffic)."""
+                   home: str, traffic: int = 1200) -> dict[str, Any]:
+    """Drive the loop through a running stack and print what happened (admin key for routes, app key for traffic;
+    `home` is the stack's, which the commands it ends with name)."""
     say = console.print
     say("\n[bold]1. Register[/bold] dataset, prompt, eval suite, policy and model configs (content-addressed)")
     reg = await _register(bus)
@@ -220,16 +225,37 @@ async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
         f"[cyan]{final.stable_release}[/cyan]")
 
     say("\n[bold]5. Look deeper[/bold]")
-    for cmd in (f"lockgate gate explain {BAD}", "lockgate decisions",
-                f"lockgate lineage {GOOD}", f"lockgate traces --release {GOOD}",
-                f"lockgate traces {traces[0]}" if traces else "lockgate traces",
-                f"lockgate drift --deployment {DEPLOYMENT}", "lockgate cost --by app,deployment,model",
-                "lockgate dlq"):
-        say(f"   $ {cmd}")
+    say(f"   {cli_note()}", markup=False, highlight=False, soft_wrap=True)
+    for cmd in look_deeper(home, traces):
+        say(f"   $ {cmd}", markup=False, highlight=False, soft_wrap=True)  # as typed: never wrapped or restyled
     return {"decisions": {r: d.decision for r, d in decisions.items()}, "requests": sent, "traces": traces,
             "rollouts": [(s.phase, s.canary_weight) for s in rollouts],
             "final": {"phase": final.phase, "stable": final.stable_release, "canary": final.canary_release},
             "drift_reports": len(compared)}
+
+
+def look_deeper(home: str, traces: list[str]) -> list[str]:
+    """The commands the demo ends with, pasted as shown reaching the stack of `home`: with `--home` unless it is the
+    default one (./.lockgate here). Before, they never named it: with `dev up --home DIR` (when the default ports
+    are taken) they answered from the stack of ./.lockgate, or found no credentials."""
+    path = Path(home).resolve()
+    lockgate = "lockgate" if path == Path(Settings().home).resolve() else f"lockgate --home {shlex.quote(str(path))}"
+    return [f"{lockgate} {args}" for args in (
+        f"gate explain {BAD}", "decisions", f"lineage {GOOD}", f"traces --release {GOOD}",
+        f"traces {traces[0]}" if traces else "traces", f"drift --deployment {DEPLOYMENT}",
+        "cost --by app,deployment,model", "dlq")]
+
+
+def cli_note() -> str:
+    """How to run `lockgate` with the venv not active: the script beside the interpreter running this, shown from
+    here (`.venv/bin/lockgate` in the checkout `make run` ran in)."""
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "activate").exists():  # not a venv: its `lockgate` is on the PATH as installed
+        return "run them where `lockgate` is on the PATH:"
+    with contextlib.suppress(ValueError):
+        bin_dir = bin_dir.relative_to(Path.cwd())
+    return (f"run them with the venv active (`source {shlex.quote(str(bin_dir / 'activate'))}`), or as "
+            f"{shlex.quote(str(bin_dir / 'lockgate'))} ...:")
 
 
 async def _settled(done: asyncio.Event, release: str) -> None:

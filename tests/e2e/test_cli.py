@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     assert not [line for line in up.lines if "stopping" in line and "failed" in line], up.output
 
 
-def test_demo_then_query_everything(stack: dict[str, str]) -> None:
+def test_demo_then_query_everything(stack: dict[str, str], tmp_path: Path) -> None:
     demo = run("demo", "--router", stack["E2E_ROUTER"], "--sim", stack["E2E_SIM"], "--traffic", "300", env=stack)
     # What the demo reached, not what its headlines say (before, the headline's "promoted" passed this test while
     # the good canary was aborted for drift, as a new user's first run showed): the route the router serves,
@@ -113,6 +114,19 @@ def test_demo_then_query_everything(stack: dict[str, str]) -> None:
     assert {s["role"] for s in health["streams"]} == {"inference", "events", "facts", "telemetry", "dlq", "audit",
                                                      "provenance", "dlq_originals"}
     assert any(c["consumer"] == "lg_sink_inference" for c in health["consumers"])
+
+    # The commands the demo ends with reach this stack pasted as shown, from another directory and with nothing in
+    # the environment: its home is not ./.lockgate, so they name it. Before, they never did: `lockgate traces ID`
+    # asked the stack of ./.lockgate ("no spans for trace"), or found no credentials.
+    printed = [line.strip().removeprefix("$ ") for line in demo.stdout.splitlines() if line.strip().startswith("$ ")]
+    assert len(printed) == 8 and all(c.startswith(f"lockgate --home {stack['E2E_HOME']} ") for c in printed), demo.stdout
+    assert "source " in demo.stdout and "/bin/lockgate" in demo.stdout  # and where `lockgate` is without the venv
+    pasted = {k: v for k, v in stack.items() if k not in ("LOCKGATE_HOME", "LOCKGATE_NATS_URL")}
+    for command in printed:
+        if command.split()[3] in ("decisions", "traces"):
+            out = subprocess.run([*LOCKGATE, *shlex.split(command)[1:]], capture_output=True, text=True, env=pasted,
+                                 cwd=tmp_path, timeout=60)
+            assert out.returncode == 0 and out.stdout.strip(), f"{command}: {out.stderr}"
 
 
 def test_cli_errors_are_one_line_with_an_exit_code(stack: dict[str, str]) -> None:
@@ -259,6 +273,34 @@ def test_roles_bound_what_the_cli_may_do(stack: dict[str, str], tmp_path: Path) 
     stranger = {**stack, "LOCKGATE_HOME": str(tmp_path)}
     out = run("decisions", "--json", env=stranger, check=False)
     assert out.returncode == 5 and "refused role 'viewer'" in out.stderr, out.stderr
+
+
+def test_a_role_that_may_not_change_rollouts_is_refused_before_the_router_is_asked(stack: dict[str, str]) -> None:
+    # Before: `--role viewer rollout set-weight/abort/retry ...` went with the admin key of HOME/credentials and
+    # changed the route (as admin), where README says a --role is refused what it may not do before anything is sent.
+    run("demo", "--router", stack["E2E_ROUTER"], "--sim", stack["E2E_SIM"], "--traffic", "20", env=stack)  # shop-v1 PASS
+
+    def refused(role: str, *args: str) -> None:
+        out = run("--role", role, "rollout", *args, env=stack, check=False)
+        assert (out.returncode, out.stderr) == (5, f"error: role {role!r} may not run `lockgate rollout {args[0]}`: "
+                                                   "use --role operator or admin\n"), out.stderr
+
+    for role in ("viewer", "approver"):
+        refused(role, "start", "roles-web", "--stable", "shop-v1")
+    assert run("rollout", "get", "roles-web", env=stack, check=False).returncode == 3  # nothing was started
+    run("--role", "operator", "rollout", "start", "roles-web", "--stable", "shop-v1", env=stack)
+    before = json.loads(run("rollout", "get", "roles-web", "--json", env=stack).stdout)
+    for args in (["pause", "roles-web"], ["resume", "roles-web"], ["approve", "roles-web"], ["abort", "roles-web"],
+                 ["promote", "roles-web"], ["retry", "roles-web"], ["undo", "roles-web"],
+                 ["set-weight", "roles-web", "20"], ["patch", "roles-web", "--weight", "5"]):
+        refused("viewer", *args)
+    refused("approver", "abort", "roles-web")
+    assert json.loads(run("rollout", "get", "roles-web", "--json", env=stack).stdout) == before
+    # Reading a rollout stays every role's.
+    for args in (["get", "roles-web"], ["history", "roles-web"], ["analysis", "roles-web"],
+                 ["watch", "roles-web", "--timeout", "30"]):
+        run("--role", "viewer", "rollout", *args, env=stack)
+    run("--role", "approver", "rollout", "get", "roles-web", env=stack)
 
 
 def _gated_release(stack: dict[str, str], tmp_path: Path, release: str, model: str, tenant: str) -> None:

@@ -78,3 +78,21 @@ def test_up_refuses_a_home_a_stack_runs_from(tmp_path: Path, command: list[str])
     assert (out.returncode, out.stderr) == (2, f"error: a stack is already running from {tmp_path} (pid "
                                                f"{os.getpid()}): stop it first, or give another --home\n"), out.stdout
     assert not (tmp_path / "nats").exists()
+
+
+def test_make_run_passes_args_and_gives_its_advice_in_their_form(tmp_path: Path, taken: int) -> None:
+    # `make run ARGS=...` reaches `dev up` (`-o setup`: the venv is this one, not synced again). Before, make took
+    # no options and a taken port's advice, "choose another with --router-port", was one it could not pass.
+    root = Path(__file__).parents[2]
+    args = " ".join(["--home", str(tmp_path), *_ports("--router-port", taken, **{"--sim-port": "0"})])
+    out = subprocess.run(["make", "-s", "-C", str(root), "-o", "setup", "run", f"ARGS={args}"], capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "300"}, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith(f"error: router port {taken} is in use (another lockgate stack?): choose another "
+                                 'with --router-port, or 0 for a free one (with make: make run ARGS="--router-port 0")'
+                                 "\n"), out.stderr
+    assert not (tmp_path / "nats").exists()
+    # Without ARGS, `make run` is the command it always was.
+    dry = subprocess.run(["make", "-s", "-n", "-C", str(root), "-o", "setup", "run"], capture_output=True, text=True,
+                         timeout=60)
+    assert dry.stdout.split() == [".venv/bin/lockgate", "dev", "up", "--demo"], dry.stdout

@@ -48,7 +48,7 @@ async def test_release_goes_through_the_whole_loop(settings: Settings) -> None:
         keys = bootstrap(settings.home, app=APP)  # what `lockgate dev up --demo` makes and prints
         story = await run_demo(runtime.ctx.bus, router_url=runtime.services["router"].url, sim_url=sim.url,
                                console=Console(quiet=True), traffic=240, admin_key=keys.admin_key,
-                               app_key=keys.app_key)
+                               app_key=keys.app_key, home=settings.home)
 
         # gate: the wrong candidate is blocked naming its failing rule, the good one passes
         assert story["decisions"] == {BASELINE: "PASS", BAD: "BLOCK", GOOD: "PASS"}

@@ -2,7 +2,8 @@
 roll a release out and operate a deployment's rollout.
 
 Actions go to the router's admin API with an API key (operator or admin role for changes, any
-role for `get` and `watch`); the router records the key's identity as the actor. `history` and
+role for `get` and `watch`); the router records the key's identity as the actor. A `--role` that may not change
+rollouts (viewer, approver) is refused before a change is sent, whatever role the API key has. `history` and
 `analysis` read the stored rollout events and signed analysis records through the query service,
 like every other query command; `analysis` checks each record's signature.
 """
@@ -27,11 +28,14 @@ from lockgate.cli import access, running
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, output, table
 from lockgate.contracts.names import check_name
+from lockgate.credentials import NotAllowed
 from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
 from lockgate.redact import shown_url
 from lockgate.server.apikeys import read_credential
 
 _ADMIN = "/lockgate/v1/deployments"
+# The roles that may change a route: the router's admin API asks the same of the key (services/router/admin.py).
+CHANGERS = ("operator", "admin")
 
 
 class RouterUnavailable(LockgateError):
@@ -145,6 +149,15 @@ def _key(home: str, given: str | None) -> str:
     except ConfigError:
         raise ConfigError(f"no API key: pass --api-key (or LOCKGATE_API_KEY), or run where {path} exists "
                           "(`lockgate up --home DIR` writes it)") from None
+
+
+def may_change() -> None:
+    """NotAllowed (exit 5) if `--role` names a role that may not change rollouts, before anything is sent. The
+    change goes with an API key (HOME/credentials/router-admin.key unless --api-key), not the NATS role, so before
+    `--role viewer rollout abort` aborted as admin, where README says a role is refused what it may not do."""
+    role = access.chosen_role("")
+    if role and role not in CHANGERS:
+        raise NotAllowed(f"role {role!r} may not run `{access.command()}`: use --role {' or '.join(CHANGERS)}")
 
 
 def patch_body(weight: float | None, canary_release: str | None, file: str | None, inline: str | None) -> dict[str, Any]:
@@ -416,6 +429,7 @@ def register(cli: click.Group) -> None:
         """Roll a release out (PUT .../DEPLOYMENT). With --stable alone: a deployment's first release serves all
         traffic at once, only if its verified gate decision allows it. With --canary: a canary of that release
         from --stable (the serving release), gated step by step."""
+        may_change()
         body: dict[str, Any] = {"stable_release": stable}
         if canary is not None:
             body["canary_release"] = canary
@@ -431,6 +445,7 @@ def register(cli: click.Group) -> None:
         @click.pass_context
         @handle_errors
         def run(ctx: click.Context, deployment: str, as_json: bool, **kw: Any) -> None:
+            may_change()
             body = {"reason": kw["reason"]} if kw.get("reason") else None
             route = admin(ctx).call("POST", _at(deployment, f"/{name}"), body)
             if as_json:
@@ -520,6 +535,7 @@ def register(cli: click.Group) -> None:
     def undo(ctx: click.Context, deployment: str, to: str | None, as_json: bool) -> None:
         """Put the previous release back as stable (blue-green: within the scale-down window), or with --to a
         named earlier known-good release."""
+        may_change()
         route = admin(ctx).call("POST", _at(deployment, "/undo"), {"to": to} if to else None)
         if as_json:
             emit_json(route)
@@ -534,6 +550,7 @@ def register(cli: click.Group) -> None:
     @handle_errors
     def set_weight(ctx: click.Context, deployment: str, weight: float, as_json: bool) -> None:
         """Change only the canary's weight (percent); a release no decision allows gets none."""
+        may_change()
         route = admin(ctx).call("POST", _at(deployment, "/set-weight"), {"weight": weight})
         if as_json:
             emit_json(route)
@@ -556,6 +573,7 @@ def register(cli: click.Group) -> None:
         """Change only what the patch names (weight, canary_release, strategy fields such as interval_s or
         analysis; null removes an optional one): the rollout keeps its phase, step and analysis, and the canary
         its endpoint. --weight and --canary-release apply on top of -f/--patch."""
+        may_change()
         body = patch_body(weight, canary_release, file, inline)
         show(admin(ctx).call("PATCH", _at(deployment), body), as_json)
 
