@@ -12,7 +12,15 @@ from aiohttp import web
 from lockgate.contracts.names import check_name
 from lockgate.errors import InvalidName, Retryable
 from lockgate.identity import verify_override
-from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bearer, require_role
+from lockgate.server.apikeys import (
+    ROUTE_CHANGERS,
+    ApiKey,
+    AuthError,
+    Forbidden,
+    KeyStore,
+    bearer,
+    require_role,
+)
 from lockgate.server.body import read_body
 from lockgate.services.router.actions import (
     PREFIX,
@@ -106,7 +114,7 @@ class Admin:
             if request.method in ("GET", "HEAD"):
                 require_role(key, "viewer", "approver", "operator", "admin")
             else:
-                require_role(key, "operator", "admin")
+                require_role(key, *ROUTE_CHANGERS)
         except AuthError as exc:
             return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
         except Forbidden as exc:

@@ -31,11 +31,9 @@ from lockgate.contracts.names import check_name
 from lockgate.credentials import NotAllowed
 from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
 from lockgate.redact import shown_url
-from lockgate.server.apikeys import read_credential
+from lockgate.server.apikeys import ROUTE_CHANGERS, read_credential
 
 _ADMIN = "/lockgate/v1/deployments"
-# The roles that may change a route: the router's admin API asks the same of the key (services/router/admin.py).
-CHANGERS = ("operator", "admin")
 
 
 class RouterUnavailable(LockgateError):
@@ -156,8 +154,8 @@ def may_change() -> None:
     change goes with an API key (HOME/credentials/router-admin.key unless --api-key), not the NATS role, so before
     `--role viewer rollout abort` aborted as admin, where README says a role is refused what it may not do."""
     role = access.chosen_role("")
-    if role and role not in CHANGERS:
-        raise NotAllowed(f"role {role!r} may not run `{access.command()}`: use --role {' or '.join(CHANGERS)}")
+    if role and role not in ROUTE_CHANGERS:
+        raise NotAllowed(f"role {role!r} may not run `{access.command()}`: use --role {' or '.join(ROUTE_CHANGERS)}")
 
 
 def patch_body(weight: float | None, canary_release: str | None, file: str | None, inline: str | None) -> dict[str, Any]:

@@ -28,6 +28,8 @@ from lockgate.errors import ConfigError, LockgateError, NotFound
 
 Role = Literal["app", "viewer", "operator", "approver", "admin"]
 ROLES: tuple[str, ...] = ("app", "viewer", "operator", "approver", "admin")
+# The roles that may change a deployment's route (the router's admin API; `lockgate rollout` checks --role alike).
+ROUTE_CHANGERS: tuple[str, ...] = ("operator", "admin")
 PREFIX = "lg-"
 FILE = "apikeys.json"
 
