@@ -732,11 +732,13 @@ def readmit(route: Route, decision: GateDecided | None, why_not: str = "") -> Ro
                         "key signed")
 
 
-def clear_override(route: Route) -> Route:
-    """End a break-glass override: a canary that no decision allows goes back to 0%."""
+def clear_override(route: Route, why: str = "") -> Route:
+    """End a break-glass override (`why`: it no longer counts, else an admin cleared it): a canary that no decision
+    allows goes back to 0%."""
     if route.override is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no break-glass override to clear")
-    changes: dict[str, object] = {"override": None, "reason": f"break-glass override by {route.override.actor} cleared"}
+    ended = f"ended: {why}" if why else "cleared"
+    changes: dict[str, object] = {"override": None, "reason": f"break-glass override by {route.override.actor} {ended}"}
     if route.canary is not None and route.phase in ("idle", "progressing") and not route.admitted:
         changes.update(weight=0.0, phase="idle", next_step_at=0.0)
         changes["reason"] = f"{changes['reason']}; canary {route.canary.release} back to 0% until a decision allows it"

@@ -45,7 +45,7 @@ from lockgate.services.router.domain import Route
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.evidence import Evidence
 from lockgate.services.router.shadowstats import Budget, Ledger, ShadowSummary, spend_key
-from lockgate.signing import TRUST_CHECK_S, Keyring, Verifier
+from lockgate.signing import TRUST_CHECK_S, Keyring, Verifier, withdrawn
 from lockgate.subjects import token, untoken
 
 log = logging.getLogger("lockgate.router")
@@ -364,33 +364,46 @@ class Rollouts:
                     await self._wake.wait()
 
     async def run_trust_watch(self, every_s: float = TRUST_CHECK_S) -> None:
-        """Take a canary back to 0% as soon as the decision that admitted it stops verifying because the trust roots
-        changed (its key revoked or retired, an approval it rests on withdrawn), not at its next step: before, a
-        canary at 10%, or a paused one, kept its traffic until something would raise it. The trust file is local
-        and nothing announces its changes, so this looks at it (a stat) every `every_s` seconds."""
-        roots: Keyring | None = self.verifier.roots()
+        """Act on a change of the trust roots at once, not at a canary's next step: a canary whose admitting
+        decision no longer verifies (its key revoked or retired, an approval it rests on withdrawn) goes back to 0%,
+        and a break-glass override whose admin's key is revoked (or who is no admin any more) ends. Before, a canary
+        at 10%, or a paused one, kept its traffic until something would raise it, and an override for good. The
+        trust file is local and nothing announces its changes, so this looks at it (a stat) every `every_s` seconds.
+        A change it cannot act on (the file malformed, the decisions unreadable) is looked at again at the next."""
+        seen: Keyring | None = None
         while True:
-            await asyncio.sleep(every_s)
-            now = self.verifier.roots()
-            if now is roots:
-                continue
-            roots = now
-            for route in list(self.routes.values()):
-                if not domain.rests_on_admission(route):  # at 0% too: a header route may serve it
-                    continue
-                try:
-                    admission = await self._admission_now(route)
-                except BusUnavailable as exc:
-                    log.warning("%s: admission not checked again after a trust change: %s", route.deployment,
-                                exc.message)
-                    roots = None  # looked at again at the next tick
-                    continue
-                if self.routes.get(route.deployment) is route:  # else changed meanwhile, checked by that change
-                    self._unadmit(route, admission)
             try:
-                await self.flush()
+                roots = self.verifier.roots()
+                if roots is not seen:
+                    await self._recheck(roots)
+                    seen = roots
             except LockgateError as exc:
-                log.warning("rollout state not persisted yet: %s", exc.message)
+                log.error("trust roots changed, not acted on yet: %s", exc.message)
+            await asyncio.sleep(every_s)
+
+    async def _recheck(self, roots: Keyring) -> None:
+        """Every route's admission and override against the trust roots `roots`; BusUnavailable if a decision
+        cannot be read (nothing is skipped: the caller tries the whole again)."""
+        unread: list[str] = []
+        for route in list(self.routes.values()):
+            override = route.override
+            if override is not None and roots.people is not None:
+                gone = withdrawn(roots.people, roots.revoked, [(override.actor, override.key_id)], roles=("admin",))
+                if gone:
+                    self._apply(domain.clear_override(route, why=gone[override.actor]))
+                    route = self.route(route.deployment)
+            if not domain.rests_on_admission(route):  # at 0% too: a header route may serve it
+                continue
+            try:
+                admission = await self._admission_now(route)
+            except BusUnavailable as exc:
+                unread.append(f"{route.deployment}: {exc.message}")
+                continue
+            if self.routes.get(route.deployment) is route:  # else changed meanwhile, checked by that change
+                self._unadmit(route, admission)
+        await self.flush()
+        if unread:
+            raise BusUnavailable(f"admissions not checked again: {'; '.join(unread)}")
 
     def _timer_due(self, route: Route) -> float | None:
         """`_due`, no earlier than a deployment's admission can be read again (see `_may_step`)."""

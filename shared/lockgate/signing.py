@@ -169,10 +169,11 @@ def signed_approvals(decision: GateDecided) -> list[tuple[str, str]]:
 
 
 def withdrawn(people: Mapping[str, Person], revoked: Collection[str],
-              approvals: Iterable[tuple[str, str]]) -> dict[str, str]:
-    """Of (name, key id) approvals, those that no longer count by the trust roots `people` and `revoked`, with why:
-    the person is gone, lost the reviewer role, or the key is revoked or no longer theirs. A key id of "" (a
-    decision from before key ids were kept) is judged by the person's current key."""
+              approvals: Iterable[tuple[str, str]], roles: Collection[str] = REVIEWER_ROLES) -> dict[str, str]:
+    """Of (name, key id) statements by people (approvals; an override, with `roles` admin), those that no longer
+    count by the trust roots `people` and `revoked`, with why: the person is gone, lost every role of `roles`, or
+    the key is revoked or no longer theirs. A key id of "" (a decision from before key ids were kept) is judged by
+    the person's current key."""
     out: dict[str, str] = {}
     for name, kid in approvals:
         person = people.get(name)
@@ -182,8 +183,8 @@ def withdrawn(people: Mapping[str, Person], revoked: Collection[str],
             out[name] = f"{name}'s key {kid} that signed it is no longer theirs"
         elif (kid or person.key_id) in revoked:
             out[name] = f"{name}'s key {kid or person.key_id} is revoked"
-        elif not set(REVIEWER_ROLES) & set(person.roles):
-            out[name] = f"{name} no longer has role {' or '.join(REVIEWER_ROLES)}"
+        elif not set(roles) & set(person.roles):
+            out[name] = f"{name} no longer has role {' or '.join(roles)}"
     return out
 
 
@@ -616,10 +617,10 @@ class Verifier:
         a key retired after it signed: Keyring.verify); returns the key id."""
         # The trust file may have changed (a rotation, a revocation, `lockgate up` writing it after we
         # started): re-read the local configuration, never the bus, before refusing or accepting.
-        if decision.key_id not in self.keyring.keys or decision.key_id in self.keyring.revoked \
-                or self._changed():
-            self.keyring = self._load()
-        return self.keyring.verify(decision, history=history)
+        ring = self.roots()
+        if decision.key_id not in ring.keys or decision.key_id in ring.revoked:
+            ring = self.keyring = self._load()  # a pinned key file written since, which no stamp follows
+        return ring.verify(decision, history=history)
 
     def trusts(self, kid: str) -> bool:
         """True if key `kid` is trusted and neither revoked nor retired by the trust roots as they are now (the
@@ -633,8 +634,12 @@ class Verifier:
     def roots(self) -> Keyring:
         """The trust roots as they are now: the trust file is read again if it changed, into a new Keyring (so a
         holder of the last one can tell, by identity, that what it verified must be verified again)."""
-        if self._changed():
+        stamp = self._mtime()
+        if stamp != self._stamp:
+            # Stamped only once read: a trust file caught malformed (a hand edit) raises ConfigError here, and is
+            # read again at the next call, not taken as read.
             self.keyring = self._load()
+            self._stamp = stamp
         return self.keyring
 
     def _mtime(self) -> tuple[int, int, int]:
@@ -646,8 +651,3 @@ class Verifier:
             return 0, 0, 0
         return st.st_mtime_ns, st.st_ino, st.st_size
 
-    def _changed(self) -> bool:
-        """True if the trust file changed since it was read (a revocation must apply at once)."""
-        stamp = self._mtime()
-        changed, self._stamp = stamp != self._stamp, stamp
-        return changed

@@ -5,6 +5,9 @@ traffic, whatever sequence of operator actions leads there."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import threading
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,7 +19,7 @@ from click.testing import CliRunner
 from lockgate.cli.main import cli
 from lockgate.contracts import GateDecided
 from lockgate.server.apikeys import KeyStore
-from lockgate.signing import Signer, revoke_key, trust_file_path, trust_key
+from lockgate.signing import Signer, revoke_key, revoke_person, trust_file_path, trust_key
 from tests.helpers import break_glass, gate_decided, judged, register_model_release, store_decision
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_admission_race import _announce, _passed, _signed_pass
@@ -268,6 +271,58 @@ async def test_a_revocation_takes_a_paused_canary_it_admitted_back_to_zero_at_on
     assert (route.phase, route.admitted, route.stable.release) == ("idle", "", "r1"), route.reason
     assert f"canary same back to 0%: admitted by gate decision {passed.id}, but it no longer verifies" in route.reason
     assert f"signed by revoked key id {leaked.key_id!r}" in route.reason
+    assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+async def test_a_malformed_trust_file_does_not_stop_the_router_acting_on_the_next_revocation(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Probe p5: a hand edit left trust.json malformed for a moment; the router's trust watch died of the read
+    # (unseen), and a retirement after the file was mended left the canary it admitted at 50% for good.
+    s = router.ctx.settings
+    path = trust_file_path(s)
+    leaked = Signer.generate()
+    trust_key(path, leaked.public)
+    await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600})
+    await _announce(router, await _signed_pass(router, leaked, "same"))
+    good = path.read_bytes()
+    seen = threading.Event()
+
+    class Noticed(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "trust roots changed, not acted on yet" in record.getMessage():
+                seen.set()
+
+    handler = Noticed()
+    logging.getLogger("lockgate.router").addHandler(handler)
+    try:
+        broken = path.with_suffix(".edit")
+        broken.write_bytes(good[:-2] + b",}")  # a trailing comma
+        os.replace(broken, path)
+        assert await asyncio.to_thread(seen.wait, 10), "the watch never read the malformed file"
+    finally:
+        logging.getLogger("lockgate.router").removeHandler(handler)
+    mended = path.with_suffix(".edit")
+    mended.write_bytes(good)
+    os.replace(mended, path)
+    revoke_key(path, leaked.key_id)
+    await router.rollouts.wait_for(lambda r: r["chat"].weight == 0.0, timeout=10)
+    assert "it no longer verifies" in router.rollouts.route("chat").reason
+
+
+async def test_revoking_the_admin_who_broke_glass_ends_the_override_at_once(
+        router: Any, http: aiohttp.ClientSession) -> None:
+    # Probe p5: after `gate revoke --person boss` (his key leaked), the never-gated canary he broke glass for kept its
+    # 20%; only new statements of his were refused.
+    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7", weight=20)
+    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": 20, "break_glass": glass}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    assert router.rollouts.route("chat").weight == 20.0
+    revoke_person(trust_file_path(router.ctx.settings), "boss")
+    await router.rollouts.wait_for(lambda r: r["chat"].override is None, timeout=10)
+    route = router.rollouts.route("chat")
+    assert (route.weight, route.canary.release) == (0.0, "bad"), route.reason
+    assert "break-glass override by boss ended: boss's key" in route.reason and "is revoked" in route.reason
     assert set(await _releases(http, router, 40)) == {"r1"}
 
 

@@ -17,6 +17,8 @@ from lockgate.telemetry import Telemetry
 if TYPE_CHECKING:  # importing the store loads clickhouse-connect (and chDB): only its owners do
     from lockgate.store import Store
 
+log = logging.getLogger("lockgate.service")
+
 
 def fewer_collections() -> None:
     """Run the cyclic garbage collector less often in this process (raised, never lowered), for the
@@ -90,6 +92,7 @@ class Service:
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run background work that is cancelled on stop."""
         task = asyncio.create_task(coro, name=f"{self.name}:{name}")
+        task.add_done_callback(_ended)
         self._tasks.append(task)
         return task
 
@@ -110,3 +113,10 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 task.result()
         self._tasks.clear()
+
+
+def _ended(task: asyncio.Task[Any]) -> None:
+    """Say so when background work ends by an error: nothing restarts it, and before it ended unseen (a router's
+    trust watch stopped by one bad read of the trust file, and revocations went unacted on)."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("background task %s stopped: %r", task.get_name(), exc, exc_info=exc)
