@@ -16,7 +16,7 @@ from typing import Any
 from lockgate.config import Settings
 from lockgate.endpoints import Access, AllowList, UnknownEndpoint
 from lockgate.errors import ConfigError
-from lockgate.shipped import Shipped
+from lockgate.shipped import Shipped, refuse_other_endpoint, refuse_other_model
 
 
 def listed(settings: Settings, endpoint_id: str, what: str = "endpoint") -> Access:
@@ -52,15 +52,9 @@ def evaluated(settings: Settings, shipped: Shipped | None, endpoint: str, model:
         if not model:
             raise ConfigError("no model to evaluate: set EvalRequested.model or 'model' in the suite")
         return of_run(settings, endpoint), model, {}
-    where = f"release {shipped.release!r} ships model {shipped.model!r} at endpoint {shipped.endpoint!r} " \
-            f"({shipped.config})"
-    if model and model != shipped.model:
-        raise ConfigError(f"{where}, but the eval asks for model {model!r}: the gate judges what ships; "
-                          f"omit the model or give {shipped.model!r}")
-    access = listed(settings, shipped.endpoint, f"{where}: endpoint")
-    if endpoint and endpoint != shipped.endpoint and endpoint.rstrip("/") != access.base:
-        raise ConfigError(f"{where}, but the eval asks for endpoint {endpoint!r}: the gate judges what ships; "
-                          f"omit the endpoint or give {shipped.endpoint!r}")
+    refuse_other_model(shipped, model)
+    access = listed(settings, shipped.endpoint, f"{shipped.where}: endpoint")
+    refuse_other_endpoint(shipped, endpoint, access.base)
     return access, shipped.model, dict(shipped.params)
 
 

@@ -35,6 +35,32 @@ class Shipped(msgspec.Struct, frozen=True, kw_only=True):
     endpoint: str = "default"
     params: dict[str, Any] = {}
 
+    @property
+    def where(self) -> str:
+        """What the release ships, as a refusal names it."""
+        return f"release {self.release!r} ships model {self.model!r} at endpoint {self.endpoint!r} ({self.config})"
+
+
+# The rule an eval of a release with a model config keeps to, in one place: the evaluator applies it to every
+# request on the bus, and `lockgate eval run` before it requests anything (a run the evaluator refuses is a
+# failed run, which the gate BLOCKs: a typo in a flag would roll back a serving release).
+
+def refuse_other_model(shipped: Shipped, model: str, by: str = "the eval") -> None:
+    """ConfigError when an eval of `shipped` asks for another model (`model`, "" for none) than it ships: a PASS
+    for it would let the gate judge one model and the router serve another."""
+    if model and model != shipped.model:
+        raise ConfigError(f"{shipped.where}, but {by} asks for model {model!r}: the gate judges what ships; "
+                          f"omit the model or give {shipped.model!r}")
+
+
+def refuse_other_endpoint(shipped: Shipped, endpoint: str, base: str | None) -> None:
+    """ConfigError when an eval of `shipped` asks for another place (`endpoint`, "" for none) than it ships. The
+    place agrees when it is the shipped endpoint's id, or a URL equal to `base`, that endpoint's allow-listed URL
+    (None: not known here, so only the id agrees); the development setup names the simulator by URL."""
+    if endpoint and endpoint != shipped.endpoint and endpoint.rstrip("/") != base:
+        raise ConfigError(f"{shipped.where}, but the eval asks for endpoint {endpoint!r}: the gate judges what "
+                          f"ships; omit the endpoint or give {shipped.endpoint!r}")
+
 
 async def of_release(bus: Bus, release: str) -> Shipped:
     """The model config release `release` is bound to. NotFound if the release (or its config's content) is not

@@ -56,6 +56,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     env["E2E_OTLP_GRPC"] = endpoints["otlp-grpc"]
     env["E2E_HOME"] = str(home)
     env["LOCKGATE_HOME"] = str(home)  # the CLI finds the NATS credentials, API keys and trust file `dev up` made there
+    # The tests' operator signs what they register as `op`: the tests below add people (vic, ann, boss) to this home,
+    # and with several there and none chosen, what `release create` and `artifact register` bind is refused.
+    run("identity", "create", "op", env=env)
+    env["LOCKGATE_IDENTITY"] = "op"
     yield env
     # Ctrl-C as a terminal sends it, to the whole foreground group. Before, nats-server (in the stack's group) got it
     # too and exited before the services had flushed: restarted, the drift state not saved, a traceback.
@@ -486,8 +490,14 @@ def test_reviews_and_break_glass_are_signed_by_people(stack: dict[str, str], tmp
 
     gone = run("gate", "approve", "shop-v2-rc1", "--reason", "x", "--actor", "mallory", env=stack, check=False)
     assert gone.returncode != 0 and "--actor is gone" in gone.stderr
-    several = run("gate", "reject", "shop-v2-rc1", "--reason", "x", env=stack, check=False)
-    assert several.returncode != 0 and "--as NAME" in several.stderr  # two identities here: say which
+    unchosen = {k: v for k, v in stack.items() if k != "LOCKGATE_IDENTITY"}
+    several = run("gate", "reject", "shop-v2-rc1", "--reason", "x", env=unchosen, check=False)
+    assert several.returncode != 0 and "--as NAME" in several.stderr  # several identities here: say which
+    # Nor does anything bind unsigned for want of a choice (before: "no author: no personal identity").
+    unsigned = run("release", "create", "nobody-r1", "--app", "shop", "--artifact", "prompt/p=sha256:" + "0" * 64,
+                   env=unchosen, check=False)
+    assert unsigned.returncode == 2 and unsigned.stderr.startswith("error: several personal identities (ann, boss, "), \
+        unsigned.stderr
     veto = json.loads(run("--as", "ann", "gate", "reject", "shop-v2-rc1", "--reason", "still wrong", "--json",
                           env=stack).stdout)
     assert (veto["decision"], veto["reviewed_by"]) == ("BLOCK", "ann")

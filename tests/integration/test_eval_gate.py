@@ -439,3 +439,54 @@ async def test_eval_run_exits_4_on_a_gate_decision_its_trust_roots_refuse(
         "--nats", settings.nats_url, "--prefix", settings.prefix, "gate", "verify", "v-ci"],
         env={"LOCKGATE_TRUST_FILE": str(ci_trust)})
     assert verified.exit_code == 4 and f"revoked key id {kid!r}" in verified.stderr
+
+
+async def test_eval_run_refuses_flags_other_than_the_release_ships_before_it_requests_anything(
+    bus: Bus, settings: Settings, held: dict[str, Any], subscribe: Callable[[str], Any]
+) -> None:
+    # Before (q1 probe, finding 1): `eval run` of a serving release with the simulator's URL spelled another way, or
+    # another model, was requested anyway; the evaluator failed the run ("the gate judges what ships") and the
+    # gatekeeper signed a BLOCK of the release, which rolled it back: a typo in a flag moved production.
+    sim = held["sim"]
+    sim.go.set()
+    kv = await bus.kv(bus.subjects.kv_gates)
+    passed = await kv.get(token("r1"))  # r1's PASS: the release deployment `chat` serves
+    config = (await artifacts.release_of(bus, "r1"))["artifacts"]["model_config/r1-config"]
+    requested = await subscribe(bus.subjects.eval_requested)
+    ships = f"release 'r1' ships model 'good' at endpoint 'default' ({config})"
+    other_spelling = sim.url.replace("127.0.0.1", "localhost")
+    # The CLI reads the allow-list as the stack does: `default` is the simulator.
+    same_config = {"LOCKGATE_STABLE_UPSTREAM": sim.url}
+    for args, why in (
+            (("--endpoint", other_spelling), f"the eval asks for endpoint '{other_spelling}': the gate judges what "
+                                             "ships; omit the endpoint or give 'default'"),
+            (("--endpoint", "canary"), "the eval asks for endpoint 'canary': the gate judges what ships; omit the "
+                                       "endpoint or give 'default'"),
+            (("--endpoint", sim.url, "--model", "bad"), "the eval asks for model 'bad': the gate judges what ships; "
+                                                        "omit the model or give 'good'")):
+        refused = await eval_run(settings, "r1", *args, env=same_config)
+        assert refused.exit_code == 2, refused.output
+        assert refused.stderr == f"error: {ships}, but {why}\n", refused.stderr  # one line: given, shipped, to pass
+    typo = await eval_run(settings, "r1", "--baseline", "r0", env=same_config)
+    assert typo.exit_code == 2 and typo.stderr.startswith("error: baseline release 'r0' is not registered: "), \
+        typo.output
+    assert (await kv.get(token("r1"))).revision == passed.revision  # no decision written: r1 still passes
+    assert sim.requests == {}
+
+    # Flags that name what ships (the id, or its allow-listed URL, and its model) still run, and gate, as before.
+    right = await eval_run(settings, "r1", "--endpoint", sim.url + "/", "--model", "good", env=same_config)
+    assert right.exit_code == 0, right.output
+    # The first request anything published was this one: the refused runs were never requested. The URL is
+    # requested as the endpoint's id: the evaluator calls what ships, and has no URL to read otherwise.
+    first = Codec(EvalRequested).decode((await requested.next_msg(timeout=5)).data)
+    assert (first.run_id, first.endpoint, first.model) == (json.loads(right.stdout)["run_id"], "default", "good")
+    assert sim.requests == {"good": 20}
+    d = await current_decision(bus, "r1")
+    assert (d.decision, d.eval_run) == ("PASS", first.run_id)
+    # The README's URL from a CLI whose settings say the simulator is there, while this stack's is on another port:
+    # before, the evaluator refused the URL and the gate BLOCKed r1; the run now evaluates what ships.
+    readme = await eval_run(settings, "r1", "--endpoint", "http://127.0.0.1:9000/v1", "--model", "good")
+    assert readme.exit_code == 0, readme.output
+    second = Codec(EvalRequested).decode((await requested.next_msg(timeout=5)).data)
+    assert (second.run_id, second.endpoint) == (json.loads(readme.stdout)["run_id"], "default")
+    assert (await current_decision(bus, "r1")).decision == "PASS"

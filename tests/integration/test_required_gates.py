@@ -116,8 +116,10 @@ async def eval_run(settings: Settings, sim: str, release: str, policy: str, *mor
     args = ["--nats", settings.nats_url, "--prefix", settings.prefix, "--home", settings.home, "eval", "run",
             str(FIXTURES / "suites" / "qa.yaml"), "--candidate", release, *where,
             "--policy", policy, "--timeout", "60", "--json", *more]
-    # In a thread: the CLI runs its own event loop.
-    return await asyncio.to_thread(CliRunner().invoke, cli, args, catch_exceptions=False)
+    # In a thread: the CLI runs its own event loop. Its settings say where `default` is, as the stack's do: it
+    # checks a URL against the release's endpoint before it requests the run.
+    env = {"LOCKGATE_STABLE_UPSTREAM": sim} if sim else None
+    return await asyncio.to_thread(CliRunner().invoke, cli, args, env=env, catch_exceptions=False)
 
 
 async def review(settings: Settings, person: str, action: str, release: str, reason: str) -> Result:

@@ -50,11 +50,21 @@ def chosen_identity(ctx: click.Context) -> Identity:
 
 
 def optional_identity(ctx: click.Context) -> Identity | None:
-    """Like chosen_identity, but None when none was asked for and the home has no single one."""
+    """Like chosen_identity, but None when none was asked for and the home has none (the work goes unsigned).
+
+    With several and none chosen it refuses (ConfigError), before the caller writes anything: what it signs
+    (a release, an artifact) binds once, so going unsigned there could never be undone, and a policy with
+    `forbid_self_approval` refuses every approval of a release without a signed author.
+    """
     root = ctx.find_root().obj
-    folder = identities_dir(root["settings"])
-    if not root.get("identity") and len(list(folder.glob("*.key")) if folder.is_dir() else []) != 1:
-        return None
+    if not root.get("identity"):
+        folder = identities_dir(root["settings"])
+        found = sorted(p.stem for p in folder.glob("*.key")) if folder.is_dir() else []
+        if not found:
+            return None
+        if len(found) > 1:
+            raise ConfigError(f"several personal identities ({', '.join(found)}): choose one with --as NAME "
+                              "(or LOCKGATE_IDENTITY)")
     return chosen_identity(ctx)
 
 

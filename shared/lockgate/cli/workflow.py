@@ -18,6 +18,7 @@ from lockgate.cli.render import console, emit_json, output
 from lockgate.contracts.artifacts import ARTIFACT_KINDS
 
 if TYPE_CHECKING:
+    from lockgate.config import Settings
     from lockgate.signing import Keyring
 
 
@@ -118,8 +119,9 @@ def register(cli: click.Group) -> None:
         if baseline:
             check_name(baseline, "baseline release")
         keyring = Keyring.from_settings(ctx.obj["settings"])
-        result = with_bus(ctx.obj["settings"], lambda bus: _eval(
-            bus, Path(suite), candidate, baseline, endpoint, model, policy_path, concurrency, timeout_s,
+        settings = ctx.obj["settings"]
+        result = with_bus(settings, lambda bus: _eval(
+            bus, settings, Path(suite), candidate, baseline, endpoint, model, policy_path, concurrency, timeout_s,
             keyring, cache=not no_cache), role="operator")
         if as_json:
             emit_json(result)
@@ -168,8 +170,8 @@ def _print_eval(result: dict[str, Any], candidate: str) -> None:
             console.print(f"reason: {d['reason']}")
 
 
-async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpoint: str, model: str,
-                policy_path: str | None, concurrency: int, timeout_s: float, keyring: Keyring, *,
+async def _eval(bus: Bus, settings: Settings, suite_path: Path, candidate: str, baseline: str, endpoint: str,
+                model: str, policy_path: str | None, concurrency: int, timeout_s: float, keyring: Keyring, *,
                 cache: bool = True) -> dict[str, Any]:
     import msgspec
     from rich.progress import (
@@ -182,31 +184,29 @@ async def _eval(bus: Bus, suite_path: Path, candidate: str, baseline: str, endpo
     )
 
     from lockgate import artifacts
+    from lockgate.cli.evalcheck import check_releases
     from lockgate.codec import Codec, encode
     from lockgate.contracts import EvalCompleted, EvalRequested, GateDecided
     from lockgate.contracts.evals import EvalProgress
     from lockgate.documents import convert, load_yaml
-    from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
+    from lockgate.errors import LockgateError, SignatureError
     from lockgate.ids import uuid7
     from lockgate.services.evaluator.domain import Suite
     from lockgate.services.gatekeeper.policy import Policy
 
-    if not endpoint:
-        # The release's model config names where it is evaluated; before, one nobody registered was refused by the
-        # evaluator as "EvalRequested.endpoint is empty", blaming the endpoint.
-        try:
-            await artifacts.release_of(bus, candidate)
-        except NotFound:
-            raise ConfigError(f"release {candidate!r} is not registered: register it (`lockgate release create` or "
-                              "`lockgate apply`), or evaluate a model directly with --endpoint and --model") from None
     doc = load_yaml(suite_path, dict, name="eval suite")
     dataset = doc.get("dataset")
     ds_path = suite_path.parent / dataset if isinstance(dataset, str) and not dataset.startswith("sha256:") else None
     # The whole suite is checked before anything is registered: the evaluator would refuse it only after the
     # run began, and the CLI would have stored a suite no run can use.
-    convert({**doc, "dataset": "sha256:"} if ds_path else doc, Suite, name=f"eval suite {suite_path}")
+    parsed = convert({**doc, "dataset": "sha256:"} if ds_path else doc, Suite, name=f"eval suite {suite_path}")
     if policy_path:  # the gate would block on an unusable policy only once the eval is done
         load_yaml(policy_path, Policy, name="policy")
+    # So are the flags against what the candidate ships: the evaluator fails a run that asks for another model
+    # or endpoint, and the gate BLOCKs it (rolling a serving release back) for what was only a typo.
+    endpoint = await check_releases(bus, settings, candidate=candidate, baseline=baseline, endpoint=endpoint,
+                                    model=model, suite_model=parsed.model, suite_name=str(suite_path),
+                                    calls=parsed.task.type == "call")
     if ds_path is not None:
         doc["dataset"] = (await artifacts.register_file(bus, "dataset", ds_path)).hash
     suite = await artifacts.register(bus, "eval_suite", doc.get("name", suite_path.stem), doc)
