@@ -118,7 +118,7 @@ class NatsServer:
         self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
         self._stopping = False
-        self.restarts = 0  # times `supervise` brought the server back
+        self.restarts = 0  # times `supervise` brings the server back (counted as it starts to: see there)
         # Sees every line the server logs, from its own thread (a cluster waits on "metadata leader").
         self.on_line = on_line
         self._watchers: tuple[Callable[[str], None], ...] = ()  # a reload's, for its outcome
@@ -228,6 +228,9 @@ class NatsServer:
             if self._stopping or proc is not self.proc:
                 return
             log.error("nats-server exited with %s; restarting it on port %d", code, self.port)
+            # Counted before it is back: a client reconnects as soon as the new server listens, which may be before
+            # start() has seen it ready (a test saw its reconnection first, and no restart counted yet).
+            self.restarts += 1
 
             async def again() -> None:
                 if not self._stopping:
@@ -235,7 +238,6 @@ class NatsServer:
 
             # start() raises ConfigError while, say, the port is not yet released: back off and retry.
             await _RESTART.call(again, retry_on=ConfigError, what="nats-server restart")
-            self.restarts += 1
 
     def stop(self) -> None:
         """Stop gracefully (SIGTERM lets JetStream flush), killing after 10 s; no restart follows."""
