@@ -85,7 +85,7 @@ class RouterService(Service):
         # Last: any other /v1/ path or method gets OpenAI's error shape, not aiohttp's plain text.
         app.router.add_route("*", "/v1/{tail:.*}", self.proxy.unknown)
         app.router.add_get("/healthz", self._health)
-        app.router.add_get("/metrics", metrics.serve_prometheus)  # on the gateway's port: no second listener
+        app.router.add_get("/metrics", self._metrics)  # on the gateway's port: no second listener
         app.add_subapp(PREFIX, self.admin.app())
         # Last: any other path or method is answered in the same JSON error shape, not aiohttp's plain text.
         app.router.add_route("*", "/{tail:.*}", unrouted)
@@ -187,6 +187,13 @@ class RouterService(Service):
         await self.proxy.shadow.close()
         await self.proxy.upstream.close()
         await super().stop()
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        # The request counters are by variant: read before and after one request they tell which arm of a canary
+        # a user id loads, which is the admin API's to say (README "Sticky bucketing"). So the metrics take the
+        # admin API's own read check, a key of role viewer, approver, operator or admin: 401 without a key, 403
+        # for an app key, in the same JSON shape.
+        return await self.admin.middleware(request, metrics.serve_prometheus)
 
     async def _health(self, request: web.Request) -> web.Response:
         # Requests are still served while the bus is away (events wait in the bounded outbox), so a

@@ -18,7 +18,7 @@ from lockgate.bus import Bus
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent, SpanBatch
-from lockgate.server.apikeys import bootstrap
+from lockgate.server.apikeys import KeyStore, bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.subjects import Subjects
 from lockgate.telemetry import DeferredSpan, NatsSpanExporter, Telemetry, extract
@@ -178,9 +178,9 @@ async def test_dead_letters_are_counted_by_origin(bus: Bus, metric_reader: InMem
 _ROUTER_SAMPLES = ("lockgate_router_requests_total", "lockgate_router_request_duration_seconds_count")
 
 
-async def _scrape(http: aiohttp.ClientSession, base: str) -> dict[tuple[str, str, str], float]:
-    """Router request samples from GET /metrics: (sample name, variant, status) -> value."""
-    async with http.get(f"{base}/metrics") as resp:
+async def _scrape(http: aiohttp.ClientSession, base: str, key: str) -> dict[tuple[str, str, str], float]:
+    """Router request samples from GET /metrics read with `key`: (sample name, variant, status) -> value."""
+    async with http.get(f"{base}/metrics", headers={"Authorization": f"Bearer {key}"}) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain")
         text = await resp.text()
@@ -201,9 +201,10 @@ async def test_router_metrics_move_with_requests(context: ServiceContext, run_se
                                                     deployment="chat", app="shop", passthrough=True)
         router = (await run_services("router"))["router"]
         auth = {"Authorization": f"Bearer {bootstrap(context.settings.home, app='shop').app_key}"}
+        viewer, _ = KeyStore(context.settings.home).create("default", "ops", "viewer")  # what Prometheus scrapes with
         bus = context.bus
         events = await bus.nc.subscribe(bus.subjects.served("shop"))
-        assert await _scrape(http, router.url) == {}
+        assert await _scrape(http, router.url, viewer) == {}
 
         async def chat(model: str) -> int:
             body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
@@ -221,27 +222,65 @@ async def test_router_metrics_move_with_requests(context: ServiceContext, run_se
 
         assert [await chat("m") for _ in range(3)] + [await chat("broken")] == [200, 200, 200, 502]
         await recorded(4)
-        first = await _scrape(http, router.url)
+        first = await _scrape(http, router.url, viewer)
         assert first[("lockgate_router_requests_total", "stable", "ok")] == 3
         assert first[("lockgate_router_requests_total", "stable", "error")] == 1
         assert first[("lockgate_router_request_duration_seconds_count", "stable", "ok")] == 3
 
         assert await chat("m") == 200
         await recorded(1)
-        second = await _scrape(http, router.url)
+        second = await _scrape(http, router.url, viewer)
         assert second[("lockgate_router_requests_total", "stable", "ok")] == 4
         assert second[("lockgate_router_requests_total", "stable", "error")] == 1
 
         # The router's outbox counts what JetStream acknowledged as the router's published events.
         await router.batcher.flush()
-        async with http.get(f"{router.url}/metrics") as resp:
+        async with http.get(f"{router.url}/metrics", headers={"Authorization": f"Bearer {viewer}"}) as resp:
             text = await resp.text()
         # 5 requests, and the 2 retried calls of the broken one (error events of their own, not requests).
         assert 'lockgate_events_published_total{' in text and 'service="router"} 7.0' in text
 
         # The simulator serves the same process's metrics on its own port.
         sim_base = sim.url.removesuffix("/v1")
-        assert (await _scrape(http, sim_base))[("lockgate_router_requests_total", "stable", "ok")] == 4
+        assert (await _scrape(http, sim_base, viewer))[("lockgate_router_requests_total", "stable", "ok")] == 4
+
+
+async def test_router_metrics_need_a_key_that_reads_the_admin_api(context: ServiceContext, run_services: Any,
+                                                                  metric_reader: InMemoryMetricReader) -> None:
+    """The request counters are by variant: an app (or anyone) reading them before and after one request would
+    learn which arm its user id loads. GET /metrics takes a key of role viewer, approver, operator or admin."""
+    async with SimServer(SimConfig(models={"m": ModelSpec(default="hello")})) as sim, aiohttp.ClientSession() as http:
+        context.settings = context.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url,
+                                                    deployment="chat", app="shop", passthrough=True)
+        router = (await run_services("router"))["router"]
+        keys = bootstrap(context.settings.home, app="shop")
+        store = KeyStore(context.settings.home)
+        url = f"{router.url}/metrics"
+        events = await context.bus.nc.subscribe(context.bus.subjects.served("shop"))
+        body = {"model": "m", "user": "u1", "messages": [{"role": "user", "content": "hi"}]}
+        async with http.post(f"{router.url}/v1/chat/completions", json=body,
+                             headers={"Authorization": f"Bearer {keys.app_key}"}) as resp:
+            assert resp.status == 200 and "x-lockgate-variant" not in resp.headers
+        await events.next_msg(timeout=10)  # counted where its event is queued, after the answer
+
+        refused = [(None, 401, "invalid_request_error", "invalid_api_key"),
+                   ("lg-not-a-key", 401, "invalid_request_error", "invalid_api_key"),
+                   (keys.app_key, 403, "permission_denied", "insufficient_role")]
+        for key, status, type_, code in refused:
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            for method in ("GET", "HEAD"):
+                async with http.request(method, url, headers=headers) as resp:
+                    assert resp.status == status, (key, method)
+                    assert resp.headers["Content-Type"].startswith("application/json")
+                    if method == "GET":
+                        error = (await resp.json())["error"]
+                        assert (error["type"], error["code"]) == (type_, code)
+                        assert "lockgate_router" not in error["message"]
+
+        for role in ("viewer", "approver", "operator"):
+            reader, _ = store.create("default", "ops", role)
+            assert (await _scrape(http, router.url, reader))[("lockgate_router_requests_total", "stable", "ok")] == 1
+        assert (await _scrape(http, router.url, keys.admin_key))[("lockgate_router_requests_total", "stable", "ok")] == 1
 
 
 async def test_metrics_are_exported_over_otlp_when_an_endpoint_is_set() -> None:
