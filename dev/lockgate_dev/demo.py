@@ -44,8 +44,8 @@ def _data(name: str) -> bytes:
     return resources.files("lockgate_dev.demo_data").joinpath(name).read_bytes()
 
 
-def _cases() -> list[dict[str, Any]]:
-    return [json.loads(line) for line in _data("qa.jsonl").decode().splitlines() if line.strip()]
+def _cases(name: str = "qa.jsonl") -> list[dict[str, Any]]:
+    return [json.loads(line) for line in _data(name).decode().splitlines() if line.strip()]
 
 
 def demo_sim_config() -> SimConfig:
@@ -54,6 +54,11 @@ def demo_sim_config() -> SimConfig:
     template = yaml.safe_load(_data("suite.yaml"))["prompt"]["template"]
     right = {template.format(**c["vars"]): str(c["expected"]) for c in _cases()}
     wrong = {q: ("I am not sure" if i % 2 else a) for i, (q, a) in enumerate(right.items())}
+    # The right answers of the repository's example GitOps folder too (a copy of
+    # tests/fixtures/gitops/datasets/qa.jsonl), so that its release passes its own gate on this stack as README's
+    # GitOps section shows; added after the demo's own, which keep their answers and their order.
+    example = {template.format(**c["vars"]): str(c["expected"]) for c in _cases("gitops_qa.jsonl")}
+    right |= {q: a for q, a in example.items() if q not in right}
     # The demo's traffic asks what no case answers: the default reply. The good candidate's is stable's words
     # and timing, so the drift monitor finds its answers like stable's and it is promoted. (It used to be a
     # longer, "chattier" reply: harmful drift in output_tokens, which aborted the canary the demo said it promoted

@@ -69,6 +69,8 @@ def test_plan_apply_plan_is_idempotent_and_edits_show_as_changes(stack: dict[str
     assert "nothing to do" in run("apply", str(repo), env=stack).stdout
     release = {s["name"]: s["release"] for s in plan["steps"] if s["kind"] == "release"}
     assert release["gitshop-base"] == "gitshop-v1" and release["gitshop"].startswith("gitshop@")
+    _gate_and_canary(stack, repo, release["gitshop"], {s["kind"]: s["digest"] for s in plan["steps"]
+                                                       if s["kind"] in ("suite", "policy")})
 
     # An edited prompt: one artifact changes, its release line gets a new version, the deployment follows.
     _edit(repo / "prompts" / "answer.yaml", "no punctuation.", "no punctuation at all.")
@@ -121,6 +123,38 @@ def test_plan_apply_plan_is_idempotent_and_edits_show_as_changes(stack: dict[str
     run("apply", str(repo), "--prune", env=stack)
     code, plan = _plan(stack, repo)
     assert code == 0 and plan["summary"]["orphan"] == 0 and plan["summary"]["unchanged"] == 10
+
+
+def _gate_and_canary(stack: dict[str, str], repo: Path, canary: str, applied: dict[str, str]) -> None:
+    """README's GitOps flow after `apply`: gate the base release with the folder's suite and policy documents, roll
+    it out, gate the release line's version against it, start the canary. Found by a new user: the documents were
+    refused ("unknown field `kind`"), and the simulator `dev up` starts answered 5 of the suite's 20 cases (BLOCK)."""
+    suite, policy = str(repo / "suites" / "qa.yaml"), str(repo / "policies" / "default.yaml")
+
+    def gate(*args: str) -> dict:
+        proc = run("eval", "run", suite, *args, "--policy", policy, "--json", env=stack, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        result = json.loads(proc.stdout)
+        assert result["decision"]["decision"] == "PASS" and result["metrics"]["exact_match"] == 1.0, result
+        return result
+
+    base = gate("--candidate", "gitshop-v1")
+    # The run judged the artifacts apply registered (the dataset named by its document), nothing registered anew.
+    [row] = json.loads(run("sql", f"SELECT suite, policy FROM eval_runs WHERE run_id = '{base['run_id']}'", "--json",
+                           env=stack).stdout)
+    assert row == {"suite": applied["suite"], "policy": applied["policy"]}
+    run("rollout", "start", "gitshop-web", "--stable", "gitshop-v1", env=stack)
+    gate("--candidate", canary, "--baseline", "gitshop-v1")
+    route = json.loads(run("rollout", "start", "gitshop-web", "--stable", "gitshop-v1", "--canary", canary, "--json",
+                           env=stack).stdout)
+    assert (route["stable"]["release"], route["canary"]["release"]) == ("gitshop-v1", canary), route
+
+    # A document edited since the apply is not what the releases bind: refused before anything runs, in one line.
+    _edit(repo / "suites" / "qa.yaml", "[exact_match, token_f1]", "[exact_match]")
+    stale = run("eval", "run", suite, "--candidate", canary, env=stack, check=False)
+    assert stale.returncode == 2 and len(stale.stderr.strip().splitlines()) == 1, stale.stderr
+    assert "is not the suite its folder applied" in stale.stderr and f"apply {repo} first" in stale.stderr
+    _edit(repo / "suites" / "qa.yaml", "[exact_match]", "[exact_match, token_f1]")
 
 
 def test_plan_without_a_stack_fails_fast_for_ci(tmp_path: Path) -> None:

@@ -109,7 +109,8 @@ def register(cli: click.Group) -> None:
     def eval_run(ctx: click.Context, suite: str, candidate: str, baseline: str, endpoint: str, model: str,
                  policy_path: str | None, concurrency: int, timeout_s: float, no_cache: bool, as_json: bool) -> None:
         """Register a suite (and its JSONL dataset), run it through the evaluator, wait for the result. The gate's
-        decision counts only if it verifies against the trust roots (exit 4 otherwise, as `gate verify`)."""
+        decision counts only if it verifies against the trust roots (exit 4 otherwise, as `gate verify`). SUITE
+        and --policy may be `kind: suite` / `kind: policy` documents of a folder `lockgate apply` applied."""
         from lockgate.contracts.names import check_name
         from lockgate.signing import Keyring
 
@@ -184,33 +185,24 @@ async def _eval(bus: Bus, settings: Settings, suite_path: Path, candidate: str, 
     )
 
     from lockgate import artifacts
+    from lockgate.cli import suites
     from lockgate.cli.evalcheck import check_releases
     from lockgate.codec import Codec, encode
     from lockgate.contracts import EvalCompleted, EvalRequested, GateDecided
     from lockgate.contracts.evals import EvalProgress
-    from lockgate.documents import convert, load_yaml
+    from lockgate.documents import convert
     from lockgate.errors import LockgateError, SignatureError
     from lockgate.ids import uuid7
     from lockgate.services.evaluator.domain import Suite
-    from lockgate.services.gatekeeper.policy import Policy
 
-    doc = load_yaml(suite_path, dict, name="eval suite")
-    dataset = doc.get("dataset")
-    ds_path = suite_path.parent / dataset if isinstance(dataset, str) and not dataset.startswith("sha256:") else None
-    # The whole suite is checked before anything is registered: the evaluator would refuse it only after the
-    # run began, and the CLI would have stored a suite no run can use.
-    parsed = convert({**doc, "dataset": "sha256:"} if ds_path else doc, Suite, name=f"eval suite {suite_path}")
-    if policy_path:  # the gate would block on an unusable policy only once the eval is done
-        load_yaml(policy_path, Policy, name="policy")
-    # So are the flags against what the candidate ships: the evaluator fails a run that asks for another model
-    # or endpoint, and the gate BLOCKs it (rolling a serving release back) for what was only a typo.
+    suite, policy = await suites.register(bus, suite_path, policy_path)  # files, or documents of an applied folder
+    # The flags against what the candidate ships, before anything is requested: the evaluator fails a run that asks
+    # for another model or endpoint, and the gate BLOCKs it (rolling a serving release back) for what was only a
+    # typo. (The suite and policy registered above are content-addressed artifacts: no run, no decision.)
+    parsed = convert(await artifacts.load_structured(bus, suite), Suite, name=f"eval suite {suite_path}")
     endpoint = await check_releases(bus, settings, candidate=candidate, baseline=baseline, endpoint=endpoint,
                                     model=model, suite_model=parsed.model, suite_name=str(suite_path),
                                     calls=parsed.task.type == "call")
-    if ds_path is not None:
-        doc["dataset"] = (await artifacts.register_file(bus, "dataset", ds_path)).hash
-    suite = await artifacts.register(bus, "eval_suite", doc.get("name", suite_path.stem), doc)
-    policy = await artifacts.register_file(bus, "policy", policy_path) if policy_path else None
     run_id = uuid7()
     events: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
 
@@ -228,8 +220,8 @@ async def _eval(bus: Bus, settings: Settings, suite_path: Path, candidate: str, 
     decision = None
     try:
         await bus.publish(bus.subjects.eval_requested, EvalRequested(
-            run_id=run_id, release=candidate, suite=suite.hash, endpoint=endpoint, model=model, baseline=baseline,
-            policy=policy.hash if policy else "", concurrency=concurrency, cache=cache))
+            run_id=run_id, release=candidate, suite=suite, endpoint=endpoint, model=model, baseline=baseline,
+            policy=policy, concurrency=concurrency, cache=cache))
         codec: Codec[EvalCompleted] = Codec(EvalCompleted)
         ticks = msgspec.json.Decoder(EvalProgress)
         columns = (SpinnerColumn(), "[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
