@@ -59,6 +59,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     # The tests' operator signs what they register as `op`: the tests below add people (vic, ann, boss) to this home,
     # and with several there and none chosen, what `release create` and `artifact register` bind is refused.
     run("identity", "create", "op", env=env)
+    run("gate", "trust", "--person", "op", "--role", "operator", str(home / "identities" / "op.pub"), env=env)
     env["LOCKGATE_IDENTITY"] = "op"
     yield env
     # Ctrl-C as a terminal sends it, to the whole foreground group. Before, nats-server (in the stack's group) got it

@@ -404,7 +404,7 @@ async def test_a_stopped_run_resumes_without_recalling_finished_cases(
 
 
 async def test_cli_eval_run_follows_progress_and_reports_intervals(
-    bus: Bus, run_services: Callable[..., Any], tmp_path: Any, capsys: pytest.CaptureFixture[str]
+    bus: Bus, settings: Settings, run_services: Callable[..., Any], tmp_path: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from lockgate.cli.workflow import _eval, _print_eval
     from lockgate.signing import Keyring
@@ -413,7 +413,8 @@ async def test_cli_eval_run_follows_progress_and_reports_intervals(
         "name": "cli", "prompt": {"template": "{input}"}, "dataset": CASES[:6], "scorers": ["exact_match"]}))
     async with SimServer(SimConfig(models={"m": ModelSpec(answers=answers())})) as sim:
         await run_services("query", "evaluator")
-        result = await _eval(bus, tmp_path / "s.yaml", "v1", "", sim.url, "m", None, 4, 60, Keyring())  # no gate
+        result = await _eval(bus, settings, tmp_path / "s.yaml", "v1", "", sim.url, "m", None, 4, 60,
+                             Keyring())  # no gate
     assert result["status"] == "completed" and result["intervals"]["exact_match"]["method"] == "degenerate"
     _print_eval(result, "v1")
     out = capsys.readouterr().out

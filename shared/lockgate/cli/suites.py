@@ -12,31 +12,36 @@ from __future__ import annotations
 
 import os
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.documents import convert, load_yaml
 from lockgate.errors import ConfigError
+from lockgate.gitops.resolve import Resource, resolve
+from lockgate.services.evaluator.domain import Suite
 
 
-async def register(bus: Bus, suite_path: Path, policy_path: str | None) -> tuple[str, str]:
-    """The artifact hashes of the suite and of the policy ("" without one). Every file is checked before
-    anything is registered: the evaluator would refuse a bad suite only after the run began, and the CLI would
-    have stored a suite no run can use; the gate would block on an unusable policy only once the eval is done."""
-    from lockgate.services.evaluator.domain import Suite
+async def register(bus: Bus, suite_path: Path, policy_path: str | None) -> tuple[str, str, Suite]:
+    """The artifact hashes of the suite and of the policy ("" without one), and the suite as the evaluator reads
+    it. Every file is checked before anything is registered: the evaluator would refuse a bad suite only after the
+    run began, and the CLI would have stored a suite no run can use; the gate would block on an unusable policy
+    only once the eval is done."""
     from lockgate.services.gatekeeper.policy import Policy
 
     doc = load_yaml(suite_path, dict, name="eval suite")
     policy_doc = load_yaml(policy_path, dict, name="policy") if policy_path else {}
     # A `kind:` is what a folder document has and a plain suite or policy may not (both forbid unknown fields).
-    suite = await _applied(bus, suite_path, "suite") if "kind" in doc else ""
-    policy = await _applied(bus, Path(policy_path), "policy") if policy_path and "kind" in policy_doc else ""
+    suite, applied = await _applied(bus, suite_path, "suite") if "kind" in doc else ("", None)
+    policy = (await _applied(bus, Path(policy_path), "policy"))[0] if policy_path and "kind" in policy_doc else ""
     ds_path = None
-    if not suite:
+    if applied is not None:
+        parsed = convert(applied, Suite, name=f"eval suite {suite_path}")
+    else:
         dataset = doc.get("dataset")
         if isinstance(dataset, str) and not dataset.startswith("sha256:"):
             ds_path = suite_path.parent / dataset
-        convert({**doc, "dataset": "sha256:"} if ds_path else doc, Suite, name=f"eval suite {suite_path}")
+        parsed = convert({**doc, "dataset": "sha256:"} if ds_path else doc, Suite, name=f"eval suite {suite_path}")
     if policy_path and not policy:
         load_yaml(policy_path, Policy, name="policy")
     if not suite:
@@ -45,12 +50,12 @@ async def register(bus: Bus, suite_path: Path, policy_path: str | None) -> tuple
         suite = (await artifacts.register(bus, "eval_suite", doc.get("name", suite_path.stem), doc)).hash
     if policy_path and not policy:
         policy = (await artifacts.register_file(bus, "policy", policy_path)).hash
-    return suite, policy
+    return suite, policy, parsed
 
 
-async def _applied(bus: Bus, path: Path, kind: str) -> str:
-    """The hash `lockgate apply` registered for the `kind` document at `path`; ConfigError unless the folder
-    that holds it was applied with this very content."""
+async def _applied(bus: Bus, path: Path, kind: str) -> tuple[str, Any]:
+    """The hash `lockgate apply` registered for the `kind` document at `path`, and its content; ConfigError unless
+    the folder that holds it was applied with this very content."""
     from lockgate.gitops.documents import Document, kind_of
     from lockgate.gitops.state import read_state
 
@@ -62,18 +67,17 @@ async def _applied(bus: Bus, path: Path, kind: str) -> str:
     if entry is None:
         raise ConfigError(f"{kind} {doc.name!r} of {path} is not applied: apply its folder first "
                           "(`lockgate apply DIR`), then gate the release it binds")
-    folder, digest = _in_folder(path, kind, doc.name, entry.source)
-    if digest != entry.digest:
+    folder, resource = _in_folder(path, kind, doc.name, entry.source)
+    if resource.digest != entry.digest:
         raise ConfigError(f"{path} is not the {kind} its folder applied ({entry.digest[7:19]}; the folder now holds "
-                          f"{digest[7:19]}): apply {folder} first, so the gate judges what the releases bind")
-    return digest
+                          f"{resource.digest[7:19]}): apply {folder} first, so the gate judges what the releases bind")
+    return resource.digest, artifacts.parse(resource.content, resource.media_type)
 
 
-def _in_folder(path: Path, kind: str, name: str, source: str) -> tuple[Path, str]:
-    """The folder apply read `path` from (`source` names it relative to the folder) and the hash the folder now
-    gives that document, resolved as `plan` resolves it."""
+def _in_folder(path: Path, kind: str, name: str, source: str) -> tuple[Path, Resource]:
+    """The folder apply read `path` from (`source` names it relative to the folder) and that document as the folder
+    now gives it, resolved as `plan` resolves it."""
     from lockgate.gitops.documents import GitopsError, load_folder
-    from lockgate.gitops.resolve import resolve
 
     where = Path(os.path.abspath(path))
     parts = PurePosixPath(source).parts
@@ -85,4 +89,4 @@ def _in_folder(path: Path, kind: str, name: str, source: str) -> tuple[Path, str
         resources = {r.key: r for r in resolve(load_folder(folder))}
     except GitopsError as exc:  # an input error here, as an invalid suite file is (exit 2)
         raise ConfigError(f"folder {folder}: {exc.message}") from None
-    return folder, resources[f"{kind}/{name}"].digest
+    return folder, resources[f"{kind}/{name}"]

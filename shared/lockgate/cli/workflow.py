@@ -184,22 +184,19 @@ async def _eval(bus: Bus, settings: Settings, suite_path: Path, candidate: str, 
         TimeRemainingColumn,
     )
 
-    from lockgate import artifacts
     from lockgate.cli import suites
     from lockgate.cli.evalcheck import check_releases
     from lockgate.codec import Codec, encode
     from lockgate.contracts import EvalCompleted, EvalRequested, GateDecided
     from lockgate.contracts.evals import EvalProgress
-    from lockgate.documents import convert
     from lockgate.errors import LockgateError, SignatureError
     from lockgate.ids import uuid7
-    from lockgate.services.evaluator.domain import Suite
 
-    suite, policy = await suites.register(bus, suite_path, policy_path)  # files, or documents of an applied folder
+    # Files, or documents of an applied folder.
+    suite, policy, parsed = await suites.register(bus, suite_path, policy_path)
     # The flags against what the candidate ships, before anything is requested: the evaluator fails a run that asks
     # for another model or endpoint, and the gate BLOCKs it (rolling a serving release back) for what was only a
     # typo. (The suite and policy registered above are content-addressed artifacts: no run, no decision.)
-    parsed = convert(await artifacts.load_structured(bus, suite), Suite, name=f"eval suite {suite_path}")
     endpoint = await check_releases(bus, settings, candidate=candidate, baseline=baseline, endpoint=endpoint,
                                     model=model, suite_model=parsed.model, suite_name=str(suite_path),
                                     calls=parsed.task.type == "call")
