@@ -133,7 +133,7 @@ def register(cli: click.Group) -> None:
         config = simulator.load_config(config_path) if config_path else demo_sim_config()
 
         async def run() -> None:
-            server = simulator.SimServer(config, host=host, port=port)
+            server = simulator.SimServer(config, host=host, port=port, serve_metrics=True)
             await server.start()
             console.print(f"simulator listening on {server.url} with models: {', '.join(config.models)}")
             try:

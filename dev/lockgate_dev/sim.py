@@ -159,8 +159,11 @@ class SimServer:
     """The simulator as an aiohttp server: `async with SimServer(cfg) as sim: sim.url`."""
 
     def __init__(self, config: SimConfig, host: str = "127.0.0.1", port: int = 0, *,
-                 port_flag: str = "--port") -> None:
+                 port_flag: str = "--port", serve_metrics: bool = False) -> None:
         self.config = config
+        # Only a simulator in a process of its own serves that process's /metrics: beside a router (`dev up`) it
+        # would serve the router's request counters by arm with no key, which the router's own /metrics refuses.
+        self.serve_metrics = serve_metrics
         self.host = host
         self.port = port
         self.port_flag = port_flag  # the option that chose `port`, named if it cannot be had
@@ -195,7 +198,8 @@ class SimServer:
         app.router.add_post("/v1/responses", self._responses)
         app.router.add_post("/v1/messages", self._messages)
         app.router.add_get("/v1/models", self._list_models)
-        app.router.add_get("/metrics", metrics.serve_prometheus)
+        if self.serve_metrics:
+            app.router.add_get("/metrics", metrics.serve_prometheus)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         await listen_http(self._runner, self.host, self.port, what="simulator", flag=self.port_flag)
@@ -620,7 +624,7 @@ def _tool_called(body: ChatRequest) -> str | None:
 
 async def serve(config: SimConfig, host: str = "127.0.0.1", port: int = 9000) -> None:
     """Run the simulator until cancelled (used by `python -m lockgate_dev.sim`)."""
-    async with SimServer(config, host, port) as sim:
+    async with SimServer(config, host, port, serve_metrics=True) as sim:
         print(f"lockgate simulator (not a real model) serving {', '.join(config.models)} at {sim.url}", flush=True)
         await asyncio.Event().wait()
 
