@@ -212,3 +212,35 @@ async def test_a_canary_worse_for_one_caller_only_is_aborted_naming_that_callers
     # B's canary requests came between its two halves of stable's: held to those of their time (the first half's last
     # MIN_STRATUM), not to stable's after them.
     assert f" on API key {b_key.id} (stable " in route.reason and "30 canary vs 10 stable requests" in route.reason
+
+
+# Like with like in time. Found by a probe (p5): one app key sent short prompts first and long ones later while the
+# canary's share of its requests rose; both arms answer alike, yet the canary's requests (mostly the later, long
+# ones) were compared with stable's whole window (mostly the earlier, short ones): `tokens_per_request 210 >
+# threshold 123`, a healthy canary aborted.
+IN_TIME = {"metrics": [{"name": "tokens_per_request", "max_ratio": 1.5}], "min_sample": 100, "failure_limit": 0,
+           "inconclusive_limit": 1000}
+
+
+async def test_a_caller_whose_prompts_grow_longer_as_the_canary_takes_more_does_not_abort_it(
+        mixed_router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Bootstrap) -> None:
+    router = mixed_router
+    app, _ = KeyStore(router.ctx.settings.home).create("default", "shop", description="one app")
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 0.1, "analysis": IN_TIME})
+    await _pass(router, signer, "same")
+    stable, canary = _users(router, "s", False, 100), _users(router, "c", True, 135)
+    # Stable has 90 requests until the last batch, so the first look that judges sees them all. First short
+    # prompts, a fifth of them the canary's; then long ones, four fifths the canary's (as a rising weight does).
+    for i in range(3):
+        await _send(router, app, stable[20 * i:20 * i + 20], ["hi"] * 20, "stable", None)
+        await _send(router, app, canary[5 * i:5 * i + 5], ["hi"] * 5, "canary", None)
+    for i in range(3):
+        await _send(router, app, stable[60 + 10 * i:70 + 10 * i], [_LONG] * 10, "stable", None)
+        await _send(router, app, canary[15 + 40 * i:55 + 40 * i], [_LONG] * 40, "canary", None)
+    await _send(router, app, stable[90:], [_LONG] * 10, "stable", None)
+    await router.rollouts.wait_for(lambda r: r["chat"].phase != "progressing" or r["chat"].weight > 50, timeout=30)
+    route = router.rollouts.route("chat")
+    assert (route.phase, route.weight) == ("progressing", 100.0), route.reason
+    assert route.analysis is not None and route.analysis.last is not None
+    assert (route.analysis.last.verdict, route.analysis.last.canary_n, route.analysis.last.stable_n) == \
+        ("SUCCESSFUL", 135, 100)
