@@ -19,14 +19,17 @@ measurement is Successful, Failed or Inconclusive, and the rollout counts them a
 - Like is compared with like: each group against the same callers' stable requests, stable re-weighted to the
   group's mix of callers (`_weights`; a key alone: its own), so a caller whose requests differ from the others'
   (long prompts) is not held to a baseline made of other callers' requests, nor are the others' limits set by
-  its traffic.
+  its traffic. And in time (`_baseline`, `_in_time`): the canary's weight rises step by step, so its requests lean
+  to later traffic and stable's to earlier; each canary request is held to stable's of the same callers served at
+  the same time, and one stable has none of (a 100% step) is left out of relative limits, never compared with
+  older stable requests.
   Online scores and drift are not per request key: they are judged on the whole canary as before.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import Annotated, Literal
@@ -189,6 +192,23 @@ class VariantSample:
     # The same requests split by the API key that sent them (InferenceEvent.key_id; "" for none), without
     # scores (one key: the whole sample); empty: not split (the key mix is unknown, stable is not weighted).
     by_key: Mapping[str, VariantSample] = field(default_factory=dict)
+    # Each request as a column of `ROWS` (`from_rows`), for comparing like with like in time (`_in_time`);
+    # None: when each request was served is unknown, and stable's are weighted to the canary's callers only.
+    rows: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+
+# The columns of `VariantSample.rows`: unix seconds, failed (1.0), latency, ttft (0: not streamed), tokens, cost
+# (-1: unpriced).
+ROWS = ("time", "failed", "latency_ms", "ttft_ms", "tokens", "cost")
+
+
+def from_rows(rows: np.ndarray) -> VariantSample:
+    """The sample of the requests `rows` (`ROWS` by request). Latency and tokens describe answers: a failed call's
+    timing is the error's, not the model's."""
+    _, failed, latency, ttft, tokens, cost = rows
+    ok = failed == 0
+    return VariantSample(n=rows.shape[1], errors=int((~ok).sum()), latency_ms=latency[ok], ttft_ms=ttft[ok & (ttft > 0)],
+                         tokens=tokens[ok], cost=cost[cost >= 0], rows=rows)
 
 
 def z_of(alpha_one_sided: float) -> float:
@@ -423,6 +443,75 @@ def _weights(group: Group, name: str) -> list[tuple[VariantSample, float]] | Non
     return found
 
 
+# The most cells in time (`_in_time`) one stratum's stable values are cut into: a cell a hundredth of the window
+# still lies within one rollout step but the one a step begins in, and a look's cost stays that of a few hundred
+# strata (50,000 requests an arm in cells of 10 took seconds a look).
+MAX_CELLS = 100
+
+
+def _baseline(group: Group, name: str) -> tuple[VariantSample, list[tuple[VariantSample, float]] | None, int]:
+    """The baseline of `group` for metric `name` like with like in time as well as in callers, when the samples
+    say when each request was served: (the canary's values compared, stable's weighted as `_weights` does it, how
+    many canary values were left out). Each key's canary values that `_weights` holds to its own stable ones are
+    compared with those of the same time (`_in_time`), the other keys' with all of stable's of the same time. The
+    canary's weight rises step by step, so its sample leans to later requests and stable's to earlier ones: against
+    the whole window, a caller that sent short prompts first and long ones later aborted a healthy canary (and the
+    other way round would hide a costly one). Without times (or `in_time` False): `_weights`, nothing left out."""
+    samples = [*group.canary_keys.values(), *group.stable_keys.values(), group.stable]
+    if not group.in_time or not group.canary_keys or any(s.rows is None for s in samples):
+        return group.canary, _weights(group, name), 0
+
+    def count(s: VariantSample) -> int:
+        return s.n if name == "error_rate" else len(_values(s, name))
+
+    stable_keys = group.stable_keys
+    own = {k for k, s in group.canary_keys.items()
+           if count(s) and k in stable_keys and count(stable_keys[k]) >= MIN_STRATUM}
+    pairs = [(s.rows, stable_keys[k].rows) for k, s in group.canary_keys.items() if k in own]
+    rest = [s.rows for k, s in group.canary_keys.items() if k not in own]
+    if rest:
+        pairs.append((np.concatenate(rest, axis=1), group.stable.rows))
+    compared, cells = [], []
+    for canary_rows, stable_rows in pairs:
+        assert canary_rows is not None and stable_rows is not None
+        inside, found = _in_time(_value_rows(canary_rows, name), _value_rows(stable_rows, name))
+        compared.append(inside)
+        cells += found
+    total = sum(n for _, n in cells)
+    canary = _sorted(from_rows(np.concatenate(compared, axis=1)))
+    weights = [(from_rows(c), n / total / c.shape[1]) for c, n in cells if n] if total else None
+    return canary, weights, count(group.canary) - total
+
+
+def _value_rows(rows: np.ndarray, name: str) -> np.ndarray:
+    """The requests of `rows` that have a value of metric `name` (`from_rows`: answers; streamed; priced)."""
+    _, failed, _, ttft, _, cost = rows
+    if name == "error_rate":
+        return rows
+    if name.startswith("ttft"):
+        return rows[:, (failed == 0) & (ttft > 0)]
+    return rows[:, cost >= 0] if name == "cost_per_request" else rows[:, failed == 0]
+
+
+def _in_time(canary: np.ndarray, stable: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, int]]]:
+    """Strata in time: stable's values in the order they were served, cut into cells of MIN_STRATUM, or into
+    MAX_CELLS cells when it has more (the last one up to twice as large), each canary value in the cell of its time: (the canary's values compared, each cell's stable
+    values with how many canary ones it holds). Within a rollout step the weight is constant, so both arms sample
+    the same period and a cell's canary and stable values are of the same traffic (only the cell a step begins in
+    mixes two steps). A canary value before stable's first or after its last (a step at 100%: stable served
+    nothing) is left out: none of stable's is of its time. Cells follow stable's traffic, so they are narrow
+    where it is busy and never too thin to weigh (a fixed bin of a quiet deployment might hold no stable value)."""
+    if not stable.shape[1]:
+        return canary[:, :0], []
+    s = stable[:, np.argsort(stable[0], kind="stable")]
+    size = max(MIN_STRATUM, -(-s.shape[1] // MAX_CELLS))
+    cuts = [size * j for j in range(1, max(1, s.shape[1] // size))]
+    t = canary[0]
+    inside = (t >= s[0, 0]) & (t <= s[0, -1])
+    held = np.bincount(np.searchsorted(s[0, cuts], t[inside], side="right"), minlength=len(cuts) + 1)
+    return canary[:, inside], list(zip(np.split(s, cuts, axis=1), (int(n) for n in held), strict=True))
+
+
 def _weighted_rate(weights: list[tuple[VariantSample, float]]) -> tuple[float, float]:
     """A weighted baseline's error rate as (effective errors, effective size): the rate is sum(w * errors), the
     size Kish's effective sample size 1 / sum(w^2) over requests. Approximation: the Wilson and Newcombe bounds
@@ -482,6 +571,9 @@ class Group:
     stable: VariantSample  # all of stable's
     canary_keys: Mapping[str, VariantSample] = field(default_factory=dict)  # the group's requests by key
     stable_keys: Mapping[str, VariantSample] = field(default_factory=dict)  # all of stable's by key
+    # Stable's requests are compared with the canary's of the same time (`_in_time`); False: stable cannot grow
+    # (after a blue-green promotion its baseline is the old release's traffic before it, by design).
+    in_time: bool = True
 
 
 def groups(canary: VariantSample, stable: VariantSample, min_sample: int) -> list[Group]:
@@ -516,9 +608,11 @@ def _pool(samples: Sequence[VariantSample]) -> VariantSample:
     """Several keys' requests as one sample (no scores: they are judged on the whole canary)."""
     def cat(values: list[Sequence[float]]) -> np.ndarray:
         return np.concatenate([np.asarray(v, dtype=np.float64) for v in values]) if values else np.empty(0)
+    rows = [s.rows for s in samples]
     return VariantSample(n=sum(s.n for s in samples), errors=sum(s.errors for s in samples),
                          latency_ms=cat([s.latency_ms for s in samples]), ttft_ms=cat([s.ttft_ms for s in samples]),
-                         tokens=cat([s.tokens for s in samples]), cost=cat([s.cost for s in samples]))
+                         tokens=cat([s.tokens for s in samples]), cost=cat([s.cost for s in samples]),
+                         rows=np.concatenate(rows, axis=1) if rows and all(r is not None for r in rows) else None)
 
 
 _RANK = {"FAILED": 0, "WAITING": 1, "INCONCLUSIVE": 2, "SUCCESSFUL": 3}
@@ -538,18 +632,50 @@ def _judge_groups(spec: MetricSpec, canary: VariantSample, stable: VariantSample
     """A metric judged once per group of requests (scores and drift, not per request key: on the whole canary)."""
     if spec.name in ("score", "drift"):
         return _judge(spec, canary, stable, z, drift, baseline_final)
-    found = []
-    for g in judged:
-        weights = _weights(g, spec.name)
+    def against(spec: MetricSpec, canary: VariantSample,
+                weights: list[tuple[VariantSample, float]] | None) -> MetricResult:
         if weights is not None and len(weights) == 1:  # one sample weighted evenly: compared as it is
             base = weights[0][0]
-            result = _judge(spec, g.canary, base if base is stable else _sorted(base), z)
+            return _judge(spec, canary, base if base is stable else _sorted(base), z)
+        result = _judge(spec, canary, stable, z, weights=weights)
+        if weights is not None:  # the stable requests the baseline is made of
+            result = msgspec.structs.replace(result, stable_n=sum(s.n for s, _ in weights))
+        return result
+
+    relative = spec.max_increase is not None or spec.max_ratio is not None
+    found = []
+    for g in judged:
+        compared, weights, left_out = _baseline(g, spec.name)
+        if not left_out or not relative:
+            result = against(spec, g.canary, weights)  # every canary value was compared, or none needs stable
         else:
-            result = _judge(spec, g.canary, stable, z, weights=weights)
-            if weights is not None:  # the stable requests the baseline is made of
-                result = msgspec.structs.replace(result, stable_n=sum(s.n for s, _ in weights))
+            result = _judge_in_time(spec, g.canary, compared, weights, left_out, against, stable.n)
         found.append(msgspec.structs.replace(result, group=g.label))
     return _deciding(found)
+
+
+def _judge_in_time(spec: MetricSpec, canary: VariantSample, compared: VariantSample,
+                   weights: list[tuple[VariantSample, float]] | None, left_out: int,
+                   against: Callable[[MetricSpec, VariantSample, list[tuple[VariantSample, float]] | None],
+                                     MetricResult], stable_n: int) -> MetricResult:
+    """A metric with a limit relative to stable when `left_out` of the canary's values have none of stable's of
+    their time (`_baseline`): the relative limits on the others (`compared`), an absolute
+    `max` on every one; nothing to compare is INCONCLUSIVE (no data never passes, and older stable requests are
+    never the baseline: what callers sent then is not what they send now)."""
+    what = "values" if spec.name != "error_rate" else "requests"
+    note = (f"{left_out} canary {what} served before the first or after the last of stable's of the same callers "
+            "(e.g. at 100%) are left out of the comparison with stable")
+    parts = []
+    if spec.max is not None:
+        parts.append(against(msgspec.structs.replace(spec, max_increase=None, max_ratio=None), canary, weights))
+    if weights is not None and compared.n:
+        r = against(msgspec.structs.replace(spec, max=None), compared, weights)
+        parts.append(msgspec.structs.replace(r, why="; ".join(w for w in (r.why, note) if w)))
+    else:
+        parts.append(MetricResult(name=spec.name, verdict="INCONCLUSIVE", canary_n=canary.n, stable_n=stable_n,
+                                  why=f"no canary request to compare with stable's of the same time: {note}; "
+                                      "older stable requests are never its baseline, and no data is never a pass"))
+    return _deciding(parts)
 
 
 def _sorted(sample: VariantSample) -> VariantSample:
@@ -578,8 +704,8 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
         return Measurement(verdict=verdict, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
     z = z_of(sequential.look_alpha(spec.alpha, look, len(spec.metrics)))
     canary, stable = _sorted(canary), _sorted(stable)
-    judged = [replace(g, canary=g.canary if g.canary is canary else _sorted(g.canary), stable=stable)
-              for g in groups(canary, stable, spec.min_sample)]
+    judged = [replace(g, canary=g.canary if g.canary is canary else _sorted(g.canary), stable=stable,
+                      in_time=not baseline_final) for g in groups(canary, stable, spec.min_sample)]
     results = [_judge_groups(m, canary, stable, judged, z, drift, baseline_final) for m in spec.metrics]
     results = [msgspec.structs.replace(r, dry_run=True) if m.dry_run else r
                for r, m in zip(results, spec.metrics, strict=True)]

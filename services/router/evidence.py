@@ -17,11 +17,11 @@ import numpy as np
 
 from lockgate.contracts import DriftReport, InferenceEvent
 from lockgate.contracts.drift import Comparison
-from lockgate.services.router.analysis import VariantSample
+from lockgate.services.router.analysis import ROWS, VariantSample, from_rows
 
 MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bounded memory
 _FIRST = 1024  # buffers start small and double up to MAX_ROWS
-_COLS = 7
+_COLS = len(ROWS) + 1  # and the API key's index
 
 
 class _Ring:
@@ -169,14 +169,12 @@ class Evidence:
                   for name, ring_ in self._scores.get((deployment, release), {}).items()}
         if ring is None or not ring.n:
             return VariantSample(scores=scores)
-        t, failed, latency, ttft, tokens, cost, key = ring.cols[:, :ring.n]
-        window = t >= since
+        cols = ring.cols[:, :ring.n]
+        key = cols[_COLS - 1]
+        window = cols[0] >= since
 
-        def of(rows: np.ndarray) -> VariantSample:
-            ok = rows & (failed == 0)
-            # Latency and tokens describe answers: a failed call's timing is the error's, not the model's.
-            return VariantSample(n=int(rows.sum()), errors=int((rows & (failed != 0)).sum()), latency_ms=latency[ok],
-                                 ttft_ms=ttft[ok & (ttft > 0)], tokens=tokens[ok], cost=cost[rows & (cost >= 0)])
+        def of(rows: np.ndarray) -> VariantSample:  # with each request's time: analysis compares like with like
+            return from_rows(cols[:_COLS - 1, rows])
 
         whole = of(window)
         keys = np.unique(key[window])

@@ -111,12 +111,17 @@ async def test_one_key_flooding_the_canary_with_good_requests_cannot_get_a_faili
     await _pass(router, signer, "picky")
 
     # Looks wait while stable has fewer than min_sample requests, so every canary request below is in the first
-    # look that judges: mallory's 1,500 good ones (12.5x the real canary traffic), then the real callers' 120, of
-    # which 12 fail (10%; pooled with mallory's, 0.74%: under stable's 0% + 1%). Then stable's real traffic.
+    # look that judges: the real callers' 120, of which 12 fail (10%; pooled with mallory's, 0.74%: under stable's
+    # 0% + 1%), then mallory's 1,500 good ones (12.5x the real canary traffic). Analysis compares the canary's
+    # requests with stable's of the same time, so stable's real traffic comes along with them: half of it among
+    # the real callers' canary requests, the other half after mallory's (no look before it: stable has 60).
+    stable_users, canary_users = _users(router, "user", False, 120), _users(router, "user", True, 120)
+    for i in range(6):
+        await _send(router, real, stable_users[10 * i:10 * i + 10], ["hi"] * 10, "stable")
+        await _send(router, real, canary_users[20 * i:20 * i + 20],
+                    ["tricky" if j % 10 == 0 else "hi" for j in range(20 * i, 20 * i + 20)], "canary")
     await _send(router, mallory, _users(router, "mallory", True, 1500), ["hi"] * 1500, "canary")
-    await _send(router, real, _users(router, "user", True, 120), ["tricky" if i % 10 == 0 else "hi" for i in range(120)],
-                "canary")
-    await _send(router, real, _users(router, "user", False, 120), ["hi"] * 120, "stable")
+    await _send(router, real, stable_users[60:], ["hi"] * 60, "stable")
     await router.rollouts.wait_for(lambda r: r["chat"].phase != "progressing" or r["chat"].weight > 50, timeout=30)
 
     route = router.rollouts.route("chat")
@@ -166,17 +171,22 @@ async def mixed_router(context: ServiceContext, run_services: Any, signer: Signe
 async def _two_callers(router: Any, http: aiohttp.ClientSession, signer: Signer, release: str) -> tuple[Any, Any]:
     """A canary of `release` at 50% and two callers in different mixes on the two arms: A (short chats) 100 stable
     and 60 canary requests, B (long prompts) 20 stable and 30 canary ones (7% of stable's, 33% of the canary's).
-    Stable's first: no look before the canary has min_sample; then A's canary requests, then B's."""
+    Half of stable's first: no look before the canary has min_sample; then A's canary requests, then B's, then the
+    other half of stable's (analysis compares the canary's requests with stable's of the same time: none after
+    stable's last is compared, so a look before them is inconclusive)."""
     store = KeyStore(router.ctx.settings.home)
     a, a_key = store.create("default", "shop", description="chats")
     b, b_key = store.create("default", "shop", description="a summariser")
     await _start(http, router, release, {"steps": [50, 100], "interval_s": 0.1, "analysis": MIXED})
     await _pass(router, signer, release)
     same = None  # the canaries answer as stable does (B's prompts aside): their text cannot tell the arm
-    await _send(router, a, _users(router, "a", False, 100), ["hi"] * 100, "stable", same)
-    await _send(router, b, _users(router, "b", False, 20), [_LONG] * 20, "stable", same)
+    a_stable, b_stable = _users(router, "a", False, 100), _users(router, "b", False, 20)
+    await _send(router, a, a_stable[:50], ["hi"] * 50, "stable", same)
+    await _send(router, b, b_stable[:10], [_LONG] * 10, "stable", same)
     await _send(router, a, _users(router, "a", True, 60), ["hi"] * 60, "canary", same)
     await _send(router, b, _users(router, "b", True, 30), [_LONG] * 30, "canary", same)
+    await _send(router, a, a_stable[50:], ["hi"] * 50, "stable", same)
+    await _send(router, b, b_stable[10:], [_LONG] * 10, "stable", same)
     await router.rollouts.wait_for(lambda r: r["chat"].phase != "progressing" or r["chat"].weight > 50, timeout=30)
     return a_key, b_key
 
@@ -199,4 +209,38 @@ async def test_a_canary_worse_for_one_caller_only_is_aborted_naming_that_callers
     route = mixed_router.rollouts.route("chat")
     assert route.phase == "aborted", f"not aborted: {route.phase} at {route.weight:g}%: {route.reason}"
     assert route.reason.startswith("aborted verbose: analysis failed at step 1 (50%): tokens_per_request ")
-    assert f" on API key {b_key.id} (stable " in route.reason and "30 canary vs 20 stable requests" in route.reason
+    # B's canary requests came between its two halves of stable's: held to those of their time (the first half's last
+    # MIN_STRATUM), not to stable's after them.
+    assert f" on API key {b_key.id} (stable " in route.reason and "30 canary vs 10 stable requests" in route.reason
+
+
+# Like with like in time. Found by a probe (p5): one app key sent short prompts first and long ones later while the
+# canary's share of its requests rose; both arms answer alike, yet the canary's requests (mostly the later, long
+# ones) were compared with stable's whole window (mostly the earlier, short ones): `tokens_per_request 210 >
+# threshold 123`, a healthy canary aborted.
+IN_TIME = {"metrics": [{"name": "tokens_per_request", "max_ratio": 1.5}], "min_sample": 100, "failure_limit": 0,
+           "inconclusive_limit": 1000}
+
+
+async def test_a_caller_whose_prompts_grow_longer_as_the_canary_takes_more_does_not_abort_it(
+        mixed_router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Bootstrap) -> None:
+    router = mixed_router
+    app, _ = KeyStore(router.ctx.settings.home).create("default", "shop", description="one app")
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 0.1, "analysis": IN_TIME})
+    await _pass(router, signer, "same")
+    stable, canary = _users(router, "s", False, 100), _users(router, "c", True, 135)
+    # Stable has 90 requests until the last batch, so the first look that judges sees them all. First short
+    # prompts, a fifth of them the canary's; then long ones, four fifths the canary's (as a rising weight does).
+    for i in range(3):
+        await _send(router, app, stable[20 * i:20 * i + 20], ["hi"] * 20, "stable", None)
+        await _send(router, app, canary[5 * i:5 * i + 5], ["hi"] * 5, "canary", None)
+    for i in range(3):
+        await _send(router, app, stable[60 + 10 * i:70 + 10 * i], [_LONG] * 10, "stable", None)
+        await _send(router, app, canary[15 + 40 * i:55 + 40 * i], [_LONG] * 40, "canary", None)
+    await _send(router, app, stable[90:], [_LONG] * 10, "stable", None)
+    await router.rollouts.wait_for(lambda r: r["chat"].phase != "progressing" or r["chat"].weight > 50, timeout=30)
+    route = router.rollouts.route("chat")
+    assert (route.phase, route.weight) == ("progressing", 100.0), route.reason
+    assert route.analysis is not None and route.analysis.last is not None
+    assert (route.analysis.last.verdict, route.analysis.last.canary_n, route.analysis.last.stable_n) == \
+        ("SUCCESSFUL", 135, 100)
