@@ -6,7 +6,7 @@ from __future__ import annotations
 from lockgate.bus import consume
 from lockgate.contracts import AuditEntry, DriftReport, EvalCompleted, GateReview
 from lockgate.server.service import Service, ServiceContext
-from lockgate.services.gatekeeper.chain import Chainer
+from lockgate.services.gatekeeper.chain import CHAIN_WAITS, Chainer
 from lockgate.services.gatekeeper.driftgate import DriftGate
 from lockgate.services.gatekeeper.gatesfile import load_gates_file
 from lockgate.services.gatekeeper.handlers import GateHandlers
@@ -40,11 +40,18 @@ class Gatekeeper(Service):
         consume(ctx.bus, self.consumers, subject=s.drift_all, stream="events",
                 durable=s.durable("gatekeeper", "drift"), wire_type=DriftReport, origin="gatekeeper",
                 handler=self.drift.on_drift, batch_size=1, ack_wait_s=ctx.settings.ack_wait_s)
-        # The key that signs decisions also signs the audit chain; one entry in flight keeps it in order.
+        # The key that signs decisions also signs the audit chain; one entry in flight keeps it in order. An entry is
+        # never dead-lettered for retries spent (CHAIN_WAITS): what it is refused for then is the chain's, not its
+        # own (this replica's key not trusted, KV or the stream unavailable), and a lettered entry is a row lost for
+        # good; it waits, redelivered (NACK_BACKOFF) until a replica with a trusted key chains it. What is wrong with
+        # the entry itself is refused at once (InvalidEvent). Before, with no trusted key anywhere (the running
+        # gatekeeper's revoked, as a leak is answered), entries were dead-lettered 7 to 50 s later: a `gate
+        # revoke` or `gate trust` never in the log.
         self.chainer = Chainer(ctx, self.handlers.own)
         consume(ctx.bus, self.consumers, subject=s.audit_all, stream="audit",
                 durable=s.durable("gatekeeper", "audit"), wire_type=AuditEntry, origin="gatekeeper",
-                handler=self.chainer.on_entry, ack_wait_s=ctx.settings.ack_wait_s, max_ack_pending=1)
+                handler=self.chainer.on_entry, ack_wait_s=ctx.settings.ack_wait_s, max_ack_pending=1,
+                max_deliver=CHAIN_WAITS)
 
     async def start(self) -> None:
         """Copy the public key to KV for information (consumers trust only their trust file)."""

@@ -10,6 +10,7 @@ another producer, or another content, under the head's id is a row of its own (i
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import msgspec
@@ -29,6 +30,8 @@ from lockgate.subjects import untoken
 HEAD = auditchain.HEAD_KEY
 _head_decoder = msgspec.json.Decoder(AuditRecord)
 _CAS_RETRY = RetryPolicy(attempts=5, initial_s=0.005, max_s=0.1)
+# The chainer's consumer's max_deliver: no number of redeliveries makes an entry's retries "exhausted" (app.py).
+CHAIN_WAITS = sys.maxsize
 
 
 class HeadContended(Retryable):

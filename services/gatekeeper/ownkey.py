@@ -5,7 +5,7 @@ gatekeeper holding a key they revoke (leaked), retire (rotated out) or never lis
 router refuses and audit rows `audit verify` refuses: an approval used up, a reject that never blocks, an eval
 that never decides, a chain broken for good. So it decides and chains nothing, says why (its log, and its
 readiness), and leaves each message to a replica whose key is trusted (redelivered; dead-lettered with this
-reason once its retries are spent, when none is).
+reason once its retries are spent, when none is, except an audit entry, which waits for one: chain.CHAIN_WAITS).
 """
 
 from __future__ import annotations

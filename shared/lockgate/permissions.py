@@ -221,6 +221,9 @@ def grant(s: Subjects, identity: str) -> Grant:
         # unreadable original (which may carry secrets) from the stream it came from.
         g.add(Grant(publish=[f"$JS.API.STREAM.MSG.DELETE.{st[k]}" for k in ("inference", "events", "facts",
                                                                              "telemetry", "dlq", "audit")]))
+        # It checks the original before deleting it (_delete_original); the audit queue is the one stream it
+        # deletes from without consuming it. Before, each letter of an audit entry failed on this read.
+        g.add(_read_stream(st["audit"]))
     elif identity == "query":
         g.add(service).add(Grant(subscribe=[s.query], responses=True))
     elif identity == "gateway":
@@ -298,7 +301,9 @@ def grant(s: Subjects, identity: str) -> Grant:
             g.add(Grant(
                 publish=[s.eval_requested, s.artifact_registered, s.release_registered, s.gitops_apply("operator")],
                 subscribe=[s.eval_completed, f"{s.prefix}.progress.eval.>", s.gate_decided_all, s.eval_reran]))
-            g.add(Grant(publish=[s.audit("operator")]))  # key changes made from the CLI, recorded as itself
+            # Key changes made from the CLI, recorded as itself, and their rows as the chainer appends them (the
+            # command waits for its own; each row is one `audit log` shows any viewer anyway).
+            g.add(Grant(publish=[s.audit("operator")], subscribe=[s.audit_records]))
             # `app-credential` asks the embedded runtime to re-read the home's users (which it may not write).
             g.add(Grant(publish=[s.nats_reload]))
             # `alias set` and `artifact deprecate` append signed records to the provenance stream, on one

@@ -28,7 +28,7 @@ SIGNER = Signer.generate()
 
 @pytest.fixture
 async def stack(settings: Settings) -> AsyncIterator[Runtime]:
-    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "gateway"])
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "gateway", "gatekeeper"])
     await runtime.start()
     yield runtime
     await runtime.stop()

@@ -26,7 +26,7 @@ FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "gitops"
 
 @pytest.fixture
 async def stack(settings: Settings) -> AsyncIterator[Runtime]:
-    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink"])
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "gatekeeper"])
     await runtime.start()
     yield runtime
     await runtime.stop()

@@ -34,7 +34,7 @@ _reports: Codec[DriftReport] = Codec(DriftReport)
 
 @pytest.fixture
 async def stack(settings: Settings) -> AsyncIterator[Runtime]:
-    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "gateway", "drift"])
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "gateway", "drift", "gatekeeper"])
     await runtime.start()
     yield runtime
     await runtime.stop()

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(90)
 
 @pytest.fixture
 async def stack(settings: Settings) -> AsyncIterator[Runtime]:
-    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink"])
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "gatekeeper"])
     await runtime.start()
     yield runtime
     await runtime.stop()

@@ -206,11 +206,12 @@ async def test_a_rollback_after_a_blue_green_promotion_never_puts_back_a_blocked
 
 
 async def test_a_canary_admitted_by_a_revoked_key_is_neither_raised_nor_promoted(
-        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+        router: Any, http: aiohttp.ClientSession, signer: Signer, run_services: Any) -> None:
     # A gatekeeper key (trusted, then revoked with `lockgate gate revoke`) signed the PASS that admitted `same` at
     # 10%. Before: a new PUT of it was refused, but set-weight 90 and promote were 200, on the admission the route
     # had cached, and the timer's steps went on too.
     s = router.ctx.settings
+    await run_services("gatekeeper")  # chains the audit entry of each `gate revoke` (the command waits for it)
     await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600})
     attempts = [("POST", "/promote", None), ("POST", "/set-weight", {"weight": 90}), ("PATCH", "", {"weight": 90}),
                 ("POST", "/resume", None)]

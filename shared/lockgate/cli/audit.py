@@ -22,8 +22,8 @@ from lockgate.cli.access import chosen_role, with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import emit_json, err_console, table
 from lockgate.config import Settings
-from lockgate.contracts import AuditRecord
-from lockgate.errors import AuditBroken, BusUnavailable
+from lockgate.contracts import AuditEntry, AuditRecord
+from lockgate.errors import AuditBroken, BusUnavailable, LockgateError
 from lockgate.permissions import Grant
 from lockgate.queryclient import ask_pages
 from lockgate.redact import shown_url
@@ -31,7 +31,7 @@ from lockgate.retry import RetryPolicy
 from lockgate.signing import Keyring
 from lockgate.subjects import Subjects
 
-_head_decoder = msgspec.json.Decoder(AuditRecord)
+_head_decoder = msgspec.json.Decoder(AuditRecord)  # the chain head, and the rows the chainer publishes
 
 
 async def read_head(bus: Bus) -> AuditRecord | None:
@@ -105,14 +105,27 @@ def may_record(settings: Settings, doing: str, *also: str) -> str:
     return role
 
 
+class NotChained(LockgateError):
+    """An audit entry JetStream took (it is queued) that the chainer did not append to the audit log in time."""
+
+
+# How long a CLI change waits for its entry's row: the chainer appends one in milliseconds when a gatekeeper with a
+# trusted key runs; past this, none is chaining.
+CHAINED_WITHIN_S = 10.0
+
+
 def record_change(settings: Settings, *, target: str, action: str, reason: str = "",
-                  details: Mapping[str, object] | None = None) -> None:
-    """Append a key change made from the CLI to the audit log, as the CLI's identity (admin unless --role).
+                  details: Mapping[str, object] | None = None, wait: bool = True) -> None:
+    """Append a key change made from the CLI to the audit log, as the CLI's identity (admin unless --role), and
+    wait (CHAINED_WITHIN_S at most) for the chainer to append its row.
 
     The change itself is a file in the home, made first (once `may_record` allowed it); with no stack running
     there is no log to append to, which is said on stderr (the next `lockgate up` starts from the files as they
-    are). When a running stack does not take the entry this raises, and the caller must not leave the change
-    unrecorded in silence: it undoes it (a grant) or says it is in force but unrecorded (a revocation)."""
+    are). When a running stack does not take the entry, or takes it but does not chain it in time (NotChained: no
+    gatekeeper with a trusted key), this raises, and the caller must not leave the change unrecorded in silence: it
+    undoes it (a grant) or says it is in force but unrecorded (a revocation). Before, JetStream's acknowledgement
+    counted as recorded, and an entry no gatekeeper could sign was dead-lettered later while the command said
+    nothing. `wait=False` only queues the entry (what a caller adds after a NotChained, chained right after it)."""
     role = chosen_role("admin")
     if not asyncio.run(_stack_answers(settings, role)):
         err_console.print(f"[yellow]note:[/yellow] no stack answers at {shown_url(settings.nats_url)}: this change is not "
@@ -124,10 +137,42 @@ def record_change(settings: Settings, *, target: str, action: str, reason: str =
             "as": (ctx.find_root().obj or {}).get("identity") if ctx is not None else None}
 
     async def work(bus: Bus) -> None:
-        await auditlog.record(bus, role, kind="key", actor=bus.auth.user or role, target=target, action=action,
-                              reason=reason, details={**told, **(details or {})})
+        # Subscribed before the entry is sent: the chainer publishes each row it appends on `audit_records` (and
+        # again for a redelivered entry), so the row of ours is seen however soon it comes.
+        rows = await bus.nc.subscribe(bus.subjects.audit_records) if wait else None
+        try:
+            entry = await auditlog.record(bus, role, kind="key", actor=bus.auth.user or role, target=target,
+                                          action=action, reason=reason, details={**told, **(details or {})})
+            if rows is not None:
+                await _chained(bus, rows, entry, role)
+        finally:
+            if rows is not None:
+                await rows.unsubscribe()
 
-    with_bus(settings, work, role=role)  # as the role it records as: its own audit subject is all it needs
+    with_bus(settings, work, role=role)  # as the role it records as: its own audit subject and the rows
+
+
+async def _chained(bus: Bus, rows: Any, entry: AuditEntry, producer: str) -> None:
+    """Return once the row of `entry` is published; NotChained after CHAINED_WITHIN_S."""
+    try:
+        async with asyncio.timeout(CHAINED_WITHIN_S):
+            while True:
+                msg = await rows.next_msg(timeout=None)
+                try:
+                    row = _head_decoder.decode(msg.data)
+                except msgspec.DecodeError:
+                    continue  # not a row: nothing of ours
+                if auditchain.records(row, entry, producer):
+                    return
+    except TimeoutError:
+        refused = bus.refused(bus.subjects.audit_records, "subscribe to")
+        if refused is not None:
+            raise refused from None
+        raise NotChained(
+            f"the audit entry ({entry.action} {entry.target}) is queued but was not chained into the audit log within "
+            f"{CHAINED_WITHIN_S:.0f}s: no gatekeeper with a trusted signing key is chaining (`lockgate status`; a "
+            "gatekeeper whose key is revoked, retired or not in the trust file chains nothing, its /readyz says "
+            "why); it is chained once one runs") from None
 
 
 def register(cli: click.Group) -> None:
