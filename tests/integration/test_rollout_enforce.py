@@ -227,12 +227,16 @@ async def test_a_canary_admitted_by_a_revoked_key_is_neither_raised_nor_promoted
         revoked = await asyncio.to_thread(CliRunner().invoke, cli, ["--home", s.home, "--nats", s.nats_url, "--prefix",
                                                                     s.prefix, "gate", "revoke", leaked.key_id])
         assert revoked.exit_code == 0, revoked.output
+        # The trust watch takes the canary back to 0% within a second (run_trust_watch); what the operator asks
+        # for next finds it there and may not raise it again.
+        await router.rollouts.wait_for(lambda r: r["chat"].weight == 0.0, timeout=10)
+        reason = router.rollouts.route("chat").reason
+        assert f"canary same back to 0%: admitted by gate decision {passed.id}, but it no longer verifies" in reason
+        assert f"signed by revoked key id {leaked.key_id!r}" in reason
         async with http.request(method, f"{router.url}{DEPLOYMENT}{action}", json=body) as resp:
-            refused = await resp.json()
-        assert resp.status == 409 and refused["error"]["code"] == "not_admitted", (action, refused)
-        message = refused["error"]["message"]
-        assert f"canary same back to 0%: admitted by gate decision {passed.id}, but it no longer verifies" in message
-        assert f"signed by revoked key id {leaked.key_id!r}" in message
+            answer = await resp.json()
+        # Raising or promoting is refused; resuming a canary at 0% waiting for a decision is allowed, and raises nothing.
+        assert resp.status == (200 if action == "/resume" else 409), (action, answer)
         route = router.rollouts.route("chat")
         assert (route.weight, route.phase, route.admitted, route.stable.release) == (0.0, "idle", "", "r1"), action
         assert set(await _releases(http, router, 40)) == {"r1"}
