@@ -36,7 +36,8 @@ async def lockgate(runtime: Runtime, *args: str, **env: str | None) -> Result:
     """The CLI as a user runs it against the stack (in a thread: the stack answers on this loop)."""
     s = runtime.settings
     base = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix,
-            "LOCKGATE_ROLE": None, "LOCKGATE_NATS_USER": None, "LOCKGATE_NATS_PASSWORD": None}
+            "LOCKGATE_ROLE": None, "LOCKGATE_NATS_USER": None, "LOCKGATE_NATS_PASSWORD": None,
+            "LOCKGATE_TRUST_FILE": None}
     return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env={**base, **env}, catch_exceptions=False)
 
 

@@ -6,40 +6,18 @@ trust file, then failed on the audit row: the key stayed trusted and no audit ro
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-from lockgate.cli.main import cli
-from lockgate.config import Settings
 from lockgate.server.runtime import Runtime
 from lockgate.signing import Keyring, Signer, read_trust_file, trust_file_path, trust_key, trust_person
+from tests.integration import test_cli_errors
+
+stack = test_cli_errors.stack  # the embedded runtime as `lockgate up` runs it, and the CLI against it
+lockgate, one_line = test_cli_errors.lockgate, test_cli_errors.one_line
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def stack(settings: Settings) -> AsyncIterator[Runtime]:
-    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "gatekeeper"])
-    await runtime.start()
-    yield runtime
-    await runtime.stop()
-
-
-async def lockgate(runtime: Runtime, *args: str, **env: str | None) -> Result:
-    """The CLI as a user runs it against the stack (in a thread: the stack answers on this loop)."""
-    s = runtime.settings
-    base = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix,
-            "LOCKGATE_ROLE": None, "LOCKGATE_NATS_USER": None, "LOCKGATE_NATS_PASSWORD": None,
-            "LOCKGATE_TRUST_FILE": None}
-    return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env={**base, **env}, catch_exceptions=False)
-
-
-def one_line(result: Result) -> str:
-    assert "Traceback" not in result.output and len(result.stderr.splitlines()) == 1, result.output
-    return result.stderr
 
 
 async def refuse_audit_entries(runtime: Runtime) -> None:
