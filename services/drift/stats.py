@@ -53,7 +53,8 @@ def ks(reference: np.ndarray, current: np.ndarray) -> tuple[float, float]:
 def categorical(reference: np.ndarray, current: np.ndarray) -> tuple[float, float, float, float, float, float]:
     """Drift of a categorical feature (values are category codes): PSI over the categories seen in either
     window (empty cells smoothed as for bins), chi-squared statistic and p-value of the 2 x k table, and
-    the category whose share moved most with its share in the reference and in the current window."""
+    the category whose share moved most (on a tie, one whose share rose) with its share in the reference and in
+    the current window."""
     cats, idx = np.unique(np.concatenate([reference, current]), return_inverse=True)
     k = len(cats)
     ref_counts = np.bincount(idx[:len(reference)], minlength=k).astype(np.float64)
@@ -68,7 +69,11 @@ def categorical(reference: np.ndarray, current: np.ndarray) -> tuple[float, floa
     else:
         chi2, pvalue = 0.0, 1.0
     shares_ref, shares_cur = ref_counts / n_ref, cur_counts / n_cur
-    top = int(np.argmax(np.abs(shares_cur - shares_ref))) if k else 0
+    # Two categories often move alike (with two, always: errors 0 -> 0.42 is "(none)" 1 -> 0.58): the one that rose
+    # is named, which says what appeared. Rounded first, so float noise in equal moves cannot pick either at random
+    # (an error's report named "error_type:(none)" or "error_type:500" from run to run).
+    moved = shares_cur - shares_ref
+    top = int(np.argmax(np.round(np.abs(moved), 9) + 1e-12 * (moved > 0))) if k else 0
     code = float(cats[top]) if k else 0.0
     return psi_value, chi2, pvalue, code, float(shares_ref[top]) if k else 0.0, float(shares_cur[top]) if k else 0.0
 
