@@ -496,22 +496,15 @@ def undo_grant(path: str | Path, before: TrustFile | None, *, kid: str = "", per
     stays (a revocation made meanwhile above all); a file the grant created is removed if it holds nothing else."""
     p = Path(path)
     data = read_trust_file(p)
-    if person:
-        had = before.people.get(person) if before is not None else None
-        if data.people.get(person) == had:
-            return
-        if had is None:
-            data.people.pop(person, None)
-        else:
-            data.people[person] = had
+    entries: dict[str, Any] = data.people if person else data.keys
+    key = person or kid
+    had = ((before.people if person else before.keys).get(key)) if before is not None else None
+    if entries.get(key) == had:
+        return
+    if had is None:
+        entries.pop(key, None)
     else:
-        was = before.keys.get(kid) if before is not None else None
-        if data.keys.get(kid) == was:
-            return
-        if was is None:
-            data.keys.pop(kid, None)
-        else:
-            data.keys[kid] = was
+        entries[key] = had
     if before is None and data == TrustFile():
         p.unlink(missing_ok=True)
         return

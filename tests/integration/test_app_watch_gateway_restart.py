@@ -8,30 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from lockgate import artifacts
 from lockgate.client import Client
-from lockgate.config import Settings
 from lockgate.contracts import GateDecided
 from lockgate.server.runtime import Runtime
 from lockgate.signing import Signer, trust_file_path, trust_key
 from tests.helpers import gate_decided, run_cli
+from tests.integration import test_app_credentials
 
 pytestmark = pytest.mark.timeout(90)
 
 SIGNER = Signer.generate()
-
-
-@pytest.fixture
-async def stack(settings: Settings) -> AsyncIterator[Runtime]:
-    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "gateway", "gatekeeper"])
-    await runtime.start()
-    yield runtime
-    await runtime.stop()
+stack = test_app_credentials.stack  # the embedded runtime with the gateway, as `lockgate up` runs it
 
 
 def _signed(release: str, decision: str = "PASS") -> GateDecided:
