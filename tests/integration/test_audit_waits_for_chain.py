@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
+from lockgate import credentials
 from lockgate.cli import audit
 from lockgate.cli.main import cli
 from lockgate.codec import Codec
@@ -91,6 +92,12 @@ async def test_a_change_no_gatekeeper_can_chain_fails_and_is_chained_once_one_ca
     assert said.endswith(f"; the trust of mallory (key {mallory.key_id}) was not recorded in the audit log, so it "
                          f"was undone: mallory is not in {path}\n"), said
     assert "mallory" not in Keyring.from_trust_file(path).people
+    # So is an application's credential, its undoing queued after it as a grant's.
+    cred = await lockgate(stack, "app-credential", "create", "--tenant", "acme", "--app", "shop")
+    said = one_line(cred)
+    assert cred.exit_code == 1 and said.startswith("error: the audit entry (create nats-app:"), said
+    assert said.endswith(": nothing changed\n"), said
+    assert not credentials.app_path(stack.settings.home, "acme", "shop").exists()
 
     # Its entries are refused as often as the edge's max_deliver (8) allows each of the three: before, each was then
     # dead-lettered "retries exhausted", and no gatekeeper ever chained it ...
@@ -104,15 +111,17 @@ async def test_a_change_no_gatekeeper_can_chain_fails_and_is_chained_once_one_ca
     try:
         seen: dict[int, tuple[str, str]] = {}  # by seq: a row is published again at times (the sink keeps one)
         async with asyncio.timeout(15):
-            while not {2, 3, 4} <= seen.keys():
+            while not {2, 3, 4, 5, 6} <= seen.keys():
                 row = rows.decode((await chained.next_msg(timeout=None)).data)
                 seen[row.seq] = (row.target, row.action)
         # Each once (redelivered entries come back in no fixed order, so neither do their rows).
-        assert sorted(seen[seq] for seq in (2, 3, 4)) == [("person:mallory", "trust"),
-                                                          ("person:mallory", "trust-undone"),
-                                                          (f"signing-key:{kid}", "revoke")], seen
+        app_user = f"nats-app:{credentials.app_user('acme', 'shop')}"
+        assert sorted(seen[seq] for seq in (2, 3, 4, 5, 6)) == [(app_user, "create"), (app_user, "create-undone"),
+                                                                ("person:mallory", "trust"),
+                                                                ("person:mallory", "trust-undone"),
+                                                                (f"signing-key:{kid}", "revoke")], seen
         verified = await lockgate(stack, "audit", "verify")
-        assert verified.exit_code == 0 and "ok: audit log intact: 4 rows" in verified.output, verified.output
+        assert verified.exit_code == 0 and "ok: audit log intact: 6 rows" in verified.output, verified.output
         # And a change made now is chained at once again.
         again = await lockgate(stack, "gate", "trust", "--person", "mallory", "--role", "approver",
                                str(tmp_path / "mallory.pem"))

@@ -22,7 +22,7 @@ import nats.errors
 
 from lockgate import credentials
 from lockgate.cli.access import connect_once
-from lockgate.cli.audit import may_record, record_change
+from lockgate.cli.audit import NotChained, may_record, record_change, record_undone
 from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console, err_console, output
 from lockgate.config import Settings
@@ -66,16 +66,18 @@ def _change(settings: Settings, tenant: str, app: str, make: Callable[[], Path],
     before = path.read_bytes() if path.is_file() else None
     made = make()
     applied = False
+    target, details = f"nats-app:{credentials.app_user(tenant, app)}", {"tenant": tenant, "app": app}
     try:
         applied, said = asyncio.run(_reload(settings, role))
-        record_change(settings, target=f"nats-app:{credentials.app_user(tenant, app)}", action=action,
-                      details={"tenant": tenant, "app": app})
+        record_change(settings, target=target, action=action, details=details)
     except BaseException as exc:
         _restore(path, before)
         if applied:
             with contextlib.suppress(Exception):  # the error said is the one that undid the change
                 asyncio.run(_reload(settings, role))
         kept = f"the credential of {tenant}/{app} was left as it was ({path}): nothing changed"
+        if isinstance(exc, NotChained):  # its entry is chained later: so is the undoing, after it
+            kept += record_undone(settings, target=target, action=action, details=details)
         if isinstance(exc, LockgateError):  # said in its one line
             exc.message = f"{exc.message}; {kept}"
         else:

@@ -152,6 +152,18 @@ def record_change(settings: Settings, *, target: str, action: str, reason: str =
     with_bus(settings, work, role=role)  # as the role it records as: its own audit subject and the rows
 
 
+def record_undone(settings: Settings, *, target: str, action: str, details: Mapping[str, object] | None = None) -> str:
+    """Queue `<action>-undone` for a change undone because its entry was queued but not chained (NotChained): that
+    entry is chained once a gatekeeper with a trusted key runs, and this one after it, so the log never shows the
+    change without its undoing. Returns "" or what to add to the error when it could not be queued."""
+    try:
+        record_change(settings, target=target, action=f"{action}-undone", details=details,
+                      reason="its audit entry was not chained in time", wait=False)
+    except LockgateError as exc:
+        return f" (and its undoing could not be queued for the audit log: {exc.message})"
+    return ""
+
+
 async def _chained(bus: Bus, rows: Any, entry: AuditEntry, producer: str) -> None:
     """Return once the row of `entry` is published; NotChained after CHAINED_WITHIN_S."""
     try:

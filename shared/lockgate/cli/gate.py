@@ -13,7 +13,7 @@ import msgspec
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
-from lockgate.cli.audit import NotChained, may_record, read_head, record_change
+from lockgate.cli.audit import NotChained, may_record, read_head, record_change, record_undone
 from lockgate.cli.identity import chosen_identity
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, err_console, table
@@ -152,14 +152,8 @@ def _recorded_or_undone(settings: Settings, path: Path, before: TrustFile | None
                 state = f"key {kid} is {'trusted as before' if had else 'not trusted'} in {path}"
             kept = f"the trust of {who} was not recorded in the audit log, so it was undone: {state}"
             if isinstance(exc, NotChained):
-                # Its entry is queued and will be chained once a gatekeeper with a trusted key runs: the undoing is
-                # queued with it, so the log never shows that grant without saying it was undone.
-                try:
-                    record_change(settings, target=f"person:{person}" if person else f"signing-key:{kid}",
-                                  action="trust-undone", reason="its audit entry was not chained in time",
-                                  details=details, wait=False)
-                except LockgateError as also:
-                    kept += f" (and its undoing could not be queued for the audit log: {also.message})"
+                kept += record_undone(settings, target=f"person:{person}" if person else f"signing-key:{kid}",
+                                      action="trust", details=details)
         if isinstance(exc, LockgateError):  # said in its one line
             exc.message = f"{exc.message}; {kept}"
         else:
