@@ -25,6 +25,7 @@ from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import AuditRecord
 from lockgate.retry import RetryPolicy
+from lockgate.server.apikeys import KeyStore
 from lockgate.server.runtime import Runtime
 from lockgate.signing import Keyring, Signer, trust_file_path
 
@@ -98,6 +99,12 @@ async def test_a_change_no_gatekeeper_can_chain_fails_and_is_chained_once_one_ca
     assert cred.exit_code == 1 and said.startswith("error: the audit entry (create nats-app:"), said
     assert said.endswith(": nothing changed\n"), said
     assert not credentials.app_path(stack.settings.home, "acme", "shop").exists()
+    # And an API key: revoked, never shown (before: printed, and working with no row; probe p6).
+    key = await lockgate(stack, "keys", "create", "--tenant", "acme", "--app", "shop", "--role", "admin")
+    said = one_line(key)
+    assert key.exit_code == 1 and said.startswith("error: the audit entry (create apikey:"), said
+    assert "so it is revoked and was not shown" in said and "lg-" not in key.stdout, key.output
+    assert all(k.revoked_at for k in KeyStore(stack.settings.home).keys() if k.tenant == "acme")
 
     # Its entries are refused as often as the edge's max_deliver (8) allows each of the three: before, each was then
     # dead-lettered "retries exhausted", and no gatekeeper ever chained it ...
@@ -111,17 +118,20 @@ async def test_a_change_no_gatekeeper_can_chain_fails_and_is_chained_once_one_ca
     try:
         seen: dict[int, tuple[str, str]] = {}  # by seq: a row is published again at times (the sink keeps one)
         async with asyncio.timeout(15):
-            while not {2, 3, 4, 5, 6} <= seen.keys():
+            while not {2, 3, 4, 5, 6, 7} <= seen.keys():
                 row = rows.decode((await chained.next_msg(timeout=None)).data)
                 seen[row.seq] = (row.target, row.action)
         # Each once (redelivered entries come back in no fixed order, so neither do their rows).
         app_user = f"nats-app:{credentials.app_user('acme', 'shop')}"
-        assert sorted(seen[seq] for seq in (2, 3, 4, 5, 6)) == [(app_user, "create"), (app_user, "create-undone"),
+        key_row = next(v for v in seen.values() if v[0].startswith("apikey:"))
+        assert key_row[1] == "create"
+        assert sorted(seen[seq] for seq in (2, 3, 4, 5, 6, 7) if seen[seq] != key_row) == [
+                                                                (app_user, "create"), (app_user, "create-undone"),
                                                                 ("person:mallory", "trust"),
                                                                 ("person:mallory", "trust-undone"),
                                                                 (f"signing-key:{kid}", "revoke")], seen
         verified = await lockgate(stack, "audit", "verify")
-        assert verified.exit_code == 0 and "ok: audit log intact: 6 rows" in verified.output, verified.output
+        assert verified.exit_code == 0 and "ok: audit log intact: 7 rows" in verified.output, verified.output
         # And a change made now is chained at once again.
         again = await lockgate(stack, "gate", "trust", "--person", "mallory", "--role", "approver",
                                str(tmp_path / "mallory.pem"))

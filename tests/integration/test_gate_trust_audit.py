@@ -6,10 +6,16 @@ trust file, then failed on the audit row: the key stayed trusted and no audit ro
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 from pathlib import Path
 
 import pytest
 
+from lockgate.codec import Codec
+from lockgate.config import Settings
+from lockgate.contracts import AuditEntry
 from lockgate.server.runtime import Runtime
 from lockgate.signing import Keyring, Signer, read_trust_file, trust_file_path, trust_key, trust_person
 from tests.integration import test_cli_errors
@@ -97,3 +103,36 @@ async def test_a_revocation_or_retirement_the_audit_log_does_not_take_stays_in_f
     data = await asyncio.to_thread(read_trust_file, path)
     assert {alice.key_id, leaked.key_id} <= set(data.revoked) and set(data.retired) == {old.key_id}
     assert old.key_id not in data.keys and new.key_id in data.keys
+
+
+async def test_a_grant_stopped_by_sigterm_before_its_row_is_chained_is_undone(settings: Settings,
+                                                                              tmp_path: Path) -> None:
+    # Probe p6: `timeout`, a cancelled CI job or a service stop sends SIGTERM, which killed the command between the
+    # trust file and its audit row: the person stayed trusted (and broke glass) with no row. No gatekeeper runs
+    # here, so the command is still waiting for its row when it is stopped.
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink"])
+    await runtime.start()
+    try:
+        s, bus = runtime.settings, runtime.ctx.bus
+        entries = await bus.nc.subscribe(bus.subjects.audit("admin"))
+        pem = tmp_path / "eve.pem"
+        Signer.load_or_create(pem)
+        env = {**os.environ, "LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix}
+        for name in ("LOCKGATE_ROLE", "LOCKGATE_NATS_USER", "LOCKGATE_NATS_PASSWORD", "LOCKGATE_TRUST_FILE"):
+            env.pop(name, None)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "lockgate.cli", "gate", "trust", "--person", "eve", "--role", "admin", str(pem),
+            env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sent = Codec(AuditEntry).decode((await entries.next_msg(timeout=30)).data)
+        assert (sent.target, sent.action) == ("person:eve", "trust")
+        assert "eve" in read_trust_file(trust_file_path(s)).people  # written, its row not chained yet
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 130, err
+        assert "eve" not in read_trust_file(trust_file_path(s)).people
+        assert "so it was undone" in err.decode()
+        undone = Codec(AuditEntry).decode((await entries.next_msg(timeout=10)).data)  # chained after the grant's
+        assert (undone.target, undone.action) == ("person:eve", "trust-undone")
+        await entries.unsubscribe()
+    finally:
+        await runtime.stop()

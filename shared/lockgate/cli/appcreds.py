@@ -76,7 +76,7 @@ def _change(settings: Settings, tenant: str, app: str, make: Callable[[], Path],
             with contextlib.suppress(Exception):  # the error said is the one that undid the change
                 asyncio.run(_reload(settings, role))
         kept = f"the credential of {tenant}/{app} was left as it was ({path}): nothing changed"
-        if isinstance(exc, NotChained):  # its entry is chained later: so is the undoing, after it
+        if isinstance(exc, (NotChained, KeyboardInterrupt)):  # its entry chained later (or perhaps): the undoing too
             kept += record_undone(settings, target=target, action=action, details=details)
         if isinstance(exc, LockgateError):  # said in its one line
             exc.message = f"{exc.message}; {kept}"

@@ -151,7 +151,7 @@ def _recorded_or_undone(settings: Settings, path: Path, before: TrustFile | None
                 had = before is not None and kid in before.keys
                 state = f"key {kid} is {'trusted as before' if had else 'not trusted'} in {path}"
             kept = f"the trust of {who} was not recorded in the audit log, so it was undone: {state}"
-            if isinstance(exc, NotChained):
+            if isinstance(exc, (NotChained, KeyboardInterrupt)):  # its entry queued, or perhaps sent, unchained
                 kept += record_undone(settings, target=f"person:{person}" if person else f"signing-key:{kid}",
                                       action="trust", details=details)
         if isinstance(exc, LockgateError):  # said in its one line

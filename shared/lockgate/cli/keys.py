@@ -12,8 +12,8 @@ import click
 
 from lockgate.cli.audit import may_record, record_change
 from lockgate.cli.main import handle_errors
-from lockgate.cli.render import console, output
-from lockgate.errors import ConfigError
+from lockgate.cli.render import console, err_console, output
+from lockgate.errors import ConfigError, LockgateError
 from lockgate.server.apikeys import ROLES, KeyStore
 
 
@@ -52,12 +52,23 @@ def register(cli: click.Group) -> None:
         """Create a key and print it once (only its hash is kept)."""
         may_record(ctx.obj["settings"], "change API keys (record the change in the audit log)")
         plain, rec = ctx.obj["keys"].create(tenant, app, role, description, deployments)
+        try:
+            record_change(ctx.obj["settings"], target=f"apikey:{rec.id}", action="create",
+                          details={"role": role, "tenant": tenant, "app": app, "description": description,
+                                   "deployments": rec.scope})
+        except BaseException as exc:
+            # A key the audit log does not record works nowhere: revoked before it is shown (before, it was shown
+            # and kept working with no row; probe p6).
+            ctx.obj["keys"].revoke(rec.id)
+            kept = f"key {rec.id} was not recorded in the audit log, so it is revoked and was not shown"
+            if isinstance(exc, LockgateError):
+                exc.message = f"{exc.message}; {kept}"
+            else:
+                err_console.print(f"[yellow]note:[/yellow] {kept}", highlight=False, soft_wrap=True)
+            raise
         console.print(f"created key [bold]{rec.id}[/bold] ({role} for {tenant}/{app}, may use {rec.scope}); "
                       "it is shown only now:")
         click.echo(plain)
-        record_change(ctx.obj["settings"], target=f"apikey:{rec.id}", action="create",
-                      details={"role": role, "tenant": tenant, "app": app, "description": description,
-                               "deployments": rec.scope})
 
     @keys.command("list")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")

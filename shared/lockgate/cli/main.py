@@ -6,7 +6,9 @@ import datetime as dt
 import functools
 import json
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, NoReturn
@@ -79,6 +81,13 @@ def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
 def cli(ctx: click.Context, nats_url: str | None, clickhouse_url: str | None, prefix: str | None,
         database: str | None, home: str | None, role: str | None, identity: str | None, verbose: bool) -> None:
     """lockgate: CI/CD and runtime governance for language-model applications."""
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a timeout, a cancelled CI job, a service stop) and SIGHUP end a command as Ctrl-C does, through
+        # its cleanup: a change made and not yet in the audit log is undone. Before, they killed it between the
+        # file and its audit row, and the change stayed in force with no row (probe p6). A server command's own
+        # loop handlers (`up`, `serve`) take SIGTERM over once it runs.
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _interrupted)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -94,6 +103,10 @@ def cli(ctx: click.Context, nats_url: str | None, clickhouse_url: str | None, pr
     # configures where the stack's ClickHouse lives.
     explicit = ctx.get_parameter_source("clickhouse_url") == click.core.ParameterSource.COMMANDLINE
     ctx.obj = {"settings": settings, "direct": explicit, "role": role, "identity": identity}
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _query(ctx: click.Context, name: str, **args: Any) -> Any:
