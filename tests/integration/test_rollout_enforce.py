@@ -205,6 +205,15 @@ async def test_a_rollback_after_a_blue_green_promotion_never_puts_back_a_blocked
     assert router.rollouts.route("chat").stable.release == "same"
 
 
+async def _admitted_by_a_new_key(router: Any) -> tuple[Signer, GateDecided]:
+    """The canary of `same` admitted by a PASS a key trusted just now signed (the key that leaks: revoked later)."""
+    leaked = Signer.generate()
+    trust_key(trust_file_path(router.ctx.settings), leaked.public)
+    passed = await _signed_pass(router, leaked, "same")
+    await _announce(router, passed)
+    return leaked, passed
+
+
 async def test_a_canary_admitted_by_a_revoked_key_is_neither_raised_nor_promoted(
         router: Any, http: aiohttp.ClientSession, signer: Signer, run_services: Any) -> None:
     # A gatekeeper key (trusted, then revoked with `lockgate gate revoke`) signed the PASS that admitted `same` at
@@ -216,10 +225,7 @@ async def test_a_canary_admitted_by_a_revoked_key_is_neither_raised_nor_promoted
     attempts = [("POST", "/promote", None), ("POST", "/set-weight", {"weight": 90}), ("PATCH", "", {"weight": 90}),
                 ("POST", "/resume", None)]
     for method, action, body in attempts:
-        leaked = Signer.generate()  # a key of its own each time: a new PASS admits the canary again
-        trust_key(trust_file_path(s), leaked.public)
-        passed = await _signed_pass(router, leaked, "same")
-        await _announce(router, passed)
+        leaked, passed = await _admitted_by_a_new_key(router)  # a key of its own each time: a new PASS admits it
         assert router.rollouts.route("chat").weight == 10.0
         if action == "/resume":
             async with http.post(f"{router.url}{DEPLOYMENT}/pause") as resp:  # holding traffic needs no check
@@ -246,10 +252,8 @@ async def test_the_timer_does_not_step_a_canary_whose_admitting_key_was_revoked(
         router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     # The same revocation while the steps run on their own: the next step un-admits the canary, never raises it.
     s = router.ctx.settings
-    leaked = Signer.generate()
-    trust_key(trust_file_path(s), leaked.public)
     await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 0.3})
-    await _announce(router, await _signed_pass(router, leaked, "same"))
+    leaked, _ = await _admitted_by_a_new_key(router)
     await router.rollouts.wait_for(lambda r: r["chat"].weight == 10.0, timeout=10)
     revoke_key(trust_file_path(s), leaked.key_id)
     await router.rollouts.wait_for(lambda r: r["chat"].weight != 10.0, timeout=10)  # the next step is due
@@ -262,11 +266,8 @@ async def test_a_revocation_takes_a_paused_canary_it_admitted_back_to_zero_at_on
         router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     # Before: a canary a leaked key admitted kept its 10% until something would raise it; paused, for good.
     s = router.ctx.settings
-    leaked = Signer.generate()
-    trust_key(trust_file_path(s), leaked.public)
     await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600})
-    passed = await _signed_pass(router, leaked, "same")
-    await _announce(router, passed)
+    leaked, passed = await _admitted_by_a_new_key(router)
     async with http.post(f"{router.url}{DEPLOYMENT}/pause") as resp:
         assert resp.status == 200, await resp.text()
     assert router.rollouts.route("chat").weight == 10.0
@@ -285,10 +286,8 @@ async def test_a_malformed_trust_file_does_not_stop_the_router_acting_on_the_nex
     # (unseen), and a retirement after the file was mended left the canary it admitted at 50% for good.
     s = router.ctx.settings
     path = trust_file_path(s)
-    leaked = Signer.generate()
-    trust_key(path, leaked.public)
     await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600})
-    await _announce(router, await _signed_pass(router, leaked, "same"))
+    leaked, _ = await _admitted_by_a_new_key(router)
     good = path.read_bytes()
     seen = threading.Event()
 

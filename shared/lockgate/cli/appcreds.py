@@ -24,10 +24,10 @@ from lockgate import credentials
 from lockgate.cli.access import connect_once
 from lockgate.cli.audit import NotChained, may_record, record_change, record_undone
 from lockgate.cli.main import handle_errors
-from lockgate.cli.render import console, err_console, output
+from lockgate.cli.render import console, err_console, output, say_with
 from lockgate.config import Settings
 from lockgate.contracts.names import check_name
-from lockgate.errors import ConfigError, LockgateError
+from lockgate.errors import ConfigError
 from lockgate.redact import shown_url
 from lockgate.subjects import Subjects
 
@@ -78,10 +78,7 @@ def _change(settings: Settings, tenant: str, app: str, make: Callable[[], Path],
         kept = f"the credential of {tenant}/{app} was left as it was ({path}): nothing changed"
         if isinstance(exc, (NotChained, KeyboardInterrupt)):  # its entry chained later (or perhaps): the undoing too
             kept += record_undone(settings, target=target, action=action, details=details)
-        if isinstance(exc, LockgateError):  # said in its one line
-            exc.message = f"{exc.message}; {kept}"
-        else:
-            err_console.print(f"[yellow]note:[/yellow] {kept}", highlight=False, soft_wrap=True)
+        say_with(exc, kept)
         raise
     return made, applied, said
 

@@ -16,7 +16,7 @@ from lockgate.cli.access import with_bus
 from lockgate.cli.audit import NotChained, may_record, read_head, record_change, record_undone
 from lockgate.cli.identity import chosen_identity
 from lockgate.cli.main import handle_errors, json_option
-from lockgate.cli.render import console, emit_json, err_console, table
+from lockgate.cli.render import console, emit_json, say_with, table
 from lockgate.client import get_decision
 from lockgate.codec import Codec
 from lockgate.config import Settings
@@ -154,10 +154,7 @@ def _recorded_or_undone(settings: Settings, path: Path, before: TrustFile | None
             if isinstance(exc, (NotChained, KeyboardInterrupt)):  # its entry queued, or perhaps sent, unchained
                 kept += record_undone(settings, target=f"person:{person}" if person else f"signing-key:{kid}",
                                       action="trust", details=details)
-        if isinstance(exc, LockgateError):  # said in its one line
-            exc.message = f"{exc.message}; {kept}"
-        else:
-            err_console.print(f"[yellow]note:[/yellow] {kept}", highlight=False, soft_wrap=True)
+        say_with(exc, kept)
         raise
 
 

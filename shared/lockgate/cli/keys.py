@@ -12,8 +12,8 @@ import click
 
 from lockgate.cli.audit import may_record, record_change
 from lockgate.cli.main import handle_errors
-from lockgate.cli.render import console, err_console, output
-from lockgate.errors import ConfigError, LockgateError
+from lockgate.cli.render import console, output, say_with
+from lockgate.errors import ConfigError
 from lockgate.server.apikeys import ROLES, KeyStore
 
 
@@ -61,10 +61,7 @@ def register(cli: click.Group) -> None:
             # and kept working with no row; probe p6).
             ctx.obj["keys"].revoke(rec.id)
             kept = f"key {rec.id} was not recorded in the audit log, so it is revoked and was not shown"
-            if isinstance(exc, LockgateError):
-                exc.message = f"{exc.message}; {kept}"
-            else:
-                err_console.print(f"[yellow]note:[/yellow] {kept}", highlight=False, soft_wrap=True)
+            say_with(exc, kept)
             raise
         console.print(f"created key [bold]{rec.id}[/bold] ({role} for {tenant}/{app}, may use {rec.scope}); "
                       "it is shown only now:")

@@ -11,10 +11,20 @@ from rich.console import Console
 from rich.table import Table
 
 from lockgate.codec import to_json
+from lockgate.errors import LockgateError
 
 # Piped output (scripts, CI logs) gets a wide console instead of rich's 80-column default.
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def say_with(exc: BaseException, said: str) -> None:
+    """Say `said` with the error that ends the command: in its one line for a LockgateError (handle_errors prints
+    it), else (an interrupt, an unexpected error) as a note of its own, before it propagates."""
+    if isinstance(exc, LockgateError):
+        exc.message = f"{exc.message}; {said}"
+    else:
+        err_console.print(f"[yellow]note:[/yellow] {said}", highlight=False, soft_wrap=True)
 
 
 def _cell(value: Any) -> str:
