@@ -4,7 +4,7 @@ prefix and ClickHouse database per test so tests never see each other's data."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,6 +20,19 @@ from lockgate.server.service import ServiceContext
 from lockgate.store import Store, open_store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
+from tests.helpers import delete_topology
+
+# The session server's warnings and errors: some failures reach a client only as a fixed sentence ("error creating
+# store for stream") and their cause only in the server's log, so a failing test's report shows the latest.
+_server_warnings: collections.deque[str] = collections.deque(maxlen=20)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    report: pytest.TestReport = yield
+    if report.failed and _server_warnings:
+        report.sections.append(("nats-server's latest warnings", "".join(_server_warnings)))
+    return report
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +41,9 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     # Every test's prefix reserves its streams' max_bytes (about 5 GiB) from JetStream's storage, which by
     # default is 75% of the free disk of a machine shared with others: a dozen prefixes alive at once can
     # exhaust it. An explicit limit is only accounting; the tests write megabytes.
-    server = NatsServer(tmp_path_factory.mktemp("jetstream"), config="jetstream { max_file_store: 1TB }\n")
+    server = NatsServer(tmp_path_factory.mktemp("jetstream"), config="jetstream { max_file_store: 1TB }\n",
+                        on_line=lambda line: _server_warnings.append(line) if "[WRN]" in line or "[ERR]" in line
+                        else None)
     asyncio.run(server.start())
     yield server
     server.stop()
@@ -90,35 +105,13 @@ async def bus(settings: Settings) -> AsyncIterator[Bus]:
     await b.connect()
     yield b
     await b.close()
-    await _delete_topology(settings)
+    await delete_topology(settings)
 
 
 @pytest.fixture
 def context(bus: Bus, store: Store, settings: Settings) -> ServiceContext:
     """A ServiceContext on the real bus and store."""
     return ServiceContext(bus=bus, store=store, telemetry=Telemetry(), settings=settings)
-
-
-async def _delete_topology(settings: Settings) -> None:
-    import nats
-
-    nc = await nats.connect(settings.nats_url)
-    js = nc.jetstream()
-    subjects = Subjects(settings.prefix)
-    # Best-effort cleanup: a test may not have created every stream or bucket.
-    for spec in subjects.streams.values():
-        with contextlib.suppress(Exception):
-            await js.delete_stream(spec.name)
-    for bucket in (subjects.kv_gates, subjects.kv_routes, subjects.kv_keys, subjects.kv_drift,
-                   subjects.kv_eval_cache, subjects.kv_releases, subjects.kv_eval_runs, subjects.kv_audit,
-                   subjects.kv_gitops, subjects.kv_budgets, subjects.kv_response_cache):
-        with contextlib.suppress(Exception):
-            await js.delete_key_value(bucket)
-    with contextlib.suppress(Exception):
-        await js.delete_object_store(subjects.object_store)
-    with contextlib.suppress(Exception):
-        await js.delete_object_store(subjects.object_dead_letters)
-    await nc.close()
 
 
 @pytest.fixture

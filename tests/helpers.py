@@ -13,9 +13,11 @@ from typing import Any
 
 import msgspec
 
+from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import Progress, ServiceContext
+from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
 
 # What JetStream answers on whatever reply subject a requester names (a `$KV.<bucket>.<key>` one stores it as the
@@ -429,3 +431,25 @@ async def run_cli(runtime: Any, *args: str) -> Any:
     s = runtime.settings
     env = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix, "LOCKGATE_ROLE": ""}
     return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env=env, catch_exceptions=False)
+
+
+async def delete_topology(settings: Settings) -> None:
+    """Delete a prefix's streams and buckets (best effort: a test may not have created every one)."""
+    import nats
+
+    nc = await nats.connect(settings.nats_url)
+    js = nc.jetstream()
+    subjects = Subjects(settings.prefix)
+    for spec in subjects.streams.values():
+        with contextlib.suppress(Exception):
+            await js.delete_stream(spec.name)
+    for bucket in (subjects.kv_gates, subjects.kv_routes, subjects.kv_keys, subjects.kv_drift,
+                   subjects.kv_eval_cache, subjects.kv_releases, subjects.kv_eval_runs, subjects.kv_audit,
+                   subjects.kv_gitops, subjects.kv_budgets, subjects.kv_response_cache):
+        with contextlib.suppress(Exception):
+            await js.delete_key_value(bucket)
+    with contextlib.suppress(Exception):
+        await js.delete_object_store(subjects.object_store)
+    with contextlib.suppress(Exception):
+        await js.delete_object_store(subjects.object_dead_letters)
+    await nc.close()

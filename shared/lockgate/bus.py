@@ -35,6 +35,7 @@ from lockgate.errors import (
     OriginalAltered,
     PayloadTooLarge,
     Retryable,
+    StoreNotCreated,
 )
 from lockgate.ids import batch_id
 from lockgate.kvread import kv_keys
@@ -71,6 +72,9 @@ _API = "$JS.API"
 # JetStream's answers to a put that mean the bucket will not take it until an operator acts: its store failed
 # (maximum bytes or messages exceeded), or the server's storage is exhausted. Retried, they only come back.
 _STORE_REFUSED = frozenset({10077, 10047, 10023})
+# nats-server's one answer to any failure to make a stream's store (its log alone names the cause). It clears
+# what it half made, so a second declaration may pass: a CI run met it once among thousands of declarations.
+_STORE_NOT_CREATED = 10049
 # How many messages waiting for their letter a bus remembers (`letters_waiting`): each is warned about once.
 _UNSENT_MAX = 10_000
 
@@ -218,7 +222,17 @@ class Bus:
         self.nc = nc  # only now: `_on_error` tells the first connect's errors by its absence
         self.js = self.nc.jetstream()
         if self.manage_topology:
-            await API_RETRY.call(self.ensure_topology, retry_on=_API_TRANSIENT, what="declare streams and buckets")
+            await API_RETRY.call(self._declare, retry_on=(*_API_TRANSIENT, StoreNotCreated),
+                                 what="declare streams and buckets")
+
+    async def _declare(self) -> None:
+        try:
+            await self.ensure_topology()
+        except nats.js.errors.ServerError as exc:
+            if exc.err_code != _STORE_NOT_CREATED:
+                raise
+            raise StoreNotCreated(f"nats-server could not create a stream's store at {shown_url(self.url)} "
+                                  f"({exc.description}): its log's 'Stream create failed' line says why") from None
 
     async def _on_state(self) -> None:
         async with self._state_changed:

@@ -63,6 +63,10 @@ class BusUnavailable(Retryable):
     """NATS could not be reached or JetStream did not acknowledge."""
 
 
+class StoreNotCreated(BusUnavailable):
+    """nats-server failed to create a stream's or bucket's store (full or unwritable disk, too many open files)."""
+
+
 class BusClosed(BusUnavailable):
     """NATS closed a connection for good (a protocol error, after which nats-py never reconnects): every
     subscription and consumer on it is gone, so the process ends and its supervisor starts it again."""

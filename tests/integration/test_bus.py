@@ -10,8 +10,11 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from lockgate.bus import Bus, Delivery, consume
 from lockgate.codec import Codec
+from lockgate.config import Settings
 from lockgate.contracts import DeadLetter, InferenceEvent
-from tests.helpers import dead_letters, metric_points
+from lockgate.server.natsserver import NatsServer
+from lockgate.subjects import Subjects
+from tests.helpers import dead_letters, delete_topology, metric_points
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -21,6 +24,25 @@ async def test_topology_is_idempotent(bus: Bus) -> None:
     await bus.ensure_topology()
     info = await bus.js.stream_info(bus.subjects.streams["inference"].name)
     assert info.config.subjects == [f"{bus.subjects.prefix}.inference.>"]
+
+
+async def test_a_store_the_server_failed_to_create_once_is_declared_again(
+        nats_server: NatsServer, settings: Settings) -> None:
+    # CI met nats-server's "error creating store for stream" (10049) once among thousands of declarations, and a
+    # service failed to start. A file where the stream's directory belongs makes the server fail the same way; it
+    # removes what it half made, so the next declaration passes.
+    subjects = Subjects(settings.prefix)
+    streams = nats_server.store_dir / "jetstream" / "$G" / "streams"
+    streams.mkdir(parents=True, exist_ok=True)
+    (streams / subjects.streams["inference"].name).write_text("in the way")
+    bus = Bus(settings.nats_url, subjects, name="test")
+    try:
+        await bus.connect()
+        info = await bus.js.stream_info(subjects.streams["inference"].name)
+        assert info.config.subjects == [f"{settings.prefix}.inference.>"]
+    finally:
+        await bus.close()
+        await delete_topology(settings)
 
 
 async def test_every_stream_has_its_age_bytes_and_discard_limits(bus: Bus) -> None:
