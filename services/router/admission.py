@@ -52,6 +52,7 @@ from lockgate.services.router.budgets import (
     Counter,
     EventThrottle,
     Periods,
+    Pointed,
     cost_of,
     grant,
     input_estimate,
@@ -107,9 +108,10 @@ class GatewayFile(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     fail_open: bool = False
     default_max_tokens: Annotated[int, msgspec.Meta(gt=0)] = 4096
     bytes_per_token: Positive = 1.0  # input estimate from body bytes; 1.0 never under-counts a byte-level tokenizer
-    # Input a body points at without carrying it (budgets.pointed_at): per image part, and once for a stored
-    # response, conversation or file (up to a model's whole context window).
-    media_tokens: Annotated[int, msgspec.Meta(ge=0)] = 1500
+    # Input a body points at without carrying it (budgets.pointed_at): per image part (one figure for every
+    # model: the dearest image of any model served), and once for a stored response, conversation or file,
+    # inline or not (up to a model's whole context window).
+    media_tokens: Annotated[int, msgspec.Meta(ge=0)] = 3000
     stored_input_tokens: Annotated[int, msgspec.Meta(ge=0)] = 200_000
     lease_fraction: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.05
     lease_s: Positive = 5.0
@@ -234,8 +236,8 @@ class Admission:
         if not self.active:
             return OPEN
         max_out = most_output(req, max_fields, self.file.default_max_tokens, sent)
-        pointed = pointed_at(body, self.file.media_tokens, self.file.stored_input_tokens)
-        tokens_in = input_estimate(body_bytes, req, self.file.bytes_per_token, pointed)
+        pointed = pointed_at(req, body, self.file.media_tokens, self.file.stored_input_tokens)
+        tokens_in = input_estimate(body_bytes, req, self.file.bytes_per_token, pointed.tokens)
         prices = {m: self.prices.get(m) for m in (model, *also)}
         # An unpriced model among them is named below (a USD budget cannot be enforced on it); else the dearest.
         model = next((m for m, p in prices.items() if p is None), None) or max(
@@ -250,13 +252,14 @@ class Admission:
             # The key's own limits as OpenAI reports its: what a client paces itself on (on a 429 and every answer).
             limits = self.limiter.headers(key.tenant, key.app, key.id, self.clock())
             if refused:
-                return error_response(429, refused.message, "requests", code="rate_limit_exceeded",
+                return error_response(429, _explained(refused.message, pointed), "requests",
+                                      code="rate_limit_exceeded",
                                       headers={"Retry-After": str(max(1, math.ceil(refused.retry_after_s))),
                                                **limits})
         ticket = Ticket(key, cost, price, prices)
         if self.limiter:
             ticket.limits = limits
-        ticket.req, ticket.pointed, ticket.max_fields, ticket.deployment = req, pointed, max_fields, deployment
+        ticket.req, ticket.pointed, ticket.max_fields, ticket.deployment = req, pointed.tokens, max_fields, deployment
         now = self.clock()
         wall = self.wall()
         periods = self._periods if self._periods.ordinal == wall.toordinal() else self._new_periods(wall)
@@ -276,7 +279,7 @@ class Admission:
                 raise
             if isinstance(taken, Refused):
                 self._undo(ticket)
-                return taken.response()
+                return taken._replace(message=_explained(taken.message, pointed)).response()
             if taken:
                 ticket.charges.append((counter, b, need))
         return ticket
@@ -732,6 +735,13 @@ class Admission:
         if self._shared_kv is None:
             self._shared_kv = await self.bus.kv(self.bus.subjects.kv_response_cache)
         return self._shared_kv
+
+
+def _explained(message: str, pointed: Pointed) -> str:
+    """A refusal's message, saying what part of the reservation is input the request only points at (a 2 KB
+    request refused as "may use up to 200000 tokens" is otherwise a riddle)."""
+    why = pointed.explain()
+    return f"{message.rstrip('.')}. {why}" if why else message
 
 
 def _usd(nano: int) -> str:

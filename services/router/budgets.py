@@ -12,12 +12,11 @@ on budget. Money is counted in integer nano-USD so the counters add up exactly.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import msgspec
 
@@ -149,23 +148,94 @@ def period_id(period: Period, now: datetime) -> str:
 TOOLS_TOKENS = 1000
 
 
-# What a body only points at, and the tokens reserved for each pointer found. JSON escapes every quote inside a
-# string, so a quoted key or type name below occurs in a body only as a key or a value, never inside text.
-_MEDIA = (b'"image_url"', b'"input_image"')  # an image part (chat names it twice: its type and its key)
-_STORED = (b'"previous_response_id"', b'"conversation"', b'"file_id"', b'"input_file"', b'"item_reference"')
+# Where a request points at input it does not carry, as each API defines it: a content part (chat
+# `messages[].content[]`, a Responses input item's `content[]` or a tool output) of an image type, or of a
+# file (chat `file` with `file_data` or `file_id`, Responses `input_file`: a PDF's text and an image of every
+# page, tens of thousands of tokens from a 2 KB body) or a stored item (`item_reference`); and the Responses
+# API's top-level `previous_response_id` and `conversation`. The same names elsewhere (metadata, a tool's
+# parameters, a response_format schema) are the application's own data and point at nothing.
+_MEDIA = frozenset({"image_url", "input_image", "computer_screenshot"})
+_STORED = frozenset({"file", "input_file", "item_reference"})
+# Nothing above can occur in a body without one of these bytes (a quoted name, or a `\u` escape spelling one
+# otherwise: `"previous_response_\u0069d"`). JSON escapes every quote inside a string, so a text saying
+# "file" has none: the common body is passed over by a few byte scans, never walked nor decoded again.
+_TRIGGERS = (*(f'"{name}"'.encode() for name in (*_MEDIA, *_STORED)), b'"previous_response_id"', b'"conversation"')
 
 
-def pointed_at(body: bytes, media_tokens: int, stored_tokens: int) -> int:
-    """Input tokens a request body refers to without carrying them: `media_tokens` for each image part
-    found, and `stored_tokens` (up to a model's whole context) once if it names a stored response,
-    conversation or file. Counted in C over the bytes; an over-count only reserves more. A body with a `\\u`
-    escape is scanned as re-encoded (keys written plainly): `"previous_response_\\u0069d"` is the same key to
-    every JSON parser, and hid it from the scan."""
-    if b"\\u" in body:
-        with contextlib.suppress(msgspec.DecodeError, RecursionError):  # unreadable: the router refuses it anyway
-            body = msgspec.json.encode(msgspec.json.decode(body))
-    media = sum(body.count(p) for p in _MEDIA) * media_tokens
-    return media + (stored_tokens if any(p in body for p in _STORED) else 0)
+class _TopLevel(msgspec.Struct):
+    """A Responses request's stored state (fields llmwire.ApiRequest does not read)."""
+
+    previous_response_id: Any = None
+    conversation: Any = None
+
+
+_top_level = msgspec.json.Decoder(_TopLevel)
+
+
+class Pointed(NamedTuple):
+    """Input tokens a request only points at: its image parts (`media`) and stored input (`stored`)."""
+
+    media: int = 0
+    stored: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.media + self.stored
+
+    def explain(self) -> str:
+        """Why a reservation is larger than the body, for a refusal's message ("" when it is not)."""
+        parts = ([f"{self.stored} tokens for input it only points at (a stored response, conversation or file: "
+                  "the gateway file's stored_input_tokens)"] if self.stored else []) + \
+                ([f"{self.media} tokens for its images (media_tokens each)"] if self.media else [])
+        return f"This request's reservation includes {' and '.join(parts)}." if parts else ""
+
+
+def pointed_at(req: ApiRequest, body: bytes, media_tokens: int, stored_tokens: int) -> Pointed:
+    """What a request (`req`, decoded from `body`) refers to without carrying it: `media_tokens` for each image
+    part, and `stored_tokens` (up to a model's whole context) once if it has a file part, a stored item, or names
+    a stored response or conversation. Looked for only where the APIs put them (see _MEDIA), in the decoded
+    request, so no JSON escape hides one; a body without a trigger byte string is not walked at all."""
+    escaped = b"\\" in body and b"\\u" in body  # a one-byte scan first: most bodies have no backslash at all
+    if not escaped and not any(t in body for t in _TRIGGERS):
+        return Pointed()
+    images = stored = 0
+    for m in req.messages:
+        i, s = _in_parts(m.content)
+        images, stored = images + i, stored + s
+    for item in req.input if isinstance(req.input, list) else ():
+        if isinstance(item, dict):  # an input item: itself a part (item_reference), or holding parts
+            i, s = _in_parts([item, *(p for k in ("content", "output") for p in _as_parts(item.get(k)))])
+            images, stored = images + i, stored + s
+    if not stored and (escaped or b'"previous_response_id"' in body or b'"conversation"' in body):
+        stored = int(_names_stored_state(body))
+    return Pointed(images * media_tokens, stored_tokens if stored else 0)
+
+
+def _names_stored_state(body: bytes) -> bool:
+    """The body's top level names a stored response or conversation (any value but null)."""
+    try:
+        top = _top_level.decode(body)  # skips every other field without building it
+    except msgspec.DecodeError:  # read once already (as an ApiRequest): should it fail now, reserve rather than not
+        return True
+    return top.previous_response_id is not None or top.conversation is not None
+
+
+def _as_parts(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value] if isinstance(value, dict) else []
+
+
+def _in_parts(content: Any) -> tuple[int, int]:
+    """Image parts and file or stored parts among a content list (a string content has none)."""
+    images = stored = 0
+    for part in content if isinstance(content, list) else ():
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if not isinstance(kind, str):  # no type: named by its key (a part OpenAI refuses; reserving costs nothing)
+            kind = next((k for k in part if k in _MEDIA or k in _STORED), "")
+        images += kind in _MEDIA
+        stored += kind in _STORED
+    return images, stored
 
 
 def input_estimate(body_bytes: int, req: ApiRequest, bytes_per_token: float, pointed: int = 0) -> int:

@@ -240,7 +240,7 @@ class Shadow:
         except msgspec.DecodeError:
             limits = OutputLimits()
         need = worst_case(price, len(payload), req, limits, CHAT.max_fields, g.default_max_tokens, g.bytes_per_token,
-                          pointed_at(body, g.media_tokens, g.stored_input_tokens))[2].usd
+                          pointed_at(req, body, g.media_tokens, g.stored_input_tokens).tokens)[2].usd
         try:
             fits, spent = await self.spend.reserve(budget.key, need, cap)
         except KVUnavailable as exc:

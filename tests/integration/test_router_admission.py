@@ -686,6 +686,53 @@ async def test_what_a_body_only_points_at_is_reserved_too(settings: Settings, st
     assert sim.total_requests == 0
 
 
+PDF = "data:application/pdf;base64," + "JVBERi0xLjQK" * 100  # the size of a 100-page PDF with object streams
+APP_KEYS = {  # the application's own data, with keys named like what a request may point at
+    "metadata": {"conversation": "c-42", "file_id": "f-7"},
+    "tools": [{"type": "function", "function": {"name": "fetch", "parameters": {
+        "type": "object", "properties": {"file_id": {"type": "string"}, "conversation": {"type": "string"}}}}}],
+    "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "object", "properties": {"conversation": {"type": "string"}}}}},
+}
+
+
+@pytest.mark.parametrize(("policy", "code"), [
+    ({"budgets": {"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}}}, "budget_exceeded"),
+    ({"rate_limits": [{"tenant": "acme", "rpm": 1000, "tpm": 20000}]}, "rate_limit_exceeded"),
+], ids=["budget", "tpm"])
+async def test_a_file_is_reserved_as_stored_input_and_the_applications_own_keys_are_not(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path, policy: dict[str, Any],
+        code: str) -> None:
+    # Found by a probe. Before: a chat `file` part (an inline PDF: its text and an image of each page, 50,000 tokens
+    # and more from 2 KB) was reserved as its bytes, admitted under a 10,000-token budget and spent 5 times it, while
+    # the same PDF through /v1/responses was reserved 200,000; and `conversation` or `file_id` anywhere (metadata,
+    # a tool's parameter, a schema's property) reserved 200,000 tokens, refusing an ordinary request unexplained.
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="shop-web",
+                         gateway_file=gateway(tmp_path, **policy))
+    keys = bootstrap(s.home, tenant="acme", app="shop")
+    router = await stack.add(s, store, "router-a")
+    c = client(router, keys.app_key)
+    for file in ({"filename": "pages.pdf", "file_data": PDF}, {"file_id": "file-abc"}):
+        with pytest.raises(openai.RateLimitError) as refused:
+            await c.chat.completions.create(model=MODEL, max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": [
+                {"type": "text", "text": "summarise"}, {"type": "file", "file": file}]}])
+        err = refused.value.body
+        assert isinstance(err, dict) and err["code"] == code, err
+        assert "200000 tokens for input it only points at (a stored response, conversation or file" in err["message"]
+    with pytest.raises(openai.RateLimitError) as refused:  # the same PDF through the Responses API
+        await c.responses.create(model=MODEL, max_output_tokens=5, input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "summarise"}, {"type": "input_file", "filename": "p.pdf", "file_data": PDF}]}])
+    assert "200000 tokens for input it only points at" in str(refused.value)
+    assert sim.total_requests == 0  # refused before any upstream call
+    answered = await c.chat.completions.create(model=MODEL, max_tokens=MAX_TOKENS, **APP_KEYS,
+                                               messages=[{"role": "user", "content": "hi"}])
+    assert sim.requests == {MODEL: 1}
+    if "budgets" in policy:
+        await router.admission.return_expired(force=True)
+        assert answered.usage is not None
+        assert (await counter(router.ctx.bus, f"day-tokens.{_today()}")).tokens == answered.usage.total_tokens
+
+
 async def test_an_anthropic_translated_request_is_bounded_by_the_body_it_sends(
         settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
     # The upstream reads the translated body (tool calls as tool_use blocks, tools with input_schema): that is

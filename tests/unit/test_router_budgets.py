@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from typing import Any
 
 import msgspec
 import pytest
@@ -22,6 +23,7 @@ from lockgate.services.router.budgets import (
     Counter,
     EventThrottle,
     Periods,
+    Pointed,
     cost_of,
     grant,
     input_estimate,
@@ -413,28 +415,82 @@ def test_the_most_output_is_the_largest_any_upstream_of_the_request_may_generate
     assert most_output(ApiRequest(), chat, 100, [OutputLimits(max_tokens=4096, n=3)]) == 3 * 4096
 
 
-def test_what_a_body_points_at_is_counted_from_its_keys_never_from_its_text() -> None:
-    chat_image = msgspec.json.encode({"messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "https://img.example/a.png"}}]}]})
-    assert pointed_at(chat_image, 1500, 200_000) == 2 * 1500  # its type and its key: an over-count reserves more
-    assert pointed_at(msgspec.json.encode({"input": "hi", "previous_response_id": "r"}), 1500, 200_000) == 200_000
-    assert pointed_at(msgspec.json.encode({"input": [{"type": "input_file", "file_id": "f"}]}), 1500, 7) == 7
+def _pointed(body: dict[str, Any] | bytes, media: int = 1500, stored: int = 200_000) -> Pointed:
+    raw = body if isinstance(body, bytes) else msgspec.json.encode(body)
+    return pointed_at(msgspec.json.decode(raw, type=ApiRequest), raw, media, stored)
+
+
+def _chat(*parts: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, *parts]}], **extra}
+
+
+PDF = "data:application/pdf;base64,JVBERi0xLjQK"
+
+
+def test_what_a_body_points_at_is_counted_from_its_parts_never_from_its_text() -> None:
+    image = {"type": "image_url", "image_url": {"url": "https://img.example/a.png"}}
+    assert _pointed(_chat(image, image)) == Pointed(media=2 * 1500)  # per image part, once each
+    assert _pointed({"input": [{"role": "user", "content": [{"type": "input_image", "file_id": "f"}]}]}).media == 1500
+    assert _pointed({"input": "hi", "previous_response_id": "r"}) == Pointed(stored=200_000)
+    assert _pointed({"input": "hi", "conversation": {"id": "conv_1"}}).stored == 200_000
+    assert _pointed({"input": [{"type": "input_file", "file_id": "f"}]}, stored=7) == Pointed(stored=7)
     # The same words inside a text are escaped in JSON: nothing is pointed at.
-    text = msgspec.json.encode({"messages": [{"role": "user", "content": 'say "image_url" and "file_id"'}]})
-    assert pointed_at(text, 1500, 200_000) == 0
+    assert _pointed({"messages": [{"role": "user", "content": 'say "image_url" and "file_id"'}]}) == Pointed()
 
 
-def test_an_escaped_key_or_a_stored_item_is_pointed_at_too() -> None:
+def test_a_file_is_stored_input_through_chat_as_through_the_responses_api() -> None:
+    # Found by a probe: chat's `file` part (a 100-page PDF is 1.6 KB inline) matched none of the scanned keys and
+    # was reserved as its bytes (~2,300 tokens; OpenAI reads its text and an image of each page), while the same
+    # PDF as the Responses API's `input_file` was reserved 200,000.
+    responses = _pointed({"input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "summarise"}, {"type": "input_file", "filename": "a.pdf", "file_data": PDF}]}]})
+    for file in ({"file_data": PDF, "filename": "a.pdf"}, {"file_id": "file-1"}):
+        chat = _pointed(_chat({"type": "file", "file": file}))
+        assert chat == responses == Pointed(stored=200_000), file
+    # However many files, the stored figure (a model's whole context) is reserved once.
+    assert _pointed(_chat(*[{"type": "file", "file": {"file_id": f"f{i}"}} for i in range(3)])).stored == 200_000
+    # A tool's output may carry parts too (Responses function_call_output), and a stored item by reference.
+    assert _pointed({"input": [{"type": "function_call_output", "call_id": "c", "output": [
+        {"type": "input_file", "file_id": "f"}]}]}).stored == 200_000
+    assert _pointed({"input": [{"type": "item_reference", "id": "msg_1"}]}).stored == 200_000
+
+
+@pytest.mark.parametrize("extra", [
+    {"metadata": {"conversation": "c-42", "file_id": "f-1", "previous_response_id": "r"}},
+    {"tools": [{"type": "function", "function": {"name": "get", "parameters": {"type": "object", "properties": {
+        "file_id": {"type": "string"}, "conversation": {"type": "string"}, "image_url": {"type": "string"}}}}}]},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object",
+        "properties": {"conversation": {"type": "string"}, "file": {"type": "object"}}}}}},
+    {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "get", "arguments": '{"file_id": "f"}'}}]}]},
+], ids=["metadata", "tool-parameters", "response-schema", "tool-call-arguments"])
+def test_the_applications_own_keys_point_at_nothing(extra: dict[str, Any]) -> None:
+    # Found by a probe: `"conversation"` or `"file_id"` anywhere in a body (metadata, a tool's parameter, a schema's
+    # property) reserved 200,000 tokens, and an ordinary request met a 429 it could not explain.
+    assert _pointed(_chat(**extra)) == Pointed()
+    assert _pointed({"model": "m", "input": "hi", **extra}) == Pointed()
+
+
+def test_an_escaped_key_or_type_is_pointed_at_too() -> None:
     # Found by a probe: `"previous_response_\u0069d"` is `previous_response_id` to every JSON parser, but not to a
-    # scan of the raw bytes (200 where the plain key got 429); stored items by reference were not looked for.
+    # scan of the raw bytes (200 where the plain key got 429).
     for raw in (b'{"input": "hi", "previous_response_\\u0069d": "resp_1"}',
                 b'{"input": "hi", "conv\\u0065rsation": "conv_1"}',
-                b'{"input": [{"type": "item_reference", "id": "msg_1"}]}'):
-        assert pointed_at(raw, 1500, 200_000) == 200_000, raw
+                b'{"input": [{"type": "item_\\u0072eference", "id": "msg_1"}]}',
+                b'{"messages": [{"role": "user", "content": [{"type": "f\\u0069le", "file": {"file_id": "f"}}]}]}'):
+        assert _pointed(raw) == Pointed(stored=200_000), raw
     image = b'{"messages": [{"role": "user", "content": [{"type": "\\u0069mage_url", "\\u0069mage_url": {"url": "u"}}]}]}'
-    assert pointed_at(image, 1500, 200_000) == 2 * 1500
-    # Escaped quotes inside a text still name nothing.
-    assert pointed_at(b'{"input": "say \\u0022image_url\\u0022"}', 1500, 200_000) == 0
+    assert _pointed(image) == Pointed(media=1500)
+    # Escaped quotes inside a text still name nothing, and a null is no stored response.
+    assert _pointed(b'{"input": "say \\u0022image_url\\u0022"}') == Pointed()
+    assert _pointed(b'{"input": "hi", "previous_response_id": null, "metadata": {"conversation": "\\u00e9"}}') == Pointed()
+
+
+def test_a_reservation_says_what_it_holds_for_input_only_pointed_at() -> None:
+    assert Pointed().explain() == ""
+    why = Pointed(media=3000, stored=200_000).explain()
+    assert "200000 tokens for input it only points at (a stored response, conversation or file" in why
+    assert "3000 tokens for its images" in why
 
 
 def test_a_stray_jetstream_acknowledgement_is_no_counter_at_zero() -> None:
