@@ -60,8 +60,10 @@ from lockgate.services.router.wire import (
     COMPLETIONS,
     EMBEDDINGS,
     LIMIT_FIELDS,
+    OPERATOR_FIELDS,
     OUTPUT_MESSAGES,
     RESPONSES,
+    SERVICE_TIER,
     USAGE_WARNING,
     Choices,
     ErrorAnswer,
@@ -337,7 +339,7 @@ class Proxy:
         # A failing canary falls back to stable for this request: stable's body goes along.
         starts = [(variant, target)] if variant == "stable" else [(variant, target), ("stable", route.stable)]
         try:
-            hops = chain(self.endpoints, [(t.endpoint, _body_for(body, req.model, t, inject_usage), (v, t),
+            hops = chain(self.endpoints, [(t.endpoint, _body_for(body, req, t, inject_usage), (v, t),
                                            t.model) for v, t in starts], partial(_prepare, op),
                          partial(self.upstream.members, self.endpoints))
         except UnknownEndpoint as exc:  # a route persisted before the allow-list changed
@@ -758,6 +760,7 @@ class _Record:
         self.response_model = self.response_model or model
         self.input_tokens = self.output_tokens = self.cached_tokens = 0
         self.attributes.pop(USAGE_WARNING, None)
+        self.attributes.pop(SERVICE_TIER, None)  # served at no tier: nothing was generated
 
     def fail(self, http: int, message: str, type_: str, headers: dict[str, str],
              code: str | None = None) -> web.Response:
@@ -805,9 +808,11 @@ def _pass_headers(headers: dict[str, str], upstream: dict[str, str]) -> None:
                     if not (name.lower().startswith("x-ratelimit-") and name.lower().endswith(kept))})
 
 
-def _body_for(body: bytes, model: str, target: domain.Target, inject_usage: bool) -> bytes:
-    """The request as one target's endpoint gets it: its release's model and params, usage asked for."""
-    if (target.model and target.model != model) or inject_usage or target.params:
+def _body_for(body: bytes, req: ApiRequest, target: domain.Target, inject_usage: bool) -> bytes:
+    """The request as one target's endpoint gets it: its release's model and params, none of the client's
+    fields that choose the operator's price (wire.OPERATOR_FIELDS: its `service_tier`), usage asked for."""
+    if ((target.model and target.model != req.model) or inject_usage or target.params
+            or any(getattr(req, name) is not msgspec.UNSET for name in OPERATOR_FIELDS)):
         return patch_body(body, target.model or None, inject_usage, target.params)
     return body
 

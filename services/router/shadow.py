@@ -39,7 +39,14 @@ from lockgate.services.router.fit import encode_served
 from lockgate.services.router.providers import Unsupported, provider
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.shadowstats import Budget, Spend
-from lockgate.services.router.wire import CHAT, USAGE_WARNING, Choices, ErrorAnswer, parse_completion
+from lockgate.services.router.wire import (
+    CHAT,
+    USAGE_WARNING,
+    Choices,
+    ErrorAnswer,
+    as_released,
+    parse_completion,
+)
 
 log = logging.getLogger("lockgate.router.shadow")
 _HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
@@ -265,9 +272,7 @@ class Shadow:
 def _candidate_body(body: bytes, target: domain.Target) -> bytes:
     """The request as the candidate's release serves it, never streamed (the answer is only compared)."""
     data = msgspec.json.decode(body)
-    if target.model:
-        data["model"] = target.model
-    data.update(target.params)
+    as_released(data, target.model, target.params)  # the client's service_tier neither (a dearer copy)
     data["stream"] = False
     data.pop("stream_options", None)
     return _encoder.encode(data)

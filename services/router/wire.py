@@ -19,7 +19,6 @@ import msgspec
 from aiohttp import web
 
 from lockgate.llmwire import (
-    MAX_CALL_TOKENS,
     ApiRequest,
     Choice,
     ErrorDetail,
@@ -41,18 +40,32 @@ if TYPE_CHECKING:
 
 _encoder = msgspec.json.Encoder()
 OUTPUT_MESSAGES = "gen_ai.output.messages"
-# An upstream's usage the router did not believe (a count negative, absurd or not a number): the event
-# attribute naming it; those counts are 0 in the event, and the call's budgets charge its worst case.
+# An upstream's usage the router did not believe (a count negative, absurd or not a number, one the operation
+# bills missing, parts that contradict the total): the event attribute saying why; a count that is none is 0 in
+# the event, and the call's budgets charge its worst case.
 USAGE_WARNING = "lockgate.usage_warning"
+# The processing tier the upstream says it served the call at (OpenAI's `service_tier`: `default`, `priority`,
+# `flex`...), named as OpenTelemetry's OpenAI conventions name it.
+SERVICE_TIER = "openai.response.service_tier"
+# Request fields that choose what the operator pays per token, not what the model does: a client's never reaches
+# an upstream; a release's params may set them (shipped.PARAMS). OpenAI bills `service_tier: priority` at about
+# twice the standard rates, which budgets and the ledger price.
+OPERATOR_FIELDS = ("service_tier",)
+
+
+def as_released(data: dict[str, Any], model: str | None, params: dict[str, Any]) -> None:
+    """Make a decoded request the release's: its model and params, none of the client's OPERATOR_FIELDS."""
+    for name in OPERATOR_FIELDS:
+        data.pop(name, None)
+    if model:
+        data["model"] = model
+    data.update(params)
 
 
 def patch_body(body: bytes, model: str | None, include_usage: bool, params: dict[str, Any] | None = None) -> bytes:
-    """Re-encode the request with the release's model and parameters and/or stream usage requested."""
+    """Re-encode the request as the release serves it (as_released) and/or with stream usage requested."""
     data = msgspec.json.decode(body)
-    if model:
-        data["model"] = model
-    if params:
-        data.update(params)
+    as_released(data, model, params or {})
     if include_usage:
         opts = data.get("stream_options") or {}
         data["stream_options"] = {**opts, "include_usage": True}
@@ -132,12 +145,20 @@ class Choices:
 
 
 def _usage(rec: _Record, usage: TokenUsage) -> None:
+    """The call's usage: the last an answer reports (a stream's final chunk), believed or not."""
     rec.input_tokens, rec.output_tokens = usage.input_tokens, usage.output_tokens
     if usage.cached_tokens:
         rec.cached_tokens = usage.cached_tokens
     if usage.doubt:  # the event says so, and settlement charges the call's worst case (admission.settle)
-        rec.attributes[USAGE_WARNING] = (f"usage not believed: {usage.doubt} (a token count is a whole number "
-                                         f"from 0 to {MAX_CALL_TOKENS:,}); counted as 0")
+        rec.attributes[USAGE_WARNING] = f"usage not believed: {usage.doubt}"
+    else:
+        rec.attributes.pop(USAGE_WARNING, None)
+
+
+def _tier(rec: _Record, tier: Any) -> None:
+    """Record the tier an answer says it was served at (a short string; anything else is no tier)."""
+    if isinstance(tier, str) and tier:
+        rec.attributes[SERVICE_TIER] = tier[:64]
 
 
 def _fold_choice(out: Choices, ch: Choice) -> None:
@@ -166,6 +187,7 @@ def parse_completion(data: bytes, rec: _Record) -> None:
     if c.error and not c.choices:
         raise ErrorAnswer
     rec.response_model = c.model
+    _tier(rec, c.service_tier)
     for ch in c.choices:
         _fold_choice(rec.out, ch)
     if c.usage is not None:
@@ -179,6 +201,7 @@ def parse_chunk(data: bytes, rec: _Record) -> bool:
         rec.status, rec.error_type = "error", "upstream_stream_error"
     if c.model:
         rec.response_model = c.model
+    _tier(rec, c.service_tier)
     for ch in c.choices:
         _fold_choice(rec.out, ch)
     if c.usage is not None:
@@ -193,12 +216,13 @@ def parse_embeddings(data: bytes, rec: _Record) -> None:
         raise ErrorAnswer
     rec.response_model = c.model
     if c.usage is not None:
-        _usage(rec, c.usage.tokens())
+        _usage(rec, c.usage.tokens(output_billed=False))  # embeddings bill their input alone
 
 
 def _response(r: Response, rec: _Record) -> None:
     """A Responses API response object: text of its output messages, function calls, usage, status."""
     rec.response_model = r.model or rec.response_model
+    _tier(rec, r.service_tier)
     out = rec.out = Choices()  # the terminal event restates everything: start clean
     tools = 0
     for item in r.output:

@@ -160,13 +160,19 @@ def request(body: dict[str, Any]) -> dict[str, Any]:
 def usage(u: Any) -> dict[str, Any]:
     """Anthropic usage as OpenAI usage (cached tokens inside the prompt count, as OpenAI reports them). A
     count that is no token count (llmwire.token_count: negative, absurd, not a number) is passed on as it
-    came in the sum's place, for the router's reading of usage to refuse to believe it, never added up."""
+    came in the sum's place, and `input_tokens` or `output_tokens` missing (or null) leaves its OpenAI count
+    and the total out, for the router's reading of usage to refuse to believe it, never added up nor taken
+    for 0 (a missing input count charged a long prompt nothing)."""
     u = u if isinstance(u, dict) else {}
     cached = u.get("cache_read_input_tokens") or 0
-    prompt = _add(u.get("input_tokens") or 0, cached, u.get("cache_creation_input_tokens") or 0)
-    completion = u.get("output_tokens") or 0
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": _add(prompt, completion),
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    out: dict[str, Any] = {}
+    if u.get("input_tokens") is not None:
+        out["prompt_tokens"] = _add(u["input_tokens"], cached, u.get("cache_creation_input_tokens") or 0)
+    if u.get("output_tokens") is not None:
+        out["completion_tokens"] = u["output_tokens"]
+    if len(out) == 2:
+        out["total_tokens"] = _add(out["prompt_tokens"], out["completion_tokens"])
+    return {**out, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _add(*counts: Any) -> Any:

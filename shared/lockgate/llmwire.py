@@ -67,6 +67,9 @@ class ApiRequest(OutputLimits):
     # Whether tools are declared (a provider then adds instructions of its own to the input). Raw: their
     # JSON as sent, not decoded into objects on every request; absent, `null` and `[]` are at most 4 bytes.
     tools: msgspec.Raw = msgspec.Raw()
+    # The processing tier the client asked for (UNSET: none), whose price the operator pays: the router sends
+    # a release's own instead, or none (wire.OPERATOR_FIELDS, each a field here).
+    service_tier: Any = msgspec.UNSET
 
     def declares_tools(self) -> bool:
         """The request declares at least one tool (chat completions' or the Responses API's `tools`)."""
@@ -89,8 +92,8 @@ def token_count(value: Any) -> int | None:
 
 
 class TokenUsage(NamedTuple):
-    """A call's usage as the router counts it; `doubt` says which reported counts were not believed
-    (each counted as 0), "" when all were."""
+    """A call's usage as the router counts it; `doubt` says why the usage is not believed (a count that is
+    none, one the operation bills missing, parts that contradict the total), "" when it is."""
 
     input_tokens: int
     output_tokens: int
@@ -98,15 +101,36 @@ class TokenUsage(NamedTuple):
     doubt: str
 
 
-def token_usage(input_name: str, input_value: Any, output_name: str, output_value: Any, details: Any) -> TokenUsage:
+def token_usage(input_name: str, input_value: Any, output_name: str, output_value: Any, details: Any,
+                total: Any = msgspec.UNSET, output_billed: bool = True) -> TokenUsage:
     """Usage counts as an upstream reported them, bounded (token_count); `details` is the input count's details
-    object, whose `cached_tokens` count at most the input (none is 0: the input then counts at the full rate)."""
+    object, whose `cached_tokens` count at most the input (none is 0: the input then counts at the full rate).
+
+    Not believed (`doubt`): a count that is no token count (counted as 0); a count the operation bills that is
+    missing (`msgspec.UNSET`; the output unless `output_billed` is False, as for embeddings), which taken as 0
+    charged a 5,200-token prompt nothing; and a `total` (`total_tokens`) that the parts contradict by a token
+    or more (some providers send no total: absent or null is no contradiction)."""
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    named = ((input_name, input_value, True), (output_name, output_value, output_billed))
     counted = token_count(input_value), token_count(output_value)
-    doubt = "; ".join(f"{name}={_excerpt(value)}" for name, value, n in
-                      ((input_name, input_value, counted[0]), (output_name, output_value, counted[1])) if n is None)
+    bad = [f"{name}={_excerpt(value)}" for (name, value, _), n in zip(named, counted, strict=True)
+           if n is None and value is not msgspec.UNSET]
+    missing = [name for name, value, billed in named if value is msgspec.UNSET and billed]
+    doubts: list[str] = []
+    if bad:
+        doubts.append(f"{'; '.join(bad)} (a token count is a whole number from 0 to {MAX_CALL_TOKENS:,}); "
+                      "counted as 0")
+    if missing:
+        doubts.append(f"{' and '.join(missing)} missing; counted as 0")
+    if not doubts and total is not msgspec.UNSET and total is not None:
+        parts = sum(v for v in (input_value, output_value) if v is not msgspec.UNSET)
+        if token_count(total) is None:
+            doubts.append(f"total_tokens={_excerpt(total)} is no token count")
+        elif abs(parts - total) >= 1:  # a float's rounding is less than a token
+            doubts.append(f"{input_name} + {output_name} = {parts:g}, not total_tokens={total!r}: one of them is "
+                          "wrong")
     inputs, outputs = counted[0] or 0, counted[1] or 0
-    return TokenUsage(inputs, outputs, min(token_count(cached) or 0, inputs), doubt)
+    return TokenUsage(inputs, outputs, min(token_count(cached) or 0, inputs), "; ".join(doubts))
 
 
 def _excerpt(value: Any) -> str:
@@ -115,17 +139,18 @@ def _excerpt(value: Any) -> str:
 
 
 class Usage(msgspec.Struct):
-    """Token counts as an upstream sent them (read through `tokens`, which bounds them); cached prompt
-    tokens live in `prompt_tokens_details.cached_tokens`."""
+    """Token counts as an upstream sent them (read through `tokens`, which bounds them; UNSET: absent); cached
+    prompt tokens live in `prompt_tokens_details.cached_tokens`."""
 
-    prompt_tokens: Any = 0
-    completion_tokens: Any = 0
+    prompt_tokens: Any = msgspec.UNSET
+    completion_tokens: Any = msgspec.UNSET
+    total_tokens: Any = msgspec.UNSET
     prompt_tokens_details: Any = None
 
-    def tokens(self) -> TokenUsage:
-        """The counts, bounded (token_usage)."""
+    def tokens(self, output_billed: bool = True) -> TokenUsage:
+        """The counts, bounded and checked (token_usage); `output_billed` False for embeddings (input only)."""
         return token_usage("prompt_tokens", self.prompt_tokens, "completion_tokens", self.completion_tokens,
-                           self.prompt_tokens_details)
+                           self.prompt_tokens_details, self.total_tokens, output_billed)
 
 
 class TokenLogprob(msgspec.Struct):
@@ -187,6 +212,7 @@ class Completion(msgspec.Struct):
     choices: list[Choice] = []
     usage: Usage | None = None
     error: Any = None
+    service_tier: Any = None  # the tier the provider served it at (OpenAI's), any JSON: only recorded
 
 
 class ResponseContent(msgspec.Struct):
@@ -210,14 +236,15 @@ class ResponseUsage(msgspec.Struct):
     """Responses API usage as sent (read through `tokens`); cached input tokens in
     `input_tokens_details.cached_tokens`."""
 
-    input_tokens: Any = 0
-    output_tokens: Any = 0
+    input_tokens: Any = msgspec.UNSET
+    output_tokens: Any = msgspec.UNSET
+    total_tokens: Any = msgspec.UNSET
     input_tokens_details: Any = None
 
     def tokens(self) -> TokenUsage:
-        """The counts, bounded (token_usage)."""
+        """The counts, bounded and checked (token_usage)."""
         return token_usage("input_tokens", self.input_tokens, "output_tokens", self.output_tokens,
-                           self.input_tokens_details)
+                           self.input_tokens_details, self.total_tokens)
 
 
 class Response(msgspec.Struct):
@@ -228,6 +255,7 @@ class Response(msgspec.Struct):
     output: list[ResponseItem] = []
     usage: ResponseUsage | None = None
     incomplete_details: dict[str, Any] | None = None
+    service_tier: Any = None  # the tier the provider served it at, any JSON: only recorded
 
 
 class ResponseEvent(msgspec.Struct):

@@ -19,9 +19,10 @@ from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.errors import ConfigError, NotFound
 
-# Sampling parameters a model config may fix for its release (they override the client's and the suite's).
+# Sampling parameters a model config may fix for its release (they override the client's and the suite's), and
+# the processing tier it is served at (`service_tier`: the operator's price to choose, never a client's).
 PARAMS = ("temperature", "top_p", "max_tokens", "max_completion_tokens", "seed", "presence_penalty",
-          "frequency_penalty", "stop")
+          "frequency_penalty", "stop", "service_tier")
 
 
 class Shipped(msgspec.Struct, frozen=True, kw_only=True):

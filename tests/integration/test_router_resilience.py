@@ -987,6 +987,102 @@ async def test_absurd_usage_from_an_upstream_never_poisons_a_budget(
         assert leased.tokens == 5 * (input_estimate(sent, msgspec.convert({"messages": MESSAGES}, ApiRequest), 1.0) + 20)
 
 
+async def test_a_client_never_chooses_the_service_tier_a_release_is_served_at_and_the_answers_tier_is_recorded(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any) -> None:
+    # Found by a probe (p8): `service_tier: priority` went to the provider as the client sent it; OpenAI bills it at
+    # about twice the standard rates, which budgets and the ledger price, and the event did not say so. Now the
+    # client's tier is dropped on every operation, streamed or not; a release's own params may set one.
+    asked: list[Any] = []
+
+    def answer(auth: str, body: Any) -> web.Response:
+        asked.append(body.get("service_tier", "(none)"))
+        tier = body.get("service_tier", "default")
+        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        if "input" in body:  # the Responses API
+            return web.json_response({"id": "r1", "object": "response", "model": body["model"], "status": "completed",
+                                      "service_tier": tier, "output": [], "usage": {
+                                          "input_tokens": 1, "output_tokens": 1, "total_tokens": 2}})
+        if body.get("stream"):
+            base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": body["model"],
+                    "service_tier": tier}
+            chunks = [{**base, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]},
+                      {**base, "choices": [], "usage": usage}]
+            return web.Response(body="".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n",
+                                content_type="text/event-stream")
+        if "prompt" in body:  # legacy completions
+            return web.json_response({"id": "t1", "object": "text_completion", "created": 1, "model": body["model"],
+                                      "service_tier": tier, "choices": [{"index": 0, "text": "hi",
+                                                                         "finish_reason": "stop"}], "usage": usage})
+        return web.json_response({"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
+                                  "service_tier": tier, "choices": [{"index": 0, "message": {
+                                      "role": "assistant", "content": "hi"}, "finish_reason": "stop"}], "usage": usage})
+
+    async def every_operation(c: openai.AsyncOpenAI) -> None:
+        await c.chat.completions.create(model="m", messages=MESSAGES, service_tier="priority")
+        await _read(await c.chat.completions.create(model="m", messages=MESSAGES, service_tier="priority", stream=True))
+        await c.responses.create(model="m", input="hi", service_tier="priority")
+        await c.completions.create(model="m", prompt="hi", extra_body={"service_tier": "priority"})
+
+    async with FakeLLM("up", ("answer", answer)) as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            await every_operation(c)
+        assert asked == ["(none)"] * 4  # before: "priority" four times
+        got = await events(4)
+        assert [e.attributes.get("openai.response.service_tier") for e in got] == ["default"] * 4
+        # A release's own tier is the one sent, whatever the client asks.
+        await register_model_release(context.bus, "r1", "m", "default", tenant="acme", service_tier="flex")
+        await store_pass(context.bus, "r1", context.settings)
+        async with openai.AsyncOpenAI(base_url=f"{router.url}/lockgate/v1", api_key=keys.admin_key) as admin:
+            await admin.put("/deployments/chat", body={"stable_release": "r1"}, cast_to=object)
+        async with client(router, keys) as c:
+            await every_operation(c)
+        assert asked[4:] == ["flex"] * 4
+        got = await events(4)
+        assert [(e.release, e.attributes.get("openai.response.service_tier")) for e in got] == [("r1", "flex")] * 4
+
+
+@pytest.mark.parametrize(("usage", "stream", "why"), [
+    ({"completion_tokens": 11, "total_tokens": 4013}, False, "prompt_tokens missing; counted as 0"),
+    ({"completion_tokens": 11, "total_tokens": 4013}, True, "prompt_tokens missing; counted as 0"),
+    ({"prompt_tokens": 2, "completion_tokens": 11, "total_tokens": 4013}, False,
+     "prompt_tokens + completion_tokens = 13, not total_tokens=4013: one of them is wrong"),
+], ids=["no-prompt", "no-prompt-stream", "parts-below-total"])
+async def test_usage_missing_a_count_or_contradicting_its_total_is_charged_worst_case_and_booked_alike(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any, run_services: Any,
+        store: Any, usage: dict[str, Any], stream: bool, why: str) -> None:
+    # Found by a probe (p8): an answer whose usage left out prompt_tokens was believed with the prompt as 0 tokens
+    # (a 5,200-token prompt charged 11 tokens on the budget, the rate limit and the ledger alike), and parts that
+    # contradict total_tokens were believed as well. Now such usage is not believed, as a negative count is.
+    _priced(context, tmp_path, {"m": (1.0, 4.0)}, {"usd": 100.0, "tokens": 1_000_000})
+    ledgers = await context.bus.nc.subscribe(context.bus.subjects.cost_ledger)
+    svcs = await run_services("sink", "cost")
+    async with FakeLLM("quirky", usage=usage) as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            if stream:
+                chunks, error = await _read(await c.chat.completions.create(
+                    model="m", messages=MESSAGES, max_tokens=300, stream=True))
+                assert error is None and chunks[0].choices[0].delta.content == "quirky says hi"
+            else:  # the answer goes out as it came
+                done = await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=300)
+                assert done.choices[0].message.content == "quirky says hi" and done.usage.total_tokens == 4013
+        tokens_in, tokens_out = _worst(int(up.headers[0]["Content-Length"]), 300)
+        (event,) = await events(1)
+        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.") and k != "lockgate.endpoint"} == {
+            "lockgate.usage_warning": f"usage not believed: {why}", "lockgate.usage_unknown": "worst_case",
+            "lockgate.charged_input_tokens": str(tokens_in), "lockgate.charged_output_tokens": str(tokens_out)}
+        spent = await _counter(router, context)
+    usd = math.ceil((tokens_in * 1.0 + tokens_out * 4.0) / 1e6 * 1e9)
+    assert (spent.tokens, spent.usd) == (tokens_in + tokens_out, usd)  # before: 11 tokens (13 with the total's parts)
+    # The cost ledger books what the budget kept.
+    Codec(CostLedger).decode((await ledgers.next_msg(timeout=15)).data)
+    await sink_stored(svcs["sink"].handlers, cost_ledger=1)
+    (cost,) = await asyncio.to_thread(cost_rollup, store, ["tenant"])
+    assert (cost["calls"], cost["tokens"]) == (1, tokens_in + tokens_out)
+    assert cost["cost_usd"] == pytest.approx(usd / 1e9, abs=1e-8)
+
+
 @pytest.mark.parametrize(("action", "stream", "error_type", "kept"), [
     ("chunk_then_error", True, "upstream_stream_error", True),
     ("chunk_then_garbage", True, "upstream_bad_chunk", True),

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from lockgate import anthropicwire as anthropic
+from lockgate.llmwire import Usage
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -138,7 +139,17 @@ def test_usage_that_is_no_count_is_passed_on_never_added(bad: object) -> None:
         assert (u["prompt_tokens"], u["total_tokens"]) == (5, 7)
     else:
         assert u["prompt_tokens"] == bad and u["total_tokens"] == bad and u["completion_tokens"] == 2
-    assert anthropic.usage(["not", "a", "dict"])["prompt_tokens"] == 0
+    # No usage (or not a mapping): no counts, so the router does not take them for 0 (llmwire.token_usage).
+    assert anthropic.usage(["not", "a", "dict"]) == {"prompt_tokens_details": {"cached_tokens": 0}}
+
+
+@pytest.mark.parametrize("usage", [{"output_tokens": 11}, {"input_tokens": 5200, "output_tokens": None},
+                                   {"input_tokens": None, "output_tokens": 3}])
+def test_usage_missing_a_count_is_passed_on_missing_never_as_zero(usage: dict[str, object]) -> None:
+    # Found by a probe (p8): a count Anthropic left out became 0, so a 5,200-token prompt was charged 11 tokens.
+    got = Usage(**{k: v for k, v in anthropic.usage(usage).items() if k != "prompt_tokens_details"}).tokens()
+    assert got.doubt.endswith("missing; counted as 0")
+    assert "total_tokens" not in anthropic.usage(usage)
 
 
 def test_anthropic_request_id_and_rate_limit_headers_get_openais_names() -> None:

@@ -120,3 +120,83 @@ def test_error_bodies_and_error_events_are_failures() -> None:
 )
 def test_openai_error_excerpt(data: bytes, want: str) -> None:
     assert openai_error(data) == want
+
+
+# Usage an upstream reports with a count missing or contradicting its total (probe p8, finding 4): not believed, so
+# settlement charges the call's worst case (admission._final) as for a negative or string count.
+
+_CHAT = b'{"model":"m","choices":[{"message":{"content":"hi"},"finish_reason":"stop"}],"usage":%s}'
+
+
+@pytest.mark.parametrize(("usage", "why"), [
+    (b'{"completion_tokens":11,"total_tokens":4013}', "prompt_tokens missing; counted as 0"),
+    (b'{"prompt_tokens":5200}', "completion_tokens missing; counted as 0"),
+    (b'{"total_tokens":13}', "prompt_tokens and completion_tokens missing; counted as 0"),
+    (b'{"prompt_tokens":2,"completion_tokens":11,"total_tokens":4013}',
+     "prompt_tokens + completion_tokens = 13, not total_tokens=4013: one of them is wrong"),
+    (b'{"prompt_tokens":5200,"completion_tokens":11,"total_tokens":13}',
+     "prompt_tokens + completion_tokens = 5211, not total_tokens=13: one of them is wrong"),
+    (b'{"prompt_tokens":2,"completion_tokens":11,"total_tokens":"13"}', "total_tokens='13' is no token count"),
+], ids=["no-prompt", "no-completion", "total-only", "parts-below-total", "parts-above-total", "total-string"])
+def test_usage_missing_a_billed_count_or_contradicting_its_total_is_not_believed(usage: bytes, why: str) -> None:
+    for parse in (parse_completion, parse_chunk):  # whole, and a stream's usage chunk
+        rec = _Record("ok")
+        parse(_CHAT % usage, rec)
+        assert rec.attributes["lockgate.usage_warning"] == f"usage not believed: {why}"
+
+
+@pytest.mark.parametrize("usage", [b'{"prompt_tokens":2,"completion_tokens":11}',  # no total: many providers
+                                   b'{"prompt_tokens":2,"completion_tokens":11,"total_tokens":null}',
+                                   b'{"prompt_tokens":2,"completion_tokens":11,"total_tokens":13}',
+                                   b'{"prompt_tokens":2.5,"completion_tokens":10.5,"total_tokens":13}'])
+def test_usage_with_both_counts_and_no_contradicting_total_is_believed(usage: bytes) -> None:
+    rec = _Record("ok")
+    parse_completion(_CHAT % usage, rec)
+    assert "lockgate.usage_warning" not in rec.attributes and (rec.input_tokens, rec.output_tokens) == (
+        (2, 11) if b"2.5" not in usage else (3, 11))
+
+
+def test_embeddings_bill_input_alone_and_responses_check_their_own_counts() -> None:
+    rec = _Record("ok")
+    parse_embeddings(b'{"model":"e","data":[],"usage":{"prompt_tokens":8,"total_tokens":8}}', rec)
+    assert "lockgate.usage_warning" not in rec.attributes and rec.input_tokens == 8
+    parse_embeddings(b'{"model":"e","data":[],"usage":{"total_tokens":8}}', rec)
+    assert rec.attributes["lockgate.usage_warning"] == "usage not believed: prompt_tokens missing; counted as 0"
+    parse_embeddings(b'{"model":"e","data":[],"usage":{"prompt_tokens":8,"total_tokens":80}}', rec)
+    assert "total_tokens=80" in rec.attributes["lockgate.usage_warning"]
+    done = b'{"model":"m","status":"completed","output":[],"usage":%s}'
+    rec = _Record("ok")
+    parse_response(done % b'{"output_tokens":11,"total_tokens":4013}', rec)
+    assert rec.attributes["lockgate.usage_warning"] == "usage not believed: input_tokens missing; counted as 0"
+    rec = _Record("ok")
+    event = b'{"type":"response.completed","response":{"model":"m","status":"completed","output":[],"usage":%s}}'
+    parse_response_event(event % b'{"input_tokens":2,"output_tokens":11,"total_tokens":4013}', rec)
+    assert "not total_tokens=4013" in rec.attributes["lockgate.usage_warning"]
+    parse_response_event(event % b'{"input_tokens":2,"output_tokens":11,"total_tokens":13}', rec)
+    assert "lockgate.usage_warning" not in rec.attributes  # the last usage is the call's
+
+
+# service_tier (probe p8, finding 2): a client does not choose the operator's price; the answer's tier is recorded.
+
+
+def test_patch_body_drops_the_clients_service_tier_and_sends_the_releases() -> None:
+    body = b'{"model":"a","service_tier":"priority","service\\u005ftier":"priority","messages":[]}'
+    assert "service_tier" not in msgspec.json.decode(patch_body(body, None, False))
+    out = msgspec.json.decode(patch_body(body, "b", True, {"service_tier": "flex", "temperature": 0}))
+    assert (out["service_tier"], out["temperature"], out["model"]) == ("flex", 0, "b")
+
+
+def test_the_tier_an_answer_was_served_at_is_recorded() -> None:
+    rec = _Record("ok")
+    parse_completion(b'{"model":"m","service_tier":"priority","choices":[],"usage":{"prompt_tokens":1,'
+                     b'"completion_tokens":1}}', rec)
+    assert rec.attributes["openai.response.service_tier"] == "priority"
+    rec = _Record("ok")
+    parse_chunk(b'{"model":"m","service_tier":"flex","choices":[{"delta":{"content":"a"}}]}', rec)
+    assert rec.attributes["openai.response.service_tier"] == "flex"
+    rec = _Record("ok")
+    parse_response(b'{"model":"m","status":"completed","service_tier":"priority","output":[]}', rec)
+    assert rec.attributes["openai.response.service_tier"] == "priority"
+    rec = _Record("ok")
+    parse_completion(b'{"model":"m","service_tier":42,"choices":[]}', rec)  # no tier: not recorded, not a 502
+    assert "openai.response.service_tier" not in rec.attributes
