@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 _encoder = msgspec.json.Encoder()
 OUTPUT_MESSAGES = "gen_ai.output.messages"
 # An upstream's usage the router did not believe (a count negative, absurd or not a number, one the operation
-# bills missing, parts that contradict the total): the event attribute saying why; a count that is none is 0 in
+# bills missing, a total that is no count): the event attribute saying why; a count that is none is 0 in
 # the event, and the call's budgets charge its worst case.
 USAGE_WARNING = "lockgate.usage_warning"
 # The processing tier the upstream says it served the call at (OpenAI's `service_tier`: `default`, `priority`,

@@ -93,7 +93,7 @@ def token_count(value: Any) -> int | None:
 
 class TokenUsage(NamedTuple):
     """A call's usage as the router counts it; `doubt` says why the usage is not believed (a count that is
-    none, one the operation bills missing, parts that contradict the total), "" when it is."""
+    none, one the operation bills missing, a total that is none), "" when it is."""
 
     input_tokens: int
     output_tokens: int
@@ -106,13 +106,15 @@ def token_usage(input_name: str, input_value: Any, output_name: str, output_valu
     """Usage counts as an upstream reported them, bounded (token_count); `details` is the input count's details
     object, whose `cached_tokens` count at most the input (none is 0: the input then counts at the full rate).
 
-    Not believed (`doubt`): a count that is no token count (counted as 0); a count the operation bills that is
-    missing (`msgspec.UNSET`; the output unless `output_billed` is False, as for embeddings), which taken as 0
-    charged a 5,200-token prompt nothing; and a `total` (`total_tokens`) that the parts contradict by a token
-    or more (some providers send no total: absent or null is no contradiction)."""
+    Not believed (`doubt`): a count that is no token count (counted as 0), a `total` (`total_tokens`) that is
+    none, and a count the operation bills that is missing (`msgspec.UNSET`; the output unless `output_billed` is
+    False, as for embeddings), which taken as 0 charged a 5,200-token prompt nothing. A total above the parts
+    counts its excess as output (input for embeddings): what a provider leaves out of its parts is what it
+    generated unseen (reasoning), billed at the output rate, which no price book sets below the input's; a
+    total below them is the parts' undercount, and the parts stand. Absent or null, a total says nothing."""
     cached = details.get("cached_tokens") if isinstance(details, dict) else None
     named = ((input_name, input_value, True), (output_name, output_value, output_billed))
-    counted = token_count(input_value), token_count(output_value)
+    counted = [token_count(input_value), token_count(output_value)]
     bad = [f"{name}={_excerpt(value)}" for (name, value, _), n in zip(named, counted, strict=True)
            if n is None and value is not msgspec.UNSET]
     missing = [name for name, value, billed in named if value is msgspec.UNSET and billed]
@@ -122,14 +124,16 @@ def token_usage(input_name: str, input_value: Any, output_name: str, output_valu
                       "counted as 0")
     if missing:
         doubts.append(f"{' and '.join(missing)} missing; counted as 0")
-    if not doubts and total is not msgspec.UNSET and total is not None:
-        parts = sum(v for v in (input_value, output_value) if v is not msgspec.UNSET)
-        if token_count(total) is None:
-            doubts.append(f"total_tokens={_excerpt(total)} is no token count")
-        elif abs(parts - total) >= 1:  # a float's rounding is less than a token
-            doubts.append(f"{input_name} + {output_name} = {parts:g}, not total_tokens={total!r}: one of them is "
-                          "wrong")
     inputs, outputs = counted[0] or 0, counted[1] or 0
+    if total is not msgspec.UNSET and total is not None:
+        whole = token_count(total)
+        if whole is None:
+            doubts.append(f"total_tokens={_excerpt(total)} is no token count")
+        elif not doubts and whole > inputs + outputs:
+            if output_billed:
+                outputs = whole - inputs
+            else:
+                inputs = whole - outputs
     return TokenUsage(inputs, outputs, min(token_count(cached) or 0, inputs), "; ".join(doubts))
 
 
