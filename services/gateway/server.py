@@ -33,10 +33,11 @@ from lockgate.server.apikeys import (
     bearer,
     event_out_of_scope,
     owns_release,
+    while_allowed,
 )
 from lockgate.server.grpcdecode import DecodeErrors
 from lockgate.server.tls import bind_grpc, grpc_credentials, grpc_server
-from lockgate.signing import Verifier
+from lockgate.signing import TRUST_CHECK_S, Verifier
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger("lockgate.gateway")
@@ -111,11 +112,16 @@ def decision_to_proto(d: GateDecided) -> gates_pb2.Decision:
     )
 
 
+def _presented(context: grpc.aio.ServicerContext) -> str | None:
+    """The API key a call presents (`authorization: Bearer lg-...` metadata), if any."""
+    metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    return bearer(metadata.get("authorization"))
+
+
 async def authenticate(keys: KeyStore, context: grpc.aio.ServicerContext, *, sender: bool = False) -> ApiKey:
     """The caller's API key from `authorization: Bearer lg-...` metadata; aborts UNAUTHENTICATED otherwise, and
     PERMISSION_DENIED for a `sender` call (events) from a key whose role may not send."""
-    metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-    presented = bearer(metadata.get("authorization"))
+    presented = _presented(context)
     try:
         return keys.authenticate_sender(presented) if sender else keys.authenticate(presented)
     except AuthError as exc:
@@ -232,8 +238,11 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
         """Current decisions of the key's tenant's and app's releases, then each new one, until the client
         cancels; other releases' decisions are skipped. A decision streamed that stops verifying (its key revoked or
         retired, an approval withdrawn: decisionwatch.verified) ends the stream FAILED_PRECONDITION naming its
-        release, its id and why: the client reads the release again (GetDecision) and watches again."""
+        release, its id and why: the client reads the release again (GetDecision) and watches again. A key revoked
+        while it watches ends the stream UNAUTHENTICATED, as its next call is answered (`while_allowed`: looked at
+        before each decision and every second), and is sent no decision made after."""
         key = await authenticate(self.keys, context)
+        presented = _presented(context)
         kv = await self.bus.kv(self.bus.subjects.kv_gates)
         decisions = await watch_decisions(kv, request.release_prefix, nc=self.bus.nc, subjects=self.bus.subjects,
                                           reconnects=self.bus)
@@ -245,15 +254,20 @@ class GatesServicer(gates_pb2_grpc.GatesServicer):
 
         checked = verified(owned(), self.verifier,
                            refused=lambda exc: log.warning("not streaming gate decision: %s", exc.message))
+        allowed = while_allowed(checked, lambda: self.keys.authenticate(presented), every_s=TRUST_CHECK_S)
         try:
             # Initial metadata tells the client the watch is live: later decisions will arrive.
             await context.send_initial_metadata((("lockgate-watch", "ready"),))
             try:
-                async for decision in checked:
+                async for decision in allowed:
                     yield decision_to_proto(decision)
             except DecisionWithdrawn as exc:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, exc.message)
+            except AuthError as exc:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{key.label} is no longer valid "
+                                    f"({exc.message}): this watch ends; watch again with a live key")
         finally:
+            await allowed.aclose()
             await checked.aclose()
             await decisions.aclose()
 

@@ -20,6 +20,7 @@ from lockgate.server.apikeys import (
     KeyStore,
     bearer,
     require_role,
+    while_allowed,
 )
 from lockgate.server.body import read_body
 from lockgate.services.router.actions import (
@@ -47,6 +48,7 @@ from lockgate.services.router.patch import decode as decode_patch
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.shadowstats import ShadowSummary
 from lockgate.services.router.wire import error_response
+from lockgate.signing import TRUST_CHECK_S
 
 _encoder = msgspec.json.Encoder()
 KEY = web.RequestKey("lockgate.key", ApiKey)  # the authenticated caller of an admin request
@@ -99,6 +101,13 @@ async def _finish_when_client_leaves(request: web.Request, handler: Any) -> web.
     return await asyncio.shield(handler(request))
 
 
+def _require_scope(key: ApiKey, deployment: str | None) -> None:
+    """Forbidden (403 `deployment_not_in_scope`) if `deployment` is not in the key's scope: another team's, on a
+    router several share, not to be read or changed with this key."""
+    if deployment is not None and not key.may_use(deployment):
+        raise Forbidden(f"{key.label} may only use {key.scope}, not deployment {deployment!r}")
+
+
 class Admin:
     """Handlers for `/lockgate/v1/deployments/...`."""
 
@@ -110,29 +119,25 @@ class Admin:
     async def middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         """Every admin call needs a key: reads a viewer role or above, changes operator or admin."""
         try:
-            key = self.keys.authenticate(bearer(request.headers.get("Authorization")))
-            if request.method in ("GET", "HEAD"):
-                require_role(key, "viewer", "approver", "operator", "admin")
-            else:
-                require_role(key, *ROUTE_CHANGERS)
+            key = self._caller(request)
         except AuthError as exc:
             return error_response(401, exc.message, "invalid_request_error", code="invalid_api_key")
         except Forbidden as exc:
             return error_response(403, exc.message, "permission_denied", code="insufficient_role")
         deployment = request.match_info.get("deployment")
-        if deployment is not None and not key.may_use(deployment):
-            # Another team's deployment, on a router several share: not to be read or changed with this key.
-            return error_response(403, f"{key.label} may only use {key.scope}, not deployment {deployment!r}",
-                                  "permission_denied", code="deployment_not_in_scope")
+        try:
+            _require_scope(key, deployment)
+        except Forbidden as exc:
+            return error_response(403, exc.message, "permission_denied", code="deployment_not_in_scope")
         if deployment is not None and request.method not in ("GET", "HEAD"):
             try:
                 await self.rollouts.check_tenant(deployment, key.tenants)
-            except ReleaseNotInScope as exc:
+            except ReleaseNotInScope:
                 # Another tenant's deployment in the key's scope (an unscoped key): its releases are not this
-                # tenant's to roll out, pause, abort or promote. (Reads of it answer as for a deployment never
-                # configured: `_shown`.)
-                return error_response(403, f"{key.label}: {exc.message}", "permission_denied",
-                                      code="release_not_in_scope")
+                # tenant's to roll out, pause, abort or promote, and a change of it is answered as a read of it is
+                # (`_shown`): as of a deployment never configured, so that the refusal does not tell that it exists
+                # (before: 403 naming it, against 404 for a name nobody configured).
+                return refusal(DeploymentNotFound(deployment), request.method)
             except Retryable as exc:
                 return error_response(503, exc.message, "unavailable")
         request[KEY] = key
@@ -142,6 +147,15 @@ class Admin:
             return refusal(exc, request.method)
         except Retryable as exc:  # a release's binding `_shown` needed could not be read
             return error_response(503, exc.message, "unavailable")
+
+    def _caller(self, request: web.Request) -> ApiKey:
+        """The live key `request` presents, of a role that may make it: AuthError (401) or Forbidden (403)."""
+        key = self.keys.authenticate(bearer(request.headers.get("Authorization")))
+        if request.method in ("GET", "HEAD"):
+            require_role(key, "viewer", "approver", "operator", "admin")
+        else:
+            require_role(key, *ROUTE_CHANGERS)
+        return key
 
     def app(self) -> web.Application:
         """The admin API, mounted at PREFIX as a sub-application: its middlewares (authentication, and
@@ -248,7 +262,8 @@ class Admin:
 
     async def watch(self, request: web.Request) -> web.StreamResponse:
         """The deployment's route as JSON lines: now, then after every change (this replica's or another's,
-        analysis looks included), until the client goes away. Woken by changes, never polled."""
+        analysis looks included), until the client goes away or its key may no longer read it (revoked, rescoped
+        away: `while_allowed`). Woken by changes, never polled."""
         try:
             deployment = check_name(request.match_info["deployment"], "deployment")
         except InvalidName as exc:
@@ -259,8 +274,12 @@ class Admin:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         last: Route | None = None
+        # The key asked again before each line and every second (`while_allowed`): one revoked, or rescoped away
+        # from the deployment, ends the watch as its next call is refused, and is sent nothing that came after.
+        changes = while_allowed(self.rollouts.changes(deployment),
+                                lambda: _require_scope(self._caller(request), deployment), every_s=TRUST_CHECK_S)
         try:
-            async for route in self.rollouts.changes(deployment):
+            async for route in changes:
                 if route is None:
                     await resp.write(b"\n")  # keepalive: a client that went away ends the watch here
                     continue
@@ -273,8 +292,14 @@ class Admin:
                 if view != last:
                     await resp.write(_encoder.encode(shown(view)) + b"\n")
                     last = view
+        except (AuthError, Forbidden):
+            # Closed, without a last line: every line of a watch is a route (a client reads each as one). A watch
+            # opened again is answered 401 or 403, saying why.
+            return resp
         except (ConnectionResetError, ConnectionError, Retryable):
             return resp  # a binding unreadable mid-watch ends it (the client watches again), never shows the route
+        finally:
+            await changes.aclose()
         return resp
 
     async def retry(self, request: web.Request) -> web.Response:

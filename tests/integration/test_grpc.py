@@ -676,3 +676,41 @@ async def test_malformed_ids_and_an_endless_user_hash_are_refused_alone_naming_t
         assert rejection.reason.endswith(f"at `$.{field}`"), rejection.reason
     stored = await stored_events(bus)
     assert [e.model for e in stored[bus.subjects.inference("shop", "acme")]] == ["kept"]
+
+
+async def test_a_watch_ends_when_its_key_is_revoked(
+    bus: Bus, context: ServiceContext, settings: Settings, channel: grpc.aio.Channel, keys: Bootstrap
+) -> None:
+    # Found by a probe: WatchDecisions checked the key once, when it opened; a key revoked (`keys revoke`: "the gRPC
+    # API refuses it from its next call") went on receiving every new decision of its app, 11 minutes on.
+    await put_decision(bus, decision("shop-v1"))
+    store = KeyStore(settings.home)
+    (doomed, doomed_rec), (idle, idle_rec) = store.create("acme", "shop"), store.create("acme", "shop")
+    stub = gates_pb2_grpc.GatesStub(channel)
+    calls = {who: stub.WatchDecisions(gates_pb2.WatchRequest(), metadata=(("authorization", f"Bearer {key}"),))
+             for who, key in (("kept", keys.app_key), ("revoked", doomed), ("idle", idle))}
+    for call in calls.values():
+        assert (await asyncio.wait_for(call.read(), 10)).release == "shop-v1"
+
+    async def ended(call: Any) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(call.read(), 10)  # nothing more is read from it: it ends
+        return err.value
+
+    store.revoke(doomed_rec.id)
+    # A decision made after the revocation: the live keys' watches get it, the revoked key's never does.
+    await bind(bus, "shop-v2")
+    await gate_decided(context.bus, decision("shop-v2", verdict="FAIL"), "k-shop-v2")
+    for who in ("kept", "idle"):
+        assert (await asyncio.wait_for(calls[who].read(), 10)).release == "shop-v2", who
+    err = await ended(calls["revoked"])
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED, err
+    assert f"apikey:{doomed_rec.id}" in err.details() and "unknown or revoked" in err.details(), err.details()
+    # Revoked with no new decision at all: the watch ends too (within a second, the key looked at again).
+    store.revoke(idle_rec.id)
+    assert (await ended(calls["idle"])).code() == grpc.StatusCode.UNAUTHENTICATED
+    # The live key's watch goes on.
+    await bind(bus, "shop-v3")
+    await gate_decided(context.bus, decision("shop-v3"), "k-shop-v3")
+    assert (await asyncio.wait_for(calls["kept"].read(), 10)).release == "shop-v3"
+    calls["kept"].cancel()

@@ -10,6 +10,7 @@ signed a lasting BLOCK of it under acme's policy, which aborted acme's canary an
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -142,23 +143,36 @@ async def test_another_tenants_deployment_in_an_unscoped_keys_reach_is_not_its_t
     read: dict[str, Any] = {}
     assert await _call(router, unscoped, "GET", "acme-chat", answer=read) == 404
     assert read["error"]["code"] == "deployment_not_found" and "acme-v" not in str(read), read
-    changes = [("POST", None, "pause"), ("POST", {"weight": 100}, "set-weight"), ("POST", None, "abort"),
-               ("POST", None, "promote"), ("POST", None, "retry"), ("POST", None, "undo"),
+    changes = [("POST", None, "pause"), ("POST", None, "resume"), ("POST", None, "approve"),
+               ("POST", {"weight": 100}, "set-weight"), ("POST", None, "abort"), ("POST", None, "promote"),
+               ("POST", None, "retry"), ("POST", None, "undo"), ("DELETE", None, "break-glass"),
                ("PATCH", {"weight": 100}, ""),
                ("PUT", {"stable_release": "acme-v1", "canary_release": "acme-v2"}, ""),
                ("PUT", {"stable_release": "bravo-v1", "canary_release": "bravo-v2"}, "")]
     for method, body, action in changes:
         err: dict[str, Any] = {}
-        assert await _call(router, unscoped, method, "acme-chat", body, action, answer=err) == 403, (method, action)
-        assert err["error"]["code"] == "release_not_in_scope", (method, action, err)
-        message = err["error"]["message"]
-        assert "'acme-chat' serves releases that are not tenant 'bravo''s" in message, err
-        # Nor does the refusal tell what the route would not: acme's releases, or that they are acme's.
-        assert "acme-v" not in message and "'acme'" not in message, message
+        assert await _call(router, unscoped, method, "acme-chat", body, action, answer=err) == 404, (method, action)
+        # A change is refused as a read is: as of a deployment never configured, so that the answer does not tell
+        # that another tenant's deployment exists (a probe: 403 naming it, against 404 for a name nobody configured).
+        assert err == read, (method, action, err)
+        if method != "PUT":  # a PUT of a name nobody configured makes it (below)
+            unknown: dict[str, Any] = {}
+            assert await _call(router, unscoped, method, "never-configured", body, action, answer=unknown) == 404
+            assert msgspec.json.encode(err) == msgspec.json.encode(unknown).replace(b"never-configured",
+                                                                                     b"acme-chat"), (err, unknown)
     route = router.rollouts.route("acme-chat")
     assert (route.phase, route.weight, route.paused) == ("progressing", 50.0, False)
     # acme's own key changes it.
     assert await _call(router, stack["acme"], "POST", "acme-chat", None, "pause") == 200
+    # The unscoped key still gives a new deployment its first release, and is still refused, naming the release, a
+    # rollout of acme's release on it or on its own.
+    assert await _call(router, unscoped, "PUT", "bravo-fresh", {"stable_release": "bravo-v1"}) == 200
+    for deployment, body in (("bravo-fresh", {"stable_release": "bravo-v1", "canary_release": "acme-v2"}),
+                             ("bravo-newer", {"stable_release": "acme-v1"})):
+        err = {}
+        assert await _call(router, unscoped, "PUT", deployment, body, answer=err) == 403, (deployment, err)
+        assert err["error"]["code"] == "release_not_in_scope", err
+        assert "is not a registered release of tenant 'bravo'" in err["error"]["message"], err
 
 
 async def _read(router: Any, key: str, path: str, lines: int = 0, status: int = 200) -> Any:
@@ -207,6 +221,54 @@ async def test_an_unscoped_key_reads_another_tenants_deployment_as_one_never_con
     assert await _read(router, acme, "/acme-chat/watch", lines=1) == [mine]
     # An admin key reads every route.
     assert [r["deployment"] for r in await _read(router, stack["admin"], "")] == ["acme-chat", "bravo-chat"]
+
+
+async def _next_line(resp: aiohttp.ClientResponse) -> bytes:
+    """A watch's next route line (keepalive lines skipped), or b"" once the router ended the watch."""
+    while (line := await asyncio.wait_for(resp.content.readline(), 10)) == b"\n":
+        pass
+    return line
+
+
+async def test_a_watch_ends_when_its_key_is_revoked_or_rescoped_away_from_the_deployment(
+        stack: dict[str, Any]) -> None:
+    # Found by a probe: the admin API checked a watch's key once, when it opened; a viewer key revoked (`keys revoke`:
+    # "the router refuses it from its next call"), or rescoped to another deployment, went on receiving every step,
+    # decision id and reason of the watched route, 11 minutes on.
+    router = stack["router"]
+    store = KeyStore(router.ctx.settings.home)
+    made = {who: store.create("acme", "support", "viewer", deployments=scope)
+            for who, scope in (("kept", ["acme-chat"]), ("revoked", []), ("rescoped", ["acme-chat"]),
+                               ("idle", ["acme-chat"]))}
+    async with aiohttp.ClientSession() as http:
+        watches = {who: await http.get(f"{router.url}{BASE}/acme-chat/watch",
+                                       headers={"Authorization": f"Bearer {key}"})
+                   for who, (key, _) in made.items()}
+        try:
+            for who, resp in watches.items():
+                assert resp.status == 200, (who, await resp.text())
+                assert msgspec.json.decode(await _next_line(resp))["paused"] is False, who
+            store.revoke(made["revoked"][1].id)
+            store.rescope(made["rescoped"][1].id, ["acme-other"])
+            # A change after: the live keys' watches get it, the revoked and rescoped keys' never do.
+            assert await _call(router, stack["acme"], "POST", "acme-chat", {"reason": "probe"}, "pause") == 200
+            for who in ("kept", "idle"):
+                assert msgspec.json.decode(await _next_line(watches[who]))["paused"] is True, who
+            for who in ("revoked", "rescoped"):
+                assert await _next_line(watches[who]) == b"", who  # ended, nothing more sent
+            # Revoked with no change at all: the watch ends too (within a second, the key looked at again).
+            store.revoke(made["idle"][1].id)
+            assert await _next_line(watches["idle"]) == b""
+            # The next call of each is refused, saying why; the live key's watch goes on.
+            assert (await _read(router, made["revoked"][0], "/acme-chat", status=401))["error"]["code"] == \
+                "invalid_api_key"
+            assert (await _read(router, made["rescoped"][0], "/acme-chat/watch", status=403))["error"]["code"] == \
+                "deployment_not_in_scope"
+            assert await _call(router, stack["acme"], "POST", "acme-chat", None, "resume") == 200
+            assert msgspec.json.decode(await _next_line(watches["kept"]))["paused"] is False
+        finally:
+            for resp in watches.values():
+                resp.close()
 
 
 async def test_an_admin_key_rolls_out_any_tenants_release_but_never_two_tenants_on_one_deployment(

@@ -11,15 +11,16 @@ the next request without a restart.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import hmac
 import os
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -257,6 +258,38 @@ def deployment_scope(role: str, deployments: Iterable[str]) -> tuple[str, ...]:
         if not is_name(name):
             raise ConfigError(f"invalid deployment {name!r} for an API key: {NAME_RULE}")
     return scope
+
+
+_T = TypeVar("_T")
+
+
+async def while_allowed(items: AsyncIterator[_T], check: Callable[[], object], *,
+                        every_s: float) -> AsyncIterator[_T]:
+    """The items of a stream a key opened (a route watch, a decision watch) while the key still may have them: `check`
+    (the key authenticated and its scope checked again; `KeyStore.authenticate` is a stat of the file while it is
+    unchanged) runs before each item is yielded and every `every_s` seconds between, and its AuthError or Forbidden
+    ends the stream. A key revoked or rescoped is so refused a stream it opened before, as its next call is, and is
+    given nothing that came after. (decisionwatch.verified looks again at the trust roots the same way.)"""
+    pending: asyncio.Future[_T] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(items))
+            # A timeout, not a sleep: nothing announces a change of the keys file.
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            check()
+            if not done:
+                continue
+            task, pending = pending, None
+            try:
+                item = task.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)  # the stream is not running when it is closed
 
 
 # role checks
