@@ -89,6 +89,23 @@ async def test_watch_stops_with_its_own_exit_code_on_abort_and_after_its_timeout
     assert aborted.exit_code == 6 and "aborted same: by operator" in aborted.output
 
 
+async def test_watch_whose_key_is_revoked_ends_saying_so(router: Any, http: aiohttp.ClientSession) -> None:
+    # The router ends a watch once its key is revoked; the CLI took that end for a timeout (exit 5, "still idle
+    # after 60 s"). It asks again and shows the refusal.
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    viewer, rec = KeyStore(router.ctx.settings.home).create("default", "ops", "viewer", "dashboard")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lockgate.cli", *_base(router), "--api-key", viewer, "watch", "chat", "--json",
+        "--timeout", "60", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LOCKGATE_CLICKHOUSE_URL": router.ctx.settings.clickhouse_url})
+    assert proc.stdout is not None
+    assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))["phase"] == "idle"  # the watch is open
+    KeyStore(router.ctx.settings.home).revoke(rec.id)
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 4, err.decode()
+    assert "router refused (401)" in err.decode() and "revoked" in err.decode()
+
+
 async def test_retry_restarts_an_aborted_rollout_from_step_zero_and_is_refused_otherwise(
         router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     await _start(http, router, "same", {"steps": [10, 50, 100], "interval_s": 3600})

@@ -480,24 +480,32 @@ def register(cli: click.Group) -> None:
         client = admin(ctx)
         client.timeout_s = timeout_s
         last: dict[str, Any] | None = None
-        with contextlib.suppress(TimeoutError):  # the stream went idle past the deadline: timed out below
-            # The router pushes each change (and a keepalive line when idle); the socket waits, nothing polls.
-            for route in client.stream(_at(deployment, "/watch"), idle_s=min(timeout_s, 30.0)):
-                if time.monotonic() > deadline:
-                    break
-                if route is None:
-                    continue
-                view = watch_view(route)
-                if view != last:
-                    if as_json:
-                        click.echo(json.dumps(view, separators=(",", ":")))
-                    else:
-                        console.print(watch_line(view), highlight=False, soft_wrap=True)
-                    last = view
-                if finished(route):
-                    if route.get("phase") == "aborted":
-                        raise RolloutAborted(f"rollout of {deployment} aborted: {route.get('reason', '')}")
-                    return
+        while time.monotonic() <= deadline:
+            with contextlib.suppress(TimeoutError):  # the stream went idle past the deadline: timed out below
+                # The router pushes each change (and a keepalive line when idle); the socket waits, nothing polls.
+                for route in client.stream(_at(deployment, "/watch"), idle_s=min(timeout_s, 30.0)):
+                    if time.monotonic() > deadline:
+                        break
+                    if route is None:
+                        continue
+                    view = watch_view(route)
+                    if view != last:
+                        if as_json:
+                            click.echo(json.dumps(view, separators=(",", ":")))
+                        else:
+                            console.print(watch_line(view), highlight=False, soft_wrap=True)
+                        last = view
+                    if finished(route):
+                        if route.get("phase") == "aborted":
+                            raise RolloutAborted(f"rollout of {deployment} aborted: {route.get('reason', '')}")
+                        return
+                else:
+                    # The router ended the watch before the deadline: its key was revoked or rescoped away (the
+                    # request below is refused, saying so), or the replica restarted (the watch opens again).
+                    if time.monotonic() <= deadline:
+                        client.call("GET", _at(deployment))
+                        continue
+            break
         raise WatchTimedOut(f"rollout of {deployment} still {last['phase'] if last else 'unknown'} after "
                             f"{timeout_s:g} s")
 
