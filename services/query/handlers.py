@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 import msgspec
 
 from lockgate.codec import UNDECODABLE, to_json, undecodable
 from lockgate.errors import ConfigError, LockgateError, QueryUnavailable, ReplyTooLarge
+from lockgate.permissions import is_inbox
 from lockgate.queryclient import QueryRequest
 from lockgate.server.service import Progress
 from lockgate.services.query import registry
@@ -24,6 +26,8 @@ _requests = msgspec.json.Decoder(QueryRequest)
 OPERATOR_SQL = "sql"
 # Operator queries waiting for their turn beyond this are answered "busy" at once (each may run 25 s).
 MAX_SQL_WAITING = 8
+# Requests whose reply is no inbox are dropped; logged at most once this often (each may be one of a flood).
+REFUSED_LOG_S = 60.0
 
 
 def error_reply(exc: BaseException) -> bytes:
@@ -45,6 +49,9 @@ class QueryHandlers:
         self._sql_turn = asyncio.Lock()
         self._sql_waiting = 0
         self._sql_tasks: set[asyncio.Task[None]] = set()
+        self.refused = Progress()  # requests whose reply was no requester's inbox: never answered
+        self._refused_unlogged = 0
+        self._refused_log_at = 0.0  # monotonic time from which the next refusal is logged
 
     async def answer(self, request: QueryRequest) -> bytes:
         """The reply bytes for one request (never raises: every failure is an error reply)."""
@@ -66,6 +73,9 @@ class QueryHandlers:
     async def on_request(self, msg: Any) -> None:
         """Reply to one request (a caller that gave up meanwhile is not an error); operator SQL is
         answered in its own turn, so the next named query need not wait for it."""
+        if not is_inbox(msg.reply):
+            await self._refuse(msg)
+            return
         try:
             request = _requests.decode(msg.data)
         except UNDECODABLE as exc:  # a request nested too deeply too: answered, never left to time out
@@ -91,6 +101,20 @@ class QueryHandlers:
         finally:
             self._sql_waiting -= 1
         await self._respond(msg, reply)
+
+    async def _refuse(self, msg: Any) -> None:
+        # Any stack role may ask, and names the reply subject: answering one that is no inbox published the rows
+        # where the requester chose (a KV key's subject stored them as that key's value). The query identity may
+        # publish on inboxes only (permissions.py), so the server would refuse the answer anyway.
+        await self.refused.bump()
+        self._refused_unlogged += 1
+        now = time.monotonic()
+        if now < self._refused_log_at:
+            return
+        log.warning("query: dropped %d request(s) on %s whose reply is not a requester's inbox (the latest: %r); "
+                    "only `_INBOX.` subjects are answered. Logged at most once every %g s",
+                    self._refused_unlogged, msg.subject, msg.reply, REFUSED_LOG_S)
+        self._refused_unlogged, self._refused_log_at = 0, now + REFUSED_LOG_S
 
     async def _respond(self, msg: Any, reply: bytes) -> None:
         # Counted before the reply leaves: a caller holding its answer finds it counted already.

@@ -60,9 +60,18 @@ class Grant:
         return self
 
 
+INBOX = "_INBOX"  # nats-py's default inbox prefix, and the root of every identity's own (`inbox`)
+
+
 def inbox(identity: str) -> str:
     """The reply-inbox prefix of an identity: replies to one identity cannot be read by another."""
-    return f"_INBOX.{identity}"
+    return f"{INBOX}.{identity}"
+
+
+def is_inbox(reply: str | None) -> bool:
+    """Whether a reply subject is a requester's inbox (an identity's own, or nats-py's default without credentials):
+    the only subjects the query service answers on, never a KV key's or a stream's someone aimed it at."""
+    return reply is not None and reply.startswith(f"{INBOX}.")
 
 
 def app_reader(reply: str | None, tenant: str, app: str) -> str | None:
@@ -225,7 +234,9 @@ def grant(s: Subjects, identity: str) -> Grant:
         # deletes from without consuming it. Before, each letter of an audit entry failed on this read.
         g.add(_read_stream(st["audit"]))
     elif identity == "query":
-        g.add(service).add(Grant(subscribe=[s.query], responses=True))
+        # It answers on inboxes only (`is_inbox`), not on any reply subject a requester names (`responses`: a
+        # viewer's request with reply `$KV.<routes>.<deployment>` had the answer stored as that route).
+        g.add(service).add(Grant(subscribe=[s.query], publish=[f"{INBOX}.>"]))
     elif identity == "gateway":
         g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_sent]))
         # The relay of application users' events (each per-application user's, the shared `app`'s): it answers

@@ -148,6 +148,15 @@ def test_the_otlp_receiver_publishes_spans_and_inference_only() -> None:
     assert sorted(facts) == sorted([S.dlq_all, S.spans, S.inference_sent])
 
 
+def test_the_query_service_answers_on_inboxes_only() -> None:
+    # Before: `allow_responses`, so nats-server let it publish on any reply subject a requester named (a KV key's).
+    g = grant(S, "query")
+    assert not g.responses
+    assert may_publish("query", "_INBOX.viewer.abc.1") and may_publish("query", "_INBOX.abc.1")
+    for subject in ("$KV.lg_routes.shop-web", "$KV.lg_gates.shop-v2", S.served("shop"), S.gate_decided("r")):
+        assert not may_publish("query", subject), subject
+
+
 def test_replies_stay_private_to_each_identity() -> None:
     for identity in IDENTITIES:
         if identity != "admin":
