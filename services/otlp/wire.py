@@ -110,12 +110,12 @@ def request_from_json(body: bytes) -> ExportTraceServiceRequest:
         raise InvalidEvent(f"not an OTLP/JSON trace request: {undecodable(exc)}") from None
 
 
-def request_from_protobuf(body: bytes) -> ExportTraceServiceRequest:
-    """Parse a binary OTLP request; InvalidEvent if it is not one."""
+def request_from_protobuf(body: bytes, what: str = "an OTLP/protobuf trace request") -> ExportTraceServiceRequest:
+    """Parse a binary OTLP request; InvalidEvent (`not {what}: why`) if it is not one."""
     try:
         return ExportTraceServiceRequest.FromString(body)
     except (DecodeError, ValueError) as exc:
-        raise InvalidEvent(f"not an OTLP/protobuf trace request: {exc}") from None
+        raise InvalidEvent(f"not {what}: {exc}") from None
 
 
 def response(rejected: int, problems: list[str]) -> ExportTraceServiceResponse:
