@@ -1,10 +1,10 @@
 """A gRPC request that does not decode is the caller's mistake: INVALID_ARGUMENT saying why.
 
 grpc.aio decodes a request before any servicer runs, and answers a decode failure (bad UTF-8 in a
-string field, a corrupt wire format) with UNKNOWN and "Unexpected <class 'DecodeError'>". Both of
-lockgate's gRPC servers (the API, the OTLP receiver) install `DecodeErrors`, which decodes in the
-server's stead and answers what OTLP and the API promise: INVALID_ARGUMENT naming the problem, as
-the HTTP transports answer 400.
+string field, a corrupt wire format) with UNKNOWN and "Unexpected <class 'DecodeError'>". The API's
+gRPC server installs `DecodeErrors`, which decodes in the server's stead and answers what the API
+promises: INVALID_ARGUMENT naming the problem, as the HTTP transports answer 400. (The OTLP receiver
+takes an export's bytes and parses them itself, once its key is accepted: services/otlp/transports.py.)
 """
 
 from __future__ import annotations
