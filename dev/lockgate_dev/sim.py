@@ -95,6 +95,22 @@ def _anthropic_error(status: int, message: str, type_: str) -> web.Response:
     return web.json_response({"type": "error", "error": {"type": type_, "message": message}}, status=status)
 
 
+
+def _embedding_inputs(value: Any) -> list[tuple[str, int]] | None:
+    """OpenAI's embeddings inputs as (text to embed, tokens): a string, a token array, or a non-empty list of
+    either (LangChain sends token arrays by default); None for anything else."""
+    def one(x: Any) -> tuple[str, int] | None:
+        if isinstance(x, str):
+            return x, count_tokens(x)
+        if isinstance(x, list) and x and all(type(t) is int and t >= 0 for t in x):
+            return " ".join(map(str, x)), len(x)
+        return None
+
+    items = [value] if isinstance(value, str) or (isinstance(value, list) and value and type(value[0]) is int) \
+        else value if isinstance(value, list) else []
+    found = [one(x) for x in items]
+    return found if found and all(f is not None for f in found) else None  # type: ignore[return-value]
+
 def _embedding(text: str, dimensions: int) -> list[float]:
     """A deterministic unit-ish vector for a text (not a meaningful embedding)."""
     digest = b""
@@ -448,18 +464,19 @@ class SimServer:
         if isinstance(found, web.Response):
             return found
         body, model = found
-        inputs = [body.input] if isinstance(body.input, str) else list(body.input or [])
-        if not inputs or not all(isinstance(x, str) for x in inputs):
-            return _error(400, "'input' must be a string or a non-empty list of strings", "invalid_request_error")
+        inputs = _embedding_inputs(body.input)
+        if inputs is None:
+            return _error(400, "'input' must be a string, a token array, or a non-empty list of either",
+                          "invalid_request_error")
         dims = body.dimensions or model.spec.dimensions
         data = []
-        for i, text in enumerate(inputs):
+        for i, (text, _) in enumerate(inputs):
             vector = _embedding(text, dims)
             value: Any = vector
             if body.encoding_format == "base64":
                 value = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
             data.append({"object": "embedding", "index": i, "embedding": value})
-        tokens = sum(count_tokens(t) for t in inputs)
+        tokens = sum(n for _, n in inputs)
         return web.json_response({"object": "list", "data": data, "model": model.name,
                                   "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 

@@ -156,6 +156,11 @@ async def test_completions_embeddings_responses_models_match_the_simulator(
     e = await next_event(events)
     assert (e.operation, e.prompt, e.response, e.input_tokens) == ("embeddings", "a\nb", None,
                                                                    want_e.usage.prompt_tokens)
+    # Token arrays, as LangChain's OpenAIEmbeddings sends by default (the simulator refused them with a 400).
+    got_t = await via.embeddings.create(model="m", input=[[1, 2, 3], [4]])
+    want_t = await direct.embeddings.create(model="m", input=[[1, 2, 3], [4]])
+    assert [d.embedding for d in got_t.data] == [d.embedding for d in want_t.data] and got_t.usage.prompt_tokens == 4
+    assert (await next_event(events)).input_tokens == 4
 
     got_r = await via.responses.create(model="m", input="hi", instructions="be kind")
     want_r = await direct.responses.create(model="m", input="hi", instructions="be kind")
