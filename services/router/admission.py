@@ -462,6 +462,14 @@ class Admission:
         # Usage the router did not believe (10^30 tokens, a negative count) is as none: no absurd number reaches
         # the counter (which would refuse everything for the rest of the period).
         believed = USAGE_WARNING not in rec.attributes
+        if believed and call is not None and rec.output_tokens > (cap := most_output(
+                ticket.req, ticket.max_fields, 0, (call.limits,))) > 0:
+            # More output than the call's own limit lets a provider generate (`n` choices of max tokens, reasoning
+            # included): a broken or lying count (a `total_tokens` of 10^8 for `max_tokens: 5` spent a day's budget).
+            # Without a limit the default is only a guess, and the count stands.
+            rec.attributes[USAGE_WARNING] = (f"usage not believed: {rec.output_tokens} output tokens, more than the "
+                                             f"call's limit of {cap}")
+            believed = False
         if believed and (rec.input_tokens or rec.output_tokens):
             return cost_of(ticket.prices.get(model, ticket.price), rec.input_tokens, rec.output_tokens,
                            rec.cached_tokens)

@@ -155,18 +155,24 @@ TOOLS_TOKENS = 1000
 # API's top-level `previous_response_id` and `conversation`. The same names elsewhere (metadata, a tool's
 # parameters, a response_format schema) are the application's own data and point at nothing.
 _MEDIA = frozenset({"image_url", "input_image", "computer_screenshot"})
-_STORED = frozenset({"file", "input_file", "item_reference"})
+# A medium only named by URL (vLLM's `video_url`, `audio_url`: minutes of video are any number of tokens) is read
+# from elsewhere as a file is.
+_STORED = frozenset({"file", "input_file", "item_reference", "video_url", "audio_url"})
 # Nothing above can occur in a body without one of these bytes (a quoted name, or a `\u` escape spelling one
 # otherwise: `"previous_response_\u0069d"`). JSON escapes every quote inside a string, so a text saying
 # "file" has none: the common body is passed over by a few byte scans, never walked nor decoded again.
-_TRIGGERS = (*(f'"{name}"'.encode() for name in (*_MEDIA, *_STORED)), b'"previous_response_id"', b'"conversation"')
+# A chat assistant turn's `audio: {"id": ...}` brings back an earlier audio answer, stored by the provider.
+_TRIGGERS = (*(f'"{name}"'.encode() for name in (*_MEDIA, *_STORED)), b'"previous_response_id"', b'"conversation"',
+             b'"audio"')
 
 
 class _TopLevel(msgspec.Struct):
     """A Responses request's stored state (fields llmwire.ApiRequest does not read)."""
 
-    previous_response_id: Any = None
-    conversation: Any = None
+    # Raw: only whether they are there counts; a value of any size is never built into objects (a 28 MB array held
+    # the event loop for seconds).
+    previous_response_id: msgspec.Raw = msgspec.Raw()
+    conversation: msgspec.Raw = msgspec.Raw()
 
 
 _top_level = msgspec.json.Decoder(_TopLevel)
@@ -201,7 +207,7 @@ def pointed_at(req: ApiRequest, body: bytes, media_tokens: int, stored_tokens: i
     images = stored = 0
     for m in req.messages:
         i, s = _in_parts(m.content)
-        images, stored = images + i, stored + s
+        images, stored = images + i, stored + s + (isinstance(m.audio, dict) and m.audio.get("id") is not None)
     for item in req.input if isinstance(req.input, list) else ():
         if isinstance(item, dict):  # an input item: itself a part (item_reference), or holding parts
             i, s = _in_parts([item, *(p for k in ("content", "output") for p in _as_parts(item.get(k)))])
@@ -217,7 +223,7 @@ def _names_stored_state(body: bytes) -> bool:
         top = _top_level.decode(body)  # skips every other field without building it
     except msgspec.DecodeError:  # read once already (as an ApiRequest): should it fail now, reserve rather than not
         return True
-    return top.previous_response_id is not None or top.conversation is not None
+    return any(bytes(raw) not in (b"", b"null") for raw in (top.previous_response_id, top.conversation))
 
 
 def _as_parts(value: Any) -> list[Any]:

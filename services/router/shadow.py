@@ -46,6 +46,7 @@ from lockgate.services.router.wire import (
     ErrorAnswer,
     as_released,
     parse_completion,
+    top_level,
 )
 
 log = logging.getLogger("lockgate.router.shadow")
@@ -271,7 +272,7 @@ class Shadow:
 
 def _candidate_body(body: bytes, target: domain.Target) -> bytes:
     """The request as the candidate's release serves it, never streamed (the answer is only compared)."""
-    data = msgspec.json.decode(body)
+    data = top_level(body)
     as_released(data, target.model, target.params)  # the client's service_tier neither (a dearer copy)
     data["stream"] = False
     data.pop("stream_options", None)

@@ -62,13 +62,23 @@ def as_released(data: dict[str, Any], model: str | None, params: dict[str, Any])
     data.update(params)
 
 
+_top_level = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def top_level(body: bytes) -> dict[str, Any]:
+    """A request's top-level fields, each value left as its JSON bytes (msgspec.Raw, encoded back verbatim):
+    changing a field never builds the rest into objects (a 28 MB nested value held the event loop for seconds)."""
+    return _top_level.decode(body)
+
+
 def patch_body(body: bytes, model: str | None, include_usage: bool, params: dict[str, Any] | None = None) -> bytes:
     """Re-encode the request as the release serves it (as_released) and/or with stream usage requested."""
-    data = msgspec.json.decode(body)
+    data = top_level(body)
     as_released(data, model, params or {})
     if include_usage:
-        opts = data.get("stream_options") or {}
-        data["stream_options"] = {**opts, "include_usage": True}
+        raw = data.get("stream_options")
+        opts = msgspec.json.decode(raw) if raw is not None else None
+        data["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
     return _encoder.encode(data)
 
 

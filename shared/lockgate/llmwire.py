@@ -17,6 +17,7 @@ class Message(msgspec.Struct):
 
     role: str = ""
     content: Any = None
+    audio: Any = None  # an assistant turn's reference to an earlier audio answer (`{"id": ...}`), stored upstream
 
 
 class ChatRequest(msgspec.Struct):

@@ -486,6 +486,39 @@ def test_an_escaped_key_or_type_is_pointed_at_too() -> None:
     assert _pointed(b'{"input": "hi", "previous_response_id": null, "metadata": {"conversation": "\\u00e9"}}') == Pointed()
 
 
+def test_an_earlier_audio_answer_and_media_named_by_url_are_stored_input() -> None:
+    # Found by a probe (p9): an assistant turn's `audio: {"id": ...}` (an earlier audio answer the provider kept) and
+    # vLLM's `video_url` / `audio_url` parts were reserved only their bytes.
+    audio = {"model": "m", "messages": [{"role": "user", "content": "hi"},
+                                        {"role": "assistant", "audio": {"id": "audio_1"}},
+                                        {"role": "user", "content": "again"}]}
+    assert _pointed(audio) == Pointed(stored=200_000)
+    for kind in ("video_url", "audio_url"):
+        assert _pointed(_chat({"type": kind, kind: {"url": "https://media.example/a"}})) == Pointed(stored=200_000)
+    # The word alone (a modality, a tool's parameter) points at nothing.
+    assert _pointed({"model": "m", "modalities": ["text", "audio"], "messages": [{"role": "user", "content": "hi"}],
+                     "metadata": {"audio": "on"}}) == Pointed()
+
+
+def test_a_large_stored_state_value_is_never_built_into_objects() -> None:
+    # Found by a probe (p9): a 28 MB array as `previous_response_id` was decoded into ten million lists, twice (the
+    # reservation's look and the release's body), holding the router's event loop for seconds.
+    import tracemalloc
+
+    value = b"[" + b",".join([b"[]"] * 200_000) + b"]"  # 600 kB; as Python lists, 200,000 objects (over 11 MB)
+    big = b'{"model": "m", "input": "hi", "previous_response_id": ' + value + b"}"
+    req = msgspec.json.decode(big, type=ApiRequest)  # as admission has it (the field is not one it reads)
+    tracemalloc.start()
+    try:
+        assert pointed_at(req, big, 1500, 200_000) == Pointed(stored=200_000)
+        patched = wire.patch_body(big, "real-model", False, {"temperature": 0})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * len(big)  # the bytes and a copy or two, never the objects
+    assert patched == b'{"model":"real-model","input":"hi","previous_response_id":' + value + b',"temperature":0}'
+
+
 def test_a_reservation_says_what_it_holds_for_input_only_pointed_at() -> None:
     assert Pointed().explain() == ""
     why = Pointed(media=3000, stored=200_000).explain()
