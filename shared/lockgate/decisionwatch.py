@@ -19,6 +19,14 @@ shared user) or the gateway's per-tenant-and-app copies of it (`Subjects.app_dec
 reading every key again when a gateway (re)starts passing those on (`Subjects.app_relist`: what was announced
 while none did was passed on to nobody).
 
+A read that fails (`BusUnavailable`: no gateway answers, the bucket's stream has no leader) does not end a watch.
+When a whole stack restarts, NATS is back before the gateway: the relist that follows the reconnection found no
+responder, and the watch ended, so a decision made after the restart reached nobody who had not watched again.
+Now, once the watch has read every key, it keeps what it read (`seen`) and reads every key again on the next wake
+(a gateway's relist, a reconnection, an announcement) or when `_BACK` says, without end; only a closed
+connection, or a decision that no longer verifies (`verified`), ends it. Its first read still fails at once, as
+`decision()` does: no gateway at all (a wrong prefix) is said to the caller, not waited for.
+
 A decision can stop admitting anything with no new one written: its key revoked or retired, or an approval it
 rests on withdrawn, in the trust file. `verified` checks what a watch yields, and verifies what it yielded again
 whenever the trust roots change (each second it looks): one that no longer verifies ends the watch with
@@ -52,6 +60,8 @@ _REQUEST_TIMEOUT_S = 5.0  # one gateway answer (a page: the keys of the bucket l
 # A read the store does not answer (a leader election, a short outage) is retried before the watch gives up.
 _READ_RETRY = RetryPolicy(attempts=6, initial_s=0.2, max_s=3.0)
 _READ_FAILED = (nats.errors.Error, nats.js.errors.Error, TimeoutError)
+# A watch whose reads still fail (each one retried by _READ_RETRY) reads again after this, or at the next wake.
+_BACK = RetryPolicy(attempts=None, initial_s=1.0, max_s=15.0)
 
 
 class DecisionWithdrawn(SignatureError):
@@ -170,7 +180,8 @@ async def watch_decisions(kv: Any, release_prefix: str = "", *, nc: Any, subject
 
     Once this returns the watch is subscribed, so any decision announced afterwards is seen. Announcements made
     while the connection is down are lost to a subscription: after each reconnection (`reconnects`) every key is
-    read again. The iterator raises BusUnavailable if the bucket stays unreadable."""
+    read again. The iterator raises BusUnavailable if the bucket cannot be read at first, or once the connection is
+    closed; a read that fails later is tried again (the module's docstring)."""
     return await follow_decisions(KvSource(kv, nc.jetstream(), subjects.kv_gates), release_prefix, nc=nc,
                                   announcements=subjects.gate_decided_all, reconnects=reconnects)
 
@@ -193,18 +204,38 @@ async def follow_decisions(source: Source, release_prefix: str = "", *, nc: Any,
     if relists:
         subs.append(await nc.subscribe(relists, cb=on_relist))
     await nc.flush()  # the server has the subscriptions: what is announced from now on reaches them
-    return _follow(source, subs, wake, release_prefix, reconnects)
+    return _follow(source, subs, wake, release_prefix, reconnects, closed=lambda: nc.is_closed)
 
 
 async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | None], release_prefix: str,
-                  reconnects: Reconnects | None) -> AsyncIterator[GateDecided]:
+                  reconnects: Reconnects | None, *, closed: Callable[[], bool]) -> AsyncIterator[GateDecided]:
     relist = asyncio.ensure_future(_relist_after_reconnects(reconnects, wake)) if reconnects else None
     seen: dict[str, int] = {}  # key -> the revision last read
+    listed = False  # every key read once
+    failed = 0  # reads in a row that failed since
     try:
         key: str | None = None
         while True:
+            try:
+                entries = await source.read(key)
+            except BusUnavailable as exc:
+                if not listed or closed():  # a first read that fails says so at once, as decision() does
+                    raise
+                failed += 1
+                if failed == 1:
+                    log.warning("gate decisions watch: %s. It goes on: it reads every decision again when the "
+                                "gateway says it is back, the connection comes back, or in at most %.0f s",
+                                exc.message, _BACK.max_s)
+                with contextlib.suppress(TimeoutError):  # a wake, or the backoff's end: not synchronisation
+                    await asyncio.wait_for(wake.get(), _BACK.delay(failed))
+                key = None  # whatever was to be read: every key is read next, one announced meanwhile with the rest
+                continue
+            if failed:
+                log.info("gate decisions watch: read again after %d failed read(s)", failed)
+                failed = 0
+            listed = True
             fresh = []
-            for entry in await source.read(key):
+            for entry in entries:
                 if entry.revision > seen.get(entry.key, 0):
                     seen[entry.key] = entry.revision
                     fresh.append(entry)

@@ -18,6 +18,7 @@ from lockgate.decisionwatch import (
     DecisionWithdrawn,
     GatewaySource,
     ReconnectCounter,
+    follow_decisions,
     verified,
     watch_decisions,
 )
@@ -59,6 +60,7 @@ class Connection:
         self.bucket = bucket
         self.on_message: Any = None
         self.unsubscribed = False
+        self.is_closed = False
 
     async def subscribe(self, subject: str, cb: Any) -> Any:
         assert subject == S.gate_decided_all
@@ -117,6 +119,51 @@ async def test_current_then_announced_newest_per_release_and_a_relist_after_reco
 
     await watch.aclose()
     assert conn.unsubscribed
+
+
+class Flaky:
+    """A source (the gateway) that answers from the bucket, or fails as one with no responder while `down`."""
+
+    def __init__(self, bucket: Bucket) -> None:
+        self.bucket, self.down = bucket, False
+        self.failed = asyncio.Event()
+
+    async def read(self, key: str | None) -> list[Any]:
+        if self.down:
+            self.failed.set()
+            raise BusUnavailable("cannot read gate decisions through the lockgate gateway: NoRespondersError()")
+        return [await self.bucket.get(k) for k in ([key] if key else list(self.bucket.values))]
+
+
+async def test_a_watch_goes_on_through_failed_reads_and_ends_only_with_its_connection() -> None:
+    bucket, reconnects = Bucket(), ReconnectCounter()
+    conn, source = Connection(bucket), Flaky(bucket)
+    first = store(bucket, "shop-1")
+    watch = await follow_decisions(source, nc=conn, announcements=S.gate_decided_all, reconnects=reconnects)
+    assert await next_of(watch) == first
+
+    source.down = True  # the stack restarted, and the gateway is not back yet
+    waiting = asyncio.ensure_future(anext(watch))
+    second = store(bucket, "shop-1", "BLOCK")
+    await reconnects.bump()
+    await asyncio.wait_for(source.failed.wait(), 5)  # the read after the reconnection failed
+    assert not waiting.done()
+    source.down = False
+    await reconnects.bump()  # the gateway back (its relist): every key read again
+    assert await asyncio.wait_for(waiting, 5) == second
+
+    source.down, conn.is_closed = True, True  # the client closed: nothing will answer again
+    await conn.announce("shop-1")
+    with pytest.raises(BusUnavailable, match="NoRespondersError"):
+        await next_of(watch)
+
+
+async def test_a_watch_whose_first_read_fails_says_so_at_once() -> None:
+    source = Flaky(Bucket())
+    source.down = True
+    watch = await follow_decisions(source, nc=Connection(source.bucket), announcements=S.gate_decided_all)
+    with pytest.raises(BusUnavailable, match="lockgate gateway"):
+        await next_of(watch)
 
 
 class Gateway:
