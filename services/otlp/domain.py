@@ -111,6 +111,7 @@ class Decoded:
     spans: list[SpanRecord] = field(default_factory=list)
     events: list[InferenceEvent] = field(default_factory=list)
     rejected: int = 0  # spans not stored
+    no_event: int = 0  # model-call spans stored with no inference event made of them (not priced, not watched)
     problems: list[str] = field(default_factory=list)  # why: refused spans, and model calls with no event
 
     def problem(self, text: str) -> None:
@@ -199,6 +200,7 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                 try:
                     event = genai.to_event(facts, tenant=tenant, app=app)
                 except InvalidEvent as exc:
+                    out.no_event += 1
                     out.problem(f"span {span_id} stored, but no inference event made of it: {exc.message}")
                     continue
                 if event is not None:

@@ -4,6 +4,13 @@ Nothing is dropped silently: a span is stored, or refused and counted in the ans
 success, or the whole request is answered with a retryable status (the bus did not acknowledge,
 or too many requests are in flight) so the exporter sends it again. A re-sent request publishes the
 same message ids and event ids, so JetStream and the sink keep one copy.
+
+A partial success reaches the sender's exporter only, and the OpenTelemetry Python exporters ignore it (they log
+nothing): so each refusal (a span refused, a model call stored with no inference event) is also counted here
+(`lockgate.events.dropped`, reasons `refused` and `no_event`) and logged at WARNING, at most once a minute per API
+key with the count since (`RefusalLog`: one line per export would let a sender flood the log). They are not
+dead-lettered: the sender's spans are not a stream's messages, and one sender could fill the DLQ the services'
+own bad messages need.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -38,8 +46,35 @@ log = logging.getLogger("lockgate.otlp")
 RETRY = RetryPolicy(attempts=3, initial_s=0.05, max_s=0.5)
 
 
+REFUSED_LOG_S = 60.0  # one key's refusals are logged at most once in this long
+
+
 class Busy(BusUnavailable):
     """Too many export requests are being published at once; the client is asked to retry later."""
+
+
+class RefusalLog:
+    """Refusals per API key, logged at WARNING at most once every `every_s` per key with the counts since."""
+
+    def __init__(self, every_s: float = REFUSED_LOG_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_s, self._clock = every_s, clock
+        self._unlogged: dict[str, tuple[int, int, int]] = {}  # key label -> exports, spans refused, no event
+        self._next: dict[str, float] = {}  # key label -> monotonic time from which it is logged again
+
+    def note(self, label: str, decoded: domain.Decoded) -> None:
+        """Count one export's refusals, and log them with the others unlogged if the key's minute is over."""
+        exports, spans, no_event = self._unlogged.get(label, (0, 0, 0))
+        exports, spans, no_event = exports + 1, spans + decoded.rejected, no_event + decoded.no_event
+        now = self._clock()
+        if now < self._next.get(label, 0.0):
+            self._unlogged[label] = (exports, spans, no_event)
+            return
+        self._unlogged.pop(label, None)
+        self._next[label] = now + self.every_s
+        log.warning("OTLP exports refused in part from %s: %d span(s) refused and %d model call(s) stored with no "
+                    "inference event, in %d export(s) (the latest: %s). Each was told in the answer's "
+                    "partial_success, which the OpenTelemetry Python exporters do not log. Logged at most once "
+                    "every %g s per key", label, spans, no_event, exports, decoded.problems[0], self.every_s)
 
 
 class Receiver:
@@ -58,6 +93,8 @@ class Receiver:
         self._threads = decode_threads or min(4, os.cpu_count() or 1)
         self._pool: ThreadPoolExecutor | None = None
         self.retry_asked = Progress()  # exports answered "retry later"; tests await it instead of sleeping
+        self.refused = Progress()  # exports answered with a partial success (spans refused, model calls unmade)
+        self.refusals = RefusalLog()
 
     def authenticate(self, headers: Mapping[str, str]) -> ApiKey:
         """The API key of `Authorization: Bearer lg-...` or `x-api-key: lg-...` (header names lower-case);
@@ -89,8 +126,11 @@ class Receiver:
         metrics.events_out("otlp", received - decoded.rejected + len(events))
         if decoded.rejected:
             metrics.events_dropped("otlp", decoded.rejected, reason="refused")
+        if decoded.no_event:
+            metrics.events_dropped("otlp", decoded.no_event, reason="no_event")
         if decoded.problems:
-            log.info("OTLP export from %s: %d spans refused; %s", key.label, decoded.rejected, decoded.problems[0])
+            self.refusals.note(key.label, decoded)
+            await self.refused.bump()
         return wire.response(decoded.rejected, decoded.problems)
 
     def _prepare(self, key: ApiKey, request: ExportTraceServiceRequest | Callable[[], ExportTraceServiceRequest]
@@ -113,6 +153,7 @@ class Receiver:
                 # else the export would be answered "retry" for ever.
                 encoded = encode_event(event, check=True)
             except InvalidEvent as exc:
+                decoded.no_event += 1
                 decoded.problem(f"span {event.span_id}: its inference event was refused: {exc.message}")
                 continue
             events.append(encoded)

@@ -1,0 +1,68 @@
+"""Spans the OTLP receiver refuses in part are recorded on the server too. The answer's partial_success is all the
+sender gets, and the OpenTelemetry Python exporters ignore it: before, a span dated outside the window, or a model
+call whose inference event was refused (not priced, not watched by drift), was recorded nowhere a lockgate operator
+looks. Now each is counted (`lockgate.events.dropped`) and logged at WARNING, at most once a minute per key."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import pytest
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from lockgate.server.apikeys import Bootstrap
+from tests.helpers import metric_points
+from tests.integration import test_otlp
+
+pytestmark = pytest.mark.timeout(90)
+
+keys, stack = test_otlp.keys, test_otlp.stack
+
+_DAY_NS = 86_400 * 10**9
+
+
+def _refused_in_part() -> Any:
+    """One span 40 days old, and one model call with a negative token count, as the standard SDK ends them."""
+    spans = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "refused-in-part"}))
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracer = provider.get_tracer("test-app")
+    tracer.start_span("old step", start_time=time.time_ns() - 40 * _DAY_NS).end()
+    with tracer.start_as_current_span("chat gpt-4o-mini") as call:
+        call.set_attributes({"gen_ai.operation.name": "chat", "gen_ai.request.model": "gpt-4o-mini",
+                             "gen_ai.usage.input_tokens": -5})
+    provider.shutdown()
+    return spans.get_finished_spans()
+
+
+async def test_a_partial_success_is_counted_and_logged_once_a_minute_per_key(
+        stack: Any, keys: Bootstrap, metric_reader: InMemoryMetricReader, caplog: pytest.LogCaptureFixture) -> None:
+    receiver = stack["otlp"].receiver
+    exporter = HttpExporter(endpoint=stack.endpoints["otlp-http"] + "/v1/traces",
+                            headers={"x-api-key": keys.app_key})
+    spans = _refused_in_part()
+    with caplog.at_level(logging.WARNING):
+        # Sent twice (the exporter blocks: off the event loop the receiver runs on).
+        results = [await asyncio.to_thread(exporter.export, spans) for _ in range(2)]
+    exporter.shutdown()
+    # The exporter calls each export a success, and says nothing of what was refused.
+    assert results == [SpanExportResult.SUCCESS] * 2
+    assert not [r for r in caplog.records if r.name.startswith("opentelemetry")]
+    assert metric_points(metric_reader, "lockgate.events.dropped") == {
+        (("reason", "refused"), ("service", "otlp")): 2, (("reason", "no_event"), ("service", "otlp")): 2}
+    # One line for the key, not one per export: the second minute's line carries the count since.
+    lines = [r.getMessage() for r in caplog.records if r.name == "lockgate.otlp"]
+    assert len(lines) == 1, lines
+    assert "apikey:" in lines[0] and "acme/shop" in lines[0] and keys.app_key not in lines[0]
+    assert "partial_success" in lines[0] and "once every 60 s per key" in lines[0]
+    assert "1 span(s) refused and 1 model call(s) stored with no inference event, in 1 export(s)" in lines[0]
+    assert "outside the accepted window" in lines[0]
+    assert receiver.refused.count == 2  # exports answered with a partial success
