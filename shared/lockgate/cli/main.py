@@ -142,6 +142,14 @@ def traces(ctx: click.Context, trace_id: str | None, release: str | None, servic
                               f"({', '.join(tenants)}): each span's tenant is the one its sender's key belongs to "
                               "(origin otlp: its service name and attributes are that sender's); --tenant T shows "
                               "one tenant's", highlight=False, soft_wrap=True)
+        if rows and all(r.get("service") == "lockgate-sink" and r.get("origin") == "lockgate" for r in rows):
+            # A router request traced unsampled leaves only the sink's span of its event: say why, and where it is.
+            err_console.print(f"[yellow]note:[/yellow] trace {trace_id} holds only the sink's span: the router "
+                              "records a request's span only when it is sampled (LOCKGATE_TRACE_SAMPLE_RATIO, 0.1 by "
+                              "default; a request with a sampled `traceparent` always is). Its inference event is "
+                              "stored either way: lockgate sql \"SELECT time, deployment, model, status, input_tokens, "
+                              "output_tokens, latency_ms FROM inference_events WHERE trace_id = "
+                              f"'{trace_id.strip().lower()}'\"", highlight=False, soft_wrap=True)
     elif release:
         output(_query(ctx, "traces_for_release", release=release, limit=limit, **scope), as_json,
                title=f"traces of {release}" + (f" (tenant {tenant})" if tenant else ""))
