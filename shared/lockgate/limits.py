@@ -34,6 +34,15 @@ def _within(times: list[datetime], earliest: datetime, latest: datetime) -> bool
         return False
 
 
+def duration(seconds: float) -> str:
+    """`seconds` as people read it: "30 days", "1 hour", "90 minutes", "45 seconds" (before, `2.592e+06s`)."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size and seconds % size == 0:
+            n = int(seconds // size)
+            return f"{n} {unit}{'s' if n != 1 else ''}"
+    return f"{seconds:,.10g} second{'s' if seconds != 1 else ''}"
+
+
 @dataclass(frozen=True)
 class EventLimits:
     """Limits on inference messages; the defaults suit producers that send events as they happen."""
@@ -81,10 +90,10 @@ class EventLimits:
             # unknown, and comparing it with now would raise, leaving its message unsettled.
             return f"time {event.time!s} has no UTC offset (add Z or +00:00)"
         if event.time < earliest:
-            return (f"time {event.time.isoformat()} is more than {self.past_s:g}s before now "
+            return (f"time {event.time.isoformat()} is more than {duration(self.past_s)} before now "
                     f"({now.isoformat(timespec='seconds')})")
         if event.time > latest:
-            return (f"time {event.time.isoformat()} is more than {self.future_s:g}s after now "
+            return (f"time {event.time.isoformat()} is more than {duration(self.future_s)} after now "
                     f"({now.isoformat(timespec='seconds')})")
         return ""
 

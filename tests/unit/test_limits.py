@@ -79,3 +79,16 @@ def test_a_time_without_a_utc_offset_is_refused_with_its_reason_not_raised() -> 
     assert "no UTC offset" in EventLimits().event_error(naive)
     with pytest.raises(InvalidEvent, match=r"no UTC offset .*\$\.time"):
         Client("nats://127.0.0.1:1", app="shop").emit(time=datetime.now(UTC).replace(tzinfo=None))
+
+
+def test_the_window_is_named_in_words_not_in_exponent_seconds() -> None:
+    # Before: "is more than 2.592e+06s before now".
+    c = Client("nats://127.0.0.1:1", app="shop")
+    with pytest.raises(InvalidEvent, match=r"is more than 30 days before now \("):
+        c.emit(time=datetime(2020, 1, 1, tzinfo=UTC))
+    with pytest.raises(InvalidEvent, match=r"is more than 1 hour after now \("):
+        c.emit(time=datetime.now(UTC) + timedelta(days=1))
+    _, refused = EventLimits(past_s=90 * 60, future_s=100_001).split([_at(timedelta(days=-1)),
+                                                                       _at(timedelta(days=2))], NOW)
+    assert "more than 90 minutes before now" in refused[0][1]
+    assert "more than 100,001 seconds after now" in refused[1][1]
