@@ -51,6 +51,7 @@ from lockgate.kvread import kv_keys
 from lockgate.retry import RetryPolicy
 from lockgate.signing import TRUST_CHECK_S, Verifier
 from lockgate.subjects import Subjects, token, untoken
+from lockgate.ticks import Idle, ticking
 
 log = logging.getLogger("lockgate.decisions")
 
@@ -260,23 +261,13 @@ async def verified(decisions: AsyncIterator[GateDecided], verifier: Verifier, *,
     if any no longer verifies, or a release's newer decision does not, it raises DecisionWithdrawn naming them."""
     yielded: dict[str, GateDecided] = {}  # release -> the decision last yielded for it
     roots = verifier.roots()
-    pending: asyncio.Future[GateDecided] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(decisions))
-            # A timeout, not a sleep: nothing else wakes a watch when the trust file changes.
-            done, _ = await asyncio.wait({pending}, timeout=every_s)
+    async with contextlib.aclosing(ticking(decisions, every_s)) as ticks:
+        async for decision in ticks:
             if (now := verifier.roots()) is not roots:
                 roots = now
                 await _still_verified(yielded, verifier)
-            if not done:
+            if isinstance(decision, Idle):
                 continue
-            task, pending = pending, None
-            try:
-                decision = task.result()
-            except StopAsyncIteration:
-                return
             try:
                 await verifier.verify(decision)
             except SignatureError as exc:
@@ -288,10 +279,6 @@ async def verified(decisions: AsyncIterator[GateDecided], verifier: Verifier, *,
             # A change `verify` read left a new keyring: what was yielded before is verified against it next round.
             yielded[decision.release] = decision
             yield decision
-    finally:
-        if pending is not None:
-            pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)  # the watch is not running when it is closed
 
 
 async def _still_verified(yielded: dict[str, GateDecided], verifier: Verifier) -> None:

@@ -11,7 +11,6 @@ the next request without a restart.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import hmac
@@ -26,6 +25,7 @@ import msgspec
 
 from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import ConfigError, LockgateError, NotFound
+from lockgate.ticks import Idle, ticking
 
 Role = Literal["app", "viewer", "operator", "approver", "admin"]
 ROLES: tuple[str, ...] = ("app", "viewer", "operator", "approver", "admin")
@@ -270,26 +270,11 @@ async def while_allowed(items: AsyncIterator[_T], check: Callable[[], object], *
     unchanged) runs before each item is yielded and every `every_s` seconds between, and its AuthError or Forbidden
     ends the stream. A key revoked or rescoped is so refused a stream it opened before, as its next call is, and is
     given nothing that came after. (decisionwatch.verified looks again at the trust roots the same way.)"""
-    pending: asyncio.Future[_T] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(items))
-            # A timeout, not a sleep: nothing announces a change of the keys file.
-            done, _ = await asyncio.wait({pending}, timeout=every_s)
+    async with contextlib.aclosing(ticking(items, every_s)) as ticks:
+        async for item in ticks:
             check()
-            if not done:
-                continue
-            task, pending = pending, None
-            try:
-                item = task.result()
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        if pending is not None:
-            pending.cancel()
-            await asyncio.gather(pending, return_exceptions=True)  # the stream is not running when it is closed
+            if not isinstance(item, Idle):
+                yield item
 
 
 # role checks
