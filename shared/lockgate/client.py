@@ -38,6 +38,12 @@ from lockgate.subjects import Subjects, token
 
 log = logging.getLogger("lockgate.client")
 
+# The first connection is tried this many times per server (a server restarting that very second is ridden
+# out), then start() raises BusUnavailable: nats-py's `max_reconnect_attempts=-1`, meant for the reconnections
+# after it, retried a wrong URL, a closed port or an unknown host forever, and start() never returned.
+FIRST_CONNECT_TRIES = 2
+CONNECT_TIMEOUT_S = 5
+
 _decisions: Codec[GateDecided] = Codec(GateDecided)
 async def get_decision(kv: Any, release: str) -> GateDecided | None:
     """The latest decision for `release` in the gates KV bucket, or None.
@@ -142,6 +148,7 @@ class Client:
         self._closed = False
         self._nc: Any = None
         self._js: Any = None
+        self._first_tries_left = FIRST_CONNECT_TRIES
         self._reconnects = ReconnectCounter()  # a decisions() watch reads every key again after each
         # Decisions are acted on only when signed by a trusted gatekeeper key: the trust file
         # (`trust_file`, LOCKGATE_TRUST_FILE, else {LOCKGATE_HOME or ./.lockgate}/trust.json) and
@@ -185,11 +192,12 @@ class Client:
             raise self._closed_error()
         if self._started:
             return  # a second connection would replace the first and leave it open for good
+        # A cluster is given as comma-separated URLs (as LOCKGATE_NATS_URL): nats-py takes a list.
+        servers = [u.strip() for u in self.nats_url.split(",") if u.strip()]
+        self._first_tries_left = FIRST_CONNECT_TRIES * max(1, len(servers))
         try:
-            # A cluster is given as comma-separated URLs (as LOCKGATE_NATS_URL): nats-py takes a list.
-            servers = [u.strip() for u in self.nats_url.split(",") if u.strip()]
             self._nc = await nats.connect(
-                servers, name=f"lockgate-sdk-{self.app}", max_reconnect_attempts=-1, connect_timeout=5,
+                servers, name=f"lockgate-sdk-{self.app}", max_reconnect_attempts=-1, connect_timeout=CONNECT_TIMEOUT_S,
                 error_cb=self._on_error, reconnected_cb=self._reconnects.bump, **self._auth.options(),
             )
         except NotAllowed:
@@ -212,9 +220,17 @@ class Client:
         return ClientClosed("this lockgate client is closed: a Client is started once; make a new one")
 
     async def _on_error(self, exc: Exception) -> None:
-        # Raised while connecting, it ends nats-py's connect loop, which retries bad credentials forever.
-        if self._nc is None and "authorization violation" in str(exc).lower():
-            raise self._bad_credentials()
+        # Raised while connecting, it ends nats-py's connect loop, which retries bad credentials forever,
+        # and a server it cannot reach too (its reconnections, after a first connection, stay unlimited).
+        if self._nc is None:
+            if "authorization violation" in str(exc).lower():
+                raise self._bad_credentials()
+            self._first_tries_left -= 1
+            if self._first_tries_left <= 0:
+                why = str(exc) or f"no answer within {CONNECT_TIMEOUT_S} s ({type(exc).__name__})"
+                raise BusUnavailable(f"cannot reach NATS at {shown_url(self.nats_url)}: {why}")
+            log.info("lockgate-sdk: NATS at %s not reached (%s); trying again", shown_url(self.nats_url), exc)
+            return
         if "permissions violation" in str(exc).lower():
             # A publish its NATS user may not make (another app's subject): its batches wait unacknowledged.
             log.error("lockgate-sdk: NATS refused: %s (is this client's tenant and app its credential's?)", exc)
