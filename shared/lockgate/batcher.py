@@ -97,10 +97,12 @@ class Batcher(Generic[T]):
         return self._closed
 
     def start(self) -> None:
-        """Begin flushing what was buffered so far (needed only with autostart=False)."""
+        """Begin flushing what was buffered so far (needed only with autostart=False), on the running loop."""
         self._started = True
+        # The flush task starts now, on the owner's loop, not at the next add: an add that is the first may come
+        # from a thread without one (an SDK's emit handed over from a worker thread).
+        self._ensure_runner()
         if self._items or self._waiters:
-            self._ensure_runner()
             self._wake.set()
 
     def add(self, item: T) -> bool:

@@ -6,8 +6,10 @@ dependencies. The streams and buckets are created by the running stack (`Bus.ens
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from typing import Any, Self
 
@@ -77,7 +79,9 @@ class Client:
 
     `emit` never blocks and never raises for a full buffer: it returns False and counts the event
     in `dropped`. It raises InvalidEvent at once for an event the contract forbids, so one bad
-    event never reaches (and poisons) a batch. Call it from the event loop's thread.
+    event never reaches (and poisons) a batch. It may be called from any thread: from another than the one
+    that started the client, the event is handed to the client's event loop (`call_soon_threadsafe`) and
+    True returned; a full buffer then counts it in `dropped` there.
 
     While the bus is away, publishes are retried until it is back (or `max_attempts` times, if
     given), and the buffer (`max_buffer` events) takes what is emitted meanwhile; `close()` waits
@@ -149,6 +153,10 @@ class Client:
         self._nc: Any = None
         self._js: Any = None
         self._first_tries_left = FIRST_CONNECT_TRIES
+        # The loop (and its thread) start() ran on: emits from other threads are handed to it.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._warned_closed = False
         self._reconnects = ReconnectCounter()  # a decisions() watch reads every key again after each
         # Decisions are acted on only when signed by a trusted gatekeeper key: the trust file
         # (`trust_file`, LOCKGATE_TRUST_FILE, else {LOCKGATE_HOME or ./.lockgate}/trust.json) and
@@ -209,6 +217,7 @@ class Client:
         except OSError as exc:
             raise BusUnavailable(f"cannot reach NATS at {shown_url(self.nats_url)}: {exc}") from None
         self._js = self._nc.jetstream()
+        self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         self._outbox.start(self._js)
         self._started = True
 
@@ -243,6 +252,7 @@ class Client:
         Never raises for a bus that went away: what could not be published is counted in `failed`.
         Closing again does nothing."""
         if not self._closed:
+            await self._handed_over()  # what other threads emitted before close() is published with the rest
             # Closed without ever starting, its buffered events are counted dropped, and later emits refused.
             await self._outbox.close()
         self._started = False
@@ -278,7 +288,42 @@ class Client:
             # per-application NATS user may publish on its own subject only): refused here, not lost there.
             raise InvalidEvent(f"invalid inference event: tenant {encoded.tenant!r}, app {encoded.app!r}; this client "
                                f"sends tenant {self.tenant!r}, app {self.app!r}: make a Client for each - at `$.app`")
-        return self._outbox.add(encoded)
+        loop = self._loop
+        if loop is not None and not self._closed and threading.get_ident() != self._loop_thread:
+            # The buffer and its flush task belong to the client's loop: added from here, an item started no
+            # flush (RuntimeError 'no running event loop', raised after it was buffered) or woke none.
+            try:
+                loop.call_soon_threadsafe(self._add, encoded)
+            except RuntimeError:  # that loop is closed: nothing would ever publish it
+                self._outbox.refuse()
+                self._warn_once("the event loop this client was started on is closed: events are refused and "
+                                "counted in `dropped` (close() the client before its loop ends)")
+                return False
+            return True
+        return self._add(encoded)
+
+    def _add(self, encoded: Any) -> bool:
+        accepted = self._outbox.add(encoded)
+        if not accepted and self._outbox.closed:
+            self._warn_once("emit() after close(): events are refused from now on and counted in `dropped` "
+                            "(a closed client stays closed: make a new Client)")
+        return accepted
+
+    def _warn_once(self, message: str) -> None:
+        # Once: requests finishing during a shutdown are many, and one line says it (`dropped` counts each).
+        if not self._warned_closed:
+            self._warned_closed = True
+            log.warning("lockgate-sdk: %s", message)
+
+    async def _handed_over(self) -> None:
+        """Return once the events other threads handed to this loop before the call are in the buffer."""
+        loop = self._loop
+        if loop is None or loop is not asyncio.get_running_loop():
+            return
+        # Handed over with call_soon_threadsafe, they run before a callback queued after them (FIFO).
+        marker = loop.create_future()
+        loop.call_soon(marker.set_result, None)
+        await marker
 
     async def flush(self) -> None:
         """Return once every event emitted before this call is acknowledged (or counted failed)."""
@@ -286,6 +331,7 @@ class Client:
             raise self._closed_error()
         if not self._started:
             raise BusUnavailable("the lockgate client is not started; call start() or use `async with`")
+        await self._handed_over()  # the events other threads emitted before this call are "before" it too
         await self._outbox.flush()
 
     async def decision(self, release: str) -> GateDecided | None:

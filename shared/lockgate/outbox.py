@@ -372,6 +372,11 @@ class Outbox:
     def __len__(self) -> int:
         return len(self._batcher)
 
+    @property
+    def closed(self) -> bool:
+        """True once close() began: events are refused from then on."""
+        return self._batcher.closed
+
     def start(self, js: Any) -> None:
         """Publish through this JetStream context from now on (events added before wait for it)."""
         self.js = js
@@ -395,6 +400,11 @@ class Outbox:
         self._refused_closed += 1
         self._report(self._on_drop, 1, "closed")
         return False
+
+    def refuse(self) -> None:
+        """Count one event refused without being offered (its producer knows nothing can publish it)."""
+        self._refused_closed += 1
+        self._report(self._on_drop, 1, "closed")
 
     async def flush(self) -> None:
         """Return once every event added before this call is acknowledged or counted failed."""
