@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Self
 
@@ -140,6 +141,7 @@ class Client:
             # An application credential (its own user, or the shared `app`) publishes through the gateway's relay
             # (Subjects.ingest: it may publish on no stream's subject); another user (your own) or none, directly.
             via="relay" if scoped is not None or user == APP else "sent",
+            cause=lambda: self._refusal,
         )
         # And reads decisions through the gateway (Subjects.reads: it makes no JetStream API request), following
         # every announcement (the shared user) or the gateway's copies of its own releases' (its own user).
@@ -157,6 +159,9 @@ class Client:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
         self._warned_closed = False
+        # Why the bus refuses this client since it last reconnected (its credential revoked or rotated), or None:
+        # logged once, and the reason given for the events counted failed and for BusUnavailable from calls.
+        self._refusal: str | None = None
         self._reconnects = ReconnectCounter()  # a decisions() watch reads every key again after each
         # Decisions are acted on only when signed by a trusted gatekeeper key: the trust file
         # (`trust_file`, LOCKGATE_TRUST_FILE, else {LOCKGATE_HOME or ./.lockgate}/trust.json) and
@@ -206,7 +211,7 @@ class Client:
         try:
             self._nc = await nats.connect(
                 servers, name=f"lockgate-sdk-{self.app}", max_reconnect_attempts=-1, connect_timeout=CONNECT_TIMEOUT_S,
-                error_cb=self._on_error, reconnected_cb=self._reconnects.bump, **self._auth.options(),
+                error_cb=self._on_error, reconnected_cb=self._on_reconnected, **self._auth.options(),
             )
         except NotAllowed:
             raise
@@ -240,17 +245,33 @@ class Client:
                 raise BusUnavailable(f"cannot reach NATS at {shown_url(self.nats_url)}: {why}")
             log.info("lockgate-sdk: NATS at %s not reached (%s); trying again", shown_url(self.nats_url), exc)
             return
+        if "authorization violation" in str(exc).lower():
+            # Its credential was revoked or rotated: nats-py retries (and is refused) every 2 s, for good.
+            if self._refusal is None:
+                self._refusal = (f"NATS at {shown_url(self.nats_url)} refused this application's credentials when "
+                                 f"it reconnected ({exc}): were they revoked or rotated?")
+                log.error("lockgate-sdk: %s Events are kept in the buffer until it accepts them again.",
+                          self._refusal)
+            return
         if "permissions violation" in str(exc).lower():
             # A publish its NATS user may not make (another app's subject): its batches wait unacknowledged.
             log.error("lockgate-sdk: NATS refused: %s (is this client's tenant and app its credential's?)", exc)
             return
         log.debug("lockgate-sdk: NATS error %s", exc)
 
+    async def _on_reconnected(self) -> None:
+        if self._refusal is not None:
+            log.warning("lockgate-sdk: NATS at %s accepts this application's credentials again",
+                        shown_url(self.nats_url))
+        self._refusal = None
+        await self._reconnects.bump()
+
     async def close(self) -> None:
         """Publish everything buffered, wait for the acks, then disconnect.
 
         Never raises for a bus that went away: what could not be published is counted in `failed`.
         Closing again does nothing."""
+        deadline = time.monotonic() + self._outbox.close_timeout_s
         if not self._closed:
             await self._handed_over()  # what other threads emitted before close() is published with the rest
             # Closed without ever starting, its buffered events are counted dropped, and later emits refused.
@@ -258,6 +279,10 @@ class Client:
         self._started = False
         self._closed = True
         if self._nc is not None and not self._nc.is_closed:
+            # nats-py's close() waits up to `reconnect_time_wait` (2 s) for a reconnection in progress, which ends
+            # only by succeeding (never, for a refused credential): within close_timeout_s, what is left of it.
+            options = self._nc.options
+            options["reconnect_time_wait"] = min(options["reconnect_time_wait"], max(0.0, deadline - time.monotonic()))
             try:
                 await self._nc.close()
             except OSError as exc:
@@ -392,6 +417,8 @@ class Client:
             raise self._closed_error()
         if self._js is None:
             raise BusUnavailable("the lockgate client is not started; call start() or use `async with`")
+        if self._refusal is not None and not self._nc.is_connected:
+            raise BusUnavailable(self._refusal)  # at once: no request can be made, and the gateway is not why
 
     def _gateway(self, release_prefix: str = "") -> GatewaySource:
         self._started_or_raise()

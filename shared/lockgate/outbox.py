@@ -15,10 +15,11 @@ The SDK imports this module: it needs nothing beyond nats-py and msgspec.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from operator import attrgetter
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -228,6 +229,7 @@ async def publish_events(
     timeout_s: float = 5.0,
     via: Via = "sent",
     on_acked: Callable[[list[Encoded]], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> int:
     """Publish events, one message per tenant, app and chunk; returns how many JetStream acknowledged.
 
@@ -237,11 +239,14 @@ async def publish_events(
     `via`: "sent" on `subjects.inference`; "served", the router's events of requests it served, on
     `subjects.served`; "relay", an application NATS user's (its own or the shared `app`), on `subjects.ingest`
     (see there).
-    `on_acked(chunk)` is called with each chunk JetStream acknowledged, as its ack arrives."""
+    `on_acked(chunk)` is called with each chunk JetStream acknowledged, as its ack arrives.
+    `stop`, once set, ends the wait for an ack (or between retries) at once, as a timeout: a publisher
+    that stops waiting (Outbox.close) is not held by the attempt in flight then."""
     chunks = chunk_by_sender(events, batch_size)
     subject = {"sent": subjects.inference, "served": subjects.served, "relay": subjects.ingest}[via]
     errors = await asyncio.gather(
-        *(_publish_chunk(js, subject(c[0].app, c[0].tenant), c, headers, retry, give_up, timeout_s, on_acked) for c in chunks)
+        *(_publish_chunk(js, subject(c[0].app, c[0].tenant), c, headers, retry, give_up, timeout_s, on_acked, stop)
+          for c in chunks)
     )
     failed = sum(len(c) for c, exc in zip(chunks, errors, strict=True) if exc is not None)
     sent = len(events) - failed
@@ -270,6 +275,7 @@ async def _publish_chunk(
     give_up: Callable[[], bool] | None,
     timeout_s: float,
     on_acked: Callable[[list[Encoded]], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> Exception | None:
     try:
         # The JSON array the sink decodes, made in one copy of the events' bytes: the brackets go on the
@@ -284,10 +290,11 @@ async def _publish_chunk(
         # The same events always give the same id, so a retry after a lost ack is deduplicated.
         hdrs["Nats-Msg-Id"] = batch_id(chunk)
         await retry.call(
-            lambda: js.publish(subject, data, headers=hdrs, timeout=timeout_s),
+            lambda: _unless(stop, js.publish(subject, data, headers=hdrs, timeout=timeout_s)),
             retry_on=TRANSIENT,
             what=f"publish of {len(chunk)} events to {subject}",
             give_up=give_up,
+            sleep=asyncio.sleep if stop is None else lambda s: _until_set(stop, s),
         )
     except Exception as exc:  # counted by the caller, never lost silently
         log.warning("%d inference events for %s not published: %r", len(chunk), subject, exc)
@@ -295,6 +302,30 @@ async def _publish_chunk(
     if on_acked is not None:  # outside the try: what it does is no publish failure
         on_acked(chunk)
     return None
+
+
+async def _unless(stop: asyncio.Event | None, publish: Awaitable[T]) -> T:
+    """`publish`'s result, or TimeoutError as soon as `stop` is set (the publish is then cancelled)."""
+    if stop is None:
+        return await publish
+    task = asyncio.ensure_future(publish)
+    if not stop.is_set():
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+    if not task.done():
+        task.cancel()
+        raise TimeoutError("the publisher stopped waiting for the acknowledgement")
+    return task.result()
+
+
+async def _until_set(stop: asyncio.Event, seconds: float) -> None:
+    """A retry's backoff, cut short once `stop` is set (the next attempt then fails at once and gives up)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
 
 
 class Outbox:
@@ -332,14 +363,17 @@ class Outbox:
         on_sent: Callable[[int], None] | None = None,
         on_drop: Callable[[int, str], None] | None = None,
         spool: Spool | None = None,
+        cause: Callable[[], str | None] | None = None,
     ) -> None:
         self.subjects = subjects
+        self._cause = cause  # why the bus is refusing this publisher now, if its owner knows (logged with failures)
         self.batch_size = batch_size
         self.retry = retry
         self.close_timeout_s = close_timeout_s
         self.publish_timeout_s = publish_timeout_s  # each attempt's wait for its ack
         self.via = via  # which subject its events go on (publish_events)
         self._give_up_at: float | None = None  # set by close(): when publishes still failing are given up
+        self._stop: asyncio.Event | None = None  # set at _give_up_at: ends the attempts (and backoffs) in flight
         self.js: Any = None
         self.sent = 0
         self.failed = 0
@@ -380,6 +414,7 @@ class Outbox:
     def start(self, js: Any) -> None:
         """Publish through this JetStream context from now on (events added before wait for it)."""
         self.js = js
+        self._stop = asyncio.Event()
         self._batcher.start()
 
     def add(self, event: Encoded) -> bool:
@@ -418,7 +453,13 @@ class Outbox:
             self._batcher.abandon("closed" if self.spool is None else "spooled")
         else:
             self._give_up_at = time.monotonic() + self.close_timeout_s
-            await self._batcher.close()
+            # The bound is close()'s whole: an attempt in flight, or one begun just before the deadline, would
+            # wait its own timeout (5 s) past it (close_timeout_s=10 took 14 s).
+            deadline = asyncio.get_running_loop().call_later(self.close_timeout_s, self._stop_now)
+            try:
+                await self._batcher.close()
+            finally:
+                deadline.cancel()
         if self.spool is not None:
             self.spool.close()  # what was not acknowledged stays there for the next start
 
@@ -426,8 +467,13 @@ class Outbox:
         assert self.spool is not None
         self.spool.settle((event,))
 
+    def _stop_now(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
     def _give_up(self) -> bool:
-        return self._give_up_at is not None and time.monotonic() >= self._give_up_at
+        return (self._stop is not None and self._stop.is_set()) or (
+            self._give_up_at is not None and time.monotonic() >= self._give_up_at)
 
     async def _publish(self, events: list[Encoded]) -> None:
         try:
@@ -435,10 +481,13 @@ class Outbox:
             # await and lose the counts of batches acknowledged meanwhile.
             sent = await publish_events(self.js, self.subjects, events, batch_size=self.batch_size, retry=self.retry,
                                         give_up=self._give_up, timeout_s=self.publish_timeout_s,
-                                        via=self.via, on_acked=None if self.spool is None else self.spool.settle)
+                                        via=self.via, on_acked=None if self.spool is None else self.spool.settle,
+                                        stop=self._stop)
         except PublishFailed as exc:
             self.sent += exc.sent
             self.failed += exc.failed
+            if self._cause is not None and (why := self._cause()):
+                log.error("%d inference events counted failed: %s", exc.failed, why)
             self._report(self._on_sent, exc.sent)
             # Spooled, they are published by the next start on the spool: not lost, but not published by this one.
             self._report(self._on_drop, exc.failed, "publish_failed" if self.spool is None else "spooled")

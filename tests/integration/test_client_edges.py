@@ -4,9 +4,13 @@ a credential revoked while it runs, emits after close, and a NATS without lockga
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +20,8 @@ from lockgate.client import Client
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import BusUnavailable
+from lockgate.server.runtime import Runtime
+from tests.integration.test_app_credentials import app_credential
 from tests.integration.test_client import client, events_codec, stored
 
 pytestmark = pytest.mark.timeout(90)
@@ -79,7 +85,6 @@ async def test_emit_from_worker_threads_publishes_each_event_once_without_a_flus
         assert errors == [] and accepted == [True] * total
         # Published by the client's own flush task, with no flush() or close() from the loop's thread.
         await asyncio.wait_for(all_arrived.wait(), 20)
-        assert c.sent == total
     await watch.unsubscribe()
     assert (c.sent, c.failed, c.dropped) == (total, 0, 0)
     events, _ = await stored(bus)
@@ -108,3 +113,81 @@ async def test_emit_after_close_is_counted_and_logged_once(
     assert c.dropped == 3
     warnings = [r.getMessage() for r in caplog.records if r.name == "lockgate.client"]
     assert len(warnings) == 1 and "emit() after close()" in warnings[0] and "make a new Client" in warnings[0]
+
+
+class Seen(logging.Handler):
+    """Log records of one logger, and a wait for the first that says `text`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._said: dict[str, threading.Event] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        for text, said in self._said.items():
+            if text in record.getMessage():
+                said.set()
+
+    async def said(self, text: str, timeout_s: float = 20.0) -> None:
+        said = self._said.setdefault(text, threading.Event())
+        if any(text in r.getMessage() for r in self.records):
+            return
+        assert await asyncio.to_thread(said.wait, timeout_s), f"nothing logged saying {text!r}"
+
+    def at(self, level: int) -> list[str]:
+        return [r.getMessage() for r in self.records if r.levelno == level]
+
+
+@pytest.fixture
+async def stack(settings: Settings) -> AsyncIterator[Runtime]:
+    """An embedded stack as `lockgate up` runs it, whose nats-server applies app credentials at once."""
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "gateway", "gatekeeper"])
+    await runtime.start()
+    yield runtime
+    await runtime.stop()
+
+
+@pytest.fixture
+def seen() -> Any:
+    handler = Seen()
+    loggers = [logging.getLogger(name) for name in ("lockgate.client", "lockgate.outbox")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield handler
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+async def test_a_credential_revoked_mid_run_is_said_once_and_close_keeps_to_its_bound(
+        stack: Runtime, seen: Seen) -> None:
+    # Before: the refusal was logged at DEBUG only, emits kept returning True, decision() answered after 34 s
+    # with "is the gateway service running", the failed events were put down to a TimeoutError, and close()
+    # took 14.1 s with close_timeout_s=10 (11.5 s with 5).
+    created = await app_credential(stack, "create", "--tenant", "acme", "--app", "shop", "--json")
+    assert created.exit_code == 0, created.output
+    secret = json.loads(await asyncio.to_thread(Path(json.loads(created.output)["file"]).read_text))
+    c = Client(stack.settings.nats_url, prefix=stack.ctx.bus.subjects.prefix, app="shop", tenant="acme",
+               user=secret["user"], password=secret["password"], close_timeout_s=2)
+    await c.start()
+    c.emit()
+    await c.flush()
+    assert c.sent == 1
+    revoked = await app_credential(stack, "revoke", "--tenant", "acme", "--app", "shop")
+    assert revoked.exit_code == 0, revoked.output
+    await seen.said("refused this application's credentials")
+    for _ in range(5):
+        assert c.emit()
+    started = time.monotonic()
+    with pytest.raises(BusUnavailable, match="refused this application's credentials"):
+        await c.decision("shop-v1")
+    assert time.monotonic() - started < 2
+    started = time.monotonic()
+    await c.close()
+    took = time.monotonic() - started
+    assert took < 2.5, f"close() took {took:.1f}s with close_timeout_s=2"
+    assert (c.sent, c.failed) == (1, 5)
+    errors = [m for m in seen.at(logging.ERROR) if m.startswith("lockgate-sdk: NATS at")]
+    assert len(errors) == 1, seen.at(logging.ERROR)  # once, though nats-py retries (and is refused) every 2 s
+    failed = [m for m in seen.at(logging.WARNING) + seen.at(logging.ERROR) if "counted failed" in m]
+    assert failed and all("refused this application's credentials" in m for m in failed), failed
