@@ -75,6 +75,24 @@ def _stored_decision(value: bytes | None, release: str) -> GateDecided | None:
     return decision
 
 
+class _Publishes:
+    """The JetStream context the SDK's Outbox publishes through, telling its client of each publish that found
+    no stream (NoStreamResponseError: nothing answers on the subject) and of each acknowledged one."""
+
+    def __init__(self, js: Any, no_stream: Any) -> None:
+        self._js = js
+        self._no_stream = no_stream
+
+    async def publish(self, subject: str, *args: Any, **kw: Any) -> Any:
+        try:
+            ack = await self._js.publish(subject, *args, **kw)
+        except nats.js.errors.NoStreamResponseError:
+            self._no_stream(subject)
+            raise
+        self._no_stream(None)
+        return ack
+
+
 class Client:
     """Buffers events in memory and publishes them in pipelined JetStream batches.
 
@@ -162,6 +180,7 @@ class Client:
         # Why the bus refuses this client since it last reconnected (its credential revoked or rotated), or None:
         # logged once, and the reason given for the events counted failed and for BusUnavailable from calls.
         self._refusal: str | None = None
+        self._warned_no_stream = False  # until a publish is acknowledged again
         self._reconnects = ReconnectCounter()  # a decisions() watch reads every key again after each
         # Decisions are acted on only when signed by a trusted gatekeeper key: the trust file
         # (`trust_file`, LOCKGATE_TRUST_FILE, else {LOCKGATE_HOME or ./.lockgate}/trust.json) and
@@ -223,7 +242,7 @@ class Client:
             raise BusUnavailable(f"cannot reach NATS at {shown_url(self.nats_url)}: {exc}") from None
         self._js = self._nc.jetstream()
         self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
-        self._outbox.start(self._js)
+        self._outbox.start(_Publishes(self._js, self._no_stream))
         self._started = True
 
     def _bad_credentials(self) -> NotAllowed:
@@ -258,6 +277,22 @@ class Client:
             log.error("lockgate-sdk: NATS refused: %s (is this client's tenant and app its credential's?)", exc)
             return
         log.debug("lockgate-sdk: NATS error %s", exc)
+
+    def _no_stream(self, subject: str | None) -> None:
+        # Retried as for a leader election (the README's "until it is back"), but said once: a NATS without
+        # lockgate's streams (another stack's port, a plain nats-server) left flush() waiting with nothing logged.
+        if subject is None:
+            self._warned_no_stream = False
+            return
+        if self._warned_no_stream:
+            return
+        self._warned_no_stream = True
+        what = ("no lockgate gateway relays it: is the gateway service running with this prefix?"
+                if self._outbox.via == "relay" else "no stream captures it")
+        log.warning("lockgate-sdk: nothing answers publishes on %s at NATS %s (%s): is it a lockgate stack with prefix "
+                    "%r? Events stay buffered and are retried until one answers (flush() waits for it; "
+                    "max_attempts=N gives up after N tries)", subject, shown_url(self.nats_url), what,
+                    self.subjects.prefix)
 
     async def _on_reconnected(self) -> None:
         if self._refusal is not None:

@@ -20,7 +20,9 @@ from lockgate.client import Client
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import BusUnavailable
+from lockgate.server.natsserver import NatsServer
 from lockgate.server.runtime import Runtime
+from lockgate.subjects import Subjects
 from tests.integration.test_app_credentials import app_credential
 from tests.integration.test_client import client, events_codec, stored
 
@@ -191,3 +193,25 @@ async def test_a_credential_revoked_mid_run_is_said_once_and_close_keeps_to_its_
     assert len(errors) == 1, seen.at(logging.ERROR)  # once, though nats-py retries (and is refused) every 2 s
     failed = [m for m in seen.at(logging.WARNING) + seen.at(logging.ERROR) if "counted failed" in m]
     assert failed and all("refused this application's credentials" in m for m in failed), failed
+
+
+async def test_a_nats_without_lockgates_streams_is_named_in_one_warning(
+        tmp_path: Path, settings: Settings, seen: Seen) -> None:
+    # Before: start() succeeded, flush() waited for ever and nothing was logged until close().
+    server = NatsServer(tmp_path / "js")  # a plain nats-server with JetStream: no lockgate stack on it
+    await server.start()
+    try:
+        c = Client(server.url, prefix=settings.prefix, app="shop", close_timeout_s=1, flush_interval_s=0.01)
+        await c.start()
+        assert c.emit()
+        await seen.said("nothing answers publishes on")
+        assert c.emit() and c.emit()
+        await c.close()
+        assert (c.sent, c.failed) == (0, 3)
+        warnings = [m for m in seen.at(logging.WARNING) if "nothing answers publishes" in m]
+        assert len(warnings) == 1, warnings
+        subject = Subjects(settings.prefix).inference("shop")
+        assert (f"nothing answers publishes on {subject} at NATS {server.url} (no stream captures it): "
+                f"is it a lockgate stack with prefix {settings.prefix!r}?") in warnings[0]
+    finally:
+        server.stop()
