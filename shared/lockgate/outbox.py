@@ -290,7 +290,7 @@ async def _publish_chunk(
         # The same events always give the same id, so a retry after a lost ack is deduplicated.
         hdrs["Nats-Msg-Id"] = batch_id(chunk)
         await retry.call(
-            lambda: _unless(stop, js.publish(subject, data, headers=hdrs, timeout=timeout_s)),
+            lambda: _unless(stop, lambda: js.publish(subject, data, headers=hdrs, timeout=timeout_s)),
             retry_on=TRANSIENT,
             what=f"publish of {len(chunk)} events to {subject}",
             give_up=give_up,
@@ -304,17 +304,21 @@ async def _publish_chunk(
     return None
 
 
-async def _unless(stop: asyncio.Event | None, publish: Awaitable[T]) -> T:
-    """`publish`'s result, or TimeoutError as soon as `stop` is set (the publish is then cancelled)."""
+async def _unless(stop: asyncio.Event | None, publish: Callable[[], Awaitable[T]]) -> T:
+    """`publish()`'s result, or TimeoutError as soon as `stop` is set (the publish is then cancelled)."""
     if stop is None:
-        return await publish
-    task = asyncio.ensure_future(publish)
-    if not stop.is_set():
-        stopped = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
+        return await publish()
+    if stop.is_set():
+        raise TimeoutError("the publisher stopped waiting for acknowledgements")
+    task = asyncio.ensure_future(publish())
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled itself: the publish goes with it, not left running alone
+        task.cancel()
+        raise
+    finally:
+        stopped.cancel()
     if not task.done():
         task.cancel()
         raise TimeoutError("the publisher stopped waiting for the acknowledgement")

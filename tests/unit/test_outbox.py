@@ -231,6 +231,22 @@ async def test_close_gives_up_on_a_bus_still_away_after_its_timeout_and_counts_i
     assert (box.sent, box.failed, box.dropped) == (0, 1, 0)
 
 
+async def test_close_keeps_to_its_timeout_with_a_publish_in_flight_that_is_never_answered() -> None:
+    # The publish in flight when close() began waited its own timeout past close_timeout_s (an SDK's close()
+    # took 14.1 s with 10): close() now ends it at the deadline, and its events are counted failed.
+    js = FakeJetStream()
+    js.hold = asyncio.Event()  # never set: no ack ever comes
+    box = outbox(retry=UNTIL_BACK_NOW, close_timeout_s=0.2, max_age_s=0.001)
+    box.start(js)
+    assert box.add(event("a", 1))
+    await asyncio.wait_for(js.arrived.wait(), 5)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await asyncio.wait_for(box.close(), 5)
+    assert loop.time() - began < 1
+    assert (box.sent, box.failed, box.dropped) == (0, 1, 0)
+
+
 async def test_outbox_drop_oldest_keeps_the_newest() -> None:
     js = FakeJetStream()
     box = outbox(capacity=2, overflow="drop_oldest")
