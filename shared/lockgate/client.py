@@ -11,7 +11,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Self
 
 import nats
@@ -79,7 +79,7 @@ class _Publishes:
     """The JetStream context the SDK's Outbox publishes through, telling its client of each publish that found
     no stream (NoStreamResponseError: nothing answers on the subject) and of each acknowledged one."""
 
-    def __init__(self, js: Any, no_stream: Any) -> None:
+    def __init__(self, js: Any, no_stream: Callable[[str | None], None]) -> None:
         self._js = js
         self._no_stream = no_stream
 
