@@ -26,7 +26,8 @@ import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from lockgate.bus import Bus, wire_size
+from lockgate.bus import Bus
+from lockgate.natsclient import wire_size
 from lockgate.permissions import app_reader
 from lockgate.server.service import Progress
 from lockgate.subjects import token

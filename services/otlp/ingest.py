@@ -34,6 +34,7 @@ from lockgate.bus import Bus
 from lockgate.errors import BusUnavailable, InvalidEvent
 from lockgate.limits import EventLimits
 from lockgate.outbox import Encoded, encode_event, publish_events
+from lockgate.redact import scrub_secrets
 from lockgate.retry import RetryPolicy
 from lockgate.server.apikeys import ApiKey, KeyStore, bearer
 from lockgate.server.service import Progress
@@ -74,7 +75,18 @@ class RefusalLog:
         log.warning("OTLP exports refused in part from %s: %d span(s) refused and %d model call(s) stored with no "
                     "inference event, in %d export(s) (the latest: %s). Each was told in the answer's "
                     "partial_success, which the OpenTelemetry Python exporters do not log. Logged at most once "
-                    "every %g s per key", label, spans, no_event, exports, decoded.problems[0], self.every_s)
+                    "every %g s per key", label, spans, no_event, exports, _shown(decoded.problems[0]), self.every_s)
+
+
+# The most of a refusal's reason a log line shows: it quotes what the sender wrote (a span's name), at any length.
+SHOWN_CHARS = 300
+
+
+def _shown(problem: str) -> str:
+    """A refusal's reason as logged: secrets scrubbed (as the span's stored name is) and cut to SHOWN_CHARS (one
+    2 MB span name was one 2 MB log line, `Bearer sk-...` in it: probe p10)."""
+    text = scrub_secrets(problem)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text):,} characters)"
 
 
 class Receiver:

@@ -11,7 +11,7 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ from lockgate.errors import (
 from lockgate.ids import batch_id
 from lockgate.kvread import kv_keys
 from lockgate.limits import EventLimits
+from lockgate.natsclient import NatsClient, TlsNotOffered, wire_size
 from lockgate.redact import scrub_bytes, scrub_mapping, scrub_secrets, shown_url
 from lockgate.retry import RetryPolicy
 from lockgate.subjects import DLQ_ORIGINALS_MAX_BYTES, StreamSpec, Subjects
@@ -132,34 +133,6 @@ class Consumers:
         return len(self.specs)
 
 
-def wire_size(payload: bytes, headers: Mapping[str, str] | None) -> int:
-    """The bytes nats-server counts against max_payload for one message: its payload and, with headers, the header
-    block nats-py writes before it (`NATS/1.0`, a `Key: value` line per header, a blank line)."""
-    if headers is None:
-        return len(payload)
-    size = len(b"NATS/1.0\r\n\r\n")
-    for key, value in headers.items():
-        if key.strip():  # nats-py skips an empty key; a value's CR and LF become spaces, one byte each
-            size += len(key.strip().encode()) + len(value.strip().encode()) + len(b": \r\n")
-    return size + len(payload)
-
-
-class _Client(nats.aio.client.Client):
-    """nats-py's client, refusing a message larger than the server takes before it reaches the wire.
-
-    nats-py compares only the payload with max_payload; the server counts the headers too, answers a larger
-    message with -ERR 'Maximum Payload Violation', and nats-py then closes the connection for good: every
-    subscription and consumer of the process on it gone (an application's message lengthened by the gateway's
-    relay did that to the gateway). Every publish nats-py makes (a request, a respond, JetStream, KV, objects)
-    goes through this one, which raises nats-py's own MaxPayloadError instead."""
-
-    async def publish(self, subject: str, payload: bytes = b"", reply: str = "",
-                      headers: dict[str, str] | None = None) -> None:
-        if headers is not None and wire_size(payload, headers) > self.max_payload:
-            raise nats.errors.MaxPayloadError
-        await super().publish(subject, payload, reply, headers)
-
-
 def stream_full(stored: int, max_bytes: int, max_payload: int) -> bool:
     """Whether a discard-new stream holding `stored` of its `max_bytes` refuses publishes: less room than one large
     message (a tenth of the stream, at most `max_payload`, the largest the server accepts)."""
@@ -205,7 +178,7 @@ class Bus:
 
     async def connect(self) -> None:
         """Connect, then create streams, KV buckets and the object store (idempotent)."""
-        nc = _Client()
+        nc = NatsClient()
         try:
             await nc.connect(
                 self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True,
@@ -289,6 +262,9 @@ class Bus:
         if self.nc is None and not self.wait_for_server and isinstance(exc, OSError | TimeoutError):
             raise BusUnavailable(f"no lockgate stack answers at {shown_url(self.url)} ({exc or type(exc).__name__}); start one "
                                  "with `lockgate up` (or pass --nats URL / LOCKGATE_NATS_URL)")
+        if self.nc is None and isinstance(exc, TlsNotOffered):
+            # A server (or whoever answers on the way) that does not offer TLS will not on the next attempt either.
+            raise BusUnavailable(f"NATS at {shown_url(self.url)}: {exc}; check the URL (tls://) and LOCKGATE_TLS_CA")
         if self.nc is None and isinstance(exc, ssl.SSLError):
             # A certificate that does not verify will not verify on the next attempt either.
             raise BusUnavailable(f"TLS to NATS at {shown_url(self.url)} failed: {exc} (check LOCKGATE_TLS_CA)")
@@ -684,7 +660,7 @@ class Bus:
         try:
             return await self._unless_refused(subject, lambda: self.js.publish(subject, data, headers=hdrs, timeout=5))
         except nats.errors.MaxPayloadError:
-            # Refused before the wire, headers counted (`_Client`). Not transient: retried, the same bytes are
+            # Refused before the wire, headers counted (`NatsClient`). Not transient: retried, the same bytes are
             # refused again until the message is dead-lettered as "retries exhausted" (a cost ledger of 5,000
             # events was never billed that way).
             raise self._too_large(subject, data, wire_size(data, hdrs)) from None

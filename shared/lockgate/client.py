@@ -18,6 +18,7 @@ import nats
 import nats.errors
 import nats.js.errors
 
+from lockgate import natsclient
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, InferenceEvent
@@ -228,7 +229,7 @@ class Client:
         servers = [u.strip() for u in self.nats_url.split(",") if u.strip()]
         self._first_tries_left = FIRST_CONNECT_TRIES * max(1, len(servers))
         try:
-            self._nc = await nats.connect(
+            self._nc = await natsclient.connect(
                 servers, name=f"lockgate-sdk-{self.app}", max_reconnect_attempts=-1, connect_timeout=CONNECT_TIMEOUT_S,
                 error_cb=self._on_error, reconnected_cb=self._on_reconnected, **self._auth.options(),
             )

@@ -10,6 +10,7 @@ import logging
 import time
 from typing import Any
 
+import aiohttp
 import pytest
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -66,3 +67,18 @@ async def test_a_partial_success_is_counted_and_logged_once_a_minute_per_key(
     assert "1 span(s) refused and 1 model call(s) stored with no inference event, in 1 export(s)" in lines[0]
     assert "outside the accepted window" in lines[0]
     assert receiver.refused.count == 2  # exports answered with a partial success
+
+
+async def test_a_refused_spans_name_is_logged_scrubbed_and_cut(
+        stack: Any, keys: Bootstrap, caplog: pytest.LogCaptureFixture) -> None:
+    # Found by a probe (p10): the log line quoted a refused span's name as sent, a secret in it and at any length
+    # (one 2 MB name was one 2 MB line, a key's each minute). The stored span's name is scrubbed; the line is too.
+    secret = "sk-proj-Zx9SECRETSECRETSECRET1234567890"
+    name = f"POST /v1/chat Authorization: Bearer {secret} " + "x" * 200_000
+    request = test_otlp._json_request("abcdef", name)  # a 3-byte trace id: the span is refused, by its name
+    async with aiohttp.ClientSession() as http, http.post(
+            stack.endpoints["otlp-http"] + "/v1/traces", json=request,
+            headers={"x-api-key": keys.app_key}) as resp:
+        assert resp.status == 200 and (await resp.json())["partialSuccess"]["rejectedSpans"] == "1"
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "lockgate.otlp"]
+    assert secret not in line and "POST /v1/chat Authorization: Bearer [REDACTED]" in line and len(line) < 2_000

@@ -13,7 +13,7 @@ import nats
 import nats.errors
 import nats.js.errors
 
-from lockgate import credentials, queryclient
+from lockgate import credentials, natsclient, queryclient
 from lockgate.bus import Bus
 from lockgate.codec import to_json
 from lockgate.config import Settings
@@ -180,7 +180,7 @@ async def connect_once(settings: Settings, role: str, purpose: str) -> Any:
     try:
         # max_reconnect_attempts=1: with 0, nats-py retries a refused first connect for ever.
         servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]  # a cluster: every node
-        return await nats.connect(servers, connect_timeout=1, max_reconnect_attempts=1,
+        return await natsclient.connect(servers, connect_timeout=1, max_reconnect_attempts=1,
                                   reconnect_time_wait=0.1, allow_reconnect=False, error_cb=_quiet, **auth.options())
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         if "authorization violation" in str(exc).lower() or isinstance(exc, nats.errors.AuthorizationError):

@@ -1,0 +1,67 @@
+"""The one NATS client every lockgate connection uses (the services' Bus, the SDK, the CLI's short connections):
+nats-py's, refusing what nats-py lets through.
+
+- A message larger than the server takes is refused before it reaches the wire. nats-py compares only the payload
+  with max_payload; the server counts the headers too, answers a larger message with -ERR 'Maximum Payload
+  Violation', and nats-py then closes the connection for good: every subscription and consumer of the process on it
+  gone (an application's message lengthened by the gateway's relay did that to the gateway). Every publish nats-py
+  makes (a request, a respond, JetStream, KV, objects) goes through `publish`, which raises MaxPayloadError instead.
+- A connection asked to be TLS (a `tls://` URL, or a CA or client certificate given) is TLS or nothing. nats-py
+  upgrades only when the server's INFO says `tls_required`, so anyone answering on the path with an INFO that does
+  not (a plain server, a man in the middle) was sent the user's password in clear (probe p10).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import nats.aio.client
+import nats.errors
+
+
+def wire_size(payload: bytes, headers: Mapping[str, str] | None) -> int:
+    """The bytes nats-server counts against max_payload for one message: its payload and, with headers, the header
+    block nats-py writes before it (`NATS/1.0`, a `Key: value` line per header, a blank line)."""
+    if headers is None:
+        return len(payload)
+    size = len(b"NATS/1.0\r\n\r\n")
+    for key, value in headers.items():
+        if key.strip():  # nats-py skips an empty key; a value's CR and LF become spaces, one byte each
+            size += len(key.strip().encode()) + len(value.strip().encode()) + len(b": \r\n")
+    return size + len(payload)
+
+
+class TlsNotOffered(nats.errors.Error):
+    """The server did not offer TLS to a connection that asked for it: nothing, credentials included, was sent."""
+
+
+class NatsClient(nats.aio.client.Client):
+    """nats-py's client with the two refusals above."""
+
+    _tls_demanded = False
+
+    async def connect(self, servers: str | list[str] = "nats://localhost:4222", **options: Any) -> None:
+        urls = [servers] if isinstance(servers, str) else list(servers)
+        self._tls_demanded = options.get("tls") is not None or any(u.strip().startswith("tls://") for u in urls)
+        await super().connect(servers, **options)
+
+    async def _process_info(self, info: dict[str, Any], initial_connection: bool = False) -> None:
+        # Called with the server's first INFO before anything is written back (CONNECT carries the credentials).
+        if initial_connection and self._tls_demanded and not info.get("tls_required"):
+            raise TlsNotOffered("the NATS server did not offer TLS, which this connection requires (a tls:// URL, "
+                                "or a CA or certificate given): nothing was sent, credentials included")
+        await super()._process_info(info, initial_connection)
+
+    async def publish(self, subject: str, payload: bytes = b"", reply: str = "",
+                      headers: dict[str, str] | None = None) -> None:
+        if headers is not None and wire_size(payload, headers) > self.max_payload:
+            raise nats.errors.MaxPayloadError
+        await super().publish(subject, payload, reply, headers)
+
+
+async def connect(servers: str | list[str], **options: Any) -> NatsClient:
+    """A connected NatsClient (as `nats.connect` gives nats-py's own)."""
+    nc = NatsClient()
+    await nc.connect(servers, **options)
+    return nc
