@@ -314,6 +314,7 @@ class Client:
             await self._outbox.close()
         self._started = False
         self._closed = True
+        await self._reconnects.close()  # its decisions() watches end (ClientClosed), not wait for good
         if self._nc is not None and not self._nc.is_closed:
             # nats-py's close() waits up to `reconnect_time_wait` (2 s) for a reconnection in progress, which ends
             # only by succeeding (never, for a refused credential): within close_timeout_s, what is left of it.
@@ -350,18 +351,24 @@ class Client:
             raise InvalidEvent(f"invalid inference event: tenant {encoded.tenant!r}, app {encoded.app!r}; this client "
                                f"sends tenant {self.tenant!r}, app {self.app!r}: make a Client for each - at `$.app`")
         loop = self._loop
-        if loop is not None and not self._closed and threading.get_ident() != self._loop_thread:
-            # The buffer and its flush task belong to the client's loop: added from here, an item started no
-            # flush (RuntimeError 'no running event loop', raised after it was buffered) or woke none.
-            try:
-                loop.call_soon_threadsafe(self._add, encoded)
-            except RuntimeError:  # that loop is closed: nothing would ever publish it
-                self._outbox.refuse()
-                self._warn_once("the event loop this client was started on is closed: events are refused and "
-                                "counted in `dropped` (close() the client before its loop ends)")
-                return False
-            return True
+        if loop is not None and not self._closed:
+            if threading.get_ident() != self._loop_thread:
+                # The buffer and its flush task belong to the client's loop: added from here, an item started no
+                # flush (RuntimeError 'no running event loop', raised after it was buffered) or woke none.
+                try:
+                    loop.call_soon_threadsafe(self._add, encoded)
+                    return True
+                except RuntimeError:  # that loop is closed: nothing would ever publish it
+                    return self._loop_gone()
+            if asyncio._get_running_loop() is not loop:  # its own thread, after its loop ended (or in another)
+                return self._loop_gone()
         return self._add(encoded)
+
+    def _loop_gone(self) -> bool:
+        self._outbox.refuse()
+        self._warn_once("the event loop this client was started on is no longer running: events are refused and "
+                        "counted in `dropped` (close() the client before its loop ends)")
+        return False
 
     def _add(self, encoded: Any) -> bool:
         accepted = self._outbox.add(encoded)

@@ -46,7 +46,7 @@ import nats.js.errors
 
 from lockgate.codec import Codec, encode
 from lockgate.contracts import DecisionsPage, DecisionsRead, GateDecided, StoredDecision
-from lockgate.errors import BusUnavailable, ConfigError, InvalidEvent, NotFound, SignatureError
+from lockgate.errors import BusUnavailable, ClientClosed, ConfigError, InvalidEvent, NotFound, SignatureError
 from lockgate.kvread import kv_keys
 from lockgate.retry import RetryPolicy
 from lockgate.signing import TRUST_CHECK_S, Verifier
@@ -92,6 +92,7 @@ class ReconnectCounter:
 
     def __init__(self) -> None:
         self.reconnects = 0
+        self.closed = False
         self._changed = asyncio.Condition()
 
     async def bump(self) -> None:
@@ -100,10 +101,19 @@ class ReconnectCounter:
             self.reconnects += 1
             self._changed.notify_all()
 
-    async def reconnected(self, after: int) -> int:
-        """Wait until the connection came back more than `after` times; returns the new count."""
+    async def close(self) -> None:
+        """The connection is closed for good (its client closed): who waits is told (ClientClosed)."""
         async with self._changed:
-            await self._changed.wait_for(lambda: self.reconnects > after)
+            self.closed = True
+            self._changed.notify_all()
+
+    async def reconnected(self, after: int) -> int:
+        """Wait until the connection came back more than `after` times; returns the new count. ClientClosed once
+        it is closed: a watch waiting for its next wake ends then, not never."""
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.reconnects > after or self.closed)
+        if self.closed:
+            raise ClientClosed("this lockgate client is closed: its decisions() watch ends with it")
         return self.reconnects
 
 
@@ -228,7 +238,7 @@ async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | Non
                                 "gateway says it is back, the connection comes back, or in at most %.0f s",
                                 exc.message, _BACK.max_s)
                 with contextlib.suppress(TimeoutError):  # a wake, or the backoff's end: not synchronisation
-                    await asyncio.wait_for(wake.get(), _BACK.delay(failed))
+                    _woken(await asyncio.wait_for(wake.get(), _BACK.delay(failed)))
                 key = None  # whatever was to be read: every key is read next, one announced meanwhile with the rest
                 continue
             if failed:
@@ -237,14 +247,16 @@ async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | Non
             listed = True
             fresh = []
             for entry in entries:
-                if entry.revision > seen.get(entry.key, 0):
+                # Another revision than last read, not only a higher one: a bucket made anew (a lost store, declared
+                # again by a restarted stack) numbers from 1, and its BLOCK was never yielded over the old PASS.
+                if entry.revision != seen.get(entry.key):
                     seen[entry.key] = entry.revision
                     fresh.append(entry)
             for entry in sorted(fresh, key=lambda e: e.revision):  # in the order KV stored them
                 decision = _decision(entry)
                 if decision is not None and decision.release.startswith(release_prefix):
                     yield decision
-            key = await wake.get()
+            key = _woken(await wake.get())
     finally:
         if relist is not None:
             relist.cancel()
@@ -293,11 +305,25 @@ async def _still_verified(yielded: dict[str, GateDecided], verifier: Verifier) -
         raise DecisionWithdrawn(withdrawn)
 
 
+# What a watch's wake queue is given when its connection is closed (no key is this: names have no NUL).
+_CLOSED = "\x00closed"
+
+
 async def _relist_after_reconnects(reconnects: Reconnects, wake: asyncio.Queue[str | None]) -> None:
     seen = reconnects.reconnects
-    while True:
-        seen = await reconnects.reconnected(seen)
-        wake.put_nowait(None)
+    try:
+        while True:
+            seen = await reconnects.reconnected(seen)
+            wake.put_nowait(None)
+    except ClientClosed:
+        wake.put_nowait(_CLOSED)
+
+
+def _woken(key: str | None) -> str | None:
+    """A wake's key, or ClientClosed when it says the connection is closed."""
+    if key == _CLOSED:
+        raise ClientClosed("this lockgate client is closed: its decisions() watch ends with it")
+    return key
 
 
 async def _latest(kv: Any, key: str) -> Any:

@@ -215,3 +215,22 @@ async def test_a_nats_without_lockgates_streams_is_named_in_one_warning(
                 f"is it a lockgate stack with prefix {settings.prefix!r}?") in warnings[0]
     finally:
         server.stop()
+
+
+async def test_emit_after_the_clients_loop_ended_is_refused_not_raised_or_stranded(
+        bus: Bus, settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    # Found by a probe (p10): on the thread that started the client, after its loop ended, emit() buffered the event
+    # and raised RuntimeError('no running event loop'); inside a new loop it returned True and the event was never
+    # published. Either way the event is now refused, counted in `dropped`, and said once.
+    def app() -> tuple[Client, bool, bool]:
+        c = client(settings)
+        asyncio.run(c.start())  # the loop ends with the client never closed
+
+        async def in_another_loop() -> bool:
+            return c.emit(model="m")
+        return c, c.emit(model="m"), asyncio.run(in_another_loop())
+
+    with caplog.at_level(logging.WARNING, logger="lockgate.client"):
+        c, after, elsewhere = await asyncio.to_thread(app)
+    assert (after, elsewhere, c.dropped, c.pending) == (False, False, 2, 0)
+    assert len([r for r in caplog.records if "no longer running" in r.getMessage()]) == 1

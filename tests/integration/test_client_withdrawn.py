@@ -16,7 +16,7 @@ from lockgate.client import Client, DecisionWithdrawn
 from lockgate.codec import encode
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided
-from lockgate.errors import SignatureError
+from lockgate.errors import ClientClosed, SignatureError
 from lockgate.signing import Signer, retire_key, revoke_key, revoke_person, trust_file_path, trust_key
 from lockgate.subjects import token
 from tests.helpers import gate_decided, person
@@ -90,3 +90,19 @@ async def test_a_yielded_decision_replaced_by_one_that_does_not_verify_is_withdr
         with pytest.raises(DecisionWithdrawn, match=f"decision {passed.id} is withdrawn .*newer decision "
                                                     f"{tampered.id} is refused: signature invalid"):
             await asyncio.wait_for(anext(stream), 10)
+
+
+async def test_a_watch_ends_when_its_client_is_closed(bus: Bus, settings: Settings) -> None:
+    # Found by a probe (p10): a watch waiting for its next decision kept waiting after close(), for good (its
+    # subscriptions and task leaked, and the application never learnt its watch was dead).
+    passed = SIGNER.sign(GateDecided(release="shop-v1", decision="PASS", rules=[]))
+    trust_key(trust_file_path(settings), SIGNER.public)
+    await gate_decided(bus, passed, passed.id)
+    c = _client(settings)
+    await c.start()
+    stream = c.decisions("shop-")
+    assert await asyncio.wait_for(anext(stream), 10) == passed
+    waiting = asyncio.ensure_future(anext(stream))
+    await c.close()
+    with pytest.raises(ClientClosed, match="decisions\\(\\) watch ends"):
+        await asyncio.wait_for(waiting, 10)

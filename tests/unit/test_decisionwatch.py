@@ -22,7 +22,7 @@ from lockgate.decisionwatch import (
     verified,
     watch_decisions,
 )
-from lockgate.errors import BusUnavailable, SignatureError
+from lockgate.errors import BusUnavailable, ClientClosed, SignatureError
 from lockgate.signing import Signer, Verifier, revoke_key, trust_file_path, trust_key
 from lockgate.subjects import Subjects, token
 
@@ -156,6 +156,36 @@ async def test_a_watch_goes_on_through_failed_reads_and_ends_only_with_its_conne
     await conn.announce("shop-1")
     with pytest.raises(BusUnavailable, match="NoRespondersError"):
         await next_of(watch)
+
+
+async def test_a_bucket_made_anew_is_read_as_current_though_its_revisions_start_again() -> None:
+    # Found by a probe (p10): only a revision higher than the last read was yielded, so after the gates bucket came
+    # back new (a lost store, declared again by a restarted stack) a running watch kept the old PASS as current
+    # while decision() read the new BLOCK, until the key's revision passed the old one.
+    bucket, reconnects = Bucket(), ReconnectCounter()
+    conn = Connection(bucket)
+    for _ in range(5):
+        store(bucket, "shop-1")
+    watch = await watch_decisions(bucket, "shop-", nc=conn, subjects=S, reconnects=reconnects)
+    assert (await next_of(watch)).decision == "PASS"
+    bucket.values.clear()
+    bucket.seq = 0  # the bucket made anew
+    blocked = store(bucket, "shop-1", "BLOCK")
+    await conn.announce("shop-1")
+    assert await next_of(watch) == blocked
+    await watch.aclose()
+
+
+async def test_a_watch_ends_once_its_client_is_closed() -> None:
+    bucket, reconnects = Bucket(), ReconnectCounter()
+    conn = Connection(bucket)
+    store(bucket, "shop-1")
+    watch = await watch_decisions(bucket, "shop-", nc=conn, subjects=S, reconnects=reconnects)
+    await next_of(watch)
+    waiting = asyncio.ensure_future(anext(watch))
+    await reconnects.close()
+    with pytest.raises(ClientClosed):
+        await asyncio.wait_for(waiting, 5)
 
 
 async def test_a_watch_whose_first_read_fails_says_so_at_once() -> None:
