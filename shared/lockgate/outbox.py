@@ -297,7 +297,13 @@ async def _publish_chunk(
             sleep=asyncio.sleep if stop is None else lambda s: _until_set(stop, s),
         )
     except Exception as exc:  # counted by the caller, never lost silently
-        log.warning("%d inference events for %s not published: %r", len(chunk), subject, exc)
+        if isinstance(exc, Unconfirmed):
+            # Counted failed all the same: the publisher cannot tell; a probe saw JetStream store such a batch.
+            log.warning("%d inference events for %s not confirmed: sent, but the deadline came before their "
+                        "acknowledgement, so they may be stored (a re-send of them is deduplicated by its message "
+                        "id)", len(chunk), subject)
+        else:
+            log.warning("%d inference events for %s not published: %r", len(chunk), subject, exc)
         return exc
     if on_acked is not None:  # outside the try: what it does is no publish failure
         on_acked(chunk)
@@ -321,8 +327,12 @@ async def _unless(stop: asyncio.Event | None, publish: Callable[[], Awaitable[T]
         stopped.cancel()
     if not task.done():
         task.cancel()
-        raise TimeoutError("the publisher stopped waiting for the acknowledgement")
+        raise Unconfirmed("the publisher stopped waiting for the acknowledgement")
     return task.result()
+
+
+class Unconfirmed(TimeoutError):
+    """A publish under way when the publisher stopped waiting (close()'s deadline): it may have been stored."""
 
 
 async def _until_set(stop: asyncio.Event, seconds: float) -> None:
