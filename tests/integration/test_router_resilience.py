@@ -1447,14 +1447,16 @@ async def test_an_over_budget_refusal_says_the_request_needs_more_than_is_left(
     # Before: after a call used more than it reserved, the refusal named only the store's counter:
     # "N of 1000 tokens spent or reserved, this request needs up to N" (N under 100), which seemed to fit. The deficit
     # this replica owes the counter (charged at its next lease) is what blocked.
-    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "tokens": 1000}}}))
+    # No max_tokens: the default reserved (1 here) is only a guess, so a call's 950 tokens are believed beyond it.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "tokens": 1000}},
+                                                       "default_max_tokens": 1}))
     context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
     async with FakeLLM("long", usage={"prompt_tokens": 1, "completion_tokens": 950, "total_tokens": 951}) as up:
         router = await gateway({"default": {"url": up.url}})
         async with client(router, keys) as c:
-            await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1)  # ignores it: 950 tokens
+            await c.chat.completions.create(model="m", messages=MESSAGES)  # 950 tokens
             with pytest.raises(openai.RateLimitError) as caught:
-                await c.chat.completions.create(model="m", messages=MESSAGES, max_tokens=1)
+                await c.chat.completions.create(model="m", messages=MESSAGES)
     message = caught.value.body["message"]
     sent = int(up.headers[-1]["Content-Length"])
     need = input_estimate(sent, msgspec.convert({"messages": MESSAGES}, ApiRequest), 1.0) + 1
