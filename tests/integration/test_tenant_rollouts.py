@@ -225,8 +225,9 @@ async def test_an_unscoped_key_reads_another_tenants_deployment_as_one_never_con
 
 async def _next_line(resp: aiohttp.ClientResponse) -> bytes:
     """A watch's next route line (keepalive lines skipped), or b"" once the router ended the watch."""
-    while (line := await asyncio.wait_for(resp.content.readline(), 10)) == b"\n":
-        pass
+    line = b"\n"
+    while line == b"\n":
+        line = await asyncio.wait_for(resp.content.readline(), 10)
     return line
 
 
