@@ -13,6 +13,7 @@ nats-py's, refusing what nats-py lets through.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,7 +62,13 @@ class NatsClient(nats.aio.client.Client):
 
 
 async def connect(servers: str | list[str], **options: Any) -> NatsClient:
-    """A connected NatsClient (as `nats.connect` gives nats-py's own)."""
+    """A connected NatsClient (as `nats.connect` gives nats-py's own). One whose first connection failed is closed:
+    left as it was, it went on trying the server in the background (a CI run's event loop could not end for it)."""
     nc = NatsClient()
-    await nc.connect(servers, **options)
+    try:
+        await nc.connect(servers, **options)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await nc.close()
+        raise
     return nc
