@@ -22,7 +22,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from lockgate import metrics, natsclient, telemetry
+from lockgate import metrics, telemetry
 from lockgate.batcher import Batcher
 from lockgate.codec import Codec, encode
 from lockgate.contracts import DeadLetter, Event
@@ -40,7 +40,7 @@ from lockgate.errors import (
 from lockgate.ids import batch_id
 from lockgate.kvread import kv_keys
 from lockgate.limits import EventLimits
-from lockgate.natsclient import TlsNotOffered, wire_size
+from lockgate.natsclient import NatsClient, TlsNotOffered, wire_size
 from lockgate.redact import scrub_bytes, scrub_mapping, scrub_secrets, shown_url
 from lockgate.retry import RetryPolicy
 from lockgate.subjects import DLQ_ORIGINALS_MAX_BYTES, StreamSpec, Subjects
@@ -178,8 +178,9 @@ class Bus:
 
     async def connect(self) -> None:
         """Connect, then create streams, KV buckets and the object store (idempotent)."""
+        nc = NatsClient()
         try:
-            nc = await natsclient.connect(
+            await nc.connect(
                 self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True,
                 error_cb=self._on_error, disconnected_cb=self._on_state, reconnected_cb=self._on_reconnected,
                 closed_cb=self._on_closed, **self.auth.options()

@@ -13,7 +13,6 @@ nats-py's, refusing what nats-py lets through.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -62,13 +61,7 @@ class NatsClient(nats.aio.client.Client):
 
 
 async def connect(servers: str | list[str], **options: Any) -> NatsClient:
-    """A connected NatsClient (as `nats.connect` gives nats-py's own). One whose first connection failed is closed:
-    left as it was, it went on trying the server in the background (a CI run's event loop could not end for it)."""
+    """A connected NatsClient (as `nats.connect` gives nats-py's own)."""
     nc = NatsClient()
-    try:
-        await nc.connect(servers, **options)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await nc.close()
-        raise
+    await nc.connect(servers, **options)
     return nc
