@@ -47,6 +47,8 @@ log = logging.getLogger("lockgate.client")
 # after it, retried a wrong URL, a closed port or an unknown host forever, and start() never returned.
 FIRST_CONNECT_TRIES = 2
 CONNECT_TIMEOUT_S = 5
+# The least pause between nats-py's reconnection attempts that close() leaves (see close()).
+RECONNECT_WAIT_MIN_S = 0.25
 
 _decisions: Codec[GateDecided] = Codec(GateDecided)
 async def get_decision(kv: Any, release: str) -> GateDecided | None:
@@ -317,9 +319,13 @@ class Client:
         await self._reconnects.close()  # its decisions() watches end (ClientClosed), not wait for good
         if self._nc is not None and not self._nc.is_closed:
             # nats-py's close() waits up to `reconnect_time_wait` (2 s) for a reconnection in progress, which ends
-            # only by succeeding (never, for a refused credential): within close_timeout_s, what is left of it.
+            # only by succeeding (never, for a refused credential): within close_timeout_s, what is left of it. Never
+            # under RECONNECT_WAIT_MIN_S: it is also the pause between nats-py's attempts, and at 0 its loop spends its
+            # time in connects, where Python 3.11's wait_for can swallow the cancel that ends it (a CI run's event loop
+            # then spun for good at teardown); with a pause, the cancel lands in the sleep.
             options = self._nc.options
-            options["reconnect_time_wait"] = min(options["reconnect_time_wait"], max(0.0, deadline - time.monotonic()))
+            options["reconnect_time_wait"] = min(options["reconnect_time_wait"],
+                                                 max(RECONNECT_WAIT_MIN_S, deadline - time.monotonic()))
             try:
                 await self._nc.close()
             except OSError as exc:
