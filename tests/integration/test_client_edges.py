@@ -9,7 +9,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from lockgate.errors import BusUnavailable
 from lockgate.server.natsserver import NatsServer
 from lockgate.server.runtime import Runtime
 from lockgate.subjects import Subjects
+from tests.integration import test_app_credentials
 from tests.integration.test_app_credentials import app_credential
 from tests.integration.test_client import client, events_codec, stored
 
@@ -141,13 +141,8 @@ class Seen(logging.Handler):
         return [r.getMessage() for r in self.records if r.levelno == level]
 
 
-@pytest.fixture
-async def stack(settings: Settings) -> AsyncIterator[Runtime]:
-    """An embedded stack as `lockgate up` runs it, whose nats-server applies app credentials at once."""
-    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "gateway", "gatekeeper"])
-    await runtime.start()
-    yield runtime
-    await runtime.stop()
+# An embedded stack as `lockgate up` runs it, whose nats-server applies app credentials at once.
+stack = test_app_credentials.stack
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from lockgate.credentials import NotAllowed
 from lockgate.kvcas import RETRY_S
 from lockgate.llmwire import ApiRequest
 from lockgate.pricebook import load_price_book
-from lockgate.server.apikeys import KeyStore, bootstrap
+from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.services.router.admission import Admission, Ticket
 from lockgate.services.router.budgets import NANO, Amount, Counter, cost_of, input_estimate
@@ -593,6 +593,15 @@ async def test_a_token_budget_per_key_stops_one_key_not_the_others(settings: Set
 WORDS = "word " * 50_000  # 250 KB: 65,000 tokens as the simulator counts them (1.3 a word)
 
 
+async def _acme_router(settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path,
+                       **policy: Any) -> tuple[Any, Bootstrap]:
+    """A router passing `shop-web` through to the simulator under this gateway file's `policy`, and tenant acme's
+    keys."""
+    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="shop-web",
+                         gateway_file=gateway(tmp_path, **policy))
+    return await stack.add(s, store, "router-a"), bootstrap(s.home, tenant="acme", app="shop")
+
+
 async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     # Compact JSON, as reservation() measures it (aiohttp's `json=` adds spaces)
     async with http.post(url, data=msgspec.json.encode(body), headers={"x-lockgate-deployment": "shop-web",
@@ -609,10 +618,7 @@ async def test_responses_instructions_are_reserved_so_one_request_cannot_oversho
         code: str) -> None:
     # Before: the input estimate counted messages, `prompt` and `input` only, so this turn reserved about 20
     # tokens, was answered (65,007 tokens used) and left the budget at 65013 / 20000, the TPM bucket 35k below 0.
-    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="shop-web",
-                         gateway_file=gateway(tmp_path, **policy))
-    keys = bootstrap(s.home, tenant="acme", app="shop")
-    router = await stack.add(s, store, "router-a")
+    router, keys = await _acme_router(settings, store, stack, sim, tmp_path, **policy)
     url = f"{router.url}/v1/responses"
     probe = {"model": MODEL, "instructions": WORDS, "input": "hi", "max_output_tokens": 5}
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
@@ -647,10 +653,8 @@ async def test_a_chat_request_heavy_outside_its_messages_content_is_refused_befo
         settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path, extra: dict[str, Any]) -> None:
     # Before: tool definitions, assistant tool calls and schemas were not in the estimate: 250 KB of them
     # reserved as a `hi` and reached the upstream under a 20,000-token budget.
-    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="shop-web", gateway_file=gateway(
-        tmp_path, budgets={"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}}))
-    keys = bootstrap(s.home, tenant="acme", app="shop")
-    router = await stack.add(s, store, "router-a")
+    router, keys = await _acme_router(settings, store, stack, sim, tmp_path,
+                                      budgets={"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}})
     url = f"{router.url}/v1/chat/completions"
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
         status, refused = await _post(http, url, {**HI, **extra})
@@ -676,10 +680,8 @@ async def test_what_a_body_only_points_at_is_reserved_too(settings: Settings, st
                                                           body: dict[str, Any]) -> None:
     # Before: chaining previous_response_id (each turn's input holds every earlier one), a conversation or image
     # URLs reserved only the few bytes naming them, so a small token budget or rate limit did not hold.
-    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="shop-web", gateway_file=gateway(
-        tmp_path, budgets={"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}}))
-    keys = bootstrap(s.home, tenant="acme", app="shop")
-    router = await stack.add(s, store, "router-a")
+    router, keys = await _acme_router(settings, store, stack, sim, tmp_path,
+                                      budgets={"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}})
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
         status, refused = await _post(http, f"{router.url}{path}", body)
     assert status == 429 and refused["error"]["code"] == "budget_exceeded", (status, refused)
@@ -707,10 +709,7 @@ async def test_a_file_is_reserved_as_stored_input_and_the_applications_own_keys_
     # and more from 2 KB) was reserved as its bytes, admitted under a 10,000-token budget and spent 5 times it, while
     # the same PDF through /v1/responses was reserved 200,000; and `conversation` or `file_id` anywhere (metadata,
     # a tool's parameter, a schema's property) reserved 200,000 tokens, refusing an ordinary request unexplained.
-    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="shop-web",
-                         gateway_file=gateway(tmp_path, **policy))
-    keys = bootstrap(s.home, tenant="acme", app="shop")
-    router = await stack.add(s, store, "router-a")
+    router, keys = await _acme_router(settings, store, stack, sim, tmp_path, **policy)
     c = client(router, keys.app_key)
     for file in ({"filename": "pages.pdf", "file_data": PDF}, {"file_id": "file-abc"}):
         with pytest.raises(openai.RateLimitError) as refused:
@@ -770,11 +769,9 @@ async def test_a_limit_in_a_field_the_operation_does_not_read_is_refused_not_res
     # Before: admission reserved output from the first max field present, whatever the operation, so
     # `max_tokens: 1` on /v1/responses reserved 1 token while the upstream (which reads max_output_tokens
     # only) generated 3,000: one request spent 9 times a 400-token budget, N concurrent ones N times that.
-    s = settings.replace(stable_upstream=sim.url, passthrough=True, deployment="shop-web", gateway_file=gateway(
-        tmp_path, budgets={"day-tokens": {"tenant": "acme", "period": "day", "tokens": 400}},
-        rate_limits=[{"tenant": "acme", "rpm": 1000, "tpm": 400}]))
-    keys = bootstrap(s.home, tenant="acme", app="shop")
-    router = await stack.add(s, store, "router-a")
+    router, keys = await _acme_router(settings, store, stack, sim, tmp_path,
+                                      budgets={"day-tokens": {"tenant": "acme", "period": "day", "tokens": 400}},
+                                      rate_limits=[{"tenant": "acme", "rpm": 1000, "tpm": 400}])
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
         status, refused = await _post(http, f"{router.url}{path}", {k: v for k, v in body.items() if v is not None})
     assert status == 400, (status, refused)
