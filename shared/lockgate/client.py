@@ -438,11 +438,11 @@ class Client:
             decisions = await watch_decisions(await self._gates(), release_prefix, nc=self._nc,
                                               subjects=self.subjects, reconnects=self._reconnects)
         else:
-            # Its own user follows the gateway's copies, and reads every key again when a gateway (re)starts.
-            relists = self.subjects.app_relist if self._announcements != self.subjects.gate_decided_all else ""
+            # Through the gateway (its own user follows the gateway's copies of the announcements, the shared `app`
+            # user the gatekeeper's), reading every key again when a gateway (re)starts.
             decisions = await follow_decisions(self._gateway(release_prefix), release_prefix, nc=self._nc,
                                                announcements=self._announcements, reconnects=self._reconnects,
-                                               relists=relists)
+                                               relists=self.subjects.app_relist)
         checked = verified(decisions, self._verifier, refused=self._refused) if self.verify else decisions
         try:
             async for decision in checked:

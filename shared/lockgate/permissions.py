@@ -218,9 +218,12 @@ def grant(s: Subjects, identity: str) -> Grant:
     if identity == APP:
         # The SDK: send inference events of any tenant and app through the gateway's relay (`ingest`, as a
         # per-application user does: never a stream's subject, see there), read every decision through the
-        # gateway (`reads`) and follow their announcements (decisionwatch.py). No JetStream API request at all
-        # (not `_base`'s): JetStream answers one on whatever reply subject it names, unchecked (a KV key's).
-        return Grant(publish=[s.ingest_all, s.reads_all], subscribe=[f"{inbox(identity)}.>", s.gate_decided_all])
+        # gateway (`reads`) and follow their announcements (decisionwatch.py), reading them all again when a gateway
+        # (re)starts (`app_relist`: the reads that failed while it was away wait for nothing else). No JetStream API
+        # request at all (not `_base`'s): JetStream answers one on whatever reply subject it names, unchecked (a KV
+        # key's).
+        return Grant(publish=[s.ingest_all, s.reads_all],
+                     subscribe=[f"{inbox(identity)}.>", s.gate_decided_all, s.app_relist])
     g = _base(identity)
     if identity == "admin":
         return Grant(publish=[">"], subscribe=[">"], responses=True)
