@@ -68,10 +68,6 @@ class BreakerSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     cooldown_s: NonNeg = 10.0
 
 
-# What the upstream did, as the rules see it.
-Failure = Literal["connect", "first_byte", "http"]
-
-
 def retryable_status(status: int) -> bool:
     """429 and 5xx are worth another try (elsewhere or later); other 4xx are the caller's mistake."""
     return status == 429 or status >= 500
@@ -83,11 +79,14 @@ def breaker_failure(status: int) -> bool:
 
 
 def retry_after_s(headers: Mapping[str, str], now_epoch: float) -> float | None:
-    """Seconds the upstream asked to wait (`retry-after-ms`, or `Retry-After` as seconds or an HTTP date)."""
-    ms = _seconds(headers.get("retry-after-ms"))
+    """Seconds the upstream asked to wait (`retry-after-ms`, or `Retry-After` as seconds or an HTTP date), the
+    names in any case: HTTP's are case-insensitive, and the headers are as the upstream wrote them (Anthropic and
+    many OpenAI-compatible servers send `retry-after`, which was not seen, and a 40 s wait was retried at once)."""
+    named = {name.lower(): value for name, value in headers.items() if name[0] in "rR"}
+    ms = _seconds(named.get("retry-after-ms"))
     if ms is not None:
         return ms / 1000.0
-    value = headers.get("Retry-After")
+    value = named.get("retry-after")
     if not value:
         return None
     seconds = _seconds(value)

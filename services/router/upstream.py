@@ -241,11 +241,15 @@ class _Health:
         return found
 
 
+# Calls given up on after their request went out (`Failed.abandoned`).
+_ABANDONED = frozenset({"first_byte", "broken_reply"})
+
+
 class Failed(NamedTuple):
     """One hop that did not serve: a failed call, or a skip while its breaker was open."""
 
     hop: Hop
-    kind: str  # "connect", "connect_timeout", "first_byte", "breaker_open", or "http"
+    kind: str  # "connect", "connect_timeout", "first_byte", "broken_reply", "breaker_open", or "http"
     status: int = 0
     body: bytes = b""
     headers: dict[str, str] | None = None
@@ -259,7 +263,7 @@ class Failed(NamedTuple):
     def abandoned(self) -> bool:
         """The request went out and its answer was given up on (no first byte in time, a broken reply): the
         provider may have generated, and bill, the whole answer, which the router never saw."""
-        return self.kind == "first_byte"
+        return self.kind in _ABANDONED
 
 
 class Upstream:
@@ -351,8 +355,9 @@ class Upstream:
                     return reply
                 failures.append(failed._replace(elapsed_s=loop.time() - started))
                 wait = None
-                # A hung upstream is not asked again (a second wait as long as the first): fall back.
-                if failed.kind != "first_byte" and breaker.state == "closed":
+                # An abandoned call is not made again: a hung upstream would have a second wait as long as the first,
+                # and either may have generated (and bill) the answer. Fall back.
+                if not failed.abandoned and breaker.state == "closed":
                     after = (resilience.retry_after_s(failed.headers, time.time())
                              if failed.headers is not None else None)
                     wait = resilience.retry_wait(hop.endpoint.retry, tries, after, deadline - loop.time(), h.policy)
@@ -385,10 +390,10 @@ class Upstream:
             return None, Failed(hop, "connect_timeout")
         except h1.ConnectFailed:
             return None, Failed(hop, "connect")
-        except (h1.BrokenReply, TimeoutError):
+        except (h1.BrokenReply, TimeoutError) as exc:
             if opened is not None:
                 opened.release()
-            return None, Failed(hop, "first_byte")
+            return None, Failed(hop, "broken_reply" if isinstance(exc, h1.BrokenReply) else "first_byte")
         except BaseException:
             if opened is not None:
                 opened.release()
@@ -451,6 +456,12 @@ class Upstream:
             raise UpstreamUnavailable(f"endpoint {ep.id} did not accept a connection within "
                                       f"{ep.timeouts.connect_s:g} s (tried: {tried})", 504, "upstream_timeout", earlier,
                                       own)
+        if last.kind == "broken_reply":
+            # Not a timeout (before, it was told as one, and an operator looked for a slow upstream): the connection
+            # was reset or closed, or the answer was not HTTP, after the request went out.
+            raise UpstreamUnavailable(f"endpoint {ep.id} broke off before answering (the connection was reset or "
+                                      f"closed, or its reply was not valid HTTP) (tried: {tried})", 502,
+                                      "upstream_broken_reply", earlier, own)
         raise UpstreamUnavailable(f"endpoint {ep.id} did not answer within {ep.timeouts.first_byte_s:g} s "
                                   f"(first byte) or the request's {hops[0].endpoint.timeouts.total_s:g} s in all "
                                   f"(tried: {tried})", 504, "upstream_timeout", earlier, own)

@@ -43,7 +43,8 @@ FAST_RETRY = {"attempts": 3, "initial_s": 0.01, "max_s": 0.02}
 class FakeLLM:
     """A double for an outside OpenAI-compatible API. Each request takes the next scripted action (the
     last one repeats): "ok", ("status", code, headers[, message]), ("status_for", model, code) (that status for
-    requests of `model`, an answer for the others), "hang" (no answer until the test ends),
+    requests of `model`, an answer for the others), "hang" (no answer until the test ends), "drop" (the
+    connection closed without an answer),
     "error_body" (a 200 whose body is an error), "response_failed" (a failed Responses API turn), "html_400" (a proxy's own 400 page), "chunk_then_hang", "chunk_then_drop", "chunk_then_end" and
     "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event naming the upstream's address
     after its first event), "chunk_then_vllm_error" (the same error event as vLLM sends it, `object: error`), "chunk_then_garbage" (a data line that is not JSON after the first event),
@@ -129,6 +130,11 @@ class FakeLLM:
         action = self.actions.pop(0) if len(self.actions) > 1 else self.actions[0]
         n = self.calls
         if action == "hang":
+            await self._release.wait()
+            return web.Response(status=500)
+        if action == "drop":  # the connection closed once the request came, nothing answered
+            assert request.transport is not None
+            request.transport.close()
             await self._release.wait()
             return web.Response(status=500)
         if isinstance(action, tuple) and action[0] == "echo_key":  # a 401 quoting the credential it was sent
@@ -509,9 +515,12 @@ async def test_short_retry_after_is_waited_then_retried(gateway: Gateway, keys: 
         assert done.choices[0].message.content == "busy says hi" and busy.calls == 2
 
 
-async def test_long_retry_after_and_rate_limit_headers_reach_the_client(gateway: Gateway, keys: Bootstrap) -> None:
-    limited = ("status", 429, {"Retry-After": "30", "x-ratelimit-remaining-requests": "0",
-                               "x-request-id": "req-limited"})
+@pytest.mark.parametrize("name", ["Retry-After", "retry-after"])
+async def test_long_retry_after_and_rate_limit_headers_reach_the_client(gateway: Gateway, keys: Bootstrap,
+                                                                        name: str) -> None:
+    # Before, `retry-after` (Anthropic's and many OpenAI-compatible servers' spelling) was not read as a wait: the
+    # router asked again at once, three times, an upstream that had asked for 30 s of quiet.
+    limited = ("status", 429, {name: "30", "x-ratelimit-remaining-requests": "0", "x-request-id": "req-limited"})
     async with FakeLLM("limited", limited) as up:
         router = await gateway({"default": {"url": up.url, "retry": FAST_RETRY}})
         async with client(router, keys) as c:
@@ -642,6 +651,27 @@ async def test_endpoint_falls_back_to_its_named_fallback(gateway: Gateway, keys:
             assert event.status == "ok" and event.response == "backup says hi"
             assert event.attributes == {"lockgate.endpoint": "backup", "lockgate.fallback_from": "default",
                                         "lockgate.fallback_reason": "first_byte", "lockgate.attempts": "2"}
+
+
+async def test_a_connection_broken_before_the_answer_is_told_as_such_not_as_a_timeout(
+        gateway: Gateway, keys: Bootstrap, events: Any) -> None:
+    # Before: a reset was filed as a first-byte timeout, and a client heard at once that the endpoints "did not
+    # answer within 60 s (first byte)": an operator went looking for a slow upstream.
+    async with FakeLLM("main", "drop") as main, FakeLLM("backup", "drop") as backup:
+        router = await gateway({"default": {"url": main.url, "retry": FAST_RETRY, "fallback": "backup"},
+                                "backup": {"url": backup.url, "retry": FAST_RETRY}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.APIStatusError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES)
+        err = caught.value
+        assert err.status_code == 502
+        assert err.body["type"] == "upstream_broken_reply", err.body
+        assert "broke off before answering" in err.message and "within" not in err.message, err.message
+        assert str(main.port) not in _visible(err) and str(backup.port) not in _visible(err)
+        # Neither is asked again (the request went out: the call may have been generated, and billed): one call each.
+        assert (main.calls, backup.calls) == (1, 1)
+        recorded = await events(2)
+        assert sorted(e.error_type for e in recorded) == ["broken_reply", "upstream_broken_reply"]
 
 
 async def test_an_answer_a_fallback_served_is_not_cached_as_the_chosen_targets(

@@ -151,6 +151,10 @@ def test_retry_after_forms() -> None:
     assert retry_after_s({"Retry-After": date}, now) == pytest.approx(12.0)
     assert retry_after_s({"Retry-After": "soon"}, now) is None
     assert retry_after_s({"Retry-After": "-3"}, now) == 0.0
+    # Names in any case (headers are kept as the upstream wrote them).
+    assert retry_after_s({"retry-after": "40"}, now) == 40.0
+    assert retry_after_s({"RETRY-AFTER": "40"}, now) == 40.0
+    assert retry_after_s({"Retry-After-Ms": "250", "retry-after": "7"}, now) == 0.25
     assert retry_after_s({}, now) is None
 
 
