@@ -127,3 +127,27 @@ def test_without_a_stack_every_command_exits_1_and_says_why_on_stdout_too_with_j
 def test_an_error_without_json_leaves_stdout_empty(tmp_path: Path) -> None:
     got = invoke(tmp_path, "gate", "explain", "r1")
     assert got.exit_code == 1 and got.stdout == "" and got.stderr.startswith("error: no lockgate stack answers")
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("rollout", "set-weight", "chat", "500", "--json"), "Invalid value for 'WEIGHT'"),
+    (("rollout", "get", "--json"), "Missing argument 'DEPLOYMENT'"),
+    (("--bogus", "status", "--json"), "No such option '--bogus'"),
+    (("rollout", "nosuch", "--json"), "No such command 'nosuch'"),
+])
+def test_a_usage_error_is_one_line_and_with_json_an_error_object(home: Path, args: tuple[str, ...], said: str) -> None:
+    # Before: click's usage block on stderr and nothing on stdout, so a script piping --json to jq read nothing.
+    result = invoke(home, *args)
+    assert result.exit_code == 2
+    assert json.loads(result.stdout) == {"error": result.stderr.strip().removeprefix("error: "), "exit_code": 2}
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and said in result.stderr
+    assert "--help` shows the usage" in result.stderr
+    # Without --json, the same line, and stdout stays empty.
+    plain = invoke(home, *(a for a in args if a != "--json"))
+    assert (plain.exit_code, plain.stdout, plain.stderr) == (2, "", result.stderr)
+
+
+def test_help_and_a_bare_group_are_shown_as_click_shows_them(home: Path) -> None:
+    assert invoke(home, "rollout", "--help").exit_code == 0
+    bare = invoke(home, "rollout")
+    assert bare.exit_code == 2 and "rollout [OPTIONS] COMMAND" in bare.output

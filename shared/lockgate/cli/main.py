@@ -59,7 +59,38 @@ def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
     sys.exit(code)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+_JSON = "lockgate.json"  # ctx.meta: the command line asked for --json
+
+
+class _Root(click.Group):
+    """The root group: click's usage errors (an unknown option, a value out of range, a missing argument) end as every
+    other error does, in one line and exit 2, with --json on stdout too (`fail`). Before, click printed its usage block
+    on stderr and nothing on stdout: a script piping --json to a JSON reader read a parse error of nothing."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: click.Context | None = None,
+                     **extra: Any) -> click.Context:
+        try:
+            ctx = super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:
+            _usage_failed(exc, "--json" in args)
+        ctx.meta[_JSON] = "--json" in args
+        return ctx
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)  # a subcommand's usage error is raised in here, as its arguments are parsed
+        except click.UsageError as exc:
+            _usage_failed(exc, ctx.meta.get(_JSON, False))
+
+
+def _usage_failed(exc: click.UsageError, as_json: bool) -> NoReturn:
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # a group called bare: its help, as click shows it
+        raise exc
+    path = exc.ctx.command_path if exc.ctx is not None else "lockgate"
+    fail(f"{exc.format_message()} (`{path} --help` shows the usage)", 2, as_json=as_json)
+
+
+@click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--nats", "nats_url", envvar="LOCKGATE_NATS_URL", help="NATS URL of the stack.")
 @click.option("--clickhouse", "clickhouse_url", envvar="LOCKGATE_CLICKHOUSE_URL",
               help="ClickHouse URL: chdb://PATH or http(s)://host:8123. Given to a query command, "
