@@ -437,6 +437,34 @@ async def test_cli_get_pause_resume_set_weight_abort_history(router: Any, http: 
     assert any(r.startswith("paused at step 1 (10%) by apikey:") for r in reasons)
 
 
+async def test_history_names_who_made_each_change(router: Any, signer: Signer, keys: Bootstrap) -> None:
+    """`rollout history` names the key that made each change, the start of a canary too (whose reason names no
+    one), and `router` for a change the router made on evidence (here the gate decision's first step)."""
+    operator, op_key = KeyStore(router.ctx.settings.home).create("default", "shop", "operator")
+    admin_label = next(k.label for k in KeyStore(router.ctx.settings.home).keys() if k.role == "admin")
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {operator}"}) as as_operator:
+        await _start(as_operator, router, "same", {"steps": [10, 50, 100], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    s = router.ctx.settings
+    base = ["--home", s.home, "--nats", s.nats_url, "--prefix", s.prefix, "--database", s.database,
+            "rollout", "--router", router.url]  # the admin key of the home
+    env = {"LOCKGATE_CLICKHOUSE_URL": s.clickhouse_url}
+    paused = await asyncio.to_thread(CliRunner().invoke, cli, [*base, "pause", "chat"], env=env)
+    assert paused.exit_code == 0, paused.output
+
+    await router.rollouts.flush()
+    await sink_stored(router.sink.handlers, rollout_events=3)  # start, pass, pause
+    history = await asyncio.to_thread(CliRunner().invoke, cli, [*base, "history", "chat", "--json"], env=env)
+    assert history.exit_code == 0, history.output
+    rows = [(r["phase"], r["canary_weight"], r["actor"]) for r in msgspec.json.decode(history.output)]
+    assert rows == [("progressing", 10.0, admin_label), ("progressing", 10.0, "router"),
+                    ("idle", 0.0, op_key.label)]  # newest first
+    assert op_key.label not in msgspec.json.decode(history.output)[-1]["reason"]  # only the actor names it
+    table = await asyncio.to_thread(CliRunner().invoke, cli, [*base, "history", "chat"], env=env,
+                                    terminal_width=400)
+    assert table.exit_code == 0 and "actor" in table.output and f"apikey:{op_key.id}" in table.output
+
+
 async def test_sticky_by_user_then_session_then_client_key_never_the_ip(router: Any, http: aiohttp.ClientSession,
                                                                        signer: Signer) -> None:
     await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})

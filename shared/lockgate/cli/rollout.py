@@ -595,4 +595,4 @@ def register(cli: click.Group) -> None:
                             deployment=deployment, limit=limit)
         output(rows, as_json, title=f"rollout history of {deployment}",
                columns=None if as_json else ["time", "phase", "canary_weight", "stable_release",
-                                             "canary_release", "reason"])
+                                             "canary_release", "actor", "reason"])

@@ -79,8 +79,8 @@ EVAL_CASES = Table("eval_cases", EvalCasesRecorded, exclude=(*_ROUTING, "id", "t
 
 GATE_DECISIONS = Table("gate_decisions", GateAudited, exclude=_ROUTING, key=("id",))
 
-# An operator's identity is also in the reason text, so the table needs no column for `actor`.
-ROLLOUT_EVENTS = Table("rollout_events", RolloutState, exclude=(*_ROUTING, "tenant", "actor"), key=("id",))
+# `actor`: the operator's key identity, '' when the router acted on evidence (migration 018).
+ROLLOUT_EVENTS = Table("rollout_events", RolloutState, exclude=(*_ROUTING, "tenant"), key=("id",))
 
 # One row per feature; the feature's `drifted` is the column, the report's is their disjunction.
 DRIFT_REPORTS = Table("drift_reports", DriftReport, exclude=(*_ROUTING, "drifted"), items="features",
