@@ -1,5 +1,6 @@
-"""Blue-green rollouts: a preview reachable only by header (or shadow), promoted all at once, with a
-post-promotion analysis and a window in which the old release swaps back instantly. Pure, no I/O."""
+"""Blue-green rollouts: a preview reachable only by header (from a tester's key: strategy.HeaderRoute.honours) or
+shadow, promoted all at once, with a post-promotion analysis and a window in which the old release swaps back
+instantly. Pure, no I/O."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def live(route: Route, now: float, interval_s: float, why: str) -> Route:
     return _bump(route, weight=0.0, phase="progressing", step=0, header_route=bg.preview, promote_at=promote_at,
                  next_step_at=now + interval_s,
                  reason=f"{why}; preview {route.canary.release} live by header {bg.preview.header}: "
-                        f"{bg.preview.value} only; {then}")
+                        f"{bg.preview.value} only, from {bg.preview.testers()}; {then}")
 
 
 def promote(route: Route, why: str, now: float, interval_s: float) -> Route:

@@ -313,13 +313,21 @@ def bucket(deployment: str, user: str, salt: str = "") -> int:
     return int.from_bytes(digest[:8], "big") % BUCKETS
 
 
-def choose(route: Route, user: str, headers: Mapping[str, str] | None = None) -> tuple[Variant, Target]:
+def by_header(route: Route, headers: Mapping[str, str] | None, key_id: str = "", role: str = "") -> bool:
+    """True when a live rollout's header route sends this request to the canary (or blue-green preview): it carries
+    the header and its API key (id, role) may test (HeaderRoute.honours). Anyone else's header is ignored."""
+    return (route.header_route is not None and route.canary is not None and route.phase == "progressing"
+            and headers is not None and route.header_route.honours(headers, key_id, role))
+
+
+def choose(route: Route, user: str, headers: Mapping[str, str] | None = None, *, key_id: str = "",
+           role: str = "") -> tuple[Variant, Target]:
     """The variant and target for a sticky key (user, session or client key). Raising the weight only
     moves stable users to canary (the salt stays for the whole rollout). Without a key each request draws its own bucket: the split holds,
-    stickiness cannot (the client's IP is never used, see README). A live rollout's header route sends
-    requests that carry its header to the canary (or blue-green preview) first, at any weight."""
-    if (route.header_route is not None and route.canary is not None and route.phase == "progressing"
-            and headers is not None and route.header_route.matches(headers)):
+    stickiness cannot (the client's IP is never used, see README). A live rollout's header route sends a tester's
+    requests that carry its header (`by_header`) to the canary (or blue-green preview) first, at any weight; any
+    other request is routed as if it had no header, never refused (an ordinary client library may send one)."""
+    if route.canary is not None and by_header(route, headers, key_id, role):
         return "canary", route.canary
     if route.canary is None or route.weight <= 0:
         return "stable", route.stable

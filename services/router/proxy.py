@@ -29,6 +29,7 @@ from lockgate import metrics, telemetry
 from lockgate.codec import UNDECODABLE, undecodable
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
+from lockgate.contracts.inference import ROUTED_BY
 from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import UnreadableBody
 from lockgate.llmwire import ApiRequest, OutputLimits
@@ -330,7 +331,10 @@ class Proxy:
         session = h.get("x-lockgate-session") or ""
         # Sticky by user, else session, else the client's own key; never by the client's IP, which
         # would send every user behind one app host or NAT to the same variant.
-        variant, target = domain.choose(route, user or session or h.get("x-lockgate-sticky-key") or "", h)
+        # A header route is honoured for a tester's key only (HeaderRoute.honours): anyone else is routed by weight.
+        variant, target = domain.choose(route, user or session or h.get("x-lockgate-sticky-key") or "", h,
+                                        key_id=key.id, role=key.role)
+        by_header = variant == "canary" and domain.by_header(route, h, key.id, key.role)
         model = target.model or req.model
         stream = req.stream
         want_usage = bool(req.stream_options and req.stream_options.get("include_usage"))
@@ -423,11 +427,11 @@ class Proxy:
             # turn, after aiohttp has handed the response to the socket, not before.
             loop = asyncio.get_running_loop()
             loop.call_soon(self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user,
-                           session, rec, op)
+                           session, rec, op, by_header)
             for failed, attempt in zip(rec.earlier, attempts, strict=True):
                 f_variant, f_target = failed.hop.tag
                 loop.call_soon(self._record, INVALID_SPAN, key, trace_id, secrets.token_hex(8), deployment, f_variant,
-                               f_target, f_target.model or req.model, req, user, session, attempt, op)
+                               f_target, f_target.model or req.model, req, user, session, attempt, op, by_header)
         self.admission.remember(ticket, deployment, response, rec, streamed)
         return response
 
@@ -438,12 +442,14 @@ class Proxy:
 
     def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
                 target: domain.Target, model: str, req: ApiRequest, user: str, session: str,
-                rec: _Record, op: Operation = CHAT) -> None:
+                rec: _Record, op: Operation = CHAT, by_header: bool = False) -> None:
         """Queue the request's inference event and end its span (runs after the response is sent)."""
         try:
             attributes = rec.attributes  # the cache's verdict, if any
             if op.api == "responses":  # its operation name is "chat": say which API it came through
                 attributes["lockgate.api"] = op.api
+            if by_header:  # a tester's request sent to the candidate by its header route, not by weight (README)
+                attributes[ROUTED_BY] = "header"
             cut: dict[str, int] = {}  # the fields cut to fit one bus message, and their sizes before (fit.py)
             if rec.out.has_more_than_text():
                 attributes[OUTPUT_MESSAGES], size = rec.out.output_messages(TEXT_BYTES)

@@ -6,18 +6,29 @@ from typing import Annotated
 
 import msgspec
 
+from lockgate.server.apikeys import ROUTE_CHANGERS
 from lockgate.services.router.analysis import AnalysisSpec, Measurement
 
 Percent = Annotated[float, msgspec.Meta(gt=0, le=100)]
 Seconds = Annotated[float, msgspec.Meta(gt=0, le=7 * 86_400)]
 HeaderName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9-]{1,64}$")]
+KeyId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]  # an API key's id, never the key
+# The roles whose keys a header route always honours: those that may change the route anyway. Of them only an admin
+# key sends traffic (apikeys.SENDERS); an app key tests only when the route names it.
+TESTER_ROLES: tuple[str, ...] = ROUTE_CHANGERS
 
 
 class HeaderRoute(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Requests carrying `header: value` go to the candidate whatever the weight (internal testers)."""
+    """Requests carrying `header: value` go to the candidate whatever the weight: internal testers' requests only.
+
+    A tester is an admin key (TESTER_ROLES) or a key named in `keys` (its id, as `lockgate keys list` shows it).
+    Any other key's request is routed as if the header were absent: before, any app key could send the header on
+    requests it wanted judged as the candidate's (long prompts, `max_tokens: 1`) and abort a healthy canary or
+    blue-green preview at will, with no arm to learn (README, threat model)."""
 
     header: HeaderName = "x-lockgate-canary"
     value: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = "always"
+    keys: Annotated[tuple[KeyId, ...], msgspec.Meta(max_length=100)] = ()
 
     def __post_init__(self) -> None:
         # Header names are case-insensitive: compare them in one case.
@@ -27,6 +38,21 @@ class HeaderRoute(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         """True when the request's headers (a mapping) carry the configured value exactly."""
         get = getattr(headers, "get", None)
         return get is not None and get(self.header) == self.value
+
+    def testers(self) -> str:
+        """Whose requests it routes, for a rollout's reason."""
+        return "admin keys" + (f" and key{'s' * (len(self.keys) > 1)} {', '.join(self.keys)}" if self.keys else "")
+
+    def honours(self, headers: object, key_id: str, role: str) -> bool:
+        """True when the request carries the header and its API key (id, role) may test the candidate."""
+        return (role in TESTER_ROLES or (bool(key_id) and key_id in self.keys)) and self.matches(headers)
+
+
+class Preview(HeaderRoute, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A blue-green preview's header route: the same, with the preview's own header by default (a spec that names
+    only its `keys` or `value` keeps `x-lockgate-preview`)."""
+
+    header: HeaderName = "x-lockgate-preview"
 
 
 class Pause(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -60,7 +86,7 @@ class BlueGreen(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     stays routable for `scale_down_delay_s`, during which `abort`/`undo` swap it back instantly.
     """
 
-    preview: HeaderRoute = HeaderRoute(header="x-lockgate-preview", value="always")
+    preview: Preview = Preview()
     auto_promotion_s: Seconds | None = None
     pre_promotion_analysis: AnalysisSpec | None = None
     post_promotion_analysis: AnalysisSpec | None = None

@@ -362,9 +362,9 @@ def test_a_replica_cut_off_from_the_bus_serves_the_stable_release_only() -> None
     live = msgspec.structs.replace(_canary(weight=50, phase="progressing"),
                                    header_route=HeaderRoute(header="x-lockgate-canary", value="always"))
     tagged = {"x-lockgate-canary": "always"}
-    assert domain.choose(live, "anyone", tagged)[1] == CANARY
+    assert domain.choose(live, "anyone", tagged, role="admin")[1] == CANARY
     cut = domain.stable_only(live)
-    assert {domain.choose(cut, f"user-{i}", tagged)[1].release for i in range(200)} == {"r1"}
+    assert {domain.choose(cut, f"user-{i}", tagged, role="admin")[1].release for i in range(200)} == {"r1"}
     assert cut.canary is None  # nothing to mirror to either (Shadow.maybe_mirror)
 
 

@@ -17,6 +17,7 @@ pytestmark = pytest.mark.timeout(30)
 
 DEFAULT = (10.0, 100.0)
 TESTER = {"x-lockgate-canary": "always"}
+ADMIN = {"key_id": "a1", "role": "admin"}  # a header route honours an admin key (and the keys it names)
 SPEC = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.01)], min_sample=100)
 
 
@@ -94,17 +95,41 @@ def test_header_route_sends_tagged_requests_to_the_canary_at_any_weight() -> Non
                                 {"pause": {}}, 50], "interval_s": 10}))
     assert r.weight == 0.0 and r.paused and r.header_route is not None
     assert "x-lockgate-canary: always go to the canary" in r.reason
-    assert domain.choose(r, "u1", TESTER) == ("canary", r.canary)
-    assert domain.choose(r, "u1", {"x-lockgate-canary": "sometimes"})[0] == "stable"
+    assert domain.choose(r, "u1", TESTER, **ADMIN) == ("canary", r.canary)
+    assert domain.choose(r, "u1", {"x-lockgate-canary": "sometimes"}, **ADMIN)[0] == "stable"
     assert all(domain.choose(r, f"u{i}", {})[0] == "stable" for i in range(200))
     aborted = domain.abort(r, "by operator")
-    assert aborted.header_route is None and domain.choose(aborted, "u1", TESTER)[0] == "stable"
+    assert aborted.header_route is None and domain.choose(aborted, "u1", TESTER, **ADMIN)[0] == "stable"
+
+
+def test_header_route_is_honoured_for_tester_keys_only() -> None:
+    # Found by a probe (s3): any app key's header sent its requests to the canary, as canary evidence of its choosing.
+    r = _pass(_route({"steps": [{"set_header_route": {"keys": ["k-tester"]}}, {"pause": {}}, 50], "interval_s": 10}))
+    assert domain.choose(r, "u1", TESTER, key_id="k-tester", role="app") == ("canary", r.canary)
+    assert domain.choose(r, "u1", TESTER, key_id="a1", role="admin")[0] == "canary"
+    # Any other key, or none: as if the header were absent (here weight 0, so stable), never an error.
+    assert all(domain.choose(r, f"u{i}", TESTER, key_id="k-other", role="app")[0] == "stable" for i in range(200))
+    assert domain.choose(r, "u1", TESTER)[0] == "stable"
+    assert not domain.by_header(r, TESTER, "k-other", "app") and domain.by_header(r, TESTER, "k-tester", "app")
+    at_50 = msgspec.structs.replace(r, weight=50.0, paused=False, step_pause=False)
+    by_weight = [domain.choose(at_50, f"u{i}")[0] for i in range(200)]
+    assert [domain.choose(at_50, f"u{i}", TESTER, key_id="k-other", role="app")[0] for i in range(200)] == by_weight
+    assert "canary" in by_weight and "stable" in by_weight
+
+
+def test_a_header_route_names_its_tester_keys_by_id() -> None:
+    with pytest.raises(msgspec.ValidationError, match=r"keys\[0\]"):
+        msgspec.convert({"steps": [{"set_header_route": {"keys": ["lg-not an id"]}}]}, Strategy)
+    bg = msgspec.convert({"blue_green": {"preview": {"keys": ["k1", "k2"]}}}, Strategy).blue_green
+    assert bg is not None and bg.preview.keys == ("k1", "k2") and bg.preview.header == "x-lockgate-preview"
+    assert "from admin keys and keys k1, k2" in bluegreen.live(_route({"blue_green": {"preview": {"keys": ["k1", "k2"]}}}),
+                                                                 0.0, 10.0, "passed").reason
 
 
 def test_header_route_needs_an_admitted_live_canary() -> None:
     r = _route({"steps": [{"set_header_route": {}}, 50]})
     assert domain.choose(msgspec.structs.replace(r, header_route=r.strategy.program()[0].set_header_route),  # type: ignore[union-attr]
-                         "u", TESTER)[0] == "stable"  # idle: no decision allows it yet
+                         "u", TESTER, **ADMIN)[0] == "stable"  # idle: no decision allows it yet
 
 
 def test_analysis_success_runs_the_program_and_failure_aborts_during_a_pause() -> None:
@@ -129,8 +154,8 @@ def test_blue_green_preview_is_reachable_only_by_its_header() -> None:
     r = _bg()
     assert (r.phase, r.weight) == ("progressing", 0.0)
     assert all(domain.choose(r, f"u{i}", {})[0] == "stable" for i in range(500))
-    assert domain.choose(r, "u", {"x-lockgate-preview": "always"})[0] == "canary"
-    assert domain.choose(r, "u", TESTER)[0] == "stable"
+    assert domain.choose(r, "u", {"x-lockgate-preview": "always"}, **ADMIN)[0] == "canary"
+    assert domain.choose(r, "u", TESTER, **ADMIN)[0] == "stable"
     assert progress.due_at(r) is None  # manual promotion only
     with pytest.raises(InvalidRollout, match="blue-green"):
         progress.set_weight(r, 10.0, "ops")
@@ -187,7 +212,7 @@ def test_blue_green_failed_post_promotion_analysis_rolls_back_naming_the_metric(
 def test_shadow_only_rollout_serves_no_user_from_the_candidate() -> None:
     r = _pass(_route({"shadow": {"sample": 0.5}}))
     assert (r.phase, r.weight) == ("progressing", 0.0) and "mirrored requests only" in r.reason
-    assert progress.due_at(r) is None and all(domain.choose(r, f"u{i}", TESTER)[0] == "stable" for i in range(100))
+    assert progress.due_at(r) is None and all(domain.choose(r, f"u{i}", TESTER, **ADMIN)[0] == "stable" for i in range(100))
 
 
 def test_scale_down_waits_for_the_post_promotion_analysis_without_a_busy_timer() -> None:

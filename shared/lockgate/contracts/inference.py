@@ -23,6 +23,10 @@ NonNegF = Annotated[float, msgspec.Meta(ge=0, le=3.4e38)]
 USAGE_UNKNOWN = "lockgate.usage_unknown"
 CHARGED_INPUT_TOKENS = "lockgate.charged_input_tokens"
 CHARGED_OUTPUT_TOKENS = "lockgate.charged_output_tokens"
+# A router event of a request its deployment's header route sent to the candidate (value "header"): a tester's
+# request (an admin key, or one the route names), not one the weight chose, so a judge of the weighted split can
+# tell it apart; a blue-green preview's only served traffic.
+ROUTED_BY = "lockgate.routed_by"
 
 
 # gc=False: an event holds only strings, numbers and flat dicts of them, so it can never be part of a
