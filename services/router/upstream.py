@@ -473,9 +473,17 @@ def chain(endpoints: Endpoints, starts: Sequence[tuple[str, bytes, Any, str]], p
     then its named fallbacks, then the next start's, each prepared for its endpoint's provider. A start
     naming a group becomes its members, best first (`members`). The first hop must be configured
     and able to serve the request (UnknownEndpoint, Unsupported); a later one that is not (a stale
-    stable route, a fallback speaking a provider without this operation) is left out."""
-    starts = [(m, body, tag, model) for eid, body, tag, model in starts for m in members(eid)]
-    ids = resilience.fallback_chain([eid for eid, *_ in starts], endpoints.fallbacks)
+    stable route, a fallback speaking a provider without this operation) is left out. Each start's hops are capped
+    on their own (`fallback_chain`'s limit): before, the cap counted the canary's and stable's together, so a canary
+    whose endpoint had a chain of 3 fallbacks (or was a group of 4) filled it, and a failing canary answered 502
+    while stable was healthy."""
+    expanded: list[tuple[str, bytes, Any, str]] = []
+    ids: list[tuple[int, str]] = []
+    for eid, body, tag, model in starts:
+        first, own = len(expanded), members(eid)
+        expanded += [(m, body, tag, model) for m in own]
+        ids += [(first + i, hop) for i, hop in resilience.fallback_chain(own, endpoints.fallbacks)]
+    starts = expanded
     hops: list[Hop] = []
     for position, (index, eid) in enumerate(ids):
         if position == 0 or eid in endpoints.by_id:

@@ -596,6 +596,22 @@ async def test_failing_canary_falls_back_to_stable(gateway: Gateway, keys: Boots
         assert "x-lockgate-variant" not in raw.headers and "x-lockgate-release" not in raw.headers
 
 
+async def test_a_failing_canary_with_a_long_fallback_chain_still_falls_back_to_stable(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext) -> None:
+    # Before: the 4-hop cap counted the canary's chain and stable's together; the canary's endpoint and its three
+    # fallbacks filled it, stable was never asked, and the client got the last fallback's 502.
+    once = {"retry": {"attempts": 1}}
+    async with FakeLLM("stable") as stable, FakeLLM("canary", ("status", 500)) as canary:
+        router = await _canary_at_100(gateway, keys, context, {
+            "default": {"url": stable.url},
+            "canary": {"url": canary.url, "fallback": "fb1", **once},
+            **{f"fb{i}": {"url": canary.url, "fallback": f"fb{i + 1}" if i < 3 else None, **once} for i in (1, 2, 3)}})
+        async with client(router, keys) as c:
+            done = await c.chat.completions.create(model="m", messages=MESSAGES)
+        assert done.choices[0].message.content == "stable says hi"
+        assert (canary.calls, stable.calls) == (4, 1)  # the canary's endpoint and its three fallbacks, then stable
+
+
 def _priced(context: ServiceContext, tmp_path: Any, models: dict[str, tuple[float, float]], budget: dict[str, Any]
             ) -> None:
     """The router's settings with a price book (model -> input and output USD per million tokens) and one daily
