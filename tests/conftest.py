@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from lockgate import metrics
@@ -21,6 +22,11 @@ from lockgate.store import Store, open_store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
 from tests.helpers import delete_topology
+
+# No per-example deadline: it is a timing assertion, which a loaded 2-core machine fails at random (a full run failed
+# a 200 ms deadline on a two-letter example); pytest-timeout still ends a test that hangs.
+hypothesis_settings.register_profile("lockgate", deadline=None)
+hypothesis_settings.load_profile("lockgate")
 
 # The session server's warnings and errors: some failures reach a client only as a fixed sentence ("error creating
 # store for stream") and their cause only in the server's log, so a failing test's report shows the latest.
