@@ -401,7 +401,11 @@ class Proxy:
             # non-streamed one goes on and bills the whole answer: a call under way when the client left (before
             # any answered) is abandoned after its request went out, charged its worst case like a first-byte
             # timeout. The calls that failed before it are evidence (and charged) as when one answers.
-            rec.status, rec.error_type = "error", "client_disconnected"
+            # But a stream whose end marker reached the client was answered whole: the openai SDK closes as it reads
+            # `[DONE]`, while this was still reading the upstream's end of body (before, such an answer was recorded
+            # `client_disconnected` now and then, and left out of analysis, drift and scores).
+            if not rec.delivered:
+                rec.status, rec.error_type = "error", "client_disconnected"
             if rec.hop is None:
                 rec.earlier = underway.earlier
                 rec.gone = underway.hop
@@ -581,6 +585,7 @@ class Proxy:
                     if line.endswith(b"\n\n") or not line.strip():
                         await _write(out, b"".join(pending))
                         pending.clear()
+                        rec.delivered = ended
                 if pending:
                     await _write(out, b"".join(pending))
                     pending.clear()
@@ -672,6 +677,7 @@ class _Record:
     __slots__ = (
         "attributes",
         "cached_tokens",
+        "delivered",
         "earlier",
         "error_type",
         "gone",
@@ -692,6 +698,7 @@ class _Record:
         self.status = status
         self.provider = provider
         self.error_type = ""
+        self.delivered = False  # a stream's end marker (`[DONE]`) was written to the client
         self.input_tokens = self.output_tokens = self.cached_tokens = 0
         self.response_model = ""
         self.ttft_ms = self.latency_ms = 0.0

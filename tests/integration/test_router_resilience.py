@@ -49,7 +49,8 @@ class FakeLLM:
     "chunk_then_error" (a stream that stalls, breaks, stops or sends an error event naming the upstream's address
     after its first event), "chunk_then_vllm_error" (the same error event as vLLM sends it, `object: error`), "chunk_then_garbage" (a data line that is not JSON after the first event),
     "chunks_until_closed" (a stream that goes on until the router hangs up: then `hung_up` is set),
-    "chunks_paced" (the same at a chunk every 50 ms, as a model generating a long answer),
+    "chunks_paced" (the same at a chunk every 50 ms, as a model generating a long answer), "done_then_hold" (a whole
+    stream, `[DONE]` included, whose body's end comes only when the test ends),
     ("echo_key", message) and ("chunk_then_echo_key", message) (a 401, or a stream's error event, whose message
     quotes the Authorization it received: `{auth}` the header's value, `{key}` the bare key), ("answer", make)
     (the response `make(authorization, body)` returns)."""
@@ -241,6 +242,8 @@ class FakeLLM:
         await resp.write(chunk(choices=[{"index": 0, "delta": {}, "finish_reason": "stop"}]))
         await resp.write(chunk(choices=[], usage=self.usage))
         await resp.write(b"data: [DONE]\n\n")
+        if action == "done_then_hold":  # the end marker sent, the body's end held back (a proxy buffering it)
+            await self._release.wait()
         await resp.write_eof()
         return resp
 
@@ -472,6 +475,23 @@ async def test_client_disconnect_mid_stream_hangs_up_on_the_upstream(gateway: Ga
         (event,) = await events(1)
         # Before: recorded as stream_interrupted, the client_disconnected branch could never run.
         assert (event.status, event.error_type) == ("error", "client_disconnected")
+
+
+async def test_a_client_closing_after_the_end_marker_got_the_whole_answer(gateway: Gateway, keys: Bootstrap,
+                                                                          events: Any) -> None:
+    # The openai SDK closes the connection as it reads `[DONE]`; the router was still reading the upstream's end of
+    # body, was cancelled, and recorded the answer delivered whole as `client_disconnected` (probe s4: 1 stream in
+    # 20), an error left out of analysis, drift and scores.
+    async with FakeLLM("held", "done_then_hold") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True,
+                                                     stream_options={"include_usage": True})
+            chunks = [chunk async for chunk in stream]  # to `[DONE]`: the SDK closes the response there
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "held says hi"
+        (event,) = await events(1)
+        assert (event.status, event.error_type, event.response) == ("ok", "", "held says hi")
+        assert (event.input_tokens, event.output_tokens) == (1, 3)
 
 
 # Retries
