@@ -84,7 +84,7 @@ from lockgate.services.router.ratelimit import (
     lease,
     refusal,
 )
-from lockgate.services.router.wire import CHAT, USAGE_WARNING, error_response
+from lockgate.services.router.wire import CHAT, USAGE_WARNING, error_response, own_request_id
 
 log = logging.getLogger("lockgate.router.admission")
 
@@ -682,6 +682,9 @@ class Admission:
         rec.response_model = entry.model  # what it answered: the caller reads it from the body (rec.replayed)
         rec.attributes.update({"cache": "hit", "cost_saved": f"{saved.usd / NANO:.9f}"})
         headers["x-lockgate-cache"] = "hit"
+        # An id of its own, as every answer has one (the SDK's `request_id`, what a user quotes): not the stored
+        # answer's, which named another request to its upstream.
+        headers["x-request-id"] = own_request_id()
         ticket.cache_key = None
         if entry.content_type == EVENT_STREAM:  # a cached stream: its events in one body, as SSE
             headers["Cache-Control"] = "no-cache"

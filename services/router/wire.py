@@ -377,11 +377,16 @@ def interrupted_event(op: Operation, message: str, sequence: int) -> bytes:
     return b"data: " + error_body(message, "upstream_error", "stream_interrupted") + b"\n\n"
 
 
+def own_request_id() -> str:
+    """An `x-request-id` of the router's own, for an answer no upstream gave one for (its errors, cache hits)."""
+    return f"req_lockgate_{secrets.token_hex(12)}"
+
+
 def error_response(status: int, message: str, type_: str, *, headers: dict[str, str] | None = None,
                    code: str | None = None, param: str | None = None) -> web.Response:
     """An OpenAI-style error response, with an `x-request-id` as OpenAI's every answer has (the SDK's
     `request_id`, what a user quotes): the upstream's when `headers` carry one, else the router's own."""
     if headers is None or not any(name.lower() == "x-request-id" for name in headers):
-        headers = {**(headers or {}), "x-request-id": f"req_lockgate_{secrets.token_hex(12)}"}
+        headers = {**(headers or {}), "x-request-id": own_request_id()}
     return web.Response(body=error_body(message, type_, code, param), status=status,
                         content_type="application/json", headers=headers)

@@ -382,6 +382,9 @@ async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Sto
         temperature=0, max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": "hi"}], model=MODEL, user="b")
     assert second.headers["x-lockgate-cache"] == "hit"
     assert second.content == first.content and sim.requests[MODEL] == 1
+    # A hit has a request id of its own, as every answer has (before: none, and the SDK's request_id was None).
+    assert second.headers["x-request-id"].startswith("req_lockgate_")
+    assert second.headers["x-request-id"] != first.headers.get("x-request-id")
 
     events = []
     while len(events) < 2:
