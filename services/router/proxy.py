@@ -343,7 +343,7 @@ class Proxy:
         # A failing canary falls back to stable for this request: stable's body goes along.
         starts = [(variant, target)] if variant == "stable" else [(variant, target), ("stable", route.stable)]
         try:
-            hops = chain(self.endpoints, [(t.endpoint, _body_for(body, req, t, inject_usage), (v, t),
+            hops = chain(self.endpoints, [(t.endpoint, _body_for(body, req, t, inject_usage, op), (v, t),
                                            t.model) for v, t in starts], partial(_prepare, op),
                          partial(self.upstream.members, self.endpoints))
         except UnknownEndpoint as exc:  # a route persisted before the allow-list changed
@@ -821,12 +821,13 @@ def _pass_headers(headers: dict[str, str], upstream: dict[str, str]) -> None:
                     if not (name.lower().startswith("x-ratelimit-") and name.lower().endswith(kept))})
 
 
-def _body_for(body: bytes, req: ApiRequest, target: domain.Target, inject_usage: bool) -> bytes:
-    """The request as one target's endpoint gets it: its release's model and params, none of the client's
-    fields that choose the operator's price (wire.OPERATOR_FIELDS: its `service_tier`), usage asked for."""
+def _body_for(body: bytes, req: ApiRequest, target: domain.Target, inject_usage: bool, op: Operation) -> bytes:
+    """The request as one target's endpoint gets it for `op`: its release's model and the params `op` takes, none of
+    the client's fields that choose the operator's price (wire.OPERATOR_FIELDS: its `service_tier`), usage asked
+    for."""
     if ((target.model and target.model != req.model) or inject_usage or target.params
             or any(getattr(req, name) is not msgspec.UNSET for name in OPERATOR_FIELDS)):
-        return patch_body(body, target.model or None, inject_usage, target.params)
+        return patch_body(body, target.model or None, inject_usage, target.params, op)
     return body
 
 

@@ -273,7 +273,7 @@ class Shadow:
 def _candidate_body(body: bytes, target: domain.Target) -> bytes:
     """The request as the candidate's release serves it, never streamed (the answer is only compared)."""
     data = top_level(body)
-    as_released(data, target.model, target.params)  # the client's service_tier neither (a dearer copy)
+    as_released(data, target.model, target.params, CHAT)  # the client's service_tier neither (a dearer copy)
     data["stream"] = False
     data.pop("stream_options", None)
     return _encoder.encode(data)

@@ -12,7 +12,7 @@ Streamed, each choice has its own buffer, so interleaved chunks never mix.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -53,13 +53,20 @@ SERVICE_TIER = "openai.response.service_tier"
 OPERATOR_FIELDS = ("service_tier",)
 
 
-def as_released(data: dict[str, Any], model: str | None, params: dict[str, Any]) -> None:
-    """Make a decoded request the release's: its model and params, none of the client's OPERATOR_FIELDS."""
+def as_released(data: dict[str, Any], model: str | None, params: dict[str, Any], op: Operation) -> None:
+    """Make a decoded request the release's: its model and the params its operation takes (`Operation.params`,
+    under that operation's names), none of the client's OPERATOR_FIELDS."""
     for name in OPERATOR_FIELDS:
         data.pop(name, None)
     if model:
         data["model"] = model
-    data.update(params)
+    # Not this operation's params are left out: before, a release's temperature went into every embeddings request.
+    placed: dict[str, Any] = {}
+    for name, value in params.items():
+        if (field := op.params.get(name)) is not None:
+            # Chat's two output limits onto one field (Responses' max_output_tokens): the smaller.
+            placed[field] = min(placed[field], value) if field in placed else value
+    data.update(placed)
 
 
 _top_level = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -71,10 +78,12 @@ def top_level(body: bytes) -> dict[str, Any]:
     return _top_level.decode(body)
 
 
-def patch_body(body: bytes, model: str | None, include_usage: bool, params: dict[str, Any] | None = None) -> bytes:
-    """Re-encode the request as the release serves it (as_released) and/or with stream usage requested."""
+def patch_body(body: bytes, model: str | None, include_usage: bool, params: dict[str, Any] | None = None,
+               op: Operation | None = None) -> bytes:
+    """Re-encode the request as the release serves it to `op` (as_released; chat's by default) and/or with stream
+    usage requested."""
     data = top_level(body)
-    as_released(data, model, params or {})
+    as_released(data, model, params or {}, op or CHAT)
     if include_usage:
         raw = data.get("stream_options")
         opts = msgspec.json.decode(raw) if raw is not None else None
@@ -321,20 +330,30 @@ class Operation(msgspec.Struct, frozen=True):
     chunk: Callable[[bytes, _Record], bool] | None
     prompt: Callable[[ApiRequest], str | None]
     max_fields: tuple[str, ...] = ()
+    # The release params (lockgate.shipped.PARAMS) this operation takes, each under its field's name here; the
+    # others are not sent (an upstream that checks fields refuses a request with one it does not know).
+    params: Mapping[str, str] = {}
 
 
 # Chat: OpenAI reads max_completion_tokens (max_tokens is its older name), while an OpenAI-compatible
 # server that predates the new name reads max_tokens only: both bound the output, the larger is reserved.
+_SAMPLING = ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", "stop")
 CHAT = Operation("chat", "chat.completions", "/chat/completions", True, parse_completion, parse_chunk,
-                 lambda r: last_user_text(r.messages), ("max_completion_tokens", "max_tokens"))
+                 lambda r: last_user_text(r.messages), ("max_completion_tokens", "max_tokens"),
+                 {name: name for name in (*_SAMPLING, "max_tokens", "max_completion_tokens", "service_tier")})
 COMPLETIONS = Operation("text_completion", "completions", "/completions", True, parse_completion, parse_chunk,
-                        lambda r: input_text(r.prompt), ("max_tokens",))
+                        lambda r: input_text(r.prompt), ("max_tokens",),
+                        {**{name: name for name in (*_SAMPLING, "max_tokens")}, "max_completion_tokens": "max_tokens"})
+# Embeddings take no sampling parameter and no output limit.
 EMBEDDINGS = Operation("embeddings", "embeddings", "/embeddings", False, parse_embeddings, None,
                        lambda r: input_text(r.input))
 # The Responses API generates a model turn from a conversation, which GenAI semconv calls "chat"; there is
-# no "responses" operation name there, and "chat" keeps drift, cost and evaluation treating both alike.
+# no "responses" operation name there, and "chat" keeps drift, cost and evaluation treating both alike. Its output
+# limit is `max_output_tokens`; it has no seed, stop or penalties.
 RESPONSES = Operation("chat", "responses", "/responses", False, parse_response, parse_response_event,
-                      lambda r: input_text(r.input), ("max_output_tokens",))
+                      lambda r: input_text(r.input), ("max_output_tokens",),
+                      {"temperature": "temperature", "top_p": "top_p", "service_tier": "service_tier",
+                       "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens"})
 # Every field that bounds some operation's output (a client's in another operation is refused).
 LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import msgspec
 import pytest
@@ -10,6 +11,10 @@ import pytest
 from lockgate.llmwire import Message, last_user_text
 from lockgate.services.router.proxy import _Record
 from lockgate.services.router.wire import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    RESPONSES,
     ErrorAnswer,
     openai_error,
     parse_chunk,
@@ -188,6 +193,25 @@ def test_patch_body_drops_the_clients_service_tier_and_sends_the_releases() -> N
     assert "service_tier" not in msgspec.json.decode(patch_body(body, None, False))
     out = msgspec.json.decode(patch_body(body, "b", True, {"service_tier": "flex", "temperature": 0}))
     assert (out["service_tier"], out["temperature"], out["model"]) == ("flex", 0, "b")
+
+
+RELEASE_PARAMS = {"temperature": 0, "top_p": 0.5, "seed": 7, "stop": ["x"], "presence_penalty": 0.1,
+                  "frequency_penalty": 0.2, "max_tokens": 300, "max_completion_tokens": 200, "service_tier": "flex"}
+
+
+@pytest.mark.parametrize(("op", "sent"), [
+    (CHAT, RELEASE_PARAMS),
+    (COMPLETIONS, {**{k: v for k, v in RELEASE_PARAMS.items() if k not in ("max_completion_tokens", "service_tier")},
+                   "max_tokens": 200}),
+    (EMBEDDINGS, {}),
+    (RESPONSES, {"temperature": 0, "top_p": 0.5, "service_tier": "flex", "max_output_tokens": 200}),
+])
+def test_a_releases_params_go_to_each_operation_under_its_own_names(op: Any, sent: dict[str, Any]) -> None:
+    # Probe s4: every param went into every operation's body (an embeddings request with `temperature`, a Responses
+    # request with `max_tokens`, which the router itself refuses from a client there): an upstream that checks fields
+    # answers 400. Now only what the operation takes, under its name; chat's two output limits onto one: the smaller.
+    out = msgspec.json.decode(patch_body(b'{"model":"a","input":"x"}', "b", False, RELEASE_PARAMS, op))
+    assert {k: v for k, v in out.items() if k not in ("model", "input")} == sent
 
 
 def test_the_tier_an_answer_was_served_at_is_recorded() -> None:
