@@ -197,13 +197,13 @@ class RouterService(Service):
 
     async def _health(self, request: web.Request) -> web.Response:
         # Requests are still served while the bus is away (events wait in the bounded outbox), so a
-        # lost bus is "degraded", not a failed health check that would restart a working router.
-        bus = self.ctx.bus.state
-        # Cut off longer than router_cut_off_s (and until its routes are reloaded), it serves stable only.
-        cut_off = self.rollouts.cut_off
+        # lost bus is "degraded", not a failed health check that would restart a working router; and the answer
+        # comes within Bus.health's deadline, a hung nats-server reading "unresponsive".
         # A full inference stream refuses the events of every request served (they wait in the outbox or spool); a
         # full DLQ or dead-letter originals bucket keeps bad input's letters waiting or without their originals.
-        full = await self.ctx.bus.full_streams() if bus == "connected" else []
+        bus, full = await self.ctx.bus.health()
+        # Cut off longer than router_cut_off_s (and until its routes are reloaded), it serves stable only.
+        cut_off = self.rollouts.cut_off
         # A clock off the server's (clock.py) makes the rollout times this replica writes and compares wrong.
         skewed = self.clock is not None and self.clock.skewed
         healthy = bus == "connected" and not cut_off and not full and not skewed

@@ -78,6 +78,12 @@ _STORE_REFUSED = frozenset({10077, 10047, 10023})
 _STORE_NOT_CREATED = 10049
 # How many messages waiting for their letter a bus remembers (`letters_waiting`): each is warned about once.
 _UNSENT_MAX = 10_000
+# How long a health check waits for the bus's answers (`Bus.health`): a nats-server that works answers in
+# milliseconds, and a probe's own timeout (1 s by default in Kubernetes) must not run out first.
+HEALTH_DEADLINE_S = 0.5
+# How long a first connection waits for nats-server's greeting (a hung server accepts the TCP connection, then says
+# nothing).
+CONNECT_TIMEOUT_S = 5
 
 
 @dataclass
@@ -181,7 +187,7 @@ class Bus:
         nc = NatsClient()
         try:
             await nc.connect(
-                self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=5, allow_reconnect=True,
+                self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=CONNECT_TIMEOUT_S, allow_reconnect=True,
                 error_cb=self._on_error, disconnected_cb=self._on_state, reconnected_cb=self._on_reconnected,
                 closed_cb=self._on_closed, **self.auth.options()
             )
@@ -260,8 +266,8 @@ class Bus:
             # retry wrong credentials forever (max_reconnect_attempts=-1).
             raise self._bad_credentials()
         if self.nc is None and not self.wait_for_server and isinstance(exc, OSError | TimeoutError):
-            raise BusUnavailable(f"no lockgate stack answers at {shown_url(self.url)} ({exc or type(exc).__name__}); start one "
-                                 "with `lockgate up` (or pass --nats URL / LOCKGATE_NATS_URL)")
+            raise BusUnavailable(f"no lockgate stack answers at {shown_url(self.url)} ({_unreachable(exc)}); start "
+                                 "one with `lockgate up` (or pass --nats URL / LOCKGATE_NATS_URL)")
         if self.nc is None and isinstance(exc, TlsNotOffered):
             # A server (or whoever answers on the way) that does not offer TLS will not on the next attempt either.
             raise BusUnavailable(f"NATS at {shown_url(self.url)}: {exc}; check the URL (tls://) and LOCKGATE_TLS_CA")
@@ -406,28 +412,47 @@ class Bus:
                 await self.js.add_consumer(spec.name, ConsumerConfig(
                     name=durable, durable_name=durable, filter_subject=spec.subjects[0], ack_policy=AckPolicy.EXPLICIT))
 
+    async def health(self, deadline_s: float = HEALTH_DEADLINE_S) -> tuple[str, list[dict[str, Any]]]:
+        """The bus as health checks report it, within `deadline_s` whatever nats-server does: its `state`, or
+        "unresponsive" when connected but the server did not answer in time (hung, or too busy: every request to it
+        then waits), and the streams that refuse publishes (`full_streams`; none known when not answered)."""
+        state = self.state
+        if state != "connected":
+            return state, []
+        try:
+            async with asyncio.timeout(deadline_s):
+                return state, await self.full_streams()
+        except TimeoutError:
+            return "unresponsive", []
+
     async def full_streams(self, every: bool = False) -> list[dict[str, Any]]:
         """The streams that refuse publishes now, each {stream, bytes, max_bytes}: discard new and less room left
         than one large message (a tenth of the stream, at most the server's largest message). The streams producers
         fill at traffic rates (interest retention: every service may read their state), or `every` stream (an
         identity that may read them all: the CLI's status), and the dead-letter originals bucket's stream (every
         service writes there), with `bucket`: full, a cut letter goes without its whole original
-        (`dead_letter`). A stream whose state cannot be read is left out."""
-        out = []
-        for spec in self.subjects.streams.values():
-            if spec.discard != "new" or not (every or spec.retention == "interest"):
-                continue
-            try:
-                state = (await self._unless_refused(f"{_API}.STREAM.INFO.{spec.name}",
-                                                    lambda n=spec.name: self.js.stream_info(n))).state
-            except (nats.errors.Error, nats.js.errors.Error, TimeoutError, NotAllowed) as exc:
-                log.debug("%s: no state of stream %s: %r", self.name, spec.name, exc)
-                continue
-            if stream_full(state.bytes, spec.max_bytes, self.nc.max_payload if self.nc else 1 << 20):
-                out.append({"stream": spec.name, "bytes": state.bytes, "max_bytes": spec.max_bytes})
-        if (originals := await self.originals_state()) is not None and originals["full"]:
+        (`dead_letter`). A stream whose state cannot be read is left out. All are asked at once: a health check
+        waits for the slowest answer, not for their sum (`health`)."""
+        specs = [spec for spec in self.subjects.streams.values()
+                 if spec.discard == "new" and (every or spec.retention == "interest")]
+        states, originals = await asyncio.gather(asyncio.gather(*(self._stream_state(spec.name) for spec in specs)),
+                                                 self.originals_state())
+        out = [{"stream": spec.name, "bytes": state.bytes, "max_bytes": spec.max_bytes}
+               for spec, state in zip(specs, states, strict=True)
+               if state is not None and stream_full(state.bytes, spec.max_bytes,
+                                                    self.nc.max_payload if self.nc else 1 << 20)]
+        if originals is not None and originals["full"]:
             out.append({k: originals[k] for k in ("stream", "bytes", "max_bytes", "bucket")})
         return out
+
+    async def _stream_state(self, stream: str) -> Any:
+        """The state of `stream` (nats-py's StreamState), or None if it cannot be read."""
+        try:
+            return (await self._unless_refused(f"{_API}.STREAM.INFO.{stream}",
+                                               lambda: self.js.stream_info(stream))).state
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError, NotAllowed) as exc:
+            log.debug("%s: no state of stream %s: %r", self.name, stream, exc)
+            return None
 
     async def originals_state(self) -> dict[str, Any] | None:
         """The dead-letter originals bucket as `lockgate status` and health show it: {bucket, stream, messages,
@@ -684,19 +709,22 @@ class Bus:
         if refused := self.refused(subject):  # permissions do not change while connected
             raise refused
         pending = asyncio.ensure_future(call())
-        if self.auth.enabled:
-            # A refused publish gets no acknowledgement, only an -ERR: wait for whichever comes
-            # first, so a permissions violation is reported at once instead of after the timeout.
-            denied = asyncio.get_running_loop().create_future()
-            self._waiters.append((subject.lower(), denied))
-            try:
-                await asyncio.wait({pending, denied}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                self._waiters.remove((subject.lower(), denied))
-            if denied.done():
-                pending.cancel()
-                raise self.refused(subject) or NotAllowed(f"NATS refused a publish to {subject}")
-        return await pending
+        try:
+            if self.auth.enabled:
+                # A refused publish gets no acknowledgement, only an -ERR: wait for whichever comes
+                # first, so a permissions violation is reported at once instead of after the timeout.
+                denied = asyncio.get_running_loop().create_future()
+                self._waiters.append((subject.lower(), denied))
+                try:
+                    await asyncio.wait({pending, denied}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    self._waiters.remove((subject.lower(), denied))
+                if denied.done():
+                    raise self.refused(subject) or NotAllowed(f"NATS refused a publish to {subject}")
+            return await pending
+        finally:
+            # Refused, or its caller gave up (a health check's deadline): no request is left waiting for an answer.
+            pending.cancel()
 
     async def dead_letter(
         self,
@@ -809,6 +837,14 @@ def _object_digest_of_hex(sha256_hex: str) -> str:
 
 def _is_auth_failure(exc: BaseException) -> bool:
     return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower()
+
+
+def _unreachable(exc: BaseException) -> str:
+    """Why a first connection failed, in words: a timeout says nothing of itself (nats-py raises a bare TimeoutError
+    when a server accepts the connection but never greets, as a hung one does)."""
+    if isinstance(exc, TimeoutError):
+        return f"a server accepted the connection but sent nothing within {CONNECT_TIMEOUT_S} s: hung or overloaded?"
+    return str(exc) or type(exc).__name__
 
 
 class _PullLoop:

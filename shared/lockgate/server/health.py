@@ -1,7 +1,8 @@
 """Liveness and readiness of one `lockgate serve` process, for orchestrators (k8s probes).
 
 `/livez` answers while the event loop runs. `/readyz` is 200 only when every bus connection of the
-process is connected: a worker cut off from NATS does no work, so it must not count as ready (a
+process is connected and nats-server answers it (`Bus.health`: "unresponsive" when it does not within half a second):
+a worker cut off from NATS does no work, so it must not count as ready (a
 rolling restart waits for the new pod to reach the bus before stopping the next one); `streams_full` names a
 stream that refuses publishes, its backlog unconsumed, and a full dead-letter originals bucket (`Bus.full_streams`);
 `dead_letters_waiting` counts the messages whose letter this process could not store (`Bus.letters_waiting`);
@@ -12,6 +13,7 @@ serves requests while events wait in its outbox.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 
 from aiohttp import web
@@ -53,12 +55,15 @@ class HealthServer:
 
     async def _ready(self, request: web.Request) -> web.Response:
         buses = self._buses()
-        states = {bus.name: bus.state for bus in buses}
+        # Every connection asked at once, each within Bus.health's deadline: a hung nats-server reads "unresponsive"
+        # (not ready: its worker does no work) in well under a second.
+        checked = await asyncio.gather(*(bus.health() for bus in buses))
+        states = {bus.name: state for bus, (state, _) in zip(buses, checked, strict=True)}
         problems = list(self._problems())
         ready = bool(states) and all(state == "connected" for state in states.values()) and not problems
         # A full stream refuses what producers publish (discard new): said here, but the process stays ready, since
         # restarting it or taking it out of service frees no room; its consumers' backlog does (`lockgate status`).
-        full = {s["stream"]: s for bus in buses if bus.state == "connected" for s in await bus.full_streams()}
+        full = {s["stream"]: s for _, streams in checked for s in streams}
         return web.json_response({"status": "ready" if ready else "not ready", "bus": states,
                                   "streams_full": list(full.values()),
                                   "dead_letters_waiting": sum(bus.letters_waiting for bus in buses),
