@@ -79,8 +79,9 @@ _STORE_NOT_CREATED = 10049
 # How many messages waiting for their letter a bus remembers (`letters_waiting`): each is warned about once.
 _UNSENT_MAX = 10_000
 # How long a health check waits for the bus's answers (`Bus.health`): a nats-server that works answers in
-# milliseconds, and a probe's own timeout (1 s by default in Kubernetes) must not run out first.
-HEALTH_DEADLINE_S = 0.5
+# milliseconds (a busy one, just restarted, in tenths of a second), and a probe's own timeout (1 s by default in
+# Kubernetes) must not run out first.
+HEALTH_DEADLINE_S = 0.8
 # How long a first connection waits for nats-server's greeting (a hung server accepts the TCP connection, then says
 # nothing).
 CONNECT_TIMEOUT_S = 5
@@ -187,7 +188,8 @@ class Bus:
         nc = NatsClient()
         try:
             await nc.connect(
-                self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=CONNECT_TIMEOUT_S, allow_reconnect=True,
+                self.servers, name=self.name, max_reconnect_attempts=-1, connect_timeout=CONNECT_TIMEOUT_S,
+                allow_reconnect=True,
                 error_cb=self._on_error, disconnected_cb=self._on_state, reconnected_cb=self._on_reconnected,
                 closed_cb=self._on_closed, **self.auth.options()
             )

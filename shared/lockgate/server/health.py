@@ -1,7 +1,7 @@
 """Liveness and readiness of one `lockgate serve` process, for orchestrators (k8s probes).
 
 `/livez` answers while the event loop runs. `/readyz` is 200 only when every bus connection of the
-process is connected and nats-server answers it (`Bus.health`: "unresponsive" when it does not within half a second):
+process is connected and nats-server answers it (`Bus.health`: "unresponsive" when it does not within 0.8 s):
 a worker cut off from NATS does no work, so it must not count as ready (a
 rolling restart waits for the new pod to reach the bus before stopping the next one); `streams_full` names a
 stream that refuses publishes, its backlog unconsumed, and a full dead-letter originals bucket (`Bus.full_streams`);
