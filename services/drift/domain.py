@@ -4,7 +4,9 @@ Two comparisons, each a DriftReport:
 - now_vs_reference: the first `reference_size` rows (after a promotion) are the reference; every
   `window_size` rows after it, the latest `window_size` rows are compared with it;
 - canary_vs_stable: during a rollout, every `window_size` canary rows, the canary's latest window is
-  compared with the stable variant's latest window of the same deployment (once that holds as many).
+  compared with the stable variant's window of the same deployment (once that holds as many), both of rows of
+  the same time: the busier arm keeps one row per row of the other (windows.Pair.admit), and windows whose
+  time spans overlap by less than MIN_OVERLAP are not compared (`same_time`).
 
 Per feature the test is chosen by sample size and type (stats.drift_test) and PSI is reported alongside.
 A categorical feature is named `feature:category` after the category whose share moved most, its means
@@ -32,6 +34,8 @@ _TEXT_CHARS = 2000  # what of a long text is embedded: its topic shows in the st
 # Texts embedded per window at most: every k-th row's texts, k = window_size // TEXT_ROWS. A permutation test
 # on 200 texts a side sees a change of topic; embedding every event would cost more than all other features.
 TEXT_ROWS = 200
+# The share of the longer window's time span both arms' windows must share for a canary-versus-stable report.
+MIN_OVERLAP = 0.5
 _HUGE = 1e150  # beyond this a window's values are rescaled before their means and spreads (see _numeric)
 
 
@@ -182,38 +186,53 @@ class DriftMonitor:
         if p is None:
             p = self.pairs[key] = Pair(self.window_size, self.dim)
         if len(stable):
-            p.stable.push(batch.values[stable], batch.times[stable], None if vectors is None else vectors[stable])
             p.stable_release = group[stable[-1]].release or p.stable_release
-        if not len(canary):
-            return self._pair_report(deployment, p, group[-1])
-        releases = [group[i].release for i in canary]
-        changed = [j for j, r in enumerate(releases) if r != (releases[j - 1] if j else p.canary_release)]
-        if changed:  # a new canary: only its own rows count
-            p.new_canary(releases[changed[-1]])
-            canary = canary[changed[-1]:]
+        if len(canary):
+            releases = [group[i].release for i in canary]
+            changed = [j for j, r in enumerate(releases) if r != (releases[j - 1] if j else p.canary_release)]
+            if changed:  # a new canary: only its own rows count
+                p.new_canary(releases[changed[-1]])
+                canary = canary[changed[-1]:]
+        # Each arm's window keeps rows of the same time as the other's (windows.Pair.admit), in arrival order.
+        arrived = np.sort(np.concatenate([stable, canary]))
+        kept = arrived[p.admit(variants[arrived] == "canary")]
+        stable, canary = kept[variants[kept] == "stable"], kept[variants[kept] == "canary"]
+
+        def push(ring: Ring, idx: np.ndarray) -> None:
+            ring.push(batch.values[idx], batch.times[idx], None if vectors is None else vectors[idx])
+
         reports: list[DriftReport] = []
-        i = 0
+        i = j = 0
         while i < len(canary):
             k = min(len(canary) - i, p.window_size - p.since_report)
             rows_ = canary[i:i + k]
-            p.canary.push(batch.values[rows_], batch.times[rows_], None if vectors is None else vectors[rows_])
+            # Stable's rows up to the chunk's last canary row, not the batch's later ones: a report compares each
+            # arm's rows up to the same row.
+            upto = int(np.searchsorted(stable, rows_[-1]))
+            push(p.stable, stable[j:upto])
+            push(p.canary, rows_)
             p.since_report += k
-            i += k
+            i, j = i + k, upto
             if p.since_report >= p.window_size:
                 p.since_report, p.due = 0, True
                 reports += self._pair_report(deployment, p, group[-1])
-        return reports
+        push(p.stable, stable[j:])
+        return reports + self._pair_report(deployment, p, group[-1])
 
     def _pair_report(self, deployment: str, p: Pair, last: InferenceEvent | InferenceScored) -> list[DriftReport]:
         if not p.due or not p.stable.full:
             return []
-        p.due = False
-        ref_values, _, ref_text = p.stable.ordered()
+        ref_values, ref_times, ref_text = p.stable.ordered()
         cur_values, cur_times, cur_text = p.canary.ordered()
+        if not same_time(ref_times, cur_times):
+            return []  # not comparable yet (as a stable window not yet full): due until both cover the same time
+        p.due = False
         features = self.compare(ref_values, cur_values, ref_text, cur_text)
         return [self._report(deployment, last.app, last.tenant, ref_values, cur_values, cur_times, features,
                              comparison="canary_vs_stable", release=p.canary_release,
-                             reference_release=p.stable_release, served=True)]
+                             reference_release=p.stable_release, served=True,
+                             reference_window_start=_time(ref_times.min()),
+                             reference_window_end=_time(ref_times.max()))]
 
     def report(self, deployment: str, w: Windows, *, served: bool = True) -> DriftReport:
         """Compare the current window with the reference, feature by feature."""
@@ -223,12 +242,11 @@ class DriftMonitor:
         return self._report(deployment, w.app, w.tenant, ref_values, cur_values, cur_times, features, served=served)
 
     def _report(self, deployment: str, app: str, tenant: str, ref: np.ndarray, cur: np.ndarray, times: np.ndarray,
-                features: list[FeatureDrift], **kw: str | bool) -> DriftReport:
+                features: list[FeatureDrift], **kw: str | bool | datetime) -> DriftReport:
         texts = any(f.feature in TEXTS for f in features)
         return DriftReport(
             deployment=deployment, app=app, tenant=tenant, source="lockgate-drift",
-            window_start=datetime.fromtimestamp(float(times.min()), UTC),
-            window_end=datetime.fromtimestamp(float(times.max()), UTC),
+            window_start=_time(times.min()), window_end=_time(times.max()),
             reference_n=len(ref), current_n=len(cur), features=features,
             drifted=any(f.drifted for f in features),
             embedder=self.embedder.name if texts and self.embedder is not None else "", **kw)
@@ -272,6 +290,20 @@ class DriftMonitor:
         return FeatureDrift(feature=f"{name}:{label or '(none)'}", psi=psi, ks_stat=chi2, ks_pvalue=p,
                             reference_mean=share_ref, current_mean=share_cur,
                             drifted=t.drifted and psi >= self.psi_threshold, **_test_fields(t))
+
+
+def _time(t: float) -> datetime:
+    return datetime.fromtimestamp(float(t), UTC)
+
+
+def same_time(stable: np.ndarray, canary: np.ndarray) -> bool:
+    """Whether two windows' rows (their times) cover the same time: the overlap of their spans is at least
+    MIN_OVERLAP of the longer span. Windows.Pair keeps them so; rows restored from before it did, or arms that
+    took turns rather than shared the traffic, are never compared (a change of workload between two times
+    would read as the canary's drift)."""
+    lo, hi = max(stable.min(), canary.min()), min(stable.max(), canary.max())
+    longest = max(stable.max() - stable.min(), canary.max() - canary.min())
+    return bool(hi >= lo and (longest == 0 or hi - lo >= MIN_OVERLAP * longest))
 
 
 def _test_fields(t: stats.StatTest) -> dict[str, object]:

@@ -39,6 +39,8 @@ class PairState(msgspec.Struct, frozen=True, kw_only=True):
     due: bool
     stable: RingState
     canary: RingState
+    stable_credit: int = -1  # windows.Pair's credits (-1: saved before they existed, the arms start level)
+    canary_credit: int = -1
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,7 +99,8 @@ def snapshot(deployment: str, w: Windows, pair: Pair | None = None, labels: dict
     if pair is not None:
         state = PairState(canary_release=pair.canary_release, stable_release=pair.stable_release,
                           since_report=pair.since_report, due=pair.due, stable=_ring_state(pair.stable),
-                          canary=_ring_state(pair.canary))
+                          canary=_ring_state(pair.canary), stable_credit=pair.stable_credit,
+                          canary_credit=pair.canary_credit)
         rings += [pair.stable.ordered()[0], pair.canary.ordered()[0]]
     codes = {float(c) for r in rings for c in np.unique(r[:, _CATEGORIES]) if c == c}
     names = {str(int(c)): labels[c] for c in codes if labels and c in labels}
@@ -124,7 +127,8 @@ def restore_pair(s: Snapshot, window_size: int, dim: int = 0) -> Pair | None:
     if s.pair is None:
         return None
     p = Pair(window_size, dim, canary_release=s.pair.canary_release, stable_release=s.pair.stable_release,
-             since_report=min(s.pair.since_report, window_size - 1), due=s.pair.due)
+             since_report=min(s.pair.since_report, window_size - 1), due=s.pair.due,
+             stable_credit=s.pair.stable_credit, canary_credit=s.pair.canary_credit)
     p.stable = Ring.of(window_size, dim, *_rows(s.pair.stable), None)
     p.canary = Ring.of(window_size, dim, *_rows(s.pair.canary), None)
     return p

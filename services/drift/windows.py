@@ -89,7 +89,13 @@ class Windows:
 @dataclass
 class Pair:
     """A deployment's stable and canary windows during a rollout; `due` once the canary filled a window
-    before the stable side held as many rows."""
+    before the stable side held as many rows, or while the two do not cover the same time (domain.same_time).
+
+    Both windows hold rows of the same time: a row enters its arm's window only on a credit that the other arm's
+    rows earn it (one each, at most `lead` banked), so the busier arm keeps one row per row of the other, the one
+    that came next. Without it, at 10% weight the canary's last `window_size` rows spanned nine times the time of
+    stable's, and a change of what every client sends filled stable's window with new traffic while the canary's
+    was mostly old: a healthy canary drifted against stable and was aborted."""
 
     window_size: int
     dim: int = 0
@@ -97,14 +103,40 @@ class Pair:
     stable_release: str = ""
     since_report: int = 0
     due: bool = False
+    stable_credit: int = -1  # -1: `lead` (the arms start level, either may run `lead` rows ahead)
+    canary_credit: int = -1
     stable: Ring = field(init=False)
     canary: Ring = field(init=False)
 
     def __post_init__(self) -> None:
         self.stable = Ring(self.window_size, self.dim)
         self.canary = Ring(self.window_size, self.dim)
+        self.stable_credit = self.lead if self.stable_credit < 0 else min(self.stable_credit, self.lead)
+        self.canary_credit = self.lead if self.canary_credit < 0 else min(self.canary_credit, self.lead)
+
+    @property
+    def lead(self) -> int:
+        """Credits an arm banks at most: how far (in rows) one arm's window may run ahead of the other's, enough
+        for rows of either arm that come in runs (one router replica's batch, then another's)."""
+        return max(1, self.window_size // 10)
+
+    def admit(self, canary: np.ndarray) -> np.ndarray:
+        """Which of these rows, in arrival order (`canary`: True for a canary's row, False for stable's), enter
+        their arm's window."""
+        keep = np.zeros(len(canary), dtype=bool)
+        for i, is_canary in enumerate(canary.tolist()):
+            if is_canary:
+                keep[i] = self.canary_credit > 0
+                self.canary_credit -= int(keep[i])
+                self.stable_credit = min(self.lead, self.stable_credit + 1)
+            else:
+                keep[i] = self.stable_credit > 0
+                self.stable_credit -= int(keep[i])
+                self.canary_credit = min(self.lead, self.canary_credit + 1)
+        return keep
 
     def new_canary(self, release: str) -> None:
-        """A different canary release: its window starts empty."""
+        """A different canary release: its window starts empty (stable's is refilled at its pace; the credits
+        stand, as the arms' rows came)."""
         self.canary = Ring(self.window_size, self.dim)
         self.canary_release, self.since_report, self.due = release, 0, False

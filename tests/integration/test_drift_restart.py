@@ -31,6 +31,12 @@ def _events(n: int, variant: str, *, start: int, words: int = 5) -> list[Inferen
                            time=t0 + timedelta(milliseconds=start + i)) for i in range(n)]
 
 
+def arms(canary: list[InferenceEvent], stable: list[InferenceEvent]) -> list[InferenceEvent]:
+    """Both arms' answers as a router serves them: taking turns, over the same time (the monitor compares a
+    canary's window only with stable's of the same time)."""
+    return [e for pair in zip(canary, stable, strict=True) for e in pair]
+
+
 @pytest.mark.parametrize("ending", ["clean stop", "killed after a snapshot"])
 async def test_the_next_report_after_a_restart_covers_the_events_from_before_it(
         context: ServiceContext, bus: Bus, settings, ending: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -42,13 +48,16 @@ async def test_the_next_report_after_a_restart_covers_the_events_from_before_it(
     await first.start()
     drift = first["drift"]
     drift.handlers.snapshot_s = 0.2
-    await bus.publish(subject, _events(window, "stable", start=0))  # the reference and a full stable window
-    await bus.publish(subject, _events(30, "canary", start=100, words=15))  # 30 of the canary's 50
-    await drift.handlers.events.wait_for(window + 30)
+    await bus.publish(subject, _events(window, "stable", start=0))  # the reference
+    # 30 of the canary's 50, and 30 of stable's of the same time
+    await bus.publish(subject, arms(_events(30, "canary", start=100, words=15), _events(30, "stable", start=100)))
+    await drift.handlers.events.wait_for(window + 60)
+    before = _reports.decode((await sub.next_msg(timeout=15)).data)  # the first 50 rows past the reference
+    assert before.comparison == "now_vs_reference"
     if ending == "clean stop":
         await first.stop()
     else:
-        await drift.handlers.saved.wait_for(window + 30)  # a periodic snapshot covers them all
+        await drift.handlers.saved.wait_for(window + 60)  # a periodic snapshot covers them all
         for task in drift._tasks:  # no final save: the process is gone
             task.cancel()
     await bus.stop_consumers()
@@ -58,7 +67,9 @@ async def test_the_next_report_after_a_restart_covers_the_events_from_before_it(
 
     async with restarted(context, settings) as bus2:
         with caplog.at_level(logging.WARNING, logger="lockgate.drift"):
-            await bus2.publish(subject, _events(20, "canary", start=200, words=15))  # completes both windows
+            # completes the canary's and stable's windows, and the second window past the reference
+            await bus2.publish(subject, arms(_events(20, "canary", start=200, words=15),
+                                             _events(20, "stable", start=200)))
             got: dict[str, DriftReport] = {}
             while len(got) < 2:
                 report = _reports.decode((await sub.next_msg(timeout=15)).data)
@@ -67,7 +78,7 @@ async def test_the_next_report_after_a_restart_covers_the_events_from_before_it(
         pair = got["canary_vs_stable"]
         sizes = {f.feature: (f.current_size, f.reference_size) for f in pair.features}
         assert (pair.current_n, pair.reference_n, pair.release, pair.reference_release) == (50, 50, "r2", "r1")
-        assert sizes["output_tokens"] == (50, 50)  # 30 canary rows from before the restart, 20 after
+        assert sizes["output_tokens"] == (50, 50)  # 30 rows of either arm from before the restart, 20 after
         assert sizes["response_text"] == (50, 50)  # text vectors too
         out = {f.feature: f for f in pair.features}["output_tokens"]
         assert out.current_mean > 2.5 * out.reference_mean and out.drifted

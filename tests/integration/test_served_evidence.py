@@ -22,7 +22,7 @@ from lockgate.services.gatekeeper.domain import decision_id
 from lockgate.signing import ensure_signer_trusted
 from tests.helpers import register_model_release
 from tests.integration.test_drift_canary import _decide
-from tests.integration.test_drift_restart import _events
+from tests.integration.test_drift_restart import _events, arms
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,8 +45,7 @@ async def test_an_applications_canary_events_fill_no_canary_window(
     assert "chat" not in drift.monitor.pairs  # ...but no variant window holds any of it
     # The same answers served by a router are compared.
     served = bus.subjects.served("shop")
-    await bus.publish(served, _events(window, "stable", start=200))
-    await bus.publish(served, _events(window, "canary", start=300, words=15))
+    await bus.publish(served, arms(_events(window, "canary", start=300, words=15), _events(window, "stable", start=300)))
     reports = [_reports.decode((await sub.next_msg(timeout=15)).data)]
     while reports[-1].comparison != "canary_vs_stable":  # now-versus-reference reports come too
         reports.append(_reports.decode((await sub.next_msg(timeout=15)).data))
@@ -133,8 +132,7 @@ async def test_an_applications_own_drifting_events_neither_abort_a_canary_nor_bl
     # before: a client moved it by what it asked and had a healthy canary BLOCKed); the application's events fill
     # no such window at all.
     served = bus.subjects.served("shop")
-    await bus.publish(served, _events(window, "stable", start=200))
-    await bus.publish(served, _events(window, "canary", start=300, words=60))
+    await bus.publish(served, arms(_events(window, "canary", start=300, words=60), _events(window, "stable", start=300)))
     kind = "canary_vs_stable"
     acted = _reports.decode((await reports.next_msg(timeout=15)).data)
     while acted.comparison != kind:

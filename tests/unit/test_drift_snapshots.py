@@ -25,6 +25,11 @@ def _events(n: int, variant: str, *, words: int = 5, start: int = 0, finish: str
                            time=t0 + timedelta(seconds=start + i)) for i in range(n)]
 
 
+def _arms(canary: list[InferenceEvent], stable: list[InferenceEvent]) -> list[InferenceEvent]:
+    """Both arms' answers taking turns, over the same time (as a router serves them)."""
+    return [e for pair in zip(canary, stable, strict=True) for e in pair]
+
+
 def _monitor() -> DriftMonitor:
     return DriftMonitor(reference_size=40, window_size=40, psi_threshold=0.2, embedder=text.HASHING)
 
@@ -52,10 +57,11 @@ def _by(reports: list[DriftReport], comparison: str) -> DriftReport:
 
 def test_a_restored_monitor_reports_as_the_live_one_over_the_restored_windows() -> None:
     live = _monitor()
-    live.observe_events(_events(40, "stable"))  # the reference and a full stable window
-    live.observe_events(_events(25, "canary", words=15, start=40, finish="length"))  # part of the canary's window
+    live.observe_events(_events(40, "stable"))  # the reference
+    # part of the canary's window, and of stable's of the same time
+    live.observe_events(_arms(_events(25, "canary", words=15, start=40, finish="length"), _events(25, "stable", start=40)))
     restarted = _save_and_restore(live)
-    rest = _events(15, "canary", words=15, start=65, finish="length")
+    rest = _arms(_events(15, "canary", words=15, start=65, finish="length"), _events(15, "stable", start=65))
     a, b = live.observe_events(rest), restarted.observe_events(rest)
     for comparison in ("canary_vs_stable", "now_vs_reference"):
         want, got = _by(a, comparison), _by(b, comparison)

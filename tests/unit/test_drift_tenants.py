@@ -49,12 +49,13 @@ def test_another_tenants_events_fill_windows_of_their_own(served: bool) -> None:
 
 def test_a_rollouts_canary_and_stable_windows_are_one_tenants() -> None:
     m = DriftMonitor(reference_size=40, window_size=40, psi_threshold=0.2)
-    m.observe_events(_events(40, "acme", tokens=2))  # acme's stable window
+    m.observe_events(_events(40, "acme", tokens=2))  # acme's stable answers, before any canary's
     # bravo's canary answers, three times longer, fill only bravo's canary window, whose stable side is empty
     assert [r for r in m.observe_events(_events(40, "bravo", tokens=6, variant="canary", start=40))
             if r.comparison == "canary_vs_stable"] == []
-    (report,) = [r for r in m.observe_events(_events(40, "acme", tokens=2, variant="canary", start=80))
-                 if r.comparison == "canary_vs_stable"]
+    both = [e for pair in zip(_events(40, "acme", tokens=2, variant="canary", start=80),
+                              _events(40, "acme", tokens=2, start=80), strict=True) for e in pair]
+    (report,) = [r for r in m.observe_events(both) if r.comparison == "canary_vs_stable"]
     assert (report.tenant, report.release, report.reference_release, report.drifted) == ("acme", "r2", "r1", False)
     # A rollout's end, and a promotion, reach every tenant's windows of the deployment.
     assert m.end_rollout("d") == {window_key("acme", "d", True), window_key("bravo", "d", True)}

@@ -171,43 +171,55 @@ def test_online_scores_drift_is_reported_with_its_test() -> None:
 
 # --- canary versus stable ---------------------------------------------------------------------------------
 
+def _arms(canary: list[InferenceEvent], stable: list[InferenceEvent]) -> list[InferenceEvent]:
+    """Both arms' answers as a router serves them: taking turns, over the same time."""
+    out = [e for pair in zip(canary, stable, strict=False) for e in pair]
+    return out + canary[len(stable):] + stable[len(canary):]
+
+
 def test_a_canary_whose_output_triples_drifts_against_stable_naming_both_releases() -> None:
     m = DriftMonitor(reference_size=10_000, window_size=100, psi_threshold=0.2)  # no now-vs-reference report
     assert m.observe_events(_chats(150, BILLING, release="r1")) == []  # stable only: nothing to compare
-    mixed = _chats(100, BILLING, start=150, variant="canary", release="r2", output=300.0)
-    [report] = m.observe_events(mixed + _chats(50, BILLING, start=250, release="r1"))
+    mixed = _arms(_chats(100, BILLING, start=150, variant="canary", release="r2", output=300.0),
+                  _chats(100, BILLING, start=150, release="r1"))
+    [report] = m.observe_events(mixed)
     assert (report.comparison, report.release, report.reference_release) == ("canary_vs_stable", "r2", "r1")
     assert (report.reference_n, report.current_n) == (100, 100)
     by = {f.feature.split(":")[0]: f for f in report.features}
     assert by["output_tokens"].drifted and by["output_tokens"].test == "ks"
     assert by["output_tokens"].current_mean > 2.5 * by["output_tokens"].reference_mean
     assert not by["latency_ms"].drifted and not by["input_tokens"].drifted
-    assert report.window_start == T0 + timedelta(seconds=150)
+    assert report.window_start == report.reference_window_start == T0 + timedelta(seconds=150)
+    assert report.window_end == report.reference_window_end == T0 + timedelta(seconds=249)
 
 
 def test_a_no_op_canary_does_not_drift_and_a_new_canary_release_starts_its_own_window() -> None:
     m = DriftMonitor(reference_size=10_000, window_size=100, psi_threshold=0.2)
     m.observe_events(_chats(100, BILLING))
-    assert m.observe_events(_chats(60, BILLING, start=100, variant="canary", release="r2", output=300.0)) == []
+    assert m.observe_events(_arms(_chats(60, BILLING, start=100, variant="canary", release="r2", output=300.0),
+                                  _chats(60, BILLING, start=100))) == []
     # r3 replaces r2 before r2 filled a window: r3's first 100 rows are its own, without r2's
-    [report] = m.observe_events(_chats(100, BILLING, start=200, variant="canary", release="r3"))
+    [report] = m.observe_events(_arms(_chats(100, BILLING, start=200, variant="canary", release="r3"),
+                                      _chats(100, BILLING, start=200)))
     assert report.release == "r3" and not report.drifted
     m.end_rollout("d1")
-    assert m.observe_events(_chats(99, BILLING, start=300, variant="canary", release="r3")) == []
+    assert m.observe_events(_arms(_chats(99, BILLING, start=300, variant="canary", release="r3"),
+                                  _chats(99, BILLING, start=300))) == []
 
 
 def test_canary_events_that_name_no_release_are_compared_too() -> None:
     m = DriftMonitor(reference_size=10_000, window_size=50, psi_threshold=0.2)
     m.observe_events(_chats(50, BILLING, release=""))
-    [report] = m.observe_events(_chats(50, BILLING, start=50, variant="canary", release="", output=300.0))
+    [report] = m.observe_events(_arms(_chats(50, BILLING, start=50, variant="canary", release="", output=300.0),
+                                      _chats(50, BILLING, start=50, release="")))
     assert (report.comparison, report.release) == ("canary_vs_stable", "") and report.drifted
 
 
 def test_the_canary_report_waits_for_a_full_stable_window() -> None:
     m = DriftMonitor(reference_size=10_000, window_size=100, psi_threshold=0.2)
-    assert m.observe_events(_chats(100, BILLING, variant="canary", release="r2")) == []
-    assert m.observe_events(_chats(99, BILLING, start=100)) == []
-    [report] = m.observe_events(_chats(1, BILLING, start=199))
+    # The canary's 100th row came before stable's 100th of the same time.
+    assert m.observe_events(_arms(_chats(100, BILLING, variant="canary", release="r2"), _chats(99, BILLING))) == []
+    [report] = m.observe_events(_chats(1, BILLING, start=99))
     assert report.comparison == "canary_vs_stable" and report.reference_n == 100
 
 

@@ -62,6 +62,8 @@ class DriftReport(Event, frozen=True, kw_only=True, tag="lockgate.drift.report")
     embedder of the text features ("" when no text was compared). `served`: both windows hold only answers
     a router served (events on `Subjects.served`); only such a report moves traffic or gates a release,
     since an application may report any event of its own deployment (always true of canary_vs_stable).
+    `window_start`/`window_end` span the current (a canary's) window; `reference_window_start`/`_end` span
+    stable's window of a canary_vs_stable report (the two cover the same time), None for now_vs_reference.
     """
 
     deployment: str
@@ -77,3 +79,5 @@ class DriftReport(Event, frozen=True, kw_only=True, tag="lockgate.drift.report")
     reference_release: str = ""
     embedder: str = ""
     served: bool = False
+    reference_window_start: datetime | None = None
+    reference_window_end: datetime | None = None
