@@ -126,8 +126,10 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
 
     A span starting outside `window` (earliest, latest) is refused: a span dated 1970 or 2299 would
     open a storage partition of its own. Raises Forbidden if any span or resource names another
-    tenant or app, or a model call names a deployment outside the key's scope: nothing of the request is kept."""
+    tenant or app, or a model call names a deployment outside the key's scope: nothing of the request is kept.
+    A span the request carries again (its trace and span id) is the same span: the first kept is stored, once."""
     out = Decoded()
+    kept: set[tuple[str, str]] = set()
     # No span ends after this: not after the window's end, nor (without a window) past what the store holds.
     latest = window[1] if window is not None else _ts(_MAX_NS)
     for rs in request.resource_spans:
@@ -187,6 +189,9 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
                 if named is not None:
                     raise Forbidden(f"span {span.name!r} is for app {named!r}; this API key may only send "
                                     f"spans of app {app!r}")
+                if (trace_id, span_id) in kept:
+                    continue  # not refused: it is stored (as its first copy), and a retry would change nothing
+                kept.add((trace_id, span_id))
                 # Scrubbed here, at the edge: an instrumentation records request headers, statements and
                 # prompts as they were, and the span travels the bus before the store.
                 out.spans.append(scrub_span(SpanRecord(

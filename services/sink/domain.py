@@ -28,6 +28,7 @@ from lockgate.contracts import (
     LineageRun,
     ReleaseRegistered,
     RolloutState,
+    SpanBatch,
 )
 from lockgate.ids import uuid7_prefix
 from lockgate.redact import RedactMode, redact, scrub_mapping, scrub_secrets
@@ -48,7 +49,9 @@ class Projection:
     `keys_table`: a table of every stored row's key, ordered by it (kept by a materialized view), looked up
     instead, with no time bound: for facts a producer may re-send under another time (an app building an
     event again under its id). The key's last column is then an id whose text sorts as it was made (UUIDv7),
-    which the stored-keys window orders rows by."""
+    which the stored-keys window orders rows by. With `within` too, the keys table is looked up within the
+    batch's time range and the window orders rows by that time: for facts re-sent with their time but keyed by
+    ids that do not sort (spans)."""
 
     table: Table
     subject: Callable[[Subjects], str]
@@ -91,6 +94,10 @@ def events_in(value: InferenceEvent | list[InferenceEvent]) -> int:
     """The rows one decoded inference message becomes."""
     return len(value) if isinstance(value, list) else 1
 
+
+# One row per (sender's tenant, trace, span) however many exports carried it: a re-exported span keeps its start.
+SPANS = Projection(tables.OTEL_TRACES, lambda s: s.spans, "telemetry", SpanBatch, per_row=True, within="Timestamp",
+                   keys_table="otel_traces_keys")
 
 INFERENCE = Projection(tables.INFERENCE_EVENTS, lambda s: s.inference_all, "inference",
                        list[InferenceEvent] | InferenceEvent, per_row=True, keys_table="inference_event_keys")

@@ -26,7 +26,7 @@ from lockgate.redact import scrub_bytes
 from lockgate.server.service import Progress, ServiceContext
 from lockgate.services.sink import domain
 from lockgate.store import Store
-from lockgate.store.tables import DEAD_LETTERS, OTEL_TRACES
+from lockgate.store.tables import DEAD_LETTERS
 
 log = logging.getLogger("lockgate.sink")
 
@@ -95,7 +95,7 @@ class Writer:
 
     async def _new_window(self) -> domain.StoredWindow:
         # Rows stored before this process wrote the table (by an earlier one) lie at or before the horizon.
-        if self.projection.keys_table:
+        if self.projection.keys_table and not self.projection.within:
             id_column, table = self.table.key[-1], self.projection.keys_table
             order = f"substring({id_column}, 1, 13)"  # domain.id_order
             ceiling = {"ceiling": domain.id_ceiling(time.time())}
@@ -108,8 +108,8 @@ class Writer:
             return domain.StoredWindow(rows[0]["o"] if rows else "", ahead=[r["p"] for r in ahead],
                                        ceiling=lambda: domain.id_ceiling(time.time()))
         # As microseconds, so no driver's time zone handling can shift it.
-        micros = await self.store.arows(
-            f"SELECT toUnixTimestamp64Micro(max({self.projection.within})) AS t FROM {self.table.name}")
+        micros = await self.store.arows(f"SELECT toUnixTimestamp64Micro(max({self.projection.within})) AS t "
+                                        f"FROM {self.projection.keys_table or self.table.name}")
         return domain.StoredWindow(_EPOCH + timedelta(microseconds=int(micros[0]["t"] if micros else 0)))
 
     def _stored_keys(self, keys: set[Any], times: list[Any] | None) -> set[Any]:
@@ -154,7 +154,8 @@ class Writer:
             return Written()
         keys = self.table.keys(data)
         times = data[self.table.index(self.projection.within)] if self.projection.within else None
-        orders = domain.id_order(keys) if self.projection.keys_table else times
+        # What the window orders rows by: their time where lookups are bounded by it, else a keys table's ids.
+        orders = domain.id_order(keys) if self.projection.keys_table and not self.projection.within else times
         async with self._lock:
             window = await self._open_window() if self._windowed else None
             ask, ask_times = keys, times
@@ -213,6 +214,7 @@ class SinkHandlers:
         self.ctx = ctx
         self.tracer = tracer
         self.inference = Writer(ctx.store, domain.INFERENCE)
+        self.span_writer = Writer(ctx.store, domain.SPANS)
         self.facts = {p.table.name: Writer(ctx.store, p) for p in domain.FACTS}
         self.events = Progress()  # inference events handled (a skipped redelivery counts again)
         self.rows = Progress()  # inference events inserted (each once: what a count of the table finds)
@@ -263,10 +265,11 @@ class SinkHandlers:
         )
 
     async def on_spans(self, batch: SpanBatch, delivery: Delivery) -> None:
-        """Persist exported spans (no span of its own: that would trace the tracing). A span the store refuses
-        is dead-lettered alone; the others of its batch are stored."""
+        """Persist exported spans (no span of its own: that would trace the tracing), each once per its sender's
+        tenant, trace and span id, whatever batches carry it. A span the store refuses is dead-lettered alone;
+        the others of its batch are stored."""
         refused: list[tuple[SpanRecord, str]] = []
-        await self._insert_spans(batch.spans, _token(delivery), refused)
+        await self._insert_spans(batch.spans, delivery, refused)
         if refused:
             # Once per message however often it is redelivered; the batch's readable original stays.
             await self.ctx.bus.dead_letter(
@@ -276,21 +279,20 @@ class SinkHandlers:
                 headers=delivery.headers, deliveries=delivery.deliveries, msg_id=f"rows-sink-spans-{_token(delivery)}")
         await self.spans.bump(len(batch.spans))
 
-    async def _insert_spans(self, spans: Sequence[SpanRecord], token: str,
+    async def _insert_spans(self, spans: Sequence[SpanRecord], delivery: Delivery,
                             refused: list[tuple[SpanRecord, str]]) -> None:
         try:
-            await self.ctx.store.ainsert_columns("otel_traces", OTEL_TRACES.columns, OTEL_TRACES.data(spans),
-                                                 token=token)
+            await self.span_writer.write([(spans, delivery)])
         except RowsRefused as exc:
             # One bad row (an event time no DateTime64 holds) failed the insert of every span with it: the halves
-            # are inserted apart, so it costs about 2*log2(n) inserts, not n. Each part has a token of its own,
-            # the same on a redelivery, so a part stored before is not stored again.
+            # are inserted apart, so it costs about 2*log2(n) inserts, not n. Each part is looked up by its spans'
+            # keys again, so a part stored before (on a redelivery) is not stored again.
             if len(spans) == 1:
                 refused.append((spans[0], exc.message))
                 return
             mid = len(spans) // 2
-            await self._insert_spans(spans[:mid], f"{token}/a", refused)
-            await self._insert_spans(spans[mid:], f"{token}/b", refused)
+            await self._insert_spans(spans[:mid], delivery, refused)
+            await self._insert_spans(spans[mid:], delivery, refused)
 
     async def on_dead_letter(self, letter: DeadLetter, delivery: Delivery) -> None:
         """Make dead letters queryable."""

@@ -35,6 +35,7 @@ from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import SpanBatch
 from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
+from lockgate.services.query.traces import trace
 from lockgate.store import Store
 from tests.helpers import eventually
 
@@ -746,3 +747,52 @@ async def test_bodies_being_received_are_bounded_in_number_and_time(
         status, _, _ = await _protobuf_post(url + "/v1/traces", keys.app_key, request)(http)
     writer.close()
     assert status == 200
+
+
+def _model_call(trace_id: str, span_id: str, start_ns: int) -> Any:
+    """One GenAI chat span (so each becomes an inference event too) with these ids."""
+    span = trace_service_pb2.ExportTraceServiceRequest().resource_spans.add().scope_spans.add().spans.add(
+        name="chat gpt-4o-mini", trace_id=bytes.fromhex(trace_id), span_id=bytes.fromhex(span_id), kind=3,
+        start_time_unix_nano=start_ns, end_time_unix_nano=start_ns + 120_000_000)
+    span.attributes.extend([KeyValue(key="gen_ai.operation.name", value=AnyValue(string_value="chat")),
+                            KeyValue(key="gen_ai.request.model", value=AnyValue(string_value="gpt-4o-mini")),
+                            KeyValue(key="gen_ai.usage.input_tokens", value=AnyValue(int_value=100))])
+    return span
+
+
+async def test_a_span_is_stored_once_whichever_exports_carry_it(stack: Any, store: Store, keys: Bootstrap) -> None:
+    # A span was stored once per export that carried it (only an identical re-send was recognised, by its batch
+    # id): a Collector re-batching after a timeout, an export re-sent over the other protocol, or one export
+    # carrying a span twice gave it two rows, and `lockgate traces` listed it twice. Its event was stored once.
+    trace_id = "6e0c63257de34c926f9efcd03927272e"
+    a, b, c, d, e = (f"{n:016x}" for n in range(0xA1, 0xA6))
+    now = time.time_ns()
+    start = {a: now, b: now + 1000, c: now + 2000, d: now + 3000, e: now + 4000}
+
+    def export(*span_ids: str) -> trace_service_pb2.ExportTraceServiceRequest:
+        request = trace_service_pb2.ExportTraceServiceRequest()
+        rs = request.resource_spans.add()
+        rs.resource.attributes.add(key="service.name").value.string_value = "once"
+        rs.scope_spans.add().spans.extend(_model_call(trace_id, s, start[s]) for s in span_ids)
+        return request
+
+    url = stack.endpoints["otlp-http"] + "/v1/traces"
+    async with aiohttp.ClientSession() as http:
+        for spans in ((a, b), (b, c), (d, d)):  # overlapping exports, then a span twice in one
+            status, reply, _ = await _protobuf_post(url, keys.app_key, export(*spans))(http)
+            assert status == 200 and not reply.HasField("partial_success"), spans
+    async with grpc.aio.insecure_channel(stack.endpoints["otlp-grpc"]) as channel:
+        stub = trace_service_pb2_grpc.TraceServiceStub(channel)
+        for spans in ((a,), (e,)):  # a again over the other protocol; e last, so its row says all were handled
+            reply = await stub.Export(export(*spans), metadata=(("x-api-key", keys.app_key),))
+            assert not reply.HasField("partial_success"), spans
+    sink = stack["sink"].handlers
+    await eventually(lambda: _count(store, "otel_traces", f"SpanId = '{e}'") >= 1, [sink.spans], what="span e stored")
+    await eventually(lambda: _count(store, "inference_events") == 5, [sink.events], what="the 5 events")
+    rows = store.rows("SELECT SpanId, count() AS n FROM otel_traces WHERE TraceId = {t:String} GROUP BY SpanId "
+                      "ORDER BY SpanId", {"t": trace_id})
+    assert rows == [{"SpanId": s, "n": 1} for s in (a, b, c, d, e)]
+    # What `lockgate traces <id>` shows: every span once, as many spans as model calls stored.
+    listed = [r["span_id"] for r in trace(store, trace_id)]
+    assert sorted(listed) == [a, b, c, d, e]
+    assert _count(store, "inference_events", f"trace_id = '{trace_id}'") == len(listed)

@@ -290,3 +290,29 @@ async def test_a_span_the_store_refuses_is_dead_lettered_alone(run_services, bus
     assert len(letter) == 1 and (letter[0]["origin"], letter[0]["reason"]) == ("sink-spans", "rejected")
     assert f"span {3:016x}: insert into otel_traces refused the rows" in letter[0]["error"]
     assert "Events.Timestamp" in letter[0]["error"]
+
+
+async def test_a_span_is_stored_once_per_sender_whichever_batches_carry_it(run_services, bus: Bus,
+                                                                           store: Store) -> None:
+    # Spans were inserted under their message's id only: a span in two batches (re-batched by a Collector, or
+    # published twice by another producer) or twice in one batch had a row each time.
+    now = datetime.now(UTC)
+
+    def span(n: int, tenant: str = "") -> SpanRecord:
+        return SpanRecord(timestamp=now + timedelta(microseconds=n), trace_id="0d" * 16, span_id=f"{n:016x}",
+                          parent_span_id="", trace_state="", name=f"span {n}", kind="Internal", service="batch",
+                          resource={"lockgate.tenant": tenant} if tenant else {}, scope_name="", scope_version="",
+                          attributes={}, duration_ns=1000, status_code="Unset", status_message="")
+
+    svcs = await run_services("sink")
+    sink = svcs["sink"].handlers
+    batches = {"x": [span(1), span(2)], "y": [span(2), span(3)], "z": [span(4), span(4)],
+               # A tenant's sender naming lockgate's own span's ids is another span (the receiver stamps its tenant)
+               "t": [span(1, "acme"), span(1, "acme")]}
+    for msg_id, spans in batches.items():
+        await bus.publish(bus.subjects.spans, encode(SpanBatch(id=msg_id, spans=spans)), msg_id=msg_id)
+    await sink.spans.wait_for(8)
+    rows = store.rows("SELECT ResourceAttributes['lockgate.tenant'] AS tenant, SpanId, count() AS n FROM otel_traces "
+                      "GROUP BY tenant, SpanId ORDER BY tenant, SpanId")
+    assert [(r["tenant"], r["SpanId"], r["n"]) for r in rows] == [
+        ("", f"{n:016x}", 1) for n in (1, 2, 3, 4)] + [("acme", f"{1:016x}", 1)]

@@ -159,6 +159,24 @@ def test_a_model_call_becomes_an_event_and_a_bad_one_is_reported_but_stored() ->
     assert "no inference event" in out.problems[0]
 
 
+def test_a_span_carried_twice_by_one_request_is_one_span_and_one_event() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    # It was published twice, and stored twice; the first copy the request holds is kept.
+    call = [{"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}}]
+    out = domain.decode(request(span(spanId="0000000000000000"), span(name="first", attributes=call),
+                                span(name="again", attributes=call), span(spanId="eee19b7ec3c1b175")),
+                        tenant="acme", app="a")
+    assert [(s.span_id, s.name) for s in out.spans] == [(SPAN, "first"), ("eee19b7ec3c1b175", "work")]
+    assert [e.span_id for e in out.events] == [SPAN]
+    assert out.rejected == 1  # the span with no valid id only: a repeat is not refused, it is stored
+    # A copy that is refused does not count as the span: a valid copy after it is stored.
+    now = datetime.fromtimestamp(NOW / 1e9, UTC)
+    late = domain.decode(request(span(startTimeUnixNano="0"), span(name="valid")), tenant="acme", app="a",
+                         window=(now - timedelta(days=1), now + timedelta(days=1)))
+    assert [s.name for s in late.spans] == ["valid"] and late.rejected == 1
+
+
 def test_any_value_kinds() -> None:
     v = AnyValue()
     json_format.ParseDict({"kvlistValue": {"values": [{"key": "k", "value": {"bytesValue": "AQI="}}]}}, v)

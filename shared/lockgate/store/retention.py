@@ -19,6 +19,7 @@ TTL_COLUMNS: dict[str, str] = {
     "inference_scores": "time",
     "inference_scores_keys": "time",
     "otel_traces": "Timestamp",
+    "otel_traces_keys": "Timestamp",
     "otel_traces_trace_id_ts": "End",
     "dead_letters": "time",
     "drift_reports": "time",
@@ -31,7 +32,7 @@ TTL_COLUMNS: dict[str, str] = {
 # A table kept as long as another unless set itself: stored keys, as long as their rows (a key kept longer only
 # refuses a re-send of an expired event; one dropped sooner would let it be stored, or billed, twice).
 FOLLOWS: dict[str, str] = {"inference_event_keys": "inference_events", "cost_ledger_keys": "cost_ledger",
-                           "inference_scores_keys": "inference_scores"}
+                           "inference_scores_keys": "inference_scores", "otel_traces_keys": "otel_traces"}
 
 # High-volume raw data goes first; the bill (ledger, then its hourly rollup) is kept longest.
 DEFAULT_DAYS: dict[str, int] = {
@@ -40,6 +41,7 @@ DEFAULT_DAYS: dict[str, int] = {
     "inference_scores": 90,
     "inference_scores_keys": 90,
     "otel_traces": 30,
+    "otel_traces_keys": 30,
     "otel_traces_trace_id_ts": 30,
     "dead_letters": 30,
     "drift_reports": 365,

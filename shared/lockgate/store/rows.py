@@ -3,9 +3,10 @@ column-oriented data for `Store.insert_columns`.
 
 A `Table` declares only what the Struct cannot say: fields that are not stored (`exclude`), columns
 named otherwise (`rename`, e.g. the OTel Collector's `otel_traces` names), columns the insert adds
-(`extra`, e.g. `msg_id`), a list field whose items become the rows (`items`, e.g. a drift report's
-features, one row each, with the report's fields repeated), and list-of-tuple fields stored as a
-ClickHouse `Nested` column (`nested`). Everything else follows from `msgspec.structs.fields`, so
+(`extra`, e.g. `msg_id`), columns computed from each value (`derived`, e.g. a span's sender's tenant,
+its key), a list field whose items become the rows (`items`, e.g. a drift report's features, one row
+each, with the report's fields repeated), and list-of-tuple fields stored as a ClickHouse `Nested`
+column (`nested`). Everything else follows from `msgspec.structs.fields`, so
 a field added to a Struct is a column the DDL must have (`schema_problems` says which are missing).
 
 Values: dicts of scalars go as Map, lists of scalars as Array, datetimes as they are; nested
@@ -67,8 +68,8 @@ class Column:
     """One ClickHouse column: where its value comes from and what Python type it has."""
 
     name: str
-    source: str  # attribute name (on the row Struct, the item Struct, or the `extra` key)
-    level: Literal["row", "item", "extra"]
+    source: str  # attribute name (on the row Struct, the item Struct), or the `extra` or `derived` key
+    level: Literal["row", "item", "extra", "derived"]
     kind: Kind
     type: mi.Type
     part: int = 0  # position in the tuple, for a `nested` column
@@ -88,6 +89,7 @@ class Table:
         items: str | None = None,
         nested: Mapping[str, Sequence[str]] | None = None,
         key: Sequence[str] = (),
+        derived: Mapping[str, tuple[type, Callable[[Any], Any]]] | None = None,
     ) -> None:
         self.name = name
         self.struct = struct
@@ -119,6 +121,9 @@ class Table:
                 cols.append(Column(rename.get(f.name, f.name), f.name, "item", _kind(f.type), f.type))
         for extra_name, py_type in (extra or {}).items():
             cols.append(Column(extra_name, extra_name, "extra", "value", mi.type_info(py_type)))
+        derived = dict(derived or {})
+        for derived_name, (py_type, _) in derived.items():
+            cols.append(Column(derived_name, derived_name, "derived", "value", mi.type_info(py_type)))
         unknown = (set(exclude) | set(rename) | set(nested)) - known
         if unknown:
             raise TypeError(f"{name}: {struct.__name__} has no field(s) {sorted(unknown)}")
@@ -127,7 +132,7 @@ class Table:
         if dup:
             raise TypeError(f"{name}: column(s) {sorted(dup)} declared twice; exclude or rename one")
         self.columns_info: tuple[Column, ...] = tuple(cols)
-        self._getters = tuple(attrgetter(c.source) for c in cols)
+        self._getters = tuple(derived[c.name][1] if c.level == "derived" else attrgetter(c.source) for c in cols)
         # Where each row-level column's field sits in `msgspec.structs.astuple` of a row (see `data`).
         positions = {f.name: i for i, f in enumerate(msgspec.structs.fields(struct))}
         self._nfields = len(positions)
@@ -195,6 +200,8 @@ class Table:
                 column = list(extra[col.name])
                 if len(column) != len(rows):
                     raise ValueError(f"{self.name}: {len(column)} values for {col.name!r}, {len(rows)} rows")
+            elif col.level == "derived":
+                column = list(map(getter, parents))  # a function of the value (the parent, for an items table)
             elif fields is not None and position >= 0:
                 column = _convert(col, fields[position])  # a field is one column (a nested one's parts are new lists)
             else:

@@ -39,9 +39,19 @@ INFERENCE_EVENTS = Table(
     extra={"msg_id": str, "served": bool}, key=("tenant", "app", "id"),
 )
 
-# The OpenTelemetry Collector ClickHouse exporter's layout, so its tools read ours.
+
+def _sender_tenant(span: SpanRecord) -> str:
+    return span.resource.get("lockgate.tenant", "")
+
+
+# The OpenTelemetry Collector ClickHouse exporter's layout, so its tools read ours, plus `SenderTenant`
+# (migration 020): the tenant whose API key sent the span over OTLP, which the receiver stamps as the resource
+# attribute `lockgate.tenant`, or '' for lockgate's own spans. A span is stored once per (SenderTenant, TraceId,
+# SpanId), whatever exports carry it: ids travel in traceparent headers, so a tenant naming another's span ids, or
+# lockgate's, sends another span, never that one's duplicate.
 OTEL_TRACES = Table(
     "otel_traces", SpanRecord,
+    derived={"SenderTenant": (str, _sender_tenant)}, key=("SenderTenant", "TraceId", "SpanId"),
     rename={"timestamp": "Timestamp", "trace_id": "TraceId", "span_id": "SpanId",
             "parent_span_id": "ParentSpanId", "trace_state": "TraceState", "name": "SpanName",
             "kind": "SpanKind", "service": "ServiceName", "resource": "ResourceAttributes",
@@ -107,7 +117,7 @@ TABLES: tuple[Table, ...] = (
     EVAL_CASES, GATE_DECISIONS, ROLLOUT_EVENTS, DRIFT_REPORTS, COST_LEDGER, AUDIT_LOG, INFERENCE_SCORES, ANALYSIS_RUNS,
 )
 
-# Kept by materialized views (migrations 005 and 016), never written by the sink: no contract Struct of their own.
+# Kept by materialized views (migrations 005, 016 and 020), never written by the sink: no contract Struct of their own.
 DERIVED: tuple[str, ...] = ("otel_traces_trace_id_ts", "otel_traces_trace_id_ts_mv", "cost_hourly", "cost_hourly_mv",
                              "inference_event_keys", "inference_event_keys_mv", "cost_ledger_keys", "cost_ledger_keys_mv",
-                             "inference_scores_keys", "inference_scores_keys_mv")
+                             "inference_scores_keys", "inference_scores_keys_mv", "otel_traces_keys", "otel_traces_keys_mv")
