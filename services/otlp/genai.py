@@ -129,7 +129,9 @@ def _count(span: SpanFacts, names: tuple[str, ...]) -> int:
         return int(value)
     if isinstance(value, int):
         return value  # out-of-range counts are refused, with the field named, by the contract check
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    # ASCII digits only: str.isdigit() is also true of "²" (int() then failed with its own words) and of "１２３",
+    # which int() read as 123 tokens (probe s1).
+    if isinstance(value, str) and (digits := value.strip().removeprefix("-")).isascii() and digits.isdigit():
         return int(value)
     raise InvalidEvent(f"{names[0]} is {value!r}, not a token count")
 

@@ -137,6 +137,14 @@ def test_values_the_contract_refuses_are_reported(attrs: dict[str, Any]) -> None
         genai.to_event(span(attrs), tenant="acme", app="a")
 
 
+# A superscript two is a digit to str.isdigit() (int() then failed in its own words), and full-width 123 was read as
+# 123 tokens (probe s1): a count is ASCII digits.
+@pytest.mark.parametrize("count", ["\u00b2", "\uff11\uff12\uff13", "\u0663"])
+def test_a_token_count_is_ascii_digits(count: str) -> None:
+    with pytest.raises(InvalidEvent, match="gen_ai.usage.input_tokens is .* not a token count"):
+        genai.to_event(span(SEMCONV | {"gen_ai.usage.input_tokens": count}), tenant="acme", app="a")
+
+
 def test_either_claim_naming_another_tenant_is_found() -> None:
     assert genai.other_tenant(span({}, {"lockgate.tenant": "acme"}), "acme") is None
     assert genai.other_tenant(span({}, {"lockgate.tenant": "acme"}), "globex") == "acme"
