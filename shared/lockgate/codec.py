@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from itertools import repeat
 from operator import attrgetter
@@ -75,6 +76,10 @@ class Codec(Generic[T]):
             msg = str(exc)
             if "Invalid value" in msg and "`$.type`" in msg:
                 raise InvalidEvent(f"unknown event type: {msg}") from None
+            if msg == _TRUNCATED and isinstance(data, bytes) and (lone := _LONE_SURROGATE.search(data)):
+                # msgspec's words for a `\ud800` escape with no low half after it, however whole the JSON is.
+                raise InvalidEvent(f"JSON holds a lone UTF-16 surrogate escape ({lone.group().decode()} at byte "
+                                   f"{lone.start()}), which no Unicode text has") from None
             raise InvalidEvent(msg) from None
         except UnicodeDecodeError as exc:  # msgspec checks UTF-8 inside strings with Python's codec
             raise InvalidEvent(f"JSON is not valid UTF-8: {exc}") from None
@@ -107,6 +112,9 @@ class Codec(Generic[T]):
 
 
 _version = attrgetter("schema_version")
+_TRUNCATED = "Input data was truncated"
+# A high surrogate escape with no low one after it (msgspec words a low one alone rightly).
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})")
 
 
 def _flat(wire_type: Any) -> bool:

@@ -541,6 +541,21 @@ async def test_invalid_utf8_outside_the_known_fields_is_dead_lettered(bus: Bus) 
         assert letter.error.endswith(f"at byte {offset}")
 
 
+async def test_a_lone_surrogate_escape_is_dead_lettered_saying_so(bus: Bus) -> None:
+    # msgspec says "Input data was truncated" of whole JSON holding `\ud800` with no low half (probe s1): the letter
+    # sent an operator looking for a cut message.
+    durable = bus.subjects.durable("test", "surrogate")
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
+            wire_type=list[InferenceEvent] | InferenceEvent, origin="test", handler=_never_called)
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("test"))
+    await bus.start()
+    await bus.publish(bus.subjects.inference("x"), b'[{"type":"lockgate.inference","app":"x","prompt":"\\ud800"}]',
+                      msg_id="lone-surrogate")
+    letter = letters.decode((await dlq.next_msg(timeout=10)).data)
+    assert letter.reason == "invalid event" and "lone UTF-16 surrogate escape (\\ud800 at byte 50)" in letter.error
+    assert "truncated" not in letter.error
+
+
 async def test_a_message_over_max_payload_is_a_permanent_error(bus: Bus) -> None:
     # Mapped to BusUnavailable, it was retried as if NATS were down, and its message dead-lettered
     # "retries exhausted" at last: the same bytes are refused every time.
