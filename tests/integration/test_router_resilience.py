@@ -1103,9 +1103,11 @@ async def test_a_client_never_chooses_the_service_tier_a_release_is_served_at_an
             await admin.put("/deployments/chat", body={"stable_release": "r1"}, cast_to=object)
         async with client(router, keys) as c:
             await every_operation(c)
-        assert asked[4:] == ["flex"] * 4
+        # Legacy completions take no service_tier: a release's params go where each operation takes them.
+        assert asked[4:] == ["flex", "flex", "flex", "(none)"]
         got = await events(4)
-        assert [(e.release, e.attributes.get("openai.response.service_tier")) for e in got] == [("r1", "flex")] * 4
+        assert [(e.release, e.attributes.get("openai.response.service_tier")) for e in got] == [
+            ("r1", "flex")] * 3 + [("r1", "default")]
 
 
 @pytest.mark.parametrize(("usage", "stream", "why"), [
