@@ -117,8 +117,11 @@ class Pair:
     @property
     def lead(self) -> int:
         """Credits an arm banks at most: how far (in rows) one arm's window may run ahead of the other's, enough
-        for rows of either arm that come in runs (one router replica's batch, then another's)."""
-        return max(1, self.window_size // 10)
+        for rows of either arm that come in runs (one router replica's batch, then another's; a canary's retried
+        failures, up to three events for one request). A tenth of a window, but 16 rows where that is fewer (at most
+        half a window): a window of 50 banked 5, dropped the canary's runs of failures, and a rollout test's canary,
+        whose breaker then opened, never filled a window."""
+        return max(1, self.window_size // 10, min(16, self.window_size // 2))
 
     def admit(self, canary: np.ndarray) -> np.ndarray:
         """Which of these rows, in arrival order (`canary`: True for a canary's row, False for stable's), enter
