@@ -59,19 +59,14 @@ _RETRY = {"code": 503}
 
 SLOTS = 32  # relays one gateway replica has awaiting JetStream at once
 PER_SENDER = 4  # of those, one sender's: one tenant's and app's flood cannot take every slot
-# One sender's messages waiting or in flight; the next ones are answered "retry" at once. Room for a burst of many
-# SDK processes of one app (8 batches of up to 900 KB in flight each): an answer at once has the SDK send again
-# within its backoff (0.05 to 2 s), and with 8 MiB, 12 processes of one app re-sent gigabytes a minute through the
-# gateway's one connection, which nats-server then dropped, every tenant's relay with it (probe s5). Waiting here,
-# a sender is paced by its own acknowledgements, as before.
-QUEUED_PER_SENDER = 4096
-QUEUED_BYTES_PER_SENDER = 64 * 1024 * 1024  # and their bytes
-QUEUED = 16_384  # every sender's messages waiting or in flight (the shared `app` user may name any tenant and app)
-QUEUED_BYTES = 128 * 1024 * 1024  # and their bytes: what nats-py kept for the subscription before
+QUEUED_PER_SENDER = 256  # one sender's messages waiting or in flight; the next ones are answered "retry" at once
+QUEUED_BYTES_PER_SENDER = 8 * 1024 * 1024  # and their bytes (the SDK's 8 batches in flight of up to 900 KB fit)
+QUEUED = 4096  # every sender's messages waiting or in flight (the shared `app` user may name any tenant and app)
+QUEUED_BYTES = 64 * 1024 * 1024  # and their bytes
 # What nats-py keeps for the subscription's callback, which only admits (it awaits no relay): a burst larger than
 # this, arriving faster than the callback runs, is dropped by nats-py, and each message so dropped answered here.
 PENDING_MSGS = 65_536
-PENDING_BYTES = 128 * 1024 * 1024
+PENDING_BYTES = 64 * 1024 * 1024
 LOG_EVERY_S = 60.0  # messages refused or dropped are logged at most once in this long, each sender's counted
 
 

@@ -88,14 +88,12 @@ def _retryable(answer: dict) -> bool:
     return answer.get("error", {}).get("code") == 503
 
 
-async def test_a_flood_of_large_messages_holds_no_other_senders_events(stack: Runtime,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_flood_of_large_messages_holds_no_other_senders_events(stack: Runtime) -> None:
     # Found by a probe: the relay handled one message at a time for every tenant, each awaiting JetStream's
     # acknowledgement. One application user publishing 900 KB messages held another tenant's events behind all of
     # its own: 17 s at p50 when paced, every other tenant's publish timed out during a 225 MB burst. Now each
     # sender has its own share: the flood waits (or is refused, retryable) behind itself only.
     s, relay = stack.ctx.bus.subjects, stack.services["gateway"].relay
-    monkeypatch.setattr(relay_module, "QUEUED_BYTES_PER_SENDER", 8 * 1024 * 1024)  # the flood goes past its share
     flooder, victim = await _connect(stack, *FLOODER), await _connect(stack, *VICTIM)
     try:
         order: list[str] = []  # "A" for each of the flood's acknowledgements, "B" for each of the victim's
@@ -176,12 +174,10 @@ async def test_messages_past_the_subscriptions_pending_limit_are_answered_counte
     assert 1 <= len(logged) <= 2 and sum(counts) == len(dropped), logged
 
 
-async def test_the_sdk_retries_what_the_relay_refuses_until_every_event_is_stored(
-        stack: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_sdk_retries_what_the_relay_refuses_until_every_event_is_stored(stack: Runtime) -> None:
     # A sender over its share is answered 503 at once, as JetStream answers a message it cannot take now: the SDK
     # takes that as transient and publishes the batch again, so nothing it emitted is lost to the refusal.
     s, relay = stack.ctx.bus.subjects, stack.services["gateway"].relay
-    monkeypatch.setattr(relay_module, "QUEUED_BYTES_PER_SENDER", 8 * 1024 * 1024)
     user = f"apps.{FLOODER[0]}.{FLOODER[1]}"
     found = await asyncio.to_thread(credentials.apps, stack.settings.home)
     # 24 batches of one large event each in flight at once: three times its 8 MiB share.
