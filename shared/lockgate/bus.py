@@ -182,8 +182,6 @@ class Bus:
         # Letters this process could not store, by message id, with when it last tried: its message waits, and is
         # warned about once rather than at every redelivery (`letters_waiting`).
         self._unsent: dict[str, float] = {}
-        # Core subscriptions told of the messages nats-py drops past their pending limits.
-        self._on_dropped: dict[Any, Callable[[nats.errors.SlowConsumerError], Awaitable[None]]] = {}
 
     async def connect(self) -> None:
         """Connect, then create streams, KV buckets and the object store (idempotent)."""
@@ -263,22 +261,7 @@ class Bus:
         async with self._state_changed:
             await asyncio.wait_for(self._state_changed.wait_for(lambda: self.state == state), timeout_s)
 
-    async def subscribe(self, subject: str, cb: Callable[[Msg], Awaitable[None]], *, queue: str = "",
-                        pending_msgs: int, pending_bytes: int,
-                        on_dropped: Callable[[nats.errors.SlowConsumerError], Awaitable[None]]) -> Any:
-        """A core subscription with explicit pending limits. nats-py drops a message that arrives while its callback
-        has that many messages or bytes waiting, and tells only the connection's error callback: `on_dropped` gets
-        each such error (its subject and reply), on the connection's read loop, so it must not wait long."""
-        assert self.nc is not None
-        sub = await self.nc.subscribe(subject, queue=queue, cb=cb, pending_msgs_limit=pending_msgs,
-                                      pending_bytes_limit=pending_bytes)
-        self._on_dropped[sub] = on_dropped
-        return sub
-
     async def _on_error(self, exc: Exception) -> None:
-        if isinstance(exc, nats.errors.SlowConsumerError) and (dropped := self._on_dropped.get(exc.sub)):
-            await dropped(exc)
-            return
         text = str(exc)
         if self.nc is None and _is_auth_failure(exc):
             # Raised from the callback, it ends nats-py's first-connect loop, which would otherwise
