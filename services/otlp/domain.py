@@ -3,7 +3,7 @@
 Each span becomes a SpanRecord in the OTel Collector ClickHouse exporter's layout (values written as
 the Collector writes them: bools `true`, arrays and maps as JSON), and each model-call span also an
 InferenceEvent (`genai.py`). The API key decides the tenant and the app: a span naming another refuses
-the whole request, and every stored span carries the key's tenant in `lockgate.tenant`.
+the whole request, and every stored span carries the key's tenant and app in `lockgate.tenant` and `lockgate.app`.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
         resource = attributes(rs.resource.attributes)
         # Scrubbed once per resource, and the service name taken from the scrubbed copy: ServiceName is a
         # column of its own, and kept a secret that ResourceAttributes['service.name'] had masked.
-        stored_resource = dict(scrub_mapping(strings(resource))) | {genai.TENANT: tenant}
+        stored_resource = dict(scrub_mapping(strings(resource))) | {genai.TENANT: tenant, genai.APP: app}
         service = stored_resource.get("service.name", "")
         for ss in rs.scope_spans:
             scope = ss.scope
@@ -216,17 +216,17 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
     return out
 
 
-def batch_id(tenant: str, spans: Sequence[SpanRecord]) -> str:
-    """A SpanBatch id that is a function of its tenant and spans: a request re-sent after a lost answer is
-    published under the same Nats-Msg-Id, and stored once; another tenant's spans under the same ids are
-    not mistaken for it (JetStream and the store would drop them as its duplicate)."""
-    h = hashlib.sha256(tenant.encode() + b"\x00")
+def batch_id(tenant: str, app: str, spans: Sequence[SpanRecord]) -> str:
+    """A SpanBatch id that is a function of its sender (tenant and app) and spans: a request re-sent after a lost
+    answer is published under the same Nats-Msg-Id, and stored once; another tenant's or app's spans under the same
+    ids are not mistaken for it (JetStream and the store would drop them as its duplicate)."""
+    h = hashlib.sha256(tenant.encode() + b"\x00" + app.encode() + b"\x00")
     for s in spans:
         h.update(bytes.fromhex(s.trace_id + s.span_id))
     return "otlp-" + h.hexdigest()[:40]
 
 
-def span_batches(spans: Sequence[SpanRecord], tenant: str, *, max_bytes: int = BATCH_BYTES,
+def span_batches(spans: Sequence[SpanRecord], tenant: str, app: str, *, max_bytes: int = BATCH_BYTES,
                  max_spans: int = BATCH_SPANS) -> tuple[list[tuple[str, bytes]], list[SpanRecord]]:
     """(message id, encoded SpanBatch) per bus message, and the spans too large to fit in one alone."""
     chunks: list[list[SpanRecord]] = [[]]
@@ -245,6 +245,6 @@ def span_batches(spans: Sequence[SpanRecord], tenant: str, *, max_bytes: int = B
     out = []
     for chunk in chunks:
         if chunk:
-            batch = SpanBatch(id=batch_id(tenant, chunk), source="otlp", tenant=tenant, spans=chunk)
+            batch = SpanBatch(id=batch_id(tenant, app, chunk), source="otlp", tenant=tenant, spans=chunk)
             out.append((batch.id, encode(batch)))
     return out, too_large

@@ -154,7 +154,7 @@ class Receiver:
         window = (now - timedelta(seconds=self.limits.past_s), now + timedelta(seconds=self.limits.future_s))
         decoded = domain.decode(request, tenant=key.tenant, app=key.app, window=window, deployments=key.deployments)
         received = len(decoded.spans) + decoded.rejected
-        batches, too_large = domain.span_batches(decoded.spans, key.tenant)
+        batches, too_large = domain.span_batches(decoded.spans, key.tenant, key.app)
         for span in too_large:
             decoded.rejected += 1
             decoded.problem(f"span {span.span_id} refused: larger than {domain.BATCH_BYTES} bytes encoded")

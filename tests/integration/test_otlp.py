@@ -433,12 +433,15 @@ async def test_secrets_in_structured_span_values_and_common_span_text_never_reac
     assert event["error_type"] == "failed: Authorization: [REDACTED]"
 
 
-async def test_another_tenant_sending_a_spans_ids_first_cannot_erase_it(
-        stack: Any, store: Store, keys: Bootstrap, settings: Settings) -> None:
+@pytest.mark.parametrize("other", [("globex", "shop"), ("acme", "web")])
+async def test_another_tenant_or_app_sending_a_spans_ids_first_cannot_erase_it(
+        stack: Any, store: Store, keys: Bootstrap, settings: Settings, other: tuple[str, str]) -> None:
     # Span ids travel in traceparent headers, so whoever a request reaches knows its caller's. Ids were
     # not namespaced by tenant: the first tenant to send them had its span and event stored, and the
-    # other's were dropped as duplicates (by JetStream, then by the sink) while it was answered 200.
-    other_key, _ = KeyStore(settings.home).create("globex", "shop")
+    # other's were dropped as duplicates (by JetStream, then by the sink) while it was answered 200. Spans, stored
+    # once per key since, were keyed by tenant alone: another app of the tenant sending them first had this app's
+    # span dropped and its own shown in its place (probe s5).
+    other_key, _ = KeyStore(settings.home).create(*other)
     request = trace_service_pb2.ExportTraceServiceRequest()
     span = request.resource_spans.add().scope_spans.add().spans.add(
         name="chat", trace_id=bytes.fromhex("4bf92f3577b34da6a3ce929d0e0e4736"), span_id=b"\x00\xf0g\xaa\x0b\xa9\x02\xb7",
@@ -454,9 +457,10 @@ async def test_another_tenant_sending_a_spans_ids_first_cannot_erase_it(
     sink = stack["sink"].handlers
     await eventually(lambda: _count(store, "inference_events") == 2, [sink.events], what="both events")
     await eventually(lambda: _count(store, "otel_traces", "SpanName = 'chat'") == 2, [sink.spans], what="both spans")
-    assert sorted(r["tenant"] for r in store.rows("SELECT tenant FROM inference_events")) == ["acme", "globex"]
-    tenants = store.rows("SELECT ResourceAttributes['lockgate.tenant'] AS t FROM otel_traces WHERE SpanName = 'chat'")
-    assert sorted(r["t"] for r in tenants) == ["acme", "globex"]
+    events = store.rows("SELECT tenant, app FROM inference_events")
+    assert sorted((r["tenant"], r["app"]) for r in events) == sorted([("acme", "shop"), other])
+    senders = store.rows("SELECT SenderTenant AS t, SenderApp AS a FROM otel_traces WHERE SpanName = 'chat'")
+    assert sorted((r["t"], r["a"]) for r in senders) == sorted([("acme", "shop"), other])
 
 
 async def test_grpc_answers_a_request_that_does_not_decode_with_invalid_argument(

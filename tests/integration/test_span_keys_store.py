@@ -21,23 +21,25 @@ def _span(span_id: str, resource: dict[str, str]) -> SpanRecord:
                       status_code="Unset", status_message="")
 
 
-def test_spans_stored_before_are_keyed_by_their_senders_tenant(chdb_url: str, unique: str) -> None:
+def test_spans_stored_before_are_keyed_by_their_senders_tenant_and_app(chdb_url: str, unique: str) -> None:
     store = open_store(chdb_url, unique, migrate=False)
     try:
         # The table as 001 made it, with a tenant's span and one of lockgate's own stored before 020.
         core = next(sql for version, _, sql in migration_files() if version == 1)
         store.command(next(s for s in _statements(core) if "TABLE IF NOT EXISTS otel_traces" in s))
-        old = [_span("00000000000000a1", {"lockgate.tenant": "acme"}), _span("00000000000000a2", {})]
-        columns = [c for c in OTEL_TRACES.columns if c != "SenderTenant"]
+        old = [_span("00000000000000a1", {"lockgate.tenant": "acme", "lockgate.app": "shop"}),
+               _span("00000000000000a2", {})]
+        columns = [c for c in OTEL_TRACES.columns if c not in ("SenderTenant", "SenderApp")]
         data = OTEL_TRACES.data(old)
         store.insert_columns("otel_traces", columns, [data[OTEL_TRACES.index(c)] for c in columns], token=None)
         assert "020_span_keys.sql" in apply_migrations(store)
         store.insert_columns("otel_traces", OTEL_TRACES.columns,
-                             OTEL_TRACES.data([_span("00000000000000a3", {"lockgate.tenant": "globex"})]), token=None)
-        expected = [{"SenderTenant": "", "SpanId": "00000000000000a2"},
-                    {"SenderTenant": "acme", "SpanId": "00000000000000a1"},
-                    {"SenderTenant": "globex", "SpanId": "00000000000000a3"}]
-        query = "SELECT SenderTenant, SpanId FROM {table} ORDER BY SenderTenant, SpanId"
+                             OTEL_TRACES.data([_span("00000000000000a3", {"lockgate.tenant": "globex",
+                                                                         "lockgate.app": "web"})]), token=None)
+        expected = [{"SenderTenant": "", "SenderApp": "", "SpanId": "00000000000000a2"},
+                    {"SenderTenant": "acme", "SenderApp": "shop", "SpanId": "00000000000000a1"},
+                    {"SenderTenant": "globex", "SenderApp": "web", "SpanId": "00000000000000a3"}]
+        query = "SELECT SenderTenant, SenderApp, SpanId FROM {table} ORDER BY SenderTenant, SpanId"
         assert store.rows(query.format(table="otel_traces")) == expected
         assert store.rows(query.format(table="otel_traces_keys")) == expected
     finally:

@@ -47,7 +47,7 @@ def test_a_span_is_stored_as_the_collector_stores_it() -> None:
         TRACE, SPAN, PARENT, "Server", "Error")
     assert (rec.service, rec.scope_name, rec.scope_version, rec.duration_ns) == ("shop", "lib", "1.2", 2_000_000)
     assert rec.attributes == {"n": "3", "ok": "true", "ratio": "0.5", "tags": '["a"]'}
-    assert rec.resource == {"service.name": "shop", "lockgate.tenant": "acme"}  # the key's tenant, always
+    assert rec.resource == {"service.name": "shop", "lockgate.tenant": "acme", "lockgate.app": "a"}  # the key's, always
     assert rec.events[0][1] == "retry" and rec.links == [(TRACE, PARENT, "", {})]
     assert out.events == [] and out.rejected == 0
 
@@ -188,14 +188,14 @@ def test_any_value_kinds() -> None:
 def test_span_batches_fit_a_bus_message_and_keep_their_id() -> None:
     spans = domain.decode(request(*[span(spanId=f"{i + 1:016x}") for i in range(50)]), tenant="acme",
                           app="a").spans
-    batches, too_large = domain.span_batches(spans, "acme", max_bytes=3000, max_spans=20)
+    batches, too_large = domain.span_batches(spans, "acme", "shop", max_bytes=3000, max_spans=20)
     assert too_large == [] and len(batches) > 2
     decoded = [Codec(SpanBatch).decode(data) for _, data in batches]
     assert sum(len(b.spans) for b in decoded) == 50
     assert all(len(data) < 3000 + 500 and b.id == msg_id for (msg_id, data), b in zip(batches, decoded, strict=True))
-    again, _ = domain.span_batches(spans, "acme", max_bytes=3000, max_spans=20)
+    again, _ = domain.span_batches(spans, "acme", "shop", max_bytes=3000, max_spans=20)
     assert [m for m, _ in again] == [m for m, _ in batches]  # a re-sent request: the same message ids
-    _, too_large = domain.span_batches(spans[:1], "acme", max_bytes=100)
+    _, too_large = domain.span_batches(spans[:1], "acme", "shop", max_bytes=100)
     assert too_large == spans[:1]
 
 

@@ -127,11 +127,12 @@ def test_values_are_converted_by_type() -> None:
     span = _row(OTEL_TRACES, [SPAN])
     assert span["Events.Name"] == ["e1", "e2"] and span["Links.SpanId"] == ["d" * 16]
     assert span["Timestamp"] == NOW and span["SpanName"] == "s"
-    # derived from the value: the tenant whose key sent it (its resource's `lockgate.tenant`), '' for lockgate's own
-    assert span["SenderTenant"] == ""
-    sent = msgspec.structs.replace(SPAN, resource={"lockgate.tenant": "acme"})
-    assert _row(OTEL_TRACES, [sent])["SenderTenant"] == "acme"
-    assert OTEL_TRACES.keys(OTEL_TRACES.data([sent])) == [("acme", "a" * 32, "b" * 16)]
+    # derived from the value: the tenant and app whose key sent it (its resource's `lockgate.tenant` and
+    # `lockgate.app`), '' for lockgate's own
+    assert (span["SenderTenant"], span["SenderApp"]) == ("", "")
+    sent = msgspec.structs.replace(SPAN, resource={"lockgate.tenant": "acme", "lockgate.app": "shop"})
+    assert (_row(OTEL_TRACES, [sent])["SenderTenant"], _row(OTEL_TRACES, [sent])["SenderApp"]) == ("acme", "shop")
+    assert OTEL_TRACES.keys(OTEL_TRACES.data([sent])) == [("acme", "shop", "a" * 32, "b" * 16)]
 
 
 def test_extra_columns_and_transforms() -> None:

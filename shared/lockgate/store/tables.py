@@ -44,14 +44,20 @@ def _sender_tenant(span: SpanRecord) -> str:
     return span.resource.get("lockgate.tenant", "")
 
 
-# The OpenTelemetry Collector ClickHouse exporter's layout, so its tools read ours, plus `SenderTenant`
-# (migration 020): the tenant whose API key sent the span over OTLP, which the receiver stamps as the resource
-# attribute `lockgate.tenant`, or '' for lockgate's own spans. A span is stored once per (SenderTenant, TraceId,
-# SpanId), whatever exports carry it: ids travel in traceparent headers, so a tenant naming another's span ids, or
-# lockgate's, sends another span, never that one's duplicate.
+def _sender_app(span: SpanRecord) -> str:
+    return span.resource.get("lockgate.app", "")
+
+
+# The OpenTelemetry Collector ClickHouse exporter's layout, so its tools read ours, plus `SenderTenant` and
+# `SenderApp` (migration 020): the tenant and app whose API key sent the span over OTLP, which the receiver stamps as
+# the resource attributes `lockgate.tenant` and `lockgate.app`, or '' for lockgate's own spans. A span is stored once
+# per (SenderTenant, SenderApp, TraceId, SpanId), whatever exports carry it: ids travel in traceparent headers, so
+# another tenant or app naming a span's ids, or lockgate's, sends another span, never that one's duplicate (a probe's
+# app of one tenant sending another app's ids first had that app's span dropped, its own shown in its place).
 OTEL_TRACES = Table(
     "otel_traces", SpanRecord,
-    derived={"SenderTenant": (str, _sender_tenant)}, key=("SenderTenant", "TraceId", "SpanId"),
+    derived={"SenderTenant": (str, _sender_tenant), "SenderApp": (str, _sender_app)},
+    key=("SenderTenant", "SenderApp", "TraceId", "SpanId"),
     rename={"timestamp": "Timestamp", "trace_id": "TraceId", "span_id": "SpanId",
             "parent_span_id": "ParentSpanId", "trace_state": "TraceState", "name": "SpanName",
             "kind": "SpanKind", "service": "ServiceName", "resource": "ResourceAttributes",
