@@ -90,11 +90,11 @@ async def eventually(check: Callable[[], bool], progress: Sequence[Progress], ti
 class Process:
     """A long-running CLI process whose output is collected; `started` waits for a readiness line."""
 
-    def __init__(self, args: list[str], env: dict[str, str], ready_text: str) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], ready_text: str, cwd: Any = None) -> None:
         # Its own process group, as a shell starts a job: a test can then send Ctrl-C as a terminal does, to the
         # whole group (`os.killpg(proc.pid, SIGINT)`), the children it started included.
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=cwd)
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._ready_text = ready_text

@@ -59,6 +59,23 @@ def test_serve_one_service_against_external_nats(nats_server: NatsServer, tmp_pa
         assert served.proc.wait(60) == 0, served.output
 
 
+def test_served_services_use_the_homes_store_unless_one_is_configured(nats_server: NatsServer, tmp_path: Path,
+                                                                      unique: str) -> None:
+    # `lockgate --home H serve sink query` opened ./.lockgate/clickhouse (wherever it ran), not H's, where `up` and
+    # the CLI's queries look: a probe's `lockgate sql` answered 0 rows from it about half the time.
+    home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "LOCKGATE_CLICKHOUSE_URL"}
+    env |= {"LOCKGATE_NATS_URL": nats_server.url, "LOCKGATE_PREFIX": unique}
+    served = Process([*LOCKGATE, "--home", str(home), "serve", "sink", "query"], env, "serving", cwd=elsewhere)
+    try:
+        assert served.started(60), served.output
+        assert (home / "clickhouse").is_dir() and not (elsewhere / ".lockgate").exists(), served.output
+    finally:
+        served.proc.send_signal(signal.SIGINT)
+        assert served.proc.wait(60) == 0, served.output
+
+
 def test_served_services_connect_as_themselves(tmp_path: Path, unique: str) -> None:
     # A nats-server with users, as deploy/nats runs one; the served sink and query service find
     # their own credentials under LOCKGATE_HOME, and the sink (allowed to) declares the streams.

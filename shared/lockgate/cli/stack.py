@@ -231,6 +231,9 @@ def register(cli: click.Group) -> None:
         settings: Settings = ctx.obj["settings"].replace(host=host, grpc_port=grpc_port,
                                                          router_port=router_port, otlp_grpc_port=otlp_grpc_port,
                                                          otlp_http_port=otlp_http_port, health_port=health_port)
+        # ClickHouse not configured: the chDB under the home, as `up` and the CLI's queries have it (before,
+        # `--home H serve query` opened ./.lockgate/clickhouse, and `lockgate sql` answered 0 rows from it).
+        settings = settings.replace(clickhouse_url=access.store_url(settings))
 
         async def run() -> None:
             runtime = Runtime(settings, services=list(dict.fromkeys(services)), embedded_nats=False)
