@@ -238,3 +238,16 @@ def test_a_post_promotion_analysis_inconclusive_past_its_limit_rolls_back() -> N
     back = progress.on_measurement(once, _m("INCONCLUSIVE"), DEFAULT, 10.0, now=220.0)
     assert back is not None and (back.phase, back.stable.release) == ("aborted", "r1")
     assert back.reason.startswith("rolled back r2: post-promotion analysis inconclusive 2 times: error_rate")
+
+
+def test_rollout_get_says_whose_requests_a_header_route_sends() -> None:
+    # Probe s5: `rollout get` showed `x-lockgate-canary: always -> canary`, as if anyone's header were honoured.
+    from lockgate.cli.rollout import summary
+
+    def shown(header_route: dict[str, Any]) -> str:
+        rows = summary({"deployment": "chat", "phase": "progressing", "header_route": header_route})
+        return next(r["value"] for r in rows if r["field"] == "header route")
+
+    assert shown({"header": "x-lockgate-canary", "value": "always"}) == "x-lockgate-canary: always -> canary (admin keys)"
+    assert shown({"header": "x-lockgate-preview", "value": "always", "keys": ["k1", "k2"]}) == (
+        "x-lockgate-preview: always -> canary (admin keys and keys k1, k2)")

@@ -219,7 +219,12 @@ def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _header(h: dict[str, Any] | None) -> str:
-    return f"{h['header']}: {h['value']} -> canary" if h else "-"
+    """A header route as `x-lockgate-canary: always -> canary (admin keys and key k1)`: whose requests it sends."""
+    if not h:
+        return "-"
+    keys = h.get("keys") or []
+    testers = "admin keys" + (f" and key{'s' * (len(keys) > 1)} {', '.join(keys)}" if keys else "")
+    return f"{h['header']}: {h['value']} -> canary ({testers})"
 
 
 def _kind(strategy: dict[str, Any]) -> str:
