@@ -4,6 +4,7 @@ promotes, pauses and aborts canaries; drift aborts; operators pause, resume and 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -63,10 +64,10 @@ async def signer(context: ServiceContext) -> Signer:
 
 
 async def serving(context: ServiceContext, run_services: Any, signer: Signer, stable_url: str, canary_url: str,
-                  canaries: tuple[str, ...]) -> Any:
+                  canaries: tuple[str, ...], **settings: Any) -> Any:
     """The sink and a router of deployment `chat` (app `shop`): r1 (model `m`, endpoint `default`) stable and
-    PASSed, each canary release registered with the model of its name on endpoint `canary`."""
-    await chat_releases(context, signer, stable_url, canary_url, canaries)
+    PASSed, each canary release registered with the model of its name on endpoint `canary` (plus `settings`)."""
+    await chat_releases(context, signer, stable_url, canary_url, canaries, **settings)
     services = await run_services("sink", "router")
     router = services["router"]
     router.sink = services["sink"]
@@ -273,7 +274,7 @@ async def test_canary_whose_answers_triple_in_length_is_aborted_by_the_drift_mon
     await _traffic_until(http, router, lambda r: False, limit=reference, batch=reference // 5)
     await drift.handlers.events.wait_for(reference, 30)
     await _pass(router, signer, "long")
-    sent = await _traffic_until(http, router, lambda r: r.phase == "aborted", limit=3000)
+    sent = await _traffic_until(http, router, lambda r: r.phase == "aborted", limit=6000)
     route = router.rollouts.route("chat")
     assert route.phase == "aborted", f"not aborted after {sent} requests: {route.reason}"
     assert route.weight == 0.0 and route.stable.release == "r1"
@@ -319,15 +320,30 @@ async def test_long_prompts_on_both_arms_never_abort_a_good_canary(
     assert any(r.comparison == "canary_vs_stable" and r.release == "echo" for r in seen)
 
 
+@pytest.fixture
+async def unbroken(context: ServiceContext, run_services: Any, signer: Signer, tmp_path: Any) -> AsyncIterator[Any]:
+    """The router, its canary endpoint called once per request and never skipped by its breaker: every canary
+    request is one event of evidence. With the defaults a canary failing half its calls had its breaker open after
+    some 60 events (retries included) and got no more traffic, a window of 50 only just filled."""
+    async with SimServer(STABLE) as stable, SimServer(CANARY) as canary:
+        path = tmp_path / "endpoints.yaml"
+        never = {"consecutive_failures": 1_000_000, "failure_ratio": 1.0, "min_requests": 1_000_000}
+        path.write_text(json.dumps({"endpoints": {"default": {"url": stable.url}, "canary": {
+            "url": canary.url, "retry": {"attempts": 1}, "breaker": never}}}))  # JSON is YAML
+        yield await serving(context, run_services, signer, stable.url, canary.url, ("flaky",),
+                            endpoints_file=str(path))
+
+
 async def test_canary_whose_errors_shift_the_error_mix_is_aborted_by_categorical_drift(
-        router: Any, http: aiohttp.ClientSession, signer: Signer, run_services: Any) -> None:
+        unbroken: Any, http: aiohttp.ClientSession, signer: Signer, run_services: Any) -> None:
+    router = unbroken
     drift = (await run_services("drift"))["drift"]
     await _start(http, router, "flaky", {"steps": [50, 100], "interval_s": 3600})  # no analysis: drift alone
     reference = router.ctx.settings.drift_reference_size
     await _traffic_until(http, router, lambda r: False, limit=reference, batch=reference // 5)
     await drift.handlers.events.wait_for(reference, 30)
     await _pass(router, signer, "flaky")
-    sent = await _traffic_until(http, router, lambda r: r.phase == "aborted", limit=3000)
+    sent = await _traffic_until(http, router, lambda r: r.phase == "aborted", limit=6000)
     route = router.rollouts.route("chat")
     assert route.phase == "aborted", f"not aborted after {sent} requests: {route.reason}"
     assert route.weight == 0.0 and route.stable.release == "r1"
