@@ -61,6 +61,11 @@ class Projection:
     within: str | None = None
     keys_table: str | None = None
 
+    @property
+    def by_id(self) -> bool:
+        """Whether the stored-keys window orders rows by their ids (a keys table with no time bound), else by time."""
+        return bool(self.keys_table) and not self.within
+
 
 FACTS: tuple[Projection, ...] = (
     Projection(tables.ARTIFACTS, lambda s: s.artifact_registered, "events", ArtifactRegistered),

@@ -95,7 +95,7 @@ class Writer:
 
     async def _new_window(self) -> domain.StoredWindow:
         # Rows stored before this process wrote the table (by an earlier one) lie at or before the horizon.
-        if self.projection.keys_table and not self.projection.within:
+        if self.projection.by_id:
             id_column, table = self.table.key[-1], self.projection.keys_table
             order = f"substring({id_column}, 1, 13)"  # domain.id_order
             ceiling = {"ceiling": domain.id_ceiling(time.time())}
@@ -155,7 +155,7 @@ class Writer:
         keys = self.table.keys(data)
         times = data[self.table.index(self.projection.within)] if self.projection.within else None
         # What the window orders rows by: their time where lookups are bounded by it, else a keys table's ids.
-        orders = domain.id_order(keys) if self.projection.keys_table and not self.projection.within else times
+        orders = domain.id_order(keys) if self.projection.by_id else times
         async with self._lock:
             window = await self._open_window() if self._windowed else None
             ask, ask_times = keys, times

@@ -526,17 +526,25 @@ async def test_event_times_are_judged_at_the_time_the_message_was_stored(bus: Bu
     assert await asyncio.wait_for(got.get(), 10) == edge.id
 
 
-async def test_invalid_utf8_outside_the_known_fields_is_dead_lettered(bus: Bus) -> None:
-    # msgspec skips unknown fields unread: "mo\xc3del" was stored as an event whose model was empty.
-    durable = bus.subjects.durable("test", "utf8key")
-    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
-            wire_type=list[InferenceEvent] | InferenceEvent, origin="test", handler=_never_called)
+async def _letters_of(bus: Bus, name: str, *payloads: bytes) -> list[DeadLetter]:
+    """The dead letters of these inference messages, each published in turn to a consumer that stores nothing."""
+    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference",
+            durable=bus.subjects.durable("test", name), wire_type=list[InferenceEvent] | InferenceEvent,
+            origin="test", handler=_never_called)
     dlq = await bus.nc.subscribe(bus.subjects.dlq("test"))
     await bus.start()
-    for i, (bad, offset) in enumerate(((b'[{"type":"lockgate.inference","app":"x","mo\xc3del":"y"}]', 43),
-                                       (b'[{"type":"lockgate.inference","app":"x","extra":"\xff"}]', 49))):
-        await bus.publish(bus.subjects.inference("x"), bad, msg_id=f"bad-{i}")
-        letter = letters.decode((await dlq.next_msg(timeout=10)).data)
+    out = []
+    for i, payload in enumerate(payloads):
+        await bus.publish(bus.subjects.inference("x"), payload, msg_id=f"{name}-{i}")
+        out.append(letters.decode((await dlq.next_msg(timeout=10)).data))
+    return out
+
+
+async def test_invalid_utf8_outside_the_known_fields_is_dead_lettered(bus: Bus) -> None:
+    # msgspec skips unknown fields unread: "mo\xc3del" was stored as an event whose model was empty.
+    got = await _letters_of(bus, "utf8key", b'[{"type":"lockgate.inference","app":"x","mo\xc3del":"y"}]',
+                            b'[{"type":"lockgate.inference","app":"x","extra":"\xff"}]')
+    for letter, offset in zip(got, (43, 49), strict=True):
         assert letter.reason == "invalid event" and "not valid UTF-8" in letter.error
         assert letter.error.endswith(f"at byte {offset}")
 
@@ -544,14 +552,7 @@ async def test_invalid_utf8_outside_the_known_fields_is_dead_lettered(bus: Bus) 
 async def test_a_lone_surrogate_escape_is_dead_lettered_saying_so(bus: Bus) -> None:
     # msgspec says "Input data was truncated" of whole JSON holding `\ud800` with no low half (probe s1): the letter
     # sent an operator looking for a cut message.
-    durable = bus.subjects.durable("test", "surrogate")
-    consume(bus, bus.consumers, subject=bus.subjects.inference_all, stream="inference", durable=durable,
-            wire_type=list[InferenceEvent] | InferenceEvent, origin="test", handler=_never_called)
-    dlq = await bus.nc.subscribe(bus.subjects.dlq("test"))
-    await bus.start()
-    await bus.publish(bus.subjects.inference("x"), b'[{"type":"lockgate.inference","app":"x","prompt":"\\ud800"}]',
-                      msg_id="lone-surrogate")
-    letter = letters.decode((await dlq.next_msg(timeout=10)).data)
+    (letter,) = await _letters_of(bus, "surrogate", b'[{"type":"lockgate.inference","app":"x","prompt":"\\ud800"}]')
     assert letter.reason == "invalid event" and "lone UTF-16 surrogate escape (\\ud800 at byte 50)" in letter.error
     assert "truncated" not in letter.error
 
