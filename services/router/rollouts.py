@@ -350,7 +350,9 @@ class Rollouts:
                 for route in list(self.routes.values()):
                     when = self._timer_due(route)
                     if when is not None and when <= now and await self._may_step(route, now):
-                        self._step(route, now)
+                        # The clock read again after the await: a step that begins is timed from when its weight
+                        # takes effect, or requests served at the old weight meanwhile count as the new step's.
+                        self._step(route, time.time())
                 try:
                     await self.flush()
                 except LockgateError as exc:
