@@ -224,10 +224,13 @@ class _Health:
     keep being served and remain a canary's fallback. An endpoint that is down trips each model's
     breaker in turn; retries stay budgeted per endpoint, the load they add is the endpoint's."""
 
-    __slots__ = ("_breakers", "_spec", "budget", "latency_s", "policy")
+    __slots__ = ("_breakers", "_spec", "budget", "latency_s", "policy", "throttled_until")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.latency_s: float | None = None
+        # A 429 is no breaker failure (throttling, not sickness), so a group would put a throttled member first on
+        # every request, each paying its retries and waits: until then (on Upstream.clock), the group ranks it last.
+        self.throttled_until = 0.0
         self._spec = endpoint.breaker
         self._breakers: dict[str, resilience.Breaker] = {}
         self.budget = resilience.RetryBudget(endpoint.retry)
@@ -293,7 +296,9 @@ class Upstream:
             return [endpoint_id]
         prices = {m: _blended(endpoints.by_id[m]) for m in group.endpoints}
         latencies = {m: h.latency_s if (h := self._health.get(m)) is not None else None for m in group.endpoints}
-        return resilience.rank(group.endpoints, group.choose, prices, latencies, group.explore, self.draw())
+        ranked = resilience.rank(group.endpoints, group.choose, prices, latencies, group.explore, self.draw())
+        now = self.clock()
+        return sorted(ranked, key=lambda m: (h := self._health.get(m)) is not None and h.throttled_until > now)
 
     async def close(self) -> None:
         """Close the connection pools."""
@@ -354,12 +359,13 @@ class Upstream:
                         reply.fallback_from, reply.fallback_reason = hops[0], failures[0].reason()
                     return reply
                 failures.append(failed._replace(elapsed_s=loop.time() - started))
+                after = resilience.retry_after_s(failed.headers, time.time()) if failed.headers is not None else None
+                if failed.status == 429:
+                    h.throttled_until = self.clock() + (after if after is not None else hop.endpoint.breaker.cooldown_s)
                 wait = None
                 # An abandoned call is not made again: a hung upstream would have a second wait as long as the first,
                 # and either may have generated (and bill) the answer. Fall back.
                 if not failed.abandoned and breaker.state == "closed":
-                    after = (resilience.retry_after_s(failed.headers, time.time())
-                             if failed.headers is not None else None)
                     wait = resilience.retry_wait(hop.endpoint.retry, tries, after, deadline - loop.time(), h.policy)
                 if wait is None or not h.budget.spend(self.clock()):
                     break

@@ -1478,6 +1478,30 @@ async def test_a_price_group_sends_requests_to_the_cheapest_and_falls_back_to_th
     assert [(e.attributes["lockgate.endpoint"], e.error_type) for e in superseded] == [("cheap", "500")]
 
 
+@pytest.mark.parametrize("retry_after", ["30", None])
+async def test_a_price_group_skips_a_member_that_throttles_until_it_may_be_asked_again(
+        gateway: Gateway, keys: Bootstrap, events: Any, retry_after: str | None) -> None:
+    # Before: a 429 is no breaker failure, so the cheapest member stayed first: every request asked it again, paid
+    # its 429 (and its retries) and only then went to the next member.
+    throttled = ("status", 429, {"retry-after": retry_after} if retry_after else {})
+    async with FakeLLM("cheap", throttled, "ok") as cheap, FakeLLM("dear") as dear:
+        router = await gateway(
+            {"dear": {"url": dear.url, "price": {"input_per_mtok": 5, "output_per_mtok": 15}},
+             "cheap": {"url": cheap.url, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.4},
+                       "retry": {"attempts": 1}}},
+            {"default": {"endpoints": ["dear", "cheap"], "choose": "price"}})
+        async with client(router, keys) as c:
+            answers = [(await c.chat.completions.create(model="m", messages=MESSAGES)).choices[0].message.content
+                       for _ in range(4)]
+    # Skipped for its Retry-After, or without one for its breaker's cooldown (10 s): never asked twice here.
+    assert answers == ["dear says hi"] * 4
+    assert (cheap.calls, dear.calls) == (1, 4)
+    served, superseded = _split(await events(5))
+    assert served[0].attributes["lockgate.fallback_from"] == "cheap"
+    assert all("lockgate.fallback_from" not in e.attributes for e in served[1:])
+    assert [(e.attributes["lockgate.endpoint"], e.error_type) for e in superseded] == [("cheap", "429")]
+
+
 async def test_a_latency_group_measures_each_member_then_sends_requests_to_the_fastest(
         gateway: Gateway, keys: Bootstrap, events: Any) -> None:
     async with FakeLLM("slow", ("delay", 0.2)) as slow, FakeLLM("fast") as fast:
