@@ -1459,14 +1459,19 @@ async def test_no_upstream_url_in_any_error(gateway: Gateway, keys: Bootstrap, c
 # Cost-aware routing: a group of endpoints serving the same model
 
 
+async def _price_group(gateway: Gateway, cheap: FakeLLM, dear: FakeLLM) -> Any:
+    """A router whose default deployment is a price group of `dear` (configured first) and `cheap` (one try)."""
+    return await gateway(
+        {"dear": {"url": dear.url, "price": {"input_per_mtok": 5, "output_per_mtok": 15}},
+         "cheap": {"url": cheap.url, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.4},
+                   "retry": {"attempts": 1}}},
+        {"default": {"endpoints": ["dear", "cheap"], "choose": "price"}})
+
+
 async def test_a_price_group_sends_requests_to_the_cheapest_and_falls_back_to_the_next(
         gateway: Gateway, keys: Bootstrap, events: Any) -> None:
     async with FakeLLM("cheap", "ok", "ok", "ok", ("status", 500)) as cheap, FakeLLM("dear") as dear:
-        router = await gateway(
-            {"dear": {"url": dear.url, "price": {"input_per_mtok": 5, "output_per_mtok": 15}},
-             "cheap": {"url": cheap.url, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.4},
-                       "retry": {"attempts": 1}}},
-            {"default": {"endpoints": ["dear", "cheap"], "choose": "price"}})
+        router = await _price_group(gateway, cheap, dear)
         async with client(router, keys) as c:
             answers = [(await c.chat.completions.create(model="m", messages=MESSAGES)).choices[0].message.content
                        for _ in range(4)]
@@ -1485,11 +1490,7 @@ async def test_a_price_group_skips_a_member_that_throttles_until_it_may_be_asked
     # its 429 (and its retries) and only then went to the next member.
     throttled = ("status", 429, {"retry-after": retry_after} if retry_after else {})
     async with FakeLLM("cheap", throttled, "ok") as cheap, FakeLLM("dear") as dear:
-        router = await gateway(
-            {"dear": {"url": dear.url, "price": {"input_per_mtok": 5, "output_per_mtok": 15}},
-             "cheap": {"url": cheap.url, "price": {"input_per_mtok": 0.1, "output_per_mtok": 0.4},
-                       "retry": {"attempts": 1}}},
-            {"default": {"endpoints": ["dear", "cheap"], "choose": "price"}})
+        router = await _price_group(gateway, cheap, dear)
         async with client(router, keys) as c:
             answers = [(await c.chat.completions.create(model="m", messages=MESSAGES)).choices[0].message.content
                        for _ in range(4)]
