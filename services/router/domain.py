@@ -526,7 +526,11 @@ def _on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], 
                  now: float) -> Route | None:
     if decision.id == route.decision_id:
         return None  # a redelivery
-    if route.canary is None or route.canary.release != decision.release:
+    if route.canary is None or route.canary.release != decision.release or (
+            route.phase == "aborted" and route.stable.release == decision.release):
+        # An aborted canary's release is the route's canary no longer, and may serve again as its stable (`undo
+        # --to` it after an undo away from it): a decision about it is about the serving stable. Before, the abort
+        # being terminal for the canary swallowed a BLOCK of it, and the BLOCKed release kept all traffic.
         return on_reject_known_good(route, decision)
     why = f": {decision.reason}" if decision.reason else ""
     if route.phase == "promoted":

@@ -195,6 +195,25 @@ async def test_block_after_promotion_and_undo_to_go_to_known_good_releases(
     assert router.rollouts.route("chat").stable.release == "r1"
 
 
+async def test_a_block_of_a_release_undone_back_to_rolls_it_back(
+        stack: tuple[Any, Signer], http: aiohttp.ClientSession) -> None:
+    # Probe p1: `undo --to r1` then `undo --to r2` (each allowed by a PASS then) left r2 both the stable and the
+    # aborted canary; a later BLOCK of r2 was ignored as one of an aborted canary, and r2 kept 100% of traffic.
+    router, signer = stack
+    await _canary(http, router, signer, "r1", "r2")
+    await _promote(http, router)
+    for release in ("r1", "r2"):
+        async with http.post(f"{router.url}/lockgate/v1/deployments/chat/undo", json={"to": release}) as resp:
+            assert resp.status == 200, await resp.text()
+    assert router.rollouts.route("chat").stable.release == "r2"
+    await _decide(router.ctx.bus, signer, "r2", "BLOCK")
+    await router.rollouts.wait_for(lambda r: r["chat"].stable.release == "r1", timeout=10)
+    assert "gate BLOCK of known-good r2" in router.rollouts.route("chat").reason
+    async with http.post(f"{router.url}/v1/chat/completions",
+                         json={"model": "m", "messages": [{"role": "user", "content": "hi"}]}) as resp:
+        assert resp.status == 200 and resp.headers["x-lockgate-release"] == "r1"
+
+
 async def test_block_after_promotion_skips_a_blue_green_release_whose_analysis_never_passed(
         stack: tuple[Any, Signer], http: aiohttp.ClientSession) -> None:
     router, signer = stack

@@ -109,6 +109,20 @@ def test_undo_to_a_named_known_good_release() -> None:
     assert domain.choose(undone, "anyone")[1].release == "r1"
 
 
+def test_block_of_a_release_undone_back_to_rolls_it_back() -> None:
+    # Probe p1: `undo --to r1`, then `undo --to r2` made r2 the stable and, the canary being kept, the aborted canary
+    # too; a BLOCK of r2 was taken as one of that aborted canary (terminal: ignored), and r2 kept all traffic.
+    r = domain.undo_to(_promoted(domain.default_route("d"), "r1", "r2"), "r1", _decision("PASS", "r1"), "ops")
+    r = domain.undo_to(r, "r2", _decision("PASS", "r2"), "ops")
+    assert (r.stable.release, r.canary.release, r.phase) == ("r2", "r2", "aborted")  # type: ignore[union-attr]
+    back = domain.on_decision(r, _decision("BLOCK", "r2", "b2", "toxicity 0.3"), STEPS, 10.0, 300.0)
+    assert back is not None and (back.stable.release, back.phase, back.weight) == ("r1", "aborted", 0.0)
+    assert "gate BLOCK of known-good r2: toxicity 0.3" in back.reason and _good(back) == ["r1"]
+    assert domain.choose(back, "anyone")[1].release == "r1"
+    # A decision that allows it changes nothing.
+    assert domain.on_decision(r, _decision("PASS", "r2", "p2"), STEPS, 10.0, 300.0) is None
+
+
 @pytest.mark.parametrize(("release", "decision", "message"), [
     ("r9", None, "refused: 'r9' was never fully promoted and healthy on 'd' (known-good releases, newest first: r2, r1)"),
     ("r1", _decision("BLOCK", "r1", reason="toxicity 0.3"), "refused: 'r1' is now BLOCKed by the gate: toxicity 0.3"),
