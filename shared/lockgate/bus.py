@@ -76,6 +76,12 @@ _STORE_REFUSED = frozenset({10077, 10047, 10023})
 # nats-server's one answer to any failure to make a stream's store (its log alone names the cause). It clears
 # what it half made, so a second declaration may pass: a CI run met it once among thousands of declarations.
 _STORE_NOT_CREATED = 10049
+# nats-server's answer to a create of a stream that exists with another configuration (a create with the same one
+# is answered with the stream): how a declaration that may only create tells that a stream differs from lockgate's.
+_STREAM_EXISTS_OTHERWISE = 10058
+# The admin command that brings existing streams and buckets to lockgate's configuration (`Bus.ensure_topology`
+# with `update`): a service's identity may only create what is missing.
+TOPOLOGY_APPLY = "lockgate --role admin topology apply"
 # How many messages waiting for their letter a bus remembers (`letters_waiting`): each is warned about once.
 _UNSENT_MAX = 10_000
 # How long a health check waits for the bus's answers (`Bus.health`): a nats-server that works answers in
@@ -146,12 +152,101 @@ def stream_full(stored: int, max_bytes: int, max_payload: int) -> bool:
     return max_bytes > 0 and max_bytes - stored < min(max_payload, max_bytes // 10)
 
 
+def _stream_config(spec: StreamSpec, replicas: int) -> StreamConfig:
+    return StreamConfig(
+        name=spec.name,
+        subjects=list(spec.subjects),
+        storage=StorageType.FILE,
+        max_age=spec.max_age_s,
+        max_bytes=spec.max_bytes,
+        discard=DiscardPolicy.NEW if spec.discard == "new" else DiscardPolicy.OLD,
+        duplicate_window=spec.duplicate_window_s,
+        deny_delete=spec.append_only,
+        deny_purge=spec.append_only,
+        num_replicas=replicas,
+        retention=RetentionPolicy.INTEREST if spec.retention == "interest" else RetentionPolicy.LIMITS,
+    )
+
+
+def _kv_config(bucket: str, replicas: int, *, history: int, ttl: float | None = None) -> StreamConfig:
+    # A KV bucket's stream as nats-py's `create_key_value` (2.16) makes it, so the buckets every home has are the
+    # same configuration (a create of them is answered, not refused) and nats-py opens them as buckets. No
+    # allow_direct: a get is a STREAM.MSG.GET, answered by the stream's leader, so a key read after its writer's
+    # acknowledged put sees that write (the decision watch reads a key when the gatekeeper announces it); a direct
+    # get may be answered by a replica that has not applied it yet.
+    return StreamConfig(
+        name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.>"], allow_rollup_hdrs=True, allow_msg_ttl=True,
+        deny_delete=True, discard=DiscardPolicy.NEW, duplicate_window=min(ttl, 120.0) if ttl else 120.0,
+        max_age=ttl, max_consumers=-1, max_msgs=-1, max_msgs_per_subject=history, num_replicas=replicas)
+
+
+def _object_config(bucket: str, replicas: int, *, ttl: float | None = None, max_bytes: int = -1) -> StreamConfig:
+    # An object store's stream as nats-py's `create_object_store` (2.16) makes it.
+    return StreamConfig(
+        name=f"OBJ_{bucket}", subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"], max_age=ttl, max_bytes=max_bytes,
+        max_consumers=0, num_replicas=replicas, discard=DiscardPolicy.NEW, allow_rollup_hdrs=True, allow_direct=True)
+
+
+# The releases bucket: every key written once, by the server's rule (one value per release name). A create alone
+# (expected last sequence 0) is only what the client asks for; any identity that may put to the bucket could
+# otherwise overwrite, delete or purge a bound name with a plain put, and a release PASSed for one bundle would then
+# serve another. A second message on a key's subject is refused (discard new per subject at one message), and so
+# are rollups, deletes and purges.
+WRITE_ONCE = {"max_msgs_per_subject": 1, "discard": DiscardPolicy.NEW, "discard_new_per_subject": True,
+              "allow_rollup_hdrs": False, "deny_delete": True, "deny_purge": True}
+
+
+def topology(subjects: Subjects, replicas: int) -> list[tuple[StreamConfig, StreamSpec | None]]:
+    """Every stream and bucket lockgate declares, as its configuration (with the StreamSpec of a stream)."""
+    out: list[tuple[StreamConfig, StreamSpec | None]] = [
+        (_stream_config(spec, replicas), spec) for spec in subjects.streams.values()]
+    kv = [_kv_config(b, replicas, history=10) for b in (
+        subjects.kv_gates, subjects.kv_routes, subjects.kv_keys, subjects.kv_drift, subjects.kv_eval_runs,
+        subjects.kv_gitops)]
+    kv.append(_kv_config(subjects.kv_releases, replicas, history=1).evolve(**WRITE_ONCE))
+    # Cached upstream responses expire so a stale answer never outlives a model update for long.
+    kv.append(_kv_config(subjects.kv_eval_cache, replicas, history=1, ttl=7 * 24 * 3600))
+    # The audit chain's head; its history lets an operator see the last few heads.
+    kv.append(_kv_config(subjects.kv_audit, replicas, history=10))
+    # Budget counters: one value per budget and period, gone two months after its last write.
+    kv.append(_kv_config(subjects.kv_budgets, replicas, history=1, ttl=62 * 24 * 3600))
+    # The router's shared response cache: entries carry their own expiry; a day bounds any of them.
+    kv.append(_kv_config(subjects.kv_response_cache, replicas, history=1, ttl=24 * 3600))
+    objects = [_object_config(subjects.object_store, replicas),
+               # The whole originals of cut dead letters, for as long as the letters' own stream keeps letters (the
+               # `dead_letters` table keeps them as long by default); a full bucket refuses new objects.
+               _object_config(subjects.object_dead_letters, replicas, ttl=subjects.streams["dlq"].max_age_s,
+                              max_bytes=DLQ_ORIGINALS_MAX_BYTES)]
+    return out + [(cfg, None) for cfg in kv + objects]
+
+
+# What nats-server stores for a setting a create leaves out: not a difference.
+_SERVER_DEFAULTS: dict[str, Any] = {"retention": "limits", "storage": "file", "discard": "old", "num_replicas": 1,
+                                    "duplicate_window": 120 * 10**9, "compression": "none"}
+
+
+def config_differences(want: StreamConfig, have: StreamConfig) -> list[str]:
+    """The settings of an existing stream (`have`, as nats-server reports it) that differ from lockgate's (`want`),
+    by name: a setting lockgate leaves out counts only if the server holds something else than its default there
+    (a `sources` someone added, say)."""
+    w, h = want.as_dict(), have.as_dict()
+
+    def value(d: dict[str, Any], key: str) -> Any:
+        v = d.get(key)
+        v = getattr(v, "value", v)  # enums as the server spells them
+        v = _SERVER_DEFAULTS.get(key) if v in (None, False, 0, -1, "", [], {}) else v
+        return None if v == _SERVER_DEFAULTS.get(key, ...) else v
+
+    # metadata: nats-server writes its own (`_nats.*`) there.
+    return sorted(k for k in w.keys() | h.keys() if k not in ("name", "metadata") and value(w, k) != value(h, k))
+
+
 class Bus:
     """One process's connection to NATS: publishing, KV, objects, request/reply and pull consumers."""
 
     def __init__(self, url: str, subjects: Subjects | None = None, *, name: str = "lockgate",
-                 auth: NatsAuth | None = None, manage_topology: bool = True, replicas: int = 1,
-                 wait_for_server: bool = True) -> None:
+                 auth: NatsAuth | None = None, manage_topology: bool = True, update_topology: bool = True,
+                 replicas: int = 1, wait_for_server: bool = True) -> None:
         self.url = url
         # A service waits for its server however late it starts (distributed start order); a CLI command
         # is told at once that nothing answers.
@@ -159,8 +254,12 @@ class Bus:
         self.subjects = subjects or Subjects()
         self.name = name
         self.auth = auth or NatsAuth()
-        # Only an identity allowed to create streams and buckets declares them (admin, sink, an open server).
+        # Only an identity allowed to create streams and buckets declares them (admin, sink, an open server), and
+        # only one allowed to change an existing one's configuration (admin, an open server) brings it to
+        # lockgate's: the others leave it and name it in `topology_differs` (see `ensure_topology`).
         self.manage_topology = manage_topology
+        self.update_topology = update_topology
+        self.topology_differs: list[str] = []
         # Copies of every stream and bucket it declares: 1 on a single server, 3 on a JetStream cluster.
         self.replicas = replicas
         # Subjects the server refused this connection (permissions violations arrive asynchronously).
@@ -339,51 +438,45 @@ class Bus:
             else:  # nats-py refuses to drain while reconnecting: a stop during an outage just closes
                 await self.nc.close()
 
-    async def ensure_topology(self) -> None:
-        """Declare every stream and bucket from subjects.py; safe to run any number of times."""
-        for spec in self.subjects.streams.values():
-            cfg = StreamConfig(
-                name=spec.name,
-                subjects=list(spec.subjects),
-                storage=StorageType.FILE,
-                max_age=spec.max_age_s,
-                max_bytes=spec.max_bytes,
-                discard=DiscardPolicy.NEW if spec.discard == "new" else DiscardPolicy.OLD,
-                duplicate_window=spec.duplicate_window_s,
-                deny_delete=spec.append_only,
-                deny_purge=spec.append_only,
-                num_replicas=self.replicas,
-                retention=RetentionPolicy.INTEREST if spec.retention == "interest" else RetentionPolicy.LIMITS,
-            )
-            try:
-                await self.js.add_stream(cfg)
-            except nats.js.errors.BadRequestError:
-                await self._update_stream(cfg)
-            await self._ensure_readers(spec)
-        # No allow_direct (nats-py's default): a get is a STREAM.MSG.GET, answered by the stream's leader, so a
-        # key read after its writer's acknowledged put sees that write (the decision watch reads a key when the
-        # gatekeeper announces it); a direct get may be answered by a replica that has not applied it yet.
-        for bucket in (self.subjects.kv_gates, self.subjects.kv_routes, self.subjects.kv_keys, self.subjects.kv_drift,
-                       self.subjects.kv_eval_runs, self.subjects.kv_gitops):
-            await self.js.create_key_value(bucket=bucket, history=10, replicas=self.replicas)
-        await self._ensure_write_once(self.subjects.kv_releases)
-        # Cached upstream responses expire so a stale answer never outlives a model update for long.
-        await self.js.create_key_value(bucket=self.subjects.kv_eval_cache, history=1, ttl=7 * 24 * 3600,
-                                       replicas=self.replicas)
-        # The audit chain's head; its history lets an operator see the last few heads.
-        await self.js.create_key_value(bucket=self.subjects.kv_audit, history=10, replicas=self.replicas)
-        # Budget counters: one value per budget and period, gone two months after its last write.
-        await self.js.create_key_value(bucket=self.subjects.kv_budgets, history=1, ttl=62 * 24 * 3600,
-                                       replicas=self.replicas)
-        # The router's shared response cache: entries carry their own expiry; a day bounds any of them.
-        await self.js.create_key_value(bucket=self.subjects.kv_response_cache, history=1, ttl=24 * 3600,
-                                       replicas=self.replicas)
-        await self.js.create_object_store(bucket=self.subjects.object_store, replicas=self.replicas)
-        # The whole originals of cut dead letters, for as long as the letters' own stream keeps letters (the
-        # `dead_letters` table keeps them as long by default); a full bucket refuses new objects (discard new).
-        await self.js.create_object_store(bucket=self.subjects.object_dead_letters, replicas=self.replicas,
-                                          ttl=self.subjects.streams["dlq"].max_age_s,
-                                          max_bytes=DLQ_ORIGINALS_MAX_BYTES)
+    async def ensure_topology(self, update: bool | None = None) -> list[str]:
+        """Declare every stream and bucket from subjects.py; safe to run any number of times. Returns the existing
+        ones whose configuration differs from lockgate's, each with the settings that do: changed to lockgate's
+        when `update` (default: the bus's `update_topology`), else left as they are and kept in `topology_differs`
+        (log and health name them, and TOPOLOGY_APPLY). Only the admin identity may change an existing stream's
+        configuration: whoever may do that can add a source that copies a subject it may publish into a bucket
+        (a superseded PASS over a BLOCK in the gates bucket), lift the releases bucket's write-once rule, or age
+        out decisions. A create is all a service needs, and nats-server refuses one that differs (10058)."""
+        update = self.update_topology if update is None else update
+        differs: list[str] = []
+        for cfg, spec in topology(self.subjects, self.replicas):
+            fields = await self._declare_stream(cfg, update)
+            if fields is not None:
+                differs.append(f"{cfg.name} ({', '.join(fields) or 'settings nats-py does not show'})")
+            if spec is not None:
+                await self._ensure_readers(spec)
+        self.topology_differs = [] if update else differs
+        if differs and not update:
+            log.error("%s: %d of lockgate's streams and buckets differ from its configuration and are left as they "
+                      "are (this identity may only create them): %s. After an upgrade, apply lockgate's with `%s`; "
+                      "otherwise someone changed them: check each (`nats stream info NAME`) before applying",
+                      self.name, len(differs), "; ".join(differs), TOPOLOGY_APPLY)
+        return differs
+
+    async def _declare_stream(self, cfg: StreamConfig, update: bool) -> list[str] | None:
+        """Create `cfg`'s stream if missing; None if it is there as `cfg` says, else the settings that differ (and,
+        with `update`, it is changed to `cfg`)."""
+        try:
+            await self.js.add_stream(cfg)
+            return None
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != _STREAM_EXISTS_OTHERWISE:
+                raise
+        fields = config_differences(cfg, (await self.js.stream_info(cfg.name)).config)
+        if update:
+            log.warning("stream %s differs from lockgate's configuration (%s): changing it", cfg.name,
+                        ", ".join(fields) or "settings nats-py does not show")
+            await self._update_stream(cfg)
+        return fields
 
     async def _update_stream(self, cfg: StreamConfig) -> None:
         """Bring an existing stream to `cfg`. A home made before inference and dead letters kept their messages
@@ -482,25 +575,6 @@ class Bus:
             return 0
         since = time.monotonic() - 2 * LETTER_BACKOFF.max_s
         return sum(1 for at in self._unsent.values() if at >= since)
-
-    async def _ensure_write_once(self, bucket: str) -> None:
-        """A KV bucket whose every key is written once, by the server's rule: one value per release name.
-
-        A create alone (expected last sequence 0) is only what the client asks for; any identity that may put
-        to the bucket could otherwise overwrite, delete or purge a bound name with a plain put, and a release
-        PASSed for one bundle would then serve another. A second message on a key's subject is refused
-        (discard new per subject at one message), and so are rollups, deletes and purges. A bucket made before
-        this is updated in place (the server may tighten these settings, never loosen them)."""
-        stream = f"KV_{bucket}"
-        try:
-            config = (await self.js.stream_info(stream)).config
-        except nats.js.errors.NotFoundError:
-            await self.js.create_key_value(bucket=bucket, history=1, replicas=self.replicas)
-            config = (await self.js.stream_info(stream)).config
-        once = {"max_msgs_per_subject": 1, "discard": DiscardPolicy.NEW, "discard_new_per_subject": True,
-                "allow_rollup_hdrs": False, "deny_delete": True, "deny_purge": True}
-        if any(getattr(config, k) != v for k, v in once.items()):
-            await self.js.update_stream(config.evolve(**once))
 
     async def kv(self, bucket: str) -> Any:
         """A KV bucket handle (created at connect)."""

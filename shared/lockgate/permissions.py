@@ -181,7 +181,12 @@ def _write_objects(bucket: str) -> Grant:
 
 
 def _manage_topology(s: Subjects) -> Grant:
-    # Create/update lockgate's own streams and buckets (Bus.ensure_topology), nothing else.
+    # Create lockgate's own streams and buckets where missing (Bus.ensure_topology), nothing else. Never UPDATE:
+    # nats-server takes any configuration in an update, so an identity holding it could add a source copying a
+    # subject it may publish into a bucket (the sink wrote a superseded PASS over a BLOCK in the gates bucket and a
+    # route serving a BLOCKed release), lift the releases bucket's write-once rule or age decisions out. A create
+    # of an existing stream with another configuration is refused (10058): changing one is admin's alone
+    # (`lockgate --role admin topology apply`).
     names = [spec.name for spec in s.streams.values()]
     names += [f"KV_{b}" for b in (s.kv_gates, s.kv_routes, s.kv_keys, s.kv_drift, s.kv_eval_runs, s.kv_releases,
                                   s.kv_eval_cache, s.kv_audit, s.kv_gitops, s.kv_budgets,
@@ -191,7 +196,7 @@ def _manage_topology(s: Subjects) -> Grant:
     # anyone publishes, then each fetched from only by its own service (_durables).
     readers = [f"$JS.API.CONSUMER.{op}.{spec.name}.{d}{tail}" for spec in s.streams.values() for d in spec.readers
                for op, tail in (("CREATE", ""), ("CREATE", ".>"), ("INFO", ""))]
-    return Grant(publish=[f"$JS.API.STREAM.{op}.{n}" for n in names for op in ("CREATE", "UPDATE", "INFO")] + readers)
+    return Grant(publish=[f"$JS.API.STREAM.{op}.{n}" for n in names for op in ("CREATE", "INFO")] + readers)
 
 
 def grant(s: Subjects, identity: str) -> Grant:

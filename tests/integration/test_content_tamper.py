@@ -224,4 +224,4 @@ async def test_a_releases_bucket_made_before_is_made_write_once(bus: Bus) -> Non
     with pytest.raises(nats.errors.Error):
         await kv.put(token("r0"), b"{}")
     assert (await kv.get(token("r0"))).value == b'{"release": "r0"}'
-    await bus.ensure_topology()  # and again: nothing left to change
+    assert await bus.ensure_topology() == []  # and again: nothing left to change

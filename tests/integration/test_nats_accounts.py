@@ -140,6 +140,13 @@ async def test_every_identity_logs_in_to_the_lockgate_account_and_streams_are_r3
         # The system account has no JetStream: lockgate's streams are not there to read.
         names = await admin.js.streams_info()
         assert names and all(s.config.num_replicas == 3 for s in names)
+        # The sink (which declares them in compose and k8s) may create them only: on a cluster too, its create of
+        # each as it stands is answered, not refused as differing, and it asks for no update.
+        sink = Bus(cluster.url, Subjects("lg"), name="test-sink", replicas=3, update_topology=False,
+                   auth=NatsAuth(user="sink", password=passwords["sink"]))
+        await sink.connect()
+        assert (sink.topology_differs, sink.denied) == ([], [])
+        await sink.close()
         reply = json.loads((await system.request("$JS.API.STREAM.NAMES", b"{}", timeout=5)).data)
         assert not reply.get("streams") and "not enabled" in reply["error"]["description"], reply
     finally:

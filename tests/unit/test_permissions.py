@@ -38,6 +38,14 @@ FACTS = {
     S.eval_requested: {"operator", "admin"},
     "$JS.API.STREAM.DELETE.LG_EVENTS": {"admin"},
     "$JS.API.STREAM.PURGE.LG_EVENTS": {"admin"},
+    # the sink creates lockgate's streams and buckets where missing; changing one's configuration is admin's alone
+    # (probe p1: the sink added a source to the gates bucket and wrote decisions through it)
+    "$JS.API.STREAM.CREATE.KV_lg_gates": {"sink", "admin"},
+    "$JS.API.STREAM.UPDATE.KV_lg_gates": {"admin"},
+    "$JS.API.STREAM.UPDATE.KV_lg_routes": {"admin"},
+    "$JS.API.STREAM.UPDATE.KV_lg_releases": {"admin"},
+    "$JS.API.STREAM.UPDATE.LG_EVENTS": {"admin"},
+    "$JS.API.STREAM.UPDATE.OBJ_lg_artifacts": {"admin"},
     # a dead-lettered original is deleted by the sink alone; a durable is created, fetched and acked by its owner
     "$JS.API.STREAM.MSG.DELETE.LG_EVENTS": {"sink", "admin"},
     "$JS.API.STREAM.MSG.DELETE.LG_INFERENCE": {"sink", "admin"},

@@ -386,6 +386,7 @@ def _register_subcommands() -> None:
         scores,
         stack,
         status,
+        topology,
         workflow,
     )
 
@@ -404,6 +405,7 @@ def _register_subcommands() -> None:
     lineage.register(cli)
     attest.register(cli)
     scores.register(cli)  # online evaluation scores of live answers
+    topology.register(cli)
     # Plugins (the dev tools' `dev up`, `sim` and `demo`) add commands without the CLI importing them.
     for ep in entry_points(group="lockgate.cli"):
         ep.load()(cli)

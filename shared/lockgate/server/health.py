@@ -7,7 +7,8 @@ rolling restart waits for the new pod to reach the bus before stopping the next 
 stream that refuses publishes, its backlog unconsumed, and a full dead-letter originals bucket (`Bus.full_streams`);
 `dead_letters_waiting` counts the messages whose letter this process could not store (`Bus.letters_waiting`);
 `problems` lists what keeps a service from its work though connected (`Service.problems`: a gatekeeper whose signing
-key is not trusted), and any makes it not ready. The router's own `/healthz` stays 200 on a lost bus, since it still
+key is not trusted), and any makes it not ready; `topology_differs` names the streams and buckets whose configuration
+differs from lockgate's, which a service's identity may not change (`Bus.ensure_topology`). The router's own `/healthz` stays 200 on a lost bus, since it still
 serves requests while events wait in its outbox.
 """
 
@@ -64,8 +65,13 @@ class HealthServer:
         # A full stream refuses what producers publish (discard new): said here, but the process stays ready, since
         # restarting it or taking it out of service frees no room; its consumers' backlog does (`lockgate status`).
         full = {s["stream"]: s for _, streams in checked for s in streams}
+        # A stream or bucket whose configuration differs from lockgate's (an upgrade's new limits not applied yet, or
+        # someone's change): said here and in the log at start, but the process stays ready, since a restart changes
+        # nothing; `lockgate --role admin topology apply` does.
+        differs = list(dict.fromkeys(d for bus in buses for d in bus.topology_differs))
         return web.json_response({"status": "ready" if ready else "not ready", "bus": states,
                                   "streams_full": list(full.values()),
                                   "dead_letters_waiting": sum(bus.letters_waiting for bus in buses),
+                                  "topology_differs": differs,
                                  "problems": problems},
                                  status=200 if ready else 503)

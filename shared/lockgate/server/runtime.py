@@ -31,8 +31,10 @@ log = logging.getLogger("lockgate.server.runtime")
 # The services that open ClickHouse: the sink writes it, the query service reads it. A process
 # hosting neither never imports the store (and so carries no chDB).
 STORE_OWNERS = frozenset({"sink", "query"})
-# The identities allowed to declare streams and buckets (see permissions.py).
+# The identities allowed to create lockgate's streams and buckets where missing (see permissions.py).
 TOPOLOGY_OWNERS = frozenset({"admin", "sink"})
+# The identities allowed to change an existing one's configuration as well (Bus.ensure_topology): admin only.
+TOPOLOGY_ADMINS = frozenset({"admin"})
 
 
 class Runtime:
@@ -88,7 +90,8 @@ class Runtime:
         main_identity = "admin" if self.embedded_nats else self.names[0]
         main_auth = credentials.for_identity(s, main_identity)
         main = Bus(s.nats_url, subjects, name="lockgate-" + "+".join(self.names), auth=main_auth,
-                   manage_topology=not main_auth.enabled or main_auth.user in TOPOLOGY_OWNERS, replicas=s.replicas)
+                   manage_topology=not main_auth.enabled or main_auth.user in TOPOLOGY_OWNERS,
+                   update_topology=not main_auth.enabled or main_auth.user in TOPOLOGY_ADMINS, replicas=s.replicas)
         self.buses.append(main)
         await main.connect()
         telemetry = Telemetry(sample_ratio=s.trace_sample_ratio, slow_ms=s.trace_slow_ms,
