@@ -96,7 +96,7 @@ class Reads:
         self._readers: dict[str, _Reader] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Release key -> its binding's tenant and app. The releases bucket takes one value per key, never replaced,
-        # deleted or purged (Bus._ensure_write_once), so a binding read once holds for good and a scoped read
+        # deleted or purged (bus.WRITE_ONCE), so a binding read once holds for good and a scoped read
         # checks each key of the gates bucket once per process, not once per request. A key with no binding, or
         # one whose value is no bundle (refused by `release_of`, as for every reader), is not kept: it is read
         # again each time, as a name not bound yet may be bound later.
