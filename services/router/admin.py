@@ -57,9 +57,21 @@ _PATHS = (f"GET {PREFIX}, GET|PUT|PATCH {PREFIX}/{{deployment}}, GET .../{{deplo
           ".../{deployment}/break-glass")
 
 
-def _json(route: Route | list[Route], status: int = 200) -> web.Response:
-    body = [shown(r) for r in route] if isinstance(route, list) else shown(route)
+def _json(route: Route | list[Route], status: int = 200, rollouts: Rollouts | None = None) -> web.Response:
+    routes = route if isinstance(route, list) else [route]
+    shows = [_marked(shown(r), rollouts, r) if rollouts is not None else shown(r) for r in routes]
+    body = shows if isinstance(route, list) else shows[0]
     return web.Response(body=_encoder.encode(body), status=status, content_type="application/json")
+
+
+def _marked(body: dict[str, Any], rollouts: Rollouts, route: Route) -> dict[str, Any]:
+    """`body` (a route as shown) with `unreadable` when the deployment's route record in KV is unreadable: why, and
+    the revision shown instead (its last readable one, `Rollouts.recover`; 0: none, the default route shown), so
+    that a reader is not told it serves what it shows (the proxy refuses it until a route is written)."""
+    why = rollouts.unreadable.get(route.deployment)
+    if why is not None and rollouts.route(route.deployment) is route:
+        body["unreadable"] = {"why": why, "last_readable_revision": rollouts.restorable(route.deployment)}
+    return body
 
 
 def not_routed(request: web.Request, allowed: set[str], serves: str) -> web.Response:
@@ -179,7 +191,10 @@ class Admin:
         """Whether `key` may read `route`: a deployment something serves (actions.served), serving its own
         tenant's releases or none yet (an admin key reads every route). Another tenant's route tells its release
         names, decision ids and the gate's and drift's reasons, so to such a key it is as if never configured
-        (BusUnavailable if a binding cannot be read)."""
+        (BusUnavailable if a binding cannot be read). One whose route record is unreadable is read as its last
+        readable revision (`Rollouts.recover`); with none readable, by an admin key only, as it is changed."""
+        if route.deployment in self.rollouts.unreadable and route.deployment not in self.rollouts.routes:
+            return key.tenants is None
         return served(self.rollouts, route.deployment) and await self.rollouts.serves_tenant(route, key.tenants)
 
     def _never_configured(self, deployment: str) -> Route:
@@ -198,8 +213,13 @@ class Admin:
     async def list(self, request: web.Request) -> web.Response:
         """Every configured deployment's route the key may read (of its scope and tenant)."""
         key: ApiKey = request[KEY]
-        routes = [r for r in self.rollouts.routes.values() if key.may_use(r.deployment)]
-        return _json(sorted([r for r in routes if await self._readable(key, r)], key=lambda r: r.deployment))
+        for deployment in list(self.rollouts.unreadable):
+            if key.may_use(deployment):
+                await self.rollouts.recover(deployment)  # a replica restarted since holds no route for it
+        names = {*self.rollouts.routes, *self.rollouts.unreadable}
+        routes = [self.rollouts.route(d) for d in names if key.may_use(d)]
+        return _json(sorted([r for r in routes if await self._readable(key, r)], key=lambda r: r.deployment),
+                     rollouts=self.rollouts)
 
     async def get(self, request: web.Request) -> web.Response:
         """One deployment's current route; 404 `deployment_not_found` if nothing serves it or it is not the key's to
@@ -208,7 +228,8 @@ class Admin:
             deployment = check_name(request.match_info["deployment"], "deployment")
         except InvalidName as exc:
             return error_response(400, exc.message, "invalid_request_error")
-        return _json(await self._shown(request[KEY], self.rollouts.route(deployment)))
+        await self.rollouts.recover(deployment)
+        return _json(await self._shown(request[KEY], self.rollouts.route(deployment)), rollouts=self.rollouts)
 
     async def shadow(self, request: web.Request) -> web.Response:
         """How the rollout's shadow answers compare with the served ones (this replica's mirror counts)."""
@@ -270,6 +291,7 @@ class Admin:
             return error_response(400, exc.message, "invalid_request_error")
         key: ApiKey = request[KEY]
         # Nothing served, or not the key's: a 404 (a binding unreadable: a 503), never a stream of an invented route.
+        await self.rollouts.recover(deployment)
         await self._shown(key, self.rollouts.route(deployment))
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
         await resp.prepare(request)
@@ -290,7 +312,7 @@ class Admin:
                 except DeploymentNotFound:
                     return resp
                 if view != last:
-                    await resp.write(_encoder.encode(shown(view)) + b"\n")
+                    await resp.write(_encoder.encode(_marked(shown(view), self.rollouts, view)) + b"\n")
                     last = view
         except (AuthError, Forbidden):
             # Closed, without a last line: every line of a watch is a route (a client reads each as one). A watch

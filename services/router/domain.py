@@ -463,6 +463,27 @@ def first_release(route: Route, target: Target, decision: GateDecided | None, ac
                         "from it")
 
 
+def restore(route: Route, release: str, decision: GateDecided | None, actor: str, revision: int, why: str) -> Route:
+    """A deployment whose route record was made unreadable (`why`) back on `route`, its last readable revision
+    (`revision` in KV), as the operator's `stable_release` alone asks: only with the release that revision serves
+    (AlreadyServing otherwise, as on a readable route), and only while its verified current decision (`decision`)
+    allows it, as a first release needs (NotAdmitted otherwise).
+
+    The revision keeps the deployment's app, tenant, rollout and known-good history: a record made unreadable is
+    no way to give the deployment another app's or tenant's release, nor to skip a canary."""
+    current = route.stable.release
+    if release != current:
+        raise AlreadyServing(
+            f"refused: the route record of {route.deployment!r} is unreadable ({why}); its last readable revision "
+            f"({revision}) serves {current!r}, so stable_release alone restores it only with that release: PUT "
+            f"stable_release {current!r} (lockgate rollout start {route.deployment} --stable {current}), then roll "
+            f"{release!r} out as a canary from it")
+    require_allowed(release, decision, "stable release",
+                    "restoring an unreadable route serves it to everyone at once, as a first release does")
+    return _bump(route, reason=f"route restored by {actor or 'operator'} from its last readable revision "
+                               f"({revision}) after its record was made unreadable ({why}): {route.reason}")
+
+
 # How long after its signing time a statement may still verify (identity.OVERRIDE_MAX_AGE_S, plus the skew
 # it allows ahead): a spent one is remembered that long, then forgotten, as it can no longer be used.
 STATEMENT_LIFE_S = 600.0 + 60.0

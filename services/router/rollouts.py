@@ -117,9 +117,13 @@ class Rollouts:
         self.conflicts = 0  # changes dropped because another replica's write won
         self._poisoned: dict[str, str] = {}  # deployment -> why its last change was dropped unpersisted
         # deployment -> why its route in KV cannot be read (JetStream's answer aimed at its key, say): the proxy
-        # refuses it until a readable route is written. Its last good route, if any, stays in `routes` so that
-        # an operator's change (compare-and-set on the unreadable value's revision) starts from it.
+        # refuses it until a readable route is written. Its last readable revision (KV history, `recover`; or the
+        # last route this replica held) stays in `routes`, on every replica, so that an operator's change
+        # (compare-and-set on the unreadable value's revision) starts from it and the deployment stays its tenant's.
         self.unreadable: dict[str, str] = {}
+        # deployment -> (its unreadable revision, the last readable one before it, 0: none), once `recover` read its
+        # KV history: `routes` holds that last readable revision.
+        self._recovered: dict[str, tuple[int, int]] = {}
         # Decisions move traffic, so only those signed by a trusted gatekeeper key are acted on.
         self.verifier = Verifier(ctx.bus, s)
         # Analysis records are signed with the router's own key (never the gatekeeper's: lockgate.analysisruns).
@@ -329,6 +333,7 @@ class Rollouts:
             self.routes[key] = route
         self._revisions[key] = revision
         self.unreadable.pop(key, None)
+        self._recovered.pop(key, None)
         self._notify()
 
     def _unreadable(self, key: str, revision: int, why: str) -> None:
@@ -339,6 +344,69 @@ class Rollouts:
         self.unreadable[key] = why
         self._revisions[key] = revision
         self._notify()
+
+    async def last_readable(self, deployment: str) -> tuple[Route, int] | None:
+        """The newest readable revision of the deployment's route in the key's KV history (the routes bucket keeps
+        10 per key) and its revision; None when there is none (a deletion ends the search: what came before it is
+        not the deployment's any more). JetStream's answers aimed at the key are what is skipped."""
+        last = self._revisions.get(deployment, 0)
+        try:
+            watcher = await self._kv.watch(token(deployment), include_history=True)
+        except nats.errors.Error as exc:
+            raise BusUnavailable(f"cannot read the history of route {deployment!r} from KV: {exc!r}") from None
+        entries: list[Any] = []
+        try:
+            # Up to the revision this replica knows of, at least: nats-py's "that was all" marker can come before
+            # values already on their way (nats-io/nats.py#842).
+            while True:
+                entry = await watcher.updates(timeout=5)
+                if entry is not None:
+                    entries.append(entry)
+                if entries and entries[-1].revision >= last:
+                    break
+        except nats.errors.Error as exc:
+            raise BusUnavailable(f"cannot read the history of route {deployment!r} from KV: {exc!r}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()
+        for entry in reversed(entries):
+            if entry.operation in ("DEL", "PURGE"):
+                return None
+            with contextlib.suppress(msgspec.DecodeError):
+                return _route_decoder.decode(entry.value), entry.revision
+        return None
+
+    async def recover(self, deployment: str) -> tuple[Route, int] | None:
+        """For a deployment whose route record is unreadable: its last readable revision (`last_readable`), held as
+        its route here, as a replica that was running then holds it, so that every replica, restarted or not, takes
+        it for the deployment's (whose it is, what it serves, where an operator's change starts); None when there
+        is none (then nothing is held: only an admin's first release writes the deployment anew). The proxy still
+        refuses the deployment (`unreadable`) until a route is written. Also None for a readable deployment."""
+        revision = self._revisions.get(deployment, 0)
+        if deployment not in self.unreadable or self._unpersisted[deployment]:
+            return None
+        known = self._recovered.get(deployment)
+        if known is None or known[0] != revision:
+            found = await self.last_readable(deployment)
+            if deployment not in self.unreadable or self._revisions.get(deployment, 0) != revision \
+                    or self._unpersisted[deployment]:
+                return None  # a route was written meanwhile (the watch applied it, or a change of ours is pending)
+            if found is None:
+                self.routes.pop(deployment, None)
+            else:
+                self.routes[deployment] = found[0]
+            known = self._recovered[deployment] = (revision, found[1] if found else 0)
+        route = self.routes.get(deployment)
+        return (route, known[1]) if known[1] and route is not None else None
+
+    def restorable(self, deployment: str) -> int:
+        """The revision of the deployment's route `routes` holds as its last readable one (`recover`), for one whose
+        route record is unreadable; 0 when none is readable, it was not read yet here, or the record is readable."""
+        unread, revision = self._recovered.get(deployment, (0, 0))
+        if deployment not in self.unreadable or unread != self._revisions.get(deployment) \
+                or deployment not in self.routes:
+            return 0
+        return revision
 
     async def run_timer(self) -> None:
         """Advance progressing canaries when their step is due (one loop for all deployments)."""
@@ -502,12 +570,21 @@ class Rollouts:
 
         async def change() -> None:
             decision = await self._stored_decision(release)  # on every attempt
-            route = self.route(deployment)
-            if deployment in self.unreadable:
-                # Its route in KV is unreadable: written anew as a first release, alike on every replica (one
-                # restarted since holds no route for it, one running since its last), so that this repairs it.
-                route = msgspec.structs.replace(domain.default_route(deployment), version=route.version)
-            self._apply(domain.first_release(route, target, decision, actor), actor=actor)
+            # `_settle` recovered the route of one whose record is unreadable: its last readable revision, alike on
+            # every replica, restarted or not. With one, the deployment keeps what it serves (domain.restore: that
+            # revision itself, back with its own stable release only); with none (admin keys only, check_tenant),
+            # it is given a first release from nothing.
+            why = self.unreadable.get(deployment, "")
+            restorable = self.restorable(deployment)
+            route = self.route(deployment)  # the default route where nothing is held
+            if restorable:
+                self._apply(domain.restore(route, release, decision, actor, restorable, why), actor=actor)
+                return
+            new = domain.first_release(route, target, decision, actor)
+            if why and deployment not in self.routes:
+                new = msgspec.structs.replace(new, reason=f"{new.reason} (written over its unreadable route record, "
+                                                          f"{why}, none of whose KV history is readable)")
+            self._apply(new, actor=actor)
 
         return await self._settle(deployment, change, [release])
 
@@ -941,16 +1018,23 @@ class Rollouts:
         when read, not when the route took it."""
         self._poisoned.pop(deployment, None)
         refused: str | None = None
+        restored: list[str] = []
 
         async def attempt() -> None:
             nonlocal refused
+            # A route record made unreadable: the change starts from its last readable revision (`recover`) on every
+            # replica, whose releases then follow the decisions stored since (a replica that was running acted on
+            # them then; one restarted since held no route to act on).
+            found = await self.recover(deployment)
+            restored[:] = [t.release for t in (found[0].stable, found[0].canary) if t is not None and t.release] \
+                if found else []
             refused = await change()
 
         await self._until_won(attempt)
         self._raise_if_poisoned(deployment)
         if refused:
             raise domain.NotAdmitted(refused)
-        for release in dict.fromkeys(follow):
+        for release in dict.fromkeys([*follow, *restored]):
             await self._follow(deployment, release)
         self._raise_if_poisoned(deployment)
         return self.route(deployment)
@@ -1138,7 +1222,14 @@ class Rollouts:
 
     async def check_tenant(self, deployment: str, tenant: str | None) -> None:
         """ReleaseNotInScope unless the releases `deployment` serves (stable, canary, the previous stable) are
-        `tenant`'s (None: an admin's, any tenant's); a deployment serving none is anyone's to give a first release."""
+        `tenant`'s (None: an admin's, any tenant's); a deployment serving none is anyone's to give a first release.
+
+        One whose route record is unreadable is whose its last readable revision says (`recover`), on every replica,
+        restarted or not; with none readable, an admin's only (before, a replica restarted since held no route for
+        it, so it was anyone's: another tenant's key gave it a release of its own)."""
+        await self.recover(deployment)
+        if deployment in self.unreadable and deployment not in self.routes and tenant is not None:
+            raise domain.ReleaseNotInScope(_not_theirs(deployment, tenant))
         if not await self.serves_tenant(self.route(deployment), tenant):
             raise domain.ReleaseNotInScope(_not_theirs(deployment, tenant or ""))
 

@@ -116,3 +116,54 @@ def test_a_block_of_the_first_release_has_nothing_to_roll_back_to_and_says_so() 
     r = domain.on_decision(_first(), _decision("BLOCK", reason="drift"), STEPS, 5.0, now=1.0)
     assert r is not None and (r.stable, r.canary, r.good) == (R1, None, [])
     assert "NO known-good release to roll back to: still serving r1" in r.reason
+
+
+# An unreadable route record restored (probe p1, F4): from its last readable revision, with its own stable only.
+SHOP = Target(release="shop-v1", app="shop", tenant="default", endpoint="default", model="m1")
+
+
+def _serving_shop() -> domain.Route:
+    return domain.first_release(domain.default_route("shop-web"), SHOP, _decision("PASS", release="shop-v1"), "ops")
+
+
+def test_restoring_an_unreadable_route_keeps_its_last_readable_revision() -> None:
+    last = _serving_shop()
+    r = domain.restore(last, "shop-v1", _decision("PASS", release="shop-v1"), "apikey:op", 7, "not a route")
+    assert (r.stable, r.canary, r.phase, r.good, r.decision_id) == (SHOP, None, "promoted", [SHOP], last.decision_id)
+    assert r.version == last.version + 1
+    assert r.reason.startswith("route restored by apikey:op from its last readable revision (7) after its record "
+                               "was made unreadable (not a route): first release shop-v1")
+
+
+@pytest.mark.parametrize("release", ["shopx-lax", "shop-v2"])
+def test_restoring_an_unreadable_route_with_another_release_is_refused(release: str) -> None:
+    # Before: the repair took any release the gate allowed as a first release at 100%, another app's included.
+    with pytest.raises(AlreadyServing) as refused:
+        domain.restore(_serving_shop(), release, _decision("PASS", release=release), "op", 7, "not a route")
+    assert refused.value.message == (
+        "refused: the route record of 'shop-web' is unreadable (not a route); its last readable revision (7) serves "
+        "'shop-v1', so stable_release alone restores it only with that release: PUT stable_release 'shop-v1' "
+        f"(lockgate rollout start shop-web --stable shop-v1), then roll {release!r} out as a canary from it")
+
+
+@pytest.mark.parametrize("decision", [None, _decision("BLOCK", release="shop-v1"),
+                                      _decision("NEEDS_REVIEW", release="shop-v1")])
+def test_restoring_an_unreadable_route_needs_its_stable_allowed_now(decision: GateDecided | None) -> None:
+    with pytest.raises(NotAdmitted, match="refused: stable release 'shop-v1' .*restoring an unreadable route serves"):
+        domain.restore(_serving_shop(), "shop-v1", decision, "op", 7, "not a route")
+
+
+@pytest.mark.parametrize(("revision", "said"), [
+    (7, "UNREADABLE (not a route), its requests refused (503 route_unreadable); shown: its last readable revision "
+        "(7); `lockgate rollout start shop-web --stable shop-v1` restores it"),
+    (0, "UNREADABLE (not a route), its requests refused (503 route_unreadable); none of its KV history is readable: "
+        "an admin key gives it a first release"),
+])
+def test_rollout_get_says_a_route_record_is_unreadable(revision: int, said: str) -> None:
+    from lockgate.cli.rollout import summary
+
+    route = {**msgspec.to_builtins(_serving_shop()), "unreadable": {"why": "not a route",
+                                                                    "last_readable_revision": revision}}
+    rows = summary(route)
+    assert rows[1] == {"field": "route record", "value": said}
+    assert "route record" not in {r["field"] for r in summary(msgspec.to_builtins(_serving_shop()))}

@@ -209,6 +209,15 @@ def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
          if strategy.get("analysis") else "none (steps advance on time)"),
         ("reason", route.get("reason", "")),
     )]
+    unreadable = route.get("unreadable")
+    if unreadable:
+        # The proxy refuses the deployment until its route is written again: what is shown is not served.
+        revision = unreadable.get("last_readable_revision", 0)
+        shown = (f"shown: its last readable revision ({revision}); `lockgate rollout start {route.get('deployment')} "
+                 f"--stable {(route.get('stable') or {}).get('release')}` restores it" if revision else
+                 "none of its KV history is readable: an admin key gives it a first release")
+        rows.insert(1, {"field": "route record", "value": f"UNREADABLE ({unreadable.get('why', '')}), its requests "
+                                                          f"refused (503 route_unreadable); {shown}"})
     if strategy.get("blue_green"):
         rows[-1:-1] = [{"field": k, "value": v} for k, v in (
             ("auto-promotion", _when(route.get("promote_at", 0))),
