@@ -274,20 +274,83 @@ def parse_cases(rows: Any, *, where: str = "dataset") -> tuple[Case, ...]:
         raise SuiteError(f"{where}: {exc}") from None
 
 
-def render(suite: Suite, case: Case) -> list[dict[str, str]]:
-    """OpenAI chat messages for one case; a missing template variable names the case."""
+def render(suite: Suite, case: Case, *, where: str = "suite.prompt.template") -> list[dict[str, str]]:
+    """OpenAI chat messages for one case; an error names `where` the template comes from, the case, and the
+    missing variable."""
     try:
         user = suite.template.format_map(case.vars)
     except KeyError as exc:
         raise SuiteError(
-            f"case {case.id!r}: template variable {{{exc.args[0]}}} is not in its vars "
+            f"{where}: case {case.id!r}: template variable {{{exc.args[0]}}} is not in its vars "
             f"({', '.join(sorted(case.vars)) or 'none'})"
         ) from None
     except (ValueError, IndexError, AttributeError) as exc:
-        raise SuiteError(f"suite.prompt.template: cannot render for case {case.id!r}: {exc}") from None
+        raise SuiteError(f"{where}: cannot render for case {case.id!r}: {exc}") from None
     messages = [{"role": "system", "content": suite.system}] if suite.system else []
     messages.append({"role": "user", "content": user})
     return messages
+
+
+class PromptError(ConfigError):
+    """A release's prompt artifact cannot render the eval's cases; the message names the artifact."""
+
+
+class PromptArtifact(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A `prompt/*` artifact as an eval renders it: a system message and a user message template, each optional
+    (one at least). A text artifact is a system message alone."""
+
+    system: str = ""
+    template: str = ""
+
+
+def bound_prompt(artifacts: Mapping[str, str], release: str) -> tuple[str, str] | None:
+    """The release's one `prompt/*` entry (`prompt/name`, hash) an eval renders every case with; None when it binds
+    none (the suite's prompt renders). PromptError when it binds several: which one its application sends is not
+    said, and judging one would name the others as judged."""
+    found = sorted((k, h) for k, h in artifacts.items() if k.startswith("prompt/"))
+    if len(found) > 1:
+        raise PromptError(f"release {release!r} binds {len(found)} prompt artifacts ({', '.join(k for k, _ in found)}): "
+                          "an eval renders every case with the release's prompt, so a release binds one "
+                          "prompt/* artifact (its system message and template)")
+    return found[0] if found else None
+
+
+def with_prompt(suite: Suite, where: str, data: bytes) -> tuple[Suite, str]:
+    """`suite` rendering with the release's prompt artifact `where` (`prompt/name=sha256:...`, stored as `data`):
+    the artifact's system message (none when it gives none) and its template, or the suite's template when it
+    gives none (a system prompt alone leaves how each case is asked to the suite); and where its template comes
+    from, as a render error names it. PromptError naming `where` when `data` is no prompt."""
+    try:
+        raw: Any = json.loads(data)
+    except ValueError:  # stored as registered: a .txt or .md prompt
+        try:
+            raw = data.decode()
+        except UnicodeDecodeError:
+            raise PromptError(f"prompt artifact {where} is neither JSON nor UTF-8 text") from None
+    art = PromptArtifact(system=raw) if isinstance(raw, str) else \
+        convert(raw, PromptArtifact, name=f"prompt artifact {where}", error=PromptError)
+    if not art.system.strip() and not art.template.strip():
+        raise PromptError(f"prompt artifact {where} gives neither a system message nor a template: give "
+                          "{system, template} (either may be left out), or text, which is a system message")
+    if not art.template.strip():
+        return msgspec.structs.replace(suite, prompt=Prompt(template=suite.template, system=art.system)), \
+            "suite.prompt.template"
+    return msgspec.structs.replace(suite, prompt=Prompt(template=art.template, system=art.system)), \
+        f"prompt artifact {where}"
+
+
+def unread(artifacts: Mapping[str, str], *, suite: str, dataset: str, policy: str) -> list[str]:
+    """The release's artifacts (`kind/name=hash`) a run did not read: its prompt and model config are read (the
+    cases are rendered with the one and sent to the other), its `eval_suite/*`, `dataset/*` and `policy/*` only
+    when they are the suite, dataset and policy of the run, anything else (a tool) never."""
+    used = {"eval_suite": suite, "dataset": dataset, "policy": policy}
+    out = []
+    for key, digest in sorted(artifacts.items()):
+        kind = key.partition("/")[0]
+        if kind in ("prompt", "model_config") or used.get(kind) == digest:
+            continue
+        out.append(f"{key}={digest}")
+    return out
 
 
 def score(suite: Suite, output: str, expected: Any, *, case_id: str = "") -> dict[str, float]:

@@ -54,6 +54,8 @@ class Loaded:
     judge: Access | None = None  # the suite judge's endpoint, when it has one
     judge_params: JudgeParams | None = None  # the suite's LLM judge, when it has one
     tenant: str = ""  # a recorded task: the tenant its release is bound under, whose served events it scores
+    artifacts: dict[str, str] = field(default_factory=dict)  # the release content the result names as evaluated
+    prompt: str = "suite"  # what renders each case: the release's `prompt/name=sha256:...`, or the suite's own
 
 
 @dataclass
@@ -89,9 +91,21 @@ class Execution:
         except NotFound:
             return binding_of(None)
 
-    async def load(self, req: EvalRequested) -> Loaded:
-        """Suite, dataset and price book; ConfigError/NotFound name what is wrong."""
+    async def load(self, req: EvalRequested, binding: ReleaseBinding) -> Loaded:
+        """Suite, dataset, the release's prompt and price book; ConfigError/NotFound name what is wrong."""
         suite = domain.parse_suite(await artifacts.load_structured(self.ctx.bus, req.suite))
+        # The cases are asked with the release's prompt, as its application asks them (it fetches the prompt from
+        # the registry by release or alias): the gate judges the prompt the decision names, and a changed prompt
+        # is a changed request, never answered from another release's cache entries.
+        arts = evaluated_artifacts(req, binding)
+        prompt, where = "suite", "suite.prompt.template"
+        if (bound := domain.bound_prompt(arts, req.release)) is not None:
+            prompt = f"{bound[0]}={bound[1]}"
+            try:
+                data = await artifacts.load(self.ctx.bus, bound[1])
+            except NotFound as exc:  # ArtifactCorrupt stays so
+                raise type(exc)(f"prompt {bound[0]} of release {req.release!r}: {exc.message}") from None
+            suite, where = domain.with_prompt(suite, prompt, data)
         target = judged = judge_params = None
         model, params, tenant = req.model or suite.model, {}, ""
         if isinstance(suite.task, domain.RecordedTask):
@@ -117,7 +131,7 @@ class Execution:
         else:
             cases = suite.dataset
         for case in cases:  # template errors fail the run up front, before any call
-            domain.render(suite, case)
+            domain.render(suite, case, where=where)
         if suite.price_book:
             prices = pricing.parse(await artifacts.load_structured(self.ctx.bus, suite.price_book), suite.price_book)
             inputs.append(suite.price_book)
@@ -125,7 +139,8 @@ class Execution:
         else:
             prices = pricing.load_file(self.ctx.settings.price_book)
             source = self.ctx.settings.price_book or "the shipped price book"
-        return Loaded(suite, cases, inputs, prices, source, target, model, params, judged, judge_params, tenant)
+        return Loaded(suite, cases, inputs, prices, source, target, model, params, judged, judge_params, tenant,
+                      arts, prompt)
 
     async def _bound_tenant(self, release: str) -> str:
         """The tenant `release` was registered under (its binding, never the request): a recorded task scores
@@ -192,6 +207,14 @@ class Execution:
         # Whether `model` and `endpoint` were called ("call") or only name the run ("recorded": it scored
         # served events): the gate checks a called model against the release's model config.
         outcome.environment["task"] = suite.task.type
+        outcome.environment["prompt"] = loaded.prompt
+        # The result names the release's whole binding (the content its decision covers, which the gate requires
+        # it to name); what of it the run did not read is said, so nobody takes it for judged.
+        dataset = suite.dataset if isinstance(suite.dataset, str) else ""
+        if skipped := domain.unread(loaded.artifacts, suite=req.suite, dataset=dataset, policy=req.policy):
+            outcome.warnings.append(
+                f"the run read suite {req.suite}, dataset {dataset or 'inline'} and policy {req.policy or 'none'}, "
+                f"not the release's {', '.join(skipped)}, which the decision covers but this run did not judge")
         return outcome
 
     async def _run(self, req: EvalRequested, loaded: Loaded, skip: set[tuple[str, int]],
@@ -320,9 +343,7 @@ class Execution:
         `binding` is the release's as `binding()` read it when the run started; it is never read again here: a
         release registered while the run called what its request named would be named as what was judged."""
         n_errors = sum(1 for r in outcome.results if r.error)
-        # The release's prompt, model config ... versions, so the decision names what it judged; an unregistered
-        # name's are only what the request says (the gate blocks it).
-        arts = dict(binding.artifacts) if binding.registered else dict(req.artifacts)
+        arts = evaluated_artifacts(req, binding)
         done = EvalCompleted(
             run_id=req.run_id, release=req.release, suite=req.suite, baseline=req.baseline, policy=req.policy,
             status=outcome.status, n_cases=len(outcome.results), n_errors=n_errors, metrics=outcome.metrics,
@@ -344,6 +365,13 @@ class Execution:
             lineage = LineageRun(run_id=done.run_id, kind="eval", release=done.release, inputs=inputs,
                                  outputs=[done.run_id], tenant=done.tenant, source="evaluator")
             await self.ctx.bus.publish(s.lineage_run, lineage, msg_id=f"lineage-eval-{done.run_id}")
+
+
+def evaluated_artifacts(req: EvalRequested, binding: ReleaseBinding) -> dict[str, str]:
+    """The release content a run evaluates and its result names: the binding read when the run started (the run
+    renders its prompt and calls its model config, and the decision covers it); an unregistered name's is only
+    what the request says (the gate blocks it)."""
+    return dict(binding.artifacts) if binding.registered else dict(req.artifacts)
 
 
 def load_error(exc: ConfigError | NotFound) -> Outcome:

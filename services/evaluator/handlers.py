@@ -107,7 +107,7 @@ class EvalHandlers:
             # Before `load` picks what to call: what the run evaluates is the release as bound now.
             binding = await ex.binding(req)
             try:
-                loaded = await ex.load(req)
+                loaded = await ex.load(req, binding)
             except (ConfigError, NotFound) as exc:
                 span.set_attribute("lockgate.status", "failed")
                 if req.rerun_of:

@@ -43,7 +43,7 @@ async def test_a_real_decision_attestation_verifies_and_tampering_fails(
     # As `lockgate up` does: the gatekeeper's key is a trust root.
     trust_key(trust_file_path(settings), Signer.load_or_create(default_key_path(settings)).public)
     suite, policy = await register_qa(bus)
-    prompt = await artifacts.register(bus, "prompt", "answer", {"template": "{{question}}"}, signer=ann)
+    prompt = await artifacts.register(bus, "prompt", "answer", {"template": "{question}"}, signer=ann)
     await artifacts.register_release(bus, "v-att", "shop", {"prompt/answer": prompt.hash})
     gates = await subscribe(bus.subjects.gate_decided_all)
     async with SimServer(SimConfig(models={"good": ModelSpec(answers=qa_answers(), latency_ms=1)})) as sim:

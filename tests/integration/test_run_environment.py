@@ -28,7 +28,7 @@ async def test_an_eval_run_records_its_environment_and_the_decision_its_release_
     subscribe: Callable[[str], Any],  # noqa: F811
 ) -> None:
     suite, policy = await register_qa(bus)
-    prompt = await artifacts.register(bus, "prompt", "answer", {"template": "{{question}}"})
+    prompt = await artifacts.register(bus, "prompt", "answer", {"template": "{question}"})
     model = await artifacts.register(bus, "model_config", "good", {"model": "good", "endpoint": "default"})
     await artifacts.register_release(bus, "v-env", "shop", {"prompt/answer": prompt.hash,
                                                             "model_config/good": model.hash})
@@ -48,6 +48,7 @@ async def test_an_eval_run_records_its_environment_and_the_decision_its_release_
     assert env["packages_sha256"].startswith("sha256:") and int(env["packages"]) > 10
     assert (env["model"], env["endpoint"], env["seed"]) == ("good", "default", "0")  # the release's model config
     assert json.loads(env["sampling"]) == {"temperature": 0} and env["suite"] == suite
+    assert env["prompt"] == f"prompt/answer={prompt.hash}"  # each case was asked with the release's prompt
     assert env["machine"] == platform.machine() and env["cpu_count"] and env["gpu"]
     # The decision names the release's prompt and model config versions, under its signature.
     assert decision.artifacts["prompt/answer"] == prompt.hash
@@ -68,8 +69,8 @@ async def test_the_gate_blocks_a_release_using_a_sunset_artifact_and_names_its_s
 
     ann = person(settings, "ann", "operator")
     suite, policy = await register_qa(bus)
-    old = await artifacts.register(bus, "prompt", "answer", {"template": "{{question}}"})
-    new = await artifacts.register(bus, "prompt", "answer", {"template": "Q: {{question}}"})
+    old = await artifacts.register(bus, "prompt", "answer", {"template": "{question}"})
+    new = await artifacts.register(bus, "prompt", "answer", {"template": "Q: {question}"})
     model = await artifacts.register(bus, "model_config", "good", {"model": "good"})
     await artifacts.register_release(bus, "v-old", "shop", {"prompt/answer": old.hash, "model_config/good": model.hash})
     await lifecycle.deprecate(bus, settings, ann, old.hash, successor=new.hash,

@@ -109,6 +109,69 @@ def test_render_names_the_case_and_the_missing_variable() -> None:
         domain.render(suite, Case(id="b", vars={"q": 1}, expected=""))
 
 
+# The rendering rule (probe p1, F3): a release's prompt artifact renders every case; the suite's prompt only when the
+# release binds none. Before, the suite's prompt rendered every case whatever prompt the release bound.
+P = "prompt/answer=sha256:" + "1" * 64
+
+
+@pytest.mark.parametrize(("artifact", "messages", "where"), [
+    # the artifact's system message and template, the suite's neither
+    (b'{"system":"Be rude.","template":"Question: {question}"}',
+     [{"role": "system", "content": "Be rude."}, {"role": "user", "content": "Question: 2+2?"}], f"prompt artifact {P}"),
+    # a system prompt alone: the suite's template asks the case
+    (b'{"system":"Be rude."}', [{"role": "system", "content": "Be rude."}, {"role": "user", "content": "Q: 2+2?"}],
+     "suite.prompt.template"),
+    # text (a .txt prompt) is a system message
+    (b"Be rude.", [{"role": "system", "content": "Be rude."}, {"role": "user", "content": "Q: 2+2?"}],
+     "suite.prompt.template"),
+    # a template alone: no system message (the suite's is not the release's)
+    (b'{"template":"{question}"}', [{"role": "user", "content": "2+2?"}], f"prompt artifact {P}"),
+])
+def test_a_release_prompt_renders_the_cases_with_its_system_and_template(artifact: bytes, messages: list,
+                                                                          where: str) -> None:
+    suite = domain.parse_suite(suite_doc())
+    rendered, source = domain.with_prompt(suite, P, artifact)
+    assert domain.render(rendered, suite.dataset[0]) == messages and source == where
+    assert rendered.scorers == suite.scorers and rendered.dataset == suite.dataset  # only the prompt changed
+
+
+@pytest.mark.parametrize(("artifact", "said"), [
+    (b"{}", "gives neither a system message nor a template"),
+    (b'{"system":" ","template":""}', "gives neither a system message nor a template"),
+    (b'{"messages":[]}', "Object contains unknown field `messages`"),
+    (b'{"system":1}', "Expected `str`, got `int` - at `$.system`"),
+    (b"[1]", "Expected `object`, got `array`"),
+    (b"\xff\xfe", "is neither JSON nor UTF-8 text"),
+])
+def test_an_artifact_that_is_no_prompt_is_refused_naming_it(artifact: bytes, said: str) -> None:
+    with pytest.raises(domain.PromptError, match=f"prompt artifact {P}") as err:
+        domain.with_prompt(domain.parse_suite(suite_doc()), P, artifact)
+    assert said in err.value.message
+
+
+def test_a_release_prompt_that_cannot_render_a_case_names_the_artifact_and_the_case() -> None:
+    suite, where = domain.with_prompt(domain.parse_suite(suite_doc()), P, b'{"template":"{customer}: {question}"}')
+    with pytest.raises(SuiteError) as err:
+        domain.render(suite, suite.dataset[0], where=where)
+    assert err.value.message == (f"prompt artifact {P}: case 'a': template variable {{customer}} is not in its vars "
+                                 "(question)")
+
+
+def test_the_prompt_a_release_binds() -> None:
+    assert domain.bound_prompt({"model_config/m": "sha256:m"}, "r1") is None  # the suite's prompt renders
+    assert domain.bound_prompt({"model_config/m": "sha256:m", "prompt/p": "sha256:p"}, "r1") == ("prompt/p", "sha256:p")
+    with pytest.raises(domain.PromptError, match=r"release 'r1' binds 2 prompt artifacts \(prompt/a, prompt/b\)"):
+        domain.bound_prompt({"prompt/b": "sha256:b", "prompt/a": "sha256:a"}, "r1")
+
+
+def test_what_of_a_release_a_run_did_not_read() -> None:
+    arts = {"prompt/p": "sha256:p", "model_config/m": "sha256:m", "eval_suite/s": "sha256:s", "dataset/d": "sha256:d",
+            "policy/q": "sha256:q", "tool/t": "sha256:t"}
+    assert domain.unread(arts, suite="sha256:s", dataset="sha256:d", policy="sha256:q") == ["tool/t=sha256:t"]
+    assert domain.unread(arts, suite="sha256:S", dataset="", policy="") == [
+        "dataset/d=sha256:d", "eval_suite/s=sha256:s", "policy/q=sha256:q", "tool/t=sha256:t"]
+
+
 def test_score_uses_every_suite_scorer_and_wraps_scorer_failures() -> None:
     suite = domain.parse_suite(suite_doc())
     assert domain.score(suite, "4", "4") == {"exact_match": 1.0, "token_f1": 1.0}
