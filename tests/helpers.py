@@ -334,7 +334,8 @@ class Replicas:
 
 class Relay:
     """A TCP relay on 127.0.0.1 to `port`: `cut` drops every connection through it and refuses new ones (one
-    client partitioned from a server that stays up), `heal` lets connections through again. `hold_after(subject)`:
+    client partitioned from a server that stays up), `heal` lets connections through again, `hang` holds every
+    answer until `release`. `hold_after(subject)`:
     the next publish to a subject starting with `subject` goes through, then the server's bytes to that client wait
     until `release` (a store that applied a write whose answer comes late)."""
 
@@ -345,6 +346,12 @@ class Relay:
         self._server: asyncio.Server | None = None
         self._armed: bytes | None = None
         self._flows: list[asyncio.Event] = []
+
+    def hang(self) -> None:
+        """The server's bytes to every client through the relay wait until `release`: a server that answers
+        nothing while its connections stay open (hung, or a partition of its side only)."""
+        for flow in self._flows:
+            flow.clear()
 
     def hold_after(self, subject: str) -> None:
         self._armed = subject.encode()

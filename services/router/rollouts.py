@@ -149,8 +149,10 @@ class Rollouts:
         self.replayed = asyncio.Event()  # set once the served events from before the start are read back
         self._held: dict[str, float] = {}  # deployment -> when its due step may read its admission again
         # True while this replica serves stable only: cut off from the bus longer than router_cut_off_s, until it
-        # is back and has reloaded its routes (run_cut_off; read by the proxy on every request).
+        # is back and has reloaded its routes (run_cut_off; read by the proxy on every request). Why: its connection
+        # lost ("lost", run_cut_off), or connected to a server that answers nothing ("unresponsive", run_unanswered).
         self.cut_off = False
+        self._cuts: set[str] = set()
 
     # reads (hot path)
     def route(self, deployment: str) -> Route:
@@ -232,13 +234,38 @@ class Rollouts:
                     async with asyncio.timeout(bound):
                         seen = await bus.reconnected(after=seen)
                         continue  # back within the bound
-                self._cut(True, f"cut off from the bus for more than {bound:g} s (router_cut_off_s)")
+                self._cut("lost", True, f"cut off from the bus for more than {bound:g} s (router_cut_off_s)")
                 seen = await bus.reconnected(after=seen)
             else:  # a loss seen only once it was over: short, so nothing to catch up on
                 seen = bus.reconnects
                 continue
             await self._caught_up()
-            self._cut(False, "back on the bus with its routes reloaded")
+            self._cut("lost", False, "back on the bus with its routes reloaded")
+
+    async def run_unanswered(self) -> None:
+        """Serve stable only while the bus is connected but answers nothing for longer than `router_cut_off_s` (runs
+        until close()): a hung nats-server, or a partition that drops the server's side only, hides as much from a
+        replica as a lost connection, yet the client counts it lost only after its pings went unanswered for about
+        two minutes. Before, such a replica kept sending users to a canary the gate had BLOCKed meanwhile (probe p2).
+        Asked with the health check's own probe (`Bus.health`: answered within its deadline whatever the server
+        does), a few times per bound."""
+        bus, bound = self.ctx.bus, self.ctx.settings.router_cut_off_s
+        every = min(1.0, bound / 2)
+        since: float | None = None  # when the probes began to go unanswered
+        while True:
+            began = time.monotonic()
+            state, _ = await bus.health()
+            if state == "unresponsive":
+                since = began if since is None else since
+                if time.monotonic() - since >= bound:
+                    self._cut("unresponsive", True, f"the bus has answered nothing for more than {bound:g} s "
+                                                    "(router_cut_off_s)")
+            else:
+                since = None
+                if state == "connected" and "unresponsive" in self._cuts:
+                    await self._caught_up()
+                    self._cut("unresponsive", False, "the bus answers again and the routes are reloaded")
+            await asyncio.sleep(every)  # the probe's cadence, not a synchronisation
 
     async def _caught_up(self) -> None:
         """Persist what this replica changed while cut off (compare-and-set: what another replica wrote wins),
@@ -289,10 +316,11 @@ class Rollouts:
                     self._watched, last, _WATCH_LAG_S)
         await self._reload_all()
 
-    def _cut(self, cut_off: bool, why: str) -> None:
-        if cut_off != self.cut_off:
-            self.cut_off = cut_off
-            log.warning("%s: serving %s", why, "stable only" if cut_off else "canaries again")
+    def _cut(self, cause: str, on: bool, why: str) -> None:
+        (self._cuts.add if on else self._cuts.discard)(cause)
+        if bool(self._cuts) != self.cut_off:
+            self.cut_off = bool(self._cuts)
+            log.warning("%s: serving %s", why, "stable only" if self.cut_off else "canaries again")
             self._notify()
 
     async def close(self) -> None:

@@ -127,6 +127,7 @@ class RouterService(Service):
         self.batcher.start(self.ctx.bus.js)
         self.spawn(self.rollouts.run_timer(), "rollout-timer")
         self.spawn(self.rollouts.run_cut_off(), "bus-cut-off")
+        self.spawn(self.rollouts.run_unanswered(), "bus-unanswered")
         self.spawn(self.rollouts.run_trust_watch(), "trust-watch")
         self.spawn(self.admission.run(), "budget-leases")
         self.spawn(self._watch_clock(), "clock-skew")

@@ -85,3 +85,46 @@ async def test_a_replica_cut_off_from_the_bus_stops_serving_the_canary_until_it_
     finally:
         await partitioned.close()  # through the relay, while it still relays
         await relay.close()
+
+
+async def test_a_replica_whose_bus_answers_nothing_stops_serving_the_canary_until_it_has_caught_up(
+        stack: Stack, sim: SimServer) -> None:
+    # Probe p2: with nats-server hung (SIGSTOP) for 28 s, both replicas said the bus was unresponsive within 4 s yet
+    # kept sending 10% of users to the canary: the connection counts as lost only after about two minutes of
+    # unanswered pings, so a BLOCK the replica could not hear left the canary serving. Here the server's side of
+    # router-b's connection is held (it stays open, nothing comes back) while router-a aborts the canary.
+    stack.settings = stack.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url)
+    a = await stack.replica("router-a")
+    await _rollout(stack, a)  # r2 at 50% against r1
+    relay, partitioned = Relay(int(stack.settings.nats_url.rpartition(":")[2])), Replicas()
+    try:
+        bus = Bus(f"nats://127.0.0.1:{await relay.start()}", Subjects(stack.settings.prefix), name="router-b",
+                  auth=credentials.for_identity(stack.settings, "router"), manage_topology=False)
+        await bus.connect()
+        b = await partitioned.router(bus, stack.settings.replace(router_cut_off_s=0.5), stack.store)
+        assert await _releases(b, 40) == {"r1", "r2"}
+
+        relay.hang()
+        await b.rollouts.wait_for(lambda _: b.rollouts.cut_off, timeout=20)
+        health = await _health(b)
+        assert (health["bus"], health["serving"]) == ("unresponsive", "stable_only"), health
+        assert bus.state == "connected"  # the client has not seen a loss: only the probe's answers are missing
+        admin = stack.named["admin"]
+        signer = Signer.generate()
+        trust_key(trust_file_path(stack.settings), signer.public)
+        await gate_decided(admin, signer.sign(GateDecided(release="r2", rules=[], decision="BLOCK",
+                                                          reason="toxicity")))
+        await a.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
+        await a.rollouts.flush()
+        assert b.rollouts.route("chat").weight == 50.0  # b cannot know
+        assert await _releases(b, 40) == {"r1"}  # ... yet sends nobody to the BLOCKed canary
+
+        relay.release()
+        await b.rollouts.wait_for(lambda _: not b.rollouts.cut_off, timeout=30)  # answered again, routes reloaded
+        route = b.rollouts.route("chat")
+        assert (route.phase, route.weight) == ("aborted", 0.0), route.reason
+        assert (await _health(b))["serving"] == "all" and await _releases(b, 40) == {"r1"}
+    finally:
+        relay.release()
+        await partitioned.close()
+        await relay.close()
