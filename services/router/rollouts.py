@@ -252,16 +252,18 @@ class Rollouts:
         bus, bound = self.ctx.bus, self.ctx.settings.router_cut_off_s
         every = min(1.0, bound / 2)
         since: float | None = None  # when the probes began to go unanswered
+        unanswered = 0
         while True:
             began = time.monotonic()
             state, _ = await bus.health()
             if state == "unresponsive":
-                since = began if since is None else since
-                if time.monotonic() - since >= bound:
+                since, unanswered = (began if since is None else since), unanswered + 1
+                # Two probes at least: one slow answer on a loaded machine is no partition.
+                if unanswered >= 2 and time.monotonic() - since >= bound:
                     self._cut("unresponsive", True, f"the bus has answered nothing for more than {bound:g} s "
                                                     "(router_cut_off_s)")
             else:
-                since = None
+                since, unanswered = None, 0
                 if state == "connected" and "unresponsive" in self._cuts:
                     await self._caught_up()
                     self._cut("unresponsive", False, "the bus answers again and the routes are reloaded")
