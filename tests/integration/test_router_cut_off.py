@@ -51,6 +51,10 @@ async def test_a_replica_cut_off_from_the_bus_stops_serving_the_canary_until_it_
     # Before: router-b, cut off, kept sending half its users to r2 after the gate BLOCKed it (router-a aborted
     # the canary), 5 s and 35 s later alike, until its connection came back.
     stack.settings = stack.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url)
+    # Trusted before the replicas start: a key trusted while they run is read on its file's change, and a BLOCK
+    # verified before that waits (the canary at 0%, not aborted).
+    signer = Signer.generate()
+    trust_key(trust_file_path(stack.settings), signer.public)
     a = await stack.replica("router-a")
     await _rollout(stack, a)  # r2 at 50% against r1
     relay, partitioned = Relay(int(stack.settings.nats_url.rpartition(":")[2])), Replicas()
@@ -68,8 +72,6 @@ async def test_a_replica_cut_off_from_the_bus_stops_serving_the_canary_until_it_
         health = await _health(b)
         assert (health["status"], health["bus"], health["serving"]) == ("degraded", "reconnecting", "stable_only")
         admin = stack.named["admin"]
-        signer = Signer.generate()
-        trust_key(trust_file_path(stack.settings), signer.public)
         await gate_decided(admin, signer.sign(GateDecided(release="r2", rules=[], decision="BLOCK",
                                                           reason="toxicity")))
         await a.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
@@ -94,6 +96,10 @@ async def test_a_replica_whose_bus_answers_nothing_stops_serving_the_canary_unti
     # unanswered pings, so a BLOCK the replica could not hear left the canary serving. Here the server's side of
     # router-b's connection is held (it stays open, nothing comes back) while router-a aborts the canary.
     stack.settings = stack.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url)
+    # Trusted before the replicas start: a key trusted while they run is read on its file's change, and a BLOCK
+    # verified before that waits (the canary at 0%, not aborted).
+    signer = Signer.generate()
+    trust_key(trust_file_path(stack.settings), signer.public)
     a = await stack.replica("router-a")
     await _rollout(stack, a)  # r2 at 50% against r1
     relay, partitioned = Relay(int(stack.settings.nats_url.rpartition(":")[2])), Replicas()
@@ -110,8 +116,6 @@ async def test_a_replica_whose_bus_answers_nothing_stops_serving_the_canary_unti
         assert (health["bus"], health["serving"]) == ("unresponsive", "stable_only"), health
         assert bus.state == "connected"  # the client has not seen a loss: only the probe's answers are missing
         admin = stack.named["admin"]
-        signer = Signer.generate()
-        trust_key(trust_file_path(stack.settings), signer.public)
         await gate_decided(admin, signer.sign(GateDecided(release="r2", rules=[], decision="BLOCK",
                                                           reason="toxicity")))
         await a.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
