@@ -738,7 +738,7 @@ def _held(m: Measurement, why: str) -> Measurement:
 
 
 def describe(result: MetricResult) -> str:
-    """`error_rate 0.052 > threshold 0.015 (stable 0.005; 400 vs 400 requests)` for reasons and tables; a result
+    """`error_rate 0.052 > threshold 0.015 (stable 0.005; 400 canary vs 400 stable requests compared)` for reasons and tables; a result
     judged per API key names its group: `error_rate 0.2 > threshold 0.015 on API key 3f9a0c12d4e5 (...)`."""
     on = f" on {result.group}" if result.group else ""
     if result.canary is None:
@@ -751,5 +751,7 @@ def describe(result: MetricResult) -> str:
     what = "scores" if result.name.startswith("score:") else "requests"
     op = (">" if result.verdict != "SUCCESSFUL" else "<=") if not result.higher_is_better else \
         ("<" if result.verdict != "SUCCESSFUL" else ">=")
+    # "compared": the requests judged like with like (same caller, same time), which may be fewer than the look's
+    # totals its record shows (probe p2 read 57 vs 339 in a reason beside 58 vs 489 in the record).
     return (f"{result.name} {result.canary:.4g}{unit} {op} threshold {result.threshold:.4g}{unit}{on} "
-            f"({stable}{result.canary_n} canary vs {result.stable_n} stable {what})")
+            f"({stable}{result.canary_n} canary vs {result.stable_n} stable {what} compared)")

@@ -13,6 +13,9 @@ from lockgate.services.router import domain
 from lockgate.services.router.domain import InvalidRollout, Route
 from lockgate.services.router.strategy import BlueGreen
 
+# The end of a promoted route's reason while its post-promotion analysis runs (replaced once it passes).
+VERIFYING = "; post-promotion analysis running"
+
 
 def spec(route: Route) -> BlueGreen | None:
     """The route's blue-green strategy, if it has one."""
@@ -61,7 +64,7 @@ def promoted(route: Route, now: float, interval_s: float) -> Route:
         route, promoted_at=now, scale_down_at=now + delay if delay else 0.0, verifying=verifying, analysis=None,
         good=good,
         next_step_at=now + interval_s if verifying else 0.0,
-        reason=route.reason + window + ("; post-promotion analysis running" if verifying else ""))
+        reason=route.reason + window + (VERIFYING if verifying else ""))
 
 
 def auto_promotion_due(route: Route, now: float) -> bool:

@@ -290,7 +290,7 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
                             f"{glass.actor} (no decision admits {glass.release}; promote with a promote statement)")
     if verifying:
         return _bump(route, analysis=st, verifying=False, next_step_at=0.0, good=domain.remember(route.good, route.stable),
-                     reason=f"{route.reason}; post-promotion analysis passed")
+                     reason=f"{route.reason.removesuffix(bluegreen.VERIFYING)}; post-promotion analysis passed")
     return _advance(route, st, steps, interval_s, now)
 
 

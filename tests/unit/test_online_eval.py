@@ -141,7 +141,7 @@ def test_score_metric_fails_a_canary_whose_score_dropped_naming_value_and_thresh
     assert m.verdict == "FAILED"
     r = m.metrics[0]
     assert (r.name, r.canary, r.stable, r.threshold) == ("score:pii_free", 0.6, 1.0, 0.99)
-    assert describe(r).startswith("score:pii_free 0.6 < threshold 0.99 (stable 1; 100 canary vs 100 stable scores)")
+    assert describe(r).startswith("score:pii_free 0.6 < threshold 0.99 (stable 1; 100 canary vs 100 stable scores compared)")
     assert measure(spec, clean, clean, look=1).verdict == "SUCCESSFUL"
 
 
@@ -157,7 +157,7 @@ def test_lower_is_better_scores_use_the_ceiling_limits() -> None:
     tripled = _sample(200, length=[30.0 + i % 3 for i in range(100)])
     plain = _sample(200, length=[10.0 + i % 3 for i in range(100)])
     m = measure(spec, tripled, plain, look=1)
-    assert m.verdict == "FAILED" and describe(m.metrics[0]).startswith("score:length 30.99 > threshold 21.98 (stable 10.99; 100 canary vs 100 stable scores)")
+    assert m.verdict == "FAILED" and describe(m.metrics[0]).startswith("score:length 30.99 > threshold 21.98 (stable 10.99; 100 canary vs 100 stable scores compared)")
 
 
 def test_score_metrics_are_checked_when_decoded() -> None:

@@ -205,7 +205,10 @@ def test_blue_green_failed_post_promotion_analysis_rolls_back_naming_the_metric(
     assert back is not None and (back.phase, back.stable.release) == ("aborted", "r1")
     assert back.reason.startswith("rolled back r2: post-promotion analysis failed: error_rate 0.05 > threshold")
     ok = progress.on_measurement(p, _m("SUCCESSFUL"), DEFAULT, 10.0, now=210.0)
-    assert ok is not None and not ok.verifying and ok.phase == "promoted" and "post-promotion analysis passed" in ok.reason
+    assert ok is not None and not ok.verifying and ok.phase == "promoted"
+    # Probe p2: the reason read "...; post-promotion analysis running; post-promotion analysis passed".
+    assert ok.reason.endswith("kept for instant rollback for 300 s; post-promotion analysis passed"), ok.reason
+    assert "running" not in ok.reason
     assert progress.due_at(ok) == 500.0  # then only the scale-down is left
 
 
