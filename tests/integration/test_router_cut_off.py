@@ -46,55 +46,14 @@ async def _health(router: Any) -> dict[str, Any]:
         return dict(await resp.json())
 
 
+@pytest.mark.parametrize("partition", ["lost", "unanswered"])
 async def test_a_replica_cut_off_from_the_bus_stops_serving_the_canary_until_it_has_caught_up(
-        stack: Stack, sim: SimServer) -> None:
+        stack: Stack, sim: SimServer, partition: str) -> None:
     # Before: router-b, cut off, kept sending half its users to r2 after the gate BLOCKed it (router-a aborted
-    # the canary), 5 s and 35 s later alike, until its connection came back.
-    stack.settings = stack.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url)
-    # Trusted before the replicas start: a key trusted while they run is read on its file's change, and a BLOCK
-    # verified before that waits (the canary at 0%, not aborted).
-    signer = Signer.generate()
-    trust_key(trust_file_path(stack.settings), signer.public)
-    a = await stack.replica("router-a")
-    await _rollout(stack, a)  # r2 at 50% against r1
-    relay, partitioned = Relay(int(stack.settings.nats_url.rpartition(":")[2])), Replicas()
-    try:
-        bus = Bus(f"nats://127.0.0.1:{await relay.start()}", Subjects(stack.settings.prefix), name="router-b",
-                  auth=credentials.for_identity(stack.settings, "router"), manage_topology=False)
-        await bus.connect()
-        b = await partitioned.router(bus, stack.settings.replace(router_cut_off_s=0.3), stack.store)
-        assert await _releases(b, 40) == {"r1", "r2"}
-        assert (await _health(b))["serving"] == "all"
-
-        relay.cut()  # router-b alone loses the server, which stays up for router-a
-        await bus.wait_state("reconnecting", timeout_s=10)
-        await b.rollouts.wait_for(lambda _: b.rollouts.cut_off, timeout=10)  # once the bound is over
-        health = await _health(b)
-        assert (health["status"], health["bus"], health["serving"]) == ("degraded", "reconnecting", "stable_only")
-        admin = stack.named["admin"]
-        await gate_decided(admin, signer.sign(GateDecided(release="r2", rules=[], decision="BLOCK",
-                                                          reason="toxicity")))
-        await a.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
-        await a.rollouts.flush()
-        assert b.rollouts.route("chat").weight == 50.0  # b cannot know
-        assert await _releases(b, 40) == {"r1"}  # ... yet sends nobody to the BLOCKed canary
-
-        relay.heal()
-        await b.rollouts.wait_for(lambda _: not b.rollouts.cut_off, timeout=30)  # reconnected, routes reloaded
-        route = b.rollouts.route("chat")
-        assert (route.phase, route.weight) == ("aborted", 0.0), route.reason
-        assert (await _health(b))["serving"] == "all" and await _releases(b, 40) == {"r1"}
-    finally:
-        await partitioned.close()  # through the relay, while it still relays
-        await relay.close()
-
-
-async def test_a_replica_whose_bus_answers_nothing_stops_serving_the_canary_until_it_has_caught_up(
-        stack: Stack, sim: SimServer) -> None:
-    # Probe p2: with nats-server hung (SIGSTOP) for 28 s, both replicas said the bus was unresponsive within 4 s yet
-    # kept sending 10% of users to the canary: the connection counts as lost only after about two minutes of
-    # unanswered pings, so a BLOCK the replica could not hear left the canary serving. Here the server's side of
-    # router-b's connection is held (it stays open, nothing comes back) while router-a aborts the canary.
+    # the canary), 5 s and 35 s later alike, until its connection came back. "unanswered" (probe p2): with
+    # nats-server hung (SIGSTOP) for 28 s, the replicas said the bus was unresponsive within 4 s yet kept the canary
+    # at its weight, since a connection that stays open counts as lost only after about two minutes of unanswered
+    # pings. Here router-b's connection is dropped ("lost"), or stays open with nothing coming back ("unanswered").
     stack.settings = stack.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url)
     # Trusted before the replicas start: a key trusted while they run is read on its file's change, and a BLOCK
     # verified before that waits (the canary at 0%, not aborted).
@@ -109,26 +68,31 @@ async def test_a_replica_whose_bus_answers_nothing_stops_serving_the_canary_unti
         await bus.connect()
         b = await partitioned.router(bus, stack.settings.replace(router_cut_off_s=0.5), stack.store)
         assert await _releases(b, 40) == {"r1", "r2"}
+        assert (await _health(b))["serving"] == "all"
 
-        relay.hang()
-        await b.rollouts.wait_for(lambda _: b.rollouts.cut_off, timeout=20)
+        if partition == "lost":
+            relay.cut()  # router-b alone loses the server, which stays up for router-a
+            await bus.wait_state("reconnecting", timeout_s=10)
+        else:
+            relay.hang()
+        await b.rollouts.wait_for(lambda _: b.rollouts.cut_off, timeout=20)  # once the bound is over
         health = await _health(b)
-        assert (health["bus"], health["serving"]) == ("unresponsive", "stable_only"), health
-        assert bus.state == "connected"  # the client has not seen a loss: only the probe's answers are missing
-        admin = stack.named["admin"]
-        await gate_decided(admin, signer.sign(GateDecided(release="r2", rules=[], decision="BLOCK",
-                                                          reason="toxicity")))
+        seen = "reconnecting" if partition == "lost" else "unresponsive"
+        assert (health["status"], health["bus"], health["serving"]) == ("degraded", seen, "stable_only"), health
+        await gate_decided(stack.named["admin"], signer.sign(GateDecided(release="r2", rules=[], decision="BLOCK",
+                                                                         reason="toxicity")))
         await a.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
         await a.rollouts.flush()
         assert b.rollouts.route("chat").weight == 50.0  # b cannot know
         assert await _releases(b, 40) == {"r1"}  # ... yet sends nobody to the BLOCKed canary
 
+        relay.heal()
         relay.release()
-        await b.rollouts.wait_for(lambda _: not b.rollouts.cut_off, timeout=30)  # answered again, routes reloaded
+        await b.rollouts.wait_for(lambda _: not b.rollouts.cut_off, timeout=30)  # back, routes reloaded
         route = b.rollouts.route("chat")
         assert (route.phase, route.weight) == ("aborted", 0.0), route.reason
         assert (await _health(b))["serving"] == "all" and await _releases(b, 40) == {"r1"}
     finally:
         relay.release()
-        await partitioned.close()
+        await partitioned.close()  # through the relay, while it still relays
         await relay.close()
