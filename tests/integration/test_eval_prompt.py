@@ -49,6 +49,21 @@ async def release_with_prompt(bus: Bus, release: str, prompt: dict[str, str], co
     return art.hash
 
 
+async def _eval_one(bus: Bus, context: Any, run_services: Callable[..., Any], subscribe: Callable[[str], Any],  # noqa: F811
+                    release: str, suite: str, policy: str) -> tuple[EvalCompleted, Any, RecordingSim]:
+    """Evaluate `release` once with the QA suite against a recording simulator: (its result, its decision, the
+    simulator, stopped)."""
+    evals = await subscribe(bus.subjects.eval_completed)
+    gates = await subscribe(bus.subjects.gate_decided_all)
+    async with RecordingSim(SimConfig(models={"good": ModelSpec(answers=qa_answers(), latency_ms=1)})) as sim:
+        context.settings = context.settings.replace(stable_upstream=sim.url)
+        await run_services("sink", "query", "evaluator", "gatekeeper")
+        await bus.publish(bus.subjects.eval_requested,
+                          request(release=release, suite=suite, endpoint="", model="", policy=policy))
+        done = completed.decode((await evals.next_msg(timeout=30)).data)
+        return done, await next_decision(gates), sim
+
+
 async def test_releases_differing_only_in_their_prompt_are_each_asked_with_their_own(
     bus: Bus, context: Any, run_services: Callable[..., Any], subscribe: Callable[[str], Any],  # noqa: F811
 ) -> None:
@@ -87,16 +102,8 @@ async def test_a_prompt_artifact_that_cannot_render_a_case_fails_the_run_naming_
     suite, policy = await register_qa(bus)
     config = (await artifacts.register(bus, "model_config", "good", {"model": "good", "endpoint": "default"})).hash
     broken = await release_with_prompt(bus, "v-broken", {"template": "{customer}: {question}"}, config)
-    evals = await subscribe(bus.subjects.eval_completed)
-    gates = await subscribe(bus.subjects.gate_decided_all)
-    async with RecordingSim(SimConfig(models={"good": ModelSpec(answers=qa_answers(), latency_ms=1)})) as sim:
-        context.settings = context.settings.replace(stable_upstream=sim.url)
-        await run_services("sink", "query", "evaluator", "gatekeeper")
-        await bus.publish(bus.subjects.eval_requested,
-                          request(release="v-broken", suite=suite, endpoint="", model="", policy=policy))
-        done = completed.decode((await evals.next_msg(timeout=30)).data)
-        decision = await next_decision(gates)
-        assert sim.systems == []  # refused before any call
+    done, decision, sim = await _eval_one(bus, context, run_services, subscribe, "v-broken", suite, policy)
+    assert sim.systems == []  # refused before any call
     assert done.status == "failed"
     assert done.error == (f"prompt artifact prompt/answer={broken}: case 'capital-fr': template variable {{customer}} "
                           "is not in its vars (question)")
@@ -114,15 +121,7 @@ async def test_the_result_says_which_of_the_release_s_artifacts_the_run_did_not_
     other = (await artifacts.register(bus, "eval_suite", "other", {"name": "other"})).hash
     arts = {"model_config/good": config, "tool/calc": tool, "eval_suite/other": other, "policy/default": policy}
     await artifacts.register_release(bus, "v-tool", "shop", arts)
-    evals = await subscribe(bus.subjects.eval_completed)
-    gates = await subscribe(bus.subjects.gate_decided_all)
-    async with RecordingSim(SimConfig(models={"good": ModelSpec(answers=qa_answers(), latency_ms=1)})) as sim:
-        context.settings = context.settings.replace(stable_upstream=sim.url)
-        await run_services("sink", "query", "evaluator", "gatekeeper")
-        await bus.publish(bus.subjects.eval_requested,
-                          request(release="v-tool", suite=suite, endpoint="", model="", policy=policy))
-        done = completed.decode((await evals.next_msg(timeout=30)).data)
-        decision = await next_decision(gates)
+    done, decision, sim = await _eval_one(bus, context, run_services, subscribe, "v-tool", suite, policy)
     # No prompt bound: the suite's renders, and says so.
     assert done.environment["prompt"] == "suite" and set(sim.systems) == {KIND_SUITE}
     dataset = done.environment["dataset"]
