@@ -337,7 +337,8 @@ def _judge_drift(spec: MetricSpec, report: DriftReport | None) -> MetricResult:
     if report is None:
         return MetricResult(name="drift", verdict="WAITING",
                             why="waiting for a drift report covering the canary since this step began (its window "
-                                "against stable's; after a promotion, the deployment's): is the drift monitor running?")
+                                "against stable's; at 100% and after a promotion, the deployment's against its "
+                                "reference): is the drift monitor running?")
     base = {"name": "drift", "canary_n": report.current_n, "stable_n": report.reference_n}
     which = (f"{report.comparison} report {report.id}" + (f" of {report.release} vs {report.reference_release}"
                                                          if report.comparison == "canary_vs_stable" else ""))

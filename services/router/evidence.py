@@ -137,13 +137,14 @@ class Evidence:
             self._drift[key] = report
 
     def drift(self, deployment: str, release: str, since: float,
-              comparison: Comparison = "canary_vs_stable") -> DriftReport | None:
-        """The newest drift report of `comparison` whose window ends at `since` (unix seconds) or later:
-        canary_vs_stable, the one of `release`; now_vs_reference, the deployment's, whatever `release` (it covers
-        the whole deployment's traffic). Never one kind in place of the other: which kind is evidence about a
-        release is the caller's to say (`progress.drift_evidence`)."""
+              comparison: Comparison = "canary_vs_stable", whole: bool = False) -> DriftReport | None:
+        """The newest drift report of `comparison` whose window ends at `since` (unix seconds) or later (`whole`:
+        begins): canary_vs_stable, the one of `release`; now_vs_reference, the deployment's, whatever `release` (it
+        covers the whole deployment's traffic). Never one kind in place of the other: which kind is evidence about
+        a release is the caller's to say (`progress.drift_evidence`)."""
         report = self._drift.get((deployment, release if comparison == "canary_vs_stable" else ""))
-        return report if report is not None and report.window_end.timestamp() >= since else None
+        edge = report.window_start if whole and report is not None else report.window_end if report else None
+        return report if edge is not None and edge.timestamp() >= since else None
 
     def forget(self, deployment: str, keep: set[str]) -> None:
         """Drop a deployment's rows except for the releases in `keep` (and its now-versus-reference drift,

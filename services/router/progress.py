@@ -207,21 +207,29 @@ def stepped(route: Route, now: float) -> Route:
                                                                            step_at=now))
 
 
-def drift_evidence(route: Route, since: float) -> tuple[Comparison, str, float]:
-    """Which drift report a `drift` metric's look judges: its comparison, the release it is about, and the time
-    its window must end at or after (`since`: the rollout's start, or its analysis window).
+def drift_evidence(route: Route, since: float) -> tuple[Comparison, str, float, bool]:
+    """Which drift report a `drift` metric's look judges: its comparison, the release it is about, the time its
+    window must end at or after (`since`: the rollout's start, or its analysis window), and whether the whole
+    window must lie at or after that time.
 
     While the canary has a stable arm (live, held by an override, a blue-green preview), only the
     canary-versus-stable report of its release: the deployment's now-versus-reference one is mostly stable's
     traffic, and moves with what clients ask (a probe drifted it at will and aborted, or promoted, canaries on it).
     It must be produced since the current step began (`AnalysisStatus.step_at`): the report that passed one
-    step never passes the next, nor the promotion. After a blue-green promotion there is no stable arm, and
-    the monitor's reference restarted with the promoted release: its now-versus-reference reports are of that
-    release alone."""
+    step never passes the next, nor the promotion. A step at 100% leaves stable no arm, so no canary-versus-stable
+    report can be made (each pairs stable's rows of the same time with the canary's): the deployment's
+    now-versus-reference report whose whole window lies in the step judges it, the canary's traffic alone against
+    the reference. Before, the promotion waited for a canary-versus-stable report that came only when the step's
+    first rows happened to reach one, made as the step began. After a blue-green promotion there is no stable
+    arm, and the monitor's reference restarted with the promoted release: its now-versus-reference reports are of
+    that release alone."""
     if route.phase == "promoted":
-        return "now_vs_reference", route.stable.release, since
+        return "now_vs_reference", route.stable.release, since, False
     assert route.canary is not None
-    return "canary_vs_stable", route.canary.release, max(since, step_began(route))
+    began = max(since, step_began(route))
+    if route.weight >= 100.0:
+        return "now_vs_reference", route.canary.release, began, True
+    return "canary_vs_stable", route.canary.release, began, False
 
 
 def step_began(route: Route) -> float:

@@ -948,18 +948,18 @@ class Rollouts:
             since = route.promoted_at if spec.window_s is None else max(route.promoted_at, now - spec.window_s)
             canary = self.evidence.sample(route.deployment, route.stable.release, since)
             stable = self.evidence.sample(route.deployment, route.previous.release, route.started_at)
-            comparison, release, drift_since = progress.drift_evidence(route, since)
+            comparison, release, drift_since, whole = progress.drift_evidence(route, since)
             return analysis.measure(spec, canary, stable, look,
-                                    self.evidence.drift(route.deployment, release, drift_since, comparison),
+                                    self.evidence.drift(route.deployment, release, drift_since, comparison, whole),
                                     baseline_final=True)
         since = route.started_at if spec.window_s is None else max(route.started_at, now - spec.window_s)
         canary = self.evidence.sample(route.deployment, route.canary.release, since)
         stable = self.evidence.sample(route.deployment, route.stable.release, since)
         if stable.n < spec.min_sample and since > route.started_at:
             stable = self.evidence.sample(route.deployment, route.stable.release, route.started_at)
-        comparison, release, drift_since = progress.drift_evidence(route, since)
+        comparison, release, drift_since, whole = progress.drift_evidence(route, since)
         return analysis.measure(spec, canary, stable, look,
-                                self.evidence.drift(route.deployment, release, drift_since, comparison),
+                                self.evidence.drift(route.deployment, release, drift_since, comparison, whole),
                                 step_n=self.evidence.count(route.deployment, route.canary.release, progress.step_began(route)))
 
     def _step(self, route: Route, now: float) -> None:

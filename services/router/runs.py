@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Literal
 
 from lockgate.contracts import AnalysisMetric, AnalysisRun
+from lockgate.contracts.drift import Comparison
+from lockgate.services.router import progress
 from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricResult, MetricSpec
 from lockgate.services.router.domain import Route
 
@@ -19,14 +21,13 @@ def template(route: Route) -> Literal["canary", "pre-promotion", "post-promotion
     return "post-promotion" if route.phase == "promoted" else "pre-promotion"
 
 
-def condition(spec: MetricSpec, verifying: bool = False) -> str:
+def condition(spec: MetricSpec, kind: Comparison = "canary_vs_stable") -> str:
     """A metric's limits as text: `<= stable + 0.01 and <= 0.05`; a drift metric's names the kind of report it
-    judges (`progress.drift_evidence`): the canary's window against stable's, or after a promotion the
-    deployment's against its reference."""
+    judges (`progress.drift_evidence`): the canary's window against stable's, or at 100% and after a promotion
+    the deployment's against its reference."""
     if spec.name == "drift":
         among = f" among {', '.join(spec.features)}" if spec.features else ""
         by = f" (test significant and PSI >= {spec.min_psi:g})" if spec.min_psi is not None else ""
-        kind = "now_vs_reference" if verifying else "canary_vs_stable"
         return f"<= {spec.max:g} drifted features{among}{by} in the {kind} report"
     parts = []
     if spec.max is not None:
@@ -70,10 +71,11 @@ def record(before: Route, after: Route | None, m: Measurement, spec: AnalysisSpe
     if m.verdict == "WAITING" or before.canary is None:
         return None
     verifying = before.phase == "promoted"
+    kind = progress.drift_evidence(before, 0.0)[0]
     judged = before.stable.release if verifying else before.canary.release
     baseline = (before.previous.release if before.previous else "") if verifying else before.stable.release
     status = (after or before).analysis
-    metrics = [AnalysisMetric(name=r.name, verdict=r.verdict, condition=condition(s, verifying), canary=r.canary,
+    metrics = [AnalysisMetric(name=r.name, verdict=r.verdict, condition=condition(s, kind), canary=r.canary,
                               stable=r.stable, threshold=r.threshold, bound=r.bound, canary_n=r.canary_n,
                               stable_n=r.stable_n, dry_run=r.dry_run, why=_why(r))
                for r, s in zip(m.metrics, spec.metrics, strict=True)]
@@ -101,5 +103,6 @@ def error(route: Route, after: Route | None, spec: AnalysisSpec, why: str) -> An
                        outcome=outcome(route, after),
                        successes_needed=spec.count, failure_limit=spec.failure_limit,
                        inconclusive_limit=spec.inconclusive_limit,
-                       metrics=[AnalysisMetric(name=s.label, verdict="ERROR", condition=condition(s, verifying),
+                       metrics=[AnalysisMetric(name=s.label, verdict="ERROR",
+                                               condition=condition(s, progress.drift_evidence(route, 0.0)[0]),
                                                dry_run=s.dry_run) for s in spec.metrics])

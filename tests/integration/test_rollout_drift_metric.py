@@ -171,10 +171,18 @@ async def test_a_step_passes_only_on_the_canarys_own_report_produced_since_the_s
     assert (route.phase, route.weight) == ("progressing", 100.0), route.reason  # that report passed step 1 only
     (metric,) = route.analysis.last.metrics  # type: ignore[union-attr]
     assert metric.verdict == "WAITING"
-    # The canary's next report, produced at 100%, judges the promotion: here it shows the drift.
-    await _publish(router, handled, _served("canary_vs_stable", "long", drifted=True))
+    # At 100% stable has no arm, so no canary-versus-stable report can be made (each pairs stable's rows of the same
+    # time; before, the promotion waited for one made only if the step's first rows reached one as it began): the
+    # deployment's report whose whole window lies in the step, the canary's traffic alone, judges the promotion.
+    # One of the canary against stable's window, calm, changes nothing; the deployment's, drifted, aborts it.
+    await _publish(router, handled, _served("canary_vs_stable", "long", drifted=False))
+    route = await _look_after(router, time.time())
+    assert (route.phase, route.weight) == ("progressing", 100.0), route.reason
+    await _publish(router, handled, own := _served("now_vs_reference", "", drifted=True))
     await router.rollouts.wait_for(lambda r: r["chat"].phase == "aborted", timeout=10)
-    assert router.rollouts.route("chat").reason.startswith("aborted long: analysis failed at step 2 (100%): drift 1")
+    reason = router.rollouts.route("chat").reason
+    assert reason.startswith("aborted long: analysis failed at step 2 (100%): drift 1"), reason
+    assert f"now_vs_reference report {own.id}" in reason, reason
 
 
 async def test_after_a_blue_green_promotion_the_deployments_report_judges_the_promoted_release(

@@ -38,6 +38,12 @@ def _report(*features: FeatureDrift, comparison: str = "canary_vs_stable", relea
                        reference_release="r1" if comparison == "canary_vs_stable" else "")
 
 
+def _deployment_report(start: float, end: float) -> DriftReport:
+    """A now-versus-reference report of the deployment whose window spans `start` to `end` (unix seconds)."""
+    return msgspec.structs.replace(_report(comparison="now_vs_reference", end=end),
+                                   window_start=datetime.fromtimestamp(start, UTC))
+
+
 def test_evidence_takes_no_report_of_events_no_router_served() -> None:
     ev = Evidence(lambda e: None)
     ev.add_drift(msgspec.structs.replace(_report(_f("output_tokens", 12, 36)), served=False))
@@ -59,8 +65,8 @@ def test_drift_metric_needs_max_and_nothing_relative() -> None:
         msgspec.convert({"name": "error_rate", "max": 0.1, "features": ["output_tokens"]}, MetricSpec)
     spec = msgspec.convert({"name": "drift", "max": 0, "features": ["output_tokens"]}, MetricSpec)
     assert runs.condition(spec) == "<= 0 drifted features among output_tokens in the canary_vs_stable report"
-    assert runs.condition(spec, verifying=True) == (
-        "<= 0 drifted features among output_tokens in the now_vs_reference report")  # after a promotion
+    assert runs.condition(spec, "now_vs_reference") == (
+        "<= 0 drifted features among output_tokens in the now_vs_reference report")  # at 100%, after a promotion
 
 
 def test_no_report_covering_the_canary_never_passes() -> None:
@@ -184,16 +190,30 @@ def test_a_live_canary_is_judged_on_its_own_report_since_its_step_began_only() -
     # Before, a probe's bad canary was promoted on one now-versus-reference report (~95% stable traffic) judged at
     # both looks: the one that advanced it to 100% and the one that promoted it.
     route = _live(DRIFT)
-    assert progress.drift_evidence(route, since=100.0) == ("canary_vs_stable", "r2", 100.0)
-    advanced = _passed(route, at=150.0)
-    assert (advanced.weight, advanced.analysis.step_at) == (100.0, 150.0)  # type: ignore[union-attr]
-    assert progress.drift_evidence(advanced, since=100.0) == ("canary_vs_stable", "r2", 150.0)
+    assert progress.drift_evidence(route, since=100.0) == ("canary_vs_stable", "r2", 100.0, False)
     ev = Evidence(lambda e: None)
-    ev.add_drift(_report(end=149.0))  # the report that passed step 1
-    assert ev.drift("d", *progress.drift_evidence(advanced, since=100.0)[1:], "canary_vs_stable") is None
-    fresh = _report(end=151.0)
+    ev.add_drift(_report(end=99.0))
+    assert ev.drift("d", "r2", 100.0, "canary_vs_stable") is None
+    fresh = _report(end=101.0)
     ev.add_drift(fresh)
-    assert ev.drift("d", *progress.drift_evidence(advanced, since=100.0)[1:], "canary_vs_stable") == fresh
+    assert ev.drift("d", "r2", 100.0, "canary_vs_stable") == fresh
+
+
+def test_at_100_percent_the_deployments_report_of_the_step_alone_judges_the_canary() -> None:
+    # Stable has no arm at 100%: no canary-versus-stable report can be made there (each pairs stable's rows of the
+    # same time). Before, the promotion waited for one that came only if the step's first rows reached one as it
+    # began; the report that passed step 1 must not pass it either.
+    advanced = _passed(_live(DRIFT), at=150.0)
+    assert (advanced.weight, advanced.analysis.step_at) == (100.0, 150.0)  # type: ignore[union-attr]
+    kind, release, since, whole = progress.drift_evidence(advanced, since=100.0)
+    assert (kind, release, since, whole) == ("now_vs_reference", "r2", 150.0, True)
+    ev = Evidence(lambda e: None)
+    ev.add_drift(_report(end=151.0))  # canary-versus-stable, from step 1's rows: another kind
+    ev.add_drift(_deployment_report(start=149.0, end=160.0))  # partly step 1's traffic
+    assert ev.drift("d", release, since, kind, whole) is None
+    fresh = _deployment_report(start=151.0, end=170.0)
+    ev.add_drift(fresh)
+    assert ev.drift("d", release, since, kind, whole) == fresh
 
 
 def test_a_step_after_a_pause_counts_reports_from_the_pause_s_end() -> None:
@@ -212,4 +232,4 @@ def test_a_step_after_a_pause_counts_reports_from_the_pause_s_end() -> None:
 def test_after_a_blue_green_promotion_the_deployments_report_is_the_evidence() -> None:
     promoted = msgspec.structs.replace(_live(DRIFT), phase="promoted", verifying=True, stable=Target(release="r2"),
                                        previous=Target(release="r1"), promoted_at=300.0)
-    assert progress.drift_evidence(promoted, since=300.0) == ("now_vs_reference", "r2", 300.0)
+    assert progress.drift_evidence(promoted, since=300.0) == ("now_vs_reference", "r2", 300.0, False)
