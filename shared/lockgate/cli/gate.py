@@ -22,6 +22,7 @@ from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import GateDecided, GateReview
 from lockgate.contracts.names import check_name
+from lockgate.credentials import NotAllowed
 from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
 from lockgate.identity import PERSON_ROLES, Identity, sign_review
 from lockgate.signing import (
@@ -289,7 +290,12 @@ def register(cli: click.Group) -> None:
         elif roles:
             raise LockgateError("--role applies to a person: add --person NAME")
         public = load_public_key(key)
-        may_record(settings, "change the trust file (record the change in the audit log)")
+        role = may_record(settings, "change the trust file (record the change in the audit log)")
+        if role != "admin":
+            # Whom the trust file names decides whose reviews count and whose decisions move traffic: an operator who
+            # trusted a person as approver had that person's approval turn a NEEDS_REVIEW into a PASS (probe p3).
+            raise NotAllowed(f"role {role!r} may not trust a key or a person (whose decisions and reviews then count):"
+                             " use --role admin")
         before = read_trust_file(path) if path.is_file() else None
         if person:
             kid = trust_person(path, person, public, roles)
