@@ -452,7 +452,7 @@ async def delete_topology(settings: Settings) -> None:
             await js.delete_stream(spec.name)
     for bucket in (subjects.kv_gates, subjects.kv_routes, subjects.kv_keys, subjects.kv_drift,
                    subjects.kv_eval_cache, subjects.kv_releases, subjects.kv_eval_runs, subjects.kv_audit,
-                   subjects.kv_gitops, subjects.kv_budgets, subjects.kv_response_cache):
+                   subjects.kv_gitops, subjects.kv_budgets, subjects.kv_response_cache, subjects.kv_vetoes):
         with contextlib.suppress(Exception):
             await js.delete_key_value(bucket)
     with contextlib.suppress(Exception):

@@ -16,7 +16,8 @@ from lockgate.services.gatekeeper.review import VETOED, review_reasons
 from lockgate.services.gatekeeper.rules import Evidence, evaluate_rule
 
 __all__ = ["OPS", "Evidence", "Limits", "Outcome", "Pin", "Policy", "Required", "ReviewTrigger", "Rule", "Used",
-           "binding_rules", "called_rules", "decide", "decide_eval", "decision_id", "evaluate_rule",
+           "binding_rules", "binds_content", "called_rules", "content_digest", "decide", "decide_eval",
+           "decision_id", "evaluate_rule",
            "judged_artifacts", "meets", "parse_policy", "release_rules", "required_rules", "standing_veto",
            "under_veto", "with_rules"]
 
@@ -208,6 +209,39 @@ def standing_veto(current: GateDecided | None, judged: Mapping[str, str], unread
         return _veto(f"release {current.release!r} was rejected by {current.reviewed_by} (decision {current.id}: "
                      f"{current.reason})")
     return None
+
+
+def content_digest(decision_artifacts: Mapping[str, str]) -> str:
+    """The one name of the content a decision judged, whatever release name it was registered under: sha256 (hex)
+    of its release artifacts' sorted `kind/name=hash` lines (the suite and policy it adds are not content); ""
+    when it names none (a veto of nothing known binds nothing)."""
+    judged = judged_artifacts(decision_artifacts)
+    if not judged:
+        return ""
+    return hashlib.sha256("\n".join(f"{k}={v}" for k, v in sorted(judged.items())).encode()).hexdigest()
+
+
+def binds_content(decision: GateDecided, kept: GateDecided | None, unreadable: bool = False) -> bool:
+    """Whether `decision`, just stored for its release, replaces `kept` as what its content is vetoed by.
+
+    A veto (a person's reject, a drift BLOCK, a decision carrying either) binds the content it judged under any
+    name: registering the same artifact versions under a new name must not escape it. An approval's PASS that
+    lifted that very veto lifts it for the content too (the same rule as for the name); a PASS that lifted another
+    veto, or nothing kept, leaves `kept` as it is. `unreadable`: what is kept cannot be read (held as a veto, see
+    standing_veto), and an approval that lifted that hold replaces it, as it replaces such a decision of a name.
+    """
+    judged = judged_artifacts(decision.artifacts)
+    if standing_veto(decision, judged) is not None:
+        return True
+    lifted = [r.hint for r in decision.rules if r.rule == VETOED and r.verdict == "PASS"]
+    if decision.decision != "PASS" or not lifted:
+        return False
+    if unreadable:
+        return True
+    if kept is None:
+        return False
+    veto = standing_veto(kept, judged_artifacts(kept.artifacts))
+    return veto is not None and any(hint.endswith(veto.hint) for hint in lifted)
 
 
 def drift_veto(release: str, report_id: str, reason: str) -> RuleResult:

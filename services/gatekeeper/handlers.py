@@ -99,10 +99,16 @@ class GateHandlers:
             outcome = domain.with_rules(outcome, await self._required(done.release, bundle, done.policy,
                                                                       done.suite))
             outcome = domain.with_rules(outcome, await self._required_baseline(done, bundle))
-            # A person's reject of this content stands over a re-run of its eval: at most NEEDS_REVIEW.
-            outcome = domain.under_veto(outcome, domain.standing_veto(
-                stored.decision, domain.judged_artifacts(done.artifacts or release_arts), stored.unreadable,
-                withdrawn_approvals(self.ctx.settings, stored.decision)))
+            # A person's reject of this content stands over a re-run of its eval: at most NEEDS_REVIEW. It binds the
+            # content, not the name: the same artifact versions registered under another name stay under it too.
+            judged = domain.judged_artifacts(done.artifacts or release_arts)
+            veto = domain.standing_veto(stored.decision, judged, stored.unreadable,
+                                        withdrawn_approvals(self.ctx.settings, stored.decision))
+            if veto is None:
+                kept = await self.records.content(domain.content_digest(judged))
+                veto = domain.standing_veto(kept.decision, judged, kept.unreadable,
+                                            withdrawn_approvals(self.ctx.settings, kept.decision))
+            outcome = domain.under_veto(outcome, veto)
             # Last, so its remediation leads the reason: fail closed for a name nobody registered (or other content),
             # one bound otherwise than when the run started, or evaluated on another model than it ships.
             outcome = domain.with_rules(outcome, (*await evaluated_rules(self.ctx.bus, done, bundle),

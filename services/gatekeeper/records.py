@@ -15,6 +15,7 @@ from lockgate.errors import BusUnavailable, InvalidEvent, Retryable, UnreadableV
 from lockgate.ids import derived_id
 from lockgate.queryclient import ask
 from lockgate.server.service import ServiceContext
+from lockgate.services.gatekeeper import domain
 from lockgate.subjects import token
 
 _decided: Codec[GateDecided] = Codec(GateDecided)
@@ -33,6 +34,11 @@ class Stored(NamedTuple):
 class DecisionRaced(Retryable):
     """Another decision of the release was stored after the one this was made on was read: nothing of this one is
     recorded, and its message is redelivered to be judged again on what is stored now."""
+
+
+class ContentRaced(Retryable):
+    """Another decision about the same content was recorded while this one was: its message is redelivered, and
+    the content's record read again."""
 
 
 class Records:
@@ -77,6 +83,9 @@ class Records:
         refused entries: a producer filled it with junk). The audit failure still fails the message, so it is
         redelivered and the rows retried (both deduplicated by `key`, as is the announcement)."""
         try:
+            # Before its audit rows, and again on each redelivery until it holds: a veto binds its content under
+            # any name only once it is recorded there.
+            await self.bind_content(decision)
             await self.audit(decision, action=action, actor=actor, key=key)
         finally:
             await self.ctx.bus.publish(self.ctx.bus.subjects.gate_decided(decision.release), decision, msg_id=key)
@@ -127,6 +136,56 @@ class Records:
         if decision.release != release:
             return Stored(None, entry.revision, f"the decision stored for {release!r} in KV {s.kv_gates} is about "
                                                 f"{decision.release!r}")
+        return Stored(decision, entry.revision)
+
+    async def bind_content(self, decision: GateDecided) -> None:
+        """Record `decision` as what its content is vetoed by (KV vetoes, under domain.content_digest), when it
+        vetoes it or lifts the veto kept (domain.binds_content); compare-and-set over what was read, so a veto
+        recorded meanwhile is never replaced unseen (ContentRaced: redelivered)."""
+        digest = domain.content_digest(decision.artifacts)
+        if not digest:
+            return
+        kept = await self.content(digest)
+        if kept.decision is not None and kept.decision.id == decision.id:
+            return  # recorded before this redelivery
+        if not domain.binds_content(decision, kept.decision, bool(kept.unreadable)):
+            return
+        s = self.ctx.bus.subjects
+        try:
+            kv = await self.ctx.bus.kv(s.kv_vetoes)
+            if kept.revision:
+                await kv.update(digest, encode(decision), last=kept.revision)
+            else:
+                await kv.create(digest, encode(decision))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise ContentRaced(f"veto of content {digest} by decision {decision.id} of {decision.release!r} not "
+                               "recorded: another decision about it was recorded meanwhile; recorded again") from None
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot record the veto of content {digest} in KV {s.kv_vetoes}: {exc!r}") from None
+
+    async def content(self, digest: str) -> Stored:
+        """The decision content `digest` is vetoed by (or its veto lifted by), with its revision; what the key holds
+        if it is no decision about that content is `unreadable` (it may have been a veto), never "no veto"."""
+        if not digest:
+            return Stored(None, 0)
+        s = self.ctx.bus.subjects
+        try:
+            kv = await self.ctx.bus.kv(s.kv_vetoes)
+            entry = await kv.get(digest)
+        except nats.js.errors.KeyNotFoundError:
+            return Stored(None, 0)
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot read the veto of content {digest} from KV {s.kv_vetoes}: {exc!r}") from None
+        if not entry.value:
+            return Stored(None, entry.revision)
+        try:
+            decision = _decided.decode(entry.value)
+        except InvalidEvent as exc:
+            return Stored(None, entry.revision, f"the veto of content {digest} in KV {s.kv_vetoes} is unreadable: "
+                                                f"{exc.message}")
+        if domain.content_digest(decision.artifacts) != digest:
+            return Stored(None, entry.revision, f"the veto stored for content {digest} in KV {s.kv_vetoes} is about "
+                                                "other content")
         return Stored(decision, entry.revision)
 
     async def consecutive_errors(self, release: str, exclude_run: str) -> int:

@@ -202,7 +202,7 @@ def topology(subjects: Subjects, replicas: int) -> list[tuple[StreamConfig, Stre
         (_stream_config(spec, replicas), spec) for spec in subjects.streams.values()]
     kv = [_kv_config(b, replicas, history=10) for b in (
         subjects.kv_gates, subjects.kv_routes, subjects.kv_keys, subjects.kv_drift, subjects.kv_eval_runs,
-        subjects.kv_gitops)]
+        subjects.kv_gitops, subjects.kv_vetoes)]
     kv.append(_kv_config(subjects.kv_releases, replicas, history=1).evolve(**WRITE_ONCE))
     # Cached upstream responses expire so a stale answer never outlives a model update for long.
     kv.append(_kv_config(subjects.kv_eval_cache, replicas, history=1, ttl=7 * 24 * 3600))

@@ -190,7 +190,7 @@ def _manage_topology(s: Subjects) -> Grant:
     names = [spec.name for spec in s.streams.values()]
     names += [f"KV_{b}" for b in (s.kv_gates, s.kv_routes, s.kv_keys, s.kv_drift, s.kv_eval_runs, s.kv_releases,
                                   s.kv_eval_cache, s.kv_audit, s.kv_gitops, s.kv_budgets,
-                                  s.kv_response_cache)]
+                                  s.kv_response_cache, s.kv_vetoes)]
     names += [f"OBJ_{s.object_store}", f"OBJ_{s.object_dead_letters}"]
     # And the durable consumers an interest stream keeps its messages for (StreamSpec.readers): declared before
     # anyone publishes, then each fetched from only by its own service (_durables).
@@ -282,6 +282,7 @@ def grant(s: Subjects, identity: str) -> Grant:
         # It reads the evaluator's run records (not writes them) and publishes decisions and their audit rows.
         g.add(service).add(_consume(s, "gatekeeper")).add(_read_objects(s.object_store))
         g.add(_write_kv(s.kv_gates)).add(_write_kv(s.kv_keys)).add(_read_kv(s.kv_eval_runs))
+        g.add(_write_kv(s.kv_vetoes))  # vetoes by content, its alone: a new name for rejected content stays vetoed
         g.add(_read_kv(s.kv_releases))  # a release's signed author, so self-approval can be refused
         g.add(_read_kv(s.kv_routes))  # which release a deployment canaries, for its drift policy
         g.add(_read_stream(s.streams["provenance"].name))  # artifact lifecycles: a sunset artifact blocks

@@ -500,6 +500,12 @@ class Subjects:
         return f"{self.prefix}_releases"
 
     @property
+    def kv_vetoes(self) -> str:
+        """Content digest (the judged artifact set, gatekeeper domain.content_digest) -> the latest decision that
+        vetoes it or lifts its veto: a person's reject or a drift BLOCK binds the content under any release name."""
+        return f"{self.prefix}_vetoes"
+
+    @property
     def kv_gitops(self) -> str:
         """The state `lockgate apply` last applied: one entry per folder resource (`kind.name`), with
         its content hash and the Git provenance of the apply that set it; what `plan` diffs against."""

@@ -320,6 +320,48 @@ async def test_a_persons_reject_stands_over_a_rerun_of_the_eval_until_an_approve
 
 
 
+async def test_a_persons_reject_binds_the_content_under_any_release_name(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
+) -> None:
+    # Found by probe p3: carol rejected r2, an operator registered r2's very artifact versions as r2-clone, ran its
+    # eval under the required policy and got a signed PASS with no veto, and the router served it to everyone.
+    assert (await eval_run(settings, stack["sim"], "r2", files["strict"])).exit_code == 0
+    person(settings, "carol", "approver")
+    person(settings, "ann", "approver")
+    rejected = await review(settings, "carol", "reject", "r2", "tone regressed: do not ship")
+    assert rejected.exit_code == 0, rejected.output
+    veto = json.loads(rejected.output)
+    binding = await artifacts.release_of(bus, "r2")
+    await artifacts.register_release(bus, "r2-clone", "shop", binding["artifacts"])
+
+    rerun = await eval_run(settings, stack["sim"], "r2-clone", files["strict"])
+    assert rerun.exit_code == 5, rerun.output  # held for review, not passed
+    held = await current_decision(bus, "r2-clone")
+    assert held.decision == "NEEDS_REVIEW" and trusted.verify(held) == held.key_id
+    assert [(r.rule, r.verdict) for r in held.rules] == [("accuracy", "PASS"), ("latency", "PASS"), ("vetoed", "FAIL")]
+    assert held.reason.startswith(f"release 'r2' was rejected by carol (decision {veto['id']}: override: "
+                                  "rejected by carol: tone regressed: do not ship")
+    state = await canary(stack["router"], "r2-clone")
+    assert (state["phase"], state["weight"]) == ("idle", 0.0)
+
+    # A release differing in one artifact is other content: judged afresh.
+    config = await artifacts.register(bus, "model_config", "r2-config",
+                                      {"model": "good", "endpoint": "default", "temperature": 0})
+    await artifacts.register_release(bus, "r3", "shop", {"model_config/r2-config": config.hash})
+    assert binding["artifacts"].keys() == {"model_config/r2-config"} and binding["artifacts"] != {
+        "model_config/r2-config": config.hash}
+    fresh = await eval_run(settings, stack["sim"], "r3", files["strict"])
+    assert fresh.exit_code == 0, fresh.output
+    assert (await current_decision(bus, "r3")).decision == "PASS"
+
+    # An approver's approval of the held decision lifts the veto for the content: a third name is then judged afresh.
+    approved = await review(settings, "ann", "approve", "r2-clone", "tone checked again: fine")
+    assert approved.exit_code == 0, approved.output
+    await artifacts.register_release(bus, "r2-again", "shop", binding["artifacts"])
+    assert (await eval_run(settings, stack["sim"], "r2-again", files["strict"])).exit_code == 0
+    assert (await current_decision(bus, "r2-again")).decision == "PASS"
+
+
 async def test_a_pass_judged_before_a_persons_reject_landed_is_judged_again_under_it(
     bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring,
     monkeypatch: pytest.MonkeyPatch

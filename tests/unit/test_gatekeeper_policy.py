@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+
+import msgspec
 import pytest
 
 from lockgate.contracts import BaselineComparison, GateDecided, GateReview
@@ -205,3 +208,41 @@ def test_an_approval_lifts_the_veto_and_an_approved_pass_binds_nothing() -> None
     # A reject of it again blocks and stands again.
     again = apply_review(passed.decision, review("reject", decision_id="d3"), "d4", reviewer="carol").decision
     assert again is not None and domain.standing_veto(again, ARTS) is not None
+
+
+# A veto binds the content, not the name (probe p3): before, the same artifact versions registered under a new name
+# got a fresh PASS over a person's reject.
+
+
+def test_the_content_digest_is_the_judged_artifact_set_whatever_the_order_suite_or_policy() -> None:
+    digest = domain.content_digest(decided("BLOCK").artifacts)
+    assert digest == hashlib.sha256(b"model_config/m=sha256:c\nprompt/system=sha256:a").hexdigest()
+    assert domain.content_digest(dict(reversed(ARTS.items()))) == digest  # the suite and policy are no content
+    assert domain.content_digest({**ARTS, "policy": "sha256:other"}) == digest
+    assert domain.content_digest({**ARTS, "prompt/system": "sha256:b"}) != digest  # one artifact differs
+    assert domain.content_digest({**ARTS, "prompt/extra": "sha256:a"}) != digest
+    assert domain.content_digest({"policy": "sha256:p"}) == domain.content_digest({}) == ""  # nothing to bind
+
+
+def test_a_veto_kept_for_the_content_holds_a_new_name_until_an_approval_lifts_that_veto() -> None:
+    reject = decided("BLOCK", by="carol")  # of release v2
+    assert domain.binds_content(reject, None)
+    # A new name with the same content: its eval is judged under the reject of v2, which it names.
+    veto = domain.standing_veto(reject, ARTS)
+    assert veto is not None and veto.hint.startswith("release 'v2' was rejected by carol (decision d1")
+    held = msgspec.structs.replace(decided("NEEDS_REVIEW", rules=[veto]), id="e1", release="v2-clone")
+    assert domain.binds_content(held, reject)  # it carries the veto on: kept in its place
+    # A drift BLOCK (its veto rule) binds it the same way; an eval's plain BLOCK or PASS binds nothing.
+    drift = decided("BLOCK", rules=[domain.drift_veto("v2", "rep1", "answers drifted")])
+    assert domain.binds_content(drift, None) and domain.standing_veto(drift, ARTS) is not None
+    assert not domain.binds_content(decided("BLOCK"), reject) and not domain.binds_content(decided("PASS"), reject)
+    # An approval that lifted this very veto lifts it for the content; one that lifted another veto does not.
+    passed = apply_review(held, review(decision_id="e1"), "e2", reviewer="ann").decision
+    assert passed is not None and passed.decision == "PASS"
+    assert domain.binds_content(passed, held) and domain.standing_veto(passed, ARTS) is None
+    other = decided("BLOCK", by="dan")
+    other = msgspec.structs.replace(other, reason="override: rejected by dan: unsafe")
+    assert not domain.binds_content(passed, other) and not domain.binds_content(passed, None)
+    # What is kept cannot be read (held as a veto): the approval that lifted that hold replaces it.
+    assert domain.binds_content(passed, None, unreadable=True)
+    assert not domain.binds_content(decided("PASS"), None, unreadable=True)

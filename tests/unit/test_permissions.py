@@ -35,6 +35,9 @@ FACTS = {
     S.gate_review("shop-v2"): {"approver", "admin"},
     "$KV.lg_gates.shop-v2": {"gatekeeper", "admin"},
     "$KV.lg_keys.k1": {"gatekeeper", "admin"},
+    # vetoes by content (probe p3): a person's reject of an artifact set binds it under any release name
+    "$KV.lg_vetoes." + "a" * 64: {"gatekeeper", "admin"},
+    "$JS.API.STREAM.CREATE.KV_lg_vetoes": {"sink", "admin"},
     S.eval_requested: {"operator", "admin"},
     "$JS.API.STREAM.DELETE.LG_EVENTS": {"admin"},
     "$JS.API.STREAM.PURGE.LG_EVENTS": {"admin"},
