@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import nats.errors
@@ -118,24 +119,28 @@ class Records:
         """The release's latest decision from KV with its revision; what the key holds if it is no decision of
         the release is `unreadable`, never "never gated"."""
         s = self.ctx.bus.subjects
+        # A review must never countersign a decision about another release stored under this key.
+        return await self._stored(s.kv_gates, token(release), f"the decision of {release!r}",
+                                  lambda d: None if d.release == release else f"is about {d.release!r}")
+
+    async def _stored(self, bucket: str, key: str, what: str, about: Callable[[GateDecided], str | None]) -> Stored:
+        """The decision KV `bucket` holds under `key`, with its revision: `unreadable` (saying so of `what`) when the
+        key holds something else than a decision, or one `about` says is not the key's (why, else None)."""
         try:
-            kv = await self.ctx.bus.kv(s.kv_gates)
-            entry = await kv.get(token(release))
+            kv = await self.ctx.bus.kv(bucket)
+            entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:  # and deleted: create() writes over its tombstone
             return Stored(None, 0)
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise BusUnavailable(f"cannot read decision for {release} from KV {s.kv_gates}: {exc!r}") from None
+            raise BusUnavailable(f"cannot read {what} from KV {bucket}: {exc!r}") from None
         if not entry.value:
             return Stored(None, entry.revision)
         try:
             decision = _decided.decode(entry.value)
         except InvalidEvent as exc:
-            return Stored(None, entry.revision, f"the decision of {release!r} in KV {s.kv_gates} is unreadable: "
-                                                f"{exc.message}")
-        # A review must never countersign a decision about another release stored under this key.
-        if decision.release != release:
-            return Stored(None, entry.revision, f"the decision stored for {release!r} in KV {s.kv_gates} is about "
-                                                f"{decision.release!r}")
+            return Stored(None, entry.revision, f"{what} in KV {bucket} is unreadable: {exc.message}")
+        if (other := about(decision)) is not None:
+            return Stored(None, entry.revision, f"{what} stored in KV {bucket} {other}")
         return Stored(decision, entry.revision)
 
     async def bind_content(self, decision: GateDecided) -> None:
@@ -168,25 +173,9 @@ class Records:
         if it is no decision about that content is `unreadable` (it may have been a veto), never "no veto"."""
         if not digest:
             return Stored(None, 0)
-        s = self.ctx.bus.subjects
-        try:
-            kv = await self.ctx.bus.kv(s.kv_vetoes)
-            entry = await kv.get(digest)
-        except nats.js.errors.KeyNotFoundError:
-            return Stored(None, 0)
-        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise BusUnavailable(f"cannot read the veto of content {digest} from KV {s.kv_vetoes}: {exc!r}") from None
-        if not entry.value:
-            return Stored(None, entry.revision)
-        try:
-            decision = _decided.decode(entry.value)
-        except InvalidEvent as exc:
-            return Stored(None, entry.revision, f"the veto of content {digest} in KV {s.kv_vetoes} is unreadable: "
-                                                f"{exc.message}")
-        if domain.content_digest(decision.artifacts) != digest:
-            return Stored(None, entry.revision, f"the veto stored for content {digest} in KV {s.kv_vetoes} is about "
-                                                "other content")
-        return Stored(decision, entry.revision)
+        return await self._stored(self.ctx.bus.subjects.kv_vetoes, digest, f"the veto of content {digest}",
+                                  lambda d: None if domain.content_digest(d.artifacts) == digest else
+                                  "is about other content")
 
     async def consecutive_errors(self, release: str, exclude_run: str) -> int:
         """Errored decisions in a row for the release, from the audit log (via the query service)."""

@@ -286,17 +286,22 @@ async def test_a_gates_file_pins_the_baseline_to_the_deployments_known_good_rele
 # A person's reject binds the content it rejected.
 
 
-async def test_a_persons_reject_stands_over_a_rerun_of_the_eval_until_an_approver_approves(
-    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
-) -> None:
-    # Before: carol rejected r2 (a signed BLOCK), any operator re-ran the eval of the unchanged release, the
-    # gatekeeper signed a new PASS over the veto and the router admitted it.
+async def _rejected_by_carol(settings: Settings, stack: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
+    """r2 PASSed under the strict policy, then rejected by carol (approvers carol and ann trusted): her veto."""
     assert (await eval_run(settings, stack["sim"], "r2", files["strict"])).exit_code == 0
     person(settings, "carol", "approver")
     person(settings, "ann", "approver")
     rejected = await review(settings, "carol", "reject", "r2", "tone regressed: do not ship")
     assert rejected.exit_code == 0, rejected.output
-    veto = json.loads(rejected.output)
+    return dict(json.loads(rejected.output))
+
+
+async def test_a_persons_reject_stands_over_a_rerun_of_the_eval_until_an_approver_approves(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
+) -> None:
+    # Before: carol rejected r2 (a signed BLOCK), any operator re-ran the eval of the unchanged release, the
+    # gatekeeper signed a new PASS over the veto and the router admitted it.
+    veto = await _rejected_by_carol(settings, stack, files)
     assert (veto["decision"], veto["reviewed_by"]) == ("BLOCK", "carol")
 
     for _ in range(2):  # a re-run, and a re-run of that: the veto is carried on
@@ -325,12 +330,7 @@ async def test_a_persons_reject_binds_the_content_under_any_release_name(
 ) -> None:
     # Found by probe p3: carol rejected r2, an operator registered r2's very artifact versions as r2-clone, ran its
     # eval under the required policy and got a signed PASS with no veto, and the router served it to everyone.
-    assert (await eval_run(settings, stack["sim"], "r2", files["strict"])).exit_code == 0
-    person(settings, "carol", "approver")
-    person(settings, "ann", "approver")
-    rejected = await review(settings, "carol", "reject", "r2", "tone regressed: do not ship")
-    assert rejected.exit_code == 0, rejected.output
-    veto = json.loads(rejected.output)
+    veto = await _rejected_by_carol(settings, stack, files)
     binding = await artifacts.release_of(bus, "r2")
     await artifacts.register_release(bus, "r2-clone", "shop", binding["artifacts"])
 
