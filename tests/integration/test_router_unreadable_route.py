@@ -109,8 +109,9 @@ async def _make_unreadable(s: Stack, times: int = 1) -> None:
     routes = await runtime.ctx.bus.kv(runtime.ctx.bus.subjects.kv_routes)
     watcher = await routes.watch(token("shop-web"), include_history=False)
     try:
-        while await watcher.updates(timeout=5) is not None:  # the current value, then "that was all"
-            pass
+        entry = await watcher.updates(timeout=5)  # the current value, then None: "that was all"
+        while entry is not None:
+            entry = await watcher.updates(timeout=5)
         for _ in range(times):
             await viewer.nc.publish(f"$JS.API.STREAM.INFO.KV_{runtime.ctx.bus.subjects.kv_gates}", b"",
                                     reply=f"$KV.{runtime.ctx.bus.subjects.kv_routes}.{token('shop-web')}")
