@@ -190,9 +190,9 @@ class Proxy:
         bucket = self.rollouts.ctx.bus.subjects.kv_routes
         return error_response(503, f"Deployment {deployment!r} is not served: its route record (KV {bucket}, key "
                                    f"{token(deployment)}) is unreadable ({why}), so which release serves it is "
-                                   f"unknown. An operator writes it again: lockgate rollout start {deployment} "
-                                   f"--stable RELEASE [--canary RELEASE] (PUT /lockgate/v1/deployments/{deployment}), "
-                                   "with releases a verified gate decision allows",
+                                   f"unknown. `lockgate rollout get {deployment}` names the stable of its last "
+                                   f"readable revision, and `lockgate rollout start {deployment} --stable THAT_RELEASE` "
+                                   "restores it (with none readable, an admin key gives it a first release)",
                               "service_unavailable", code="route_unreadable")
 
     def _out_of_scope(self, headers: Any, key: ApiKey, deployment: str, model: str) -> web.Response:

@@ -82,7 +82,7 @@ async def test_a_deployment_whose_route_key_holds_jetstream_json_is_refused_neve
                 assert (err.status_code, err.code, err.type) == (503, "route_unreadable", "service_unavailable")
                 assert "Deployment 'support' is not served: its route record (KV " in err.message
                 assert "is unreadable (" in err.message and "which release serves it is unknown" in err.message
-                assert "lockgate rollout start support --stable RELEASE" in err.message
+                assert "`lockgate rollout get support` names the stable of its last readable revision" in err.message
             async with router_tests._openai(r, keys.app_key) as c:
                 assert "support" not in {m.id async for m in c.models.list()}
         assert sims[0].requests == {"m": 1}  # nothing reached an upstream since (governed or not)
