@@ -62,7 +62,8 @@ class Dataset(ContentDoc, frozen=True, kw_only=True, tag="dataset"):
 
 
 class Prompt(ContentDoc, frozen=True, kw_only=True, tag="prompt"):
-    """A prompt template (system text, template, variables)."""
+    """A prompt: `spec: {system, template}` (either or both; `template` is str.format over a case's vars), or `file:` a text
+    file, a system message alone. An eval renders every case with it (see the evaluator's PromptArtifact)."""
 
 
 class ModelConfig(ContentDoc, frozen=True, kw_only=True, tag="model_config"):
