@@ -24,6 +24,7 @@ from lockgate.services.gatekeeper.ownkey import OwnKey
 from lockgate.services.gatekeeper.records import Records
 from lockgate.services.gatekeeper.registrations import Registrations
 from lockgate.services.gatekeeper.review import ReviewRules, apply_review, review_action
+from lockgate.services.gatekeeper.siblings import Siblings
 from lockgate.signing import Signer, Verifier, publish_key
 
 __all__ = ["GateHandlers"]
@@ -45,6 +46,7 @@ class GateHandlers:
         # baseline's, it must verify; and our own key must be trusted before it signs anything (OwnKey).
         self.verifier = Verifier(ctx.bus, ctx.settings)
         self.own = OwnKey(ctx, signer, self.verifier)
+        self.records.siblings = Siblings(ctx, self.own, self.records, self.publish_key).veto
         self._key_published = False
 
     async def publish_key(self) -> None:

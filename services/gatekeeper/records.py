@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import NamedTuple
 
 import nats.errors
@@ -19,9 +19,11 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain
 from lockgate.subjects import token
 
-_decided: Codec[GateDecided] = Codec(GateDecided)
+decided: Codec[GateDecided] = Codec(GateDecided)
 # The hash-chained audit log's kind of each gate action (approvals and rejections are reviews).
-_KINDS = {"decided": "decision", "refused": "refusal", "override": "override"}
+# The audit action of a decision remade under the veto of the same content under another name (siblings.Siblings).
+VETOED_SIBLING = "vetoed"
+_KINDS = {"decided": "decision", VETOED_SIBLING: "decision", "refused": "refusal", "override": "override"}
 
 
 class Stored(NamedTuple):
@@ -51,6 +53,8 @@ class Records:
     def __init__(self, ctx: ServiceContext, salt: str) -> None:
         self.ctx = ctx
         self.salt = salt  # the gatekeeper's secret (Signer.id_salt): no other identity predicts an entry's id
+        # Puts the other names of a content a decision vetoes under its veto (siblings.Siblings.veto; it signs).
+        self.siblings: Callable[[GateDecided], Awaitable[None]] | None = None
 
     async def audit(self, decision: GateDecided, *, action: str, actor: str, key: str,
                     reason: str | None = None) -> None:
@@ -87,6 +91,8 @@ class Records:
             # Before its audit rows, and again on each redelivery until it holds: a veto binds its content under
             # any name only once it is recorded there.
             await self.bind_content(decision)
+            if self.siblings is not None and action != VETOED_SIBLING:  # the pass that remade it covers the rest
+                await self.siblings(decision)
             await self.audit(decision, action=action, actor=actor, key=key)
         finally:
             await self.ctx.bus.publish(self.ctx.bus.subjects.gate_decided(decision.release), decision, msg_id=key)
@@ -136,7 +142,7 @@ class Records:
         if not entry.value:
             return Stored(None, entry.revision)
         try:
-            decision = _decided.decode(entry.value)
+            decision = decided.decode(entry.value)
         except InvalidEvent as exc:
             return Stored(None, entry.revision, f"{what} in KV {bucket} is unreadable: {exc.message}")
         if (other := about(decision)) is not None:

@@ -362,6 +362,35 @@ async def test_a_persons_reject_binds_the_content_under_any_release_name(
     assert (await current_decision(bus, "r2-again")).decision == "PASS"
 
 
+async def test_a_persons_reject_reaches_a_name_of_the_same_content_passed_before_it(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
+) -> None:
+    # Before: r2's very artifact versions were registered and PASSed as r2-clone, which took canary traffic; carol
+    # then rejected r2, and r2-clone kept its PASS and its traffic until someone rejected it too.
+    binding = await artifacts.release_of(bus, "r2")
+    await artifacts.register_release(bus, "r2-clone", "shop", binding["artifacts"])
+    assert (await eval_run(settings, stack["sim"], "r2-clone", files["strict"])).exit_code == 0
+    passed = await current_decision(bus, "r2-clone")
+    state = await canary(stack["router"], "r2-clone")
+    assert (state["phase"], state["admitted"]) == ("progressing", passed.id), state
+
+    veto = await _rejected_by_carol(settings, stack, files)
+    held = await current_decision(bus, "r2-clone")
+    assert held.decision == "NEEDS_REVIEW" and trusted.verify(held) == held.key_id
+    assert [(r.rule, r.verdict) for r in held.rules] == [("accuracy", "PASS"), ("latency", "PASS"), ("vetoed", "FAIL")]
+    assert held.reason.startswith(f"release 'r2' was rejected by carol (decision {veto['id']}: override: ")
+    assert held.eval_run == passed.eval_run and held.approvals == []
+    rollouts = stack["router"].rollouts
+    await rollouts.wait_for(lambda routes: routes["chat"].decision_id == held.id, timeout=20)
+    route = rollouts.route("chat")
+    assert (route.canary.release, route.weight, route.admitted) == ("r2-clone", 0.0, "")
+
+    # It is judged as a re-run of its eval would be now, and an approver's approval lifts it.
+    assert (await eval_run(settings, stack["sim"], "r2-clone", files["strict"])).exit_code == 5
+    assert (await review(settings, "ann", "approve", "r2-clone", "tone checked again: fine")).exit_code == 0
+    assert (await current_decision(bus, "r2-clone")).decision == "PASS"
+
+
 async def test_a_pass_judged_before_a_persons_reject_landed_is_judged_again_under_it(
     bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring,
     monkeypatch: pytest.MonkeyPatch
