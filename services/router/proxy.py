@@ -195,6 +195,15 @@ class Proxy:
                                    "restores it (with none readable, an admin key gives it a first release)",
                               "service_unavailable", code="route_unreadable")
 
+    def _cut_off(self, deployment: str) -> web.Response:
+        """503 for a governed deployment while this replica, cut off from the bus, refuses (Rollouts.refusing)."""
+        bound = self.settings.router_cut_off_s + self.settings.router_cut_off_refuse_s
+        return error_response(503, f"Deployment {deployment!r} is not served by this router replica: it has been cut "
+                                   f"off from lockgate's bus for more than {bound:g} s, so it cannot tell whether the "
+                                   "gate still allows the release it serves (router_cut_off_refuse_s). Retry: another "
+                                   "replica serves it, and this one does once it is back on the bus",
+                              "service_unavailable", code="cut_off_from_bus")
+
     def _out_of_scope(self, headers: Any, key: ApiKey, deployment: str, model: str) -> web.Response:
         """OpenAI's answer for a model the key's project may not use (403 `model_not_found`): the deployment the
         request picked, how, and the key's scope, by its label (never the key)."""
@@ -327,6 +336,8 @@ class Proxy:
             if deployment in self.rollouts.unreadable:
                 return self._unreadable_route(deployment)
             return self._ungoverned(h, deployment, req.model)
+        if route.stable.release and self.rollouts.refusing:
+            return self._cut_off(deployment)
         user = req.user or h.get("x-lockgate-user") or ""
         session = h.get("x-lockgate-session") or ""
         # Sticky by user, else session, else the client's own key; never by the client's IP, which

@@ -153,6 +153,10 @@ class Rollouts:
         # lost ("lost", run_cut_off), or connected to a server that answers nothing ("unresponsive", run_unanswered).
         self.cut_off = False
         self._cuts: set[str] = set()
+        # True once it served stable only, cut off, for longer than router_cut_off_refuse_s (if set): it then refuses
+        # its governed deployments until it is back (read by the proxy on every request).
+        self.refusing = False
+        self._refuse_timer: asyncio.TimerHandle | None = None
 
     # reads (hot path)
     def route(self, deployment: str) -> Route:
@@ -322,11 +326,28 @@ class Rollouts:
         (self._cuts.add if on else self._cuts.discard)(cause)
         if bool(self._cuts) != self.cut_off:
             self.cut_off = bool(self._cuts)
+            self._refuse_after(self.ctx.settings.router_cut_off_refuse_s if self.cut_off else 0.0)
             log.warning("%s: serving %s", why, "stable only" if self.cut_off else "canaries again")
             self._notify()
 
+    def _refuse_after(self, bound: float) -> None:
+        """Refuse governed deployments `bound` seconds from now (0: serve them again, or never refuse)."""
+        if self._refuse_timer is not None:
+            self._refuse_timer.cancel()
+            self._refuse_timer = None
+        self.refusing = False
+        if bound > 0:
+            self._refuse_timer = asyncio.get_running_loop().call_later(bound, self._refuse, bound)
+
+    def _refuse(self, bound: float) -> None:
+        self.refusing = True
+        log.warning("serving stable only for more than %g s (router_cut_off_refuse_s): refusing governed deployments "
+                    "until back on the bus", bound)
+        self._notify()
+
     async def close(self) -> None:
         """Stop watching KV."""
+        self._refuse_after(0.0)
         watcher, self._watcher = self._watcher, None
         if watcher is not None:
             with contextlib.suppress(Exception):

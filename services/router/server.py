@@ -214,7 +214,8 @@ class RouterService(Service):
                                   "clock_offset_s": round(self.clock.seconds, 3) if self.clock else None,
                                   "clock_skewed": skewed,
                                   "ready": self.rollouts.ready.is_set(),
-                                  "serving": "stable_only" if cut_off else "all",
+                                  "serving": "none" if self.rollouts.refusing else
+                                             "stable_only" if cut_off else "all",
                                   "events_dropped": self.batcher.dropped,
                                   "events_failed": self.batcher.failed,
                                   "events_spooled": spool.pending if (spool := self.batcher.spool) else 0,

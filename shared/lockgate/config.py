@@ -64,6 +64,11 @@ class Settings(msgspec.Struct, kw_only=True):
     # election (a few seconds; the client tries again every 2 s) without dropping canaries on every blip: 10 s
     # is the longest a BLOCKed canary keeps traffic on a replica that cannot hear it. 0: at once.
     router_cut_off_s: float = 10.0
+    # Serving stable only for longer than this (seconds) a cut-off replica refuses its governed deployments' requests
+    # (503 `cut_off_from_bus`) until it is back: the stable it knows may have been BLOCKed or rejected meanwhile, and
+    # it cannot hear that. For operators who put enforcement before availability; their load balancer sends the
+    # request to another replica (its /readyz fails while the bus is away). 0: never (it keeps serving stable).
+    router_cut_off_refuse_s: float = 0.0
     app: str = "default"
     rollout_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
     rollout_step_interval_s: float = 5.0

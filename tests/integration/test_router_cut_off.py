@@ -96,3 +96,43 @@ async def test_a_replica_cut_off_from_the_bus_stops_serving_the_canary_until_it_
         relay.release()
         await partitioned.close()  # through the relay, while it still relays
         await relay.close()
+
+
+async def test_a_replica_cut_off_past_the_refuse_bound_refuses_governed_requests_until_it_is_back(
+        stack: Stack, sim: SimServer) -> None:
+    # The residual of serving stable only (probe p3): a stable the gate BLOCKs, or a person rejects, while a replica
+    # is cut off kept serving there for the whole cut. An operator who puts enforcement first sets
+    # router_cut_off_refuse_s: past it the replica refuses, and its clients retry on another replica.
+    stack.settings = stack.settings.replace(stable_upstream=sim.url, canary_upstream=sim.url)
+    a = await stack.replica("router-a")
+    await _rollout(stack, a)
+    relay, partitioned = Relay(int(stack.settings.nats_url.rpartition(":")[2])), Replicas()
+    try:
+        bus = Bus(f"nats://127.0.0.1:{await relay.start()}", Subjects(stack.settings.prefix), name="router-b",
+                  auth=credentials.for_identity(stack.settings, "router"), manage_topology=False)
+        await bus.connect()
+        b = await partitioned.router(bus, stack.settings.replace(router_cut_off_s=0.5, router_cut_off_refuse_s=3),
+                                     stack.store)
+        assert await _releases(b, 10) == {"r1", "r2"}
+
+        relay.cut()
+        await bus.wait_state("reconnecting", timeout_s=10)
+        await b.rollouts.wait_for(lambda _: b.rollouts.cut_off, timeout=20)
+        assert (await _health(b))["serving"] == "stable_only"  # within the refuse bound: stable
+        await b.rollouts.wait_for(lambda _: b.rollouts.refusing, timeout=20)
+        assert (await _health(b))["serving"] == "none"
+        async with aiohttp.ClientSession(headers=admin_headers(b.ctx.settings.home)) as http:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": "u"}
+            async with http.post(f"{b.url}/v1/chat/completions", json=body) as resp:
+                error = (await resp.json())["error"]
+                assert (resp.status, error["code"], error["type"]) == (503, "cut_off_from_bus", "service_unavailable")
+                assert "cut off from lockgate's bus for more than 3.5 s" in error["message"]
+                assert "another replica serves it" in error["message"]
+        assert sim.requests == {"m": 10}  # nothing reached the upstream since
+
+        relay.heal()
+        await b.rollouts.wait_for(lambda _: not b.rollouts.cut_off, timeout=30)
+        assert not b.rollouts.refusing and await _releases(b, 10) == {"r1", "r2"}
+    finally:
+        await partitioned.close()
+        await relay.close()
