@@ -37,7 +37,7 @@ from lockgate.errors import (
     Retryable,
     StoreNotCreated,
 )
-from lockgate.ids import batch_id
+from lockgate.ids import batch_id, derived_ids
 from lockgate.kvread import kv_keys
 from lockgate.limits import EventLimits
 from lockgate.natsclient import NatsClient, TlsNotOffered, wire_size
@@ -1104,7 +1104,10 @@ def consume(
         headers = dict(msg.headers or {})
         body = msg.data
         try:
-            value = codec.decode(body)
+            # An id left out is derived from the message, the same for every consumer and redelivery.
+            with derived_ids(headers.get("Nats-Msg-Id") or f"{meta.stream}:{meta.sequence.stream}",
+                             int(meta.timestamp.timestamp() * 1000)):
+                value = codec.decode(body)
         except InvalidEvent as exc:
             await refuse(msg, headers, deliveries, "invalid event", exc.message)
             return

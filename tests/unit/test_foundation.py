@@ -8,7 +8,7 @@ import pytest
 
 from lockgate.config import from_env
 from lockgate.errors import ConfigError
-from lockgate.ids import canonical_json, content_hash, uuid7
+from lockgate.ids import canonical_json, content_hash, derived_ids, uuid7, uuid7_time
 from lockgate.redact import redact, scrub_secrets
 from lockgate.subjects import Subjects, token
 
@@ -20,6 +20,20 @@ def test_uuid7_is_version_7_and_time_ordered() -> None:
     assert len(set(ids)) == 1000
     stamps = [u.int >> 80 for u in parsed]
     assert stamps == sorted(stamps)
+
+
+def test_ids_made_while_decoding_a_message_derive_from_it() -> None:
+    def made(seed: str) -> list[str]:
+        with derived_ids(seed, 1_765_000_000_123):
+            return [uuid7() for _ in range(3)]
+
+    first = made("msg-1")
+    assert made("msg-1") == first  # decoded again (another consumer, a redelivery): the same ids, in order
+    assert len(set(first)) == 3 and not set(made("msg-2")) & set(first)
+    parsed = [uuid.UUID(i) for i in first]
+    assert all(u.version == 7 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert {uuid7_time(i).timestamp() for i in first} == {1_765_000_000.123}  # the message's time
+    assert uuid7() not in first and uuid7_time(uuid7()).year >= 2026  # outside it: random, now
 
 
 def test_content_hash_is_canonical() -> None:
