@@ -22,6 +22,9 @@ _REPORTED = "mapContains(ResourceAttributes, 'lockgate.tenant')"
 _TENANT = f"if({_REPORTED}, ResourceAttributes['lockgate.tenant'], SpanAttributes['lockgate.tenant'])"
 # One tenant's view: its spans and lockgate's own that name no tenant (the router's, the gatekeeper's).
 _IN_SCOPE = f"{_TENANT} IN ({{tenant:String}}, '')"
+# A span's service as a summary lists it: a sender's own claim is marked `(otlp)`, so an application's span naming
+# itself `lockgate-router` is not read as lockgate's router in a trace listing (the trace itself has `origin`).
+_SERVICE = f"if({_REPORTED}, concat(ServiceName, ' (otlp)'), ServiceName)"
 
 _SUMMARY = f"""
 SELECT TraceId AS trace_id,
@@ -30,7 +33,7 @@ SELECT TraceId AS trace_id,
            AS duration_ms,
        count() AS spans,
        arrayStringConcat(arraySort(arrayFilter(t -> t != '', groupUniqArray({_TENANT}))), ',') AS tenants,
-       arrayStringConcat(arraySort(groupUniqArray(ServiceName)), ',') AS services,
+       arrayStringConcat(arraySort(groupUniqArray({_SERVICE})), ',') AS services,
        argMin(SpanName, Timestamp) AS root,
        countIf(StatusCode = 'Error') AS errors
 FROM otel_traces
@@ -48,17 +51,23 @@ def _summaries(store: Store, where: str, params: dict[str, Any], tenant: str | N
     return store.rows(_SUMMARY.format(where=where, having=having), params)
 
 
+def _through(where: str, params: dict[str, Any], service: str | None) -> tuple[str, dict[str, Any]]:
+    """`where` kept to the traces that passed through lockgate's own `service`, if one is given."""
+    if not service:
+        return where, params
+    # Always a lockgate service (`router` is `lockgate-router`): a span a tenant sent naming itself so is not one.
+    where += (" AND TraceId IN (SELECT TraceId FROM otel_traces WHERE ServiceName = {service:String} "
+              f"AND NOT {_REPORTED})")
+    return where, params | {"service": service if service.startswith("lockgate-") else f"lockgate-{service}"}
+
+
 def recent_traces(store: Store, limit: Limit = 20, service: str | None = None,
                   tenant: str | None = None) -> list[dict[str, Any]]:
     """The newest traces with their span count, tenants, services and duration; with `tenant`, the traces
     holding a span of that tenant, each summed over that tenant's spans and lockgate's own."""
     where = "Timestamp > now64(9) - INTERVAL 7 DAY"  # DateTime64 bound: see _TRACE
     params: dict[str, Any] = {"limit": limit}
-    if service:
-        # Always a lockgate service (`router` is `lockgate-router`): a span a tenant sent naming itself so is not one.
-        where += (" AND TraceId IN (SELECT TraceId FROM otel_traces WHERE ServiceName = {service:String} "
-                  f"AND NOT {_REPORTED})")
-        params["service"] = service if service.startswith("lockgate-") else f"lockgate-{service}"
+    where, params = _through(where, params, service)
     having = f"\nHAVING countIf({_TENANT} = {{tenant:String}}) > 0" if tenant is not None else ""
     return _summaries(store, where, params, tenant, having)
 
@@ -70,17 +79,19 @@ def release_tenant(store: Store, release: str) -> str | None:
     return str(rows[0]["tenant"]) if rows else None
 
 
-def traces_for_release(store: Store, release: str, limit: Limit = 20,
+def traces_for_release(store: Store, release: str, limit: Limit = 20, service: str | None = None,
                        tenant: str | None = None) -> list[dict[str, Any]]:
     """Traces whose spans are tagged with a release (router requests, evals, gate decisions), read as the
     release's tenant sees them: `tenant`, else the one the release is registered under (any tenant's spans
-    name any release they like; only a release nobody registered is read across tenants)."""
+    name any release they like; only a release nobody registered is read across tenants); with `service`, only
+    those that passed through that lockgate service, as `recent_traces`."""
     tenant = tenant if tenant is not None else release_tenant(store, release)
     tagged = "SpanAttributes['lockgate.release'] = {release:String}"
     if tenant is not None:
         tagged += f" AND {_IN_SCOPE}"
-    where = f"TraceId IN (SELECT TraceId FROM otel_traces WHERE {tagged})"
-    return _summaries(store, where, {"release": release, "limit": limit}, tenant)
+    where, params = _through(f"TraceId IN (SELECT TraceId FROM otel_traces WHERE {tagged})",
+                             {"release": release, "limit": limit}, service)
+    return _summaries(store, where, params, tenant)
 
 
 _SPANS = f"""

@@ -150,7 +150,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 @cli.command()
 @click.argument("trace_id", required=False)
 @click.option("--release", help="Traces touching this release, as its tenant sees them (see --tenant).")
-@click.option("--service", help="Only traces that passed through this lockgate service (e.g. router).")
+@click.option("--service", help="Only traces that passed through this lockgate service (e.g. router; its own spans, "
+                                "never a span an application sent naming itself so), of the release with --release.")
 @click.option("--tenant", help="Only this tenant's spans, and lockgate's own that name no tenant. With --release "
                                "the default is the tenant the release is registered under.")
 @click.option("--limit", default=20, type=click.IntRange(min=1), show_default=True)
@@ -182,8 +183,9 @@ def traces(ctx: click.Context, trace_id: str | None, release: str | None, servic
                               "output_tokens, latency_ms FROM inference_events WHERE trace_id = "
                               f"'{trace_id.strip().lower()}'\"", highlight=False, soft_wrap=True)
     elif release:
-        output(_query(ctx, "traces_for_release", release=release, limit=limit, **scope), as_json,
-               title=f"traces of {release}" + (f" (tenant {tenant})" if tenant else ""))
+        output(_query(ctx, "traces_for_release", release=release, limit=limit, service=service, **scope), as_json,
+               title=f"traces of {release}" + (f" through {service}" if service else "")
+               + (f" (tenant {tenant})" if tenant else ""))
     else:
         output(_query(ctx, "recent_traces", limit=limit, service=service, **scope), as_json,
                title="recent traces" + (f" (tenant {tenant})" if tenant else ""))
@@ -252,8 +254,9 @@ def _drift_test(f: dict) -> str:
 
 @cli.command()
 @click.option("--by", default="tenant,app,deployment,day", show_default=True,
-              help="Comma-separated grouping: tenant, app, deployment, release, model, day. An app or a release "
-                   "is grouped with its tenant (their names are a tenant's).")
+              help="Comma-separated grouping: tenant, app, deployment, release, model, day. A release is grouped "
+                   "with the app whose calls named it, and an app or a release with its tenant (an event names any "
+                   "release: another app's calls naming a release are that app's row).")
 @click.option("--tenant", help="Only this tenant.")
 @json_option
 @click.pass_context
@@ -263,7 +266,7 @@ def cost(ctx: click.Context, by: str, tenant: str | None, as_json: bool) -> None
     groups = [g.strip() for g in by.split(",") if g.strip()]
     rows = _query(ctx, "cost_rollup", by=groups, tenant=tenant)
     figures = ["calls", "input_tokens", "output_tokens", "cost_usd", "unpriced_calls"]
-    # The groups as the query made them: `tenant` is added before an app or a release.
+    # The groups as the query made them: `tenant` is added before an app or a release, `app` before a release.
     made = [c for c in rows[0] if c not in {*figures, "cached_tokens", "tokens"}] if rows else groups
     output(rows, as_json, title="cost (USD)", columns=None if as_json else [*made, *figures])
 
