@@ -72,6 +72,25 @@ def windows_of(key: str) -> tuple[str, str, bool]:
     return (tenant if sep else DEFAULT_TENANT), deployment, base == key
 
 
+def restorable(saved: dict[str, float], cap: int) -> tuple[list[str], list[str]]:
+    """Of saved windows (key -> when saved), those a start restores, least recently saved first, and those beyond
+    the cap: every served one, and beside them a tenant's most recently saved application windows while the tenant
+    holds fewer than `cap` (as DriftMonitor keeps them)."""
+    held: dict[str, int] = {}
+    for key in saved:
+        tenant, _, served = windows_of(key)
+        held[tenant] = held.get(tenant, 0) + served
+    keep, drop = [], []
+    for key in sorted(saved, key=lambda k: (saved[k], k), reverse=True):
+        tenant, _, served = windows_of(key)
+        if served or held[tenant] < cap:
+            keep.append(key)
+            held[tenant] += not served
+        else:
+            drop.append(key)
+    return keep[::-1], drop
+
+
 def deployment_named(key: str) -> str:
     """The deployment a windows key is of."""
     return windows_of(key)[1]
@@ -81,20 +100,33 @@ def _present(column: np.ndarray) -> np.ndarray:
     return column[~np.isnan(column)]
 
 
+# Window sets a tenant holds at most (served and an application's together): an application's events may name
+# any deployment (an unscoped key, its NATS user), and each name kept its windows for good (probe p6: 5,000
+# made-up names took the embedded stack past 11 GB). Past it, the tenant's least recently seen application
+# windows go; served ones (the router's events, of deployments someone rolled out) never do.
+MAX_WINDOWS = 64
+
+
 class DriftMonitor:
     """Feeds events into per-deployment windows; returns a DriftReport every `window_size` events (and
-    every `window_size` canary events during a rollout)."""
+    every `window_size` canary events during a rollout). A tenant holds at most `max_windows` window sets (served
+    ones beyond it only when they alone fill it); `windows` is in the order they were last seen, least recent first."""
 
     def __init__(self, reference_size: int, window_size: int, psi_threshold: float, bins: int = 10,
-                 embedder: text.Embedder | None = None) -> None:
+                 embedder: text.Embedder | None = None, max_windows: int = MAX_WINDOWS) -> None:
         self.reference_size = max(1, reference_size)
         self.window_size = max(1, window_size)
         self.psi_threshold = psi_threshold
         self.bins = bins
         self.embedder = embedder  # None: no text drift
         self.dim = embedder.dim if embedder is not None else 0
+        self.max_windows = max(1, max_windows)
         self.windows: dict[str, Windows] = {}
         self.pairs: dict[str, Pair] = {}
+        # What the cap took since the edge last looked (it deletes their snapshots and logs once per tenant):
+        # keys of evicted windows, and the tenants whose windows were at the cap.
+        self.evicted: list[str] = []
+        self.capped: set[str] = set()
         self.labels: dict[float, str] = {}  # category code -> value, to name drifting categories
         self.text_stride = max(1, self.window_size // TEXT_ROWS)
         self._rows_seen = 0  # rows offered for embedding, to pick every text_stride-th
@@ -154,9 +186,12 @@ class DriftMonitor:
         """Append rows to the tenant's windows of the deployment (its served or its other ones); one report per
         `window_size` rows past the reference."""
         key = window_key(tenant, deployment, served)
-        w = self.windows.get(key)
+        w = self.windows.pop(key, None)  # put back last: the most recently seen
         if w is None:
-            w = self.windows[key] = Windows(self.reference_size, self.window_size, self.dim, tenant=tenant)
+            if not self._room(tenant, served):
+                return []
+            w = Windows(self.reference_size, self.window_size, self.dim, tenant=tenant)
+        self.windows[key] = w
         w.app = app or w.app
         if self.dim and not w.text_ref.full:
             w.text_ref.fill(values, times, vectors)
@@ -172,6 +207,22 @@ class DriftMonitor:
                 w.since_report = 0
                 reports.append(self.report(deployment, w, served=served))
         return reports
+
+    def _room(self, tenant: str, served: bool) -> bool:
+        """Make room for one more of the tenant's window sets: evict its least recently seen application windows
+        past the cap. False if there is none to evict for an application's (the cap holds served ones only: the
+        events are not watched); a served one is kept even then (never evicted, it cannot be refused either)."""
+        mine = [k for k, w in self.windows.items() if w.tenant == tenant]
+        excess = len(mine) - self.max_windows + 1
+        if excess <= 0:
+            return True
+        self.capped.add(tenant)
+        apps = [k for k in mine if k.endswith(UNSERVED)][:excess]
+        for key in apps:
+            del self.windows[key]
+            self.pairs.pop(key, None)
+            self.evicted.append(key)
+        return served or len(apps) == excess
 
     def observe_variants(self, deployment: str, group: Sequence[InferenceEvent | InferenceScored], batch: Rows,
                          vectors: np.ndarray | None, *, tenant: str = DEFAULT_TENANT) -> list[DriftReport]:

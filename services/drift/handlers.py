@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 
 import msgspec
@@ -28,10 +29,12 @@ class DriftHandlers:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         s = ctx.settings
-        self.monitor = domain.DriftMonitor(s.drift_reference_size, s.drift_window_size, s.drift_psi_threshold)
+        self.monitor = domain.DriftMonitor(s.drift_reference_size, s.drift_window_size, s.drift_psi_threshold,
+                                           max_windows=s.drift_max_windows)
         self.events = Progress()
         self.reports = Progress()
         self.resets = Progress()
+        self.evictions = Progress()  # window sets the per-tenant cap evicted (or dropped at a start)
         # Reports computed but not yet published (a failed emit is retried on redelivery),
         # and recently observed message tokens, so a redelivered message is not counted twice.
         self._pending: list[DriftReport] = []
@@ -43,6 +46,11 @@ class DriftHandlers:
         self.saved = Progress()
         self.snapshot_s = SNAPSHOT_S
         self._oversized: set[str] = set()  # keys too large to save, warned about once
+        # Windows whose snapshot is in KV (restored or saved by this monitor), and those of them the cap evicted,
+        # whose snapshots the next save deletes (a start would restore them otherwise). Tenants told of the cap.
+        self._stored: set[str] = set()
+        self._evicted: set[str] = set()
+        self._capped: set[str] = set()
         self._saving = asyncio.Lock()
         self._restoring = asyncio.Lock()
 
@@ -61,15 +69,32 @@ class DriftHandlers:
             self.monitor.embedder, self.monitor.dim = embedder, embedder.dim
             log.info("text drift embeds with %s", embedder.name)
         entries = await self.ctx.bus.kv_entries(self.ctx.bus.subjects.kv_drift)
+        snaps: dict[str, tuple[str, snapshots.Snapshot]] = {}  # windows -> its KV key, its snapshot
         for key in entries:
-            if "." not in key:  # text rings are read with their deployment
-                self._restore_one(entries, key)
+            if "." in key:  # text rings are read with their deployment
+                continue
+            try:
+                snap = _snapshots.decode(entries[key])
+            except msgspec.DecodeError as exc:
+                log.warning("ignoring unreadable drift windows %s: %s", key, exc)
+                continue
+            snaps[snap.deployment] = (key, snap)
+        # Only what the per-tenant cap holds, the most recently saved first; the rest are evicted for good.
+        keep, drop = domain.restorable({w: snap.saved for w, (_, snap) in snaps.items()}, self.monitor.max_windows)
+        for windows in keep:
+            self._restore_one(entries, *snaps[windows])
+        if drop:
+            log.warning("drift windows of %d deployments beyond drift_max_windows=%d per tenant not restored "
+                        "(the least recently saved of their tenants' applications); their snapshots are deleted",
+                        len(drop), self.monitor.max_windows)
+            self._stored |= set(drop)
+            self._evicted |= set(drop)
+            await self.evictions.bump(len(drop))
         self._restored = True
 
-    def _restore_one(self, entries: dict[str, bytes], key: str) -> None:
+    def _restore_one(self, entries: dict[str, bytes], key: str, snap: snapshots.Snapshot) -> None:
         m = self.monitor
         try:
-            snap = _snapshots.decode(entries[key])
             w = snapshots.restore(snap, m.reference_size, m.window_size, m.dim)
             pair = snapshots.restore_pair(snap, m.window_size, m.dim)
         except (msgspec.DecodeError, ValueError) as exc:
@@ -81,6 +106,7 @@ class DriftHandlers:
             log.info("ignoring drift windows %s saved with tenant %r's events: they refill", key, snap.tenant)
             return
         m.windows[snap.deployment] = w
+        self._stored.add(snap.deployment)
         if pair is not None:
             m.pairs[snap.deployment] = pair
         for code, name in snapshots.labels(snap).items():
@@ -101,20 +127,29 @@ class DriftHandlers:
             await self._save()
 
     async def _save(self) -> None:
-        if not self._dirty:
+        if not self._dirty and not self._evicted:
             return
         dirty, self._dirty = self._dirty, set()
+        evicted, self._evicted = self._evicted, set()
         covered = self.events.count
         kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
         m = self.monitor
+        saved, deleted = time.time(), set()
         try:
+            # First the evicted windows' snapshots (windows seen again since are put back below, as new).
+            for windows in sorted(evicted):
+                key = token(windows)
+                for k in (key, *(f"{key}.text.{part}" for part in snapshots.TEXT_PARTS)):
+                    await kv.delete(k)
+                self._stored.discard(windows)
+                deleted.add(windows)
             for windows in dirty:  # a deployment's served windows, or its application's (domain.window_key)
                 w = m.windows.get(windows)
                 if w is None:
                     continue
                 key, pair = token(windows), m.pairs.get(windows)
                 name = m.embedder.name if m.embedder is not None else ""
-                values = {key: msgspec.json.encode(snapshots.snapshot(windows, w, pair, m.labels))}
+                values = {key: msgspec.json.encode(snapshots.snapshot(windows, w, pair, m.labels, saved))}
                 values |= {f"{key}.text.{part}": msgspec.json.encode(ring)
                            for part, ring in snapshots.text_rings(w, pair, name).items()}
                 for k, value in values.items():
@@ -126,8 +161,10 @@ class DriftHandlers:
                                         k, len(value))
                         continue
                     await kv.put(k, value)
+                self._stored.add(windows)
         except BaseException:
             self._dirty |= dirty  # saved again next time
+            self._evicted |= evicted - deleted  # deleted next time
             raise
         await self.saved.bump(covered - self.saved.count)
 
@@ -135,7 +172,7 @@ class DriftHandlers:
         """Save changed windows every `snapshot_s` seconds (a failed save is retried at the next one)."""
         while True:
             await asyncio.sleep(self.snapshot_s)
-            if self._dirty:
+            if self._dirty or self._evicted:
                 try:
                     await self.save()
                 except Exception:
@@ -163,6 +200,7 @@ class DriftHandlers:
         token = delivery.msg_id or f"{delivery.subject}-seq-{delivery.stream_seq}"
         if token not in self._seen:
             reports = self.monitor.observe_events(events, served=served)
+            await self._evict()
             self._pending += reports
             self._seen[token] = None
             if len(self._seen) > _SEEN_MAX:
@@ -175,6 +213,20 @@ class DriftHandlers:
             while self._pending:
                 await self._emit(self._pending[0])
                 self._pending.pop(0)
+
+    async def _evict(self) -> None:
+        """Take what the cap evicted: their snapshots go at the next save; logged once per tenant."""
+        m = self.monitor
+        evicted, m.evicted = m.evicted, []
+        for tenant in m.capped - self._capped:
+            log.warning("tenant %r holds drift_max_windows=%d drift window sets: the least recently seen of its "
+                        "applications' are evicted for new ones (an application's events naming many deployments; "
+                        "logged once per tenant)", tenant, m.max_windows)
+        self._capped |= m.capped
+        m.capped = set()
+        self._evicted |= {k for k in evicted if k in self._stored}
+        if evicted:
+            await self.evictions.bump(len(evicted))
 
     async def on_rollout(self, state: RolloutState, delivery: Delivery) -> None:
         """A promotion makes the new traffic the reference; an abort ends the canary's window."""
@@ -192,6 +244,7 @@ class DriftHandlers:
             kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
             for windows in sorted(keys):
                 self._dirty.discard(windows)
+                self._stored.discard(windows)
                 key = token(windows)
                 for k in (key, *(f"{key}.text.{part}" for part in snapshots.TEXT_PARTS)):
                     await kv.delete(k)

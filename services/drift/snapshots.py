@@ -55,6 +55,9 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     since_report: int
     pair: PairState | None = None
     labels: dict[str, str] = {}  # category code (an integer, as text) -> the category's name
+    # When it was saved (Unix seconds; 0: before this was kept): windows are saved within seconds of their last
+    # event, so a start over the per-tenant cap restores the most recently saved first (domain.restorable).
+    saved: float = 0.0
 
 
 class TextRing(msgspec.Struct, frozen=True, kw_only=True):
@@ -91,8 +94,9 @@ def _rows(state: RingState) -> tuple[np.ndarray, np.ndarray]:
     return values, times
 
 
-def snapshot(deployment: str, w: Windows, pair: Pair | None = None, labels: dict[float, str] | None = None) -> Snapshot:
-    """The windows (and the rollout's, if any) in a form that survives a restart."""
+def snapshot(deployment: str, w: Windows, pair: Pair | None = None, labels: dict[float, str] | None = None,
+             saved: float = 0.0) -> Snapshot:
+    """The windows (and the rollout's, if any) in a form that survives a restart, saved at `saved`."""
     cur_values, cur_times, _ = w.cur.ordered()
     rings = [w.ref.values[:w.ref.n], cur_values]
     state = None
@@ -106,7 +110,7 @@ def snapshot(deployment: str, w: Windows, pair: Pair | None = None, labels: dict
     names = {str(int(c)): labels[c] for c in codes if labels and c in labels}
     return Snapshot(deployment=deployment, app=w.app, tenant=w.tenant, reference=_finite(w.ref.values[:w.ref.n]),
                     current=_finite(cur_values), current_times=cur_times.tolist(), since_report=w.since_report,
-                    pair=state, labels=names)
+                    pair=state, labels=names, saved=saved)
 
 
 def restore(s: Snapshot, reference_size: int, window_size: int, dim: int = 0) -> Windows:
@@ -148,6 +152,9 @@ def text_rings(w: Windows, pair: Pair | None, embedder: str) -> dict[str, TextRi
     for part, ring in rings.items():
         if not ring.dim:
             continue
+        if ring.text is None:  # no text yet: saved empty all the same, so older vectors under its key go
+            out[part] = TextRing(embedder=embedder, dim=ring.dim, n=ring.n, rows=[], vectors=b"")
+            continue
         text = ring.ordered()[2]
         rows = np.flatnonzero(~np.isnan(text).all(axis=(1, 2)))
         rows = rows[len(rows) - TEXT_BYTES // (len(TEXTS) * ring.dim * 2):] if len(rows) else rows
@@ -175,5 +182,5 @@ def restore_text(part: str, t: TextRing, w: Windows, pair: Pair | None, embedder
         return False
     rows = rows - (t.n - ring.n)  # a ring restored smaller keeps its newest rows
     keep = (rows >= 0) & (rows < ring.n)
-    ring.text[(ring.pos - ring.n + rows[keep]) % ring.size] = vectors[keep]
+    ring.put_text((ring.pos - ring.n + rows[keep]) % ring.size, vectors[keep])
     return True

@@ -21,12 +21,33 @@ class Ring:
     pos: int = 0
     values: np.ndarray = field(init=False)
     times: np.ndarray = field(init=False)
-    text: np.ndarray = field(init=False)
+    # The text vectors, float32, made when the first embedded text comes and grown as rows come (NaN: none):
+    # allocated whole for every ring, (size, 2, dim) float64 was ~4 MB per deployment name an application's
+    # events named, most of them never holding a text (probe p6). The statistics read float64 copies (`ordered`).
+    text: np.ndarray | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         self.values = np.empty((self.size, len(FEATURES)))
         self.times = np.empty(self.size)
-        self.text = np.full((self.size, len(TEXTS), self.dim), math.nan)
+
+    def _reserve(self, upto: int) -> None:
+        """Room in the text vectors for slots below `upto`, doubling (a ring fills its slots in order until it wraps)."""
+        have = 0 if self.text is None else len(self.text)
+        if upto > have:
+            grown = np.full((min(self.size, max(upto, 2 * have, 16)), len(TEXTS), self.dim), math.nan, np.float32)
+            if self.text is not None:
+                grown[:have] = self.text
+            self.text = grown
+
+    def put_text(self, slots: np.ndarray, vectors: np.ndarray | None) -> None:
+        """Set the text vectors of these slots (None or NaN: no text); storage only once a text comes."""
+        if not self.dim or not len(slots):
+            return
+        if vectors is not None and not np.isnan(vectors).all():
+            self._reserve(int(slots.max()) + 1)
+        if self.text is not None:
+            inside = slots < len(self.text)
+            self.text[slots[inside]] = math.nan if vectors is None else vectors[inside]
 
     def push(self, values: np.ndarray, times: np.ndarray, vectors: np.ndarray | None) -> None:
         """Append rows, overwriting the oldest."""
@@ -34,8 +55,7 @@ class Ring:
         k = len(values)
         slots = (self.pos + np.arange(k)) % self.size
         self.values[slots], self.times[slots] = values, times
-        if self.dim:
-            self.text[slots] = vectors[-self.size:] if vectors is not None else math.nan
+        self.put_text(slots, None if vectors is None else vectors[-self.size:])
         self.pos = (self.pos + k) % self.size
         self.n = min(self.n + k, self.size)
 
@@ -46,9 +66,13 @@ class Ring:
         return k
 
     def ordered(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Values, times and text vectors, oldest row first."""
+        """Values, times and text vectors (float64), oldest row first."""
         order = (self.pos - self.n + np.arange(self.n)) % self.size
-        return self.values[order], self.times[order], self.text[order]
+        text = np.full((self.n, len(TEXTS), self.dim), math.nan)
+        if self.text is not None:
+            inside = order < len(self.text)
+            text[inside] = self.text[order[inside]]
+        return self.values[order], self.times[order], text
 
     @property
     def full(self) -> bool:
