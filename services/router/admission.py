@@ -664,7 +664,7 @@ class Admission:
             return None
         if isinstance(data, dict) and data.get("stream"):
             data["stream_options"] = {**(data.get("stream_options") or {}), "include_usage": shown_usage}
-        ticket.cache_key = (request_key(ticket.tenant, deployment, release, operation, data, spec)
+        ticket.cache_key = (request_key(ticket.tenant, ticket.app, deployment, release, operation, data, spec)
                             if isinstance(data, dict) else None)
         if ticket.cache_key is None:
             return None

@@ -4,9 +4,10 @@ in an in-process LRU bounded in bytes. Pure: the clock is passed in, nothing her
 The key is a hash of the canonical JSON (sorted keys) of the request as the upstream would receive it
 (the release's model and parameters applied), without the fields that do not change the answer
 (`user`, `stream_options`, `metadata`), together with the operation (its path), whether it streams,
-the tenant, deployment and release: one tenant never gets another's answer, a promoted release never
-serves its predecessor's, and one body sent to two operations (an embeddings request, then the same
-body to `/v1/responses`) never gets the other operation's answer. A
+the tenant and app of the caller's API key, the deployment and release: an answer is shared by the keys and users
+of one app, never with another app or tenant (whose keys could otherwise tell from `x-lockgate-cache: hit` what
+this app's users asked), a promoted release never serves its predecessor's, and one body sent to two operations
+(an embeddings request, then the same body to `/v1/responses`) never gets the other operation's answer. A
 request that samples (temperature above 0; absent means the provider's default of 1) is not cached
 unless the deployment asks for it (`any_temperature`).
 
@@ -49,10 +50,10 @@ class CacheConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
     max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 64 * 1024 * 1024
 
 
-def request_key(tenant: str, deployment: str, release: str, operation: str, body: dict[str, Any],
-                spec: CacheSpec) -> str | None:
-    """The cache key of a request body (a decoded JSON object) sent to `operation` (its path, e.g.
-    "/embeddings"), or None when it must not be cached."""
+def request_key(tenant: str, app: str, deployment: str, release: str, operation: str,
+                body: dict[str, Any], spec: CacheSpec) -> str | None:
+    """The cache key of a request body (a decoded JSON object) an API key of `tenant`'s `app` sent to `operation`
+    (its path, e.g. "/embeddings"), or None when it must not be cached."""
     temperature = body.get("temperature", 1.0)
     if not spec.any_temperature and not (isinstance(temperature, int | float) and temperature <= 0):
         return None
@@ -60,7 +61,8 @@ def request_key(tenant: str, deployment: str, release: str, operation: str, body
     # A stream's bytes say whether usage was included: its stream_options are part of the key.
     ignored = _IGNORED_STREAMED if streamed else _IGNORED
     kept = {k: v for k, v in body.items() if k not in ignored}
-    return hashlib.sha256(_canonical.encode([tenant, deployment, release, operation, streamed, kept])).hexdigest()
+    scope = [tenant, app, deployment, release, operation, streamed]
+    return hashlib.sha256(_canonical.encode([*scope, kept])).hexdigest()
 
 
 class Entry(msgspec.Struct, frozen=True):

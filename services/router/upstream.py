@@ -528,21 +528,53 @@ def scrub(body: bytes, endpoint: Endpoint) -> bytes:
     """An upstream error body (or a stream's line, or a header's value) as a client, log or event may see it: the
     endpoint's credential replaced by a marker (an upstream or a proxy in front of it may quote the Authorization it
     received), its address by its id (URLs stay internal), and whatever else the project's secret patterns find
-    masked. The address in each form: its origin, `host:port` and the bare host, so an address on a default port
-    (`https://llm.internal/v1`, which names no port) or a message naming only the host is replaced too."""
+    masked. The address in each spelling `_address` knows, so an address on a default port
+    (`https://llm.internal/v1`, which names no port), a message naming only the host, or the upstream naming
+    itself `localhost:8000` is replaced too."""
     keys = _keys(endpoint)
     for secret in _credential_forms(keys):
         body = body.replace(secret, _MARK)
     url = endpoint.url
-    host = url.host
-    if host and host.encode() in body:
-        for form in (f"{url.scheme}://{host}:{url.port}", str(url.origin()), f"{host}:{url.port}", host):
-            body = body.replace(form.encode(), f"endpoint {endpoint.id}".encode())
+    if url.host:
+        hints, address = _address(url.host, url.port or 0)
+        lowered = body.lower()
+        # The usual error names neither the port nor the host: no pattern search for it.
+        if any(hint in lowered for hint in hints):
+            named = f"endpoint {endpoint.id}".encode()
+            body = address.sub(lambda _: named, body)
     if b"\\" in body:
         # JSON may write any character of the key escaped (.NET's encoder writes `+` as `\u002B`, another all of
         # them): no list of forms covers that, so a JSON body, or a stream's `data:` line, is read as what it says.
         body = _decoded(body, keys)
     return scrub_bytes(body)
+
+
+# Names an upstream may call itself by on its own machine (`listening on localhost:8000`): with the endpoint's port
+# they are its address too.
+_LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
+
+
+@functools.lru_cache(maxsize=256)
+def _address(host: str, port: int) -> tuple[tuple[bytes, ...], re.Pattern[bytes]]:
+    """An endpoint's address in each spelling an error may use, any letter case, an `http(s)` scheme before it or
+    not: `host:port` with the endpoint's host or a loopback name, raw or percent-encoded (a URL quoted in a query
+    or a redirect, where `%3A` joins host and port), the URL JSON-escaped (`http:\\/\\/host:port`), and the
+    endpoint's own host alone (a default port, which the URL does not name, or a message naming only the host).
+    With it, what each spelling holds in lower case (the port, or the host alone): a body holding none of them
+    is not searched."""
+    own = f"[{host}]" if ":" in host else host  # an IPv6 address is written in brackets before a port
+
+    def forms(*names: str) -> list[str]:
+        return sorted({form for name in names for form in (name, quote(name, safe=""))}, key=len, reverse=True)
+
+    def spelled(*names: str) -> str:
+        return "|".join(map(re.escape, forms(*names)))
+
+    scheme = r"(?:https?(?:://|:\\/\\/|%3A%2F%2F))?"
+    after = rf"(?::|%3A){port}(?![0-9])"  # not the start of a longer port
+    pattern = rf"{scheme}(?:(?:{spelled(own, *_LOOPBACK)}){after}|(?:{spelled(own, host)})(?:{after})?)"
+    hints = (str(port).encode(), *(form.lower().encode() for form in forms(own, host)))
+    return hints, re.compile(pattern.encode(), re.IGNORECASE)
 
 
 def _decoded(body: bytes, keys: frozenset[str]) -> bytes:

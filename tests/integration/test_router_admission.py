@@ -466,6 +466,28 @@ async def test_a_shared_cache_answers_on_the_other_replica(settings: Settings, s
     assert sim.requests[MODEL] == 1
 
 
+async def test_a_cached_answer_is_shared_within_one_app_never_with_another_app_of_the_tenant(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    # Before (probe p5): the key had the tenant, not the app, so an app key of another app of the tenant sending the
+    # same body got `x-lockgate-cache: hit` and the answer: an oracle of what the first app's users asked.
+    router, keys, sub = await _caching(settings, store, stack, sim, tmp_path, "faq", 60)
+    await sub.unsubscribe()
+    store_keys = KeyStore(settings.home)
+    shop_again, other = store_keys.create("acme", "shop")[0], store_keys.create("acme", "other")[0]
+
+    async def ask_as(key: str, user: str) -> str:
+        raw = await client(router, key).chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "my diagnosis is"}], max_tokens=MAX_TOKENS,
+            temperature=0, user=user)
+        return raw.headers["x-lockgate-cache"]
+
+    assert await ask_as(keys.app_key, "alice") == "miss"
+    assert await ask_as(shop_again, "bob") == "hit"  # another key and user of the same app: shared
+    assert await ask_as(other, "mallory") == "miss"  # another app of the tenant: its own entry, from the upstream
+    assert await ask_as(other, "mallory") == "hit"
+    assert sim.requests[MODEL] == 2
+
+
 async def _caching(settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path, deployment: str,
                    ttl_s: float) -> tuple[Any, Any, Any]:
     """A router caching `deployment`'s answers for `ttl_s`, an app key of acme/shop, and a subscription to the

@@ -1456,6 +1456,32 @@ async def test_no_upstream_url_in_any_error(gateway: Gateway, keys: Bootstrap, c
         assert "127.0.0.1" not in visible and str(up.port) not in visible and str(closed_port) not in visible
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_no_upstream_address_in_an_error_however_the_upstream_spells_it(gateway: Gateway, keys: Bootstrap,
+                                                                              stream: bool) -> None:
+    # Before (probe p5): only the address as the endpoints file spells it was replaced, so the port reached the app
+    # key in a percent-encoded URL (`%3A37209`), and `localhost:37209` (the upstream naming itself) passed whole.
+    def answer(auth: str, body: Any) -> web.Response:
+        port = up.port
+        text = (f"see http%3A%2F%2F127.0.0.1%3A{port}%2Fv1, http%3a%2f%2f127.0.0.1%3a{port}, "
+                f"http:\\/\\/127.0.0.1:{port}\\/v1, localhost:{port}, [::1]:{port} and LOCALHOST%3A{port}")
+        return web.Response(text='{"error": {"message": "' + text + '", "type": "invalid_request_error"}}',
+                            status=400, content_type="application/json",
+                            headers={"x-request-id": f"req from http://localhost:{port}/v1"})
+
+    async with FakeLLM("up", ("answer", answer)) as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.BadRequestError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES, stream=stream)
+    visible = _visible(caught.value)
+    assert all(s not in visible.lower() for s in (str(up.port), "127.0.0.1", "localhost", "::1")), visible
+    message = caught.value.response.json()["error"]["message"]
+    assert message == ("see endpoint default%2Fv1, endpoint default, endpoint default/v1, endpoint default, "
+                       "endpoint default and endpoint default"), message
+    assert caught.value.response.headers["x-request-id"] == "req from endpoint default/v1"
+
+
 # Cost-aware routing: a group of endpoints serving the same model
 
 

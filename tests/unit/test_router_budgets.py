@@ -342,13 +342,16 @@ def _req(**extra: object) -> dict:
 
 
 def test_key_ignores_user_and_stream_options_and_key_order() -> None:
-    a = request_key("acme", "faq", "r1", CHAT, _req(user="alice"), ZERO_T)
-    b = request_key("acme", "faq", "r1", CHAT, {"temperature": 0, "messages": [{"content": "hi", "role": "user"}],
-                                                "model": "m", "user": "bob", "stream_options": {"x": 1}}, ZERO_T)
+    a = request_key("acme", "shop", "faq", "r1", CHAT, _req(user="alice"), ZERO_T)
+    b = request_key("acme", "shop", "faq", "r1", CHAT, {"temperature": 0, "model": "m", "user": "bob",
+                                                        "messages": [{"content": "hi", "role": "user"}],
+                                                        "stream_options": {"x": 1}}, ZERO_T)
     assert a is not None and a == b
-    assert request_key("acme", "faq", "r1", CHAT, _req(max_tokens=5), ZERO_T) != a
-    assert request_key("other", "faq", "r1", CHAT, _req(), ZERO_T) != a  # never across tenants
-    assert request_key("acme", "faq", "r2", CHAT, _req(), ZERO_T) != a  # nor across releases
+    assert request_key("acme", "shop", "faq", "r1", CHAT, _req(max_tokens=5), ZERO_T) != a
+    assert request_key("other", "shop", "faq", "r1", CHAT, _req(), ZERO_T) != a  # never across tenants
+    # Nor across apps of a tenant (probe p5: another app's key read from `x-lockgate-cache: hit` what was asked).
+    assert request_key("acme", "crm", "faq", "r1", CHAT, _req(), ZERO_T) != a
+    assert request_key("acme", "shop", "faq", "r2", CHAT, _req(), ZERO_T) != a  # nor across releases
 
 
 @pytest.mark.parametrize(("body", "spec", "cached"), [
@@ -360,27 +363,27 @@ def test_key_ignores_user_and_stream_options_and_key_order() -> None:
     (_req(stream=True, temperature=0.7), ZERO_T, False),
 ])
 def test_temperature_rule(body: dict, spec: CacheSpec, cached: bool) -> None:
-    assert (request_key("t", "d", "r", CHAT, body, spec) is not None) is cached
+    assert (request_key("t", "a", "d", "r", CHAT, body, spec) is not None) is cached
 
 
 def test_one_body_sent_to_two_operations_has_two_keys() -> None:
     """Before: the key had no operation, so an embeddings answer came back for the same body sent to
     /v1/responses (any key of the tenant could thereby plant answers of another operation)."""
     body = {"model": "x", "input": "what is the refund policy?", "temperature": 0}
-    keys = {request_key("t", "d", "r", path, body, ZERO_T) for path in ("/embeddings", "/responses", "/completions")}
+    keys = {request_key("t", "a", "d", "r", path, body, ZERO_T) for path in ("/embeddings", "/responses", "/completions")}
     assert len(keys) == 3 and None not in keys
 
 
 def test_a_stream_has_its_own_key_and_its_usage_option_counts() -> None:
     """A stream's entry is its SSE bytes: never the answer to the unstreamed request, and with the
     usage chunk shown or not as its client asked."""
-    plain = request_key("t", "d", "r", CHAT, _req(), ZERO_T)
-    streamed = request_key("t", "d", "r", CHAT, _req(stream=True, stream_options={"include_usage": False}), ZERO_T)
-    with_usage = request_key("t", "d", "r", CHAT, _req(stream=True, stream_options={"include_usage": True}), ZERO_T)
+    plain = request_key("t", "a", "d", "r", CHAT, _req(), ZERO_T)
+    streamed = request_key("t", "a", "d", "r", CHAT, _req(stream=True, stream_options={"include_usage": False}), ZERO_T)
+    with_usage = request_key("t", "a", "d", "r", CHAT, _req(stream=True, stream_options={"include_usage": True}), ZERO_T)
     assert len({plain, streamed, with_usage}) == 3
-    assert request_key("t", "d", "r", CHAT, _req(stream=True, stream_options={"include_usage": False}, user="u"),
+    assert request_key("t", "a", "d", "r", CHAT, _req(stream=True, stream_options={"include_usage": False}, user="u"),
                        ZERO_T) == streamed
-    assert request_key("t", "d", "r", CHAT, _req(stream=False), ZERO_T) == plain  # false is no stream
+    assert request_key("t", "a", "d", "r", CHAT, _req(stream=False), ZERO_T) == plain  # false is no stream
 
 
 def test_lru_ttl_and_byte_bound() -> None:

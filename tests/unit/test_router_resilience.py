@@ -252,6 +252,34 @@ def test_upstream_address_is_replaced_by_the_endpoint_id_in_error_bodies() -> No
     assert scrub(body, ep) == b'{"error": {"message": "overloaded: endpoint prod/v1/chat (endpoint prod)"}}'
 
 
+@pytest.mark.parametrize(("url", "said", "scrubbed"), [
+    # Percent-encoded (a URL quoted in a query or a redirect), either hex case: host and port as one unit.
+    ("http://10.0.0.7:8000/v1", "see http%3A%2F%2F10.0.0.7%3A8000%2Fv1", "see endpoint prod%2Fv1"),
+    ("http://10.0.0.7:8000/v1", "see http%3a%2f%2f10.0.0.7%3a8000", "see endpoint prod"),
+    ("http://10.0.0.7:8000/v1", "10.0.0.7%3A8000 busy", "endpoint prod busy"),
+    # JSON-escaped (`\/`), as PHP's json_encode and several Java and .NET serializers write a URL.
+    ("http://10.0.0.7:8000/v1", r"at http:\/\/10.0.0.7:8000\/v1", r"at endpoint prod\/v1"),
+    ("https://llm.internal/v1", r"at https:\/\/llm.internal\/v1", r"at endpoint prod\/v1"),
+    # The upstream naming itself on its own machine: a loopback name with the endpoint's port.
+    ("http://vllm.internal:8000/v1", "listening on localhost:8000", "listening on endpoint prod"),
+    ("http://vllm.internal:8000/v1", "listening on http://127.0.0.1:8000/v1", "listening on endpoint prod/v1"),
+    ("http://vllm.internal:8000/v1", "listening on [::1]:8000, LOCALHOST%3A8000", "listening on endpoint prod, "
+                                                                                 "endpoint prod"),
+    ("http://[::1]:8000/v1", "at http://[::1]:8000/v1 and http%3A%2F%2F%5B%3A%3A1%5D%3A8000", "at endpoint prod/v1 "
+                                                                                             "and endpoint prod"),
+    ("http://VLLM.internal:8000/v1", "vllm.INTERNAL:8000 down", "endpoint prod down"),
+    # A loopback name without the port, or another port, says nothing about the endpoint: it stays.
+    ("http://vllm.internal:8000/v1", "localhost refused; 127.0.0.1:80001 and localhost:80", "localhost refused; "
+                                                                                           "127.0.0.1:80001 and "
+                                                                                           "localhost:80"),
+])
+def test_upstream_address_is_replaced_in_every_spelling_an_error_may_use(url: str, said: str, scrubbed: str) -> None:
+    """Before (probe p5): only the address as configured was replaced, so a percent-encoded URL kept the port
+    (`%3A8000`) and an upstream naming itself `localhost:8000` was passed on whole."""
+    ep = Endpoint(id="prod", url=URL(url).joinpath("chat/completions"))
+    assert scrub(said.encode(), ep) == scrubbed.encode()
+
+
 @pytest.mark.parametrize(("provider", "key"), [("openai", "opaque-7f3a9c1e"), ("anthropic", 'op"aque\\7f3a')])
 def test_the_endpoints_credential_is_masked_in_error_bodies(provider: str, key: str) -> None:
     """Before: an upstream quoting the key it was sent passed it on to the client (scrub knew only addresses)."""
