@@ -251,6 +251,9 @@ class Admission:
                 return error_response(503, exc.message, "service_unavailable", code="rate_limit_unreadable")
             # The key's own limits as OpenAI reports its: what a client paces itself on (on a 429 and every answer).
             limits = self.limiter.headers(key.tenant, key.app, key.id, self.clock())
+            if refused and math.isinf(refused.retry_after_s):  # larger than the limit itself: no wait admits it
+                return error_response(429, _explained(f"{refused.message}; {_smaller(max_out)}", pointed), "tokens",
+                                      code="request_too_large", headers={**_NO_RETRY, **limits})
             if refused:
                 return error_response(429, _explained(refused.message, pointed), "requests",
                                       code="rate_limit_exceeded",
@@ -291,6 +294,10 @@ class Admission:
         `asking`: who needs it, for the over-budget message."""
         if self._allowance(counter).take(need, now):
             return True
+        # No allowance holds more than the limit, so only here (off the hot path): one larger than the whole limit
+        # is told so, not to wait for a reset that will not help (and no lease is tried for it).
+        if (too_large := _too_large(b, need, model, max_out, asking)) is not None:
+            return too_large
         try:
             leased = await self._lease(b, counter, need)
         except KVUnreadable as exc:
@@ -345,7 +352,8 @@ class Admission:
             except KVUnreadable as exc:
                 return exc.message
             if refused:
-                return refused.message
+                return f"{refused.message}; {_smaller(max_out)}" if math.isinf(refused.retry_after_s) else \
+                    refused.message
         now, wall = self.clock(), self.wall()
         for counter, b, _ in ticket.charges:  # the counters admission reserved on, of that period
             part = b.need(need)
@@ -526,7 +534,13 @@ class Admission:
                          f" ({model} prices, up to {max_out} output tokens)"))
         if b.limits_tokens:
             dims.append((str, "tokens", left.tokens, need.tokens, b.limit.tokens, available.tokens, ""))
-        blocking = [d for d in dims if d[2] < d[3]] or dims  # a store that refused holds what blocks
+        blocking = [d for d in dims if d[2] < d[3]]
+        if not blocking:
+            # What is left covers the request: concurrent requests here took this replica's allowance each time it
+            # leased (_lease tries a few times). Never worded "needs N, more than the M left" with N <= M.
+            return Refused(429, f"budget {b.describe()} has enough left for {asking}, but concurrent requests on this "
+                                "replica took it first; retry", "insufficient_quota", "budget_exceeded",
+                           {"Retry-After": "1"})
         used = []
         for fmt, unit, have, want, limit, held, priced in blocking:
             beyond = f", {fmt(-held)} {unit} of it used beyond reservations" if held < 0 else ""
@@ -534,7 +548,7 @@ class Admission:
                         f"{unit} left ({fmt(limit - have)} of {fmt(limit)} {unit} spent or reserved{beyond})")
         reset = _period_end(b.spec.period, wall)
         return Refused(
-            429, f"budget {b.describe()} is exhausted for {b.spec.period} {pid}: {'; '.join(used)}. "
+            429, f"budget {b.describe()} has too little left for {b.spec.period} {pid}: {'; '.join(used)}. "
                  f"It resets at {reset:%Y-%m-%d %H:%M} UTC.", "insufficient_quota", "budget_exceeded",
             {"Retry-After": str(max(1, math.ceil((reset - wall).total_seconds())))})
 
@@ -555,6 +569,13 @@ class Admission:
                 got, leased = await self._cas(counter, b.limit, lease_ask(b.need(b.limit), lacking,
                                                                           self.file.lease_fraction), lacking)
                 if got is None:
+                    # While the store answered, requests here may have settled and given their unused reservations
+                    # back: the allowance may now cover the request (the loop takes it), or lack less than the
+                    # store has left (the loop leases that). Before, the request was refused as needing more
+                    # than what was left, with that refilled allowance counted in what was left.
+                    lacking = self._allowance(counter).lacking(need)
+                    if grant(Counter(leased=leased), b.limit, lacking, lacking) is not None:
+                        continue
                     return leased
                 allowance = self._allowance(counter)
                 allowance.add(got, self.clock(), self.file.lease_s)
@@ -753,6 +774,32 @@ def _explained(message: str, pointed: Pointed) -> str:
     request refused as "may use up to 200000 tokens" is otherwise a riddle)."""
     why = pointed.explain()
     return f"{message.rstrip('.')}. {why}" if why else message
+
+
+# A refusal no retry changes: no Retry-After, and the openai SDK's own word not to retry (it otherwise retries a 429,
+# after waiting a Retry-After of up to 2 minutes each time).
+_NO_RETRY = {"x-should-retry": "false"}
+
+
+def _smaller(max_out: int) -> str:
+    """What a request larger than a limit's whole capacity can change (embeddings have no output to lower)."""
+    return "lower max_tokens or n, or shorten the input" if max_out else "shorten the input"
+
+
+def _too_large(b: Budget, need: Amount, model: str, max_out: int, asking: str) -> Refused | None:
+    """The 429 for a request (`asking`) that alone needs more than the budget's whole limit, None when it fits: no
+    reset admits it, so it has no Retry-After. Before, it read "budget ... is exhausted ... needs up to 0.060059
+    USD, more than the 0.050000 USD left (0.000000 of 0.050000 USD spent or reserved)" with a Retry-After until
+    the period's end."""
+    over = ([f"{_usd(need.usd)} USD ({model} prices, up to {max_out} output tokens), more than its whole limit of "
+             f"{_usd(b.limit.usd)} USD"] if b.limits_usd and need.usd > b.limit.usd else []) + \
+           ([f"{need.tokens} tokens (up to {max_out} of them output), more than its whole limit of "
+             f"{b.limit.tokens} tokens"] if b.limits_tokens and need.tokens > b.limit.tokens else [])
+    if not over:
+        return None
+    return Refused(429, f"budget {b.describe()} can never admit {asking}: it alone may use up to "
+                        f"{' and '.join(over)}; {_smaller(max_out)}", "insufficient_quota", "request_too_large",
+                   dict(_NO_RETRY))
 
 
 def _usd(nano: int) -> str:

@@ -267,8 +267,10 @@ def most_output(req: ApiRequest, fields: Sequence[str], default_max_tokens: int,
     batch (a list of strings or of token lists). A limit in a field the operation does not read bounds
     nothing: read from any field, `max_tokens: 1` on the Responses API reserved 1 token for an answer of
     thousands. `sent`: the limits of the request as each upstream gets it, when they differ from the client's
-    (a release's params, a provider translation's required max_tokens): the largest counts. Budgets and
-    token rate limits both reserve this."""
+    (a release's params, a provider translation's required max_tokens): the largest counts. No `fields`: the
+    operation generates no output (embeddings), 0. Budgets and token rate limits both reserve this."""
+    if not fields:  # before, the default: every embeddings request held 4,096 output tokens it never generates
+        return 0
     prompt = req.prompt
     prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
     return max(_per_prompt(limits, fields, default_max_tokens) for limits in (req, *sent)) * prompts

@@ -311,7 +311,11 @@ class Proxy:
         if req.stream and op.chunk is None:  # as OpenAI's embeddings API, which has no stream parameter
             return error_response(400, f"invalid {op.api} request: 'stream' is not a parameter of {op.api}; "
                                        "its answer comes whole", "invalid_request_error", param="stream")
-        if op.max_fields and (foreign := _foreign_limit(req, op)) is not None:
+        if (foreign := _foreign_limit(req, op)) is not None:
+            if not op.max_fields:  # embeddings: before, accepted and ignored (with 4,096 output tokens reserved)
+                return error_response(400, f"invalid {op.api} request: {foreign!r} is not a parameter of {op.api}, "
+                                           "which generate no output (admission reserves their input alone); leave "
+                                           "it out", "invalid_request_error", param=foreign)
             return error_response(400, f"invalid {op.api} request: {foreign!r} is not a parameter of {op.api}, whose "
                                        f"upstreams ignore it, so it would not bound the answer (nor what admission "
                                        f"reserves for it); set {' or '.join(repr(f) for f in op.max_fields)} instead",

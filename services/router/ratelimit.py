@@ -71,7 +71,8 @@ class Bucket:
 
 
 class Refusal(msgspec.Struct, frozen=True):
-    """Why a request was refused and when to retry."""
+    """Why a request was refused and when to retry: `math.inf` when no wait admits it (the request alone takes more
+    than the limit's whole capacity)."""
 
     message: str
     retry_after_s: float
@@ -172,8 +173,10 @@ class RateLimiter:
                 if capacity is None or (not n and kind == "requests"):
                     continue
                 if n > capacity:
-                    return Refusal(f"this request may use up to {n} tokens, more than key {key_id}'s "
-                                   f"limit of {capacity} tokens per minute; shorten the request or lower max_tokens", 60.0)
+                    # Never a wait: a Retry-After of 60 s made the openai SDK sleep a minute before each retry of a
+                    # request no bucket can ever hold (2 minutes, then the error).
+                    return Refusal(f"this request alone may use up to {n} tokens, more than key {key_id}'s whole "
+                                   f"limit of {capacity} tokens per minute", math.inf)
                 if spec.shared and shared_ok:
                     share = self.shares.get((i, kind, key_id))
                     if share is not None and now < share.expires and share.available >= n:

@@ -320,7 +320,8 @@ class Operation(msgspec.Struct, frozen=True):
     """One OpenAI operation the gateway serves: its upstream path, its GenAI operation name and how its
     request and answers are read. `stream_usage`: streams may be asked to include usage (then hidden).
     `max_fields`: the request fields that bound its output as its upstreams read them (admission reserves
-    from these alone; a client's limit in another field is refused, as its upstream would ignore it)."""
+    from these alone; a client's limit in another field is refused, as its upstream would ignore it); none
+    for an operation that generates no output (embeddings), which reserves its input alone."""
 
     name: str  # gen_ai.operation.name
     api: str  # the OpenAI API, recorded as the event's `lockgate.api` attribute
@@ -344,7 +345,8 @@ CHAT = Operation("chat", "chat.completions", "/chat/completions", True, parse_co
 COMPLETIONS = Operation("text_completion", "completions", "/completions", True, parse_completion, parse_chunk,
                         lambda r: input_text(r.prompt), ("max_tokens",),
                         {**{name: name for name in (*_SAMPLING, "max_tokens")}, "max_completion_tokens": "max_tokens"})
-# Embeddings take no sampling parameter and no output limit.
+# Embeddings take no sampling parameter and no output limit: they generate no output, so no max_fields (admission
+# reserves their input alone, and refuses a client's max tokens on them).
 EMBEDDINGS = Operation("embeddings", "embeddings", "/embeddings", False, parse_embeddings, None,
                        lambda r: input_text(r.input))
 # The Responses API generates a model turn from a conversation, which GenAI semconv calls "chat"; there is

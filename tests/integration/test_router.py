@@ -775,8 +775,10 @@ async def test_a_releases_own_max_tokens_is_what_admission_reserves(router: Any,
     body = {**_chat(), "max_tokens": 10}
     async with http.post(f"{router.url}/v1/chat/completions", json=body, headers=bearer(keys.app_key)) as resp:
         refused = await resp.json()
-        assert resp.status == 429 and refused["error"]["code"] == "budget_exceeded", refused
-    needs = re.search(r"needs up to (\d+)", refused["error"]["message"])
+        # More than the budget's whole limit: told so, without a Retry-After.
+        assert resp.status == 429 and refused["error"]["code"] == "request_too_large", refused
+        assert "Retry-After" not in resp.headers
+    needs = re.search(r"it alone may use up to (\d+) tokens", refused["error"]["message"])
     assert needs is not None and int(needs.group(1)) > 50_000 and sims[1].total_requests == 0
 
 

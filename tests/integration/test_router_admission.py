@@ -127,7 +127,7 @@ async def test_over_budget_is_a_429_naming_the_budget_and_settling_frees_the_unu
     err = refused.value
     assert err.status_code == 429 and err.code == "budget_exceeded"
     message = err.body["message"]
-    assert "budget acme-daily (0.0003 USD per day) is exhausted for day 20" in message
+    assert "budget acme-daily (0.0003 USD per day) has too little left for day 20" in message
     assert "It resets at" in message and int(err.response.headers["Retry-After"]) > 0
 
     # Each call reserved more than it used: had the reservations stayed spent, only limit // reservation
@@ -166,7 +166,8 @@ async def test_every_choice_is_reserved_so_n_cannot_spend_past_the_budget(
     c = client(await stack.add(s, store, "router-a"), keys.app_key)
     with pytest.raises(openai.RateLimitError) as refused:
         await ask(c, n=10)
-    assert refused.value.code == "budget_exceeded" and f"up to {10 * MAX_TOKENS} output tokens" in refused.value.body["message"]
+    # More than the whole budget: told so, not to wait for the reset.
+    assert refused.value.code == "request_too_large" and f"up to {10 * MAX_TOKENS} output tokens" in refused.value.body["message"]
     with pytest.raises(openai.BadRequestError, match=r"Expected `int` >= 1 - at `\$.max_tokens`") as bad:
         await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=-10**6)
     assert bad.value.param == "max_tokens"  # OpenAI's `param` names the field (before, null)
@@ -634,9 +635,9 @@ async def _post(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> 
         return resp.status, await resp.json()
 
 
-@pytest.mark.parametrize(("policy", "code"), [
-    ({"budgets": {"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}}}, "budget_exceeded"),
-    ({"rate_limits": [{"tenant": "acme", "rpm": 1000, "tpm": 30000}]}, "rate_limit_exceeded"),
+@pytest.mark.parametrize(("policy", "code"), [  # larger than the whole limit: no wait admits it
+    ({"budgets": {"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}}}, "request_too_large"),
+    ({"rate_limits": [{"tenant": "acme", "rpm": 1000, "tpm": 30000}]}, "request_too_large"),
 ], ids=["budget", "tpm"])
 async def test_responses_instructions_are_reserved_so_one_request_cannot_overshoot_a_limit(
         settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path, policy: dict[str, Any],
@@ -683,7 +684,7 @@ async def test_a_chat_request_heavy_outside_its_messages_content_is_refused_befo
     url = f"{router.url}/v1/chat/completions"
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
         status, refused = await _post(http, url, {**HI, **extra})
-        assert status == 429 and refused["error"]["code"] == "budget_exceeded", (status, sim.total_requests)
+        assert status == 429 and refused["error"]["code"] == "request_too_large", (status, sim.total_requests)
         assert sim.total_requests == 0
         status, answered = await _post(http, url, HI)
     assert status == 200 and sim.requests == {MODEL: 1}
@@ -709,7 +710,7 @@ async def test_what_a_body_only_points_at_is_reserved_too(settings: Settings, st
                                       budgets={"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}})
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
         status, refused = await _post(http, f"{router.url}{path}", body)
-    assert status == 429 and refused["error"]["code"] == "budget_exceeded", (status, refused)
+    assert status == 429 and refused["error"]["code"] == "request_too_large", (status, refused)
     assert sim.total_requests == 0
 
 
@@ -723,9 +724,9 @@ APP_KEYS = {  # the application's own data, with keys named like what a request 
 }
 
 
-@pytest.mark.parametrize(("policy", "code"), [
-    ({"budgets": {"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}}}, "budget_exceeded"),
-    ({"rate_limits": [{"tenant": "acme", "rpm": 1000, "tpm": 20000}]}, "rate_limit_exceeded"),
+@pytest.mark.parametrize(("policy", "code"), [  # larger than the whole limit: no wait admits it
+    ({"budgets": {"day-tokens": {"tenant": "acme", "period": "day", "tokens": 20000}}}, "request_too_large"),
+    ({"rate_limits": [{"tenant": "acme", "rpm": 1000, "tpm": 20000}]}, "request_too_large"),
 ], ids=["budget", "tpm"])
 async def test_a_file_is_reserved_as_stored_input_and_the_applications_own_keys_are_not(
         settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path, policy: dict[str, Any],
@@ -773,7 +774,7 @@ async def test_an_anthropic_translated_request_is_bounded_by_the_body_it_sends(
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
         for extra in ({"tools": [TOOL]}, {"messages": [{"role": "system", "content": WORDS}, *HI["messages"]]}):
             status, refused = await _post(http, url, {**HI, **extra})
-            assert status == 429 and refused["error"]["code"] == "budget_exceeded", (status, sim.total_requests)
+            assert status == 429 and refused["error"]["code"] == "request_too_large", (status, sim.total_requests)
         assert sim.total_requests == 0
         status, answered = await _post(http, url, HI)
     assert status == 200 and sim.requests == {MODEL: 1} and "x-api-key" in sim.headers[-1]
@@ -835,9 +836,12 @@ async def test_a_give_back_whose_answer_came_late_is_not_sent_again(settings: Se
         router.admission.counters.clock = lambda: time.monotonic() + RETRY_S
         await router.admission.return_expired(force=True)
         assert (await counter(bus, name)).tokens == used  # never below what was spent
+        # A request within the limit that what is left cannot cover: its input and output come to limit - 5 tokens.
+        most = limit - 5 - (reservation({**HI, "max_tokens": limit}).tokens - limit)
+        assert used > 5 and reservation({**HI, "max_tokens": most}).tokens <= limit
         with pytest.raises(openai.RateLimitError) as refused:
             await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                            max_tokens=limit - used)
+                                            max_tokens=most)
         assert refused.value.code == "budget_exceeded"
         assert (await counter(bus, name)).tokens == used
         # The give-back it dropped is counted: had it not landed, that much would stay charged (under-use).
@@ -845,3 +849,114 @@ async def test_a_give_back_whose_answer_came_late_is_not_sent_again(settings: Se
     finally:
         await stack.close()
         await relay.close()
+
+
+async def test_an_embeddings_request_reserves_its_input_alone(settings: Settings, store: Store, stack: Stack,
+                                                             sim: SimServer, tmp_path: Path) -> None:
+    # Found by a probe (p5 F1). Before: embeddings have no output limit field, so admission reserved the default
+    # 4,096 output tokens for each: under `tpm: 3000` no embeddings request was ever admitted ("may use up to 4159
+    # tokens ... lower max_tokens"), a 1,000-token budget admitted none, and `max_tokens: 1` on one was accepted.
+    router, keys = await _acme_router(settings, store, stack, sim, tmp_path,
+                                      budgets={"day-tokens": {"tenant": "acme", "tokens": 1000}},
+                                      rate_limits=[{"tenant": "acme", "rpm": 1000, "tpm": 3000}])
+    c = client(router, keys.app_key)
+    answered = await c.embeddings.create(model=MODEL, input="hi", encoding_format="float",
+                                         extra_headers={"x-lockgate-deployment": "shop-web"})
+    assert len(answered.data[0].embedding) > 0 and sim.requests == {MODEL: 1}
+    await router.admission.return_expired(force=True)
+    assert (await counter(router.ctx.bus, f"day-tokens.{_today()}")).tokens == answered.usage.total_tokens
+    # An input larger than the tpm: its reservation is its input estimate, nothing more, and the 429 says what helps.
+    big = {"input": "word " * 700, "model": MODEL, "encoding_format": "float"}
+    raw = msgspec.json.encode(big)
+    estimate = input_estimate(len(raw), msgspec.json.decode(raw, type=ApiRequest), 1.0)
+    with pytest.raises(openai.RateLimitError) as refused:
+        await c.embeddings.create(**big, extra_headers={"x-lockgate-deployment": "shop-web"})
+    message = refused.value.body["message"]
+    assert refused.value.code == "request_too_large" and f"may use up to {estimate} tokens," in message, message
+    assert message.endswith("; shorten the input") and "max_tokens" not in message
+    # A max tokens on embeddings bounds nothing: refused naming it, as a limit in another operation's field is.
+    with pytest.raises(openai.BadRequestError) as bad:
+        await c.embeddings.create(model=MODEL, input="hi", extra_body={"max_tokens": 1},
+                                  extra_headers={"x-lockgate-deployment": "shop-web"})
+    assert bad.value.param == "max_tokens" and "generate no output" in bad.value.body["message"]
+    assert sim.requests == {MODEL: 1}
+
+
+async def test_a_request_refused_a_lease_takes_what_a_settlement_gave_back_meanwhile(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    # Found by a probe (p5 F2). Request B's lease was refused by the store while request A, which held this replica's
+    # allowance, settled and gave most of it back: B was refused "needs up to 3035 tokens, more than the 4982
+    # tokens left", although what it needed was held, unreserved, on this very replica.
+    router, keys = await _acme_router(settings, store, stack, sim, tmp_path, lease_s=300,
+                                      budgets={"day-tokens": {"tenant": "acme", "tokens": 5000}})
+    adm = router.admission
+    a_leased, b_leasing, a_answered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    update, lookup, calls = adm.counters.update, adm.lookup, []
+
+    async def held_update(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0])
+        if len(calls) == 2:  # B's lease: the store answers once A has settled
+            b_leasing.set()
+            await a_answered.wait()
+        try:
+            return await update(*args, **kwargs)
+        finally:
+            a_leased.set()
+
+    async def held_lookup(*args: Any, **kwargs: Any) -> Any:
+        await b_leasing.wait()  # A calls its upstream once B is leasing
+        return await lookup(*args, **kwargs)
+
+    adm.counters.update, adm.lookup = held_update, held_lookup
+    c = client(router, keys.app_key)
+    big = {"max_tokens": 3000, "extra_headers": {"x-lockgate-deployment": "shop-web"}}
+    a = asyncio.create_task(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], **big))
+    await a_leased.wait()  # A holds the lease it took (3,035 of the 5,000 tokens), nothing of it left unreserved
+    b = asyncio.create_task(c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], **big))
+    first = await a
+    a_answered.set()
+    second = await b  # before: openai.RateLimitError, budget_exceeded
+    assert (first.choices[0].message.content, second.choices[0].message.content) == (ANSWER, ANSWER)
+    await adm.return_expired(force=True)
+    assert (await counter(router.ctx.bus, f"day-tokens.{_today()}")).tokens == \
+        first.usage.total_tokens + second.usage.total_tokens
+
+
+async def test_a_request_larger_than_a_whole_limit_is_told_so_and_not_retried(
+        settings: Settings, store: Store, stack: Stack, sim: SimServer, tmp_path: Path) -> None:
+    # Found by a probe (p5 F3). Before: a request whose reservation alone exceeds a budget's whole limit was told the
+    # budget "is exhausted ... (0.000000 of 0.050000 USD spent or reserved)" with a Retry-After until the period's
+    # end, and one larger than a key's whole tpm got `Retry-After: 60`, which the openai SDK sleeps before each
+    # retry: the default client hung 2 minutes on a request no wait could admit.
+    one = reservation()
+    router, keys = await _acme_router(settings, store, stack, sim, tmp_path,
+                                      budgets={"day-usd": {"tenant": "acme", "usd": 3 * one.usd / NANO}},
+                                      rate_limits=[{"tenant": "acme", "rpm": 1000, "tpm": 1000}])
+    sent: list[Any] = []
+
+    async def count(request: Any) -> None:
+        sent.append(request)
+
+    c = openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=keys.app_key,  # the SDK's default retries
+                           http_client=openai.DefaultAsyncHttpxClient(event_hooks={"request": [count]}),
+                           default_headers={"x-lockgate-deployment": "shop-web"})
+    # Within the tpm, more than the whole budget.
+    with pytest.raises(openai.RateLimitError) as refused:
+        await ask(c, n=10)
+    err = refused.value
+    assert (err.code, len(sent)) == ("request_too_large", 1)  # told once, not retried
+    assert "retry-after" not in err.response.headers and err.response.headers["x-should-retry"] == "false"
+    message = err.body["message"]
+    assert message.startswith("budget day-usd (") and "can never admit this request: it alone may use up to" in message
+    assert "more than its whole limit of" in message and message.endswith("; lower max_tokens or n, or shorten the input")
+    assert "exhausted" not in message
+    # More than the whole tpm.
+    with pytest.raises(openai.RateLimitError) as refused:
+        await c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2000)
+    err = refused.value
+    assert (err.code, len(sent)) == ("request_too_large", 2)
+    assert "retry-after" not in err.response.headers and err.response.headers["x-should-retry"] == "false"
+    assert "more than key" in err.body["message"] and "whole limit of 1000 tokens per minute" in err.body["message"]
+    assert sim.total_requests == 0
+    await c.close()
+    # (A request that fits the limit but not what is left keeps its 429 with a Retry-After: the tests above.)

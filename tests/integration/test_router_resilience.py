@@ -1353,7 +1353,7 @@ async def test_a_fallback_is_not_called_when_what_the_abandoned_call_may_have_sp
         assert body["message"].startswith(
             "the call to endpoint default was given up on (no answer within its first-byte timeout, or a broken "
             "reply) and is charged as if it generated its whole answer; its fallback backup was not called: ")
-        assert (("budget daily (400 tokens per day) is exhausted" in body["message"] and
+        assert (("budget daily (400 tokens per day) has too little left" in body["message"] and
                  "a further reservation for it needs up to" in body["message"]) if limit == "budget"
                 else "rate limit of key" in body["message"]), body["message"]
         assert after.value.body["code"] == ("budget_exceeded" if limit == "budget" else "rate_limit_exceeded")

@@ -9,10 +9,12 @@ from typing import Any
 import msgspec
 import pytest
 
+from lockgate.config import Settings
 from lockgate.errors import ConfigError
 from lockgate.llmwire import ApiRequest, OutputLimits
 from lockgate.pricebook import ModelPrice
 from lockgate.services.router import wire
+from lockgate.services.router.admission import Admission, _too_large
 from lockgate.services.router.budgets import (
     NANO,
     TOOLS_TOKENS,
@@ -204,6 +206,9 @@ def test_declared_tools_add_the_providers_tool_instructions(tools: list | None, 
     (RESPONSES, {"max_tokens": 1}, 4096),
     (COMPLETIONS, {"max_completion_tokens": 1}, 4096),
     (wire.CHAT, {"max_output_tokens": 1}, 4096),
+    # Embeddings generate nothing: none reserved (before, the default: 4,096 tokens held by every one).
+    (wire.EMBEDDINGS, {}, 0),
+    (wire.EMBEDDINGS, {"max_tokens": 100, "n": 3}, 0),
 ])
 def test_the_reservation_covers_every_choice_and_prompt(op: Operation, body: dict, most: int) -> None:
     assert most_output(msgspec.json.decode(msgspec.json.encode(body), type=ApiRequest), op.max_fields, 4096) == most
@@ -214,6 +219,38 @@ def test_the_reservation_covers_every_choice_and_prompt(op: Operation, body: dic
 def test_a_request_cannot_reserve_less_than_nothing(field: str, value: int) -> None:
     with pytest.raises(msgspec.ValidationError, match=rf"Expected `int` >= 1 - at `\$.{field}`"):
         msgspec.json.decode(msgspec.json.encode({"model": "m", field: value}), type=ApiRequest)
+
+
+def test_a_request_larger_than_a_budgets_whole_limit_is_refused_without_a_retry_after() -> None:
+    usd, tokens = resolve({"usd": BudgetSpec(usd=0.05), "tokens": BudgetSpec(tokens=5000)})
+    assert _too_large(usd, Amount(50_000_000, 10**6), "m", 4096, "this request") is None  # fits (tokens unlimited)
+    refused = _too_large(usd, Amount(60_059_000, 0), "m", 4096, "this request")
+    assert refused is not None and (refused.status, refused.code) == (429, "request_too_large")
+    assert refused.headers == {"x-should-retry": "false"}  # no Retry-After: no reset admits it
+    assert refused.message == ("budget usd (0.05 USD per day) can never admit this request: it alone may use up to "
+                               "0.060059 USD (m prices, up to 4096 output tokens), more than its whole limit of "
+                               "0.050000 USD; lower max_tokens or n, or shorten the input")
+    refused = _too_large(tokens, Amount(0, 5001), "m", 0, "this request")  # embeddings: no output to lower
+    assert refused is not None and refused.message.endswith("more than its whole limit of 5000 tokens; shorten the input")
+    assert _too_large(tokens, Amount(0, 5000), "m", 0, "this request") is None
+
+
+def test_an_over_budget_refusal_never_says_a_request_needs_more_than_is_left_when_it_does_not(tmp_path: Any) -> None:
+    (tmp_path / "gateway.yaml").write_text("budgets: {day: {tokens: 5000}}\n")
+    adm = Admission(Settings(gateway_file=str(tmp_path / "gateway.yaml")), None)
+    (b,) = adm.budgets
+    adm.allowances["c"] = Allowance()
+    adm.allowances["c"].add(Amount(0, 1000), now=0.0, lease_s=5.0)
+    # 4,000 leased, 1,000 of it held here unreserved: 2,000 left, so a request of 3,000 does not fit now.
+    refused = adm._over_budget(b, "c", Amount(0, 3000), Amount(0, 4000), "m", 2900, NOW)
+    assert refused.code == "budget_exceeded" and int(refused.headers["Retry-After"]) > 0
+    assert "has too little left for day 2026-12-03: this request needs up to 3000 tokens, more than the 2000 tokens " \
+           "left (3000 of 5000 tokens spent or reserved)" in refused.message
+    # What is left covers one of 2,000: refused only because concurrent requests took the allowance (before, worded
+    # "needs up to 2000 tokens, more than the 2000 tokens left").
+    refused = adm._over_budget(b, "c", Amount(0, 2000), Amount(0, 4000), "m", 1900, NOW)
+    assert "has enough left for this request, but concurrent requests on this replica took it first" in refused.message
+    assert refused.headers == {"Retry-After": "1"} and "more than the" not in refused.message
 
 
 def test_grant_never_takes_the_counter_past_the_limit() -> None:
@@ -285,8 +322,9 @@ def test_tpm_charges_the_reservation_and_settles_to_usage() -> None:
     assert rl.admit("t", "a", "k1", 600, now=0.0) is not None  # 600 of 1000 reserved
     rl.settle("t", "a", "k1", reserved=600, used=100, now=0.0)
     assert rl.admit("t", "a", "k1", 600, now=0.0) is None
-    too_big = rl.admit("t", "a", "k1", 5000, now=0.0)
-    assert too_big is not None and "shorten the request or lower max_tokens" in too_big.message
+    too_big = rl.admit("t", "a", "k1", 5000, now=0.0)  # more than the whole minute: no wait admits it
+    assert too_big is not None and too_big.retry_after_s == math.inf
+    assert "alone may use up to 5000 tokens, more than key k1's whole limit of 1000 tokens per minute" in too_big.message
 
 
 def test_a_further_reservation_takes_tokens_and_no_request() -> None:
