@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import subprocess
 import threading
@@ -438,6 +439,13 @@ async def run_cli(runtime: Any, *args: str) -> Any:
     s = runtime.settings
     env = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix, "LOCKGATE_ROLE": ""}
     return await asyncio.to_thread(CliRunner().invoke, cli, list(args), env=env, catch_exceptions=False)
+
+
+async def run_cli_json(runtime: Any, *args: str) -> Any:
+    """`run_cli` with `--json`, which must exit 0: its output, decoded."""
+    result = await run_cli(runtime, *args, "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
 
 
 async def delete_topology(settings: Settings) -> None:

@@ -11,7 +11,6 @@ other's span as a router trace of R, with nothing saying an application had sent
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +23,7 @@ from lockgate.config import Settings
 from lockgate.server.apikeys import KeyStore
 from lockgate.server.runtime import Runtime
 from lockgate.v1 import ingest_pb2, ingest_pb2_grpc
-from tests.helpers import eventually, grpc_key, register_model_release, run_cli
+from tests.helpers import eventually, grpc_key, register_model_release, run_cli, run_cli_json
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -67,12 +66,6 @@ def _router_claim() -> dict[str, Any]:
         "scopeSpans": [{"spans": [span]}]}]}
 
 
-async def _json(runtime: Runtime, *args: str) -> Any:
-    result = await run_cli(runtime, *args, "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
 async def test_another_apps_calls_naming_a_release_are_its_own_row_and_never_a_router_trace_of_it(
         stack: Runtime) -> None:
     keys = KeyStore(stack.settings.home)
@@ -97,7 +90,7 @@ async def test_another_apps_calls_naming_a_release_are_its_own_row_and_never_a_r
     await eventually(stored, [sink.spans, sink.progress("cost_ledger")], what="other's spans and every call billed")
 
     # The release's spend is its own app's row; other's calls naming it are other's, labelled so.
-    cost = await _json(stack, "cost", "--by", "release")
+    cost = await run_cli_json(stack, "cost", "--by", "release")
     assert {(r["tenant"], r["app"], r["release"]): r["calls"] for r in cost} == {
         ("default", "shop", RELEASE): 1, ("default", "other", RELEASE): 3}
     (shops,) = [r for r in cost if r["app"] == "shop"]
@@ -105,14 +98,14 @@ async def test_another_apps_calls_naming_a_release_are_its_own_row_and_never_a_r
     shown = await run_cli(stack, "cost", "--by", "release")
     assert shown.exit_code == 0 and "app" in shown.stdout and "other" in shown.stdout
     # Any grouping naming a release gets the app, just before it.
-    by_model = await _json(stack, "cost", "--by", "model,release")
+    by_model = await run_cli_json(stack, "cost", "--by", "model,release")
     assert [list(r)[:4] for r in by_model] == [["tenant", "model", "app", "release"]] * 2
 
     # Lockgate's router never saw a call of the release: none is a router trace of it, whatever other's span says;
     # the sink did store other's call (its span is in other's trace), so `--service sink` lists that trace.
-    assert await _json(stack, "traces", "--release", RELEASE, "--service", "router") == []
-    through_sink = await _json(stack, "traces", "--release", RELEASE, "--service", "sink")
+    assert await run_cli_json(stack, "traces", "--release", RELEASE, "--service", "router") == []
+    through_sink = await run_cli_json(stack, "traces", "--release", RELEASE, "--service", "sink")
     assert [r["trace_id"] for r in through_sink] == [OTHERS_TRACE]
     # The release's listing marks the span other sent: its service name is its sender's claim.
-    listed = await _json(stack, "traces", "--release", RELEASE)
+    listed = await run_cli_json(stack, "traces", "--release", RELEASE)
     assert [(r["trace_id"], r["services"]) for r in listed] == [(OTHERS_TRACE, "lockgate-router (otlp),lockgate-sink")]

@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from lockgate.config import Settings
 from lockgate.server.apikeys import KeyStore
 from lockgate.server.runtime import Runtime
-from tests.helpers import eventually, register_model_release, run_cli
+from tests.helpers import eventually, register_model_release, run_cli, run_cli_json
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,12 +69,6 @@ def _forged(trace_id: str, span_id: str) -> dict[str, Any]:
             "attributes": [{"key": k, "value": {"stringValue": v}} for k, v in attrs.items()]}
 
 
-async def _json(runtime: Runtime, *args: str) -> Any:
-    result = await run_cli(runtime, *args, "--json")
-    assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
-
-
 async def test_another_tenants_span_in_a_trace_is_shown_as_theirs_and_kept_out_of_the_trace_owners_views(
         stack: Runtime) -> None:
     s = stack.settings
@@ -104,7 +98,7 @@ async def test_another_tenants_span_in_a_trace_is_shown_as_theirs_and_kept_out_o
     await eventually(stored, [sink.spans, sink.progress("cost_ledger")], what="spans, sink spans and ledger")
 
     # The trace whole: every span says whose it is; acme's "lockgate-router" span is acme's, sent over OTLP.
-    spans = await _json(stack, "traces", victim)
+    spans = await run_cli_json(stack, "traces", victim)
     by_id = {r["span_id"]: r for r in spans}
     assert (by_id[FORGED_SPAN]["tenant"], by_id[FORGED_SPAN]["origin"]) == ("acme", "otlp")
     assert {(r["service"], r["tenant"], r["origin"]) for r in spans} == {
@@ -122,21 +116,21 @@ async def test_another_tenants_span_in_a_trace_is_shown_as_theirs_and_kept_out_o
 
     # The release's traces, as the tenant it is registered under sees them: acme's own trace is not one, and
     # acme's failed span does not count in default's.
-    listed = await _json(stack, "traces", "--release", RELEASE)
+    listed = await run_cli_json(stack, "traces", "--release", RELEASE)
     assert [(r["trace_id"], r["tenants"], r["errors"], r["spans"]) for r in listed] == [(victim, "default", 0, 3)]
-    theirs = await _json(stack, "traces", "--release", RELEASE, "--tenant", "acme")
+    theirs = await run_cli_json(stack, "traces", "--release", RELEASE, "--tenant", "acme")
     assert {(r["trace_id"], r["tenants"], r["errors"]) for r in theirs} == {(victim, "acme", 1),
                                                                            (ACMES_OWN_TRACE, "acme", 1)}
     # `--service router` is lockgate's router: a span naming itself so over OTLP is not.
-    assert await _json(stack, "traces", "--service", "router") == []
-    recent = {r["trace_id"]: r["tenants"] for r in await _json(stack, "traces")}
+    assert await run_cli_json(stack, "traces", "--service", "router") == []
+    recent = {r["trace_id"]: r["tenants"] for r in await run_cli_json(stack, "traces")}
     assert (recent[victim], recent[ACMES_OWN_TRACE]) == ("acme,default", "acme")
-    acmes = await _json(stack, "traces", "--tenant", "acme")
+    acmes = await run_cli_json(stack, "traces", "--tenant", "acme")
     assert {(r["trace_id"], r["tenants"], r["spans"]) for r in acmes} == {(victim, "acme", 2),
                                                                           (ACMES_OWN_TRACE, "acme", 1)}
 
     # Cost by release is by tenant and release: acme's calls naming default's release are acme's.
-    cost = await _json(stack, "cost", "--by", "release")
+    cost = await run_cli_json(stack, "cost", "--by", "release")
     assert {(r["tenant"], r["release"]): r["calls"] for r in cost} == {("default", RELEASE): 1, ("acme", RELEASE): 2}
     shown = await run_cli(stack, "cost", "--by", "release")
     assert shown.exit_code == 0 and "tenant" in shown.stdout and "acme" in shown.stdout
