@@ -24,7 +24,7 @@ from lockgate.contracts.names import check_name
 from lockgate.decisionwatch import DecisionWithdrawn, verified, watch_decisions
 from lockgate.errors import BusUnavailable, InvalidEvent, InvalidName, NotFound, SignatureError
 from lockgate.ids import uuid7_time
-from lockgate.outbox import Encoded, encode_event, publish_events
+from lockgate.outbox import ANSWER_WITHIN_S, Encoded, encode_event, publish_events
 from lockgate.server.apikeys import (
     ApiKey,
     AuthError,
@@ -168,9 +168,16 @@ class IngestServicer(ingest_pb2_grpc.IngestServicer):
                 rejections.append(ingest_pb2.Rejection(index=index, reason=exc.message))
         headers: dict[str, str] = {}
         telemetry.inject(headers)  # this call's trace, if any, continues on the bus
+        if events and self.bus.state != "connected":
+            # At once: nats-py would hold the publishes in its reconnect buffer while each waited out its
+            # acknowledgement, past the caller's deadline.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the bus is {self.bus.state} (NATS does not answer): "
+                                "none of these events was published; retry them")
         try:
-            # msg id = batch_id(chunk): a client retrying the same events is deduplicated.
-            accepted = await publish_events(self.bus.js, self.bus.subjects, events, headers=headers)
+            # msg id = batch_id(chunk): a client retrying the same events is deduplicated. The whole wait is bounded
+            # (ANSWER_WITHIN_S): 5 attempts of 5 s answered after 25 s, past a caller's own deadline (probe p4).
+            accepted = await publish_events(self.bus.js, self.bus.subjects, events, headers=headers,
+                                            deadline_s=ANSWER_WITHIN_S)
         except BusUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, exc.message)
         return ingest_pb2.IngestReply(accepted=accepted, rejected=len(rejections), rejections=rejections)

@@ -33,7 +33,7 @@ from lockgate import metrics
 from lockgate.bus import Bus
 from lockgate.errors import BusUnavailable, InvalidEvent
 from lockgate.limits import EventLimits
-from lockgate.outbox import Encoded, encode_event, publish_events
+from lockgate.outbox import ANSWER_WITHIN_S, Encoded, encode_event, publish_events
 from lockgate.redact import scrub_secrets
 from lockgate.retry import RetryPolicy
 from lockgate.server.apikeys import ApiKey, KeyStore, bearer
@@ -93,8 +93,10 @@ class Receiver:
     """The transport-independent receiver: one per service, shared by the gRPC and HTTP servers."""
 
     def __init__(self, bus: Bus, keys: KeyStore, *, limits: EventLimits | None = None, max_in_flight: int = 64,
-                 retry_after_s: float = 1.0, decode_threads: int | None = None) -> None:
+                 retry_after_s: float = 1.0, decode_threads: int | None = None,
+                 answer_within_s: float = ANSWER_WITHIN_S) -> None:
         self.bus = bus
+        self.answer_within_s = answer_within_s  # the whole publish wait of one export
         self.keys = keys
         self.limits = limits or EventLimits()  # the window of span times, as for inference events
         self.retry_after_s = retry_after_s
@@ -183,6 +185,11 @@ class Receiver:
             self._pool = None
 
     async def _publish(self, batches: list[tuple[str, bytes]], events: list[Encoded]) -> None:
+        # At once while the connection is down: nats-py would hold the publishes in its reconnect buffer and each
+        # would wait out its acknowledgement, and the exporter's deadline passed first (probe p4).
+        if self.bus.state != "connected":
+            raise BusUnavailable(f"the bus is {self.bus.state} (NATS does not answer): nothing of this export was "
+                                 "published; retry it")
         subject = self.bus.subjects.spans
 
         async def spans(msg_id: str, data: bytes) -> None:
@@ -192,7 +199,15 @@ class Receiver:
         publishes = [spans(msg_id, data) for msg_id, data in batches]
         if events:
             publishes.append(publish_events(self.bus.js, self.bus.subjects, events, retry=RETRY))
-        results = await asyncio.gather(*publishes, return_exceptions=True)
+        try:
+            # All attempts of all publishes within ANSWER_WITHIN_S: the standard exporters give an export 10 s, and
+            # one given up on is dropped, never sent again. The publishes cut short may still be stored.
+            async with asyncio.timeout(self.answer_within_s):
+                results = await asyncio.gather(*publishes, return_exceptions=True)
+        except TimeoutError:
+            raise BusUnavailable(f"the bus did not acknowledge this export within {self.answer_within_s:g} s; what "
+                                 "was sent may be stored all the same, and a retry of it is deduplicated (the same "
+                                 "message ids): retry it") from None
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
             # Retryable whatever was acknowledged: the retry re-publishes under the same message ids,

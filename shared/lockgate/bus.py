@@ -30,6 +30,7 @@ from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.errors import (
     BusClosed,
     BusUnavailable,
+    BusUnreachable,
     InvalidEvent,
     LockgateError,
     OriginalAltered,
@@ -367,8 +368,10 @@ class Bus:
             # retry wrong credentials forever (max_reconnect_attempts=-1).
             raise self._bad_credentials()
         if self.nc is None and not self.wait_for_server and isinstance(exc, OSError | TimeoutError):
-            raise BusUnavailable(f"no lockgate stack answers at {shown_url(self.url)} ({_unreachable(exc)}); start "
-                                 "one with `lockgate up` (or pass --nats URL / LOCKGATE_NATS_URL)")
+            # A stack that runs but whose bus restarts is told apart by the CLI, which knows the home (cli/status.py).
+            why = _unreachable(exc)
+            raise BusUnreachable(f"no lockgate stack answers at {shown_url(self.url)} ({why}); start one with "
+                                 "`lockgate up` (or pass --nats URL / LOCKGATE_NATS_URL)", reason=why)
         if self.nc is None and isinstance(exc, TlsNotOffered):
             # A server (or whoever answers on the way) that does not offer TLS will not on the next attempt either.
             raise BusUnavailable(f"NATS at {shown_url(self.url)}: {exc}; check the URL (tls://) and LOCKGATE_TLS_CA")

@@ -184,6 +184,9 @@ class Client:
         # logged once, and the reason given for the events counted failed and for BusUnavailable from calls.
         self._refusal: str | None = None
         self._warned_no_stream = False  # until a publish is acknowledged again
+        # Whether a publish was ever acknowledged: then the stack and prefix are right, and nothing answering is a
+        # restart (of the bus, the gateway re-subscribing after it), not a wrong address.
+        self._answered = False
         self._reconnects = ReconnectCounter()  # a decisions() watch reads every key again after each
         # Decisions are acted on only when signed by a trusted gatekeeper key: the trust file
         # (`trust_file`, LOCKGATE_TRUST_FILE, else {LOCKGATE_HOME or ./.lockgate}/trust.json) and
@@ -285,11 +288,20 @@ class Client:
         # Retried as for a leader election (the README's "until it is back"), but said once: a NATS without
         # lockgate's streams (another stack's port, a plain nats-server) left flush() waiting with nothing logged.
         if subject is None:
-            self._warned_no_stream = False
+            self._warned_no_stream, self._answered = False, True
             return
         if self._warned_no_stream:
             return
         self._warned_no_stream = True
+        if self._answered:
+            # Seen as the bus restarted: this client reconnected before the gateway had subscribed again (probe p4
+            # was told "is it a lockgate stack?" of a stack that had answered it a second before).
+            who = "the gateway relaying them" if self._outbox.via == "relay" else "the stream capturing them"
+            log.warning("lockgate-sdk: nothing answers publishes on %s at NATS %s any more, though it did before: "
+                        "the bus is restarting or unreachable, or %s is not back yet. Events stay buffered and are "
+                        "retried until it answers (flush() waits for it; max_attempts=N gives up after N tries)",
+                        subject, shown_url(self.nats_url), who)
+            return
         what = ("no lockgate gateway relays it: is the gateway service running with this prefix?"
                 if self._outbox.via == "relay" else "no stream captures it")
         log.warning("lockgate-sdk: nothing answers publishes on %s at NATS %s (%s): is it a lockgate stack with prefix "

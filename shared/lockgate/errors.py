@@ -63,6 +63,15 @@ class BusUnavailable(Retryable):
     """NATS could not be reached or JetStream did not acknowledge."""
 
 
+class BusUnreachable(BusUnavailable):
+    """Nothing answers a first connection at the NATS URL (refused, or no greeting in time): no stack runs there, or
+    its bus is restarting or hung. `reason` says which of those the connection saw."""
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 class StoreNotCreated(BusUnavailable):
     """nats-server failed to create a stream's or bucket's store (full or unwritable disk, too many open files)."""
 

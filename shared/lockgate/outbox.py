@@ -70,6 +70,13 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 PUBLISH_RETRY = RetryPolicy(attempts=5, initial_s=0.05, max_s=2.0)
+
+# How long a server answering a sender (an OTLP export, an Ingest.Send) waits for the bus's acknowledgements, all
+# attempts together. The standard OpenTelemetry exporters give a whole export 10 s (OTEL_EXPORTER_OTLP_TIMEOUT) and
+# drop the batch when it passes: the retryable answer must come well before, or they never send it again (probe p4:
+# 3 attempts of 5 s each answered after 15 s, Ingest.Send's 5 after 25 s).
+ANSWER_WITHIN_S = 4.0
+
 Via = Literal["sent", "served", "relay"]
 
 # An Outbox's publishes: retried until the bus is back, however long; the buffer's capacity bounds what an
@@ -230,6 +237,7 @@ async def publish_events(
     via: Via = "sent",
     on_acked: Callable[[list[Encoded]], None] | None = None,
     stop: asyncio.Event | None = None,
+    deadline_s: float | None = None,
 ) -> int:
     """Publish events, one message per tenant, app and chunk; returns how many JetStream acknowledged.
 
@@ -241,13 +249,27 @@ async def publish_events(
     (see there).
     `on_acked(chunk)` is called with each chunk JetStream acknowledged, as its ack arrives.
     `stop`, once set, ends the wait for an ack (or between retries) at once, as a timeout: a publisher
-    that stops waiting (Outbox.close) is not held by the attempt in flight then."""
+    that stops waiting (Outbox.close) is not held by the attempt in flight then.
+    `deadline_s` (instead of `stop`) bounds the whole wait, all attempts together: a server answering a sender
+    within the sender's own deadline (ANSWER_WITHIN_S)."""
     chunks = chunk_by_sender(events, batch_size)
     subject = {"sent": subjects.inference, "served": subjects.served, "relay": subjects.ingest}[via]
-    errors = await asyncio.gather(
-        *(_publish_chunk(js, subject(c[0].app, c[0].tenant), c, headers, retry, give_up, timeout_s, on_acked, stop)
-          for c in chunks)
-    )
+    timer = None
+    if deadline_s is not None:
+        if stop is not None:
+            raise ValueError("publish_events takes stop or deadline_s, not both")
+        stop = asyncio.Event()
+        timer = asyncio.get_running_loop().call_later(deadline_s, stop.set)
+        give_up = stop.is_set if give_up is None else give_up
+    try:
+        errors = await asyncio.gather(
+            *(_publish_chunk(js, subject(c[0].app, c[0].tenant), c, headers, retry, give_up, timeout_s, on_acked,
+                             stop)
+              for c in chunks)
+        )
+    finally:
+        if timer is not None:
+            timer.cancel()
     failed = sum(len(c) for c, exc in zip(chunks, errors, strict=True) if exc is not None)
     sent = len(events) - failed
     if failed:
@@ -255,11 +277,17 @@ async def publish_events(
         # Only a transient error was retried: one that fails the same way every time (a payload over the
         # server's max_payload, a closed connection) was tried once, and saying otherwise misleads.
         tries = ("(not retried: it fails the same way each time)" if not isinstance(first, TRANSIENT)
+                 else f"within {deadline_s:g} s" if deadline_s is not None and stop is not None and stop.is_set()
                  else f"after {retry.attempts} attempts" if retry.attempts is not None
                  else "(retried until the publisher stopped waiting)")
+        # A publish whose acknowledgement did not come may have been stored all the same (it reached the server, or
+        # sits in the client's reconnect buffer): "failed" would be untrue, and a sender must know its retry is safe.
+        retry_safe = "a retry of the same events (the same ids) is deduplicated"
+        fate = (f"they may have been stored all the same (sent, but not acknowledged): {retry_safe}"
+                if isinstance(first, TimeoutError) else retry_safe if isinstance(first, TRANSIENT)
+                else "they were not stored")
         raise PublishFailed(
-            f"JetStream did not acknowledge {failed} of {len(events)} inference events "
-            f"{tries}: {first!r}; they are counted as failed",
+            f"JetStream did not acknowledge {failed} of {len(events)} inference events {tries}: {first!r}; {fate}",
             sent=sent,
             failed=failed,
         )

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 
 from lockgate.bus import Bus
@@ -209,6 +210,36 @@ async def test_a_nats_without_lockgates_streams_is_named_in_one_warning(
         assert (f"nothing answers publishes on {subject} at NATS {server.url} (no stream captures it): "
                 f"is it a lockgate stack with prefix {settings.prefix!r}?") in warnings[0]
     finally:
+        server.stop()
+
+
+async def test_a_bus_that_stops_answering_after_it_did_is_said_restarting_not_misconfigured(
+        tmp_path: Path, settings: Settings, seen: Seen) -> None:
+    # Before (probe p4): when nats-server restarted, the SDK reconnected before the gateway subscribed again and
+    # logged "is it a lockgate stack with prefix 'lg'?" of a stack that had acknowledged its events a second before.
+    server = NatsServer(tmp_path / "js")
+    await server.start()
+    subject = Subjects(settings.prefix).inference("shop")
+    nc = await nats.connect(server.url)
+    try:
+        await nc.jetstream().add_stream(name="captures", subjects=[subject])
+        c = Client(server.url, prefix=settings.prefix, app="shop", close_timeout_s=1, flush_interval_s=0.01)
+        await c.start()
+        assert c.emit()
+        await c.flush()
+        assert c.sent == 1  # this stack and prefix answer
+        await nc.jetstream().delete_stream("captures")  # then nothing does, as while the bus restarts
+        assert c.emit()
+        await seen.said("nothing answers publishes on")
+        await c.close()
+        assert (c.sent, c.failed) == (1, 1)
+        warnings = [m for m in seen.at(logging.WARNING) if "nothing answers publishes" in m]
+        assert len(warnings) == 1, warnings
+        assert (f"nothing answers publishes on {subject} at NATS {server.url} any more, though it did before: the bus "
+                "is restarting or unreachable, or the stream capturing them is not back yet") in warnings[0], warnings
+        assert "is it a lockgate stack" not in warnings[0]
+    finally:
+        await nc.close()
         server.stop()
 
 

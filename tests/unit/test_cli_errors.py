@@ -5,12 +5,15 @@ code whatever the command, and `--json` puts the error on stdout too."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
 
 from lockgate import credentials
+from lockgate.cli import running
 from lockgate.cli.access import covers, role_needs, subject_covers
 from lockgate.cli.main import cli
 from lockgate.config import Settings
@@ -151,3 +154,30 @@ def test_help_and_a_bare_group_are_shown_as_click_shows_them(home: Path) -> None
     assert invoke(home, "rollout", "--help").exit_code == 0
     bare = invoke(home, "rollout")
     assert bare.exit_code == 2 and "rollout [OPTIONS] COMMAND" in bare.output
+
+
+def test_status_says_a_running_stacks_bus_does_not_answer_not_that_no_stack_runs(home: Path) -> None:
+    # Before (probe p4): while the supervisor restarted nats-server, `lockgate status` said "no lockgate stack answers
+    # ...; start one with `lockgate up`" though the home's stack.json named the live `up` process.
+    running.write(str(home), {"nats": "nats://127.0.0.1:1"})  # as `lockgate up` leaves it: this process runs it
+    env = {"LOCKGATE_HOME": str(home), "LOCKGATE_NATS_URL": None, "LOCKGATE_ROLE": None,
+           "LOCKGATE_NATS_USER": None, "LOCKGATE_NATS_PASSWORD": None}
+    got = CliRunner().invoke(cli, ["status"], env=env, catch_exceptions=False)
+    assert got.exit_code == 1, got.output
+    assert got.stderr.startswith(f"error: the lockgate stack running from {home} (process {os.getpid()}) does not "
+                                 "answer at nats://127.0.0.1:1 ("), got.stderr
+    assert "its bus is restarting or unreachable; try again shortly" in got.stderr, got.stderr
+    assert "lockgate up" not in got.stderr, got.stderr
+    # A stack that no longer runs (killed with -9, its stack.json left): no stack answers, start one.
+    (home / running.FILE).write_text(json.dumps({"pid": _ended_pid(), "endpoints": {"nats": "nats://127.0.0.1:1"}}))
+    got = invoke(home, "status")
+    assert got.exit_code == 1 and got.stderr.startswith("error: no lockgate stack answers at nats://127.0.0.1:1 ("), \
+        got.stderr
+    assert "`lockgate up`" in got.stderr, got.stderr
+
+
+def _ended_pid() -> int:
+    """The process id of a process that has ended (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

@@ -161,6 +161,25 @@ async def test_an_error_that_cannot_heal_is_not_retried() -> None:
     assert (raised.value.sent, raised.value.failed, len(js.calls)) == (0, 1, 1)
 
 
+async def test_a_deadline_bounds_every_attempt_together_and_says_the_events_may_be_stored() -> None:
+    # Before (probe p4): Ingest.Send waited 5 attempts of 5 s for an ack that did not come, answered after 25 s, past
+    # its caller's deadline, and said the events were "counted as failed" though JetStream may have stored them.
+    js = FakeJetStream()
+    js.hold = asyncio.Event()  # no ack comes back
+    with pytest.raises(PublishFailed) as raised:
+        await publish_events(js, SUBJECTS, [event("a"), event("b")], retry=NO_WAIT, deadline_s=0.05)
+    assert (raised.value.sent, raised.value.failed, len(js.calls)) == (0, 2, 2)  # the attempts in flight, not retried
+    assert raised.value.message.startswith("JetStream did not acknowledge 2 of 2 inference events within 0.05 s: ")
+    assert raised.value.message.endswith("they may have been stored all the same (sent, but not acknowledged): a "
+                                         "retry of the same events (the same ids) is deduplicated")
+
+
+async def test_a_deadline_that_does_not_come_changes_nothing() -> None:
+    js = FakeJetStream(fail={"a": [nats.errors.TimeoutError()]})
+    assert await publish_events(js, SUBJECTS, [event("a")], retry=NO_WAIT, deadline_s=30) == 1
+    assert len(js.calls) == 2
+
+
 def outbox(**kw: Any) -> Outbox:
     kw.setdefault("retry", NO_WAIT)
     kw.setdefault("max_age_s", 60)  # only size, flush() and close() flush in these tests

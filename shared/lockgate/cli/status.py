@@ -15,10 +15,13 @@ import click
 
 from lockgate import queryclient
 from lockgate.bus import Bus, stream_full
+from lockgate.cli import running
 from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import emit_json, table
-from lockgate.errors import LockgateError
+from lockgate.config import Settings
+from lockgate.errors import BusUnreachable, LockgateError
+from lockgate.redact import shown_url
 
 # A full stream's state, and the dead-letter originals bucket's row among the streams with what its being full means.
 STREAM_FULL = "FULL: refusing publishes"
@@ -90,6 +93,17 @@ async def read_overrides(bus: Bus) -> list[dict[str, Any]]:
     return out
 
 
+def unreachable(settings: Settings, exc: BusUnreachable) -> BusUnreachable:
+    """Why nothing answered at the NATS URL: a live stack named by the home's stack.json listens there (its bus is
+    restarting or hung: "no stack answers, start one" misled during a restart, probe p4), or `exc` as it is."""
+    pid = running.owner(settings.home)
+    if pid is None or running.endpoints(settings.home).get("nats") != settings.nats_url:
+        return exc
+    return BusUnreachable(f"the lockgate stack running from {settings.home} (process {pid}) does not answer at "
+                          f"{shown_url(settings.nats_url)} ({exc.reason}): its bus is restarting or unreachable; try "
+                          "again shortly (the stack's log says why, if it stays away)", reason=exc.reason)
+
+
 def register(cli: click.Group) -> None:
     """Attach the command to the top-level group."""
 
@@ -99,7 +113,11 @@ def register(cli: click.Group) -> None:
     @handle_errors
     def status(ctx: click.Context, as_json: bool) -> None:
         """Streams, consumer backlog (pending / unacked / redelivered) and dead letters by origin."""
-        report = with_bus(ctx.obj["settings"], read_status)
+        settings = ctx.obj["settings"]
+        try:
+            report = with_bus(settings, read_status)
+        except BusUnreachable as exc:
+            raise unreachable(settings, exc) from None
         if as_json:
             emit_json(report)
             return
