@@ -28,7 +28,8 @@ from lockgate.services.drift.features import CATEGORICAL, FEATURES, KINDS, TEXTS
 from lockgate.services.drift.snapshots import Snapshot, restore, snapshot
 from lockgate.services.drift.windows import Pair, Ring, Windows
 
-__all__ = ["CATEGORICAL", "FEATURES", "DriftMonitor", "Ring", "Snapshot", "Windows", "code", "restore", "snapshot"]
+__all__ = ["CATEGORICAL", "FEATURES", "DriftMonitor", "Ring", "Snapshot", "Windows", "code", "evictee", "restore",
+           "snapshot"]
 
 _TEXT_CHARS = 2000  # what of a long text is embedded: its topic shows in the start, the cost grows with it
 # Texts embedded per window at most: every k-th row's texts, k = window_size // TEXT_ROWS. A permutation test
@@ -102,9 +103,31 @@ def _present(column: np.ndarray) -> np.ndarray:
 
 # Window sets a tenant holds at most (served and an application's together): an application's events may name
 # any deployment (an unscoped key, its NATS user), and each name kept its windows for good (probe p6: 5,000
-# made-up names took the embedded stack past 11 GB). Past it, the tenant's least recently seen application
-# windows go; served ones (the router's events, of deployments someone rolled out) never do.
+# made-up names took the embedded stack past 11 GB). Past it, application windows go (`evictee`); served ones
+# (the router's events, of deployments someone rolled out) never do.
 MAX_WINDOWS = 64
+
+
+def evictee(sets: Sequence[tuple[str, str]], cap: int, asker: str | None) -> str | None:
+    """Which of a tenant's application window sets, (key, app) least recently seen first, goes to make room for one
+    more when the tenant holds `cap`: the least recently seen set of the app holding the most, counting the new set
+    in its asker's (`asker` None: a served one). None: none may go.
+
+    An app holding no more than its fair share (the cap over the tenant's apps, the asker included, at least 1)
+    loses none to another app's new set: the cap is every app's of the tenant, and the tenant's least recently
+    seen set whichever its app was went before, so an app naming made-up deployments between another's batches
+    evicted that app's windows before they ever held a report (probe p7). The asker may always give up its own.
+    A served set is never refused: it takes from the app holding the most, whatever its share."""
+    held: dict[str, list[str]] = {}
+    for key, app in sets:
+        held.setdefault(app, []).append(key)
+    share = max(1, cap // len(held.keys() | {asker})) if asker is not None else 0
+    fits = [app for app in held if asker is None or app == asker or len(held[app]) > share]
+    if not fits:
+        return None
+    seen = {key: i for i, (key, _) in enumerate(sets)}
+    # The most sets first (the asker's new one counted: on a tie it churns its own), then the least recently seen.
+    return held[min(fits, key=lambda a: (-len(held[a]) - (a == asker), a != asker, seen[held[a][0]]))][0]
 
 
 class DriftMonitor:
@@ -188,7 +211,7 @@ class DriftMonitor:
         key = window_key(tenant, deployment, served)
         w = self.windows.pop(key, None)  # put back last: the most recently seen
         if w is None:
-            if not self._room(tenant, served):
+            if not self._room(tenant, app, served):
                 return []
             w = Windows(self.reference_size, self.window_size, self.dim, tenant=tenant)
         self.windows[key] = w
@@ -208,21 +231,25 @@ class DriftMonitor:
                 reports.append(self.report(deployment, w, served=served))
         return reports
 
-    def _room(self, tenant: str, served: bool) -> bool:
-        """Make room for one more of the tenant's window sets: evict its least recently seen application windows
-        past the cap. False if there is none to evict for an application's (the cap holds served ones only: the
-        events are not watched); a served one is kept even then (never evicted, it cannot be refused either)."""
+    def _room(self, tenant: str, app: str, served: bool) -> bool:
+        """Make room for one more of the tenant's window sets past the cap, evicting application windows as
+        `evictee` chooses them. False if none may go for an application's (its events are not watched); a served
+        one is kept even then (never evicted, it cannot be refused either)."""
         mine = [k for k, w in self.windows.items() if w.tenant == tenant]
         excess = len(mine) - self.max_windows + 1
         if excess <= 0:
             return True
         self.capped.add(tenant)
-        apps = [k for k in mine if k.endswith(UNSERVED)][:excess]
-        for key in apps:
+        sets = [(k, self.windows[k].app) for k in mine if k.endswith(UNSERVED)]
+        for _ in range(excess):
+            key = evictee(sets, self.max_windows, None if served else app)
+            if key is None:
+                return served
+            sets = [s for s in sets if s[0] != key]
             del self.windows[key]
             self.pairs.pop(key, None)
             self.evicted.append(key)
-        return served or len(apps) == excess
+        return True
 
     def observe_variants(self, deployment: str, group: Sequence[InferenceEvent | InferenceScored], batch: Rows,
                          vectors: np.ndarray | None, *, tenant: str = DEFAULT_TENANT) -> list[DriftReport]:

@@ -219,9 +219,9 @@ class DriftHandlers:
         m = self.monitor
         evicted, m.evicted = m.evicted, []
         for tenant in m.capped - self._capped:
-            log.warning("tenant %r holds drift_max_windows=%d drift window sets: the least recently seen of its "
-                        "applications' are evicted for new ones (an application's events naming many deployments; "
-                        "logged once per tenant)", tenant, m.max_windows)
+            log.warning("tenant %r holds drift_max_windows=%d drift window sets: for a new one, the application "
+                        "holding the most loses its least recently seen, never one within its fair share (an "
+                        "application's events naming many deployments; logged once per tenant)", tenant, m.max_windows)
         self._capped |= m.capped
         m.capped = set()
         self._evicted |= {k for k in evicted if k in self._stored}

@@ -88,8 +88,9 @@ class Settings(msgspec.Struct, kw_only=True):
     drift_reference_size: int = 500
     drift_window_size: int = 500
     drift_psi_threshold: float = 0.2
-    # window sets the drift monitor keeps per tenant (each up to a few MB with text vectors): past it, the least
-    # recently seen of an application's own windows (events no router served) are evicted; served ones never are
+    # window sets the drift monitor keeps per tenant (each up to a few MB with text vectors): past it, the application
+    # holding the most of its own windows (events no router served) loses its least recently seen, never one within
+    # its fair share of the cap; served ones are never evicted
     drift_max_windows: Annotated[int, msgspec.Meta(ge=1)] = 64
     # online evaluation: share of live inference events the evaluator scores off the request path (0: off),
     # with these reference-free deterministic scorers (services/evaluator/online.py)

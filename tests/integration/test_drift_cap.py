@@ -1,11 +1,16 @@
 """The drift monitor's memory is bounded whatever an application sends, on the embedded runtime as `lockgate up`
 runs it: an application's own NATS user (the official SDK) sends events naming made-up deployments; the monitor keeps
 at most `drift_max_windows` window sets of the tenant, evicting the least recently seen application windows (their
-KV snapshots too), never a served deployment's; and a start restores only what the cap holds.
+KV snapshots too), never a served deployment's; and a start restores only what the cap holds. Another app of the
+tenant, sending its own events meanwhile, keeps its windows and gets its reports.
 
 Found by probe p6: an unscoped app key (and an application's NATS user alike) sent one event per made-up deployment
 name; each name kept a window set of ~4 MB (text rings allocated whole), never evicted, saved to KV `lg_drift` and
-restored at the next start: 100 events = +405 MB, 5,000 took the embedded stack past 11 GB."""
+restored at the next start: 100 events = +405 MB, 5,000 took the embedded stack past 11 GB.
+
+Probe p7: the cap evicted the tenant's least recently seen application windows whichever app they were: app aapp,
+naming fresh made-up deployments between app vapp's batches, evicted vapp's windows each time, so vapp never had a
+drift report."""
 
 from __future__ import annotations
 
@@ -19,8 +24,9 @@ from click.testing import CliRunner
 
 from lockgate.cli.main import cli
 from lockgate.client import Client
+from lockgate.codec import Codec
 from lockgate.config import Settings
-from lockgate.contracts import InferenceEvent
+from lockgate.contracts import DriftReport, InferenceEvent
 from lockgate.server.runtime import Runtime
 from lockgate.services.drift.domain import window_key, windows_of
 from lockgate.subjects import token
@@ -29,14 +35,15 @@ pytestmark = pytest.mark.timeout(120)
 
 CAP = 6
 SERVICES = ["sink", "gateway", "drift", "gatekeeper"]  # the gatekeeper chains the credential's audit entry
+_reports: Codec[DriftReport] = Codec(DriftReport)
 
 
-async def _credential(runtime: Runtime) -> dict[str, str]:
-    """`lockgate app-credential create --tenant acme --app shop`: the user's secret."""
+async def _credential(runtime: Runtime, app: str = "shop") -> dict[str, str]:
+    """`lockgate app-credential create --tenant acme --app APP`: the user's secret."""
     s = runtime.settings
     env = {"LOCKGATE_HOME": s.home, "LOCKGATE_NATS_URL": s.nats_url, "LOCKGATE_PREFIX": s.prefix, "LOCKGATE_ROLE": ""}
     made = await asyncio.to_thread(CliRunner().invoke, cli, ["app-credential", "create", "--tenant", "acme", "--app",
-                                                             "shop", "--json"], env=env, catch_exceptions=False)
+                                                             app, "--json"], env=env, catch_exceptions=False)
     assert made.exit_code == 0, made.output
     return json.loads(await asyncio.to_thread(Path(json.loads(made.output)["file"]).read_text))
 
@@ -49,9 +56,9 @@ def _served(n: int) -> list[InferenceEvent]:
                            response="hi there", time=t0 + timedelta(milliseconds=i)) for i in range(n)]
 
 
-async def _send(runtime: Runtime, secret: dict[str, str], names: list[str]) -> None:
+async def _send(runtime: Runtime, secret: dict[str, str], names: list[str], app: str = "shop") -> None:
     """One event per deployment name, as probe p6 sent them, on the application's own subject."""
-    async with Client(runtime.settings.nats_url, prefix=runtime.settings.prefix, tenant="acme", app="shop",
+    async with Client(runtime.settings.nats_url, prefix=runtime.settings.prefix, tenant="acme", app=app,
                       user=secret["user"], password=secret["password"]) as client:
         for name in names:
             client.emit(deployment=name, release="shop-v1", model="sim", status="ok", input_tokens=8, output_tokens=1,
@@ -121,3 +128,41 @@ async def test_made_up_deployments_beyond_the_cap_leave_the_monitor_at_the_cap_a
         assert await _saved(second) == {token(window_key("acme", d, s)) for d, s in _acme(second).items()}
     finally:
         await second.stop()
+
+
+async def test_an_app_naming_made_up_deployments_churns_its_own_windows_and_another_apps_reports_still_come(
+        settings: Settings) -> None:
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0", drift_max_windows=CAP), services=SERVICES)
+    await runtime.start()
+    try:
+        drift, bus, s = runtime.services["drift"].handlers, runtime.ctx.bus, runtime.settings
+        reports = await bus.nc.subscribe(bus.subjects.drift("vdep"))
+        victim, attacker = await _credential(runtime, "vapp"), await _credential(runtime, "aapp")
+        monitor = drift.monitor
+
+        # As probe p7: vapp's batches to its deployment, and between them aapp's events naming twice the cap of
+        # fresh made-up deployments, each with its own NATS user, until vapp's reference and first window are full.
+        batch, sent = 25, 0
+        for rnd in range((s.drift_reference_size + s.drift_window_size) // batch):
+            await _send(runtime, victim, ["vdep"] * batch, app="vapp")
+            sent += batch
+            await drift.events.wait_for(sent, 30)
+            await _send(runtime, attacker, [f"junk-{rnd}-{i}" for i in range(2 * CAP)], app="aapp")
+            sent += 2 * CAP
+            await drift.events.wait_for(sent, 30)
+            # vapp's one set is within its share (CAP over 2 apps): aapp's new names evicted only aapp's sets.
+            # (Before: vapp's set was the least recently seen, evicted after aapp's fifth name, every round.)
+            assert window_key("acme", "vdep", False) in monitor.windows
+            assert sorted({w.app for w in monitor.windows.values()}) == ["aapp", "vapp"]
+
+        # vapp's report came: its reference against its window, vapp's events only.
+        report = _reports.decode((await reports.next_msg(timeout=30)).data)
+        assert (report.app, report.tenant, report.deployment, report.served) == ("vapp", "acme", "vdep", False)
+        assert (report.reference_n, report.current_n) == (s.drift_reference_size, s.drift_window_size)
+        await reports.unsubscribe()
+        held = _acme(runtime)
+        assert len(held) == CAP and "vdep" in held
+        assert sorted(d for d in held if d != "vdep") == sorted(f"junk-3-{i}" for i in range(CAP + 1, 2 * CAP))
+        assert drift.evictions.count == 4 * 2 * CAP - (CAP - 1)
+    finally:
+        await runtime.stop()

@@ -1,10 +1,13 @@
 """The drift monitor's state is bounded whatever an application sends: a tenant holds at most `max_windows` window
-sets, the least recently seen application windows are evicted past it (served ones never), a start restores only
-what the cap holds, and text rings take memory only once a text is embedded into them. Pure.
+sets, application windows are evicted past it (served ones never) from the app holding the most, never from an app
+within its fair share, a start restores only what the cap holds, and text rings take memory only once a text is
+embedded into them. Pure.
 
 Found by probe p6: an unscoped app key sent one event per made-up deployment name; each name kept a window set of
 ~4 MB (text rings allocated whole at once), never evicted, saved to KV and restored at the next start: 5,000 events
-took the embedded stack past 11 GB."""
+took the embedded stack past 11 GB. Probe p7: the cap evicted the tenant's least recently seen application windows
+whichever app they were, so one app naming made-up deployments between another's batches evicted the other's
+windows before they ever held a report."""
 
 from __future__ import annotations
 
@@ -15,15 +18,16 @@ import pytest
 
 from lockgate.contracts import InferenceEvent
 from lockgate.services.drift import text
-from lockgate.services.drift.domain import DriftMonitor, restorable, window_key, windows_of
+from lockgate.services.drift.domain import DriftMonitor, evictee, restorable, window_key, windows_of
 from lockgate.services.drift.windows import Ring
 
 pytestmark = pytest.mark.timeout(30)
 
 
-def _events(deployment: str, tenant: str = "acme", n: int = 1, *, texts: bool = True) -> list[InferenceEvent]:
+def _events(deployment: str, tenant: str = "acme", n: int = 1, *, texts: bool = True,
+            app: str = "support") -> list[InferenceEvent]:
     t0 = datetime(2025, 1, 1, tzinfo=UTC)
-    return [InferenceEvent(app="support", tenant=tenant, deployment=deployment, variant="stable", release="r1",
+    return [InferenceEvent(app=app, tenant=tenant, deployment=deployment, variant="stable", release="r1",
                            model="m", output_tokens=5 + i % 3, input_tokens=8, latency_ms=20.0,
                            prompt="what is the weather" if texts else "", response="sunny all day" if texts else "",
                            time=t0 + timedelta(seconds=i)) for i in range(n)]
@@ -65,6 +69,50 @@ def test_served_windows_are_never_evicted_and_an_application_gets_none_while_ser
     m.observe_events(_events("c"))  # served: kept beyond the cap (bounded by what the routers serve)
     assert m.observe_events(_events("junk-1", n=60), served=False) == []  # not watched: no room
     assert sorted(m.windows) == sorted(window_key("acme", d, True) for d in "abc")
+
+
+@pytest.mark.parametrize(("sets", "asker", "want"), [
+    # The app holding the most loses its least recently seen set, to another app's new one as to its own.
+    ([("a1", "a"), ("v1", "v"), ("a2", "a"), ("a3", "a")], "v", "a1"),
+    ([("v1", "v"), ("a1", "a"), ("a2", "a"), ("a3", "a")], "a", "a1"),
+    # Within its fair share (cap 4 over 2 apps: 2) an app loses none to another's new set: the asker churns its own.
+    ([("v1", "v"), ("v2", "v"), ("a1", "a"), ("a2", "a")], "a", "a1"),
+    # Beyond its share and holding the most, an app loses a set to another's new one.
+    ([("v1", "v"), ("v2", "v"), ("v3", "v"), ("a1", "a")], "a", "v1"),
+    # On a tie the asker gives up its own (its new set counted), else the least recently seen app's goes.
+    ([("v1", "v"), ("v2", "v"), ("v3", "v"), ("a1", "a"), ("a2", "a")], "a", "a1"),
+    ([("v1", "v"), ("v2", "v"), ("a1", "a"), ("a2", "a")], None, "v1"),
+    # A new app with every app within its share (4 over 4 apps: 1 each) gets no set: its events are not watched.
+    ([("v1", "v"), ("a1", "a"), ("b1", "b"), ("c1", "c")], "d", None),
+    # A served newcomer is never refused: it takes from the app holding the most, whatever its share.
+    ([("v1", "v"), ("a1", "a"), ("b1", "b"), ("c1", "c")], None, "v1"),
+    ([("v1", "v"), ("a1", "a"), ("a2", "a")], None, "a1"),
+    # Nothing to evict.
+    ([], "a", None),
+])
+def test_the_cap_evicts_from_the_app_holding_the_most_never_from_one_within_its_fair_share(
+        sets: list[tuple[str, str]], asker: str | None, want: str | None) -> None:
+    assert evictee(sets, 4, asker) == want
+
+
+def test_an_app_naming_made_up_deployments_churns_only_its_own_windows_never_another_apps() -> None:
+    """Probe p7: app `aapp` named fresh deployments between app `vapp`'s batches; vapp's windows, the least
+    recently seen, were evicted each time and never reached a report. Now aapp only churns its own."""
+    m = DriftMonitor(reference_size=50, window_size=50, psi_threshold=0.2, max_windows=6)
+    reports = []
+    for rnd in range(4):
+        reports += m.observe_events(_events("vdep", n=25, app="vapp"), served=False)
+        for i in range(20):
+            m.observe_events(_events(f"junk-{rnd}-{i}", app="aapp"), served=False)
+        assert window_key("acme", "vdep", False) in m.windows
+        assert all(windows_of(k)[1].startswith("junk-") for k in m.evicted)
+    assert [(r.app, r.deployment, r.current_n) for r in reports] == [("vapp", "vdep", 50)]
+    assert len(_apps(m)) == 6 and _apps(m)[-5:] == [f"junk-3-{i}" for i in range(15, 20)]
+    # A third app gets its fair share (6 over 3 apps: 2) from aapp, the app holding the most; vapp keeps its one.
+    for d in ("w1", "w2"):
+        m.observe_events(_events(d, app="wapp"), served=False)
+    held = [m.windows[window_key("acme", d, False)].app for d in _apps(m)]
+    assert sorted(held) == ["aapp", "aapp", "aapp", "vapp", "wapp", "wapp"]
 
 
 def test_a_start_restores_served_windows_and_each_tenants_most_recently_saved_application_windows_up_to_the_cap(
