@@ -110,6 +110,28 @@ async def test_a_real_decision_attestation_verifies_and_tampering_fails(
         assert refused.exit_code == 4 and "judged other content than the release holds" in refused.output, (
             artifacts_, refused.output)
         assert len(refused.output.strip().splitlines()) == 1
+    # Found by a probe (p8 F3): a genuine PASS re-signed by a trusted operator with a second in-toto subject, the
+    # bundle digest of a release the gate never passed, verified ("decision PASS"): only subject[0] was read, while
+    # in-toto consumers (cosign, policy-controller) take a statement as said of every subject. Now the subject
+    # list must be exactly the one lockgate makes: one subject, named for the bundle's release, its only digest
+    # the bundle's sha256.
+    blocked = {**bundle, "release": "v-blocked", "artifacts": {"prompt/blocked": other.hash}}
+    genuine = stmt["subject"][0]
+    subject_forgeries = {
+        "extra subject": ([genuine, {"name": "release:v-blocked", "digest": {"sha256": attest.bundle_digest(blocked)}}],
+                          "2 subjects"),
+        "the same subject twice": ([genuine, genuine], "2 subjects"),
+        "no subject": ([], "no subject"),
+        "another name": ([{**genuine, "name": "release:v-blocked"}], "subject[0] is named 'release:v-blocked'"),
+        "another digest beside it": ([{**genuine, "digest": {**genuine["digest"], "sha512": "0" * 128}}],
+                                     "subject[0] digest has sha512"),
+        "a field lockgate does not make": ([{**genuine, "uri": "oci://registry/v-blocked"}], "subject[0] has uri"),
+    }
+    for what, (subjects, said) in subject_forgeries.items():
+        forged = {**stmt, "subject": subjects}
+        refused = await cli("attest", "verify", write("subjects.json", _resign(env, forged, ann)))
+        assert refused.exit_code == 4 and said in refused.output, (what, refused.output)
+        assert len(refused.output.strip().splitlines()) == 1, (what, refused.output)
     # An approver (or viewer) is trusted, but may not attest: the envelope's signer alone vouches for a release
     # statement's bundle and a decision statement's eval summary, so it takes one who may make releases.
     pia = person(settings, "pia", "approver")
@@ -129,6 +151,12 @@ async def test_a_real_decision_attestation_verifies_and_tampering_fails(
     assert release.exit_code == 0
     verified = await cli("attest", "verify", str(tmp_path / "release.json"), "--json")
     assert json.loads(verified.output)["release"] == "v-att"
+    # A release statement is held to the same subject list: it says what one release is made of.
+    rel_env = json.loads((tmp_path / "release.json").read_text())
+    rel_stmt = json.loads(base64.b64decode(rel_env["payload"]))
+    extra = {**rel_stmt, "subject": [*rel_stmt["subject"], {"name": "release:v-blocked", "digest": {"sha256": "0" * 64}}]}
+    refused = await cli("attest", "verify", write("release-extra.json", _resign(rel_env, extra, ann)))
+    assert refused.exit_code == 4 and "2 subjects" in refused.output, refused.output
 
     # The artifact registered with ann's key names her; an altered registration does not verify.
     assert prompt.key_id == ann.key_id and artifact_signer(settings, prompt) == "ann"

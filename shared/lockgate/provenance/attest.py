@@ -3,7 +3,8 @@ subject is the release's bundle digest (pure: no I/O; the signer and the checks 
 
 A decision's predicate carries the gatekeeper-signed decision itself and the release bundle it judged, so
 `verify` checks offline: the envelope's signature (a person of the trust file, whose role the caller
-checks), that the subject digest is the bundle's, the decision's own signature (the trust roots), and that
+checks), that the one subject is the bundle's (its release's name, its sha256 and no other digest), the
+decision's own signature (the trust roots), and that
 the bundle's artifacts are exactly those the decision judged (no more, no fewer, the same hashes); a
 release's predicate carries the bundle (and its author's signature, when it has one).
 """
@@ -108,6 +109,45 @@ def other_content(decision: GateDecided, artifacts: Any) -> str:
     return f"the decision judged other content than the release holds ({'; '.join(diffs)})"
 
 
+def _keys(keys: list[str]) -> str:
+    # Keys come from the signed payload: a line break in one must not make the refusal look like two lines.
+    return ", ".join(k if k.isprintable() else repr(k) for k in keys)
+
+
+def subject_problem(subjects: Any, bundle: Mapping[str, Any]) -> str:
+    """How the statement's subject list differs from the one `statement` makes for `bundle`, with where;
+    "" when it is exactly that: one subject, named for the bundle's release, its only digest the bundle's sha256.
+
+    An in-toto statement is a claim about every subject it lists (cosign and the policy-controller match an
+    artifact against any subject's digest), so each subject and digest verify does not compare would be
+    vouched for unchecked: a second subject, or a second digest algorithm beside sha256."""
+    if not isinstance(subjects, list) or not subjects:
+        return "the statement has no subject list (at subject): a lockgate attestation is about one release bundle"
+    if len(subjects) != 1:
+        second = subjects[1].get("name") if isinstance(subjects[1], dict) else subjects[1]
+        return (f"the statement has {len(subjects)} subjects (subject[1] is {second!r}): a lockgate attestation is "
+                f"about exactly one, the release bundle it carries, and in-toto applies a statement to every subject")
+    subject = subjects[0]
+    if not isinstance(subject, dict):
+        return "subject[0] is not an object"
+    extra = sorted(set(subject) - {"name", "digest"})
+    if extra:
+        return f"subject[0] has {_keys(extra)} besides name and digest, which lockgate does not check"
+    expected = f"release:{bundle.get('release')}"
+    if subject.get("name") != expected:
+        return f"subject[0] is named {subject.get('name')!r}, not {expected!r} (the release of the bundle it carries)"
+    digest = subject.get("digest")
+    if not isinstance(digest, dict):
+        return "subject[0] digest is not an object"
+    others = sorted(set(digest) - {"sha256"})
+    if others:
+        return (f"subject[0] digest has {_keys(others)} beside sha256: only sha256 is compared with "
+                f"the bundle, so the statement would vouch for a digest nobody checked")
+    if digest.get("sha256") != bundle_digest(bundle):
+        return f"subject {expected!r} digest does not match the release it describes (at subject[0].digest.sha256)"
+    return ""
+
+
 def verify(env: Mapping[str, Any], check_signer: Callable[[str, str, bytes], str],
            check_decision: Callable[[GateDecided], str]) -> dict[str, Any]:
     """The verified Statement, with `signed_by` and (for a decision) `decision_key`; AttestationRefused
@@ -127,15 +167,17 @@ def verify(env: Mapping[str, Any], check_signer: Callable[[str, str, bytes], str
         raise AttestationRefused("the envelope carries no signature")
     try:
         stmt = json.loads(payload)
-        subject = stmt["subject"][0]
         bundle = stmt["predicate"]["release"]
         kind = stmt["predicateType"]
-    except (ValueError, KeyError, IndexError, TypeError):
+        if not isinstance(bundle, dict):
+            raise TypeError(bundle)
+    except (ValueError, KeyError, TypeError):
         raise AttestationRefused("the payload is not a lockgate in-toto Statement") from None
     if stmt.get("_type") != STATEMENT:
         raise AttestationRefused(f"the payload is not an in-toto Statement v1 ({stmt.get('_type')!r})")
-    if subject.get("digest", {}).get("sha256") != bundle_digest(bundle):
-        raise AttestationRefused(f"subject {subject.get('name')} digest does not match the release it describes")
+    wrong_subject = subject_problem(stmt.get("subject"), bundle)
+    if wrong_subject:
+        raise AttestationRefused(wrong_subject)
     out = {"statement": stmt, "signed_by": signers, "release": bundle.get("release")}
     if kind == DECISION:
         try:
