@@ -388,16 +388,18 @@ class Proxy:
         out_headers = {**ticket.limits, "x-lockgate-trace-id": trace_id}
         if key.role == "admin":  # the arm, for an operator debugging; a client that learnt it could steer (README)
             out_headers |= {"x-lockgate-variant": variant, "x-lockgate-release": target.release}
-        # Shadow: a sampled copy to the candidate, scheduled off the request path (`body` is as the client
-        # sent it, before this release's patches).
-        if op is CHAT:  # shadow rollouts compare chat answers
-            self.shadow.maybe_mirror(route, variant, key, deployment, body, req, trace_id, user, session)
         rec = _Record(status="ok", provider=hops[0].endpoint.provider)
         streamed: list[bytes] | None = None
         underway = Underway()  # the upstream call in flight, should the client leave before one answers
         try:
             hit = await self.admission.lookup(ticket, op.path, deployment, target.release, hops[0].body, rec,
                                               out_headers, want_usage)
+            # Shadow: a sampled copy to the candidate, scheduled off the request path (`body` is as the client
+            # sent it, before this release's patches). On a cache miss only: a hit replays an answer, no evidence
+            # of anything, and costs its caller nothing; copied, an app would choose the candidate's sample by
+            # repeating one request, spending the rollout's shadow budget for free (probe p9).
+            if hit is None and op is CHAT:  # shadow rollouts compare chat answers
+                self.shadow.maybe_mirror(route, variant, key, deployment, body, req, trace_id, user, session)
             if hit is not None:
                 response = hit
                 rec.replayed(op, hit.body, stream)

@@ -9,6 +9,11 @@ A rollout with `max_cost_usd` keeps its spend in the budget bucket (`SpendStore`
 worst case there before making it, and settles its real cost after, so every replica's copies, those in flight
 and those of replicas started since included, stay within the cap. A store that does not answer (or holds no
 spend) makes no copy: shadowing is optional, the candidate's spend is not.
+
+A copy is made as the candidate's served call of the request would be: streamed when the client streamed, under the
+candidate endpoint's own timeouts (connect, first byte, between chunks, total), so its failures are the candidate's
+and no bound of the shadow's own decides them. A request the candidate's served call would refuse before any upstream
+(its endpoint not configured, its provider unable to take the body) is not copied: no evidence either way.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -36,7 +41,7 @@ from lockgate.services.router.admission import GatewayFile
 from lockgate.services.router.budgets import cost_of, pointed_at, worst_case
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.fit import encode_served
-from lockgate.services.router.providers import Unsupported, provider
+from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.shadowstats import Budget, Spend
 from lockgate.services.router.wire import (
@@ -45,13 +50,14 @@ from lockgate.services.router.wire import (
     Choices,
     ErrorAnswer,
     as_released,
+    parse_chunk,
     parse_completion,
+    stream_error,
     top_level,
 )
 
 log = logging.getLogger("lockgate.router.shadow")
 _HEADERS = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
-_TIMEOUT = aiohttp.ClientTimeout(total=60)  # a hung candidate must free its concurrency slot
 _encoder = msgspec.json.Encoder()
 _limits = msgspec.json.Decoder(OutputLimits)
 _spend = msgspec.json.Decoder(Spend)
@@ -60,9 +66,12 @@ _spend = msgspec.json.Decoder(Spend)
 class _Answer:
     """What the candidate answered (the fields `parse_completion` fills)."""
 
-    __slots__ = ("attributes", "cached_tokens", "input_tokens", "out", "output_tokens", "response_model")
+    __slots__ = ("attributes", "cached_tokens", "error_type", "input_tokens", "lines", "out", "output_tokens",
+                 "response_model", "status")
 
     def __init__(self) -> None:
+        self.status, self.error_type = "ok", ""  # a stream's error event sets them (`parse_chunk`)
+        self.lines = 0  # of a streamed answer, read so far
         self.response_model = ""
         self.input_tokens = self.output_tokens = self.cached_tokens = 0
         self.out = Choices()
@@ -163,12 +172,23 @@ class Shadow:
         slot = True  # the copy holds its place in the budget (in flight) until done, or until refused
         t0 = time.perf_counter()
         try:
-            endpoint = self.endpoints.get(target.endpoint)
+            try:
+                endpoint = self.endpoints.get(target.endpoint)
+                prov = provider(provider_name := endpoint.provider)  # the candidate may speak another provider
+                payload = prov.request(CHAT, _candidate_body(body, target, req.stream))
+            except (UnknownEndpoint, Unsupported) as exc:
+                # The candidate's served call would be refused before any upstream (a 502, or a 400 its provider
+                # cannot take), with no event: no copy either. Recorded as the candidate's error, any app could fail
+                # it at will with a body only its provider refuses (probe p9).
+                why = "upstream_not_configured" if isinstance(exc, UnknownEndpoint) else "unsupported_by_candidate"
+                if not budget.skipped[why]:
+                    log.warning("shadow of %s: a request not copied: %s", budget.key, exc.message)
+                slot = False
+                budget.refused(why)
+                return
             http = self.session_of()
             if http is None:
                 return
-            prov = provider(provider_name := endpoint.provider)  # the candidate may speak another provider
-            payload = prov.request(CHAT, _candidate_body(body, target))
             if budget.spec.max_cost_usd is not None:
                 reserved = await self._reserve(budget, target, body, payload, req)
                 if reserved is None:
@@ -180,27 +200,48 @@ class Shadow:
                 headers.update(endpoint.auth_headers)
             elif endpoint.authorization:
                 headers["Authorization"] = endpoint.authorization
-            async with http.post(endpoint.url_for(prov.path(CHAT)), data=payload, headers=headers,
-                                 timeout=_TIMEOUT) as resp:
-                data = await resp.read()
-                if resp.status != 200:
-                    status, error = "error", str(resp.status)
-                    used = 0  # refused: a provider bills no answer it did not give
-                else:
-                    parse_completion(prov.response(data), answer)  # type: ignore[arg-type]  # duck-typed record
-                    if (answer.input_tokens or answer.output_tokens) and USAGE_WARNING not in answer.attributes:
-                        used = cost_of(self._price(target, req), answer.input_tokens, answer.output_tokens,
-                                       answer.cached_tokens).usd
-        except UnknownEndpoint:
-            status, error = "error", "upstream_not_configured"
-        except Unsupported:
-            status, error = "error", "unsupported_by_candidate"
+            # The bounds of the candidate's served call (upstream.Upstream._try): the connection within connect_s,
+            # the answer's headers and its first event (a whole answer, unstreamed) within first_byte_s, each later
+            # event within between_chunks_s of the one before, all within total_s. A hung candidate frees its
+            # concurrency slot by them.
+            bounds = endpoint.timeouts
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + bounds.total_s
+            async with asyncio.timeout_at(min(loop.time() + bounds.first_byte_s, deadline)) as bound:
+                async with http.post(endpoint.url_for(prov.path(CHAT)), data=payload, headers=headers,
+                                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=bounds.connect_s)) as resp:
+                    if resp.status != 200:
+                        await resp.read()
+                        status, error = "error", str(resp.status)
+                        used = 0  # refused: a provider bills no answer it did not give
+                    elif req.stream:
+                        await _read_stream(prov.lines(_lines(resp.content, bound, bounds.between_chunks_s, deadline,
+                                                             answer), True), answer)
+                        status, error = answer.status, answer.error_type
+                    else:
+                        parse_completion(prov.response(await resp.read()), answer)  # type: ignore[arg-type]
+            if resp.status == 200 and (answer.input_tokens or answer.output_tokens) and \
+                    USAGE_WARNING not in answer.attributes:
+                used = cost_of(self._price(target, req), answer.input_tokens, answer.output_tokens,
+                               answer.cached_tokens).usd
         except aiohttp.ClientConnectorError as exc:
             status, error = "error", f"upstream_unreachable:{type(exc).__name__}"
             used = 0  # never connected: nothing was sent
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except aiohttp.ConnectionTimeoutError:
+            status, error = "error", "upstream_timeout"
+            used = 0  # never connected: nothing was sent
+        except TimeoutError:
+            # As the served call's event says it: no answer within its first byte, else a stream that stalled or was
+            # still sending when its total time ran out.
+            status, error = "error", "upstream_timeout"
+            if answer.lines:
+                late = asyncio.get_running_loop().time() >= deadline
+                error = f"stream_interrupted:{'TotalTimeout' if late else 'ChunkTimeout'}"
+        except aiohttp.ClientError as exc:
             status, error = "error", f"upstream_unreachable:{type(exc).__name__}"
-        except (msgspec.DecodeError, ErrorAnswer):
+        except UpstreamStreamError:
+            status, error = "error", "upstream_stream_error"
+        except (msgspec.DecodeError, ErrorAnswer, ValueError, RecursionError):  # ValueError: a line over aiohttp's limit
             status, error = "error", "upstream_bad_response"
         finally:
             if slot:
@@ -270,10 +311,42 @@ class Shadow:
                         exc.message)
 
 
-def _candidate_body(body: bytes, target: domain.Target) -> bytes:
-    """The request as the candidate's release serves it, never streamed (the answer is only compared)."""
+def _candidate_body(body: bytes, target: domain.Target, stream: bool) -> bytes:
+    """The request as the candidate's release serves it, streamed as the client's was (with its usage, for the
+    copy's cost), so that the candidate's answer is held to the bounds its served call would be."""
     data = top_level(body)
     as_released(data, target.model, target.params, CHAT)  # the client's service_tier neither (a dearer copy)
-    data["stream"] = False
+    data["stream"] = stream
     data.pop("stream_options", None)
+    if stream:
+        data["stream_options"] = {"include_usage": True}
     return _encoder.encode(data)
+
+
+async def _lines(content: aiohttp.StreamReader, bound: asyncio.Timeout, stall_s: float, deadline: float,
+                 answer: _Answer) -> AsyncIterator[bytes]:
+    """A streamed answer's lines, each within `stall_s` of the one before (the first within `bound` as set), all
+    by `deadline` (the loop's time)."""
+    loop = asyncio.get_running_loop()
+    while line := await content.readline():
+        answer.lines += 1
+        bound.reschedule(min(loop.time() + stall_s, deadline))
+        yield line
+
+
+async def _read_stream(lines: AsyncIterator[bytes], answer: _Answer) -> None:
+    """Fold a chat stream's events into `answer`, as the served call's (proxy): an error event, or a stream that
+    ends before its end marker with a choice unfinished, makes it an error."""
+    ended = False
+    async for line in lines:
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            ended = True
+            continue
+        parse_chunk(data, answer)  # type: ignore[arg-type]  # duck-typed record
+        if answer.status == "ok" and stream_error(data) is not None:
+            answer.status, answer.error_type = "error", "upstream_stream_error"
+    if answer.status == "ok" and not ended and not answer.out.finished():
+        answer.status, answer.error_type = "error", "stream_interrupted:truncated"

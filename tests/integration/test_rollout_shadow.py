@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import openai
 import pytest
 from click.testing import CliRunner
 
@@ -20,8 +21,8 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.router.shadowstats import spend_key
 from lockgate.signing import Signer
 from lockgate.store import Store
-from lockgate_dev.sim import SimServer
-from tests.helpers import chat_releases, eventually
+from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
+from tests.helpers import chat_releases, eventually, register_model_release
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import CANARY, STABLE, _pass, _start
 from tests.integration.test_router_evidence_replay import Stack
@@ -207,3 +208,120 @@ async def test_a_capped_shadow_makes_no_copy_while_its_spend_cannot_be_read(
     await _asked(http, a, 10)
     assert candidate.requests.get("long", 0) == 0
     assert (await _summary(http, a))["skipped"] == {"cost_store_unavailable": 10}
+
+
+# On an endpoint that allows a call 1 s to its first byte (a streamed answer's first event; a whole answer otherwise)
+# and 2 s between two events: `slow`, as healthy as stable, takes 3 s to generate its answer, the first token at once
+# (a long answer); `stalls` takes 5 s between two of its words.
+STEADY = SimConfig(models={"m": ModelSpec(default="stable says hi")}, seed=3)
+TIMED = SimConfig(models={"same": ModelSpec(default="same canary"),
+                          "slow": ModelSpec(default=" ".join(["slow"] * 20), latency_ms=3000, ttft_ms=5),
+                          "stalls": ModelSpec(default="one two three", latency_ms=10_000, ttft_ms=5)}, seed=3)
+
+
+@pytest.fixture
+async def timed(context: ServiceContext, run_services: Any, signer: Signer, tmp_path: Path) -> AsyncIterator[Any]:
+    """The router of deployment `chat` (its answers cached), stable on `default` and the candidates on `canary`, an
+    endpoint with its own timeouts."""
+    async with SimServer(STEADY) as stable, SimServer(TIMED) as canary:
+        (tmp_path / "endpoints.yaml").write_text(json.dumps({"endpoints": {
+            "default": {"url": stable.url},
+            "canary": {"url": canary.url, "timeouts": {"first_byte_s": 1, "between_chunks_s": 2, "total_s": 30}},
+            "claude": {"url": canary.url, "provider": "anthropic"}}}))
+        (tmp_path / "gateway.yaml").write_text(json.dumps({"cache": {"deployments": {"chat": {"ttl_s": 600}}}}))
+        router = await analysis_tests.serving(context, run_services, signer, stable.url, canary.url, ("same", "slow", "stalls"),
+                                              endpoints_file=str(tmp_path / "endpoints.yaml"),
+                                              gateway_file=str(tmp_path / "gateway.yaml"))
+        await register_model_release(context.bus, "claude-same", "same", "claude")
+        router.canary_sim = canary
+        yield router
+
+
+def _app(router: Any, keys: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=keys.app_key, max_retries=0, timeout=30)
+
+
+async def test_a_cached_answer_is_not_mirrored_to_the_candidate(
+        timed: Any, http: aiohttp.ClientSession, signer: Signer, keys: Any) -> None:
+    # Found by a probe (p9 F1): the copy was scheduled before the cache lookup, so each cache hit (which costs the
+    # caller nothing) made a real candidate call, recorded as the candidate's evidence: an app filled a preview's
+    # sample with copies of the one prompt it liked, and spent the rollout's shadow budget, for free.
+    await _start(http, timed, "same", {"shadow": {"sample": 1.0, **WIDE}})
+    await _pass(timed, signer, "same")
+    async with _app(timed, keys) as c:
+        caches = []
+        for _ in range(5):
+            got = await c.chat.completions.with_raw_response.create(
+                model="m", messages=[{"role": "user", "content": "the one I like"}], temperature=0, user="u-1")
+            caches.append(got.headers.get("x-lockgate-cache"))
+            assert got.parse().choices[0].message.content == "stable says hi"
+    assert caches == ["miss", "hit", "hit", "hit", "hit"]
+    await timed.proxy.shadow.idle()
+    summary = await _summary(http, timed)
+    assert (summary["mirrored"], summary["skipped"]) == (1, {})  # the miss alone
+    assert timed.canary_sim.requests.get("same", 0) == 1
+    paired = await timed.rollouts.wait_for_shadow("chat", lambda s: s.pairs >= 1, timeout=30)
+    assert (paired.shadow_events, paired.pairs) == (1, 1)
+
+
+@pytest.mark.parametrize(("candidate", "stream", "statuses"), [
+    ("slow", True, [("ok", "")] * 3),
+    ("slow", False, [("error", "upstream_timeout")] * 3),
+    ("stalls", True, [("error", "stream_interrupted:ChunkTimeout")] * 3),
+], ids=["streamed-within-its-bounds", "whole-answer-after-its-first-byte-bound", "stream-stalled-between-chunks"])
+async def test_a_shadow_copy_is_held_to_the_candidate_endpoints_own_timeouts(
+        timed: Any, http: aiohttp.ClientSession, signer: Signer, keys: Any, store: Store, candidate: str,
+        stream: bool, statuses: list[tuple[str, str]]) -> None:
+    # Found by a probe (p9 F2): copies were made unstreamed under a fixed 60 s in all, whatever the request and the
+    # candidate's endpoint: every copy of a long streamed answer (served well in 70 s) failed, and a healthy preview
+    # was aborted on error_rate; while a copy outlived the bounds its endpoint puts on a served call. A copy is now
+    # made as the served call would be (streamed when the client streamed) under the endpoint's timeouts: a streamed
+    # answer longer than its first-byte bound is no failure, a whole one is (a served call would get a 504).
+    await _start(http, timed, candidate, {"shadow": {"sample": 1.0, **WIDE}})
+    await _pass(timed, signer, candidate)
+    async with _app(timed, keys) as c:
+        for i in range(3):
+            messages = [{"role": "user", "content": f"tell me a long story {i}"}]
+            if stream:
+                async with await c.chat.completions.create(model="m", messages=messages, stream=True) as s:
+                    text = "".join([ch.choices[0].delta.content or "" async for ch in s if ch.choices])
+            else:
+                text = (await c.chat.completions.create(model="m", messages=messages)).choices[0].message.content
+            assert text == "stable says hi"
+    async with asyncio.timeout(20):
+        await timed.proxy.shadow.idle()
+    summary = await timed.rollouts.wait_for_shadow("chat", lambda s: s.pairs >= 3, timeout=30)
+    assert [(p.served_status, p.shadow_status) for p in summary.recent] == [("ok", s) for s, _ in statuses]
+    def copies() -> list[dict[str, Any]]:
+        return store.rows("SELECT status, error_type, response, output_tokens, latency_ms FROM inference_events "
+                          "WHERE deployment = 'chat' AND variant = 'shadow' ORDER BY status, error_type")
+
+    await eventually(lambda: len(copies()) == 3, [timed.sink.handlers.events], what="the copies stored")
+    rows = copies()
+    assert [(r["status"], r["error_type"]) for r in rows] == statuses
+    if statuses[0][0] == "ok":
+        assert [r["response"] for r in rows] == [" ".join(["slow"] * 20)] * 3
+        assert all(r["output_tokens"] > 0 for r in rows)  # its usage asked for: the copy's cost is known
+    else:
+        assert all(r["latency_ms"] < 4000 for r in rows)  # given up on at its bound, as a served call would be
+
+
+async def test_a_request_the_candidates_provider_cannot_take_is_not_copied(
+        timed: Any, http: aiohttp.ClientSession, signer: Signer, keys: Any, store: Store) -> None:
+    # Found by a probe (p9 F4): served to a candidate on an Anthropic endpoint, a request Anthropic has no counterpart
+    # for (`n: 2`) is a 400 with no event; its copy was recorded as the candidate's error, so any app failed a
+    # preview at will. It is not copied now: counted as skipped, no evidence either way.
+    await _start(http, timed, "claude-same", {"shadow": {"sample": 1.0, **WIDE}})
+    await _pass(timed, signer, "claude-same")
+    async with _app(timed, keys) as c:
+        for i in range(3):
+            got = await c.chat.completions.create(model="m", n=2, user=f"u-{i}",
+                                                  messages=[{"role": "user", "content": f"two of them {i}"}])
+            assert got.choices[0].message.content == "stable says hi"
+        ok = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": "one"}], user="u-9")
+        assert ok.choices[0].message.content == "stable says hi"
+    await timed.proxy.shadow.idle()
+    summary = await _summary(http, timed)
+    assert (summary["mirrored"], summary["skipped"]) == (1, {"unsupported_by_candidate": 3})
+    paired = await timed.rollouts.wait_for_shadow("chat", lambda s: s.pairs >= 1, timeout=30)
+    assert (paired.shadow_events, paired.pairs, paired.shadow_error_rate) == (1, 1, 0.0)

@@ -1,11 +1,17 @@
-"""Shadow mirror budget and the served-versus-shadow comparison, pure, on an injected clock."""
+"""Shadow mirror budget and the served-versus-shadow comparison, pure, on an injected clock; how a copy is asked
+for and its stream read."""
 
 from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
 
 import pytest
 
 from lockgate.contracts import InferenceEvent
 from lockgate.services.router import shadowstats
+from lockgate.services.router.domain import Target
+from lockgate.services.router.shadow import _Answer, _candidate_body, _read_stream
 from lockgate.services.router.shadowstats import NANO, Budget, Ledger, Spend, spend_key
 from lockgate.services.router.strategy import ShadowSpec
 
@@ -136,3 +142,48 @@ def test_pairs_read_back_from_the_record_compare_all_but_the_answers_it_does_not
     assert s.shadow_error_rate == pytest.approx(1 / 3) and s.mean_output_tokens_delta == pytest.approx(2 / 3)
     assert s.shadow_cost_usd == pytest.approx(0.006)
     assert [p.exact_match for p in s.recent] == [True, None, None]
+
+
+@pytest.mark.parametrize(("stream", "sent"), [
+    (True, {"stream": True, "stream_options": {"include_usage": True}}),
+    (False, {"stream": False}),
+])
+def test_a_copy_is_streamed_as_the_clients_request_was(stream: bool, sent: dict[str, object]) -> None:
+    # Made unstreamed, a copy of a long streamed answer waited for the whole answer as its first byte, and failed
+    # where the served call did not (probe p9 F2). Streamed, it asks for its usage: the copy's cost is known.
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": not stream,
+                       "stream_options": {"include_usage": False}}).encode()
+    got = json.loads(_candidate_body(body, Target(release="r2", model="m2"), stream))
+    assert {k: got.get(k) for k in ("model", *sent)} == {"model": "m2", **sent}
+    assert stream or "stream_options" not in got
+
+
+def _chunk(content: str | None = None, finish: str | None = None, usage: bool = False) -> bytes:
+    choices = [] if usage else [{"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish}]
+    data: dict[str, object] = {"id": "c", "object": "chat.completion.chunk", "model": "m2", "choices": choices}
+    if usage:
+        data["usage"] = {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    return b"data: " + json.dumps(data).encode() + b"\n"
+
+
+async def _read(lines: list[bytes]) -> _Answer:
+    async def gen() -> AsyncIterator[bytes]:
+        for line in lines:
+            yield line
+
+    answer = _Answer()
+    await _read_stream(gen(), answer)
+    return answer
+
+
+@pytest.mark.parametrize(("lines", "status", "text"), [
+    ([_chunk("a "), b"\n", _chunk("b", "stop"), _chunk(usage=True), b"data: [DONE]\n"], ("ok", ""), "a b"),
+    ([_chunk("a "), _chunk("b")], ("error", "stream_interrupted:truncated"), "a b"),
+    ([_chunk("a "), b'data: {"object": "error", "message": "overloaded"}\n'], ("error", "upstream_stream_error"), "a "),
+], ids=["whole", "cut-short", "error-event"])
+async def test_a_streamed_copy_is_read_as_the_served_stream_is(lines: list[bytes], status: tuple[str, str],
+                                                               text: str) -> None:
+    answer = await _read(lines)
+    assert ((answer.status, answer.error_type), answer.text) == (status, text)
+    if status[0] == "ok":
+        assert (answer.input_tokens, answer.output_tokens, answer.finish_reason) == (2, 3, "stop")
