@@ -141,7 +141,7 @@ class Shadow:
     def maybe_mirror(self, route: domain.Route, variant: str, key: ApiKey, deployment: str, body: bytes,
                      req: ApiRequest, trace_id: str, user: str, session: str) -> None:
         """Schedule a shadow call for a request stable served, if the rollout mirrors and its budget allows (its
-        cost is reserved in the task, off the request path)."""
+        cost is reserved in the task, off the request path). Called on a cache miss only: a hit is no evidence."""
         if variant != "stable" or route.canary is None:
             return
         budget = self.rollouts.shadow_budget(route)
