@@ -18,8 +18,8 @@ from lockgate.services.gatekeeper.rules import Evidence, evaluate_rule
 __all__ = ["OPS", "Evidence", "Limits", "Outcome", "Pin", "Policy", "Required", "ReviewTrigger", "Rule", "Used",
            "binding_rules", "binds_content", "called_rules", "content_digest", "decide", "decide_eval",
            "decision_id", "evaluate_rule",
-           "judged_artifacts", "meets", "parse_policy", "release_rules", "required_rules", "standing_veto",
-           "under_veto", "with_rules"]
+           "judged_artifacts", "legacy_veto_key", "meets", "parse_policy", "release_rules", "required_rules",
+           "served_content", "standing_veto", "under_veto", "veto_key", "with_rules"]
 
 RELEASE_REGISTERED = "release_registered"
 RELEASE_ARTIFACTS = "release_artifacts"
@@ -184,8 +184,9 @@ def standing_veto(current: GateDecided | None, judged: Mapping[str, str], unread
     A person's reject (a BLOCK by a reviewer) binds the content it rejected, and any operator may request
     evals: a new eval of the same content must not sign a PASS over it. The veto is carried as the `vetoed`
     rule on each later decision about that content until an approval passes one (review.apply_review marks
-    it lifted). A decision about other content (a changed binding) binds nothing here. `unreadable` says why
-    the release's current decision cannot be read: it may have been a veto, so the same holds.
+    it lifted). A decision about other content (another content_digest: what the release serves, whatever its
+    artifacts' labels and its eval's artifacts) binds nothing here. `unreadable` says why the release's current
+    decision cannot be read: it may have been a veto, so the same holds.
 
     `withdrawn`: approvals of `current` that no longer count (name -> why: a revoked key, a person gone). A PASS
     that lifted a veto by such an approval lifted nothing: the veto stands again (else re-running the eval, which
@@ -193,7 +194,7 @@ def standing_veto(current: GateDecided | None, judged: Mapping[str, str], unread
     """
     if unreadable:
         return _veto(f"the current decision cannot be read ({unreadable}); it may be a person's reject")
-    if current is None or judged_artifacts(current.artifacts) != dict(judged):
+    if current is None or content_digest(current.artifacts) != content_digest(judged):
         return None
     if current.decision == "PASS":
         lifted = next((r for r in current.rules if r.rule == VETOED and r.verdict == "PASS"), None)
@@ -211,10 +212,40 @@ def standing_veto(current: GateDecided | None, judged: Mapping[str, str], unread
     return None
 
 
+# The kinds a release lists for its eval, not for its serving: what it was judged on (dataset, suite) and by
+# (policy). The gates file pins the policy and suite an app's evals use whatever the release lists, and neither the
+# router nor an application reads them. Every other kind (prompt, model_config, tool, environment, and any kind added
+# later) is content: the router serves the model config, the eval renders the prompt, applications fetch their
+# release's prompt and tools.
+EVAL_KINDS = frozenset({"dataset", "eval_suite", "policy"})
+
+
+def served_content(decision_artifacts: Mapping[str, str]) -> list[str]:
+    """What a release serves, as the sorted, distinct `kind=hash` lines of its non-eval artifacts (EVAL_KINDS): the
+    name an artifact is bound under is a label for people, and two names of one hash serve the same bytes."""
+    return sorted({f"{k.partition('/')[0]}={v}" for k, v in judged_artifacts(decision_artifacts).items()
+                   if k.partition("/")[0] not in EVAL_KINDS})
+
+
 def content_digest(decision_artifacts: Mapping[str, str]) -> str:
-    """The one name of the content a decision judged, whatever release name it was registered under: sha256 (hex)
-    of its release artifacts' sorted `kind/name=hash` lines (the suite and policy it adds are not content); ""
-    when it names none (a veto of nothing known binds nothing)."""
+    """The one name of the content a decision judged, whatever release name it was registered under and however its
+    artifacts are labelled: sha256 (hex) of its served_content lines; "" when it serves nothing known (a veto of
+    nothing known binds nothing)."""
+    served = served_content(decision_artifacts)
+    return hashlib.sha256("\n".join(served).encode()).hexdigest() if served else ""
+
+
+def veto_key(tenant: str, decision_artifacts: Mapping[str, str]) -> str:
+    """The KV `lg_vetoes` key of the content a decision judged, in its tenant: sha256 (hex) of the tenant and the
+    content_digest ("" when that is ""). A veto binds its tenant's names of the content only: tenants are isolated,
+    so one tenant's reject neither holds nor names another tenant's release."""
+    digest = content_digest(decision_artifacts)
+    return hashlib.sha256(f"tenant={tenant}\n{digest}".encode()).hexdigest() if digest else ""
+
+
+def legacy_veto_key(decision_artifacts: Mapping[str, str]) -> str:
+    """The key vetoes were recorded under before veto_key (every tenant's alike): sha256 (hex) of the judged artifacts'
+    sorted `kind/name=hash` lines; still read, so a veto recorded before an upgrade is not lost by it."""
     judged = judged_artifacts(decision_artifacts)
     if not judged:
         return ""
@@ -225,10 +256,11 @@ def binds_content(decision: GateDecided, kept: GateDecided | None, unreadable: b
     """Whether `decision`, just stored for its release, replaces `kept` as what its content is vetoed by.
 
     A veto (a person's reject, a drift BLOCK, a decision carrying either) binds the content it judged under any
-    name: registering the same artifact versions under a new name must not escape it. An approval's PASS that
-    lifted that very veto lifts it for the content too (the same rule as for the name); a PASS that lifted another
-    veto, or nothing kept, leaves `kept` as it is. `unreadable`: what is kept cannot be read (held as a veto, see
-    standing_veto), and an approval that lifted that hold replaces it, as it replaces such a decision of a name.
+    name of its tenant (veto_key): registering the same artifact versions under a new release name, or under new
+    artifact names, must not escape it. An approval's PASS that lifted that very veto lifts it for the content too
+    (the same rule as for the name); a PASS that lifted another veto, or nothing kept, leaves `kept` as it is.
+    `unreadable`: what is kept cannot be read (held as a veto, see standing_veto), and an approval that lifted that
+    hold replaces it, as it replaces such a decision of a name.
     """
     judged = judged_artifacts(decision.artifacts)
     if standing_veto(decision, judged) is not None:

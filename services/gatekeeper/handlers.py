@@ -101,13 +101,16 @@ class GateHandlers:
             outcome = domain.with_rules(outcome, await self._required(done.release, bundle, done.policy,
                                                                       done.suite))
             outcome = domain.with_rules(outcome, await self._required_baseline(done, bundle))
+            # The release's tenant, whoever asked for the eval (`lockgate eval run` names none): its stored row is then
+            # its tenant's to read (the ClickHouse row policies go by it), and its content's veto that tenant's.
+            tenant = str((bundle or {}).get("tenant") or done.tenant)
             # A person's reject of this content stands over a re-run of its eval: at most NEEDS_REVIEW. It binds the
-            # content, not the name: the same artifact versions registered under another name stay under it too.
+            # content, not the name: what the release serves, under any release or artifact name of its tenant.
             judged = domain.judged_artifacts(done.artifacts or release_arts)
             veto = domain.standing_veto(stored.decision, judged, stored.unreadable,
                                         withdrawn_approvals(self.ctx.settings, stored.decision))
             if veto is None:
-                kept = await self.records.content(domain.content_digest(judged))
+                kept = await self.records.content(tenant, judged)
                 veto = domain.standing_veto(kept.decision, judged, kept.unreadable,
                                             withdrawn_approvals(self.ctx.settings, kept.decision))
             outcome = domain.under_veto(outcome, veto)
@@ -123,9 +126,7 @@ class GateHandlers:
                 id=decision_id, release=done.release, decision=outcome.decision,
                 rules=list(outcome.rules), eval_run=done.run_id, policy=done.policy, baseline=done.baseline,
                 reason=outcome.reason, artifacts=arts, review_required=outcome.review_required,
-                # The release's tenant, whoever asked for the eval (`lockgate eval run` names none): its stored row is
-                # then its tenant's to read (the ClickHouse row policies go by it).
-                tenant=str((bundle or {}).get("tenant") or done.tenant), source="gatekeeper", trace_id=done.trace_id,
+                tenant=tenant, source="gatekeeper", trace_id=done.trace_id,
             ))
             await self.publish_key()
             await self.records.settle(decision, over=stored.revision, action="decided", actor="gatekeeper", key=key)

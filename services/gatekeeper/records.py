@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import NamedTuple
 
 import nats.errors
@@ -150,13 +150,13 @@ class Records:
         return Stored(decision, entry.revision)
 
     async def bind_content(self, decision: GateDecided) -> None:
-        """Record `decision` as what its content is vetoed by (KV vetoes, under domain.content_digest), when it
-        vetoes it or lifts the veto kept (domain.binds_content); compare-and-set over what was read, so a veto
+        """Record `decision` as what its content is vetoed by in its tenant (KV vetoes, under domain.veto_key), when
+        it vetoes it or lifts the veto kept (domain.binds_content); compare-and-set over what was read, so a veto
         recorded meanwhile is never replaced unseen (ContentRaced: redelivered)."""
-        digest = domain.content_digest(decision.artifacts)
-        if not digest:
+        key = domain.veto_key(decision.tenant, decision.artifacts)
+        if not key:
             return
-        kept = await self.content(digest)
+        kept = await self.content(decision.tenant, decision.artifacts)
         if kept.decision is not None and kept.decision.id == decision.id:
             return  # recorded before this redelivery
         if not domain.binds_content(decision, kept.decision, bool(kept.unreadable)):
@@ -165,23 +165,39 @@ class Records:
         try:
             kv = await self.ctx.bus.kv(s.kv_vetoes)
             if kept.revision:
-                await kv.update(digest, encode(decision), last=kept.revision)
+                await kv.update(key, encode(decision), last=kept.revision)
             else:
-                await kv.create(digest, encode(decision))
+                await kv.create(key, encode(decision))
         except nats.js.errors.KeyWrongLastSequenceError:
-            raise ContentRaced(f"veto of content {digest} by decision {decision.id} of {decision.release!r} not "
+            raise ContentRaced(f"veto of content {key} by decision {decision.id} of {decision.release!r} not "
                                "recorded: another decision about it was recorded meanwhile; recorded again") from None
         except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
-            raise BusUnavailable(f"cannot record the veto of content {digest} in KV {s.kv_vetoes}: {exc!r}") from None
+            raise BusUnavailable(f"cannot record the veto of content {key} in KV {s.kv_vetoes}: {exc!r}") from None
 
-    async def content(self, digest: str) -> Stored:
-        """The decision content `digest` is vetoed by (or its veto lifted by), with its revision; what the key holds
-        if it is no decision about that content is `unreadable` (it may have been a veto), never "no veto"."""
-        if not digest:
+    async def content(self, tenant: str, artifacts: Mapping[str, str]) -> Stored:
+        """The decision `tenant`'s names of the content `artifacts` serve are vetoed by (or their veto lifted by), with
+        the revision of its key (domain.veto_key); what the key holds if it is no decision about that content of that
+        tenant is `unreadable` (it may have been a veto), never "no veto".
+
+        A content whose key was never written is read under the key of before (domain.legacy_veto_key, the artifacts'
+        labels and every tenant's alike), so a veto recorded before an upgrade still holds; one of another tenant
+        there is none of this tenant's. Its revision is then 0: what is recorded next creates the key."""
+        key = domain.veto_key(tenant, artifacts)
+        if not key:
             return Stored(None, 0)
-        return await self._stored(self.ctx.bus.subjects.kv_vetoes, digest, f"the veto of content {digest}",
-                                  lambda d: None if domain.content_digest(d.artifacts) == digest else
-                                  "is about other content")
+        bucket = self.ctx.bus.subjects.kv_vetoes
+        kept = await self._stored(bucket, key, f"the veto of content {key}",
+                                  lambda d: None if domain.veto_key(d.tenant, d.artifacts) == key else
+                                  "is about other content or another tenant")
+        legacy = domain.legacy_veto_key(artifacts)
+        if kept.revision or not legacy:
+            return kept
+        old = await self._stored(bucket, legacy, f"the veto of content {legacy}",
+                                 lambda d: None if domain.legacy_veto_key(d.artifacts) == legacy else
+                                 "is about other content")
+        if old.decision is not None and old.decision.tenant != tenant:
+            return Stored(None, 0)
+        return Stored(old.decision, 0, old.unreadable)
 
     async def consecutive_errors(self, release: str, exclude_run: str) -> int:
         """Errored decisions in a row for the release, from the audit log (via the query service)."""

@@ -1,6 +1,9 @@
 """A veto reaches back: when a person's reject or a drift BLOCK comes to bind some content, every other release name
-holding that very content is judged again under it, as an eval of it would be now (at most NEEDS_REVIEW, naming
-the veto). Before, a name gated before the reject kept its PASS, and its traffic, until someone rejected it too."""
+of its tenant holding that very content (domain.content_digest: what it serves, however labelled) is judged again
+under it, as an eval of it would be now (at most NEEDS_REVIEW, naming the veto). Before, a name gated before the
+reject kept its PASS, and its traffic, until someone rejected it too. Another tenant's names are left alone: tenants
+are isolated, so one tenant's review neither takes another's release out of traffic nor writes its release name and
+reviewer's reason into the other's decisions."""
 
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ class Siblings:
         self.publish_key = publish_key
 
     async def veto(self, vetoing: GateDecided) -> None:
-        """If `vetoing` vetoes its content, put every other name's decision about that content under the veto.
+        """If `vetoing` vetoes its content, put every other name's decision about that content in its tenant under
+        the veto.
 
         Idempotent, so a redelivery of `vetoing`'s message finishes a pass cut short: a name under the veto already
         is left as it is. A BLOCK stays a BLOCK (it gains the veto's rule). Each is stored by compare-and-set over
@@ -42,10 +46,13 @@ class Siblings:
         if veto is None:
             return
         digest = domain.content_digest(judged)
-        for release in await self._holding(digest, vetoing.release):
+        if not digest:
+            return  # it serves nothing known: no other name holds its content
+        for release in await self._holding(digest, vetoing):
             stored = await self.records.read(release)
             current = stored.decision
-            if current is None or domain.judged_artifacts(current.artifacts) != judged \
+            if current is None or current.tenant != vetoing.tenant \
+                    or domain.content_digest(current.artifacts) != digest \
                     or domain.standing_veto(current, judged) is not None:
                 continue  # changed since the listing, or under a veto already (this one's, a redelivery)
             out = domain.under_veto(Outcome(current.decision, tuple(current.rules), current.reason,
@@ -62,14 +69,15 @@ class Siblings:
                                       key=f"gate-{VETOED_SIBLING}-{decision.id}")
             log.warning("release %s holds the content of %s, now vetoed: %s", release, vetoing.release, out.reason)
 
-    async def _holding(self, digest: str, but: str) -> list[str]:
-        """The releases other than `but` whose current decision judged content `digest`."""
+    async def _holding(self, digest: str, vetoing: GateDecided) -> list[str]:
+        """The releases of `vetoing`'s tenant, other than its own, whose current decision judged content `digest`."""
         out = []
         for raw in (await self.ctx.bus.kv_entries(self.ctx.bus.subjects.kv_gates)).values():
             try:
                 decision = decided.decode(raw)
             except InvalidEvent:
                 continue  # no decision: an eval of that name is held under it (Records.read), nothing to remake
-            if decision.release != but and domain.content_digest(decision.artifacts) == digest:
+            if decision.release != vetoing.release and decision.tenant == vetoing.tenant \
+                    and domain.content_digest(decision.artifacts) == digest:
                 out.append(decision.release)
         return sorted(set(out))

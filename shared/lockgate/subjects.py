@@ -501,8 +501,8 @@ class Subjects:
 
     @property
     def kv_vetoes(self) -> str:
-        """Content digest (the judged artifact set, gatekeeper domain.content_digest) -> the latest decision that
-        vetoes it or lifts its veto: a person's reject or a drift BLOCK binds the content under any release name."""
+        """A tenant's content (what a release serves, gatekeeper domain.veto_key) -> the latest decision that vetoes it
+        or lifts its veto: a person's reject or a drift BLOCK binds the content under any release name of the tenant."""
         return f"{self.prefix}_vetoes"
 
     @property

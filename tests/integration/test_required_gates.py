@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ from lockgate.contracts import EvalCompleted, GateDecided, GateReview
 from lockgate.errors import ConfigError, NotFound
 from lockgate.identity import sign_review
 from lockgate.server.service import ServiceContext
-from lockgate.services.gatekeeper import handlers
+from lockgate.services.gatekeeper import domain, handlers
 from lockgate.signing import Keyring, Signer, ensure_signer_trusted, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
@@ -103,8 +104,9 @@ async def stack(context: ServiceContext, run_services: Callable[..., Any], tmp_p
     """The stack with a gates file requiring policy strict for app shop (every test release's app), and r1
     passed as the stable release."""
     async with gated(context, run_services, tmp_path, {"shop": {"policy": "strict"}}) as svcs:
-        for release in ("r1", "r2"):
-            await register_model_release(context.bus, release, "good")
+        # Other content each (a veto binds what a release serves, so one of r2's must not reach the stable r1).
+        await register_model_release(context.bus, "r1", "good", temperature=0)
+        await register_model_release(context.bus, "r2", "good")
         await store_pass(context.bus, "r1", context.settings)
         yield svcs
 
@@ -286,12 +288,13 @@ async def test_a_gates_file_pins_the_baseline_to_the_deployments_known_good_rele
 # A person's reject binds the content it rejected.
 
 
-async def _rejected_by_carol(settings: Settings, stack: dict[str, Any], files: dict[str, str]) -> dict[str, Any]:
-    """r2 PASSed under the strict policy, then rejected by carol (approvers carol and ann trusted): her veto."""
-    assert (await eval_run(settings, stack["sim"], "r2", files["strict"])).exit_code == 0
+async def _rejected_by_carol(settings: Settings, stack: dict[str, Any], files: dict[str, str],
+                             release: str = "r2") -> dict[str, Any]:
+    """`release` PASSed under the strict policy, then rejected by carol (approvers carol and ann trusted): her veto."""
+    assert (await eval_run(settings, stack["sim"], release, files["strict"])).exit_code == 0
     person(settings, "carol", "approver")
     person(settings, "ann", "approver")
-    rejected = await review(settings, "carol", "reject", "r2", "tone regressed: do not ship")
+    rejected = await review(settings, "carol", "reject", release, "tone regressed: do not ship")
     assert rejected.exit_code == 0, rejected.output
     return dict(json.loads(rejected.output))
 
@@ -389,6 +392,92 @@ async def test_a_persons_reject_reaches_a_name_of_the_same_content_passed_before
     assert (await eval_run(settings, stack["sim"], "r2-clone", files["strict"])).exit_code == 5
     assert (await review(settings, "ann", "approve", "r2-clone", "tone checked again: fine")).exit_code == 0
     assert (await current_decision(bus, "r2-clone")).decision == "PASS"
+
+
+async def test_a_persons_reject_binds_what_the_release_serves_whatever_its_artifacts_are_named(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
+) -> None:
+    # Found by probe p7: after a person's reject, the same bytes bound under another artifact name
+    # (`prompt/shop-answer-x`), or the same release without its `policy/*` artifact (the gates file pins the eval's
+    # policy anyway), got a signed PASS and canary traffic; a name of them PASSed before the reject kept its PASS.
+    # The content's digest hashed the artifacts' labels and every artifact listed, served or not.
+    [(label, config)] = (await artifacts.release_of(bus, "r2"))["artifacts"].items()
+    policy = await artifacts.register_file(bus, "policy", files["strict"])
+    await artifacts.register_release(bus, "r2-listed", "shop", {label: config, "policy/strict": policy.hash})
+    await artifacts.register_release(bus, "r2-before", "shop", {"model_config/r2-config-y": config})
+    assert (await eval_run(settings, stack["sim"], "r2-before", files["strict"])).exit_code == 0
+
+    veto = await _rejected_by_carol(settings, stack, files, "r2-listed")
+    why = f"release 'r2-listed' was rejected by carol (decision {veto['id']}: override: rejected by carol: "
+    reached = await current_decision(bus, "r2-before")  # relabelled, PASSed before it: reached back
+    assert reached.decision == "NEEDS_REVIEW" and reached.reason.startswith(why), reached.reason
+    await artifacts.register_release(bus, "r2-renamed", "shop", {"model_config/r2-config-x": config,
+                                                                "policy/strict": policy.hash})
+    for release in ("r2-renamed", "r2"):  # relabelled; r2 is r2-listed without its policy artifact
+        rerun = await eval_run(settings, stack["sim"], release, files["strict"])
+        assert rerun.exit_code == 5, rerun.output  # held for review, not passed
+        held = await current_decision(bus, release)
+        assert held.decision == "NEEDS_REVIEW" and trusted.verify(held) == held.key_id
+        assert [(r.rule, r.verdict) for r in held.rules][-1] == ("vetoed", "FAIL")
+        assert held.reason.startswith(why), held.reason
+        state = await canary(stack["router"], release)
+        assert (state["phase"], state["weight"]) == ("idle", 0.0)
+
+
+async def test_a_persons_reject_binds_its_own_tenants_names_of_the_content_only(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
+) -> None:
+    # Found by probe p7: carol rejected tenant acme's acme-r2, which holds the content of tenant default's r2 (PASSed,
+    # on canary): r2 was remade NEEDS_REVIEW naming acme-r2 and carol's reason, and the router took it out of
+    # traffic. Tenants are isolated: one tenant's review neither holds nor names another tenant's release.
+    arts = (await artifacts.release_of(bus, "r2"))["artifacts"]
+    await artifacts.register_release(bus, "acme-r2", "shop", arts, tenant="acme")
+    assert (await eval_run(settings, stack["sim"], "r2", files["strict"])).exit_code == 0
+    passed = await current_decision(bus, "r2")
+    assert (await canary(stack["router"], "r2"))["phase"] == "progressing"
+
+    veto = await _rejected_by_carol(settings, stack, files, "acme-r2")
+    assert (veto["decision"], veto["tenant"]) == ("BLOCK", "acme")
+    # The reach-back runs before the reject is announced (Records.finish), which `gate reject` waited for.
+    assert await current_decision(bus, "r2") == passed
+    assert stack["router"].rollouts.route("chat").admitted == passed.id
+    # A new eval of the content in tenant default is judged afresh; one in tenant acme stays under the reject.
+    await artifacts.register_release(bus, "r2-again", "shop", arts)
+    assert (await eval_run(settings, stack["sim"], "r2-again", files["strict"])).exit_code == 0
+    again = await current_decision(bus, "r2-again")
+    assert again.decision == "PASS" and "acme" not in again.reason and "carol" not in again.reason
+    await artifacts.register_release(bus, "acme-r2-again", "shop", arts, tenant="acme")
+    assert (await eval_run(settings, stack["sim"], "acme-r2-again", files["strict"])).exit_code == 5
+    assert (await current_decision(bus, "acme-r2-again")).reason.startswith("release 'acme-r2' was rejected by carol")
+
+
+async def test_a_veto_recorded_under_the_content_key_of_before_still_holds(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
+) -> None:
+    # A gatekeeper of before recorded vetoes under the digest of the labelled artifact set, every tenant's alike: an
+    # upgrade must not lose them. Read when the content's key is not written; an approval records under that key.
+    veto = await _rejected_by_carol(settings, stack, files)
+    arts = (await artifacts.release_of(bus, "r2"))["artifacts"]
+    kv = await bus.kv(bus.subjects.kv_vetoes)
+    key = domain.veto_key("default", arts)
+    before = hashlib.sha256("\n".join(f"{k}={v}" for k, v in sorted(arts.items())).encode()).hexdigest()
+    await kv.put(before, (await kv.get(key)).value)
+    await kv.purge(key)
+
+    await artifacts.register_release(bus, "r2-clone", "shop", arts)
+    assert (await eval_run(settings, stack["sim"], "r2-clone", files["strict"])).exit_code == 5
+    held = await current_decision(bus, "r2-clone")
+    assert held.decision == "NEEDS_REVIEW" and held.reason.startswith(
+        f"release 'r2' was rejected by carol (decision {veto['id']}: "), held.reason
+    # Tenant default's veto is not tenant acme's, under the key of before either.
+    await artifacts.register_release(bus, "acme-r2", "shop", arts, tenant="acme")
+    assert (await eval_run(settings, stack["sim"], "acme-r2", files["strict"])).exit_code == 0
+
+    assert (await review(settings, "ann", "approve", "r2-clone", "tone checked again: fine")).exit_code == 0
+    lifted = await current_decision(bus, "r2-clone")
+    assert lifted.decision == "PASS" and Codec(GateDecided).decode((await kv.get(key)).value).id == lifted.id
+    await artifacts.register_release(bus, "r2-again", "shop", arts)
+    assert (await eval_run(settings, stack["sim"], "r2-again", files["strict"])).exit_code == 0
 
 
 async def test_a_pass_judged_before_a_persons_reject_landed_is_judged_again_under_it(

@@ -23,11 +23,11 @@ from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper.domain import (
     Outcome,
-    content_digest,
     decision_id,
     judged_artifacts,
     standing_veto,
     under_veto,
+    veto_key,
 )
 from lockgate.signing import Signer, Verifier, ensure_signer_trusted
 from lockgate.subjects import token
@@ -312,7 +312,7 @@ async def test_a_drift_block_stands_over_a_rerun_of_the_eval_of_the_same_content
     rerun = under_veto(Outcome("PASS", (), "all rules passed"), veto)
     assert rerun.decision == "NEEDS_REVIEW" and veto.hint in rerun.review_required
     assert standing_veto(blocked, {**judged_artifacts(arts), "prompt/other": "sha256:new"}) is None  # new content
-    # It binds the content under any release name (probe p3): recorded by the content's digest, which an eval of
-    # the same artifact versions registered under a new name consults.
-    kept = await (await bus.kv(bus.subjects.kv_vetoes)).get(content_digest(arts))
+    # It binds the content under any release name of its tenant (probe p3): recorded by the tenant and the content's
+    # digest, which an eval of the same artifact versions registered under a new name consults.
+    kept = await (await bus.kv(bus.subjects.kv_vetoes)).get(veto_key(blocked.tenant, arts))
     assert _decided.decode(kept.value).id == blocked.id

@@ -214,14 +214,41 @@ def test_an_approval_lifts_the_veto_and_an_approved_pass_binds_nothing() -> None
 # got a fresh PASS over a person's reject.
 
 
-def test_the_content_digest_is_the_judged_artifact_set_whatever_the_order_suite_or_policy() -> None:
+def test_the_content_digest_is_what_the_release_serves_whatever_the_order_suite_or_policy() -> None:
     digest = domain.content_digest(decided("BLOCK").artifacts)
-    assert digest == hashlib.sha256(b"model_config/m=sha256:c\nprompt/system=sha256:a").hexdigest()
+    assert digest == hashlib.sha256(b"model_config=sha256:c\nprompt=sha256:a").hexdigest()
     assert domain.content_digest(dict(reversed(ARTS.items()))) == digest  # the suite and policy are no content
     assert domain.content_digest({**ARTS, "policy": "sha256:other"}) == digest
     assert domain.content_digest({**ARTS, "prompt/system": "sha256:b"}) != digest  # one artifact differs
-    assert domain.content_digest({**ARTS, "prompt/extra": "sha256:a"}) != digest
+    assert domain.content_digest({**ARTS, "tool/search": "sha256:t"}) != digest  # one more served
     assert domain.content_digest({"policy": "sha256:p"}) == domain.content_digest({}) == ""  # nothing to bind
+
+
+# Probe p7: the same bytes under another artifact name, or a release listing fewer (or more) artifacts that are not
+# served, escaped a person's reject: the digest hashed the labels and every artifact the release listed.
+@pytest.mark.parametrize("arts", [
+    {"prompt/system-x": "sha256:a", "model_config/m": "sha256:c"},  # another label, the same bytes
+    {"prompt/system": "sha256:a", "model_config/other": "sha256:c"},
+    {**ARTS, "prompt/extra": "sha256:a"},  # the same bytes under two labels
+    {**ARTS, "policy/shop-release-policy": "sha256:p", "eval_suite/qa": "sha256:s", "dataset/qa": "sha256:d"},
+    {**ARTS, "dataset/other": "sha256:d2"},  # what it is judged on and by is no content
+])
+def test_the_content_digest_ignores_labels_and_what_is_not_served(arts: dict[str, str]) -> None:
+    assert domain.content_digest(arts) == domain.content_digest(ARTS)
+    veto = domain.standing_veto(decided("BLOCK", by="carol"), arts)
+    assert veto is not None and veto.hint.startswith("release 'v2' was rejected by carol")
+
+
+def test_a_vetoes_key_is_its_tenants_and_the_key_of_before_is_the_labelled_set() -> None:
+    key = domain.veto_key("default", ARTS)
+    assert key == hashlib.sha256(f"tenant=default\n{domain.content_digest(ARTS)}".encode()).hexdigest()
+    assert domain.veto_key("default", {"prompt/x": "sha256:a", "model_config/m": "sha256:c", "policy/p": "h"}) == key
+    assert domain.veto_key("acme", ARTS) != key  # tenants are isolated
+    assert domain.veto_key("default", {"policy/p": "sha256:p"}) == ""
+    # What a gatekeeper of before recorded vetoes under: still read, so an upgrade keeps them.
+    assert domain.legacy_veto_key({**ARTS, "policy": "sha256:p"}) == hashlib.sha256(
+        b"model_config/m=sha256:c\nprompt/system=sha256:a").hexdigest()
+    assert domain.legacy_veto_key({"policy": "sha256:p"}) == ""
 
 
 def test_a_veto_kept_for_the_content_holds_a_new_name_until_an_approval_lifts_that_veto() -> None:
