@@ -194,29 +194,79 @@ def release_bundle(release: str, app: str, artifacts: dict[str, str], *, parent:
     return {"release": release, "app": app, "tenant": tenant, "parent": parent, "artifacts": dict(artifacts)}
 
 
-async def bind_release(bus: Bus, bundle: dict[str, Any]) -> str:
-    """Bind a release name to its bundle, once: the KV create is the authority. Returns the bundle hash.
+# `<line>@<12 hex>`: the name a release line (a GitOps release document without `release:`) gives its content.
+_LINE_NAME = re.compile(r"^(?P<line>.+)@(?P<version>[0-9a-f]{12})$")
 
-    The same content again is accepted (idempotent; the first registration's author stays); other
-    content under a bound name raises ReleaseConflict, however the request reached the bus.
+
+def line_version(app: str, artifacts: dict[str, str], parent: str = "", tenant: str = "default") -> str:
+    """The 12 hex a release line names this content's version with (`<line>@<12 hex>`)."""
+    # The tenant only when it is not the default one, so the versions of existing folders keep their names.
+    owner = {"tenant": tenant} if tenant != "default" else {}
+    return content_hash({"app": app, "artifacts": artifacts, "parent": parent, **owner})[7:19]
+
+
+def check_line_name(bundle: dict[str, Any]) -> None:
+    """ConfigError if the bundle's name has a release line's form but another content's 12 hex.
+
+    A line's next version name is known before it is bound (`plan` prints it), and a name binds once: were
+    such a name open to any content, whoever bound it first would keep the line from ever binding its own.
+    With its own content's 12 hex, the name is the very bundle the line would bind, so nothing is taken."""
+    match = _LINE_NAME.match(bundle["release"])
+    if match is None:
+        return
+    own = line_version(bundle["app"], bundle["artifacts"], bundle["parent"], bundle["tenant"])
+    if match["version"] != own:
+        raise ConfigError(
+            f"release name {bundle['release']!r} has the form of a release line's version (`<line>@<12 hex of its "
+            f"content>`) but names other content (this content's would be '{match['line']}@{own}'): a line's "
+            "version name is kept for that line's content; choose a name without `@<12 hex>`")
+
+
+class Binding(msgspec.Struct, frozen=True, kw_only=True):
+    """What `bind_release` found: the bundle the name is bound to (with its author), its hash, and whether this
+    call bound it (False: the same content was bound already, by its first registration)."""
+
+    digest: str
+    bundle: dict[str, Any]
+    created: bool
+
+
+async def bind_release(bus: Bus, bundle: dict[str, Any]) -> Binding:
+    """Bind a release name to its bundle, once: the KV create is the authority.
+
+    The same content again is accepted (idempotent; the first registration's author stays, and is what the
+    Binding returns); other content under a bound name raises ReleaseConflict, however the request reached the
+    bus; a name of a release line's form with another content's 12 hex, ConfigError (`check_line_name`) while
+    it is not bound (bound, it is judged as any bound name).
     """
     release = bundle["release"]
     value = canonical_json(bundle)
     content = canonical_json(bundle_content(bundle))
     kv = await bus.kv(bus.subjects.kv_releases)
     try:
+        check_line_name(bundle)
         await kv.create(token(release), value)
-        return content_hash(content)
+        return Binding(digest=content_hash(content), bundle=dict(bundle), created=True)
+    except ConfigError as refused:
+        # A line's name bound already (to the line's content) is refused as any bound name is: that it is taken
+        # is the plainer reason. Not bound, the name is refused for its form, and nothing is bound.
+        try:
+            bound = (await kv.get(token(release))).value or b""
+        except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+            raise refused from None
+        except nats.errors.Error as exc:
+            raise BusUnavailable(f"cannot bind release {release!r}: {exc!r}") from None
     except nats.js.errors.KeyWrongLastSequenceError:
         bound = (await kv.get(token(release))).value or b""  # already bound: to the same content?
     except nats.errors.Error as exc:
         raise BusUnavailable(f"cannot bind release {release!r}: {exc!r}") from None
-    bound_content = canonical_json(bundle_content(json.loads(bound))) if bound else b""
+    first = json.loads(bound) if bound else {}
+    bound_content = canonical_json(bundle_content(first)) if bound else b""
     if bound_content != content:
         raise ReleaseConflict(
             f"release {release!r} is already registered with other content (bundle {content_hash(bound_content)}, "
             f"not {content_hash(content)}); releases are immutable: register the change under a new name")
-    return content_hash(content)
+    return Binding(digest=content_hash(content), bundle=first, created=False)
 
 
 async def release_of(bus: Bus, release: str) -> dict[str, Any]:
@@ -280,18 +330,20 @@ async def check_parent(bus: Bus, release: str, parent: str) -> None:
 
 async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str, str], *,
                            parent: str = "", description: str = "", tenant: str = "default",
-                           author: Identity | None = None) -> ReleaseRegistered:
+                           author: Identity | None = None) -> Binding:
     """Bind a release name to a set of artifact versions (`kind/name` -> hash), then announce it.
 
     With `author`, the binding carries the author's signature over the bundle, so a policy can refuse
-    their approval of it. ReleaseConflict if the name is already bound to other artifacts.
+    their approval of it. ReleaseConflict if the name is already bound to other artifacts. The same
+    content bound already is announced no second time: its binding, author included, is the first one's.
     """
     check_name(tenant, "tenant")  # before anything is bound under it
     await check_references(bus, artifacts)
     await check_parent(bus, release, parent)
     bundle = release_bundle(release, app, artifacts, parent=parent, tenant=tenant)
-    await bind_release(bus, sign_bundle(author, bundle) if author is not None else bundle)
-    event = ReleaseRegistered(release=release, app=app, artifacts=artifacts, parent=parent,
-                              description=description, tenant=tenant)
-    await bus.publish(bus.subjects.release_registered, event)
-    return event
+    binding = await bind_release(bus, sign_bundle(author, bundle) if author is not None else bundle)
+    if binding.created:
+        # A repeat would add a `releases` row for a registration that changed nothing.
+        await bus.publish(bus.subjects.release_registered, ReleaseRegistered(
+            release=release, app=app, artifacts=artifacts, parent=parent, description=description, tenant=tenant))
+    return binding

@@ -35,7 +35,8 @@ from lockgate.gitops.git import provenance
 from lockgate.gitops.plan import diff
 from lockgate.gitops.resolve import resolve
 from lockgate.gitops.state import apply, read_bindings, read_state, state_key
-from lockgate.ids import content_hash
+from lockgate.ids import canonical_json, content_hash
+from lockgate.subjects import token
 from tests.helpers import apply_folder, person, recorder
 from tests.integration.test_aliases import cli
 from tests.integration.test_nats_auth import _bus, secured  # noqa: F401 - the fixture
@@ -335,3 +336,92 @@ async def test_a_release_parent_named_by_its_document_is_planned_and_applied_thr
     assert refused.exit_code == 1
     assert ("document releases/ra.yaml: parent 'rc' is neither a release document of the folder (by its `name:`), "
             "the `release:` of one, nor a registered release - at `$.parent`") in refused.output
+
+
+def _joined(text: str) -> str:
+    """The CLI's output as one line (the terminal's wrapping undone)."""
+    return " ".join(text.split())
+
+
+SQUAT = ("kind: release\nname: squat\nrelease: {name}\napp: gitshop\n"
+         "artifacts: [prompt/gitshop-system, model_config/gitshop-sim-stable]\n")
+
+
+async def test_a_release_lines_next_version_name_cannot_be_taken_by_other_content_through_the_cli(
+        bus: Bus, settings: Settings, tmp_path: Path) -> None:
+    # Found by probe p8 (F2): `plan` printed the line's next version, `gitshop@<12 hex>`; another folder pinned
+    # `release:` to that name with other artifacts, applied first, and the line could then never apply its
+    # content (its error told it to rename a `release:` field it does not have). Such a name is now refused to
+    # any content whose own 12 hex it does not carry, from a folder and from `release create`.
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    async with recorder(bus, settings):
+        assert (await cli(settings, "apply", str(repo))).exit_code == 0
+        answer = repo / "prompts" / "answer.yaml"
+        answer.write_text(answer.read_text().replace("no punctuation.", "no punctuation, please."))
+        planned = await cli(settings, "plan", str(repo), "--json")
+        steps = json.loads(planned.stdout)["steps"]
+        following = next(s["release"] for s in steps if s["kind"] == "release" and s["name"] == "gitshop")
+        system = next(s["digest"] for s in steps if s["name"] == "gitshop-system")
+
+        squat = tmp_path / "squat"
+        squat.mkdir()
+        for doc in ("prompts/system.yaml", "models/sim-stable.yaml"):
+            shutil.copy(repo / doc, squat)
+        (squat / "squat.yaml").write_text(SQUAT.format(name=following))
+        refused = await cli(settings, "apply", str(squat))
+        assert refused.exit_code == 1, refused.output
+        assert (f"document squat.yaml is invalid: release name {following!r} has the form of a release line's "
+                f"version") in _joined(refused.output) and "- at `$.release`" in refused.output, refused.output
+        created = await cli(settings, "release", "create", following, "--app", "gitshop",
+                            "--artifact", f"prompt/gitshop-system={system}")
+        assert created.exit_code == 2 and len(created.output.strip().splitlines()) == 1, created.output
+        assert f"release name {following!r} has the form of a release line's version" in created.output
+        with pytest.raises(NotFound):
+            await artifacts.release_of(bus, following)
+
+        applied = await cli(settings, "apply", str(repo))
+        assert applied.exit_code == 0, applied.output
+    bound = await artifacts.release_of(bus, following)
+    assert bound["artifacts"]["prompt/gitshop-answer"] == next(s["digest"] for s in steps
+                                                               if s["name"] == "gitshop-answer")
+    # Bound, the name is refused other content as any bound name is: taken.
+    rebind = await cli(settings, "release", "create", following, "--app", "gitshop",
+                       "--artifact", f"prompt/gitshop-system={system}")
+    assert rebind.exit_code == 1 and "is already registered with other content" in rebind.output, rebind.output
+
+
+async def test_a_release_line_whose_version_name_is_bound_to_other_content_says_so_without_a_release_field(
+        bus: Bus, settings: Settings, tmp_path: Path) -> None:
+    # A binding made before such names were refused (or two contents of a line whose 12 hex agree): the line's
+    # error named `$.release`, a field its document does not have, and told it to rename it.
+    repo = Path(shutil.copytree(FIXTURE, tmp_path / "repo"))
+    planned = await cli(settings, "plan", str(repo), "--json")
+    line = next(s["release"] for s in json.loads(planned.stdout)["steps"] if s["name"] == "gitshop")
+    kv = await bus.kv(bus.subjects.kv_releases)
+    await kv.create(token(line), canonical_json(artifacts.release_bundle(line, "gitshop", {})))
+    refused = await cli(settings, "apply", str(repo))
+    assert refused.exit_code == 1, refused.output
+    error = _joined(refused.output)
+    assert (f"document releases/gitshop.yaml: release line 'gitshop' names its content {line!r}, a name already "
+            "bound to other content") in error, error
+    assert "`$.release`" not in error and "- at `$.name`" in error and "nothing was applied" in error
+
+
+async def test_release_create_of_a_bound_name_and_the_same_content_names_its_first_author_and_announces_nothing(
+        bus: Bus, settings: Settings) -> None:
+    # Found by probe p8 (F4): ann's `release create` of olly's release with the same content printed "authored by
+    # ann" while the binding keeps olly (whom forbid_self_approval reads), and a second ReleaseRegistered gave
+    # the `releases` table a second row.
+    person(settings, "olly", "operator")
+    person(settings, "ann", "admin", "operator")
+    prompt = await artifacts.register(bus, "prompt", "p8-prompt", {"template": "{question}"})
+    announced = await bus.nc.subscribe(bus.subjects.release_registered)
+    args = ("release", "create", "shop-p8", "--app", "shop", "--artifact", f"prompt/p8-prompt={prompt.hash}")
+    first = await cli(settings, "--as", "olly", *args)
+    assert first.exit_code == 0 and "release shop-p8 recorded with 1 artifacts, authored by olly" in first.output
+    again = await cli(settings, "--as", "ann", *args)
+    assert again.exit_code == 0, again.output
+    assert "release shop-p8 already registered (same content), authored by olly" in _joined(again.output)
+    await bus.nc.flush()
+    assert announced.pending_msgs == 1  # olly's registration alone
+    assert (await artifacts.release_of(bus, "shop-p8"))["author"]["name"] == "olly"

@@ -144,6 +144,28 @@ async def test_release_rebound_on_the_bus_is_refused_not_linked(run_services, bu
     assert (await artifacts.release_of(bus, "rel-y"))["artifacts"] == {"dataset/qa": DATA}
 
 
+async def test_a_line_version_name_announced_on_the_bus_for_other_content_is_refused_not_bound(
+        run_services, bus: Bus) -> None:
+    # Probe p8 (F2): the name `<line>@<12 hex>` of a release line's next version, taken first by other content,
+    # kept the line from binding its own. Announced straight on the bus, the lineage recorder binds what
+    # `release create` would: nothing.
+    from lockgate import artifacts
+    from lockgate.codec import Codec
+    from lockgate.contracts import DeadLetter
+    from lockgate.errors import NotFound
+
+    await run_services("lineage")
+    dlq = await bus.nc.subscribe(bus.subjects.dlq("lineage"))
+    await stored(bus, DATA)
+    squat = "shop@" + artifacts.line_version("shop", {"dataset/qa": PROMPT})  # another content's version
+    await bus.publish(bus.subjects.release_registered,
+                      ReleaseRegistered(release=squat, app="shop", artifacts={"dataset/qa": DATA}))
+    letter = Codec(DeadLetter).decode((await dlq.next_msg(timeout=20)).data)
+    assert "has the form of a release line's version" in letter.error, letter.error
+    with pytest.raises(NotFound):
+        await artifacts.release_of(bus, squat)
+
+
 async def test_a_forged_registration_of_a_bound_release_never_lands_in_clickhouse(settings: Settings) -> None:
     # Before: the binding refused it, but the sink stored the forged ReleaseRegistered from the bus,
     # so `releases` (and every query on it) showed content that is not the bound release. Embedded

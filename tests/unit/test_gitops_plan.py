@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from lockgate import artifacts
+from lockgate.errors import ConfigError
 from lockgate.gitops.documents import GitopsError, load_folder
 from lockgate.gitops.plan import StateEntry, diff
 from lockgate.gitops.resolve import Resource, resolve
@@ -231,3 +233,52 @@ def test_a_parent_that_names_one_document_and_another_ones_release_is_refused(fo
     with pytest.raises(GitopsError, match=r"parent 'kin-b' is both a release document's name and the release of "
                                           r"document 'kin-a': rename one of them - at `\$.parent`"):
         resolve(load_folder(folder))
+
+
+def _line(desired: list[Resource]) -> Resource:
+    return next(r for r in desired if r.kind == "release" and r.name == "gitshop")
+
+
+def test_a_pinned_release_may_take_a_line_version_name_only_with_its_own_contents_12_hex(folder: Path) -> None:
+    # Probe p8 (F2): a pin took the name a line derives for other content, so the line could never bind it.
+    line = _line(resolve(load_folder(folder))).release
+    pin = folder / "releases" / "gitshop-base.yaml"
+    _edit(pin, "release: gitshop-v1", f"release: {line}")
+    with pytest.raises(GitopsError) as refused:
+        resolve(load_folder(folder))
+    message = refused.value.message
+    assert message.startswith(f"document releases/gitshop-base.yaml is invalid: release name {line!r} has the form "
+                              "of a release line's version")
+    assert message.endswith("- at `$.release`") and "\n" not in message
+    # Its own content's version: the very bundle a line of that content binds, so nobody else's name is taken.
+    _edit(pin, f"release: {line}", "release: gitshop-v1")
+    own = next(r for r in resolve(load_folder(folder)) if r.name == "gitshop-base")
+    version = artifacts.line_version(own.bundle["app"], own.bundle["artifacts"])
+    _edit(pin, "release: gitshop-v1", f"release: gitshop-base@{version}")
+    pinned = next(r for r in resolve(load_folder(folder)) if r.name == "gitshop-base")
+    _edit(pin, f"release: gitshop-base@{version}\n", "")
+    unpinned = next(r for r in resolve(load_folder(folder)) if r.name == "gitshop-base")
+    assert pinned.release == unpinned.release == f"gitshop-base@{version}" and pinned.digest == unpinned.digest
+
+
+@pytest.mark.parametrize("name", ["shop@0123456789ab", "a@b@ffffffffffff"])
+def test_a_name_of_a_lines_form_binds_only_its_own_contents_version(name: str) -> None:
+    bundle = artifacts.release_bundle(name, "shop", {"prompt/p": "sha256:" + "1" * 64})
+    with pytest.raises(ConfigError, match="has the form of a release line's version"):
+        artifacts.check_line_name(bundle)
+    own = f"{name.rpartition('@')[0]}@{artifacts.line_version('shop', bundle['artifacts'])}"
+    artifacts.check_line_name({**bundle, "release": own})
+    for other in ("shop-v1", "shop@0123456789AB", "shop@0123456789a", "shop@0123456789abc"):  # not a line's form
+        artifacts.check_line_name({**bundle, "release": other})
+    acme = artifacts.release_bundle(own, "shop", bundle["artifacts"], tenant="acme")  # another tenant: other content
+    with pytest.raises(ConfigError):
+        artifacts.check_line_name(acme)
+
+
+def test_a_line_whose_version_name_is_bound_to_other_content_is_told_so_without_a_release_field(folder: Path) -> None:
+    desired = resolve(load_folder(folder))
+    line = _line(desired)
+    [error] = diff(desired, {}, {line.release: "sha256:" + "0" * 64}).errors
+    assert error.startswith(f"document releases/gitshop.yaml: release line 'gitshop' names its content "
+                            f"{line.release!r}, a name already bound to other content")
+    assert "`$.release`" not in error and error.endswith("- at `$.name`")

@@ -75,14 +75,22 @@ def register(cli: click.Group) -> None:
                 raise ConfigError(f"--artifact {pair!r} must look like kind/name=sha256:<hex>")
             arts[key] = value
         from lockgate.cli.identity import optional_identity
+        from lockgate.identity import author_of
 
         # The author's signature lets a policy refuse their own approval (forbid_self_approval).
         author = optional_identity(ctx)
-        with_bus(ctx.obj["settings"], lambda bus: artifacts.register_release(bus, name, app, arts, parent=parent,
-                                                                             tenant=tenant, author=author),
-                 role="operator")
-        by = f", authored by {author.name}" if author else " (no author: no personal identity, see --as)"
-        console.print(f"release {name} recorded with {len(arts)} artifacts{by}")
+        settings = ctx.obj["settings"]
+        binding = with_bus(settings, lambda bus: artifacts.register_release(bus, name, app, arts, parent=parent,
+                                                                            tenant=tenant, author=author),
+                           role="operator")
+        if binding.created:
+            by = f", authored by {author.name}" if author else " (no author: no personal identity, see --as)"
+            console.print(f"release {name} recorded with {len(arts)} artifacts{by}")
+            return
+        # The binding keeps its first registration's author, the one forbid_self_approval reads: not the caller.
+        first = author_of(settings, binding.bundle)
+        by = f", authored by {first}" if first else ", with no verified author (not signed by a trusted person)"
+        console.print(f"release {name} already registered (same content){by}", highlight=False)
 
     @cli.group("eval")
     def eval_group() -> None:

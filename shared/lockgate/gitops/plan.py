@@ -74,10 +74,7 @@ def diff(desired: list[Resource], state: dict[str, StateEntry], bound: dict[str,
     errors: list[str] = _parent_errors(desired, bound)
     for res in desired:
         if res.kind == "release" and res.release in bound and bound[res.release] != res.digest:
-            errors.append(f"document {res.source}: release {res.release!r} is already bound to other content "
-                          f"(bundle {bound[res.release]}, the folder's is {res.digest}); releases are immutable: "
-                          f"give the change a new `release:` name, or drop `release:` to name versions by content "
-                          f"- at `$.release`")
+            errors.append(_conflict(res, bound[res.release]))
             continue
         entry = state.get(res.key)
         if entry is None:
@@ -104,6 +101,21 @@ def diff(desired: list[Resource], state: dict[str, StateEntry], bound: dict[str,
     generation = _generations(desired)
     steps.sort(key=lambda s: (_rank(s.kind), generation.get(s.release, 0) if s.kind == "release" else 0, s.name))
     return Plan(steps=steps, errors=errors)
+
+
+def _conflict(res: Resource, bound: str) -> str:
+    """Why a release of the folder cannot be bound: its name is bound to other content (`bound`)."""
+    if res.pinned:
+        return (f"document {res.source}: release {res.release!r} is already bound to other content (bundle {bound}, "
+                f"the folder's is {res.digest}); releases are immutable: give the change a new `release:` name, or "
+                "drop `release:` to name versions by content - at `$.release`")
+    # A line's name derives from its `name:` and its content, so there is no `release:` to rename: the name was
+    # bound by a registration made before such names were kept for their line's content, or to a content whose
+    # 12 hex happen to agree.
+    return (f"document {res.source}: release line {res.name!r} names its content {res.release!r}, a name already "
+            f"bound to other content (bundle {bound}, the line's is {res.digest}); releases are immutable, so the "
+            "line cannot bind it: pin this content to a name of its own with `release:`, or rename the line "
+            "- at `$.name`")
 
 
 def _parent_errors(desired: list[Resource], bound: dict[str, str]) -> list[str]:

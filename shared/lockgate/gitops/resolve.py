@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from lockgate.artifacts import canonical_bytes, release_bundle
+from lockgate.artifacts import canonical_bytes, check_line_name, line_version, release_bundle
 from lockgate.documents import reroot
 from lockgate.errors import ConfigError
 from lockgate.gitops.documents import (
@@ -49,6 +49,7 @@ class Resource(msgspec.Struct, frozen=True, kw_only=True):
     media_type: str = ""
     release: str = ""  # a release's immutable name
     bundle: dict[str, Any] = {}  # a release's bundle
+    pinned: bool = False  # a release named by its document's `release:`, not a line's version
     spec: dict[str, Any] = {}  # a deployment's or budget's resolved spec
     labels: dict[str, str] = {}
     description: str = ""
@@ -131,15 +132,17 @@ def _release(src: Source, doc: Release, artifacts: dict[str, Resource], parent: 
     # Without an explicit name, the version is a function of the content: the same folder names the same
     # release on any stack, and an edited artifact names a new one. The parent counts as the release it
     # resolves to, so a line whose parent line gets a new version gets one too (its bundle names the parent).
-    # (The tenant only when it is not the default one, so the versions of existing folders keep their names.)
-    owner = {"tenant": doc.tenant} if doc.tenant != "default" else {}
-    version = content_hash({"app": doc.app, "artifacts": hashes, "parent": parent, **owner})[7:19]
-    name = doc.release or f"{doc.name}@{version}"
+    name = doc.release or f"{doc.name}@{line_version(doc.app, hashes, parent, doc.tenant)}"
     if parent and parent == name:
         raise _bad(src, f"release {name!r} cannot be its own parent", "$.parent")
     bundle = release_bundle(name, doc.app, hashes, parent=parent, tenant=doc.tenant)
+    try:  # as binding it would be, so that `plan` names the file: a pin may not take a line's version name
+        check_line_name(bundle)
+    except ConfigError as exc:
+        raise _bad(src, exc.message, "$.release") from None
     return Resource(kind="release", name=doc.name, digest=content_hash(bundle_content(bundle)), source=src.path,
-                    release=name, bundle=bundle, labels=dict(doc.labels), description=doc.description)
+                    release=name, bundle=bundle, pinned=bool(doc.release), labels=dict(doc.labels),
+                    description=doc.description)
 
 
 def _releases(sources: list[Source], artifacts: dict[str, Resource]) -> dict[str, Resource]:
