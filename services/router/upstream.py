@@ -540,8 +540,7 @@ def scrub(body: bytes, endpoint: Endpoint) -> bytes:
         lowered = body.lower()
         # The usual error names neither the port nor the host: no pattern search for it.
         if any(hint in lowered for hint in hints):
-            named = f"endpoint {endpoint.id}".encode()
-            body = address.sub(lambda _: named, body)
+            body = address.sub(lambda m: _named(m, endpoint.id), body)
     if b"\\" in body:
         # JSON may write any character of the key escaped (.NET's encoder writes `+` as `\u002B`, another all of
         # them): no list of forms covers that, so a JSON body, or a stream's `data:` line, is read as what it says.
@@ -552,29 +551,51 @@ def scrub(body: bytes, endpoint: Endpoint) -> bytes:
 # Names an upstream may call itself by on its own machine (`listening on localhost:8000`): with the endpoint's port
 # they are its address too.
 _LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
+# Whatever joins a host to a port: `:`, percent-encoded once or twice (a URL quoted in a query, then quoted again),
+# the full-width colon (raw, or as JSON writes it).
+_JOINS = rb"(?::|%3A|%253A|\xef\xbc\x9a|\\uff1a)"
+# Any host an upstream may name itself by, before a port: a name or IPv4 address in any form (`0.0.0.0`, `127.1`,
+# `2130706433`, its pod or machine name, which the configured URL never holds), whole (never the end of a longer
+# word), or an IPv6 address in brackets in any form (`[0:0:0:0:0:0:0:1]`, `[::ffff:10.0.0.7]`), raw or encoded.
+_NAME = rb"(?P<host>[A-Za-z0-9._-]+)"
+_BRACKETED = rb"\[[0-9A-Fa-f:.]+(?:%[0-9A-Za-z._-]+)?\]|%5B(?:[0-9A-Fa-f.]|%3A)+%5D"
+_SCHEME = rb"https?(?:://|:\\/\\/|%3A%2F%2F|%253A%252F%252F)"
+# A bare number before a port is a count or a time (`3:8000`), not a host; a decimal IPv4 address has 8 digits and more.
+_SHORTEST_NUMERIC_HOST = 8
+
+
+def _named(match: re.Match[bytes], endpoint_id: str) -> bytes:
+    """The replacement of one address `_address` found: the endpoint's id, never a bare number joined to the port."""
+    host = match["host"]
+    if host is not None and host.isdigit() and len(host) < _SHORTEST_NUMERIC_HOST:
+        return match[0]
+    return f"{'port of ' if match['said'] else ''}endpoint {endpoint_id}".encode()
 
 
 @functools.lru_cache(maxsize=256)
 def _address(host: str, port: int) -> tuple[tuple[bytes, ...], re.Pattern[bytes]]:
     """An endpoint's address in each spelling an error may use, any letter case, an `http(s)` scheme before it or
-    not: `host:port` with the endpoint's host or a loopback name, raw or percent-encoded (a URL quoted in a query
-    or a redirect, where `%3A` joins host and port), the URL JSON-escaped (`http:\\/\\/host:port`), and the
-    endpoint's own host alone (a default port, which the URL does not name, or a message naming only the host).
-    With it, what each spelling holds in lower case (the port, or the host alone): a body holding none of them
-    is not searched."""
+    not: any host joined to the endpoint's port (`_NAME`, `_BRACKETED`, `_JOINS`: an upstream names itself by its
+    listener `0.0.0.0:8000`, its machine's name or any spelling of loopback, and a URL may be quoted once or twice),
+    `port 8000` in words, the URL JSON-escaped (`http:\\/\\/host:port`), and the endpoint's own host alone (a
+    default port, which the URL does not name, or a message naming only the host). With it, what each spelling holds
+    in lower case (the port, or the host alone): a body holding none of them is not searched."""
     own = f"[{host}]" if ":" in host else host  # an IPv6 address is written in brackets before a port
 
     def forms(*names: str) -> list[str]:
         return sorted({form for name in names for form in (name, quote(name, safe=""))}, key=len, reverse=True)
 
-    def spelled(*names: str) -> str:
-        return "|".join(map(re.escape, forms(*names)))
+    def spelled(*names: str) -> bytes:
+        return "|".join(map(re.escape, forms(*names))).encode()
 
-    scheme = r"(?:https?(?:://|:\\/\\/|%3A%2F%2F))?"
-    after = rf"(?::|%3A){port}(?![0-9])"  # not the start of a longer port
-    pattern = rf"{scheme}(?:(?:{spelled(own, *_LOOPBACK)}){after}|(?:{spelled(own, host)})(?:{after})?)"
+    number = rb"0*%d(?![0-9])" % port  # the port, a leading zero or not, never the start of a longer number
+    # A name starts after a scheme or where no longer word goes on (`ip6-localhost` whole, never `localhost` of it).
+    pattern = (rb"(?:%s|(?<![A-Za-z0-9._-]))%s%s%s|" % (_SCHEME, _NAME, _JOINS, number)
+               + rb"(?:%s)?(?:%s|%s)%s%s|" % (_SCHEME, _BRACKETED, spelled(own, *_LOOPBACK), _JOINS, number)
+               + rb"(?:%s)?(?:%s)(?:%s%s)?|" % (_SCHEME, spelled(own, host), _JOINS, number)
+               + rb"(?P<said>(?<![A-Za-z])port\s*[:=#]?\s*%s)" % number)
     hints = (str(port).encode(), *(form.lower().encode() for form in forms(own, host)))
-    return hints, re.compile(pattern.encode(), re.IGNORECASE)
+    return hints, re.compile(pattern, re.IGNORECASE)
 
 
 def _decoded(body: bytes, keys: frozenset[str]) -> bytes:

@@ -1482,6 +1482,36 @@ async def test_no_upstream_address_in_an_error_however_the_upstream_spells_it(ga
     assert caught.value.response.headers["x-request-id"] == "req from endpoint default/v1"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_no_upstream_port_in_an_error_whatever_host_the_upstream_names_with_it(gateway: Gateway,
+                                                                                     keys: Bootstrap,
+                                                                                     stream: bool) -> None:
+    # Before (probe p7, F4): only the configured host and three loopback names were known, so the port (and the
+    # machine's name) reached the app key as `0.0.0.0:PORT`, `vm:PORT`, `127.1:PORT`, `[0:0:0:0:0:0:0:1]:PORT`, a
+    # URL quoted twice, or `port PORT`. Now any host joined to the endpoint's port is replaced.
+    name = socket.gethostname()
+
+    def answer(auth: str, body: Any) -> web.Response:
+        port = up.port
+        text = (f"A 0.0.0.0:{port} B 127.1:{port} C [::ffff:127.0.0.1]:{port} D ip6-localhost:{port} "
+                f"E {name}:{port} F http%253A%252F%252F127.0.0.1%253A{port} G 127.0.0.1 port {port} "
+                f"H [0:0:0:0:0:0:0:1]:{port} J 2130706433:{port} K 127.0.0.1:0{port} L 1{port}0 tokens")
+        return web.Response(text=json.dumps({"error": {"message": text, "type": "invalid_request_error"}}),
+                            status=400, content_type="application/json",
+                            headers={"x-request-id": f"req at {name}:{port}"})
+
+    async with FakeLLM("up", ("answer", answer)) as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            with pytest.raises(openai.BadRequestError) as caught:
+                await c.chat.completions.create(model="m", messages=MESSAGES, stream=stream)
+    message = caught.value.response.json()["error"]["message"]
+    assert message == ("A endpoint default B endpoint default C endpoint default D endpoint default E endpoint default"
+                       " F endpoint default G endpoint default port of endpoint default H endpoint default"
+                       f" J endpoint default K endpoint default L 1{up.port}0 tokens"), message
+    assert caught.value.response.headers["x-request-id"] == "req at endpoint default"
+
+
 # Cost-aware routing: a group of endpoints serving the same model
 
 

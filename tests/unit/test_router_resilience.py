@@ -268,6 +268,21 @@ def test_upstream_address_is_replaced_by_the_endpoint_id_in_error_bodies() -> No
     ("http://[::1]:8000/v1", "at http://[::1]:8000/v1 and http%3A%2F%2F%5B%3A%3A1%5D%3A8000", "at endpoint prod/v1 "
                                                                                              "and endpoint prod"),
     ("http://VLLM.internal:8000/v1", "vllm.INTERNAL:8000 down", "endpoint prod down"),
+    # Any host joined to the endpoint's port (probe p7, F4): the listener, the machine's or pod's own name, any
+    # spelling of loopback or of an IPv4 address, a URL quoted twice, the port in words or with a leading zero.
+    ("http://127.0.0.1:8000/v1", "bind 0.0.0.0:8000; 127.1:8000; vm:8000; ip6-localhost:8000",
+     "bind endpoint prod; endpoint prod; endpoint prod; endpoint prod"),
+    ("http://llm.internal:8000/v1", "pod vllm-7f9c-x2.ns.svc.cluster.local:8000 or 10.1.2.3:08000, 2130706433:8000",
+     "pod endpoint prod or endpoint prod, endpoint prod"),
+    ("http://127.0.0.1:8000/v1", "[0:0:0:0:0:0:0:1]:8000 [::ffff:127.0.0.1]:8000 %5B%3A%3Affff%3A10.0.0.7%5D%3A8000",
+     "endpoint prod endpoint prod endpoint prod"),
+    ("http://127.0.0.1:8000/v1", "see http%253A%252F%252Fvm%253A8000%252Fv1", "see endpoint prod%252Fv1"),
+    ("http://127.0.0.1:8000/v1", "host vm port 8000, vm\uff1a8000, vm\uFF1A8000",
+     "host vm port of endpoint prod, endpoint prod, endpoint prod"),
+    ("http://127.0.0.1:8000/v1", "vm\uff1a8000", "endpoint prod"),
+    # Never a number that merely holds the port, nor a bare count or time joined to it, nor a word ending in port.
+    ("http://127.0.0.1:8000/v1", "18000 tokens, 80001, 12:8000, x:80000, passport 8000",
+     "18000 tokens, 80001, 12:8000, x:80000, passport 8000"),
     # A loopback name without the port, or another port, says nothing about the endpoint: it stays.
     ("http://vllm.internal:8000/v1", "localhost refused; 127.0.0.1:80001 and localhost:80", "localhost refused; "
                                                                                            "127.0.0.1:80001 and "
