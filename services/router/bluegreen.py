@@ -5,6 +5,7 @@ instantly. Pure, no I/O."""
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 
 import msgspec
 
@@ -87,13 +88,16 @@ def undo(route: Route, decision: GateDecided | None, actor: str) -> Route:
     return domain.undo(route, decision, actor)
 
 
-def abort_promotion(route: Route, actor: str) -> Route:
+def abort_promotion(route: Route, actor: str,
+                    decisions: Mapping[str, GateDecided | None] = domain.NO_DECISIONS) -> Route:
     """An operator's abort within the scale-down window: the promoted release stops, the last known-good release
-    takes all traffic back as a rollback does (never a release the gate BLOCKed since: then it keeps serving and says
-    so). Always allowed: it takes off the release the operator stops, whatever the previous one's gate says. The
-    stopped release leaves the known-good history too (an undo keeps it), so no later rollback puts it back."""
+    takes all traffic back as a rollback does (only one a verified decision in `decisions` allows now: else it keeps
+    serving and says so). Always allowed: it takes off the release the operator stops, whatever the previous one's
+    gate says. The stopped release leaves the known-good history too (an undo keeps it), so no later rollback puts
+    it back."""
     _swappable(route)
-    return domain.rollback(route, f"aborted by {actor or 'operator'}", decision_id=route.decision_id, failed=True)
+    return domain.rollback(route, f"aborted by {actor or 'operator'}", decision_id=route.decision_id, failed=True,
+                           decisions=decisions)
 
 
 def scale_down_due(route: Route, now: float) -> bool:

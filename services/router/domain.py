@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import random
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -138,16 +139,27 @@ def forget(good: list[Target], release: str) -> list[Target]:
     return [t for t in good if t.release != release]
 
 
-def last_good(route: Route, failing: str) -> Target | None:
-    """Where a rollback goes: the newest known-good release other than the failing one, else None.
+# No decisions read: what a rollback given none has, so it puts nothing back (fail-closed).
+NO_DECISIONS: Mapping[str, GateDecided | None] = MappingProxyType({})
 
-    Never `route.previous` by itself: an empty history cannot tell a route stored before known-good history
-    existed from one whose history BLOCKs emptied, and in the second the previous release is BLOCKed (a
-    rollback once put it back at 100%)."""
+
+def last_good(route: Route, failing: str,
+              decisions: Mapping[str, GateDecided | None]) -> tuple[Target | None, list[str]]:
+    """Where a rollback goes: the newest known-good release other than the failing one that its current decision
+    (`decisions`, verified, by release; absent: none) allows now, else None; and the newer ones skipped.
+
+    Known-good once is not allowed now, as for `undo --to`: a release a break-glass override promoted never had a
+    decision, and one that had may be awaiting review since, or its key revoked. Never `route.previous` by itself:
+    an empty history cannot tell a route stored before known-good history existed from one whose history BLOCKs
+    emptied, and in the second the previous release is BLOCKed (a rollback once put it back at 100%)."""
+    skipped: list[str] = []
     for t in reversed(route.good):
-        if t.release != failing:
-            return t
-    return None
+        if t.release == failing:
+            continue
+        if allows(decisions.get(t.release), t.release):
+            return t, skipped
+        skipped.append(t.release)
+    return None, skipped
 
 
 class BreakGlass(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -518,16 +530,17 @@ def override_ended(route: Route, reason: str, why: str) -> str:
 
 
 def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
-                now: float) -> Route | None:
+                now: float, decisions: Mapping[str, GateDecided | None] = NO_DECISIONS) -> Route | None:
     """Apply a gate decision to the canary it names, or to a promoted release it rejects; None when nothing changes.
+    `decisions`: the current verified decisions of the route's known-good releases, where a rollback may go.
     A BLOCK also ends a break-glass override of its release: the override was signed before the gate said no, and
     must not let the release back in later (a PATCH or set-weight of it)."""
     glass = route.override
     if decision.decision != "BLOCK" or glass is None or glass.release != decision.release:
-        return _forget_blocked(route, decision, _on_decision(route, decision, steps, interval_s, now))
+        return _forget_blocked(route, decision, _on_decision(route, decision, steps, interval_s, now, decisions))
     # Ended here, said once: the abort or rollback the BLOCK also makes finds no override left to end.
     bare = msgspec.structs.replace(route, override=None)
-    base = _on_decision(bare, decision, steps, interval_s, now) or _bump(bare)
+    base = _on_decision(bare, decision, steps, interval_s, now, decisions) or _bump(bare)
     ended = msgspec.structs.replace(base, reason=f"{base.reason}; break-glass override by {glass.actor} ended by "
                                                  "the gate's BLOCK")
     return _forget_blocked(route, decision, ended)
@@ -544,7 +557,7 @@ def _forget_blocked(route: Route, decision: GateDecided, new: Route | None) -> R
 
 
 def _on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
-                 now: float) -> Route | None:
+                 now: float, decisions: Mapping[str, GateDecided | None]) -> Route | None:
     if decision.id == route.decision_id:
         return None  # a redelivery
     if route.canary is None or route.canary.release != decision.release or (
@@ -552,12 +565,13 @@ def _on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], 
         # An aborted canary's release is the route's canary no longer, and may serve again as its stable (`undo
         # --to` it after an undo away from it): a decision about it is about the serving stable. Before, the abort
         # being terminal for the canary swallowed a BLOCK of it, and the BLOCKed release kept all traffic.
-        return on_reject_known_good(route, decision)
+        return on_reject_known_good(route, decision, decisions)
     why = f": {decision.reason}" if decision.reason else ""
     if route.phase == "promoted":
         if decision.decision == "PASS" or route.stable.release != decision.release:
             return None
-        return rollback(route, f"gate {decision.decision} after promotion{why}", decision_id=decision.id)
+        return rollback(route, f"gate {decision.decision} after promotion{why}", decision_id=decision.id,
+                        decisions=decisions)
     if route.phase == "aborted":
         return None  # terminal for this canary: a new one starts with PUT
     if decision.decision == "PASS":
@@ -615,12 +629,17 @@ def abort(route: Route, why: str, *, decision_id: str | None = None) -> Route:
                  decision_id=route.decision_id if decision_id is None else decision_id)
 
 
-def rollback(route: Route, why: str, *, decision_id: str, failed: bool = True) -> Route:
+def rollback(route: Route, why: str, *, decision_id: str, failed: bool = True,
+             decisions: Mapping[str, GateDecided | None]) -> Route:
     """The stable release failed (analysis, BLOCK, reject) or an operator undid it: the last known-good release
-    takes all traffic back (phase aborted). A failed release also leaves the known-good history."""
+    that a verified decision allows now (`decisions`: the current ones of the route's known-good releases) takes
+    all traffic back (phase aborted); newer known-good ones no decision allows are skipped, and the reason says so.
+    A failed release also leaves the known-good history."""
     failing = route.stable.release
     good = forget(route.good, failing) if failed else route.good
-    target = last_good(route, failing)
+    target, skipped = last_good(route, failing, decisions)
+    unallowed = (f" (known-good {', '.join(skipped)} skipped: no verified gate decision allows "
+                 f"{'it' if len(skipped) == 1 else 'them'} now)") if skipped else ""
     if target is None:
         # Nothing to fall back to: keep serving, but say so loudly in the status. A failed release's
         # post-promotion analysis ends here: were it to pass later, it would make the failed release known-good.
@@ -629,10 +648,10 @@ def rollback(route: Route, why: str, *, decision_id: str, failed: bool = True) -
         live = route.canary is not None and route.phase in ("idle", "progressing")
         return _bump(route, decision_id=decision_id, admitted=route.admitted if live else "", good=good,
                      verifying=route.verifying and not failed,
-                     reason=f"{why}; NO known-good release to roll back to: still serving {failing}")
+                     reason=f"{why}; NO known-good release to roll back to{unallowed}: still serving {failing}")
     back = "" if route.previous is not None and target.release == route.previous.release else \
         f"; back on last known-good {target.release}"
-    return _back_to(route, target, f"{why}{back}", decision_id=decision_id, good=good)
+    return _back_to(route, target, f"{why}{back}{unallowed}", decision_id=decision_id, good=good)
 
 
 def _back_to(route: Route, target: Target, why: str, *, decision_id: str, good: list[Target]) -> Route:
@@ -644,9 +663,9 @@ def _back_to(route: Route, target: Target, why: str, *, decision_id: str, good: 
 def undo(route: Route, decision: GateDecided | None, actor: str) -> Route:
     """An operator's `undo`: the release the last promotion replaced (`previous`) takes all traffic back, exactly
     that one, if and only if its current decision (`decision`, verified, None if none) allows it (NotAdmitted
-    otherwise). Never another release in its place: the newest known-good one, where an automatic rollback goes,
-    may be a release the operator did not check (one awaiting review since), and `previous` need not be in the
-    known-good history (a blue-green promotion still under post-promotion analysis when the next rollout began)."""
+    otherwise). Never another release in its place: the newest known-good one a decision allows, where an automatic
+    rollback goes, is not the release the operator checked, and `previous` need not be in the known-good history
+    (a blue-green promotion still under post-promotion analysis when the next rollout began)."""
     if route.phase != "promoted" or route.previous is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no promoted release to undo")
     require_allowed(route.previous.release, decision, "previous release", also="roll forward with a new release instead")
@@ -654,7 +673,8 @@ def undo(route: Route, decision: GateDecided | None, actor: str) -> Route:
                     good=route.good)
 
 
-def on_reject_known_good(route: Route, decision: GateDecided) -> Route | None:
+def on_reject_known_good(route: Route, decision: GateDecided,
+                         decisions: Mapping[str, GateDecided | None] = NO_DECISIONS) -> Route | None:
     """A BLOCK naming a release that is not this route's canary: a known-good release no longer is one; if it
     is the stable, serving (a finished rollout's, or the one a live canary of another release started from),
     it is rolled back too, and such a canary with it. (A NEEDS_REVIEW of such a release waits for its
@@ -666,7 +686,7 @@ def on_reject_known_good(route: Route, decision: GateDecided) -> Route | None:
     why = f"gate {decision.decision} of {'known-good' if known else 'stable'} {decision.release}" + (
         f": {decision.reason}" if decision.reason else "")
     if serving:
-        return rollback(route, why, decision_id=decision.id)
+        return rollback(route, why, decision_id=decision.id, decisions=decisions)
     return _bump(route, good=forget(route.good, decision.release), reason=f"{route.reason}; {why}")
 
 

@@ -6,7 +6,7 @@ style of `domain`; `Rollouts` applies the result with compare-and-set so replica
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import msgspec
 
@@ -131,10 +131,10 @@ def due_at(route: Route) -> float | None:
 
 
 def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
-                now: float) -> Route | None:
+                now: float, decisions: Mapping[str, GateDecided | None] = domain.NO_DECISIONS) -> Route | None:
     """`domain.on_decision`, then the strategy's own start when a decision lets the rollout go live:
     the step program from its first step, the blue-green preview by header, or shadow only."""
-    new = domain.on_decision(route, decision, steps, interval_s, now)
+    new = domain.on_decision(route, decision, steps, interval_s, now, decisions)
     s = route.strategy
     if new is None or s is None or route.phase == "progressing" or new.phase != "progressing":
         return new
@@ -246,7 +246,7 @@ def _where(route: Route) -> str:
 
 
 def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], interval_s: float,
-                   now: float) -> Route | None:
+                   now: float, decisions: Mapping[str, GateDecided | None] = domain.NO_DECISIONS) -> Route | None:
     """Apply one analysis measurement: abort (or, after a blue-green promotion, roll back) on failures past
     the limit, pause on too many inconclusive ones, advance (or promote after the last step) after
     `count` successes in the step."""
@@ -265,8 +265,8 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
             what = describe(culprit) if culprit else "failed"
             if verifying:
                 why = f"post-promotion analysis failed: {what}"
-                return msgspec.structs.replace(domain.rollback(route, why, decision_id=route.decision_id),
-                                               analysis=st, paused=False)
+                return msgspec.structs.replace(domain.rollback(route, why, decision_id=route.decision_id,
+                                                               decisions=decisions), analysis=st, paused=False)
             why = f"analysis failed at {_where(route)}: {what}"
             return msgspec.structs.replace(domain.abort(route, why), analysis=st, paused=False)
         return _bump(route, analysis=st, next_step_at=nxt)
@@ -278,7 +278,7 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
             # must not keep it for ever (fail-closed), so past the limit it is rolled back.
             return msgspec.structs.replace(
                 domain.rollback(route, f"post-promotion analysis inconclusive {st.inconclusives} times: {why}",
-                                decision_id=route.decision_id), analysis=st, paused=False)
+                                decision_id=route.decision_id, decisions=decisions), analysis=st, paused=False)
         if st.inconclusives > spec.inconclusive_limit and not route.paused:
             return _bump(route, analysis=st, paused=True, next_step_at=nxt,
                          reason=f"paused at {_where(route)}: analysis inconclusive {st.inconclusives} times "
@@ -309,7 +309,8 @@ def analysis_starts(route: Route, spec: AnalysisSpec) -> float:
     return since + spec.initial_delay_s
 
 
-def on_error(route: Route, why: str, interval_s: float, now: float) -> Route | None:
+def on_error(route: Route, why: str, interval_s: float, now: float,
+             decisions: Mapping[str, GateDecided | None] = domain.NO_DECISIONS) -> Route | None:
     """A look that could not be measured (Argo's Error): the next look comes an interval later, and one
     error past `consecutive_error_limit` in a row aborts (after a blue-green promotion, rolls back), as
     Argo does: a rollout nobody can analyse must not keep its traffic."""
@@ -322,7 +323,8 @@ def on_error(route: Route, why: str, interval_s: float, now: float) -> Route | N
         return _bump(route, analysis=st, next_step_at=now + interval_s)
     what = f"analysis could not be measured {st.consecutive_errors} times in a row at {_where(route)}: {why}"
     if route.phase == "promoted":
-        return msgspec.structs.replace(domain.rollback(route, f"post-promotion {what}", decision_id=route.decision_id),
+        return msgspec.structs.replace(domain.rollback(route, f"post-promotion {what}", decision_id=route.decision_id,
+                                                       decisions=decisions),
                                        analysis=st, paused=False)
     return msgspec.structs.replace(domain.abort(route, what), analysis=st, paused=False)
 
@@ -333,7 +335,8 @@ def drift_judged(route: Route) -> bool:
     return spec is not None and any(m.name == "drift" for m in spec.metrics)
 
 
-def on_drift(route: Route, report: DriftReport) -> Route | None:
+def on_drift(route: Route, report: DriftReport,
+             decisions: Mapping[str, GateDecided | None] = domain.NO_DECISIONS) -> Route | None:
     """A DRIFT report of a live canary's traffic against stable's aborts it, naming the drifting features; one
     covering a blue-green release under post-promotion analysis rolls it back.
 
@@ -366,7 +369,7 @@ def on_drift(route: Route, report: DriftReport) -> Route | None:
     features = ", ".join(drifts.describe(f) for f in harmful) or "unnamed feature"
     if verifying:
         why = f"drift report {report.id} during post-promotion analysis: DRIFT in {features}"
-        return domain.rollback(route, why, decision_id=route.decision_id)
+        return domain.rollback(route, why, decision_id=route.decision_id, decisions=decisions)
     return msgspec.structs.replace(
         domain.abort(route, f"drift report {report.id} (canary {report.release} vs stable {report.reference_release}) "
                             f"at {_where(route)}: DRIFT in {features}"), paused=False)

@@ -10,7 +10,7 @@ import logging
 import secrets
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -469,9 +469,12 @@ class Rollouts:
                 for route in list(self.routes.values()):
                     when = self._timer_due(route)
                     if when is not None and when <= now and await self._may_step(route, now):
+                        rollbacks = await self._step_rollbacks(route, now)
+                        if rollbacks is None:
+                            continue
                         # The clock read again after the await: a step that begins is timed from when its weight
                         # takes effect, or requests served at the old weight meanwhile count as the new step's.
-                        self._step(route, time.time())
+                        self._step(route, time.time(), rollbacks)
                 try:
                     await self.flush()
                 except LockgateError as exc:
@@ -546,6 +549,26 @@ class Rollouts:
         if self.routes.get(route.deployment) is not route:
             return False
         return not self._unadmit(route, admission)
+
+    async def _step_rollbacks(self, route: Route, now: float) -> Mapping[str, GateDecided | None] | None:
+        """The decisions a step of a promoted route needs (its post-promotion analysis may roll it back, and only to
+        a known-good release a decision allows now); None when the route changed meanwhile or they cannot be read
+        (tried again in `_ADMISSION_RETRY_S`, as `_may_step`)."""
+        if route.phase != "promoted":
+            return domain.NO_DECISIONS  # a canary's step aborts it at worst: stable takes it all back
+        try:
+            rollbacks = await self._known_good_now(route)
+        except BusUnavailable as exc:
+            log.warning("%s: not looked at: %s", route.deployment, exc.message)
+            self._held[route.deployment] = now + _ADMISSION_RETRY_S
+            return None
+        return rollbacks if self.routes.get(route.deployment) is route else None
+
+    async def _known_good_now(self, route: Route) -> dict[str, GateDecided | None]:
+        """The current verified decision (None: none, or it does not verify) of each of `route`'s known-good
+        releases but its stable, for a rollback (domain.last_good); BusUnavailable if one cannot be read."""
+        return {t.release: await self._stored_decision(t.release) for t in route.good
+                if t.release != route.stable.release}
 
     def _due(self, route: Route) -> float | None:
         """When the timer next acts on a route: its analysis look once it is due and new evidence has arrived
@@ -639,13 +662,24 @@ class Rollouts:
 
         return await self._settle(deployment, change, [release])
 
-    def apply_decision(self, decision: GateDecided) -> int:
-        """Apply a gate decision to every deployment canarying its release; returns how many changed."""
+    async def apply_decision(self, decision: GateDecided) -> int:
+        """Apply a gate decision to every deployment canarying its release; returns how many changed. A deployment
+        it may roll back (its stable is the release) has its known-good releases' decisions read first: a rollback
+        goes only to one a decision allows now."""
+        # Only a decision that does not allow the release rolls back the routes serving it.
+        allowing = domain.allows(decision, decision.release)
+        serving = [] if allowing else [r for r in self.routes.values() if r.stable.release == decision.release]
+        rollbacks = {r.deployment: await self._known_good_now(r) for r in serving}
+        if not allowing and (any(self.routes.get(r.deployment) is not r for r in serving) or any(
+                r.stable.release == decision.release and r.deployment not in rollbacks for r in self.routes.values())):
+            # Read for routes as they were: one changed meanwhile is looked at again, never rolled back unread.
+            raise RouteContended("routes changed while their known-good releases' decisions were read")
         now = time.time()
         changed = 0
         for route in list(self.routes.values()):
             new = progress.on_decision(route, decision, progress.steps_of(route, self.steps),
-                                     progress.interval_of(route, self.interval_s), now)
+                                     progress.interval_of(route, self.interval_s), now,
+                                     rollbacks.get(route.deployment, domain.NO_DECISIONS))
             if new is not None:
                 self._apply(new)
                 changed += 1
@@ -672,7 +706,7 @@ class Rollouts:
                         decision.id, decision.release)
             return
         await self._routes_current()
-        await self._until_won(lambda: self.apply_decision(decision))
+        await self._until_won(lambda: self.apply_decision(decision))  # reads its decisions again on every attempt
 
     async def manual(self, deployment: str, action: str, override: domain.Override | None = None,
                      actor: str = "", to: str = "") -> Route:
@@ -692,6 +726,7 @@ class Rollouts:
                 before.canary.release if action == "retry" and before.canary else "")
             decision = await self._stored_decision(release) if release else None
             admission = await self._admission_now(before) if action == "promote" and override is None else None
+            rollbacks = await self._known_good_now(before) if action == "abort" and before.scale_down_at else {}
             # The route as it is after the reads; a decision read for another release than the one this change puts
             # back counts as none (domain's checks name the release).
             route = self.route(deployment)
@@ -712,7 +747,9 @@ class Rollouts:
             elif action == "abort" and route.phase == "promoted" and route.scale_down_at:
                 # Within a blue-green scale-down window an abort is an instant swap back to the last known-good
                 # release (an abort is always allowed: it takes off the release the operator stops).
-                self._apply(bluegreen.abort_promotion(route, actor), actor=actor)
+                if route is not before:  # changed while the decisions were read: try again on the route as it is
+                    raise RouteContended("route changed while its known-good releases' decisions were read")
+                self._apply(bluegreen.abort_promotion(route, actor, rollbacks), actor=actor)
             elif action == "abort":
                 if route.phase in ("promoted", "aborted"):
                     raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
@@ -983,7 +1020,7 @@ class Rollouts:
                                 self.evidence.drift(route.deployment, release, drift_since, comparison, whole),
                                 step_n=self.evidence.count(route.deployment, route.canary.release, progress.step_began(route)))
 
-    def _step(self, route: Route, now: float) -> None:
+    def _step(self, route: Route, now: float, rollbacks: Mapping[str, GateDecided | None]) -> None:
         """A due route: the clock's own changes first (timed pauses, blue-green promotion and scale-down,
         plain steps), else analysed rollouts are measured (and abort, pause, advance or roll back)."""
         steps, interval = progress.steps_of(route, self.steps), progress.interval_of(route, self.interval_s)
@@ -1004,7 +1041,7 @@ class Rollouts:
                 m = self.measurement(route, now)
             except Exception as exc:  # a measurement that cannot be taken is recorded, never a pass
                 log.exception("analysis of %s could not be measured", route.deployment)
-                errored = progress.on_error(route, repr(exc)[:200], interval, now)
+                errored = progress.on_error(route, repr(exc)[:200], interval, now, rollbacks)
                 run = runs.error(route, errored, spec, repr(exc))
                 if errored is not None:
                     self._apply(errored, announce=errored.phase != route.phase, runs=[self._sign(run)] if run else [])
@@ -1012,7 +1049,7 @@ class Rollouts:
             missing = self.unreplayed.get(route.deployment)
             if missing is not None:
                 m = analysis.incomplete(m, missing)
-            new = progress.on_measurement(route, m, steps, interval, now)
+            new = progress.on_measurement(route, m, steps, interval, now, rollbacks)
             run = runs.record(route, new, m, spec)
             if new is not None:
                 # Bookkeeping of a look that moves no traffic goes to KV only, not to the rollout history.
@@ -1052,9 +1089,12 @@ class Rollouts:
         await self._await_ready()
         self.observe_drift(report)
 
-        def change() -> None:
+        async def change() -> None:
             route = self._drift_route(report)
-            new = progress.on_drift(route, report) if route is not None else None
+            rollbacks = await self._known_good_now(route) if route is not None and route.verifying else {}
+            if route is not None and self.routes.get(route.deployment) is not route:
+                raise RouteContended("route changed while its known-good releases' decisions were read")
+            new = progress.on_drift(route, report, rollbacks) if route is not None else None
             if new is not None:
                 self._apply(new)
 
@@ -1102,7 +1142,7 @@ class Rollouts:
         async def attempt() -> None:
             decision, why_not = await self._read_decision(release)  # again on every attempt
             if decision is not None:
-                self.apply_decision(decision)
+                await self.apply_decision(decision)
             route = self.route(deployment)
             self._unadmit(route, self._admission(route, release, decision, why_not))
 

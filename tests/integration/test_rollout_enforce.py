@@ -205,6 +205,36 @@ async def test_a_rollback_after_a_blue_green_promotion_never_puts_back_a_blocked
     assert router.rollouts.route("chat").stable.release == "same"
 
 
+async def test_a_rollback_never_puts_back_a_release_only_a_break_glass_override_promoted(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Probe p8 (F1): `bad` (never gated) was promoted by an admin's break-glass statement, `same` (PASS) promoted
+    # from it after. Before, a BLOCK of `same` rolled back to the newest known-good release, `bad`: never-gated
+    # content on all traffic, no override shown, while `undo --to bad` was refused. Now the rollback goes only to a
+    # known-good release a verified decision allows now: r1.
+    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7")
+    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": 10, "break_glass": glass}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    promote = {"break_glass": break_glass(router.ctx.settings, "chat", "bad", "promote", "incident 7")}
+    async with http.post(f"{router.url}{DEPLOYMENT}/promote", json=promote) as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={"stable_release": "bad", "canary_release": "same"}) as resp:
+        assert resp.status == 200, await resp.text()
+    await _pass(router, signer, "same")
+    async with http.post(f"{router.url}{DEPLOYMENT}/promote") as resp:
+        promoted = await resp.json()
+    assert resp.status == 200 and [t["release"] for t in promoted["good"]] == ["r1", "bad", "same"], promoted
+    blocked = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="leaks PII"))
+    await gate_decided(router.ctx.bus, blocked)
+    await router.rollouts.wait_for(lambda r: r["chat"].decision_id == blocked.id, timeout=10)
+    async with http.get(f"{router.url}{DEPLOYMENT}") as resp:
+        shown = await resp.json()
+    assert (shown["stable"]["release"], shown["phase"], shown["override"]) == ("r1", "aborted", None), shown
+    assert "back on last known-good r1 (known-good bad skipped: no verified gate decision allows it now)" \
+        in shown["reason"], shown["reason"]
+    assert set(await _releases(http, router, 40)) == {"r1"}
+
+
 async def _admitted_by_a_new_key(router: Any) -> tuple[Signer, GateDecided]:
     """The canary of `same` admitted by a PASS a key trusted just now signed (the key that leaks: revoked later)."""
     leaked = Signer.generate()

@@ -13,6 +13,11 @@ from lockgate.services.router.domain import CanaryRequest, InvalidRollout, Route
 
 pytestmark = pytest.mark.timeout(30)
 
+
+def _ok(route: Route) -> dict[str, GateDecided | None]:
+    """A PASS now for every known-good release of `route`: where a rollback may go (domain.last_good)."""
+    return {t.release: GateDecided(release=t.release, decision="PASS", rules=[]) for t in route.good}
+
 STEPS = domain.normalize_steps((10, 25, 50, 100))
 STABLE = Target(release="r1", endpoint="default", model="m1")
 CANARY = Target(release="r2", endpoint="canary", model="m2")
@@ -188,7 +193,7 @@ def test_reject_after_promotion_rolls_back_to_previous_stable() -> None:
     r = domain.on_decision(_canary(), _decision("PASS"), STEPS, 5.0, now=0.0)
     r = domain.manual_promote(r, None)
     assert (r.stable.release, r.previous.release) == ("r2", "r1")
-    back = domain.on_decision(r, _decision("BLOCK", id_="rej"), STEPS, 5.0, now=1.0)
+    back = domain.on_decision(r, _decision("BLOCK", id_="rej"), STEPS, 5.0, now=1.0, decisions=_ok(r))
     assert (back.stable.release, back.phase, back.weight, back.decision_id) == ("r1", "aborted", 0.0, "rej")
     assert domain.choose(back, "anyone")[1].release == "r1"
 
@@ -257,7 +262,8 @@ def _glassed() -> Route:
     (lambda r: domain.promote(r, "by operator"), "its rollout was promoted"),
     # the stable the canary started from is BLOCKed: back on the known-good before it, the canary with it
     (lambda r: domain.on_decision(msgspec.structs.replace(r, good=[Target(release="r0"), STABLE]),
-                                  _decision("BLOCK", "r1", "b1"), STEPS, 5.0, now=1.0), "its rollout was rolled back"),
+                                  _decision("BLOCK", "r1", "b1"), STEPS, 5.0, now=1.0,
+                                  decisions={"r0": _decision("PASS", "r0")}), "its rollout was rolled back"),
     (lambda r: domain.undo_to(msgspec.structs.replace(r, good=[Target(release="r0"), STABLE],
                                                       stable=Target(release="r9")), "r0",
                               _decision("PASS", "r0"), "ops"), "its rollout was undone"),

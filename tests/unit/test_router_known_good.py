@@ -25,12 +25,17 @@ def _decision(verdict: str, release: str, id_: str = "", reason: str = "because"
     return GateDecided(release=release, decision=verdict, rules=[], reason=reason, **({"id": id_} if id_ else {}))
 
 
+def _ok(route: Route) -> dict[str, GateDecided | None]:
+    """A PASS now for every known-good release of `route`: where a rollback may go (domain.last_good)."""
+    return {t.release: GateDecided(release=t.release, decision="PASS", rules=[]) for t in route.good}
+
+
 def _start(route: Route, stable: str, canary: str, strategy: dict[str, Any] | None = None) -> Route:
     r = domain.start_canary(route, CanaryRequest(stable_release=stable, canary_release=canary),
                             stable=Target(release=stable), canary=Target(release=canary), first_step=10.0)
     r = msgspec.structs.replace(r, strategy=msgspec.convert(strategy, Strategy) if strategy else None,
                                 started_at=100.0)
-    new = progress.on_decision(r, _decision("PASS", canary), STEPS, 10.0, 100.0)
+    new = progress.on_decision(r, _decision("PASS", canary), STEPS, 10.0, 100.0, decisions=_ok(r))
     assert new is not None
     return new
 
@@ -63,9 +68,9 @@ def test_promotions_build_the_known_good_history() -> None:
 def test_release_under_post_promotion_analysis_is_not_known_good_until_it_passes() -> None:
     p = _promoted(domain.default_route("d"), "r1", "r2", BG)
     assert p.verifying and _good(p) == ["r1"]
-    ok = progress.on_measurement(p, _m("SUCCESSFUL"), STEPS, 10.0, now=210.0)
+    ok = progress.on_measurement(p, _m("SUCCESSFUL"), STEPS, 10.0, now=210.0, decisions=_ok(p))
     assert ok is not None and _good(ok) == ["r1", "r2"]
-    back = progress.on_measurement(p, _m("FAILED"), STEPS, 10.0, now=210.0)
+    back = progress.on_measurement(p, _m("FAILED"), STEPS, 10.0, now=210.0, decisions=_ok(p))
     assert back is not None and back.stable.release == "r1" and _good(back) == ["r1"]
 
 
@@ -75,7 +80,7 @@ def test_block_after_promotion_skips_an_unverified_previous_for_the_last_known_g
     p = _promoted(domain.default_route("d"), "r1", "r2", BG)
     r = _promoted(p, "r2", "r3")
     assert r.previous is not None and r.previous.release == "r2" and _good(r) == ["r1", "r3"]
-    back = domain.on_decision(r, _decision("BLOCK", "r3", "blk"), STEPS, 10.0, 300.0)
+    back = domain.on_decision(r, _decision("BLOCK", "r3", "blk"), STEPS, 10.0, 300.0, decisions=_ok(r))
     assert back is not None and (back.stable.release, back.phase, back.weight) == ("r1", "aborted", 0.0)
     assert back.reason.startswith("rolled back r3: gate BLOCK after promotion: because; back on last known-good r1")
     assert _good(back) == ["r1"] and domain.choose(back, "anyone")[1].release == "r1"
@@ -83,21 +88,23 @@ def test_block_after_promotion_skips_an_unverified_previous_for_the_last_known_g
 
 def test_later_block_of_the_release_rolled_back_to_goes_one_further_back() -> None:
     r = _promoted(_promoted(domain.default_route("d"), "r1", "r2"), "r2", "r3")
-    back = domain.on_decision(r, _decision("BLOCK", "r3", "b3"), STEPS, 10.0, 300.0)
+    back = domain.on_decision(r, _decision("BLOCK", "r3", "b3"), STEPS, 10.0, 300.0, decisions=_ok(r))
     assert back is not None and back.stable.release == "r2"
-    again = domain.on_decision(back, _decision("BLOCK", "r2", "b2", "drift"), STEPS, 10.0, 301.0)
+    again = domain.on_decision(back, _decision("BLOCK", "r2", "b2", "drift"), STEPS, 10.0, 301.0, decisions=_ok(back))
     assert again is not None and (again.stable.release, again.phase) == ("r1", "aborted")
     assert "gate BLOCK of known-good r2: drift" in again.reason and _good(again) == ["r1"]
-    assert domain.on_decision(again, _decision("BLOCK", "r2", "b2"), STEPS, 10.0, 302.0) is None  # redelivery
+    assert domain.on_decision(again, _decision("BLOCK", "r2", "b2"), STEPS, 10.0, 302.0,
+                              decisions=_ok(again)) is None  # redelivery
 
 
 def test_block_of_a_known_good_release_not_serving_only_forgets_it() -> None:
     r = _promoted(_promoted(domain.default_route("d"), "r1", "r2"), "r2", "r3")
-    new = domain.on_decision(r, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 300.0)
+    new = domain.on_decision(r, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 300.0, decisions=_ok(r))
     assert new is not None and new.stable.release == "r3" and _good(new) == ["r2", "r3"]
-    assert domain.on_decision(r, _decision("BLOCK", "elsewhere"), STEPS, 10.0, 300.0) is None
-    assert domain.on_decision(r, _decision("PASS", "r1"), STEPS, 10.0, 300.0) is None
-    assert domain.on_decision(r, _decision("NEEDS_REVIEW", "r1"), STEPS, 10.0, 300.0) is None  # not failed
+    assert domain.on_decision(r, _decision("BLOCK", "elsewhere"), STEPS, 10.0, 300.0, decisions=_ok(r)) is None
+    assert domain.on_decision(r, _decision("PASS", "r1"), STEPS, 10.0, 300.0, decisions=_ok(r)) is None
+    assert domain.on_decision(r, _decision("NEEDS_REVIEW", "r1"), STEPS, 10.0, 300.0,
+                              decisions=_ok(r)) is None  # not failed
 
 
 def test_undo_to_a_named_known_good_release() -> None:
@@ -115,12 +122,12 @@ def test_block_of_a_release_undone_back_to_rolls_it_back() -> None:
     r = domain.undo_to(_promoted(domain.default_route("d"), "r1", "r2"), "r1", _decision("PASS", "r1"), "ops")
     r = domain.undo_to(r, "r2", _decision("PASS", "r2"), "ops")
     assert (r.stable.release, r.canary.release, r.phase) == ("r2", "r2", "aborted")  # type: ignore[union-attr]
-    back = domain.on_decision(r, _decision("BLOCK", "r2", "b2", "toxicity 0.3"), STEPS, 10.0, 300.0)
+    back = domain.on_decision(r, _decision("BLOCK", "r2", "b2", "toxicity 0.3"), STEPS, 10.0, 300.0, decisions=_ok(r))
     assert back is not None and (back.stable.release, back.phase, back.weight) == ("r1", "aborted", 0.0)
     assert "gate BLOCK of known-good r2: toxicity 0.3" in back.reason and _good(back) == ["r1"]
     assert domain.choose(back, "anyone")[1].release == "r1"
     # A decision that allows it changes nothing.
-    assert domain.on_decision(r, _decision("PASS", "r2", "p2"), STEPS, 10.0, 300.0) is None
+    assert domain.on_decision(r, _decision("PASS", "r2", "p2"), STEPS, 10.0, 300.0, decisions=_ok(r)) is None
 
 
 @pytest.mark.parametrize(("release", "decision", "message"), [
@@ -145,7 +152,7 @@ def test_undo_to_refuses_a_release_never_promoted_not_allowed_now_or_serving(
 
 def test_release_that_failed_post_promotion_cannot_be_undone_to() -> None:
     p = _promoted(domain.default_route("d"), "r1", "r2", BG)
-    back = progress.on_measurement(p, _m("FAILED"), STEPS, 10.0, now=210.0)
+    back = progress.on_measurement(p, _m("FAILED"), STEPS, 10.0, now=210.0, decisions=_ok(p))
     assert back is not None
     with pytest.raises(InvalidRollout, match="'r2' was never fully promoted and healthy"):
         domain.undo_to(back, "r2", None, "ops")
@@ -156,17 +163,18 @@ def test_a_rollback_never_puts_back_a_previous_release_the_gate_blocked_since() 
     # known-good: the history is empty), then r2. Before, an empty history fell back to `previous`: r1, BLOCKed,
     # took all traffic back.
     p = _promoted(domain.default_route("d"), "r1", "r2", BG)
-    r = domain.on_decision(p, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 300.0)
+    r = domain.on_decision(p, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 300.0, decisions=_ok(p))
     assert r is not None and _good(r) == [] and r.previous is not None and r.previous.release == "r1"
-    back = domain.on_decision(r, _decision("BLOCK", "r2", "b2", "drift"), STEPS, 10.0, 301.0)
+    back = domain.on_decision(r, _decision("BLOCK", "r2", "b2", "drift"), STEPS, 10.0, 301.0, decisions=_ok(r))
     assert back is not None and back.stable.release == "r2" and domain.choose(back, "anyone")[1].release == "r2"
     assert "NO known-good release to roll back to: still serving r2" in back.reason
     # Its post-promotion analysis is over: passing later must not make the BLOCKed r2 known-good.
-    assert not back.verifying and progress.on_measurement(back, _m("SUCCESSFUL"), STEPS, 10.0, now=310.0) is None
+    assert not back.verifying and progress.on_measurement(back, _m("SUCCESSFUL"), STEPS, 10.0, now=310.0,
+                                                          decisions=_ok(back)) is None
     # The same for a failed post-promotion analysis, and for an operator's abort in the scale-down window.
-    failed = progress.on_measurement(r, _m("FAILED"), STEPS, 10.0, now=310.0)
+    failed = progress.on_measurement(r, _m("FAILED"), STEPS, 10.0, now=310.0, decisions=_ok(r))
     assert failed is not None and failed.stable.release == "r2" and "NO known-good release" in failed.reason
-    assert bluegreen.abort_promotion(r, "ops").stable.release == "r2"
+    assert bluegreen.abort_promotion(r, "ops", decisions=_ok(r)).stable.release == "r2"
     # And undo, which puts back `previous` itself, only with a decision allowing it now: r1's is a BLOCK.
     with pytest.raises(domain.NotAdmitted, match="previous release 'r1' is BLOCKed"):
         bluegreen.undo(r, _decision("BLOCK", "r1", "b1"), "ops")
@@ -188,7 +196,7 @@ def test_undo_puts_back_exactly_the_previous_release_and_only_if_its_decision_al
         with pytest.raises(domain.NotAdmitted, match="previous release 'r2' has no verified gate decision"):
             bluegreen.undo(r, none, "ops")
     # An abort, which always may take off the release the operator stops, goes to the last known-good one.
-    assert bluegreen.abort_promotion(r, "ops").stable.release == "r1"
+    assert bluegreen.abort_promotion(r, "ops", decisions=_ok(r)).stable.release == "r1"
 
 
 def test_a_rollback_with_nowhere_to_go_keeps_a_live_canary_admitted_and_checked() -> None:
@@ -196,7 +204,7 @@ def test_a_rollback_with_nowhere_to_go_keeps_a_live_canary_admitted_and_checked(
     # canary goes on. Before, the canary's admission was cleared, so whatever raised it checked nothing.
     live = _start(domain.default_route("d"), "r1", "r2")
     assert (live.phase, live.admitted) == ("progressing", live.decision_id)
-    back = domain.on_decision(live, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 300.0)
+    back = domain.on_decision(live, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 300.0, decisions=_ok(live))
     assert back is not None and "NO known-good release to roll back to: still serving r1" in back.reason
     assert (back.phase, back.admitted, back.stable.release) == ("progressing", live.admitted, "r1")
     assert domain.rests_on_admission(back)
@@ -214,9 +222,48 @@ def test_a_block_of_a_known_good_release_as_a_canary_drops_it_from_the_history()
     # later rollback of r1 must not go back to r2.
     r = _promoted(_promoted(domain.default_route("d"), "r1", "r2"), "r2", "r3")
     r = _start(domain.undo_to(r, "r1", _decision("PASS", "r1"), "ops"), "r1", "r2")
-    blocked = domain.on_decision(r, _decision("BLOCK", "r2", "b2"), STEPS, 10.0, 300.0)
+    blocked = domain.on_decision(r, _decision("BLOCK", "r2", "b2"), STEPS, 10.0, 300.0, decisions=_ok(r))
     assert blocked is not None and blocked.phase == "aborted" and _good(blocked) == ["r1", "r3"]
-    again = domain.on_decision(blocked, _decision("BLOCK", "r2", "b2"), STEPS, 10.0, 301.0)
+    again = domain.on_decision(blocked, _decision("BLOCK", "r2", "b2"), STEPS, 10.0, 301.0, decisions=_ok(blocked))
     assert again is None  # a redelivery changes nothing
-    back = domain.on_decision(blocked, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 302.0)
+    back = domain.on_decision(blocked, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 302.0, decisions=_ok(blocked))
     assert back is not None and back.stable.release == "r3"
+
+
+def _glass_promoted(route: Route, stable: str, canary: str) -> Route:
+    """`canary` promoted from `stable` by an admin's break-glass statement: no decision ever allowed it."""
+    r = domain.start_canary(route, CanaryRequest(stable_release=stable, canary_release=canary),
+                            stable=Target(release=stable), canary=Target(release=canary), first_step=10.0)
+    glass = domain.Override(release=canary, action="promote", actor="ann", reason="incident", at=1.0)
+    return domain.manual_promote(r, glass, now=2.0)
+
+
+def test_a_rollback_skips_a_known_good_release_no_decision_allows_now() -> None:
+    # p8 F1: r2 came in by break-glass (never gated); r3 is promoted from it, then BLOCKed. The rollback must not
+    # put r2 back at 100% (as `undo --to r2` would refuse): it goes one further back, to r1, and says why.
+    r = _glass_promoted(_promoted(domain.default_route("d"), "r0", "r1"), "r1", "r2")
+    r = _promoted(r, "r2", "r3")
+    assert _good(r)[-2:] == ["r2", "r3"]
+    now = {"r0": _decision("PASS", "r0"), "r1": _decision("PASS", "r1"), "r2": None}
+    back = domain.on_decision(r, _decision("BLOCK", "r3", "b3"), STEPS, 10.0, 300.0, decisions=now)
+    assert back is not None and (back.stable.release, back.phase, back.override) == ("r1", "aborted", None)
+    assert "back on last known-good r1 (known-good r2 skipped: no verified gate decision allows it now)" in back.reason
+    assert _good(back) == ["r0", "r1", "r2"]  # kept: a decision may allow it later
+    # A release awaiting review (or BLOCKed, or whose key was revoked) is skipped the same way.
+    review = {**now, "r1": _decision("NEEDS_REVIEW", "r1")}
+    back = domain.on_decision(r, _decision("BLOCK", "r3", "b3"), STEPS, 10.0, 300.0, decisions=review)
+    assert back is not None and back.stable.release == "r0" and "known-good r2, r1 skipped" in back.reason
+
+
+def test_a_rollback_with_no_known_good_release_allowed_now_keeps_serving_and_says_so() -> None:
+    r = _promoted(_glass_promoted(_promoted(domain.default_route("d"), "r0", "r1"), "r1", "r2"), "r2", "r3")
+    back = domain.on_decision(r, _decision("BLOCK", "r3", "b3"), STEPS, 10.0, 300.0)  # none read: none allowed
+    assert back is not None and back.stable.release == "r3" and back.decision_id == "b3"
+    assert back.reason.endswith("NO known-good release to roll back to (known-good r2, r1, r0 skipped: no verified "
+                                "gate decision allows them now): still serving r3")
+    # The other automatic rollbacks choose the same way: a failed post-promotion analysis, an abort in the window.
+    p = _promoted(_glass_promoted(domain.default_route("d"), "r0", "r1"), "r1", "r2", BG)
+    failed = progress.on_measurement(p, _m("FAILED"), STEPS, 10.0, now=210.0, decisions={"r1": None})
+    assert failed is not None and failed.stable.release == "r2" and "NO known-good release" in failed.reason
+    swapped = bluegreen.abort_promotion(p, "ops", decisions={"r0": _decision("PASS", "r0")})
+    assert swapped.stable.release == "r0" and "known-good r1 skipped" in swapped.reason

@@ -7,13 +7,18 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from lockgate.contracts import DriftReport, FeatureDrift
+from lockgate.contracts import DriftReport, FeatureDrift, GateDecided
 from lockgate.services.router import analysis, domain, drifts, progress
 from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricResult, MetricSpec
 from lockgate.services.router.domain import CanaryRequest, InvalidRollout, NotAdmitted, Route, Target
 from lockgate.services.router.strategy import BlueGreen, Strategy
 
 pytestmark = pytest.mark.timeout(30)
+
+
+def _ok(route: Route) -> dict[str, GateDecided | None]:
+    """A PASS now for every known-good release of `route`: where a rollback may go (domain.last_good)."""
+    return {t.release: GateDecided(release=t.release, decision="PASS", rules=[]) for t in route.good}
 
 SPEC = AnalysisSpec(metrics=[MetricSpec(name="error_rate", max_increase=0.01)], min_sample=100, failure_limit=0,
                     inconclusive_limit=1)
@@ -225,7 +230,7 @@ def test_categorical_drift_aborts_for_harm_naming_the_category(feature: str, ref
 
 def test_drift_during_post_promotion_analysis_rolls_back() -> None:
     promoted = msgspec.structs.replace(domain.promote(_live(), "by operator"), verifying=True, promoted_at=150.0)
-    back = progress.on_drift(promoted, _report())
+    back = progress.on_drift(promoted, _report(), decisions=_ok(promoted))
     assert back is not None and back.stable.release == "r1" and back.phase == "aborted"
     assert back.reason.startswith("rolled back r2: drift report ") and "during post-promotion analysis" in back.reason
     assert progress.on_drift(msgspec.structs.replace(promoted, promoted_at=250.0), _report()) is None  # older window
@@ -270,7 +275,7 @@ def test_only_the_canarys_window_against_stables_acts_on_a_live_canary() -> None
     assert new is not None and new.phase == "aborted" and "(canary r2 vs stable r1)" in new.reason
     # After a promotion there is no stable arm: the promoted release's own window against its reference acts.
     promoted = msgspec.structs.replace(domain.promote(_live(), "by operator"), verifying=True, promoted_at=150.0)
-    back = progress.on_drift(promoted, slower)
+    back = progress.on_drift(promoted, slower, decisions=_ok(promoted))
     assert back is not None and back.phase == "aborted" and "during post-promotion analysis" in back.reason
 
 

@@ -15,6 +15,11 @@ from lockgate.services.router.strategy import Strategy
 
 pytestmark = pytest.mark.timeout(30)
 
+
+def _ok(route: Route) -> dict[str, GateDecided | None]:
+    """A PASS now for every known-good release of `route`: where a rollback may go (domain.last_good)."""
+    return {t.release: GateDecided(release=t.release, decision="PASS", rules=[]) for t in route.good}
+
 DEFAULT = (10.0, 100.0)
 TESTER = {"x-lockgate-canary": "always"}
 ADMIN = {"key_id": "a1", "role": "admin"}  # a header route honours an admin key (and the keys it names)
@@ -171,7 +176,7 @@ def test_blue_green_auto_promotes_after_its_delay_and_keeps_the_old_release_for_
     undone = bluegreen.undo(p, allowed, "ops")
     assert (undone.stable.release, undone.phase) == ("r1", "aborted") and "undone by ops" in undone.reason
     assert [t.release for t in undone.good] == ["r1", "r2"]  # undone, not failed: still known-good
-    aborted = bluegreen.abort_promotion(p, "ops")  # the operator stopped it: no longer known-good
+    aborted = bluegreen.abort_promotion(p, "ops", decisions=_ok(p))  # the operator stopped it: no longer known-good
     assert aborted.stable.release == "r1" and "aborted by ops" in aborted.reason
     assert [t.release for t in aborted.good] == ["r1"]
     down = _tick(p, 190.0)
@@ -201,7 +206,7 @@ def test_blue_green_failed_post_promotion_analysis_rolls_back_naming_the_metric(
     assert p.verifying and progress.spec_of(p) == SPEC
     assert progress.due_at(p) == 210.0
     assert not bluegreen.scale_down_due(p, 1e9)  # never while verifying
-    back = progress.on_measurement(p, _m("FAILED"), DEFAULT, 10.0, now=210.0)
+    back = progress.on_measurement(p, _m("FAILED"), DEFAULT, 10.0, now=210.0, decisions=_ok(p))
     assert back is not None and (back.phase, back.stable.release) == ("aborted", "r1")
     assert back.reason.startswith("rolled back r2: post-promotion analysis failed: error_rate 0.05 > threshold")
     ok = progress.on_measurement(p, _m("SUCCESSFUL"), DEFAULT, 10.0, now=210.0)
@@ -238,7 +243,7 @@ def test_a_post_promotion_analysis_inconclusive_past_its_limit_rolls_back() -> N
     p = bluegreen.promote(r, "by operator", now=200.0, interval_s=10.0)
     once = progress.on_measurement(p, _m("INCONCLUSIVE"), DEFAULT, 10.0, now=210.0)
     assert once is not None and once.verifying and once.phase == "promoted"
-    back = progress.on_measurement(once, _m("INCONCLUSIVE"), DEFAULT, 10.0, now=220.0)
+    back = progress.on_measurement(once, _m("INCONCLUSIVE"), DEFAULT, 10.0, now=220.0, decisions=_ok(once))
     assert back is not None and (back.phase, back.stable.release) == ("aborted", "r1")
     assert back.reason.startswith("rolled back r2: post-promotion analysis inconclusive 2 times: error_rate")
 
