@@ -468,10 +468,7 @@ class Rollouts:
             if due and min(due) <= now:
                 for route in list(self.routes.values()):
                     when = self._timer_due(route)
-                    if when is not None and when <= now and await self._may_step(route, now):
-                        rollbacks = await self._step_rollbacks(route, now)
-                        if rollbacks is None:
-                            continue
+                    if when is not None and when <= now and (rollbacks := await self._may_step(route, now)) is not None:
                         # The clock read again after the await: a step that begins is timed from when its weight
                         # takes effect, or requests served at the old weight meanwhile count as the new step's.
                         self._step(route, time.time(), rollbacks)
@@ -534,35 +531,25 @@ class Rollouts:
         when, held = self._due(route), self._held.get(route.deployment)
         return when if when is None or held is None else max(when, held)
 
-    async def _may_step(self, route: Route, now: float) -> bool:
-        """True when the timer may step a due route: a step may raise a canary's traffic or promote it, so the
-        decision that admitted it must still verify (a revoked key's no longer does: the canary goes back to 0%
-        instead). False too when the route changed meanwhile (the loop looks again) or the decision cannot be
-        read (tried again in `_ADMISSION_RETRY_S`: a step never rests on an admission nobody could check)."""
+    async def _may_step(self, route: Route, now: float) -> Mapping[str, GateDecided | None] | None:
+        """What a step of a due route needs when the timer may step it, else None. A step may raise a canary's
+        traffic or promote it, so the decision that admitted it must still verify (a revoked key's no longer does:
+        the canary goes back to 0% instead); a promoted route's step (its post-promotion analysis) may roll it back,
+        and only to a known-good release a decision allows now, so those decisions are read (returned; none for a
+        canary, whose step aborts it at worst). None too when the route changed meanwhile (the loop looks again) or
+        a decision cannot be read (tried again in `_ADMISSION_RETRY_S`: a step never rests on a decision nobody
+        could check)."""
         try:
             admission = await self._admission_now(route)
+            rollbacks = await self._known_good_now(route) if route.phase == "promoted" else domain.NO_DECISIONS
         except BusUnavailable as exc:
             log.warning("%s: not stepped: %s", route.deployment, exc.message)
             self._held[route.deployment] = now + _ADMISSION_RETRY_S
-            return False
-        self._held.pop(route.deployment, None)
-        if self.routes.get(route.deployment) is not route:
-            return False
-        return not self._unadmit(route, admission)
-
-    async def _step_rollbacks(self, route: Route, now: float) -> Mapping[str, GateDecided | None] | None:
-        """The decisions a step of a promoted route needs (its post-promotion analysis may roll it back, and only to
-        a known-good release a decision allows now); None when the route changed meanwhile or they cannot be read
-        (tried again in `_ADMISSION_RETRY_S`, as `_may_step`)."""
-        if route.phase != "promoted":
-            return domain.NO_DECISIONS  # a canary's step aborts it at worst: stable takes it all back
-        try:
-            rollbacks = await self._known_good_now(route)
-        except BusUnavailable as exc:
-            log.warning("%s: not looked at: %s", route.deployment, exc.message)
-            self._held[route.deployment] = now + _ADMISSION_RETRY_S
             return None
-        return rollbacks if self.routes.get(route.deployment) is route else None
+        self._held.pop(route.deployment, None)
+        if self.routes.get(route.deployment) is not route or self._unadmit(route, admission):
+            return None
+        return rollbacks
 
     async def _known_good_now(self, route: Route) -> dict[str, GateDecided | None]:
         """The current verified decision (None: none, or it does not verify) of each of `route`'s known-good

@@ -1456,30 +1456,39 @@ async def test_no_upstream_url_in_any_error(gateway: Gateway, keys: Bootstrap, c
         assert "127.0.0.1" not in visible and str(up.port) not in visible and str(closed_port) not in visible
 
 
-@pytest.mark.parametrize("stream", [False, True])
-async def test_no_upstream_address_in_an_error_however_the_upstream_spells_it(gateway: Gateway, keys: Bootstrap,
-                                                                              stream: bool) -> None:
-    # Before (probe p5): only the address as the endpoints file spells it was replaced, so the port reached the app
-    # key in a percent-encoded URL (`%3A37209`), and `localhost:37209` (the upstream naming itself) passed whole.
+async def _refused_upstream(gateway: Gateway, keys: Bootstrap, stream: bool, message: Callable[[int], str],
+                            request_id: str) -> tuple[openai.BadRequestError, int]:
+    """What the official client raises for an upstream's 400 whose message (raw JSON string text) and x-request-id
+    (`{port}` filled in) name the upstream's own address; with the upstream's port."""
     def answer(auth: str, body: Any) -> web.Response:
-        port = up.port
-        text = (f"see http%3A%2F%2F127.0.0.1%3A{port}%2Fv1, http%3a%2f%2f127.0.0.1%3a{port}, "
-                f"http:\\/\\/127.0.0.1:{port}\\/v1, localhost:{port}, [::1]:{port} and LOCALHOST%3A{port}")
-        return web.Response(text='{"error": {"message": "' + text + '", "type": "invalid_request_error"}}',
+        return web.Response(text='{"error": {"message": "' + message(up.port) + '", "type": "invalid_request_error"}}',
                             status=400, content_type="application/json",
-                            headers={"x-request-id": f"req from http://localhost:{port}/v1"})
+                            headers={"x-request-id": request_id.format(port=up.port)})
 
     async with FakeLLM("up", ("answer", answer)) as up:
         router = await gateway({"default": {"url": up.url}})
         async with client(router, keys) as c:
             with pytest.raises(openai.BadRequestError) as caught:
                 await c.chat.completions.create(model="m", messages=MESSAGES, stream=stream)
-    visible = _visible(caught.value)
-    assert all(s not in visible.lower() for s in (str(up.port), "127.0.0.1", "localhost", "::1")), visible
-    message = caught.value.response.json()["error"]["message"]
-    assert message == ("see endpoint default%2Fv1, endpoint default, endpoint default/v1, endpoint default, "
-                       "endpoint default and endpoint default"), message
-    assert caught.value.response.headers["x-request-id"] == "req from endpoint default/v1"
+    return caught.value, up.port
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_no_upstream_address_in_an_error_however_the_upstream_spells_it(gateway: Gateway, keys: Bootstrap,
+                                                                              stream: bool) -> None:
+    # Before (probe p5): only the address as the endpoints file spells it was replaced, so the port reached the app
+    # key in a percent-encoded URL (`%3A37209`), and `localhost:37209` (the upstream naming itself) passed whole.
+    def message(port: int) -> str:  # JSON text as the upstream writes it (`\\/` escapes included)
+        return (f"see http%3A%2F%2F127.0.0.1%3A{port}%2Fv1, http%3a%2f%2f127.0.0.1%3a{port}, "
+                f"http:\\/\\/127.0.0.1:{port}\\/v1, localhost:{port}, [::1]:{port} and LOCALHOST%3A{port}")
+
+    refused, port = await _refused_upstream(gateway, keys, stream, message, "req from http://localhost:{port}/v1")
+    visible = _visible(refused)
+    assert all(s not in visible.lower() for s in (str(port), "127.0.0.1", "localhost", "::1")), visible
+    shown = refused.response.json()["error"]["message"]
+    assert shown == ("see endpoint default%2Fv1, endpoint default, endpoint default/v1, endpoint default, "
+                     "endpoint default and endpoint default"), shown
+    assert refused.response.headers["x-request-id"] == "req from endpoint default/v1"
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -1491,25 +1500,17 @@ async def test_no_upstream_port_in_an_error_whatever_host_the_upstream_names_wit
     # URL quoted twice, or `port PORT`. Now any host joined to the endpoint's port is replaced.
     name = socket.gethostname()
 
-    def answer(auth: str, body: Any) -> web.Response:
-        port = up.port
-        text = (f"A 0.0.0.0:{port} B 127.1:{port} C [::ffff:127.0.0.1]:{port} D ip6-localhost:{port} "
+    def message(port: int) -> str:
+        return (f"A 0.0.0.0:{port} B 127.1:{port} C [::ffff:127.0.0.1]:{port} D ip6-localhost:{port} "
                 f"E {name}:{port} F http%253A%252F%252F127.0.0.1%253A{port} G 127.0.0.1 port {port} "
                 f"H [0:0:0:0:0:0:0:1]:{port} J 2130706433:{port} K 127.0.0.1:0{port} L 1{port}0 tokens")
-        return web.Response(text=json.dumps({"error": {"message": text, "type": "invalid_request_error"}}),
-                            status=400, content_type="application/json",
-                            headers={"x-request-id": f"req at {name}:{port}"})
 
-    async with FakeLLM("up", ("answer", answer)) as up:
-        router = await gateway({"default": {"url": up.url}})
-        async with client(router, keys) as c:
-            with pytest.raises(openai.BadRequestError) as caught:
-                await c.chat.completions.create(model="m", messages=MESSAGES, stream=stream)
-    message = caught.value.response.json()["error"]["message"]
-    assert message == ("A endpoint default B endpoint default C endpoint default D endpoint default E endpoint default"
+    refused, port = await _refused_upstream(gateway, keys, stream, message, f"req at {name}:{{port}}")
+    shown = refused.response.json()["error"]["message"]
+    assert shown == ("A endpoint default B endpoint default C endpoint default D endpoint default E endpoint default"
                        " F endpoint default G endpoint default port of endpoint default H endpoint default"
-                       f" J endpoint default K endpoint default L 1{up.port}0 tokens"), message
-    assert caught.value.response.headers["x-request-id"] == "req at endpoint default"
+                     f" J endpoint default K endpoint default L 1{port}0 tokens"), shown
+    assert refused.response.headers["x-request-id"] == "req at endpoint default"
 
 
 # Cost-aware routing: a group of endpoints serving the same model
