@@ -205,16 +205,22 @@ async def test_a_rollback_after_a_blue_green_promotion_never_puts_back_a_blocked
     assert router.rollouts.route("chat").stable.release == "same"
 
 
+async def _glass_canary(router: Any, http: aiohttp.ClientSession, weight: int = 10) -> dict[str, Any]:
+    """`bad` (never gated) put on chat as a canary at `weight`% by boss's break-glass statement; the request body."""
+    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7", weight=weight)
+    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": weight, "break_glass": glass}
+    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    return body
+
+
 async def test_a_rollback_never_puts_back_a_release_only_a_break_glass_override_promoted(
         router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     # Probe p8 (F1): `bad` (never gated) was promoted by an admin's break-glass statement, `same` (PASS) promoted
     # from it after. Before, a BLOCK of `same` rolled back to the newest known-good release, `bad`: never-gated
     # content on all traffic, no override shown, while `undo --to bad` was refused. Now the rollback goes only to a
     # known-good release a verified decision allows now: r1.
-    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7")
-    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": 10, "break_glass": glass}
-    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
-        assert resp.status == 200, await resp.text()
+    await _glass_canary(router, http)
     promote = {"break_glass": break_glass(router.ctx.settings, "chat", "bad", "promote", "incident 7")}
     async with http.post(f"{router.url}{DEPLOYMENT}/promote", json=promote) as resp:
         assert resp.status == 200, await resp.text()
@@ -347,10 +353,7 @@ async def test_revoking_the_admin_who_broke_glass_ends_the_override_at_once(
         router: Any, http: aiohttp.ClientSession) -> None:
     # Probe p5: after `gate revoke --person boss` (his key leaked), the never-gated canary he broke glass for kept its
     # 20%; only new statements of his were refused.
-    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7", weight=20)
-    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": 20, "break_glass": glass}
-    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
-        assert resp.status == 200, await resp.text()
+    await _glass_canary(router, http, 20)
     assert router.rollouts.route("chat").weight == 20.0
     revoke_person(trust_file_path(router.ctx.settings), "boss")
     await router.rollouts.wait_for(lambda r: r["chat"].override is None, timeout=10)
@@ -364,10 +367,7 @@ async def test_a_block_ends_the_break_glass_override_of_its_release(
         router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     # An admin broke glass for `bad` on chat; the gate then BLOCKed it. The override stays in the route until an
     # admin clears it, but must no longer cover `bad`: an operator patching it back in gets it no traffic.
-    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7")
-    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": 10, "break_glass": glass}
-    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
-        assert resp.status == 200, await resp.text()
+    await _glass_canary(router, http)
     bus = router.ctx.bus
     blocked = signer.sign(GateDecided(release="bad", rules=[], decision="BLOCK", reason="toxicity"))
     await gate_decided(bus, blocked)
@@ -393,10 +393,7 @@ async def test_a_break_glass_override_covers_only_the_rollout_it_was_signed_for(
     # An admin broke glass for a canary of the never-gated `bad` (10%); the rollout was aborted. Weeks later an
     # operator starts `bad` again with a plain PUT. Before: the old override was carried into the new rollout and
     # still covered `bad`, so set-weight gave it 50% (200) with no decision and no new statement.
-    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7")
-    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": 10, "break_glass": glass}
-    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
-        assert resp.status == 200, await resp.text()
+    await _glass_canary(router, http)
     assert (router.rollouts.route("chat").weight, router.rollouts.route("chat").override.actor) == (10.0, "boss")
     operator, _ = KeyStore(router.ctx.settings.home).create("default", "ops", "operator", "on call")
     auth = {"Authorization": f"Bearer {operator}"}
@@ -426,10 +423,7 @@ async def test_a_break_glass_statement_is_good_once(router: Any, http: aiohttp.C
     # Before: a statement stayed valid for its ten minutes however often it was sent. It is shown in the rollout
     # event and the audit log, so an admin API key without any personal key could, after an abort, put the
     # never-gated `bad` back at 10% with the same statement (or promote twice with one promote statement).
-    glass = break_glass(router.ctx.settings, "chat", "bad", "canary", "incident 7")
-    body = {"stable_release": "r1", "canary_release": "bad", "initial_weight": 10, "break_glass": glass}
-    async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
-        assert resp.status == 200, await resp.text()
+    body = await _glass_canary(router, http)
     async with http.post(f"{router.url}{DEPLOYMENT}/abort") as resp:
         assert resp.status == 200, await resp.text()
     async with http.put(f"{router.url}{DEPLOYMENT}", json=body) as resp:
