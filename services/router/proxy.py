@@ -133,15 +133,21 @@ class Proxy:
         explicit = headers.get("x-lockgate-deployment")
         if explicit:
             return explicit
+        # Another tenant's deployment, named or mapped to (the `models:` map is the router's, every tenant's), is a
+        # name nobody configured (route_of): the default deployment, as for any such model, so the answer (404,
+        # 403 out of scope or passthrough) does not tell that it exists. One whose route is unreadable is still
+        # that deployment (refused as such), never the default one.
         mapped = self.endpoints.models.get(model)
-        if mapped:
+        if mapped and not self._foreign(mapped, tenant):
             return mapped
-        # One whose route is unreadable is still that deployment (refused as such), never the default one. Another
-        # tenant's is a name nobody configured (route_of): the default deployment, as for any such model, so the
-        # answer (404, 403 out of scope or passthrough) does not tell that it exists.
         route = self.rollouts.routes.get(model)
         known = (route is not None and domain.serves_tenant(route, tenant)) or model in self.rollouts.unreadable
         return model if known else self.settings.deployment
+
+    def _foreign(self, deployment: str, tenant: str | None) -> bool:
+        """Whether `deployment` serves another tenant's releases than a key of `tenant`'s."""
+        route = self.rollouts.routes.get(deployment)
+        return route is not None and not domain.serves_tenant(route, tenant)
 
     def route_of(self, deployment: str, tenant: str | None) -> domain.Route | None:
         """The route that serves a deployment to a key of `tenant` (`ApiKey.tenants`): its governed one (a release
@@ -171,7 +177,7 @@ class Proxy:
         param: str | None = "model"
         if headers.get("x-lockgate-deployment"):
             what, param = f"Deployment {deployment!r} (x-lockgate-deployment) has no rolled-out release", None
-        elif model in self.endpoints.models:
+        elif self.endpoints.models.get(model) == deployment:
             what = (f"The model {model!r} maps to deployment {deployment!r} (the endpoints file's models:), which "
                     "has no rolled-out release")
         else:
@@ -210,7 +216,7 @@ class Proxy:
         param: str | None = "model"
         if headers.get("x-lockgate-deployment"):
             what, param = f"Deployment {deployment!r} (x-lockgate-deployment)", None
-        elif model in self.endpoints.models:
+        elif self.endpoints.models.get(model) == deployment:
             what = f"The model {model!r} maps to deployment {deployment!r} (the endpoints file's models:), which"
         elif model == deployment:
             what = f"The model {model!r} names deployment {deployment!r}, which"
@@ -263,7 +269,8 @@ class Proxy:
 
     async def _listed(self, key: ApiKey) -> list[dict[str, Any]]:
         """The models `GET /v1/models` lists for a key."""
-        owners = {m: d for m, d in self.endpoints.models.items() if self.route_of(d, key.tenants) is not None}
+        owners = {m: d for m, d in self.endpoints.models.items()
+                  if not self._foreign(d, key.tenants) and self.route_of(d, key.tenants) is not None}
         for name, route in self.rollouts.routes.items():
             if route.stable.model and name not in self.rollouts.unreadable and domain.serves_tenant(route, key.tenants):
                 owners.setdefault(name, name)

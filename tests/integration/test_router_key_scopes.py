@@ -130,3 +130,22 @@ async def test_a_scope_changed_on_a_live_key_applies_from_the_next_request(route
             await client.chat.completions.create(model="support", messages=HI)
         assert {m.id async for m in client.models.list()} == {"billing", "invoices"}
     assert (sims["support"].total_requests, sims["billing"].total_requests) == (0, 1)
+
+
+async def test_another_tenants_key_is_answered_for_a_mapped_model_as_for_one_nobody_configured(
+        router: Any, sims: dict[str, SimServer]) -> None:
+    # Found by a probe: the endpoints file's `models:` map is the router's, so bravo's key asking for `helpdesk`
+    # got "The model 'helpdesk' maps to deployment 'support' ..." and learnt the name of acme's deployment.
+    bravo, _ = KeyStore(router.ctx.settings.home).create("bravo", "shop")
+
+    async def refusal(model: str) -> openai.NotFoundError:
+        async with _client(router, bravo) as client:
+            with pytest.raises(openai.NotFoundError) as caught:
+                await client.chat.completions.create(model=model, messages=HI)
+        return caught.value
+
+    mapped, unknown = await refusal("helpdesk"), await refusal("nobody-maps-this")
+    assert mapped.code == unknown.code == "model_not_found"
+    assert mapped.message == unknown.message.replace("nobody-maps-this", "helpdesk"), (mapped.message, unknown.message)
+    assert "support" not in mapped.message
+    assert sims["support"].total_requests == 0
