@@ -27,6 +27,7 @@ from lockgate.redact import MARK, MIN_SECRET, scrub_bytes, scrub_json, scrub_sec
 from lockgate.services.router import h1, resilience
 from lockgate.services.router.endpoints import Endpoint, Endpoints
 from lockgate.services.router.providers import Unsupported, provider
+from lockgate.services.router.wire import own_request_id
 
 # Request headers the client's SDK sends that the provider acts on (beta features, idempotent
 # retries, SDK telemetry); the client's Authorization is lockgate's business and never forwarded.
@@ -53,11 +54,16 @@ def forward_headers(incoming: Mapping[str, str], out: dict[str, str]) -> None:
 
 
 def returned_headers(upstream: Mapping[str, str]) -> dict[str, str]:
-    """The upstream's rate-limit, retry and request-id headers, for the client."""
+    """The upstream's rate-limit, retry and request-id headers, for the client; with a request id of the router's
+    own if the upstream gave none, as every OpenAI answer has one (the SDK's `request_id`, what a user quotes)."""
     out: dict[str, str] = {}
+    identified = False
     for name, value in upstream.items():
         if name[0] in "rRxXoO" and ((low := name.lower()) in _RETURN_LOWER or low.startswith(_RETURN_PREFIX)):
             out[name] = value
+            identified = identified or low == "x-request-id"
+    if not identified:
+        out["x-request-id"] = own_request_id()
     return out
 
 

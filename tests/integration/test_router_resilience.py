@@ -1457,13 +1457,13 @@ async def test_no_upstream_url_in_any_error(gateway: Gateway, keys: Bootstrap, c
 
 
 async def _refused_upstream(gateway: Gateway, keys: Bootstrap, stream: bool, message: Callable[[int], str],
-                            request_id: str) -> tuple[openai.BadRequestError, int]:
+                            request_id: str | None) -> tuple[openai.BadRequestError, int]:
     """What the official client raises for an upstream's 400 whose message (raw JSON string text) and x-request-id
-    (`{port}` filled in) name the upstream's own address; with the upstream's port."""
+    (`{port}` filled in; None: no such header) name the upstream's own address; with the upstream's port."""
     def answer(auth: str, body: Any) -> web.Response:
         return web.Response(text='{"error": {"message": "' + message(up.port) + '", "type": "invalid_request_error"}}',
                             status=400, content_type="application/json",
-                            headers={"x-request-id": request_id.format(port=up.port)})
+                            headers={} if request_id is None else {"x-request-id": request_id.format(port=up.port)})
 
     async with FakeLLM("up", ("answer", answer)) as up:
         router = await gateway({"default": {"url": up.url}})
@@ -1471,6 +1471,16 @@ async def _refused_upstream(gateway: Gateway, keys: Bootstrap, stream: bool, mes
             with pytest.raises(openai.BadRequestError) as caught:
                 await c.chat.completions.create(model="m", messages=MESSAGES, stream=stream)
     return caught.value, up.port
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_upstream_error_without_a_request_id_gets_the_routers_own(gateway: Gateway, keys: Bootstrap,
+                                                                          stream: bool) -> None:
+    # Before (probe p5): an upstream's own 400 without an x-request-id reached the client without one (the SDK's
+    # `request_id` None), while every error of the router's own carried one.
+    refused, _ = await _refused_upstream(gateway, keys, stream, lambda port: "bad request", None)
+    assert refused.response.json()["error"]["message"] == "bad request"
+    assert (refused.request_id or "").startswith("req_lockgate_"), refused.response.headers
 
 
 @pytest.mark.parametrize("stream", [False, True])
