@@ -1,4 +1,5 @@
-"""Admin API for operator rollout actions: pause, resume (approve), set-weight (behind the admin middleware)."""
+"""Admin API for operator rollout actions: pause, resume, approve (of one pause step), set-weight (behind the admin
+middleware)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from lockgate.services.router.domain import (
     ReleaseNotInScope,
     shown,
 )
+from lockgate.services.router.progress import NotAtStep
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.services.router.wire import error_response
 
@@ -66,6 +68,7 @@ _REFUSALS: tuple[tuple[type[LockgateError], int, str, str | None], ...] = (
     (InvalidRequest, 400, "invalid_request_error", None),  # malformed whatever the deployment's state
     (NotAdmitted, 409, "conflict", "not_admitted"),
     (AlreadyServing, 409, "conflict", "already_serving"),
+    (NotAtStep, 409, "conflict", "not_at_step"),
     (InvalidEvent, 400, "invalid_request_error", None),  # a bad name, an unreadable body
 )
 REFUSED = (IdentityRefused, Forbidden, InvalidEvent, InvalidRollout, DeploymentNotFound, Retryable)  # `refusal`'s
@@ -86,9 +89,10 @@ def refusal(exc: LockgateError, action: str, invalid: int = 409) -> web.Response
 
 
 class ActionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Body of `POST .../{deployment}/pause|resume|set-weight` (empty for pause and resume)."""
+    """Body of `POST .../{deployment}/pause|resume|approve|set-weight` (empty for resume)."""
 
     weight: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None  # percent, set-weight only
+    step: Annotated[int, msgspec.Meta(ge=0)] | None = None  # the pause step approved (the route's `step`), approve only
     reason: Annotated[str, msgspec.Meta(max_length=500)] = ""
 
 
@@ -96,7 +100,7 @@ _decoder = msgspec.json.Decoder(ActionRequest)
 
 
 class Actions:
-    """`pause`, `resume` and `set-weight`; each records the caller's key identity as the actor, and is
+    """`pause`, `resume`, `approve` and `set-weight`; each records the caller's key identity as the actor, and is
     appended to the audit log."""
 
     def __init__(self, rollouts: Rollouts, key: web.RequestKey[ApiKey]) -> None:
@@ -121,16 +125,21 @@ class Actions:
             body = _decoder.decode(raw) if raw.strip() else ActionRequest()
             if action == "set-weight" and body.weight is None:
                 raise InvalidRequest('set-weight needs {"weight": PERCENT}')
+            if action == "approve" and body.step is None:
+                # Unbound, a repeated or concurrent approval ended the next pause too (probe p9).
+                raise InvalidRequest('approve needs {"step": N}: the pause step approved, as the route shows it '
+                                     '(its `step`); an approval ends that pause only (`resume` ends whichever holds '
+                                     'the rollout)')
+            if action != "approve" and body.step is not None:
+                raise InvalidRequest(f'"step" binds an approval to its pause step: {action} takes none')
         except REFUSED as exc:
             return refusal(exc, action)
         except UNDECODABLE as exc:  # a string that is not UTF-8 too (was a 500)
             return error_response(400, f"invalid request: {undecodable(exc)}", "invalid_request_error")
         try:
             require_served(self.rollouts, deployment)
-            # `approve` is `resume` by another name: it ends a pause step that waits for approval.
-            route = await self.rollouts.operate(deployment, "resume" if action == "approve" else action,
-                                                request[self.key].label,
-                                                weight=body.weight or 0.0, why=body.reason)
+            route = await self.rollouts.operate(deployment, action, request[self.key].label,
+                                                weight=body.weight or 0.0, why=body.reason, step=body.step or 0)
             await record_action(self.rollouts.ctx.bus, request[self.key], action, route, None)
         except REFUSED as exc:
             return refusal(exc, action)

@@ -2,7 +2,7 @@
 
 `route.cursor` is the next step to run. Header routes take effect at once and the program goes
 on; a pause holds the weight (a timed one ends by itself, an untimed one when an operator
-approves with `rollout resume`); a weight step moves traffic and waits one interval (or its
+approves it with `rollout approve`); a weight step moves traffic and waits one interval (or its
 analysis). Past the last step the canary is promoted, as after the last weight of plain steps.
 """
 
@@ -36,7 +36,7 @@ def run(route: Route, steps: list[Step], interval_s: float, now: float, why: str
             continue
         if s.pause is not None:
             d = s.pause.duration_s
-            hold = f"paused {d:g} s" if d else "paused until approved (lockgate rollout resume)"
+            hold = f"paused {d:g} s" if d else "paused until approved (lockgate rollout approve)"
             notes.append(f"step {i}/{n}: {hold} at {route.weight:g}%")
             return _bump(route, cursor=i, step=i, header_route=header, paused=True, step_pause=True,
                          resume_at=now + d if d else 0.0, next_step_at=now + interval_s, reason="; ".join(notes))

@@ -390,6 +390,34 @@ def pause(route: Route, actor: str, why: str = "") -> Route:
     return _bump(route, paused=True, reason=f"paused at {_where(route)} by {actor}" + (f": {why}" if why else ""))
 
 
+class NotAtStep(InvalidRollout):
+    """An approval of a pause step the rollout no longer (or not yet) waits at (HTTP 409 `not_at_step`)."""
+
+
+def waits_for_approval(route: Route) -> bool:
+    """True while the rollout is held by a pause step (untimed, or a timed one not yet over) that an approval ends."""
+    return route.paused and route.step_pause and route.phase not in ("promoted", "aborted")
+
+
+def approve(route: Route, step: int, actor: str, interval_s: float, now: float) -> Route:
+    """End the pause step `step` (1-based, as the route shows it), only while the rollout still waits at it: an
+    approval ends the pause its operator saw and no other. Unbound, two operators approving one pause, or a client
+    retrying an approval whose answer it missed, each ended one more pause (probe p9: four at once took a
+    [pause, pause, pause, pause, 100] canary from 0% to 100%)."""
+    if waits_for_approval(route) and route.step == step:
+        return resume(route, actor, interval_s, now)
+    live = route.canary is not None and route.phase not in ("promoted", "aborted")
+    if not live:
+        now_at = f"its rollout is {route.phase if route.canary is not None else 'not started'}"
+    else:
+        state = "waiting for approval" if waits_for_approval(route) else "paused" if route.paused else route.phase
+        now_at = f"it is now at step {route.step} ({route.weight:g}%), {state}"
+    why = ("not reached yet" if live and step > route.step else
+           "no pause waits there" if live and step == route.step else "already approved, or the rollout moved on")
+    raise NotAtStep(f"refused: approval of step {step} of {route.deployment!r} not applied ({why}): {now_at}; "
+                    "read the route again (lockgate rollout get) and approve the step it waits at")
+
+
 def resume(route: Route, actor: str, interval_s: float, now: float) -> Route:
     """Continue a paused canary: the next step (or analysis look) is one interval away."""
     _live(route)

@@ -816,14 +816,15 @@ class Rollouts:
         self.evidence.forget(route.deployment, keep={restarted.stable.release, restarted.canary.release})
 
     async def operate(self, deployment: str, action: str, actor: str, *, weight: float = 0.0,
-                      why: str = "") -> Route:
-        """Operator pause, resume or set-weight (progress.py), recorded with the actor's identity."""
+                      why: str = "", step: int = 0) -> Route:
+        """Operator pause, resume, approve (of pause step `step`) or set-weight (progress.py), recorded with the
+        actor's identity."""
         await self._await_ready()
 
         async def change() -> str:
             # Raising the weight or resuming the steps: the canary must still be admitted, read on every attempt.
             before = self.route(deployment)
-            raises = action == "resume" or (action == "set-weight" and weight > before.weight)
+            raises = action in ("resume", "approve") or (action == "set-weight" and weight > before.weight)
             admission = await self._admission_now(before) if raises else None
             route = self.route(deployment)
             refused = self._unadmit(route, admission, actor) if raises else ""
@@ -833,6 +834,10 @@ class Rollouts:
                 new = progress.pause(route, actor, why)
             elif action == "resume":
                 new = progress.resume(route, actor, progress.interval_of(route, self.interval_s), time.time())
+            elif action == "approve":
+                # Checked on the route this attempt applies to (re-read after a lost compare-and-set): two approvals
+                # of one pause, on one replica or two, end that pause once; the other finds the route moved on.
+                new = progress.approve(route, step, actor, progress.interval_of(route, self.interval_s), time.time())
             elif action == "set-weight":
                 new = progress.set_weight(route, weight, actor)
             else:

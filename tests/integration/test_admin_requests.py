@@ -162,13 +162,15 @@ async def test_a_deployment_nothing_serves_is_not_found_on_every_read_and_action
         for method, path, body in (("GET", "", None), ("GET", "/shadow", None), ("GET", "/watch", None),
                                    ("POST", "/promote", None), ("POST", "/abort", None), ("POST", "/retry", None),
                                    ("POST", "/undo", None), ("POST", "/pause", None), ("POST", "/resume", None),
+                                   ("POST", "/approve", b'{"step": 1}'),
                                    ("POST", "/set-weight", b'{"weight": 30}'), ("PATCH", "", b'{"weight": 30}'),
                                    ("DELETE", "/break-glass", None)):
             status, _, answer = await _raw(http, router, method, f"{BASE}/{name}{path}", body)
             assert (status, answer["error"]["code"]) == (404, "deployment_not_found"), (method, path, answer)
             assert answer["error"]["message"] == said, answer
         for args in (["get", name], ["watch", name, "--timeout", "30"], ["set-weight", name, "30"],
-                     ["patch", name, "--weight", "30"], ["promote", name]):
+                     ["patch", name, "--weight", "30"], ["promote", name], ["approve", name],
+                     ["approve", name, "--step", "1"]):
             result = await _cli(router, *args, key=keys.admin_key)
             assert (result.exit_code, _one_line(result)) == (3, f"error: {said}"), (args, result.output)
     assert router.rollouts.routes == {}  # and nothing was made by asking

@@ -87,6 +87,37 @@ def test_pause_without_duration_holds_until_approved() -> None:
     assert "approved at step 2 (20%) by apikey:k1(operator@acme/shop)" in approved.reason
 
 
+def test_an_approval_ends_only_the_pause_step_it_names() -> None:
+    # Found by a probe (p9): an approval was a resume, so a second one (a retry, another operator) ended the next
+    # pause too, and four at once took [pause, pause, pause, pause, 100] from 0% to 100%.
+    r = _pass(_route({"steps": [{"pause": {}}, {"pause": {}}, 100], "interval_s": 10}))
+    assert (r.step, r.weight, progress.waits_for_approval(r)) == (1, 0.0, True)
+    approved = progress.approve(r, 1, "ops", 10.0, now=200.0)
+    assert (approved.step, approved.weight, approved.paused) == (2, 0.0, True)
+    assert "approved at step 1 (0%) by ops" in approved.reason
+    with pytest.raises(progress.NotAtStep, match=r"approval of step 1 of 'd' not applied \(already approved, or the "
+                                                  r"rollout moved on\): it is now at step 2 \(0%\), waiting for approval"):
+        progress.approve(approved, 1, "ops", 10.0, now=201.0)
+    with pytest.raises(progress.NotAtStep, match=r"step 3 .*\(not reached yet\)"):
+        progress.approve(approved, 3, "ops", 10.0, now=201.0)
+    last = progress.approve(approved, 2, "ops", 10.0, now=202.0)
+    assert (last.step, last.weight, last.paused) == (3, 100.0, False)
+    with pytest.raises(progress.NotAtStep, match=r"\(no pause waits there\): it is now at step 3 \(100%\), progressing"):
+        progress.approve(last, 3, "ops", 10.0, now=203.0)
+    done = _tick(last, 212.0)
+    with pytest.raises(progress.NotAtStep, match="already approved, or the rollout moved on.*its rollout is promoted"):
+        progress.approve(done, 3, "ops", 10.0, now=213.0)
+
+
+def test_an_approval_does_not_end_an_operators_pause() -> None:
+    # Only `resume`, the operator's override, ends a pause an operator (or an inconclusive analysis) made.
+    r = _pass(_route({"steps": [20, {"pause": {}}, 100], "interval_s": 10}))
+    held = progress.pause(r, "ops")
+    with pytest.raises(progress.NotAtStep, match=r"\(no pause waits there\): it is now at step 1 \(20%\), paused"):
+        progress.approve(held, 1, "ops", 10.0, now=200.0)
+    assert not progress.resume(held, "ops", 10.0, now=200.0).paused
+
+
 def test_operator_pause_during_a_program_resumes_after_an_interval() -> None:
     r = _pass(_route({"steps": [20, {"pause": {}}, 100], "interval_s": 10}))
     held = progress.pause(r, "ops")

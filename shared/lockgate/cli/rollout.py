@@ -473,12 +473,34 @@ def register(cli: click.Group) -> None:
     action("pause", "Hold the canary at its weight: no step advances until `resume` (a failing analysis "
                     "still aborts).", reason=True)
     action("resume", "Continue a paused canary; the next step or analysis look is one interval away.")
-    action("approve", "Approve a pause step that waits for it: the rollout runs its next step now (`resume`).")
     action("abort", "Send all traffic back to stable now (the canary goes to 0%; a blue-green promotion "
                     "within its scale-down window swaps the old release back).")
     action("promote", "Make the canary stable now: only a canary a verified decision allows.")
     action("retry", "Restart an aborted rollout from step 0 with the same spec and canary release (refused unless "
                     "aborted; the canary's verified decision starts it again, a release BLOCKed since is refused).")
+
+    @rollout.command("approve")
+    @click.argument("deployment")
+    @click.option("--step", type=click.IntRange(min=0), default=None, metavar="N",
+                  help="The pause step you approve, as `rollout get` showed it (default: the step the route is at "
+                       "now, read first).")
+    @json_option
+    @click.pass_context
+    @handle_errors
+    def approve(ctx: click.Context, deployment: str, step: int | None, as_json: bool) -> None:
+        """Approve the pause step the rollout waits at: its next step runs now. The approval names the step, and
+        the router refuses it (exit 4) once the rollout is no longer there, so a second or retried approval never
+        ends the next pause too (`resume` ends whatever pause holds the rollout)."""
+        may_change()
+        client = admin(ctx)
+        if step is None:
+            step = int(client.call("GET", _at(deployment)).get("step", 0))
+        route = client.call("POST", _at(deployment, "/approve"), {"step": step})
+        if as_json:
+            emit_json(route)
+        else:
+            console.print(f"approved step {step} of {deployment}: {route.get('reason', '')}", highlight=False,
+                          soft_wrap=True)
 
     @rollout.command("watch")
     @click.argument("deployment")

@@ -1,0 +1,133 @@
+"""An approval ends only the pause step it names, on the real nats-server, chDB and the simulator: concurrent or
+repeated approvals of one pause end it once (probe p9: four at once ended four pauses and put the canary at 100%),
+on one replica or two, through the admin API and the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import pytest
+from click.testing import CliRunner
+
+from lockgate.cli.main import cli
+from lockgate.contracts import GateDecided
+from lockgate.server.apikeys import KeyStore
+from lockgate.signing import Signer, trust_file_path, trust_key
+from tests.helpers import admin_headers, gate_decided, judged, register_model_release, store_pass
+from tests.integration import test_rollout_analysis as analysis_tests
+from tests.integration import test_router_replicas as replica_tests
+from tests.integration.test_rollout_analysis import _pass, _start
+
+router, http, keys, signer = analysis_tests.router, analysis_tests.http, analysis_tests.keys, analysis_tests.signer
+replicas = replica_tests.replicas
+
+pytestmark = pytest.mark.timeout(120)
+PAUSES = {"steps": [{"pause": {}}, {"pause": {}}, {"pause": {}}, {"pause": {}}, 100], "interval_s": 3600}
+DEPLOYMENT = "/lockgate/v1/deployments/chat"
+
+
+async def _approve(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
+    async with http.post(f"{url}{DEPLOYMENT}/approve", json=body) as resp:
+        return resp.status, await resp.json()
+
+
+@pytest.fixture
+async def paused(router: Any, http: aiohttp.ClientSession, signer: Signer) -> Any:
+    """`chat` rolling out `same` with four pauses before 100%, waiting for approval at step 1."""
+    await _start(http, router, "same", PAUSES)
+    await _pass(router, signer, "same")
+    await router.rollouts.wait_for(lambda r: r["chat"].step_pause, timeout=10)
+    route = router.rollouts.route("chat")
+    assert (route.step, route.weight, route.paused) == (1, 0.0, True), route.reason
+    return router
+
+
+async def test_concurrent_approvals_of_one_pause_end_it_once(paused: Any, http: aiohttp.ClientSession) -> None:
+    # Two operators approving the same pause, or a client retrying one whose answer it missed: each was applied on
+    # the route the previous one left, where the next pause waited, so four ended four pauses (0% -> 100%).
+    answers = await asyncio.gather(*(_approve(http, paused.url, {"step": 1}) for _ in range(4)))
+    statuses = sorted(status for status, _ in answers)
+    assert statuses == [200, 409, 409, 409], answers
+    for status, body in answers:
+        if status == 409:
+            assert body["error"]["code"] == "not_at_step", body
+            assert body["error"]["message"].startswith(
+                "refused: approval of step 1 of 'chat' not applied (already approved, or the rollout moved on): "
+                "it is now at step 2 (0%), waiting for approval"), body
+    route = paused.rollouts.route("chat")
+    assert (route.step, route.weight, route.paused, route.step_pause, route.phase) == (2, 0.0, True, True,
+                                                                                       "progressing")
+    assert "approved at step 1 (0%) by " in route.reason and "step 2/5: paused until approved" in route.reason
+
+
+async def test_a_stale_or_unbound_approval_is_refused_and_moves_nothing(
+        paused: Any, http: aiohttp.ClientSession) -> None:
+    status, body = await _approve(http, paused.url, {"step": 1})
+    assert status == 200 and body["step"] == 2, body
+    held = paused.rollouts.route("chat")
+    # Sequentially the same as concurrently: the approval of step 1 again (a retry, a second operator) is refused.
+    for stale in ({"step": 1}, {"step": 3}):
+        status, body = await _approve(http, paused.url, stale)
+        assert status == 409 and body["error"]["code"] == "not_at_step", body
+    assert "(not reached yet): it is now at step 2" in body["error"]["message"], body
+    # No step: refused as malformed, naming the field, whatever the route's state.
+    status, body = await _approve(http, paused.url, None)
+    assert status == 400 and 'approve needs {"step": N}' in body["error"]["message"], body
+    async with http.post(f"{paused.url}{DEPLOYMENT}/resume", json={"step": 2}) as resp:
+        assert resp.status == 400 and '"step" binds an approval' in (await resp.json())["error"]["message"]
+    assert paused.rollouts.route("chat") == held
+    # `resume` stays the operator's override: it ends whichever pause holds the rollout, unbound.
+    async with http.post(f"{paused.url}{DEPLOYMENT}/resume") as resp:
+        assert resp.status == 200, await resp.text()
+    assert paused.rollouts.route("chat").step == 3
+
+
+async def test_the_cli_approves_the_step_it_read_and_a_stale_step_exits_with_one_line(paused: Any) -> None:
+    operator, rec = KeyStore(paused.ctx.settings.home).create("default", "ops", "operator", "on call")
+    s = paused.ctx.settings
+    base = ["--home", s.home, "--nats", s.nats_url, "--prefix", s.prefix, "rollout", "--router", paused.url,
+            "--api-key", operator, "approve", "chat"]
+
+    def run(*extra: str) -> Any:
+        return CliRunner().invoke(cli, [*base, *extra])
+
+    result = await asyncio.to_thread(run)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("approved step 1 of chat: approved at step 1 (0%) by " + rec.label), result.output
+    assert paused.rollouts.route("chat").step == 2
+    # An operator who saw step 1 and approves it after someone else did: refused, exit 4, one line.
+    result = await asyncio.to_thread(run, "--step", "1")
+    assert result.exit_code == 4, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "router refused (409): refused: approval of step 1 of 'chat' not applied" in lines[0]
+    assert "it is now at step 2 (0%), waiting for approval" in lines[0], lines
+    assert paused.rollouts.route("chat").step == 2
+
+
+async def test_an_approval_that_lost_the_compare_and_set_to_another_replicas_is_refused(
+        replicas: tuple[Any, Any], bus: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Replica a has not yet seen b's approval of step 1 (its KV watch lags): a's approval of step 1 loses the
+    # compare-and-set, is recomputed on the route b wrote, and is refused there, not applied to step 2.
+    a, b = replicas
+    signer = Signer.generate()
+    trust_key(trust_file_path(a.ctx.settings), signer.public)
+    for release in ("r1", "r2"):
+        await register_model_release(bus, release)
+    await store_pass(bus, "r1", a.ctx.settings)
+    async with aiohttp.ClientSession(headers=admin_headers(a.ctx.settings.home)) as http:
+        body = {"stable_release": "r1", "canary_release": "r2", "strategy": PAUSES}
+        async with http.put(f"{a.url}{DEPLOYMENT}", json=body) as resp:
+            assert resp.status == 200, await resp.text()
+        await gate_decided(bus, signer.sign(GateDecided(release="r2", rules=[], decision="PASS",
+                                                        artifacts=await judged(bus, "r2"))))
+        for r in (a, b):
+            await r.rollouts.wait_for(lambda routes: "chat" in routes and routes["chat"].step_pause, timeout=10)
+        monkeypatch.setattr(a.rollouts, "_on_entry", lambda entry: None)  # replica a's watch lags from here
+        assert (await _approve(http, b.url, {"step": 1}))[0] == 200
+        assert a.rollouts.route("chat").step == 1  # a has not seen it
+        status, answer = await _approve(http, a.url, {"step": 1})
+    assert status == 409 and answer["error"]["code"] == "not_at_step", answer
+    route = a.rollouts.route("chat")  # a reloaded the route it lost to
+    assert (route.step, route.weight, route.paused) == (2, 0.0, True), route.reason
