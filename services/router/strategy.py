@@ -56,7 +56,7 @@ class Preview(HeaderRoute, frozen=True, kw_only=True, forbid_unknown_fields=True
 
 
 class Pause(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Hold the weight for `duration_s`, or (without it) until an operator approves (`rollout resume`)."""
+    """Hold the weight for `duration_s`, or (without it) until an operator approves it (`rollout approve`)."""
 
     duration_s: Seconds | None = None
 
