@@ -20,7 +20,7 @@ from lockgate.contracts.names import NAME_RULE, check_name, is_name
 from lockgate.documents import check_aliases
 from lockgate.errors import ArtifactCorrupt, BusUnavailable, ConfigError, NotFound, ReleaseConflict
 from lockgate.identity import Identity, bundle_content, sign_bundle
-from lockgate.ids import canonical_json, content_hash
+from lockgate.ids import canonical_json, content_hash, derived_id
 from lockgate.subjects import token
 
 _HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
@@ -224,11 +224,21 @@ def check_line_name(bundle: dict[str, Any]) -> None:
 
 class Binding(msgspec.Struct, frozen=True, kw_only=True):
     """What `bind_release` found: the bundle the name is bound to (with its author), its hash, and whether this
-    call bound it (False: the same content was bound already, by its first registration)."""
+    call bound it (False: the same content was bound already, by its first registration). `register_release`
+    adds whether its announcement was new to the bus (False: the stream held it already)."""
 
     digest: str
     bundle: dict[str, Any]
     created: bool
+    announced: bool = False
+
+
+def announcement_id(release: str, digest: str) -> str:
+    """The id of the ReleaseRegistered that announces `release` bound to the content hashed `digest`.
+
+    A function of the binding alone, so every announcement of one binding is the same event: JetStream drops a
+    repeat within its duplicate window, and the lineage recorder and the sink store one per id after it."""
+    return derived_id("release-registered", release, digest)
 
 
 async def bind_release(bus: Bus, bundle: dict[str, Any]) -> Binding:
@@ -335,15 +345,23 @@ async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str
 
     With `author`, the binding carries the author's signature over the bundle, so a policy can refuse
     their approval of it. ReleaseConflict if the name is already bound to other artifacts. The same
-    content bound already is announced no second time: its binding, author included, is the first one's.
+    content bound already keeps its binding, author included (the first one's), and is announced again as the
+    same event (`announcement_id`): the `releases` table keeps one row.
     """
     check_name(tenant, "tenant")  # before anything is bound under it
     await check_references(bus, artifacts)
     await check_parent(bus, release, parent)
     bundle = release_bundle(release, app, artifacts, parent=parent, tenant=tenant)
     binding = await bind_release(bus, sign_bundle(author, bundle) if author is not None else bundle)
-    if binding.created:
-        # A repeat would add a `releases` row for a registration that changed nothing.
-        await bus.publish(bus.subjects.release_registered, ReleaseRegistered(
-            release=release, app=app, artifacts=artifacts, parent=parent, description=description, tenant=tenant))
-    return binding
+    # Announced however the binding was found: a crash or a bus error between binding and announcing leaves the
+    # name bound and unannounced (no `releases` row, no lineage), and only a registration of the same content
+    # again can announce it. Nothing tells such a binding from one announced long ago without a race, and the
+    # event's id being the binding's makes announcing it again harmless.
+    event = ReleaseRegistered(id=announcement_id(release, binding.digest), release=release, app=app,
+                              artifacts=artifacts, parent=parent, description=description, tenant=tenant)
+    try:
+        ack = await bus.publish(bus.subjects.release_registered, event)
+    except BusUnavailable as exc:
+        raise BusUnavailable(f"release {release!r} is bound but not announced: run the same `release create` (or "
+                             f"`apply`) again once the bus acknowledges ({exc.message})") from None
+    return msgspec.structs.replace(binding, announced=not ack.duplicate)

@@ -407,21 +407,22 @@ async def test_a_release_line_whose_version_name_is_bound_to_other_content_says_
     assert "`$.release`" not in error and "- at `$.name`" in error and "nothing was applied" in error
 
 
-async def test_release_create_of_a_bound_name_and_the_same_content_names_its_first_author_and_announces_nothing(
+async def test_release_create_of_a_bound_name_and_the_same_content_names_its_first_author_and_is_announced_once(
         bus: Bus, settings: Settings) -> None:
     # Found by probe p8 (F4): ann's `release create` of olly's release with the same content printed "authored by
     # ann" while the binding keeps olly (whom forbid_self_approval reads), and a second ReleaseRegistered gave
-    # the `releases` table a second row.
+    # the `releases` table a second row. It is announced again now (a lost announcement needs it:
+    # test_release_announce.py), as the same event, which the stream holds once.
+    from tests.integration.test_release_announce import announced
+
     person(settings, "olly", "operator")
     person(settings, "ann", "admin", "operator")
     prompt = await artifacts.register(bus, "prompt", "p8-prompt", {"template": "{question}"})
-    announced = await bus.nc.subscribe(bus.subjects.release_registered)
     args = ("release", "create", "shop-p8", "--app", "shop", "--artifact", f"prompt/p8-prompt={prompt.hash}")
     first = await cli(settings, "--as", "olly", *args)
     assert first.exit_code == 0 and "release shop-p8 recorded with 1 artifacts, authored by olly" in first.output
     again = await cli(settings, "--as", "ann", *args)
     assert again.exit_code == 0, again.output
-    assert "release shop-p8 already registered (same content), authored by olly" in _joined(again.output)
-    await bus.nc.flush()
-    assert announced.pending_msgs == 1  # olly's registration alone
+    assert _joined(again.output) == "release shop-p8 already registered (same content), authored by olly"
+    assert await announced(bus) == 1  # olly's registration alone
     assert (await artifacts.release_of(bus, "shop-p8"))["author"]["name"] == "olly"

@@ -90,7 +90,10 @@ def register(cli: click.Group) -> None:
         # The binding keeps its first registration's author, the one forbid_self_approval reads: not the caller.
         first = author_of(settings, binding.bundle)
         by = f", authored by {first}" if first else ", with no verified author (not signed by a trusted person)"
-        console.print(f"release {name} already registered (same content){by}", highlight=False)
+        # New to the bus: its first announcement was lost (a crash or bus error after binding) or is older than
+        # the stream's duplicate window; the event is the same either way, stored once.
+        again = "; announced again (recorded once)" if binding.announced else ""
+        console.print(f"release {name} already registered (same content){by}{again}", highlight=False)
 
     @cli.group("eval")
     def eval_group() -> None:
