@@ -3,14 +3,19 @@ chainer), and the signing key."""
 
 from __future__ import annotations
 
+import logging
+
 from lockgate.bus import consume
 from lockgate.contracts import AuditEntry, DriftReport, EvalCompleted, GateReview
+from lockgate.errors import LockgateError
 from lockgate.server.service import Service, ServiceContext
 from lockgate.services.gatekeeper.chain import CHAIN_WAITS, Chainer
 from lockgate.services.gatekeeper.driftgate import DriftGate
 from lockgate.services.gatekeeper.gatesfile import load_gates_file
 from lockgate.services.gatekeeper.handlers import GateHandlers
 from lockgate.signing import ensure_signer_trusted, gatekeeper_signer
+
+log = logging.getLogger("lockgate.gatekeeper")
 
 
 class Gatekeeper(Service):
@@ -57,6 +62,12 @@ class Gatekeeper(Service):
         """Copy the public key to KV for information (consumers trust only their trust file)."""
         self.handlers.own.problem()  # a key the trust roots do not trust is said at once, not at the first message
         await self.handlers.publish_key()
+        try:
+            await self.handlers.upgrade_vetoes()
+        except LockgateError as exc:
+            # Each is under its content's key before its names are remade, so it binds every later eval; its names
+            # gated before it are remade at the next decision about its content (or the next start).
+            log.warning("vetoes of before not carried over to every name of their content: %s", exc.message)
 
     def problems(self) -> list[str]:
         """Not ready while its signing key is not trusted: it then decides and chains nothing."""

@@ -17,9 +17,9 @@ from lockgate.services.gatekeeper.rules import Evidence, evaluate_rule
 
 __all__ = ["OPS", "Evidence", "Limits", "Outcome", "Pin", "Policy", "Required", "ReviewTrigger", "Rule", "Used",
            "binding_rules", "binds_content", "called_rules", "content_digest", "decide", "decide_eval",
-           "decision_id", "evaluate_rule",
-           "judged_artifacts", "legacy_veto_key", "meets", "parse_policy", "release_rules", "required_rules",
-           "served_content", "standing_veto", "under_veto", "veto_key", "with_rules"]
+           "decision_id", "evaluate_rule", "judged_artifacts", "legacy_veto_key", "meets", "parse_policy",
+           "reached_by_veto", "release_rules", "required_rules", "served_content", "standing_veto", "under_veto",
+           "veto_key", "with_rules"]
 
 RELEASE_REGISTERED = "release_registered"
 RELEASE_ARTIFACTS = "release_artifacts"
@@ -274,6 +274,15 @@ def binds_content(decision: GateDecided, kept: GateDecided | None, unreadable: b
         return False
     veto = standing_veto(kept, judged_artifacts(kept.artifacts))
     return veto is not None and any(hint.endswith(veto.hint) for hint in lifted)
+
+
+def reached_by_veto(current: GateDecided, tenant: str, digest: str) -> bool:
+    """Whether a veto of `tenant`'s content `digest` remakes a name's decision `current` under it: one about that
+    content that carries no veto yet. A PASS always does: read with approvals that no longer count, one stands under
+    the veto it lifted, but a PASS of vetoed content must end NEEDS_REVIEW."""
+    if current.tenant != tenant or content_digest(current.artifacts) != digest:
+        return False
+    return current.decision == "PASS" or standing_veto(current, judged_artifacts(current.artifacts)) is None
 
 
 def drift_veto(release: str, report_id: str, reason: str) -> RuleResult:

@@ -46,8 +46,16 @@ class GateHandlers:
         # baseline's, it must verify; and our own key must be trusted before it signs anything (OwnKey).
         self.verifier = Verifier(ctx.bus, ctx.settings)
         self.own = OwnKey(ctx, signer, self.verifier)
-        self.records.siblings = Siblings(ctx, self.own, self.records, self.publish_key).veto
+        self.siblings = Siblings(ctx, self.own, self.records, self.publish_key)
+        self.records.siblings = self.siblings.veto
         self._key_published = False
+
+    async def upgrade_vetoes(self) -> None:
+        """Record the vetoes of before under their content's key (Records.upgrade_vetoes), and put the names of
+        their content under them as a veto recorded now is: they bind relabelled names too, and names gated
+        before them."""
+        for old in await self.records.upgrade_vetoes():
+            await self.siblings.veto(old)
 
     async def publish_key(self) -> None:
         """Put our public key in the KV keyring before any decision it signs can be seen."""

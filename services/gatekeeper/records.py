@@ -53,7 +53,8 @@ class Records:
     def __init__(self, ctx: ServiceContext, salt: str) -> None:
         self.ctx = ctx
         self.salt = salt  # the gatekeeper's secret (Signer.id_salt): no other identity predicts an entry's id
-        # Puts the other names of a content a decision vetoes under its veto (siblings.Siblings.veto; it signs).
+        # Puts the names of a content vetoed now under its veto, after a decision about it was stored
+        # (siblings.Siblings.veto; it signs).
         self.siblings: Callable[[GateDecided], Awaitable[None]] | None = None
 
     async def audit(self, decision: GateDecided, *, action: str, actor: str, key: str,
@@ -91,6 +92,9 @@ class Records:
             # Before its audit rows, and again on each redelivery until it holds: a veto binds its content under
             # any name only once it is recorded there.
             await self.bind_content(decision)
+            # Then the names of a vetoed content, this one's included (a PASS judged while a veto landed on its
+            # content under another name): after this decision was stored, so a veto recorded meanwhile is seen here
+            # or sees this decision in its own pass (siblings.Siblings.veto).
             if self.siblings is not None and action != VETOED_SIBLING:  # the pass that remade it covers the rest
                 await self.siblings(decision)
             await self.audit(decision, action=action, actor=actor, key=key)
@@ -181,23 +185,63 @@ class Records:
 
         A content whose key was never written is read under the key of before (domain.legacy_veto_key, the artifacts'
         labels and every tenant's alike), so a veto recorded before an upgrade still holds; one of another tenant
-        there is none of this tenant's. Its revision is then 0: what is recorded next creates the key."""
+        there is none of this tenant's. One found there is recorded under the content's key as it is read (found
+        under the key of before, it held only for these very labels)."""
         key = domain.veto_key(tenant, artifacts)
         if not key:
             return Stored(None, 0)
-        bucket = self.ctx.bus.subjects.kv_vetoes
-        kept = await self._stored(bucket, key, f"the veto of content {key}",
-                                  lambda d: None if domain.veto_key(d.tenant, d.artifacts) == key else
-                                  "is about other content or another tenant")
+        kept = await self._veto(key)
         legacy = domain.legacy_veto_key(artifacts)
         if kept.revision or not legacy:
             return kept
-        old = await self._stored(bucket, legacy, f"the veto of content {legacy}",
+        old = await self._stored(self.ctx.bus.subjects.kv_vetoes, legacy, f"the veto of content {legacy}",
                                  lambda d: None if domain.legacy_veto_key(d.artifacts) == legacy else
                                  "is about other content")
         if old.decision is not None and old.decision.tenant != tenant:
             return Stored(None, 0)
-        return Stored(old.decision, 0, old.unreadable)
+        if old.decision is None:
+            return Stored(None, 0, old.unreadable)
+        return await self._upgrade(key, old.decision)
+
+    async def upgrade_vetoes(self) -> list[GateDecided]:
+        """Record each veto found under the key of before (domain.legacy_veto_key) under its content's key too, where
+        that holds nothing yet; the vetoes so recorded, now or at an earlier start (their content's key still holds
+        them).
+
+        The key of before hashed the artifacts' labels: read only through a name of those very labels, such a veto
+        bound no relabelled name of the content until one of them was judged. Read here, it binds them all. Its
+        entry stays, for a gatekeeper of before still running beside this one."""
+        out = []
+        for key, raw in (await self.ctx.bus.kv_entries(self.ctx.bus.subjects.kv_vetoes)).items():
+            try:
+                old = decided.decode(raw)
+            except InvalidEvent:
+                continue  # read as a veto through that key only (content), as before
+            if key != domain.legacy_veto_key(old.artifacts):
+                continue  # under its content's key
+            kept = await self.content(old.tenant, old.artifacts)
+            if kept.decision is not None and kept.decision.id == old.id:
+                out.append(old)
+        return out
+
+    async def _veto(self, key: str) -> Stored:
+        """The decision KV vetoes holds under content key `key` (domain.veto_key)."""
+        return await self._stored(self.ctx.bus.subjects.kv_vetoes, key, f"the veto of content {key}",
+                                  lambda d: None if domain.veto_key(d.tenant, d.artifacts) == key else
+                                  "is about other content or another tenant")
+
+    async def _upgrade(self, key: str, old: GateDecided) -> Stored:
+        """Record `old`, a veto found under the key of before, under its content's key `key` (create only: anything
+        recorded there meanwhile is newer), and read that key."""
+        s = self.ctx.bus.subjects
+        try:
+            kv = await self.ctx.bus.kv(s.kv_vetoes)
+            await kv.create(key, encode(old))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass  # recorded meanwhile (another replica's upgrade, or a newer decision): read below
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot record the veto of content {key} in KV {s.kv_vetoes}: {exc!r}") from None
+        return await self._veto(key)
 
     async def consecutive_errors(self, release: str, exclude_run: str) -> int:
         """Errored decisions in a row for the release, from the audit log (via the query service)."""

@@ -13,19 +13,20 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from lockgate.contracts import GateDecided
+from lockgate.contracts import GateDecided, RuleResult
 from lockgate.errors import InvalidEvent
+from lockgate.identity import withdrawn_approvals
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.ownkey import OwnKey
-from lockgate.services.gatekeeper.records import VETOED_SIBLING, Records, decided
+from lockgate.services.gatekeeper.records import VETOED_SIBLING, DecisionRaced, Records, decided
 
 log = logging.getLogger("lockgate.gatekeeper")
 
 
 class Siblings:
-    """Remakes the decisions of the other names of a vetoed content (Records.siblings calls `veto`)."""
+    """Remakes the decisions of the names of a vetoed content (Records.siblings calls `veto`)."""
 
     def __init__(self, ctx: ServiceContext, own: OwnKey, records: Records,
                  publish_key: Callable[[], Awaitable[None]]) -> None:
@@ -34,50 +35,69 @@ class Siblings:
         self.records = records
         self.publish_key = publish_key
 
-    async def veto(self, vetoing: GateDecided) -> None:
-        """If `vetoing` vetoes its content, put every other name's decision about that content in its tenant under
-        the veto.
+    async def veto(self, settled: GateDecided) -> None:
+        """After `settled` was stored for its release (and recorded for its content, Records.bind_content): if its
+        content is vetoed now, put every name of its tenant holding that content under the veto, its own included.
 
-        Idempotent, so a redelivery of `vetoing`'s message finishes a pass cut short: a name under the veto already
-        is left as it is. A BLOCK stays a BLOCK (it gains the veto's rule). Each is stored by compare-and-set over
-        the decision it was made from (DecisionRaced: the message is redelivered and the pass runs again)."""
-        judged = domain.judged_artifacts(vetoing.artifacts)
-        veto = domain.standing_veto(vetoing, judged)
-        if veto is None:
-            return
+        The veto is the content's record (Records.content), read as an eval of the content reads it: a lift by
+        approvals that no longer count (a revoked key, a person gone) lifted nothing, and the veto stands again.
+        Its own name is included for a decision judged while the veto landed: its eval read no veto, and the
+        reject's pass over the content's names listed them before it was stored. Each side writes before it reads
+        (the veto, then the names; the decision, then the veto), so one of them sees the other whatever the order.
+
+        Idempotent, so a redelivery finishes a pass cut short: a name carrying a veto already is left as it is. A
+        BLOCK stays a BLOCK (it gains the veto's rule). Each is stored by compare-and-set over the decision it was
+        made from (DecisionRaced, when it changed to one not under a veto: the message is redelivered and the pass
+        runs again)."""
+        judged = domain.judged_artifacts(settled.artifacts)
         digest = domain.content_digest(judged)
         if not digest:
-            return  # it serves nothing known: no other name holds its content
-        for release in await self._holding(digest, vetoing):
-            stored = await self.records.read(release)
-            current = stored.decision
-            if current is None or current.tenant != vetoing.tenant \
-                    or domain.content_digest(current.artifacts) != digest \
-                    or domain.standing_veto(current, judged) is not None:
-                continue  # changed since the listing, or under a veto already (this one's, a redelivery)
-            out = domain.under_veto(Outcome(current.decision, tuple(current.rules), current.reason,
-                                            current.review_required), veto)
-            decision = (await self.own.require()).sign(msgspec.structs.replace(
-                current,
-                # One id per veto and name, so a redelivery remakes the same decision.
-                id=domain.decision_id(vetoing.id, f"{self.records.salt}:{VETOED_SIBLING}:{release}"),
-                time=datetime.now(UTC), decision=out.decision, rules=list(out.rules), reason=out.reason,
-                review_required=out.review_required, reviewed_by="", approvals=[], approval_keys=[],
-                trace_id=vetoing.trace_id, span_id=""))
-            await self.publish_key()
+            return  # it serves nothing known: no veto binds it, and no other name holds its content
+        kept = await self.records.content(settled.tenant, judged)
+        veto = domain.standing_veto(kept.decision, judged, kept.unreadable,
+                                    withdrawn_approvals(self.ctx.settings, kept.decision))
+        if veto is None:
+            return
+        for release in await self._holding(digest, settled.tenant):
+            await self._remake(release, settled, veto, digest)
+
+    async def _remake(self, release: str, vetoing: GateDecided, veto: RuleResult, digest: str) -> None:
+        """Store `release`'s current decision about content `digest` again under `veto`, unless it carries one."""
+        stored = await self.records.read(release)
+        current = stored.decision
+        if current is None or not domain.reached_by_veto(current, vetoing.tenant, digest):
+            return  # changed since the listing, or under a veto already (this one's, a redelivery)
+        out = domain.under_veto(Outcome(current.decision, tuple(current.rules), current.reason,
+                                        current.review_required), veto)
+        decision = (await self.own.require()).sign(msgspec.structs.replace(
+            current,
+            # One id per deciding decision and name, so a redelivery remakes the same decision.
+            id=domain.decision_id(vetoing.id, f"{self.records.salt}:{VETOED_SIBLING}:{release}"),
+            time=datetime.now(UTC), decision=out.decision, rules=list(out.rules), reason=out.reason,
+            review_required=out.review_required, reviewed_by="", approvals=[], approval_keys=[],
+            trace_id=vetoing.trace_id, span_id=""))
+        await self.publish_key()
+        try:
             await self.records.settle(decision, over=stored.revision, action=VETOED_SIBLING, actor="gatekeeper",
                                       key=f"gate-{VETOED_SIBLING}-{decision.id}")
-            log.warning("release %s holds the content of %s, now vetoed: %s", release, vetoing.release, out.reason)
+        except DecisionRaced:
+            # The other side of a race (the reject's pass over the names, or the name's own decision seeing the
+            # veto) remade it first: nothing left to do. Anything else stored meanwhile is judged on redelivery.
+            now = (await self.records.read(release)).decision
+            if now is not None and domain.reached_by_veto(now, vetoing.tenant, digest):
+                raise
+            return
+        log.warning("release %s holds vetoed content, now under the veto: %s", release, out.reason)
 
-    async def _holding(self, digest: str, vetoing: GateDecided) -> list[str]:
-        """The releases of `vetoing`'s tenant, other than its own, whose current decision judged content `digest`."""
+    async def _holding(self, digest: str, tenant: str) -> list[str]:
+        """The releases of `tenant` whose current decision judged content `digest`."""
         out = []
         for raw in (await self.ctx.bus.kv_entries(self.ctx.bus.subjects.kv_gates)).values():
             try:
                 decision = decided.decode(raw)
             except InvalidEvent:
                 continue  # no decision: an eval of that name is held under it (Records.read), nothing to remake
-            if decision.release != vetoing.release and decision.tenant == vetoing.tenant \
-                    and domain.content_digest(decision.artifacts) == digest:
+            if decision.tenant == tenant and domain.content_digest(decision.artifacts) == digest:
                 out.append(decision.release)
         return sorted(set(out))
+

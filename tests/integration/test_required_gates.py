@@ -25,14 +25,14 @@ from lockgate import artifacts
 from lockgate.bus import Bus, Delivery
 from lockgate.cli.gate import current_decision
 from lockgate.cli.main import cli
-from lockgate.codec import Codec
+from lockgate.codec import Codec, encode
 from lockgate.config import Settings
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview
 from lockgate.errors import ConfigError, NotFound
 from lockgate.identity import sign_review
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain, handlers
-from lockgate.signing import Keyring, Signer, ensure_signer_trusted, trust_file_path, trust_key
+from lockgate.signing import Keyring, Signer, ensure_signer_trusted, revoke_person, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
 from tests.helpers import admin_headers, person, register_model_release, sink_stored, store_pass
@@ -510,6 +510,117 @@ async def test_a_pass_judged_before_a_persons_reject_landed_is_judged_again_unde
     assert "rejected by carol" in held.reason
     state = await canary(stack["router"], "r2")
     assert (state["phase"], state["weight"]) == ("idle", 0.0)
+
+
+async def test_a_pass_of_another_name_stored_as_a_reject_reached_back_ends_under_it(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by code reading (probe fs): r2-clone's eval read no veto of its content (r2's PASS), then carol's reject
+    # of r2 was stored, recorded for the content, and its pass over the content's names listed them before r2-clone's
+    # PASS was stored. The PASS, judged without the veto and stored after the pass, kept its signed PASS.
+    assert (await eval_run(settings, stack["sim"], "r2", files["strict"])).exit_code == 0
+    await artifacts.register_release(bus, "r2-clone", "shop", (await artifacts.release_of(bus, "r2"))["artifacts"])
+    person(settings, "carol", "approver")
+    rejected: list[Result] = []
+    judge = handlers.evaluated_rules
+
+    async def reject_meanwhile(*args: Any) -> Any:  # after r2-clone's eval read the content's veto, before it stores
+        if args[1].release == "r2-clone" and not rejected:
+            rejected.append(await review(settings, "carol", "reject", "r2", "tone regressed: do not ship"))
+        return await judge(*args)
+
+    monkeypatch.setattr(handlers, "evaluated_rules", reject_meanwhile)
+    rerun = await eval_run(settings, stack["sim"], "r2-clone", files["strict"])
+    # The reject was stored and announced (its pass over the names done) before r2-clone's decision was stored.
+    assert rejected and rejected[0].exit_code == 0, rejected and rejected[0].output
+    veto = json.loads(rejected[0].output)
+    assert rerun.exit_code == 5, rerun.output  # held for review: what its run shows is the decision that stands
+    held = await current_decision(bus, "r2-clone")
+    assert held.decision == "NEEDS_REVIEW" and trusted.verify(held) == held.key_id
+    assert held.eval_run == json.loads(rerun.output)["run_id"]
+    assert [(r.rule, r.verdict) for r in held.rules] == [("accuracy", "PASS"), ("latency", "PASS"), ("vetoed", "FAIL")]
+    assert held.reason.startswith(f"release 'r2' was rejected by carol (decision {veto['id']}: "), held.reason
+    state = await canary(stack["router"], "r2-clone")
+    assert (state["phase"], state["weight"]) == ("idle", 0.0)
+
+
+async def test_a_lift_by_an_approval_that_no_longer_counts_reaches_back_as_the_veto_it_lifted(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
+) -> None:
+    # Found by code reading (probe fs): ann's approval of r2-clone lifted carol's veto of the content, and r2-again
+    # was then judged afresh (a clean PASS). Once ann's key is revoked her lift counts for nothing: an eval of any
+    # name of the content is held again. The reach-back read the lift without asking whether its approvals still
+    # count: ann's approval recorded again (its message redelivered, or her revocation landing while it was being
+    # recorded) left r2-again's PASS, which rests on no approval, serving the content carol rejected.
+    await _rejected_by_carol(settings, stack, files)
+    arts = (await artifacts.release_of(bus, "r2"))["artifacts"]
+    await artifacts.register_release(bus, "r2-clone", "shop", arts)
+    assert (await eval_run(settings, stack["sim"], "r2-clone", files["strict"])).exit_code == 5
+    assert (await review(settings, "ann", "approve", "r2-clone", "tone checked again: fine")).exit_code == 0
+    lifted = await current_decision(bus, "r2-clone")
+    await artifacts.register_release(bus, "r2-again", "shop", arts)
+    assert (await eval_run(settings, stack["sim"], "r2-again", files["strict"])).exit_code == 0
+    fresh = await current_decision(bus, "r2-again")
+    assert (lifted.decision, fresh.decision) == ("PASS", "PASS")
+    reviews = [Codec(GateReview).decode(data) async for _, _, data in bus.stored_since(
+        bus.subjects.streams["events"].name, bus.subjects.gate_review("r2-clone"), 0)]
+    (approval,) = [r for r in reviews if r.action == "approve"]
+
+    async def recorded_again() -> None:
+        await stack["gatekeeper"].handlers.on_review(approval, Delivery(
+            subject=bus.subjects.gate_review("r2-clone"), msg_id=approval.id, headers={}, deliveries=2, stream_seq=0))
+
+    await recorded_again()  # while ann's approval counts, it stands: nothing changes
+    assert (await current_decision(bus, "r2-clone"), await current_decision(bus, "r2-again")) == (lifted, fresh)
+
+    revoke_person(trust_file_path(settings), "ann")
+    await recorded_again()
+    for release in ("r2-again", "r2-clone"):
+        held = await current_decision(bus, release)
+        assert held.decision == "NEEDS_REVIEW" and trusted.verify(held) == held.key_id, (release, held.reason)
+        assert held.reason.startswith("the veto on release 'r2-clone' was lifted by approvals that no longer count "
+                                      "(ann"), held.reason
+        assert held.eval_run == {"r2-again": fresh, "r2-clone": lifted}[release].eval_run and held.approvals == []
+    state = await canary(stack["router"], "r2-again")
+    assert (state["phase"], state["weight"]) == ("idle", 0.0)
+
+
+async def test_a_veto_recorded_under_the_content_key_of_before_binds_relabelled_names_once_read(
+    bus: Bus, context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path, settings: Settings,
+    files: dict[str, str], trusted: Keyring
+) -> None:
+    # Found by code reading (probe fs): a veto an older gatekeeper recorded under the key of before (the artifacts'
+    # labels) was found only through a name of those very labels. A name of the same content under another label,
+    # gated before the upgrade, kept its PASS, and one registered after it got a signed PASS, until a name of the
+    # veto's own labels was judged again.
+    await register_model_release(bus, "r1", "good", temperature=0)
+    await store_pass(bus, "r1", settings)
+    arts = await register_model_release(bus, "r2", "good")
+    [(label, config)] = arts.items()
+    gatekeeper = ensure_signer_trusted(settings)
+    veto = gatekeeper.sign(GateDecided(
+        release="r2", decision="BLOCK", rules=[], artifacts=arts, reason="override: rejected by carol: tone regressed",
+        reviewed_by="carol", tenant="default", source="gatekeeper"))
+    kv = await bus.kv(bus.subjects.kv_vetoes)
+    await kv.put(domain.legacy_veto_key(arts), encode(veto))
+    await artifacts.register_release(bus, "r2-before", "shop", {"model_config/r2-config-x": config})
+    await store_pass(bus, "r2-before", settings)  # gated before the veto, by a gatekeeper that did not reach back
+    passed = await current_decision(bus, "r2-before")
+
+    async with gated(context, run_services, tmp_path, {"shop": {"policy": "strict"}}) as stack:
+        why = f"release 'r2' was rejected by carol (decision {veto.id}: override: rejected by carol: tone regressed"
+        reached = await current_decision(bus, "r2-before")
+        assert reached.decision == "NEEDS_REVIEW" and trusted.verify(reached) == reached.key_id
+        assert reached.reason.startswith(why) and reached.eval_run == passed.eval_run, reached.reason
+        assert Codec(GateDecided).decode((await kv.get(domain.veto_key("default", arts))).value).id in {
+            veto.id, reached.id}  # recorded under the content's key
+        await artifacts.register_release(bus, "r2-renamed", "shop", {"model_config/r2-config-y": config})
+        rerun = await eval_run(settings, stack["sim"], "r2-renamed", files["strict"])
+        assert rerun.exit_code == 5, rerun.output
+        held = await current_decision(bus, "r2-renamed")
+        assert held.decision == "NEEDS_REVIEW" and held.reason.startswith(why), held.reason
+        assert label not in held.artifacts
 
 
 async def test_eval_run_names_an_unregistered_release_or_a_bad_name_before_anything_runs(

@@ -210,6 +210,26 @@ def test_an_approval_lifts_the_veto_and_an_approved_pass_binds_nothing() -> None
     assert again is not None and domain.standing_veto(again, ARTS) is not None
 
 
+def test_a_veto_reaching_back_remakes_every_pass_of_its_content_and_leaves_what_carries_a_veto() -> None:
+    # Probe fs: a PASS that lifted a veto by an approval that no longer counts stands under that veto again
+    # (standing_veto), yet it is a PASS: the reach-back must remake it NEEDS_REVIEW, not leave it as "under a veto".
+    digest = domain.content_digest(ARTS)
+    veto = domain.standing_veto(decided("BLOCK", by="carol"), ARTS)
+    held = GateDecided(id="d1", release="v2", decision="NEEDS_REVIEW", rules=[veto], artifacts=ARTS)
+    passed = apply_review(held, review(), "d2", reviewer="bob").decision
+    assert passed is not None and passed.decision == "PASS"
+    assert domain.standing_veto(passed, ARTS, withdrawn={"bob": "bob's key k2 is revoked"}) is not None
+    assert domain.reached_by_veto(passed, "default", digest)
+    assert domain.reached_by_veto(decided("PASS"), "default", digest)
+    assert domain.reached_by_veto(decided("NEEDS_REVIEW"), "default", digest)  # held for another reason: the veto joins
+    assert domain.reached_by_veto(decided("BLOCK"), "default", digest)  # stays a BLOCK, gaining the veto's rule
+    # Left as they are: what carries a veto already (a redelivery), another tenant's, other content.
+    assert not domain.reached_by_veto(held, "default", digest)
+    assert not domain.reached_by_veto(decided("BLOCK", by="carol"), "default", digest)
+    assert not domain.reached_by_veto(decided("PASS"), "acme", digest)
+    assert not domain.reached_by_veto(decided("PASS", arts={**ARTS, "prompt/system": "sha256:b"}), "default", digest)
+
+
 # A veto binds the content, not the name (probe p3): before, the same artifact versions registered under a new name
 # got a fresh PASS over a person's reject.
 
