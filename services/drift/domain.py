@@ -17,14 +17,15 @@ embedded once per batch (text.Embedder) and compared by text.mean_distance_test;
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 
 import numpy as np
 
 from lockgate.contracts import DriftReport, FeatureDrift, InferenceEvent, InferenceScored
 from lockgate.services.drift import stats, text
-from lockgate.services.drift.features import CATEGORICAL, FEATURES, KINDS, TEXTS, Rows, code, rows
+from lockgate.services.drift.features import CATEGORICAL, FEATURES, KINDS, TEXTS, Rows, code, learn, rows
 from lockgate.services.drift.snapshots import Snapshot, restore, snapshot
 from lockgate.services.drift.windows import Pair, Ring, Windows
 
@@ -46,31 +47,35 @@ def deployment_of(event: InferenceEvent | InferenceScored) -> str:
 
 
 # The now-versus-reference windows of the events no router served (an application's own) are kept apart
-# from the served ones under the deployment's name and this suffix ('#' is in no name): an application's
-# events neither sway the served windows, whose reports move traffic, nor hide drift in them.
-UNSERVED = "#app"
+# from the served ones, under the deployment's name, '#' and the application's ('#' is in no name): an
+# application's events neither sway the served windows, whose reports move traffic, nor hide drift in them.
+# They are one application's: another application's events naming the deployment fill a set of their own, so
+# they never count toward, own or evict it (keyed by deployment alone, the set was the app's whose event came last,
+# and another app naming the deployment, counted as its holder, evicted it as its own: the first app's reports
+# stopped, found in review after probe p7).
+UNSERVED = "#"
 # Every window is one tenant's: its events are stored as that tenant's (the subject's tenant, or the API key's),
 # and a tenant may name any deployment (an application's own NATS user names the deployment it likes; an unscoped
 # key reaches every deployment), so the windows are kept per tenant and each report says whose events it compares:
 # another tenant's never fill a deployment's own windows, and the router and the gate judge a release only on
 # reports of its own tenant. A tenant's windows are keyed after '~' (in no name, like '#'); the default tenant's
-# keep the keys they had before tenants were kept apart, so a stack of one tenant restarts into its windows.
+# served ones keep the keys they had before tenants were kept apart, so a stack of one tenant restarts into them.
 DEFAULT_TENANT = "default"
 _TENANT = "~"
 
 
-def window_key(tenant: str, deployment: str, served: bool) -> str:
-    """The key of a tenant's now-versus-reference windows of a deployment, for served or for other events (the
+def window_key(tenant: str, deployment: str, served: bool, app: str = "") -> str:
+    """The key of a tenant's now-versus-reference windows of a deployment: its served ones, or `app`'s own (the
     served key also keys the tenant's canary-versus-stable windows of the deployment)."""
     key = deployment if tenant == DEFAULT_TENANT else f"{deployment}{_TENANT}{tenant}"
-    return key if served else key + UNSERVED
+    return key if served else f"{key}{UNSERVED}{app}"
 
 
-def windows_of(key: str) -> tuple[str, str, bool]:
-    """The (tenant, deployment, served) a windows key is of."""
-    base = key.removesuffix(UNSERVED)
+def windows_of(key: str) -> tuple[str, str, bool, str]:
+    """The (tenant, deployment, served, app) a windows key is of (app: '' for served windows)."""
+    base, unserved, app = key.partition(UNSERVED)
     deployment, sep, tenant = base.partition(_TENANT)
-    return (tenant if sep else DEFAULT_TENANT), deployment, base == key
+    return (tenant if sep else DEFAULT_TENANT), deployment, not unserved, app
 
 
 def restorable(saved: dict[str, float], cap: int) -> tuple[list[str], list[str]]:
@@ -79,11 +84,11 @@ def restorable(saved: dict[str, float], cap: int) -> tuple[list[str], list[str]]
     holds fewer than `cap` (as DriftMonitor keeps them)."""
     held: dict[str, int] = {}
     for key in saved:
-        tenant, _, served = windows_of(key)
+        tenant, _, served, _ = windows_of(key)
         held[tenant] = held.get(tenant, 0) + served
     keep, drop = [], []
     for key in sorted(saved, key=lambda k: (saved[k], k), reverse=True):
-        tenant, _, served = windows_of(key)
+        tenant, _, served, _ = windows_of(key)
         if served or held[tenant] < cap:
             keep.append(key)
             held[tenant] += not served
@@ -150,7 +155,9 @@ class DriftMonitor:
         # keys of evicted windows, and the tenants whose windows were at the cap.
         self.evicted: list[str] = []
         self.capped: set[str] = set()
-        self.labels: dict[float, str] = {}  # category code -> value, to name drifting categories
+        # Per tenant, category code -> value, to name drifting categories (features.LABELS_MAX each, least
+        # recently seen first): one tenant's made-up values never push out another's names.
+        self.labels: dict[str, OrderedDict[float, str]] = {}
         self.text_stride = max(1, self.window_size // TEXT_ROWS)
         self._rows_seen = 0  # rows offered for embedding, to pick every text_stride-th
 
@@ -172,6 +179,14 @@ class DriftMonitor:
             self.pairs[key].new_canary("")
         return ended
 
+    def labels_of(self, tenant: str) -> OrderedDict[float, str]:
+        """The tenant's table of category names."""
+        return self.labels.setdefault(tenant, OrderedDict())
+
+    def learn(self, tenant: str, names: Mapping[float, str]) -> None:
+        """Names of categories the tenant's windows hold (restored ones), as the most recently seen."""
+        learn(self.labels_of(tenant), names)
+
     def vectors(self, batch: Rows) -> np.ndarray | None:
         """(n, 2, dim) embeddings of the batch's prompts and answers (NaN where absent or not sampled)."""
         if self.embedder is None:
@@ -188,15 +203,15 @@ class DriftMonitor:
 
     def observe_events(self, events: Sequence[InferenceEvent | InferenceScored], *,
                        served: bool = True) -> list[DriftReport]:
-        """Group a batch by tenant and deployment and observe each group as a whole, and by variant when `served`
-        (answers a router served: an application's events fill neither a canary's nor its stable's window,
-        and their now-versus-reference windows are their own)."""
-        groups: dict[tuple[str, str], list[InferenceEvent | InferenceScored]] = {}
+        """Group a batch by tenant and deployment (and app, unless `served`) and observe each group as a whole, and
+        by variant when `served` (answers a router served: an application's events fill neither a canary's nor its
+        stable's window, and their now-versus-reference windows are their own app's)."""
+        groups: dict[tuple[str, str, str], list[InferenceEvent | InferenceScored]] = {}
         for e in events:
-            groups.setdefault((e.tenant, deployment_of(e)), []).append(e)
+            groups.setdefault((e.tenant, deployment_of(e), "" if served else e.app), []).append(e)
         reports: list[DriftReport] = []
-        for (tenant, deployment), group in groups.items():
-            batch = rows(group, self.labels)
+        for (tenant, deployment, _), group in groups.items():
+            batch = rows(group, self.labels_of(tenant))
             vectors = self.vectors(batch)
             reports += self.observe(deployment, batch.values, batch.times, app=group[-1].app, tenant=tenant,
                                     vectors=vectors, served=served)
@@ -208,14 +223,14 @@ class DriftMonitor:
                 tenant: str = "default", vectors: np.ndarray | None = None, served: bool = True) -> list[DriftReport]:
         """Append rows to the tenant's windows of the deployment (its served or its other ones); one report per
         `window_size` rows past the reference."""
-        key = window_key(tenant, deployment, served)
+        key = window_key(tenant, deployment, served, app)
         w = self.windows.pop(key, None)  # put back last: the most recently seen
         if w is None:
             if not self._room(tenant, app, served):
                 return []
-            w = Windows(self.reference_size, self.window_size, self.dim, tenant=tenant)
+            w = Windows(self.reference_size, self.window_size, self.dim, app=app, tenant=tenant)
         self.windows[key] = w
-        w.app = app or w.app
+        w.app = app or w.app  # an application's own set is keyed by its app: only served sets' apps change
         if self.dim and not w.text_ref.full:
             w.text_ref.fill(values, times, vectors)
         i = w.ref.fill(values, times, None)
@@ -240,7 +255,8 @@ class DriftMonitor:
         if excess <= 0:
             return True
         self.capped.add(tenant)
-        sets = [(k, self.windows[k].app) for k in mine if k.endswith(UNSERVED)]
+        # Each set's app is the one in its key, whose events alone fill it (not whichever event came last).
+        sets = [(k, windows_of(k)[3]) for k in mine if not windows_of(k)[2]]
         for _ in range(excess):
             key = evictee(sets, self.max_windows, None if served else app)
             if key is None:
@@ -305,7 +321,7 @@ class DriftMonitor:
         if not same_time(ref_times, cur_times):
             return []  # not comparable yet (as a stable window not yet full): due until both cover the same time
         p.due = False
-        features = self.compare(ref_values, cur_values, ref_text, cur_text)
+        features = self.compare(ref_values, cur_values, ref_text, cur_text, tenant=last.tenant)
         return [self._report(deployment, last.app, last.tenant, ref_values, cur_values, cur_times, features,
                              comparison="canary_vs_stable", release=p.canary_release,
                              reference_release=p.stable_release, served=True,
@@ -316,7 +332,7 @@ class DriftMonitor:
         """Compare the current window with the reference, feature by feature."""
         ref_values = w.ref.values[:w.ref.n]
         cur_values, cur_times, cur_text = w.cur.ordered()
-        features = self.compare(ref_values, cur_values, w.text_ref.ordered()[2], cur_text)
+        features = self.compare(ref_values, cur_values, w.text_ref.ordered()[2], cur_text, tenant=w.tenant)
         return self._report(deployment, w.app, w.tenant, ref_values, cur_values, cur_times, features, served=served)
 
     def _report(self, deployment: str, app: str, tenant: str, ref: np.ndarray, cur: np.ndarray, times: np.ndarray,
@@ -330,13 +346,16 @@ class DriftMonitor:
             embedder=self.embedder.name if texts and self.embedder is not None else "", **kw)
 
     def compare(self, ref: np.ndarray, cur: np.ndarray, ref_text: np.ndarray | None = None,
-                cur_text: np.ndarray | None = None) -> list[FeatureDrift]:
-        """Every feature measured in both windows (numeric, categorical, then texts)."""
+                cur_text: np.ndarray | None = None, *, tenant: str = DEFAULT_TENANT) -> list[FeatureDrift]:
+        """Every feature measured in both windows (numeric, categorical, then texts); categories named from the
+        tenant's table."""
         out = []
+        labels = self.labels.get(tenant, {})
         for j, name in enumerate(FEATURES):
             r, c = _present(ref[:, j]), _present(cur[:, j])
             if len(r) and len(c):
-                out.append(self._categorical(name, r, c) if KINDS[name] == "cat" else self._numeric(name, r, c))
+                out.append(self._categorical(name, r, c, labels) if KINDS[name] == "cat"
+                           else self._numeric(name, r, c))
         if self.dim and ref_text is not None and cur_text is not None:
             for t, name in enumerate(TEXTS):
                 f = _text(name, ref_text[:, t], cur_text[:, t])
@@ -361,9 +380,9 @@ class DriftMonitor:
                             reference_mean=float(r.mean()) * scale, current_mean=float(c.mean()) * scale,
                             drifted=t.drifted and psi >= self.psi_threshold, **_test_fields(t))
 
-    def _categorical(self, name: str, r: np.ndarray, c: np.ndarray) -> FeatureDrift:
+    def _categorical(self, name: str, r: np.ndarray, c: np.ndarray, labels: Mapping[float, str]) -> FeatureDrift:
         psi, chi2, p, top, share_ref, share_cur = stats.categorical(r, c)
-        label = self.labels.get(top, f"#{int(top):x}")
+        label = labels.get(top, f"#{int(top):x}")
         t = stats.drift_test(r, c, "cat")
         return FeatureDrift(feature=f"{name}:{label or '(none)'}", psi=psi, ks_stat=chi2, ks_pvalue=p,
                             reference_mean=share_ref, current_mean=share_cur,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +30,14 @@ TOOL_FINISH = frozenset({"tool_calls", "function_call", "tool_use"})
 OUTPUT_MESSAGES = "gen_ai.output.messages"  # every choice as JSON when there is more than text (router)
 _TOOL_PART = '"type":"tool_call"'
 NAN = math.nan
-LABELS_MAX = 4096  # category names kept to name a drifting category (codes are what is stored)
+# Category names a tenant's table keeps to name a drifting category (codes are what is stored), the least recently
+# seen going first. Per tenant: one table of 4,096 for all, kept first come, was filled for good by one tenant's
+# made-up values (any string an event carries: model, status, error type), and every other tenant's reports named
+# their categories by code. A name in use comes back with the next event that carries it.
+LABELS_MAX = 1024
+# Characters of a category's name a table keeps (then '...'): an event's model or status may be any string up to
+# the message's size, and a table of 1,024 such names would hold a gigabyte.
+LABEL_CHARS = 128
 
 
 def code(value: str) -> float:
@@ -58,32 +65,45 @@ def _tool_call(e: InferenceEvent) -> str:
 
 
 def _row(numeric: Sequence[float], scores: Mapping[str, float], cats: Sequence[str | None],
-         labels: dict[float, str] | None) -> list[float]:
+         seen: dict[float, str]) -> list[float]:
     codes = []
     for c in cats:
         if c is None:
             codes.append(NAN)
             continue
         k = code(c)
-        if labels is not None and len(labels) < LABELS_MAX:
-            labels[k] = c
+        seen[k] = c if len(c) <= LABEL_CHARS else c[:LABEL_CHARS] + "..."
         codes.append(k)
     return [*numeric, *(float(scores.get(s, NAN)) for s in SCORES), *codes]
 
 
-def rows(items: Sequence[InferenceEvent | InferenceScored], labels: dict[float, str] | None = None) -> Rows:
-    """One row per event or online score; `labels` learns the names of the category codes."""
+def learn(labels: MutableMapping[float, str], names: Mapping[float, str]) -> None:
+    """Put names into a table as its most recently seen, dropping its least recently seen past LABELS_MAX
+    (an OrderedDict drops each in O(1))."""
+    for k, name in names.items():
+        labels.pop(k, None)
+        labels[k] = name
+    while len(labels) > LABELS_MAX:
+        del labels[next(iter(labels))]
+
+
+def rows(items: Sequence[InferenceEvent | InferenceScored],
+         labels: MutableMapping[float, str] | None = None) -> Rows:
+    """One row per event or online score; `labels` (one tenant's table) learns the names of the category codes."""
     out, prompts, responses = [], [], []
+    seen: dict[float, str] = {}  # the batch's categories, learnt once each
     for e in items:
         if isinstance(e, InferenceScored):
-            out.append(_row((NAN,) * len(NUMERIC), e.scores, (None,) * 4 + (_refusal(e.scores), None), labels))
+            out.append(_row((NAN,) * len(NUMERIC), e.scores, (None,) * 4 + (_refusal(e.scores), None), seen))
             prompts.append(None)
             responses.append(None)
             continue
         cats = (e.finish_reason, e.error_type, e.model, e.status, _refusal(e.scores), _tool_call(e))
-        out.append(_row((e.output_tokens, e.latency_ms, e.input_tokens), e.scores, cats, labels))
+        out.append(_row((e.output_tokens, e.latency_ms, e.input_tokens), e.scores, cats, seen))
         prompts.append(e.prompt)
         responses.append(e.response)
+    if labels is not None:
+        learn(labels, seen)
     values = np.array(out, dtype=np.float64).reshape(len(items), len(FEATURES))
     times = np.array([e.time.timestamp() for e in items], dtype=np.float64)
     return Rows(values, times, prompts, responses)

@@ -78,6 +78,14 @@ class DriftHandlers:
             except msgspec.DecodeError as exc:
                 log.warning("ignoring unreadable drift windows %s: %s", key, exc)
                 continue
+            _, _, served, app = domain.windows_of(snap.deployment)
+            if not served and snap.app != app:
+                # An application's windows saved before they were kept per app (as '<deployment>#app'), the last
+                # app's events in them and maybe another's before: they refill, and their snapshot goes.
+                log.info("dropping drift windows %s saved before windows were kept per application", key)
+                self._stored.add(snap.deployment)
+                self._evicted.add(snap.deployment)
+                continue
             snaps[snap.deployment] = (key, snap)
         # Only what the per-tenant cap holds, the most recently saved first; the rest are evicted for good.
         keep, drop = domain.restorable({w: snap.saved for w, (_, snap) in snaps.items()}, self.monitor.max_windows)
@@ -109,8 +117,7 @@ class DriftHandlers:
         self._stored.add(snap.deployment)
         if pair is not None:
             m.pairs[snap.deployment] = pair
-        for code, name in snapshots.labels(snap).items():
-            m.labels.setdefault(code, name)
+        m.learn(snap.tenant, snapshots.labels(snap))
         embedder = m.embedder.name if m.embedder is not None else ""
         for part in snapshots.TEXT_PARTS if embedder else ():
             if (raw := entries.get(f"{key}.text.{part}")) is None:
@@ -149,7 +156,7 @@ class DriftHandlers:
                     continue
                 key, pair = token(windows), m.pairs.get(windows)
                 name = m.embedder.name if m.embedder is not None else ""
-                values = {key: msgspec.json.encode(snapshots.snapshot(windows, w, pair, m.labels, saved))}
+                values = {key: msgspec.json.encode(snapshots.snapshot(windows, w, pair, m.labels.get(w.tenant), saved))}
                 values |= {f"{key}.text.{part}": msgspec.json.encode(ring)
                            for part, ring in snapshots.text_rings(w, pair, name).items()}
                 for k, value in values.items():
@@ -205,7 +212,7 @@ class DriftHandlers:
             self._seen[token] = None
             if len(self._seen) > _SEEN_MAX:
                 self._seen.popitem(last=False)
-            self._dirty |= {domain.window_key(e.tenant, domain.deployment_of(e), served) for e in events}
+            self._dirty |= {domain.window_key(e.tenant, domain.deployment_of(e), served, e.app) for e in events}
             await self.events.bump(len(events))
         # One emitter at a time: the inference and scores consumers run concurrently, and two loops over the
         # same list published a report twice and popped the next one unpublished (then from an empty list).
@@ -237,9 +244,9 @@ class DriftHandlers:
             self._dirty |= self.monitor.end_rollout(state.deployment)
             return
         async with self._saving:  # a save in flight must not put the old windows back after the delete
-            # Every tenant's windows of the deployment, and the default tenant's keys whatever this replica holds.
+            # Every tenant's windows of the deployment, and the default tenant's served key whatever this replica holds.
             keys = self.monitor.keys_of(state.deployment) | {domain.window_key(domain.DEFAULT_TENANT, state.deployment,
-                                                                               served) for served in (True, False)}
+                                                                               True)}
             self.monitor.reset(state.deployment)
             kv = await self.ctx.bus.kv(self.ctx.bus.subjects.kv_drift)
             for windows in sorted(keys):

@@ -10,6 +10,7 @@ of another embedder, restore nothing of themselves: those windows refill from li
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import msgspec
 import numpy as np
@@ -94,7 +95,7 @@ def _rows(state: RingState) -> tuple[np.ndarray, np.ndarray]:
     return values, times
 
 
-def snapshot(deployment: str, w: Windows, pair: Pair | None = None, labels: dict[float, str] | None = None,
+def snapshot(deployment: str, w: Windows, pair: Pair | None = None, labels: Mapping[float, str] | None = None,
              saved: float = 0.0) -> Snapshot:
     """The windows (and the rollout's, if any) in a form that survives a restart, saved at `saved`."""
     cur_values, cur_times, _ = w.cur.ordered()

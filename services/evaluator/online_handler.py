@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import aiohttp
@@ -50,16 +51,19 @@ log = logging.getLogger("lockgate.evaluator")
 CONFIG_TTL_S = 10.0  # an applied change of a deployment's online_eval takes effect within this
 QUEUE = 256  # judge jobs waiting per deployment; beyond, an answer is not judged (counted in judge_skipped)
 WORKERS = 4  # per deployment: a slow or rate-limited judge of one deployment holds none of another's
+# Plans kept at most, the least recently used going first: an application's events may name any deployment, and
+# each made-up name kept its plan for good. A deployment whose plan went reads it again (one KV get) at its next event.
+PLANS_MAX = 256
 _entry = msgspec.json.Decoder(StateEntry)
 
 
 class Plans:
-    """Deployment -> online.Plan, read from the applied state and kept CONFIG_TTL_S seconds."""
+    """Deployment -> online.Plan, read from the applied state and kept CONFIG_TTL_S seconds (PLANS_MAX at most)."""
 
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
         self.default = online.plan(None, ctx.settings.online_eval_sample, ctx.settings.online_eval_scorers)
-        self._cache: dict[str, tuple[float, online.Plan]] = {}
+        self._cache: OrderedDict[str, tuple[float, online.Plan]] = OrderedDict()  # least recently used first
 
     async def _spec(self, deployment: str) -> OnlineEvalSpec | None:
         bus = self.ctx.bus
@@ -78,6 +82,7 @@ class Plans:
         now = time.monotonic()
         hit = self._cache.get(deployment)
         if hit is not None and now - hit[0] < CONFIG_TTL_S:
+            self._cache.move_to_end(deployment)
             return hit[1]
         try:
             plan = online.plan(await self._spec(deployment), self.default.default_rate,
@@ -86,6 +91,9 @@ class Plans:
             log.warning("%s; scoring it with the global online evaluation settings", exc.message)
             plan = self.default
         self._cache[deployment] = (now, plan)
+        self._cache.move_to_end(deployment)
+        while len(self._cache) > PLANS_MAX:
+            self._cache.popitem(last=False)
         return plan
 
 

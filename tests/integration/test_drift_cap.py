@@ -10,7 +10,12 @@ restored at the next start: 100 events = +405 MB, 5,000 took the embedded stack 
 
 Probe p7: the cap evicted the tenant's least recently seen application windows whichever app they were: app aapp,
 naming fresh made-up deployments between app vapp's batches, evicted vapp's windows each time, so vapp never had a
-drift report."""
+drift report.
+
+Review after p7: an application's window set of a deployment was keyed by the deployment alone and held by the app
+whose event came last, so aapp, sending one event naming vapp's deployment before its made-up names, was counted as
+the set's holder and evicted it as its own (and its events filled vapp's windows). Now each app's events fill a set
+of their own."""
 
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import msgspec
 import pytest
 from click.testing import CliRunner
 
@@ -28,7 +34,9 @@ from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import DriftReport, InferenceEvent
 from lockgate.server.runtime import Runtime
+from lockgate.services.drift import snapshots
 from lockgate.services.drift.domain import window_key, windows_of
+from lockgate.services.drift.windows import Windows
 from lockgate.subjects import token
 
 pytestmark = pytest.mark.timeout(120)
@@ -68,9 +76,14 @@ async def _send(runtime: Runtime, secret: dict[str, str], names: list[str], app:
 
 
 def _acme(runtime: Runtime) -> dict[str, bool]:
-    """acme's window sets in the monitor: deployment -> served."""
+    """acme's window sets in the monitor (of app shop's events, or served): deployment -> served."""
     m = runtime.services["drift"].handlers.monitor
     return {windows_of(k)[1]: windows_of(k)[2] for k, w in m.windows.items() if w.tenant == "acme"}
+
+
+def _key(deployment: str, served: bool) -> str:
+    """The KV key of acme's served windows of a deployment, or of app shop's own."""
+    return token(window_key("acme", deployment, served, "shop"))
 
 
 async def _saved(runtime: Runtime) -> set[str]:
@@ -94,7 +107,7 @@ async def test_made_up_deployments_beyond_the_cap_leave_the_monitor_at_the_cap_a
         await _send(first, secret, [f"junk-a{i}" for i in range(4)])
         await drift.events.wait_for(14, 30)
         await drift.save()
-        assert await _saved(first) == {token(window_key("acme", d, s)) for d, s in _acme(first).items()}
+        assert await _saved(first) == {_key(d, s) for d, s in _acme(first).items()}
         names = [f"junk-b{i}" for i in range(40)]
         await _send(first, secret, names)
         await drift.events.wait_for(54, 30)
@@ -108,7 +121,7 @@ async def test_made_up_deployments_beyond_the_cap_leave_the_monitor_at_the_cap_a
         assert drift.evictions.count == 40 + 4 - (CAP - 1)
         # The evicted windows' snapshots are deleted: KV holds what the monitor holds.
         await drift.save()
-        assert await _saved(first) == {token(window_key("acme", d, s)) for d, s in _acme(first).items()}
+        assert await _saved(first) == {_key(d, s) for d, s in _acme(first).items()}
     finally:
         await first.stop()
 
@@ -125,7 +138,7 @@ async def test_made_up_deployments_beyond_the_cap_leave_the_monitor_at_the_cap_a
         assert set(held) <= set(names[-(CAP - 1):])
         assert second.services["drift"].handlers.monitor.windows[window_key("acme", "chat", True)].ref.n == 11
         await drift.save()
-        assert await _saved(second) == {token(window_key("acme", d, s)) for d, s in _acme(second).items()}
+        assert await _saved(second) == {_key(d, s) for d, s in _acme(second).items()}
     finally:
         await second.stop()
 
@@ -152,7 +165,7 @@ async def test_an_app_naming_made_up_deployments_churns_its_own_windows_and_anot
             await drift.events.wait_for(sent, 30)
             # vapp's one set is within its share (CAP over 2 apps): aapp's new names evicted only aapp's sets.
             # (Before: vapp's set was the least recently seen, evicted after aapp's fifth name, every round.)
-            assert window_key("acme", "vdep", False) in monitor.windows
+            assert window_key("acme", "vdep", False, "vapp") in monitor.windows
             assert sorted({w.app for w in monitor.windows.values()}) == ["aapp", "vapp"]
 
         # vapp's report came: its reference against its window, vapp's events only.
@@ -164,5 +177,65 @@ async def test_an_app_naming_made_up_deployments_churns_its_own_windows_and_anot
         assert len(held) == CAP and "vdep" in held
         assert sorted(d for d in held if d != "vdep") == sorted(f"junk-3-{i}" for i in range(CAP + 1, 2 * CAP))
         assert drift.evictions.count == 4 * 2 * CAP - (CAP - 1)
+    finally:
+        await runtime.stop()
+
+
+async def test_an_app_naming_another_apps_deployment_never_claims_or_evicts_its_windows_and_its_reports_keep_coming(
+        settings: Settings) -> None:
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0", drift_max_windows=CAP), services=SERVICES)
+    await runtime.start()
+    try:
+        drift, bus, s = runtime.services["drift"].handlers, runtime.ctx.bus, runtime.settings
+        reports = await bus.nc.subscribe(bus.subjects.drift("vdep"))
+        victim, attacker = await _credential(runtime, "vapp"), await _credential(runtime, "aapp")
+        monitor = drift.monitor
+
+        def vapps() -> list[str]:
+            """The application window sets of vdep that are vapp's (their events vapp's)."""
+            return [k for k, w in monitor.windows.items() if windows_of(k)[1] == "vdep" and not windows_of(k)[2]
+                    and w.app == "vapp"]
+
+        # vapp's batches to its deployment; between them aapp, with its own NATS user, names vapp's deployment once
+        # (before: the set became aapp's) and then twice the cap of fresh made-up deployments (before: aapp, holding
+        # the most, evicted the claimed set as its own, each round).
+        batch, sent, rounds = 25, 0, 2 * (s.drift_reference_size + s.drift_window_size) // 25
+        for rnd in range(rounds):
+            await _send(runtime, victim, ["vdep"] * batch, app="vapp")
+            sent += batch
+            await drift.events.wait_for(sent, 30)
+            await _send(runtime, attacker, ["vdep", *(f"junk-{rnd}-{i}" for i in range(2 * CAP))], app="aapp")
+            sent += 1 + 2 * CAP
+            await drift.events.wait_for(sent, 30)
+            assert len(vapps()) == 1  # never claimed, never evicted
+
+        # vapp's reports keep coming, each of vapp's events alone: its reference, then every window of 50 after it.
+        want = (rounds * batch - s.drift_reference_size) // s.drift_window_size
+        got = [_reports.decode((await reports.next_msg(timeout=30)).data) for _ in range(want)]
+        assert [(r.app, r.tenant, r.served, r.reference_n, r.current_n) for r in got] == [
+            ("vapp", "acme", False, s.drift_reference_size, s.drift_window_size)] * want
+        await reports.unsubscribe()
+        assert monitor.windows[vapps()[0]].since_report == 0  # no event past vapp's last window: none of aapp's
+    finally:
+        await runtime.stop()
+
+
+async def test_an_applications_windows_saved_before_they_were_kept_per_app_refill_and_their_snapshot_goes(
+        settings: Settings) -> None:
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0", drift_max_windows=CAP), services=SERVICES)
+    await runtime.start()
+    try:
+        drift, bus = runtime.services["drift"].handlers, runtime.ctx.bus
+        kv = await bus.kv(bus.subjects.kv_drift)
+        # As saved before: `<deployment>~<tenant>#app`, last filled by shop's events (maybe another app's before).
+        legacy, own = "chat~acme#app", window_key("acme", "chat", False, "app")
+        assert legacy == own  # the old key reads as an app named `app`: its snapshot's app tells them apart
+        old = Windows(50, 50, app="shop", tenant="acme")
+        await kv.put(token(legacy), msgspec.json.encode(snapshots.snapshot(legacy, old, saved=1.0)))
+        await bus.publish(bus.subjects.served("shop", "acme"), _served(1))  # any event: the monitor restores first
+        await drift.events.wait_for(1, 30)
+        assert legacy not in drift.monitor.windows
+        await drift.save()
+        assert await _saved(runtime) == {token(window_key("acme", "chat", True))}
     finally:
         await runtime.stop()

@@ -245,7 +245,7 @@ async def test_each_tenants_windows_survive_a_restart_and_windows_saved_mixed_re
     await bus.publish(bus.subjects.served("shop"), _events(50, output=100, seed=3))
     handlers = first["drift"].handlers
     await handlers.events.wait_for(100)
-    assert set(handlers.monitor.windows) == {"checkout", "checkout~acme#app"}
+    assert set(handlers.monitor.windows) == {"checkout", "checkout~acme#shop"}
     await first.stop()
     await bus.stop_consumers()
 

@@ -187,5 +187,5 @@ async def test_an_app_named_router_is_an_application_like_any_other(
     await bus.publish(bus.subjects.inference("router"), events)
     await drift.events.wait_for(5, 15)
     await sink.events.wait_for(5, 15)
-    assert set(drift.monitor.windows) == {"chat#app"} and "chat" not in drift.monitor.pairs
+    assert set(drift.monitor.windows) == {"chat#router"} and "chat" not in drift.monitor.pairs
     assert context.store.rows("SELECT DISTINCT served FROM inference_events") == [{"served": False}]

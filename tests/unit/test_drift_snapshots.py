@@ -38,13 +38,13 @@ def _save_and_restore(live: DriftMonitor) -> DriftMonitor:
     """What the drift service does across a restart: encode, decode, restore into a fresh monitor."""
     fresh = _monitor()
     w, pair = live.windows["d"], live.pairs.get("d")
-    snap = msgspec.json.decode(msgspec.json.encode(snapshots.snapshot("d", w, pair, live.labels)),
+    snap = msgspec.json.decode(msgspec.json.encode(snapshots.snapshot("d", w, pair, live.labels_of("default"))),
                                type=snapshots.Snapshot)
     fresh.windows["d"] = restored = snapshots.restore(snap, 40, 40, fresh.dim)
     restored_pair = snapshots.restore_pair(snap, 40, fresh.dim)
     if restored_pair is not None:
         fresh.pairs["d"] = restored_pair
-    fresh.labels.update(snapshots.labels(snap))
+    fresh.learn("default", snapshots.labels(snap))
     for part, ring in snapshots.text_rings(w, pair, text.HASHING.name).items():
         ring = msgspec.json.decode(msgspec.json.encode(ring), type=snapshots.TextRing)
         assert snapshots.restore_text(part, ring, restored, restored_pair, text.HASHING.name)
@@ -86,7 +86,7 @@ def test_unreadable_or_foreign_snapshots_restore_nothing_of_themselves() -> None
     live = _monitor()
     live.observe_events(_events(40, "stable") + _events(10, "canary", start=40))
     w, pair = live.windows["d"], live.pairs["d"]
-    snap = snapshots.snapshot("d", w, pair, live.labels)
+    snap = snapshots.snapshot("d", w, pair, live.labels_of("default"))
     assert snap.pair is not None
     torn = msgspec.structs.replace(snap, pair=msgspec.structs.replace(
         snap.pair, canary=snapshots.RingState(values=b"\x00" * 12, times=b"")))

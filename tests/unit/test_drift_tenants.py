@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 
 from lockgate.contracts import InferenceEvent
 from lockgate.services.drift.domain import DriftMonitor, window_key, windows_of
+from lockgate.services.drift.features import LABEL_CHARS, LABELS_MAX, code
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -25,12 +27,15 @@ def _events(n: int, tenant: str, *, tokens: int, variant: str = "stable", start:
             for i in range(n)]
 
 
-def test_windows_keys_name_tenant_deployment_and_events_and_the_default_tenant_keeps_its_keys() -> None:
-    assert (window_key("default", "d", True), window_key("default", "d", False)) == ("d", "d#app")
+def test_windows_keys_name_tenant_deployment_events_and_app_and_the_default_tenant_keeps_its_served_keys() -> None:
+    assert (window_key("default", "d", True), window_key("default", "d", False, "shop")) == ("d", "d#shop")
     for tenant in ("default", "acme", "app", "a.b@c/d"):
         for served in (True, False):
-            assert windows_of(window_key(tenant, "mix-a", served)) == (tenant, "mix-a", served)
-    assert window_key("app", "d", True) != window_key("default", "d", False)  # a tenant named `app` is its own
+            for app in ("shop", "app", "x.y@z/w:1"):
+                want = (tenant, "mix-a", served, "" if served else app)
+                assert windows_of(window_key(tenant, "mix-a", served, app)) == want
+    assert window_key("app", "d", True) != window_key("default", "d", False, "app")  # a tenant named `app` is its own
+    assert window_key("acme", "d", False, "a") != window_key("acme", "d", False, "b")
 
 
 @pytest.mark.parametrize("served", [True, False])
@@ -62,3 +67,31 @@ def test_a_rollouts_canary_and_stable_windows_are_one_tenants() -> None:
     m.observe_events(_events(40, "other", tokens=2), served=False)
     m.reset("d")
     assert m.windows == {} and m.pairs == {}
+
+
+def test_each_tenant_names_its_categories_from_a_bounded_table_of_its_own() -> None:
+    """One table of category names for every tenant, kept first come: bravo's events with made-up model names filled
+    it, and acme's reports named their drifting category by its code (`finish_reason:#...`). Now each tenant has its
+    own table of at most LABELS_MAX names, the least recently seen going first."""
+    m = DriftMonitor(reference_size=40, window_size=40, psi_threshold=0.2)
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    flood = [InferenceEvent(app="support", tenant="bravo", deployment="b", model=f"made-up-{i}", time=t0)
+             for i in range(LABELS_MAX + 10)]
+    m.observe_events(flood, served=False)
+    assert len(m.labels_of("bravo")) == LABELS_MAX  # bounded: the least recently seen went
+    assert "made-up-0" not in m.labels_of("bravo").values() and f"made-up-{LABELS_MAX + 9}" in m.labels_of(
+        "bravo").values()
+    m.observe_events(_events(40, "acme", tokens=2))
+    ended = [msgspec.structs.replace(e, finish_reason="length") for e in _events(40, "acme", tokens=2, start=40)]
+    (report,) = m.observe_events(ended)
+    assert (report.tenant, report.drifted) == ("acme", True)
+    assert "finish_reason:length" in {f.feature for f in report.features if f.drifted}
+    assert len(m.labels_of("acme")) <= LABELS_MAX
+
+
+def test_a_category_name_is_kept_to_label_chars() -> None:
+    m = DriftMonitor(reference_size=40, window_size=40, psi_threshold=0.2)
+    long = "m" * 100_000
+    m.observe_events([InferenceEvent(app="support", tenant="acme", deployment="d", model=long,
+                                     time=datetime(2025, 1, 1, tzinfo=UTC))])
+    assert m.labels_of("acme")[code(long)] == "m" * LABEL_CHARS + "..."

@@ -5,16 +5,18 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import msgspec
 import pytest
 
+from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import ConfigError
 from lockgate.gitops.documents import GitopsError, load_folder
 from lockgate.gitops.resolve import resolve
 from lockgate.onlineeval import OnlineEvalSpec
-from lockgate.services.evaluator import online
+from lockgate.services.evaluator import online, online_handler
 from lockgate.services.router.analysis import AnalysisSpec, MetricSpec, VariantSample, describe, measure
 
 pytestmark = pytest.mark.timeout(30)
@@ -213,3 +215,25 @@ def test_a_bad_online_eval_is_refused_at_plan_time_naming_file_and_path(tmp_path
     with pytest.raises(GitopsError, match=r"chat.yaml is invalid: scorer regex needs params.pattern - at "
                                           r"`\$.online_eval.scorers\[0\]`"):
         load_folder(_folder(tmp_path, "online_eval:\n  scorers: [{name: regex}]\n"))
+
+
+async def test_the_evaluators_plans_are_bounded_least_recently_used_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An application's events may name any deployment: each made-up name kept its plan in the evaluator for good.
+    Now at most PLANS_MAX plans are kept; a deployment in use keeps its plan, and one whose plan went reads it again."""
+    plans = online_handler.Plans(SimpleNamespace(settings=Settings()))  # type: ignore[arg-type]
+    reads: list[str] = []
+
+    async def spec(deployment: str) -> OnlineEvalSpec | None:  # the deployment's applied document, from KV
+        reads.append(deployment)
+        return OnlineEvalSpec(sample={"stable": 1.0}) if deployment == "chat" else None
+
+    monkeypatch.setattr(plans, "_spec", spec)
+    chat = await plans.get("chat")
+    for i in range(3 * online_handler.PLANS_MAX):
+        await plans.get(f"made-up-{i}")
+        if i % 50 == 0:
+            assert await plans.get("chat") is chat  # in use: kept (one read in all)
+    assert len(plans._cache) == online_handler.PLANS_MAX and reads.count("chat") == 1
+    assert "made-up-0" not in plans._cache
+    await plans.get("made-up-0")  # its plan went: read again
+    assert reads.count("made-up-0") == 2
