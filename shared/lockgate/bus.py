@@ -33,6 +33,7 @@ from lockgate.errors import (
     BusUnreachable,
     InvalidEvent,
     LockgateError,
+    NotFound,
     OriginalAltered,
     PayloadTooLarge,
     Retryable,
@@ -651,10 +652,21 @@ class Bus:
 
     async def original(self, name: str) -> bytes | None:
         """The whole original of a cut dead letter (`DeadLetter.original`), or None once it expired; OriginalAltered
-        if the bucket holds other bytes than its name's sha256 says (every service may write there).
-
-        Read by message gets, as `stored_since` reads a stream: the viewer role may create no consumer."""
+        if the bucket holds other bytes than its name's sha256 says (every service may write there)."""
         bucket = self.subjects.object_dead_letters
+        data = await self.object_bytes(bucket, name, OriginalAltered, f"dead-letter original {name}")
+        if data is not None and hashlib.sha256(data).hexdigest() != name.rpartition(".")[2]:
+            raise OriginalAltered(f"dead-letter original {name} is altered: the bucket holds {len(data):,} bytes "
+                                  "under its name that are not the ones its sha256 names; they are not shown")
+        return data
+
+    async def object_bytes(self, bucket: str, name: str, altered: type[NotFound], what: str) -> bytes | None:
+        """The bytes object bucket `bucket` holds under `name`, or None: no such object, deleted, or its first chunks
+        expired already (written before the metadata). `altered(...)` naming `what` if its metadata is unreadable;
+        the caller checks the bytes against what it expects.
+
+        Read by message gets, as `stored_since` reads a stream: the CLI's roles may create no consumer (an object
+        store's own `get` reads through one), and nothing is left on the server."""
         stream = f"OBJ_{bucket}"
         meta_subject = f"$O.{bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
         try:
@@ -663,25 +675,21 @@ class Bus:
         except nats.js.errors.NotFoundError:
             return None
         except (nats.errors.Error, TimeoutError) as exc:
-            raise BusUnavailable(f"cannot read dead-letter original {name}: {exc!r}") from None
+            raise BusUnavailable(f"cannot read {what}: {exc!r}") from None
         try:
             info = json.loads(meta.data or b"{}")
             chunk_subject, chunks = f"$O.{bucket}.C.{info['nuid']}", int(info.get("chunks") or 0)
         except (ValueError, KeyError, TypeError):
-            raise OriginalAltered(f"dead-letter original {name} has unreadable metadata (altered in bucket "
-                                  f"{bucket})") from None
+            raise altered(f"{what} has unreadable metadata (altered in bucket {bucket})") from None
         if info.get("deleted"):
             return None
         data, seq = bytearray(), 1
         for _ in range(chunks):
             chunk = await self._next_stored(stream, chunk_subject, seq)
-            if chunk is None:  # its first chunks expired already (written before the metadata)
+            if chunk is None:
                 return None
             data += chunk.data or b""
             seq = chunk.seq + 1
-        if hashlib.sha256(data).hexdigest() != name.rpartition(".")[2]:
-            raise OriginalAltered(f"dead-letter original {name} is altered: the bucket holds {len(data):,} bytes "
-                                  "under its name that are not the ones its sha256 names; they are not shown")
         return bytes(data)
 
     async def stored(self, stream: str, seq: int) -> tuple[str, bytes] | None:

@@ -129,3 +129,26 @@ async def test_json_errors_and_exit_codes_a_script_reads(stack: Runtime, tmp_pat
         assert "refused" in one_line(refused)
     planned = await lockgate(stack, "plan", str(FIXTURE), "--json", **stranger)
     assert planned.exit_code == 1 and json.loads(planned.stdout)["exit_code"] == 1, planned.output
+
+
+async def test_eval_run_as_the_operator_refuses_an_endpoint_other_than_the_release_ships(stack: Runtime,
+                                                                                         tmp_path: Path) -> None:
+    # Before (probe p10, F11): the check read the release's model config through an object store consumer, which the
+    # operator role may not create; it timed out, took that as "nothing to check", and requested the run: a
+    # mistyped --endpoint became a failed eval and a signed BLOCK of the (serving) release.
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": "good", "endpoint": "default"}))
+    made = await lockgate(stack, "--role", "operator", "artifact", "register", "model_config", str(config), "--json")
+    assert made.exit_code == 0, made.output
+    digest = json.loads(made.stdout)[0]["hash"]
+    bound = await lockgate(stack, "--role", "operator", "release", "create", "r1", "--app", "a", "--artifact",
+                           f"model_config/config={digest}")
+    assert bound.exit_code == 0, bound.output
+    suites = Path(__file__).resolve().parents[1] / "fixtures"
+    wrong = await lockgate(stack, "--role", "operator", "eval", "run", str(suites / "suites" / "qa.yaml"),
+                           "--candidate", "r1", "--endpoint", "http://127.0.0.1:1/v1", "--policy",
+                           str(suites / "policies" / "default.yaml"), "--timeout", "20")
+    assert wrong.exit_code == 2, wrong.output
+    assert one_line(wrong) == (f"error: release 'r1' ships model 'good' at endpoint 'default' ({digest}), but the eval "
+                               "asks for endpoint 'http://127.0.0.1:1/v1': the gate judges what ships; omit the "
+                               "endpoint or give 'default'\n")
