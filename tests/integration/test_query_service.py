@@ -210,3 +210,24 @@ async def test_without_a_query_service_a_read_is_retryable(bus: Bus) -> None:
     with pytest.raises(NoQueryService) as err:
         await ask(bus, "decisions")
     assert isinstance(err.value, QueryUnavailable) and isinstance(err.value, Retryable)
+
+
+async def test_values_a_sender_chose_are_shown_as_data_never_as_markup_or_terminal_control(
+    run_services: Callable[..., Any], settings: Settings
+) -> None:
+    # Before (probe p10, F1 and F2): a `[/]` in a stored value (a span or service name, a model, a dead letter) ended
+    # every operator's table in a rich MarkupError traceback, exit 1; `[conceal]` hid what followed; and ESC
+    # sequences reached the terminal raw (erasing and redrawing the cells that say whose a span is).
+    await run_services("query")
+    shown = await asyncio.to_thread(_cli, settings, "sql", "SELECT 'checkout[/] (otlp)' AS svc, "
+                                    "concat('a', char(27), '[2Kb[conceal]c') AS name")
+    assert "checkout[/] (otlp)" in shown and "a\\x1b[2Kb[conceal]c" in shown, shown
+    assert "\x1b" not in shown
+    # An error line is data too: the name asked for is shown as it was given.
+    from lockgate.cli.main import cli
+
+    missing = await asyncio.to_thread(CliRunner().invoke, cli, ["lineage", "[/x]"], env={
+        "LOCKGATE_NATS_URL": settings.nats_url, "LOCKGATE_PREFIX": settings.prefix,
+        "LOCKGATE_DATABASE": settings.database, "LOCKGATE_CLICKHOUSE_URL": settings.clickhouse_url})
+    assert missing.exit_code != 0 and "Traceback" not in missing.output, missing.output
+    assert len(missing.stderr.splitlines()) == 1 and "[/x]" in missing.stderr, missing.stderr

@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.text import Text
 
 from lockgate.cli.access import chosen_role, with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, err_console, table
 
-_MARK = {"add": "[green]+ add[/green]", "change": "[yellow]~ change[/yellow]", "unchanged": "[dim]= unchanged[/dim]",
-         "remove": "[red]- remove[/red]", "orphan": "[dim]? not in folder[/dim]"}
+_MARK = {"add": Text("+ add", "green"), "change": Text("~ change", "yellow"), "unchanged": Text("= unchanged", "dim"),
+         "remove": Text("- remove", "red"), "orphan": Text("? not in folder", "dim")}
+_DRIFT = Text("~ drift", "yellow")
 
 
 def _ci_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -30,7 +32,7 @@ def _short(digest: str) -> str:
     return digest.removeprefix("sha256:")[:12]
 
 
-def _rows(plan: Any) -> list[dict[str, str]]:
+def _rows(plan: Any) -> list[dict[str, str | Text]]:
     rows = []
     for s in plan.steps:
         if s.drift:  # moved outside Git: apply points it back at the folder's release
@@ -42,7 +44,7 @@ def _rows(plan: Any) -> list[dict[str, str]]:
         else:
             what = _short(s.digest or s.previous)
             release = s.release or s.previous_release
-        rows.append({"action": "[yellow]~ drift[/yellow]" if s.drift else _MARK[s.action], "kind": s.kind, "name": s.name, "release": release,
+        rows.append({"action": _DRIFT if s.drift else _MARK[s.action], "kind": s.kind, "name": s.name, "release": release,
                      "content": what, "file": s.source, "applied at commit": (s.commit[:10] + (" (dirty)" if s.dirty
                                                                                               else "")) if s.commit
                      else ("(no commit)" if s.action in ("unchanged", "orphan", "remove") else "")})

@@ -15,9 +15,10 @@ from typing import Any, NoReturn
 
 import click
 import nats.errors
+from rich.text import Text
 
 from lockgate.cli import access, running
-from lockgate.cli.render import err_console, output
+from lockgate.cli.render import err_console, output, shown
 from lockgate.config import Settings, from_env
 from lockgate.errors import LockgateError
 from lockgate.permissions import ROLES
@@ -55,7 +56,7 @@ def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
     """End the command: one line on stderr (and with `as_json` the same on stdout, as JSON), then exit `code`."""
     if as_json:
         sys.stdout.write(json.dumps({"error": message, "exit_code": code}) + "\n")
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    err_console.print(Text.assemble(("error:", "red"), " ", shown(message)), highlight=False, soft_wrap=True)
     sys.exit(code)
 
 

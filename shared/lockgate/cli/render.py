@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from lockgate.codec import to_json
 from lockgate.errors import LockgateError
@@ -25,6 +27,18 @@ def say_with(exc: BaseException, said: str) -> None:
         exc.message = f"{exc.message}; {said}"
     else:
         err_console.print(f"[yellow]note:[/yellow] {said}", highlight=False, soft_wrap=True)
+
+
+# Control characters other than tab and newline (C0, DEL, C1): a value a sender chose (a span or service name, a
+# model, a dead letter's payload) written raw could move the cursor, erase or conceal cells and retitle the terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def shown(text: str, style: str = "") -> Text:
+    """`text` as data for the terminal: never read as rich markup (`[/]` in a span name ended every operator's
+    `lockgate traces` in a MarkupError traceback, `[conceal]` hid what followed), control characters escaped
+    (`\\x1b`) (probe p10)."""
+    return Text(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text), style=style)
 
 
 def _cell(value: Any) -> str:
@@ -55,7 +69,8 @@ def table(rows: Sequence[dict[str, Any]], *, title: str | None = None, columns: 
     for c in cols:
         t.add_column(c, overflow="fold", justify="right" if isinstance(rows[0].get(c), int | float) else "left")
     for r in rows:
-        t.add_row(*(_cell(r.get(c)) for c in cols))
+        # A Text is the command's own styling (a plan's `+ add`); every other value is data.
+        t.add_row(*(v if isinstance(v := r.get(c), Text) else shown(_cell(v)) for c in cols))
     console.print(t)
 
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
+from rich.text import Text
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
@@ -74,7 +75,7 @@ async def _rerun(bus: Bus, run_id: str, endpoint: str, model: str, timeout_s: fl
 def _print(result: dict[str, Any]) -> None:
     rows = [{"metric": m["metric"], "stored": _fmt(m["stored"]), "stored 95% CI": _ci(m["stored_low"], m["stored_high"]),
              "rerun": _fmt(m["rerun"]), "rerun 95% CI": _ci(m["rerun_low"], m["rerun_high"]),
-             "agrees": ("yes" if m["agrees"] else "[red]NO[/red]") if m["compared"] else
+             "agrees": ("yes" if m["agrees"] else Text("NO", "red")) if m["compared"] else
              f"({'yes' if m['agrees'] else 'no'}: timing, not compared)"} for m in result["metrics"]]
     output(rows, False, title=f"rerun {result['run_id']} of eval {result['rerun_of']} ({result['release']}): "
                               f"{result['status']}, {result['n_cases']} cases (stored {result['stored_cases']})",
