@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -15,7 +16,7 @@ from lockgate import artifacts, shipped
 from lockgate.contracts import EvalCompleted, EvalRequested, EvalReran, LineageRun, ReleaseBinding
 from lockgate.endpoints import Access
 from lockgate.errors import ConfigError, NotFound
-from lockgate.evalruns import binding_of
+from lockgate.evalruns import EvalRun, binding_digest
 from lockgate.provenance import environment
 from lockgate.server.service import ServiceContext
 from lockgate.services.evaluator import (
@@ -56,6 +57,7 @@ class Loaded:
     tenant: str = ""  # a recorded task: the tenant its release is bound under, whose served events it scores
     artifacts: dict[str, str] = field(default_factory=dict)  # the release content the result names as evaluated
     prompt: str = "suite"  # what renders each case: the release's `prompt/name=sha256:...`, or the suite's own
+    binding: str = ""  # the digest of the binding the run started on, which each case it stores carries
 
 
 @dataclass
@@ -82,17 +84,14 @@ class Execution:
         self.session = session
         self.stopping = stopping
 
-    async def binding(self, req: EvalRequested) -> ReleaseBinding:
-        """The release's binding now, read before `load` chooses what to call: the result carries it as what
-        the run evaluated, and the gate passes the run only while the release is still bound so. Read once:
-        a name registered during the run must never be taken for what was evaluated."""
-        try:
-            return binding_of(await artifacts.release_of(self.ctx.bus, req.release))
-        except NotFound:
-            return binding_of(None)
+    async def load(self, run: EvalRun) -> Loaded:
+        """Suite, dataset, the release's prompt and price book; ConfigError/NotFound name what is wrong.
 
-    async def load(self, req: EvalRequested, binding: ReleaseBinding) -> Loaded:
-        """Suite, dataset, the release's prompt and price book; ConfigError/NotFound name what is wrong."""
+        What the release holds (prompt, model config, tenant) is read from `run.bundle`, the binding the run
+        started on as its first delivery recorded it, never from the release now: a resumed run asks its
+        remaining cases as it asked the first ones, and the result names that binding (the gate passes it only
+        while the release is still bound so)."""
+        req, binding = run.request, run.binding
         suite = domain.parse_suite(await artifacts.load_structured(self.ctx.bus, req.suite))
         # The cases are asked with the release's prompt, as its application asks them (it fetches the prompt from
         # the registry by release or alias): the gate judges the prompt the decision names, and a changed prompt
@@ -111,10 +110,10 @@ class Execution:
         if isinstance(suite.task, domain.RecordedTask):
             if not req.rerun_of:
                 targets.recorded(req.release, suite.task.app, suite.task.release)
-            tenant = await self._bound_tenant(suite.task.release)
+            tenant = await self._bound_tenant(suite.task.release, run.bundle, own=suite.task.release == req.release)
         if suite.task.type == "call":
             # A rerun (which no gate reads) may try another model on purpose; a gated run evaluates what ships.
-            ships = None if req.rerun_of else await self._shipped(req.release)
+            ships = None if req.rerun_of else await self._shipped(req.release, run.bundle)
             target, model, params = targets.evaluated(self.ctx.settings, ships, req.endpoint, model)
         spec = next((s for s in suite.scorers if s.name == judge.NAME), None)
         if spec is not None:
@@ -140,30 +139,38 @@ class Execution:
             prices = pricing.load_file(self.ctx.settings.price_book)
             source = self.ctx.settings.price_book or "the shipped price book"
         return Loaded(suite, cases, inputs, prices, source, target, model, params, judged, judge_params, tenant,
-                      arts, prompt)
+                      arts, prompt, binding_digest(binding))
 
-    async def _bound_tenant(self, release: str) -> str:
+    async def _bound_tenant(self, release: str, started: Mapping[str, Any] | None, *, own: bool) -> str:
         """The tenant `release` was registered under (its binding, never the request): a recorded task scores
-        only the events a router served to that tenant. NotFound when the release is not registered."""
-        try:
-            bundle = await artifacts.release_of(self.ctx.bus, release)
-        except NotFound:
+        only the events a router served to that tenant. NotFound when the release is not registered: for the
+        run's own release (`own`), when the run started (`started`, its recorded bundle); for another (a rerun's
+        task), now."""
+        bundle = started
+        if not own:
+            try:
+                bundle = await artifacts.release_of(self.ctx.bus, release)
+            except NotFound:
+                bundle = None
+        if bundle is None:
             raise NotFound(f"the suite scores events recorded for release {release!r}, which is not registered "
-                           "(`lockgate release create`, or `apply`): only events a router served to the tenant "
-                           "it is registered under count") from None
+                           "(`lockgate release create`, or `apply`)" + (" when the run started" if own else "")
+                           + ": only events a router served to the tenant it is registered under count")
         tenant = bundle.get("tenant")
         if not isinstance(tenant, str) or not tenant:
             raise ConfigError(f"release {release!r} is bound under no tenant, so no recorded event can be told "
                               "to be its own")
         return tenant
 
-    async def _shipped(self, release: str) -> Shipped | None:
-        """The release's model config; None when it is not registered or carries none usable (the run is then
-        evaluated as asked, and the gatekeeper blocks a release that was not registered when the run started;
-        the router serves no release without one). An unreadable bus stays an error (retried), never "evaluate
-        as asked"."""
+    async def _shipped(self, release: str, bundle: Mapping[str, Any] | None) -> Shipped | None:
+        """The model config of `bundle`, the release as bound when the run started; None when it was not
+        registered then or carries none usable (the run is then evaluated as asked, and the gatekeeper blocks a
+        release that was not registered when the run started; the router serves no release without one). An
+        unreadable bus stays an error (retried), never "evaluate as asked"."""
+        if bundle is None:
+            return None
         try:
-            return await shipped.of_release(self.ctx.bus, release)
+            return await shipped.of_bundle(self.ctx.bus, release, bundle)
         except (NotFound, ConfigError):
             return None
 
@@ -172,6 +179,15 @@ class Execution:
         suite, cases = loaded.suite, loaded.cases
         keys = {(c.id, r) for c in cases for r in range(suite.repeats)}
         finished = [r for r in await persist.run_cases(self.ctx.bus, req.run_id) if (r.case_id, r.repeat) in keys]
+        # Every case a run stores says which binding it was asked under; the run's is fixed when it starts, so
+        # another here was stored by an evaluator that did not record it (or for another binding): resumed, those
+        # answers would be judged as this binding's, and asked again, the sink would keep the first (one row per
+        # case), so the run fails, naming why, and the gate blocks it.
+        if other := [r for r in finished if r.details.get("binding") != loaded.binding]:
+            return Outcome(status="failed", error=(
+                f"eval run {req.run_id} cannot resume: {len(other)} of its {len(finished)} stored cases (first "
+                f"{other[0].case_id}) were not asked under the binding of release {req.release!r} the run started "
+                f"on ({loaded.binding}); run the eval again under a new run id"))
         skip = {(r.case_id, r.repeat) for r in finished}
         if finished:
             log.info("eval %s resumes: %d of %d cases already stored", req.run_id, len(finished), len(keys))
@@ -182,7 +198,7 @@ class Execution:
                                     capacity=max(1, len(keys) - len(finished)))
 
         async def on_result(result: domain.CaseResult) -> None:
-            writer.add(result)
+            writer.add(replace(result, details={**result.details, "binding": loaded.binding}))
             await ticker.step(bool(result.error))
 
         cache = None
@@ -340,8 +356,9 @@ class Execution:
                      event_id: str | None = None) -> EvalCompleted:
         """Publish EvalCompleted (the sink stores it as the run's `eval_runs` row) and the lineage run.
 
-        `binding` is the release's as `binding()` read it when the run started; it is never read again here: a
-        release registered while the run called what its request named would be named as what was judged."""
+        `binding` is the release's as the run's record holds it (read at its first delivery); it is never read
+        again here: a release registered while the run called what its request named would be named as what was
+        judged."""
         n_errors = sum(1 for r in outcome.results if r.error)
         arts = evaluated_artifacts(req, binding)
         done = EvalCompleted(

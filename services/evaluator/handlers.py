@@ -15,7 +15,7 @@ from opentelemetry.trace import SpanKind
 from lockgate.bus import Delivery
 from lockgate.contracts import EvalRequested
 from lockgate.errors import ConfigError, NotFound, Retryable
-from lockgate.evalruns import record_request
+from lockgate.evalruns import EvalRun, record_request
 from lockgate.server.service import ServiceContext
 from lockgate.services.evaluator import runner
 from lockgate.services.evaluator.execution import Execution, load_error
@@ -82,9 +82,10 @@ class EvalHandlers:
         """Run the eval with a heartbeat; a stop mid-run nacks so it resumes here or on another instance."""
         if self.stopping.is_set():
             raise EvaluatorStopping(f"evaluator is stopping; eval {req.run_id} will be redelivered")
-        # Recorded before the run, so the gatekeeper knows this run was requested when its result lands.
-        await record_request(self.ctx.bus, req)
-        task = asyncio.create_task(self._run(req, delivery))
+        # Recorded before the run, so the gatekeeper knows this run was requested when its result lands, with the
+        # release as bound at the first delivery: every delivery evaluates that, never the release as bound now.
+        run = await record_request(self.ctx.bus, req)
+        task = asyncio.create_task(self._run(run, delivery))
         self._inflight.add(task)
         try:
             async with heartbeat(delivery, max(0.1, self.ctx.settings.ack_wait_s / 3)):
@@ -96,7 +97,8 @@ class EvalHandlers:
         finally:
             self._inflight.discard(task)
 
-    async def _run(self, req: EvalRequested, delivery: Delivery) -> None:
+    async def _run(self, run: EvalRun, delivery: Delivery) -> None:
+        req = run.request
         with self.tracer.start_as_current_span(
             "evaluator.run", context=delivery.trace_context, kind=SpanKind.CONSUMER,
             attributes={"lockgate.run_id": req.run_id, "lockgate.release": req.release, "lockgate.suite": req.suite},
@@ -104,10 +106,10 @@ class EvalHandlers:
             ex = Execution(self.ctx, self.session(), self.stopping)
             # A redelivery after the run row was stored re-publishes the same event (recomputed, no calls).
             event_id = await ex.stored_event_id(req.run_id) if delivery.deliveries > 1 else None
-            # Before `load` picks what to call: what the run evaluates is the release as bound now.
-            binding = await ex.binding(req)
+            # What the run evaluates is the release as bound when it started (its record), on every delivery.
+            binding = run.binding
             try:
-                loaded = await ex.load(req, binding)
+                loaded = await ex.load(run)
             except (ConfigError, NotFound) as exc:
                 span.set_attribute("lockgate.status", "failed")
                 if req.rerun_of:

@@ -1,6 +1,7 @@
-"""Requested eval runs in KV: the evaluator records each request it accepts, and the gatekeeper
-decides only on an EvalCompleted for a recorded run whose content matches it. Both read a release's
-binding the same way (`binding_of`): the evaluator when a run starts, the gatekeeper when it decides.
+"""Requested eval runs in KV: the evaluator records each request it accepts, with the release's bundle as
+bound at the run's first delivery (what every delivery of the run evaluates), and the gatekeeper decides only
+on an EvalCompleted for a recorded run whose content matches it. Both read a release's binding the same way
+(`binding_of`): the evaluator when a run starts, the gatekeeper when it decides.
 
 Who may write this bucket (the evaluator's NATS identity only) is enforced by NATS permissions.
 """
@@ -8,19 +9,39 @@ Who may write this bucket (the evaluator's NATS identity only) is enforced by NA
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
+import msgspec
 import nats.errors
 import nats.js.errors
 
+from lockgate import artifacts
 from lockgate.codec import Codec, encode
 from lockgate.contracts import EvalCompleted, EvalRequested, ReleaseBinding
-from lockgate.errors import BusUnavailable, InvalidEvent
+from lockgate.errors import BusUnavailable, InvalidEvent, NotFound
 from lockgate.identity import bundle_content
 from lockgate.ids import content_hash
 from lockgate.subjects import token
 
-_requests: Codec[EvalRequested] = Codec(EvalRequested)
+
+class EvalRun(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="lockgate.eval.run"):
+    """A run as the evaluator recorded it at its first delivery: the request, and the release's bundle as bound
+    then (None: not registered). Every delivery of the run evaluates that bundle, never the release as bound at
+    the redelivery: a name registered while the evaluator was down would otherwise have its prompt and
+    parameters ask the rest of a run whose first cases were asked without them."""
+
+    request: EvalRequested
+    bundle: dict[str, Any] | None = None
+
+    @property
+    def binding(self) -> ReleaseBinding:
+        """What the run evaluates, and its result names (`EvalCompleted.binding`)."""
+        return binding_of(self.bundle)
+
+
+# What the bucket holds under a run id: the record, or (written by an evaluator before records carried the
+# bundle) the bare request.
+_records: Codec[EvalRun | EvalRequested] = Codec(EvalRun | EvalRequested)
 
 
 class UntrustedEvalResult(InvalidEvent):
@@ -31,30 +52,60 @@ class RunIdTaken(InvalidEvent):
     """An eval request under a run id already recorded for another request (dead-lettered)."""
 
 
-async def record_request(bus: Any, req: EvalRequested) -> None:
-    """Record a request the evaluator accepted, before it runs (so its result can never arrive first).
+async def record_request(bus: Any, req: EvalRequested) -> EvalRun:
+    """Record a request the evaluator accepted, before it runs (so its result can never arrive first), with the
+    release's bundle as bound now; return the run's record, which says what every delivery of it evaluates.
 
-    A run id binds once: its stored cases are what a redelivery resumes from, so a second request under it
-    (another release, model or suite, or a rerun's run id now asked without `rerun_of`) would be judged on
-    the first one's answers without a call. Only the same request again (a redelivery) passes; any other
-    raises RunIdTaken."""
+    The first delivery reads the release and records it; a redelivery gets that record and reads nothing (the
+    binding it started on, whatever was registered since). A run id binds once: its stored cases are what a
+    redelivery resumes from, so a second request under it (another release, model or suite, or a rerun's run id
+    now asked without `rerun_of`) would be judged on the first one's answers without a call. Only the same request
+    again (a redelivery) passes; any other raises RunIdTaken."""
     key = token(req.run_id)
     try:
         kv = await bus.kv(bus.subjects.kv_eval_runs)
-        try:
-            await kv.create(key, encode(req))
-            return
-        except nats.js.errors.KeyWrongLastSequenceError:
-            entry = await kv.get(key)
+        for _ in range(3):  # a concurrent delivery recording it first is read on the next turn
+            try:
+                entry = await kv.get(key)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                entry = None
+            if entry is not None:
+                recorded = _records.decode(entry.value) if entry.value else None
+                if isinstance(recorded, EvalRun) and recorded.request == req:
+                    return recorded
+                if recorded != req:
+                    _taken(req, recorded.request if isinstance(recorded, EvalRun) else recorded)
+                # The bare request, recorded by an earlier evaluator: the bundle is recorded now. The cases it
+                # stored carry no binding, so none of them is taken as asked under this one (Execution.execute).
+            run = EvalRun(request=req, bundle=await _bundle(bus, req.release))
+            try:
+                if entry is None:
+                    await kv.create(key, encode(run))
+                else:
+                    await kv.update(key, encode(run), last=entry.revision)
+                return run
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
         raise BusUnavailable(f"cannot record eval run {req.run_id} in KV {bus.subjects.kv_eval_runs}: {exc!r}") from None
-    recorded = _requests.decode(entry.value) if entry.value else None
-    if recorded != req:
-        was = f"release {recorded.release!r}" + (f", a rerun of {recorded.rerun_of}" if recorded.rerun_of else "") \
-            if recorded is not None else "a request"
-        raise RunIdTaken(f"eval request {req.id} ({req.release}) refused: run id {req.run_id!r} is already "
-                         f"recorded for another request ({was}); its stored cases are that request's. "
-                         "Give every eval a new run id")
+    raise BusUnavailable(f"cannot record eval run {req.run_id} in KV {bus.subjects.kv_eval_runs}: its entry kept "
+                         "changing while it was recorded")
+
+
+def _taken(req: EvalRequested, recorded: EvalRequested | None) -> NoReturn:
+    was = f"release {recorded.release!r}" + (f", a rerun of {recorded.rerun_of}" if recorded.rerun_of else "") \
+        if recorded is not None else "a request"
+    raise RunIdTaken(f"eval request {req.id} ({req.release}) refused: run id {req.run_id!r} is already "
+                     f"recorded for another request ({was}); its stored cases are that request's. "
+                     "Give every eval a new run id")
+
+
+async def _bundle(bus: Any, release: str) -> dict[str, Any] | None:
+    """The bundle `release` is bound to now, None if it is not registered (an unreachable bus stays an error)."""
+    try:
+        return await artifacts.release_of(bus, release)
+    except NotFound:
+        return None
 
 
 async def requested_run(bus: Any, run_id: str) -> EvalRequested | None:
@@ -66,7 +117,8 @@ async def requested_run(bus: Any, run_id: str) -> EvalRequested | None:
         return None
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
         raise BusUnavailable(f"cannot read eval run {run_id} from KV {bus.subjects.kv_eval_runs}: {exc!r}") from None
-    return _requests.decode(entry.value) if entry.value else None
+    recorded = _records.decode(entry.value) if entry.value else None
+    return recorded.request if isinstance(recorded, EvalRun) else recorded
 
 
 def check_result(done: EvalCompleted, req: EvalRequested | None) -> None:
@@ -88,3 +140,8 @@ def binding_of(bundle: Mapping[str, Any] | None) -> ReleaseBinding:
         return ReleaseBinding(registered=False)
     return ReleaseBinding(registered=True, bundle=content_hash(bundle_content(bundle)),
                           artifacts=dict(bundle.get("artifacts") or {}))
+
+
+def binding_digest(binding: ReleaseBinding) -> str:
+    """The digest of a binding each case a run stores carries (`details["binding"]`): what it was asked under."""
+    return content_hash(msgspec.to_builtins(binding))

@@ -11,6 +11,7 @@ will take traffic, not whatever model an eval request happened to name.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -66,7 +67,12 @@ def refuse_other_endpoint(shipped: Shipped, endpoint: str, base: str | None) -> 
 async def of_release(bus: Bus, release: str) -> Shipped:
     """The model config release `release` is bound to. NotFound if the release (or its config's content) is not
     registered; ConfigError naming the release when it carries no single model config naming a model."""
-    bundle = await artifacts.release_of(bus, release)
+    return await of_bundle(bus, release, await artifacts.release_of(bus, release))
+
+
+async def of_bundle(bus: Bus, release: str, bundle: Mapping[str, Any]) -> Shipped:
+    """The model config of `bundle`, release `release`'s binding as read earlier (an eval run reads it once, when
+    it starts, and calls what it read then on every delivery); the errors of `of_release`."""
     configs = [h for k, h in bundle["artifacts"].items() if k.startswith("model_config/")]
     if len(configs) != 1:
         raise ConfigError(f"release {release!r} must carry exactly one model_config artifact (it has "
