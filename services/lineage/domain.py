@@ -1,9 +1,13 @@
-"""Pure lineage logic: which graph edges each event implies."""
+"""Pure lineage logic: which graph edges each event implies, and what a release's binding records."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
 
+import msgspec
+
+from lockgate.artifacts import announcement_id
 from lockgate.contracts import (
     ArtifactRegistered,
     EvalCompleted,
@@ -14,9 +18,17 @@ from lockgate.contracts import (
     ReleaseRegistered,
     RolloutState,
 )
-from lockgate.ids import derived_id
+from lockgate.errors import InvalidEvent
+from lockgate.identity import bundle_content
+from lockgate.ids import content_hash, derived_id
 
 LineageEvent = ArtifactRegistered | ReleaseRegistered | LineageRun | EvalCompleted | GateDecided | RolloutState
+
+# How far from the recorder's clock the time a never-bound release's announcement claims may lie. The recorder
+# records the binding's own time whatever the claim; a claim this far off is a forged or broken sender, refused
+# rather than bound (`register_release` binds before it announces, so no honest announcement is a first sighting).
+MAX_CLAIM_SKEW = timedelta(minutes=10)
+
 
 class Edge(NamedTuple):
     """A directed, labelled edge between two typed nodes."""
@@ -86,3 +98,37 @@ def edges_fact(event: LineageEvent) -> LineageEdges | None:
                         source="lineage", trace_id=event.trace_id,
                         edges=[LineageEdge(src=e.src, src_kind=e.src_kind, dst=e.dst, dst_kind=e.dst_kind,
                                            relation=e.relation) for e in edges])
+
+
+def releases_named(event: LineageEvent) -> list[str]:
+    """The releases an event's edges name, whose bindings the recorder records as it meets them."""
+    edges = edges_for(event)
+    return sorted({e.src for e in edges if e.src_kind == "release"} | {e.dst for e in edges if e.dst_kind == "release"})
+
+
+def claim_problem(claimed: datetime, now: datetime) -> str | None:
+    """Why a first sighting's claimed registration time is refused, or None (a time without a zone is UTC's)."""
+    if claimed.tzinfo is None:
+        claimed = claimed.replace(tzinfo=UTC)
+    if abs(claimed - now) > MAX_CLAIM_SKEW:
+        return (f"its time {claimed.isoformat()} is more than {int(MAX_CLAIM_SKEW.total_seconds() // 60)} minutes "
+                f"from the recorder's clock ({now.isoformat()}); a registration is recorded at the time it is "
+                "bound, not at a time it claims")
+    return None
+
+
+def bound_release(bundle: dict[str, Any], at: datetime, *, description: str = "", trace_id: str = "",
+                  span_id: str = "") -> ReleaseRegistered:
+    """The `release_bound` fact of a binding: its id is the binding's (`announcement_id`, so every announcement of
+    one binding, honest or forged, re-sent or back-dated, is one row and one edge set), its time the binding's, and
+    its content the bundle's. Only the description (which no binding holds) and the trace come from an
+    announcement. InvalidEvent when the bundle is not a release's (a value put in the bucket by hand)."""
+    try:
+        artifacts = msgspec.convert(bundle.get("artifacts"), dict[str, str])
+        return ReleaseRegistered(
+            id=announcement_id(bundle["release"], content_hash(bundle_content(bundle))), time=at,
+            release=bundle["release"], app=bundle["app"], tenant=bundle.get("tenant", "default"),
+            parent=bundle.get("parent", ""), artifacts=artifacts, description=description,
+            trace_id=trace_id, span_id=span_id)
+    except (KeyError, TypeError, ValueError, msgspec.ValidationError) as exc:
+        raise InvalidEvent(f"the binding of release {bundle.get('release')!r} is not a release bundle: {exc}") from None

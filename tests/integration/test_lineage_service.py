@@ -37,7 +37,13 @@ async def stored(bus: Bus, *digests: str) -> None:
 
 
 async def _publish_history(bus: Bus) -> GateDecided:
+    from lockgate import artifacts
+
     s = bus.subjects
+    # A release announced on the bus is bound by the recorder only as `release create` would bind it: its
+    # artifacts stored and its parent bound.
+    await stored(bus, DATA, PROMPT)
+    await artifacts.register_release(bus, "rel-1", "shop", {"prompt/greet": PROMPT})
     await bus.publish(s.artifact_registered, ArtifactRegistered(kind="dataset", name="qa", hash=DATA, size=10))
     await bus.publish(s.artifact_registered, ArtifactRegistered(kind="prompt", name="greet", hash=PROMPT))
     await bus.publish(s.lineage_run, LineageRun(run_id="build-1", kind="build", inputs=[RAW], outputs=[DATA]))
@@ -60,15 +66,16 @@ def _triples(edges: list[dict]) -> set[tuple[str, str, str, int]]:
 async def test_release_lineage_upstream_and_downstream(run_services, bus: Bus, store: Store) -> None:
     svcs = await run_services("sink", "lineage")
     gate = await _publish_history(bus)
-    await svcs["lineage"].handlers.processed.wait_for(5, timeout_s=30)
-    # The sink stores the events' own rows and the edges the recorder derived from five of them.
-    await sink_stored(svcs["sink"].handlers, artifacts=2, releases=1, lineage_runs=1, eval_runs=1,
-                      rollout_events=1, lineage_edges=5)
+    await svcs["lineage"].handlers.processed.wait_for(6, timeout_s=30)
+    # The sink stores the events' own rows and the edges the recorder derived from six of them.
+    await sink_stored(svcs["sink"].handlers, artifacts=2, releases=2, lineage_runs=1, eval_runs=1,
+                      rollout_events=1, lineage_edges=6)
 
     got = await asyncio.to_thread(lineage, store, "rel-2")
     assert (got["node"], got["kind"]) == ("rel-2", "release")
     assert _triples(got["upstream"]) == {
         ("rel-1", "parent_of", "rel-2", 1),
+        ("rel-1", "uses", PROMPT, 2),
         ("rel-2", "uses", DATA, 1),
         ("rel-2", "uses", PROMPT, 1),
         ("build-1", "produced", DATA, 2),
@@ -104,12 +111,14 @@ async def test_release_lineage_upstream_and_downstream(run_services, bus: Bus, s
         await asyncio.to_thread(lineage, store, "no-such-thing")
 
     assert store.scalar("SELECT count() FROM artifacts") == 2
-    assert store.rows("SELECT artifacts FROM releases")[0]["artifacts"] == {"dataset/qa": DATA, "prompt/greet": PROMPT}
+    assert store.rows("SELECT artifacts FROM releases WHERE release = 'rel-2'")[0]["artifacts"] == {
+        "dataset/qa": DATA, "prompt/greet": PROMPT}
     assert store.rows("SELECT inputs, outputs FROM lineage_runs") == [{"inputs": [RAW], "outputs": [DATA]}]
 
 
 async def test_redelivered_event_adds_no_rows(run_services, bus: Bus, store: Store) -> None:
     svcs = await run_services("sink", "lineage")
+    await stored(bus, DATA)
     rel = ReleaseRegistered(release="rel-x", app="shop", artifacts={"dataset/qa": DATA})
     # Different Nats-Msg-Ids, so JetStream delivers both; the event id still guards the inserts.
     await bus.publish(bus.subjects.release_registered, rel, msg_id="first")
