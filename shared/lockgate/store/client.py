@@ -69,6 +69,19 @@ def chdb_in_use(path: Path) -> bool:
     return False
 
 
+def _private(path: Path) -> None:
+    """Make the embedded store's directory this user's alone (0700): it holds every tenant's prompts, responses,
+    spans and audit log, and chDB writes its parts with the process umask (0644 under 022), so any local account
+    could copy and open them, credentials or not (probe p10). Closing the directory closes everything under it."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:  # made before (or by another tool) open to others
+        try:
+            path.chmod(0o700)
+        except OSError as exc:  # not ours to change: say so rather than serve from it open
+            raise ConfigError(f"the store directory {path} is readable by other users and cannot be closed "
+                              f"({exc.strerror}): chmod 700 it, or point LOCKGATE_CLICKHOUSE_URL elsewhere") from None
+
+
 def _raw_client(url: str, database: str | None, settings: dict[str, str] | None = None) -> Any:
     parsed = urlparse(url)
     if parsed.scheme == "chdb":
@@ -77,7 +90,7 @@ def _raw_client(url: str, database: str | None, settings: dict[str, str] | None 
         path = chdb_path(url)
         if path is None:
             return clickhouse_connect.get_client(dsn="chdb://memory", database=database, settings=settings)
-        path.mkdir(parents=True, exist_ok=True)
+        _private(path)
         return clickhouse_connect.get_client(dsn=f"chdb://{path}", database=database, settings=settings)
     if parsed.scheme in ("http", "https"):
         return clickhouse_connect.get_client(dsn=url, database=database or "default", settings=settings)
