@@ -64,7 +64,8 @@ class GateHandlers:
             self._key_published = True
 
     async def on_eval_completed(self, done: EvalCompleted, delivery: Delivery) -> None:
-        """Judge the eval by its policy, then sign, record and announce the decision."""
+        """Judge the eval by its policy, then sign, record and announce the decision (an eval that names no
+        policy is a measurement: nothing is decided)."""
         with self.tracer.start_as_current_span(
             "gatekeeper.decide", context=delivery.trace_context, kind=SpanKind.CONSUMER,
             attributes={"lockgate.release": done.release, "lockgate.run_id": done.run_id},
@@ -73,6 +74,13 @@ class GateHandlers:
             # and baseline, is judged; anything else raises UntrustedEvalResult and is dead-lettered.
             # (That only the evaluator can record runs is the NATS permissions' job.)
             check_result(done, await requested_run(self.ctx.bus, done.run_id))
+            if not done.policy:
+                # A measurement (`eval run` without --policy): there is nothing to judge it by, so it decides
+                # nothing, as a rerun decides nothing. Before, it was a signed BLOCK ("names no policy") that
+                # replaced a serving release's PASS and had the router roll production back (probe p12).
+                log.info("eval run %s of %s names no policy: a measurement, not decided", done.run_id,
+                         done.release)
+                return
             decision_id = domain.decision_id(done.id, self.signer.id_salt)
             key = f"gate-{done.run_id or decision_id}"
             # What it is judged over: stored only over this (Records), so a person's reject or a drift BLOCK landing
@@ -288,9 +296,8 @@ class GateHandlers:
             return None
 
     async def _policy(self, done: EvalCompleted) -> tuple[domain.Policy | None, str]:
-        """The parsed policy, or None and why not (the gate then fails closed)."""
-        if not done.policy:
-            return None, f"eval run {done.run_id} names no policy; the gate fails closed"
+        """The parsed policy the eval names (one naming none is not decided), or None and why not (the gate then
+        fails closed)."""
         try:
             return domain.parse_policy(await artifacts.load_structured(self.ctx.bus, done.policy)), ""
         except (ConfigError, NotFound) as exc:

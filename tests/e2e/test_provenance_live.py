@@ -100,7 +100,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, loopback: Loopback) -> Itera
 @pytest.fixture
 def suite(tmp_path: Path) -> Path:
     data = resources.files("lockgate_dev.demo_data")
-    for name in ("suite.yaml", "qa.jsonl"):
+    for name in ("suite.yaml", "qa.jsonl", "policy.yaml"):  # the demo's gates file requires this policy
         with resources.as_file(data.joinpath(name)) as src:
             shutil.copy(src, tmp_path / name)
     return tmp_path / "suite.yaml"
@@ -116,8 +116,10 @@ def _decisions(stack: dict[str, str], release: str) -> list[dict[str, Any]]:
 
 def test_an_eval_run_posts_start_then_complete_and_a_rerun_reproduces_it_without_moving_the_gate(
         stack: dict[str, str], loopback: Loopback, suite: Path) -> None:
+    # Under a policy: an eval naming none is a measurement, which the gate does not decide.
+    policy = str(suite.parent / "policy.yaml")
     done = json.loads(run("eval", "run", str(suite), "--candidate", "live-v1", "--endpoint", stack["E2E_SIM"],
-                          "--model", "sim-stable", "--json", env=stack).stdout)
+                          "--model", "sim-stable", "--policy", policy, "--json", env=stack, check=False).stdout)
     assert done["status"] == "completed", done
     run_id = done["run_id"]  # a UUIDv7: OpenLineage's runId as it is
 
@@ -131,7 +133,7 @@ def test_an_eval_run_posts_start_then_complete_and_a_rerun_reproduces_it_without
     assert "eval_suite/shop-qa" in {d["name"] for d in start["inputs"]} and len(start["inputs"]) >= 2
     for event in events:
         check(event)  # the official OpenLineage model, strictly
-    # No policy: the gate failed closed, and the recorder posted that decision live too.
+    # live-v1 is not registered: the gate BLOCKed it, and the recorder posted that decision live too.
     [gate] = _gate_events(loopback.wait_for(lambda evs: bool(_gate_events(evs, "live-v1"))), "live-v1")
     assert gate["run"]["facets"]["lockgate_decision"]["decision"] == "BLOCK"
     check(gate)
@@ -160,7 +162,7 @@ def test_an_eval_run_posts_start_then_complete_and_a_rerun_reproduces_it_without
     # Neither rerun moved the gate. The gatekeeper decides eval results in order, so once a later run's
     # decision was posted, one a rerun had caused would have been posted before it.
     later = json.loads(run("eval", "run", str(suite), "--candidate", "live-v2", "--endpoint", stack["E2E_SIM"],
-                           "--model", "sim-stable", "--json", env=stack).stdout)
+                           "--model", "sim-stable", "--policy", policy, "--json", env=stack, check=False).stdout)
     events = loopback.wait_for(lambda evs: bool(_gate_events(evs, "live-v2")))
     assert len(_gate_events(events, "live-v1")) == 1
     assert [d["eval_run"] for d in _decisions(stack, "live-v1")] == [run_id]

@@ -109,7 +109,11 @@ def register(cli: click.Group) -> None:
     @click.option("--model", default="", help="Model name sent to the endpoint (default: the release's model "
                                               "config's; a release is evaluated as it ships).")
     @click.option("--policy", "policy_path", type=click.Path(exists=True, dir_okay=False),
-                  help="Gate policy YAML; the gate decides when the eval completes.")
+                  help="Gate policy YAML; the gate decides when the eval completes. Without it the eval is a "
+                       "measurement: no gate decides it.")
+    @click.option("--replace-pass", is_flag=True,
+                  help="Have the gate judge a candidate with a PASS anew under another policy or suite than that "
+                       "PASS was decided under (a BLOCK then rolls back a deployment serving it).")
     @click.option("--concurrency", default=8, show_default=True)
     @click.option("--timeout", "timeout_s", default=600.0, show_default=True, help="Seconds to wait.")
     @click.option("--no-cache", is_flag=True, help="Call the endpoint and the judge afresh, bypassing the eval "
@@ -118,7 +122,8 @@ def register(cli: click.Group) -> None:
     @click.pass_context
     @handle_errors
     def eval_run(ctx: click.Context, suite: str, candidate: str, baseline: str, endpoint: str, model: str,
-                 policy_path: str | None, concurrency: int, timeout_s: float, no_cache: bool, as_json: bool) -> None:
+                 policy_path: str | None, replace_pass: bool, concurrency: int, timeout_s: float, no_cache: bool,
+                 as_json: bool) -> None:
         """Register a suite (and its JSONL dataset), run it through the evaluator, wait for the result. The gate's
         decision counts only if it verifies against the trust roots (exit 4 otherwise, as `gate verify`). SUITE
         and --policy may be `kind: suite` / `kind: policy` documents of a folder `lockgate apply` applied."""
@@ -134,15 +139,16 @@ def register(cli: click.Group) -> None:
         settings = ctx.obj["settings"]
         result = with_bus(settings, lambda bus: _eval(
             bus, settings, Path(suite), candidate, baseline, endpoint, model, policy_path, concurrency, timeout_s,
-            keyring, cache=not no_cache), role="operator")
+            keyring, cache=not no_cache, replace_pass=replace_pass), role="operator")
         if as_json:
             emit_json(result)
         else:
             _print_eval(result, candidate)
-        # For CI: the step fails when the eval did (1) or when the gate asked for did not pass (5).
+        # For CI: the step fails when the eval did (1) or when the gate asked for did not pass (5). With --policy a
+        # decision of the run is always there (_eval waits for it); without, the gate decides nothing of it.
         if result["status"] != "completed":
             sys.exit(1)
-        if result.get("decision", {}).get("decision", "PASS") != "PASS":
+        if policy_path and result["decision"]["decision"] != "PASS":
             sys.exit(5)
 
     from lockgate.cli import rerun
@@ -171,7 +177,10 @@ def _print_eval(result: dict[str, Any], candidate: str) -> None:
                 for k, c in comps.items()], False, title=f"vs baseline run {result.get('baseline_run')}")
     for warning in result.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {warning}")
-    if result.get("decision"):
+    if not result.get("decision"):
+        console.print("gate: none (a measurement: the eval named no --policy, and the gate decides nothing of it)",
+                      highlight=False)
+    else:
         d = result["decision"]
         if d["rules"]:
             output(d["rules"], False, title=f"gate: {d['decision']}",
@@ -184,7 +193,7 @@ def _print_eval(result: dict[str, Any], candidate: str) -> None:
 
 async def _eval(bus: Bus, settings: Settings, suite_path: Path, candidate: str, baseline: str, endpoint: str,
                 model: str, policy_path: str | None, concurrency: int, timeout_s: float, keyring: Keyring, *,
-                cache: bool = True) -> dict[str, Any]:
+                cache: bool = True, replace_pass: bool = False) -> dict[str, Any]:
     import msgspec
     from rich.progress import (
         BarColumn,
@@ -211,6 +220,8 @@ async def _eval(bus: Bus, settings: Settings, suite_path: Path, candidate: str, 
     endpoint = await check_releases(bus, settings, candidate=candidate, baseline=baseline, endpoint=endpoint,
                                     model=model, suite_model=parsed.model, suite_name=str(suite_path),
                                     calls=parsed.task.type == "call")
+    if policy and not replace_pass:
+        await _keep_pass(bus, keyring, candidate, suite=suite, policy=policy)
     run_id = uuid7()
     events: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
 
@@ -273,3 +284,31 @@ async def _eval(bus: Bus, settings: Settings, suite_path: Path, candidate: str, 
                 from None
         result["decision"] = json.loads(encode(decision))
     return result
+
+
+async def _keep_pass(bus: Bus, keyring: Keyring, candidate: str, *, suite: str, policy: str) -> None:
+    """ConfigError when `candidate`'s current verified decision is a PASS decided under another policy or suite
+    than this eval names: the eval's decision would replace it, and for an app whose gates file requires that
+    policy and suite it can only be a BLOCK (`required_policy` / `required_suite`), which rolls back a deployment
+    serving the release. Only the gatekeeper reads the gates file, so the PASS is the CLI's witness of what the
+    gate requires (`--replace-pass` overrides it: a new version of a policy required by name)."""
+    from lockgate.client import get_decision
+    from lockgate.errors import ConfigError, SignatureError
+
+    try:
+        current = await get_decision(await bus.kv(bus.subjects.kv_gates), candidate)
+        if current is None or current.decision != "PASS":
+            return
+        keyring.verify(current)
+    except SignatureError:
+        return  # a PASS that does not verify admits nothing: there is nothing to roll back
+    differ = [(what, used, was) for what, used, was in (
+        ("policy", policy, current.policy), ("suite", suite, current.artifacts.get("eval_suite", ""))) if was and used != was]
+    if differ:
+        under = " and ".join(f"{what} {was}" for what, _, was in differ)
+        names = " and ".join(f"{what} {used}" for what, used, _ in differ)
+        raise ConfigError(f"release {candidate!r} has a PASS (decision {current.id}) decided under {under}, and this "
+                          f"eval names {names}: its decision would replace the PASS, and where the gates file "
+                          "requires what the PASS was decided under it can only BLOCK (and roll back a deployment "
+                          "serving the release); run it with that suite and policy, or add --replace-pass to have "
+                          "the gate judge it anew")
