@@ -146,6 +146,11 @@ class SliceSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             raise ValueError("buckets must be increasing edges, e.g. [100, 500]")
 
 
+# The slowest pace a suite may ask for (rate_limit_rps): below it, waiting for the next token alone would hold a run's
+# slot for hours (one call a second at 1e-6 waits 11 days).
+MIN_RATE_RPS = 0.01
+
+
 class Suite(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """An eval suite. `dataset` is an artifact hash or inline cases."""
 
@@ -166,6 +171,9 @@ class Suite(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     slices: tuple[str | SliceSpec, ...] = ()
 
     def __post_init__(self) -> None:
+        if 0 < self.rate_limit_rps < MIN_RATE_RPS:
+            raise at("$.rate_limit_rps", f"Expected 0 (unlimited) or at least {MIN_RATE_RPS:g} calls a second, got "
+                                         f"{self.rate_limit_rps:g}")
         msgspec.structs.force_setattr(self, "slices", tuple(SliceSpec(key=s) if isinstance(s, str) else s
                                                             for s in self.slices))
         # Checks across fields and against the scorer registry; paths are written out (this is the root).
@@ -505,8 +513,14 @@ def expected_text(expected: Any) -> str:
     return expected if isinstance(expected, str) else json.dumps(expected, sort_keys=True)
 
 
+# A case's `details` key marking it not run because its run passed the evaluator's time limit (the error says so).
+NOT_RUN = "not_run"
+
+
 def failure_summary(results: Sequence[CaseResult]) -> str:
-    """Why a run failed when no call succeeded ("" if any did)."""
+    """Why a run failed: it passed its time limit, or no call succeeded ("" if neither)."""
+    if cut := next((r for r in results if r.details.get(NOT_RUN)), None):
+        return f"{sum(1 for r in results if r.details.get(NOT_RUN))} of {len(results)} cases not run: {cut.error}"
     if not results or any(not r.error for r in results):
         return ""
     return f"all {len(results)} calls failed; first error: {results[0].error}"

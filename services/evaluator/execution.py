@@ -248,13 +248,14 @@ class Execution:
             events = await persist.recorded_events(self.ctx.bus, t.app, t.release, t.since, loaded.tenant)
             made = recorded.results(suite, cases, events, skip, tenant=loaded.tenant)
             return await runner.judge_results(made, judge_hook, concurrency=req.concurrency, on_result=on_result,
-                                              stopping=self.stopping)
+                                              stopping=self.stopping, max_run_s=self.ctx.settings.eval_max_run_s)
         bucket = TokenBucket(suite.rate_limit_rps) if suite.rate_limit_rps else None
         at = loaded.target or Access(id=req.endpoint, base=req.endpoint)
         target = Upstream(self.session, at.base, loaded.model, policy, cache, bucket, at.headers, at.provider)
         call = functools.partial(target, params=_params(suite, loaded))
         return await runner.run_cases(suite, cases, call, concurrency=req.concurrency, skip=skip,
-                                      on_result=on_result, judge=judge_hook, stopping=self.stopping)
+                                      on_result=on_result, judge=judge_hook, stopping=self.stopping,
+                                      max_run_s=self.ctx.settings.eval_max_run_s)
 
     def _progress_sink(self, run_id: str):
         subject = self.ctx.bus.subjects.eval_progress(run_id)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import aiohttp
@@ -192,9 +192,23 @@ class Stopped(LockgateError):
     """The run was asked to stop: cases in flight finished, the rest were not started."""
 
 
+def over_time(max_run_s: float) -> str:
+    """Why a case of a run past its time limit was not run."""
+    return f"the run passed the evaluator's limit of {max_run_s:g} s a run (eval_max_run_s)"
+
+
+async def _report(on_result: OnResult | None, result: domain.CaseResult) -> None:
+    if on_result is not None:
+        maybe = on_result(result)
+        if maybe is not None:
+            await maybe
+
+
 async def _pool(items: Sequence[T], work: Callable[[T], Awaitable[domain.CaseResult]], concurrency: int,
-                on_result: OnResult | None, stopping: asyncio.Event | None) -> list[domain.CaseResult]:
-    """`concurrency` workers pulling items in order; results keep input order. A stop lets in-flight items finish."""
+                on_result: OnResult | None, stopping: asyncio.Event | None, max_run_s: float | None = None,
+                not_run: Callable[[T, str], domain.CaseResult] | None = None) -> list[domain.CaseResult]:
+    """`concurrency` workers pulling items in order; results keep input order. A stop lets in-flight items finish.
+    Past `max_run_s` the items not done (in flight ones cancelled) end as `not_run` results saying so."""
     out: list[domain.CaseResult | None] = [None] * len(items)
     todo = iter(enumerate(items))
 
@@ -204,18 +218,25 @@ async def _pool(items: Sequence[T], work: Callable[[T], Awaitable[domain.CaseRes
                 return
             result = await work(item)
             out[i] = result
-            if on_result is not None:
-                maybe = on_result(result)
-                if maybe is not None:
-                    await maybe
+            await _report(on_result, result)
 
     # A TaskGroup cancels the other workers if one raises (a scorer bug), leaving nothing orphaned.
+    limit = asyncio.timeout(max_run_s)
     try:
-        async with asyncio.TaskGroup() as group:
+        async with limit, asyncio.TaskGroup() as group:
             for _ in range(max(1, min(concurrency, len(items)))):
                 group.create_task(worker())
     except* domain.SuiteError as group_error:
         raise group_error.exceptions[0] from None
+    except* TimeoutError:
+        if not limit.expired() or max_run_s is None or not_run is None:
+            raise
+        # The run passed its limit: it ends failed, each case it did not finish saying why (stored, so a
+        # redelivery does not call them again).
+        for i, item in enumerate(items):
+            if out[i] is None:
+                out[i] = not_run(item, over_time(max_run_s))
+                await _report(on_result, out[i])
     if any(r is None for r in out):
         raise Stopped(f"stopped with {sum(r is None for r in out)} of {len(items)} cases not run")
     return out  # type: ignore[return-value]
@@ -232,11 +253,25 @@ async def run_cases(
     on_result: OnResult | None = None,
     judge: Judge | None = None,
     stopping: asyncio.Event | None = None,
+    max_run_s: float | None = None,
 ) -> list[domain.CaseResult]:
-    """Run every (case, repeat) not in `skip` through `call`, at most `concurrency` in flight; input order kept."""
+    """Run every (case, repeat) not in `skip` through `call`, at most `concurrency` in flight; input order kept.
+    Past `max_run_s` (None: no limit) the rest are not run, and are failed results saying so."""
     # Render everything first so a template error fails the run before any call is made.
     rendered = {case.id: domain.render(suite, case) for case in cases}
     items = [(case, r) for case in cases for r in range(suite.repeats) if (case.id, r) not in skip]
+
+    def not_run(item: tuple[domain.Case, int], why: str) -> domain.CaseResult:
+        case, repeat = item
+        return domain.CaseResult(case_id=case.id, repeat=repeat, input=rendered[case.id][-1]["content"],
+                                 expected=case.expected, error=why, details={domain.NOT_RUN: True})
+
+    if (why := too_slow(suite, len(items), max_run_s)) is not None:
+        # Known before the first call: the run would only hold its slot until the limit cuts it.
+        results = [not_run(item, why) for item in items]
+        for result in results:
+            await _report(on_result, result)
+        return results
 
     async def one(item: tuple[domain.Case, int]) -> domain.CaseResult:
         case, repeat = item
@@ -261,16 +296,31 @@ async def run_cases(
             on_done()
         return result
 
-    return await _pool(items, one, concurrency, on_result, stopping)
+    return await _pool(items, one, concurrency, on_result, stopping, max_run_s, not_run)
+
+
+def too_slow(suite: domain.Suite, calls: int, max_run_s: float | None) -> str | None:
+    """Why `calls` calls at the suite's rate_limit_rps cannot end within `max_run_s` (None: they can)."""
+    if not suite.rate_limit_rps or max_run_s is None:
+        return None
+    needed = calls / suite.rate_limit_rps
+    if needed <= max_run_s:
+        return None
+    return (f"{calls} calls at rate_limit_rps {suite.rate_limit_rps:g} take {needed:g} s, more than the "
+            f"evaluator's limit of {max_run_s:g} s a run (eval_max_run_s); raise rate_limit_rps or run fewer cases")
 
 
 async def judge_results(
     results: Sequence[domain.CaseResult], judge: Judge | None, *, concurrency: int,
-    on_result: OnResult | None = None, stopping: asyncio.Event | None = None,
+    on_result: OnResult | None = None, stopping: asyncio.Event | None = None, max_run_s: float | None = None,
 ) -> list[domain.CaseResult]:
-    """Apply the judge (if any) to results made without calls (recorded outputs), reporting each."""
+    """Apply the judge (if any) to results made without calls (recorded outputs), reporting each. Past `max_run_s`
+    (None: no limit) the rest are failed results saying so."""
 
     async def one(result: domain.CaseResult) -> domain.CaseResult:
         return await judge(result) if judge is not None and not result.error else result
 
-    return await _pool(results, one, concurrency, on_result, stopping)
+    def not_run(result: domain.CaseResult, why: str) -> domain.CaseResult:
+        return replace(result, error=why, details={**result.details, domain.NOT_RUN: True})
+
+    return await _pool(results, one, concurrency, on_result, stopping, max_run_s, not_run)

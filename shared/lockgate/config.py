@@ -111,6 +111,13 @@ class Settings(msgspec.Struct, kw_only=True):
     gates_file: str = ""
     # evaluator
     eval_cache: bool = True
+    # evals one evaluator runs at once, and at most eval_tenant_runs of them one tenant's (0: eval_workers - 1), so one
+    # tenant's slow runs always leave a slot to another tenant's; a request beyond them waits for a slot
+    eval_workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    eval_tenant_runs: Annotated[int, msgspec.Meta(ge=0)] = 0
+    # a run still calling after this many seconds ends failed, its cases not run yet each saying why; a run whose
+    # suite's rate_limit_rps alone needs longer fails before its first call
+    eval_max_run_s: Annotated[float, msgspec.Meta(gt=0)] = 3600.0
     # lineage: POST OpenLineage RunEvents live (START when an eval run or rollout starts, COMPLETE/FAIL when
     # it ends; decisions and releases) to this endpoint, e.g. Marquez's http://host:5000/api/v1/lineage
     openlineage_url: str = ""

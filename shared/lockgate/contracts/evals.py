@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -37,6 +37,11 @@ class BaselineComparison(msgspec.Struct, frozen=True, kw_only=True):
     warning: str = ""
 
 
+# The longest an eval's call waits for an answer (EvalRequested.timeout_s): an endpoint that never answers holds a
+# run's slot at most this long per attempt.
+MAX_CALL_TIMEOUT_S = 600.0
+
+
 class EvalRequested(Event, frozen=True, kw_only=True, tag="lockgate.eval.requested"):
     """Run the suite artifact `suite` against `endpoint` for `release`."""
 
@@ -48,7 +53,7 @@ class EvalRequested(Event, frozen=True, kw_only=True, tag="lockgate.eval.request
     baseline: OptName = ""
     policy: str = ""
     concurrency: int = 8
-    timeout_s: float = 30.0
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_CALL_TIMEOUT_S)] = 30.0  # seconds per call
     artifacts: dict[str, str] = {}
     cache: bool = True  # False: call the endpoint and the judge afresh (the response cache is neither read nor written)
     # `lockgate eval rerun`: this run repeats stored run `rerun_of` with the cache off; its result is an
