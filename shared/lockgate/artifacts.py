@@ -344,7 +344,13 @@ async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str
     content bound already keeps its binding, author included (the first one's), and is announced again as the
     same event (`announcement_id`): the `releases` table keeps one row.
     """
-    check_name(tenant, "tenant")  # before anything is bound under it
+    for value, kind in ((tenant, "tenant"), (release, "release"), (app, "app")):
+        check_name(value, kind)  # before anything is bound under it
+    if parent:
+        check_name(parent, "parent")
+    # Made before the name is bound, so a description or map over the contract's bounds (FieldTooLong) binds nothing.
+    event = ReleaseRegistered(release=release, app=app, artifacts=artifacts, parent=parent, description=description,
+                              tenant=tenant)
     await check_references(bus, artifacts)
     await check_parent(bus, release, parent)
     bundle = release_bundle(release, app, artifacts, parent=parent, tenant=tenant)
@@ -353,8 +359,7 @@ async def register_release(bus: Bus, release: str, app: str, artifacts: dict[str
     # name bound and unannounced (no `releases` row, no lineage), and only a registration of the same content
     # again can announce it. Nothing tells such a binding from one announced long ago without a race, and the
     # event's id being the binding's makes announcing it again harmless.
-    event = ReleaseRegistered(id=announcement_id(release, binding.digest), release=release, app=app,
-                              artifacts=artifacts, parent=parent, description=description, tenant=tenant)
+    event = msgspec.structs.replace(event, id=announcement_id(release, binding.digest))
     try:
         ack = await bus.publish(bus.subjects.release_registered, event)
     except BusUnavailable as exc:

@@ -41,6 +41,13 @@ class InvalidName(InvalidEvent):
     exit_code = 2  # invalid input, as README's "Exit codes" says of a name
 
 
+class FieldTooLong(InvalidEvent):
+    """A document made here has a text, list or map longer than its contract allows (lockgate.contracts.bounds):
+    refused before it is published, as every consumer would refuse (dead-letter) it."""
+
+    exit_code = 2  # invalid input
+
+
 class UnknownSchemaVersion(InvalidEvent):
     """An event declares a schema_version this build does not understand."""
 

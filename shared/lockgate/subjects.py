@@ -62,8 +62,9 @@ class StreamSpec:
     At `max_age_s` the oldest messages expire whatever their consumers did. At `max_bytes` the
     `discard` policy decides: `new` refuses the publish (the producer sees the bus as unavailable,
     keeps its events buffered and retries, so nothing is lost silently), `old` drops the oldest
-    messages (only for telemetry, where the newest spans matter most). nats-server reserves
-    `max_bytes` of its JetStream storage for each stream when the stream is created."""
+    messages (telemetry, where the newest spans matter most, and events, which one identity could otherwise fill
+    for everyone: see there). nats-server reserves `max_bytes` of its JetStream storage for each stream when the
+    stream is created."""
 
     name: str
     subjects: tuple[str, ...]
@@ -100,6 +101,13 @@ class Subjects:
                                         retention="interest", readers=tuple(
                                             f"{p}_{r}" for r in ("sink_inference", "evaluator_online",
                                                                  "drift_inference", "cost_inference"))),
+                # Discard old: several identities publish here (the operator registrations and eval requests, an
+                # approver reviews), and the stream keeps what they sent for 90 days whoever consumed it. Refusing
+                # at its size let one of them fill it with valid documents (probe p12: about 510 artifact
+                # registrations with 1 MB labels) and so refuse every eval request, result and decision until they
+                # aged out. Full, it now drops its oldest messages, consumed long ago at ordinary rates: each
+                # consumer reads it live and the tables are the record; the readers of its history (artifact
+                # names, drift and score replay) find less, never another answer.
                 "events": StreamSpec(
                     f"{s}_EVENTS",
                     (
@@ -112,7 +120,7 @@ class Subjects:
                         f"{p}.cost.>",
                         f"{p}.budget.>",
                     ),
-                    max_age_s=90 * 24 * 3600, max_bytes=GiB // 2,
+                    max_age_s=90 * 24 * 3600, max_bytes=GiB // 2, discard="old",
                 ),
                 # Rows that have no event of their own, published for the sink (the store owner) alone;
                 # kept only as long as the inference stream, because the table is their durable copy.

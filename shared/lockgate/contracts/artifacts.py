@@ -6,6 +6,7 @@ from typing import Literal, get_args
 
 import msgspec
 
+from lockgate.contracts.bounds import Artifacts, Id, Labels, Short, Signature, Text, check_bounds
 from lockgate.contracts.envelope import Event
 from lockgate.contracts.names import Name, OptName
 
@@ -18,12 +19,16 @@ class ArtifactRegistered(Event, frozen=True, kw_only=True, tag="lockgate.artifac
 
     kind: ArtifactKind
     name: Name
-    hash: str
+    hash: Id
     size: int = 0
-    media_type: str = "application/json"
-    labels: dict[str, str] = {}
-    signature: str = ""
-    key_id: str = ""
+    media_type: Short = "application/json"
+    labels: Labels = {}
+    signature: Signature = ""
+    key_id: Id = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bounds(self)
 
 
 class ReleaseRegistered(Event, frozen=True, kw_only=True, tag="lockgate.release.registered"):
@@ -31,9 +36,13 @@ class ReleaseRegistered(Event, frozen=True, kw_only=True, tag="lockgate.release.
 
     release: Name
     app: Name
-    artifacts: dict[str, str]
+    artifacts: Artifacts
     parent: OptName = ""
-    description: str = ""
+    description: Text = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bounds(self)
 
 
 class LineageRun(Event, frozen=True, kw_only=True, tag="lockgate.lineage.run"):

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
+from lockgate.contracts.bounds import Who
 from lockgate.contracts.names import EventId, Name, SpanId, TraceId, check_ids, check_names, deferral
 from lockgate.ids import uuid7
 
@@ -23,7 +24,9 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_de
 
     # Any client-chosen string within bounds (a UUIDv7 by default): the key every table stores an event once by.
     id: EventId = msgspec.field(default_factory=uuid7)
-    source: str = "lockgate"
+    # Who made it (a service's or client's name): bounded like every other envelope field, so no event carries a
+    # megabyte here.
+    source: Who = "lockgate"
     # `utcnow` as a partial, which msgspec calls without a Python frame: every event made is timed.
     time: datetime = msgspec.field(default_factory=functools.partial(datetime.now, UTC))
     tenant: Name = "default"

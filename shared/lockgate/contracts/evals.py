@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 import msgspec
 
+from lockgate.contracts.bounds import Artifacts, Id, Short, check_bounds
 from lockgate.contracts.envelope import Event
 from lockgate.contracts.names import Name, OptName
 
@@ -45,20 +46,24 @@ MAX_CALL_TIMEOUT_S = 600.0
 class EvalRequested(Event, frozen=True, kw_only=True, tag="lockgate.eval.requested"):
     """Run the suite artifact `suite` against `endpoint` for `release`."""
 
-    run_id: str
+    run_id: Id
     release: Name
-    suite: str
-    endpoint: str
-    model: str = ""
+    suite: Id
+    endpoint: Short
+    model: Short = ""
     baseline: OptName = ""
-    policy: str = ""
+    policy: Id = ""
     concurrency: int = 8
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_CALL_TIMEOUT_S)] = 30.0  # seconds per call
-    artifacts: dict[str, str] = {}
+    artifacts: Artifacts = {}
     cache: bool = True  # False: call the endpoint and the judge afresh (the response cache is neither read nor written)
     # `lockgate eval rerun`: this run repeats stored run `rerun_of` with the cache off; its result is an
     # EvalReran on its own subject, which no gate acts on, and it records no lineage
-    rerun_of: str = ""
+    rerun_of: Id = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bounds(self)
 
 
 class ReleaseBinding(msgspec.Struct, frozen=True, kw_only=True):

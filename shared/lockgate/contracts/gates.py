@@ -7,6 +7,7 @@ from typing import Literal
 
 import msgspec
 
+from lockgate.contracts.bounds import Id, Signature, Text, Who, check_bounds
 from lockgate.contracts.envelope import Event
 from lockgate.contracts.names import Name, OptName
 
@@ -73,11 +74,15 @@ class GateReview(Event, frozen=True, kw_only=True, tag="lockgate.gate.review"):
 
     release: Name
     action: Literal["approve", "reject"]
-    actor: str
-    reason: str
-    decision_id: str = ""
-    key_id: str = ""
-    signature: str = ""
+    actor: Who
+    reason: Text
+    decision_id: Id = ""
+    key_id: Id = ""
+    signature: Signature = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_bounds(self)
 
 
 class GateAudited(Event, frozen=True, kw_only=True, tag="lockgate.gate.audited"):

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from lockgate.contracts.bounds import Id
 from lockgate.contracts.envelope import Event
 from lockgate.contracts.names import OptName, check_names
 
@@ -27,10 +28,10 @@ class AppliedChange(msgspec.Struct, frozen=True, kw_only=True):
     action: ChangeAction
     kind: Kind
     name: ResourceName
-    digest: str = ""
-    previous: str = ""
-    release: str = ""  # for a release: the immutable release name the change bound
-    source: str = ""  # the folder file it came from, relative to the folder
+    digest: Id = ""
+    previous: Id = ""
+    release: Id = ""  # for a release: the immutable release name the change bound
+    source: Annotated[str, msgspec.Meta(max_length=4096)] = ""  # the folder file it came from, relative to the folder
 
 
 class StateEntry(msgspec.Struct, frozen=True, kw_only=True):
