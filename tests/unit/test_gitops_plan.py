@@ -116,6 +116,9 @@ def test_what_left_the_folder_is_kept_unless_pruned(folder: Path) -> None:
     ("datasets/bad.yaml", "kind: dataset\nname: d\nfile: ../../outside.jsonl\n", "`$.file`"),
     ("datasets/bad.yaml", "kind: dataset\nname: d\nfile: missing.jsonl\n", "`$.file`"),
     ("prompts/bad.yaml", "kind: prompt\nname: p\nspec: [unclosed\n", "not valid YAML"),
+    # The bounds of the registration a document becomes, at `plan` (before, an `apply` stopped half-way there).
+    ("prompts/bad.yaml", "kind: prompt\nname: p\nspec: {}\nlabels: {team: " + "x" * 2000 + "}\n", "`$.labels[...]`"),
+    ("prompts/bad.yaml", "kind: prompt\nname: p\nspec: {}\ndescription: " + "x" * 5000 + "\n", "`$.description`"),
 ])
 def test_an_invalid_document_names_its_file_and_the_path_inside_it(folder: Path, path: str, text: str,
                                                                     names: str) -> None:

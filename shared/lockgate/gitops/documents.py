@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from lockgate.contracts.bounds import Labels, Text
 from lockgate.contracts.names import Name, OptName, check_names
 from lockgate.documents import NonNegative, at, load_yaml
 from lockgate.errors import ConfigError
@@ -35,8 +36,10 @@ class GitopsError(ConfigError):
 
 class _Doc(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="kind"):
     name: Name
-    description: str = ""
-    labels: dict[str, str] = {}
+    # The bounds the registrations they become carry (contracts.bounds): refused at `plan`, naming the file and the
+    # field, not half-way through an `apply`.
+    description: Text = ""
+    labels: Labels = {}
 
     def __post_init__(self) -> None:
         check_names(self)
