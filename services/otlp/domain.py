@@ -135,7 +135,9 @@ def decode(request: ExportTraceServiceRequest, *, tenant: str, app: str,
     for rs in request.resource_spans:
         resource = attributes(rs.resource.attributes)
         # Scrubbed once per resource, and the service name taken from the scrubbed copy: ServiceName is a
-        # column of its own, and kept a secret that ResourceAttributes['service.name'] had masked.
+        # column of its own, and kept a secret that ResourceAttributes['service.name'] had masked. The API key's
+        # tenant and app are stamped after the scrub, and `scrub_span` keeps them (names, never free text): the
+        # sink's SenderTenant and SenderApp are these, so a tenant named like a key (probe p10) keeps its spans.
         stored_resource = dict(scrub_mapping(strings(resource))) | {genai.TENANT: tenant, genai.APP: app}
         service = stored_resource.get("service.name", "")
         for ss in rs.scope_spans:

@@ -125,11 +125,13 @@ def id_ceiling(now_s: float) -> str:
 
 
 def redaction(mode: RedactMode) -> dict[str, Callable[[Any], Any]]:
-    """Column transforms on the way to `inference_events`: prompts and responses redacted per `mode`;
-    session ids and attributes scrubbed of secrets (producers other than the SDK and the router may
-    publish events that were never scrubbed)."""
-    scrub = functools.partial(redact, mode=mode)
-    return {"prompt": scrub, "response": scrub, "session_id": scrub_secrets, "attributes": scrub_mapping}
+    """Column transforms on the way to `inference_events`: prompts and responses hashed or dropped per `mode`.
+    Secrets are already scrubbed from every free-text field: the consume edge scrubs each inference event it
+    decodes (`bus.consume`), for the sink as for every other consumer, whoever published it."""
+    if mode == "scrub":
+        return {}
+    hide = functools.partial(redact, mode=mode)
+    return {"prompt": hide, "response": hide}
 
 
 # Dead letters are scrubbed where they are made (Bus.dead_letter); this scrubs those made elsewhere.

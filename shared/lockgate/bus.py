@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec.inspect as mi
 import nats
 import nats.aio.client
 import nats.errors
@@ -25,7 +26,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolic
 from lockgate import metrics, telemetry
 from lockgate.batcher import Batcher
 from lockgate.codec import Codec, encode
-from lockgate.contracts import DeadLetter, Event
+from lockgate.contracts import DeadLetter, Event, InferenceEvent
 from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.errors import (
     BusClosed,
@@ -43,7 +44,7 @@ from lockgate.ids import batch_id, derived_ids
 from lockgate.kvread import kv_keys
 from lockgate.limits import EventLimits
 from lockgate.natsclient import NatsClient, TlsNotOffered, wire_size
-from lockgate.redact import scrub_bytes, scrub_mapping, scrub_secrets, shown_url
+from lockgate.redact import scrub_bytes, scrub_events, scrub_mapping, scrub_secrets, shown_url
 from lockgate.retry import RetryPolicy
 from lockgate.subjects import DLQ_ORIGINALS_MAX_BYTES, StreamSpec, Subjects
 
@@ -1100,6 +1101,12 @@ def consume(
         raise ValueError(f"consumer {durable}: ordered handling runs one message at a time; "
                          "pass ordered=False to use max_workers")
     codec: Codec[Any] = Codec(wire_type)
+    # Inference events are scrubbed as they are decoded, so every consumer (the sink, cost, drift, the evaluator) gets
+    # the same scrubbed events, whoever published them: the SDK and the router scrub before they publish, but an
+    # application may publish its own events on its ingest subject, and the relay passes their bytes as they came.
+    # Found by a probe (p10): an app's event with a key in its model, provider or error kept it in seven columns of
+    # `inference_events`, in the cost ledger and rollups, the cost events and the drift snapshots.
+    clean = scrub_events if _inference_only(wire_type) else None
 
     async def refuse(msg: Msg, headers: dict[str, str], deliveries: int, reason: str, error: str) -> None:
         if records_refusals:
@@ -1119,6 +1126,8 @@ def consume(
             with derived_ids(headers.get("Nats-Msg-Id") or f"{meta.stream}:{meta.sequence.stream}",
                              int(meta.timestamp.timestamp() * 1000)):
                 value = codec.decode(body)
+            if clean is not None:
+                value = clean(value)
         except InvalidEvent as exc:
             await refuse(msg, headers, deliveries, "invalid event", exc.message)
             return
@@ -1203,6 +1212,14 @@ def consume(
     )
     consumers.add(spec)
     return spec
+
+
+def _inference_only(wire_type: Any) -> bool:
+    """True when `wire_type` decodes to inference events only (one, or a list of them)."""
+    info = mi.type_info(wire_type)
+    tops = info.types if isinstance(info, mi.UnionType) else (info,)
+    return all(isinstance(t := top.item_type if isinstance(top, mi.ListType) else top, mi.StructType)
+               and t.cls is InferenceEvent for top in tops)
 
 
 class _BatchEdge:

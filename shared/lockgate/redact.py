@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import operator
 import re
 import string
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
+
+from lockgate.contracts.names import is_name
 
 if TYPE_CHECKING:
     from lockgate.contracts import InferenceEvent, SpanRecord
@@ -50,6 +53,18 @@ PATTERNS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      ("ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"),
      "detect-secrets GitHubTokenDetector; gitleaks github-fine-grained-pat"),
     ("gitlab", r"\bglpat-[A-Za-z0-9_-]{20,}", ("glpat-",), "gitleaks gitlab-pat"),
+    # LLM providers and the tools around them: a prefix and a long random body each (the lengths are a floor, below
+    # the providers' own, so that a key's later, longer shape is still caught).
+    ("groq", r"\bgsk_[A-Za-z0-9]{32,}", ("gsk_",), "gitleaks groq-api-key (gsk_ and 52)"),
+    ("xai", r"\bxai-[A-Za-z0-9_]{40,}", ("xai-",), "gitleaks xai-api-key (xai- and 80)"),
+    ("perplexity", r"\bpplx-[A-Za-z0-9]{32,}", ("pplx-",), "gitleaks perplexity-api-key (pplx- and 48)"),
+    ("replicate", r"\br8_[A-Za-z0-9]{30,}", ("r8_",), "Replicate API tokens (r8_ and 37)"),
+    ("fireworks", r"\bfw_[A-Za-z0-9]{20,}", ("fw_",), "Fireworks AI API keys (fw_ and 24)"),
+    ("langsmith", r"\blsv2_(?:pt|sk)_[0-9a-f]{32}_[0-9a-f]{10}", ("lsv2_",),
+     "gitleaks langsmith (lsv2_pt_ personal, lsv2_sk_ service keys)"),
+    ("pinecone", r"\bpcsk_[A-Za-z0-9]{4,}_[A-Za-z0-9]{32,}", ("pcsk_",), "Pinecone API keys (pcsk_, an id, a secret)"),
+    ("databricks", r"\bdapi[0-9a-f]{32}(?:-[0-9])?", ("dapi",), "gitleaks databricks-api-token"),
+    ("tavily", r"\btvly-(?:[a-z]{3,4}-)?[A-Za-z0-9]{24,}", ("tvly-",), "Tavily API keys (tvly-, tvly-dev-)"),
     # lockgate's own API keys: `lg-` and 32 random bytes, base64url (server/apikeys.py).
     ("lockgate api key", r"\blg-[A-Za-z0-9_-]{40,}", ("lg-",), "lockgate apikeys.PREFIX"),
     ("hugging face", r"\bhf_[A-Za-z0-9]{30,}", ("hf_",), "gitleaks huggingface-access-token"),
@@ -76,7 +91,9 @@ PATTERNS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
      ("password '", "password('", "by '"), "lockgate: db.statement spans (PostgreSQL, MySQL, ClickHouse)"),
     ("keyword assignment", r"(?P<keep>(?i:\b(?:aws_?secret_?(?:access_?)?key|secret_?access_?key|password|passwd|pwd|"
                            r"secret|api[_-]?key|apikey|access[_-]?token|auth[_-]?token|client[_-]?secret|"
-                           r"private[_-]?key|x-api-key|accountkey)\b)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&]{6,}",
+                           r"private[_-]?key|x-api-key|accountkey|"
+                           r"(?:subscription|functions|access|account|master)[_-]key)\b)[\"']?\s*[:=]\s*[\"']?)"
+                           r"[^\s\"',;&]{6,}",
      ("pass", "pwd", "secret", "key", "token"), "detect-secrets KeywordDetector, AWSKeyDetector; Azure AccountKey="),
     # A credential header without a scheme (`Authorization: <token>`); with one, the bearer row keeps the scheme.
     ("authorization header", r"(?P<keep>(?i:\b(?:proxy-)?authorization)[\"']?\s*[:=]\s*[\"']?)"
@@ -159,11 +176,17 @@ MIN_SECRET = 10
 
 # Header and attribute names whose whole value is a credential (compared lower-case).
 _SECRET_WORDS = (r"(?:authorization|auth|cookie|set-cookie|api[-_]?key|apikey|x-api-key|token|secret|password|passwd|"
-                 r"credential|credentials|session[-_]?token|signature|private[-_]?key)")
-SECRET_NAMES = re.compile(rf"(?i)(?:^|[-_.]){_SECRET_WORDS}(?:$|[-_.])")
+                 r"credential|credentials|session[-_]?token|signature|private[-_]?key|"
+                 r"(?:subscription|access|secret|account|master)[-_]?key)")
+# A header named `...-key` carries a key (`Ocp-Apim-Subscription-Key` of Azure API Management, `X-Functions-Key` of
+# Azure Functions): random hex no value pattern can tell from an id. The hyphen is a header's spelling; `.key` and
+# `_key` are left out (`messaging.kafka.message.key`, `sort_key` are no credentials), and so are the few headers
+# named `-key` that carry none (a request's idempotency key, a WebSocket handshake's nonce).
+_KEY_HEADER = r"(?<!idempotency)(?<!sec-websocket)(?<!cache)-key"
+SECRET_NAMES = re.compile(rf"(?i)(?:^|[-_.]){_SECRET_WORDS}(?:$|[-_.])|{_KEY_HEADER}$")
 # In a structured value (a tool call's arguments, a span attribute's map) a key names a credential only when it ends
 # with the word: `password_length: 16`, `auth_type: "oauth"` or `max_token: 256` are what they say.
-_SECRET_KEY = re.compile(rf"(?i)(?:^|[-_.]){_SECRET_WORDS}$")
+_SECRET_KEY = re.compile(rf"(?i)(?:^|[-_.]){_SECRET_WORDS}$|{_KEY_HEADER}$")
 
 
 def _mark(m: re.Match[str]) -> str:
@@ -193,6 +216,11 @@ def _scrub_short(text: str) -> str:
 
 
 def _scrub(text: str) -> str:
+    text = _scrub_written(text)
+    return _scrub_percent(text) if "%" in text else text
+
+
+def _scrub_written(text: str) -> str:
     lower = text.lower()
     found = {t for t in _TRIGGERS if t in lower}
     for t, within in _NESTED_TRIGGERS:
@@ -220,6 +248,44 @@ def _scrub_escaped(text: str, found: set[str], long_run: bool) -> str:
     if long_run and _RUN_40 in text.translate(_B64_MAP):
         text = _BASE64_40_ESCAPED.sub(_mark_base64, text)
     return text
+
+
+# Percent-encoded text (a URL in a query parameter, `url.full` and `http.target` as instrumentations record them, a
+# form body) writes a separator as an escape whose last character is a hex digit, so `\b` sees no boundary before
+# the secret (`key%3Dsk-...`), and `=`, `:`, `/`, `@` and spaces are not themselves. Such text is also read decoded:
+# ASCII escapes only (a secret, its keyword and its separators are ASCII), one decoded character per escape, so a
+# secret found in the decoded text is masked where its characters stand in the text as written, and the rest of it
+# keeps its spelling. Twice-encoded text is read twice decoded (the decoded text is scrubbed the same way).
+_PERCENT = re.compile(r"(%[0-7][0-9A-Fa-f])")
+
+
+def _scrub_percent(text: str) -> str:
+    pieces = _PERCENT.split(text)
+    if len(pieces) == 1:
+        return text
+    spelled: list[str] = []  # how each character of the decoded text is written in `text`
+    for n, piece in enumerate(pieces):
+        spelled.extend((piece,) if n % 2 else piece)
+    decoded = "".join(chr(int(piece[1:], 16)) if n % 2 else piece for n, piece in enumerate(pieces))
+    scrubbed = _scrub(decoded)
+    if scrubbed == decoded:
+        return text
+    # The scrub only replaces runs of the decoded text with the marker: what lies between markers is found in the
+    # decoded text in order, each run masked holding at least one character (the marker's own, for a marker there).
+    parts = scrubbed.split(MARK)
+    if not decoded.startswith(parts[0]):
+        return scrubbed  # cannot happen; were it to, the decoded text, scrubbed, is what can be shown
+    out, at = spelled[:len(parts[0])], len(parts[0])
+    for part in parts[1:-1]:
+        found = decoded.find(part, at + 1)
+        if found < 0:
+            return scrubbed
+        out += [MARK, *spelled[found:found + len(part)]]
+        at = found + len(part)
+    tail = len(decoded) - len(parts[-1])
+    if tail <= at or not decoded.endswith(parts[-1]):
+        return scrubbed
+    return "".join([*out, MARK, *spelled[tail:]])
 
 
 def scrub_bytes(data: bytes) -> bytes:
@@ -339,13 +405,17 @@ _EVENT_TEXT = ("prompt", "response", "session_id", "error_type", "model", "respo
                "status", "finish_reason", "variant", "user_hash")
 
 
+_event_texts = operator.attrgetter(*_EVENT_TEXT)
+
+
 def scrub_event(event: InferenceEvent) -> InferenceEvent:
     """The event with secrets scrubbed from its free text (`_EVENT_TEXT`) and its attributes."""
-    # Each field is looked at once and only a changed one is replaced: most events have nothing to scrub.
+    # Each field is looked at once and only a changed one is replaced: most events have nothing to scrub. Every
+    # consumer of inference events runs this on every event it decodes (and the SDK on every emit): the fields are
+    # read in one call, and one too short to hold a secret (most: "stop", "openai", a user hash) costs no call.
     changed: dict[str, object] = {}
-    for name in _EVENT_TEXT:
-        text = getattr(event, name)
-        if text and (scrubbed := scrub_secrets(text)) != text:
+    for name, text in zip(_EVENT_TEXT, _event_texts(event), strict=True):
+        if text and len(text) >= MIN_SECRET and (scrubbed := scrub_secrets(text)) != text:
             changed[name] = scrubbed
     attributes = event.attributes
     if attributes and (mapping := scrub_mapping(attributes)) is not attributes:
@@ -353,15 +423,38 @@ def scrub_event(event: InferenceEvent) -> InferenceEvent:
     return msgspec.structs.replace(event, **changed) if changed else event
 
 
+def scrub_events(value: InferenceEvent | list[InferenceEvent]) -> InferenceEvent | list[InferenceEvent]:
+    """`scrub_event` over one decoded inference message (an event or a list of them)."""
+    return list(map(scrub_event, value)) if isinstance(value, list) else scrub_event(value)
+
+
 def _scrub_text(text: str) -> str:
     return scrub_secrets(text) if text else text
+
+
+# Span attributes whose value is a lockgate name (a tenant, an app, a deployment, a release: identifiers of the name
+# grammar, never free text). The OTLP receiver stamps the API key's tenant and app on the resource and refuses a span
+# naming others; lockgate's own spans name the tenant, app and release of an event it checked. A name the patterns
+# take for a key (`AcmeCorporationInternationalHoldings2024`, 40 mixed characters) was stored as the marker: its
+# tenant's spans were nobody's, and two such tenants one. A value off the grammar is free text, and scrubbed.
+SPAN_NAMES = ("lockgate.tenant", "lockgate.app", "lockgate.deployment", "lockgate.release")
+
+
+def _names_kept(values: Mapping[str, str], scrubbed: Mapping[str, str]) -> dict[str, str]:
+    out = dict(scrubbed)
+    for key in SPAN_NAMES:
+        name = values.get(key)
+        if name is not None and name != out.get(key) and is_name(name):
+            out[key] = name
+    return out
 
 
 def scrub_span(span: SpanRecord) -> SpanRecord:
     """The span with secrets scrubbed from its free text: name, status message, service name, trace state,
     scope name and version, and the attributes of the span, its resource, its events and its links (and
     the links' trace state): an exported span carries whatever its instrumentation recorded (request
-    headers, database statements, prompts), and every one of these is a column of `otel_traces`."""
+    headers, database statements, prompts), and every one of these is a column of `otel_traces`. The lockgate
+    names of its attributes and resource (`SPAN_NAMES`) are kept as they are."""
     changed: dict[str, object] = {}
     for name in ("name", "status_message", "service", "trace_state", "scope_name", "scope_version"):
         text = getattr(span, name)
@@ -370,7 +463,7 @@ def scrub_span(span: SpanRecord) -> SpanRecord:
     for name in ("attributes", "resource"):
         values = getattr(span, name)
         if values and (mapping := scrub_mapping(values)) is not values:
-            changed[name] = dict(mapping)
+            changed[name] = _names_kept(values, mapping)
     if span.events:
         events = [(at, _scrub_text(name), dict(scrub_mapping(attrs))) for at, name, attrs in span.events]
         if events != span.events:

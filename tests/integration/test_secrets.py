@@ -64,6 +64,19 @@ def planted() -> dict[str, tuple[str, str]]:
     bearer = _r(32)
     add("bearer token", f"Bearer {bearer}", bearer)
     add("lockgate api key", "lg-" + _r(43, string.ascii_letters + string.digits + "-_"))  # apikeys.PREFIX
+    # LLM providers' and their tools' keys, in the shapes they issue (probe p10 found each one kept whole)
+    hexdigits = "0123456789abcdef"
+    add("groq gsk_", "gsk_" + _r(52))
+    add("xai xai-", "xai-" + _r(80))
+    add("perplexity pplx-", "pplx-" + _r(48))
+    add("replicate r8_", "r8_" + _r(37))
+    add("fireworks fw_", "fw_" + _r(24))
+    add("langsmith lsv2_pt_", f"lsv2_pt_{_r(32, hexdigits)}_{_r(10, hexdigits)}")
+    add("pinecone pcsk_", f"pcsk_{_r(5)}_{_r(64)}")
+    add("databricks dapi", "dapi" + _r(32, hexdigits))
+    add("tavily tvly-", "tvly-dev-" + _r(32))
+    subscription = _r(32, hexdigits)
+    add("azure apim header", f"Ocp-Apim-Subscription-Key: {subscription}", subscription)
     return out
 
 

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import pytest
 
-from lockgate.contracts import InferenceEvent
+from lockgate.contracts import InferenceEvent, SpanRecord
 from lockgate.redact import (
     MARK,
     scrub_bytes,
     scrub_event,
+    scrub_events,
     scrub_json,
     scrub_mapping,
     scrub_secrets,
+    scrub_span,
     scrub_value,
+    secret_name,
     shown_url,
 )
 from tests.integration.test_secrets import planted
@@ -191,3 +195,92 @@ def test_shown_url_masks_userinfo_passwords_and_tokens(url: str, shown: str) -> 
 ])
 def test_basic_and_token_mask_credentials_not_the_plain_words_after_them(text: str, scrubbed: str) -> None:
     assert scrub_secrets(text) == scrubbed
+
+
+@pytest.mark.parametrize("text", [
+    # Provider prefixes in ordinary text: model ids, identifiers and words hold them, never a long random body.
+    "use xai-grok-2-latest or pplx-70b-online", "accounts/fireworks/models/llama-v3p1-70b-instruct",
+    "fw_update_firmware_version_2024", "r8_test and r8_ prefixes", "lsv2_pt_ is LangSmith's prefix",
+    "Pellentesque dapibus suscipit ligula", "dapi0123 is too short", "tvly-search results", "gsk_ keys from Groq",
+    "pcsk_abcd_ef", "the sort-key: name header", "AcmeCorporation is a tenant",
+])
+def test_provider_prefixes_in_ordinary_words_and_names_are_kept(text: str) -> None:
+    assert scrub_secrets(text) == text
+
+
+@pytest.mark.parametrize(("text", "scrubbed"), [
+    # Found by a probe (p10): a `\b` sees no boundary between an escape's hex digit and the secret, and `=`, `:`,
+    # `/`, `@` and spaces are escapes too, so a URL quoted in a query (url.full, http.target) kept its key.
+    ("https://x/cb?next=https%3A%2F%2Fapi%2F%3Fkey%3Dsk-proj-Ab1Ab1Ab1Ab1Ab1Ab1Ab1Ab1%26b%3D2",
+     f"https://x/cb?next=https%3A%2F%2Fapi%2F%3Fkey%3D{MARK}%26b%3D2"),
+    ("q=api_key%3DZq9Zq9Zq9Zq9", f"q=api_key%3D{MARK}"),
+    ("h=Authorization%3A%20Bearer%20Zx9Zx9Zx9Zx9Zx9Zx9Zx9Zx9", f"h=Authorization%3A%20Bearer%20{MARK}"),
+    ("u=https%3A%2F%2Fuser%3APassw0rd123%40db%2Fx", f"u=https%3A%2F%2Fuser%3A{MARK}%40db%2Fx"),
+    ("u=https%3a%2f%2fuser%3aPassw0rd123%40db", f"u=https%3a%2f%2fuser%3a{MARK}%40db"),  # lower-case hex
+    # quoted twice (a redirect parameter inside a quoted URL): read twice decoded, written as it was
+    ("x=%253Fkey%253Dsk-proj-Ab1Ab1Ab1Ab1Ab1Ab1Ab1Ab1%2526z", f"x=%253Fkey%253D{MARK}%2526z"),
+    # two secrets, one found as written and one only decoded
+    ("a sk-proj-Ab1Ab1Ab1Ab1Ab1Ab1Ab1Ab1 b%3Dghp_A1b2A1b2A1b2A1b2A1b2A1b2", f"a {MARK} b%3D{MARK}"),
+    # percent signs and escapes that hide nothing stay as they were
+    ("50% off, 100%25 sure, %41BC and %E2%9C%93 done", "50% off, 100%25 sure, %41BC and %E2%9C%93 done"),
+    ("https://x/search?q=hello%20world%3F&page=2", "https://x/search?q=hello%20world%3F&page=2"),
+])
+def test_percent_encoded_secrets_are_masked_where_they_stand(text: str, scrubbed: str) -> None:
+    assert scrub_secrets(text) == scrubbed
+
+
+@pytest.mark.parametrize("name", [
+    "ocp-apim-subscription-key", "Ocp-Apim-Subscription-Key", "x-functions-key", "x-subscription-key",
+    "x-access-key", "x-upstream-key", "x-key", "http.request.header.x-functions-key", "access_key",
+    "aws_secret_access_key", "storage.account_key",
+])
+def test_header_names_ending_in_key_are_credential_names(name: str) -> None:
+    # Found by a probe (p10): captured headers of Azure API Management and Azure Functions were stored whole.
+    assert secret_name(name)
+    assert scrub_mapping({name: "0123456789abcdef0123456789abcdef"}) == {name: MARK}
+
+
+@pytest.mark.parametrize("name", [
+    "idempotency-key", "Idempotency-Key", "x-idempotency-key", "sec-websocket-key", "x-cache-key",
+    "messaging.kafka.message.key", "messaging.rabbitmq.destination.routing_key", "sort_key", "primary_key", "keyboard",
+    "monkey", "key_count",
+])
+def test_names_that_only_mention_a_key_are_not_credential_names(name: str) -> None:
+    assert not secret_name(name)
+
+
+def test_a_structured_value_masks_what_a_key_named_access_key_or_a_key_header_holds() -> None:
+    args = {"access_key": "AKIDEXAMPLE", "x-functions-key": "abc", "sort_key": "name", "idempotency-key": "r-1"}
+    assert scrub_value(args) == {**args, "access_key": MARK, "x-functions-key": MARK}
+
+
+def test_scrub_events_scrubs_each_event_of_a_message() -> None:
+    text, secret = FORMATS["groq gsk_"]
+    one = InferenceEvent(app="a", model=f"m {text}")
+    assert secret not in repr(scrub_events(one))
+    clean = InferenceEvent(app="a")
+    out = scrub_events([clean, one])
+    assert isinstance(out, list) and out[0] is clean and secret not in repr(out[1])
+
+
+def _span(**values: dict[str, str]) -> SpanRecord:
+    return SpanRecord(timestamp=datetime(2026, 1, 1, tzinfo=UTC), trace_id="a" * 32, span_id="b" * 16,
+                      parent_span_id="", trace_state="", name="chat", kind="Server", service="svc",
+                      resource=values.get("resource", {}), scope_name="", scope_version="",
+                      attributes=values.get("attributes", {}), duration_ns=1, status_code="Unset", status_message="")
+
+
+def test_a_spans_lockgate_names_are_kept_whatever_they_look_like_and_its_free_text_is_scrubbed() -> None:
+    # Found by a probe (p10): a tenant named like an AWS secret key (40 mixed letters and digits) had the tenant the
+    # OTLP receiver stamped, and the one lockgate's own spans name, stored as the marker.
+    tenant, release = "AcmeCorporationInternationalHoldings2024", "AKIAABCDEFGHIJKLMNOP"
+    key = FORMATS["openai sk-proj-"][0]
+    span = scrub_span(_span(resource={"lockgate.tenant": tenant, "lockgate.app": "web", "note": key},
+                            attributes={"lockgate.tenant": tenant, "lockgate.release": release,
+                                        "lockgate.deployment": "chat", "lockgate.variant": key, "prompt": key}))
+    assert span.resource == {"lockgate.tenant": tenant, "lockgate.app": "web", "note": MARK}
+    assert span.attributes == {"lockgate.tenant": tenant, "lockgate.release": release, "lockgate.deployment": "chat",
+                               "lockgate.variant": MARK, "prompt": MARK}
+    # A value off the name grammar is no name: free text, scrubbed.
+    off = scrub_span(_span(attributes={"lockgate.release": f"v2 {key}"}))
+    assert off.attributes == {"lockgate.release": f"v2 {MARK}"}
