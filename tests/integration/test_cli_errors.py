@@ -21,7 +21,8 @@ from lockgate.server.runtime import Runtime
 
 pytestmark = pytest.mark.timeout(90)
 
-FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "gitops"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+FIXTURE = FIXTURES / "gitops"
 
 
 @pytest.fixture
@@ -144,10 +145,9 @@ async def test_eval_run_as_the_operator_refuses_an_endpoint_other_than_the_relea
     bound = await lockgate(stack, "--role", "operator", "release", "create", "r1", "--app", "a", "--artifact",
                            f"model_config/config={digest}")
     assert bound.exit_code == 0, bound.output
-    suites = Path(__file__).resolve().parents[1] / "fixtures"
-    wrong = await lockgate(stack, "--role", "operator", "eval", "run", str(suites / "suites" / "qa.yaml"),
+    wrong = await lockgate(stack, "--role", "operator", "eval", "run", str(FIXTURES / "suites" / "qa.yaml"),
                            "--candidate", "r1", "--endpoint", "http://127.0.0.1:1/v1", "--policy",
-                           str(suites / "policies" / "default.yaml"), "--timeout", "20")
+                           str(FIXTURES / "policies" / "default.yaml"), "--timeout", "20")
     assert wrong.exit_code == 2, wrong.output
     assert one_line(wrong) == (f"error: release 'r1' ships model 'good' at endpoint 'default' ({digest}), but the eval "
                                "asks for endpoint 'http://127.0.0.1:1/v1': the gate judges what ships; omit the "
