@@ -18,6 +18,7 @@ from lockgate.endpoints import Access
 from lockgate.errors import ConfigError, NotFound
 from lockgate.evalruns import EvalRun, binding_digest
 from lockgate.provenance import environment
+from lockgate.redact import shown_url
 from lockgate.server.service import ServiceContext
 from lockgate.services.evaluator import (
     calibrated,
@@ -92,6 +93,9 @@ class Execution:
         remaining cases as it asked the first ones, and the result names that binding (the gate passes it only
         while the release is still bound so)."""
         req, binding = run.request, run.binding
+        # Refused before anything is read: the run's error, environment and decision would keep the credential
+        # (the CLI refuses it before it requests; this is for a request published otherwise).
+        shipped.refuse_url_credentials(req.endpoint)
         suite = domain.parse_suite(await artifacts.load_structured(self.ctx.bus, req.suite))
         # The cases are asked with the release's prompt, as its application asks them (it fetches the prompt from
         # the registry by release or alias): the gate judges the prompt the decision names, and a changed prompt
@@ -216,7 +220,7 @@ class Execution:
         outcome = await self._summarise(req, loaded, results)
         outcome.environment = environment.for_run(
             environment.host(), model=loaded.model,
-            endpoint=loaded.target.id if loaded.target is not None else req.endpoint,
+            endpoint=shown_url(loaded.target.id if loaded.target is not None else req.endpoint),
             params=_params(suite, loaded), suite=req.suite,
             dataset=suite.dataset if isinstance(suite.dataset, str) else "inline", repeats=suite.repeats,
             concurrency=req.concurrency, timeout_s=req.timeout_s, cache=bool(cache is not None))
@@ -250,7 +254,7 @@ class Execution:
             return await runner.judge_results(made, judge_hook, concurrency=req.concurrency, on_result=on_result,
                                               stopping=self.stopping, max_run_s=self.ctx.settings.eval_max_run_s)
         bucket = TokenBucket(suite.rate_limit_rps) if suite.rate_limit_rps else None
-        at = loaded.target or Access(id=req.endpoint, base=req.endpoint)
+        at = loaded.target or Access(id=shown_url(req.endpoint), base=req.endpoint)
         target = Upstream(self.session, at.base, loaded.model, policy, cache, bucket, at.headers, at.provider)
         call = functools.partial(target, params=_params(suite, loaded))
         return await runner.run_cases(suite, cases, call, concurrency=req.concurrency, skip=skip,

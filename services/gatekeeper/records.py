@@ -15,6 +15,7 @@ from lockgate.contracts import GateAudited, GateDecided
 from lockgate.errors import BusUnavailable, InvalidEvent, Retryable, UnreadableValue
 from lockgate.ids import derived_id
 from lockgate.queryclient import ask
+from lockgate.redact import scrub_secrets
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain
 from lockgate.subjects import token
@@ -60,12 +61,14 @@ class Records:
     async def audit(self, decision: GateDecided, *, action: str, actor: str, key: str,
                     reason: str | None = None) -> None:
         """Publish one audit row for the sink and one entry of the chained audit log (both deduplicated by
-        `key` on redelivery)."""
+        `key` on redelivery). A `reason` given here (a refusal's, which may quote a review) is scrubbed of secrets as
+        a signed decision's is (lockgate.signing), so no row of `gate_decisions` keeps one."""
+        reason = decision.reason if reason is None else scrub_secrets(reason)
         row = GateAudited(
             id=decision.id, time=decision.time, release=decision.release, action=action, actor=actor,
             decision=decision.decision, eval_run=decision.eval_run, policy=decision.policy,
             baseline=decision.baseline, rules=list(decision.rules),
-            reason=decision.reason if reason is None else reason, signature=decision.signature,
+            reason=reason, signature=decision.signature,
             key_id=decision.key_id, tenant=decision.tenant, source="gatekeeper", trace_id=decision.trace_id)
         await self.ctx.bus.publish(self.ctx.bus.subjects.gate_audit, row, msg_id=f"audit-{key}")
         await auditlog.record(

@@ -11,6 +11,7 @@ will take traffic, not whatever model an eval request happened to name.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,7 @@ import msgspec
 from lockgate import artifacts
 from lockgate.bus import Bus
 from lockgate.errors import ConfigError, NotFound
+from lockgate.redact import shown_url
 
 # Sampling parameters a model config may fix for its release (they override the client's and the suite's), and
 # the processing tier it is served at (`service_tier`: the operator's price to choose, never a client's).
@@ -40,7 +42,8 @@ class Shipped(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def where(self) -> str:
         """What the release ships, as a refusal names it."""
-        return f"release {self.release!r} ships model {self.model!r} at endpoint {self.endpoint!r} ({self.config})"
+        return (f"release {self.release!r} ships model {self.model!r} at endpoint {shown_url(self.endpoint)!r} "
+                f"({self.config})")
 
 
 # The rule an eval of a release with a model config keeps to, in one place: the evaluator applies it to every
@@ -60,8 +63,22 @@ def refuse_other_endpoint(shipped: Shipped, endpoint: str, base: str | None) -> 
     place agrees when it is the shipped endpoint's id, or a URL equal to `base`, that endpoint's allow-listed URL
     (None: not known here, so only the id agrees); the development setup names the simulator by URL."""
     if endpoint and endpoint != shipped.endpoint and endpoint.rstrip("/") != base:
-        raise ConfigError(f"{shipped.where}, but the eval asks for endpoint {endpoint!r}: the gate judges what "
-                          f"ships; omit the endpoint or give {shipped.endpoint!r}")
+        raise ConfigError(f"{shipped.where}, but the eval asks for endpoint {shown_url(endpoint)!r}: the gate "
+                          f"judges what ships; omit the endpoint or give {shown_url(shipped.endpoint)!r}")
+
+
+def refuse_url_credentials(endpoint: str) -> None:
+    """ConfigError when the URL an eval names (`endpoint`) carries a credential: a user or password before its `@`,
+    or a secret `shown_url` masks (`?api-key=...`). The URL is copied into every record of the run (its environment,
+    its error, the gate's signed reason, the audit log, a route's reason), so the credential would be stored for good;
+    an endpoint's credential belongs in the endpoints file, named by the endpoint's id."""
+    if "://" not in endpoint:
+        return  # an id of the allow-list (an id never holds ':' or '/')
+    shown = shown_url(endpoint)
+    if shown != endpoint or "@" in re.split(r"[/?#]", endpoint.partition("://")[2], maxsplit=1)[0]:
+        raise ConfigError(f"eval endpoint {shown!r} carries a credential in its URL, which every record of the run "
+                          "would keep: list the endpoint in the endpoints file (LOCKGATE_ENDPOINTS_FILE) with its "
+                          "credential named there, and give its id")
 
 
 async def of_release(bus: Bus, release: str) -> Shipped:

@@ -23,6 +23,7 @@ from lockgate.config import Settings
 from lockgate.contracts import GateDecided
 from lockgate.errors import BusUnavailable, ConfigError, SignatureError
 from lockgate.ids import canonical_json
+from lockgate.redact import scrub_secrets
 
 _RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
 
@@ -42,6 +43,19 @@ def canonical(decision: GateDecided) -> bytes:
         if not fields.get(name):
             fields.pop(name, None)
     return canonical_json(fields)
+
+
+def _scrubbed(decision: GateDecided) -> GateDecided:
+    """`decision` with secrets masked in its free text. Every decision is signed here, and a signed one is copied
+    whole (KV, the audit log, a route's reason a tenant's viewer key reads) and cannot be changed after: a reason
+    quotes what others wrote (an eval's error naming a URL with its password, probe p10), so it is scrubbed once,
+    here, before it is signed."""
+    rules = [msgspec.structs.replace(r, hint=scrub_secrets(r.hint), explanation=scrub_secrets(r.explanation))
+             for r in decision.rules]
+    reason = scrub_secrets(decision.reason)
+    if reason == decision.reason and rules == decision.rules:
+        return decision
+    return msgspec.structs.replace(decision, reason=reason, rules=rules)
 
 
 def key_id(public: Ed25519PublicKey) -> str:
@@ -138,8 +152,9 @@ class Signer:
         return base64.b64encode(self._private.sign(data)).decode()
 
     def sign(self, decision: GateDecided) -> GateDecided:
-        """The decision with this key's id and a base64 Ed25519 signature over `canonical`."""
-        unsigned = msgspec.structs.replace(decision, key_id=self.key_id, signature="")
+        """The decision with this key's id and a base64 Ed25519 signature over `canonical`, its free text (reason,
+        each rule's hint and explanation) scrubbed of secrets first."""
+        unsigned = msgspec.structs.replace(_scrubbed(decision), key_id=self.key_id, signature="")
         sig = self._private.sign(canonical(unsigned))
         return msgspec.structs.replace(unsigned, signature=base64.b64encode(sig).decode())
 

@@ -199,6 +199,25 @@ def test_undo_grant_takes_back_that_grant_only(tmp_path: Path) -> None:
     assert key.key_id not in read_trust_file(path).keys
 
 
+def test_a_decision_is_signed_with_its_free_text_scrubbed_of_secrets() -> None:
+    # Before (probe p10, F6): a BLOCK's reason quoted the eval's error whole, a URL's password included, and the
+    # signed decision carried it into KV, the audit log and the route's reason, where no later scrub may change it.
+    pw = "Pw9xKq2mZt7LrV4n"
+    url = f"http://evaluser:{pw}@127.0.0.1:9000/v1"
+    rule = msgspec.structs.replace(decision().rules[0], hint=f"called {url}", explanation=f"token {pw}Zz")
+    signer = Signer.generate()
+    signed = signer.sign(msgspec.structs.replace(decision(), reason=f"eval run r1 failed: asks for {url}",
+                                                 rules=[rule]))
+    assert pw not in msgspec.json.encode(signed).decode()
+    assert signed.reason == "eval run r1 failed: asks for http://evaluser:[REDACTED]@127.0.0.1:9000/v1"
+    assert (signed.rules[0].hint, signed.rules[0].explanation) == (
+        "called http://evaluser:[REDACTED]@127.0.0.1:9000/v1", "token [REDACTED]")
+    assert Keyring([signer.public]).verify(signed) == signer.key_id  # what is signed is what is stored
+    given = decision()
+    plain = signer.sign(given)  # nothing to scrub: signed as given
+    assert msgspec.structs.replace(plain, key_id="", signature="") == given
+
+
 def test_a_decision_signed_before_approvals_existed_still_verifies() -> None:
     # The bytes an older gatekeeper signed had no `approvals` (nor `approval_keys`) field at all.
     signer = Signer.generate()

@@ -4,7 +4,8 @@ The evaluator fails a run that asks for another model or endpoint than the candi
 signs a BLOCK of a failed run; a BLOCK of a serving release rolls it back. So a mistyped `--endpoint` or
 `--model` (or a `--baseline` that names no release of the candidate's app) is refused here, as an input error
 (exit 2), with the rule the evaluator keeps to (lockgate.shipped): nothing is requested and no decision is
-written. The evaluator keeps its own check for requests others publish.
+written. The evaluator keeps its own check for requests others publish. A URL with a credential in it
+(`http://user:password@host/v1`) is refused the same way, whatever the candidate: the run's records would keep it.
 
 A URL is compared with the allow-list as this CLI's settings read it, which need not be the evaluator's (a
 simulator on another port): a URL that differs is refused, and one that agrees is requested as the endpoint's
@@ -27,7 +28,9 @@ async def check_releases(bus: Bus, settings: Settings, *, candidate: str, baseli
     """The endpoint to request (`endpoint`, or the shipped endpoint's id for its URL); ConfigError when the eval
     of `candidate` would be refused or judged against another release than meant: a candidate nobody registered
     and no endpoint to call, a model or endpoint other than the candidate ships (`calls`: the suite calls the
-    model; a recorded task calls nothing), a baseline that is not registered or is another app's."""
+    model; a recorded task calls nothing), a baseline that is not registered or is another app's; a URL carrying a
+    credential, whatever the candidate (lockgate.shipped.refuse_url_credentials)."""
+    shipped.refuse_url_credentials(endpoint)
     bundle = await _bundle(bus, candidate)
     if bundle is None and not endpoint:
         # Before, one nobody registered was refused by the evaluator as "EvalRequested.endpoint is empty",
