@@ -118,9 +118,14 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     # Break-glass statements used on this deployment, (digest of the statement, until when it could still
     # verify): each is good once, so a statement seen in a rollout event or the audit log cannot be replayed.
     spent: list[tuple[str, float]] = []
-    # The secret of this rollout's sticky buckets (`bucket`), drawn when it starts: a client cannot compute which
-    # arm a user id lands on, so it cannot aim one kind of request at the canary and another at stable. Only the
-    # router reads it: the admin API leaves it out (`shown`). "" in routes stored before: the unsalted hash.
+    # This rollout's id, drawn when it starts: its sticky buckets are keyed with the router's secret over it
+    # (`sticky_salt`), so a client cannot compute which arm a user id lands on, and cannot aim one kind of request at
+    # the canary and another at stable. Not a secret itself: whoever reads the route (the CLI's NATS roles) lacks the
+    # router's. "" in routes stored before.
+    rollout: str = ""
+    # The secret of a sticky split drawn before the router's secret existed (kept in the record, which the CLI's NATS
+    # roles read): a rollout started then keeps its split until it ends. "" otherwise (`sticky_salt`). The admin API
+    # leaves it out (`shown`).
     salt: str = ""
 
 
@@ -314,10 +319,28 @@ def normalize_steps(steps: tuple[float, ...] | list[float]) -> tuple[float, ...]
     return tuple(out)
 
 
+SECRET_BYTES = 32  # the router's secret (Rollouts.secret): random, shared by its replicas, read by no other identity
+
+
+@functools.lru_cache(maxsize=1024)
+def _derived(secret: bytes, purpose: str, *parts: str) -> bytes:
+    # One secret, a key per purpose: a sticky salt is never a user hash of some other input.
+    return hmac.digest(secret, "\x00".join((purpose, *parts)).encode(), "sha256")
+
+
+def sticky_salt(secret: bytes, route: Route) -> str:
+    """The key of a rollout's sticky buckets: the router's secret over the deployment and the rollout's id, the same on
+    every replica and for the whole rollout, and computed by the router only. A rollout started before it kept its
+    own salt in the route (Route.salt), and one started before salts none (""): each keeps the split it began with."""
+    if route.salt or not route.rollout:
+        return route.salt
+    return _derived(secret, "sticky", route.deployment, route.rollout).hex()
+
+
 def bucket(deployment: str, user: str, salt: str = "") -> int:
     """Stable bucket in [0, 10000) for a user within a deployment and rollout (same user and salt, same bucket).
 
-    Keyed with the rollout's secret salt (Route.salt): anyone can hash a deployment and a user id, and a client
+    Keyed with the rollout's secret salt (`sticky_salt`): anyone can hash a deployment and a user id, and a client
     that knew its users' arms could send long prompts to the canary's and short ones to stable's, and abort a
     healthy canary on the difference. "" (a route stored before salts): the unsalted hash it was routed by."""
     data = f"{deployment}\x00{user}".encode()
@@ -332,10 +355,10 @@ def by_header(route: Route, headers: Mapping[str, str] | None, key_id: str = "",
             and headers is not None and route.header_route.honours(headers, key_id, role))
 
 
-def choose(route: Route, user: str, headers: Mapping[str, str] | None = None, *, key_id: str = "",
+def choose(route: Route, user: str, headers: Mapping[str, str] | None = None, *, salt: str, key_id: str = "",
            role: str = "") -> tuple[Variant, Target]:
-    """The variant and target for a sticky key (user, session or client key). Raising the weight only
-    moves stable users to canary (the salt stays for the whole rollout). Without a key each request draws its own bucket: the split holds,
+    """The variant and target for a sticky key (user, session or client key), split with the rollout's `salt`
+    (`sticky_salt`). Raising the weight only moves stable users to canary (the salt stays for the whole rollout). Without a key each request draws its own bucket: the split holds,
     stickiness cannot (the client's IP is never used, see README). A live rollout's header route sends a tester's
     requests that carry its header (`by_header`) to the canary (or blue-green preview) first, at any weight; any
     other request is routed as if it had no header, never refused (an ordinary client library may send one)."""
@@ -343,7 +366,7 @@ def choose(route: Route, user: str, headers: Mapping[str, str] | None = None, *,
         return "canary", route.canary
     if route.canary is None or route.weight <= 0:
         return "stable", route.stable
-    spot = bucket(route.deployment, user, route.salt) if user else random.randrange(BUCKETS)
+    spot = bucket(route.deployment, user, salt) if user else random.randrange(BUCKETS)
     if route.weight >= 100 or spot < route.weight * (BUCKETS // 100):
         return "canary", route.canary
     return "stable", route.stable
@@ -355,10 +378,12 @@ def stable_only(route: Route) -> Route:
     return msgspec.structs.replace(route, canary=None, weight=0.0, header_route=None)
 
 
-@functools.lru_cache(maxsize=8192)  # the same users call again and again: a sha256 per user, not per request
-def user_hash(user: str) -> str:
-    """Pseudonymous user id for events: never the raw id."""
-    return hashlib.sha256(user.encode()).hexdigest()[:16] if user else ""
+@functools.lru_cache(maxsize=8192)  # the same users call again and again: an HMAC per user, not per request
+def user_hash(secret: bytes, tenant: str, user: str) -> str:
+    """Pseudonymous user id for events: never the raw id, and keyed with the router's secret. An unkeyed hash of a
+    user id (a small integer, an email) is reversed by hashing candidates; whoever reads the events lacks the key.
+    The same for a tenant's user on every replica and rollout, so per-user analysis still groups."""
+    return hmac.digest(secret, "\x00".join(("user", tenant, user)).encode(), "sha256").hex()[:16] if user else ""
 
 
 def default_route(deployment: str) -> Route:
@@ -414,11 +439,12 @@ def same_tenant(route: Route, *targets: Target) -> None:
 
 
 def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Target, first_step: float,
-                 override: Override | None = None, now: float = 0.0, salt: str = "") -> Route:
+                 override: Override | None = None, now: float = 0.0, rollout: str = "") -> Route:
     """Begin a canary at 0%, waiting for a decision that allows it; with an override, at its initial weight.
 
     `stable` and `canary` are the targets the releases' bundles resolve to, of the app the deployment serves.
-    `salt` is the new rollout's secret for its sticky buckets (drawn by the caller: this stays deterministic).
+    `rollout` is the new rollout's id, which keys its sticky buckets (`sticky_salt`; drawn by the caller: this stays
+    deterministic). A salt stored by a rollout before is dropped: this one's is the router's to compute.
     """
     same_app(route, stable, canary)
     same_tenant(route, stable, canary)
@@ -443,7 +469,7 @@ def start_canary(route: Route, req: CanaryRequest, *, stable: Target, canary: Ta
                                          "a new rollout started" + (" with its own" if override else " without one")),
                  decision_id="", next_step_at=0.0, admitted="", start_weight=float(asked), good=good,
                  override=override, spent=route.spent if override is None else spend(route, override, now),
-                 salt=salt)
+                 rollout=rollout, salt="")
 
 
 def first_release(route: Route, target: Target, decision: GateDecided | None, actor: str = "") -> Route:

@@ -355,7 +355,7 @@ class Proxy:
         # would send every user behind one app host or NAT to the same variant.
         # A header route is honoured for a tester's key only (HeaderRoute.honours): anyone else is routed by weight.
         variant, target = domain.choose(route, user or session or h.get("x-lockgate-sticky-key") or "", h,
-                                        key_id=key.id, role=key.role)
+                                        salt=self.rollouts.sticky_salt(route), key_id=key.id, role=key.role)
         by_header = variant == "canary" and domain.by_header(route, h, key.id, key.role)
         model = target.model or req.model
         stream = req.stream
@@ -507,7 +507,7 @@ class Proxy:
                 finish_reason=rec.finish_reason,
                 prompt=op.prompt(req),
                 response=text if op is not EMBEDDINGS and (rec.status == "ok" or text) else None,
-                user_hash=domain.user_hash(user),
+                user_hash=self.rollouts.user_hash(key.tenant, user),
                 session_id=session,  # scrubbed with the rest of the event in the outbox
                 attributes=attributes,
                 key_id=key.id,  # the caller, so canary analysis judges each key's requests apart

@@ -36,6 +36,7 @@ from lockgate.errors import (
     NotFound,
     Retryable,
     SignatureError,
+    UnreadableValue,
 )
 from lockgate.pricebook import load_price_book
 from lockgate.retry import RetryPolicy
@@ -157,8 +158,18 @@ class Rollouts:
         # its governed deployments until it is back (read by the proxy on every request).
         self.refusing = False
         self._refuse_timer: asyncio.TimerHandle | None = None
+        # The router's secret (`load_secret`): keys the sticky buckets and the user hashes. Read at `restore`.
+        self.secret = b""
 
     # reads (hot path)
+    def sticky_salt(self, route: Route) -> str:
+        """The key of the route's sticky buckets (domain.sticky_salt): the same on every replica."""
+        return domain.sticky_salt(self.secret, route)
+
+    def user_hash(self, tenant: str, user: str) -> str:
+        """A tenant's user id as events record it (domain.user_hash): the same on every replica."""
+        return domain.user_hash(self.secret, tenant, user)
+
     def route(self, deployment: str) -> Route:
         """Current route of a deployment (the default route if none was configured)."""
         r = self.routes.get(deployment)
@@ -191,8 +202,31 @@ class Rollouts:
                     yield None
 
     # lifecycle
+    async def load_secret(self) -> None:
+        """Read the router's secret from its bucket, which no other identity but admin may read; the first replica
+        creates it (create-only, and the bucket keeps every key's first value: a second create is refused), the
+        others read the one that won."""
+        bus, bucket = self.ctx.bus, self.ctx.bus.subjects.kv_router_secret
+        try:
+            kv = await bus.kv(bucket)
+            try:
+                value = (await kv.get("secret")).value
+            except nats.js.errors.KeyNotFoundError:
+                with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
+                    await kv.create("secret", secrets.token_bytes(domain.SECRET_BYTES))  # another replica's may win
+                value = (await kv.get("secret")).value
+        except nats.errors.Error as exc:
+            raise BusUnavailable(f"cannot read the router's secret from KV {bucket}: {exc!r}") from None
+        if value is None or len(value) != domain.SECRET_BYTES:
+            raise UnreadableValue(f"the router's secret in KV {bucket} is not {domain.SECRET_BYTES} bytes: something "
+                                  "else wrote it; an admin must delete the bucket, and the next router draws another "
+                                  "(every rollout's users are split afresh, user hashes change)")
+        self.secret = value
+
     async def restore(self) -> None:
-        """Load persisted routes by watching the KV bucket (initial values), then accept decisions."""
+        """Load the router's secret and persisted routes (watching the KV bucket's initial values), then accept
+        decisions."""
+        await self.load_secret()
         bus, bucket = self.ctx.bus, self.ctx.bus.subjects.kv_routes
         try:
             self._kv = await bus.kv(bucket)
@@ -594,8 +628,9 @@ class Rollouts:
                     "cannot start at a weight; start it without initial_weight (it waits at 0%) or an admin "
                     "may override with break_glass")
         followed: list[str] = []
-        # The rollout's sticky-bucket secret, drawn here (domain stays deterministic), once for every attempt.
-        salt = secrets.token_hex(16)
+        # The rollout's id, which keys its sticky buckets with the router's secret, drawn here (domain stays
+        # deterministic), once for every attempt.
+        rollout = secrets.token_hex(8)
 
         async def change() -> None:
             # The new stable's decision is read on every attempt and checked on the route this attempt changes: a
@@ -614,7 +649,8 @@ class Rollouts:
             # At 0% (or held at its break-glass weight): the canary's decision is read once the route holds it
             # (`_settle` follows it), so a BLOCK stored meanwhile is the one acted on.
             started = domain.start_canary(route, req, stable=stable, canary=canary,
-                                          first_step=steps[0], override=override, now=time.time(), salt=salt)
+                                          first_step=steps[0], override=override, now=time.time(),
+                                          rollout=rollout)
             self._apply(msgspec.structs.replace(started, strategy=strategy, started_at=time.time(), paused=False,
                                                 analysis=None), actor=actor or (override.actor if override else ""))
             self.evidence.forget(deployment, keep={req.stable_release, req.canary_release})

@@ -257,7 +257,7 @@ class Shadow:
                 operation="chat", input_tokens=answer.input_tokens, output_tokens=answer.output_tokens,
                 cached_tokens=answer.cached_tokens, latency_ms=latency_ms, status=status,
                 error_type=error, finish_reason=answer.finish_reason, prompt=last_user_text(req.messages),
-                response=answer.text if status == "ok" else None, user_hash=domain.user_hash(user),
+                response=answer.text if status == "ok" else None, user_hash=self.rollouts.user_hash(key.tenant, user),
                 session_id=session, key_id=key.id, attributes=dict(answer.attributes))
         except (msgspec.ValidationError, ValueError) as exc:
             log.warning("shadow event for %s not recorded: %s", deployment, exc)

@@ -535,6 +535,12 @@ class Subjects:
         return f"{self.prefix}_response_cache"
 
     @property
+    def kv_router_secret(self) -> str:
+        """The router's secret (key `secret`, written once): it keys sticky buckets and user hashes; only the router
+        (and admin) reads it."""
+        return f"{self.prefix}_router_secret"
+
+    @property
     def object_store(self) -> str:
         return f"{self.prefix}_artifacts"
 

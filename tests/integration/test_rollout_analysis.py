@@ -174,7 +174,7 @@ async def test_requests_the_client_fails_on_a_healthy_canary_do_not_abort_it(rou
     await _pass(router, signer, "slow")
     # The canary's half, found with the rollout's secret salt (a client can no longer compute it; here, the worst
     # case of one that learnt its arms otherwise).
-    salt = router.rollouts.route("chat").salt
+    salt = router.rollouts.sticky_salt(router.rollouts.route("chat"))
     users = [u for u in (f"mallory-{i}" for i in range(200)) if bucket("chat", u, salt) < 5000][:10]
     url = f"{router.url}/v1/chat/completions"
 

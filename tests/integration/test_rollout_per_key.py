@@ -76,7 +76,7 @@ async def router(context: ServiceContext, run_services: Any, signer: Signer) -> 
 def _users(router: Any, prefix: str, canary: bool, n: int) -> list[str]:
     """n user ids that the 50% step sends to the canary (or to stable): found with the rollout's secret salt, as
     the router finds them (a client cannot compute it); here, the worst case of a caller who learnt its arms."""
-    salt = router.rollouts.route("chat").salt
+    salt = router.rollouts.sticky_salt(router.rollouts.route("chat"))
     found = (u for u in (f"{prefix}-{i}" for i in range(100 * n)) if (bucket("chat", u, salt) < 5000) == canary)
     return [next(found) for _ in range(n)]
 

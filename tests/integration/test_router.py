@@ -265,7 +265,7 @@ async def test_an_app_key_can_neither_compute_nor_read_which_of_its_user_ids_are
     bus = router.ctx.bus
     served = await bus.nc.subscribe(bus.subjects.served("shop", "acme"))
     await _half_canary(http, router, "steering test")
-    salt = router.rollouts.route("chat").salt
+    salt = router.rollouts.sticky_salt(router.rollouts.route("chat"))
     # The admin API never shows the secret: a change's answer, a read, the list, a watch.
     base = f"{router.url}/lockgate/v1/deployments"
     for path in ("/chat", "", "/chat/watch"):
@@ -280,7 +280,7 @@ async def test_an_app_key_can_neither_compute_nor_read_which_of_its_user_ids_are
                 assert resp.status == 200 and await resp.read()
                 looks[user] = {k.lower(): v for k, v in resp.headers.items() if k.lower() not in _PER_ANSWER}
     by_hash = {e.user_hash: e.variant for e in await served_events(served, len(users))}
-    arm = {u: by_hash[domain.user_hash(u)] for u in users}
+    arm = {u: by_hash[router.rollouts.user_hash("acme", u)] for u in users}
     assert 60 < sum(v == "canary" for v in arm.values()) < 140  # both arms served
     # Nothing in the headers says which: canary and stable users' answers carry the same names and values.
     canary = {json.dumps(looks[u], sort_keys=True) for u in users if arm[u] == "canary"}
@@ -289,11 +289,11 @@ async def test_an_app_key_can_neither_compute_nor_read_which_of_its_user_ids_are
     # Nor does the hash a client can compute predict it: it agrees with the arm by chance only.
     guessed = sum((domain.bucket("chat", u) < 5000) == (arm[u] == "canary") for u in users)
     assert 60 < guessed < 140, guessed
-    # The next rollout of the deployment splits its users afresh, under a secret of its own.
+    # The next rollout of the deployment splits its users afresh, under a key of its own.
     answer = await _half_canary(http, router, "steering test, again")
     again = router.rollouts.route("chat")
-    assert again.salt and salt and again.salt != salt and "salt" not in answer
-    moved = sum(domain.choose(again, u)[0] != arm[u] for u in users)
+    assert router.rollouts.sticky_salt(again) not in ("", salt) and salt and "salt" not in answer
+    moved = sum(domain.choose(again, u, salt=router.rollouts.sticky_salt(again))[0] != arm[u] for u in users)
     assert 60 < moved < 140, moved
 
 

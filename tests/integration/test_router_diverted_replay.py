@@ -83,7 +83,8 @@ async def test_a_restarted_replica_counts_the_diversions_of_a_failing_canary_as_
     await _pass(live, signer, "dead")
     route = live.rollouts.route("chat")
     assert route.weight == 50
-    users = [u for u in (f"user-{i}" for i in range(200)) if bucket("chat", u, route.salt) < 5000][:23]
+    salt = live.rollouts.sticky_salt(route)
+    users = [u for u in (f"user-{i}" for i in range(200)) if bucket("chat", u, salt) < 5000][:23]
 
     # The canary fails three calls (each answered by stable): its breaker opens. Stored, and then taken by every
     # reader of the stream: these events are in the record only.

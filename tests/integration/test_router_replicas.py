@@ -75,8 +75,9 @@ async def test_canary_on_one_replica_is_routed_and_promoted_once_by_both(
     await b.rollouts.wait_for(lambda r: "chat" in r and r["chat"].canary is not None
                               and r["chat"].canary.release == "r2", timeout=10)
     assert b.rollouts.route("chat").weight == a.rollouts.route("chat").weight
-    # Both split users with the rollout's one secret salt, read from KV: a user gets one arm from either replica.
-    assert b.rollouts.route("chat").salt == a.rollouts.route("chat").salt != ""
+    # Both split users with one key, the router's secret (read from its KV bucket) over the rollout's id: a user gets
+    # one arm from either replica.
+    assert b.rollouts.sticky_salt(b.rollouts.route("chat")) == a.rollouts.sticky_salt(a.rollouts.route("chat")) != ""
 
     await gate_decided(bus, signer.sign(GateDecided(release="r2", rules=[], decision="PASS",
                                                     artifacts=await judged(bus, "r2"))))

@@ -39,7 +39,7 @@ def _decision(verdict: str, release: str = "r2", id_: str | None = None) -> Gate
 def test_split_matches_weight(weight: float) -> None:
     route = msgspec.structs.replace(_canary(), weight=float(weight))
     n = 20_000
-    canary = sum(domain.choose(route, f"user-{i}")[0] == "canary" for i in range(n))
+    canary = sum(domain.choose(route, f"user-{i}", salt="")[0] == "canary" for i in range(n))
     assert abs(canary / n - weight / 100) < 0.015
 
 
@@ -47,43 +47,64 @@ def test_split_is_sticky_and_monotone() -> None:
     low = msgspec.structs.replace(_canary(), weight=10.0)
     high = msgspec.structs.replace(low, weight=50.0)
     users = [f"u{i}" for i in range(2000)]
-    first = [domain.choose(low, u)[0] for u in users]
-    assert first == [domain.choose(low, u)[0] for u in users]
+    first = [domain.choose(low, u, salt="")[0] for u in users]
+    assert first == [domain.choose(low, u, salt="")[0] for u in users]
     # raising the weight only moves stable users to canary, never back
-    assert all(domain.choose(high, u)[0] == "canary" for u, v in zip(users, first, strict=True) if v == "canary")
+    assert all(domain.choose(high, u, salt="")[0] == "canary" for u, v in zip(users, first, strict=True)
+               if v == "canary")
 
 
-def _salted(salt: str) -> Route:
-    return domain.start_canary(domain.default_route("d"), CanaryRequest(stable_release="r1", canary_release="r2"),
-                               stable=STABLE, canary=CANARY, first_step=STEPS[0], salt=salt)
+SECRET = bytes(range(32))  # the router's (Rollouts.secret)
 
 
-def test_bucket_is_salted_per_rollout() -> None:
+def _started(rollout: str, route: Route | None = None) -> Route:
+    return domain.start_canary(route or domain.default_route("d"),
+                               CanaryRequest(stable_release="r1", canary_release="r2"), stable=STABLE, canary=CANARY,
+                               first_step=STEPS[0], rollout=rollout)
+
+
+def test_bucket_is_keyed_per_rollout_with_the_routers_secret() -> None:
     # Probe p1: the bucket was sha256(deployment, user), so any client computed which of its user ids were on the
-    # canary and aimed long prompts there, short ones at stable, and aborted a healthy canary. Now each rollout
-    # keys it with its own secret: two rollouts of one deployment split users independently, and the unsalted hash
-    # (what a client can compute) says nothing of either.
+    # canary and aimed long prompts there, short ones at stable, and aborted a healthy canary. Then each rollout drew
+    # a salt, kept in the route record, which the CLI's NATS roles read (probe p10 F9). Now the key is the router's
+    # secret over the rollout's id: two rollouts of one deployment split users independently, the record holds no
+    # key, and neither the unsalted hash nor the id alone (what a reader of the record has) says anything of either.
     users = [f"user-{i}" for i in range(4000)]
-    one, two = (msgspec.structs.replace(_salted(s), weight=50.0, phase="progressing") for s in ("a" * 32, "b" * 32))
-    assert (one.salt, two.salt) == ("a" * 32, "b" * 32)
-    assert sum(domain.bucket("d", u, one.salt) == domain.bucket("d", u, two.salt) for u in users) < 10
-    on_one = [domain.choose(one, u)[0] == "canary" for u in users]
-    on_two = [domain.choose(two, u)[0] == "canary" for u in users]
+    one, two = (msgspec.structs.replace(_started(r), weight=50.0, phase="progressing") for r in ("a" * 16, "b" * 16))
+    assert (one.salt, two.salt, one.rollout, two.rollout) == ("", "", "a" * 16, "b" * 16)
+    salts = domain.sticky_salt(SECRET, one), domain.sticky_salt(SECRET, two)
+    assert "" not in salts and salts[0] != salts[1] and domain.sticky_salt(bytes(32), one) != salts[0]
+    assert salts[0] not in msgspec.json.encode(one).decode()  # the stored record does not hold it
+    assert sum(domain.bucket("d", u, salts[0]) == domain.bucket("d", u, salts[1]) for u in users) < 10
+    on_one = [domain.choose(one, u, salt=salts[0])[0] == "canary" for u in users]
+    on_two = [domain.choose(two, u, salt=salts[1])[0] == "canary" for u in users]
     guess = [domain.bucket("d", u) < 5000 for u in users]  # what a client computed before
-    for other in (on_two, guess):  # each agrees with the arms of rollout one by chance only: half the time
+    by_id = [domain.bucket("d", u, one.rollout) < 5000 for u in users]  # what a reader of the record computes
+    for other in (on_two, guess, by_id):  # each agrees with the arms of rollout one by chance only: half the time
         assert 0.45 < sum(a == b for a, b in zip(on_one, other, strict=True)) / len(users) < 0.55
     assert domain.bucket("d", "user-1", "") == domain.bucket("d", "user-1")  # routes stored before: the old hash
 
 
+def test_a_rollout_started_before_keeps_the_split_it_began_with() -> None:
+    # A record with a salt of its own (drawn before the router's secret): its users stay on their arms mid-rollout;
+    # the next rollout drops it, for a key only the router computes.
+    before = msgspec.structs.replace(_canary(), salt="e" * 32)
+    assert domain.sticky_salt(SECRET, before) == "e" * 32
+    assert domain.sticky_salt(SECRET, msgspec.structs.replace(before, salt="")) == ""  # before salts: unsalted
+    after = _started("f" * 16, before)
+    assert after.salt == "" and domain.sticky_salt(SECRET, after) not in ("", "e" * 32)
+
+
 def test_salted_split_is_sticky_and_monotone_within_a_rollout() -> None:
-    r = domain.on_decision(_salted("c" * 32), _decision("PASS"), STEPS, 5.0, now=100.0)
+    r = domain.on_decision(_started("c" * 16), _decision("PASS"), STEPS, 5.0, now=100.0)
+    salt = domain.sticky_salt(SECRET, r)
     users = [f"u{i}" for i in range(2000)]
     canary: set[str] = set()
     now = 105.0
     while r.phase == "progressing":
-        assert r.salt == "c" * 32  # the rollout keeps its salt at every step
-        arms = {u: domain.choose(r, u)[0] for u in users}
-        assert arms == {u: domain.choose(r, u)[0] for u in users}  # sticky
+        assert domain.sticky_salt(SECRET, r) == salt  # the rollout keeps its key at every step
+        arms = {u: domain.choose(r, u, salt=salt)[0] for u in users}
+        assert arms == {u: domain.choose(r, u, salt=salt)[0] for u in users}  # sticky
         now_canary = {u for u, v in arms.items() if v == "canary"}
         assert canary <= now_canary  # raising the weight only moves stable users to the canary
         assert abs(len(now_canary) / len(users) - r.weight / 100) < 0.04
@@ -94,7 +115,7 @@ def test_salted_split_is_sticky_and_monotone_within_a_rollout() -> None:
 
 
 def test_shown_route_leaves_the_salt_out() -> None:
-    r = _salted("d" * 32)
+    r = msgspec.structs.replace(_started("d" * 16), salt="d" * 32)  # a record from before the router's secret
     view = domain.shown(r)
     assert "salt" not in view and "d" * 32 not in msgspec.json.encode(view).decode()
     assert msgspec.convert(view, Route) == msgspec.structs.replace(r, salt="")  # all else as it is
@@ -102,13 +123,20 @@ def test_shown_route_leaves_the_salt_out() -> None:
 
 def test_no_canary_routes_stable() -> None:
     route = domain.default_route("d")
-    assert domain.choose(route, "x") == ("stable", route.stable)
+    assert domain.choose(route, "x", salt="") == ("stable", route.stable)
     assert (route.stable.endpoint, route.stable.model) == ("default", "")  # the client's model, default endpoint
 
 
-def test_user_hash_is_pseudonymous() -> None:
-    assert domain.user_hash("alice") != "alice" and len(domain.user_hash("alice")) == 16
-    assert domain.user_hash("") == ""
+def test_user_hash_is_keyed_with_the_routers_secret() -> None:
+    # Probe p10 F13: it was sha256(user)[:16], so whoever read the events hashed every small integer and a list of
+    # emails and had the user ids back in under a second.
+    import hashlib
+
+    h = domain.user_hash(SECRET, "acme", "73519")
+    assert len(h) == 16 and h == domain.user_hash(SECRET, "acme", "73519")  # stable: per-user analysis groups
+    assert h != hashlib.sha256(b"73519").hexdigest()[:16]
+    assert h != domain.user_hash(bytes(32), "acme", "73519") and h != domain.user_hash(SECRET, "other", "73519")
+    assert domain.user_hash(SECRET, "acme", "") == ""
 
 
 def test_normalize_steps_ends_at_100() -> None:
@@ -152,7 +180,7 @@ def test_pass_progresses_step_by_step_then_promotes() -> None:
         now += 5.0
     assert weights == [10.0, 25.0, 50.0, 100.0, 0.0]
     assert r.phase == "promoted" and r.stable.release == "r2"
-    assert domain.choose(r, "anyone") == ("stable", r.stable)
+    assert domain.choose(r, "anyone", salt="") == ("stable", r.stable)
     state = domain.to_state(r)
     assert (state.stable_release, state.canary_release, state.canary_weight) == ("r2", "r2", 0.0)
 
@@ -195,7 +223,7 @@ def test_reject_after_promotion_rolls_back_to_previous_stable() -> None:
     assert (r.stable.release, r.previous.release) == ("r2", "r1")
     back = domain.on_decision(r, _decision("BLOCK", id_="rej"), STEPS, 5.0, now=1.0, decisions=_ok(r))
     assert (back.stable.release, back.phase, back.weight, back.decision_id) == ("r1", "aborted", 0.0, "rej")
-    assert domain.choose(back, "anyone")[1].release == "r1"
+    assert domain.choose(back, "anyone", salt="")[1].release == "r1"
 
 
 def test_break_glass_promotes_and_a_canary_override_stays_until_cleared() -> None:
@@ -368,9 +396,9 @@ def test_a_replica_cut_off_from_the_bus_serves_the_stable_release_only() -> None
     live = msgspec.structs.replace(_canary(weight=50, phase="progressing"),
                                    header_route=HeaderRoute(header="x-lockgate-canary", value="always"))
     tagged = {"x-lockgate-canary": "always"}
-    assert domain.choose(live, "anyone", tagged, role="admin")[1] == CANARY
+    assert domain.choose(live, "anyone", tagged, salt="", role="admin")[1] == CANARY
     cut = domain.stable_only(live)
-    assert {domain.choose(cut, f"user-{i}", tagged, role="admin")[1].release for i in range(200)} == {"r1"}
+    assert {domain.choose(cut, f"user-{i}", tagged, salt="", role="admin")[1].release for i in range(200)} == {"r1"}
     assert cut.canary is None  # nothing to mirror to either (Shadow.maybe_mirror)
 
 

@@ -49,7 +49,7 @@ def test_an_allowed_first_release_serves_everyone_at_once() -> None:
     r = domain.first_release(domain.default_route("d"), R1, decision, "ops")
     assert (r.stable, r.canary, r.weight, r.phase, r.version) == (R1, None, 0.0, "promoted", 1)
     assert (r.decision_id, r.admitted, r.good, r.override) == (decision.id, decision.id, [R1], None)
-    assert all(domain.choose(r, f"u{i}") == ("stable", R1) for i in range(200))
+    assert all(domain.choose(r, f"u{i}", salt="") == ("stable", R1) for i in range(200))
     assert r.reason.startswith("first release r1 serves 100% (rolled out by ops): verified gate decision "
                                f"{decision.id} allows it")
     state = domain.to_state(r)

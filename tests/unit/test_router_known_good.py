@@ -83,7 +83,7 @@ def test_block_after_promotion_skips_an_unverified_previous_for_the_last_known_g
     back = domain.on_decision(r, _decision("BLOCK", "r3", "blk"), STEPS, 10.0, 300.0, decisions=_ok(r))
     assert back is not None and (back.stable.release, back.phase, back.weight) == ("r1", "aborted", 0.0)
     assert back.reason.startswith("rolled back r3: gate BLOCK after promotion: because; back on last known-good r1")
-    assert _good(back) == ["r1"] and domain.choose(back, "anyone")[1].release == "r1"
+    assert _good(back) == ["r1"] and domain.choose(back, "anyone", salt="")[1].release == "r1"
 
 
 def test_later_block_of_the_release_rolled_back_to_goes_one_further_back() -> None:
@@ -113,7 +113,7 @@ def test_undo_to_a_named_known_good_release() -> None:
     assert (undone.stable.release, undone.previous.release, undone.phase, undone.weight) == (  # type: ignore[union-attr]
         "r1", "r3", "aborted", 0.0)
     assert undone.reason == "undone to known-good r1 by apikey:ops (was r3)"
-    assert domain.choose(undone, "anyone")[1].release == "r1"
+    assert domain.choose(undone, "anyone", salt="")[1].release == "r1"
 
 
 def test_block_of_a_release_undone_back_to_rolls_it_back() -> None:
@@ -125,7 +125,7 @@ def test_block_of_a_release_undone_back_to_rolls_it_back() -> None:
     back = domain.on_decision(r, _decision("BLOCK", "r2", "b2", "toxicity 0.3"), STEPS, 10.0, 300.0, decisions=_ok(r))
     assert back is not None and (back.stable.release, back.phase, back.weight) == ("r1", "aborted", 0.0)
     assert "gate BLOCK of known-good r2: toxicity 0.3" in back.reason and _good(back) == ["r1"]
-    assert domain.choose(back, "anyone")[1].release == "r1"
+    assert domain.choose(back, "anyone", salt="")[1].release == "r1"
     # A decision that allows it changes nothing.
     assert domain.on_decision(r, _decision("PASS", "r2", "p2"), STEPS, 10.0, 300.0, decisions=_ok(r)) is None
 
@@ -166,7 +166,7 @@ def test_a_rollback_never_puts_back_a_previous_release_the_gate_blocked_since() 
     r = domain.on_decision(p, _decision("BLOCK", "r1", "b1"), STEPS, 10.0, 300.0, decisions=_ok(p))
     assert r is not None and _good(r) == [] and r.previous is not None and r.previous.release == "r1"
     back = domain.on_decision(r, _decision("BLOCK", "r2", "b2", "drift"), STEPS, 10.0, 301.0, decisions=_ok(r))
-    assert back is not None and back.stable.release == "r2" and domain.choose(back, "anyone")[1].release == "r2"
+    assert back is not None and back.stable.release == "r2" and domain.choose(back, "anyone", salt="")[1].release == "r2"
     assert "NO known-good release to roll back to: still serving r2" in back.reason
     # Its post-promotion analysis is over: passing later must not make the BLOCKed r2 known-good.
     assert not back.verifying and progress.on_measurement(back, _m("SUCCESSFUL"), STEPS, 10.0, now=310.0,

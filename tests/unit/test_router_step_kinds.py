@@ -126,30 +126,35 @@ def test_operator_pause_during_a_program_resumes_after_an_interval() -> None:
     assert resumed.weight == 20.0 and resumed.next_step_at == 210.0  # the program goes on at its own pace
 
 
+def _choose(route: Route, user: str, headers: dict[str, str] | None = None, **key: str) -> tuple[str, Any]:
+    # The unsalted split: these tests are of header routes, not of the buckets' key.
+    return domain.choose(route, user, headers, salt="", **key)
+
+
 def test_header_route_sends_tagged_requests_to_the_canary_at_any_weight() -> None:
     r = _pass(_route({"steps": [{"set_header_route": {"header": "X-Lockgate-Canary", "value": "always"}},
                                 {"pause": {}}, 50], "interval_s": 10}))
     assert r.weight == 0.0 and r.paused and r.header_route is not None
     assert "x-lockgate-canary: always go to the canary" in r.reason
-    assert domain.choose(r, "u1", TESTER, **ADMIN) == ("canary", r.canary)
-    assert domain.choose(r, "u1", {"x-lockgate-canary": "sometimes"}, **ADMIN)[0] == "stable"
-    assert all(domain.choose(r, f"u{i}", {})[0] == "stable" for i in range(200))
+    assert _choose(r, "u1", TESTER, **ADMIN) == ("canary", r.canary)
+    assert _choose(r, "u1", {"x-lockgate-canary": "sometimes"}, **ADMIN)[0] == "stable"
+    assert all(_choose(r, f"u{i}", {})[0] == "stable" for i in range(200))
     aborted = domain.abort(r, "by operator")
-    assert aborted.header_route is None and domain.choose(aborted, "u1", TESTER, **ADMIN)[0] == "stable"
+    assert aborted.header_route is None and _choose(aborted, "u1", TESTER, **ADMIN)[0] == "stable"
 
 
 def test_header_route_is_honoured_for_tester_keys_only() -> None:
     # Found by a probe (s3): any app key's header sent its requests to the canary, as canary evidence of its choosing.
     r = _pass(_route({"steps": [{"set_header_route": {"keys": ["k-tester"]}}, {"pause": {}}, 50], "interval_s": 10}))
-    assert domain.choose(r, "u1", TESTER, key_id="k-tester", role="app") == ("canary", r.canary)
-    assert domain.choose(r, "u1", TESTER, key_id="a1", role="admin")[0] == "canary"
+    assert _choose(r, "u1", TESTER, key_id="k-tester", role="app") == ("canary", r.canary)
+    assert _choose(r, "u1", TESTER, key_id="a1", role="admin")[0] == "canary"
     # Any other key, or none: as if the header were absent (here weight 0, so stable), never an error.
-    assert all(domain.choose(r, f"u{i}", TESTER, key_id="k-other", role="app")[0] == "stable" for i in range(200))
-    assert domain.choose(r, "u1", TESTER)[0] == "stable"
+    assert all(_choose(r, f"u{i}", TESTER, key_id="k-other", role="app")[0] == "stable" for i in range(200))
+    assert _choose(r, "u1", TESTER)[0] == "stable"
     assert not domain.by_header(r, TESTER, "k-other", "app") and domain.by_header(r, TESTER, "k-tester", "app")
     at_50 = msgspec.structs.replace(r, weight=50.0, paused=False, step_pause=False)
-    by_weight = [domain.choose(at_50, f"u{i}")[0] for i in range(200)]
-    assert [domain.choose(at_50, f"u{i}", TESTER, key_id="k-other", role="app")[0] for i in range(200)] == by_weight
+    by_weight = [_choose(at_50, f"u{i}")[0] for i in range(200)]
+    assert [_choose(at_50, f"u{i}", TESTER, key_id="k-other", role="app")[0] for i in range(200)] == by_weight
     assert "canary" in by_weight and "stable" in by_weight
 
 
@@ -164,7 +169,7 @@ def test_a_header_route_names_its_tester_keys_by_id() -> None:
 
 def test_header_route_needs_an_admitted_live_canary() -> None:
     r = _route({"steps": [{"set_header_route": {}}, 50]})
-    assert domain.choose(msgspec.structs.replace(r, header_route=r.strategy.program()[0].set_header_route),  # type: ignore[union-attr]
+    assert _choose(msgspec.structs.replace(r, header_route=r.strategy.program()[0].set_header_route),  # type: ignore[union-attr]
                          "u", TESTER, **ADMIN)[0] == "stable"  # idle: no decision allows it yet
 
 
@@ -189,9 +194,9 @@ def _bg(**bg: Any) -> Route:
 def test_blue_green_preview_is_reachable_only_by_its_header() -> None:
     r = _bg()
     assert (r.phase, r.weight) == ("progressing", 0.0)
-    assert all(domain.choose(r, f"u{i}", {})[0] == "stable" for i in range(500))
-    assert domain.choose(r, "u", {"x-lockgate-preview": "always"}, **ADMIN)[0] == "canary"
-    assert domain.choose(r, "u", TESTER, **ADMIN)[0] == "stable"
+    assert all(_choose(r, f"u{i}", {})[0] == "stable" for i in range(500))
+    assert _choose(r, "u", {"x-lockgate-preview": "always"}, **ADMIN)[0] == "canary"
+    assert _choose(r, "u", TESTER, **ADMIN)[0] == "stable"
     assert progress.due_at(r) is None  # manual promotion only
     with pytest.raises(InvalidRollout, match="blue-green"):
         progress.set_weight(r, 10.0, "ops")
@@ -202,7 +207,7 @@ def test_blue_green_auto_promotes_after_its_delay_and_keeps_the_old_release_for_
     assert progress.due_at(r) == 130.0 and progress.on_time(r, DEFAULT, 10.0, 129.0) is None
     p = _tick(r, 130.0)
     assert (p.phase, p.stable.release, p.previous.release, p.scale_down_at) == ("promoted", "r2", "r1", 190.0)  # type: ignore[union-attr]
-    assert all(domain.choose(p, f"u{i}", {})[1].release == "r2" for i in range(100))
+    assert all(_choose(p, f"u{i}", {})[1].release == "r2" for i in range(100))
     allowed = GateDecided(release="r1", decision="PASS", rules=[])
     undone = bluegreen.undo(p, allowed, "ops")
     assert (undone.stable.release, undone.phase) == ("r1", "aborted") and "undone by ops" in undone.reason
@@ -251,7 +256,7 @@ def test_blue_green_failed_post_promotion_analysis_rolls_back_naming_the_metric(
 def test_shadow_only_rollout_serves_no_user_from_the_candidate() -> None:
     r = _pass(_route({"shadow": {"sample": 0.5}}))
     assert (r.phase, r.weight) == ("progressing", 0.0) and "mirrored requests only" in r.reason
-    assert progress.due_at(r) is None and all(domain.choose(r, f"u{i}", TESTER, **ADMIN)[0] == "stable" for i in range(100))
+    assert progress.due_at(r) is None and all(_choose(r, f"u{i}", TESTER, **ADMIN)[0] == "stable" for i in range(100))
 
 
 def test_scale_down_waits_for_the_post_promotion_analysis_without_a_busy_timer() -> None:
