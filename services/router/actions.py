@@ -92,7 +92,11 @@ class ActionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Body of `POST .../{deployment}/pause|resume|approve|set-weight` (empty for resume)."""
 
     weight: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None  # percent, set-weight only
-    step: Annotated[int, msgspec.Meta(ge=0)] | None = None  # the pause step approved (the route's `step`), approve only
+    # approve only: the pause step approved (the route's `step`), of the canary of this release (its `canary.release`),
+    # in the rollout attempt that started then (its `started_at`; optional)
+    step: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    canary: str = ""
+    started_at: float | None = None
     reason: Annotated[str, msgspec.Meta(max_length=500)] = ""
 
 
@@ -125,13 +129,16 @@ class Actions:
             body = _decoder.decode(raw) if raw.strip() else ActionRequest()
             if action == "set-weight" and body.weight is None:
                 raise InvalidRequest('set-weight needs {"weight": PERCENT}')
-            if action == "approve" and body.step is None:
-                # Unbound, a repeated or concurrent approval ended the next pause too (probe p9).
-                raise InvalidRequest('approve needs {"step": N}: the pause step approved, as the route shows it '
-                                     '(its `step`); an approval ends that pause only (`resume` ends whichever holds '
-                                     'the rollout)')
-            if action != "approve" and body.step is not None:
-                raise InvalidRequest(f'"step" binds an approval to its pause step: {action} takes none')
+            if action == "approve" and (body.step is None or not body.canary):
+                # Unbound, a repeated or concurrent approval ended the next pause too (probe p9); bound to the step
+                # alone, the same step of another canary or rollout attempt (probe p13).
+                raise InvalidRequest('approve needs {"step": N, "canary": RELEASE}: the pause step approved and the '
+                                     'canary release it holds, as the route shows them (its `step` and '
+                                     '`canary.release`; `started_at` too binds it to that rollout attempt); an '
+                                     'approval ends that pause only (`resume` ends whichever holds the rollout)')
+            if action != "approve" and (body.step is not None or body.canary or body.started_at is not None):
+                raise InvalidRequest(f'"step", "canary" and "started_at" bind an approval to its pause: {action} '
+                                     'takes none')
         except REFUSED as exc:
             return refusal(exc, action)
         except UNDECODABLE as exc:  # a string that is not UTF-8 too (was a 500)
@@ -139,7 +146,8 @@ class Actions:
         try:
             require_served(self.rollouts, deployment)
             route = await self.rollouts.operate(deployment, action, request[self.key].label,
-                                                weight=body.weight or 0.0, why=body.reason, step=body.step or 0)
+                                                weight=body.weight or 0.0, why=body.reason, step=body.step or 0,
+                                                canary=body.canary, started_at=body.started_at)
             await record_action(self.rollouts.ctx.bus, request[self.key], action, route, None)
         except REFUSED as exc:
             return refusal(exc, action)

@@ -383,11 +383,14 @@ def _live(route: Route) -> None:
 
 
 def pause(route: Route, actor: str, why: str = "") -> Route:
-    """Hold the canary at its weight: no step advances (analysis still aborts a failing canary)."""
+    """Hold the canary at its weight: no step advances (analysis still aborts a failing canary). Over a pause step
+    that waits for approval, the hold becomes the operator's: an approval no longer ends it, `resume` does (before,
+    probe p13, the pause was refused as "already paused" and the next approval moved traffic anyway)."""
     _live(route)
-    if route.paused:
+    if route.paused and not waits_for_approval(route):
         raise InvalidRollout(f"canary of {route.deployment!r} is already paused")
-    return _bump(route, paused=True, reason=f"paused at {_where(route)} by {actor}" + (f": {why}" if why else ""))
+    return _bump(route, paused=True, step_pause=False,
+                 reason=f"paused at {_where(route)} by {actor}" + (f": {why}" if why else ""))
 
 
 class NotAtStep(InvalidRollout):
@@ -399,11 +402,21 @@ def waits_for_approval(route: Route) -> bool:
     return route.paused and route.step_pause and route.phase not in ("promoted", "aborted")
 
 
-def approve(route: Route, step: int, actor: str, interval_s: float, now: float) -> Route:
-    """End the pause step `step` (1-based, as the route shows it), only while the rollout still waits at it: an
-    approval ends the pause its operator saw and no other. Unbound, two operators approving one pause, or a client
+def approve(route: Route, step: int, canary: str, started_at: float | None, actor: str, interval_s: float,
+            now: float) -> Route:
+    """End the pause step `step` (1-based, as the route shows it) of the canary of release `canary`, in the rollout
+    attempt that started at `started_at` (the route's; None: not named), only while that rollout still waits at it:
+    an approval ends the pause its operator saw and no other. Unbound, two operators approving one pause, or a client
     retrying an approval whose answer it missed, each ended one more pause (probe p9: four at once took a
-    [pause, pause, pause, pause, 100] canary from 0% to 100%)."""
+    [pause, pause, pause, pause, 100] canary from 0% to 100%); bound to the step alone, it ended the same step's
+    pause of another canary swapped in, or of a new or retried attempt (probe p13)."""
+    current = route.canary.release if route.canary is not None else ""
+    if current != canary or (started_at is not None and started_at != route.started_at):
+        what = f"release {current!r}" if current else "no canary"
+        raise NotAtStep(f"refused: approval of step {step} of {canary!r} on {route.deployment!r} not applied: the "
+                        f"deployment now canaries {what}" + ("" if current != canary else " in another rollout "
+                        "attempt (restarted, retried or its canary replaced since)") + "; read the route again "
+                        "(lockgate rollout get) and approve what it waits for")
     if waits_for_approval(route) and route.step == step:
         return resume(route, actor, interval_s, now)
     live = route.canary is not None and route.phase not in ("promoted", "aborted")

@@ -852,7 +852,7 @@ class Rollouts:
         self.evidence.forget(route.deployment, keep={restarted.stable.release, restarted.canary.release})
 
     async def operate(self, deployment: str, action: str, actor: str, *, weight: float = 0.0,
-                      why: str = "", step: int = 0) -> Route:
+                      why: str = "", step: int = 0, canary: str = "", started_at: float | None = None) -> Route:
         """Operator pause, resume, approve (of pause step `step`) or set-weight (progress.py), recorded with the
         actor's identity."""
         await self._await_ready()
@@ -873,7 +873,8 @@ class Rollouts:
             elif action == "approve":
                 # Checked on the route this attempt applies to (re-read after a lost compare-and-set): two approvals
                 # of one pause, on one replica or two, end that pause once; the other finds the route moved on.
-                new = progress.approve(route, step, actor, progress.interval_of(route, self.interval_s), time.time())
+                new = progress.approve(route, step, canary, started_at, actor,
+                                       progress.interval_of(route, self.interval_s), time.time())
             elif action == "set-weight":
                 new = progress.set_weight(route, weight, actor)
             else:

@@ -26,6 +26,7 @@ replicas = replica_tests.replicas
 pytestmark = pytest.mark.timeout(120)
 PAUSES = {"steps": [{"pause": {}}, {"pause": {}}, {"pause": {}}, {"pause": {}}, 100], "interval_s": 3600}
 DEPLOYMENT = "/lockgate/v1/deployments/chat"
+STEP1 = {"step": 1, "canary": "same"}  # the pause the fixture's rollout waits at, of its canary
 
 
 async def _approve(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
@@ -47,7 +48,7 @@ async def paused(router: Any, http: aiohttp.ClientSession, signer: Signer) -> An
 async def test_concurrent_approvals_of_one_pause_end_it_once(paused: Any, http: aiohttp.ClientSession) -> None:
     # Two operators approving the same pause, or a client retrying one whose answer it missed: each was applied on
     # the route the previous one left, where the next pause waited, so four ended four pauses (0% -> 100%).
-    answers = await asyncio.gather(*(_approve(http, paused.url, {"step": 1}) for _ in range(4)))
+    answers = await asyncio.gather(*(_approve(http, paused.url, STEP1) for _ in range(4)))
     statuses = sorted(status for status, _ in answers)
     assert statuses == [200, 409, 409, 409], answers
     for status, body in answers:
@@ -64,19 +65,21 @@ async def test_concurrent_approvals_of_one_pause_end_it_once(paused: Any, http: 
 
 async def test_a_stale_or_unbound_approval_is_refused_and_moves_nothing(
         paused: Any, http: aiohttp.ClientSession) -> None:
-    status, body = await _approve(http, paused.url, {"step": 1})
+    status, body = await _approve(http, paused.url, STEP1)
     assert status == 200 and body["step"] == 2, body
     held = paused.rollouts.route("chat")
     # Sequentially the same as concurrently: the approval of step 1 again (a retry, a second operator) is refused.
-    for stale in ({"step": 1}, {"step": 3}):
+    for stale in (STEP1, {"step": 3, "canary": "same"}):
         status, body = await _approve(http, paused.url, stale)
         assert status == 409 and body["error"]["code"] == "not_at_step", body
     assert "(not reached yet): it is now at step 2" in body["error"]["message"], body
     # No step: refused as malformed, naming the field, whatever the route's state.
-    status, body = await _approve(http, paused.url, None)
-    assert status == 400 and 'approve needs {"step": N}' in body["error"]["message"], body
+    for unbound in (None, {"step": 2}):
+        status, body = await _approve(http, paused.url, unbound)
+        assert status == 400 and 'approve needs {"step": N, "canary": RELEASE}' in body["error"]["message"], body
     async with http.post(f"{paused.url}{DEPLOYMENT}/resume", json={"step": 2}) as resp:
-        assert resp.status == 400 and '"step" binds an approval' in (await resp.json())["error"]["message"]
+        assert resp.status == 400 and '"step", "canary" and "started_at" bind an approval' in \
+            (await resp.json())["error"]["message"]
     assert paused.rollouts.route("chat") == held
     # `resume` stays the operator's override: it ends whichever pause holds the rollout, unbound.
     async with http.post(f"{paused.url}{DEPLOYMENT}/resume") as resp:
@@ -125,9 +128,34 @@ async def test_an_approval_that_lost_the_compare_and_set_to_another_replicas_is_
         for r in (a, b):
             await r.rollouts.wait_for(lambda routes: "chat" in routes and routes["chat"].step_pause, timeout=10)
         monkeypatch.setattr(a.rollouts, "_on_entry", lambda entry: None)  # replica a's watch lags from here
-        assert (await _approve(http, b.url, {"step": 1}))[0] == 200
+        assert (await _approve(http, b.url, {"step": 1, "canary": "r2"}))[0] == 200
         assert a.rollouts.route("chat").step == 1  # a has not seen it
-        status, answer = await _approve(http, a.url, {"step": 1})
+        status, answer = await _approve(http, a.url, {"step": 1, "canary": "r2"})
     assert status == 409 and answer["error"]["code"] == "not_at_step", answer
     route = a.rollouts.route("chat")  # a reloaded the route it lost to
     assert (route.step, route.weight, route.paused) == (2, 0.0, True), route.reason
+
+
+async def test_an_approval_ends_only_the_pause_of_the_canary_and_attempt_it_names(
+        paused: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Before (probe p13): bound to the step alone, an approval meant for one canary's pause ended the same step's pause
+    # of another canary swapped in meanwhile, or of a new or retried attempt, and put that one at 100%.
+    seen = paused.rollouts.route("chat")
+    stale = {"step": 1, "canary": "same", "started_at": seen.started_at}
+    async with http.post(f"{paused.url}{DEPLOYMENT}/abort") as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.post(f"{paused.url}{DEPLOYMENT}/retry") as resp:
+        assert resp.status == 200, await resp.text()
+    await paused.rollouts.wait_for(lambda r: r["chat"].step_pause and r["chat"].step == 1, timeout=10)
+    status, body = await _approve(http, paused.url, stale)  # the aborted attempt's approval
+    assert status == 409 and "in another rollout attempt" in body["error"]["message"], body
+    status, body = await _approve(http, paused.url, {"step": 1, "canary": "other"})  # another canary's
+    assert status == 409 and "the deployment now canaries release 'same'" in body["error"]["message"], body
+    route = paused.rollouts.route("chat")
+    assert (route.step, route.weight, route.paused, route.step_pause) == (1, 0.0, True, True), route.reason
+    # An operator's pause over the pause step holds it: an approval no longer ends it, `resume` does.
+    async with http.post(f"{paused.url}{DEPLOYMENT}/pause", json={"reason": "hold"}) as resp:
+        assert resp.status == 200, await resp.text()
+    status, body = await _approve(http, paused.url, {**STEP1, "started_at": route.started_at})
+    assert status == 409 and "no pause waits there" in body["error"]["message"], body
+    assert paused.rollouts.route("chat").step == 1

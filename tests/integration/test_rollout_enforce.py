@@ -45,7 +45,8 @@ async def test_approving_a_pause_step_never_gives_weight_to_a_canary_no_decision
         assert resp.status == 200, await resp.text()
     route = router.rollouts.route("chat")
     assert (route.canary.release, route.weight, route.phase) == ("bad", 0.0, "idle")
-    async with http.post(f"{router.url}{DEPLOYMENT}/approve", json={"step": route.step}, headers=auth) as resp:
+    async with http.post(f"{router.url}{DEPLOYMENT}/approve", json={"step": route.step, "canary": "bad"},
+                         headers=auth) as resp:
         body = await resp.text()
     route = router.rollouts.route("chat")
     assert route.weight == 0.0, body

@@ -92,21 +92,21 @@ def test_an_approval_ends_only_the_pause_step_it_names() -> None:
     # pause too, and four at once took [pause, pause, pause, pause, 100] from 0% to 100%.
     r = _pass(_route({"steps": [{"pause": {}}, {"pause": {}}, 100], "interval_s": 10}))
     assert (r.step, r.weight, progress.waits_for_approval(r)) == (1, 0.0, True)
-    approved = progress.approve(r, 1, "ops", 10.0, now=200.0)
+    approved = progress.approve(r, 1, "r2", None, "ops", 10.0, now=200.0)
     assert (approved.step, approved.weight, approved.paused) == (2, 0.0, True)
     assert "approved at step 1 (0%) by ops" in approved.reason
     with pytest.raises(progress.NotAtStep, match=r"approval of step 1 of 'd' not applied \(already approved, or the "
                                                   r"rollout moved on\): it is now at step 2 \(0%\), waiting for approval"):
-        progress.approve(approved, 1, "ops", 10.0, now=201.0)
+        progress.approve(approved, 1, "r2", None, "ops", 10.0, now=201.0)
     with pytest.raises(progress.NotAtStep, match=r"step 3 .*\(not reached yet\)"):
-        progress.approve(approved, 3, "ops", 10.0, now=201.0)
-    last = progress.approve(approved, 2, "ops", 10.0, now=202.0)
+        progress.approve(approved, 3, "r2", None, "ops", 10.0, now=201.0)
+    last = progress.approve(approved, 2, "r2", None, "ops", 10.0, now=202.0)
     assert (last.step, last.weight, last.paused) == (3, 100.0, False)
     with pytest.raises(progress.NotAtStep, match=r"\(no pause waits there\): it is now at step 3 \(100%\), progressing"):
-        progress.approve(last, 3, "ops", 10.0, now=203.0)
+        progress.approve(last, 3, "r2", None, "ops", 10.0, now=203.0)
     done = _tick(last, 212.0)
     with pytest.raises(progress.NotAtStep, match="already approved, or the rollout moved on.*its rollout is promoted"):
-        progress.approve(done, 3, "ops", 10.0, now=213.0)
+        progress.approve(done, 3, "r2", None, "ops", 10.0, now=213.0)
 
 
 def test_an_approval_does_not_end_an_operators_pause() -> None:
@@ -114,7 +114,7 @@ def test_an_approval_does_not_end_an_operators_pause() -> None:
     r = _pass(_route({"steps": [20, {"pause": {}}, 100], "interval_s": 10}))
     held = progress.pause(r, "ops")
     with pytest.raises(progress.NotAtStep, match=r"\(no pause waits there\): it is now at step 1 \(20%\), paused"):
-        progress.approve(held, 1, "ops", 10.0, now=200.0)
+        progress.approve(held, 1, "r2", None, "ops", 10.0, now=200.0)
     assert not progress.resume(held, "ops", 10.0, now=200.0).paused
 
 
@@ -295,3 +295,19 @@ def test_rollout_get_says_whose_requests_a_header_route_sends() -> None:
     assert shown({"header": "x-lockgate-canary", "value": "always"}) == "x-lockgate-canary: always -> canary (admin keys)"
     assert shown({"header": "x-lockgate-preview", "value": "always", "keys": ["k1", "k2"]}) == (
         "x-lockgate-preview: always -> canary (admin keys and keys k1, k2)")
+
+
+def test_an_approval_names_the_canary_and_attempt_whose_pause_it_ends() -> None:
+    # Found by a probe (p13): bound to the step alone, an approval ended the same step's pause of another canary
+    # swapped in meanwhile, or of a new or retried attempt.
+    r = _pass(_route({"steps": [{"pause": {}}, 100], "interval_s": 10}))
+    with pytest.raises(progress.NotAtStep, match="now canaries release 'r2'"):
+        progress.approve(r, 1, "r3", None, "ops", 10.0, now=200.0)
+    with pytest.raises(progress.NotAtStep, match="in another rollout attempt"):
+        progress.approve(r, 1, "r2", 99.0, "ops", 10.0, now=200.0)
+    assert progress.approve(r, 1, "r2", 100.0, "ops", 10.0, now=200.0).weight == 100.0
+    # An operator's pause over the pause step is the operator's: no approval ends it, `resume` does.
+    held = progress.pause(r, "ops")
+    assert (held.paused, held.step_pause) == (True, False)
+    with pytest.raises(progress.NotAtStep, match="no pause waits there"):
+        progress.approve(held, 1, "r2", 100.0, "ops", 10.0, now=200.0)

@@ -23,10 +23,11 @@ from typing import Any
 
 import click
 import yaml
+from rich.text import Text
 
 from lockgate.cli import access, running
 from lockgate.cli.main import handle_errors, json_option
-from lockgate.cli.render import console, emit_json, output, table
+from lockgate.cli.render import console, emit_json, output, shown, table
 from lockgate.contracts.names import check_name
 from lockgate.credentials import NotAllowed
 from lockgate.errors import ConfigError, LockgateError, NotFound, SignatureError
@@ -484,23 +485,32 @@ def register(cli: click.Group) -> None:
     @click.option("--step", type=click.IntRange(min=0), default=None, metavar="N",
                   help="The pause step you approve, as `rollout get` showed it (default: the step the route is at "
                        "now, read first).")
+    @click.option("--canary", "canary", default=None, metavar="RELEASE",
+                  help="The canary release whose pause you approve, as `rollout get` showed it (default: the one "
+                       "the route canaries now, read first).")
     @json_option
     @click.pass_context
     @handle_errors
-    def approve(ctx: click.Context, deployment: str, step: int | None, as_json: bool) -> None:
-        """Approve the pause step the rollout waits at: its next step runs now. The approval names the step, and
-        the router refuses it (exit 4) once the rollout is no longer there, so a second or retried approval never
-        ends the next pause too (`resume` ends whatever pause holds the rollout)."""
+    def approve(ctx: click.Context, deployment: str, step: int | None, canary: str | None, as_json: bool) -> None:
+        """Approve the pause step the rollout waits at: its next step runs now. The approval names the step and the
+        canary release (and, read here, the rollout attempt), and the router refuses it (exit 4) once the rollout is
+        no longer there, so a second or retried approval never ends the next pause too, nor a pause of another
+        canary or attempt (`resume` ends whatever pause holds the rollout)."""
         may_change()
         client = admin(ctx)
-        if step is None:
-            step = int(client.call("GET", _at(deployment)).get("step", 0))
-        route = client.call("POST", _at(deployment, "/approve"), {"step": step})
+        body: dict[str, Any] = {"step": step, "canary": canary}
+        if step is None or canary is None:
+            now = client.call("GET", _at(deployment))
+            body = {"step": int(now.get("step", 0)) if step is None else step,
+                    "canary": (now.get("canary") or {}).get("release", "") if canary is None else canary}
+            if step is None and canary is None:  # all of it read now: bound to this very attempt too
+                body["started_at"] = now.get("started_at")
+        route = client.call("POST", _at(deployment, "/approve"), body)
         if as_json:
             emit_json(route)
         else:
-            console.print(f"approved step {step} of {deployment}: {route.get('reason', '')}", highlight=False,
-                          soft_wrap=True)
+            console.print(Text.assemble(f"approved step {body['step']} of {deployment}: ",
+                                        shown(str(route.get("reason", "")))), highlight=False, soft_wrap=True)
 
     @rollout.command("watch")
     @click.argument("deployment")
