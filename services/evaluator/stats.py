@@ -127,6 +127,80 @@ def _mean_interval(x: np.ndarray, boot: np.ndarray, confidence: float, method: s
     return Interval(est, float(min(low, est)), float(max(high, est)), confidence, method, int(x.size))
 
 
+UNIT = (0.0, 1.0)  # the range of every scorer's score (clamped in domain.score), pass/fail and error indicators
+
+
+def _in_range(x: np.ndarray, bounds: tuple[float, float]) -> None:
+    lo, hi = bounds
+    if not lo < hi:
+        raise InsufficientData(f"bounds must be increasing, got [{lo}, {hi}]")
+    if x.min() < lo or x.max() > hi:
+        raise InsufficientData(f"values [{x.min():g}, {x.max():g}] lie outside the declared range [{lo:g}, {hi:g}]")
+
+
+def _padded(x: np.ndarray, bounds: tuple[float, float], ends: float, middle: float, confidence: float
+            ) -> Interval:
+    """A normal interval around the mean of the sample plus `ends` pseudo-cases at each end of the range and
+    `middle` at its centre, clipped to the range; it always contains the sample's own mean."""
+    _check_confidence(confidence)
+    _in_range(x, bounds)
+    lo, hi = bounds
+    mid = (lo + hi) / 2
+    z = float(special.ndtri(1 - (1 - confidence) / 2))
+    size = x.size + 2 * ends + middle
+    centre = (float(x.sum()) + ends * (lo + hi) + middle * mid) / size
+    var = (float(np.sum((x - centre) ** 2)) + ends * ((lo - centre) ** 2 + (hi - centre) ** 2)
+           + middle * (mid - centre) ** 2) / size
+    half = z * math.sqrt(var / size)
+    est = float(x.mean())
+    # The padded centre leans to the middle of the range; the interval still contains the estimate.
+    low, high = max(lo, min(centre - half, est)), min(hi, max(centre + half, est))
+    return Interval(est, low, high, confidence, "bounded", int(x.size))
+
+
+def bounded_mean(values: Floats, bounds: tuple[float, float], *, confidence: float = 0.95) -> Interval:
+    """CI for the mean of values known to lie in [lo, hi]: the sample plus z²/2 pseudo-cases at each end of the
+    range, and a normal interval around that padded mean, clipped to the range.
+
+    For 0/1 values this is the Agresti-Coull interval of a proportion (which contains Wilson's). The pseudo-cases
+    stand for outcomes a small sample has not seen yet: n cases that all scored alike cannot rule out the far end
+    of the scale, so the interval stays wide at n = 1, at k/k and next to a bound, and narrows like the bootstrap
+    once the sample is large.
+    """
+    z = float(special.ndtri(1 - (1 - confidence) / 2))
+    return _padded(_as_array(values), bounds, z * z / 2, 0.0, confidence)
+
+
+def bounded_difference(differences: Floats, span: float, *, confidence: float = 0.95) -> Interval:
+    """CI for the mean of paired differences known to lie in [-span, span] (two scores of a range `span` wide):
+    the sample plus half a pseudo-case at each end and one at 0, with a normal interval around that mean.
+
+    For pass/fail pairs this is Agresti and Min's interval for matched proportions: half a case added to each
+    cell of the 2x2 table (half a regression, half an improvement, one unchanged case).
+    """
+    return _padded(_as_array(differences), (-span, span), 0.5, 1.0, confidence)
+
+
+def _no_spread(x: np.ndarray, confidence: float, bounded: Interval | None) -> Interval:
+    """A sample of one value, or of equal values, has no spread to resample: the bootstrap would give [est, est],
+    a certainty no such sample holds. Within a known range the bounded interval is the honest one; without one
+    no bound exists (±inf, reported as none, so a gate reads it as too few cases)."""
+    if bounded is not None:
+        return bounded
+    est = float(x.mean())
+    return Interval(est, -math.inf, math.inf, confidence, "degenerate", int(x.size))
+
+
+def _widened(boot: Interval, floor: Interval) -> Interval:
+    """The wider of a bootstrap interval and the bounded one on each side: a bootstrap never leaves the observed
+    values, so at a small n next to the edge of the range it is narrower than any bound that holds."""
+    low, high = min(boot.low, floor.low), max(boot.high, floor.high)
+    if (low, high) == (boot.low, boot.high):
+        return boot
+    method = floor.method if (low, high) == (floor.low, floor.high) else f"{boot.method}+{floor.method}"
+    return Interval(boot.estimate, low, high, boot.confidence, method, boot.n)
+
+
 def bootstrap_mean(
     values: Floats,
     *,
@@ -134,16 +208,21 @@ def bootstrap_mean(
     n_resamples: int = 10_000,
     method: str = "bca",
     seed: int = 0,
+    bounds: tuple[float, float] | None = None,
 ) -> Interval:
-    """Bootstrap CI for the mean (BCa by default, or percentile), seeded and vectorised."""
+    """Bootstrap CI for the mean (BCa by default, or percentile), seeded and vectorised.
+
+    With `bounds` (the values' known range, e.g. UNIT for a score) the interval is never narrower than
+    `bounded_mean`'s; without, a sample with no spread has no finite bound.
+    """
     _check_confidence(confidence)
     x = _as_array(values)
-    est = float(x.mean())
+    floor = None if bounds is None else bounded_mean(x, bounds, confidence=confidence)
     if x.size == 1 or np.all(x == x[0]):
-        # No spread to resample; callers should consult power_warning for small samples.
-        return Interval(est, est, est, confidence, "degenerate", int(x.size))
+        return _no_spread(x, confidence, floor)
     boot = _bootstrap_means(x, n_resamples, np.random.default_rng(seed))
-    return _mean_interval(x, boot, confidence, method)
+    interval = _mean_interval(x, boot, confidence, method)
+    return interval if floor is None else _widened(interval, floor)
 
 
 def proportion_interval(successes: int, n: int, *, confidence: float = 0.95) -> Interval:
@@ -196,21 +275,34 @@ def paired_bootstrap(
     seed: int = 0,
     *,
     method: str = "bca",
+    bounds: tuple[float, float] | None = None,
 ) -> PairedComparison:
-    """Paired bootstrap of mean(candidate − baseline): CI and a two-sided bootstrap p-value."""
+    """Paired bootstrap of mean(candidate − baseline): CI and a two-sided bootstrap p-value.
+
+    `bounds` is the range of both samples' values (e.g. UNIT); the differences then lie in [lo - hi, hi - lo] and
+    their interval is never narrower than `bounded_difference`'s. Without bounds, differences with no spread have
+    no finite bound.
+    """
     _check_confidence(confidence)
     d = _paired(candidate, baseline)
+    floor = None
+    if bounds is not None:
+        for sample in (candidate, baseline):
+            _in_range(np.asarray(sample, dtype=float).ravel(), bounds)
+        floor = bounded_difference(d, bounds[1] - bounds[0], confidence=confidence)
     n = int(d.size)
     effect = cohens_d_paired(candidate, baseline)
     est = float(d.mean())
     if n == 1 or np.all(d == d[0]):
-        interval = Interval(est, est, est, confidence, "degenerate", n)
+        interval = _no_spread(d, confidence, floor)
         # A constant non-zero shift on several cases is as extreme as the bootstrap can show;
         # one case, or no shift at all, is no evidence of change.
         p_value = 1.0 if est == 0 or n == 1 else 1.0 / (n_resamples + 1)
         return PairedComparison(interval, p_value, effect, n)
     boot = _bootstrap_means(d, n_resamples, np.random.default_rng(seed))
     interval = _mean_interval(d, boot, confidence, method)
+    if floor is not None:
+        interval = _widened(interval, floor)
     # Null distribution by shifting the resampled means to centre on zero (Efron & Tibshirani
     # §16.4); +1 keeps the p-value away from an impossible exact 0.
     extreme = np.count_nonzero(np.abs(boot - est) >= abs(est) - 1e-12 * max(1.0, abs(est)))
@@ -416,6 +508,13 @@ def paired_cluster_difference(candidate: Sequence[Sequence[float]], baseline: Se
     tail = 100 * (1 - confidence) / 2
     est = c_est - b_est
     boot = cb - bb
+    if k == 1 or np.all(boot == boot[0]):
+        # One case, or cases that all moved alike, leave nothing to resample: no finite bound on a latency or cost
+        # change (unbounded metrics), rather than the bootstrap's [est, est].
+        rel = Interval(c_est / b_est - 1, -math.inf, math.inf, confidence, "degenerate", k) if b_est > 0 else None
+        p_value = 1.0 if est == 0 or k == 1 else 1.0 / (n_resamples + 1)
+        return ClusteredDifference(c_est, b_est, Interval(est, -math.inf, math.inf, confidence, "degenerate", k),
+                                   rel, p_value)
     low, high = np.percentile(boot, [tail, 100 - tail])
     diff = Interval(est, float(min(low, est)), float(max(high, est)), confidence, "paired-cluster-bootstrap", k)
     rel = None
@@ -424,9 +523,6 @@ def paired_cluster_difference(candidate: Sequence[Sequence[float]], baseline: Se
         rlow, rhigh = np.percentile(cb / bb - 1, [tail, 100 - tail])
         rel = Interval(r_est, float(min(rlow, r_est)), float(max(rhigh, r_est)), confidence,
                        "paired-cluster-bootstrap", k)
-    if np.all(boot == boot[0]):
-        p_value = 1.0 if est == 0 else 1.0 / (n_resamples + 1)
-    else:
-        extreme = np.count_nonzero(np.abs(boot - est) >= abs(est) - 1e-12 * max(1.0, abs(est)))
-        p_value = min(1.0, float(extreme + 1) / (n_resamples + 1))
+    extreme = np.count_nonzero(np.abs(boot - est) >= abs(est) - 1e-12 * max(1.0, abs(est)))
+    p_value = min(1.0, float(extreme + 1) / (n_resamples + 1))
     return ClusteredDifference(c_est, b_est, diff, rel, p_value)

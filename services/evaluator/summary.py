@@ -46,8 +46,11 @@ def _by_case(results: Sequence[CaseResult], values: Sequence[float]) -> list[flo
     return [sum(g) / len(g) for g in _groups(results, values).values()]
 
 
-def _mean(results: Sequence[CaseResult], values: Sequence[float]) -> MetricInterval:
-    interval = _from(stats.bootstrap_mean(_by_case(results, values), n_resamples=RESAMPLES))
+def _mean(results: Sequence[CaseResult], values: Sequence[float],
+          bounds: tuple[float, float] | None = stats.UNIT) -> MetricInterval:
+    """Bootstrap by case; `bounds` is the metric's range (scores, pass/fail, error and calibration terms lie in
+    [0, 1]; cost has none), which keeps a small or spreadless sample from looking certain."""
+    interval = _from(stats.bootstrap_mean(_by_case(results, values), n_resamples=RESAMPLES, bounds=bounds))
     # The point estimate stays the plain row mean, equal to the metric in EvalCompleted.metrics.
     return MetricInterval(estimate=sum(values) / len(values), low=interval.low, high=interval.high,
                           confidence=interval.confidence, method=interval.method, n=interval.n)
@@ -87,7 +90,7 @@ def intervals(suite: Suite, results: Sequence[CaseResult], costs: Sequence[float
             for key, iv in stats.latency_percentiles(latencies, (50, 95)).items():
                 out[f"latency_{key}_ms"] = _from(iv)
     if costs is not None:
-        per_case = _mean(results, list(costs))
+        per_case = _mean(results, list(costs), bounds=None)
         out["cost_usd_per_case"] = per_case
         out["cost_usd_total"] = MetricInterval(
             estimate=per_case.estimate * n, low=None if per_case.low is None else per_case.low * n,
@@ -242,7 +245,7 @@ def _shared_means(shared: Sequence[str], cand: tuple[list[CaseResult], list[floa
 
 def _paired_means(metric: str, c: list[float], b: list[float], margin: float, clustered: bool = False,
                   power: float = 0.8) -> BaselineComparison:
-    result = stats.paired_bootstrap(c, b, n_resamples=RESAMPLES)
+    result = stats.paired_bootstrap(c, b, n_resamples=RESAMPLES, bounds=stats.UNIT)  # scores and 0/1 indicators
     warning = stats.paired_power_warning(c, b, margin, power=power) or ""
     return BaselineComparison(
         metric=metric, candidate=sum(c) / len(c), baseline=sum(b) / len(b), diff=result.difference.estimate,
@@ -256,7 +259,7 @@ def _paired_passes(metric: str, c: list[bool], b: list[bool], margin: float, pow
                    ) -> BaselineComparison:
     cf, bf = [float(x) for x in c], [float(x) for x in b]
     test = stats.mcnemar(c, b)
-    diff = stats.paired_bootstrap(cf, bf, n_resamples=RESAMPLES).difference  # CI of the pass-rate change
+    diff = stats.paired_bootstrap(cf, bf, n_resamples=RESAMPLES, bounds=stats.UNIT).difference  # pass-rate change
     pc, pb = sum(cf) / len(cf), sum(bf) / len(bf)
     warning = stats.paired_power_warning(cf, bf, margin, power=power) or ""
     return BaselineComparison(

@@ -205,6 +205,17 @@ def _absolute(rule: Rule, ev: Evidence, pw: float = gpower.POWER) -> RuleResult:
                                f"missed; {_cases_hint(rule.metric, ev.run_id)}",
                           explanation=f"{rule.metric} = {observed:.4g} misses {op} {thr:.4g}: the rule tolerates no "
                                       f"failing case and this run observed at least one.")
+    if rule.use_interval is not False and _every_case(op, thr, observed, low, high):
+        # The same rule read the other way: no case of this run missed it. A count of the cases run (as max_count:
+        # 0), not an estimate: no interval of a mean ever reaches the end of the range from the inside.
+        n = iv.n if iv is not None and iv.n else round(ev.metrics.get("n_cases", ev.metrics.get("n", 0)))
+        cases = f"all {n} cases" if n else "every case"
+        return RuleResult(**base, verdict="PASS", hint=f"{rule.metric} = {observed:.4g} {op} {thr:.4g} on {cases}",
+                          explanation=f"{rule.metric} = {observed:.4g} meets {op} {thr:.4g} on {cases}: the rule "
+                                      f"tolerates no failing case, so it counts this run's cases (as max_count: 0) "
+                                      f"rather than estimating a rate; pin the suite to fix how many.")
+    if rule.use_interval is not False and op != "==" and _spreadless(iv):
+        return _unbounded_result(rule, ev, base, iv, pw)  # type: ignore[arg-type]
     if rule.use_interval is not False and low is not None and high is not None and op != "==":
         # The bound nearest the threshold decides PASS, the far bound decides FAIL; in between nobody can tell.
         near, far = (low, high) if op in (">=", ">") else (high, low)
@@ -290,6 +301,9 @@ def _relative(rule: Rule, comp: BaselineComparison, run_id: str, ratio: MetricIn
         what += " (relative)"
     moved = _moved(rule, comp) + (f"; evaluator warns: {comp.warning}" if comp.warning else "")
     imp = sign * d
+    if _flat_change(comp):
+        return _flat_change_result(rule, comp, base, moved, what, run_id, imp >= need, rule.change or abs(imp - need),
+                                   pw)
     if dl is None or dh is None:
         ok = imp >= need
         return RuleResult(**base, verdict="PASS" if ok else "FAIL",
@@ -322,6 +336,9 @@ def _non_inferiority(rule: Rule, comp: BaselineComparison, run_id: str, ratio: M
     base = {"rule": rule.name, "metric": rule.metric, "op": op, "threshold": thr, "observed": d, "low": dl,
             "high": dh, "baseline": comp.baseline, "dry_run": rule.dry_run}
     moved = _moved(rule, comp)
+    if _flat_change(comp):
+        return _flat_change_result(rule, comp, base, moved, f"non-inferiority within the margin {rule.margin:.4g}",
+                                   run_id, OPS[op](d, thr), rule.margin or abs(d - thr), pw)
     if dl is None or dh is None:
         return RuleResult(**base, verdict="INCONCLUSIVE",
                           hint=f"{moved}; non-inferiority needs a confidence interval of the difference, and the "
@@ -349,6 +366,43 @@ def _unbounded(iv: MetricInterval | None) -> bool:
     return iv is not None and iv.n > 0 and iv.method not in ("", "degenerate") and (iv.low is None or iv.high is None)
 
 
+def _spreadless(iv: MetricInterval | None) -> bool:
+    """A sample with no spread (one case, or every case alike): its bootstrap is no interval at all, whatever bounds
+    it carries. Evaluators before probe p12's fix reported it as [estimate, estimate], which read as certain."""
+    return iv is not None and iv.n > 0 and iv.method == "degenerate"
+
+
+def _flat_power(metric: str, n: int, bounded: bool, confidence: float, pw: float) -> Power | None:
+    """The sensitivity of n cases that showed no spread: for a [0, 1] metric the same floor as the evaluator's
+    warning (rule of three), for any other nothing is known."""
+    if n < 1 or metric.startswith(("cost", "latency")) or not bounded:
+        return None
+    return Power(n, gpower.bounded_sd(0.0, n), 1 - confidence, pw)
+
+
+def _flat_change(comp: BaselineComparison) -> bool:
+    """A paired test's change with no interval (one shared case, or cases that all moved alike: the evaluator's
+    bounds are none) or a zero-width one (evaluators before probe p12's fix): no evidence of how far it could be.
+    Point-value comparisons, which never claim an interval, are judged by their points instead."""
+    if comp.test in ("", "point-values") or comp.n_pairs < 1:
+        return False
+    return not _finite(comp.diff_low, comp.diff_high) or comp.diff_low == comp.diff_high
+
+
+def _flat_change_result(rule: Rule, comp: BaselineComparison, base: dict[str, object], moved: str, what: str,
+                        run_id: str, meets: bool, effect: float, pw: float) -> RuleResult:
+    """INCONCLUSIVE, never PASS or FAIL, for a change `_flat_change` finds unbounded, with how many cases would do."""
+    bounded = rule.mode == "absolute" and 0 <= comp.candidate <= 1 and 0 <= comp.baseline <= 1
+    p = _flat_power(rule.metric, comp.n_pairs, bounded, 0.95, pw)
+    more = _missed_hint(rule.metric, run_id) if not meets else _sample_hint(p, effect) if p is not None \
+        else "more shared cases, or cases that differ, give the change an interval"
+    n = comp.n_pairs
+    return RuleResult(**{**base, "low": None, "high": None}, verdict="INCONCLUSIVE",
+                      hint=f"{moved}; {n} shared case(s) all moved alike, so the change has no interval; {more}",
+                      explanation=f"{moved}; its {n} shared case(s) all moved alike, so no interval of the change "
+                                  f"can show {what}: this sample is too small to tell.")
+
+
 def _cases_to_bound(metric: str, confidence: float) -> int | None:
     """Fewest cases for which the order-statistic interval of the q-th percentile has both bounds."""
     m = re.search(r"p(\d+(?:\.\d+)?)", metric)
@@ -360,11 +414,13 @@ def _cases_to_bound(metric: str, confidence: float) -> int | None:
     return math.ceil(math.log(tail) / math.log(max(q, 1 - q)))
 
 
-def _unbounded_result(rule: Rule, ev: Evidence, base: dict[str, object], iv: MetricInterval) -> RuleResult:
+def _unbounded_result(rule: Rule, ev: Evidence, base: dict[str, object], iv: MetricInterval,
+                      pw: float = gpower.POWER) -> RuleResult:
     """Judge by the bound that exists; the missing one is infinite, so it can never support the rule."""
     op, thr = rule.op, rule.threshold
-    low = -math.inf if iv.low is None else iv.low
-    high = math.inf if iv.high is None else iv.high
+    flat = _spreadless(iv)
+    low = -math.inf if iv.low is None or flat else iv.low
+    high = math.inf if iv.high is None or flat else iv.high
     near, far = (low, high) if op in (">=", ">") else (high, low)
     shown = f"{iv.confidence:.0%} CI [{'-inf' if iv.low is None else f'{low:.4g}'}, " \
             f"{'inf' if iv.high is None else f'{high:.4g}'}]"
@@ -379,6 +435,17 @@ def _unbounded_result(rule: Rule, ev: Evidence, base: dict[str, object], iv: Met
                                f"{_cases_hint(rule.metric, ev.run_id)}",
                           explanation=f"{rule.metric} = {observed:.4g} ({shown}) misses {op} {thr:.4g} across the "
                                       f"whole interval.")
+    if flat:
+        p = _flat_power(rule.metric, iv.n, 0 <= observed <= 1, iv.confidence, pw)  # type: ignore[operator]
+        more = _missed_hint(rule.metric, ev.run_id) if not OPS[op](observed, thr) else \
+            _sample_hint(p, abs(observed - thr)) if p is not None else \
+            "more cases, or cases that differ, give the interval a finite bound"  # type: ignore[arg-type,operator]
+        return RuleResult(**{**base, "low": None, "high": None}, verdict="INCONCLUSIVE",
+                          hint=f"{rule.metric} = {observed:.4g}, but {iv.n} case(s) that all scored alike cannot "
+                               f"bound it; {more}",
+                          explanation=f"{rule.metric} = {observed:.4g} but its {iv.n} case(s) all scored alike, so "
+                                      f"there is no interval to show {op} {thr:.4g}: this sample is too small to "
+                                      f"tell, whatever the point value says.")
     need = _cases_to_bound(rule.metric, iv.confidence)
     more = f"at least {need} cases give this percentile a finite interval (now {iv.n})" if need and need > iv.n \
         else "more cases give the interval a finite bound"
@@ -396,6 +463,13 @@ def _zero_tolerance(op: str, thr: float, observed: float, low: float | None, hig
     if op in ("<=", "==") and thr == 0.0 and observed > 0.0:
         return low is None or low >= 0.0
     return False
+
+
+def _every_case(op: str, thr: float, observed: float, low: float | None, high: float | None) -> bool:
+    """True when the threshold is the end of a [0, 1] metric's range and no case of this sample missed it."""
+    if low is None or high is None or not 0.0 <= low <= high <= 1.0:
+        return False  # only a metric whose interval shows the [0, 1] range (a point alone is judged as a point)
+    return (op == ">=" and thr == 1.0 and observed == 1.0) or (op == "<=" and thr == 0.0 and observed == 0.0)
 
 
 def _count(ev: Evidence, metric: str) -> tuple[int, int] | None:

@@ -47,9 +47,10 @@ STRICT = {"name": "strict", "use_interval": False,
 LENIENT = {"name": "lenient", "use_interval": False, "rules": RULES}
 # "No regression against the baseline" (the usual CI gate) and few errors. An app's first release has nothing to
 # compare with, so a missing comparison passes that rule; a baseline pinned by the gates file makes leaving it
-# out a BLOCK once the deployment serves a release.
+# out a BLOCK once the deployment serves a release. The margin fits the 20-case suite: 20 pairs that all agree
+# bound the change to about +-0.09 (unseen discordant cases), so a margin of 0.02 could only be INCONCLUSIVE.
 REL = {"name": "rel", "use_interval": False, "rules": [
-    {"name": "no-regression", "metric": "exact_match", "relative": {"max_regression": 0.02}, "no_data": "pass"},
+    {"name": "no-regression", "metric": "exact_match", "relative": {"max_regression": 0.1}, "no_data": "pass"},
     {"name": "few-errors", "metric": "error_rate", "op": "<=", "threshold": 0.05}]}
 
 

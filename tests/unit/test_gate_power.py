@@ -60,7 +60,9 @@ def test_warning_and_hint_agree_with_no_observed_spread() -> None:
     # Why: for identical pass/fail runs they differed by a factor of ten (only the warning floored the spread).
     same = [1.0] * 30 + [0.0] * 10
     (e_mde, _), (g_mde, _), out = advice(same, same, "token_f1_pass_rate")
-    assert g_mde == pytest.approx(e_mde, rel=0.01)
+    # The gate reads the spread back from the reported interval, here the bounded one (no spread observed): within
+    # that interval's error of the warning's floor, never a factor of ten.
+    assert g_mde == pytest.approx(e_mde, rel=0.1)
     assert "40 cases detect a true change of" in out.rules[0].explanation
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -21,9 +23,12 @@ def run(latency_scale: float = 1.0, tokens: int = 100, seed: int = 0) -> list[Ca
     # Per-case base latency (the case's difficulty) times noise: shared by both runs, as in a real comparison.
     base = np.random.default_rng(7).lognormal(5, 0.4, N)
     noise = np.random.default_rng(seed).lognormal(0, 0.1, N)
+    # Answers vary in length from run to run: cases that all cost alike would leave no spread, so no interval.
+    extra = np.random.default_rng(seed).integers(-5, 6, N)
     return [CaseResult(case_id=f"c{i}", repeat=0, input="q", expected="a", scores={"exact_match": 1.0,
                        "llm_judge_agreement": 0.9 if seed else 1.0},
-                       latency_ms=float(base[i] * noise[i] * latency_scale), input_tokens=tokens, output_tokens=tokens)
+                       latency_ms=float(base[i] * noise[i] * latency_scale), input_tokens=tokens,
+                       output_tokens=tokens + int(extra[i]))
             for i in range(N)]
 
 
@@ -62,8 +67,18 @@ def test_relative_p95_latency_rule_is_judged_against_the_baseline(scale: float, 
 @pytest.mark.parametrize(("tokens", "decision"), [(100, "PASS"), (150, "BLOCK")])
 def test_relative_cost_per_case_rule(tokens: int, decision: str) -> None:
     done = completed(run(tokens=tokens, seed=1), run(seed=2))
-    assert done.comparisons["cost_usd_per_case"].diff == pytest.approx((tokens - 100) * 2e-6)
+    assert done.comparisons["cost_usd_per_case"].diff == pytest.approx((tokens - 100) * 2e-6, abs=1e-6)
     assert domain.decide_eval(policy("cost_usd_per_case"), "", done).decision == decision
+
+
+def test_a_cost_change_with_no_spread_is_inconclusive_not_judged_by_its_point() -> None:
+    # Why: every case moved by the same amount, so the bootstrap's interval was [diff, diff] and the rule PASSed.
+    flat = [dataclasses.replace(r, output_tokens=100) for r in run(seed=1)]
+    done = completed(flat, [dataclasses.replace(r, output_tokens=100) for r in run(seed=2)])
+    comp = done.comparisons["cost_usd_per_case"]
+    assert comp.diff == 0.0 and comp.diff_low is None and comp.diff_high is None
+    r = domain.decide_eval(policy("cost_usd_per_case"), "", done).rules[0]
+    assert r.verdict == "INCONCLUSIVE" and "all moved alike, so the change has no interval" in r.hint
 
 
 def test_metrics_without_a_paired_test_fall_back_to_the_two_runs_values() -> None:

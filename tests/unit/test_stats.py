@@ -13,9 +13,12 @@ from scipy import stats as sps
 
 from lockgate.errors import LockgateError
 from lockgate.services.evaluator.stats import (
+    UNIT,
     InsufficientData,
     Interval,
     bootstrap_mean,
+    bounded_difference,
+    bounded_mean,
     cohens_d_paired,
     cohens_h,
     latency_percentiles,
@@ -23,6 +26,7 @@ from lockgate.services.evaluator.stats import (
     mcnemar_counts,
     min_detectable_effect,
     paired_bootstrap,
+    paired_cluster_difference,
     paired_power_warning,
     percentile_interval,
     power_warning,
@@ -75,10 +79,55 @@ def test_bootstrap_large_sample_is_chunked_and_correct():
 @pytest.mark.parametrize(
     "values", [[1.0] * 20, [0.0] * 20, [0.42], [1.0]], ids=["all-pass", "all-fail", "n1", "n1-pass"]
 )
-def test_bootstrap_degenerate_samples(values):
+def test_bootstrap_of_a_sample_without_spread_and_without_a_range_has_no_bound(values):
+    # Why: it was [est, est] ("degenerate"), which a gate read as certain: one case PASSed `>= 0.9`.
     ci = bootstrap_mean(values)
-    assert ci.low == ci.high == ci.estimate == values[0]
+    assert ci.estimate == values[0] and (ci.low, ci.high) == (-math.inf, math.inf)
     assert ci.method == "degenerate"
+
+
+@pytest.mark.parametrize(
+    ("values", "below"), [([1.0] * 20, 0.84), ([1.0], 0.25), ([1.0, 1.0, 0.99], 0.5), ([1.0] * 19 + [0.9], 0.85)],
+    ids=["20-of-20", "n1", "three-near-1", "19-and-0.9"])
+def test_a_bounded_mean_at_a_small_n_is_never_narrower_than_unseen_cases_allow(values, below):
+    # Why: the bootstrap never leaves the observed values: [1, 1, 0.99] gave [0.99, 1] and 19 ones and a 0.9 gave
+    # [0.975, 1], so a `>= 0.98` rule PASSed on three cases.
+    ci = bootstrap_mean(values, bounds=UNIT)
+    assert ci.low < below and ci.high == 1.0 and ci.low <= ci.estimate <= ci.high
+    assert ci.method in ("bounded", "bca+bounded")
+
+
+def test_the_bounded_interval_of_pass_fail_values_is_agresti_coull_and_contains_wilson():
+    for k, n in [(0, 1), (1, 1), (20, 20), (7, 10), (0, 30), (120, 200)]:
+        ci = bounded_mean([1.0] * k + [0.0] * (n - k), UNIT)
+        z = 1.959963984540054
+        nt, pt = n + z * z, (k + z * z / 2) / (n + z * z)
+        half = z * math.sqrt(pt * (1 - pt) / nt)
+        assert (ci.low, ci.high) == pytest.approx((max(0.0, min(pt - half, k / n)), min(1.0, max(pt + half, k / n))))
+        wilson = proportion_interval(k, n)
+        assert ci.low <= wilson.low + 1e-12 and ci.high >= wilson.high - 1e-12
+
+
+def test_a_bounded_sample_with_spread_keeps_the_bootstrap_once_the_sample_is_large():
+    x = np.random.default_rng(4).beta(2, 2, 2000)
+    boot, bounded = bootstrap_mean(x), bootstrap_mean(x, bounds=UNIT)
+    assert bounded.high - bounded.low == pytest.approx(boot.high - boot.low, rel=0.1)
+
+
+def test_bounded_intervals_cover_the_mean_where_the_bootstrap_does_not():
+    # 95% intervals of a 0.95 pass rate from 10 cases: most samples are 10/10, whose bootstrap was [1, 1], so it
+    # covered the rate about 40% of the time.
+    rng = np.random.default_rng(9)
+    samples = [(rng.random(10) < 0.95).astype(float) for _ in range(300)]
+    covered = [bootstrap_mean(x, n_resamples=500, bounds=UNIT).contains(0.95) for x in samples]
+    assert sum(covered) / 300 >= 0.95 and sum(x.all() for x in samples) / 300 > 0.5
+
+
+def test_declared_bounds_are_checked():
+    with pytest.raises(InsufficientData, match="outside the declared range"):
+        bootstrap_mean([0.5, 1.2], bounds=UNIT)
+    with pytest.raises(InsufficientData, match="outside the declared range"):
+        paired_bootstrap([0.5, 1.0], [0.5, -0.1], 100, bounds=UNIT)
 
 
 def test_bootstrap_bca_falls_back_when_undefined():
@@ -150,10 +199,53 @@ def test_paired_bootstrap_rejects_mismatched_lengths():
 def test_paired_bootstrap_degenerate():
     same = paired_bootstrap([1.0] * 10, [1.0] * 10, 1000, 0.95, 0)
     assert same.difference.contains(0) and same.p_value == 1.0 and same.effect_size == 0.0
+    # Without a range, differences with no spread have no bound (before: [0, 0], "no change" for certain).
+    assert (same.difference.low, same.difference.high, same.difference.method) == (-math.inf, math.inf, "degenerate")
     shift = paired_bootstrap([0.0] * 10, [1.0] * 10, 1000, 0.95, 0)
-    assert shift.difference.high == -1.0 and shift.p_value < 0.01 and shift.effect_size == -math.inf
+    assert shift.p_value < 0.01 and shift.effect_size == -math.inf
     one = paired_bootstrap([0.0], [1.0], 1000, 0.95, 0)
     assert one.p_value == 1.0 and one.n == 1
+
+
+def test_a_bounded_paired_difference_without_spread_is_an_interval_not_a_point():
+    same = paired_bootstrap([1.0] * 20, [1.0] * 20, 1000, bounds=UNIT).difference
+    # 20 concordant pairs still allow a few unseen discordant ones either way.
+    assert same.method == "bounded" and same.low < -0.08 and same.high > 0.08 and same.contains(0.0)
+    one = paired_bootstrap([1.0], [1.0], 1000, bounds=UNIT).difference
+    assert one.low < -0.5 and one.high > 0.5
+    shift = paired_bootstrap([0.0] * 10, [1.0] * 10, 1000, bounds=UNIT).difference
+    assert shift.low == -1.0 and shift.estimate == -1.0 and -1.0 < shift.high < 0  # ten regressions: still a FAIL
+
+
+@pytest.mark.parametrize(("regressions", "improvements", "n"), [(0, 0, 20), (3, 1, 20), (10, 0, 20), (7, 12, 200)])
+def test_the_bounded_difference_of_pass_fail_pairs_is_agresti_min(regressions, improvements, n):
+    d = [-1.0] * regressions + [1.0] * improvements + [0.0] * (n - regressions - improvements)
+    ci = bounded_difference(d, 1.0)
+    # Agresti & Min (2005): half a case added to each cell of the 2x2 table, then the Wald interval.
+    m = n + 2
+    p12, p21 = (regressions + 0.5) / m, (improvements + 0.5) / m
+    half = 1.959963984540054 * math.sqrt((p12 + p21 - (p21 - p12) ** 2) / m)
+    est = (improvements - regressions) / n
+    assert (ci.low, ci.high) == pytest.approx((max(-1.0, min(p21 - p12 - half, est)), min(1.0, p21 - p12 + half)))
+
+
+def test_a_bounded_paired_difference_agrees_with_mcnemar_on_rare_discordance():
+    # 4 regressions and no improvement in 1,000 pairs: exact McNemar p = 0.125, not significant; the bootstrap
+    # alone excluded 0 (it never resamples an improvement it has not seen).
+    cand, base = [1.0] * 1000, [1.0] * 1000
+    for i in range(4):
+        cand[i] = 0.0
+    assert mcnemar_counts(4, 0).p_value > 0.05
+    assert paired_bootstrap(cand, base, 2000).difference.high < 0
+    assert paired_bootstrap(cand, base, 2000, bounds=UNIT).difference.contains(0.0)
+
+
+def test_a_clustered_difference_of_one_case_or_no_spread_has_no_bound():
+    one = paired_cluster_difference([[1.0, 2.0]], [[1.0, 3.0]])
+    assert (one.difference.low, one.difference.high, one.difference.method) == (-math.inf, math.inf, "degenerate")
+    same = paired_cluster_difference([[2.0]] * 5, [[1.0]] * 5)
+    assert same.difference.estimate == 1.0 and same.difference.low == -math.inf and same.relative is not None
+    assert same.relative.low == -math.inf and same.relative.estimate == pytest.approx(1.0)
 
 
 @settings(max_examples=60, deadline=None)
