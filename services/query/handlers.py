@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -18,6 +19,7 @@ from lockgate.queryclient import QueryRequest
 from lockgate.server.service import Progress
 from lockgate.services.query import registry
 from lockgate.store import Store
+from lockgate.store.client import READONLY_SETTINGS
 
 log = logging.getLogger("lockgate.query")
 
@@ -28,6 +30,41 @@ OPERATOR_SQL = "sql"
 MAX_SQL_WAITING = 8
 # Requests whose reply is no inbox are dropped; logged at most once this often (each may be one of a flood).
 REFUSED_LOG_S = 60.0
+# The bounds of every named query, set on each query (never in its text): the operator session's, but for readonly
+# (a named query's text is lockgate's own). Without them a viewer's legal `served_events` since 1970 was built whole
+# in the process's memory before its size was checked, and a scan ran as long as it took.
+NAMED_QUERY_SETTINGS = {k: v for k, v in READONLY_SETTINGS.items() if k != "readonly"}
+# Named queries answered at once per lane, each in a store session of its own (one session answers one query at a
+# time); one lane for the services (the gatekeeper's, the router's, the evaluator's reads), one for the CLI's roles.
+LANE_WIDTH = 2
+# The roles' named queries waiting for their turn beyond this are answered "busy" at once; the services' always wait.
+MAX_CLI_WAITING = 16
+
+
+class Lane:
+    """Named queries of one kind of caller, as many at a time as it has sessions: a slow one of the CLI's delays only
+    the CLI's."""
+
+    def __init__(self, name: str, sessions: list[Store], max_waiting: int | None) -> None:
+        self.name = name
+        self.max_waiting = max_waiting
+        self.waiting = 0  # asked and not answered yet, running or queued
+        self._free: asyncio.Queue[Store] = asyncio.Queue()
+        for session in sessions:
+            self._free.put_nowait(session)
+
+    @property
+    def full(self) -> bool:
+        """Whether one more request would wait past the lane's bound."""
+        return self.max_waiting is not None and self.waiting >= self.max_waiting
+
+    async def take(self) -> Store:
+        """A free session (waits for one, holding no thread)."""
+        return await self._free.get()
+
+    def give_back(self, session: Store) -> None:
+        """Return a session taken with `take`."""
+        self._free.put_nowait(session)
 
 
 def error_reply(exc: BaseException) -> bytes:
@@ -38,26 +75,39 @@ def error_reply(exc: BaseException) -> bytes:
 
 
 class QueryHandlers:
-    """Answers named queries one at a time (the store serialises them anyway), and operator SQL one at a
-    time beside them, in its own read-only session: an operator's query may run for a minute, and in
-    the named queries' turn it made every service's query wait that long (and time out)."""
+    """Answers named queries in two lanes, the services' (`subjects.query`) and the CLI's roles'
+    (`subjects.query_cli`, the only one they may publish to), each a few at a time in store sessions of its own, and
+    operator SQL one at a time beside them, in its own read-only session. Before, every named query was answered
+    one at a time in the subscription's callback: four legal requests of a viewer made the gatekeeper's reads wait
+    30 times as long, and an operator's query in that turn made every service's wait (and time out).
 
-    def __init__(self, store: Store, max_payload: int) -> None:
+    `session()` opens a store session for a lane (bounded by NAMED_QUERY_SETTINGS); without one every lane
+    shares `store` (one query at a time, as ClickHouse's session allows)."""
+
+    def __init__(self, store: Store, max_payload: int, *, cli_subject: str = "",
+                 session: Callable[[], Store] | None = None) -> None:
         self.store = store
         self.max_payload = max_payload
+        self.cli_subject = cli_subject
         self.answered = Progress()
+        # The sessions this object opened, closed by `finish`.
+        self.sessions = [session() for _ in range(2 * LANE_WIDTH)] if session is not None else []
+        services, cli = (self.sessions[:LANE_WIDTH], self.sessions[LANE_WIDTH:]) if session is not None else ([store],
+                                                                                                          [store])
+        self.lanes = {"services": Lane("services", services, None), "cli": Lane("cli", cli, MAX_CLI_WAITING)}
         self._sql_turn = asyncio.Lock()
         self._sql_waiting = 0
-        self._sql_tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.refused = Progress()  # requests whose reply was no requester's inbox: never answered
         self._refused_unlogged = 0
         self._refused_log_at = 0.0  # monotonic time from which the next refusal is logged
 
-    async def answer(self, request: QueryRequest) -> bytes:
-        """The reply bytes for one request (never raises: every failure is an error reply)."""
+    async def answer(self, request: QueryRequest, store: Store | None = None) -> bytes:
+        """The reply bytes for one request, run on `store` (else the service's); never raises: every failure is an
+        error reply."""
         name = request.query
         try:
-            rows = await asyncio.to_thread(registry.run, self.store, name, request.args)
+            rows = await asyncio.to_thread(registry.run, store or self.store, name, request.args)
             reply = to_json({"rows": rows})
         except Exception as exc:  # the caller gets the message; the service keeps serving
             if not isinstance(exc, LockgateError):
@@ -67,12 +117,12 @@ class QueryHandlers:
             # NATS would refuse to send it and the caller would only see a timeout.
             return error_reply(ReplyTooLarge(
                 f"the result of query {name!r} is {len(reply):,} bytes, more than the {self.max_payload:,} "
-                "one NATS message may carry; ask for fewer rows (a smaller --limit or a narrower filter)"))
+                "one NATS message may carry; ask for fewer rows or narrow the query"))
         return reply
 
     async def on_request(self, msg: Any) -> None:
-        """Reply to one request (a caller that gave up meanwhile is not an error); operator SQL is
-        answered in its own turn, so the next named query need not wait for it."""
+        """Reply to one request (a caller that gave up meanwhile is not an error), in a task of its own: operator
+        SQL in its own turn, a named query in its caller's lane, so the next request need not wait for either."""
         if not is_inbox(msg.reply):
             await self._refuse(msg)
             return
@@ -88,11 +138,31 @@ class QueryHandlers:
                     f"the query service is busy with {self._sql_waiting} operator queries; retry shortly")))
                 return
             self._sql_waiting += 1
-            task = asyncio.create_task(self._answer_sql(msg, request), name="query:operator-sql")
-            self._sql_tasks.add(task)
-            task.add_done_callback(self._sql_tasks.discard)
+            self._spawn(self._answer_sql(msg, request), "query:operator-sql")
             return
-        await self._respond(msg, await self.answer(request))
+        lane = self.lanes["cli" if self.cli_subject and msg.subject == self.cli_subject else "services"]
+        if lane.full:
+            await self._respond(msg, error_reply(QueryUnavailable(
+                f"the query service is busy with {lane.waiting} queries of the CLI's roles; retry shortly")))
+            return
+        lane.waiting += 1
+        self._spawn(self._answer_named(lane, msg, request), f"query:{lane.name}")
+
+    def _spawn(self, work: Any, name: str) -> None:
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _answer_named(self, lane: Lane, msg: Any, request: QueryRequest) -> None:
+        try:
+            session = await lane.take()
+            try:
+                reply = await self.answer(request, session)
+            finally:
+                lane.give_back(session)
+        finally:
+            lane.waiting -= 1
+        await self._respond(msg, reply)
 
     async def _answer_sql(self, msg: Any, request: QueryRequest) -> None:
         try:
@@ -123,6 +193,11 @@ class QueryHandlers:
             await msg.respond(reply)
 
     async def finish(self) -> None:
-        """Wait for the operator queries being answered (the subscription is drained first)."""
-        if self._sql_tasks:
-            await asyncio.gather(*self._sql_tasks, return_exceptions=True)
+        """Wait for the queries being answered (the subscription is drained first), then close the lanes' sessions."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for session in self.sessions:
+            if session is not self.store:  # an in-memory store's lanes share it
+                with contextlib.suppress(Exception):
+                    session.close()
+        self.sessions = []

@@ -30,6 +30,7 @@ QUERIES: dict[str, tuple[str, str]] = {
     "recent_traces": ("traces", "recent_traces"),
     "traces_for_release": ("traces", "traces_for_release"),
     "trace": ("traces", "trace"),
+    "traces_ahead": ("traces", "traces_ahead"),
     "dead_letters": ("traces", "dead_letters"),
     "dead_letter_counts": ("traces", "dead_letter_counts"),
     "decisions": ("decisions", "decisions"),

@@ -51,25 +51,48 @@ def _summaries(store: Store, where: str, params: dict[str, Any], tenant: str | N
     return store.rows(_SUMMARY.format(where=where, having=having), params)
 
 
-def _through(where: str, params: dict[str, Any], service: str | None) -> tuple[str, dict[str, Any]]:
-    """`where` kept to the traces that passed through lockgate's own `service`, if one is given."""
+def _through(where: str, params: dict[str, Any], service: str | None,
+             window: str = "1") -> tuple[str, dict[str, Any]]:
+    """`where` kept to the traces that passed through lockgate's own `service` within `window` (a condition on
+    Timestamp, the listing's), if a service is given."""
     if not service:
         return where, params
     # Always a lockgate service (`router` is `lockgate-router`): a span a tenant sent naming itself so is not one.
-    where += (" AND TraceId IN (SELECT TraceId FROM otel_traces WHERE ServiceName = {service:String} "
+    # The listing's window bounds the subquery too: unbounded, it scanned every span ever stored on each request.
+    where += (f" AND TraceId IN (SELECT TraceId FROM otel_traces WHERE {window} AND ServiceName = {{service:String}} "
               f"AND NOT {_REPORTED})")
     return where, params | {"service": service if service.startswith("lockgate-") else f"lockgate-{service}"}
 
 
+_RECENT = "Timestamp > now64(9) - INTERVAL 7 DAY"  # DateTime64 bound: see _TRACE
+# A trace starting after now is left out of the listing: an OTLP sender may time its spans up to
+# `event_time_future_s` ahead, and 20 traces an hour ahead filled the newest-first page for that hour.
+_STARTED = "min(Timestamp) <= now64(9)"
+
+
+def _recent(service: str | None, tenant: str | None, limit: int) -> tuple[str, dict[str, Any], list[str]]:
+    where, params = _through(_RECENT, {"limit": limit}, service, _RECENT)
+    having = [f"countIf({_TENANT} = {{tenant:String}}) > 0"] if tenant is not None else []
+    return where, params, having
+
+
 def recent_traces(store: Store, limit: Limit = 20, service: str | None = None,
                   tenant: str | None = None) -> list[dict[str, Any]]:
-    """The newest traces with their span count, tenants, services and duration; with `tenant`, the traces
-    holding a span of that tenant, each summed over that tenant's spans and lockgate's own."""
-    where = "Timestamp > now64(9) - INTERVAL 7 DAY"  # DateTime64 bound: see _TRACE
-    params: dict[str, Any] = {"limit": limit}
-    where, params = _through(where, params, service)
-    having = f"\nHAVING countIf({_TENANT} = {{tenant:String}}) > 0" if tenant is not None else ""
-    return _summaries(store, where, params, tenant, having)
+    """The newest traces that have started, with their span count, tenants, services and duration; with `tenant`,
+    the traces holding a span of that tenant, each summed over that tenant's spans and lockgate's own."""
+    where, params, having = _recent(service, tenant, limit)
+    return _summaries(store, where, params, tenant, "\nHAVING " + " AND ".join([*having, _STARTED]))
+
+
+def traces_ahead(store: Store, service: str | None = None, tenant: str | None = None) -> list[dict[str, Any]]:
+    """[{traces, first}]: how many traces `recent_traces` leaves out because they start after now (their senders
+    timed them ahead), and the earliest start among them."""
+    where, params, having = _recent(service, tenant, 0)
+    if tenant is not None:
+        where, params = f"{where} AND {_IN_SCOPE}", params | {"tenant": tenant}
+    condition = " AND ".join([*having, f"NOT ({_STARTED})"])
+    return store.rows(f"SELECT count() AS traces, min(start) AS first FROM (SELECT min(Timestamp) AS start "
+                      f"FROM otel_traces WHERE {where} GROUP BY TraceId HAVING {condition})", params)
 
 
 def release_tenant(store: Store, release: str) -> str | None:
@@ -119,10 +142,12 @@ WITH (SELECT toUInt32(toUnixTimestamp(min(Start))) FROM otel_traces_trace_id_ts 
 _TRACE_UNWINDOWED = f"{_SPANS}WHERE {_OF_TRACE}"
 
 
-def trace(store: Store, trace_id: str, tenant: str | None = None) -> list[dict[str, Any]]:
+def trace(store: Store, trace_id: str, tenant: str | None = None, offset: Limit = 0,
+          limit: Limit = 2**32 - 1) -> list[dict[str, Any]]:
     """Every span of one trace, plus spans that link to it (a sink batch carrying this request), each with its
     `tenant` and `origin` (`otlp`: a tenant's sender wrote it); with `tenant`, only that tenant's spans and
-    lockgate's own that name none.
+    lockgate's own that name none. A page of them with `offset` and `limit` (in time order): any tenant may send
+    spans into a trace whose id it learns, as many as make the whole more than one reply carries.
 
     otel_traces is ordered by service, name and time, not by trace: the lookup table says which
     seconds hold the trace, so only those are read, however many days of spans are stored; only
@@ -130,13 +155,15 @@ def trace(store: Store, trace_id: str, tenant: str | None = None) -> list[dict[s
     trace_id = trace_id.strip().lower()
     if not _TRACE_ID.match(trace_id):
         raise ConfigError(f"trace id {trace_id!r} must be 32 hex characters")
-    params: dict[str, Any] = {"id": trace_id}
+    params: dict[str, Any] = {"id": trace_id, "offset": offset, "limit": limit}
     scope = ""
     if tenant is not None:
         scope, params["tenant"] = f" AND {_IN_SCOPE}", tenant
-    rows = (store.rows(f"{_TRACE}{scope}\nORDER BY time", params)
-            or store.rows(f"{_TRACE_UNWINDOWED}{scope}\nORDER BY time", params))
-    if not rows:
+    # Ordered in full (a span's trace and id break ties of time), so pages neither repeat nor skip a span.
+    page = "\nORDER BY Timestamp, TraceId, SpanId LIMIT {limit:UInt32} OFFSET {offset:UInt32}"
+    rows = (store.rows(f"{_TRACE}{scope}{page}", params)
+            or store.rows(f"{_TRACE_UNWINDOWED}{scope}{page}", params))
+    if not rows and offset == 0:
         of = f" of tenant {tenant!r}" if tenant is not None else ""
         raise NotFound(f"no spans{of} for trace {trace_id} (spans arrive within a second of the request)")
     return rows

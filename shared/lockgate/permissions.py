@@ -83,6 +83,12 @@ def app_reader(reply: str | None, tenant: str, app: str) -> str | None:
     return next((user for user in (APP, app_user(tenant, app)) if reply.startswith(f"{inbox(user)}.")), None)
 
 
+def query_subject(s: Subjects, identity: str) -> str:
+    """Where `identity` asks named queries: a CLI role on the roles' subject (its own lane in the query service,
+    which only the roles may publish to), a service or an unauthenticated client on the services' one."""
+    return s.query_cli if identity in ROLES else s.query
+
+
 def _base(identity: str) -> Grant:
     # Every connection reads its own replies (requests, JetStream API, pull fetches, KV watches).
     # STREAM.NAMES (names only) is how nats-py finds the stream behind an object-store subject.
@@ -244,7 +250,7 @@ def grant(s: Subjects, identity: str) -> Grant:
     elif identity == "query":
         # It answers on inboxes only (`is_inbox`), not on any reply subject a requester names (`responses`: a
         # viewer's request with reply `$KV.<routes>.<deployment>` had the answer stored as that route).
-        g.add(service).add(Grant(subscribe=[s.query], publish=[f"{INBOX}.>"]))
+        g.add(service).add(Grant(subscribe=[s.query, s.query_cli], publish=[f"{INBOX}.>"]))
     elif identity == "gateway":
         g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_sent]))
         # The relay of application users' events (each per-application user's, the shared `app`'s): it answers
@@ -340,8 +346,9 @@ def grant(s: Subjects, identity: str) -> Grant:
 
 
 def _viewer(s: Subjects) -> Grant:
-    # Named queries, decisions and keys, and the health of streams and consumers (`lockgate status`).
-    g = Grant(publish=[s.query])
+    # Named queries, decisions and keys, and the health of streams and consumers (`lockgate status`). The roles ask
+    # on a subject of their own, never the services' (`query_subject`): the query service answers each in its own lane.
+    g = Grant(publish=[s.query_cli])
     # kv_audit: `audit verify` checks the tail; kv_releases and kv_gitops: `plan` diffs a folder against them.
     for bucket in (s.kv_gates, s.kv_keys, s.kv_routes, s.kv_audit, s.kv_releases, s.kv_gitops, s.kv_budgets):
         g.add(_read_kv(bucket))

@@ -16,6 +16,7 @@ import nats.errors
 from lockgate import errors
 from lockgate.codec import to_json
 from lockgate.errors import LockgateError, QueryUnavailable, ReplyTooLarge
+from lockgate.permissions import query_subject
 
 if TYPE_CHECKING:
     from lockgate.bus import Bus
@@ -89,7 +90,8 @@ async def request(nc: Any, subject: str, name: str, args: Mapping[str, Any] | No
 async def ask(bus: Bus, name: str, args: Mapping[str, Any] | None = None, *, into: Any = Any,
               timeout_s: float = TIMEOUT_S) -> Any:
     """Ask query `name` over the process's bus connection."""
-    return await request(bus.nc, bus.subjects.query, name, args, into=into, timeout_s=timeout_s)
+    return await request(bus.nc, query_subject(bus.subjects, bus.auth.user), name, args, into=into,
+                         timeout_s=timeout_s)
 
 
 async def ask_pages(bus: Bus, name: str, args: Mapping[str, Any], *,

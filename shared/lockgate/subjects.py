@@ -459,6 +459,12 @@ class Subjects:
         return f"{self.prefix}.query"
 
     @property
+    def query_cli(self) -> str:
+        """Request/reply subject of the CLI's roles' named queries: the query service answers them in a lane of
+        their own, so a viewer's requests never wait in front of a service's (only the roles may publish here)."""
+        return f"{self.prefix}.query.cli"
+
+    @property
     def nats_reload(self) -> str:
         """Request/reply: the embedded runtime re-reads its home's NATS users (an application credential
         created or revoked) and reloads its nats-server. Carries nothing: the files are the authority."""

@@ -57,7 +57,7 @@ async def test_a_viewer_cannot_have_the_query_service_answer_onto_a_kv_key_or_a_
                                            what="the query service's first answer")
         with caplog.at_level(logging.WARNING, logger="lockgate.query"):
             for target in (f"$KV.{s.kv_routes}.{key}", served, f"$KV.{s.kv_routes}.{unset}"):
-                await viewer.nc.publish(s.query, REQUEST, reply=target)
+                await viewer.nc.publish(s.query_cli, REQUEST, reply=target)
             # An ordinary request after them on the same connection, answered on the viewer's own inbox once they
             # were handled (the subscription's messages are handled one after the other).
             assert await ask(viewer, "dead_letter_counts") == []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lockgate.permissions import IDENTITIES, SERVICES, app_of, app_user, grant
+from lockgate.permissions import IDENTITIES, ROLES, SERVICES, app_of, app_user, grant, query_subject
 from lockgate.server.natsserver import deploy_auth_config
 from lockgate.subjects import Subjects
 
@@ -166,6 +166,18 @@ def test_the_query_service_answers_on_inboxes_only() -> None:
     assert may_publish("query", "_INBOX.viewer.abc.1") and may_publish("query", "_INBOX.abc.1")
     for subject in ("$KV.lg_routes.shop-web", "$KV.lg_gates.shop-v2", S.served("shop"), S.gate_decided("r")):
         assert not may_publish("query", subject), subject
+
+
+def test_only_the_services_ask_on_the_services_query_subject() -> None:
+    # Probe p10: the viewer's requests waited in one queue with the gatekeeper's; the roles have a lane of their own,
+    # and may not ask in the services' (the lane is the subject, which nats-server checks; a reply inbox is not).
+    assert may_publish("query", S.query) is False and {S.query, S.query_cli} <= set(grant(S, "query").subscribe)
+    for identity in ("viewer", "operator", "approver"):
+        assert may_publish(identity, S.query_cli) and not may_publish(identity, S.query), identity
+    for identity in SERVICES:
+        assert not may_publish(identity, S.query_cli), identity
+    assert [query_subject(S, r) for r in ROLES] == [S.query_cli] * len(ROLES)
+    assert query_subject(S, "gatekeeper") == query_subject(S, "") == S.query
 
 
 def test_replies_stay_private_to_each_identity() -> None:

@@ -19,7 +19,7 @@ from lockgate.codec import to_json
 from lockgate.config import Settings
 from lockgate.credentials import NotAllowed
 from lockgate.errors import BusUnavailable, StoreUnavailable
-from lockgate.permissions import ROLES, Grant, grant, inbox
+from lockgate.permissions import ROLES, Grant, grant, inbox, query_subject
 from lockgate.redact import shown_url
 from lockgate.subjects import Subjects
 
@@ -197,7 +197,7 @@ async def _over_nats(settings: Settings, name: str, args: dict[str, Any], role: 
     if nc is None:
         raise _NoStack
     try:
-        return await queryclient.request(nc, Subjects(settings.prefix).query, name, args)
+        return await queryclient.request(nc, query_subject(Subjects(settings.prefix), role), name, args)
     except queryclient.NoQueryService:
         raise _NoStack from None
     finally:

@@ -20,7 +20,7 @@ from rich.text import Text
 from lockgate.cli import access, running
 from lockgate.cli.render import err_console, output, shown
 from lockgate.config import Settings, from_env
-from lockgate.errors import LockgateError
+from lockgate.errors import LockgateError, ReplyTooLarge
 from lockgate.permissions import ROLES
 from lockgate.subjects import Subjects
 
@@ -147,6 +147,28 @@ def _query(ctx: click.Context, name: str, **args: Any) -> Any:
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
+# Spans of one trace asked at a time; a page more than one reply carries is asked again at half the size.
+TRACE_PAGE = 500
+
+
+def _trace_spans(ctx: click.Context, trace_id: str, scope: dict[str, str]) -> list[dict[str, Any]]:
+    """Every span of a trace, a page at a time: any tenant that learns a trace id may send spans into it, as many
+    as make the whole trace more than one reply carries (it was then unreadable, however few were its own)."""
+    rows: list[dict[str, Any]] = []
+    page = TRACE_PAGE
+    while True:
+        try:
+            got = _query(ctx, "trace", trace_id=trace_id, offset=len(rows), limit=page, **scope)
+        except ReplyTooLarge as exc:
+            if page == 1:
+                raise ReplyTooLarge(f"{exc.message}: one span of trace {trace_id} is that large; --tenant T shows "
+                                    "one tenant's spans") from None
+            page //= 2
+            continue
+        rows.extend(got)
+        if len(got) < page:
+            return rows
+
 
 @cli.command()
 @click.argument("trace_id", required=False)
@@ -164,7 +186,7 @@ def traces(ctx: click.Context, trace_id: str | None, release: str | None, servic
     """Recent traces, the traces of a release, or every span of one trace, each span with its tenant."""
     scope = {"tenant": tenant} if tenant else {}
     if trace_id:
-        rows = _query(ctx, "trace", trace_id=trace_id, **scope)
+        rows = _trace_spans(ctx, trace_id, scope)
         output(rows, as_json, title=f"trace {trace_id}" + (f" (tenant {tenant})" if tenant else ""),
                columns=["time", "tenant", "origin", "service", "name", "kind", "duration_ms", "status", "span_id",
                         "parent_span_id", "linked"])
@@ -184,12 +206,27 @@ def traces(ctx: click.Context, trace_id: str | None, release: str | None, servic
                               "output_tokens, latency_ms FROM inference_events WHERE trace_id = "
                               f"'{trace_id.strip().lower()}'\"", highlight=False, soft_wrap=True)
     elif release:
-        output(_query(ctx, "traces_for_release", release=release, limit=limit, service=service, **scope), as_json,
+        output(_listing(ctx, "traces_for_release", release=release, limit=limit, service=service, **scope), as_json,
                title=f"traces of {release}" + (f" through {service}" if service else "")
                + (f" (tenant {tenant})" if tenant else ""))
     else:
-        output(_query(ctx, "recent_traces", limit=limit, service=service, **scope), as_json,
-               title="recent traces" + (f" (tenant {tenant})" if tenant else ""))
+        rows = _listing(ctx, "recent_traces", limit=limit, service=service, **scope)
+        title = "recent traces" + (f" (tenant {tenant})" if tenant else "")
+        if not as_json:
+            # The listing leaves out traces starting after now (a sender may time spans an hour ahead): say so.
+            ahead = _query(ctx, "traces_ahead", service=service, **scope)
+            if ahead and ahead[0]["traces"]:
+                title += (f"; {ahead[0]['traces']} trace(s) starting after now left out (the first at "
+                          f"{ahead[0]['first']}): their senders timed them ahead")
+        output(rows, as_json, title=title)
+
+
+def _listing(ctx: click.Context, name: str, **args: Any) -> Any:
+    """A listing of traces; one more than a reply carries is said with the options that make it smaller."""
+    try:
+        return _query(ctx, name, **args)
+    except ReplyTooLarge as exc:
+        raise ReplyTooLarge(f"{exc.message}: pass a smaller --limit, or --tenant T") from None
 
 
 @cli.command()

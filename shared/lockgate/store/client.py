@@ -119,6 +119,9 @@ class Store:
         self._types: dict[str, dict[str, str]] = {}  # column types by table, for inserts
         self._readonly: Any = None  # the operator SQL session, opened on first use
         self._readonly_lock = threading.Lock()
+        # Settings every `rows` query of this client carries (the query service's sessions for named queries: their
+        # bounds ride on each query, never in its text, and leave the session as it was).
+        self.query_settings: dict[str, str] | None = None
 
     @property
     def exclusive(self) -> bool:
@@ -139,8 +142,15 @@ class Store:
         """Query and return rows as dicts."""
         with self._lock:
             try:
-                result = self._client.query(sql, parameters=parameters)
+                result = self._client.query(sql, parameters=parameters, settings=self.query_settings)
             except ClickHouseError as exc:
+                if self.query_settings and _error_code(exc) in _OVER_BOUNDS:
+                    # Stopped part way: the rest of its stream must not be read as the next query's answer.
+                    with contextlib.suppress(Exception):
+                        self._client.close()
+                    self._client = _raw_client(self.url, self.database)
+                    raise QueryRefused(f"the query went past the bounds it runs under (rows, bytes, time or memory; "
+                                       f"ask for fewer rows or a narrower filter): {_first_line(exc)}") from None
                 raise StoreUnavailable(f"ClickHouse rejected query: {_first_line(exc)}") from None
         names = result.column_names
         return [dict(zip(names, row, strict=True)) for row in result.result_rows]
