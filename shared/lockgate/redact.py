@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import msgspec
 
 from lockgate.contracts.names import is_name
+from lockgate.errors import InvalidEvent
 
 if TYPE_CHECKING:
     from lockgate.contracts import InferenceEvent, SpanRecord
@@ -402,7 +403,9 @@ def _clean_value(value: object) -> bool:
 
 # An event's free text: every field a producer writes as it likes (a name field follows the name grammar).
 _EVENT_TEXT = ("prompt", "response", "session_id", "error_type", "model", "response_model", "provider", "operation",
-               "status", "finish_reason", "variant", "user_hash")
+               "status", "finish_reason", "variant", "user_hash", "key_id", "source")
+# What a generated event id is made of (uuid7, hex digests): such an id holds no credential, and is not scanned.
+_ID_CHARS = string.hexdigits + "-"
 
 
 _event_texts = operator.attrgetter(*_EVENT_TEXT)
@@ -420,6 +423,14 @@ def scrub_event(event: InferenceEvent) -> InferenceEvent:
     attributes = event.attributes
     if attributes and (mapping := scrub_mapping(attributes)) is not attributes:
         changed["attributes"] = mapping
+    scores = event.scores
+    if scores and any(len(k) >= MIN_SECRET and scrub_secrets(k) != k for k in scores):
+        changed["scores"] = {scrub_secrets(k): v for k, v in scores.items()}
+    # The id is the event's identity (stored once per id): masked, two events would become one. One that reads as a
+    # credential is refused instead (probe p13: an app's own event kept a key whole in its id).
+    if event.id.strip(_ID_CHARS) and len(event.id) >= MIN_SECRET and scrub_secrets(event.id) != event.id:
+        raise InvalidEvent("invalid inference event: its id holds what reads as a credential (an id is an opaque "
+                           "token, such as a uuid) - at `$.id`")
     return msgspec.structs.replace(event, **changed) if changed else event
 
 

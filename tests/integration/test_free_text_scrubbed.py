@@ -28,7 +28,8 @@ from tests.helpers import eventually, run_cli, sink_stored
 pytestmark = pytest.mark.timeout(120)
 
 # The seven fields probe p10 found kept whole (the SDK, the router and gRPC scrub them before publishing).
-FIELDS = ("model", "response_model", "provider", "error_type", "finish_reason", "variant", "user_hash")
+FIELDS = ("model", "response_model", "provider", "error_type", "finish_reason", "variant", "user_hash", "key_id",
+          "source")
 
 
 @pytest.fixture
@@ -51,12 +52,18 @@ async def test_an_apps_own_event_over_nats_keeps_no_secret_in_any_table_cost_eve
     event = InferenceEvent(tenant="acme", app="web", deployment="web", release="web-v1", model=f"gpt-4o {key}",
                            response_model=f"m {token}", provider=f"openai {key}", status="error",
                            error_type=f"401 Bearer {key}", finish_reason=f"stop {token}", variant=f"stable {token}",
-                           user_hash=f"u {token}", input_tokens=3, output_tokens=2, prompt=f"my key {key}")
+                           user_hash=f"u {token}", input_tokens=3, output_tokens=2, prompt=f"my key {key}",
+                           # Probe p13: these kept the key after the fix above.
+                           key_id=f"k {key}", source=f"app {token}", scores={f"q {key}": 0.5})
+    # An id that reads as a key is refused (masked, two events would share one id), alone.
+    keyed = InferenceEvent(id=key, tenant="acme", app="web", deployment="web", release="web-v1", model="m")
     costs = await bus.nc.subscribe(s.cost_all)
     nc = await nats.connect(stack.settings.nats_url, user=cred["user"], password=cred["password"],
                             inbox_prefix=f"_INBOX.{cred['user']}", allow_reconnect=False)
     try:
         # As any producer other than the SDK publishes: the relay acknowledges on the sender's own inbox.
+        dead = await bus.nc.subscribe(s.dlq_all)
+        ack = await nc.request(s.ingest("web", "acme"), encode([keyed]), timeout=10)
         ack = await nc.request(s.ingest("web", "acme"), encode([event]), timeout=10)
         assert b'"seq"' in ack.data, ack.data
     finally:
@@ -73,6 +80,11 @@ async def test_an_apps_own_event_over_nats_keeps_no_secret_in_any_table_cost_eve
     row = store.rows(f"SELECT {', '.join(FIELDS)}, prompt FROM inference_events WHERE id = {{id:String}}",
                      {"id": event.id})[0]
     assert all("[REDACTED]" in row[name] for name in FIELDS), row
+    assert list(store.rows("SELECT scores FROM inference_events WHERE id = {id:String}", {"id": event.id})[0]
+                ["scores"]) == ["q [REDACTED]"]
+    letter = (await dead.next_msg(timeout=15)).data
+    assert b"its id holds what reads as a credential" in letter and key.encode() not in letter
+    assert store.scalar("SELECT count() FROM inference_events WHERE tenant = 'acme'") == 1
     assert row["model"] == "gpt-4o [REDACTED]" and row["error_type"] == "401 Bearer [REDACTED]"
     ledger = store.rows("SELECT model FROM cost_ledger WHERE event_id = {id:String}", {"id": event.id})
     hourly = store.rows("SELECT model FROM cost_hourly WHERE tenant = 'acme'")
