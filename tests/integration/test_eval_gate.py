@@ -490,3 +490,23 @@ async def test_eval_run_refuses_flags_other_than_the_release_ships_before_it_req
     second = Codec(EvalRequested).decode((await requested.next_msg(timeout=5)).data)
     assert (second.run_id, second.endpoint) == (json.loads(readme.stdout)["run_id"], "default")
     assert (await current_decision(bus, "r1")).decision == "PASS"
+
+
+async def test_a_rule_name_a_policy_author_chose_is_shown_as_data(
+    bus: Bus, settings: Settings, held: dict[str, Any], tmp_path: Path
+) -> None:
+    # Before (probe p13): a rule named `acc[/]` made `eval run` end in a rich MarkupError traceback (exit 1, not 5)
+    # when it printed the BLOCK's reason, and every later `gate explain` of the release failed the same way.
+    held["sim"].go.set()
+    await register_model_release(bus, "v-markup", "bad")
+    policy = tmp_path / "markup.yaml"
+    policy.write_text("name: markup\nuse_interval: false\nrules:\n  - name: 'acc[/]'\n    metric: exact_match\n"
+                      "    op: '>='\n    threshold: 0.8\n")
+    argv = ["--nats", settings.nats_url, "--prefix", settings.prefix, "--home", settings.home, "eval", "run",
+            str(FIXTURES / "suites" / "qa.yaml"), "--candidate", "v-markup", "--policy", str(policy), "--timeout",
+            "60"]
+    result = await asyncio.to_thread(CliRunner().invoke, cli, argv, catch_exceptions=False)
+    assert result.exit_code == 5 and "acc[/]" in result.output, result.output
+    explained = await asyncio.to_thread(CliRunner().invoke, cli, [
+        "--nats", settings.nats_url, "--prefix", settings.prefix, "gate", "explain", "v-markup"])
+    assert explained.exit_code == 0 and "acc[/]" in explained.output, explained.output

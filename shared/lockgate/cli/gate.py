@@ -10,13 +10,14 @@ from typing import Any
 
 import click
 import msgspec
+from rich.text import Text
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
 from lockgate.cli.audit import NotChained, may_record, read_head, record_change, record_undone
 from lockgate.cli.identity import chosen_identity
 from lockgate.cli.main import handle_errors, json_option
-from lockgate.cli.render import console, emit_json, say_with, table
+from lockgate.cli.render import console, emit_json, say_with, shown, table
 from lockgate.client import get_decision
 from lockgate.codec import Codec
 from lockgate.config import Settings
@@ -200,18 +201,18 @@ def register(cli: click.Group) -> None:
         try:  # as the router and the SDK read it: a PASS its consumers refuse must not read as one that admits
             _keyring(ctx.obj["settings"], ()).verify(d)
         except SignatureError as exc:
-            console.print(f"[bold red]admits nothing:[/bold red] {exc.message} (lockgate gate verify {d.release})",
-                          highlight=False)
-        console.print(f"reason: {d.reason}", highlight=False)
+            console.print(Text.assemble(("admits nothing:", "bold red"), " ", shown(exc.message),
+                                        f" (lockgate gate verify {d.release})"), highlight=False)
+        console.print(Text.assemble("reason: ", shown(d.reason)), highlight=False)
         for label, value in (("review required", d.review_required), ("reviewed by", d.reviewed_by),
                              ("eval run", d.eval_run), ("policy", d.policy), ("baseline", d.baseline),
                              ("signed by key", d.key_id or "UNSIGNED")):
             if value:
-                console.print(f"{label}: {value}", highlight=False)
+                console.print(Text.assemble(f"{label}: ", shown(str(value))), highlight=False)
         table(rule_rows(d), title="rules", empty="no rules were evaluated")
         for r in d.rules:
             if r.explanation:
-                console.print(f"- {r.explanation}", highlight=False)
+                console.print(Text.assemble("- ", shown(r.explanation)), highlight=False)
 
     def review_command(action: str) -> None:
         @gate.command(action, help=f"{action.capitalize()} RELEASE as your personal identity (--as NAME): approve "

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
+from rich.text import Text
 
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors, json_option
-from lockgate.cli.render import console, emit_json, output
+from lockgate.cli.render import console, emit_json, output, shown
 from lockgate.contracts.artifacts import ARTIFACT_KINDS
 
 if TYPE_CHECKING:
@@ -188,7 +189,7 @@ def _print_eval(result: dict[str, Any], candidate: str) -> None:
         else:
             console.print(f"gate: {d['decision']}")
         if d.get("reason"):
-            console.print(f"reason: {d['reason']}")
+            console.print(Text.assemble("reason: ", shown(str(d["reason"]))), highlight=False)
 
 
 async def _eval(bus: Bus, settings: Settings, suite_path: Path, candidate: str, baseline: str, endpoint: str,
