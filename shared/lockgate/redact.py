@@ -94,7 +94,9 @@ PATTERNS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
                            r"secret|api[_-]?key|apikey|access[_-]?token|auth[_-]?token|client[_-]?secret|"
                            r"private[_-]?key|x-api-key|accountkey|"
                            r"(?:subscription|functions|access|account|master)[_-]key)\b)[\"']?\s*[:=]\s*[\"']?)"
-                           r"[^\s\"',;&]{6,}",
+                           # Not a lockgate API key's label (`apikey:<12 hex id>(role@tenant/app)`, the actor that
+                           # decisions, routes and the audit log name): an id, never the key.
+                           r"(?![0-9a-f]{12}\()[^\s\"',;&]{6,}",
      ("pass", "pwd", "secret", "key", "token"), "detect-secrets KeywordDetector, AWSKeyDetector; Azure AccountKey="),
     # A credential header without a scheme (`Authorization: <token>`); with one, the bearer row keeps the scheme.
     ("authorization header", r"(?P<keep>(?i:\b(?:proxy-)?authorization)[\"']?\s*[:=]\s*[\"']?)"

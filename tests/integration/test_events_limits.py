@@ -122,11 +122,11 @@ async def test_apply_refuses_a_label_over_its_bound_before_publishing_its_regist
     async with recorder(bus, settings):
         applied = await cli(settings, "apply", str(repo))
     assert applied.exit_code == 1 and "Traceback" not in applied.output, applied.output
+    # Refused as an invalid document, before anything is applied (the folder's documents carry the bounds).
     assert applied.stderr.splitlines()[-1] == (
-        "error: ArtifactRegistered is too large to publish: Expected `str` of length <= 1024 (got 2,000) - at "
-        "`$.labels['pad']`"), applied.stderr
-    names = await _registered(bus)
-    assert "gitshop-answer" not in names  # nothing published for it
+        "error: document prompts/answer.yaml is invalid: Expected `str` of length <= 1024 - at `$.labels[...]`"), \
+        applied.stderr
+    assert await _registered(bus) == []  # nothing published, for it or any other document
 
 
 async def _registered(bus: Bus) -> list[str]:

@@ -284,3 +284,12 @@ def test_a_spans_lockgate_names_are_kept_whatever_they_look_like_and_its_free_te
     # A value off the name grammar is no name: free text, scrubbed.
     off = scrub_span(_span(attributes={"lockgate.release": f"v2 {key}"}))
     assert off.attributes == {"lockgate.release": f"v2 {MARK}"}
+
+
+def test_a_lockgate_api_keys_label_is_an_id_not_a_secret() -> None:
+    # The actor that decisions, routes and the audit log name (`ApiKey.label`): once the audit log scrubbed its
+    # reasons, "rolled out by apikey:a2774c37653a(admin@acme/shop)" lost who did it. A key after the word still goes.
+    assert scrub_secrets("rolled out by apikey:a2774c37653a(admin@acme/shop)") == \
+        "rolled out by apikey:a2774c37653a(admin@acme/shop)"
+    assert scrub_secrets("apikey: a2774c37653a9999") == "apikey: [REDACTED]"
+    assert scrub_secrets("apikey=a2774c37653a") == "apikey=[REDACTED]"
