@@ -103,6 +103,18 @@ async def stack(settings: Settings, sim: HoldingSim) -> AsyncIterator[Runtime]:
     await runtime.stop()
 
 
+
+async def _register_parts(operator: Bus) -> tuple[str, str, str, str]:
+    """The suite (and its dataset), the policy, and the model config and pirate prompt a release will bind, registered
+    by the operator: their hashes."""
+    await artifacts.register_file(operator, "dataset", FIXTURES / "suites" / "qa.jsonl")
+    suite = (await artifacts.register_file(operator, "eval_suite", FIXTURES / "suites" / "qa.yaml")).hash
+    policy = (await artifacts.register_file(operator, "policy", FIXTURES / "policies" / "default.yaml")).hash
+    config = (await artifacts.register(operator, "model_config", "p-config",
+                                       {"model": "good", "endpoint": "default"})).hash
+    prompt = (await artifacts.register(operator, "prompt", "p-answer", {"template": PIRATE})).hash
+    return suite, policy, config, prompt
+
 async def test_a_run_resumed_after_a_restart_evaluates_the_binding_it_started_on_not_one_registered_since(
     stack: Runtime, sim: HoldingSim
 ) -> None:
@@ -111,12 +123,7 @@ async def test_a_run_resumed_after_a_restart_evaluates_the_binding_it_started_on
     gates = await admin.nc.subscribe(admin.subjects.gate_decided_all)
     operator = await _operator(stack.settings)
     try:
-        await artifacts.register_file(operator, "dataset", FIXTURES / "suites" / "qa.jsonl")
-        suite = (await artifacts.register_file(operator, "eval_suite", FIXTURES / "suites" / "qa.yaml")).hash
-        policy = (await artifacts.register_file(operator, "policy", FIXTURES / "policies" / "default.yaml")).hash
-        config = (await artifacts.register(operator, "model_config", "p-config",
-                                           {"model": "good", "endpoint": "default"})).hash
-        prompt = (await artifacts.register(operator, "prompt", "p-answer", {"template": PIRATE})).hash
+        suite, policy, config, prompt = await _register_parts(operator)
         # A run of a name nobody registered, asking for exactly what the release will ship, one case at a time.
         req = request(release="p-late", suite=suite, policy=policy, endpoint="default", model="good",
                       concurrency=1, cache=False, timeout_s=30.0)
@@ -165,12 +172,7 @@ async def test_stored_cases_that_say_no_binding_are_not_resumed_and_the_run_is_b
     gates = await admin.nc.subscribe(admin.subjects.gate_decided_all)
     operator = await _operator(stack.settings)
     try:
-        await artifacts.register_file(operator, "dataset", FIXTURES / "suites" / "qa.jsonl")
-        suite = (await artifacts.register_file(operator, "eval_suite", FIXTURES / "suites" / "qa.yaml")).hash
-        policy = (await artifacts.register_file(operator, "policy", FIXTURES / "policies" / "default.yaml")).hash
-        config = (await artifacts.register(operator, "model_config", "p-config",
-                                           {"model": "good", "endpoint": "default"})).hash
-        prompt = (await artifacts.register(operator, "prompt", "p-answer", {"template": PIRATE})).hash
+        suite, policy, config, prompt = await _register_parts(operator)
         await artifacts.register_release(operator, "p-old", "shop",
                                          {"model_config/p-config": config, "prompt/p-answer": prompt})
         req = request(release="p-old", suite=suite, policy=policy, endpoint="", model="", concurrency=1,
