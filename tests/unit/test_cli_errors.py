@@ -181,3 +181,20 @@ def _ended_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+@pytest.mark.parametrize("args", [
+    ("plan", str(FIXTURE), "--prun"),
+    ("plan",),
+    ("apply", "/etc/passwd"),
+    ("plan", str(FIXTURE), "--json", "--bogus"),
+    ("apply", "--json"),
+])
+def test_a_usage_error_of_plan_or_apply_exits_1_not_changes_planned(home: Path, args: tuple[str, ...]) -> None:
+    # Before (probe p11): click's parse errors of `plan`/`apply` exited 2, which `plan` uses for "changes planned",
+    # so a CI job took a mistyped option or a missing folder for changes to apply.
+    result = invoke(home, *args)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    if "--json" in args:
+        assert json.loads(result.stdout)["exit_code"] == 1

@@ -49,6 +49,9 @@ def handle_errors(func: Callable[..., Any], *, exit_code: int | None = None) -> 
         except KeyboardInterrupt:
             sys.exit(130)
 
+    # click's usage errors are raised before the body runs, outside this wrapper: `_usage_failed` reads the code
+    # here (functools.update_wrapper, as click.pass_context uses it, carries it to the command's callback).
+    wrapper.lockgate_exit_code = exit_code  # type: ignore[attr-defined]
     return wrapper
 
 
@@ -88,7 +91,11 @@ def _usage_failed(exc: click.UsageError, as_json: bool) -> NoReturn:
     if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # a group called bare: its help, as click shows it
         raise exc
     path = exc.ctx.command_path if exc.ctx is not None else "lockgate"
-    fail(f"{exc.format_message()} (`{path} --help` shows the usage)", 2, as_json=as_json)
+    # A command whose every error has one code (`plan`/`apply`: 2 means "changes planned" to CI) keeps it for a
+    # mistyped option or a missing argument too; before, those exited 2 and CI read them as changes to apply.
+    callback = exc.ctx.command.callback if exc.ctx is not None else None
+    code = getattr(callback, "lockgate_exit_code", None)
+    fail(f"{exc.format_message()} (`{path} --help` shows the usage)", 2 if code is None else code, as_json=as_json)
 
 
 @click.group(cls=_Root, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
