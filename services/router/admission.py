@@ -26,13 +26,12 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Annotated, Any, NamedTuple
 
 import msgspec
-import yaml
 from aiohttp import web
 
+from lockgate import documents
 from lockgate.batcher import Batcher
 from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent
@@ -124,11 +123,9 @@ def load_gateway_file(path: str) -> GatewayFile:
     """Read and validate the gateway file; an empty path means no policy (everything admitted)."""
     if not path:
         return GatewayFile()
+    raw = documents.read(path, "yaml", name="gateway file") or {}  # the CLI's guarded reader (probe p11)
     try:
-        raw = yaml.safe_load(Path(path).expanduser().read_text()) or {}
         return msgspec.convert(raw, GatewayFile)
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read gateway file {path}: {exc}") from None
     except msgspec.ValidationError as exc:
         raise ConfigError(f"bad gateway file {path}: {exc}") from None
 

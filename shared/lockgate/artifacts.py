@@ -11,13 +11,12 @@ from typing import Any
 import msgspec
 import nats.errors
 import nats.js.errors
-import yaml
 
+from lockgate import documents
 from lockgate.bus import Bus, object_digest
 from lockgate.contracts import ArtifactKind, ArtifactRegistered, ReleaseRegistered
 from lockgate.contracts.artifacts import ARTIFACT_KINDS
 from lockgate.contracts.names import NAME_RULE, check_name, is_name
-from lockgate.documents import check_aliases
 from lockgate.errors import ArtifactCorrupt, BusUnavailable, ConfigError, NotFound, ReleaseConflict
 from lockgate.identity import Identity, bundle_content, sign_bundle
 from lockgate.ids import canonical_json, content_hash, derived_id
@@ -33,14 +32,10 @@ def canonical_bytes(content: bytes | str | dict | list, media_type: str) -> byte
     if isinstance(content, dict | list):
         return canonical_json(content)
     raw = content.encode() if isinstance(content, str) else content
-    try:
-        if media_type == "application/json":
-            return canonical_json(json.loads(raw))
-        if media_type == "application/yaml":
-            check_aliases(raw)
-            return canonical_json(yaml.safe_load(raw))
-    except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"artifact is not valid {media_type}: {exc}") from None
+    if media_type == "application/json":
+        return canonical_json(documents.parse(raw, "json", where=f"artifact ({media_type})"))
+    if media_type == "application/yaml":
+        return canonical_json(documents.parse(raw, "yaml", where=f"artifact ({media_type})"))
     if media_type == "application/jsonl":
         return _canonical_jsonl(raw)
     return raw
@@ -48,19 +43,13 @@ def canonical_bytes(content: bytes | str | dict | list, media_type: str) -> byte
 
 def _canonical_jsonl(raw: bytes) -> bytes:
     """One canonical JSON value per line, ending in a newline (which tells a one-line JSONL from JSON)."""
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"artifact is not valid application/jsonl: line {line} is not UTF-8") from None
+    text = documents.parse(raw, "text", where="artifact is not valid application/jsonl")
     lines = []
     for number, ln in enumerate(text.splitlines(), 1):
         if not ln.strip():
             continue
-        try:
-            lines.append(canonical_json(json.loads(ln)))
-        except ValueError as exc:
-            raise ConfigError(f"artifact is not valid application/jsonl: line {number}: {exc}") from None
+        lines.append(canonical_json(documents.parse(ln, "json",
+                                                    where=f"artifact is not valid application/jsonl: line {number}")))
     return b"\n".join(lines) + b"\n"
 
 

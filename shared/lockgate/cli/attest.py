@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from lockgate import documents
 from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, err_console
@@ -112,7 +113,6 @@ def register(cli: click.Group) -> None:
         """Check an attestation offline against the trust file: who signed the envelope (an operator or admin),
         that the subject is the release it describes, and (for a decision) the gatekeeper's signature over
         exactly the artifacts the release holds. Exit 4 if anything fails."""
-        import json
 
         from lockgate.provenance import attest as at
         from lockgate.signing import Keyring
@@ -120,11 +120,10 @@ def register(cli: click.Group) -> None:
         settings = ctx.obj["settings"]
         try:
             with open(path, "rb") as fh:
-                env = json.loads(fh.read())
+                data = fh.read()
         except OSError as exc:
             raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-        except ValueError:
-            raise at.AttestationRefused(f"{path} is not JSON (a DSSE envelope)") from None
+        env = documents.parse(data, "json", where=f"{path} (a DSSE envelope)", error=at.AttestationRefused)
         if not isinstance(env, dict):
             raise at.AttestationRefused(f"{path} is not a DSSE envelope")
         ring = Keyring.from_settings(settings, pinned=keys)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import click
-import yaml
 from rich.text import Text
 
+from lockgate import documents
 from lockgate.cli import access, running
 from lockgate.cli.main import handle_errors, json_option
 from lockgate.cli.render import console, emit_json, output, shown, table
@@ -146,6 +146,8 @@ def _key(home: str, given: str | None) -> str:
     try:
         return read_credential(path)
     except ConfigError:
+        if path.exists():  # there but unreadable (not UTF-8, say): its own message says why
+            raise
         raise ConfigError(f"no API key: pass --api-key (or LOCKGATE_API_KEY), or run where {path} exists "
                           "(`lockgate up --home DIR` writes it)") from None
 
@@ -162,13 +164,17 @@ def may_change() -> None:
 def patch_body(weight: float | None, canary_release: str | None, file: str | None, inline: str | None) -> dict[str, Any]:
     """The merge patch `rollout patch` sends: the file's or --patch's object, then --weight and --canary-release
     on top; ConfigError (one line) if it is not a non-empty object."""
-    texts = [(file, click.get_text_stream("stdin").read() if file == "-" else Path(file).read_text())] if file else []
+    # YAML is a superset of JSON: either reads here, through the guarded reader (aliases, nesting, encoding), as
+    # every other file the CLI loads; before (probe p11), a 359-byte alias bomb took the operator's shell.
+    values = []
+    if file == "-":
+        values.append((file, documents.parse(click.get_binary_stream("stdin").read(), "yaml", where="-")))
+    elif file:
+        values.append((file, documents.read(file, "yaml", name="merge patch")))
+    if inline is not None:
+        values.append(("--patch", documents.parse(inline, "yaml", where="--patch")))
     body: dict[str, Any] = {}
-    for source, text in [*texts, *([("--patch", inline)] if inline is not None else [])]:
-        try:
-            value = yaml.safe_load(text)  # YAML is a superset of JSON: either reads here
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not JSON or YAML ({str(exc).splitlines()[0]})") from None
+    for source, value in values:
         if not isinstance(value, dict):
             raise ConfigError(f'{source}: a merge patch is an object, e.g. {{"weight": 10}}')
         body.update(value)

@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from lockgate import documents
 from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import ConfigError, LockgateError, NotFound
 from lockgate.ticks import Idle, ticking
@@ -356,8 +357,8 @@ def _write_key(creds: Path, path: Path, plain: str) -> None:
 def read_credential(path: str | Path) -> str:
     """The plaintext key in a credentials file written by `bootstrap` (ConfigError if absent)."""
     try:
-        text = Path(path).read_text()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"no API key at {path} ({exc.strerror}): start the stack with `lockgate up --home DIR` "
                           "or pass the key explicitly") from None
-    return _key_of(text)
+    return _key_of(documents.parse(data, "text", where=f"API key file {path}"))
