@@ -14,8 +14,8 @@ import click
 
 from lockgate import credentials
 from lockgate.cli import access, running
-from lockgate.cli.main import fail, handle_errors
-from lockgate.cli.render import console, err_console
+from lockgate.cli.main import handle_errors
+from lockgate.cli.render import console
 from lockgate.config import Settings
 from lockgate.errors import ConfigError
 from lockgate.permissions import ROLES
@@ -25,47 +25,13 @@ if TYPE_CHECKING:
     from lockgate.server.runtime import Runtime
 
 
-class _Stop(asyncio.Event):
-    """Set by SIGINT or SIGTERM; `signum` says which."""
-
-    signum: int = 0
-
-
-def _stop_on_signals() -> _Stop:
+def _stop_on_signals() -> asyncio.Event:
     """An event set by SIGINT or SIGTERM, which from now on no longer end the process at once."""
-    stop = _Stop()
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-
-    def received(sig: int) -> None:
-        stop.signum = stop.signum or sig
-        stop.set()
-
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, received, sig)
+        loop.add_signal_handler(sig, stop.set)
     return stop
-
-
-_QUIET_START_S = 2.0  # a start that takes longer says on stderr what it waits for
-
-
-async def _start_unless_stopped(stop: _Stop, start: Awaitable[None], nats_url: str) -> bool:
-    """Run `start` until it is done (True) or a signal comes first (False, `start` cancelled). A runtime retries
-    NATS for ever at start: before (probe p11), `serve` whose NATS never answered ignored SIGINT and SIGTERM, and
-    only SIGKILL ended it, and said nothing while it waited."""
-    started, signalled = asyncio.ensure_future(start), asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait({started, signalled}, timeout=_QUIET_START_S, return_when=asyncio.FIRST_COMPLETED)
-    if not done:
-        err_console.print(f"waiting for NATS at {shown_url(nats_url)} (retrying; Ctrl-C or SIGTERM stops)",
-                          highlight=False, soft_wrap=True)
-        await asyncio.wait({started, signalled}, return_when=asyncio.FIRST_COMPLETED)
-    signalled.cancel()
-    if started.done():
-        started.result()  # its error, if it failed
-        return True
-    started.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await started
-    return False
 
 
 async def _until_signalled() -> None:
@@ -269,17 +235,13 @@ def register(cli: click.Group) -> None:
         # `--home H serve query` opened ./.lockgate/clickhouse, and `lockgate sql` answered 0 rows from it).
         settings = settings.replace(clickhouse_url=access.store_url(settings))
 
-        stopped: list[int] = []  # the signal that came before the runtime started, if one did
-
         async def run() -> None:
             runtime = Runtime(settings, services=list(dict.fromkeys(services)), embedded_nats=False)
             # Before the ready line: a SIGTERM right after it (a rolling restart, a test) must stop the
             # process gracefully, not kill it with the default handler before this one is installed.
             stop = _stop_on_signals()
             try:
-                if not await _start_unless_stopped(stop, runtime.start(), settings.nats_url):
-                    stopped.append(stop.signum)
-                    return
+                await runtime.start()
                 console.print(f"[bold green]{' + '.join(services)}[/bold green] serving")
                 _print_endpoints(runtime.endpoints)
                 # The last line at start: whoever waits for this process knows its endpoints now.
@@ -292,7 +254,3 @@ def register(cli: click.Group) -> None:
 
         with contextlib.suppress(KeyboardInterrupt):
             uvloop.run(run())
-        if stopped:
-            name = signal.Signals(stopped[0]).name
-            fail(f"stopped by {name} before {' + '.join(services)} started: NATS at {shown_url(settings.nats_url)} "
-                 "had not answered", 128 + stopped[0])
