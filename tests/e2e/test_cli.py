@@ -630,8 +630,8 @@ def test_a_jsonl_dataset_of_one_case_runs_and_a_broken_one_is_refused_naming_the
     one = eval_run()
     assert one.returncode == 0, one.stdout + one.stderr
     assert json.loads(one.stdout)["metrics"]["n_cases"] == 1
-    for content, said in ((first.encode() + b"\n{not json\n", "line 2: Expecting property name"),
-                          (b'{"input": "caf\xe9", "expected": "x"}\n', "line 1 is not UTF-8")):
+    for content, said in ((first.encode() + b"\n{not json\n", "line 2: not valid JSON: Expecting property name"),
+                          (b'{"input": "caf\xe9", "expected": "x"}\n', "not UTF-8 text (line 1)")):
         (tmp_path / "qa.jsonl").write_bytes(content)
         refused = eval_run()
         assert refused.returncode == 2 and f"{tmp_path / 'qa.jsonl'}: artifact is not valid application/jsonl: " \
