@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import msgspec
 import pytest
@@ -143,81 +145,91 @@ async def test_made_up_deployments_beyond_the_cap_leave_the_monitor_at_the_cap_a
         await second.stop()
 
 
-async def test_an_app_naming_made_up_deployments_churns_its_own_windows_and_another_apps_reports_still_come(
-        settings: Settings) -> None:
+
+class TwoApps(NamedTuple):
+    """A stack at the drift cap CAP, vdep's drift reports subscribed, and the NATS users of apps vapp and aapp."""
+
+    runtime: Runtime
+    reports: Any
+    victim: Any
+    attacker: Any
+
+
+@pytest.fixture
+async def two_apps(settings: Settings) -> AsyncIterator[TwoApps]:
     runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0", drift_max_windows=CAP), services=SERVICES)
     await runtime.start()
     try:
-        drift, bus, s = runtime.services["drift"].handlers, runtime.ctx.bus, runtime.settings
+        bus = runtime.ctx.bus
         reports = await bus.nc.subscribe(bus.subjects.drift("vdep"))
-        victim, attacker = await _credential(runtime, "vapp"), await _credential(runtime, "aapp")
-        monitor = drift.monitor
-
-        # As probe p7: vapp's batches to its deployment, and between them aapp's events naming twice the cap of
-        # fresh made-up deployments, each with its own NATS user, until vapp's reference and first window are full.
-        batch, sent = 25, 0
-        for rnd in range((s.drift_reference_size + s.drift_window_size) // batch):
-            await _send(runtime, victim, ["vdep"] * batch, app="vapp")
-            sent += batch
-            await drift.events.wait_for(sent, 30)
-            await _send(runtime, attacker, [f"junk-{rnd}-{i}" for i in range(2 * CAP)], app="aapp")
-            sent += 2 * CAP
-            await drift.events.wait_for(sent, 30)
-            # vapp's one set is within its share (CAP over 2 apps): aapp's new names evicted only aapp's sets.
-            # (Before: vapp's set was the least recently seen, evicted after aapp's fifth name, every round.)
-            assert window_key("acme", "vdep", False, "vapp") in monitor.windows
-            assert sorted({w.app for w in monitor.windows.values()}) == ["aapp", "vapp"]
-
-        # vapp's report came: its reference against its window, vapp's events only.
-        report = _reports.decode((await reports.next_msg(timeout=30)).data)
-        assert (report.app, report.tenant, report.deployment, report.served) == ("vapp", "acme", "vdep", False)
-        assert (report.reference_n, report.current_n) == (s.drift_reference_size, s.drift_window_size)
-        await reports.unsubscribe()
-        held = _acme(runtime)
-        assert len(held) == CAP and "vdep" in held
-        assert sorted(d for d in held if d != "vdep") == sorted(f"junk-3-{i}" for i in range(CAP + 1, 2 * CAP))
-        assert drift.evictions.count == 4 * 2 * CAP - (CAP - 1)
+        yield TwoApps(runtime, reports, await _credential(runtime, "vapp"), await _credential(runtime, "aapp"))
     finally:
         await runtime.stop()
+
+
+async def test_an_app_naming_made_up_deployments_churns_its_own_windows_and_another_apps_reports_still_come(
+        two_apps: TwoApps) -> None:
+    runtime, reports, victim, attacker = two_apps
+    drift, s = runtime.services["drift"].handlers, runtime.settings
+    monitor = drift.monitor
+
+    # As probe p7: vapp's batches to its deployment, and between them aapp's events naming twice the cap of
+    # fresh made-up deployments, each with its own NATS user, until vapp's reference and first window are full.
+    batch, sent = 25, 0
+    for rnd in range((s.drift_reference_size + s.drift_window_size) // batch):
+        await _send(runtime, victim, ["vdep"] * batch, app="vapp")
+        sent += batch
+        await drift.events.wait_for(sent, 30)
+        await _send(runtime, attacker, [f"junk-{rnd}-{i}" for i in range(2 * CAP)], app="aapp")
+        sent += 2 * CAP
+        await drift.events.wait_for(sent, 30)
+        # vapp's one set is within its share (CAP over 2 apps): aapp's new names evicted only aapp's sets.
+        # (Before: vapp's set was the least recently seen, evicted after aapp's fifth name, every round.)
+        assert window_key("acme", "vdep", False, "vapp") in monitor.windows
+        assert sorted({w.app for w in monitor.windows.values()}) == ["aapp", "vapp"]
+
+    # vapp's report came: its reference against its window, vapp's events only.
+    report = _reports.decode((await reports.next_msg(timeout=30)).data)
+    assert (report.app, report.tenant, report.deployment, report.served) == ("vapp", "acme", "vdep", False)
+    assert (report.reference_n, report.current_n) == (s.drift_reference_size, s.drift_window_size)
+    await reports.unsubscribe()
+    held = _acme(runtime)
+    assert len(held) == CAP and "vdep" in held
+    assert sorted(d for d in held if d != "vdep") == sorted(f"junk-3-{i}" for i in range(CAP + 1, 2 * CAP))
+    assert drift.evictions.count == 4 * 2 * CAP - (CAP - 1)
 
 
 async def test_an_app_naming_another_apps_deployment_never_claims_or_evicts_its_windows_and_its_reports_keep_coming(
-        settings: Settings) -> None:
-    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0", drift_max_windows=CAP), services=SERVICES)
-    await runtime.start()
-    try:
-        drift, bus, s = runtime.services["drift"].handlers, runtime.ctx.bus, runtime.settings
-        reports = await bus.nc.subscribe(bus.subjects.drift("vdep"))
-        victim, attacker = await _credential(runtime, "vapp"), await _credential(runtime, "aapp")
-        monitor = drift.monitor
+        two_apps: TwoApps) -> None:
+    runtime, reports, victim, attacker = two_apps
+    drift, s = runtime.services["drift"].handlers, runtime.settings
+    monitor = drift.monitor
 
-        def vapps() -> list[str]:
-            """The application window sets of vdep that are vapp's (their events vapp's)."""
-            return [k for k, w in monitor.windows.items() if windows_of(k)[1] == "vdep" and not windows_of(k)[2]
-                    and w.app == "vapp"]
+    def vapps() -> list[str]:
+        """The application window sets of vdep that are vapp's (their events vapp's)."""
+        return [k for k, w in monitor.windows.items() if windows_of(k)[1] == "vdep" and not windows_of(k)[2]
+                and w.app == "vapp"]
 
-        # vapp's batches to its deployment; between them aapp, with its own NATS user, names vapp's deployment once
-        # (before: the set became aapp's) and then twice the cap of fresh made-up deployments (before: aapp, holding
-        # the most, evicted the claimed set as its own, each round).
-        batch, sent, rounds = 25, 0, 2 * (s.drift_reference_size + s.drift_window_size) // 25
-        for rnd in range(rounds):
-            await _send(runtime, victim, ["vdep"] * batch, app="vapp")
-            sent += batch
-            await drift.events.wait_for(sent, 30)
-            await _send(runtime, attacker, ["vdep", *(f"junk-{rnd}-{i}" for i in range(2 * CAP))], app="aapp")
-            sent += 1 + 2 * CAP
-            await drift.events.wait_for(sent, 30)
-            assert len(vapps()) == 1  # never claimed, never evicted
+    # vapp's batches to its deployment; between them aapp, with its own NATS user, names vapp's deployment once
+    # (before: the set became aapp's) and then twice the cap of fresh made-up deployments (before: aapp, holding
+    # the most, evicted the claimed set as its own, each round).
+    batch, sent, rounds = 25, 0, 2 * (s.drift_reference_size + s.drift_window_size) // 25
+    for rnd in range(rounds):
+        await _send(runtime, victim, ["vdep"] * batch, app="vapp")
+        sent += batch
+        await drift.events.wait_for(sent, 30)
+        await _send(runtime, attacker, ["vdep", *(f"junk-{rnd}-{i}" for i in range(2 * CAP))], app="aapp")
+        sent += 1 + 2 * CAP
+        await drift.events.wait_for(sent, 30)
+        assert len(vapps()) == 1  # never claimed, never evicted
 
-        # vapp's reports keep coming, each of vapp's events alone: its reference, then every window of 50 after it.
-        want = (rounds * batch - s.drift_reference_size) // s.drift_window_size
-        got = [_reports.decode((await reports.next_msg(timeout=30)).data) for _ in range(want)]
-        assert [(r.app, r.tenant, r.served, r.reference_n, r.current_n) for r in got] == [
-            ("vapp", "acme", False, s.drift_reference_size, s.drift_window_size)] * want
-        await reports.unsubscribe()
-        assert monitor.windows[vapps()[0]].since_report == 0  # no event past vapp's last window: none of aapp's
-    finally:
-        await runtime.stop()
+    # vapp's reports keep coming, each of vapp's events alone: its reference, then every window of 50 after it.
+    want = (rounds * batch - s.drift_reference_size) // s.drift_window_size
+    got = [_reports.decode((await reports.next_msg(timeout=30)).data) for _ in range(want)]
+    assert [(r.app, r.tenant, r.served, r.reference_n, r.current_n) for r in got] == [
+        ("vapp", "acme", False, s.drift_reference_size, s.drift_window_size)] * want
+    await reports.unsubscribe()
+    assert monitor.windows[vapps()[0]].since_report == 0  # no event past vapp's last window: none of aapp's
 
 
 async def test_an_applications_windows_saved_before_they_were_kept_per_app_refill_and_their_snapshot_goes(
