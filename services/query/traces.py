@@ -24,6 +24,8 @@ _TENANT = f"if({_REPORTED}, ResourceAttributes['lockgate.tenant'], SpanAttribute
 _IN_SCOPE = f"{_TENANT} IN ({{tenant:String}}, '')"
 # A span's service as a summary lists it: a sender's own claim is marked `(otlp)`, so an application's span naming
 # itself `lockgate-router` is not read as lockgate's router in a trace listing (the trace itself has `origin`).
+# A summary's services are an array, one entry per name: joined into one string with ',' (before, probe p10), a name
+# holding commas (`lockgate-router,lockgate-sink,shop`) read as several entries, the marker on the last only.
 _SERVICE = f"if({_REPORTED}, concat(ServiceName, ' (otlp)'), ServiceName)"
 
 _SUMMARY = f"""
@@ -33,7 +35,7 @@ SELECT TraceId AS trace_id,
            AS duration_ms,
        count() AS spans,
        arrayStringConcat(arraySort(arrayFilter(t -> t != '', groupUniqArray({_TENANT}))), ',') AS tenants,
-       arrayStringConcat(arraySort(groupUniqArray({_SERVICE})), ',') AS services,
+       arraySort(groupUniqArray({_SERVICE})) AS services,
        argMin(SpanName, Timestamp) AS root,
        countIf(StatusCode = 'Error') AS errors
 FROM otel_traces

@@ -105,7 +105,7 @@ async def test_traces_timed_ahead_are_left_out_of_the_listing_and_counted(stack:
     await _stored(stack, 21)
 
     listed = await run_cli_json(stack, "traces")
-    assert [r["trace_id"] for r in listed if r["services"] == "web (otlp)"] == [real]
+    assert [r["trace_id"] for r in listed if r["services"] == ["web (otlp)"]] == [real]
     table = await run_cli(stack, "traces")
     assert table.exit_code == 0, table.output
     assert real in table.stdout

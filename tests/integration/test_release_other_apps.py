@@ -108,4 +108,4 @@ async def test_another_apps_calls_naming_a_release_are_its_own_row_and_never_a_r
     assert [r["trace_id"] for r in through_sink] == [OTHERS_TRACE]
     # The release's listing marks the span other sent: its service name is its sender's claim.
     listed = await run_cli_json(stack, "traces", "--release", RELEASE)
-    assert [(r["trace_id"], r["services"]) for r in listed] == [(OTHERS_TRACE, "lockgate-router (otlp),lockgate-sink")]
+    assert [(r["trace_id"], r["services"]) for r in listed] == [(OTHERS_TRACE, ["lockgate-router (otlp)", "lockgate-sink"])]

@@ -134,3 +134,48 @@ async def test_another_tenants_span_in_a_trace_is_shown_as_theirs_and_kept_out_o
     assert {(r["tenant"], r["release"]): r["calls"] for r in cost} == {("default", RELEASE): 1, ("acme", RELEASE): 2}
     shown = await run_cli(stack, "cost", "--by", "release")
     assert shown.exit_code == 0 and "tenant" in shown.stdout and "acme" in shown.stdout
+
+
+def _named(url: str, key: str, service: str) -> str:
+    """A trace of one span naming the release, from an application whose `service.name` is `service`; its id."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=url, headers={"x-api-key": key})))
+    with provider.get_tracer("shop").start_as_current_span("chat sim-good") as span:
+        span.set_attribute("lockgate.release", RELEASE)
+    provider.shutdown()
+    return format(span.get_span_context().trace_id, "032x")
+
+
+def _services_cells(table: str) -> dict[str, str]:
+    """{trace id: its `services` cell} of a trace listing's table, the lines a long cell wraps onto joined and its
+    whitespace dropped (where the table wraps a cell is the terminal's width, not the listing's)."""
+    cells: dict[str, str] = {}
+    trace_id = ""
+    for line in table.splitlines():
+        if line.startswith("│"):
+            row = [c.strip() for c in line.strip().strip("│").split("│")]
+            trace_id = row[0] or trace_id  # a cell's continuation lines leave the trace id blank
+            cells[trace_id] = cells.get(trace_id, "") + "".join(row[5].split())
+    return cells
+
+
+async def test_each_service_of_a_trace_listing_is_marked_whatever_its_name_holds(stack: Runtime) -> None:
+    # Probe p10 F4: the listing's services were one string joined with ',' and the marker was appended to the
+    # whole name, so acme's span named `lockgate-router,lockgate-sink,shop` listed as lockgate's router and sink
+    # beside its own `shop (otlp)`.
+    acme_key, _ = KeyStore(stack.settings.home).create("acme", "shop", "app")
+    url = stack.services["otlp"].endpoints["otlp-http"] + "/v1/traces"
+    commas, quotes = "lockgate-router,lockgate-sink,shop", 'lockgate-router", "shop'
+    ids = {await asyncio.to_thread(_named, url, acme_key, name): name for name in (commas, quotes)}
+    await eventually(lambda: stack.ctx.store.scalar("SELECT count() FROM otel_traces") == 2,
+                     [stack.services["sink"].handlers.spans], what="acme's two spans stored")
+
+    # Each name is one entry with its marker, in the recent listing and the release's alike.
+    for listing in (["traces"], ["traces", "--release", RELEASE]):
+        rows = await run_cli_json(stack, *listing)
+        assert {r["trace_id"]: r["services"] for r in rows} == {i: [f"{n} (otlp)"] for i, n in ids.items()}
+        table = await run_cli(stack, *listing)
+        assert table.exit_code == 0, table.output
+        # The table quotes each entry: the whole name and its marker in one quoted string, `"` escaped.
+        assert _services_cells(table.stdout) == {i: "".join(json.dumps(f"{n} (otlp)").split())
+                                                 for i, n in ids.items()}, table.stdout

@@ -18,7 +18,7 @@ import nats.errors
 from rich.text import Text
 
 from lockgate.cli import access, running
-from lockgate.cli.render import err_console, output, shown
+from lockgate.cli.render import entries, err_console, output, shown
 from lockgate.config import Settings, from_env
 from lockgate.errors import LockgateError, ReplyTooLarge
 from lockgate.permissions import ROLES
@@ -213,7 +213,8 @@ def traces(ctx: click.Context, trace_id: str | None, release: str | None, servic
                               "output_tokens, latency_ms FROM inference_events WHERE trace_id = "
                               f"'{trace_id.strip().lower()}'\"", highlight=False, soft_wrap=True)
     elif release:
-        output(_listing(ctx, "traces_for_release", release=release, limit=limit, service=service, **scope), as_json,
+        rows = _listing(ctx, "traces_for_release", release=release, limit=limit, service=service, **scope)
+        output(rows if as_json else _summaries(rows), as_json,
                title=f"traces of {release}" + (f" through {service}" if service else "")
                + (f" (tenant {tenant})" if tenant else ""))
     else:
@@ -225,7 +226,13 @@ def traces(ctx: click.Context, trace_id: str | None, release: str | None, servic
             if ahead and ahead[0]["traces"]:
                 title += (f"; {ahead[0]['traces']} trace(s) starting after now left out (the first at "
                           f"{ahead[0]['first']}): their senders timed them ahead")
-        output(rows, as_json, title=title)
+        output(rows if as_json else _summaries(rows), as_json, title=title)
+
+
+def _summaries(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A trace listing as a table shows it: each service a quoted entry of its own, so an application's service
+    named `lockgate-router,lockgate-sink,shop` never reads as lockgate's router and sink beside its own `shop`."""
+    return [r | {"services": entries(r.get("services") or [])} for r in rows]
 
 
 def _listing(ctx: click.Context, name: str, **args: Any) -> Any:

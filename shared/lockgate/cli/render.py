@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import sys
 from collections.abc import Sequence
@@ -39,6 +40,12 @@ def shown(text: str, style: str = "") -> Text:
     `lockgate traces` in a MarkupError traceback, `[conceal]` hid what followed), control characters escaped
     (`\\x1b`) (probe p10)."""
     return Text(_CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text), style=style)
+
+
+def entries(values: Sequence[str]) -> str:
+    """Names a sender chose, as one table cell: each a quoted string (JSON's quoting, `"` and `\\` escaped), so a
+    name holding `,` is one entry, its `(otlp)` marker inside its own quotes, never several entries (probe p10)."""
+    return ", ".join(json.dumps(v, ensure_ascii=False) for v in values)
 
 
 def _cell(value: Any) -> str:
