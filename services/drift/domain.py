@@ -155,9 +155,12 @@ class DriftMonitor:
         # keys of evicted windows, and the tenants whose windows were at the cap.
         self.evicted: list[str] = []
         self.capped: set[str] = set()
-        # Per tenant, category code -> value, to name drifting categories (features.LABELS_MAX each, least
-        # recently seen first): one tenant's made-up values never push out another's names.
-        self.labels: dict[str, OrderedDict[float, str]] = {}
+        # Per (tenant, app), category code -> value, to name drifting categories (features.LABELS_MAX each, least
+        # recently seen first); app '' is the tenant's served events' (the router's). One table per tenant was
+        # filled by any of its applications: one app's made-up values pushed out the names another app's windows
+        # held, and its reports named them by code (probe p13). Only an app holding window sets keeps a table, so a
+        # tenant holds at most 1 + max_windows of them.
+        self.labels: dict[tuple[str, str], OrderedDict[float, str]] = {}
         self.text_stride = max(1, self.window_size // TEXT_ROWS)
         self._rows_seen = 0  # rows offered for embedding, to pick every text_stride-th
 
@@ -167,9 +170,15 @@ class DriftMonitor:
 
     def reset(self, deployment: str) -> None:
         """Forget a deployment's windows, every tenant's (after a promotion the new traffic is the reference)."""
-        for key in self.keys_of(deployment):
+        gone = self.keys_of(deployment)
+        for key in gone:
             self.windows.pop(key, None)
             self.pairs.pop(key, None)
+        held = {(w.tenant, windows_of(k)[3]) for k, w in self.windows.items()}
+        for key in gone:
+            tenant, _, served, app = windows_of(key)
+            if not served and (tenant, app) not in held:
+                self.labels.pop((tenant, app), None)
 
     def end_rollout(self, deployment: str) -> set[str]:
         """A rollout ended (promoted or aborted): no canary window until the next canary's traffic, in any
@@ -179,13 +188,19 @@ class DriftMonitor:
             self.pairs[key].new_canary("")
         return ended
 
-    def labels_of(self, tenant: str) -> OrderedDict[float, str]:
-        """The tenant's table of category names."""
-        return self.labels.setdefault(tenant, OrderedDict())
+    def labels_of(self, tenant: str, app: str = "") -> OrderedDict[float, str]:
+        """The table of category names of a tenant's application (app '': of its served events)."""
+        return self.labels.setdefault((tenant, app), OrderedDict())
 
-    def learn(self, tenant: str, names: Mapping[float, str]) -> None:
-        """Names of categories the tenant's windows hold (restored ones), as the most recently seen."""
-        learn(self.labels_of(tenant), names)
+    def labels_for(self, key: str) -> OrderedDict[float, str] | None:
+        """The table of category names that names a windows key's categories (None: none yet)."""
+        tenant, _, _, app = windows_of(key)
+        return self.labels.get((tenant, app))
+
+    def learn(self, tenant: str, names: Mapping[float, str], app: str = "") -> None:
+        """Names of categories the windows of a tenant's application (app '': its served ones) hold (restored
+        ones), as the most recently seen."""
+        learn(self.labels_of(tenant, app), names)
 
     def vectors(self, batch: Rows) -> np.ndarray | None:
         """(n, 2, dim) embeddings of the batch's prompts and answers (NaN where absent or not sampled)."""
@@ -210,8 +225,8 @@ class DriftMonitor:
         for e in events:
             groups.setdefault((e.tenant, deployment_of(e), "" if served else e.app), []).append(e)
         reports: list[DriftReport] = []
-        for (tenant, deployment, _), group in groups.items():
-            batch = rows(group, self.labels_of(tenant))
+        for (tenant, deployment, app), group in groups.items():
+            batch = rows(group, self.labels_of(tenant, app))
             vectors = self.vectors(batch)
             reports += self.observe(deployment, batch.values, batch.times, app=group[-1].app, tenant=tenant,
                                     vectors=vectors, served=served)
@@ -257,15 +272,25 @@ class DriftMonitor:
         self.capped.add(tenant)
         # Each set's app is the one in its key, whose events alone fill it (not whichever event came last).
         sets = [(k, windows_of(k)[3]) for k in mine if not windows_of(k)[2]]
+        asker = None if served else app
         for _ in range(excess):
-            key = evictee(sets, self.max_windows, None if served else app)
+            key = evictee(sets, self.max_windows, asker)
             if key is None:
+                self._forget(tenant, asker, sets)  # its events are not watched: their names need no table
                 return served
             sets = [s for s in sets if s[0] != key]
             del self.windows[key]
             self.pairs.pop(key, None)
             self.evicted.append(key)
+            if windows_of(key)[3] != asker:
+                self._forget(tenant, windows_of(key)[3], sets)
         return True
+
+    def _forget(self, tenant: str, app: str | None, sets: Sequence[tuple[str, str]]) -> None:
+        """Drop the table of names of a tenant's application that holds none of these window sets (so a tenant keeps
+        no more tables than it holds sets)."""
+        if app and all(a != app for _, a in sets):
+            self.labels.pop((tenant, app), None)
 
     def observe_variants(self, deployment: str, group: Sequence[InferenceEvent | InferenceScored], batch: Rows,
                          vectors: np.ndarray | None, *, tenant: str = DEFAULT_TENANT) -> list[DriftReport]:
@@ -332,7 +357,8 @@ class DriftMonitor:
         """Compare the current window with the reference, feature by feature."""
         ref_values = w.ref.values[:w.ref.n]
         cur_values, cur_times, cur_text = w.cur.ordered()
-        features = self.compare(ref_values, cur_values, w.text_ref.ordered()[2], cur_text, tenant=w.tenant)
+        features = self.compare(ref_values, cur_values, w.text_ref.ordered()[2], cur_text, tenant=w.tenant,
+                                app="" if served else w.app)
         return self._report(deployment, w.app, w.tenant, ref_values, cur_values, cur_times, features, served=served)
 
     def _report(self, deployment: str, app: str, tenant: str, ref: np.ndarray, cur: np.ndarray, times: np.ndarray,
@@ -346,11 +372,11 @@ class DriftMonitor:
             embedder=self.embedder.name if texts and self.embedder is not None else "", **kw)
 
     def compare(self, ref: np.ndarray, cur: np.ndarray, ref_text: np.ndarray | None = None,
-                cur_text: np.ndarray | None = None, *, tenant: str = DEFAULT_TENANT) -> list[FeatureDrift]:
+                cur_text: np.ndarray | None = None, *, tenant: str = DEFAULT_TENANT, app: str = "") -> list[FeatureDrift]:
         """Every feature measured in both windows (numeric, categorical, then texts); categories named from the
-        tenant's table."""
+        table of the tenant's application (app '': of its served events)."""
         out = []
-        labels = self.labels.get(tenant, {})
+        labels = self.labels.get((tenant, app), {})
         for j, name in enumerate(FEATURES):
             r, c = _present(ref[:, j]), _present(cur[:, j])
             if len(r) and len(c):

@@ -117,7 +117,7 @@ class DriftHandlers:
         self._stored.add(snap.deployment)
         if pair is not None:
             m.pairs[snap.deployment] = pair
-        m.learn(snap.tenant, snapshots.labels(snap))
+        m.learn(snap.tenant, snapshots.labels(snap), domain.windows_of(snap.deployment)[3])
         embedder = m.embedder.name if m.embedder is not None else ""
         for part in snapshots.TEXT_PARTS if embedder else ():
             if (raw := entries.get(f"{key}.text.{part}")) is None:
@@ -156,7 +156,7 @@ class DriftHandlers:
                     continue
                 key, pair = token(windows), m.pairs.get(windows)
                 name = m.embedder.name if m.embedder is not None else ""
-                values = {key: msgspec.json.encode(snapshots.snapshot(windows, w, pair, m.labels.get(w.tenant), saved))}
+                values = {key: msgspec.json.encode(snapshots.snapshot(windows, w, pair, m.labels_for(windows), saved))}
                 values |= {f"{key}.text.{part}": msgspec.json.encode(ring)
                            for part, ring in snapshots.text_rings(w, pair, name).items()}
                 for k, value in values.items():

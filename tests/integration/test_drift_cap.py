@@ -38,6 +38,7 @@ from lockgate.contracts import DriftReport, InferenceEvent
 from lockgate.server.runtime import Runtime
 from lockgate.services.drift import snapshots
 from lockgate.services.drift.domain import window_key, windows_of
+from lockgate.services.drift.features import LABELS_MAX
 from lockgate.services.drift.windows import Windows
 from lockgate.subjects import token
 
@@ -230,6 +231,78 @@ async def test_an_app_naming_another_apps_deployment_never_claims_or_evicts_its_
         ("vapp", "acme", False, s.drift_reference_size, s.drift_window_size)] * want
     await reports.unsubscribe()
     assert monitor.windows[vapps()[0]].since_report == 0  # no event past vapp's last window: none of aapp's
+
+
+async def _send_each(runtime: Runtime, secret: dict[str, str], app: str, deployment: str,
+                     events: list[dict[str, str]]) -> None:
+    """These events' categories (finish reason, model, ...), with the application's own NATS user."""
+    async with Client(runtime.settings.nats_url, prefix=runtime.settings.prefix, tenant="acme", app=app,
+                      user=secret["user"], password=secret["password"]) as client:
+        for fields in events:
+            client.emit(**{"deployment": deployment, "release": "shop-v1", "model": "sim", "input_tokens": 8,
+                           "output_tokens": 5, "latency_ms": 5.0, **fields})
+        await client.flush()
+        assert client.sent == len(events)
+
+
+async def test_an_apps_made_up_category_names_never_push_out_the_names_another_apps_report_shows(
+        two_apps: TwoApps) -> None:
+    """Probe p13: the table of category names was the tenant's, shared by its applications. aapp's events with
+    LABELS_MAX made-up names, sent between vapp's reference and its window, pushed out the name of the category
+    vapp's answers stopped ending with, and vapp's report named it by code (`finish_reason:#...`), which a gate rule
+    or a rollout metric naming `finish_reason:stop` never matches. Now each application's table is its own."""
+    runtime, reports, victim, attacker = two_apps
+    drift, s = runtime.services["drift"].handlers, runtime.settings
+    n = s.drift_reference_size
+    assert s.drift_window_size == n
+    # vapp's reference: every answer ends normally.
+    await _send_each(runtime, victim, "vapp", "vdep", [{"finish_reason": "stop"}] * n)
+    await drift.events.wait_for(n, 30)
+    # aapp: four made-up names an event (model, status, error type, finish reason), more than a table holds.
+    flood = [{f: f"{f}-{i}" for f in ("model", "status", "error_type", "finish_reason")}
+             for i in range(LABELS_MAX // 4 + 1)]
+    await _send_each(runtime, attacker, "aapp", "junk", flood)
+    await drift.events.wait_for(n + len(flood), 30)
+    # vapp's window: no answer ends normally any more, half cut at the length limit, half filtered.
+    await _send_each(runtime, victim, "vapp", "vdep",
+                     [{"finish_reason": ("length", "content_filter")[i % 2]} for i in range(n)])
+
+    report = _reports.decode((await reports.next_msg(timeout=30)).data)
+    await reports.unsubscribe()
+    assert (report.app, report.tenant, report.served, report.drifted) == ("vapp", "acme", False, True)
+    finish = next(f for f in report.features if f.feature.startswith("finish_reason:"))
+    # The category that moved most, by name (before: `finish_reason:#<12 hex>`, its name pushed out by aapp's).
+    assert (finish.feature, finish.reference_mean, finish.current_mean) == ("finish_reason:stop", 1.0, 0.0)
+
+
+async def test_an_apps_category_names_survive_a_restart_in_its_own_table(settings: Settings) -> None:
+    """The names of the categories an application's windows hold are saved with them and restored into that
+    application's table: its first report after a start names the category its reference held."""
+    base = settings.replace(nats_url="nats://127.0.0.1:0", drift_max_windows=CAP)
+    n = base.drift_reference_size
+    first = Runtime(base, services=SERVICES)
+    await first.start()
+    try:
+        drift = first.services["drift"].handlers
+        secret = await _credential(first, "vapp")
+        await _send_each(first, secret, "vapp", "vdep", [{"finish_reason": "stop"}] * n)
+        await drift.events.wait_for(n, 30)
+    finally:
+        await first.stop()  # a clean stop saves the windows
+    second = Runtime(base, services=SERVICES)
+    await second.start()
+    try:
+        bus = second.ctx.bus
+        reports = await bus.nc.subscribe(bus.subjects.drift("vdep"))
+        await _send_each(second, secret, "vapp", "vdep",
+                         [{"finish_reason": ("length", "content_filter")[i % 2]} for i in range(n)])
+        report = _reports.decode((await reports.next_msg(timeout=30)).data)
+        await reports.unsubscribe()
+        assert (report.app, report.reference_n) == ("vapp", n)
+        assert "finish_reason:stop" in {f.feature for f in report.features}
+        assert set(second.services["drift"].handlers.monitor.labels) == {("acme", "vapp")}
+    finally:
+        await second.stop()
 
 
 async def test_an_applications_windows_saved_before_they_were_kept_per_app_refill_and_their_snapshot_goes(

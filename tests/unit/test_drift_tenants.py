@@ -78,9 +78,9 @@ def test_each_tenant_names_its_categories_from_a_bounded_table_of_its_own() -> N
     flood = [InferenceEvent(app="support", tenant="bravo", deployment="b", model=f"made-up-{i}", time=t0)
              for i in range(LABELS_MAX + 10)]
     m.observe_events(flood, served=False)
-    assert len(m.labels_of("bravo")) == LABELS_MAX  # bounded: the least recently seen went
-    assert "made-up-0" not in m.labels_of("bravo").values() and f"made-up-{LABELS_MAX + 9}" in m.labels_of(
-        "bravo").values()
+    assert len(m.labels_of("bravo", "support")) == LABELS_MAX  # bounded: the least recently seen went
+    assert "made-up-0" not in m.labels_of("bravo", "support").values() and f"made-up-{LABELS_MAX + 9}" in m.labels_of(
+        "bravo", "support").values()
     m.observe_events(_events(40, "acme", tokens=2))
     ended = [msgspec.structs.replace(e, finish_reason="length") for e in _events(40, "acme", tokens=2, start=40)]
     (report,) = m.observe_events(ended)
@@ -95,3 +95,49 @@ def test_a_category_name_is_kept_to_label_chars() -> None:
     m.observe_events([InferenceEvent(app="support", tenant="acme", deployment="d", model=long,
                                      time=datetime(2025, 1, 1, tzinfo=UTC))])
     assert m.labels_of("acme")[code(long)] == "m" * LABEL_CHARS + "..."
+
+
+@pytest.mark.parametrize("served", [True, False])
+def test_an_apps_made_up_categories_never_push_out_the_names_another_apps_or_the_served_windows_hold(
+        served: bool) -> None:
+    """Probe p13: one table of names per tenant, filled by any of its applications. App `junk`'s LABELS_MAX made-up
+    model names, between the reference and the window of app support's own (or the router's served) windows, pushed
+    out `stop`, the category the answers stopped ending with, and the report named it by code (`finish_reason:#...`),
+    which no rule naming `finish_reason:stop` matches. Now each application, and the tenant's served events, has a
+    table of its own."""
+    m = DriftMonitor(reference_size=40, window_size=40, psi_threshold=0.2)
+    m.observe_events([msgspec.structs.replace(e, finish_reason="stop") for e in _events(40, "acme", tokens=2)],
+                     served=served)
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+    m.observe_events([InferenceEvent(app="junk", tenant="acme", deployment="j", model=f"made-up-{i}", time=t0)
+                      for i in range(LABELS_MAX)], served=False)
+    window = [msgspec.structs.replace(e, finish_reason=("length", "content_filter")[i % 2])
+              for i, e in enumerate(_events(40, "acme", tokens=2, start=40))]
+    (report,) = [r for r in m.observe_events(window, served=served) if r.comparison == "now_vs_reference"]
+    finish = next(f for f in report.features if f.feature.startswith("finish_reason:"))
+    assert (finish.feature, finish.reference_mean, finish.current_mean) == ("finish_reason:stop", 1.0, 0.0)
+    assert len(m.labels_of("acme", "junk")) == LABELS_MAX  # junk's names push out junk's own only
+
+
+def test_only_the_served_events_and_applications_holding_windows_keep_a_table_of_names() -> None:
+    """A tenant holds at most 1 + max_windows tables: an application's goes with its last window set (evicted,
+    reset by a promotion) and none is kept for one whose events the cap refuses."""
+    m = DriftMonitor(reference_size=4, window_size=4, psi_threshold=0.2, max_windows=2)
+    t0 = datetime(2025, 1, 1, tzinfo=UTC)
+
+    def send(app: str, deployment: str, served: bool = False) -> None:
+        m.observe_events([InferenceEvent(app=app, tenant="acme", deployment=deployment, model=f"{app}-model",
+                                         time=t0)], served=served)
+
+    send("a0", "d0")
+    send("a1", "d1")
+    for i in range(2, 10):  # at the cap, each app within its share: refused, no table
+        send(f"a{i}", f"d{i}")
+    assert set(m.labels) == {("acme", "a0"), ("acme", "a1")}
+    send("a1", "d0")  # a1 within its share gives up its own d1 for its d0: a1 holds a set, and its table
+    assert set(m.labels) == {("acme", "a0"), ("acme", "a1")}
+    assert m.labels_of("acme", "a1")[code("a1-model")] == "a1-model"
+    send("router", "chat", served=True)  # a served set takes the least recently seen, a0's only one, and its table
+    assert set(m.labels) == {("acme", "a1"), ("acme", "")}
+    m.reset("d0")  # a promotion: a1's only set goes, and its table; the served one stays
+    assert set(m.labels) == {("acme", "")} and set(m.windows) == {window_key("acme", "chat", True)}
