@@ -89,7 +89,8 @@ async def run_cases(bus: Bus, run_id: str) -> list[domain.CaseResult]:
 
 
 async def baseline_run(bus: Bus, release: str, suite: str) -> str | None:
-    """The latest completed run of `suite` for `release`, or None."""
+    """The run of `suite` for `release` to compare with (the query service's baseline_run: its latest completed run
+    the gate judged, else its latest completed measurement), or None."""
     return await ask(bus, "baseline_run", {"release": release, "suite": suite}, into=str | None)
 
 

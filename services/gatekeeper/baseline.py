@@ -37,7 +37,9 @@ def refusal(baseline: str, decision: GateDecided | None, registered: Mapping[str
 
     It may when it is a registered release of the same app whose current (verified) decision is a PASS about
     the content it is registered with, and the run the eval compared with (`compared_run`, None if it
-    compared none) is the run that PASS judged: a PASS earned on one suite says nothing of another run.
+    compared none) is the run that PASS judged: a PASS earned on one suite says nothing of another run, and
+    an eval that compared none (that run not stored yet, or the PASS judged another suite) judged its relative
+    rules on nothing, which `no_data: pass` let through.
     `decision` None means the baseline was never gated: no more a yardstick than a BLOCKed release.
     """
     if registered is None:
@@ -54,8 +56,9 @@ def refusal(baseline: str, decision: GateDecided | None, registered: Mapping[str
     if decision.judged != dict(registered):
         return (f"baseline {baseline!r}'s PASS (decision {decision.id}) judged other artifacts than it is "
                 "registered with")
-    if compared_run is not None and compared_run != decision.eval_run:
-        return (f"this eval compared with run {compared_run or 'none'} of baseline {baseline!r}, but its PASS "
+    if compared_run is None or compared_run != decision.eval_run:
+        compared = "no run" if compared_run is None else f"run {compared_run or 'none'}"
+        return (f"this eval compared with {compared} of baseline {baseline!r}, but its PASS "
                 f"(decision {decision.id}) judged run {decision.eval_run or 'none'}: run the eval again once that "
                 f"run is stored, or gate {baseline!r} on this suite first")
     return ""

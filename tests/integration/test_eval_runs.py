@@ -22,7 +22,7 @@ from lockgate.contracts.evals import EvalProgress
 from lockgate.ids import uuid7
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
-from lockgate.services.query.evals import eval_cases
+from lockgate.services.query.evals import baseline_run, eval_cases
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate.telemetry import Telemetry
@@ -145,6 +145,25 @@ async def test_missing_baseline_is_a_warning_not_a_failure(
     assert done.status == "completed" and done.comparisons == {} and done.baseline_run == ""
     assert any("'never-ran' has no completed run" in w for w in done.warnings)
     assert any("'m' is not in" in w for w in done.warnings) and "cost_usd_total" not in done.metrics
+
+
+def test_the_baseline_run_is_the_latest_run_the_gate_judged_not_a_later_measurement(store: Store) -> None:
+    # Before: the latest completed run of any kind, so an operator's measurement of the baseline (no policy, no
+    # decision) became the yardstick, which the gate refuses as not the run the baseline's PASS judged.
+    def run(run_id: str, minute: int, *, policy: str = "", suite: str = "s1", status: str = "completed") -> list:
+        return [run_id, "v1", suite, "", policy, status, 3, 0, {}, "", datetime(2026, 1, 1, 0, minute, tzinfo=UTC),
+                run_id]
+
+    columns = ("run_id", "release", "suite", "baseline", "policy", "status", "n_cases", "n_errors", "metrics", "error",
+               "time", "event_id")
+    store.insert_rows("eval_runs", columns, [run("measured-old", 1)], token=None)
+    assert baseline_run(store, "v1", "s1") == "measured-old"  # never gated on the suite: the measurement, shown
+    store.insert_rows("eval_runs", columns, [
+        run("gated", 2, policy="sha256:p"), run("measured", 3), run("gated-failed", 4, policy="sha256:p",
+                                                                      status="failed"),
+        run("gated-other-suite", 5, policy="sha256:p", suite="s2")], token=None)
+    assert baseline_run(store, "v1", "s1") == "gated"
+    assert baseline_run(store, "v1", "s3") is None
 
 
 async def test_llm_judge_scores_with_agreement_and_stores_reasons(

@@ -248,6 +248,46 @@ async def test_a_release_the_gate_blocked_is_no_baseline_for_a_regression_rule(
         assert (state["phase"], state["weight"]) == ("aborted", 0.0)  # the BLOCK: no PASS exists
 
 
+async def test_a_measurement_of_the_baseline_is_not_the_run_a_candidate_is_compared_with(
+    bus: Bus, settings: Settings, context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path,
+    files: dict[str, str], trusted: Keyring
+) -> None:
+    # Before: the evaluator compared a candidate with the baseline's latest completed run of the suite, so any
+    # operator's measurement of r1 (`eval run` without --policy) became the yardstick, which the gate then refused
+    # as not the run r1's PASS judged: every candidate compared with r1 was BLOCKed (baseline_allowed) until r1
+    # was gated again.
+    async with gated(context, run_services, tmp_path, {"shop": {"policy": "rel"}}) as svcs:
+        await register_model_release(bus, "r1", "good")
+        await register_model_release(bus, "r2", "good", temperature=0)
+        await register_model_release(bus, "rb1", "bad")
+        first = await eval_run(settings, "", "r1", files["rel"])
+        assert first.exit_code == 0, first.output
+        passed = await current_decision(bus, "r1")
+        assert passed.decision == "PASS"
+        await sink_stored(svcs["sink"], eval_runs=1)
+        args = ["--nats", settings.nats_url, "--prefix", settings.prefix, "--home", settings.home, "eval", "run",
+                str(FIXTURES / "suites" / "qa.yaml"), "--candidate", "r1", "--timeout", "60", "--json"]
+        measured = await asyncio.to_thread(CliRunner().invoke, cli, args, catch_exceptions=False)
+        assert measured.exit_code == 0, measured.output
+        assert "decision" not in json.loads(measured.output)  # a measurement: the gate decided nothing
+        await sink_stored(svcs["sink"], eval_runs=2)  # r1's latest completed run of the suite is now the measurement
+
+        good = await eval_run(settings, "", "r2", files["rel"], "--baseline", "r1")
+        assert json.loads(good.output)["baseline_run"] == passed.eval_run, good.output
+        assert good.exit_code == 0, good.output
+        d = await current_decision(bus, "r2")
+        assert d.decision == "PASS" and trusted.verify(d) == d.key_id
+        assert [(r.rule, r.verdict) for r in d.rules] == [("no-regression", "PASS"), ("few-errors", "PASS")]
+
+        # And it is a comparison: a worse candidate regresses against the run r1's PASS judged.
+        worse = await eval_run(settings, "", "rb1", files["rel"], "--baseline", "r1")
+        assert json.loads(worse.output)["baseline_run"] == passed.eval_run, worse.output
+        assert worse.exit_code == 5, worse.output
+        blocked = await current_decision(bus, "rb1")
+        assert [r.rule for r in blocked.rules if r.verdict == "FAIL"] == ["no-regression"]
+        assert "no-regression: exact_match fell 0.5 below baseline (1 -> 0.5)" in blocked.reason
+
+
 async def test_a_gates_file_pins_the_baseline_to_the_deployments_known_good_release(
     bus: Bus, settings: Settings, context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path,
     files: dict[str, str], trusted: Keyring
@@ -284,6 +324,44 @@ async def test_a_gates_file_pins_the_baseline_to_the_deployments_known_good_rele
         assert passed.decision == "PASS" and trusted.verify(passed) == passed.key_id
         state = await canary(svcs["router"], "r2")
         assert (state["phase"], state["admitted"]) == ("progressing", passed.id)
+
+
+async def test_an_eval_that_compared_no_run_of_the_pinned_baseline_is_refused(
+    bus: Bus, settings: Settings, context: ServiceContext, run_services: Callable[..., Any], tmp_path: Path,
+    files: dict[str, str], trusted: Keyring
+) -> None:
+    # Before: naming the pinned baseline r1 met the pin, but on a suite r1 was never gated on the evaluator found no
+    # run of r1 to compare with, the regression rule had no data, which `no_data: pass` let through: the half-wrong
+    # rb1 got a signed PASS (as if it had left the baseline out, which the pin refuses).
+    apps = {"shop": {"policy": "rel", "baseline": {"deployment": "chat"}}}
+    other = tmp_path / "other.yaml"  # the fixture suite's dataset, one scorer: another suite
+    doc = yaml.safe_load((FIXTURES / "suites" / "qa.yaml").read_text())
+    other.write_text(yaml.safe_dump({**doc, "name": "qa-other", "scorers": ["exact_match"]}))
+    async with gated(context, run_services, tmp_path, apps) as svcs:
+        await register_model_release(bus, "r1", "good")
+        await register_model_release(bus, "rb1", "bad")
+        assert (await eval_run(settings, "", "r1", files["rel"])).exit_code == 0
+        async with aiohttp.ClientSession(headers=admin_headers(settings.home)) as http:
+            async with http.put(f"{svcs['router'].url}/lockgate/v1/deployments/chat",
+                                json={"stable_release": "r1"}) as resp:
+                assert (await resp.json())["phase"] == "promoted"
+
+        args = ["--nats", settings.nats_url, "--prefix", settings.prefix, "--home", settings.home, "eval", "run",
+                str(other), "--candidate", "rb1", "--baseline", "r1", "--policy", files["rel"], "--timeout", "60",
+                "--json"]
+        fooled = await asyncio.to_thread(CliRunner().invoke, cli, args, catch_exceptions=False)
+        assert fooled.exit_code == 5, fooled.output
+        assert json.loads(fooled.output)["baseline_run"] == ""  # nothing compared
+        d = await current_decision(bus, "rb1")
+        assert d.decision == "BLOCK" and trusted.verify(d) == d.key_id
+        assert [(r.rule, r.verdict) for r in d.rules] == [
+            ("no-regression", "NO_DATA"), ("few-errors", "PASS"), ("baseline_allowed", "FAIL")]
+        passed = await current_decision(bus, "r1")
+        assert d.reason.startswith(f"this eval compared with no run of baseline 'r1', but its PASS (decision "
+                                   f"{passed.id}) judged run {passed.eval_run}: run the eval again once that run "
+                                   "is stored, or gate 'r1' on this suite first"), d.reason
+        state = await canary(svcs["router"], "rb1")
+        assert (state["phase"], state["weight"]) == ("aborted", 0.0)
 
 
 # A person's reject binds the content it rejected.

@@ -164,7 +164,11 @@ def base_decision(decision: str = "PASS", **changes: object) -> GateDecided:
     ("decision", "registered", "baseline_app", "compared", "said"),
     [
         (base_decision(), BASE_ARTS, "shop", "run-v1", ""),
-        (base_decision(), BASE_ARTS, "shop", None, ""),  # nothing compared: any allowed run
+        # Nothing compared (its PASS's run not stored yet, or judged on another suite): the relative rules were judged
+        # on nothing, which `no_data: pass` let through (before, it was taken).
+        (base_decision(), BASE_ARTS, "shop", None,
+         "this eval compared with no run of baseline 'v1', but its PASS (decision d0) judged run run-v1: run the eval "
+         "again once that run is stored, or gate 'v1' on this suite first"),
         (base_decision("BLOCK"), BASE_ARTS, "shop", "run-v1",
          "baseline 'v1' is not allowed by the gate: its current decision is BLOCK (accuracy failed)"),
         (base_decision("BLOCK", reviewed_by="carol"), BASE_ARTS, "shop", "run-v1",
