@@ -372,7 +372,8 @@ class DriftMonitor:
             embedder=self.embedder.name if texts and self.embedder is not None else "", **kw)
 
     def compare(self, ref: np.ndarray, cur: np.ndarray, ref_text: np.ndarray | None = None,
-                cur_text: np.ndarray | None = None, *, tenant: str = DEFAULT_TENANT, app: str = "") -> list[FeatureDrift]:
+                cur_text: np.ndarray | None = None, *, tenant: str = DEFAULT_TENANT,
+                app: str = "") -> list[FeatureDrift]:
         """Every feature measured in both windows (numeric, categorical, then texts); categories named from the
         table of the tenant's application (app '': of its served events)."""
         out = []

@@ -48,10 +48,11 @@ def baseline_run(store: Store, release: str, suite: str) -> str | None:
     """The run of `suite` for `release` an eval of another release is compared with: its latest completed run the
     gate judged (one naming a policy), else its latest completed measurement, else None."""
     # A gated run of the release replaces its decision, so the newest one is the run its current decision judged
-    # (when that decision is of this suite): the only run the gate takes as the yardstick. Before, the newest run of any kind was taken, so an operator's
-    # measurement of the baseline (`eval run` without --policy) became it, and the gate refused every candidate
-    # compared with that baseline (rule baseline_allowed) until it was gated again. A measurement still serves a
-    # release no gate ever judged on the suite: the comparison is shown, and the gate refuses it as before.
+    # (when that decision is of this suite): the only run the gate takes as the yardstick. Before, the newest run
+    # of any kind was taken, so an operator's measurement of the baseline (`eval run` without --policy) became it,
+    # and the gate refused every candidate compared with that baseline (rule baseline_allowed) until it was gated
+    # again. A measurement still serves a release no gate ever judged on the suite: the comparison is shown, and
+    # the gate refuses it as before.
     rows = store.rows(
         "SELECT run_id FROM eval_runs WHERE release = {release:String} AND suite = {suite:String} "
         "AND status = 'completed' ORDER BY policy != '' DESC, time DESC LIMIT 1", {"release": release, "suite": suite})
