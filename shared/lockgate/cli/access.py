@@ -172,16 +172,50 @@ class _NoStack(Exception):
     """Nothing answers queries at the NATS URL: fall back to opening ClickHouse directly."""
 
 
-async def connect_once(settings: Settings, role: str, purpose: str) -> Any:
+class Refusals:
+    """The subjects the server refused a short CLI connection. nats-server answers a refused publish or subscription
+    with an -ERR of its own, never on the request's inbox: unheard, a refused request waits out its whole timeout and
+    is then blamed on whoever should have answered it (probe p11: 37 s, then "the query service did not answer")."""
+
+    def __init__(self) -> None:
+        self.subjects: list[str] = []
+        self._any = asyncio.Event()
+
+    async def record(self, exc: Exception) -> None:
+        """nats-py's error callback: keep a refused subject; drop the rest, as `_quiet` does."""
+        text = str(exc)
+        if "permissions violation" in text.lower():
+            # 'nats: permissions violation for publish to "lg.query.cli"' (nats-py lowercases the server's message)
+            self.subjects.append(text.rpartition(" to ")[2].strip().strip('"'))
+            self._any.set()
+
+    async def first(self, call: Awaitable[T], refused: Callable[[str], Exception]) -> T:
+        """Await `call`, or raise `refused(subject)` as soon as the server refuses this connection anything: a
+        request whose publish or reply subscription was refused is never answered."""
+        pending = asyncio.ensure_future(call)
+        denied = asyncio.ensure_future(self._any.wait())
+        try:
+            await asyncio.wait({pending, denied}, return_when=asyncio.FIRST_COMPLETED)
+            if pending.done():  # an answer (or its error) that came with a refusal is still the answer
+                return await pending
+            raise refused(self.subjects[0])
+        finally:
+            pending.cancel()
+            denied.cancel()
+
+
+async def connect_once(settings: Settings, role: str, purpose: str, refusals: Refusals | None = None) -> Any:
     """A short connection to the stack's NATS as `role` (None if nothing answers at the URL), for CLI
     commands that must not hang when no stack runs (Bus.connect retries for ever). NotAllowed, saying
-    `purpose`, if a stack answers but refuses the role's credentials."""
+    `purpose`, if a stack answers but refuses the role's credentials. `refusals` hears the subjects the
+    server refuses it afterwards."""
     auth = credentials.for_identity(settings, role)
     try:
         # max_reconnect_attempts=1: with 0, nats-py retries a refused first connect for ever.
         servers = [u.strip() for u in settings.nats_url.split(",") if u.strip()]  # a cluster: every node
         return await natsclient.connect(servers, connect_timeout=1, max_reconnect_attempts=1,
-                                  reconnect_time_wait=0.1, allow_reconnect=False, error_cb=_quiet, **auth.options())
+                                        reconnect_time_wait=0.1, allow_reconnect=False,
+                                        error_cb=_quiet if refusals is None else refusals.record, **auth.options())
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         if "authorization violation" in str(exc).lower() or isinstance(exc, nats.errors.AuthorizationError):
             where = credentials.directory(settings.home)
@@ -193,11 +227,22 @@ async def connect_once(settings: Settings, role: str, purpose: str) -> Any:
 
 async def _over_nats(settings: Settings, name: str, args: dict[str, Any], role: str) -> Any:
     # A stack that runs but refuses us is said so, rather than falling back to opening ClickHouse.
-    nc = await connect_once(settings, role, "the query was not answered")
+    refusals = Refusals()
+    nc = await connect_once(settings, role, "the query was not answered", refusals)
     if nc is None:
         raise _NoStack
+    user = credentials.for_identity(settings, role).user
+    who = repr(user) if user else "a connection without credentials"
+
+    def refused(subject: str) -> NotAllowed:
+        # A user the CLI cannot check (LOCKGATE_NATS_USER, or another user's file as the role's): `require` could
+        # not refuse it before connecting, so the server's refusal is the answer, at once and in one line.
+        return NotAllowed(f"{who} may not run `{command()}`: NATS refused it {subject} (permissions violation); "
+                          "ask as a user that may: one of the stack's roles (viewer, operator, approver or admin)")
+
     try:
-        return await queryclient.request(nc, query_subject(Subjects(settings.prefix), role), name, args)
+        return await refusals.first(
+            queryclient.request(nc, query_subject(Subjects(settings.prefix), role), name, args), refused)
     except queryclient.NoQueryService:
         raise _NoStack from None
     finally:
