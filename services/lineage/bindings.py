@@ -8,13 +8,13 @@ Read by message get (STREAM.MSG.GET returns the timestamp; a KV get does not), w
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 
+from lockgate.artifacts import bound_bundle
 from lockgate.bus import Bus
 from lockgate.errors import BusUnavailable
 from lockgate.subjects import token
@@ -22,7 +22,8 @@ from lockgate.subjects import token
 
 async def bound(bus: Bus, release: str) -> tuple[dict[str, Any], datetime] | None:
     """(bundle, time it was bound) of `release`, or None when the name is not bound (or its key holds no bundle of
-    this name: for every reader alike, artifacts.release_of, no binding of it)."""
+    this name, or a line's version name bound to other content: for every reader alike, artifacts.bound_bundle,
+    no binding of it)."""
     bucket = bus.subjects.kv_releases
     try:
         msg = await bus.js.get_msg(f"KV_{bucket}", subject=f"$KV.{bucket}.{token(release)}")
@@ -32,10 +33,5 @@ async def bound(bus: Bus, release: str) -> tuple[dict[str, Any], datetime] | Non
         raise BusUnavailable(f"cannot read the binding of release {release!r}: {exc!r}") from None
     if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or msg.time is None:
         return None
-    try:
-        bundle = json.loads(msg.data or b"")
-    except ValueError:
-        return None
-    if not isinstance(bundle, dict) or bundle.get("release") != release:
-        return None
-    return bundle, msg.time
+    bundle, _ = bound_bundle(release, msg.data)
+    return None if bundle is None else (bundle, msg.time)

@@ -274,16 +274,37 @@ async def release_of(bus: Bus, release: str) -> dict[str, Any]:
     except (nats.errors.Error, TimeoutError) as exc:
         # Retryable: the gatekeeper must not mistake an unreachable bucket for an unregistered release.
         raise BusUnavailable(f"cannot read release {release!r}: {exc!r}") from None
+    bundle, why = bound_bundle(release, entry.value)
+    if bundle is None:
+        raise TakenUnbound(f"release {release!r} is not registered ({why})")
+    return bundle
+
+
+class TakenUnbound(NotFound):
+    """A release name whose key holds a value that binds nothing (`bound_bundle`): not registered, for every
+    reader, and never to be registered either (the bucket is write-once)."""
+
+
+def bound_bundle(release: str, value: bytes | None) -> tuple[dict[str, Any] | None, str]:
+    """(the bundle a releases-bucket value binds `release` to, "") or (None, why it binds nothing), for every
+    reader of the bucket alike. The operator identity may create any key of the bucket (it is how `release
+    create` binds), so the checks `bind_release` makes are made again here: a value that is no bundle, or a
+    bundle of a differently spelled name sharing the key, or a line's version name bound to other content than
+    its 12 hex derive from (probe p14: bound by a raw KV create, then gated and served under that name)."""
     try:
-        bundle = json.loads(entry.value)
+        bundle = json.loads(value or b"")
     except ValueError:  # not JSON (`release create` writes only bundles, but the bucket takes any bytes)
         bundle = None
     if not isinstance(bundle, dict) or bundle.get("release") != release:
-        # A key shared with a differently spelled name, or a value that is no bundle at all (an operator can
-        # create one by hand): no binding of this release, for every reader alike.
         held = bundle.get("release") if isinstance(bundle, dict) else "no bundle"
-        raise NotFound(f"release {release!r} is not registered (its key holds {held!r})")
-    return bundle
+        return None, f"its key holds {held!r}"
+    try:
+        check_line_name(bundle)
+    except ConfigError:
+        return None, "its key binds a release line's version name to other content than the name derives from"
+    except (KeyError, TypeError, ValueError):  # hand-made: a line's name without the fields its version hashes
+        return None, "its key holds no complete bundle"
+    return bundle, ""
 
 
 async def check_references(bus: Bus, artifacts: dict[str, str]) -> None:

@@ -426,3 +426,28 @@ async def test_release_create_of_a_bound_name_and_the_same_content_names_its_fir
     assert _joined(again.output) == "release shop-p8 already registered (same content), authored by olly"
     assert await announced(bus) == 1  # olly's registration alone
     assert (await artifacts.release_of(bus, "shop-p8"))["author"]["name"] == "olly"
+
+
+async def test_a_line_version_name_bound_to_other_content_by_a_raw_kv_create_binds_nothing_for_any_reader(
+        bus: Bus, settings: Settings, tmp_path: Path) -> None:
+    # Found by probe p14 (F2): the operator identity may create any key of the releases bucket (it is how `release
+    # create` binds), and only the client refused a line's version name with another content's 12 hex. Bound by a
+    # raw KV create, `shopline2@<rc2's 12 hex>` held shop-v1's content, and the gate signed a PASS for it: a rollout
+    # of that version name would serve other content than its name says. Every reader now makes the check again.
+    prompt = await artifacts.register(bus, "prompt", "p14-prompt", {"template": "{question}"})
+    other = await artifacts.register(bus, "prompt", "p14-other", {"template": "Q: {question}"})
+    mine = {"prompt/p14-prompt": prompt.hash}
+    name = f"shopline@{artifacts.line_version('shop', mine)}"
+    kv = await bus.kv(bus.subjects.kv_releases)
+    await kv.create(token(name), canonical_json(artifacts.release_bundle(name, "shop", {"prompt/p14-other": other.hash})))
+
+    with pytest.raises(NotFound, match="binds a release line's version name to other content"):
+        await artifacts.release_of(bus, name)
+    person(settings, "ann", "operator")
+    shown = await cli(settings, "--as", "ann", "attest", "release", name)
+    assert shown.exit_code != 0 and "binds a release line's version name to other content" in _joined(shown.output), \
+        shown.output
+    # The name's own content is refused as any bound name's other content is: the squat is dead, not honoured.
+    created = await cli(settings, "release", "create", name, "--app", "shop", "--artifact",
+                        f"prompt/p14-prompt={prompt.hash}")
+    assert created.exit_code == 1 and "is already registered with other content" in created.output, created.output

@@ -61,6 +61,9 @@ async def read_bindings(bus: Bus, names: list[str]) -> dict[str, str]:
     for name in names:
         try:
             bundle = await artifacts.release_of(bus, name)
+        except artifacts.TakenUnbound:
+            out[name] = "none: its key binds nothing"  # taken all the same (write-once), by no content
+            continue
         except NotFound:
             continue
         out[name] = content_hash(bundle_content(bundle))
