@@ -100,8 +100,8 @@ async def stored_event_id(bus: Bus, run_id: str) -> str | None:
 
 
 async def recorded_events(bus: Bus, app: str, release: str, since: str, tenant: str) -> list[dict[str, Any]]:
-    """Inference events a router served to `tenant`, with a prompt and response, for app/release (since a
-    time), most recent first."""
+    """Chat requests a router served to `tenant` for app/release (since a time), each with its request digest,
+    failed ones too, most recent first."""
     args: dict[str, Any] = {"app": app, "release": release, "tenant": tenant}
     if since:
         at = datetime.fromisoformat(since)

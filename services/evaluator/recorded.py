@@ -1,11 +1,14 @@
 """Score outputs already recorded as inference events instead of calling the endpoint (pure).
 
-Matching rule: an event answers a case when its recorded `prompt` (the router records the last
-user message) equals the case's rendered user message, both with surrounding whitespace
-stripped. Repeat r of a case takes the r-th most recent matching event; a case (or repeat) with
-no matching event is an errored row ("no recorded response"), so missing traffic is visible
-and scores 0 rather than vanishing. Redacted prompts (sink redaction) cannot match. The events are
-only those a router served to the release's tenant (the query selects them; see execution.py).
+Matching rule: an event answers a case when the router's digest of the whole chat request it served
+(`REQUEST_DIGEST`: the messages, and any field that may change the answer beyond the release's own params) is that
+of the messages the release's prompt renders for the case and nothing else. A request an application shaped (a
+system message of its own, earlier turns, tools, sampling, `n`, `max_tokens`) is another request, never scored as
+the case's. Repeat r of a case takes the r-th earliest matching event, so asking again until an answer suits the
+asker changes nothing; a matching event whose call failed is an errored row (a failure is evidence too). A case (or
+repeat) with no matching event is an errored row ("no recorded response"), so missing traffic is visible and scores
+0 rather than vanishing. The events are only those a router served to the release's tenant, cache replays left out
+(the query selects them; see execution.py).
 """
 
 from __future__ import annotations
@@ -14,15 +17,26 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import msgspec
+
+from lockgate.contracts.inference import request_digest
 from lockgate.services.evaluator import calibrated, domain
+
+_encoder = msgspec.json.Encoder()
+
+
+def case_digest(messages: list[dict[str, str]]) -> str:
+    """The digest of a served chat request that is exactly `messages` (a case as the release's prompt renders it)."""
+    return request_digest(_encoder.encode(messages))
 
 
 def index(events: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    """Events by stripped prompt, most recent first (events must arrive most recent first)."""
+    """Events by request digest, earliest first (by time, then id): which one a case takes is the evaluator's
+    choice, not the order the asker made them arrive in."""
     out: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for e in events:
-        if e.get("prompt") is not None and e.get("response") is not None:
-            out[str(e["prompt"]).strip()].append(e)
+    for e in sorted(events, key=lambda e: (int(e.get("time_us") or 0), str(e.get("id", "")))):
+        if e.get("digest"):
+            out[str(e["digest"])].append(e)
     return out
 
 
@@ -30,28 +44,39 @@ def results(suite: domain.Suite, cases: Sequence[domain.Case], events: Sequence[
             skip: set[tuple[str, int]], tenant: str = "") -> list[domain.CaseResult]:
     """A scored CaseResult for every (case, repeat) not in `skip`; `events` are those a router served to
     `tenant`, which a missing case's error names."""
-    by_prompt = index(events)
+    by_digest = index(events)
     task = suite.task
     where = f"{task.app}/{task.release}" if isinstance(task, domain.RecordedTask) else "the recorded events"
     if tenant:
         where += f" (only events a router served to tenant {tenant!r} count)"
     out = []
     for case in cases:
-        prompt = domain.render(suite, case)[-1]["content"]
-        found = by_prompt.get(prompt.strip(), [])
+        messages = domain.render(suite, case)
+        prompt = messages[-1]["content"]
+        found = by_digest.get(case_digest(messages), [])
         for r in range(suite.repeats):
             if (case.id, r) in skip:
                 continue
             if r >= len(found):
-                out.append(domain.CaseResult(case_id=case.id, repeat=r, input=prompt, expected=case.expected,
-                                             error=f"no recorded response for this prompt in {where}"))
+                out.append(domain.CaseResult(
+                    case_id=case.id, repeat=r, input=prompt, expected=case.expected,
+                    error=f"no recorded response for this prompt in {where}: a served chat request counts only when "
+                          "its messages are exactly those the release's prompt renders and it sets nothing else "
+                          "that may change the answer"))
                 continue
             e = found[r]
-            text = str(e["response"])
+            usage = {"latency_ms": float(e.get("latency_ms") or 0.0), "input_tokens": int(e.get("input_tokens") or 0),
+                     "output_tokens": int(e.get("output_tokens") or 0)}
+            details = {"event_id": str(e.get("id", ""))}
+            if e.get("status", "ok") != "ok":
+                out.append(domain.CaseResult(case_id=case.id, repeat=r, input=prompt, expected=case.expected,
+                                             error=f"the served call failed: {e.get('error_type') or 'error'}",
+                                             details=details, **usage))
+                continue
+            text = str(e.get("response") or "")
             out.append(domain.CaseResult(
                 case_id=case.id, repeat=r, input=prompt, expected=case.expected, output=text,
                 scores=calibrated.with_confidence(suite, domain.score(suite, text, case.expected, case_id=case.id),
                                                   text, None),
-                latency_ms=float(e.get("latency_ms") or 0.0), input_tokens=int(e.get("input_tokens") or 0),
-                output_tokens=int(e.get("output_tokens") or 0), details={"event_id": str(e.get("id", ""))}))
+                details=details, **usage))
     return out

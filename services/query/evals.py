@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from lockgate.contracts.inference import REQUEST_DIGEST
 from lockgate.services.query.registry import Limit
 from lockgate.store import Store
 
@@ -67,11 +68,15 @@ def eval_run_event_id(store: Store, run_id: str) -> str | None:
 
 def recorded_events(store: Store, app: str, release: str, tenant: str, since: datetime | None = None,
                     before_us: int | None = None, before_id: str = "", limit: Limit = 500) -> list[dict[str, Any]]:
-    """Inference events of `tenant` that a router served, with a prompt and response, for app/release, most
-    recent first, one per id; paged by (time_us, id) before the last row of the previous page."""
+    """Chat requests of `tenant` that a router served for app/release, with the digest of the whole request
+    (`digest`), failed ones too, cache replays left out; most recent first, one per id; paged by (time_us, id)
+    before the last row of the previous page."""
     # Only served events: an application (of any tenant) may send events naming any release on its own subject.
+    # Only with the router's request digest: a recorded case is scored only by the request its release's prompt
+    # makes (evaluator recorded.py); the failed calls of those requests are evidence too, but a cache hit replays an
+    # earlier answer, no new one.
     where = ("tenant = {tenant:String} AND served AND app = {app:String} AND release = {release:String} "
-             "AND prompt IS NOT NULL AND response IS NOT NULL")
+             f"AND mapContains(attributes, '{REQUEST_DIGEST}') AND attributes['cache'] != 'hit'")
     params: dict[str, Any] = {"tenant": tenant, "app": app, "release": release, "limit": max(0, limit)}
     if since is not None:
         where += " AND time >= {since:DateTime64(6, 'UTC')}"
@@ -81,8 +86,9 @@ def recorded_events(store: Store, app: str, release: str, tenant: str, since: da
         where += " AND (toUnixTimestamp64Micro(time), id) < ({before_us:Int64}, {before_id:String})"
         params |= {"before_us": before_us, "before_id": before_id}
     return store.rows(
-        "SELECT id, toUnixTimestamp64Micro(time) AS time_us, prompt, response, latency_ms, input_tokens, "
-        f"output_tokens FROM inference_events WHERE {where} ORDER BY time DESC, id DESC LIMIT 1 BY id "
+        f"SELECT id, toUnixTimestamp64Micro(time) AS time_us, attributes['{REQUEST_DIGEST}'] AS digest, status, "
+        "error_type, response, latency_ms, input_tokens, output_tokens "
+        f"FROM inference_events WHERE {where} ORDER BY time DESC, id DESC LIMIT 1 BY id "
         "LIMIT {limit:UInt32}", params)
 
 

@@ -29,7 +29,7 @@ from lockgate import metrics, telemetry
 from lockgate.codec import UNDECODABLE, undecodable
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
-from lockgate.contracts.inference import ROUTED_BY
+from lockgate.contracts.inference import REQUEST_DIGEST, ROUTED_BY
 from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import UnreadableBody
 from lockgate.llmwire import ApiRequest, OutputLimits
@@ -69,6 +69,7 @@ from lockgate.services.router.wire import (
     Choices,
     ErrorAnswer,
     Operation,
+    chat_digest,
     error_response,
     interrupted_event,
     is_openai_error,
@@ -455,7 +456,7 @@ class Proxy:
             # turn, after aiohttp has handed the response to the socket, not before.
             loop = asyncio.get_running_loop()
             loop.call_soon(self._record, span, key, trace_id, span_id, deployment, variant, target, model, req, user,
-                           session, rec, op, by_header)
+                           session, rec, op, by_header, body)
             for failed, attempt in zip(rec.earlier, attempts, strict=True):
                 f_variant, f_target = failed.hop.tag
                 loop.call_soon(self._record, INVALID_SPAN, key, trace_id, secrets.token_hex(8), deployment, f_variant,
@@ -470,10 +471,15 @@ class Proxy:
 
     def _record(self, span: Any, key: ApiKey, trace_id: str, span_id: str, deployment: str, variant: str,
                 target: domain.Target, model: str, req: ApiRequest, user: str, session: str,
-                rec: _Record, op: Operation = CHAT, by_header: bool = False) -> None:
-        """Queue the request's inference event and end its span (runs after the response is sent)."""
+                rec: _Record, op: Operation = CHAT, by_header: bool = False, body: bytes = b"") -> None:
+        """Queue the request's inference event and end its span (runs after the response is sent). `body`: the
+        request as the client sent it, digested on a chat request's own event (the calls it went past have none)."""
         try:
             attributes = rec.attributes  # the cache's verdict, if any
+            # What the client asked, whole: a recorded eval scores only requests its release's own prompt makes, so
+            # an application's own system message, tools or sampling never choose what it scores (probe p12 F5).
+            if body and op is CHAT and (digest := chat_digest(body, target.model, target.params)) is not None:
+                attributes[REQUEST_DIGEST] = digest
             if op.api == "responses":  # its operation name is "chat": say which API it came through
                 attributes["lockgate.api"] = op.api
             if by_header:  # a tester's request sent to the candidate by its header route, not by weight (README)

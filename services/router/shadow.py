@@ -31,6 +31,7 @@ import aiohttp
 import msgspec
 
 from lockgate.contracts import InferenceEvent
+from lockgate.contracts.inference import REQUEST_DIGEST
 from lockgate.kvcas import CasStore, KVUnavailable
 from lockgate.llmwire import ApiRequest, OutputLimits, last_user_text
 from lockgate.outbox import Outbox
@@ -50,6 +51,7 @@ from lockgate.services.router.wire import (
     Choices,
     ErrorAnswer,
     as_released,
+    chat_digest,
     parse_chunk,
     parse_completion,
     stream_error,
@@ -258,7 +260,7 @@ class Shadow:
                 cached_tokens=answer.cached_tokens, latency_ms=latency_ms, status=status,
                 error_type=error, finish_reason=answer.finish_reason, prompt=last_user_text(req.messages),
                 response=answer.text if status == "ok" else None, user_hash=self.rollouts.user_hash(key.tenant, user),
-                session_id=session, key_id=key.id, attributes=dict(answer.attributes))
+                session_id=session, key_id=key.id, attributes=_digested(answer.attributes, body, target))
         except (msgspec.ValidationError, ValueError) as exc:
             log.warning("shadow event for %s not recorded: %s", deployment, exc)
             return
@@ -309,6 +311,13 @@ class Shadow:
         except KVUnavailable as exc:  # the rollout's spend stays over-counted, never under
             log.warning("shadow spend %s not settled (the copy's worst case stays spent): %s", budget.key,
                         exc.message)
+
+
+def _digested(attributes: dict[str, str], body: bytes, target: domain.Target) -> dict[str, str]:
+    """The copy's attributes with the request's digest as the candidate served it: the candidate's recorded eval
+    scores a copy as it would the candidate's own served call of the request (proxy.Proxy._record)."""
+    digest = chat_digest(body, target.model, target.params)
+    return {**attributes, REQUEST_DIGEST: digest} if digest is not None else dict(attributes)
 
 
 def _candidate_body(body: bytes, target: domain.Target, stream: bool) -> bytes:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
+from lockgate.contracts.inference import ANSWER_NEUTRAL, request_digest
 from lockgate.llmwire import (
     ApiRequest,
     Choice,
@@ -358,6 +359,21 @@ RESPONSES = Operation("chat", "responses", "/responses", False, parse_response, 
                        "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens"})
 # Every field that bounds some operation's output (a client's in another operation is refused).
 LIMIT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def chat_digest(body: bytes, model: str, params: Mapping[str, Any]) -> str | None:
+    """A chat request's digest (contracts.inference.REQUEST_DIGEST) as its release serves it: the fields its params
+    set (`params`, under chat's names) and its `model` are the release's, so the client's do not count; every other
+    field that may change the answer does. None for a body that is no JSON object."""
+    try:
+        fields = top_level(body)
+    except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
+        return None
+    fixed = {CHAT.params[name] for name in params if name in CHAT.params}
+    shaping = {k: v for k, v in fields.items() if k not in ANSWER_NEUTRAL and k not in fixed}
+    if not model and "model" in fields:  # a target without a model passes the client's on
+        shaping["model"] = fields["model"]
+    return request_digest(fields.get("messages", b"null"), shaping)  # the bytes as read, not copied
 
 
 def openai_error(data: bytes) -> str:

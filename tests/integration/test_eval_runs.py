@@ -19,9 +19,11 @@ from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import EvalCompleted, EvalRequested, InferenceEvent
 from lockgate.contracts.evals import EvalProgress
+from lockgate.contracts.inference import REQUEST_DIGEST
 from lockgate.ids import uuid7
 from lockgate.server.registry import ServiceSet
 from lockgate.server.service import ServiceContext
+from lockgate.services.evaluator import recorded
 from lockgate.services.query.evals import baseline_run, eval_cases
 from lockgate.store import Store
 from lockgate.subjects import Subjects
@@ -43,6 +45,11 @@ async def register_suite(bus: Bus, **extra: Any) -> str:
     doc = {"name": "s", "prompt": {"template": "{input}"}, "dataset": CASES,
            "scorers": [{"name": "exact_match", "weight": 2}, {"name": "token_f1", "threshold": 0.5}], **extra}
     return (await artifacts.register(bus, "eval_suite", "s", doc)).hash
+
+
+def asked(question: str) -> str:
+    """The router's digest of a chat request asking `question` alone, as a suite with template `{input}` renders it."""
+    return recorded.case_digest([{"role": "user", "content": question}])
 
 
 def request(**fields: Any) -> EvalRequested:
@@ -244,10 +251,11 @@ async def test_recorded_task_scores_inference_events_without_calls(
     bus: Bus, store: Store, run_services: Callable[..., Any], results: Callable[[str], Any]
 ) -> None:
     now = datetime.now(UTC).replace(tzinfo=None)
-    rows = [[f"e{i}", now, "default", True, "shop", "r7", c["input"] + "  ", c["expected"] if i % 2 == 0 else "wrong",
-             12.5, 3, 2] for i, c in enumerate(CASES[:4])]
-    store.insert_rows("inference_events", ["id", "time", "tenant", "served", "app", "release", "prompt", "response",
-                                           "latency_ms", "input_tokens", "output_tokens"], rows, token="rec")
+    rows = [[f"e{i}", now, "default", True, "shop", "r7", "ok", c["input"], c["expected"] if i % 2 == 0 else "wrong",
+             12.5, 3, 2, {REQUEST_DIGEST: asked(c["input"])}] for i, c in enumerate(CASES[:4])]
+    store.insert_rows("inference_events", ["id", "time", "tenant", "served", "app", "release", "status", "prompt",
+                                           "response", "latency_ms", "input_tokens", "output_tokens", "attributes"],
+                      rows, token="rec")
     await register_model_release(bus, "r7")
     suite = await register_suite(bus, dataset=CASES[:5], task={"type": "recorded", "app": "shop", "release": "r7"})
     sink = (await run_services("sink", "query", "evaluator"))["sink"].handlers
@@ -263,8 +271,8 @@ async def test_recorded_task_scores_inference_events_without_calls(
     assert done.status == "completed" and done.n_cases == 5 and done.n_errors == 1
     assert done.metrics["exact_match"] == pytest.approx(2 / 5) and done.metrics["latency_p50_ms"] == 12.5
     cases = {c["case_id"]: c for c in eval_cases(store, req.run_id)}
-    assert cases["c04"]["error"] == ("no recorded response for this prompt in shop/r7 (only events a router served "
-                                     "to tenant 'default' count)")
+    assert cases["c04"]["error"].startswith("no recorded response for this prompt in shop/r7 (only events a router "
+                                            "served to tenant 'default' count)")
     assert cases["c01"]["output"] == "wrong"
 
 
@@ -284,7 +292,7 @@ async def test_a_recorded_task_scores_only_what_a_router_served_to_the_releases_
         # `served` in the attributes is what a forger may write: the sink believes only the subject
         return [InferenceEvent(tenant=tenant, app="news", release=release, prompt=CASES[i]["input"],
                                response="wrong" if i == wrong else CASES[i]["expected"],
-                               attributes={"served": "true"}) for i in cases]
+                               attributes={"served": "true", REQUEST_DIGEST: asked(CASES[i]["input"])}) for i in cases]
 
     sent, served = bus.subjects.inference, bus.subjects.served
     published = 0
@@ -308,15 +316,15 @@ async def test_a_recorded_task_scores_only_what_a_router_served_to_the_releases_
     cases = {c["case_id"]: c for c in eval_cases(store, req.run_id)}
     assert cases["c01"]["output"] == "wrong" and cases["c00"]["output"] == CASES[0]["expected"]
     missing = "no recorded response for this prompt in news/news-v1 (only events a router served to tenant 'acme' count)"
-    assert cases["c04"]["error"] == cases["c05"]["error"] == missing
+    assert cases["c04"]["error"] == cases["c05"]["error"] and cases["c04"]["error"].startswith(missing)
 
     # Nothing served at all: every case is missing, the run fails (and the gate blocks it), saying why.
     forged = request(release="news-v2", suite=suites["news-v2"], endpoint="", model="")
     await bus.publish(bus.subjects.eval_requested, forged)
     failed = await results(forged.run_id)
     assert failed.status == "failed" and failed.n_errors == 6 and failed.metrics["exact_match"] == 0.0
-    assert failed.error == ("all 6 calls failed; first error: no recorded response for this prompt in news/news-v2 "
-                            "(only events a router served to tenant 'acme' count)")
+    assert failed.error.startswith("all 6 calls failed; first error: no recorded response for this prompt in "
+                                   "news/news-v2 (only events a router served to tenant 'acme' count)")
 
     # A recorded task of a release nobody registered cannot say whose events are its own: it fails.
     suite = await register_suite(bus, dataset=CASES[:6], task={"type": "recorded", "app": "news", "release": "nv3"})

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from lockgate.bus import Bus
 from lockgate.config import Settings
+from lockgate.contracts.inference import REQUEST_DIGEST
 from lockgate.errors import ConfigError, NotFound, QueryUnavailable, ReplyTooLarge, Retryable
 from lockgate.queryclient import NoQueryService, ask, ask_pages, decode_reply
 from lockgate.server.service import ServiceContext
@@ -146,16 +147,21 @@ async def test_large_runs_arrive_page_by_page_without_gaps_or_repeats(
     # recorded outputs page by (time, id), newest first, one row per event id; only the events a router
     # served to the tenant asked for (an application's own, or another tenant's, are never recorded outputs)
     base = datetime(2024, 1, 1)
-    events = [[f"e{i:03d}", base + timedelta(seconds=i // 3), "acme", True, "shop", "v1", f"p{i}", "r" * 30_000]
-              for i in range(60)]
-    others = [[f"x{i}", base, tenant, served, "shop", "v1", "p1", "forged"]
+    # Only chat requests with the router's request digest are recorded outputs, failed ones too, cache replays not.
+    digest = {REQUEST_DIGEST: "sha256:" + "0" * 64}
+    events = [[f"e{i:03d}", base + timedelta(seconds=i // 3), "acme", True, "shop", "v1", f"p{i}", "r" * 30_000,
+               digest] for i in range(60)]
+    others = [[f"x{i}", base, tenant, served, "shop", "v1", "p1", "forged", digest]
               for i, (tenant, served) in enumerate([("acme", False), ("evil", True), ("evil", False)])]
-    columns = ("id", "time", "tenant", "served", "app", "release", "prompt", "response")
+    others += [["undigested", base, "acme", True, "shop", "v1", "p1", "a", {}],
+               ["replayed", base, "acme", True, "shop", "v1", "p1", "a", {**digest, "cache": "hit"}]]
+    columns = ("id", "time", "tenant", "served", "app", "release", "prompt", "response", "attributes")
     store.insert_rows("inference_events", columns, events + others, token=None)
     store.insert_rows("inference_events", columns, events[10:12], token=None)
     got = await ask_pages(bus, "recorded_events", {"app": "shop", "release": "v1", "tenant": "acme"}, page=7,
                           after=lambda r: {"before_us": r["time_us"], "before_id": r["id"]})
     assert [e["id"] for e in got] == [f"e{i:03d}" for i in reversed(range(60))]
+    assert got[0]["digest"] == digest[REQUEST_DIGEST] and set(got[0]) >= {"status", "error_type", "response"}
     since = await persist.recorded_events(bus, "shop", "v1", "2024-01-01T00:00:19", "acme")
     assert {e["id"] for e in since} == {f"e{i:03d}" for i in range(57, 60)}
     assert [e["id"] for e in await persist.recorded_events(bus, "shop", "v1", "", "evil")] == ["x1"]

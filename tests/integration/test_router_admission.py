@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import aiohttp
 import msgspec
@@ -25,6 +26,7 @@ from lockgate.cli.budget import read_budgets
 from lockgate.codec import Codec
 from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent, InferenceEvent
+from lockgate.contracts.inference import REQUEST_DIGEST
 from lockgate.credentials import NotAllowed
 from lockgate.kvcas import RETRY_S
 from lockgate.llmwire import ApiRequest
@@ -391,9 +393,10 @@ async def test_cache_hit_miss_ttl_and_temperature(settings: Settings, store: Sto
     while len(events) < 2:
         events += _events.decode((await sub.next_msg(timeout=10)).data)
     miss, hit = events
-    assert miss.attributes == {"cache": "miss", "lockgate.endpoint": "default"} and miss.output_tokens > 0
+    assert miss.attributes == {"cache": "miss", "lockgate.endpoint": "default", REQUEST_DIGEST: ANY}
+    assert miss.output_tokens > 0
     saved = cost_of(PRICE, miss.input_tokens, miss.output_tokens).usd / NANO
-    assert hit.attributes == {"cache": "hit", "cost_saved": f"{saved:.9f}"}
+    assert hit.attributes == {"cache": "hit", "cost_saved": f"{saved:.9f}", REQUEST_DIGEST: miss.attributes[REQUEST_DIGEST]}
     assert (hit.input_tokens, hit.output_tokens, hit.response) == (0, 0, ANSWER)  # nothing generated, nothing billed
     await sub.unsubscribe()  # the events of the requests below are not read: do not leave them to the drain
 

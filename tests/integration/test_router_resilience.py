@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
+from unittest.mock import ANY
 from urllib.parse import quote
 
 import aiohttp
@@ -25,6 +26,7 @@ from aiohttp import web
 from lockgate.cli.budget import read_budgets
 from lockgate.codec import Codec
 from lockgate.contracts import CostLedger, InferenceEvent
+from lockgate.contracts.inference import REQUEST_DIGEST
 from lockgate.llmwire import ApiRequest
 from lockgate.server.apikeys import Bootstrap, bootstrap
 from lockgate.server.service import ServiceContext
@@ -505,7 +507,7 @@ async def test_retry_on_500_then_success(gateway: Gateway, keys: Bootstrap, even
         assert done.choices[0].message.content == "flaky says hi" and flaky.calls == 3
         (event,), superseded = _split(await events(3))
         assert event.status == "ok"
-        assert event.attributes == {"lockgate.endpoint": "default", "lockgate.attempts": "3"}
+        assert event.attributes == {"lockgate.endpoint": "default", "lockgate.attempts": "3", REQUEST_DIGEST: ANY}
         # Each failed call is evidence of its own (a canary's failures must not vanish behind a retry).
         assert sorted((e.status, e.error_type, e.output_tokens) for e in superseded) == [
             ("error", "500", 0), ("error", "503", 0)]
@@ -608,7 +610,8 @@ async def test_failing_canary_falls_back_to_stable(gateway: Gateway, keys: Boots
             "canary", "r2", "m-canary", "error", "500")
         assert event.attributes == {"lockgate.endpoint": "default", "lockgate.fallback_from": "canary",
                                     "lockgate.fallback_reason": "500", "lockgate.attempts": "2",
-                                    "lockgate.fallback_from_variant": "canary", "lockgate.fallback_from_release": "r2"}
+                                    "lockgate.fallback_from_variant": "canary", "lockgate.fallback_from_release": "r2",
+                                    REQUEST_DIGEST: ANY}
         # An app key is told neither, nor that a fallback happened in the arm's names.
         async with client(router, keys) as c:
             raw = await c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
@@ -686,7 +689,8 @@ async def test_endpoint_falls_back_to_its_named_fallback(gateway: Gateway, keys:
         for event in served:
             assert event.status == "ok" and event.response == "backup says hi"
             assert event.attributes == {"lockgate.endpoint": "backup", "lockgate.fallback_from": "default",
-                                        "lockgate.fallback_reason": "first_byte", "lockgate.attempts": "2"}
+                                        "lockgate.fallback_reason": "first_byte", "lockgate.attempts": "2",
+                                        REQUEST_DIGEST: ANY}
 
 
 async def test_a_connection_broken_before_the_answer_is_told_as_such_not_as_a_timeout(
@@ -1141,7 +1145,8 @@ async def test_usage_missing_a_count_or_with_a_total_that_is_none_is_charged_wor
                 assert int(done.usage.total_tokens) == int(usage["total_tokens"])
         tokens_in, tokens_out = _worst(int(up.headers[0]["Content-Length"]), 300)
         (event,) = await events(1)
-        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.") and k != "lockgate.endpoint"} == {
+        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.") and k not in (
+            "lockgate.endpoint", REQUEST_DIGEST)} == {
             "lockgate.usage_warning": f"usage not believed: {why}", "lockgate.usage_unknown": "worst_case",
             "lockgate.charged_input_tokens": str(tokens_in), "lockgate.charged_output_tokens": str(tokens_out)}
         spent = await _counter(router, context)
@@ -1310,7 +1315,7 @@ async def test_a_call_the_client_gives_up_on_before_its_answer_is_charged_its_wo
         (event,) = await events(1)
         assert (event.status, event.error_type, event.input_tokens, event.output_tokens) == (
             "error", "client_disconnected", 0, 0)
-        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.")} == {
+        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.") and k != REQUEST_DIGEST} == {
             "lockgate.usage_unknown": "worst_case", "lockgate.charged_input_tokens": str(tokens_in),
             "lockgate.charged_output_tokens": str(tokens_out)}
         spent = await _counter(router, context)
@@ -1360,7 +1365,7 @@ async def test_a_fallback_is_not_called_when_what_the_abandoned_call_may_have_sp
         (event,) = await events(1)  # the request's own event is the abandoned call's
         assert (event.status, event.error_type, event.input_tokens, event.output_tokens) == (
             "error", "upstream_timeout", 0, 0)
-        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.")} == {
+        assert {k: v for k, v in event.attributes.items() if k.startswith("lockgate.") and k != REQUEST_DIGEST} == {
             "lockgate.usage_unknown": "worst_case", "lockgate.charged_input_tokens": str(tokens_in),
             "lockgate.charged_output_tokens": str(tokens_out)}
         if limit == "budget":

@@ -9,6 +9,7 @@ import msgspec
 import pytest
 
 from lockgate.contracts.evals import EvalProgress
+from lockgate.contracts.inference import request_digest
 from lockgate.services.evaluator import domain, judge, pricing, progress, recorded, summary
 from lockgate.services.evaluator.cache import request_key
 from lockgate.services.evaluator.domain import CaseResult, SuiteError
@@ -162,17 +163,57 @@ def test_price_book_format_and_cost() -> None:
         pricing.parse({"models": {"m": {"input_per_mtok": "free"}}}, "x")
 
 
-def test_recorded_outputs_match_by_stripped_prompt_most_recent_first() -> None:
+def _asked(question: str, **shaping: bytes) -> str:
+    """The router's digest of a chat request asking `question` alone, plus `shaping` fields."""
+    return request_digest(msgspec.json.encode([{"role": "user", "content": question}]), shaping)
+
+
+def test_recorded_outputs_are_the_earliest_requests_exactly_as_the_release_renders_them() -> None:
+    # Probe p12 F5: the most recent event whose last user message matched was scored, whatever else was asked.
     s = suite(repeats=2)
-    events = [{"id": "new", "prompt": " q1 ", "response": "a1"}, {"id": "old", "prompt": "q1", "response": "x"},
-              {"id": "n", "prompt": "q2", "response": None}]
-    out = recorded.results(s, s.dataset[:3], events, skip={("c0", 1)})
+    q1 = _asked("q1")
+    events = [{"id": "late", "time_us": 30, "digest": q1, "response": "x"},
+              {"id": "first", "time_us": 10, "digest": q1, "response": "a1"},
+              {"id": "told", "time_us": 40, "digest": request_digest(msgspec.json.encode(
+                  [{"role": "system", "content": "Say a2"}, {"role": "user", "content": "q2"}])), "response": "a2"},
+              {"id": "tools", "time_us": 50, "digest": _asked("q2", tools=b"[]"), "response": "a2"},
+              {"id": "spaced", "time_us": 60, "digest": _asked(" q2 "), "response": "a2"},
+              {"id": "no digest", "time_us": 70, "response": "a2"},
+              {"id": "failed", "time_us": 5, "digest": _asked("q3"), "status": "error", "error_type": "500",
+               "response": None, "latency_ms": 9.0},
+              {"id": "then", "time_us": 6, "digest": _asked("q3"), "response": "a3"}]
+    out = recorded.results(s, s.dataset[:4], events, skip={("c0", 1)})
     by = {(r.case_id, r.repeat): r for r in out}
     assert by[("c1", 0)].output == "a1" and by[("c1", 1)].output == "x" and ("c0", 1) not in by
-    assert by[("c2", 0)].error.startswith("no recorded response") and by[("c1", 0)].scores["exact_match"] == 1.0
+    assert by[("c1", 0)].scores["exact_match"] == 1.0 and by[("c1", 0)].details == {"event_id": "first"}
+    # q2 asked only otherwise than the suite renders it: missing, never scored
+    assert by[("c2", 0)].error.startswith("no recorded response for this prompt in the recorded events: a served chat "
+                                          "request counts only when its messages are exactly those the release's")
+    # a failed call of the case's request is an error of the release, not left out for the next ask
+    assert (by[("c3", 0)].error, by[("c3", 0)].latency_ms, by[("c3", 1)].output) == (
+        "the served call failed: 500", 9.0, "a3")
     # a missing case says whose served events were looked at
-    mine = recorded.results(s, s.dataset[2:3], events, skip=set(), tenant="acme")
-    assert mine[0].error.endswith("(only events a router served to tenant 'acme' count)")
+    mine = recorded.results(s, s.dataset[0:1], events, skip=set(), tenant="acme")
+    assert "(only events a router served to tenant 'acme' count): a served chat request" in mine[0].error
+
+
+def test_a_case_digest_is_the_routers_digest_of_the_same_messages_however_spelt() -> None:
+    rendered = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}]
+    sent = b'[ {"content": "Be brief.", "role": "system"}, {"content": "q", "role": "user"} ]'
+    assert recorded.case_digest(rendered) == request_digest(sent) == recorded.case_digest(
+        [{"content": "Be brief.", "role": "system"}, {"role": "user", "content": "q"}])
+    assert recorded.case_digest(rendered).startswith("sha256:")
+    other = {  # what an application may add, each another request
+        "a name": b'[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q", "name": "boss"}]',
+        "a field no eval renders": b'[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q", '
+                                   b'"extra": 1}]',
+        "content parts": b'[{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", '
+                         b'"text": "q"}]}]',
+        "no system message": b'[{"role": "user", "content": "q"}]',
+    }
+    assert len({request_digest(v) for v in other.values()} | {recorded.case_digest(rendered)}) == len(other) + 1
+    assert request_digest(sent, {"temperature": b"1"}) not in {request_digest(sent),
+                                                                request_digest(sent, {"temperature": b"0"})}
 
 
 def test_cache_key_is_canonical() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from lockgate.contracts.inference import request_digest
 from lockgate.llmwire import Message, last_user_text
 from lockgate.services.router.proxy import _Record
 from lockgate.services.router.wire import (
@@ -16,6 +17,7 @@ from lockgate.services.router.wire import (
     EMBEDDINGS,
     RESPONSES,
     ErrorAnswer,
+    chat_digest,
     openai_error,
     parse_chunk,
     parse_completion,
@@ -228,3 +230,32 @@ def test_the_tier_an_answer_was_served_at_is_recorded() -> None:
     rec = _Record("ok")
     parse_completion(b'{"model":"m","service_tier":42,"choices":[]}', rec)  # no tier: not recorded, not a 502
     assert "openai.response.service_tier" not in rec.attributes
+
+
+_MESSAGES = b'[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}]'
+
+
+@pytest.mark.parametrize(("extra", "plain"), [
+    (b'', True),
+    # how the answer is delivered, who asks, the operator's tier: the same answer
+    (b', "stream": true, "stream_options": {"include_usage": true}, "user": "u1", "metadata": {"k": "v"}, '
+     b'"store": false, "service_tier": "priority", "model": "anything"', True),
+    (b', "temperature": 1.5, "max_tokens": 3', True),  # the release sets both: the client's are never sent
+    (b', "temperature": 1.5, "max_completion_tokens": 3', False),  # the release does not set this one
+    (b', "tools": [], "tool_choice": "required"', False),
+    (b', "n": 2', False),
+    (b', "response_format": {"type": "json_object"}', False),
+    (b', "some_future_field": 1', False),  # not known not to change the answer: counted
+])
+def test_the_digest_of_a_chat_request_counts_what_may_change_its_answer(extra: bytes, plain: bool) -> None:
+    # Probe p12 F5: a recorded eval took any request whose last user message was the case's question.
+    body = b'{"model": "m", "messages": ' + _MESSAGES + extra + b"}"
+    digest = chat_digest(body, "m", {"temperature": 0, "max_tokens": 64})
+    assert (digest == request_digest(_MESSAGES)) is plain
+
+
+def test_a_target_without_a_model_counts_the_clients_and_a_body_that_is_no_object_has_no_digest() -> None:
+    body = b'{"model": "big", "messages": ' + _MESSAGES + b"}"
+    assert chat_digest(body, "m", {}) == request_digest(_MESSAGES)
+    assert chat_digest(body, "", {}) != request_digest(_MESSAGES)
+    assert chat_digest(b"[1]", "m", {}) is None

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Annotated
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import msgspec
 
@@ -27,6 +29,44 @@ CHARGED_OUTPUT_TOKENS = "lockgate.charged_output_tokens"
 # request (an admin key, or one the route names), not one the weight chose, so a judge of the weighted split can
 # tell it apart; a blue-green preview's only served traffic.
 ROUTED_BY = "lockgate.routed_by"
+# A router event's digest of the chat request it served (`request_digest`): its messages and every field that may
+# change the answer and that the release's own params do not override. A `recorded` eval scores a case only with
+# events whose digest is that of the messages the release's prompt renders for it and nothing else (probe p12 F5:
+# an application's own system message, tools or sampling decided what the eval scored).
+REQUEST_DIGEST = "lockgate.request_digest"
+# Request fields that do not change what the model answers: how the answer is delivered (stream), who asks
+# (user, metadata, safety_identifier), what the provider keeps (store, prompt_cache_key), the operator's price tier
+# (never sent as the client's), and the model, which a release always sets. The messages are digested on their own.
+ANSWER_NEUTRAL = frozenset({"model", "messages", "stream", "stream_options", "user", "metadata", "store",
+                            "service_tier", "prompt_cache_key", "safety_identifier"})
+
+
+class _Said(msgspec.Struct, forbid_unknown_fields=True):
+    """A system or user message as an eval renders one (a tool or assistant turn never matches one anyway)."""
+
+    role: str
+    content: Any = None
+    name: str | msgspec.UnsetType = msgspec.UNSET
+
+
+_said = msgspec.json.Decoder(list[_Said])
+_canonical = msgspec.json.Encoder(order="sorted")
+
+
+def request_digest(messages: bytes | msgspec.Raw, shaping: Mapping[str, bytes | msgspec.Raw] | None = None) -> str:
+    """`sha256:<hex>` of a chat request: its `messages` (JSON), canonical (key order and spacing do not count), and
+    `shaping`, the request's other fields that may change the answer, each as its JSON. Messages with fields an eval
+    never renders are digested as sent, so they match no eval's case."""
+    try:
+        h = hashlib.sha256(_canonical.encode(_said.decode(messages)))
+    except (msgspec.DecodeError, RecursionError):
+        h = hashlib.sha256(b"\x00as sent\x00")
+        h.update(messages)
+    fields = shaping or {}
+    for name in sorted(fields):
+        h.update(b"\x00" + name.encode() + b"\x00")
+        h.update(fields[name])
+    return "sha256:" + h.hexdigest()
 
 
 # gc=False: an event holds only strings, numbers and flat dicts of them, so it can never be part of a
