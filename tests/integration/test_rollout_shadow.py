@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from lockgate.cli.main import cli
+from lockgate.contracts.inference import REQUEST_DIGEST
 from lockgate.server.service import ServiceContext
 from lockgate.services.router.shadowstats import spend_key
 from lockgate.signing import Signer
@@ -86,6 +87,14 @@ async def test_shadow_mirrors_a_sampled_share_users_get_only_stable_answers(
     await eventually(lambda: stored().get("shadow/long", 0) == mirrored and stored().get("stable/r1", 0) == 200,
                      [router.sink.handlers.events], what="shadow events stored")
     assert "canary/long" not in stored()
+    # A copy carries the digest of the request it copies (probe p12 F5): the candidate's recorded eval scores it as
+    # it would the candidate's own served call of that request.
+    digests = {(r["variant"], r["trace_id"]): r["d"] for r in store.rows(
+        f"SELECT variant, trace_id, attributes['{REQUEST_DIGEST}'] AS d FROM inference_events WHERE deployment = "
+        "'chat' AND variant IN ('stable', 'shadow') AND NOT mapContains(attributes, 'lockgate.attempt')")}
+    copies = [(trace, d) for (variant, trace), d in digests.items() if variant == "shadow"]
+    assert len(copies) == mirrored
+    assert all(d.startswith("sha256:") and d == digests[("stable", trace)] for trace, d in copies)
 
     # `rollout get` shows the comparison
     s = router.ctx.settings
