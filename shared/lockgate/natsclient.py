@@ -9,10 +9,15 @@ nats-py's, refusing what nats-py lets through.
 - A connection asked to be TLS (a `tls://` URL, or a CA or client certificate given) is TLS or nothing. nats-py
   upgrades only when the server's INFO says `tls_required`, so anyone answering on the path with an INFO that does
   not (a plain server, a man in the middle) was sent the user's password in clear (probe p10).
+- A connection attempt never outlives the task's cancellation. On Python 3.11, `asyncio.wait_for` (nats-py's connect
+  timeout) answers a cancellation that comes just after the attempt failed with the attempt's own error, and nats-py's
+  retry loop takes that for one more refused attempt: the cancellation was lost and the loop retried for ever
+  (probe p11: `lockgate serve` whose NATS never answered ignored SIGINT and SIGTERM).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any
 
@@ -53,11 +58,28 @@ class NatsClient(nats.aio.client.Client):
                                 "or a CA or certificate given): nothing was sent, credentials included")
         await super()._process_info(info, initial_connection)
 
+    async def _connect_to_server(self, s: Any) -> None:
+        # Every attempt of nats-py's connect and reconnect loops passes here: a cancellation one of its waits lost
+        # ends the loop at the next attempt, and one lost in this attempt ends it at once.
+        _raise_if_cancelled()
+        try:
+            await super()._connect_to_server(s)
+        except Exception:
+            _raise_if_cancelled()
+            raise
+
     async def publish(self, subject: str, payload: bytes = b"", reply: str = "",
                       headers: dict[str, str] | None = None) -> None:
         if headers is not None and wire_size(payload, headers) > self.max_payload:
             raise nats.errors.MaxPayloadError
         await super().publish(subject, payload, reply, headers)
+
+
+def _raise_if_cancelled() -> None:
+    """CancelledError if the running task was asked to cancel and has not taken it back (`Task.uncancel`)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def connect(servers: str | list[str], **options: Any) -> NatsClient:

@@ -6,15 +6,20 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from lockgate import credentials
 from lockgate.bus import Bus
 from lockgate.contracts import InferenceEvent
+from lockgate.redact import shown_url
 from lockgate.server.natsserver import NatsServer
 from lockgate.subjects import Subjects
 from tests.helpers import Process
@@ -106,3 +111,59 @@ def test_served_services_connect_as_themselves(tmp_path: Path, unique: str) -> N
         assert served.proc.wait(60) == 0, served.output
         server.stop()
     assert "violation" not in served.output.lower(), served.output
+
+
+@pytest.fixture
+def hung_nats() -> Iterator[str]:
+    """A NATS URL whose port accepts connections and never says a word, as a hung nats-server."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield f"nats://lockgate:s3cret@127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("nats", ["refused", "hung"])
+def test_serve_waiting_for_nats_says_so_and_stops_on_a_signal(tmp_path: Path, request: pytest.FixtureRequest,
+                                                              sig: signal.Signals, nats: str) -> None:
+    # Before (probe p11), `serve` whose NATS never answered printed nothing and ignored SIGINT and SIGTERM for ever:
+    # only SIGKILL ended it (a `docker stop` waited its whole grace period).
+    url = "nats://lockgate:s3cret@127.0.0.1:1" if nats == "refused" else request.getfixturevalue("hung_nats")
+    credentials.ensure(tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKGATE_")}
+    stdout = tmp_path / "stdout"
+    with stdout.open("w") as out:
+        proc = subprocess.Popen([*LOCKGATE, "--home", str(tmp_path), "--nats", url, "serve", "gatekeeper"],
+                                stdout=out, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)  # its own group, as a shell's job: Ctrl-C goes to the group
+    said: list[str] = []
+    waiting = threading.Event()
+
+    def read_stderr() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            said.append(line)
+            if line.startswith("waiting for NATS"):
+                waiting.set()
+        waiting.set()  # EOF: the process ended
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        # The loop's handlers are installed once it says what it waits for (2 s into the start).
+        assert waiting.wait(60) and proc.poll() is None, said
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # Ctrl-C, as a terminal sends it
+        else:
+            proc.send_signal(sig)  # a service manager's stop
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+    reader.join(10)  # the pipe's end: every line the process wrote is in `said`
+    shown = shown_url(url)
+    assert "s3cret" not in shown
+    assert said == [f"waiting for NATS at {shown} (retrying; SIGTERM or Ctrl-C stops it)\n",
+                    f"error: stopped by {sig.name} before gatekeeper started: NATS at {shown} had not answered\n"]
+    assert (proc.returncode, stdout.read_text()) == (128 + sig, "")

@@ -14,8 +14,8 @@ import click
 
 from lockgate import credentials
 from lockgate.cli import access, running
-from lockgate.cli.main import handle_errors
-from lockgate.cli.render import console
+from lockgate.cli.main import fail, handle_errors
+from lockgate.cli.render import console, err_console
 from lockgate.config import Settings
 from lockgate.errors import ConfigError
 from lockgate.permissions import ROLES
@@ -25,13 +25,61 @@ if TYPE_CHECKING:
     from lockgate.server.runtime import Runtime
 
 
-def _stop_on_signals() -> asyncio.Event:
+class _Stop(asyncio.Event):
+    """Set by SIGINT or SIGTERM; `signum` is the first of them that came."""
+
+    signum = 0
+
+
+def _stop_on_signals() -> _Stop:
     """An event set by SIGINT or SIGTERM, which from now on no longer end the process at once."""
-    stop = asyncio.Event()
+    stop = _Stop()
     loop = asyncio.get_running_loop()
+
+    def received(sig: int) -> None:
+        stop.signum = stop.signum or sig
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, received, sig)
     return stop
+
+
+# A start that takes longer says on stderr what it waits for: a service retries NATS for ever at start (a
+# distributed start order), so an unreachable NATS looked like a hung process.
+QUIET_START_S = 2.0
+
+
+async def _start_unless_stopped(runtime: Runtime, stop: _Stop) -> str | None:
+    """Start `runtime`: None once started, or, if a signal came first, what the start still waited for (the start is
+    cancelled and closes what it opened). Before (probe p11), `serve` whose NATS never answered waited for ever,
+    silently, and SIGINT and SIGTERM only set an event nobody looked at until the start was done."""
+    starting, signalled = asyncio.ensure_future(runtime.start()), asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({starting, signalled}, timeout=QUIET_START_S,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if not done:
+            if _connecting(runtime):
+                err_console.print(f"waiting for NATS at {shown_url(runtime.settings.nats_url)} (retrying; SIGTERM "
+                                  "or Ctrl-C stops it)", highlight=False, soft_wrap=True)
+            await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        signalled.cancel()
+    if starting.done():
+        starting.result()  # a start that failed raises its error here
+        return None
+    waited = (f"NATS at {shown_url(runtime.settings.nats_url)} had not answered" if _connecting(runtime)
+              else "its services were starting")
+    starting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await starting
+    return waited
+
+
+def _connecting(runtime: Runtime) -> bool:
+    """Whether the runtime's start has a NATS connection still to make: a bus is listed before it connects, and has
+    its client once it did."""
+    return not runtime.buses or any(bus.nc is None for bus in runtime.buses)
 
 
 async def _until_signalled() -> None:
@@ -235,13 +283,18 @@ def register(cli: click.Group) -> None:
         # `--home H serve query` opened ./.lockgate/clickhouse, and `lockgate sql` answered 0 rows from it).
         settings = settings.replace(clickhouse_url=access.store_url(settings))
 
+        stopped: list[tuple[int, str]] = []  # the signal that stopped the start, if one did, and what it waited for
+
         async def run() -> None:
             runtime = Runtime(settings, services=list(dict.fromkeys(services)), embedded_nats=False)
             # Before the ready line: a SIGTERM right after it (a rolling restart, a test) must stop the
             # process gracefully, not kill it with the default handler before this one is installed.
             stop = _stop_on_signals()
             try:
-                await runtime.start()
+                waited = await _start_unless_stopped(runtime, stop)
+                if waited is not None:
+                    stopped.append((stop.signum, waited))
+                    return
                 console.print(f"[bold green]{' + '.join(services)}[/bold green] serving")
                 _print_endpoints(runtime.endpoints)
                 # The last line at start: whoever waits for this process knows its endpoints now.
@@ -254,3 +307,8 @@ def register(cli: click.Group) -> None:
 
         with contextlib.suppress(KeyboardInterrupt):
             uvloop.run(run())
+        if stopped:
+            (signum, waited), = stopped
+            # 128 + the signal, as a shell reports a process the signal ended: 130 for Ctrl-C, 143 for SIGTERM.
+            fail(f"stopped by {signal.Signals(signum).name} before {' + '.join(services)} started: {waited}",
+                 128 + signum)
