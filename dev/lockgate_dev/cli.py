@@ -7,11 +7,15 @@ import contextlib
 import os
 import re
 
+import aiohttp
 import click
 
+from lockgate.bus import Bus
+from lockgate.cli import running
 from lockgate.cli.access import with_bus
 from lockgate.cli.main import handle_errors
 from lockgate.cli.render import console
+from lockgate.cli.rollout import RouterUnavailable
 from lockgate.cli.stack import (
     PORT,
     _until_signalled,
@@ -22,6 +26,7 @@ from lockgate.cli.stack import (
 )
 from lockgate.config import Settings
 from lockgate.errors import ConfigError
+from lockgate.redact import shown_url
 from lockgate.server.apikeys import FILE, KeyStore, read_credential
 from lockgate_dev import sim as simulator
 from lockgate_dev.demo import APP, demo_sim_config, run_demo, write_demo_gates
@@ -81,6 +86,42 @@ def _demo_keys(home: str) -> tuple[str, str]:
     if store.authenticate(app_key).app != APP:
         app_key, _ = store.create("default", APP, description="demo traffic")
     return admin_key, app_key
+
+
+def _served(home: str, name: str) -> str:
+    """The URL of an endpoint the stack running from `home` serves, as HOME/stack.json names it ('' if no stack runs
+    there); `dev up` writes the simulator's with a note after it."""
+    found = running.endpoints(home).get(name, "").split()
+    return found[0] if found else ""
+
+
+# How long the demo waits for the router's first answer before it starts: a router that is not there is said before
+# anything is registered, not half-way through.
+_ROUTER_CHECK_S = 10
+
+
+async def _demo_against(bus: Bus, router_url: str, sim_url: str, traffic: int, home: str,
+                        keys: tuple[str, str]) -> None:
+    """`run_demo`; a router that does not answer is one line (RouterUnavailable), before anything is registered or
+    wherever it stops answering."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=_ROUTER_CHECK_S)) as http, \
+                http.get(f"{router_url}/healthz"):
+            pass  # any answer: something serves HTTP there; the demo's first route change says if it is no router
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise _no_router(router_url, exc) from None
+    try:
+        await run_demo(bus, router_url=router_url, sim_url=sim_url, console=console, traffic=traffic,
+                       admin_key=keys[0], app_key=keys[1], home=home)
+    except aiohttp.ClientError as exc:
+        raise _no_router(router_url, exc) from None
+
+
+def _no_router(router_url: str, exc: Exception) -> RouterUnavailable:
+    cause = getattr(exc, "os_error", None)  # aiohttp's wrapper of the connection's OSError; its errno says why
+    why = os.strerror(cause.errno) if cause is not None and cause.errno else str(exc) or exc.__class__.__name__
+    return RouterUnavailable(f"the router at {shown_url(router_url)} did not answer the demo ({why}); pass --router "
+                             "URL (as `lockgate dev up` printed it), or --home of the stack")
 
 
 def register(cli: click.Group) -> None:
@@ -145,17 +186,29 @@ def register(cli: click.Group) -> None:
             asyncio.run(run())
 
     @cli.command()
-    @click.option("--router", "router_url", default="http://127.0.0.1:8080", show_default=True)
-    @click.option("--sim", "sim_url", default="http://127.0.0.1:9000/v1", show_default=True)
+    @click.option("--router", "router_url", envvar="LOCKGATE_ROUTER_URL",
+                  help="Base URL of the router (default: the one the stack running from the home serves, else "
+                       "http://127.0.0.1:8080).")
+    @click.option("--sim", "sim_url",
+                  help="The simulator's URL the evaluations call (default: the one `lockgate dev up` running from "
+                       "the home serves, else http://127.0.0.1:9000/v1).")
     @click.option("--traffic", default=1200, show_default=True, help="Minimum requests sent through the router.")
-    @click.option("--home", default=None, help=f"The stack's home (its {FILE} and credentials/); default: settings.")
+    @click.option("--home", default=None,
+                  help=f"The stack's home (its stack.json, {FILE} and credentials/); default: the global --home.")
     @click.pass_context
     @handle_errors
-    def demo(ctx: click.Context, router_url: str, sim_url: str, traffic: int, home: str | None) -> None:
+    def demo(ctx: click.Context, router_url: str | None, sim_url: str | None, traffic: int, home: str | None) -> None:
         """Run the demo against a running stack (`lockgate dev up` in another terminal)."""
-        home = home or ctx.obj["settings"].home
-        admin_key, app_key = _demo_keys(home)
-        with_bus(ctx.obj["settings"], lambda bus: run_demo(bus, router_url=router_url, sim_url=sim_url,
-                                                             console=console, traffic=traffic, admin_key=admin_key,
-                                                             app_key=app_key, home=home),
+        settings: Settings = ctx.obj["settings"]
+        if home is not None:  # as the global --home: that stack's NATS (unless --nats says), credentials and keys
+            explicit = ctx.find_root().params.get("nats_url") is not None
+            settings = settings.replace(home=home, nats_url=None if explicit else _served(home, "nats") or None)
+        home = settings.home
+        # Before (probe p11), a stack on other ports (`dev up --router-port 0`) was reached for NATS, from stack.json,
+        # but not for the router: the demo registered and evaluated, then died in aiohttp's traceback.
+        router_url = router_url or _served(home, "router").removesuffix("/v1") or \
+            f"http://127.0.0.1:{settings.router_port}"
+        sim_url = sim_url or _served(home, "simulator") or "http://127.0.0.1:9000/v1"
+        keys = _demo_keys(home)
+        with_bus(settings, lambda bus: _demo_against(bus, router_url, sim_url, traffic, home, keys),
                  role="admin")  # the demo plays every part: registers, evaluates, approves

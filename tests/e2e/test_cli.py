@@ -72,7 +72,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 
 def test_demo_then_query_everything(stack: dict[str, str], tmp_path: Path) -> None:
-    demo = run("demo", "--router", stack["E2E_ROUTER"], "--sim", stack["E2E_SIM"], "--traffic", "300", env=stack)
+    # No --router or --sim: the stack runs on ports `dev up` picked, and the demo finds them from the home's stack.json
+    # (LOCKGATE_HOME), as every other command does. Before (probe p11), it called 127.0.0.1:8080 and died half-way.
+    demo = run("demo", "--traffic", "300", env=stack)
+    assert f"through the router ({stack['E2E_ROUTER']})" in demo.stdout, demo.stdout
     # What the demo reached, not what its headlines say (before, the headline's "promoted" passed this test while
     # the good canary was aborted for drift, as a new user's first run showed): the route the router serves,
     # and the rollout it went through.

@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from lockgate import credentials
+from lockgate.server.apikeys import bootstrap
+from lockgate.server.natsserver import NatsServer
+
 pytestmark = pytest.mark.timeout(120)
 
 LOCKGATE = [sys.executable, "-m", "lockgate.cli.__main__"]
@@ -96,3 +100,24 @@ def test_make_run_passes_args_and_gives_its_advice_in_their_form(tmp_path: Path,
     dry = subprocess.run(["make", "-s", "-n", "-C", str(root), "-o", "setup", "run"], capture_output=True, text=True,
                          timeout=60)
     assert dry.stdout.split() == [".venv/bin/lockgate", "dev", "up", "--demo"], dry.stdout
+
+
+@pytest.mark.parametrize("where", [["--home", "HOME", "demo"], ["demo", "--home", "HOME"]])
+def test_demo_calls_the_router_the_homes_stack_serves(tmp_path: Path, nats_server: NatsServer, unique: str,
+                                                      where: list[str]) -> None:
+    # Before (probe p11), `--home H demo` against a stack on other ports took NATS from H/stack.json but called the
+    # router at 127.0.0.1:8080: it registered and evaluated, then died in aiohttp's traceback.
+    credentials.ensure(tmp_path)
+    bootstrap(str(tmp_path))  # the API keys `up` makes
+    with socket.socket() as closed:  # bound, never listening: this stack's router does not answer
+        closed.bind(("127.0.0.1", 0))
+        router = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        (tmp_path / "stack.json").write_text(json.dumps({"pid": os.getpid(), "endpoints": {
+            "nats": nats_server.url, "router": router, "simulator": "http://127.0.0.1:1/v1  (simulated LLM upstream)"}}))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKGATE_")} | {"LOCKGATE_PREFIX": unique}
+        out = subprocess.run([*LOCKGATE, *(str(tmp_path) if a == "HOME" else a for a in where), "--traffic", "10"],
+                             capture_output=True, text=True, env=env | {"COLUMNS": "300"}, timeout=60)
+    assert (out.returncode, out.stderr) == (1, f"error: the router at {router} did not answer the demo (Connection "
+                                               "refused); pass --router URL (as `lockgate dev up` printed it), or "
+                                               "--home of the stack\n"), out.stdout
+    assert out.stdout == ""  # before anything was registered
