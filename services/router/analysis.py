@@ -124,6 +124,10 @@ class AnalysisSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     count: Annotated[int, msgspec.Meta(ge=1)] = 1  # successful measurements a step needs to advance
     failure_limit: Annotated[int, msgspec.Meta(ge=0)] = 0  # failed measurements tolerated; one more aborts
     inconclusive_limit: Annotated[int, msgspec.Meta(ge=0)] = 3  # one more pauses for an operator
+    # Argo's progressDeadlineSeconds: how long a step's looks may wait for evidence (WAITING) before each further
+    # one counts as INCONCLUSIVE (`progress.overdue`), so a canary whose evidence never comes pauses for an operator
+    # and a release under post-promotion analysis is rolled back. None: `progress.DEADLINE_INTERVALS` intervals.
+    progress_deadline_s: Annotated[float, msgspec.Meta(gt=0)] | None = None
     # Argo's initialDelay: no look before this long after the canary started (after a blue-green
     # promotion, after the promotion), e.g. to let caches and connection pools warm up
     initial_delay_s: NonNeg = 0.0

@@ -13,7 +13,7 @@ import msgspec
 from lockgate.contracts import DriftReport, GateDecided
 from lockgate.contracts.drift import Comparison
 from lockgate.services.router import bluegreen, domain, drifts, program
-from lockgate.services.router.analysis import AnalysisSpec, Measurement, describe
+from lockgate.services.router.analysis import AnalysisSpec, Measurement, MetricResult, describe
 from lockgate.services.router.domain import InvalidRollout, NotAdmitted, Route
 from lockgate.services.router.strategy import AnalysisStatus, Strategy
 
@@ -253,12 +253,24 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
     spec = spec_of(route)
     if spec is None:
         return None
+    route = _unwaited(route)
     st = route.analysis or AnalysisStatus()
+    # A look of a paused rollout never waits toward the deadline: an operator (or a pause step) holds it, not
+    # missing evidence. Any look that does not wait ends the wait.
+    waits = m.verdict == "WAITING" and not route.paused
+    m = overdue(route, m, interval_s, now)
     conclusive = m.verdict != "WAITING"
-    st = msgspec.structs.replace(st, look=st.look + conclusive, last=m, at=now, consecutive_errors=0)
+    st = msgspec.structs.replace(st, look=st.look + conclusive, last=m, at=now, consecutive_errors=0,
+                                 waiting_since=(st.waiting_since or now) if waits else 0.0, wait_note="")
     nxt = now + interval_s
     culprit = m.failing()
     verifying = route.phase == "promoted"
+
+    def hold(st: AnalysisStatus) -> Route:
+        """The route held at its step; its reason says what the step waits for once it has waited an interval."""
+        note = _wait_note(route, m, now - st.waiting_since, interval_s) if waits else ""
+        return _bump(route, analysis=msgspec.structs.replace(st, wait_note=note), next_step_at=nxt,
+                     reason=route.reason + note)
     if m.verdict == "FAILED":
         st = msgspec.structs.replace(st, failures=st.failures + 1)
         if st.failures > spec.failure_limit:
@@ -269,10 +281,10 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
                                                                decisions=decisions), analysis=st, paused=False)
             why = f"analysis failed at {_where(route)}: {what}"
             return msgspec.structs.replace(domain.abort(route, why), analysis=st, paused=False)
-        return _bump(route, analysis=st, next_step_at=nxt)
+        return hold(st)
     if m.verdict == "INCONCLUSIVE":
         st = msgspec.structs.replace(st, inconclusives=st.inconclusives + 1)
-        why = describe(culprit) if culprit else "inconclusive"
+        why = _what(culprit) if culprit else "inconclusive"
         if st.inconclusives > spec.inconclusive_limit and verifying:
             # A promoted release has all the traffic: there is no step to hold it at, and one never verified
             # must not keep it for ever (fail-closed), so past the limit it is rolled back.
@@ -283,12 +295,12 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
             return _bump(route, analysis=st, paused=True, next_step_at=nxt,
                          reason=f"paused at {_where(route)}: analysis inconclusive {st.inconclusives} times "
                                 f"({why}); resume or abort")
-        return _bump(route, analysis=st, next_step_at=nxt)
+        return hold(st)
     if m.verdict == "WAITING" or route.paused:
-        return _bump(route, analysis=st, next_step_at=nxt)
+        return hold(st)
     st = msgspec.structs.replace(st, successes=st.successes + 1)
     if st.successes < spec.count:
-        return _bump(route, analysis=st, next_step_at=nxt)
+        return hold(st)
     st = msgspec.structs.replace(st, successes=0)
     if held(route):
         glass = route.override
@@ -300,6 +312,79 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
         return _bump(route, analysis=st, verifying=False, next_step_at=0.0, good=domain.remember(route.good, route.stable),
                      reason=f"{route.reason.removesuffix(bluegreen.VERIFYING)}; post-promotion analysis passed")
     return _advance(route, st, steps, interval_s, now)
+
+
+# A step's looks wait for evidence at most this many intervals (or `DEADLINE_MIN_S`, if longer) before each further
+# one counts as inconclusive, when its analysis names no `progress_deadline_s`. Ten intervals let a sample that
+# fills slowly (a low weight, a quiet hour) fill, and a blip in the evidence's supply (an evaluator or the query
+# service restarting, a leader election) pass; the minute keeps looks of a few seconds (the router's default
+# interval is 5 s) from pausing on such a blip. README's own example (60 s) gets Argo's default deadline, 600 s.
+DEADLINE_INTERVALS = 10
+DEADLINE_MIN_S = 60.0
+# How an overdue look's metrics begin their `why`: their wait has run past the deadline.
+_PAST = "no evidence for "
+
+
+def deadline_of(spec: AnalysisSpec, interval_s: float) -> float:
+    """How long (seconds) a step's looks may wait for evidence before they count as inconclusive."""
+    if spec.progress_deadline_s is not None:
+        return spec.progress_deadline_s
+    return max(DEADLINE_INTERVALS * interval_s, DEADLINE_MIN_S)
+
+
+def overdue(route: Route, m: Measurement, interval_s: float, now: float) -> Measurement:
+    """The look as the rollout counts it: a WAITING one whose wait began the progress deadline ago or more (Argo's
+    progressDeadlineSeconds) is INCONCLUSIVE, each waiting metric saying for how long and why. Before (probe p15),
+    a look without evidence waited for ever: never a look, never toward `inconclusive_limit`, so a canary whose
+    evidence never came (a `score` metric with online evaluation off, an all-4xx canary, clients hanging up)
+    held its weight, and a release under post-promotion analysis all the traffic, unverified and silently."""
+    spec = spec_of(route)
+    st = route.analysis
+    if spec is None or st is None or not st.waiting_since or m.verdict != "WAITING" or route.paused:
+        return m
+    waited, deadline = now - st.waiting_since, deadline_of(spec, interval_s)
+    if waited < deadline:
+        return m
+    past = f"{_PAST}{waited:.0f} s, past the progress deadline ({deadline:g} s)"
+    results = [msgspec.structs.replace(r, verdict="INCONCLUSIVE", why=f"{past}: {r.why}")
+               if r.verdict == "WAITING" and not r.dry_run else r for r in m.metrics]
+    return msgspec.structs.replace(m, verdict="INCONCLUSIVE", metrics=results)
+
+
+def _wait_note(route: Route, m: Measurement, waited: float, interval_s: float) -> str:
+    """What the route's reason ends with while its step waits: nothing in its first interval of waiting, then
+    for how long and what for (the first metric that holds it, and its why)."""
+    if waited < interval_s:
+        return ""
+    culprit = m.failing()
+    what = f": {_what(culprit)}" if culprit else ""
+    where = "after the promotion" if route.phase == "promoted" else f"at {_where(route)}"
+    return f"; waiting {waited:.0f} s {where} for evidence{what}"
+
+
+def _what(result: MetricResult) -> str:
+    """A metric's result for a reason: `describe`, or for one that waited or waits, its name and why (its values,
+    if any, were not judged)."""
+    if result.verdict == "WAITING" or result.why.startswith(_PAST):
+        on = f" on {result.group}" if result.group else ""
+        return f"{result.name}{on}: {result.why}"
+    return describe(result)
+
+
+def _unwaited(route: Route) -> Route:
+    """The route with its reason as it was before its step waited (without the wait's note)."""
+    note = route.analysis.wait_note if route.analysis is not None else ""
+    if not note or not route.reason.endswith(note):
+        return route
+    return msgspec.structs.replace(route, reason=route.reason.removesuffix(note))
+
+
+def overdue_now(route: Route) -> bool:
+    """True while the route's reason says its step waited past its progress deadline (its looks count as
+    inconclusive): the change into it is announced (history, `lg.rollout`); the wait's seconds ticking by are not."""
+    st = route.analysis
+    return (st is not None and bool(st.wait_note) and route.reason.endswith(st.wait_note)
+            and st.last is not None and st.last.verdict == "INCONCLUSIVE")
 
 
 def analysis_starts(route: Route, spec: AnalysisSpec) -> float:
@@ -436,7 +521,8 @@ def resume(route: Route, actor: str, interval_s: float, now: float) -> Route:
     _live(route)
     if not route.paused:
         raise InvalidRollout(f"canary of {route.deployment!r} is not paused")
-    st = route.analysis and msgspec.structs.replace(route.analysis, inconclusives=0)
+    # A resumed rollout's wait for evidence starts again: the operator has seen it (and may have fixed its supply).
+    st = route.analysis and msgspec.structs.replace(route.analysis, inconclusives=0, waiting_since=0.0)
     live = route.phase == "progressing"
     if route.step_pause and route.strategy is not None and live:  # approval of a pause step: the next step now
         return program.run(stepped(msgspec.structs.replace(route, analysis=st), now), route.strategy.program(),

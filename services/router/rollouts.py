@@ -1079,11 +1079,15 @@ class Rollouts:
             if missing is not None:
                 m = analysis.incomplete(m, missing)
             new = progress.on_measurement(route, m, steps, interval, now, rollbacks)
-            run = runs.record(route, new, m, spec)
+            # Recorded as the rollout counted it: a look that waited past its progress deadline is inconclusive.
+            run = runs.record(route, new, new.analysis.last if new and new.analysis and new.analysis.last else m, spec)
             if new is not None:
-                # Bookkeeping of a look that moves no traffic goes to KV only, not to the rollout history.
-                moved = ((new.weight, new.phase, new.paused, new.stable, new.verifying)
-                         != (route.weight, route.phase, route.paused, route.stable, route.verifying))
+                # Bookkeeping of a look that moves no traffic goes to KV only, not to the rollout history (a step
+                # whose sample fills slowly says it waits there, `rollout get` and `watch`); a step that waits
+                # past its progress deadline is announced once, as its looks start to count as inconclusive.
+                moved = ((new.weight, new.phase, new.paused, new.stable, new.verifying, progress.overdue_now(new))
+                         != (route.weight, route.phase, route.paused, route.stable, route.verifying,
+                             progress.overdue_now(route)))
                 self._apply(new, announce=moved, runs=[self._sign(run)] if run else [])
 
     def _sign(self, run: AnalysisRun) -> AnalysisRun:

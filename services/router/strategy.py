@@ -160,3 +160,9 @@ class AnalysisStatus(msgspec.Struct, frozen=True, kw_only=True):
     # Unix seconds the current step began (0: when the rollout started): a `drift` metric's look counts only a
     # report produced since, so one report never passes two steps, or a step and the promotion.
     step_at: float = 0.0
+    # Unix seconds of the first of the looks in a row that waited for evidence (0: the last look did not wait, or
+    # the rollout was paused or resumed since): past the analysis's progress deadline they count as inconclusive.
+    waiting_since: float = 0.0
+    # What the route's reason ends with while its step waits (`progress.on_measurement`), taken off when the wait
+    # ends, so the reason says what the step waits for and nothing stale.
+    wait_note: str = ""

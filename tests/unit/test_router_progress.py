@@ -314,3 +314,100 @@ def test_a_look_on_part_of_the_evidence_holds_the_step_and_is_not_counted() -> N
     # A failure seen meanwhile still aborts.
     new = progress.on_measurement(_live(), analysis.incomplete(_m("FAILED"), "not read back"), STEPS, 1.0, now=102.0)
     assert new is not None and new.phase == "aborted"
+
+
+def _waiting(why: str = "waiting for 30 scores per variant (is online evaluation on?)") -> Measurement:
+    result = MetricResult(name="score:pii_free", verdict="WAITING", why=why)
+    return Measurement(verdict="WAITING", look=1, metrics=[result], canary_n=400, stable_n=400)
+
+
+def _looks(route: Route, times: list[float], interval_s: float = 1.0) -> list[Route]:
+    """The route after a WAITING look at each time."""
+    seen = []
+    for t in times:
+        new = progress.on_measurement(route, _waiting(), STEPS, interval_s, now=t)
+        assert new is not None
+        seen.append(route := new)
+    return seen
+
+
+def test_a_step_that_waits_past_its_progress_deadline_counts_inconclusive_and_pauses() -> None:
+    # Probe p15 F3: a look without evidence was WAITING for ever, never toward inconclusive_limit, so a canary whose
+    # evidence never came (a score metric with online evaluation off) held its weight for ever, saying nothing.
+    spec = msgspec.structs.replace(SPEC, progress_deadline_s=3.0, inconclusive_limit=1)
+    route = _live(strategy=Strategy(steps=list(STEPS), interval_s=1.0, analysis=spec))
+    first, second, third, fourth, fifth = _looks(route, [101.0, 102.0, 103.0, 104.0, 105.0])
+    assert first.reason == route.reason and first.analysis is not None and first.analysis.waiting_since == 101.0
+    assert not progress.overdue_now(first)
+    # Past its interval the reason says the step waits, and for what; its first words stay.
+    assert second.reason.startswith(route.reason) and not progress.overdue_now(second)
+    assert second.reason.endswith("; waiting 1 s at step 1 (25%) for evidence: score:pii_free: waiting for 30 "
+                                  "scores per variant (is online evaluation on?)")
+    assert third.reason.count("; waiting ") == 1 and "waiting 2 s" in third.reason  # replaced, never piled up
+    assert [r.analysis.inconclusives for r in (first, second, third) if r.analysis] == [0, 0, 0]
+    assert not third.paused and third.analysis is not None and third.analysis.look == 0
+    # From the deadline on each look counts as INCONCLUSIVE, and past the limit the canary pauses.
+    assert fourth.analysis is not None and fourth.analysis.inconclusives == 1 and not fourth.paused
+    assert fourth.analysis.last is not None and fourth.analysis.last.verdict == "INCONCLUSIVE"
+    assert fourth.analysis.last.metrics[0].why.startswith("no evidence for 3 s, past the progress deadline (3 s): "
+                                                          "waiting for 30 scores")
+    assert progress.overdue_now(fourth) and fourth.analysis.look == 1
+    assert fifth.paused and (fifth.weight, fifth.phase) == (25.0, "progressing")
+    assert fifth.reason.startswith("paused at step 1 (25%): analysis inconclusive 2 times (score:pii_free: no "
+                                   "evidence for 4 s, past the progress deadline (3 s): waiting for 30 scores")
+
+
+def test_a_look_that_does_not_wait_ends_the_wait_and_the_reason_says_so() -> None:
+    route = _live(strategy=Strategy(steps=list(STEPS), interval_s=1.0,
+                                    analysis=msgspec.structs.replace(SPEC, progress_deadline_s=3.0, count=2)))
+    waited = _looks(route, [101.0, 102.0, 103.0])[-1]
+    judged = progress.on_measurement(waited, _m("SUCCESSFUL"), STEPS, 1.0, now=104.0)
+    assert judged is not None and judged.reason == route.reason and judged.analysis is not None
+    assert judged.analysis.waiting_since == 0.0 and not progress.overdue_now(judged)
+    # The wait starts again: a look right after the deadline of the old wait still only waits.
+    again = _looks(judged, [105.0, 106.0, 107.0])[-1]
+    assert again.analysis is not None and again.analysis.inconclusives == 0
+
+
+def test_a_paused_canary_never_waits_toward_its_deadline_and_a_resume_starts_the_wait_again() -> None:
+    route = _live(strategy=Strategy(steps=list(STEPS), interval_s=1.0,
+                                    analysis=msgspec.structs.replace(SPEC, progress_deadline_s=3.0)))
+    paused = progress.pause(_looks(route, [101.0, 102.0])[-1], "apikey:ops")
+    held = _looks(paused, [103.0, 110.0, 120.0])[-1]
+    assert held.analysis is not None and held.analysis.inconclusives == 0 and held.reason == paused.reason
+    resumed = progress.resume(held, "apikey:ops", 1.0, now=121.0)
+    after = _looks(resumed, [122.0, 123.0])[-1]
+    assert after.analysis is not None and after.analysis.inconclusives == 0 and after.analysis.waiting_since == 122.0
+
+
+def test_the_default_progress_deadline_is_ten_intervals_and_at_least_a_minute() -> None:
+    assert progress.deadline_of(SPEC, 60.0) == 600.0  # Argo Rollouts' progressDeadlineSeconds default
+    assert progress.deadline_of(SPEC, 1.0) == 60.0
+    assert progress.deadline_of(msgspec.structs.replace(SPEC, progress_deadline_s=5.0), 60.0) == 5.0
+    route = _live()  # interval 1 s: the deadline is a minute
+    assert _looks(route, [101.0, 160.0])[-1].analysis.inconclusives == 0  # type: ignore[union-attr]
+    assert _looks(route, [101.0, 161.0])[-1].analysis.inconclusives == 1  # type: ignore[union-attr]
+
+
+def test_a_release_under_post_promotion_analysis_without_evidence_is_rolled_back_past_its_deadline() -> None:
+    # README: an unverified release does not keep all the traffic for ever. Its own sample never filling (clients
+    # hanging up on it, probe p15 F1c) left every look WAITING, and the release verifying for ever.
+    spec = msgspec.structs.replace(SPEC, progress_deadline_s=2.0, inconclusive_limit=1)
+    bg = Strategy(blue_green=BlueGreen(post_promotion_analysis=spec))
+    promoted = msgspec.structs.replace(domain.promote(_live(strategy=bg), "by operator"), verifying=True,
+                                       promoted_at=150.0, reason="promoted r2; post-promotion analysis running")
+    seen = []
+    for t in (151.0, 152.0, 153.0, 154.0):
+        new = progress.on_measurement(promoted, _waiting("waiting for 100 events per variant (canary 0, stable 400)"),
+                                      STEPS, 1.0, now=t, decisions=_ok(promoted))
+        assert new is not None
+        seen.append(promoted := new)
+    assert [r.phase for r in seen] == ["promoted", "promoted", "promoted", "aborted"]
+    assert seen[1].reason.endswith("; waiting 1 s after the promotion for evidence: score:pii_free: waiting for 100 "
+                                   "events per variant (canary 0, stable 400)")
+    assert seen[3].stable.release == "r1"
+    assert seen[3].reason.startswith("rolled back r2: post-promotion analysis inconclusive 2 times: score:pii_free: "
+                                     "no evidence for 3 s, past the progress deadline (2 s)")
+    # A verification that passes after waiting says so, without the wait's note.
+    passed = progress.on_measurement(seen[1], _m("SUCCESSFUL"), STEPS, 1.0, now=152.5)
+    assert passed is not None and passed.reason == "promoted r2; post-promotion analysis passed"
