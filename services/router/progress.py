@@ -317,10 +317,10 @@ def on_measurement(route: Route, m: Measurement, steps: tuple[float, ...], inter
 # A step's looks wait for evidence at most this many intervals (or `DEADLINE_MIN_S`, if longer) before each further
 # one counts as inconclusive, when its analysis names no `progress_deadline_s`. Ten intervals let a sample that
 # fills slowly (a low weight, a quiet hour) fill, and a blip in the evidence's supply (an evaluator or the query
-# service restarting, a leader election) pass; the minute keeps looks of a few seconds (the router's default
-# interval is 5 s) from pausing on such a blip. README's own example (60 s) gets Argo's default deadline, 600 s.
+# service restarting, a leader election) pass; the floor, Argo Rollouts' default progressDeadlineSeconds, keeps a
+# low-traffic canary with the router's default interval (5 s) from pausing while its sample fills.
 DEADLINE_INTERVALS = 10
-DEADLINE_MIN_S = 60.0
+DEADLINE_MIN_S = 600.0
 # How an overdue look's metrics begin their `why`: their wait has run past the deadline.
 _PAST = "no evidence for "
 

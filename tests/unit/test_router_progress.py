@@ -380,13 +380,14 @@ def test_a_paused_canary_never_waits_toward_its_deadline_and_a_resume_starts_the
     assert after.analysis is not None and after.analysis.inconclusives == 0 and after.analysis.waiting_since == 122.0
 
 
-def test_the_default_progress_deadline_is_ten_intervals_and_at_least_a_minute() -> None:
+def test_the_default_progress_deadline_is_ten_intervals_and_at_least_ten_minutes() -> None:
     assert progress.deadline_of(SPEC, 60.0) == 600.0  # Argo Rollouts' progressDeadlineSeconds default
-    assert progress.deadline_of(SPEC, 1.0) == 60.0
+    assert progress.deadline_of(SPEC, 1.0) == 600.0
+    assert progress.deadline_of(SPEC, 120.0) == 1200.0
     assert progress.deadline_of(msgspec.structs.replace(SPEC, progress_deadline_s=5.0), 60.0) == 5.0
-    route = _live()  # interval 1 s: the deadline is a minute
-    assert _looks(route, [101.0, 160.0])[-1].analysis.inconclusives == 0  # type: ignore[union-attr]
-    assert _looks(route, [101.0, 161.0])[-1].analysis.inconclusives == 1  # type: ignore[union-attr]
+    route = _live()  # interval 1 s: the deadline is ten minutes
+    assert _looks(route, [101.0, 700.0])[-1].analysis.inconclusives == 0  # type: ignore[union-attr]
+    assert _looks(route, [101.0, 701.0])[-1].analysis.inconclusives == 1  # type: ignore[union-attr]
 
 
 def test_a_release_under_post_promotion_analysis_without_evidence_is_rolled_back_past_its_deadline() -> None:
