@@ -557,7 +557,8 @@ def override_ended(route: Route, reason: str, why: str) -> str:
 
 def on_decision(route: Route, decision: GateDecided, steps: tuple[float, ...], interval_s: float,
                 now: float, decisions: Mapping[str, GateDecided | None] = NO_DECISIONS) -> Route | None:
-    """Apply a gate decision to the canary it names, or to a promoted release it rejects; None when nothing changes.
+    """Apply a gate decision to the canary it names, or to the serving stable or a known-good release it does not
+    allow (`on_reject_known_good`); None when nothing changes.
     `decisions`: the current verified decisions of the route's known-good releases, where a rollback may go.
     A BLOCK also ends a break-glass override of its release: the override was signed before the gate said no, and
     must not let the release back in later (a PATCH or set-weight of it)."""
@@ -701,19 +702,52 @@ def undo(route: Route, decision: GateDecided | None, actor: str) -> Route:
 
 def on_reject_known_good(route: Route, decision: GateDecided,
                          decisions: Mapping[str, GateDecided | None] = NO_DECISIONS) -> Route | None:
-    """A BLOCK naming a release that is not this route's canary: a known-good release no longer is one; if it
-    is the stable, serving (a finished rollout's, or the one a live canary of another release started from),
-    it is rolled back too, and such a canary with it. (A NEEDS_REVIEW of such a release waits for its
-    reviewers: the release has not failed.)"""
-    serving = route.stable.release == decision.release
-    known = any(t.release == decision.release for t in route.good)
-    if decision.decision != "BLOCK" or not (serving or known):
+    """A decision naming a release that is not this route's canary (or is the aborted canary serving again as its
+    stable). One that does not allow the serving stable (a BLOCK, a NEEDS_REVIEW, a person's reject) rolls it back
+    to the last known-good release a decision allows now, whatever the canary slot holds: a live canary of another
+    release is aborted with it. Before, only a BLOCK did: a NEEDS_REVIEW of a stable whose route had any other
+    canary recorded (a new 0% one, an aborted one) left it all traffic for good (probe p14).
+
+    A BLOCK of a known-good release that is not serving drops it from the history. A NEEDS_REVIEW of one leaves it
+    there: no rollback goes to it while no decision allows it (`last_good` reads its current one), and an approval
+    makes it a target again."""
+    if route.stable.release == decision.release:
+        if allows(decision, decision.release):
+            return None
+        return rollback(route, _why(route, decision), decision_id=decision.id, decisions=decisions)
+    if decision.decision != "BLOCK" or not _known(route, decision.release):
         return None
-    why = f"gate {decision.decision} of {'known-good' if known else 'stable'} {decision.release}" + (
-        f": {decision.reason}" if decision.reason else "")
-    if serving:
-        return rollback(route, why, decision_id=decision.id, decisions=decisions)
-    return _bump(route, good=forget(route.good, decision.release), reason=f"{route.reason}; {why}")
+    return _bump(route, good=forget(route.good, decision.release), reason=f"{route.reason}; {_why(route, decision)}")
+
+
+def _known(route: Route, release: str) -> bool:
+    return any(t.release == release for t in route.good)
+
+
+def _why(route: Route, decision: GateDecided) -> str:
+    return f"gate {decision.decision} of {'known-good' if _known(route, decision.release) else 'stable'} " \
+        f"{decision.release}" + (f": {decision.reason}" if decision.reason else "")
+
+
+def hold_stable(route: Route, decision: GateDecided | None,
+                decisions: Mapping[str, GateDecided | None] = NO_DECISIONS) -> Route | None:
+    """The serving stable checked again against its current decision (`decision`: verified against the trust file
+    as it is now, None when none is stored or it does not verify; `decisions`: those of the known-good releases),
+    as the router does at start, every few seconds and after an operator's abort: rolled back as when that decision
+    arrived, if it does not allow the stable and a known-good release a decision allows now is there to take all
+    traffic; else None.
+
+    A decision the route never acted on (a replica that missed it, a route stored before this check) or one whose
+    rollback had nowhere to go then (a known-good release approved since) takes effect so. No verified decision at
+    all changes nothing: a release a break-glass override promoted never had one, and one whose decision's key was
+    retired since keeps serving (README: rotating the gatekeeper's key). With nowhere to go it keeps serving too,
+    its reason said once when the decision arrived, not rewritten on every check."""
+    stable = route.stable.release
+    if not stable or decision is None or decision.release != stable or allows(decision, stable):
+        return None
+    if last_good(route, stable, decisions)[0] is None:
+        return None
+    return rollback(route, _why(route, decision), decision_id=decision.id, decisions=decisions)
 
 
 def undo_to(route: Route, release: str, decision: GateDecided | None, actor: str) -> Route:

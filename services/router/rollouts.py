@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 import secrets
 import time
 from collections import Counter, deque
@@ -61,6 +62,9 @@ _ADMISSION_RETRY_S = 1.0
 # How long a gate decision waits for this replica's KV watch to apply the route writes made before it
 # (Rollouts._routes_current); past it, every route is read again from KV instead.
 _WATCH_LAG_S = 2.0
+# How often every serving stable's current decision is read again (Rollouts._hold_stables): a decision the route
+# never acted on (a replica that missed it, a route stored before stables were checked) takes effect within it.
+STABLE_CHECK_S = 5.0
 # A canary's admission read again (Rollouts._admission_now): its release, its current verified decision (None:
 # none, or it does not verify) and why not; None when the admission holds (or the route rests on none).
 Admission = tuple[str, GateDecided | None, str] | None
@@ -102,6 +106,7 @@ class Rollouts:
         s: Settings = ctx.settings
         self.steps = domain.normalize_steps(s.rollout_steps)
         self.interval_s = s.rollout_step_interval_s
+        self.stable_check_s = STABLE_CHECK_S
         self.routes: dict[str, Route] = {}
         self._defaults: dict[str, Route] = {}
         self.ready = asyncio.Event()
@@ -524,17 +529,56 @@ class Rollouts:
         and a break-glass override whose admin's key is revoked (or who is no admin any more) ends. Before, a canary
         at 10%, or a paused one, kept its traffic until something would raise it, and an override for good. The
         trust file is local and nothing announces its changes, so this looks at it (a stat) every `every_s` seconds.
-        A change it cannot act on (the file malformed, the decisions unreadable) is looked at again at the next."""
+        A change it cannot act on (the file malformed, the decisions unreadable) is looked at again at the next.
+        Every serving stable's decision is read again too, at start, on such a change and every `stable_check_s`
+        seconds (`_hold_stables`)."""
         seen: Keyring | None = None
+        checked = -math.inf  # at once on start: a route restored from KV may rest on a stable no decision allows now
         while True:
             try:
                 roots = self.verifier.roots()
                 if roots is not seen:
                     await self._recheck(roots)
                     seen = roots
+                    checked = -math.inf  # a key trusted or revoked changes which decisions count: look again now
             except LockgateError as exc:
                 log.error("trust roots changed, not acted on yet: %s", exc.message)
+            if time.monotonic() - checked >= self.stable_check_s:
+                checked = time.monotonic()  # one that failed (the bus away) is tried again at the next period
+                try:
+                    await self._hold_stables()
+                except LockgateError as exc:
+                    log.warning("serving stables not checked again yet: %s", exc.message)
             await asyncio.sleep(every_s)
+
+    async def _hold_stables(self) -> None:
+        """Every route's serving stable against its release's current decision, read again now: rolled back
+        (`domain.hold_stable`) when a verified one does not allow it. Its decision's message rolls it back when it
+        arrives; this is for one the route never acted on, and survives a restart: before, nothing but that
+        message ever looked at the stable's decision (probe p14). BusUnavailable if a decision cannot be read
+        (the others are checked all the same)."""
+        unread: list[str] = []
+        for route in list(self.routes.values()):
+            release = route.stable.release
+            if not release:
+                continue
+            try:
+                decision = await self._stored_decision(release)
+                if decision is None or domain.allows(decision, release):
+                    continue
+                rollbacks = await self._known_good_now(route)
+            except BusUnavailable as exc:
+                unread.append(f"{route.deployment}: {exc.message}")
+                continue
+            if self.routes.get(route.deployment) is not route:
+                continue  # changed while the decisions were read: looked at again next time
+            new = domain.hold_stable(route, decision, rollbacks)
+            if new is not None:
+                log.warning("%s: %s", route.deployment, new.reason)
+                self._apply(new)
+        await self.flush()
+        if unread:
+            raise BusUnavailable(f"stables not checked again: {'; '.join(unread)}")
 
     async def _recheck(self, roots: Keyring) -> None:
         """Every route's admission and override against the trust roots `roots`; BusUnavailable if a decision
@@ -750,6 +794,12 @@ class Rollouts:
             decision = await self._stored_decision(release) if release else None
             admission = await self._admission_now(before) if action == "promote" and override is None else None
             rollbacks = await self._known_good_now(before) if action == "abort" and before.scale_down_at else {}
+            # An abort hands all traffic back to the stable: only while its current decision allows it, else on to
+            # the last known-good release one allows (`domain.hold_stable`).
+            held = await self._stored_decision(before.stable.release) \
+                if action == "abort" and not before.scale_down_at and before.stable.release else None
+            if held is not None and not domain.allows(held, held.release):
+                rollbacks = await self._known_good_now(before)
             # The route as it is after the reads; a decision read for another release than the one this change puts
             # back counts as none (domain's checks name the release).
             route = self.route(deployment)
@@ -776,7 +826,14 @@ class Rollouts:
             elif action == "abort":
                 if route.phase in ("promoted", "aborted"):
                     raise domain.InvalidRollout(f"canary of {deployment!r} is already {route.phase}")
-                self._apply(domain.abort(route, f"by operator {actor}" if actor else "by operator"), actor=actor)
+                if rollbacks and route is not before:  # changed while the decisions were read: try again as it is
+                    raise RouteContended("route changed while its known-good releases' decisions were read")
+                aborted = domain.abort(route, f"by operator {actor}" if actor else "by operator")
+                self._apply(aborted, actor=actor)
+                # Applied with the abort, no await between: no request is served by the stable in between.
+                back = domain.hold_stable(aborted, held, rollbacks)
+                if back is not None:
+                    self._apply(back, actor=actor)
             else:
                 refused = self._unadmit(route, admission, actor) if override is None else ""
                 if refused:

@@ -473,6 +473,34 @@ async def test_a_persons_reject_reaches_a_name_of_the_same_content_passed_before
     assert (await current_decision(bus, "r2-clone")).decision == "PASS"
 
 
+async def test_a_persons_reject_reaching_the_serving_stable_rolls_it_back_whatever_its_canary_slot_holds(
+    bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
+) -> None:
+    # Found by probe p14: r2 was promoted from r1, an operator then put r3 on as a canary (0%, not gated), and carol
+    # rejected r2-clone, r2's very content. The reach-back remade r2 NEEDS_REVIEW, but with r3 in the canary slot the
+    # router took it for a known-good release not serving, waiting for its reviewers: r2 kept 100% of traffic for
+    # good. README says a promoted stable under a veto goes back to its known-good release.
+    router = stack["router"]
+    assert (await eval_run(settings, stack["sim"], "r2", files["strict"])).exit_code == 0
+    assert (await canary(router, "r2"))["phase"] == "progressing"
+    async with aiohttp.ClientSession(headers=admin_headers(settings.home)) as http:
+        async with http.post(f"{router.url}/lockgate/v1/deployments/chat/promote") as resp:
+            assert resp.status == 200, await resp.text()
+    await register_model_release(bus, "r3", "good", temperature=0.5)
+    state = await canary(router, "r3", stable="r2")
+    assert (state["stable"]["release"], state["phase"], state["weight"]) == ("r2", "idle", 0.0), state
+
+    await artifacts.register_release(bus, "r2-clone", "shop", (await artifacts.release_of(bus, "r2"))["artifacts"])
+    await _rejected_by_carol(settings, stack, files, "r2-clone")
+    held = await current_decision(bus, "r2")
+    assert held.decision == "NEEDS_REVIEW" and trusted.verify(held) == held.key_id
+    await router.rollouts.wait_for(lambda routes: routes["chat"].stable.release == "r1", timeout=20)
+    route = router.rollouts.route("chat")
+    assert (route.phase, route.weight, route.decision_id) == ("aborted", 0.0, held.id), route.reason
+    assert route.reason.startswith("rolled back r2: gate NEEDS_REVIEW of known-good r2: ")
+    assert [t.release for t in route.good] == ["r1"]
+
+
 async def test_a_persons_reject_binds_what_the_release_serves_whatever_its_artifacts_are_named(
     bus: Bus, settings: Settings, stack: dict[str, Any], files: dict[str, str], trusted: Keyring
 ) -> None:

@@ -175,6 +175,75 @@ async def test_a_block_of_the_stable_rolls_it_back_while_a_canary_of_another_rel
     assert set(await _releases(http, router, 40)) == {"r1"}
 
 
+async def _promoted_then_canary(router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    """`same` promoted from r1 (both known-good), then a canary of `echo` started from it, waiting at 0%."""
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    await _pass(router, signer, "same")
+    async with http.post(f"{router.url}{DEPLOYMENT}/promote") as resp:
+        assert resp.status == 200, await resp.text()
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={"stable_release": "same", "canary_release": "echo"}) as resp:
+        assert resp.status == 200, await resp.text()
+
+
+async def test_a_stable_decision_the_route_never_acted_on_rolls_it_back_all_the_same(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Probe p14 F1: the serving stable's current decision is NEEDS_REVIEW (here stored, never announced: a replica
+    # that missed it, a route stored before the router acted on it), with `echo` in the canary slot. Nothing but
+    # that decision's message looked at the stable's decision (not the timer, the trust watch, a restart), so it
+    # kept all traffic for good. Now the router reads every serving stable's decision again every few seconds.
+    await _promoted_then_canary(router, http, signer)
+    bus = router.ctx.bus
+    held = signer.sign(GateDecided(release="same", rules=[], decision="NEEDS_REVIEW", reason="vetoed: rejected by alice",
+                                   review_required="vetoed", artifacts=await judged(bus, "same")))
+    await store_decision(bus, held)
+    await router.rollouts.wait_for(lambda r: r["chat"].stable.release == "r1", timeout=30)
+    route = router.rollouts.route("chat")
+    assert (route.phase, route.weight, route.decision_id) == ("aborted", 0.0, held.id), route.reason
+    assert route.reason.startswith("rolled back same: gate NEEDS_REVIEW of known-good same: vetoed: rejected by alice")
+    assert set(await _releases(http, router, 40)) == {"r1"}
+
+
+async def test_a_router_that_starts_rolls_back_a_stored_stable_no_decision_allows_now(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, run_services: Any) -> None:
+    # Probe p14 F1 survived restarts: the route in KV served `same`, NEEDS_REVIEW, and a router that started loaded it
+    # as it was. Here the first replica stands for one that ran before stables were checked again; one that starts on
+    # the same routes (a restart) rolls the stable back at once, and the first follows its write.
+    router.rollouts.stable_check_s = 3600.0
+    await _promoted_then_canary(router, http, signer)
+    bus = router.ctx.bus
+    held = signer.sign(GateDecided(release="same", rules=[], decision="NEEDS_REVIEW", reason="vetoed: rejected by alice",
+                                   artifacts=await judged(bus, "same")))
+    await store_decision(bus, held)
+    assert router.rollouts.route("chat").stable.release == "same"
+    restarted = (await run_services("router"))["router"]
+    await restarted.rollouts.wait_for(lambda r: r["chat"].stable.release == "r1", timeout=20)
+    await router.rollouts.wait_for(lambda r: r["chat"].stable.release == "r1", timeout=20)
+    assert router.rollouts.route("chat").decision_id == held.id
+    assert set(await _releases(http, restarted, 40)) == {"r1"}
+
+
+async def test_an_abort_never_hands_all_traffic_back_to_a_stable_the_gate_does_not_allow(
+        router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
+    # Probe p14 F1b: with the stable `same` NEEDS_REVIEW, its canary `echo` went live and the operator aborted it:
+    # 100% went back to `same`. Now the abort goes on to the last known-good release a decision allows, r1.
+    router.rollouts.stable_check_s = 3600.0  # the abort itself, not the periodic check, must do it
+    await _promoted_then_canary(router, http, signer)
+    bus = router.ctx.bus
+    await gate_decided(bus, signer.sign(GateDecided(release="echo", rules=[], decision="PASS",
+                                                    artifacts=await judged(bus, "echo"))))
+    await router.rollouts.wait_for(lambda r: r["chat"].phase == "progressing", timeout=10)
+    held = signer.sign(GateDecided(release="same", rules=[], decision="NEEDS_REVIEW", reason="vetoed: rejected by alice",
+                                   artifacts=await judged(bus, "same")))
+    await store_decision(bus, held)  # never announced: the route still serves `same` as its stable
+    assert router.rollouts.route("chat").stable.release == "same"
+    async with http.post(f"{router.url}{DEPLOYMENT}/abort") as resp:
+        answer = await resp.json()
+    assert resp.status == 200, answer
+    assert (answer["stable"]["release"], answer["phase"], answer["weight"]) == ("r1", "aborted", 0.0), answer["reason"]
+    assert answer["reason"].startswith("rolled back same: gate NEEDS_REVIEW of known-good same")
+    assert set(await _releases(http, router, 40)) == {"r1"}
+
+
 async def test_a_rollback_after_a_blue_green_promotion_never_puts_back_a_blocked_release(
         router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     # `same` was promoted blue-green from r1 (post-promotion analysis running, r1 kept for instant rollback).

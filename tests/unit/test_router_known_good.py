@@ -267,3 +267,73 @@ def test_a_rollback_with_no_known_good_release_allowed_now_keeps_serving_and_say
     assert failed is not None and failed.stable.release == "r2" and "NO known-good release" in failed.reason
     swapped = bluegreen.abort_promotion(p, "ops", decisions={"r0": _decision("PASS", "r0")})
     assert swapped.stable.release == "r0" and "known-good r1 skipped" in swapped.reason
+
+
+def _reviewed_stable_with(slot: str) -> Route:
+    """r2 promoted from r1 (both known-good), then the canary slot holding another release as `slot` says."""
+    r = _promoted(domain.default_route("d"), "r1", "r2")
+    if slot == "promoted":  # the promoted release still recorded as the canary
+        return r
+    if slot == "waiting":  # a new canary, not gated, at 0%
+        return domain.start_canary(r, CanaryRequest(stable_release="r2", canary_release="r3"),
+                                   stable=Target(release="r2"), canary=Target(release="r3"), first_step=10.0)
+    if slot == "live":  # a new canary admitted and taking traffic
+        return _start(r, "r2", "r3")
+    if slot == "aborted":
+        return domain.abort(_start(r, "r2", "r3"), "by operator")
+    assert slot == "undone"  # `undo --to r1`, then back to r2: r2 also recorded as the aborted canary
+    return domain.undo_to(domain.undo_to(r, "r1", _decision("PASS", "r1"), "ops"), "r2", _decision("PASS", "r2"), "ops")
+
+
+@pytest.mark.parametrize("slot", ["promoted", "waiting", "live", "aborted", "undone"])
+@pytest.mark.parametrize("verdict", ["NEEDS_REVIEW", "BLOCK"])
+def test_a_decision_not_allowing_the_serving_stable_rolls_it_back_whatever_the_canary_slot_holds(
+        slot: str, verdict: str) -> None:
+    # Probe p14 F1: r2, serving, remade NEEDS_REVIEW by the veto reach-back of a person's reject of the same content.
+    # With any other release in the canary slot (a new 0% canary, an aborted one), the NEEDS_REVIEW was taken as one
+    # of a known-good release not serving and ignored: r2 kept all traffic for good.
+    r = _reviewed_stable_with(slot)
+    assert r.stable.release == "r2"
+    back = domain.on_decision(r, _decision(verdict, "r2", "held", "vetoed"), STEPS, 10.0, 300.0, decisions=_ok(r))
+    assert back is not None and (back.stable.release, back.phase, back.weight) == ("r1", "aborted", 0.0), back
+    assert back.reason.startswith(f"rolled back r2: gate {verdict} ") and back.decision_id == "held"
+    assert domain.choose(back, "anyone", salt="")[1].release == "r1" and _good(back) == ["r1"]
+    assert domain.on_decision(back, _decision(verdict, "r2", "held"), STEPS, 10.0, 301.0,
+                              decisions=_ok(back)) is None  # a redelivery
+    # A PASS of the serving stable changes nothing.
+    assert domain.on_decision(r, _decision("PASS", "r2", "p2"), STEPS, 10.0, 300.0, decisions=_ok(r)) is None
+
+
+def test_a_known_good_release_awaiting_review_is_no_rollback_target_while_it_is() -> None:
+    # r2 is known-good and not serving; it is remade NEEDS_REVIEW: kept in the history (an approval makes it a target
+    # again), but a rollback of r3 while it awaits review skips it for the next known-good release, r1.
+    r = _promoted(_promoted(domain.default_route("d"), "r1", "r2"), "r2", "r3")
+    assert domain.on_decision(r, _decision("NEEDS_REVIEW", "r2", "n2"), STEPS, 10.0, 300.0, decisions=_ok(r)) is None
+    review = {**_ok(r), "r2": _decision("NEEDS_REVIEW", "r2", "n2")}
+    back = domain.on_decision(r, _decision("BLOCK", "r3", "b3"), STEPS, 10.0, 301.0, decisions=review)
+    assert back is not None and back.stable.release == "r1"
+    assert "known-good r2 skipped: no verified gate decision allows it now" in back.reason
+    approved = {**_ok(r), "r2": _decision("PASS", "r2", "a2")}
+    back = domain.on_decision(r, _decision("BLOCK", "r3", "b3"), STEPS, 10.0, 301.0, decisions=approved)
+    assert back is not None and back.stable.release == "r2"
+
+
+def test_hold_stable_rolls_back_a_stable_its_current_decision_no_longer_allows() -> None:
+    # What the router's re-check (start, every few seconds, an operator's abort) does with the serving stable's
+    # current verified decision: a route that never acted on it (stored before, a replica that missed it) or an abort
+    # that would hand all traffic back to it.
+    r = _reviewed_stable_with("waiting")
+    held = _decision("NEEDS_REVIEW", "r2", "held", "vetoed")
+    back = domain.hold_stable(r, held, _ok(r))
+    assert back is not None and (back.stable.release, back.phase, back.weight) == ("r1", "aborted", 0.0)
+    assert back.reason.startswith("rolled back r2: gate NEEDS_REVIEW of known-good r2: vetoed")
+    aborted = domain.abort(_reviewed_stable_with("live"), "by operator")
+    assert domain.hold_stable(aborted, held, _ok(aborted)).stable.release == "r1"  # type: ignore[union-attr]
+    # Nothing changes while the decision allows the stable, without a verified decision (a break-glass promotion, a
+    # retired key: a serving release keeps serving), for another release's decision, or with nowhere to go back
+    # (said once when the decision arrived, not rewritten on every check).
+    assert domain.hold_stable(r, _decision("PASS", "r2"), _ok(r)) is None
+    assert domain.hold_stable(r, None, _ok(r)) is None
+    assert domain.hold_stable(r, _decision("BLOCK", "r1"), _ok(r)) is None
+    assert domain.hold_stable(r, held, {"r1": _decision("NEEDS_REVIEW", "r1")}) is None
+    assert domain.hold_stable(domain.default_route("d"), held, {}) is None
