@@ -164,7 +164,9 @@ async def test_a_block_of_the_stable_rolls_it_back_while_a_canary_of_another_rel
     await _pass(router, signer, "same")
     async with http.post(f"{router.url}{DEPLOYMENT}/promote") as resp:
         assert resp.status == 200, await resp.text()
-    async with http.put(f"{router.url}{DEPLOYMENT}", json={"stable_release": "same", "canary_release": "echo"}) as resp:
+    # Steps an hour apart: at the tests' router interval (0.05 s) the canary was promoted before a test could abort it.
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={"stable_release": "same", "canary_release": "echo",
+                                                           "strategy": {"steps": [50, 100], "interval_s": 3600}}) as resp:
         assert resp.status == 200, await resp.text()
     bus = router.ctx.bus
     blocked = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="leaks PII"))
@@ -181,7 +183,9 @@ async def _promoted_then_canary(router: Any, http: aiohttp.ClientSession, signer
     await _pass(router, signer, "same")
     async with http.post(f"{router.url}{DEPLOYMENT}/promote") as resp:
         assert resp.status == 200, await resp.text()
-    async with http.put(f"{router.url}{DEPLOYMENT}", json={"stable_release": "same", "canary_release": "echo"}) as resp:
+    # Steps an hour apart: at the tests' router interval (0.05 s) the canary was promoted before a test could abort it.
+    async with http.put(f"{router.url}{DEPLOYMENT}", json={"stable_release": "same", "canary_release": "echo",
+                                                           "strategy": {"steps": [50, 100], "interval_s": 3600}}) as resp:
         assert resp.status == 200, await resp.text()
 
 
