@@ -35,7 +35,13 @@ from lockgate import documents
 from lockgate.batcher import Batcher
 from lockgate.config import Settings
 from lockgate.contracts import BudgetEvent
-from lockgate.contracts.inference import CHARGED_INPUT_TOKENS, CHARGED_OUTPUT_TOKENS, USAGE_UNKNOWN
+from lockgate.contracts.inference import (
+    CHARGED_INPUT_TOKENS,
+    CHARGED_OUTPUT_TOKENS,
+    CLIENT_DISCONNECTED,
+    UPSTREAM_UNANSWERED,
+    USAGE_UNKNOWN,
+)
 from lockgate.errors import ConfigError, LockgateError
 from lockgate.kvcas import KV_ERRORS, RETRY_S, CasStore, KVOutcomeUnknown, KVUnavailable, KVUnreadable
 from lockgate.llmwire import ApiRequest, OutputLimits
@@ -485,7 +491,7 @@ class Admission:
             # went out), a 200 whose body did not read, answers without usage: the provider may bill tokens
             # the router never counted.
             return self._unknown(ticket, rec, call)
-        if rec.error_type == "client_disconnected":
+        if rec.error_type in (CLIENT_DISCONNECTED, UPSTREAM_UNANSWERED):
             return ZERO  # the client left before any call answered: the one under way then is among `abandoned`
         return None
 

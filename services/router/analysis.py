@@ -199,6 +199,9 @@ class VariantSample:
     # Each request as a column of `ROWS` (`from_rows`), for comparing like with like in time (`_in_time`);
     # None: when each request was served is unknown, and stable's are weighted to the canary's callers only.
     rows: np.ndarray | None = field(default=None, compare=False, repr=False)
+    # Requests left out as their clients' hang-ups (`client_disconnected`) in the window: no evidence, but a look
+    # waiting for its sample names them.
+    hung_up: int = 0
 
 
 # The columns of `VariantSample.rows`: unix seconds, failed (1.0), latency, ttft (0: not streamed), tokens, cost
@@ -703,7 +706,7 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
         verdict: Verdict = "INCONCLUSIVE" if final else "WAITING"
         why = (f"baseline has {stable.n} events of the {spec.min_sample} needed and gets no more (canary "
                f"{canary.n}): no data is never a pass") if final else \
-            f"waiting for {spec.min_sample} events per variant (canary {canary.n}, stable {stable.n})"
+            f"waiting for {spec.min_sample} events per variant (canary {_count(canary)}, stable {_count(stable)})"
         results = [MetricResult(name=m.label, verdict=verdict, canary_n=canary.n, stable_n=stable.n, why=why)
                    for m in spec.metrics]
         return Measurement(verdict=verdict, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
@@ -725,6 +728,12 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
         return _held(m, f"waiting for {spec.min_step_sample} canary requests at this step (min_step_sample; "
                         f"{step_n} since it began): a step is not passed on the evidence of the step before it")
     return m
+
+
+def _count(sample: VariantSample) -> str:
+    """A variant's requests in the window, with those left out as their clients' hang-ups (`163 hung up by the
+    client`): before, a canary all of whose requests clients gave up on read as one with no traffic."""
+    return f"{sample.n} ({sample.hung_up} hung up by the client)" if sample.hung_up else str(sample.n)
 
 
 def incomplete(m: Measurement, why: str) -> Measurement:

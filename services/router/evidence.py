@@ -17,6 +17,7 @@ import numpy as np
 
 from lockgate.contracts import DriftReport, InferenceEvent
 from lockgate.contracts.drift import Comparison
+from lockgate.contracts.inference import CLIENT_DISCONNECTED
 from lockgate.services.router.analysis import ROWS, VariantSample, from_rows
 
 MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bounded memory
@@ -56,6 +57,9 @@ class Evidence:
         # they count as its failures: from its first failed call of its own on (`charge`), which a replica that
         # reads its events back out of time order may come to after them.
         self._diverted: dict[tuple[str, str], _Ring] = {}
+        # The requests left out as their clients' hang-ups, per deployment and release: no evidence, but a look that
+        # waits for its sample says how many there were (a canary with 0 requests and 163 hung up on is not idle).
+        self._hung_up: dict[tuple[str, str], _Ring] = {}
         # Online evaluation scores per (deployment, release) and scorer: the scored answer's event id -> (time,
         # value), oldest first. By event id, so an answer's score counts once however often it arrives (live and
         # read back at start, or re-sent after the bus's duplicate window).
@@ -70,9 +74,11 @@ class Evidence:
         """Record one event under its release (or `release`, for events that name only a variant); one the
         client failed (`InferenceEvent.client_failed`) counts nowhere: not as a request, an error, a latency
         or a cost."""
-        if event.client_failed:
-            return
         key = (event.deployment or event.app, event.release if release is None else release)
+        if event.client_failed:
+            if event.error_type == CLIENT_DISCONNECTED:
+                _ring(self._hung_up, key, self._max).add(self._row(event))
+            return
         _ring(self._rings, key, self._max).add(self._row(event))
         if event.scores:  # scores an SDK attached to its own events
             self.add_scores(key[0], key[1], event.id, event.time.timestamp(), event.scores)
@@ -151,7 +157,7 @@ class Evidence:
         which may predate the rollout)."""
         for key in [k for k in self._drift if k[0] == deployment and k[1] not in keep]:
             del self._drift[key]
-        for rings in (self._rings, self._diverted):
+        for rings in (self._rings, self._diverted, self._hung_up):
             for key in [k for k in rings if k[0] == deployment and k[1] not in keep]:
                 del rings[key]
         for key in [k for k in self._scores if k[0] == deployment and k[1] not in keep]:
@@ -168,8 +174,10 @@ class Evidence:
         ring = self._rings.get((deployment, release))
         scores = {name: [v for t, v in ring_.values() if t >= since]
                   for name, ring_ in self._scores.get((deployment, release), {}).items()}
+        hung = self._hung_up.get((deployment, release))
+        hung_up = int((hung.cols[0, :hung.n] >= since).sum()) if hung is not None else 0
         if ring is None or not ring.n:
-            return VariantSample(scores=scores)
+            return VariantSample(scores=scores, hung_up=hung_up)
         cols = ring.cols[:, :ring.n]
         key = cols[_COLS - 1]
         window = cols[0] >= since
@@ -182,7 +190,7 @@ class Evidence:
         # Split on every arm, one key too: analysis compares each caller's canary requests with its own stable ones.
         by_key = {self._keys[int(k)]: of(window & (key == k)) for k in keys} if len(keys) > 1 else \
             {self._keys[int(k)]: whole for k in keys}
-        return replace(whole, scores=scores, by_key=by_key)
+        return replace(whole, scores=scores, by_key=by_key, hung_up=hung_up)
 
 
 def _ring(rings: dict[tuple[str, str], _Ring], key: tuple[str, str], limit: int) -> _Ring:

@@ -29,7 +29,7 @@ from lockgate import metrics, telemetry
 from lockgate.codec import UNDECODABLE, undecodable
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
-from lockgate.contracts.inference import REQUEST_DIGEST, ROUTED_BY
+from lockgate.contracts.inference import CLIENT_DISCONNECTED, REQUEST_DIGEST, ROUTED_BY, UPSTREAM_UNANSWERED
 from lockgate.contracts.names import NAME_RULE, is_name
 from lockgate.errors import UnreadableBody
 from lockgate.llmwire import ApiRequest, OutputLimits
@@ -419,7 +419,8 @@ class Proxy:
             else:
                 response = await self._once(op, hops, up_headers, out_headers, rec, cover, underway)
                 if request.transport is None:  # the client left while the upstream worked: nobody got the answer
-                    rec.status, rec.error_type = "error", "client_disconnected"
+                    # As the answer came (else the handler was cancelled): the client waited the whole call.
+                    rec.hung_up(rec.reply.started if rec.reply is not None else None, self.settings.router_unanswered_s)
         except asyncio.CancelledError:
             # The client closed its connection (the server cancels the handler, server.py): the upstream
             # call was cancelled with it and its connection closed. A stream's provider stops generating then; a
@@ -430,13 +431,20 @@ class Proxy:
             # `[DONE]`, while this was still reading the upstream's end of body (before, such an answer was recorded
             # `client_disconnected` now and then, and left out of analysis, drift and scores).
             if not rec.delivered:
-                rec.status, rec.error_type = "error", "client_disconnected"
+                # How long the upstream had kept the client waiting: the call under way, or a stream's silence.
+                hop = underway.hop
+                since = underway.started if hop is not None else rec.reply.waiting if rec.reply is not None else None
+                rec.hung_up(since, self.settings.router_unanswered_s)
+                if hop is not None and rec.error_type == UPSTREAM_UNANSWERED and hop.tag[0] != variant:
+                    # Stable, called after the canary failed, kept the client waiting: stable's failure, timed from
+                    # its own call (the canary's failed call is an event of its own).
+                    rec.served, rec.lost_s = hop.tag, underway.started - rec.sent
             if rec.hop is None:
                 rec.earlier = underway.earlier
                 rec.gone = underway.hop
             raise
         finally:
-            rec.latency_ms = (time.perf_counter() - t0) * 1000.0
+            rec.latency_ms = (time.perf_counter() - t0 - rec.lost_s) * 1000.0
             if rec.served is not None:  # a fallback served: the event says which variant answered
                 variant, target = rec.served
                 model = target.model or req.model
@@ -533,6 +541,7 @@ class Proxy:
 
     async def _once(self, op: Operation, hops: list[Hop], up_headers: dict[str, str], out_headers: dict[str, str],
                     rec: _Record, cover: Cover | None = None, underway: Underway | None = None) -> web.StreamResponse:
+        rec.sent = asyncio.get_running_loop().time()
         try:
             reply = await self.upstream.send(hops, up_headers, stream=False, cover=cover, underway=underway)
         except UpstreamUnavailable as exc:
@@ -563,6 +572,7 @@ class Proxy:
                       underway: Underway | None = None) -> web.StreamResponse:
         chunk = op.chunk
         assert chunk is not None  # forward refuses a stream of an operation that has none
+        rec.sent = asyncio.get_running_loop().time()
         try:
             reply = await self.upstream.send(hops, up_headers, stream=True, cover=cover, underway=underway)
         except UpstreamUnavailable as exc:
@@ -605,7 +615,7 @@ class Proxy:
                             if rec.status != "ok":  # the upstream's error event: its address stays internal
                                 line = scrub(line, endpoint)
                             if not rec.ttft_ms and (rec.out.parts or rec.out.tools):
-                                rec.ttft_ms = (time.perf_counter() - t0) * 1000.0
+                                rec.ttft_ms = (time.perf_counter() - t0 - rec.lost_s) * 1000.0
                             if usage_only and not want_usage:
                                 hiding = True
                                 continue
@@ -620,8 +630,9 @@ class Proxy:
                     await _write(out, b"".join(pending))
                     pending.clear()
             except _ClientGone:
-                # Stop reading and drop the upstream connection: the provider stops generating (and billing).
-                rec.status, rec.error_type = "error", "client_disconnected"
+                # Stop reading and drop the upstream connection: the provider stops generating (and billing). The
+                # client left as the router wrote it the upstream's latest line: never the upstream's silence.
+                rec.status, rec.error_type = "error", CLIENT_DISCONNECTED
                 reply.close()
             except (BrokenReply, TimeoutError) as exc:
                 rec.status, rec.error_type = "error", f"stream_interrupted:{type(exc).__name__}"
@@ -637,7 +648,7 @@ class Proxy:
                 if rec.status == "ok" and not ended and not rec.out.finished():
                     rec.status, rec.error_type = "error", "stream_interrupted:truncated"
                     failure = f"endpoint {endpoint.id} ended the stream before the answer was complete"
-            if rec.error_type != "client_disconnected" and (pending or failure):
+            if rec.error_type != CLIENT_DISCONNECTED and (pending or failure):
                 # What came before the upstream failed, then an OpenAI error event, which the client's SDK
                 # raises: the answer it read is incomplete, and the stream's status line said 200.
                 tail = b"".join(pending)
@@ -714,10 +725,13 @@ class _Record:
         "hop",
         "input_tokens",
         "latency_ms",
+        "lost_s",
         "out",
         "output_tokens",
         "provider",
+        "reply",
         "response_model",
+        "sent",
         "served",
         "status",
         "superseded",
@@ -739,6 +753,12 @@ class _Record:
         self.superseded = False
         self.hop: Hop | None = None  # the call that answered, for its worst case when its usage is unknown
         self.gone: Hop | None = None  # the chosen hop's call, abandoned after it went out, when none answered
+        self.reply: Reply | None = None  # the hop's answer, once one came
+        self.sent = 0.0  # when the calls to the upstream began (the loop's clock)
+        # The time spent on the other arm's calls before the one that answered (a canary's failed call stable fell
+        # back from): not in this event's latency and TTFT, which describe the arm that answered. Before, stable's
+        # latency evidence took on every failing canary call's wait and loosened the canary's latency thresholds.
+        self.lost_s = 0.0
 
     @classmethod
     def attempt(cls, failed: Failed) -> _Record:
@@ -749,6 +769,15 @@ class _Record:
         rec.attributes = {"lockgate.endpoint": failed.hop.endpoint.id, "lockgate.attempt": "superseded"}
         rec.superseded = True
         return rec
+
+    def hung_up(self, since: float | None, limit_s: float) -> None:
+        """The client left before its answer. The release's failure (`upstream_unanswered`) when the router had by
+        then waited on the upstream (`since`, the loop's clock; None: it was not waiting) for longer than `limit_s`
+        (router_unanswered_s); else the client's own (`client_disconnected`), no evidence of the release. Before,
+        every hang-up was the client's: a canary that hung (no first byte, or a stream stalled) below the client's
+        timeout lost its failures from its evidence and was promoted with an error rate of 0 (probe p15)."""
+        waited = asyncio.get_running_loop().time() - since if since is not None else 0.0
+        self.status, self.error_type = "error", UPSTREAM_UNANSWERED if waited > limit_s else CLIENT_DISCONNECTED
 
     def unavailable(self, exc: UpstreamUnavailable, headers: dict[str, str]) -> web.Response:
         """No upstream answered: the calls made are evidence, and the error goes to the client."""
@@ -762,7 +791,7 @@ class _Record:
         _pass_headers(headers, reply.headers)
         self.attributes.update(reply.attributes())
         self.earlier = reply.earlier
-        self.hop = reply.hop
+        self.hop, self.reply = reply.hop, reply
         self.provider = reply.hop.endpoint.provider
         variant, target = reply.hop.tag
         if reply.fallback_from is not None:
@@ -773,6 +802,8 @@ class _Record:
             if chosen != variant:  # a canary's failure, for its analysis (the event itself is stable's)
                 self.attributes["lockgate.fallback_from_variant"] = chosen
                 self.attributes["lockgate.fallback_from_release"] = planned.release
+                if reply.started is not None:
+                    self.lost_s = reply.started - self.sent
         return reply.hop.endpoint, target
 
     @property

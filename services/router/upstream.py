@@ -120,10 +120,11 @@ class Underway:
     failed before it. A call under way may be generating a whole answer the provider bills although nobody reads
     it (OpenAI does not stop a non-streamed generation when the connection drops)."""
 
-    __slots__ = ("failures", "hop")
+    __slots__ = ("failures", "hop", "started")
 
     def __init__(self) -> None:
         self.hop: Hop | None = None
+        self.started = 0.0  # when the call under way began (the loop's clock): how long its upstream has been silent
         self.failures: list[Failed] = []
 
     @property
@@ -138,7 +139,7 @@ class Reply:
     was still possible until then and never after)."""
 
     __slots__ = ("_broken", "_deadline", "_first", "_stall", "_stream", "attempts", "body", "charset", "earlier",
-                 "fallback_from", "fallback_reason", "headers", "hop", "status")
+                 "fallback_from", "fallback_reason", "headers", "hop", "started", "status", "waiting")
 
     def __init__(self, hop: Hop, status: int, headers: dict[str, str], attempts: int,
                  fallback_from: Hop | None) -> None:
@@ -160,6 +161,12 @@ class Reply:
         self._stall = 0.0
         self._deadline = 0.0
         self._broken: Callable[[], None] | None = None  # tells the endpoint's breaker the stream broke
+        # When this hop's call began (the loop's clock; None: unknown, an answer `_give_up` passes on), so a fallback's
+        # answer is timed from its own call, not from the calls that failed before it.
+        self.started: float | None = None
+        # Since when a stream has been waiting for the upstream's next line (the loop's clock); None while one is
+        # being handled: a client that hangs up during a long silence was let down by the upstream, not impatient.
+        self.waiting: float | None = None
 
     def attributes(self) -> dict[str, str]:
         """Event attributes saying where the request was served and whether it fell back."""
@@ -179,7 +186,9 @@ class Reply:
             return
         yield self._first
         stream.stall_after(self._stall, self._deadline)
+        clock = asyncio.get_running_loop().time
         while True:
+            self.waiting = clock()
             try:
                 line = await stream.readline()
             except h1.Stalled:
@@ -196,6 +205,7 @@ class Reply:
             except h1.BrokenReply:
                 self._break()
                 raise
+            self.waiting = None
             if not line:
                 return
             yield line
@@ -343,7 +353,7 @@ class Upstream:
                 tries += 1
                 attempts += 1
                 verdict: bool | None = None
-                started = loop.time()
+                started = underway.started = loop.time()
                 underway.hop = hop
                 try:
                     reply, failed = await self._try(hop, headers, stream, deadline, breaker)
@@ -359,7 +369,7 @@ class Upstream:
                     assert reply is not None
                     took = loop.time() - started
                     h.latency_s = took if h.latency_s is None else 0.8 * h.latency_s + 0.2 * took
-                    reply.attempts = attempts
+                    reply.attempts, reply.started = attempts, started
                     reply.earlier = [f for f in failures if f.kind != "breaker_open"]
                     if hop is not hops[0]:
                         reply.fallback_from, reply.fallback_reason = hops[0], failures[0].reason()

@@ -69,6 +69,13 @@ class Settings(msgspec.Struct, kw_only=True):
     # it cannot hear that. For operators who put enforcement before availability; their load balancer sends the
     # request to another replica (its /readyz fails while the bus is away). 0: never (it keeps serving stable).
     router_cut_off_refuse_s: float = 0.0
+    # A client that hangs up before its answer after the router has waited this long (seconds) on the upstream, for
+    # the answer's first byte or a stream's next line, was let down by the release: its event is `upstream_unanswered`,
+    # an error of its variant in canary analysis. A hang-up sooner, or while the upstream was answering, is the
+    # client's own (`client_disconnected`, left out of the evidence). Clients commonly give up after 10-30 s, below the
+    # endpoints' first_byte_s (60 s) and between_chunks_s (30 s), which would otherwise never fire; an endpoint timeout
+    # below it ends such a call first, as that timeout's own failure.
+    router_unanswered_s: Annotated[float, msgspec.Meta(ge=0)] = 10.0
     app: str = "default"
     rollout_steps: tuple[float, ...] = (10.0, 25.0, 50.0, 100.0)
     rollout_step_interval_s: float = 5.0

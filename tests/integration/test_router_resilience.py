@@ -496,6 +496,108 @@ async def test_a_client_closing_after_the_end_marker_got_the_whole_answer(gatewa
         assert (event.input_tokens, event.output_tokens) == (1, 3)
 
 
+def _impatient(router: Any, keys: Bootstrap, timeout: float) -> openai.AsyncOpenAI:
+    """An OpenAI client with the app key that gives up on a request after `timeout` s, as applications set one."""
+    return openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=keys.app_key, max_retries=0, timeout=timeout)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
+async def test_a_client_that_gives_up_on_a_silent_upstream_records_the_releases_failure(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, stream: bool) -> None:
+    # Found by a probe (p15 F1): a canary that never answered, below the endpoint's first-byte timeout (60 s), was
+    # hung up on by clients with a 5 s timeout; each hang-up was `client_disconnected`, the client's own failure, left
+    # out of every metric, and the canary was promoted with an error rate of 0. Now a hang-up after the router waited
+    # on the upstream for longer than router_unanswered_s is `upstream_unanswered`: the release's failure.
+    context.settings = context.settings.replace(router_unanswered_s=0.2)
+    async with FakeLLM("hung", "hang") as hung:
+        router = await gateway({"default": {"url": hung.url}})  # first_byte_s: 60, the default
+        async with _impatient(router, keys, 0.6) as c:
+            with pytest.raises(openai.APITimeoutError):
+                await c.chat.completions.create(model="m", messages=MESSAGES, stream=stream)
+        (event,) = await events(1)
+    assert (event.status, event.error_type) == ("error", "upstream_unanswered")
+    assert not event.client_failed  # an error of its variant in canary analysis, the shadow comparison and drift
+    assert event.latency_ms >= 200  # how long the upstream kept the client waiting
+
+
+async def test_a_client_that_gives_up_on_a_stream_stalled_after_its_first_chunk_records_the_releases_failure(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any) -> None:
+    # Probe p15 F1d: a stream that stalled after its first chunk, below between_chunks_s (30 s), was hidden alike.
+    context.settings = context.settings.replace(router_unanswered_s=0.2)
+    async with FakeLLM("stall", "chunk_then_hang") as stall:
+        router = await gateway({"default": {"url": stall.url}})
+        async with _impatient(router, keys, 0.6) as c:
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            chunks, error = await _read(stream)
+        assert [ch.choices[0].delta.content for ch in chunks] == ["stall says hi"] and error is not None
+        (event,) = await events(1)
+    assert (event.status, event.error_type, event.response) == ("error", "upstream_unanswered", "stall says hi")
+    assert not event.client_failed
+
+
+async def test_a_client_that_leaves_a_stream_while_the_upstream_answers_is_its_own_failure(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any) -> None:
+    # The bound is on the upstream's silence, not on the request's age: a long answer the client stops reading while
+    # its chunks keep coming (every 50 ms) is the client's hang-up, however long the stream ran. (A client giving up
+    # sooner than the bound: test_a_call_the_client_gives_up_on_before_its_answer_is_charged_...)
+    context.settings = context.settings.replace(router_unanswered_s=0.2)
+    async with FakeLLM("long", "chunks_paced") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            stream = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+            began = time.monotonic()
+            async for _ in stream:
+                if time.monotonic() - began > 0.5:  # longer than the bound, chunks coming all along
+                    break
+            await stream.close()
+        await asyncio.wait_for(up.hung_up.wait(), 10)
+        (event,) = await events(1)
+    assert (event.error_type, event.client_failed) == ("client_disconnected", True)
+
+
+async def test_a_hang_up_on_stables_silent_fallback_is_stables_failure_not_the_canarys(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any) -> None:
+    # The canary's call failed (its first-byte timeout) and stable, called for the same request, kept the client
+    # waiting: the request's event is stable's failure, timed from stable's call; the canary's failed call is its own.
+    context.settings = context.settings.replace(router_unanswered_s=0.2)
+    async with FakeLLM("stable", "hang") as stable, FakeLLM("canary", "hang") as canary:
+        router = await _canary_at_100(gateway, keys, context, {
+            "default": {"url": stable.url}, "canary": {"url": canary.url, "timeouts": {"first_byte_s": 0.3}}})
+        async with _impatient(router, keys, 1.2) as c:
+            with pytest.raises(openai.APITimeoutError):
+                await c.chat.completions.create(model="m", messages=MESSAGES)
+        (event,), (failed,) = _split(await events(2))
+    assert (failed.variant, failed.release, failed.error_type) == ("canary", "r2", "first_byte")
+    assert (event.variant, event.release, event.model, event.error_type) == ("stable", "r1", "m", "upstream_unanswered")
+    assert 200 <= event.latency_ms < 1200 - 300  # stable's own wait, without the canary's 0.3 s
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
+async def test_stables_answer_after_a_canarys_failed_call_is_timed_from_its_own_call(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, stream: bool) -> None:
+    # Found by a probe (p15 F4): stable's answer to a request whose canary call hung until its first-byte timeout was
+    # timed from the request's start, so stable's latency evidence took on the canary's lost time (p95 3,150 ms where
+    # it answers in 100 ms), and a canary 3.5x slower than stable passed `latency_p95 max_ratio 1.5`, judged at 0.19.
+    async with FakeLLM("stable") as stable, FakeLLM("canary", "hang") as canary:
+        router = await _canary_at_100(gateway, keys, context, {
+            "default": {"url": stable.url}, "canary": {"url": canary.url, "timeouts": {"first_byte_s": 1.0}}})
+        async with client(router, keys) as c:
+            if stream:
+                chunks, error = await _read(await c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
+                assert error is None and chunks[0].choices[0].delta.content == "stable says hi"
+            else:
+                done = await c.chat.completions.create(model="m", messages=MESSAGES)
+                assert done.choices[0].message.content == "stable says hi"
+        (event,), (failed,) = _split(await events(2))
+    # The canary's failed call stays an error event of its own, with its wait.
+    assert (failed.variant, failed.status, failed.error_type) == ("canary", "error", "first_byte")
+    assert failed.latency_ms >= 1000
+    assert (event.variant, event.status, event.attributes["lockgate.fallback_from_variant"]) == ("stable", "ok", "canary")
+    assert event.latency_ms < 1000  # stable's own answer, not the canary's lost second with it
+    if stream:
+        assert 0 < event.ttft_ms <= event.latency_ms
+
+
 # Retries
 
 

@@ -156,6 +156,8 @@ def test_evidence_summarises_a_window_per_release() -> None:
 @pytest.mark.parametrize(("status", "error_type", "evidence"), [
     ("ok", "", True),
     ("error", "client_disconnected", False),  # the client hung up: nothing the release did
+    # It hung up on an upstream silent for longer than router_unanswered_s: the release kept it waiting (probe p15).
+    ("error", "upstream_unanswered", True),
     ("error", "400", False), ("error", "404", False), ("error", "413", False), ("error", "422", False),
     ("error", "408", True), ("error", "429", True),  # the upstream timed out or throttles: the release's
     # Its endpoint refused lockgate's credential: the release's endpoint is broken, whatever the client sent.
@@ -191,6 +193,27 @@ def test_evidence_leaves_out_what_the_client_failed_from_every_metric() -> None:
     assert (s.n, s.errors) == (3, 2)  # the answer, the 503 and the 429; neither the hang-up nor the 400
     assert list(s.latency_ms) == [100.0] and list(s.tokens) == [7.0] and list(s.cost) == [0.01] * 3
     assert s.scores == {"s": [1.0, 1.0, 1.0]}
+
+
+def test_a_waiting_look_names_the_requests_left_out_as_their_clients_hang_ups() -> None:
+    # Probe p15 F1b: a canary all of whose 163 requests clients had hung up on read `canary 0`, as if it got none.
+    from datetime import UTC, datetime
+
+    from lockgate.contracts import InferenceEvent
+    from lockgate.services.router.evidence import Evidence
+
+    ev = Evidence(price=lambda e: None)
+    for i, (release, error_type) in enumerate([("c", "client_disconnected")] * 3 + [("c", "upstream_unanswered"),
+                                                                                    ("c", "400"), ("s", "")]):
+        ev.add(InferenceEvent(app="shop", deployment="d", release=release, status="error" if error_type else "ok",
+                              error_type=error_type, time=datetime.fromtimestamp(1000 + i, UTC)))
+    canary, stable = ev.sample("d", "c", since=1001), ev.sample("d", "s", since=0)
+    assert (canary.n, canary.errors, canary.hung_up, stable.hung_up) == (1, 1, 2, 0)  # in the window only
+    m = analysis.measure(ERRORS, canary, stable, look=1)
+    assert m.verdict == "WAITING"
+    assert "(canary 1 (2 hung up by the client), stable 1)" in m.metrics[0].why
+    ev.forget("d", keep={"s"})
+    assert ev.sample("d", "c", since=0).hung_up == 0
 
 
 def test_evidence_buffers_grow_then_keep_the_newest() -> None:

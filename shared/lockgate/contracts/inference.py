@@ -25,6 +25,12 @@ NonNegF = Annotated[float, msgspec.Meta(ge=0, le=3.4e38)]
 USAGE_UNKNOWN = "lockgate.usage_unknown"
 CHARGED_INPUT_TOKENS = "lockgate.charged_input_tokens"
 CHARGED_OUTPUT_TOKENS = "lockgate.charged_output_tokens"
+# A client's hang-up before its answer (error_type): its own doing (`CLIENT_DISCONNECTED`, `client_failed`: no evidence
+# of the release), unless the router had by then waited on the upstream longer than `router_unanswered_s`, for its
+# answer's first byte or a stream's next line (`UPSTREAM_UNANSWERED`): the release kept its client waiting, a failure
+# of its variant. The router measures that silence itself, so a client can neither fake it nor aim it at an arm.
+CLIENT_DISCONNECTED = "client_disconnected"
+UPSTREAM_UNANSWERED = "upstream_unanswered"
 # A router event of a request its deployment's header route sent to the candidate (value "header"): a tester's
 # request (an admin key, or one the route names), not one the weight chose, so a judge of the weighted split can
 # tell it apart; a blue-green preview's only served traffic.
@@ -122,15 +128,17 @@ class InferenceEvent(Event, frozen=True, kw_only=True, tag="lockgate.inference",
 
     @property
     def client_failed(self) -> bool:
-        """A failure the client caused: it hung up before the answer (`client_disconnected`), or sent a body
-        the upstream refused (a 4xx, recorded as its status; but for `_RELEASES_DOING`: the endpoint refused its
-        credential, timed out or throttles). No evidence of what the release does: counted, any client could pick users that hash to a
-        canary and fail it at will, so analysis, shadow comparisons and drift leave such events out (as
-        Flagger's success rate counts only 5xx against a release)."""
+        """A failure the client caused: it hung up before the answer while the upstream was answering
+        (`client_disconnected`; not `upstream_unanswered`: it hung up on an upstream silent for longer than the
+        router's `router_unanswered_s`, the release's failure), or sent a body the upstream refused (a 4xx, recorded
+        as its status; but for `_RELEASES_DOING`: the endpoint refused its credential, timed out or throttles). No
+        evidence of what the release does: counted, any client could pick users that hash to a canary and fail it at
+        will, so analysis, shadow comparisons and drift leave such events out (as Flagger's success rate counts only
+        5xx against a release)."""
         if self.status == "ok":
             return False
         e = self.error_type
-        return e == "client_disconnected" or (len(e) == 3 and e[0] == "4" and e.isdigit() and e not in _RELEASES_DOING)
+        return e == CLIENT_DISCONNECTED or (len(e) == 3 and e[0] == "4" and e.isdigit() and e not in _RELEASES_DOING)
 
 
 def _count(value: str | None) -> int | None:
