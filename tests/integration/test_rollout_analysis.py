@@ -204,40 +204,74 @@ async def test_requests_the_client_fails_on_a_healthy_canary_do_not_abort_it(rou
     assert route.stable.release == "slow"
 
 
+@pytest.fixture
+async def hanging(context: ServiceContext, run_services: Any, signer: Signer) -> AsyncIterator[Any]:
+    """The router stack with one canary release, `hang`, whose upstream never answers in time (60 s), and
+    router_unanswered_s at 0.2 s."""
+    hang = SimConfig(models={"hang": ModelSpec(default="too late", latency_ms=60_000)})
+    async with SimServer(STABLE) as stable, SimServer(hang) as canary:
+        yield await serving(context, run_services, signer, stable.url, canary.url, ("hang",), router_unanswered_s=0.2)
+
+
+async def _impatient_until(http: aiohttp.ClientSession, router: Any, done: Callable[[Route], bool],
+                           limit: int = 400) -> tuple[int, int]:
+    """Send requests from distinct users, 40 at a time, each given up on after 0.5 s (the application's own timeout,
+    far below the endpoint's first_byte_s), until `done(route)` or `limit` requests: (sent, given up on)."""
+    url = f"{router.url}/v1/chat/completions"
+    patience = aiohttp.ClientTimeout(total=0.5)
+    hung = sent = 0
+
+    async def one(i: int) -> bool:
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": f"user-{i}"}
+        try:
+            async with http.post(url, json=body, timeout=patience) as resp:
+                await resp.read()
+        except TimeoutError:
+            return True
+        return False
+
+    while not done(router.rollouts.route("chat")) and sent < limit:
+        hung += sum(await asyncio.gather(*(one(sent + i) for i in range(40))))
+        sent += 40
+    return sent, hung
+
+
 async def test_a_canary_that_never_answers_clients_with_a_timeout_is_aborted(
-        context: ServiceContext, run_services: Any, signer: Signer, http: aiohttp.ClientSession) -> None:
+        hanging: Any, signer: Signer, http: aiohttp.ClientSession) -> None:
     """Found by a probe (p15 F1b): a canary whose upstream never answered, with clients giving up after 5 s (below
     the endpoint's 60 s first-byte timeout), had every request recorded `client_disconnected`, the client's own
     failure, left out of its evidence: it held half the users hanging, WAITING for ever with `canary 0` requests (at
     30% hangs, it was promoted with an error rate of 0). Now a hang-up after the router waited on the upstream for
     longer than router_unanswered_s is the canary's failure, and it is aborted."""
-    hang = SimConfig(models={"hang": ModelSpec(default="too late", latency_ms=60_000)})
-    async with SimServer(STABLE) as stable, SimServer(hang) as canary:
-        router = await serving(context, run_services, signer, stable.url, canary.url, ("hang",),
-                               router_unanswered_s=0.2)
-        analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05}], "min_sample": 30, "failure_limit": 0}
-        await _start(http, router, "hang", {"steps": [50, 100], "interval_s": 0.2, "analysis": analysis})
-        await _pass(router, signer, "hang")
-        url = f"{router.url}/v1/chat/completions"
-        patience = aiohttp.ClientTimeout(total=0.5)  # the application's own timeout, far below first_byte_s
-        hung = sent = 0
+    router = hanging
+    analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05}], "min_sample": 30, "failure_limit": 0}
+    await _start(http, router, "hang", {"steps": [50, 100], "interval_s": 0.2, "analysis": analysis})
+    await _pass(router, signer, "hang")
+    sent, hung = await _impatient_until(http, router, lambda r: r.phase != "progressing")
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not aborted after {sent} requests ({hung} hung): {route.reason}"
+    assert route.reason.startswith("aborted hang: analysis failed at step 1 (50%): error_rate "), route.reason
+    assert route.stable.release == "r1" and hung >= 30
 
-        async def one(i: int) -> bool:
-            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": f"user-{i}"}
-            try:
-                async with http.post(url, json=body, timeout=patience) as resp:
-                    await resp.read()
-            except TimeoutError:
-                return True
-            return False
 
-        while router.rollouts.route("chat").phase == "progressing" and sent < 400:
-            hung += sum(await asyncio.gather(*(one(sent + i) for i in range(40))))
-            sent += 40
-        route = router.rollouts.route("chat")
-        assert route.phase == "aborted", f"not aborted after {sent} requests ({hung} hung): {route.reason}"
-        assert route.reason.startswith("aborted hang: analysis failed at step 1 (50%): error_rate "), route.reason
-        assert route.stable.release == "r1" and hung >= 30
+async def test_a_blue_green_release_that_never_answers_clients_with_a_timeout_is_rolled_back(
+        hanging: Any, signer: Signer, http: aiohttp.ClientSession) -> None:
+    """Probe p15 F1c: a blue-green release that hung for every user after its promotion, its clients giving up after
+    5 s, stayed promoted and `verifying` for ever: its post-promotion analysis WAITED for a sample it never got.
+    Now its hang-ups are its failures, and it is rolled back."""
+    router = hanging
+    analysis = {"metrics": [{"name": "error_rate", "max_increase": 0.05, "max": 0.05}], "min_sample": 30,
+                "failure_limit": 0}
+    await _start(http, router, "hang", {"interval_s": 0.1, "blue_green": {"post_promotion_analysis": analysis}})
+    await _pass(router, signer, "hang")
+    await _traffic_until(http, router, lambda r: False, limit=80)  # the old release's evidence
+    async with http.post(f"{router.url}/lockgate/v1/deployments/chat/promote") as resp:
+        assert resp.status == 200 and (await resp.json())["verifying"]
+    sent, hung = await _impatient_until(http, router, lambda r: r.phase != "promoted")
+    route = router.rollouts.route("chat")
+    assert route.phase == "aborted", f"not rolled back after {sent} requests ({hung} hung): {route.reason}"
+    assert route.stable.release == "r1" and route.reason.startswith(
+        "rolled back hang: post-promotion analysis failed: error_rate "), route.reason
 
 
 async def test_noop_canary_goes_through_every_step_and_is_promoted(router: Any, http: aiohttp.ClientSession,
