@@ -31,6 +31,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from statistics import NormalDist
 from typing import Annotated, Literal
 
@@ -42,11 +43,11 @@ from lockgate.gatestats import sequential
 from lockgate.services.router import drifts
 
 Verdict = Literal["SUCCESSFUL", "FAILED", "INCONCLUSIVE", "WAITING"]
-MetricName = Literal["error_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50", "ttft_p95",
+MetricName = Literal["error_rate", "client_error_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50", "ttft_p95",
                      "ttft_p99", "tokens_per_request", "cost_per_request", "score", "drift"]
 METRICS: tuple[str, ...] = MetricName.__args__  # type: ignore[attr-defined]
 _QUANTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
-_UNITS = {"error_rate": "", "latency": " ms", "ttft": " ms", "tokens_per_request": " tokens",
+_UNITS = {"error_rate": "", "client_error_rate": "", "latency": " ms", "ttft": " ms", "tokens_per_request": " tokens",
           "cost_per_request": " USD"}
 _NORMAL = NormalDist()
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -57,6 +58,12 @@ class MetricSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_field
     """One metric's condition on the canary: an absolute ceiling, and/or a limit relative to stable.
 
     `max`: canary value <= max. `max_increase`: canary - stable <= max_increase (rates and means).
+    `error_rate` is the share of the requests in analysis (`VariantSample.n`) that failed; `client_error_rate` the
+    share of all of a variant's requests its upstream refused with a 4xx taken for the client's fault
+    (`VariantSample.refused`, left out of every other metric). Each arm refuses bad bodies alike, so a canary
+    refusing more of the same callers' requests at the same time than stable does is the release's fault (a
+    smaller context window, a parameter its model does not take); `AnalysisSpec.judged` adds it to every
+    analysis that judges `error_rate`.
     `max_ratio`: canary <= max_ratio * stable (latency, tokens, cost). At least one is required.
 
     `score` is the mean of an online evaluation score (`scorer`, e.g. pii_free, refusal, length) of
@@ -143,6 +150,23 @@ class AnalysisSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # A failure needs no new evidence (a fault seen is a fault).
     min_step_sample: Annotated[int, msgspec.Meta(ge=1)] = 10
 
+    @property
+    def judged(self) -> list[MetricSpec]:
+        """The metrics a look judges: `metrics`, and when they judge `error_rate` but not `client_error_rate`, the
+        latter with the first error_rate's `max_increase` (its `max` when it has none) as its `max_increase` (its
+        `max_ratio` when it has neither), dry run if that is. Relative only: an application whose clients send many bad bodies has a high share on both
+        arms. Left out, a canary refusing a part of its requests with a 4xx would be judged on the rest and
+        promoted (probe p15 F2)."""
+        names = {m.name for m in self.metrics}
+        first = next((m for m in self.metrics if m.name == "error_rate"), None)
+        if first is None or "client_error_rate" in names:
+            return self.metrics
+        limit = first.max_increase if first.max_increase is not None else first.max
+        if limit is None:  # error_rate with max_ratio only: the same ratio
+            return [*self.metrics, MetricSpec(name="client_error_rate", max_ratio=first.max_ratio,
+                                              dry_run=first.dry_run)]
+        return [*self.metrics, MetricSpec(name="client_error_rate", max_increase=limit, dry_run=first.dry_run)]
+
 
 class MetricResult(msgspec.Struct, frozen=True, kw_only=True):
     """One metric in one measurement: values, the threshold they were held to, and the verdict."""
@@ -186,8 +210,11 @@ class Measurement(msgspec.Struct, frozen=True, kw_only=True):
 class VariantSample:
     """What one variant served in the analysis window."""
 
-    n: int = 0
+    n: int = 0  # requests in analysis: all but those `refused`
     errors: int = 0
+    # Requests its upstream refused with a 4xx taken for the client's fault (InferenceEvent.client_failed): in no
+    # metric but `client_error_rate`, of which they are the share of all requests (n + refused).
+    refused: int = 0
     latency_ms: Sequence[float] = ()
     ttft_ms: Sequence[float] = ()  # streamed requests only
     tokens: Sequence[float] = ()
@@ -205,17 +232,19 @@ class VariantSample:
 
 
 # The columns of `VariantSample.rows`: unix seconds, failed (1.0), latency, ttft (0: not streamed), tokens, cost
-# (-1: unpriced).
-ROWS = ("time", "failed", "latency_ms", "ttft_ms", "tokens", "cost")
+# (-1: unpriced), refused (1.0: `VariantSample.refused`, failed and unpriced too).
+ROWS = ("time", "failed", "latency_ms", "ttft_ms", "tokens", "cost", "refused")
 
 
 def from_rows(rows: np.ndarray) -> VariantSample:
     """The sample of the requests `rows` (`ROWS` by request). Latency and tokens describe answers: a failed call's
-    timing is the error's, not the model's."""
-    _, failed, latency, ttft, tokens, cost = rows
-    ok = failed == 0
-    return VariantSample(n=rows.shape[1], errors=int((~ok).sum()), latency_ms=latency[ok], ttft_ms=ttft[ok & (ttft > 0)],
-                         tokens=tokens[ok], cost=cost[cost >= 0], rows=rows)
+    timing is the error's, not the model's. Refused requests count in `refused` only."""
+    _, failed, latency, ttft, tokens, cost, refused = rows
+    kept = refused == 0
+    ok = (failed == 0) & kept
+    n = int(kept.sum())
+    return VariantSample(n=n, errors=n - int(ok.sum()), refused=rows.shape[1] - n, latency_ms=latency[ok],
+                         ttft_ms=ttft[ok & (ttft > 0)], tokens=tokens[ok], cost=cost[(cost >= 0) & kept], rows=rows)
 
 
 def z_of(alpha_one_sided: float) -> float:
@@ -377,20 +406,25 @@ def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: fl
     name = spec.name
     base = {"name": name, "canary_n": canary.n, "stable_n": stable.n}
     relative = spec.max_increase is not None or spec.max_ratio is not None
-    if name == "error_rate":
+    if name in _RATES:
+        x_c, n_c = _rate(canary, name)
+        base = {"name": name, "canary_n": n_c, "stable_n": _rate(stable, name)[1]}
+        if not n_c or (relative and not (weights or _rate(stable, name)[1])):
+            return MetricResult(**base, verdict="INCONCLUSIVE", why="no data: never a pass")  # type: ignore[arg-type]
         # A weighted baseline enters the intervals as its weighted rate over its effective size (see `_weighted_rate`).
-        x_s, n_s = _weighted_rate(weights) if weights is not None else (float(stable.errors), float(stable.n))
-        p_c, p_s = canary.errors / canary.n, x_s / n_s
+        x_s, n_s = _weighted_rate(weights, name) if weights is not None else (float(_rate(stable, name)[0]),
+                                                                             float(_rate(stable, name)[1]))
+        p_c, p_s = x_c / n_c, x_s / n_s if n_s else None
         threshold = _threshold(spec, p_s)
-        assert threshold is not None  # stable always has a rate here
-        lo_c, _ = wilson(canary.errors, canary.n, z)
+        assert threshold is not None  # stable has a rate here, or an absolute max applies
+        lo_c, _ = wilson(x_c, n_c, z)
         _, hi_s = wilson(x_s, n_s, z)
         # Relative limits are held against stable's bound too, so stable's own noise never aborts.
         failed = ((spec.max is not None and lo_c > spec.max)
-                  or (spec.max_increase is not None
-                      and diff_lower(canary.errors, canary.n, x_s, n_s, z) > spec.max_increase)
-                  or (spec.max_ratio is not None and lo_c > spec.max_ratio * hi_s))
-        return _verdict(base, p_c, p_s, threshold, lo_c, failed)
+                  or (spec.max_increase is not None and n_s
+                      and diff_lower(x_c, n_c, x_s, n_s, z) > spec.max_increase)
+                  or (spec.max_ratio is not None and n_s and lo_c > spec.max_ratio * hi_s))
+        return _verdict(base, p_c, p_s, threshold, lo_c, bool(failed))
     values, stable_values = _values(canary, name), _values(stable, name)
     if not len(values) or (relative and not len(stable_values)):
         return MetricResult(**base, verdict="INCONCLUSIVE", why="no data: never a pass")
@@ -418,6 +452,21 @@ def _judge(spec: MetricSpec, canary: VariantSample, stable: VariantSample, z: fl
     return _verdict(base, c, s, threshold, c_lo, failed)
 
 
+# Metrics that are a share of requests, not of values: (failures, requests) of a sample (`_rate`).
+_RATES = ("error_rate", "client_error_rate")
+
+
+def _rate(s: VariantSample, name: str) -> tuple[int, int]:
+    """A sample's (failures, requests) for rate metric `name`: failed of those in analysis (error_rate), or
+    refused of all (client_error_rate)."""
+    return (s.errors, s.n) if name == "error_rate" else (s.refused, s.n + s.refused)
+
+
+def _count(s: VariantSample, name: str) -> int:
+    """How many requests (rates) or values (the others) of metric `name` a sample holds."""
+    return _rate(s, name)[1] if name in _RATES else len(_values(s, name))
+
+
 # A key's own stable requests stand for its canary requests in the baseline once it has this many values of the
 # metric (the fewest any sample is judged on: AnalysisSpec.min_sample's floor); with fewer (none: each of its users
 # hashes to the canary) a handful of requests would set the baseline of all its canary requests, so the whole stable
@@ -435,9 +484,7 @@ def _weights(group: Group, name: str) -> list[tuple[VariantSample, float]] | Non
     if not group.canary_keys or not group.stable_keys:
         return None
 
-    def count(s: VariantSample) -> int:
-        return s.n if name == "error_rate" else len(_values(s, name))
-
+    count = partial(_count, name=name)
     canary = {k: count(s) for k, s in group.canary_keys.items()}
     stable = {k: count(s) for k, s in group.stable_keys.items()}
     c_total, s_total = sum(canary.values()), sum(stable.values())
@@ -469,9 +516,7 @@ def _baseline(group: Group, name: str) -> tuple[VariantSample, list[tuple[Varian
     if not group.in_time or not group.canary_keys or any(s.rows is None for s in samples):
         return group.canary, _weights(group, name), 0
 
-    def count(s: VariantSample) -> int:
-        return s.n if name == "error_rate" else len(_values(s, name))
-
+    count = partial(_count, name=name)
     stable_keys = group.stable_keys
     own = {k for k, s in group.canary_keys.items()
            if count(s) and k in stable_keys and count(stable_keys[k]) >= MIN_STRATUM}
@@ -493,12 +538,14 @@ def _baseline(group: Group, name: str) -> tuple[VariantSample, list[tuple[Varian
 
 def _value_rows(rows: np.ndarray, name: str) -> np.ndarray:
     """The requests of `rows` that have a value of metric `name` (`from_rows`: answers; streamed; priced)."""
-    _, failed, _, ttft, _, cost = rows
-    if name == "error_rate":
+    _, failed, _, ttft, _, cost, refused = rows
+    if name == "client_error_rate":
         return rows
+    if name == "error_rate":
+        return rows[:, refused == 0]
     if name.startswith("ttft"):
         return rows[:, (failed == 0) & (ttft > 0)]
-    return rows[:, cost >= 0] if name == "cost_per_request" else rows[:, failed == 0]
+    return rows[:, (cost >= 0) & (refused == 0)] if name == "cost_per_request" else rows[:, failed == 0]
 
 
 def _in_time(canary: np.ndarray, stable: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, int]]]:
@@ -520,14 +567,14 @@ def _in_time(canary: np.ndarray, stable: np.ndarray) -> tuple[np.ndarray, list[t
     return canary[:, inside], list(zip(np.split(s, cuts, axis=1), (int(n) for n in held), strict=True))
 
 
-def _weighted_rate(weights: list[tuple[VariantSample, float]]) -> tuple[float, float]:
+def _weighted_rate(weights: list[tuple[VariantSample, float]], name: str = "error_rate") -> tuple[float, float]:
     """A weighted baseline's error rate as (effective errors, effective size): the rate is sum(w * errors), the
     size Kish's effective sample size 1 / sum(w^2) over requests. Approximation: the Wilson and Newcombe bounds
     then treat the baseline as that many equally weighted requests, exact when the weights are equal and wider
     the more uneven they are (on the side of no abort); an exact stratified variance sum(w^2 n p (1-p)) would be
     0 for keys without errors and lose Wilson's soundness near 0, where error rates live."""
-    rate = sum(w * s.errors for s, w in weights)
-    n_eff = 1.0 / sum(s.n * w * w for s, w in weights)
+    rate = sum(w * _rate(s, name)[0] for s, w in weights)
+    n_eff = 1.0 / sum(_rate(s, name)[1] * w * w for s, w in weights)
     return rate * n_eff, n_eff
 
 
@@ -597,8 +644,9 @@ def groups(canary: VariantSample, stable: VariantSample, min_sample: int) -> lis
     set by another's traffic). A key alone with fewer than `min_sample` stable requests of its own is still judged
     alone (against its own if it has MIN_STRATUM, else against all of stable's) and never pooled: pooled, a key
     with none (every user of it hashed to the canary) would dilute the small callers' failures again."""
-    c_keys = {k: s for k, s in canary.by_key.items() if s.n}
-    s_keys = {k: s for k, s in stable.by_key.items() if s.n}
+    # A key's refused requests are requests too (client_error_rate's): a key whose every request was refused is kept.
+    c_keys = {k: s for k, s in canary.by_key.items() if s.n or s.refused}
+    s_keys = {k: s for k, s in stable.by_key.items() if s.n or s.refused}
     everything = Group("", canary, stable, c_keys, s_keys)
     alone = sorted(((k, s) for k, s in c_keys.items() if s.n >= min_sample), key=lambda ks: (-ks[1].n, ks[0]))
     if len(c_keys) < 2 or not alone:
@@ -618,6 +666,7 @@ def _pool(samples: Sequence[VariantSample]) -> VariantSample:
         return np.concatenate([np.asarray(v, dtype=np.float64) for v in values]) if values else np.empty(0)
     rows = [s.rows for s in samples]
     return VariantSample(n=sum(s.n for s in samples), errors=sum(s.errors for s in samples),
+                         refused=sum(s.refused for s in samples),
                          latency_ms=cat([s.latency_ms for s in samples]), ttft_ms=cat([s.ttft_ms for s in samples]),
                          tokens=cat([s.tokens for s in samples]), cost=cat([s.cost for s in samples]),
                          rows=np.concatenate(rows, axis=1) if rows and all(r is not None for r in rows) else None)
@@ -670,13 +719,13 @@ def _judge_in_time(spec: MetricSpec, canary: VariantSample, compared: VariantSam
     their time (`_baseline`): the relative limits on the others (`compared`), an absolute
     `max` on every one; nothing to compare is INCONCLUSIVE (no data never passes, and older stable requests are
     never the baseline: what callers sent then is not what they send now)."""
-    what = "values" if spec.name != "error_rate" else "requests"
+    what = "values" if spec.name not in _RATES else "requests"
     note = (f"{left_out} canary {what} served before the first or after the last of stable's of the same callers "
             "(e.g. at 100%) are left out of the comparison with stable")
     parts = []
     if spec.max is not None:
         parts.append(against(msgspec.structs.replace(spec, max_increase=None, max_ratio=None), canary, weights))
-    if weights is not None and compared.n:
+    if weights is not None and _count(compared, spec.name):
         r = against(msgspec.structs.replace(spec, max=None), compared, weights)
         parts.append(msgspec.structs.replace(r, why="; ".join(w for w in (r.why, note) if w)))
     else:
@@ -700,7 +749,9 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
     sample a baseline short of `min_sample` is INCONCLUSIVE, not WAITING: no data never passes, and never waits
     for ever either; and so is a score metric's baseline short of `min_scores` once the canary has them.
     `step_n`: the canary's requests since the current step began (None: every one is, as after a promotion); a
-    look that would pass on fewer than `min_step_sample` of them WAITS for more."""
+    look that would pass on fewer than `min_step_sample` of them WAITS for more. The metrics judged are
+    `spec.judged`: with error_rate, client_error_rate too."""
+    metrics = spec.judged
     if canary.n < spec.min_sample or stable.n < spec.min_sample:
         final = baseline_final and canary.n >= spec.min_sample
         verdict: Verdict = "INCONCLUSIVE" if final else "WAITING"
@@ -708,15 +759,19 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
                f"{canary.n}): no data is never a pass") if final else \
             f"waiting for {spec.min_sample} events per variant (canary {_count(canary)}, stable {_count(stable)})"
         results = [MetricResult(name=m.label, verdict=verdict, canary_n=canary.n, stable_n=stable.n, why=why)
-                   for m in spec.metrics]
-        return Measurement(verdict=verdict, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
-    z = z_of(sequential.look_alpha(spec.alpha, look, len(spec.metrics)))
-    canary, stable = _sorted(canary), _sorted(stable)
-    judged = [replace(g, canary=g.canary if g.canary is canary else _sorted(g.canary), stable=stable,
-                      in_time=not baseline_final) for g in groups(canary, stable, spec.min_sample)]
-    results = [_judge_groups(m, canary, stable, judged, z, drift, baseline_final) for m in spec.metrics]
-    results = [msgspec.structs.replace(r, dry_run=True) if m.dry_run else r
-               for r, m in zip(results, spec.metrics, strict=True)]
+                   for m in metrics]
+        waiting = Measurement(verdict=verdict, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
+        if min(canary.n + canary.refused, stable.n + stable.refused) < spec.min_sample:
+            return waiting
+        # client_error_rate counts every request: a canary that refuses most of its requests is judged on them,
+        # not left waiting for min_sample answered ones (never, if it refuses them all). Only its failure counts:
+        # the other metrics have no sample yet, so the look passes nothing.
+        found = _judged(spec, metrics, canary, stable, look, drift, baseline_final, only="client_error_rate")
+        if not any(r.verdict == "FAILED" and not r.dry_run for r in found):
+            return waiting
+        results = [f if m.name == "client_error_rate" else r for r, f, m in zip(results, found, metrics, strict=True)]
+        return msgspec.structs.replace(waiting, verdict="FAILED", metrics=results)
+    results = _judged(spec, metrics, canary, stable, look, drift, baseline_final)
     verdicts = {r.verdict for r in results if not r.dry_run}
     # A metric still waiting for its data (online scores) holds the step: never a pass, not yet a look.
     overall: Verdict = ("FAILED" if "FAILED" in verdicts else "WAITING" if "WAITING" in verdicts
@@ -734,6 +789,18 @@ def _count(sample: VariantSample) -> str:
     """A variant's requests in the window, with those left out as their clients' hang-ups (`163 hung up by the
     client`): before, a canary all of whose requests clients gave up on read as one with no traffic."""
     return f"{sample.n} ({sample.hung_up} hung up by the client)" if sample.hung_up else str(sample.n)
+
+
+def _judged(spec: AnalysisSpec, metrics: list[MetricSpec], canary: VariantSample, stable: VariantSample, look: int,
+            drift: DriftReport | None, baseline_final: bool, only: str = "") -> list[MetricResult]:
+    """Each of `metrics` judged (`only`: those of that name; the others' results are placeholders, WAITING)."""
+    z = z_of(sequential.look_alpha(spec.alpha, look, len(metrics)))
+    canary, stable = _sorted(canary), _sorted(stable)
+    judged = [replace(g, canary=g.canary if g.canary is canary else _sorted(g.canary), stable=stable,
+                      in_time=not baseline_final) for g in groups(canary, stable, spec.min_sample)]
+    results = [_judge_groups(m, canary, stable, judged, z, drift, baseline_final) if not only or m.name == only
+               else MetricResult(name=m.label, verdict="WAITING") for m in metrics]
+    return [msgspec.structs.replace(r, dry_run=True) if m.dry_run else r for r, m in zip(results, metrics, strict=True)]
 
 
 def incomplete(m: Measurement, why: str) -> Measurement:

@@ -23,11 +23,19 @@ from lockgate.services.router.analysis import ROWS, VariantSample, from_rows
 MAX_ROWS = 50_000  # per deployment and release: enough for p99 on any step, bounded memory
 _FIRST = 1024  # buffers start small and double up to MAX_ROWS
 _COLS = len(ROWS) + 1  # and the API key's index
+_REFUSED = ROWS.index("refused")
+
+
+def refused_4xx(event: InferenceEvent) -> bool:
+    """The event's upstream refused its request with a 4xx taken for the client's fault (client_failed, but not a
+    hang-up): left out of analysis but for client_error_rate."""
+    return event.client_failed and event.error_type[:1] == "4"
 
 
 class _Ring:
-    """One release's rows: time, failed, latency, ttft (0 = not streamed), tokens, cost (-1 = unpriced), and the
-    index of the request's API key (`Evidence._keys`)."""
+    """One release's rows: time, failed, latency, ttft (0 = not streamed), tokens, cost (-1 = unpriced), refused (1 =
+    its upstream refused it with a 4xx taken for the client's fault), and the index of the request's API key
+    (`Evidence._keys`)."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -35,7 +43,7 @@ class _Ring:
         self.n = self.pos = 0
         self.cols = np.zeros((_COLS, self.cap), dtype=np.float64)
 
-    def add(self, row: tuple[float, float, float, float, float, float, float]) -> None:
+    def add(self, row: tuple[float, ...]) -> None:
         if self.n == self.cap < self.limit:  # full and never wrapped: grow in place of overwriting
             self.cap = min(2 * self.cap, self.limit)
             grown = np.zeros((_COLS, self.cap), dtype=np.float64)
@@ -73,13 +81,18 @@ class Evidence:
     def add(self, event: InferenceEvent, release: str | None = None) -> None:
         """Record one event under its release (or `release`, for events that name only a variant); one the
         client failed (`InferenceEvent.client_failed`) counts nowhere: not as a request, an error, a latency
-        or a cost."""
+        or a cost; but one its upstream refused with a 4xx counts in client_error_rate (`VariantSample.refused`),
+        whose share of each arm's requests analysis compares: a canary that refuses the requests stable answers
+        is at fault, whoever is blamed for one 4xx."""
         key = (event.deployment or event.app, event.release if release is None else release)
-        if event.client_failed:
+        refused = refused_4xx(event)
+        if event.client_failed and not refused:
             if event.error_type == CLIENT_DISCONNECTED:
                 _ring(self._hung_up, key, self._max).add(self._row(event))
             return
-        _ring(self._rings, key, self._max).add(self._row(event))
+        _ring(self._rings, key, self._max).add(self._row(event, refused))
+        if refused:
+            return
         if event.scores:  # scores an SDK attached to its own events
             self.add_scores(key[0], key[1], event.id, event.time.timestamp(), event.scores)
 
@@ -107,14 +120,15 @@ class Evidence:
         for row in rows[:, ~due].T:  # from before `since`: held still
             _ring(self._diverted, (deployment, release), self._max).add(tuple(row))
 
-    def _row(self, event: InferenceEvent) -> tuple[float, float, float, float, float, float, float]:
-        cost = self._price(event)
+    def _row(self, event: InferenceEvent, refused: bool = False) -> tuple[float, ...]:
+        cost = None if refused else self._price(event)
         index = self._key_index.get(event.key_id)
         if index is None:
             index = self._key_index[event.key_id] = len(self._keys)
             self._keys.append(event.key_id)
         return (event.time.timestamp(), float(event.status != "ok"), event.latency_ms, event.ttft_ms,
-                float(event.input_tokens + event.output_tokens), -1.0 if cost is None else cost, float(index))
+                float(event.input_tokens + event.output_tokens), -1.0 if cost is None else cost, float(refused),
+                float(index))
 
     def add_scores(self, deployment: str, release: str, event_id: str, at: float,
                    scores: Mapping[str, float]) -> None:
@@ -164,9 +178,13 @@ class Evidence:
             del self._scores[key]
 
     def count(self, deployment: str, release: str, since: float) -> int:
-        """How many requests `release` served for `deployment` from `since` (unix seconds) on."""
+        """How many requests `release` served for `deployment` from `since` (unix seconds) on (in analysis: not
+        those refused, `VariantSample.n`)."""
         ring = self._rings.get((deployment, release))
-        return int((ring.cols[0, :ring.n] >= since).sum()) if ring is not None else 0
+        if ring is None:
+            return 0
+        cols = ring.cols[:, :ring.n]
+        return int(((cols[0] >= since) & (cols[_REFUSED] == 0)).sum())
 
     def sample(self, deployment: str, release: str, since: float) -> VariantSample:
         """What `release` served for `deployment` from `since` (unix seconds) on, also split by the API key that sent

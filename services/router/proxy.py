@@ -372,6 +372,14 @@ class Proxy:
         except UnknownEndpoint as exc:  # a route persisted before the allow-list changed
             return error_response(502, exc.message, "upstream_not_configured")
         except Unsupported as exc:
+            # The chosen release's endpoint cannot take this request (chain raises for the first hop only): an event
+            # of its arm refused with a 400, as its upstream's refusal would be, so canary analysis weighs the share
+            # of requests each arm refuses (client_error_rate), not only those it served (probe p15 F2).
+            rec = _Record(status="error", provider=self.endpoints.get(target.endpoint).provider)
+            rec.error_type, rec.latency_ms = "400", (time.perf_counter() - t0) * 1000.0
+            asyncio.get_running_loop().call_soon(self._record, INVALID_SPAN, key, secrets.token_hex(16),
+                                                 secrets.token_hex(8), deployment, variant, target, model, req, user,
+                                                 session, rec, op, by_header)
             return error_response(400, exc.message, "invalid_request_error")
         # Budgets and rate limits, once the model the upstream will bill is known: 429/503 or a ticket. The input
         # is bounded by the bodies the upstreams get (a release's patch or a translation may lengthen them).

@@ -78,7 +78,7 @@ def record(before: Route, after: Route | None, m: Measurement, spec: AnalysisSpe
     metrics = [AnalysisMetric(name=r.name, verdict=r.verdict, condition=condition(s, kind), canary=r.canary,
                               stable=r.stable, threshold=r.threshold, bound=r.bound, canary_n=r.canary_n,
                               stable_n=r.stable_n, dry_run=r.dry_run, why=_why(r))
-               for r, s in zip(m.metrics, spec.metrics, strict=True)]
+               for r, s in zip(m.metrics, spec.judged, strict=True)]
     return AnalysisRun(
         deployment=before.deployment, release=judged, baseline=baseline, template=template(before),
         step=before.step, look=m.look, phase=_PHASES[m.verdict],  # type: ignore[arg-type]
@@ -105,4 +105,4 @@ def error(route: Route, after: Route | None, spec: AnalysisSpec, why: str) -> An
                        inconclusive_limit=spec.inconclusive_limit,
                        metrics=[AnalysisMetric(name=s.label, verdict="ERROR",
                                                condition=condition(s, progress.drift_evidence(route, 0.0)[0]),
-                                               dry_run=s.dry_run) for s in spec.metrics])
+                                               dry_run=s.dry_run) for s in spec.judged])

@@ -28,8 +28,10 @@ http, keys, signer = analysis_tests.http, analysis_tests.keys, analysis_tests.si
 
 pytestmark = pytest.mark.timeout(120)
 
+# alpha 0.1: client_error_rate is judged with error_rate (AnalysisSpec.judged), and the false-abort budget is split
+# over both; each then has the level error_rate alone had at 0.05, which the counts below were chosen for.
 ANALYSIS = {"metrics": [{"name": "error_rate", "max_increase": 0.01}], "min_sample": 100, "failure_limit": 0,
-            "inconclusive_limit": 1000}
+            "inconclusive_limit": 1000, "alpha": 0.1}
 _ANSWER = msgspec.json.encode({
     "id": "c1", "object": "chat.completion", "created": 0, "model": "picky",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "picky canary"}, "finish_reason": "stop"}],
@@ -130,7 +132,8 @@ async def test_one_key_flooding_the_canary_with_good_requests_cannot_get_a_faili
                                    f"0.01 on API key {real_key.id} (stable 0; 120 canary vs ")  # stable's count: however many had arrived
     assert route.analysis is not None and route.analysis.last is not None
     assert route.analysis.last.canary_n == 1620  # every canary request was in the look, mallory's too
-    (failed,) = route.analysis.last.metrics
+    failed, implied = route.analysis.last.metrics  # client_error_rate judged with error_rate: none refused
+    assert (implied.name, implied.canary) == ("client_error_rate", 0.0)
     assert (failed.verdict, failed.group, failed.canary_n) == ("FAILED", f"API key {real_key.id}", 120)
 
     # The stored events name the key that sent them, and the signed analysis record the key that failed.
@@ -142,7 +145,8 @@ async def test_one_key_flooding_the_canary_with_good_requests_cannot_get_a_faili
                      "ORDER BY n")
     assert by_key == [{"key_id": real_key.id, "n": 120}, {"key_id": mallory_key.id, "n": 1500}]
     (record,) = db.rows("SELECT metrics FROM analysis_runs WHERE phase = 'Failed'")
-    (metric,) = msgspec.json.decode(record["metrics"])
+    metric, implied_record = msgspec.json.decode(record["metrics"])  # the record names every metric judged
+    assert (implied_record["name"], implied_record["condition"]) == ("client_error_rate", "<= stable + 0.01")
     assert metric["why"] == f"significantly above threshold; judged on API key {real_key.id}"
 
 

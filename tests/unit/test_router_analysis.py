@@ -51,7 +51,8 @@ def test_five_percent_errors_against_half_a_percent_fail() -> None:
     canary, stable = _rates(600, 30, 600, 3)
     m = analysis.measure(ERRORS, canary, stable, look=1)
     assert m.verdict == "FAILED"
-    (r,) = m.metrics
+    r, implied = m.metrics  # error_rate, and client_error_rate with it (AnalysisSpec.judged)
+    assert implied.name == "client_error_rate" and implied.verdict == "SUCCESSFUL"
     assert r.canary == pytest.approx(0.05) and r.stable == pytest.approx(0.005) and r.threshold == pytest.approx(0.015)
     assert analysis.describe(r).startswith("error_rate 0.05 > threshold 0.015 (stable 0.005; 600 canary vs 600")
 
@@ -237,7 +238,8 @@ def test_dry_run_metrics_are_shown_but_never_decide() -> None:
     m = analysis.measure(spec, canary, stable, look=1)
     assert m.verdict == "SUCCESSFUL" and m.failing() is None
     assert [(r.name, r.verdict, r.dry_run) for r in m.metrics] == [("error_rate", "SUCCESSFUL", False),
-                                                                   ("latency_p50", "FAILED", True)]
+                                                                   ("latency_p50", "FAILED", True),
+                                                                   ("client_error_rate", "SUCCESSFUL", False)]
 
 
 def test_a_baseline_that_can_grow_no_more_is_inconclusive_once_the_canary_has_its_sample() -> None:
@@ -308,7 +310,8 @@ def test_one_key_flooding_the_canary_with_good_requests_cannot_dilute_the_others
     assert analysis.measure(_P4, pooled, _P4_STABLE, look=1).verdict == "SUCCESSFUL"
     m = analysis.measure(_P4, canary, _P4_STABLE, look=1)
     assert m.verdict == "FAILED" and m.canary_n == 200 * (flood + 1)
-    (r,) = m.metrics
+    r, implied = m.metrics  # error_rate, and client_error_rate with it (AnalysisSpec.judged)
+    assert implied.name == "client_error_rate" and implied.verdict == "SUCCESSFUL"
     group = "API key k-real-0" if callers == 1 else "4 other API keys, pooled"
     assert (r.group, r.canary_n, r.canary) == (group, 200, pytest.approx(0.2))
     assert analysis.describe(r).startswith(f"error_rate 0.2 > threshold 0.015 on {group} (stable 0.005; 200 canary")
@@ -324,7 +327,8 @@ def test_a_flooding_key_without_stable_requests_still_cannot_dilute_the_others_f
     stable = _split({f"k-real-{i}": VariantSample(n=2000 // callers, errors=e)
                      for i, e in enumerate([10] if callers == 1 else [3, 3, 2, 2])})
     m = analysis.measure(_P4, canary, stable, look=1)
-    (r,) = m.metrics
+    r, implied = m.metrics  # error_rate, and client_error_rate with it (AnalysisSpec.judged)
+    assert implied.name == "client_error_rate" and implied.verdict == "SUCCESSFUL"
     group = "API key k-real-0" if callers == 1 else "4 other API keys, pooled"
     assert m.verdict == "FAILED" and (r.group, r.canary_n, r.canary) == (group, 200, pytest.approx(0.2))
     assert analysis.describe(r).startswith(f"error_rate 0.2 > threshold 0.015 on {group} (stable 0.005; 200 canary")

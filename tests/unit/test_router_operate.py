@@ -15,6 +15,7 @@ from lockgate.contracts import InferenceEvent
 from lockgate.errors import SignatureError
 from lockgate.server.service import ServiceContext
 from lockgate.services.router import domain, patch, progress, runs
+from lockgate.services.router.analysis import Measurement, MetricResult
 from lockgate.services.router.endpoints import Endpoints
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.signing import Keyring, Signer
@@ -85,24 +86,32 @@ def test_retry_restarts_an_aborted_rollout_from_step_zero_only() -> None:
         progress.retry(_live(), "ops", now=500.0)
 
 
+def _judged(verdict: str) -> Measurement:
+    """`_m` with the client_error_rate result SPEC's error_rate brings along (AnalysisSpec.judged)."""
+    m = _m(verdict)
+    implied = MetricResult(name="client_error_rate", verdict="SUCCESSFUL", canary=0.0, stable=0.0, threshold=0.01)
+    return msgspec.structs.replace(m, metrics=[*m.metrics, implied])
+
+
 def test_analysis_record_names_values_thresholds_and_outcome() -> None:
     before = _live()
-    after = progress.on_measurement(before, _m("FAILED"), STEPS, 1.0, now=102.0)
-    run = runs.record(before, after, _m("FAILED"), SPEC)
+    after = progress.on_measurement(before, _judged("FAILED"), STEPS, 1.0, now=102.0)
+    run = runs.record(before, after, _judged("FAILED"), SPEC)
     assert run is not None
     assert (run.deployment, run.release, run.baseline, run.template, run.phase, run.outcome, run.failures) == (
         "d", "r2", "r1", "canary", "Failed", "aborted", 1)
-    m = run.metrics[0]
+    m, implied = run.metrics
     assert (m.name, m.canary, m.threshold, m.condition, m.verdict) == (
         "error_rate", 0.05, 0.015, "<= stable + 0.01", "FAILED")
-    assert runs.record(before, None, _m("WAITING"), SPEC) is None  # no look taken: nothing to record
+    assert (implied.name, implied.condition, implied.verdict) == ("client_error_rate", "<= stable + 0.01", "SUCCESSFUL")
+    assert runs.record(before, None, _judged("WAITING"), SPEC) is None  # no look taken: nothing to record
 
 
 def test_a_changed_record_no_longer_verifies() -> None:
     signer = Signer.generate()
     ring = Keyring([signer.public])
     before = _live()
-    run = runs.record(before, None, _m("SUCCESSFUL"), SPEC)
+    run = runs.record(before, None, _judged("SUCCESSFUL"), SPEC)
     assert run is not None
     signed = analysisruns.sign(run, signer)
     assert analysisruns.verify(signed, ring) == signer.key_id
