@@ -757,7 +757,7 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
         verdict: Verdict = "INCONCLUSIVE" if final else "WAITING"
         why = (f"baseline has {stable.n} events of the {spec.min_sample} needed and gets no more (canary "
                f"{canary.n}): no data is never a pass") if final else \
-            f"waiting for {spec.min_sample} events per variant (canary {_count(canary)}, stable {_count(stable)})"
+            f"waiting for {spec.min_sample} events per variant (canary {_requests(canary)}, stable {_requests(stable)})"
         results = [MetricResult(name=m.label, verdict=verdict, canary_n=canary.n, stable_n=stable.n, why=why)
                    for m in metrics]
         waiting = Measurement(verdict=verdict, look=look, metrics=results, canary_n=canary.n, stable_n=stable.n)
@@ -785,7 +785,7 @@ def measure(spec: AnalysisSpec, canary: VariantSample, stable: VariantSample, lo
     return m
 
 
-def _count(sample: VariantSample) -> str:
+def _requests(sample: VariantSample) -> str:
     """A variant's requests in the window, with those left out as their clients' hang-ups (`163 hung up by the
     client`): before, a canary all of whose requests clients gave up on read as one with no traffic."""
     return f"{sample.n} ({sample.hung_up} hung up by the client)" if sample.hung_up else str(sample.n)
