@@ -26,6 +26,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Annotated, Any, NamedTuple
 
 import msgspec
@@ -67,6 +68,7 @@ from lockgate.services.router.budgets import (
     pointed_at,
     resolve,
     still_needed,
+    to_lower,
     worst_case,
 )
 from lockgate.services.router.cache import (
@@ -239,6 +241,7 @@ class Admission:
         if not self.active:
             return OPEN
         max_out = most_output(req, max_fields, self.file.default_max_tokens, sent)
+        lower = partial(to_lower, req, max_fields, self.file.default_max_tokens, sent)  # said on a refusal only
         pointed = pointed_at(req, body, self.file.media_tokens, self.file.stored_input_tokens)
         tokens_in = input_estimate(body_bytes, req, self.file.bytes_per_token, pointed.tokens)
         prices = {m: self.prices.get(m) for m in (model, *also)}
@@ -255,7 +258,7 @@ class Admission:
             # The key's own limits as OpenAI reports its: what a client paces itself on (on a 429 and every answer).
             limits = self.limiter.headers(key.tenant, key.app, key.id, self.clock())
             if refused and math.isinf(refused.retry_after_s):  # larger than the limit itself: no wait admits it
-                return error_response(429, _explained(f"{refused.message}; {_smaller(max_out)}", pointed), "tokens",
+                return error_response(429, _explained(f"{refused.message}; {lower()}", pointed), "tokens",
                                       code="request_too_large", headers={**_NO_RETRY, **limits})
             if refused:
                 return error_response(429, _explained(refused.message, pointed), "requests",
@@ -279,7 +282,7 @@ class Admission:
                                            "(settings.price_book)", "permission_error", code="model_unpriced")
             counter, need = b.counter(key.tenant, key.app, key.id, periods), b.need(cost)
             try:
-                taken = await self._take(b, counter, need, key, deployment, model, max_out, now, wall)
+                taken = await self._take(b, counter, need, key, deployment, model, max_out, lower, now, wall)
             except asyncio.CancelledError:  # the client went away while waiting: give back what was reserved
                 self._undo(ticket)
                 raise
@@ -291,7 +294,8 @@ class Admission:
         return ticket
 
     async def _take(self, b: Budget, counter: str, need: Amount, key: ApiKey, deployment: str, model: str,
-                    max_out: int, now: float, wall: datetime, asking: str = "this request") -> bool | Refused:
+                    max_out: int, lower: Callable[[], str], now: float, wall: datetime,
+                    asking: str = "this request") -> bool | Refused:
         """Reserve `need` on one budget's counter: True when reserved, False when nothing was (its store is
         unreachable and the gateway fails open: the request goes through uncounted on it), else the refusal.
         `asking`: who needs it, for the over-budget message."""
@@ -299,7 +303,7 @@ class Admission:
             return True
         # No allowance holds more than the limit, so only here (off the hot path): one larger than the whole limit
         # is told so, not to wait for a reset that will not help (and no lease is tried for it).
-        if (too_large := _too_large(b, need, model, max_out, asking)) is not None:
+        if (too_large := _too_large(b, need, model, max_out, lower, asking)) is not None:
             return too_large
         try:
             leased = await self._lease(b, counter, need)
@@ -345,6 +349,7 @@ class Admission:
             return None
         spent_cost = sum((self.worst(ticket, c)[2] for c in spent), ZERO)
         _, max_out, then_cost = self.worst(ticket, then)
+        lower = partial(to_lower, ticket.req, ticket.max_fields, self.file.default_max_tokens, (then.limits,))
         need = still_needed(ticket.cost, spent_cost, then_cost)
         if need == ZERO:
             return None
@@ -355,7 +360,7 @@ class Admission:
             except KVUnreadable as exc:
                 return exc.message
             if refused:
-                return f"{refused.message}; {_smaller(max_out)}" if math.isinf(refused.retry_after_s) else \
+                return f"{refused.message}; {lower()}" if math.isinf(refused.retry_after_s) else \
                     refused.message
         now, wall = self.clock(), self.wall()
         for counter, b, _ in ticket.charges:  # the counters admission reserved on, of that period
@@ -363,7 +368,7 @@ class Admission:
             if part == ZERO:
                 continue
             try:
-                taken = await self._take(b, counter, part, key, ticket.deployment, then.model, max_out, now, wall,
+                taken = await self._take(b, counter, part, key, ticket.deployment, then.model, max_out, lower, now, wall,
                                          asking="a further reservation for it")
             except asyncio.CancelledError:
                 self._undo(extra)
@@ -784,12 +789,8 @@ def _explained(message: str, pointed: Pointed) -> str:
 _NO_RETRY = {"x-should-retry": "false"}
 
 
-def _smaller(max_out: int) -> str:
-    """What a request larger than a limit's whole capacity can change (embeddings have no output to lower)."""
-    return "lower max_tokens or n, or shorten the input" if max_out else "shorten the input"
-
-
-def _too_large(b: Budget, need: Amount, model: str, max_out: int, asking: str) -> Refused | None:
+def _too_large(b: Budget, need: Amount, model: str, max_out: int, lower: Callable[[], str],
+               asking: str) -> Refused | None:
     """The 429 for a request (`asking`) that alone needs more than the budget's whole limit, None when it fits: no
     reset admits it, so it has no Retry-After. Before, it read "budget ... is exhausted ... needs up to 0.060059
     USD, more than the 0.050000 USD left (0.000000 of 0.050000 USD spent or reserved)" with a Retry-After until
@@ -801,7 +802,7 @@ def _too_large(b: Budget, need: Amount, model: str, max_out: int, asking: str) -
     if not over:
         return None
     return Refused(429, f"budget {b.describe()} can never admit {asking}: it alone may use up to "
-                        f"{' and '.join(over)}; {_smaller(max_out)}", "insufficient_quota", "request_too_large",
+                        f"{' and '.join(over)}; {lower()}", "insufficient_quota", "request_too_large",
                    dict(_NO_RETRY))
 
 

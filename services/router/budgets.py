@@ -266,19 +266,45 @@ def most_output(req: ApiRequest, fields: Sequence[str], default_max_tokens: int,
     each choice (`n`, or a completion's `best_of`, all generated and billed), for each prompt of a completions
     batch (a list of strings or of token lists). A limit in a field the operation does not read bounds
     nothing: read from any field, `max_tokens: 1` on the Responses API reserved 1 token for an answer of
-    thousands. `sent`: the limits of the request as each upstream gets it, when they differ from the client's
-    (a release's params, a provider translation's required max_tokens): the largest counts. No `fields`: the
-    operation generates no output (embeddings), 0. Budgets and token rate limits both reserve this."""
+    thousands. `sent`: the limits of the request's body as each upstream gets it (a release's params replace
+    the client's, a provider translation may require one), the largest counting; the client's (`req`) only
+    without them. No `fields`: the operation generates no output (embeddings), 0. Budgets and token rate limits
+    both reserve this."""
     if not fields:  # before, the default: every embeddings request held 4,096 output tokens it never generates
         return 0
     prompt = req.prompt
     prompts = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
-    return max(_per_prompt(limits, fields, default_max_tokens) for limits in (req, *sent)) * prompts
+    # The bodies sent, not the client's beside them: a client without a limit counted default_max_tokens when
+    # every body carried its release's 50 (probe p17): 4,096 charged for an abandoned call, a 429 under `tpm: 3000`.
+    return max(_per_prompt(limits, fields, default_max_tokens) for limits in (sent or (req,))) * prompts
 
 
-def _per_prompt(limits: OutputLimits | ApiRequest, fields: Sequence[str], default_max_tokens: int) -> int:
-    per_choice = max((getattr(limits, f) or 0 for f in fields), default=0) or default_max_tokens
-    return per_choice * max(limits.n or 1, limits.best_of or 1)
+def _limit(limits: OutputLimits, fields: Sequence[str]) -> int:
+    """A body's output limit per choice: the largest of its `fields`, 0 without one."""
+    return max((getattr(limits, f) or 0 for f in fields), default=0)
+
+
+def _per_prompt(limits: OutputLimits, fields: Sequence[str], default_max_tokens: int) -> int:
+    return (_limit(limits, fields) or default_max_tokens) * max(limits.n or 1, limits.best_of or 1)
+
+
+def to_lower(req: ApiRequest, fields: Sequence[str], default_max_tokens: int,
+             sent: Sequence[OutputLimits] = ()) -> str:
+    """What a request too large for a whole limit can change, naming the output limit its reservation took
+    (most_output's): the client's own, one its upstream gets in its place, or the gateway's default. Before, every
+    such refusal said "lower max_tokens", also to a client that sent none under a release that sets one."""
+    if not fields:
+        return "shorten the input"
+    top = max(sent or (req,), key=lambda limits: _per_prompt(limits, fields, default_max_tokens))
+    limit, asked = _limit(top, fields), _limit(req, fields)
+    if not limit:
+        return (f"it sets no {' or '.join(fields)}, so the gateway's default_max_tokens of {default_max_tokens} "
+                "applies: set a lower one, lower n, or shorten the input")
+    if limit == asked:
+        return f"lower {next(f for f in fields if getattr(req, f) == asked)} ({asked}) or n, or shorten the input"
+    field = next(f for f in fields if getattr(top, f) == limit)
+    return (f"its output limit is the {field} of {limit} its upstream gets (its release's, or its provider's "
+            "default when neither the release nor the request sets one): lower n, or shorten the input")
 
 
 def cost_of(price: ModelPrice | None, input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> Amount:
@@ -291,9 +317,8 @@ def worst_case(price: ModelPrice | None, body_bytes: int, req: ApiRequest, limit
                fields: Sequence[str], default_max_tokens: int, bytes_per_token: float,
                pointed: int = 0) -> tuple[int, int, Amount]:
     """What one call may be billed at most: its input estimate (from the `body_bytes` it sends), the most output its
-    body's `limits` (and the client's) allow, and their cost at its model's `price`. Charged for a call whose usage
-    the router never learns (abandoned after its request went out), as admission reserves for a request of that
-    call alone."""
+    body's `limits` allow, and their cost at its model's `price`. Charged for a call whose usage the router never
+    learns (abandoned after its request went out), as admission reserves for a request of that call alone."""
     tokens_in = input_estimate(body_bytes, req, bytes_per_token, pointed)
     tokens_out = most_output(req, fields, default_max_tokens, (limits,))
     return tokens_in, tokens_out, cost_of(price, tokens_in, tokens_out)

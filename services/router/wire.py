@@ -56,8 +56,9 @@ OPERATOR_FIELDS = ("service_tier",)
 
 def as_released(data: dict[str, Any], model: str | None, params: dict[str, Any], op: Operation) -> None:
     """Make a decoded request the release's: its model and the params its operation takes (`Operation.params`,
-    under that operation's names), none of the client's OPERATOR_FIELDS."""
-    for name in OPERATOR_FIELDS:
+    under that operation's names), none of the client's OPERATOR_FIELDS, and, when the release sets an output
+    limit, none of the client's (replaced)."""
+    for name in replaced(params, op):
         data.pop(name, None)
     if model:
         data["model"] = model
@@ -68,6 +69,16 @@ def as_released(data: dict[str, Any], model: str | None, params: dict[str, Any],
             # Chat's two output limits onto one field (Responses' max_output_tokens): the smaller.
             placed[field] = min(placed[field], value) if field in placed else value
     data.update(placed)
+
+
+def replaced(params: Mapping[str, Any], op: Operation) -> set[str]:
+    """The client's fields a release with `params` replaces in a request of `op`: those its params set, the
+    OPERATOR_FIELDS, and every LIMIT_FIELDS one when it sets an output limit. A limit replaced under its own name
+    only left the client's other one in the body: a client's `max_completion_tokens: 5000` reached the upstream of
+    a release gated at `max_tokens: 200` (the Anthropic translation and newer servers read it first; OpenAI
+    refuses a body with both) (probe p17)."""
+    fields = {op.params[name] for name in params if name in op.params}
+    return {*fields, *OPERATOR_FIELDS, *(LIMIT_FIELDS if fields & set(op.max_fields) else ())}
 
 
 _top_level = msgspec.json.Decoder(dict[str, msgspec.Raw])
@@ -369,7 +380,7 @@ def chat_digest(body: bytes, model: str, params: Mapping[str, Any]) -> str | Non
         fields = top_level(body)
     except (msgspec.DecodeError, RecursionError, UnicodeDecodeError):
         return None
-    fixed = {CHAT.params[name] for name in params if name in CHAT.params}
+    fixed = replaced(params, CHAT)  # service_tier among them: ANSWER_NEUTRAL anyway
     shaping = {k: v for k, v in fields.items() if k not in ANSWER_NEUTRAL and k not in fixed}
     if not model and "model" in fields:  # a target without a model passes the client's on
         shaping["model"] = fields["model"]

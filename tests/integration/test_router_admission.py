@@ -951,7 +951,7 @@ async def test_a_request_larger_than_a_whole_limit_is_told_so_and_not_retried(
     assert "retry-after" not in err.response.headers and err.response.headers["x-should-retry"] == "false"
     message = err.body["message"]
     assert message.startswith("budget day-usd (") and "can never admit this request: it alone may use up to" in message
-    assert "more than its whole limit of" in message and message.endswith("; lower max_tokens or n, or shorten the input")
+    assert "more than its whole limit of" in message and message.endswith("; lower max_tokens (20) or n, or shorten the input")
     assert "exhausted" not in message
     # More than the whole tpm.
     with pytest.raises(openai.RateLimitError) as refused:

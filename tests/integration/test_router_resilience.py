@@ -102,11 +102,13 @@ class FakeLLM:
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         """Anthropic Messages answers that are JSON of the wrong shape: a message whose content is a number,
-        or a stream whose second event's delta is a string."""
+        or a stream whose second event's delta is a string; ("answer", make) as for chat."""
         async with self._seen:
             self.headers.append(dict(request.headers))
             self._seen.notify_all()
         action = self.actions.pop(0) if len(self.actions) > 1 else self.actions[0]
+        if isinstance(action, tuple) and action[0] == "answer":
+            return action[1](request.headers.get("Authorization", ""), await request.json())
         if action in ("anthropic_ok", "anthropic_429"):  # an answer or a refusal with Anthropic's own headers
             headers = {"request-id": "req_anth_1", "anthropic-ratelimit-requests-remaining": "7",
                        "anthropic-ratelimit-tokens-reset": "2026-12-05T00:00:00Z", "anthropic-organization-id": "o"}
@@ -1214,6 +1216,100 @@ async def test_a_client_never_chooses_the_service_tier_a_release_is_served_at_an
         got = await events(4)
         assert [(e.release, e.attributes.get("openai.response.service_tier")) for e in got] == [
             ("r1", "flex")] * 3 + [("r1", "default")]
+
+
+def _recording_limits(got: list[dict[str, Any]], anthropic: bool = False) -> Callable[[str, Any], web.Response]:
+    """An answer to any operation's body (Anthropic Messages' when `anthropic`) that records its output limits."""
+
+    def answer(auth: str, body: Any) -> web.Response:
+        got.append({k: body[k] for k in ("max_tokens", "max_completion_tokens", "max_output_tokens") if k in body})
+        usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+        if anthropic:
+            return web.json_response({"type": "message", "id": "m1", "model": body["model"], "role": "assistant",
+                                      "content": [{"type": "text", "text": "hi"}], "stop_reason": "end_turn",
+                                      "usage": {"input_tokens": 1, "output_tokens": 1}})
+        if "input" in body:  # the Responses API
+            return web.json_response({"id": "r1", "object": "response", "model": body["model"], "status": "completed",
+                                      "output": [], "usage": {"input_tokens": 1, "output_tokens": 1,
+                                                              "total_tokens": 2}})
+        if "prompt" in body:  # legacy completions
+            return web.json_response({"id": "t1", "object": "text_completion", "created": 1, "model": body["model"],
+                                      "choices": [{"index": 0, "text": "hi", "finish_reason": "stop"}], "usage": usage})
+        return web.json_response({"id": "c1", "object": "chat.completion", "created": 1, "model": body["model"],
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                               "finish_reason": "stop"}], "usage": usage})
+
+    return answer
+
+
+async def _serving(router: Any, context: ServiceContext, keys: Bootstrap, deployment: str, release: str,
+                   endpoint: str, **params: Any) -> None:
+    """Deployment `deployment` served by `release` alone (model m on `endpoint`, with `params`), which passed its gate."""
+    await register_model_release(context.bus, release, "m", endpoint, tenant="acme", **params)
+    await store_pass(context.bus, release, context.settings)
+    async with openai.AsyncOpenAI(base_url=f"{router.url}/lockgate/v1", api_key=keys.admin_key) as admin:
+        await admin.put(f"/deployments/{deployment}", body={"stable_release": release}, cast_to=object)
+
+
+@pytest.mark.parametrize("asked", [{"max_tokens": 5000}, {"max_completion_tokens": 5000},
+                                   {"max_tokens": 5000, "max_completion_tokens": 5000}, {"max_completion_tokens": 10},
+                                   {}], ids=["max_tokens", "max_completion_tokens", "both", "lower", "none"])
+async def test_a_releases_output_limit_is_the_only_one_its_upstream_gets_whatever_field_the_client_sets(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, asked: dict[str, int]) -> None:
+    # Found by a probe (p17 F2): a release's max_tokens replaced the client's max_tokens alone, and a client's
+    # max_completion_tokens stayed in the body: the Anthropic translation reads it first (the client's 5000 reached
+    # the upstream of a release gated at 200), and an OpenAI-compatible upstream got both (OpenAI refuses such a
+    # body; a server reading the newer field applied the client's). Now the release's limit replaces every one of
+    # the client's, a lower one too (README: the release's max_tokens replaces the client's).
+    got: list[dict[str, Any]] = []
+    got_anthropic: list[dict[str, Any]] = []
+    async with FakeLLM("up", ("answer", _recording_limits(got))) as up, \
+            FakeLLM("claude", ("answer", _recording_limits(got_anthropic, anthropic=True))) as claude:
+        router = await gateway({"default": {"url": up.url}, "claude": {"url": claude.url, "provider": "anthropic"}})
+        await _serving(router, context, keys, "chat", "r1", "default", max_tokens=50)
+        await _serving(router, context, keys, "claude", "r3", "claude", max_tokens=50)
+        most = max(asked.values(), default=None)  # the other operations' own field
+        async with client(router, keys) as c:
+            await c.chat.completions.create(model="m", messages=MESSAGES, **asked)
+            await c.responses.create(model="m", input="hi", **({"max_output_tokens": most} if most else {}))
+            await c.completions.create(model="m", prompt="hi", **({"max_tokens": most} if most else {}))
+            await c.chat.completions.create(model="m", messages=MESSAGES, **asked,
+                                            extra_headers={"x-lockgate-deployment": "claude"})
+    assert got == [{"max_tokens": 50}, {"max_output_tokens": 50}, {"max_tokens": 50}]
+    assert got_anthropic == [{"max_tokens": 50}]
+
+
+async def test_a_releases_output_limit_bounds_what_a_call_reserves_and_is_charged(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, tmp_path: Any) -> None:
+    # Found by a probe (p17 F3): admission and a call's worst case took the client's limit, or default_max_tokens
+    # without one, beside the release's: a call its release caps at 50 output tokens was charged 4,096 when the
+    # client left, and under `tpm: 3000` no request without a max_tokens of its own was admitted, told to "lower
+    # max_tokens", which it never sent. Now the body sent bounds both, and a refusal names the limit that applied.
+    (tmp_path / "gateway.yaml").write_text(json.dumps({"budgets": {"daily": {"tenant": "acme", "tokens": 1_000_000}},
+                                                      "rate_limits": [{"tenant": "acme", "rpm": 1000, "tpm": 3000}]}))
+    context.settings = context.settings.replace(gateway_file=str(tmp_path / "gateway.yaml"))
+    async with FakeLLM("slow", "hang") as slow:
+        router = await gateway({"default": {"url": slow.url, "timeouts": {"first_byte_s": 30}}})
+        await _serving(router, context, keys, "chat", "r1", "default", max_tokens=50)
+        async with openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=keys.app_key, max_retries=0,
+                                      timeout=0.5) as c:
+            with pytest.raises(openai.APITimeoutError):  # admitted: before, a 429 (4,096 output tokens reserved)
+                await c.chat.completions.create(model="m", messages=MESSAGES)
+            with pytest.raises(openai.RateLimitError) as refused:  # 100 choices of 50: more than the whole tpm
+                await c.chat.completions.create(model="m", messages=MESSAGES, n=100)
+        await slow.seen(1)
+        tokens_in, tokens_out = _worst(int(slow.headers[0]["Content-Length"]), 50)
+        (event,) = await events(1)
+        assert (event.error_type, event.attributes["lockgate.usage_unknown"]) == ("client_disconnected", "worst_case")
+        assert (event.attributes["lockgate.charged_input_tokens"], event.attributes["lockgate.charged_output_tokens"]) \
+            == (str(tokens_in), "50")  # before: 4096
+        spent = await _counter(router, context)
+    assert spent.tokens == tokens_in + tokens_out
+    message = refused.value.body["message"]
+    assert refused.value.code == "request_too_large" and "lower max_tokens" not in message
+    assert message.endswith("; its output limit is the max_tokens of 50 its upstream gets (its release's, or its "
+                            "provider's default when neither the release nor the request sets one): lower n, or "
+                            "shorten the input")
 
 
 @pytest.mark.parametrize(("usage", "stream", "why"), [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -35,6 +36,7 @@ from lockgate.services.router.budgets import (
     pointed_at,
     resolve,
     still_needed,
+    to_lower,
     worst_case,
 )
 from lockgate.services.router.cache import (
@@ -121,11 +123,13 @@ def test_reservation_is_an_upper_bound_of_the_call() -> None:
 def test_a_calls_worst_case_is_what_admission_reserves_for_that_call_alone() -> None:
     raw = msgspec.json.encode({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "n": 2})
     req = msgspec.json.decode(raw, type=ApiRequest)
-    # A release's params may send another limit: the larger of the client's and the body's counts.
+    # A release's params may send another limit: the body's counts, larger or smaller than the client's.
     tokens_in, tokens_out, cost = worst_case(PRICE, len(raw), req, OutputLimits(max_tokens=300, n=2), CHAT_OP.max_fields,
                                              4096, 1.0, pointed=1500)
     assert (tokens_in, tokens_out) == (input_estimate(len(raw), req, 1.0, 1500), 600)
     assert cost == cost_of(PRICE, tokens_in, tokens_out)
+    # Probe p17 F3: a client without a limit counted default_max_tokens beside its release's 50 (4,096 charged).
+    assert worst_case(PRICE, len(raw), ApiRequest(), OutputLimits(max_tokens=50), CHAT_OP.max_fields, 4096, 1.0)[1] == 50
 
 
 def test_a_further_reservation_covers_what_abandoned_calls_may_have_spent_and_the_next_call() -> None:
@@ -223,16 +227,36 @@ def test_a_request_cannot_reserve_less_than_nothing(field: str, value: int) -> N
 
 def test_a_request_larger_than_a_budgets_whole_limit_is_refused_without_a_retry_after() -> None:
     usd, tokens = resolve({"usd": BudgetSpec(usd=0.05), "tokens": BudgetSpec(tokens=5000)})
-    assert _too_large(usd, Amount(50_000_000, 10**6), "m", 4096, "this request") is None  # fits (tokens unlimited)
-    refused = _too_large(usd, Amount(60_059_000, 0), "m", 4096, "this request")
+    lower = partial(to_lower, ApiRequest(max_tokens=4096), CHAT_OP.max_fields, 4096)
+    assert _too_large(usd, Amount(50_000_000, 10**6), "m", 4096, lower, "this request") is None  # fits (tokens unlimited)
+    refused = _too_large(usd, Amount(60_059_000, 0), "m", 4096, lower, "this request")
     assert refused is not None and (refused.status, refused.code) == (429, "request_too_large")
     assert refused.headers == {"x-should-retry": "false"}  # no Retry-After: no reset admits it
     assert refused.message == ("budget usd (0.05 USD per day) can never admit this request: it alone may use up to "
                                "0.060059 USD (m prices, up to 4096 output tokens), more than its whole limit of "
-                               "0.050000 USD; lower max_tokens or n, or shorten the input")
-    refused = _too_large(tokens, Amount(0, 5001), "m", 0, "this request")  # embeddings: no output to lower
+                               "0.050000 USD; lower max_tokens (4096) or n, or shorten the input")
+    lower = partial(to_lower, ApiRequest(), (), 4096)  # embeddings: no output to lower
+    refused = _too_large(tokens, Amount(0, 5001), "m", 0, lower, "this request")
     assert refused is not None and refused.message.endswith("more than its whole limit of 5000 tokens; shorten the input")
-    assert _too_large(tokens, Amount(0, 5000), "m", 0, "this request") is None
+    assert _too_large(tokens, Amount(0, 5000), "m", 0, lower, "this request") is None
+
+
+@pytest.mark.parametrize(("req", "sent", "said"), [
+    (ApiRequest(max_completion_tokens=900, n=2), (), "lower max_completion_tokens (900) or n, or shorten the input"),
+    # Probe p17 F3: told to "lower max_tokens", which it never sent, when its release's 50 applied.
+    (ApiRequest(), (OutputLimits(max_tokens=50),), "its output limit is the max_tokens of 50 its upstream gets (its "
+     "release's, or its provider's default when neither the release nor the request sets one): lower n, or shorten "
+     "the input"),
+    (ApiRequest(max_tokens=10), (OutputLimits(max_tokens=50),), "its output limit is the max_tokens of 50"),
+    (ApiRequest(), (), "it sets no max_completion_tokens or max_tokens, so the gateway's default_max_tokens of 4096 "
+     "applies: set a lower one, lower n, or shorten the input"),
+    # The body whose output is the largest names it (a canary's, or stable's it may fall back to).
+    (ApiRequest(), (OutputLimits(max_tokens=50), OutputLimits()), "it sets no max_completion_tokens or max_tokens, so "
+     "the gateway's default_max_tokens of 4096 applies"),
+], ids=["own", "release", "release-over-own", "default", "largest-body"])
+def test_a_request_too_large_is_told_which_output_limit_applied(req: ApiRequest, sent: tuple[OutputLimits, ...],
+                                                                said: str) -> None:
+    assert to_lower(req, CHAT_OP.max_fields, 4096, sent).startswith(said)
 
 
 def test_an_over_budget_refusal_never_says_a_request_needs_more_than_is_left_when_it_does_not(tmp_path: Any) -> None:
@@ -452,7 +476,10 @@ def test_the_most_output_is_the_largest_any_upstream_of_the_request_may_generate
     chat = wire.CHAT.max_fields
     assert most_output(req, chat, 4096) == 20
     assert most_output(req, chat, 4096, [OutputLimits(max_tokens=50_000)]) == 50_000
-    assert most_output(req, chat, 4096, [OutputLimits(max_tokens=5)]) == 20  # the client's larger ask still counts
+    # The bodies sent count, not the client's beside them: a release's limit replaces the client's (wire.as_released).
+    assert most_output(req, chat, 4096, [OutputLimits(max_tokens=5)]) == 5
+    assert most_output(ApiRequest(), chat, 4096, [OutputLimits(max_tokens=50)]) == 50  # before, 4096 (probe p17 F3)
+    assert most_output(ApiRequest(), chat, 4096, [OutputLimits(max_tokens=50), OutputLimits()]) == 4096
     assert most_output(ApiRequest(), chat, 100, [OutputLimits(max_tokens=4096, n=3)]) == 3 * 4096
 
 

@@ -15,6 +15,7 @@ from lockgate.services.router.wire import (
     CHAT,
     COMPLETIONS,
     EMBEDDINGS,
+    LIMIT_FIELDS,
     RESPONSES,
     ErrorAnswer,
     chat_digest,
@@ -216,6 +217,25 @@ def test_a_releases_params_go_to_each_operation_under_its_own_names(op: Any, sen
     assert {k: v for k, v in out.items() if k not in ("model", "input")} == sent
 
 
+@pytest.mark.parametrize(("op", "client", "sent"), [
+    (CHAT, {"max_completion_tokens": 5000}, {"max_tokens": 300}),
+    (CHAT, {"max_tokens": 5000, "max_completion_tokens": 5000}, {"max_tokens": 300}),
+    (CHAT, {"max_completion_tokens": 10}, {"max_tokens": 300}),  # README: the release's replaces the client's
+    (COMPLETIONS, {"max_tokens": 5000}, {"max_tokens": 300}),
+    (RESPONSES, {"max_output_tokens": 5000}, {"max_output_tokens": 300}),
+])
+def test_a_releases_output_limit_replaces_every_one_of_the_clients(op: Any, client: dict[str, Any],
+                                                                   sent: dict[str, Any]) -> None:
+    # Probe p17 F2: the release's max_tokens replaced the client's max_tokens alone; its max_completion_tokens stayed,
+    # which the Anthropic translation and newer servers read first (OpenAI refuses a body with both).
+    body = msgspec.json.encode({"model": "a", "input": "x", **client})
+    out = msgspec.json.decode(patch_body(body, "b", False, {"max_tokens": 300, "temperature": 0}, op))
+    assert {k: v for k, v in out.items() if k in LIMIT_FIELDS} == sent
+    # A release without a limit leaves the client's as they came.
+    out = msgspec.json.decode(patch_body(body, "b", False, {"temperature": 0}, op))
+    assert {k: v for k, v in out.items() if k in LIMIT_FIELDS} == client
+
+
 def test_the_tier_an_answer_was_served_at_is_recorded() -> None:
     rec = _Record("ok")
     parse_completion(b'{"model":"m","service_tier":"priority","choices":[],"usage":{"prompt_tokens":1,'
@@ -241,7 +261,8 @@ _MESSAGES = b'[{"role": "system", "content": "Be brief."}, {"role": "user", "con
     (b', "stream": true, "stream_options": {"include_usage": true}, "user": "u1", "metadata": {"k": "v"}, '
      b'"store": false, "service_tier": "priority", "model": "anything"', True),
     (b', "temperature": 1.5, "max_tokens": 3', True),  # the release sets both: the client's are never sent
-    (b', "temperature": 1.5, "max_completion_tokens": 3', False),  # the release does not set this one
+    (b', "temperature": 1.5, "max_completion_tokens": 3', True),  # its max_tokens replaces this one too (p17 F2)
+    (b', "top_p": 0.5', False),  # the release does not set this one
     (b', "tools": [], "tool_choice": "required"', False),
     (b', "n": 2', False),
     (b', "response_format": {"type": "json_object"}', False),
