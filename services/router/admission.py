@@ -73,6 +73,7 @@ from lockgate.services.router.budgets import (
 )
 from lockgate.services.router.cache import (
     EVENT_STREAM,
+    MAX_KEYED_BYTES,
     CacheConfig,
     Entry,
     ResponseCache,
@@ -685,7 +686,7 @@ class Admission:
         two answers) with the reservation released and the event marked as a hit, or None.
         `shown_usage`: a stream's client asked for the usage chunk (the upstream body always asks)."""
         spec = self.cache.spec(deployment) if ticket is not OPEN else None
-        if spec is None:
+        if spec is None or len(body) > MAX_KEYED_BYTES:  # its key would hold the event loop for its size
             return None
         try:
             data = msgspec.json.decode(body)

@@ -8,8 +8,9 @@ the tenant and app of the caller's API key, the deployment and release: an answe
 of one app, never with another app or tenant (whose keys could otherwise tell from `x-lockgate-cache: hit` what
 this app's users asked), a promoted release never serves its predecessor's, and one body sent to two operations
 (an embeddings request, then the same body to `/v1/responses`) never gets the other operation's answer. A
-request that samples (temperature above 0; absent means the provider's default of 1) is not cached
-unless the deployment asks for it (`any_temperature`).
+request to an operation that samples (all but embeddings) with a temperature above 0 (absent means the provider's
+default of 1) is not cached unless the deployment asks for it (`any_temperature`). A body over MAX_KEYED_BYTES is
+not cached at all.
 
 Streams are cached too: the entry is the stream as the client received it (its SSE bytes, the
 hidden usage chunk left out), replayed as one `text/event-stream` body on a hit. A streamed request
@@ -32,6 +33,14 @@ Seconds = Annotated[float, msgspec.Meta(gt=0)]
 _IGNORED = frozenset({"user", "stream_options", "metadata", "stream"})
 _IGNORED_STREAMED = frozenset({"user", "metadata", "stream"})
 EVENT_STREAM = "text/event-stream"
+# Operations that do not sample: the same input has the same answer whatever the temperature (embeddings take none:
+# wire.as_released sends them no release temperature, and an absent one is not the provider's 1 there). Before
+# (probe p17), an embeddings request counted as sampled and was never cached, on a deployment that opted in too.
+_UNSAMPLED = frozenset({"/embeddings"})
+# The key is made by decoding the whole body into objects and encoding it back sorted, on the event loop: about
+# 50 ms a MiB of small objects. A larger body is not cached, so no request holds every other one of the replica
+# for its size (probe p17: a 31 MB body of small objects held them 4-6 s, before its upstream call).
+MAX_KEYED_BYTES = 1024 * 1024
 _canonical = msgspec.json.Encoder(order="sorted")
 
 
@@ -55,7 +64,8 @@ def request_key(tenant: str, app: str, deployment: str, release: str, operation:
     """The cache key of a request body (a decoded JSON object) an API key of `tenant`'s `app` sent to `operation`
     (its path, e.g. "/embeddings"), or None when it must not be cached."""
     temperature = body.get("temperature", 1.0)
-    if not spec.any_temperature and not (isinstance(temperature, int | float) and temperature <= 0):
+    sampled = operation not in _UNSAMPLED and not (isinstance(temperature, int | float) and temperature <= 0)
+    if sampled and not spec.any_temperature:
         return None
     streamed = bool(body.get("stream"))
     # A stream's bytes say whether usage was included: its stream_options are part of the key.

@@ -19,6 +19,7 @@ import msgspec
 import openai
 import pytest
 import yaml
+from aiohttp import web
 
 from lockgate import credentials
 from lockgate.bus import Bus
@@ -35,6 +36,7 @@ from lockgate.server.apikeys import Bootstrap, KeyStore, bootstrap
 from lockgate.server.natsserver import NatsServer, auth_config
 from lockgate.services.router.admission import Admission, Ticket
 from lockgate.services.router.budgets import NANO, Amount, Counter, cost_of, input_estimate
+from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
@@ -598,6 +600,104 @@ async def test_one_body_sent_to_two_operations_is_two_entries(settings: Settings
     await sub.unsubscribe()
     turns = [e for e in events if e.attributes.get("lockgate.api") == "responses"]
     assert [(e.attributes["cache"], e.response) for e in turns] == [("miss", ANSWER)] * 2 + [("hit", ANSWER)]
+
+
+async def test_embeddings_are_cached_on_a_deployment_that_opted_in(settings: Settings, store: Store, stack: Stack,
+                                                                   sim: SimServer, tmp_path: Path) -> None:
+    # Before (probe p17): an embeddings request has no temperature, which counted as the provider's 1 (sampled), so
+    # embeddings were never cached (no `x-lockgate-cache` at all) unless the deployment cached sampled chat too.
+    router, keys, sub = await _caching(settings, store, stack, sim, tmp_path, "faq", 60)
+    await sub.unsubscribe()
+    c = client(router, keys.app_key)
+    answers = [await c.embeddings.with_raw_response.create(model=MODEL, input="what is the refund policy?")
+               for _ in range(2)]
+    assert [a.headers.get("x-lockgate-cache") for a in answers] == ["miss", "hit"] and sim.requests[MODEL] == 1
+    assert answers[1].content == answers[0].content
+    assert answers[1].parse().data[0].embedding == answers[0].parse().data[0].embedding
+    # A chat turn without a temperature still samples: not cached.
+    chat = [await c.chat.completions.with_raw_response.create(
+        model=MODEL, messages=[{"role": "user", "content": "what is the refund policy?"}], max_tokens=MAX_TOKENS)
+        for _ in range(2)]
+    assert [a.headers.get("x-lockgate-cache") for a in chat] == [None, None] and sim.requests[MODEL] == 3
+
+
+class _HoldingUpstream:
+    """An upstream that takes bodies up to 8 MiB and holds a large one until `release` is set: a large request is
+    still being forwarded while the test sends others."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.release = asyncio.Event()
+        self._large = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def large_arrived(self) -> None:
+        """Wait until a large request reached the upstream."""
+        async with self._large:
+            await self._large.wait_for(lambda: any(n > MAX_KEYED_BYTES for n in self.sizes))
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        size = len(await request.read())
+        async with self._large:
+            self.sizes.append(size)
+            self._large.notify_all()
+        if size > MAX_KEYED_BYTES:
+            await self.release.wait()
+        return web.Response(body=_COMPLETION, content_type="application/json")
+
+    async def __aenter__(self) -> _HoldingUpstream:
+        app = web.Application(client_max_size=8 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release.set()
+        assert self._runner is not None
+        await self._runner.cleanup()
+
+
+_COMPLETION = msgspec.json.encode({
+    "id": "c1", "object": "chat.completion", "created": 0, "model": MODEL,
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": ANSWER}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 12, "total_tokens": 13}})
+
+
+async def test_a_body_too_large_to_key_is_served_uncached_while_small_ones_are_cached(
+        settings: Settings, store: Store, stack: Stack, tmp_path: Path) -> None:
+    # Before (probe p17): the cache key of any body was made on the event loop by decoding it whole and encoding it
+    # back sorted: a 31 MB body of small objects (the router takes 32 MB) held every request of the replica, every
+    # tenant's, 4-6 s before its upstream call. Now a body over MAX_KEYED_BYTES is not looked up, nor kept.
+    async with _HoldingUpstream() as upstream:
+        s = settings.replace(stable_upstream=upstream.url, passthrough=True, deployment="faq", app="shop",
+                             gateway_file=gateway(tmp_path, cache={"deployments": {"faq": {"ttl_s": 60}}}))
+        keys = bootstrap(s.home, tenant="acme", app="shop")
+        router = await stack.add(s, store, "router-a")
+        c = client(router, keys.app_key)
+        pad = [{"a": 1}] * (MAX_KEYED_BYTES // 7 + 1)  # `{"a":1},` each: just over the bound
+
+        def large() -> Any:
+            return c.chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0,
+                extra_body={"x_pad": pad})
+
+        held = asyncio.create_task(large())
+        await upstream.large_arrived()
+        # While the large request is being forwarded, small ones of the same deployment are answered, and cached.
+        small = [(await c.chat.completions.with_raw_response.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=MAX_TOKENS, temperature=0))
+            .headers.get("x-lockgate-cache") for _ in range(2)]
+        assert small == ["miss", "hit"] and not held.done()
+        upstream.release.set()
+        answers = [await held, await large()]
+    # Served, not looked up (no `x-lockgate-cache`), so not kept: the same large body again reached the upstream.
+    assert [a.parse().choices[0].message.content for a in answers] == [ANSWER] * 2
+    assert [a.headers.get("x-lockgate-cache") for a in answers] == [None, None]
+    assert sum(n > MAX_KEYED_BYTES for n in upstream.sizes) == 2 and len(upstream.sizes) == 3
 
 
 async def test_a_token_budget_per_key_stops_one_key_not_the_others(settings: Settings, store: Store, stack: Stack,

@@ -428,6 +428,15 @@ def test_temperature_rule(body: dict, spec: CacheSpec, cached: bool) -> None:
     assert (request_key("t", "a", "d", "r", CHAT, body, spec) is not None) is cached
 
 
+@pytest.mark.parametrize(("operation", "cached"), [
+    ("/embeddings", True), ("/chat/completions", False), ("/completions", False), ("/responses", False)])
+def test_the_temperature_rule_is_for_operations_that_sample(operation: str, cached: bool) -> None:
+    """Before (probe p17): an embeddings body has no temperature, which counted as the provider's 1, so embeddings
+    were never cached; an embedding is the same for the same input."""
+    for body in ({"model": "m", "input": "refunds?"}, {"model": "m", "input": "refunds?", "temperature": 0.7}):
+        assert (request_key("t", "a", "d", "r", operation, body, ZERO_T) is not None) is cached
+
+
 def test_one_body_sent_to_two_operations_has_two_keys() -> None:
     """Before: the key had no operation, so an embeddings answer came back for the same body sent to
     /v1/responses (any key of the tenant could thereby plant answers of another operation)."""
