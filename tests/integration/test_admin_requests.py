@@ -170,7 +170,7 @@ async def test_a_deployment_nothing_serves_is_not_found_on_every_read_and_action
             assert answer["error"]["message"] == said, answer
         for args in (["get", name], ["watch", name, "--timeout", "30"], ["set-weight", name, "30"],
                      ["patch", name, "--weight", "30"], ["promote", name], ["approve", name],
-                     ["approve", name, "--step", "1"]):
+                     ["approve", name, "--step", "1", "--canary", "r2", "--started-at", "1"]):
             result = await _cli(router, *args, key=keys.admin_key)
             assert (result.exit_code, _one_line(result)) == (3, f"error: {said}"), (args, result.output)
     assert router.rollouts.routes == {}  # and nothing was made by asking

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from lockgate.cli.main import cli
 from lockgate.contracts import GateDecided
-from lockgate.server.apikeys import KeyStore
+from lockgate.server.apikeys import KeyStore, bootstrap
 from lockgate.signing import Signer, trust_file_path, trust_key
 from tests.helpers import admin_headers, gate_decided, judged, register_model_release, store_pass
 from tests.integration import test_rollout_analysis as analysis_tests
@@ -96,12 +96,13 @@ async def test_the_cli_approves_the_step_it_read_and_a_stale_step_exits_with_one
     def run(*extra: str) -> Any:
         return CliRunner().invoke(cli, [*base, *extra])
 
+    seen = paused.rollouts.route("chat")
     result = await asyncio.to_thread(run)
     assert result.exit_code == 0, result.output
     assert result.output.startswith("approved step 1 of chat: approved at step 1 (0%) by " + rec.label), result.output
     assert paused.rollouts.route("chat").step == 2
     # An operator who saw step 1 and approves it after someone else did: refused, exit 4, one line.
-    result = await asyncio.to_thread(run, "--step", "1")
+    result = await asyncio.to_thread(run, "--step", "1", "--canary", "same", "--started-at", repr(seen.started_at))
     assert result.exit_code == 4, result.output
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "router refused (409): refused: approval of step 1 of 'chat' not applied" in lines[0]
@@ -159,3 +160,42 @@ async def test_an_approval_ends_only_the_pause_of_the_canary_and_attempt_it_name
     status, body = await _approve(http, paused.url, {**STEP1, "started_at": route.started_at})
     assert status == 409 and "no pause waits there" in body["error"]["message"], body
     assert paused.rollouts.route("chat").step == 1
+
+
+async def test_the_clis_approval_of_what_an_operator_saw_is_refused_in_a_retried_attempt(paused: Any) -> None:
+    # Before (probe p17): `rollout approve D --step 1 --canary R` sent no attempt, so run after an abort and a retry
+    # it ended the new attempt's pause (nobody had approved it) and put the canary at 100%.
+    s = paused.ctx.settings
+    admin_key = bootstrap(s.home).admin_key
+    base = ["--home", s.home, "--nats", s.nats_url, "--prefix", s.prefix, "rollout", "--router", paused.url,
+            "--api-key", admin_key]
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(cli, [*base, *args])
+
+    shown = await asyncio.to_thread(run, "get", "chat")  # what the operator reads: the attempt is on it
+    seen = paused.rollouts.route("chat")
+    assert shown.exit_code == 0 and repr(seen.started_at) in shown.output, shown.output
+    for action in ("abort", "retry"):  # meanwhile, another operator
+        assert (await asyncio.to_thread(run, action, "chat")).exit_code == 0
+    await paused.rollouts.wait_for(lambda r: r["chat"].step_pause and r["chat"].started_at != seen.started_at,
+                                   timeout=10)
+    retried = paused.rollouts.route("chat")
+    assert (retried.step, retried.weight, retried.paused) == (1, 0.0, True), retried.reason
+
+    # Part of what was seen is refused before anything is sent: the rest read now would be the new attempt's.
+    for partial in (["--step", "1", "--canary", "same"], ["--step", "1"], ["--started-at", repr(seen.started_at)]):
+        result = await asyncio.to_thread(run, "approve", "chat", *partial)
+        assert result.exit_code == 2, (partial, result.output)
+        assert "--step, --canary and --started-at name the pause you saw" in result.output, result.output
+    assert paused.rollouts.route("chat") == retried
+    result = await asyncio.to_thread(run, "approve", "chat", "--step", "1", "--canary", "same", "--started-at",
+                                     repr(seen.started_at))
+    assert result.exit_code == 4, result.output
+    assert "router refused (409)" in result.output and "in another rollout attempt" in result.output, result.output
+    assert paused.rollouts.route("chat") == retried
+    # The retried attempt's own pause, as the route shows it now, is approved.
+    result = await asyncio.to_thread(run, "approve", "chat", "--step", "1", "--canary", "same", "--started-at",
+                                     repr(retried.started_at))
+    assert result.exit_code == 0 and result.output.startswith("approved step 1 of chat"), result.output
+    assert paused.rollouts.route("chat").step == 2

@@ -208,6 +208,8 @@ def summary(route: dict[str, Any]) -> list[dict[str, Any]]:
         ("canary", canary.get("release", "-")),
         ("weight", f"{route.get('weight', 0):g}%"),
         ("step", f"{route.get('step', 0)} of {', '.join(_step_text(s) for s in strategy.get('steps') or []) or _kind(strategy)}"),
+        # The number itself: `rollout approve --started-at` takes it to name the attempt whose pause it approves.
+        ("started_at", f"{route['started_at']!r} ({_when(route['started_at'])} UTC)" if route.get("started_at") else "-"),
         ("header route", _header(route.get("header_route"))),
         ("admitted by", route.get("admitted") or "-"),
         ("override", (route.get("override") or {}).get("reason", "-")),
@@ -489,28 +491,35 @@ def register(cli: click.Group) -> None:
     @rollout.command("approve")
     @click.argument("deployment")
     @click.option("--step", type=click.IntRange(min=0), default=None, metavar="N",
-                  help="The pause step you approve, as `rollout get` showed it (default: the step the route is at "
-                       "now, read first).")
+                  help="The pause step you approve, as `rollout get` showed it; with --canary and --started-at "
+                       "(default: all three as the route shows them now, read first).")
     @click.option("--canary", "canary", default=None, metavar="RELEASE",
-                  help="The canary release whose pause you approve, as `rollout get` showed it (default: the one "
-                       "the route canaries now, read first).")
+                  help="The canary release whose pause you approve, as `rollout get` showed it.")
+    @click.option("--started-at", "started_at", type=float, default=None, metavar="T",
+                  help="The rollout attempt whose pause you approve: its `started_at`, as `rollout get` showed it.")
     @json_option
     @click.pass_context
     @handle_errors
-    def approve(ctx: click.Context, deployment: str, step: int | None, canary: str | None, as_json: bool) -> None:
-        """Approve the pause step the rollout waits at: its next step runs now. The approval names the step and the
-        canary release (and, read here, the rollout attempt), and the router refuses it (exit 4) once the rollout is
-        no longer there, so a second or retried approval never ends the next pause too, nor a pause of another
-        canary or attempt (`resume` ends whatever pause holds the rollout)."""
+    def approve(ctx: click.Context, deployment: str, step: int | None, canary: str | None, started_at: float | None,
+                as_json: bool) -> None:
+        """Approve the pause step the rollout waits at: its next step runs now. The approval names the step, the
+        canary release and the rollout attempt (read here, or the three you saw), and the router refuses it (exit 4)
+        once the rollout is no longer there, so a second or retried approval never ends the next pause too, nor a
+        pause of another canary or attempt (`resume` ends whatever pause holds the rollout)."""
         may_change()
+        seen = (step, canary, started_at)
+        if None in seen and any(v is not None for v in seen):
+            # One read now binds the approval to whatever the route shows then, not to what was seen: before
+            # (probe p17), `--step 1 --canary R` after an abort and a retry ended the new attempt's pause.
+            raise ConfigError("--step, --canary and --started-at name the pause you saw (`rollout get` shows its step, "
+                              "canary and started_at): give all three, or none to approve the pause the route "
+                              "waits at now")
         client = admin(ctx)
-        body: dict[str, Any] = {"step": step, "canary": canary}
-        if step is None or canary is None:
+        if started_at is None:  # all of it read now: bound to this very attempt
             now = client.call("GET", _at(deployment))
-            body = {"step": int(now.get("step", 0)) if step is None else step,
-                    "canary": (now.get("canary") or {}).get("release", "") if canary is None else canary}
-            if step is None and canary is None:  # all of it read now: bound to this very attempt too
-                body["started_at"] = now.get("started_at")
+            step, canary = int(now.get("step", 0)), (now.get("canary") or {}).get("release", "")
+            started_at = now.get("started_at")
+        body = {"step": step, "canary": canary, "started_at": started_at}
         route = client.call("POST", _at(deployment, "/approve"), body)
         if as_json:
             emit_json(route)
