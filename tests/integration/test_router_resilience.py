@@ -571,7 +571,9 @@ async def test_a_hang_up_on_stables_silent_fallback_is_stables_failure_not_the_c
         (event,), (failed,) = _split(await events(2))
     assert (failed.variant, failed.release, failed.error_type) == ("canary", "r2", "first_byte")
     assert (event.variant, event.release, event.model, event.error_type) == ("stable", "r1", "m", "upstream_unanswered")
-    assert 200 <= event.latency_ms < 1200 - 300  # stable's own wait, without the canary's 0.3 s
+    # Stable's own wait, about 1.2 s less the canary's 0.3 s (with it, 1.2 s or more; the clock's jitter on a busy
+    # machine is far below the 0.3 s told apart).
+    assert 200 <= event.latency_ms < 1200 - 150
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
