@@ -11,7 +11,9 @@ import json
 import logging
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +89,12 @@ _STREAM_EXISTS_OTHERWISE = 10058
 TOPOLOGY_APPLY = "lockgate --role admin topology apply"
 # How many messages waiting for their letter a bus remembers (`letters_waiting`): each is warned about once.
 _UNSENT_MAX = 10_000
+# A dead letter's payload from this size up is scrubbed off the event loop (`Bus._scrubbed_payload`): scrubbing 900 KB
+# of random bytes takes about half a second of CPU, which held every service sharing the loop (probe p16 F3).
+_SCRUB_OFF_LOOP = 64 * 1024
+# How many bytes of payloads a bus remembers the scrubbed form of, so a message whose letter waits (its original's
+# put failed, the DLQ is down) is not scrubbed again at each redelivery.
+_SCRUBBED_MAX_BYTES = 32 * 1024 * 1024
 # How long a health check waits for the bus's answers (`Bus.health`): a nats-server that works answers in
 # milliseconds (a busy one, just restarted, in tenths of a second), and a probe's own timeout (1 s by default in
 # Kubernetes) must not run out first.
@@ -287,6 +295,11 @@ class Bus:
         # Letters this process could not store, by message id, with when it last tried: its message waits, and is
         # warned about once rather than at every redelivery (`letters_waiting`).
         self._unsent: dict[str, float] = {}
+        # Scrubbed dead-letter payloads by the sha256 of their bytes (pending or done) and their sizes, oldest first,
+        # and the one thread that scrubs them (`_scrubbed_payload`).
+        self._scrubbed: OrderedDict[bytes, tuple[int, asyncio.Future[bytes]]] = OrderedDict()
+        self._scrubbed_size = 0
+        self._scrub_pool: ThreadPoolExecutor | None = None
 
     async def connect(self) -> None:
         """Connect, then create streams, KV buckets and the object store (idempotent)."""
@@ -445,6 +458,11 @@ class Bus:
                 await self.nc.drain()
             else:  # nats-py refuses to drain while reconnecting: a stop during an outage just closes
                 await self.nc.close()
+        if self._scrub_pool is not None:  # no handler is left to wait for a scrub
+            self._scrub_pool.shutdown(wait=False, cancel_futures=True)
+            self._scrub_pool = None
+        self._scrubbed.clear()
+        self._scrubbed_size = 0
 
     async def ensure_topology(self, update: bool | None = None) -> list[str]:
         """Declare every stream and bucket from subjects.py; safe to run any number of times. Returns the existing
@@ -847,7 +865,7 @@ class Bus:
         caller leaves the message to be redelivered. Warned about once per message (`msg_id`)."""
         reason, error = scrub_secrets(reason), scrub_secrets(error[:2000])
         # Scrubbed whole, then cut: a secret across the cut is still recognised.
-        size, cut_from, original, scrubbed = len(payload), 0, "", scrub_bytes(payload)
+        size, cut_from, original, scrubbed = len(payload), 0, "", await self._scrubbed_payload(payload)
         try:
             if size > MAX_LETTER_PAYLOAD:
                 cut_from, name = size, original_name(scrubbed, stream, stream_seq)
@@ -892,6 +910,32 @@ class Bus:
             self._unsent.pop(msg_id, None)
         metrics.dead_letter(origin)
         log.warning("dead letter from %s on %s: %s", origin, subject, reason)
+
+    async def _scrubbed_payload(self, payload: bytes) -> bytes:
+        """`scrub_bytes(payload)`; a large payload's off the event loop, once while this bus remembers it."""
+        if len(payload) < _SCRUB_OFF_LOOP:
+            return scrub_bytes(payload)
+        key = hashlib.sha256(payload).digest()
+        if key in self._scrubbed:
+            self._scrubbed.move_to_end(key)
+            pending = self._scrubbed[key][1]
+        else:
+            if self._scrub_pool is None:
+                # One thread: the scrub is pure Python holding the GIL, so more would only take the loop's share of
+                # it; the loop still runs between the thread's switch intervals instead of waiting for the whole scrub.
+                self._scrub_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dlq-scrub")
+            pending = asyncio.get_running_loop().run_in_executor(self._scrub_pool, scrub_bytes, payload)
+            self._scrubbed[key] = (len(payload), pending)
+            self._scrubbed_size += len(payload)
+            while self._scrubbed_size > _SCRUBBED_MAX_BYTES and len(self._scrubbed) > 1:
+                self._scrubbed_size -= self._scrubbed.popitem(last=False)[1][0]
+        try:
+            # Shielded: a caller that gives up (its consumer stopping) leaves the scrub to whoever else waits for it.
+            return await asyncio.shield(pending)
+        except Exception:
+            if self._scrubbed.get(key, (0, None))[1] is pending:  # not remembered: the next delivery tries again
+                self._scrubbed_size -= self._scrubbed.pop(key)[0]
+            raise
 
     def _letter_failed(self, msg_id: str) -> bool:
         """Note a letter that was not stored (its message waits); False if this message's letter (`msg_id`)
