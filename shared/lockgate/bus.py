@@ -1168,13 +1168,14 @@ def consume(
         deliveries = meta.num_delivered or 1
         headers = dict(msg.headers or {})
         body = msg.data
+        refused: list[tuple[int, str]] = []  # (index, reason) of the message's events refused, for one letter
         try:
             # An id left out is derived from the message, the same for every consumer and redelivery.
             with derived_ids(headers.get("Nats-Msg-Id") or f"{meta.stream}:{meta.sequence.stream}",
                              int(meta.timestamp.timestamp() * 1000)):
                 value = codec.decode(body)
             if clean is not None:
-                value = clean(value)
+                value, refused = clean(value)
         except InvalidEvent as exc:
             await refuse(msg, headers, deliveries, "invalid event", exc.message)
             return
@@ -1183,7 +1184,7 @@ def consume(
             return
         metrics.events_in(origin, len(value) if isinstance(value, list) else 1)
         events: Any = value  # the message's own events: a letter of the refused ones indexes them
-        refused: list[tuple[int, str]] = []
+        over: list[tuple[int, str]] = []
         if limits is not None:
             sender = bus.subjects.sender(msg.subject)
             if sender is None:
@@ -1193,11 +1194,18 @@ def consume(
                 return
             # Against the message's stored time, not this clock at read time: a consumer reading it later
             # (behind, or redelivered) must not refuse an edge event another one stored.
-            kept, refused = limits.split(value, now=meta.timestamp, sender=sender)
-            if refused and not kept:
-                await refuse(msg, headers, deliveries, "over limits", "; ".join(r for _, r in refused[:20]))
+            _, over = limits.split(value, now=meta.timestamp, sender=sender)
+        if refused or over:
+            # An event the scrub refused (its id reads as a credential) is refused alone, as one over limits is: its
+            # neighbours are handled (probe p16: the whole message was lettered). Its own reason is the one lettered.
+            refused = sorted({**dict(over), **dict(refused)}.items())
+            left_out = {i for i, _ in refused}
+            kept = [] if -1 in left_out else [event for i, event in enumerate(events) if i not in left_out]
+            if not kept:
+                await refuse(msg, headers, deliveries, "over limits" if over else "invalid event",
+                             "; ".join(r for _, r in refused[:20]))
                 return
-            value = kept if refused else value
+            value = kept
         if deliveries > max_deliver and not refused:
             # Delivered max_deliver times and never settled: its handler outlived ack_wait, its process died, or
             # its letter could not be stored. JetStream redelivers it for ever; the edge parks it here. (One with
@@ -1231,8 +1239,8 @@ def consume(
             return
         # The refused events are lettered after the valid ones are handled: a letter the DLQ cannot take now holds
         # back only them (the redelivery finds the others handled: handlers keep one copy per event).
-        if refused and records_refusals and not await _dead_letter_events(bus, msg, origin, headers, deliveries,
-                                                                         events, refused):
+        if refused and records_refusals and not await _dead_letter_events(
+                bus, msg, origin, headers, deliveries, events, refused, "over limits" if over else "invalid event"):
             return
         await msg.ack()
 
@@ -1349,13 +1357,13 @@ _MESSAGE_REASONS = frozenset({"invalid event", "over limits"})
 
 
 async def _dead_letter_events(bus: Bus, msg: Msg, origin: str, headers: dict[str, str], deliveries: int,
-                              events: list[Any], refused: list[tuple[int, str]]) -> bool:
+                              events: list[Any], refused: list[tuple[int, str]], reason: str) -> bool:
     """Dead-letter some events of a message (the message itself stays); False if the letter could not be
     sent, in which case the message was nacked for redelivery."""
     try:
         await bus.dead_letter(origin, subject=msg.subject, payload=encode([events[i] for i, _ in refused]),
-                              reason="over limits", error="; ".join(r for _, r in refused[:20]),
-                              headers=headers, deliveries=deliveries, msg_id=_letter_id(msg, "over limits"))
+                              reason=reason, error="; ".join(r for _, r in refused[:20]),
+                              headers=headers, deliveries=deliveries, msg_id=_letter_id(msg, reason))
     except BusUnavailable:
         await msg.nak(delay=LETTER_BACKOFF.delay(deliveries))
         return False

@@ -218,12 +218,13 @@ def _scrub_short(text: str) -> str:
     return _scrub(text)
 
 
-def _scrub(text: str) -> str:
-    text = _scrub_written(text)
-    return _scrub_percent(text) if "%" in text else text
+def _scrub(text: str, bare: bool = True) -> str:
+    # `bare=False` leaves out the bare AWS secret key (40 mixed characters, no prefix): for an id, see `id_error`.
+    text = _scrub_written(text, bare)
+    return _scrub_percent(text, bare) if "%" in text else text
 
 
-def _scrub_written(text: str) -> str:
+def _scrub_written(text: str, bare: bool = True) -> str:
     lower = text.lower()
     found = {t for t in _TRIGGERS if t in lower}
     for t, within in _NESTED_TRIGGERS:
@@ -233,22 +234,22 @@ def _scrub_written(text: str) -> str:
         return text
     long_run = _RUN_12 in text.translate(_TOKEN_MAP)
     if _ESCAPED_MARK in found:
-        return _scrub_escaped(text, found, long_run)
+        return _scrub_escaped(text, found, long_run, bare)
     for pattern, triggers, needs_run in _COMPILED:
         if (long_run or not needs_run) and not found.isdisjoint(triggers):
             text = pattern.sub(_mark, text)
-    if long_run and _RUN_40 in text.translate(_B64_MAP):
+    if bare and long_run and _RUN_40 in text.translate(_B64_MAP):
         text = _BASE64_40.sub(_mark_base64, text)
     return text
 
 
-def _scrub_escaped(text: str, found: set[str], long_run: bool) -> str:
+def _scrub_escaped(text: str, found: set[str], long_run: bool, bare: bool = True) -> str:
     for scan, after_escape, triggers, needs_run in _ESCAPED:
         if (long_run or not needs_run) and not found.isdisjoint(triggers):
             text = scan.sub(_mark, text)
             if after_escape is not None:
                 text = after_escape.sub(_mark, text)
-    if long_run and _RUN_40 in text.translate(_B64_MAP):
+    if bare and long_run and _RUN_40 in text.translate(_B64_MAP):
         text = _BASE64_40_ESCAPED.sub(_mark_base64, text)
     return text
 
@@ -262,7 +263,7 @@ def _scrub_escaped(text: str, found: set[str], long_run: bool) -> str:
 _PERCENT = re.compile(r"(%[0-7][0-9A-Fa-f])")
 
 
-def _scrub_percent(text: str) -> str:
+def _scrub_percent(text: str, bare: bool = True) -> str:
     pieces = _PERCENT.split(text)
     if len(pieces) == 1:
         return text
@@ -270,7 +271,7 @@ def _scrub_percent(text: str) -> str:
     for n, piece in enumerate(pieces):
         spelled.extend((piece,) if n % 2 else piece)
     decoded = "".join(chr(int(piece[1:], 16)) if n % 2 else piece for n, piece in enumerate(pieces))
-    scrubbed = _scrub(decoded)
+    scrubbed = _scrub(decoded, bare)
     if scrubbed == decoded:
         return text
     # The scrub only replaces runs of the decoded text with the marker: what lies between markers is found in the
@@ -430,15 +431,39 @@ def scrub_event(event: InferenceEvent) -> InferenceEvent:
         changed["scores"] = {scrub_secrets(k): v for k, v in scores.items()}
     # The id is the event's identity (stored once per id): masked, two events would become one. One that reads as a
     # credential is refused instead (probe p13: an app's own event kept a key whole in its id).
-    if event.id.strip(_ID_CHARS) and len(event.id) >= MIN_SECRET and scrub_secrets(event.id) != event.id:
-        raise InvalidEvent("invalid inference event: its id holds what reads as a credential (an id is an opaque "
-                           "token, such as a uuid) - at `$.id`")
+    if error := id_error(event.id, "$.id"):
+        raise InvalidEvent(error)
     return msgspec.structs.replace(event, **changed) if changed else event
 
 
-def scrub_events(value: InferenceEvent | list[InferenceEvent]) -> InferenceEvent | list[InferenceEvent]:
-    """`scrub_event` over one decoded inference message (an event or a list of them)."""
-    return list(map(scrub_event, value)) if isinstance(value, list) else scrub_event(value)
+def id_error(event_id: str, at: str) -> str:
+    """Why an event id is refused as a credential ("" when it is not), `at` its path (`$.id`, `$[3].id`)."""
+    # Only a credential of a known shape (a provider's prefix, a JWT, a keyword pair) refuses an id: a bare 40-character
+    # mix of letters and digits is the shape of an AWS secret key, but also of any random base62 or base64 request id,
+    # and every event of an application using those was refused (probe p16).
+    if not event_id.strip(_ID_CHARS) or len(event_id) < MIN_SECRET or _scrub(event_id, bare=False) == event_id:
+        return ""
+    return ("invalid inference event: its id holds what reads as a credential (an id is an opaque token, such as a "
+            f"uuid) - at `{at}`")
+
+
+def scrub_events(value: InferenceEvent | list[InferenceEvent]
+                 ) -> tuple[InferenceEvent | list[InferenceEvent], list[tuple[int, str]]]:
+    """`scrub_event` over one decoded inference message (an event or a list of them), and the [(index, reason)] of the
+    events of a list refused for their id: those stay in the list unscrubbed, for the caller to leave out and letter.
+    A single event so refused raises `InvalidEvent`."""
+    if not isinstance(value, list):
+        return scrub_event(value), []
+    # One event's id refuses that event alone, never its neighbours (probe p16: its whole message was lettered).
+    events: list[InferenceEvent] = []
+    refused: list[tuple[int, str]] = []
+    for i, event in enumerate(value):
+        try:
+            events.append(scrub_event(event))
+        except InvalidEvent:
+            events.append(event)
+            refused.append((i, id_error(event.id, f"$[{i}].id")))
+    return events, refused
 
 
 def _scrub_text(text: str) -> str:

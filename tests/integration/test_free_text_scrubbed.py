@@ -129,3 +129,41 @@ async def test_an_otlp_span_of_a_tenant_named_like_a_secret_keeps_its_tenant(
     assert [(r["sender"], r["stamped"]) for r in rows] == [(t, t) for t in tenants]
     mine = await asyncio.to_thread(trace, store, trace_id, tenants[0])
     assert [span["name"] for span in mine] == ["op 1"]
+
+
+async def test_an_event_whose_id_reads_as_a_key_is_refused_alone_from_its_array_and_random_ids_are_kept(
+        stack: Runtime) -> None:
+    # Probe p16: the id of one event of ten, `sk-proj-...`, had the whole array lettered under `$.id`, its nine valid
+    # neighbours neither stored nor billed; and a random 40-character base62 id (the shape of a bare AWS secret key)
+    # was refused as a credential.
+    created = await run_cli(stack, "app-credential", "create", "--tenant", "acme", "--app", "web", "--json")
+    assert created.exit_code == 0, created.output
+    cred = json.loads(await asyncio.to_thread(Path(json.loads(created.output)["file"]).read_text))
+    bus, s = stack.ctx.bus, stack.ctx.bus.subjects
+    key = "sk-proj-" + "Ab3" * 16
+    base62 = "".join(secrets.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") for _ in range(39))
+    ids = [f"{base62}{n}" for n in range(5)] + [f"req_{base62}{n}" for n in range(5)]
+    ids[4] = key
+    events = [InferenceEvent(id=i, tenant="acme", app="web", deployment="web", release="web-v1", model="m",
+                             input_tokens=3, output_tokens=2) for i in ids]
+    dead = await bus.nc.subscribe(s.dlq_all)
+    nc = await nats.connect(stack.settings.nats_url, user=cred["user"], password=cred["password"],
+                            inbox_prefix=f"_INBOX.{cred['user']}", allow_reconnect=False)
+    try:
+        ack = await nc.request(s.ingest("web", "acme"), encode(events), timeout=10)
+        assert b'"seq"' in ack.data, ack.data
+    finally:
+        await nc.close()
+
+    letter = json.loads((await dead.next_msg(timeout=15)).data)
+    assert letter["reason"] == "invalid event", letter
+    assert letter["error"].endswith("- at `$[4].id`"), letter
+    assert key not in json.dumps(letter)
+    sink = stack.services["sink"].handlers
+    store = stack.ctx.store
+    await eventually(lambda: store.scalar("SELECT count() FROM cost_ledger WHERE tenant = 'acme'") == 9,
+                     [sink.progress("cost_ledger")], what="9 ledger entries")
+    stored = {r["id"] for r in store.rows("SELECT id FROM inference_events WHERE tenant = 'acme'")}
+    assert stored == set(ids) - {key}
+    billed = {r["event_id"] for r in store.rows("SELECT event_id FROM cost_ledger WHERE tenant = 'acme'")}
+    assert billed == stored

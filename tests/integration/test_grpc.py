@@ -185,6 +185,21 @@ async def test_send_refuses_alone_an_event_too_large_for_the_bus(bus: Bus, chann
     assert [e.prompt for e in stored[bus.subjects.inference("shop", "acme")]] == ["small"]
 
 
+async def test_send_keeps_random_40_character_ids_and_refuses_alone_one_that_is_a_key(
+        bus: Bus, channel: grpc.aio.Channel) -> None:
+    # Probe p16: a random base62 request id of 40 characters has the shape of a bare AWS secret key, and every such
+    # event was refused as a credential; only a key of a known shape (`sk-proj-...`) is refused now.
+    stub = ingest_pb2_grpc.IngestStub(channel)
+    ids = ["s4fAcH9kKnwAKOtJ1WwLw3UjHmhEXf7NhNSLIem1", "req_cAn3CE6zz4806Ddp9IkJvG4abUiRxg7z83hhnM5K",
+           "sk-proj-" + "Ab3" * 16]
+    reply = await stub.Send(ingest_pb2.InferenceBatch(events=[ingest_pb2.InferenceEvent(app="shop", id=i)
+                                                              for i in ids]), timeout=10)
+    assert (reply.accepted, reply.rejected) == (2, 1)
+    assert reply.rejections[0].index == 2 and "reads as a credential" in reply.rejections[0].reason
+    stored = await stored_events(bus)
+    assert [e.id for e in stored[bus.subjects.inference("shop", "acme")]] == ids[:2]
+
+
 async def test_a_timestamp_out_of_range_is_refused_alone(bus: Bus, channel: grpc.aio.Channel) -> None:
     # protobuf's ToDatetime raised ValueError: the whole call failed UNKNOWN ("Unexpected <class ...>").
     stub = ingest_pb2_grpc.IngestStub(channel)

@@ -8,8 +8,10 @@ from datetime import UTC, datetime
 import pytest
 
 from lockgate.contracts import InferenceEvent, SpanRecord
+from lockgate.errors import InvalidEvent
 from lockgate.redact import (
     MARK,
+    id_error,
     scrub_bytes,
     scrub_event,
     scrub_events,
@@ -257,10 +259,43 @@ def test_a_structured_value_masks_what_a_key_named_access_key_or_a_key_header_ho
 def test_scrub_events_scrubs_each_event_of_a_message() -> None:
     text, secret = FORMATS["groq gsk_"]
     one = InferenceEvent(app="a", model=f"m {text}")
-    assert secret not in repr(scrub_events(one))
+    assert secret not in repr(scrub_events(one)[0])
     clean = InferenceEvent(app="a")
-    out = scrub_events([clean, one])
-    assert isinstance(out, list) and out[0] is clean and secret not in repr(out[1])
+    out, refused = scrub_events([clean, one])
+    assert isinstance(out, list) and out[0] is clean and secret not in repr(out[1]) and refused == []
+
+
+def test_scrub_events_refuses_an_event_whose_id_reads_as_a_key_alone_naming_its_index() -> None:
+    # Probe p16: one such id refused its whole message, and the reason said `$.id`.
+    key = "sk-proj-" + "Ab3" * 16
+    events = [InferenceEvent(app="a"), InferenceEvent(app="a", id=key, model=f"m {key}"), InferenceEvent(app="a")]
+    out, refused = scrub_events(events)
+    assert [e.id for e in out] == [e.id for e in events]
+    assert [(i, r.endswith("- at `$[1].id`")) for i, r in refused] == [(1, True)]
+    with pytest.raises(InvalidEvent, match=r"- at `\$\.id`"):
+        scrub_events(events[1])
+
+
+@pytest.mark.parametrize("event_id", [
+    "s4fAcH9kKnwAKOtJ1WwLw3UjHmhEXf7NhNSLIem1",  # a random 40-character base62 request id (probe p16)
+    "req_cAn3CE6zz4806Ddp9IkJvG4abUiRxg7z83hhnM5K",
+    "AcmeCorporationInternationalHoldings2024",
+    "q1W2e3R4t5Y6u7I8o9P0aSdFgHjKlZxCvBnM+/Ab",  # standard base64 of 30 bytes
+    "01900000-0000-7000-8000-000000000001", "0123456789abcdef" * 4,
+])
+def test_an_id_that_only_has_the_shape_of_a_bare_aws_secret_is_an_id(event_id: str) -> None:
+    assert id_error(event_id, "$.id") == ""
+    assert scrub_event(InferenceEvent(app="a", id=event_id)).id == event_id
+
+
+@pytest.mark.parametrize("event_id", [
+    "sk-proj-" + "Ab3" * 16, "AKIAABCDEFGHIJKLMNOP", "ghp_" + "A1b2" * 9, "eyJhbGciOiJIUzI1.eyJzdWIiOiIxMjM0.c2lnbmF0dXJl",
+    "lg-" + "x" * 43, "api_key=hunter2hunter2", "key%3Dsk-ant-api03-abcdefghijklmnopqr",
+])
+def test_an_id_holding_a_credential_of_a_known_shape_is_refused(event_id: str) -> None:
+    assert id_error(event_id, "$[3].id").endswith("- at `$[3].id`")
+    with pytest.raises(InvalidEvent, match="reads as a credential"):
+        scrub_event(InferenceEvent(app="a", id=event_id))
 
 
 def _span(**values: dict[str, str]) -> SpanRecord:
