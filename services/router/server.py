@@ -210,7 +210,10 @@ class RouterService(Service):
         healthy = bus == "connected" and not cut_off and not full and not skewed
         return web.json_response({"status": "ok" if healthy else "degraded",
                                   "bus": bus, "streams_full": full,
-                                  "dead_letters_waiting": self.ctx.bus.letters_waiting,
+                                  # The process's, not the router's own connection's: in `lockgate up` the sink
+                                  # letters on its own, and this read 0 while its letters waited (probe p16).
+                                  "dead_letters_waiting": sum(bus.letters_waiting
+                                                              for bus in self.ctx.buses or [self.ctx.bus]),
                                   "clock_offset_s": round(self.clock.seconds, 3) if self.clock else None,
                                   "clock_skewed": skewed,
                                   "ready": self.rollouts.ready.is_set(),

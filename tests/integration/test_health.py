@@ -8,6 +8,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from nats.js.api import DiscardPolicy
 
 from lockgate.config import Settings
 from lockgate.server.natsserver import NatsServer
@@ -57,3 +58,27 @@ async def test_readiness_follows_the_bus_and_liveness_does_not(settings: Setting
         await runtime.stop()
         server.stop()
         again.stop()
+
+
+async def test_the_routers_healthz_counts_the_letters_waiting_of_every_service_of_its_process(
+        settings: Settings) -> None:
+    # Probe p16: in `lockgate up` the router's /healthz said `dead_letters_waiting: 0` while the sink's letters waited,
+    # since it counted only the router's own bus connection.
+    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0", router_port=0), services=["router", "sink"])
+    await runtime.start()
+    try:
+        bus = runtime.ctx.bus
+        dlq = bus.subjects.streams["dlq"].name
+        config = (await bus.js.stream_info(dlq)).config
+        await bus.js.update_stream(config.evolve(max_msgs=1, discard=DiscardPolicy.NEW))  # refuses every letter
+        await bus.publish(bus.subjects.dlq("filler"), b"{}", msg_id="filler")
+        durable = bus.subjects.durable("sink", "inference")
+        settled = await bus.nc.subscribe(f"$JS.ACK.{bus.subjects.streams['inference'].name}.{durable}.>")
+        await bus.publish(bus.subjects.inference("shop", "acme"), b"{broken", msg_id="broken")
+        assert (await settled.next_msg(timeout=30)).data.startswith(b"-NAK")  # its letter refused: it waits
+        router_bus = runtime.services["router"].ctx.bus
+        assert router_bus.letters_waiting == 0 and runtime.services["sink"].ctx.bus.letters_waiting >= 1
+        async with aiohttp.ClientSession() as http, http.get(f"{runtime.endpoints['router']}/healthz") as resp:
+            assert (await resp.json())["dead_letters_waiting"] >= 1
+    finally:
+        await runtime.stop()

@@ -105,11 +105,11 @@ class Runtime:
                                                  manage_topology=False)
                 self.buses.append(bus)
                 await bus.connect()
-            contexts[name] = ServiceContext(bus=bus, store=store, telemetry=telemetry, settings=s)
+            contexts[name] = ServiceContext(bus=bus, store=store, telemetry=telemetry, settings=s, buses=self.buses)
         if self.nats is not None:
             # `lockgate app-credential` wrote or removed a user under the home: apply it without a restart.
             await main.nc.subscribe(subjects.nats_reload, cb=self._on_reload)
-        self.ctx = ServiceContext(bus=main, store=store, telemetry=telemetry, settings=s)
+        self.ctx = ServiceContext(bus=main, store=store, telemetry=telemetry, settings=s, buses=self.buses)
         self.services = ServiceSet(self.ctx, self.names, contexts)
         await self.services.start()
         if s.health_port:

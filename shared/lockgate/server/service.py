@@ -65,6 +65,9 @@ class ServiceContext:
     telemetry: Telemetry
     settings: Settings
     store: Store | None = None
+    # Every bus connection of the process (the runtime's list, as it is now): what one service's health reports for
+    # the whole process reads them all, since each service letters on its own connection.
+    buses: list[Bus] | None = None
 
 
 class Service:
