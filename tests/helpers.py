@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import msgspec
+from aiohttp import web
 
 from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
@@ -468,3 +469,30 @@ async def delete_topology(settings: Settings) -> None:
     with contextlib.suppress(Exception):
         await js.delete_object_store(subjects.object_dead_letters)
     await nc.close()
+
+
+class ChatUpstream:
+    """A test double of an OpenAI-compatible upstream on 127.0.0.1 (`url` ends in /v1): a subclass's `chat` answers
+    POST /v1/chat/completions; `client_max_size` is the largest body it takes."""
+
+    client_max_size = 1024 * 1024
+
+    def __init__(self) -> None:
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def chat(self, request: web.Request) -> web.Response:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Any:
+        app = web.Application(client_max_size=self.client_max_size)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()

@@ -23,7 +23,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.router.domain import Route
 from lockgate.signing import Signer
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import register_model_release
+from tests.helpers import ChatUpstream, register_model_release
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import _pass, _start, serving
 
@@ -42,32 +42,15 @@ _TOO_LONG = msgspec.json.encode({"error": {"message": "This model's maximum cont
                                            "type": "invalid_request_error", "code": "context_length_exceeded"}})
 
 
-class NarrowCanary:
+class NarrowCanary(ChatUpstream):
     """A canary upstream with a smaller context window: it refuses every `long` prompt with 400
     `context_length_exceeded` (which stable answers) and answers the others."""
 
-    def __init__(self) -> None:
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def _chat(self, request: web.Request) -> web.Response:
+    async def chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         long = body["messages"][-1]["content"] == "long"
         return web.Response(body=_TOO_LONG if long else _ANSWER, status=400 if long else 200,
                             content_type="application/json")
-
-    async def __aenter__(self) -> NarrowCanary:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
 
 STABLE = SimConfig(models={"m": ModelSpec(default="stable says hi"), "same": ModelSpec(default="same canary")},

@@ -20,7 +20,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.router.domain import bucket
 from lockgate.signing import Signer
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import sink_stored
+from tests.helpers import ChatUpstream, sink_stored
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import _pass, _start, serving
 
@@ -39,32 +39,15 @@ _ANSWER = msgspec.json.encode({
 _ERROR = msgspec.json.encode({"error": {"message": "cannot answer that", "type": "server_error"}})
 
 
-class PickyCanary:
+class PickyCanary(ChatUpstream):
     """A canary upstream that answers every prompt but `tricky`, which it answers with an error body (HTTP 200:
     the router's `upstream_error`, a failure of the release, not retried): a release that breaks on some of
     its real users' prompts and on none of the prompts a caller who knows it chooses."""
 
-    def __init__(self) -> None:
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def _chat(self, request: web.Request) -> web.Response:
+    async def chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         tricky = body["messages"][-1]["content"] == "tricky"
         return web.Response(body=_ERROR if tricky else _ANSWER, content_type="application/json")
-
-    async def __aenter__(self) -> PickyCanary:
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._runner is not None
-        await self._runner.cleanup()
 
 
 @pytest.fixture

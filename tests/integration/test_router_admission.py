@@ -40,7 +40,7 @@ from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.store import Store
 from lockgate.subjects import Subjects
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import Relay, Replicas
+from tests.helpers import ChatUpstream, Relay, Replicas
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -621,23 +621,24 @@ async def test_embeddings_are_cached_on_a_deployment_that_opted_in(settings: Set
     assert [a.headers.get("x-lockgate-cache") for a in chat] == [None, None] and sim.requests[MODEL] == 3
 
 
-class _HoldingUpstream:
+class _HoldingUpstream(ChatUpstream):
     """An upstream that takes bodies up to 8 MiB and holds a large one until `release` is set: a large request is
     still being forwarded while the test sends others."""
 
+    client_max_size = 8 * 1024 * 1024
+
     def __init__(self) -> None:
+        super().__init__()
         self.sizes: list[int] = []
         self.release = asyncio.Event()
         self._large = asyncio.Condition()
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
     async def large_arrived(self) -> None:
         """Wait until a large request reached the upstream."""
         async with self._large:
             await self._large.wait_for(lambda: any(n > MAX_KEYED_BYTES for n in self.sizes))
 
-    async def _chat(self, request: web.Request) -> web.Response:
+    async def chat(self, request: web.Request) -> web.Response:
         size = len(await request.read())
         async with self._large:
             self.sizes.append(size)
@@ -646,19 +647,9 @@ class _HoldingUpstream:
             await self.release.wait()
         return web.Response(body=_COMPLETION, content_type="application/json")
 
-    async def __aenter__(self) -> _HoldingUpstream:
-        app = web.Application(client_max_size=8 * 1024 * 1024)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/v1"
-        return self
-
     async def __aexit__(self, *exc: object) -> None:
         self.release.set()
-        assert self._runner is not None
-        await self._runner.cleanup()
+        await super().__aexit__(*exc)
 
 
 _COMPLETION = msgspec.json.encode({
