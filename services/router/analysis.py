@@ -43,8 +43,8 @@ from lockgate.gatestats import sequential
 from lockgate.services.router import drifts
 
 Verdict = Literal["SUCCESSFUL", "FAILED", "INCONCLUSIVE", "WAITING"]
-MetricName = Literal["error_rate", "client_error_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50", "ttft_p95",
-                     "ttft_p99", "tokens_per_request", "cost_per_request", "score", "drift"]
+MetricName = Literal["error_rate", "client_error_rate", "latency_p50", "latency_p95", "latency_p99", "ttft_p50",
+                     "ttft_p95", "ttft_p99", "tokens_per_request", "cost_per_request", "score", "drift"]
 METRICS: tuple[str, ...] = MetricName.__args__  # type: ignore[attr-defined]
 _QUANTILES = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
 _UNITS = {"error_rate": "", "client_error_rate": "", "latency": " ms", "ttft": " ms", "tokens_per_request": " tokens",
@@ -154,9 +154,9 @@ class AnalysisSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     def judged(self) -> list[MetricSpec]:
         """The metrics a look judges: `metrics`, and when they judge `error_rate` but not `client_error_rate`, the
         latter with the first error_rate's `max_increase` (its `max` when it has none) as its `max_increase` (its
-        `max_ratio` when it has neither), dry run if that is. Relative only: an application whose clients send many bad bodies has a high share on both
-        arms. Left out, a canary refusing a part of its requests with a 4xx would be judged on the rest and
-        promoted (probe p15 F2)."""
+        `max_ratio` when it has neither), dry run if that is. Relative only: an application whose clients send many
+        bad bodies has a high share on both arms. Left out, a canary refusing a part of its requests with a 4xx
+        would be judged on the rest and promoted (probe p15 F2)."""
         names = {m.name for m in self.metrics}
         first = next((m for m in self.metrics if m.name == "error_rate"), None)
         if first is None or "client_error_rate" in names:

@@ -104,7 +104,9 @@ async def test_an_eval_run_without_a_policy_is_a_measurement_the_serving_release
         await sub.unsubscribe()
     assert (await current_decision(bus, "r2")).id == serving["pass"].id
     state = await route(serving["router"])
-    assert (state["phase"], state["canary"]["release"]) == ("progressing", "r2"), state
+    # Not rolled back: still the canary's rollout (its steps may have run on to the promotion meanwhile, on a busy
+    # machine), never aborted by a decision the measurement made.
+    assert (state["phase"], state["canary"]["release"]) in {("progressing", "r2"), ("promoted", "r2")}, state
     # And the CLI says so: exit 0 is "the eval completed", no gate was asked.
     assert "gate: none (a measurement" in measured.output, measured.output
 
@@ -123,7 +125,9 @@ async def test_an_eval_run_on_another_suite_than_the_pass_is_refused_before_anyt
     assert "--replace-pass" in refused.output
     assert (await current_decision(bus, "r2")).id == serving["pass"].id
     state = await route(serving["router"])
-    assert (state["phase"], state["canary"]["release"]) == ("progressing", "r2"), state
+    # Not rolled back: still the canary's rollout (its steps may have run on to the promotion meanwhile, on a busy
+    # machine), never aborted by a decision the measurement made.
+    assert (state["phase"], state["canary"]["release"]) in {("progressing", "r2"), ("promoted", "r2")}, state
 
     # Asked for on purpose, it is requested and judged: the gates file's suite is required, so a BLOCK naming it.
     judged = await eval_run(settings, serving["sim"], other, "--policy", files["strict"], "--replace-pass")
