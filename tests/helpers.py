@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -471,7 +472,7 @@ async def delete_topology(settings: Settings) -> None:
     await nc.close()
 
 
-class ChatUpstream:
+class ChatUpstream(abc.ABC):
     """A test double of an OpenAI-compatible upstream on 127.0.0.1 (`url` ends in /v1): a subclass's `chat` answers
     POST /v1/chat/completions; `client_max_size` is the largest body it takes."""
 
@@ -481,8 +482,9 @@ class ChatUpstream:
         self._runner: web.AppRunner | None = None
         self.url = ""
 
+    @abc.abstractmethod
     async def chat(self, request: web.Request) -> web.Response:
-        raise NotImplementedError
+        """The answer to one chat completions request."""
 
     async def __aenter__(self) -> Any:
         app = web.Application(client_max_size=self.client_max_size)

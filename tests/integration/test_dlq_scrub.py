@@ -10,7 +10,6 @@ import json
 import random
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
@@ -19,11 +18,11 @@ import pytest
 from lockgate import bus as bus_module
 from lockgate.bus import MAX_LETTER_PAYLOAD, Bus
 from lockgate.codec import encode
-from lockgate.config import Settings
 from lockgate.contracts import InferenceEvent
 from lockgate.errors import BusUnavailable
 from lockgate.server.runtime import Runtime
 from tests.helpers import run_cli
+from tests.integration.test_app_credentials import stack  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,16 +31,10 @@ pytestmark = pytest.mark.timeout(120)
 _GUARD_S = 10.0
 
 
-@pytest.fixture
-async def stack(settings: Settings) -> AsyncIterator[Runtime]:
-    runtime = Runtime(settings.replace(nats_url="nats://127.0.0.1:0"), services=["sink", "gateway", "gatekeeper"])
-    await runtime.start()
-    yield runtime
-    await runtime.stop()
 
 
 async def test_large_garbage_is_scrubbed_off_the_loop_once_and_holds_back_no_event(
-        stack: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+        stack: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     created = await run_cli(stack, "app-credential", "create", "--tenant", "acme", "--app", "shop", "--json")
     assert created.exit_code == 0, created.output
     secret = json.loads(await asyncio.to_thread(Path(json.loads(created.output)["file"]).read_text))

@@ -160,14 +160,7 @@ async def test_a_block_of_the_stable_rolls_it_back_while_a_canary_of_another_rel
         router: Any, http: aiohttp.ClientSession, signer: Signer) -> None:
     # `same` was promoted (known-good); a canary of `echo` then starts from it and waits for its decision. The
     # gate now BLOCKs `same`: it must stop serving (back to r1, the newest known-good), not keep 100%.
-    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
-    await _pass(router, signer, "same")
-    async with http.post(f"{router.url}{DEPLOYMENT}/promote") as resp:
-        assert resp.status == 200, await resp.text()
-    # Steps an hour apart: at the tests' router interval (0.05 s) the canary was promoted before a test could abort it.
-    async with http.put(f"{router.url}{DEPLOYMENT}", json={"stable_release": "same", "canary_release": "echo",
-                                                           "strategy": {"steps": [50, 100], "interval_s": 3600}}) as resp:
-        assert resp.status == 200, await resp.text()
+    await _promoted_then_canary(router, http, signer)
     bus = router.ctx.bus
     blocked = signer.sign(GateDecided(release="same", rules=[], decision="BLOCK", reason="leaks PII"))
     await gate_decided(bus, blocked)
