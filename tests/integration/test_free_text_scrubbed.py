@@ -41,11 +41,16 @@ async def stack(settings: Settings) -> AsyncIterator[Runtime]:
     await runtime.stop()
 
 
-async def test_an_apps_own_event_over_nats_keeps_no_secret_in_any_table_cost_event_or_drift_snapshot(
-        stack: Runtime) -> None:
+async def _web_credential(stack: Runtime) -> dict[str, Any]:
+    """acme/web's own NATS user, as `lockgate app-credential create` writes it."""
     created = await run_cli(stack, "app-credential", "create", "--tenant", "acme", "--app", "web", "--json")
     assert created.exit_code == 0, created.output
-    cred = json.loads(await asyncio.to_thread(Path(json.loads(created.output)["file"]).read_text))
+    return json.loads(await asyncio.to_thread(Path(json.loads(created.output)["file"]).read_text))
+
+
+async def test_an_apps_own_event_over_nats_keeps_no_secret_in_any_table_cost_event_or_drift_snapshot(
+        stack: Runtime) -> None:
+    cred = await _web_credential(stack)
     bus, s = stack.ctx.bus, stack.ctx.bus.subjects
     key, token = "sk-proj-" + secrets.token_urlsafe(30), "ghp_" + "A1b2" * 9
     planted = (key, token)
@@ -136,9 +141,7 @@ async def test_an_event_whose_id_reads_as_a_key_is_refused_alone_from_its_array_
     # Probe p16: the id of one event of ten, `sk-proj-...`, had the whole array lettered under `$.id`, its nine valid
     # neighbours neither stored nor billed; and a random 40-character base62 id (the shape of a bare AWS secret key)
     # was refused as a credential.
-    created = await run_cli(stack, "app-credential", "create", "--tenant", "acme", "--app", "web", "--json")
-    assert created.exit_code == 0, created.output
-    cred = json.loads(await asyncio.to_thread(Path(json.loads(created.output)["file"]).read_text))
+    cred = await _web_credential(stack)
     bus, s = stack.ctx.bus, stack.ctx.bus.subjects
     key = "sk-proj-" + "Ab3" * 16
     base62 = "".join(secrets.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") for _ in range(39))
