@@ -23,7 +23,7 @@ from lockgate.server.apikeys import Bootstrap, KeyStore
 from lockgate.services.router.domain import Route
 from lockgate.signing import Signer
 from lockgate.subjects import token
-from tests.helpers import judged
+from tests.helpers import judged, store_decision
 from tests.integration import test_rollout_analysis as analysis_tests
 from tests.integration.test_rollout_analysis import ERRORS, _pass, _start, _traffic_until
 
@@ -87,6 +87,38 @@ async def test_watch_stops_with_its_own_exit_code_on_abort_and_after_its_timeout
         assert resp.status == 200
     aborted = await _cli(router, "watch", "chat")
     assert aborted.exit_code == 6 and "aborted same: by operator" in aborted.output
+
+
+async def test_watch_ends_with_exit_6_when_another_rollout_replaces_the_one_it_follows(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, keys: Bootstrap) -> None:
+    # Probe p20 F10: a pipeline's `watch` of its canary exited 0 when another canary of the deployment, started by
+    # someone else, was promoted: the exit code said "some rollout finished", not "mine did".
+    await _start(http, router, "same", {"steps": [50, 100], "interval_s": 3600})
+    elsewhere = await _cli(router, "watch", "chat", "--release", "other", "--timeout", "5")
+    assert elsewhere.exit_code == 6 and "chat is rolling out same, not other" in elsewhere.output, elsewhere.output
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "lockgate.cli", *_base(router), "--api-key", keys.admin_key, "watch", "chat", "--json",
+        "--release", "same", "--timeout", "60", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "LOCKGATE_CLICKHOUSE_URL": router.ctx.settings.clickhouse_url})
+    assert proc.stdout is not None
+    assert json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))["canary"] == "same"  # the watch is open
+    await _start(http, router, "bad", {"steps": [100], "interval_s": 0.2})
+    await _pass(router, signer, "bad")
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 6, err.decode()
+    assert "rollout of same on chat was replaced by one of bad" in err.decode()
+
+
+async def test_start_of_a_canary_the_gate_refuses_exits_6(router: Any, http: aiohttp.ClientSession,
+                                                           signer: Signer) -> None:
+    # Probe p20 F4: the router takes a BLOCKed canary and aborts it at once (200, phase aborted); `rollout start`
+    # exited 0, which a pipeline reads as "canary started".
+    await store_decision(router.ctx.bus, signer.sign(GateDecided(release="same", rules=[], decision="BLOCK",
+                                                                reason="toxicity")))
+    started = await _cli(router, "start", "chat", "--stable", "r1", "--canary", "same", "--json")
+    assert started.exit_code == 6, started.output
+    assert json.loads(started.stdout) == {
+        "error": "rollout of same on chat aborted at once: aborted same: gate BLOCK: toxicity", "exit_code": 6}
 
 
 async def test_watch_whose_key_is_revoked_ends_saying_so(router: Any, http: aiohttp.ClientSession) -> None:

@@ -320,6 +320,14 @@ def finished(route: dict[str, Any]) -> bool:
         route.get("phase") == "aborted" or (route.get("phase") == "promoted" and not route.get("verifying")))
 
 
+def attempt(route: dict[str, Any]) -> tuple[str, float | None]:
+    """Which rollout a route shows: its canary and when that canary started, or a first release's stable."""
+    canary = (route.get("canary") or {}).get("release")
+    if canary:
+        return canary, route.get("started_at")
+    return (route.get("stable") or {}).get("release", ""), None
+
+
 def verified_runs(settings: Any, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Stored analysis records with their signature checked: `verified` and, if not, why (`signature_error`)."""
     from lockgate import analysisruns
@@ -458,7 +466,12 @@ def register(cli: click.Group) -> None:
             if canary is None:
                 raise ConfigError("--initial-weight is a canary's: give --canary too (a first release serves 100%)")
             body["initial_weight"] = initial_weight
-        show(admin(ctx).call("PUT", _at(deployment), body), as_json)
+        route = admin(ctx).call("PUT", _at(deployment), body)
+        # The router takes a canary the gate refuses and aborts it at once (200, phase aborted): a pipeline's
+        # `rollout start` must not read that as "canary started" (probe p20 F4).
+        if canary is not None and route.get("phase") == "aborted" and attempt(route)[0] == canary:
+            raise RolloutAborted(f"rollout of {canary} on {deployment} aborted at once: {route.get('reason', '')}")
+        show(route, as_json)
 
     def action(name: str, doc: str, *, reason: bool = False) -> None:
         @click.argument("deployment")
@@ -531,16 +544,23 @@ def register(cli: click.Group) -> None:
     @click.argument("deployment")
     @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=600.0, show_default=True,
                   help="Give up after this many seconds (exit code 5).")
+    @click.option("--release", "release", default=None, metavar="RELEASE",
+                  help="The release whose rollout to follow (a pipeline's own): exit 6 if the deployment rolls out "
+                       "another one.")
     @json_option
     @click.pass_context
     @handle_errors
-    def watch(ctx: click.Context, deployment: str, timeout_s: float, as_json: bool) -> None:
+    def watch(ctx: click.Context, deployment: str, timeout_s: float, release: str | None, as_json: bool) -> None:
         """Follow the rollout live: a line per change (step, weights, analysis values against thresholds, last
-        decision and reason), until it completes (exit 0) or aborts (exit 6); --json: one JSON object per line."""
+        decision and reason), until it completes (exit 0) or aborts or is replaced by another rollout (exit 6);
+        --json: one JSON object per line."""
         deadline = time.monotonic() + timeout_s
         client = admin(ctx)
         client.timeout_s = timeout_s
         last: dict[str, Any] | None = None
+        # The rollout this watch follows: the first one it sees (or --release's). A PUT of another canary, or a
+        # retry, while it runs is another rollout: its promotion is not this one's (probe p20 F10).
+        mine: tuple[str, float | None] | None = None
         while time.monotonic() <= deadline:
             with contextlib.suppress(TimeoutError):  # the stream went idle past the deadline: timed out below
                 # The router pushes each change (and a keepalive line when idle); the socket waits, nothing polls.
@@ -549,6 +569,15 @@ def register(cli: click.Group) -> None:
                         break
                     if route is None:
                         continue
+                    now_on = attempt(route)
+                    if mine is None:
+                        if release is not None and now_on[0] != release:
+                            raise RolloutAborted(f"{deployment} is rolling out {now_on[0] or 'nothing'}, not "
+                                                 f"{release}")
+                        mine = now_on
+                    elif now_on != mine:
+                        raise RolloutAborted(f"rollout of {mine[0]} on {deployment} was replaced by one of "
+                                             f"{now_on[0] or 'nothing'}: {route.get('reason', '')}")
                     view = watch_view(route)
                     if view != last:
                         if as_json:
