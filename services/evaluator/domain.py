@@ -532,3 +532,20 @@ def case_fact(r: CaseResult) -> EvalCaseResult:
                           output=r.output, scores=dict(r.scores), latency_ms=r.latency_ms,
                           input_tokens=r.input_tokens, output_tokens=r.output_tokens, error=r.error,
                           details=dict(r.details))
+
+
+def fact_case(c: EvalCaseResult) -> CaseResult:
+    """One published case as the run's result (its expected value as text, as `eval_cases` stores it)."""
+    return CaseResult(case_id=c.case_id, repeat=c.repeat, input=c.input, expected=c.expected, output=c.output,
+                      scores=dict(c.scores), latency_ms=c.latency_ms, input_tokens=c.input_tokens,
+                      output_tokens=c.output_tokens, error=c.error, details=dict(c.details))
+
+
+def finished(stored: Sequence[CaseResult], published: Sequence[CaseResult]) -> list[CaseResult]:
+    """The cases a run has answered, one per (case, repeat): those the sink stored, then those published (oldest
+    first) that it has not stored yet. The stored one wins, and the first published one after it, since the sink
+    keeps the first it stores."""
+    out: dict[tuple[str, int], CaseResult] = {}
+    for r in [*stored, *published]:
+        out.setdefault((r.case_id, r.repeat), r)
+    return list(out.values())

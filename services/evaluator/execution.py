@@ -178,11 +178,17 @@ class Execution:
         except (NotFound, ConfigError):
             return None
 
-    async def execute(self, req: EvalRequested, loaded: Loaded) -> Outcome:
-        """Run the cases not stored yet, then summarise all of them."""
+    async def execute(self, req: EvalRequested, loaded: Loaded, cases_after: int = 0) -> Outcome:
+        """Run the cases not answered yet, then summarise all of them. The answered ones are those stored and those
+        published after the facts stream's sequence `cases_after` (the run's record says where its cases start)
+        that the sink has not stored yet: none is asked again. A case asked but not yet published when the
+        evaluator died (its batch not acknowledged by JetStream) is asked again."""
         suite, cases = loaded.suite, loaded.cases
         keys = {(c.id, r) for c in cases for r in range(suite.repeats)}
-        finished = [r for r in await persist.run_cases(self.ctx.bus, req.run_id) if (r.case_id, r.repeat) in keys]
+        # The table first: a case it holds has left the stream after `max_age_s`, or is also in it.
+        stored = await persist.run_cases(self.ctx.bus, req.run_id)
+        published = await persist.published_cases(self.ctx.bus, req.run_id, cases_after)
+        finished = [r for r in domain.finished(stored, published) if (r.case_id, r.repeat) in keys]
         # Every case a run stores says which binding it was asked under; the run's is fixed when it starts, so
         # another here was stored by an evaluator that did not record it (or for another binding): resumed, those
         # answers would be judged as this binding's, and asked again, the sink would keep the first (one row per
@@ -194,7 +200,7 @@ class Execution:
                 f"on ({loaded.binding}); run the eval again under a new run id"))
         skip = {(r.case_id, r.repeat) for r in finished}
         if finished:
-            log.info("eval %s resumes: %d of %d cases already stored", req.run_id, len(finished), len(keys))
+            log.info("eval %s resumes: %d of %d cases already answered", req.run_id, len(finished), len(keys))
         ticker = Ticker(self._progress_sink(req.run_id), req.run_id, len(keys), done=len(finished),
                         errors=sum(1 for r in finished if r.error))
         await ticker.send()

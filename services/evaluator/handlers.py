@@ -26,7 +26,7 @@ DRAIN_S = 10.0
 
 
 class EvaluatorStopping(Retryable):
-    """The evaluator stopped mid-run; the request is redelivered and resumes from the stored cases."""
+    """The evaluator stopped mid-run; the request is redelivered and resumes from the cases it published."""
 
 
 @contextlib.asynccontextmanager
@@ -117,7 +117,7 @@ class EvalHandlers:
                 else:
                     await ex.finish(req, load_error(exc), [], binding, event_id)
                 return
-            outcome = await ex.execute(req, loaded)
+            outcome = await ex.execute(req, loaded, run.cases_after)
             span.set_attribute("lockgate.cases", len(outcome.results))
             span.set_attribute("lockgate.status", outcome.status)
             if req.rerun_of:  # never an EvalCompleted: a rerun must not move any gate

@@ -9,16 +9,20 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from lockgate.batcher import Batcher
 from lockgate.bus import Bus
+from lockgate.codec import Codec
 from lockgate.contracts import EvalCaseResult, EvalCasesRecorded
-from lockgate.errors import BusUnavailable
+from lockgate.errors import BusUnavailable, InvalidEvent
 from lockgate.ids import derived_id
 from lockgate.queryclient import ask, ask_pages
 from lockgate.retry import RetryPolicy
 from lockgate.services.evaluator import domain
 
 log = logging.getLogger("lockgate.evaluator.persist")
+_facts: Codec[EvalCasesRecorded] = Codec(EvalCasesRecorded)
 
 
 class CaseWriter:
@@ -26,8 +30,9 @@ class CaseWriter:
 
     A batch's id, its Nats-Msg-Id, derives from the run and the batch's (case, repeat) keys, so a batch
     published again is dropped by JetStream; a case published again in another batch (a resumed run
-    re-running a case the sink had not stored yet) is dropped by the sink, which stores each
-    (run, case, repeat) once. So no path, cancellation included, stores a case twice.
+    re-running a case whose batch the stopped evaluator published without seeing it acknowledged, or past the
+    stream's age) is dropped by the sink, which stores each (run, case, repeat) once. So no path, cancellation
+    included, stores a case twice.
     """
 
     def __init__(self, bus: Bus, run_id: str, release: str, *, tenant: str = "default", batch: int = 256,
@@ -62,7 +67,7 @@ class CaseWriter:
 
     async def close(self) -> None:
         """Publish what is left and wait for it; raises BusUnavailable if any case could not be published
-        (the eval is then redelivered and resumes from what the sink stored)."""
+        (the eval is then redelivered and resumes from what was published)."""
         await self._batcher.close()
         if self._batcher.failed or self._batcher.dropped:
             raise BusUnavailable(f"eval {self.run_id}: {self._batcher.failed + self._batcher.dropped} case "
@@ -86,6 +91,26 @@ async def run_cases(bus: Bus, run_id: str) -> list[domain.CaseResult]:
     rows = await ask_pages(bus, "eval_case_results", {"run_id": run_id},
                            after=lambda r: {"after_case": r["case_id"], "after_repeat": r["repeat"]})
     return [_result(r) for r in rows]
+
+
+async def published_cases(bus: Bus, run_id: str, after: int) -> list[domain.CaseResult]:
+    """The cases of a run published after the facts stream's sequence `after`, oldest first, whether or not the
+    sink has stored them: read from the stream, which keeps them for its `max_age_s` (7 days), not from the table.
+
+    A resumed run that read only the table asked again every case the sink had not stored yet (it was behind, or
+    down), and paid the upstream twice for it."""
+    out: list[domain.CaseResult] = []
+    named = msgspec.json.encode(run_id)  # other runs' batches are skipped undecoded
+    async for _, _, data in bus.stored_after(bus.subjects.streams["facts"].name, bus.subjects.eval_cases, after):
+        if named not in data:
+            continue
+        try:
+            fact = _facts.decode(data)
+        except InvalidEvent:
+            continue  # not a batch of cases (the sink dead-letters it): nothing of this run's answers
+        if fact.run_id == run_id:
+            out.extend(domain.fact_case(c) for c in fact.cases)
+    return out
 
 
 async def baseline_run(bus: Bus, release: str, suite: str) -> str | None:

@@ -753,6 +753,24 @@ class Bus:
             yield msg.seq, msg.subject or "", msg.data or b""
             seq = msg.seq + 1
 
+    async def last_seq(self, stream: str) -> int:
+        """The sequence of the last message `stream` stored (0 if it never stored one)."""
+        try:
+            state = (await self._unless_refused(f"{_API}.STREAM.INFO.{stream}",
+                                                lambda: self.js.stream_info(stream))).state
+        except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
+            raise BusUnavailable(f"cannot read the state of stream {stream}: {exc!r}") from None
+        return int(state.last_seq or 0)
+
+    async def stored_after(self, stream: str, subject: str, seq: int) -> AsyncIterator[tuple[int, str, bytes]]:
+        """The sequence, subject and bytes of each message on `subject` (wildcards allowed) stored after sequence
+        `seq`, oldest first, up to the stream's last message when called; read by message gets, as `stored_since`."""
+        last = await self.last_seq(stream)
+        seq += 1
+        while seq <= last and (msg := await self._next_stored(stream, subject, seq)) is not None and msg.seq <= last:
+            yield msg.seq, msg.subject or "", msg.data or b""
+            seq = msg.seq + 1
+
     async def _next_stored(self, stream: str, subject: str, seq: int) -> Any:
         """The first stored message on `subject` at or after `seq`, or None."""
         try:

@@ -32,6 +32,10 @@ class EvalRun(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag="
 
     request: EvalRequested
     bundle: dict[str, Any] | None = None
+    # The facts stream's last sequence when the run was recorded: every case the run publishes is stored after it,
+    # so a resumed run reads the cases it published from there (those the sink has not stored yet included).
+    # 0 in a record an older evaluator wrote: the stream is read from its start.
+    cases_after: int = 0
 
     @property
     def binding(self) -> ReleaseBinding:
@@ -77,7 +81,8 @@ async def record_request(bus: Any, req: EvalRequested) -> EvalRun:
                     _taken(req, recorded.request if isinstance(recorded, EvalRun) else recorded)
                 # The bare request, recorded by an earlier evaluator: the bundle is recorded now. The cases it
                 # stored carry no binding, so none of them is taken as asked under this one (Execution.execute).
-            run = EvalRun(request=req, bundle=await _bundle(bus, req.release))
+            run = EvalRun(request=req, bundle=await _bundle(bus, req.release),
+                          cases_after=await bus.last_seq(bus.subjects.streams["facts"].name))
             try:
                 if entry is None:
                     await kv.create(key, encode(run))

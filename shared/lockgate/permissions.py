@@ -279,6 +279,9 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(_read_kv(s.kv_releases))  # a release's model config: it evaluates what the release ships
         g.add(_write_kv(s.kv_eval_cache)).add(_write_kv(s.kv_eval_runs))
         g.add(Grant(publish=[s.eval_completed, s.lineage_run, s.eval_cases, f"{s.prefix}.progress.eval.>", s.query]))
+        # A resumed run reads the cases it published back from the facts stream, those the sink has not stored yet
+        # included, so it asks none of them again (the query service reads only what is stored).
+        g.add(_read_stream(s.streams["facts"].name))
         g.add(Grant(publish=[s.eval_reran]))  # reruns of stored runs, which no gate acts on
         g.add(Grant(publish=[s.eval_scores_all]))  # online scores of sampled live traffic
         g.add(_read_kv(s.kv_gitops))  # each deployment's online_eval, as last applied

@@ -1,0 +1,46 @@
+"""What a resumed run takes as answered (probe p1): the cases the sink stored, and those the run published that
+the sink has not stored yet, one per (case, repeat), so none is asked again."""
+
+from __future__ import annotations
+
+import msgspec
+
+from lockgate.codec import Codec, encode
+from lockgate.contracts import EvalRequested
+from lockgate.evalruns import EvalRun
+from lockgate.services.evaluator import domain
+
+
+def _case(case_id: str, repeat: int = 0, output: str = "") -> domain.CaseResult:
+    return domain.CaseResult(case_id=case_id, repeat=repeat, input="q", expected="a", output=output,
+                             scores={"exact_match": 1.0}, latency_ms=3.5, input_tokens=4, output_tokens=2,
+                             details={"binding": "sha256:b"})
+
+
+def test_a_published_case_reads_back_as_it_was_answered() -> None:
+    case = _case("c1", 1, "a")
+    assert domain.fact_case(domain.case_fact(case)) == case
+
+
+def test_a_published_expected_value_reads_back_as_text_as_the_table_stores_it() -> None:
+    case = domain.CaseResult(case_id="c1", repeat=0, input="q", expected={"n": 1})
+    assert domain.fact_case(domain.case_fact(case)).expected == '{"n": 1}'
+
+
+def test_answered_cases_are_the_stored_ones_then_the_published_ones_the_sink_has_not_stored() -> None:
+    stored = [_case("c1", 0, "stored"), _case("c2", 0, "stored")]
+    published = [_case("c2", 0, "published"), _case("c3", 0, "first"), _case("c3", 1, "first"),
+                 _case("c3", 0, "again")]
+    got = {(r.case_id, r.repeat): r.output for r in domain.finished(stored, published)}
+    # The sink keeps the first answer it stores: the stored one, else the first published.
+    assert got == {("c1", 0): "stored", ("c2", 0): "stored", ("c3", 0): "first", ("c3", 1): "first"}
+    assert domain.finished([], []) == []
+
+
+def test_a_record_says_where_its_published_cases_start_and_an_older_one_reads_from_the_start() -> None:
+    records: Codec[EvalRun] = Codec(EvalRun)
+    req = EvalRequested(run_id="run-1", release="r", suite="sha256:s", endpoint="default")
+    assert records.decode(encode(EvalRun(request=req, cases_after=42))).cases_after == 42
+    older = msgspec.json.decode(encode(EvalRun(request=req, cases_after=42)))
+    del older["cases_after"]
+    assert records.decode(msgspec.json.encode(older)) == EvalRun(request=req, cases_after=0)
