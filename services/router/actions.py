@@ -93,7 +93,7 @@ class ActionRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 
     weight: Annotated[float, msgspec.Meta(ge=0, le=100)] | None = None  # percent, set-weight only
     # approve only: the pause step approved (the route's `step`), of the canary of this release (its `canary.release`),
-    # in the rollout attempt that started then (its `started_at`; optional)
+    # in the rollout attempt that started then (its `started_at`)
     step: Annotated[int, msgspec.Meta(ge=0)] | None = None
     canary: str = ""
     started_at: float | None = None
@@ -129,13 +129,14 @@ class Actions:
             body = _decoder.decode(raw) if raw.strip() else ActionRequest()
             if action == "set-weight" and body.weight is None:
                 raise InvalidRequest('set-weight needs {"weight": PERCENT}')
-            if action == "approve" and (body.step is None or not body.canary):
+            if action == "approve" and (body.step is None or not body.canary or body.started_at is None):
                 # Unbound, a repeated or concurrent approval ended the next pause too (probe p9); bound to the step
-                # alone, the same step of another canary or rollout attempt (probe p13).
-                raise InvalidRequest('approve needs {"step": N, "canary": RELEASE}: the pause step approved and the '
-                                     'canary release it holds, as the route shows them (its `step` and '
-                                     '`canary.release`; `started_at` too binds it to that rollout attempt); an '
-                                     'approval ends that pause only (`resume` ends whichever holds the rollout)')
+                # alone, the same step of another canary or rollout attempt (probe p13); without the attempt, the
+                # same pause of a retried attempt (probe p18 F5: `started_at` was optional over HTTP).
+                raise InvalidRequest('approve needs {"step": N, "canary": RELEASE, "started_at": T}: the pause step '
+                                     'approved, the canary release it holds and the rollout attempt, as the route '
+                                     'shows them (its `step`, `canary.release` and `started_at`); an approval ends '
+                                     'that pause only (`resume` ends whichever holds the rollout)')
             if action != "approve" and (body.step is not None or body.canary or body.started_at is not None):
                 raise InvalidRequest(f'"step", "canary" and "started_at" bind an approval to its pause: {action} '
                                      'takes none')

@@ -162,7 +162,7 @@ async def test_a_deployment_nothing_serves_is_not_found_on_every_read_and_action
         for method, path, body in (("GET", "", None), ("GET", "/shadow", None), ("GET", "/watch", None),
                                    ("POST", "/promote", None), ("POST", "/abort", None), ("POST", "/retry", None),
                                    ("POST", "/undo", None), ("POST", "/pause", None), ("POST", "/resume", None),
-                                   ("POST", "/approve", b'{"step": 1, "canary": "r2"}'),
+                                   ("POST", "/approve", b'{"step": 1, "canary": "r2", "started_at": 1.0}'),
                                    ("POST", "/set-weight", b'{"weight": 30}'), ("PATCH", "", b'{"weight": 30}'),
                                    ("DELETE", "/break-glass", None)):
             status, _, answer = await _raw(http, router, method, f"{BASE}/{name}{path}", body)

@@ -26,7 +26,11 @@ replicas = replica_tests.replicas
 pytestmark = pytest.mark.timeout(120)
 PAUSES = {"steps": [{"pause": {}}, {"pause": {}}, {"pause": {}}, {"pause": {}}, 100], "interval_s": 3600}
 DEPLOYMENT = "/lockgate/v1/deployments/chat"
-STEP1 = {"step": 1, "canary": "same"}  # the pause the fixture's rollout waits at, of its canary
+
+
+def _step1(router: Any) -> dict[str, Any]:
+    """The approval of the pause the fixture's rollout waits at: its step, its canary and its attempt."""
+    return {"step": 1, "canary": "same", "started_at": router.rollouts.route("chat").started_at}
 
 
 async def _approve(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
@@ -48,7 +52,8 @@ async def paused(router: Any, http: aiohttp.ClientSession, signer: Signer) -> An
 async def test_concurrent_approvals_of_one_pause_end_it_once(paused: Any, http: aiohttp.ClientSession) -> None:
     # Two operators approving the same pause, or a client retrying one whose answer it missed: each was applied on
     # the route the previous one left, where the next pause waited, so four ended four pauses (0% -> 100%).
-    answers = await asyncio.gather(*(_approve(http, paused.url, STEP1) for _ in range(4)))
+    step1 = _step1(paused)
+    answers = await asyncio.gather(*(_approve(http, paused.url, step1) for _ in range(4)))
     statuses = sorted(status for status, _ in answers)
     assert statuses == [200, 409, 409, 409], answers
     for status, body in answers:
@@ -65,18 +70,21 @@ async def test_concurrent_approvals_of_one_pause_end_it_once(paused: Any, http: 
 
 async def test_a_stale_or_unbound_approval_is_refused_and_moves_nothing(
         paused: Any, http: aiohttp.ClientSession) -> None:
-    status, body = await _approve(http, paused.url, STEP1)
+    step1 = _step1(paused)
+    status, body = await _approve(http, paused.url, step1)
     assert status == 200 and body["step"] == 2, body
     held = paused.rollouts.route("chat")
     # Sequentially the same as concurrently: the approval of step 1 again (a retry, a second operator) is refused.
-    for stale in (STEP1, {"step": 3, "canary": "same"}):
+    for stale in (step1, {**step1, "step": 3}):
         status, body = await _approve(http, paused.url, stale)
         assert status == 409 and body["error"]["code"] == "not_at_step", body
     assert "(not reached yet): it is now at step 2" in body["error"]["message"], body
-    # No step: refused as malformed, naming the field, whatever the route's state.
-    for unbound in (None, {"step": 2}):
+    # No step, canary or attempt: refused as malformed, naming the fields, whatever the route's state. Without
+    # the attempt (probe p18 F5), an HTTP client's approval of one attempt's pause ended a retried attempt's.
+    for unbound in (None, {"step": 2}, {"step": 2, "canary": "same"}):
         status, body = await _approve(http, paused.url, unbound)
-        assert status == 400 and 'approve needs {"step": N, "canary": RELEASE}' in body["error"]["message"], body
+        assert status == 400 and 'approve needs {"step": N, "canary": RELEASE, "started_at": T}' in \
+            body["error"]["message"], body
     async with http.post(f"{paused.url}{DEPLOYMENT}/resume", json={"step": 2}) as resp:
         assert resp.status == 400 and '"step", "canary" and "started_at" bind an approval' in \
             (await resp.json())["error"]["message"]
@@ -129,9 +137,10 @@ async def test_an_approval_that_lost_the_compare_and_set_to_another_replicas_is_
         for r in (a, b):
             await r.rollouts.wait_for(lambda routes: "chat" in routes and routes["chat"].step_pause, timeout=10)
         monkeypatch.setattr(a.rollouts, "_on_entry", lambda entry: None)  # replica a's watch lags from here
-        assert (await _approve(http, b.url, {"step": 1, "canary": "r2"}))[0] == 200
+        step1 = {"step": 1, "canary": "r2", "started_at": b.rollouts.route("chat").started_at}
+        assert (await _approve(http, b.url, step1))[0] == 200
         assert a.rollouts.route("chat").step == 1  # a has not seen it
-        status, answer = await _approve(http, a.url, {"step": 1, "canary": "r2"})
+        status, answer = await _approve(http, a.url, step1)
     assert status == 409 and answer["error"]["code"] == "not_at_step", answer
     route = a.rollouts.route("chat")  # a reloaded the route it lost to
     assert (route.step, route.weight, route.paused) == (2, 0.0, True), route.reason
@@ -150,14 +159,14 @@ async def test_an_approval_ends_only_the_pause_of_the_canary_and_attempt_it_name
     await paused.rollouts.wait_for(lambda r: r["chat"].step_pause and r["chat"].step == 1, timeout=10)
     status, body = await _approve(http, paused.url, stale)  # the aborted attempt's approval
     assert status == 409 and "in another rollout attempt" in body["error"]["message"], body
-    status, body = await _approve(http, paused.url, {"step": 1, "canary": "other"})  # another canary's
+    status, body = await _approve(http, paused.url, {**_step1(paused), "canary": "other"})  # another canary's
     assert status == 409 and "the deployment now canaries release 'same'" in body["error"]["message"], body
     route = paused.rollouts.route("chat")
     assert (route.step, route.weight, route.paused, route.step_pause) == (1, 0.0, True, True), route.reason
     # An operator's pause over the pause step holds it: an approval no longer ends it, `resume` does.
     async with http.post(f"{paused.url}{DEPLOYMENT}/pause", json={"reason": "hold"}) as resp:
         assert resp.status == 200, await resp.text()
-    status, body = await _approve(http, paused.url, {**STEP1, "started_at": route.started_at})
+    status, body = await _approve(http, paused.url, _step1(paused))
     assert status == 409 and "no pause waits there" in body["error"]["message"], body
     assert paused.rollouts.route("chat").step == 1
 

@@ -45,7 +45,8 @@ async def test_approving_a_pause_step_never_gives_weight_to_a_canary_no_decision
         assert resp.status == 200, await resp.text()
     route = router.rollouts.route("chat")
     assert (route.canary.release, route.weight, route.phase) == ("bad", 0.0, "idle")
-    async with http.post(f"{router.url}{DEPLOYMENT}/approve", json={"step": route.step, "canary": "bad"},
+    async with http.post(f"{router.url}{DEPLOYMENT}/approve", json={"step": route.step, "canary": "bad",
+                                                                 "started_at": route.started_at},
                          headers=auth) as resp:
         body = await resp.text()
     route = router.rollouts.route("chat")
