@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from lockgate.contracts.inference import REQUEST_DIGEST
+from lockgate.contracts.inference import CLIENT_DISCONNECTED, REQUEST_DIGEST
 from lockgate.services.query.registry import Limit
 from lockgate.store import Store
 
@@ -74,9 +74,12 @@ def recorded_events(store: Store, app: str, release: str, tenant: str, since: da
     # Only served events: an application (of any tenant) may send events naming any release on its own subject.
     # Only with the router's request digest: a recorded case is scored only by the request its release's prompt
     # makes (evaluator recorded.py); the failed calls of those requests are evidence too, but a cache hit replays an
-    # earlier answer, no new one.
+    # earlier answer, no new one, and a client's own hang-up is no answer at all (probe p18 F1: one key hanging up on
+    # each case first made its hang-ups the cases' earliest events, errors of a release that answered every later
+    # ask right). A request the release's prompt renders exactly is the release's, so its 4xx still counts.
     where = ("tenant = {tenant:String} AND served AND app = {app:String} AND release = {release:String} "
-             f"AND mapContains(attributes, '{REQUEST_DIGEST}') AND attributes['cache'] != 'hit'")
+             f"AND mapContains(attributes, '{REQUEST_DIGEST}') AND attributes['cache'] != 'hit' "
+             f"AND error_type != '{CLIENT_DISCONNECTED}'")
     params: dict[str, Any] = {"tenant": tenant, "app": app, "release": release, "limit": max(0, limit)}
     if since is not None:
         where += " AND time >= {since:DateTime64(6, 'UTC')}"

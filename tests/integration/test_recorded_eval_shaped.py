@@ -48,6 +48,7 @@ class Steerable(SimServer):
     def __init__(self, answers: dict[str, str]) -> None:
         super().__init__(SimConfig(models={"m": ModelSpec(answers=answers)}))
         self.failing: set[str] = set()
+        self.unanswered: set[str] = set()  # questions it keeps its client waiting on, until the client hangs up
 
     def say(self, question: str, answer: str) -> None:
         self._models["m"].answers[question] = answer
@@ -55,6 +56,8 @@ class Steerable(SimServer):
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()  # aiohttp keeps the body: the simulator reads it again
         question = [m["content"] for m in body["messages"] if m["role"] == "user"][-1]
+        if question in self.unanswered:
+            await asyncio.Event().wait()  # cancelled when the router drops the call: its client hung up
         if question in self.failing:
             return web.json_response({"error": {"message": "overloaded", "type": "server_error"}}, status=500)
         told = [m["content"][len(DICTATE):] for m in body["messages"]
@@ -122,6 +125,21 @@ async def test_what_an_app_key_asks_besides_the_releases_prompt_does_not_change_
                 return resp.status, b"".join(lines).decode()
             data = await resp.json()
             return resp.status, data["choices"][0]["message"]["content"] if resp.status == 200 else None
+
+    # A client that hangs up on c3 before its answer, first of all (probe p18 F1): its own doing (`client_disconnected`,
+    # well under `router_unanswered_s`), no answer of the release. Before, as the earliest event of c3's request it
+    # was c3's result, an error of the release, ahead of the right answer every later ask got.
+    model.unanswered.add(QA[3][0])
+    body = {"model": "m", "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QA[3][0]}]}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {keys.app_key}"}) as http:
+        with pytest.raises(TimeoutError):
+            async with http.post(f"{router.url}/v1/chat/completions", json=body,
+                                 timeout=aiohttp.ClientTimeout(total=0.5)) as resp:
+                await resp.read()
+    sent += 1
+    model.unanswered.clear()
+    hung_up = "SELECT count() FROM inference_events WHERE error_type = 'client_disconnected'"
+    await eventually(lambda: context.store.scalar(hung_up) == 1, [sink.events], what="the hang-up stored")
 
     # What the application asks as the release's prompt renders it: the fields that do not change the answer (a
     # stream, a user id) and a temperature the release fixes itself (the router sends the release's) change nothing.
