@@ -118,6 +118,10 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     # Break-glass statements used on this deployment, (digest of the statement, until when it could still
     # verify): each is good once, so a statement seen in a rollout event or the audit log cannot be replayed.
     spent: list[tuple[str, float]] = []
+    # The id of the stable's decision an admin's break-glass promotion went past ("" when none did): the admin saw
+    # it and overrode it, so it does not roll the stable back (the check at start, every few seconds, a redelivery);
+    # any decision made since does. Before (probe p18 F2), the promote answered 200 and the next check undid it.
+    glass_over: str = ""
     # This rollout's id, drawn when it starts: its sticky buckets are keyed with the router's secret over it
     # (`sticky_salt`), so a client cannot compute which arm a user id lands on, and cannot aim one kind of request at
     # the canary and another at stable. Not a secret itself: whoever reads the route (the CLI's NATS roles) lacks the
@@ -712,7 +716,7 @@ def on_reject_known_good(route: Route, decision: GateDecided,
     there: no rollback goes to it while no decision allows it (`last_good` reads its current one), and an approval
     makes it a target again."""
     if route.stable.release == decision.release:
-        if allows(decision, decision.release):
+        if allows(decision, decision.release) or decision.id == route.glass_over:
             return None
         return rollback(route, _why(route, decision), decision_id=decision.id, decisions=decisions)
     if decision.decision != "BLOCK" or not _known(route, decision.release):
@@ -743,7 +747,8 @@ def hold_stable(route: Route, decision: GateDecided | None,
     retired since keeps serving (README: rotating the gatekeeper's key). With nowhere to go it keeps serving too,
     its reason said once when the decision arrived, not rewritten on every check."""
     stable = route.stable.release
-    if not stable or decision is None or decision.release != stable or allows(decision, stable):
+    if not stable or decision is None or decision.release != stable or allows(decision, stable) \
+            or decision.id == route.glass_over:
         return None
     if last_good(route, stable, decisions)[0] is None:
         return None
@@ -789,8 +794,9 @@ def undo_to(route: Route, release: str, decision: GateDecided | None, actor: str
                  **_FINISHED, scale_down_at=0.0, override=None)
 
 
-def manual_promote(route: Route, override: Override | None, now: float = 0.0) -> Route:
-    """An operator's promote: only an admitted canary, unless an admin's break-glass override is given."""
+def manual_promote(route: Route, override: Override | None, now: float = 0.0, over: str = "") -> Route:
+    """An operator's promote: only an admitted canary, unless an admin's break-glass override is given (`over`:
+    the id of the canary's current verified decision it goes past, "" if none)."""
     if route.canary is None:
         raise InvalidRollout(f"deployment {route.deployment!r} has no canary to promote")
     if route.phase in ("promoted", "aborted"):
@@ -807,7 +813,7 @@ def manual_promote(route: Route, override: Override | None, now: float = 0.0) ->
     # The promotion ends the rollout, so the statement is not kept in the route (the reason, the rollout event
     # and the audit log record it); nor is an override the rollout was started with.
     return msgspec.structs.replace(promote(route, f"BREAK-GLASS by {override.actor}: {override.reason}"),
-                                   spent=spend(route, override, now))
+                                   spent=spend(route, override, now), glass_over=over)
 
 
 def rests_on_admission(route: Route) -> bool:

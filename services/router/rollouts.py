@@ -793,6 +793,9 @@ class Rollouts:
                 before.canary.release if action == "retry" and before.canary else "")
             decision = await self._stored_decision(release) if release else None
             admission = await self._admission_now(before) if action == "promote" and override is None else None
+            # What a break-glass promote goes past: the canary's current decision, which then keeps it serving.
+            glassed = await self._stored_decision(before.canary.release) \
+                if action == "promote" and override is not None and before.canary is not None else None
             rollbacks = await self._known_good_now(before) if action == "abort" and before.scale_down_at else {}
             # An abort hands all traffic back to the stable: only while its current decision allows it, else on to
             # the last known-good release one allows (`domain.hold_stable`).
@@ -838,7 +841,9 @@ class Rollouts:
                 refused = self._unadmit(route, admission, actor) if override is None else ""
                 if refused:
                     return refused
-                promoted = domain.manual_promote(route, override, time.time())
+                over = glassed.id if glassed is not None and route.canary is not None \
+                    and glassed.release == route.canary.release else ""
+                promoted = domain.manual_promote(route, override, time.time(), over)
                 if actor and override is None:  # the override's reason names its admin already
                     promoted = msgspec.structs.replace(promoted, reason=f"{promoted.reason} {actor}")
                 promoted = bluegreen.promoted(promoted, time.time(), progress.interval_of(route, self.interval_s))

@@ -309,6 +309,31 @@ async def test_a_rollback_never_puts_back_a_release_only_a_break_glass_override_
     assert set(await _releases(http, router, 40)) == {"r1"}
 
 
+async def test_a_break_glass_promotion_keeps_serving_until_a_decision_made_since_says_otherwise(
+        router: Any, http: aiohttp.ClientSession, signer: Signer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Probe p18 F2: an admin's break-glass promote of a release awaiting review answered 200 "promoted", then the
+    # router's check of serving stables (every 5 s) rolled it back on the very decision the admin overrode.
+    review = signer.sign(GateDecided(release="bad", rules=[], decision="NEEDS_REVIEW", reason="judge unsure"))
+    await store_decision(router.ctx.bus, review)
+    await _glass_canary(router, http)
+    promote = {"break_glass": break_glass(router.ctx.settings, "chat", "bad", "promote", "incident 7")}
+    async with http.post(f"{router.url}{DEPLOYMENT}/promote", json=promote) as resp:
+        assert resp.status == 200, await resp.text()
+    await router.rollouts._hold_stables()  # what the router runs every few seconds and at start
+    handled = _handled(router, monkeypatch)
+    await gate_decided(router.ctx.bus, review)  # the overridden decision again (a redelivery)
+    await asyncio.wait_for(handled[review.id].wait(), 10)
+    route = router.rollouts.route("chat")
+    assert (route.stable.release, route.phase) == ("bad", "promoted"), route.reason
+    # A decision made since the override is the gate speaking again: it rolls the release back.
+    blocked = signer.sign(GateDecided(release="bad", rules=[], decision="BLOCK", reason="leaks PII"))
+    await store_decision(router.ctx.bus, blocked)
+    await router.rollouts._hold_stables()
+    route = router.rollouts.route("chat")
+    assert (route.stable.release, route.phase, route.decision_id) == ("r1", "aborted", blocked.id), route.reason
+    assert set(await _releases(http, router, 40)) == {"r1"}
+
+
 async def _admitted_by_a_new_key(router: Any) -> tuple[Signer, GateDecided]:
     """The canary of `same` admitted by a PASS a key trusted just now signed (the key that leaks: revoked later)."""
     leaked = Signer.generate()
