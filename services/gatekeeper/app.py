@@ -33,6 +33,7 @@ class Gatekeeper(Service):
         # Read once, at start: an invalid gates file stops the gatekeeper (ConfigError naming the file)
         # rather than let evals be judged by whatever policy they name.
         self.handlers = GateHandlers(ctx, self.tracer, self.signer, load_gates_file(ctx.settings.gates_file))
+        self.unheld = ""  # why the PASSes standing at start were not all judged against the gates file (start)
         s = ctx.bus.subjects
         consume(ctx.bus, self.consumers, subject=s.eval_completed, stream="events",
                 durable=s.durable("gatekeeper", "evals"), wire_type=EvalCompleted, origin="gatekeeper",
@@ -68,11 +69,21 @@ class Gatekeeper(Service):
             # Each is under its content's key before its names are remade, so it binds every later eval; its names
             # gated before it are remade at the next decision about its content (or the next start).
             log.warning("vetoes of before not carried over to every name of their content: %s", exc.message)
+        try:
+            # The gates file binds what admits now, not only what is decided after it: a PASS decided under a policy
+            # or suite it does not allow (before it covered the app, or under a pin changed since) is a BLOCK.
+            await self.handlers.hold_to_gates_file()
+        except LockgateError as exc:
+            # Such a PASS may still admit: said (log and readiness) until a start judges them all.
+            self.unheld = (f"PASSes decided before the gates file {self.ctx.settings.gates_file} were not all judged "
+                           f"against it ({exc.message}): restart the gatekeeper")
+            log.error("%s", self.unheld)
 
     def problems(self) -> list[str]:
-        """Not ready while its signing key is not trusted: it then decides and chains nothing."""
+        """Not ready while its signing key is not trusted (it then decides and chains nothing), or while PASSes the
+        gates file may not allow were not judged against it."""
         problem = self.handlers.own.problem()
-        return [problem] if problem else []
+        return [p for p in (problem, self.unheld) if p]
 
 
 def create(ctx: ServiceContext) -> Gatekeeper:

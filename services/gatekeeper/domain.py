@@ -18,8 +18,8 @@ from lockgate.services.gatekeeper.rules import Evidence, evaluate_rule
 __all__ = ["OPS", "Evidence", "Limits", "Outcome", "Pin", "Policy", "Required", "ReviewTrigger", "Rule", "Used",
            "binding_rules", "binds_content", "called_rules", "content_digest", "decide", "decide_eval",
            "decision_id", "evaluate_rule", "judged_artifacts", "legacy_veto_key", "meets", "parse_policy",
-           "reached_by_veto", "release_rules", "required_rules", "served_content", "standing_veto", "under_veto",
-           "veto_key", "with_rules"]
+           "reached_by_veto", "release_rules", "required_rules", "served_content", "standing_veto",
+           "under_requirement", "under_veto", "veto_key", "with_rules"]
 
 RELEASE_REGISTERED = "release_registered"
 RELEASE_ARTIFACTS = "release_artifacts"
@@ -394,24 +394,46 @@ def meets(pin: Pin, used: Used) -> bool:
 
 
 def required_rules(release: str, app: str, required: Required | None, policy: Used,
-                   suite: Used | None = None) -> tuple[RuleResult, ...]:
+                   suite: Used | None = None, *, standing: str = "") -> tuple[RuleResult, ...]:
     """FAIL rules when the eval of `release` (of `app`) used another policy or suite than the gates file
     requires for the app; () when it requires nothing or the eval meets it.
 
     The requirement is the gatekeeper's configuration, not the eval's: otherwise whoever requests the
-    eval could choose a policy that passes anything."""
+    eval could choose a policy that passes anything.
+
+    `standing`: the id of the release's current PASS, judged against the file as it is when the gatekeeper
+    starts (under_requirement). A name-only pin is then not held against a version the events stream no longer
+    holds a registration of (older than the stream keeps): what it was registered as is unknown, and a PASS the
+    file allowed when it was decided must not BLOCK at a restart for that. A name alone trusts operators anyway
+    (any of them may register a version under it)."""
     if required is None:
         return ()
     out = []
     for rule, what, pin, used in ((REQUIRED_POLICY, "policy", required.policy, policy),
                                   (REQUIRED_SUITE, "suite", required.suite, suite or Used(""))):
-        if pin is None or meets(pin, used):
+        if pin is None or meets(pin, used) or (standing and not pin.hash and used.hash and not used.names):
             continue
+        by = f"its PASS (decision {standing}) was decided under" if standing else "this eval used"
         out.append(RuleResult(
             rule=rule, metric=what, op="is required", threshold=1.0, observed=0.0, verdict="FAIL",
             hint=f"release {release!r} of app {app!r} must be gated by {what} {pin} (gates file "
-                 f"{required.source}): this eval used {what} {used}; {_remedy(what, pin)}"))
+                 f"{required.source}): {by} {what} {used}; {_remedy(what, pin)}"))
     return tuple(out)
+
+
+def under_requirement(current: GateDecided, failed: Sequence[RuleResult]) -> Outcome | None:
+    """What the release's current decision becomes when it was decided under another policy or suite than the
+    gates file requires now (`failed`: required_rules with `standing`): a PASS (an eval's, or an approval's) is a
+    BLOCK carrying those rules, their remediation leading the reason. None when it stays: it meets the file, or it
+    admits nothing (a BLOCK; a NEEDS_REVIEW, whose approval is refused under the file).
+
+    The file is like branch protection's required checks: it binds what admits now, not only what is decided
+    after it. Before, a PASS decided under a lax policy while the file did not cover the app (or under a pin
+    changed since) kept admitting, as a first release at 100% (probe p20 F6)."""
+    if current.decision != "PASS" or not failed:
+        return None
+    return with_rules(Outcome(current.decision, tuple(current.rules), current.reason, current.review_required),
+                      failed)
 
 
 def _remedy(what: str, pin: Pin) -> str:

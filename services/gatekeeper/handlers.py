@@ -10,7 +10,7 @@ from opentelemetry.trace import SpanKind
 from lockgate import artifacts
 from lockgate.bus import Delivery
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview, RuleResult
-from lockgate.errors import ConfigError, NotFound, SignatureError, UnreadableValue
+from lockgate.errors import ConfigError, InvalidEvent, NotFound, SignatureError, UnreadableValue
 from lockgate.evalruns import check_result, requested_run
 from lockgate.identity import author_of, verify_review, withdrawn_approvals
 from lockgate.provenance import lifecycle
@@ -21,14 +21,18 @@ from lockgate.services.gatekeeper.driftgate import known_good, read_route
 from lockgate.services.gatekeeper.evaluated import evaluated_rules
 from lockgate.services.gatekeeper.gatesfile import Gates
 from lockgate.services.gatekeeper.ownkey import OwnKey
-from lockgate.services.gatekeeper.records import Records
+from lockgate.services.gatekeeper.records import REQUIRED, DecisionRaced, Records, decided
 from lockgate.services.gatekeeper.registrations import Registrations
+from lockgate.services.gatekeeper.remake import remake
 from lockgate.services.gatekeeper.review import ReviewRules, apply_review, review_action
 from lockgate.services.gatekeeper.siblings import Siblings
 from lockgate.signing import Signer, Verifier, publish_key
 
 __all__ = ["GateHandlers"]
 log = logging.getLogger("lockgate.gatekeeper")
+# How often a PASS judged at start is read again when another decision of its release is stored meanwhile: one that
+# a gatekeeper reading the same file stored meets it or admits nothing, so the next read ends it.
+_HOLD_TRIES = 3
 
 
 class GateHandlers:
@@ -56,6 +60,49 @@ class GateHandlers:
         before them."""
         for old in await self.records.upgrade_vetoes():
             await self.siblings.veto(old)
+
+    async def hold_to_gates_file(self) -> int:
+        """Remake as a BLOCK each current PASS of a release of an app the gates file covers that was decided under
+        another policy or suite than the file requires (domain.under_requirement): decided before the file covered
+        the app, or under a pin changed since. The router then refuses it as a canary or first release and rolls a
+        deployment serving it back. How many were remade; a second start with the same file remakes none."""
+        if self.gates is None:
+            return 0
+        remade = 0
+        for raw in (await self.ctx.bus.kv_entries(self.ctx.bus.subjects.kv_gates)).values():
+            try:
+                listed = decided.decode(raw)
+            except InvalidEvent:
+                continue  # no decision: it admits nothing (the router refuses what does not verify)
+            if listed.decision == "PASS" and await self._hold(listed.release):
+                remade += 1
+        return remade
+
+    async def _hold(self, release: str) -> bool:
+        """Remake `release`'s current decision as a BLOCK if the gates file does not allow what it was decided
+        under (and it admits); whether it was remade. Judged again on what is stored when another decision of it
+        lands meanwhile (evals and reviews are judged under the file already, so that one ends it)."""
+        for _ in range(_HOLD_TRIES):
+            stored = await self.records.read(release)
+            current = stored.decision
+            if current is None or current.decision != "PASS":
+                return False
+            failed = await self._required(release, await self._bundle(release), current.policy,
+                                          current.artifacts.get("eval_suite", ""), standing=current.id)
+            out = domain.under_requirement(current, failed)
+            if out is None:
+                return False
+            try:
+                # One id per PASS remade, so a second start (or a replica starting beside this one) remakes the same.
+                await remake(self.own, self.records, self.publish_key, current, stored.revision, out,
+                             decision_id=domain.decision_id(current.id, f"{self.records.salt}:{REQUIRED}:{release}"),
+                             action=REQUIRED, trace_id="")
+            except DecisionRaced:
+                continue
+            log.warning("release %s no longer admits: %s", release, out.reason)
+            return True
+        raise DecisionRaced(f"the PASS of {release!r} was not judged against the gates file: its decision changed "
+                            f"{_HOLD_TRIES} times while it was")
 
     async def publish_key(self) -> None:
         """Put our public key in the KV keyring before any decision it signs can be seen."""
@@ -238,18 +285,18 @@ class GateHandlers:
             return rules, None
         return rules, author_of(self.ctx.settings, bundle)
 
-    async def _required(self, release: str, bundle: dict | None, policy: str,
-                        suite: str) -> tuple[RuleResult, ...]:
+    async def _required(self, release: str, bundle: dict | None, policy: str, suite: str, *,
+                        standing: str = "") -> tuple[RuleResult, ...]:
         """FAIL rules when the policy or suite (hashes) an eval of the registered `bundle` used is not what
         the gates file requires for its app; () without a requirement (or an unregistered release, which
-        release_rules blocks)."""
+        release_rules blocks). `standing`: the id of the current PASS so judged (domain.required_rules)."""
         app = str((bundle or {}).get("app", ""))
         if self.gates is None or bundle is None or (required := self.gates.for_app(app)) is None:
             return ()
         used_policy = domain.Used(policy, await self.registrations.names(required.policy.kind, policy))
         used_suite = domain.Used(suite, await self.registrations.names(required.suite.kind, suite)) \
             if required.suite else None
-        return domain.required_rules(release, app, required, used_policy, used_suite)
+        return domain.required_rules(release, app, required, used_policy, used_suite, standing=standing)
 
     async def _baseline(self, done: EvalCompleted, bundle: dict | None) -> tuple[str, dict[str, str] | None]:
         """Why the eval's baseline is refused as its yardstick ("" if it is not; baseline.refusal), and its

@@ -21,10 +21,14 @@ from lockgate.services.gatekeeper import domain
 from lockgate.subjects import token
 
 decided: Codec[GateDecided] = Codec(GateDecided)
-# The hash-chained audit log's kind of each gate action (approvals and rejections are reviews).
 # The audit action of a decision remade under the veto of the same content under another name (siblings.Siblings).
 VETOED_SIBLING = "vetoed"
-_KINDS = {"decided": "decision", VETOED_SIBLING: "decision", "refused": "refusal", "override": "override"}
+# The audit action of a PASS remade as a BLOCK at start, decided under a policy or suite the gates file does not allow
+# (GateHandlers.hold_to_gates_file).
+REQUIRED = "required"
+# The hash-chained audit log's kind of each gate action (approvals and rejections are reviews).
+_KINDS = {"decided": "decision", VETOED_SIBLING: "decision", REQUIRED: "decision", "refused": "refusal",
+          "override": "override"}
 
 
 class Stored(NamedTuple):

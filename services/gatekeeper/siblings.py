@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
-
-import msgspec
 
 from lockgate.contracts import GateDecided, RuleResult
 from lockgate.errors import InvalidEvent
@@ -21,6 +18,7 @@ from lockgate.services.gatekeeper import domain
 from lockgate.services.gatekeeper.domain import Outcome
 from lockgate.services.gatekeeper.ownkey import OwnKey
 from lockgate.services.gatekeeper.records import VETOED_SIBLING, DecisionRaced, Records, decided
+from lockgate.services.gatekeeper.remake import remake
 
 log = logging.getLogger("lockgate.gatekeeper")
 
@@ -69,17 +67,11 @@ class Siblings:
             return  # changed since the listing, or under a veto already (this one's, a redelivery)
         out = domain.under_veto(Outcome(current.decision, tuple(current.rules), current.reason,
                                         current.review_required), veto)
-        decision = (await self.own.require()).sign(msgspec.structs.replace(
-            current,
-            # One id per deciding decision and name, so a redelivery remakes the same decision.
-            id=domain.decision_id(vetoing.id, f"{self.records.salt}:{VETOED_SIBLING}:{release}"),
-            time=datetime.now(UTC), decision=out.decision, rules=list(out.rules), reason=out.reason,
-            review_required=out.review_required, reviewed_by="", approvals=[], approval_keys=[],
-            trace_id=vetoing.trace_id, span_id=""))
-        await self.publish_key()
         try:
-            await self.records.settle(decision, over=stored.revision, action=VETOED_SIBLING, actor="gatekeeper",
-                                      key=f"gate-{VETOED_SIBLING}-{decision.id}")
+            # One id per deciding decision and name, so a redelivery remakes the same decision.
+            await remake(self.own, self.records, self.publish_key, current, stored.revision, out,
+                         decision_id=domain.decision_id(vetoing.id, f"{self.records.salt}:{VETOED_SIBLING}:{release}"),
+                         action=VETOED_SIBLING, trace_id=vetoing.trace_id)
         except DecisionRaced:
             # The other side of a race (the reject's pass over the names, or the name's own decision seeing the
             # veto) remade it first: nothing left to do. Anything else stored meanwhile is judged on redelivery.

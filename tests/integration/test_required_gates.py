@@ -30,12 +30,22 @@ from lockgate.config import Settings
 from lockgate.contracts import EvalCompleted, GateDecided, GateReview
 from lockgate.errors import ConfigError, NotFound
 from lockgate.identity import sign_review
+from lockgate.server.apikeys import bootstrap
+from lockgate.server.runtime import Runtime
 from lockgate.server.service import ServiceContext
 from lockgate.services.gatekeeper import domain, handlers
 from lockgate.signing import Keyring, Signer, ensure_signer_trusted, revoke_person, trust_file_path, trust_key
 from lockgate.subjects import token
 from lockgate_dev.sim import ModelSpec, SimConfig, SimServer
-from tests.helpers import admin_headers, person, register_model_release, sink_stored, store_pass
+from tests.helpers import (
+    admin_headers,
+    eventually,
+    person,
+    register_model_release,
+    run_cli,
+    sink_stored,
+    store_pass,
+)
 from tests.integration.test_gate_flow import audit, audited  # noqa: F401  (the gate audit subscription)
 
 pytestmark = pytest.mark.timeout(90)
@@ -210,6 +220,79 @@ async def test_an_invalid_gates_file_stops_the_gatekeeper_naming_the_file(
     with pytest.raises(ConfigError, match=f"gates file {path} is invalid: policy 'strict=sha256:abc': .* - at "
                                           r"`\$.apps.shop.policy`"):
         await run_services("gatekeeper")
+
+
+async def test_a_pass_decided_before_the_gates_file_required_its_policy_is_a_block_once_the_gatekeeper_starts(
+    settings: Settings, tmp_path: Path, files: dict[str, str]
+) -> None:
+    # Found by probe p20 (F6): r-lax was PASSed under a lax policy while the gates file covered another app, and
+    # promoted. The stack restarted with a gates file requiring policy strict for its app: `gate verify` still said
+    # PASS, the router kept serving it and took it as a first release at 100%, though a new eval under the same
+    # policy was a BLOCK. The file binds what admits now, as branch protection's required checks do.
+    async with SimServer(SimConfig(models={"good": ModelSpec(answers=answers(), latency_ms=2)})) as sim:
+        base = settings.replace(nats_url="nats://127.0.0.1:0", stable_upstream=sim.url, deployment="chat",
+                                gates_file=gates_file(tmp_path, {"support-bot": {"policy": "strict"}}))
+        names = ["sink", "query", "evaluator", "gatekeeper", "router"]
+        before = Runtime(base, services=names)
+        await before.start()
+        try:
+            bus = before.ctx.bus  # the admin connection stands in for the operator registering
+            await artifacts.register_file(bus, "dataset", FIXTURES / "suites" / "qa.jsonl")
+            await register_model_release(bus, "r-ok", "good", temperature=0)
+            await register_model_release(bus, "r-lax", "good")
+            for release, policy in (("r-ok", "strict"), ("r-lax", "lenient")):
+                ran = await run_cli(before, "--role", "operator", "eval", "run", str(FIXTURES / "suites" / "qa.yaml"),
+                                    "--candidate", release, "--policy", files[policy], "--timeout", "60")
+                assert ran.exit_code == 0, ran.output  # PASS: shop is not covered yet
+            ok, lax = (await current_decision(bus, "r-ok")), (await current_decision(bus, "r-lax"))
+            router = before.services["router"]
+            assert (await rollout(router, {"stable_release": "r-ok"}))[0] == 200
+            assert (await rollout(router, {"stable_release": "r-ok", "canary_release": "r-lax"}))[0] == 200
+            status, promoted = await rollout(router, None, "/promote")
+            assert (status, promoted["stable"]["release"]) == (200, "r-lax"), promoted
+        finally:
+            await before.stop()
+
+        strict = gates_file(tmp_path, {"shop": {"policy": "strict"}})
+        after = Runtime(base.replace(gates_file=strict), services=names)
+        await after.start()
+        try:
+            bus, keyring = after.ctx.bus, Keyring.from_settings(after.settings)
+            held = await current_decision(bus, "r-lax")
+            assert held.decision == "BLOCK" and keyring.verify(held) == held.key_id
+            assert (held.eval_run, held.policy, held.reviewed_by) == (lax.eval_run, lax.policy, "")
+            assert [(r.rule, r.verdict) for r in held.rules] == [("latency", "PASS"), ("required_policy", "FAIL")]
+            assert held.reason.startswith(
+                f"release 'r-lax' of app 'shop' must be gated by policy strict (gates file {strict}): its PASS "
+                f"(decision {lax.id}) was decided under policy lenient={lax.policy}; run it with `--policy "
+                "strict.yaml`"), held.reason
+            verified = await run_cli(after, "gate", "verify", "r-lax")
+            assert verified.exit_code == 0 and "(r-lax: BLOCK)" in verified.output, verified.output
+            # The deployment serving it goes back to its known-good release; it is no first release either.
+            router = after.services["router"]
+            await router.rollouts.wait_for(lambda routes: routes["chat"].stable.release == "r-ok", timeout=20)
+            assert router.rollouts.route("chat").decision_id == held.id
+            refused = await run_cli(after, "rollout", "--router", router.url, "--api-key",
+                                    bootstrap(after.settings.home).admin_key, "start", "web", "--stable", "r-lax")
+            assert refused.exit_code == 4 and "409" in refused.output and "BLOCK" in refused.output, refused.output
+            # A PASS under the policy the file requires keeps admitting; a second start changes nothing.
+            assert await current_decision(bus, "r-ok") == ok
+            assert await after.services["gatekeeper"].handlers.hold_to_gates_file() == 0
+            assert await current_decision(bus, "r-lax") == held
+            sink = after.services["sink"].handlers
+            await eventually(lambda: after.ctx.store.scalar(
+                "SELECT count() FROM gate_decisions WHERE id = {id:String} AND action = 'required'",
+                {"id": held.id}) == 1, [sink.progress("gate_decisions")], what="the remade BLOCK audited")
+        finally:
+            await after.stop()
+
+
+async def rollout(router: Any, body: dict[str, Any] | None, action: str = "") -> tuple[int, dict[str, Any]]:
+    """PUT the deployment `chat` (`body`), or POST its `action` (`/promote`), with the admin key."""
+    async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
+        url = f"{router.url}/lockgate/v1/deployments/chat{action}"
+        async with (http.put(url, json=body) if body is not None else http.post(url)) as resp:
+            return resp.status, await resp.json()
 
 
 # Whoever requests an eval chooses its baseline: the yardstick of a policy's relative rules.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from lockgate.contracts import BaselineComparison, EvalCompleted, GateDecided
@@ -15,6 +16,7 @@ from lockgate.services.gatekeeper.domain import (
     decide_eval,
     parse_policy,
     required_rules,
+    under_requirement,
     with_rules,
 )
 from lockgate.services.gatekeeper.gatesfile import Gates, Pin, Required, load_gates_file
@@ -145,6 +147,56 @@ def test_an_invalid_gates_file_is_refused_naming_the_file_and_the_field(tmp_path
 def test_a_missing_gates_file_is_refused_naming_it(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"cannot read gates file {tmp_path}/none.yaml"):
         load_gates_file(str(tmp_path / "none.yaml"))
+
+
+# Probe p20 F6: a PASS decided under a lax policy while the gates file did not cover its app (or under a pin changed
+# since) kept admitting after the file required another policy. The gatekeeper judges each standing PASS at start.
+LAX_PASS = GateDecided(id="d-lax", release="r2", decision="PASS", rules=[], eval_run="run-2", policy=H1,
+                       artifacts={"model_config/m": H2, "policy": H1, "eval_suite": H2},
+                       reason="all 1 rules of policy 'lenient' passed")
+
+
+@pytest.mark.parametrize(
+    ("current", "used", "blocks"),
+    [
+        (LAX_PASS, Used(H1, frozenset({"lenient"})), True),
+        # An approval's PASS admits as an eval's does.
+        (msgspec.structs.replace(LAX_PASS, reviewed_by="alice", approvals=["alice"], approval_keys=["k1"]),
+         Used(H1, frozenset({"lenient"})), True),
+        (LAX_PASS, Used(H1, frozenset({"strict"})), False),  # decided under what the file requires
+        # A version whose registrations the events stream no longer holds: what it was registered as is unknown, and a
+        # name alone trusts operators anyway; a restart must not BLOCK a PASS the file allowed when it was decided.
+        (LAX_PASS, Used(H1), False),
+        # Admits nothing already: a BLOCK stays as it is (a second start changes nothing), and a NEEDS_REVIEW's
+        # approval is refused under the file.
+        (msgspec.structs.replace(LAX_PASS, decision="BLOCK"), Used(H1, frozenset({"lenient"})), False),
+        (msgspec.structs.replace(LAX_PASS, decision="NEEDS_REVIEW"), Used(H1, frozenset({"lenient"})), False),
+    ],
+)
+def test_a_standing_pass_under_a_policy_the_gates_file_does_not_allow_is_a_block(
+        current: GateDecided, used: Used, blocks: bool) -> None:
+    failed = required_rules("r2", "shop", required(Pin("policy", "strict")), used, standing=current.id)
+    out = under_requirement(current, failed)
+    if not blocks:
+        assert out is None
+        return
+    assert out is not None and out.decision == "BLOCK"
+    assert [(r.rule, r.verdict) for r in out.rules] == [("required_policy", "FAIL")]
+    assert out.reason == (f"release 'r2' of app 'shop' must be gated by policy strict (gates file {SOURCE}): its PASS "
+                          f"(decision d-lax) was decided under policy lenient={H1}; run it with `--policy strict.yaml` "
+                          "(a policy file registers under its file name), or any policy registered as strict; "
+                          "all 1 rules of policy 'lenient' passed")
+
+
+def test_a_standing_pass_under_another_pinned_version_or_suite_is_a_block() -> None:
+    # An exact pin holds whatever the names: a version registered long ago is not the pinned content either.
+    [old_pin] = required_rules("r2", "shop", required(Pin("policy", "strict", H2)), Used(H1), standing="d-lax")
+    assert f"must be gated by policy strict={H2}" in old_pin.hint and f"was decided under policy {H1} (" in old_pin.hint
+    [suite] = required_rules("r2", "shop", required(Pin("policy", "strict"), Pin("eval_suite", "full")),
+                             Used(H1, frozenset({"strict"})), Used(H2, frozenset({"tiny"})), standing="d-lax")
+    out = under_requirement(LAX_PASS, [suite])
+    assert out is not None and out.decision == "BLOCK" and [r.rule for r in out.rules] == ["required_suite"]
+    assert f"its PASS (decision d-lax) was decided under suite tiny={H2}; run it on suite full" in out.reason
 
 
 # The baseline an eval is compared with (baseline.py): before, the eval's requester named any release, a BLOCKed
