@@ -37,7 +37,7 @@ from lockgate.server.apikeys import (
 )
 from lockgate.server.grpcdecode import DecodeErrors
 from lockgate.server.tls import bind_grpc, grpc_credentials, grpc_server
-from lockgate.signing import TRUST_CHECK_S, Verifier
+from lockgate.signing import TRUST_CHECK_S, Verifier, canonical
 from lockgate.v1 import gates_pb2, gates_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger("lockgate.gateway")
@@ -109,6 +109,7 @@ def decision_to_proto(d: GateDecided) -> gates_pb2.Decision:
         tenant=d.tenant,
         baseline=d.baseline,
         artifacts=d.artifacts,
+        signed=canonical(d),
     )
 
 

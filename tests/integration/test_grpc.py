@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -258,6 +260,13 @@ async def test_get_decision_returns_the_kv_value_or_not_found(bus: Bus, channel:
     assert (quality.rule, quality.metric, quality.op, quality.threshold) == ("quality", "accuracy", ">=", 0.8)
     assert quality.HasField("observed") and quality.observed == 0.91
     assert not cost.HasField("observed") and (cost.verdict, cost.hint) == ("NO_DATA", "x")
+    # What the signature covers, for a client to check itself against its own pinned key (probe p20 F9: the fields
+    # above leave some signed ones out, approvals among them, so a gRPC client could not check a decision at all).
+    SIGNER.public.verify(base64.b64decode(got.signature), got.signed)  # raises InvalidSignature if it does not cover them
+    signed = json.loads(got.signed)
+    assert (signed["id"], signed["release"], signed["decision"], signed["key_id"], signed["signature"]) == (
+        d.id, "shop/v1.2", "PASS", SIGNER.key_id, "")
+    assert signed["rules"][0]["rule"] == "quality" and signed["eval_run"] == "run-1"
 
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.GetDecision(gates_pb2.GetDecisionRequest(release="nope"), timeout=10)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17lockgate/v1/gates.proto\x12\x0blockgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\nRuleResult\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\n\n\x02op\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\x15\n\x08observed\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07verdict\x18\x06 \x01(\t\x12\x0c\n\x04hint\x18\x07 \x01(\tB\x0b\n\t_observed\"\xed\x02\n\x08\x44\x65\x63ision\x12\x0f\n\x07release\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x02 \x01(\t\x12&\n\x05rules\x18\x03 \x03(\x0b\x32\x17.lockgate.v1.RuleResult\x12\x10\n\x08\x65val_run\x18\x04 \x01(\t\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x11\n\tsignature\x18\x07 \x01(\t\x12\x0e\n\x06key_id\x18\x08 \x01(\t\x12\n\n\x02id\x18\t \x01(\t\x12(\n\x04time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\x10\n\x08\x62\x61seline\x18\x0c \x01(\t\x12\x37\n\tartifacts\x18\r \x03(\x0b\x32$.lockgate.v1.Decision.ArtifactsEntry\x1a\x30\n\x0e\x41rtifactsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x12GetDecisionRequest\x12\x0f\n\x07release\x18\x01 \x01(\t\"&\n\x0cWatchRequest\x12\x16\n\x0erelease_prefix\x18\x01 \x01(\t2\x94\x01\n\x05Gates\x12\x45\n\x0bGetDecision\x12\x1f.lockgate.v1.GetDecisionRequest\x1a\x15.lockgate.v1.Decision\x12\x44\n\x0eWatchDecisions\x12\x19.lockgate.v1.WatchRequest\x1a\x15.lockgate.v1.Decision0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17lockgate/v1/gates.proto\x12\x0blockgate.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x01\n\nRuleResult\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\n\n\x02op\x18\x03 \x01(\t\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\x15\n\x08observed\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0f\n\x07verdict\x18\x06 \x01(\t\x12\x0c\n\x04hint\x18\x07 \x01(\tB\x0b\n\t_observed\"\xfd\x02\n\x08\x44\x65\x63ision\x12\x0f\n\x07release\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65\x63ision\x18\x02 \x01(\t\x12&\n\x05rules\x18\x03 \x03(\x0b\x32\x17.lockgate.v1.RuleResult\x12\x10\n\x08\x65val_run\x18\x04 \x01(\t\x12\x0e\n\x06policy\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x11\n\tsignature\x18\x07 \x01(\t\x12\x0e\n\x06key_id\x18\x08 \x01(\t\x12\n\n\x02id\x18\t \x01(\t\x12(\n\x04time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06tenant\x18\x0b \x01(\t\x12\x10\n\x08\x62\x61seline\x18\x0c \x01(\t\x12\x37\n\tartifacts\x18\r \x03(\x0b\x32$.lockgate.v1.Decision.ArtifactsEntry\x12\x0e\n\x06signed\x18\x0e \x01(\x0c\x1a\x30\n\x0e\x41rtifactsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"%\n\x12GetDecisionRequest\x12\x0f\n\x07release\x18\x01 \x01(\t\"&\n\x0cWatchRequest\x12\x16\n\x0erelease_prefix\x18\x01 \x01(\t2\x94\x01\n\x05Gates\x12\x45\n\x0bGetDecision\x12\x1f.lockgate.v1.GetDecisionRequest\x1a\x15.lockgate.v1.Decision\x12\x44\n\x0eWatchDecisions\x12\x19.lockgate.v1.WatchRequest\x1a\x15.lockgate.v1.Decision0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RULERESULT']._serialized_start=74
   _globals['_RULERESULT']._serialized_end=214
   _globals['_DECISION']._serialized_start=217
-  _globals['_DECISION']._serialized_end=582
-  _globals['_DECISION_ARTIFACTSENTRY']._serialized_start=534
-  _globals['_DECISION_ARTIFACTSENTRY']._serialized_end=582
-  _globals['_GETDECISIONREQUEST']._serialized_start=584
-  _globals['_GETDECISIONREQUEST']._serialized_end=621
-  _globals['_WATCHREQUEST']._serialized_start=623
-  _globals['_WATCHREQUEST']._serialized_end=661
-  _globals['_GATES']._serialized_start=664
-  _globals['_GATES']._serialized_end=812
+  _globals['_DECISION']._serialized_end=598
+  _globals['_DECISION_ARTIFACTSENTRY']._serialized_start=550
+  _globals['_DECISION_ARTIFACTSENTRY']._serialized_end=598
+  _globals['_GETDECISIONREQUEST']._serialized_start=600
+  _globals['_GETDECISIONREQUEST']._serialized_end=637
+  _globals['_WATCHREQUEST']._serialized_start=639
+  _globals['_WATCHREQUEST']._serialized_end=677
+  _globals['_GATES']._serialized_start=680
+  _globals['_GATES']._serialized_end=828
 # @@protoc_insertion_point(module_scope)

@@ -28,7 +28,7 @@ class RuleResult(_message.Message):
     def __init__(self, rule: _Optional[str] = ..., metric: _Optional[str] = ..., op: _Optional[str] = ..., threshold: _Optional[float] = ..., observed: _Optional[float] = ..., verdict: _Optional[str] = ..., hint: _Optional[str] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("release", "decision", "rules", "eval_run", "policy", "reason", "signature", "key_id", "id", "time", "tenant", "baseline", "artifacts")
+    __slots__ = ("release", "decision", "rules", "eval_run", "policy", "reason", "signature", "key_id", "id", "time", "tenant", "baseline", "artifacts", "signed")
     class ArtifactsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class Decision(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_FIELD_NUMBER: _ClassVar[int]
     release: str
     decision: str
     rules: _containers.RepeatedCompositeFieldContainer[RuleResult]
@@ -62,7 +63,8 @@ class Decision(_message.Message):
     tenant: str
     baseline: str
     artifacts: _containers.ScalarMap[str, str]
-    def __init__(self, release: _Optional[str] = ..., decision: _Optional[str] = ..., rules: _Optional[_Iterable[_Union[RuleResult, _Mapping]]] = ..., eval_run: _Optional[str] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., signature: _Optional[str] = ..., key_id: _Optional[str] = ..., id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant: _Optional[str] = ..., baseline: _Optional[str] = ..., artifacts: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    signed: bytes
+    def __init__(self, release: _Optional[str] = ..., decision: _Optional[str] = ..., rules: _Optional[_Iterable[_Union[RuleResult, _Mapping]]] = ..., eval_run: _Optional[str] = ..., policy: _Optional[str] = ..., reason: _Optional[str] = ..., signature: _Optional[str] = ..., key_id: _Optional[str] = ..., id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., tenant: _Optional[str] = ..., baseline: _Optional[str] = ..., artifacts: _Optional[_Mapping[str, str]] = ..., signed: _Optional[bytes] = ...) -> None: ...
 
 class GetDecisionRequest(_message.Message):
     __slots__ = ("release",)
