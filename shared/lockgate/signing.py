@@ -336,6 +336,28 @@ class Keyring:
             self.check_approvals(decision)
         return decision.key_id
 
+    def verify_record(self, decision: GateDecided) -> str:
+        """What a saved decision (a file, an attestation, the stack's) must pass to be called authentic (`gate verify`,
+        `attest verify`): `verify` as history, so a key retired since still proves what it decided, and
+        `check_approvals`, so a PASS whose approvals no longer all count fails. Returns the key id. Before (probe
+        p20 F1), `attest verify` skipped the approvals and accepted a PASS `gate verify` refused."""
+        kid = self.verify(decision, history=True)
+        self.check_approvals(decision)
+        return kid
+
+    def not_admitting(self, decision: GateDecided) -> str:
+        """Why a decision that passed `verify_record` admits nothing now ("" when it admits its release): it is no
+        PASS, or a key retired since signed it. Exactly what `verify` refuses of it besides, said for a verifier
+        whose exit code a pipeline reads as "may this ship"."""
+        retired = self.retired.get(decision.key_id)
+        signed = "" if retired is None else (f"signed by key {decision.key_id} (retired at {_when(retired.at)}, after "
+                                             "it signed it)")
+        if decision.decision != "PASS":
+            return f"a {decision.decision} admits nothing" + (f"; it was {signed}" if signed else "")
+        if signed:
+            return f"a PASS {signed} admits nothing now; re-gate {decision.release} to roll it out"
+        return ""
+
     def check_approvals(self, decision: GateDecided) -> None:
         """ApprovalWithdrawn if `decision` is a PASS resting on approvals and one of them no longer counts by the
         people and revocations of this ring (none known, no trust file: not judged).

@@ -71,6 +71,10 @@ async def test_a_real_decision_attestation_verifies_and_tampering_fails(
     ok = await cli("attest", "verify", str(out))
     assert ok.exit_code == 0 and "verified: decision PASS for v-att, attested by ann" in ok.output
     assert (await cli("verify", str(out))).exit_code == 0  # `lockgate verify` is the same check
+    # What a pipeline reads (probe p20 F4, F5): that it admits, and when it was decided.
+    said = json.loads((await cli("verify", str(out), "--json")).stdout)
+    assert (said["decision"], said["admits"]) == ("PASS", True) and "not_admitted" not in said
+    assert said["time"] == stmt["predicate"]["decision"]["time"]
 
     def write(name: str, doc: dict[str, Any]) -> str:
         (tmp_path / name).write_text(json.dumps(doc))
@@ -144,13 +148,30 @@ async def test_a_real_decision_attestation_verifies_and_tampering_fails(
     # record of what was decided, and one made before still verifies (before, exit 4: "a retired key admits nothing").
     trust_key(trust_file_path(settings), Signer.generate().public)
     retire_key(trust_file_path(settings), decision.key_id, until_seq=0)
+    # Found by a probe (p20 F12): it exited 0 "decision PASS", nothing saying that it admits nothing now (the router
+    # refuses it), so a pipeline's `lockgate verify FILE && deploy` shipped it. It exits 5, saying so; it is still
+    # authentic (--authentic-only: 0).
+    retired = f"a PASS signed by key {decision.key_id} (retired at "
     rotated = await cli("attest", "verify", str(out))
-    assert rotated.exit_code == 0 and "verified: decision PASS for v-att" in rotated.output, rotated.output
+    assert rotated.exit_code == 5 and rotated.stdout == "", rotated.output
+    assert rotated.stderr.startswith("error: decision PASS for v-att") and \
+        f"authentic, but {retired}" in rotated.stderr and "admits nothing now; re-gate v-att" in rotated.stderr
+    history = await cli("attest", "verify", str(out), "--authentic-only")
+    assert history.exit_code == 0 and history.stdout.startswith("verified: decision PASS for v-att"), history.output
+    assert f"(authentic, but {retired}" in history.stdout
+    history = await cli("attest", "verify", str(out), "--authentic-only", "--json")
+    said = json.loads(history.stdout)
+    assert history.exit_code == 0 and said["admits"] is False and said["retired_at"], history.output
+    assert said["not_admitted"].startswith(retired)
 
     release = await cli("--as", "ann", "attest", "release", "v-att", "--out", str(tmp_path / "release.json"))
     assert release.exit_code == 0
     verified = await cli("attest", "verify", str(tmp_path / "release.json"), "--json")
-    assert json.loads(verified.output)["release"] == "v-att"
+    # A release statement carries no decision: it admits nothing, so exit 5 unless only its authenticity is asked.
+    said = json.loads(verified.stdout)
+    assert verified.exit_code == 5 and said["release"] == "v-att" and said["admits"] is False, verified.output
+    assert "carries no gate decision" in verified.stderr and len(verified.stderr.splitlines()) == 1
+    assert (await cli("attest", "verify", str(tmp_path / "release.json"), "--authentic-only")).exit_code == 0
     # A release statement is held to the same subject list: it says what one release is made of.
     rel_env = json.loads((tmp_path / "release.json").read_text())
     rel_stmt = json.loads(base64.b64decode(rel_env["payload"]))

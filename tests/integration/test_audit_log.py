@@ -233,10 +233,18 @@ async def test_a_rotated_gatekeeper_key_is_retired_and_what_it_signed_still_veri
         assert ok.exit_code == 0, ok.output
         assert ok.output.startswith("ok: audit log intact: 4 rows (seq 1..4") and \
             f"signed by key(s) {', '.join(sorted([old.key_id, new.key_id]))}" in ok.output
-        verified = await run_cli(rotated, "gate", "verify", "shop-v2")  # history: what it decided stays provable
+        # History: what it decided stays provable (--authentic-only), and the verdict says it admits nothing now.
+        verified = await run_cli(rotated, "gate", "verify", "shop-v2", "--authentic-only")
         assert verified.exit_code == 0, verified.output
-        assert f"is signed by key {old.key_id} (retired at " in verified.output and "it admits nothing now" in \
-            verified.output
+        assert f"is signed by key {old.key_id} (authentic, but a BLOCK admits nothing; it was signed by key " \
+               f"{old.key_id} (retired at " in verified.output
+        # Found by a probe (p20 F12): its PASS exited 0 ("ok", a note saying it admits nothing now), which a pipeline
+        # admitting on the exit code read as "ship it". It exits 5, saying why.
+        verified = await run_cli(rotated, "gate", "verify", "shop-v4")
+        assert verified.exit_code == 5, verified.output
+        assert f"authentic, but a PASS signed by key {old.key_id} (retired at " in verified.stderr and \
+            "admits nothing now; re-gate shop-v4 to roll it out" in verified.stderr
+        assert (await run_cli(rotated, "gate", "verify", "shop-v4", "--authentic-only")).exit_code == 0
         # Explained, it says so too (before: a plain PASS, found by a probe).
         explained = await run_cli(rotated, "gate", "explain", "shop-v2")
         assert explained.exit_code == 0, explained.output

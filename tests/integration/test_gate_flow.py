@@ -57,6 +57,7 @@ from lockgate.subjects import Subjects, token
 from lockgate.telemetry import Telemetry
 from lockgate.v1 import gates_pb2, gates_pb2_grpc
 from tests.helpers import admin_headers, grpc_key, person, register_model_release, sink_stored, store_pass
+from tests.integration.test_aliases import lockgate as lockgate_cli
 
 pytestmark = pytest.mark.timeout(60)
 decided: Codec[GateDecided] = Codec(GateDecided)
@@ -281,17 +282,64 @@ async def test_tampered_decision_fails_verify_and_router_dead_letters_it(
     base = ["--nats", settings.nats_url, "--prefix", settings.prefix, "gate", "verify"]
     runner = CliRunner()
 
-    def run_all() -> list[Any]:
+    def run_all(*commands: tuple[str, ...], trust: Path = trust_file_path(settings)) -> list[Any]:
         # One thread, one after another: CliRunner swaps the process-wide sys.stdout/stderr.
-        env = {"LOCKGATE_TRUST_FILE": str(trust_file_path(settings))}  # the stack's trust roots
-        return [runner.invoke(cli, [*base, *args], catch_exceptions=False, env=env) for args in (
-            ("--file", str(good_file), "--key", str(key)), ("--file", str(bad_file), "--key", str(key)), ("v6",))]
+        env = {"LOCKGATE_TRUST_FILE": str(trust)}  # the stack's trust roots
+        return [runner.invoke(cli, [*base, *args], catch_exceptions=False, env=env) for args in commands]
 
-    ok, bad, stack = await asyncio.to_thread(run_all)
-    assert ok.exit_code == 0 and f"signed by key {genuine.key_id}" in ok.output
+    offline = ("--file", str(good_file), "--key", str(key))
+    ok, bad, stack, genuine_only, stack_only, as_json = await asyncio.to_thread(
+        run_all, offline, ("--file", str(bad_file), "--key", str(key)), ("v6",), (*offline, "--authentic-only"),
+        ("v6", "--authentic-only"), ("v6", "--json"))
     assert bad.exit_code == 4 and len(bad.stderr.splitlines()) == 1
     assert bad.stderr.startswith("error: signature invalid") and "altered after signing" in bad.stderr
-    assert stack.exit_code == 0, stack.output
+    # Found by a probe (p20 F4): a genuine BLOCK, saved or the stack's, exited 0 ("ok: ... (v6: BLOCK)"), and a
+    # pipeline's `lockgate gate verify v6 && deploy` shipped it. An authentic decision that admits nothing exits 5
+    # (as `eval run` of a gate that did not pass), saying what it is; --authentic-only asks only "is it genuine".
+    said = f"decision {genuine.id} (v6: BLOCK, decided {genuine.time:%Y-%m-%d %H:%M:%S}Z) is signed by key " \
+           f"{genuine.key_id}: authentic, but a BLOCK admits nothing"
+    for refused in (ok, stack):
+        assert refused.exit_code == 5, refused.output
+        assert refused.stderr.startswith(f"error: {said}") and len(refused.stderr.splitlines()) == 1, refused.stderr
+        assert refused.stdout == ""
+    for authentic in (genuine_only, stack_only):
+        assert authentic.exit_code == 0, authentic.output
+        assert authentic.stdout == f"ok: {said.replace(': authentic, but', ' (authentic, but')})\n"
+    # --json: what a script reads, the decision's time (a consumer's freshness check: p20 F5) and whether it admits.
+    assert as_json.exit_code == 5 and len(as_json.stderr.splitlines()) == 1, as_json.output
+    doc = json.loads(as_json.stdout)
+    assert (doc["release"], doc["decision"], doc["key_id"], doc["admits"]) == ("v6", "BLOCK", genuine.key_id, False)
+    assert doc["not_admitted"] == "a BLOCK admits nothing" and doc["time"] == msgspec.json.decode(
+        msgspec.json.encode(genuine))["time"]
+    # p20 F13: offline without the trust file, nothing here knows a revoked key: said on stderr, one line.
+    [blind] = await asyncio.to_thread(run_all, (*offline, "--authentic-only"), trust=tmp_path / "absent.json")
+    assert blind.exit_code == 0 and blind.stdout.startswith("ok: "), blind.output
+    [warned] = blind.stderr.splitlines()
+    assert warned.startswith(f"warning: no trust file at {tmp_path / 'absent.json'}: revocations") and \
+        "a revoked key's decision verifies" in warned
+    # The stack's trust file is there: no warning.
+    assert genuine_only.stderr == ""
+    # Its attestation: `attest verify` (and `lockgate verify`) exit 5 alike; --authentic-only 0.
+    person(settings, "ann", "operator")
+    att = tmp_path / "v6.intoto.json"
+
+    def attested() -> list[Any]:
+        return [lockgate_cli(settings, *args) for args in (
+            ("--as", "ann", "attest", "decision", "v6", "--out", str(att)), ("attest", "verify", str(att)),
+            ("verify", str(att), "--json"), ("attest", "verify", str(att), "--authentic-only"))]
+
+    made, verified, verified_json, verified_only = await asyncio.to_thread(attested)
+    assert made.exit_code == 0, made.output
+    said = f"decision BLOCK for v6, attested by ann; decision signed by key {genuine.key_id}, decided " \
+           f"{genuine.time:%Y-%m-%d %H:%M:%S}Z"
+    assert verified.exit_code == 5 and verified.stderr == f"error: {said}: authentic, but a BLOCK admits nothing " \
+        "(--authentic-only checks only that it is genuine)\n", verified.output
+    assert verified_json.exit_code == 5
+    doc = json.loads(verified_json.stdout)
+    assert (doc["decision"], doc["admits"], doc["not_admitted"]) == ("BLOCK", False, "a BLOCK admits nothing")
+    assert doc["time"] == msgspec.json.decode(msgspec.json.encode(genuine))["time"]
+    assert verified_only.exit_code == 0 and verified_only.stdout == \
+        f"verified: {said} (authentic, but a BLOCK admits nothing)\n", verified_only.output
 
     dlq = await bus.nc.subscribe(bus.subjects.dlq("router"))
     async with aiohttp.ClientSession(headers=admin_headers(router.ctx.settings.home)) as http:
@@ -340,6 +388,15 @@ async def test_a_pass_resting_on_an_approval_admits_nothing_once_the_approvers_k
         stub = gates_pb2_grpc.GatesStub(channel)
         assert (await stub.GetDecision(gates_pb2.GetDecisionRequest(release="v5"), timeout=10)).decision == "PASS"
         assert (await asyncio.to_thread(lockgate, "gate", "verify", "v5")).exit_code == 0
+        person(settings, "ann", "operator")
+        att = str(Path(s.home) / "v5.intoto.json")
+        made = await asyncio.to_thread(lockgate, "--as", "ann", "attest", "decision", "v5", "--out", att)
+        assert made.exit_code == 0, made.output
+        admitted = await asyncio.to_thread(lockgate, "attest", "verify", att, "--json")
+        assert admitted.exit_code == 0, admitted.output
+        doc = json.loads(admitted.stdout)
+        assert (doc["decision"], doc["admits"]) == ("PASS", True) and "not_admitted" not in doc
+        assert doc["time"] == json.loads(msgspec.json.encode(approved))["time"]  # when it was decided (p20 F5)
         async with http.put(deployment, json=start) as resp:
             state = await resp.json()
         assert resp.status == 200 and (state["phase"], state["weight"]) == ("progressing", 10.0), state
@@ -365,6 +422,13 @@ async def test_a_pass_resting_on_an_approval_admits_nothing_once_the_approvers_k
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and withdrawn in err.value.details()
         verified = await asyncio.to_thread(lockgate, "gate", "verify", "v5")
         assert verified.exit_code == 4 and withdrawn in verified.stderr, verified.output
+        # Found by a probe (p20 F1): its attestation, made while the approval counted, still verified ("decision
+        # PASS", exit 0) for a pipeline admitting on `lockgate verify FILE`. It is refused as `gate verify` refuses
+        # the PASS, --authentic-only too: it is no longer what the gate allows.
+        for args in (("attest", "verify", att), ("verify", att, "--authentic-only")):
+            refused = await asyncio.to_thread(lockgate, *args)
+            assert refused.exit_code == 4 and withdrawn in refused.stderr, refused.output
+            assert len(refused.stderr.splitlines()) == 1
 
 
 async def test_forged_eval_results_get_no_decision_and_are_dead_lettered(

@@ -318,3 +318,66 @@ def test_a_pass_by_approval_admits_nothing_once_an_approval_it_needed_is_withdra
     with pytest.raises(ApprovalWithdrawn, match="ann no longer has role approver or admin"):
         Keyring.from_settings(settings).verify(approved)
     assert Keyring([gk.public]).verify(approved) == gk.key_id
+
+
+def test_a_verified_record_says_whether_it_admits_and_withdrawn_approvals_fail_it(tmp_path: Path) -> None:
+    """What `gate verify` and `attest verify` apply (probe p20 F1, F4, F12): `verify_record` is authentic as history
+    with its approvals still counting; `not_admitting` is "" exactly for a PASS `verify` admits, else why not."""
+    from lockgate.signing import ApprovalWithdrawn
+
+    path = tmp_path / "trust.json"
+    gk, old, ann = Signer.generate(), Signer.generate(), Signer.generate()
+    trust_key(path, gk.public)
+    trust_key(path, old.public)
+    trust_person(path, "ann", ann.public, ["approver"])
+    passed = gk.sign(decision())
+    approved = gk.sign(msgspec.structs.replace(decision(), approvals=["ann"], approval_keys=[ann.key_id]))
+    before = old.sign(msgspec.structs.replace(decision(), time=datetime(2026, 1, 1, tzinfo=UTC)))
+    retire_key(path, old.key_id, until_seq=0, at=datetime(2026, 2, 1, tzinfo=UTC))
+    ring = Keyring.from_trust_file(path)
+    for d in (passed, approved):
+        assert ring.verify_record(d) == gk.key_id and ring.not_admitting(d) == "" and ring.verify(d) == gk.key_id
+    for verdict in ("BLOCK", "NEEDS_REVIEW"):
+        held = gk.sign(msgspec.structs.replace(decision(), decision=verdict))
+        assert ring.verify_record(held) == gk.key_id and ring.not_admitting(held) == f"a {verdict} admits nothing"
+    assert ring.verify_record(before) == old.key_id
+    assert ring.not_admitting(before) == (f"a PASS signed by key {old.key_id} (retired at 2026-02-01 00:00:00Z, after "
+                                          "it signed it) admits nothing now; re-gate v2 to roll it out")
+    with pytest.raises(SignatureError, match="retired key admits nothing"):
+        ring.verify(before)  # what the router holds: the same verdict
+    blocked = old.sign(msgspec.structs.replace(decision(), decision="BLOCK", time=datetime(2026, 1, 1, tzinfo=UTC)))
+    assert ring.not_admitting(blocked) == (f"a BLOCK admits nothing; it was signed by key {old.key_id} (retired at "
+                                           "2026-02-01 00:00:00Z, after it signed it)")
+    revoke_person(path, "ann")
+    ring = Keyring.from_trust_file(path)
+    with pytest.raises(ApprovalWithdrawn, match="the approval by ann"):
+        ring.verify_record(approved)  # before (p20 F1), `attest verify`'s history check took it
+    assert ring.verify(approved, history=True) == gk.key_id  # the gatekeeper's own reading of its history
+
+
+def test_gate_verify_offline_without_the_trust_file_says_it_knows_no_revocation(tmp_path: Path) -> None:
+    # Found by a probe (p20 F13): README's offline form `gate verify --file D --key gatekeeper.pem`, on a machine
+    # without the trust file, said "ok" for a revoked key's decision and nowhere that it could not know.
+    from click.testing import CliRunner
+
+    from lockgate.cli.main import cli
+
+    settings = Settings(home=str(tmp_path))
+    leaked = Signer.generate()
+    trust_key(trust_file_path(settings), leaked.public)
+    revoke_key(trust_file_path(settings), leaked.key_id)
+    (tmp_path / "d.json").write_bytes(msgspec.json.encode(leaked.sign(decision())))
+    (tmp_path / "k.pem").write_bytes(public_pem(leaked.public))
+    runner = CliRunner()
+
+    def verify(trust: Path) -> object:
+        return runner.invoke(cli, ["gate", "verify", "--file", str(tmp_path / "d.json"), "--key", str(tmp_path / "k.pem")],
+                             env={"LOCKGATE_TRUST_FILE": str(trust), "LOCKGATE_NATS_URL": "nats://127.0.0.1:1"})
+
+    known = verify(trust_file_path(settings))
+    assert known.exit_code == 4 and "revoked key id" in known.stderr, known.output
+    blind = verify(tmp_path / "elsewhere" / "trust.json")  # a CI runner without the operator's home
+    assert blind.exit_code == 0 and blind.stdout.startswith("ok: decision "), blind.output
+    assert blind.stderr == (f"warning: no trust file at {tmp_path / 'elsewhere' / 'trust.json'}: revocations, "
+                            "retirements and approvers are unknown here, so a revoked key's decision verifies; give "
+                            "this machine the trust file (LOCKGATE_TRUST_FILE)\n")

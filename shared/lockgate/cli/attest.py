@@ -9,8 +9,9 @@ import click
 
 from lockgate import documents
 from lockgate.cli.access import with_bus
+from lockgate.cli.gate import authentic_only_option, decided_at, verdict
 from lockgate.cli.main import handle_errors, json_option
-from lockgate.cli.render import console, emit_json, err_console
+from lockgate.cli.render import err_console
 from lockgate.errors import ConfigError
 
 # Who may sign an attestation: those who may make what it describes (register releases, request evals). The
@@ -106,14 +107,19 @@ def register(cli: click.Group) -> None:
     @click.argument("path", type=click.Path(dir_okay=False))
     @click.option("--key", "keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
                   help="Also trust this PEM public key for the decision's signature (repeatable).")
+    @authentic_only_option
     @json_option
     @click.pass_context
     @handle_errors
-    def attest_verify(ctx: click.Context, path: str, keys: tuple[str, ...], as_json: bool) -> None:
+    def attest_verify(ctx: click.Context, path: str, keys: tuple[str, ...], authentic_only: bool,
+                      as_json: bool) -> None:
         """Check an attestation offline against the trust file: who signed the envelope (an operator or admin),
         that the subject is the release it describes, and (for a decision) the gatekeeper's signature over
-        exactly the artifacts the release holds. Exit 4 if anything fails."""
+        exactly the artifacts the release holds, and that the PASS's approvals still count. Exit 4 if anything
+        fails; 5 if it is authentic but admits nothing now (a BLOCK, a NEEDS_REVIEW, a PASS signed by a key retired
+        since, a release statement: 0 with --authentic-only); 0 for a PASS that admits its release."""
 
+        from lockgate.contracts import GateDecided
         from lockgate.provenance import attest as at
         from lockgate.signing import Keyring
 
@@ -129,17 +135,34 @@ def register(cli: click.Group) -> None:
         ring = Keyring.from_settings(settings, pinned=keys)
 
         # An attestation is a record of what was decided: one signed before its gatekeeper key was rotated out
-        # (retired, not revoked) still verifies, as `gate verify` and `audit verify` read history.
-        result = at.verify(env, _signer(settings), lambda decision: ring.verify(decision, history=True))
-        if as_json:
-            emit_json({k: v for k, v in result.items() if k != "statement"}
-                      | {"predicateType": result["statement"]["predicateType"],
-                         "subject": result["statement"]["subject"]})
-            return
-        what = f"decision {result['decision']} for" if "decision" in result else "release"
-        extra = f"; decision signed by key {result['decision_key']}" if "decision_key" in result else ""
-        console.print(f"verified: {what} {result['release']}, attested by {', '.join(result['signed_by'])}{extra}",
-                      highlight=False)
+        # (retired, not revoked) is authentic, as `gate verify` and `audit verify` read history; whether it admits
+        # is said apart. A PASS whose approvals no longer all count is refused, as `gate verify` refuses it.
+        checked: list[GateDecided] = []
+
+        def check(decision: GateDecided) -> str:
+            kid = ring.verify_record(decision)
+            checked.append(decision)
+            return kid
+
+        result = at.verify(env, _signer(settings), check)
+        doc = {k: v for k, v in result.items() if k != "statement"} | {
+            "predicateType": result["statement"]["predicateType"], "subject": result["statement"]["subject"]}
+        signers = f"{result['release']}, attested by {', '.join(result['signed_by'])}"
+        if checked:
+            decision = checked[-1]
+            why = ring.not_admitting(decision)
+            said = (f"decision {decision.decision} for {signers}; decision signed by key {result['decision_key']}, "
+                    f"decided {decided_at(decision)}")
+            doc["time"] = decision.time
+            if decision.key_id in ring.retired:
+                doc["retired_at"] = ring.retired[decision.key_id].at
+        else:
+            why = "a release statement carries no gate decision, so it admits nothing"
+            said = f"release {signers}"
+        doc["admits"] = not why
+        if why:
+            doc["not_admitted"] = why
+        verdict("verified", said, why, authentic_only=authentic_only, as_json=as_json, doc=doc)
 
     # The issue's spelling: `lockgate verify FILE` is `lockgate attest verify FILE`.
     cli.add_command(attest_verify, name="verify")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Mapping
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +16,8 @@ from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
 from lockgate.cli.audit import NotChained, may_record, read_head, record_change, record_undone
 from lockgate.cli.identity import chosen_identity
-from lockgate.cli.main import handle_errors, json_option
-from lockgate.cli.render import console, emit_json, say_with, shown, table
+from lockgate.cli.main import fail, handle_errors, json_option
+from lockgate.cli.render import console, emit_json, err_console, say_with, shown, table
 from lockgate.client import get_decision
 from lockgate.codec import Codec
 from lockgate.config import Settings
@@ -104,14 +104,13 @@ def _keyring(settings: Settings, keys: tuple[str, ...]) -> Keyring:
 
 def _verify(settings: Settings, release: str | None, path: str | None,
             keys: tuple[str, ...]) -> tuple[GateDecided, Keyring]:
-    """The decision (from a file or the stack) and the keyring it verified against, as history: a key retired
-    since it signed still verifies what it decided before (it admits nothing, which the caller says). A PASS whose
-    approvals no longer all count fails: it was decided, but nothing may act on it (Keyring.check_approvals)."""
+    """The decision (from a file or the stack) and the keyring it verified against (Keyring.verify_record): a key
+    retired since it signed still verifies what it decided before (it admits nothing, which the caller says). A
+    PASS whose approvals no longer all count fails: it was decided, but nothing may act on it."""
     ring = _keyring(settings, keys)
 
     def check(dec: GateDecided) -> None:
-        ring.verify(dec, history=True)
-        ring.check_approvals(dec)
+        ring.verify_record(dec)
 
     d: GateDecided | None = None
     if path:
@@ -128,6 +127,36 @@ def _verify(settings: Settings, release: str | None, path: str | None,
         return dec, ring
 
     return with_bus(settings, work)
+
+
+# README "Exit codes": an authentic decision that admits nothing exits as `eval run` of a gate that did not pass.
+NOT_ADMITTED = 5
+
+authentic_only_option = click.option(
+    "--authentic-only", is_flag=True,
+    help="Check only that it is genuine: exit 0 also when it admits nothing now (a BLOCK, a NEEDS_REVIEW, a PASS a "
+         "retired key signed, a release statement), not only for a PASS that admits its release.")
+
+
+def decided_at(decision: GateDecided) -> str:
+    """When the decision was made, as a verdict line says it (UTC, to the second)."""
+    t = decision.time if decision.time.tzinfo else decision.time.replace(tzinfo=UTC)
+    return f"{t.astimezone(UTC):%Y-%m-%d %H:%M:%S}Z"
+
+
+def verdict(prefix: str, said: str, why: str, *, authentic_only: bool, as_json: bool, doc: Mapping[str, Any]) -> None:
+    """End a verify command that found its decision authentic: `doc` on stdout with --json, else `prefix: said`;
+    exit NOT_ADMITTED with one line saying `why` when it admits nothing now, unless `authentic_only`.
+
+    A pipeline reads `lockgate verify att.json && deploy` as "may this ship": before (probe p20 F4, F12), an
+    authentic BLOCK, NEEDS_REVIEW or retired key's PASS exited 0 like a PASS that admits."""
+    if as_json:
+        emit_json(doc)
+    if why and not authentic_only:
+        fail(f"{said}: authentic, but {why} (--authentic-only checks only that it is genuine)", NOT_ADMITTED)
+    if not as_json:
+        # click.echo, not rich: scripts read exactly one line, which rich would wrap.
+        click.echo(f"{prefix}: {said}" + (f" (authentic, but {why})" if why else ""))
 
 
 def _recorded_or_undone(settings: Settings, path: Path, before: TrustFile | None, *, kid: str, person: str = "",
@@ -250,25 +279,37 @@ def register(cli: click.Group) -> None:
     @click.option("--key", "keys", multiple=True, type=click.Path(exists=True, dir_okay=False),
                   help="Also trust this public key PEM (repeatable), besides the trust file and settings.trusted_keys, "
                        "whose revocations and retirements still apply.")
+    @authentic_only_option
+    @json_option
     @click.pass_context
     @handle_errors
-    def verify(ctx: click.Context, release: str | None, path: str | None, keys: tuple[str, ...]) -> None:
-        """Check a decision's signature: offline (--file + --key) or against the running stack. Exit 4 if bad, or if
-        it is a PASS whose approvals no longer all count (a revoked approver). One a key retired since signed
-        verifies as history (said so: it admits nothing now)."""
+    def verify(ctx: click.Context, release: str | None, path: str | None, keys: tuple[str, ...],
+               authentic_only: bool, as_json: bool) -> None:
+        """Check that a decision admits its release now: offline (--file, against the trust file; --key adds a key)
+        or against the running stack. Exit 0 for an authentic PASS that admits; 5 for an authentic decision that
+        admits nothing (a BLOCK, a NEEDS_REVIEW, a PASS signed by a key retired since: 0 with --authentic-only); 4 if
+        it is not authentic, or is a PASS whose approvals no longer all count (a revoked approver)."""
         settings: Settings = ctx.obj["settings"]
         if bool(release) == bool(path):
             raise LockgateError("give exactly one of RELEASE or --file")
-        try:
-            d, ring = _verify(settings, release, path, keys)
-        except SignatureError as exc:
-            # click.echo, not rich: scripts rely on exactly one line, which rich would wrap.
-            click.echo(f"error: {exc.message}", err=True)
-            sys.exit(exc.exit_code)
+        d, ring = _verify(settings, release, path, keys)
+        why = ring.not_admitting(d)
         retired = ring.retired.get(d.key_id)
-        note = "" if retired is None else (f" (retired at {retired.at:%Y-%m-%d %H:%M:%S}Z, after it signed this: "
-                                           f"it admits nothing now; re-gate {d.release} to roll it out)")
-        click.echo(f"ok: decision {d.id} ({d.release}: {d.decision}) is signed by key {d.key_id}{note}")
+        doc: dict[str, Any] = {"id": d.id, "release": d.release, "decision": d.decision, "key_id": d.key_id,
+                               "time": d.time, "admits": not why}
+        if retired is not None:
+            doc["retired_at"] = retired.at
+        if why:
+            doc["not_admitted"] = why
+        trust = trust_file_path(settings)
+        if not trust.is_file() and (authentic_only or not why):
+            # Without the trust file nothing here knows a revocation, a retirement or whose approvals count: a leaked
+            # key's decision verifies (probe p20 F13). Said, not refused: pinned keys alone are a supported setup.
+            err_console.print(f"[yellow]warning:[/yellow] no trust file at {trust}: revocations, retirements and "
+                              "approvers are unknown here, so a revoked key's decision verifies; give this machine "
+                              "the trust file (LOCKGATE_TRUST_FILE)", highlight=False, soft_wrap=True)
+        verdict("ok", f"decision {d.id} ({d.release}: {d.decision}, decided {decided_at(d)}) is signed by key "
+                      f"{d.key_id}", why, authentic_only=authentic_only, as_json=as_json, doc=doc)
 
     @gate.command("trust")
     @click.argument("key", type=click.Path(exists=True, dir_okay=False))
