@@ -27,10 +27,14 @@ from lockgate.credentials import NatsAuth, NotAllowed
 from lockgate.decisionwatch import DecisionWithdrawn as DecisionWithdrawn  # what decisions() raises
 from lockgate.decisionwatch import (
     GatewaySource,
+    Newest,
     ReconnectCounter,
     follow_decisions,
     verified,
     watch_decisions,
+)
+from lockgate.decisionwatch import (
+    StaleDecision as StaleDecision,  # what decision() raises for a superseded one
 )
 from lockgate.errors import BusUnavailable, ClientClosed, ConfigError, InvalidEvent, NotFound, SignatureError
 from lockgate.outbox import UNTIL_BACK, Outbox, encode_event, event_from_fields
@@ -197,6 +201,8 @@ class Client:
             home=home, trust_file=trust_file or os.environ.get("LOCKGATE_TRUST_FILE", ""),
             trusted_keys=",".join(trusted_keys or [])))
         self.rejected_decisions = 0
+        # Whatever answers a read, an older decision than one read before is refused (probe p20 F11).
+        self._newest = Newest()
 
     @property
     def sent(self) -> int:
@@ -426,7 +432,8 @@ class Client:
         Read from the gates bucket; with an application's NATS user (the shared `app` or its own), through the
         gateway (its own user: None for a release not its tenant's and app's), the signature checked here alike.
         Raises InvalidName for a bad name, SignatureError if the decision does not verify or is not
-        for `release`."""
+        for `release`, StaleDecision (a SignatureError) if it is older than one this client read for the release
+        before (by `decision()` or `decisions()`): a superseded decision handed back, never returned."""
         if self._announcements is None:
             decision = await get_decision(await self._gates(), release)
         else:
@@ -441,7 +448,8 @@ class Client:
         """Current decisions, then each new one, for releases starting with `release_prefix`.
 
         A decision whose signature does not verify is skipped, logged and counted in
-        `rejected_decisions`, never yielded. One yielded that stops verifying with no new decision (its key
+        `rejected_decisions`, never yielded; so is one older than a decision this client read for its release
+        before (StaleDecision). One yielded that stops verifying with no new decision (its key
         revoked or retired, an approval withdrawn, in the trust file; checked each second), or whose release's
         newer decision does not verify, ends the iteration with DecisionWithdrawn (a SignatureError) naming the
         release, the decision and why: stop acting on it, read `decision()` again and watch again."""
@@ -455,7 +463,8 @@ class Client:
             decisions = await follow_decisions(self._gateway(release_prefix), release_prefix, nc=self._nc,
                                                announcements=self._announcements, reconnects=self._reconnects,
                                                relists=self.subjects.app_relist)
-        checked = verified(decisions, self._verifier, refused=self._refused) if self.verify else decisions
+        checked = (verified(decisions, self._verifier, refused=self._refused, newest=self._newest) if self.verify
+                   else decisions)
         try:
             async for decision in checked:
                 yield decision
@@ -471,7 +480,9 @@ class Client:
     async def _check(self, decision: GateDecided) -> None:
         if not self.verify:
             return
+        self._newest.check(decision)
         await self._verifier.verify(decision)
+        self._newest.saw(decision)
 
     def _started_or_raise(self) -> None:
         if self._closed:

@@ -27,6 +27,11 @@ Now, once the watch has read every key, it keeps what it read (`seen`) and reads
 connection, or a decision that no longer verifies (`verified`), ends it. Its first read still fails at once, as
 `decision()` does: no gateway at all (a wrong prefix) is said to the caller, not waited for.
 
+Whoever answers a gateway read chooses the entry's revision, and a process holding the gateway's credential
+answered with a superseded decision the gatekeeper genuinely signed (probe p20 F11). So a client that verifies also
+refuses a decision signed before the newest one it read for the release (`Newest`, by the signed time: the one
+order no one passing the entry on can change): `decision()` raises StaleDecision, a watch skips it and goes on.
+
 A decision can stop admitting anything with no new one written: its key revoked or retired, or an approval it
 rests on withdrawn, in the trust file. `verified` checks what a watch yields, and verifies what it yielded again
 whenever the trust roots change (each second it looks): one that no longer verifies ends the watch with
@@ -77,6 +82,41 @@ class DecisionWithdrawn(SignatureError):
                          for release, did, why in self.withdrawn)
         super().__init__(f"{each}. This watch yielded it earlier: stop acting on it, read the release's decision "
                          "again (decision(), gRPC GetDecision) and watch again")
+
+
+class StaleDecision(SignatureError):
+    """A decision signed before one this client already read for its release: a superseded decision handed back as
+    the current one (probe p20 F11: a process holding the gateway's credential answered reads with an old PASS)."""
+
+    def __init__(self, stale: GateDecided, newer: GateDecided) -> None:
+        self.release, self.id, self.newer = stale.release, stale.id, newer.id
+        super().__init__(f"release {stale.release!r}: decision {stale.id} ({stale.decision}, signed "
+                         f"{stale.time.isoformat()}) is older than decision {newer.id} ({newer.decision}, signed "
+                         f"{newer.time.isoformat()}) this client read before: a superseded decision, not the "
+                         "current one (is another process answering reads with the gateway's credential?); read "
+                         "it again")
+
+
+class Newest:
+    """The newest verified decision one client read for each release, by the time the gatekeeper signed into it: a
+    client never goes back to an older one. An answer's KV revision is not used here: whoever passes the entry on
+    writes it, while the time is under the gatekeeper's signature."""
+
+    def __init__(self) -> None:
+        self._by_release: dict[str, GateDecided] = {}
+
+    def check(self, decision: GateDecided) -> None:
+        """StaleDecision if a decision signed later was read for its release."""
+        newer = self._by_release.get(decision.release)
+        if newer is not None and decision.time < newer.time:
+            raise StaleDecision(decision, newer)
+
+    def saw(self, decision: GateDecided) -> None:
+        """Record a decision that verified (only those: an unverified one with a time to come would refuse every
+        genuine one after it)."""
+        newer = self._by_release.get(decision.release)
+        if newer is None or decision.time >= newer.time:
+            self._by_release[decision.release] = decision
 
 
 class Reconnects(Protocol):
@@ -266,11 +306,13 @@ async def _follow(source: Source, subs: list[Any], wake: asyncio.Queue[str | Non
 
 
 async def verified(decisions: AsyncIterator[GateDecided], verifier: Verifier, *,
-                   refused: Callable[[SignatureError], None],
+                   refused: Callable[[SignatureError], None], newest: Newest | None = None,
                    every_s: float = TRUST_CHECK_S) -> AsyncIterator[GateDecided]:
-    """The decisions of a watch that verify (`refused` is told of each other one, which is skipped). What it yielded
-    is verified again whenever the trust roots change (looked at every `every_s` seconds, and at each decision):
-    if any no longer verifies, or a release's newer decision does not, it raises DecisionWithdrawn naming them."""
+    """The decisions of a watch that verify (`refused` is told of each other one, which is skipped), and, with
+    `newest`, that are not older than one read for their release before (StaleDecision, skipped alike). What it
+    yielded is verified again whenever the trust roots change (looked at every `every_s` seconds, and at each
+    decision): if any no longer verifies, or a release's newer decision does not, it raises DecisionWithdrawn naming
+    them."""
     yielded: dict[str, GateDecided] = {}  # release -> the decision last yielded for it
     roots = verifier.roots()
     async with contextlib.aclosing(ticking(decisions, every_s)) as ticks:
@@ -280,6 +322,13 @@ async def verified(decisions: AsyncIterator[GateDecided], verifier: Verifier, *,
                 await _still_verified(yielded, verifier)
             if isinstance(decision, Idle):
                 continue
+            if newest is not None:
+                try:
+                    newest.check(decision)
+                except StaleDecision as exc:
+                    # Skipped, and the watch goes on: what it yielded for the release is newer, and still stands.
+                    refused(exc)
+                    continue
             try:
                 await verifier.verify(decision)
             except SignatureError as exc:
@@ -290,6 +339,8 @@ async def verified(decisions: AsyncIterator[GateDecided], verifier: Verifier, *,
                 continue
             # A change `verify` read left a new keyring: what was yielded before is verified against it next round.
             yielded[decision.release] = decision
+            if newest is not None:
+                newest.saw(decision)
             yield decision
 
 

@@ -259,7 +259,10 @@ def grant(s: Subjects, identity: str) -> Grant:
         g.add(Grant(subscribe=[s.gate_decided_all]))  # WatchDecisions follows the announcements (decisionwatch.py)
         # Applications' users' decision reads (reads.py), answered on their inboxes as above, the announcements
         # passed on to each release's tenant and app, and the notice to read every key again once it passes them on.
-        g.add(Grant(subscribe=[s.reads_all], publish=[s.app_decided_all, s.app_relist]))
+        # The reads in the replicas' queue group only (`subject queue`): a second process holding this credential
+        # joins the group and answers its share, never every read ahead of the gateway (probe p20 F11: it raced
+        # each answer with a superseded, genuinely signed PASS).
+        g.add(Grant(subscribe=[f"{s.reads_all} {s.reads_group}"], publish=[s.app_decided_all, s.app_relist]))
         g.add(_read_kv(s.kv_releases))  # whose a release is: a key reads its own tenant's and app's decisions
     elif identity == "otlp":
         # The OTLP receiver: spans it was sent, and the inference events of GenAI spans; nothing else.

@@ -16,10 +16,10 @@ import nats
 import pytest
 
 from lockgate import artifacts, credentials
-from lockgate.client import Client
+from lockgate.client import Client, StaleDecision
 from lockgate.codec import Codec, encode
 from lockgate.config import Settings
-from lockgate.contracts import DecisionsRead, GateDecided, RuleResult
+from lockgate.contracts import DecisionsRead, GateDecided, RuleResult, StoredDecision
 from lockgate.errors import BusUnavailable
 from lockgate.server.runtime import Runtime
 from lockgate.server.service import Progress
@@ -222,3 +222,78 @@ async def test_a_scoped_reader_reads_each_release_binding_once(stack: Runtime,
         assert calls == ["rogue"]
     finally:
         await nc.close()
+
+
+async def _as_gateway(runtime: Runtime, errors: list[str], seen: asyncio.Event) -> nats.NATS:
+    """A second process holding the gateway's real NATS credential (probe p20 F11)."""
+    auth = credentials.for_identity(runtime.settings, "gateway")
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc).lower())
+        seen.set()
+
+    return await nats.connect(runtime.settings.nats_url, user=auth.user, password=auth.password,
+                              allow_reconnect=False, inbox_prefix=f"_INBOX.{auth.user}", error_cb=on_error)
+
+
+async def test_the_gateways_credential_answers_reads_in_its_queue_group_only(stack: Runtime) -> None:
+    # Found by a probe (p20 F11): a process holding the gateway's credential subscribed to every read outside the
+    # gateway's queue group, so it was sent each read as well as a replica was, and its answer came first.
+    s = stack.ctx.bus.subjects
+    old = _signed("shop-v1")
+    current = SIGNER.sign(GateDecided(release="shop-v1", decision="BLOCK", rules=[], reason="rejected by bob"))
+    await _decide(stack, old, current)
+    errors: list[str] = []
+    refused = asyncio.Event()
+    rogue = await _as_gateway(stack, errors, refused)
+    try:
+        stale = encode(DecisionsRead(entries=[StoredDecision(key=token("shop-v1"), revision=10**6, value=encode(old))]))
+
+        async def answer(msg: Any) -> None:
+            await msg.respond(stale)
+
+        await rogue.subscribe(s.reads_all, cb=answer)
+        await rogue.flush()
+        await asyncio.wait_for(refused.wait(), 10)
+        assert f'permissions violation for subscription to "{s.reads_all}"' in errors[0]
+        async with _client(stack, None) as client:
+            assert await client.decision("shop-v1") == current  # the gateway's answer, the only one sent
+    finally:
+        await rogue.close()
+
+
+async def test_a_superseded_decision_handed_back_is_not_returned(stack: Runtime) -> None:
+    # Found by a probe (p20 F11): a process with the gateway's credential answered reads with a release's old,
+    # genuinely signed PASS after an approver's reject made its decision a BLOCK, and the SDK returned the PASS.
+    s = stack.ctx.bus.subjects
+    old = _signed("shop-v1")
+    newer = SIGNER.sign(GateDecided(release="shop-v1", decision="BLOCK", rules=[], reason="rejected by bob"))
+    other = _signed("shop-v2")
+    assert old.time < newer.time
+    await _decide(stack, old, newer, other)
+    stale = StoredDecision(key=token("shop-v1"), revision=10**6, value=encode(old))
+    marker = StoredDecision(key=token("shop-v2"), revision=10**6 + 1, value=encode(other))
+
+    async def answer(msg: Any) -> None:
+        request = s.read_request(msg.subject)
+        assert request is not None
+        await msg.respond(encode(DecisionsRead(entries=[stale] if request[2] == "decision" else [stale, marker])))
+
+    async with _client(stack, None) as client:
+        assert await client.decision("shop-v1") == newer  # read from the gateway: this client saw the BLOCK
+        # The rogue joins the queue group (all it may do) and the gateway's replica leaves it, so every read is
+        # the rogue's to answer, not a share of them.
+        await stack.services["gateway"].reads.stop()
+        errors: list[str] = []
+        rogue = await _as_gateway(stack, errors, asyncio.Event())
+        try:
+            await rogue.subscribe(s.reads_all, queue=s.reads_group, cb=answer)
+            await rogue.flush()
+            with pytest.raises(StaleDecision, match="is older than decision"):
+                await client.decision("shop-v1")
+            # A watch skips it too (counted as refused), and yields what is not older than what it read before.
+            assert await _take(client.decisions("shop-"), 1) == {"shop-v2": other}
+            assert client.rejected_decisions == 1
+            assert not errors
+        finally:
+            await rogue.close()

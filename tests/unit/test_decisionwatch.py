@@ -5,6 +5,7 @@ which takes back what it yielded once the trust roots no longer admit it."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -17,7 +18,9 @@ from lockgate.contracts import DecisionsPage, DecisionsRead, GateDecided, Stored
 from lockgate.decisionwatch import (
     DecisionWithdrawn,
     GatewaySource,
+    Newest,
     ReconnectCounter,
+    StaleDecision,
     follow_decisions,
     verified,
     watch_decisions,
@@ -261,3 +264,40 @@ async def test_verified_takes_back_what_it_yielded_once_the_trust_roots_no_longe
         await asyncio.wait_for(pending, 5)
     assert err.value.withdrawn == [("b", second.id, err.value.withdrawn[0][2])]
     assert "revoked key id" in err.value.withdrawn[0][2] and "release 'a'" not in err.value.message
+
+
+def test_newest_refuses_a_decision_signed_before_one_read_for_its_release() -> None:
+    old = GateDecided(release="a", decision="PASS", rules=[])
+    newer = GateDecided(release="a", decision="BLOCK", rules=[], time=old.time + timedelta(seconds=1))
+    tied = GateDecided(release="a", decision="PASS", rules=[], time=newer.time)
+    other = GateDecided(release="b", decision="PASS", rules=[], time=old.time - timedelta(days=1))
+    newest = Newest()
+    for decision in (old, newer, other):
+        newest.check(decision)  # nothing read yet for any release
+    newest.saw(newer)
+    with pytest.raises(StaleDecision, match=f"decision {old.id} .* is older than decision {newer.id}") as err:
+        newest.check(old)
+    assert (err.value.release, err.value.id, err.value.newer) == ("a", old.id, newer.id)
+    for decision in (newer, tied, other):  # the one read, again; one signed at the same time; another release's
+        newest.check(decision)
+    newest.saw(old)  # recorded only if not older: the floor stays
+    with pytest.raises(StaleDecision):
+        newest.check(old)
+
+
+async def test_verified_skips_a_decision_older_than_one_it_yielded_and_goes_on(tmp_path: Any) -> None:
+    settings = Settings(home=str(tmp_path))
+    signer = Signer.generate()
+    trust_key(trust_file_path(settings), signer.public)
+    old = signer.sign(GateDecided(release="a", decision="PASS", rules=[]))
+    newer = signer.sign(GateDecided(release="a", decision="BLOCK", rules=[], time=old.time + timedelta(seconds=1)))
+    later = signer.sign(GateDecided(release="a", decision="PASS", rules=[], time=old.time + timedelta(seconds=2)))
+
+    async def decisions() -> Any:
+        for d in (newer, old, later):
+            yield d
+
+    refused: list[SignatureError] = []
+    watch = verified(decisions(), Verifier(None, settings), refused=refused.append, newest=Newest())
+    assert [d async for d in watch] == [newer, later]  # the old one skipped, not the end of the watch
+    assert len(refused) == 1 and isinstance(refused[0], StaleDecision)

@@ -83,6 +83,12 @@ def test_an_application_publishes_inference_only() -> None:
     assert grant(S, "app").publish == [S.ingest_all, S.reads_all]
 
 
+def test_the_gateway_subscribes_to_reads_in_its_queue_group_only() -> None:
+    # Probe p20 F11: a second process with its credential, subscribed outside the group, answered every read first.
+    reads = [p for p in grant(S, "gateway").subscribe if p.split(" ")[0] == S.reads_all]
+    assert reads == [f"{S.reads_all} {S.reads_group}"]
+
+
 @pytest.mark.parametrize("identity", ["app", app_user("acme", "shop")])
 def test_no_application_user_makes_a_jetstream_api_request(identity: str) -> None:
     # JetStream answers an API request (STREAM.INFO, MSG.GET, DIRECT.GET, ...) on whatever reply subject the
