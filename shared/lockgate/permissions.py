@@ -254,8 +254,9 @@ def grant(s: Subjects, identity: str) -> Grant:
     elif identity == "gateway":
         g.add(service).add(_read_kv(s.kv_gates)).add(Grant(publish=[s.inference_sent]))
         # The relay of application users' events (each per-application user's, the shared `app`'s): it answers
-        # them on their own inboxes only.
-        g.add(Grant(subscribe=[s.ingest_all], publish=[f"{inbox(APPS)}.>", f"{inbox(APP)}.>"]))
+        # them on their own inboxes only, in the relays' queue group only, as the reads below (a second process
+        # holding this credential, subscribed outside it, was sent every event and could acknowledge and drop it).
+        g.add(Grant(subscribe=[f"{s.ingest_all} {s.ingest_group}"], publish=[f"{inbox(APPS)}.>", f"{inbox(APP)}.>"]))
         g.add(Grant(subscribe=[s.gate_decided_all]))  # WatchDecisions follows the announcements (decisionwatch.py)
         # Applications' users' decision reads (reads.py), answered on their inboxes as above, the announcements
         # passed on to each release's tenant and app, and the notice to read every key again once it passes them on.

@@ -262,6 +262,22 @@ async def test_the_gateways_credential_answers_reads_in_its_queue_group_only(sta
         await rogue.close()
 
 
+async def test_the_gateways_credential_relays_events_in_its_queue_group_only(stack: Runtime) -> None:
+    # As the reads: outside the relays' queue group a second process holding the gateway's credential was sent every
+    # application's events, and could acknowledge them itself and drop them.
+    s = stack.ctx.bus.subjects
+    errors: list[str] = []
+    refused = asyncio.Event()
+    rogue = await _as_gateway(stack, errors, refused)
+    try:
+        await rogue.subscribe(s.ingest_all)
+        await rogue.flush()
+        await asyncio.wait_for(refused.wait(), 10)
+        assert f'permissions violation for subscription to "{s.ingest_all}"' in errors[0]
+    finally:
+        await rogue.close()
+
+
 async def test_a_superseded_decision_handed_back_is_not_returned(stack: Runtime) -> None:
     # Found by a probe (p20 F11): a process with the gateway's credential answered reads with a release's old,
     # genuinely signed PASS after an approver's reject made its decision a BLOCK, and the SDK returned the PASS.

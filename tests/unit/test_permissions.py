@@ -87,6 +87,9 @@ def test_the_gateway_subscribes_to_reads_in_its_queue_group_only() -> None:
     # Probe p20 F11: a second process with its credential, subscribed outside the group, answered every read first.
     reads = [p for p in grant(S, "gateway").subscribe if p.split(" ")[0] == S.reads_all]
     assert reads == [f"{S.reads_all} {S.reads_group}"]
+    # Nor is it sent every application's events outside the relays' group (to acknowledge and drop them).
+    relayed = [p for p in grant(S, "gateway").subscribe if p.split(" ")[0] == S.ingest_all]
+    assert relayed == [f"{S.ingest_all} {S.ingest_group}"]
 
 
 @pytest.mark.parametrize("identity", ["app", app_user("acme", "shop")])
