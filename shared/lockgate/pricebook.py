@@ -10,6 +10,7 @@ import yaml
 
 from lockgate.errors import ConfigError
 from lockgate.ids import content_hash
+from lockgate.onereading import TwoReadings, yaml_loads
 
 Rate = Annotated[float, msgspec.Meta(ge=0)]
 SHIPPED = Path(__file__).with_name("pricebook.yaml")
@@ -64,9 +65,11 @@ def load_price_book(path: str = "") -> PriceBook:
     """Read and validate a YAML price book; an empty path means the one shipped with lockgate."""
     p = Path(path).expanduser() if path else SHIPPED
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml_loads(p.read_text())
     except OSError as exc:
         raise PriceBookError(f"cannot read price book {p}: {exc.strerror or exc}") from None
+    except TwoReadings as exc:  # a model's price given twice: the reviewer's and lockgate's would differ
+        raise PriceBookError(f"price book {p} is refused: {exc}") from None
     except yaml.YAMLError as exc:
         raise PriceBookError(f"price book {p} is not valid YAML: {exc}") from None
     return parse_price_book(data)

@@ -12,6 +12,7 @@ import click
 import msgspec
 from rich.text import Text
 
+from lockgate import documents
 from lockgate.bus import Bus
 from lockgate.cli.access import with_bus
 from lockgate.cli.audit import NotChained, may_record, read_head, record_change, record_undone
@@ -115,7 +116,7 @@ def _verify(settings: Settings, release: str | None, path: str | None,
     d: GateDecided | None = None
     if path:
         try:
-            d = msgspec.json.decode(Path(path).read_bytes(), type=GateDecided)
+            d = documents.decode_json(Path(path).read_bytes(), GateDecided, where=path, error=SignatureError)
         except msgspec.DecodeError as exc:
             raise SignatureError(f"{path} is not a gate decision: {exc}") from None
         check(d)

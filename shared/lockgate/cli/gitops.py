@@ -55,7 +55,7 @@ def _summary(plan: Any) -> dict[str, int]:
     return {a: plan.count(a) for a in ("add", "change", "remove", "unchanged", "orphan")}
 
 
-def _print(plan: Any, prov: Any, title: str) -> None:
+def _print(plan: Any, prov: Any, title: str, hidden: list[str]) -> None:
     where = f"commit {prov.commit[:10]}{' (dirty)' if prov.dirty else ''}" if prov.commit else "not in Git"
     table(_rows(plan), title=f"{title} ({where})", empty="the folder holds no documents")
     for s in plan.steps:
@@ -67,16 +67,21 @@ def _print(plan: Any, prov: Any, title: str) -> None:
     if n["orphan"]:
         line += f"; {n['orphan']} applied before but no longer in the folder (kept; --prune removes them)"
     console.print(line, highlight=False)
+    if hidden:
+        console.print(f"not read: {len(hidden)} hidden YAML file{'s' if len(hidden) != 1 else ''} (lockgate reads no "
+                      f"hidden file or folder; rename one to apply it): {', '.join(hidden)}", highlight=False, soft_wrap=True)
 
 
-def _load(directory: str) -> tuple[list[Any], Any]:
-    from lockgate.gitops.documents import load_folder
+def _load(directory: str) -> tuple[list[Any], Any, list[str]]:
+    """The folder's resolved documents, its Git provenance, and the hidden YAML files it holds but does not read."""
+    from lockgate.gitops.documents import hidden_documents, load_folder
     from lockgate.gitops.git import provenance
     from lockgate.gitops.resolve import resolve
 
     sources = load_folder(directory)
     # The files the plan read: one that Git ignores is in no commit, so the provenance is dirty.
-    return resolve(sources), provenance(directory, reads=[r for s in sources for r in s.reads])
+    return (resolve(sources), provenance(directory, reads=[r for s in sources for r in s.reads]),
+            hidden_documents(directory))
 
 
 async def _plan(bus: Any, desired: list[Any], prune: bool, settings: Any) -> Any:
@@ -89,9 +94,9 @@ async def _plan(bus: Any, desired: list[Any], prune: bool, settings: Any) -> Any
     return diff(desired, state, bound, prune=prune, live=await read_aliases(bus, settings, desired))
 
 
-def _result(plan: Any, prov: Any, **extra: Any) -> dict[str, Any]:
+def _result(plan: Any, prov: Any, hidden: list[str], **extra: Any) -> dict[str, Any]:
     return {"exit_code": plan.exit_code, "summary": _summary(plan), "steps": plan.steps, "errors": plan.errors,
-            "git": prov, **extra}
+            "git": prov, "not_read": hidden, **extra}
 
 
 def register(cli: click.Group) -> None:
@@ -110,13 +115,13 @@ def register(cli: click.Group) -> None:
     @_ci_errors
     def plan_cmd(ctx: click.Context, directory: str, prune: bool, as_json: bool) -> None:
         """What `apply DIR` would add, change, leave or remove; exits 0 nothing to do, 2 changes, 1 error."""
-        desired, prov = _load(directory)
+        desired, prov, hidden = _load(directory)
         plan = with_bus(ctx.obj["settings"], lambda bus: _plan(bus, desired, prune, ctx.obj["settings"]),
                          role="viewer")
         if as_json:
-            emit_json(_result(plan, prov))
+            emit_json(_result(plan, prov, hidden))
         else:
-            _print(plan, prov, f"plan for {directory}")
+            _print(plan, prov, f"plan for {directory}", hidden)
             for error in plan.errors:
                 err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
         sys.exit(plan.exit_code)
@@ -137,7 +142,7 @@ def register(cli: click.Group) -> None:
         from lockgate.cli.identity import optional_identity
         from lockgate.gitops.state import apply
 
-        desired, prov = _load(directory)
+        desired, prov, hidden = _load(directory)
         author = optional_identity(ctx)  # signs the releases it binds, as `release create --as` does
         where = str(Path(directory).resolve())
 
@@ -150,9 +155,9 @@ def register(cli: click.Group) -> None:
 
         plan, event = with_bus(ctx.obj["settings"], work, role="operator")
         if as_json:
-            emit_json(_result(plan, prov, applied=event is not None))
+            emit_json(_result(plan, prov, hidden, applied=event is not None))
         else:
-            _print(plan, prov, f"apply {directory}")
+            _print(plan, prov, f"apply {directory}", hidden)
         if plan.errors:
             for error in plan.errors:
                 err_console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)

@@ -1,7 +1,8 @@
 """The folder's documents: one YAML file per resource, its type given by `kind:`.
 
-Any `*.yaml` / `*.yml` file under the folder (hidden folders such as `.git` skipped) is one document;
-how the folder is arranged into sub-folders is the team's choice. Nothing is read from outside the
+Any `*.yaml` / `*.yml` file under the folder (any case of the suffix) is one document, but for hidden files and
+files in hidden folders (`.github/`, `.pre-commit-config.yaml`: other tools' files), which `hidden_documents` lists
+for `plan` to name; how the folder is arranged into sub-folders is the team's choice. Nothing is read from outside the
 folder: a symbolic link out of it, like a `file:` out of it, is refused. Content kinds (dataset, prompt,
 model_config, tool, suite, policy) become content-addressed artifacts: their content is `spec:`
 inline (a mapping or a list) or `file:` beside the document (a dataset may be a JSONL file). A release names artifacts of
@@ -22,6 +23,9 @@ from lockgate.contracts.names import Name, OptName, check_names
 from lockgate.documents import NonNegative, at, load_yaml
 from lockgate.errors import ConfigError
 from lockgate.onlineeval import OnlineEvalSpec
+
+# Version control's own folders: nothing in them is a document, nor worth naming as skipped.
+VCS_FOLDERS = frozenset({".git", ".hg", ".svn", ".bzr", ".jj"})
 
 # A reference to an artifact document of the folder, `kind/name`.
 ArtifactRef = Annotated[str, msgspec.Meta(pattern=r"^(dataset|prompt|model_config|tool|suite|policy)/.+$")]
@@ -157,12 +161,32 @@ def kind_of(doc: Document) -> str:
     return type(doc).__struct_config__.tag  # type: ignore[return-value]
 
 
+def _is_yaml(path: Path) -> bool:
+    # Before (probe p20 F8), `new.YAML` was skipped without a word while a reviewer took it for a document.
+    return path.suffix.lower() in (".yaml", ".yml")
+
+
+def hidden_documents(folder: str | Path) -> list[str]:
+    """YAML files under `folder` that `load_folder` does not read, being hidden or in a hidden folder (relative paths,
+    sorted; none from version control's own folders): `plan` names them, so a hidden file added in a pull request is
+    not taken for an applied document (probe p20 F8)."""
+    root = Path(folder).expanduser()
+    found = []
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in VCS_FOLDERS]
+        rel = Path(top).relative_to(root)
+        hidden_here = any(part.startswith(".") for part in rel.parts)
+        found += [(rel / f).as_posix() for f in files
+                  if _is_yaml(Path(f)) and (hidden_here or f.startswith(".")) and (Path(top) / f).is_file()]
+    return sorted(found)
+
+
 def load_folder(folder: str | Path) -> list[Source]:
     """Every document under `folder`, sorted by path; GitopsError naming the file (and path) if one is bad."""
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise GitopsError(f"{root} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file()
+    files = sorted(p for p in root.rglob("*") if _is_yaml(p) and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     real = root.resolve()
     sources = []

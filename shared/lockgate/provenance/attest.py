@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
 
+from lockgate import documents
 from lockgate.contracts import GateDecided
 from lockgate.errors import SignatureError
 from lockgate.identity import Identity, bundle_content
@@ -166,7 +166,7 @@ def verify(env: Mapping[str, Any], check_signer: Callable[[str, str, bytes], str
     if not signers:
         raise AttestationRefused("the envelope carries no signature")
     try:
-        stmt = json.loads(payload)
+        stmt = documents.decode_json(payload, where="the payload", error=AttestationRefused)
         bundle = stmt["predicate"]["release"]
         kind = stmt["predicateType"]
         if not isinstance(bundle, dict):

@@ -1,0 +1,213 @@
+"""JSON and YAML readers that refuse a document other readers would read another way (probe p20 F2, F3, F7).
+
+A key given twice makes two documents of one: Python's `json`, msgspec and PyYAML keep the last value; gjson,
+simdjson's on-demand API or a reviewer reading down a file meet the first. A signed document read
+here (a decision file, an attestation's payload) or a Git folder's document is what lockgate acts on, and it
+must be what everyone else reads, so a repeated key, at any depth, is refused naming it and its path.
+
+YAML is read as PyYAML reads it (YAML 1.1); a plain scalar that YAML 1.2's core schema (most other tools, and
+most readers) takes for another number, boolean or text is refused, quoting it: `0300` is 192 to YAML 1.1 and 300 to YAML 1.2,
+`1:30` is 90 or text, `on`/`yes`/`no`/`off` a boolean or text, `1_000` a number or text, `1e3` text or a number.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import yaml
+
+_MERGE = "tag:yaml.org,2002:merge"
+_BOOL, _INT, _FLOAT, _STR = (f"tag:yaml.org,2002:{t}" for t in ("bool", "int", "float", "str"))
+# YAML 1.2 core schema (https://yaml.org/spec/1.2.2/#1023-core-schema): what a YAML 1.2 reader takes a plain scalar for.
+_CORE_BOOL = {"true": True, "True": True, "TRUE": True, "false": False, "False": False, "FALSE": False}
+_CORE_DEC = re.compile(r"[-+]?[0-9]+")
+_CORE_OCT = re.compile(r"0o[0-7]+")
+_CORE_HEX = re.compile(r"0x[0-9a-fA-F]+")
+_CORE_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+_CORE_INF = re.compile(r"[-+]?\.(inf|Inf|INF)")
+_CORE_NAN = re.compile(r"\.(nan|NaN|NAN)")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+
+
+class TwoReadings(ValueError):
+    """A document readers disagree on: a key given twice, or a YAML scalar YAML 1.1 and 1.2 read differently.
+    The message ends in msgspec's way, `... - at `$.path``."""
+
+
+def _step(path: str, key: Any) -> str:
+    """`path` one key further, as msgspec writes paths (`$.a.b`, `$[0]`; other keys quoted, on one line)."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return f"{path}[{key}]"
+    text = str(key)
+    return f"{path}.{text}" if _NAME.fullmatch(text) else f"{path}[{json.dumps(text)}]"
+
+
+# JSON ----------------------------------------------------------------------------------------------------------
+
+class _Repeated(Exception):
+    """Raised from inside `json.loads` to stop at the first object with a repeated key."""
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _Repeated
+    return obj
+
+
+class _Pairs(list):  # type: ignore[type-arg]
+    """A JSON object as its (key, value) pairs in order, to find where a key repeats."""
+
+
+def _first_repeat(value: Any, path: str) -> tuple[str, str] | None:
+    """(key, path of the object holding it) of the first repeated key in document order, None if none."""
+    stack = [(value, path)]
+    while stack:
+        node, where = stack.pop()
+        items: list[tuple[str, Any]] = []
+        if isinstance(node, _Pairs):
+            seen: set[str] = set()
+            for key, _ in node:
+                if key in seen:
+                    return key, where
+                seen.add(key)
+            items = [(_step(where, k), v) for k, v in node]
+        elif isinstance(node, list):
+            items = [(_step(where, i), v) for i, v in enumerate(node)]
+        stack.extend((v, p) for p, v in reversed(items))
+    return None
+
+
+def json_loads(data: bytes | str) -> Any:
+    """`data` as `json.loads` reads it; TwoReadings naming the first key an object repeats (`"a"` and `"\\u0061"`
+    are one key) and its path. ValueError (or RecursionError) for what is not JSON, as `json.loads` raises."""
+    try:
+        return json.loads(data, object_pairs_hook=_unique)
+    except _Repeated:
+        pass
+    # Only a refused document is read twice: the hook above cannot know where in the document it is.
+    found = _first_repeat(json.loads(data, object_pairs_hook=_Pairs), "$")
+    key, where = found if found else ("?", "$")
+    raise TwoReadings(f"key {json.dumps(key)} is given twice (readers differ on which one counts) - at "
+                      f"`{_step(where, key)}`")
+
+
+# YAML ----------------------------------------------------------------------------------------------------------
+
+def _core(text: str) -> Any:
+    """What YAML 1.2's core schema reads the plain scalar `text` as (text itself when not a bool or number)."""
+    if text in _CORE_BOOL:
+        return _CORE_BOOL[text]
+    if _CORE_DEC.fullmatch(text):
+        return int(text, 10)
+    if _CORE_OCT.fullmatch(text):
+        return int(text[2:], 8)
+    if _CORE_HEX.fullmatch(text):
+        return int(text[2:], 16)
+    if _CORE_FLOAT.fullmatch(text):
+        return float(text)
+    if _CORE_INF.fullmatch(text):
+        return -math.inf if text.startswith("-") else math.inf
+    if _CORE_NAN.fullmatch(text):
+        return math.nan
+    return text
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    return "text"
+
+
+class _OneReading:
+    """Mixed into PyYAML's safe loaders: checks the composed document before building it."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check(node)
+        return super().construct_document(node)
+
+    def _check(self, root: yaml.Node) -> None:
+        seen: set[int] = set()  # an aliased node is checked once, where it is first met
+        stack: list[tuple[yaml.Node, str]] = [(root, "$")]
+        while stack:
+            node, path = stack.pop()
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, yaml.ScalarNode):
+                self._check_scalar(node, path)
+            elif isinstance(node, yaml.SequenceNode):
+                stack.extend((item, f"{path}[{i}]") for i, item in reversed(list(enumerate(node.value))))
+            elif isinstance(node, yaml.MappingNode):
+                stack.extend(reversed(self._check_keys(node, path)))
+
+    def _check_keys(self, node: yaml.MappingNode, path: str) -> list[tuple[yaml.Node, str]]:
+        """The mapping's keys and values to check next; TwoReadings if a key is given twice. Keys are compared as
+        built (`1` and `1.0` are one dict key). A key a merge (`<<`) brings may be given again: that is what a
+        merge is for, and only keys the mapping itself names are compared."""
+        first: dict[Any, tuple[int, str]] = {}
+        children: list[tuple[yaml.Node, str]] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE or not isinstance(key_node, yaml.ScalarNode):
+                children += [(key_node, path), (value_node, path)]
+                continue
+            at = _step(path, key_node.value)
+            self._check_scalar(key_node, at)
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                was, text = first[key]
+                again = "given twice" if text == key_node.value else f"{json.dumps(text)} again"
+                raise TwoReadings(f"key {json.dumps(key_node.value)} is {again}, on lines {was} and {line} (readers "
+                                  f"differ on which one counts) - at `{at}`")
+            first[key] = (line, key_node.value)
+            children.append((value_node, at))
+        return children
+
+    def _check_scalar(self, node: yaml.ScalarNode, path: str) -> None:
+        if node.style or node.tag not in (_BOOL, _INT, _FLOAT, _STR):  # quoted, or tagged as something else
+            return
+        text = node.value
+        if node.tag == _STR:
+            if not text or text[0] not in "-+.0123456789" or isinstance(_core(text), str):
+                return  # fast: text to both readers
+            here: Any = text
+        else:
+            here = self.construct_object(node, deep=True)
+        there = _core(text)
+        if not _same(here, there):
+            if isinstance(here, bool) or isinstance(there, bool):
+                fix = "write true or false"
+            elif isinstance(here, str):
+                fix = f"write {there!r} (the number YAML 1.2 reads)"
+            else:
+                fix = "write the number you mean without leading zeros, `_` or `:`"
+            raise TwoReadings(f"{text} (line {node.start_mark.line + 1}) is {_shown(here)} to a YAML 1.1 reader "
+                              f"(lockgate's) and {_shown(there)} to a YAML 1.2 one: quote it if it is text, or "
+                              f"{fix} - at `{path}`")
+
+
+class _PyLoader(_OneReading, yaml.SafeLoader):
+    pass
+
+
+class _CLoader(_OneReading, getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    pass
+
+
+def yaml_loads(data: bytes | str, *, c_parser: bool = False) -> Any:
+    """`data` as `yaml.safe_load` reads it (with `c_parser`, as msgspec.yaml.decode: libyaml's parser, which refuses
+    nesting past 1,000 where the pure-Python one runs out of stack); TwoReadings for a key given twice or a plain
+    scalar YAML 1.1 and 1.2 read differently (naming its line and path); yaml.YAMLError for what is not YAML."""
+    return yaml.load(data, Loader=_CLoader if c_parser else _PyLoader)  # safe loaders: build plain values only
