@@ -38,6 +38,7 @@ from lockgate.server.apikeys import ApiKey, AuthError, Forbidden, KeyStore, bear
 from lockgate.server.body import closing, read_body
 from lockgate.services.router import domain
 from lockgate.services.router.admission import OPEN, OPEN_ADMISSION, Admission, Call
+from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.endpoints import Endpoint, Endpoints, UnknownEndpoint
 from lockgate.services.router.fit import TEXT_BYTES, encode_served
 from lockgate.services.router.h1 import BrokenReply
@@ -428,7 +429,8 @@ class Proxy:
                 response = await self._once(op, hops, up_headers, out_headers, rec, cover, underway)
                 if request.transport is None:  # the client left while the upstream worked: nobody got the answer
                     # As the answer came (else the handler was cancelled): the client waited the whole call.
-                    rec.hung_up(rec.reply.started if rec.reply is not None else None, self.settings.router_unanswered_s)
+                    rec.hung_up(rec.reply.since if rec.reply is not None else None, self.upstream.lag.clock(),
+                                self.settings.router_unanswered_s)
         except asyncio.CancelledError:
             # The client closed its connection (the server cancels the handler, server.py): the upstream
             # call was cancelled with it and its connection closed. A stream's provider stops generating then; a
@@ -439,10 +441,11 @@ class Proxy:
             # `[DONE]`, while this was still reading the upstream's end of body (before, such an answer was recorded
             # `client_disconnected` now and then, and left out of analysis, drift and scores).
             if not rec.delivered:
-                # How long the upstream had kept the client waiting: the call under way, or a stream's silence.
+                # How long the upstream had kept the client waiting: the call under way, or a stream's silence, on the
+                # lag-free clock (time the loop was held by other work is no silence of the upstream's).
                 hop = underway.hop
-                since = underway.started if hop is not None else rec.reply.waiting if rec.reply is not None else None
-                rec.hung_up(since, self.settings.router_unanswered_s)
+                since = underway.since if hop is not None else rec.reply.waiting if rec.reply is not None else None
+                rec.hung_up(since, self.upstream.lag.clock(), self.settings.router_unanswered_s)
                 if hop is not None and rec.error_type == UPSTREAM_UNANSWERED and hop.tag[0] != variant:
                     # Stable, called after the canary failed, kept the client waiting: stable's failure, timed from
                     # its own call (the canary's failed call is an event of its own).
@@ -494,7 +497,10 @@ class Proxy:
             attributes = rec.attributes  # the cache's verdict, if any
             # What the client asked, whole: a recorded eval scores only requests its release's own prompt makes, so
             # an application's own system message, tools or sampling never choose what it scores (probe p12 F5).
-            if body and op is CHAT and (digest := chat_digest(body, target.model, target.params)) is not None:
+            # Not a body over MAX_KEYED_BYTES: the digest decodes it whole on the event loop, as the cache key would,
+            # and held every request of the replica seconds for a 30 MB body (probe p18 F4); no eval case is that big.
+            if (body and op is CHAT and len(body) <= MAX_KEYED_BYTES
+                    and (digest := chat_digest(body, target.model, target.params)) is not None):
                 attributes[REQUEST_DIGEST] = digest
             if op.api == "responses":  # its operation name is "chat": say which API it came through
                 attributes["lockgate.api"] = op.api
@@ -778,13 +784,15 @@ class _Record:
         rec.superseded = True
         return rec
 
-    def hung_up(self, since: float | None, limit_s: float) -> None:
+    def hung_up(self, since: float | None, now: float, limit_s: float) -> None:
         """The client left before its answer. The release's failure (`upstream_unanswered`) when the router had by
-        then waited on the upstream (`since`, the loop's clock; None: it was not waiting) for longer than `limit_s`
-        (router_unanswered_s); else the client's own (`client_disconnected`), no evidence of the release. Before,
-        every hang-up was the client's: a canary that hung (no first byte, or a stream stalled) below the client's
-        timeout lost its failures from its evidence and was promoted with an error rate of 0 (probe p15)."""
-        waited = asyncio.get_running_loop().time() - since if since is not None else 0.0
+        then waited on the upstream (from `since` to `now`, the lag-free clock of looplag; None: it was not waiting)
+        for longer than `limit_s` (router_unanswered_s); else the client's own (`client_disconnected`), no evidence of
+        the release. Before, every hang-up was the client's: a canary that hung (no first byte, or a stream stalled)
+        below the client's timeout lost its failures from its evidence and was promoted with an error rate of 0 (probe
+        p15). And the wait was timed on the loop's clock, so the time the loop was held by other work (another
+        request's large body) was the upstream's silence: such stalls failed the arms of a good canary (probe p18)."""
+        waited = now - since if since is not None else 0.0
         self.status, self.error_type = "error", UPSTREAM_UNANSWERED if waited > limit_s else CLIENT_DISCONNECTED
 
     def unavailable(self, exc: UpstreamUnavailable, headers: dict[str, str]) -> web.Response:

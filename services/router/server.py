@@ -32,6 +32,7 @@ from lockgate.services.router.handlers import (
     replay_served,
     scores_callback,
 )
+from lockgate.services.router.looplag import LoopLag
 from lockgate.services.router.proxy import Proxy
 from lockgate.services.router.rollouts import Rollouts
 from lockgate.spool import Spool, claim
@@ -94,6 +95,9 @@ class RouterService(Service):
     async def start(self) -> None:
         """Restore routes and follow other replicas' changes, open the upstream pool, then serve."""
         fewer_collections()  # each request allocates dozens of containers: see fewer_collections
+        # How long the loop is held by any work (a large body's decode, a GC pause, another embedded service's), so
+        # a wait on an upstream leaves it out: that time is not the upstream's silence (Proxy's hang-ups, probe p18).
+        self.proxy.upstream.lag = LoopLag(asyncio.get_running_loop())
         await self.rollouts.restore()
         self.spawn(self.rollouts.run_watch(), "route-watch")
         # Live evidence for canary analysis: the events of requests served by this replica and the others,
@@ -187,6 +191,7 @@ class RouterService(Service):
         await self.rollouts.close()
         await self.proxy.shadow.close()
         await self.proxy.upstream.close()
+        self.proxy.upstream.lag.close()
         await super().stop()
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
@@ -207,6 +212,7 @@ class RouterService(Service):
         cut_off = self.rollouts.cut_off
         # A clock off the server's (clock.py) makes the rollout times this replica writes and compares wrong.
         skewed = self.clock is not None and self.clock.skewed
+        lag = self.proxy.upstream.lag
         healthy = bus == "connected" and not cut_off and not full and not skewed
         return web.json_response({"status": "ok" if healthy else "degraded",
                                   "bus": bus, "streams_full": full,
@@ -222,7 +228,11 @@ class RouterService(Service):
                                   "events_dropped": self.batcher.dropped,
                                   "events_failed": self.batcher.failed,
                                   "events_spooled": spool.pending if (spool := self.batcher.spool) else 0,
-                                  "events_not_spooled": spool.refused if spool else 0})
+                                  "events_not_spooled": spool.refused if spool else 0,
+                                  # How long the event loop was held (every embedded service's work counts), in all
+                                  # and at worst at once, since the start: a request waits at least that long.
+                                  "loop_held_s": round(lag.held_s(), 3),
+                                  "loop_longest_hold_s": round(lag.worst_s, 3)})
 
 
 def open_spool(settings: Settings) -> Spool | None:

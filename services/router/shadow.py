@@ -40,6 +40,7 @@ from lockgate.server.apikeys import ApiKey
 from lockgate.services.router import domain, shadowstats
 from lockgate.services.router.admission import GatewayFile
 from lockgate.services.router.budgets import cost_of, pointed_at, worst_case
+from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.endpoints import Endpoints, UnknownEndpoint
 from lockgate.services.router.fit import encode_served
 from lockgate.services.router.providers import Unsupported, UpstreamStreamError, provider
@@ -315,8 +316,9 @@ class Shadow:
 
 def _digested(attributes: dict[str, str], body: bytes, target: domain.Target) -> dict[str, str]:
     """The copy's attributes with the request's digest as the candidate served it: the candidate's recorded eval
-    scores a copy as it would the candidate's own served call of the request (proxy.Proxy._record)."""
-    digest = chat_digest(body, target.model, target.params)
+    scores a copy as it would the candidate's own served call of the request (proxy.Proxy._record), and a body over
+    MAX_KEYED_BYTES has none there either (its digest would hold the event loop for the body's size)."""
+    digest = chat_digest(body, target.model, target.params) if len(body) <= MAX_KEYED_BYTES else None
     return {**attributes, REQUEST_DIGEST: digest} if digest is not None else dict(attributes)
 
 

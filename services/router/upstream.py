@@ -26,6 +26,7 @@ from lockgate.errors import LockgateError
 from lockgate.redact import MARK, MIN_SECRET, scrub_bytes, scrub_json, scrub_secrets
 from lockgate.services.router import h1, resilience
 from lockgate.services.router.endpoints import Endpoint, Endpoints
+from lockgate.services.router.looplag import NO_LAG, LoopLag, NoLag
 from lockgate.services.router.providers import Unsupported, provider
 from lockgate.services.router.wire import own_request_id
 
@@ -120,11 +121,14 @@ class Underway:
     failed before it. A call under way may be generating a whole answer the provider bills although nobody reads
     it (OpenAI does not stop a non-streamed generation when the connection drops)."""
 
-    __slots__ = ("failures", "hop", "started")
+    __slots__ = ("failures", "hop", "since", "started")
 
     def __init__(self) -> None:
         self.hop: Hop | None = None
-        self.started = 0.0  # when the call under way began (the loop's clock): how long its upstream has been silent
+        self.started = 0.0  # when the call under way began (the loop's clock)
+        # The same on the router's lag-free clock (looplag): how long its upstream has been silent, less the time the
+        # loop was held by other work and could not have heard an answer (probe p18 F4b).
+        self.since = 0.0
         self.failures: list[Failed] = []
 
     @property
@@ -138,8 +142,9 @@ class Reply:
     to pass on, and for a 200 stream its lines (the first one already read, so a retry or fallback
     was still possible until then and never after)."""
 
-    __slots__ = ("_broken", "_deadline", "_first", "_stall", "_stream", "attempts", "body", "charset", "earlier",
-                 "fallback_from", "fallback_reason", "headers", "hop", "started", "status", "waiting")
+    __slots__ = ("_broken", "_clock", "_deadline", "_first", "_stall", "_stream", "attempts", "body", "charset",
+                 "earlier", "fallback_from", "fallback_reason", "headers", "hop", "since", "started", "status",
+                 "waiting")
 
     def __init__(self, hop: Hop, status: int, headers: dict[str, str], attempts: int,
                  fallback_from: Hop | None) -> None:
@@ -164,7 +169,10 @@ class Reply:
         # When this hop's call began (the loop's clock; None: unknown, an answer `_give_up` passes on), so a fallback's
         # answer is timed from its own call, not from the calls that failed before it.
         self.started: float | None = None
-        # Since when a stream has been waiting for the upstream's next line (the loop's clock); None while one is
+        # The router's lag-free clock (looplag), which `since` (when this hop's call began) and `waiting` read.
+        self._clock: Callable[[], float] = NO_LAG.clock
+        self.since: float | None = None
+        # Since when a stream has been waiting for the upstream's next line (the lag-free clock); None while one is
         # being handled: a client that hangs up during a long silence was let down by the upstream, not impatient.
         self.waiting: float | None = None
 
@@ -186,7 +194,7 @@ class Reply:
             return
         yield self._first
         stream.stall_after(self._stall, self._deadline)
-        clock = asyncio.get_running_loop().time
+        clock = self._clock
         while True:
             self.waiting = clock()
             try:
@@ -296,6 +304,8 @@ class Upstream:
         # Breakers and budgets read this clock (swappable so tests move time past a cooldown);
         # the request's own deadlines are the event loop's timers.
         self.clock = clock
+        # The router's loop-lag monitor (its start sets one): the upstream's silence is timed on its clock.
+        self.lag: LoopLag | NoLag = NO_LAG
         self._health: dict[str, _Health] = {}
 
     def health(self, endpoint: Endpoint) -> _Health:
@@ -354,6 +364,7 @@ class Upstream:
                 attempts += 1
                 verdict: bool | None = None
                 started = underway.started = loop.time()
+                since = underway.since = self.lag.clock()
                 underway.hop = hop
                 try:
                     reply, failed = await self._try(hop, headers, stream, deadline, breaker)
@@ -369,7 +380,7 @@ class Upstream:
                     assert reply is not None
                     took = loop.time() - started
                     h.latency_s = took if h.latency_s is None else 0.8 * h.latency_s + 0.2 * took
-                    reply.attempts, reply.started = attempts, started
+                    reply.attempts, reply.started, reply.since = attempts, started, since
                     reply.earlier = [f for f in failures if f.kind != "breaker_open"]
                     if hop is not hops[0]:
                         reply.fallback_from, reply.fallback_reason = hops[0], failures[0].reason()
@@ -429,7 +440,7 @@ class Upstream:
         reply = Reply(hop, status, passed, 1, None)
         reply.charset = _charset(opened.headers)
         if streaming:
-            reply._stream, reply._first = opened, first
+            reply._stream, reply._first, reply._clock = opened, first, self.lag.clock
             reply._stall, reply._deadline = ep.timeouts.between_chunks_s, deadline
             reply._broken = lambda: breaker.record(self.clock(), False)
         else:

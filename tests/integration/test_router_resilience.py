@@ -33,6 +33,7 @@ from lockgate.server.service import ServiceContext
 from lockgate.services.query.cost import cost_rollup
 from lockgate.services.router.admission import load_gateway_file
 from lockgate.services.router.budgets import Counter, input_estimate, resolve
+from lockgate.services.router.cache import MAX_KEYED_BYTES
 from tests.helpers import break_glass, register_model_release, sink_stored, store_pass
 
 pytestmark = pytest.mark.timeout(60)
@@ -82,7 +83,7 @@ class FakeLLM:
             await self._seen.wait_for(lambda: self.calls >= n)
 
     async def __aenter__(self) -> FakeLLM:
-        app = web.Application()
+        app = web.Application(client_max_size=4 * 1024 * 1024)  # bodies past the router's 1 MiB bounds too
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._chat)  # chat chunks: a completions stream reads them alike
         app.router.add_post("/v1/embeddings", self._chat)  # counted like a chat call: never answered well
@@ -535,6 +536,78 @@ async def test_a_client_that_gives_up_on_a_stream_stalled_after_its_first_chunk_
         (event,) = await events(1)
     assert (event.status, event.error_type, event.response) == ("error", "upstream_unanswered", "stall says hi")
     assert not event.client_failed
+
+
+def _hold_the_loop(seconds: float) -> None:
+    """Hold the event loop the router shares with this test, as another request's large body does (its decode and
+    digest run on it): the stall under test, not a wait for anything (nothing else on the loop runs meanwhile)."""
+    time.sleep(seconds)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["once", "stream"])
+async def test_a_client_that_gives_up_while_the_routers_loop_is_held_is_its_own_failure(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any, stream: bool) -> None:
+    # Found by a probe (p18 F4b): the upstream's silence was timed on the loop's clock, so while the loop was held by
+    # other work (another app key's 30 MB bodies, decoded and digested on it), a request waiting on a 20 ms upstream
+    # "waited" seconds; its client, giving up meanwhile, was recorded `upstream_unanswered`, an error of its arm, and
+    # a good canary was aborted with both arms "failing" alike. Now the time the loop was held is no upstream silence.
+    context.settings = context.settings.replace(router_unanswered_s=0.5)
+    async with FakeLLM("up", "chunk_then_hang" if stream else "hang") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with _impatient(router, keys, 0.7) as c:
+            if stream:
+                answer = await c.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+                async with answer:  # closed on leaving: the client hangs up
+                    chunks = aiter(answer)
+                    first = await anext(chunks)  # the router now waits for the upstream's next line
+                    # The client's timeout runs from its read of the next chunk (as the SDK's read timeout would), the
+                    # hold begins after it: the client gives up as the hold ends.
+                    with pytest.raises(TimeoutError):
+                        async with asyncio.timeout(0.7):
+                            _hold_the_loop(1.5)
+                            await anext(chunks)
+                assert first.choices[0].delta.content == "up says hi"
+            else:
+                asked = asyncio.ensure_future(c.chat.completions.create(model="m", messages=MESSAGES))
+                await up.seen(1)  # the router now waits for the upstream's answer
+                _hold_the_loop(1.5)
+                with pytest.raises(openai.APITimeoutError):
+                    await asked
+        (event,) = await events(1)
+    assert (event.status, event.error_type, event.client_failed) == ("error", "client_disconnected", True)
+
+
+async def test_an_upstream_silent_past_the_bound_besides_a_held_loop_is_the_releases_failure(
+        gateway: Gateway, keys: Bootstrap, context: ServiceContext, events: Any) -> None:
+    # The held time is left out of the wait, not the rest of it: an upstream silent for 1 s of the loop's free time
+    # (and 1.5 s more while it was held) kept its client waiting past the 0.5 s bound.
+    context.settings = context.settings.replace(router_unanswered_s=0.5)
+    async with FakeLLM("hung", "hang") as hung:
+        router = await gateway({"default": {"url": hung.url}})
+        async with _impatient(router, keys, 2.5) as c:
+            asked = asyncio.ensure_future(c.chat.completions.create(model="m", messages=MESSAGES))
+            await hung.seen(1)
+            _hold_the_loop(1.5)
+            with pytest.raises(openai.APITimeoutError):
+                await asked
+        (event,) = await events(1)
+    assert (event.status, event.error_type, event.client_failed) == ("error", "upstream_unanswered", False)
+
+
+async def test_a_chat_body_over_the_digest_bound_is_served_without_a_digest(
+        gateway: Gateway, keys: Bootstrap, events: Any) -> None:
+    # Found by a probe (p18 F4): every chat request's digest was made on the event loop after its answer, whatever its
+    # size: a 30 MB body of small objects held every request of the replica 3 s more. Now a body over MAX_KEYED_BYTES
+    # (the cache key's bound) has no digest; no eval case is that large.
+    async with FakeLLM("up") as up:
+        router = await gateway({"default": {"url": up.url}})
+        async with client(router, keys) as c:
+            for n in (MAX_KEYED_BYTES // 20, MAX_KEYED_BYTES // 7 + 1):  # 7 to 10 bytes each: under, then over
+                done = await c.chat.completions.create(model="m", messages=MESSAGES, extra_body={"x_pad": [{"a": 1}] * n})
+                assert done.choices[0].message.content == "up says hi"
+        small, large = await events(2)
+    assert small.attributes[REQUEST_DIGEST].startswith("sha256:")
+    assert REQUEST_DIGEST not in large.attributes and large.status == "ok"
 
 
 async def test_a_client_that_leaves_a_stream_while_the_upstream_answers_is_its_own_failure(

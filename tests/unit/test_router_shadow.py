@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from lockgate.contracts import InferenceEvent
+from lockgate.contracts.inference import REQUEST_DIGEST
 from lockgate.services.router import shadowstats
+from lockgate.services.router.cache import MAX_KEYED_BYTES
 from lockgate.services.router.domain import Target
-from lockgate.services.router.shadow import _Answer, _candidate_body, _read_stream
+from lockgate.services.router.shadow import _Answer, _candidate_body, _digested, _read_stream
 from lockgate.services.router.shadowstats import NANO, Budget, Ledger, Spend, spend_key
 from lockgate.services.router.strategy import ShadowSpec
 
@@ -187,3 +189,17 @@ async def test_a_streamed_copy_is_read_as_the_served_stream_is(lines: list[bytes
     assert ((answer.status, answer.error_type), answer.text) == (status, text)
     if status[0] == "ok":
         assert (answer.input_tokens, answer.output_tokens, answer.finish_reason) == (2, 3, "stop")
+
+
+def test_a_copy_of_a_body_over_the_digest_bound_has_no_digest() -> None:
+    # As the served request's own event (proxy.Proxy._record): the digest decodes the body whole on the event loop
+    # (probe p18 F4), and a body over MAX_KEYED_BYTES is no eval case.
+    target = Target(release="r2", model="m2")
+
+    def body(n: int) -> bytes:
+        return json.dumps({"messages": [{"role": "user", "content": "hi"}], "x_pad": [{"a": 1}] * n}).encode()
+
+    small, large = body(10), body(MAX_KEYED_BYTES // 8 + 1)
+    assert len(large) > MAX_KEYED_BYTES
+    assert _digested({"k": "v"}, small, target)[REQUEST_DIGEST].startswith("sha256:")
+    assert _digested({"k": "v"}, large, target) == {"k": "v"}
