@@ -4,7 +4,8 @@ Register a baseline and two candidates, evaluate all three, gate them (one is bl
 passes), roll the good one out through the router under simulated traffic, and leave drift
 reports, costs and traces behind to query. Each act shows one thing: the gate stops the wrong
 candidate before any traffic (act 3); the good one, which answers the rest as stable does, is
-promoted step by step while the drift monitor compares its answers with stable's (act 4).
+promoted step by step while the drift monitor compares its answers with stable's, past 50% only once it has
+(act 4).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,11 @@ APP = "shop"
 BASELINE, BAD, GOOD = "shop-v1", "shop-v2-rc1", "shop-v2-rc2"
 MODELS = {BASELINE: "sim-stable", BAD: "sim-bad", GOOD: "sim-good"}
 POLICY, SUITE = "shop-release-policy", "shop-qa"
+# The good canary's steps: at 50% it waits for the demo's approval, which follows the drift monitor's first comparison
+# of its answers with stable's (no sooner: the monitor compares every `drift_window_size` canary answers, and steps
+# of a fixed time promoted it uncompared whenever the machine served fewer requests in them).
+GOOD_STEPS: list[Any] = [10, 25, 50, {"pause": {}}, 100]
+COMPARED_STEP = 4  # the pause's step (1-based), which the approval names
 
 
 def _data(name: str) -> bytes:
@@ -141,6 +148,20 @@ async def _put_route(http: aiohttp.ClientSession, router_url: str, body: dict[st
         return data
 
 
+async def _approve_once_compared(http: aiohttp.ClientSession, router_url: str, admin_key: str, paused: asyncio.Event,
+                                 compared: asyncio.Event, say: Callable[[str], None]) -> None:
+    """End the good canary's pause once the drift monitor compared it with stable; runs until then (a harmful drift
+    aborts the canary meanwhile, and the demo stops waiting for it)."""
+    await paused.wait()
+    await compared.wait()
+    async with http.post(f"{router_url}/lockgate/v1/deployments/{DEPLOYMENT}/approve",
+                         json={"step": COMPARED_STEP, "canary": GOOD,
+                               "reason": "the drift monitor compared its answers with stable's"},
+                         headers={"Authorization": f"Bearer {admin_key}"}) as resp:
+        if resp.status >= 400:  # e.g. the router aborted it for drift meanwhile: its state says so
+            say(f"   the router refused the approval: {await resp.text()}")
+
+
 async def _traffic(http: aiohttp.ClientSession, router_url: str, done: asyncio.Event, minimum: int,
                    traces: list[str]) -> int:
     sent = 0
@@ -191,6 +212,7 @@ async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
     rollout_codec: Codec[RolloutState] = Codec(RolloutState)
     drift_codec: Codec[DriftReport] = Codec(DriftReport)
     compared: list[DriftReport] = []  # the drift monitor's reports of the good canary against stable
+    paused, compared_once = asyncio.Event(), asyncio.Event()
 
     async def on_rollout(msg: Any) -> None:
         state = rollout_codec.decode(msg.data)
@@ -201,11 +223,14 @@ async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
         say(f"   {state.phase:<12} canary={state.canary_release:<12} weight={state.canary_weight:>5.1f}%  {reason}")
         if state.phase in ("promoted", "aborted"):
             settled[state.canary_release].set()
+        elif state.canary_release == GOOD and state.step == COMPARED_STEP:
+            paused.set()
 
     async def on_drift(msg: Any) -> None:
         report = drift_codec.decode(msg.data)
         if report.comparison == "canary_vs_stable" and report.release == GOOD and report.served:
             compared.append(report)
+            compared_once.set()
 
     subs = [await bus.nc.subscribe(bus.subjects.rollout(DEPLOYMENT), cb=on_rollout),
             await bus.nc.subscribe(bus.subjects.drift(DEPLOYMENT), cb=on_drift)]
@@ -217,9 +242,15 @@ async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
             await _settled(settled[BAD], BAD)
             say(f"\n[bold]4. Canary {GOOD}[/bold] under simulated traffic: the gate passed it, so the router moves it "
                 "up step by step, while the drift monitor compares its answers with stable's (harmful drift would "
-                "abort it)")
-            await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": GOOD}, admin_key)
-            sent = await asyncio.wait_for(_traffic(http, router_url, settled[GOOD], traffic, traces), 300)
+                "abort it); it goes past 50% once the monitor has compared them")
+            await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": GOOD,
+                                                "strategy": {"steps": GOOD_STEPS}}, admin_key)
+            approval = asyncio.create_task(_approve_once_compared(http, router_url, admin_key, paused, compared_once,
+                                                                  say))
+            try:
+                sent = await asyncio.wait_for(_traffic(http, router_url, settled[GOOD], traffic, traces), 300)
+            finally:
+                approval.cancel()
     finally:
         for sub in subs:
             await sub.unsubscribe()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import socket
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from lockgate.server.natsaccounts import (
     cluster_config,
     routes,
 )
-from lockgate.server.natscluster import free_ports
+from lockgate.server.natscluster import free_ports, knows_meta_leader
 from lockgate.server.natsserver import NatsServer, env_password
 from lockgate.subjects import Subjects
 
@@ -76,14 +77,17 @@ class Cluster:
     def _watch(self, index: int):
         def on_line(line: str) -> None:
             self.lines[index].append(line)
-            if "metadata leader" in line:
+            if knows_meta_leader(line):
                 self._leader[index].set()
         return on_line
 
     async def start(self) -> None:
         await asyncio.gather(*(node.start(60) for node in self.nodes))
         for event in self._leader:
-            assert await asyncio.to_thread(event.wait, 60), "no JetStream metadata leader"
+            # A node exits after "Server is ready" if its route port is taken (the route listener comes later), and
+            # then the others elect no leader: its fatal line says why.
+            assert await asyncio.to_thread(event.wait, 60), \
+                f"no JetStream metadata leader; {[line for lines in self.lines for line in lines if '[FTL]' in line]}"
 
     @property
     def url(self) -> str:
@@ -222,3 +226,23 @@ async def test_a_node_without_the_route_password_does_not_join(accounts, monkeyp
         assert {"n2", "n3"} <= peers and "n4" not in peers, peers
     finally:
         intruder.stop()
+
+
+async def test_a_route_port_is_its_nodes_alone_until_it_listens(tmp_path: Path) -> None:
+    # Chosen before the node starts (the other nodes' routes name it), a route port was anyone's until the node
+    # listened on it: another process's bind or a connection's local port took one now and then on a loaded
+    # machine, the node exited after "Server is ready" and the other two elected no JetStream metadata leader.
+    (port,) = free_ports(1)
+    with socket.socket() as other, pytest.raises(OSError, match="in use"):
+        other.bind(("127.0.0.1", port))
+    listening = threading.Event()
+    # Its route to itself only: JetStream clusters nothing without a route.
+    node = NatsServer(tmp_path / "n1", config=json.dumps({"server_name": "n1", "cluster": {
+        "name": "solo", "listen": f"127.0.0.1:{port}", "routes": [f"nats-route://127.0.0.1:{port}"]}}),
+        on_line=lambda line: f"Listening for route connections on 127.0.0.1:{port}" in line and listening.set())
+    try:
+        await node.start(60)
+        assert await asyncio.to_thread(listening.wait, 60), "the node did not listen for routes on its port"
+        assert node.proc is not None and node.proc.poll() is None
+    finally:
+        node.stop()

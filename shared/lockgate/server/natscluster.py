@@ -4,6 +4,7 @@ node, readiness read from the servers' logs (a metadata leader known), not guess
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import socket
@@ -18,10 +19,16 @@ from lockgate.retry import RetryPolicy
 from lockgate.server.natsserver import NatsServer
 
 # Logged by every node once the JetStream metadata group has a leader ("Self is new JetStream cluster
-# metadata leader" on the leader itself, "JetStream cluster new metadata leader: n2/lockgate" elsewhere).
-_META_LEADER = "metadata leader"
+# metadata leader" on the leader itself, "JetStream cluster new metadata leader: n2/lockgate" elsewhere), but
+# also as "JetStream cluster no metadata leader" by a node that has none (seen 38 s into a start that elected none).
+_META_LEADER, _NO_META_LEADER = "metadata leader", "no metadata leader"
 # Catching up takes from milliseconds to seconds: polled, as a readiness probe is.
 _HEALTHY = RetryPolicy(attempts=1_000_000, initial_s=0.05, max_s=0.5)
+
+
+def knows_meta_leader(line: str) -> bool:
+    """Whether a nats-server log line says the node knows its JetStream metadata leader."""
+    return _META_LEADER in line and _NO_META_LEADER not in line
 
 
 class NotHealthy(Exception):
@@ -29,16 +36,29 @@ class NotHealthy(Exception):
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports nothing listens on now. Routes must be configured before a node starts (JetStream refuses
-    to cluster without them), so unlike client ports they cannot be left to the server to pick."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    """Ports nothing listens on, kept from everything but a server's own listener for a minute. Routes must be
+    configured before a node starts (JetStream refuses to cluster without them), so unlike client ports they
+    cannot be left to the server to pick.
+
+    A port merely closed again was anyone's until its node bound it: on a shared machine another server's port 0,
+    any connection's local port, could take one; its node then exited after "Server is ready" (the route
+    listener comes later), its peers knew no leader within a minute, and a cluster test failed with "no
+    JetStream metadata leader". Each port is left in TIME_WAIT instead: the kernel hands it to no
+    port-0 bind or outgoing connection and refuses it to a plain bind, while a listener with SO_REUSEADDR
+    (every Go server's, nats-server's) binds it."""
+    ports: list[int] = []
+    with contextlib.ExitStack() as held:  # all at once, so that no two are the same
+        for _ in range(count):
+            listener = held.enter_context(socket.socket())
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, 0))
+            listener.listen(1)
+            client = held.enter_context(socket.create_connection(listener.getsockname()[:2]))
+            accepted, _ = listener.accept()
+            accepted.close()  # the accepted side closes first: TIME_WAIT is on the listener's port
+            client.close()
+            ports.append(listener.getsockname()[1])
+    return ports
 
 
 def node_config(name: str, cluster: str, host: str, route_port: int, route_ports: list[int],
@@ -82,7 +102,7 @@ class NatsCluster:
         event = self._leader_known[index]
 
         def on_line(line: str) -> None:
-            if _META_LEADER in line:
+            if knows_meta_leader(line):
                 event.set()
 
         return on_line
