@@ -148,14 +148,15 @@ async def _put_route(http: aiohttp.ClientSession, router_url: str, body: dict[st
         return data
 
 
-async def _approve_once_compared(http: aiohttp.ClientSession, router_url: str, admin_key: str, paused: asyncio.Event,
-                                 compared: asyncio.Event, say: Callable[[str], None]) -> None:
-    """End the good canary's pause once the drift monitor compared it with stable; runs until then (a harmful drift
-    aborts the canary meanwhile, and the demo stops waiting for it)."""
+async def _approve_once_compared(http: aiohttp.ClientSession, router_url: str, admin_key: str, started_at: float,
+                                 paused: asyncio.Event, compared: asyncio.Event, say: Callable[[str], None]) -> None:
+    """End the good canary's pause (of the rollout attempt that started at `started_at`) once the drift monitor
+    compared it with stable; runs until then (a harmful drift aborts the canary meanwhile, and the demo stops waiting
+    for it)."""
     await paused.wait()
     await compared.wait()
     async with http.post(f"{router_url}/lockgate/v1/deployments/{DEPLOYMENT}/approve",
-                         json={"step": COMPARED_STEP, "canary": GOOD,
+                         json={"step": COMPARED_STEP, "canary": GOOD, "started_at": started_at,
                                "reason": "the drift monitor compared its answers with stable's"},
                          headers={"Authorization": f"Bearer {admin_key}"}) as resp:
         if resp.status >= 400:  # e.g. the router aborted it for drift meanwhile: its state says so
@@ -243,10 +244,10 @@ async def run_demo(bus: Bus, *, router_url: str, sim_url: str, console: Console,
             say(f"\n[bold]4. Canary {GOOD}[/bold] under simulated traffic: the gate passed it, so the router moves it "
                 "up step by step, while the drift monitor compares its answers with stable's (harmful drift would "
                 "abort it); it goes past 50% once the monitor has compared them")
-            await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": GOOD,
-                                                "strategy": {"steps": GOOD_STEPS}}, admin_key)
-            approval = asyncio.create_task(_approve_once_compared(http, router_url, admin_key, paused, compared_once,
-                                                                  say))
+            route = await _put_route(http, router_url, {"stable_release": BASELINE, "canary_release": GOOD,
+                                                        "strategy": {"steps": GOOD_STEPS}}, admin_key)
+            approval = asyncio.create_task(_approve_once_compared(http, router_url, admin_key, route["started_at"],
+                                                                  paused, compared_once, say))
             try:
                 sent = await asyncio.wait_for(_traffic(http, router_url, settled[GOOD], traffic, traces), 300)
             finally:
